@@ -1,0 +1,50 @@
+"""dispynb: distributed and parallel computing for Python scripts and Jupyter notebooks.
+
+The public API is dispy's (``import dispynb as dispy`` runs dispy programs). Names are
+imported lazily (PEP 562), so ``import dispynb.protocol`` on a node loads nothing else.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from dispynb._version import __version__
+
+if TYPE_CHECKING:
+    from dispynb.cluster import JobCluster
+    from dispynb.job import DispyJob
+    from dispynb.local import LocalCluster
+    from dispynb.node import DispyNode, DispyNodeAvailInfo, NodeAllocate
+
+_LAZY: dict[str, str] = {
+    "DispyJob": "dispynb.job",
+    "DispyNode": "dispynb.node",
+    "DispyNodeAvailInfo": "dispynb.node",
+    "JobCluster": "dispynb.cluster",
+    "LocalCluster": "dispynb.local",
+    "NodeAllocate": "dispynb.node",
+}
+
+__all__ = [
+    "DispyJob",
+    "DispyNode",
+    "DispyNodeAvailInfo",
+    "JobCluster",
+    "LocalCluster",
+    "NodeAllocate",
+    "__version__",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dispynb' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,0 +1,31 @@
+"""Ports, timeouts, limits and environment-variable names shared by client and node."""
+
+from __future__ import annotations
+
+#: TCP port a node server listens on when none is given (dispy uses 9701; we avoid
+#: clashing with a dispy node running on the same machine).
+NODE_PORT = 9711
+
+#: Largest frame accepted before authentication: handshake messages are tiny.
+PRE_AUTH_MAX_FRAME = 64 * 1024
+
+#: Default largest message accepted after authentication (configurable on both sides).
+MAX_MESSAGE_SIZE = 1024 * 1024 * 1024
+
+#: Seconds allowed for the whole handshake (connect excluded).
+HANDSHAKE_TIMEOUT = 5.0
+
+#: Seconds allowed for a TCP connect.
+CONNECT_TIMEOUT = 10.0
+
+#: Environment variable holding the shared secret.
+SECRET_ENV = "DISPYNB_SECRET"
+
+#: Environment variable naming a file that holds the shared secret.
+SECRET_FILE_ENV = "DISPYNB_SECRET_FILE"
+
+#: Jobs kept in flight per CPU of a node, at least (more when jobs are short).
+MIN_JOBS_PER_CPU = 2
+
+#: Upper bound of jobs kept in flight per CPU of a node.
+MAX_JOBS_PER_CPU = 32

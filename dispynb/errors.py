@@ -1,0 +1,115 @@
+"""The dispynb exception hierarchy, shared by the client and the node server.
+
+::
+
+    DispynbError
+     +-- ProtocolError            malformed or unexpected data on the wire
+     |    +-- FramingError        bad length prefix, oversized frame, truncated frame
+     |    +-- MessageError        undecodable header, unknown op, missing field
+     |    +-- ProtocolVersionError
+     +-- AuthenticationError      wrong or missing secret, bad MAC, replayed frame
+     +-- TransportError           socket-level failures
+     |    +-- ConnectionClosedError
+     |    +-- ConnectTimeoutError
+     +-- ConfigurationError       invalid options given by the user
+     +-- ClusterError
+     |    +-- NoNodesError
+     |    +-- NodeLostError
+     |    +-- SetupError          a computation could not be set up on a node
+     +-- JobError
+     |    +-- SerializationError  arguments or results that cannot be (un)pickled
+     +-- RemoteError              an exception raised by user code on a node
+"""
+
+from __future__ import annotations
+
+
+class DispynbError(Exception):
+    """Base class of every error raised by dispynb."""
+
+
+class ProtocolError(DispynbError):
+    """The peer sent data that does not follow the dispynb protocol."""
+
+
+class FramingError(ProtocolError):
+    """A frame is malformed, truncated or larger than the allowed cap."""
+
+
+class MessageError(ProtocolError):
+    """A message header cannot be decoded or does not match its schema."""
+
+
+class ProtocolVersionError(ProtocolError):
+    """The peers speak different protocol versions."""
+
+
+class AuthenticationError(DispynbError):
+    """The peers do not share the secret, or a frame failed its MAC check."""
+
+
+class TransportError(DispynbError):
+    """A socket-level failure (refused, reset, TLS failure)."""
+
+
+class ConnectionClosedError(TransportError):
+    """The connection was closed, by the peer or locally."""
+
+
+class ConnectTimeoutError(TransportError):
+    """The connection or its handshake did not complete in time."""
+
+
+class ConfigurationError(DispynbError, ValueError):
+    """An option given by the user is invalid; the message says how to fix it."""
+
+
+class ClusterError(DispynbError):
+    """A cluster-level failure."""
+
+
+class NoNodesError(ClusterError):
+    """No node could be used for the computation."""
+
+
+class NodeLostError(ClusterError):
+    """A node went away while it had work."""
+
+
+class SetupError(ClusterError):
+    """A computation could not be set up on a node (its setup failed, or loading failed)."""
+
+
+class JobError(DispynbError):
+    """A job-level failure."""
+
+
+class SerializationError(JobError):
+    """Arguments or results that cannot be pickled or unpickled."""
+
+
+class RemoteError(DispynbError):
+    """An exception raised by user code on a node, carrying the remote traceback.
+
+    Parameters
+    ----------
+    ename:
+        Name of the remote exception type.
+    evalue:
+        ``str()`` of the remote exception.
+    traceback:
+        The formatted remote traceback text.
+    """
+
+    def __init__(self, ename: str, evalue: str, traceback: str) -> None:
+        super().__init__(f"{ename}: {evalue}")
+        self.ename = ename
+        self.evalue = evalue
+        self.traceback = traceback
+
+    def __str__(self) -> str:
+        return f"{self.ename}: {self.evalue}\n\nRemote traceback:\n{self.traceback}"
+
+    def _render_traceback_(self) -> list[str]:
+        """Show the remote traceback in IPython instead of the local one."""
+        return self.traceback.splitlines()
