@@ -1,0 +1,293 @@
+"""Message schema: one frozen dataclass per op, and the msgpack header codec.
+
+Headers are msgpack maps with an ``"op"`` key; msgpack cannot execute code, so headers
+are safe to decode from anyone (with size limits). Payload buffers (pickles) travel
+beside the header and are only ever loaded from an authenticated peer.
+
+Each family of messages (the client-node wire protocol here; the node's internal
+channels in ``nodeserver``) subclasses `Message` once and gets its own op registry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, ClassVar, Self
+
+import msgpack
+
+from dispynb.errors import MessageError
+
+PROTOCOL_VERSION = 1
+
+#: Limits for headers decoded before authentication (handshake messages are tiny).
+_PRE_AUTH_LIMITS = {
+    "max_str_len": 4096,
+    "max_bin_len": 4096,
+    "max_array_len": 64,
+    "max_map_len": 64,
+    "max_ext_len": 0,
+}
+
+
+def pack_header(header: dict[str, Any]) -> bytes:
+    """Encode a header map."""
+    return msgpack.packb(header, use_bin_type=True)
+
+
+def unpack_header(data: bytes | memoryview, *, trusted: bool) -> dict[str, Any]:
+    """Decode a header map; untrusted (pre-auth) data gets tight size limits."""
+    limits = {} if trusted else _PRE_AUTH_LIMITS
+    try:
+        header = msgpack.unpackb(data, raw=False, strict_map_key=True, **limits)
+    except Exception as exc:
+        raise MessageError(f"undecodable message header: {exc}") from exc
+    if not isinstance(header, dict) or not isinstance(header.get("op"), str):
+        raise MessageError("message header is not a map with a string 'op'")
+    return header
+
+
+_SIMPLE = (int, float, str, bytes, bool, list, dict)
+_CHECKS: dict[type, tuple[tuple[str, tuple[type, ...], bool], ...]] = {}
+
+
+class Message:
+    """Base of a message family; subclasses declare ``op`` and dataclass fields."""
+
+    op: ClassVar[str] = ""
+    _registry: ClassVar[dict[str, type[Message]]]
+
+    def __init_subclass__(cls, family: bool = False, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        if family:
+            cls._registry = {}
+
+    @classmethod
+    def _field_checks(cls) -> tuple[tuple[str, tuple[type, ...], bool], ...]:
+        # Resolved once per class: (name, accepted types, required).
+        checks: tuple[tuple[str, tuple[type, ...], bool], ...] | None
+        checks = _CHECKS.get(cls)
+        if checks is None:
+            hints = typing.get_type_hints(cls)
+            out = []
+            for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+                types = _accepted_types(hints[field.name])
+                required = (
+                    field.default is dataclasses.MISSING
+                    and field.default_factory is dataclasses.MISSING
+                )
+                out.append((field.name, types, required))
+            checks = tuple(out)
+            _CHECKS[cls] = checks
+        return checks
+
+    def to_header(self) -> dict[str, Any]:
+        """The header map for this message."""
+        header = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        header["op"] = self.op
+        return header
+
+    @classmethod
+    def from_header(cls, header: dict[str, Any]) -> Self:
+        """Build the message registered for ``header['op']``, checking field types."""
+        op = header.get("op")
+        kind = cls._registry.get(op)  # type: ignore[arg-type]
+        if kind is None or not issubclass(kind, cls):
+            raise MessageError(f"unknown or unexpected message op {op!r}")
+        values = {}
+        for name, accepted, required in kind._field_checks():
+            if name not in header:
+                if required:
+                    raise MessageError(f"{op!r} message lacks field {name!r}")
+                continue
+            value = header[name]
+            if accepted and not isinstance(value, accepted):
+                raise MessageError(
+                    f"{op!r} message field {name!r} has type {type(value).__name__}"
+                )
+            values[name] = value
+        return kind(**values)  # type: ignore[return-value]
+
+
+def _accepted_types(hint: Any) -> tuple[type, ...]:
+    """Runtime types a field annotation accepts (empty tuple: anything)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        out: list[type] = []
+        for arg in typing.get_args(hint):
+            sub = _accepted_types(arg)
+            if not sub:
+                return ()
+            out.extend(sub)
+        return tuple(out)
+    if hint is type(None):
+        return (type(None),)
+    base = origin or hint
+    if base is float:
+        return (float, int)
+    if base is tuple:
+        return (list, tuple)
+    if isinstance(base, type) and issubclass(base, _SIMPLE):
+        return (base,)
+    return ()
+
+
+_M = typing.TypeVar("_M", bound=type[Message])
+
+
+def message(op: str) -> typing.Callable[[_M], _M]:
+    """Class decorator: a frozen, slotted, kw-only dataclass registered as ``op``."""
+
+    def register(cls: _M) -> _M:
+        made = dataclasses.dataclass(frozen=True, slots=True, kw_only=True)(cls)
+        if op in made._registry:
+            raise TypeError(f"op {op!r} is declared twice")
+        made.op = op
+        made._registry[op] = made
+        return made
+
+    return register
+
+
+class WireMessage(Message, family=True):
+    """Messages between a client and a node server."""
+
+
+# --- handshake -------------------------------------------------------------------
+
+
+@message("hello")
+class Hello(WireMessage):
+    """Client -> node: opens the handshake."""
+
+    version: int
+    role: str
+    nonce: bytes
+    name: str = ""
+
+
+@message("challenge")
+class Challenge(WireMessage):
+    """Node -> client: the node's nonce and its proof of knowing the secret."""
+
+    version: int
+    role: str
+    nonce: bytes
+    proof: bytes
+
+
+@message("auth")
+class Auth(WireMessage):
+    """Client -> node: the client's proof."""
+
+    proof: bytes
+
+
+@message("welcome")
+class Welcome(WireMessage):
+    """Node -> client, first signed message: who the node is."""
+
+    name: str
+    cpus: int
+    platform: str
+    address: str
+    max_message_size: int
+    pid: int
+
+
+@message("error")
+class Error(WireMessage):
+    """Either way: a refusal or failure that ends the exchange (or the connection)."""
+
+    code: str
+    message: str
+    version: int = PROTOCOL_VERSION
+
+
+# --- computations and jobs -------------------------------------------------------
+
+
+@message("computation-setup")
+class ComputationSetup(WireMessage):
+    """Client -> node: load a computation; buffers hold its pickled bundle."""
+
+    comp_id: int
+    name: str
+    workers: int
+    dest_path: str | None = None
+    cleanup: bool = True
+
+
+@message("computation-ready")
+class ComputationReady(WireMessage):
+    """Node -> client: the computation is set up and has ``workers`` processes."""
+
+    comp_id: int
+    workers: int
+
+
+@message("computation-failed")
+class ComputationFailed(WireMessage):
+    """Node -> client: the computation could not be set up (or its process died)."""
+
+    comp_id: int
+    message: str
+    traceback: str = ""
+
+
+@message("computation-close")
+class ComputationClose(WireMessage):
+    """Client -> node: close the computation; ``terminate`` kills running jobs."""
+
+    comp_id: int
+    terminate: bool = False
+
+
+@message("computation-closed")
+class ComputationClosed(WireMessage):
+    """Node -> client: the computation is gone from the node."""
+
+    comp_id: int
+
+
+@message("job-submit")
+class JobSubmit(WireMessage):
+    """Client -> node: a batch of jobs.
+
+    ``jobs`` holds ``[key, attempt, buffer_count]`` per job; the job's pickled
+    arguments are the next ``buffer_count`` message buffers, in order.
+    """
+
+    comp_id: int
+    jobs: list[list[int]]
+
+
+@message("job-cancel")
+class JobCancel(WireMessage):
+    """Client -> node: terminate a job (queued or running)."""
+
+    comp_id: int
+    key: int
+    attempt: int
+
+
+#: Outcomes a node reports for a job.
+FINISHED = "finished"  # returned normally; buffers hold the pickled result
+RAISED = "raised"  # raised an exception (or sys.exit); see ``exception``
+CRASHED = "crashed"  # its worker process died (os._exit, signal, segfault)
+TERMINATED = "terminated"  # killed at the client's request
+OUTCOMES = frozenset({FINISHED, RAISED, CRASHED, TERMINATED})
+
+
+@message("job-results")
+class JobResults(WireMessage):
+    """Node -> client: a batch of results.
+
+    ``results`` holds ``[key, attempt, outcome, start_time, end_time, stdout, stderr,
+    exception, buffer_count]`` per job; a finished job's pickled result is its next
+    ``buffer_count`` buffers.
+    """
+
+    comp_id: int
+    results: list[list[Any]]

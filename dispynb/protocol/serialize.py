@@ -1,0 +1,103 @@
+"""Pickling of computations, arguments and results (cloudpickle, protocol 5).
+
+Functions, closures and classes from ``__main__``, a notebook cell or a module the node
+cannot import travel by value. Large buffers (bytearray, NumPy arrays...) leave the
+pickle as protocol-5 out-of-band buffers, so they are framed and sent without copies.
+Only ever call `loads` on data from an authenticated peer.
+"""
+
+from __future__ import annotations
+
+import pickle
+import sys
+import sysconfig
+import types
+from typing import Any
+
+import cloudpickle
+
+from dispynb.errors import SerializationError
+from dispynb.protocol.framing import Buffer
+
+_PLAIN = frozenset({int, float, str, bytes, bool, type(None), complex})
+_INSTALLED_PREFIXES = tuple(
+    {
+        sysconfig.get_paths()[key]
+        for key in ("stdlib", "platstdlib", "purelib", "platlib")
+    }
+)
+
+
+def dumps(obj: Any) -> list[Buffer]:
+    """Pickle ``obj`` into ``[pickle, *out_of_band_buffers]``.
+
+    Raises `SerializationError` naming the type when ``obj`` cannot be pickled.
+    """
+    buffers: list[Buffer] = []
+    try:
+        if _is_plain(obj):
+            main = pickle.dumps(obj, protocol=5)
+        else:
+            main = cloudpickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+    except Exception as exc:
+        raise SerializationError(
+            f"cannot pickle {_describe(obj)}: {type(exc).__name__}: {exc}"
+        ) from exc
+    return [main, *(memoryview(b).cast("B") for b in buffers)]
+
+
+def loads(buffers: list[Buffer] | list[memoryview]) -> Any:
+    """Unpickle what `dumps` produced. Only for data from an authenticated peer."""
+    if not buffers:
+        raise SerializationError("no pickle data")
+    try:
+        return pickle.loads(buffers[0], buffers=buffers[1:])  # authenticated peer only
+    except Exception as exc:
+        raise SerializationError(
+            f"cannot unpickle data: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def ship_by_value(*objs: Any) -> None:
+    """Make cloudpickle send the modules defining ``objs`` by value.
+
+    A function or class from a script's own module (not the standard library, not an
+    installed package) cannot be imported on a node, so its module is pickled by value,
+    as ``__main__`` already is.
+    """
+    for obj in objs:
+        module = sys.modules.get(getattr(obj, "__module__", None) or "")
+        if module is None or module.__name__ == "__main__":
+            continue
+        if _is_installed(module):
+            continue
+        try:
+            cloudpickle.register_pickle_by_value(module)
+        except ValueError:  # a module cloudpickle cannot take by value (builtins)
+            continue
+
+
+def _is_installed(module: types.ModuleType) -> bool:
+    path = getattr(module, "__file__", None)
+    if path is None:
+        return True  # built-in or namespace package: importable everywhere or nowhere
+    return path.startswith(_INSTALLED_PREFIXES)
+
+
+def _is_plain(obj: Any) -> bool:
+    """True for values stdlib pickle handles faster, with identical results."""
+    kind = type(obj)
+    if kind in _PLAIN:
+        return True
+    if kind is tuple or kind is list:
+        return all(type(item) in _PLAIN or _is_plain(item) for item in obj)
+    if kind is dict:
+        return all(type(k) in _PLAIN and _is_plain(v) for k, v in obj.items())
+    return False
+
+
+def _describe(obj: Any) -> str:
+    text = repr(obj)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return f"object of type {type(obj).__qualname__!r} ({text})"

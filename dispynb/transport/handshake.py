@@ -1,0 +1,58 @@
+"""Runs the protocol handshake over a `Connection`, for either side."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+from dispynb.errors import (
+    AuthenticationError,
+    DispynbError,
+    MessageError,
+    ProtocolVersionError,
+)
+from dispynb.protocol.handshake import ClientHandshake, NodeHandshake, refusal
+from dispynb.protocol.messages import Welcome
+from dispynb.transport.connection import Connection
+
+
+async def client_handshake(
+    conn: Connection, secret: bytes | None, max_size: int, name: str = ""
+) -> Welcome:
+    """Authenticate to a node; return its `Welcome`. The connection is then signed."""
+    handshake = ClientHandshake(secret, name)
+    conn.write(handshake.hello())
+    challenge = await conn.recv_unsigned_single()
+    conn.write(handshake.on_challenge(challenge))
+    send_key, receive_key = handshake.keys()
+    conn.start_signing(send_key, receive_key, max_size)
+    welcome, _ = await conn.recv()
+    if not isinstance(welcome, Welcome):
+        raise MessageError(f"expected 'welcome' from node, got {welcome.op!r}")
+    return welcome
+
+
+async def node_handshake(
+    conn: Connection,
+    secret: bytes | None,
+    max_size: int,
+    make_welcome: Callable[[], Welcome],
+) -> str:
+    """Authenticate a client; send our `Welcome`; return the client's name.
+
+    On failure the client is told why (an unsigned error message) before the caller
+    closes the connection.
+    """
+    handshake = NodeHandshake(secret)
+    try:
+        hello = await conn.recv_unsigned_single()
+        conn.write(handshake.on_hello(hello))
+        handshake.on_auth(await conn.recv_unsigned_single())
+    except (AuthenticationError, ProtocolVersionError, MessageError) as exc:
+        with contextlib.suppress(DispynbError):
+            await conn.send(refusal(exc))
+        raise
+    send_key, receive_key = handshake.keys()
+    conn.start_signing(send_key, receive_key, max_size)
+    await conn.send(make_welcome())
+    return handshake.client_name

@@ -1,0 +1,100 @@
+"""Messages between the node server, a computation's process and its workers.
+
+Channels (all Unix stream sockets on this machine, framed like the wire protocol but
+unsigned: both ends are processes of the node itself)::
+
+    node server  <-- control -->  computation process (runs setup, forks workers)
+    node server  <-- worker  -->  each worker process (runs jobs, one at a time)
+
+The computation process passes each new worker's socket to the node server with
+SCM_RIGHTS, attached to the `WorkerStarted` message.
+"""
+
+from __future__ import annotations
+
+from dispynb.protocol.messages import Message, message
+
+
+class IpcMessage(Message, family=True):
+    """Messages of the node's internal channels."""
+
+
+# --- node server -> computation process ----------------------------------------
+
+
+@message("load")
+class Load(IpcMessage):
+    """Load the computation (buffers: its pickled bundle), run setup, start workers.
+
+    The bundle is a dict with keys ``func``, ``setup``, ``cleanup`` (callable or
+    None/bool) and ``setup_args`` (tuple).
+    """
+
+    name: str
+    workers: int
+    node_name: str
+    node_address: str
+    job_path: str
+
+
+@message("shutdown")
+class Shutdown(IpcMessage):
+    """Stop the workers, run the cleanup function (if any), exit."""
+
+
+# --- computation process -> node server ----------------------------------------
+
+
+@message("loaded")
+class Loaded(IpcMessage):
+    """Setup succeeded; `WorkerStarted` messages follow, one per worker."""
+
+    pid: int
+
+
+@message("load-failed")
+class LoadFailed(IpcMessage):
+    """Loading or setup failed; the process exits after sending this."""
+
+    message: str
+    traceback: str
+
+
+@message("worker-started")
+class WorkerStarted(IpcMessage):
+    """A worker was forked; its socket travels with this message (SCM_RIGHTS)."""
+
+    pid: int
+
+
+@message("worker-exited")
+class WorkerExited(IpcMessage):
+    """A worker ended; ``returncode`` is negative for a signal (as in subprocess)."""
+
+    pid: int
+    returncode: int
+
+
+# --- node server <-> worker ----------------------------------------------------
+
+
+@message("run")
+class Run(IpcMessage):
+    """Run one job; buffers hold the pickled ``(args, kwargs)``."""
+
+    key: int
+    attempt: int
+
+
+@message("done")
+class Done(IpcMessage):
+    """A job ended: ``finished`` (buffers: pickled result) or ``raised``."""
+
+    key: int
+    attempt: int
+    outcome: str
+    start_time: float
+    end_time: float
+    stdout: str
+    stderr: str
+    exception: str | None = None
