@@ -77,7 +77,14 @@ class NodeLostError(ClusterError):
 
 
 class SetupError(ClusterError):
-    """A computation could not be set up on a node (its setup failed, or loading failed)."""
+    """A computation could not be set up on a node (loading or its setup failed).
+
+    ``remote_traceback`` holds the node's traceback text, when there is one.
+    """
+
+    def __init__(self, message: str, remote_traceback: str = "") -> None:
+        super().__init__(message)
+        self.remote_traceback = remote_traceback
 
 
 class JobError(DispynbError):

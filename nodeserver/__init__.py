@@ -1,4 +1,4 @@
-"""The dispynb node server: runs jobs of authenticated clients on this machine's CPUs."""
+"""The dispynb node server: runs jobs of authenticated clients on its CPUs."""
 
 from __future__ import annotations
 

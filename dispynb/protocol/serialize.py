@@ -8,6 +8,7 @@ Only ever call `loads` on data from an authenticated peer.
 
 from __future__ import annotations
 
+import io
 import pickle
 import sys
 import sysconfig
@@ -38,7 +39,7 @@ def dumps(obj: Any) -> list[Buffer]:
         if _is_plain(obj):
             main = pickle.dumps(obj, protocol=5)
         else:
-            main = cloudpickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+            main = _dumps_by_value(obj, buffers)
     except Exception as exc:
         raise SerializationError(
             f"cannot pickle {_describe(obj)}: {type(exc).__name__}: {exc}"
@@ -51,11 +52,69 @@ def loads(buffers: list[Buffer] | list[memoryview]) -> Any:
     if not buffers:
         raise SerializationError("no pickle data")
     try:
-        return pickle.loads(buffers[0], buffers=buffers[1:])  # authenticated peer only
+        if len(buffers) == 1:  # no out-of-band buffer, so no out-of-band bytearray
+            return pickle.loads(buffers[0])  # authenticated peer only
+        return _Unpickler(buffers[0], buffers[1:]).load()  # authenticated peer only
     except Exception as exc:
         raise SerializationError(
             f"cannot unpickle data: {type(exc).__name__}: {exc}"
         ) from exc
+
+
+# --- Out-of-band bytearrays ------------------------------------------------------
+# Stock pickle writes a bytearray in-band even with protocol 5 and a buffer_callback
+# (only PickleBuffer objects, as NumPy arrays produce, go out-of-band), and the C
+# pickler never calls reducer_override for bytearray. Large bytearrays are therefore
+# swapped for a PickleBuffer through persistent_id, and rebuilt by persistent_load;
+# a bytearray seen again is sent as its index, so shared references stay shared.
+# Buffers under _OOB_MIN stay in-band, which also bounds the number of frames.
+
+#: Smallest buffer sent out-of-band; smaller ones are cheaper inside the pickle.
+_OOB_MIN = 64 * 1024
+
+
+class _Pickler(cloudpickle.Pickler):
+    def __init__(self, file: io.BytesIO, buffers: list[Buffer]) -> None:
+        super().__init__(file, protocol=5, buffer_callback=self._buffer)
+        self._out = buffers
+        self._seen: dict[int, int] = {}
+
+    def _buffer(self, buf: pickle.PickleBuffer) -> bool:
+        if memoryview(buf).nbytes < _OOB_MIN:
+            return True  # in-band
+        self._out.append(buf)
+        return False
+
+    def persistent_id(self, obj: Any) -> Any:
+        if type(obj) is not bytearray or len(obj) < _OOB_MIN:
+            return None
+        index = self._seen.get(id(obj))
+        if index is not None:
+            return index
+        self._seen[id(obj)] = len(self._seen)
+        return pickle.PickleBuffer(obj)
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, data: Buffer, buffers: list[Buffer] | list[memoryview]) -> None:
+        super().__init__(io.BytesIO(data), buffers=buffers)
+        self._arrays: list[bytearray] = []
+
+    def persistent_load(self, pid: Any) -> bytearray:
+        if isinstance(pid, int):
+            return self._arrays[pid]
+        array = bytearray(pid)
+        self._arrays.append(array)
+        return array
+
+
+def _dumps_by_value(obj: Any, buffers: list[Buffer]) -> bytes:
+    file = io.BytesIO()
+    _Pickler(file, buffers).dump(obj)
+    return file.getvalue()
+
+
+# --- end of out-of-band bytearrays ----------------------------------------------
 
 
 def ship_by_value(*objs: Any) -> None:

@@ -62,6 +62,9 @@ class Connection:
         Printable peer address, for messages and logs.
     family:
         The message family decoded on this connection.
+    trusted_max_size:
+        For a channel between processes of one node (a Unix socket pair): no
+        handshake, no MACs, headers decoded without pre-auth limits, this size cap.
     """
 
     _instances: ClassVar[weakref.WeakSet[Connection]] = weakref.WeakSet()
@@ -71,12 +74,14 @@ class Connection:
         stream: IOStream,
         peer: str,
         family: type[Message] = WireMessage,
+        trusted_max_size: int | None = None,
     ) -> None:
         self.stream = stream
         stream.set_nodelay(True)  # our messages are whole; never wait for more bytes
         self.peer = peer
         self.family = family
-        self.max_size = PRE_AUTH_MAX_FRAME
+        self.max_size = trusted_max_size or PRE_AUTH_MAX_FRAME
+        self._trusted = trusted_max_size is not None
         self._signer: MessageSigner | None = None
         self._verifier: MessageVerifier | None = None
         self.bytes_sent = 0
@@ -140,7 +145,8 @@ class Connection:
         buffers, signed, mac = split_body(body, count, mac_size)
         if self._verifier is not None:
             self._verifier.verify((prefix, signed), mac)
-        header = unpack_header(buffers[0], trusted=self._verifier is not None)
+        trusted = self._trusted or self._verifier is not None
+        header = unpack_header(buffers[0], trusted=trusted)
         message = self.family.from_header(header)
         return message, buffers[1:]
 

@@ -12,7 +12,7 @@ from tornado.netutil import bind_sockets
 from tornado.tcpserver import TCPServer
 
 from dispynb.defaults import HANDSHAKE_TIMEOUT
-from dispynb.errors import DispynbError
+from dispynb.errors import ConnectionClosedError, DispynbError
 from dispynb.protocol.messages import Welcome
 from dispynb.transport.addressing import format_address
 from dispynb.transport.connection import Connection, describe_error
@@ -91,6 +91,8 @@ class Listener(TCPServer):
             self._tasks.add(task)
         try:
             await self._handler(conn, name)
+        except ConnectionClosedError:
+            logger.debug("connection from %s closed", peer)
         except DispynbError as exc:
             logger.warning("connection from %s ended: %s", peer, describe_error(exc))
         except Exception:

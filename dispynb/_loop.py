@@ -1,0 +1,319 @@
+"""The client's background I/O thread: one asyncio event loop shared by every cluster.
+
+The public API is synchronous (dispy's ``job()`` blocks), so the client runs its
+sockets on a loop in a daemon thread and the user's thread talks to it through
+this module. No other module may start a thread that runs an event loop.
+
+Contents
+--------
+LoopRunner
+    The reference-counted background loop thread ("dispynb-io"), with ``run_sync``
+    to call a coroutine from any other thread.
+Coalescer
+    Turns bursts of cross-thread wake-ups into one call on the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any, ClassVar, TypeVar
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_THREAD_NAME = "dispynb-io"
+
+
+class LoopRunner:
+    """An asyncio event loop running in a daemon thread, shared by the whole process.
+
+    Get it with :meth:`acquire` and give it back with :meth:`release`; the thread
+    starts with the first ``acquire`` and stops when the last user releases it.
+
+    Notes
+    -----
+    Only :meth:`run_sync`, :meth:`call_soon` and :meth:`in_loop_thread` may be
+    called from other threads; everything else about :attr:`loop` belongs to the
+    loop thread.
+
+    Examples
+    --------
+    >>> runner = LoopRunner.acquire()
+    >>> async def add(a, b):
+    ...     return a + b
+    >>> runner.run_sync(add, 1, 2)
+    3
+    >>> runner.release()
+    """
+
+    _instance: ClassVar[LoopRunner | None] = None
+    _refcount: ClassVar[int] = 0
+    _class_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self) -> None:
+        """Create a stopped runner; use :meth:`acquire` instead of calling this."""
+        self._loop: asyncio.AbstractEventLoop = asyncio.new_event_loop()
+        self._thread: threading.Thread = threading.Thread(
+            target=self._run, name=_THREAD_NAME, daemon=True
+        )
+        self._started: threading.Event = threading.Event()
+        # asyncio keeps only weak references to tasks: hold the ones run_sync
+        # creates until they finish.
+        self._tasks: set[asyncio.Future[Any]] = set()
+        self._released: bool = False
+
+    @classmethod
+    def acquire(cls) -> LoopRunner:
+        """Return the process-wide runner, starting its thread on first use.
+
+        Every call must be paired with one :meth:`release`.
+        """
+        with cls._class_lock:
+            if cls._instance is None:
+                runner = cls()
+                runner._thread.start()
+                runner._started.wait()
+                cls._instance = runner
+                logger.debug("I/O loop thread started")
+            cls._refcount += 1
+            return cls._instance
+
+    def release(self) -> None:
+        """Give back one reference; the last one stops the loop and joins the thread.
+
+        Pending tasks are cancelled and awaited, async generators and the default
+        executor are shut down, then the loop is closed (as ``asyncio.run`` does).
+        Called from the loop thread itself, the loop is stopped but not joined.
+
+        Raises
+        ------
+        RuntimeError
+            If this runner has already been released by all its users.
+        """
+        cls = type(self)
+        with cls._class_lock:
+            if cls._instance is not self or cls._refcount <= 0:
+                raise RuntimeError("LoopRunner.release() called more than acquire()")
+            cls._refcount -= 1
+            if cls._refcount > 0:
+                return
+            cls._instance = None
+            self._released = True
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        if not self.in_loop_thread():
+            self._thread.join()
+            logger.debug("I/O loop thread stopped")
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop run by the background thread."""
+        return self._loop
+
+    def in_loop_thread(self) -> bool:
+        """Return True when called from the loop's own thread."""
+        return threading.get_ident() == self._thread.ident
+
+    def call_soon(self, fn: Callable[..., Any], *args: Any) -> asyncio.Handle:
+        """Schedule ``fn(*args)`` on the loop; safe from any thread."""
+        return self._loop.call_soon_threadsafe(fn, *args)
+
+    def run_sync(
+        self,
+        coro_fn: Callable[..., Awaitable[T]],
+        *args: Any,
+        timeout: float | None = None,
+    ) -> T:
+        """Run ``await coro_fn(*args)`` on the loop and block until it finishes.
+
+        Parameters
+        ----------
+        coro_fn:
+            An async function (or any callable returning an awaitable); it is
+            called on the loop thread.
+        *args:
+            Positional arguments for ``coro_fn``.
+        timeout:
+            Seconds to wait, or None to wait for ever. On timeout (or if the
+            waiting thread is interrupted) the task is cancelled.
+
+        Returns
+        -------
+        The coroutine's result; its exception is raised here instead.
+
+        Raises
+        ------
+        RuntimeError
+            If called from the loop thread (waiting there would deadlock), or
+            after the runner was released.
+        TimeoutError
+            If ``timeout`` expired first.
+        concurrent.futures.CancelledError
+            If the task was cancelled, for example because the loop stopped.
+        """
+        if self.in_loop_thread():
+            raise RuntimeError(
+                f"run_sync({_name(coro_fn)}) was called from the dispynb I/O thread, "
+                "where waiting would deadlock; await the coroutine instead"
+            )
+        if self._released:
+            raise RuntimeError("run_sync() called on a released LoopRunner")
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        task: asyncio.Future[T] | None = None
+
+        def start() -> None:
+            nonlocal task
+            if not future.set_running_or_notify_cancel():
+                return  # the caller gave up before we started
+            try:
+                task = asyncio.ensure_future(coro_fn(*args))
+            except Exception as exc:
+                future.set_exception(exc)
+                return
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(lambda t: _copy_outcome(t, future))
+
+        def cancel() -> None:
+            if task is not None:
+                task.cancel()
+
+        self._loop.call_soon_threadsafe(start)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            self._abandon(future, cancel)
+            raise TimeoutError(
+                f"{_name(coro_fn)} did not finish within {timeout} s"
+            ) from None
+        except BaseException:
+            # KeyboardInterrupt in a notebook: stop the work we started, re-raise.
+            if not future.done():
+                self._abandon(future, cancel)
+            raise
+
+    def _abandon(
+        self, future: concurrent.futures.Future[Any], cancel: Callable[[], None]
+    ) -> None:
+        """Cancel a run_sync call whose caller stopped waiting."""
+        if not future.cancel() and not self._loop.is_closed():
+            # If the loop closed meanwhile, its shutdown already cancelled the task.
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(cancel)
+
+    def _run(self) -> None:
+        """Body of the loop thread."""
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.call_soon(self._started.set)
+            self._loop.run_forever()
+        finally:
+            try:
+                self._shutdown()
+            finally:
+                asyncio.set_event_loop(None)
+                self._loop.close()
+
+    def _shutdown(self) -> None:
+        """Cancel what is left on the stopped loop and wait for it, like asyncio.run."""
+        loop = self._loop
+        tasks = asyncio.all_tasks(loop)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        for task in tasks:
+            if not task.cancelled() and task.exception() is not None:
+                logger.error(
+                    "Task %r raised while the I/O loop was stopping",
+                    task,
+                    exc_info=task.exception(),
+                )
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.run_until_complete(loop.shutdown_default_executor())
+
+    @classmethod
+    def _forget_after_fork(cls) -> None:
+        """In a forked child the loop thread does not exist: start afresh on demand."""
+        cls._instance = None
+        cls._refcount = 0
+        cls._class_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=LoopRunner._forget_after_fork)
+
+
+class Coalescer:
+    """Schedule ``fn()`` on the loop at most once per burst of :meth:`trigger` calls.
+
+    ``trigger`` may be called from any thread, thousands of times per second; the
+    first call of a burst costs one ``call_soon_threadsafe``, the others a flag
+    test. The flag is cleared just before ``fn`` runs, so a trigger that arrives
+    while ``fn`` is running schedules one more run: no wake-up is lost.
+
+    Parameters
+    ----------
+    runner:
+        The loop to run ``fn`` on.
+    fn:
+        A plain (non-async) callable; it runs on the loop thread.
+    """
+
+    __slots__ = ("_fn", "_lock", "_pending", "_runner")
+
+    def __init__(self, runner: LoopRunner, fn: Callable[[], Any]) -> None:
+        self._runner: LoopRunner = runner
+        self._fn: Callable[[], Any] = fn
+        self._lock: threading.Lock = threading.Lock()
+        self._pending: bool = False
+
+    def trigger(self) -> None:
+        """Ask for ``fn()`` to run on the loop soon; cheap and thread-safe."""
+        # Unlocked fast path: a stale False only costs a trip through the lock.
+        if self._pending:
+            return
+        with self._lock:
+            if self._pending:
+                return
+            self._pending = True
+        try:
+            self._runner.call_soon(self._run)
+        except BaseException:
+            self._pending = False  # let a later trigger try again, then re-raise
+            raise
+
+    def _run(self) -> None:
+        self._pending = False
+        try:
+            self._fn()
+        except Exception:
+            logger.exception("Coalesced callback %s failed", _name(self._fn))
+
+
+def _copy_outcome(
+    task: asyncio.Future[T], future: concurrent.futures.Future[T]
+) -> None:
+    """Copy a finished task's result, exception or cancellation to a thread future."""
+    if future.done():
+        return
+    if task.cancelled():
+        future.cancel()
+        # A RUNNING future cannot be cancelled; report the cancellation instead.
+        if not future.cancelled():
+            future.set_exception(concurrent.futures.CancelledError())
+    elif (exc := task.exception()) is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(task.result())
+
+
+def _name(fn: Callable[..., Any]) -> str:
+    """A readable name for a callable, for messages."""
+    return getattr(fn, "__qualname__", None) or repr(fn)

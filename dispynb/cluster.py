@@ -1,0 +1,544 @@
+"""`JobCluster`: dispy's user API, run on dispynb's engine.
+
+A cluster ships one computation (a Python function, by value) to its nodes and runs
+jobs of it. The API is synchronous, as dispy's: ``submit`` returns a `DispyJob`
+at once, ``job()`` blocks for its result, ``wait`` for all of them. The sockets live
+on a background I/O thread; user callbacks run, in order, on another thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import itertools
+import logging
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from dispynb._callbacks import CallbackDispatcher
+from dispynb._loop import Coalescer, LoopRunner
+from dispynb.defaults import MAX_MESSAGE_SIZE, NODE_PORT
+from dispynb.errors import (
+    ClusterError,
+    ConfigurationError,
+    DispynbError,
+    NoNodesError,
+    SerializationError,
+)
+from dispynb.job import DispyJob, JobStatus
+from dispynb.node import DispyNode, NodeAllocate, is_wildcard, parse_node_specs
+from dispynb.options import ClusterOptions
+from dispynb.protocol import serialize
+from dispynb.protocol.framing import Buffer
+from dispynb.protocol.messages import FINISHED, Welcome
+from dispynb.scheduler.driver import Driver, DriverConfig, NodeLink, Outcome
+from dispynb.transport.tls import client_context
+
+logger = logging.getLogger(__name__)
+
+_comp_ids = itertools.count(1)
+
+#: Seconds `JobCluster` waits for its first node before giving up.
+STARTUP_TIMEOUT = 60.0
+
+
+class ClusterStatus(NamedTuple):
+    """What `JobCluster.status` returns (dispy's namedtuple)."""
+
+    nodes: list[DispyNode]
+    jobs_pending: int
+
+
+class JobCluster:
+    """Run a computation over many inputs on a set of nodes (dispy-compatible).
+
+    Parameters
+    ----------
+    computation:
+        A Python function (or any callable) to run for each job; it travels by value,
+        with its closures and the functions and classes it uses.
+    nodes:
+        Where to run: a `LocalCluster`, or node specs (``'host'``, ``'host:port'``,
+        `NodeAllocate`, ``(host, port, cpus)`` tuples, dicts, `DispyNode`).
+    depends:
+        Extra dependencies (functions, classes and modules travel by value).
+    job_status:
+        ``f(job)``, called on a dedicated thread for each final and provisional
+        result.
+    cluster_status:
+        ``f(status, node, job)``, called on the same thread for node and job events.
+    **options:
+        dispy's other keyword arguments (``setup``, ``cleanup``, ``secret``,
+        ``secret_file``, ``certfile``, ``keyfile``, ``cafile``, ``reentrant``,
+        ``dest_path``, ``loglevel``, ...); see `ClusterOptions`.
+
+    Raises
+    ------
+    ConfigurationError
+        For invalid options, with what to change.
+    NoNodesError, AuthenticationError, SetupError, TransportError
+        When no node could be used; the first node's error is raised, the others
+        are logged.
+
+    Examples
+    --------
+    >>> def square(x):
+    ...     return x * x
+    >>> with LocalCluster() as local:  # doctest: +SKIP
+    ...     with JobCluster(square, nodes=local) as cluster:
+    ...         jobs = [cluster.submit(i) for i in range(10)]
+    ...         print([job() for job in jobs])
+    """
+
+    def __init__(
+        self,
+        computation: Callable[..., Any] | str,
+        nodes: Any = None,
+        depends: list[Any] | None = None,
+        job_status: Callable[[DispyJob], Any] | None = None,
+        cluster_status: Callable[[int, DispyNode | None, DispyJob | None], Any]
+        | None = None,
+        **options: Any,
+    ) -> None:
+        self._options = opts = ClusterOptions.from_kwargs(
+            computation,
+            nodes=nodes,
+            depends=depends if depends is not None else [],
+            job_status=job_status,
+            cluster_status=cluster_status,
+            **options,
+        )
+        if isinstance(opts.computation, str):
+            raise ConfigurationError(
+                "program computations (a path instead of a Python function) are not "
+                "supported yet: wrap the program in a function that runs it with "
+                "subprocess"
+            )
+        if opts.loglevel is not None:
+            _set_log_level(opts.loglevel)
+        self._specs = parse_node_specs(nodes)
+        if not self._specs:
+            raise ConfigurationError(
+                "no nodes given: pass nodes=LocalCluster() for this machine, or "
+                "nodes=['host', 'host:port', ...] for node servers elsewhere"
+            )
+        wildcards = [s.host for s in self._specs if is_wildcard(s)]
+        if wildcards:
+            raise ConfigurationError(
+                f"node specs with wildcards ({', '.join(wildcards)}) need network "
+                "discovery, which is not available yet: name the nodes explicitly"
+            )
+        self.name = getattr(computation, "__name__", type(computation).__name__)
+        secret = opts.secret
+        if secret is None and getattr(nodes, "secret", None):
+            secret = str(nodes.secret).encode()
+        tls = bool(opts.certfile or opts.cafile) or bool(getattr(nodes, "tls", False))
+        serialize.ship_by_value(
+            opts.computation, opts.setup, opts.cleanup, *opts.depends
+        )
+        self._jobs: dict[int, DispyJob] = {}
+        self._keys = itertools.count(1)
+        self._outstanding = 0
+        self._done = threading.Condition()
+        self._nodes: dict[str, DispyNode] = {}
+        self._node_errors: list[DispynbError] = []
+        self._closed = False
+        self._max_job_size = MAX_MESSAGE_SIZE
+        self._start_time = time.time()
+        self._callbacks = CallbackDispatcher()
+        self._runner = LoopRunner.acquire()
+        self._driver = Driver(
+            DriverConfig(
+                comp_id=next(_comp_ids),
+                name=self.name,
+                secret=secret,
+                max_message_size=opts.max_message_size,
+                ssl_context=client_context(opts.certfile, opts.keyfile, opts.cafile)
+                if tls
+                else None,
+                dest_path=opts.dest_path,
+                cleanup=bool(opts.cleanup),
+                reentrant=opts.reentrant,
+                client_name=_client_name(),
+            ),
+            self,
+        )
+        self._drain = Coalescer(self._runner, self._driver.drain)
+        try:
+            self._runner.run_sync(self._start, timeout=STARTUP_TIMEOUT)
+        except BaseException:
+            self._shutdown(terminate=True)
+            raise
+
+    # -- start-up ------------------------------------------------------------------
+
+    async def _start(self) -> None:
+        self._startup = asyncio.get_running_loop().create_future()
+        for spec in self._specs:
+            self._driver.add_node(
+                spec.host, spec.port or NODE_PORT, self._allocator(spec)
+            )
+        await self._startup
+
+    def _allocator(
+        self, spec: NodeAllocate
+    ) -> Callable[[Welcome, str], tuple[int, list[Buffer]]]:
+        opts = self._options
+
+        def allocate(welcome: Welcome, peer_ip: str) -> tuple[int, list[Buffer]]:
+            try:
+                cpus = spec.allocate(
+                    self,
+                    peer_ip,
+                    welcome.name,
+                    welcome.cpus,
+                    avail_info=None,
+                    platform=welcome.platform,
+                )
+            except Exception as exc:
+                raise ConfigurationError(
+                    f"NodeAllocate.allocate raised {exc!r}"
+                ) from exc
+            self._max_job_size = min(self._max_job_size, welcome.max_message_size)
+            bundle = {
+                "func": opts.computation,
+                "setup": opts.setup,
+                "cleanup": opts.cleanup if callable(opts.cleanup) else None,
+                "setup_args": tuple(spec.setup_args),
+            }
+            return int(cpus or 0), serialize.dumps(bundle)
+
+        return allocate
+
+    # -- JobEvents (called on the I/O thread) -----------------------------------------
+
+    def node_ready(self, link: NodeLink) -> None:
+        welcome = link.welcome
+        node = DispyNode(
+            link.host,
+            link.port,
+            name=welcome.name if welcome else "",
+            cpus=link.cpus,
+            platform=welcome.platform if welcome else "",
+        )
+        self._nodes[link.node_id] = node
+        if not self._startup.done():
+            self._startup.set_result(None)
+        self._notify_cluster(DispyNode.Initialized, node, None)
+
+    def node_failed(self, link: NodeLink, error: DispynbError) -> None:
+        self._node_errors.append(error)
+        if (
+            not self._startup.done()
+            and not self._driver.connecting
+            and not any(link.ready for link in self._driver.nodes.values())
+        ):
+            first = self._node_errors[0]
+            if len(self._node_errors) > 1:
+                logger.error(
+                    "no node could be used: %s",
+                    "; ".join(str(e) for e in self._node_errors),
+                )
+            self._startup.set_exception(first)
+
+    def node_closed(self, link: NodeLink, reason: str) -> None:
+        node = self._nodes.pop(link.node_id, None)
+        if node is not None:
+            if not self._closed:
+                logger.warning("node %s left: %s", link.node_id, reason)
+            self._notify_cluster(DispyNode.Closed, node, None)
+
+    def job_running(self, key: int, link: NodeLink) -> None:
+        job = self._jobs.get(key)
+        if job is None:
+            return
+        job._set_running(link.host)
+        node = self._nodes.get(link.node_id)
+        if node is not None:
+            node.busy += 1
+        if self._options.cluster_status is not None:
+            self._notify_cluster(JobStatus.Running, node, copy.copy(job))
+
+    def job_done(self, key: int, link: NodeLink | None, outcome: Outcome) -> None:
+        job = self._jobs.pop(key, None)
+        if job is None:
+            return
+        status = (
+            JobStatus.Finished if outcome.outcome == FINISHED else JobStatus.Terminated
+        )
+        node = self._nodes.get(link.node_id) if link is not None else None
+        if node is not None:
+            node.busy -= 1
+            node.jobs_done += 1
+            node.cpu_time += max(outcome.end_time - outcome.start_time, 0.0)
+        job._complete(
+            status,
+            result=outcome.result,
+            stdout=outcome.stdout,
+            stderr=outcome.stderr,
+            exception=outcome.exception,
+            start_time=outcome.start_time or None,
+            end_time=outcome.end_time or None,
+            ip_addr=link.host if link is not None else None,
+        )
+        self._finished(job, node)
+
+    def job_abandoned(self, key: int, link: NodeLink | None, reason: str) -> None:
+        job = self._jobs.pop(key, None)
+        if job is None:
+            return
+        node = self._nodes.get(link.node_id) if link is not None else None
+        if node is not None:
+            node.busy -= 1
+        job._complete(JobStatus.Abandoned, exception=reason)
+        self._finished(job, node)
+
+    def job_cancelled(self, key: int) -> None:
+        job = self._jobs.pop(key, None)
+        if job is not None:
+            job._complete(JobStatus.Cancelled, exception="cancelled before it ran")
+            self._finished(job, None)
+
+    def _finished(self, job: DispyJob, node: DispyNode | None) -> None:
+        opts = self._options
+        if opts.job_status is not None:
+            self._callbacks.post(opts.job_status, copy.copy(job))
+        if opts.cluster_status is not None:
+            self._notify_cluster(job.status, node, copy.copy(job))
+        with self._done:
+            self._outstanding -= 1
+            if self._outstanding == 0:
+                self._done.notify_all()
+
+    def _notify_cluster(
+        self, status: int, node: DispyNode | None, job: DispyJob | None
+    ) -> None:
+        if self._options.cluster_status is not None:
+            self._callbacks.post(self._options.cluster_status, status, node, job)
+
+    # -- jobs ----------------------------------------------------------------------
+
+    def submit(self, *args: Any, **kwargs: Any) -> DispyJob:
+        """Run the computation with these arguments on some node; return its job.
+
+        Raises `SerializationError` (naming the type) if the arguments cannot be
+        pickled, and `ClusterError` if the cluster is closed.
+        """
+        return self._submit(None, None, args, kwargs)
+
+    def submit_job_id(self, job_id: Any, *args: Any, **kwargs: Any) -> DispyJob:
+        """Like `submit`, with ``job.id`` set to ``job_id``."""
+        return self._submit(job_id, None, args, kwargs)
+
+    def submit_node(self, node: Any, *args: Any, **kwargs: Any) -> DispyJob | None:
+        """Like `submit`, but run on ``node`` (a `DispyNode`, address or name) only.
+
+        Returns None (and logs why) if ``node`` is not a node of this cluster, as
+        dispy does.
+        """
+        node_id = self._node_id(node)
+        if node_id is None:
+            logger.warning("submit_node: %r is not a node of this cluster", node)
+            return None
+        return self._submit(None, node_id, args, kwargs)
+
+    def submit_job_id_node(
+        self, job_id: Any, node: Any, *args: Any, **kwargs: Any
+    ) -> DispyJob | None:
+        """`submit_node` with ``job.id`` set to ``job_id``."""
+        node_id = self._node_id(node)
+        if node_id is None:
+            logger.warning("submit_node: %r is not a node of this cluster", node)
+            return None
+        return self._submit(job_id, node_id, args, kwargs)
+
+    def _node_id(self, node: Any) -> str | None:
+        for node_id, known in list(self._nodes.items()):
+            if node is known or node in (node_id, known.ip_addr, known.name):
+                return node_id
+            if isinstance(node, DispyNode) and (node.ip_addr, node.port) == (
+                known.ip_addr,
+                known.port,
+            ):
+                return node_id
+        return None
+
+    def _submit(
+        self,
+        job_id: Any,
+        node_id: str | None,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> DispyJob:
+        if self._closed:
+            raise ClusterError("this cluster is closed: create a new JobCluster")
+        if kwargs.pop("dispy_job_depends", None):
+            raise ConfigurationError(
+                "per-job dependencies (dispy_job_depends) are not supported yet"
+            )
+        buffers = serialize.dumps((args, kwargs))
+        size = sum(memoryview(b).nbytes for b in buffers)
+        if size > self._max_job_size - 4096:
+            raise SerializationError(
+                f"the job's arguments take {size} bytes, over the nodes' message size "
+                f"limit of {self._max_job_size}: start the nodes with a larger "
+                "--max-message-size, or send the data as files"
+            )
+        job = DispyJob(job_id, args, kwargs)
+        key = next(self._keys)
+        job._key = key
+        self._jobs[key] = job
+        with self._done:
+            self._outstanding += 1
+        if self._options.cluster_status is not None:
+            self._notify_cluster(JobStatus.Created, None, copy.copy(job))
+        self._driver.enqueue(key, buffers, node_id)
+        self._drain.trigger()
+        return job
+
+    def cancel(self, job: DispyJob) -> int:
+        """Cancel a job: queued jobs end `Cancelled`, running ones `Terminated`.
+
+        Returns 0, or -1 if the job had already finished.
+        """
+        if job.done() or job._key is None or job._key not in self._jobs:
+            return -1
+        key = job._key
+
+        def cancel_on_loop() -> None:
+            self._driver.drain()  # the job may still be waiting to be scheduled
+            self._driver.cancel(key)
+
+        self._runner.call_soon(cancel_on_loop)
+        return 0
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until every submitted job is done; False if ``timeout`` passed first."""
+        with self._done:
+            done = self._done.wait_for(lambda: self._outstanding == 0, timeout)
+        if done and not self._callbacks.in_dispatcher_thread():
+            self._callbacks.flush(timeout)
+        return done
+
+    __call__ = wait
+
+    # -- status --------------------------------------------------------------------
+
+    def status(self) -> ClusterStatus:
+        """The cluster's nodes and the number of jobs not yet done."""
+        return ClusterStatus(list(self._nodes.values()), self._outstanding)
+
+    def print_status(self, wall_time: float | None = None) -> None:
+        """Print dispy's per-node table of jobs, times and traffic."""
+        self._update_traffic()
+        if wall_time is None:
+            wall_time = time.time() - self._start_time
+        print(format_status(list(self._nodes.values()), wall_time))
+
+    stats = print_status
+
+    def _update_traffic(self) -> None:
+        for node_id, link in list(self._driver.nodes.items()):
+            node = self._nodes.get(node_id)
+            if node is not None and link.conn is not None:
+                node.tx, node.rx = link.conn.bytes_sent, link.conn.bytes_received
+
+    # -- shutdown ------------------------------------------------------------------
+
+    def close(self, timeout: float | None = None, terminate: bool = False) -> bool:
+        """Wait for the jobs (or cancel them: ``terminate``), then release the nodes.
+
+        Returns True if every job was done before the computation was closed.
+        """
+        if self._closed:
+            return True
+        if terminate:
+            for job in list(self._jobs.values()):
+                self.cancel(job)
+        done = self.wait(timeout)
+        self._shutdown(terminate=terminate or not done)
+        return done
+
+    def shutdown(self) -> None:
+        """dispy's name for `close`."""
+        self.close()
+
+    def _shutdown(self, terminate: bool) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._update_traffic()
+            self._runner.run_sync(self._driver.close, terminate)
+        except (DispynbError, RuntimeError) as exc:
+            logger.warning("closing the cluster: %s", exc)
+        finally:
+            self._callbacks.close()
+            self._runner.release()
+
+    def __enter__(self) -> JobCluster:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        # Unlike dispy, never swallow the exception raised in the with-block.
+        self.close(terminate=exc_type is not None)
+
+    def __repr__(self) -> str:
+        nodes, pending = len(self._nodes), self._outstanding
+        return f"<JobCluster {self.name!r} nodes={nodes} pending={pending}>"
+
+
+def format_status(nodes: list[DispyNode], wall_time: float) -> str:
+    """dispy's status table for ``nodes``."""
+    lines = [
+        f"{'Node':>30s} | {'CPUs':>5s} | {'Jobs':>7s} | {'Sec/Job':>8s} | "
+        f"{'Node Time Sec':>13s} | {'Sent':>9s} | {'Rcvd':>9s}",
+        "-" * 100,
+    ]
+    total_time = 0.0
+    for node in nodes:
+        name = f"{node.ip_addr} ({node.name})" if node.name else node.ip_addr
+        per_job = node.cpu_time / node.jobs_done if node.jobs_done else 0.0
+        total_time += node.cpu_time
+        lines.append(
+            f"{name[:30]:>30s} | {node.cpus:5d} | {node.jobs_done:7d} | "
+            f"{per_job:8.3f} | {node.cpu_time:13.3f} | "
+            f"{_human(node.tx):>9s} | {_human(node.rx):>9s}"
+        )
+    speedup = total_time / wall_time if wall_time > 0 else 0.0
+    lines.append("")
+    lines.append(
+        f"Total job time: {total_time:.3f} sec, wall time: {wall_time:.3f} sec, "
+        f"speedup: {speedup:.3f}"
+    )
+    return "\n".join(lines)
+
+
+def _human(count: float) -> str:
+    for unit in ("B", "K", "M", "G"):
+        if count < 1024:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} T"
+
+
+def _client_name() -> str:
+    return f"{socket.gethostname()}:{sys.argv[0].rsplit('/', 1)[-1] or 'python'}"
+
+
+def _set_log_level(level: int) -> None:
+    root = logging.getLogger("dispynb")
+    root.setLevel(level)
+    if not root.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s")
+        )
+        root.addHandler(handler)
+
+
+__all__ = ["ClusterStatus", "JobCluster", "NoNodesError", "format_status"]

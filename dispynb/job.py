@@ -1,0 +1,346 @@
+"""The user-facing job object, `DispyJob`, and its status codes; no I/O.
+
+A `DispyJob` is created by the cluster at submit time and completed by the cluster's I/O
+thread. Users read its attributes, block on it (``job()``, ``job.wait()``) or await it
+(``await job``) from any thread and any asyncio loop.
+
+Contents
+--------
+JobStatus
+    dispy's job status numbers, as an `enum.IntEnum`.
+FINAL_STATUSES
+    The statuses after which a job never changes again.
+DispyJob
+    One job: arguments, status, result, output and timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import itertools
+import threading
+import time
+from collections.abc import Generator
+from typing import Any, ClassVar
+
+__all__ = ["FINAL_STATUSES", "DispyJob", "JobStatus"]
+
+
+class JobStatus(enum.IntEnum):
+    """Status of a `DispyJob`; the numbers are dispy's and part of the API.
+
+    ``Cancelled < Terminated < Abandoned < Finished`` so that a priority queue of status
+    notifications delivers a final status after any provisional result.
+    """
+
+    Created = 5
+    Running = 6
+    ProvisionalResult = 7
+    Cancelled = 8
+    Terminated = 9
+    Abandoned = 10
+    Finished = 11
+
+    @property
+    def is_final(self) -> bool:
+        """Whether a job in this status never changes again."""
+        return self in FINAL_STATUSES
+
+
+#: Statuses after which a job never changes again.
+FINAL_STATUSES: frozenset[JobStatus] = frozenset(
+    {JobStatus.Cancelled, JobStatus.Terminated, JobStatus.Abandoned, JobStatus.Finished}
+)
+
+# Default job ids: process-wide, starting at 1, shared by every cluster (as in dispy).
+_job_ids = itertools.count(1)
+# Submit order, for ``__lt__``; independent of ``id``, which users may reassign.
+_submit_seq = itertools.count()
+# One lock for the state changes of all jobs: critical sections are a few attribute
+# writes, and a lock per job would cost memory for every job ever submitted.
+_lock = threading.Lock()
+
+
+class DispyJob:
+    """A job submitted to a cluster.
+
+    Created by ``cluster.submit(...)``; users never construct one. Every attribute below
+    is read-only for users except ``id``.
+
+    Parameters
+    ----------
+    job_id:
+        Any object identifying the job; ``None`` takes the next value of a process-wide
+        counter starting at 1.
+    args, kwargs:
+        The arguments the computation is called with.
+
+    Attributes
+    ----------
+    id:
+        The job id; users may reassign it.
+    result:
+        The return value (the exit code for programs), or the latest provisional result.
+    stdout, stderr:
+        Output of the job: ``str`` for functions, ``bytes`` for programs.
+    exception:
+        The formatted traceback text if the computation raised, else ``None``.
+    submit_time, start_time, end_time:
+        Epoch seconds; the last two come from the node when it reports them.
+    status:
+        A `JobStatus`; also available as ``DispyJob.Created`` ... ``DispyJob.Finished``.
+    ip_addr:
+        Address of the node that ran the job.
+    finish:
+        A `threading.Event` set by each provisional result and by the final status.
+
+    Examples
+    --------
+    >>> job = cluster.submit(21)  # doctest: +SKIP
+    >>> job()  # doctest: +SKIP
+    42
+    >>> await job  # doctest: +SKIP
+    42
+    """
+
+    __slots__ = (
+        "_args",
+        "_done",
+        "_final",
+        "_key",
+        "_kwargs",
+        "_seq",
+        "_waiters",
+        "end_time",
+        "exception",
+        "finish",
+        "id",
+        "ip_addr",
+        "result",
+        "start_time",
+        "status",
+        "stderr",
+        "stdout",
+        "submit_time",
+    )
+
+    Created: ClassVar[JobStatus] = JobStatus.Created
+    Running: ClassVar[JobStatus] = JobStatus.Running
+    ProvisionalResult: ClassVar[JobStatus] = JobStatus.ProvisionalResult
+    Cancelled: ClassVar[JobStatus] = JobStatus.Cancelled
+    Terminated: ClassVar[JobStatus] = JobStatus.Terminated
+    Abandoned: ClassVar[JobStatus] = JobStatus.Abandoned
+    Finished: ClassVar[JobStatus] = JobStatus.Finished
+
+    id: Any
+    result: Any
+    stdout: str | bytes | None
+    stderr: str | bytes | None
+    exception: str | None
+    submit_time: float
+    start_time: float | None
+    end_time: float | None
+    status: JobStatus
+    ip_addr: str | None
+    finish: threading.Event
+    _args: tuple[Any, ...]
+    _kwargs: dict[str, Any]
+    _key: int | None
+    _seq: int
+    _done: bool
+    _final: threading.Event | None
+    _waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] | None
+
+    def __init__(
+        self, job_id: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        self.id = next(_job_ids) if job_id is None else job_id
+        self.result = None
+        self.stdout = None
+        self.stderr = None
+        self.exception = None
+        self.submit_time = time.time()
+        self.start_time = None
+        self.end_time = None
+        self.status = JobStatus.Created
+        self.ip_addr = None
+        self.finish = threading.Event()
+        self._args = args
+        self._kwargs = kwargs
+        self._key = None
+        self._seq = next(_submit_seq)
+        self._done = False
+        self._final = None
+        self._waiters = None
+
+    def __repr__(self) -> str:
+        status = getattr(self.status, "name", self.status)
+        return f"<DispyJob id={self.id!r} status={status}>"
+
+    def __lt__(self, other: object) -> bool:
+        if not isinstance(other, DispyJob):
+            return NotImplemented
+        return self._seq < other._seq
+
+    # -- waiting ---------------------------------------------------------------------
+
+    def __call__(self, clear: bool = False) -> Any:
+        """Block until ``finish`` is set and return ``result``.
+
+        Parameters
+        ----------
+        clear:
+            Clear ``finish`` afterwards, so that the next call waits for the next
+            provisional or final result. ``finish`` stays set once the job is done,
+            so a call after the final result never blocks.
+        """
+        self.finish.wait()
+        if not clear:
+            return self.result
+        # Reading the result and clearing together, under the lock the cluster holds
+        # while it stores a result and sets ``finish``, loses no result.
+        with _lock:
+            result = self.result
+            if not self._done:
+                self.finish.clear()
+        return result
+
+    def done(self) -> bool:
+        """Return whether the job reached a final status (see `FINAL_STATUSES`)."""
+        return self._done
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for a final status (provisional results do not end the wait).
+
+        Parameters
+        ----------
+        timeout:
+            Seconds to wait at most; ``None`` waits forever.
+
+        Returns
+        -------
+        bool
+            ``True`` if the job is done, ``False`` if the timeout expired first.
+        """
+        if self._done:
+            return True
+        with _lock:
+            if self._done:
+                return True
+            if self._final is None:
+                self._final = threading.Event()
+            final = self._final
+        return final.wait(timeout)
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        """Wait, without blocking the loop, for a final status; then return ``result``.
+
+        Works from any asyncio loop in any thread: the cluster's thread wakes the
+        waiter with ``loop.call_soon_threadsafe``.
+        """
+        if not self._done:
+            loop = asyncio.get_running_loop()
+            future: asyncio.Future[None] = loop.create_future()
+            waiter = (loop, future)
+            with _lock:
+                registered = not self._done
+                if registered:
+                    if self._waiters is None:
+                        self._waiters = []
+                    self._waiters.append(waiter)
+            if registered:
+                try:
+                    yield from future.__await__()
+                finally:
+                    self._forget(waiter)
+        return self.result
+
+    def _forget(self, waiter: tuple[asyncio.AbstractEventLoop, Any]) -> None:
+        """Drop a waiter that is done or was cancelled (as by ``asyncio.wait_for``)."""
+        with _lock:
+            if self._waiters and waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+    # -- state changes, called by the cluster's I/O thread ---------------------------
+
+    def _set_running(self, ip_addr: str) -> bool:
+        """Mark the job as sent to the node at ``ip_addr``; ignored once done."""
+        if self._done:
+            return False
+        self.ip_addr = ip_addr
+        self.start_time = time.time()
+        self.status = JobStatus.Running
+        return True
+
+    def _set_provisional(self, result: Any) -> bool:
+        """Store a provisional result and set ``finish``; ignored once done."""
+        with _lock:
+            if self._done:
+                return False
+            self.result = result
+            self.status = JobStatus.ProvisionalResult
+            self.finish.set()
+        return True
+
+    def _requeue(self) -> bool:
+        """Put a job back to ``Created`` to run it elsewhere (reentrant jobs)."""
+        if self._done:
+            return False
+        self.status = JobStatus.Created
+        self.ip_addr = None
+        self.start_time = None
+        return True
+
+    def _complete(
+        self,
+        status: JobStatus,
+        result: Any = None,
+        stdout: str | bytes = "",
+        stderr: str | bytes = "",
+        exception: str | None = None,
+        start_time: float | None = None,
+        end_time: float | None = None,
+        ip_addr: str | None = None,
+    ) -> bool:
+        """Give the job its final status, set ``finish`` and wake every waiter.
+
+        Returns ``False``, changing nothing, if the job is already done: a late
+        result, or a cancel racing a result, is applied at most once.
+        ``start_time`` and ``ip_addr`` keep their values when not given;
+        ``end_time`` defaults to now.
+        """
+        if status not in FINAL_STATUSES:
+            raise ValueError(f"{status!r} is not a final job status")
+        with _lock:
+            if self._done:
+                return False
+            self._done = True
+            self.result = result
+            self.stdout = stdout
+            self.stderr = stderr
+            self.exception = exception
+            if start_time is not None:
+                self.start_time = start_time
+            self.end_time = time.time() if end_time is None else end_time
+            if ip_addr is not None:
+                self.ip_addr = ip_addr
+            self.status = JobStatus(status)
+            self.finish.set()
+            final, self._final = self._final, None
+            waiters, self._waiters = self._waiters, None
+        if final is not None:
+            final.set()
+        if waiters:
+            for loop, future in waiters:
+                # A closed loop raises RuntimeError: nobody is left there to wake.
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(_wake, future)
+        return True
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    """Resolve ``future`` in its loop's thread unless it was cancelled meanwhile."""
+    if not future.done():
+        future.set_result(None)

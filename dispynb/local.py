@@ -1,0 +1,153 @@
+"""`LocalCluster`: node servers on this machine (127.0.0.1) for a `JobCluster`.
+
+The embedded default: it starts ``python -m nodeserver`` processes bound to
+127.0.0.1 with a fresh random secret, and hands `JobCluster` their addresses and the
+secret through ``nodes=``. It never imports ``nodeserver`` itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from types import TracebackType
+
+from dispynb.defaults import SECRET_ENV, SECRET_FILE_ENV
+from dispynb.errors import ClusterError, ConfigurationError
+from dispynb.secret import random_secret
+
+#: Seconds a node gets to start listening.
+START_TIMEOUT = 30.0
+
+#: Seconds a node gets to shut down after SIGTERM before it is killed.
+STOP_TIMEOUT = 15.0
+
+
+class LocalCluster:
+    """Node servers on 127.0.0.1, started now and stopped by `close`.
+
+    Parameters
+    ----------
+    nodes:
+        How many node-server processes to start.
+    cpus:
+        CPUs of each node; default: this machine's CPUs shared among the nodes.
+    secret:
+        Shared secret; default: a new random one (see the ``secret`` attribute).
+    loglevel:
+        The nodes' log level (their logs go to this process's stderr).
+
+    Examples
+    --------
+    >>> with LocalCluster(cpus=2) as local:  # doctest: +SKIP
+    ...     cluster = JobCluster(compute, nodes=local)
+    """
+
+    def __init__(
+        self,
+        nodes: int = 1,
+        cpus: int | None = None,
+        *,
+        secret: str | None = None,
+        loglevel: str = "warning",
+    ) -> None:
+        if nodes < 1:
+            raise ConfigurationError("a LocalCluster needs at least one node")
+        total = os.cpu_count() or 1
+        if cpus is None:
+            cpus = max(total // nodes, 1)
+        if cpus < 1:
+            raise ConfigurationError("cpus must be a positive number of CPUs per node")
+        self.secret = secret or random_secret()
+        self.cpus = cpus
+        self.tls = False
+        self._dir = tempfile.mkdtemp(prefix="dispynb-local-")
+        self._procs: list[subprocess.Popen[bytes]] = []
+        self.addresses: list[tuple[str, int]] = []
+        try:
+            for index in range(nodes):
+                self._procs.append(self._spawn(index, cpus, loglevel))
+            for index, proc in enumerate(self._procs):
+                self.addresses.append(("127.0.0.1", self._wait_port(index, proc)))
+        except BaseException:
+            self.close()
+            raise
+
+    def _spawn(self, index: int, cpus: int, loglevel: str) -> subprocess.Popen[bytes]:
+        env = {k: v for k, v in os.environ.items() if k != SECRET_FILE_ENV}
+        env[SECRET_ENV] = self.secret  # the environment, not argv: argv is public
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (root, env.get("PYTHONPATH")) if p
+        )
+        command = [
+            sys.executable, "-m", "nodeserver",
+            "--host", "127.0.0.1",
+            "--port", "0",
+            "--cpus", str(cpus),
+            "--name", f"local-{index}",
+            "--dest-path", os.path.join(self._dir, f"node-{index}"),
+            "--port-file", self._port_file(index),
+            "--loglevel", loglevel,
+        ]  # fmt: skip
+        return subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL)
+
+    def _port_file(self, index: int) -> str:
+        return os.path.join(self._dir, f"node-{index}.port")
+
+    def _wait_port(self, index: int, proc: subprocess.Popen[bytes]) -> int:
+        path = self._port_file(index)
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if os.path.exists(path):
+                with open(path) as handle:
+                    return int(handle.read())
+            if proc.poll() is not None:
+                raise ClusterError(
+                    f"local node {index} exited with status {proc.returncode} while "
+                    "starting; its error is printed above"
+                )
+            time.sleep(0.02)
+        raise ClusterError(f"local node {index} did not start in {START_TIMEOUT} s")
+
+    def node_specs(self) -> list[str]:
+        """Node specs for ``JobCluster(nodes=...)``."""
+        return [f"{host}:{port}" for host, port in self.addresses]
+
+    @property
+    def pids(self) -> list[int]:
+        """Process ids of the node servers."""
+        return [proc.pid for proc in self._procs]
+
+    def close(self) -> None:
+        """Stop the nodes (SIGTERM, then SIGKILL if they linger); idempotent."""
+        for proc in self._procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self._procs:
+            try:
+                proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._procs = []
+        with contextlib.suppress(OSError):
+            shutil.rmtree(self._dir)
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<LocalCluster nodes={self.node_specs()} cpus={self.cpus}>"

@@ -1,0 +1,390 @@
+"""Validation and normalisation of ``JobCluster``'s keyword arguments.
+
+``JobCluster`` keeps dispy's long list of keyword arguments (dispy.md section 3.1)
+and turns them into a :class:`ClusterOptions` straight away, so that a mistake is
+reported once, at construction, with a message that says how to fix it, and the
+rest of the client works with checked, normalised values.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import logging
+import os
+import posixpath
+import shutil
+from collections.abc import Callable
+from dataclasses import InitVar, dataclass, field, fields
+from pathlib import PurePosixPath, PureWindowsPath
+from typing import Any
+
+from dispynb.defaults import MAX_MESSAGE_SIZE, PRE_AUTH_MAX_FRAME
+from dispynb.errors import ConfigurationError
+from dispynb.secret import resolve_secret
+
+logger = logging.getLogger(__name__)
+
+#: Deprecated dispy names, and the names that replace them.
+_ALIASES: dict[str, str] = {
+    "callback": "job_status",
+    "ip_addr": "host",
+    "ext_ip_addr": "ext_host",
+}
+
+#: Allowed ranges (seconds) of dispy's intervals.
+_INTERVAL_RANGES: dict[str, tuple[float, float]] = {
+    "ping_interval": (1, 1000),
+    "pulse_interval": (0.1, 1000),
+    "poll_interval": (5, 1000),
+}
+
+
+@dataclass(kw_only=True)
+class ClusterOptions:
+    """The checked and normalised options of one ``JobCluster``.
+
+    Build it with :meth:`from_kwargs`, which also accepts dispy's deprecated
+    names. Every attribute is validated on construction; the secret is resolved
+    (argument, ``secret_file``, then the environment) and never shown by ``repr``.
+
+    Attributes
+    ----------
+    computation:
+        A callable (shipped by value with cloudpickle), or the absolute path of
+        a program to run.
+    nodes:
+        The node specs exactly as given (parsed elsewhere).
+    depends:
+        A new list of dependencies: files, modules, functions, classes, instances.
+    job_status, cluster_status:
+        Callbacks ``f(job)`` and ``f(status, node, job)``, or None.
+    host, ext_host:
+        Client address(es) to use and to advertise, or None to detect.
+    dest_path:
+        Directory for the computation's files, relative to the node's directory.
+    loglevel:
+        A numeric logging level, or None to leave logging alone.
+    ping_interval, pulse_interval, poll_interval:
+        Seconds, within dispy's ranges, or None.
+    secret:
+        The shared secret as bytes, or None.
+    keyfile, certfile, cafile:
+        Absolute paths of PEM files for TLS, or None.
+    max_message_size:
+        Largest message (bytes) accepted from a node after authentication.
+    """
+
+    computation: Callable[..., Any] | str
+    nodes: Any = None
+    depends: list[Any] = field(default_factory=list)
+    job_status: Callable[[Any], Any] | None = None
+    cluster_status: Callable[[Any, Any, Any], Any] | None = None
+    host: str | list[str] | None = None
+    dispy_port: int | None = None
+    ext_host: str | list[str] | None = None
+    ipv4_udp_multicast: bool = False
+    dest_path: str | None = None
+    loglevel: int | None = None
+    setup: Callable[..., Any] | None = None
+    cleanup: bool | Callable[..., Any] = True
+    ping_interval: float | None = None
+    pulse_interval: float | None = None
+    poll_interval: float | None = None
+    reentrant: bool = False
+    secret: bytes | None = field(default=None, repr=False)
+    keyfile: str | None = None
+    certfile: str | None = None
+    cafile: str | None = None
+    recover_file: str | None = None
+    max_message_size: int = MAX_MESSAGE_SIZE
+    secret_file: InitVar[str | None] = None
+
+    @classmethod
+    def from_kwargs(cls, computation: Any, **kwargs: Any) -> ClusterOptions:
+        """Check ``JobCluster(computation, **kwargs)``'s arguments and return them.
+
+        Parameters
+        ----------
+        computation:
+            A callable or a program name or path.
+        **kwargs:
+            dispy's ``JobCluster`` keyword arguments, plus ``cafile``,
+            ``secret_file`` and ``max_message_size``. The deprecated ``callback``,
+            ``ip_addr`` and ``ext_ip_addr`` stand for ``job_status``, ``host``
+            and ``ext_host``.
+
+        Raises
+        ------
+        TypeError
+            For an unknown keyword argument; close matches are suggested.
+        ConfigurationError
+            For an invalid value; the message says what is expected.
+        """
+        accepted = {f.name for f in fields(cls)} | {"secret_file"} | set(_ALIASES)
+        unknown = sorted(set(kwargs) - accepted)
+        if unknown:
+            raise TypeError(_unknown_keywords_message(unknown, accepted))
+        for old, new in _ALIASES.items():
+            value = kwargs.pop(old, None)
+            if value is None:
+                continue
+            if kwargs.get(new) is not None:
+                raise ConfigurationError(
+                    f"both {new!r} and its deprecated alias {old!r} were given: "
+                    f"give only {new!r}"
+                )
+            logger.warning("%r is deprecated: use %r instead", old, new)
+            kwargs[new] = value
+        return cls(computation=computation, **kwargs)
+
+    def __post_init__(self, secret_file: str | None) -> None:
+        """Validate and normalise every field."""
+        self.computation = _check_computation(self.computation)
+        self.depends = _check_depends(self.depends)
+        self.job_status = _check_callback(self.job_status, "job_status", ["job"])
+        self.cluster_status = _check_callback(
+            self.cluster_status, "cluster_status", ["status", "node", "job"]
+        )
+        self.host = _check_hosts(self.host, "host")
+        self.ext_host = _check_hosts(self.ext_host, "ext_host")
+        self.dispy_port = _check_port(self.dispy_port)
+        self.ipv4_udp_multicast = bool(self.ipv4_udp_multicast)
+        self.dest_path = _check_dest_path(self.dest_path)
+        self.loglevel = _check_loglevel(self.loglevel)
+        self.setup = _check_setup(self.setup)
+        self.cleanup = _check_cleanup(self.cleanup)
+        self.ping_interval = _check_interval(self.ping_interval, "ping_interval")
+        self.pulse_interval = _check_interval(self.pulse_interval, "pulse_interval")
+        self.poll_interval = _check_interval(self.poll_interval, "poll_interval")
+        self.reentrant = bool(self.reentrant)
+        self.keyfile = _check_pem_file(self.keyfile, "keyfile")
+        self.certfile = _check_pem_file(self.certfile, "certfile")
+        self.cafile = _check_pem_file(self.cafile, "cafile")
+        if self.keyfile is not None and self.certfile is None:
+            raise ConfigurationError(
+                "keyfile was given without certfile: give the certificate too "
+                "(certfile alone is enough when it also holds the key)"
+            )
+        if self.recover_file is not None:
+            self.recover_file = os.fspath(self.recover_file)
+        self.max_message_size = _check_message_size(self.max_message_size)
+        self.secret = resolve_secret(self.secret, secret_file)
+
+
+def _unknown_keywords_message(unknown: list[str], accepted: set[str]) -> str:
+    """Name the unknown keywords, with close matches among the accepted ones."""
+    parts = []
+    for name in unknown:
+        part = repr(name)
+        matches = difflib.get_close_matches(name, sorted(accepted), n=3)
+        if matches:
+            *others, last = map(repr, matches)
+            choices = f"{', '.join(others)} or {last}" if others else last
+            part += f" (did you mean {choices}?)"
+        parts.append(part)
+    if len(unknown) == 1:
+        noun = "an unexpected keyword argument"
+    else:
+        noun = "unexpected keyword arguments"
+    return f"JobCluster() got {noun} {', '.join(parts)}"
+
+
+def _check_computation(value: object) -> Callable[..., Any] | str:
+    """Accept any callable, or a program name or path (resolved to an absolute path)."""
+    if callable(value):
+        return value  # shipped by value with cloudpickle: partials and methods work
+    if isinstance(value, str | os.PathLike):
+        name = os.fspath(value)
+        path = os.path.expanduser(name)
+        if name and os.path.isfile(path):
+            return os.path.abspath(path)
+        found = shutil.which(name) if name else None
+        if found is not None:
+            return os.path.abspath(found)
+        raise ConfigurationError(
+            f"program {name!r} was not found: give the path of an existing file "
+            "or the name of a program on PATH"
+        )
+    raise ConfigurationError(
+        "computation must be a callable (a function, a method, a functools.partial, "
+        "a callable object) or the name or path of a program; "
+        f"got a {type(value).__name__}"
+    )
+
+
+def _check_depends(value: Any) -> list[Any]:
+    """Return a new list of dependencies; file paths must exist."""
+    if value is None:
+        items: list[Any] = []
+    elif isinstance(value, list | tuple):
+        items = list(value)  # never mutate the caller's list (a dispy bug)
+    else:
+        items = [value]
+    for item in items:
+        if isinstance(item, str | os.PathLike) and not os.path.isfile(item):
+            raise ConfigurationError(
+                f"depends entry {os.fspath(item)!r} is not an existing file: give the "
+                "path of a file, or a module, function, class or instance"
+            )
+    return items
+
+
+def _check_callback(value: Any, name: str, params: list[str]) -> Any:
+    """Check that a status callback can be called with ``len(params)`` positionals."""
+    if value is None:
+        return None
+    expected = f"def {name}({', '.join(params)}): ..."
+    if not callable(value):
+        raise ConfigurationError(
+            f"{name} must be a function like `{expected}`; got a {type(value).__name__}"
+        )
+    try:
+        signature = inspect.signature(value)
+    except (TypeError, ValueError):
+        return value  # some builtins have no signature: nothing to check
+    try:
+        signature.bind(*params)
+    except TypeError:
+        count = {1: "one", 3: "three"}.get(len(params), str(len(params)))
+        plural = "" if len(params) == 1 else "s"
+        raise ConfigurationError(
+            f"{name} must accept exactly {count} positional argument{plural}, like "
+            f"`{expected}` (a method may take self first); "
+            f"{_name(value)}{signature} does not"
+        ) from None
+    return value
+
+
+def _check_hosts(value: Any, name: str) -> str | list[str] | None:
+    """Accept None, an address, or a list of addresses (copied)."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, list | tuple) and all(
+        isinstance(item, str) and item for item in value
+    ):
+        return list(value)
+    raise ConfigurationError(
+        f"{name} must be a host name or IP address, or a list of them; got {value!r}"
+    )
+
+
+def _check_port(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 65536:
+        return value
+    raise ConfigurationError(
+        f"dispy_port must be a TCP port number from 1 to 65535, or None; got {value!r}"
+    )
+
+
+def _check_dest_path(value: Any) -> str | None:
+    """Accept a relative path that stays inside the node's directory."""
+    if value is None:
+        return None
+    if not isinstance(value, str | os.PathLike):
+        raise ConfigurationError(
+            f"dest_path must be a relative path, or None; got a {type(value).__name__}"
+        )
+    path = os.fspath(value)
+    if not path:
+        return None
+    if PurePosixPath(path).is_absolute() or PureWindowsPath(path).anchor:
+        relative = PureWindowsPath(path).relative_to(PureWindowsPath(path).anchor)
+        raise ConfigurationError(
+            f"dest_path {path!r} is absolute: give a path relative to the node's "
+            f"directory for computations, such as {relative.as_posix()!r}"
+        )
+    path = posixpath.normpath(path.replace("\\", "/"))
+    if path == ".." or path.startswith("../"):
+        raise ConfigurationError(
+            f"dest_path {value!r} leads out of the node's directory: give a relative "
+            "path without '..'"
+        )
+    return path
+
+
+def _check_loglevel(value: Any) -> int | None:
+    """Accept a numeric logging level or a level name such as "debug"."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    names = logging.getLevelNamesMapping()
+    if isinstance(value, str) and value.upper() in names:
+        return names[value.upper()]
+    raise ConfigurationError(
+        "loglevel must be a logging level such as logging.INFO, or a level name "
+        f"such as 'DEBUG', 'INFO' or 'WARNING'; got {value!r}"
+    )
+
+
+def _check_setup(value: object) -> Callable[..., Any] | None:
+    if value is None or callable(value):
+        return value
+    raise ConfigurationError(
+        "setup must be a function run once on each node before any job, or None; "
+        f"got a {type(value).__name__}"
+    )
+
+
+def _check_cleanup(value: object) -> bool | Callable[..., Any]:
+    if isinstance(value, bool) or callable(value):
+        return value
+    raise ConfigurationError(
+        "cleanup must be True (delete the computation's files on nodes when it "
+        "closes), False (keep them) or a function run on each node at close; "
+        f"got {value!r}"
+    )
+
+
+def _check_interval(value: Any, name: str) -> float | None:
+    if value is None:
+        return None
+    low, high = _INTERVAL_RANGES[name]
+    if (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and low <= value <= high
+    ):
+        return float(value)
+    raise ConfigurationError(
+        f"{name} must be between {low} and {high} seconds, or None; got {value!r}"
+    )
+
+
+def _check_pem_file(value: Any, name: str) -> str | None:
+    """Accept None or the path of an existing file; return it made absolute."""
+    if value is None:
+        return None
+    if not isinstance(value, str | os.PathLike):
+        raise ConfigurationError(
+            f"{name} must be the path of a PEM file; got a {type(value).__name__}"
+        )
+    path = os.path.expanduser(os.fspath(value))
+    if not os.path.isfile(path):
+        raise ConfigurationError(
+            f"{name} {path!r} does not exist: give the path of an existing PEM file"
+        )
+    return os.path.abspath(path)
+
+
+def _check_message_size(value: Any) -> int:
+    if (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and value >= PRE_AUTH_MAX_FRAME
+    ):
+        return value
+    raise ConfigurationError(
+        f"max_message_size must be a number of bytes, at least {PRE_AUTH_MAX_FRAME}; "
+        f"got {value!r}"
+    )
+
+
+def _name(fn: Callable[..., Any]) -> str:
+    """A readable name for a callable, for messages."""
+    return getattr(fn, "__qualname__", None) or repr(fn)

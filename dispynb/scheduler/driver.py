@@ -1,0 +1,450 @@
+"""`Driver`: the client's async glue between `SchedulerState` and node connections.
+
+It runs on the client's I/O loop. It connects to nodes, sets the computation up on
+each, feeds events to the pure `SchedulerState` and carries out its instructions:
+job batches go out as one message per node per loop turn, results come back in
+batches. What happens to user-visible jobs is reported through `JobEvents`, so this
+layer knows job keys, not `DispyJob` objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from dispynb.errors import DispynbError, SerializationError, SetupError
+from dispynb.protocol import serialize
+from dispynb.protocol.framing import Buffer
+from dispynb.protocol.messages import (
+    CRASHED,
+    FINISHED,
+    ComputationClose,
+    ComputationClosed,
+    ComputationFailed,
+    ComputationReady,
+    ComputationSetup,
+    Error,
+    JobCancel,
+    JobResults,
+    JobSubmit,
+    Welcome,
+)
+from dispynb.scheduler.events import (
+    AbandonJob,
+    AcceptResult,
+    CancelQueued,
+    CancelRequested,
+    CancelRunning,
+    Instruction,
+    JobFinished,
+    JobSubmitted,
+    NodeJoined,
+    NodeLeft,
+    ResubmitJob,
+    SendJobs,
+)
+from dispynb.scheduler.state import SchedulerState
+from dispynb.transport.connection import Connection, describe_error
+from dispynb.transport.connector import connect
+
+logger = logging.getLogger(__name__)
+
+#: Seconds a node gets to acknowledge closing the computation.
+CLOSE_TIMEOUT = 30.0
+
+
+@dataclass(slots=True, eq=False)
+class NodeLink:
+    """A node as the driver sees it: its connection and counters."""
+
+    node_id: str
+    host: str
+    port: int
+    conn: Connection | None = None
+    welcome: Welcome | None = None
+    cpus: int = 0
+    ready: bool = False
+    setting_up: bool = False
+    jobs_done: int = 0
+    cpu_time: float = 0.0
+    closed: asyncio.Future[None] | None = None
+    reader: asyncio.Task[None] | None = None
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What a node reported for one job."""
+
+    outcome: str
+    result: Any
+    stdout: str
+    stderr: str
+    exception: str | None
+    start_time: float
+    end_time: float
+
+
+class JobEvents(Protocol):
+    """What the driver tells the user-facing cluster."""
+
+    def job_running(self, key: int, node: NodeLink) -> None:
+        """A job was sent to ``node``."""
+
+    def job_done(self, key: int, node: NodeLink | None, outcome: Outcome) -> None:
+        """A job ended on ``node`` (None: it never ran)."""
+
+    def job_abandoned(self, key: int, node: NodeLink | None, reason: str) -> None:
+        """A job cannot run anymore (its node is gone)."""
+
+    def job_cancelled(self, key: int) -> None:
+        """A queued job was cancelled before it ran."""
+
+    def node_ready(self, node: NodeLink) -> None:
+        """The computation is set up on ``node``."""
+
+    def node_failed(self, node: NodeLink, error: DispynbError) -> None:
+        """``node`` could not be used (connect, auth or setup failed)."""
+
+    def node_closed(self, node: NodeLink, reason: str) -> None:
+        """``node`` left the cluster."""
+
+
+@dataclass(slots=True)
+class _Pending:
+    buffers: list[Buffer]
+    node: str | None = None
+
+
+@dataclass(kw_only=True)
+class DriverConfig:
+    """Connection settings shared by every node of a cluster."""
+
+    comp_id: int
+    name: str
+    secret: bytes | None = field(repr=False)
+    max_message_size: int
+    ssl_context: ssl.SSLContext | None = None
+    dest_path: str | None = None
+    cleanup: bool = True
+    reentrant: bool = False
+    client_name: str = ""
+
+
+class Driver:
+    """Schedules one computation's jobs over its nodes (runs on the I/O loop)."""
+
+    def __init__(self, config: DriverConfig, events: JobEvents) -> None:
+        self.config = config
+        self.events = events
+        self.state = SchedulerState(reentrant=config.reentrant)
+        self.nodes: dict[str, NodeLink] = {}
+        self._jobs: dict[int, _Pending] = {}
+        self._incoming: collections.deque[tuple[int, list[Buffer], str | None]] = (
+            collections.deque()
+        )
+        self._connecting = 0
+        self._closing = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # -- nodes ---------------------------------------------------------------------
+
+    def add_node(
+        self,
+        host: str,
+        port: int,
+        allocate: Callable[[Welcome, str], tuple[int, list[Buffer]]],
+    ) -> asyncio.Task[None]:
+        """Connect to a node and set the computation up on it.
+
+        ``allocate(welcome, peer_ip)`` returns ``(cpus, bundle)``: the CPUs to use (0
+        rejects the node) and the pickled computation for it.
+        """
+        node_id = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+        link = self.nodes.get(node_id)
+        if link is None:
+            link = self.nodes[node_id] = NodeLink(node_id=node_id, host=host, port=port)
+        self._connecting += 1
+        link.setting_up = True
+        return self._spawn(self._join(link, allocate))
+
+    async def _join(
+        self,
+        link: NodeLink,
+        allocate: Callable[[Welcome, str], tuple[int, list[Buffer]]],
+    ) -> None:
+        config = self.config
+        try:
+            conn, welcome = await connect(
+                link.host,
+                link.port,
+                secret=config.secret,
+                max_message_size=config.max_message_size,
+                ssl_context=config.ssl_context,
+                name=config.client_name,
+            )
+            link.conn, link.welcome = conn, welcome
+            link.closed = asyncio.get_running_loop().create_future()
+            sock = conn.stream.socket
+            peer_ip = sock.getpeername()[0] if sock is not None else link.host
+            cpus, bundle = allocate(welcome, peer_ip)
+            if cpus <= 0:
+                raise SetupError(f"{link.node_id}: the node allocation rejected it")
+            conn.write(
+                ComputationSetup(
+                    comp_id=config.comp_id,
+                    name=config.name,
+                    workers=cpus,
+                    dest_path=config.dest_path,
+                    cleanup=config.cleanup,
+                ),
+                bundle,
+            )
+        except DispynbError as exc:
+            self._fail_node(link, exc)
+            return
+        await self._read(link)
+
+    def _settle(self, link: NodeLink) -> None:
+        """``link`` leaves its setting-up phase (ready or failed)."""
+        if link.setting_up:
+            link.setting_up = False
+            self._connecting -= 1
+
+    def _fail_node(self, link: NodeLink, exc: DispynbError) -> None:
+        self._settle(link)
+        if link.conn is not None:
+            link.conn.close()
+        logger.warning("node %s cannot be used: %s", link.node_id, describe_error(exc))
+        self.nodes.pop(link.node_id, None)
+        self.events.node_failed(link, exc)
+        self._abandon_if_no_nodes()
+
+    async def _read(self, link: NodeLink) -> None:
+        assert link.conn is not None
+        reason = "connection closed"
+        try:
+            while True:
+                message, buffers = await link.conn.recv()
+                if isinstance(message, JobResults):
+                    self._on_results(link, message, buffers)
+                elif isinstance(message, ComputationReady):
+                    self._on_ready(link, message)
+                elif isinstance(message, ComputationFailed):
+                    if link.setting_up:
+                        error = SetupError(
+                            f"{link.node_id}: {message.message}", message.traceback
+                        )
+                        self._fail_node(link, error)
+                        return
+                    reason = message.message
+                    break
+                elif isinstance(message, ComputationClosed):
+                    reason = "computation closed"
+                    break
+                elif isinstance(message, Error):
+                    logger.warning("node %s reports: %s", link.node_id, message.message)
+        except DispynbError as exc:
+            if link.setting_up:
+                self._fail_node(link, exc)
+                return
+            reason = describe_error(exc)
+        finally:
+            if link.closed is not None and not link.closed.done():
+                link.closed.set_result(None)
+        self._lose_node(link, reason)
+
+    def _on_ready(self, link: NodeLink, message: ComputationReady) -> None:
+        self._settle(link)
+        link.ready = True
+        link.cpus = message.workers
+        self.events.node_ready(link)
+        self._apply(self.state.handle(NodeJoined(link.node_id, message.workers)))
+
+    def _lose_node(self, link: NodeLink, reason: str) -> None:
+        if link.conn is not None:
+            link.conn.close()
+        if self.nodes.pop(link.node_id, None) is None:
+            return
+        if link.ready:
+            link.ready = False
+            self._apply(self.state.handle(NodeLeft(link.node_id)), lost_reason=reason)
+            self.events.node_closed(link, reason)
+        self._abandon_if_no_nodes()
+
+    def _abandon_if_no_nodes(self) -> None:
+        """With no node left (and none coming), queued jobs can never run."""
+        if self._connecting > 0 or any(n.ready for n in self.nodes.values()):
+            return
+        for key in list(self._jobs):
+            self._jobs.pop(key)
+            self.events.job_abandoned(key, None, "no node is available to run the job")
+
+    @property
+    def connecting(self) -> bool:
+        """True while some node is still connecting or being set up."""
+        return self._connecting > 0
+
+    # -- jobs ----------------------------------------------------------------------
+
+    def submit(self, key: int, buffers: list[Buffer], node: str | None = None) -> None:
+        """Queue a job (from any thread: call via `enqueue` + `drain` instead)."""
+        self._jobs[key] = _Pending(buffers, node)
+        self._apply(self.state.handle(JobSubmitted(key, node)))
+
+    def enqueue(self, key: int, buffers: list[Buffer], node: str | None = None) -> None:
+        """Thread-safe: record a job; `drain` (on the loop) submits it."""
+        self._incoming.append((key, buffers, node))
+
+    def drain(self) -> None:
+        """Submit every enqueued job in one scheduling pass (on the loop)."""
+        incoming = self._incoming
+        if not incoming:
+            return
+        instructions: list[Instruction] = []
+        handle = self.state.handle
+        jobs = self._jobs
+        if not self.nodes and self._connecting == 0:
+            while incoming:
+                key, _buffers, _node = incoming.popleft()
+                self.events.job_abandoned(
+                    key, None, "no node is available to run the job"
+                )
+            return
+        while incoming:
+            key, buffers, node = incoming.popleft()
+            jobs[key] = _Pending(buffers, node)
+            instructions.extend(handle(JobSubmitted(key, node)))
+        self._apply(instructions)
+
+    def cancel(self, key: int) -> None:
+        """Cancel a job (on the loop)."""
+        self._apply(self.state.handle(CancelRequested(key)))
+
+    def _on_results(
+        self, link: NodeLink, message: JobResults, buffers: list[memoryview]
+    ) -> None:
+        offset = 0
+        instructions: list[Instruction] = []
+        handle = self.state.handle
+        for entry in message.results:
+            key, attempt, outcome, start, end, stdout, stderr, exception, count = entry
+            result_buffers = buffers[offset : offset + count]
+            offset += count
+            accepted = handle(
+                JobFinished(link.node_id, key, attempt, max(end - start, 0.0))
+            )
+            if not accepted or not isinstance(accepted[0], AcceptResult):
+                instructions.extend(accepted)
+                continue  # stale: an old attempt or a node we already gave up on
+            instructions.extend(accepted[1:])
+            self._jobs.pop(key, None)
+            result = None
+            if outcome == FINISHED:
+                try:
+                    result = serialize.loads(result_buffers)
+                except SerializationError as exc:
+                    outcome, exception = (
+                        CRASHED,
+                        f"the result cannot be unpickled here: {exc}",
+                    )
+            link.jobs_done += 1
+            link.cpu_time += max(end - start, 0.0)
+            self.events.job_done(
+                key,
+                link,
+                Outcome(outcome, result, stdout, stderr, exception, start, end),
+            )
+        self._apply(instructions)
+
+    def _apply(self, instructions: list[Instruction], lost_reason: str = "") -> None:
+        """Carry out instructions; job batches are merged per node into one message."""
+        batches: dict[str, list[tuple[int, int]]] = {}
+        for instruction in instructions:
+            if isinstance(instruction, SendJobs):
+                batches.setdefault(instruction.node, []).extend(instruction.jobs)
+            elif isinstance(instruction, CancelQueued):
+                self._jobs.pop(instruction.key, None)
+                self.events.job_cancelled(instruction.key)
+            elif isinstance(instruction, CancelRunning):
+                link = self.nodes.get(instruction.node)
+                if link is not None and link.conn is not None:
+                    cancel = JobCancel(
+                        comp_id=self.config.comp_id,
+                        key=instruction.key,
+                        attempt=instruction.attempt,
+                    )
+                    # If the connection is going, NodeLeft settles the job.
+                    with contextlib.suppress(DispynbError):
+                        link.conn.write(cancel)
+            elif isinstance(instruction, AbandonJob):
+                self._jobs.pop(instruction.key, None)
+                link = self.nodes.get(instruction.node)
+                self.events.job_abandoned(
+                    instruction.key,
+                    link,
+                    f"node {instruction.node} was lost ({lost_reason or 'left'})",
+                )
+            elif isinstance(instruction, ResubmitJob):
+                logger.info(
+                    "resubmitting job %d (attempt %d)",
+                    instruction.key,
+                    instruction.attempt,
+                )
+        for node_id, jobs in batches.items():
+            self._send_jobs(node_id, jobs)
+
+    def _send_jobs(self, node_id: str, jobs: list[tuple[int, int]]) -> None:
+        link = self.nodes[node_id]
+        assert link.conn is not None
+        entries: list[list[int]] = []
+        buffers: list[Buffer] = []
+        for key, attempt in jobs:
+            pending = self._jobs[key]
+            entries.append([key, attempt, len(pending.buffers)])
+            buffers.extend(pending.buffers)
+            self.events.job_running(key, link)
+        # If the connection is going, its reader sees it end and the state requeues
+        # or abandons these jobs.
+        with contextlib.suppress(DispynbError):
+            link.conn.write(
+                JobSubmit(comp_id=self.config.comp_id, jobs=entries), buffers
+            )
+
+    # -- shutdown ------------------------------------------------------------------
+
+    async def close(self, terminate: bool) -> None:
+        """Close the computation on every node and the connections."""
+        self._closing = True
+        waits = []
+        for link in list(self.nodes.values()):
+            if link.conn is None or link.conn.closed:
+                continue
+            try:
+                link.conn.write(
+                    ComputationClose(comp_id=self.config.comp_id, terminate=terminate)
+                )
+            except DispynbError:
+                continue
+            if link.closed is not None:
+                waits.append(link.closed)
+        if waits:
+            await asyncio.wait(waits, timeout=CLOSE_TIMEOUT)
+        for link in list(self.nodes.values()):
+            if link.conn is not None:
+                link.conn.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5)
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task

@@ -1,0 +1,7 @@
+"""``python -m nodeserver``: run a node server."""
+
+import sys
+
+from nodeserver.cli import main
+
+sys.exit(main())

@@ -1,0 +1,202 @@
+"""Blocking message I/O over a Unix stream socket, for the node's internal channels.
+
+The computation process and its workers are plain blocking programs; this is their end
+of the channels described in `nodeserver.ipc`. Frames are those of the wire protocol
+(`dispynb.protocol.framing`) without a MAC: both ends are processes of the node. The
+node server's (asyncio) end only has to produce and parse the same frames.
+
+File descriptors (a new worker's socket) travel with SCM_RIGHTS, attached to the first
+byte of the message they belong to; read them with `MessageSocket.recv_with_fds`.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import socket
+from collections.abc import Sequence
+from typing import TypeAlias
+
+from dispynb.defaults import MAX_MESSAGE_SIZE
+from dispynb.errors import ConnectionClosedError, FramingError
+from dispynb.protocol.framing import (
+    PREFIX,
+    PREFIX_SIZE,
+    Buffer,
+    encode_frames,
+    parse_prefix,
+    split_body,
+)
+from dispynb.protocol.messages import pack_header, unpack_header
+from nodeserver.ipc import IpcMessage
+
+#: Most iovecs one sendmsg call takes (Linux IOV_MAX).
+_IOV_MAX = 1024
+
+_AncData: TypeAlias = list[tuple[int, int, "array.array[int]"]]
+
+_CMSG_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+
+
+class MessageSocket:
+    """Whole `IpcMessage` messages over a blocking Unix stream socket.
+
+    Parameters
+    ----------
+    sock:
+        A connected ``AF_UNIX`` ``SOCK_STREAM`` socket; owned (closed) by this object.
+    max_size:
+        Largest message body accepted, checked before allocating it.
+
+    Notes
+    -----
+    A socket timeout (``sock.settimeout``) raises `TimeoutError` unchanged; the stream
+    may then be in the middle of a message, so the caller should close it.
+    """
+
+    def __init__(self, sock: socket.socket, max_size: int = MAX_MESSAGE_SIZE) -> None:
+        self.sock = sock
+        self.max_size = max_size
+        self._prefix = bytearray(PREFIX_SIZE)
+        self._prefix_view = memoryview(self._prefix)
+
+    def send(
+        self,
+        message: IpcMessage,
+        buffers: Sequence[Buffer] = (),
+        fds: Sequence[int] = (),
+    ) -> None:
+        """Send ``message`` with its payload ``buffers`` and, optionally, ``fds``.
+
+        Buffers are written with scatter/gather I/O, never joined. Raises
+        `ConnectionClosedError` when the peer is gone.
+        """
+        header = pack_header(message.to_header())
+        head, parts = encode_frames([header, *buffers])
+        total = PREFIX_SIZE + PREFIX.unpack_from(head)[0]
+        pieces: list[Buffer] = [head, *parts]
+        ancdata: _AncData = []
+        if fds:
+            ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+        try:
+            sent = 0
+            if len(pieces) <= _IOV_MAX:
+                sent = self.sock.sendmsg(pieces, ancdata)
+                if sent == total:  # the usual case: one system call
+                    return
+                ancdata = []
+            self._send_rest(pieces, sent, ancdata)
+        except TimeoutError:
+            raise
+        except OSError as exc:
+            raise _closed(exc) from exc
+
+    def _send_rest(self, pieces: list[Buffer], sent: int, ancdata: _AncData) -> None:
+        """Send what is left of ``pieces`` after ``sent`` bytes (partial or huge)."""
+        views = [memoryview(p).cast("B") for p in pieces]
+        index = 0
+        while True:
+            while index < len(views) and sent >= len(views[index]):
+                sent -= len(views[index])
+                index += 1
+            if index == len(views):
+                return
+            if sent:
+                views[index] = views[index][sent:]
+            sent = self.sock.sendmsg(views[index : index + _IOV_MAX], ancdata)
+            ancdata = []
+
+    def recv(self) -> tuple[IpcMessage, list[memoryview]]:
+        """Receive the next message and its payload buffers (views of one bytearray).
+
+        Raises `ConnectionClosedError` at EOF, `FramingError` or `MessageError` for
+        bad data. File descriptors sent with the message are lost (closed by the
+        kernel); use `recv_with_fds` where some are expected.
+        """
+        self._recv_exact(self._prefix_view)
+        return self._recv_body()
+
+    def recv_with_fds(
+        self, max_fds: int = 16
+    ) -> tuple[IpcMessage, list[memoryview], list[int]]:
+        """Like `recv`, also returning the file descriptors sent with the message.
+
+        The caller owns the returned descriptors (close-on-exec is set on Linux).
+        Raises `FramingError` if more than ``max_fds`` arrive (they are then lost).
+        """
+        fds: list[int] = []
+        got = 0
+        while got < PREFIX_SIZE:
+            try:
+                data, more, flags, _ = socket.recv_fds(
+                    self.sock, PREFIX_SIZE - got, max_fds, _CMSG_FLAGS
+                )
+            except TimeoutError:
+                _close_fds(fds)
+                raise
+            except OSError as exc:
+                _close_fds(fds)
+                raise _closed(exc) from exc
+            fds.extend(more)
+            if flags & socket.MSG_CTRUNC:
+                _close_fds(fds)
+                raise FramingError(f"more than {max_fds} file descriptors received")
+            if not data:
+                _close_fds(fds)
+                raise ConnectionClosedError("internal channel closed by the peer")
+            self._prefix[got : got + len(data)] = data
+            got += len(data)
+        try:
+            message, buffers = self._recv_body()
+        except BaseException:
+            _close_fds(fds)
+            raise
+        return message, buffers, fds
+
+    def _recv_body(self) -> tuple[IpcMessage, list[memoryview]]:
+        size, count = parse_prefix(self._prefix, self.max_size)
+        body = bytearray(size)
+        self._recv_exact(memoryview(body))
+        buffers, _, _ = split_body(body, count)
+        header = unpack_header(buffers[0], trusted=True)
+        return IpcMessage.from_header(header), buffers[1:]
+
+    def _recv_exact(self, view: memoryview) -> None:
+        """Fill ``view`` from the socket."""
+        size = len(view)
+        got = 0
+        recv_into = self.sock.recv_into
+        try:
+            while got < size:
+                count = recv_into(view[got:] if got else view)
+                if not count:
+                    raise ConnectionClosedError(
+                        "internal channel closed by the peer"
+                        + (f" after {got} of {size} bytes" if got else "")
+                    )
+                got += count
+        except TimeoutError:
+            raise
+        except OSError as exc:
+            raise _closed(exc) from exc
+
+    def fileno(self) -> int:
+        """The socket's file descriptor (-1 once closed)."""
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        """Close the socket (idempotent)."""
+        self.sock.close()
+
+    def __repr__(self) -> str:
+        return f"<MessageSocket fd={self.fileno()}>"
+
+
+def _closed(exc: OSError) -> ConnectionClosedError:
+    return ConnectionClosedError(f"internal channel failed: {exc}")
+
+
+def _close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            socket.close(fd)

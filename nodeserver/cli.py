@@ -1,0 +1,178 @@
+"""The ``dispynb-node`` command: parse options, run a `NodeServer` until a signal."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import sys
+
+from dispynb._version import __version__
+from dispynb.defaults import MAX_MESSAGE_SIZE, NODE_PORT
+from dispynb.errors import ConfigurationError, DispynbError
+from dispynb.secret import resolve_secret
+from nodeserver.config import NodeConfig
+from nodeserver.server import NodeServer
+
+logger = logging.getLogger("nodeserver")
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``'10M'`` -> 10485760; plain numbers are bytes."""
+    value = text.strip().lower().removesuffix("b")
+    unit = value[-1:] if value[-1:] in _UNITS else ""
+    try:
+        number = float(value[: len(value) - len(unit)])
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"bad size {text!r}: use e.g. 512K, 10M, 2G"
+        ) from None
+    return int(number * _UNITS[unit])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface of ``dispynb-node``."""
+    parser = argparse.ArgumentParser(
+        prog="dispynb-node",
+        description="Run jobs of authenticated dispynb clients on this machine.",
+    )
+    add = parser.add_argument
+    add(
+        "-c",
+        "--cpus",
+        type=int,
+        default=0,
+        help="CPUs to use; 0 (default) = all, negative = all but that many",
+    )
+    add(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1; others need a secret or TLS)",
+    )
+    add(
+        "-p",
+        "--port",
+        type=int,
+        default=NODE_PORT,
+        help=f"TCP port (default {NODE_PORT})",
+    )
+    add(
+        "-n",
+        "--name",
+        default=None,
+        help="node name shown to clients (default: host name)",
+    )
+    add(
+        "-s",
+        "--secret",
+        default=None,
+        help="shared secret (visible in the process list: prefer --secret-file)",
+    )
+    add("--secret-file", default=None, help="file holding the shared secret (mode 600)")
+    add("--certfile", default=None, help="TLS certificate (PEM); enables TLS")
+    add("--keyfile", default=None, help="TLS private key (PEM), if not in --certfile")
+    add("--cafile", default=None, help="CA to verify client certificates (mutual TLS)")
+    add(
+        "-d",
+        "--dest-path",
+        "--dest_path",
+        dest="dest_path",
+        default=None,
+        help="directory for computations' files (default: <tmp>/dispynb)",
+    )
+    add("--clean", action="store_true", help="empty the destination directory at start")
+    add(
+        "--max-file-size",
+        "--max_file_size",
+        dest="max_file_size",
+        type=parse_size,
+        default=0,
+        help="largest file a client may send, e.g. 100M (default: no limit)",
+    )
+    add(
+        "--max-message-size",
+        type=parse_size,
+        default=MAX_MESSAGE_SIZE,
+        help="largest message accepted from a client (default 1G)",
+    )
+    add(
+        "--port-file", default=None, help="write the bound port to this file when ready"
+    )
+    add(
+        "--loglevel",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="log level (default info)",
+    )
+    add("--version", action="version", version=f"dispynb-node {__version__}")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> NodeConfig:
+    """Turn parsed options into a validated `NodeConfig`."""
+    if args.secret:
+        logger.warning(
+            "--secret is visible to other users in the process list; "
+            "prefer --secret-file or DISPYNB_SECRET"
+        )
+    config = NodeConfig(
+        host=args.host,
+        port=args.port,
+        cpus=args.cpus,
+        secret=resolve_secret(args.secret, args.secret_file),
+        certfile=args.certfile,
+        keyfile=args.keyfile,
+        cafile=args.cafile,
+        clean=args.clean,
+        max_file_size=args.max_file_size,
+        max_message_size=args.max_message_size,
+        port_file=args.port_file,
+    )
+    if args.name:
+        config.name = args.name
+    if args.dest_path:
+        config.dest_path = os.path.abspath(args.dest_path)
+    config.validate()
+    return config
+
+
+async def serve(config: NodeConfig) -> None:
+    """Run a node until SIGTERM or SIGINT, then shut it down cleanly."""
+    server = NodeServer(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await server.start()
+    await stop.wait()
+    logger.info("shutting down")
+    await server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``dispynb-node`` and ``python -m nodeserver``."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.loglevel.upper(),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    try:
+        config = config_from_args(args)
+        if config.clean and os.path.isdir(config.dest_path):
+            shutil.rmtree(config.dest_path, ignore_errors=True)
+        asyncio.run(serve(config))
+    except ConfigurationError as exc:
+        print(f"dispynb-node: {exc}", file=sys.stderr)
+        return 2
+    except DispynbError as exc:
+        print(f"dispynb-node: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"dispynb-node: cannot start: {exc}", file=sys.stderr)
+        return 1
+    return 0

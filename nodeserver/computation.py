@@ -1,0 +1,434 @@
+"""`Computation`: one client's computation on this node, its process and its workers.
+
+The node server never runs user code. Each computation gets its own process
+(``python -m nodeserver.compute``) that loads the function, runs ``setup`` and forks
+pre-started workers; jobs go to workers over their own sockets and results come back
+the same way. A worker that dies is reported by the computation process (with its exit
+status) and replaced; its running job is reported as crashed, with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from tornado.iostream import IOStream
+
+import nodeserver
+from dispynb.errors import DispynbError, SetupError
+from dispynb.protocol.messages import CRASHED, FINISHED, TERMINATED
+from dispynb.transport.connection import Connection
+from nodeserver.budget import CpuBudget
+from nodeserver.control import ControlChannel
+from nodeserver.ipc import (
+    Done,
+    IpcMessage,
+    Load,
+    Loaded,
+    LoadFailed,
+    Run,
+    Shutdown,
+    WorkerExited,
+    WorkerStarted,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Mean job time (s) under which a worker is sent its next job before it finishes the
+#: current one, hiding the node-to-worker round trip.
+PREFETCH_BELOW = 0.01
+
+#: Seconds to wait for a computation process to exit after Shutdown.
+SHUTDOWN_GRACE = 10.0
+
+#: ``report(entry, buffers)``: one job-results entry (see `JobResults`) and its buffers.
+Report = Callable[[list[object], list[memoryview]], None]
+
+
+@dataclass(slots=True)
+class NodeJob:
+    """A job on this node: its key, attempt and pickled arguments."""
+
+    key: int
+    attempt: int
+    buffers: list[memoryview]
+    cancelled: bool = False
+
+
+@dataclass(slots=True, eq=False)
+class Worker:
+    """A worker process of the computation, seen from the node server."""
+
+    pid: int
+    conn: Connection
+    assigned: collections.deque[NodeJob] = field(default_factory=collections.deque)
+    returncode: int | None = None
+    stream_closed: bool = False
+    holds_cpu: bool = False
+
+
+def crash_reason(returncode: int) -> str:
+    """Explain how a worker process ended, for the job that was running in it."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"the job's worker process was killed by {name} ({-returncode})"
+    return (
+        f"the job's worker process exited with status {returncode} "
+        "(os._exit() or a fatal error in an extension)"
+    )
+
+
+class Computation:
+    """Runs one computation's jobs on this node's CPUs, within the node's budget."""
+
+    def __init__(
+        self,
+        *,
+        comp_id: int,
+        name: str,
+        workers: int,
+        path: str,
+        budget: CpuBudget,
+        report: Report,
+        node_name: str,
+        node_address: str,
+        max_message_size: int,
+        remove_path: bool,
+    ) -> None:
+        self.comp_id = comp_id
+        self.name = name
+        self.path = path
+        self._n_workers = workers
+        self._budget = budget
+        self._report = report
+        self._node_name = node_name
+        self._node_address = node_address
+        self._max_size = max_message_size
+        self._remove_path = remove_path
+        self._queue: collections.deque[NodeJob] = collections.deque()
+        self._workers: dict[int, Worker] = {}
+        self._exits: dict[int, int] = {}
+        self._process: asyncio.subprocess.Process | None = None
+        self._control: ControlChannel | None = None
+        self._loaded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._control_closed = asyncio.Event()
+        self._progress: asyncio.Future[None] | None = None
+        self._mean = 0.0
+        self._closing = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.on_failure: Callable[[str], None] | None = None
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def start(self, bundle: list[memoryview]) -> int:
+        """Start the process, load the computation, run setup; return worker count.
+
+        Raises `SetupError` with the node's explanation and traceback on failure.
+        """
+        os.makedirs(self.path, mode=0o700, exist_ok=True)
+        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        env = dict(os.environ)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(nodeserver.__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (root, env.get("PYTHONPATH", "")) if p
+        )
+        try:
+            self._process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "nodeserver.compute",
+                "--control-fd",
+                str(child_sock.fileno()),
+                pass_fds=(child_sock.fileno(),),
+                cwd=self.path,
+                env=env,
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            child_sock.close()
+        self._control = ControlChannel(
+            parent_sock, self._on_control, self._on_control_closed, self._max_size
+        )
+        await self._control.send(
+            Load(
+                name=self.name,
+                workers=self._n_workers,
+                node_name=self._node_name,
+                node_address=self._node_address,
+                job_path=self.path,
+            ),
+            bundle,
+        )
+        await self._loaded
+        self._budget.wait(id(self), self._pump)
+        return self._n_workers
+
+    async def close(self, terminate: bool) -> None:
+        """Let jobs finish (or kill them), run cleanup, end the process."""
+        if self._closing:
+            return
+        self._closing = True
+        self._budget.forget(id(self))
+        if terminate:
+            for job in self._queue:
+                self._finish_unrun(job, "the computation was closed before the job ran")
+            self._queue.clear()
+        else:
+            while self._queue or any(w.assigned for w in self._workers.values()):
+                await self._idle_or_dead()
+        if self._control is not None and self._process is not None:
+            with contextlib.suppress(DispynbError):
+                await self._control.send(Shutdown())
+            try:
+                await asyncio.wait_for(self._process.wait(), SHUTDOWN_GRACE)
+            except TimeoutError:
+                logger.warning("computation %s did not stop; killing it", self.name)
+                self._process.kill()
+                await self._process.wait()
+            self._control.close()
+        for worker in list(self._workers.values()):
+            worker.conn.close()
+            self._lose_worker(worker)
+        if self._remove_path:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+    async def _idle_or_dead(self) -> None:
+        """Wait for the next job to end (or the process to die)."""
+        if self._control_closed.is_set():
+            self._queue.clear()
+            return
+        self._progress = asyncio.get_running_loop().create_future()
+        await self._progress
+
+    # -- jobs ----------------------------------------------------------------------
+
+    def submit(self, jobs: list[NodeJob]) -> None:
+        """Queue jobs and start as many as the CPUs allow."""
+        if self._closing:
+            for job in jobs:
+                self._finish_unrun(job, "the computation is closing")
+            return
+        self._queue.extend(jobs)
+        self._pump()
+
+    def cancel(self, key: int, attempt: int) -> None:
+        """Terminate a job: drop it if queued, kill its worker if it is running."""
+        for job in self._queue:
+            if job.key == key and job.attempt == attempt:
+                self._queue.remove(job)
+                self._finish_unrun(job, "job terminated at the client's request")
+                return
+        for worker in self._workers.values():
+            for position, job in enumerate(worker.assigned):
+                if job.key == key and job.attempt == attempt:
+                    job.cancelled = True
+                    if position == 0:
+                        self._kill(worker)
+                    return
+
+    def _kill(self, worker: Worker) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker.pid, signal.SIGKILL)
+
+    def _pump(self) -> None:
+        """Give queued jobs to workers: idle ones first (taking a CPU), then ahead."""
+        if not self._queue or self._closing:
+            return
+        workers = [w for w in self._workers.values() if w.returncode is None]
+        for worker in workers:
+            if not self._queue:
+                return
+            if not worker.assigned and not worker.stream_closed:
+                if not self._budget.try_acquire():
+                    break
+                worker.holds_cpu = True
+                self._send(worker, self._queue.popleft())
+        if self._mean >= PREFETCH_BELOW:
+            return
+        for worker in workers:
+            if not self._queue:
+                return
+            if len(worker.assigned) == 1 and not worker.stream_closed:
+                self._send(worker, self._queue.popleft())
+
+    def _send(self, worker: Worker, job: NodeJob) -> None:
+        worker.assigned.append(job)
+        # If the worker is dying, its exit report requeues or fails the job.
+        with contextlib.suppress(DispynbError):
+            worker.conn.write(Run(key=job.key, attempt=job.attempt), job.buffers)
+        job.buffers = []
+
+    async def _read_worker(self, worker: Worker) -> None:
+        try:
+            while True:
+                message, buffers = await worker.conn.recv()
+                if isinstance(message, Done):
+                    self._on_done(worker, message, buffers)
+        except DispynbError:
+            pass
+        finally:
+            worker.stream_closed = True
+            worker.conn.close()
+            self._maybe_lost(worker)
+
+    def _on_done(self, worker: Worker, done: Done, buffers: list[memoryview]) -> None:
+        if not worker.assigned or worker.assigned[0].key != done.key:
+            logger.error(
+                "worker %d reported an unexpected job %d", worker.pid, done.key
+            )
+            return
+        job = worker.assigned.popleft()
+        duration = max(done.end_time - done.start_time, 0.0)
+        self._mean = duration if not self._mean else 0.8 * self._mean + 0.2 * duration
+        if job.cancelled:
+            self._finish_unrun(job, "job terminated at the client's request")
+        else:
+            self._report(
+                [
+                    job.key,
+                    job.attempt,
+                    done.outcome,
+                    done.start_time,
+                    done.end_time,
+                    done.stdout,
+                    done.stderr,
+                    done.exception,
+                    len(buffers) if done.outcome == FINISHED else 0,
+                ],
+                buffers if done.outcome == FINISHED else [],
+            )
+        if worker.assigned:
+            if worker.assigned[0].cancelled:
+                self._kill(worker)
+        else:
+            self._release_cpu(worker)
+        self._pump()
+        self._note_progress()
+
+    def _release_cpu(self, worker: Worker) -> None:
+        if worker.holds_cpu:
+            worker.holds_cpu = False
+            self._budget.release()
+
+    def _finish_unrun(self, job: NodeJob, reason: str) -> None:
+        self._report(
+            [job.key, job.attempt, TERMINATED, 0.0, 0.0, "", "", reason, 0], []
+        )
+
+    # -- messages from the computation process ------------------------------------
+
+    def _on_control(
+        self, message: IpcMessage, buffers: list[memoryview], fd: int | None
+    ) -> None:
+        if isinstance(message, WorkerStarted) and fd is not None:
+            self._add_worker(message.pid, fd)
+        elif isinstance(message, WorkerExited):
+            worker = self._workers.get(message.pid)
+            if worker is not None:
+                worker.returncode = message.returncode
+                self._maybe_lost(worker)
+        elif isinstance(message, Loaded):
+            if not self._loaded.done():
+                self._loaded.set_result(None)
+        elif isinstance(message, LoadFailed) and not self._loaded.done():
+            self._loaded.set_exception(SetupError(message.message, message.traceback))
+
+    def _add_worker(self, pid: int, fd: int) -> None:
+        sock = socket.socket(fileno=fd)
+        conn = Connection(
+            IOStream(sock), f"worker {pid}", IpcMessage, trusted_max_size=self._max_size
+        )
+        worker = Worker(pid=pid, conn=conn)
+        self._workers[pid] = worker
+        task = asyncio.get_running_loop().create_task(self._read_worker(worker))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        self._pump()
+
+    def _maybe_lost(self, worker: Worker) -> None:
+        """Once a worker's stream is drained and its exit known, settle its jobs."""
+        if worker.stream_closed and (
+            worker.returncode is not None or self._control_closed.is_set()
+        ):
+            self._lose_worker(worker)
+
+    def _lose_worker(self, worker: Worker) -> None:
+        if self._workers.pop(worker.pid, None) is None:
+            return
+        returncode = worker.returncode
+        if worker.assigned:
+            running = worker.assigned.popleft()
+            if running.cancelled:
+                self._finish_unrun(running, "job terminated at the client's request")
+            else:
+                reason = (
+                    crash_reason(returncode)
+                    if returncode is not None
+                    else "the computation's process on the node died"
+                )
+                self._report(
+                    [
+                        running.key,
+                        running.attempt,
+                        CRASHED,
+                        0.0,
+                        0.0,
+                        "",
+                        "",
+                        reason,
+                        0,
+                    ],
+                    [],
+                )
+            # Jobs sent ahead to this worker never started: run them elsewhere.
+            self._queue.extendleft(reversed(worker.assigned))
+            worker.assigned.clear()
+        self._release_cpu(worker)
+        self._pump()
+        self._note_progress()
+
+    def _on_control_closed(self) -> None:
+        self._control_closed.set()
+        if not self._loaded.done():
+            self._loaded.set_exception(
+                SetupError("the computation's process on the node exited during setup")
+            )
+        for worker in list(self._workers.values()):
+            self._maybe_lost(worker)
+        if not self._closing:
+            for job in self._queue:
+                self._report(
+                    [
+                        job.key,
+                        job.attempt,
+                        CRASHED,
+                        0.0,
+                        0.0,
+                        "",
+                        "",
+                        "the computation's process on the node died",
+                        0,
+                    ],
+                    [],
+                )
+            self._queue.clear()
+            if self.on_failure is not None:
+                self.on_failure("the computation's process on the node died")
+        self._note_progress()
+
+    def _note_progress(self) -> None:
+        if self._progress is not None and not self._progress.done():
+            self._progress.set_result(None)

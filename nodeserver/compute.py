@@ -1,0 +1,438 @@
+"""The computation process: loads a computation, runs its setup, forks its workers.
+
+The node server starts one per computation (design decision 5)::
+
+    python -m nodeserver.compute --control-fd N
+
+with ``N`` one end of a Unix socket pair (passed with ``pass_fds``) and the
+computation's directory as the working directory. Over that control channel
+(messages of `nodeserver.ipc`):
+
+1. it receives `Load`, unpickles the bundle and runs ``setup(*setup_args)``; on failure
+   it sends `LoadFailed` and exits 1;
+2. it sends `Loaded`, then forks ``workers`` worker processes, sending `WorkerStarted`
+   for each with the node server's end of that worker's socket (SCM_RIGHTS);
+3. it reports every worker's death with `WorkerExited` and forks a replacement
+   (another `WorkerStarted`), until `Shutdown` (or SIGTERM/SIGINT): then it stops the
+   workers (SIGTERM, SIGKILL after `STOP_GRACE` seconds), reports them, runs
+   ``cleanup(*setup_args)`` and exits 0. At EOF of the control channel (node server
+   gone) it kills the workers and exits 1.
+
+Workers are forked after setup, so whatever setup put in the computation's globals
+(large data, ``multiprocessing`` shared values) is visible to jobs. A worker runs
+`nodeserver.jobrunner.worker_loop` and dies with this process (``PR_SET_PDEATHSIG``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import importlib
+import logging
+import os
+import select
+import selectors
+import signal
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from types import FrameType
+from typing import Any, NoReturn
+
+from dispynb.errors import ConnectionClosedError
+from dispynb.protocol import serialize
+from nodeserver.channel import MessageSocket
+from nodeserver.ipc import (
+    Load,
+    Loaded,
+    LoadFailed,
+    Shutdown,
+    WorkerExited,
+    WorkerStarted,
+)
+from nodeserver.jobrunner import worker_loop
+
+logger = logging.getLogger(__name__)
+
+#: Seconds workers get to exit after SIGTERM at shutdown, before SIGKILL.
+STOP_GRACE = 2.0
+
+#: Standard modules dispy computations use without importing them (dispy exec'd the
+#: computation into its own module globals; see reference/dispy.md section 3.10).
+DISPY_MODULES = (
+    "os",
+    "sys",
+    "time",
+    "socket",
+    "multiprocessing",
+    "threading",
+    "subprocess",
+    "traceback",
+    "marshal",
+    "tempfile",
+    "shutil",
+    "glob",
+    "pickle",
+    "io",
+    "signal",
+    "platform",
+    "copy",
+    "struct",
+    "hashlib",
+    "re",
+    "errno",
+)
+
+#: Return values of setup that mean success (dispy's 0, 1 and 2, or nothing).
+_SETUP_SUCCESS = (0, 1, 2)
+
+_PR_SET_PDEATHSIG = 1
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class LoadFailure(Exception):
+    """Loading or setting up the computation failed (sent as `LoadFailed`)."""
+
+    def __init__(self, message: str, traceback: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.traceback = traceback
+
+
+class Computation:
+    """A loaded computation: its functions, and the workers forked to run it.
+
+    Parameters
+    ----------
+    control:
+        The control channel to the node server.
+    load:
+        The `Load` message that described the computation.
+    bundle:
+        The unpickled bundle (``func``, ``setup``, ``cleanup``, ``setup_args``).
+    """
+
+    def __init__(
+        self, control: MessageSocket, load: Load, bundle: dict[str, Any]
+    ) -> None:
+        self.control = control
+        self.name = load.name
+        self.size = load.workers
+        self.func: Callable[..., Any] = bundle["func"]
+        self.cleanup: Any = bundle.get("cleanup")
+        self.setup_args: tuple[Any, ...] = tuple(bundle.get("setup_args") or ())
+        self.workers: set[int] = set()
+        self.stopping = False
+        self._pid = os.getpid()
+        self._prctl = _load_prctl()
+        self._wake_r = self._wake_w = -1
+        self._selector = selectors.DefaultSelector()
+
+    def serve(self) -> int:
+        """Announce `Loaded`, start the workers and supervise them; the exit code."""
+        self._install_signals()
+        try:
+            self.control.send(Loaded(pid=self._pid))
+            gc.freeze()  # keep setup's objects out of collections: pages stay shared
+            for _ in range(self.size):
+                self._start_worker()
+            return self._loop()
+        except ConnectionClosedError:
+            logger.warning("computation %r: node server gone; stopping", self.name)
+            return 1
+        finally:
+            self._kill_workers()  # never leave orphans, whatever happened
+
+    def _loop(self) -> int:
+        self._selector.register(self.control.fileno(), selectors.EVENT_READ)
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        while True:
+            for key, _ in self._selector.select():
+                if key.fd == self._wake_r:
+                    signals = self._drain_wakeups()
+                    if any(signum in signals for signum in _STOP_SIGNALS):
+                        return self._shutdown()
+                    self._reap()
+                    continue
+                message, _ = self.control.recv()
+                if isinstance(message, Shutdown):
+                    return self._shutdown()
+                logger.warning("computation process ignores %r message", message.op)
+
+    def _shutdown(self) -> int:
+        self.stopping = True
+        self._stop_workers()
+        if callable(self.cleanup):
+            try:
+                self.cleanup(*self.setup_args)
+            except BaseException:  # user code: report it and still exit cleanly
+                print(f"cleanup of computation {self.name!r} failed:", file=sys.stderr)
+                traceback.print_exc()
+        return 0
+
+    # --- workers -----------------------------------------------------------------
+
+    def _start_worker(self) -> None:
+        server_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        _flush_std()  # or the child would write our buffered output a second time
+        pid = os.fork()
+        if pid == 0:
+            self._become_worker(server_end, worker_end)
+        worker_end.close()
+        self.workers.add(pid)
+        try:
+            self.control.send(WorkerStarted(pid=pid), fds=[server_end.fileno()])
+        finally:
+            server_end.close()
+
+    def _become_worker(
+        self, server_end: socket.socket, worker_end: socket.socket
+    ) -> NoReturn:
+        """Run in the forked child: shed the parent's resources, then serve jobs."""
+        code = 1
+        try:
+            server_end.close()
+            signal.set_wakeup_fd(-1)
+            for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, signal.SIG_DFL)
+            self._selector.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self.control.close()
+            if self._prctl is not None:
+                self._prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            if os.getppid() != self._pid:  # the parent died before prctl
+                os._exit(1)
+            worker_loop(MessageSocket(worker_end), self.func)
+            code = 0
+        except Exception:
+            traceback.print_exc()
+        finally:
+            _flush_std()
+            os._exit(code)
+
+    def _reap(self, *, block: bool = False) -> None:
+        """Collect dead workers, report them, replace them unless stopping."""
+        flags = 0 if block else os.WNOHANG
+        for pid in list(self.workers):
+            # Only our workers: waitpid(-1) would steal children that setup started
+            # (subprocess, multiprocessing) from the code that waits for them.
+            try:
+                done, status = os.waitpid(pid, flags)
+            except ChildProcessError:
+                done, status = pid, 0
+            if done == 0:
+                continue
+            self.workers.discard(pid)
+            code = os.waitstatus_to_exitcode(status)
+            self.control.send(WorkerExited(pid=pid, returncode=code))
+            if not self.stopping:
+                self._start_worker()
+
+    def _stop_workers(self) -> None:
+        """SIGTERM the workers, SIGKILL those alive after `STOP_GRACE`; reap all."""
+        _signal_all(self.workers, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE
+        waiter = select.poll()
+        waiter.register(self._wake_r, select.POLLIN)
+        while True:
+            self._reap()
+            remaining = deadline - time.monotonic()
+            if not self.workers or remaining <= 0:
+                break
+            if waiter.poll(remaining * 1000):
+                self._drain_wakeups()
+        _signal_all(self.workers, signal.SIGKILL)
+        self._reap(block=True)
+
+    def _kill_workers(self) -> None:
+        """SIGKILL and reap every worker; report them if the node server listens."""
+        if not self.workers:
+            return
+        self.stopping = True
+        _signal_all(self.workers, signal.SIGKILL)
+        try:
+            self._reap(block=True)
+        except ConnectionClosedError:
+            for pid in list(self.workers):
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
+            self.workers.clear()
+
+    # --- signals -------------------------------------------------------------------
+
+    def _install_signals(self) -> None:
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        for signum in (signal.SIGCHLD, *_STOP_SIGNALS):
+            signal.signal(signum, _wake)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+
+    def _drain_wakeups(self) -> bytes:
+        """Empty the wake-up pipe; the signal numbers received."""
+        data = b""
+        while True:
+            try:
+                chunk = os.read(self._wake_r, 256)
+            except BlockingIOError:
+                return data
+            if not chunk:
+                return data
+            data += chunk
+
+
+# --- loading -----------------------------------------------------------------------
+
+
+def load_computation(control: MessageSocket) -> Computation:
+    """Receive `Load`, enter the job directory, unpickle the bundle and run setup.
+
+    Raises `LoadFailure` (to be sent as `LoadFailed`), or `ConnectionClosedError`.
+    """
+    message, buffers = control.recv()
+    if not isinstance(message, Load):
+        raise LoadFailure(f"expected a 'load' message first, got {message.op!r}")
+    if message.workers < 1:
+        raise LoadFailure(
+            f"a computation needs at least 1 worker, not {message.workers}"
+        )
+    try:
+        os.chdir(message.job_path)
+    except OSError as exc:
+        raise LoadFailure(f"cannot enter the computation directory: {exc}") from exc
+    try:
+        bundle = serialize.loads(buffers)
+    except Exception as exc:
+        cause = exc.__cause__ or exc
+        raise LoadFailure(
+            f"cannot load computation {message.name!r} on the node: "
+            f"{type(cause).__name__}: {cause} (is a module it needs missing on the "
+            "node? install it there, or send it with depends)",
+            traceback.format_exc(),
+        ) from exc
+    del buffers
+    _check_bundle(bundle)
+    functions = [bundle["func"], bundle.get("setup"), bundle.get("cleanup")]
+    inject_names(functions, dispy_names(message))
+    setup = bundle.get("setup")
+    if setup is not None:
+        run_setup(setup, tuple(bundle.get("setup_args") or ()))
+    return Computation(control, message, bundle)
+
+
+def _check_bundle(bundle: Any) -> None:
+    if not isinstance(bundle, dict) or not callable(bundle.get("func")):
+        raise LoadFailure("the computation bundle has no callable 'func'")
+    setup = bundle.get("setup")
+    if setup is not None and not callable(setup):
+        raise LoadFailure(f"setup must be callable, not {type(setup).__name__}")
+    if not isinstance(bundle.get("setup_args") or (), tuple | list):
+        raise LoadFailure("setup_args must be a tuple")
+
+
+def dispy_names(load: Load) -> dict[str, Any]:
+    """The names dispy computations expect in their globals."""
+    names: dict[str, Any] = {
+        "dispy_node_name": load.node_name,
+        "dispy_node_ip_addr": load.node_address,
+        "dispy_job_path": load.job_path,
+    }
+    for module in DISPY_MODULES:
+        names[module] = importlib.import_module(module)
+    return names
+
+
+def inject_names(functions: Iterable[Any], names: dict[str, Any]) -> None:
+    """Add ``names`` to each function's globals, never replacing the user's own."""
+    done: set[int] = set()
+    for function in functions:
+        namespace = getattr(function, "__globals__", None)
+        if not isinstance(namespace, dict) or id(namespace) in done:
+            continue
+        done.add(id(namespace))
+        for name, value in names.items():
+            namespace.setdefault(name, value)
+
+
+def run_setup(setup: Callable[..., Any], setup_args: tuple[Any, ...]) -> None:
+    """Call setup; raise `LoadFailure` unless it returns None, 0, 1 or 2."""
+    try:
+        result = setup(*setup_args)
+    except BaseException as exc:  # user code: any exit of setup is a failed setup
+        raise LoadFailure(
+            f"setup raised {type(exc).__name__}: {exc}", traceback.format_exc()
+        ) from exc
+    if result is None or (isinstance(result, int) and result in _SETUP_SUCCESS):
+        return
+    text = repr(result)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    raise LoadFailure(f"setup returned {text}; success is None, 0, 1 or 2")
+
+
+# --- helpers -------------------------------------------------------------------------
+
+
+def _wake(signum: int, frame: FrameType | None) -> None:
+    """No-op handler: `signal.set_wakeup_fd` wakes the selector."""
+
+
+def _signal_all(pids: Iterable[int], signum: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+
+def _flush_std() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):  # closed by the user's code: nothing to lose
+            pass
+
+
+def _load_prctl() -> Callable[..., int] | None:
+    """libc's prctl on Linux (for ``PR_SET_PDEATHSIG``), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, *[ctypes.c_ulong] * 4]
+    prctl.restype = ctypes.c_int
+    return prctl  # type: ignore[no-any-return]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m nodeserver.compute``; returns the exit code."""
+    parser = argparse.ArgumentParser(
+        prog="python -m nodeserver.compute",
+        description="A dispynb computation process (started by the node server).",
+    )
+    parser.add_argument("--control-fd", type=int, required=True)
+    args = parser.parse_args(argv)
+    control = MessageSocket(socket.socket(fileno=args.control_fd))
+    try:
+        try:
+            computation = load_computation(control)
+        except LoadFailure as failure:
+            control.send(
+                LoadFailed(message=failure.message, traceback=failure.traceback)
+            )
+            return 1
+        return computation.serve()
+    except ConnectionClosedError:
+        return 1
+    finally:
+        control.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

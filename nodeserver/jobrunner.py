@@ -1,0 +1,142 @@
+"""Running one job in a worker process: unpickle, call, capture, pickle, report.
+
+`run_job` is the whole per-job path and does no I/O of its own, so it is tested in
+process; `worker_loop` feeds it from the worker's socket. This path runs thousands of
+times a second for trivial jobs: it imports nothing and allocates little per job.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from dispynb.errors import ConnectionClosedError
+from dispynb.protocol import serialize
+from dispynb.protocol.framing import Buffer
+from dispynb.protocol.messages import FINISHED, RAISED
+from nodeserver.channel import MessageSocket
+from nodeserver.ipc import Done, Run
+
+logger = logging.getLogger(__name__)
+
+_NO_BUFFERS: list[Buffer] = []
+
+
+def run_job(
+    func: Callable[..., Any], run: Run, buffers: list[memoryview]
+) -> tuple[Done, list[Buffer]]:
+    """Call ``func`` on the pickled ``(args, kwargs)`` in ``buffers``; report how.
+
+    Parameters
+    ----------
+    func:
+        The computation's function.
+    run:
+        The `Run` message; its key and attempt are echoed in the `Done`.
+    buffers:
+        The payload of ``run``: ``serialize.dumps((args, kwargs))``.
+
+    Returns
+    -------
+    done, result_buffers
+        ``done.outcome`` is ``FINISHED`` (``result_buffers`` hold the pickled result)
+        or ``RAISED`` (``done.exception`` holds the traceback text and
+        ``result_buffers`` is empty). ``sys.stdout`` and ``sys.stderr`` are captured
+        for the job into ``done.stdout`` / ``done.stderr`` and restored afterwards.
+
+    Notes
+    -----
+    Every exception of the job is reported, ``SystemExit`` and ``KeyboardInterrupt``
+    included: a job must not end its worker. Arguments that cannot be unpickled and a
+    result that cannot be pickled are reported as ``RAISED`` too.
+    """
+    saved = sys.stdout, sys.stderr
+    out = sys.stdout = io.StringIO()
+    err = sys.stderr = io.StringIO()
+    outcome = RAISED
+    exception = None
+    result_buffers = _NO_BUFFERS
+    try:
+        try:
+            args, kwargs = serialize.loads(buffers)
+        except Exception as exc:
+            start_time = end_time = time.time()
+            exception = _describe(exc, "arguments cannot be unpickled on the node")
+        else:
+            start_time = time.time()
+            try:
+                result = func(*args, **kwargs)
+            except BaseException as exc:  # reported to the client, never fatal
+                end_time = time.time()
+                exception = _format_job_exception(exc)
+            else:
+                end_time = time.time()
+                try:
+                    result_buffers = serialize.dumps(result)
+                except Exception as exc:
+                    kind = type(result).__qualname__
+                    what = f"result of type {kind!r} cannot be pickled"
+                    exception = _describe(exc, what)
+                else:
+                    outcome = FINISHED
+    finally:
+        sys.stdout, sys.stderr = saved
+    done = Done(
+        key=run.key,
+        attempt=run.attempt,
+        outcome=outcome,
+        start_time=start_time,
+        end_time=end_time,
+        stdout=out.getvalue(),
+        stderr=err.getvalue(),
+        exception=exception,
+    )
+    return done, result_buffers
+
+
+def worker_loop(sock: MessageSocket, func: Callable[..., Any]) -> None:
+    """Run jobs received on ``sock``, one at a time, until the node server closes it.
+
+    Returns at EOF; a message other than `Run` is logged and ignored.
+    """
+    recv = sock.recv
+    send = sock.send
+    while True:
+        try:
+            message, buffers = recv()
+        except ConnectionClosedError:
+            return
+        if type(message) is not Run:
+            logger.warning("worker ignores unexpected %r message", message.op)
+            continue
+        done, result_buffers = run_job(func, message, buffers)
+        del buffers
+        try:
+            send(done, result_buffers)
+        except ConnectionClosedError:
+            return
+        del result_buffers  # do not keep a large result alive until the next job
+
+
+def _format_job_exception(exc: BaseException) -> str:
+    """Traceback text of the job's exception, without `run_job`'s own frame."""
+    tb = exc.__traceback__
+    tb = tb.tb_next if tb is not None else None
+    if isinstance(exc, SystemExit):
+        lines = []
+        if tb is not None:
+            lines = ["Traceback (most recent call last):\n", *traceback.format_tb(tb)]
+        lines.append(f"SystemExit: the job called sys.exit({exc.code!r})\n")
+        return "".join(lines)
+    return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
+def _describe(exc: Exception, what: str) -> str:
+    """``what: <cause>``, naming the underlying error rather than our wrapper."""
+    cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
+    return f"{what}: {type(cause).__name__}: {cause}\n"

@@ -1,0 +1,106 @@
+"""`NodeServer`: listens for clients, authenticates them, serves their sessions."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import platform
+
+from dispynb.protocol.messages import Welcome
+from dispynb.transport.addressing import format_address
+from dispynb.transport.connection import Connection
+from dispynb.transport.listener import Listener
+from dispynb.transport.tls import server_context
+from nodeserver.budget import CpuBudget
+from nodeserver.config import NodeConfig
+from nodeserver.session import ClientSession
+
+logger = logging.getLogger(__name__)
+
+
+class NodeServer:
+    """A node server: one listener, one session per client, one CPU budget.
+
+    Examples
+    --------
+    >>> server = NodeServer(NodeConfig(port=0, secret=b"s3cret"))  # doctest: +SKIP
+    >>> port = await server.start()  # doctest: +SKIP
+    """
+
+    def __init__(self, config: NodeConfig) -> None:
+        config.validate()
+        self.config = config
+        self.budget = CpuBudget(config.cpus)
+        self.sessions: set[ClientSession] = set()
+        self.address = ""
+        self._listener: Listener | None = None
+        self._session_tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> int:
+        """Listen and serve; return the bound port (written to ``port_file`` if set)."""
+        config = self.config
+        ssl_context = (
+            server_context(config.certfile, config.keyfile, config.cafile)
+            if config.certfile
+            else None
+        )
+        os.makedirs(config.dest_path, mode=0o700, exist_ok=True)
+        self._listener = Listener(
+            self._serve,
+            secret=config.secret,
+            make_welcome=self._welcome,
+            max_message_size=config.max_message_size,
+            ssl_context=ssl_context,
+        )
+        port = self._listener.listen_on(config.host, config.port)
+        self.address = format_address(config.host, port)
+        if config.port_file:
+            tmp = f"{config.port_file}.tmp"
+            with open(tmp, "w") as handle:
+                handle.write(f"{port}\n")
+            os.replace(tmp, config.port_file)
+        logger.info(
+            "dispynb node %r serving %d CPUs on %s%s%s",
+            config.name,
+            config.cpus,
+            self.address,
+            " with TLS" if ssl_context else "",
+            "" if config.secret else " WITHOUT a secret (loopback only)",
+        )
+        return port
+
+    def _welcome(self) -> Welcome:
+        return Welcome(
+            name=self.config.name,
+            cpus=self.config.cpus,
+            platform=platform.platform(),
+            address=self.address,
+            max_message_size=self.config.max_message_size,
+            pid=os.getpid(),
+        )
+
+    async def _serve(self, conn: Connection, client_name: str) -> None:
+        session = ClientSession(conn, self, client_name)
+        self.sessions.add(session)
+        task = asyncio.current_task()
+        if task is not None:
+            self._session_tasks.add(task)
+        logger.info("client %r connected from %s", client_name, conn.peer)
+        try:
+            await session.serve()
+        finally:
+            self.sessions.discard(session)
+            if task is not None:
+                self._session_tasks.discard(task)
+            logger.info("client %r from %s disconnected", client_name, conn.peer)
+
+    async def stop(self) -> None:
+        """Stop listening, end every session (terminating their jobs)."""
+        if self._listener is not None:
+            self._listener.stop()
+        for session in list(self.sessions):
+            session.conn.close()
+        if self._session_tasks:
+            # Each session ends its computations (terminating jobs) as it winds down.
+            await asyncio.wait(list(self._session_tasks), timeout=30)

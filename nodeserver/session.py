@@ -1,0 +1,248 @@
+"""`ClientSession`: serves one authenticated client connection on the node.
+
+Dispatches the client's messages (one handler per op) to its computations, and sends
+results back in batches: all results that arrive during one turn of the event loop
+travel in one message per computation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import re
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from dispynb.errors import DispynbError, MessageError, SetupError
+from dispynb.protocol.messages import (
+    TERMINATED,
+    ComputationClose,
+    ComputationClosed,
+    ComputationFailed,
+    ComputationReady,
+    ComputationSetup,
+    Error,
+    JobCancel,
+    JobResults,
+    JobSubmit,
+    Message,
+)
+from dispynb.transport.connection import Connection
+from nodeserver.computation import Computation, NodeJob
+
+if TYPE_CHECKING:
+    from nodeserver.server import NodeServer
+
+logger = logging.getLogger(__name__)
+
+#: A results batch is cut once its buffers pass this size.
+BATCH_BYTES = 32 * 1024 * 1024
+
+_session_ids = itertools.count(1)
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def safe_name(text: str) -> str:
+    """A file-name-safe version of ``text`` (never empty, never a dot name)."""
+    name = _UNSAFE.sub("_", text).strip("._")[:64]
+    return name or "x"
+
+
+class ClientSession:
+    """One client's connection: its computations and its outgoing results."""
+
+    def __init__(self, conn: Connection, server: NodeServer, client_name: str) -> None:
+        self.conn = conn
+        self.server = server
+        self.client_name = client_name
+        self.session_id = next(_session_ids)
+        self._computations: dict[int, Computation] = {}
+        self._out: dict[int, tuple[list[list[Any]], list[memoryview]]] = {}
+        self._flush_pending = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._handlers: dict[type[Message], Callable[[Any, list[memoryview]], None]] = {
+            ComputationSetup: self._on_setup,
+            JobSubmit: self._on_submit,
+            JobCancel: self._on_cancel,
+            ComputationClose: self._on_close,
+        }
+
+    async def serve(self) -> None:
+        """Handle messages until the connection ends; then close all computations."""
+        try:
+            while True:
+                message, buffers = await self.conn.recv()
+                handler = self._handlers.get(type(message))
+                if handler is None:
+                    logger.warning("%s sent unexpected %r", self.conn.peer, message.op)
+                    self._send_error("protocol", f"unexpected message {message.op!r}")
+                    continue
+                handler(message, buffers)
+        finally:
+            closing = [c.close(terminate=True) for c in self._computations.values()]
+            self._computations.clear()
+            await asyncio.gather(*closing, return_exceptions=True)
+            for task in self._tasks:
+                task.cancel()
+
+    # -- handlers ------------------------------------------------------------------
+
+    def _on_setup(self, message: ComputationSetup, buffers: list[memoryview]) -> None:
+        if message.comp_id in self._computations:
+            self._send_error("protocol", f"computation {message.comp_id} exists")
+            return
+        config = self.server.config
+        workers = (
+            config.cpus if message.workers <= 0 else min(message.workers, config.cpus)
+        )
+        client_dir = (
+            f"{safe_name(self.client_name or 'client')}-{os.getpid()}-{self.session_id}"
+        )
+        if message.dest_path:
+            parts = [
+                safe_name(p) for p in message.dest_path.split("/") if p not in ("", ".")
+            ]
+            comp_dir = os.path.join(*parts) if parts else "default"
+        else:
+            comp_dir = f"{safe_name(message.name)}-{message.comp_id}"
+        computation = Computation(
+            comp_id=message.comp_id,
+            name=message.name,
+            workers=workers,
+            path=os.path.join(config.dest_path, client_dir, comp_dir),
+            budget=self.server.budget,
+            report=self._reporter(message.comp_id),
+            node_name=config.name,
+            node_address=self.server.address,
+            max_message_size=config.max_message_size,
+            remove_path=message.cleanup,
+        )
+        computation.on_failure = lambda reason: self._computation_died(
+            message.comp_id, reason
+        )
+        self._computations[message.comp_id] = computation
+        self._spawn(self._start(computation, buffers))
+
+    async def _start(self, computation: Computation, bundle: list[memoryview]) -> None:
+        try:
+            workers = await computation.start(bundle)
+        except SetupError as exc:
+            logger.warning("computation %s failed to start: %s", computation.name, exc)
+            self._computations.pop(computation.comp_id, None)
+            await computation.close(terminate=True)
+            self._write(
+                ComputationFailed(
+                    comp_id=computation.comp_id,
+                    message=str(exc),
+                    traceback=exc.remote_traceback,
+                )
+            )
+            return
+        logger.info(
+            "computation %s of %s ready with %d workers",
+            computation.name,
+            self.conn.peer,
+            workers,
+        )
+        self._write(ComputationReady(comp_id=computation.comp_id, workers=workers))
+
+    def _on_submit(self, message: JobSubmit, buffers: list[memoryview]) -> None:
+        jobs: list[NodeJob] = []
+        offset = 0
+        for entry in message.jobs:
+            if len(entry) != 3 or not all(isinstance(v, int) for v in entry):
+                raise MessageError("malformed job entry in job-submit")
+            key, attempt, count = entry
+            if count < 1 or offset + count > len(buffers):
+                raise MessageError("job-submit buffer counts do not match its buffers")
+            jobs.append(NodeJob(key, attempt, buffers[offset : offset + count]))
+            offset += count
+        computation = self._computations.get(message.comp_id)
+        if computation is None:
+            for job in jobs:
+                self._queue_result(
+                    message.comp_id,
+                    [
+                        job.key,
+                        job.attempt,
+                        TERMINATED,
+                        0.0,
+                        0.0,
+                        "",
+                        "",
+                        "the computation is not set up on this node",
+                        0,
+                    ],
+                    [],
+                )
+            return
+        computation.submit(jobs)
+
+    def _on_cancel(self, message: JobCancel, buffers: list[memoryview]) -> None:
+        computation = self._computations.get(message.comp_id)
+        if computation is not None:
+            computation.cancel(message.key, message.attempt)
+
+    def _on_close(self, message: ComputationClose, buffers: list[memoryview]) -> None:
+        computation = self._computations.pop(message.comp_id, None)
+        if computation is None:
+            self._write(ComputationClosed(comp_id=message.comp_id))
+            return
+        self._spawn(self._close(computation, message.terminate))
+
+    async def _close(self, computation: Computation, terminate: bool) -> None:
+        await computation.close(terminate)
+        self._flush()
+        self._write(ComputationClosed(comp_id=computation.comp_id))
+
+    def _computation_died(self, comp_id: int, reason: str) -> None:
+        computation = self._computations.pop(comp_id, None)
+        if computation is None:
+            return
+        self._flush()
+        self._write(ComputationFailed(comp_id=comp_id, message=reason))
+        self._spawn(computation.close(terminate=True))
+
+    # -- output --------------------------------------------------------------------
+
+    def _reporter(self, comp_id: int) -> Callable[[list[Any], list[memoryview]], None]:
+        def report(entry: list[Any], buffers: list[memoryview]) -> None:
+            self._queue_result(comp_id, entry, buffers)
+
+        return report
+
+    def _queue_result(
+        self, comp_id: int, entry: list[Any], buffers: list[memoryview]
+    ) -> None:
+        batch = self._out.get(comp_id)
+        if batch is None:
+            batch = self._out[comp_id] = ([], [])
+        batch[0].append(entry)
+        batch[1].extend(buffers)
+        if sum(b.nbytes for b in buffers) > BATCH_BYTES:
+            self._flush()
+        elif not self._flush_pending:
+            self._flush_pending = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_pending = False
+        out, self._out = self._out, {}
+        for comp_id, (entries, buffers) in out.items():
+            self._write(JobResults(comp_id=comp_id, results=entries), buffers)
+
+    def _write(self, message: Message, buffers: list[memoryview] | None = None) -> None:
+        try:
+            self.conn.write(message, buffers or ())
+        except DispynbError as exc:
+            logger.info("cannot send %s to %s: %s", message.op, self.conn.peer, exc)
+
+    def _send_error(self, code: str, text: str) -> None:
+        self._write(Error(code=code, message=text))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
