@@ -7,6 +7,7 @@ secret through ``nodes=``. It never imports ``nodeserver`` itself.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import shutil
@@ -68,6 +69,7 @@ class LocalCluster:
         self._dir = tempfile.mkdtemp(prefix="dispynb-local-")
         self._procs: list[subprocess.Popen[bytes]] = []
         self.addresses: list[tuple[str, int]] = []
+        atexit.register(self.close)
         try:
             for index in range(nodes):
                 self._procs.append(self._spawn(index, cpus, loglevel))
@@ -93,6 +95,7 @@ class LocalCluster:
             "--dest-path", os.path.join(self._dir, f"node-{index}"),
             "--port-file", self._port_file(index),
             "--loglevel", loglevel,
+            "--exit-with-parent",
         ]  # fmt: skip
         return subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL)
 
@@ -135,6 +138,7 @@ class LocalCluster:
                 proc.kill()
                 proc.wait()
         self._procs = []
+        atexit.unregister(self.close)
         with contextlib.suppress(OSError):
             shutil.rmtree(self._dir)
 

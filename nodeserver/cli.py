@@ -19,6 +19,9 @@ from nodeserver.server import NodeServer
 
 logger = logging.getLogger("nodeserver")
 
+#: Seconds between checks that the parent of an ``--exit-with-parent`` node lives.
+PARENT_CHECK_INTERVAL = 1.0
+
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
@@ -104,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--port-file", default=None, help="write the bound port to this file when ready"
     )
     add(
+        "--exit-with-parent",
+        action="store_true",
+        help="stop when the process that started this node exits (LocalCluster)",
+    )
+    add(
         "--loglevel",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -141,15 +149,28 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
     return config
 
 
-async def serve(config: NodeConfig) -> None:
-    """Run a node until SIGTERM or SIGINT, then shut it down cleanly."""
+async def _stop_when_orphaned(parent: int, stop: asyncio.Event) -> None:
+    # A killed parent cannot tell us; its pid changing (re-parenting) can.
+    while os.getppid() == parent:
+        await asyncio.sleep(PARENT_CHECK_INTERVAL)
+    logger.warning("the process that started this node exited; stopping")
+    stop.set()
+
+
+async def serve(config: NodeConfig, watch_parent: bool = False) -> None:
+    """Run a node until SIGTERM or SIGINT (or its parent exits), then stop cleanly."""
     server = NodeServer(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await server.start()
+    if watch_parent:
+        parent = os.getppid()
+        task = asyncio.create_task(_stop_when_orphaned(parent, stop))
     await stop.wait()
+    if watch_parent:
+        task.cancel()
     logger.info("shutting down")
     await server.stop()
 
@@ -165,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
         if config.clean and os.path.isdir(config.dest_path):
             shutil.rmtree(config.dest_path, ignore_errors=True)
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, args.exit_with_parent))
     except ConfigurationError as exc:
         print(f"dispynb-node: {exc}", file=sys.stderr)
         return 2

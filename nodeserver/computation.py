@@ -27,7 +27,7 @@ from tornado.iostream import IOStream
 import nodeserver
 from dispynb.errors import DispynbError, SetupError
 from dispynb.protocol.messages import CRASHED, FINISHED, TERMINATED
-from dispynb.transport.connection import Connection
+from dispynb.transport.connection import Connection, stream_buffer_size
 from nodeserver.budget import CpuBudget
 from nodeserver.control import ControlChannel
 from nodeserver.ipc import (
@@ -349,7 +349,10 @@ class Computation:
     def _add_worker(self, pid: int, fd: int) -> None:
         sock = socket.socket(fileno=fd)
         conn = Connection(
-            IOStream(sock), f"worker {pid}", IpcMessage, trusted_max_size=self._max_size
+            IOStream(sock, max_buffer_size=stream_buffer_size(self._max_size)),
+            f"worker {pid}",
+            IpcMessage,
+            trusted_max_size=self._max_size,
         )
         worker = Worker(pid=pid, conn=conn)
         self._workers[pid] = worker

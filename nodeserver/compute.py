@@ -92,6 +92,7 @@ _SETUP_SUCCESS = (0, 1, 2)
 
 _PR_SET_PDEATHSIG = 1
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_HANDLED_SIGNALS = (signal.SIGCHLD, *_STOP_SIGNALS)
 
 
 class LoadFailure(Exception):
@@ -170,18 +171,26 @@ class Computation:
             try:
                 self.cleanup(*self.setup_args)
             except BaseException:  # user code: report it and still exit cleanly
-                print(f"cleanup of computation {self.name!r} failed:", file=sys.stderr)
-                traceback.print_exc()
+                # With no logging configured this prints the traceback to stderr.
+                logger.error(
+                    "cleanup of computation %r failed", self.name, exc_info=True
+                )
         return 0
 
     # --- workers -----------------------------------------------------------------
 
     def _start_worker(self) -> None:
         server_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        for end in (server_end, worker_end):
+            _enlarge_buffers(end)
         _flush_std()  # or the child would write our buffered output a second time
+        # Until the child has reset its handlers, a signal sent to it would write to
+        # our wake-up pipe (and a SIGTERM to a new worker would stop us): hold them.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED_SIGNALS)
         pid = os.fork()
         if pid == 0:
-            self._become_worker(server_end, worker_end)
+            self._become_worker(server_end, worker_end, mask)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         worker_end.close()
         self.workers.add(pid)
         try:
@@ -190,15 +199,19 @@ class Computation:
             server_end.close()
 
     def _become_worker(
-        self, server_end: socket.socket, worker_end: socket.socket
+        self,
+        server_end: socket.socket,
+        worker_end: socket.socket,
+        mask: set[signal.Signals],
     ) -> NoReturn:
         """Run in the forked child: shed the parent's resources, then serve jobs."""
         code = 1
         try:
             server_end.close()
             signal.set_wakeup_fd(-1)
-            for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+            for signum in _HANDLED_SIGNALS:
                 signal.signal(signum, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             self._selector.close()
             os.close(self._wake_r)
             os.close(self._wake_w)
@@ -269,7 +282,7 @@ class Computation:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
-        for signum in (signal.SIGCHLD, *_STOP_SIGNALS):
+        for signum in _HANDLED_SIGNALS:
             signal.signal(signum, _wake)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
 
@@ -408,6 +421,17 @@ def _load_prctl() -> Callable[..., int] | None:
     prctl.argtypes = [ctypes.c_int, *[ctypes.c_ulong] * 4]
     prctl.restype = ctypes.c_int
     return prctl  # type: ignore[no-any-return]
+
+
+#: Socket buffer size asked for worker channels: large arguments then flow while
+#: the worker is still busy with its previous job (the kernel caps it at wmem_max).
+WORKER_SOCKET_BUFFER = 4 * 1024 * 1024
+
+
+def _enlarge_buffers(sock: socket.socket) -> None:
+    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, option, WORKER_SOCKET_BUFFER)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,7 +58,9 @@ class ControlChannel:
 
     def _readable(self) -> None:
         try:
-            data, fds, _flags, _addr = socket.recv_fds(self._sock, 1 << 16, 16)
+            data, fds, _flags, _addr = socket.recv_fds(
+                self._sock, 1 << 16, 16, socket.MSG_CMSG_CLOEXEC
+            )
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import sys
 import time
 import traceback
@@ -106,6 +107,7 @@ def worker_loop(sock: MessageSocket, func: Callable[..., Any]) -> None:
     """
     recv = sock.recv
     send = sock.send
+    home = os.getcwd()
     while True:
         try:
             message, buffers = recv()
@@ -116,6 +118,9 @@ def worker_loop(sock: MessageSocket, func: Callable[..., Any]) -> None:
             continue
         done, result_buffers = run_job(func, message, buffers)
         del buffers
+        # Workers are reused: a job that changed directory must not move the next one.
+        if os.getcwd() != home:
+            os.chdir(home)
         try:
             send(done, result_buffers)
         except ConnectionClosedError:

@@ -42,7 +42,9 @@ def unpack_header(data: bytes | memoryview, *, trusted: bool) -> dict[str, Any]:
     try:
         header = msgpack.unpackb(data, raw=False, strict_map_key=True, **limits)
     except Exception as exc:
-        raise MessageError(f"undecodable message header: {exc}") from exc
+        # fix: some msgpack errors (StackError, nesting too deep) have no text
+        reason = str(exc) or type(exc).__name__
+        raise MessageError(f"undecodable message header: {reason}") from exc
     if not isinstance(header, dict) or not isinstance(header.get("op"), str):
         raise MessageError("message header is not a map with a string 'op'")
     return header

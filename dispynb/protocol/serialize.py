@@ -37,7 +37,12 @@ def dumps(obj: Any) -> list[Buffer]:
     buffers: list[Buffer] = []
     try:
         if _is_plain(obj):
-            main = pickle.dumps(obj, protocol=5)
+            if _has_large_bytes(obj):
+                main = pickle.dumps(
+                    _wrap_large_bytes(obj), protocol=5, buffer_callback=buffers.append
+                )
+            else:
+                main = pickle.dumps(obj, protocol=5)
         else:
             main = _dumps_by_value(obj, buffers)
     except Exception as exc:
@@ -153,6 +158,46 @@ def _is_plain(obj: Any) -> bool:
     if kind is dict:
         return all(type(k) in _PLAIN and _is_plain(v) for k, v in obj.items())
     return False
+
+
+#: ``bytes`` values at least this large leave the pickle as out-of-band buffers.
+LARGE_BYTES = 64 * 1024
+
+
+def _has_large_bytes(obj: Any) -> bool:
+    if type(obj) is bytes:
+        return len(obj) >= LARGE_BYTES
+    if type(obj) is tuple or type(obj) is list:
+        return any(_has_large_bytes(item) for item in obj)
+    if type(obj) is dict:
+        return any(_has_large_bytes(value) for value in obj.values())
+    return False
+
+
+class _OutOfBandBytes:
+    """Stands for a large ``bytes`` value; pickles it out of band, loads as ``bytes``.
+
+    (The C pickler never calls ``reducer_override`` for ``bytes``, hence a wrapper.)
+    """
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        return bytes, (pickle.PickleBuffer(self.data),)
+
+
+def _wrap_large_bytes(obj: Any) -> Any:
+    kind = type(obj)
+    if kind is bytes:
+        return _OutOfBandBytes(obj) if len(obj) >= LARGE_BYTES else obj
+    if kind is tuple or kind is list:
+        return kind(_wrap_large_bytes(item) for item in obj)
+    if kind is dict:
+        return {key: _wrap_large_bytes(value) for key, value in obj.items()}
+    return obj
 
 
 def _describe(obj: Any) -> str:

@@ -55,6 +55,9 @@ from dispynb.transport.connector import connect
 
 logger = logging.getLogger(__name__)
 
+#: A job batch is cut once its arguments pass this size (keeps messages moderate).
+BATCH_BYTES = 8 * 1024 * 1024
+
 #: Seconds a node gets to acknowledge closing the computation.
 CLOSE_TIMEOUT = 30.0
 
@@ -404,11 +407,23 @@ class Driver:
         assert link.conn is not None
         entries: list[list[int]] = []
         buffers: list[Buffer] = []
+        size = 0
         for key, attempt in jobs:
             pending = self._jobs[key]
             entries.append([key, attempt, len(pending.buffers)])
             buffers.extend(pending.buffers)
+            size += sum(memoryview(b).nbytes for b in pending.buffers)
             self.events.job_running(key, link)
+            if size >= BATCH_BYTES:
+                self._write_batch(link, entries, buffers)
+                entries, buffers, size = [], [], 0
+        if entries:
+            self._write_batch(link, entries, buffers)
+
+    def _write_batch(
+        self, link: NodeLink, entries: list[list[int]], buffers: list[Buffer]
+    ) -> None:
+        assert link.conn is not None
         # If the connection is going, its reader sees it end and the state requeues
         # or abandons these jobs.
         with contextlib.suppress(DispynbError):

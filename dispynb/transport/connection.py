@@ -170,6 +170,11 @@ class Connection:
         return f"<Connection {self.peer} {state}>"
 
 
+def stream_buffer_size(max_message_size: int) -> int:
+    """Read-buffer limit for a stream that carries messages up to that size."""
+    return max_message_size + (1 << 20)
+
+
 #: Pieces smaller than this are joined before writing: fewer syscalls and segments.
 _COALESCE_LIMIT = 64 * 1024
 

@@ -14,10 +14,11 @@ from dispynb.errors import (
     ConnectionClosedError,
     ConnectTimeoutError,
     ProtocolError,
+    TransportError,
 )
 from dispynb.protocol.messages import Welcome
 from dispynb.transport.addressing import format_address
-from dispynb.transport.connection import Connection
+from dispynb.transport.connection import Connection, stream_buffer_size
 from dispynb.transport.handshake import client_handshake
 
 
@@ -48,12 +49,25 @@ async def connect(
     peer = format_address(host, port)
     try:
         async with asyncio.timeout(timeout):
-            stream = await TCPClient().connect(host, port, ssl_options=ssl_context)
+            stream = await TCPClient().connect(
+                host,
+                port,
+                ssl_options=ssl_context,
+                max_buffer_size=stream_buffer_size(max_message_size),
+            )
     except TimeoutError:
         raise ConnectTimeoutError(
             f"connecting to {peer} timed out after {timeout} s"
         ) from None
     except (OSError, StreamClosedError) as exc:
+        # --- fix: a failed TLS handshake is a TLS failure, not "nothing there" ---
+        cause = exc.real_error if isinstance(exc, StreamClosedError) else exc
+        if isinstance(cause, ssl.SSLError):
+            raise TransportError(
+                f"TLS failure with {peer}: {cause}; does the node use TLS, with a "
+                "certificate that this client trusts (cafile)?"
+            ) from exc
+        # --- end of fix ---
         raise ConnectionClosedError(
             f"cannot connect to {peer}: {exc}; is dispynb-node running there?"
         ) from exc

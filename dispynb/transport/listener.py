@@ -15,7 +15,11 @@ from dispynb.defaults import HANDSHAKE_TIMEOUT
 from dispynb.errors import ConnectionClosedError, DispynbError
 from dispynb.protocol.messages import Welcome
 from dispynb.transport.addressing import format_address
-from dispynb.transport.connection import Connection, describe_error
+from dispynb.transport.connection import (
+    Connection,
+    describe_error,
+    stream_buffer_size,
+)
 from dispynb.transport.handshake import node_handshake
 
 logger = logging.getLogger(__name__)
@@ -43,7 +47,10 @@ class Listener(TCPServer):
         ssl_context: ssl.SSLContext | None = None,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
     ) -> None:
-        super().__init__(ssl_options=ssl_context)
+        super().__init__(
+            ssl_options=ssl_context,
+            max_buffer_size=stream_buffer_size(max_message_size),
+        )
         self._handler = handler
         self._secret = secret
         self._make_welcome = make_welcome

@@ -1,0 +1,215 @@
+"""`run_job` and `worker_loop` in process: outcomes, capture, timing, bad pickles."""
+
+from __future__ import annotations
+
+import pickle
+import socket
+import sys
+import threading
+import time
+
+import pytest
+
+from dispynb.protocol import serialize
+from dispynb.protocol.messages import FINISHED, RAISED
+from nodeserver.channel import MessageSocket
+from nodeserver.ipc import Done, Run, Shutdown
+from nodeserver.jobrunner import run_job, worker_loop
+
+RUN = Run(key=7, attempt=2)
+
+
+def call(func, *args, **kwargs):
+    buffers = [memoryview(b) for b in serialize.dumps((args, kwargs))]
+    return run_job(func, RUN, buffers)
+
+
+def test_run_job_finished_returns_pickled_result():
+    def add(a, b=0):
+        return {"sum": a + b}
+
+    done, buffers = call(add, 2, b=3)
+
+    assert isinstance(done, Done)
+    assert (done.key, done.attempt, done.outcome) == (7, 2, FINISHED)
+    assert done.exception is None
+    assert serialize.loads(buffers) == {"sum": 5}
+
+
+def test_run_job_large_result_travels_out_of_band():
+    payload = bytearray(b"x" * 1_000_000)
+
+    done, buffers = call(lambda: pickle.PickleBuffer(payload))
+
+    assert done.outcome == FINISHED
+    assert len(buffers) == 2
+    assert bytes(serialize.loads(buffers)) == bytes(payload)
+
+
+def test_run_job_exception_gives_traceback_without_runner_frame():
+    def fail(x):
+        raise ValueError(f"bad {x}")
+
+    done, buffers = call(fail, 1)
+
+    assert done.outcome == RAISED
+    assert buffers == []
+    assert done.exception.startswith("Traceback (most recent call last):")
+    assert "in fail" in done.exception
+    assert "run_job" not in done.exception
+    assert done.exception.rstrip().endswith("ValueError: bad 1")
+
+
+def test_run_job_sys_exit_is_reported_not_fatal():
+    def leave():
+        sys.exit(4)
+
+    done, _ = call(leave)
+
+    assert done.outcome == RAISED
+    assert "in leave" in done.exception
+    assert "the job called sys.exit(4)" in done.exception
+
+
+def test_run_job_sys_exit_called_directly():
+    done, _ = call(sys.exit, "bye")
+
+    assert done.outcome == RAISED
+    assert done.exception == "SystemExit: the job called sys.exit('bye')\n"
+
+
+def test_run_job_keyboard_interrupt_is_reported():
+    def interrupted():
+        raise KeyboardInterrupt
+
+    done, _ = call(interrupted)
+
+    assert done.outcome == RAISED
+    assert "KeyboardInterrupt" in done.exception
+
+
+@pytest.mark.parametrize(
+    ("make", "kind"),
+    [(lambda: threading.Lock(), "lock"), (lambda: (i for i in ()), "generator")],
+)
+def test_run_job_unpicklable_result_names_its_type(make, kind):
+    done, buffers = call(make)
+
+    assert done.outcome == RAISED
+    assert buffers == []
+    assert done.exception.startswith(f"result of type {kind!r} cannot be pickled: ")
+    assert "TypeError" in done.exception
+
+
+def test_run_job_unpicklable_arguments_are_reported():
+    bad = pickle.dumps(((), {}), protocol=5)[:-3]  # truncated
+
+    for payload in (
+        [memoryview(bad)],
+        [memoryview(pickle.dumps(("not", "a", "pair")))],
+    ):
+        done, buffers = run_job(print, RUN, payload)
+        assert done.outcome == RAISED
+        assert buffers == []
+        assert done.exception.startswith("arguments cannot be unpickled on the node: ")
+        assert done.start_time == done.end_time
+
+
+def test_run_job_missing_module_in_arguments_names_the_module():
+    class Local:
+        pass
+
+    Local.__module__ = "module_missing_on_node"
+    Local.__qualname__ = "Local"
+    sys.modules["module_missing_on_node"] = type(sys)("module_missing_on_node")
+    sys.modules["module_missing_on_node"].Local = Local
+    try:
+        payload = pickle.dumps(((Local(),), {}), protocol=5)
+    finally:
+        del sys.modules["module_missing_on_node"]
+
+    done, _ = run_job(print, RUN, [memoryview(payload)])
+
+    assert done.outcome == RAISED
+    assert "ModuleNotFoundError" in done.exception
+    assert "module_missing_on_node" in done.exception
+
+
+def test_run_job_captures_and_restores_stdout_stderr():
+    def chatty(n):
+        print("out", n)
+        print("err", n, file=sys.stderr)
+        sys.stdout.write("more")
+        return n
+
+    saved = sys.stdout, sys.stderr
+    done, _ = call(chatty, 1)
+
+    assert (sys.stdout, sys.stderr) == saved
+    assert done.stdout == "out 1\nmore"
+    assert done.stderr == "err 1\n"
+
+
+def test_run_job_restores_streams_even_when_job_replaces_them():
+    def replace():
+        print("before")
+        sys.stdout = None
+        raise RuntimeError("boom")
+
+    saved = sys.stdout, sys.stderr
+    done, _ = call(replace)
+
+    assert (sys.stdout, sys.stderr) == saved
+    assert done.stdout == "before\n"
+    assert done.outcome == RAISED
+
+
+def test_run_job_times_bracket_the_call():
+    seen = []
+
+    def timed():
+        seen.append(time.time())
+
+    before = time.time()
+    done, _ = call(timed)
+    after = time.time()
+
+    assert before <= done.start_time <= seen[0] <= done.end_time <= after
+
+
+def test_run_job_carries_on_after_a_failure():
+    calls = []
+
+    def job(x):
+        calls.append(x)
+        if x == 1:
+            raise ValueError(x)
+        return x
+
+    results = [call(job, x)[0].outcome for x in range(3)]
+
+    assert results == [FINISHED, RAISED, FINISHED]
+    assert calls == [0, 1, 2]
+
+
+def test_worker_loop_runs_jobs_until_eof():
+    server, worker = socket.socketpair()
+    server.settimeout(10)
+    client = MessageSocket(server)
+    thread = threading.Thread(
+        target=worker_loop, args=(MessageSocket(worker), lambda x: x * 2)
+    )
+    thread.start()
+    try:
+        for key in range(3):
+            client.send(Run(key=key, attempt=0), serialize.dumps(((key,), {})))
+        client.send(Shutdown())  # not a Run: ignored with a warning
+        client.send(Run(key=3, attempt=1), serialize.dumps(((21,), {})))
+        replies = [client.recv() for _ in range(4)]
+    finally:
+        client.close()
+        thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert [done.key for done, _ in replies] == [0, 1, 2, 3]
+    assert [serialize.loads(buffers) for _, buffers in replies] == [0, 2, 4, 42]
+    worker.close()
