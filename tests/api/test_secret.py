@@ -1,0 +1,177 @@
+"""Tests of finding the shared secret, and of never revealing it."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import string
+
+import pytest
+
+from dispynb.defaults import SECRET_ENV, SECRET_FILE_ENV
+from dispynb.errors import ConfigurationError
+from dispynb.secret import fingerprint, random_secret, resolve_secret
+
+SECRET = "correct horse battery staple"
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    monkeypatch.delenv(SECRET_ENV, raising=False)
+    monkeypatch.delenv(SECRET_FILE_ENV, raising=False)
+
+
+@pytest.fixture(autouse=True)
+def no_secret_in_logs(caplog):
+    """Whatever a test does, the secret must not reach a log record."""
+    with caplog.at_level(logging.DEBUG, logger="dispynb"):
+        yield
+    for record in caplog.records:
+        assert SECRET not in record.getMessage()
+
+
+def write_secret(tmp_path, content: str | bytes, mode: int = 0o600) -> str:
+    path = tmp_path / "secret"
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
+    path.chmod(mode)
+    return str(path)
+
+
+def test_resolve_secret_nothing_given_returns_none():
+    assert resolve_secret(None) is None
+
+
+def test_resolve_secret_str_argument_returns_utf8_bytes():
+    assert resolve_secret("sécret") == "sécret".encode()
+
+
+def test_resolve_secret_bytes_argument_returned_unchanged():
+    assert resolve_secret(b"\x00\xff") == b"\x00\xff"
+
+
+def test_resolve_secret_empty_argument_falls_back_to_env(monkeypatch):
+    monkeypatch.setenv(SECRET_ENV, SECRET)
+    assert resolve_secret("") == SECRET.encode()
+
+
+def test_resolve_secret_argument_wins_over_file_and_env(tmp_path, monkeypatch):
+    monkeypatch.setenv(SECRET_ENV, "from env")
+    path = write_secret(tmp_path, "from file")
+    assert resolve_secret("from arg", path) == b"from arg"
+
+
+def test_resolve_secret_env_variable_used(monkeypatch):
+    monkeypatch.setenv(SECRET_ENV, SECRET)
+    assert resolve_secret(None) == SECRET.encode()
+
+
+def test_resolve_secret_env_variable_empty_raises_configuration_error(monkeypatch):
+    monkeypatch.setenv(SECRET_ENV, "")
+    with pytest.raises(ConfigurationError, match=SECRET_ENV):
+        resolve_secret(None)
+
+
+def test_resolve_secret_file_argument_wins_over_env(tmp_path, monkeypatch):
+    monkeypatch.setenv(SECRET_ENV, "from env")
+    path = write_secret(tmp_path, SECRET + "\n")
+    assert resolve_secret(None, path) == SECRET.encode()
+
+
+def test_resolve_secret_env_file_used(tmp_path, monkeypatch):
+    monkeypatch.setenv(SECRET_FILE_ENV, write_secret(tmp_path, SECRET))
+    assert resolve_secret(None) == SECRET.encode()
+
+
+def test_resolve_secret_env_secret_wins_over_env_file(tmp_path, monkeypatch):
+    monkeypatch.setenv(SECRET_FILE_ENV, write_secret(tmp_path, "from file"))
+    monkeypatch.setenv(SECRET_ENV, SECRET)
+    assert resolve_secret(None) == SECRET.encode()
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (SECRET, SECRET),
+        (SECRET + "\n", SECRET),
+        (SECRET + "\r\n", SECRET),
+        (SECRET + "\n\n", SECRET + "\n"),
+        (" " + SECRET + " ", " " + SECRET + " "),
+    ],
+)
+def test_resolve_secret_file_trailing_newline_stripped_once(
+    tmp_path, content, expected
+):
+    assert resolve_secret(None, write_secret(tmp_path, content)) == expected.encode()
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o620, 0o602, 0o644, 0o660])
+def test_resolve_secret_file_loose_permissions_refused_with_chmod_hint(tmp_path, mode):
+    path = write_secret(tmp_path, SECRET, mode)
+    with pytest.raises(ConfigurationError) as info:
+        resolve_secret(None, path)
+    message = str(info.value)
+    assert f"chmod 600 {path}" in message
+    assert SECRET not in message
+
+
+def test_resolve_secret_env_file_loose_permissions_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv(SECRET_FILE_ENV, write_secret(tmp_path, SECRET, 0o644))
+    with pytest.raises(ConfigurationError, match="chmod 600"):
+        resolve_secret(None)
+
+
+def test_resolve_secret_file_owner_only_read_accepted(tmp_path):
+    path = write_secret(tmp_path, SECRET, 0o400)
+    assert resolve_secret(None, path) == SECRET.encode()
+
+
+def test_resolve_secret_missing_file_error_names_path(tmp_path):
+    path = str(tmp_path / "absent")
+    with pytest.raises(ConfigurationError, match="does not exist") as info:
+        resolve_secret(None, path)
+    assert path in str(info.value)
+
+
+@pytest.mark.parametrize("content", ["", "\n", "\r\n"])
+def test_resolve_secret_empty_file_refused(tmp_path, content):
+    with pytest.raises(ConfigurationError, match="empty"):
+        resolve_secret(None, write_secret(tmp_path, content))
+
+
+def test_resolve_secret_directory_refused(tmp_path):
+    directory = tmp_path / "dir"
+    directory.mkdir(mode=0o700)
+    with pytest.raises(ConfigurationError, match="not a regular file"):
+        resolve_secret(None, str(directory))
+
+
+def test_resolve_secret_fifo_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o600)
+    with pytest.raises(ConfigurationError, match="not a regular file"):
+        resolve_secret(None, str(fifo))
+
+
+def test_resolve_secret_file_path_like_accepted(tmp_path):
+    path = tmp_path / "secret"
+    write_secret(tmp_path, SECRET)
+    assert resolve_secret(None, path) == SECRET.encode()
+
+
+def test_fingerprint_secret_gives_eight_hex_digits_of_sha256():
+    value = fingerprint(SECRET.encode())
+    assert value == hashlib.sha256(SECRET.encode()).hexdigest()[:8]
+    assert len(value) == 8
+    assert set(value) <= set(string.hexdigits.lower())
+
+
+def test_fingerprint_different_secrets_differ():
+    assert fingerprint(b"one") != fingerprint(b"two")
+
+
+def test_random_secret_called_twice_gives_distinct_url_safe_text():
+    first, second = random_secret(), random_secret()
+    assert first != second
+    assert len(first) >= 43  # 32 random bytes
+    assert set(first) <= set(string.ascii_letters + string.digits + "-_")
