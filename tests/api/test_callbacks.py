@@ -48,7 +48,9 @@ def test_dispatcher_not_posted_starts_no_thread():
     assert dispatcher.close(WAIT)
 
 
-def test_dispatcher_callback_raises_logged_and_later_callbacks_run(dispatcher, caplog):
+def test_dispatcher_callback_raises_logged_and_later_callbacks_run(
+    dispatcher, caplog, allow_error_logs
+):
     seen: list[int] = []
 
     def broken_status(job: int) -> None:

@@ -246,7 +246,9 @@ def test_coalescer_trigger_while_fn_runs_schedules_one_more_run(runner):
     assert calls == [0, 1]
 
 
-def test_coalescer_fn_raises_logged_and_next_trigger_runs(runner, caplog):
+def test_coalescer_fn_raises_logged_and_next_trigger_runs(
+    runner, caplog, allow_error_logs
+):
     calls: list[int] = []
 
     def broken() -> None:

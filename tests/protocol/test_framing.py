@@ -1,0 +1,190 @@
+"""Tests of length-prefixed framing: encoding, prefix checks, incremental decoding."""
+
+from __future__ import annotations
+
+import struct
+import tracemalloc
+
+import pytest
+
+from dispynb.errors import FramingError
+from dispynb.protocol.framing import (
+    MAX_BUFFERS,
+    PREFIX,
+    PREFIX_SIZE,
+    FrameDecoder,
+    encode_frames,
+    parse_prefix,
+    split_body,
+)
+
+CAP = 64 * 1024
+MAC = 32
+BUFFERS = [b"header", b"", b"abc", bytes(range(256)) * 4]
+
+
+def frame(buffers, mac: bytes = b"") -> bytes:
+    head, parts = encode_frames(buffers, len(mac))
+    return b"".join([head, *parts, mac])
+
+
+def chunks(data: bytes, size: int) -> list[bytes]:
+    return [data[i : i + size] for i in range(0, len(data), size)]
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 8, 9, 13, 64, 1000, 10**6])
+def test_decoder_any_chunking_round_trips(size):
+    data = frame(BUFFERS) + frame([b"second", bytearray(b"x" * 300)])
+    decoder = FrameDecoder(CAP)
+    out = []
+    for chunk in chunks(data, size):
+        out.extend(decoder.feed(chunk))
+    assert [[bytes(b) for b in m[1]] for m in out] == [
+        BUFFERS,
+        [b"second", b"x" * 300],
+    ]
+    assert decoder.pending == 0
+
+
+def test_decoder_byte_by_byte_yields_message_only_at_last_byte():
+    data = frame(BUFFERS)
+    decoder = FrameDecoder(CAP)
+    for byte in data[:-1]:
+        assert decoder.feed(bytes([byte])) == []
+    assert decoder.pending == len(data) - 1
+    [(prefix, buffers, signed, mac)] = decoder.feed(data[-1:])
+    assert prefix == data[:PREFIX_SIZE]
+    assert [bytes(b) for b in buffers] == BUFFERS
+    assert bytes(signed) == data[PREFIX_SIZE:]
+    assert bytes(mac) == b""
+
+
+def test_decoder_with_mac_separates_signed_part_and_mac():
+    mac = bytes(range(MAC))
+    data = frame(BUFFERS, mac)
+    decoder = FrameDecoder(CAP, mac_size=MAC)
+    out = []
+    for byte in data:
+        out.extend(decoder.feed(bytes([byte])))
+    [(prefix, buffers, signed, got_mac)] = out
+    assert [bytes(b) for b in buffers] == BUFFERS
+    assert bytes(got_mac) == mac
+    assert prefix + bytes(signed) + bytes(got_mac) == data
+
+
+def test_encode_frames_body_length_counts_table_buffers_and_mac():
+    head, parts = encode_frames(BUFFERS, MAC)
+    body, count = PREFIX.unpack(head[:PREFIX_SIZE])
+    assert count == len(BUFFERS)
+    assert body == 4 * len(BUFFERS) + sum(len(b) for b in BUFFERS) + MAC
+    assert len(head) == PREFIX_SIZE + 4 * len(BUFFERS)
+    assert parts == BUFFERS
+
+
+def test_encode_frames_memoryview_of_wide_items_counts_bytes():
+    view = memoryview(struct.pack("!4d", 1, 2, 3, 4)).cast("d")
+    head, _ = encode_frames([b"h", view])
+    body, _ = PREFIX.unpack(head[:PREFIX_SIZE])
+    assert body == 8 + 1 + 32
+
+
+def test_parse_prefix_announcing_4_gib_raises_before_any_body():
+    decoder = FrameDecoder(CAP)
+    tracemalloc.start()
+    try:
+        with pytest.raises(FramingError, match="cap"):
+            decoder.feed(PREFIX.pack(2**32 - 1, 1))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1024 * 1024
+
+
+def test_parse_prefix_over_cap_by_one_raises():
+    with pytest.raises(FramingError, match="cap"):
+        parse_prefix(PREFIX.pack(CAP + 1, 1), CAP)
+    assert parse_prefix(PREFIX.pack(CAP, 1), CAP) == (CAP, 1)
+
+
+def test_parse_prefix_zero_buffers_raises():
+    with pytest.raises(FramingError, match="buffer count 0"):
+        parse_prefix(PREFIX.pack(0, 0), CAP)
+
+
+def test_parse_prefix_too_many_buffers_raises():
+    count = MAX_BUFFERS + 1
+    with pytest.raises(FramingError, match="buffer count"):
+        parse_prefix(PREFIX.pack(4 * count, count), 2**32 - 1)
+
+
+def test_encode_frames_zero_buffers_raises():
+    with pytest.raises(FramingError, match="1 to"):
+        encode_frames([])
+
+
+def test_encode_frames_too_many_buffers_raises():
+    with pytest.raises(FramingError, match="1 to"):
+        encode_frames([b""] * (MAX_BUFFERS + 1))
+
+
+def test_encode_frames_over_4_gib_raises():
+    big = bytes(1 << 20)  # the same 1 MiB buffer, 4097 times: no 4 GiB allocation
+    with pytest.raises(FramingError, match="4 GiB"):
+        encode_frames([big] * 4097)
+
+
+@pytest.mark.parametrize("size", [0, 1, 7, 9])
+def test_parse_prefix_wrong_length_raises(size):
+    with pytest.raises(FramingError, match="truncated"):
+        parse_prefix(bytes(size), CAP)
+
+
+def test_decoder_truncated_prefix_waits_without_output():
+    decoder = FrameDecoder(CAP)
+    assert decoder.feed(b"\x00\x00\x00") == []
+    assert decoder.pending == 3
+
+
+def test_parse_prefix_body_too_short_for_table_raises():
+    with pytest.raises(FramingError, match="too short"):
+        parse_prefix(PREFIX.pack(7, 2), CAP)
+
+
+def test_parse_prefix_body_too_short_for_mac_raises():
+    with pytest.raises(FramingError, match="too short"):
+        parse_prefix(PREFIX.pack(4 + MAC - 1, 1), CAP, mac_size=MAC)
+    assert parse_prefix(PREFIX.pack(4 + MAC, 1), CAP, mac_size=MAC) == (4 + MAC, 1)
+
+
+@pytest.mark.parametrize("announced", [5, 10**6])
+def test_split_body_lengths_not_adding_up_raises(announced):
+    body = struct.pack("!I", announced) + b"hello-world"
+    with pytest.raises(FramingError, match="add up"):
+        split_body(body, 1)
+
+
+def test_decoder_lengths_not_adding_up_raises():
+    body = struct.pack("!2I", 3, 3) + b"abcdefg"  # 7 bytes where the table says 6
+    data = PREFIX.pack(len(body), 2) + body
+    with pytest.raises(FramingError, match="add up"):
+        FrameDecoder(CAP).feed(data)
+
+
+def test_decoder_frame_without_mac_on_signed_decoder_raises():
+    data = frame([b"x" * 40])  # long enough to pass the prefix check with a MAC
+    with pytest.raises(FramingError, match="add up"):
+        FrameDecoder(CAP, mac_size=MAC).feed(data)
+
+
+def test_decoder_frame_with_mac_on_unsigned_decoder_raises():
+    data = frame([b"header"], mac=bytes(MAC))
+    with pytest.raises(FramingError, match="add up"):
+        FrameDecoder(CAP).feed(data)
+
+
+def test_split_body_returns_views_without_copy():
+    body = bytearray(frame(BUFFERS)[PREFIX_SIZE:])
+    buffers, signed, mac = split_body(body, len(BUFFERS))
+    assert all(b.obj is body for b in buffers)
+    assert signed.obj is body
+    assert len(mac) == 0

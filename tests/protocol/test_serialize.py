@@ -1,0 +1,168 @@
+"""Tests of pickling: fast path, by-value functions and classes, out-of-band buffers."""
+
+from __future__ import annotations
+
+import pickle
+import threading
+
+import pytest
+
+from dispynb.errors import SerializationError
+from dispynb.protocol import serialize
+from dispynb.protocol.serialize import dumps, loads
+
+PLAIN = [
+    0,
+    -(2**70),
+    1.5,
+    complex(1, 2),
+    "text",
+    b"bytes",
+    True,
+    None,
+    (1, "a", (2.0, None)),
+    [1, [2, [3]]],
+    {"a": [1, 2], "b": {"c": b"d"}},
+    [],
+    {},
+]
+
+
+def _no_cloudpickle(*args, **kwargs):
+    raise AssertionError("the cloudpickle path was used for a plain value")
+
+
+@pytest.mark.parametrize("value", PLAIN, ids=repr)
+def test_dumps_plain_value_uses_fast_path_and_round_trips(value, monkeypatch):
+    monkeypatch.setattr(serialize, "_Pickler", _no_cloudpickle)
+    out = dumps(value)
+    assert out == [pickle.dumps(value, protocol=5)]
+    assert loads(out) == value
+
+
+def test_dumps_non_plain_container_uses_cloudpickle(monkeypatch):
+    monkeypatch.setattr(serialize, "_Pickler", _no_cloudpickle)
+    with pytest.raises(SerializationError, match="AssertionError"):
+        dumps([1, {2, 3}])
+
+
+def test_dumps_closure_round_trips_by_value():
+    offset = 10
+
+    def add(x):
+        return x + offset
+
+    out = dumps(add)
+    assert b"offset" in out[0]
+    back = loads(out)
+    assert back(5) == 15
+
+
+def test_dumps_lambda_and_local_class_round_trip_by_value():
+    class Point:
+        def __init__(self, x, y):
+            self.x, self.y = x, y
+
+        def norm2(self):
+            return self.x**2 + self.y**2
+
+    out = dumps((Point, Point(3, 4), lambda p: p.norm2() + 1))
+    assert b"norm2" in out[0]  # the class travels by value, code included
+    cls, point, fn = loads(out)
+    assert isinstance(point, cls)
+    assert point.norm2() == 25
+    assert fn(point) == 26
+
+
+def test_dumps_large_bytearray_goes_out_of_band_without_copy():
+    data = bytearray(b"0123456789abcdef" * 65536)  # 1 MiB
+    out = dumps(data)
+    assert len(out) > 1
+    assert len(out[0]) < 1024  # the pickle itself holds no copy of the data
+    assert isinstance(out[1], memoryview)
+    assert out[1].obj is data
+    assert out[1].nbytes == len(data)
+    back = loads(out)
+    assert type(back) is bytearray
+    assert back == data
+
+
+def test_dumps_bytearray_nested_and_shared_keeps_identity():
+    data = bytearray(200_000)
+    other = bytearray(b"x" * 100_000)
+    out = dumps({"a": data, "b": [data, other], "f": lambda: 1})
+    assert len(out) == 3  # each distinct large bytearray once
+    back = loads(out)
+    assert back["a"] is back["b"][0]
+    assert back["a"] == data
+    assert back["b"][1] == other
+
+
+def test_dumps_out_of_band_survives_received_memoryviews():
+    data = bytearray(range(256)) * 1024
+    out = dumps([data])
+    # What a receiver has: read-only views of one received body.
+    body = b"".join(bytes(b) for b in out)
+    views, offset = [], 0
+    for part in out:
+        size = memoryview(part).nbytes
+        views.append(memoryview(body)[offset : offset + size])
+        offset += size
+    assert loads(views) == [data]
+
+
+def test_dumps_small_bytearray_stays_in_band():
+    out = dumps([bytearray(b"small"), lambda: 0])
+    assert len(out) == 1
+    assert loads(out)[0] == bytearray(b"small")
+
+
+def test_dumps_many_small_bytearrays_stay_under_frame_limit():
+    from dispynb.protocol.framing import MAX_BUFFERS
+
+    out = dumps([bytearray(10) for _ in range(MAX_BUFFERS + 10)])
+    assert len(out) <= MAX_BUFFERS
+
+
+def test_dumps_lock_raises_naming_type():
+    with pytest.raises(SerializationError, match="lock") as info:
+        dumps({"lock": threading.Lock()})
+    assert "dict" in str(info.value)
+
+
+def test_dumps_bare_lock_raises_naming_type():
+    with pytest.raises(SerializationError, match="'lock'"):
+        dumps(threading.Lock())
+
+
+def test_dumps_error_repr_is_truncated():
+    with pytest.raises(SerializationError) as info:
+        dumps([threading.Lock(), "x" * 1000])
+    assert len(str(info.value)) < 400
+
+
+@pytest.mark.parametrize(
+    "buffers",
+    [[b"garbage"], [b""], [b"\x80\x05"], [bytes(range(256))], [b"GET / HTTP/1.1"]],
+)
+def test_loads_garbage_raises(buffers):
+    with pytest.raises(SerializationError, match="cannot unpickle"):
+        loads(buffers)
+
+
+def test_loads_no_buffers_raises():
+    with pytest.raises(SerializationError, match="no pickle data"):
+        loads([])
+
+
+def test_loads_missing_out_of_band_buffer_raises():
+    out = dumps(bytearray(100_000))
+    with pytest.raises(SerializationError):
+        loads(out[:1])
+
+
+def test_loads_unknown_module_raises():
+    with pytest.raises(SerializationError, match="cannot unpickle"):
+        loads(
+            [b"\x80\x05\x95\x0f\x00\x00\x00\x00\x00\x00\x00\x8c\x03nox\x8c\x01y\x93."]
+        )

@@ -1,0 +1,448 @@
+"""Tests of authenticated connections over real sockets on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from dispynb.errors import (
+    AuthenticationError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    FramingError,
+    ProtocolError,
+    ProtocolVersionError,
+)
+from dispynb.protocol.handshake import ClientHandshake
+from dispynb.protocol.messages import Error, JobCancel, JobSubmit, Welcome
+from dispynb.transport.connection import Connection
+from dispynb.transport.connector import connect
+from tests.asyncutil import run
+from tests.transport.util import (
+    HOST,
+    SECRET,
+    RawClient,
+    client,
+    echo_round_trip,
+    make_welcome,
+    raw_connection,
+    read_message,
+    read_until_closed,
+    serving,
+    unsigned_frame,
+    wait_until,
+    warnings_from,
+)
+
+
+def test_connect_same_secret_gets_welcome_and_signs():
+    async def main():
+        async with (
+            serving() as (listener, echo),
+            client(listener.port, name="my-client") as (conn, welcome),
+        ):
+            assert welcome == make_welcome()
+            assert conn.authenticated
+            assert not conn.closed
+            await conn.send(JobCancel(comp_id=1, key=1, attempt=0))
+            await conn.recv()
+            assert echo.names == ["my-client"]
+            assert echo.connections[0].authenticated
+
+    run(main())
+
+
+def test_connect_several_buffers_with_10_mb_round_trip_intact():
+    big = bytearray(os.urandom(10 * 1024 * 1024))
+    buffers = [b"", b"small", big, memoryview(b"x" * 70_000), b"last"]
+    sent = JobSubmit(comp_id=7, jobs=[[1, 0, 2], [2, 0, 3]])
+
+    async def main():
+        async with (
+            serving() as (listener, echo),
+            client(listener.port) as (conn, _),
+        ):
+            sent_before = conn.bytes_sent
+            received_before = conn.bytes_received
+            await conn.send(sent, buffers)
+            message, received = await conn.recv()
+            assert message == sent
+            assert [bytes(b) for b in received] == [bytes(b) for b in buffers]
+            assert echo.received[0][1][2] == big
+            size = conn.bytes_sent - sent_before
+            assert size > len(big)
+            assert conn.bytes_received - received_before == size
+
+    run(main())
+
+
+def test_connect_many_pipelined_messages_arrive_in_order():
+    async def main():
+        async with (
+            serving() as (listener, _),
+            client(listener.port) as (conn, _),
+        ):
+            for key in range(200):
+                conn.write(JobCancel(comp_id=1, key=key, attempt=0), [b"k" * key])
+            for key in range(200):
+                message, buffers = await conn.recv()
+                assert message.key == key
+                assert bytes(buffers[0]) == b"k" * key
+
+    run(main())
+
+
+def test_connect_wrong_secret_client_raises_node_warns_handler_not_called(caplog):
+    async def main():
+        async with serving() as (listener, echo):
+            with pytest.raises(AuthenticationError, match="secret") as info:
+                async with client(listener.port, secret=b"not-the-secret"):
+                    pass
+            text = str(info.value)
+            assert "not-the-secret" not in text
+            assert SECRET.decode() not in text
+            await wait_until(lambda: warnings_from(caplog, "rejected connection"))
+            assert echo.names == []
+            assert echo.received == []
+
+    run(main())
+
+
+def test_connect_without_secret_to_node_with_secret_raises():
+    async def main():
+        async with serving() as (listener, echo):
+            with pytest.raises(AuthenticationError):
+                async with client(listener.port, secret=None):
+                    pass
+            assert echo.names == []
+
+    run(main())
+
+
+def test_connect_both_without_secret_succeeds():
+    async def main():
+        async with serving(secret=None) as (listener, _):
+            await echo_round_trip(listener.port, secret=None)
+
+    run(main())
+
+
+def test_connect_nothing_listening_raises_connection_closed():
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        port = sock.getsockname()[1]  # bound but not listening: refused
+
+    async def main():
+        with pytest.raises(ConnectionClosedError, match="cannot connect"):
+            await connect(HOST, port, secret=SECRET, max_message_size=1024)
+
+    run(main())
+
+
+def test_recv_message_over_client_cap_raises_framing_error():
+    async def main():
+        async with (
+            serving() as (listener, _),
+            client(listener.port, max_message_size=4096) as (conn, _),
+        ):
+            await conn.send(JobCancel(comp_id=1, key=1, attempt=0), [b"x" * 10_000])
+            with pytest.raises(FramingError, match="4096-byte cap"):
+                await conn.recv()
+
+    run(main())
+
+
+def test_recv_message_over_node_cap_closes_connection(caplog):
+    async def main():
+        async with (
+            serving(max_message_size=4096) as (listener, echo),
+            client(listener.port) as (conn, _),
+        ):
+            await conn.send(JobCancel(comp_id=1, key=1, attempt=0), [b"x" * 10_000])
+            with pytest.raises(ConnectionClosedError):
+                await conn.recv()
+            assert warnings_from(caplog, "4096-byte cap")
+            assert echo.received == []
+            await echo_round_trip(listener.port)
+
+    run(main())
+
+
+def test_write_after_close_raises_connection_closed():
+    async def main():
+        async with (
+            serving() as (listener, _),
+            client(listener.port) as (conn, _),
+        ):
+            conn.close()
+            assert conn.closed
+            with pytest.raises(ConnectionClosedError):
+                conn.write(JobCancel(comp_id=1, key=1, attempt=0))
+            conn.close()  # idempotent
+
+    run(main())
+
+
+def test_recv_after_node_closes_raises_connection_closed():
+    async def main():
+        async with (
+            serving() as (listener, echo),
+            client(listener.port) as (conn, _),
+        ):
+            await wait_until(lambda: echo.connections)
+            echo.connections[0].close()
+            with pytest.raises(ConnectionClosedError):
+                await conn.recv()
+
+    run(main())
+
+
+def test_raw_client_valid_signed_message_is_echoed():
+    async def main():
+        async with (
+            serving() as (listener, echo),
+            raw_connection(listener.port) as (reader, writer),
+        ):
+            raw = RawClient(reader, writer)
+            assert await raw.handshake() == make_welcome()
+            sent = JobCancel(comp_id=1, key=1, attempt=0)
+            writer.write(raw.signed_frame(sent, [b"abc"]))
+            message, buffers = await raw.receive()
+            assert message == sent
+            assert [bytes(b) for b in buffers] == [b"abc"]
+            assert echo.names == ["raw"]
+
+    run(main())
+
+
+def _flip(data: bytes, index: int) -> bytes:
+    out = bytearray(data)
+    out[index] ^= 0x01
+    return bytes(out)
+
+
+@pytest.mark.parametrize("where", ["mac", "header", "buffer"])
+def test_tampered_frame_after_auth_closes_without_dispatch(where, caplog):
+    async def main():
+        async with (
+            serving() as (listener, echo),
+            raw_connection(listener.port) as (reader, writer),
+        ):
+            raw = RawClient(reader, writer)
+            await raw.handshake()
+            good = JobCancel(comp_id=1, key=1, attempt=0)
+            writer.write(raw.signed_frame(good, [b"payload"]))
+            await raw.receive()
+            frame = raw.signed_frame(JobCancel(comp_id=1, key=2, attempt=0), [b"data"])
+            index = {"mac": -1, "header": 20, "buffer": -33}[where]
+            writer.write(_flip(frame, index))
+            await read_until_closed(reader)
+            assert [m.key for m, _ in echo.received] == [1]
+            assert warnings_from(caplog, "failed its MAC check")
+            await echo_round_trip(listener.port)
+
+    run(main())
+
+
+def test_replayed_frame_after_auth_closes_without_dispatch(caplog):
+    async def main():
+        async with (
+            serving() as (listener, echo),
+            raw_connection(listener.port) as (reader, writer),
+        ):
+            raw = RawClient(reader, writer)
+            await raw.handshake()
+            frame = raw.signed_frame(JobCancel(comp_id=1, key=1, attempt=0))
+            writer.write(frame)
+            await raw.receive()
+            writer.write(frame)  # the very same bytes again
+            await read_until_closed(reader)
+            assert len(echo.received) == 1
+            assert warnings_from(caplog, "message 1 failed its MAC check")
+
+    run(main())
+
+
+def test_unsigned_frame_after_auth_closes_without_dispatch(caplog):
+    async def main():
+        async with (
+            serving() as (listener, echo),
+            raw_connection(listener.port) as (reader, writer),
+        ):
+            raw = RawClient(reader, writer)
+            await raw.handshake()
+            writer.write(unsigned_frame(JobCancel(comp_id=1, key=1, attempt=0)))
+            await read_until_closed(reader)
+            assert echo.received == []
+            assert warnings_from(caplog, "connection from")
+
+    run(main())
+
+
+def test_frame_signed_with_other_session_key_closes_without_dispatch(caplog):
+    async def main():
+        async with (
+            serving() as (listener, echo),
+            raw_connection(listener.port) as (r1, w1),
+            raw_connection(listener.port) as (r2, w2),
+        ):
+            one, two = RawClient(r1, w1), RawClient(r2, w2)
+            await one.handshake()
+            await two.handshake()
+            # A message captured on connection one, replayed on connection two.
+            w2.write(one.signed_frame(JobCancel(comp_id=1, key=1, attempt=0)))
+            await read_until_closed(r2)
+            assert echo.received == []
+            assert warnings_from(caplog, "failed its MAC check")
+
+    run(main())
+
+
+def test_connection_repr_shows_peer_and_state():
+    async def main():
+        async with (
+            serving() as (listener, _),
+            client(listener.port) as (conn, _),
+        ):
+            assert repr(conn) == f"<Connection {HOST}:{listener.port} open>"
+            conn.close()
+            assert repr(conn).endswith("closed>")
+            assert isinstance(conn, Connection)
+
+    run(main())
+
+
+def test_welcome_is_signed_first_message():
+    async def main():
+        async with (
+            serving() as (listener, _),
+            raw_connection(listener.port) as (reader, writer),
+        ):
+            raw = RawClient(reader, writer)
+            welcome = await raw.handshake()
+            assert isinstance(welcome, Welcome)
+            assert raw.verifier.seq == 1
+
+    run(main())
+
+
+# --- a client facing something that is not an honest node -----------------------
+
+
+async def _fake_node(reply: Callable[[asyncio.StreamReader], Awaitable[bytes]]):
+    """A TCP server on 127.0.0.1 that answers each connection with ``reply``."""
+    writers = []
+
+    async def handle(reader, writer):
+        writers.append(writer)
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            data = await reply(reader)
+            if data:
+                writer.write(data)
+                await writer.drain()
+            await reader.read()  # until the client hangs up
+        writer.close()
+
+    server = await asyncio.start_server(handle, HOST, 0)
+    return server, writers
+
+
+@contextlib.asynccontextmanager
+async def fake_node(reply):
+    server, writers = await _fake_node(reply)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        for writer in writers:
+            writer.close()
+        await server.wait_closed()
+
+
+async def _silent(reader):
+    await reader.read()
+    return b""
+
+
+def test_connect_silent_peer_raises_connect_timeout():
+    async def main():
+        async with fake_node(_silent) as port:
+            with pytest.raises(ConnectTimeoutError, match="handshake"):
+                await connect(
+                    HOST,
+                    port,
+                    secret=SECRET,
+                    max_message_size=1024,
+                    handshake_timeout=0.3,
+                )
+
+    run(main())
+
+
+def test_connect_peer_sending_garbage_raises_protocol_error():
+    async def garbage(reader):
+        await reader.readexactly(8)
+        return b"HTTP/1.1 400 Bad Request\r\n\r\n"
+
+    async def main():
+        async with fake_node(garbage) as port:
+            with pytest.raises(ProtocolError, match=f"{HOST}:{port}"):
+                await connect(HOST, port, secret=SECRET, max_message_size=1024)
+
+    run(main())
+
+
+def test_connect_peer_hanging_up_raises_connection_closed():
+    async def hang_up(reader):
+        raise OSError("hang up")
+
+    async def main():
+        async with fake_node(hang_up) as port:
+            with pytest.raises(ConnectionClosedError):
+                await connect(HOST, port, secret=SECRET, max_message_size=1024)
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    ("code", "kind"),
+    [("version", ProtocolVersionError), ("auth", AuthenticationError)],
+)
+def test_connect_node_refusal_raises_mapped_error(code, kind):
+    async def refuse(reader):
+        await reader.readexactly(8)
+        return unsigned_frame(Error(code=code, message="node says no, version 9"))
+
+    async def main():
+        async with fake_node(refuse) as port:
+            with pytest.raises(kind, match="node says no, version 9"):
+                await connect(HOST, port, secret=SECRET, max_message_size=1024)
+
+    run(main())
+
+
+def test_connect_impostor_replaying_captured_challenge_rejected():
+    async def main():
+        # Capture a real node's challenge for some other client's hello...
+        async with (
+            serving() as (listener, _),
+            raw_connection(listener.port) as (reader, writer),
+        ):
+            writer.write(unsigned_frame(ClientHandshake(SECRET).hello()))
+            captured, _ = await read_message(reader)
+
+        # ...and serve it to a new client: its nonce differs, so the proof fails.
+        async def replay(reader):
+            await reader.readexactly(8)
+            return unsigned_frame(captured)
+
+        async with fake_node(replay) as port:
+            with pytest.raises(AuthenticationError, match="secret"):
+                await connect(HOST, port, secret=SECRET, max_message_size=1024)
+
+    run(main())

@@ -1,0 +1,206 @@
+"""Tests of TLS contexts and of dispynb connections over TLS on 127.0.0.1."""
+
+from __future__ import annotations
+
+import ssl
+
+import pytest
+
+from dispynb.errors import (
+    AuthenticationError,
+    ConfigurationError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    TransportError,
+)
+from dispynb.transport.tls import client_context, server_context
+from tests.asyncutil import run
+from tests.transport.util import client, echo_round_trip, serving, wait_until
+
+
+def test_tls_verified_client_round_trips(cert):
+    certfile, keyfile = cert
+
+    async def main():
+        async with serving(ssl_context=server_context(certfile, keyfile)) as (
+            listener,
+            echo,
+        ):
+            await echo_round_trip(
+                listener.port, ssl_context=client_context(cafile=certfile)
+            )
+            async with client(
+                listener.port, ssl_context=client_context(cafile=certfile)
+            ) as (conn, _):
+                await wait_until(lambda: len(echo.connections) == 2)
+                assert isinstance(conn.stream.socket, ssl.SSLSocket)
+                assert conn.stream.socket.version() in ("TLSv1.2", "TLSv1.3")
+
+    run(main())
+
+
+def test_tls_unverified_client_still_encrypts_and_authenticates(cert):
+    certfile, keyfile = cert
+
+    async def main():
+        async with serving(ssl_context=server_context(certfile, keyfile)) as (
+            listener,
+            _,
+        ):
+            await echo_round_trip(listener.port, ssl_context=client_context())
+            with pytest.raises(AuthenticationError):
+                async with client(
+                    listener.port, secret=b"wrong", ssl_context=client_context()
+                ):
+                    pass
+
+    run(main())
+
+
+def test_tls_client_trusting_other_cert_raises_transport_error(cert, other_cert):
+    certfile, keyfile = cert
+
+    async def main():
+        async with serving(ssl_context=server_context(certfile, keyfile)) as (
+            listener,
+            echo,
+        ):
+            with pytest.raises(TransportError) as info:
+                async with client(
+                    listener.port,
+                    ssl_context=client_context(cafile=other_cert[0]),
+                    handshake_timeout=5,
+                ):
+                    pass
+            assert "TLS failure" in str(info.value)
+            assert "CERTIFICATE_VERIFY_FAILED" in str(info.value)
+            assert not isinstance(info.value, ConnectionClosedError)
+            assert echo.names == []
+            await echo_round_trip(
+                listener.port, ssl_context=client_context(cafile=certfile)
+            )
+
+    run(main())
+
+
+def test_tls_plain_client_to_tls_node_fails_cleanly(cert):
+    certfile, keyfile = cert
+
+    async def main():
+        async with serving(ssl_context=server_context(certfile, keyfile)) as (
+            listener,
+            echo,
+        ):
+            with pytest.raises((ConnectTimeoutError, ConnectionClosedError)):
+                async with client(listener.port, handshake_timeout=2):
+                    pass
+            assert echo.names == []
+            await echo_round_trip(
+                listener.port, ssl_context=client_context(cafile=certfile)
+            )
+
+    run(main())
+
+
+def test_tls_client_to_plain_node_fails_cleanly(cert, caplog):
+    certfile, _ = cert
+
+    async def main():
+        async with serving() as (listener, echo):
+            with pytest.raises(TransportError):
+                async with client(
+                    listener.port,
+                    ssl_context=client_context(cafile=certfile),
+                    timeout=2,
+                    handshake_timeout=2,
+                ):
+                    pass
+            assert echo.names == []
+            await echo_round_trip(listener.port)
+
+    run(main())
+
+
+def test_tls_node_requiring_client_cert_rejects_client_without_one(cert, other_cert):
+    certfile, keyfile = cert
+    ca, client_key = other_cert
+
+    async def main():
+        context = server_context(certfile, keyfile, cafile=ca)
+        async with serving(ssl_context=context) as (listener, echo):
+            with pytest.raises(TransportError):
+                async with client(
+                    listener.port,
+                    ssl_context=client_context(cafile=certfile),
+                    handshake_timeout=2,
+                ):
+                    pass
+            assert echo.names == []
+            await echo_round_trip(
+                listener.port,
+                ssl_context=client_context(ca, client_key, cafile=certfile),
+            )
+
+    run(main())
+
+
+def test_server_context_missing_certfile_raises(tmp_path):
+    with pytest.raises(ConfigurationError, match="certfile"):
+        server_context(str(tmp_path / "missing.pem"))
+
+
+def test_server_context_missing_keyfile_raises(cert, tmp_path):
+    with pytest.raises(ConfigurationError, match="keyfile"):
+        server_context(cert[0], str(tmp_path / "missing.key"))
+
+
+def test_server_context_missing_cafile_raises(cert, tmp_path):
+    with pytest.raises(ConfigurationError, match="cafile"):
+        server_context(*cert, cafile=str(tmp_path / "missing.pem"))
+
+
+def test_server_context_mismatched_key_raises(cert, other_cert):
+    with pytest.raises(ConfigurationError, match="cannot load"):
+        server_context(cert[0], other_cert[1])
+
+
+def test_server_context_garbage_cert_raises(tmp_path):
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate")
+    with pytest.raises(ConfigurationError, match="cannot load"):
+        server_context(str(bad))
+
+
+def test_server_context_directory_as_certfile_raises(tmp_path):
+    with pytest.raises(ConfigurationError, match="not a file"):
+        server_context(str(tmp_path))
+
+
+def test_client_context_missing_cafile_raises(tmp_path):
+    with pytest.raises(ConfigurationError, match="cafile"):
+        client_context(cafile=str(tmp_path / "missing.pem"))
+
+
+def test_client_context_missing_certfile_raises(tmp_path):
+    with pytest.raises(ConfigurationError, match="certfile"):
+        client_context(certfile=str(tmp_path / "missing.pem"))
+
+
+def test_contexts_require_tls_1_2_or_newer(cert):
+    for context in (
+        server_context(*cert),
+        client_context(),
+        client_context(cafile=cert[0]),
+    ):
+        assert context.minimum_version >= ssl.TLSVersion.TLSv1_2
+
+
+def test_client_context_with_cafile_verifies_hostname(cert):
+    context = client_context(cafile=cert[0])
+    assert context.verify_mode == ssl.CERT_REQUIRED
+    assert context.check_hostname
+
+
+def test_server_context_with_cafile_requires_client_cert(cert):
+    context = server_context(*cert, cafile=cert[0])
+    assert context.verify_mode == ssl.CERT_REQUIRED
