@@ -202,7 +202,7 @@ class Computation:
         self,
         server_end: socket.socket,
         worker_end: socket.socket,
-        mask: set[signal.Signals],
+        mask: set[int | signal.Signals],
     ) -> NoReturn:
         """Run in the forked child: shed the parent's resources, then serve jobs."""
         code = 1
@@ -420,7 +420,7 @@ def _load_prctl() -> Callable[..., int] | None:
         return None
     prctl.argtypes = [ctypes.c_int, *[ctypes.c_ulong] * 4]
     prctl.restype = ctypes.c_int
-    return prctl  # type: ignore[no-any-return]
+    return prctl
 
 
 #: Socket buffer size asked for worker channels: large arguments then flow while

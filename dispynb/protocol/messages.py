@@ -109,7 +109,7 @@ class Message:
                     f"{op!r} message field {name!r} has type {type(value).__name__}"
                 )
             values[name] = value
-        return kind(**values)  # type: ignore[return-value]
+        return kind(**values)
 
 
 def _accepted_types(hint: Any) -> tuple[type, ...]:
@@ -138,6 +138,7 @@ def _accepted_types(hint: Any) -> tuple[type, ...]:
 _M = typing.TypeVar("_M", bound=type[Message])
 
 
+@typing.dataclass_transform(frozen_default=True, kw_only_default=True)
 def message(op: str) -> typing.Callable[[_M], _M]:
     """Class decorator: a frozen, slotted, kw-only dataclass registered as ``op``."""
 
@@ -147,7 +148,7 @@ def message(op: str) -> typing.Callable[[_M], _M]:
             raise TypeError(f"op {op!r} is declared twice")
         made.op = op
         made._registry[op] = made
-        return made
+        return typing.cast(_M, made)
 
     return register
 

@@ -39,7 +39,9 @@ def dumps(obj: Any) -> list[Buffer]:
         if _is_plain(obj):
             if _has_large_bytes(obj):
                 main = pickle.dumps(
-                    _wrap_large_bytes(obj), protocol=5, buffer_callback=buffers.append
+                    _wrap_large_bytes(obj),
+                    protocol=5,
+                    buffer_callback=lambda b: buffers.append(b.raw()),
                 )
             else:
                 main = pickle.dumps(obj, protocol=5)
@@ -87,7 +89,7 @@ class _Pickler(cloudpickle.Pickler):
     def _buffer(self, buf: pickle.PickleBuffer) -> bool:
         if memoryview(buf).nbytes < _OOB_MIN:
             return True  # in-band
-        self._out.append(buf)
+        self._out.append(buf.raw())
         return False
 
     def persistent_id(self, obj: Any) -> Any:

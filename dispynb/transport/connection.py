@@ -188,9 +188,9 @@ def _write_coalesced(stream: IOStream, pieces: list[Buffer]) -> None:
         if small:
             stream.write(b"".join(small))
             small = []
-        stream.write(piece)
+        stream.write(memoryview(piece))
     if small:
-        stream.write(b"".join(small) if len(small) > 1 else small[0])
+        stream.write(b"".join(small) if len(small) > 1 else memoryview(small[0]))
 
 
 def describe_error(exc: BaseException) -> str:

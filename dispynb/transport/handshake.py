@@ -12,8 +12,15 @@ from dispynb.errors import (
     ProtocolVersionError,
 )
 from dispynb.protocol.handshake import ClientHandshake, NodeHandshake, refusal
-from dispynb.protocol.messages import Welcome
+from dispynb.protocol.messages import Welcome, WireMessage
 from dispynb.transport.connection import Connection
+
+
+async def _recv_wire(conn: Connection) -> WireMessage:
+    message = await conn.recv_unsigned_single()
+    if not isinstance(message, WireMessage):
+        raise MessageError(f"unexpected {message.op!r} during handshake")
+    return message
 
 
 async def client_handshake(
@@ -22,7 +29,7 @@ async def client_handshake(
     """Authenticate to a node; return its `Welcome`. The connection is then signed."""
     handshake = ClientHandshake(secret, name)
     conn.write(handshake.hello())
-    challenge = await conn.recv_unsigned_single()
+    challenge = await _recv_wire(conn)
     conn.write(handshake.on_challenge(challenge))
     send_key, receive_key = handshake.keys()
     conn.start_signing(send_key, receive_key, max_size)
@@ -45,9 +52,9 @@ async def node_handshake(
     """
     handshake = NodeHandshake(secret)
     try:
-        hello = await conn.recv_unsigned_single()
+        hello = await _recv_wire(conn)
         conn.write(handshake.on_hello(hello))
-        handshake.on_auth(await conn.recv_unsigned_single())
+        handshake.on_auth(await _recv_wire(conn))
     except (AuthenticationError, ProtocolVersionError, MessageError) as exc:
         with contextlib.suppress(DispynbError):
             await conn.send(refusal(exc))
