@@ -117,6 +117,7 @@ class ProgressLine:
         self._failed: int = 0
         self._started: float = time.monotonic()
         self._last_draw: float = -math.inf
+        self._drawn: int = -1  # jobs shown by the last draw
         self._closed: bool = False
 
     def start(self) -> None:
@@ -145,7 +146,8 @@ class ProgressLine:
         """Draw the final state and end the line; idempotent."""
         with self._lock:
             if not self._closed:
-                self._draw(time.monotonic())
+                if self._drawn != len(self._seen):
+                    self._draw(time.monotonic())
                 self.stream.write("\n")
                 self.stream.flush()
                 self._closed = True
@@ -163,6 +165,7 @@ class ProgressLine:
         )
         self.stream.flush()
         self._last_draw = now
+        self._drawn = done
 
 
 def _positive_int(text: str) -> int:

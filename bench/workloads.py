@@ -1,0 +1,255 @@
+"""The three benchmark workloads and what they measure; backend-agnostic.
+
+Contents
+--------
+Metric
+    One reported number: unit, direction, target.
+Workload
+    The protocol of a workload: ``warm_up`` then repeated ``measure``.
+Throughput, Latency, Bandwidth
+    The workloads.
+Sizes, FULL, QUICK
+    Job counts and payload sizes for a normal run and for ``--quick``.
+
+Every workload checks the results it gets back (after the clock stops), so a backend
+that drops or corrupts work fails loudly instead of looking fast. Inputs (argument
+tuples, payloads) are built before the clock starts. Each workload is warmed up with
+one full untimed round: with less, the first bandwidth repetition of both backends was
+about 30% slower than the others (page faults on fresh buffers).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from backends import Backend, BenchmarkError
+
+__all__ = [
+    "FULL",
+    "QUICK",
+    "Bandwidth",
+    "Latency",
+    "Metric",
+    "Sizes",
+    "Throughput",
+    "Workload",
+]
+
+MB = 1_000_000  # bytes; bandwidth is reported in decimal megabytes per second
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Metric:
+    """One reported number.
+
+    Attributes
+    ----------
+    key:
+        Stable key in the JSON results (``"throughput"``, ``"latency_median"`` ...).
+    label:
+        Row label in the printed table.
+    unit:
+        ``"jobs/s"``, ``"ms"`` or ``"MB/s"``.
+    higher_is_better:
+        Direction used for "best" and for the ratio note.
+    target:
+        Issue 2's target for dispynb, or ``None``.
+    """
+
+    key: str
+    label: str
+    unit: str
+    higher_is_better: bool
+    target: float | None = None
+
+    def best(self, values: list[float]) -> float:
+        """The best of several repetitions."""
+        return max(values) if self.higher_is_better else min(values)
+
+    def meets(self, value: float) -> bool:
+        """Whether ``value`` meets the target (``True`` when there is none)."""
+        if self.target is None:
+            return True
+        return value >= self.target if self.higher_is_better else value <= self.target
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Sizes:
+    """Job counts and payload sizes of one run."""
+
+    throughput_jobs: int
+    latency_trips: int
+    bandwidth_jobs: int
+    bandwidth_bytes: int
+
+
+FULL = Sizes(
+    throughput_jobs=2000, latency_trips=200, bandwidth_jobs=20, bandwidth_bytes=10 * MB
+)
+QUICK = Sizes(
+    throughput_jobs=200, latency_trips=30, bandwidth_jobs=4, bandwidth_bytes=2 * MB
+)
+
+
+class Workload(Protocol):
+    """A workload: warmed up once per backend, then measured R times."""
+
+    name: str
+    metrics: tuple[Metric, ...]
+
+    def describe(self) -> dict[str, Any]:
+        """Counts and sizes recorded in the JSON results."""
+
+    def warm_up(self, backend: Backend) -> None:
+        """Run one untimed round so that workers, clusters and memory are ready."""
+
+    def measure(self, backend: Backend) -> dict[str, float]:
+        """Run one timed repetition; return a value for each metric key."""
+
+
+@dataclass(slots=True, kw_only=True)
+class Throughput:
+    """``jobs`` trivial jobs submitted at once; jobs/s until all results are back."""
+
+    fn: Callable[[int], int]
+    jobs: int
+    name: str = "throughput"
+    metrics: tuple[Metric, ...] = (
+        Metric(
+            key="throughput",
+            label="throughput",
+            unit="jobs/s",
+            higher_is_better=True,
+            target=3000,
+        ),
+    )
+
+    def describe(self) -> dict[str, Any]:
+        return {"jobs": self.jobs, "function": "inc(x) -> x + 1"}
+
+    def warm_up(self, backend: Backend) -> None:
+        self._run(backend, self.jobs)
+
+    def measure(self, backend: Backend) -> dict[str, float]:
+        return {"throughput": self.jobs / self._run(backend, self.jobs)}
+
+    def _run(self, backend: Backend, jobs: int) -> float:
+        """Run ``jobs`` jobs, check the results and return the elapsed seconds."""
+        arglists = [(i,) for i in range(jobs)]
+        start = time.perf_counter()
+        results = backend.submit_and_wait(self.fn, arglists)
+        elapsed = time.perf_counter() - start
+        if results != [i + 1 for i in range(jobs)]:
+            raise BenchmarkError(f"{backend.name}: wrong results for {self.name}")
+        return elapsed
+
+
+@dataclass(slots=True, kw_only=True)
+class Latency:
+    """``trips`` sequential round trips of one trivial job; median and p95 in ms."""
+
+    fn: Callable[[int], int]
+    trips: int
+    name: str = "latency"
+    metrics: tuple[Metric, ...] = (
+        Metric(
+            key="latency_median",
+            label="round trip, median",
+            unit="ms",
+            higher_is_better=False,
+            target=1.0,
+        ),
+        Metric(
+            key="latency_p95",
+            label="round trip, p95",
+            unit="ms",
+            higher_is_better=False,
+        ),
+    )
+
+    def describe(self) -> dict[str, Any]:
+        return {"round_trips": self.trips, "function": "inc(x) -> x + 1"}
+
+    def warm_up(self, backend: Backend) -> None:
+        self._run(backend, self.trips)
+
+    def measure(self, backend: Backend) -> dict[str, float]:
+        times = sorted(self._run(backend, self.trips))
+        p95 = times[math.ceil(0.95 * len(times)) - 1]  # nearest rank
+        return {
+            "latency_median": statistics.median(times) * 1000,
+            "latency_p95": p95 * 1000,
+        }
+
+    def _run(self, backend: Backend, trips: int) -> list[float]:
+        """Run ``trips`` round trips; return the seconds each took."""
+        times: list[float] = []
+        for i in range(trips):
+            start = time.perf_counter()
+            result = backend.round_trip(self.fn, i)
+            times.append(time.perf_counter() - start)
+            if result != i + 1:
+                raise BenchmarkError(f"{backend.name}: wrong result for {self.name}")
+        return times
+
+
+@dataclass(slots=True, kw_only=True)
+class Bandwidth:
+    """``jobs`` jobs each sending ``size`` bytes and returning ``len``; MB/s.
+
+    The payloads are random and pairwise different (each starts with its index), so
+    neither compression nor a content cache can make a backend look faster.
+    """
+
+    fn: Callable[[bytes], int]
+    jobs: int
+    size: int
+    name: str = "bandwidth"
+    metrics: tuple[Metric, ...] = (
+        Metric(
+            key="bandwidth",
+            label="bandwidth",
+            unit="MB/s",
+            higher_is_better=True,
+            target=500,
+        ),
+    )
+    _payloads: list[bytes] | None = field(default=None, init=False, repr=False)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "jobs": self.jobs,
+            "bytes_per_job": self.size,
+            "function": "size(data) -> len(data)",
+        }
+
+    def warm_up(self, backend: Backend) -> None:
+        self._run(backend, self._get_payloads())
+
+    def measure(self, backend: Backend) -> dict[str, float]:
+        payloads = self._get_payloads()
+        elapsed = self._run(backend, payloads)
+        return {"bandwidth": len(payloads) * self.size / MB / elapsed}
+
+    def _get_payloads(self) -> list[bytes]:
+        if self._payloads is None:
+            base = os.urandom(self.size)
+            self._payloads = [
+                i.to_bytes(8, "little") + base[8:] for i in range(self.jobs)
+            ]
+        return self._payloads
+
+    def _run(self, backend: Backend, payloads: list[bytes]) -> float:
+        """Send ``payloads``, check the lengths and return the elapsed seconds."""
+        start = time.perf_counter()
+        results = backend.submit_and_wait(self.fn, [(p,) for p in payloads])
+        elapsed = time.perf_counter() - start
+        if results != [self.size] * len(payloads):
+            raise BenchmarkError(f"{backend.name}: wrong results for {self.name}")
+        return elapsed

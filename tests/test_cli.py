@@ -1,0 +1,117 @@
+"""Tests of the ``dispynb`` command line (`dispynb.cli`)."""
+
+from __future__ import annotations
+
+import io
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from dispynb import __version__
+from dispynb.cli import ProgressLine, estimate_pi, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["version"]) == 0
+    assert capsys.readouterr().out == f"dispynb {__version__}\n"
+
+
+def test_version_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc_info:
+        main(["--version"])
+    assert exc_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"dispynb {__version__}"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "the following arguments are required: COMMAND"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["demo", "--jobs", "0"], "argument --jobs: must be at least 1, got 0"),
+        (["demo", "--nodes", "two"], "argument --nodes: not an integer: 'two'"),
+    ],
+)
+def test_usage_errors(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc_info:
+        main(argv)
+    assert exc_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: dispynb")
+    assert message in err
+
+
+def test_import_is_light() -> None:
+    """Importing the CLI (as a node does to unpickle estimate_pi) loads no client."""
+    code = (
+        "import sys, dispynb.cli; "
+        "print(sorted(m for m in sys.modules if m.startswith("
+        "('dispynb', 'tornado', 'cloudpickle', 'msgpack', 'psutil'))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    assert out.strip() == "['dispynb', 'dispynb._version', 'dispynb.cli']"
+
+
+def test_estimate_pi_is_deterministic() -> None:
+    hits, node = estimate_pi(7, 20_000)
+    assert estimate_pi(7, 20_000)[0] == hits
+    assert abs(4 * hits / 20_000 - 3.1416) < 0.1
+    assert isinstance(node, str) and node
+
+
+def test_progress_line_counts_each_final_job_once() -> None:
+    stream = io.StringIO()
+    progress = ProgressLine(40, stream=stream, interval=0.0)
+    progress.start()
+
+    def report(first: int) -> None:
+        for i in range(first, first + 10):
+            progress.job_status(SimpleNamespace(id=i, status=7))  # provisional
+            progress.job_status(SimpleNamespace(id=i, status=11 if i % 10 else 9))
+            progress.job_status(SimpleNamespace(id=i, status=11))  # duplicate
+
+    threads = [threading.Thread(target=report, args=(k * 10,)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert progress.finished.is_set()
+    progress.close()
+    progress.close()
+    last = stream.getvalue().split("\r")[-1]
+    assert re.fullmatch(r"\[#{30}\] 40/40 jobs  \d+\.\d jobs/s  4 failed\n", last)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_demo_runs_on_local_nodes() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "dispynb.cli", "demo", "--jobs", "8", "--cpus", "2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    match = re.search(r"pi ~= (\d\.\d+)", proc.stdout)
+    assert match, proc.stdout
+    assert abs(float(match.group(1)) - 3.14159) < 0.05
+    assert "8/8 jobs" in proc.stderr
+    # print_status()'s table, with dispy's column names.
+    assert re.search(r"Node.*CPUs.*Jobs", proc.stdout), proc.stdout
