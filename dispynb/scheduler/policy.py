@@ -42,6 +42,9 @@ PIPELINE_SECONDS = 0.005
 #: recent jobs count most, but one outlier moves the mean by a fifth only.
 DURATION_WEIGHT = 0.2
 
+#: A node is refilled once 1/REFILL_FRACTION of its window is free (see `wants_jobs`).
+REFILL_FRACTION = 4
+
 
 def window(cpus: int, mean_duration: float | None) -> int:
     """Return how many jobs may be in flight on a node at once.
@@ -84,6 +87,24 @@ def window(cpus: int, mean_duration: float | None) -> int:
         depth = MAX_JOBS_PER_CPU if ratio >= MAX_JOBS_PER_CPU else math.ceil(ratio) + 1
         depth = max(MIN_JOBS_PER_CPU, min(MAX_JOBS_PER_CPU, depth))
     return cpus * depth
+
+
+def wants_jobs(cpus: int, running: int, window: int) -> bool:
+    """Whether a node should be sent more jobs now.
+
+    Refilling a node one job at a time, as each result comes back, would cost one
+    message per job. So a node is topped up only once a quarter of its window is free,
+    or as soon as it has no more jobs than CPUs (it would otherwise run dry).
+
+    Examples
+    --------
+    >>> wants_jobs(2, 60, 64), wants_jobs(2, 48, 64), wants_jobs(2, 2, 4)
+    (False, True, True)
+    """
+    free = window - running
+    if free <= 0:
+        return False
+    return running <= cpus or free >= max(1, window // REFILL_FRACTION)
 
 
 def update_mean(mean: float | None, duration: float) -> float | None:

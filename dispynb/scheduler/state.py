@@ -315,7 +315,7 @@ class SchedulerState:
     def _refresh(self, node: _Node) -> None:
         """Recompute a node's window and whether it has room."""
         node.window = policy.window(node.cpus, node.mean_duration)
-        if len(node.running) < node.window:
+        if policy.wants_jobs(node.cpus, len(node.running), node.window):
             self._open.add(node.name)
         else:
             self._open.discard(node.name)

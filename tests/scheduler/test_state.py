@@ -23,6 +23,7 @@ from dispynb.scheduler import (
     ResubmitJob,
     SchedulerState,
     SendJobs,
+    policy,
 )
 
 LONG = 1.0  # a job duration that keeps windows at MIN_JOBS_PER_CPU per CPU
@@ -557,8 +558,9 @@ def check_state(state: SchedulerState, model: Model, before: dict[str, int]) -> 
         assert info.running == state.node_running(info.node) == len(on_node)
         # No node is pushed over its window (a shrinking window recalls nothing).
         assert info.running <= max(info.window, before.get(info.node, 0))
-        # Work-conserving: a node with room has nothing queued that it could take.
-        if info.running < info.window:
+        # Work-conserving: a node that wants jobs (a quarter of its window free, or
+        # about to run dry) has nothing queued that it could take.
+        if policy.wants_jobs(info.cpus, info.running, info.window):
             assert all(model.pins[key] not in (None, info.node) for key in model.queued)
 
 
