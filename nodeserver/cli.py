@@ -15,6 +15,7 @@ from dispynb.defaults import MAX_MESSAGE_SIZE, NODE_PORT
 from dispynb.errors import ConfigurationError, DispynbError
 from dispynb.secret import resolve_secret
 from nodeserver.config import NodeConfig
+from nodeserver.memory import keep_freed_memory
 from nodeserver.server import NodeServer
 
 logger = logging.getLogger("nodeserver")
@@ -178,6 +179,7 @@ async def serve(config: NodeConfig, watch_parent: bool = False) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``dispynb-node`` and ``python -m nodeserver``."""
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     logging.basicConfig(
         level=args.loglevel.upper(),
         format="%(asctime)s %(name)s %(levelname)s %(message)s",

@@ -126,7 +126,7 @@ class Computation:
         self._loaded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._control_closed = asyncio.Event()
         self._progress: asyncio.Future[None] | None = None
-        self._mean = 0.0
+        self._mean: float | None = None  # mean job time; None until a job ends
         self._closing = False
         self._tasks: set[asyncio.Task[None]] = set()
         self.on_failure: Callable[[str], None] | None = None
@@ -256,8 +256,8 @@ class Computation:
                     break
                 worker.holds_cpu = True
                 self._send(worker, self._queue.popleft())
-        if self._mean >= PREFETCH_BELOW:
-            return
+        if self._mean is None or self._mean >= PREFETCH_BELOW:
+            return  # unknown or long jobs: never make a job wait behind another
         for worker in workers:
             if not self._queue:
                 return
@@ -269,7 +269,8 @@ class Computation:
         # If the worker is dying, its exit report requeues or fails the job.
         with contextlib.suppress(DispynbError):
             worker.conn.write(Run(key=job.key, attempt=job.attempt), job.buffers)
-        job.buffers = []
+        if len(worker.assigned) == 1:
+            job.buffers = []  # a job sent ahead keeps them: it may be requeued
 
     async def _read_worker(self, worker: Worker) -> None:
         try:
@@ -292,7 +293,8 @@ class Computation:
             return
         job = worker.assigned.popleft()
         duration = max(done.end_time - done.start_time, 0.0)
-        self._mean = duration if not self._mean else 0.8 * self._mean + 0.2 * duration
+        mean = self._mean
+        self._mean = duration if mean is None else 0.8 * mean + 0.2 * duration
         if job.cancelled:
             self._finish_unrun(job, "job terminated at the client's request")
         else:

@@ -55,6 +55,7 @@ from nodeserver.ipc import (
     WorkerStarted,
 )
 from nodeserver.jobrunner import worker_loop
+from nodeserver.memory import keep_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -442,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--control-fd", type=int, required=True)
     args = parser.parse_args(argv)
+    keep_freed_memory()  # before any large message; workers inherit it
     control = MessageSocket(socket.socket(fileno=args.control_fd))
     try:
         try:
