@@ -34,7 +34,7 @@ from dispynb.node import DispyNode, NodeAllocate, is_wildcard, parse_node_specs
 from dispynb.options import ClusterOptions
 from dispynb.protocol import serialize
 from dispynb.protocol.framing import Buffer
-from dispynb.protocol.messages import FINISHED, Welcome
+from dispynb.protocol.messages import CANCELLED, FINISHED, Welcome
 from dispynb.scheduler.driver import Driver, DriverConfig, NodeLink, Outcome
 from dispynb.transport.tls import client_context
 
@@ -44,6 +44,10 @@ _comp_ids = itertools.count(1)
 
 #: Seconds `JobCluster` waits for its first node before giving up.
 STARTUP_TIMEOUT = 60.0
+
+
+#: How a node's report of a job maps to dispy's statuses (others: Terminated).
+_STATUS_OF_OUTCOME = {FINISHED: JobStatus.Finished, CANCELLED: JobStatus.Cancelled}
 
 
 class ClusterStatus(NamedTuple):
@@ -267,9 +271,7 @@ class JobCluster:
         job = self._jobs.pop(key, None)
         if job is None:
             return
-        status = (
-            JobStatus.Finished if outcome.outcome == FINISHED else JobStatus.Terminated
-        )
+        status = _STATUS_OF_OUTCOME.get(outcome.outcome, JobStatus.Terminated)
         node = self._nodes.get(link.node_id) if link is not None else None
         if node is not None:
             node.busy -= 1
@@ -380,7 +382,10 @@ class JobCluster:
             raise ConfigurationError(
                 "per-job dependencies (dispy_job_depends) are not supported yet"
             )
-        buffers = serialize.dumps((args, kwargs))
+        try:
+            buffers = serialize.dumps((args, kwargs))
+        except SerializationError as exc:
+            raise SerializationError(_unpicklable_argument(args, kwargs, exc)) from exc
         size = sum(memoryview(b).nbytes for b in buffers)
         if size > self._max_job_size - 4096:
             raise SerializationError(
@@ -524,6 +529,20 @@ def _human(count: float) -> str:
             return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
         count /= 1024
     return f"{count:.1f} T"
+
+
+def _unpicklable_argument(
+    args: tuple[Any, ...], kwargs: dict[str, Any], error: SerializationError
+) -> str:
+    """Name the argument that cannot be pickled (the error only names the tuple)."""
+    named = [(f"argument {i + 1}", value) for i, value in enumerate(args)]
+    named += [(f"keyword argument {key!r}", value) for key, value in kwargs.items()]
+    for name, value in named:
+        try:
+            serialize.dumps(value)
+        except SerializationError as exc:
+            return f"job {name} cannot be sent to a node: {exc}"
+    return f"job arguments cannot be sent to a node: {error}"
 
 
 def _client_name() -> str:

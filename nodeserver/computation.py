@@ -26,7 +26,7 @@ from tornado.iostream import IOStream
 
 import nodeserver
 from dispynb.errors import DispynbError, SetupError
-from dispynb.protocol.messages import CRASHED, FINISHED, TERMINATED
+from dispynb.protocol.messages import CANCELLED, CRASHED, FINISHED, TERMINATED
 from dispynb.transport.connection import Connection, stream_buffer_size
 from nodeserver.budget import CpuBudget
 from nodeserver.control import ControlChannel
@@ -63,6 +63,7 @@ class NodeJob:
     attempt: int
     buffers: list[memoryview]
     cancelled: bool = False
+    reported: bool = False  # its outcome already went to the client
 
 
 @dataclass(slots=True, eq=False)
@@ -229,7 +230,7 @@ class Computation:
         for job in self._queue:
             if job.key == key and job.attempt == attempt:
                 self._queue.remove(job)
-                self._finish_unrun(job, "job terminated at the client's request")
+                self._finish_unrun(job, "job cancelled at the client's request")
                 return
         for worker in self._workers.values():
             for position, job in enumerate(worker.assigned):
@@ -237,6 +238,10 @@ class Computation:
                     job.cancelled = True
                     if position == 0:
                         self._kill(worker)
+                    else:
+                        # Sent ahead, not started: settle it now; its worker is
+                        # killed if it gets that far before the job before it ends.
+                        self._finish_unrun(job, "job cancelled at the client's request")
                     return
 
     def _kill(self, worker: Worker) -> None:
@@ -296,7 +301,7 @@ class Computation:
         mean = self._mean
         self._mean = duration if mean is None else 0.8 * mean + 0.2 * duration
         if job.cancelled:
-            self._finish_unrun(job, "job terminated at the client's request")
+            self._finish_killed(job)
         else:
             self._report(
                 [
@@ -326,6 +331,16 @@ class Computation:
             self._budget.release()
 
     def _finish_unrun(self, job: NodeJob, reason: str) -> None:
+        """Report a job that never started."""
+        job.reported = True
+        self._report([job.key, job.attempt, CANCELLED, 0.0, 0.0, "", "", reason, 0], [])
+
+    def _finish_killed(self, job: NodeJob) -> None:
+        """Report a cancelled job once its worker stopped (unless settled already)."""
+        if job.reported:
+            return
+        job.reported = True
+        reason = "job terminated at the client's request"
         self._report(
             [job.key, job.attempt, TERMINATED, 0.0, 0.0, "", "", reason, 0], []
         )
@@ -377,7 +392,7 @@ class Computation:
         if worker.assigned:
             running = worker.assigned.popleft()
             if running.cancelled:
-                self._finish_unrun(running, "job terminated at the client's request")
+                self._finish_killed(running)
             else:
                 reason = (
                     crash_reason(returncode)
@@ -399,7 +414,8 @@ class Computation:
                     [],
                 )
             # Jobs sent ahead to this worker never started: run them elsewhere.
-            self._queue.extendleft(reversed(worker.assigned))
+            ahead = [job for job in worker.assigned if not job.reported]
+            self._queue.extendleft(reversed(ahead))
             worker.assigned.clear()
         self._release_cpu(worker)
         self._pump()

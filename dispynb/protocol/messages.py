@@ -279,8 +279,9 @@ class JobCancel(WireMessage):
 FINISHED = "finished"  # returned normally; buffers hold the pickled result
 RAISED = "raised"  # raised an exception (or sys.exit); see ``exception``
 CRASHED = "crashed"  # its worker process died (os._exit, signal, segfault)
-TERMINATED = "terminated"  # killed at the client's request
-OUTCOMES = frozenset({FINISHED, RAISED, CRASHED, TERMINATED})
+TERMINATED = "terminated"  # killed while running, at the client's request
+CANCELLED = "cancelled"  # never started: cancelled, or its computation closed first
+OUTCOMES = frozenset({FINISHED, RAISED, CRASHED, TERMINATED, CANCELLED})
 
 
 @message("job-results")

@@ -1,0 +1,122 @@
+"""End-to-end tests of `LocalCluster`: real nodes on 127.0.0.1, and no leftovers.
+
+Each test starts its own nodes (it stops them, or checks processes), so none uses the
+shared fixtures of conftest.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+import psutil
+import pytest
+
+from dispynb import DispyJob, JobCluster, LocalCluster
+from dispynb.errors import ClusterError, ConfigurationError
+from tests import jobs
+from tests.jobs import WAIT, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+def node_name(_: object = None) -> str:
+    """The name of the node running the job (dispy's ``dispy_node_name`` global)."""
+    return globals()["dispy_node_name"]
+
+
+def test_local_cluster_start_and_close_leaves_no_processes():
+    local = LocalCluster(cpus=2)
+    try:
+        nodes = [psutil.Process(pid) for pid in local.pids]
+        assert len(nodes) == 1
+        assert all(node.is_running() for node in nodes)
+        assert "nodeserver" in nodes[0].cmdline()
+        with JobCluster(jobs.mark_and_sleep, nodes=local) as cluster:
+            # While a computation is set up: its process and 2 workers run.
+            wait_until(lambda: len(nodes[0].children(recursive=True)) >= 3)
+            descendants = nodes[0].children(recursive=True)
+            assert cluster.submit(None, 0).wait(timeout=WAIT)
+    finally:
+        local.close()
+    _gone, alive = psutil.wait_procs([*nodes, *descendants], timeout=WAIT)
+    assert alive == []
+    assert not any(psutil.pid_exists(pid) for pid in local.pids)
+    assert local.pids == []
+
+
+def test_local_cluster_node_specs_name_listening_nodes_with_secret():
+    with LocalCluster(cpus=1) as local:
+        assert local.node_specs() == [
+            f"127.0.0.1:{port}" for _, port in local.addresses
+        ]
+        ((host, port),) = local.addresses
+        assert host == "127.0.0.1" and port > 0
+        listening = {
+            conn.laddr
+            for conn in psutil.Process(local.pids[0]).net_connections("tcp")
+            if conn.status == psutil.CONN_LISTEN
+        }
+        assert (host, port) in listening
+        with JobCluster(
+            jobs.square, nodes=local.node_specs(), secret=local.secret
+        ) as cluster:
+            assert cluster.submit(12)() == 144
+
+
+def test_local_cluster_secret_is_random_and_not_on_command_line():
+    with LocalCluster(cpus=1) as first, LocalCluster(cpus=1) as second:
+        assert first.secret != second.secret
+        assert len(first.secret) >= 32
+        for local in (first, second):
+            argv = " ".join(psutil.Process(local.pids[0]).cmdline())
+            assert local.secret not in argv
+
+
+def test_local_cluster_two_nodes_both_run_jobs():
+    with LocalCluster(nodes=2, cpus=1) as local:
+        assert len(local.pids) == len(set(local.pids)) == 2
+        specs = local.node_specs()
+        assert len(set(specs)) == 2
+        with JobCluster(node_name, nodes=local) as cluster:
+            wait_until(lambda: len(cluster.status().nodes) == 2)
+            assert sorted(node.name for node in cluster.status().nodes) == [
+                "local-0",
+                "local-1",
+            ]
+            submitted = [cluster.submit(i) for i in range(20)]
+            assert cluster.wait(timeout=WAIT)
+    assert {job.status for job in submitted} == {DispyJob.Finished}
+    assert {job.result for job in submitted} == {"local-0", "local-1"}
+
+
+def test_local_cluster_close_twice_is_harmless():
+    local = LocalCluster(cpus=1)
+    pids = local.pids
+    local.close()
+    local.close()
+    assert not any(psutil.pid_exists(pid) for pid in pids)
+
+
+def test_local_cluster_context_manager_stops_nodes_on_exception():
+    with pytest.raises(RuntimeError, match="inside"), LocalCluster(cpus=1) as local:
+        pids = local.pids
+        raise RuntimeError("inside the with block")
+    assert not any(psutil.pid_exists(pid) for pid in pids)
+
+
+def test_local_cluster_node_fails_to_start_raises_cluster_error():
+    # An option the node rejects: it exits with status 2 before listening.
+    with pytest.raises(ClusterError, match="exited with status 2"):
+        LocalCluster(cpus=1, loglevel="chatty")
+
+
+def test_local_cluster_zero_nodes_raises_configuration_error():
+    with pytest.raises(ConfigurationError, match="at least one node"):
+        LocalCluster(nodes=0)
+
+
+def test_local_cluster_default_cpus_share_this_machine():
+    with LocalCluster() as local:
+        assert local.cpus == max(os.cpu_count() or 1, 1)
+        with JobCluster(jobs.square, nodes=local) as cluster:
+            assert cluster.status().nodes[0].cpus == local.cpus

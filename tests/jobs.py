@@ -1,0 +1,131 @@
+"""Job functions for end-to-end tests, defined at module level in a test module.
+
+They run on real nodes: this module is not installed, so `JobCluster` ships it by
+value with cloudpickle (the node never imports ``tests.jobs``). Jobs that must be
+seen to start write a marker file that the test waits for (see `wait_for_path`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+#: Seconds a test waits for something that should take milliseconds.
+WAIT = 10.0
+
+
+# --- run on nodes -------------------------------------------------------------
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def echo(value: object) -> object:
+    """Write to stdout and stderr, then return ``value``."""
+    print(f"out {value}")
+    print(f"err {value}", file=sys.stderr)
+    return value
+
+
+def worker_pid(_: object = None) -> int:
+    return os.getpid()
+
+
+def mark_and_sleep(marker: str | None, seconds: float) -> int:
+    """Write this worker's pid to ``marker`` (the job has started), then sleep.
+
+    With no marker and no sleep it is a trivial job of a few microseconds.
+    """
+    if marker is not None:
+        tmp = f"{marker}.tmp"
+        with open(tmp, "w") as handle:
+            handle.write(str(os.getpid()))
+        os.replace(tmp, marker)
+    if seconds:
+        time.sleep(seconds)
+    return os.getpid()
+
+
+def echo_bytes(data: bytes) -> tuple[int, str, bytes]:
+    """Return the length and SHA-256 of ``data`` as seen on the node, and ``data``."""
+    return len(data), hashlib.sha256(data).hexdigest(), data
+
+
+def raise_value_error(value: object) -> None:
+    raise ValueError(f"bad value {value!r}")
+
+
+def misbehave(kind: str) -> object:
+    """Crash in the way ``kind`` names; ``'ok'`` returns ``'ok'``."""
+    if kind == "raise":
+        raise_value_error(42)
+    elif kind == "sys_exit":
+        sys.exit(3)
+    elif kind == "os_exit":
+        os._exit(3)
+    elif kind == "segfault":
+        ctypes.string_at(0)
+    elif kind == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif kind == "lock_result":
+        return threading.Lock()
+    elif kind == "generator_result":
+        return (i for i in range(3))
+    elif kind == "ok":
+        return "ok"
+    raise AssertionError(f"unknown kind {kind!r}")
+
+
+class Polynomial:
+    """A class used by `evaluate`, so that it must travel with the function."""
+
+    def __init__(self, *coefficients: int) -> None:
+        self.coefficients = coefficients
+
+    def __call__(self, x: int) -> int:
+        return sum(c * x**i for i, c in enumerate(self.coefficients))
+
+
+def _shift(value: int) -> int:
+    return value + 1000
+
+
+def evaluate(x: int) -> tuple[int, bool]:
+    """``1 + 2x + 3x^2 + 1000`` via a class and a helper of this module.
+
+    Also tells whether the node imported ``tests.jobs`` (it should not need to).
+    """
+    return _shift(Polynomial(1, 2, 3)(x)), "tests.jobs" in sys.modules
+
+
+# --- test side ----------------------------------------------------------------
+
+
+def wait_for_path(path: str | os.PathLike[str], timeout: float = WAIT) -> None:
+    """Poll until ``path`` exists; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} did not appear within {timeout} s")
+        time.sleep(0.01)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = WAIT) -> None:
+    """Poll until ``predicate()`` is true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(0.01)
+
+
+def read_pid(path: str | os.PathLike[str]) -> int:
+    return int(Path(path).read_text())

@@ -1,0 +1,126 @@
+"""Start ``python -m nodeserver`` processes from the command line, as a user would.
+
+Every node listens on 127.0.0.1 with port 0; its log goes to a file next to it; every
+wait is bounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: Seconds a node gets to start listening or to stop.
+NODE_WAIT = 20.0
+
+
+def node_env() -> dict[str, str]:
+    """This environment without any ``DISPYNB_*`` setting, with the repo importable."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DISPYNB_")}
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(ROOT), env.get("PYTHONPATH")) if p
+    )
+    return env
+
+
+def node_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "nodeserver", *args]
+
+
+def write_secret_file(path: Path, secret: str, mode: int = 0o600) -> Path:
+    path.write_text(secret + "\n")
+    path.chmod(mode)
+    return path
+
+
+@dataclass
+class CliNode:
+    """A node server started from the command line."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    secret: str
+    secret_file: Path
+    log: Path
+
+    @property
+    def spec(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, signum: int = signal.SIGTERM) -> int:
+        """Signal the node and return its exit status (killed after `NODE_WAIT`)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signum)
+        try:
+            return self.proc.wait(NODE_WAIT)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(
+                f"node did not stop within {NODE_WAIT} s of signal {signum}"
+            ) from None
+
+
+def start_node(
+    directory: Path,
+    *args: str,
+    secret: str = "cli-node-secret",
+    name: str = "cli-node",
+    cpus: int = 1,
+) -> CliNode:
+    """Start a node in ``directory`` with a 0600 secret file; wait until it listens."""
+    directory.mkdir(parents=True, exist_ok=True)
+    secret_file = write_secret_file(directory / "secret", secret)
+    port_file = directory / "port"
+    log = directory / "node.log"
+    command = node_command(
+        "--port", "0",
+        "--port-file", str(port_file),
+        "--secret-file", str(secret_file),
+        "--cpus", str(cpus),
+        "--name", name,
+        "--dest-path", str(directory / "dest"),
+        "--loglevel", "info",
+        *args,
+    )  # fmt: skip
+    with open(log, "wb") as handle:
+        proc = subprocess.Popen(
+            command,
+            env=node_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + NODE_WAIT
+    while not port_file.exists():
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"node exited with {proc.returncode}:\n{log.read_text()}"
+            )
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise AssertionError(f"node did not listen within {NODE_WAIT} s")
+        time.sleep(0.01)
+    return CliNode(proc, int(port_file.read_text()), secret, secret_file, log)
+
+
+@contextlib.contextmanager
+def running_node(directory: Path, *args: str, **kwargs: object) -> Iterator[CliNode]:
+    """`start_node`, stopped with SIGTERM at the end."""
+    node = start_node(directory, *args, **kwargs)  # type: ignore[arg-type]
+    try:
+        yield node
+    finally:
+        node.stop()

@@ -1,0 +1,97 @@
+"""End-to-end tests of the node command, ``python -m nodeserver``, as a user runs it."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+
+import psutil
+import pytest
+
+from dispynb import DispyJob, JobCluster
+from tests import jobs
+from tests.jobs import WAIT, wait_for_path
+from tests.nodeproc import (
+    NODE_WAIT,
+    node_command,
+    node_env,
+    start_node,
+    write_secret_file,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def run_node(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run a node that must exit by itself (a timeout fails the test)."""
+    return subprocess.run(
+        node_command(*args),
+        env=node_env(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=NODE_WAIT,
+    )
+
+
+def test_node_cli_public_host_without_secret_or_tls_exits_2_with_fix(tmp_path):
+    port_file = tmp_path / "port"
+    done = run_node("--host", "0.0.0.0", "--port", "0", "--port-file", str(port_file))
+    assert done.returncode == 2
+    assert "refusing to listen on '0.0.0.0'" in done.stderr
+    assert "--secret-file" in done.stderr  # how to fix it
+    assert "--certfile" in done.stderr
+    assert "127.0.0.1" in done.stderr
+    assert not port_file.exists()  # it never listened
+
+
+def test_node_cli_secret_file_readable_by_others_refused_with_chmod_hint(tmp_path):
+    secret_file = write_secret_file(tmp_path / "secret", "loose-secret", mode=0o644)
+    port_file = tmp_path / "port"
+    done = run_node(
+        "--port", "0", "--port-file", str(port_file), "--secret-file", str(secret_file)
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert f"chmod 600 {secret_file}" in done.stderr
+    assert "loose-secret" not in done.stderr + done.stdout
+    assert not port_file.exists()
+
+
+def test_node_cli_missing_secret_file_refused(tmp_path):
+    done = run_node(
+        "--port", "0", "--port-file", str(tmp_path / "port"),
+        "--secret-file", str(tmp_path / "no-such-file"),
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "does not exist" in done.stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+def test_node_cli_signal_with_job_running_stops_cleanly(tmp_path, signum):
+    node = start_node(tmp_path / "node", cpus=2)
+    marker = tmp_path / "started"
+    cluster = JobCluster(jobs.mark_and_sleep, nodes=[node.spec], secret=node.secret)
+    try:
+        job = cluster.submit(str(marker), 60)
+        wait_for_path(marker)
+        server = psutil.Process(node.proc.pid)
+        children = server.children(recursive=True)
+        assert len(children) >= 3  # the computation process and its 2 workers
+        assert jobs.read_pid(marker) in {child.pid for child in children}
+
+        assert node.stop(signum) == 0
+        _gone, alive = psutil.wait_procs(children, timeout=WAIT)
+        assert alive == []
+
+        # The client learns that the node is gone; the job cannot finish.
+        assert job.wait(timeout=WAIT)
+        assert job.status == DispyJob.Abandoned
+    finally:
+        cluster.close(terminate=True)
+    assert "Traceback" not in node.log_text()
+
+
+def test_node_cli_signal_when_idle_exits_zero_and_logs_shutdown(tmp_path):
+    node = start_node(tmp_path / "node")
+    assert node.stop(signal.SIGTERM) == 0
+    assert "shutting down" in node.log_text()
