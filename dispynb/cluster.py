@@ -42,8 +42,10 @@ logger = logging.getLogger(__name__)
 
 _comp_ids = itertools.count(1)
 
-#: Seconds `JobCluster` waits for its first node before giving up.
-STARTUP_TIMEOUT = 60.0
+#: Seconds `JobCluster()` waits for a first node to be set up. Connection and
+#: authentication errors surface within this time; a longer ``setup`` keeps running
+#: after the constructor returns, and jobs wait for it.
+STARTUP_WAIT = 15.0
 
 
 #: How a node's report of a job maps to dispy's statuses (others: Terminated).
@@ -173,7 +175,7 @@ class JobCluster:
         )
         self._drain = Coalescer(self._runner, self._driver.drain)
         try:
-            self._runner.run_sync(self._start, timeout=STARTUP_TIMEOUT)
+            self._runner.run_sync(self._start)
         except BaseException:
             self._shutdown(terminate=True)
             raise
@@ -186,7 +188,11 @@ class JobCluster:
             self._driver.add_node(
                 spec.host, spec.port or NODE_PORT, self._allocator(spec)
             )
-        await self._startup
+        try:
+            await asyncio.wait_for(asyncio.shield(self._startup), STARTUP_WAIT)
+        except TimeoutError:
+            self._startup.cancel()  # later node failures reach the jobs instead
+            logger.info("nodes are still being set up; jobs will wait for them")
 
     def _allocator(
         self, spec: NodeAllocate

@@ -36,15 +36,8 @@ def dumps(obj: Any) -> list[Buffer]:
     """
     buffers: list[Buffer] = []
     try:
-        if _is_plain(obj):
-            if _has_large_bytes(obj):
-                main = pickle.dumps(
-                    _wrap_large_bytes(obj),
-                    protocol=5,
-                    buffer_callback=lambda b: buffers.append(b.raw()),
-                )
-            else:
-                main = pickle.dumps(obj, protocol=5)
+        if _is_plain(obj) and not _has_large_bytes(obj):
+            main = pickle.dumps(obj, protocol=5)
         else:
             main = _dumps_by_value(obj, buffers)
     except Exception as exc:
@@ -68,16 +61,18 @@ def loads(buffers: list[Buffer] | list[memoryview]) -> Any:
         ) from exc
 
 
-# --- Out-of-band bytearrays ------------------------------------------------------
-# Stock pickle writes a bytearray in-band even with protocol 5 and a buffer_callback
-# (only PickleBuffer objects, as NumPy arrays produce, go out-of-band), and the C
-# pickler never calls reducer_override for bytearray. Large bytearrays are therefore
-# swapped for a PickleBuffer through persistent_id, and rebuilt by persistent_load;
-# a bytearray seen again is sent as its index, so shared references stay shared.
-# Buffers under _OOB_MIN stay in-band, which also bounds the number of frames.
+# --- Out-of-band bytes and bytearrays -------------------------------------------
+# Stock pickle writes bytes and bytearrays in-band even with protocol 5 and a
+# buffer_callback (only PickleBuffer objects, as NumPy arrays produce, go out-of-band),
+# and the C pickler never calls reducer_override for them. Large ones are therefore
+# swapped for a PickleBuffer through persistent_id (called for every object) and
+# rebuilt by persistent_load; one seen again is sent as its index, so shared
+# references stay shared. Buffers under _OOB_MIN stay in-band, which also bounds the
+# number of frames.
 
 #: Smallest buffer sent out-of-band; smaller ones are cheaper inside the pickle.
 _OOB_MIN = 64 * 1024
+_BINARY: dict[type, str] = {bytes: "b", bytearray: "a"}
 
 
 class _Pickler(cloudpickle.Pickler):
@@ -93,26 +88,28 @@ class _Pickler(cloudpickle.Pickler):
         return False
 
     def persistent_id(self, obj: Any) -> Any:
-        if type(obj) is not bytearray or len(obj) < _OOB_MIN:
+        kind = _BINARY.get(type(obj))
+        if kind is None or len(obj) < _OOB_MIN:
             return None
         index = self._seen.get(id(obj))
         if index is not None:
             return index
         self._seen[id(obj)] = len(self._seen)
-        return pickle.PickleBuffer(obj)
+        return kind, pickle.PickleBuffer(obj)
 
 
 class _Unpickler(pickle.Unpickler):
     def __init__(self, data: Buffer, buffers: list[Buffer] | list[memoryview]) -> None:
         super().__init__(io.BytesIO(data), buffers=buffers)
-        self._arrays: list[bytearray] = []
+        self._seen: list[bytes | bytearray] = []
 
-    def persistent_load(self, pid: Any) -> bytearray:
+    def persistent_load(self, pid: Any) -> bytes | bytearray:
         if isinstance(pid, int):
-            return self._arrays[pid]
-        array = bytearray(pid)
-        self._arrays.append(array)
-        return array
+            return self._seen[pid]
+        kind, buffer = pid
+        value = bytes(buffer) if kind == "b" else bytearray(buffer)
+        self._seen.append(value)
+        return value
 
 
 def _dumps_by_value(obj: Any, buffers: list[Buffer]) -> bytes:
@@ -121,7 +118,7 @@ def _dumps_by_value(obj: Any, buffers: list[Buffer]) -> bytes:
     return file.getvalue()
 
 
-# --- end of out-of-band bytearrays ----------------------------------------------
+# --- end of out-of-band bytes and bytearrays -------------------------------------
 
 
 def ship_by_value(*objs: Any) -> None:
@@ -162,44 +159,14 @@ def _is_plain(obj: Any) -> bool:
     return False
 
 
-#: ``bytes`` values at least this large leave the pickle as out-of-band buffers.
-LARGE_BYTES = 64 * 1024
-
-
 def _has_large_bytes(obj: Any) -> bool:
     if type(obj) is bytes:
-        return len(obj) >= LARGE_BYTES
+        return len(obj) >= _OOB_MIN
     if type(obj) is tuple or type(obj) is list:
         return any(_has_large_bytes(item) for item in obj)
     if type(obj) is dict:
         return any(_has_large_bytes(value) for value in obj.values())
     return False
-
-
-class _OutOfBandBytes:
-    """Stands for a large ``bytes`` value; pickles it out of band, loads as ``bytes``.
-
-    (The C pickler never calls ``reducer_override`` for ``bytes``, hence a wrapper.)
-    """
-
-    __slots__ = ("data",)
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
-        return bytes, (pickle.PickleBuffer(self.data),)
-
-
-def _wrap_large_bytes(obj: Any) -> Any:
-    kind = type(obj)
-    if kind is bytes:
-        return _OutOfBandBytes(obj) if len(obj) >= LARGE_BYTES else obj
-    if kind is tuple or kind is list:
-        return kind(_wrap_large_bytes(item) for item in obj)
-    if kind is dict:
-        return {key: _wrap_large_bytes(value) for key, value in obj.items()}
-    return obj
 
 
 def _describe(obj: Any) -> str:

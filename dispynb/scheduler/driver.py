@@ -152,6 +152,7 @@ class Driver:
             collections.deque()
         )
         self._connecting = 0
+        self.last_error: DispynbError | None = None
         self._closing = False
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -224,6 +225,7 @@ class Driver:
         if link.conn is not None:
             link.conn.close()
         logger.warning("node %s cannot be used: %s", link.node_id, describe_error(exc))
+        self.last_error = exc
         self.nodes.pop(link.node_id, None)
         self.events.node_failed(link, exc)
         self._abandon_if_no_nodes()
@@ -286,7 +288,13 @@ class Driver:
             return
         for key in list(self._jobs):
             self._jobs.pop(key)
-            self.events.job_abandoned(key, None, "no node is available to run the job")
+            self.events.job_abandoned(key, None, self._no_node_reason())
+
+    def _no_node_reason(self) -> str:
+        reason = "no node is available to run the job"
+        if self.last_error is not None:
+            reason += f" (last node error: {describe_error(self.last_error)})"
+        return reason
 
     @property
     def connecting(self) -> bool:
@@ -315,9 +323,7 @@ class Driver:
         if not self.nodes and self._connecting == 0:
             while incoming:
                 key, _buffers, _node = incoming.popleft()
-                self.events.job_abandoned(
-                    key, None, "no node is available to run the job"
-                )
+                self.events.job_abandoned(key, None, self._no_node_reason())
             return
         while incoming:
             key, buffers, node = incoming.popleft()
