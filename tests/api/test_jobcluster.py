@@ -8,6 +8,7 @@ run write a marker file that the test waits for.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import re
@@ -614,3 +615,12 @@ def test_jobcluster_ten_megabyte_argument_and_result_round_trip(local):
     assert length == len(data)
     assert digest == hashlib.sha256(data).hexdigest()
     assert echoed == data
+
+
+def test_jobcluster_await_job_from_asyncio_returns_result(local):
+    async def gather_results(cluster: JobCluster) -> list[int]:
+        jobs_ = [cluster.submit(i) for i in range(5)]
+        return list(await asyncio.wait_for(asyncio.gather(*jobs_), timeout=WAIT))
+
+    with JobCluster(jobs.square, nodes=local) as cluster:
+        assert asyncio.run(gather_results(cluster)) == [0, 1, 4, 9, 16]
