@@ -273,6 +273,17 @@ class JobCluster:
         if self._options.cluster_status is not None:
             self._notify_cluster(JobStatus.Running, node, copy.copy(job))
 
+    def job_provisional(self, key: int, link: NodeLink, result: Any) -> None:
+        job = self._jobs.get(key)
+        if job is None or not job._set_provisional(result):
+            return
+        opts = self._options
+        if opts.job_status is not None:
+            self._callbacks.post(opts.job_status, copy.copy(job))
+        if opts.cluster_status is not None:
+            node = self._nodes.get(link.node_id)
+            self._notify_cluster(JobStatus.ProvisionalResult, node, copy.copy(job))
+
     def job_done(self, key: int, link: NodeLink | None, outcome: Outcome) -> None:
         job = self._jobs.pop(key, None)
         if job is None:
@@ -418,14 +429,14 @@ class JobCluster:
         """
         if job.done() or job._key is None or job._key not in self._jobs:
             return -1
-        key = job._key
-
-        def cancel_on_loop() -> None:
-            self._driver.drain()  # the job may still be waiting to be scheduled
-            self._driver.cancel(key)
-
-        self._runner.call_soon(cancel_on_loop)
+        self._runner.call_soon(self._cancel_on_loop, [job._key])
         return 0
+
+    def _cancel_on_loop(self, keys: list[int]) -> None:
+        """Cancel jobs in one go, so that all their cancels leave together."""
+        self._driver.drain()  # a job may still be waiting to be scheduled
+        for key in keys:
+            self._driver.cancel(key)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until every submitted job is done; False if ``timeout`` passed first."""
@@ -468,8 +479,8 @@ class JobCluster:
         if self._closed:
             return True
         if terminate:
-            for job in list(self._jobs.values()):
-                self.cancel(job)
+            keys = [key for key, job in list(self._jobs.items()) if not job.done()]
+            self._runner.call_soon(self._cancel_on_loop, keys)
         done = self.wait(timeout)
         self._shutdown(terminate=terminate or not done)
         return done

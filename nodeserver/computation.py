@@ -36,6 +36,7 @@ from nodeserver.ipc import (
     Load,
     Loaded,
     LoadFailed,
+    Provisional,
     Run,
     Shutdown,
     WorkerExited,
@@ -48,11 +49,17 @@ logger = logging.getLogger(__name__)
 #: current one, hiding the node-to-worker round trip.
 PREFETCH_BELOW = 0.01
 
+#: Seconds a cancelled job gets to end after its KeyboardInterrupt before it is killed.
+CANCEL_GRACE = 3.0
+
 #: Seconds to wait for a computation process to exit after Shutdown.
 SHUTDOWN_GRACE = 10.0
 
 #: ``report(entry, buffers)``: one job-results entry (see `JobResults`) and its buffers.
 Report = Callable[[list[object], list[memoryview]], None]
+
+#: ``report_provisional(key, attempt, buffers)``: a provisional result of a job.
+ReportProvisional = Callable[[int, int, list[memoryview]], None]
 
 
 @dataclass(slots=True)
@@ -76,6 +83,12 @@ class Worker:
     returncode: int | None = None
     stream_closed: bool = False
     holds_cpu: bool = False
+    interrupted: bool = False  # sent SIGINT to cancel its running job
+    retiring: bool = False  # killed on purpose: its unfinished jobs run elsewhere
+
+
+def _was_interrupted(done: Done) -> bool:
+    return done.outcome != FINISHED and "KeyboardInterrupt" in (done.exception or "")
 
 
 def crash_reason(returncode: int) -> str:
@@ -104,6 +117,7 @@ class Computation:
         path: str,
         budget: CpuBudget,
         report: Report,
+        report_provisional: ReportProvisional,
         node_name: str,
         node_address: str,
         max_message_size: int,
@@ -115,6 +129,7 @@ class Computation:
         self._n_workers = workers
         self._budget = budget
         self._report = report
+        self._report_provisional = report_provisional
         self._node_name = node_name
         self._node_address = node_address
         self._max_size = max_message_size
@@ -237,14 +252,28 @@ class Computation:
                 if job.key == key and job.attempt == attempt:
                     job.cancelled = True
                     if position == 0:
-                        self._kill(worker)
+                        self._interrupt(worker, job)
                     else:
                         # Sent ahead, not started: settle it now; its worker is
                         # killed if it gets that far before the job before it ends.
                         self._finish_unrun(job, "job cancelled at the client's request")
                     return
 
-    def _kill(self, worker: Worker) -> None:
+    def _interrupt(self, worker: Worker, job: NodeJob) -> None:
+        """Cancel a running job as dispy does: KeyboardInterrupt, then kill."""
+        worker.interrupted = True
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker.pid, signal.SIGINT)
+        loop = asyncio.get_running_loop()
+        loop.call_later(CANCEL_GRACE, self._escalate, worker, job)
+
+    def _escalate(self, worker: Worker, job: NodeJob) -> None:
+        if worker.assigned and worker.assigned[0] is job and not worker.retiring:
+            self._retire(worker)
+
+    def _retire(self, worker: Worker) -> None:
+        """Kill a worker on purpose; the computation process starts a new one."""
+        worker.retiring = True
         with contextlib.suppress(ProcessLookupError):
             os.kill(worker.pid, signal.SIGKILL)
 
@@ -256,7 +285,7 @@ class Computation:
         for worker in workers:
             if not self._queue:
                 return
-            if not worker.assigned and not worker.stream_closed:
+            if not worker.assigned and not worker.stream_closed and not worker.retiring:
                 if not self._budget.try_acquire():
                     break
                 worker.holds_cpu = True
@@ -266,7 +295,11 @@ class Computation:
         for worker in workers:
             if not self._queue:
                 return
-            if len(worker.assigned) == 1 and not worker.stream_closed:
+            if (
+                len(worker.assigned) == 1
+                and not worker.stream_closed
+                and not worker.retiring
+            ):
                 self._send(worker, self._queue.popleft())
 
     def _send(self, worker: Worker, job: NodeJob) -> None:
@@ -283,12 +316,22 @@ class Computation:
                 message, buffers = await worker.conn.recv()
                 if isinstance(message, Done):
                     self._on_done(worker, message, buffers)
+                elif isinstance(message, Provisional):
+                    self._on_provisional(worker, message, buffers)
         except DispynbError:
             pass
         finally:
             worker.stream_closed = True
             worker.conn.close()
             self._maybe_lost(worker)
+
+    def _on_provisional(
+        self, worker: Worker, message: Provisional, buffers: list[memoryview]
+    ) -> None:
+        head = worker.assigned[0] if worker.assigned else None
+        if head is None or head.key != message.key or head.reported:
+            return  # from a job already settled (cancelled): drop it
+        self._report_provisional(message.key, message.attempt, buffers)
 
     def _on_done(self, worker: Worker, done: Done, buffers: list[memoryview]) -> None:
         if not worker.assigned or worker.assigned[0].key != done.key:
@@ -300,9 +343,14 @@ class Computation:
         duration = max(done.end_time - done.start_time, 0.0)
         mean = self._mean
         self._mean = duration if mean is None else 0.8 * mean + 0.2 * duration
-        if job.cancelled:
+        if job.cancelled and done.outcome != FINISHED:
             self._finish_killed(job)
-        else:
+        elif worker.interrupted and not job.cancelled and _was_interrupted(done):
+            # SIGINT meant for the job before it (which ended just then) hit this one.
+            self._requeue_or_fail(job)
+        elif not job.reported:
+            # A cancelled job that caught its KeyboardInterrupt and returned ends
+            # Finished with its value, as in dispy.
             self._report(
                 [
                     job.key,
@@ -317,13 +365,24 @@ class Computation:
                 ],
                 buffers if done.outcome == FINISHED else [],
             )
-        if worker.assigned:
-            if worker.assigned[0].cancelled:
-                self._kill(worker)
-        else:
+        if job.cancelled and not worker.retiring:
+            # An interrupted worker may hold broken state (locks, half-done work).
+            self._retire(worker)
+        elif worker.assigned and worker.assigned[0].cancelled:
+            self._interrupt(worker, worker.assigned[0])
+        if not worker.assigned:
             self._release_cpu(worker)
         self._pump()
         self._note_progress()
+
+    def _requeue_or_fail(self, job: NodeJob) -> None:
+        """Put a job that did not complete back at the head of the queue."""
+        if job.buffers:
+            self._queue.appendleft(job)
+            return
+        job.reported = True
+        reason = "the job's worker was stopped and its arguments are gone"
+        self._report([job.key, job.attempt, CRASHED, 0.0, 0.0, "", "", reason, 0], [])
 
     def _release_cpu(self, worker: Worker) -> None:
         if worker.holds_cpu:
@@ -389,34 +448,27 @@ class Computation:
         if self._workers.pop(worker.pid, None) is None:
             return
         returncode = worker.returncode
-        if worker.assigned:
-            running = worker.assigned.popleft()
-            if running.cancelled:
-                self._finish_killed(running)
-            else:
+        requeue: list[NodeJob] = []
+        for position, job in enumerate(worker.assigned):
+            if job.cancelled:
+                self._finish_killed(job)
+            elif job.reported:
+                continue
+            elif position == 0 and not worker.retiring:
                 reason = (
                     crash_reason(returncode)
                     if returncode is not None
                     else "the computation's process on the node died"
                 )
+                job.reported = True
                 self._report(
-                    [
-                        running.key,
-                        running.attempt,
-                        CRASHED,
-                        0.0,
-                        0.0,
-                        "",
-                        "",
-                        reason,
-                        0,
-                    ],
-                    [],
+                    [job.key, job.attempt, CRASHED, 0.0, 0.0, "", "", reason, 0], []
                 )
-            # Jobs sent ahead to this worker never started: run them elsewhere.
-            ahead = [job for job in worker.assigned if not job.reported]
-            self._queue.extendleft(reversed(ahead))
-            worker.assigned.clear()
+            else:
+                requeue.append(job)  # never started, or stopped by us: run it again
+        worker.assigned.clear()
+        for job in reversed(requeue):
+            self._requeue_or_fail(job)
         self._release_cpu(worker)
         self._pump()
         self._note_progress()

@@ -54,6 +54,7 @@ from nodeserver.ipc import (
     WorkerExited,
     WorkerStarted,
 )
+from nodeserver.jobapi import dispy_provisional_result
 from nodeserver.jobrunner import worker_loop
 from nodeserver.memory import keep_freed_memory
 
@@ -355,6 +356,7 @@ def dispy_names(load: Load) -> dict[str, Any]:
         "dispy_node_name": load.node_name,
         "dispy_node_ip_addr": load.node_address,
         "dispy_job_path": load.job_path,
+        "dispy_provisional_result": dispy_provisional_result,
     }
     for module in DISPY_MODULES:
         names[module] = importlib.import_module(module)

@@ -86,6 +86,14 @@ class Run(IpcMessage):
     attempt: int
 
 
+@message("provisional")
+class Provisional(IpcMessage):
+    """A job sent a provisional result (buffers: the pickled result)."""
+
+    key: int
+    attempt: int
+
+
 @message("done")
 class Done(IpcMessage):
     """A job ended: ``finished`` (buffers: pickled result) or ``raised``."""

@@ -22,6 +22,7 @@ from dispynb.protocol.framing import Buffer
 from dispynb.protocol.messages import FINISHED, RAISED
 from nodeserver.channel import MessageSocket
 from nodeserver.ipc import Done, Run
+from nodeserver.jobapi import CONTEXT, install_interrupt_handler
 
 logger = logging.getLogger(__name__)
 
@@ -70,12 +71,15 @@ def run_job(
             exception = _describe(exc, "arguments cannot be unpickled on the node")
         else:
             start_time = time.time()
+            CONTEXT.running = True
             try:
                 result = func(*args, **kwargs)
             except BaseException as exc:  # reported to the client, never fatal
+                CONTEXT.running = False
                 end_time = time.time()
                 exception = _format_job_exception(exc)
             else:
+                CONTEXT.running = False
                 end_time = time.time()
                 try:
                     result_buffers = serialize.dumps(result)
@@ -106,8 +110,10 @@ def worker_loop(sock: MessageSocket, func: Callable[..., Any]) -> None:
     Returns at EOF; a message other than `Run` is logged and ignored.
     """
     recv = sock.recv
-    send = sock.send
+    send = CONTEXT.send
+    begin = CONTEXT.begin
     home = os.getcwd()
+    install_interrupt_handler()
     while True:
         try:
             message, buffers = recv()
@@ -116,6 +122,7 @@ def worker_loop(sock: MessageSocket, func: Callable[..., Any]) -> None:
         if type(message) is not Run:
             logger.warning("worker ignores unexpected %r message", message.op)
             continue
+        begin(sock, message.key, message.attempt)
         done, result_buffers = run_job(func, message, buffers)
         del buffers
         # Workers are reused: a job that changed directory must not move the next one.

@@ -25,6 +25,7 @@ from dispynb.protocol.messages import (
     ComputationSetup,
     Error,
     JobCancel,
+    JobProvisional,
     JobResults,
     JobSubmit,
     Message,
@@ -114,6 +115,7 @@ class ClientSession:
             path=os.path.join(config.dest_path, client_dir, comp_dir),
             budget=self.server.budget,
             report=self._reporter(message.comp_id),
+            report_provisional=self._provisional_reporter(message.comp_id),
             node_name=config.name,
             node_address=self.server.address,
             max_message_size=config.max_message_size,
@@ -210,6 +212,16 @@ class ClientSession:
     def _reporter(self, comp_id: int) -> Callable[[list[Any], list[memoryview]], None]:
         def report(entry: list[Any], buffers: list[memoryview]) -> None:
             self._queue_result(comp_id, entry, buffers)
+
+        return report
+
+    def _provisional_reporter(
+        self, comp_id: int
+    ) -> Callable[[int, int, list[memoryview]], None]:
+        def report(key: int, attempt: int, buffers: list[memoryview]) -> None:
+            self._write(
+                JobProvisional(comp_id=comp_id, key=key, attempt=attempt), buffers
+            )
 
         return report
 

@@ -54,6 +54,23 @@ def mark_and_sleep(marker: str | None, seconds: float) -> int:
     return os.getpid()
 
 
+def sleep_unless_interrupted(marker: str, seconds: float) -> str:
+    """Write ``marker``, sleep; return "interrupted" on KeyboardInterrupt (cancel)."""
+    Path(marker).write_text(str(os.getpid()))
+    try:
+        time.sleep(seconds)
+    except KeyboardInterrupt:
+        return "interrupted"
+    return "slept"
+
+
+def provisional_then(n: int) -> int:
+    """Send three provisional results, then return ``n * 10``."""
+    for i in range(3):
+        dispy_provisional_result(i)  # type: ignore[name-defined]  # noqa: F821
+    return n * 10
+
+
 def echo_bytes(data: bytes) -> tuple[int, str, bytes]:
     """Return the length and SHA-256 of ``data`` as seen on the node, and ``data``."""
     return len(data), hashlib.sha256(data).hexdigest(), data

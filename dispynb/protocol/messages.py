@@ -275,6 +275,15 @@ class JobCancel(WireMessage):
     attempt: int
 
 
+@message("job-provisional")
+class JobProvisional(WireMessage):
+    """Node -> client: a provisional result of a running job (buffers: the pickle)."""
+
+    comp_id: int
+    key: int
+    attempt: int
+
+
 #: Outcomes a node reports for a job.
 FINISHED = "finished"  # returned normally; buffers hold the pickled result
 RAISED = "raised"  # raised an exception (or sys.exit); see ``exception``

@@ -31,6 +31,7 @@ from dispynb.protocol.messages import (
     ComputationSetup,
     Error,
     JobCancel,
+    JobProvisional,
     JobResults,
     JobSubmit,
     Welcome,
@@ -101,6 +102,9 @@ class JobEvents(Protocol):
 
     def job_done(self, key: int, node: NodeLink | None, outcome: Outcome) -> None:
         """A job ended on ``node`` (None: it never ran)."""
+
+    def job_provisional(self, key: int, node: NodeLink, result: Any) -> None:
+        """A running job sent a provisional result."""
 
     def job_abandoned(self, key: int, node: NodeLink | None, reason: str) -> None:
         """A job cannot run anymore (its node is gone)."""
@@ -238,6 +242,8 @@ class Driver:
                 message, buffers = await link.conn.recv()
                 if isinstance(message, JobResults):
                     self._on_results(link, message, buffers)
+                elif isinstance(message, JobProvisional):
+                    self._on_provisional(link, message, buffers)
                 elif isinstance(message, ComputationReady):
                     self._on_ready(link, message)
                 elif isinstance(message, ComputationFailed):
@@ -334,6 +340,18 @@ class Driver:
     def cancel(self, key: int) -> None:
         """Cancel a job (on the loop)."""
         self._apply(self.state.handle(CancelRequested(key)))
+
+    def _on_provisional(
+        self, link: NodeLink, message: JobProvisional, buffers: list[memoryview]
+    ) -> None:
+        if not self.state.is_running(message.key, message.attempt, link.node_id):
+            return  # from an attempt we gave up on
+        try:
+            result = serialize.loads(buffers)
+        except SerializationError as exc:
+            logger.warning("provisional result of job %d dropped: %s", message.key, exc)
+            return
+        self.events.job_provisional(message.key, link, result)
 
     def _on_results(
         self, link: NodeLink, message: JobResults, buffers: list[memoryview]

@@ -177,6 +177,11 @@ class SchedulerState:
         """Return whether job ``key`` is queued or running."""
         return key in self._jobs
 
+    def is_running(self, key: int, attempt: int, node: str) -> bool:
+        """Return whether attempt ``attempt`` of job ``key`` is the one on ``node``."""
+        job = self._jobs.get(key)
+        return job is not None and job.node == node and job.attempt == attempt
+
     # -- the entry point --------------------------------------------------------------
 
     def handle(self, event: Event) -> list[Instruction]:

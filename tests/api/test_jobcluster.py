@@ -315,11 +315,24 @@ def test_cancel_running_job_terminated_promptly_and_worker_replaced(local1, tmp_
         assert time.monotonic() - started < PROMPT
         assert job.status == DispyJob.Terminated == 9
         assert "terminated" in job.exception
-        assert not psutil.pid_exists(killed)
+        # An interrupted worker is replaced (it may hold broken state).
+        wait_until(lambda: not psutil.pid_exists(killed))
         nxt = cluster.submit(str(tmp_path / "next"), 0)
         assert nxt.wait(timeout=WAIT)
         assert nxt.status == DispyJob.Finished
         assert nxt.result != killed
+
+
+def test_cancel_running_job_that_catches_interrupt_ends_finished(local1, tmp_path):
+    """dispy's cancel: the job gets KeyboardInterrupt and may return a value."""
+    marker = tmp_path / "running"
+    with JobCluster(jobs.sleep_unless_interrupted, nodes=local1) as cluster:
+        job = cluster.submit(str(marker), 60)
+        wait_for_path(marker)
+        assert cluster.cancel(job) == 0
+        assert job.wait(timeout=PROMPT)
+        assert job.status == DispyJob.Finished
+        assert job.result == "interrupted"
 
 
 def test_cancel_finished_job_returns_minus_one(local):

@@ -1,0 +1,81 @@
+"""What a running job can call on the node: dispy's ``dispy_provisional_result``.
+
+The functions here are injected into the computation's globals under dispy's names.
+They talk to the node server over the worker's own socket, through the `JobContext`
+that the worker loop sets for the job it is running.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import FrameType
+from typing import Any
+
+from dispynb.errors import DispynbError
+from dispynb.protocol import serialize
+from nodeserver.channel import MessageSocket
+from nodeserver.ipc import Provisional
+
+logger = logging.getLogger(__name__)
+
+
+class JobContext:
+    """The job a worker is running, and the socket its messages go out on."""
+
+    def __init__(self) -> None:
+        self.sock: MessageSocket | None = None
+        self.key = 0
+        self.attempt = 0
+        self.running = False  # True only while user code of a job runs
+        self.lock = threading.Lock()  # a job's threads may send too
+
+    def begin(self, sock: MessageSocket, key: int, attempt: int) -> None:
+        """A job starts on this worker."""
+        self.sock, self.key, self.attempt = sock, key, attempt
+
+    def send(self, message: Any, buffers: list[Any]) -> None:
+        """Send a message for the current job (thread-safe)."""
+        if self.sock is None:
+            raise RuntimeError("no job is running in this process")
+        with self.lock:
+            self.sock.send(message, buffers)
+
+
+#: The context of this worker process (each worker runs one job at a time).
+CONTEXT = JobContext()
+
+
+def dispy_provisional_result(
+    result: Any, relay: bool = False, timeout: Any = None
+) -> int:
+    """Send ``result`` to the client now, as a provisional result of this job.
+
+    The job goes on running; the client sees status ``ProvisionalResult`` and its
+    ``job_status`` callback is called. Returns 0, or -1 if it could not be sent (the
+    reason is logged). ``relay`` and ``timeout`` are accepted for dispy compatibility.
+    """
+    try:
+        buffers = serialize.dumps(result)
+        CONTEXT.send(Provisional(key=CONTEXT.key, attempt=CONTEXT.attempt), buffers)
+    except (DispynbError, RuntimeError, OSError) as exc:
+        logger.warning("provisional result not sent: %s", exc)
+        return -1
+    return 0
+
+
+def interrupt_job(signum: int, frame: FrameType | None) -> None:
+    """SIGINT handler of workers: interrupt the job's code, never the worker loop.
+
+    The node sends SIGINT to cancel a running job, as dispy does: the job gets a
+    KeyboardInterrupt (and may catch it and return a value).
+    """
+    if CONTEXT.running:
+        raise KeyboardInterrupt
+
+
+def install_interrupt_handler() -> None:
+    """Make SIGINT interrupt only job code in this worker (main thread only)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, interrupt_job)
