@@ -40,6 +40,7 @@ SAMPLES: list[WireMessage] = [
     m.ComputationClosed(comp_id=1),
     m.JobSubmit(comp_id=1, jobs=[[1, 0, 1], [2, 0, 2]]),
     m.JobCancel(comp_id=1, key=2, attempt=1),
+    m.JobProvisional(comp_id=1, key=2, attempt=1),
     m.JobResults(
         comp_id=1,
         results=[[1, 0, m.FINISHED, 1.5, 2.5, "out", "", None, 1]],
