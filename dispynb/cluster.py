@@ -12,6 +12,7 @@ import asyncio
 import copy
 import itertools
 import logging
+import os
 import socket
 import sys
 import threading
@@ -118,12 +119,9 @@ class JobCluster:
             cluster_status=cluster_status,
             **options,
         )
+        self._program: dict[str, Any] | None = None
         if isinstance(opts.computation, str):
-            raise ConfigurationError(
-                "program computations (a path instead of a Python function) are not "
-                "supported yet: wrap the program in a function that runs it with "
-                "subprocess"
-            )
+            self._program = _read_program(opts.computation)
         if opts.loglevel is not None:
             _set_log_level(opts.loglevel)
         self._specs = parse_node_specs(nodes)
@@ -138,7 +136,10 @@ class JobCluster:
                 f"node specs with wildcards ({', '.join(wildcards)}) need network "
                 "discovery, which is not available yet: name the nodes explicitly"
             )
-        self.name = getattr(computation, "__name__", type(computation).__name__)
+        if self._program is not None:
+            self.name = self._program["name"]
+        else:
+            self.name = getattr(computation, "__name__", type(computation).__name__)
         secret = opts.secret
         if secret is None and getattr(nodes, "secret", None):
             secret = str(nodes.secret).encode()
@@ -215,7 +216,8 @@ class JobCluster:
                 ) from exc
             self._max_job_size = min(self._max_job_size, welcome.max_message_size)
             bundle = {
-                "func": opts.computation,
+                "func": None if self._program else opts.computation,
+                "program": self._program,
                 "setup": opts.setup,
                 "cleanup": opts.cleanup if callable(opts.cleanup) else None,
                 "setup_args": tuple(spec.setup_args),
@@ -546,6 +548,16 @@ def _human(count: float) -> str:
             return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
         count /= 1024
     return f"{count:.1f} T"
+
+
+def _read_program(path: str) -> dict[str, Any]:
+    """The program file to ship, for a program computation."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read program {path!r}: {exc}") from exc
+    return {"name": os.path.basename(path), "data": data}
 
 
 def _unpicklable_argument(

@@ -57,6 +57,7 @@ from nodeserver.ipc import (
 from nodeserver.jobapi import dispy_provisional_result
 from nodeserver.jobrunner import worker_loop
 from nodeserver.memory import keep_freed_memory
+from nodeserver.program import ProgramRunner, install_program
 
 logger = logging.getLogger(__name__)
 
@@ -331,6 +332,13 @@ def load_computation(control: MessageSocket) -> Computation:
             traceback.format_exc(),
         ) from exc
     del buffers
+    program = bundle.get("program")
+    if program is not None:
+        try:
+            path = install_program(program["name"], program["data"], message.job_path)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise LoadFailure(f"cannot install the program: {exc}") from exc
+        bundle["func"] = ProgramRunner(path, dispy_names(message, modules=False))
     _check_bundle(bundle)
     functions = [bundle["func"], bundle.get("setup"), bundle.get("cleanup")]
     inject_names(functions, dispy_names(message))
@@ -350,16 +358,18 @@ def _check_bundle(bundle: Any) -> None:
         raise LoadFailure("setup_args must be a tuple")
 
 
-def dispy_names(load: Load) -> dict[str, Any]:
-    """The names dispy computations expect in their globals."""
+def dispy_names(load: Load, modules: bool = True) -> dict[str, Any]:
+    """The names dispy computations expect in their globals (``modules``: and the
+    standard modules dispy exposed)."""
     names: dict[str, Any] = {
         "dispy_node_name": load.node_name,
         "dispy_node_ip_addr": load.node_address,
         "dispy_job_path": load.job_path,
         "dispy_provisional_result": dispy_provisional_result,
     }
-    for module in DISPY_MODULES:
-        names[module] = importlib.import_module(module)
+    if modules:
+        for module in DISPY_MODULES:
+            names[module] = importlib.import_module(module)
     return names
 
 

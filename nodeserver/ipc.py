@@ -103,6 +103,6 @@ class Done(IpcMessage):
     outcome: str
     start_time: float
     end_time: float
-    stdout: str
-    stderr: str
+    stdout: str | bytes  # bytes for program computations, as in dispy
+    stderr: str | bytes
     exception: str | None = None

@@ -23,6 +23,7 @@ from dispynb.protocol.messages import FINISHED, RAISED
 from nodeserver.channel import MessageSocket
 from nodeserver.ipc import Done, Run
 from nodeserver.jobapi import CONTEXT, install_interrupt_handler
+from nodeserver.program import ProgramOutput
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ def run_job(
     result that cannot be pickled are reported as ``RAISED`` too.
     """
     saved = sys.stdout, sys.stderr
+    program_output: ProgramOutput | None = None
     out = sys.stdout = io.StringIO()
     err = sys.stderr = io.StringIO()
     outcome = RAISED
@@ -81,6 +83,9 @@ def run_job(
             else:
                 CONTEXT.running = False
                 end_time = time.time()
+                if type(result) is ProgramOutput:
+                    program_output = result
+                    result = result.returncode
                 try:
                     result_buffers = serialize.dumps(result)
                 except Exception as exc:
@@ -97,8 +102,8 @@ def run_job(
         outcome=outcome,
         start_time=start_time,
         end_time=end_time,
-        stdout=out.getvalue(),
-        stderr=err.getvalue(),
+        stdout=out.getvalue() if program_output is None else program_output.stdout,
+        stderr=err.getvalue() if program_output is None else program_output.stderr,
         exception=exception,
     )
     return done, result_buffers

@@ -1,0 +1,81 @@
+"""Program computations: a job runs an executable (or a .py file) with its arguments.
+
+dispy's contract: the job's arguments become command-line arguments, the result is
+the exit code, ``stdout``/``stderr`` are the program's output as bytes, and the node's
+values reach the program as environment variables (``dispy_node_name``, ...), with the
+computation's directory first on ``PATH``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(slots=True)
+class ProgramOutput:
+    """What one run of a program produced; the job runner unpacks it."""
+
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+
+
+class ProgramRunner:
+    """Callable computation that runs ``path`` once per job.
+
+    Parameters
+    ----------
+    path:
+        The program, in the computation's directory.
+    names:
+        Values given to the program as environment variables.
+    """
+
+    def __init__(self, path: str, names: dict[str, Any]) -> None:
+        self.path = path
+        self.__name__ = os.path.basename(path)
+        self._prefix = [sys.executable, path] if path.endswith(".py") else [path]
+        env = dict(os.environ)
+        env.update({k: str(v) for k, v in names.items() if isinstance(v, str | int)})
+        env["PATH"] = os.pathsep.join(
+            p for p in (os.path.dirname(path), env.get("PATH", "")) if p
+        )
+        self._env = env
+
+    def __call__(self, *args: Any, **kwargs: Any) -> ProgramOutput:
+        """Run the program with ``args`` as its arguments (keywords are ignored)."""
+        process = subprocess.Popen(
+            [*self._prefix, *(str(arg) for arg in args)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            env=self._env,
+            start_new_session=True,  # its own process group, killed as a whole
+        )
+        try:
+            stdout, stderr = process.communicate()
+        except BaseException:
+            # Cancelled (KeyboardInterrupt): stop the program and all it started.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            raise
+        return ProgramOutput(process.returncode, stdout, stderr)
+
+
+def install_program(name: str, data: bytes, directory: str) -> str:
+    """Write the program into ``directory`` (executable); return its path."""
+    base = os.path.basename(name)
+    if not base or base in (".", "..") or "\0" in base:
+        raise ValueError(f"bad program name {name!r}")
+    path = os.path.join(directory, base)
+    with open(path, "wb") as handle:
+        handle.write(data)
+    os.chmod(path, 0o755)
+    return path
