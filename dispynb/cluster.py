@@ -23,20 +23,23 @@ from typing import Any, NamedTuple
 from dispynb._callbacks import CallbackDispatcher
 from dispynb._loop import Coalescer, LoopRunner
 from dispynb.defaults import MAX_MESSAGE_SIZE, NODE_PORT
+from dispynb.depends import FileRef, collect, file_ref
 from dispynb.errors import (
     ClusterError,
     ConfigurationError,
     DispynbError,
     NoNodesError,
+    ProtocolError,
     SerializationError,
 )
 from dispynb.job import DispyJob, JobStatus
 from dispynb.node import DispyNode, NodeAllocate, is_wildcard, parse_node_specs
 from dispynb.options import ClusterOptions
 from dispynb.protocol import serialize
+from dispynb.protocol.files import write_inside
 from dispynb.protocol.framing import Buffer
 from dispynb.protocol.messages import CANCELLED, FINISHED, Welcome
-from dispynb.scheduler.driver import Driver, DriverConfig, NodeLink, Outcome
+from dispynb.scheduler.driver import Allocator, Driver, DriverConfig, NodeLink, Outcome
 from dispynb.transport.tls import client_context
 
 logger = logging.getLogger(__name__)
@@ -147,6 +150,7 @@ class JobCluster:
         serialize.ship_by_value(
             opts.computation, opts.setup, opts.cleanup, *opts.depends
         )
+        self._deps = collect(opts.depends)
         self._jobs: dict[int, DispyJob] = {}
         self._keys = itertools.count(1)
         self._outstanding = 0
@@ -195,12 +199,12 @@ class JobCluster:
             self._startup.cancel()  # later node failures reach the jobs instead
             logger.info("nodes are still being set up; jobs will wait for them")
 
-    def _allocator(
-        self, spec: NodeAllocate
-    ) -> Callable[[Welcome, str], tuple[int, list[Buffer]]]:
+    def _allocator(self, spec: NodeAllocate) -> Allocator:
         opts = self._options
 
-        def allocate(welcome: Welcome, peer_ip: str) -> tuple[int, list[Buffer]]:
+        def allocate(
+            welcome: Welcome, peer_ip: str
+        ) -> tuple[int, list[Buffer], list[FileRef]]:
             try:
                 cpus = spec.allocate(
                     self,
@@ -210,6 +214,10 @@ class JobCluster:
                     avail_info=None,
                     platform=welcome.platform,
                 )
+                # allocate() may set per-node depends and setup_args (dispy examples do)
+                node_deps = collect(spec.depends, "NodeAllocate.depends")
+            except DispynbError:
+                raise
             except Exception as exc:
                 raise ConfigurationError(
                     f"NodeAllocate.allocate raised {exc!r}"
@@ -221,8 +229,10 @@ class JobCluster:
                 "setup": opts.setup,
                 "cleanup": opts.cleanup if callable(opts.cleanup) else None,
                 "setup_args": tuple(spec.setup_args),
+                "names": {**self._deps.names, **node_deps.names},
             }
-            return int(cpus or 0), serialize.dumps(bundle)
+            files = self._deps.files + node_deps.files
+            return int(cpus or 0), serialize.dumps(bundle), files
 
         return allocate
 
@@ -285,6 +295,19 @@ class JobCluster:
         if opts.cluster_status is not None:
             node = self._nodes.get(link.node_id)
             self._notify_cluster(JobStatus.ProvisionalResult, node, copy.copy(job))
+
+    def job_file(
+        self, key: int, link: NodeLink, path: str, data: list[memoryview]
+    ) -> None:
+        base = self._options.files_dir or os.getcwd()
+        try:
+            if len(data) != 1:
+                raise ProtocolError("a file from a node comes in one buffer")
+            saved = write_inside(base, path, data[0])
+        except (DispynbError, OSError) as exc:
+            logger.warning("file %r from job %d not saved: %s", path, key, exc)
+            return
+        logger.info("saved %s from node %s", saved, link.node_id)
 
     def job_done(self, key: int, link: NodeLink | None, outcome: Outcome) -> None:
         job = self._jobs.pop(key, None)
@@ -397,12 +420,12 @@ class JobCluster:
     ) -> DispyJob:
         if self._closed:
             raise ClusterError("this cluster is closed: create a new JobCluster")
-        if kwargs.pop("dispy_job_depends", None):
-            raise ConfigurationError(
-                "per-job dependencies (dispy_job_depends) are not supported yet"
-            )
+        job_deps = collect(
+            kwargs.pop("dispy_job_depends", None) or [], "dispy_job_depends"
+        )
+        payload = (args, kwargs, job_deps.names) if job_deps.names else (args, kwargs)
         try:
-            buffers = serialize.dumps((args, kwargs))
+            buffers = serialize.dumps(payload)
         except SerializationError as exc:
             raise SerializationError(_unpicklable_argument(args, kwargs, exc)) from exc
         size = sum(memoryview(b).nbytes for b in buffers)
@@ -420,7 +443,7 @@ class JobCluster:
             self._outstanding += 1
         if self._options.cluster_status is not None:
             self._notify_cluster(JobStatus.Created, None, copy.copy(job))
-        self._driver.enqueue(key, buffers, node_id)
+        self._driver.enqueue(key, buffers, node_id, job_deps.files or None)
         self._drain.trigger()
         return job
 
@@ -439,6 +462,29 @@ class JobCluster:
         self._driver.drain()  # a job may still be waiting to be scheduled
         for key in keys:
             self._driver.cancel(key)
+
+    def send_file(self, path: str, node: Any, relay: bool = False) -> int:
+        """Copy a file into the computation's directory on ``node`` (dispy's method).
+
+        The file keeps its path relative to the current directory when it is below
+        it, else its base name. Returns 0, or -1 (with the reason logged) if it could
+        not be sent, e.g. over the node's maximum file size. ``relay`` is accepted
+        for dispy compatibility.
+        """
+        node_id = self._node_id(node)
+        if node_id is None:
+            logger.warning("send_file: %r is not a node of this cluster", node)
+            return -1
+        try:
+            ref = file_ref(path, "send_file")
+        except DispynbError as exc:
+            logger.warning("send_file: %s", exc)
+            return -1
+        error = self._runner.run_sync(self._driver.send_file, node_id, ref)
+        if error:
+            logger.warning("send_file: %s", error)
+            return -1
+        return 0
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until every submitted job is done; False if ``timeout`` passed first."""

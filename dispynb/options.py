@@ -71,6 +71,9 @@ class ClusterOptions:
         The shared secret as bytes, or None.
     keyfile, certfile, cafile:
         Absolute paths of PEM files for TLS, or None.
+    files_dir:
+        Folder where files sent by jobs (``dispy_send_file``) are saved, at their
+        relative path; never outside it. Default: the current directory.
     max_message_size:
         Largest message (bytes) accepted from a node after authentication.
     """
@@ -98,6 +101,7 @@ class ClusterOptions:
     cafile: str | None = None
     recover_file: str | None = None
     max_message_size: int = MAX_MESSAGE_SIZE
+    files_dir: str | None = None
     secret_file: InitVar[str | None] = None
 
     @classmethod
@@ -169,6 +173,7 @@ class ClusterOptions:
         if self.recover_file is not None:
             self.recover_file = os.fspath(self.recover_file)
         self.max_message_size = _check_message_size(self.max_message_size)
+        self.files_dir = _check_files_dir(self.files_dir)
         self.secret = resolve_secret(self.secret, secret_file)
 
 
@@ -228,6 +233,18 @@ def _check_depends(value: Any) -> list[Any]:
                 "path of a file, or a module, function, class or instance"
             )
     return items
+
+
+def _check_files_dir(value: Any) -> str:
+    """The folder where files sent by jobs land: an existing directory (default cwd)."""
+    if value is None:
+        return os.getcwd()
+    path = os.path.abspath(os.fspath(value))
+    if not os.path.isdir(path):
+        raise ConfigurationError(
+            f"files_dir {path!r} is not an existing directory: create it first"
+        )
+    return path
 
 
 def _check_callback(value: Any, name: str, params: list[str]) -> Any:

@@ -19,17 +19,19 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from tornado.iostream import IOStream
 
 import nodeserver
 from dispynb.errors import DispynbError, SetupError
+from dispynb.protocol.files import safe_relative_path
 from dispynb.protocol.messages import CANCELLED, CRASHED, FINISHED, TERMINATED
 from dispynb.transport.connection import Connection, stream_buffer_size
 from nodeserver.budget import CpuBudget
 from nodeserver.control import ControlChannel
+from nodeserver.filestore import FileStore
 from nodeserver.ipc import (
     Done,
     IpcMessage,
@@ -38,6 +40,7 @@ from nodeserver.ipc import (
     LoadFailed,
     Provisional,
     Run,
+    SendFile,
     Shutdown,
     WorkerExited,
     WorkerStarted,
@@ -61,6 +64,9 @@ Report = Callable[[list[object], list[memoryview]], None]
 #: ``report_provisional(key, attempt, buffers)``: a provisional result of a job.
 ReportProvisional = Callable[[int, int, list[memoryview]], None]
 
+#: ``report_file(key, path, buffers)``: a file a job sends to its client.
+ReportFile = Callable[[int, str, list[memoryview]], None]
+
 
 @dataclass(slots=True)
 class NodeJob:
@@ -71,6 +77,8 @@ class NodeJob:
     buffers: list[memoryview]
     cancelled: bool = False
     reported: bool = False  # its outcome already went to the client
+    files: list[tuple[str, str]] = field(default_factory=list)  # (path, digest)
+    placed: bool = False  # its files are in the computation's directory
 
 
 @dataclass(slots=True, eq=False)
@@ -118,6 +126,8 @@ class Computation:
         budget: CpuBudget,
         report: Report,
         report_provisional: ReportProvisional,
+        report_file: ReportFile,
+        store: FileStore,
         node_name: str,
         node_address: str,
         max_message_size: int,
@@ -130,6 +140,9 @@ class Computation:
         self._budget = budget
         self._report = report
         self._report_provisional = report_provisional
+        self._report_file = report_file
+        self._store = store
+        self._job_files: collections.Counter[str] = collections.Counter()
         self._node_name = node_name
         self._node_address = node_address
         self._max_size = max_message_size
@@ -149,12 +162,21 @@ class Computation:
 
     # -- lifecycle -----------------------------------------------------------------
 
-    async def start(self, bundle: list[memoryview]) -> int:
+    async def start(
+        self,
+        bundle: list[memoryview],
+        files: Sequence[tuple[str, str]] = (),
+    ) -> int:
         """Start the process, load the computation, run setup; return worker count.
 
         Raises `SetupError` with the node's explanation and traceback on failure.
         """
         os.makedirs(self.path, mode=0o700, exist_ok=True)
+        try:
+            for relative, digest in files:
+                self._store.place(digest, self.path, relative)
+        except (DispynbError, OSError) as exc:
+            raise SetupError(f"cannot place the computation's files: {exc}") from exc
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = dict(os.environ)
         root = os.path.dirname(os.path.dirname(os.path.abspath(nodeserver.__file__)))
@@ -185,6 +207,7 @@ class Computation:
                 node_name=self._node_name,
                 node_address=self._node_address,
                 job_path=self.path,
+                max_file_size=self._store.max_file_size,
             ),
             bundle,
         )
@@ -303,6 +326,17 @@ class Computation:
                 self._send(worker, self._queue.popleft())
 
     def _send(self, worker: Worker, job: NodeJob) -> None:
+        if job.files and not job.placed:
+            try:
+                self._place_job_files(job)
+            except (DispynbError, OSError) as exc:
+                job.reported = True
+                reason = f"cannot place the job's files on the node: {exc}"
+                self._report(
+                    [job.key, job.attempt, CRASHED, 0.0, 0.0, "", "", reason, 0], []
+                )
+                self._pump_soon()
+                return
         worker.assigned.append(job)
         # If the worker is dying, its exit report requeues or fails the job.
         with contextlib.suppress(DispynbError):
@@ -318,6 +352,8 @@ class Computation:
                     self._on_done(worker, message, buffers)
                 elif isinstance(message, Provisional):
                     self._on_provisional(worker, message, buffers)
+                elif isinstance(message, SendFile):
+                    self._on_send_file(worker, message, buffers)
         except DispynbError:
             pass
         finally:
@@ -333,6 +369,19 @@ class Computation:
             return  # from a job already settled (cancelled): drop it
         self._report_provisional(message.key, message.attempt, buffers)
 
+    def _on_send_file(
+        self, worker: Worker, message: SendFile, buffers: list[memoryview]
+    ) -> None:
+        head = worker.assigned[0] if worker.assigned else None
+        if head is None or head.key != message.key or head.reported:
+            return
+        try:
+            path = safe_relative_path(message.path)
+        except DispynbError as exc:
+            logger.warning("job %d sent a file with a bad name: %s", message.key, exc)
+            return
+        self._report_file(message.key, path, buffers)
+
     def _on_done(self, worker: Worker, done: Done, buffers: list[memoryview]) -> None:
         if not worker.assigned or worker.assigned[0].key != done.key:
             logger.error(
@@ -340,6 +389,7 @@ class Computation:
             )
             return
         job = worker.assigned.popleft()
+        self._release_job_files(job)
         duration = max(done.end_time - done.start_time, 0.0)
         mean = self._mean
         self._mean = duration if mean is None else 0.8 * mean + 0.2 * duration
@@ -374,6 +424,28 @@ class Computation:
             self._release_cpu(worker)
         self._pump()
         self._note_progress()
+
+    def _place_job_files(self, job: NodeJob) -> None:
+        for relative, digest in job.files:
+            if self._job_files[relative] == 0:
+                self._store.place(digest, self.path, relative)
+            self._job_files[relative] += 1
+        job.placed = True
+
+    def _release_job_files(self, job: NodeJob) -> None:
+        """A job's own files leave the directory when no running job needs them."""
+        if not job.placed:
+            return
+        job.placed = False
+        for relative, _digest in job.files:
+            self._job_files[relative] -= 1
+            if self._job_files[relative] <= 0:
+                del self._job_files[relative]
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(self.path, relative))
+
+    def _pump_soon(self) -> None:
+        asyncio.get_running_loop().call_soon(self._pump)
 
     def _requeue_or_fail(self, job: NodeJob) -> None:
         """Put a job that did not complete back at the head of the queue."""
@@ -450,6 +522,7 @@ class Computation:
         returncode = worker.returncode
         requeue: list[NodeJob] = []
         for position, job in enumerate(worker.assigned):
+            self._release_job_files(job)
             if job.cancelled:
                 self._finish_killed(job)
             elif job.reported:

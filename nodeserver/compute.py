@@ -54,7 +54,7 @@ from nodeserver.ipc import (
     WorkerExited,
     WorkerStarted,
 )
-from nodeserver.jobapi import dispy_provisional_result
+from nodeserver.jobapi import CONTEXT, dispy_provisional_result, dispy_send_file
 from nodeserver.jobrunner import worker_loop
 from nodeserver.memory import keep_freed_memory
 from nodeserver.program import ProgramRunner, install_program
@@ -332,6 +332,7 @@ def load_computation(control: MessageSocket) -> Computation:
             traceback.format_exc(),
         ) from exc
     del buffers
+    CONTEXT.job_path, CONTEXT.max_file_size = message.job_path, message.max_file_size
     program = bundle.get("program")
     if program is not None:
         try:
@@ -341,6 +342,8 @@ def load_computation(control: MessageSocket) -> Computation:
         bundle["func"] = ProgramRunner(path, dispy_names(message, modules=False))
     _check_bundle(bundle)
     functions = [bundle["func"], bundle.get("setup"), bundle.get("cleanup")]
+    # depends' functions and classes, by name; then dispy's names (never the user's).
+    inject_names(functions, dict(bundle.get("names") or {}))
     inject_names(functions, dispy_names(message))
     setup = bundle.get("setup")
     if setup is not None:
@@ -366,6 +369,7 @@ def dispy_names(load: Load, modules: bool = True) -> dict[str, Any]:
         "dispy_node_ip_addr": load.node_address,
         "dispy_job_path": load.job_path,
         "dispy_provisional_result": dispy_provisional_result,
+        "dispy_send_file": dispy_send_file,
     }
     if modules:
         for module in DISPY_MODULES:

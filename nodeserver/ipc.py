@@ -35,6 +35,7 @@ class Load(IpcMessage):
     node_name: str
     node_address: str
     job_path: str
+    max_file_size: int = 0
 
 
 @message("shutdown")
@@ -92,6 +93,15 @@ class Provisional(IpcMessage):
 
     key: int
     attempt: int
+
+
+@message("send-file")
+class SendFile(IpcMessage):
+    """A job sends a file to its client (one buffer: the content)."""
+
+    key: int
+    attempt: int
+    path: str
 
 
 @message("done")

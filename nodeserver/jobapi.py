@@ -8,6 +8,7 @@ that the worker loop sets for the job it is running.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from types import FrameType
@@ -16,7 +17,7 @@ from typing import Any
 from dispynb.errors import DispynbError
 from dispynb.protocol import serialize
 from nodeserver.channel import MessageSocket
-from nodeserver.ipc import Provisional
+from nodeserver.ipc import Provisional, SendFile
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +30,8 @@ class JobContext:
         self.key = 0
         self.attempt = 0
         self.running = False  # True only while user code of a job runs
+        self.job_path = ""
+        self.max_file_size = 0
         self.lock = threading.Lock()  # a job's threads may send too
 
     def begin(self, sock: MessageSocket, key: int, attempt: int) -> None:
@@ -63,6 +66,39 @@ def dispy_provisional_result(
         logger.warning("provisional result not sent: %s", exc)
         return -1
     return 0
+
+
+def dispy_send_file(path: str, relay: bool = False, timeout: Any = None) -> int:
+    """Send a file to the client, which saves it at the same relative path in its
+    folder for received files (its working directory by default).
+
+    ``path`` is relative to the job's directory (or absolute, inside it; a file
+    elsewhere is sent under its base name). Returns 0, or -1 if it was not sent (too
+    large for the node's limit, unreadable; the reason is logged).
+    """
+    try:
+        name = _name_for_client(path)
+        with open(path, "rb") as handle:
+            data = handle.read()
+        if CONTEXT.max_file_size and len(data) > CONTEXT.max_file_size:
+            raise OSError(
+                f"{path!r} has {len(data)} bytes, over the node's maximum file size "
+                f"of {CONTEXT.max_file_size}"
+            )
+        message = SendFile(key=CONTEXT.key, attempt=CONTEXT.attempt, path=name)
+        CONTEXT.send(message, [data])
+    except (DispynbError, RuntimeError, OSError) as exc:
+        logger.warning("file not sent: %s", exc)
+        return -1
+    return 0
+
+
+def _name_for_client(path: str) -> str:
+    full = os.path.abspath(path)
+    base = os.path.realpath(CONTEXT.job_path or os.getcwd())
+    if full.startswith(base.rstrip(os.sep) + os.sep):
+        return os.path.relpath(full, base).replace(os.sep, "/")
+    return os.path.basename(full)
 
 
 def interrupt_job(signum: int, frame: FrameType | None) -> None:

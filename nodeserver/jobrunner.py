@@ -67,21 +67,26 @@ def run_job(
     result_buffers = _NO_BUFFERS
     try:
         try:
-            args, kwargs = serialize.loads(buffers)
+            args, kwargs, names = _unpack_payload(serialize.loads(buffers))
         except Exception as exc:
             start_time = end_time = time.time()
             exception = _describe(exc, "arguments cannot be unpickled on the node")
         else:
             start_time = time.time()
+            restore = _add_names(func, names) if names else None
             CONTEXT.running = True
             try:
                 result = func(*args, **kwargs)
             except BaseException as exc:  # reported to the client, never fatal
                 CONTEXT.running = False
+                if restore is not None:
+                    restore()
                 end_time = time.time()
                 exception = _format_job_exception(exc)
             else:
                 CONTEXT.running = False
+                if restore is not None:
+                    restore()
                 end_time = time.time()
                 if type(result) is ProgramOutput:
                     program_output = result
@@ -107,6 +112,41 @@ def run_job(
         exception=exception,
     )
     return done, result_buffers
+
+
+def _unpack_payload(
+    payload: Any,
+) -> tuple[tuple[Any, ...], dict[str, Any], dict[str, Any] | None]:
+    """``(args, kwargs)`` or ``(args, kwargs, names)`` (a job's own dependencies)."""
+    if type(payload) is tuple and len(payload) in (2, 3):
+        args, kwargs = payload[0], payload[1]
+        names = payload[2] if len(payload) == 3 else None
+        if (
+            type(args) is tuple
+            and type(kwargs) is dict
+            and type(names) in (dict, type(None))
+        ):
+            return args, kwargs, names
+    raise TypeError("the job payload is not (args, kwargs[, names])")
+
+
+def _add_names(func: Callable[..., Any], names: dict[str, Any]) -> Callable[[], None]:
+    """Put a job's own dependencies in the computation's globals, for this job only."""
+    namespace = getattr(func, "__globals__", None)
+    if not isinstance(namespace, dict):
+        return lambda: None
+    missing = object()
+    saved = {name: namespace.get(name, missing) for name in names}
+    namespace.update(names)
+
+    def restore() -> None:
+        for name, value in saved.items():
+            if value is missing:
+                namespace.pop(name, None)
+            else:
+                namespace[name] = value
+
+    return restore
 
 
 def worker_loop(sock: MessageSocket, func: Callable[..., Any]) -> None:

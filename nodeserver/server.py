@@ -14,6 +14,7 @@ from dispynb.transport.listener import Listener
 from dispynb.transport.tls import server_context
 from nodeserver.budget import CpuBudget
 from nodeserver.config import NodeConfig
+from nodeserver.filestore import FileStore
 from nodeserver.session import ClientSession
 
 logger = logging.getLogger(__name__)
@@ -32,6 +33,9 @@ class NodeServer:
         config.validate()
         self.config = config
         self.budget = CpuBudget(config.cpus)
+        self.store = FileStore(
+            os.path.join(config.dest_path, ".store"), config.max_file_size
+        )
         self.sessions: set[ClientSession] = set()
         self.address = ""
         self._listener: Listener | None = None

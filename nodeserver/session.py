@@ -15,7 +15,8 @@ import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from dispynb.errors import DispynbError, MessageError, SetupError
+from dispynb.errors import DispynbError, MessageError, ProtocolError, SetupError
+from dispynb.protocol.files import safe_relative_path
 from dispynb.protocol.messages import (
     TERMINATED,
     ComputationClose,
@@ -24,6 +25,11 @@ from dispynb.protocol.messages import (
     ComputationReady,
     ComputationSetup,
     Error,
+    FileFromNode,
+    FilePlace,
+    FilePlaced,
+    FilePut,
+    FilesMissing,
     JobCancel,
     JobProvisional,
     JobResults,
@@ -63,11 +69,15 @@ class ClientSession:
         self._out: dict[int, tuple[list[list[Any]], list[memoryview]]] = {}
         self._flush_pending = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._waiting_for_files: dict[int, tuple[set[str], Any]] = {}
+        self._refused_files: dict[str, str] = {}  # digest -> why
         self._handlers: dict[type[Message], Callable[[Any, list[memoryview]], None]] = {
             ComputationSetup: self._on_setup,
             JobSubmit: self._on_submit,
             JobCancel: self._on_cancel,
             ComputationClose: self._on_close,
+            FilePut: self._on_file_put,
+            FilePlace: self._on_file_place,
         }
 
     async def serve(self) -> None:
@@ -82,6 +92,9 @@ class ClientSession:
                     continue
                 handler(message, buffers)
         finally:
+            for _missing, start in self._waiting_for_files.values():
+                start.close()  # never started: the files did not all arrive
+            self._waiting_for_files.clear()
             closing = [c.close(terminate=True) for c in self._computations.values()]
             self._computations.clear()
             await asyncio.gather(*closing, return_exceptions=True)
@@ -116,6 +129,8 @@ class ClientSession:
             budget=self.server.budget,
             report=self._reporter(message.comp_id),
             report_provisional=self._provisional_reporter(message.comp_id),
+            report_file=self._file_reporter(message.comp_id),
+            store=self.server.store,
             node_name=config.name,
             node_address=self.server.address,
             max_message_size=config.max_message_size,
@@ -125,11 +140,73 @@ class ClientSession:
             message.comp_id, reason
         )
         self._computations[message.comp_id] = computation
-        self._spawn(self._start(computation, buffers))
-
-    async def _start(self, computation: Computation, bundle: list[memoryview]) -> None:
         try:
-            workers = await computation.start(bundle)
+            files = self._check_files(message.files)
+        except ProtocolError as exc:
+            self._computations.pop(message.comp_id, None)
+            self._write(ComputationFailed(comp_id=message.comp_id, message=str(exc)))
+            return
+        missing = {digest for _, digest in files if not self.server.store.has(digest)}
+        start = self._start(computation, buffers, files)
+        if not missing:
+            self._spawn(start)
+            return
+        self._waiting_for_files[message.comp_id] = (missing, start)
+        self._write(FilesMissing(comp_id=message.comp_id, digests=sorted(missing)))
+
+    def _check_files(self, entries: list[list[Any]]) -> list[tuple[str, str]]:
+        files = []
+        for entry in entries:
+            if len(entry) != 3 or not isinstance(entry[2], int):
+                raise ProtocolError("malformed file entry in computation-setup")
+            path, digest, size = entry
+            self.server.store.check_size(size, f"file {path!r}")
+            self.server.store.path(digest)  # validates the digest
+            files.append((safe_relative_path(path), digest))
+        return files
+
+    def _on_file_put(self, message: FilePut, buffers: list[memoryview]) -> None:
+        if len(buffers) != 1 or buffers[0].nbytes != message.size:
+            raise MessageError("file-put carries one buffer of the announced size")
+        try:
+            self.server.store.put(message.digest, buffers[0])
+        except ProtocolError as exc:
+            # Refuse this file only; whatever needs it is told why.
+            logger.warning("refused a file from %s: %s", self.conn.peer, exc)
+            self._refused_files[message.digest] = str(exc)
+            return
+        for comp_id, (missing, start) in list(self._waiting_for_files.items()):
+            missing.discard(message.digest)
+            if not missing:
+                del self._waiting_for_files[comp_id]
+                self._spawn(start)
+
+    def _on_file_place(self, message: FilePlace, buffers: list[memoryview]) -> None:
+        computation = self._computations.get(message.comp_id)
+        error = ""
+        if computation is None:
+            error = "the computation is not set up on this node"
+        else:
+            try:
+                path = safe_relative_path(message.path)
+                refused = self._refused_files.get(message.digest)
+                if refused is not None:
+                    raise ProtocolError(refused)
+                self.server.store.place(message.digest, computation.path, path)
+            except (ProtocolError, OSError) as exc:
+                error = str(exc)
+        self._write(
+            FilePlaced(comp_id=message.comp_id, request=message.request, error=error)
+        )
+
+    async def _start(
+        self,
+        computation: Computation,
+        bundle: list[memoryview],
+        files: list[tuple[str, str]],
+    ) -> None:
+        try:
+            workers = await computation.start(bundle, files)
         except SetupError as exc:
             logger.warning("computation %s failed to start: %s", computation.name, exc)
             self._computations.pop(computation.comp_id, None)
@@ -154,12 +231,17 @@ class ClientSession:
         jobs: list[NodeJob] = []
         offset = 0
         for entry in message.jobs:
-            if len(entry) != 3 or not all(isinstance(v, int) for v in entry):
+            if len(entry) not in (3, 4) or not all(
+                isinstance(v, int) for v in entry[:3]
+            ):
                 raise MessageError("malformed job entry in job-submit")
-            key, attempt, count = entry
+            key, attempt, count = entry[:3]
             if count < 1 or offset + count > len(buffers):
                 raise MessageError("job-submit buffer counts do not match its buffers")
-            jobs.append(NodeJob(key, attempt, buffers[offset : offset + count]))
+            job = NodeJob(key, attempt, buffers[offset : offset + count])
+            if len(entry) == 4:
+                job.files = self._job_files(entry[3])
+            jobs.append(job)
             offset += count
         computation = self._computations.get(message.comp_id)
         if computation is None:
@@ -182,12 +264,26 @@ class ClientSession:
             return
         computation.submit(jobs)
 
+    def _job_files(self, entries: Any) -> list[tuple[str, str]]:
+        if not isinstance(entries, list):
+            raise MessageError("malformed job files in job-submit")
+        files = []
+        for entry in entries:
+            if not isinstance(entry, list) or len(entry) != 2:
+                raise MessageError("malformed job file entry in job-submit")
+            self.server.store.path(entry[1])  # validates the digest
+            files.append((safe_relative_path(entry[0]), entry[1]))
+        return files
+
     def _on_cancel(self, message: JobCancel, buffers: list[memoryview]) -> None:
         computation = self._computations.get(message.comp_id)
         if computation is not None:
             computation.cancel(message.key, message.attempt)
 
     def _on_close(self, message: ComputationClose, buffers: list[memoryview]) -> None:
+        waiting = self._waiting_for_files.pop(message.comp_id, None)
+        if waiting is not None:
+            waiting[1].close()  # its files never all arrived: it never started
         computation = self._computations.pop(message.comp_id, None)
         if computation is None:
             self._write(ComputationClosed(comp_id=message.comp_id))
@@ -222,6 +318,15 @@ class ClientSession:
             self._write(
                 JobProvisional(comp_id=comp_id, key=key, attempt=attempt), buffers
             )
+
+        return report
+
+    def _file_reporter(
+        self, comp_id: int
+    ) -> Callable[[int, str, list[memoryview]], None]:
+        def report(key: int, path: str, buffers: list[memoryview]) -> None:
+            self._flush()  # the job's earlier results first
+            self._write(FileFromNode(comp_id=comp_id, key=key, path=path), buffers)
 
         return report
 

@@ -220,6 +220,8 @@ class ComputationSetup(WireMessage):
     workers: int
     dest_path: str | None = None
     cleanup: bool = True
+    #: ``[relative_path, digest, size]`` of each file the computation depends on.
+    files: list[list[Any]] = dataclasses.field(default_factory=list)
 
 
 @message("computation-ready")
@@ -258,12 +260,13 @@ class ComputationClosed(WireMessage):
 class JobSubmit(WireMessage):
     """Client -> node: a batch of jobs.
 
-    ``jobs`` holds ``[key, attempt, buffer_count]`` per job; the job's pickled
+    ``jobs`` holds ``[key, attempt, buffer_count]`` per job, plus a fourth item
+    ``[[relative_path, digest], ...]`` for a job with its own files; the job's pickled
     arguments are the next ``buffer_count`` message buffers, in order.
     """
 
     comp_id: int
-    jobs: list[list[int]]
+    jobs: list[list[Any]]
 
 
 @message("job-cancel")
@@ -273,6 +276,50 @@ class JobCancel(WireMessage):
     comp_id: int
     key: int
     attempt: int
+
+
+@message("files-missing")
+class FilesMissing(WireMessage):
+    """Node -> client: send these files (by digest) before the computation starts."""
+
+    comp_id: int
+    digests: list[str]
+
+
+@message("file-put")
+class FilePut(WireMessage):
+    """Client -> node: a file's content (one buffer), stored by its digest."""
+
+    digest: str
+    size: int
+
+
+@message("file-place")
+class FilePlace(WireMessage):
+    """Client -> node: put a sent file into the computation's directory."""
+
+    comp_id: int
+    request: int
+    path: str
+    digest: str
+
+
+@message("file-placed")
+class FilePlaced(WireMessage):
+    """Node -> client: answer to `FilePlace`; ``error`` is empty on success."""
+
+    comp_id: int
+    request: int
+    error: str = ""
+
+
+@message("file-from-node")
+class FileFromNode(WireMessage):
+    """Node -> client: a file a job sent with ``dispy_send_file`` (one buffer)."""
+
+    comp_id: int
+    key: int
+    path: str
 
 
 @message("job-provisional")

@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from dispynb.depends import FileRef
 from dispynb.errors import DispynbError, SerializationError, SetupError
 from dispynb.protocol import serialize
 from dispynb.protocol.framing import Buffer
@@ -30,6 +32,11 @@ from dispynb.protocol.messages import (
     ComputationReady,
     ComputationSetup,
     Error,
+    FileFromNode,
+    FilePlace,
+    FilePlaced,
+    FilePut,
+    FilesMissing,
     JobCancel,
     JobProvisional,
     JobResults,
@@ -79,6 +86,11 @@ class NodeLink:
     cpu_time: float = 0.0
     closed: asyncio.Future[None] | None = None
     reader: asyncio.Task[None] | None = None
+    sent: set[str] = field(default_factory=set)  # digests of files it has
+
+
+#: ``allocate(welcome, peer_ip) -> (cpus, bundle, files)`` (see `Driver.add_node`).
+Allocator = Callable[[Welcome, str], tuple[int, list[Buffer], list[FileRef]]]
 
 
 @dataclass(slots=True)
@@ -106,6 +118,11 @@ class JobEvents(Protocol):
     def job_provisional(self, key: int, node: NodeLink, result: Any) -> None:
         """A running job sent a provisional result."""
 
+    def job_file(
+        self, key: int, node: NodeLink, path: str, data: list[memoryview]
+    ) -> None:
+        """A running job sent a file (``path`` is relative and checked)."""
+
     def job_abandoned(self, key: int, node: NodeLink | None, reason: str) -> None:
         """A job cannot run anymore (its node is gone)."""
 
@@ -126,6 +143,7 @@ class JobEvents(Protocol):
 class _Pending:
     buffers: list[Buffer]
     node: str | None = None
+    files: list[FileRef] | None = None
 
 
 @dataclass(kw_only=True)
@@ -152,9 +170,12 @@ class Driver:
         self.state = SchedulerState(reentrant=config.reentrant)
         self.nodes: dict[str, NodeLink] = {}
         self._jobs: dict[int, _Pending] = {}
-        self._incoming: collections.deque[tuple[int, list[Buffer], str | None]] = (
-            collections.deque()
-        )
+        self._incoming: collections.deque[
+            tuple[int, list[Buffer], str | None, list[FileRef] | None]
+        ] = collections.deque()
+        self._files: dict[str, FileRef] = {}  # by digest: what nodes may ask for
+        self._placements: dict[int, asyncio.Future[str]] = {}
+        self._requests = itertools.count(1)
         self._connecting = 0
         self.last_error: DispynbError | None = None
         self._closing = False
@@ -166,12 +187,12 @@ class Driver:
         self,
         host: str,
         port: int,
-        allocate: Callable[[Welcome, str], tuple[int, list[Buffer]]],
+        allocate: Allocator,
     ) -> asyncio.Task[None]:
         """Connect to a node and set the computation up on it.
 
-        ``allocate(welcome, peer_ip)`` returns ``(cpus, bundle)``: the CPUs to use (0
-        rejects the node) and the pickled computation for it.
+        ``allocate(welcome, peer_ip)`` returns ``(cpus, bundle, files)``: the CPUs to
+        use (0 rejects the node), the pickled computation and the files it needs.
         """
         node_id = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
         link = self.nodes.get(node_id)
@@ -184,7 +205,7 @@ class Driver:
     async def _join(
         self,
         link: NodeLink,
-        allocate: Callable[[Welcome, str], tuple[int, list[Buffer]]],
+        allocate: Allocator,
     ) -> None:
         config = self.config
         try:
@@ -200,9 +221,11 @@ class Driver:
             link.closed = asyncio.get_running_loop().create_future()
             sock = conn.stream.socket
             peer_ip = sock.getpeername()[0] if sock is not None else link.host
-            cpus, bundle = allocate(welcome, peer_ip)
+            cpus, bundle, files = allocate(welcome, peer_ip)
             if cpus <= 0:
                 raise SetupError(f"{link.node_id}: the node allocation rejected it")
+            for ref in files:
+                self._files[ref.digest] = ref
             conn.write(
                 ComputationSetup(
                     comp_id=config.comp_id,
@@ -210,6 +233,7 @@ class Driver:
                     workers=cpus,
                     dest_path=config.dest_path,
                     cleanup=config.cleanup,
+                    files=[[ref.relative, ref.digest, ref.size] for ref in files],
                 ),
                 bundle,
             )
@@ -244,6 +268,14 @@ class Driver:
                     self._on_results(link, message, buffers)
                 elif isinstance(message, JobProvisional):
                     self._on_provisional(link, message, buffers)
+                elif isinstance(message, FilesMissing):
+                    self._send_files(link, [self._files[d] for d in message.digests])
+                elif isinstance(message, FileFromNode):
+                    self.events.job_file(message.key, link, message.path, buffers)
+                elif isinstance(message, FilePlaced):
+                    placed = self._placements.pop(message.request, None)
+                    if placed is not None and not placed.done():
+                        placed.set_result(message.error)
                 elif isinstance(message, ComputationReady):
                     self._on_ready(link, message)
                 elif isinstance(message, ComputationFailed):
@@ -309,14 +341,19 @@ class Driver:
 
     # -- jobs ----------------------------------------------------------------------
 
-    def submit(self, key: int, buffers: list[Buffer], node: str | None = None) -> None:
-        """Queue a job (from any thread: call via `enqueue` + `drain` instead)."""
-        self._jobs[key] = _Pending(buffers, node)
-        self._apply(self.state.handle(JobSubmitted(key, node)))
+    def enqueue(
+        self,
+        key: int,
+        buffers: list[Buffer],
+        node: str | None = None,
+        files: list[FileRef] | None = None,
+    ) -> None:
+        """Thread-safe: record a job; `drain` (on the loop) submits it.
 
-    def enqueue(self, key: int, buffers: list[Buffer], node: str | None = None) -> None:
-        """Thread-safe: record a job; `drain` (on the loop) submits it."""
-        self._incoming.append((key, buffers, node))
+        ``files`` are the job's own files, placed in the computation's directory on
+        its node for the time it runs.
+        """
+        self._incoming.append((key, buffers, node, files))
 
     def drain(self) -> None:
         """Submit every enqueued job in one scheduling pass (on the loop)."""
@@ -328,18 +365,53 @@ class Driver:
         jobs = self._jobs
         if not self.nodes and self._connecting == 0:
             while incoming:
-                key, _buffers, _node = incoming.popleft()
+                key = incoming.popleft()[0]
                 self.events.job_abandoned(key, None, self._no_node_reason())
             return
         while incoming:
-            key, buffers, node = incoming.popleft()
-            jobs[key] = _Pending(buffers, node)
+            key, buffers, node, files = incoming.popleft()
+            jobs[key] = _Pending(buffers, node, files)
             instructions.extend(handle(JobSubmitted(key, node)))
         self._apply(instructions)
 
     def cancel(self, key: int) -> None:
         """Cancel a job (on the loop)."""
         self._apply(self.state.handle(CancelRequested(key)))
+
+    def _send_files(self, link: NodeLink, files: list[FileRef]) -> None:
+        """Send each file not yet sent on this connection (the node keeps them)."""
+        assert link.conn is not None
+        for ref in files:
+            if ref.digest in link.sent:
+                continue
+            data = ref.read()
+            link.conn.write(FilePut(digest=ref.digest, size=len(data)), [data])
+            link.sent.add(ref.digest)
+            self._files.setdefault(ref.digest, ref)
+
+    async def send_file(self, node_id: str, ref: FileRef) -> str:
+        """Put a file into the computation's directory on a node; '' or an error."""
+        link = self.nodes.get(node_id)
+        if link is None or link.conn is None or not link.ready:
+            return f"node {node_id} is not ready"
+        request = next(self._requests)
+        placed = self._placements[request] = asyncio.get_running_loop().create_future()
+        try:
+            self._send_files(link, [ref])
+            link.conn.write(
+                FilePlace(
+                    comp_id=self.config.comp_id,
+                    request=request,
+                    path=ref.relative,
+                    digest=ref.digest,
+                )
+            )
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                return await placed
+        except (DispynbError, OSError, TimeoutError) as exc:
+            return f"cannot send {ref.relative} to {node_id}: {describe_error(exc)}"
+        finally:
+            self._placements.pop(request, None)
 
     def _on_provisional(
         self, link: NodeLink, message: JobProvisional, buffers: list[memoryview]
@@ -429,12 +501,17 @@ class Driver:
     def _send_jobs(self, node_id: str, jobs: list[tuple[int, int]]) -> None:
         link = self.nodes[node_id]
         assert link.conn is not None
-        entries: list[list[int]] = []
+        entries: list[list[Any]] = []
         buffers: list[Buffer] = []
         size = 0
         for key, attempt in jobs:
             pending = self._jobs[key]
-            entries.append([key, attempt, len(pending.buffers)])
+            if pending.files:
+                self._send_files(link, pending.files)
+                files = [[ref.relative, ref.digest] for ref in pending.files]
+                entries.append([key, attempt, len(pending.buffers), files])
+            else:
+                entries.append([key, attempt, len(pending.buffers)])
             buffers.extend(pending.buffers)
             size += sum(memoryview(b).nbytes for b in pending.buffers)
             self.events.job_running(key, link)
@@ -445,7 +522,7 @@ class Driver:
             self._write_batch(link, entries, buffers)
 
     def _write_batch(
-        self, link: NodeLink, entries: list[list[int]], buffers: list[Buffer]
+        self, link: NodeLink, entries: list[list[Any]], buffers: list[Buffer]
     ) -> None:
         assert link.conn is not None
         # If the connection is going, its reader sees it end and the state requeues

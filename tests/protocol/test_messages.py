@@ -41,6 +41,11 @@ SAMPLES: list[WireMessage] = [
     m.JobSubmit(comp_id=1, jobs=[[1, 0, 1], [2, 0, 2]]),
     m.JobCancel(comp_id=1, key=2, attempt=1),
     m.JobProvisional(comp_id=1, key=2, attempt=1),
+    m.FilesMissing(comp_id=1, digests=["ab" * 32]),
+    m.FilePut(digest="ab" * 32, size=3),
+    m.FilePlace(comp_id=1, request=4, path="a/b.txt", digest="ab" * 32),
+    m.FilePlaced(comp_id=1, request=4, error=""),
+    m.FileFromNode(comp_id=1, key=2, path="out/r.txt"),
     m.JobResults(
         comp_id=1,
         results=[[1, 0, m.FINISHED, 1.5, 2.5, "out", "", None, 1]],

@@ -1,0 +1,63 @@
+"""`FileStore`: the node's content-addressed store of files sent by clients.
+
+A file is kept once under its SHA-256, whoever sent it and for whichever computation,
+and is hard-linked into each computation's directory that needs it, so a file sent
+again (the same data file for a new computation) need not travel twice.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from dispynb.errors import ProtocolError
+from dispynb.protocol.files import digest_of, link_inside
+
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
+class FileStore:
+    """Files by content under ``root``; ``max_file_size`` 0 means no limit."""
+
+    def __init__(self, root: str, max_file_size: int = 0) -> None:
+        self.root = root
+        self.max_file_size = max_file_size
+        os.makedirs(root, mode=0o700, exist_ok=True)
+
+    def path(self, digest: str) -> str:
+        """Where the file with this digest is kept."""
+        if not _DIGEST.fullmatch(digest):
+            raise ProtocolError(f"bad file digest {digest!r}")
+        return os.path.join(self.root, digest)
+
+    def has(self, digest: str) -> bool:
+        """Whether the store holds this file."""
+        return os.path.exists(self.path(digest))
+
+    def check_size(self, size: int, name: str = "a file") -> None:
+        """Raise `ProtocolError` if ``size`` is over the node's limit."""
+        if self.max_file_size and size > self.max_file_size:
+            raise ProtocolError(
+                f"{name} of {size} bytes is over this node's maximum file size of "
+                f"{self.max_file_size} bytes (dispynb-node --max-file-size)"
+            )
+
+    def put(self, digest: str, data: memoryview | bytes) -> None:
+        """Store ``data``, checking that it is what ``digest`` says."""
+        self.check_size(len(data))
+        path = self.path(digest)
+        if os.path.exists(path):
+            return
+        if digest_of(data) != digest:
+            raise ProtocolError("a file's content does not match its digest")
+        tmp = f"{path}.{os.getpid()}.part"
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+
+    def place(self, digest: str, directory: str, relative: str) -> str:
+        """Link the stored file to ``directory/relative``; return the path."""
+        path = self.path(digest)
+        if not os.path.exists(path):
+            raise ProtocolError(f"file {relative!r} was not sent to this node")
+        return link_inside(directory, relative, path)
