@@ -40,6 +40,7 @@ from dispynb.protocol.files import write_inside
 from dispynb.protocol.framing import Buffer
 from dispynb.protocol.messages import CANCELLED, FINISHED, Welcome
 from dispynb.scheduler.driver import Allocator, Driver, DriverConfig, NodeLink, Outcome
+from dispynb.transport.addressing import format_address
 from dispynb.transport.tls import client_context
 
 logger = logging.getLogger(__name__)
@@ -485,6 +486,100 @@ class JobCluster:
             logger.warning("send_file: %s", error)
             return -1
         return 0
+
+    # -- nodes (dispy's node-management methods) ---------------------------------
+
+    def allocate_node(self, node: Any) -> int:
+        """Use ``node`` (any node spec, or several) for this computation.
+
+        A node not yet used is connected and set up; one taken out with
+        `deallocate_node` gets jobs again. Returns 0, or -1 for a bad spec (logged).
+        """
+        try:
+            specs = parse_node_specs(node)
+            for spec in specs:
+                if is_wildcard(spec):
+                    raise ConfigurationError(
+                        f"{spec.host!r}: wildcard specs need discovery, which is not "
+                        "available yet; name the node"
+                    )
+        except ConfigurationError as exc:
+            logger.warning("allocate_node: %s", exc)
+            return -1
+        for spec in specs:
+            port = spec.port or NODE_PORT
+            node_id = format_address(spec.host, port)
+            if node_id in self._driver.nodes:
+                full = self._driver.nodes[node_id].cpus
+                self._on_loop(self._driver.set_cpus, node_id, full)
+            else:
+                self._on_loop(
+                    self._driver.add_node, spec.host, port, self._allocator(spec)
+                )
+        return 0
+
+    def discover_nodes(self, nodes: Any) -> int:
+        """dispy's discovery of ``nodes``; explicit hosts are connected at once."""
+        return self.allocate_node(nodes)
+
+    def deallocate_node(self, node: Any) -> int:
+        """Send ``node`` no more jobs (its computation stays set up); 0 or -1."""
+        node_id = self._node_id(node)
+        if node_id is None:
+            return -1
+        return 0 if self._on_loop(self._driver.set_cpus, node_id, 0) >= 0 else -1
+
+    def set_node_cpus(self, node: Any, cpus: int) -> int:
+        """Use ``cpus`` CPUs of ``node`` (negative: all but that many).
+
+        Returns the CPUs now used, or -1 for an unknown node. A node never gets more
+        jobs at once than it set up workers for.
+        """
+        node_id = self._node_id(node)
+        if node_id is None:
+            return -1
+        if cpus < 0:
+            cpus = self._driver.nodes[node_id].cpus + cpus
+        return int(self._on_loop(self._driver.set_cpus, node_id, cpus))
+
+    def close_node(self, node: Any, terminate_pending: bool = False) -> int:
+        """Close the computation on ``node`` (running its cleanup) and free it."""
+        node_id = self._node_id(node)
+        if node_id is None:
+            return -1
+        return (
+            0
+            if self._on_loop(self._driver.close_node, node_id, terminate_pending)
+            else -1
+        )
+
+    def resetup_node(self, node: Any, terminate_pending: bool = False) -> int:
+        """Close the computation on ``node`` and set it up again.
+
+        `NodeAllocate.allocate` runs again, so new per-node ``depends`` and
+        ``setup_args`` take effect (dispy's way to replace in-memory data).
+        """
+        node_id = self._node_id(node)
+        if node_id is None:
+            return -1
+        ok = self._on_loop(self._driver.resetup_node, node_id, terminate_pending)
+        return 0 if ok else -1
+
+    def node_jobs(self, node: Any, from_node: bool = False) -> list[DispyJob]:
+        """The jobs of this cluster running on ``node`` now."""
+        node_id = self._node_id(node)
+        if node_id is None:
+            return []
+        keys = self._on_loop(self._driver.running_keys, node_id)
+        return [job for key in keys if (job := self._jobs.get(key)) is not None]
+
+    def _on_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Call ``fn(*args)`` on the I/O thread and return its result."""
+
+        async def call() -> Any:
+            return fn(*args)
+
+        return self._runner.run_sync(call)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until every submitted job is done; False if ``timeout`` passed first."""

@@ -58,6 +58,7 @@ from dispynb.scheduler.events import (
     SendJobs,
 )
 from dispynb.scheduler.state import SchedulerState
+from dispynb.transport.addressing import format_address
 from dispynb.transport.connection import Connection, describe_error
 from dispynb.transport.connector import connect
 
@@ -87,6 +88,9 @@ class NodeLink:
     closed: asyncio.Future[None] | None = None
     reader: asyncio.Task[None] | None = None
     sent: set[str] = field(default_factory=set)  # digests of files it has
+    allocate: Allocator | None = None
+    peer_ip: str = ""
+    resetting: bool = False
 
 
 #: ``allocate(welcome, peer_ip) -> (cpus, bundle, files)`` (see `Driver.add_node`).
@@ -194,7 +198,7 @@ class Driver:
         ``allocate(welcome, peer_ip)`` returns ``(cpus, bundle, files)``: the CPUs to
         use (0 rejects the node), the pickled computation and the files it needs.
         """
-        node_id = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+        node_id = format_address(host, port)
         link = self.nodes.get(node_id)
         if link is None:
             link = self.nodes[node_id] = NodeLink(node_id=node_id, host=host, port=port)
@@ -220,27 +224,35 @@ class Driver:
             link.conn, link.welcome = conn, welcome
             link.closed = asyncio.get_running_loop().create_future()
             sock = conn.stream.socket
-            peer_ip = sock.getpeername()[0] if sock is not None else link.host
-            cpus, bundle, files = allocate(welcome, peer_ip)
-            if cpus <= 0:
-                raise SetupError(f"{link.node_id}: the node allocation rejected it")
-            for ref in files:
-                self._files[ref.digest] = ref
-            conn.write(
-                ComputationSetup(
-                    comp_id=config.comp_id,
-                    name=config.name,
-                    workers=cpus,
-                    dest_path=config.dest_path,
-                    cleanup=config.cleanup,
-                    files=[[ref.relative, ref.digest, ref.size] for ref in files],
-                ),
-                bundle,
-            )
+            link.peer_ip = sock.getpeername()[0] if sock is not None else link.host
+            link.allocate = allocate
+            self._set_up(link)
         except DispynbError as exc:
             self._fail_node(link, exc)
             return
         await self._read(link)
+
+    def _set_up(self, link: NodeLink) -> None:
+        """Ask the node to set the computation up (again, for `resetup_node`)."""
+        assert link.conn is not None and link.welcome is not None
+        assert link.allocate is not None
+        config = self.config
+        cpus, bundle, files = link.allocate(link.welcome, link.peer_ip)
+        if cpus <= 0:
+            raise SetupError(f"{link.node_id}: the node allocation rejected it")
+        for ref in files:
+            self._files[ref.digest] = ref
+        link.conn.write(
+            ComputationSetup(
+                comp_id=config.comp_id,
+                name=config.name,
+                workers=cpus,
+                dest_path=config.dest_path,
+                cleanup=config.cleanup,
+                files=[[ref.relative, ref.digest, ref.size] for ref in files],
+            ),
+            bundle,
+        )
 
     def _settle(self, link: NodeLink) -> None:
         """``link`` leaves its setting-up phase (ready or failed)."""
@@ -288,6 +300,9 @@ class Driver:
                     reason = message.message
                     break
                 elif isinstance(message, ComputationClosed):
+                    if link.resetting:
+                        self._redo_setup(link)
+                        continue
                     reason = "computation closed"
                     break
                 elif isinstance(message, Error):
@@ -308,6 +323,57 @@ class Driver:
         link.cpus = message.workers
         self.events.node_ready(link)
         self._apply(self.state.handle(NodeJoined(link.node_id, message.workers)))
+
+    # -- node management (dispy's allocate/deallocate/close/resetup_node) ---------
+
+    def set_cpus(self, node_id: str, cpus: int) -> int:
+        """Use ``cpus`` CPUs of a node from now on (0: send it no more jobs).
+
+        Returns the CPUs now used (at most what the node set up), or -1 for an
+        unknown node. Jobs already there finish.
+        """
+        link = self.nodes.get(node_id)
+        if link is None or not link.ready:
+            return -1
+        cpus = max(0, min(cpus, link.cpus))
+        self._apply(self.state.handle(NodeJoined(node_id, cpus)))
+        return cpus
+
+    def close_node(self, node_id: str, terminate: bool) -> bool:
+        """Close the computation on one node (after its jobs, unless ``terminate``)."""
+        link = self.nodes.get(node_id)
+        if link is None or link.conn is None or not link.ready:
+            return False
+        self.set_cpus(node_id, 0)
+        with contextlib.suppress(DispynbError):
+            link.conn.write(
+                ComputationClose(comp_id=self.config.comp_id, terminate=terminate)
+            )
+        return True
+
+    def resetup_node(self, node_id: str, terminate: bool) -> bool:
+        """Close the computation on a node and set it up again on the same node."""
+        link = self.nodes.get(node_id)
+        if link is None or not self.close_node(node_id, terminate):
+            return False
+        link.resetting = True
+        return True
+
+    def _redo_setup(self, link: NodeLink) -> None:
+        link.resetting = False
+        link.ready = False
+        self._apply(self.state.handle(NodeLeft(link.node_id)), lost_reason="re-setup")
+        self.events.node_closed(link, "set up again")
+        self._connecting += 1
+        link.setting_up = True
+        try:
+            self._set_up(link)
+        except DispynbError as exc:
+            self._fail_node(link, exc)
+
+    def running_keys(self, node_id: str) -> list[int]:
+        """Keys of the jobs running on a node."""
+        return self.state.running_keys(node_id)
 
     def _lose_node(self, link: NodeLink, reason: str) -> None:
         if link.conn is not None:

@@ -177,6 +177,11 @@ class SchedulerState:
         """Return whether job ``key`` is queued or running."""
         return key in self._jobs
 
+    def running_keys(self, node: str) -> list[int]:
+        """Keys of the jobs running on ``node``, in dispatch order."""
+        info = self._nodes.get(node)
+        return list(info.running) if info is not None else []
+
     def is_running(self, key: int, attempt: int, node: str) -> bool:
         """Return whether attempt ``attempt`` of job ``key`` is the one on ``node``."""
         job = self._jobs.get(key)

@@ -1,0 +1,141 @@
+"""dispy's node-management methods on a cluster with two local nodes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from dispynb import DispyJob, DispyNode, JobCluster, LocalCluster, NodeAllocate
+from tests import jobs
+from tests.jobs import WAIT, wait_for_path, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def two() -> Iterator[LocalCluster]:
+    """Two local nodes of 1 CPU each."""
+    with LocalCluster(nodes=2, cpus=1) as cluster:
+        yield cluster
+
+
+def node_name(_: int) -> str:
+    return dispy_node_name  # type: ignore[name-defined]  # noqa: F821
+
+
+def by_name(cluster: JobCluster, name: str) -> DispyNode:
+    return next(node for node in cluster.status().nodes if node.name == name)
+
+
+def all_ready(cluster: JobCluster, count: int = 2) -> JobCluster:
+    """JobCluster() returns once a first node is ready; wait for the others."""
+    wait_until(lambda: len(cluster.status().nodes) == count)
+    return cluster
+
+
+def run_all(cluster: JobCluster, count: int = 6) -> set[str]:
+    submitted = [cluster.submit(i) for i in range(count)]
+    assert cluster.wait(timeout=WAIT)
+    assert all(job.status == DispyJob.Finished for job in submitted)
+    return {job.result for job in submitted}
+
+
+def test_deallocate_node_gets_no_jobs_until_allocated_again(two):
+    with JobCluster(node_name, nodes=two) as cluster:
+        all_ready(cluster)
+        assert run_all(cluster) == {"local-0", "local-1"}
+        assert cluster.deallocate_node(by_name(cluster, "local-0")) == 0
+        assert run_all(cluster) == {"local-1"}
+        assert cluster.allocate_node(by_name(cluster, "local-0")) == 0
+        assert run_all(cluster, 12) == {"local-0", "local-1"}
+
+
+def test_set_node_cpus_zero_then_back(two):
+    with JobCluster(node_name, nodes=two) as cluster:
+        node = by_name(all_ready(cluster), "local-1")
+        assert cluster.set_node_cpus(node, 0) == 0
+        assert run_all(cluster) == {"local-0"}
+        assert cluster.set_node_cpus(node, 5) == 1  # never more than it set up
+        assert cluster.set_node_cpus(node, -1) == 0  # all but one
+        assert cluster.set_node_cpus("no-such-node", 1) == -1
+
+
+def test_allocate_node_adds_a_node_not_given_at_start(two):
+    first, second = two.node_specs()
+    with JobCluster(node_name, nodes=[first], secret=two.secret) as cluster:
+        assert run_all(cluster) == {"local-0"}
+        assert cluster.allocate_node(second) == 0
+        wait_until(lambda: len(cluster.status().nodes) == 2)
+        assert run_all(cluster, 12) == {"local-0", "local-1"}
+
+
+def test_close_node_runs_cleanup_and_removes_node(two, tmp_path):
+    marker = tmp_path / "cleaned"
+    statuses: list[int] = []
+
+    def cleanup() -> None:
+        with open(marker, "a") as handle:
+            handle.write(dispy_node_name + "\n")  # type: ignore[name-defined]  # noqa: F821
+
+    def cluster_status(
+        status: int, node: DispyNode | None, job: DispyJob | None
+    ) -> None:
+        if job is None:
+            statuses.append(int(status))
+
+    with JobCluster(
+        node_name, nodes=two, cleanup=cleanup, cluster_status=cluster_status
+    ) as cluster:
+        run_all(all_ready(cluster))
+        assert cluster.close_node(by_name(cluster, "local-0")) == 0
+        wait_until(lambda: len(cluster.status().nodes) == 1)
+        wait_for_path(marker)
+        assert marker.read_text() == "local-0\n"
+        assert run_all(cluster) == {"local-1"}
+    assert statuses.count(DispyNode.Closed) == 2  # local-0 at close_node, then local-1
+
+
+class Version(NodeAllocate):
+    """Gives each (re-)setup the next version number as setup_args."""
+
+    version = 0
+
+    def allocate(self, cluster, ip_addr, name, cpus, avail_info=None, platform=""):
+        Version.version += 1
+        self.setup_args = (Version.version,)
+        return cpus
+
+
+def test_resetup_node_runs_setup_again_with_new_setup_args(local1):
+    def setup(version: int) -> int:
+        global data_version
+        data_version = version
+        return 0
+
+    def compute(_: int) -> int:
+        return data_version  # type: ignore[name-defined]
+
+    Version.version = 0
+    node = Version(local1.node_specs()[0].split(":")[0], port=local1.addresses[0][1])
+    with JobCluster(
+        compute, nodes=[node], setup=setup, secret=local1.secret
+    ) as cluster:
+        assert cluster.submit(0)() == 1
+        target = cluster.status().nodes[0]
+        assert cluster.resetup_node(target) == 0
+        job = cluster.submit(0)
+        assert job.wait(timeout=WAIT)
+        assert job.result == 2, job.exception
+
+
+def test_node_jobs_lists_running_job(local1, tmp_path):
+    marker = tmp_path / "running"
+    with JobCluster(jobs.mark_and_sleep, nodes=local1) as cluster:
+        job = cluster.submit(str(marker), 30)
+        wait_for_path(marker)
+        node = cluster.status().nodes[0]
+        assert cluster.node_jobs(node) == [job]
+        cluster.cancel(job)
+        assert job.wait(timeout=WAIT)
+        assert cluster.node_jobs(node) == []
