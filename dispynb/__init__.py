@@ -15,7 +15,9 @@ if TYPE_CHECKING:
     from dispynb.cluster import JobCluster
     from dispynb.job import DispyJob
     from dispynb.local import LocalCluster
+    from dispynb.log import logger
     from dispynb.node import DispyNode, DispyNodeAvailInfo, NodeAllocate
+    from dispynb.recovery import recover_jobs
 
 _LAZY: dict[str, str] = {
     "DispyJob": "dispynb.job",
@@ -24,6 +26,8 @@ _LAZY: dict[str, str] = {
     "JobCluster": "dispynb.cluster",
     "LocalCluster": "dispynb.local",
     "NodeAllocate": "dispynb.node",
+    "logger": "dispynb.log",
+    "recover_jobs": "dispynb.recovery",
 }
 
 __all__ = [
@@ -34,6 +38,8 @@ __all__ = [
     "LocalCluster",
     "NodeAllocate",
     "__version__",
+    "logger",
+    "recover_jobs",
 ]
 
 

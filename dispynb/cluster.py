@@ -33,7 +33,13 @@ from dispynb.errors import (
     SerializationError,
 )
 from dispynb.job import DispyJob, JobStatus
-from dispynb.node import DispyNode, NodeAllocate, is_wildcard, parse_node_specs
+from dispynb.node import (
+    DispyNode,
+    DispyNodeAvailInfo,
+    NodeAllocate,
+    is_wildcard,
+    parse_node_specs,
+)
 from dispynb.options import ClusterOptions
 from dispynb.protocol import serialize
 from dispynb.protocol.files import write_inside
@@ -128,6 +134,12 @@ class JobCluster:
             self._program = _read_program(opts.computation)
         if opts.loglevel is not None:
             _set_log_level(opts.loglevel)
+        if opts.recover_file is not None:
+            logger.warning(
+                "recover_file=%r is accepted but no journal is kept yet: results of "
+                "jobs that finish while this client is down cannot be recovered",
+                opts.recover_file,
+            )
         self._specs = parse_node_specs(nodes)
         if not self._specs:
             raise ConfigurationError(
@@ -175,6 +187,8 @@ class JobCluster:
                 dest_path=opts.dest_path,
                 cleanup=bool(opts.cleanup),
                 reentrant=opts.reentrant,
+                pulse_interval=opts.pulse_interval,
+                setup_timeout=opts.setup_timeout,
                 client_name=_client_name(),
             ),
             self,
@@ -212,7 +226,7 @@ class JobCluster:
                     peer_ip,
                     welcome.name,
                     welcome.cpus,
-                    avail_info=None,
+                    avail_info=_avail_info(welcome.avail),
                     platform=welcome.platform,
                 )
                 # allocate() may set per-node depends and setup_args (dispy examples do)
@@ -248,6 +262,7 @@ class JobCluster:
             cpus=link.cpus,
             platform=welcome.platform if welcome else "",
         )
+        node.avail_info = _avail_info(welcome.avail) if welcome else None
         self._nodes[link.node_id] = node
         if not self._startup.done():
             self._startup.set_result(None)
@@ -274,6 +289,14 @@ class JobCluster:
             if not self._closed:
                 logger.warning("node %s left: %s", link.node_id, reason)
             self._notify_cluster(DispyNode.Closed, node, None)
+
+    def node_status(self, link: NodeLink, avail: list[float]) -> None:
+        node = self._nodes.get(link.node_id)
+        if node is None:
+            return
+        node.avail_info = _avail_info(avail)
+        node.update_time = time.time()
+        self._notify_cluster(DispyNode.AvailInfo, node, None)
 
     def job_running(self, key: int, link: NodeLink) -> None:
         job = self._jobs.get(key)
@@ -689,6 +712,13 @@ def _human(count: float) -> str:
             return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
         count /= 1024
     return f"{count:.1f} T"
+
+
+def _avail_info(avail: list[float]) -> DispyNodeAvailInfo | None:
+    if len(avail) != 4:
+        return None
+    cpu, memory, disk, swap = avail
+    return DispyNodeAvailInfo(cpu, int(memory), int(disk), swap)
 
 
 def _read_program(path: str) -> dict[str, Any]:

@@ -71,6 +71,9 @@ class ClusterOptions:
         The shared secret as bytes, or None.
     keyfile, certfile, cafile:
         Absolute paths of PEM files for TLS, or None.
+    setup_timeout:
+        Seconds ``setup`` may take on a node before it fails there; None (the
+        default) waits for ever (dispy gave up after 10 s).
     files_dir:
         Folder where files sent by jobs (``dispy_send_file``) are saved, at their
         relative path; never outside it. Default: the current directory.
@@ -102,6 +105,7 @@ class ClusterOptions:
     recover_file: str | None = None
     max_message_size: int = MAX_MESSAGE_SIZE
     files_dir: str | None = None
+    setup_timeout: float | None = None
     secret_file: InitVar[str | None] = None
 
     @classmethod
@@ -174,6 +178,7 @@ class ClusterOptions:
             self.recover_file = os.fspath(self.recover_file)
         self.max_message_size = _check_message_size(self.max_message_size)
         self.files_dir = _check_files_dir(self.files_dir)
+        self.setup_timeout = _check_setup_timeout(self.setup_timeout)
         self.secret = resolve_secret(self.secret, secret_file)
 
 
@@ -233,6 +238,17 @@ def _check_depends(value: Any) -> list[Any]:
                 "path of a file, or a module, function, class or instance"
             )
     return items
+
+
+def _check_setup_timeout(value: Any) -> float | None:
+    """Seconds the setup function may take on a node; None (default) for no limit."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ConfigurationError(
+            f"setup_timeout must be a positive number of seconds or None, not {value!r}"
+        )
+    return float(value)
 
 
 def _check_files_dir(value: Any) -> str:

@@ -42,6 +42,7 @@ from nodeserver.ipc import (
     Run,
     SendFile,
     Shutdown,
+    Skip,
     WorkerExited,
     WorkerStarted,
 )
@@ -51,6 +52,10 @@ logger = logging.getLogger(__name__)
 #: Mean job time (s) under which a worker is sent its next job before it finishes the
 #: current one, hiding the node-to-worker round trip.
 PREFETCH_BELOW = 0.01
+
+#: Seconds a worker gets to skip a cancelled job sent ahead to it, before the job is
+#: taken to have started and is interrupted.
+SKIP_GRACE = 0.5
 
 #: Seconds a cancelled job gets to end after its KeyboardInterrupt before it is killed.
 CANCEL_GRACE = 3.0
@@ -155,6 +160,7 @@ class Computation:
         self._loaded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._control_closed = asyncio.Event()
         self._progress: asyncio.Future[None] | None = None
+        self._ready = False
         self._mean: float | None = None  # mean job time; None until a job ends
         self._closing = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -166,6 +172,7 @@ class Computation:
         self,
         bundle: list[memoryview],
         files: Sequence[tuple[str, str]] = (),
+        setup_timeout: float | None = None,
     ) -> int:
         """Start the process, load the computation, run setup; return worker count.
 
@@ -211,7 +218,16 @@ class Computation:
             ),
             bundle,
         )
-        await self._loaded
+        try:
+            await asyncio.wait_for(asyncio.shield(self._loaded), setup_timeout)
+        except TimeoutError:
+            self._loaded.cancel()  # the process's exit must not report on it later
+            if self._process is not None:
+                self._process.kill()
+            raise SetupError(
+                f"setup did not finish within {setup_timeout} s (setup_timeout)"
+            ) from None
+        self._ready = True
         self._budget.wait(id(self), self._pump)
         return self._n_workers
 
@@ -277,9 +293,11 @@ class Computation:
                     if position == 0:
                         self._interrupt(worker, job)
                     else:
-                        # Sent ahead, not started: settle it now; its worker is
-                        # killed if it gets that far before the job before it ends.
+                        # Sent ahead, not started: settle it now, and tell the worker
+                        # to skip it (checked before it starts each job).
                         self._finish_unrun(job, "job cancelled at the client's request")
+                        with contextlib.suppress(DispynbError):
+                            worker.conn.write(Skip(key=key))
                     return
 
     def _interrupt(self, worker: Worker, job: NodeJob) -> None:
@@ -289,6 +307,10 @@ class Computation:
             os.kill(worker.pid, signal.SIGINT)
         loop = asyncio.get_running_loop()
         loop.call_later(CANCEL_GRACE, self._escalate, worker, job)
+
+    def _interrupt_if_head(self, worker: Worker) -> None:
+        if worker.assigned and worker.assigned[0].cancelled and not worker.interrupted:
+            self._interrupt(worker, worker.assigned[0])
 
     def _escalate(self, worker: Worker, job: NodeJob) -> None:
         if worker.assigned and worker.assigned[0] is job and not worker.retiring:
@@ -391,8 +413,9 @@ class Computation:
         job = worker.assigned.popleft()
         self._release_job_files(job)
         duration = max(done.end_time - done.start_time, 0.0)
-        mean = self._mean
-        self._mean = duration if mean is None else 0.8 * mean + 0.2 * duration
+        if done.outcome != CANCELLED:  # a skipped job says nothing about durations
+            mean = self._mean
+            self._mean = duration if mean is None else 0.8 * mean + 0.2 * duration
         if job.cancelled and done.outcome != FINISHED:
             self._finish_killed(job)
         elif worker.interrupted and not job.cancelled and _was_interrupted(done):
@@ -415,11 +438,13 @@ class Computation:
                 ],
                 buffers if done.outcome == FINISHED else [],
             )
-        if job.cancelled and not worker.retiring:
+        if job.cancelled and done.outcome != CANCELLED and not worker.retiring:
             # An interrupted worker may hold broken state (locks, half-done work).
             self._retire(worker)
         elif worker.assigned and worker.assigned[0].cancelled:
-            self._interrupt(worker, worker.assigned[0])
+            # It should skip that job; if it had started it already, interrupt it.
+            loop = asyncio.get_running_loop()
+            loop.call_later(SKIP_GRACE, self._interrupt_if_head, worker)
         if not worker.assigned:
             self._release_cpu(worker)
         self._pump()
@@ -571,7 +596,8 @@ class Computation:
                     [],
                 )
             self._queue.clear()
-            if self.on_failure is not None:
+            # Before it was ready, start() reports the failure (with setup's reason).
+            if self.on_failure is not None and self._ready:
                 self.on_failure("the computation's process on the node died")
         self._note_progress()
 

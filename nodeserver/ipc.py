@@ -87,6 +87,13 @@ class Run(IpcMessage):
     attempt: int
 
 
+@message("skip")
+class Skip(IpcMessage):
+    """Do not start job ``key`` (sent ahead to this worker, then cancelled)."""
+
+    key: int
+
+
 @message("provisional")
 class Provisional(IpcMessage):
     """A job sent a provisional result (buffers: the pickled result)."""

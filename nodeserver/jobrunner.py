@@ -7,9 +7,11 @@ times a second for trivial jobs: it imports nothing and allocates little per job
 
 from __future__ import annotations
 
+import collections
 import io
 import logging
 import os
+import select
 import sys
 import time
 import traceback
@@ -19,9 +21,9 @@ from typing import Any
 from dispynb.errors import ConnectionClosedError
 from dispynb.protocol import serialize
 from dispynb.protocol.framing import Buffer
-from dispynb.protocol.messages import FINISHED, RAISED
+from dispynb.protocol.messages import CANCELLED, FINISHED, RAISED
 from nodeserver.channel import MessageSocket
-from nodeserver.ipc import Done, Run
+from nodeserver.ipc import Done, IpcMessage, Run, Skip
 from nodeserver.jobapi import CONTEXT, install_interrupt_handler
 from nodeserver.program import ProgramOutput
 
@@ -152,32 +154,66 @@ def _add_names(func: Callable[..., Any], names: dict[str, Any]) -> Callable[[], 
 def worker_loop(sock: MessageSocket, func: Callable[..., Any]) -> None:
     """Run jobs received on ``sock``, one at a time, until the node server closes it.
 
-    Returns at EOF; a message other than `Run` is logged and ignored.
+    Before starting a job, the worker reads what else has arrived, so that a `Skip`
+    for a job sent ahead and then cancelled stops it from ever starting. Returns at
+    EOF; unexpected messages are logged and ignored.
     """
-    recv = sock.recv
     send = CONTEXT.send
     begin = CONTEXT.begin
     home = os.getcwd()
     install_interrupt_handler()
-    while True:
-        try:
-            message, buffers = recv()
-        except ConnectionClosedError:
-            return
-        if type(message) is not Run:
-            logger.warning("worker ignores unexpected %r message", message.op)
-            continue
-        begin(sock, message.key, message.attempt)
-        done, result_buffers = run_job(func, message, buffers)
-        del buffers
-        # Workers are reused: a job that changed directory must not move the next one.
-        if os.getcwd() != home:
-            os.chdir(home)
-        try:
+    inbox: collections.deque[tuple[Run, list[memoryview]]] = collections.deque()
+    skipped: set[int] = set()
+    try:
+        while True:
+            if not inbox:
+                _take(sock.recv(), inbox, skipped)
+                continue
+            while select.select([sock.sock], [], [], 0)[0]:
+                _take(sock.recv(), inbox, skipped)
+            run, buffers = inbox.popleft()
+            if run.key in skipped:
+                skipped.discard(run.key)
+                send(_skipped(run), _NO_BUFFERS)
+                continue
+            begin(sock, run.key, run.attempt)
+            done, result_buffers = run_job(func, run, buffers)
+            del buffers
+            # Workers are reused: a job that changed directory must not move the next.
+            if os.getcwd() != home:
+                os.chdir(home)
             send(done, result_buffers)
-        except ConnectionClosedError:
-            return
-        del result_buffers  # do not keep a large result alive until the next job
+            del result_buffers  # do not keep a large result alive until the next job
+    except ConnectionClosedError:
+        return
+
+
+def _take(
+    received: tuple[IpcMessage, list[memoryview]],
+    inbox: collections.deque[tuple[Run, list[memoryview]]],
+    skipped: set[int],
+) -> None:
+    message, buffers = received
+    if type(message) is Run:
+        inbox.append((message, buffers))
+    elif type(message) is Skip:
+        skipped.add(message.key)
+    else:
+        logger.warning("worker ignores unexpected %r message", message.op)
+
+
+def _skipped(run: Run) -> Done:
+    now = time.time()
+    return Done(
+        key=run.key,
+        attempt=run.attempt,
+        outcome=CANCELLED,
+        start_time=now,
+        end_time=now,
+        stdout="",
+        stderr="",
+        exception="job cancelled at the client's request before it started",
+    )
 
 
 def _format_job_exception(exc: BaseException) -> str:

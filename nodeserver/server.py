@@ -15,6 +15,7 @@ from dispynb.transport.tls import server_context
 from nodeserver.budget import CpuBudget
 from nodeserver.config import NodeConfig
 from nodeserver.filestore import FileStore
+from nodeserver.monitor import avail_info
 from nodeserver.session import ClientSession
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class NodeServer:
             address=self.address,
             max_message_size=self.config.max_message_size,
             pid=os.getpid(),
+            avail=avail_info(self.config.dest_path),
         )
 
     async def _serve(self, conn: Connection, client_name: str) -> None:

@@ -35,14 +35,19 @@ from dispynb.protocol.messages import (
     JobResults,
     JobSubmit,
     Message,
+    NodeStatus,
 )
 from dispynb.transport.connection import Connection
 from nodeserver.computation import Computation, NodeJob
+from nodeserver.monitor import avail_info
 
 if TYPE_CHECKING:
     from nodeserver.server import NodeServer
 
 logger = logging.getLogger(__name__)
+
+#: Seconds between status reports when the client asks for none (no pulse_interval).
+STATUS_INTERVAL = 10.0
 
 #: A results batch is cut once its buffers pass this size.
 BATCH_BYTES = 32 * 1024 * 1024
@@ -71,6 +76,8 @@ class ClientSession:
         self._tasks: set[asyncio.Task[None]] = set()
         self._waiting_for_files: dict[int, tuple[set[str], Any]] = {}
         self._refused_files: dict[str, str] = {}  # digest -> why
+        self._status_interval: float | None = None
+        self._status_task: asyncio.Task[None] | None = None
         self._handlers: dict[type[Message], Callable[[Any, list[memoryview]], None]] = {
             ComputationSetup: self._on_setup,
             JobSubmit: self._on_submit,
@@ -147,12 +154,31 @@ class ClientSession:
             self._write(ComputationFailed(comp_id=message.comp_id, message=str(exc)))
             return
         missing = {digest for _, digest in files if not self.server.store.has(digest)}
-        start = self._start(computation, buffers, files)
+        start = self._start(computation, buffers, files, message.setup_timeout)
+        self._start_status_reports(message.pulse_interval)
         if not missing:
             self._spawn(start)
             return
         self._waiting_for_files[message.comp_id] = (missing, start)
         self._write(FilesMissing(comp_id=message.comp_id, digests=sorted(missing)))
+
+    def _start_status_reports(self, interval: float | None) -> None:
+        """Report the node's resources every ``interval`` s (the shortest asked for)."""
+        interval = interval or STATUS_INTERVAL
+        if self._status_interval is not None and self._status_interval <= interval:
+            return
+        self._status_interval = interval
+        if self._status_task is None:
+            self._status_task = asyncio.get_running_loop().create_task(
+                self._report_status()
+            )
+            self._tasks.add(self._status_task)
+
+    async def _report_status(self) -> None:
+        while True:
+            await asyncio.sleep(self._status_interval or STATUS_INTERVAL)
+            avail = avail_info(self.server.config.dest_path)
+            self._write(NodeStatus(avail=avail))
 
     def _check_files(self, entries: list[list[Any]]) -> list[tuple[str, str]]:
         files = []
@@ -204,9 +230,10 @@ class ClientSession:
         computation: Computation,
         bundle: list[memoryview],
         files: list[tuple[str, str]],
+        setup_timeout: float | None,
     ) -> None:
         try:
-            workers = await computation.start(bundle, files)
+            workers = await computation.start(bundle, files, setup_timeout)
         except SetupError as exc:
             logger.warning("computation %s failed to start: %s", computation.name, exc)
             self._computations.pop(computation.comp_id, None)

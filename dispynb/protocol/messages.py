@@ -197,6 +197,8 @@ class Welcome(WireMessage):
     address: str
     max_message_size: int
     pid: int
+    #: ``[cpu %, memory bytes, disk bytes, swap %]`` available, if the node knows.
+    avail: list[float] = dataclasses.field(default_factory=list)
 
 
 @message("error")
@@ -222,6 +224,10 @@ class ComputationSetup(WireMessage):
     cleanup: bool = True
     #: ``[relative_path, digest, size]`` of each file the computation depends on.
     files: list[list[Any]] = dataclasses.field(default_factory=list)
+    #: Seconds between the node's status reports (dispy's ``pulse_interval``).
+    pulse_interval: float | None = None
+    #: Seconds the setup function may take; None waits for ever.
+    setup_timeout: float | None = None
 
 
 @message("computation-ready")
@@ -276,6 +282,13 @@ class JobCancel(WireMessage):
     comp_id: int
     key: int
     attempt: int
+
+
+@message("node-status")
+class NodeStatus(WireMessage):
+    """Node -> client, periodically: resources available (as in `Welcome.avail`)."""
+
+    avail: list[float]
 
 
 @message("files-missing")

@@ -41,6 +41,7 @@ from dispynb.protocol.messages import (
     JobProvisional,
     JobResults,
     JobSubmit,
+    NodeStatus,
     Welcome,
 )
 from dispynb.scheduler.events import (
@@ -142,6 +143,9 @@ class JobEvents(Protocol):
     def node_closed(self, node: NodeLink, reason: str) -> None:
         """``node`` left the cluster."""
 
+    def node_status(self, node: NodeLink, avail: list[float]) -> None:
+        """``node`` reported the resources it has available."""
+
 
 @dataclass(slots=True)
 class _Pending:
@@ -163,6 +167,8 @@ class DriverConfig:
     cleanup: bool = True
     reentrant: bool = False
     client_name: str = ""
+    pulse_interval: float | None = None
+    setup_timeout: float | None = None
 
 
 class Driver:
@@ -250,6 +256,8 @@ class Driver:
                 dest_path=config.dest_path,
                 cleanup=config.cleanup,
                 files=[[ref.relative, ref.digest, ref.size] for ref in files],
+                pulse_interval=config.pulse_interval,
+                setup_timeout=config.setup_timeout,
             ),
             bundle,
         )
@@ -280,6 +288,8 @@ class Driver:
                     self._on_results(link, message, buffers)
                 elif isinstance(message, JobProvisional):
                     self._on_provisional(link, message, buffers)
+                elif isinstance(message, NodeStatus):
+                    self.events.node_status(link, message.avail)
                 elif isinstance(message, FilesMissing):
                     self._send_files(link, [self._files[d] for d in message.digests])
                 elif isinstance(message, FileFromNode):

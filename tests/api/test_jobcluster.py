@@ -224,6 +224,7 @@ def test_jobcluster_new_computation_short_job_behind_long_one_uses_idle_cpu(tmp_
         short = cluster.submit(str(tmp_path / "short"), 0)
         assert short.wait(timeout=PROMPT), "the short job waited for the long one"
         assert short.status == DispyJob.Finished
+        wait_for_path(tmp_path / "long")  # the long job starts on the other worker
         assert short.result != read_pid(tmp_path / "long")
         assert cluster.cancel(long) == 0
 

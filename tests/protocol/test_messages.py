@@ -41,6 +41,7 @@ SAMPLES: list[WireMessage] = [
     m.JobSubmit(comp_id=1, jobs=[[1, 0, 1], [2, 0, 2]]),
     m.JobCancel(comp_id=1, key=2, attempt=1),
     m.JobProvisional(comp_id=1, key=2, attempt=1),
+    m.NodeStatus(avail=[50.0, 1e9, 1e10, 100.0]),
     m.FilesMissing(comp_id=1, digests=["ab" * 32]),
     m.FilePut(digest="ab" * 32, size=3),
     m.FilePlace(comp_id=1, request=4, path="a/b.txt", digest="ab" * 32),

@@ -1,0 +1,142 @@
+"""Smaller parts of dispy's API: node resources, setup limit, logger, recover_jobs,
+computations dispy could not ship, several client processes at once."""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import dispynb
+from dispynb import DispyJob, DispyNode, DispyNodeAvailInfo, JobCluster, NodeAllocate
+from dispynb.errors import ClusterError, SetupError
+from tests.jobs import WAIT
+
+pytestmark = pytest.mark.slow
+
+
+def test_node_avail_info_at_start_and_in_pulses(local):
+    seen = threading.Event()
+    received: list[DispyNode] = []
+
+    def cluster_status(
+        status: int, node: DispyNode | None, job: DispyJob | None
+    ) -> None:
+        if status == DispyNode.AvailInfo and node is not None:
+            received.append(node)
+            seen.set()
+
+    with JobCluster(
+        abs, nodes=local, pulse_interval=0.2, cluster_status=cluster_status
+    ) as cluster:
+        info = cluster.status().nodes[0].avail_info
+        assert isinstance(info, DispyNodeAvailInfo)
+        assert 0.0 <= info.cpu <= 100.0
+        assert info.memory > 0 and info.disk > 0
+        assert seen.wait(WAIT)
+    assert isinstance(received[0].avail_info, DispyNodeAvailInfo)
+
+
+class OnlyWithMemory(NodeAllocate):
+    """Uses a node only if it reports available memory (avail_info is passed)."""
+
+    seen: list[object] = []
+
+    def allocate(self, cluster, ip_addr, name, cpus, avail_info=None, platform=""):
+        OnlyWithMemory.seen.append((avail_info, platform))
+        return cpus if avail_info is not None and avail_info.memory > 0 else 0
+
+
+def test_node_allocate_gets_avail_info_and_platform(local):
+    host, port = local.addresses[0]
+    spec = OnlyWithMemory(host, port=port)
+    with JobCluster(abs, nodes=[spec], secret=local.secret) as cluster:
+        assert cluster.submit(-3)() == 3
+    avail_info, platform = OnlyWithMemory.seen[-1]
+    assert isinstance(avail_info, DispyNodeAvailInfo)
+    assert "Linux" in platform
+
+
+def test_setup_timeout_fails_a_setup_that_runs_too_long(local):
+    def setup() -> int:
+        time.sleep(30)  # type: ignore[name-defined]
+        return 0
+
+    started = time.monotonic()
+    with pytest.raises(SetupError, match="setup_timeout"):
+        JobCluster(abs, nodes=local, setup=setup, setup_timeout=0.5)
+    assert time.monotonic() - started < 10
+
+
+def test_logger_has_dispy_level_attributes():
+    assert dispynb.logger.DEBUG == 10
+    assert dispynb.logger.INFO == 20
+    assert dispynb.logger.name == "dispynb"
+
+
+def test_recover_jobs_exists_and_says_it_cannot_recover_yet(tmp_path):
+    with pytest.raises(ClusterError, match="not available yet"):
+        dispynb.recover_jobs()
+
+
+class Scaler:
+    def __init__(self, factor: int) -> None:
+        self.factor = factor
+
+    def scale(self, x: int) -> int:
+        return self.factor * x
+
+
+@pytest.mark.parametrize(
+    "computation",
+    [
+        lambda x: x * 2,
+        Scaler(2).scale,
+        functools.partial(lambda x, y: x * y, 2),
+    ],
+    ids=["lambda", "bound-method", "partial"],
+)
+def test_computations_dispy_could_not_ship_just_work(local, computation):
+    with JobCluster(computation, nodes=local) as cluster:
+        job = cluster.submit(21)
+        assert job.wait(timeout=WAIT)
+    assert job.status == DispyJob.Finished, job.exception
+    assert job.result == 42
+
+
+CLIENT = """
+import sys
+import dispynb as dispy
+def compute(n):
+    return n * n
+if __name__ == "__main__":
+    nodes, secret = sys.argv[1].split(","), sys.argv[2]
+    cluster = dispy.JobCluster(compute, nodes=nodes, secret=secret)
+    jobs = [cluster.submit(i) for i in range(50)]
+    cluster.wait()
+    print(sum(job.result for job in jobs))
+    cluster.close()
+"""
+
+
+def test_several_client_processes_on_one_machine_at_once(local, tmp_path):
+    script = tmp_path / "client.py"
+    script.write_text(CLIENT)
+    nodes = ",".join(local.node_specs())
+    clients = [
+        subprocess.Popen(
+            [sys.executable, str(script), nodes, local.secret],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    for client in clients:
+        out, err = client.communicate(timeout=60)
+        assert client.returncode == 0, err
+        assert out.strip() == str(sum(i * i for i in range(50)))
