@@ -14,6 +14,7 @@ from dispynb._version import __version__
 if TYPE_CHECKING:
     from dispynb.cluster import JobCluster
     from dispynb.job import DispyJob
+    from dispynb.jupyter.run import Run
     from dispynb.local import LocalCluster
     from dispynb.log import logger
     from dispynb.node import DispyNode, DispyNodeAvailInfo, NodeAllocate
@@ -26,6 +27,7 @@ _LAZY: dict[str, str] = {
     "JobCluster": "dispynb.cluster",
     "LocalCluster": "dispynb.local",
     "NodeAllocate": "dispynb.node",
+    "Run": "dispynb.jupyter.run",
     "logger": "dispynb.log",
     "recover_jobs": "dispynb.recovery",
 }
@@ -37,10 +39,27 @@ __all__ = [
     "JobCluster",
     "LocalCluster",
     "NodeAllocate",
+    "Run",
     "__version__",
+    "load_ipython_extension",
     "logger",
     "recover_jobs",
+    "unload_ipython_extension",
 ]
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext dispynb``: the ``%dispy`` and ``%%dispy`` magics (loaded lazily)."""
+    from dispynb.jupyter import load_ipython_extension
+
+    load_ipython_extension(ipython)
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    """``%unload_ext dispynb``: close the magics' runs and local nodes."""
+    from dispynb.jupyter import unload_ipython_extension
+
+    unload_ipython_extension(ipython)
 
 
 def __getattr__(name: str) -> Any:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 import dispynb.cluster
@@ -66,3 +68,39 @@ def test_jobcluster_slow_setup_that_fails_abandons_waiting_jobs_with_reason(
         assert job.status == DispyJob.Abandoned
         assert "no node is available" in job.exception
         assert "bad input file" in job.exception
+
+
+def test_setup_shared_value_is_shared_by_all_workers(local):
+    """dispy's node_shvars example: a multiprocessing.Value made in setup."""
+
+    def setup() -> int:
+        global counter
+        import multiprocessing
+
+        counter = multiprocessing.Value("i", 0)
+        return 0
+
+    def bump(_: int) -> int:
+        with counter.get_lock():  # type: ignore[name-defined]
+            counter.value += 1  # type: ignore[name-defined]
+            return counter.value  # type: ignore[name-defined]
+
+    with JobCluster(bump, nodes=local, setup=setup) as cluster:
+        results = [cluster.submit(i) for i in range(20)]
+        assert cluster.wait(timeout=jobs.WAIT)
+    assert sorted(job.result for job in results) == list(range(1, 21))
+
+
+def test_cleanup_false_keeps_files_and_true_removes_them(local, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "kept.txt").write_text("data")
+
+    def where(_: int) -> str:
+        return dispy_job_path  # type: ignore[name-defined]  # noqa: F821
+
+    paths = {}
+    for cleanup in (False, True):
+        with JobCluster(where, nodes=local, depends=["kept.txt"], cleanup=cleanup) as c:
+            paths[cleanup] = c.submit(0)()
+    assert os.path.exists(os.path.join(paths[False], "kept.txt"))
+    assert not os.path.exists(paths[True])

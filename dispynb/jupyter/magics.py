@@ -1,0 +1,434 @@
+"""``%dispy`` and ``%%dispy``: choose nodes, and run a cell's function over inputs.
+
+Load with ``%load_ext dispynb``. A `Session` (one per IPython shell) remembers the
+nodes (local ones it started, or ones it attached to), every run, and a node panel.
+Arguments are parsed with `IPython.core.magic_arguments`; the only text ever evaluated
+is the documented ``--over`` expression, in the user's namespace.
+"""
+
+from __future__ import annotations
+
+import ast
+import atexit
+import html
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, cast
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.display import display
+
+from dispynb.jupyter import display as templates
+from dispynb.jupyter.progress import KINDS, make_progress, resolve_kind
+from dispynb.jupyter.run import Run
+from dispynb.jupyter.widgets import NodePanel
+
+__all__ = ["DispyMagics", "Session"]
+
+# ``cell_magic("name")`` returns a decorator, but IPython types it as a union.
+_cell_magic_named = cast(
+    Callable[[str], Callable[[Callable[..., Any]], Callable[..., Any]]], cell_magic
+)
+
+#: Name that always holds the last run of ``%%dispy`` (like ``_`` for results).
+LAST_RUN = "_dispy"
+
+
+class Session:
+    """The nodes a notebook uses, the runs it started and their node panel."""
+
+    def __init__(self) -> None:
+        self.local: Any = None  # a LocalCluster this session started
+        self.nodes: Any = None  # what JobCluster(nodes=...) gets
+        self.options: dict[str, Any] = {}
+        self.runs: list[Run] = []
+        self.panel = NodePanel()
+        self._atexit = False
+
+    @property
+    def attached(self) -> bool:
+        return self.nodes is not None
+
+    def start_local(self, count: int, cpus: int | None) -> None:
+        """Start ``count`` local node servers (replacing the current nodes)."""
+        from dispynb.local import LocalCluster
+
+        self.close()
+        self.local = LocalCluster(nodes=count, cpus=cpus)
+        self.nodes = self.local
+        self.options = {}
+        self._register_atexit()
+        self.probe()
+
+    def attach(self, specs: list[str], options: dict[str, Any]) -> None:
+        """Use node servers started elsewhere, after checking that they answer."""
+        self.close()
+        self.nodes = specs
+        self.options = options
+        try:
+            self.probe()
+        except BaseException:
+            self.nodes, self.options = None, {}
+            raise
+
+    def probe(self) -> None:
+        """Connect to every node once (authenticating), to fill the node panel and
+        report errors now rather than at the first run."""
+        from dispynb.cluster import JobCluster
+
+        cluster = JobCluster(
+            abs, nodes=self.nodes, cluster_status=self.panel.cluster_status,
+            **self.options,
+        )  # fmt: skip
+        cluster.close()
+
+    def ensure_nodes(self) -> bool:
+        """Start local nodes if none were chosen; return whether it did."""
+        if self.attached:
+            return False
+        self.start_local(1, None)
+        return True
+
+    def close(self) -> None:
+        """Cancel and close every run, and stop local nodes this session started."""
+        for run in self.runs:
+            run.cancel()
+            run.close(terminate=True)
+        self.runs = []
+        if self.local is not None:
+            self.local.close()
+        self.local = None
+        self.nodes = None
+        self.options = {}
+        if self._atexit:
+            atexit.unregister(self.close)
+            self._atexit = False
+
+    def _register_atexit(self) -> None:
+        if not self._atexit:
+            atexit.register(self.close)
+            self._atexit = True
+
+    def status(self) -> SessionStatus:
+        return SessionStatus(self)
+
+
+class SessionStatus:
+    """What ``%dispy status`` returns: the nodes and the runs, as text or HTML."""
+
+    def __init__(self, session: Session) -> None:
+        self.nodes = session.nodes
+        self.rows = session.panel.rows()
+        self.runs = list(session.runs)
+
+    def _where(self) -> str:
+        if self.nodes is None:
+            return "no nodes: use %dispy local or %dispy nodes HOST ..."
+        if hasattr(self.nodes, "node_specs"):
+            return f"local nodes {', '.join(self.nodes.node_specs())}"
+        return f"nodes {', '.join(self.nodes)}"
+
+    def __repr__(self) -> str:
+        lines = [self._where()]
+        for row in self.rows:
+            lines.append(
+                f"  {row.name or '?'} {row.address} cpus={row.cpus} busy={row.busy} "
+                f"jobs_done={row.jobs_done}"
+            )
+        lines.append(f"{len(self.runs)} runs")
+        lines += [f"  {run!r}" for run in self.runs]
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        parts = [f"<div>{html.escape(self._where())}</div>"]
+        parts.append(templates.nodes_html(self.rows))
+        parts += [templates.progress_html(r.counts(), r.name) for r in self.runs]
+        return f"<div class='dispynb-status'>{''.join(parts)}</div>"
+
+
+@magics_class
+class DispyMagics(Magics):
+    """The ``%dispy`` line magic and the ``%%dispy`` cell magic."""
+
+    def __init__(self, shell: Any) -> None:
+        super().__init__(shell)
+        self.session = Session()
+
+    @property
+    def _ip(self) -> Any:
+        """The shell (never None once the magics are registered)."""
+        if self.shell is None:
+            raise UsageError("the dispynb magics are not attached to a shell")
+        return self.shell
+
+    # -- %dispy ----------------------------------------------------------------------
+
+    @magic_arguments()
+    @argument(
+        "action",
+        choices=["local", "nodes", "status", "panel", "close"],
+        help=(
+            "local: start node servers on this machine (127.0.0.1, random secret); "
+            "nodes: use node servers started elsewhere (dispynb-node), given as "
+            "HOST or HOST:PORT; status: show the nodes and the runs; panel: show "
+            "a live table of the nodes; close: cancel every run and stop local nodes"
+        ),
+    )
+    @argument("hosts", nargs="*", metavar="HOST[:PORT]", help="nodes for 'nodes'")
+    @argument(
+        "--nodes",
+        dest="count",
+        type=int,
+        default=1,
+        metavar="N",
+        help="local: how many node servers to start (default 1)",
+    )
+    @argument(
+        "--cpus",
+        type=int,
+        default=None,
+        metavar="N",
+        help="local: CPUs per node (default: this machine's CPUs shared by the nodes)",
+    )
+    @argument(
+        "--secret-file",
+        metavar="FILE",
+        help="nodes: file holding the nodes' shared secret (or set DISPYNB_SECRET or "
+        "DISPYNB_SECRET_FILE in the environment)",
+    )
+    @argument("--cafile", metavar="FILE", help="nodes: use TLS, verify nodes with it")
+    @argument("--certfile", metavar="FILE", help="nodes: TLS client certificate")
+    @argument("--keyfile", metavar="FILE", help="nodes: key of --certfile")
+    @line_magic
+    def dispy(self, line: str) -> Any:
+        """Choose the nodes ``%%dispy`` runs on, and show or close them.
+
+        Examples::
+
+            %dispy local --cpus 2                    # one local node with 2 CPUs
+            %dispy local --nodes 2 --cpus 1          # two local nodes
+            %dispy nodes 10.0.0.5 node2:9711 --secret-file ~/.dispynb-secret
+            %dispy nodes node1 --cafile ca.pem --secret-file ~/.dispynb-secret
+            %dispy status                            # nodes and runs (returns a repr)
+            %dispy panel                             # live table of the nodes
+            %dispy close                             # cancel runs, stop local nodes
+
+        Starting or attaching replaces the current nodes (and cancels their runs).
+        """
+        args = parse_argstring(self.dispy, line)
+        session = self.session
+        if args.action != "nodes" and args.hosts:
+            raise UsageError(f"%dispy {args.action} takes no hosts: {args.hosts}")
+        if args.action == "local":
+            if args.count < 1 or (args.cpus is not None and args.cpus < 1):
+                raise UsageError("--nodes and --cpus must be at least 1")
+            session.start_local(args.count, args.cpus)
+            print(f"dispynb: {session.status()._where()}")
+            return None
+        if args.action == "nodes":
+            if not args.hosts:
+                raise UsageError("%dispy nodes needs at least one HOST[:PORT]")
+            options = {
+                key: os.path.expanduser(value)
+                for key, value in (
+                    ("secret_file", args.secret_file),
+                    ("cafile", args.cafile),
+                    ("certfile", args.certfile),
+                    ("keyfile", args.keyfile),
+                )
+                if value
+            }
+            session.attach(list(args.hosts), options)
+            print(f"dispynb: {session.status()._where()}")
+            return None
+        if args.action == "status":
+            return session.status()
+        if args.action == "panel":
+            display(session.panel)
+            return None
+        session.close()
+        print("dispynb: runs cancelled and closed, local nodes stopped")
+        return None
+
+    # -- %%dispy ---------------------------------------------------------------------
+
+    @magic_arguments()
+    @argument(
+        "function",
+        nargs="?",
+        help="name of the function to run (default: the last function the cell "
+        "defines with def)",
+    )
+    @argument(
+        "--over",
+        required=True,
+        metavar="EXPR",
+        help="Python expression giving the inputs, evaluated in the notebook's "
+        'namespace: one job per item, e.g. --over "range(100)" or --over xs',
+    )
+    @argument(
+        "--into",
+        metavar="NAME",
+        help="variable to store the run in (a dispynb.jupyter.Run: .results, .df, "
+        ".jobs, .failures, .wait(), .cancel()); the last run is also in _dispy",
+    )
+    @argument(
+        "--nowait",
+        action="store_true",
+        help="return at once; progress and output update live in the cell's widgets",
+    )
+    @argument(
+        "--unpack",
+        action="store_true",
+        help="items are argument tuples, f(*item), or keyword dicts, f(**item)",
+    )
+    @argument(
+        "--setup",
+        metavar="NAME",
+        help="name of a setup function run once on each node before the jobs "
+        "(as JobCluster(setup=...)): load data into globals there",
+    )
+    @argument(
+        "--progress",
+        choices=KINDS,
+        default="auto",
+        help="progress display: widget in a kernel, text in a terminal (auto), or "
+        "html (static, for front ends without widgets), or none",
+    )
+    @argument(
+        "--quiet",
+        action="store_true",
+        help="do not print remote stdout, stderr and tracebacks (still in .df)",
+    )
+    @argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="wait at most this long, then cancel the unfinished jobs",
+    )
+    @_cell_magic_named("dispy")
+    def cell_dispy(self, line: str, cell: str) -> None:
+        """Run a function defined in this cell once per input, on the nodes.
+
+        The cell is executed in the notebook's namespace first (so its functions,
+        classes and imports are defined there too); then the function named on the
+        magic line, or the last one the cell defines, runs once per item of
+        ``--over``. Functions, closures, helpers and classes defined in cells travel
+        by value.
+
+        By default the cell blocks, showing live progress, and prints each job's
+        remote stdout and stderr as the job ends, and the remote traceback of the
+        first failure of each exception type. Interrupting the cell (Stop button,
+        Ctrl-C) cancels the run's queued and running jobs on the nodes.
+
+        Without ``%dispy local`` or ``%dispy nodes`` first, one local node using
+        every CPU is started.
+
+        Examples::
+
+            %%dispy --over "range(100)" --into run
+            def square(x):
+                return x * x
+
+            %%dispy simulate --over "[(s, 0.1) for s in seeds]" --unpack --nowait
+            def simulate(seed, noise): ...
+
+        Then ``run.results``, ``run.df`` (one row per job), ``run.failures``.
+        """
+        args = parse_argstring(self.cell_dispy, line)
+        if args.into is not None and not args.into.isidentifier():
+            raise UsageError(f"--into needs a variable name, not {args.into!r}")
+        if args.function is not None and not args.function.isidentifier():
+            raise UsageError(f"the function must be a name, not {args.function!r}")
+        result = self._ip.run_cell(cell, store_history=False)
+        if not result.success:
+            return None
+        name = args.function or _last_function(self._ip.transform_cell(cell))
+        if name is None:
+            raise UsageError(
+                "this cell defines no function: define one with def, or name one "
+                "on the magic line (%%dispy NAME --over ...)"
+            )
+        func = self._lookup(name, "function")
+        setup = self._lookup(args.setup, "--setup") if args.setup else None
+        inputs = self._ip.ev(_unquote(args.over))
+        session = self.session
+        if session.ensure_nodes():
+            print(f"dispynb: started {session.status()._where()}", file=sys.stderr)
+        label = args.into or name
+        options = dict(session.options)
+        if setup is not None:
+            options["setup"] = setup
+        run = Run.map(
+            func,
+            inputs,
+            nodes=session.nodes,
+            unpack=args.unpack,
+            wait=False,
+            progress="none" if args.nowait else args.progress,
+            name=label,
+            listeners=[session.panel.cluster_status],
+            **options,
+        )
+        session.runs.append(run)
+        self._ip.user_ns[LAST_RUN] = run
+        if args.into:
+            self._ip.user_ns[args.into] = run
+        if args.nowait:
+            self._go_live(run, args.progress)
+            return None
+        if not run.wait(timeout=args.timeout, echo=not args.quiet):
+            run.stop(f"Timed out after {args.timeout} s")
+        return None
+
+    def _lookup(self, name: str, what: str) -> Any:
+        value = self._ip.user_ns.get(name)
+        if value is None or not callable(value):
+            raise UsageError(f"{what}: {name!r} is not a function in the notebook")
+        return value
+
+    def _go_live(self, run: Run, kind: str) -> None:
+        kind = resolve_kind(kind)
+        bar = make_progress(kind if kind == "widget" else "none", title=run.name)
+        log = None
+        if kind == "widget":
+            import ipywidgets
+
+            out = ipywidgets.Output()
+            bar.show()
+            display(out)
+
+            def log(stream: str, text: str) -> None:
+                if stream == "stdout":
+                    out.append_stdout(text)
+                else:
+                    out.append_stderr(text)
+
+        else:
+            display(run)
+        run.live(bar, log)
+
+
+def _unquote(text: str) -> str:
+    """Strip one pair of matching quotes: IPython's argument splitter keeps them."""
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1]
+    return text
+
+
+def _last_function(source: str) -> str | None:
+    """Name of the last top-level ``def`` in ``source`` (None if none or invalid)."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return None
+    names = [
+        node.name
+        for node in tree.body
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+    ]
+    return names[-1] if names else None

@@ -1,0 +1,368 @@
+"""Progress of a set of jobs: counts, rate and ETA, drawn as a widget, HTML or text.
+
+`ProgressCounts` is a snapshot (pure data). Bars draw snapshots and share one base
+class, `ProgressBar`, whose `~ProgressBar.update` is throttled (one redraw per
+``interval`` seconds at most, plus a trailing redraw so the last state always shows)
+and safe to call from the cluster's callback thread:
+
+- `WidgetProgressBar`: an ipywidgets bar and label inside a kernel; its display also
+  carries a static ``text/html`` snapshot, refreshed when the run ends, for front ends
+  without widgets (nbviewer, GitHub, saved notebooks);
+- `HTMLProgressBar`: only the ``text/html`` snapshot, updated in place (``display_id``);
+- `TextProgressBar`: one line rewritten with ``\\r`` on a stream (a terminal);
+- `NullProgressBar`: draws nothing.
+
+`make_progress` picks one: ``"auto"`` is a widget in a kernel with ipywidgets, HTML in a
+kernel without, text on a terminal and nothing otherwise. The ``DISPYNB_PROGRESS``
+environment variable (``widget``, ``html``, ``text`` or ``none``) overrides ``"auto"``,
+e.g. for documentation builds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import IO, Any
+
+from dispynb.jupyter import display as templates
+
+__all__ = [
+    "HTMLProgressBar",
+    "NullProgressBar",
+    "ProgressBar",
+    "ProgressCounts",
+    "TextProgressBar",
+    "WidgetProgressBar",
+    "make_progress",
+]
+
+#: Environment variable overriding the ``"auto"`` choice of progress display.
+PROGRESS_ENV = "DISPYNB_PROGRESS"
+
+KINDS = ("auto", "widget", "html", "text", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgressCounts:
+    """A snapshot of a set of jobs.
+
+    Attributes
+    ----------
+    total:
+        Jobs submitted.
+    finished:
+        Jobs that returned a result (status ``Finished``).
+    failed:
+        Jobs that raised or crashed (``Terminated``) or were given up (``Abandoned``).
+    cancelled:
+        Jobs cancelled before they ran (``Cancelled``).
+    running:
+        Jobs started on a node and not ended.
+    elapsed:
+        Seconds since the first job was submitted.
+    """
+
+    total: int = 0
+    finished: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    running: int = 0
+    elapsed: float = 0.0
+
+    @property
+    def ended(self) -> int:
+        """Jobs in a final status."""
+        return self.finished + self.failed + self.cancelled
+
+    @property
+    def queued(self) -> int:
+        """Jobs submitted and not yet started."""
+        return max(self.total - self.ended - self.running, 0)
+
+    @property
+    def complete(self) -> bool:
+        """Whether every job has ended."""
+        return self.ended >= self.total
+
+    @property
+    def rate(self) -> float:
+        """Jobs ended per second so far (0.0 before the first one ends)."""
+        if not self.ended or self.elapsed <= 0:
+            return 0.0
+        return self.ended / self.elapsed
+
+    @property
+    def eta(self) -> float | None:
+        """Seconds until every job has ended at the current rate; None if unknown."""
+        if self.complete:
+            return 0.0
+        rate = self.rate
+        return (self.total - self.ended) / rate if rate else None
+
+
+class ProgressBar:
+    """Base class: throttled drawing of `ProgressCounts` snapshots.
+
+    Subclasses implement `_draw_bar` (a state in progress) and `_draw_done` (the final
+    state), and may override `show`. Draws are serialized by a lock, so `update` may be
+    called from any thread.
+
+    Parameters
+    ----------
+    title:
+        Shown before the counts.
+    interval:
+        Minimum seconds between two redraws.
+    """
+
+    def __init__(self, title: str = "", interval: float = 0.2) -> None:
+        self.title = title
+        self.interval = interval
+        self.counts = ProgressCounts()
+        self.closed = False
+        self._lock = threading.RLock()
+        self._last_draw = float("-inf")
+        self._timer: threading.Timer | None = None
+
+    def show(self) -> None:
+        """Display the bar in the current cell (or start the text line)."""
+
+    def before_output(self) -> None:
+        """Called before other text is written where the bar draws (text bars)."""
+
+    def update(self, counts: ProgressCounts, force: bool = False) -> None:
+        """Record ``counts``; redraw now, or within ``interval`` seconds."""
+        with self._lock:
+            if self.closed:
+                return
+            self.counts = counts
+            now = time.monotonic()
+            wait = self._last_draw + self.interval - now
+            if force or wait <= 0:
+                self._draw_now()
+            elif self._timer is None:
+                self._timer = threading.Timer(wait, self._trailing)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def finish(self, counts: ProgressCounts) -> None:
+        """Draw the final state once; later updates are ignored."""
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            self.counts = counts
+            self._cancel_timer()
+            self._draw_done(counts)
+
+    def _trailing(self) -> None:
+        with self._lock:
+            self._timer = None
+            if not self.closed:
+                self._draw_now()
+
+    def _draw_now(self) -> None:
+        self._cancel_timer()
+        self._last_draw = time.monotonic()
+        self._draw_bar(self.counts)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _draw_bar(self, counts: ProgressCounts) -> None:
+        raise NotImplementedError
+
+    def _draw_done(self, counts: ProgressCounts) -> None:
+        self._draw_bar(counts)
+
+    def text(self) -> str:
+        """The current state as one line of text."""
+        prefix = f"{self.title}: " if self.title else ""
+        return prefix + templates.format_counts(self.counts)
+
+    def _repr_html_(self) -> str:
+        return templates.progress_html(self.counts, self.title)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.text()}>"
+
+
+class NullProgressBar(ProgressBar):
+    """Keeps the counts, draws nothing."""
+
+    def _draw_bar(self, counts: ProgressCounts) -> None:
+        pass
+
+
+class TextProgressBar(ProgressBar):
+    """``[#####-----] 45/100 done, ...`` rewritten in place on ``stream``.
+
+    Parameters
+    ----------
+    stream:
+        Where to write; default ``sys.stderr`` at draw time.
+    width:
+        Characters of the bar itself.
+    """
+
+    def __init__(
+        self,
+        title: str = "",
+        interval: float = 0.2,
+        stream: IO[str] | None = None,
+        width: int = 30,
+    ) -> None:
+        super().__init__(title, interval)
+        self._stream = stream
+        self.width = width
+        self._drawn = 0  # length of the line on screen, to clear it
+
+    def line(self, counts: ProgressCounts | None = None) -> str:
+        counts = counts or self.counts
+        filled = int(self.width * counts.ended / max(counts.total, 1))
+        bar = "#" * filled + "-" * (self.width - filled)
+        prefix = f"{self.title} " if self.title else ""
+        return f"{prefix}[{bar}] {templates.format_counts(counts)}"
+
+    def _write(self, text: str) -> None:
+        stream = self._stream or sys.stderr
+        stream.write(text)
+        stream.flush()
+
+    def before_output(self) -> None:
+        with self._lock:
+            if self._drawn:
+                self._write("\r" + " " * self._drawn + "\r")
+                self._drawn = 0
+
+    def _draw_bar(self, counts: ProgressCounts) -> None:
+        line = self.line(counts)
+        self._write("\r" + line)
+        self._drawn = len(line)
+
+    def _draw_done(self, counts: ProgressCounts) -> None:
+        self._write("\r" + self.line(counts) + "\n")
+        self._drawn = 0
+
+
+class HTMLProgressBar(ProgressBar):
+    """A static HTML snapshot displayed with a ``display_id`` and updated in place."""
+
+    def __init__(self, title: str = "", interval: float = 0.5) -> None:
+        super().__init__(title, interval)
+        self._handle: Any = None
+
+    def show(self) -> None:
+        from IPython.display import display
+
+        if self._handle is None:
+            self._handle = display(self._bundle(), raw=True, display_id=True)
+
+    def _bundle(self) -> dict[str, str]:
+        return {"text/html": self._repr_html_(), "text/plain": self.text()}
+
+    def _draw_bar(self, counts: ProgressCounts) -> None:
+        if self._handle is not None:
+            self._handle.update(self._bundle(), raw=True)
+
+
+class WidgetProgressBar(ProgressBar):
+    """An ipywidgets bar (``IntProgress``) and label (``HTML``) in an ``HBox``.
+
+    The model state is the API tests and front ends see: ``bar.value`` (jobs ended),
+    ``bar.max`` (jobs submitted), ``bar.bar_style`` (``""`` while running, then
+    ``"success"``, ``"danger"`` if any failed or ``"warning"`` if any was cancelled),
+    and ``label.value`` (the counts as text).
+    """
+
+    def __init__(self, title: str = "", interval: float = 0.2) -> None:
+        super().__init__(title, interval)
+        import ipywidgets
+
+        self.bar = ipywidgets.IntProgress(value=0, min=0, max=1, description=title)
+        self.label = ipywidgets.HTML(value="")
+        self.widget = ipywidgets.HBox([self.bar, self.label])
+        self._handle: Any = None
+
+    def show(self) -> None:
+        from IPython.display import display
+
+        if self._handle is None:
+            self._handle = display(_WidgetWithSnapshot(self), display_id=True)
+
+    def _draw_bar(self, counts: ProgressCounts) -> None:
+        self.bar.max = max(counts.total, 1)
+        self.bar.value = counts.ended
+        self.label.value = templates.format_counts(counts)
+
+    def _draw_done(self, counts: ProgressCounts) -> None:
+        self._draw_bar(counts)
+        if counts.failed:
+            self.bar.bar_style = "danger"
+        elif counts.cancelled:
+            self.bar.bar_style = "warning"
+        else:
+            self.bar.bar_style = "success"
+        if self._handle is not None:
+            # Refresh the static snapshot saved with the notebook.
+            self._handle.update(_WidgetWithSnapshot(self))
+
+
+class _WidgetWithSnapshot:
+    """Displays a widget together with a static HTML snapshot of the bar."""
+
+    def __init__(self, bar: WidgetProgressBar) -> None:
+        self._bar = bar
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
+        bundle = dict(self._bar.widget._repr_mimebundle_(**kwargs) or {})
+        bundle["text/html"] = self._bar._repr_html_()
+        bundle["text/plain"] = self._bar.text()
+        return bundle
+
+
+def in_kernel() -> bool:
+    """Whether this code runs in a Jupyter kernel (not a terminal or a script)."""
+    if "IPython" not in sys.modules:
+        return False
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+def resolve_kind(kind: str = "auto") -> str:
+    """Turn ``"auto"`` into the kind of progress display that fits here."""
+    if kind not in KINDS:
+        raise ValueError(f"progress must be one of {', '.join(KINDS)}, not {kind!r}")
+    if kind != "auto":
+        return kind
+    forced = os.environ.get(PROGRESS_ENV, "").strip().lower()
+    if forced in KINDS and forced != "auto":
+        return forced
+    if in_kernel():
+        try:
+            import ipywidgets  # noqa: F401
+        except ImportError:
+            return "html"
+        return "widget"
+    isatty: Callable[[], bool] | None = getattr(sys.stderr, "isatty", None)
+    return "text" if isatty is not None and isatty() else "none"
+
+
+def make_progress(kind: str = "auto", title: str = "") -> ProgressBar:
+    """A progress bar of ``kind`` (see the module docstring), not yet shown."""
+    kind = resolve_kind(kind)
+    if kind == "widget":
+        return WidgetProgressBar(title)
+    if kind == "html":
+        return HTMLProgressBar(title)
+    if kind == "text":
+        return TextProgressBar(title)
+    return NullProgressBar(title)

@@ -1,0 +1,583 @@
+"""`Run`: a set of jobs submitted together, followed live through cluster callbacks.
+
+A run counts its jobs as the cluster's ``cluster_status`` events arrive (running,
+finished, failed, cancelled), so progress, output and results are pushed, never polled.
+It works in plain Python as well as in notebooks (``%%dispy`` creates one per cell):
+
+>>> run = Run.map(compute, range(100), nodes=local)  # doctest: +SKIP
+>>> run.results[:3], run.df.duration.mean()  # doctest: +SKIP
+
+While someone waits (``run.wait()``, a blocking ``%%dispy``), the waiting thread draws
+the progress bar and prints each job's remote stdout, stderr and traceback as the job
+ends, so they appear in the cell (or terminal) that waits. A `KeyboardInterrupt` in the
+wait (the notebook's Stop button, Ctrl-C) cancels the run's queued and running jobs on
+the nodes before it propagates. In "live" mode (``%%dispy --nowait`` in a kernel) the
+callback thread drives a widget bar and an output widget instead.
+
+To follow jobs of a cluster you create yourself, give it the run's callbacks::
+
+    run = Run()
+    cluster = JobCluster(compute, nodes=local, **run.callbacks())
+    run.attach(cluster)
+    for x in inputs:
+        run.submit(x)
+    run.wait()
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from dispynb.job import FINAL_STATUSES, DispyJob, JobStatus
+from dispynb.jupyter import display as templates
+from dispynb.jupyter.progress import (
+    NullProgressBar,
+    ProgressBar,
+    ProgressCounts,
+    make_progress,
+)
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from dispynb.cluster import JobCluster
+    from dispynb.node import DispyNode
+
+__all__ = ["Run"]
+
+logger = logging.getLogger(__name__)
+
+#: Seconds an interrupted run waits for the nodes to confirm its cancellations.
+CANCEL_WAIT = 10.0
+
+#: Seconds between two wake-ups of a waiting thread when nothing happens (only so
+#: that a pending throttled redraw is not left behind).
+_TICK = 0.25
+
+_FAILED = frozenset({JobStatus.Terminated, JobStatus.Abandoned})
+
+ClusterStatusCallback = Callable[[int, "DispyNode | None", "DispyJob | None"], Any]
+Writer = Callable[[str, str], Any]  # (stream name "stdout" / "stderr", text)
+
+
+class Run:
+    """Jobs submitted together, with live counts, output routing and a DataFrame.
+
+    Parameters
+    ----------
+    cluster:
+        The cluster to submit to; it must have been created with this run's
+        `callbacks`. May be given later with `attach`.
+    name:
+        Shown in progress bars and reprs.
+    owns_cluster:
+        Close ``cluster`` when every job has ended (`Run.map` sets it).
+    job_status, cluster_status:
+        Your own callbacks, called after the run's (on the cluster's callback thread).
+
+    Attributes
+    ----------
+    jobs:
+        The `DispyJob` objects, in submission order.
+    inputs:
+        What each job was submitted with, as ``(args, kwargs)``.
+    """
+
+    def __init__(
+        self,
+        cluster: JobCluster | None = None,
+        *,
+        name: str = "run",
+        owns_cluster: bool = False,
+        job_status: Callable[[DispyJob], Any] | None = None,
+        cluster_status: ClusterStatusCallback | None = None,
+    ) -> None:
+        self.name = name
+        self.cluster = cluster
+        self.jobs: list[DispyJob] = []
+        self.inputs: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+        self.owns_cluster = owns_cluster
+        self._user_job_status = job_status
+        self._user_cluster_status = cluster_status
+        self._listeners: list[ClusterStatusCallback] = []
+        self._lock = threading.Lock()
+        self._index: dict[Any, int] = {}
+        self._running: set[Any] = set()
+        self._ended: dict[Any, JobStatus] = {}
+        self._early_running: set[Any] = set()
+        self._early_final: dict[Any, JobStatus] = {}
+        self._tally = {"finished": 0, "failed": 0, "cancelled": 0}
+        self._start: float | None = None
+        self._stop: float | None = None
+        self._outputs: collections.deque[DispyJob] = collections.deque()
+        self._changed = threading.Event()
+        self._failure_kinds: dict[str, list[DispyJob]] = {}
+        self.bar: ProgressBar = NullProgressBar(name)
+        self._live = False
+        self._log: Writer | None = None
+        self._waiting = False
+        self._interrupted = False
+        self._close_lock = threading.Lock()
+        self._closed = False
+
+    # -- construction ----------------------------------------------------------------
+
+    @classmethod
+    def map(
+        cls,
+        computation: Callable[..., Any],
+        inputs: Iterable[Any],
+        *,
+        nodes: Any,
+        unpack: bool = False,
+        wait: bool = True,
+        progress: str | ProgressBar = "auto",
+        name: str | None = None,
+        job_status: Callable[[DispyJob], Any] | None = None,
+        cluster_status: ClusterStatusCallback | None = None,
+        listeners: Iterable[ClusterStatusCallback] = (),
+        **options: Any,
+    ) -> Run:
+        """Run ``computation`` once per item of ``inputs`` on a new cluster.
+
+        Parameters
+        ----------
+        computation:
+            The function to run (travels by value: cells, closures and helpers work).
+        inputs:
+            One job per item; each item is the only argument, unless ``unpack``.
+        nodes:
+            Where to run, as for `JobCluster` (a `LocalCluster`, node specs...).
+        unpack:
+            Items are argument tuples (or lists) for ``computation(*item)``, and
+            dicts for ``computation(**item)``.
+        wait:
+            Block until every job has ended, showing progress and remote output.
+        progress:
+            ``"auto"``, ``"widget"``, ``"html"``, ``"text"``, ``"none"`` or a
+            `ProgressBar`.
+        name:
+            The run's name; default: the computation's name.
+        job_status, cluster_status:
+            Your own callbacks, chained after the run's.
+        listeners:
+            More ``cluster_status``-style callables (e.g. ``NodePanel.cluster_status``).
+        **options:
+            Passed to `JobCluster` (``setup``, ``secret``, ``cafile``, ...).
+
+        Raises
+        ------
+        KeyboardInterrupt
+            When interrupted while waiting, after cancelling the unfinished jobs.
+        """
+        from dispynb.cluster import JobCluster
+
+        label = name or str(getattr(computation, "__name__", "run"))
+        run = cls(
+            name=label,
+            owns_cluster=True,
+            job_status=job_status,
+            cluster_status=cluster_status,
+        )
+        run._listeners.extend(listeners)
+        run.bar = (
+            progress
+            if isinstance(progress, ProgressBar)
+            else make_progress(progress, title=label)
+        )
+        run.attach(
+            JobCluster(
+                computation,
+                nodes=nodes,
+                job_status=run._on_job_status,
+                cluster_status=run._on_cluster_status,
+                **options,
+            )
+        )
+        try:
+            run.submit_all(inputs, unpack=unpack)
+        except BaseException:
+            run.close(terminate=True)
+            raise
+        if wait:
+            run.wait()
+        return run
+
+    def callbacks(self) -> dict[str, Callable[..., Any]]:
+        """``job_status`` and ``cluster_status`` keyword arguments for `JobCluster`."""
+        return {
+            "job_status": self._on_job_status,
+            "cluster_status": self._on_cluster_status,
+        }
+
+    def attach(self, cluster: JobCluster) -> None:
+        """Submit to ``cluster``, which was created with this run's `callbacks`."""
+        self.cluster = cluster
+
+    def add_listener(self, listener: ClusterStatusCallback) -> None:
+        """Also pass every ``cluster_status`` event to ``listener``."""
+        self._listeners.append(listener)
+
+    # -- submitting ------------------------------------------------------------------
+
+    def submit(self, *args: Any, **kwargs: Any) -> DispyJob:
+        """Submit one job with these arguments to the run's cluster."""
+        if self.cluster is None:
+            raise RuntimeError("this run has no cluster: call attach(cluster) first")
+        with self._lock:
+            if self._start is None:
+                self._start = time.monotonic()
+        job = self.cluster.submit(*args, **kwargs)
+        with self._lock:
+            key = job.id
+            self._index[key] = len(self.jobs)
+            self.jobs.append(job)
+            self.inputs.append((args, kwargs))
+            self._stop = None
+            if key in self._early_running:
+                self._early_running.discard(key)
+                self._running.add(key)
+            early = self._early_final.pop(key, None)
+            if early is not None:
+                self._end_job(key, early)
+        self._notify()
+        return job
+
+    def submit_all(self, inputs: Iterable[Any], unpack: bool = False) -> list[DispyJob]:
+        """Submit one job per item of ``inputs`` (see `map` for ``unpack``)."""
+        jobs = []
+        for item in inputs:
+            if unpack and isinstance(item, dict):
+                jobs.append(self.submit(**item))
+            elif unpack and isinstance(item, tuple | list):
+                jobs.append(self.submit(*item))
+            else:
+                jobs.append(self.submit(item))
+        return jobs
+
+    # -- state -----------------------------------------------------------------------
+
+    def counts(self) -> ProgressCounts:
+        """A snapshot of the run's progress."""
+        with self._lock:
+            return self._counts()
+
+    def _counts(self) -> ProgressCounts:
+        start = self._start
+        end = self._stop if self._stop is not None else time.monotonic()
+        return ProgressCounts(
+            total=len(self.jobs),
+            finished=self._tally["finished"],
+            failed=self._tally["failed"],
+            cancelled=self._tally["cancelled"],
+            running=len(self._running),
+            elapsed=0.0 if start is None else end - start,
+        )
+
+    def done(self) -> bool:
+        """Whether every job submitted so far has ended (and its events were seen)."""
+        with self._lock:
+            return len(self._ended) >= len(self.jobs)
+
+    @property
+    def results(self) -> list[Any]:
+        """Each job's result in submission order (``None`` for jobs without one)."""
+        return [job.result for job in self.jobs]
+
+    @property
+    def failures(self) -> list[DispyJob]:
+        """Jobs that raised, crashed or were abandoned, in submission order."""
+        return [job for job in self.jobs if job.status in _FAILED]
+
+    @property
+    def df(self) -> pd.DataFrame:
+        """The jobs as a DataFrame (see `dispynb.jupyter.frames.jobs_frame`)."""
+        return self.frame()
+
+    def frame(self, expand: bool = False) -> pd.DataFrame:
+        """The jobs as a DataFrame; ``expand`` turns dict results into columns."""
+        from dispynb.jupyter.frames import jobs_frame
+
+        return jobs_frame(self.jobs, expand=expand)
+
+    # -- events (on the cluster's callback thread) -----------------------------------
+
+    def _on_job_status(self, job: DispyJob) -> None:
+        if self._user_job_status is not None:
+            self._user_job_status(job)
+
+    def _on_cluster_status(
+        self, status: int, node: DispyNode | None, job: DispyJob | None
+    ) -> None:
+        try:
+            if job is not None:
+                self._job_event(status, job)
+            for listener in list(self._listeners):
+                listener(status, node, job)
+        finally:
+            if self._user_cluster_status is not None:
+                self._user_cluster_status(status, node, job)
+
+    def _job_event(self, status: int, job: DispyJob) -> None:
+        key = job.id
+        with self._lock:
+            known = key in self._index
+            if status == JobStatus.Running:
+                if not known:
+                    self._early_running.add(key)
+                elif key not in self._ended:
+                    self._running.add(key)
+            elif status in FINAL_STATUSES:
+                if not known:
+                    self._early_final[key] = JobStatus(status)
+                else:
+                    self._end_job(key, JobStatus(status))
+            else:
+                return
+        self._notify()
+
+    def _end_job(self, key: Any, status: JobStatus) -> None:
+        """Count a job's final status; called with the lock held."""
+        if key in self._ended:
+            return
+        self._ended[key] = status
+        self._running.discard(key)
+        if status is JobStatus.Finished:
+            self._tally["finished"] += 1
+        elif status is JobStatus.Cancelled:
+            self._tally["cancelled"] += 1
+        else:
+            self._tally["failed"] += 1
+        job = self.jobs[self._index[key]]
+        if job.stdout or job.stderr or status in _FAILED:
+            self._outputs.append(job)
+        if len(self._ended) >= len(self.jobs):
+            self._stop = time.monotonic()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        if not self._live or self._waiting:
+            return
+        # Live mode, nobody waiting: this (callback) thread draws.
+        self._pump(self._log_writer())
+        if self.done():
+            self.bar.finish(self.counts())
+            if self.owns_cluster:
+                threading.Thread(
+                    target=self.close, name="dispynb-run-close", daemon=True
+                ).start()
+
+    # -- live mode (notebook, --nowait) ------------------------------------------------
+
+    def live(self, bar: ProgressBar, log: Writer | None = None) -> None:
+        """Let the callback thread draw ``bar`` and write output to ``log`` as events
+        arrive, for runs nobody waits for. ``log(stream, text)`` gets ``"stdout"`` or
+        ``"stderr"`` and the text."""
+        self.bar = bar
+        self._log = log
+        self._live = True
+        self._notify()
+
+    def _log_writer(self) -> Writer | None:
+        return self._log
+
+    # -- waiting ---------------------------------------------------------------------
+
+    def wait(self, timeout: float | None = None, *, echo: bool = True) -> bool:
+        """Block until every job has ended, drawing progress and printing output.
+
+        Each job's remote stdout and stderr are printed (to ``sys.stdout`` and
+        ``sys.stderr``, or to the run's output widget in `live` mode) as the job
+        ends, and the traceback of the first failure of each kind. A run that owns
+        its cluster closes it at the end.
+
+        Parameters
+        ----------
+        timeout:
+            Seconds to wait at most; ``None`` waits until done.
+        echo:
+            Print remote output and tracebacks (they stay in `df` either way).
+
+        Returns
+        -------
+        bool
+            True if every job has ended, False if ``timeout`` passed first.
+
+        Raises
+        ------
+        KeyboardInterrupt
+            After cancelling the run's unfinished jobs on the nodes (see `cancel`).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        # Output goes where the run sends it: its output widget when live, else here.
+        writer = (self._log or _print_writer) if echo else None
+        if not self._live:
+            self.bar.show()
+        self._waiting = True
+        try:
+            while True:
+                self._changed.clear()
+                finished = self.done()
+                self._pump(writer)
+                if finished:
+                    break
+                tick = _TICK
+                if deadline is not None:
+                    tick = min(tick, deadline - time.monotonic())
+                    if tick <= 0:
+                        return False
+                self._changed.wait(tick)
+        except KeyboardInterrupt:
+            self._waiting = False
+            self.stop("Interrupted", echo=echo)
+            raise
+        finally:
+            self._waiting = False
+        self.bar.finish(self.counts())
+        if writer is not None:
+            self._summary(writer)
+        if self.owns_cluster:
+            self.close()
+        return True
+
+    __call__ = wait
+
+    def _pump(self, writer: Writer | None) -> None:
+        """Draw the bar and write the output of jobs that ended since the last call."""
+        self.bar.update(self.counts())
+        while True:
+            try:
+                job = self._outputs.popleft()
+            except IndexError:
+                break
+            if writer is not None:
+                self.bar.before_output()
+                self._write_job(job, writer)
+
+    def _write_job(self, job: DispyJob, writer: Writer) -> None:
+        for stream in ("stdout", "stderr"):
+            text = getattr(job, stream)
+            if isinstance(text, bytes):
+                text = text.decode("utf-8", errors="replace")
+            if text:
+                writer(stream, text if text.endswith("\n") else text + "\n")
+        if job.status in _FAILED:
+            kind = _exception_kind(job.exception)
+            seen = self._failure_kinds.setdefault(kind, [])
+            seen.append(job)
+            if len(seen) == 1:
+                where = f" on {job.ip_addr}" if job.ip_addr else ""
+                index = self._index.get(job.id)
+                writer(
+                    "stderr",
+                    f"job {job.id} (input {index}){where} failed:\n"
+                    f"{(job.exception or '').rstrip()}\n",
+                )
+
+    def _summary(self, writer: Writer) -> None:
+        for kind, jobs in self._failure_kinds.items():
+            if len(jobs) > 1:
+                writer(
+                    "stderr",
+                    f"{kind}: {len(jobs)} jobs (first: job {jobs[0].id}); "
+                    f"see {self.name}.failures or .df.exception\n",
+                )
+
+    # -- cancelling and closing ------------------------------------------------------
+
+    def cancel(self) -> int:
+        """Cancel every unfinished job on the nodes; return how many were cancelled.
+
+        Queued jobs end ``Cancelled``, running ones ``Terminated`` (their worker
+        process is killed and replaced).
+        """
+        cluster = self.cluster
+        if cluster is None:
+            return 0
+        count = 0
+        for job in list(self.jobs):
+            if not job.done() and cluster.cancel(job) == 0:
+                count += 1
+        return count
+
+    def stop(self, reason: str = "Stopped", echo: bool = True) -> None:
+        """Cancel the unfinished jobs, wait (at most `CANCEL_WAIT` seconds) for the
+        nodes to confirm, print what happened and close the cluster if owned.
+
+        What an interrupted `wait` does before re-raising `KeyboardInterrupt`; a
+        second interrupt stops waiting for the confirmations.
+        """
+        self._interrupted = True
+        writer = _print_writer if echo else None
+        before = self.counts()
+        count = self.cancel()
+        self.bar.before_output()
+        _print_writer(
+            "stderr",
+            f"{reason}: cancelling {count} unfinished jobs of run {self.name!r} "
+            f"on the nodes ({before.running} running, {before.queued} queued)\n",
+        )
+        deadline = time.monotonic() + CANCEL_WAIT
+        try:
+            while time.monotonic() < deadline:
+                self._changed.clear()
+                if self.done():
+                    break
+                self._changed.wait(_TICK)
+            self._pump(writer)
+            self.bar.finish(self.counts())
+            if self.owns_cluster:
+                self.close(terminate=True)
+        except KeyboardInterrupt:
+            if self.owns_cluster:
+                self.close(terminate=True)
+        after = self.counts()
+        _print_writer(
+            "stderr",
+            f"run {self.name!r}: {after.finished} done, {after.failed} failed or "
+            f"terminated, {after.cancelled} cancelled of {after.total}\n",
+        )
+
+    def close(self, terminate: bool = False) -> None:
+        """Close the run's cluster if the run owns it; ``terminate`` cancels the
+        unfinished jobs first (otherwise this waits for them). Idempotent."""
+        with self._close_lock:
+            if self._closed or self.cluster is None or not self.owns_cluster:
+                return
+            try:
+                self.cluster.close(terminate=terminate)
+            finally:
+                self._closed = True
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- display ---------------------------------------------------------------------
+
+    def _repr_html_(self) -> str:
+        return templates.run_html(self)
+
+    def __repr__(self) -> str:
+        return f"<Run {self.name!r} {templates.format_counts(self.counts())}>"
+
+
+def _print_writer(stream: str, text: str) -> None:
+    target = sys.stdout if stream == "stdout" else sys.stderr
+    target.write(text)
+    target.flush()
+
+
+def _exception_kind(exception: str | None) -> str:
+    """``'ValueError'`` from a traceback's last line; the whole line if no colon."""
+    if not exception:
+        return "failure"
+    lines = [line for line in exception.strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else exception
+    return last.split(":", 1)[0].strip() or "failure"

@@ -1,0 +1,163 @@
+"""Jobs and nodes as DataFrames: columns, dtypes, contents, expansion."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import pandas as pd
+import pytest
+
+from dispynb.job import JobStatus
+from dispynb.jupyter.frames import (
+    JOB_COLUMNS,
+    STATUS_DTYPE,
+    expand_results,
+    jobs_frame,
+    nodes_frame,
+)
+from dispynb.node import DispyNode
+from tests.jupyter.helpers import make_job
+
+
+@pytest.fixture
+def jobs():
+    return [
+        make_job(2, status=JobStatus.Finished, result=4, stdout="two\n"),
+        make_job(
+            3,
+            status=JobStatus.Terminated,
+            exception="Traceback (most recent call last):\nValueError: 3",
+            stderr=b"raw \xff bytes",
+        ),
+        make_job(4, status=JobStatus.Running),
+        make_job(5, scale=2),
+    ]
+
+
+def test_jobs_frame_columns_and_dtypes_are_stable(jobs):
+    frame = jobs_frame(jobs)
+
+    assert list(frame.columns) == list(JOB_COLUMNS)
+    assert frame.index.name == "index"
+    assert list(frame.index) == [0, 1, 2, 3]
+    dtypes = frame.dtypes
+    for name in ("id", "args", "kwargs", "result"):
+        assert dtypes[name] == "object", name
+    assert dtypes["status"] == STATUS_DTYPE
+    for name in ("node", "stdout", "stderr", "exception"):
+        assert isinstance(dtypes[name], pd.StringDtype), name
+    for name in ("submit_time", "start_time", "end_time"):
+        assert dtypes[name] == pd.DatetimeTZDtype("ns", "UTC"), name
+    assert dtypes["duration"] == "float64"
+
+
+def test_jobs_frame_empty_has_the_same_columns_and_dtypes(jobs):
+    empty, full = jobs_frame([]), jobs_frame(jobs)
+
+    assert len(empty) == 0
+    assert empty.dtypes.to_dict() == full.dtypes.to_dict()
+
+
+def test_jobs_frame_rows_hold_each_job(jobs):
+    frame = jobs_frame(jobs)
+    done, failed, running, created = (frame.loc[i] for i in range(4))
+
+    assert [job.id for job in jobs] == list(frame["id"])
+    assert done["args"] == (2,) and done["kwargs"] == {}
+    assert done["result"] == 4
+    assert done["status"] == "Finished"
+    assert done["node"] == "127.0.0.1"
+    assert done["duration"] == pytest.approx(2.5)
+    assert done["start_time"] == pd.Timestamp(1000.0, unit="s", tz="UTC")
+    assert done["stdout"] == "two\n"
+    assert pd.isna(done["exception"])
+    assert failed["status"] == "Terminated"
+    assert failed["exception"].endswith("ValueError: 3")
+    assert failed["stderr"] == "raw \ufffd bytes"  # bytes decoded, never dropped
+    assert running["status"] == "Running"
+    assert pd.isna(running["end_time"]) and pd.isna(running["duration"])
+    assert created["status"] == "Created"
+    assert created["kwargs"] == {"scale": 2}
+    assert pd.isna(created["node"]) and pd.isna(created["start_time"])
+
+
+def test_jobs_frame_status_counts_include_every_status(jobs):
+    counts = jobs_frame(jobs)["status"].value_counts()
+
+    assert set(counts.index) == {s.name for s in JobStatus}
+    assert counts["Finished"] == 1 and counts["Cancelled"] == 0
+
+
+def test_jobs_frame_tuple_results_stay_whole():
+    frame = jobs_frame([make_job(1, status=JobStatus.Finished, result=(1, 2))])
+
+    assert frame.loc[0, "result"] == (1, 2)
+
+
+@dataclasses.dataclass
+class Score:
+    loss: float
+    epochs: int
+
+
+class Pair(NamedTuple):
+    left: int
+    right: int
+
+
+def test_jobs_frame_expand_dict_results_become_columns_after_result():
+    jobs = [
+        make_job(1, status=JobStatus.Finished, result={"loss": 0.5, "epochs": 3}),
+        make_job(2, status=JobStatus.Terminated, exception="x"),
+        make_job(3, status=JobStatus.Finished, result={"loss": 0.25, "extra": "y"}),
+    ]
+
+    frame = jobs_frame(jobs, expand=True)
+
+    columns = list(frame.columns)
+    at = columns.index("result")
+    assert columns[at + 1 : at + 4] == ["loss", "epochs", "extra"]
+    assert frame["loss"].dtype == "float64"
+    assert list(frame["loss"].fillna(-1)) == [0.5, -1, 0.25]
+    assert frame.loc[2, "extra"] == "y"
+
+
+def test_jobs_frame_expand_dataclass_and_namedtuple_results():
+    jobs = [
+        make_job(1, status=JobStatus.Finished, result=Score(0.1, 2)),
+        make_job(2, status=JobStatus.Finished, result=Pair(3, 4)),
+    ]
+
+    frame = jobs_frame(jobs, expand=True)
+
+    assert frame.loc[0, "loss"] == 0.1 and frame.loc[0, "epochs"] == 2
+    assert frame.loc[1, "left"] == 3 and frame.loc[1, "right"] == 4
+
+
+def test_expand_results_key_clashing_with_a_column_is_prefixed():
+    jobs = [make_job(1, status=JobStatus.Finished, result={"status": "ok", "n": 1})]
+
+    frame = expand_results(jobs_frame(jobs))
+
+    assert frame.loc[0, "result.status"] == "ok"
+    assert frame.loc[0, "status"] == "Finished"
+    assert frame.loc[0, "n"] == 1
+
+
+def test_expand_results_without_dict_results_changes_nothing(jobs):
+    frame = jobs_frame(jobs)
+
+    assert expand_results(frame) is frame
+
+
+def test_nodes_frame_one_row_per_node():
+    node = DispyNode("10.0.0.5", 9711, name="n1", cpus=4, platform="Linux")
+    node.busy, node.jobs_done, node.cpu_time = 2, 7, 1.5
+
+    frame = nodes_frame([node])
+
+    assert list(frame.index) == ["10.0.0.5:9711"]
+    row = frame.loc["10.0.0.5:9711"]
+    assert (row["name"], row["cpus"], row["busy"], row["jobs_done"]) == ("n1", 4, 2, 7)
+    assert frame["cpus"].dtype == "int64"

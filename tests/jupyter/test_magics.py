@@ -1,0 +1,310 @@
+"""``%dispy`` and ``%%dispy`` on a real IPython shell with local nodes."""
+
+from __future__ import annotations
+
+import _thread
+import threading
+from collections.abc import Iterator
+
+import pytest
+from IPython.core.error import UsageError
+from IPython.core.interactiveshell import InteractiveShell
+from IPython.utils.capture import capture_output
+from traitlets.config import Config
+
+from dispynb.job import JobStatus
+from dispynb.jupyter.magics import DispyMagics
+from dispynb.jupyter.run import Run
+from tests import jobs
+
+pytestmark = pytest.mark.slow
+
+WAIT = jobs.WAIT
+
+
+@pytest.fixture(scope="module")
+def ip() -> Iterator[InteractiveShell]:
+    """A shell with ``%load_ext dispynb`` and one local node with 2 CPUs."""
+    config = Config()
+    config.HistoryManager.hist_file = ":memory:"
+    shell = InteractiveShell.instance(config=config)
+    shell.run_line_magic("load_ext", "dispynb")
+    with capture_output() as captured:
+        shell.run_line_magic("dispy", "local --cpus 2")
+    assert captured.stdout.startswith("dispynb: local nodes 127.0.0.1:")
+    yield shell
+    shell.run_line_magic("dispy", "close")
+    shell.run_line_magic("unload_ext", "dispynb")
+
+
+def cell(ip: InteractiveShell, line: str, body: str) -> tuple[object, str, str]:
+    """Run ``%%dispy line`` over ``body``; return (result, stdout, stderr)."""
+    with capture_output() as captured:
+        result = ip.run_cell_magic("dispy", line, body)
+    return result, captured.stdout, captured.stderr
+
+
+def test_magic_cell_runs_last_function_over_inputs_into_variable(ip):
+    _, out, err = cell(
+        ip,
+        '--over "range(5)" --into squares',
+        (
+            "offset = 100\n"
+            "def helper(x):\n    return x * x\n"
+            "def compute(x):\n    return helper(x) + offset\n"
+        ),
+    )
+
+    run = ip.user_ns["squares"]
+    assert isinstance(run, Run)
+    assert run is ip.user_ns["_dispy"]
+    assert run.name == "squares"
+    assert run.results == [100, 101, 104, 109, 116]
+    assert list(run.df["status"]) == ["Finished"] * 5
+    assert ip.user_ns["helper"](3) == 9  # the cell ran in the notebook too
+    assert run.closed
+    assert (out, err) == ("", "")
+
+
+def test_magic_cell_named_function_expression_from_namespace_and_classes(ip):
+    ip.user_ns["points"] = [(1, 2), (3, 4)]
+    cell(
+        ip,
+        "norm --over points --unpack --into norms",
+        (
+            "class Vec:\n"
+            "    def __init__(self, x, y):\n        self.x, self.y = x, y\n"
+            "def norm(x, y):\n    v = Vec(x, y)\n    return v.x * v.x + v.y * v.y\n"
+            "def unused(x):\n    return -1\n"
+        ),
+    )
+
+    assert ip.user_ns["norms"].results == [5, 25]
+
+
+def test_magic_cell_setup_function_globals_reach_jobs(ip):
+    ip.run_cell(
+        "def load():\n    global table\n    table = {'a': 1, 'b': 2}\n    return 0\n"
+    )
+
+    cell(
+        ip,
+        "--over \"['a', 'b', 'z']\" --setup load --into looked",
+        "def look(key):\n    return table.get(key, 0)\n",
+    )
+
+    assert ip.user_ns["looked"].results == [1, 2, 0]
+
+
+def test_magic_cell_remote_output_and_traceback_appear_in_the_cell(ip):
+    _, out, err = cell(
+        ip,
+        '--over "range(3)" --into noisy',
+        (
+            "import sys\n"
+            "def noisy(x):\n"
+            "    print(f'hello from job {x}')\n"
+            "    print(f'warning {x}', file=sys.stderr)\n"
+            "    if x == 2:\n        raise KeyError(x)\n"
+            "    return x\n"
+        ),
+    )
+
+    assert sorted(out.splitlines()) == [f"hello from job {i}" for i in range(3)]
+    assert {f"warning {i}" for i in range(3)} <= set(err.splitlines())
+    assert "Traceback (most recent call last)" in err
+    assert "KeyError: 2" in err
+    assert "(input 2)" in err
+    assert ip.user_ns["noisy"].df.loc[0, "stdout"] == "hello from job 0\n"
+
+
+def test_magic_cell_quiet_keeps_output_in_the_frame_only(ip):
+    _, out, _ = cell(
+        ip,
+        '--over "[1]" --into hushed --quiet',
+        "def talk(x):\n    print('psst')\n    return x\n",
+    )
+
+    assert "psst" not in out
+    assert ip.user_ns["hushed"].df.loc[0, "stdout"] == "psst\n"
+
+
+def test_magic_cell_nowait_returns_then_run_waits(ip, tmp_path):
+    gate = tmp_path / "gate"
+    ip.user_ns["gate_path"] = str(gate)
+
+    cell(
+        ip,
+        '--over "range(3)" --into later --nowait',
+        (
+            "def later(x):\n"
+            "    import os, time\n"
+            "    while not os.path.exists(gate_path):\n        time.sleep(0.01)\n"
+            "    return x\n"
+        ),
+    )
+
+    run = ip.user_ns["later"]
+    assert not run.done()  # the cell returned while the jobs wait for the gate
+    gate.write_text("go")
+    assert run.wait(timeout=WAIT)
+    assert run.results == [0, 1, 2]
+    assert run.closed
+
+
+def test_magic_cell_interrupt_cancels_the_runs_remote_jobs(ip, tmp_path):
+    started, finished = tmp_path / "started", tmp_path / "finished"
+    ip.user_ns.pop("victim", None)
+    ip.user_ns["work"] = [(str(started), 30, str(finished))] + [(None, 30, None)] * 3
+
+    def body() -> None:
+        def ready() -> bool:
+            run = ip.user_ns.get("victim")
+            return started.exists() and run is not None and run._waiting
+
+        jobs.wait_until(ready, timeout=WAIT)
+        _thread.interrupt_main()  # what the kernel's Stop button does
+
+    threading.Thread(target=body, daemon=True).start()
+    with capture_output() as captured, pytest.raises(KeyboardInterrupt):
+        ip.run_cell_magic(
+            "dispy",
+            "--over work --unpack --into victim",
+            (
+                "def job(start, seconds, end):\n"
+                "    import time\n"
+                "    if start:\n        open(start, 'w').close()\n"
+                "    time.sleep(seconds)\n"
+                "    if end:\n        open(end, 'w').close()\n"
+                "    return seconds\n"
+            ),
+        )
+
+    run = ip.user_ns["victim"]
+    statuses = [job.status for job in run.jobs]
+    assert statuses[0] == JobStatus.Terminated
+    assert set(statuses) <= {JobStatus.Terminated, JobStatus.Cancelled}
+    assert run.closed
+    assert not finished.exists()
+    assert "Interrupted: cancelling 4 unfinished jobs of run 'victim'" in (
+        captured.stderr
+    )
+
+
+def test_magic_cell_timeout_cancels_unfinished_jobs(ip):
+    _, _, err = cell(
+        ip,
+        '--over "[0, 30]" --into slow --timeout 0.5',
+        "def nap(s):\n    import time\n    time.sleep(s)\n    return s\n",
+    )
+
+    run = ip.user_ns["slow"]
+    assert [job.status for job in run.jobs] == [
+        JobStatus.Finished,
+        JobStatus.Terminated,
+    ]
+    assert "Timed out after 0.5 s: cancelling 1 unfinished jobs" in err
+
+
+def test_magic_cell_error_in_cell_submits_nothing(ip):
+    ip.user_ns.pop("broken", None)
+    with capture_output():
+        result = ip.run_cell_magic(
+            "dispy", '--over "[1]" --into broken', "def f(x):\n    return x\n1/0\n"
+        )
+
+    assert result is None
+    assert "broken" not in ip.user_ns
+
+
+@pytest.mark.parametrize(
+    ("line", "body", "message"),
+    [
+        ('--over "[1]"', "x = 1\n", "defines no function"),
+        ('--over "[1]" --into 1x', "def f(x):\n    return x\n", "variable name"),
+        ('nothing --over "[1]"', "def f(x):\n    return x\n", "'nothing' is not"),
+        ("", "def f(x):\n    return x\n", "--over"),
+        ('--over "[1]" --progress fancy', "def f(x):\n    return x\n", "invalid"),
+    ],
+)
+def test_magic_cell_usage_errors(ip, line, body, message):
+    with pytest.raises(UsageError, match=message):
+        ip.run_cell_magic("dispy", line, body)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("bogus", "invalid choice"),
+        ("nodes", "at least one"),
+        ("status extra", "takes no hosts"),
+        ("local --cpus 0", "at least 1"),
+    ],
+)
+def test_magic_line_usage_errors(ip, line, message):
+    with pytest.raises(UsageError, match=message):
+        ip.run_line_magic("dispy", line)
+
+
+def test_magic_line_status_lists_nodes_and_runs(ip):
+    cell(ip, '--over "[1, 2]" --into counted', "def one(x):\n    return 1\n")
+
+    status = ip.run_line_magic("dispy", "status")
+
+    text = repr(status)
+    assert text.startswith("local nodes 127.0.0.1:")
+    assert "local-0" in text
+    assert "<Run 'counted' 2/2 done" in text
+    html = status._repr_html_()
+    assert "local-0" in html and "counted" in html
+
+
+def test_magic_line_nodes_attaches_with_secret_file(ip, tmp_path):
+    magics = ip.magics_manager.registry[DispyMagics.__name__]
+    local = magics.session.local
+    secret = tmp_path / "secret"
+    secret.write_text(local.secret)
+    secret.chmod(0o600)
+    spec = local.node_specs()[0]
+    try:
+        magics.session.local = None  # keep the local node: attach to it by address
+        with capture_output() as captured:
+            ip.run_line_magic("dispy", f"nodes {spec} --secret-file {secret}")
+        assert captured.stdout == f"dispynb: nodes {spec}\n"
+        cell(ip, '--over "[3]" --into remote', "def triple(x):\n    return 3 * x\n")
+        assert ip.user_ns["remote"].results == [9]
+    finally:
+        magics.session.local = local
+        magics.session.nodes = local
+
+
+def test_magic_help_documents_every_option(ip):
+    cell_doc = ip.find_cell_magic("dispy").__doc__
+    line_doc = ip.find_line_magic("dispy").__doc__
+
+    for option in (
+        "--over",
+        "--into",
+        "--nowait",
+        "--unpack",
+        "--setup",
+        "--progress",
+        "--quiet",
+        "--timeout",
+        "function",
+    ):
+        assert option in cell_doc, option
+    for option in (
+        "local",
+        "nodes",
+        "status",
+        "panel",
+        "close",
+        "--nodes",
+        "--cpus",
+        "--secret-file",
+        "--cafile",
+        "--certfile",
+        "--keyfile",
+    ):
+        assert option in line_doc, option

@@ -1,0 +1,253 @@
+"""`Run` on real local nodes: results, DataFrame, output routing, live widget state,
+interrupts cancelling remote work, and the callbacks of a user's own cluster."""
+
+from __future__ import annotations
+
+import _thread
+import threading
+from collections.abc import Callable
+
+import pytest
+
+from dispynb import JobCluster
+from dispynb.job import DispyJob, JobStatus
+from dispynb.jupyter.progress import TextProgressBar, WidgetProgressBar
+from dispynb.jupyter.run import Run
+from tests import jobs
+from tests.jupyter.helpers import make_job, mark_sleep_mark, wait_then_return
+
+WAIT = jobs.WAIT
+
+
+def interrupt_main_when(predicate: Callable[[], bool]) -> threading.Thread:
+    """Raise KeyboardInterrupt in the main thread (as the Stop button does) once
+    ``predicate()`` holds."""
+
+    def body() -> None:
+        jobs.wait_until(predicate, timeout=WAIT)
+        _thread.interrupt_main()
+
+    thread = threading.Thread(target=body, daemon=True)
+    thread.start()
+    return thread
+
+
+# --- pure: no nodes ------------------------------------------------------------
+
+
+class RacingCluster:
+    """A stand-in cluster whose callback thread reports a job before ``submit``
+    returns it (as the real one may)."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+
+    def submit(self, *args: object) -> DispyJob:
+        job = make_job(*args, status=JobStatus.Finished, result=args[0])
+        self.run._on_cluster_status(JobStatus.Running, None, job)
+        self.run._on_cluster_status(JobStatus.Finished, None, job)
+        return job
+
+
+def test_run_events_before_submit_returns_are_counted():
+    run = Run(name="race")
+    run.attach(RacingCluster(run))  # type: ignore[arg-type]
+
+    run.submit_all([1, 2])
+
+    counts = run.counts()
+    assert (counts.total, counts.finished, counts.running) == (2, 2, 0)
+    assert run.done()
+    assert run.results == [1, 2]
+
+
+def test_run_empty_is_done():
+    run = Run()
+    assert run.done()
+    assert run.wait(timeout=0)
+    assert run.df.empty
+
+
+# --- on local nodes ------------------------------------------------------------
+
+slow = pytest.mark.slow
+
+
+@slow
+def test_run_map_results_and_frame(local):
+    run = Run.map(jobs.square, range(6), nodes=local, progress="none")
+
+    assert run.done() and run.closed
+    assert run.results == [0, 1, 4, 9, 16, 25]
+    frame = run.df
+    assert list(frame["result"]) == run.results
+    assert list(frame["args"]) == [(i,) for i in range(6)]
+    assert set(frame["status"]) == {"Finished"}
+    assert set(frame["node"]) == {"127.0.0.1"}
+    assert (frame["duration"] >= 0).all()
+    counts = run.counts()
+    assert (counts.finished, counts.failed, counts.running, counts.queued) == (
+        6,
+        0,
+        0,
+        0,
+    )
+
+
+@slow
+def test_run_map_unpack_tuples_and_dicts(local):
+    def add(a, b=0):
+        return a + b
+
+    run = Run.map(
+        add,
+        [(1, 2), [3, 4], {"a": 5, "b": 6}],
+        nodes=local,
+        unpack=True,
+        progress="none",
+    )
+
+    assert run.results == [3, 7, 11]
+    assert run.inputs[2] == ((), {"a": 5, "b": 6})
+
+
+@slow
+def test_run_wait_prints_remote_output_and_first_traceback_of_each_kind(local, capsys):
+    def noisy(x):
+        import sys
+
+        print(f"out {x}")
+        print(f"err {x}", file=sys.stderr)
+        if x >= 1:
+            raise ValueError(f"bad {x}")
+        return x
+
+    run = Run.map(noisy, range(3), nodes=local, name="noisy", progress="none")
+
+    out, err = capsys.readouterr()
+    assert sorted(out.splitlines()) == ["out 0", "out 1", "out 2"]
+    assert {"err 0", "err 1", "err 2"} <= set(err.splitlines())
+    assert err.count("Traceback (most recent call last)") == 1
+    assert "ValueError: bad" in err
+    assert "ValueError: 2 jobs" in err  # the second one is counted, not repeated
+    assert [run.jobs.index(job) for job in run.failures] == [1, 2]
+    assert list(run.df["stdout"]) == ["out 0\n", "out 1\n", "out 2\n"]
+
+
+@slow
+def test_run_wait_echo_false_prints_nothing(local, capsys):
+    Run.map(jobs.echo, ["x"], nodes=local, progress="none", wait=False).wait(echo=False)
+
+    assert capsys.readouterr() == ("", "")
+
+
+@slow
+def test_run_text_progress_ends_with_final_counts(local):
+    import io
+
+    stream = io.StringIO()
+    bar = TextProgressBar("sq", stream=stream)
+
+    Run.map(jobs.square, range(4), nodes=local, progress=bar)
+
+    assert stream.getvalue().endswith("\n")
+    assert "4/4 done, 0 running, 0 queued" in stream.getvalue().splitlines()[-1]
+
+
+@slow
+def test_run_live_widget_state_follows_jobs(local1, tmp_path):
+    gate = tmp_path / "gate"
+    run = Run.map(
+        wait_then_return,
+        [(str(gate), "a"), (None, "b")],
+        nodes=local1,
+        unpack=True,
+        wait=False,
+        progress="none",
+    )
+    bar = WidgetProgressBar("live", interval=0.01)
+    logged: list[tuple[str, str]] = []
+
+    run.live(bar, lambda stream, text: logged.append((stream, text)))
+
+    jobs.wait_until(lambda: "0/2 done" in bar.label.value and run.counts().running)
+    jobs.wait_until(lambda: "0 running" not in bar.label.value)
+    assert (bar.bar.value, bar.bar.max, bar.bar.bar_style) == (0, 2, "")
+
+    gate.write_text("go")
+    jobs.wait_until(lambda: bar.bar.bar_style == "success")
+
+    assert (bar.bar.value, bar.bar.max) == (2, 2)
+    assert "2/2 done" in bar.label.value
+    run.close()  # joins the closer thread started when the last job ended
+    assert run.closed
+    assert run.results == ["a", "b"]
+
+
+@slow
+def test_run_interrupted_wait_cancels_remote_jobs(local1, tmp_path, capsys):
+    started, finished = tmp_path / "started", tmp_path / "finished"
+    run = Run.map(
+        mark_sleep_mark,
+        [(str(started), 30, str(finished)), (None, 0, None), (None, 0, None)],
+        nodes=local1,
+        unpack=True,
+        wait=False,
+        progress="none",
+        name="long",
+    )
+    interrupt_main_when(lambda: started.exists() and run._waiting)
+
+    with pytest.raises(KeyboardInterrupt):
+        run.wait()
+
+    first, *queued = run.jobs
+    assert first.status == JobStatus.Terminated, first.exception
+    assert all(
+        job.status in (JobStatus.Cancelled, JobStatus.Terminated) for job in queued
+    )
+    assert run.closed
+    assert not finished.exists()
+    err = capsys.readouterr().err
+    assert "Interrupted: cancelling 3 unfinished jobs of run 'long' on the nodes" in err
+    assert "run 'long': 0 done" in err
+
+
+@slow
+def test_run_follows_a_users_cluster_and_chains_callbacks(local):
+    seen_jobs: list[DispyJob] = []
+    seen_events: list[int] = []
+    run = Run(
+        name="mine",
+        job_status=seen_jobs.append,
+        cluster_status=lambda status, node, job: seen_events.append(status),
+    )
+
+    with JobCluster(jobs.square, nodes=local, **run.callbacks()) as cluster:
+        run.attach(cluster)
+        run.submit_all(range(4))
+        assert run.wait(timeout=WAIT, echo=False)
+        assert not run.closed  # the user's cluster stays open
+
+    assert run.results == [0, 1, 4, 9]
+    assert sorted(job.result for job in seen_jobs) == [0, 1, 4, 9]
+    assert seen_events.count(JobStatus.Finished) == 4
+
+
+@slow
+def test_run_repr_and_html(local):
+    run = Run.map(
+        jobs.raise_value_error,
+        [1],
+        nodes=local,
+        name="bad",
+        progress="none",
+        wait=False,
+    )
+    run.wait(echo=False)
+
+    assert repr(run).startswith("<Run 'bad' 0/1 done, 1 failed")
+    html = run._repr_html_()
+    assert "Run bad" in html
+    assert "1 failed; first: job" in html
+    assert "ValueError: bad value 1" in html
