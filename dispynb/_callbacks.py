@@ -36,8 +36,12 @@ class CallbackDispatcher:
     True
     """
 
-    def __init__(self) -> None:
+    def __init__(self, held: bool = False) -> None:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        # While held, callbacks queue up but do not run (see `release`).
+        self._released = threading.Event()
+        if not held:
+            self._released.set()
         self._thread: threading.Thread | None = None
         # Guards starting and closing, so that nothing is queued behind _STOP.
         self._lock: threading.Lock = threading.Lock()
@@ -128,8 +132,14 @@ class CallbackDispatcher:
         thread = self._thread
         return thread is not None and thread.ident == threading.get_ident()
 
+    def release(self) -> None:
+        """Let held callbacks run (a `JobCluster` holds them while it is created, so
+        that callbacks can use the variable the new cluster is assigned to)."""
+        self._released.set()
+
     def _work(self) -> None:
         """Body of the dispatcher thread."""
+        self._released.wait()
         get = self._queue.get
         while True:
             item = get()

@@ -173,7 +173,9 @@ class JobCluster:
         self._closed = False
         self._max_job_size = MAX_MESSAGE_SIZE
         self._start_time = time.time()
-        self._callbacks = CallbackDispatcher()
+        # Callbacks wait until the constructor returns: dispy programs use the
+        # cluster's variable in them (cluster_status calling cluster.submit_node).
+        self._callbacks = CallbackDispatcher(held=True)
         self._runner = LoopRunner.acquire()
         self._driver = Driver(
             DriverConfig(
@@ -197,8 +199,10 @@ class JobCluster:
         try:
             self._runner.run_sync(self._start)
         except BaseException:
+            self._callbacks.release()
             self._shutdown(terminate=True)
             raise
+        self._callbacks.release()
 
     # -- start-up ------------------------------------------------------------------
 
@@ -342,6 +346,8 @@ class JobCluster:
         if node is not None:
             node.busy -= 1
             node.jobs_done += 1
+            if link is not None and link.conn is not None:
+                node.tx, node.rx = link.conn.bytes_sent, link.conn.bytes_received
             node.cpu_time += max(outcome.end_time - outcome.start_time, 0.0)
         job._complete(
             status,
@@ -563,7 +569,11 @@ class JobCluster:
             return -1
         if cpus < 0:
             cpus = self._driver.nodes[node_id].cpus + cpus
-        return int(self._on_loop(self._driver.set_cpus, node_id, cpus))
+        used = int(self._on_loop(self._driver.set_cpus, node_id, cpus))
+        node = self._nodes.get(node_id)
+        if node is not None and used >= 0:
+            node.cpus = node.avail_cpus = used
+        return used
 
     def close_node(self, node: Any, terminate_pending: bool = False) -> int:
         """Close the computation on ``node`` (running its cleanup) and free it."""

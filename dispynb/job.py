@@ -43,6 +43,9 @@ class JobStatus(enum.IntEnum):
     Abandoned = 10
     Finished = 11
 
+    # dispy's statuses are plain ints: print them as such, in lists and with %r too.
+    __repr__ = int.__repr__
+
     @property
     def is_final(self) -> bool:
         """Whether a job in this status never changes again."""

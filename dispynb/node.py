@@ -58,6 +58,8 @@ class NodeStatus(enum.IntEnum):
     Closed = 16
     AvailInfo = 17
 
+    __repr__ = int.__repr__  # plain ints, as in dispy
+
 
 class DispyNodeAvailInfo:
     """Resources available on a node, as reported with its pulses.

@@ -344,7 +344,8 @@ def load_computation(control: MessageSocket) -> Computation:
     functions = [bundle["func"], bundle.get("setup"), bundle.get("cleanup")]
     # depends' functions and classes, by name; then dispy's names (never the user's).
     inject_names(functions, dict(bundle.get("names") or {}))
-    inject_names(functions, dispy_names(message))
+    CONTEXT.names = dispy_names(message)
+    inject_names(functions, CONTEXT.names)
     setup = bundle.get("setup")
     if setup is not None:
         run_setup(setup, tuple(bundle.get("setup_args") or ()))

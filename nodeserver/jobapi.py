@@ -32,6 +32,7 @@ class JobContext:
         self.running = False  # True only while user code of a job runs
         self.job_path = ""
         self.max_file_size = 0
+        self.names: dict[str, Any] = {}  # dispy's names, for a job's own functions
         self.lock = threading.Lock()  # a job's threads may send too
 
     def begin(self, sock: MessageSocket, key: int, attempt: int) -> None:

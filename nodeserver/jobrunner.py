@@ -140,6 +140,13 @@ def _add_names(func: Callable[..., Any], names: dict[str, Any]) -> Callable[[], 
     missing = object()
     saved = {name: namespace.get(name, missing) for name in names}
     namespace.update(names)
+    # The job's own functions come in their own pickle, with their own globals: give
+    # them the names dispy computations expect (dispy_node_name, os, ...) too.
+    for value in names.values():
+        extra = getattr(value, "__globals__", None)
+        if isinstance(extra, dict) and extra is not namespace:
+            for name in CONTEXT.names:
+                extra.setdefault(name, namespace.get(name, CONTEXT.names[name]))
 
     def restore() -> None:
         for name, value in saved.items():

@@ -139,7 +139,7 @@ class ClientSession:
             report_file=self._file_reporter(message.comp_id),
             store=self.server.store,
             node_name=config.name,
-            node_address=self.server.address,
+            node_address=self._local_ip(),
             max_message_size=config.max_message_size,
             remove_path=message.cleanup,
         )
@@ -179,6 +179,13 @@ class ClientSession:
             await asyncio.sleep(self._status_interval or STATUS_INTERVAL)
             avail = avail_info(self.server.config.dest_path)
             self._write(NodeStatus(avail=avail))
+
+    def _local_ip(self) -> str:
+        """This node's IP address as its client reached it (dispy_node_ip_addr)."""
+        sock = self.conn.stream.socket
+        if sock is not None:
+            return str(sock.getsockname()[0])
+        return self.server.config.host
 
     def _check_files(self, entries: list[list[Any]]) -> list[tuple[str, str]]:
         files = []

@@ -1,0 +1,1 @@
+"""Compatibility suite: dispy programs run with `import dispynb as dispy`."""

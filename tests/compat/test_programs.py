@@ -1,0 +1,509 @@
+"""Run dispy-style programs (tests/compat/programs/*.py) against real local nodes.
+
+Each program is written as dispy's examples are, with `import dispynb as dispy` as its
+only change, plus a two-line preamble that reads the nodes this test started from
+``DISPYNB_TEST_NODES`` (the secret comes from ``DISPYNB_SECRET``). It runs as a
+subprocess in a fresh directory holding the data files it needs, and its output is
+checked against what dispy's reference (../shared/reference/dispy.md, sections 2-4)
+says a dispy program sees.
+
+Expected output: every non-blank line of stdout, in order. A `str` must equal the
+line; a compiled pattern must match the whole line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from dispynb import LocalCluster
+from dispynb.defaults import SECRET_ENV, SECRET_FILE_ENV
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+
+PROGRAMS = Path(__file__).parent / "programs"
+FILES = PROGRAMS / "files"
+
+#: Seconds a program may run.
+PROGRAM_TIMEOUT = 60
+
+R = re.compile
+NODE = r"local-[01]"
+
+
+@dataclass(frozen=True)
+class Expect:
+    """What a program must print, and what it needs and leaves behind."""
+
+    stdout: list[str | re.Pattern[str]]
+    #: Files of programs/files/ copied into the program's working directory.
+    files: tuple[str, ...] = ()
+    #: Patterns that must each be found somewhere in stderr (logged messages).
+    stderr: tuple[re.Pattern[str], ...] = ()
+    #: Files the program must leave in its working directory: path -> content pattern.
+    outputs: dict[str, re.Pattern[str]] = field(default_factory=dict)
+
+
+def status_table(nodes: int) -> list[re.Pattern[str]]:
+    """dispy's print_status: heading, rule, one row per node, total line."""
+    size = r"\d+(\.\d)? [BKMGT]"
+    row = (
+        rf"\s*\S.*\|\s*\d+ \|\s*\d+ \|\s*\d+\.\d+ \|\s*\d+\.\d+ \|\s*{size} \|\s*{size}"
+    )
+    return [
+        R(
+            r"\s*Node \|\s*CPUs \|\s*Jobs \|\s*Sec/Job \|\s*Node Time Sec \|"
+            r"\s*Sent \|\s*Rcvd"
+        ),
+        R(r"-+"),
+        *[R(row)] * nodes,
+        R(
+            r"Total job time: \d+\.\d{3} sec, wall time: \d+\.\d{3} sec, "
+            r"speedup: [\d.]+"
+        ),
+    ]
+
+
+def _sha1(name: str) -> str:
+    return hashlib.sha1((FILES / name).read_bytes()).hexdigest()
+
+
+EXPECTED: dict[str, Expect] = {
+    "sample": Expect(
+        [
+            "cluster name: compute",
+            *[
+                R(
+                    rf"job {i + 1}: {NODE} computed {i * i} at 127\.0\.0\.1, "
+                    rf"status 11, stdout 'computing {i}\\n', stderr '', "
+                    r"exception None, times ok: True"
+                )
+                for i in range(8)
+            ],
+            "wait: True",
+            *status_table(2),
+        ]
+    ),
+    "bounded_submit": Expect(
+        [
+            "finished: 40, sum of results: 780",
+            "at most 6 pending: True",
+            "pending at the end: 0",
+        ]
+    ),
+    "node_setup": Expect(
+        [
+            *[
+                f"job {i}: node's file True, in memory: True, file deleted: True"
+                for i in range(1, 11)
+            ],
+            "files given to nodes: ['alpha.txt', 'beta.txt']",
+        ],
+        files=("alpha.txt", "beta.txt"),
+    ),
+    "node_status": Expect(
+        [
+            "ClusterStatus: jobs_pending 4",
+            "jobs_pending after wait: 0, nodes: 1",
+            "DispyNode local-0 at 127.0.0.1: cpus 2, avail_cpus 2, busy 0, jobs_done 4",
+            "cpu_time >= 1.0: True, tx > 0: True, rx > 0: True, "
+            "updated in the last minute: True",
+            "AvailInfo events: True",
+            "avail_info: cpu % True, memory True, disk True, swap % True",
+            "avail_info: cpu % True, memory True, disk True, swap % True",
+        ]
+    ),
+    "node_shvars": Expect(["jobs counted: 12", "each node's counter is 1..n: True"]),
+    "provisional_results": Expect(
+        [
+            "job(clear=True) returned: [0, 1, 2, 40]",
+            "final status: 11, result: 40",
+            "job_status saw: 7 0, 7 1, 7 2, 11 40",
+        ]
+    ),
+    "early_cancel": Expect(
+        [
+            R(rf"job 1 computed 0\.0476 on {NODE}/\d+"),
+            "job 1: status 9",  # running when cancelled, not catching the interrupt
+            *[R(rf"job {i}: status (8|9)") for i in range(2, 6)],
+            "stopped early: True",
+        ]
+    ),
+    "cluster_status": Expect(
+        [
+            # reference 3.8: "Verified order when a job is submitted before the node is
+            # ready: 5 (Created), 4 (Initialized), 6 (Running), then the final status".
+            # Deliberate difference: JobCluster() returns once a node is set up (so a
+            # failing setup raises there), so the node is ready before the first
+            # submit and Initialized comes first. Same events, first two swapped.
+            "status 4, node 127.0.0.1, cpus 2",
+            "status 5, node None, job 1, result None",
+            "status 6, node 127.0.0.1, job 1, result None",
+            "status 7, node 127.0.0.1, job 1, result 41",
+            "status 11, node 127.0.0.1, job 1, result 42",
+            "result: 42",
+        ]
+    ),
+    "program_shell": Expect(
+        [
+            "cluster name: count.sh",
+            *[
+                line
+                for i, code in enumerate([0, 3, 7])
+                for line in (
+                    f"job {i + 1}: status 11, result {code}",
+                    "  stdout and stderr are bytes: True",
+                    f"  out: args: item{i} {code}",
+                    R(rf"  out: node: {NODE}"),
+                    "  out: cwd: dispy_job_path",
+                    f"  err: b'note about item{i}\\n'",
+                )
+            ],
+            "echo: result 0, stdout b'hello 42\\n'",
+        ],
+        files=("count.sh",),
+    ),
+    "program_python": Expect(
+        [
+            "cluster name: wordfreq.py",
+            *[
+                line
+                for i, (word, count) in enumerate(
+                    [("the", 4), ("cat", 2), ("zebra", 0)]
+                )
+                for line in (
+                    f"job {i + 1}: status 11, result {count}",
+                    f"  out: {word}: {count}",
+                    R(rf"  out: node: {NODE}"),
+                    "  out: python: {}.{}".format(*sys.version_info[:2]),
+                )
+            ],
+            "job 4: status 11, result 1",
+            "  err: FileNotFoundError: [Errno 2] No such file or directory: "
+            "'missing.txt'",
+        ],
+        files=("wordfreq.py", "words.txt"),
+    ),
+    "job_depends": Expect(
+        [*[f"data{i:03d}: ok" for i in range(8)], "job files left on nodes: []"]
+    ),
+    "delegate": Expect(
+        [
+            # reference 3.10: dispy_node_name is in the globals of job functions too
+            "job 1: func1 with 5",
+            "job 2: func2 with 36",
+            "job 3: func1 with 7",
+            "job 4: func2 with 64",
+            "job 5 without depends: status 9, KeyError: True",
+            "job 6 without depends: status 9, KeyError: True",
+        ]
+    ),
+    "depends_kinds": Expect(
+        [
+            line
+            for i in range(4)
+            for line in (
+                f"{i}: {0.1 * i:.2f} / '{i}: {0.1 * i:.2f}\\n'",
+                f"  module {3 * i}, function {100 + i}, class {i * i + 1}, "
+                "module file on node: True",
+            )
+        ],
+        files=("helpers.py",),
+    ),
+    "submit_node": Expect(
+        [
+            "Allocate node for compute: 127.0.0.1 / local-0 / 2",
+            "Allocate node for compute: 127.0.0.1 / local-1 / 2",
+            "node local-0 (1 cpus): job ran there: True",
+            "node local-0 (1 cpus): job ran there: True",
+            "node local-1 (1 cpus): job ran there: True",
+            "node local-1 (1 cpus): job ran there: True",
+            "unknown node: None",
+            "job pinned ran on its node: True",
+        ]
+    ),
+    "cancel": Expect(
+        [
+            "running job: started",
+            "cancel queued job: 0",
+            "cancel running job: 0",
+            # reference 5.8: a job that catches KeyboardInterrupt and returns is
+            # Finished with its value
+            "running job: status 11, result interrupted",
+            "queued job: status 8, result None",
+            "cancel finished job: -1",
+            "raises job: started",
+            "cancel raises job: 0",
+            "raises job: status 9",
+            "ignores job: started",
+            "cancel ignores job: 0",
+            "ignores job: status 9",
+            "next job: started",
+            "next job: status 11, result 1",
+        ]
+    ),
+    "implicit_names": Expect(
+        [
+            line
+            for i in (1, 2)
+            for line in (
+                f"job {i}: modules missing: []",
+                R(
+                    rf"job {i}: node {NODE} at 127\.0\.0\.1, "
+                    r"cwd is dispy_job_path: True"
+                ),
+            )
+        ]
+    ),
+    "module_api": Expect(
+        [
+            "dispy.logger: True",
+            "dispy.JobCluster: True",
+            "dispy.DispyJob: True",
+            "dispy.DispyNode: True",
+            "dispy.NodeAllocate: True",
+            "dispy.DispyNodeAvailInfo: True",
+            "dispy.recover_jobs: True",
+            "DispyJob: Created=5, Running=6, ProvisionalResult=7, Cancelled=8, "
+            "Terminated=9, Abandoned=10, Finished=11",
+            "DispyNode: Initialized=4, Closed=16, AvailInfo=17",
+            "logger levels are increasing: True",
+            "job 1: 42",
+            "statuses in a list: [5, 11, 4]",
+        ],
+        stderr=(R(r"shown at level WARNING"),),
+    ),
+    "node_allocate": Expect(
+        [
+            "NodeAllocate cpus=-1 and cpus=1: nodes [('local-0', 1), ('local-1', 1)], "
+            "job ids 1-4",
+            "tuple and dict: nodes [('local-0', 1), ('local-1', 2)], job ids 5-8",
+            "host:port strings: nodes [('local-0', 2), ('local-1', 2)], job ids 9-12",
+            "DispyNode objects: nodes [('local-0', 2), ('local-1', 2)], job ids 13-16",
+            "NodeAllocate subclass: nodes [('local-0', 2)], job ids 17-20",
+            "jobs ran on: ['local-0']",
+            "allocate local-0: platform Linux",
+            "allocate local-1: platform Linux",
+        ]
+    ),
+    "setup_failure": Expect(
+        [
+            "setup raise: jobs ran on [('local-0', 'ok')]",
+            "setup raise: nodes in cluster: ['local-0']",
+            "setup return: jobs ran on [('local-0', 'ok')]",
+            "setup return: nodes in cluster: ['local-0']",
+            "slow setup: status 11, result ('local-1', 'slow')",
+        ],
+        # the client is told why the node failed, with the traceback
+        stderr=(R(r"ValueError: no data for this node"),),
+    ),
+    "send_file_from_node": Expect(
+        [
+            line
+            for i in range(3)
+            for line in (
+                f"job {i + 1}: dispy_send_file returned (0, 0)",
+                R(rf"  outdir/result{i}\.txt: result {i} from {NODE}"),
+                f"  outdir/abs{i}.txt: absolute {i}",
+            )
+        ],
+        outputs={
+            **{
+                f"outdir/result{i}.txt": R(rf"result {i} from {NODE}\n")
+                for i in range(3)
+            },
+            **{f"outdir/abs{i}.txt": R(rf"absolute {i}\n") for i in range(3)},
+        },
+    ),
+    "send_file_to_node": Expect(
+        [
+            "send params.txt to local-0: 0",
+            "send conf/settings.txt to local-0: 0",
+            "send params.txt to local-1: 0",
+            "send conf/settings.txt to local-1: 0",
+            "local-0 read params.txt: params for local-0",
+            "local-0 read conf/settings.txt: settings for local-0",
+            "local-1 read params.txt: params for local-1",
+            "local-1 read conf/settings.txt: settings for local-1",
+        ]
+    ),
+    "node_methods": Expect(
+        [
+            "node_jobs(local-0): [1, 2]",
+            "submitted: [1, 2]",
+            "node_jobs(local-1): []",
+            "set_node_cpus(local-0, 1): 1",
+            "local-0 cpus: 1",
+            "deallocate_node(local-0): 0",
+            "jobs ran on: ['local-1']",
+            "allocate_node(local-0): 0",
+            "pinned job after allocate_node ran on: local-0",
+            "close_node(local-1): 0",
+            "nodes: ['local-0']",
+            "jobs ran on: ['local-0']",
+        ]
+    ),
+    "resetup_node": Expect(
+        [
+            "before resetup: [('first.txt', 1, 'contents of first.txt')]",
+            "resetup_node: 0",
+            "initialized again: True",
+            "after resetup: [('second.txt', 2, 'contents of second.txt')]",
+        ]
+    ),
+    "callbacks": Expect(
+        [
+            "job-0: status 11, result 0",
+            "job-1: status 11, result 2",
+            "job-2: status 11, result 4",
+            "job-3: status 9, result None",
+            "  exception: ValueError: bad input 3",
+            "job-4: status 11, result 8",
+            "job_status saw: ['job-0 11', 'job-1 11', 'job-2 11', 'job-3 9', "
+            "'job-4 11']",
+            "callback threads: 1, main thread among them: False",
+        ],
+        # reference 3.8: exceptions in callbacks are caught and logged
+        stderr=(R(r"this callback failure is logged, not fatal"),),
+    ),
+    "fixed_bugs": Expect(
+        [
+            "unpicklable result: status 9, exception names the type: True",
+            R(
+                r"unpicklable argument: (error \w+, names the type: True"
+                r"|status (8|9), explained: True)"
+            ),
+            R(r"lambda: (works: 42|refused: \w+)"),
+            R(r"bound method: (works: 42|refused: \w+)"),
+            "exception in with block propagates: True",
+            "recover_jobs is callable: True",
+        ]
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def local() -> Iterator[LocalCluster]:
+    """Two local nodes (local-0, local-1) with 2 CPUs each, shared by the programs."""
+    with LocalCluster(nodes=2, cpus=2) as cluster:
+        yield cluster
+
+
+def run_program(name: str, local: LocalCluster, cwd: Path) -> tuple[int, str, str]:
+    """Run programs/<name>.py in ``cwd`` against ``local``: (exit code, out, err)."""
+    shutil.copy2(PROGRAMS / f"{name}.py", cwd)
+    for data in EXPECTED[name].files:
+        shutil.copy2(FILES / data, cwd / data)
+    env = {
+        k: v for k, v in os.environ.items() if k not in (SECRET_ENV, SECRET_FILE_ENV)
+    }
+    env[SECRET_ENV] = local.secret
+    env["DISPYNB_TEST_NODES"] = ",".join(local.node_specs())
+    env["PYTHONUNBUFFERED"] = "1"
+    try:
+        proc = subprocess.run(
+            [sys.executable, f"{name}.py"],
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=PROGRAM_TIMEOUT,
+        )
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(
+            f"{name}.py did not finish in {PROGRAM_TIMEOUT} s\n"
+            f"--- stdout ---\n{_text(exc.stdout)}\n--- stderr ---\n"
+            f"{_tail(_text(exc.stderr))}"
+        )
+    return proc.returncode, _text(proc.stdout), _text(proc.stderr)
+
+
+def _text(data: bytes | str | None) -> str:
+    if data is None:
+        return ""
+    return data if isinstance(data, str) else data.decode(errors="replace")
+
+
+def _tail(text: str, limit: int = 6000) -> str:
+    return text if len(text) <= limit else "...\n" + text[-limit:]
+
+
+def _matches(expected: str | re.Pattern[str], line: str) -> bool:
+    if isinstance(expected, str):
+        return line == expected
+    return expected.fullmatch(line) is not None
+
+
+def _show(expected: str | re.Pattern[str]) -> str:
+    return expected if isinstance(expected, str) else f"/{expected.pattern}/"
+
+
+def check_stdout(out: str, expected: list[str | re.Pattern[str]]) -> list[str]:
+    """Compare the non-blank lines of ``out`` with ``expected``; describe mismatches.
+
+    Reports the first mismatching lines (later ones are often consequences) and the
+    line counts; the caller shows the whole output.
+    """
+    lines = [line for line in out.splitlines() if line.strip()]
+    problems = []
+    for index in range(max(len(lines), len(expected))):
+        want = expected[index] if index < len(expected) else None
+        got = lines[index] if index < len(lines) else None
+        if want is None or got is None or not _matches(want, got):
+            problems.append(
+                f"line {index + 1}: expected {_show(want) if want else '(nothing)'}\n"
+                f"         got      {got if got is not None else '(nothing)'}"
+            )
+            if len(problems) == 3:
+                break
+    if len(lines) != len(expected):
+        problems.append(f"expected {len(expected)} lines, got {len(lines)}")
+    return problems
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_program(name: str, local: LocalCluster, tmp_path: Path) -> None:
+    expect = EXPECTED[name]
+    code, out, err = run_program(name, local, tmp_path)
+    problems = []
+    if code != 0:
+        problems.append(f"exit code {code}")
+    problems += check_stdout(out, expect.stdout)
+    problems += [
+        f"stderr has no match for /{pattern.pattern}/"
+        for pattern in expect.stderr
+        if not pattern.search(err)
+    ]
+    for path, pattern in expect.outputs.items():
+        target = tmp_path / path
+        if not target.is_file():
+            problems.append(f"{path} was not saved in the program's directory")
+        elif not pattern.fullmatch(target.read_text()):
+            problems.append(f"{path} holds {target.read_text()!r}")
+    if problems:
+        pytest.fail(
+            f"{name}.py:\n"
+            + "\n".join(problems)
+            + f"\n--- stdout ---\n{out}--- stderr ---\n{_tail(err)}"
+        )
+
+
+def test_every_program_has_expectations() -> None:
+    programs = sorted(path.stem for path in PROGRAMS.glob("*.py"))
+    assert programs == sorted(EXPECTED)
+
+
+def test_data_files_exist() -> None:
+    for name, expect in EXPECTED.items():
+        for data in expect.files:
+            assert (FILES / data).is_file(), f"{name} needs files/{data}"
+    assert _sha1("alpha.txt") != _sha1("beta.txt")  # node_setup tells them apart
