@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from dispynb._version import __version__
 
 if TYPE_CHECKING:
-    from dispynb.cluster import JobCluster
+    from dispynb.cluster import JobCluster, SharedJobCluster
     from dispynb.job import DispyJob
     from dispynb.jupyter.run import Run
     from dispynb.local import LocalCluster
@@ -27,6 +27,7 @@ _LAZY: dict[str, str] = {
     "JobCluster": "dispynb.cluster",
     "LocalCluster": "dispynb.local",
     "NodeAllocate": "dispynb.node",
+    "SharedJobCluster": "dispynb.cluster",
     "Run": "dispynb.jupyter.run",
     "logger": "dispynb.log",
     "recover_jobs": "dispynb.recovery",
@@ -40,6 +41,7 @@ __all__ = [
     "LocalCluster",
     "NodeAllocate",
     "Run",
+    "SharedJobCluster",
     "__version__",
     "load_ipython_extension",
     "logger",

@@ -140,3 +140,25 @@ def test_several_client_processes_on_one_machine_at_once(local, tmp_path):
         out, err = client.communicate(timeout=60)
         assert client.returncode == 0, err
         assert out.strip() == str(sum(i * i for i in range(50)))
+
+
+def test_shared_job_cluster_runs_on_shared_nodes_beside_another_cluster(local):
+    from dispynb import SharedJobCluster
+
+    with (
+        SharedJobCluster(abs, nodes=local, client_port=0) as shared,
+        JobCluster(lambda x: x + 1, nodes=local) as other,
+    ):
+        a = [shared.submit(-i) for i in range(20)]
+        b = [other.submit(i) for i in range(20)]
+        assert shared.wait(timeout=WAIT) and other.wait(timeout=WAIT)
+    assert [job.result for job in a] == list(range(20))
+    assert [job.result for job in b] == list(range(1, 21))
+
+
+def test_shared_job_cluster_with_scheduler_host_says_to_give_nodes(local):
+    from dispynb import SharedJobCluster
+    from dispynb.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="nodes="):
+        SharedJobCluster(abs, scheduler_host="127.0.0.1")
