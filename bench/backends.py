@@ -1,41 +1,48 @@
-"""Benchmark backends: one adapter per system under test, behind a small protocol.
+"""Benchmark backends: the protocol, the registry and the two in-process backends.
 
 Contents
 --------
 Backend
     The protocol every backend implements (``start``, ``submit_and_wait``,
-    ``round_trip``, ``close``).
+    ``round_trip``, ``close``, ``describe``).
 BenchmarkError
     A backend returned a wrong result or a job failed.
+BackendSpec, BACKENDS
+    Registry: backend name -> label, the environment whose interpreter runs it and the
+    class implementing it (``"module:Class"``, imported only by the driver).
 DispynbBackend
     One `dispynb.LocalCluster` node with W CPUs and a `dispynb.JobCluster`.
 ProcessPoolBackend
     `concurrent.futures.ProcessPoolExecutor` with W workers.
-BACKENDS
-    Registry: backend name -> constructor taking the number of workers.
 
-Adding a peer (dispy, ipyparallel, Dask, Ray) means writing one class with the four
-methods of `Backend` (plus ``describe``) and registering it in `BACKENDS`; the workloads
-and the report need no change.
+Every backend runs in its own driver process (``driver.py``): dispynb and
+ProcessPoolExecutor with the project's interpreter, the peers (``peers/*.py``) with
+the interpreter of their private environment (``venvs.py``). This module is imported
+by both sides, so it must only import the standard library at module level.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import multiprocessing
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 __all__ = [
     "BACKENDS",
+    "PEERS",
     "Backend",
+    "BackendSpec",
     "BenchmarkError",
     "DispynbBackend",
     "ProcessPoolBackend",
+    "load_backend",
 ]
 
-#: A task function as shipped to the workers (``inc``, ``size`` in ``run.py``).
+#: A task function as shipped to the workers (``inc``, ``size`` in ``driver.py``).
 Task = Callable[..., Any]
 
 
@@ -46,37 +53,92 @@ class BenchmarkError(RuntimeError):
 class Backend(Protocol):
     """A system under test, seen by the workloads.
 
-    A backend is created with the number of worker processes W, started once outside
-    any timed region, then used by every selected workload, then closed.
-
-    Attributes
-    ----------
-    name:
-        Short key used on the command line and in the JSON (``"dispynb"``, ``"ppe"``).
-    label:
-        Column header in the printed table.
+    A backend is created with the number of worker processes W, started once (timed
+    only by the start-up workload), used by every selected workload, then closed.
     """
 
     name: str
-    label: str
 
     def start(self) -> None:
-        """Create the workers; may take seconds and is never timed."""
+        """Create the client, the nodes or workers; blocks until they can take jobs."""
 
     def submit_and_wait(
         self, fn: Task, arglists: Sequence[tuple[Any, ...]]
     ) -> list[Any]:
-        """Submit ``fn(*args)`` for every tuple, as fast as possible; return the results
-        in submission order once all are back."""
+        """Submit ``fn(*args)`` for every tuple, each as its own job, as fast as
+        possible; return the results in submission order once all are back."""
 
     def round_trip(self, fn: Task, arg: Any) -> Any:
         """Submit one ``fn(arg)``, wait for it and return its result."""
 
     def close(self) -> None:
-        """Stop the workers; idempotent."""
+        """Stop everything `start` started; idempotent."""
 
     def describe(self) -> dict[str, Any]:
-        """Configuration details recorded in the JSON results."""
+        """Version and configuration details recorded in the JSON results."""
+
+
+@dataclass(frozen=True, slots=True)
+class BackendSpec:
+    """How to run one backend.
+
+    Attributes
+    ----------
+    name:
+        Key on the command line and in the JSON.
+    label:
+        Column header in the tables.
+    venv:
+        Name of its private environment (`venvs.REQUIREMENTS`), or ``None`` for the
+        project's interpreter.
+    factory:
+        ``"module:Class"`` of the implementation, relative to ``bench/``.
+    peer:
+        Whether it counts as a distributed peer for issue 7's "best peer" targets
+        (ProcessPoolExecutor and loky are the single-machine floor instead).
+    """
+
+    name: str
+    label: str
+    venv: str | None
+    factory: str
+    peer: bool
+
+
+#: Registry in column order: dispynb, the distributed peers, the single-machine floor.
+BACKENDS: dict[str, BackendSpec] = {
+    spec.name: spec
+    for spec in (
+        BackendSpec("dispynb", "dispynb", None, "backends:DispynbBackend", False),
+        BackendSpec(
+            "dispy", "dispy", "dispy", "peers.dispy_backend:DispyBackend", True
+        ),
+        BackendSpec(
+            "ipyparallel",
+            "ipyparallel",
+            "ipyparallel",
+            "peers.ipp_backend:IpyparallelBackend",
+            True,
+        ),
+        BackendSpec("dask", "Dask", "dask", "peers.dask_backend:DaskBackend", True),
+        BackendSpec("ray", "Ray", "ray", "peers.ray_backend:RayBackend", True),
+        BackendSpec("loky", "loky", "loky", "peers.loky_backend:LokyBackend", False),
+        BackendSpec(
+            "ppe", "ProcessPoolExecutor", None, "backends:ProcessPoolBackend", False
+        ),
+    )
+}
+
+#: The distributed peers dispynb is compared with for issue 7's targets.
+PEERS: tuple[str, ...] = tuple(name for name, spec in BACKENDS.items() if spec.peer)
+
+
+def load_backend(name: str, workers: int) -> Backend:
+    """Import and instantiate backend ``name`` (in the driver process)."""
+    module_name, _, class_name = BACKENDS[name].factory.partition(":")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    backend: Backend = cls(workers)
+    return backend
 
 
 class ProcessPoolBackend:
@@ -88,7 +150,6 @@ class ProcessPoolBackend:
     """
 
     name = "ppe"
-    label = "ProcessPoolExecutor"
 
     def __init__(self, workers: int) -> None:
         self.workers: int = workers
@@ -115,10 +176,11 @@ class ProcessPoolBackend:
             self._pool = None
 
     def describe(self) -> dict[str, Any]:
+        import platform
+
         return {
-            "class": "concurrent.futures.ProcessPoolExecutor",
-            "max_workers": self.workers,
-            "start_method": self.start_method,
+            "version": f"Python {platform.python_version()}",
+            "config": f"max_workers={self.workers}, start method {self.start_method!r}",
         }
 
     def _require_pool(self) -> ProcessPoolExecutor:
@@ -137,7 +199,6 @@ class DispynbBackend:
     """
 
     name = "dispynb"
-    label = "dispynb"
 
     def __init__(self, workers: int) -> None:
         self.workers: int = workers
@@ -146,9 +207,9 @@ class DispynbBackend:
         self._local: Any = None
         self._cluster: Any = None
         self._fn: Task | None = None
+        import dispynb  # noqa: F401 - imported before the start-up clock starts
 
     def start(self) -> None:
-        # Imported here so that the other backends run even while dispynb is broken.
         from dispynb import LocalCluster
 
         self._local = self._stack.enter_context(
@@ -175,10 +236,9 @@ class DispynbBackend:
         import dispynb
 
         return {
-            "class": "dispynb.JobCluster on dispynb.LocalCluster",
-            "nodes": 1,
-            "cpus": self.workers,
             "version": dispynb.__version__,
+            "config": f"1 LocalCluster node with {self.workers} CPUs on 127.0.0.1,"
+            " one JobCluster per function",
         }
 
     def _cluster_for(self, fn: Task) -> Any:
@@ -190,6 +250,7 @@ class DispynbBackend:
         from dispynb import JobCluster
 
         self._cluster_stack.close()
+        self._cluster = self._fn = None
         self._cluster = self._cluster_stack.enter_context(
             JobCluster(fn, nodes=self._local)
         )
@@ -209,10 +270,3 @@ class DispynbBackend:
                 f" Finished:\n{job.exception or '(no traceback)'}"
             )
         return result
-
-
-#: Backend name -> constructor taking the number of workers. Order is the column order.
-BACKENDS: dict[str, Callable[[int], Backend]] = {
-    DispynbBackend.name: DispynbBackend,
-    ProcessPoolBackend.name: ProcessPoolBackend,
-}

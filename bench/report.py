@@ -1,15 +1,23 @@
-"""The benchmark report: the JSON document, the printed table and machine info.
+"""The benchmark results document: JSON layout, statistics, issue 7's targets, table.
 
 Contents
 --------
+METRICS
+    Every reported number: key, label, unit, direction.
 machine_info
-    nproc, Python, platform, memory and commit of the machine running the benchmark.
+    CPUs, Python, platform, memory and commit of the machine running the benchmark.
 build_report
-    Turn the raw repetitions into the JSON document (the single source of the table).
+    Turn the drivers' raw results into the JSON document (the single source of the
+    tables and plots).
+evaluate_targets
+    Issue 7's targets for dispynb, checked against the same run's peers.
 format_table
-    Render the JSON document as the side-by-side text table.
+    Render the document as a plain-text table.
 write_report
-    Write the JSON document to ``<directory>/<UTC timestamp>.json``.
+    Write the document to ``<directory>/<UTC timestamp>.json``.
+
+Pure Python (no psutil or matplotlib needed at import time), so ``plot.py`` can use it
+from the plotting environment and the unit tests from the project's.
 """
 
 from __future__ import annotations
@@ -22,32 +30,61 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from workloads import Metric
+from backends import BACKENDS, PEERS
 
-__all__ = ["build_report", "format_table", "machine_info", "write_report"]
+__all__ = [
+    "METRICS",
+    "Metric",
+    "build_report",
+    "evaluate_targets",
+    "format_table",
+    "machine_info",
+    "number",
+    "write_report",
+]
 
-#: The backend checked against the targets, and the one it is compared with.
-SUBJECT, BASELINE = "dispynb", "ppe"
+SUBJECT = "dispynb"
+SCHEMA_VERSION = 2
+MIB = 1024 * 1024
 
-#: Bumped when the JSON layout changes incompatibly.
-SCHEMA_VERSION = 1
+
+@dataclass(frozen=True, slots=True)
+class Metric:
+    """One reported number: JSON key, table label, unit, direction."""
+
+    key: str
+    label: str
+    unit: str
+    higher_is_better: bool
+
+
+METRICS: tuple[Metric, ...] = (
+    Metric("throughput", "W1 throughput (trivial jobs)", "jobs/s", True),
+    Metric("latency_median", "W2 round trip, median", "ms", False),
+    Metric("latency_p95", "W2 round trip, p95", "ms", False),
+    Metric("cpu_efficiency", "W3 efficiency (CPU-bound jobs)", "ratio", True),
+    Metric("bandwidth", "W4 bandwidth (10 MB arguments)", "MB/s", True),
+    Metric("start_first_result", "W5 start to first result", "s", False),
+    Metric("start_close", "W5 close", "s", False),
+    Metric("mem_nodes_rest", "nodes/workers at rest (RSS sum)", "MiB", False),
+    Metric("mem_nodes_peak", "nodes/workers peak (sum of peaks)", "MiB", False),
+    Metric("mem_client_rest", "client at rest (RSS)", "MiB", False),
+    Metric("mem_client_peak", "client peak (incl. W4 payloads)", "MiB", False),
+)
 
 
 def machine_info() -> dict[str, Any]:
     """Describe the machine and the interpreter running the benchmark."""
     info: dict[str, Any] = {
         "nproc": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0))
-        if hasattr(os, "sched_getaffinity")
-        else os.cpu_count(),
         "python": sys.version.split()[0],
-        "implementation": platform.python_implementation(),
         "platform": platform.platform(),
         "machine": platform.machine(),
-        "processor": platform.processor() or None,
+        "cpu_model": _cpu_model(),
         "memory_bytes": None,
         "commit": _git_commit(),
     }
@@ -60,11 +97,21 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def _git_commit() -> str | None:
-    """The checked-out commit of this repository, if git is available."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
+            ["git", "rev-parse", "--short", "HEAD"],
             cwd=Path(__file__).parent,
             capture_output=True,
             text=True,
@@ -76,155 +123,295 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def _stats(values: Sequence[float]) -> dict[str, Any]:
+    return {
+        "runs": list(values),
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+    }
+
+
+def _raw_values(result: Mapping[str, Any]) -> dict[str, list[float]]:
+    """Metric key -> values of one backend's driver result."""
+    values: dict[str, list[float]] = {k: list(v) for k, v in result["runs"].items()}
+    startups = [s for s in result.get("startup", []) if "error" not in s]
+    if startups:
+        values["start_first_result"] = [s["first_result"] for s in startups]
+        values["start_close"] = [s["close"] for s in startups]
+    for phase in ("rest", "peak"):
+        snap = result.get(f"memory_{phase}")
+        if snap:
+            nodes_key = "nodes_rss" if phase == "rest" else "nodes_hwm"
+            client_key = "rss" if phase == "rest" else "hwm"
+            values[f"mem_nodes_{phase}"] = [snap[nodes_key] / MIB]
+            values[f"mem_client_{phase}"] = [snap["client"][client_key] / MIB]
+    return values
+
+
 def build_report(
     *,
-    metrics: Sequence[Metric],
-    runs: Mapping[str, Mapping[str, list[float]]],
-    backends: Mapping[str, Mapping[str, Any]],
+    results: Mapping[str, Mapping[str, Any]],
     config: Mapping[str, Any],
+    scale: Mapping[str, Any] | None = None,
+    machine: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Assemble the JSON document.
+    """Assemble the JSON document from the drivers' results.
 
     Parameters
     ----------
-    metrics:
-        The metrics measured, in display order.
-    runs:
-        ``runs[metric.key][backend_name]``: the value of each repetition.
-    backends:
-        ``backends[name]``: the backend's label and ``describe()`` details.
+    results:
+        ``results[backend]``: what ``run.run_backend`` returned (``runs``,
+        ``describe``, ``memory_rest``/``memory_peak``, ``closure``, ``startup``, or
+        ``error``).
     config:
-        Workers, repetitions, sizes.
-
-    Returns
-    -------
-    dict
-        JSON-serializable; ``metrics[key]["results"][backend]`` has ``runs``,
-        ``median`` and ``best``; ``ratio`` is dispynb's median over PPE's and
-        ``status`` is ``"PASS"``/``"MISS"`` for dispynb's median against the target.
+        Workers, repetitions, the command line, wall time.
+    scale:
+        ``scale.run_scale``'s result, if measured.
+    machine:
+        Overrides `machine_info` (for tests).
     """
     document: dict[str, Any] = {
         "schema": SCHEMA_VERSION,
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": machine_info(),
+        "machine": dict(machine) if machine is not None else machine_info(),
         "config": dict(config),
-        "backends": {name: dict(details) for name, details in backends.items()},
+        "backends": {},
         "metrics": {},
+        "closure": {},
+        "memory": {},
+        "scale": dict(scale) if scale else None,
     }
-    for metric in metrics:
-        results = {
-            name: {
-                "runs": values,
-                "median": statistics.median(values),
-                "best": metric.best(values),
+    per_backend: dict[str, dict[str, list[float]]] = {}
+    for name in [n for n in BACKENDS if n in results]:
+        result = results[name]
+        details: dict[str, Any] = {"label": BACKENDS[name].label, "peer": name in PEERS}
+        details.update(result.get("describe", {}))
+        failures = [s["error"] for s in result.get("startup", []) if "error" in s]
+        if "error" in result or failures:
+            details["error"] = result.get("error") or failures[0]
+        if result.get("leftover_processes"):
+            details["leftover_processes"] = result["leftover_processes"]
+        document["backends"][name] = details
+        if "runs" in result:
+            per_backend[name] = _raw_values(result)
+        if "closure" in result:
+            document["closure"][name] = result["closure"]
+        if "memory_rest" in result:
+            document["memory"][name] = {
+                "rest": result["memory_rest"],
+                "peak": result.get("memory_peak"),
             }
-            for name, values in runs[metric.key].items()
+    for metric in METRICS:
+        found = {
+            name: _stats(values[metric.key])
+            for name, values in per_backend.items()
+            if values.get(metric.key)
         }
-        subject = results.get(SUBJECT)
-        baseline = results.get(BASELINE)
-        document["metrics"][metric.key] = {
-            "label": metric.label,
-            "unit": metric.unit,
-            "higher_is_better": metric.higher_is_better,
-            "target": metric.target,
-            "results": results,
-            "ratio": subject["median"] / baseline["median"]
-            if subject and baseline and baseline["median"]
-            else None,
-            "status": _status(metric, subject["median"]) if subject else None,
-        }
+        if found:
+            document["metrics"][metric.key] = {
+                "label": metric.label,
+                "unit": metric.unit,
+                "higher_is_better": metric.higher_is_better,
+                "results": found,
+            }
+    document["targets"] = evaluate_targets(document)
     return document
 
 
-def _status(metric: Metric, value: float) -> str | None:
-    if metric.target is None:
-        return None
-    return "PASS" if metric.meets(value) else "MISS"
+def _median(document: Mapping[str, Any], key: str, name: str) -> float | None:
+    entry = document["metrics"].get(key, {}).get("results", {}).get(name)
+    return None if entry is None else float(entry["median"])
+
+
+def _best_peer(
+    document: Mapping[str, Any], key: str, higher: bool
+) -> tuple[str | None, float | None]:
+    found = [
+        (value, name)
+        for name in PEERS
+        if (value := _median(document, key, name)) is not None
+    ]
+    if not found:
+        return None, None
+    value, name = max(found) if higher else min(found)
+    return name, value
+
+
+def evaluate_targets(document: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Issue 7's targets for dispynb's medians, each with the reference it uses.
+
+    Every entry has ``target`` (text), ``value`` and ``limit`` (numbers or ``None``),
+    ``unit``, ``reference`` (what the limit comes from), ``status`` (``PASS``,
+    ``MISS`` or ``n/a`` when a number is missing) and ``ratio`` = value / limit.
+    """
+    targets: list[dict[str, Any]] = []
+
+    def add(
+        text: str,
+        key: str,
+        unit: str,
+        limit: float | None,
+        ref: str,
+        higher: bool,
+        strict: bool = False,
+    ) -> None:
+        value = _median(document, key, SUBJECT)
+        status = "n/a"
+        if value is not None and limit is not None:
+            if higher:
+                ok = value > limit if strict else value >= limit
+            else:
+                ok = value < limit if strict else value <= limit
+            status = "PASS" if ok else "MISS"
+        targets.append(
+            {
+                "target": text,
+                "metric": key,
+                "unit": unit,
+                "value": value,
+                "limit": limit,
+                "reference": ref,
+                "status": status,
+                "ratio": value / limit if value is not None and limit else None,
+            }
+        )
+
+    peer, best = _best_peer(document, "throughput", higher=True)
+    add(
+        "W1 >= 3x the best peer",
+        "throughput",
+        "jobs/s",
+        3 * best if best else None,
+        f"3 x {peer} ({best:,.0f})" if best else "-",
+        higher=True,
+    )
+    ppe = _median(document, "throughput", "ppe")
+    add(
+        "W1 >= half of ProcessPoolExecutor",
+        "throughput",
+        "jobs/s",
+        ppe / 2 if ppe else None,
+        f"ppe / 2 ({ppe:,.0f} / 2)" if ppe else "-",
+        higher=True,
+    )
+    peer, best = _best_peer(document, "latency_median", higher=False)
+    add(
+        "W2 median <= a third of the best peer's",
+        "latency_median",
+        "ms",
+        best / 3 if best else None,
+        f"{peer} / 3 ({best:.3f} / 3)" if best else "-",
+        higher=False,
+    )
+    add("W3 efficiency >= 0.95", "cpu_efficiency", "ratio", 0.95, "fixed", higher=True)
+    peer, best = _best_peer(document, "bandwidth", higher=True)
+    add(
+        "W4 >= the best peer",
+        "bandwidth",
+        "MB/s",
+        best,
+        f"{peer} ({best:,.0f})" if best else "-",
+        higher=True,
+    )
+    add(
+        "W5 start to first result < 0.5 s",
+        "start_first_result",
+        "s",
+        0.5,
+        "fixed",
+        higher=False,
+        strict=True,
+    )
+    add("W5 close < 0.5 s", "start_close", "s", 0.5, "fixed", higher=False, strict=True)
+    dispy = _median(document, "mem_nodes_rest", "dispy")
+    add(
+        "node memory at rest <= dispy's",
+        "mem_nodes_rest",
+        "MiB",
+        dispy,
+        f"dispy ({dispy:.1f})" if dispy else "-",
+        higher=False,
+    )
+    return targets
+
+
+def number(value: float | None, unit: str) -> str:
+    """A value formatted for its unit."""
+    if value is None:
+        return "-"
+    if unit in {"ms", "s"}:
+        return f"{value:.3f}" if value < 10 else f"{value:.1f}"
+    if unit == "ratio":
+        return f"{value:.3f}"
+    if unit == "MiB":
+        return f"{value:.1f}"
+    return f"{value:,.0f}"
+
+
+def cell(result: Mapping[str, Any] | None, unit: str) -> str:
+    """``median [min-max]`` of one backend (just the value if measured once)."""
+    if result is None:
+        return "-"
+    if len(result["runs"]) == 1:
+        return number(result["median"], unit)
+    low, high = number(result["min"], unit), number(result["max"], unit)
+    return f"{number(result['median'], unit)} [{low}-{high}]"
+
+
+def table_rows(document: Mapping[str, Any]) -> list[list[str]]:
+    """Header plus one row per metric (and W6), cells as ``median [min-max]``."""
+    names = list(document["backends"])
+    rows = [["metric", "unit", *(document["backends"][n]["label"] for n in names)]]
+    for entry in document["metrics"].values():
+        unit = entry["unit"]
+        rows.append(
+            [
+                entry["label"],
+                unit,
+                *(cell(entry["results"].get(n), unit) for n in names),
+            ]
+        )
+    if document["closure"]:
+        closure = document["closure"]
+        rows.append(
+            [
+                "W6 __main__ closure + helper",
+                "runs?",
+                *(
+                    "-" if n not in closure else "yes" if closure[n]["ok"] else "no"
+                    for n in names
+                ),
+            ]
+        )
+    return rows
 
 
 def format_table(document: Mapping[str, Any]) -> str:
-    """Render the JSON document as a text table with notes below it."""
-    backends: Mapping[str, Mapping[str, Any]] = document["backends"]
-    names = list(backends)
-    header = [
-        "workload",
-        "unit",
-        *(backends[name]["label"] for name in names),
-        f"{SUBJECT}/PPE",
-        "target",
-        "vs target",
-    ]
-    rows = [header]
-    for entry in document["metrics"].values():
-        unit = entry["unit"]
-        cells = [entry["label"], unit]
-        for name in names:
-            cells.append(_cell(entry["results"].get(name), unit))
-        direction = "higher" if entry["higher_is_better"] else "lower"
-        ratio = entry["ratio"]
-        cells.append(
-            f"{ratio:.2f}x ({direction} is better)" if ratio is not None else "-"
-        )
-        target = entry["target"]
-        sign = ">=" if entry["higher_is_better"] else "<="
-        cells.append(f"{sign} {_number(target, unit)}" if target is not None else "-")
-        cells.append(entry["status"] or "-")
-        rows.append(cells)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    """Render the document as a text table, the targets and the failures."""
+    rows = table_rows(document)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.append("")
-    lines.extend(_notes(document))
-    return "\n".join(line.rstrip() for line in lines)
-
-
-def _notes(document: Mapping[str, Any]) -> list[str]:
-    """Explain the cells: what is compared with what, on which machine."""
-    config = document["config"]
-    machine = document["machine"]
-    repeat = config["repeat"]
-    notes = [
-        f"Cells: median of {repeat} repetition{'s' if repeat > 1 else ''} (best in"
-        " brackets); one untimed warm-up round first.",
-        f"{SUBJECT}/PPE: ratio of the medians. Target: issue 2, checked against"
-        f" {SUBJECT}'s median.",
-    ]
-    for name, details in document["backends"].items():
-        notes.append(f"{details['label']}: {_describe(name, details)}")
-    notes.append(
-        f"Machine: {machine['nproc']} CPUs, Python {machine['python']},"
-        f" {machine['platform']}"
+    for target in document["targets"]:
+        value = number(target["value"], target["unit"])
+        limit = number(target["limit"], target["unit"])
+        lines.append(
+            f"{target['status']:4}  {target['target']}: {SUBJECT} {value}"
+            f" vs {limit} {target['unit']} ({target['reference']})"
+        )
+    for details in document["backends"].values():
+        if "error" in details:
+            last = details["error"].strip().splitlines()[-1]
+            lines.append(f"{details['label']} FAILED: {last}")
+    repeat = document["config"].get("repeat")
+    lines.append(
+        f"Cells: median [min-max] of {repeat} repetition(s); memory measured once."
     )
-    return notes
-
-
-def _describe(name: str, details: Mapping[str, Any]) -> str:
-    if name == "ppe":
-        return (
-            f"max_workers={details['max_workers']},"
-            f" start method {details['start_method']!r}"
-        )
-    if name == "dispynb":
-        return (
-            f"{details['nodes']} LocalCluster node with {details['cpus']} CPUs,"
-            f" version {details['version']}"
-        )
-    return ", ".join(f"{k}={v}" for k, v in details.items() if k != "label")
-
-
-def _cell(result: Mapping[str, Any] | None, unit: str) -> str:
-    """``median (best X)`` of one backend, or ``-`` if it did not run."""
-    if result is None:
-        return "-"
-    return f"{_number(result['median'], unit)} (best {_number(result['best'], unit)})"
-
-
-def _number(value: float, unit: str) -> str:
-    if unit == "ms":
-        return f"{value:.3f}"
-    return f"{value:,.0f}"
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def write_report(document: Mapping[str, Any], directory: Path) -> Path:

@@ -1,88 +1,109 @@
-"""Side-by-side benchmark of dispynb and its peers: throughput, latency, bandwidth.
+"""Side-by-side benchmark of dispynb and its peers (issue 7): one command, one JSON.
 
-Run with ``./dev bench [options]``, which runs this script inside a private network
-namespace where only ``lo`` is up (the network rule: loopback traffic only). See
-``bench/README.md`` for what is measured and how to read the table.
+``.venv/bin/python bench/run.py`` installs the peers' private environments if needed
+(``venvs.py``, needs the package index), then re-runs itself inside a private network
+namespace (``unshare -n`` with only ``lo`` up: the network rule) where it measures every
+selected backend one after another, each in its own driver process (``driver.py``), and
+writes ``bench/results/<UTC timestamp>.json``. ``--scale`` adds dispynb's scale curve
+(``scale.py``); ``--report`` renders ``docs/benchmarks.md`` and the PNG plots from the
+JSON (``plot.py``, run with the ``plot`` environment's matplotlib).
 
-The task functions are defined here, in ``__main__``, on purpose: that is where a user's
-script defines them, cloudpickle ships ``__main__`` functions by value (the node cannot
-import ``bench/``), and a forked pool worker finds them in its copy of ``__main__``.
+``./dev bench`` starts this script already inside a namespace: there the environments
+must exist (``run.py --prepare`` creates them).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import json
+import shlex
+import socket
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from backends import BACKENDS, Backend, BenchmarkError
+import psutil
+from backends import BACKENDS
 from report import build_report, format_table, write_report
-from workloads import FULL, QUICK, Bandwidth, Latency, Throughput, Workload
+from venvs import VenvError, ensure_venv
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-WORKLOAD_NAMES = ("throughput", "latency", "bandwidth")
-# ProcessPoolExecutor runs first so that it forks from a process without the threads
-# and subprocesses dispynb starts; results are printed in BACKENDS order regardless.
-RUN_ORDER = ("ppe", "dispynb")
-
-
-def inc(x: int) -> int:
-    """The trivial job of the throughput and latency workloads."""
-    return x + 1
-
-
-def size(data: bytes) -> int:
-    """The bandwidth job: the payload travels, only its length comes back."""
-    return len(data)
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+RESULTS_DIR = BENCH / "results"
+DOCS = ROOT / "docs"
+WORKLOAD_NAMES = ("throughput", "latency", "cpu", "bandwidth", "startup", "closure")
+#: Seconds one driver process may take before it is killed (main, startup).
+TIMEOUTS = {"main": 1800.0, "startup": 180.0}
+PR_SET_CHILD_SUBREAPER = 36
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse the command line."""
     parser = argparse.ArgumentParser(
         prog="bench/run.py",
-        description="Benchmark dispynb against ProcessPoolExecutor on one machine.",
+        description="Benchmark dispynb against dispy, ipyparallel, Dask, Ray, loky"
+        " and ProcessPoolExecutor on this machine (loopback only).",
     )
     parser.add_argument(
         "--workers",
         type=_positive_int,
         default=2,
         metavar="W",
-        help="CPUs of the dispynb node and max_workers of the pool (default: 2)",
+        help="workers (CPUs) of every framework (default: 2)",
     )
     parser.add_argument(
         "--repeat",
         type=_positive_int,
         default=None,
         metavar="R",
-        help="timed repetitions of each workload (default: 3, or 1 with --quick)",
+        help="timed repetitions (default: 3, or 1 with --quick)",
     )
     parser.add_argument(
         "--only",
         choices=WORKLOAD_NAMES,
         action="append",
-        help="run only this workload (may be given several times)",
+        help="run only this workload (may be repeated)",
     )
     parser.add_argument(
         "--backends",
         type=_backend_list,
         default=list(BACKENDS),
         metavar="NAMES",
-        help=f"comma-separated backends to run (default: {','.join(BACKENDS)})",
+        help="comma-separated backends, or 'all'"
+        f" (default: all = {','.join(BACKENDS)})",
     )
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="small counts and sizes, for a smoke test (numbers not meaningful)",
+        help="small counts and sizes: a smoke test, not a measurement",
+    )
+    parser.add_argument(
+        "--scale",
+        action="store_true",
+        help="also measure dispynb's scale curve (scale.py)",
+    )
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="write docs/benchmarks.md and docs/*.png from the results",
+    )
+    parser.add_argument(
+        "--prepare",
+        action="store_true",
+        help="only create the environments the selection needs",
     )
     parser.add_argument(
         "--results-dir",
         type=Path,
         default=RESULTS_DIR,
         metavar="DIR",
-        help="where to write the JSON results (default: bench/results/)",
+        help="where to write the JSON (default: bench/results/)",
     )
     args = parser.parse_args(argv)
     if args.repeat is None:
@@ -98,100 +119,200 @@ def _positive_int(text: str) -> int:
 
 
 def _backend_list(text: str) -> list[str]:
+    if text.strip() == "all":
+        return list(BACKENDS)
     names = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in names if name not in BACKENDS]
     if unknown or not names:
         raise argparse.ArgumentTypeError(
             f"unknown backend(s) {', '.join(unknown) or '(none given)'};"
-            f" choose from {', '.join(BACKENDS)}"
+            f" choose from {', '.join(BACKENDS)} or 'all'"
         )
-    return names
-
-
-def make_workloads(args: argparse.Namespace) -> list[Workload]:
-    """The selected workloads, sized for a normal or a ``--quick`` run."""
-    sizes = QUICK if args.quick else FULL
-    workloads: dict[str, Workload] = {
-        "throughput": Throughput(fn=inc, jobs=sizes.throughput_jobs),
-        "latency": Latency(fn=inc, trips=sizes.latency_trips),
-        "bandwidth": Bandwidth(
-            fn=size, jobs=sizes.bandwidth_jobs, size=sizes.bandwidth_bytes
-        ),
-    }
-    selected = args.only or WORKLOAD_NAMES
-    return [workloads[name] for name in WORKLOAD_NAMES if name in selected]
-
-
-def run_backend(
-    backend: Backend, workloads: Sequence[Workload], repeat: int
-) -> dict[str, list[float]]:
-    """Start ``backend``, warm up and measure every workload, close it.
-
-    Returns
-    -------
-    dict
-        Metric key -> the value of each repetition.
-    """
-    runs: dict[str, list[float]] = {}
-    _progress(f"[{backend.name}] starting")
-    backend.start()
-    try:
-        for workload in workloads:
-            workload.warm_up(backend)
-            for rep in range(1, repeat + 1):
-                values = workload.measure(backend)
-                for key, value in values.items():
-                    runs.setdefault(key, []).append(value)
-                shown = ", ".join(f"{k} {v:,.3f}" for k, v in values.items())
-                _progress(f"[{backend.name}] {workload.name} {rep}/{repeat}: {shown}")
-    finally:
-        backend.close()
-    return runs
+    return [name for name in BACKENDS if name in names]
 
 
 def _progress(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def needed_venvs(args: argparse.Namespace) -> list[str]:
+    """The private environments this selection needs."""
+    names = [v for name in args.backends if (v := BACKENDS[name].venv)]
+    return names + (["plot"] if args.report else [])
+
+
+def is_isolated() -> bool:
+    """Whether this process is in a network namespace with only loopback."""
+    return [name for _, name in socket.if_nameindex()] == ["lo"]
+
+
+def needs_isolation(args: argparse.Namespace) -> bool:
+    """ProcessPoolExecutor alone uses pipes only; everything else uses sockets."""
+    return args.scale or any(name != "ppe" for name in args.backends)
+
+
+def reexec_isolated(argv: Sequence[str]) -> int:
+    """Run this script again inside ``unshare -n`` with ``lo`` up; its exit code."""
+    command = [
+        "unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh",
+        sys.executable, str(Path(__file__).resolve()), *argv,
+    ]  # fmt: skip
+    _progress("bench: entering a private network namespace (unshare -n)")
+    try:
+        return subprocess.call(command)
+    except OSError as exc:
+        _progress(f"bench: cannot run unshare ({exc}); run ./dev bench as root")
+        return 1
+
+
+def become_subreaper() -> None:
+    """Adopt orphaned descendants, so processes a framework leaves behind can be
+    found and stopped after its driver exits (Linux only; harmless elsewhere)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def reap_leftovers() -> list[str]:
+    """Stop processes left behind by a driver (our own descendants only)."""
+    left = psutil.Process().children(recursive=True)
+    labels = []
+    for proc in left:
+        try:
+            labels.append(proc.name())
+            proc.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(left, timeout=5)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    return labels
+
+
+def run_driver(python: Path, params: dict[str, Any]) -> dict[str, Any]:
+    """Run ``driver.py`` once with ``python``; return its JSON result (or an error)."""
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        out = Path(tmp) / "result.json"
+        params = {**params, "out": str(out)}
+        try:
+            subprocess.run(
+                [str(python), str(BENCH / "driver.py")],
+                input=json.dumps(params),
+                text=True,
+                cwd=BENCH,
+                stdout=sys.stderr,  # frameworks' chatter must not mix with the table
+                timeout=TIMEOUTS[params["mode"]],
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            result: dict[str, Any] = {
+                "error": f"timed out after {TIMEOUTS[params['mode']]:.0f} s"
+            }
+        else:
+            try:
+                result = json.loads(out.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                result = {"error": f"the driver wrote no result ({exc})"}
+    leftovers = reap_leftovers()
+    if leftovers:
+        result.setdefault("leftover_processes", []).extend(leftovers)
+    return result
+
+
+def calibrate_spin(seconds: float) -> int:
+    """Loop iterations of ``driver.spin`` that take about ``seconds`` here."""
+    from driver import spin
+
+    probe = 200_000
+    best = min(_timed(spin, probe) for _ in range(5))
+    return max(int(probe * seconds / best), 1000)
+
+
+def _timed(fn: Any, arg: Any) -> float:
+    start = time.perf_counter()
+    fn(arg)
+    return time.perf_counter() - start
+
+
+def run_backend(
+    name: str, python: Path, args: argparse.Namespace, spin_n: int
+) -> dict[str, Any]:
+    """Measure one backend: the main driver, then the W5 start-up repetitions."""
+    workloads = args.only or list(WORKLOAD_NAMES)
+    params: dict[str, Any] = {
+        "backend": name,
+        "workers": args.workers,
+        "repeat": args.repeat,
+        "quick": args.quick,
+        "spin_n": spin_n,
+        "workloads": workloads,
+        "closure_timeout": 30 if args.quick else 60,
+    }
+    result = run_driver(python, {**params, "mode": "main"})
+    if "error" in result:
+        _progress(f"[{name}] FAILED: {result['error'].splitlines()[-1]}")
+    result["startup"] = []
+    if "startup" in workloads:
+        for rep in range(1, args.repeat + 1):
+            startup = run_driver(python, {**params, "mode": "startup"})
+            result["startup"].append(startup)
+            _progress(f"[{name}] startup {rep}/{args.repeat}: {startup}")
+    return result
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; print the table and write the JSON. Returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    workloads = make_workloads(args)
-    order = [name for name in RUN_ORDER if name in args.backends]
-    order += [name for name in args.backends if name not in order]
-    runs: dict[str, dict[str, list[float]]] = {}
-    details: dict[str, dict[str, Any]] = {}
+    isolated = is_isolated()
+    pythons: dict[str, Path] = {}
+    try:
+        for venv in needed_venvs(args):
+            pythons[venv] = ensure_venv(venv, install=not isolated)
+    except VenvError as exc:
+        _progress(f"bench: {exc}")
+        return 1
+    if args.prepare:
+        return 0
+    if needs_isolation(args) and not isolated:
+        return reexec_isolated(argv)
+    become_subreaper()
     started = time.perf_counter()
-    for name in order:
-        backend = BACKENDS[name](args.workers)
-        try:
-            backend_runs = run_backend(backend, workloads, args.repeat)
-        except BenchmarkError as exc:
-            print(f"bench: {exc}", file=sys.stderr)
-            return 1
-        details[name] = {"label": backend.label, **backend.describe()}
-        for key, values in backend_runs.items():
-            runs.setdefault(key, {})[name] = values
-    # Columns (and the JSON) follow the registry order, not the run order.
-    details = {name: details[name] for name in BACKENDS if name in details}
+    spin_n = calibrate_spin(0.05 if args.quick else 0.25)
+    results: dict[str, dict[str, Any]] = {}
+    for name in args.backends:
+        venv = BACKENDS[name].venv
+        python = pythons[venv] if venv else Path(sys.executable)
+        results[name] = run_backend(name, python, args, spin_n)
+    scale = None
+    if args.scale:
+        from scale import run_scale
+
+        scale = run_scale(quick=args.quick, repeat=args.repeat)
     document = build_report(
-        metrics=[metric for w in workloads for metric in w.metrics],
-        runs={
-            key: {n: per[n] for n in BACKENDS if n in per} for key, per in runs.items()
-        },
-        backends=details,
+        results=results,
+        scale=scale,
         config={
             "workers": args.workers,
             "repeat": args.repeat,
             "quick": args.quick,
-            "workloads": {w.name: w.describe() for w in workloads},
-            "wall_seconds": round(time.perf_counter() - started, 3),
+            "spin_iterations": spin_n,
+            "command": "bench/run.py " + shlex.join(argv),
+            "wall_seconds": round(time.perf_counter() - started, 1),
         },
     )
     print(format_table(document))
     path = write_report(document, args.results_dir)
     print(f"\nResults written to {path}")
-    return 0
+    if args.report:
+        subprocess.call(
+            [str(pythons["plot"]), str(BENCH / "plot.py"), str(path), str(DOCS)]
+        )
+    # A peer that fails is reported in the table; only dispynb failing is an error.
+    return 1 if "error" in results.get("dispynb", {}) else 0
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
-"""The three benchmark workloads and what they measure; backend-agnostic.
+"""The repeated benchmark workloads (W1-W4) and what they measure; backend-agnostic.
 
 Contents
 --------
 Metric
-    One reported number: unit, direction, target.
+    One reported number: unit, direction.
 Workload
     The protocol of a workload: ``warm_up`` then repeated ``measure``.
-Throughput, Latency, Bandwidth
-    The workloads.
+Throughput, Latency, CpuBound, Bandwidth
+    W1 to W4 of issue 7. W5 (start-up), W6 (closures) and memory are measured by
+    ``driver.py`` because they need fresh backends or process inspection.
 Sizes, FULL, QUICK
     Job counts and payload sizes for a normal run and for ``--quick``.
 
@@ -34,6 +35,7 @@ __all__ = [
     "FULL",
     "QUICK",
     "Bandwidth",
+    "CpuBound",
     "Latency",
     "Metric",
     "Sizes",
@@ -58,25 +60,16 @@ class Metric:
         ``"jobs/s"``, ``"ms"`` or ``"MB/s"``.
     higher_is_better:
         Direction used for "best" and for the ratio note.
-    target:
-        Issue 2's target for dispynb, or ``None``.
     """
 
     key: str
     label: str
     unit: str
     higher_is_better: bool
-    target: float | None = None
 
     def best(self, values: list[float]) -> float:
         """The best of several repetitions."""
         return max(values) if self.higher_is_better else min(values)
-
-    def meets(self, value: float) -> bool:
-        """Whether ``value`` meets the target (``True`` when there is none)."""
-        if self.target is None:
-            return True
-        return value >= self.target if self.higher_is_better else value <= self.target
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -85,15 +78,27 @@ class Sizes:
 
     throughput_jobs: int
     latency_trips: int
+    cpu_jobs: int
+    cpu_seconds: float
     bandwidth_jobs: int
     bandwidth_bytes: int
 
 
 FULL = Sizes(
-    throughput_jobs=2000, latency_trips=200, bandwidth_jobs=20, bandwidth_bytes=10 * MB
+    throughput_jobs=2000,
+    latency_trips=200,
+    cpu_jobs=40,
+    cpu_seconds=0.25,
+    bandwidth_jobs=20,
+    bandwidth_bytes=10 * MB,
 )
 QUICK = Sizes(
-    throughput_jobs=200, latency_trips=30, bandwidth_jobs=4, bandwidth_bytes=2 * MB
+    throughput_jobs=200,
+    latency_trips=30,
+    cpu_jobs=4,
+    cpu_seconds=0.05,
+    bandwidth_jobs=4,
+    bandwidth_bytes=2 * MB,
 )
 
 
@@ -126,7 +131,6 @@ class Throughput:
             label="throughput",
             unit="jobs/s",
             higher_is_better=True,
-            target=3000,
         ),
     )
 
@@ -163,7 +167,6 @@ class Latency:
             label="round trip, median",
             unit="ms",
             higher_is_better=False,
-            target=1.0,
         ),
         Metric(
             key="latency_p95",
@@ -200,6 +203,82 @@ class Latency:
 
 
 @dataclass(slots=True, kw_only=True)
+class CpuBound:
+    """``jobs`` CPU-bound jobs of about ``seconds`` each; efficiency on W workers.
+
+    ``fn(n)`` must spin for ``n`` loop iterations and return ``n * (n - 1) // 2``;
+    ``n`` is calibrated by the caller so that one call takes about the wanted time.
+    The serial time is measured in the benchmark process itself, before the backend
+    starts: the median of a few calls of the same function, times ``jobs``.
+    Efficiency = serial time / (W x wall time); 1.0 means no overhead at all.
+    """
+
+    fn: Callable[[int], int]
+    jobs: int
+    n: int
+    workers: int
+    serial_calls: int = 5
+    name: str = "cpu"
+    metrics: tuple[Metric, ...] = (
+        Metric(
+            key="cpu_efficiency",
+            label="CPU-bound efficiency",
+            unit="ratio",
+            higher_is_better=True,
+        ),
+        Metric(
+            key="cpu_wall",
+            label="CPU-bound wall time",
+            unit="s",
+            higher_is_better=False,
+        ),
+    )
+    serial_job_seconds: float | None = field(default=None, init=False)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "jobs": self.jobs,
+            "iterations": self.n,
+            "serial_job_seconds": self.serial_job_seconds,
+            "function": "spin(n): a pure-Python loop of n additions",
+        }
+
+    def measure_serial(self) -> float:
+        """Time the function here, without any backend; returns seconds per job."""
+        times = []
+        for _ in range(self.serial_calls):
+            start = time.perf_counter()
+            self.fn(self.n)
+            times.append(time.perf_counter() - start)
+        self.serial_job_seconds = statistics.median(times)
+        return self.serial_job_seconds
+
+    def warm_up(self, backend: Backend) -> None:
+        if self.serial_job_seconds is None:
+            self.measure_serial()
+        self._run(backend, self.workers)
+
+    def measure(self, backend: Backend) -> dict[str, float]:
+        if self.serial_job_seconds is None:
+            self.measure_serial()
+        assert self.serial_job_seconds is not None
+        elapsed = self._run(backend, self.jobs)
+        serial = self.serial_job_seconds * self.jobs
+        return {
+            "cpu_efficiency": serial / (self.workers * elapsed),
+            "cpu_wall": elapsed,
+        }
+
+    def _run(self, backend: Backend, jobs: int) -> float:
+        start = time.perf_counter()
+        results = backend.submit_and_wait(self.fn, [(self.n,)] * jobs)
+        elapsed = time.perf_counter() - start
+        if results != [self.n * (self.n - 1) // 2] * jobs:
+            raise BenchmarkError(f"{backend.name}: wrong results for {self.name}")
+        return elapsed
+
+
+@dataclass(slots=True, kw_only=True)
 class Bandwidth:
     """``jobs`` jobs each sending ``size`` bytes and returning ``len``; MB/s.
 
@@ -217,7 +296,6 @@ class Bandwidth:
             label="bandwidth",
             unit="MB/s",
             higher_is_better=True,
-            target=500,
         ),
     )
     _payloads: list[bytes] | None = field(default=None, init=False, repr=False)

@@ -1,0 +1,254 @@
+"""Render a benchmark results document as ``docs/benchmarks.md`` (pure Python).
+
+`render_markdown` turns the JSON document written by ``run.py`` into the report: the
+command, the machine, the versions, the table of all frameworks and workloads
+(median [min-max]), issue 7's targets with PASS/MISS, W6's errors, memory per
+process, the scale curve, and what did not run. ``plot.py`` calls it after drawing
+the PNGs; the unit tests call it on a synthetic document.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from report import MIB, SUBJECT, number, table_rows
+
+__all__ = ["render_markdown"]
+
+#: Hand-written analysis appended to the report when present (kept next to this file
+#: so that regenerating the report does not lose it).
+NOTES = Path(__file__).resolve().parent / "notes.md"
+
+
+def _table(rows: Sequence[Sequence[str]]) -> list[str]:
+    """A GitHub markdown table; the first row is the header."""
+    lines = ["| " + " | ".join(rows[0]) + " |"]
+    lines.append("| " + " | ".join("---" for _ in rows[0]) + " |")
+    lines += [
+        "| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows[1:]
+    ]
+    return lines
+
+
+def _memory_lines(document: Mapping[str, Any]) -> list[str]:
+    rows = [["framework", "at rest: processes (RSS)", "peak: processes (peak RSS)"]]
+    for name, memory in document["memory"].items():
+        label = document["backends"][name]["label"]
+        rows.append(
+            [
+                label,
+                _processes(memory["rest"], "rss"),
+                _processes(memory.get("peak"), "hwm"),
+            ]
+        )
+    return _table(rows)
+
+
+def _processes(snap: Mapping[str, Any] | None, key: str) -> str:
+    """``2 x engine 53.1`` per kind of process, grouped by label (MiB each)."""
+    if not snap or not snap["nodes"]:
+        return "none"
+    counts: Counter[str] = Counter()
+    sizes: dict[str, list[float]] = {}
+    for proc in snap["nodes"]:
+        counts[proc["label"]] += 1
+        sizes.setdefault(proc["label"], []).append(proc[key] / MIB)
+    parts = []
+    for label, count in counts.most_common():
+        mean = sum(sizes[label]) / count
+        prefix = f"{count} x " if count > 1 else ""
+        parts.append(f"{prefix}`{label}` {mean:.1f}")
+    return "; ".join(parts)
+
+
+def _scale_lines(scale: Mapping[str, Any]) -> list[str]:
+    import statistics
+
+    lines = ["## Scale curve (dispynb)", ""]
+    if scale.get("error"):
+        lines += [
+            f"The scale run failed: `{scale['error'].strip().splitlines()[-1]}`",
+            "",
+        ]
+    if scale.get("nodes"):
+        lines += [
+            f"Trivial jobs ({scale['nodes'][0]['jobs']:,} per repetition) on N node"
+            " processes of one CPU each (`LocalCluster(nodes=N, cpus=1)`); this"
+            " machine has 2 CPUs, so from 4 nodes on they share them. Overhead is"
+            " CPU time per job: in the client process (all its threads) and in all"
+            " node processes together (servers and workers). Median [min-max].",
+            "",
+        ]
+        rows = [
+            ["nodes", "jobs/s", "wall us/job", "client CPU us/job", "nodes CPU us/job"]
+        ]
+        for row in scale["nodes"]:
+            rate = row["jobs_per_s"]
+            rows.append(
+                [
+                    str(row["nodes"]),
+                    _range(rate, "{:,.0f}"),
+                    f"{1e6 / statistics.median(rate):.0f}",
+                    _range(row["client_cpu_us_per_job"], "{:.0f}"),
+                    _range(row["nodes_cpu_us_per_job"], "{:.0f}"),
+                ]
+            )
+        lines += [*_table(rows), ""]
+    if scale.get("queued"):
+        lines += [
+            "Jobs that sleep, submitted without waiting (1 node, 2 CPUs, so all but"
+            " two stay queued); each size runs in a fresh client process. Memory per"
+            " pending job = growth of the client's RSS / jobs.",
+            "",
+        ]
+        rows = [
+            [
+                "queued jobs",
+                "client RSS growth",
+                "bytes per pending job",
+                "submit rate (jobs/s)",
+                "close(terminate=True)",
+            ]
+        ]
+        for row in scale["queued"]:
+            growth = (row["rss_after"] - row["rss_before"]) / MIB
+            rows.append(
+                [
+                    f"{row['queued']:,}",
+                    f"{growth:.1f} MiB",
+                    f"{row['bytes_per_job']:,.0f}",
+                    f"{row['submit_per_s']:,.0f}",
+                    f"{row['close_terminate_s']:.2f} s",
+                ]
+            )
+        lines += [*_table(rows), ""]
+    return lines
+
+
+def _range(values: Sequence[float], fmt: str) -> str:
+    import statistics
+
+    median = fmt.format(statistics.median(values))
+    if len(values) == 1:
+        return median
+    return f"{median} [{fmt.format(min(values))}-{fmt.format(max(values))}]"
+
+
+def _target_lines(document: Mapping[str, Any]) -> list[str]:
+    rows = [["target", SUBJECT, "limit", "limit from", "dispynb / limit", "status"]]
+    for t in document["targets"]:
+        ratio = f"{t['ratio']:.2f}" if t["ratio"] is not None else "-"
+        rows.append(
+            [
+                t["target"],
+                f"{number(t['value'], t['unit'])} {t['unit']}",
+                f"{number(t['limit'], t['unit'])} {t['unit']}",
+                t["reference"],
+                ratio,
+                f"**{t['status']}**",
+            ]
+        )
+    return _table(rows)
+
+
+def render_markdown(document: Mapping[str, Any], images: Mapping[str, str]) -> str:
+    """The report as markdown; ``images`` maps ``"comparison"``/``"scale"`` to the
+    PNG file names (relative to the report), for those that were drawn."""
+    machine, config = document["machine"], document["config"]
+    memory = machine.get("memory_bytes")
+    lines = [
+        "# Benchmarks: dispynb against dispy, ipyparallel, Dask, Ray, loky and"
+        " ProcessPoolExecutor",
+        "",
+        f"Generated by `bench/plot.py` from `bench/results/` on {document['timestamp']}"
+        f" (commit `{machine.get('commit')}`). Issue 7 defines the workloads and the"
+        " targets; `bench/README.md` describes the method.",
+        "",
+        "Produced by this command (it installs the peers into `bench/.venvs/`, then"
+        " measures inside a private network namespace: loopback only):",
+        "",
+        "```sh",
+        f".venv/bin/python {config.get('command', 'bench/run.py')}",
+        "```",
+        "",
+        f"Machine: {machine.get('nproc')} CPUs ({machine.get('cpu_model')}),"
+        + (f" {memory / 2**30:.0f} GiB," if memory else "")
+        + f" Python {machine.get('python')}, {machine.get('platform')}."
+        f" Every framework has {config.get('workers')} workers on these CPUs;"
+        f" the run took {config.get('wall_seconds', 0) / 60:.0f} minutes.",
+        "",
+        "## Versions and configuration",
+        "",
+    ]
+    rows = [["framework", "version", "configuration"]]
+    for details in document["backends"].values():
+        rows.append(
+            [
+                details["label"],
+                str(details.get("version", "-")),
+                str(details.get("config", "-")),
+            ]
+        )
+    lines += [*_table(rows), "", "## Results", ""]
+    repeat = config.get("repeat")
+    lines += [
+        f"Median [min-max] of {repeat} repetitions after one untimed warm-up round"
+        " (W5: fresh processes each time). Memory is measured once, in the run of"
+        " W1-W4. Lower is better for ms, s and MiB.",
+        "",
+    ]
+    lines += [*_table(table_rows(document)), ""]
+    if "comparison" in images:
+        lines += [f"![comparison of all frameworks]({images['comparison']})", ""]
+    lines += ["## Issue 7 targets", ""]
+    lines += [
+        'Checked on dispynb\'s medians against the same run. "Best peer" is the'
+        " best of dispy, ipyparallel, Dask and Ray; loky and ProcessPoolExecutor are"
+        " the single-machine floor.",
+        "",
+    ]
+    lines += [*_target_lines(document), ""]
+    lines += ["## W6: a `__main__` function with a closure and a helper", ""]
+    lines += [
+        "`make_closure(5)` returns `closure_job(x) = _double(x) + offset`, where"
+        " `_double` is another function of `__main__`; each framework gets it with"
+        " no extra declaration (no `depends`, `push`, `use_cloudpickle`).",
+        "",
+    ]
+    rows = [["framework", "runs", "error"]]
+    for name, closure in document["closure"].items():
+        error = (closure.get("error") or "").strip().replace("\n", " ")
+        rows.append(
+            [
+                document["backends"][name]["label"],
+                "yes" if closure["ok"] else "no",
+                f"`{error}`" if error else "",
+            ]
+        )
+    lines += [*_table(rows), "", "## Memory per process", ""]
+    lines += [
+        "RSS in MiB per kind of process started by the client (mean when there are"
+        " several). At rest: after start-up and one second of settling, before any"
+        " job. Peak: the kernel's high-water mark (VmHWM) of each live process after"
+        " W1-W4; processes that had already exited (dispy forks one per job) are not"
+        " counted.",
+        "",
+    ]
+    lines += [*_memory_lines(document), ""]
+    if document.get("scale"):
+        lines += _scale_lines(document["scale"])
+        if "scale" in images:
+            lines += [f"![dispynb scale curve]({images['scale']})", ""]
+    failed = {n: d for n, d in document["backends"].items() if "error" in d}
+    if failed:
+        lines += ["## What did not run", ""]
+        for details in failed.values():
+            last = details["error"].strip().splitlines()[-1]
+            lines.append(f"- {details['label']}: `{last}`")
+        lines.append("")
+    if NOTES.exists():
+        lines += [NOTES.read_text(encoding="utf-8").rstrip(), ""]
+    return "\n".join(lines)

@@ -1,0 +1,82 @@
+"""Resident memory of a benchmark process and of everything it started.
+
+The driver process is the client; every process descending from it (node servers,
+schedulers, workers, raylets ...) counts as a node or worker. Memory is read from
+``/proc/<pid>/status``: ``VmRSS`` (resident now) and ``VmHWM`` (the peak resident size
+of the process so far), so no sampling thread competes with the client for the CPU.
+A process that has already exited (a dispy job's forked process, a replaced worker) is
+not counted.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import psutil
+
+__all__ = ["MIB", "process_memory", "snapshot"]
+
+MIB = 1024 * 1024
+
+
+def process_memory(pid: int) -> dict[str, int]:
+    """``{"rss": bytes, "hwm": bytes}`` of one process (zeros if it is gone)."""
+    values = {"rss": 0, "hwm": 0}
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    key = "rss" if line.startswith("VmRSS") else "hwm"
+                    values[key] = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return values
+
+
+def _label(proc: psutil.Process) -> str:
+    """A short, recognisable name: the program or the ``-m`` module."""
+    try:
+        cmdline = proc.cmdline()
+    except (psutil.Error, OSError):
+        return "?"
+    if not cmdline:
+        return proc.name() if proc.is_running() else "?"
+    words = [os.path.basename(cmdline[0])]
+    for index, word in enumerate(cmdline[1:4], start=1):
+        if word == "-m" and index + 1 < len(cmdline):
+            words.append(f"-m {cmdline[index + 1]}")
+            break
+        if word.endswith(".py"):
+            words.append(os.path.basename(word))
+            break
+    return " ".join(words)[:60]
+
+
+def snapshot(root: int | None = None) -> dict[str, Any]:
+    """Memory of process ``root`` (default: this one) and of all its descendants.
+
+    Returns
+    -------
+    dict
+        ``client``: ``{"rss", "hwm"}`` of ``root``; ``nodes``: one entry per live
+        descendant with ``pid``, ``label``, ``rss``, ``hwm``; ``nodes_rss`` and
+        ``nodes_hwm``: their sums (bytes).
+    """
+    pid = os.getpid() if root is None else root
+    nodes = []
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        children = []
+    for child in children:
+        memory = process_memory(child.pid)
+        if memory["rss"] == 0:  # gone, or a zombie
+            continue
+        nodes.append({"pid": child.pid, "label": _label(child), **memory})
+    return {
+        "client": process_memory(pid),
+        "nodes": nodes,
+        "nodes_rss": sum(n["rss"] for n in nodes),
+        "nodes_hwm": sum(n["hwm"] for n in nodes),
+    }
