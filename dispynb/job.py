@@ -182,6 +182,12 @@ class DispyJob:
         status = getattr(self.status, "name", self.status)
         return f"<DispyJob id={self.id!r} status={status}>"
 
+    def _repr_html_(self) -> str:
+        """Rich display in notebooks (the HTML lives in the Jupyter layer)."""
+        from dispynb.jupyter.display import job_html
+
+        return job_html(self)
+
     def __lt__(self, other: object) -> bool:
         if not isinstance(other, DispyJob):
             return NotImplemented

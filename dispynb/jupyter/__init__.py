@@ -16,6 +16,10 @@ widgets.NodePanel
     A live table of the nodes in use.
 display
     HTML templates for runs, jobs, clusters and nodes.
+shipping
+    What a shipped function captures; the warning for large captured objects.
+tracebacks
+    Remote tracebacks re-rendered to point at the cells the code came from.
 magics
     ``%dispy`` and ``%%dispy``; loaded by ``%load_ext dispynb``.
 """

@@ -23,12 +23,16 @@ if TYPE_CHECKING:
 
 __all__ = [
     "cluster_html",
+    "format_bytes",
     "format_counts",
+    "format_load",
     "format_seconds",
     "job_html",
     "nodes_html",
     "progress_html",
+    "provisional_html",
     "run_html",
+    "short_repr",
 ]
 
 _COLORS = {
@@ -68,6 +72,9 @@ def format_counts(counts: ProgressCounts) -> str:
         parts.append(f"{counts.cancelled} cancelled")
     parts.append(f"{counts.running} running")
     parts.append(f"{counts.queued} queued")
+    if counts.provisional:
+        latest = f" (latest {counts.latest})" if counts.latest else ""
+        parts.append(f"{counts.provisional} provisional{latest}")
     if counts.rate:
         parts.append(f"{counts.rate:.3g} jobs/s")
     if counts.complete:
@@ -107,16 +114,42 @@ def run_html(run: Run) -> str:
         parts.append(
             f"<div style='font-size:90%'>nodes: {html.escape(', '.join(nodes))}</div>"
         )
+    provisional = run.provisional
+    if provisional:
+        parts.append(provisional_html(run.jobs, provisional))
     failures = run.failures
     if failures:
         first = failures[0]
         summary = f"{len(failures)} failed; first: job {first.id} on {first.ip_addr}"
-        parts.append(_details(summary, first.exception or ""))
+        parts.append(_details(summary, run.traceback(first)))
     parts.append(
         "<div style='font-size:80%;color:#757575'>results: <code>.results</code>, "
         "table: <code>.df</code></div>"
     )
     return f'<div class="dispynb-run">{"".join(parts)}</div>'
+
+
+def provisional_html(
+    jobs: Sequence[DispyJob], latest: dict[int, object], limit: int = 20
+) -> str:
+    """The latest provisional result of each job (by input index) that sent one,
+    the unfinished jobs first, at most ``limit`` rows."""
+    order = sorted(latest, key=lambda i: (jobs[i].done(), i))
+    rows = [
+        (
+            str(index),
+            html.escape(repr(jobs[index].id)),
+            html.escape(_status_name(jobs[index].status)),
+            html.escape(short_repr(latest[index])),
+        )
+        for index in order[:limit]
+    ]
+    more = len(order) - len(rows)
+    summary = f"latest provisional results of {len(order)} jobs"
+    table = _html_table(("input", "job", "status", "latest provisional"), rows)
+    if more > 0:
+        table += f"<div style='font-size:80%'>... and {more} more</div>"
+    return f"<details open><summary>{html.escape(summary)}</summary>{table}</details>"
 
 
 def job_html(job: DispyJob) -> str:
@@ -156,7 +189,10 @@ def cluster_html(cluster: JobCluster) -> str:
         f"<b>JobCluster {html.escape(repr(cluster.name))}</b>: "
         f"{len(status.nodes)} nodes, {status.jobs_pending} jobs pending"
     )
-    header = ("name", "address", "CPUs", "busy", "jobs done", "CPU time")
+    header = (
+        "name", "address", "CPUs", "busy", "jobs done", "CPU time", "CPU used",
+        "memory free",
+    )  # fmt: skip
     rows = [
         (
             html.escape(n.name),
@@ -165,6 +201,8 @@ def cluster_html(cluster: JobCluster) -> str:
             str(n.busy),
             str(n.jobs_done),
             f"{n.cpu_time:.2f} s",
+            format_load(n.avail_info.cpu if n.avail_info else None),
+            format_bytes(n.avail_info.memory if n.avail_info else None),
         )
         for n in status.nodes
     ]
@@ -173,7 +211,10 @@ def cluster_html(cluster: JobCluster) -> str:
 
 def nodes_html(rows: Iterable[NodeRow]) -> str:
     """The node panel's table (see `dispynb.jupyter.widgets.NodePanel`)."""
-    header = ("name", "address", "CPUs", "busy", "jobs done", "state")
+    header = (
+        "name", "address", "CPUs", "busy", "jobs done", "CPU used", "memory free",
+        "state",
+    )  # fmt: skip
     body = [
         (
             html.escape(row.name),
@@ -181,6 +222,8 @@ def nodes_html(rows: Iterable[NodeRow]) -> str:
             str(row.cpus),
             str(row.busy),
             str(row.jobs_done),
+            format_load(row.cpu_free),
+            format_bytes(row.memory_free),
             "in use" if row.connected else "idle",
         )
         for row in rows
@@ -188,6 +231,40 @@ def nodes_html(rows: Iterable[NodeRow]) -> str:
     if not body:
         return "<div class='dispynb-nodes'><i>no nodes yet</i></div>"
     return f"<div class='dispynb-nodes'>{_html_table(header, body)}</div>"
+
+
+def format_load(cpu_free: float | None) -> str:
+    """``'37%'`` of CPU used, from the percentage available; ``'-'`` if unknown."""
+    if cpu_free is None:
+        return "-"
+    return f"{min(max(100.0 - cpu_free, 0.0), 100.0):.0f}%"
+
+
+def format_bytes(count: float | None) -> str:
+    """``'3.2 GB'``; ``'-'`` if unknown."""
+    if count is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1024 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} GB"
+
+
+def short_repr(value: object, limit: int = 200) -> str:
+    """``repr(value)``, cut to ``limit`` characters (never raises)."""
+    try:
+        text = repr(value)
+    except Exception as exc:  # a user object whose repr fails
+        text = f"<unprintable {type(value).__name__}: {exc!r}>"
+    return _short(text, limit)
+
+
+def _status_name(status: object) -> str:
+    try:
+        return JobStatus(status).name  # type: ignore[arg-type]
+    except ValueError:
+        return str(status)
 
 
 def _html_table(head: Sequence[str] | None, rows: Sequence[Sequence[str]]) -> str:

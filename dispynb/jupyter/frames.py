@@ -10,7 +10,10 @@ column       dtype                meaning
 id           object               ``job.id``
 args         object               positional arguments (a tuple)
 kwargs       object               keyword arguments (a dict)
-result       object               return value (``None`` if none yet)
+result       object               return value (``None`` if none yet; while the
+                                  job runs, its latest provisional result)
+provisional  object               latest provisional result (``None`` if none,
+                                  or if not known: only a `Run` records them)
 status       category             ``JobStatus`` name (`STATUS_DTYPE`)
 node         string               address of the node that ran it, or <NA>
 submit_time  datetime64[ns, UTC]  when the job was submitted
@@ -60,6 +63,7 @@ JOB_COLUMNS: dict[str, Any] = {
     "args": "object",
     "kwargs": "object",
     "result": "object",
+    "provisional": "object",
     "status": STATUS_DTYPE,
     "node": "string",
     "submit_time": _TIME,
@@ -84,7 +88,11 @@ NODE_COLUMNS: dict[str, Any] = {
 }
 
 
-def jobs_frame(jobs: Iterable[DispyJob], expand: bool = False) -> pd.DataFrame:
+def jobs_frame(
+    jobs: Iterable[DispyJob],
+    expand: bool = False,
+    provisional: Sequence[Any] | None = None,
+) -> pd.DataFrame:
     """One row per job; see the module docstring for the columns and dtypes.
 
     Parameters
@@ -94,6 +102,9 @@ def jobs_frame(jobs: Iterable[DispyJob], expand: bool = False) -> pd.DataFrame:
     expand:
         Add a column per key of dict (or dataclass, or namedtuple) results; see
         `expand_results`.
+    provisional:
+        The latest provisional result of each job, in the same order (`Run.df`
+        gives them); default: ``None`` for all.
 
     Examples
     --------
@@ -102,6 +113,14 @@ def jobs_frame(jobs: Iterable[DispyJob], expand: bool = False) -> pd.DataFrame:
     >>> jobs_frame(jobs)[["result", "status", "duration"]]  # doctest: +SKIP
     """
     columns: dict[str, list[Any]] = {name: [] for name in JOB_COLUMNS}
+    jobs = list(jobs)
+    if provisional is None:
+        provisional = [None] * len(jobs)
+    elif len(provisional) != len(jobs):
+        raise ValueError(
+            f"{len(provisional)} provisional results given for {len(jobs)} jobs"
+        )
+    columns["provisional"] = list(provisional)
     for job in jobs:
         start, end = job.start_time, job.end_time
         columns["id"].append(job.id)

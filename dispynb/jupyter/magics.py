@@ -52,14 +52,16 @@ class Session:
     def attached(self) -> bool:
         return self.nodes is not None
 
-    def start_local(self, count: int, cpus: int | None) -> None:
+    def start_local(
+        self, count: int, cpus: int | None, options: dict[str, Any] | None = None
+    ) -> None:
         """Start ``count`` local node servers (replacing the current nodes)."""
         from dispynb.local import LocalCluster
 
         self.close()
         self.local = LocalCluster(nodes=count, cpus=cpus)
         self.nodes = self.local
-        self.options = {}
+        self.options = dict(options or {})
         self._register_atexit()
         self.probe()
 
@@ -84,6 +86,60 @@ class Session:
             **self.options,
         )  # fmt: skip
         cluster.close()
+
+    def known_nodes(self) -> list[tuple[str, str, str]]:
+        """``(host, "host:port", name)`` of each node in use (name "" if unknown)."""
+        from dispynb.defaults import NODE_PORT
+        from dispynb.node import parse_node_specs
+
+        if self.nodes is None:
+            return []
+        if self.local is not None and self.nodes is self.local:
+            pairs = list(self.local.addresses)
+        else:
+            pairs = [
+                (spec.host, spec.port or NODE_PORT)
+                for spec in parse_node_specs(self.nodes)
+            ]
+        names = {row.address: row.name for row in self.panel.rows()}
+        return [
+            (host, f"{host}:{port}", names.get(f"{host}:{port}", ""))
+            for host, port in pairs
+        ]
+
+    def select_nodes(self, wanted: list[str]) -> tuple[list[str], dict[str, Any]]:
+        """The node specs and cluster options for running on ``wanted`` only.
+
+        Each item is a node's ``HOST:PORT``, its host, or its name, and must match
+        exactly one node in use. Raises `UsageError` naming the nodes in use.
+        """
+        known = self.known_nodes()
+        listing = ", ".join(
+            f"{name} ({address})" if name else address for _, address, name in known
+        )
+        specs = {address: _spec(host, address) for host, address, _ in known}
+        chosen: list[str] = []
+        for item in wanted:
+            item = item.strip()
+            matches = [a for _, a, _ in known if a == item or a == _bracketless(item)]
+            if not matches:
+                matches = [a for host, a, name in known if item in (host, name)]
+            if not matches:
+                raise UsageError(
+                    f"--on {item}: not a node in use; the nodes are: "
+                    f"{listing or 'none'}"
+                )
+            if len(matches) > 1:
+                raise UsageError(
+                    f"--on {item} matches {len(matches)} nodes ({', '.join(matches)}):"
+                    f" give HOST:PORT or the node's name; the nodes are: {listing}"
+                )
+            if specs[matches[0]] not in chosen:
+                chosen.append(specs[matches[0]])
+        options = dict(self.options)
+        if self.local is not None and self.nodes is self.local:
+            options.setdefault("secret", self.local.secret)
+        return chosen, options
 
     def ensure_nodes(self) -> bool:
         """Start local nodes if none were chosen; return whether it did."""
@@ -136,7 +192,9 @@ class SessionStatus:
         for row in self.rows:
             lines.append(
                 f"  {row.name or '?'} {row.address} cpus={row.cpus} busy={row.busy} "
-                f"jobs_done={row.jobs_done}"
+                f"jobs_done={row.jobs_done} "
+                f"cpu_used={templates.format_load(row.cpu_free)} "
+                f"memory_free={templates.format_bytes(row.memory_free)}"
             )
         lines.append(f"{len(self.runs)} runs")
         lines += [f"  {run!r}" for run in self.runs]
@@ -202,6 +260,13 @@ class DispyMagics(Magics):
     @argument("--cafile", metavar="FILE", help="nodes: use TLS, verify nodes with it")
     @argument("--certfile", metavar="FILE", help="nodes: TLS client certificate")
     @argument("--keyfile", metavar="FILE", help="nodes: key of --certfile")
+    @argument(
+        "--pulse",
+        type=float,
+        metavar="SECONDS",
+        help="local, nodes: how often nodes report their load (CPU, memory) to "
+        "the node panel while runs use them (default: every 10 s)",
+    )
     @line_magic
     def dispy(self, line: str) -> Any:
         """Choose the nodes ``%%dispy`` runs on, and show or close them.
@@ -212,20 +277,27 @@ class DispyMagics(Magics):
             %dispy local --nodes 2 --cpus 1          # two local nodes
             %dispy nodes 10.0.0.5 node2:9711 --secret-file ~/.dispynb-secret
             %dispy nodes node1 --cafile ca.pem --secret-file ~/.dispynb-secret
+            %dispy local --nodes 2 --pulse 2         # load reported every 2 s
             %dispy status                            # nodes and runs (returns a repr)
             %dispy panel                             # live table of the nodes
             %dispy close                             # cancel runs, stop local nodes
 
         Starting or attaching replaces the current nodes (and cancels their runs).
+        The panel shows each node's CPUs, busy workers, jobs done, and its load (CPU
+        used, memory free) as last reported: when a run connects, then every
+        ``--pulse`` seconds while runs use it.
         """
         args = parse_argstring(self.dispy, line)
         session = self.session
         if args.action != "nodes" and args.hosts:
             raise UsageError(f"%dispy {args.action} takes no hosts: {args.hosts}")
+        if args.pulse is not None and args.action not in ("local", "nodes"):
+            raise UsageError("--pulse is for %dispy local and %dispy nodes")
+        pulse = {} if args.pulse is None else {"pulse_interval": args.pulse}
         if args.action == "local":
             if args.count < 1 or (args.cpus is not None and args.cpus < 1):
                 raise UsageError("--nodes and --cpus must be at least 1")
-            session.start_local(args.count, args.cpus)
+            session.start_local(args.count, args.cpus, pulse)
             print(f"dispynb: {session.status()._where()}")
             return None
         if args.action == "nodes":
@@ -241,7 +313,7 @@ class DispyMagics(Magics):
                 )
                 if value
             }
-            session.attach(list(args.hosts), options)
+            session.attach(list(args.hosts), {**options, **pulse})
             print(f"dispynb: {session.status()._where()}")
             return None
         if args.action == "status":
@@ -292,6 +364,21 @@ class DispyMagics(Magics):
         "(as JobCluster(setup=...)): load data into globals there",
     )
     @argument(
+        "--depends",
+        metavar="EXPR",
+        help="Python expression giving a list of dependencies sent once to each "
+        "node before the jobs, as JobCluster(depends=...): data files (placed in "
+        "the jobs' working directory, and kept by the node so that the same file "
+        "is not sent again), modules, functions, classes",
+    )
+    @argument(
+        "--on",
+        action="append",
+        metavar="NODE",
+        help="run only on this node (HOST:PORT, host or name, as %%dispy status "
+        "lists them); repeat for several nodes; default: every node in use",
+    )
+    @argument(
         "--progress",
         choices=KINDS,
         default="auto",
@@ -327,6 +414,19 @@ class DispyMagics(Magics):
         Without ``%dispy local`` or ``%dispy nodes`` first, one local node using
         every CPU is started.
 
+        A function that captures a large object (over 1 MB pickled: a closure
+        variable, a global, a default argument) gets a warning naming it: that
+        object is sent to every node with the function on every run. Send it once
+        with ``--depends`` (as a file) and ``--setup`` instead.
+
+        Jobs that call ``dispy_provisional_result(value)`` show the count and the
+        latest value in the progress; ``run.provisional`` and the ``provisional``
+        column of ``run.df`` hold each job's latest one. Files a job sends back
+        with ``dispy_send_file(path)`` are saved under the notebook's directory.
+
+        Remote tracebacks point at the cell lines the failing code came from when
+        that is unambiguous (``Cell In[3], line 4, in f`` and the line itself).
+
         Examples::
 
             %%dispy --over "range(100)" --into run
@@ -335,6 +435,9 @@ class DispyMagics(Magics):
 
             %%dispy simulate --over "[(s, 0.1) for s in seeds]" --unpack --nowait
             def simulate(seed, noise): ...
+
+            %%dispy --over "words" --depends "['table.csv']" --setup load --on local-1
+            def lookup(word): ...
 
         Then ``run.results``, ``run.df`` (one row per job), ``run.failures``.
         """
@@ -355,17 +458,27 @@ class DispyMagics(Magics):
         func = self._lookup(name, "function")
         setup = self._lookup(args.setup, "--setup") if args.setup else None
         inputs = self._ip.ev(_unquote(args.over))
+        depends = None
+        if args.depends is not None:
+            depends = self._ip.ev(_unquote(args.depends))
+            if not isinstance(depends, list | tuple):
+                depends = [depends]  # one file, module or function
         session = self.session
         if session.ensure_nodes():
             print(f"dispynb: started {session.status()._where()}", file=sys.stderr)
         label = args.into or name
+        nodes = session.nodes
         options = dict(session.options)
+        if args.on:
+            nodes, options = session.select_nodes(args.on)
         if setup is not None:
             options["setup"] = setup
+        if depends is not None:
+            options["depends"] = list(depends)
         run = Run.map(
             func,
             inputs,
-            nodes=session.nodes,
+            nodes=nodes,
             unpack=args.unpack,
             wait=False,
             progress="none" if args.nowait else args.progress,
@@ -410,6 +523,19 @@ class DispyMagics(Magics):
         else:
             display(run)
         run.live(bar, log)
+
+
+def _spec(host: str, address: str) -> str:
+    """The node spec for ``address`` (``host:port``), bracketing IPv6 hosts."""
+    return f"[{host}]{address[len(host) :]}" if ":" in host else address
+
+
+def _bracketless(address: str) -> str:
+    """``'::1:9711'`` for ``'[::1]:9711'`` (the panel's form of IPv6 addresses)."""
+    if address.startswith("[") and "]:" in address:
+        host, port = address[1:].split("]:", 1)
+        return f"{host}:{port}"
+    return address
 
 
 def _unquote(text: str) -> str:

@@ -64,6 +64,11 @@ class ProgressCounts:
         Jobs started on a node and not ended.
     elapsed:
         Seconds since the first job was submitted.
+    provisional:
+        Provisional results received (``dispy_provisional_result``); a job that
+        sends them is still running, not done.
+    latest:
+        The latest provisional result, as short text (``"input 3: 0.75"``).
     """
 
     total: int = 0
@@ -72,6 +77,8 @@ class ProgressCounts:
     cancelled: int = 0
     running: int = 0
     elapsed: float = 0.0
+    provisional: int = 0
+    latest: str = ""
 
     @property
     def ended(self) -> int:

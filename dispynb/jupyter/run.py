@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import sys
 import threading
 import time
@@ -36,12 +37,15 @@ from typing import TYPE_CHECKING, Any
 
 from dispynb.job import FINAL_STATUSES, DispyJob, JobStatus
 from dispynb.jupyter import display as templates
+from dispynb.jupyter import shipping
 from dispynb.jupyter.progress import (
     NullProgressBar,
     ProgressBar,
     ProgressCounts,
     make_progress,
 )
+from dispynb.jupyter.tracebacks import SourceMap
+from dispynb.protocol import serialize
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -87,6 +91,9 @@ class Run:
         The `DispyJob` objects, in submission order.
     inputs:
         What each job was submitted with, as ``(args, kwargs)``.
+    sources:
+        Where the shipped code comes from (`SourceMap`), to show remote tracebacks
+        with the cell's lines; `map` fills it.
     """
 
     def __init__(
@@ -113,6 +120,10 @@ class Run:
         self._early_running: set[Any] = set()
         self._early_final: dict[Any, JobStatus] = {}
         self._tally = {"finished": 0, "failed": 0, "cancelled": 0}
+        self._provisional: dict[Any, Any] = {}  # job id -> latest provisional result
+        self._provisional_count = 0
+        self._latest: tuple[Any, Any] | None = None  # (job id, provisional result)
+        self.sources = SourceMap()
         self._start: float | None = None
         self._stop: float | None = None
         self._outputs: collections.deque[DispyJob] = collections.deque()
@@ -131,7 +142,7 @@ class Run:
     @classmethod
     def map(
         cls,
-        computation: Callable[..., Any],
+        computation: Callable[..., Any] | str,
         inputs: Iterable[Any],
         *,
         nodes: Any,
@@ -149,7 +160,9 @@ class Run:
         Parameters
         ----------
         computation:
-            The function to run (travels by value: cells, closures and helpers work).
+            The function to run (travels by value: cells, closures and helpers work),
+            or the path of a program to run with each item's arguments (its exit
+            code is the result, its output bytes in ``stdout`` and ``stderr``).
         inputs:
             One job per item; each item is the only argument, unless ``unpack``.
         nodes:
@@ -169,7 +182,14 @@ class Run:
         listeners:
             More ``cluster_status``-style callables (e.g. ``NodePanel.cluster_status``).
         **options:
-            Passed to `JobCluster` (``setup``, ``secret``, ``cafile``, ...).
+            Passed to `JobCluster` (``setup``, ``depends``, ``secret``, ``cafile``,
+            ``pulse_interval``, ...).
+
+        Warns
+        -----
+        LargeCaptureWarning
+            Once per captured object, if ``computation`` (or ``setup``) captures one
+            that takes over a megabyte pickled (see `dispynb.jupyter.shipping`).
 
         Raises
         ------
@@ -178,7 +198,10 @@ class Run:
         """
         from dispynb.cluster import JobCluster
 
-        label = name or str(getattr(computation, "__name__", "run"))
+        if isinstance(computation, str):
+            label = name or os.path.basename(computation.rstrip("/")) or "run"
+        else:
+            label = name or str(getattr(computation, "__name__", "run"))
         run = cls(
             name=label,
             owns_cluster=True,
@@ -186,6 +209,17 @@ class Run:
             cluster_status=cluster_status,
         )
         run._listeners.extend(listeners)
+        setup = options.get("setup")
+        # As JobCluster will: code from a script's own modules travels by value.
+        serialize.ship_by_value(computation, setup)
+        shipping.warn_large_captures(computation, "computation", stacklevel=2)
+        if callable(setup):
+            shipping.warn_large_captures(setup, "setup function", stacklevel=2)
+        run.sources = SourceMap.of(
+            computation,
+            setup,
+            *(d for d in options.get("depends") or () if callable(d)),
+        )
         run.bar = (
             progress
             if isinstance(progress, ProgressBar)
@@ -230,10 +264,20 @@ class Run:
         """Submit one job with these arguments to the run's cluster."""
         if self.cluster is None:
             raise RuntimeError("this run has no cluster: call attach(cluster) first")
+        cluster = self.cluster
+        return self._track(lambda: cluster.submit(*args, **kwargs), args, kwargs)
+
+    def _track(
+        self,
+        submit: Callable[[], DispyJob],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> DispyJob:
+        """Submit with ``submit()`` and follow the job it returns."""
         with self._lock:
             if self._start is None:
                 self._start = time.monotonic()
-        job = self.cluster.submit(*args, **kwargs)
+        job = submit()
         with self._lock:
             key = job.id
             self._index[key] = len(self.jobs)
@@ -248,6 +292,30 @@ class Run:
                 self._end_job(key, early)
         self._notify()
         return job
+
+    def submit_node(self, node: Any, *args: Any, **kwargs: Any) -> DispyJob:
+        """Submit one job to run on ``node`` only (a `DispyNode`, ``"host:port"``,
+        address or name; see `JobCluster.submit_node`).
+
+        A node is known once it is set up (its ``Initialized`` event); `JobCluster`
+        returns as soon as the first node is, so wait for the others before pinning
+        jobs to them.
+
+        Raises
+        ------
+        ValueError
+            If ``node`` is not a node of the run's cluster (naming the known ones).
+        """
+        if self.cluster is None:
+            raise RuntimeError("this run has no cluster: call attach(cluster) first")
+        cluster = self.cluster
+        return self._track(
+            lambda: _require_job(
+                cluster, node, cluster.submit_node(node, *args, **kwargs)
+            ),
+            args,
+            kwargs,
+        )
 
     def submit_all(self, inputs: Iterable[Any], unpack: bool = False) -> list[DispyJob]:
         """Submit one job per item of ``inputs`` (see `map` for ``unpack``)."""
@@ -278,7 +346,18 @@ class Run:
             cancelled=self._tally["cancelled"],
             running=len(self._running),
             elapsed=0.0 if start is None else end - start,
+            provisional=self._provisional_count,
+            latest=self._latest_text(),
         )
+
+    def _latest_text(self) -> str:
+        """``'job 3: 0.75'``: the latest provisional result, shortened."""
+        if self._latest is None:
+            return ""
+        key, value = self._latest
+        index = self._index.get(key)
+        who = f"input {index}" if index is not None else f"job {key}"
+        return f"{who}: {templates.short_repr(value, 40)}"
 
     def done(self) -> bool:
         """Whether every job submitted so far has ended (and its events were seen)."""
@@ -291,6 +370,17 @@ class Run:
         return [job.result for job in self.jobs]
 
     @property
+    def provisional(self) -> dict[int, Any]:
+        """The latest provisional result of each job that sent one, by input index
+        (the job's position in `jobs`). Final results are in `results`."""
+        with self._lock:
+            return {
+                self._index[key]: value
+                for key, value in self._provisional.items()
+                if key in self._index
+            }
+
+    @property
     def failures(self) -> list[DispyJob]:
         """Jobs that raised, crashed or were abandoned, in submission order."""
         return [job for job in self.jobs if job.status in _FAILED]
@@ -301,10 +391,26 @@ class Run:
         return self.frame()
 
     def frame(self, expand: bool = False) -> pd.DataFrame:
-        """The jobs as a DataFrame; ``expand`` turns dict results into columns."""
+        """The jobs as a DataFrame; ``expand`` turns dict results into columns.
+
+        Its ``provisional`` column holds each job's latest provisional result.
+        """
         from dispynb.jupyter.frames import jobs_frame
 
-        return jobs_frame(self.jobs, expand=expand)
+        with self._lock:
+            jobs = list(self.jobs)
+            latest = [self._provisional.get(job.id, _NONE) for job in jobs]
+        return jobs_frame(
+            jobs,
+            expand=expand,
+            provisional=[None if v is _NONE else v for v in latest],
+        )
+
+    def traceback(self, job: DispyJob) -> str:
+        """``job``'s remote traceback, its frames pointing at the cells (or files)
+        the shipped code comes from when that is unambiguous (see
+        `dispynb.jupyter.tracebacks`); ``""`` if it has none."""
+        return self.sources.rerender(job.exception)
 
     # -- events (on the cluster's callback thread) -----------------------------------
 
@@ -338,6 +444,16 @@ class Run:
                     self._early_final[key] = JobStatus(status)
                 else:
                     self._end_job(key, JobStatus(status))
+            elif status == JobStatus.ProvisionalResult:
+                if key in self._ended:
+                    return
+                self._provisional[key] = job.result
+                self._provisional_count += 1
+                self._latest = (key, job.result)
+                if known:
+                    self._running.add(key)
+                else:
+                    self._early_running.add(key)
             else:
                 return
         self._notify()
@@ -477,7 +593,7 @@ class Run:
                 writer(
                     "stderr",
                     f"job {job.id} (input {index}){where} failed:\n"
-                    f"{(job.exception or '').rstrip()}\n",
+                    f"{self.traceback(job).rstrip()}\n",
                 )
 
     def _summary(self, writer: Writer) -> None:
@@ -566,6 +682,21 @@ class Run:
 
     def __repr__(self) -> str:
         return f"<Run {self.name!r} {templates.format_counts(self.counts())}>"
+
+
+_NONE = object()
+
+
+def _require_job(cluster: Any, node: Any, job: DispyJob | None) -> DispyJob:
+    if job is not None:
+        return job
+    known = ", ".join(
+        f"{n.name} ({n.ip_addr}:{n.port})" if n.name else f"{n.ip_addr}:{n.port}"
+        for n in cluster.status().nodes
+    )
+    raise ValueError(
+        f"{node!r} is not a node of this cluster; its nodes: {known or 'none'}"
+    )
 
 
 def _print_writer(stream: str, text: str) -> None:

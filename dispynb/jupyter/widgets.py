@@ -32,7 +32,11 @@ class NodeRow:
     """One node as the panel shows it.
 
     ``busy`` and ``jobs_done`` add up over every cluster (run) that used the node;
-    ``connected`` is whether a cluster is connected to it now.
+    ``connected`` is whether a cluster is connected to it now. ``cpu_free`` (percent
+    of CPU available) and ``memory_free`` (bytes) are the node's latest report
+    (``DispyNode.avail_info``: at connection, then with each ``AvailInfo`` event,
+    every ``pulse_interval``), None until one arrives; ``load_time`` is when it
+    arrived (epoch seconds).
     """
 
     address: str
@@ -42,6 +46,9 @@ class NodeRow:
     jobs_done: int = 0
     connected: bool = False
     update_time: float = 0.0
+    cpu_free: float | None = None
+    memory_free: int | None = None
+    load_time: float | None = None
 
 
 class NodeTable:
@@ -57,6 +64,7 @@ class NodeTable:
         self._live: dict[str, dict[int, DispyNode]] = {}
         self._closed_done: dict[str, int] = {}
         self._info: dict[str, tuple[str, int]] = {}
+        self._load: dict[str, tuple[float, int, float]] = {}  # cpu, memory, when
         self._order: list[str] = []
 
     def event(self, status: int, node: DispyNode | None, job: DispyJob | None) -> bool:
@@ -68,6 +76,9 @@ class NodeTable:
             if address not in self._info:
                 self._order.append(address)
             self._info[address] = (node.name, node.cpus)
+            info = node.avail_info
+            if info is not None:
+                self._load[address] = (float(info.cpu), int(info.memory), time.time())
             live = self._live.setdefault(address, {})
             if status == NodeStatus.Closed:
                 gone = live.pop(id(node), None)
@@ -75,7 +86,9 @@ class NodeTable:
                     self._closed_done[address] = (
                         self._closed_done.get(address, 0) + gone.jobs_done
                     )
-            elif status == NodeStatus.Initialized or isinstance(status, JobStatus):
+            elif status in (NodeStatus.Initialized, NodeStatus.AvailInfo) or (
+                isinstance(status, JobStatus)
+            ):
                 live[id(node)] = node
         return True
 
@@ -86,6 +99,9 @@ class NodeTable:
             for address in self._order:
                 name, cpus = self._info[address]
                 live = list(self._live.get(address, {}).values())
+                cpu_free, memory_free, load_time = self._load.get(
+                    address, (None, None, None)
+                )
                 rows.append(
                     NodeRow(
                         address=address,
@@ -96,13 +112,17 @@ class NodeTable:
                         + sum(n.jobs_done for n in live),
                         connected=bool(live),
                         update_time=max((n.update_time for n in live), default=0.0),
+                        cpu_free=cpu_free,
+                        memory_free=memory_free,
+                        load_time=load_time,
                     )
                 )
             return rows
 
 
 class NodePanel:
-    """A live table of nodes (name, address, CPUs, busy, jobs done, state).
+    """A live table of nodes (name, address, CPUs, busy, jobs done, CPU used, memory
+    free, state).
 
     Pass `cluster_status` (or `chain`) as a cluster's ``cluster_status`` callback.
     Inside a kernel with ipywidgets, ``panel.widget`` is an ``ipywidgets.HTML`` whose
@@ -185,7 +205,9 @@ class NodePanel:
         lines = [f"<NodePanel {len(rows)} nodes>"]
         lines += [
             f"  {r.name or '?'} {r.address} cpus={r.cpus} busy={r.busy} "
-            f"jobs_done={r.jobs_done} {'in use' if r.connected else 'idle'}"
+            f"jobs_done={r.jobs_done} cpu_used={templates.format_load(r.cpu_free)} "
+            f"memory_free={templates.format_bytes(r.memory_free)} "
+            f"{'in use' if r.connected else 'idle'}"
             for r in rows
         ]
         return "\n".join(lines)

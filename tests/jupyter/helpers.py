@@ -71,3 +71,28 @@ def wait_then_return(gate: str | None, value: object) -> object:
             raise TimeoutError(gate)
         time.sleep(0.01)
     return value
+
+
+def fail_in_helper(x: int) -> float:
+    """Fail two frames down, in `_divide` (a remote traceback with two frames)."""
+    return _divide(x, 0)
+
+
+def _divide(a: int, b: int) -> float:
+    return a / b
+
+
+def provisional_then_wait(gate: str, count: int) -> str:
+    """Send ``count`` provisional results (0, 1, ...), wait (at most 30 s) for the
+    file ``gate``, then return ``"done"``."""
+    import os
+    import time
+
+    for i in range(count):
+        dispy_provisional_result(i)  # type: ignore[name-defined]  # noqa: F821
+    deadline = time.monotonic() + 30
+    while not os.path.exists(gate):
+        if time.monotonic() > deadline:
+            raise TimeoutError(gate)
+        time.sleep(0.01)
+    return "done"

@@ -42,7 +42,7 @@ def test_jobs_frame_columns_and_dtypes_are_stable(jobs):
     assert frame.index.name == "index"
     assert list(frame.index) == [0, 1, 2, 3]
     dtypes = frame.dtypes
-    for name in ("id", "args", "kwargs", "result"):
+    for name in ("id", "args", "kwargs", "result", "provisional"):
         assert dtypes[name] == "object", name
     assert dtypes["status"] == STATUS_DTYPE
     for name in ("node", "stdout", "stderr", "exception"):
@@ -87,6 +87,17 @@ def test_jobs_frame_status_counts_include_every_status(jobs):
 
     assert set(counts.index) == {s.name for s in JobStatus}
     assert counts["Finished"] == 1 and counts["Cancelled"] == 0
+
+
+def test_jobs_frame_provisional_column_none_unless_given(jobs):
+    assert list(jobs_frame(jobs)["provisional"]) == [None] * 4
+
+    frame = jobs_frame(jobs, provisional=[None, None, (1, 2), {"step": 3}])
+
+    assert frame.loc[2, "provisional"] == (1, 2)
+    assert frame.loc[3, "provisional"] == {"step": 3}
+    with pytest.raises(ValueError, match="2 provisional results given for 4 jobs"):
+        jobs_frame(jobs, provisional=[1, 2])
 
 
 def test_jobs_frame_tuple_results_stay_whole():

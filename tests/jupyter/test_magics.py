@@ -291,6 +291,8 @@ def test_magic_help_documents_every_option(ip):
         "--progress",
         "--quiet",
         "--timeout",
+        "--depends",
+        "--on",
         "function",
     ):
         assert option in cell_doc, option
@@ -306,5 +308,6 @@ def test_magic_help_documents_every_option(ip):
         "--cafile",
         "--certfile",
         "--keyfile",
+        "--pulse",
     ):
         assert option in line_doc, option

@@ -1,11 +1,19 @@
-"""The node panel's model: rows folded from cluster_status events of many clusters."""
+"""The node panel's model: rows folded from cluster_status events of many clusters,
+with the nodes' load from AvailInfo events."""
 
 from __future__ import annotations
 
+import threading
+
+import pytest
+
+from dispynb import JobCluster
 from dispynb.job import JobStatus
+from dispynb.jupyter import display as templates
 from dispynb.jupyter.display import nodes_html
 from dispynb.jupyter.widgets import NodePanel, NodeTable
-from dispynb.node import DispyNode, NodeStatus
+from dispynb.node import DispyNode, DispyNodeAvailInfo, NodeStatus
+from tests import jobs
 from tests.jupyter.helpers import make_job
 
 
@@ -93,3 +101,52 @@ def test_nodes_html_escapes_names():
     panel.cluster_status(NodeStatus.Initialized, node(name="<b>"), None)
 
     assert "&lt;b&gt;" in nodes_html(panel.rows())
+
+
+def test_panel_load_from_avail_info_events():
+    panel = NodePanel(interval=0)
+    seen = node()
+    panel.cluster_status(NodeStatus.Initialized, seen, None)
+    [row] = panel.rows()
+    assert (row.cpu_free, row.memory_free, row.load_time) == (None, None, None)
+    assert "cpu_used=- memory_free=-" in repr(panel)
+
+    seen.avail_info = DispyNodeAvailInfo(63.0, 3 * 1024**3, 10**9, 100.0)
+    panel.cluster_status(NodeStatus.AvailInfo, seen, None)
+
+    [row] = panel.rows()
+    assert (row.cpu_free, row.memory_free) == (63.0, 3 * 1024**3)
+    assert row.load_time is not None
+    assert "CPU used" in panel.widget.value and "memory free" in panel.widget.value
+    assert ">37%<" in panel.widget.value and ">3.0 GB<" in panel.widget.value
+    assert ">37%<" in panel._repr_html_()
+    assert "cpu_used=37% memory_free=3.0 GB" in repr(panel)
+
+
+@pytest.mark.slow
+def test_panel_shows_node_load_after_avail_info_events(local):
+    panel = NodePanel(interval=0)
+    pulses = threading.Event()
+
+    def cluster_status(status: int, node: object, job: object) -> None:
+        if status == NodeStatus.AvailInfo:
+            pulses.set()
+
+    with JobCluster(
+        jobs.square,
+        nodes=local,
+        pulse_interval=0.2,
+        cluster_status=panel.chain(cluster_status),
+    ) as cluster:
+        assert pulses.wait(jobs.WAIT)
+        [row] = panel.rows()
+        [known] = cluster.status().nodes
+        assert known.avail_info is not None
+        assert row.cpu_free is not None and 0.0 <= row.cpu_free <= 100.0
+        assert row.memory_free is not None and row.memory_free > 0
+        assert row.connected
+        assert templates.format_bytes(row.memory_free) in panel.widget.value
+        assert templates.format_load(row.cpu_free) in panel.widget.value
+        summary = templates.cluster_html(cluster)
+        assert "memory free" in summary
+        assert templates.format_bytes(known.avail_info.memory) in summary

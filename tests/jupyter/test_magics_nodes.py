@@ -1,0 +1,151 @@
+"""``%%dispy --on NODE``: a cell's jobs run only on the nodes it names; ``--depends``;
+``%dispy local --pulse``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from IPython.core.error import UsageError
+from IPython.core.interactiveshell import InteractiveShell
+from IPython.utils.capture import capture_output
+from traitlets.config import Config
+
+from dispynb.jupyter.magics import DispyMagics
+from tests import jobs
+
+pytestmark = pytest.mark.slow
+
+WHERE = "def where(x):\n    return dispy_node_name\n"
+
+
+@pytest.fixture(scope="module")
+def ip() -> Iterator[InteractiveShell]:
+    """A shell with two local nodes of one CPU each, reporting their load often."""
+    config = Config()
+    config.HistoryManager.hist_file = ":memory:"
+    shell = InteractiveShell.instance(config=config)
+    shell.run_line_magic("load_ext", "dispynb")
+    with capture_output():
+        shell.run_line_magic("dispy", "local --nodes 2 --cpus 1 --pulse 0.5")
+    yield shell
+    shell.run_line_magic("dispy", "close")
+    shell.run_line_magic("unload_ext", "dispynb")
+
+
+def session(ip: InteractiveShell):  # type: ignore[no-untyped-def]
+    return ip.magics_manager.registry[DispyMagics.__name__].session
+
+
+def addresses(ip: InteractiveShell) -> list[str]:
+    return session(ip).local.node_specs()
+
+
+def run_where(ip: InteractiveShell, on: str, count: int = 6) -> list[str]:
+    with capture_output():
+        ip.run_cell_magic("dispy", f'--over "range({count})" --into placed {on}', WHERE)
+    return ip.user_ns["placed"].results
+
+
+def test_without_on_jobs_may_use_every_node(ip):
+    assert set(run_where(ip, "", 8)) <= {"local-0", "local-1"}
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_on_name_runs_every_job_on_that_node(ip, index):
+    assert run_where(ip, f"--on local-{index}") == [f"local-{index}"] * 6
+
+
+def test_on_host_port_runs_on_that_node(ip):
+    second = addresses(ip)[1]
+
+    assert run_where(ip, f"--on {second}") == ["local-1"] * 6
+
+
+def test_on_repeated_uses_both_nodes_and_the_run_knows_only_them(ip):
+    results = run_where(ip, "--on local-0 --on local-1", 8)
+
+    assert set(results) <= {"local-0", "local-1"}
+    assert len(results) == 8
+
+
+def test_on_unknown_node_fails_naming_the_known_nodes(ip):
+    first, second = addresses(ip)
+    ip.user_ns.pop("placed", None)
+
+    with pytest.raises(UsageError) as error:
+        run_where(ip, "--on elsewhere:9711")
+
+    message = str(error.value)
+    assert "--on elsewhere:9711: not a node in use" in message
+    assert f"local-0 ({first})" in message and f"local-1 ({second})" in message
+    assert "placed" not in ip.user_ns  # nothing ran
+
+
+def test_on_a_host_with_two_nodes_is_ambiguous(ip):
+    with pytest.raises(UsageError, match=r"--on 127\.0\.0\.1 matches 2 nodes"):
+        run_where(ip, "--on 127.0.0.1")
+
+
+def test_depends_sends_a_data_file_the_setup_reads(ip, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "table.txt").write_text("fox 3\ndog 30\n")
+    ip.run_cell(
+        "def read_table():\n"
+        "    global table\n"
+        "    with open('table.txt') as f:\n"
+        "        table = dict((w, int(n)) for w, n in (l.split() for l in f))\n"
+    )
+
+    with capture_output():
+        ip.run_cell_magic(
+            "dispy",
+            "--over \"['fox', 'dog', 'cat']\" --into looked --setup read_table "
+            "--depends \"['table.txt']\" --on local-1",
+            "def look(word):\n    return table.get(word, 0), dispy_node_name\n",
+        )
+
+    assert ip.user_ns["looked"].results == [
+        (3, "local-1"),
+        (30, "local-1"),
+        (0, "local-1"),
+    ]
+
+
+def test_status_shows_the_nodes_load(ip):
+    run_where(ip, "", 2)  # a run: its cluster's pulses report the load
+
+    text = repr(ip.run_line_magic("dispy", "status"))
+
+    assert text.count("memory_free=") == 2
+    assert "memory_free=-" not in text  # reported by the nodes when runs connect
+
+
+def test_pulse_is_only_for_local_and_nodes(ip):
+    assert session(ip).options == {"pulse_interval": 0.5}  # what runs are given
+    with pytest.raises(UsageError, match="--pulse is for"):
+        ip.run_line_magic("dispy", "status --pulse 1")
+
+
+def test_run_submit_node_pins_jobs_and_names_the_nodes_when_unknown(ip):
+    from dispynb import JobCluster
+    from dispynb.jupyter.run import Run
+
+    def where(x: int) -> str:
+        return dispy_node_name  # type: ignore[name-defined]  # noqa: F821
+
+    local = session(ip).local
+    run = Run(name="pinned")
+    with JobCluster(where, nodes=local, **run.callbacks()) as cluster:
+        run.attach(cluster)
+        # JobCluster() returns once one node is set up; submit_node needs the other.
+        jobs.wait_until(lambda: len(cluster.status().nodes) == 2)
+        for x in range(4):
+            run.submit_node("local-1", x)
+        with pytest.raises(ValueError, match=r"'elsewhere' is not a node") as error:
+            run.submit_node("elsewhere", 9)
+        assert run.wait(timeout=10, echo=False)
+
+    assert "local-0 (127.0.0.1:" in str(error.value)
+    assert run.results == ["local-1"] * 4
+    assert len(run.jobs) == 4
