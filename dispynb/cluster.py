@@ -371,6 +371,11 @@ class JobCluster:
         job._complete(JobStatus.Abandoned, exception=reason)
         self._finished(job, node)
 
+    def job_requeued(self, key: int) -> None:
+        job = self._jobs.get(key)
+        if job is not None:
+            job._requeue()
+
     def job_cancelled(self, key: int) -> None:
         job = self._jobs.pop(key, None)
         if job is not None:
@@ -684,6 +689,12 @@ class JobCluster:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         # Unlike dispy, never swallow the exception raised in the with-block.
         self.close(terminate=exc_type is not None)
+
+    def _repr_html_(self) -> str:
+        """Rich display in notebooks (the HTML lives in the Jupyter layer)."""
+        from dispynb.jupyter.display import cluster_html
+
+        return cluster_html(self)
 
     def __repr__(self) -> str:
         nodes, pending = len(self._nodes), self._outstanding

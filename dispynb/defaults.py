@@ -6,6 +6,16 @@ from __future__ import annotations
 #: clashing with a dispy node running on the same machine).
 NODE_PORT = 9711
 
+#: UDP port nodes listen on for discovery pings (``dispynb-node --discovery``).
+DISCOVERY_PORT = 9712
+
+#: UDP port clients listen on for the announcements nodes send when they start: always
+#: the discovery port plus one (``--discovery-port`` moves both, as dispy's port did).
+DISCOVERY_CLIENT_PORT = DISCOVERY_PORT + 1
+
+#: IPv4 multicast group of discovery with ``ipv4_udp_multicast=True`` (dispy's group).
+IPV4_MULTICAST_GROUP = "239.255.61.59"
+
 #: Largest frame accepted before authentication: handshake messages are tiny.
 PRE_AUTH_MAX_FRAME = 64 * 1024
 

@@ -11,7 +11,12 @@ import signal
 import sys
 
 from dispynb._version import __version__
-from dispynb.defaults import MAX_MESSAGE_SIZE, NODE_PORT
+from dispynb.defaults import (
+    DISCOVERY_PORT,
+    IPV4_MULTICAST_GROUP,
+    MAX_MESSAGE_SIZE,
+    NODE_PORT,
+)
 from dispynb.errors import ConfigurationError, DispynbError
 from dispynb.secret import resolve_secret
 from nodeserver.config import NodeConfig
@@ -108,6 +113,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--port-file", default=None, help="write the bound port to this file when ready"
     )
     add(
+        "--orphan-timeout",
+        type=float,
+        default=300.0,
+        help="seconds a silent client keeps its computations (default 300; 0: ever)",
+    )
+    add(
+        "--discovery",
+        action="store_true",
+        help="answer clients' UDP discovery pings and announce this node when it "
+        "starts (off by default: clients then name this node)",
+    )
+    add(
+        "--discovery-port",
+        type=int,
+        default=DISCOVERY_PORT,
+        help=f"UDP port for discovery pings (default {DISCOVERY_PORT}; clients hear "
+        "announcements on the next port)",
+    )
+    add(
+        "--ipv4-multicast",
+        action="store_true",
+        help=f"also answer pings sent to multicast group {IPV4_MULTICAST_GROUP} "
+        "(implies --discovery)",
+    )
+    add(
         "--exit-with-parent",
         action="store_true",
         help="stop when the process that started this node exits (LocalCluster)",
@@ -141,6 +171,10 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         max_file_size=args.max_file_size,
         max_message_size=args.max_message_size,
         port_file=args.port_file,
+        orphan_timeout=args.orphan_timeout,
+        discovery=args.discovery or args.ipv4_multicast,
+        discovery_port=args.discovery_port,
+        ipv4_multicast=args.ipv4_multicast,
     )
     if args.name:
         config.name = args.name

@@ -12,6 +12,7 @@ from dispynb.transport.addressing import format_address
 from dispynb.transport.connection import Connection
 from dispynb.transport.listener import Listener
 from dispynb.transport.tls import server_context
+from nodeserver.announce import Announcer
 from nodeserver.budget import CpuBudget
 from nodeserver.config import NodeConfig
 from nodeserver.filestore import FileStore
@@ -41,6 +42,7 @@ class NodeServer:
         self.address = ""
         self._listener: Listener | None = None
         self._session_tasks: set[asyncio.Task[None]] = set()
+        self._announcer: Announcer | None = None
 
     async def start(self) -> int:
         """Listen and serve; return the bound port (written to ``port_file`` if set)."""
@@ -60,6 +62,16 @@ class NodeServer:
         )
         port = self._listener.listen_on(config.host, config.port)
         self.address = format_address(config.host, port)
+        if config.discovery:
+            self._announcer = Announcer(
+                name=config.name,
+                tcp_port=port,
+                cpus=config.cpus,
+                host=config.host,
+                port=config.discovery_port,
+                multicast=config.ipv4_multicast,
+            )
+            await self._announcer.start()
         if config.port_file:
             tmp = f"{config.port_file}.tmp"
             with open(tmp, "w") as handle:
@@ -103,6 +115,9 @@ class NodeServer:
 
     async def stop(self) -> None:
         """Stop listening, end every session (terminating their jobs)."""
+        if self._announcer is not None:
+            self._announcer.close(leaving=True)
+            self._announcer = None
         if self._listener is not None:
             self._listener.stop()
         for session in list(self.sessions):

@@ -12,6 +12,7 @@ import itertools
 import logging
 import os
 import re
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,7 @@ from dispynb.protocol.messages import (
     JobSubmit,
     Message,
     NodeStatus,
+    Ping,
 )
 from dispynb.transport.connection import Connection
 from nodeserver.computation import Computation, NodeJob
@@ -77,6 +79,7 @@ class ClientSession:
         self._waiting_for_files: dict[int, tuple[set[str], Any]] = {}
         self._refused_files: dict[str, str] = {}  # digest -> why
         self._status_interval: float | None = None
+        self._last_heard = time.monotonic()
         self._status_task: asyncio.Task[None] | None = None
         self._handlers: dict[type[Message], Callable[[Any, list[memoryview]], None]] = {
             ComputationSetup: self._on_setup,
@@ -85,6 +88,7 @@ class ClientSession:
             ComputationClose: self._on_close,
             FilePut: self._on_file_put,
             FilePlace: self._on_file_place,
+            Ping: self._on_ping,
         }
 
     async def serve(self) -> None:
@@ -92,6 +96,7 @@ class ClientSession:
         try:
             while True:
                 message, buffers = await self.conn.recv()
+                self._last_heard = time.monotonic()
                 handler = self._handlers.get(type(message))
                 if handler is None:
                     logger.warning("%s sent unexpected %r", self.conn.peer, message.op)
@@ -175,10 +180,24 @@ class ClientSession:
             self._tasks.add(self._status_task)
 
     async def _report_status(self) -> None:
+        """Pulse: report resources; and free the computations of a silent client."""
+        orphan_timeout = self.server.config.orphan_timeout
         while True:
             await asyncio.sleep(self._status_interval or STATUS_INTERVAL)
+            if orphan_timeout and time.monotonic() - self._last_heard > orphan_timeout:
+                logger.warning(
+                    "client %r at %s silent for %.0f s: freeing its computations",
+                    self.client_name,
+                    self.conn.peer,
+                    orphan_timeout,
+                )
+                self.conn.close()  # serve() then terminates its computations
+                return
             avail = avail_info(self.server.config.dest_path)
             self._write(NodeStatus(avail=avail))
+
+    def _on_ping(self, message: Ping, buffers: list[memoryview]) -> None:
+        """The client is alive (recorded for every message received)."""
 
     def _local_ip(self) -> str:
         """This node's IP address as its client reached it (dispy_node_ip_addr)."""

@@ -284,6 +284,11 @@ class JobCancel(WireMessage):
     attempt: int
 
 
+@message("ping")
+class Ping(WireMessage):
+    """Client -> node, every pulse: the client is alive (nodes free silent ones)."""
+
+
 @message("node-status")
 class NodeStatus(WireMessage):
     """Node -> client, periodically: resources available (as in `Welcome.avail`)."""

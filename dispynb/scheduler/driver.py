@@ -42,6 +42,7 @@ from dispynb.protocol.messages import (
     JobResults,
     JobSubmit,
     NodeStatus,
+    Ping,
     Welcome,
 )
 from dispynb.scheduler.events import (
@@ -68,6 +69,17 @@ logger = logging.getLogger(__name__)
 #: A job batch is cut once its arguments pass this size (keeps messages moderate).
 BATCH_BYTES = 8 * 1024 * 1024
 
+#: Seconds between pulses when the cluster sets no ``pulse_interval``.
+DEFAULT_PULSE = 1.0
+
+#: A node is declared dead after this many pulses without a word from it.
+DEAD_AFTER = 3
+
+#: Reconnection to a lost node: first delay, longest delay, and for how long (s).
+RECONNECT_DELAY = 0.5
+RECONNECT_DELAY_MAX = 5.0
+RECONNECT_FOR = 60.0
+
 #: Seconds a node gets to acknowledge closing the computation.
 CLOSE_TIMEOUT = 30.0
 
@@ -92,6 +104,7 @@ class NodeLink:
     allocate: Allocator | None = None
     peer_ip: str = ""
     resetting: bool = False
+    last_seen: float = 0.0  # loop time of the last message from it
 
 
 #: ``allocate(welcome, peer_ip) -> (cpus, bundle, files)`` (see `Driver.add_node`).
@@ -133,6 +146,9 @@ class JobEvents(Protocol):
 
     def job_cancelled(self, key: int) -> None:
         """A queued job was cancelled before it ran."""
+
+    def job_requeued(self, key: int) -> None:
+        """A job's node was lost; the job waits to run elsewhere (reentrant)."""
 
     def node_ready(self, node: NodeLink) -> None:
         """The computation is set up on ``node``."""
@@ -187,51 +203,62 @@ class Driver:
         self._placements: dict[int, asyncio.Future[str]] = {}
         self._requests = itertools.count(1)
         self._connecting = 0
+        self._reconnecting = 0
+        self._watchdog: asyncio.Task[None] | None = None
+        self.pulse = config.pulse_interval or DEFAULT_PULSE
         self.last_error: DispynbError | None = None
         self._closing = False
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # -- nodes ---------------------------------------------------------------------
 
-    def add_node(
-        self,
-        host: str,
-        port: int,
-        allocate: Allocator,
-    ) -> asyncio.Task[None]:
+    def add_node(self, host: str, port: int, allocate: Allocator) -> asyncio.Task[None]:
         """Connect to a node and set the computation up on it.
 
         ``allocate(welcome, peer_ip)`` returns ``(cpus, bundle, files)``: the CPUs to
         use (0 rejects the node), the pickled computation and the files it needs.
         """
-        node_id = format_address(host, port)
-        link = self.nodes.get(node_id)
-        if link is None:
-            link = self.nodes[node_id] = NodeLink(node_id=node_id, host=host, port=port)
-        self._connecting += 1
-        link.setting_up = True
+        link = self.nodes.get(format_address(host, port)) or self._new_link(host, port)
         return self._spawn(self._join(link, allocate))
 
-    async def _join(
-        self,
-        link: NodeLink,
-        allocate: Allocator,
-    ) -> None:
+    def _new_link(self, host: str, port: int) -> NodeLink:
+        """Register a node being connected (it counts as one that may come)."""
+        link = NodeLink(node_id=format_address(host, port), host=host, port=port)
+        self.nodes[link.node_id] = link
+        self._connecting += 1
+        link.setting_up = True
+        self._watch()
+        return link
+
+    async def _connect(self, host: str, port: int) -> tuple[Connection, Welcome]:
         config = self.config
+        return await connect(
+            host,
+            port,
+            secret=config.secret,
+            max_message_size=config.max_message_size,
+            ssl_context=config.ssl_context,
+            name=config.client_name,
+        )
+
+    async def _join(self, link: NodeLink, allocate: Allocator) -> None:
         try:
-            conn, welcome = await connect(
-                link.host,
-                link.port,
-                secret=config.secret,
-                max_message_size=config.max_message_size,
-                ssl_context=config.ssl_context,
-                name=config.client_name,
-            )
-            link.conn, link.welcome = conn, welcome
-            link.closed = asyncio.get_running_loop().create_future()
-            sock = conn.stream.socket
-            link.peer_ip = sock.getpeername()[0] if sock is not None else link.host
-            link.allocate = allocate
+            conn, welcome = await self._connect(link.host, link.port)
+        except DispynbError as exc:
+            self._fail_node(link, exc)
+            return
+        await self._attach(link, allocate, conn, welcome)
+
+    async def _attach(
+        self, link: NodeLink, allocate: Allocator, conn: Connection, welcome: Welcome
+    ) -> None:
+        """Set the computation up over an authenticated connection; then read it."""
+        link.conn, link.welcome = conn, welcome
+        link.closed = asyncio.get_running_loop().create_future()
+        sock = conn.stream.socket
+        link.peer_ip = sock.getpeername()[0] if sock is not None else link.host
+        link.allocate = allocate
+        try:
             self._set_up(link)
         except DispynbError as exc:
             self._fail_node(link, exc)
@@ -256,7 +283,7 @@ class Driver:
                 dest_path=config.dest_path,
                 cleanup=config.cleanup,
                 files=[[ref.relative, ref.digest, ref.size] for ref in files],
-                pulse_interval=config.pulse_interval,
+                pulse_interval=self.pulse,
                 setup_timeout=config.setup_timeout,
             ),
             bundle,
@@ -280,10 +307,12 @@ class Driver:
 
     async def _read(self, link: NodeLink) -> None:
         assert link.conn is not None
+        loop = asyncio.get_running_loop()
         reason = "connection closed"
         try:
             while True:
                 message, buffers = await link.conn.recv()
+                link.last_seen = loop.time()
                 if isinstance(message, JobResults):
                     self._on_results(link, message, buffers)
                 elif isinstance(message, JobProvisional):
@@ -330,6 +359,7 @@ class Driver:
     def _on_ready(self, link: NodeLink, message: ComputationReady) -> None:
         self._settle(link)
         link.ready = True
+        link.last_seen = asyncio.get_running_loop().time()
         link.cpus = message.workers
         self.events.node_ready(link)
         self._apply(self.state.handle(NodeJoined(link.node_id, message.workers)))
@@ -387,18 +417,91 @@ class Driver:
 
     def _lose_node(self, link: NodeLink, reason: str) -> None:
         if link.conn is not None:
-            link.conn.close()
+            link.conn.close()  # fencing: whatever it still sends is never read
         if self.nodes.pop(link.node_id, None) is None:
             return
+        was_ready = link.ready
         if link.ready:
             link.ready = False
             self._apply(self.state.handle(NodeLeft(link.node_id)), lost_reason=reason)
             self.events.node_closed(link, reason)
+        if was_ready and not self._closing and link.allocate is not None:
+            # It may come back (restarted, link healed): try again for a while.
+            self._reconnecting += 1
+            self._spawn(self._reconnect(link.host, link.port, link.allocate))
         self._abandon_if_no_nodes()
+
+    async def _reconnect(self, host: str, port: int, allocate: Allocator) -> None:
+        """Connect again to a lost node, with backoff, for up to RECONNECT_FOR s.
+
+        A node that comes back authenticates anew and gets a fresh computation; what
+        it may still send for the old one was on the old, closed connection.
+        """
+        loop = asyncio.get_running_loop()
+        delay, deadline = RECONNECT_DELAY, loop.time() + RECONNECT_FOR
+        conn: Connection | None = None
+        welcome: Welcome | None = None
+        try:
+            while not self._closing and loop.time() < deadline:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_DELAY_MAX)
+                if self._closing or format_address(host, port) in self.nodes:
+                    return
+                try:
+                    conn, welcome = await self._connect(host, port)
+                    break
+                except DispynbError as exc:
+                    logger.debug("node %s:%d still away: %s", host, port, exc)
+        finally:
+            self._reconnecting -= 1
+        if conn is None or welcome is None or self._closing:
+            if conn is not None:
+                conn.close()
+            self._abandon_if_no_nodes()
+            return
+        logger.info("node %s is back", format_address(host, port))
+        link = self._new_link(host, port)
+        await self._attach(link, allocate, conn, welcome)
+
+    def _watch(self) -> None:
+        """Start the pulse watchdog (once, on the I/O loop)."""
+        if self._watchdog is None:
+            self._watchdog = self._spawn(self._watch_pulses())
+
+    async def _watch_pulses(self) -> None:
+        """Ping the nodes every pulse; a node silent for DEAD_AFTER pulses is dead."""
+        loop = asyncio.get_running_loop()
+        pulse = self.pulse
+        while not self._closing:
+            expected = loop.time() + pulse / 2
+            await asyncio.sleep(pulse / 2)
+            now = loop.time()
+            late = now - expected > pulse
+            for link in list(self.nodes.values()):
+                if not link.ready or link.conn is None:
+                    continue
+                if late:
+                    # This loop was held up (a huge result?): the nodes' pulses may be
+                    # waiting unread, so judge no one this round.
+                    link.last_seen = now
+                    continue
+                silent = now - link.last_seen
+                if silent > DEAD_AFTER * pulse:
+                    logger.warning(
+                        "node %s sent nothing for %.1f s: declared dead",
+                        link.node_id,
+                        silent,
+                    )
+                    self._lose_node(link, f"no pulse for {silent:.1f} s")
+                    continue
+                with contextlib.suppress(DispynbError):
+                    link.conn.write(Ping())
 
     def _abandon_if_no_nodes(self) -> None:
         """With no node left (and none coming), queued jobs can never run."""
-        if self._connecting > 0 or any(n.ready for n in self.nodes.values()):
+        if self._connecting > 0 or self._reconnecting > 0:
+            return
+        if any(n.ready for n in self.nodes.values()):
             return
         for key in list(self._jobs):
             self._jobs.pop(key)
@@ -439,7 +542,7 @@ class Driver:
         instructions: list[Instruction] = []
         handle = self.state.handle
         jobs = self._jobs
-        if not self.nodes and self._connecting == 0:
+        if not self.nodes and self._connecting == 0 and self._reconnecting == 0:
             while incoming:
                 key = incoming.popleft()[0]
                 self.events.job_abandoned(key, None, self._no_node_reason())
@@ -571,6 +674,7 @@ class Driver:
                     instruction.key,
                     instruction.attempt,
                 )
+                self.events.job_requeued(instruction.key)
         for node_id, jobs in batches.items():
             self._send_jobs(node_id, jobs)
 

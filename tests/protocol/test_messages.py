@@ -42,6 +42,7 @@ SAMPLES: list[WireMessage] = [
     m.JobCancel(comp_id=1, key=2, attempt=1),
     m.JobProvisional(comp_id=1, key=2, attempt=1),
     m.NodeStatus(avail=[50.0, 1e9, 1e10, 100.0]),
+    m.Ping(),
     m.FilesMissing(comp_id=1, digests=["ab" * 32]),
     m.FilePut(digest="ab" * 32, size=3),
     m.FilePlace(comp_id=1, request=4, path="a/b.txt", digest="ab" * 32),
@@ -228,23 +229,23 @@ class _Family(Message, family=True):
     """A separate family: its ops are unknown to WireMessage and vice versa."""
 
 
-@message("ping")
+@message("probe")
 class _Ping(_Family):
     seq: int
 
 
 def test_other_family_op_is_unknown_to_wire_messages():
     with pytest.raises(MessageError, match="unknown"):
-        WireMessage.from_header({"op": "ping", "seq": 1})
+        WireMessage.from_header({"op": "probe", "seq": 1})
     with pytest.raises(MessageError, match="unknown"):
         _Family.from_header(SAMPLES[2].to_header())
-    assert _Family.from_header({"op": "ping", "seq": 3}) == _Ping(seq=3)
+    assert _Family.from_header({"op": "probe", "seq": 3}) == _Ping(seq=3)
 
 
 def test_duplicate_op_raises_type_error():
     with pytest.raises(TypeError, match="declared twice"):
 
-        @message("ping")
+        @message("probe")
         class _Again(_Family):
             seq: int
 

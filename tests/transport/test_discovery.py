@@ -1,0 +1,385 @@
+"""UDP discovery on 127.0.0.1 only: unicast pings, replies, announcements.
+
+Nothing here broadcasts or multicasts (that runs in the namespace hosts of
+``tests/multihost``); every socket is bound to a loopback address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import types
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+
+from dispynb.defaults import IPV4_MULTICAST_GROUP
+from dispynb.errors import ConfigurationError
+from dispynb.protocol import discovery as d
+from dispynb.transport import discovery as discovery_module
+from dispynb.transport.discovery import (
+    BROADCAST,
+    Discovery,
+    broadcast_for,
+    discovery_targets,
+    open_endpoint,
+    udp_socket,
+)
+from nodeserver import announce as announce_module
+from nodeserver.announce import REPLIES_PER_SOURCE, Announcer
+from nodeserver.config import NodeConfig
+from nodeserver.server import NodeServer
+from tests.asyncutil import run
+from tests.nodeproc import running_node
+from tests.transport.util import wait_until
+
+HOST = "127.0.0.1"
+
+
+class Found:
+    """Records ``on_found`` and ``on_lost`` calls."""
+
+    def __init__(self) -> None:
+        self.found: list[tuple[str, int, str, int]] = []
+        self.lost: list[tuple[str, int]] = []
+
+    def on_found(self, ip: str, port: int, name: str, cpus: int) -> None:
+        self.found.append((ip, port, name, cpus))
+
+    def on_lost(self, ip: str, port: int) -> None:
+        self.lost.append((ip, port))
+
+
+class Peer:
+    """A raw UDP socket on a loopback address that records what it receives."""
+
+    def __init__(self, transport: asyncio.DatagramTransport) -> None:
+        self.transport = transport
+        self.received: list[tuple[bytes, tuple[str, int]]] = []
+
+    @classmethod
+    async def open(cls, host: str = HOST) -> Peer:
+        peer = cls.__new__(cls)
+        peer.received = []
+        peer.transport = await open_endpoint(
+            udp_socket(host, 0), lambda data, addr: peer.received.append((data, addr))
+        )
+        return peer
+
+    def send(self, data: bytes, port: int, host: str = HOST) -> None:
+        self.transport.sendto(data, (host, port))
+
+    def close(self) -> None:
+        self.transport.close()
+
+
+def announce(**changes: object) -> bytes:
+    fields: dict[str, object] = {
+        "name": "forger",
+        "port": 4242,
+        "cpus": 2,
+        "boot": b"B" * d.BOOT_SIZE,
+    }
+    fields.update(changes)
+    return d.encode(d.Announce(**fields))  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def found() -> Found:
+    return Found()
+
+
+@pytest.fixture
+def no_broadcast(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """Fail the test if anything sends a datagram to a non-loopback address."""
+    sent: list[tuple[str, int]] = []
+    real_open = discovery_module.open_endpoint
+
+    async def guarded_open(
+        sock: socket.socket, on_datagram: Callable[[bytes, tuple[str, int]], None]
+    ) -> asyncio.DatagramTransport:
+        transport = await real_open(sock, on_datagram)
+        real_sendto = transport.sendto
+
+        def sendto(data: bytes, addr: Any = None) -> None:
+            sent.append(addr)
+            assert str(addr[0]).startswith("127."), f"datagram to {addr}"
+            real_sendto(data, addr)
+
+        transport.sendto = sendto  # type: ignore[method-assign]
+        return transport
+
+    monkeypatch.setattr(discovery_module, "open_endpoint", guarded_open)
+    monkeypatch.setattr(announce_module, "open_endpoint", guarded_open)
+    return sent
+
+
+# -- wildcard specs --------------------------------------------------------------------
+
+
+def test_broadcast_for_wildcard_specs() -> None:
+    assert broadcast_for("10.77.0.*") == "10.77.0.255"
+    assert broadcast_for(" 192.168.1.* ") == "192.168.1.255"
+    assert broadcast_for("*") == BROADCAST
+    for spec in ("10.77.*", "10.*.0.1", "10.77.0.1", "node*", "300.1.1.*", "::*"):
+        assert broadcast_for(spec) is None, spec
+
+
+def test_discovery_targets() -> None:
+    specs = ["10.77.0.*", "10.77.0.2", "10.77.0.*", "10.*", "*"]
+    assert discovery_targets(specs) == ["10.77.0.255", BROADCAST]
+    assert discovery_targets(specs, multicast=True) == [IPV4_MULTICAST_GROUP]
+    assert discovery_targets(["node1", "10.77.0.3"]) == []
+
+
+def test_bad_targets_and_hosts_are_refused() -> None:
+    async def main() -> None:
+        discovery = Discovery(host=HOST, listen=False)
+        for target in ("node1.example", "::1", "[::1]:9712", ""):
+            with pytest.raises(ConfigurationError):
+                await discovery.start([target], Found().on_found)
+        discovery.close()
+
+    run(main())
+    with pytest.raises(ConfigurationError, match="IPv4"):
+        Discovery(host="localhost")
+    with pytest.raises(ConfigurationError, match="IPv4"):
+        Announcer(name="n", tcp_port=1, cpus=1, host="::1")
+
+
+# -- a node server answering a unicast ping ------------------------------------------
+
+
+def test_node_answers_unicast_ping(
+    tmp_path: Path, found: Found, no_broadcast: None
+) -> None:
+    async def main() -> None:
+        config = NodeConfig(
+            host=HOST,
+            port=0,
+            secret=b"discovery-test-secret",
+            name="disco-node",
+            cpus=3,
+            dest_path=str(tmp_path / "dest"),
+            discovery=True,
+            discovery_port=0,
+        )
+        server = NodeServer(config)
+        tcp_port = await server.start()
+        try:
+            assert server._announcer is not None
+            udp_port = server._announcer.port
+            discovery = Discovery(host=HOST, port=udp_port, listen=False)
+            await discovery.start([HOST], found.on_found)
+            try:
+                await wait_until(lambda: bool(found.found))
+                discovery.ping_again()  # answered again, reported once
+                with pytest.raises(RuntimeError, match="already started"):
+                    await discovery.start([HOST], found.on_found)
+            finally:
+                discovery.close()
+        finally:
+            await server.stop()
+        assert found.found == [(HOST, tcp_port, "disco-node", 3)]
+
+    run(main())
+
+
+@pytest.mark.slow
+def test_node_cli_discovery_options(tmp_path: Path, found: Found) -> None:
+    async def free_udp_port() -> int:
+        peer = await Peer.open()
+        port = int(peer.transport.get_extra_info("sockname")[1])
+        peer.close()
+        return port
+
+    udp_port = run(free_udp_port())
+    with running_node(
+        tmp_path, "--host", HOST, "--discovery", "--discovery-port", str(udp_port)
+    ) as node:
+
+        async def main() -> None:
+            discovery = Discovery(host=HOST, port=udp_port, listen=False)
+            await discovery.start([f"{HOST}:{udp_port}"], found.on_found)
+            try:
+                await wait_until(lambda: bool(found.found), timeout=10)
+            finally:
+                discovery.close()
+
+        run(main(), timeout=15)
+        assert found.found == [(HOST, node.port, "cli-node", 1)]
+        assert f"answering pings on UDP {HOST}:{udp_port}" in node.log_text()
+
+
+def test_node_cli_refuses_ipv6_discovery(tmp_path: Path) -> None:
+    config = NodeConfig(host="::1", discovery=True, dest_path=str(tmp_path))
+    with pytest.raises(ConfigurationError, match="IPv4 only"):
+        config.validate()
+    config = NodeConfig(discovery_port=65535, dest_path=str(tmp_path))
+    with pytest.raises(ConfigurationError, match="discovery port"):
+        config.validate()
+    config = NodeConfig(ipv4_multicast=True, dest_path=str(tmp_path))
+    config.validate()
+    assert config.discovery
+
+
+# -- the client never takes an address from a datagram ---------------------------------
+
+
+def test_announce_reports_its_source_address(found: Found, no_broadcast: None) -> None:
+    async def main() -> None:
+        discovery = Discovery(host=HOST, listen_port=0)
+        await discovery.start([], found.on_found)
+        assert discovery.listen_address is not None
+        listen_port = discovery.listen_address[1]
+        forger = await Peer.open("127.0.0.2")
+        try:
+            # a node name that looks like an address changes nothing
+            forger.send(announce(name="10.9.9.9"), listen_port)
+            # a payload with an address field is not a valid announcement at all
+            fields = msgpack.unpackb(announce(port=4343))
+            fields.pop("leaving")
+            fields["ip_addr"] = "10.9.9.9"
+            forger.send(msgpack.packb(fields), listen_port)
+            # an announcement that is a reply to someone else's ping is ignored
+            forger.send(announce(port=4444, nonce=b"x" * d.NONCE_SIZE), listen_port)
+            forger.send(announce(port=4545), listen_port)
+            await wait_until(lambda: len(found.found) == 2)
+        finally:
+            forger.close()
+            discovery.close()
+        assert found.found == [
+            ("127.0.0.2", 4242, "10.9.9.9", 2),
+            ("127.0.0.2", 4545, "forger", 2),
+        ]
+
+    run(main())
+
+
+def test_announcements_are_deduplicated(found: Found, no_broadcast: None) -> None:
+    async def main() -> None:
+        discovery = Discovery(host=HOST, listen_port=0)
+        await discovery.start([], found.on_found, found.on_lost)
+        assert discovery.listen_address is not None
+        port = discovery.listen_address[1]
+        node = await Peer.open()
+        marker = await Peer.open("127.0.0.3")
+        try:
+            for _ in range(3):
+                node.send(announce(), port)
+            node.send(announce(version=99), port)  # another protocol: not used
+            node.send(announce(version=99), port)
+            marker.send(announce(), port)
+            await wait_until(lambda: len(found.found) == 2)
+            assert found.found[0] == (HOST, 4242, "forger", 2)
+            assert discovery.found == [(HOST, 4242), ("127.0.0.3", 4242)]
+            node.send(announce(leaving=True), port)  # leaves, then restarts
+            node.send(announce(boot=b"C" * d.BOOT_SIZE), port)
+            await wait_until(lambda: len(found.found) == 3)
+            assert found.lost == [(HOST, 4242)]
+            discovery.forget(HOST, 4242)  # e.g. after its connection was lost
+            node.send(announce(boot=b"C" * d.BOOT_SIZE), port)
+            await wait_until(lambda: len(found.found) == 4)
+        finally:
+            node.close()
+            marker.close()
+            discovery.close()
+
+    run(main())
+    assert {f[:2] for f in found.found} == {(HOST, 4242), ("127.0.0.3", 4242)}
+
+
+def test_version_mismatch_is_logged_once(
+    caplog: pytest.LogCaptureFixture, found: Found, no_broadcast: None
+) -> None:
+    async def main() -> None:
+        discovery = Discovery(host=HOST, listen_port=0)
+        await discovery.start([], found.on_found)
+        assert discovery.listen_address is not None
+        node = await Peer.open()
+        try:
+            for _ in range(3):
+                node.send(announce(version=99), discovery.listen_address[1])
+            node.send(announce(), discovery.listen_address[1])
+            await wait_until(lambda: bool(found.found))
+        finally:
+            node.close()
+            discovery.close()
+
+    with caplog.at_level(logging.WARNING, "dispynb.transport.discovery"):
+        run(main())
+    assert len([r for r in caplog.records if "speaks protocol 99" in r.message]) == 1
+
+
+# -- the node's announcer ----------------------------------------------------------
+
+
+def test_announcer_announces_start_and_leaving(
+    found: Found, no_broadcast: None
+) -> None:
+    async def main() -> None:
+        discovery = Discovery(host=HOST, listen_port=0)
+        await discovery.start([], found.on_found, found.on_lost)
+        assert discovery.listen_address is not None
+        target = f"{HOST}:{discovery.listen_address[1]}"
+        announcer = Announcer(
+            name="late\nnode", tcp_port=7777, cpus=0, host=HOST, port=0,
+            announce_to=[target],
+        )  # fmt: skip
+        await announcer.start()
+        try:
+            await wait_until(lambda: bool(found.found))
+        finally:
+            announcer.close()
+        await wait_until(lambda: bool(found.lost))
+        discovery.close()
+        assert found.found == [(HOST, 7777, "late?node", 1)]
+        assert found.lost == [(HOST, 7777)]
+
+    run(main())
+
+
+def test_announcer_ignores_junk_and_rate_limits(
+    monkeypatch: pytest.MonkeyPatch, no_broadcast: None
+) -> None:
+    # one rate window for the whole test
+    monkeypatch.setattr(
+        announce_module, "time", types.SimpleNamespace(monotonic=lambda: 1000.0)
+    )
+
+    async def main() -> tuple[list[tuple[bytes, Any]], int]:
+        announcer = Announcer(name="n", tcp_port=7777, cpus=2, host=HOST, port=0)
+        port = await announcer.start()
+        flooder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        flooder.bind((HOST, 0))
+        flooder.setblocking(False)
+        marker = await Peer.open("127.0.0.3")
+        ping = d.encode(d.Ping(nonce=d.new_nonce()))
+        received = []
+        try:
+            for junk in (b"", b"\xc1", announce(), b"x" * 2000):
+                flooder.sendto(junk, (HOST, port))
+            for _ in range(REPLIES_PER_SOURCE + 10):
+                flooder.sendto(ping, (HOST, port))
+            marker.send(ping, port)
+            # replies go out in order: once the marker's has come, all are queued
+            await wait_until(lambda: bool(marker.received))
+            while True:
+                try:
+                    received.append(flooder.recvfrom(4096))
+                except BlockingIOError:
+                    break
+        finally:
+            flooder.close()
+            marker.close()
+            announcer.close(leaving=False)
+        return received, len(marker.received)
+
+    received, marker_replies = run(main())
+    assert len(received) == REPLIES_PER_SOURCE
+    assert all(isinstance(d.decode(data), d.Announce) for data, _ in received)
+    assert marker_replies == 1
