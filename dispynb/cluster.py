@@ -32,6 +32,7 @@ from dispynb.errors import (
     ProtocolError,
     SerializationError,
 )
+from dispynb.finder import NodeFinder
 from dispynb.job import DispyJob, JobStatus
 from dispynb.node import (
     DispyNode,
@@ -52,6 +53,10 @@ from dispynb.transport.tls import client_context
 logger = logging.getLogger(__name__)
 
 _comp_ids = itertools.count(1)
+
+#: Seconds `JobCluster()` waits for a first discovered node (nodes found later are
+#: used as they come).
+DISCOVERY_WAIT = 2.0
 
 #: Seconds `JobCluster()` waits for a first node to be set up. Connection and
 #: authentication errors surface within this time; a longer ``setup`` keeps running
@@ -140,17 +145,18 @@ class JobCluster:
                 "jobs that finish while this client is down cannot be recovered",
                 opts.recover_file,
             )
-        self._specs = parse_node_specs(nodes)
-        if not self._specs:
-            raise ConfigurationError(
-                "no nodes given: pass nodes=LocalCluster() for this machine, or "
-                "nodes=['host', 'host:port', ...] for node servers elsewhere"
-            )
-        wildcards = [s.host for s in self._specs if is_wildcard(s)]
+        # As in dispy, no nodes means: discover them on the local networks.
+        self._specs = parse_node_specs(nodes) or parse_node_specs("*")
+        wildcards = [spec for spec in self._specs if is_wildcard(spec)]
+        self._finder: NodeFinder | None = None
         if wildcards:
-            raise ConfigurationError(
-                f"node specs with wildcards ({', '.join(wildcards)}) need network "
-                "discovery, which is not available yet: name the nodes explicitly"
+            host = opts.host[0] if isinstance(opts.host, list) else opts.host
+            self._finder = NodeFinder(
+                wildcards,
+                self._use_found_node,
+                host=host,
+                multicast=opts.ipv4_udp_multicast,
+                ping_interval=opts.ping_interval,
             )
         if self._program is not None:
             self.name = self._program["name"]
@@ -208,15 +214,32 @@ class JobCluster:
 
     async def _start(self) -> None:
         self._startup = asyncio.get_running_loop().create_future()
-        for spec in self._specs:
+        explicit = [spec for spec in self._specs if not is_wildcard(spec)]
+        for spec in explicit:
             self._driver.add_node(
                 spec.host, spec.port or NODE_PORT, self._allocator(spec)
             )
+        wait = STARTUP_WAIT
+        if self._finder is not None:
+            self._driver.discovering = True  # nodes may appear at any time
+            try:
+                await self._finder.start()
+            except OSError as exc:
+                raise ConfigurationError(
+                    f"cannot start node discovery ({exc}): name the nodes instead"
+                ) from exc
+            if not explicit:
+                wait = DISCOVERY_WAIT
         try:
-            await asyncio.wait_for(asyncio.shield(self._startup), STARTUP_WAIT)
+            await asyncio.wait_for(asyncio.shield(self._startup), wait)
         except TimeoutError:
             self._startup.cancel()  # later node failures reach the jobs instead
             logger.info("nodes are still being set up; jobs will wait for them")
+
+    def _use_found_node(self, ip: str, port: int, spec: NodeAllocate) -> None:
+        """A discovered node matched ``spec``: connect to it (on the I/O loop)."""
+        if format_address(ip, port) not in self._driver.nodes and not self._closed:
+            self._driver.add_node(ip, port, self._allocator(spec))
 
     def _allocator(self, spec: NodeAllocate) -> Allocator:
         opts = self._options
@@ -288,6 +311,8 @@ class JobCluster:
             self._startup.set_exception(first)
 
     def node_closed(self, link: NodeLink, reason: str) -> None:
+        if self._finder is not None:
+            self._finder.forget(link.host, link.port)
         node = self._nodes.pop(link.node_id, None)
         if node is not None:
             if not self._closed:
@@ -531,16 +556,15 @@ class JobCluster:
         """
         try:
             specs = parse_node_specs(node)
-            for spec in specs:
-                if is_wildcard(spec):
-                    raise ConfigurationError(
-                        f"{spec.host!r}: wildcard specs need discovery, which is not "
-                        "available yet; name the node"
-                    )
         except ConfigurationError as exc:
             logger.warning("allocate_node: %s", exc)
             return -1
+        wildcards = [spec for spec in specs if is_wildcard(spec)]
+        if wildcards:
+            self._on_loop(self._discover, wildcards)
         for spec in specs:
+            if is_wildcard(spec):
+                continue
             port = spec.port or NODE_PORT
             node_id = format_address(spec.host, port)
             if node_id in self._driver.nodes:
@@ -553,8 +577,21 @@ class JobCluster:
         return 0
 
     def discover_nodes(self, nodes: Any) -> int:
-        """dispy's discovery of ``nodes``; explicit hosts are connected at once."""
+        """Look for ``nodes``: wildcards by broadcast, explicit hosts by connecting."""
         return self.allocate_node(nodes)
+
+    async def _discover(self, specs: list[NodeAllocate]) -> None:
+        if self._finder is None:
+            self._finder = NodeFinder(
+                specs,
+                self._use_found_node,
+                multicast=self._options.ipv4_udp_multicast,
+                ping_interval=self._options.ping_interval,
+            )
+            self._driver.discovering = True
+            await self._finder.start()
+        else:
+            self._finder.add(specs)
 
     def deallocate_node(self, node: Any) -> int:
         """Send ``node`` no more jobs (its computation stays set up); 0 or -1."""
@@ -676,6 +713,8 @@ class JobCluster:
         self._closed = True
         try:
             self._update_traffic()
+            if self._finder is not None:
+                self._on_loop(self._finder.close)
             self._runner.run_sync(self._driver.close, terminate)
         except (DispynbError, RuntimeError) as exc:
             logger.warning("closing the cluster: %s", exc)

@@ -204,6 +204,7 @@ class Driver:
         self._requests = itertools.count(1)
         self._connecting = 0
         self._reconnecting = 0
+        self.discovering = False  # nodes may still appear: queued jobs wait for them
         self._watchdog: asyncio.Task[None] | None = None
         self.pulse = config.pulse_interval or DEFAULT_PULSE
         self.last_error: DispynbError | None = None
@@ -499,7 +500,7 @@ class Driver:
 
     def _abandon_if_no_nodes(self) -> None:
         """With no node left (and none coming), queued jobs can never run."""
-        if self._connecting > 0 or self._reconnecting > 0:
+        if self._connecting > 0 or self._reconnecting > 0 or self.discovering:
             return
         if any(n.ready for n in self.nodes.values()):
             return
@@ -542,7 +543,12 @@ class Driver:
         instructions: list[Instruction] = []
         handle = self.state.handle
         jobs = self._jobs
-        if not self.nodes and self._connecting == 0 and self._reconnecting == 0:
+        if (
+            not self.nodes
+            and self._connecting == 0
+            and self._reconnecting == 0
+            and not self.discovering
+        ):
             while incoming:
                 key = incoming.popleft()[0]
                 self.events.job_abandoned(key, None, self._no_node_reason())

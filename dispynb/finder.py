@@ -1,0 +1,93 @@
+"""`NodeFinder`: the discovery side of a cluster (dispy's ``nodes='*'`` and wildcards).
+
+It owns the client's UDP `Discovery`, matches every node that answers against the
+cluster's wildcard specs (a `NodeAllocate` each, so subclasses still choose), and hands
+matching nodes to the cluster, which connects and authenticates over TCP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from dispynb.node import NodeAllocate
+from dispynb.transport.discovery import BROADCAST, Discovery, discovery_targets
+
+logger = logging.getLogger(__name__)
+
+#: ``use(ip, tcp_port, spec)``: connect to a node found for ``spec``.
+UseNode = Callable[[str, int, NodeAllocate], None]
+
+
+class NodeFinder:
+    """Finds nodes for wildcard specs by UDP broadcast or multicast; runs on the loop.
+
+    Parameters
+    ----------
+    specs:
+        The wildcard specs, most specific first.
+    use:
+        Called for each node found that matches a spec.
+    host:
+        The client's IPv4 address to send from (dispy's ``host``), or None.
+    multicast:
+        Use dispy's IPv4 multicast group instead of broadcast.
+    ping_interval:
+        Seconds between pings (dispy's ``ping_interval``), or None for only one.
+    """
+
+    def __init__(
+        self,
+        specs: list[NodeAllocate],
+        use: UseNode,
+        *,
+        host: str | None = None,
+        multicast: bool = False,
+        ping_interval: float | None = None,
+    ) -> None:
+        self.specs = specs
+        self._use = use
+        self._multicast = multicast
+        self._ping_interval = ping_interval
+        self._discovery = Discovery(host=host, multicast=multicast)
+        self._pinger: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Ping the networks of the specs and listen for nodes."""
+        targets = discovery_targets([s.host for s in self.specs], self._multicast)
+        await self._discovery.start(targets or [BROADCAST], self._found)
+        if self._ping_interval:
+            self._pinger = asyncio.get_running_loop().create_task(self._ping_forever())
+
+    def add(self, specs: list[NodeAllocate]) -> None:
+        """More wildcard specs (``discover_nodes``): ping their networks now."""
+        self.specs.extend(specs)
+        targets = discovery_targets([s.host for s in specs], self._multicast)
+        self._discovery.ping(targets or [BROADCAST])
+
+    def forget(self, ip: str, port: int) -> None:
+        """A node was lost: use it again when it answers again."""
+        self._discovery.forget(ip, port)
+
+    def close(self) -> None:
+        """Stop pinging and listening."""
+        if self._pinger is not None:
+            self._pinger.cancel()
+        with contextlib.suppress(OSError):
+            self._discovery.close()
+
+    async def _ping_forever(self) -> None:
+        assert self._ping_interval
+        while True:
+            await asyncio.sleep(self._ping_interval)
+            self._discovery.ping_again()
+
+    def _found(self, ip: str, port: int, name: str, cpus: int) -> None:
+        for spec in self.specs:
+            if spec.matches(ip, name):
+                logger.info("discovered node %s (%s:%d)", name, ip, port)
+                self._use(ip, port, spec)
+                return
+        logger.debug("node %s at %s matches no node spec", name, ip)
