@@ -385,7 +385,7 @@ class Discovery:
         key = (ip, message.port)
         if message.leaving:
             if self._found.pop(key, None) is not None and self._on_lost is not None:
-                self._on_lost(ip, message.port)
+                self._call(self._on_lost, ip, message.port)
             return
         if message.version != PROTOCOL_VERSION:
             if ip not in self._version_warned:
@@ -408,4 +408,11 @@ class Discovery:
         self._found[key] = message.boot
         logger.debug("found node %r at %s:%d", message.name, ip, message.port)
         if self._on_found is not None:
-            self._on_found(ip, message.port, message.name, message.cpus)
+            self._call(self._on_found, ip, message.port, message.name, message.cpus)
+
+    @staticmethod
+    def _call(callback: Callable[..., None], *args: object) -> None:
+        try:
+            callback(*args)
+        except Exception:
+            logger.exception("discovery callback %r failed", callback)

@@ -215,7 +215,7 @@ def test_node_cli_discovery_options(tmp_path: Path, found: Found) -> None:
         assert f"answering pings on UDP {HOST}:{udp_port}" in node.log_text()
 
 
-def test_node_cli_refuses_ipv6_discovery(tmp_path: Path) -> None:
+def test_config_checks_discovery_options(tmp_path: Path) -> None:
     config = NodeConfig(host="::1", discovery=True, dest_path=str(tmp_path))
     with pytest.raises(ConfigurationError, match="IPv4 only"):
         config.validate()

@@ -1,0 +1,85 @@
+"""Fixtures for multi-host tests: namespace hosts on a bridge, nodes in them.
+
+Module scope: one `Network` of 3 node hosts and 1 client host per test module, made
+afresh (unique prefix) and always destroyed. Function scope: node servers, stopped
+(with their process groups) after each test, whatever happened.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.multihost.netns import (
+    Host,
+    NetNode,
+    Network,
+    new_secret_file,
+    start_node,
+    sweep_stale,
+    unavailable_reason,
+)
+
+#: Hosts made per module: three for nodes, the last one for the client.
+HOSTS = 4
+
+
+@pytest.fixture(scope="module")
+def network() -> Iterator[Network]:
+    """Four namespace hosts 10.77.0.1-4 on one bridge (h4 is the client's)."""
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    sweep_stale()
+    net = Network(HOSTS)
+    with net.running():
+        yield net
+
+
+@pytest.fixture
+def node_hosts(network: Network) -> list[Host]:
+    """The hosts for node servers: h1, h2, h3."""
+    return network.hosts[:-1]
+
+
+@pytest.fixture
+def client_host(network: Network) -> Host:
+    """The host for client programs: h4."""
+    return network.hosts[-1]
+
+
+@pytest.fixture
+def secret(tmp_path: Path) -> tuple[str, Path]:
+    """A random secret and its 0600 file, for nodes and clients."""
+    return new_secret_file(tmp_path)
+
+
+StartNode = Callable[..., NetNode]
+
+
+@pytest.fixture
+def start(
+    network: Network, tmp_path: Path, secret: tuple[str, Path]
+) -> Iterator[StartNode]:
+    """``start(host, *args, **kwargs)`` starts a node (see `netns.start_node`).
+
+    Every node started is stopped after the test, with its process group, and every
+    link cut by the test is healed.
+    """
+    started: list[NetNode] = []
+
+    def start_one(host: Host, *args: str, **kwargs: Any) -> NetNode:
+        node = start_node(network, host, tmp_path, secret[1], *args, **kwargs)
+        started.append(node)
+        return node
+
+    try:
+        yield start_one
+    finally:
+        for node in started:
+            node.stop()
+        for host in network.hosts:
+            network.heal(host)
