@@ -13,6 +13,7 @@ import copy
 import itertools
 import logging
 import os
+import secrets
 import socket
 import sys
 import threading
@@ -34,6 +35,7 @@ from dispynb.errors import (
 )
 from dispynb.finder import NodeFinder
 from dispynb.job import DispyJob, JobStatus
+from dispynb.journal import Journal
 from dispynb.node import (
     DispyNode,
     DispyNodeAvailInfo,
@@ -53,6 +55,10 @@ from dispynb.transport.tls import client_context
 logger = logging.getLogger(__name__)
 
 _comp_ids = itertools.count(1)
+
+#: Seconds nodes keep the results of a computation whose client (with a
+#: ``recover_file``) went away, for `recover_jobs`.
+RECOVERY_KEEP = 3600.0
 
 #: Seconds `JobCluster()` waits for a first discovered node (nodes found later are
 #: used as they come).
@@ -139,12 +145,11 @@ class JobCluster:
             self._program = _read_program(opts.computation)
         if opts.loglevel is not None:
             _set_log_level(opts.loglevel)
+        self._journal: Journal | None = None
+        self._recovery_id = ""
         if opts.recover_file is not None:
-            logger.warning(
-                "recover_file=%r is accepted but no journal is kept yet: results of "
-                "jobs that finish while this client is down cannot be recovered",
-                opts.recover_file,
-            )
+            self._journal = Journal(opts.recover_file)
+            self._recovery_id = secrets.token_hex(16)
         # As in dispy, no nodes means: discover them on the local networks.
         self._specs = parse_node_specs(nodes) or parse_node_specs("*")
         wildcards = [spec for spec in self._specs if is_wildcard(spec)]
@@ -197,10 +202,14 @@ class JobCluster:
                 reentrant=opts.reentrant,
                 pulse_interval=opts.pulse_interval,
                 setup_timeout=opts.setup_timeout,
+                recovery_id=self._recovery_id or None,
+                keep_results=RECOVERY_KEEP if self._journal else 0.0,
                 client_name=_client_name(),
             ),
             self,
         )
+        if self._journal is not None:
+            self._journal.computation(self._recovery_id, self.name)
         self._drain = Coalescer(self._runner, self._driver.drain)
         try:
             self._runner.run_sync(self._start)
@@ -291,6 +300,8 @@ class JobCluster:
         )
         node.avail_info = _avail_info(welcome.avail) if welcome else None
         self._nodes[link.node_id] = node
+        if self._journal is not None:
+            self._journal.node(self._recovery_id, link.node_id)
         if not self._startup.done():
             self._startup.set_result(None)
         self._notify_cluster(DispyNode.Initialized, node, None)
@@ -332,6 +343,8 @@ class JobCluster:
         if job is None:
             return
         job._set_running(link.host)
+        if self._journal is not None:
+            self._journal.sent(self._recovery_id, key, link.node_id)
         node = self._nodes.get(link.node_id)
         if node is not None:
             node.busy += 1
@@ -409,6 +422,8 @@ class JobCluster:
 
     def _finished(self, job: DispyJob, node: DispyNode | None) -> None:
         opts = self._options
+        if self._journal is not None and job._key is not None:
+            self._journal.done(self._recovery_id, job._key, job)
         if opts.job_status is not None:
             self._callbacks.post(opts.job_status, copy.copy(job))
         if opts.cluster_status is not None:
@@ -499,6 +514,8 @@ class JobCluster:
         key = next(self._keys)
         job._key = key
         self._jobs[key] = job
+        if self._journal is not None:
+            self._journal.submitted(self._recovery_id, key, job)
         with self._done:
             self._outstanding += 1
         if self._options.cluster_status is not None:
@@ -721,6 +738,9 @@ class JobCluster:
         finally:
             self._callbacks.close()
             self._runner.release()
+            if self._journal is not None:
+                # A clean close leaves nothing to recover (dispy removes it too).
+                self._journal.close(remove=not self._jobs)
 
     def __enter__(self) -> JobCluster:
         return self

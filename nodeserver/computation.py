@@ -236,7 +236,6 @@ class Computation:
         if self._closing:
             return
         self._closing = True
-        self._budget.forget(id(self))
         if terminate:
             for job in self._queue:
                 self._finish_unrun(job, "the computation was closed before the job ran")
@@ -244,6 +243,7 @@ class Computation:
         else:
             while self._queue or any(w.assigned for w in self._workers.values()):
                 await self._idle_or_dead()
+        self._budget.forget(id(self))  # only now: a backlog still needs CPUs
         if self._control is not None and self._process is not None:
             with contextlib.suppress(DispynbError):
                 await self._control.send(Shutdown())
@@ -324,7 +324,9 @@ class Computation:
 
     def _pump(self) -> None:
         """Give queued jobs to workers: idle ones first (taking a CPU), then ahead."""
-        if not self._queue or self._closing:
+        # Closing without terminate still runs what is queued (a kept computation
+        # whose client went away has a backlog); terminate emptied the queue.
+        if not self._queue:
             return
         workers = [w for w in self._workers.values() if w.returncode is None]
         for worker in workers:

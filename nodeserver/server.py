@@ -16,6 +16,7 @@ from nodeserver.announce import Announcer
 from nodeserver.budget import CpuBudget
 from nodeserver.config import NodeConfig
 from nodeserver.filestore import FileStore
+from nodeserver.keeper import ResultKeeper
 from nodeserver.monitor import avail_info
 from nodeserver.session import ClientSession
 
@@ -35,6 +36,7 @@ class NodeServer:
         config.validate()
         self.config = config
         self.budget = CpuBudget(config.cpus)
+        self.keeper = ResultKeeper()
         self.store = FileStore(
             os.path.join(config.dest_path, ".store"), config.max_file_size
         )
@@ -115,6 +117,7 @@ class NodeServer:
 
     async def stop(self) -> None:
         """Stop listening, end every session (terminating their jobs)."""
+        await self.keeper.close()
         if self._announcer is not None:
             self._announcer.close(leaving=True)
             self._announcer = None

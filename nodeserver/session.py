@@ -38,9 +38,12 @@ from dispynb.protocol.messages import (
     Message,
     NodeStatus,
     Ping,
+    Recover,
+    Recovered,
 )
 from dispynb.transport.connection import Connection
 from nodeserver.computation import Computation, NodeJob
+from nodeserver.keeper import Kept, ResultKeeper
 from nodeserver.monitor import avail_info
 
 if TYPE_CHECKING:
@@ -77,6 +80,8 @@ class ClientSession:
         self._flush_pending = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._waiting_for_files: dict[int, tuple[set[str], Any]] = {}
+        self._recovery: dict[int, tuple[str, float]] = {}  # comp_id -> (id, keep)
+        self._claims: list[Kept] = []
         self._refused_files: dict[str, str] = {}  # digest -> why
         self._status_interval: float | None = None
         self._last_heard = time.monotonic()
@@ -89,6 +94,7 @@ class ClientSession:
             FilePut: self._on_file_put,
             FilePlace: self._on_file_place,
             Ping: self._on_ping,
+            Recover: self._on_recover,
         }
 
     async def serve(self) -> None:
@@ -107,7 +113,15 @@ class ClientSession:
             for _missing, start in self._waiting_for_files.values():
                 start.close()  # never started: the files did not all arrive
             self._waiting_for_files.clear()
-            closing = [c.close(terminate=True) for c in self._computations.values()]
+            for claimed in self._claims:
+                claimed.deliver = None  # a recovering client went away too
+            closing = []
+            for comp_id, computation in self._computations.items():
+                recovery = self._recovery.pop(comp_id, None)
+                if recovery is not None:  # its client may come back for the results
+                    self.server.keeper.adopt(*recovery)
+                else:
+                    closing.append(computation.close(terminate=True))
             self._computations.clear()
             await asyncio.gather(*closing, return_exceptions=True)
             for task in self._tasks:
@@ -151,6 +165,19 @@ class ClientSession:
         computation.on_failure = lambda reason: self._computation_died(
             message.comp_id, reason
         )
+        if message.recovery_id:
+            kept = self.server.keeper.register(message.recovery_id, computation)
+            self._recovery[message.comp_id] = (
+                message.recovery_id,
+                message.keep_results,
+            )
+            report = computation._report
+
+            def report_and_keep(entry: list[Any], buffers: list[memoryview]) -> None:
+                report(entry, buffers)
+                ResultKeeper.record(kept, entry, buffers)
+
+            computation._report = report_and_keep
         self._computations[message.comp_id] = computation
         try:
             files = self._check_files(message.files)
@@ -333,11 +360,35 @@ class ClientSession:
         if computation is not None:
             computation.cancel(message.key, message.attempt)
 
+    def _on_recover(self, message: Recover, buffers: list[memoryview]) -> None:
+        comp_id = message.comp_id
+
+        def deliver(entry: list[Any], result_buffers: list[memoryview]) -> None:
+            self._queue_result(comp_id, entry, result_buffers)
+
+        kept = self.server.keeper.claim(message.recovery_id, deliver)
+        self._flush()
+        running = kept is not None and not kept.finished.is_set()
+        self._write(Recovered(comp_id=comp_id, found=kept is not None, running=running))
+        if kept is not None and running:
+            self._claims.append(kept)
+            self._spawn(self._recovered_when_done(comp_id, message.recovery_id, kept))
+
+    async def _recovered_when_done(
+        self, comp_id: int, recovery_id: str, kept: Kept
+    ) -> None:
+        await kept.finished.wait()
+        self._flush()
+        self._write(ComputationClosed(comp_id=comp_id))
+
     def _on_close(self, message: ComputationClose, buffers: list[memoryview]) -> None:
         waiting = self._waiting_for_files.pop(message.comp_id, None)
         if waiting is not None:
             waiting[1].close()  # its files never all arrived: it never started
         computation = self._computations.pop(message.comp_id, None)
+        recovery = self._recovery.pop(message.comp_id, None)
+        if recovery is not None:
+            self.server.keeper.release(recovery[0])  # closed cleanly: nothing to keep
         if computation is None:
             self._write(ComputationClosed(comp_id=message.comp_id))
             return

@@ -228,6 +228,10 @@ class ComputationSetup(WireMessage):
     pulse_interval: float | None = None
     #: Seconds the setup function may take; None waits for ever.
     setup_timeout: float | None = None
+    #: With a recovery id, the node keeps the computation (its jobs run on, results
+    #: are kept ``keep_results`` seconds) if this client's connection is lost.
+    recovery_id: str | None = None
+    keep_results: float = 0.0
 
 
 @message("computation-ready")
@@ -287,6 +291,27 @@ class JobCancel(WireMessage):
 @message("ping")
 class Ping(WireMessage):
     """Client -> node, every pulse: the client is alive (nodes free silent ones)."""
+
+
+@message("recover")
+class Recover(WireMessage):
+    """Client -> node: results of the kept computation ``recovery_id``, please.
+
+    They come as `JobResults` for ``comp_id``, then `Recovered`; results of jobs still
+    running follow as they end, then `ComputationClosed`.
+    """
+
+    comp_id: int
+    recovery_id: str
+
+
+@message("recovered")
+class Recovered(WireMessage):
+    """Node -> client: every stored result was sent; ``running``: jobs not ended yet."""
+
+    comp_id: int
+    found: bool
+    running: bool
 
 
 @message("node-status")

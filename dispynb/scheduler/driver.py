@@ -185,6 +185,8 @@ class DriverConfig:
     client_name: str = ""
     pulse_interval: float | None = None
     setup_timeout: float | None = None
+    recovery_id: str | None = None
+    keep_results: float = 0.0
 
 
 class Driver:
@@ -286,6 +288,8 @@ class Driver:
                 files=[[ref.relative, ref.digest, ref.size] for ref in files],
                 pulse_interval=self.pulse,
                 setup_timeout=config.setup_timeout,
+                recovery_id=config.recovery_id,
+                keep_results=config.keep_results,
             ),
             bundle,
         )

@@ -13,7 +13,7 @@ import pytest
 
 import dispynb
 from dispynb import DispyJob, DispyNode, DispyNodeAvailInfo, JobCluster, NodeAllocate
-from dispynb.errors import ClusterError, SetupError
+from dispynb.errors import ConfigurationError, SetupError
 from tests.jobs import WAIT
 
 pytestmark = pytest.mark.slow
@@ -78,9 +78,9 @@ def test_logger_has_dispy_level_attributes():
     assert dispynb.logger.name == "dispynb"
 
 
-def test_recover_jobs_exists_and_says_it_cannot_recover_yet(tmp_path):
-    with pytest.raises(ClusterError, match="not available yet"):
-        dispynb.recover_jobs()
+def test_recover_jobs_without_a_journal_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigurationError, match="does not exist"):
+        dispynb.recover_jobs(str(tmp_path / "missing.db"))
 
 
 class Scaler:

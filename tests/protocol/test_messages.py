@@ -43,6 +43,8 @@ SAMPLES: list[WireMessage] = [
     m.JobProvisional(comp_id=1, key=2, attempt=1),
     m.NodeStatus(avail=[50.0, 1e9, 1e10, 100.0]),
     m.Ping(),
+    m.Recover(comp_id=1, recovery_id="ab" * 16),
+    m.Recovered(comp_id=1, found=True, running=False),
     m.FilesMissing(comp_id=1, digests=["ab" * 32]),
     m.FilePut(digest="ab" * 32, size=3),
     m.FilePlace(comp_id=1, request=4, path="a/b.txt", digest="ab" * 32),

@@ -1,0 +1,178 @@
+"""`Journal`: a client's durable record of its jobs, for ``recover_jobs``.
+
+An SQLite database (WAL) at ``recover_file``: each computation (its recovery id, name
+and nodes) and each job (id, arguments, node, status and, once known, its result,
+output and traceback). It never holds a secret. A job's row is written before the
+job is sent, so a client killed at any point can recover every job it submitted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import sqlite3
+import threading
+import time
+from typing import Any
+
+import cloudpickle
+
+from dispynb.job import DispyJob, JobStatus
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS computations (
+    recovery_id TEXT PRIMARY KEY, name TEXT, created REAL);
+CREATE TABLE IF NOT EXISTS nodes (
+    recovery_id TEXT, address TEXT, PRIMARY KEY (recovery_id, address));
+CREATE TABLE IF NOT EXISTS jobs (
+    recovery_id TEXT, key INTEGER, job_id BLOB, args BLOB, submit_time REAL,
+    status INTEGER, node TEXT, result BLOB, stdout BLOB, stderr BLOB,
+    exception TEXT, start_time REAL, end_time REAL,
+    PRIMARY KEY (recovery_id, key));
+"""
+
+
+class Journal:
+    """The recovery journal of one client process (thread-safe)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")  # survives a process crash
+            self._db.executescript(_SCHEMA)
+
+    def computation(self, recovery_id: str, name: str) -> None:
+        """A computation starts."""
+        self._run(
+            "INSERT OR REPLACE INTO computations VALUES (?, ?, ?)",
+            (recovery_id, name, time.time()),
+        )
+
+    def node(self, recovery_id: str, address: str) -> None:
+        """The computation is set up on a node."""
+        self._run("INSERT OR IGNORE INTO nodes VALUES (?, ?)", (recovery_id, address))
+
+    def submitted(self, recovery_id: str, key: int, job: DispyJob) -> None:
+        """A job was submitted (before it is sent anywhere)."""
+        self._run(
+            "INSERT OR REPLACE INTO jobs (recovery_id, key, job_id, args, submit_time,"
+            " status) VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                recovery_id,
+                key,
+                _dump(job.id),
+                _dump((job._args, job._kwargs)),
+                job.submit_time,
+                int(JobStatus.Created),
+            ),
+        )
+
+    def sent(self, recovery_id: str, key: int, node: str) -> None:
+        """A job was sent to a node."""
+        self._run(
+            "UPDATE jobs SET status = ?, node = ? WHERE recovery_id = ? AND key = ?",
+            (int(JobStatus.Running), node, recovery_id, key),
+        )
+
+    def done(self, recovery_id: str, key: int, job: DispyJob) -> None:
+        """A job ended (its final status, result, output and traceback)."""
+        self._run(
+            "UPDATE jobs SET status = ?, result = ?, stdout = ?, stderr = ?,"
+            " exception = ?, start_time = ?, end_time = ?"
+            " WHERE recovery_id = ? AND key = ?",
+            (
+                int(job.status),
+                _dump(job.result),
+                _dump(job.stdout),
+                _dump(job.stderr),
+                job.exception,
+                job.start_time,
+                job.end_time,
+                recovery_id,
+                key,
+            ),
+        )
+
+    def computations(self) -> list[tuple[str, str, list[str]]]:
+        """``(recovery_id, name, node addresses)`` of every recorded computation."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT recovery_id, name FROM computations"
+            ).fetchall()
+            out = []
+            for recovery_id, name in rows:
+                nodes = self._db.execute(
+                    "SELECT address FROM nodes WHERE recovery_id = ?", (recovery_id,)
+                ).fetchall()
+                out.append((recovery_id, name, [n for (n,) in nodes]))
+        return out
+
+    def jobs(self, recovery_id: str) -> list[tuple[int, DispyJob, str | None]]:
+        """``(key, job, node)`` for each job of a computation, as recorded."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT key, job_id, args, submit_time, status, node, result, stdout,"
+                " stderr, exception, start_time, end_time FROM jobs"
+                " WHERE recovery_id = ? ORDER BY key",
+                (recovery_id,),
+            ).fetchall()
+        jobs = []
+        for (
+            key,
+            job_id,
+            args,
+            submit,
+            status,
+            node,
+            result,
+            out,
+            err,
+            exc,
+            t0,
+            t1,
+        ) in rows:
+            job_args, job_kwargs = _load(args)
+            job = DispyJob(_load(job_id), job_args, job_kwargs)
+            job._key = key
+            job.submit_time = submit
+            if JobStatus(status).is_final:
+                job._complete(
+                    JobStatus(status),
+                    result=_load(result),
+                    stdout=_load(out),
+                    stderr=_load(err),
+                    exception=exc,
+                    start_time=t0,
+                    end_time=t1,
+                )
+            jobs.append((key, job, node))
+        return jobs
+
+    def close(self, remove: bool = False) -> None:
+        """Close the database (and delete it, after a clean shutdown)."""
+        with self._lock:
+            self._db.close()
+        if remove:
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path + suffix)
+
+    def _run(self, sql: str, values: tuple[Any, ...]) -> None:
+        with self._lock:
+            self._db.execute(sql, values)
+
+
+def _dump(value: Any) -> bytes | None:
+    if value is None:
+        return None
+    return cloudpickle.dumps(value, protocol=5)  # by value, like the jobs themselves
+
+
+def _load(data: bytes | None) -> Any:
+    if data is None:
+        return None
+    return pickle.loads(data)  # our own journal file

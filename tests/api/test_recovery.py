@@ -1,0 +1,115 @@
+"""Client crash recovery: kill -9 a client mid-run, recover its jobs elsewhere."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+
+import dispynb
+from dispynb.errors import ConfigurationError
+from tests.jobs import WAIT, wait_until
+from tests.nodeproc import running_node
+
+pytestmark = pytest.mark.slow
+
+CLIENT = """
+import sys, time
+import dispynb as dispy
+
+def compute(n, marks):
+    import os, time
+    open(os.path.join(marks, str(n)), "w").close()  # the node has the job
+    time.sleep(1.0 if n % 2 else 0.0)  # odd ones end after the client is killed
+    return n * n
+
+cluster = dispy.JobCluster(compute, nodes=[sys.argv[1]], secret=sys.argv[2],
+                           recover_file=sys.argv[3])
+jobs = [cluster.submit_job_id("job-%d" % n, n, sys.argv[4]) for n in range(20)]
+print("submitted", flush=True)
+time.sleep(60)  # killed before it gets further
+"""
+
+RECOVER = """
+import json, sys
+import dispynb as dispy
+jobs = dispy.recover_jobs(sys.argv[1], timeout=30, secret=sys.argv[2])
+print(json.dumps([[j.id, j._args[0], int(j.status), j.result, j.exception]
+                  for j in jobs]))
+"""
+
+
+def run_and_kill_client(tmp_path, node, started: int) -> list[list[object]]:
+    """Run CLIENT until ``started`` jobs run on the node, SIGKILL it, then recover
+    in a new process."""
+    journal = tmp_path / "journal.db"
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    (tmp_path / "client.py").write_text(CLIENT)
+    (tmp_path / "recover.py").write_text(RECOVER)
+    client = subprocess.Popen(
+        [sys.executable, "client.py", node.spec, node.secret, str(journal), str(marks)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert client.stdout is not None
+        assert client.stdout.readline().strip() == "submitted"
+        wait_until(lambda: len(list(marks.iterdir())) >= started)
+        client.send_signal(signal.SIGKILL)
+        client.wait(WAIT)
+    finally:
+        client.kill()
+        client.stdout.close()  # type: ignore[union-attr]
+    done = subprocess.run(
+        [sys.executable, "recover.py", str(journal), node.secret],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert node.secret not in journal.read_bytes().decode("latin-1")  # never kept
+    return json.loads(done.stdout)
+
+
+def test_recover_jobs_after_client_sigkill_returns_every_job_once(tmp_path):
+    """20 jobs running on a node when the client dies; half end while it is dead."""
+    with running_node(tmp_path / "node", cpus=20) as node:
+        jobs = run_and_kill_client(tmp_path, node, started=20)
+    assert [job[0] for job in jobs] == [f"job-{n}" for n in range(20)]
+    assert [job[1] for job in jobs] == list(range(20))
+    assert all(job[2] == 11 for job in jobs), jobs
+    assert [job[3] for job in jobs] == [n * n for n in range(20)]
+
+
+def test_recover_jobs_never_sent_jobs_come_back_abandoned_with_arguments(tmp_path):
+    """With 1 CPU, most jobs never reached the node: they come back Abandoned."""
+    with running_node(tmp_path / "node", cpus=1) as node:
+        jobs = run_and_kill_client(tmp_path, node, started=1)
+    assert [job[1] for job in jobs] == list(range(20))
+    finished = [job for job in jobs if job[2] == 11]
+    abandoned = [job for job in jobs if job[2] == 10]
+    assert len(finished) + len(abandoned) == 20
+    assert finished and abandoned
+    assert all(job[3] == job[1] ** 2 for job in finished)
+    assert all(
+        "not yet sent" in job[4] or "never reached" in job[4] for job in abandoned
+    )
+
+
+def test_recover_file_removed_after_clean_close(local, tmp_path):
+    journal = tmp_path / "journal.db"
+    with dispynb.JobCluster(abs, nodes=local, recover_file=str(journal)) as cluster:
+        assert cluster.submit(-2)() == 2
+        assert journal.exists()
+    assert not journal.exists()
+
+
+def test_recover_jobs_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigurationError, match="does not exist"):
+        dispynb.recover_jobs(str(tmp_path / "none.db"))

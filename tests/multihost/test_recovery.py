@@ -1,0 +1,78 @@
+"""A client on one host is killed with SIGKILL; a new client process recovers its jobs.
+
+The nodes on two other hosts keep running the dead client's jobs and keep their
+results; ``recover_jobs`` gets every job back, each once, with id, arguments, result.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.multihost.conftest import StartNode
+from tests.multihost.netns import Host, Network, start_client, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.multihost]
+
+JOBS = 12
+
+WORKER = """
+import os, time
+import dispynb as dispy
+
+def compute(n, marks):
+    import os, time
+    open(os.path.join(marks, str(n)), "w").close()
+    time.sleep(1.5)  # still running when the client is killed
+    return n * n
+
+def main(args):
+    cluster = dispy.JobCluster(compute, nodes=args["nodes"], secret=args["secret"],
+                               recover_file=args["journal"], pulse_interval=0.2)
+    for n in range(args["jobs"]):
+        cluster.submit_job_id("job-%d" % n, n, args["marks"])
+    time.sleep(120)  # killed before this returns
+"""
+
+RECOVER = """
+import dispynb as dispy
+
+def main(args):
+    jobs = dispy.recover_jobs(args["journal"], timeout=60, secret=args["secret"])
+    return [[job.id, job._args[0], int(job.status), job.result] for job in jobs]
+"""
+
+
+def test_client_killed_then_recovered_gets_every_job_once(
+    network: Network,
+    node_hosts: list[Host],
+    client_host: Host,
+    start: StartNode,
+    secret: tuple[str, Path],
+    tmp_path: Path,
+) -> None:
+    nodes = [start(host, cpus=JOBS // 2) for host in node_hosts[:2]]
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    args = {
+        "nodes": [node.spec for node in nodes],
+        "secret": secret[0],
+        "journal": str(tmp_path / "journal.db"),
+        "marks": str(marks),
+        "jobs": JOBS,
+    }
+    client = start_client(network, client_host, tmp_path / "c1", WORKER, args)
+    try:
+        wait_for(lambda: len(list(marks.iterdir())) == JOBS, 30, "all jobs running")
+    finally:
+        client.proc.kill()  # SIGKILL, mid-run
+        client.stop()
+    recovered = start_client(network, client_host, tmp_path / "c2", RECOVER, args)
+    jobs = recovered.result(timeout=90)
+    assert [job[0] for job in jobs] == [f"job-{n}" for n in range(JOBS)]
+    assert [job[1] for job in jobs] == list(range(JOBS))
+    assert [job[2] for job in jobs] == [11] * JOBS  # Finished, each exactly once
+    assert [job[3] for job in jobs] == [n * n for n in range(JOBS)]
+    # Each job ran once: one marker per job, never a second run.
+    assert sorted(int(p.name) for p in marks.iterdir()) == list(range(JOBS))
