@@ -16,6 +16,8 @@ from dispynb.job import JobStatus
 from dispynb.jupyter.magics import DispyMagics
 from dispynb.jupyter.run import Run
 from tests import jobs
+from tests.nodeproc import running_node
+from tests.transport.certs import make_cert
 
 pytestmark = pytest.mark.slow
 
@@ -276,6 +278,27 @@ def test_magic_line_nodes_attaches_with_secret_file(ip, tmp_path):
     finally:
         magics.session.local = local
         magics.session.nodes = local
+
+
+@pytest.mark.slow
+def test_magic_line_nodes_attaches_over_tls(ip, tmp_path):
+    magics = ip.magics_manager.registry[DispyMagics.__name__]
+    local, nodes = magics.session.local, magics.session.nodes
+    cert, key = make_cert(tmp_path)
+    with running_node(tmp_path / "node", "--certfile", cert, "--keyfile", key) as node:
+        try:
+            magics.session.local = None  # keep the local node for the other tests
+            ip.run_line_magic(
+                "dispy",
+                f"nodes {node.spec} --secret-file {node.secret_file} --cafile {cert}",
+            )
+            cell(
+                ip, '--over "[4]" --into tls_run', "def square(x):\n    return x * x\n"
+            )
+            assert ip.user_ns["tls_run"].results == [16]
+        finally:
+            magics.session.local, magics.session.nodes = local, nodes
+    assert "with TLS" in node.log_text()
 
 
 def test_magic_help_documents_every_option(ip):
