@@ -12,13 +12,14 @@ from typing import TYPE_CHECKING, Any
 from dispynb._version import __version__
 
 if TYPE_CHECKING:
-    from dispynb.cluster import JobCluster, SharedJobCluster
+    from dispynb.cluster import JobCluster
     from dispynb.job import DispyJob
     from dispynb.jupyter.run import Run
     from dispynb.local import LocalCluster
     from dispynb.log import logger
     from dispynb.node import DispyNode, DispyNodeAvailInfo, NodeAllocate
     from dispynb.recovery import recover_jobs
+    from dispynb.shared import SharedJobCluster
 
 _LAZY: dict[str, str] = {
     "DispyJob": "dispynb.job",
@@ -27,7 +28,7 @@ _LAZY: dict[str, str] = {
     "JobCluster": "dispynb.cluster",
     "LocalCluster": "dispynb.local",
     "NodeAllocate": "dispynb.node",
-    "SharedJobCluster": "dispynb.cluster",
+    "SharedJobCluster": "dispynb.shared",
     "Run": "dispynb.jupyter.run",
     "logger": "dispynb.log",
     "recover_jobs": "dispynb.recovery",

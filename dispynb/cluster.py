@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 from dispynb._callbacks import CallbackDispatcher
 from dispynb._loop import Coalescer, LoopRunner
@@ -47,8 +47,9 @@ from dispynb.options import ClusterOptions
 from dispynb.protocol import serialize
 from dispynb.protocol.files import write_inside
 from dispynb.protocol.framing import Buffer
-from dispynb.protocol.messages import CANCELLED, FINISHED, Welcome
+from dispynb.protocol.messages import Welcome
 from dispynb.scheduler.driver import Allocator, Driver, DriverConfig, NodeLink, Outcome
+from dispynb.status import ClusterStatus, format_status, status_of
 from dispynb.transport.addressing import format_address
 from dispynb.transport.tls import client_context
 
@@ -68,17 +69,6 @@ DISCOVERY_WAIT = 2.0
 #: authentication errors surface within this time; a longer ``setup`` keeps running
 #: after the constructor returns, and jobs wait for it.
 STARTUP_WAIT = 15.0
-
-
-#: How a node's report of a job maps to dispy's statuses (others: Terminated).
-_STATUS_OF_OUTCOME = {FINISHED: JobStatus.Finished, CANCELLED: JobStatus.Cancelled}
-
-
-class ClusterStatus(NamedTuple):
-    """What `JobCluster.status` returns (dispy's namedtuple)."""
-
-    nodes: list[DispyNode]
-    jobs_pending: int
 
 
 class JobCluster:
@@ -379,7 +369,7 @@ class JobCluster:
         job = self._jobs.pop(key, None)
         if job is None:
             return
-        status = _STATUS_OF_OUTCOME.get(outcome.outcome, JobStatus.Terminated)
+        status = status_of(outcome.outcome)
         node = self._nodes.get(link.node_id) if link is not None else None
         if node is not None:
             node.busy -= 1
@@ -760,40 +750,6 @@ class JobCluster:
         return f"<JobCluster {self.name!r} nodes={nodes} pending={pending}>"
 
 
-def format_status(nodes: list[DispyNode], wall_time: float) -> str:
-    """dispy's status table for ``nodes``."""
-    lines = [
-        f"{'Node':>30s} | {'CPUs':>5s} | {'Jobs':>7s} | {'Sec/Job':>8s} | "
-        f"{'Node Time Sec':>13s} | {'Sent':>9s} | {'Rcvd':>9s}",
-        "-" * 100,
-    ]
-    total_time = 0.0
-    for node in nodes:
-        name = f"{node.ip_addr} ({node.name})" if node.name else node.ip_addr
-        per_job = node.cpu_time / node.jobs_done if node.jobs_done else 0.0
-        total_time += node.cpu_time
-        lines.append(
-            f"{name[:30]:>30s} | {node.cpus:5d} | {node.jobs_done:7d} | "
-            f"{per_job:8.3f} | {node.cpu_time:13.3f} | "
-            f"{_human(node.tx):>9s} | {_human(node.rx):>9s}"
-        )
-    speedup = total_time / wall_time if wall_time > 0 else 0.0
-    lines.append("")
-    lines.append(
-        f"Total job time: {total_time:.3f} sec, wall time: {wall_time:.3f} sec, "
-        f"speedup: {speedup:.3f}"
-    )
-    return "\n".join(lines)
-
-
-def _human(count: float) -> str:
-    for unit in ("B", "K", "M", "G"):
-        if count < 1024:
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return f"{count:.1f} T"
-
-
 def _avail_info(avail: list[float]) -> DispyNodeAvailInfo | None:
     if len(avail) != 4:
         return None
@@ -840,56 +796,4 @@ def _set_log_level(level: int) -> None:
         root.addHandler(handler)
 
 
-__all__ = [
-    "ClusterStatus",
-    "JobCluster",
-    "NoNodesError",
-    "SharedJobCluster",
-    "format_status",
-]
-
-
-class SharedJobCluster(JobCluster):
-    """dispy's cluster for nodes shared with other clients.
-
-    In dispy a separate scheduler program shares nodes among clients. dispynb's node
-    servers are shared by design: several clients' computations run on a node at
-    once, isolated in their own processes, with its CPUs shared fairly among them. So
-    this is a `JobCluster` that also accepts dispy's ``client_port`` and
-    ``exclusive`` keywords (neither is needed); name the nodes with ``nodes=``.
-
-    Raises
-    ------
-    ConfigurationError
-        If ``scheduler_host`` is given: there is no dispynb scheduler program to
-        connect to; give the nodes instead.
-    """
-
-    def __init__(
-        self,
-        computation: Callable[..., Any] | str,
-        nodes: Any = None,
-        depends: list[Any] | None = None,
-        job_status: Callable[[DispyJob], Any] | None = None,
-        cluster_status: Callable[[int, DispyNode | None, DispyJob | None], Any]
-        | None = None,
-        *,
-        scheduler_host: str | None = None,
-        client_port: int | None = None,
-        exclusive: bool = False,
-        **options: Any,
-    ) -> None:
-        if scheduler_host is not None:
-            raise ConfigurationError(
-                "dispynb has no shared scheduler program: its node servers serve "
-                "several clients at once, so pass the nodes (nodes=[...]) instead of "
-                f"scheduler_host={scheduler_host!r}"
-            )
-        if exclusive:
-            logger.warning(
-                "exclusive=True is not supported: the nodes stay shared with other "
-                "clients (each computation runs in its own processes)"
-            )
-        super().__init__(
-            computation, nodes, depends, job_status, cluster_status, **options
-        )
+__all__ = ["ClusterStatus", "JobCluster", "NoNodesError", "format_status"]

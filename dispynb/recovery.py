@@ -20,7 +20,6 @@ from dispynb.job import DispyJob, JobStatus
 from dispynb.journal import Journal
 from dispynb.protocol import serialize
 from dispynb.protocol.messages import (
-    CANCELLED,
     FINISHED,
     ComputationClosed,
     JobResults,
@@ -28,13 +27,12 @@ from dispynb.protocol.messages import (
     Recovered,
 )
 from dispynb.secret import resolve_secret
+from dispynb.status import status_of
 from dispynb.transport.addressing import parse_address
 from dispynb.transport.connector import connect
 from dispynb.transport.tls import client_context
 
 logger = logging.getLogger(__name__)
-
-_STATUS = {FINISHED: JobStatus.Finished, CANCELLED: JobStatus.Cancelled}
 
 
 def recover_jobs(
@@ -166,7 +164,7 @@ def _apply(
             except SerializationError as exc:
                 outcome, exception = "crashed", f"the result cannot be unpickled: {exc}"
         job._complete(
-            _STATUS.get(outcome, JobStatus.Terminated),
+            status_of(outcome),
             result=result,
             stdout=stdout,
             stderr=stderr,

@@ -1,0 +1,58 @@
+"""Cluster status for users: dispy's ClusterStatus, its status table, job outcomes."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from dispynb.job import JobStatus
+from dispynb.node import DispyNode
+from dispynb.protocol.messages import CANCELLED, FINISHED
+
+#: How a node's report of a job maps to dispy's statuses (others: Terminated).
+_STATUS_OF_OUTCOME = {FINISHED: JobStatus.Finished, CANCELLED: JobStatus.Cancelled}
+
+
+def status_of(outcome: str) -> JobStatus:
+    """dispy's status for a job outcome a node reported."""
+    return _STATUS_OF_OUTCOME.get(outcome, JobStatus.Terminated)
+
+
+class ClusterStatus(NamedTuple):
+    """What `JobCluster.status` returns (dispy's namedtuple)."""
+
+    nodes: list[DispyNode]
+    jobs_pending: int
+
+
+def format_status(nodes: list[DispyNode], wall_time: float) -> str:
+    """dispy's status table for ``nodes``."""
+    lines = [
+        f"{'Node':>30s} | {'CPUs':>5s} | {'Jobs':>7s} | {'Sec/Job':>8s} | "
+        f"{'Node Time Sec':>13s} | {'Sent':>9s} | {'Rcvd':>9s}",
+        "-" * 100,
+    ]
+    total_time = 0.0
+    for node in nodes:
+        name = f"{node.ip_addr} ({node.name})" if node.name else node.ip_addr
+        per_job = node.cpu_time / node.jobs_done if node.jobs_done else 0.0
+        total_time += node.cpu_time
+        lines.append(
+            f"{name[:30]:>30s} | {node.cpus:5d} | {node.jobs_done:7d} | "
+            f"{per_job:8.3f} | {node.cpu_time:13.3f} | "
+            f"{_human(node.tx):>9s} | {_human(node.rx):>9s}"
+        )
+    speedup = total_time / wall_time if wall_time > 0 else 0.0
+    lines.append("")
+    lines.append(
+        f"Total job time: {total_time:.3f} sec, wall time: {wall_time:.3f} sec, "
+        f"speedup: {speedup:.3f}"
+    )
+    return "\n".join(lines)
+
+
+def _human(count: float) -> str:
+    for unit in ("B", "K", "M", "G"):
+        if count < 1024:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} T"
