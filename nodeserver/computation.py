@@ -27,7 +27,13 @@ from tornado.iostream import IOStream
 import nodeserver
 from dispynb.errors import DispynbError, SetupError
 from dispynb.protocol.files import safe_relative_path
-from dispynb.protocol.messages import CANCELLED, CRASHED, FINISHED, TERMINATED
+from dispynb.protocol.messages import (
+    CANCELLED,
+    CRASHED,
+    FINISHED,
+    RETURNED,
+    TERMINATED,
+)
 from dispynb.transport.connection import Connection, stream_buffer_size
 from nodeserver.budget import CpuBudget
 from nodeserver.control import ControlChannel
@@ -299,6 +305,30 @@ class Computation:
                         with contextlib.suppress(DispynbError):
                             worker.conn.write(Skip(key=key))
                     return
+
+    def hand_back(self) -> None:
+        """The node shuts down: give back every job that has not started.
+
+        Queued jobs and jobs sent ahead to a busy worker (which is told to skip them)
+        are reported ``returned``, so the client runs them elsewhere; no new job is
+        accepted after this.
+        """
+        self._closing = True
+        reason = "the node is shutting down; the job did not start"
+        returned = list(self._queue)
+        self._queue.clear()
+        for worker in self._workers.values():
+            for job in list(worker.assigned)[1:]:
+                if not job.reported:
+                    job.cancelled = True
+                    returned.append(job)
+                    with contextlib.suppress(DispynbError):
+                        worker.conn.write(Skip(key=job.key))
+        for job in returned:
+            job.reported = True
+            self._report(
+                [job.key, job.attempt, RETURNED, 0.0, 0.0, "", "", reason, 0], []
+            )
 
     def _interrupt(self, worker: Worker, job: NodeJob) -> None:
         """Cancel a running job as dispy does: KeyboardInterrupt, then kill."""

@@ -123,6 +123,11 @@ class NodeServer:
             self._announcer = None
         if self._listener is not None:
             self._listener.stop()
+        # Jobs that have not started go back to their clients, to run elsewhere.
+        await asyncio.gather(
+            *(session.hand_back() for session in list(self.sessions)),
+            return_exceptions=True,
+        )
         for session in list(self.sessions):
             session.conn.close()
         if self._session_tasks:

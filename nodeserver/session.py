@@ -8,6 +8,7 @@ travel in one message per computation.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -53,6 +54,9 @@ logger = logging.getLogger(__name__)
 
 #: Seconds between status reports when the client asks for none (no pulse_interval).
 STATUS_INTERVAL = 10.0
+
+#: Seconds a shutting-down node waits for a client to take back its unstarted jobs.
+HAND_BACK_TIMEOUT = 5.0
 
 #: A results batch is cut once its buffers pass this size.
 BATCH_BYTES = 32 * 1024 * 1024
@@ -359,6 +363,17 @@ class ClientSession:
         computation = self._computations.get(message.comp_id)
         if computation is not None:
             computation.cancel(message.key, message.attempt)
+
+    async def hand_back(self) -> None:
+        """The node shuts down: hand back the jobs that have not started, and make
+        sure the client got that before the connection closes."""
+        for comp_id, computation in self._computations.items():
+            if comp_id not in self._recovery:
+                computation.hand_back()
+        self._flush()
+        with contextlib.suppress(DispynbError, TimeoutError):
+            async with asyncio.timeout(HAND_BACK_TIMEOUT):
+                await self.conn.flush()
 
     def _on_recover(self, message: Recover, buffers: list[memoryview]) -> None:
         comp_id = message.comp_id

@@ -380,7 +380,8 @@ RAISED = "raised"  # raised an exception (or sys.exit); see ``exception``
 CRASHED = "crashed"  # its worker process died (os._exit, signal, segfault)
 TERMINATED = "terminated"  # killed while running, at the client's request
 CANCELLED = "cancelled"  # never started: cancelled, or its computation closed first
-OUTCOMES = frozenset({FINISHED, RAISED, CRASHED, TERMINATED, CANCELLED})
+RETURNED = "returned"  # never started: handed back by a node that shuts down
+OUTCOMES = frozenset({FINISHED, RAISED, CRASHED, TERMINATED, CANCELLED, RETURNED})
 
 
 @message("job-results")

@@ -26,6 +26,7 @@ from dispynb.protocol.framing import Buffer
 from dispynb.protocol.messages import (
     CRASHED,
     FINISHED,
+    RETURNED,
     ComputationClose,
     ComputationClosed,
     ComputationFailed,
@@ -53,6 +54,7 @@ from dispynb.scheduler.events import (
     CancelRunning,
     Instruction,
     JobFinished,
+    JobReturned,
     JobSubmitted,
     NodeJoined,
     NodeLeft,
@@ -105,6 +107,7 @@ class NodeLink:
     peer_ip: str = ""
     resetting: bool = False
     last_seen: float = 0.0  # loop time of the last message from it
+    leaving: bool = False  # it handed jobs back: it shuts down
 
 
 #: ``allocate(welcome, peer_ip) -> (cpus, bundle, files)`` (see `Driver.add_node`).
@@ -624,6 +627,13 @@ class Driver:
             key, attempt, outcome, start, end, stdout, stderr, exception, count = entry
             result_buffers = buffers[offset : offset + count]
             offset += count
+            if outcome == RETURNED:
+                # The node shuts down: no more jobs for it; this one runs elsewhere.
+                if not link.leaving:
+                    link.leaving = True
+                    instructions.extend(handle(NodeJoined(link.node_id, 0)))
+                instructions.extend(handle(JobReturned(link.node_id, key, attempt)))
+                continue
             accepted = handle(
                 JobFinished(link.node_id, key, attempt, max(end - start, 0.0))
             )

@@ -96,7 +96,19 @@ class CancelRequested:
     key: int
 
 
-Event: TypeAlias = JobSubmitted | NodeJoined | NodeLeft | JobFinished | CancelRequested
+@dataclass(frozen=True, slots=True)
+class JobReturned:
+    """``node`` hands back attempt ``attempt`` of job ``key`` without having started it
+    (the node is shutting down). The job runs elsewhere, reentrant or not."""
+
+    node: str
+    key: int
+    attempt: int
+
+
+Event: TypeAlias = (
+    JobSubmitted | NodeJoined | NodeLeft | JobFinished | JobReturned | CancelRequested
+)
 
 
 # -- instructions -------------------------------------------------------------------

@@ -28,6 +28,7 @@ from dispynb.scheduler.events import (
     Event,
     Instruction,
     JobFinished,
+    JobReturned,
     JobSubmitted,
     NodeJoined,
     NodeLeft,
@@ -222,6 +223,8 @@ class SchedulerState:
                 self._leave(event, out)
             case JobFinished():
                 self._finish(event, out)
+            case JobReturned():
+                self._return(event, out)
             case CancelRequested():
                 self._cancel(event, out)
             case _:
@@ -277,6 +280,29 @@ class SchedulerState:
         for key in self._pinned.pop(node.name, ()):
             del self._jobs[key]
             out.append(AbandonJob(key, node.name))
+
+    def _return(self, event: JobReturned, out: list[Instruction]) -> None:
+        """A job that never started comes back from its node: queue it at the front."""
+        node = self._nodes.get(event.node)
+        job = self._jobs.get(event.key)
+        if node is None or job is None or node.running.get(event.key) != event.attempt:
+            return  # stale
+        del node.running[event.key]
+        self._running -= 1
+        self._refresh(node)
+        if job.cancel_requested:
+            del self._jobs[event.key]
+            out.append(CancelQueued(event.key))
+            return
+        if job.pin is not None:
+            del self._jobs[event.key]
+            out.append(AbandonJob(event.key, node.name))
+            return
+        job.attempt += 1
+        job.node = None
+        self._queue[event.key] = None
+        self._queue.move_to_end(event.key, last=False)
+        out.append(ResubmitJob(event.key, job.attempt))
 
     def _finish(self, event: JobFinished, out: list[Instruction]) -> None:
         key = event.key

@@ -129,6 +129,11 @@ class Connection:
         with _stream_errors(self.peer):
             await self.stream.write(b"")
 
+    async def flush(self) -> None:
+        """Wait until everything written so far has gone to the socket."""
+        with _stream_errors(self.peer):
+            await self.stream.write(b"")
+
     async def recv(self) -> tuple[Message, list[memoryview]]:
         """Receive the next message and its payload buffers.
 

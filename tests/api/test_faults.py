@@ -174,3 +174,29 @@ def test_silent_client_computation_is_freed_by_node(tmp_path):
             client.kill()
             client.wait()
             client.stdout.close()
+
+
+def test_node_shutting_down_hands_back_jobs_that_did_not_start(tmp_path):
+    """SIGTERM to one of two nodes: at most its running job is lost; every job it
+    had queued runs on the other node (not reentrant: they never started)."""
+    with (
+        running_node(tmp_path / "a", name="a") as a,
+        running_node(tmp_path / "b", name="b", secret=a.secret) as b,
+        JobCluster(
+            slow_square, nodes=[a.spec, b.spec], secret=a.secret, pulse_interval=PULSE
+        ) as cluster,
+    ):
+        wait_until(lambda: len(cluster.status().nodes) == 2)
+        jobs = [cluster.submit(n) for n in range(16)]
+        node_a = next(n for n in cluster.status().nodes if n.name == "a")
+        wait_until(lambda: len(cluster.node_jobs(node_a)) >= 2)  # some queued
+        assert a.stop() == 0  # SIGTERM: a graceful shutdown
+        assert cluster.wait(timeout=30)
+    abandoned = [job for job in jobs if job.status == DispyJob.Abandoned]
+    finished = [job for job in jobs if job.status == DispyJob.Finished]
+    assert len(abandoned) <= 1  # the job running on a when it stopped
+    assert len(finished) + len(abandoned) == 16
+    assert sorted(job.result[0] for job in finished) == sorted(
+        job._args[0] ** 2 for job in finished
+    )
+    assert any(job.result[1] == "b" for job in finished)

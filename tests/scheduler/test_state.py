@@ -16,6 +16,7 @@ from dispynb.scheduler import (
     Event,
     Instruction,
     JobFinished,
+    JobReturned,
     JobSubmitted,
     NodeInfo,
     NodeJoined,
@@ -329,6 +330,29 @@ def test_node_left_not_reentrant_abandons_running_jobs():
     assert state.running_count == 0
     assert state.nodes == ()
     assert state.handle(NodeJoined("b", 1)) == [SendJobs("b", ((3, 1),))]
+
+
+def test_job_returned_not_reentrant_runs_elsewhere_with_new_attempt():
+    state = make_state(("a", 1), ("b", 1))
+    submit(state, 1)
+    node = "a" if state.node_running("a") else "b"
+    other = "b" if node == "a" else "a"
+    state.handle(NodeJoined(node, 0))  # it shuts down: no new jobs
+    out = state.handle(JobReturned(node, 1, 1))
+    assert out == [ResubmitJob(1, 2), SendJobs(other, ((1, 2),))]
+    # The old attempt is stale now, from either node.
+    assert state.handle(JobFinished(node, 1, 1, 0.1)) == []
+    assert state.handle(JobFinished(other, 1, 2, 0.1)) == [AcceptResult(1, 2)]
+
+
+def test_job_returned_stale_or_cancelled_or_pinned():
+    state = make_state(("a", 1))
+    submit(state, 1)
+    assert state.handle(JobReturned("a", 1, 7)) == []  # not the running attempt
+    state.handle(CancelRequested(1))
+    assert state.handle(JobReturned("a", 1, 1)) == [CancelQueued(1)]
+    state.handle(JobSubmitted(2, node="a"))
+    assert state.handle(JobReturned("a", 2, 1)) == [AbandonJob(2, "a")]
 
 
 def test_node_left_cancelled_running_job_is_abandoned_not_resubmitted():
