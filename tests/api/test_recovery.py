@@ -20,15 +20,19 @@ CLIENT = """
 import sys, time
 import dispynb as dispy
 
-def compute(n, marks):
+def compute(n, marks, all_slow):
     import os, time
     open(os.path.join(marks, str(n)), "w").close()  # the node has the job
-    time.sleep(1.0 if n % 2 else 0.0)  # odd ones end after the client is killed
+    # Odd ones end after the client is killed; with all_slow every job is long, so
+    # the client keeps few jobs in flight (short jobs widen its pipeline).
+    time.sleep(1.0 if n % 2 or all_slow else 0.0)
     return n * n
 
 cluster = dispy.JobCluster(compute, nodes=[sys.argv[1]], secret=sys.argv[2],
                            recover_file=sys.argv[3])
-jobs = [cluster.submit_job_id("job-%d" % n, n, sys.argv[4]) for n in range(20)]
+all_slow = sys.argv[5] == "slow"
+jobs = [cluster.submit_job_id("job-%d" % n, n, sys.argv[4], all_slow)
+        for n in range(20)]
 print("submitted", flush=True)
 time.sleep(60)  # killed before it gets further
 """
@@ -42,7 +46,9 @@ print(json.dumps([[j.id, j._args[0], int(j.status), j.result, j.exception]
 """
 
 
-def run_and_kill_client(tmp_path, node, started: int) -> list[list[object]]:
+def run_and_kill_client(
+    tmp_path, node, started: int, all_slow: bool = False
+) -> list[list[object]]:
     """Run CLIENT until ``started`` jobs run on the node, SIGKILL it, then recover
     in a new process."""
     journal = tmp_path / "journal.db"
@@ -51,7 +57,15 @@ def run_and_kill_client(tmp_path, node, started: int) -> list[list[object]]:
     (tmp_path / "client.py").write_text(CLIENT)
     (tmp_path / "recover.py").write_text(RECOVER)
     client = subprocess.Popen(
-        [sys.executable, "client.py", node.spec, node.secret, str(journal), str(marks)],
+        [
+            sys.executable,
+            "client.py",
+            node.spec,
+            node.secret,
+            str(journal),
+            str(marks),
+            "slow" if all_slow else "mixed",
+        ],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         text=True,
@@ -90,7 +104,7 @@ def test_recover_jobs_after_client_sigkill_returns_every_job_once(tmp_path):
 def test_recover_jobs_never_sent_jobs_come_back_abandoned_with_arguments(tmp_path):
     """With 1 CPU, most jobs never reached the node: they come back Abandoned."""
     with running_node(tmp_path / "node", cpus=1) as node:
-        jobs = run_and_kill_client(tmp_path, node, started=1)
+        jobs = run_and_kill_client(tmp_path, node, started=1, all_slow=True)
     assert [job[1] for job in jobs] == list(range(20))
     finished = [job for job in jobs if job[2] == 11]
     abandoned = [job for job in jobs if job[2] == 10]
