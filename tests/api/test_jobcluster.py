@@ -349,10 +349,11 @@ def test_close_terminate_with_long_jobs_running_returns_quickly(local, tmp_path)
     cluster = JobCluster(jobs.mark_and_sleep, nodes=local)
     markers = [tmp_path / f"m{i}" for i in range(4)]
     submitted = [cluster.submit(str(marker), 60) for marker in markers]
-    wait_until(lambda: sum(marker.exists() for marker in markers) == 2)  # 2 CPUs
+    # 2 CPUs; generous waits: other tests' computations may still be winding down.
+    wait_until(lambda: sum(marker.exists() for marker in markers) == 2, timeout=30)
     started = time.monotonic()
     cluster.close(terminate=True)
-    assert time.monotonic() - started < PROMPT
+    assert time.monotonic() - started < 2 * PROMPT  # not the jobs' 60 s
     assert all(job.done() for job in submitted)
     assert {job.status for job in submitted} <= {
         DispyJob.Terminated,
