@@ -306,6 +306,16 @@ class Computation:
                             worker.conn.write(Skip(key=key))
                     return
 
+    def also_report(self, record: Report) -> None:
+        """Give every later job result to ``record`` too (kept for recovery)."""
+        report = self._report
+
+        def both(entry: list[object], buffers: list[memoryview]) -> None:
+            report(entry, buffers)
+            record(entry, buffers)
+
+        self._report = both
+
     def hand_back(self) -> None:
         """The node shuts down: give back every job that has not started.
 

@@ -175,13 +175,9 @@ class ClientSession:
                 message.recovery_id,
                 message.keep_results,
             )
-            report = computation._report
-
-            def report_and_keep(entry: list[Any], buffers: list[memoryview]) -> None:
-                report(entry, buffers)
-                ResultKeeper.record(kept, entry, buffers)
-
-            computation._report = report_and_keep
+            computation.also_report(
+                lambda entry, buffers: ResultKeeper.record(kept, entry, buffers)
+            )
         self._computations[message.comp_id] = computation
         try:
             files = self._check_files(message.files)

@@ -20,6 +20,7 @@ e.g. for documentation builds.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import os
 import sys
@@ -111,7 +112,7 @@ class ProgressCounts:
         return (self.total - self.ended) / rate if rate else None
 
 
-class ProgressBar:
+class ProgressBar(abc.ABC):
     """Base class: throttled drawing of `ProgressCounts` snapshots.
 
     Subclasses implement `_draw_bar` (a state in progress) and `_draw_done` (the final
@@ -135,10 +136,10 @@ class ProgressBar:
         self._last_draw = float("-inf")
         self._timer: threading.Timer | None = None
 
-    def show(self) -> None:
+    def show(self) -> None:  # noqa: B027 (optional hook: a no-op by default)
         """Display the bar in the current cell (or start the text line)."""
 
-    def before_output(self) -> None:
+    def before_output(self) -> None:  # noqa: B027 (optional hook, as show)
         """Called before other text is written where the bar draws (text bars)."""
 
     def update(self, counts: ProgressCounts, force: bool = False) -> None:
@@ -182,8 +183,9 @@ class ProgressBar:
             self._timer.cancel()
             self._timer = None
 
+    @abc.abstractmethod
     def _draw_bar(self, counts: ProgressCounts) -> None:
-        raise NotImplementedError
+        """Show ``counts`` (a state in progress)."""
 
     def _draw_done(self, counts: ProgressCounts) -> None:
         self._draw_bar(counts)

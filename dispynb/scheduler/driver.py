@@ -101,7 +101,6 @@ class NodeLink:
     jobs_done: int = 0
     cpu_time: float = 0.0
     closed: asyncio.Future[None] | None = None
-    reader: asyncio.Task[None] | None = None
     sent: set[str] = field(default_factory=set)  # digests of files it has
     allocate: Allocator | None = None
     peer_ip: str = ""
