@@ -18,6 +18,8 @@ import socket
 import sys
 import threading
 import time
+import weakref
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -56,6 +58,14 @@ from dispynb.transport.tls import client_context
 logger = logging.getLogger(__name__)
 
 _comp_ids = itertools.count(1)
+
+#: A listener gets ``(status, node, job)`` for each job and node event; see
+#: `JobCluster.add_listener`.
+Listener = Callable[[int, DispyNode | None, DispyJob | None], None]
+
+#: Open clusters of this process by creation order, for monitors (weak: a cluster
+#: that is garbage-collected without being closed just disappears).
+_live: dict[int, weakref.ref[JobCluster]] = {}
 
 #: Seconds nodes keep the results of a computation whose client (with a
 #: ``recover_file``) went away, for `recover_jobs`.
@@ -167,6 +177,9 @@ class JobCluster:
         self._deps = collect(opts.depends)
         self._jobs: dict[int, DispyJob] = {}
         self._keys = itertools.count(1)
+        #: Jobs by final status (and "submitted"), for monitors.
+        self.job_counts: Counter[str] = Counter()
+        self._listeners: list[Listener] = []
         self._outstanding = 0
         self._done = threading.Condition()
         self._nodes: dict[str, DispyNode] = {}
@@ -174,6 +187,7 @@ class JobCluster:
         self._closed = False
         self._max_job_size = MAX_MESSAGE_SIZE
         self._start_time = time.time()
+        self.uid = secrets.token_hex(6)
         # Callbacks wait until the constructor returns: dispy programs use the
         # cluster's variable in them (cluster_status calling cluster.submit_node).
         self._callbacks = CallbackDispatcher(held=True)
@@ -201,6 +215,7 @@ class JobCluster:
         if self._journal is not None:
             self._journal.computation(self._recovery_id, self.name)
         self._drain = Coalescer(self._runner, self._driver.drain)
+        _live[self._driver.config.comp_id] = weakref.ref(self)
         try:
             self._runner.run_sync(self._start)
         except BaseException:
@@ -295,6 +310,7 @@ class JobCluster:
         if not self._startup.done():
             self._startup.set_result(None)
         self._notify_cluster(DispyNode.Initialized, node, None)
+        self._emit(DispyNode.Initialized, node, None)
 
     def node_failed(self, link: NodeLink, error: DispynbError) -> None:
         self._node_errors.append(error)
@@ -319,6 +335,7 @@ class JobCluster:
             if not self._closed:
                 logger.warning("node %s left: %s", link.node_id, reason)
             self._notify_cluster(DispyNode.Closed, node, None)
+            self._emit(DispyNode.Closed, node, None)
 
     def node_status(self, link: NodeLink, avail: list[float]) -> None:
         node = self._nodes.get(link.node_id)
@@ -327,6 +344,7 @@ class JobCluster:
         node.avail_info = _avail_info(avail)
         node.update_time = time.time()
         self._notify_cluster(DispyNode.AvailInfo, node, None)
+        self._emit(DispyNode.AvailInfo, node, None)
 
     def job_running(self, key: int, link: NodeLink) -> None:
         job = self._jobs.get(key)
@@ -340,6 +358,7 @@ class JobCluster:
             node.busy += 1
         if self._options.cluster_status is not None:
             self._notify_cluster(JobStatus.Running, node, copy.copy(job))
+        self._emit(JobStatus.Running, node, job)
 
     def job_provisional(self, key: int, link: NodeLink, result: Any) -> None:
         job = self._jobs.get(key)
@@ -351,6 +370,7 @@ class JobCluster:
         if opts.cluster_status is not None:
             node = self._nodes.get(link.node_id)
             self._notify_cluster(JobStatus.ProvisionalResult, node, copy.copy(job))
+        self._emit(JobStatus.ProvisionalResult, self._nodes.get(link.node_id), job)
 
     def job_file(
         self, key: int, link: NodeLink, path: str, data: list[memoryview]
@@ -403,6 +423,7 @@ class JobCluster:
         job = self._jobs.get(key)
         if job is not None:
             job._requeue()
+            self._emit(JobStatus.Created, None, job)
 
     def job_cancelled(self, key: int) -> None:
         job = self._jobs.pop(key, None)
@@ -418,6 +439,8 @@ class JobCluster:
             self._callbacks.post(opts.job_status, copy.copy(job))
         if opts.cluster_status is not None:
             self._notify_cluster(job.status, node, copy.copy(job))
+        self.job_counts[job.status.name] += 1
+        self._emit(job.status, node, job)
         with self._done:
             self._outstanding -= 1
             if self._outstanding == 0:
@@ -428,6 +451,30 @@ class JobCluster:
     ) -> None:
         if self._options.cluster_status is not None:
             self._callbacks.post(self._options.cluster_status, status, node, job)
+
+    # -- listeners (monitors) ------------------------------------------------------
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call ``listener(status, node, job)`` for each job and node event.
+
+        The statuses are ``cluster_status``'s, but a listener is called at once on
+        the thread where the event happens (the I/O thread; the submitting thread
+        for ``Created``) with the live `DispyJob` and `DispyNode`: it must be quick,
+        must not block and must not change them. Monitors use this; programs
+        should use ``cluster_status``.
+        """
+        self._listeners = [*self._listeners, listener]
+
+    def remove_listener(self, listener: Listener) -> None:
+        """Stop calling ``listener``; unknown listeners are ignored."""
+        self._listeners = [fn for fn in self._listeners if fn is not listener]
+
+    def _emit(self, status: int, node: DispyNode | None, job: DispyJob | None) -> None:
+        for listener in self._listeners:  # replaced, never mutated: safe to iterate
+            try:
+                listener(status, node, job)
+            except Exception:
+                logger.exception("cluster listener %r failed", listener)
 
     # -- jobs ----------------------------------------------------------------------
 
@@ -510,6 +557,8 @@ class JobCluster:
             self._outstanding += 1
         if self._options.cluster_status is not None:
             self._notify_cluster(JobStatus.Created, None, copy.copy(job))
+        self.job_counts["submitted"] += 1
+        self._emit(JobStatus.Created, None, job)
         self._driver.enqueue(key, buffers, node_id, job_deps.files or None)
         self._drain.trigger()
         return job
@@ -622,6 +671,7 @@ class JobCluster:
         node = self._nodes.get(node_id)
         if node is not None and used >= 0:
             node.cpus = node.avail_cpus = used
+            self._emit(DispyNode.AvailInfo, node, None)
         return used
 
     def close_node(self, node: Any, terminate_pending: bool = False) -> int:
@@ -718,6 +768,7 @@ class JobCluster:
         if self._closed:
             return
         self._closed = True
+        _live.pop(self._driver.config.comp_id, None)
         try:
             self._update_traffic()
             if self._finder is not None:
@@ -796,4 +847,17 @@ def _set_log_level(level: int) -> None:
         root.addHandler(handler)
 
 
-__all__ = ["ClusterStatus", "JobCluster", "NoNodesError", "format_status"]
+def live_clusters() -> list[JobCluster]:
+    """The clusters of this process that are not closed, oldest first."""
+    clusters = [ref() for _, ref in sorted(_live.items())]
+    return [c for c in clusters if c is not None and not c._closed]
+
+
+__all__ = [
+    "ClusterStatus",
+    "JobCluster",
+    "Listener",
+    "NoNodesError",
+    "format_status",
+    "live_clusters",
+]

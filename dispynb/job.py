@@ -109,6 +109,7 @@ class DispyJob:
     """
 
     __slots__ = (
+        "__weakref__",  # monitors remember finished jobs without keeping results
         "_args",
         "_done",
         "_final",

@@ -1,0 +1,232 @@
+"""A live, thread-safe view of a `JobCluster` for monitors.
+
+The web monitor (`dispynb.httpd`) and the JupyterLab panel show the same things:
+a cluster's nodes, its jobs and how many ended how. `ClusterMonitor` follows a
+cluster through `JobCluster.add_listener` and turns it into JSON-ready snapshots
+that any thread may take; it never slows the cluster down when nobody looks
+(a listener call is a few attribute reads and a counter bump).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from dispynb.cluster import live_clusters
+from dispynb.job import DispyJob, JobStatus
+from dispynb.node import DispyNode
+from dispynb.transport.addressing import format_address
+
+if TYPE_CHECKING:
+    from dispynb.cluster import JobCluster
+
+__all__ = ["ClusterMonitor", "live_clusters"]
+
+#: Longest text shown for a job's id or arguments.
+SHORT = 80
+
+_RUNNING = (JobStatus.Running, JobStatus.ProvisionalResult)
+
+
+class ClusterMonitor:
+    """Follow ``cluster`` and give snapshots of it to monitors.
+
+    Parameters
+    ----------
+    cluster:
+        The cluster to watch (a `JobCluster` or `SharedJobCluster`).
+    history:
+        How many finished jobs to remember for display (counts cover all jobs).
+
+    Examples
+    --------
+    >>> monitor = ClusterMonitor(cluster)  # doctest: +SKIP
+    >>> monitor.snapshot()["counts"]  # doctest: +SKIP
+    {'pending': 0, 'running': 2, 'finished': 8, ...}
+    """
+
+    def __init__(self, cluster: JobCluster, history: int = 1000) -> None:
+        self.cluster = cluster
+        self._changed = threading.Condition()
+        self._version = 0
+        self._live: dict[int, DispyJob] = {}
+        self._where: dict[int, str] = {}  # job key -> node id, while it runs
+        # Finished jobs as shown, with a weak reference for their arguments (holding
+        # the jobs would keep their results alive).
+        self._finished: deque[tuple[dict[str, Any], weakref.ref[DispyJob]]] = deque(
+            maxlen=history
+        )
+        cluster.add_listener(self._on_event)
+        # Jobs submitted before we listened: copy under the listener so none is missed.
+        for key, job in list(cluster._jobs.items()):
+            if not job.done():
+                self._live.setdefault(key, job)
+
+    @property
+    def version(self) -> int:
+        """A number that changes whenever the cluster does."""
+        return self._version
+
+    def wait_change(self, version: int, timeout: float) -> int:
+        """Block until the version is not ``version`` (or ``timeout``); return it."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._version != version, timeout)
+            return self._version
+
+    def close(self) -> None:
+        """Stop following the cluster and wake any `wait_change`."""
+        self.cluster.remove_listener(self._on_event)
+        self._bump()
+
+    # -- events (on the cluster's threads) --------------------------------------------
+
+    def _on_event(
+        self, status: int, node: DispyNode | None, job: DispyJob | None
+    ) -> None:
+        key = job._key if job is not None else None
+        if job is not None and key is not None:
+            if node is not None:
+                self._where[key] = format_address(node.ip_addr, node.port)
+            if job.status.is_final:
+                self._live.pop(key, None)
+                record = self._record(job, show_args=False)
+                self._where.pop(key, None)
+                self._finished.append((record, weakref.ref(job)))
+            else:
+                self._live[key] = job
+                if job.status not in _RUNNING:
+                    self._where.pop(key, None)  # requeued
+        self._bump()
+
+    def _bump(self) -> None:
+        with self._changed:
+            self._version += 1
+            self._changed.notify_all()
+
+    # -- snapshots -----------------------------------------------------------------
+
+    def snapshot(
+        self, *, show_args: bool = False, max_jobs: int = 500
+    ) -> dict[str, Any]:
+        """The cluster now, as plain JSON-ready data.
+
+        ``jobs`` lists the unfinished jobs (running first) and then the most
+        recently finished, ``max_jobs`` at most; ``args`` is a short text of each
+        job's arguments only with ``show_args`` (they may be private data).
+        """
+        cluster = self.cluster
+        version = self._version
+        live = sorted(
+            (job for job in list(self._live.values()) if not job.done()),
+            key=lambda job: (job.status not in _RUNNING, job._seq),
+        )
+        jobs = [self._record(job, show_args) for job in live[:max_jobs]]
+        for record, ref in reversed(list(self._finished)):
+            if len(jobs) >= max_jobs:
+                break
+            finished = ref() if show_args else None
+            jobs.append(
+                {**record, "args": _args_text(finished)} if finished else record
+            )
+        counts = cluster.job_counts
+        running = sum(1 for job in live if job.status in _RUNNING)
+        return {
+            "id": cluster.uid,
+            "name": cluster.name,
+            "closed": cluster._closed,
+            "start_time": cluster._start_time,
+            "now": time.time(),
+            "version": version,
+            "counts": {
+                "pending": len(live) - running,
+                "running": running,
+                "finished": counts["Finished"],
+                "terminated": counts["Terminated"],
+                "cancelled": counts["Cancelled"],
+                "abandoned": counts["Abandoned"],
+                "total": counts["submitted"],
+            },
+            "nodes": [
+                _node_record(node_id, node)
+                for node_id, node in sorted(list(cluster._nodes.items()))
+            ],
+            "jobs": jobs,
+        }
+
+    # -- actions -------------------------------------------------------------------
+
+    def cancel(self, key: int) -> bool:
+        """Cancel the job with this key; False if there is none or it is done."""
+        job = self._live.get(key) or self.cluster._jobs.get(key)
+        return job is not None and self.cluster.cancel(job) == 0
+
+    def cancel_all(self) -> int:
+        """Cancel every unfinished job of the cluster; return how many."""
+        jobs = [job for job in list(self.cluster._jobs.values()) if not job.done()]
+        return sum(1 for job in jobs if self.cluster.cancel(job) == 0)
+
+    def set_node_cpus(self, node_id: str, cpus: int) -> int:
+        """Use ``cpus`` CPUs of the node ``"ip:port"``; the CPUs now used, or -1."""
+        if node_id not in self.cluster._nodes:
+            return -1
+        return self.cluster.set_node_cpus(node_id, cpus)
+
+    def _record(self, job: DispyJob, show_args: bool) -> dict[str, Any]:
+        return {
+            "key": job._key,
+            "id": _short(_safe_repr(job.id)),
+            "status": JobStatus(job.status).name,
+            "node": self._where.get(job._key) if job._key is not None else None,
+            "submit_time": job.submit_time,
+            "start_time": job.start_time,
+            "end_time": job.end_time,
+            "args": _args_text(job) if show_args else None,
+        }
+
+
+def _args_text(job: DispyJob) -> str:
+    parts = [_safe_repr(arg) for arg in job._args]
+    parts += [f"{key}={_safe_repr(value)}" for key, value in job._kwargs.items()]
+    return _short(", ".join(parts))
+
+
+def _safe_repr(value: Any) -> str:
+    """repr() of user objects, which may raise or be huge."""
+    try:
+        return repr(value)[: SHORT * 2]
+    except Exception as exc:
+        return f"<{type(value).__name__}: repr failed: {exc!r}>"
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= SHORT else text[: SHORT - 1] + "…"
+
+
+def _node_record(node_id: str, node: DispyNode) -> dict[str, Any]:
+    avail = node.avail_info
+    return {
+        "id": node_id,
+        "name": node.name,
+        "ip_addr": node.ip_addr,
+        "port": node.port,
+        "cpus": node.cpus,
+        "avail_cpus": node.avail_cpus,
+        "busy": node.busy,
+        "jobs_done": node.jobs_done,
+        "cpu_time": node.cpu_time,
+        "tx": node.tx,
+        "rx": node.rx,
+        "update_time": node.update_time,
+        "platform": node.platform,
+        "avail": None
+        if avail is None
+        else {
+            "cpu": avail.cpu,
+            "memory": avail.memory,
+            "disk": avail.disk,
+            "swap": avail.swap,
+        },
+    }

@@ -1,0 +1,116 @@
+"""ClusterMonitor and the cluster's listener hook, on real local nodes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from pathlib import Path
+
+from dispynb import JobCluster, LocalCluster
+from dispynb.job import JobStatus
+from dispynb.monitoring import ClusterMonitor, live_clusters
+from tests.jobs import WAIT, mark_and_sleep, square, wait_for_path, wait_until
+
+
+def test_snapshot_counts_nodes_and_jobs(local: LocalCluster) -> None:
+    with JobCluster(square, nodes=local) as cluster:
+        monitor = ClusterMonitor(cluster)
+        jobs = [cluster.submit(i) for i in range(6)]
+        assert [job() for job in jobs] == [i * i for i in range(6)]
+        cluster.wait()
+        snap = monitor.snapshot()
+        json.dumps(snap)  # JSON-ready as promised
+        assert snap["id"] == cluster.uid and snap["name"] == "square"
+        assert snap["counts"]["total"] == 6
+        assert snap["counts"]["finished"] == 6
+        assert snap["counts"]["pending"] == snap["counts"]["running"] == 0
+        [node] = snap["nodes"]
+        assert node["cpus"] == 2 and node["jobs_done"] == 6
+        assert node["id"] == f"{node['ip_addr']}:{node['port']}"
+        assert [job["status"] for job in snap["jobs"]] == ["Finished"] * 6
+        # most recently finished first: the last job to finish leads
+        assert sorted(job["key"] for job in snap["jobs"]) == [j._key for j in jobs]
+        assert all(job["node"] == node["id"] for job in snap["jobs"])
+        assert all(job["end_time"] >= job["start_time"] for job in snap["jobs"])
+        assert all(job["args"] is None for job in snap["jobs"])
+        shown = monitor.snapshot(show_args=True, max_jobs=2)
+        keys = [job["key"] for job in snap["jobs"][:2]]
+        assert [job["key"] for job in shown["jobs"]] == keys
+        assert [job["args"] for job in shown["jobs"]] == [str(k - 1) for k in keys]
+        monitor.close()
+
+
+def test_running_jobs_come_first_and_cancel_by_key(
+    local1: LocalCluster, tmp_path: Path
+) -> None:
+    marker = str(tmp_path / "started")
+    with JobCluster(mark_and_sleep, nodes=local1) as cluster:
+        monitor = ClusterMonitor(cluster)
+        running = cluster.submit(marker, 30)
+        queued = cluster.submit(None, 30)
+        wait_for_path(marker)
+        wait_until(lambda: running.status == JobStatus.Running)
+        snap = monitor.snapshot()
+        # the second job may be sent ahead to the busy node (then it is Running too)
+        assert snap["counts"]["running"] + snap["counts"]["pending"] == 2
+        assert snap["counts"]["running"] >= 1
+        assert [job["key"] for job in snap["jobs"]] == [running._key, queued._key]
+        assert snap["jobs"][0]["status"] == "Running"
+        assert snap["jobs"][0]["node"] == snap["nodes"][0]["id"]
+        assert monitor.cancel(queued._key) is True
+        assert queued.wait(WAIT) and queued.status == JobStatus.Cancelled  # never ran
+        assert monitor.cancel(queued._key) is False  # already done
+        assert monitor.cancel(12345) is False  # no such job
+        assert monitor.cancel_all() == 1
+        assert running.wait(WAIT) and running.status == JobStatus.Terminated
+        counts = monitor.snapshot()["counts"]
+        assert (counts["cancelled"], counts["terminated"]) == (1, 1)
+
+
+def test_wait_change_wakes_on_events(local: LocalCluster) -> None:
+    with JobCluster(square, nodes=local) as cluster:
+        monitor = ClusterMonitor(cluster)
+        version = monitor.version
+        woke: list[int] = []
+        waiter = threading.Thread(
+            target=lambda: woke.append(monitor.wait_change(version, WAIT))
+        )
+        waiter.start()
+        cluster.submit(3)()
+        waiter.join(WAIT)
+        assert woke and woke[0] != version
+        # nothing happens: the wait times out with the same version
+        cluster.wait()
+        settled = monitor.version
+        assert monitor.wait_change(settled, 0.05) == settled
+
+
+def test_set_node_cpus_and_live_clusters(local: LocalCluster) -> None:
+    with JobCluster(square, nodes=local) as cluster:
+        assert cluster in live_clusters()
+        monitor = ClusterMonitor(cluster)
+        [node] = monitor.snapshot()["nodes"]
+        assert monitor.set_node_cpus(node["id"], 1) == 1
+        assert monitor.snapshot()["nodes"][0]["cpus"] == 1
+        assert monitor.set_node_cpus("10.9.9.9:1", 1) == -1
+        assert cluster.submit(4)() == 16
+    assert cluster not in live_clusters()
+
+
+def test_a_failing_listener_is_logged_not_fatal(
+    local: LocalCluster, allow_error_logs: list[logging.LogRecord]
+) -> None:
+    def broken(status: int, node: object, job: object) -> None:
+        raise RuntimeError("listener bug")
+
+    with JobCluster(square, nodes=local) as cluster:
+        cluster.add_listener(broken)
+        assert cluster.submit(5)() == 25
+        cluster.remove_listener(broken)
+    assert any(
+        "listener" in r.getMessage()
+        and r.exc_info
+        and "listener bug" in str(r.exc_info[1])
+        for r in allow_error_logs
+    )
