@@ -1,0 +1,337 @@
+"""`DispyHTTPServer`: dispy's web monitor, on its own thread and event loop.
+
+The server gets its own thread so that browsers never slow down the cluster's I/O
+thread; it reads the cluster through a `ClusterMonitor` (thread-safe snapshots).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import tornado.httpserver
+import tornado.web
+
+from dispynb.errors import ConfigurationError
+from dispynb.httpd.api import (
+    ApiContext,
+    CancelAllHandler,
+    CancelJobHandler,
+    ClusterHandler,
+    NodeCpusHandler,
+)
+from dispynb.httpd.assets import AssetHandler, load_assets
+from dispynb.httpd.feed import ChangeFeed
+from dispynb.httpd.security import (
+    Guard,
+    NotFoundHandler,
+    check_token,
+    is_loopback,
+    new_token,
+)
+
+if TYPE_CHECKING:
+    from dispynb.cluster import JobCluster
+
+logger = logging.getLogger("dispynb.httpd")
+
+#: Request bodies are tiny JSON objects.
+MAX_BODY_BYTES = 64 * 1024
+
+_START_TIMEOUT = 30.0
+
+
+class DispyHTTPServer:
+    """A web page that shows a cluster's nodes and jobs live and lets you manage them.
+
+    Open :attr:`url` (it carries the access token, logged once at INFO) in a browser.
+
+    Parameters
+    ----------
+    cluster:
+        The `JobCluster` (or `SharedJobCluster`) to show.
+    host:
+        Address to bind; default 127.0.0.1 (this machine only). Any other address
+        (``''`` or ``'0.0.0.0'``: all interfaces) needs ``certfile`` or
+        ``allow_plain_http=True``.
+    port:
+        TCP port; 0 picks a free one (see :attr:`port`).
+    poll_sec:
+        Longest time a browser's long-poll waits for a change before it asks again.
+    DocumentRoot:
+        Not supported: the monitor serves only its built-in page. Must be None.
+    keyfile, certfile:
+        PEM files to serve HTTPS (no ``keyfile`` if ``certfile`` holds the key).
+    show_job_args:
+        Show a short view of each job's arguments (off by default: may be private).
+    token:
+        Access token (16+ URL-safe characters); default: a new random one.
+    allow_plain_http:
+        Allow a non-loopback ``host`` without TLS (the token then crosses the network
+        in clear text).
+    allowed_hosts:
+        More host names under which browsers reach the server (checked in ``Host``).
+
+    Examples
+    --------
+    >>> monitor = DispyHTTPServer(cluster)  # doctest: +SKIP
+    >>> print(monitor.url)  # doctest: +SKIP
+    http://127.0.0.1:8181/?token=...
+    >>> monitor.shutdown()  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        cluster: JobCluster,
+        host: str = "127.0.0.1",
+        port: int = 8181,
+        poll_sec: float = 10,
+        DocumentRoot: str | None = None,
+        keyfile: str | None = None,
+        certfile: str | None = None,
+        show_job_args: bool = False,
+        token: str | None = None,
+        *,
+        allow_plain_http: bool = False,
+        allowed_hosts: Iterable[str] = (),
+    ) -> None:
+        _check_options(cluster, poll_sec, DocumentRoot)
+        ssl_context = _ssl_context(keyfile, certfile)
+        if not is_loopback(host) and ssl_context is None and not allow_plain_http:
+            raise ConfigurationError(
+                f"host {host!r} makes the monitor reachable from other machines: "
+                "give certfile/keyfile for HTTPS, or allow_plain_http=True to accept "
+                "that the token travels in clear text"
+            )
+        self._token = check_token(token) if token is not None else new_token()
+        self.poll_sec = float(poll_sec)
+        self.show_job_args = bool(show_job_args)
+        self._host = host
+        try:
+            self._sockets = _listen(host, port)
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cannot listen on {host or '*'} port {port}: {exc.strerror or exc}; "
+                "pick another port (port=0 picks a free one)"
+            ) from exc
+        self.port: int = self._sockets[0].getsockname()[1]
+        self._guard = Guard.create(
+            self._token, host, self.port, ssl_context is not None, allowed_hosts
+        )
+        self._ssl_context = ssl_context
+        self._cluster = cluster
+        self._loop = asyncio.new_event_loop()
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            2, "dispynb-httpd-action"
+        )
+        self._started: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._closed = False
+        self._thread = threading.Thread(
+            target=self._run, name="dispynb-httpd", daemon=True
+        )
+        self._start()
+        logger.info(
+            "web monitor of %r at %s", getattr(cluster, "name", cluster), self.url
+        )
+
+    def _start(self) -> None:
+        self._thread.start()
+        try:
+            self._started.result(timeout=_START_TIMEOUT)
+        except BaseException:
+            self.shutdown(wait=False)
+            raise
+
+    @property
+    def url(self) -> str:
+        """The page's full URL, token included: open it in a browser."""
+        host = self._host if self._host not in ("", "0.0.0.0", "::") else "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{self._guard.scheme}://{host}:{self.port}/?token={self._token}"
+
+    @property
+    def token(self) -> str:
+        """The access token (for ``Authorization: Token <token>`` in scripts)."""
+        return self._token
+
+    def shutdown(self, wait: bool = True) -> None:
+        """Stop the server (idempotent).
+
+        With ``wait`` (dispy's default), browsers waiting on a long-poll first get
+        the final state: they are woken and given up to ``poll_sec`` to get their
+        answer. The cluster itself is left alone.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if self._started.done() and self._started.exception() is None:
+            try:
+                future = asyncio.run_coroutine_threadsafe(self._stop(wait), self._loop)
+                future.result(timeout=self.poll_sec + _START_TIMEOUT)
+            finally:
+                self._loop.call_soon_threadsafe(self._loop.stop)
+                self._thread.join()
+                self._monitor.close()  # also wakes the watcher out of wait_change
+                self._feed.join()
+        self._thread.join(timeout=_START_TIMEOUT)
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        for sock in self._sockets:
+            sock.close()
+        logger.debug("web monitor on port %d stopped", self.port)
+
+    def __enter__(self) -> DispyHTTPServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def __repr__(self) -> str:
+        return (
+            f"<DispyHTTPServer {self._guard.scheme}://{self._host or '*'}:{self.port}>"
+        )
+
+    # -- on the server's thread --------------------------------------------------
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._setup()
+        except BaseException as exc:
+            monitor = getattr(self, "_monitor", None)
+            if monitor is not None:
+                monitor.close()
+            self._started.set_exception(exc)
+        else:
+            self._started.set_result(None)
+            self._loop.run_forever()
+        finally:
+            self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+            self._loop.close()
+
+    def _setup(self) -> None:
+        from dispynb.monitoring import ClusterMonitor
+
+        self._monitor = ClusterMonitor(self._cluster)
+        self._feed = ChangeFeed(self._monitor, self._loop)
+        self._context = context = ApiContext(
+            self._monitor, self._feed, self._executor, self.show_job_args, self.poll_sec
+        )
+        self._app = self._application(context)
+        self._http = tornado.httpserver.HTTPServer(
+            self._app,
+            ssl_options=self._ssl_context,
+            max_body_size=MAX_BODY_BYTES,
+            idle_connection_timeout=self.poll_sec + 30,
+        )
+        self._http.add_sockets(self._sockets)
+        self._feed.start()
+
+    def _application(self, context: ApiContext) -> tornado.web.Application:
+        guard = self._guard
+        page = {"assets": load_assets()}
+        api = {"context": context}
+        return tornado.web.Application(
+            [
+                (r"/", AssetHandler, page),
+                (r"/static/([^/]+)", AssetHandler, page),
+                (r"/api/cluster", ClusterHandler, api),
+                (r"/api/jobs/([^/]+)/cancel", CancelJobHandler, api),
+                (r"/api/cancel-all", CancelAllHandler, api),
+                (r"/api/nodes/([^/]+)/cpus", NodeCpusHandler, api),
+            ],
+            default_handler_class=NotFoundHandler,
+            guard=guard,
+            log_function=_log_request,
+            compress_response=False,
+        )
+
+    async def _stop(self, wait: bool) -> None:
+        self._http.stop()  # no new connections
+        self._feed.stop()  # wakes the long-polls: they answer with the final state
+        if wait:
+            deadline = time.monotonic() + self.poll_sec
+            while self._context.active and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+        await self._http.close_all_connections()
+
+
+def _listen(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets for ``host`` (``''``: every interface), all on one port.
+
+    Like ``tornado.netutil.bind_sockets``, but closes what it opened when a bind fails.
+    """
+    infos = socket.getaddrinfo(
+        host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+    )
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0 and len(sockets) > 1:  # the same free port for every family
+                address = (address[0], sockets[0].getsockname()[1], *address[2:])
+            sock.bind(address)
+            sock.setblocking(False)
+            sock.listen(128)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _check_options(cluster: object, poll_sec: float, document_root: object) -> None:
+    if cluster is None:
+        raise ConfigurationError("DispyHTTPServer needs the cluster to show")
+    if document_root is not None:
+        raise ConfigurationError(
+            "DocumentRoot is not supported: dispynb's monitor serves only its own "
+            "built-in page (serving a folder would expose its files); remove it"
+        )
+    if not poll_sec > 0:
+        raise ConfigurationError(
+            f"poll_sec must be a positive number of seconds, not {poll_sec!r}"
+        )
+
+
+def _ssl_context(keyfile: str | None, certfile: str | None) -> ssl.SSLContext | None:
+    if certfile is None:
+        if keyfile is not None:
+            raise ConfigurationError(
+                "keyfile needs certfile too (the server's certificate)"
+            )
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(certfile, keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigurationError(
+            f"cannot load the TLS certificate {certfile!r} / key {keyfile!r}: {exc}"
+        ) from exc
+    return context
+
+
+def _log_request(handler: tornado.web.RequestHandler) -> None:
+    # tornado's access log shows the query string, which may hold the token.
+    status = handler.get_status()
+    level = logging.DEBUG if status < 400 else logging.INFO
+    logging.getLogger("dispynb.httpd.access").log(
+        level,
+        "%d %s %s (%.1f ms)",
+        status,
+        handler.request.method,
+        handler.request.path,
+        1000 * handler.request.request_time(),
+    )

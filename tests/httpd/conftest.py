@@ -1,0 +1,45 @@
+"""Fixtures for the web monitor: one local node, one cluster, a monitor per test."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from dispynb import JobCluster, LocalCluster
+from dispynb.httpd import DispyHTTPServer
+from tests import jobs
+from tests.httpd.client import MonitorClient
+
+
+@pytest.fixture(scope="module")
+def local() -> Iterator[LocalCluster]:
+    """One local node with 2 CPUs."""
+    with LocalCluster(cpus=2) as nodes:
+        yield nodes
+
+
+@pytest.fixture(scope="module")
+def cluster(local: LocalCluster) -> Iterator[JobCluster]:
+    """A cluster of `jobs.mark_and_sleep` on the local node."""
+    with JobCluster(jobs.mark_and_sleep, nodes=local) as jc:
+        # Run jobs first: the node starts its computation processes now, not during
+        # a test (whose leftover-process check would see them).
+        assert all(job() is not None for job in [jc.submit(None, 0) for _ in range(4)])
+        yield jc
+
+
+@pytest.fixture
+def server(cluster: JobCluster) -> Iterator[DispyHTTPServer]:
+    """A monitor of ``cluster`` on a free port of 127.0.0.1."""
+    srv = DispyHTTPServer(cluster, port=0, poll_sec=1)
+    try:
+        yield srv
+    finally:
+        srv.shutdown(wait=False)
+
+
+@pytest.fixture
+def client(server: DispyHTTPServer) -> MonitorClient:
+    """Requests to ``server`` with its token."""
+    return MonitorClient(server)
