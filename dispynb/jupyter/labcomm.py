@@ -1,0 +1,412 @@
+"""The kernel side of the JupyterLab panel (``labextension/``): a comm target.
+
+The panel runs ``register()`` silently in the notebook's kernel, then opens a comm
+to `TARGET`. For each open comm a `LabLink` pushes the kernel's state whenever it
+changes, at most 4 times a second, from a background thread (ipykernel's IOPub
+socket is thread-safe): the clusters of this process (`live_clusters`, each as a
+`ClusterMonitor` snapshot without its job list, plus the last few that closed), the
+nodes found by the panel's Discover action, and the nodes ``%dispy`` uses. It
+answers the panel's requests: ``cancel`` (every unfinished job of a cluster),
+``discover`` (UDP discovery, of given addresses or by broadcast) and ``nodes``.
+
+Messages (JSON; see ``labextension/src/protocol.ts``)::
+
+    kernel -> panel  {"type": "state", "protocol": 1, "clusters": [...], ...}
+                     {"type": "reply", "id": 3, "ok": true, "result": ...}
+    panel -> kernel  {"type": "request", "id": 3, "action": "cancel", "cluster": "..."}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from dispynb._version import __version__
+from dispynb.errors import ConfigurationError
+from dispynb.monitoring import ClusterMonitor, live_clusters
+
+__all__ = ["PROTOCOL", "TARGET", "ClusterTracker", "LabLink", "discover", "register"]
+
+logger = logging.getLogger(__name__)
+
+#: The comm target the panel opens.
+TARGET = "dispynb.lab"
+#: Bumped on incompatible message changes; the panel checks it.
+PROTOCOL = 1
+#: Seconds between two state pushes at most (4 per second).
+PUSH_INTERVAL = 0.25
+#: Closed clusters still shown (their final snapshot), most recent first.
+RECENT_CLOSED = 5
+#: Seconds the Discover action listens for answers.
+DISCOVERY_TIMEOUT = 2.0
+#: Addresses one Discover request may ping.
+MAX_ADDRESSES = 256
+#: Open panels followed at most: a reloaded page never closes its old comm, so the
+#: oldest links stop pushing when more open.
+MAX_LINKS = 8
+
+#: ``send(data)``: what a link needs of a comm (``comm.send``).
+Send = Callable[[dict[str, Any]], None]
+
+
+class ClusterTracker:
+    """A `ClusterMonitor` for each live cluster of the process, shared by links.
+
+    `refresh` attaches monitors to new clusters and, for clusters that closed, keeps
+    their final snapshot (closed) among the `RECENT_CLOSED` most recent.
+    """
+
+    def __init__(self, clusters: Callable[[], list[Any]] = live_clusters) -> None:
+        self._clusters = clusters
+        self._lock = threading.Lock()
+        self._monitors: dict[int, ClusterMonitor] = {}  # id(cluster) -> monitor
+        self._closed: deque[dict[str, Any]] = deque(maxlen=RECENT_CLOSED)
+        self._closed_version = 0
+
+    def refresh(self) -> tuple[Any, ...]:
+        """Follow the clusters now alive; return a key that changes with the state."""
+        live = {id(cluster): cluster for cluster in self._clusters()}
+        with self._lock:
+            for key, cluster in live.items():
+                if key not in self._monitors:
+                    self._monitors[key] = ClusterMonitor(cluster)
+            for key in [k for k in self._monitors if k not in live]:
+                monitor = self._monitors.pop(key)
+                self._closed.appendleft(_brief(monitor.snapshot(max_jobs=0)))
+                self._closed_version += 1
+                monitor.close()
+            return (
+                self._closed_version,
+                *((key, m.version) for key, m in self._monitors.items()),
+            )
+
+    def snapshots(self) -> list[dict[str, Any]]:
+        """Live clusters (oldest first), then the recently closed (newest first)."""
+        with self._lock:
+            monitors = list(self._monitors.values())
+            closed = list(self._closed)
+        return [_brief(m.snapshot(max_jobs=0)) for m in monitors] + closed
+
+    def cancel(self, cluster_id: str) -> int:
+        """Cancel every unfinished job of the cluster; return how many."""
+        with self._lock:
+            monitors = list(self._monitors.values())
+        for monitor in monitors:
+            if monitor.cluster.uid == cluster_id:
+                return monitor.cancel_all()
+        raise ConfigurationError(
+            f"no live cluster {cluster_id!r} in this kernel (it has closed); "
+            "nothing to cancel"
+        )
+
+    def close(self) -> None:
+        """Detach every monitor."""
+        with self._lock:
+            monitors = list(self._monitors.values())
+            self._monitors.clear()
+        for monitor in monitors:
+            monitor.close()
+
+
+def _brief(snapshot: dict[str, Any]) -> dict[str, Any]:
+    """A snapshot without its job list: the panel shows counts and nodes only."""
+    snapshot.pop("jobs", None)
+    return snapshot
+
+
+class Discovered:
+    """Nodes found by the panel's Discover action (``ip:port`` -> node), shared."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._nodes: dict[str, dict[str, Any]] = {}
+        self.running = 0
+        self.version = 0
+
+    def add(self, nodes: list[dict[str, Any]]) -> None:
+        with self._lock:
+            for node in nodes:
+                self._nodes[f"{node['ip_addr']}:{node['port']}"] = node
+            self.version += 1
+
+    def nodes(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self._nodes.values())
+
+    def busy(self, delta: int) -> None:
+        with self._lock:
+            self.running += delta
+            self.version += 1
+
+
+def discover(
+    addresses: list[str], timeout: float = DISCOVERY_TIMEOUT
+) -> list[dict[str, Any]]:
+    """Ping for node servers started with ``--discovery``; block ``timeout`` seconds.
+
+    ``addresses``: IPv4 addresses of nodes or broadcast addresses, each optionally
+    with the nodes' UDP discovery port (``'10.0.0.5'``, ``'10.0.0.255:9700'``); empty:
+    broadcast on every local network. Returns ``{"ip_addr", "port" (TCP), "name",
+    "cpus"}`` for each node that answered. Raises `ConfigurationError` for a bad
+    address.
+    """
+    from dispynb.transport.discovery import BROADCAST, Discovery
+
+    if len(addresses) > MAX_ADDRESSES:
+        raise ConfigurationError(
+            f"{len(addresses)} addresses to discover: give at most {MAX_ADDRESSES} "
+            "(or a broadcast address such as 10.0.0.255)"
+        )
+    discovery = Discovery(listen=False)  # replies to our pings only
+    found: list[dict[str, Any]] = []
+
+    def on_found(ip: str, port: int, name: str, cpus: int) -> None:
+        found.append({"ip_addr": ip, "port": port, "name": name, "cpus": cpus})
+
+    async def run() -> None:
+        # start() parses every target first: a bad address fails before any ping.
+        await discovery.start(addresses or [BROADCAST], on_found)
+        try:
+            await asyncio.sleep(timeout)
+        finally:
+            discovery.close()
+
+    asyncio.run(run())
+    return found
+
+
+class LabLink:
+    """One panel's comm: pushes state, answers requests, until closed.
+
+    ``send`` is the comm's ``send``; feed the panel's messages to `on_message`.
+    ``tracker``, ``discovered`` and ``discoverer`` are shared (or faked in tests);
+    ``session`` returns what ``%dispy`` uses.
+    """
+
+    def __init__(
+        self,
+        send: Send,
+        *,
+        tracker: ClusterTracker,
+        discovered: Discovered,
+        discoverer: Callable[[list[str]], list[dict[str, Any]]] = discover,
+        session: Callable[[], dict[str, Any]] | None = None,
+        interval: float = PUSH_INTERVAL,
+    ) -> None:
+        self._send = send
+        self._tracker = tracker
+        self._discovered = discovered
+        self._discoverer = discoverer
+        self._session = session or _magics_session
+        self._interval = interval
+        self._wake = threading.Event()
+        self._closed = threading.Event()
+        # ipykernel sends a comm's messages with the parent request of the calling
+        # context, and routes the panel's next messages to that request's subshell:
+        # push from the comm handler's context (its subshell), not from the running
+        # cell's (the main shell, busy while a cell waits for jobs).
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(
+            target=context.run,
+            args=(self._push_loop,),
+            name="dispynb-lab-push",
+            daemon=True,
+        )
+        self._thread.start()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def close(self, wait: bool = True) -> None:
+        """Stop pushing (the comm closed); idempotent."""
+        self._closed.set()
+        self._wake.set()
+        if wait and threading.current_thread() is not self._thread:
+            self._thread.join(5)
+
+    def push_now(self) -> None:
+        """Push the state at the next poll even if it did not change."""
+        self._wake.set()
+
+    def state(self) -> dict[str, Any]:
+        """The whole state message."""
+        return {
+            "type": "state",
+            "protocol": PROTOCOL,
+            "version": __version__,
+            "clusters": self._tracker.snapshots(),
+            "discovered": self._discovered.nodes(),
+            "discovering": self._discovered.running > 0,
+            "session": self._session(),
+        }
+
+    # -- pushing (own thread) ----------------------------------------------------------
+
+    def _push_loop(self) -> None:
+        last: Any = None
+        failing = False
+        while not self._closed.is_set():
+            try:
+                session = self._session()
+                key = (self._tracker.refresh(), self._discovered.version, session)
+                if key != last or self._wake.is_set():
+                    self._wake.clear()
+                    self._safe_send(self.state())
+                    last = key
+                failing = False
+            except Exception:
+                if not failing:  # once per failure streak, not 4 times a second
+                    logger.exception("dispynb panel: cannot build the state")
+                failing = True
+            # Polling the versions is cheap; this also throttles the pushes.
+            self._closed.wait(self._interval)
+
+    def _safe_send(self, data: dict[str, Any]) -> None:
+        if self._closed.is_set():
+            return
+        try:
+            self._send(data)
+        except Exception as exc:  # the kernel is shutting down, or the comm is gone
+            logger.debug("dispynb panel: send failed (%s); stopping", exc)
+            self._closed.set()
+
+    # -- requests (comm handler thread) -----------------------------------------------
+
+    def on_message(self, data: Any) -> None:
+        """Handle one message from the panel (the comm message's ``data``)."""
+        if not isinstance(data, dict) or data.get("type") != "request":
+            logger.debug("dispynb panel: ignored message %r", data)
+            return
+        request_id = data.get("id")
+        action = data.get("action")
+        try:
+            if action == "cancel":
+                cluster = data.get("cluster")
+                if not isinstance(cluster, str):
+                    raise ConfigurationError("cancel needs the cluster's id")
+                self._reply(request_id, self._tracker.cancel(cluster))
+                self.push_now()
+            elif action == "discover":
+                addresses = data.get("addresses") or []
+                if not isinstance(addresses, list) or not all(
+                    isinstance(a, str) for a in addresses
+                ):
+                    raise ConfigurationError("discover needs a list of addresses")
+                self._start_discovery(request_id, addresses)
+            elif action == "nodes":
+                state = self.state()
+                self._reply(
+                    request_id,
+                    {key: state[key] for key in ("clusters", "discovered", "session")},
+                )
+            else:
+                raise ConfigurationError(
+                    f"unknown request {action!r}: this kernel's dispynb "
+                    f"{__version__} knows cancel, discover and nodes"
+                )
+        except ConfigurationError as exc:
+            self._reply(request_id, error=str(exc))
+
+    def _start_discovery(self, request_id: Any, addresses: list[str]) -> None:
+        # Discovery blocks for seconds: never on the comm handler's thread.
+        self._discovered.busy(+1)
+
+        def run() -> None:
+            try:
+                found = self._discoverer(addresses)
+            except Exception as exc:
+                self._reply(request_id, error=f"discovery failed: {exc}")
+            else:
+                self._discovered.add(found)
+                self._reply(request_id, found)
+            finally:
+                self._discovered.busy(-1)
+                self.push_now()
+
+        context = contextvars.copy_context()  # see __init__
+        threading.Thread(
+            target=context.run, args=(run,), name="dispynb-lab-discover", daemon=True
+        ).start()
+
+    def _reply(self, request_id: Any, result: Any = None, error: str = "") -> None:
+        message: dict[str, Any] = {"type": "reply", "id": request_id, "ok": not error}
+        if error:
+            message["error"] = error
+        else:
+            message["result"] = result
+        self._safe_send(message)
+
+
+def _magics_session() -> dict[str, Any]:
+    """What ``%dispy`` uses here: ``{"kind": "local" | "nodes" | "", "nodes"}``."""
+    try:
+        from IPython import get_ipython
+
+        shell = get_ipython()
+        magics = shell.magics_manager.registry.get("DispyMagics") if shell else None
+        session = getattr(magics, "session", None)
+        if session is None or session.nodes is None:
+            return {"kind": "", "nodes": []}
+        kind = "local" if session.local is not None else "nodes"
+        return {"kind": kind, "nodes": [a for _, a, _ in session.known_nodes()]}
+    except Exception as exc:  # a half-closed session: show nothing rather than fail
+        logger.debug("dispynb panel: no %%dispy session (%s)", exc)
+        return {"kind": "", "nodes": []}
+
+
+# -- the comm target -------------------------------------------------------------------
+
+_tracker: ClusterTracker | None = None
+_discovered = Discovered()
+_links: list[LabLink] = []
+_lock = threading.Lock()
+
+
+def register() -> None:
+    """Register the ``dispynb.lab`` comm target in this kernel; idempotent.
+
+    The panel runs this silently (no output, no history) before opening its comm.
+    """
+    import comm
+
+    comm.get_comm_manager().register_target(TARGET, _open)
+
+
+def _open(comm: Any, open_msg: dict[str, Any]) -> None:
+    """A panel opened a comm: start a `LabLink` on it."""
+    global _tracker
+    with _lock:
+        if _tracker is None:
+            _tracker = ClusterTracker()
+        tracker = _tracker
+    link = LabLink(comm.send, tracker=tracker, discovered=_discovered)
+    with _lock:
+        _links.append(link)
+        stale = _links[:-MAX_LINKS]
+        del _links[:-MAX_LINKS]
+    for old in stale:
+        old.close(wait=False)
+
+    def on_msg(msg: dict[str, Any]) -> None:
+        link.on_message(msg["content"]["data"])
+
+    def on_close(msg: dict[str, Any]) -> None:
+        global _tracker
+        link.close(wait=False)
+        with _lock:
+            if link in _links:
+                _links.remove(link)
+            idle = None if _links else _tracker
+            if idle is not None:
+                _tracker = None  # nobody looks: stop following the clusters
+        if idle is not None:
+            idle.close()
+
+    comm.on_msg(on_msg)
+    comm.on_close(on_close)

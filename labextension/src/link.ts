@@ -1,0 +1,282 @@
+/**
+ * KernelLink: the panel's connection to one notebook's kernel.
+ *
+ * It bootstraps the kernel side silently, opens the `dispynb.lab` comm, keeps the
+ * latest state the kernel pushes, and re-does all of it after a kernel restart or
+ * switch. `changed` fires whenever the status or the state changes.
+ */
+
+import { ISessionContext } from '@jupyterlab/apputils';
+import { CommsOverSubshells, Kernel, KernelMessage } from '@jupyterlab/services';
+import { ISignal, Signal } from '@lumino/signaling';
+
+import {
+  BOOTSTRAP,
+  COMM_TARGET,
+  IStateMsg,
+  KernelMsg,
+  PROTOCOL,
+  Request
+} from './protocol';
+
+export type LinkStatus =
+  | 'no-kernel' // no kernel (none chosen, or shut down)
+  | 'connecting' // bootstrapping / opening the comm
+  | 'ready' // comm open, state received
+  | 'not-python' // the kernel is not an IPython kernel
+  | 'missing' // dispynb is not installed in the kernel's environment
+  | 'error'; // anything else (message in `error`)
+
+const REQUEST_TIMEOUT_MS = 30_000;
+
+interface IPending {
+  resolve: (value: any) => void;
+  reject: (reason: Error) => void;
+  timer: number;
+}
+
+/**
+ * Wait until the comm's kernel subshell is up, when JupyterLab sends comms over
+ * subshells (4.4+, with ipykernel 7+): then the comm opens on it, and the kernel
+ * answers the panel (Cancel) even while a cell runs. Otherwise, or after 5 s, go on
+ * with the main shell.
+ */
+async function subshellReady(kernel: Kernel.IKernelConnection, comm: Kernel.IComm): Promise<void> {
+  const started: Promise<void> | undefined = (comm as any).subshellStarted;
+  const supported = !!(kernel as any).supportsSubshells;
+  if (!started || !supported || comm.commsOverSubshells === CommsOverSubshells.Disabled) {
+    return;
+  }
+  let timer = 0;
+  await Promise.race([
+    started.catch(() => undefined),
+    new Promise<void>(resolve => (timer = window.setTimeout(resolve, 5000)))
+  ]);
+  window.clearTimeout(timer);
+}
+
+export class KernelLink {
+  constructor(readonly sessionContext: ISessionContext) {
+    sessionContext.kernelChanged.connect(this._onKernelChanged, this);
+    sessionContext.statusChanged.connect(this._onStatus, this);
+    void sessionContext.ready.then(() => this._connect());
+  }
+
+  get changed(): ISignal<this, void> {
+    return this._changed;
+  }
+
+  get status(): LinkStatus {
+    return this._status;
+  }
+
+  get error(): string {
+    return this._error;
+  }
+
+  get state(): IStateMsg | null {
+    return this._state;
+  }
+
+  get isDisposed(): boolean {
+    return this._disposed;
+  }
+
+  /** Send a request; resolves with the kernel's result, rejects with its error. */
+  request(req: Request): Promise<any> {
+    const comm = this._comm;
+    if (!comm || this._status !== 'ready') {
+      return Promise.reject(new Error('not connected to the kernel'));
+    }
+    const id = ++this._lastId;
+    return new Promise((resolve, reject) => {
+      const timer = window.setTimeout(() => {
+        this._pending.delete(id);
+        reject(new Error('the kernel did not answer (is it busy?)'));
+      }, REQUEST_TIMEOUT_MS);
+      this._pending.set(id, { resolve, reject, timer });
+      comm.send({ type: 'request', id, ...req } as any);
+    });
+  }
+
+  /** Try again (e.g. after installing dispynb in the kernel's environment). */
+  retry(): void {
+    void this._connect();
+  }
+
+  dispose(): void {
+    if (this._disposed) {
+      return;
+    }
+    this._disposed = true;
+    this._drop();
+    Signal.clearData(this);
+  }
+
+  private _onKernelChanged(): void {
+    this._drop();
+    void this._connect();
+  }
+
+  private _onStatus(_: ISessionContext, status: Kernel.Status): void {
+    if (status === 'restarting' || status === 'autorestarting' || status === 'dead') {
+      // The kernel-side comm and target are gone; connect again once it is back.
+      this._drop();
+      this._needsConnect = true;
+      if (status === 'dead') {
+        this._setStatus('error', 'The kernel died: restart it to see its clusters.');
+      } else {
+        this._setStatus('connecting');
+      }
+    } else if (status === 'idle' && this._needsConnect) {
+      void this._connect();
+    }
+  }
+
+  /** Forget the comm and the state (kernel gone, restarted or switched). */
+  private _drop(): void {
+    this._generation++;
+    const comm = this._comm;
+    this._comm = null;
+    this._state = null;
+    if (comm && !comm.isDisposed) {
+      try {
+        comm.close();
+      } catch {
+        // the kernel connection may already be gone
+      }
+    }
+    for (const pending of this._pending.values()) {
+      window.clearTimeout(pending.timer);
+      pending.reject(new Error('the kernel connection was reset'));
+    }
+    this._pending.clear();
+  }
+
+  private async _connect(): Promise<void> {
+    this._needsConnect = false;
+    if (this._disposed) {
+      return;
+    }
+    this._drop();
+    const generation = this._generation;
+    const kernel = this.sessionContext.session?.kernel ?? null;
+    if (!kernel) {
+      this._setStatus('no-kernel');
+      return;
+    }
+    this._setStatus('connecting');
+    try {
+      const info = await kernel.info;
+      if (generation !== this._generation) {
+        return;
+      }
+      if (info.language_info.name !== 'python') {
+        this._setStatus(
+          'not-python',
+          `this kernel runs ${info.language_info.name}; dispynb needs a Python kernel`
+        );
+        return;
+      }
+      const future = kernel.requestExecute({
+        code: BOOTSTRAP,
+        silent: true,
+        store_history: false
+      });
+      const reply = (await future.done) as KernelMessage.IExecuteReplyMsg;
+      if (generation !== this._generation) {
+        return;
+      }
+      const content = reply.content;
+      if (content.status === 'error') {
+        if (content.ename === 'ModuleNotFoundError' || content.ename === 'ImportError') {
+          this._setStatus(
+            'missing',
+            `dispynb is not installed in this kernel's environment (${content.evalue}). ` +
+              "Install it there (pip install 'dispynb[jupyter]'), restart the kernel, " +
+              'then press Retry.'
+          );
+        } else {
+          this._setStatus('error', `${content.ename}: ${content.evalue}`);
+        }
+        return;
+      }
+      if (content.status !== 'ok') {
+        this._setStatus('error', `the kernel answered ${content.status}`);
+        return;
+      }
+      const comm = kernel.createComm(COMM_TARGET);
+      await subshellReady(kernel, comm);
+      if (generation !== this._generation) {
+        comm.dispose();
+        return;
+      }
+      this._comm = comm;
+      comm.onMsg = msg => {
+        if (generation === this._generation) {
+          this._onMessage(msg.content.data as unknown as KernelMsg);
+        }
+      };
+      comm.onClose = () => {
+        if (generation === this._generation) {
+          this._comm = null;
+          this._state = null;
+          this._setStatus('error', 'the kernel closed the connection; press Retry');
+        }
+      };
+      await comm.open({ protocol: PROTOCOL }).done;
+    } catch (reason) {
+      if (generation === this._generation) {
+        this._setStatus('error', String(reason));
+      }
+    }
+  }
+
+  private _onMessage(msg: KernelMsg): void {
+    if (msg.type === 'state') {
+      if (msg.protocol !== PROTOCOL) {
+        this._setStatus(
+          'error',
+          `the kernel's dispynb speaks panel protocol ${msg.protocol}, this panel ` +
+            `${PROTOCOL}: install the same dispynb in the kernel and in JupyterLab`
+        );
+        return;
+      }
+      this._state = msg;
+      this._setStatus('ready');
+      this._changed.emit();
+    } else if (msg.type === 'reply') {
+      const pending = this._pending.get(msg.id);
+      if (!pending) {
+        return;
+      }
+      this._pending.delete(msg.id);
+      window.clearTimeout(pending.timer);
+      if (msg.ok) {
+        pending.resolve(msg.result);
+      } else {
+        pending.reject(new Error(msg.error ?? 'request failed'));
+      }
+    }
+  }
+
+  private _setStatus(status: LinkStatus, error = ''): void {
+    if (status === this._status && error === this._error) {
+      return;
+    }
+    this._status = status;
+    this._error = error;
+    this._changed.emit();
+  }
+
+  private _changed = new Signal<this, void>(this);
+  private _status: LinkStatus = 'connecting';
+  private _error = '';
+  private _state: IStateMsg | null = null;
+  private _comm: Kernel.IComm | null = null;
+  private _generation = 0;
+  private _needsConnect = false;
+  private _lastId = 0;
+  private _pending = new Map<number, IPending>();
+  private _disposed = false;
+}

@@ -1,0 +1,400 @@
+"""The JupyterLab panel's kernel side (dispynb.jupyter.labcomm), with a fake comm.
+
+Real clusters on a local node; discovery only by unicast to a fake node on 127.0.0.1
+(a broadcast would leave this machine's namespace).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import itertools
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dispynb import JobCluster, LocalCluster
+from dispynb.errors import ConfigurationError
+from dispynb.jupyter import labcomm
+from dispynb.jupyter.labcomm import ClusterTracker, Discovered, LabLink, discover
+from dispynb.protocol.discovery import Announce, Ping, decode, encode, new_boot_id
+from tests.jupyter.helpers import wait_then_return
+
+INTERVAL = 0.05
+
+
+class FakeComm:
+    """Collects what the kernel sends; stands in for an ipykernel comm."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[float, dict[str, Any]]] = []
+        self._cond = threading.Condition()
+        self.handlers: dict[str, Callable[[dict[str, Any]], None]] = {}
+        self.fail = False
+
+    def send(self, data: dict[str, Any]) -> None:
+        if self.fail:
+            raise RuntimeError("kernel shutting down")
+        with self._cond:
+            self.sent.append((time.monotonic(), data))
+            self._cond.notify_all()
+
+    def on_msg(self, handler: Callable[[dict[str, Any]], None]) -> None:
+        self.handlers["msg"] = handler
+
+    def on_close(self, handler: Callable[[dict[str, Any]], None]) -> None:
+        self.handlers["close"] = handler
+
+    def wait_for(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 20
+    ) -> dict[str, Any]:
+        """The first message (sent so far or later) for which predicate holds."""
+        seen = 0
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for _, data in self.sent[seen:]:
+                    if predicate(data):
+                        return data
+                seen = len(self.sent)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    last = [d for _, d in self.sent[-3:]]
+                    raise AssertionError(
+                        f"no such message in {timeout} s; last: {last}"
+                    )
+                self._cond.wait(left)
+
+    def states(self) -> list[tuple[float, dict[str, Any]]]:
+        with self._cond:
+            return [(t, d) for t, d in self.sent if d["type"] == "state"]
+
+    def reply(self, request_id: int, timeout: float = 20) -> dict[str, Any]:
+        return self.wait_for(
+            lambda d: d["type"] == "reply" and d["id"] == request_id, timeout
+        )
+
+
+def cluster_state(cluster: JobCluster) -> Callable[[dict[str, Any]], bool]:
+    def find(predicate: Callable[[dict[str, Any]], bool]) -> Callable[..., bool]:
+        def check(data: dict[str, Any]) -> bool:
+            if data["type"] != "state":
+                return False
+            mine = [c for c in data["clusters"] if c["id"] == cluster.uid]
+            return bool(mine) and predicate(mine[0])
+
+        return check
+
+    return find  # type: ignore[return-value]
+
+
+def state_of(cluster: JobCluster, predicate: Callable[[dict[str, Any]], bool]) -> Any:
+    return cluster_state(cluster)(predicate)  # type: ignore[operator]
+
+
+@pytest.fixture(scope="module")
+def local() -> Iterator[LocalCluster]:
+    with LocalCluster(cpus=2) as nodes:
+        yield nodes
+
+
+@pytest.fixture
+def link_of() -> Iterator[Callable[..., tuple[LabLink, FakeComm, ClusterTracker]]]:
+    made: list[tuple[LabLink, ClusterTracker]] = []
+
+    def make(
+        clusters: Callable[[], list[Any]], **kwargs: Any
+    ) -> tuple[LabLink, FakeComm, ClusterTracker]:
+        comm = FakeComm()
+        tracker = ClusterTracker(clusters)
+        kwargs.setdefault("session", lambda: {"kind": "", "nodes": []})
+        link = LabLink(
+            comm.send,
+            tracker=tracker,
+            discovered=kwargs.pop("discovered", Discovered()),
+            interval=INTERVAL,
+            **kwargs,
+        )
+        made.append((link, tracker))
+        return link, comm, tracker
+
+    yield make
+    for link, tracker in made:
+        link.close()
+        tracker.close()
+
+
+def test_state_shows_progress_nodes_and_throttles(
+    local: LocalCluster, tmp_path: Path, link_of: Any
+) -> None:
+    gate = tmp_path / "gate"
+    with JobCluster(wait_then_return, nodes=local) as cluster:
+        _, comm, _ = link_of(lambda: [cluster])
+        jobs = [cluster.submit(str(gate), i) for i in range(6)]
+        first = comm.wait_for(
+            state_of(cluster, lambda c: c["counts"]["running"] >= 2 and c["nodes"])
+        )
+        assert first["protocol"] == labcomm.PROTOCOL
+        snap = next(c for c in first["clusters"] if c["id"] == cluster.uid)
+        assert "jobs" not in snap  # the panel needs counts and nodes only
+        counts = snap["counts"]
+        assert counts["total"] == 6 == counts["pending"] + counts["running"]
+        (node,) = snap["nodes"]
+        assert node["cpus"] == 2 and node["busy"] >= 2  # jobs in flight count too
+        assert node["id"] == f"{local.addresses[0][0]}:{local.addresses[0][1]}"
+        gate.touch()
+        comm.wait_for(state_of(cluster, lambda c: c["counts"]["finished"] == 6))
+        assert [job() for job in jobs] == list(range(6))
+    times = [t for t, _ in comm.states()]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert min(gaps) >= INTERVAL * 0.8, gaps  # throttled: one push per poll at most
+
+
+def test_closed_cluster_keeps_its_final_counts(
+    local: LocalCluster, link_of: Any
+) -> None:
+    live: list[JobCluster] = []
+    _, comm, _ = link_of(lambda: list(live))
+    cluster = JobCluster(abs, nodes=local)
+    live.append(cluster)
+    try:
+        cluster.submit(-3)
+        cluster.wait()
+        # the panel saw it alive (a cluster closed between two pushes is never shown)
+        comm.wait_for(state_of(cluster, lambda c: c["counts"]["finished"] == 1))
+    finally:
+        cluster.close()
+        live.clear()
+    final = comm.wait_for(state_of(cluster, lambda c: c["closed"]))
+    snap = next(c for c in final["clusters"] if c["id"] == cluster.uid)
+    assert snap["counts"]["finished"] == 1 and snap["counts"]["total"] == 1
+
+
+def test_cancel_ends_every_unfinished_job(
+    local: LocalCluster, tmp_path: Path, link_of: Any
+) -> None:
+    gate = tmp_path / "never"
+    with JobCluster(wait_then_return, nodes=local) as cluster:
+        link, comm, _ = link_of(lambda: [cluster])
+        jobs = [cluster.submit(str(gate), i) for i in range(5)]
+        comm.wait_for(state_of(cluster, lambda c: c["counts"]["running"] >= 2))
+        link.on_message(
+            {"type": "request", "id": 7, "action": "cancel", "cluster": cluster.uid}
+        )
+        reply = comm.reply(7)
+        assert reply == {"type": "reply", "id": 7, "ok": True, "result": 5}
+        for job in jobs:
+            job()
+        ended = comm.wait_for(
+            state_of(
+                cluster,
+                lambda c: c["counts"]["cancelled"] + c["counts"]["terminated"] == 5,
+            )
+        )
+        snap = next(c for c in ended["clusters"] if c["id"] == cluster.uid)
+        assert snap["counts"]["running"] == snap["counts"]["pending"] == 0
+
+
+def test_bad_requests_get_clear_errors(link_of: Any) -> None:
+    link, comm, _ = link_of(list)
+    link.on_message({"type": "request", "id": 1, "action": "cancel", "cluster": "zz"})
+    assert "no live cluster 'zz'" in comm.reply(1)["error"]
+    link.on_message({"type": "request", "id": 2, "action": "explode"})
+    error = comm.reply(2)
+    assert not error["ok"] and "unknown request 'explode'" in error["error"]
+    link.on_message({"type": "request", "id": 3, "action": "cancel"})
+    assert comm.reply(3)["error"] == "cancel needs the cluster's id"
+    link.on_message({"type": "request", "id": 4, "action": "discover", "addresses": 5})
+    assert comm.reply(4)["error"] == "discover needs a list of addresses"
+    link.on_message("not a dict")  # ignored
+    link.on_message({"type": "request", "id": 5, "action": "nodes"})
+    assert comm.reply(5)["result"] == {
+        "clusters": [],
+        "discovered": [],
+        "session": {"kind": "", "nodes": []},
+    }
+
+
+class FakeNodeAnnouncer:
+    """Answers discovery pings on 127.0.0.1 as a node server would."""
+
+    def __init__(self, name: str = "fake-node", tcp_port: int = 51234) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.1)
+        self.port = self.sock.getsockname()[1]
+        self.name, self.tcp_port = name, tcp_port
+        self.pings = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        boot = new_boot_id()
+        while not self._stop.is_set():
+            try:
+                data, addr = self.sock.recvfrom(2048)
+            except TimeoutError:
+                continue
+            message = decode(data)
+            if isinstance(message, Ping):
+                self.pings += 1
+                reply = Announce(
+                    name=self.name,
+                    port=self.tcp_port,
+                    cpus=3,
+                    boot=boot,
+                    nonce=message.nonce,
+                )
+                self.sock.sendto(encode(reply), addr)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+@pytest.fixture
+def announcer() -> Iterator[FakeNodeAnnouncer]:
+    node = FakeNodeAnnouncer()
+    yield node
+    node.close()
+
+
+def test_discover_explicit_address(announcer: FakeNodeAnnouncer) -> None:
+    found = discover([f"127.0.0.1:{announcer.port}"], timeout=0.5)
+    assert found == [
+        {"ip_addr": "127.0.0.1", "port": 51234, "name": "fake-node", "cpus": 3}
+    ]
+    assert announcer.pings == 1
+
+
+def test_discover_rejects_bad_addresses_before_sending() -> None:
+    with pytest.raises(ConfigurationError, match="is not an IP"):
+        discover(["127.0.0.1:1", "no-such-host"], timeout=0.1)
+    with pytest.raises(ConfigurationError, match="at most 256"):
+        discover(["127.0.0.1"] * 300, timeout=0.1)
+
+
+def test_discover_request_replies_and_updates_state(
+    announcer: FakeNodeAnnouncer, link_of: Any
+) -> None:
+    link, comm, _ = link_of(
+        list, discoverer=lambda addresses: discover(addresses, timeout=0.3)
+    )
+    link.on_message(
+        {
+            "type": "request",
+            "id": 9,
+            "action": "discover",
+            "addresses": [f"127.0.0.1:{announcer.port}"],
+        }
+    )
+    comm.wait_for(lambda d: d["type"] == "state" and d["discovering"])
+    reply = comm.reply(9)
+    assert reply["ok"] and reply["result"][0]["name"] == "fake-node"
+    state = comm.wait_for(
+        lambda d: d["type"] == "state" and d["discovered"] and not d["discovering"]
+    )
+    assert state["discovered"] == reply["result"]
+    link.on_message(
+        {"type": "request", "id": 10, "action": "discover", "addresses": ["nohost"]}
+    )
+    assert "discovery failed" in comm.reply(10)["error"]
+
+
+def test_a_failing_send_stops_the_link(link_of: Any) -> None:
+    link, comm, _ = link_of(list)
+    comm.wait_for(lambda d: d["type"] == "state")
+    comm.fail = True
+    link.push_now()
+    deadline = time.monotonic() + 10
+    while not link.closed and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert link.closed
+
+
+def test_comm_target_opens_and_closes_links(monkeypatch: pytest.MonkeyPatch) -> None:
+    registered: dict[str, Any] = {}
+
+    class Manager:
+        def register_target(self, name: str, func: Any) -> None:
+            registered[name] = func
+
+    import comm as comm_package
+
+    monkeypatch.setattr(comm_package, "get_comm_manager", Manager)
+    monkeypatch.setattr(labcomm, "_magics_session", lambda: {"kind": "", "nodes": []})
+    labcomm.register()
+    comm = FakeComm()
+    registered[labcomm.TARGET](comm, {"content": {"data": {"protocol": 1}}})
+    try:
+        state = comm.wait_for(lambda d: d["type"] == "state")
+        assert state["clusters"] == [] or all("counts" in c for c in state["clusters"])
+        comm.handlers["msg"](
+            {"content": {"data": {"type": "request", "id": 1, "action": "nodes"}}}
+        )
+        assert comm.reply(1)["ok"]
+    finally:
+        comm.handlers["close"]({})
+    assert labcomm._links == [] and labcomm._tracker is None
+
+
+def test_oldest_links_stop_beyond_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(labcomm, "_magics_session", lambda: {"kind": "", "nodes": []})
+    comms = [FakeComm() for _ in range(labcomm.MAX_LINKS + 2)]
+    try:
+        for comm in comms:
+            labcomm._open(comm, {})
+        assert len(labcomm._links) == labcomm.MAX_LINKS
+        assert [link.closed for link in labcomm._links] == [False] * labcomm.MAX_LINKS
+    finally:
+        for comm in comms:
+            comm.handlers["close"]({})
+    assert labcomm._links == [] and labcomm._tracker is None
+
+
+_parent: contextvars.ContextVar[str] = contextvars.ContextVar("parent")
+
+
+def test_pushes_and_replies_run_in_the_comm_handlers_context() -> None:
+    """ipykernel picks a comm message's parent (and so the subshell that gets the
+    panel's next messages) from the sending context: it must be the handler's."""
+    seen: list[str] = []
+    sent = threading.Event()
+
+    def send(data: dict[str, Any]) -> None:
+        seen.append(_parent.get("none"))
+        if data["type"] == "reply":
+            sent.set()
+
+    token = _parent.set("comm-open-on-subshell")
+    try:
+        link = LabLink(
+            send,
+            tracker=ClusterTracker(list),
+            discovered=Discovered(),
+            discoverer=lambda addresses: [],
+            session=lambda: {"kind": "", "nodes": []},
+            interval=INTERVAL,
+        )
+    finally:
+        _parent.reset(token)
+    try:
+        token = _parent.set("discover-request")
+        try:
+            link.on_message(
+                {"type": "request", "id": 1, "action": "discover", "addresses": []}
+            )
+        finally:
+            _parent.reset(token)
+        assert sent.wait(10)
+    finally:
+        link.close()
+    assert seen[0] == "comm-open-on-subshell"  # the first push
+    assert "discover-request" in seen  # the reply to the request
+    assert "none" not in seen

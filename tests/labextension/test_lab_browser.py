@@ -1,0 +1,406 @@
+"""The JupyterLab extension in a real browser: a `jupyter lab` server, its kernel, the
+kernel's local nodes and Debian's Chromium (Playwright), all inside a private network
+namespace (`unshare -n`, loopback only), so nothing leaves 127.0.0.1.
+
+The test re-runs itself under ``unshare -n`` (pytest in the namespace, with
+``DISPYNB_IN_NETNS=1``); the outer test only checks that the inner run passed.
+``DISPYNB_SCREENSHOTS=1`` saves ``docs/labextension.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from tests.browser import chromium_page, requires_chromium
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Page
+
+pytestmark = [pytest.mark.browser, requires_chromium]
+
+ROOT = Path(__file__).resolve().parents[2]
+IN_NETNS = os.environ.get("DISPYNB_IN_NETNS") == "1"
+LAB_EXTENSION = Path(sys.prefix, "share/jupyter/labextensions/dispynb-labextension")
+PANEL = "#dispynb-sidebar"
+ACTIVE = ".jp-NotebookPanel .jp-Cell.jp-mod-active"
+TAB = '.jp-SideBar.jp-mod-left li.lm-TabBar-tab[data-id="dispynb-sidebar"]'
+
+#: The notebook's first cell: local nodes, and slow-ish jobs it waits for.
+FIRST_CELL = """\
+from dispynb import JobCluster, LocalCluster
+
+def slow(i):
+    import time
+    time.sleep(0.3)
+    return i
+
+local = LocalCluster(nodes=1, cpus=2)
+cluster = JobCluster(slow, nodes=local)
+jobs = [cluster.submit(i) for i in range(200)]
+cluster.wait()  # the kernel stays busy: the panel must still update and cancel"""
+
+
+def _can_unshare() -> str | None:
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        return "needs unshare and ip (util-linux, iproute2)"
+    probe = subprocess.run(
+        ["unshare", "-n", "ip", "link", "set", "lo", "up"],
+        capture_output=True,
+        timeout=20,
+    )
+    if probe.returncode != 0:
+        return f"cannot create a network namespace: {probe.stderr.decode().strip()}"
+    return None
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.skipif(IN_NETNS, reason="the outer half runs outside the namespace")
+def test_lab_panel_in_private_network() -> None:
+    """Run `test_lab_panel` in a private network namespace; it must pass there."""
+    reason = _can_unshare()
+    if reason is not None:
+        pytest.skip(reason)
+    assert LAB_EXTENSION.joinpath("package.json").exists(), (
+        f"the extension is not installed in {LAB_EXTENSION}: run ./dev test (or "
+        "pip install -e .) to build and install it"
+    )
+    test_id = f"{Path(__file__).relative_to(ROOT)}::test_lab_panel"
+    inner = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_id]
+    proc = subprocess.run(
+        ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *inner],
+        cwd=ROOT,
+        env={**os.environ, "DISPYNB_IN_NETNS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=220,
+    )
+    assert proc.returncode == 0, f"inner run failed:\n{proc.stdout}\n{proc.stderr}"
+    assert "1 passed" in proc.stdout, proc.stdout
+
+
+# -- the inner half (in the namespace) -------------------------------------------------
+
+
+@dataclass
+class Lab:
+    url: str
+    token: str
+    root: Path
+    node_port: int  # TCP port of a node server answering discovery on 127.0.0.1
+    secret_file: Path  # that node's secret
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[Lab]:
+    """A `jupyter lab` server on 127.0.0.1 with isolated config, data and runtime."""
+    import nbformat
+
+    root, jdir = tmp_path / "root", Path(tempfile.mkdtemp(prefix="dispynb-jlab-"))
+    root.mkdir()
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3 (ipykernel)",
+        "language": "python",
+    }
+    nb.cells = [nbformat.v4.new_code_cell(FIRST_CELL)]
+    nbformat.write(nb, root / "lab.ipynb")
+    # A kernel in which dispynb cannot be imported, as if it were not installed.
+    spec = jdir / "data/kernels/nodispynb"
+    spec.mkdir(parents=True)
+    hide = "import sys; sys.modules['dispynb'] = None; "
+    launch = "from ipykernel import kernelapp; kernelapp.launch_new_instance()"
+    (spec / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [
+                    sys.executable,
+                    "-c",
+                    hide + launch,
+                    "-f",
+                    "{connection_file}",
+                ],
+                "display_name": "No dispynb",
+                "language": "python",
+            }
+        )
+    )
+    plain = nbformat.v4.new_notebook()
+    plain.metadata["kernelspec"] = {
+        "name": "nodispynb",
+        "display_name": "No dispynb",
+        "language": "python",
+    }
+    nbformat.write(plain, root / "plain.ipynb")
+    (jdir / "cfg/labconfig").mkdir(parents=True)
+    (jdir / "cfg/labconfig/page_config.json").write_text(
+        json.dumps(
+            {
+                "disabledExtensions": {
+                    "@jupyterlab/apputils-extension:announcements": True
+                }
+            }
+        )
+    )
+    # A node server with discovery on (it announces itself only on loopback here).
+    secret = jdir / "secret"
+    secret.write_text("lab-extension-test-secret-0123456789")
+    secret.chmod(0o600)
+    node = subprocess.Popen(
+        [
+            sys.executable, "-m", "nodeserver", "--host", "127.0.0.1", "--port", "0",
+            "--discovery", "--secret-file", str(secret), "--name", "found-node",
+            "--cpus", "1", "--port-file", str(jdir / "node.port"),
+            "--dest-path", str(jdir / "node"), "--loglevel", "warning",
+        ],
+    )  # fmt: skip
+    port, token = _free_port(), "dispynb-test-token"
+    env = {
+        **os.environ,
+        "JUPYTER_CONFIG_DIR": str(jdir / "cfg"),
+        "JUPYTER_DATA_DIR": str(jdir / "data"),
+        "JUPYTER_RUNTIME_DIR": str(jdir / "rt"),
+        "IPYTHONDIR": str(jdir / "ipython"),
+    }
+    log = open(jdir / "jupyter.log", "w")  # noqa: SIM115  # closed below
+    server = subprocess.Popen(
+        [
+            sys.executable, "-m", "jupyter", "lab", "--no-browser", "--allow-root",
+            "--ip=127.0.0.1", f"--port={port}", "--ServerApp.port_retries=0",
+            f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
+            f"--LabApp.workspaces_dir={jdir / 'ws'}",
+            f"--LabApp.user_settings_dir={jdir / 'settings'}",
+            "--LabApp.news_url=None",
+            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+        ],
+        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    port_file = jdir / "node.port"
+    try:
+        deadline = time.monotonic() + 60
+        while not (port_file.exists() and port_file.read_text().strip()):
+            assert node.poll() is None and time.monotonic() < deadline, "no node"
+            time.sleep(0.1)
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(
+                        "jupyter lab did not start:\n"
+                        + (jdir / "jupyter.log").read_text()
+                    ) from None
+                time.sleep(0.2)
+        yield Lab(url, token, root, int(port_file.read_text()), secret)
+    finally:
+        for proc in (server, node):  # the server shuts its kernels down first
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        log.close()
+        shutil.rmtree(jdir, ignore_errors=True)
+
+
+def _open_notebook(page: Page, lab: Lab, name: str, kernel: str) -> None:
+    """Open a notebook and wait until its kernel is really connected and idle."""
+    page.goto(f"{lab.url}/lab/tree/{name}?token={lab.token}")
+    page.wait_for_selector(".jp-NotebookPanel .jp-Cell .cm-content", state="visible")
+    page.wait_for_function(
+        """kernel => [...document.querySelectorAll('.jp-StatusBar-TextItem')]
+            .some(e => e.textContent.trim() === kernel + ' | Idle')""",
+        arg=kernel,
+    )
+    if not page.locator(PANEL).is_visible():
+        page.locator(TAB).click()
+
+
+def _insert_and_check(page: Page, expected: str) -> None:
+    """Press Insert connect code: a new active cell holding ``expected``."""
+    before = page.locator(".jp-NotebookPanel .jp-Cell").count()
+    page.locator(f"{PANEL} .dispynb-insert").click()
+    page.wait_for_function(
+        f"() => document.querySelectorAll('.jp-NotebookPanel .jp-Cell').length"
+        f" === {before + 1}"
+    )
+    active = page.locator(f"{ACTIVE} .cm-content")
+    text = active.inner_text()
+    assert text.startswith("%load_ext dispynb") and expected in text, text
+
+
+def _counts(page: Page) -> dict[str, int]:
+    """The counts the panel shows for the (only) cluster."""
+    return page.eval_on_selector(
+        f"{PANEL} .dispynb-cluster",
+        """e => {
+            const out = {done: +e.dataset.done, total: +e.dataset.total};
+            for (const c of e.querySelectorAll('.dispynb-count'))
+                out[c.dataset.status] = +c.dataset.count;
+            return out;
+        }""",
+    )
+
+
+def _wait_counts(page: Page, condition: str) -> None:
+    """Wait until the cluster card's counts satisfy a JS expression over ``c``."""
+    page.wait_for_function(
+        """cond => {
+            const e = document.querySelector('#dispynb-sidebar .dispynb-cluster');
+            if (!e) return false;
+            const c = {done: +e.dataset.done, total: +e.dataset.total};
+            for (const x of e.querySelectorAll('.dispynb-count'))
+                c[x.dataset.status] = +x.dataset.count;
+            return new Function('c', 'return ' + cond)(c);
+        }""",
+        arg=condition,
+    )
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.skipif(not IN_NETNS, reason="runs inside unshare -n (see above)")
+def test_lab_panel(lab: Lab) -> None:
+    with chromium_page(
+        viewport={"width": 1400, "height": 850}, timeout_ms=60_000
+    ) as page:
+        page.goto(f"{lab.url}/lab?token={lab.token}")
+        page.wait_for_selector(".jp-Launcher", state="visible")
+
+        # No notebook yet: the panel says so.
+        page.locator(TAB).click()
+        status = page.locator(f"{PANEL} .dispynb-status-text")
+        assert "Open a notebook" in status.inner_text(timeout=30_000)
+
+        page.goto(f"{lab.url}/lab/tree/lab.ipynb?token={lab.token}")
+        page.wait_for_selector(
+            ".jp-NotebookPanel .jp-Cell .cm-content", state="visible"
+        )
+        page.wait_for_function(
+            """() => [...document.querySelectorAll('.jp-StatusBar-TextItem')]
+                .some(e => e.textContent.trim() === 'Python 3 (ipykernel) | Idle')"""
+        )
+        if not page.locator(PANEL).is_visible():
+            page.locator(TAB).click()
+        # The panel bootstrapped the kernel side silently: no output, no prompt number.
+        page.wait_for_selector(f'{PANEL}[data-ready="true"]')
+        assert "No clusters" in page.locator(f"{PANEL} .dispynb-clusters").inner_text()
+        prompt = page.locator(".jp-Cell .jp-InputPrompt").first
+        assert prompt.inner_text().strip() == "[ ]:"
+
+        page.locator(".jp-NotebookPanel .jp-Cell").first.locator(".cm-content").click()
+        page.keyboard.press("Shift+Enter")
+
+        # The cluster appears with its node, and its progress moves as jobs finish.
+        card = page.locator(f"{PANEL} .dispynb-cluster")
+        card.wait_for()
+        assert card.locator(".dispynb-cluster-name").inner_text() == "slow"
+        node = card.locator(".dispynb-node")
+        node.first.wait_for()
+        assert node.count() == 1
+        assert node.get_attribute("data-name") == "local-0"
+        assert node.get_attribute("data-address").startswith("127.0.0.1:")
+        assert node.get_attribute("data-cpus") == "2"
+        assert "2 CPUs" in node.inner_text()
+        _wait_counts(page, "c.total === 200 && c.running > 0")
+        first = _counts(page)
+        _wait_counts(page, f"c.done >= {first['done'] + 2}")
+        second = _counts(page)
+        assert second["done"] > first["done"] and second["finished"] >= 2
+        width = card.locator(".dispynb-progress-bar").evaluate("e => e.style.width")
+        assert 0 < float(width.rstrip("%")) < 100, width
+        if os.environ.get("DISPYNB_SCREENSHOTS") == "1":
+            _wait_counts(page, "c.done >= 30")  # a bar worth looking at
+            page.screenshot(path=str(ROOT / "docs/labextension.png"))
+
+        # Cancel (while the cell still waits) ends every unfinished job; the counts
+        # say how they ended, and the cell returns.
+        assert prompt.inner_text().strip() == "[*]:"
+        card.locator(".dispynb-cancel").click()
+        message = page.locator(f"{PANEL} .dispynb-message")
+        message.filter(has_text="cancelled").wait_for()
+        _wait_counts(page, "!c.running && !c.pending && c.done === 200")
+        counts = _counts(page)
+        assert counts.get("cancelled", 0) + counts.get("terminated", 0) > 100, counts
+        assert (
+            counts["finished"]
+            + counts.get("cancelled", 0)
+            + counts.get("terminated", 0)
+            == 200
+        ), counts
+        assert card.locator(".dispynb-cancel").is_disabled()
+        page.wait_for_function(
+            """() => document.querySelector('.jp-Cell .jp-InputPrompt')
+                .textContent.trim() === '[1]:'"""
+        )
+
+        # Insert connect code: local nodes while none was discovered ...
+        _insert_and_check(page, "%dispy local")
+
+        # ... Discover at an address: the node answers; then code that connects to it.
+        page.locator(f"{PANEL} .dispynb-addresses").fill("127.0.0.1")
+        page.locator(f"{PANEL} .dispynb-discover").click()
+        found = page.locator(f"{PANEL} .dispynb-discovered tbody tr")
+        found.first.wait_for()
+        spec = f"127.0.0.1:{lab.node_port}"
+        assert found.first.locator("td").all_inner_texts() == ["found-node", spec, "1"]
+        message.filter(has_text="discovery found 1 node").wait_for()
+        _insert_and_check(page, f"%dispy nodes {spec}")
+        # ... and that code works (given the secret): run it; the panel shows the
+        # nodes %dispy uses.
+        page.locator(f"{ACTIVE} .cm-content").click()
+        page.keyboard.press("Control+End")
+        page.keyboard.type(f" --secret-file {lab.secret_file}")
+        page.keyboard.press("Shift+Enter")
+        output = page.locator(".jp-OutputArea-output")
+        output.filter(has_text=f"dispynb: nodes {spec}").wait_for()
+        session = page.locator(f"{PANEL} .dispynb-session")
+        session.filter(has_text=f"%dispy uses nodes {spec}").wait_for()
+
+        # A kernel restart: the panel reconnects to the new kernel (no clusters).
+        page.locator('.jp-NotebookPanel-toolbar [data-jp-item-name="restart"]').click()
+        page.locator(".jp-Dialog .jp-mod-accept").click()
+        page.wait_for_function(
+            """() => {
+                const p = document.querySelector('#dispynb-sidebar');
+                return p.dataset.ready === 'true'
+                    && !p.querySelector('.dispynb-cluster')
+                    && p.querySelector('.dispynb-clusters').textContent
+                        .includes('No clusters');
+            }"""
+        )
+        assert not session.is_visible()  # the new kernel has not run %dispy
+
+        # A kernel without dispynb: a clear message and a Retry button.
+        _open_notebook(page, lab, "plain.ipynb", "No dispynb")
+        page.wait_for_selector(f'{PANEL} .dispynb-status[data-status="missing"]')
+        text = status.inner_text()
+        assert "dispynb is not installed in this kernel's environment" in text, text
+        assert page.locator(f"{PANEL} .dispynb-retry").is_visible()
+
+        # No kernel at all (shut down): the panel says to select one.
+        page.locator(".lm-MenuBar-item", has_text="Kernel").click()
+        page.locator('.lm-Menu-item[data-command="kernelmenu:shutdown"]').click()
+        status.filter(has_text="This notebook has no kernel").wait_for()
