@@ -168,8 +168,10 @@ class JobCluster:
         else:
             self.name = getattr(computation, "__name__", type(computation).__name__)
         secret = opts.secret
-        if secret is None and getattr(nodes, "secret", None):
-            secret = str(nodes.secret).encode()
+        local_secret = getattr(nodes, "secret", None)  # a LocalCluster's own
+        if local_secret and not (options.get("secret") or options.get("secret_file")):
+            # Its nodes know only that secret: DISPYNB_SECRET(_FILE) is for others.
+            secret = str(local_secret).encode()
         tls = bool(opts.certfile or opts.cafile) or bool(getattr(nodes, "tls", False))
         serialize.ship_by_value(
             opts.computation, opts.setup, opts.cleanup, *opts.depends
@@ -204,6 +206,7 @@ class JobCluster:
                 dest_path=opts.dest_path,
                 cleanup=bool(opts.cleanup),
                 reentrant=opts.reentrant,
+                max_attempts=opts.max_attempts,
                 pulse_interval=opts.pulse_interval,
                 setup_timeout=opts.setup_timeout,
                 recovery_id=self._recovery_id or None,

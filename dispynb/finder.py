@@ -3,6 +3,15 @@
 It owns the client's UDP `Discovery`, matches every node that answers against the
 cluster's wildcard specs (a `NodeAllocate` each, so subclasses still choose), and hands
 matching nodes to the cluster, which connects and authenticates over TCP.
+
+Where to connect. A node is reached at the address its datagram came from, unless it
+announces an ``ext`` address (``dispynb-node --ext-host``: NAT, or a multi-homed node
+that wants clients on one of its networks). That address is only a claim, which anyone
+on the network could make to steer clients at a third party, so the client follows it
+only if it fits one of the user's specs *other than a bare* ``'*'`` (for example
+``'10.2.0.*'`` or a named host): an address the user already chose to connect to.
+Otherwise the claim is ignored (logged once per node) and the sender's address is used.
+Either way the client authenticates the node before sending anything.
 """
 
 from __future__ import annotations
@@ -53,6 +62,7 @@ class NodeFinder:
         self._ping_interval = ping_interval
         self._discovery = Discovery(host=host, multicast=multicast)
         self._pinger: asyncio.Task[None] | None = None
+        self._ignored_ext: set[tuple[str, str]] = set()
 
     async def start(self) -> None:
         """Ping the networks of the specs and listen for nodes."""
@@ -85,9 +95,53 @@ class NodeFinder:
             self._discovery.ping_again()
 
     def _found(self, ip: str, port: int, name: str, cpus: int) -> None:
+        ext = self._discovery.ext_address(ip, port)
+        if ext:
+            spec = trusted_ext_spec(self.specs, ext)
+            if spec is not None:
+                logger.info(
+                    "discovered node %s (%s:%d), reached at its ext address %s",
+                    name,
+                    ip,
+                    port,
+                    ext,
+                )
+                self._use(ext, port, spec)
+                return
+            if (ip, ext) not in self._ignored_ext:
+                self._ignored_ext.add((ip, ext))
+                logger.info(
+                    "node %s at %s announces ext address %s, which fits no node spec "
+                    "narrower than '*': using %s (name a spec such as '%s' to use it)",
+                    name,
+                    ip,
+                    ext,
+                    ip,
+                    ext,
+                )
         for spec in self.specs:
             if spec.matches(ip, name):
                 logger.info("discovered node %s (%s:%d)", name, ip, port)
                 self._use(ip, port, spec)
                 return
         logger.debug("node %s at %s matches no node spec", name, ip)
+
+
+def trusted_ext_spec(specs: list[NodeAllocate], ext: str) -> NodeAllocate | None:
+    """The first spec that lets the client connect to a node's claimed ``ext`` address.
+
+    Only specs narrower than a bare ``'*'`` count, and only the address is matched
+    (never the node's name, which is a claim too).
+
+    >>> trusted_ext_spec([NodeAllocate("*")], "10.2.0.5") is None
+    True
+    >>> specs = [NodeAllocate("*"), NodeAllocate("10.2.0.*")]
+    >>> trusted_ext_spec(specs, "10.2.0.5").host
+    '10.2.0.*'
+    >>> trusted_ext_spec(specs, "10.3.0.5") is None
+    True
+    """
+    for spec in specs:
+        if spec.host.strip() != "*" and spec.matches(ext):
+            return spec
+    return None

@@ -96,6 +96,7 @@ class LocalCluster:
             "--port-file", self._port_file(index),
             "--loglevel", loglevel,
             "--exit-with-parent",
+            "--drain-timeout", "0",  # close() means now: no draining
         ]  # fmt: skip
         return subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL)
 

@@ -60,7 +60,10 @@ class ClusterOptions:
     job_status, cluster_status:
         Callbacks ``f(job)`` and ``f(status, node, job)``, or None.
     host, ext_host:
-        Client address(es) to use and to advertise, or None to detect.
+        ``host``: the client address discovery pings are sent from (IPv4 or IPv6),
+        or None for every interface. ``ext_host``: accepted for dispy programs and
+        unused: dispy nodes connected back to it, dispynb nodes never connect to the
+        client, so a client behind NAT needs nothing.
     dest_path:
         Directory for the computation's files, relative to the node's directory.
     loglevel:
@@ -79,6 +82,13 @@ class ClusterOptions:
         relative path; never outside it. Default: the current directory.
     max_message_size:
         Largest message (bytes) accepted from a node after authentication.
+    max_attempts:
+        With ``reentrant``: how many attempts of one job may die with their node
+        (killed, hung, cut off) before the job ends ``Abandoned`` instead of running
+        again elsewhere; default 3. A job that kills whatever runs it (a "poison"
+        job) so takes down at most this many nodes. Not a dispy option (dispy
+        resubmitted for ever); attempts a stopping node hands back unstarted do
+        not count.
     """
 
     computation: Callable[..., Any] | str
@@ -98,6 +108,7 @@ class ClusterOptions:
     pulse_interval: float | None = None
     poll_interval: float | None = None
     reentrant: bool = False
+    max_attempts: int = 3
     secret: bytes | None = field(default=None, repr=False)
     keyfile: str | None = None
     certfile: str | None = None
@@ -166,6 +177,7 @@ class ClusterOptions:
         self.pulse_interval = _check_interval(self.pulse_interval, "pulse_interval")
         self.poll_interval = _check_interval(self.poll_interval, "poll_interval")
         self.reentrant = bool(self.reentrant)
+        self.max_attempts = _check_max_attempts(self.max_attempts)
         self.keyfile = _check_pem_file(self.keyfile, "keyfile")
         self.certfile = _check_pem_file(self.certfile, "certfile")
         self.cafile = _check_pem_file(self.cafile, "cafile")
@@ -387,6 +399,15 @@ def _check_interval(value: Any, name: str) -> float | None:
     raise ConfigurationError(
         f"{name} must be between {low} and {high} seconds, or None; got {value!r}"
     )
+
+
+def _check_max_attempts(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(
+            f"max_attempts must be an int >= 1 (attempts of a job that may die with "
+            f"their node before it is abandoned), not {value!r}"
+        )
+    return value
 
 
 def _check_pem_file(value: Any, name: str) -> str | None:

@@ -5,10 +5,18 @@ a datagram; the node never connects anywhere), and announces the node to clients
 discovery port when it starts and when it stops. Replies are rate-limited, so the node
 cannot be used to flood a third party with spoofed pings.
 
-Sockets: with a wildcard ``host`` one socket on every address; with a specific host, a
-socket on that address (replies and announcements leave from it, so clients see the
-address the node's TCP server listens on) plus receive-only sockets on its network's
-broadcast address, on 255.255.255.255 and, with ``multicast``, on the multicast group.
+Sockets (IPv4): with a wildcard ``host`` one socket on every address; with a specific
+host, a socket on that address (replies and announcements leave from it, so clients see
+the address the node's TCP server listens on) plus receive-only sockets on its
+network's broadcast address, on 255.255.255.255 and, with ``multicast``, on the
+multicast group.
+
+IPv6 (``host`` is ``'::'`` or an IPv6 address): one socket on ``host`` that joins the
+IPv6 discovery group on every interface with a routable IPv6 address (a specific host:
+plus a receive-only socket on the group, since a socket bound to a unicast address
+hears no multicast). Replies leave from ``host`` (or, for ``'::'``, from the address
+the kernel picks for the client's), and announcements from each routable address, so
+clients never see a link-local sender.
 """
 
 from __future__ import annotations
@@ -31,12 +39,18 @@ from dispynb.protocol.discovery import (
     new_boot_id,
 )
 from dispynb.transport.addressing import parse_address
-from dispynb.transport.discovery import (
+from dispynb.transport.discovery import IPV6_MULTICAST_GROUP
+from dispynb.transport.udp import (
+    Interface6,
     ipv4_interfaces,
+    ipv6_interfaces,
     is_wildcard_host,
     join_group,
+    join_group6,
     open_endpoint,
+    send6_from,
     send_to_group,
+    udp6_socket,
     udp_socket,
     usable_source,
 )
@@ -56,8 +70,8 @@ class Announcer:
     name, tcp_port, cpus:
         What is announced: the node's name, its TCP port, its CPUs.
     host:
-        The node's listening address: a wildcard (``''``, ``'0.0.0.0'``) or one IPv4
-        address.
+        The node's listening address: an IPv4 wildcard (``''``, ``'0.0.0.0'``), one
+        IPv4 address, ``'::'`` or one IPv6 address (IPv6 discovery).
     port:
         UDP port to hear pings on (0: any free port, for tests).
     client_port:
@@ -68,6 +82,9 @@ class Announcer:
         ``addr[:port]`` targets of the start and stop announcements; default: the
         broadcast address of the node's network(s) (and the group with
         ``multicast``), none for a loopback host.
+    ext:
+        An IP address announced for clients to connect to instead of the sender's
+        (``--ext-host``), or ``''``.
     """
 
     def __init__(
@@ -81,14 +98,16 @@ class Announcer:
         client_port: int | None = None,
         multicast: bool = False,
         announce_to: list[str] | None = None,
+        ext: str = "",
     ) -> None:
+        self.ipv6 = ":" in host
         self.host = "" if is_wildcard_host(host) else host
         if self.host:
             try:
-                ipaddress.IPv4Address(self.host)
+                self.host = str(ipaddress.ip_address(self.host.strip("[]")))
             except ValueError:
                 raise ConfigurationError(
-                    f"discovery needs an IPv4 address or 0.0.0.0 as the node's host, "
+                    f"discovery needs an IP address, 0.0.0.0 or :: as the node's host, "
                     f"not {host!r}"
                 ) from None
         self.name = fit_name(name)
@@ -99,6 +118,7 @@ class Announcer:
         self.multicast = multicast
         self.boot = new_boot_id()
         self._announce_to = announce_to
+        self.ext = ext
         self._main: asyncio.DatagramTransport | None = None
         self._others: list[asyncio.DatagramTransport] = []
         self._window = 0
@@ -112,6 +132,8 @@ class Announcer:
 
     async def start(self) -> int:
         """Open the sockets and announce the node; return the bound UDP port."""
+        if self.ipv6:
+            return await self._start6()
         sock = udp_socket(self.host, self.port, broadcast=True)
         try:
             self.port = sock.getsockname()[1]
@@ -168,6 +190,45 @@ class Announcer:
             return [self.host]
         return [i.address for i in ipv4_interfaces() if not i.loopback]
 
+    def _interfaces6(self) -> list[Interface6]:
+        return [i for i in ipv6_interfaces() if self.host in ("", i.address)]
+
+    async def _start6(self) -> int:
+        interfaces = self._interfaces6()
+        sock = udp6_socket(self.host or "::", self.port)
+        try:
+            self.port = sock.getsockname()[1]
+            if not self.host:
+                for index in sorted({i.index for i in interfaces}):
+                    join_group6(sock, IPV6_MULTICAST_GROUP, index)
+            self._main = await open_endpoint(sock, self._received)
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            if self.host:
+                for index in sorted({i.index for i in interfaces}):
+                    group = udp6_socket(IPV6_MULTICAST_GROUP, self.port, index)
+                    join_group6(group, IPV6_MULTICAST_GROUP, index)
+                    self._others.append(await open_endpoint(group, self._received))
+        except BaseException:
+            self.close(leaving=False)
+            raise
+        if not interfaces:
+            logger.warning(
+                "IPv6 discovery: no routable IPv6 address%s: clients cannot find this "
+                "node by multicast",
+                f" is {self.host}" if self.host else " here",
+            )
+        logger.info(
+            "discovery: answering pings on UDP [%s]:%d and group %s",
+            self.host or "::",
+            self.port,
+            IPV6_MULTICAST_GROUP,
+        )
+        self.announce()
+        return self.port
+
     def announce(self, *, leaving: bool = False) -> None:
         """Send an announcement to clients (see ``announce_to``)."""
         if self._main is None:
@@ -176,6 +237,15 @@ class Announcer:
         if self._announce_to is not None:
             for target in self._announce_to:
                 self._main.sendto(data, parse_address(target, self.client_port))
+            return
+        if self.ipv6:
+            for interface in self._interfaces6():
+                send6_from(
+                    interface.address,
+                    interface.index,
+                    data,
+                    (IPV6_MULTICAST_GROUP, self.client_port),
+                )
             return
         if self.host and ipaddress.IPv4Address(self.host).is_loopback:
             return
@@ -216,6 +286,7 @@ class Announcer:
             boot=self.boot,
             nonce=nonce,
             leaving=leaving,
+            ext=self.ext,
         )
 
     def _received(self, data: bytes, addr: tuple[str, int]) -> None:

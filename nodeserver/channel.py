@@ -12,7 +12,9 @@ byte of the message they belong to; read them with `MessageSocket.recv_with_fds`
 from __future__ import annotations
 
 import array
+import collections
 import contextlib
+import select
 import socket
 from collections.abc import Sequence
 from typing import TypeAlias
@@ -23,6 +25,8 @@ from dispynb.protocol.framing import (
     PREFIX,
     PREFIX_SIZE,
     Buffer,
+    Frame,
+    FrameDecoder,
     encode_frames,
     parse_prefix,
     split_body,
@@ -59,6 +63,10 @@ class MessageSocket:
         self.max_size = max_size
         self._prefix = bytearray(PREFIX_SIZE)
         self._prefix_view = memoryview(self._prefix)
+        # One recv usually brings a whole message (a large one lands in its own
+        # buffer); messages read ahead wait here.
+        self._decoder = FrameDecoder(max_size)
+        self._ready: collections.deque[Frame] = collections.deque()
 
     def send(
         self,
@@ -113,8 +121,48 @@ class MessageSocket:
         bad data. File descriptors sent with the message are lost (closed by the
         kernel); use `recv_with_fds` where some are expected.
         """
-        self._recv_exact(self._prefix_view)
-        return self._recv_body()
+        while not self._ready:
+            if self._decoder.error is not None:
+                raise self._decoder.error
+            self._read(0)
+        return self._decode(self._ready.popleft())
+
+    def poll(self) -> bool:
+        """True if a whole message can be received now, without blocking."""
+        if not self._ready and self._decoder.error is None:
+            if self.sock.gettimeout() is not None:
+                # In timeout mode a would-block read waits: ask select instead.
+                if not select.select([self.sock], [], [], 0)[0]:
+                    return False
+                self._read(0)
+            else:
+                with contextlib.suppress(BlockingIOError):
+                    self._read(socket.MSG_DONTWAIT)
+        return bool(self._ready)
+
+    def _read(self, flags: int) -> None:
+        """One recv into the decoder; whole messages go to the ready queue."""
+        decoder = self._decoder
+        try:
+            count = self.sock.recv_into(decoder.buffer(), 0, flags)
+        except (TimeoutError, BlockingIOError):
+            raise
+        except OSError as exc:
+            raise _closed(exc) from exc
+        if not count:
+            got, size = decoder.pending, decoder.expected
+            raise ConnectionClosedError(
+                "internal channel closed by the peer"
+                + (f" after {got} of {size} bytes" if got else "")
+            )
+        self._ready.extend(decoder.filled(count))
+
+    @staticmethod
+    def _decode(frame: Frame) -> tuple[IpcMessage, list[memoryview]]:
+        _prefix, count, body = frame
+        buffers, _, _ = split_body(body, count)
+        header = unpack_header(buffers[0], trusted=True)
+        return IpcMessage.from_header(header), buffers[1:]
 
     def recv_with_fds(
         self, max_fds: int = 16
@@ -124,6 +172,10 @@ class MessageSocket:
         The caller owns the returned descriptors (close-on-exec is set on Linux).
         Raises `FramingError` if more than ``max_fds`` arrive (they are then lost).
         """
+        if self._ready or self._decoder.pending:
+            # Read ahead with `recv`: its descriptors are gone. Do not mix the two.
+            message, buffers = self.recv()
+            return message, buffers, []
         fds: list[int] = []
         got = 0
         while got < PREFIX_SIZE:

@@ -110,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest message accepted from a client (default 1G)",
     )
     add(
+        "--kept-results-size",
+        type=parse_size,
+        default=1 << 30,
+        help="disk space for results kept for clients that may have crashed "
+        "(recover_file), under the destination directory; results over it are not "
+        "kept (default 1G)",
+    )
+    add(
         "--port-file", default=None, help="write the bound port to this file when ready"
     )
     add(
@@ -117,6 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=300.0,
         help="seconds a silent client keeps its computations (default 300; 0: ever)",
+    )
+    add(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, seconds running jobs may finish before they are "
+        "terminated (default 30; 0: at once); a second SIGTERM/SIGINT terminates "
+        "them at once. Jobs that did not start go back to their clients",
     )
     add(
         "--discovery",
@@ -130,6 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=DISCOVERY_PORT,
         help=f"UDP port for discovery pings (default {DISCOVERY_PORT}; clients hear "
         "announcements on the next port)",
+    )
+    add(
+        "--ext-host",
+        "--ext_host",
+        dest="ext_host",
+        default=None,
+        help="address (or name) announced for clients to connect to instead of the "
+        "one discovery datagrams come from: for nodes behind NAT or with several "
+        "addresses (needs --discovery; clients use it only if it fits one of their "
+        "node specs narrower than '*')",
     )
     add(
         "--ipv4-multicast",
@@ -172,9 +198,12 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         max_message_size=args.max_message_size,
         port_file=args.port_file,
         orphan_timeout=args.orphan_timeout,
+        drain_timeout=args.drain_timeout,
+        kept_results_size=args.kept_results_size,
         discovery=args.discovery or args.ipv4_multicast,
         discovery_port=args.discovery_port,
         ipv4_multicast=args.ipv4_multicast,
+        ext_host=args.ext_host,
     )
     if args.name:
         config.name = args.name
@@ -184,30 +213,46 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
     return config
 
 
-async def _stop_when_orphaned(parent: int, stop: asyncio.Event) -> None:
+async def _stop_when_orphaned(
+    parent: int, orphaned: asyncio.Event, stop: asyncio.Event
+) -> None:
     # A killed parent cannot tell us; its pid changing (re-parenting) can.
     while os.getppid() == parent:
         await asyncio.sleep(PARENT_CHECK_INTERVAL)
     logger.warning("the process that started this node exited; stopping")
+    orphaned.set()
     stop.set()
 
 
 async def serve(config: NodeConfig, watch_parent: bool = False) -> None:
-    """Run a node until SIGTERM or SIGINT (or its parent exits), then stop cleanly."""
+    """Run a node until SIGTERM or SIGINT (or its parent exits), then stop cleanly.
+
+    The first signal drains (running jobs get ``config.drain_timeout`` seconds), a
+    second one terminates the running jobs at once. A node whose parent exited stops
+    at once: nobody is left to collect results.
+    """
     server = NodeServer(config)
     stop = asyncio.Event()
+    now = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            now.set()
+        stop.set()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, on_signal)
     await server.start()
+    orphaned = asyncio.Event()
     if watch_parent:
         parent = os.getppid()
-        task = asyncio.create_task(_stop_when_orphaned(parent, stop))
+        task = asyncio.create_task(_stop_when_orphaned(parent, orphaned, stop))
     await stop.wait()
     if watch_parent:
         task.cancel()
     logger.info("shutting down")
-    await server.stop()
+    await server.stop(0.0 if orphaned.is_set() else config.drain_timeout, now)
 
 
 def main(argv: list[str] | None = None) -> int:

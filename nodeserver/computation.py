@@ -22,8 +22,6 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from tornado.iostream import IOStream
-
 import nodeserver
 from dispynb.errors import DispynbError, SetupError
 from dispynb.protocol.files import safe_relative_path
@@ -33,8 +31,9 @@ from dispynb.protocol.messages import (
     FINISHED,
     RETURNED,
     TERMINATED,
+    Message,
 )
-from dispynb.transport.connection import Connection, stream_buffer_size
+from dispynb.transport.connection import Connection
 from nodeserver.budget import CpuBudget
 from nodeserver.control import ControlChannel
 from nodeserver.filestore import FileStore
@@ -266,15 +265,30 @@ class Computation:
         if self._remove_path:
             shutil.rmtree(self.path, ignore_errors=True)
 
+    async def wait_idle(self) -> None:
+        """Wait until no job is queued or running here (or the process died)."""
+        while (
+            self._queue or any(w.assigned for w in self._workers.values())
+        ) and not self._control_closed.is_set():
+            await self._idle_or_dead()
+
     async def _idle_or_dead(self) -> None:
         """Wait for the next job to end (or the process to die)."""
         if self._control_closed.is_set():
             self._queue.clear()
             return
-        self._progress = asyncio.get_running_loop().create_future()
-        await self._progress
+        # Shared by concurrent waiters (close and wait_idle); shielded so that one
+        # being cancelled does not cancel the others' wait.
+        if self._progress is None or self._progress.done():
+            self._progress = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._progress)
 
     # -- jobs ----------------------------------------------------------------------
+
+    @property
+    def idle(self) -> bool:
+        """True when no job is queued or running here."""
+        return not self._queue and not any(w.assigned for w in self._workers.values())
 
     def submit(self, jobs: list[NodeJob]) -> None:
         """Queue jobs and start as many as the CPUs allow."""
@@ -409,15 +423,17 @@ class Computation:
             job.buffers = []  # a job sent ahead keeps them: it may be requeued
 
     async def _read_worker(self, worker: Worker) -> None:
+        def handle(message: Message, buffers: list[memoryview]) -> None:
+            if isinstance(message, Done):
+                self._on_done(worker, message, buffers)
+            elif isinstance(message, Provisional):
+                self._on_provisional(worker, message, buffers)
+            elif isinstance(message, SendFile):
+                self._on_send_file(worker, message, buffers)
+
         try:
-            while True:
-                message, buffers = await worker.conn.recv()
-                if isinstance(message, Done):
-                    self._on_done(worker, message, buffers)
-                elif isinstance(message, Provisional):
-                    self._on_provisional(worker, message, buffers)
-                elif isinstance(message, SendFile):
-                    self._on_send_file(worker, message, buffers)
+            # Messages are handled in the socket's read callback: no task switch.
+            await worker.conn.dispatch(handle)
         except DispynbError:
             pass
         finally:
@@ -563,8 +579,8 @@ class Computation:
 
     def _add_worker(self, pid: int, fd: int) -> None:
         sock = socket.socket(fileno=fd)
-        conn = Connection(
-            IOStream(sock, max_buffer_size=stream_buffer_size(self._max_size)),
+        conn = Connection.over_socket(
+            sock,
             f"worker {pid}",
             IpcMessage,
             trusted_max_size=self._max_size,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import socket
 import tempfile
@@ -44,6 +45,16 @@ class NodeConfig:
     #: Seconds a client may stay silent (no pulse) before its computations are
     #: freed and their jobs killed; 0 never frees them.
     orphan_timeout: float = 300.0
+    #: Seconds running jobs may go on after SIGTERM before they are terminated
+    #: (0: at once). Unstarted jobs go back to their clients either way.
+    drain_timeout: float = 30.0
+    #: Address announced for clients to connect to instead of the one discovery
+    #: datagrams come from (NAT, multi-homed hosts); a host name is resolved once,
+    #: at start. Clients follow it only if it fits a node spec of theirs.
+    ext_host: str | None = None
+    #: Largest total size (bytes) of results kept on disk for clients that may have
+    #: crashed (``recover_file``); results over it are not kept, with a warning.
+    kept_results_size: int = 1 << 30
 
     def validate(self) -> None:
         """Raise `ConfigurationError` with a fix for every unsafe or invalid setting."""
@@ -59,18 +70,26 @@ class NodeConfig:
             )
         if self.ipv4_multicast:
             self.discovery = True
-        if self.discovery and ":" in self.host:
+        if self.ipv4_multicast and ":" in self.host:
             raise ConfigurationError(
-                f"discovery is IPv4 only: listen on an IPv4 address, not "
-                f"{self.host!r}, or leave --discovery off and name this node in "
-                "clients' nodes="
+                f"--ipv4-multicast needs an IPv4 host, not {self.host!r}: IPv6 "
+                "discovery (--discovery with an IPv6 host) always uses multicast"
             )
+        if self.ext_host is not None:
+            self.ext_host = _resolve_ext_host(self.ext_host, self.discovery)
         if self.max_message_size < PRE_AUTH_MAX_FRAME:
             raise ConfigurationError(
                 f"max message size must be at least {PRE_AUTH_MAX_FRAME} bytes"
             )
         if self.orphan_timeout < 0:
             raise ConfigurationError("orphan timeout must be 0 (never) or positive")
+        if not self.drain_timeout >= 0:  # also refuses NaN
+            raise ConfigurationError(
+                f"drain timeout must be 0 (terminate jobs at once) or positive, not "
+                f"{self.drain_timeout}"
+            )
+        if self.kept_results_size < 0:
+            raise ConfigurationError("kept results size must be 0 (none) or positive")
         if self.max_file_size < 0:
             raise ConfigurationError("max file size must be 0 (no limit) or positive")
         if self.keyfile and not self.certfile:
@@ -82,3 +101,30 @@ class NodeConfig:
                 "(--secret-file FILE with mode 600, or DISPYNB_SECRET) and/or TLS "
                 "(--certfile/--keyfile), or listen on 127.0.0.1"
             )
+
+
+def _resolve_ext_host(ext_host: str, discovery: bool) -> str:
+    """``--ext-host`` as an IP address (a name is looked up now, once)."""
+    if not discovery:
+        raise ConfigurationError(
+            f"--ext-host {ext_host} is announced by discovery: add --discovery (or "
+            "leave --ext-host out; clients that name this node connect to the name)"
+        )
+    text = ext_host.strip().strip("[]")
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        try:
+            infos = socket.getaddrinfo(text, None, proto=socket.IPPROTO_TCP)
+        except (OSError, UnicodeError) as exc:
+            raise ConfigurationError(
+                f"--ext-host {ext_host!r} is neither an IP address nor a name that "
+                f"resolves ({exc}): give the address clients should connect to"
+            ) from None
+        address = ipaddress.ip_address(str(infos[0][4][0]).split("%")[0])
+    if address.is_unspecified or address.is_multicast:
+        raise ConfigurationError(
+            f"--ext-host {ext_host!r} must be one unicast address that clients can "
+            "reach, not a wildcard or multicast address"
+        )
+    return str(address)

@@ -11,7 +11,6 @@ import collections
 import io
 import logging
 import os
-import select
 import sys
 import time
 import traceback
@@ -176,7 +175,7 @@ def worker_loop(sock: MessageSocket, func: Callable[..., Any]) -> None:
             if not inbox:
                 _take(sock.recv(), inbox, skipped)
                 continue
-            while select.select([sock.sock], [], [], 0)[0]:
+            while sock.poll():
                 _take(sock.recv(), inbox, skipped)
             run, buffers = inbox.popleft()
             if run.key in skipped:

@@ -2,19 +2,26 @@
 
 A client that keeps a recovery journal gives each computation a random recovery id.
 If its connection is lost, the node does not kill that computation: its jobs go on,
-their results are kept (in memory) for ``keep`` seconds, and a client that presents the
-recovery id on an authenticated connection (``dispynb.recover_jobs``) gets them.
+their results are kept for ``keep`` seconds, and a client that presents the recovery id
+on an authenticated connection (``dispynb.recover_jobs``) gets them.
+
+Results are kept on disk (`nodeserver.spool`), not in memory, so a large backlog costs
+no memory and survives a restart of the node: a node that starts again offers the
+results its previous process kept, until they expire. Jobs still running when a node
+stops are lost with it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from nodeserver.computation import Computation
+from nodeserver.spool import ResultSpool, SpoolDir
 
 logger = logging.getLogger(__name__)
 
@@ -24,12 +31,19 @@ Deliver = Callable[[list[Any], list[memoryview]], None]
 
 @dataclass(eq=False)
 class Kept:
-    """One kept computation and its undelivered results."""
+    """One kept computation and its undelivered results.
 
-    computation: Computation
+    ``computation`` is None for results a previous node process kept (its jobs are
+    gone); ``results`` holds only what could not be spooled (a disk error).
+    """
+
+    computation: Computation | None
+    spool: SpoolDir | None = None
+    owner: ResultSpool | None = None
     results: list[tuple[list[Any], list[memoryview]]] = field(default_factory=list)
     deliver: Deliver | None = None  # a recovering client's session
     finished: asyncio.Event = field(default_factory=asyncio.Event)
+    adopted: bool = False  # its client is gone; the keeper closes it
 
 
 class ResultKeeper:
@@ -37,70 +51,160 @@ class ResultKeeper:
 
     Every result of such a computation is recorded (whether or not it reached the
     client, which may have died before it wrote the result to its journal), for
-    ``keep`` seconds after the computation ends, unless the client closes it cleanly.
+    ``keep`` seconds after the computation ends, unless the client closes it cleanly
+    or collects the results (`release`).
+
+    Parameters
+    ----------
+    spool:
+        Where results are kept; None keeps them in memory (tests).
     """
 
-    def __init__(self) -> None:
-        self._kept: dict[str, Kept] = {}
+    def __init__(self, spool: ResultSpool | None = None) -> None:
+        self._spool = spool
+        self._kept: dict[str, Kept] = {}  # by spool key (a digest of the id)
         self._tasks: set[asyncio.Task[None]] = set()
+
+    def _key(self, recovery_id: str) -> str:
+        return ResultSpool.key(recovery_id)
+
+    def load(self) -> int:
+        """Offer the results kept by an earlier process of this node; return how many
+        computations there were."""
+        if self._spool is None:
+            return 0
+        for key, spool in self._spool.load().items():
+            kept = Kept(None, spool, self._spool)
+            kept.finished.set()
+            self._kept[key] = kept
+            expires = spool.expires or time.time() + spool.keep
+            if spool.expires is None:  # its node stopped while jobs ran
+                spool.expires = expires
+                self._spool.write_meta(spool)
+            self._spawn(self._expire(key, kept, max(expires - time.time(), 0.0)))
+            logger.info(
+                "kept results of computation %s (%d) offered until they expire",
+                spool.name,
+                len(spool.files),
+            )
+        return len(self._kept)
 
     def register(self, recovery_id: str, computation: Computation) -> Kept:
         """A recoverable computation starts."""
-        kept = self._kept[recovery_id] = Kept(computation)
+        kept = Kept(computation)
+        if self._spool is not None:
+            try:
+                kept.spool = self._spool.create(recovery_id, computation.name)
+                kept.owner = self._spool
+            except OSError as exc:
+                logger.warning(
+                    "cannot spool results of %s (%s): kept in memory",
+                    computation.name,
+                    exc,
+                )
+        self._kept[self._key(recovery_id)] = kept
         return kept
 
     @staticmethod
     def record(kept: Kept, entry: list[Any], buffers: list[memoryview]) -> None:
         """One of its results (also sent to the client, if connected)."""
-        kept.results.append((entry, buffers))
+        if kept.spool is None or kept.owner is None:
+            kept.results.append((entry, buffers))
+        else:
+            kept.owner.write(kept.spool, entry, buffers)
         if kept.deliver is not None:
             kept.deliver(entry, buffers)
 
     def adopt(self, recovery_id: str, keep: float) -> None:
         """Its client's connection is lost: let the jobs finish, keep the results."""
-        kept = self._kept.get(recovery_id)
-        if kept is None:
+        key = self._key(recovery_id)
+        kept = self._kept.get(key)
+        if kept is None or kept.computation is None:
             return
         logger.info(
             "client of computation %s gone: its jobs go on, results kept %.0f s",
             kept.computation.name,
             keep,
         )
-        task = asyncio.get_running_loop().create_task(self._finish(recovery_id, keep))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        if kept.spool is not None and kept.owner is not None:
+            kept.spool.keep = keep
+            kept.owner.write_meta(kept.spool)
+        kept.adopted = True
+        self._spawn(self._finish(key, kept, keep))
 
-    async def _finish(self, recovery_id: str, keep: float) -> None:
-        kept = self._kept[recovery_id]
+    async def _finish(self, key: str, kept: Kept, keep: float) -> None:
+        assert kept.computation is not None
         try:
             await asyncio.wait_for(kept.computation.close(terminate=False), keep)
         except TimeoutError:
             await kept.computation.close(terminate=True)
         kept.finished.set()
-        await asyncio.sleep(keep)
-        if self._kept.get(recovery_id) is kept:
-            del self._kept[recovery_id]
-            logger.info("results of computation %s dropped", kept.computation.name)
+        if kept.spool is not None and kept.owner is not None:
+            kept.spool.expires = time.time() + keep
+            kept.owner.write_meta(kept.spool)
+        await self._expire(key, kept, keep)
+
+    async def _expire(self, key: str, kept: Kept, after: float) -> None:
+        await asyncio.sleep(after)
+        if self._kept.get(key) is kept:
+            self._drop(key)
+            name = kept.spool.name if kept.spool else "?"
+            logger.info("results of computation %s dropped (expired)", name)
 
     def claim(self, recovery_id: str, deliver: Deliver) -> Kept | None:
         """Hand every recorded result to ``deliver``; route later ones to it too."""
-        kept = self._kept.get(recovery_id)
+        kept = self._kept.get(self._key(recovery_id))
         if kept is None:
             return None
+        if kept.spool is not None and kept.owner is not None:
+            for path, _size in list(kept.spool.files):
+                result = kept.owner.read(path)
+                if result is not None:
+                    deliver(*result)
         for entry, buffers in kept.results:
             deliver(entry, buffers)
         kept.deliver = deliver
         return kept
 
     def release(self, recovery_id: str) -> None:
-        """Its client closed it, or recovered everything: forget it."""
-        self._kept.pop(recovery_id, None)
+        """Its client closed it, or collected its results: forget them."""
+        self._drop(self._key(recovery_id))
+
+    def _drop(self, key: str) -> None:
+        kept = self._kept.pop(key, None)
+        if kept is not None and kept.spool is not None and kept.owner is not None:
+            kept.owner.remove(kept.spool)
+
+    @property
+    def running(self) -> bool:
+        """Whether a computation whose client is gone may still run jobs."""
+        return any(k.adopted and not k.finished.is_set() for k in self._kept.values())
+
+    async def drain(self) -> None:
+        """Wait until the jobs of computations whose client is gone have ended (the
+        node drains; the others are its sessions' to wait for)."""
+        await asyncio.gather(
+            *(k.finished.wait() for k in list(self._kept.values()) if k.adopted)
+        )
 
     async def close(self) -> None:
-        """Node shutdown: stop the kept computations too."""
+        """Node shutdown: stop the kept computations; spooled results stay on disk
+        (a restarted node offers them until they expire)."""
         for task in self._tasks:
             task.cancel()
         kept, self._kept = list(self._kept.values()), {}
+        now = time.time()
+        for entry in kept:
+            spool, owner = entry.spool, entry.owner
+            if spool is not None and owner is not None and spool.expires is None:
+                spool.expires = now + spool.keep
+                owner.write_meta(spool)
         await asyncio.gather(
-            *(k.computation.close(terminate=True) for k in kept), return_exceptions=True
+            *(k.computation.close(terminate=True) for k in kept if k.computation),
+            return_exceptions=True,
         )
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import platform
+from typing import Any
 
 from dispynb.protocol.messages import Welcome
 from dispynb.transport.addressing import format_address
@@ -19,6 +20,7 @@ from nodeserver.filestore import FileStore
 from nodeserver.keeper import ResultKeeper
 from nodeserver.monitor import avail_info
 from nodeserver.session import ClientSession
+from nodeserver.spool import ResultSpool
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +38,11 @@ class NodeServer:
         config.validate()
         self.config = config
         self.budget = CpuBudget(config.cpus)
-        self.keeper = ResultKeeper()
+        self.keeper = ResultKeeper(
+            ResultSpool(
+                os.path.join(config.dest_path, ".kept"), config.kept_results_size
+            )
+        )
         self.store = FileStore(
             os.path.join(config.dest_path, ".store"), config.max_file_size
         )
@@ -45,6 +51,8 @@ class NodeServer:
         self._listener: Listener | None = None
         self._session_tasks: set[asyncio.Task[None]] = set()
         self._announcer: Announcer | None = None
+        #: Set when the node shuts down: jobs sent to it now go straight back.
+        self.draining = False
 
     async def start(self) -> int:
         """Listen and serve; return the bound port (written to ``port_file`` if set)."""
@@ -55,6 +63,7 @@ class NodeServer:
             else None
         )
         os.makedirs(config.dest_path, mode=0o700, exist_ok=True)
+        self.keeper.load()  # results an earlier process kept for crashed clients
         self._listener = Listener(
             self._serve,
             secret=config.secret,
@@ -72,6 +81,7 @@ class NodeServer:
                 host=config.host,
                 port=config.discovery_port,
                 multicast=config.ipv4_multicast,
+                ext=config.ext_host or "",
             )
             await self._announcer.start()
         if config.port_file:
@@ -115,21 +125,58 @@ class NodeServer:
                 self._session_tasks.discard(task)
             logger.info("client %r from %s disconnected", client_name, conn.peer)
 
-    async def stop(self) -> None:
-        """Stop listening, end every session (terminating their jobs)."""
-        await self.keeper.close()
+    async def stop(
+        self, drain_timeout: float = 0.0, now: asyncio.Event | None = None
+    ) -> None:
+        """Stop listening, hand back unstarted jobs, end every session.
+
+        Running jobs may finish for up to ``drain_timeout`` seconds (0: they are
+        terminated at once), or until ``now`` is set; sessions stay up meanwhile, so
+        clients still hear pulses and get the results.
+        """
         if self._announcer is not None:
             self._announcer.close(leaving=True)
             self._announcer = None
         if self._listener is not None:
             self._listener.stop()
+        self.draining = True
         # Jobs that have not started go back to their clients, to run elsewhere.
         await asyncio.gather(
             *(session.hand_back() for session in list(self.sessions)),
             return_exceptions=True,
         )
+        if drain_timeout > 0 and (self.sessions or self.keeper.running):
+            await self._drain(drain_timeout, now)
+        await self.keeper.close()
         for session in list(self.sessions):
             session.conn.close()
         if self._session_tasks:
             # Each session ends its computations (terminating jobs) as it winds down.
             await asyncio.wait(list(self._session_tasks), timeout=30)
+
+    async def _drain(self, timeout: float, now: asyncio.Event | None) -> None:
+        """Wait for running jobs to end, at most ``timeout`` s or until ``now``."""
+        logger.info(
+            "draining: running jobs may finish for up to %g s (signal again to "
+            "terminate them now)",
+            timeout,
+        )
+        drained = asyncio.ensure_future(
+            asyncio.gather(
+                self.keeper.drain(),
+                *(session.drain() for session in list(self.sessions)),
+            )
+        )
+        waiters: set[asyncio.Future[Any]] = {drained}
+        if now is not None:
+            waiters.add(asyncio.ensure_future(now.wait()))
+        await asyncio.wait(waiters, timeout=timeout, return_when="FIRST_COMPLETED")
+        finished = drained.done() and not drained.cancelled()
+        for waiter in waiters:
+            waiter.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)  # collect them
+        if not finished:
+            why = "on request" if now is not None and now.is_set() else "drain timeout"
+            logger.warning("terminating the jobs still running (%s)", why)
+        else:
+            logger.info("drained: every running job ended")

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from dispynb.errors import DispynbError, MessageError, ProtocolError, SetupError
 from dispynb.protocol.files import safe_relative_path
 from dispynb.protocol.messages import (
+    RETURNED,
     TERMINATED,
     ComputationClose,
     ComputationClosed,
@@ -104,15 +105,8 @@ class ClientSession:
     async def serve(self) -> None:
         """Handle messages until the connection ends; then close all computations."""
         try:
-            while True:
-                message, buffers = await self.conn.recv()
-                self._last_heard = time.monotonic()
-                handler = self._handlers.get(type(message))
-                if handler is None:
-                    logger.warning("%s sent unexpected %r", self.conn.peer, message.op)
-                    self._send_error("protocol", f"unexpected message {message.op!r}")
-                    continue
-                handler(message, buffers)
+            # Messages are handled in the socket's read callback: no task switch.
+            await self.conn.dispatch(self._on_message)
         finally:
             for _missing, start in self._waiting_for_files.values():
                 start.close()  # never started: the files did not all arrive
@@ -132,6 +126,15 @@ class ClientSession:
                 task.cancel()
 
     # -- handlers ------------------------------------------------------------------
+
+    def _on_message(self, message: Message, buffers: list[memoryview]) -> None:
+        self._last_heard = time.monotonic()
+        handler = self._handlers.get(type(message))
+        if handler is None:
+            logger.warning("%s sent unexpected %r", self.conn.peer, message.op)
+            self._send_error("protocol", f"unexpected message {message.op!r}")
+            return
+        handler(message, buffers)
 
     def _on_setup(self, message: ComputationSetup, buffers: list[memoryview]) -> None:
         if message.comp_id in self._computations:
@@ -228,9 +231,9 @@ class ClientSession:
 
     def _local_ip(self) -> str:
         """This node's IP address as its client reached it (dispy_node_ip_addr)."""
-        sock = self.conn.stream.socket
-        if sock is not None:
-            return str(sock.getsockname()[0])
+        address = self.conn.local_address
+        if address is not None:
+            return address[0]
         return self.server.config.host
 
     def _check_files(self, entries: list[list[Any]]) -> list[tuple[str, str]]:
@@ -323,6 +326,12 @@ class ClientSession:
                 job.files = self._job_files(entry[3])
             jobs.append(job)
             offset += count
+        if self.server.draining:  # the node shuts down: these run elsewhere
+            reason = "the node is shutting down; the job did not start"
+            for job in jobs:
+                entry = [job.key, job.attempt, RETURNED, 0.0, 0.0, "", "", reason, 0]
+                self._queue_result(message.comp_id, entry, [])
+            return
         computation = self._computations.get(message.comp_id)
         if computation is None:
             for job in jobs:
@@ -371,6 +380,18 @@ class ClientSession:
             async with asyncio.timeout(HAND_BACK_TIMEOUT):
                 await self.conn.flush()
 
+    async def drain(self) -> None:
+        """The node drains (after `hand_back`): wait for the running jobs to end and
+        their results to be sent."""
+        await asyncio.gather(
+            *(c.wait_idle() for c in list(self._computations.values())),
+            return_exceptions=True,
+        )
+        self._flush()
+        with contextlib.suppress(DispynbError, TimeoutError):
+            async with asyncio.timeout(HAND_BACK_TIMEOUT):
+                await self.conn.flush()
+
     def _on_recover(self, message: Recover, buffers: list[memoryview]) -> None:
         comp_id = message.comp_id
 
@@ -384,6 +405,18 @@ class ClientSession:
         if kept is not None and running:
             self._claims.append(kept)
             self._spawn(self._recovered_when_done(comp_id, message.recovery_id, kept))
+        elif kept is not None:
+            self._spawn(self._release_when_sent(message.recovery_id))
+
+    async def _release_when_sent(self, recovery_id: str) -> None:
+        """Every kept result is collected: drop them once they are on their way."""
+        self._flush()
+        try:
+            async with asyncio.timeout(HAND_BACK_TIMEOUT):
+                await self.conn.flush()
+        except (DispynbError, TimeoutError):
+            return  # not sent: keep them for another try
+        self.server.keeper.release(recovery_id)
 
     async def _recovered_when_done(
         self, comp_id: int, recovery_id: str, kept: Kept
@@ -391,6 +424,7 @@ class ClientSession:
         await kept.finished.wait()
         self._flush()
         self._write(ComputationClosed(comp_id=comp_id))
+        await self._release_when_sent(recovery_id)
 
     def _on_close(self, message: ComputationClose, buffers: list[memoryview]) -> None:
         waiting = self._waiting_for_files.pop(message.comp_id, None)
@@ -453,8 +487,11 @@ class ClientSession:
             batch = self._out[comp_id] = ([], [])
         batch[0].append(entry)
         batch[1].extend(buffers)
-        if sum(b.nbytes for b in buffers) > BATCH_BYTES:
-            self._flush()
+        computation = self._computations.get(comp_id)
+        if sum(b.nbytes for b in buffers) > BATCH_BYTES or (
+            computation is not None and computation.idle
+        ):
+            self._flush()  # big, or nothing else to wait for: send it now
         elif not self._flush_pending:
             self._flush_pending = True
             asyncio.get_running_loop().call_soon(self._flush)

@@ -81,13 +81,22 @@ class MessageSigner:
         self._template = hmac.new(key, digestmod=hashlib.sha256)
         self.seq = 0
 
-    def sign(self, parts: Iterable[Buffer]) -> bytes:
-        """Return the MAC of the next message, made of ``parts`` in order."""
+    def start(self) -> hmac.HMAC:
+        """Begin the MAC of the next message (it takes the next sequence number).
+
+        Feed it the message's parts in order with ``update``; its ``digest()`` is the
+        MAC. Lets a large message be hashed piece by piece, as it is sent.
+        """
         mac = self._template.copy()
         mac.update(self.seq.to_bytes(8, "big"))
+        self.seq += 1
+        return mac
+
+    def sign(self, parts: Iterable[Buffer]) -> bytes:
+        """Return the MAC of the next message, made of ``parts`` in order."""
+        mac = self.start()
         for part in parts:
             mac.update(part)
-        self.seq += 1
         return mac.digest()
 
 
@@ -104,9 +113,21 @@ class MessageVerifier:
 
     def verify(self, parts: Iterable[Buffer], mac: Buffer) -> None:
         """Raise `AuthenticationError` unless ``mac`` signs ``parts`` as due next."""
+        seq, running = self.start()
+        for part in parts:
+            running.update(part)
+        self.check(seq, running, mac)
+
+    def start(self) -> tuple[int, hmac.HMAC]:
+        """Begin checking the next message: ``(seq, running_mac)``; feed it the parts
+        with ``update`` (as they arrive), then call `check`."""
         seq = self._signer.seq
-        expected = self._signer.sign(parts)
-        if not hmac.compare_digest(expected, bytes(mac)):
+        return seq, self._signer.start()
+
+    @staticmethod
+    def check(seq: int, running: hmac.HMAC, mac: Buffer) -> None:
+        """Raise `AuthenticationError` unless ``mac`` is the digest of ``running``."""
+        if not hmac.compare_digest(running.digest(), bytes(mac)):
             raise AuthenticationError(
                 f"message {seq} failed its MAC check: it was altered, replayed or "
                 "reordered, or the peer uses another secret"

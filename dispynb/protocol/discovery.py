@@ -1,9 +1,12 @@
 """Discovery datagrams, sans-IO: `Ping` ("who is there?") and `Announce` ("I am here").
 
 Each datagram is one small msgpack map with a fixed set of keys: a magic string and a
-format version, the op, and the op's fields. Nothing in it is a secret or a credential,
-and nothing in it says where to connect: a client connects to the address a datagram
-came *from* (with the announced TCP port) and then authenticates over TCP as usual.
+format version, the op, and the op's fields. Nothing in it is a secret or a credential.
+A client connects to the address a datagram came *from* (with the announced TCP port)
+and then authenticates over TCP as usual. The one exception is an announcement's
+optional ``ext`` address (``dispynb-node --ext-host``, for NAT and multi-homed nodes):
+a claim that a client follows only when the address fits a node spec its user gave
+that is narrower than ``'*'`` (see `dispynb.finder`).
 
 `decode` accepts only exact, well-typed maps within tight size limits, so a datagram
 from anyone on the network can be decoded safely; anything else raises
@@ -13,6 +16,7 @@ from anyone on the network can be decoded safely; anything else raises
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from typing import Any
 
@@ -54,12 +58,15 @@ _ANNOUNCE_KEYS = frozenset(
         "leaving",
     }
 )
-_KEYS = {"ping": _PING_KEYS, "announce": _ANNOUNCE_KEYS}
+#: Longest ``ext`` address (an IPv6 literal has at most 45 characters).
+MAX_EXT = 64
+
+_KEYS = {"ping": [_PING_KEYS], "announce": [_ANNOUNCE_KEYS, _ANNOUNCE_KEYS | {"ext"}]}
 _LIMITS = {
     "max_str_len": MAX_DATAGRAM,
     "max_bin_len": max(NONCE_SIZE, BOOT_SIZE),
     "max_array_len": 0,
-    "max_map_len": len(_ANNOUNCE_KEYS),
+    "max_map_len": len(_ANNOUNCE_KEYS) + 1,
     "max_ext_len": 0,
 }
 
@@ -82,6 +89,8 @@ class Announce:
 
     ``nonce`` is the pinging client's nonce in a reply, empty in an announcement sent
     on the node's own initiative; ``leaving`` is set when the node shuts down.
+    ``ext`` is an IP address the node says clients should use instead of the
+    sender's (``--ext-host``), or empty; it is a claim, never trusted by itself.
     """
 
     name: str
@@ -91,6 +100,7 @@ class Announce:
     version: int = PROTOCOL_VERSION
     nonce: bytes = b""
     leaving: bool = False
+    ext: str = ""
 
 
 Datagram = Ping | Announce
@@ -132,6 +142,8 @@ def encode(message: Datagram) -> bytes:
             "nonce": message.nonce,
             "leaving": message.leaving,
         }
+        if message.ext:  # only then: older clients know the other keys only
+            fields["ext"] = message.ext
     else:
         raise DiscoveryError(f"not a discovery message: {type(message).__name__}")
     _check(fields)
@@ -159,10 +171,11 @@ def decode(data: bytes | memoryview) -> Datagram:
     if obj.get("format") != FORMAT or type(obj.get("format")) is not int:
         raise DiscoveryError(f"unsupported discovery format {obj.get('format')!r}")
     op = obj.get("op")
-    keys = _KEYS.get(op) if type(op) is str else None
-    if keys is None:
+    layouts = _KEYS.get(op) if type(op) is str else None
+    if layouts is None:
         raise DiscoveryError(f"unknown discovery op {op!r}")
-    if obj.keys() != keys:
+    if obj.keys() not in layouts:
+        keys = layouts[0]
         extra = sorted(map(str, obj.keys() - keys))
         missing = sorted(keys - obj.keys())
         raise DiscoveryError(f"{op} datagram: extra keys {extra}, missing {missing}")
@@ -195,6 +208,16 @@ def _check(fields: dict[str, Any]) -> None:
         raise DiscoveryError("announce name must be a non-empty printable string")
     if len(name.encode()) > MAX_NAME:
         raise DiscoveryError(f"announce name over {MAX_NAME} bytes")
+    if "ext" in fields:
+        ext = fields["ext"]
+        if type(ext) is not str or not 0 < len(ext) <= MAX_EXT:
+            raise DiscoveryError("announce field 'ext' must be a non-empty string")
+        try:
+            address = ipaddress.ip_address(ext)
+        except ValueError:
+            raise DiscoveryError("announce field 'ext' must be an IP address") from None
+        if address.is_unspecified or address.is_multicast:
+            raise DiscoveryError("announce field 'ext' must be a unicast address")
 
 
 def _int(fields: dict[str, Any], key: str, low: int, high: int) -> None:

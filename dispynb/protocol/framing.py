@@ -97,44 +97,145 @@ def split_body(
     return buffers, view[:end], view[end:]
 
 
-class FrameDecoder:
-    """Incremental decoder: feed bytes in any chunking, get whole messages out.
+#: A frame as `FrameDecoder.filled` returns it: ``(prefix, count, body)``.
+Frame: TypeAlias = tuple[bytes, int, bytearray]
 
-    Used where a blocking socket is read directly (worker processes) and in tests; the
-    tornado transport reads the prefix and body with exact-size reads instead.
-    Each decoded message is ``(prefix, buffers, signed_part, mac)``.
+
+class FrameDecoder:
+    """Incremental decoder: bytes in any chunking in, whole frames out; no I/O.
+
+    Two ways to give it bytes. `feed` takes bytes already read (one copy). Zero-copy
+    readers (the asyncio transports) instead receive straight into `buffer` and
+    report the count with `filled`: small frames land in one reusable chunk, and a
+    frame too big for the chunk gets its own buffer, which `buffer` then exposes,
+    so a large payload is read into its final place without any copy.
+
+    ``max_size`` may be raised between frames (after authentication); every prefix is
+    checked against it before anything is allocated for the body.
     """
 
-    def __init__(self, max_size: int, mac_size: int = 0) -> None:
+    def __init__(self, max_size: int, mac_size: int = 0, chunk: int = 1 << 16) -> None:
         self.max_size = max_size
         self.mac_size = mac_size
-        self._data = bytearray()
-        self._expect: tuple[int, int] | None = None
+        self._chunk = bytearray(max(chunk, 2 * PREFIX_SIZE))
+        self._view = memoryview(self._chunk)
+        self._start = 0  # unconsumed bytes are _chunk[_start:_end]
+        self._end = 0
+        self._big: bytearray | None = None  # the body of a frame bigger than _chunk
+        self._big_view = memoryview(b"")
+        self._big_got = 0
+        self._big_prefix = b""
+        self._big_count = 0
+        #: Set once a bad prefix arrived; nothing after it is decoded.
+        self.error: FramingError | None = None
+
+    def buffer(self) -> memoryview:
+        """Writable space for the next bytes (never empty); then call `filled`."""
+        if self._big is not None:
+            return self._big_view[self._big_got :]
+        if self._end == len(self._chunk):
+            self._compact()
+        return self._view[self._end :]
+
+    def filled(self, nbytes: int) -> list[Frame]:
+        """``nbytes`` were written into `buffer`; return every frame now complete.
+
+        A bad prefix sets `error` (for good: the stream is unusable) and ends the
+        frames returned; the frames before it still come out.
+        """
+        if self.error is not None:
+            return []
+        if self._big is not None:
+            self._big_got += nbytes
+            if self._big_got < len(self._big):
+                return []
+            frame = (self._big_prefix, self._big_count, self._big)
+            self._big = None
+            self._big_view = memoryview(b"")
+            return [frame]
+        self._end += nbytes
+        return self._parse()
+
+    def partial(self) -> tuple[bytes, bytearray, int] | None:
+        """The large frame being filled: ``(prefix, body, bytes_filled)``, or None.
+
+        Lets a reader start on a large frame (hash it) while the rest is in flight.
+        """
+        if self._big is None:
+            return None
+        return self._big_prefix, self._big, self._big_got
+
+    def _parse(self) -> list[Frame]:
+        frames: list[Frame] = []
+        chunk, view = self._chunk, self._view
+        while self._end - self._start >= PREFIX_SIZE:
+            start = self._start
+            prefix = bytes(view[start : start + PREFIX_SIZE])
+            try:
+                size, count = parse_prefix(prefix, self.max_size, self.mac_size)
+            except FramingError as exc:
+                self.error = exc
+                break
+            end = start + PREFIX_SIZE + size
+            if end <= self._end:
+                frames.append((prefix, count, chunk[start + PREFIX_SIZE : end]))
+                self._start = end
+                continue
+            if PREFIX_SIZE + size > len(chunk):
+                # Too big for the chunk: it gets its own buffer, filled in place.
+                have = self._end - start - PREFIX_SIZE
+                self._big = big = bytearray(size)
+                big[:have] = view[start + PREFIX_SIZE : self._end]
+                self._big_view = memoryview(big)
+                self._big_got, self._big_prefix, self._big_count = have, prefix, count
+                self._start = self._end = 0
+            elif end > len(chunk):
+                self._compact()  # it fits once the chunk starts with it
+            break
+        if self._start == self._end:
+            self._start = self._end = 0
+        return frames
+
+    def _compact(self) -> None:
+        pending = self._end - self._start
+        self._chunk[:pending] = self._view[self._start : self._end]
+        self._start, self._end = 0, pending
 
     def feed(
         self, data: Buffer
     ) -> list[tuple[bytes, list[memoryview], memoryview, memoryview]]:
-        """Add ``data``; return every message now complete."""
-        self._data += data
+        """Add ``data``; return every message now complete.
+
+        Each message is ``(prefix, buffers, signed_part, mac)`` (see
+        `split_body`). Raises `FramingError` for a bad prefix.
+        """
         out = []
-        while True:
-            if self._expect is None:
-                if len(self._data) < PREFIX_SIZE:
-                    break
-                self._expect = parse_prefix(
-                    bytes(self._data[:PREFIX_SIZE]), self.max_size, self.mac_size
-                )
-            body, count = self._expect
-            if len(self._data) < PREFIX_SIZE + body:
-                break
-            prefix = bytes(self._data[:PREFIX_SIZE])
-            chunk = bytes(self._data[PREFIX_SIZE : PREFIX_SIZE + body])
-            del self._data[: PREFIX_SIZE + body]
-            self._expect = None
-            out.append((prefix, *split_body(chunk, count, self.mac_size)))
+        source = memoryview(data).cast("B")
+        while source:
+            space = self.buffer()
+            step = min(len(space), len(source))
+            space[:step] = source[:step]
+            source = source[step:]
+            for prefix, count, body in self.filled(step):
+                out.append((prefix, *split_body(body, count, self.mac_size)))
+            if self.error is not None:
+                raise self.error
         return out
+
+    @property
+    def expected(self) -> int:
+        """Size of the frame being received, prefix included (8 while the prefix
+        itself is incomplete)."""
+        if self._big is not None:
+            return PREFIX_SIZE + len(self._big)
+        if self._end - self._start < PREFIX_SIZE:
+            return PREFIX_SIZE
+        body, _count = PREFIX.unpack_from(self._chunk, self._start)
+        return PREFIX_SIZE + int(body)
 
     @property
     def pending(self) -> int:
         """Bytes received that do not yet form a whole message."""
-        return len(self._data)
+        if self._big is not None:
+            return PREFIX_SIZE + self._big_got
+        return self._end - self._start

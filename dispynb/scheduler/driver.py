@@ -42,6 +42,7 @@ from dispynb.protocol.messages import (
     JobProvisional,
     JobResults,
     JobSubmit,
+    Message,
     NodeStatus,
     Ping,
     Welcome,
@@ -61,7 +62,7 @@ from dispynb.scheduler.events import (
     ResubmitJob,
     SendJobs,
 )
-from dispynb.scheduler.state import SchedulerState
+from dispynb.scheduler.state import SchedulerState, attempts_spent
 from dispynb.transport.addressing import format_address
 from dispynb.transport.connection import Connection, describe_error
 from dispynb.transport.connector import connect
@@ -184,6 +185,7 @@ class DriverConfig:
     dest_path: str | None = None
     cleanup: bool = True
     reentrant: bool = False
+    max_attempts: int = 3
     client_name: str = ""
     pulse_interval: float | None = None
     setup_timeout: float | None = None
@@ -197,7 +199,9 @@ class Driver:
     def __init__(self, config: DriverConfig, events: JobEvents) -> None:
         self.config = config
         self.events = events
-        self.state = SchedulerState(reentrant=config.reentrant)
+        self.state = SchedulerState(
+            reentrant=config.reentrant, max_attempts=config.max_attempts
+        )
         self.nodes: dict[str, NodeLink] = {}
         self._jobs: dict[int, _Pending] = {}
         self._incoming: collections.deque[
@@ -260,8 +264,8 @@ class Driver:
         """Set the computation up over an authenticated connection; then read it."""
         link.conn, link.welcome = conn, welcome
         link.closed = asyncio.get_running_loop().create_future()
-        sock = conn.stream.socket
-        link.peer_ip = sock.getpeername()[0] if sock is not None else link.host
+        address = conn.peer_address
+        link.peer_ip = address[0] if address is not None else link.host
         link.allocate = allocate
         try:
             self._set_up(link)
@@ -313,55 +317,63 @@ class Driver:
         self._abandon_if_no_nodes()
 
     async def _read(self, link: NodeLink) -> None:
+        """Handle the node's messages until it is lost (or fails its setup)."""
         assert link.conn is not None
         loop = asyncio.get_running_loop()
-        reason = "connection closed"
+        ended: list[str | None] = []  # why reading stopped; None: the node failed
+
+        def handle(message: Message, buffers: list[memoryview]) -> bool:
+            link.last_seen = loop.time()
+            if isinstance(message, JobResults):
+                self._on_results(link, message, buffers)
+            elif isinstance(message, JobProvisional):
+                self._on_provisional(link, message, buffers)
+            elif isinstance(message, NodeStatus):
+                self.events.node_status(link, message.avail)
+            elif isinstance(message, FilesMissing):
+                self._send_files(link, [self._files[d] for d in message.digests])
+            elif isinstance(message, FileFromNode):
+                self.events.job_file(message.key, link, message.path, buffers)
+            elif isinstance(message, FilePlaced):
+                placed = self._placements.pop(message.request, None)
+                if placed is not None and not placed.done():
+                    placed.set_result(message.error)
+            elif isinstance(message, ComputationReady):
+                self._on_ready(link, message)
+            elif isinstance(message, ComputationFailed):
+                if link.setting_up:
+                    error = SetupError(
+                        f"{link.node_id}: {message.message}", message.traceback
+                    )
+                    self._fail_node(link, error)
+                    ended.append(None)
+                    return True
+                ended.append(message.message)
+                return True
+            elif isinstance(message, ComputationClosed):
+                if link.resetting:
+                    self._redo_setup(link)
+                    return False
+                ended.append("computation closed")
+                return True
+            elif isinstance(message, Error):
+                logger.warning("node %s reports: %s", link.node_id, message.message)
+            return False
+
         try:
-            while True:
-                message, buffers = await link.conn.recv()
-                link.last_seen = loop.time()
-                if isinstance(message, JobResults):
-                    self._on_results(link, message, buffers)
-                elif isinstance(message, JobProvisional):
-                    self._on_provisional(link, message, buffers)
-                elif isinstance(message, NodeStatus):
-                    self.events.node_status(link, message.avail)
-                elif isinstance(message, FilesMissing):
-                    self._send_files(link, [self._files[d] for d in message.digests])
-                elif isinstance(message, FileFromNode):
-                    self.events.job_file(message.key, link, message.path, buffers)
-                elif isinstance(message, FilePlaced):
-                    placed = self._placements.pop(message.request, None)
-                    if placed is not None and not placed.done():
-                        placed.set_result(message.error)
-                elif isinstance(message, ComputationReady):
-                    self._on_ready(link, message)
-                elif isinstance(message, ComputationFailed):
-                    if link.setting_up:
-                        error = SetupError(
-                            f"{link.node_id}: {message.message}", message.traceback
-                        )
-                        self._fail_node(link, error)
-                        return
-                    reason = message.message
-                    break
-                elif isinstance(message, ComputationClosed):
-                    if link.resetting:
-                        self._redo_setup(link)
-                        continue
-                    reason = "computation closed"
-                    break
-                elif isinstance(message, Error):
-                    logger.warning("node %s reports: %s", link.node_id, message.message)
+            # Messages are handled in the socket's read callback: no task switch.
+            await link.conn.dispatch(handle)
         except DispynbError as exc:
             if link.setting_up:
                 self._fail_node(link, exc)
                 return
-            reason = describe_error(exc)
+            ended.append(describe_error(exc))
         finally:
             if link.closed is not None and not link.closed.done():
                 link.closed.set_result(None)
-        self._lose_node(link, reason)
+        reason = ended[0] if ended else "connection closed"
+        if reason is not None:
+            self._lose_node(link, reason)
 
     def _on_ready(self, link: NodeLink, message: ComputationReady) -> None:
         self._settle(link)
@@ -682,11 +694,10 @@ class Driver:
             elif isinstance(instruction, AbandonJob):
                 self._jobs.pop(instruction.key, None)
                 link = self.nodes.get(instruction.node)
-                self.events.job_abandoned(
-                    instruction.key,
-                    link,
-                    f"node {instruction.node} was lost ({lost_reason or 'left'})",
-                )
+                reason = f"node {instruction.node} was lost ({lost_reason or 'left'})"
+                if instruction.lost_on:
+                    reason = attempts_spent(instruction.lost_on, reason)
+                self.events.job_abandoned(instruction.key, link, reason)
             elif isinstance(instruction, ResubmitJob):
                 logger.info(
                     "resubmitting job %d (attempt %d)",

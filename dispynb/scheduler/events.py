@@ -162,12 +162,15 @@ class AbandonJob:
     """``node`` left and job ``key`` cannot be moved elsewhere: fail it.
 
     This happens when the state is not reentrant, when the job is pinned to that node
-    (running or still queued for it), or when a cancel was requested. The job is
-    forgotten by the state.
+    (running or still queued for it), when a cancel was requested, or when the job has
+    used up its attempts: then ``lost_on`` names the node of every attempt that died
+    with its node, in order (the job may be what kills them). The job is forgotten by
+    the state.
     """
 
     key: int
     node: str
+    lost_on: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,8 @@ no randomness: the same events always give the same instructions.
 Contents:
 
 - `SchedulerState`: the state machine;
-- `NodeInfo`: a read-only snapshot of one node, for displays and tests.
+- `NodeInfo`: a read-only snapshot of one node, for displays and tests;
+- `attempts_spent`: the reason given for a job that used up its attempts.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from dispynb.scheduler.events import (
     SendJobs,
 )
 
-__all__ = ["NodeInfo", "SchedulerState"]
+__all__ = ["NodeInfo", "SchedulerState", "attempts_spent"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,26 @@ class NodeInfo:
     mean_duration: float | None
 
 
+def attempts_spent(lost_on: tuple[str, ...], last: str) -> str:
+    """Why a job that died with its node on every attempt is abandoned.
+
+    ``lost_on`` names the node of each attempt, in order; ``last`` says how the last
+    one was lost.
+
+    >>> print(attempts_spent(("n1", "n2"), "node n2 was lost (killed)"))
+    ... # doctest: +NORMALIZE_WHITESPACE
+    abandoned after 2 attempts, each lost with its node (n1, n2; last: node n2 was
+    lost (killed)): if the job itself kills nodes, fix it; otherwise raise
+    max_attempts (now 2)
+    """
+    count = len(lost_on)
+    return (
+        f"abandoned after {count} attempt{'s' if count > 1 else ''}, each lost with "
+        f"its node ({', '.join(lost_on)}; last: {last}): if the job itself kills "
+        f"nodes, fix it; otherwise raise max_attempts (now {count})"
+    )
+
+
 @dataclass(slots=True)
 class _Job:
     """A tracked job: queued (``node`` is None) or running on ``node``."""
@@ -78,6 +99,8 @@ class _Job:
     attempt: int = 1
     node: str | None = None
     cancel_requested: bool = False
+    # Nodes lost while running this job, one per attempt that died with its node.
+    lost_on: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -111,6 +134,15 @@ class SchedulerState:
         Whether a job whose node leaves may run again elsewhere. If True, such a job
         (unless pinned or being cancelled) is queued again, at the front, with a new
         attempt number; otherwise it is abandoned.
+    max_attempts
+        How many attempts of one job may die with their node before the job is
+        abandoned instead of resubmitted (a poison job would otherwise take down
+        node after node). Attempts handed back unstarted (`JobReturned`) do not count.
+
+    Raises
+    ------
+    ValueError
+        If ``max_attempts`` is less than 1.
 
     Notes
     -----
@@ -131,8 +163,11 @@ class SchedulerState:
     [AcceptResult(key=1, attempt=1)]
     """
 
-    def __init__(self, reentrant: bool = False) -> None:
+    def __init__(self, reentrant: bool = False, max_attempts: int = 3) -> None:
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, not {max_attempts}")
         self._reentrant: bool = reentrant
+        self._max_attempts: int = max_attempts
         self._jobs: dict[int, _Job] = {}
         self._queue: _Queue = OrderedDict()
         # Pinned jobs by node; only non-empty queues are kept.
@@ -150,6 +185,11 @@ class SchedulerState:
     def reentrant(self) -> bool:
         """Whether jobs of a lost node are resubmitted elsewhere."""
         return self._reentrant
+
+    @property
+    def max_attempts(self) -> int:
+        """Attempts of a job that may die with their node before it is abandoned."""
+        return self._max_attempts
 
     @property
     def queued_count(self) -> int:
@@ -264,7 +304,13 @@ class SchedulerState:
         requeued: list[int] = []
         for key in node.running:
             job = self._jobs[key]
-            if self._reentrant and job.pin is None and not job.cancel_requested:
+            movable = self._reentrant and job.pin is None and not job.cancel_requested
+            job.lost_on.append(node.name)
+            if movable and len(job.lost_on) >= self._max_attempts:
+                # Retry budget spent: stop feeding a (maybe poison) job to nodes.
+                del self._jobs[key]
+                out.append(AbandonJob(key, node.name, tuple(job.lost_on)))
+            elif movable:
                 job.attempt += 1
                 job.node = None
                 requeued.append(key)

@@ -1,22 +1,31 @@
-"""`Connection`: whole dispynb messages over a tornado stream, signed after auth.
+"""`Connection`: whole dispynb messages over a socket link, signed after auth.
 
-The only module that turns tornado and socket errors into dispynb errors (in
-`_stream_errors`); upper layers never see tornado exceptions.
+The only module that turns socket and TLS errors into dispynb errors (`_link_error`);
+upper layers never see OSError or ssl.SSLError from a connection.
+
+Received frames are cut as they arrive (see `dispynb.transport.links`). A reader either
+takes them one at a time with `recv`, or hands the connection a handler with
+`dispatch`: each message is then handled inside the socket's read callback, without a
+task switch (a loop iteration) per message, which is the hot path of both the client
+and the node. Signed frames are checked on arrival, in order (a large one piece by
+piece while it arrives, as the sender hashes it while sending); a frame's header is
+decoded when it is taken, and its errors surface then, in order. In `recv` mode
+reading pauses while too much waits unread.
 """
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
+import collections
 import logging
+import socket
 import ssl
-import weakref
-from collections.abc import Iterator, Sequence
-from typing import ClassVar
-
-from tornado.iostream import IOStream, StreamClosedError
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from dispynb.defaults import PRE_AUTH_MAX_FRAME
 from dispynb.errors import (
+    AuthenticationError,
     ConnectionClosedError,
     DispynbError,
     FramingError,
@@ -26,38 +35,49 @@ from dispynb.protocol.auth import MAC_SIZE, MessageSigner, MessageVerifier
 from dispynb.protocol.framing import (
     PREFIX_SIZE,
     Buffer,
+    Frame,
+    FrameDecoder,
     encode_frames,
-    parse_prefix,
     split_body,
 )
 from dispynb.protocol.messages import Message, WireMessage, pack_header, unpack_header
+from dispynb.transport.links import FrameProtocol, Link, SocketLink, TransportLink
 
 logger = logging.getLogger(__name__)
 
+#: Reading pauses while this many bytes of received messages wait for `recv`.
+INBOX_HIGH = 16 * 1024 * 1024
 
-@contextlib.contextmanager
-def _stream_errors(peer: str) -> Iterator[None]:
-    try:
-        yield
-    except StreamClosedError as exc:
-        cause = exc.real_error
-        if isinstance(cause, ssl.SSLError):
-            raise TransportError(f"TLS failure with {peer}: {cause}") from exc
-        detail = f": {cause}" if cause else ""
-        raise ConnectionClosedError(f"connection to {peer} closed{detail}") from exc
-    except ssl.SSLError as exc:
-        raise TransportError(f"TLS failure with {peer}: {exc}") from exc
-    except OSError as exc:
-        raise ConnectionClosedError(f"connection to {peer} failed: {exc}") from exc
+#: Signed messages from this size on are hashed as they are sent and received, so
+#: the MAC overlaps the transfer instead of preceding (sender) or following (receiver)
+#: it.
+HASH_IN_FLIGHT = 256 * 1024
+
+#: ``handler(message, buffers) -> stop`` for `Connection.dispatch`.
+Handler = Callable[[Message, list[memoryview]], "bool | None"]
+
+#: Pieces smaller than this are joined before writing: fewer iovecs and MAC updates.
+_COALESCE_LIMIT = 64 * 1024
+
+
+def _link_error(peer: str, exc: BaseException | None) -> DispynbError:
+    if exc is None:
+        return ConnectionClosedError(f"connection to {peer} closed")
+    if isinstance(exc, ssl.SSLError):
+        return TransportError(f"TLS failure with {peer}: {exc}")
+    if isinstance(exc, DispynbError):
+        return exc
+    return ConnectionClosedError(f"connection to {peer} failed: {exc}")
 
 
 class Connection:
     """One message connection; starts unsigned (handshake), then every message is MAC'd.
 
+    Create it with `over_socket` (plain TCP, or a Unix socket between processes of a
+    node) or `over_tls`.
+
     Parameters
     ----------
-    stream:
-        A connected tornado stream (plain or TLS).
     peer:
         Printable peer address, for messages and logs.
     family:
@@ -67,26 +87,85 @@ class Connection:
         handshake, no MACs, headers decoded without pre-auth limits, this size cap.
     """
 
-    _instances: ClassVar[weakref.WeakSet[Connection]] = weakref.WeakSet()
-
     def __init__(
         self,
-        stream: IOStream,
         peer: str,
         family: type[Message] = WireMessage,
         trusted_max_size: int | None = None,
     ) -> None:
-        self.stream = stream
-        stream.set_nodelay(True)  # our messages are whole; never wait for more bytes
         self.peer = peer
         self.family = family
-        self.max_size = trusted_max_size or PRE_AUTH_MAX_FRAME
+        self.decoder = FrameDecoder(trusted_max_size or PRE_AUTH_MAX_FRAME)
         self._trusted = trusted_max_size is not None
         self._signer: MessageSigner | None = None
         self._verifier: MessageVerifier | None = None
+        self._link: Link | None = None
+        self._inbox: collections.deque[_Received] = collections.deque()
+        self._partial: list[Any] | None = None  # [body, seq, running mac, hashed]
+        self._inbox_bytes = 0
+        self._paused = False
+        self._failure: DispynbError | None = None  # raised by recv once inbox is empty
+        self._waiter: asyncio.Future[None] | None = None
+        self._handler: Handler | None = None
+        self._dispatched: asyncio.Future[None] | None = None
+        self._delivering = False
         self.bytes_sent = 0
         self.bytes_received = 0
-        Connection._instances.add(self)
+
+    @classmethod
+    def over_socket(
+        cls,
+        sock: socket.socket,
+        peer: str,
+        family: type[Message] = WireMessage,
+        trusted_max_size: int | None = None,
+    ) -> Connection:
+        """A connection over a connected stream socket (owned from now on)."""
+        conn = cls(peer, family, trusted_max_size)
+        conn._link = SocketLink(sock, conn)
+        return conn
+
+    @classmethod
+    async def over_tls(
+        cls,
+        sock: socket.socket,
+        peer: str,
+        context: ssl.SSLContext,
+        *,
+        server_side: bool,
+        server_hostname: str | None = None,
+    ) -> Connection:
+        """Run the TLS handshake on a connected socket; return the connection.
+
+        Raises `TransportError` if the TLS handshake fails, `ConnectionClosedError`
+        if the peer hangs up; the socket is closed then.
+        """
+        conn = cls(peer)
+        loop = asyncio.get_running_loop()
+        protocol = FrameProtocol(conn)
+        try:
+            if server_side:
+                transport, _ = await loop.connect_accepted_socket(
+                    lambda: protocol, sock, ssl=context
+                )
+            else:
+                transport, _ = await loop.create_connection(
+                    lambda: protocol,
+                    sock=sock,
+                    ssl=context,
+                    server_hostname=server_hostname or "",
+                )
+        except (OSError, EOFError) as exc:
+            sock.close()
+            raise _link_error(peer, exc) from exc
+        except BaseException:
+            sock.close()
+            raise
+        assert isinstance(transport, asyncio.Transport)
+        conn._link = TransportLink(transport, protocol)
+        return conn
+
+    # -- state -------------------------------------------------------------------------
 
     @property
     def authenticated(self) -> bool:
@@ -95,44 +174,87 @@ class Connection:
 
     @property
     def closed(self) -> bool:
-        """True once the stream is closed."""
-        return self.stream.closed()
+        """True once the connection is closed."""
+        return self._link is None or self._link.closed
+
+    @property
+    def max_size(self) -> int:
+        """Largest message body accepted now."""
+        return self.decoder.max_size
+
+    @property
+    def local_address(self) -> tuple[str, int] | None:
+        """``(host, port)`` of our end, for TCP connections."""
+        return self._address("sockname")
+
+    @property
+    def peer_address(self) -> tuple[str, int] | None:
+        """``(host, port)`` of the peer, for TCP connections."""
+        return self._address("peername")
+
+    @property
+    def tls_version(self) -> str | None:
+        """The TLS version in use ("TLSv1.3"...), or None without TLS."""
+        ssl_object = self._link.extra("ssl_object") if self._link else None
+        return ssl_object.version() if ssl_object is not None else None
+
+    def _address(self, name: str) -> tuple[str, int] | None:
+        value = self._link.extra(name) if self._link is not None else None
+        if isinstance(value, tuple) and len(value) >= 2:
+            return str(value[0]), int(value[1])
+        return None
 
     def start_signing(self, send_key: bytes, receive_key: bytes, max_size: int) -> None:
         """Switch to signed messages (after the handshake) and raise the size cap."""
         self._signer = MessageSigner(send_key)
         self._verifier = MessageVerifier(receive_key)
-        self.max_size = max_size
+        self.decoder.max_size = max_size
+
+    # -- sending -----------------------------------------------------------------------
 
     def write(self, message: Message, buffers: Sequence[Buffer] = ()) -> None:
-        """Queue ``message`` for sending without waiting (batched by the stream).
+        """Send ``message`` now, or queue what the socket cannot take (no waiting).
 
         Raises `ConnectionClosedError` if the connection is already closed.
         """
+        link = self._link
+        if link is None or link.closed:
+            raise self._failure or ConnectionClosedError(
+                f"connection to {self.peer} closed"
+            )
         header = pack_header(message.to_header())
         mac_size = MAC_SIZE if self._signer else 0
         head, parts = encode_frames([header, *buffers], mac_size)
         pieces: list[Buffer] = [head, *parts]
-        if self._signer is not None:
+        size = len(head) + sum(memoryview(p).nbytes for p in parts)
+        if self._signer is None:
+            link.write(_coalesced(pieces))
+        elif size >= HASH_IN_FLIGHT:
+            link.write(_coalesced(pieces), self._signer.start())
+        else:
             pieces.append(self._signer.sign(pieces))
-        with _stream_errors(self.peer):
-            if self.stream.closed():
-                raise StreamClosedError(self.stream.error)
-            _write_coalesced(self.stream, pieces)
-        self.bytes_sent += (
-            len(head) + sum(memoryview(p).nbytes for p in parts) + mac_size
-        )
+            link.write(_coalesced(pieces))
+        self.bytes_sent += size + mac_size
 
     async def send(self, message: Message, buffers: Sequence[Buffer] = ()) -> None:
-        """Send ``message`` and wait until the stream has flushed it (backpressure)."""
+        """Send ``message`` and wait until the socket has taken it (backpressure)."""
         self.write(message, buffers)
-        with _stream_errors(self.peer):
-            await self.stream.write(b"")
+        await self.flush()
 
     async def flush(self) -> None:
-        """Wait until everything written so far has gone to the socket."""
-        with _stream_errors(self.peer):
-            await self.stream.write(b"")
+        """Wait until everything written so far has gone to the socket.
+
+        Raises `ConnectionClosedError` if the connection ended first.
+        """
+        link = self._link
+        if link is not None:
+            await link.drained()
+        if link is None or link.closed:
+            raise self._failure or ConnectionClosedError(
+                f"connection to {self.peer} closed"
+            )
+
+    # -- receiving ---------------------------------------------------------------------
 
     async def recv(self) -> tuple[Message, list[memoryview]]:
         """Receive the next message and its payload buffers.
@@ -140,20 +262,76 @@ class Connection:
         Raises `ConnectionClosedError` at EOF, `FramingError`/`MessageError` for bad
         data, `AuthenticationError` for a bad MAC (the caller must then abort).
         """
-        mac_size = MAC_SIZE if self._verifier else 0
-        with _stream_errors(self.peer):
-            prefix = await self.stream.read_bytes(PREFIX_SIZE)
-            size, count = parse_prefix(prefix, self.max_size, mac_size)
-            body = bytearray(size)
-            await self.stream.read_into(body)
-        self.bytes_received += PREFIX_SIZE + size
-        buffers, signed, mac = split_body(body, count, mac_size)
-        if self._verifier is not None:
-            self._verifier.verify((prefix, signed), mac)
-        trusted = self._trusted or self._verifier is not None
+        inbox = self._inbox
+        while not inbox:
+            if self._failure is not None:
+                raise self._failure
+            if self._waiter is not None or self._handler is not None:
+                raise RuntimeError(f"two readers on {self!r}")
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._take()
+
+    def _take(self) -> tuple[Message, list[memoryview]]:
+        """Check and decode the oldest received frame."""
+        prefix, count, body, checked = self._inbox.popleft()
+        self._inbox_bytes -= len(body)
+        if self._paused and self._inbox_bytes <= INBOX_HIGH // 2:
+            self._paused = False
+            if self._link is not None:
+                self._link.resume_reading()
+        self.bytes_received += PREFIX_SIZE + len(body)
+        verifier = self._verifier
+        if isinstance(checked, DispynbError):
+            raise checked
+        buffers, signed, mac = split_body(body, count, MAC_SIZE if verifier else 0)
+        if verifier is not None and checked is not _VERIFIED:
+            # It arrived before signing started: only a peer that does not wait for
+            # the end of the handshake sends that. Check it now, in turn.
+            verifier.verify((prefix, signed), mac)
+        trusted = self._trusted or verifier is not None
         header = unpack_header(buffers[0], trusted=trusted)
-        message = self.family.from_header(header)
-        return message, buffers[1:]
+        return self.family.from_header(header), buffers[1:]
+
+    async def dispatch(self, handler: Handler) -> None:
+        """Call ``handler(message, buffers)`` for each message, as soon as it arrives.
+
+        Messages are handled in order, on the loop, inside the socket's read callback.
+        Returns once ``handler`` returns True (later messages stay for `recv` or the
+        next `dispatch`). Raises what `recv` would raise once the connection ends or
+        a message is bad, and whatever ``handler`` raises (no message is handled
+        after that).
+        """
+        if self._handler is not None or self._waiter is not None:
+            raise RuntimeError(f"two readers on {self!r}")
+        done = self._dispatched = asyncio.get_running_loop().create_future()
+        self._handler = handler
+        try:
+            self._deliver()
+            await done
+        finally:
+            self._handler = self._dispatched = None
+
+    def _deliver(self) -> None:
+        """Hand queued messages to the dispatch handler; report how dispatch ends."""
+        handler, done = self._handler, self._dispatched
+        if handler is None or done is None or self._delivering:
+            return
+        self._delivering = True  # the handler may close the connection: no reentry
+        try:
+            while self._inbox and not done.done():
+                try:
+                    if handler(*self._take()):
+                        done.set_result(None)
+                except Exception as exc:
+                    done.set_exception(exc)
+            if not self._inbox and self._failure is not None and not done.done():
+                done.set_exception(self._failure)
+        finally:
+            self._delivering = False
 
     async def recv_unsigned_single(self) -> Message:
         """Receive a handshake message: unsigned and without payload buffers."""
@@ -162,40 +340,127 @@ class Connection:
             raise FramingError("handshake messages carry no payload")
         return message
 
+    # FrameSink: called by the link, on the loop.
+
+    def frames_received(self, frames: list[Frame]) -> None:
+        """Check and queue frames (link callback, after each read)."""
+        verifier = self._verifier
+        for prefix, count, body in frames:
+            checked = None if verifier is None else self._verify(verifier, prefix, body)
+            self._inbox.append((prefix, count, body, checked))
+            self._inbox_bytes += len(body)
+        if verifier is not None:
+            self._hash_partial(verifier)
+        if not frames:
+            return
+        if self._inbox_bytes > INBOX_HIGH and not self._paused:
+            self._paused = True
+            if self._link is not None:
+                self._link.pause_reading()
+        self._wake()
+        self._deliver()
+
+    def _verify(
+        self, verifier: MessageVerifier, prefix: bytes, body: bytearray
+    ) -> object:
+        """Check a signed frame on arrival (in arrival order, which is the sequence
+        order); return `_VERIFIED` or the error for `_take` to raise."""
+        end = len(body) - MAC_SIZE
+        if end < 0:
+            return FramingError(f"frame of {len(body)} bytes is too short for a MAC")
+        partial = self._partial
+        view = memoryview(body)
+        if partial is not None and partial[0] is body:
+            # Hashed while it arrived: only its tail is left.
+            self._partial = None
+            _, seq, running, hashed = partial
+            running.update(view[hashed:end])
+        else:
+            seq, running = verifier.start()
+            running.update(prefix)
+            running.update(view[:end])
+        try:
+            verifier.check(seq, running, view[end:])
+        except AuthenticationError as exc:
+            return exc
+        return _VERIFIED
+
+    def _hash_partial(self, verifier: MessageVerifier) -> None:
+        """Hash what arrived of a large frame, while the rest is still in flight."""
+        partial = self.decoder.partial()
+        if partial is None:
+            return
+        prefix, body, filled = partial
+        state = self._partial
+        if state is None or state[0] is not body:
+            seq, running = verifier.start()  # after every earlier frame: in order
+            running.update(prefix)
+            state = self._partial = [body, seq, running, 0]
+        upto = min(filled, len(body) - MAC_SIZE)
+        if upto > state[3]:
+            state[2].update(memoryview(body)[state[3] : upto])
+            state[3] = upto
+
+    def framing_failed(self, exc: FramingError) -> None:
+        """The peer broke the framing: `recv` raises ``exc`` after earlier messages."""
+        if self._failure is None:
+            self._failure = exc
+        self._wake()
+        self._deliver()
+
+    def link_lost(self, exc: BaseException | None) -> None:
+        """The link ended (link callback)."""
+        if self._failure is None:
+            self._failure = _link_error(self.peer, exc)
+        self._wake()
+        self._deliver()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- closing -----------------------------------------------------------------------
+
     def close(self) -> None:
-        """Close the connection (idempotent); queued writes are flushed by the OS."""
-        self.stream.close()
+        """Close the connection (idempotent); bytes already sent are delivered."""
+        if self._link is not None:
+            self._link.close()
 
     def abort(self) -> None:
         """Close at once after an error (idempotent)."""
-        self.stream.close()
+        self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
         return f"<Connection {self.peer} {state}>"
 
 
-def stream_buffer_size(max_message_size: int) -> int:
-    """Read-buffer limit for a stream that carries messages up to that size."""
-    return max_message_size + (1 << 20)
+#: Marks a frame whose MAC was checked on arrival.
+_VERIFIED = object()
+
+#: A received frame: ``(prefix, count, body, checked)``; ``checked`` is None (it came
+#: before signing started), `_VERIFIED`, or the error to raise when it is taken.
+_Received = tuple[bytes, int, bytearray, object]
 
 
-#: Pieces smaller than this are joined before writing: fewer syscalls and segments.
-_COALESCE_LIMIT = 64 * 1024
-
-
-def _write_coalesced(stream: IOStream, pieces: list[Buffer]) -> None:
+def _coalesced(pieces: list[Buffer]) -> list[Buffer]:
+    """Join runs of small pieces (header, lengths, MAC): fewer iovecs."""
+    if len(pieces) <= 2:
+        return pieces
+    out: list[Buffer] = []
     small: list[Buffer] = []
     for piece in pieces:
         if memoryview(piece).nbytes < _COALESCE_LIMIT:
             small.append(piece)
             continue
         if small:
-            stream.write(b"".join(small))
+            out.append(b"".join(small) if len(small) > 1 else small[0])
             small = []
-        stream.write(memoryview(piece))
+        out.append(piece)
     if small:
-        stream.write(b"".join(small) if len(small) > 1 else memoryview(small[0]))
+        out.append(b"".join(small) if len(small) > 1 else small[0])
+    return out
 
 
 def describe_error(exc: BaseException) -> str:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
-
-from tornado.iostream import StreamClosedError
-from tornado.tcpclient import TCPClient
 
 from dispynb.defaults import CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT
 from dispynb.errors import (
@@ -18,7 +16,7 @@ from dispynb.errors import (
 )
 from dispynb.protocol.messages import Welcome
 from dispynb.transport.addressing import format_address
-from dispynb.transport.connection import Connection, stream_buffer_size
+from dispynb.transport.connection import Connection
 from dispynb.transport.handshake import client_handshake
 
 
@@ -49,29 +47,31 @@ async def connect(
     peer = format_address(host, port)
     try:
         async with asyncio.timeout(timeout):
-            stream = await TCPClient().connect(
-                host,
-                port,
-                ssl_options=ssl_context,
-                max_buffer_size=stream_buffer_size(max_message_size),
-            )
+            sock = await open_socket(host, port)
+            if ssl_context is None:
+                conn = Connection.over_socket(sock, peer)
+            else:
+                conn = await Connection.over_tls(
+                    sock, peer, ssl_context, server_side=False, server_hostname=host
+                )
     except TimeoutError:
         raise ConnectTimeoutError(
             f"connecting to {peer} timed out after {timeout} s"
         ) from None
-    except (OSError, StreamClosedError) as exc:
-        # --- fix: a failed TLS handshake is a TLS failure, not "nothing there" ---
-        cause = exc.real_error if isinstance(exc, StreamClosedError) else exc
-        if isinstance(cause, ssl.SSLError):
-            raise TransportError(
-                f"TLS failure with {peer}: {cause}; does the node use TLS, with a "
-                "certificate that this client trusts (cafile)?"
+    except TransportError as exc:
+        if isinstance(exc, ConnectionClosedError):
+            raise ConnectionClosedError(
+                f"cannot connect to {peer}: {exc}; is dispynb-node running there?"
             ) from exc
-        # --- end of fix ---
+        # A failed TLS handshake is a TLS failure, not "nothing there".
+        raise TransportError(
+            f"{exc}; does the node use TLS, with a certificate that this client "
+            "trusts (cafile)?"
+        ) from exc
+    except OSError as exc:
         raise ConnectionClosedError(
             f"cannot connect to {peer}: {exc}; is dispynb-node running there?"
         ) from exc
-    conn = Connection(stream, peer)
     try:
         async with asyncio.timeout(handshake_timeout):
             welcome = await client_handshake(conn, secret, max_message_size, name)
@@ -88,3 +88,27 @@ async def connect(
         conn.abort()
         raise
     return conn, welcome
+
+
+async def open_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket connected to ``host:port``, trying each address it resolves to.
+
+    Raises the first address's OSError when none accepts.
+    """
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    errors: list[OSError] = []
+    for family, kind, proto, _name, address in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, address)
+        except OSError as exc:
+            sock.close()
+            errors.append(exc)
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    raise errors[0] if errors else OSError(f"{host!r} resolves to no address")

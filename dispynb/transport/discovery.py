@@ -1,4 +1,4 @@
-"""UDP discovery: `Discovery` finds node servers for a client; helpers nodes share.
+"""UDP discovery: `Discovery` finds node servers for a client (helpers: `udp`).
 
 A client sends `Ping` datagrams to broadcast addresses, to the IPv4 multicast group or
 to named hosts, and listens for `Announce` datagrams: replies to its pings, and the
@@ -7,14 +7,17 @@ the datagram came from plus the announced TCP port: never an address from the pa
 so a datagram cannot make a client connect to a third party's address. The client then
 connects over TCP and authenticates; discovery itself carries no secret.
 
-IPv4 only. Sends and receives are bound to this process's own sockets; nothing here
+IPv6: wildcard specs such as ``'fd00:77::*'`` (or the target `IPV6_MULTICAST_GROUP`)
+ping the link-local group `IPV6_MULTICAST_GROUP` on every interface that has a routable
+(non-link-local) IPv6 address, *from* that address, so that nodes answer from theirs
+and the client can connect to the sender without a scope id. Link-local senders are
+ignored. Sends and receives are bound to this process's own sockets; nothing here
 opens a TCP connection.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import ipaddress
 import logging
 import re
@@ -33,11 +36,35 @@ from dispynb.protocol.discovery import (
 )
 from dispynb.protocol.messages import PROTOCOL_VERSION
 from dispynb.transport.addressing import parse_address
+from dispynb.transport.udp import (
+    ipv4_interfaces,
+    ipv6_interfaces,
+    is_wildcard_host,
+    join_group,
+    join_group6,
+    open_endpoint,
+    send_to_group,
+    udp6_socket,
+    udp_socket,
+    usable_source,
+)
+
+__all__ = [
+    "BROADCAST",
+    "IPV6_MULTICAST_GROUP",
+    "Discovery",
+    "broadcast_for",
+    "discovery_targets",
+]
 
 logger = logging.getLogger(__name__)
 
 #: Target meaning "every local IPv4 network" (the broadcast address of each interface).
 BROADCAST = "<broadcast>"
+
+#: IPv6 discovery group: dispy's group id (``ff05::b409:...``) with link-local scope,
+#: which every IPv6 link carries without multicast routing.
+IPV6_MULTICAST_GROUP = "ff02::b409:3171:9705:5134:6159"
 
 #: Nodes remembered at most (announcements from more addresses are ignored).
 MAX_FOUND = 4096
@@ -75,124 +102,15 @@ def discovery_targets(specs: Iterable[str], multicast: bool = False) -> list[str
     for spec in specs:
         if "*" not in spec:
             continue
-        target = IPV4_MULTICAST_GROUP if multicast else broadcast_for(spec) or BROADCAST
+        if ":" in spec:  # an IPv6 pattern: IPv6 has no broadcast
+            target = IPV6_MULTICAST_GROUP
+        elif multicast:
+            target = IPV4_MULTICAST_GROUP
+        else:
+            target = broadcast_for(spec) or BROADCAST
         if target not in targets:
             targets.append(target)
     return targets
-
-
-# -- helpers shared with the node's announcer ----------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Interface:
-    """An IPv4 address of this host, with its network's broadcast address if any."""
-
-    name: str
-    address: str
-    broadcast: str | None
-    loopback: bool
-
-
-def ipv4_interfaces() -> list[Interface]:
-    """IPv4 addresses of this host (of its network namespace), loopback included."""
-    import psutil  # lazily: ``import dispynb`` stays light
-
-    out = []
-    for name, addrs in sorted(psutil.net_if_addrs().items()):
-        for addr in addrs:
-            if addr.family != socket.AF_INET:
-                continue
-            loopback = ipaddress.ip_address(addr.address).is_loopback
-            broadcast = None if loopback else addr.broadcast
-            out.append(Interface(name, addr.address, broadcast, loopback))
-    return out
-
-
-def is_wildcard_host(host: str) -> bool:
-    """True for the addresses that mean "every interface"."""
-    return host in ("", "0.0.0.0", "::", "*")
-
-
-def udp_socket(host: str, port: int, *, broadcast: bool = False) -> socket.socket:
-    """A non-blocking IPv4 UDP socket bound to ``host:port`` with SO_REUSEADDR."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if broadcast:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
-        sock.setblocking(False)
-        sock.bind(("" if is_wildcard_host(host) else host, port))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def join_group(sock: socket.socket, group: str, interface: str) -> bool:
-    """Join multicast ``group`` on the interface holding ``interface``; log failures."""
-    request = socket.inet_aton(group) + socket.inet_aton(interface)
-    try:
-        sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, request)
-    except OSError as exc:
-        logger.warning("cannot join %s on %s: %s", group, interface, exc)
-        return False
-    return True
-
-
-def send_to_group(
-    transport: asyncio.DatagramTransport,
-    data: bytes,
-    group: str,
-    port: int,
-    interfaces: Iterable[str],
-) -> None:
-    """Send ``data`` to a multicast group out of each of ``interfaces`` (addresses)."""
-    sock = transport.get_extra_info("socket")
-    for interface in interfaces:
-        try:
-            sock.setsockopt(
-                socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(interface)
-            )
-        except OSError as exc:
-            logger.debug("cannot send multicast out of %s: %s", interface, exc)
-            continue
-        transport.sendto(data, (group, port))
-
-
-class DatagramEndpoint(asyncio.DatagramProtocol):
-    """Hands every datagram to ``on_datagram(data, (ip, port))``; logs send errors."""
-
-    def __init__(self, on_datagram: Callable[[bytes, tuple[str, int]], None]) -> None:
-        self._on_datagram = on_datagram
-
-    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
-        self._on_datagram(data, (str(addr[0]), int(addr[1])))
-
-    def error_received(self, exc: Exception) -> None:
-        logger.debug("discovery datagram not sent: %s", exc)
-
-
-async def open_endpoint(
-    sock: socket.socket, on_datagram: Callable[[bytes, tuple[str, int]], None]
-) -> asyncio.DatagramTransport:
-    """An asyncio transport over a bound UDP socket."""
-    loop = asyncio.get_running_loop()
-    transport, _ = await loop.create_datagram_endpoint(
-        lambda: DatagramEndpoint(on_datagram), sock=sock
-    )
-    return transport
-
-
-def usable_source(ip: str) -> bool:
-    """False for addresses no node sends from (unspecified, multicast, broadcast)."""
-    try:
-        address = ipaddress.IPv4Address(ip)
-    except ValueError:
-        return False
-    return not (
-        address.is_unspecified or address.is_multicast or ip == "255.255.255.255"
-    )
 
 
 # -- the client side -------------------------------------------------------------------
@@ -204,8 +122,9 @@ class Discovery:
     Parameters
     ----------
     host:
-        Local IPv4 address to send from (the client's interface); None: any, and
-        broadcasts and multicasts go out of every non-loopback interface.
+        Local address to send from (the client's interface); None: any, and
+        broadcasts and multicasts go out of every non-loopback interface. An IPv4
+        address applies to IPv4 pings, an IPv6 one to IPv6 pings.
     port:
         Nodes' discovery port (UDP); pings go there.
     listen_port:
@@ -230,14 +149,19 @@ class Discovery:
         listen: bool = True,
         multicast: bool = False,
     ) -> None:
+        self.host: str | None = None
+        self.host6: str | None = None
         if host is not None and not is_wildcard_host(host):
             try:
-                ipaddress.IPv4Address(host)
+                address = ipaddress.ip_address(host.strip("[]"))
             except ValueError:
                 raise ConfigurationError(
-                    f"discovery needs an IPv4 address for host, not {host!r}"
+                    f"discovery needs an IP address for host, not {host!r}"
                 ) from None
-        self.host = None if host is None or is_wildcard_host(host) else host
+            if address.version == 4:
+                self.host = str(address)
+            else:
+                self.host6 = str(address)
         self.port = port
         self.listen_port = port + 1 if listen_port is None else listen_port
         self.listen = listen
@@ -245,10 +169,15 @@ class Discovery:
         self.nonce = new_nonce()
         self._targets: list[tuple[str, int]] = []
         self._found: dict[tuple[str, int], bytes] = {}
+        self._ext: dict[tuple[str, int], str] = {}
         self._on_found: FoundCallback | None = None
         self._on_lost: LostCallback | None = None
         self._pinger: asyncio.DatagramTransport | None = None
         self._listener: asyncio.DatagramTransport | None = None
+        # IPv6: one pinger per routable address (with its interface), one listener.
+        self._pingers6: list[tuple[asyncio.DatagramTransport, int]] = []
+        self._listener6: asyncio.DatagramTransport | None = None
+        self._opening6: asyncio.Task[None] | None = None
         self._full_warned = False
         self._version_warned: set[str] = set()
 
@@ -285,7 +214,42 @@ class Discovery:
         self._pinger = await open_endpoint(sock, self._received)
         if self.listen:
             await self._open_listener()
+        if any(":" in host for host, _ in parsed):
+            await self._open_ipv6()
         self.ping(parsed)
+
+    async def _open_ipv6(self) -> None:
+        """Open the IPv6 pingers (and listener); without a routable IPv6 address,
+        IPv6 targets get nothing."""
+        if self._pingers6:
+            return
+        interfaces = [i for i in ipv6_interfaces() if self.host6 in (None, i.address)]
+        if not interfaces:
+            logger.warning(
+                "IPv6 discovery: no routable IPv6 address here%s; nothing pinged",
+                f" matching {self.host6}" if self.host6 else "",
+            )
+        for interface in interfaces:
+            sock = udp6_socket(interface.address, 0)
+            sock.setsockopt(
+                socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, interface.index
+            )
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 1)
+            transport = await open_endpoint(sock, self._received)
+            self._pingers6.append((transport, interface.index))
+        if self.listen and interfaces:
+            try:
+                sock = udp6_socket("::", self.listen_port)
+            except OSError as exc:
+                logger.warning(
+                    "cannot listen for IPv6 node announcements on UDP port %d (%s)",
+                    self.listen_port,
+                    exc,
+                )
+                return
+            for index in sorted({i.index for i in interfaces}):
+                join_group6(sock, IPV6_MULTICAST_GROUP, index)
+            self._listener6 = await open_endpoint(sock, self._received)
 
     async def _open_listener(self) -> None:
         try:
@@ -309,7 +273,20 @@ class Discovery:
             parsed = self._parse_target(target) if isinstance(target, str) else target
             if parsed not in self._targets:
                 self._targets.append(parsed)
+            if ":" in parsed[0] and not self._pingers6 and self._pinger is not None:
+                self._open_ipv6_then_ping(parsed)
+                continue
             self._send_ping(parsed)
+
+    def _open_ipv6_then_ping(self, target: tuple[str, int]) -> None:
+        async def open_then_ping() -> None:
+            if self._opening6 is not None:
+                await self._opening6
+            await self._open_ipv6()
+            self._send_ping(target)
+
+        task = asyncio.get_running_loop().create_task(open_then_ping())
+        self._opening6 = task
 
     def ping_again(self) -> None:
         """Ping every target once more (dispy's ``ping_interval``)."""
@@ -319,13 +296,23 @@ class Discovery:
     def forget(self, ip: str, port: int) -> None:
         """Report the node at ``ip:port`` again when it next answers (after a loss)."""
         self._found.pop((ip, port), None)
+        self._ext.pop((ip, port), None)
+
+    def ext_address(self, ip: str, port: int) -> str:
+        """The address the node found at ``ip:port`` claims to be reachable at
+        (``dispynb-node --ext-host``), or ``''``. A claim: see `dispynb.finder`."""
+        return self._ext.get((ip, port), "")
 
     def close(self) -> None:
         """Close the sockets; idempotent."""
-        for transport in (self._pinger, self._listener):
+        if self._opening6 is not None:
+            self._opening6.cancel()
+        pingers6 = [transport for transport, _ in self._pingers6]
+        for transport in (self._pinger, self._listener, self._listener6, *pingers6):
             if transport is not None:
                 transport.close()
-        self._pinger = self._listener = None
+        self._pinger = self._listener = self._listener6 = None
+        self._pingers6 = []
 
     # -- sending ---------------------------------------------------------------------
 
@@ -335,12 +322,12 @@ class Discovery:
             return BROADCAST, self.port
         host, port = parse_address(text, self.port)
         try:
-            ipaddress.IPv4Address(host)
+            host = str(ipaddress.ip_address(host))
         except ValueError:
             raise ConfigurationError(
-                f"discovery target {text!r} is not an IPv4 address: give an address "
-                "('10.77.0.2'), a broadcast address ('10.77.0.255'), "
-                f"{IPV4_MULTICAST_GROUP!r} or {BROADCAST!r}"
+                f"discovery target {text!r} is not an IP address: give an address "
+                "('10.77.0.2', 'fd00::2'), a broadcast address ('10.77.0.255'), "
+                f"{IPV4_MULTICAST_GROUP!r}, {IPV6_MULTICAST_GROUP!r} or {BROADCAST!r}"
             ) from None
         if host == "255.255.255.255":
             return BROADCAST, port
@@ -356,6 +343,13 @@ class Discovery:
             return
         data = encode(Ping(nonce=self.nonce))
         host, port = target
+        if ":" in host:
+            if ipaddress.IPv6Address(host).is_multicast:
+                for transport, index in self._pingers6:
+                    transport.sendto(data, (host, port, 0, index))
+            elif self._pingers6:
+                self._pingers6[0][0].sendto(data, (host, port))
+            return
         if host == BROADCAST:
             addresses = {
                 i.broadcast
@@ -384,6 +378,7 @@ class Discovery:
             return  # a reply to someone else's ping
         key = (ip, message.port)
         if message.leaving:
+            self._ext.pop(key, None)
             if self._found.pop(key, None) is not None and self._on_lost is not None:
                 self._call(self._on_lost, ip, message.port)
             return
@@ -406,6 +401,10 @@ class Discovery:
                 logger.warning("over %d nodes announced; ignoring more", MAX_FOUND)
             return
         self._found[key] = message.boot
+        if message.ext:
+            self._ext[key] = message.ext
+        else:
+            self._ext.pop(key, None)
         logger.debug("found node %r at %s:%d", message.name, ip, message.port)
         if self._on_found is not None:
             self._call(self._on_found, ip, message.port, message.name, message.cpus)

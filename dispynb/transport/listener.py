@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
 
-from tornado.iostream import IOStream
 from tornado.netutil import bind_sockets
-from tornado.tcpserver import TCPServer
 
 from dispynb.defaults import HANDSHAKE_TIMEOUT
 from dispynb.errors import ConnectionClosedError, DispynbError
 from dispynb.protocol.messages import Welcome
 from dispynb.transport.addressing import format_address
-from dispynb.transport.connection import (
-    Connection,
-    describe_error,
-    stream_buffer_size,
-)
+from dispynb.transport.connection import Connection, describe_error
 from dispynb.transport.handshake import node_handshake
 
 logger = logging.getLogger(__name__)
@@ -27,10 +23,13 @@ logger = logging.getLogger(__name__)
 #: Connections allowed to be in their handshake at once; more are closed at accept.
 MAX_PENDING_HANDSHAKES = 64
 
+#: Connections accepted per wake-up of a listening socket.
+_ACCEPT_BATCH = 16
+
 Handler = Callable[[Connection, str], Awaitable[None]]
 
 
-class Listener(TCPServer):
+class Listener:
     """Accepts connections; runs the handshake; calls ``handler(conn, client_name)``.
 
     A failed or slow handshake (over ``handshake_timeout``) closes that connection only,
@@ -47,10 +46,7 @@ class Listener(TCPServer):
         ssl_context: ssl.SSLContext | None = None,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
     ) -> None:
-        super().__init__(
-            ssl_options=ssl_context,
-            max_buffer_size=stream_buffer_size(max_message_size),
-        )
+        self._ssl_context = ssl_context
         self._handler = handler
         self._secret = secret
         self._make_welcome = make_welcome
@@ -58,44 +54,80 @@ class Listener(TCPServer):
         self._handshake_timeout = handshake_timeout
         self._pending = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._sockets: list[socket.socket] = []
         self.port = 0
 
     def listen_on(self, host: str, port: int) -> int:
-        """Bind and listen on ``host:port`` (0 picks a free port); return the port."""
+        """Bind and listen on ``host:port`` (0 picks a free port); return the port.
+
+        Call it on the running loop, which then accepts the connections.
+        """
+        loop = asyncio.get_running_loop()
         sockets = bind_sockets(port, address=host)
-        self.add_sockets(sockets)
+        for sock in sockets:
+            sock.setblocking(False)
+            loop.add_reader(sock.fileno(), self._accept, sock)
+        self._sockets.extend(sockets)
         self.port = sockets[0].getsockname()[1]
         return self.port
 
-    async def handle_stream(self, stream: IOStream, address: tuple[str, int]) -> None:
-        """Handshake, then run the handler for one connection (tornado entry point)."""
+    def stop(self) -> None:
+        """Stop accepting connections (idempotent); accepted ones go on."""
+        loop = asyncio.get_running_loop()
+        for sock in self._sockets:
+            loop.remove_reader(sock.fileno())
+            sock.close()
+        self._sockets.clear()
+
+    def _accept(self, listening: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                sock, address = listening.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:  # out of file descriptors...: try again later
+                logger.warning("cannot accept a connection: %s", exc)
+                return
+            task = loop.create_task(self._serve(sock, address))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, sock: socket.socket, address: tuple[str, int]) -> None:
+        """Handshake, then run the handler for one connection."""
         peer = format_address(str(address[0]), int(address[1]))
         if self._pending >= MAX_PENDING_HANDSHAKES:
             logger.warning(
                 "too many pending handshakes; dropping connection from %s", peer
             )
-            stream.close()
+            sock.close()
             return
-        conn = Connection(stream, peer)
         self._pending += 1
+        conn: Connection | None = None
         try:
             async with asyncio.timeout(self._handshake_timeout):
+                if self._ssl_context is None:
+                    conn = Connection.over_socket(sock, peer)
+                else:
+                    conn = await Connection.over_tls(
+                        sock, peer, self._ssl_context, server_side=True
+                    )
                 name = await node_handshake(
                     conn, self._secret, self._max_message_size, self._make_welcome
                 )
         except TimeoutError:
             logger.warning("handshake with %s timed out; connection closed", peer)
-            conn.abort()
+            _abort(conn, sock)
             return
         except DispynbError as exc:
             logger.warning("rejected connection from %s: %s", peer, describe_error(exc))
-            conn.abort()
+            _abort(conn, sock)
             return
+        except BaseException:
+            _abort(conn, sock)
+            raise
         finally:
             self._pending -= 1
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
         try:
             await self._handler(conn, name)
         except ConnectionClosedError:
@@ -106,5 +138,11 @@ class Listener(TCPServer):
             logger.exception("error serving %s", peer)
         finally:
             conn.close()
-            if task is not None:
-                self._tasks.discard(task)
+
+
+def _abort(conn: Connection | None, sock: socket.socket) -> None:
+    if conn is not None:
+        conn.abort()
+    else:
+        with contextlib.suppress(OSError):
+            sock.close()

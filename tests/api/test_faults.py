@@ -6,8 +6,11 @@ Multi-host versions of these (namespaces, cut links) are in tests/multihost.
 from __future__ import annotations
 
 import collections
+import contextlib
+import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -180,7 +183,7 @@ def test_node_shutting_down_hands_back_jobs_that_did_not_start(tmp_path):
     """SIGTERM to one of two nodes: at most its running job is lost; every job it
     had queued runs on the other node (not reentrant: they never started)."""
     with (
-        running_node(tmp_path / "a", name="a") as a,
+        running_node(tmp_path / "a", "--drain-timeout", "0", name="a") as a,
         running_node(tmp_path / "b", name="b", secret=a.secret) as b,
         JobCluster(
             slow_square, nodes=[a.spec, b.spec], secret=a.secret, pulse_interval=PULSE
@@ -200,3 +203,206 @@ def test_node_shutting_down_hands_back_jobs_that_did_not_start(tmp_path):
         job._args[0] ** 2 for job in finished
     )
     assert any(job.result[1] == "b" for job in finished)
+
+
+def timed_square(n: int, seconds: float) -> tuple[int, str, float]:
+    import time
+
+    time.sleep(seconds)
+    return n * n, dispy_node_name, time.time()  # type: ignore[name-defined]  # noqa: F821
+
+
+def test_draining_node_finishes_running_jobs_and_gets_no_more(tmp_path):
+    """SIGTERM with --drain-timeout: the running job ends on the node, queued ones
+    come back and run elsewhere, and nothing is lost, abandoned or run twice."""
+    events = Events()
+    with (
+        running_node(tmp_path / "a", "--drain-timeout", "20", name="a") as a,
+        running_node(tmp_path / "b", name="b", secret=a.secret) as b,
+        JobCluster(
+            timed_square,
+            nodes=[a.spec, b.spec],
+            secret=a.secret,
+            pulse_interval=PULSE,
+            job_status=events.job_status,
+            cluster_status=events.cluster_status,
+        ) as cluster,
+    ):
+        wait_until(lambda: len(cluster.status().nodes) == 2)
+        jobs = [cluster.submit(n, 0.6) for n in range(16)]
+        node_a = next(n for n in cluster.status().nodes if n.name == "a")
+        wait_until(lambda: len(cluster.node_jobs(node_a)) >= 2)  # some queued
+        wait_until(lambda: any(j.status == DispyJob.Running for j in jobs))
+        signalled, signalled_mono = time.time(), time.monotonic()
+        a.proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: "draining" in a.log_text())
+        late = [cluster.submit(n, 0.0) for n in range(16, 20)]  # while a drains
+        assert a.proc.wait(timeout=20) == 0
+        assert "drained: every running job ended" in a.log_text()
+        assert cluster.wait(timeout=30)
+        cluster.wait()
+    everything = jobs + late
+    counts = collections.Counter(job.status for job in everything)
+    print(f"drain: submitted {len(everything)}, counts {dict(counts)}")
+    assert counts == {DispyJob.Finished: 20}, [j.exception for j in everything]
+    assert sorted(job.result[0] for job in everything) == [n * n for n in range(20)]
+    assert all(count == 1 for count in events.finals.values())
+    assert len(events.finals) == 20
+    # The job a was running when it was signalled ended there, after the signal.
+    on_a = [job for job in everything if job.result[1] == "a"]
+    assert any(job.result[2] > signalled for job in on_a)
+    # Nothing started on a after the signal (finished on a = started before it).
+    assert all(job.result[2] - 0.6 < signalled + 0.2 for job in on_a)
+    assert all(job.result[1] == "b" for job in late)
+    # a was not declared dead while it drained: closed only when it exited.
+    assert events.closed["a"] > signalled_mono + 0.3
+
+
+def test_second_signal_or_drain_timeout_terminates_running_jobs(tmp_path):
+    with (
+        running_node(tmp_path / "a", "--drain-timeout", "60", name="a") as a,
+        running_node(tmp_path / "b", "--drain-timeout", "0.5", name="b") as b,
+        JobCluster(
+            timed_square, nodes=[a.spec, b.spec], secret=a.secret, pulse_interval=PULSE
+        ) as cluster,
+    ):
+        wait_until(lambda: len(cluster.status().nodes) == 2)
+        jobs = [cluster.submit(n, 50.0) for n in range(2)]  # one on each node
+        wait_until(lambda: all(j.status == DispyJob.Running for j in jobs))
+        started = time.monotonic()
+        a.proc.send_signal(signal.SIGTERM)
+        b.proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: "draining" in a.log_text())
+        assert b.proc.wait(timeout=15) == 0  # its 0.5 s drain timeout
+        b_took = time.monotonic() - started
+        assert a.proc.poll() is None  # still draining: up to 60 s
+        a.proc.send_signal(signal.SIGINT)
+        assert a.proc.wait(timeout=15) == 0
+        a_took = time.monotonic() - started
+        assert cluster.wait(timeout=15)
+    assert "drain timeout" in b.log_text()
+    assert "on request" in a.log_text()
+    assert all(job.status == DispyJob.Abandoned for job in jobs)
+    assert b_took < 10 and a_took < 20
+    print(f"drain timeout 0.5 s: b exited after {b_took:.2f} s; a: {a_took:.2f} s")
+
+
+def poison_or_square(n: int) -> tuple[int, str]:
+    """Job 0 kills the node server running it (SIGKILL); the others square."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    if n == 0:
+        for parent in psutil.Process().parents():
+            if parent.cmdline()[1:3] == ["-m", "nodeserver"]:
+                os.kill(parent.pid, signal.SIGKILL)
+        os._exit(1)
+    time.sleep(0.1)
+    return n * n, dispy_node_name  # type: ignore[name-defined]  # noqa: F821
+
+
+def test_poison_job_is_abandoned_after_max_attempts_others_complete(tmp_path):
+    """A reentrant job that kills every node running it stops after max_attempts
+    nodes; its reason names them; every other job ends exactly once."""
+    events = Events()
+    names = ["a", "b", "c", "d"]
+    with contextlib.ExitStack() as stack:
+        nodes = [stack.enter_context(running_node(tmp_path / n, name=n)) for n in names]
+        cluster = stack.enter_context(
+            JobCluster(
+                poison_or_square,
+                nodes=[node.spec for node in nodes],
+                secret=nodes[0].secret,
+                reentrant=True,
+                max_attempts=3,
+                pulse_interval=PULSE,
+                job_status=events.job_status,
+                cluster_status=events.cluster_status,
+            )
+        )
+        wait_until(lambda: len(cluster.status().nodes) == 4)
+        jobs = [cluster.submit(n) for n in range(31)]
+        assert cluster.wait(timeout=40)
+        cluster.wait()
+        killed = sorted(
+            n
+            for n, node in zip(names, nodes, strict=True)
+            if node.proc.poll() is not None
+        )
+    poison, others = jobs[0], jobs[1:]
+    assert poison.status == DispyJob.Abandoned
+    assert "abandoned after 3 attempts" in poison.exception
+    assert "raise max_attempts (now 3)" in poison.exception
+    by_spec = {node.spec: name for name, node in zip(names, nodes, strict=True)}
+    named = sorted(name for spec, name in by_spec.items() if spec in poison.exception)
+    assert len(killed) == 3 and named == killed  # the nodes it took down
+    assert all(count == 1 for count in events.finals.values())
+    assert len(events.finals) == 31
+    finished = [job for job in others if job.status == DispyJob.Finished]
+    # A job sent ahead to the nodes it killed may share the poison's fate: it is
+    # abandoned with the same reason, never lost or run twice.
+    collateral = [job for job in others if job.status != DispyJob.Finished]
+    assert all(
+        job.status == DispyJob.Abandoned and "max_attempts" in job.exception
+        for job in collateral
+    )
+    assert all(job.result[0] == job._args[0] ** 2 for job in finished)
+    print(
+        f"poison: submitted 31, finished {len(finished)}, abandoned poison 1, "
+        f"collateral {len(collateral)}, lost 0, duplicated 0, nodes killed {killed}"
+    )
+
+
+def test_kept_results_survive_a_node_restart_and_are_removed_when_collected(tmp_path):
+    """Goal row 12: the client is killed, the node restarted; recovery still gets
+    every result (spooled on disk), once, and the spool is emptied afterwards."""
+    from tests.api.test_recovery import CLIENT as RECOVERABLE
+    from tests.api.test_recovery import RECOVER
+
+    journal, marks = tmp_path / "journal.db", tmp_path / "marks"
+    marks.mkdir()
+    (tmp_path / "client.py").write_text(RECOVERABLE)
+    (tmp_path / "recover.py").write_text(RECOVER)
+    node = start_node(tmp_path / "node", cpus=20)
+    kept = tmp_path / "node" / "dest" / ".kept"
+    try:
+        client = subprocess.Popen(
+            [sys.executable, "client.py", node.spec, node.secret, str(journal),
+             str(marks), "mixed"],
+            cwd=tmp_path, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert client.stdout is not None
+            assert client.stdout.readline().strip() == "submitted"
+            wait_until(lambda: len(list(marks.iterdir())) == 20)
+            client.kill()
+            client.wait()
+        finally:
+            client.kill()
+            client.stdout.close()  # type: ignore[union-attr]
+        # Every result is on disk, in private files, before the node stops.
+        wait_until(lambda: len(list(kept.glob("*/r*"))) == 20)
+        assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in kept.glob("*/*"))
+        assert node.stop() == 0
+        (tmp_path / "node" / "port").unlink()
+        node = start_node(
+            tmp_path / "node", "--port", str(node.port), cpus=20, secret=node.secret
+        )
+        assert "kept results of computation" in node.log_text()
+        done = subprocess.run(
+            [sys.executable, "recover.py", str(journal), node.secret],
+            cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        jobs = json.loads(done.stdout)
+        assert [job[1] for job in jobs] == list(range(20))
+        assert [job[2] for job in jobs] == [DispyJob.Finished] * 20
+        assert [job[3] for job in jobs] == [n * n for n in range(20)]
+        # Collected: the spool is emptied (once the results are on their way).
+        wait_until(lambda: not list(kept.iterdir()))
+        print("restart recovery: submitted 20, recovered 20, lost 0, duplicated 0")
+    finally:
+        node.stop()

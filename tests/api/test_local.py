@@ -120,3 +120,12 @@ def test_local_cluster_default_cpus_share_this_machine():
         assert local.cpus == max(os.cpu_count() or 1, 1)
         with JobCluster(jobs.square, nodes=local) as cluster:
             assert cluster.status().nodes[0].cpus == local.cpus
+
+
+def test_local_cluster_secret_wins_over_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # DISPYNB_SECRET is for named nodes; a LocalCluster's nodes know only its own.
+    monkeypatch.setenv("DISPYNB_SECRET", "a-secret-for-other-nodes")
+    with LocalCluster(cpus=1) as local, JobCluster(jobs.square, nodes=local) as cluster:
+        assert cluster.submit(7)() == 49

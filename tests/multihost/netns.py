@@ -200,6 +200,10 @@ class Network:
         """Plug ``host`` back in."""
         _ip("-n", self.bridge, "link", "set", host.port, "up")
 
+    def ip(self, host: Host, *args: str, check: bool = True) -> str:
+        """Run ``ip -n <host> args`` (an extra address, a route) and return stdout."""
+        return _ip("-n", host.netns, *args, check=check).stdout
+
     # -- processes -------------------------------------------------------------------
 
     def popen(

@@ -23,7 +23,8 @@ import pytest
 
 from dispynb.errors import ConnectionClosedError, FramingError
 from dispynb.protocol import serialize
-from dispynb.protocol.messages import FINISHED, RAISED
+from dispynb.protocol.framing import encode_frames
+from dispynb.protocol.messages import FINISHED, RAISED, pack_header
 from nodeserver.channel import MessageSocket
 from nodeserver.compute import inject_names
 from nodeserver.ipc import (
@@ -33,6 +34,7 @@ from nodeserver.ipc import (
     LoadFailed,
     Run,
     Shutdown,
+    Skip,
     WorkerExited,
     WorkerStarted,
 )
@@ -62,6 +64,47 @@ def test_channel_round_trip_keeps_buffers_apart(pair):
     assert message == Run(key=1, attempt=2)
     assert [bytes(b) for b in buffers] == [b"abc", b"", b"xyz"]
     assert all(isinstance(b, memoryview) for b in buffers)
+
+
+def test_channel_poll_sees_whole_messages_only_and_keeps_them_in_order(pair):
+    left, right = pair
+    assert not right.poll()  # nothing there: no blocking
+    data = b"".join(
+        [
+            _framed(Run(key=1, attempt=0)),
+            _framed(Skip(key=1)),
+            _framed(Run(key=2, attempt=0)),
+        ]
+    )
+    left.sock.sendall(data[:-3])  # the last message is incomplete
+    assert right.poll()
+    assert right.recv()[0] == Run(key=1, attempt=0)
+    assert right.poll()
+    assert right.recv()[0] == Skip(key=1)
+    assert not right.poll()
+    left.sock.sendall(data[-3:])
+    assert right.recv()[0] == Run(key=2, attempt=0)
+
+
+def test_channel_poll_on_a_blocking_socket_never_blocks():
+    a, b = socket.socketpair()  # as in a worker: blocking, no timeout
+    left, right = MessageSocket(a), MessageSocket(b)
+    try:
+        assert not right.poll()
+        left.send(Skip(key=3))
+        deadline = time.monotonic() + TIMEOUT
+        while not right.poll():
+            assert time.monotonic() < deadline
+        assert right.recv()[0] == Skip(key=3)
+        assert not right.poll()
+    finally:
+        left.close()
+        right.close()
+
+
+def _framed(message) -> bytes:
+    head, parts = encode_frames([pack_header(message.to_header())])
+    return b"".join([head, *parts])
 
 
 def test_channel_large_and_many_buffers_survive_partial_sends(pair):

@@ -10,7 +10,7 @@ import pytest
 
 from dispynb import DispyJob, JobCluster
 from tests import jobs
-from tests.jobs import WAIT, wait_for_path
+from tests.jobs import WAIT, wait_for_path, wait_until
 from tests.nodeproc import (
     NODE_WAIT,
     node_command,
@@ -66,9 +66,13 @@ def test_node_cli_missing_secret_file_refused(tmp_path):
     assert "does not exist" in done.stderr
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
-def test_node_cli_signal_with_job_running_stops_cleanly(tmp_path, signum):
-    node = start_node(tmp_path / "node", cpus=2)
+@pytest.mark.parametrize(
+    ("signum", "drain"),
+    [(signal.SIGTERM, "0"), (signal.SIGINT, "0"), (signal.SIGINT, "60")],
+    ids=["TERM-no-drain", "INT-no-drain", "INT-twice-while-draining"],
+)
+def test_node_cli_signal_with_job_running_stops_cleanly(tmp_path, signum, drain):
+    node = start_node(tmp_path / "node", "--drain-timeout", drain, cpus=2)
     marker = tmp_path / "started"
     cluster = JobCluster(jobs.mark_and_sleep, nodes=[node.spec], secret=node.secret)
     try:
@@ -79,6 +83,10 @@ def test_node_cli_signal_with_job_running_stops_cleanly(tmp_path, signum):
         assert len(children) >= 3  # the computation process and its 2 workers
         assert jobs.read_pid(marker) in {child.pid for child in children}
 
+        if drain != "0":  # the first signal drains; the second one ends the job
+            node.proc.send_signal(signum)
+            wait_until(lambda: "draining" in node.log_text())
+            assert node.proc.poll() is None
         assert node.stop(signum) == 0
         _gone, alive = psutil.wait_procs(children, timeout=WAIT)
         assert alive == []

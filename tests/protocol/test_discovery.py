@@ -73,6 +73,9 @@ _DROP = object()
         announce(),
         announce(nonce=b"", leaving=True),
         announce(name="é" * (MAX_NAME // 2), port=1, cpus=65535, boot=new_boot_id()),
+        announce(ext="203.0.113.7"),
+        announce(ext="fd00:77::1", leaving=True),
+        announce(name="n" * MAX_NAME, ext="fd00:" + "ffff:" * 6 + "ffff"),
     ],
 )
 def test_round_trip(message: Ping | Announce) -> None:
@@ -84,6 +87,12 @@ def test_round_trip(message: Ping | Announce) -> None:
 def test_hand_built_datagrams_decode() -> None:
     assert decode(raw("ping")) == Ping(nonce=NONCE)
     assert decode(raw()) == announce(nonce=b"")
+    assert decode(raw(ext="10.1.2.3")) == announce(nonce=b"", ext="10.1.2.3")
+
+
+def test_ext_is_sent_only_when_set() -> None:
+    assert "ext" not in msgpack.unpackb(encode(announce()))
+    assert msgpack.unpackb(encode(announce(ext="10.1.2.3")))["ext"] == "10.1.2.3"
 
 
 def test_datagrams_are_small_and_carry_no_secret_fields() -> None:
@@ -120,7 +129,15 @@ def test_datagrams_are_small_and_carry_no_secret_fields() -> None:
         (raw(op="pong"), "unknown discovery op"),
         (raw(op=["ping"]), "undecodable"),
         (raw(op={}), "unknown discovery op"),
-        (raw(extra=1), "max_map_len"),
+        (raw(extra=1, ext="10.0.0.1"), "max_map_len"),
+        (raw(extra=1), "extra keys"),
+        (raw(ext=""), "'ext'"),
+        (raw(ext=5), "'ext'"),
+        (raw(ext="node.example"), "IP address"),
+        (raw(ext="0.0.0.0"), "unicast"),
+        (raw(ext="ff02::1"), "unicast"),
+        (raw(ext="1" * 65), "'ext'"),
+        (raw("ping", ext="10.0.0.1"), "extra keys"),
         (raw(extra=1, leaving=_DROP), "extra keys"),
         (raw(cpus=_DROP), "missing"),
         (raw("ping", name="x"), "extra keys"),

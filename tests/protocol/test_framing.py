@@ -188,3 +188,91 @@ def test_split_body_returns_views_without_copy():
     assert all(b.obj is body for b in buffers)
     assert signed.obj is body
     assert len(mac) == 0
+
+
+# --- zero-copy reading: buffer() / filled() / partial() ---------------------------
+
+
+def _fill(decoder: FrameDecoder, data: bytes, step: int) -> list:
+    """Write ``data`` into the decoder's own buffers, ``step`` bytes at a time."""
+    frames = []
+    view = memoryview(data)
+    while view:
+        space = decoder.buffer()
+        assert len(space) > 0
+        count = min(step, len(space), len(view))
+        space[:count] = view[:count]
+        view = view[count:]
+        frames.extend(decoder.filled(count))
+    return frames
+
+
+def test_filled_small_frames_come_out_whole_and_writable():
+    data = frame(BUFFERS) + frame([b"second"])
+    decoder = FrameDecoder(CAP, chunk=256)
+    frames = _fill(decoder, data * 20, 100)
+    assert len(frames) == 40
+    prefix, count, body = frames[0]
+    assert prefix == data[:PREFIX_SIZE]
+    assert count == len(BUFFERS)
+    assert isinstance(body, bytearray)  # unpickled arrays must stay writable
+    assert [bytes(b) for b in split_body(body, count)[0]] == BUFFERS
+    assert decoder.pending == 0
+
+
+def test_large_frame_is_read_into_its_own_buffer_in_place():
+    big = bytes(range(256)) * 4096  # 1 MiB: far over the 4 KiB chunk
+    data = frame([b"head", big]) + frame([b"after"])
+    decoder = FrameDecoder(1 << 22, chunk=4096)
+    first = decoder.buffer()
+    first[:100] = data[:100]
+    assert decoder.filled(100) == []
+    prefix, body, filled = decoder.partial()
+    assert prefix == data[:PREFIX_SIZE]
+    assert len(body) == len(data) - PREFIX_SIZE - len(frame([b"after"]))
+    assert filled == 100 - PREFIX_SIZE
+    space = decoder.buffer()
+    # The space offered is the rest of that frame's body: no copy on the way.
+    assert len(space) == len(body) - filled
+    space[:] = data[100 : 100 + len(space)]
+    [(got_prefix, count, got_body)] = decoder.filled(len(space))
+    assert got_body is body and got_prefix == prefix and count == 2
+    assert bytes(split_body(got_body, count)[0][1]) == big
+    assert decoder.partial() is None
+    rest = data[100 + len(space) :]
+    assert [bytes(split_body(b, c)[0][0]) for _, c, b in _fill(decoder, rest, 7)] == [
+        b"after"
+    ]
+
+
+def test_frame_just_fitting_the_chunk_after_others_is_compacted_not_split():
+    decoder = FrameDecoder(CAP, chunk=64)
+    small = frame([b"abcdefgh"])  # 8 + 4 + 8 = 20 bytes
+    fits = frame([b"y" * 44])  # 8 + 4 + 44 = 56 bytes: fits only at the start
+    frames = _fill(decoder, small * 2 + fits, 64)
+    assert [bytes(split_body(b, c)[0][0]) for _, c, b in frames] == [
+        b"abcdefgh",
+        b"abcdefgh",
+        b"y" * 44,
+    ]
+    assert decoder.partial() is None
+
+
+def test_bad_prefix_sets_error_after_the_frames_before_it():
+    decoder = FrameDecoder(100, chunk=4096)
+    good = frame([b"fine"])
+    frames = _fill(decoder, good + frame([b"z" * 200]) + good, 4096)
+    assert [bytes(split_body(b, c)[0][0]) for _, c, b in frames] == [b"fine"]
+    assert isinstance(decoder.error, FramingError)
+    assert "100-byte cap" in str(decoder.error)
+    assert decoder.filled(0) == []  # nothing after it is decoded
+
+
+def test_raised_cap_applies_to_the_next_frame():
+    decoder = FrameDecoder(100, chunk=64)
+    body = frame([b"z" * 200])
+    _fill(decoder, body[:64], 64)
+    assert "100-byte cap" in str(decoder.error)
+    decoder = FrameDecoder(100, chunk=64)
+    decoder.max_size = 1000  # after authentication
+    assert len(_fill(decoder, body, 64)) == 1

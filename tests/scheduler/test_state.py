@@ -26,6 +26,7 @@ from dispynb.scheduler import (
     SendJobs,
     policy,
 )
+from dispynb.scheduler.state import attempts_spent
 
 LONG = 1.0  # a job duration that keeps windows at MIN_JOBS_PER_CPU per CPU
 
@@ -332,6 +333,75 @@ def test_node_left_not_reentrant_abandons_running_jobs():
     assert state.handle(NodeJoined("b", 1)) == [SendJobs("b", ((3, 1),))]
 
 
+# -- the retry budget (max_attempts) ------------------------------------------------
+
+
+def test_poison_job_is_abandoned_after_max_attempts_naming_its_nodes():
+    state = SchedulerState(reentrant=True, max_attempts=3)
+    assert state.max_attempts == 3
+    state.handle(NodeJoined("a", 1))
+    submit(state, 1)
+    assert state.handle(NodeLeft("a")) == [ResubmitJob(1, 2)]
+    assert state.handle(NodeJoined("b", 1)) == [SendJobs("b", ((1, 2),))]
+    assert state.handle(NodeLeft("b")) == [ResubmitJob(1, 3)]
+    assert state.handle(NodeJoined("c", 1)) == [SendJobs("c", ((1, 3),))]
+    assert state.handle(NodeLeft("c")) == [AbandonJob(1, "c", ("a", "b", "c"))]
+    assert not state.is_known(1)
+    # Nodes that come back get other work; the poison job stays gone.
+    submit(state, 2)
+    assert state.handle(NodeJoined("a", 1)) == [SendJobs("a", ((2, 1),))]
+
+
+def test_retry_budget_is_per_job_and_other_jobs_are_unaffected():
+    state = SchedulerState(reentrant=True, max_attempts=2)
+    state.handle(NodeJoined("a", 1))
+    submit(state, 1)  # 1 dies with a, then with b; 2 goes only with b
+    state.handle(NodeLeft("a"))
+    state.handle(NodeJoined("b", 1))
+    submit(state, 2)
+    assert state.running_keys("b") == [1, 2]
+    assert state.handle(NodeLeft("b")) == [
+        AbandonJob(1, "b", ("a", "b")),
+        ResubmitJob(2, 2),
+    ]
+    assert state.handle(NodeJoined("c", 1)) == [SendJobs("c", ((2, 2),))]
+    assert state.handle(JobFinished("c", 2, 2, LONG)) == [AcceptResult(2, 2)]
+
+
+def test_returned_attempts_do_not_count_against_the_budget():
+    state = SchedulerState(reentrant=True, max_attempts=1)
+    state.handle(NodeJoined("a", 1))
+    submit(state, 1)
+    state.handle(NodeJoined("a", 0))  # it shuts down and hands the job back
+    assert state.handle(JobReturned("a", 1, 1)) == [ResubmitJob(1, 2)]
+    state.handle(NodeJoined("b", 1))
+    assert state.handle(NodeLeft("b")) == [AbandonJob(1, "b", ("b",))]
+
+
+def test_not_reentrant_and_pinned_abandon_without_budget_details():
+    state = SchedulerState(reentrant=True, max_attempts=1)
+    state.handle(NodeJoined("a", 1))
+    state.handle(JobSubmitted(1, node="a"))
+    assert state.handle(NodeLeft("a")) == [AbandonJob(1, "a")]
+    state = SchedulerState(reentrant=False, max_attempts=1)
+    state.handle(NodeJoined("a", 1))
+    submit(state, 1)
+    assert state.handle(NodeLeft("a")) == [AbandonJob(1, "a")]
+
+
+@pytest.mark.parametrize("bad", [0, -1])
+def test_max_attempts_below_one_is_refused(bad):
+    with pytest.raises(ValueError, match="max_attempts must be at least 1"):
+        SchedulerState(reentrant=True, max_attempts=bad)
+
+
+def test_attempts_spent_names_nodes_and_the_option():
+    text = attempts_spent(("n1", "n2", "n3"), "node n3 was lost (connection closed)")
+    assert "abandoned after 3 attempts" in text
+    assert "(n1, n2, n3; last: node n3 was lost (connection closed))" in text
+    assert "raise max_attempts (now 3)" in text
+
+
 def test_job_returned_not_reentrant_runs_elsewhere_with_new_attempt():
     state = make_state(("a", 1), ("b", 1))
     submit(state, 1)
@@ -453,6 +523,8 @@ class Model:
     """What the instructions say happened, checked step by step against the state."""
 
     reentrant: bool
+    max_attempts: int = 3
+    lost: dict[int, list[str]] = field(default_factory=dict)
     pins: dict[int, str | None] = field(default_factory=dict)
     attempts: dict[int, int] = field(default_factory=dict)
     queued: set[int] = field(default_factory=set)
@@ -533,16 +605,24 @@ class Model:
                 assert self.running[key] == (node, attempt)
                 assert key not in self.cancelling
                 self.cancelling.add(key)
-            case AbandonJob(key, node):
+            case AbandonJob(key, node, lost_on):
                 assert event == NodeLeft(node)
                 if key in self.running:
                     assert self.running.pop(key)[0] == node
-                    assert (
-                        not self.reentrant
-                        or self.pins[key] is not None
-                        or key in self.cancelling
+                    lost = self.lost.setdefault(key, [])
+                    lost.append(node)
+                    movable = (
+                        self.reentrant
+                        and self.pins[key] is None
+                        and key not in self.cancelling
                     )
+                    if movable:  # only for a spent retry budget
+                        assert len(lost) == self.max_attempts
+                        assert lost_on == tuple(lost)
+                    else:
+                        assert lost_on == ()
                 else:
+                    assert lost_on == ()
                     assert self.pins[key] == node
                     self.queued.remove(key)
                     self.order[node].remove(key)
@@ -554,6 +634,8 @@ class Model:
                 assert self.pins[key] is None
                 assert key not in self.cancelling
                 assert self.running.pop(key)[0] == event.node
+                self.lost.setdefault(key, []).append(event.node)
+                assert len(self.lost[key]) < self.max_attempts
                 assert attempt == self.attempts[key] + 1
                 self.attempts[key] = attempt
                 self.queued.add(key)
@@ -629,12 +711,14 @@ def step(state: SchedulerState, model: Model, event: Event) -> list[Instruction]
     return out
 
 
-@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize(
+    ("reentrant", "max_attempts"), [(False, 3), (True, 3), (True, 1), (True, 1000)]
+)
 @pytest.mark.parametrize("seed", range(6))
-def test_random_events_keep_invariants(seed, reentrant):
+def test_random_events_keep_invariants(seed, reentrant, max_attempts):
     rng = random.Random(seed)
-    state = SchedulerState(reentrant=reentrant)
-    model = Model(reentrant)
+    state = SchedulerState(reentrant=reentrant, max_attempts=max_attempts)
+    model = Model(reentrant, max_attempts)
     next_key = 0
     for _ in range(1000):
         if model.live() and rng.random() < 0.02:

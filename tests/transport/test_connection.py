@@ -446,3 +446,109 @@ def test_connect_impostor_replaying_captured_challenge_rejected():
                 await connect(HOST, port, secret=SECRET, max_message_size=1024)
 
     run(main())
+
+
+# --- large messages (hashed while in flight), pipelining, dispatch ----------------
+
+
+@pytest.mark.parametrize("where", ["middle", "mac"])
+def test_tampered_large_frame_hashed_in_flight_closes_without_dispatch(where, caplog):
+    big = os.urandom(3 * 1024 * 1024)  # read in many pieces, hashed as they arrive
+
+    async def main():
+        async with (
+            serving() as (listener, echo),
+            raw_connection(listener.port) as (reader, writer),
+        ):
+            raw = RawClient(reader, writer)
+            await raw.handshake()
+            writer.write(
+                raw.signed_frame(JobCancel(comp_id=1, key=1, attempt=0), [big])
+            )
+            message, buffers = await raw.receive()
+            assert message.key == 1 and bytes(buffers[0]) == big
+            frame = raw.signed_frame(JobCancel(comp_id=1, key=2, attempt=0), [big])
+            index = {"middle": len(frame) // 2, "mac": -1}[where]
+            writer.write(_flip(frame, index))
+            await read_until_closed(reader)
+            assert [m.key for m, _ in echo.received] == [1]
+            assert warnings_from(caplog, "message 1 failed its MAC check")
+
+    run(main())
+
+
+def test_large_messages_written_without_waiting_arrive_in_order_and_intact():
+    payloads = [os.urandom(2 * 1024 * 1024 + key) for key in range(4)]
+
+    async def main():
+        async with (
+            serving() as (listener, _),
+            client(listener.port) as (conn, _),
+        ):
+            # More than the sockets hold: the rest waits, uncopied, in the queue,
+            # with each MAC computed as its message leaves.
+            for key, payload in enumerate(payloads):
+                conn.write(JobCancel(comp_id=1, key=key, attempt=0), [payload])
+                conn.write(JobCancel(comp_id=1, key=100 + key, attempt=0), [b"s"])
+            await conn.flush()
+            got = []
+            for _ in range(2 * len(payloads)):
+                message, buffers = await conn.recv()
+                got.append((message.key, bytes(buffers[0])))
+            assert got == [
+                item
+                for key, payload in enumerate(payloads)
+                for item in ((key, payload), (100 + key, b"s"))
+            ]
+
+    run(main())
+
+
+def test_dispatch_handles_messages_in_order_until_handler_says_stop():
+    async def main():
+        async with (
+            serving() as (listener, _),
+            client(listener.port) as (conn, _),
+        ):
+            for key in range(6):
+                conn.write(JobCancel(comp_id=1, key=key, attempt=0))
+            seen = []
+
+            def handle(message, buffers):
+                seen.append(message.key)
+                return message.key == 3
+
+            await conn.dispatch(handle)
+            assert seen == [0, 1, 2, 3]
+            # What came after the stop is left for the next reader.
+            assert (await conn.recv())[0].key == 4
+            reader = asyncio.ensure_future(conn.dispatch(handle))
+            await asyncio.sleep(0)  # let it start
+            with pytest.raises(RuntimeError, match="two readers"):
+                await conn.recv()
+            conn.close()
+            with pytest.raises(ConnectionClosedError):
+                await reader
+
+    run(main())
+
+
+def test_dispatch_raises_handler_error_and_connection_end():
+    async def main():
+        async with (
+            serving() as (listener, echo),
+            client(listener.port) as (conn, _),
+        ):
+            conn.write(JobCancel(comp_id=1, key=1, attempt=0))
+
+            def fail(message, buffers):
+                raise ValueError(f"bad {message.key}")
+
+            with pytest.raises(ValueError, match="bad 1"):
+                await conn.dispatch(fail)
+            await wait_until(lambda: echo.connections)
+            echo.connections[0].close()
+            with pytest.raises(ConnectionClosedError):
+                await conn.dispatch(lambda message, buffers: None)
+
+    run(main())

@@ -23,12 +23,12 @@ from dispynb.protocol import discovery as d
 from dispynb.transport import discovery as discovery_module
 from dispynb.transport.discovery import (
     BROADCAST,
+    IPV6_MULTICAST_GROUP,
     Discovery,
     broadcast_for,
     discovery_targets,
-    open_endpoint,
-    udp_socket,
 )
+from dispynb.transport.udp import open_endpoint, udp_socket, usable_source
 from nodeserver import announce as announce_module
 from nodeserver.announce import REPLIES_PER_SOURCE, Announcer
 from nodeserver.config import NodeConfig
@@ -139,16 +139,26 @@ def test_discovery_targets() -> None:
 def test_bad_targets_and_hosts_are_refused() -> None:
     async def main() -> None:
         discovery = Discovery(host=HOST, listen=False)
-        for target in ("node1.example", "::1", "[::1]:9712", ""):
+        for target in ("node1.example", "fd00::zz", "[fd00::1", ""):
             with pytest.raises(ConfigurationError):
                 await discovery.start([target], Found().on_found)
         discovery.close()
 
     run(main())
-    with pytest.raises(ConfigurationError, match="IPv4"):
+    with pytest.raises(ConfigurationError, match="IP address"):
         Discovery(host="localhost")
-    with pytest.raises(ConfigurationError, match="IPv4"):
-        Announcer(name="n", tcp_port=1, cpus=1, host="::1")
+    with pytest.raises(ConfigurationError, match="IP address"):
+        Announcer(name="n", tcp_port=1, cpus=1, host="node.example")
+    assert Discovery(host="[fd00::4]").host6 == "fd00::4"
+
+
+def test_ipv6_patterns_ping_the_ipv6_group() -> None:
+    specs = ["fd00:77::*", "10.77.0.*", "fd00:78::*"]
+    assert discovery_targets(specs) == [IPV6_MULTICAST_GROUP, "10.77.0.255"]
+    assert discovery_targets(["fd00::5"]) == []
+    assert usable_source("fd00::5")
+    assert not usable_source("fe80::5")
+    assert not usable_source(IPV6_MULTICAST_GROUP)
 
 
 # -- a node server answering a unicast ping ------------------------------------------
@@ -216,9 +226,10 @@ def test_node_cli_discovery_options(tmp_path: Path, found: Found) -> None:
 
 
 def test_config_checks_discovery_options(tmp_path: Path) -> None:
-    config = NodeConfig(host="::1", discovery=True, dest_path=str(tmp_path))
-    with pytest.raises(ConfigurationError, match="IPv4 only"):
+    config = NodeConfig(host="::1", ipv4_multicast=True, dest_path=str(tmp_path))
+    with pytest.raises(ConfigurationError, match="needs an IPv4 host"):
         config.validate()
+    NodeConfig(host="::1", discovery=True, dest_path=str(tmp_path)).validate()
     config = NodeConfig(discovery_port=65535, dest_path=str(tmp_path))
     with pytest.raises(ConfigurationError, match="discovery port"):
         config.validate()
@@ -383,3 +394,45 @@ def test_announcer_ignores_junk_and_rate_limits(
     assert len(received) == REPLIES_PER_SOURCE
     assert all(isinstance(d.decode(data), d.Announce) for data, _ in received)
     assert marker_replies == 1
+
+
+def test_announced_ext_address_is_recorded_and_forgotten(
+    found: Found, no_broadcast: None
+) -> None:
+    async def main() -> None:
+        discovery = Discovery(host=HOST, listen_port=0)
+        await discovery.start([], found.on_found, found.on_lost)
+        assert discovery.listen_address is not None
+        target = f"{HOST}:{discovery.listen_address[1]}"
+        announcer = Announcer(
+            name="n", tcp_port=7777, cpus=1, host=HOST, port=0,
+            announce_to=[target], ext="10.2.0.9",
+        )  # fmt: skip
+        await announcer.start()
+        try:
+            await wait_until(lambda: bool(found.found))
+            # Reported as the sender's address; the claim is kept apart.
+            assert found.found == [(HOST, 7777, "n", 1)]
+            assert discovery.ext_address(HOST, 7777) == "10.2.0.9"
+            assert discovery.ext_address(HOST, 7778) == ""
+        finally:
+            announcer.close()
+        await wait_until(lambda: bool(found.lost))
+        assert discovery.ext_address(HOST, 7777) == ""
+        discovery.close()
+
+    run(main())
+
+
+def test_node_config_ext_host_needs_discovery_and_a_unicast_address() -> None:
+    with pytest.raises(ConfigurationError, match="add --discovery"):
+        NodeConfig(port=0, ext_host="10.2.0.9").validate()
+    for bad in ("0.0.0.0", "239.255.61.59", "no-such-host.invalid"):
+        with pytest.raises(ConfigurationError, match="--ext-host"):
+            NodeConfig(port=0, discovery=True, ext_host=bad).validate()
+    config = NodeConfig(port=0, discovery=True, ext_host="[fd00::5]")
+    config.validate()
+    assert config.ext_host == "fd00::5"
+    config = NodeConfig(port=0, discovery=True, ext_host="localhost")
+    config.validate()
+    assert config.ext_host in ("127.0.0.1", "::1")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import ssl
 
 import pytest
@@ -13,6 +14,7 @@ from dispynb.errors import (
     ConnectTimeoutError,
     TransportError,
 )
+from dispynb.protocol.messages import JobCancel
 from dispynb.transport.tls import client_context, server_context
 from tests.asyncutil import run
 from tests.transport.util import client, echo_round_trip, serving, wait_until
@@ -33,8 +35,7 @@ def test_tls_verified_client_round_trips(cert):
                 listener.port, ssl_context=client_context(cafile=certfile)
             ) as (conn, _):
                 await wait_until(lambda: len(echo.connections) == 2)
-                assert isinstance(conn.stream.socket, ssl.SSLSocket)
-                assert conn.stream.socket.version() in ("TLSv1.2", "TLSv1.3")
+                assert conn.tls_version in ("TLSv1.2", "TLSv1.3")
 
     run(main())
 
@@ -204,3 +205,27 @@ def test_client_context_with_cafile_verifies_hostname(cert):
 def test_server_context_with_cafile_requires_client_cert(cert):
     context = server_context(*cert, cafile=cert[0])
     assert context.verify_mode == ssl.CERT_REQUIRED
+
+
+def test_tls_large_message_round_trips_intact(cert):
+    certfile, keyfile = cert
+    big = os.urandom(5 * 1024 * 1024)
+
+    async def main():
+        async with (
+            serving(ssl_context=server_context(certfile, keyfile)) as (
+                listener,
+                _,
+            ),
+            client(listener.port, ssl_context=client_context(cafile=certfile)) as (
+                conn,
+                _,
+            ),
+        ):
+            sent = JobCancel(comp_id=1, key=7, attempt=0)
+            await conn.send(sent, [big, b"tail"])
+            message, buffers = await conn.recv()
+            assert message == sent
+            assert [bytes(b) for b in buffers] == [big, b"tail"]
+
+    run(main())

@@ -1,0 +1,389 @@
+"""Byte links under `Connection`: frames in through a `FrameDecoder`, pieces out.
+
+Two implementations of one small interface, both driven by the running asyncio loop:
+
+`SocketLink`
+    A plain TCP or Unix stream socket, without asyncio's transport layer. Its reader
+    stays registered for the life of the link (no epoll_ctl per message), reads go
+    straight into the decoder's buffer (a large payload into its final place), and a
+    message leaves in one ``sendmsg`` of all its pieces (writev, no join of large
+    buffers); what the kernel does not take waits, uncopied, for the socket to drain.
+`TransportLink`
+    Any asyncio transport (used for TLS, via asyncio's SSL support), fed through
+    `FrameProtocol`, a buffered protocol reading into the same decoder.
+
+Both report to a `FrameSink` (the `Connection`): frames as they complete, a framing
+error (reading then stops), and the end of the link. Neither raises on write: a
+failed send ends the link, which the sink hears about.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import socket
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from dispynb.errors import FramingError
+from dispynb.protocol.framing import Buffer, Frame, FrameDecoder
+
+#: Most iovecs one sendmsg call takes (Linux IOV_MAX).
+IOV_MAX = 1024
+
+
+class Hasher(Protocol):
+    """A running MAC (``hmac.HMAC``)."""
+
+    def update(self, data: Buffer, /) -> None:
+        """Feed the next bytes."""
+
+    def digest(self) -> bytes:
+        """The MAC of everything fed."""
+
+
+class FrameSink(Protocol):
+    """What a link reports to (implemented by `Connection`)."""
+
+    decoder: FrameDecoder
+
+    def frames_received(self, frames: list[Frame]) -> None:
+        """After each read: the frames it completed, in order (maybe none)."""
+
+    def framing_failed(self, exc: FramingError) -> None:
+        """The peer sent a bad frame; the link reads no more."""
+
+    def link_lost(self, exc: BaseException | None) -> None:
+        """The link ended: EOF (``exc`` None), an error, or a local close."""
+
+
+class Link(Protocol):
+    """What `Connection` needs from a link."""
+
+    @property
+    def closed(self) -> bool:
+        """True once the link has ended."""
+
+    def write(self, pieces: Sequence[Buffer], mac: Hasher | None = None) -> None:
+        """Send ``pieces`` in order, then ``mac``'s digest of them if given; never
+        blocks, never raises for a dead peer."""
+
+    async def drained(self) -> None:
+        """Wait until all written bytes are with the kernel (or the link ended)."""
+
+    def pause_reading(self) -> None:
+        """Stop reading until `resume_reading` (backpressure on the peer)."""
+
+    def resume_reading(self) -> None:
+        """Read again."""
+
+    def extra(self, name: str) -> Any:
+        """``sockname``, ``peername`` or ``ssl_object`` (None if not applicable)."""
+
+    def close(self) -> None:
+        """Close at once (idempotent); bytes the kernel has not taken are dropped."""
+
+
+def set_nodelay(sock: socket.socket) -> None:
+    """Our messages are whole: never wait for more bytes (TCP sockets only)."""
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class SocketLink:
+    """A non-blocking stream socket driven by ``add_reader``/``add_writer``."""
+
+    def __init__(self, sock: socket.socket, sink: FrameSink) -> None:
+        sock.setblocking(False)
+        set_nodelay(sock)
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._sink = sink
+        self._loop = asyncio.get_running_loop()
+        #: Unsent bytes: ``[view, mac]`` (feed ``mac`` the view once sent) or
+        #: ``[None, mac]`` (send ``mac``'s digest here).
+        self._out: collections.deque[list[Any]] = collections.deque()
+        self._writing = False  # the writer callback is registered
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._closed = False
+        self._reading = True
+        self._names = (_sockname(sock, "getsockname"), _sockname(sock, "getpeername"))
+        self._loop.add_reader(self._fd, self._readable)
+
+    @property
+    def closed(self) -> bool:
+        """True once the link has ended."""
+        return self._closed
+
+    # -- reading -----------------------------------------------------------------------
+
+    def _readable(self) -> None:
+        decoder = self._sink.decoder
+        try:
+            count = self._sock.recv_into(decoder.buffer())
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._lose(exc)
+            return
+        if not count:
+            self._lose(None)
+            return
+        self._sink.frames_received(decoder.filled(count))
+        if decoder.error is not None:
+            self.pause_reading()
+            self._sink.framing_failed(decoder.error)
+
+    def pause_reading(self) -> None:
+        """Stop reading until `resume_reading`."""
+        if self._reading and not self._closed:
+            self._reading = False
+            self._loop.remove_reader(self._fd)
+
+    def resume_reading(self) -> None:
+        """Read again."""
+        if not self._reading and not self._closed:
+            self._reading = True
+            self._loop.add_reader(self._fd, self._readable)
+
+    # -- writing -----------------------------------------------------------------------
+
+    def write(self, pieces: Sequence[Buffer], mac: Hasher | None = None) -> None:
+        """Send ``pieces`` now with one ``sendmsg``; queue (uncopied) what is left.
+
+        With ``mac``, the pieces are fed to it as they leave, and its digest is sent
+        after them: a large message is hashed while it is in flight, not before.
+        """
+        if self._closed:
+            return
+        if self._out:
+            self._queue(pieces, mac)
+            return
+        try:
+            sent = self._sock.sendmsg(pieces[:IOV_MAX])
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._lose(exc)
+            return
+        if mac is None and sent == sum(memoryview(p).nbytes for p in pieces):
+            return  # the usual case: all of it in one system call
+        self._queue(pieces, mac)
+        self._consume(sent)
+        self._pump()
+
+    def _queue(self, pieces: Sequence[Buffer], mac: Hasher | None) -> None:
+        for piece in pieces:
+            view = memoryview(piece).cast("B")
+            if view.nbytes:
+                self._out.append([view, mac])
+        if mac is not None:
+            self._out.append([None, mac])  # its digest, once the pieces are hashed
+
+    def _consume(self, sent: int) -> None:
+        """Drop ``sent`` bytes from the front of the queue, hashing what needs it."""
+        out = self._out
+        while sent:
+            entry = out[0]
+            view, mac = entry
+            assert view is not None
+            if sent >= len(view):
+                sent -= len(view)
+                out.popleft()
+                if mac is not None:
+                    mac.update(view)
+            else:
+                entry[0] = view[sent:]
+                if mac is not None:
+                    mac.update(view[:sent])
+                return
+
+    def _pump(self) -> None:
+        """Send queued bytes until the socket is full or the queue is empty."""
+        out = self._out
+        while out:
+            iov: list[memoryview] = []
+            for entry in out:
+                view = entry[0]
+                if view is None:
+                    if iov:
+                        break  # the digest needs the bytes before it hashed first
+                    mac = entry[1]
+                    assert mac is not None
+                    view = entry[0] = memoryview(mac.digest())
+                    entry[1] = None
+                iov.append(view)
+                if len(iov) == IOV_MAX:
+                    break
+            try:
+                sent = self._sock.sendmsg(iov)
+            except (BlockingIOError, InterruptedError):
+                if not self._writing:
+                    self._writing = True
+                    self._loop.add_writer(self._fd, self._pump)
+                return
+            except OSError as exc:
+                self._lose(exc)
+                return
+            self._consume(sent)
+        if self._writing:
+            self._writing = False
+            self._loop.remove_writer(self._fd)
+        self._wake_drainers()
+
+    async def drained(self) -> None:
+        """Wait until the queue of unsent bytes is empty (or the link ended)."""
+        if not self._out or self._closed:
+            return
+        waiter = self._loop.create_future()
+        self._drain_waiters.append(waiter)
+        await waiter
+
+    def _wake_drainers(self) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # -- the rest ----------------------------------------------------------------------
+
+    def extra(self, name: str) -> Any:
+        """``sockname`` or ``peername`` (kept after close), else None."""
+        if name == "sockname":
+            return self._names[0]
+        if name == "peername":
+            return self._names[1]
+        return None
+
+    def close(self) -> None:
+        """Close at once (idempotent)."""
+        self._lose(None)
+
+    def _lose(self, exc: BaseException | None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._reading:
+            self._loop.remove_reader(self._fd)
+        if self._writing:
+            self._loop.remove_writer(self._fd)
+        self._out.clear()
+        self._sock.close()
+        self._wake_drainers()
+        self._sink.link_lost(exc)
+
+
+class FrameProtocol(asyncio.BufferedProtocol):
+    """An asyncio protocol that reads into a sink's decoder (for `TransportLink`)."""
+
+    def __init__(self, sink: FrameSink) -> None:
+        self._sink = sink
+        self.transport: asyncio.Transport | None = None
+        self._paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """asyncio callback."""
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        """asyncio callback: where the next bytes go."""
+        return self._sink.decoder.buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """asyncio callback: ``nbytes`` arrived."""
+        decoder = self._sink.decoder
+        self._sink.frames_received(decoder.filled(nbytes))
+        if decoder.error is not None:
+            if self.transport is not None:
+                self.transport.pause_reading()
+            self._sink.framing_failed(decoder.error)
+
+    def eof_received(self) -> bool:
+        """asyncio callback: the peer closed its side; close ours too."""
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """asyncio callback."""
+        self.lost = True
+        self._wake_drainers()
+        self._sink.link_lost(exc)
+
+    def pause_writing(self) -> None:
+        """asyncio callback: the transport's buffer is over its high-water mark."""
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        """asyncio callback: the transport's buffer drained below its low-water mark."""
+        self._paused = False
+        self._wake_drainers()
+
+    async def drained(self) -> None:
+        """Wait while the transport is paused (as ``StreamWriter.drain``)."""
+        if not self._paused or self.lost:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._drain_waiters.append(waiter)
+        await waiter
+
+    def _wake_drainers(self) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+
+class TransportLink:
+    """A link over an asyncio transport and its `FrameProtocol` (TLS)."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: FrameProtocol) -> None:
+        self._transport = transport
+        self._protocol = protocol
+
+    @property
+    def closed(self) -> bool:
+        """True once the link has ended (or is closing)."""
+        return self._protocol.lost or self._transport.is_closing()
+
+    def write(self, pieces: Sequence[Buffer], mac: Hasher | None = None) -> None:
+        """Hand ``pieces`` (and ``mac``'s digest of them) to the transport."""
+        if self.closed:
+            return
+        if mac is not None:
+            for piece in pieces:
+                mac.update(piece)
+            pieces = [*pieces, mac.digest()]
+        self._transport.writelines(pieces)
+
+    async def drained(self) -> None:
+        """Wait until the transport's buffer is below its low-water mark."""
+        await self._protocol.drained()
+
+    def pause_reading(self) -> None:
+        """Stop reading until `resume_reading`."""
+        if not self.closed:
+            self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        """Read again."""
+        if not self.closed:
+            self._transport.resume_reading()
+
+    def extra(self, name: str) -> Any:
+        """The transport's extra info ``name``."""
+        return self._transport.get_extra_info(name)
+
+    def close(self) -> None:
+        """Close (idempotent); asyncio flushes what the transport still holds."""
+        self._transport.close()
+
+
+def _sockname(sock: socket.socket, method: str) -> Any:
+    try:
+        return getattr(sock, method)()
+    except OSError:
+        return None

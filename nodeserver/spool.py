@@ -1,0 +1,218 @@
+"""`ResultSpool`: kept results on disk, surviving memory pressure and node restarts.
+
+A recoverable computation's results (see `nodeserver.keeper`) are written to files under
+``<dest_path>/.kept/<digest of the recovery id>/``: one file per result, mode 0600 in
+0700 directories, written to a temporary name and renamed, so a crash leaves either a
+whole result or none. The recovery id itself is never written: a directory is found
+by hashing the id a client presents. A ``meta`` file says how long the results are
+kept, and when they expire once the computation has ended.
+
+The total size of all spooled results is bounded (``--kept-results-size``): a result
+that does not fit is not kept (the connected client still gets it) and a warning says
+which option to raise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import struct
+import time
+from typing import Any
+
+import msgpack
+
+logger = logging.getLogger(__name__)
+
+#: First bytes of a spooled result file (format version 1).
+MAGIC = b"DNBK0001"
+_HEADER_SIZE = struct.Struct("<Q")
+#: Largest header (the result's entry and its buffer sizes) read back.
+MAX_HEADER = 1 << 20
+#: Seconds results are kept when ``meta`` does not say (the client's default).
+DEFAULT_KEEP = 3600.0
+
+
+@dataclasses.dataclass(eq=False)
+class SpoolDir:
+    """The spooled results of one kept computation."""
+
+    path: str
+    name: str
+    keep: float = DEFAULT_KEEP
+    #: Wall-clock time the results expire; None while the computation runs.
+    expires: float | None = None
+    files: list[tuple[str, int]] = dataclasses.field(default_factory=list)
+    full_warned: bool = False
+    dropped: int = 0
+
+    @property
+    def size(self) -> int:
+        """Bytes of results spooled here."""
+        return sum(size for _, size in self.files)
+
+
+class ResultSpool:
+    """Kept results in files under ``root``, at most ``max_bytes`` in all.
+
+    Parameters
+    ----------
+    root:
+        The spool directory (inside the node's ``dest_path``); made mode 0700.
+    max_bytes:
+        Largest total size of spooled results; 0 keeps none on disk.
+    """
+
+    def __init__(self, root: str, max_bytes: int) -> None:
+        self.root = root
+        self.max_bytes = max_bytes
+        self.used = 0
+        self._seq = 0
+
+    @staticmethod
+    def key(recovery_id: str) -> str:
+        """The directory name of a recovery id (the id itself is never stored)."""
+        return hashlib.sha256(recovery_id.encode()).hexdigest()[:32]
+
+    def create(self, recovery_id: str, name: str) -> SpoolDir:
+        """A new, empty spool directory for a computation (an old one is replaced)."""
+        path = os.path.join(self.root, self.key(recovery_id))
+        os.makedirs(self.root, mode=0o700, exist_ok=True)
+        if os.path.isdir(path):
+            self.remove(self._read_dir(path) or SpoolDir(path, name))
+        os.mkdir(path, mode=0o700)
+        spool = SpoolDir(path, name)
+        self.write_meta(spool)
+        return spool
+
+    def write_meta(self, spool: SpoolDir) -> None:
+        """Record how long ``spool`` is kept (and when it expires, once known)."""
+        meta = {"name": spool.name, "keep": spool.keep, "expires": spool.expires}
+        self._write_file(os.path.join(spool.path, "meta"), [json.dumps(meta).encode()])
+
+    def write(
+        self, spool: SpoolDir, entry: list[Any], buffers: list[memoryview]
+    ) -> bool:
+        """Spool one result; False if it does not fit (a warning says so) or failed."""
+        header = msgpack.packb(
+            {"entry": entry, "sizes": [b.nbytes for b in buffers]}, use_bin_type=True
+        )
+        size = len(MAGIC) + _HEADER_SIZE.size + len(header)
+        size += sum(b.nbytes for b in buffers)
+        if self.used + size > self.max_bytes:
+            spool.dropped += 1
+            if not spool.full_warned:
+                spool.full_warned = True
+                logger.warning(
+                    "kept-result spool full (%.1f of %.1f MiB): results of computation "
+                    "%s are no longer kept for recovery (its connected client still "
+                    "gets them); raise --kept-results-size",
+                    self.used / 2**20,
+                    self.max_bytes / 2**20,
+                    spool.name,
+                )
+            return False
+        self._seq += 1
+        path = os.path.join(spool.path, f"r{time.time_ns():020d}-{self._seq:08d}")
+        try:
+            parts = [MAGIC, _HEADER_SIZE.pack(len(header)), header, *buffers]
+            self._write_file(path, parts)
+        except OSError as exc:
+            logger.warning("cannot spool a kept result to %s: %s", spool.path, exc)
+            return False
+        spool.files.append((path, size))
+        self.used += size
+        return True
+
+    def read(self, path: str) -> tuple[list[Any], list[memoryview]] | None:
+        """A spooled result as ``(entry, buffers)``; None (logged) if unreadable."""
+        try:
+            with open(path, "rb") as handle:
+                data = handle.read()
+            if not data.startswith(MAGIC):
+                raise ValueError("not a spooled result")
+            offset = len(MAGIC) + _HEADER_SIZE.size
+            (length,) = _HEADER_SIZE.unpack_from(data, len(MAGIC))
+            if length > MAX_HEADER or offset + length > len(data):
+                raise ValueError("bad header length")
+            header = msgpack.unpackb(data[offset : offset + length], raw=False)
+            entry, sizes = header["entry"], header["sizes"]
+            view, offset = memoryview(data), offset + length
+            buffers = []
+            for size in sizes:
+                buffers.append(view[offset : offset + size])
+                offset += size
+            if offset != len(data) or not isinstance(entry, list):
+                raise ValueError("sizes do not match the file")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            logger.warning("spooled result %s cannot be read: %s", path, exc)
+            return None
+        return entry, buffers
+
+    def remove(self, spool: SpoolDir) -> None:
+        """Delete a spool directory and its results."""
+        self.used -= spool.size
+        spool.files.clear()
+        shutil.rmtree(spool.path, ignore_errors=True)
+
+    def load(self) -> dict[str, SpoolDir]:
+        """Spool directories left by an earlier node process, by key (expired ones
+        are deleted)."""
+        found: dict[str, SpoolDir] = {}
+        if not os.path.isdir(self.root):
+            return found
+        now = time.time()
+        for key in sorted(os.listdir(self.root)):
+            path = os.path.join(self.root, key)
+            spool = self._read_dir(path)
+            if spool is None:
+                shutil.rmtree(path, ignore_errors=True)
+                continue
+            self.used += spool.size
+            if spool.expires is not None and spool.expires <= now:
+                self.remove(spool)
+                continue
+            found[key] = spool
+        return found
+
+    def _read_dir(self, path: str) -> SpoolDir | None:
+        if os.path.islink(path) or not os.path.isdir(path):
+            return None
+        try:
+            with open(os.path.join(path, "meta"), "rb") as handle:
+                meta = json.loads(handle.read())
+            spool = SpoolDir(
+                path,
+                str(meta["name"]),
+                float(meta["keep"]),
+                None if meta["expires"] is None else float(meta["expires"]),
+            )
+            for name in sorted(os.listdir(path)):
+                if name.startswith("r"):
+                    full = os.path.join(path, name)
+                    spool.files.append((full, os.path.getsize(full)))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            logger.warning("spool directory %s is unreadable, removed: %s", path, exc)
+            return None
+        return spool
+
+    @staticmethod
+    def _write_file(path: str, parts: list[Any]) -> None:
+        """Write ``parts`` to ``path`` (mode 0600) via a temporary file and a rename."""
+        tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.tmp"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+        fd = os.open(tmp, flags, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                for part in parts:
+                    handle.write(part)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise

@@ -1,0 +1,71 @@
+"""`NodeFinder`: which address a discovered node is reached at (the ext_host rule)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from dispynb.finder import NodeFinder, trusted_ext_spec
+from dispynb.node import NodeAllocate
+
+
+class FakeDiscovery:
+    """Stands for `Discovery`: only the claimed ext addresses matter here."""
+
+    def __init__(self, ext: dict[tuple[str, int], str]) -> None:
+        self.ext = ext
+
+    def ext_address(self, ip: str, port: int) -> str:
+        return self.ext.get((ip, port), "")
+
+
+def finder(
+    specs: list[str], ext: dict[tuple[str, int], str]
+) -> tuple[NodeFinder, list]:
+    used: list[tuple[str, int, str]] = []
+    found = NodeFinder(
+        [NodeAllocate(s) for s in specs],
+        lambda ip, port, spec: used.append((ip, port, spec.host)),
+    )
+    found._discovery = FakeDiscovery(ext)  # type: ignore[assignment]
+    return found, used
+
+
+def test_without_ext_the_sender_address_is_used() -> None:
+    nodes, used = finder(["10.1.0.*"], {})
+    nodes._found("10.1.0.2", 9711, "n", 1)
+    nodes._found("10.9.0.2", 9711, "other", 1)  # fits no spec
+    assert used == [("10.1.0.2", 9711, "10.1.0.*")]
+
+
+def test_ext_in_a_narrow_spec_is_used() -> None:
+    nodes, used = finder(["*", "10.2.0.*"], {("10.1.0.2", 9711): "10.2.0.2"})
+    nodes._found("10.1.0.2", 9711, "n", 1)
+    assert used == [("10.2.0.2", 9711, "10.2.0.*")]
+
+
+def test_ext_claim_under_bare_star_is_ignored_and_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    nodes, used = finder(["*"], {("10.1.0.2", 9711): "192.0.2.66"})
+    with caplog.at_level(logging.INFO, "dispynb.finder"):
+        nodes._found("10.1.0.2", 9711, "n", 1)
+        nodes._found("10.1.0.2", 9711, "n", 1)
+    assert used == [("10.1.0.2", 9711, "*")] * 2
+    notes = [r.message for r in caplog.records if "192.0.2.66" in r.message]
+    assert len(notes) == 1 and "fits no node spec narrower than '*'" in notes[0]
+
+
+def test_ext_claim_outside_the_specs_is_ignored() -> None:
+    # A node on 10.1.0.* claiming a third party's address gets no connection there.
+    nodes, used = finder(["10.1.0.*"], {("10.1.0.2", 9711): "10.3.0.7"})
+    nodes._found("10.1.0.2", 9711, "n", 1)
+    assert used == [("10.1.0.2", 9711, "10.1.0.*")]
+
+
+def test_ext_matches_addresses_not_claimed_names() -> None:
+    assert trusted_ext_spec([NodeAllocate("node-*")], "10.2.0.2") is None
+    assert trusted_ext_spec([NodeAllocate(" * ")], "10.2.0.2") is None
+    spec = trusted_ext_spec([NodeAllocate("fd00:77::*")], "fd00:77::2")
+    assert spec is not None and spec.host == "fd00:77::*"

@@ -1,0 +1,141 @@
+"""Kept results on disk: `ResultSpool` files, and `ResultKeeper` on top of it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from nodeserver.keeper import ResultKeeper
+from nodeserver.spool import ResultSpool
+
+RID = "5f3c0a9e1b2d4c6e8f00112233445566"
+
+
+def entry(key: int) -> list[object]:
+    return [key, 1, "finished", 0.5, 1.5, "out", "", None, 1]
+
+
+def result(key: int, size: int = 10) -> tuple[list[object], list[memoryview]]:
+    return entry(key), [memoryview(bytes([key % 256]) * size)]
+
+
+def mode(path: str | Path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_results_round_trip_in_private_files_without_the_recovery_id(tmp_path: Path):
+    spool = ResultSpool(str(tmp_path / ".kept"), 1 << 20)
+    directory = spool.create(RID, "comp")
+    for key in range(3):
+        assert spool.write(directory, *result(key))
+    assert mode(tmp_path / ".kept") == mode(directory.path) == 0o700
+    files = sorted(Path(directory.path).iterdir())
+    assert files[0].name == "meta" and len(files) == 4
+    assert all(mode(p) == 0o600 for p in files)
+    assert all(RID.encode() not in p.read_bytes() for p in files)
+    assert RID not in directory.path
+    read = [spool.read(path) for path, _ in directory.files]
+    assert [(e, [bytes(b) for b in bufs]) for e, bufs in read] == [  # type: ignore[misc]
+        (entry(k), [bytes([k]) * 10]) for k in range(3)
+    ]
+    assert spool.used == directory.size > 30
+    spool.remove(directory)
+    assert spool.used == 0 and not os.path.exists(directory.path)
+
+
+def test_total_size_is_bounded_with_one_clear_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    spool = ResultSpool(str(tmp_path), 2000)
+    directory = spool.create(RID, "comp")
+    with caplog.at_level(logging.WARNING, "nodeserver.spool"):
+        assert spool.write(directory, *result(1, 1000))
+        assert not spool.write(directory, *result(2, 1000))
+        assert not spool.write(directory, *result(3, 1000))
+    warnings = [r.message for r in caplog.records]
+    assert len(warnings) == 1 and "raise --kept-results-size" in warnings[0]
+    assert directory.dropped == 2 and len(directory.files) == 1
+
+
+def test_load_keeps_live_spools_and_deletes_expired_and_broken_ones(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    first = ResultSpool(str(tmp_path), 1 << 20)
+    live = first.create(RID, "live")
+    first.write(live, *result(1))
+    expired = first.create("another-id", "old")
+    first.write(expired, *result(2))
+    expired.expires = time.time() - 1
+    first.write_meta(expired)
+    (tmp_path / "junk").mkdir()  # no meta
+    with caplog.at_level(logging.WARNING, "nodeserver.spool"):
+        again = ResultSpool(str(tmp_path), 1 << 20)
+        found = again.load()
+    assert list(found) == [ResultSpool.key(RID)]
+    assert found[ResultSpool.key(RID)].name == "live"
+    assert again.used == found[ResultSpool.key(RID)].size
+    assert not os.path.exists(expired.path) and not (tmp_path / "junk").exists()
+    # A damaged result file is reported, not trusted.
+    path = found[ResultSpool.key(RID)].files[0][0]
+    Path(path).write_bytes(b"DNBK0001" + b"\xff" * 8)
+    assert again.read(path) is None
+    assert any("cannot be read" in r.message for r in caplog.records)
+
+
+class FakeComputation:
+    name = "comp"
+
+    def __init__(self) -> None:
+        self.closed: list[bool] = []
+
+    async def close(self, terminate: bool) -> None:
+        self.closed.append(terminate)
+
+
+def test_keeper_spools_delivers_and_survives_a_restart(tmp_path: Path):
+    async def main() -> None:
+        keeper = ResultKeeper(ResultSpool(str(tmp_path), 1 << 20))
+        kept = keeper.register(RID, FakeComputation())  # type: ignore[arg-type]
+        for key in range(3):
+            ResultKeeper.record(kept, *result(key))
+        assert kept.results == []  # on disk, not in memory
+        keeper.adopt(RID, 60)
+        await asyncio.wait_for(kept.finished.wait(), 5)
+        await keeper.close()  # the node stops; the results stay on disk
+
+        restarted = ResultKeeper(ResultSpool(str(tmp_path), 1 << 20))
+        assert restarted.load() == 1
+        got: list[int] = []
+        claimed = restarted.claim(RID, lambda e, b: got.append(e[0]))
+        assert claimed is not None and claimed.finished.is_set()
+        assert got == [0, 1, 2]
+        assert restarted.claim("wrong-id", lambda e, b: None) is None
+        restarted.release(RID)  # collected: the files go
+        assert os.listdir(tmp_path) == []
+        await restarted.close()
+
+    asyncio.run(main())
+
+
+def test_keeper_drops_results_when_they_expire(tmp_path: Path):
+    async def main() -> None:
+        keeper = ResultKeeper(ResultSpool(str(tmp_path), 1 << 20))
+        kept = keeper.register(RID, FakeComputation())  # type: ignore[arg-type]
+        ResultKeeper.record(kept, *result(1))
+        keeper.adopt(RID, 0.05)
+        await asyncio.wait_for(kept.finished.wait(), 5)
+        for _ in range(500):
+            if not os.listdir(tmp_path):
+                break
+            await asyncio.sleep(0.01)
+        assert os.listdir(tmp_path) == []
+        assert keeper.claim(RID, lambda e, b: None) is None
+        await keeper.close()
+
+    asyncio.run(main())
