@@ -19,7 +19,7 @@ import msgpack
 
 from dispynb.errors import MessageError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 #: Limits for headers decoded before authentication (handshake messages are tiny).
 _PRE_AUTH_LIMITS = {

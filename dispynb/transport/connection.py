@@ -230,7 +230,7 @@ class Connection:
         if self._signer is None:
             link.write(_coalesced(pieces))
         elif size >= HASH_IN_FLIGHT:
-            link.write(_coalesced(pieces), self._signer.start())
+            link.write(_coalesced(pieces), self._signer.start(size))
         else:
             pieces.append(self._signer.sign(pieces))
             link.write(_coalesced(pieces))
@@ -376,7 +376,7 @@ class Connection:
             _, seq, running, hashed = partial
             running.update(view[hashed:end])
         else:
-            seq, running = verifier.start()
+            seq, running = verifier.start(len(prefix) + end)
             running.update(prefix)
             running.update(view[:end])
         try:
@@ -393,7 +393,8 @@ class Connection:
         prefix, body, filled = partial
         state = self._partial
         if state is None or state[0] is not body:
-            seq, running = verifier.start()  # after every earlier frame: in order
+            # after every earlier frame: in order
+            seq, running = verifier.start(len(prefix) + len(body) - MAC_SIZE)
             running.update(prefix)
             state = self._partial = [body, seq, running, 0]
         upto = min(filled, len(body) - MAC_SIZE)

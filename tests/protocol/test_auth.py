@@ -187,3 +187,86 @@ def test_verifier_error_message_never_contains_key():
     text = str(info.value)
     assert c2n.hex() not in text
     assert SECRET.decode() not in text
+
+
+# -- large messages: Poly1305 under one-time keys ------------------------------------
+
+LARGE = auth.LARGE_MESSAGE
+KEY = b"k" * 32
+
+
+def large(fill: int = 7, extra: int = 0) -> bytearray:
+    return bytearray([fill]) * (LARGE + extra)
+
+
+def test_large_messages_verify_and_take_their_turn_with_small_ones():
+    signer, verifier = pair()
+    messages = [[b"small"], [b"head", large()], [b"x"], [large(1, 12345)]]
+    macs = [signer.sign(parts) for parts in messages]
+    for parts, mac in zip(messages, macs, strict=True):
+        verifier.verify(parts, mac)
+    assert verifier.seq == 4
+
+
+def test_large_mac_is_not_the_hmac_of_the_same_bytes():
+    # Below the threshold the MAC is HMAC-SHA256 of seq | bytes: a large message's
+    # MAC must differ from that, so both sides agree on the algorithm by size.
+    body = large()
+    assert MessageSigner(KEY).sign([body]) != _hmac_only(body)
+
+
+def _hmac_only(body: bytes) -> bytes:
+    import hashlib
+    import hmac
+
+    mac = hmac.new(KEY, digestmod=hashlib.sha256)
+    mac.update((0).to_bytes(8, "big"))
+    mac.update(body)
+    return mac.digest()
+
+
+def test_large_same_content_gets_a_new_one_time_key_per_message():
+    signer = MessageSigner(KEY)
+    body = large()
+    assert signer.sign([body]) != signer.sign([body])
+
+
+@pytest.mark.parametrize("where", [0, LARGE // 2, LARGE - 1])
+def test_large_flipped_bit_fails(where):
+    signer, verifier = pair()
+    body = large()
+    mac = signer.sign([body])
+    body[where] ^= 0x01
+    with pytest.raises(AuthenticationError, match="message 0 failed"):
+        verifier.verify([body], mac)
+
+
+def test_large_truncated_or_extended_fails():
+    signer, verifier = pair()
+    body = large(extra=10)
+    mac = signer.sign([body])
+    with pytest.raises(AuthenticationError):
+        verifier.verify([body[:-1]], mac)
+    signer, verifier = pair()
+    mac = signer.sign([body])
+    with pytest.raises(AuthenticationError):
+        verifier.verify([body + b"\0"], mac)
+
+
+def test_large_pieces_fed_as_they_arrive_match_the_whole():
+    signer, verifier = pair()
+    body = large(3, 99)
+    mac = signer.sign([b"prefix", body])
+    seq, running = verifier.start(len(b"prefix") + len(body))
+    running.update(b"prefix")
+    view = memoryview(body)
+    for start in range(0, len(body), 5000):
+        running.update(view[start : start + 5000])
+    MessageVerifier.check(seq, running, mac)
+
+
+def test_large_mac_from_the_other_direction_fails():
+    client_to_node, node_to_client = auth.session_keys(KEY, 2, b"c" * 32, b"n" * 32)
+    mac = MessageSigner(node_to_client).sign([large()])
+    with pytest.raises(AuthenticationError):
+        MessageVerifier(client_to_node).verify([large()], mac)
