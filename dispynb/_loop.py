@@ -2,7 +2,8 @@
 
 The public API is synchronous (dispy's ``job()`` blocks), so the client runs its
 sockets on a loop in a daemon thread and the user's thread talks to it through
-this module. No other module may start a thread that runs an event loop.
+this module. No other client module may start a thread that runs an event loop
+(the web monitor, `dispynb.httpd`, runs its own so browsers never slow this one).
 
 Contents
 --------

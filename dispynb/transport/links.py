@@ -27,20 +27,31 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from dispynb.errors import FramingError
+from dispynb.protocol.auth import RunningMac
 from dispynb.protocol.framing import Buffer, Frame, FrameDecoder
 
 #: Most iovecs one sendmsg call takes (Linux IOV_MAX).
 IOV_MAX = 1024
 
 
-class Hasher(Protocol):
-    """A running MAC (``hmac.HMAC``)."""
+class DrainWaiters:
+    """Tasks waiting for a link's unsent bytes to drain (woken all at once)."""
 
-    def update(self, data: Buffer, /) -> None:
-        """Feed the next bytes."""
+    def __init__(self) -> None:
+        self._waiters: list[asyncio.Future[None]] = []
 
-    def digest(self) -> bytes:
-        """The MAC of everything fed."""
+    async def wait(self) -> None:
+        """Wait until `wake`."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        await waiter
+
+    def wake(self) -> None:
+        """Wake every waiter (drained, or the link ended)."""
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
 
 class FrameSink(Protocol):
@@ -65,7 +76,7 @@ class Link(Protocol):
     def closed(self) -> bool:
         """True once the link has ended."""
 
-    def write(self, pieces: Sequence[Buffer], mac: Hasher | None = None) -> None:
+    def write(self, pieces: Sequence[Buffer], mac: RunningMac | None = None) -> None:
         """Send ``pieces`` in order, then ``mac``'s digest of them if given; never
         blocks, never raises for a dead peer."""
 
@@ -106,7 +117,7 @@ class SocketLink:
         #: ``[None, mac]`` (send ``mac``'s digest here).
         self._out: collections.deque[list[Any]] = collections.deque()
         self._writing = False  # the writer callback is registered
-        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._drain_waiters = DrainWaiters()
         self._closed = False
         self._reading = True
         self._names = (_sockname(sock, "getsockname"), _sockname(sock, "getpeername"))
@@ -150,7 +161,7 @@ class SocketLink:
 
     # -- writing -----------------------------------------------------------------------
 
-    def write(self, pieces: Sequence[Buffer], mac: Hasher | None = None) -> None:
+    def write(self, pieces: Sequence[Buffer], mac: RunningMac | None = None) -> None:
         """Send ``pieces`` now with one ``sendmsg``; queue (uncopied) what is left.
 
         With ``mac``, the pieces are fed to it as they leave, and its digest is sent
@@ -174,7 +185,7 @@ class SocketLink:
         self._consume(sent)
         self._pump()
 
-    def _queue(self, pieces: Sequence[Buffer], mac: Hasher | None) -> None:
+    def _queue(self, pieces: Sequence[Buffer], mac: RunningMac | None) -> None:
         for piece in pieces:
             view = memoryview(piece).cast("B")
             if view.nbytes:
@@ -231,21 +242,13 @@ class SocketLink:
         if self._writing:
             self._writing = False
             self._loop.remove_writer(self._fd)
-        self._wake_drainers()
+        self._drain_waiters.wake()
 
     async def drained(self) -> None:
         """Wait until the queue of unsent bytes is empty (or the link ended)."""
         if not self._out or self._closed:
             return
-        waiter = self._loop.create_future()
-        self._drain_waiters.append(waiter)
-        await waiter
-
-    def _wake_drainers(self) -> None:
-        waiters, self._drain_waiters = self._drain_waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+        await self._drain_waiters.wait()
 
     # -- the rest ----------------------------------------------------------------------
 
@@ -271,7 +274,7 @@ class SocketLink:
             self._loop.remove_writer(self._fd)
         self._out.clear()
         self._sock.close()
-        self._wake_drainers()
+        self._drain_waiters.wake()
         self._sink.link_lost(exc)
 
 
@@ -282,7 +285,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._sink = sink
         self.transport: asyncio.Transport | None = None
         self._paused = False
-        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._drain_waiters = DrainWaiters()
         self.lost = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -310,7 +313,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         """asyncio callback."""
         self.lost = True
-        self._wake_drainers()
+        self._drain_waiters.wake()
         self._sink.link_lost(exc)
 
     def pause_writing(self) -> None:
@@ -320,21 +323,13 @@ class FrameProtocol(asyncio.BufferedProtocol):
     def resume_writing(self) -> None:
         """asyncio callback: the transport's buffer drained below its low-water mark."""
         self._paused = False
-        self._wake_drainers()
+        self._drain_waiters.wake()
 
     async def drained(self) -> None:
         """Wait while the transport is paused (as ``StreamWriter.drain``)."""
         if not self._paused or self.lost:
             return
-        waiter = asyncio.get_running_loop().create_future()
-        self._drain_waiters.append(waiter)
-        await waiter
-
-    def _wake_drainers(self) -> None:
-        waiters, self._drain_waiters = self._drain_waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+        await self._drain_waiters.wait()
 
 
 class TransportLink:
@@ -349,7 +344,7 @@ class TransportLink:
         """True once the link has ended (or is closing)."""
         return self._protocol.lost or self._transport.is_closing()
 
-    def write(self, pieces: Sequence[Buffer], mac: Hasher | None = None) -> None:
+    def write(self, pieces: Sequence[Buffer], mac: RunningMac | None = None) -> None:
         """Hand ``pieces`` (and ``mac``'s digest of them) to the transport."""
         if self.closed:
             return
