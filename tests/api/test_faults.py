@@ -205,9 +205,15 @@ def test_node_shutting_down_hands_back_jobs_that_did_not_start(tmp_path):
     assert any(job.result[1] == "b" for job in finished)
 
 
-def timed_square(n: int, seconds: float) -> tuple[int, str, float]:
+def timed_square(
+    n: int, seconds: float, started: str | None = None
+) -> tuple[int, str, float]:
+    import os
     import time
 
+    if started is not None:  # a directory: say this job started, and where
+        with open(os.path.join(started, f"{dispy_node_name}-{n}"), "w"):  # type: ignore[name-defined]  # noqa: F821
+            pass
     time.sleep(seconds)
     return n * n, dispy_node_name, time.time()  # type: ignore[name-defined]  # noqa: F821
 
@@ -229,10 +235,13 @@ def test_draining_node_finishes_running_jobs_and_gets_no_more(tmp_path):
         ) as cluster,
     ):
         wait_until(lambda: len(cluster.status().nodes) == 2)
-        jobs = [cluster.submit(n, 0.6) for n in range(16)]
+        started = tmp_path / "started"
+        started.mkdir()
+        jobs = [cluster.submit(n, 1.5, str(started)) for n in range(16)]
         node_a = next(n for n in cluster.status().nodes if n.name == "a")
         wait_until(lambda: len(cluster.node_jobs(node_a)) >= 2)  # some queued
-        wait_until(lambda: any(j.status == DispyJob.Running for j in jobs))
+        # a job really runs on a (a 1.5 s job: it is still running at the signal)
+        wait_until(lambda: any(p.name.startswith("a-") for p in started.iterdir()))
         signalled, signalled_mono = time.time(), time.monotonic()
         a.proc.send_signal(signal.SIGTERM)
         wait_until(lambda: "draining" in a.log_text())
@@ -252,7 +261,7 @@ def test_draining_node_finishes_running_jobs_and_gets_no_more(tmp_path):
     on_a = [job for job in everything if job.result[1] == "a"]
     assert any(job.result[2] > signalled for job in on_a)
     # Nothing started on a after the signal (finished on a = started before it).
-    assert all(job.result[2] - 0.6 < signalled + 0.2 for job in on_a)
+    assert all(job.result[2] - 1.5 < signalled + 0.2 for job in on_a)
     assert all(job.result[1] == "b" for job in late)
     # a was not declared dead while it drained: closed only when it exited.
     assert events.closed["a"] > signalled_mono + 0.3
