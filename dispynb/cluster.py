@@ -45,7 +45,7 @@ from dispynb.node import (
     is_wildcard,
     parse_node_specs,
 )
-from dispynb.options import ClusterOptions
+from dispynb.options import ClusterOptions, check_job_timeout, check_mem_limit
 from dispynb.protocol import serialize
 from dispynb.protocol.files import write_inside
 from dispynb.protocol.framing import Buffer
@@ -538,6 +538,7 @@ class JobCluster:
         job_deps = collect(
             kwargs.pop("dispy_job_depends", None) or [], "dispy_job_depends"
         )
+        limits = _job_limits(kwargs, self._options)
         payload = (args, kwargs, job_deps.names) if job_deps.names else (args, kwargs)
         try:
             buffers = serialize.dumps(payload)
@@ -562,7 +563,7 @@ class JobCluster:
             self._notify_cluster(JobStatus.Created, None, copy.copy(job))
         self.job_counts["submitted"] += 1
         self._emit(JobStatus.Created, None, job)
-        self._driver.enqueue(key, buffers, node_id, job_deps.files or None)
+        self._driver.enqueue(key, buffers, node_id, job_deps.files or None, limits)
         self._drain.trigger()
         return job
 
@@ -819,6 +820,34 @@ def _read_program(path: str) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigurationError(f"cannot read program {path!r}: {exc}") from exc
     return {"name": os.path.basename(path), "data": data}
+
+
+#: Stands for a magic keyword that was not given (None means "no limit").
+_UNSET: Any = object()
+
+
+def _job_limits(
+    kwargs: dict[str, Any], opts: ClusterOptions
+) -> tuple[float | None, int | None] | None:
+    """Pop ``dispy_job_timeout``/``dispy_job_mem_limit``; the job's limits, or None.
+
+    Each falls back to the cluster's ``job_timeout``/``mem_limit``; an explicit None
+    lifts the cluster's limit for this job.
+    """
+    timeout = kwargs.pop("dispy_job_timeout", _UNSET)
+    mem = kwargs.pop("dispy_job_mem_limit", _UNSET)
+    timeout = (
+        opts.job_timeout
+        if timeout is _UNSET
+        else check_job_timeout(timeout, "dispy_job_timeout")
+    )
+    mem = (
+        opts.mem_limit if mem is _UNSET else check_mem_limit(mem, "dispy_job_mem_limit")
+    )
+    if timeout is None and mem is None:
+        return None
+    assert not isinstance(mem, str)  # ClusterOptions normalised it to bytes
+    return timeout, mem
 
 
 def _unpicklable_argument(

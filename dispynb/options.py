@@ -13,6 +13,7 @@ import inspect
 import logging
 import os
 import posixpath
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import InitVar, dataclass, field, fields
@@ -89,6 +90,19 @@ class ClusterOptions:
         job) so takes down at most this many nodes. Not a dispy option (dispy
         resubmitted for ever); attempts a stopping node hands back unstarted do
         not count.
+    job_timeout:
+        Seconds a job may run on a node before the node stops it (KeyboardInterrupt,
+        then SIGKILL of its worker after 2 s; a program's process group is killed).
+        The job ends ``Terminated``, its exception saying it ran over its time
+        limit. ``submit(..., dispy_job_timeout=s)`` sets it for one job. Default
+        None: no limit (as in dispy; a job may legitimately run for days).
+    mem_limit:
+        Address space (bytes, or a string such as ``"512M"`` or ``"2G"``) a job's
+        worker may use while the job runs, set as the soft ``RLIMIT_AS`` for that
+        job only. Going over it raises ``MemoryError`` inside the job, which then
+        ends like any job that raised. ``submit(..., dispy_job_mem_limit=...)`` sets
+        it for one job. Default None: no limit. It counts the worker's whole
+        address space, including what setup loaded and the libraries it maps.
     """
 
     computation: Callable[..., Any] | str
@@ -117,6 +131,8 @@ class ClusterOptions:
     max_message_size: int = MAX_MESSAGE_SIZE
     files_dir: str | None = None
     setup_timeout: float | None = None
+    job_timeout: float | None = None
+    mem_limit: int | str | None = None
     secret_file: InitVar[str | None] = None
 
     @classmethod
@@ -191,6 +207,8 @@ class ClusterOptions:
         self.max_message_size = _check_message_size(self.max_message_size)
         self.files_dir = _check_files_dir(self.files_dir)
         self.setup_timeout = _check_setup_timeout(self.setup_timeout)
+        self.job_timeout = check_job_timeout(self.job_timeout, "job_timeout")
+        self.mem_limit = check_mem_limit(self.mem_limit, "mem_limit")
         self.secret = resolve_secret(self.secret, secret_file)
 
 
@@ -261,6 +279,55 @@ def _check_setup_timeout(value: Any) -> float | None:
             f"setup_timeout must be a positive number of seconds or None, not {value!r}"
         )
     return float(value)
+
+
+def check_job_timeout(value: Any, name: str) -> float | None:
+    """Seconds a job may run (``name``: the option, for the message); None: no limit."""
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 0 < value < float("inf")
+    ):
+        raise ConfigurationError(
+            f"{name} must be a positive number of seconds, or None for no time "
+            f"limit; got {value!r}"
+        )
+    return float(value)
+
+
+#: Multipliers of the size suffixes `check_mem_limit` accepts (powers of 1024).
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+#: Smallest memory limit accepted: below it a Python worker cannot even run a job.
+MIN_MEM_LIMIT = 32 << 20
+
+
+def check_mem_limit(value: Any, name: str) -> int | None:
+    """Bytes a job's worker may map, from an int or ``"512M"``-style text; or None."""
+    if value is None:
+        return None
+    size: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif isinstance(value, str):
+        match = re.fullmatch(
+            r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*", value.upper()
+        )
+        if match is not None:
+            size = int(float(match[1]) * _SIZE_UNITS[match[2]])
+    if size is None:
+        raise ConfigurationError(
+            f"{name} must be a number of bytes or a size such as '512M' or '2G' "
+            f"(K, M, G, T: powers of 1024), or None for no limit; got {value!r}"
+        )
+    if size < MIN_MEM_LIMIT:
+        raise ConfigurationError(
+            f"{name} of {size} bytes is too small for a Python worker to run a job: "
+            f"give at least {MIN_MEM_LIMIT >> 20}M, or None for no limit"
+        )
+    return size
 
 
 def _check_files_dir(value: Any) -> str:

@@ -65,6 +65,10 @@ SKIP_GRACE = 0.5
 #: Seconds a cancelled job gets to end after its KeyboardInterrupt before it is killed.
 CANCEL_GRACE = 3.0
 
+#: Seconds a job over its time limit gets to end after its KeyboardInterrupt before
+#: its worker is killed (shorter than a cancel's: it already had its time).
+TIMEOUT_GRACE = 2.0
+
 #: Seconds to wait for a computation process to exit after Shutdown.
 SHUTDOWN_GRACE = 10.0
 
@@ -89,6 +93,10 @@ class NodeJob:
     reported: bool = False  # its outcome already went to the client
     files: list[tuple[str, str]] = field(default_factory=list)  # (path, digest)
     placed: bool = False  # its files are in the computation's directory
+    timeout: float | None = None  # seconds it may run (job_timeout)
+    mem_limit: int | None = None  # bytes of address space (mem_limit)
+    timer: asyncio.TimerHandle | None = None  # ends it at its timeout
+    timed_out: bool = False  # stopped for running over its timeout
 
 
 @dataclass(slots=True, eq=False)
@@ -107,6 +115,23 @@ class Worker:
 
 def _was_interrupted(done: Done) -> bool:
     return done.outcome != FINISHED and "KeyboardInterrupt" in (done.exception or "")
+
+
+def timeout_reason(timeout: float) -> str:
+    """Why a job that ran over its time limit was terminated, and how to allow more."""
+    return (
+        f"the job ran over its time limit of {timeout:g} s (job_timeout / "
+        "dispy_job_timeout) and was terminated; give a larger limit, e.g. "
+        f"submit(..., dispy_job_timeout={max(timeout * 2, 1):g}), or None for none"
+    )
+
+
+def mem_limit_note(mem_limit: int) -> str:
+    """Appended to the crash reason of a job that ran under a memory limit."""
+    return (
+        f"; it probably exceeded mem_limit of {mem_limit} bytes (mem_limit / "
+        "dispy_job_mem_limit): give a larger limit, or None for none"
+    )
 
 
 def crash_reason(returncode: int) -> str:
@@ -309,6 +334,8 @@ class Computation:
         for worker in self._workers.values():
             for position, job in enumerate(worker.assigned):
                 if job.key == key and job.attempt == attempt:
+                    if job.cancelled:
+                        return  # stopping already (cancelled, or over its timeout)
                     job.cancelled = True
                     if position == 0:
                         self._interrupt(worker, job)
@@ -354,13 +381,38 @@ class Computation:
                 [job.key, job.attempt, RETURNED, 0.0, 0.0, "", "", reason, 0], []
             )
 
-    def _interrupt(self, worker: Worker, job: NodeJob) -> None:
+    def _interrupt(
+        self, worker: Worker, job: NodeJob, grace: float = CANCEL_GRACE
+    ) -> None:
         """Cancel a running job as dispy does: KeyboardInterrupt, then kill."""
         worker.interrupted = True
         with contextlib.suppress(ProcessLookupError):
             os.kill(worker.pid, signal.SIGINT)
         loop = asyncio.get_running_loop()
-        loop.call_later(CANCEL_GRACE, self._escalate, worker, job)
+        loop.call_later(grace, self._escalate, worker, job)
+
+    def _start_clock(self, worker: Worker) -> None:
+        """The worker's head job starts now: arm its time limit, if it has one."""
+        job = worker.assigned[0]
+        if job.timeout is not None and job.timer is None and not job.cancelled:
+            loop = asyncio.get_running_loop()
+            job.timer = loop.call_later(job.timeout, self._time_out, worker, job)
+
+    def _time_out(self, worker: Worker, job: NodeJob) -> None:
+        """A job ran over its time limit: stop it as a cancel does, with less grace."""
+        job.timer = None
+        if job.reported or job.cancelled or not worker.assigned:
+            return
+        if worker.assigned[0] is not job or worker.returncode is not None:
+            return
+        logger.info(
+            "job %d of %s ran over its time limit of %g s; stopping it",
+            job.key,
+            self.name,
+            job.timeout,
+        )
+        job.timed_out = job.cancelled = True
+        self._interrupt(worker, job, TIMEOUT_GRACE)
 
     def _interrupt_if_head(self, worker: Worker) -> None:
         if worker.assigned and worker.assigned[0].cancelled and not worker.interrupted:
@@ -416,11 +468,13 @@ class Computation:
                 self._pump_soon()
                 return
         worker.assigned.append(job)
+        run = Run(key=job.key, attempt=job.attempt, mem_limit=job.mem_limit)
         # If the worker is dying, its exit report requeues or fails the job.
         with contextlib.suppress(DispynbError):
-            worker.conn.write(Run(key=job.key, attempt=job.attempt), job.buffers)
+            worker.conn.write(run, job.buffers)
         if len(worker.assigned) == 1:
             job.buffers = []  # a job sent ahead keeps them: it may be requeued
+            self._start_clock(worker)
 
     async def _read_worker(self, worker: Worker) -> None:
         def handle(message: Message, buffers: list[memoryview]) -> None:
@@ -469,12 +523,17 @@ class Computation:
             )
             return
         job = worker.assigned.popleft()
+        if job.timer is not None:
+            job.timer.cancel()
+            job.timer = None
+        if worker.assigned:
+            self._start_clock(worker)  # the job sent ahead starts now
         self._release_job_files(job)
         duration = max(done.end_time - done.start_time, 0.0)
         if done.outcome != CANCELLED:  # a skipped job says nothing about durations
             mean = self._mean
             self._mean = duration if mean is None else 0.8 * mean + 0.2 * duration
-        if job.cancelled and done.outcome != FINISHED:
+        if job.cancelled and (done.outcome != FINISHED or job.timed_out):
             self._finish_killed(job)
         elif worker.interrupted and not job.cancelled and _was_interrupted(done):
             # SIGINT meant for the job before it (which ended just then) hit this one.
@@ -555,6 +614,8 @@ class Computation:
             return
         job.reported = True
         reason = "job terminated at the client's request"
+        if job.timed_out and job.timeout is not None:
+            reason = timeout_reason(job.timeout)
         self._report(
             [job.key, job.attempt, TERMINATED, 0.0, 0.0, "", "", reason, 0], []
         )
@@ -606,6 +667,9 @@ class Computation:
         requeue: list[NodeJob] = []
         for position, job in enumerate(worker.assigned):
             self._release_job_files(job)
+            if job.timer is not None:
+                job.timer.cancel()
+                job.timer = None
             if job.cancelled:
                 self._finish_killed(job)
             elif job.reported:
@@ -616,6 +680,8 @@ class Computation:
                     if returncode is not None
                     else "the computation's process on the node died"
                 )
+                if job.mem_limit is not None:
+                    reason += mem_limit_note(job.mem_limit)
                 job.reported = True
                 self._report(
                     [job.key, job.attempt, CRASHED, 0.0, 0.0, "", "", reason, 0], []

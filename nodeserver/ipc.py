@@ -81,10 +81,15 @@ class WorkerExited(IpcMessage):
 
 @message("run")
 class Run(IpcMessage):
-    """Run one job; buffers hold the pickled ``(args, kwargs)``."""
+    """Run one job; buffers hold the pickled ``(args, kwargs)``.
+
+    ``mem_limit``: bytes of address space the worker may use while the job runs
+    (its soft ``RLIMIT_AS``), or None for no limit.
+    """
 
     key: int
     attempt: int
+    mem_limit: int | None = None
 
 
 @message("skip")

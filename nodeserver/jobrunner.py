@@ -11,6 +11,7 @@ import collections
 import io
 import logging
 import os
+import resource
 import sys
 import time
 import traceback
@@ -75,17 +76,26 @@ def run_job(
         else:
             start_time = time.time()
             restore = _add_names(func, names) if names else None
+            mem_limit = run.mem_limit
+            # Only under a limit: no system call per job otherwise.
+            lifted = _limit_memory(mem_limit) if mem_limit is not None else None
             CONTEXT.running = True
             try:
                 result = func(*args, **kwargs)
             except BaseException as exc:  # reported to the client, never fatal
                 CONTEXT.running = False
+                if lifted is not None:
+                    resource.setrlimit(resource.RLIMIT_AS, lifted)
                 if restore is not None:
                     restore()
                 end_time = time.time()
                 exception = _format_job_exception(exc)
+                if mem_limit is not None and isinstance(exc, MemoryError):
+                    exception += _mem_limit_hint(mem_limit)
             else:
                 CONTEXT.running = False
+                if lifted is not None:
+                    resource.setrlimit(resource.RLIMIT_AS, lifted)
                 if restore is not None:
                     restore()
                 end_time = time.time()
@@ -113,6 +123,26 @@ def run_job(
         exception=exception,
     )
     return done, result_buffers
+
+
+def _limit_memory(mem_limit: int) -> tuple[int, int]:
+    """Lower the soft ``RLIMIT_AS`` to ``mem_limit`` for one job; the limits to restore.
+
+    Only the soft limit changes, so the worker (reused for the next job) can raise it
+    again; a hard limit below ``mem_limit`` stays in force.
+    """
+    saved = resource.getrlimit(resource.RLIMIT_AS)
+    hard = saved[1]
+    soft = mem_limit if hard == resource.RLIM_INFINITY else min(mem_limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    return saved
+
+
+def _mem_limit_hint(mem_limit: int) -> str:
+    return (
+        f"(the job ran with a mem_limit of {mem_limit} bytes of address space: "
+        "mem_limit / dispy_job_mem_limit; give a larger limit, or None for none)\n"
+    )
 
 
 def _unpack_payload(

@@ -326,6 +326,8 @@ class ClientSession:
                 job.files = self._job_files(entry[3])
             jobs.append(job)
             offset += count
+        if message.limits:
+            _apply_limits(jobs, message.limits)
         if self.server.draining:  # the node shuts down: these run elsewhere
             reason = "the node is shutting down; the job did not start"
             for job in jobs:
@@ -515,3 +517,31 @@ class ClientSession:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _apply_limits(jobs: list[NodeJob], limits: list[Any]) -> None:
+    """Give jobs their ``[key, timeout, mem_limit]`` limits from a job-submit."""
+    by_key = {job.key: job for job in jobs}
+    for entry in limits:
+        if not isinstance(entry, list) or len(entry) != 3:
+            raise MessageError("malformed job limits in job-submit")
+        key, timeout, mem_limit = entry
+        job = by_key.get(key)
+        if job is None:
+            raise MessageError("job-submit limits name a job it does not carry")
+        if timeout is not None:
+            if (
+                isinstance(timeout, bool)
+                or not isinstance(timeout, int | float)
+                or not timeout > 0
+            ):
+                raise MessageError("malformed job timeout in job-submit")
+            job.timeout = float(timeout)
+        if mem_limit is not None:
+            if (
+                isinstance(mem_limit, bool)
+                or not isinstance(mem_limit, int)
+                or mem_limit <= 0
+            ):
+                raise MessageError("malformed job mem_limit in job-submit")
+            job.mem_limit = mem_limit

@@ -273,10 +273,15 @@ class JobSubmit(WireMessage):
     ``jobs`` holds ``[key, attempt, buffer_count]`` per job, plus a fourth item
     ``[[relative_path, digest], ...]`` for a job with its own files; the job's pickled
     arguments are the next ``buffer_count`` message buffers, in order.
+
+    ``limits`` holds ``[key, timeout, mem_limit]`` for each job that has a limit:
+    seconds it may run and bytes of address space its worker may use (each None for
+    no limit). A node that predates it ignores it and runs the jobs unlimited.
     """
 
     comp_id: int
     jobs: list[list[Any]]
+    limits: list[list[Any]] = dataclasses.field(default_factory=list)
 
 
 @message("job-cancel")

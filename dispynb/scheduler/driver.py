@@ -171,6 +171,7 @@ class _Pending:
     buffers: list[Buffer]
     node: str | None = None
     files: list[FileRef] | None = None
+    limits: tuple[float | None, int | None] | None = None  # (timeout s, mem bytes)
 
 
 @dataclass(kw_only=True)
@@ -205,7 +206,13 @@ class Driver:
         self.nodes: dict[str, NodeLink] = {}
         self._jobs: dict[int, _Pending] = {}
         self._incoming: collections.deque[
-            tuple[int, list[Buffer], str | None, list[FileRef] | None]
+            tuple[
+                int,
+                list[Buffer],
+                str | None,
+                list[FileRef] | None,
+                tuple[float | None, int | None] | None,
+            ]
         ] = collections.deque()
         self._files: dict[str, FileRef] = {}  # by digest: what nodes may ask for
         self._placements: dict[int, asyncio.Future[str]] = {}
@@ -545,13 +552,15 @@ class Driver:
         buffers: list[Buffer],
         node: str | None = None,
         files: list[FileRef] | None = None,
+        limits: tuple[float | None, int | None] | None = None,
     ) -> None:
         """Thread-safe: record a job; `drain` (on the loop) submits it.
 
         ``files`` are the job's own files, placed in the computation's directory on
-        its node for the time it runs.
+        its node for the time it runs. ``limits``: ``(timeout, mem_limit)`` the node
+        enforces (see `JobSubmit`), or None.
         """
-        self._incoming.append((key, buffers, node, files))
+        self._incoming.append((key, buffers, node, files, limits))
 
     def drain(self) -> None:
         """Submit every enqueued job in one scheduling pass (on the loop)."""
@@ -572,8 +581,8 @@ class Driver:
                 self.events.job_abandoned(key, None, self._no_node_reason())
             return
         while incoming:
-            key, buffers, node, files = incoming.popleft()
-            jobs[key] = _Pending(buffers, node, files)
+            key, buffers, node, files, limits = incoming.popleft()
+            jobs[key] = _Pending(buffers, node, files, limits)
             instructions.extend(handle(JobSubmitted(key, node)))
         self._apply(instructions)
 
@@ -712,10 +721,13 @@ class Driver:
         link = self.nodes[node_id]
         assert link.conn is not None
         entries: list[list[Any]] = []
+        limits: list[list[Any]] = []
         buffers: list[Buffer] = []
         size = 0
         for key, attempt in jobs:
             pending = self._jobs[key]
+            if pending.limits is not None:
+                limits.append([key, *pending.limits])
             if pending.files:
                 self._send_files(link, pending.files)
                 files = [[ref.relative, ref.digest] for ref in pending.files]
@@ -726,20 +738,25 @@ class Driver:
             size += sum(memoryview(b).nbytes for b in pending.buffers)
             self.events.job_running(key, link)
             if size >= BATCH_BYTES:
-                self._write_batch(link, entries, buffers)
-                entries, buffers, size = [], [], 0
+                self._write_batch(link, entries, buffers, limits)
+                entries, limits, buffers, size = [], [], [], 0
         if entries:
-            self._write_batch(link, entries, buffers)
+            self._write_batch(link, entries, buffers, limits)
 
     def _write_batch(
-        self, link: NodeLink, entries: list[list[Any]], buffers: list[Buffer]
+        self,
+        link: NodeLink,
+        entries: list[list[Any]],
+        buffers: list[Buffer],
+        limits: list[list[Any]],
     ) -> None:
         assert link.conn is not None
         # If the connection is going, its reader sees it end and the state requeues
         # or abandons these jobs.
         with contextlib.suppress(DispynbError):
             link.conn.write(
-                JobSubmit(comp_id=self.config.comp_id, jobs=entries), buffers
+                JobSubmit(comp_id=self.config.comp_id, jobs=entries, limits=limits),
+                buffers,
             )
 
     # -- shutdown ------------------------------------------------------------------
