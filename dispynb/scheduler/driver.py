@@ -107,6 +107,7 @@ class NodeLink:
     peer_ip: str = ""
     resetting: bool = False
     last_seen: float = 0.0  # loop time of the last message from it
+    reads_seen: int = 0  # its connection's reads when the watchdog last looked
     leaving: bool = False  # it handed jobs back: it shuts down
 
 
@@ -511,6 +512,11 @@ class Driver:
                     # waiting unread, so judge no one this round.
                     link.last_seen = now
                     continue
+                if link.conn.reads != link.reads_seen:
+                    # Bytes arrived (maybe of a message slower to cross the link
+                    # than DEAD_AFTER pulses, with the pulses queued behind it).
+                    link.reads_seen = link.conn.reads
+                    link.last_seen = now
                 silent = now - link.last_seen
                 if silent > DEAD_AFTER * pulse:
                     logger.warning(

@@ -111,6 +111,9 @@ class Connection:
         self._delivering = False
         self.bytes_sent = 0
         self.bytes_received = 0
+        #: Reads from the link so far, complete frames or not: a peer whose big
+        #: message is still arriving on a slow link is alive (the pulse watchdog).
+        self.reads = 0
 
     @classmethod
     def over_socket(
@@ -344,6 +347,7 @@ class Connection:
 
     def frames_received(self, frames: list[Frame]) -> None:
         """Check and queue frames (link callback, after each read)."""
+        self.reads += 1
         verifier = self._verifier
         for prefix, count, body in frames:
             checked = None if verifier is None else self._verify(verifier, prefix, body)
