@@ -67,6 +67,8 @@ METRICS: tuple[Metric, ...] = (
     Metric("latency_median", "W2 round trip, median", "ms", False),
     Metric("latency_p95", "W2 round trip, p95", "ms", False),
     Metric("cpu_efficiency", "W3 efficiency (CPU-bound jobs)", "ratio", True),
+    Metric("cpu_wall", "W3 wall time (40 jobs)", "s", False),
+    Metric("cpu_serial_job", "W3 one job alone (reference)", "s", False),
     Metric("bandwidth", "W4 bandwidth (10 MB arguments)", "MB/s", True),
     Metric("start_first_result", "W5 start to first result", "s", False),
     Metric("start_close", "W5 close", "s", False),

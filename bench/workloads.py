@@ -208,8 +208,11 @@ class CpuBound:
 
     ``fn(n)`` must spin for ``n`` loop iterations and return ``n * (n - 1) // 2``;
     ``n`` is calibrated by the caller so that one call takes about the wanted time.
-    The serial time is measured in the benchmark process itself, before the backend
-    starts: the median of a few calls of the same function, times ``jobs``.
+    The serial time is measured in the benchmark process itself: the median of a few
+    calls of the same function just before and just after each timed repetition,
+    times ``jobs``. On a shared VM one call's time drifts by +-20% from minute to
+    minute, so a reference taken once per framework made the ratio noise (several
+    frameworks scored above 1.0); an adjacent one compares like with like.
     Efficiency = serial time / (W x wall time); 1.0 means no overhead at all.
     """
 
@@ -218,6 +221,8 @@ class CpuBound:
     n: int
     workers: int
     serial_calls: int = 5
+    #: Serial calls before and after each timed repetition (each side).
+    adjacent_calls: int = 3
     name: str = "cpu"
     metrics: tuple[Metric, ...] = (
         Metric(
@@ -229,6 +234,12 @@ class CpuBound:
         Metric(
             key="cpu_wall",
             label="CPU-bound wall time",
+            unit="s",
+            higher_is_better=False,
+        ),
+        Metric(
+            key="cpu_serial_job",
+            label="CPU-bound job, serial reference",
             unit="s",
             higher_is_better=False,
         ),
@@ -245,13 +256,16 @@ class CpuBound:
 
     def measure_serial(self) -> float:
         """Time the function here, without any backend; returns seconds per job."""
+        self.serial_job_seconds = statistics.median(self._time_calls(self.serial_calls))
+        return self.serial_job_seconds
+
+    def _time_calls(self, calls: int) -> list[float]:
         times = []
-        for _ in range(self.serial_calls):
+        for _ in range(calls):
             start = time.perf_counter()
             self.fn(self.n)
             times.append(time.perf_counter() - start)
-        self.serial_job_seconds = statistics.median(times)
-        return self.serial_job_seconds
+        return times
 
     def warm_up(self, backend: Backend) -> None:
         if self.serial_job_seconds is None:
@@ -259,14 +273,14 @@ class CpuBound:
         self._run(backend, self.workers)
 
     def measure(self, backend: Backend) -> dict[str, float]:
-        if self.serial_job_seconds is None:
-            self.measure_serial()
-        assert self.serial_job_seconds is not None
+        before = self._time_calls(self.adjacent_calls)
         elapsed = self._run(backend, self.jobs)
-        serial = self.serial_job_seconds * self.jobs
+        after = self._time_calls(self.adjacent_calls)
+        per_job = statistics.median(before + after)
         return {
-            "cpu_efficiency": serial / (self.workers * elapsed),
+            "cpu_efficiency": per_job * self.jobs / (self.workers * elapsed),
             "cpu_wall": elapsed,
+            "cpu_serial_job": per_job,
         }
 
     def _run(self, backend: Backend, jobs: int) -> float:
