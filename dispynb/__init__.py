@@ -65,7 +65,13 @@ def unload_ipython_extension(ipython: Any) -> None:
     unload_ipython_extension(ipython)
 
 
+#: Subpackages reachable as attributes, as dispy's ``dispy.httpd`` is.
+_SUBPACKAGES = frozenset({"httpd"})
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"dispynb.{name}")
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'dispynb' has no attribute {name!r}")

@@ -275,3 +275,11 @@ def test_browser_gone_during_long_poll_is_quiet(local):
         assert ok(MonitorClient(server).get("/api/cluster"))["closed"] is True
     finally:
         server.shutdown()
+
+
+def test_reachable_as_dispy_httpd() -> None:
+    # dispy programs write dispy.httpd.DispyHTTPServer after `import dispynb as dispy`
+    import dispynb as dispy
+    from dispynb.httpd import DispyHTTPServer
+
+    assert dispy.httpd.DispyHTTPServer is DispyHTTPServer
