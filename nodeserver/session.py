@@ -417,7 +417,9 @@ class ClientSession:
             async with asyncio.timeout(HAND_BACK_TIMEOUT):
                 await self.conn.flush()
         except (DispynbError, TimeoutError):
-            return  # not sent: keep them for another try
+            # A client that read everything may hang up before this task runs.
+            if not self.conn.all_sent:
+                return  # not sent: keep them for another try
         self.server.keeper.release(recovery_id)
 
     async def _recovered_when_done(

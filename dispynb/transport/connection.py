@@ -257,6 +257,12 @@ class Connection:
                 f"connection to {self.peer} closed"
             )
 
+    @property
+    def all_sent(self) -> bool:
+        """Whether everything written went to the kernel, even if the connection has
+        ended since (a peer that read it all and hung up); False when unknown."""
+        return self._link is not None and self._link.all_sent
+
     # -- receiving ---------------------------------------------------------------------
 
     async def recv(self) -> tuple[Message, list[memoryview]]:

@@ -83,6 +83,11 @@ class Link(Protocol):
     async def drained(self) -> None:
         """Wait until all written bytes are with the kernel (or the link ended)."""
 
+    @property
+    def all_sent(self) -> bool:
+        """Whether every byte written went to the kernel (before the end, if it
+        ended); False when that cannot be told."""
+
     def pause_reading(self) -> None:
         """Stop reading until `resume_reading` (backpressure on the peer)."""
 
@@ -119,6 +124,7 @@ class SocketLink:
         self._writing = False  # the writer callback is registered
         self._drain_waiters = DrainWaiters()
         self._closed = False
+        self._dropped = False  # it ended with bytes the kernel had not taken
         self._reading = True
         self._names = (_sockname(sock, "getsockname"), _sockname(sock, "getpeername"))
         self._loop.add_reader(self._fd, self._readable)
@@ -127,6 +133,11 @@ class SocketLink:
     def closed(self) -> bool:
         """True once the link has ended."""
         return self._closed
+
+    @property
+    def all_sent(self) -> bool:
+        """Whether every byte written went to the kernel (before the end, if any)."""
+        return not self._dropped if self._closed else not self._out
 
     # -- reading -----------------------------------------------------------------------
 
@@ -268,6 +279,7 @@ class SocketLink:
         if self._closed:
             return
         self._closed = True
+        self._dropped = bool(self._out)
         if self._reading:
             self._loop.remove_reader(self._fd)
         if self._writing:
@@ -357,6 +369,11 @@ class TransportLink:
     async def drained(self) -> None:
         """Wait until the transport's buffer is below its low-water mark."""
         await self._protocol.drained()
+
+    @property
+    def all_sent(self) -> bool:
+        """Whether the transport holds nothing unsent (unknown once it ended)."""
+        return not self.closed and self._transport.get_write_buffer_size() == 0
 
     def pause_reading(self) -> None:
         """Stop reading until `resume_reading`."""

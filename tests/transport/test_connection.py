@@ -552,3 +552,38 @@ def test_dispatch_raises_handler_error_and_connection_end():
                 await conn.dispatch(lambda message, buffers: None)
 
     run(main())
+
+
+def test_all_sent_tells_a_peer_that_read_everything_and_hung_up():
+    # The node releases kept results once they are sent; a client that read them
+    # all may close before the node's flush runs: that is still "sent".
+    async def main():
+        left, right = socket.socketpair()
+        a = Connection.over_socket(left, "a")
+        b = Connection.over_socket(right, "b")
+        a.write(JobCancel(comp_id=1, key=1, attempt=0), [b"x" * 1000])
+        assert a.all_sent  # a small message goes in one sendmsg
+        message, buffers = await b.recv()
+        assert message.key == 1 and bytes(buffers[0]) == b"x" * 1000
+        b.close()
+        with pytest.raises(ConnectionClosedError):
+            await a.recv()
+        assert a.all_sent
+        with pytest.raises(ConnectionClosedError):
+            await a.flush()
+
+    run(main())
+
+
+def test_all_sent_is_false_when_bytes_were_dropped():
+    async def main():
+        left, right = socket.socketpair()
+        left.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        a = Connection.over_socket(left, "a")
+        a.write(JobCancel(comp_id=1, key=1, attempt=0), [os.urandom(4 << 20)])
+        assert not a.all_sent  # the kernel took only part of 4 MB
+        right.close()
+        a.close()
+        assert not a.all_sent
+
+    run(main())
