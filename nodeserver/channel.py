@@ -127,6 +127,12 @@ class MessageSocket:
             self._read(0)
         return self._decode(self._ready.popleft())
 
+    @property
+    def buffered(self) -> bool:
+        """Whether a whole message was already read ahead: a selector waiting on the
+        socket would not see it, so take it with `recv` first."""
+        return bool(self._ready)
+
     def poll(self) -> bool:
         """True if a whole message can be received now, without blocking."""
         if not self._ready and self._decoder.error is None:

@@ -47,6 +47,7 @@ from dispynb.errors import ConnectionClosedError
 from dispynb.protocol import serialize
 from nodeserver.channel import MessageSocket
 from nodeserver.ipc import (
+    IpcMessage,
     Load,
     Loaded,
     LoadFailed,
@@ -155,6 +156,10 @@ class Computation:
         self._selector.register(self.control.fileno(), selectors.EVENT_READ)
         self._selector.register(self._wake_r, selectors.EVENT_READ)
         while True:
+            # A message read ahead with an earlier one never wakes the selector.
+            while self.control.buffered:
+                if self._is_shutdown(self.control.recv()[0]):
+                    return self._shutdown()
             for key, _ in self._selector.select():
                 if key.fd == self._wake_r:
                     signals = self._drain_wakeups()
@@ -162,10 +167,15 @@ class Computation:
                         return self._shutdown()
                     self._reap()
                     continue
-                message, _ = self.control.recv()
-                if isinstance(message, Shutdown):
+                if self._is_shutdown(self.control.recv()[0]):
                     return self._shutdown()
-                logger.warning("computation process ignores %r message", message.op)
+
+    @staticmethod
+    def _is_shutdown(message: IpcMessage) -> bool:
+        if isinstance(message, Shutdown):
+            return True
+        logger.warning("computation process ignores %r message", message.op)
+        return False
 
     def _shutdown(self) -> int:
         self.stopping = True
