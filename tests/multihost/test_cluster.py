@@ -6,8 +6,6 @@ is seen through TCP.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import sys
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from tests.multihost.programs import (
     job_args,
     started_on,
 )
+from tests.transport.certs import make_cert
 
 pytestmark = [pytest.mark.slow, pytest.mark.multihost]
 
@@ -109,7 +108,7 @@ def test_tls_across_hosts(
     tmp_path: Path,
 ) -> None:
     """Nodes with a certificate for their addresses; the client verifies it."""
-    cert, key = make_cert(tmp_path, [h.ip for h in node_hosts])
+    cert, key = make_cert(tmp_path, "nodes", [h.ip for h in node_hosts])
     nodes = [start(h, "--certfile", cert, "--keyfile", key) for h in node_hosts]
     args = job_args([n.spec for n in nodes], secret[0], tmp_path / "markers", 6, 0.1)
     args["options"] = {"cafile": cert}
@@ -128,43 +127,3 @@ def test_node_refuses_network_address_without_secret(
     )
     assert done.returncode == 2, done
     assert "refusing to listen on '10.77.0.1' without a secret" in done.stderr
-
-
-# -- helpers -----------------------------------------------------------------------
-
-
-def make_cert(directory: Path, ips: list[str]) -> tuple[str, str]:
-    """A self-signed certificate (its own CA) for ``ips``; returns (cert, key)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dispynb nodes")])
-    now = datetime.datetime.now(datetime.UTC)
-    names = [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path = directory / "nodes.pem"
-    key_path = directory / "nodes.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    key_path.chmod(0o600)
-    return str(cert_path), str(key_path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography import x509
@@ -12,8 +13,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 
-def make_cert(directory: Path, name: str = "node") -> tuple[str, str]:
-    """Write ``{name}.pem`` and ``{name}.key`` in ``directory``; return the paths."""
+def make_cert(
+    directory: Path, name: str = "node", ips: Sequence[str] = ("127.0.0.1",)
+) -> tuple[str, str]:
+    """Write ``{name}.pem`` and ``{name}.key`` in ``directory``; return the paths.
+
+    A self-signed certificate (its own CA) for ``localhost`` and ``ips``.
+    """
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"dispynb {name}")])
     now = datetime.datetime.now(datetime.UTC)
@@ -29,7 +35,7 @@ def make_cert(directory: Path, name: str = "node") -> tuple[str, str]:
             x509.SubjectAlternativeName(
                 [
                     x509.DNSName("localhost"),
-                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                    *(x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips),
                 ]
             ),
             critical=False,
