@@ -56,7 +56,9 @@ def mark_and_sleep(marker: str | None, seconds: float) -> int:
 
 def sleep_unless_interrupted(marker: str, seconds: float) -> str:
     """Write ``marker``, sleep; return "interrupted" on KeyboardInterrupt (cancel)."""
-    Path(marker).write_text(str(os.getpid()))
+    # write then rename: a test polling for the file never reads it half-written
+    Path(f"{marker}.tmp").write_text(str(os.getpid()))
+    os.replace(f"{marker}.tmp", marker)
     try:
         time.sleep(seconds)
     except KeyboardInterrupt:

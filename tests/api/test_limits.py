@@ -40,7 +40,9 @@ def spin(marker: str, ignore_interrupt: bool) -> None:
     """Write this worker's pid to ``marker``, then loop for ever."""
     if ignore_interrupt:  # only SIGKILL can stop it
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-    Path(marker).write_text(str(os.getpid()))
+    # write then rename: the test polling for the file never reads it half-written
+    Path(f"{marker}.tmp").write_text(str(os.getpid()))
+    os.replace(f"{marker}.tmp", marker)
     while True:
         pass
 
