@@ -38,6 +38,7 @@ class Journal:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        _create_private(path)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._lock = threading.Lock()
         with self._lock:
@@ -164,6 +165,24 @@ class Journal:
     def _run(self, sql: str, values: tuple[Any, ...]) -> None:
         with self._lock:
             self._db.execute(sql, values)
+
+
+def _create_private(path: str) -> None:
+    """Create the journal file readable by its owner only (0600), from the start.
+
+    It holds the jobs' arguments and results. SQLite creates the ``-wal`` and ``-shm``
+    files with the mode of the database file, so they are 0600 too; a journal left
+    with looser permissions by an older version is tightened.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        if os.fstat(fd).st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    for suffix in ("-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(path + suffix, 0o600)
 
 
 def _dump(value: Any) -> bytes | None:

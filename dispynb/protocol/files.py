@@ -1,15 +1,20 @@
 """Names and digests of transferred files; no I/O on the network.
 
 Both ends check every file name they receive with `safe_relative_path` before
-touching the disk, and write through `write_inside` (which refuses symlink escapes),
-so that a hostile peer cannot write outside the directory meant for its files.
+touching the disk, and write through `write_inside` / `link_inside`, which walk the
+path one directory descriptor at a time without following symlinks, so that a hostile
+peer (or a job that planted a symlink) cannot create or write anything outside the
+directory meant for its files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import posixpath
+import stat
+import threading
 
 from dispynb.errors import ProtocolError
 
@@ -43,48 +48,119 @@ def safe_relative_path(name: object) -> str:
 def write_inside(base: str, relative: str, data: bytes | bytearray | memoryview) -> str:
     """Write ``data`` to ``base/relative`` atomically, never outside ``base``.
 
-    Directories are created as needed; an existing symlink on the way (or as the file
-    itself) that leads out of ``base`` is refused. Returns the final path.
+    Missing directories are created one level at a time, each relative to its parent's
+    file descriptor and opened without following symlinks, so a symlink on the way
+    (planted by a job, or present in the folder) is refused before anything is created
+    through it; so is a symlink as the file itself. Returns the final path.
     """
-    target = _resolve_inside(base, safe_relative_path(relative))
-    tmp = f"{target}.{os.getpid()}.part"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    relative = safe_relative_path(relative)
+    parent, name = _open_parent(base, relative)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return target
-
-
-def _resolve_inside(base: str, relative: str) -> str:
-    root = os.path.realpath(base)
-    target = os.path.join(root, *relative.split("/"))
-    parent = os.path.dirname(target)
-    os.makedirs(parent, exist_ok=True)
-    if not _is_within(os.path.realpath(parent), root):
-        raise ProtocolError(f"file name {relative!r} refused: a symlink leads outside")
-    if os.path.islink(target):
-        raise ProtocolError(f"file name {relative!r} refused: it is a symlink")
-    return target
+        tmp = _temp_name(name)
+        fd = os.open(tmp, _CREATE_FLAGS, 0o600, dir_fd=parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            os.replace(tmp, name, src_dir_fd=parent, dst_dir_fd=parent)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=parent)
+            raise
+    finally:
+        os.close(parent)
+    return os.path.join(base, *relative.split("/"))
 
 
 def link_inside(base: str, relative: str, source: str) -> str:
     """Hard-link (or copy) ``source`` to ``base/relative``, never outside ``base``."""
-    target = _resolve_inside(base, safe_relative_path(relative))
-    tmp = f"{target}.{os.getpid()}.part"
+    relative = safe_relative_path(relative)
+    parent, name = _open_parent(base, relative)
     try:
-        os.link(source, tmp)
+        tmp = _temp_name(name)
+        try:
+            os.link(source, tmp, dst_dir_fd=parent, follow_symlinks=False)
+        except OSError:
+            with open(source, "rb") as handle:
+                data = handle.read()
+            return write_inside(base, relative, data)
+        try:
+            os.replace(tmp, name, src_dir_fd=parent, dst_dir_fd=parent)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=parent)
+            raise
+    finally:
+        os.close(parent)
+    return os.path.join(base, *relative.split("/"))
+
+
+#: Flags of a new file: never through a symlink, never over an existing file.
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+#: Flags of each directory on the way: a directory, never a symlink.
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _temp_name(name: str) -> str:
+    return f".{name}.{os.getpid()}.{threading.get_ident()}.part"
+
+
+def _open_parent(base: str, relative: str) -> tuple[int, str]:
+    """A descriptor of ``relative``'s directory inside ``base`` (created as needed,
+    no symlink followed below ``base``) and the file's name in it.
+
+    ``base`` itself is the caller's (it may be reached through a symlink). Raises
+    `ProtocolError` for a symlink or a non-directory on the way, or a symlink as the
+    file, with nothing created beyond the last real directory.
+    """
+    *dirs, name = relative.split("/")
+    fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in dirs:
+            try:
+                child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                with contextlib.suppress(FileExistsError):  # made by another writer
+                    os.mkdir(part, 0o777, dir_fd=fd)  # less the umask, as makedirs
+                child = _open_dir(fd, part, relative)
+            except OSError as exc:
+                raise _refused(fd, part, relative, exc) from None
+            os.close(fd)
+            fd = child
+        try:
+            info = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return fd, name
+        if stat.S_ISLNK(info.st_mode):
+            raise ProtocolError(f"file name {relative!r} refused: it is a symlink")
+        if stat.S_ISDIR(info.st_mode):
+            raise ProtocolError(f"file name {relative!r} refused: it is a directory")
+        return fd, name
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _open_dir(parent: int, part: str, relative: str) -> int:
+    try:
+        return os.open(part, _DIR_FLAGS, dir_fd=parent)
+    except OSError as exc:
+        raise _refused(parent, part, relative, exc) from None
+
+
+def _refused(parent: int, part: str, relative: str, exc: OSError) -> ProtocolError:
+    """Why directory ``part`` on the way to ``relative`` cannot be entered."""
+    try:
+        info = os.stat(part, dir_fd=parent, follow_symlinks=False)
     except OSError:
-        with open(source, "rb") as handle:
-            data = handle.read()
-        return write_inside(base, relative, data)
-    os.replace(tmp, target)
-    return target
-
-
-def _is_within(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+        info = None
+    if info is not None and stat.S_ISLNK(info.st_mode):
+        return ProtocolError(
+            f"file name {relative!r} refused: {part!r} on its way is a symlink "
+            "(files are never written through symlinks)"
+        )
+    if info is not None and not stat.S_ISDIR(info.st_mode):
+        return ProtocolError(
+            f"file name {relative!r} refused: {part!r} on its way is not a directory"
+        )
+    return ProtocolError(f"cannot create {relative!r}: {exc.strerror or exc}")

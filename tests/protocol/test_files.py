@@ -99,3 +99,51 @@ def test_digest_of_is_sha256_hex():
     assert digest_of(b"abc") == (
         "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
     )
+
+
+@pytest.mark.parametrize("writer", ["write", "link"])
+def test_nothing_is_created_through_a_symlinked_directory(tmp_path, writer):
+    base, outside = tmp_path / "base", tmp_path / "outside"
+    base.mkdir()
+    outside.mkdir()
+    (base / "name").symlink_to(outside)
+    source = tmp_path / "source"
+    source.write_bytes(b"x")
+    with pytest.raises(ProtocolError, match="'name' on its way is a symlink"):
+        if writer == "write":
+            write_inside(str(base), "name/a/b/x", b"x")
+        else:
+            link_inside(str(base), "name/a/b/x", str(source))
+    assert list(outside.iterdir()) == []
+
+
+def test_a_symlink_deeper_down_stops_creation_there(tmp_path):
+    base, outside = tmp_path / "base", tmp_path / "outside"
+    (base / "a").mkdir(parents=True)
+    outside.mkdir()
+    (base / "a" / "b").symlink_to(outside)
+    with pytest.raises(ProtocolError, match="symlink"):
+        write_inside(str(base), "a/b/c/d/x", b"x")
+    assert list(outside.iterdir()) == []
+    assert sorted(p.name for p in base.rglob("*")) == ["a", "b"]
+
+
+def test_a_file_on_the_way_is_refused(tmp_path):
+    (tmp_path / "a").write_text("plain file")
+    with pytest.raises(ProtocolError, match="not a directory"):
+        write_inside(str(tmp_path), "a/x", b"x")
+
+
+def test_a_base_reached_through_a_symlink_is_fine(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "alias").symlink_to(real)
+    write_inside(str(tmp_path / "alias"), "d/x", b"data")
+    assert (real / "d" / "x").read_bytes() == b"data"
+
+
+def test_write_inside_replaces_an_existing_file(tmp_path):
+    write_inside(str(tmp_path), "x", b"one")
+    write_inside(str(tmp_path), "x", b"two")
+    assert (tmp_path / "x").read_bytes() == b"two"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]
