@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,13 +78,18 @@ def start_node(
     secret: str = "cli-node-secret",
     name: str = "cli-node",
     cpus: int = 1,
+    launcher: Sequence[str] = (),
 ) -> CliNode:
-    """Start a node in ``directory`` with a 0600 secret file; wait until it listens."""
+    """Start a node in ``directory`` with a 0600 secret file; wait until it listens.
+
+    ``launcher`` is put before the command, e.g. ``["prlimit", "--nofile=256"]``
+    (a program that execs the rest, so ``proc.pid`` stays the node's pid).
+    """
     directory.mkdir(parents=True, exist_ok=True)
     secret_file = write_secret_file(directory / "secret", secret)
     port_file = directory / "port"
     log = directory / "node.log"
-    command = node_command(
+    command = [*launcher, *node_command(
         "--port", "0",
         "--port-file", str(port_file),
         "--secret-file", str(secret_file),
@@ -93,7 +98,7 @@ def start_node(
         "--dest-path", str(directory / "dest"),
         "--loglevel", "info",
         *args,
-    )  # fmt: skip
+    )]  # fmt: skip
     with open(log, "wb") as handle:
         proc = subprocess.Popen(
             command,

@@ -1,0 +1,101 @@
+"""Instruments for attack tests: CPU over a window, log lines, limited nodes, attackers.
+
+Everything is bounded in time. Attackers on loopback bind to their own source address
+(`ATTACKER`, 127.0.0.2) so a node can tell them from the victim client (127.0.0.1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import secrets
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psutil
+
+from tests.nodeproc import CliNode, start_node
+
+#: Source address of attackers' sockets (the victim client uses 127.0.0.1).
+ATTACKER = "127.0.0.2"
+
+#: Seconds any wait of an attack test allows before it fails.
+WAIT = 20.0
+
+
+def strong_secret() -> str:
+    """A secret as `dispynb secret` makes one (256 random bits)."""
+    return secrets.token_urlsafe(32)
+
+
+def wait_for(
+    condition: Callable[[], object], what: str, timeout: float = WAIT
+) -> float:
+    """Poll ``condition`` until true; return the seconds it took (fail at timeout)."""
+    start = time.monotonic()
+    while not condition():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        time.sleep(0.01)
+    return time.monotonic() - start
+
+
+def cpu_seconds(pid: int, children: bool = False) -> float:
+    """User + system CPU seconds used so far by ``pid`` (and its live children)."""
+    procs = [psutil.Process(pid)]
+    if children:
+        procs += procs[0].children(recursive=True)
+    total = 0.0
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = proc.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def cpu_percent(pid: int, window: float, children: bool = False) -> float:
+    """CPU used by ``pid`` over the next ``window`` seconds, in % of one core."""
+    before, start = cpu_seconds(pid, children), time.monotonic()
+    time.sleep(window)
+    return 100 * (cpu_seconds(pid, children) - before) / (time.monotonic() - start)
+
+
+def count_lines(path: Path, pattern: str = "") -> int:
+    """Lines of the text file ``path`` matching the regex ``pattern`` (all if empty)."""
+    regex = re.compile(pattern)
+    with open(path, errors="replace") as handle:
+        return sum(1 for line in handle if regex.search(line))
+
+
+def attacker_socket(
+    port: int, source: str = ATTACKER, host: str = "127.0.0.1", timeout: float = 5.0
+) -> socket.socket:
+    """A blocking TCP connection to ``host:port`` from the address ``source``."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.bind((source, 0))
+        sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+@contextlib.contextmanager
+def limited_node(
+    directory: Path, *args: str, nofile: int | None = None, **kwargs: object
+) -> Iterator[CliNode]:
+    """A real ``dispynb-node`` subprocess, optionally under ``prlimit --nofile``.
+
+    Keyword arguments go to `tests.nodeproc.start_node` (secret, cpus, name...).
+    """
+    launcher = ["prlimit", f"--nofile={nofile}:{nofile}", "--"] if nofile else []
+    kwargs.setdefault("secret", strong_secret())
+    node = start_node(directory, *args, launcher=launcher, **kwargs)  # type: ignore[arg-type]
+    try:
+        yield node
+    finally:
+        node.stop()
