@@ -212,6 +212,10 @@ class JobCluster:
                 recovery_id=self._recovery_id or None,
                 keep_results=RECOVERY_KEEP if self._journal else 0.0,
                 client_name=_client_name(),
+                max_output=opts.max_output_size,  # type: ignore[arg-type]
+                max_result=_result_cap(opts),
+                max_pids=opts.max_pids,
+                fresh_process=opts.fresh_process,
             ),
             self,
         )
@@ -862,6 +866,19 @@ def _unpicklable_argument(
         except SerializationError as exc:
             return f"job {name} cannot be sent to a node: {exc}"
     return f"job arguments cannot be sent to a node: {error}"
+
+
+def _result_cap(opts: ClusterOptions) -> int:
+    """Bytes a result may pickle to: ``max_result_size``, within what a message from
+    a node may carry here besides the job's output (4 bytes a character, 2 streams)."""
+    output = opts.max_output_size
+    room = (
+        opts.max_message_size
+        - (1 << 20)
+        - 8 * (output if isinstance(output, int) else 0)
+    )
+    cap = opts.max_result_size
+    return max(room, 0) if not isinstance(cap, int) else min(cap, max(room, 0))
 
 
 def _client_name() -> str:

@@ -18,6 +18,7 @@
      |    +-- SetupError          a computation could not be set up on a node
      +-- JobError
      |    +-- SerializationError  arguments or results that cannot be (un)pickled
+     |    +-- ResultTooLarge      a result over max_result_size
      +-- RemoteError              an exception raised by user code on a node
 """
 
@@ -93,6 +94,14 @@ class JobError(DispynbError):
 
 class SerializationError(JobError):
     """Arguments or results that cannot be pickled or unpickled."""
+
+
+class ResultTooLarge(JobError):
+    """A job's pickled result is over the cluster's ``max_result_size``.
+
+    The job ends ``Terminated`` with this error's name, the result's size and the
+    option in ``job.exception``; the node never sends (nor holds) the result.
+    """
 
 
 class RemoteError(DispynbError):

@@ -41,6 +41,13 @@ _INTERVAL_RANGES: dict[str, tuple[float, float]] = {
 }
 
 
+#: Default of ``max_output_size``: characters of stdout (and of stderr) kept per job.
+DEFAULT_MAX_OUTPUT = 4 << 20
+
+#: Default of ``max_pids``: tasks (processes and threads) a job may have at once.
+DEFAULT_MAX_PIDS = 1024
+
+
 @dataclass(kw_only=True)
 class ClusterOptions:
     """The checked and normalised options of one ``JobCluster``.
@@ -103,6 +110,31 @@ class ClusterOptions:
         ends like any job that raised. ``submit(..., dispy_job_mem_limit=...)`` sets
         it for one job. Default None: no limit. It counts the worker's whole
         address space, including what setup loaded and the libraries it maps.
+    max_output_size:
+        Characters of ``stdout`` and of ``stderr`` kept per job (bytes for a
+        program computation), or a size such as ``"4M"``; what a job writes beyond
+        is dropped and a last line says how much. Default 4M (4 MiB); None keeps
+        everything (a job printing in a loop can then fill the node's and the
+        client's memory).
+    max_result_size:
+        Bytes a job's pickled result may have (int, or a size such as ``"256M"``).
+        A larger result is not sent: the job ends ``Terminated`` with
+        ``ResultTooLarge`` in ``job.exception``, naming the size and this option.
+        Default None: as large as ``max_message_size`` (and the node's) allows,
+        less room for the job's output.
+    max_pids:
+        Tasks (processes and threads, the job's worker included) a job may have at
+        once, enforced with a pids cgroup per worker where the node can create
+        one; a fork bomb then fails with ``BlockingIOError`` inside the job.
+        Default 1024; None for no limit. Whatever the limit, the processes a job
+        starts end with it (its process group is killed at timeout, cancel and
+        close, and leftovers at the job's end).
+    fresh_process:
+        True runs every job in a new process, forked from the computation's
+        process after setup (as dispy does): nothing a job leaves in its globals
+        or modules reaches the next job. False (the default) reuses workers, which
+        is several times faster for short jobs; setup's globals are visible to
+        jobs either way. See the README for the figures.
     """
 
     computation: Callable[..., Any] | str
@@ -133,6 +165,10 @@ class ClusterOptions:
     setup_timeout: float | None = None
     job_timeout: float | None = None
     mem_limit: int | str | None = None
+    max_output_size: int | str | None = DEFAULT_MAX_OUTPUT
+    max_result_size: int | str | None = None
+    max_pids: int | None = DEFAULT_MAX_PIDS
+    fresh_process: bool = False
     secret_file: InitVar[str | None] = None
 
     @classmethod
@@ -209,6 +245,19 @@ class ClusterOptions:
         self.setup_timeout = _check_setup_timeout(self.setup_timeout)
         self.job_timeout = check_job_timeout(self.job_timeout, "job_timeout")
         self.mem_limit = check_mem_limit(self.mem_limit, "mem_limit")
+        self.max_output_size = check_size(self.max_output_size, "max_output_size")
+        self.max_result_size = check_size(self.max_result_size, "max_result_size")
+        if (
+            self.max_result_size is not None
+            and self.max_result_size > self.max_message_size
+        ):
+            raise ConfigurationError(
+                f"max_result_size of {self.max_result_size} bytes is over "
+                f"max_message_size ({self.max_message_size}): no such result could "
+                "arrive; raise max_message_size too, or give a smaller limit"
+            )
+        self.max_pids = _check_max_pids(self.max_pids)
+        self.fresh_process = bool(self.fresh_process)
         self.secret = resolve_secret(self.secret, secret_file)
 
 
@@ -328,6 +377,38 @@ def check_mem_limit(value: Any, name: str) -> int | None:
             f"give at least {MIN_MEM_LIMIT >> 20}M, or None for no limit"
         )
     return size
+
+
+def check_size(value: Any, name: str) -> int | None:
+    """A size in bytes (or characters) from an int or ``"4M"``-style text; or None."""
+    if value is None:
+        return None
+    size: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif isinstance(value, str):
+        match = re.fullmatch(
+            r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*", value.upper()
+        )
+        if match is not None:
+            size = int(float(match[1]) * _SIZE_UNITS[match[2]])
+    if size is None or size < 0:
+        raise ConfigurationError(
+            f"{name} must be a number of bytes or a size such as '4M' or '1G' "
+            f"(K, M, G, T: powers of 1024), or None for no limit; got {value!r}"
+        )
+    return size
+
+
+def _check_max_pids(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+        raise ConfigurationError(
+            "max_pids must be an int >= 2 (tasks a job may have at once: its worker "
+            f"and what it starts), or None for no limit; got {value!r}"
+        )
+    return value
 
 
 def _check_files_dir(value: Any) -> str:

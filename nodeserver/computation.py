@@ -69,6 +69,10 @@ CANCEL_GRACE = 3.0
 #: its worker is killed (shorter than a cancel's: it already had its time).
 TIMEOUT_GRACE = 2.0
 
+#: Bytes of a worker's message that are neither the result nor the output (header,
+#: framing); a result may use the rest of the channel's message size cap.
+RESULT_HEADROOM = 1024 * 1024
+
 #: Seconds to wait for a computation process to exit after Shutdown.
 SHUTDOWN_GRACE = 10.0
 
@@ -80,6 +84,16 @@ ReportProvisional = Callable[[int, int, list[memoryview]], None]
 
 #: ``report_file(key, path, buffers)``: a file a job sends to its client.
 ReportFile = Callable[[int, str, list[memoryview]], None]
+
+
+@dataclass(frozen=True, slots=True)
+class JobLimits:
+    """What a computation's client asked for its jobs (see `nodeserver.ipc.Load`)."""
+
+    max_output: int | None = None
+    max_result: int | None = None
+    max_pids: int | None = None
+    fresh_process: bool = False
 
 
 @dataclass(slots=True)
@@ -105,6 +119,7 @@ class Worker:
 
     pid: int
     conn: Connection
+    sock: socket.socket
     assigned: collections.deque[NodeJob] = field(default_factory=collections.deque)
     returncode: int | None = None
     stream_closed: bool = False
@@ -167,6 +182,7 @@ class Computation:
         node_address: str,
         max_message_size: int,
         remove_path: bool,
+        limits: JobLimits | None = None,
     ) -> None:
         self.comp_id = comp_id
         self.name = name
@@ -182,6 +198,7 @@ class Computation:
         self._node_address = node_address
         self._max_size = max_message_size
         self._remove_path = remove_path
+        self.limits = limits or JobLimits()
         self._queue: collections.deque[NodeJob] = collections.deque()
         self._workers: dict[int, Worker] = {}
         self._exits: dict[int, int] = {}
@@ -245,6 +262,10 @@ class Computation:
                 node_address=self._node_address,
                 job_path=self.path,
                 max_file_size=self._store.max_file_size,
+                max_output=self.limits.max_output,
+                max_result=self._result_cap(),
+                max_pids=self.limits.max_pids,
+                fresh_process=self.limits.fresh_process,
             ),
             bundle,
         )
@@ -260,6 +281,15 @@ class Computation:
         self._ready = True
         self._budget.wait(id(self), self._pump)
         return self._n_workers
+
+    def _result_cap(self) -> int:
+        """Bytes a pickled result may have: the client's cap, within what the
+        worker's channel to this node takes (with room for the message's header)."""
+        # Output is kept in characters: up to 4 bytes each in UTF-8, two streams.
+        headroom = RESULT_HEADROOM + 8 * (self.limits.max_output or 0)
+        room = max(self._max_size - headroom, 0)
+        cap = self.limits.max_result
+        return room if cap is None else min(cap, room)
 
     async def close(self, terminate: bool) -> None:
         """Let jobs finish (or kill them), run cleanup, end the process."""
@@ -423,10 +453,11 @@ class Computation:
             self._retire(worker)
 
     def _retire(self, worker: Worker) -> None:
-        """Kill a worker on purpose; the computation process starts a new one."""
+        """Kill a worker and its job's processes (its group) on purpose; the
+        computation process starts a new one."""
         worker.retiring = True
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(worker.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(worker.pid, signal.SIGKILL)
 
     def _pump(self) -> None:
         """Give queued jobs to workers: idle ones first (taking a CPU), then ahead."""
@@ -445,6 +476,8 @@ class Computation:
                 self._send(worker, self._queue.popleft())
         if self._mean is None or self._mean >= PREFETCH_BELOW:
             return  # unknown or long jobs: never make a job wait behind another
+        if self.limits.fresh_process:
+            return  # a worker runs one job, then exits: nothing may wait in it
         for worker in workers:
             if not self._queue:
                 return
@@ -631,6 +664,10 @@ class Computation:
             worker = self._workers.get(message.pid)
             if worker is not None:
                 worker.returncode = message.returncode
+                # The job ends with its worker, even if a process it started still
+                # holds the worker's socket: what the worker wrote is read, then EOF.
+                with contextlib.suppress(OSError):
+                    worker.sock.shutdown(socket.SHUT_RD)
                 self._maybe_lost(worker)
         elif isinstance(message, Loaded):
             if not self._loaded.done():
@@ -646,7 +683,7 @@ class Computation:
             IpcMessage,
             trusted_max_size=self._max_size,
         )
-        worker = Worker(pid=pid, conn=conn)
+        worker = Worker(pid=pid, conn=conn, sock=sock)
         self._workers[pid] = worker
         task = asyncio.get_running_loop().create_task(self._read_worker(worker))
         self._tasks.add(task)

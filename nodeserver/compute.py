@@ -46,6 +46,13 @@ from typing import Any, NoReturn
 from dispynb.errors import ConnectionClosedError
 from dispynb.protocol import serialize
 from nodeserver.channel import MessageSocket
+from nodeserver.containment import (
+    become_group_leader,
+    find_pids_root,
+    join_new_cgroup,
+    kill_group,
+    remove_cgroup,
+)
 from nodeserver.ipc import (
     IpcMessage,
     Load,
@@ -133,6 +140,17 @@ class Computation:
         self.workers: set[int] = set()
         self.stopping = False
         self._pid = os.getpid()
+        self._fresh = load.fresh_process
+        self._max_pids = load.max_pids
+        # A pids cgroup per worker where the system lets us make one (found once).
+        self._pids_root = find_pids_root() if load.max_pids else None
+        if load.max_pids and self._pids_root is None:
+            logger.info(
+                "computation %r: no pids cgroup can be created here, so max_pids "
+                "is not enforced (process groups still contain the jobs)",
+                self.name,
+            )
+        self._cgroups: dict[int, str] = {}
         self._prctl = _load_prctl()
         self._wake_r = self._wake_w = -1
         self._selector = selectors.DefaultSelector()
@@ -203,9 +221,14 @@ class Computation:
         pid = os.fork()
         if pid == 0:
             self._become_worker(server_end, worker_end, mask)
+        # Also here, so that the group exists before anyone signals it (no race).
+        with contextlib.suppress(OSError):
+            os.setpgid(pid, pid)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         worker_end.close()
         self.workers.add(pid)
+        if self._pids_root is not None:
+            self._cgroups[pid] = self._cgroup_path(pid)
         try:
             self.control.send(WorkerStarted(pid=pid), fds=[server_end.fileno()])
         finally:
@@ -233,7 +256,14 @@ class Computation:
                 self._prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
             if os.getppid() != self._pid:  # the parent died before prctl
                 os._exit(1)
-            worker_loop(MessageSocket(worker_end), self.func)
+            become_group_leader()
+            if self._pids_root is not None and self._max_pids:
+                join_new_cgroup(
+                    self._pids_root,
+                    os.path.basename(self._cgroup_path(os.getpid())),
+                    self._max_pids,
+                )
+            worker_loop(MessageSocket(worker_end), self.func, once=self._fresh)
             code = 0
         except Exception:
             traceback.print_exc()
@@ -241,27 +271,40 @@ class Computation:
             _flush_std()
             os._exit(code)
 
+    def _cgroup_path(self, pid: int) -> str:
+        assert self._pids_root is not None
+        return os.path.join(self._pids_root, f"dispynb-{self._pid}-w{pid}")
+
     def _reap(self, *, block: bool = False) -> None:
-        """Collect dead workers, report them, replace them unless stopping."""
-        flags = 0 if block else os.WNOHANG
+        """Collect dead workers, report them, replace them unless stopping.
+
+        A dead worker's group and cgroup are killed while it is still a zombie
+        (``WNOWAIT``), so its number cannot be reused by then: whatever its job
+        started ends with it.
+        """
+        flags = os.WEXITED | os.WNOWAIT | (0 if block else os.WNOHANG)
         for pid in list(self.workers):
             # Only our workers: waitpid(-1) would steal children that setup started
             # (subprocess, multiprocessing) from the code that waits for them.
             try:
-                done, status = os.waitpid(pid, flags)
+                if os.waitid(os.P_PID, pid, flags) is None:
+                    continue
+                kill_group(pid, self._cgroups.get(pid))
+                _, status = os.waitpid(pid, 0)
             except ChildProcessError:
-                done, status = pid, 0
-            if done == 0:
-                continue
+                status = 0
             self.workers.discard(pid)
+            cgroup = self._cgroups.pop(pid, None)
+            if cgroup is not None and not remove_cgroup(cgroup):
+                logger.warning("cgroup %s of a dead worker stays busy", cgroup)
             code = os.waitstatus_to_exitcode(status)
             self.control.send(WorkerExited(pid=pid, returncode=code))
             if not self.stopping:
                 self._start_worker()
 
     def _stop_workers(self) -> None:
-        """SIGTERM the workers, SIGKILL those alive after `STOP_GRACE`; reap all."""
-        _signal_all(self.workers, signal.SIGTERM)
+        """SIGTERM the workers' groups, SIGKILL them after `STOP_GRACE`; reap all."""
+        _signal_groups(self.workers, signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE
         waiter = select.poll()
         waiter.register(self._wake_r, select.POLLIN)
@@ -272,7 +315,7 @@ class Computation:
                 break
             if waiter.poll(remaining * 1000):
                 self._drain_wakeups()
-        _signal_all(self.workers, signal.SIGKILL)
+        _signal_groups(self.workers, signal.SIGKILL)
         self._reap(block=True)
 
     def _kill_workers(self) -> None:
@@ -280,14 +323,18 @@ class Computation:
         if not self.workers:
             return
         self.stopping = True
-        _signal_all(self.workers, signal.SIGKILL)
+        _signal_groups(self.workers, signal.SIGKILL)
         try:
             self._reap(block=True)
         except ConnectionClosedError:
             for pid in list(self.workers):
+                kill_group(pid, self._cgroups.get(pid))
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, 0)
             self.workers.clear()
+        for cgroup in self._cgroups.values():
+            remove_cgroup(cgroup)
+        self._cgroups.clear()
 
     # --- signals -------------------------------------------------------------------
 
@@ -343,6 +390,7 @@ def load_computation(control: MessageSocket) -> Computation:
         ) from exc
     del buffers
     CONTEXT.job_path, CONTEXT.max_file_size = message.job_path, message.max_file_size
+    CONTEXT.max_output, CONTEXT.max_result = message.max_output, message.max_result
     program = bundle.get("program")
     if program is not None:
         try:
@@ -423,10 +471,11 @@ def _wake(signum: int, frame: FrameType | None) -> None:
     """No-op handler: `signal.set_wakeup_fd` wakes the selector."""
 
 
-def _signal_all(pids: Iterable[int], signum: int) -> None:
+def _signal_groups(pids: Iterable[int], signum: int) -> None:
+    """Signal each worker's process group (the worker and what its job started)."""
     for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signum)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signum)
 
 
 def _flush_std() -> None:

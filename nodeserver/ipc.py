@@ -36,6 +36,14 @@ class Load(IpcMessage):
     node_address: str
     job_path: str
     max_file_size: int = 0
+    #: Characters of stdout and of stderr kept per job (None: all).
+    max_output: int | None = None
+    #: Bytes of a job's pickled result (None: up to the message size cap).
+    max_result: int | None = None
+    #: Tasks (processes and threads) a job's worker may have, via its pids cgroup.
+    max_pids: int | None = None
+    #: Each job in a new worker process (which exits after it), as dispy.
+    fresh_process: bool = False
 
 
 @message("shutdown")

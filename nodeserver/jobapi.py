@@ -32,6 +32,8 @@ class JobContext:
         self.running = False  # True only while user code of a job runs
         self.job_path = ""
         self.max_file_size = 0
+        self.max_output: int | None = None  # characters of stdout/stderr kept
+        self.max_result: int | None = None  # bytes of a pickled result
         self.names: dict[str, Any] = {}  # dispy's names, for a job's own functions
         self.lock = threading.Lock()  # a job's threads may send too
 

@@ -23,6 +23,7 @@ from dispynb.protocol import serialize
 from dispynb.protocol.framing import Buffer
 from dispynb.protocol.messages import CANCELLED, FINISHED, RAISED
 from nodeserver.channel import MessageSocket
+from nodeserver.containment import end_leftovers
 from nodeserver.ipc import Done, IpcMessage, Run, Skip
 from nodeserver.jobapi import CONTEXT, install_interrupt_handler
 from nodeserver.program import ProgramOutput
@@ -62,8 +63,13 @@ def run_job(
     """
     saved = sys.stdout, sys.stderr
     program_output: ProgramOutput | None = None
-    out = sys.stdout = io.StringIO()
-    err = sys.stderr = io.StringIO()
+    limit = CONTEXT.max_output
+    if limit is None:
+        out: io.StringIO = io.StringIO()
+        err: io.StringIO = io.StringIO()
+    else:
+        out, err = BoundedOutput(limit, "stdout"), BoundedOutput(limit, "stderr")
+    sys.stdout, sys.stderr = out, err
     outcome = RAISED
     exception = None
     result_buffers = _NO_BUFFERS
@@ -105,11 +111,13 @@ def run_job(
                 try:
                     result_buffers = serialize.dumps(result)
                 except Exception as exc:
-                    kind = type(result).__qualname__
-                    what = f"result of type {kind!r} cannot be pickled"
-                    exception = _describe(exc, what)
+                    exception = _unpicklable(result, exc)
                 else:
-                    outcome = FINISHED
+                    exception = _too_large(result_buffers)
+                    if exception is None:
+                        outcome = FINISHED
+                    else:
+                        result_buffers = _NO_BUFFERS
     finally:
         sys.stdout, sys.stderr = saved
     done = Done(
@@ -118,8 +126,8 @@ def run_job(
         outcome=outcome,
         start_time=start_time,
         end_time=end_time,
-        stdout=out.getvalue() if program_output is None else program_output.stdout,
-        stderr=err.getvalue() if program_output is None else program_output.stderr,
+        stdout=_text(out) if program_output is None else program_output.stdout,
+        stderr=_text(err) if program_output is None else program_output.stderr,
         exception=exception,
     )
     return done, result_buffers
@@ -187,12 +195,15 @@ def _add_names(func: Callable[..., Any], names: dict[str, Any]) -> Callable[[], 
     return restore
 
 
-def worker_loop(sock: MessageSocket, func: Callable[..., Any]) -> None:
+def worker_loop(
+    sock: MessageSocket, func: Callable[..., Any], once: bool = False
+) -> None:
     """Run jobs received on ``sock``, one at a time, until the node server closes it.
 
     Before starting a job, the worker reads what else has arrived, so that a `Skip`
-    for a job sent ahead and then cancelled stops it from ever starting. Returns at
-    EOF; unexpected messages are logged and ignored.
+    for a job sent ahead and then cancelled stops it from ever starting. After each
+    job, the processes it left running are killed. Returns at EOF, or after the first
+    job with ``once`` (``fresh_process``); unexpected messages are logged and ignored.
     """
     send = CONTEXT.send
     begin = CONTEXT.begin
@@ -215,6 +226,10 @@ def worker_loop(sock: MessageSocket, func: Callable[..., Any]) -> None:
             begin(sock, run.key, run.attempt)
             done, result_buffers = run_job(func, run, buffers)
             del buffers
+            end_leftovers()  # the job's processes end with it
+            if once:
+                send(done, result_buffers)
+                return
             # Workers are reused: a job that changed directory must not move the next.
             if os.getcwd() != home:
                 os.chdir(home)
@@ -269,3 +284,96 @@ def _describe(exc: Exception, what: str) -> str:
     """``what: <cause>``, naming the underlying error rather than our wrapper."""
     cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
     return f"{what}: {type(cause).__name__}: {cause}\n"
+
+
+class BoundedOutput(io.StringIO):
+    """A job's ``sys.stdout``/``sys.stderr``: keeps the first ``limit`` characters,
+    counts the rest (`_text` adds a line saying how much was dropped)."""
+
+    def __init__(self, limit: int, name: str) -> None:
+        super().__init__()
+        self.limit = limit
+        self.name = name
+        self.kept = 0
+        self.dropped = 0
+
+    def write(self, text: str) -> int:
+        size = len(text)
+        room = self.limit - self.kept
+        if size <= room:
+            self.kept += size
+            return super().write(text)
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        if room > 0:
+            super().write(text[:room])
+            self.kept = self.limit
+            room = 0
+        self.dropped += size - room
+        return size
+
+
+def _text(capture: io.StringIO) -> str:
+    text = capture.getvalue()
+    if isinstance(capture, BoundedOutput) and capture.dropped:
+        if text and not text.endswith("\n"):
+            text += "\n"
+        text += (
+            f"[dispynb: {capture.dropped} more characters of {capture.name} dropped: "
+            f"a job keeps {capture.limit} (max_output_size)]\n"
+        )
+    return text
+
+
+def _too_large(buffers: list[Buffer]) -> str | None:
+    """The error text if the pickled result is over the computation's cap."""
+    cap = CONTEXT.max_result
+    if cap is None:
+        return None
+    size = sum(memoryview(b).nbytes for b in buffers)
+    if size <= cap:
+        return None
+    return (
+        f"dispynb.errors.ResultTooLarge: the job's result pickles to {size} bytes, "
+        f"over the limit of {cap} bytes (max_result_size): return less (write large "
+        "data to a file and send it with dispy_send_file, or keep it on the node), "
+        "or give the cluster a larger max_result_size\n"
+    )
+
+
+def _unpicklable(result: Any, exc: Exception) -> str:
+    """Why the result cannot be pickled, naming where inside it the culprit is."""
+    kind = type(result).__qualname__
+    path, culprit = _find_unpicklable(result, "result", 0)
+    where = ""
+    if path != "result":
+        where = f"; {path} is a {type(culprit).__qualname__!r} that cannot be pickled"
+    return _describe(exc, f"result of type {kind!r} cannot be pickled{where}")
+
+
+def _find_unpicklable(value: Any, path: str, depth: int) -> tuple[str, Any]:
+    """The deepest part of ``value`` that does not pickle, and its path."""
+    if depth > 32:
+        return path, value
+    items: list[tuple[str, Any]]
+    if isinstance(value, dict):
+        items = []
+        for key, item in value.items():
+            items.append((f"{path} key {key!r}", key))
+            items.append((f"{path}[{key!r}]", item))
+    elif isinstance(value, list | tuple):
+        items = [(f"{path}[{i}]", item) for i, item in enumerate(value)]
+    elif isinstance(value, set | frozenset):
+        items = [(f"an element of {path}", item) for item in value]
+    elif isinstance(getattr(value, "__dict__", None), dict) and not isinstance(
+        value, type
+    ):
+        items = [(f"{path}.{name}", item) for name, item in vars(value).items()]
+    else:
+        return path, value
+    for sub_path, item in items:
+        try:
+            serialize.dumps(item)
+        except Exception:
+            return _find_unpicklable(item, sub_path, depth + 1)
+    return path, value

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import selectors
 import signal
 import subprocess
 import sys
 from dataclasses import dataclass
 from typing import Any
+
+from nodeserver.jobapi import CONTEXT
 
 
 @dataclass(slots=True)
@@ -59,7 +62,8 @@ class ProgramRunner:
             start_new_session=True,  # its own process group, killed as a whole
         )
         try:
-            stdout, stderr = process.communicate()
+            stdout, stderr = read_bounded(process, CONTEXT.max_output)
+            process.wait()
         except BaseException:
             # Cancelled (KeyboardInterrupt): stop the program and all it started.
             with contextlib.suppress(ProcessLookupError):
@@ -67,6 +71,42 @@ class ProgramRunner:
             process.wait()
             raise
         return ProgramOutput(process.returncode, stdout, stderr)
+
+
+def read_bounded(
+    process: subprocess.Popen[bytes], limit: int | None
+) -> tuple[bytes, bytes]:
+    """Read the program's stdout and stderr to their end, keeping ``limit`` bytes of
+    each (None: all); a last line says how much of a stream was dropped."""
+    assert process.stdout is not None and process.stderr is not None
+    streams = {process.stdout.fileno(): "stdout", process.stderr.fileno(): "stderr"}
+    kept: dict[str, bytearray] = {name: bytearray() for name in streams.values()}
+    dropped = dict.fromkeys(streams.values(), 0)
+    with selectors.DefaultSelector() as selector:
+        for fd in streams:
+            selector.register(fd, selectors.EVENT_READ)
+        while selector.get_map():
+            for key, _ in selector.select():
+                data = os.read(key.fd, 1 << 16)
+                if not data:
+                    selector.unregister(key.fd)
+                    continue
+                name = streams[key.fd]
+                buffer = kept[name]
+                room = len(data) if limit is None else max(limit - len(buffer), 0)
+                buffer += data[:room]
+                dropped[name] += len(data) - min(room, len(data))
+    process.stdout.close()
+    process.stderr.close()
+    for name, count in dropped.items():
+        if count:
+            if kept[name] and not kept[name].endswith(b"\n"):
+                kept[name] += b"\n"
+            kept[name] += (
+                f"[dispynb: {count} more bytes of {name} dropped: a job keeps "
+                f"{limit} (max_output_size)]\n"
+            ).encode()
+    return bytes(kept["stdout"]), bytes(kept["stderr"])
 
 
 def install_program(name: str, data: bytes, directory: str) -> str:

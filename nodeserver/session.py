@@ -44,7 +44,7 @@ from dispynb.protocol.messages import (
     Recovered,
 )
 from dispynb.transport.connection import Connection
-from nodeserver.computation import Computation, NodeJob
+from nodeserver.computation import Computation, JobLimits, NodeJob
 from nodeserver.keeper import Kept, ResultKeeper
 from nodeserver.monitor import avail_info
 
@@ -168,6 +168,12 @@ class ClientSession:
             node_address=self._local_ip(),
             max_message_size=config.max_message_size,
             remove_path=message.cleanup,
+            limits=JobLimits(
+                max_output=message.max_output,
+                max_result=message.max_result,
+                max_pids=message.max_pids,
+                fresh_process=message.fresh_process,
+            ),
         )
         computation.on_failure = lambda reason: self._computation_died(
             message.comp_id, reason

@@ -232,6 +232,13 @@ class ComputationSetup(WireMessage):
     #: are kept ``keep_results`` seconds) if this client's connection is lost.
     recovery_id: str | None = None
     keep_results: float = 0.0
+    #: Per job: characters of stdout and of stderr kept (None: all), bytes of the
+    #: pickled result (None: as the node's message cap allows), tasks its processes
+    #: may have (None: no limit); ``fresh_process``: one worker process per job.
+    max_output: int | None = None
+    max_result: int | None = None
+    max_pids: int | None = None
+    fresh_process: bool = False
 
 
 @message("computation-ready")

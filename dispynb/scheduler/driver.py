@@ -193,6 +193,10 @@ class DriverConfig:
     setup_timeout: float | None = None
     recovery_id: str | None = None
     keep_results: float = 0.0
+    max_output: int | None = None
+    max_result: int | None = None
+    max_pids: int | None = None
+    fresh_process: bool = False
 
 
 class Driver:
@@ -304,6 +308,10 @@ class Driver:
                 setup_timeout=config.setup_timeout,
                 recovery_id=config.recovery_id,
                 keep_results=config.keep_results,
+                max_output=config.max_output,
+                max_result=config.max_result,
+                max_pids=config.max_pids,
+                fresh_process=config.fresh_process,
             ),
             bundle,
         )

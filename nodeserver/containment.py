@@ -1,0 +1,240 @@
+"""Keeping a job's processes inside the job: process groups, a subreaper, pids cgroups.
+
+Every worker is the leader of its own process group and a child subreaper, so that
+whatever a job starts (``os.fork``, ``subprocess``, ``multiprocessing``, a daemon that
+double-forks) stays in the worker's group or, once orphaned, comes back to the worker
+rather than to init. Then:
+
+- when a job ends, the worker kills what it left running (`end_leftovers`: one
+  ``waitid`` system call when the job started nothing, the usual case);
+- when a worker is killed (timeout, cancel) or stopped (cluster close), the computation
+  process kills its whole group, and its cgroup (`kill_group`);
+- where a pids cgroup can be created (cgroup v1's ``pids`` hierarchy, or a cgroup v2
+  tree with the ``pids`` controller delegated: we check, we never assume), each worker
+  gets its own with ``pids.max`` set: a fork bomb stops at the limit. The cgroup is
+  made once per worker, not per job, so the hot path pays nothing for it. Without
+  one, the limit is not enforced (a node logs that once) but everything else holds.
+
+A process that leaves the worker's group with ``setsid`` is still found through the
+subreaper at the job's end, and through the cgroup where there is one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+
+logger = logging.getLogger(__name__)
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+#: Rounds of listing and killing a job's leftovers before giving up (a fork bomb
+#: without a pids cgroup may outrun one round).
+_KILL_ROUNDS = 50
+
+#: Seconds `remove_cgroup` waits for killed tasks to leave a cgroup.
+_CGROUP_EMPTY_WAIT = 2.0
+
+
+def _prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, *[ctypes.c_ulong] * 4]
+    prctl.restype = ctypes.c_int
+    return prctl
+
+
+def become_group_leader() -> None:
+    """In a new worker: lead a process group of its own, and adopt orphans."""
+    with contextlib.suppress(OSError):
+        os.setpgid(0, 0)
+    prctl = _prctl()
+    if prctl is not None:
+        prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def end_leftovers() -> int:
+    """Kill and reap every process the job left behind; how many there were.
+
+    Called by the worker after each job. The fast path (no child at all) is one
+    ``waitid`` system call.
+    """
+    try:
+        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return 0
+    killed: set[int] = set()
+    for _ in range(_KILL_ROUNDS):
+        pids = descendants(os.getpid())
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        killed.update(pids)
+        # Reap them (orphaned grandchildren come to us: we are their subreaper).
+        while True:
+            try:
+                pid, _status = os.waitpid(-1, 0 if pids else os.WNOHANG)
+            except ChildProcessError:
+                return len(killed)
+            if pid == 0:
+                break
+        if not pids and not descendants(os.getpid()):
+            break
+    return len(killed)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every living descendant of ``pid`` (through /proc's children lists)."""
+    found: list[int] = []
+    pending = [pid]
+    while pending:
+        parent = pending.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{parent}/task/{task}/children") as handle:
+                    children = [int(c) for c in handle.read().split()]
+            except OSError:
+                continue
+            found.extend(children)
+            pending.extend(children)
+    return found
+
+
+def kill_group(pgid: int, cgroup: str | None) -> None:
+    """SIGKILL process group ``pgid`` and every task of ``cgroup`` (if any)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+    if cgroup is not None:
+        for pid in cgroup_pids(cgroup):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+# --- pids cgroups ------------------------------------------------------------------
+
+
+def find_pids_root() -> str | None:
+    """A directory under which this process may create pids cgroups, or None.
+
+    Looks at cgroup v1's ``pids`` hierarchy, then at cgroup v2, at this process's own
+    cgroup in each; it is usable if a child cgroup can be made there and has
+    ``pids.max``. The probe cgroup is removed again.
+    """
+    try:
+        with open("/proc/self/cgroup") as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return None
+    mounts = _cgroup_mounts()
+    candidates = []
+    for line in lines:
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if "pids" in controllers.split(","):
+            mount = mounts.get("pids")
+            if mount:
+                candidates.append(mount + path)
+        elif hierarchy == "0" and controllers == "":
+            mount = mounts.get("")
+            if mount:
+                candidates.append(mount + path)
+    for base in candidates:
+        probe = os.path.join(base, f"dispynb-probe-{os.getpid()}")
+        try:
+            os.mkdir(probe)
+        except OSError:
+            continue
+        try:
+            if os.path.exists(os.path.join(probe, "pids.max")):
+                return base
+        finally:
+            with contextlib.suppress(OSError):
+                os.rmdir(probe)
+    return None
+
+
+def _cgroup_mounts() -> dict[str, str]:
+    """Mount points: ``"pids"`` for v1's pids hierarchy, ``""`` for cgroup v2."""
+    mounts: dict[str, str] = {}
+    try:
+        with open("/proc/self/mounts") as handle:
+            for line in handle:
+                fields = line.split()
+                if len(fields) < 4:
+                    continue
+                point, kind, options = fields[1], fields[2], fields[3].split(",")
+                if kind == "cgroup" and "pids" in options:
+                    mounts.setdefault("pids", point)
+                elif kind == "cgroup2":
+                    mounts.setdefault("", point)
+    except OSError:
+        pass
+    return mounts
+
+
+def join_new_cgroup(root: str, name: str, max_pids: int) -> str | None:
+    """Create cgroup ``root/name`` with ``pids.max``, move this process into it.
+
+    Returns its path, or None (logged) if that failed: the job then runs without a
+    pids limit rather than not at all.
+    """
+    path = os.path.join(root, name)
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        logger.warning("no pids limit for this worker: %s", exc)
+        return None
+    try:
+        with open(os.path.join(path, "pids.max"), "w") as handle:
+            handle.write(str(max_pids))
+        with open(os.path.join(path, "cgroup.procs"), "w") as handle:
+            handle.write(str(os.getpid()))
+    except OSError as exc:
+        logger.warning("no pids limit for this worker: %s", exc)
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
+        return None
+    return path
+
+
+def cgroup_pids(path: str) -> list[int]:
+    """The processes in cgroup ``path`` (empty if it is gone)."""
+    try:
+        with open(os.path.join(path, "cgroup.procs")) as handle:
+            return [int(pid) for pid in handle.read().split()]
+    except OSError:
+        return []
+
+
+def remove_cgroup(path: str) -> bool:
+    """Kill what is left in cgroup ``path`` and remove it; False if it stays busy."""
+    deadline = time.monotonic() + _CGROUP_EMPTY_WAIT
+    while True:
+        for pid in cgroup_pids(path):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        try:
+            os.rmdir(path)
+            return True
+        except FileNotFoundError:
+            return True
+        except OSError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)  # killed tasks take a moment to leave the cgroup

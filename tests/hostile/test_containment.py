@@ -1,0 +1,160 @@
+"""Jobs cannot leave processes behind (issue 13 item 5), on real node processes.
+
+A job's worker leads its own process group and is the subreaper of what it starts;
+where the node can create a pids cgroup, each worker has one with ``pids.max``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import psutil
+import pytest
+
+from dispynb import DispyJob, JobCluster, LocalCluster
+from tests.jobs import WAIT, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+# --- run on nodes -------------------------------------------------------------
+
+
+def fork_sleepers(count: int, detach: bool) -> list[int]:
+    """Fork ``count`` children that sleep for a minute; return their pids."""
+    pids = []
+    for _ in range(count):
+        pid = os.fork()
+        if pid == 0:
+            if detach:  # leave the worker's process group and session
+                os.setsid()
+            time.sleep(60)
+            os._exit(0)
+        pids.append(pid)
+    return pids
+
+
+def fork_and_spin(marker: str) -> None:
+    """Fork a child; both ignore SIGINT and spin (only SIGKILL stops them)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    pid = os.fork()
+    if pid == 0:
+        while True:
+            pass
+    with open(f"{marker}.tmp", "w") as handle:
+        handle.write(str(pid))
+    os.replace(f"{marker}.tmp", marker)
+    while True:
+        pass
+
+
+def fork_until_refused(limit: int) -> tuple[int, str]:
+    """Fork sleeping children until refused (or ``limit``); how many, and why."""
+    count, error = 0, ""
+    try:
+        for _ in range(limit):
+            if os.fork() == 0:
+                time.sleep(60)
+                os._exit(0)
+            count += 1
+    except OSError as exc:
+        error = type(exc).__name__
+    return count, error
+
+
+def sleep_with_detached_children(marker: str, count: int) -> None:
+    pids = fork_sleepers(count, detach=True)
+    with open(f"{marker}.tmp", "w") as handle:
+        handle.write(" ".join(map(str, pids)))
+    os.replace(f"{marker}.tmp", marker)
+    time.sleep(60)
+
+
+# --- helpers --------------------------------------------------------------------
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _all_gone(pids: list[int]) -> bool:
+    return not any(_alive(pid) for pid in pids)
+
+
+def _read_pids(path: str) -> list[int]:
+    wait_until(lambda: os.path.exists(path), WAIT)
+    with open(path) as handle:
+        return [int(p) for p in handle.read().split()]
+
+
+@pytest.fixture(scope="module")
+def local():
+    with LocalCluster(cpus=2) as cluster:
+        yield cluster
+
+
+# --- tests ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("detach", [False, True], ids=["same-group", "setsid"])
+def test_children_of_a_finished_job_end_with_it(local, detach):
+    with JobCluster(fork_sleepers, nodes=local) as cluster:
+        job = cluster.submit(200, detach)
+        pids = job()
+        assert job.status == DispyJob.Finished, job.exception
+        assert len(pids) == 200
+        # Killed and reaped before the job's result was sent.
+        assert _all_gone(pids)
+        assert cluster.submit(0, False)() == []  # the worker is fine
+
+
+def test_job_forking_and_ignoring_sigint_ends_at_its_timeout(local, tmp_path):
+    marker = str(tmp_path / "child")
+    with JobCluster(fork_and_spin, nodes=local) as cluster:
+        started = time.monotonic()
+        job = cluster.submit(marker, dispy_job_timeout=1)
+        child = _read_pids(marker)[0]
+        job()
+        took = time.monotonic() - started
+        assert job.status == DispyJob.Terminated
+        assert "time limit" in job.exception
+        # 1 s, then KeyboardInterrupt (ignored), then SIGKILL of the group after 2 s.
+        assert took < 6, took
+        wait_until(lambda: not _alive(child), WAIT)
+
+
+def test_cluster_close_kills_a_running_jobs_detached_children(local, tmp_path):
+    marker = str(tmp_path / "children")
+    cluster = JobCluster(sleep_with_detached_children, nodes=local)
+    try:
+        cluster.submit(marker, 20)
+        pids = _read_pids(marker)
+        assert len(pids) == 20
+    finally:
+        cluster.close(terminate=True)
+    # setsid children left the group: the cgroup (or nothing) gets them.
+    if not _cgroups_available():
+        pytest.skip("no pids cgroup here: setsid children escape the process group")
+    wait_until(lambda: _all_gone(pids), WAIT)
+
+
+def test_a_fork_bomb_stops_at_max_pids(local):
+    if not _cgroups_available():
+        pytest.skip("no pids cgroup can be created here")
+    with JobCluster(fork_until_refused, nodes=local, max_pids=32) as cluster:
+        job = cluster.submit(5000)
+        count, error = job()
+        assert job.status == DispyJob.Finished, job.exception
+        assert error == "BlockingIOError"
+        assert count < 32
+
+
+def _cgroups_available() -> bool:
+    from nodeserver.containment import find_pids_root
+
+    return find_pids_root() is not None

@@ -1,0 +1,107 @@
+"""Bounded output and results (issue 13 items 6, 7 and 10), on real node processes."""
+
+from __future__ import annotations
+
+import re
+import sys
+
+import psutil
+import pytest
+
+from dispynb import DispyJob, JobCluster, LocalCluster
+
+pytestmark = pytest.mark.slow
+
+MiB = 1 << 20
+
+
+# --- run on nodes -------------------------------------------------------------
+
+
+def flood(mib: int) -> int:
+    """Write ``mib`` MiB to stdout and one line to stderr, in 1 MiB writes."""
+    chunk = "x" * (MiB - 1) + "\n"
+    for _ in range(mib):
+        sys.stdout.write(chunk)
+    print("done", file=sys.stderr)
+    return mib
+
+
+def big_result(size: int) -> bytes:
+    return bytes(size)
+
+
+def unpicklable() -> object:
+    return [1, {"a": (x for x in range(3)), "b": 2}]
+
+
+# --- tests ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def local():
+    with LocalCluster(cpus=1) as cluster:
+        yield cluster
+
+
+def _rss(pid: int) -> int:
+    return psutil.Process(pid).memory_info().rss
+
+
+def test_200_mib_of_stdout_is_cut_to_max_output_size(local):
+    node = local.pids[0]
+    with JobCluster(flood, nodes=local) as cluster:
+        cluster.submit(1)()  # the worker exists: its start is not counted
+        before = _rss(node)
+        job = cluster.submit(200)
+        assert job() == 200, job.exception
+        grown = _rss(node) - before
+    kept, marker = job.stdout.rsplit("\n[dispynb: ", 1)
+    assert len(kept) + 1 == 4 * MiB  # the default max_output_size (+ its "\n")
+    assert marker.startswith(f"{196 * MiB} more characters of stdout dropped")
+    assert "max_output_size" in marker
+    assert job.stderr == "done\n"
+    assert grown < 40 * MiB, f"node grew by {grown / MiB:.0f} MiB"
+
+
+def test_max_output_size_is_configurable_and_none_keeps_all(local):
+    with JobCluster(flood, nodes=local, max_output_size="1M") as cluster:
+        job = cluster.submit(3)
+        job()
+    assert job.stdout.startswith("x" * 1000)
+    assert f"{2 * MiB} more characters of stdout dropped" in job.stdout
+    with JobCluster(flood, nodes=local, max_output_size=None) as cluster:
+        job = cluster.submit(3)
+        job()
+    assert len(job.stdout) == 3 * MiB
+
+
+def test_a_result_over_max_result_size_is_a_clear_error(local):
+    with JobCluster(big_result, nodes=local, max_result_size="1M") as cluster:
+        job = cluster.submit(2 * MiB)
+        assert job() is None
+        assert job.status == DispyJob.Terminated
+        assert "ResultTooLarge" in job.exception
+        assert re.search(
+            r"pickles to 2097\d{3} bytes, over the limit of 1048576", job.exception
+        )
+        assert "max_result_size" in job.exception
+        ok = cluster.submit(MiB // 2)
+        assert ok() == bytes(MiB // 2)
+
+
+def test_a_result_over_the_message_cap_is_refused_before_sending(local):
+    # 1.5 GiB used to end "worker exited with status 0": now named, and fast.
+    with JobCluster(big_result, nodes=local, max_message_size=64 * MiB) as cluster:
+        job = cluster.submit(80 * MiB)
+        job()
+        assert job.status == DispyJob.Terminated
+        assert "ResultTooLarge" in job.exception
+
+
+def test_unpicklable_result_names_its_path(local):
+    with JobCluster(unpicklable, nodes=local) as cluster:
+        job = cluster.submit()
+        job()
+    assert job.status == DispyJob.Terminated
+    assert "result[1]['a'] is a 'generator'" in job.exception
