@@ -101,19 +101,31 @@ def local():
 # --- tests ----------------------------------------------------------------------
 
 
+@pytest.mark.attack(
+    id="forked-children",
+    title="A job forks 200 sleeping children (in its group, or after setsid)",
+    goal="none outlives the job",
+)
 @pytest.mark.parametrize("detach", [False, True], ids=["same-group", "setsid"])
-def test_children_of_a_finished_job_end_with_it(local, detach):
+def test_children_of_a_finished_job_end_with_it(local, detach, measure):
     with JobCluster(fork_sleepers, nodes=local) as cluster:
         job = cluster.submit(200, detach)
         pids = job()
         assert job.status == DispyJob.Finished, job.exception
         assert len(pids) == 200
         # Killed and reaped before the job's result was sent.
-        assert _all_gone(pids)
+        alive = sum(_alive(pid) for pid in pids)
+        measure(f"{'setsid' if detach else 'same group'}: {alive} of 200 alive")
+        assert alive == 0
         assert cluster.submit(0, False)() == []  # the worker is fine
 
 
-def test_job_forking_and_ignoring_sigint_ends_at_its_timeout(local, tmp_path):
+@pytest.mark.attack(
+    id="fork-ignore-sigint",
+    title="A job forks, ignores SIGINT and spins (both) under dispy_job_timeout=1",
+    goal="Terminated within 6 s (was 25 s), its child killed",
+)
+def test_job_forking_and_ignoring_sigint_ends_at_its_timeout(local, tmp_path, measure):
     marker = str(tmp_path / "child")
     with JobCluster(fork_and_spin, nodes=local) as cluster:
         started = time.monotonic()
@@ -121,6 +133,7 @@ def test_job_forking_and_ignoring_sigint_ends_at_its_timeout(local, tmp_path):
         child = _read_pids(marker)[0]
         job()
         took = time.monotonic() - started
+        measure(f"ended {job.status.name} after {took:.1f} s")
         assert job.status == DispyJob.Terminated
         assert "time limit" in job.exception
         # 1 s, then KeyboardInterrupt (ignored), then SIGKILL of the group after 2 s.
@@ -128,7 +141,12 @@ def test_job_forking_and_ignoring_sigint_ends_at_its_timeout(local, tmp_path):
         wait_until(lambda: not _alive(child), WAIT)
 
 
-def test_cluster_close_kills_a_running_jobs_detached_children(local, tmp_path):
+@pytest.mark.attack(
+    id="children-at-close",
+    title="A running job's 20 setsid children when its cluster closes",
+    goal="all killed (through the worker's pids cgroup)",
+)
+def test_cluster_close_kills_a_running_jobs_detached_children(local, tmp_path, measure):
     marker = str(tmp_path / "children")
     cluster = JobCluster(sleep_with_detached_children, nodes=local)
     try:
@@ -141,14 +159,21 @@ def test_cluster_close_kills_a_running_jobs_detached_children(local, tmp_path):
     if not _cgroups_available():
         pytest.skip("no pids cgroup here: setsid children escape the process group")
     wait_until(lambda: _all_gone(pids), WAIT)
+    measure("0 of 20 alive after close")
 
 
-def test_a_fork_bomb_stops_at_max_pids(local):
+@pytest.mark.attack(
+    id="fork-bomb",
+    title="A job forks until refused, under max_pids=32",
+    goal="fork fails (BlockingIOError) below the limit; node unharmed",
+)
+def test_a_fork_bomb_stops_at_max_pids(local, measure):
     if not _cgroups_available():
         pytest.skip("no pids cgroup can be created here")
     with JobCluster(fork_until_refused, nodes=local, max_pids=32) as cluster:
         job = cluster.submit(5000)
         count, error = job()
+        measure(f"{count} forks, then {error or 'no error'}")
         assert job.status == DispyJob.Finished, job.exception
         assert error == "BlockingIOError"
         assert count < 32

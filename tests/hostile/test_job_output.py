@@ -48,7 +48,12 @@ def _rss(pid: int) -> int:
     return psutil.Process(pid).memory_info().rss
 
 
-def test_200_mib_of_stdout_is_cut_to_max_output_size(local):
+@pytest.mark.attack(
+    id="stdout-flood",
+    title="A job writes 200 MiB to stdout",
+    goal="output kept to max_output_size (4 MiB) with a marker; node growth bounded",
+)
+def test_200_mib_of_stdout_is_cut_to_max_output_size(local, measure):
     node = local.pids[0]
     with JobCluster(flood, nodes=local) as cluster:
         cluster.submit(1)()  # the worker exists: its start is not counted
@@ -56,6 +61,10 @@ def test_200_mib_of_stdout_is_cut_to_max_output_size(local):
         job = cluster.submit(200)
         assert job() == 200, job.exception
         grown = _rss(node) - before
+    measure(
+        f"delivered {len(job.stdout) / MiB:.1f} MiB; node grew "
+        f"{grown / MiB:.0f} MiB (was +790 MiB)"
+    )
     kept, marker = job.stdout.rsplit("\n[dispynb: ", 1)
     assert len(kept) + 1 == 4 * MiB  # the default max_output_size (+ its "\n")
     assert marker.startswith(f"{196 * MiB} more characters of stdout dropped")
@@ -90,11 +99,17 @@ def test_a_result_over_max_result_size_is_a_clear_error(local):
         assert ok() == bytes(MiB // 2)
 
 
-def test_a_result_over_the_message_cap_is_refused_before_sending(local):
+@pytest.mark.attack(
+    id="huge-result",
+    title="A job returns a result larger than a message may be",
+    goal="ResultTooLarge naming the size and max_result_size, checked in the worker",
+)
+def test_a_result_over_the_message_cap_is_refused_before_sending(local, measure):
     # 1.5 GiB used to end "worker exited with status 0": now named, and fast.
     with JobCluster(big_result, nodes=local, max_message_size=64 * MiB) as cluster:
         job = cluster.submit(80 * MiB)
         job()
+        measure(f"{job.status.name}: {job.exception.splitlines()[0][:90]}")
         assert job.status == DispyJob.Terminated
         assert "ResultTooLarge" in job.exception
 
