@@ -3,6 +3,14 @@
 The embedded default: it starts ``python -m nodeserver`` processes bound to
 127.0.0.1 with a fresh random secret, and hands `JobCluster` their addresses and the
 secret through ``nodes=``. It never imports ``nodeserver`` itself.
+
+Each node runs in its own session (process group), so that a signal sent to this
+process's group never reaches it: JupyterLab's Stop button interrupts the kernel with
+``os.killpg(SIGINT)``, and Ctrl-C in a terminal signals the foreground group. The
+nodes still die with this process, however it ends (``close``, exit, SIGKILL): each
+inherits the read end of a pipe whose write end only this process holds, and stops
+when it reads end of file (``--parent-pipe``); ``--exit-with-parent`` (re-parenting)
+backs that up when a forked child of this process holds a copy of the write end.
 """
 
 from __future__ import annotations
@@ -68,6 +76,7 @@ class LocalCluster:
         self.tls = False
         self._dir = tempfile.mkdtemp(prefix="dispynb-local-")
         self._procs: list[subprocess.Popen[bytes]] = []
+        self._pipes: list[int] = []  # write ends: the nodes stop when they close
         self.addresses: list[tuple[str, int]] = []
         atexit.register(self.close)
         try:
@@ -98,7 +107,19 @@ class LocalCluster:
             "--exit-with-parent",
             "--drain-timeout", "0",  # close() means now: no draining
         ]  # fmt: skip
-        return subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL)
+        # os.pipe() is close-on-exec: other children never inherit the write end.
+        read_end, write_end = os.pipe()
+        self._pipes.append(write_end)
+        try:
+            return subprocess.Popen(
+                [*command, "--parent-pipe", str(read_end)],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                pass_fds=(read_end,),
+                start_new_session=True,  # out of reach of killpg(SIGINT): Stop
+            )
+        finally:
+            os.close(read_end)
 
     def _port_file(self, index: int) -> str:
         return os.path.join(self._dir, f"node-{index}.port")
@@ -139,6 +160,10 @@ class LocalCluster:
                 proc.kill()
                 proc.wait()
         self._procs = []
+        for write_end in self._pipes:
+            with contextlib.suppress(OSError):
+                os.close(write_end)
+        self._pipes = []
         atexit.unregister(self.close)
         with contextlib.suppress(OSError):
             shutil.rmtree(self._dir)

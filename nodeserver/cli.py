@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import sys
+from collections.abc import Callable
 
 from dispynb._version import __version__
 from dispynb.defaults import (
@@ -169,6 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop when the process that started this node exits (LocalCluster)",
     )
     add(
+        "--parent-pipe",
+        type=int,
+        default=None,
+        metavar="FD",
+        help="stop as soon as this inherited pipe reaches end of file, i.e. when "
+        "every process holding its other end has exited (LocalCluster: the nodes "
+        "die with the notebook kernel although they are in their own session)",
+    )
+    add(
         "--loglevel",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -224,7 +234,40 @@ async def _stop_when_orphaned(
     stop.set()
 
 
-async def serve(config: NodeConfig, watch_parent: bool = False) -> None:
+def _stop_at_eof(
+    fd: int, orphaned: asyncio.Event, stop: asyncio.Event
+) -> Callable[[], None]:
+    """Watch ``fd`` (a pipe whose write end the parent holds); stop at its EOF.
+
+    Returns the function that stops watching."""
+    loop = asyncio.get_running_loop()
+
+    def readable() -> None:
+        try:
+            data = os.read(fd, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            return  # nothing is ever written; only the end of file matters
+        loop.remove_reader(fd)
+        logger.warning("the process that started this node exited; stopping")
+        orphaned.set()
+        stop.set()
+
+    os.set_blocking(fd, False)
+    loop.add_reader(fd, readable)
+
+    def unwatch() -> None:
+        loop.remove_reader(fd)
+
+    return unwatch
+
+
+async def serve(
+    config: NodeConfig, watch_parent: bool = False, parent_pipe: int | None = None
+) -> None:
     """Run a node until SIGTERM or SIGINT (or its parent exits), then stop cleanly.
 
     The first signal drains (running jobs get ``config.drain_timeout`` seconds), a
@@ -248,9 +291,13 @@ async def serve(config: NodeConfig, watch_parent: bool = False) -> None:
     if watch_parent:
         parent = os.getppid()
         task = asyncio.create_task(_stop_when_orphaned(parent, orphaned, stop))
+    if parent_pipe is not None:
+        unwatch = _stop_at_eof(parent_pipe, orphaned, stop)
     await stop.wait()
     if watch_parent:
         task.cancel()
+    if parent_pipe is not None:
+        unwatch()
     logger.info("shutting down")
     await server.stop(0.0 if orphaned.is_set() else config.drain_timeout, now)
 
@@ -267,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
         if config.clean and os.path.isdir(config.dest_path):
             shutil.rmtree(config.dest_path, ignore_errors=True)
-        asyncio.run(serve(config, args.exit_with_parent))
+        asyncio.run(serve(config, args.exit_with_parent, args.parent_pipe))
     except ConfigurationError as exc:
         print(f"dispynb-node: {exc}", file=sys.stderr)
         return 2

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 from dispynb.job import FINAL_STATUSES, DispyJob, JobStatus
 from dispynb.jupyter import display as templates
 from dispynb.jupyter import shipping
+from dispynb.jupyter.errors import RunInterrupted
 from dispynb.jupyter.progress import (
     NullProgressBar,
     ProgressBar,
@@ -120,6 +121,9 @@ class Run:
         self._early_running: set[Any] = set()
         self._early_final: dict[Any, JobStatus] = {}
         self._tally = {"finished": 0, "failed": 0, "cancelled": 0}
+        # Jobs this run cancelled: running ones end Terminated, and count as cancelled
+        # (not failed) since they were stopped on purpose.
+        self._cancelled: set[Any] = set()
         self._provisional: dict[Any, Any] = {}  # job id -> latest provisional result
         self._provisional_count = 0
         self._latest: tuple[Any, Any] | None = None  # (job id, provisional result)
@@ -382,8 +386,13 @@ class Run:
 
     @property
     def failures(self) -> list[DispyJob]:
-        """Jobs that raised, crashed or were abandoned, in submission order."""
-        return [job for job in self.jobs if job.status in _FAILED]
+        """Jobs that raised, crashed or were abandoned, in submission order (jobs
+        terminated because the run was cancelled or stopped are not failures)."""
+        return [
+            job
+            for job in self.jobs
+            if job.status in _FAILED and job.id not in self._cancelled
+        ]
 
     @property
     def df(self) -> pd.DataFrame:
@@ -464,14 +473,15 @@ class Run:
             return
         self._ended[key] = status
         self._running.discard(key)
+        stopped = status is JobStatus.Terminated and key in self._cancelled
         if status is JobStatus.Finished:
             self._tally["finished"] += 1
-        elif status is JobStatus.Cancelled:
+        elif status is JobStatus.Cancelled or stopped:
             self._tally["cancelled"] += 1
         else:
             self._tally["failed"] += 1
         job = self.jobs[self._index[key]]
-        if job.stdout or job.stderr or status in _FAILED:
+        if job.stdout or job.stderr or (status in _FAILED and not stopped):
             self._outputs.append(job)
         if len(self._ended) >= len(self.jobs):
             self._stop = time.monotonic()
@@ -551,8 +561,8 @@ class Run:
                 self._changed.wait(tick)
         except KeyboardInterrupt:
             self._waiting = False
-            self.stop("Interrupted", echo=echo)
-            raise
+            summary = self.stop("Interrupted", echo=echo, quiet=True)
+            raise RunInterrupted(summary) from None
         finally:
             self._waiting = False
         self.bar.finish(self.counts())
@@ -577,13 +587,14 @@ class Run:
                 self._write_job(job, writer)
 
     def _write_job(self, job: DispyJob, writer: Writer) -> None:
+        label = f"[job {job.id}] "
         for stream in ("stdout", "stderr"):
             text = getattr(job, stream)
             if isinstance(text, bytes):
                 text = text.decode("utf-8", errors="replace")
             if text:
-                writer(stream, text if text.endswith("\n") else text + "\n")
-        if job.status in _FAILED:
+                writer(stream, _prefix_lines(text, label))
+        if job.status in _FAILED and job.id not in self._cancelled:
             kind = _exception_kind(job.exception)
             seen = self._failure_kinds.setdefault(kind, [])
             seen.append(job)
@@ -618,27 +629,30 @@ class Run:
             return 0
         count = 0
         for job in list(self.jobs):
-            if not job.done() and cluster.cancel(job) == 0:
+            if job.done():
+                continue
+            with self._lock:
+                self._cancelled.add(job.id)
+            if cluster.cancel(job) == 0:
                 count += 1
         return count
 
-    def stop(self, reason: str = "Stopped", echo: bool = True) -> None:
+    def stop(
+        self, reason: str = "Stopped", echo: bool = True, quiet: bool = False
+    ) -> str:
         """Cancel the unfinished jobs, wait (at most `CANCEL_WAIT` seconds) for the
-        nodes to confirm, print what happened and close the cluster if owned.
+        nodes to confirm, close the cluster if owned, and return (and print, unless
+        ``quiet``) a one-line account: how many running jobs were terminated, how
+        many queued ones cancelled.
 
-        What an interrupted `wait` does before re-raising `KeyboardInterrupt`; a
-        second interrupt stops waiting for the confirmations.
+        What an interrupted `wait` does before raising `RunInterrupted` (a
+        `KeyboardInterrupt`) with that line; a second interrupt stops waiting for the
+        confirmations. Cancelled jobs are not failures: they count as cancelled.
         """
         self._interrupted = True
         writer = _print_writer if echo else None
-        before = self.counts()
-        count = self.cancel()
-        self.bar.before_output()
-        _print_writer(
-            "stderr",
-            f"{reason}: cancelling {count} unfinished jobs of run {self.name!r} "
-            f"on the nodes ({before.running} running, {before.queued} queued)\n",
-        )
+        mine = [job for job in list(self.jobs) if not job.done()]
+        self.cancel()
         deadline = time.monotonic() + CANCEL_WAIT
         try:
             while time.monotonic() < deadline:
@@ -653,11 +667,28 @@ class Run:
         except KeyboardInterrupt:
             if self.owns_cluster:
                 self.close(terminate=True)
+        summary = self._stop_summary(reason, mine)
+        if not quiet:
+            self.bar.before_output()
+            _print_writer("stderr", summary + "\n")
+        return summary
+
+    def _stop_summary(self, reason: str, stopped: list[DispyJob]) -> str:
+        ends = collections.Counter(job.status for job in stopped)
         after = self.counts()
-        _print_writer(
-            "stderr",
-            f"run {self.name!r}: {after.finished} done, {after.failed} failed or "
-            f"terminated, {after.cancelled} cancelled of {after.total}\n",
+        parts = [
+            f"{ends[JobStatus.Terminated]} running terminated",
+            f"{ends[JobStatus.Cancelled]} queued cancelled",
+        ]
+        finished = ends[JobStatus.Finished]
+        if finished:
+            parts.append(f"{finished} finished meanwhile")
+        unconfirmed = sum(not job.done() for job in stopped)
+        if unconfirmed:
+            parts.append(f"{unconfirmed} not confirmed by the nodes")
+        return (
+            f"{reason}: run {self.name!r} stopped, {', '.join(parts)} "
+            f"({after.finished} of {after.total} jobs done)"
         )
 
     def close(self, terminate: bool = False) -> None:
@@ -703,6 +734,12 @@ def _print_writer(stream: str, text: str) -> None:
     target = sys.stdout if stream == "stdout" else sys.stderr
     target.write(text)
     target.flush()
+
+
+def _prefix_lines(text: str, label: str) -> str:
+    """``text`` with ``label`` before each of its lines, ending with a newline."""
+    lines = text.splitlines()
+    return "".join(f"{label}{line}\n" for line in lines)
 
 
 def _exception_kind(exception: str | None) -> str:

@@ -125,8 +125,9 @@ def test_run_wait_prints_remote_output_and_first_traceback_of_each_kind(local, c
     run = Run.map(noisy, range(3), nodes=local, name="noisy", progress="none")
 
     out, err = capsys.readouterr()
-    assert sorted(out.splitlines()) == ["out 0", "out 1", "out 2"]
-    assert {"err 0", "err 1", "err 2"} <= set(err.splitlines())
+    ids = [job.id for job in run.jobs]
+    assert sorted(out.splitlines()) == [f"[job {ids[i]}] out {i}" for i in range(3)]
+    assert {f"[job {ids[i]}] err {i}" for i in range(3)} <= set(err.splitlines())
     assert err.count("Traceback (most recent call last)") == 1
     assert "ValueError: bad" in err
     assert "ValueError: 2 jobs" in err  # the second one is counted, not repeated
@@ -198,7 +199,7 @@ def test_run_interrupted_wait_cancels_remote_jobs(local1, tmp_path, capsys):
     )
     interrupt_main_when(lambda: started.exists() and run._waiting)
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as stopped:
         run.wait()
 
     first, *queued = run.jobs
@@ -208,9 +209,10 @@ def test_run_interrupted_wait_cancels_remote_jobs(local1, tmp_path, capsys):
     )
     assert run.closed
     assert not finished.exists()
-    err = capsys.readouterr().err
-    assert "Interrupted: cancelling 3 unfinished jobs of run 'long' on the nodes" in err
-    assert "run 'long': 0 done" in err
+    message = str(stopped.value)
+    assert message.startswith("Interrupted: run 'long' stopped, 1 running terminated")
+    assert message.endswith("(0 of 3 jobs done)")
+    assert not run.failures and run.counts().cancelled == 3
 
 
 @slow
