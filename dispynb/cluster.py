@@ -185,6 +185,9 @@ class JobCluster:
         self._outstanding = 0
         self._done = threading.Condition()
         self._nodes: dict[str, DispyNode] = {}
+        # Jobs executing now (the node reported their start), by the node counting them
+        # in its ``busy``.
+        self._executing: dict[int, DispyNode] = {}
         self._node_errors: list[DispynbError] = []
         self._closed = False
         self._max_job_size = MAX_MESSAGE_SIZE
@@ -353,23 +356,40 @@ class JobCluster:
         self._notify_cluster(DispyNode.AvailInfo, node, None)
         self._emit(DispyNode.AvailInfo, node, None)
 
-    def job_running(self, key: int, link: NodeLink) -> None:
-        job = self._jobs.get(key)
-        if job is None:
-            return
-        job._set_running(link.host)
+    def jobs_sent(self, keys: list[int], link: NodeLink) -> None:
         if self._journal is not None:
-            self._journal.sent(self._recovery_id, key, link.node_id)
+            for key in keys:
+                self._journal.sent(self._recovery_id, key, link.node_id)
+
+    def job_running(self, key: int, link: NodeLink, start_time: float) -> None:
+        job = self._jobs.get(key)
+        # Only once per attempt: a job's start may be reported again after its worker
+        # was replaced (it runs again from the start).
+        if job is None or job.status is not JobStatus.Created:
+            return
+        if not job._set_running(link.host, start_time):
+            return
         node = self._nodes.get(link.node_id)
         if node is not None:
             node.busy += 1
+            self._executing[key] = node
         if self._options.cluster_status is not None:
             self._notify_cluster(JobStatus.Running, node, copy.copy(job))
         self._emit(JobStatus.Running, node, job)
 
+    def _not_executing(self, key: int) -> None:
+        """Job ``key`` no longer runs where it was counted busy."""
+        node = self._executing.pop(key, None)
+        if node is not None:
+            node.busy -= 1
+
     def job_provisional(self, key: int, link: NodeLink, result: Any) -> None:
         job = self._jobs.get(key)
-        if job is None or not job._set_provisional(result):
+        if job is None:
+            return
+        if job.status is JobStatus.Created:  # a node that does not report starts
+            self.job_running(key, link, time.time())
+        if not job._set_provisional(result):
             return
         opts = self._options
         if opts.job_status is not None:
@@ -397,9 +417,9 @@ class JobCluster:
         if job is None:
             return
         status = status_of(outcome.outcome)
+        self._not_executing(key)
         node = self._nodes.get(link.node_id) if link is not None else None
         if node is not None:
-            node.busy -= 1
             node.jobs_done += 1
             if link is not None and link.conn is not None:
                 node.tx, node.rx = link.conn.bytes_sent, link.conn.bytes_received
@@ -420,15 +440,15 @@ class JobCluster:
         job = self._jobs.pop(key, None)
         if job is None:
             return
+        self._not_executing(key)
         node = self._nodes.get(link.node_id) if link is not None else None
-        if node is not None:
-            node.busy -= 1
         job._complete(JobStatus.Abandoned, exception=reason)
         self._finished(job, node)
 
     def job_requeued(self, key: int) -> None:
         job = self._jobs.get(key)
         if job is not None:
+            self._not_executing(key)
             job._requeue()
             self._emit(JobStatus.Created, None, job)
 

@@ -275,12 +275,13 @@ class DispyJob:
 
     # -- state changes, called by the cluster's I/O thread ---------------------------
 
-    def _set_running(self, ip_addr: str) -> bool:
-        """Mark the job as sent to the node at ``ip_addr``; ignored once done."""
+    def _set_running(self, ip_addr: str, start_time: float | None = None) -> bool:
+        """Mark the job as executing on the node at ``ip_addr`` since ``start_time``
+        (the node's clock; default now); ignored once done."""
         if self._done:
             return False
         self.ip_addr = ip_addr
-        self.start_time = time.time()
+        self.start_time = time.time() if start_time is None else start_time
         self.status = JobStatus.Running
         return True
 

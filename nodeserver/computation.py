@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -212,6 +213,8 @@ class Computation:
         self._closing = False
         self._tasks: set[asyncio.Task[None]] = set()
         self.on_failure: Callable[[str], None] | None = None
+        #: ``on_start(key, attempt, time)``: a job starts executing in a worker now.
+        self.on_start: Callable[[int, int, float], None] | None = None
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -422,8 +425,11 @@ class Computation:
         loop.call_later(grace, self._escalate, worker, job)
 
     def _start_clock(self, worker: Worker) -> None:
-        """The worker's head job starts now: arm its time limit, if it has one."""
+        """The worker's head job starts now: tell the client (``on_start``), and arm
+        its time limit, if it has one."""
         job = worker.assigned[0]
+        if self.on_start is not None and not job.cancelled:
+            self.on_start(job.key, job.attempt, time.time())
         if job.timeout is not None and job.timer is None and not job.cancelled:
             loop = asyncio.get_running_loop()
             job.timer = loop.call_later(job.timeout, self._time_out, worker, job)

@@ -59,6 +59,10 @@ STATUS_INTERVAL = 10.0
 #: Seconds a shutting-down node waits for a client to take back its unstarted jobs.
 HAND_BACK_TIMEOUT = 5.0
 
+#: Seconds a job's start may wait to ride on a results message: a job shorter than
+#: this costs no message of its own for its start (latency of tiny jobs, W2).
+START_REPORT_DELAY = 0.005
+
 #: A results batch is cut once its buffers pass this size.
 BATCH_BYTES = 32 * 1024 * 1024
 
@@ -82,6 +86,8 @@ class ClientSession:
         self.session_id = next(_session_ids)
         self._computations: dict[int, Computation] = {}
         self._out: dict[int, tuple[list[list[Any]], list[memoryview]]] = {}
+        self._starts: dict[int, list[list[Any]]] = {}  # comp_id -> job starts
+        self._starts_timer: asyncio.TimerHandle | None = None
         self._flush_pending = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._waiting_for_files: dict[int, tuple[set[str], Any]] = {}
@@ -178,6 +184,7 @@ class ClientSession:
         computation.on_failure = lambda reason: self._computation_died(
             message.comp_id, reason
         )
+        computation.on_start = self._starter(message.comp_id)
         if message.recovery_id:
             kept = self.server.keeper.register(message.recovery_id, computation)
             self._recovery[message.comp_id] = (
@@ -474,6 +481,8 @@ class ClientSession:
         self, comp_id: int
     ) -> Callable[[int, int, list[memoryview]], None]:
         def report(key: int, attempt: int, buffers: list[memoryview]) -> None:
+            if comp_id in self._starts:
+                self._flush()  # the job's start first
             self._write(
                 JobProvisional(comp_id=comp_id, key=key, attempt=attempt), buffers
             )
@@ -488,6 +497,22 @@ class ClientSession:
             self._write(FileFromNode(comp_id=comp_id, key=key, path=path), buffers)
 
         return report
+
+    def _starter(self, comp_id: int) -> Callable[[int, int, float], None]:
+        def started(key: int, attempt: int, when: float) -> None:
+            # Results queued before this start come before it (see `JobResults`).
+            results = self._out.get(comp_id)
+            before = len(results[0]) if results is not None else 0
+            starts = self._starts.get(comp_id)
+            if starts is None:
+                starts = self._starts[comp_id] = []
+            starts.append([key, attempt, when, before])
+            if self._starts_timer is None:
+                self._starts_timer = asyncio.get_running_loop().call_later(
+                    START_REPORT_DELAY, self._flush
+                )
+
+        return started
 
     def _queue_result(
         self, comp_id: int, entry: list[Any], buffers: list[memoryview]
@@ -508,9 +533,18 @@ class ClientSession:
 
     def _flush(self) -> None:
         self._flush_pending = False
+        if self._starts_timer is not None:
+            self._starts_timer.cancel()
+            self._starts_timer = None
         out, self._out = self._out, {}
+        starts, self._starts = self._starts, {}
         for comp_id, (entries, buffers) in out.items():
-            self._write(JobResults(comp_id=comp_id, results=entries), buffers)
+            started = starts.pop(comp_id, [])
+            self._write(
+                JobResults(comp_id=comp_id, results=entries, started=started), buffers
+            )
+        for comp_id, started in starts.items():
+            self._write(JobResults(comp_id=comp_id, results=[], started=started))
 
     def _write(self, message: Message, buffers: list[memoryview] | None = None) -> None:
         try:

@@ -66,6 +66,18 @@ def sleep_unless_interrupted(marker: str, seconds: float) -> str:
     return "slept"
 
 
+def mark_and_hold(marker: str, release: str, limit: float = WAIT) -> float:
+    """Write ``marker`` (the job has started), wait until ``release`` exists (at most
+    ``limit`` s), and return when the job started (epoch seconds)."""
+    started = time.time()
+    Path(f"{marker}.tmp").write_text(str(os.getpid()))
+    os.replace(f"{marker}.tmp", marker)
+    deadline = time.monotonic() + limit
+    while not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return started
+
+
 def provisional_then(n: int) -> int:
     """Send three provisional results, then return ``n * 10``."""
     for i in range(3):

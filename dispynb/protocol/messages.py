@@ -398,12 +398,20 @@ OUTCOMES = frozenset({FINISHED, RAISED, CRASHED, TERMINATED, CANCELLED, RETURNED
 
 @message("job-results")
 class JobResults(WireMessage):
-    """Node -> client: a batch of results.
+    """Node -> client: a batch of results, and of job starts.
 
     ``results`` holds ``[key, attempt, outcome, start_time, end_time, stdout, stderr,
     exception, buffer_count]`` per job; a finished job's pickled result is its next
     ``buffer_count`` buffers.
+
+    ``started`` holds ``[key, attempt, start_time, before]`` for each job that began
+    executing in a worker since the last batch (a job sent to a node may wait there
+    behind others); ``before`` is how many of this message's ``results`` happened
+    earlier, so the client replays starts and ends in the node's order. Starts ride on
+    the results' message (a start waits a few milliseconds for one), so that they
+    cost no message of their own. Empty from a node that predates it.
     """
 
     comp_id: int
     results: list[list[Any]]
+    started: list[list[Any]] = dataclasses.field(default_factory=list)

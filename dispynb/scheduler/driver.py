@@ -131,8 +131,11 @@ class Outcome:
 class JobEvents(Protocol):
     """What the driver tells the user-facing cluster."""
 
-    def job_running(self, key: int, node: NodeLink) -> None:
-        """A job was sent to ``node``."""
+    def jobs_sent(self, keys: list[int], node: NodeLink) -> None:
+        """Jobs were sent to ``node``; they may wait there for a free worker."""
+
+    def job_running(self, key: int, node: NodeLink, start_time: float) -> None:
+        """A job started executing on ``node`` at ``start_time`` (the node's clock)."""
 
     def job_done(self, key: int, node: NodeLink | None, outcome: Outcome) -> None:
         """A job ended on ``node`` (None: it never ran)."""
@@ -654,10 +657,15 @@ class Driver:
     def _on_results(
         self, link: NodeLink, message: JobResults, buffers: list[memoryview]
     ) -> None:
+        starts = message.started
+        next_start = 0  # starts are replayed in the node's order among the results
         offset = 0
         instructions: list[Instruction] = []
         handle = self.state.handle
-        for entry in message.results:
+        for index, entry in enumerate(message.results):
+            while next_start < len(starts) and starts[next_start][3] <= index:
+                self._on_start(link, starts[next_start])
+                next_start += 1
             key, attempt, outcome, start, end, stdout, stderr, exception, count = entry
             result_buffers = buffers[offset : offset + count]
             offset += count
@@ -692,7 +700,15 @@ class Driver:
                 link,
                 Outcome(outcome, result, stdout, stderr, exception, start, end),
             )
+        for start in starts[next_start:]:
+            self._on_start(link, start)
         self._apply(instructions)
+
+    def _on_start(self, link: NodeLink, start: list[Any]) -> None:
+        """A job began executing on the node (``[key, attempt, time, before]``)."""
+        key, attempt, when = start[0], start[1], start[2]
+        if self.state.is_running(key, attempt, link.node_id):  # else: stale, or done
+            self.events.job_running(key, link, when)
 
     def _apply(self, instructions: list[Instruction], lost_reason: str = "") -> None:
         """Carry out instructions; job batches are merged per node into one message."""
@@ -738,6 +754,7 @@ class Driver:
         limits: list[list[Any]] = []
         buffers: list[Buffer] = []
         size = 0
+        self.events.jobs_sent([key for key, _attempt in jobs], link)
         for key, attempt in jobs:
             pending = self._jobs[key]
             if pending.limits is not None:
@@ -750,7 +767,6 @@ class Driver:
                 entries.append([key, attempt, len(pending.buffers)])
             buffers.extend(pending.buffers)
             size += sum(memoryview(b).nbytes for b in pending.buffers)
-            self.events.job_running(key, link)
             if size >= BATCH_BYTES:
                 self._write_batch(link, entries, buffers, limits)
                 entries, limits, buffers, size = [], [], [], 0

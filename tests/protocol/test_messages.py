@@ -53,6 +53,7 @@ SAMPLES: list[WireMessage] = [
     m.JobResults(
         comp_id=1,
         results=[[1, 0, m.FINISHED, 1.5, 2.5, "out", "", None, 1]],
+        started=[[2, 1, 2.5, 1]],
     ),
 ]
 
