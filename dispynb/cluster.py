@@ -162,6 +162,7 @@ class JobCluster:
                 host=host,
                 multicast=opts.ipv4_udp_multicast,
                 ping_interval=opts.ping_interval,
+                ready=lambda: bool(self._nodes),
             )
         if self._program is not None:
             self.name = self._program["name"]

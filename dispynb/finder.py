@@ -29,6 +29,9 @@ logger = logging.getLogger(__name__)
 #: ``use(ip, tcp_port, spec)``: connect to a node found for ``spec``.
 UseNode = Callable[[str, int, NodeAllocate], None]
 
+#: Seconds without a usable node before the client says what may be wrong.
+NO_NODE_WARNING = 5.0
+
 
 class NodeFinder:
     """Finds nodes for wildcard specs by UDP broadcast or multicast; runs on the loop.
@@ -45,6 +48,9 @@ class NodeFinder:
         Use dispy's IPv4 multicast group instead of broadcast.
     ping_interval:
         Seconds between pings (dispy's ``ping_interval``), or None for only one.
+    ready:
+        True once the cluster has a node set up; if it is still False
+        ``warn_after`` seconds after `start`, one warning names the likely causes.
     """
 
     def __init__(
@@ -55,8 +61,14 @@ class NodeFinder:
         host: str | None = None,
         multicast: bool = False,
         ping_interval: float | None = None,
+        ready: Callable[[], bool] | None = None,
+        warn_after: float = NO_NODE_WARNING,
     ) -> None:
         self.specs = specs
+        self._ready = ready
+        self._warn_after = warn_after
+        self._warner: asyncio.Task[None] | None = None
+        self._answered = 0
         self._use = use
         self._multicast = multicast
         self._ping_interval = ping_interval
@@ -67,7 +79,12 @@ class NodeFinder:
     async def start(self) -> None:
         """Ping the networks of the specs and listen for nodes."""
         targets = discovery_targets([s.host for s in self.specs], self._multicast)
-        await self._discovery.start(targets or [BROADCAST], self._found)
+        targets = targets or [BROADCAST]
+        await self._discovery.start(targets, self._found)
+        if self._ready is not None:
+            self._warner = asyncio.get_running_loop().create_task(
+                self._warn_if_no_node(targets)
+            )
         if self._ping_interval:
             self._pinger = asyncio.get_running_loop().create_task(self._ping_forever())
 
@@ -83,8 +100,9 @@ class NodeFinder:
 
     def close(self) -> None:
         """Stop pinging and listening."""
-        if self._pinger is not None:
-            self._pinger.cancel()
+        for task in (self._pinger, self._warner):
+            if task is not None:
+                task.cancel()
         with contextlib.suppress(OSError):
             self._discovery.close()
 
@@ -94,7 +112,33 @@ class NodeFinder:
             await asyncio.sleep(self._ping_interval)
             self._discovery.ping_again()
 
+    async def _warn_if_no_node(self, targets: list[str]) -> None:
+        assert self._ready is not None
+        await asyncio.sleep(self._warn_after)
+        if self._ready():
+            return
+        answered = (
+            f"{self._answered} node(s) answered but none could be set up (see the "
+            "errors above: a wrong secret?)"
+            if self._answered
+            else "no node answered"
+        )
+        logger.warning(
+            "no node found in %g s of discovery (pinged %s on UDP port %d; %s); still "
+            "waiting, as dispy does. Likely causes: no dispynb-node running on these "
+            "networks; nodes started with --no-discovery or listening on 127.0.0.1 "
+            "only (no secret); a firewall dropping UDP %d-%d; a wrong secret. Or "
+            "name the nodes: JobCluster(..., nodes=['host1', 'host2'])",
+            self._warn_after,
+            ", ".join(targets),
+            self._discovery.port,
+            answered,
+            self._discovery.port,
+            self._discovery.port + 1,
+        )
+
     def _found(self, ip: str, port: int, name: str, cpus: int) -> None:
+        self._answered += 1
         ext = self._discovery.ext_address(ip, port)
         if ext:
             spec = trusted_ext_spec(self.specs, ext)

@@ -10,12 +10,14 @@ import tempfile
 
 from dispynb.defaults import (
     DISCOVERY_PORT,
+    HANDSHAKE_TIMEOUT,
     MAX_MESSAGE_SIZE,
     NODE_PORT,
     PRE_AUTH_MAX_FRAME,
 )
 from dispynb.errors import ConfigurationError
 from dispynb.transport.addressing import is_loopback
+from nodeserver.service import ServiceWindow
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -37,8 +39,12 @@ class NodeConfig:
     max_file_size: int = 0
     max_message_size: int = MAX_MESSAGE_SIZE
     port_file: str | None = None
+    #: More addresses to listen on (dispynode's repeated ``-i``), same port.
+    more_hosts: list[str] = dataclasses.field(default_factory=list)
     #: Answer UDP discovery pings and announce the node (off: clients must name it).
-    discovery: bool = False
+    #: None (default): on, as dispynode, unless the node listens only on loopback
+    #: (nobody else could connect; set by `validate`).
+    discovery: bool | None = None
     discovery_port: int = DISCOVERY_PORT
     #: Also hear pings on the IPv4 multicast group (implies ``discovery``).
     ipv4_multicast: bool = False
@@ -55,6 +61,26 @@ class NodeConfig:
     #: Largest total size (bytes) of results kept on disk for clients that may have
     #: crashed (``recover_file``); results over it are not kept, with a warning.
     kept_results_size: int = 1 << 30
+    #: Client connections to serve before exiting (dispynode's ``--serve``); -1: no
+    #: limit, 0: exit at once.
+    serve: int = -1
+    #: Daily service window (dispynode's ``--service_start/stop/end``), or None.
+    service_window: ServiceWindow | None = None
+    #: Computations' cleanup may stop the node (dispynode's ``--client_shutdown``).
+    client_shutdown: bool = False
+    #: Seconds a connecting client gets to authenticate (dispynode's ``--msg_timeout``).
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
+    #: Seconds between announcements while running (dispynode's ``--ping_interval``);
+    #: 0: only at start and stop.
+    announce_interval: float = 0.0
+    #: Remove every computation's files when it ends, even if the client asked to
+    #: keep them (``cleanup=False``): dispynode's ``--force_cleanup``.
+    force_cleanup: bool = False
+
+    @property
+    def hosts(self) -> list[str]:
+        """Every address the node listens on."""
+        return [self.host, *self.more_hosts]
 
     def validate(self) -> None:
         """Raise `ConfigurationError` with a fix for every unsafe or invalid setting."""
@@ -68,8 +94,14 @@ class NodeConfig:
                 f"discovery port {self.discovery_port} is not in 0..65534 (clients "
                 "hear announcements on the next port)"
             )
-        if self.ipv4_multicast:
+        if self.ipv4_multicast and self.discovery is None:
             self.discovery = True
+        if self.discovery is None:
+            self.discovery = not all(is_loopback(host) for host in self.hosts)
+        if self.ipv4_multicast and not self.discovery:
+            raise ConfigurationError(
+                "--ipv4-multicast is a discovery option: leave out --no-discovery"
+            )
         if self.ipv4_multicast and ":" in self.host:
             raise ConfigurationError(
                 f"--ipv4-multicast needs an IPv4 host, not {self.host!r}: IPv6 "
@@ -94,21 +126,30 @@ class NodeConfig:
             raise ConfigurationError("max file size must be 0 (no limit) or positive")
         if self.keyfile and not self.certfile:
             raise ConfigurationError("a keyfile needs its certfile (--certfile)")
-        if not self.secret and not self.certfile and not is_loopback(self.host):
+        if not self.handshake_timeout > 0:
             raise ConfigurationError(
-                f"refusing to listen on {self.host!r} without a secret or TLS: anyone "
+                f"message timeout must be a positive number of seconds, not "
+                f"{self.handshake_timeout}"
+            )
+        if self.announce_interval < 0:
+            raise ConfigurationError("ping interval must be 0 (off) or positive")
+        public = [host for host in self.hosts if not is_loopback(host)]
+        if not self.secret and not self.certfile and public:
+            raise ConfigurationError(
+                f"refusing to listen on {public[0]!r} without a secret or TLS: anyone "
                 "who can reach the port could run code as this user. Give a secret "
                 "(--secret-file FILE with mode 600, or DISPYNB_SECRET) and/or TLS "
                 "(--certfile/--keyfile), or listen on 127.0.0.1"
             )
 
 
-def _resolve_ext_host(ext_host: str, discovery: bool) -> str:
+def _resolve_ext_host(ext_host: str, discovery: bool | None) -> str:
     """``--ext-host`` as an IP address (a name is looked up now, once)."""
     if not discovery:
         raise ConfigurationError(
-            f"--ext-host {ext_host} is announced by discovery: add --discovery (or "
-            "leave --ext-host out; clients that name this node connect to the name)"
+            f"--ext-host {ext_host} is announced by discovery: leave out "
+            "--no-discovery (or leave --ext-host out; clients that name this node "
+            "connect to the name)"
         )
     text = ext_host.strip().strip("[]")
     try:

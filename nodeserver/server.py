@@ -9,7 +9,7 @@ import platform
 from typing import Any
 
 from dispynb.protocol.messages import Welcome
-from dispynb.transport.addressing import format_address
+from dispynb.transport.addressing import format_address, is_loopback
 from dispynb.transport.connection import Connection
 from dispynb.transport.listener import Listener
 from dispynb.transport.tls import server_context
@@ -48,56 +48,132 @@ class NodeServer:
         )
         self.sessions: set[ClientSession] = set()
         self.address = ""
+        self.port = 0
         self._listener: Listener | None = None
         self._session_tasks: set[asyncio.Task[None]] = set()
-        self._announcer: Announcer | None = None
+        self._announcers: list[Announcer] = []
         #: Set when the node shuts down: jobs sent to it now go straight back.
         self.draining = False
+        #: Client connections accepted so far, and those that ended.
+        self.clients_accepted = 0
+        self.clients_served = 0
+        #: Set when ``config.serve`` clients have been served (``--serve N``).
+        self.served_all = asyncio.Event()
 
-    async def start(self) -> int:
-        """Listen and serve; return the bound port (written to ``port_file`` if set)."""
+    @property
+    def _announcer(self) -> Announcer | None:
+        return self._announcers[0] if self._announcers else None
+
+    @property
+    def listening(self) -> bool:
+        """True while the node accepts new clients (see `pause` and `resume`)."""
+        return self._listener is not None
+
+    async def start(self, listen: bool = True) -> int:
+        """Listen and serve; return the bound port (written to ``port_file`` if set).
+
+        Without ``listen`` the node only gets ready: `resume` opens it later (its
+        service window starts later); the port is then 0.
+        """
         config = self.config
+        os.makedirs(config.dest_path, mode=0o700, exist_ok=True)
+        self.keeper.load()  # results an earlier process kept for crashed clients
+        if not listen:
+            return 0
+        return await self.resume()
+
+    async def resume(self) -> int:
+        """Accept new clients (again) and answer discovery; return the port.
+
+        The port is the one bound first (``config.port``, or the free one picked).
+        """
+        config = self.config
+        if self._listener is not None:
+            return self.port
         ssl_context = (
             server_context(config.certfile, config.keyfile, config.cafile)
             if config.certfile
             else None
         )
-        os.makedirs(config.dest_path, mode=0o700, exist_ok=True)
-        self.keeper.load()  # results an earlier process kept for crashed clients
-        self._listener = Listener(
+        listener = Listener(
             self._serve,
             secret=config.secret,
             make_welcome=self._welcome,
             max_message_size=config.max_message_size,
             ssl_context=ssl_context,
+            handshake_timeout=config.handshake_timeout,
         )
-        port = self._listener.listen_on(config.host, config.port)
-        self.address = format_address(config.host, port)
+        try:
+            for host in config.hosts:
+                self.port = listener.listen_on(host, self.port or config.port)
+        except BaseException:
+            listener.stop()
+            raise
+        self._listener = listener
+        self.address = format_address(config.host, self.port)
         if config.discovery:
-            self._announcer = Announcer(
-                name=config.name,
-                tcp_port=port,
-                cpus=config.cpus,
-                host=config.host,
-                port=config.discovery_port,
-                multicast=config.ipv4_multicast,
-                ext=config.ext_host or "",
-            )
-            await self._announcer.start()
+            await self._start_announcers()
         if config.port_file:
             tmp = f"{config.port_file}.tmp"
             with open(tmp, "w") as handle:
-                handle.write(f"{port}\n")
+                handle.write(f"{self.port}\n")
             os.replace(tmp, config.port_file)
         logger.info(
             "dispynb node %r serving %d CPUs on %s%s%s",
             config.name,
             config.cpus,
-            self.address,
+            ", ".join(format_address(host, self.port) for host in config.hosts),
             " with TLS" if ssl_context else "",
             "" if config.secret else " WITHOUT a secret (loopback only)",
         )
-        return port
+        return self.port
+
+    async def _start_announcers(self) -> None:
+        config = self.config
+        public = [host for host in config.hosts if not is_loopback(host)]
+        for host in public or config.hosts:
+            announcer = Announcer(
+                name=config.name,
+                tcp_port=self.port,
+                cpus=config.cpus,
+                host=host,
+                port=config.discovery_port,
+                multicast=config.ipv4_multicast,
+                ext=config.ext_host or "",
+            )
+            await announcer.start()
+            self._announcers.append(announcer)
+
+    def pause(self) -> None:
+        """Accept no new clients and leave discovery (announcing that); connected
+        clients go on."""
+        for announcer in self._announcers:
+            announcer.close(leaving=True)
+        self._announcers.clear()
+        if self._listener is not None:
+            self._listener.stop()
+            self._listener = None
+
+    def announce(self) -> None:
+        """Announce the node to clients now (``--ping_interval``)."""
+        for announcer in self._announcers:
+            announcer.announce()
+
+    async def end_sessions(self) -> None:
+        """End every client's computations now: running jobs are terminated,
+        unstarted ones handed back (``--service_end``)."""
+        draining, self.draining = self.draining, True
+        try:
+            await asyncio.gather(
+                *(session.hand_back() for session in list(self.sessions)),
+                return_exceptions=True,
+            )
+            for session in list(self.sessions):
+                session.conn.close()
+            if self._session_tasks:
+                await asyncio.wait(list(self._session_tasks), timeout=30)
+        finally:
+            self.draining = draining
 
     def _welcome(self) -> Welcome:
         return Welcome(
@@ -117,6 +193,11 @@ class NodeServer:
         if task is not None:
             self._session_tasks.add(task)
         logger.info("client %r connected from %s", client_name, conn.peer)
+        self.clients_accepted += 1
+        limit = self.config.serve
+        if limit > 0 and self.clients_accepted >= limit and self.listening:
+            logger.info("serving the last of %d clients (--serve): no new ones", limit)
+            self.pause()
         try:
             await session.serve()
         finally:
@@ -124,6 +205,9 @@ class NodeServer:
             if task is not None:
                 self._session_tasks.discard(task)
             logger.info("client %r from %s disconnected", client_name, conn.peer)
+            self.clients_served += 1
+            if limit >= 0 and self.clients_served >= limit:
+                self.served_all.set()
 
     async def stop(
         self, drain_timeout: float = 0.0, now: asyncio.Event | None = None
@@ -134,11 +218,7 @@ class NodeServer:
         terminated at once), or until ``now`` is set; sessions stay up meanwhile, so
         clients still hear pulses and get the results.
         """
-        if self._announcer is not None:
-            self._announcer.close(leaving=True)
-            self._announcer = None
-        if self._listener is not None:
-            self._listener.stop()
+        self.pause()
         self.draining = True
         # Jobs that have not started go back to their clients, to run elsewhere.
         await asyncio.gather(

@@ -173,7 +173,7 @@ class ClientSession:
             node_name=config.name,
             node_address=self._local_ip(),
             max_message_size=config.max_message_size,
-            remove_path=message.cleanup,
+            remove_path=message.cleanup or config.force_cleanup,
             limits=JobLimits(
                 max_output=message.max_output,
                 max_result=message.max_result,

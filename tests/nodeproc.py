@@ -90,6 +90,7 @@ def start_node(
     port_file = directory / "port"
     log = directory / "node.log"
     command = [*launcher, *node_command(
+        "--host", "127.0.0.1",  # loopback: no discovery, nothing leaves the machine
         "--port", "0",
         "--port-file", str(port_file),
         "--secret-file", str(secret_file),

@@ -64,7 +64,8 @@ StartNode = Callable[..., NetNode]
 def start(
     network: Network, tmp_path: Path, secret: tuple[str, Path]
 ) -> Iterator[StartNode]:
-    """``start(host, *args, **kwargs)`` starts a node (see `netns.start_node`).
+    """``start(host, *args, **kwargs)`` starts ``dispynb-node`` with default flags,
+    the secret in ``DISPYNB_SECRET``, and ``args`` (see `netns.start_node`).
 
     Every node started is stopped after the test, with its process group, and every
     link cut by the test is healed.
@@ -72,7 +73,7 @@ def start(
     started: list[NetNode] = []
 
     def start_one(host: Host, *args: str, **kwargs: Any) -> NetNode:
-        node = start_node(network, host, tmp_path, secret[1], *args, **kwargs)
+        node = start_node(network, host, tmp_path, secret[0], *args, **kwargs)
         started.append(node)
         return node
 

@@ -41,6 +41,7 @@ BROADCAST = f"{SUBNET}.255"
 NODE_WAIT = 20.0
 
 _IP = shutil.which("ip") or "/usr/sbin/ip"
+_UNSHARE = shutil.which("unshare") or "/usr/bin/unshare"
 _OURS = re.compile(r"dnb(\d+)-[0-9a-f]{6}-(?:br|h\d+)")
 
 
@@ -240,8 +241,10 @@ class NetNode:
     port: int
     name: str
     log: Path
-    #: Seconds from spawn until its port file appeared.
+    #: Seconds from spawn until it listened.
     start_seconds: float
+    #: CPUs it serves.
+    cpus: int = 0
 
     @property
     def spec(self) -> str:
@@ -278,55 +281,70 @@ class NetNode:
             os.killpg(self.proc.pid, signal.SIGKILL)
 
 
+def node_program() -> list[str]:
+    """The ``dispynb-node`` console script next to this Python, as users start it
+    (``python -m nodeserver`` if it is not installed there)."""
+    script = Path(sys.executable).with_name("dispynb-node")
+    if script.exists():
+        return [sys.executable, str(script)]
+    return [sys.executable, "-m", "nodeserver"]
+
+
+#: The node's "serving" log line: its CPUs and the addresses it listens on.
+SERVING = re.compile(r"serving (\d+) CPUs on (\S+?)(?:,| |$)", re.MULTILINE)
+
+
 def start_node(
     net: Network,
     host: Host,
     directory: Path,
-    secret_file: Path,
+    secret: str | None,
     *args: str,
     name: str | None = None,
-    cpus: int = 1,
-    discovery: bool = False,
+    cpus: int | None = None,
     wait: bool = True,
 ) -> NetNode:
-    """Start a node server on ``host`` listening on its address; wait until it listens.
+    """Start ``dispynb-node`` on ``host`` as dispynode is started; wait till it listens.
 
-    The node gets ``--host <host ip> --secret-file``; ``discovery`` adds
-    ``--discovery``; ``args`` are more options (e.g. ``--ipv4-multicast``).
+    Default flags only: the secret is in ``DISPYNB_SECRET``, and ``args`` (plus
+    ``--cpus`` if ``cpus`` is given) are the only options. As on a machine of its own,
+    the node has a host name (``name``, default ``node-h<i>``: a UTS namespace) and a
+    temporary directory (``TMPDIR``, so its default destination path is its own).
     """
     name = name or f"node-h{host.index}"
     directory = directory / name
-    directory.mkdir(parents=True, exist_ok=True)
-    port_file = directory / "port"
+    (directory / "tmp").mkdir(parents=True, exist_ok=True)
     log = directory / "node.log"
     argv = [
-        sys.executable, "-m", "nodeserver",
-        "--host", host.ip,
-        "--secret-file", str(secret_file),
-        "--cpus", str(cpus),
-        "--name", name,
-        "--dest-path", str(directory / "dest"),
-        "--port-file", str(port_file),
-        "--loglevel", "info",
-        "--exit-with-parent",  # gone within a second if the test run is killed
-        *(["--discovery"] if discovery else []),
+        _UNSHARE, "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', name,
+        *node_program(),
+        *(["--cpus", str(cpus)] if cpus is not None else []),
         *args,
     ]  # fmt: skip
+    env = node_env()
+    env["TMPDIR"] = str(directory / "tmp")
+    if secret is not None:
+        env["DISPYNB_SECRET"] = secret
     start = time.monotonic()
     with open(log, "wb") as handle:
         proc = net.popen(
-            host, argv, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+            host,
+            argv,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
         )
     node = NetNode(host, proc, 0, name, log, 0.0)
     if wait:
-        wait_node(node, port_file, start)
+        wait_node(node, start)
     return node
 
 
-def wait_node(node: NetNode, port_file: Path, start: float) -> None:
-    """Wait for a node's port file (bounded); fill in its port and start time."""
+def wait_node(node: NetNode, start: float) -> None:
+    """Wait for a node's "serving" log line (bounded); fill in its port and CPUs."""
     deadline = start + NODE_WAIT
-    while not port_file.exists():
+    while (match := SERVING.search(node.log_text())) is None:
         if node.proc.poll() is not None:
             status = node.proc.returncode
             raise AssertionError(
@@ -336,13 +354,14 @@ def wait_node(node: NetNode, port_file: Path, start: float) -> None:
             node.stop()
             raise AssertionError(f"node {node.name} did not listen in {NODE_WAIT} s")
         time.sleep(0.01)
-    node.port = int(port_file.read_text())
+    node.port = int(match.group(2).rsplit(":", 1)[1])
+    node.cpus = int(match.group(1))
     node.start_seconds = time.monotonic() - start
 
 
 def new_secret_file(directory: Path) -> tuple[str, Path]:
-    """A fresh random secret and its 0600 file."""
-    secret = secrets.token_hex(16)
+    """A fresh random secret (256 bits) and its 0600 file."""
+    secret = secrets.token_urlsafe(32)
     return secret, write_secret_file(directory / "secret", secret)
 
 
@@ -404,18 +423,28 @@ class Client:
 
 
 def start_client(
-    net: Network, host: Host, directory: Path, code: str, args: dict[str, Any]
+    net: Network,
+    host: Host,
+    directory: Path,
+    code: str,
+    args: dict[str, Any],
+    secret: str | None = None,
 ) -> Client:
-    """Run ``code`` (defining ``main(args) -> JSON-able``) as a program in ``host``."""
+    """Run ``code`` (defining ``main(args) -> JSON-able``) as a program in ``host``;
+    ``secret`` goes into its ``DISPYNB_SECRET``."""
     directory.mkdir(parents=True, exist_ok=True)
     script = directory / f"client-{secrets.token_hex(3)}.py"
     script.write_text(code + _CLIENT_MAIN)
+    env = node_env()
+    if secret is not None:
+        env["DISPYNB_SECRET"] = secret
     proc = net.popen(
         host,
         [sys.executable, str(script), json.dumps(args)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=env,
     )
     return Client(proc, script)  # type: ignore[arg-type]
 
@@ -427,9 +456,10 @@ def run_client(
     code: str,
     args: dict[str, Any],
     timeout: float = 60,
+    secret: str | None = None,
 ) -> Any:
     """`start_client` and wait for its result."""
-    client = start_client(net, host, directory, code, args)
+    client = start_client(net, host, directory, code, args, secret)
     try:
         return client.result(timeout)
     finally:

@@ -6,6 +6,7 @@ the last ones use ``JobCluster(nodes=['10.77.0.*'])`` (the cluster's discovery h
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -73,7 +74,8 @@ def main(args):
 
 
 def expected(hosts: list[Host]) -> list[list[object]]:
-    return sorted([h.ip, NODE_PORT, f"node-h{h.index}", 1] for h in hosts)
+    """What discovery reports of nodes started with default flags on ``hosts``."""
+    return sorted([h.ip, NODE_PORT, f"node-h{h.index}", os.cpu_count()] for h in hosts)
 
 
 @pytest.mark.parametrize("target", [BROADCAST, "<broadcast>", "255.255.255.255"])
@@ -86,8 +88,8 @@ def test_broadcast_ping_finds_every_node(
     target: str,
 ) -> None:
     for host in node_hosts:
-        start(host, discovery=True)
-    start(client_host, name="not-discoverable")  # no --discovery: never found
+        start(host)
+    start(client_host, "--no-discovery", name="not-discoverable")  # never found
     args = {"targets": [target], "expect": 3}
     result = run_client(network, client_host, tmp_path, FINDER, args)
     assert result["found"] == expected(node_hosts)
@@ -101,7 +103,7 @@ def test_unicast_ping_finds_one_node(
     tmp_path: Path,
 ) -> None:
     for host in node_hosts:
-        start(host, discovery=True)
+        start(host)
     args = {"targets": [node_hosts[1].ip], "expect": 1}
     result = run_client(network, client_host, tmp_path, FINDER, args)
     assert result["found"] == expected([node_hosts[1]])
@@ -115,7 +117,7 @@ def test_late_node_announces_itself(
     tmp_path: Path,
 ) -> None:
     """A node started after the client is found without another ping; so is its exit."""
-    first = [start(host, discovery=True) for host in node_hosts[:2]]
+    first = [start(host) for host in node_hosts[:2]]
     ready = tmp_path / "ready"
     args = {
         "targets": [BROADCAST],
@@ -127,7 +129,7 @@ def test_late_node_announces_itself(
     client = start_client(network, client_host, tmp_path, FINDER, args)
     try:
         wait_for(ready.exists, 30, "the client finding the first two nodes")
-        late = start(node_hosts[2], discovery=True)
+        late = start(node_hosts[2])
         wait_for(
             lambda: "answering pings" in late.log_text(), 10, "the late node starting"
         )
@@ -146,7 +148,7 @@ def test_multicast_ping_and_announce(
     start: StartNode,
     tmp_path: Path,
 ) -> None:
-    nodes = [start(host, "--ipv4-multicast") for host in node_hosts[:2]]
+    nodes = [start(host, "--ipv4_udp_multicast") for host in node_hosts[:2]]
     ready = tmp_path / "ready"
     args = {
         "targets": [IPV4_MULTICAST_GROUP],
@@ -158,7 +160,7 @@ def test_multicast_ping_and_announce(
     client = start_client(network, client_host, tmp_path, FINDER, args)
     try:
         wait_for(ready.exists, 30, "the client finding the first two nodes")
-        nodes.append(start(node_hosts[2], "--ipv4-multicast"))
+        nodes.append(start(node_hosts[2], "--ipv4-multicast"))  # either spelling
         result = client.result(30)
     finally:
         client.stop()
@@ -176,9 +178,10 @@ def test_node_listening_on_every_address(
     tmp_path: Path,
     multicast: bool,
 ) -> None:
-    """``--host 0.0.0.0``: found at the address its reply came from."""
+    """A node on every address (the default with a secret): found at the address its
+    reply came from."""
     host = node_hosts[0]
-    node = start(host, "--host", "0.0.0.0", "--ipv4-multicast")
+    node = start(host, "--ipv4_udp_multicast")
     assert "answering pings on UDP *:" in node.log_text()
     args = {
         "targets": [IPV4_MULTICAST_GROUP if multicast else BROADCAST],
@@ -209,7 +212,7 @@ def test_cluster_finds_nodes_by_wildcard(
 ) -> None:
     """``nodes=['10.77.0.*']``, ``['*']`` or None (dispy's default) find all nodes."""
     for host in node_hosts:
-        start(host, "--ipv4-multicast" if multicast else "--discovery")
+        start(host, *(["--ipv4_udp_multicast"] if multicast else []))
     nodes = None if spec is None else [spec]
     args = job_args(nodes, secret[0], tmp_path / "markers", 18, 0.2)
     args["before"] = 3
@@ -229,7 +232,7 @@ def test_cluster_gives_jobs_to_a_late_node(
     tmp_path: Path,
 ) -> None:
     for host in node_hosts[:2]:
-        start(host, discovery=True)
+        start(host)
     markers = tmp_path / "markers"
     ready = tmp_path / "ready"
     args = job_args([f"{SUBNET}.*"], secret[0], markers, 12, 1.0)
@@ -237,7 +240,7 @@ def test_cluster_gives_jobs_to_a_late_node(
     client = start_client(network, client_host, tmp_path, WILDCARD_CLIENT, args)
     try:
         wait_for(ready.exists, 30, "the client using the first two nodes")
-        start(node_hosts[2], discovery=True)
+        start(node_hosts[2])
         jobs = client.result(60)
     finally:
         client.stop()

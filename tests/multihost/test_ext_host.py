@@ -54,7 +54,7 @@ def test_ext_host_followed_only_under_a_narrow_spec(
     reached: str,
 ) -> None:
     ext = f"{EXT_SUBNET}.{two_homed.index}"
-    node = start(two_homed, "--host", "0.0.0.0", "--discovery", "--ext-host", ext)
+    node = start(two_homed, "--ext_host", ext)  # dispynode's spelling
     args = job_args(nodes, secret[0], tmp_path / "markers", 4, 0.05)
     args["before"] = 1
     jobs = run_client(network, client_host, tmp_path, WILDCARD_CLIENT, args)

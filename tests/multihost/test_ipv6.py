@@ -7,6 +7,7 @@ clients ping the link-local IPv6 discovery group and hear the nodes' announcemen
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,7 +38,7 @@ def ipv6(network: Network) -> Iterator[None]:
 
 
 def node_args(host: Host, wildcard: bool) -> list[str]:
-    return ["--host", "::" if wildcard else ip6(host), "--discovery"]
+    return ["--host", "::" if wildcard else ip6(host)]  # discovery: on by default
 
 
 def test_ipv6_multicast_ping_and_announcements_find_nodes(
@@ -66,7 +67,8 @@ def test_ipv6_multicast_ping_and_announcements_find_nodes(
         result = client.result(30)
     finally:
         client.stop()
-    expected = sorted([ip6(h), NODE_PORT, f"node-h{h.index}", 1] for h in node_hosts)
+    cpus = os.cpu_count()
+    expected = sorted([ip6(h), NODE_PORT, f"node-h{h.index}", cpus] for h in node_hosts)
     assert result["found"] == expected
     assert f"group {IPV6_MULTICAST_GROUP}" in late.log_text()
 

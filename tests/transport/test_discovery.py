@@ -425,7 +425,7 @@ def test_announced_ext_address_is_recorded_and_forgotten(
 
 
 def test_node_config_ext_host_needs_discovery_and_a_unicast_address() -> None:
-    with pytest.raises(ConfigurationError, match="add --discovery"):
+    with pytest.raises(ConfigurationError, match="--no-discovery"):
         NodeConfig(port=0, ext_host="10.2.0.9").validate()
     for bad in ("0.0.0.0", "239.255.61.59", "no-such-host.invalid"):
         with pytest.raises(ConfigurationError, match="--ext-host"):

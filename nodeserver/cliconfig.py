@@ -1,0 +1,193 @@
+"""dispynode's option spellings, refusals and INI config files for ``dispynb-node``.
+
+`Refuse` stops at once with one line saying why dispynb does not support an option and
+what to use instead. `config_argv` turns a ``--config`` file (dispynode's format: an
+INI ``[DEFAULT]`` section, option names as keys) into command-line arguments; lists such
+as ``hosts = ['10.0.0.5']`` are read with `ast.literal_eval`, never ``eval``.
+`save_config` writes the options given (never a secret) to such a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import configparser
+import datetime
+import os
+from typing import Any
+
+#: dispynode option -> why dispynb refuses it and what to use instead.
+REFUSED: dict[str, tuple[int, str]] = {
+    "--init": (
+        1,
+        "node-wide init() globals are not supported (computations never share the "
+        "node server's process): give JobCluster a setup function, or depends=",
+    ),
+    "--admin_secret": (
+        1,
+        "there is no dispyadmin: manage nodes from the client (set_node_cpus, "
+        "close_node) or its web monitor (DispyHTTPServer)",
+    ),
+    "--scheduler_host": (
+        1,
+        "there is no dispyscheduler: SharedJobCluster clients share nodes directly; "
+        "start the node without it",
+    ),
+    "--scheduler_node": (1, "there is no dispyscheduler: start the node without it"),
+    "--unsafe_setup": (
+        0,
+        "setup always runs in the computation's own process, never in the node "
+        "server (that is the safe behaviour); leave it out",
+    ),
+    "--dispy_port": (
+        1,
+        "dispynb nodes do not use dispy's ports 9700/9701 (so both can run on one "
+        "machine): use --port for the TCP port and --discovery-port for UDP discovery",
+    ),
+}
+
+#: dispynode ``--config`` keys whose name differs from the destination here.
+_KEY_ALIASES = {
+    "ext_hosts": "ext_host",
+    "dest_path_prefix": "dest_path",
+    "ipv4_udp_multicast": "ipv4_multicast",
+    "loglevel": "debug",  # dispynode stores -d/--debug as loglevel=True/False
+    "node_port": "port",
+    "ip_addr": "hosts",
+}
+
+#: Keys a dispynode config file holds at their defaults (meaning: not used).
+_UNSET = {"", "none", "false", "[]", "0", "-1"}
+
+#: Destinations never written by ``--save_config``.
+_NOT_SAVED = {"config", "save_config", "secret", "help", "version"}
+
+
+class Refuse(argparse.Action):
+    """An option of dispynode that dispynb does not support: exit 2 with one line."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        name = option_string or self.dest
+        parser.exit(2, f"dispynb-node: {name} is not supported: {self.help}\n")
+
+
+def add_refused(parser: argparse.ArgumentParser) -> None:
+    """Add dispynode's unsupported options, each refused with its reason."""
+    for option, (nargs, why) in REFUSED.items():
+        parser.add_argument(
+            option,
+            action=Refuse,
+            nargs=nargs,
+            help=why,
+            metavar="X" if nargs else None,
+        )
+
+
+def config_argv(parser: argparse.ArgumentParser, path: str) -> list[str]:
+    """Command-line arguments equivalent to the config file at ``path``.
+
+    Raises `ValueError` with the key at fault.
+    """
+    reader = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            reader.read_file(handle)
+    except (OSError, configparser.Error) as exc:
+        raise ValueError(f"cannot read config file {path!r}: {exc}") from None
+    actions = {action.dest: action for action in parser._actions}
+    argv: list[str] = []
+    for key, text in reader.defaults().items():
+        key = key.strip()
+        if key in ("config", "save_config"):
+            continue
+        refused = f"--{key}"
+        if refused in REFUSED:
+            if text.strip().lower() not in _UNSET and key != "dispy_port":
+                argv += [refused] + ([text] if REFUSED[refused][0] else [])
+            continue
+        dest = _KEY_ALIASES.get(key, key.replace("-", "_"))
+        action = actions.get(dest)
+        if action is None or not action.option_strings:
+            raise ValueError(f"config file {path!r}: unknown option {key!r}")
+        argv += _as_argv(action, text, key, path)
+    return argv
+
+
+def _as_argv(action: argparse.Action, text: str, key: str, path: str) -> list[str]:
+    option = _long_option(action)
+    value = text.strip()
+    if action.nargs == 0:  # a flag
+        if isinstance(action, argparse.BooleanOptionalAction):
+            if value.lower() in ("none", ""):
+                return []
+            return [option if _truth(value) else f"--no-{option[2:]}"]
+        return [option] if _truth(value) else []
+    if value.lower() in ("none", ""):
+        return []
+    if isinstance(action, argparse._AppendAction):
+        items = _literal_list(value, key, path)
+        return [part for item in items for part in (option, str(item))]
+    return [option, value]
+
+
+def _truth(value: str) -> bool:
+    return value.lower() in ("1", "true", "yes", "on")
+
+
+def _literal_list(value: str, key: str, path: str) -> list[Any]:
+    if not value.startswith(("[", "(")):
+        return [value]
+    try:
+        items = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        raise ValueError(
+            f"config file {path!r}: {key} must be a list of strings, not {value!r}"
+        ) from None
+    return [item for item in items if item not in (None, "")]
+
+
+def _long_option(action: argparse.Action) -> str:
+    longs = [o for o in action.option_strings if o.startswith("--")]
+    return longs[0] if longs else action.option_strings[0]
+
+
+def save_config(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, path: str
+) -> list[str]:
+    """Write the options that differ from their defaults to ``path`` (mode 600).
+
+    Returns the names of what was left out (a secret given on the command line).
+    """
+    writer = configparser.ConfigParser(interpolation=None)
+    left_out = []
+    for action in parser._actions:
+        dest = action.dest
+        if not action.option_strings or isinstance(action, Refuse):
+            continue
+        value = getattr(args, dest, None)
+        if dest in _NOT_SAVED:
+            if dest == "secret" and value:
+                left_out.append("secret")
+            continue
+        if value is None or value == action.default:
+            continue
+        writer["DEFAULT"][dest] = _to_text(value)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write("# dispynb-node options (dispynb-node --config FILE)\n")
+        writer.write(handle)
+    return left_out
+
+
+def _to_text(value: Any) -> str:
+    if isinstance(value, list):
+        return repr([str(item) for item in value])
+    if isinstance(value, datetime.time):
+        return value.strftime("%H:%M")
+    return str(value)
