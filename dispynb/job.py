@@ -97,7 +97,8 @@ class DispyJob:
     ip_addr:
         Address of the node that ran the job.
     finish:
-        A `threading.Event` set by each provisional result and by the final status.
+        A `threading.Event` set when the job reaches its final status (as in dispy,
+        provisional results update ``result`` and ``status`` but do not set it).
 
     Examples
     --------
@@ -197,25 +198,20 @@ class DispyJob:
     # -- waiting ---------------------------------------------------------------------
 
     def __call__(self, clear: bool = False) -> Any:
-        """Block until ``finish`` is set and return ``result``.
+        """Block until the job reaches its final status and return ``result``.
+
+        Provisional results (``dispy_provisional_result``) do not end the wait: they
+        reach ``job_status`` and ``cluster_status`` callbacks and ``job.result``.
 
         Parameters
         ----------
         clear:
-            Clear ``finish`` afterwards, so that the next call waits for the next
-            provisional or final result. ``finish`` stays set once the job is done,
-            so a call after the final result never blocks.
+            Accepted for dispy compatibility. dispy clears ``finish`` afterwards, so
+            that a second ``job()`` blocks for ever; here ``finish`` stays set once the
+            job is done, and every later call returns at once.
         """
         self.finish.wait()
-        if not clear:
-            return self.result
-        # Reading the result and clearing together, under the lock the cluster holds
-        # while it stores a result and sets ``finish``, loses no result.
-        with _lock:
-            result = self.result
-            if not self._done:
-                self.finish.clear()
-        return result
+        return self.result
 
     def done(self) -> bool:
         """Return whether the job reached a final status (see `FINAL_STATUSES`)."""
@@ -286,13 +282,13 @@ class DispyJob:
         return True
 
     def _set_provisional(self, result: Any) -> bool:
-        """Store a provisional result and set ``finish``; ignored once done."""
+        """Store a provisional result (``finish`` waits for the final status);
+        ignored once done."""
         with _lock:
             if self._done:
                 return False
             self.result = result
             self.status = JobStatus.ProvisionalResult
-            self.finish.set()
         return True
 
     def _requeue(self) -> bool:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import queue
 import threading
 import time
 
@@ -270,27 +269,28 @@ def test_job_call_after_completion_returns_result_repeatedly():
     assert job.exception == "Traceback: boom"
 
 
-def test_job_call_clear_returns_each_provisional_then_final_result():
+def test_job_call_waits_through_provisional_results_for_the_final_one():
     job = make_job()
-    consumed: queue.Queue[object] = queue.Queue()
-
-    def node() -> None:
-        for n in range(3):
-            job._set_provisional(n)
-            assert consumed.get(timeout=TIMEOUT) == n
-        job._complete(JobStatus.Finished, result="final")
-
-    producer = run_in_thread(node)
-    seen = []
-    for _ in range(3):
-        value = job(clear=True)
+    results: list[object] = []
+    waiter = run_in_thread(lambda: results.append(job()))
+    for n in range(3):
+        job._set_provisional(n)
+        assert job.result == n
         assert job.status is JobStatus.ProvisionalResult
-        seen.append(value)
-        consumed.put(value)
+        assert not job.finish.is_set()
+    waiter.join(0.05)
+    assert waiter.is_alive()  # provisional results do not wake job()
+    job._complete(JobStatus.Finished, result="final")
+    waiter.join(TIMEOUT)
+    assert results == ["final"]
+
+
+def test_job_call_clear_waits_for_the_final_result_too():
+    job = make_job()
+    job._set_provisional("p")
+    assert not job.finish.is_set()
+    run_in_thread(job._complete, JobStatus.Finished, result="final")
     assert job(clear=True) == "final"
-    producer.join(TIMEOUT)
-    assert seen == [0, 1, 2]
-    assert job.status is JobStatus.Finished
 
 
 def test_job_call_clear_after_final_result_keeps_finish_set():
@@ -301,11 +301,11 @@ def test_job_call_clear_after_final_result_keeps_finish_set():
     assert job(clear=True) == 7
 
 
-def test_job_call_without_clear_keeps_finish_set_after_provisional():
+def test_job_provisional_result_leaves_finish_unset():
     job = make_job()
     job._set_provisional("p")
-    assert job() == "p"
-    assert job.finish.is_set()
+    assert job.result == "p"
+    assert not job.finish.is_set()
     assert not job.done()
 
 

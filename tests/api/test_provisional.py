@@ -28,20 +28,25 @@ def test_provisional_results_job_status_sequence_is_7_7_7_11(local):
     assert seen == [(7, 0), (7, 1), (7, 2), (11, 40)]
 
 
-def test_provisional_result_job_clear_returns_each_in_turn(local):
-    def compute(n: int) -> int:
-        for i in range(3):
-            dispy_provisional_result(i)  # type: ignore[name-defined]  # noqa: F821
-            time.sleep(0.05)  # type: ignore[name-defined]  # noqa: F821
-        return n
+def test_job_loop_over_provisional_results_gets_final_results(local):
+    """A dispy program that loops on job() gets each job's final result."""
+    seen: dict[object, list[int]] = {}
+    lock = threading.Lock()
 
-    with JobCluster(compute, nodes=local) as cluster:
-        job = cluster.submit(99)
-        first = job(clear=True)
-        assert first in (0, 1, 2)
-        assert job.wait(timeout=jobs.WAIT)
-        assert job() == 99
-        assert job.status == DispyJob.Finished
+    def job_status(job: DispyJob) -> None:
+        with lock:
+            seen.setdefault(job.id, []).append(int(job.status))
+
+    with JobCluster(jobs.provisional_then, nodes=local, job_status=job_status) as c:
+        submitted = [c.submit(n) for n in range(6)]
+        results = [job() for job in submitted]
+        assert results == [n * 10 for n in range(6)]
+        assert all(job.status == DispyJob.Finished for job in submitted)
+        assert all(job.finish.is_set() for job in submitted)
+        assert submitted[0](clear=True) == 0  # never blocks once done
+        c.wait()  # flushes the callbacks
+    assert all(statuses == [7, 7, 7, 11] for statuses in seen.values())
+    assert len(seen) == 6
 
 
 def test_provisional_result_cluster_status_sees_provisional_between_running_and_final(

@@ -125,9 +125,12 @@ EXPECTED: dict[str, Expect] = {
     "node_shvars": Expect(["jobs counted: 12", "each node's counter is 1..n: True"]),
     "provisional_results": Expect(
         [
-            "job(clear=True) returned: [0, 1, 2, 40]",
-            "final status: 11, result: 40",
-            "job_status saw: 7 0, 7 1, 7 2, 11 40",
+            *[R(rf"job \d+: status 11, result {n * 10}") for n in range(4)],
+            "results: [0, 10, 20, 30]",
+            "job(clear=True): 0, then job(): 0",
+            "job_status saw, per job: [(7, 7, 7, 11)]",
+            "provisional results: "
+            + str(sorted((n, i) for n in range(4) for i in range(3))),
         ]
     ),
     "early_cancel": Expect(

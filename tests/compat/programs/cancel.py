@@ -6,6 +6,7 @@ a job that ignores it is killed after a grace period, and the node runs later jo
 """
 
 import dispynb as dispy  # the only change from dispy: this line was `import dispy`
+import threading
 
 # The test's only addition: the nodes the test started (dispy would discover them).
 from os import environ
@@ -39,14 +40,30 @@ def compute(kind):  # executed on nodes
             # "ignores": keep going until killed
 
 
+def job_status(job):  # executed at the client, for provisional and final results
+    if job.status == dispy.DispyJob.ProvisionalResult:
+        with cond:
+            provisional[job.id] = job.result
+            cond.notify_all()
+
+
+def started(job):
+    """The job's provisional result: it has started (job() waits for the final one)."""
+    with cond:
+        cond.wait_for(lambda: job.id in provisional, timeout=30)
+        return provisional.get(job.id)
+
+
 if __name__ == "__main__":
+    cond = threading.Condition()
+    provisional = {}
     host, port = NODES[0].rsplit(":", 1)
     # one node, one CPU: jobs run one after the other
     node = dispy.NodeAllocate(host, port=int(port), cpus=1)
-    cluster = dispy.JobCluster(compute, nodes=[node])
+    cluster = dispy.JobCluster(compute, nodes=[node], job_status=job_status)
     running = cluster.submit("catches")
     queued = cluster.submit("catches")
-    print("running job: %s" % running(clear=True))  # its provisional result
+    print("running job: %s" % started(running))
     print("cancel queued job: %s" % cluster.cancel(queued))
     print("cancel running job: %s" % cluster.cancel(running))
     result = running()
@@ -56,13 +73,13 @@ if __name__ == "__main__":
     print("cancel finished job: %s" % cluster.cancel(running))
     for kind in ("raises", "ignores"):
         job = cluster.submit(kind)
-        print("%s job: %s" % (kind, job(clear=True)))
+        print("%s job: %s" % (kind, started(job)))
         print("cancel %s job: %s" % (kind, cluster.cancel(job)))
         job()
         print("%s job: status %s" % (kind, job.status))
     # the node replaced the killed job's process: it runs the next job
     job = cluster.submit("quick")
-    print("next job: %s" % job(clear=True))
+    print("next job: %s" % started(job))
     result = job()
     print("next job: status %s, result %s" % (job.status, result))
     cluster.close()

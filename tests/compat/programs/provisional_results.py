@@ -1,4 +1,5 @@
-"""Provisional results: job_status sees 7, 7, 7, 11 and job(clear=True) each in turn."""
+"""Provisional results: job_status sees 7, 7, 7, 11 for each job, and a program that
+loops on job() gets every final result (provisional ones do not wake job())."""
 
 import dispynb as dispy  # the only change from dispy: this line was `import dispy`
 import threading
@@ -13,28 +14,36 @@ def compute(n):  # executed on nodes
     import time
 
     for i in range(3):
-        dispy_provisional_result(i)  # status ProvisionalResult (7) at the client
-        time.sleep(0.5)
+        dispy_provisional_result((n, i))  # status ProvisionalResult (7) at the client
+        time.sleep(0.2)
     return n * 10
 
 
 def job_status(job):  # executed at the client
     with cond:
-        statuses.append("%s %s" % (job.status, job.result))
-        if job.status == dispy.DispyJob.Finished:
-            cond.notify()
+        statuses.setdefault(job.id, []).append(job.status)
+        if job.status == dispy.DispyJob.ProvisionalResult:
+            provisional.append(job.result)
+        cond.notify()
 
 
 if __name__ == "__main__":
     cond = threading.Condition()
-    statuses = []
+    statuses = {}
+    provisional = []
     cluster = dispy.JobCluster(compute, nodes=NODES, job_status=job_status)
-    job = cluster.submit(4)
-    # job(clear=True) waits for the next provisional or final result
-    results = [job(clear=True) for _ in range(4)]
-    print("job(clear=True) returned: %s" % results)
-    print("final status: %s, result: %s" % (job.status, job()))
+    jobs = [cluster.submit(n) for n in range(4)]
+    results = []
+    for job in jobs:
+        result = job()  # waits for the final result
+        results.append(result)
+        print("job %s: status %s, result %s" % (job.id, job.status, result))
+    print("results: %s" % results)
+    # job(clear=True) after the final result returns it again (dispy would block)
+    print("job(clear=True): %s, then job(): %s" % (jobs[0](clear=True), jobs[0]()))
     with cond:
-        cond.wait_for(lambda: len(statuses) == 4, timeout=10)
-        print("job_status saw: %s" % ", ".join(statuses))
+        cond.wait_for(lambda: sum(map(len, statuses.values())) == 16, timeout=10)
+        seen = sorted(set(tuple(s) for s in statuses.values()))
+        print("job_status saw, per job: %s" % seen)
+        print("provisional results: %s" % sorted(provisional))
     cluster.close()
