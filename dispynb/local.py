@@ -148,6 +148,15 @@ class LocalCluster:
         """Process ids of the node servers."""
         return [proc.pid for proc in self._procs]
 
+    def exited(self) -> list[str]:
+        """``"host:port (status N)"`` of each node that has exited (none while all
+        serve)."""
+        return [
+            f"{host}:{port} (status {proc.returncode})"
+            for proc, (host, port) in zip(self._procs, self.addresses, strict=False)
+            if proc.poll() is not None
+        ]
+
     def close(self) -> None:
         """Stop the nodes (SIGTERM, then SIGKILL if they linger); idempotent."""
         for proc in self._procs:

@@ -107,6 +107,11 @@ def progress_html(counts: ProgressCounts, title: str = "") -> str:
 
 def run_html(run: Run) -> str:
     """A run: its progress, where it ran and its first failure's traceback."""
+    if run.error is not None:
+        return (
+            f"<div class='dispynb-run'><b>Run {html.escape(run.name)}</b> not "
+            f"started: <pre>{html.escape(run.error)}</pre></div>"
+        )
     counts = run.counts()
     parts = [progress_html(counts, title=f"Run {run.name}")]
     nodes = sorted({job.ip_addr for job in run.jobs if job.ip_addr})

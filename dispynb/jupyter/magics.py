@@ -10,18 +10,23 @@ from __future__ import annotations
 
 import ast
 import atexit
+import contextlib
+import difflib
 import html
+import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.core.magic_arguments import argument, magic_arguments
 from IPython.display import display
 
+from dispynb.errors import DispynbError
 from dispynb.jupyter import display as templates
+from dispynb.jupyter.errors import MagicError
 from dispynb.jupyter.progress import KINDS, make_progress, resolve_kind
 from dispynb.jupyter.run import Run
 from dispynb.jupyter.widgets import NodePanel
@@ -35,6 +40,12 @@ _cell_magic_named = cast(
 
 #: Name that always holds the last run of ``%%dispy`` (like ``_`` for results).
 LAST_RUN = "_dispy"
+
+#: What to do when no node can be used, the end of every such error.
+NODES_HINT = (
+    "start nodes on this machine with %dispy local, or use running ones with "
+    "%dispy nodes HOST[:PORT] ... (see %dispy?)"
+)
 
 
 class Session:
@@ -59,11 +70,13 @@ class Session:
         from dispynb.local import LocalCluster
 
         self.close()
-        self.local = LocalCluster(nodes=count, cpus=cpus)
+        with _friendly("%dispy local could not start the nodes", hint=""):
+            self.local = LocalCluster(nodes=count, cpus=cpus)
         self.nodes = self.local
         self.options = dict(options or {})
         self._register_atexit()
-        self.probe()
+        with _friendly("the local nodes did not answer", hint=""):
+            self.probe()
 
     def attach(self, specs: list[str], options: dict[str, Any]) -> None:
         """Use node servers started elsewhere, after checking that they answer."""
@@ -71,7 +84,12 @@ class Session:
         self.nodes = specs
         self.options = options
         try:
-            self.probe()
+            with _friendly(
+                f"%dispy nodes: cannot use {' '.join(specs)}",
+                hint="check that dispynb-node runs there with the same secret "
+                "(and TLS options), or start nodes here with %dispy local",
+            ):
+                self.probe()
         except BaseException:
             self.nodes, self.options = None, {}
             raise
@@ -142,8 +160,18 @@ class Session:
         return chosen, options
 
     def ensure_nodes(self) -> bool:
-        """Start local nodes if none were chosen; return whether it did."""
+        """Start local nodes if none were chosen; return whether it did.
+
+        Raises `MagicError` if the local nodes this session started have exited.
+        """
         if self.attached:
+            if self.local is not None and self.nodes is self.local:
+                gone = self.local.exited()
+                if gone:
+                    raise MagicError(
+                        f"the local nodes have exited: {', '.join(gone)}; "
+                        "start new ones with %dispy local"
+                    )
             return False
         self.start_local(1, None)
         return True
@@ -287,7 +315,7 @@ class DispyMagics(Magics):
         used, memory free) as last reported: when a run connects, then every
         ``--pulse`` seconds while runs use it.
         """
-        args = parse_argstring(self.dispy, line)
+        args = _parse(self.dispy, line)
         session = self.session
         if args.action != "nodes" and args.hosts:
             raise UsageError(f"%dispy {args.action} takes no hosts: {args.hosts}")
@@ -327,7 +355,7 @@ class DispyMagics(Magics):
 
     # -- %%dispy ---------------------------------------------------------------------
 
-    @magic_arguments()
+    @magic_arguments(name="%dispy")  # the usage line then reads %%dispy
     @argument(
         "function",
         nargs="?",
@@ -441,13 +469,12 @@ class DispyMagics(Magics):
 
         Then ``run.results``, ``run.df`` (one row per job), ``run.failures``.
         """
-        args = parse_argstring(self.cell_dispy, line)
+        args = _parse(self.cell_dispy, line)
         if args.into is not None and not args.into.isidentifier():
             raise UsageError(f"--into needs a variable name, not {args.into!r}")
         if args.function is not None and not args.function.isidentifier():
             raise UsageError(f"the function must be a name, not {args.function!r}")
-        result = self._ip.run_cell(cell, store_history=False)
-        if not result.success:
+        if not self._run_body(cell).success:
             return None
         name = args.function or _last_function(self._ip.transform_cell(cell))
         if name is None:
@@ -464,38 +491,65 @@ class DispyMagics(Magics):
             if not isinstance(depends, list | tuple):
                 depends = [depends]  # one file, module or function
         session = self.session
-        if session.ensure_nodes():
-            print(f"dispynb: started {session.status()._where()}", file=sys.stderr)
         label = args.into or name
-        nodes = session.nodes
-        options = dict(session.options)
-        if args.on:
-            nodes, options = session.select_nodes(args.on)
-        if setup is not None:
-            options["setup"] = setup
-        if depends is not None:
-            options["depends"] = list(depends)
-        run = Run.map(
-            func,
-            inputs,
-            nodes=nodes,
-            unpack=args.unpack,
-            wait=False,
-            progress="none" if args.nowait else args.progress,
-            name=label,
-            listeners=[session.panel.cluster_status],
-            **options,
-        )
+        try:
+            if session.ensure_nodes():
+                print(f"dispynb: started {session.status()._where()}", file=sys.stderr)
+            nodes = session.nodes
+            options = dict(session.options)
+            if args.on:
+                nodes, options = session.select_nodes(args.on)
+            if setup is not None:
+                options["setup"] = setup
+            if depends is not None:
+                options["depends"] = list(depends)
+            with _friendly(f"%%dispy could not start run {label!r}", hint=NODES_HINT):
+                run = Run.map(
+                    func,
+                    inputs,
+                    nodes=nodes,
+                    unpack=args.unpack,
+                    wait=False,
+                    progress="none" if args.nowait else args.progress,
+                    name=label,
+                    listeners=[session.panel.cluster_status],
+                    **options,
+                )
+        except MagicError as exc:
+            # The names still say what happened: no stale run from an earlier cell.
+            self._keep(Run.failed(label, str(exc)), args.into)
+            raise
         session.runs.append(run)
-        self._ip.user_ns[LAST_RUN] = run
-        if args.into:
-            self._ip.user_ns[args.into] = run
+        self._keep(run, args.into)
         if args.nowait:
             self._go_live(run, args.progress)
             return None
         if not run.wait(timeout=args.timeout, echo=not args.quiet):
             run.stop(f"Timed out after {args.timeout} s")
         return None
+
+    def _keep(self, run: Run, into: str | None) -> None:
+        self._ip.user_ns[LAST_RUN] = run
+        if into:
+            self._ip.user_ns[into] = run
+
+    def _run_body(self, cell: str) -> Any:
+        """Execute the cell's body in the notebook's namespace, compiled as the
+        lines the person sees: tracebacks (local, and remote ones rewritten by
+        `dispynb.jupyter.tracebacks`) name this cell's prompt number and its
+        editor lines, counting the ``%%dispy`` line."""
+        shell = self._ip
+        number, header = _cell_origin(shell, cell)
+        if number is None:
+            return shell.run_cell(cell, store_history=False)
+        # Comments keep the lines in place (IPython drops leading blank lines).
+        source = "".join(f"#{line}\n" for line in header) + cell
+        saved = shell.execution_count
+        shell.execution_count = number  # the compiled code is named after it
+        try:
+            return shell.run_cell(source, store_history=False)
+        finally:
+            shell.execution_count = saved
 
     def _lookup(self, name: str, what: str) -> Any:
         value = self._ip.user_ns.get(name)
@@ -523,6 +577,81 @@ class DispyMagics(Magics):
         else:
             display(run)
         run.live(bar, log)
+
+
+def _cell_origin(shell: Any, cell: str) -> tuple[int | None, list[str]]:
+    """The prompt number of the notebook cell running this ``%%dispy`` and its
+    lines before ``cell`` (the magic line); ``(None, [])`` when the magic was not
+    called from a stored cell (e.g. ``run_cell_magic`` from code)."""
+    history = getattr(shell, "history_manager", None)
+    stored = getattr(history, "input_hist_raw", None)
+    if not stored:
+        return None, []
+    raw = str(stored[-1])
+    body = cell.rstrip()
+    where = raw.rfind(body) if body else -1
+    if where < 0 or not raw.lstrip().startswith("%%dispy"):
+        return None, []
+    # IPython counted this cell before running it: its number is one less.
+    return int(shell.execution_count) - 1, raw[:where].splitlines()
+
+
+def _parse(magic: Callable[..., Any], line: str) -> Any:
+    """Parse ``line`` for ``magic``; an unknown option is named, with the likely
+    one (``unknown option --ovr; did you mean --over?``)."""
+    from IPython.utils.process import arg_split
+
+    parser = magic.parser  # type: ignore[attr-defined]
+    known = sorted(parser._option_string_actions)
+    try:
+        words = arg_split(line, strict=True)
+    except ValueError as exc:
+        raise UsageError(f"cannot parse {line!r}: {exc}") from None
+    for word in words:
+        option = word.split("=", 1)[0]
+        if not option.startswith("--") or option == "--":
+            continue
+        if option in known or len([k for k in known if k.startswith(option)]) == 1:
+            continue  # exact, or an unambiguous abbreviation (argparse takes it)
+        close = difflib.get_close_matches(option, known, n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise UsageError(f"unknown option {option}{hint} (see %{parser.prog}?)")
+    return parser.parse_argstring(line)
+
+
+@contextlib.contextmanager
+def _friendly(what: str, hint: str) -> Iterator[None]:
+    """Turn dispynb's errors (and OS errors) into a `MagicError`: one or two lines
+    that say what failed and how to fix it, without the internal frames."""
+    # A node that cannot be used is logged too: say it once, in the error, when
+    # nothing could start; log it (after the fact) when the others could.
+    held = _HoldRecords()
+    driver = logging.getLogger("dispynb.scheduler.driver")
+    driver.addFilter(held)
+    try:
+        yield
+    except (MagicError, UsageError):
+        raise
+    except (DispynbError, OSError) as exc:
+        held.records.clear()
+        message = f"{what}: {exc}"
+        raise MagicError(f"{message}\n{hint}" if hint else message) from None
+    finally:
+        driver.removeFilter(held)
+        for record in held.records:
+            driver.handle(record)
+
+
+class _HoldRecords(logging.Filter):
+    """Keep the records of a logger aside instead of emitting them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.records.append(record)
+        return False
 
 
 def _spec(host: str, address: str) -> str:

@@ -140,6 +140,8 @@ class Run:
         self._interrupted = False
         self._close_lock = threading.Lock()
         self._closed = False
+        #: Why the run could not start (e.g. no node answered); None if it started.
+        self.error: str | None = None
 
     # -- construction ----------------------------------------------------------------
 
@@ -245,6 +247,14 @@ class Run:
             raise
         if wait:
             run.wait()
+        return run
+
+    @classmethod
+    def failed(cls, name: str, error: str) -> Run:
+        """A run that could not start, with no jobs: ``error`` says why."""
+        run = cls(name=name)
+        run.error = error
+        run._closed = True
         return run
 
     def callbacks(self) -> dict[str, Callable[..., Any]]:
@@ -712,6 +722,8 @@ class Run:
         return templates.run_html(self)
 
     def __repr__(self) -> str:
+        if self.error is not None:
+            return f"<Run {self.name!r} not started: {self.error.splitlines()[0]}>"
         return f"<Run {self.name!r} {templates.format_counts(self.counts())}>"
 
 

@@ -36,6 +36,7 @@ class CellOutput:
     traceback: list[str] = dataclasses.field(default_factory=list)
     data: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     idle_at: float = 0.0  # time.monotonic() when the kernel went idle
+    pager: str = ""  # what the pager shows (``%%dispy?``)
 
     @property
     def error_text(self) -> str:
@@ -109,6 +110,9 @@ class Kernel:
             if reply["parent_header"].get("msg_id") == msg_id:
                 break
         out.status = reply["content"]["status"]
+        for payload in reply["content"].get("payload", []):
+            if payload.get("source") == "page":
+                out.pager += strip_ansi(payload["data"].get("text/plain", ""))
         return out
 
     def execute(self, code: str, timeout: float = CELL_TIMEOUT) -> CellOutput:

@@ -1,0 +1,118 @@
+"""What a person sees in a notebook cell, in a real kernel: tracebacks naming the
+cell's prompt and editor lines, short errors when no node can be used, help and
+misspelt options, labelled remote prints."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dispynb import LocalCluster
+from tests.jupyter.kernel import Kernel, kernel, node_pids, wait_gone
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def k(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kernel]:
+    with kernel(tmp_path_factory.mktemp("kernel")) as started:
+        started.run_ok("%load_ext dispynb\n%dispy local --cpus 2")
+        yield started
+
+
+def test_remote_traceback_names_the_cell_prompt_and_editor_lines(k):
+    out = k.execute(
+        '%%dispy --over "[0]" --into broken\n'  # line 1
+        "def ratio(x):\n"
+        "    return 10 / x\n"  # line 3
+        "\n"
+        "def compute(x):\n"
+        "    scaled = x * 2\n"
+        "    return ratio(scaled)\n"  # line 7
+    )
+    prompt = out.execution_count
+    assert f"Cell In[{prompt}], line 7, in compute\n    return ratio(scaled)\n" in (
+        out.stderr
+    ), out.text
+    assert f"Cell In[{prompt}], line 3, in ratio\n    return 10 / x\n" in out.stderr
+    assert "ZeroDivisionError: division by zero" in out.stderr
+
+
+def test_local_error_in_the_cell_body_names_the_editor_line(k):
+    out = k.execute(
+        '%%dispy --over "[1]"\ndef f(x):\n    return x\nundefined_name\n'  # line 4
+    )
+    assert out.ename == "NameError"
+    assert f"Cell In[{out.execution_count}], line 4" in out.error_text, out.text
+
+
+def test_remote_prints_carry_the_job_label_and_df_the_raw_text(k):
+    out = k.run_ok(
+        '%%dispy --over "range(3)" --into talk\ndef talk(x):\n    print("hi", x)\n'
+    )
+    ids = k.value("[job.id for job in talk.jobs]")
+    assert sorted(out.stdout.splitlines()) == [
+        f"[job {ids[i]}] hi {i}" for i in range(3)
+    ]
+    assert k.value("list(talk.df.stdout)") == [f"hi {i}\n" for i in range(3)]
+
+
+def test_help_shows_the_cell_magic_and_a_misspelt_option_is_named(k):
+    helped = k.run_ok("%%dispy?")
+    assert "%%dispy --over EXPR" in helped.pager, helped.pager[:500]
+    assert "cell_dispy" not in helped.pager
+    out = k.execute('%%dispy --ovr "range(3)"\ndef f(x):\n    return x\n')
+    assert out.status == "error" and "UsageError" in out.stderr, out.text
+    assert "unknown option --ovr; did you mean --over?" in out.text
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _short(text: str) -> None:
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert len(lines) <= 3, text
+    assert "Traceback" not in text and "dispynb/" not in text, text
+
+
+def test_unreachable_nodes_say_so_in_two_lines_with_the_fix(tmp_path: Path):
+    with kernel(tmp_path) as k:
+        k.run_ok("%load_ext dispynb")
+        out = k.execute(f"%dispy nodes 127.0.0.1:{_closed_port()}")
+        assert out.ename == "MagicError", out.text
+        _short(out.text)
+        assert "cannot connect to 127.0.0.1" in out.text
+        assert "%dispy local" in out.text
+
+        # Nodes that were attached, then went away: the run is not started, and
+        # --into says why (no stale run from an earlier cell).
+        with LocalCluster(cpus=1) as gone:
+            secret = tmp_path / "secret"
+            secret.write_text(gone.secret)
+            secret.chmod(0o600)
+            spec = gone.node_specs()[0]
+            k.run_ok(f"%dispy nodes {spec} --secret-file {secret}")
+        out = k.execute('%%dispy --over "[1]" --into late\ndef f(x):\n    return x\n')
+        assert out.ename == "MagicError", out.text
+        _short(out.text)
+        assert "%dispy local" in out.text and "%dispy nodes" in out.text
+        assert "not started" in k.value("repr(late)")
+
+        # Local nodes that died: say so, and how to get new ones.
+        k.run_ok("%dispy local --cpus 1")
+        pids = node_pids(k)
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        assert wait_gone(pids, 10) == []
+        out = k.execute('%%dispy --over "[1]" --into late\ndef f(x):\n    return x\n')
+        assert out.ename == "MagicError", out.text
+        _short(out.text)
+        assert "local nodes have exited" in out.text and "%dispy local" in out.text
