@@ -472,10 +472,15 @@ class Computation:
         if not self._queue:
             return
         workers = [w for w in self._workers.values() if w.returncode is None]
+        # fresh_process keeps spare workers: never run more jobs than asked for.
+        room = len(workers)
+        if self.limits.fresh_process:
+            room = self._n_workers - sum(1 for w in workers if w.assigned)
         for worker in workers:
-            if not self._queue:
+            if not self._queue or room <= 0:
                 return
             if not worker.assigned and not worker.stream_closed and not worker.retiring:
+                room -= 1
                 if not self._budget.try_acquire():
                     break
                 worker.holds_cpu = True
@@ -562,6 +567,8 @@ class Computation:
             )
             return
         job = worker.assigned.popleft()
+        if self.limits.fresh_process:
+            worker.retiring = True  # it exits after this job: give it no other
         if job.timer is not None:
             job.timer.cancel()
             job.timer = None

@@ -161,7 +161,10 @@ class Computation:
         try:
             self.control.send(Loaded(pid=self._pid))
             gc.freeze()  # keep setup's objects out of collections: pages stay shared
-            for _ in range(self.size):
+            # With fresh_process, as many spare workers wait, forked ahead: a job
+            # need not wait for the fork of a new process (the node runs at most
+            # `size` at once).
+            for _ in range(self.size * 2 if self._fresh else self.size):
                 self._start_worker()
             return self._loop()
         except ConnectionClosedError:
