@@ -316,7 +316,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.save_config:
         left_out = save_config(parser, args, args.save_config)
         note = " (not the secret: use DISPYNB_SECRET or --secret-file)"
-        parser.exit(0, f"saved to {args.save_config}{note if left_out else ''}\n")
+        print(f"saved to {args.save_config}{note if left_out else ''}")
+        raise SystemExit(0)
     return args
 
 

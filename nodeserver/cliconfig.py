@@ -14,6 +14,7 @@ import ast
 import configparser
 import datetime
 import os
+import re
 from typing import Any
 
 #: dispynode option -> why dispynb refuses it and what to use instead.
@@ -141,15 +142,21 @@ def _truth(value: str) -> bool:
 
 
 def _literal_list(value: str, key: str, path: str) -> list[Any]:
-    if not value.startswith(("[", "(")):
-        return [value]
+    if _PLAIN.fullmatch(value):
+        return [value]  # one address or name
     try:
         items = ast.literal_eval(value)
+        if not isinstance(items, (list, tuple)):
+            raise ValueError(value)
     except (ValueError, SyntaxError):
         raise ValueError(
             f"config file {path!r}: {key} must be a list of strings, not {value!r}"
         ) from None
-    return [item for item in items if item not in (None, "")]
+    return [str(item) for item in items if item not in (None, "")]
+
+
+#: One address or host name, written without brackets or quotes.
+_PLAIN = re.compile(r"[\w.:%*-]+")
 
 
 def _long_option(action: argparse.Action) -> str:

@@ -1,0 +1,299 @@
+"""dispynode's options on ``dispynb-node``'s real command line (issue 11 item 6).
+
+Each option either works as in dispy (its effect is checked on a running node) or
+stops the node with one line saying why and what to use instead. Nodes listen on
+127.0.0.1 (`tests.nodeproc`); options that need other addresses or discovery are
+tested across namespace hosts in ``tests/multihost/test_dropin.py``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from dispynb import DispyJob, JobCluster
+from dispynb.errors import DispynbError
+from nodeserver.cliconfig import REFUSED
+from tests.jobs import WAIT, wait_until
+from tests.nodeproc import (
+    NODE_WAIT,
+    node_command,
+    node_env,
+    start_node,
+    write_secret_file,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def run_node(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a node that must exit by itself (a timeout fails the test)."""
+    return subprocess.run(
+        node_command(*args),
+        env=node_env(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=NODE_WAIT,
+        cwd=cwd,
+    )
+
+
+def write_in_cwd(name: str) -> str:
+    """A job: leave a file in its working directory; return that directory."""
+    with open(name, "w") as handle:
+        handle.write("left by the job")
+    return os.getcwd()
+
+
+@pytest.mark.parametrize("option", sorted(REFUSED))
+def test_unsupported_dispynode_option_stops_with_one_line(option: str) -> None:
+    nargs, why = REFUSED[option]
+    done = run_node(option, *(["value"] if nargs else []))
+    assert done.returncode == 2
+    lines = done.stderr.splitlines()
+    assert lines == [f"dispynb-node: {option} is not supported: {why}"]
+    assert len(why) > 40  # a reason, and what to do instead
+
+
+def test_dispynode_spellings_work(tmp_path: Path) -> None:
+    """``-d``, ``--dest_path_prefix``, ``--daemon``, ``--max_file_size``,
+    ``--zombie_interval`` as a dispynode start script writes them."""
+    prefix = tmp_path / "prefix"
+    node = start_node(
+        tmp_path / "node",
+        "-d",
+        "--daemon",
+        "--dest_path_prefix", str(prefix),
+        "--max_file_size", "1k",
+        "--zombie_interval", "0.5",
+    )  # fmt: skip
+    try:
+        cluster = JobCluster(write_in_cwd, nodes=[node.spec], secret=node.secret)
+        try:
+            job = cluster.submit("out.txt")
+            assert job.wait(timeout=WAIT) and job.status == DispyJob.Finished
+            assert Path(job.result).is_relative_to(prefix)
+        finally:
+            cluster.close()
+        big = tmp_path / "big.bin"
+        big.write_bytes(b"x" * 4096)
+        with pytest.raises(DispynbError, match=r"big\.bin"):
+            JobCluster(
+                write_in_cwd, nodes=[node.spec], secret=node.secret, depends=[big]
+            )
+    finally:
+        assert node.stop() == 0
+    assert " DEBUG " in node.log_text()
+
+
+def test_msg_timeout_bounds_an_unauthenticated_connection(tmp_path: Path) -> None:
+    node = start_node(tmp_path / "node", "--msg_timeout", "0.5")
+    try:
+        with socket.create_connection(("127.0.0.1", node.port), timeout=WAIT) as sock:
+            # Nothing sent: the node closes it after 0.5 s (its default is 5 s).
+            sock.settimeout(4.0)
+            assert sock.recv(1) == b""
+        wait_until(lambda: "timed out; connection closed" in node.log_text())
+    finally:
+        assert node.stop() == 0
+
+
+def test_serve_n_exits_after_n_clients(tmp_path: Path) -> None:
+    node = start_node(tmp_path / "node", "--serve", "1")
+    cluster = JobCluster(write_in_cwd, nodes=[node.spec], secret=node.secret)
+    try:
+        job = cluster.submit("x")
+        assert job.wait(timeout=WAIT) and job.status == DispyJob.Finished
+        # The node serves no other client meanwhile.
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", node.port), timeout=WAIT).close()
+    finally:
+        cluster.close()
+    assert node.proc.wait(NODE_WAIT) == 0  # it exited by itself
+    assert "served 1 clients (--serve)" in node.log_text()
+
+
+def test_serve_0_with_clean_empties_the_prefix_and_exits(tmp_path: Path) -> None:
+    prefix = tmp_path / "prefix"
+    (prefix / "leftover").mkdir(parents=True)
+    done = run_node("--serve", "0", "--clean", "--dest_path_prefix", str(prefix))
+    assert done.returncode == 0, done.stderr
+    assert not prefix.exists()
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["kept", "force_cleanup"])
+def test_force_cleanup_removes_files_a_client_kept(tmp_path: Path, force: bool) -> None:
+    args = ["--force_cleanup"] if force else []
+    node = start_node(tmp_path / "node", *args)
+    try:
+        cluster = JobCluster(
+            write_in_cwd, nodes=[node.spec], secret=node.secret, cleanup=False
+        )
+        try:
+            job = cluster.submit("out.txt")
+            assert job.wait(timeout=WAIT) and job.status == DispyJob.Finished
+            left = Path(job.result) / "out.txt"
+            assert left.exists()
+        finally:
+            cluster.close()
+        if force:
+            wait_until(lambda: not left.exists())
+        else:
+            assert left.exists()
+    finally:
+        assert node.stop() == 0
+
+
+def test_dispynode_config_file_is_read_safely(tmp_path: Path) -> None:
+    """A config file as ``dispynode --save_config`` writes it: dispy's keys, lists as
+    Python literals (read with ast.literal_eval, never eval), defaults ignored. The
+    command line (here `start_node`'s own options) wins over the file."""
+    config = tmp_path / "node.ini"
+    config.write_text(
+        "[DEFAULT]\n"
+        "hosts = ['127.0.0.1']\n"
+        "ext_hosts = []\n"
+        "loglevel = True\n"
+        "max_file_size = 1k\n"
+        "dispy_port = 9700\n"
+        "admin_secret = \n"
+        "init = None\n"
+        "unsafe_setup = False\n"
+        "scheduler_host = None\n"
+        "zombie_interval = 60.0\n"
+        "serve = -1\n"
+        "daemon = False\n"
+        "msg_timeout = 10\n"
+    )
+    check_config_node(tmp_path, config)
+
+
+def check_config_node(tmp_path: Path, config: Path) -> None:
+    """A node started with ``config`` (``-d``, ``max_file_size = 1k``) runs jobs,
+    refuses larger files and logs at debug level."""
+    node = start_node(tmp_path / "node", "--config", str(config))
+    try:
+        cluster = JobCluster(write_in_cwd, nodes=[node.spec], secret=node.secret)
+        try:
+            job = cluster.submit("x")
+            assert job.wait(timeout=WAIT) and job.status == DispyJob.Finished
+        finally:
+            cluster.close()
+        big = tmp_path / "big.bin"
+        big.write_bytes(b"x" * 4096)
+        with pytest.raises(DispynbError, match=r"big\.bin"):
+            JobCluster(
+                write_in_cwd, nodes=[node.spec], secret=node.secret, depends=[big]
+            )
+    finally:
+        assert node.stop() == 0
+    assert " DEBUG " in node.log_text()
+
+
+def test_config_file_naming_an_unsupported_option_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / "node.ini"
+    config.write_text("[DEFAULT]\ninit = /etc/node_init.py\n")
+    done = run_node("--config", str(config))
+    assert done.returncode == 2
+    assert done.stderr.startswith("dispynb-node: --init is not supported")
+    config.write_text("[DEFAULT]\nhosts = __import__('os').system('true')\n")
+    done = run_node("--config", str(config))
+    assert done.returncode == 2
+    assert "hosts must be a list of strings" in done.stderr
+    config.write_text("[DEFAULT]\nno_such_option = 1\n")
+    done = run_node("--config", str(config))
+    assert done.returncode == 2
+    assert "unknown option 'no_such_option'" in done.stderr
+
+
+def test_save_config_then_config_round_trip_without_the_secret(
+    tmp_path: Path,
+) -> None:
+    saved = tmp_path / "saved.ini"
+    done = run_node(
+        "--save_config", str(saved),
+        "--secret", "never-written-to-the-file-0123456789",
+        "--zombie_interval", "2",
+        "--max_file_size", "1k",
+        "-d",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "not the secret" in done.stdout
+    text = saved.read_text()
+    assert "never-written" not in text
+    assert oct(saved.stat().st_mode & 0o777) == oct(0o600)
+    assert "zombie_interval = 2.0" in text
+    check_config_node(tmp_path, saved)
+
+
+def _hhmm(delta_hours: int) -> str:
+    moment = datetime.datetime.now() + datetime.timedelta(hours=delta_hours)
+    return moment.strftime("%H:%M")
+
+
+def test_service_window_open_now_serves(tmp_path: Path) -> None:
+    node = start_node(
+        tmp_path / "node",
+        "--service_start", _hhmm(-2),
+        "--service_stop", _hhmm(2),
+        "--service_end", _hhmm(3),
+    )  # fmt: skip
+    try:
+        cluster = JobCluster(write_in_cwd, nodes=[node.spec], secret=node.secret)
+        try:
+            job = cluster.submit("x")
+            assert job.wait(timeout=WAIT) and job.status == DispyJob.Finished
+        finally:
+            cluster.close()
+    finally:
+        assert node.stop() == 0
+
+
+def test_service_window_closed_now_does_not_listen(tmp_path: Path) -> None:
+    secret_file = write_secret_file(tmp_path / "secret", "service-window-secret-0123")
+    port_file = tmp_path / "port"
+    log = tmp_path / "node.log"
+    with open(log, "wb") as handle:
+        proc = subprocess.Popen(
+            node_command(
+                "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
+                "--secret-file", str(secret_file), "--dest-path", str(tmp_path / "d"),
+                "--service_start", _hhmm(2), "--service_end", _hhmm(3),
+            ),
+            env=node_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        wait_until(lambda: "outside its service window" in log.read_text())
+        assert f"not serving until {_hhmm(2)}" in log.read_text() or (
+            "not serving until" in log.read_text()  # the minute turned meanwhile
+        )
+        assert not port_file.exists()
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(NODE_WAIT) == 0
+
+
+def test_service_start_alone_is_refused_with_the_fix() -> None:
+    done = run_node("--service_start", "08:00")
+    assert done.returncode == 2
+    assert "--service_start needs --service_stop or --service_end" in done.stderr
+    done = run_node("--service_end", "25:99")
+    assert done.returncode == 2
+    assert "bad time of day '25:99': use HH:MM" in done.stderr
+
+
+def test_two_ext_hosts_are_refused() -> None:
+    done = run_node("--ext_host", "10.0.0.1", "--ext_host", "10.0.0.2")
+    assert done.returncode == 2
+    assert "give one --ext-host" in done.stderr
