@@ -1,0 +1,526 @@
+"""dispy's user-visible names, written down once: the migration guide's rows.
+
+Taken from dispy 4.15 (its ``py3`` sources and documentation, summarised in the
+team's dispy reference): module names, ``JobCluster`` and ``SharedJobCluster``
+parameters, cluster methods, ``DispyJob``/``DispyNode`` attributes, status numbers,
+names a computation finds in its globals, ``dispynode.py`` options, the web monitor
+and the programs. Only the names (and dispy's numbers) are data here; whether
+dispynb has each one is computed from the code by `dispynb_docs.migration`.
+
+``differs`` says how dispynb's version differs when dispynb has the name; ``missing``
+says why dispynb does not have it (and what to do instead) when it does not. A name
+dispynb has and whose ``differs`` is empty is reported "same".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Name:
+    """One dispy name and what the guide says about it."""
+
+    name: str
+    differs: str = ""
+    missing: str = ""
+    #: dispy's value, for the status numbers.
+    value: int | None = None
+    #: For ``dispynode.py`` options: the arguments that exercise it.
+    sample: tuple[str, ...] = ()
+    #: Also accepted by dispynb under this name (checked too).
+    alias_of: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+#: ``dispy.<name>``: the module's names (``__all__`` and de-facto public ones).
+MODULE = [
+    Name(
+        "JobCluster",
+        differs="Functions travel by value (cloudpickle), not as "
+        "source text, so closures, lambdas, notebook classes and methods work.",
+    ),
+    Name(
+        "SharedJobCluster",
+        differs="No scheduler program: dispynb's node servers "
+        "are shared by several clients at once, so this is a ``JobCluster`` that "
+        "accepts dispy's extra keywords; name the nodes with ``nodes=``.",
+    ),
+    Name("DispyJob", differs="Also awaitable (``await job``) in asyncio code."),
+    Name("DispyNode"),
+    Name("NodeAllocate"),
+    Name("DispyNodeAvailInfo"),
+    Name("logger", differs="A standard `logging` logger named ``dispynb``."),
+    Name(
+        "recover_jobs",
+        differs="Works (dispy 4.15's raised ``KeyError``); the "
+        "journal is SQLite and holds no secret, so pass the secret again.",
+    ),
+    Name(
+        "httpd",
+        differs="``dispynb.httpd`` (import ``dispynb.httpd`` or use the attribute).",
+    ),
+    Name(
+        "ClusterStatus",
+        missing="Returned by ``cluster.status()``; import it "
+        "from ``dispynb.status`` if you need the type.",
+    ),
+    Name(
+        "config",
+        missing="dispy's port and timeout constants "
+        "(``dispy.config.DispyPort``, ``MsgTimeout``...) have no equivalent: ports "
+        "are per node (``dispynb-node --port``, default 9711) and timeouts are "
+        "options.",
+    ),
+    Name(
+        "host_addrinfo",
+        missing="An internal helper of dispy for choosing "
+        "interfaces; dispynb takes ``host=`` and node addresses instead.",
+    ),
+    Name(
+        "auth_code",
+        missing="dispy's SHA-1 token; dispynb authenticates with a "
+        "mutual HMAC challenge-response (see the security model).",
+    ),
+]
+
+#: ``JobCluster(...)`` keyword parameters, in dispy's order.
+JOBCLUSTER = [
+    Name(
+        "computation",
+        differs="A callable travels by value; a program path "
+        "is sent and run as in dispy.",
+    ),
+    Name(
+        "nodes",
+        differs="Also a ``LocalCluster``; the default port is 9711; "
+        "wildcards and ``None``/``'*'`` discover nodes started with discovery.",
+    ),
+    Name(
+        "depends",
+        differs="Never mutated (dispy's default list was shared); "
+        "files are content-addressed and cached on nodes.",
+    ),
+    Name("job_status"),
+    Name("cluster_status"),
+    Name(
+        "host",
+        differs="The address discovery pings are sent from; nodes never "
+        "connect back to the client.",
+    ),
+    Name(
+        "dispy_port",
+        differs="Accepted for dispy programs: nodes have their own "
+        "ports (``nodes=['host:port']``).",
+    ),
+    Name(
+        "ext_host",
+        differs="Accepted and unused: nodes never connect to the "
+        "client, so a client behind NAT needs nothing.",
+    ),
+    Name(
+        "ip_addr", differs="Deprecated alias of ``host`` (logs a warning), as in dispy."
+    ),
+    Name("ext_ip_addr", differs="Deprecated alias of ``ext_host``, as in dispy."),
+    Name("ipv4_udp_multicast"),
+    Name(
+        "dest_path",
+        differs="Relative to the node's directory; ``..`` and "
+        "absolute paths are refused.",
+    ),
+    Name("loglevel", differs="A `logging` level; None leaves logging alone."),
+    Name("callback", differs="Deprecated alias of ``job_status``, as in dispy."),
+    Name(
+        "setup",
+        differs="No 10 s limit (see ``setup_timeout``); jobs are forked "
+        "from the process that ran it, as in dispy.",
+    ),
+    Name("cleanup"),
+    Name("ping_interval"),
+    Name(
+        "pulse_interval",
+        differs="Nodes pulse every second by default; a node "
+        "silent for 3 pulses is declared dead.",
+    ),
+    Name(
+        "poll_interval",
+        differs="Accepted; results always come back over the "
+        "client's own connection, so there is nothing to poll.",
+    ),
+    Name("reentrant", differs="Retried at most ``max_attempts`` times (default 3)."),
+    Name(
+        "secret",
+        differs="Required for nodes off loopback (or TLS); also "
+        "``secret_file`` or the ``DISPYNB_SECRET``/``DISPYNB_SECRET_FILE`` "
+        "environment variables.",
+    ),
+    Name("keyfile"),
+    Name(
+        "certfile",
+        differs="TLS 1.2+ with certificate checks; ``cafile`` verifies the nodes.",
+    ),
+    Name(
+        "recover_file",
+        differs="An SQLite journal without the secret; no file "
+        "is written unless you ask for one.",
+    ),
+]
+
+#: ``SharedJobCluster(...)``'s parameters that ``JobCluster`` does not have.
+SHARED = [
+    Name(
+        "scheduler_host",
+        differs="Refused with a message: there is no scheduler "
+        "program; give ``nodes=`` instead.",
+        missing="There is no scheduler program; give ``nodes=`` instead.",
+    ),
+    Name(
+        "client_port", differs="Accepted and unused: nodes never connect to the client."
+    ),
+    Name("exclusive", differs="Accepted; nodes are shared fairly among clients."),
+]
+
+#: Methods and properties of ``JobCluster`` (and ``SharedJobCluster``).
+METHODS = [
+    Name("submit"),
+    Name("submit_job_id"),
+    Name("submit_node"),
+    Name("submit_job_id_node"),
+    Name("cancel"),
+    Name("discover_nodes"),
+    Name("allocate_node"),
+    Name("deallocate_node"),
+    Name("close_node"),
+    Name("resetup_node"),
+    Name("node_jobs"),
+    Name("set_node_cpus"),
+    Name("send_file"),
+    Name("name", extra={"instance": "1"}),
+    Name("status"),
+    Name("print_status"),
+    Name("stats"),
+    Name("wait"),
+    Name("__call__", missing="Call ``cluster.wait()``."),
+    Name("close"),
+    Name("shutdown"),
+    Name("__enter__"),
+    Name(
+        "__exit__",
+        differs="Exceptions in the ``with`` body propagate (dispy's "
+        "``__exit__`` swallowed them).",
+    ),
+]
+
+#: Reserved keyword arguments of ``submit``.
+SUBMIT_KEYWORDS = [
+    Name("dispy_job_depends"),
+]
+
+#: ``DispyJob`` attributes and methods.
+JOB = [
+    Name("id"),
+    Name("result"),
+    Name("stdout"),
+    Name("stderr"),
+    Name("exception"),
+    Name("submit_time"),
+    Name("start_time"),
+    Name("end_time"),
+    Name("status"),
+    Name("ip_addr"),
+    Name("finish"),
+    Name(
+        "__call__",
+        differs="``job()`` blocks for the result; ``job(clear=True)`` "
+        "waits for the next provisional result.",
+    ),
+    Name("__lt__", missing="Jobs are not ordered; sort by ``job.id``."),
+]
+
+#: dispy's status numbers (``DispyJob.X`` and ``DispyNode.X``).
+STATUSES = [
+    Name("DispyNode.Initialized", value=4),
+    Name("DispyJob.Created", value=5),
+    Name("DispyJob.Running", value=6),
+    Name("DispyJob.ProvisionalResult", value=7),
+    Name("DispyJob.Cancelled", value=8),
+    Name("DispyJob.Terminated", value=9),
+    Name("DispyJob.Abandoned", value=10),
+    Name("DispyJob.Finished", value=11),
+    Name("DispyNode.Closed", value=16),
+    Name("DispyNode.AvailInfo", value=17),
+]
+
+#: ``DispyNode`` attributes.
+NODE = [
+    Name("ip_addr"),
+    Name("name"),
+    Name("cpus"),
+    Name("avail_cpus"),
+    Name("busy"),
+    Name("jobs_done"),
+    Name("cpu_time"),
+    Name("tx"),
+    Name("rx"),
+    Name("update_time"),
+    Name("avail_info"),
+]
+
+#: ``DispyNodeAvailInfo`` attributes.
+AVAIL_INFO = [Name("cpu"), Name("memory"), Name("disk"), Name("swap")]
+
+#: ``NodeAllocate(...)`` parameters, then ``allocate(...)``'s.
+NODE_ALLOCATE = [
+    Name("host"),
+    Name("port"),
+    Name("cpus"),
+    Name("depends"),
+    Name("setup_args"),
+]
+ALLOCATE = [
+    Name("cluster"),
+    Name("ip_addr"),
+    Name("name"),
+    Name("cpus"),
+    Name("avail_info"),
+    Name("platform"),
+]
+
+#: Names a computation finds in its globals on a node.
+JOB_GLOBALS = [
+    Name("dispy_node_name"),
+    Name("dispy_node_ip_addr"),
+    Name("dispy_job_path"),
+    Name(
+        "dispy_provisional_result",
+        differs="Goes over the node's connection to "
+        "the client; ``relay`` and ``timeout`` are accepted.",
+    ),
+    Name(
+        "dispy_send_file",
+        differs="Saved under the client's ``files_dir`` "
+        "(default: its current directory), never outside it.",
+    ),
+    Name(
+        "dispynode_logger",
+        missing="Use `logging` or ``print``: a job's output "
+        "comes back in ``job.stdout``/``job.stderr``.",
+    ),
+    Name(
+        "dispynode_shutdown",
+        missing="Clients cannot stop a node; stop it with "
+        "a signal (SIGTERM drains it).",
+    ),
+]
+
+#: Modules dispy's computations could use without importing them (dispy ran them in
+#: dispynode's own globals). Programs that rely on one need that import otherwise.
+IMPLICIT_MODULES = [
+    Name(module)
+    for module in (
+        "os",
+        "sys",
+        "time",
+        "socket",
+        "multiprocessing",
+        "threading",
+        "subprocess",
+        "traceback",
+        "marshal",
+        "tempfile",
+        "shutil",
+        "glob",
+        "pickle",
+        "io",
+        "signal",
+        "platform",
+        "copy",
+        "struct",
+        "hashlib",
+        "re",
+        "errno",
+        "psutil",
+    )
+] + [
+    Name("netifaces", missing="Not used by dispynb; import it in the computation."),
+    Name("pycos", missing="dispy's own runtime library; not used by dispynb."),
+    Name("dispy", missing="Import ``dispynb`` in the computation if it needs it."),
+]
+
+#: ``dispynode.py`` options, with arguments that exercise each one.
+NODE_OPTIONS = [
+    Name(
+        "--config",
+        sample=("--config", "{dir}/node.ini"),
+        missing="Give the options on the command line (or a wrapper script); "
+        "dispy's config files were partly evaluated as Python.",
+    ),
+    Name(
+        "--save_config",
+        sample=("--save_config", "{dir}/saved.ini"),
+        missing="No config files (see ``--config``).",
+    ),
+    Name("-c", sample=("-c", "1")),
+    Name("--cpus", sample=("--cpus", "1")),
+    Name("-d", sample=("-d",), missing="Use ``--loglevel debug``."),
+    Name("--debug", sample=("--debug",), missing="Use ``--loglevel debug``."),
+    Name("-i", sample=("-i", "127.0.0.1"), missing="Use ``--host``."),
+    Name("--host", sample=("--host", "127.0.0.1")),
+    Name("--ext_host", sample=("--ext_host", "127.0.0.1", "--discovery")),
+    Name("-p", sample=("-p", "9711")),
+    Name(
+        "--dispy_port",
+        sample=("--dispy_port", "9711"),
+        missing="Use ``--port``: one TCP port per node (default 9711).",
+    ),
+    Name(
+        "--ipv4_udp_multicast",
+        sample=("--ipv4_udp_multicast",),
+        missing="Use ``--ipv4-multicast``.",
+    ),
+    Name("--name", sample=("--name", "node1")),
+    Name(
+        "--dest_path_prefix",
+        sample=("--dest_path_prefix", "{dir}/dest"),
+        missing="Use ``--dest-path``.",
+    ),
+    Name(
+        "--init",
+        sample=("--init", "{dir}/init.py"),
+        missing="Use a ``setup`` function in the client, which runs once per "
+        "node before its jobs.",
+    ),
+    Name(
+        "--scheduler_host",
+        sample=("--scheduler_host", "127.0.0.1"),
+        missing="There is no scheduler program: clients name or discover nodes.",
+    ),
+    Name("--max_file_size", sample=("--max_file_size", "10M")),
+    Name(
+        "--zombie_interval",
+        sample=("--zombie_interval", "60"),
+        missing="Use ``--orphan-timeout`` (seconds, not minutes).",
+    ),
+    Name(
+        "--ping_interval",
+        sample=("--ping_interval", "10"),
+        missing="Nodes announce themselves when they start; clients re-ping with "
+        "``ping_interval``.",
+    ),
+    Name(
+        "--service_start",
+        sample=("--service_start", "08:00"),
+        missing="Start and stop node servers on a schedule with cron or systemd "
+        "timers; stopping drains (see ``--drain-timeout``).",
+    ),
+    Name(
+        "--service_stop",
+        sample=("--service_stop", "18:00"),
+        missing="See ``--service_start``.",
+    ),
+    Name(
+        "--service_end",
+        sample=("--service_end", "19:00"),
+        missing="See ``--service_start``.",
+    ),
+    Name(
+        "--serve",
+        sample=("--serve", "1"),
+        missing="A node serves any number of clients, several at once.",
+    ),
+    Name(
+        "--client_shutdown",
+        sample=("--client_shutdown",),
+        missing="Clients cannot stop a node (see ``dispynode_shutdown``).",
+    ),
+    Name(
+        "--force_cleanup",
+        sample=("--force_cleanup",),
+        missing="Kept files are freed when a client closes or goes silent "
+        "(``--orphan-timeout``).",
+    ),
+    Name(
+        "--msg_timeout",
+        sample=("--msg_timeout", "10"),
+        missing="Connections are persistent: liveness comes from pulses, not "
+        "per-message timeouts.",
+    ),
+    Name("-s", sample=("-s", "abc")),
+    Name("--secret", sample=("--secret", "abc")),
+    Name(
+        "--admin_secret",
+        sample=("--admin_secret", "abc"),
+        missing="There is no admin program; change a node's CPUs from a client "
+        "(``set_node_cpus``) or the web monitor.",
+    ),
+    Name("--certfile", sample=("--certfile", "{dir}/cert.pem")),
+    Name(
+        "--keyfile",
+        sample=("--keyfile", "{dir}/key.pem", "--certfile", "{dir}/cert.pem"),
+    ),
+    Name("--clean", sample=("--clean",)),
+    Name(
+        "--unsafe_setup",
+        sample=("--unsafe_setup",),
+        missing="``setup`` always runs in the computation's own process, never "
+        "in the node server.",
+    ),
+    Name(
+        "--daemon",
+        sample=("--daemon",),
+        missing="A node never reads standard input; stop it with a signal.",
+    ),
+]
+
+#: ``DispyHTTPServer(...)`` parameters and methods.
+HTTPD = [
+    Name("cluster"),
+    Name(
+        "host",
+        differs="Binds 127.0.0.1 by default (dispy: every interface); "
+        "another address needs HTTPS or ``allow_plain_http=True``.",
+    ),
+    Name("port"),
+    Name("poll_sec"),
+    Name(
+        "DocumentRoot",
+        differs="Refused with a message: the monitor serves only its own page.",
+    ),
+    Name("keyfile"),
+    Name("certfile"),
+    Name("show_job_args", differs="Off by default (dispy: on)."),
+]
+HTTPD_METHODS = [
+    Name(
+        "add_cluster", missing="One monitor follows one cluster; start one per cluster."
+    ),
+    Name("del_cluster", missing="See ``add_cluster``."),
+    Name("shutdown"),
+]
+
+#: dispy's programs and the dispynb console script that replaces each, if any.
+PROGRAMS = [
+    Name(
+        "dispynode.py",
+        alias_of="dispynb-node",
+        differs="Listens on 127.0.0.1 "
+        "by default and needs a secret or TLS on any other address; see its "
+        "options below.",
+    ),
+    Name(
+        "dispyscheduler.py",
+        missing="Node servers are shared by several clients "
+        "at once: no scheduler program is needed.",
+    ),
+    Name(
+        "dispynetrelay.py",
+        missing="Name the nodes of other subnets in "
+        "``nodes=`` (or use wildcards for the subnets), no relay needed.",
+    ),
+    Name(
+        "dispy_cmd.py",
+        missing="Run a program with ``JobCluster('program')`` or "
+        "``Run.map('program', ...)``.",
+    ),
+    Name("dispyadmin.py", missing="There is no admin program; see ``--admin_secret``."),
+]

@@ -1,0 +1,68 @@
+"""The migration guide's statuses are computed from the code (no build needed)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "docs" / "_ext"))
+
+from dispynb_docs import dispy_names, migration
+from dispynb_docs.dispy_names import Name
+
+STATUSES = {migration.SAME, migration.DIFFERENT, migration.NOT_SUPPORTED}
+
+
+@pytest.mark.parametrize("key", sorted(migration.TABLES))
+def test_every_dispy_name_gets_a_status(key: str) -> None:
+    _title, rows_of = migration.TABLES[key]
+    rows = rows_of()
+    assert [row.name for row in rows] == migration.all_names()[key]
+    for row in rows:
+        assert row.status in STATUSES, row
+        if row.status != migration.SAME:
+            assert row.note or row.detail, f"{row.name}: say how or why"
+
+
+def test_a_name_dispynb_lacks_is_not_supported(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(
+        dispy_names, "MODULE", [Name("JobCluster"), Name("NoSuchName", missing="Why.")]
+    )
+    rows = migration.module_rows()
+    assert [(r.name, r.status) for r in rows] == [
+        ("JobCluster", migration.SAME),
+        ("NoSuchName", migration.NOT_SUPPORTED),
+    ]
+    assert rows[1].note == "Why."
+
+
+def test_jobcluster_keywords_are_asked_of_the_code() -> None:
+    import dispynb
+
+    accepted = migration.accepted_keywords(dispynb.JobCluster)
+    assert {"computation", "nodes", "secret", "reentrant", "callback"} <= accepted
+    assert "no_such_keyword" not in accepted
+
+
+def test_node_options_are_asked_of_dispynb_node(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(
+        dispy_names,
+        "NODE_OPTIONS",
+        [
+            Name("--cpus", sample=("--cpus", "1")),
+            Name("--no-such-option", sample=("--no-such-option",), missing="Gone."),
+            Name("--port", sample=("--port", "99999")),
+        ],
+    )
+    cpus, gone, port = migration.node_option_rows()
+    assert cpus.status == migration.SAME
+    assert "CPUs" in cpus.detail  # dispynb-node's own help text
+    assert gone.status == migration.NOT_SUPPORTED
+    assert gone.note == "Gone."
+    # Accepted by the parser but refused by the node: its message is shown.
+    assert port.status == migration.NOT_SUPPORTED
+    assert "99999" in port.detail
