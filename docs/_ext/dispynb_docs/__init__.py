@@ -169,7 +169,8 @@ class MigrationDirective(_GeneratedRst):
             note = row.note
             if row.detail:
                 detail = argparse_rst.escape(row.detail)
-                note = f"{note} dispynb-node: {detail}" if note else detail
+                said = "refuses it" if row.refused else "help"
+                note = f"{note} ``dispynb-node`` {said}: {detail}".strip()
             lines += [
                 f"   * - ``{row.name}``",
                 f"     - :dispy-status:`{row.status}`",

@@ -367,7 +367,12 @@ NODE_OPTIONS = [
     Name("-i", sample=("-i", "127.0.0.1"), missing="Use ``--host``."),
     Name("--host", sample=("--host", "127.0.0.1")),
     Name("--ext_host", sample=("--ext_host", "127.0.0.1", "--discovery")),
-    Name("-p", sample=("-p", "9711")),
+    Name(
+        "-p",
+        sample=("-p", "9711"),
+        differs="dispy's ``-p`` was a base port (the node listened on the next one); "
+        "dispynb-node's is the port it listens on.",
+    ),
     Name(
         "--dispy_port",
         sample=("--dispy_port", "9711"),
@@ -409,7 +414,7 @@ NODE_OPTIONS = [
     ),
     Name(
         "--service_start",
-        sample=("--service_start", "08:00"),
+        sample=("--service_start", "08:00", "--service_stop", "18:00"),
         missing="Start and stop node servers on a schedule with cron or systemd "
         "timers; stopping drains (see ``--drain-timeout``).",
     ),
@@ -442,6 +447,8 @@ NODE_OPTIONS = [
     Name(
         "--msg_timeout",
         sample=("--msg_timeout", "10"),
+        differs="dispy: a timeout for every socket operation; dispynb-node: the time "
+        "a client gets to authenticate (connections are persistent).",
         missing="Connections are persistent: liveness comes from pulses, not "
         "per-message timeouts.",
     ),
@@ -468,6 +475,7 @@ NODE_OPTIONS = [
     Name(
         "--daemon",
         sample=("--daemon",),
+        differs="Accepted and not needed: dispynb-node never reads standard input.",
         missing="A node never reads standard input; stop it with a signal.",
     ),
 ]
@@ -503,9 +511,8 @@ PROGRAMS = [
     Name(
         "dispynode.py",
         alias_of="dispynb-node",
-        differs="Listens on 127.0.0.1 "
-        "by default and needs a secret or TLS on any other address; see its "
-        "options below.",
+        differs="Takes dispynode's options (below); serves beyond 127.0.0.1 only "
+        "with a secret or TLS.",
     ),
     Name(
         "dispyscheduler.py",

@@ -37,7 +37,8 @@ class Row:
     name: str
     status: str
     note: str  # reStructuredText, written in dispy_names
-    detail: str = ""  # plain text from the code (a help text, a refusal)
+    detail: str = ""  # plain text from the code: a help text, or a refusal
+    refused: bool = False  # the detail is dispynb-node's refusal
 
 
 def _row(entry: Name, present: bool, detail: str = "") -> Row:
@@ -238,7 +239,10 @@ def node_option_rows() -> list[Row]:
             problem, warnings = _try_options(cli, parser, args)
             help_text = _help(parser, action, entry.name)
             if problem:
-                rows.append(Row(entry.name, NOT_SUPPORTED, entry.missing, problem))
+                problem = problem.removeprefix(f"{parser.prog}: ")
+                rows.append(
+                    Row(entry.name, NOT_SUPPORTED, entry.missing, problem, refused=True)
+                )
                 continue
             row = _row(entry, True, help_text)
             if warnings:
@@ -262,9 +266,16 @@ def _help(parser: argparse.ArgumentParser, action: argparse.Action, name: str) -
 def _try_options(
     cli: Any, parser: argparse.ArgumentParser, args: list[str]
 ) -> tuple[str, str]:
-    """Parse ``args`` as dispynb-node would; return (refusal, warnings logged)."""
+    """Parse ``args`` as dispynb-node would; return (refusal, warnings logged).
+
+    A secret is in the environment (``DISPYNB_SECRET``), as on a real node, so that
+    only the option's own effect shows."""
     err = io.StringIO()
-    with _quiet_logs() as records, contextlib.redirect_stderr(err):
+    with (
+        _quiet_logs() as records,
+        contextlib.redirect_stderr(err),
+        _environment(DISPYNB_SECRET="docs-build-secret", DISPYNB_SECRET_FILE=None),
+    ):
         try:
             parsed = parser.parse_args(args)
         except SystemExit:
@@ -291,6 +302,24 @@ def _last_line(text: str) -> str:
     line = lines[-1]
     # argparse: "dispynb-node: error: ..." -> the message
     return line.split("error: ", 1)[-1]
+
+
+@contextlib.contextmanager
+def _environment(**values: str | None) -> Iterator[None]:
+    saved = {name: os.environ.get(name) for name in values}
+    try:
+        for name, value in values.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @contextlib.contextmanager
