@@ -149,12 +149,16 @@ class ClusterMonitor:
                 "abandoned": counts["Abandoned"],
                 "total": counts["submitted"],
             },
-            "nodes": [
-                _node_record(node_id, node)
-                for node_id, node in sorted(list(cluster._nodes.items()))
-            ],
+            "nodes": self.nodes(),
             "jobs": jobs,
         }
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """The cluster's nodes now, as in `snapshot` (cheap: no job is looked at)."""
+        return [
+            _node_record(node_id, node)
+            for node_id, node in sorted(list(self.cluster._nodes.items()))
+        ]
 
     # -- actions -------------------------------------------------------------------
 

@@ -215,7 +215,9 @@ def cluster_html(cluster: JobCluster) -> str:
 
 
 def nodes_html(rows: Iterable[NodeRow]) -> str:
-    """The node panel's table (see `dispynb.jupyter.widgets.NodePanel`)."""
+    """The node panel's table (see `dispynb.jupyter.widgets.NodePanel`); nodes
+    gone (left or replaced) are greyed."""
+    rows = list(rows)
     header = (
         "name", "address", "CPUs", "busy", "jobs done", "CPU used", "memory free",
         "state",
@@ -229,13 +231,14 @@ def nodes_html(rows: Iterable[NodeRow]) -> str:
             str(row.jobs_done),
             format_load(row.cpu_free),
             format_bytes(row.memory_free),
-            "in use" if row.connected else "idle",
+            row.state,
         )
         for row in rows
     ]
     if not body:
         return "<div class='dispynb-nodes'><i>no nodes yet</i></div>"
-    return f"<div class='dispynb-nodes'>{_html_table(header, body)}</div>"
+    greyed = [i for i, row in enumerate(rows) if row.gone]
+    return f"<div class='dispynb-nodes'>{_html_table(header, body, greyed)}</div>"
 
 
 def format_load(cpu_free: float | None) -> str:
@@ -272,15 +275,20 @@ def _status_name(status: object) -> str:
         return str(status)
 
 
-def _html_table(head: Sequence[str] | None, rows: Sequence[Sequence[str]]) -> str:
+def _html_table(
+    head: Sequence[str] | None,
+    rows: Sequence[Sequence[str]],
+    greyed: Sequence[int] = (),
+) -> str:
     lines = [f"<table {_TABLE}>"]
     if head is not None:
         cells = "".join(f"<th {_CELL}>{h}</th>" for h in head)
         lines.append(f"<thead><tr>{cells}</tr></thead>")
     lines.append("<tbody>")
-    for row in rows:
+    for index, row in enumerate(rows):
         cells = "".join(f"<td {_CELL}>{c}</td>" for c in row)
-        lines.append(f"<tr>{cells}</tr>")
+        grey = " class='dispynb-gone' style='opacity:0.45'" if index in greyed else ""
+        lines.append(f"<tr{grey}>{cells}</tr>")
     lines.append("</tbody></table>")
     return "".join(lines)
 

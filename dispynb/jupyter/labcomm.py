@@ -46,6 +46,9 @@ RECENT_CLOSED = 5
 DISCOVERY_TIMEOUT = 2.0
 #: Addresses one Discover request may ping.
 MAX_ADDRESSES = 256
+#: Names of the clusters dispynb makes for itself (``%dispy`` checking that the
+#: nodes answer): never shown.
+INTERNAL = frozenset({"_dispynb_node_probe"})
 #: Open panels followed at most: a reloaded page never closes its old comm, so the
 #: oldest links stop pushing when more open.
 MAX_LINKS = 8
@@ -58,7 +61,9 @@ class ClusterTracker:
     """A `ClusterMonitor` for each live cluster of the process, shared by links.
 
     `refresh` attaches monitors to new clusters and, for clusters that closed, keeps
-    their final snapshot (closed) among the `RECENT_CLOSED` most recent.
+    their final snapshot (closed) among the `RECENT_CLOSED` most recent, with the
+    nodes they last had (marked ``released``). A cluster that closed without a job
+    is not kept, and dispynb's own (`INTERNAL`) are never followed.
     """
 
     def __init__(self, clusters: Callable[[], list[Any]] = live_clusters) -> None:
@@ -67,19 +72,36 @@ class ClusterTracker:
         self._monitors: dict[int, ClusterMonitor] = {}  # id(cluster) -> monitor
         self._closed: deque[dict[str, Any]] = deque(maxlen=RECENT_CLOSED)
         self._closed_version = 0
+        self._nodes: dict[int, list[dict[str, Any]]] = {}  # last nodes seen
 
     def refresh(self) -> tuple[Any, ...]:
         """Follow the clusters now alive; return a key that changes with the state."""
-        live = {id(cluster): cluster for cluster in self._clusters()}
+        live = {
+            id(cluster): cluster
+            for cluster in self._clusters()
+            if getattr(cluster, "name", "") not in INTERNAL
+        }
         with self._lock:
             for key, cluster in live.items():
                 if key not in self._monitors:
                     self._monitors[key] = ClusterMonitor(cluster)
+            for key, monitor in self._monitors.items():
+                nodes = monitor.nodes()
+                if nodes:
+                    self._nodes[key] = nodes
             for key in [k for k in self._monitors if k not in live]:
                 monitor = self._monitors.pop(key)
-                self._closed.appendleft(_brief(monitor.snapshot(max_jobs=0)))
-                self._closed_version += 1
+                final = _brief(monitor.snapshot(max_jobs=0))
+                last = self._nodes.pop(key, [])
                 monitor.close()
+                if not final["counts"]["total"]:
+                    continue  # nothing ran: nothing to show
+                if not final["nodes"]:
+                    final["nodes"] = [{**node, "busy": 0} for node in last]
+                for node in final["nodes"]:
+                    node["released"] = True
+                self._closed.appendleft(final)
+                self._closed_version += 1
             return (
                 self._closed_version,
                 *((key, m.version) for key, m in self._monitors.items()),

@@ -77,6 +77,7 @@ class Session:
         self._register_atexit()
         with _friendly("the local nodes did not answer", hint=""):
             self.probe()
+        self._show_in_use()
 
     def attach(self, specs: list[str], options: dict[str, Any]) -> None:
         """Use node servers started elsewhere, after checking that they answer."""
@@ -93,6 +94,18 @@ class Session:
         except BaseException:
             self.nodes, self.options = None, {}
             raise
+        self._show_in_use()
+
+    def _show_in_use(self) -> None:
+        """The panel keeps the nodes in use; others show as gone, then go."""
+        self.panel.in_use([address for _, address, _ in self.known_nodes()])
+
+    def rows(self) -> list[Any]:
+        """The panel's rows, local nodes whose process exited marked gone."""
+        if self.local is not None and self.nodes is self.local:
+            exited = [item.split(" ", 1)[0] for item in self.local.exited()]
+            self.panel.table.mark_gone(exited)
+        return self.panel.rows()
 
     def probe(self) -> None:
         """Connect to every node once (authenticating), to fill the node panel and
@@ -100,8 +113,8 @@ class Session:
         from dispynb.cluster import JobCluster
 
         cluster = JobCluster(
-            abs, nodes=self.nodes, cluster_status=self.panel.cluster_status,
-            **self.options,
+            _dispynb_node_probe, nodes=self.nodes,
+            cluster_status=self.panel.cluster_status, **self.options,
         )  # fmt: skip
         cluster.close()
 
@@ -187,6 +200,7 @@ class Session:
         self.local = None
         self.nodes = None
         self.options = {}
+        self.panel.in_use([])
         if self._atexit:
             atexit.unregister(self.close)
             self._atexit = False
@@ -205,7 +219,7 @@ class SessionStatus:
 
     def __init__(self, session: Session) -> None:
         self.nodes = session.nodes
-        self.rows = session.panel.rows()
+        self.rows = session.rows()
         self.runs = list(session.runs)
 
     def _where(self) -> str:
@@ -219,8 +233,8 @@ class SessionStatus:
         lines = [self._where()]
         for row in self.rows:
             lines.append(
-                f"  {row.name or '?'} {row.address} cpus={row.cpus} busy={row.busy} "
-                f"jobs_done={row.jobs_done} "
+                f"  {row.name or '?'} {row.address} {row.state} cpus={row.cpus} "
+                f"busy={row.busy} jobs_done={row.jobs_done} "
                 f"cpu_used={templates.format_load(row.cpu_free)} "
                 f"memory_free={templates.format_bytes(row.memory_free)}"
             )
@@ -492,6 +506,7 @@ class DispyMagics(Magics):
                 depends = [depends]  # one file, module or function
         session = self.session
         label = args.into or name
+        runs: list[Run] = []  # the run, once Run.map returns it (for the panel)
         try:
             if session.ensure_nodes():
                 print(f"dispynb: started {session.status()._where()}", file=sys.stderr)
@@ -512,9 +527,10 @@ class DispyMagics(Magics):
                     wait=False,
                     progress="none" if args.nowait else args.progress,
                     name=label,
-                    listeners=[session.panel.cluster_status],
+                    listeners=[_panel_listener(session.panel, runs)],
                     **options,
                 )
+                runs.append(run)
         except MagicError as exc:
             # The names still say what happened: no stale run from an earlier cell.
             self._keep(Run.failed(label, str(exc)), args.into)
@@ -577,6 +593,30 @@ class DispyMagics(Magics):
         else:
             display(run)
         run.live(bar, log)
+
+
+def _dispynb_node_probe(x: Any) -> Any:
+    """The computation of the clusters that only check that the nodes answer (the
+    lab panel does not show them: `dispynb.jupyter.labcomm.INTERNAL`)."""
+    return x
+
+
+def _panel_listener(panel: NodePanel, runs: list[Run]) -> Callable[..., None]:
+    """Feed ``panel`` a run's events, telling a node that left while the run's
+    cluster was open (it died or shut down) from one released at its close."""
+
+    def listener(status: int, node: Any, job: Any) -> None:
+        from dispynb.node import NodeStatus
+
+        cluster = runs[0].cluster if runs else None
+        lost = (
+            status == NodeStatus.Closed
+            and cluster is not None
+            and not getattr(cluster, "_closed", True)
+        )
+        panel.cluster_status(status, node, job, lost=lost)
+
+    return listener
 
 
 def _cell_origin(shell: Any, cell: str) -> tuple[int | None, list[str]]:

@@ -24,7 +24,10 @@ from dispynb.job import DispyJob, JobStatus
 from dispynb.jupyter import display as templates
 from dispynb.node import DispyNode, NodeStatus
 
-__all__ = ["NodePanel", "NodeRow", "NodeTable"]
+__all__ = ["GONE_SHOWN", "NodePanel", "NodeRow", "NodeTable"]
+
+#: Seconds a node that left (or was replaced) stays in the table, greyed as gone.
+GONE_SHOWN = 30.0
 
 
 @dataclasses.dataclass
@@ -49,13 +52,23 @@ class NodeRow:
     cpu_free: float | None = None
     memory_free: int | None = None
     load_time: float | None = None
+    gone: bool = False
+
+    @property
+    def state(self) -> str:
+        """``"in use"``, ``"idle"`` or ``"gone"`` (left, replaced or exited)."""
+        if self.gone:
+            return "gone"
+        return "in use" if self.connected else "idle"
 
 
 class NodeTable:
     """Rows of nodes, keyed by ``"address:port"``, folded from cluster events.
 
     Each cluster's view of a node is a separate `DispyNode` object; rows add them up.
-    Jobs done by clusters that have closed are remembered.
+    Jobs done by clusters that have closed are remembered. A node that left (its
+    cluster lost it), or that is no longer among the nodes in use (`in_use`), is
+    shown as gone for `GONE_SHOWN` seconds, then dropped; its figures are frozen.
     """
 
     def __init__(self) -> None:
@@ -66,13 +79,30 @@ class NodeTable:
         self._info: dict[str, tuple[str, int]] = {}
         self._load: dict[str, tuple[float, int, float]] = {}  # cpu, memory, when
         self._order: list[str] = []
+        self._gone: dict[str, float] = {}  # address -> when it went (time.time())
+        self._in_use: set[str] | None = None  # None: every node seen is in use
 
-    def event(self, status: int, node: DispyNode | None, job: DispyJob | None) -> bool:
-        """Apply one ``cluster_status`` event; return whether the table changed."""
+    def event(
+        self,
+        status: int,
+        node: DispyNode | None,
+        job: DispyJob | None,
+        *,
+        lost: bool = False,
+    ) -> bool:
+        """Apply one ``cluster_status`` event; return whether the table changed.
+
+        ``lost``: a ``Closed`` event of a node that left while its cluster was open
+        (it died or shut down), not of a cluster that closed.
+        """
         if node is None:
             return False
         address = f"{node.ip_addr}:{node.port}"
         with self._lock:
+            if status == NodeStatus.Initialized:
+                self._gone.pop(address, None)  # back (or a new node on that port)
+            if lost:
+                self._gone.setdefault(address, time.time())
             if address not in self._info:
                 self._order.append(address)
             self._info[address] = (node.name, node.cpus)
@@ -92,13 +122,37 @@ class NodeTable:
                 live[id(node)] = node
         return True
 
-    def rows(self) -> list[NodeRow]:
-        """A snapshot of every node seen, in the order they appeared."""
+    def in_use(self, addresses: list[str] | None) -> None:
+        """The nodes in use now (``"host:port"``; None: all); any other is gone."""
         with self._lock:
+            now = time.time()
+            self._in_use = None if addresses is None else set(addresses)
+            for address in self._order:
+                if self._in_use is not None and address not in self._in_use:
+                    self._gone.setdefault(address, now)
+
+    def mark_gone(self, addresses: list[str]) -> None:
+        """These nodes left (e.g. their process exited)."""
+        with self._lock:
+            now = time.time()
+            for address in addresses:
+                if address in self._info:
+                    self._gone.setdefault(address, now)
+
+    def rows(self) -> list[NodeRow]:
+        """A snapshot of every node seen, in the order they appeared, without those
+        gone for more than `GONE_SHOWN` seconds."""
+        with self._lock:
+            now = time.time()
+            expired = [a for a, t in self._gone.items() if now - t > GONE_SHOWN]
+            for address in expired:
+                del self._gone[address]
+                self._forget(address)
             rows = []
             for address in self._order:
                 name, cpus = self._info[address]
-                live = list(self._live.get(address, {}).values())
+                gone = address in self._gone
+                live = [] if gone else list(self._live.get(address, {}).values())
                 cpu_free, memory_free, load_time = self._load.get(
                     address, (None, None, None)
                 )
@@ -115,9 +169,16 @@ class NodeTable:
                         cpu_free=cpu_free,
                         memory_free=memory_free,
                         load_time=load_time,
+                        gone=gone,
                     )
                 )
             return rows
+
+    def _forget(self, address: str) -> None:
+        """Drop a node's row (with the lock held)."""
+        self._order.remove(address)
+        for table in (self._info, self._live, self._closed_done, self._load):
+            table.pop(address, None)
 
 
 class NodePanel:
@@ -150,11 +211,24 @@ class NodePanel:
         return self.table.rows()
 
     def cluster_status(
-        self, status: int, node: DispyNode | None, job: DispyJob | None
+        self,
+        status: int,
+        node: DispyNode | None,
+        job: DispyJob | None,
+        *,
+        lost: bool = False,
     ) -> None:
-        """A ``cluster_status`` callback: update the table, then redraw (throttled)."""
-        if self.table.event(status, node, job):
+        """A ``cluster_status`` callback: update the table, then redraw (throttled).
+
+        ``lost``: see `NodeTable.event`.
+        """
+        if self.table.event(status, node, job, lost=lost):
             self._request_draw()
+
+    def in_use(self, addresses: list[str] | None) -> None:
+        """Only these nodes are in use now (see `NodeTable.in_use`); redraw."""
+        self.table.in_use(addresses)
+        self.redraw()
 
     def chain(
         self, callback: Callable[[int, DispyNode | None, DispyJob | None], Any] | None
@@ -207,7 +281,7 @@ class NodePanel:
             f"  {r.name or '?'} {r.address} cpus={r.cpus} busy={r.busy} "
             f"jobs_done={r.jobs_done} cpu_used={templates.format_load(r.cpu_free)} "
             f"memory_free={templates.format_bytes(r.memory_free)} "
-            f"{'in use' if r.connected else 'idle'}"
+            f"{r.state}"
             for r in rows
         ]
         return "\n".join(lines)

@@ -62,8 +62,9 @@ function load(node: INode): string {
 
 /** A node in two lines: name and address; CPUs, busy and load. */
 function nodeView(node: INode): HTMLElement {
-  const view = el('div', 'dispynb-node');
+  const view = el('div', node.released ? 'dispynb-node dispynb-node-released' : 'dispynb-node');
   view.dataset.name = node.name;
+  view.dataset.released = String(!!node.released);
   view.dataset.address = node.id;
   view.dataset.cpus = String(node.cpus);
   view.dataset.busy = String(node.busy);
@@ -75,7 +76,9 @@ function nodeView(node: INode): HTMLElement {
   const info = el(
     'div',
     'dispynb-node-info',
-    `${node.cpus} CPUs · ${node.busy} busy · ${node.jobs_done} done · ${load(node)}`
+    node.released
+      ? `${node.cpus} CPUs · ${node.jobs_done} done · released`
+      : `${node.cpus} CPUs · ${node.busy} busy · ${node.jobs_done} done · ${load(node)}`
   );
   view.append(head, info);
   return view;
@@ -109,7 +112,6 @@ class ClusterView {
     const head = el('div', 'dispynb-cluster-head');
     head.append(this._title, this._cancel);
     this._cancel.onclick = () => onCancel(this);
-    this._cancel.title = "Cancel this cluster's queued and running jobs";
     const bar = el('div', 'dispynb-progress');
     bar.append(this._bar, this._text);
     this.node.append(head, bar, this._counts, this._nodes);
@@ -120,6 +122,8 @@ class ClusterView {
     const done = DONE.reduce((sum, k) => sum + c[k], 0);
     const pct = c.total ? (100 * done) / c.total : 0;
     this._title.textContent = cluster.name + (cluster.closed ? ' (closed)' : '');
+    this.node.classList.toggle('dispynb-cluster-closed', cluster.closed);
+    this.node.dataset.closed = String(cluster.closed);
     this._bar.style.width = `${pct.toFixed(1)}%`;
     this._text.textContent = `${done}/${c.total} done`;
     this.node.dataset.done = String(done);
@@ -133,11 +137,17 @@ class ClusterView {
       })
     );
     const unfinished = c.pending + c.running;
+    // A closed cluster has nothing to cancel: no button at all.
+    this._cancel.hidden = cluster.closed;
     this._cancel.disabled = cluster.closed || unfinished === 0 || this.cancelling;
+    this._cancel.title = this._cancel.disabled
+      ? 'Nothing to cancel: no job is queued or running'
+      : "Cancel this cluster's queued and running jobs";
+    const empty = cluster.closed ? 'closed before any node connected' : 'no nodes connected yet';
     this._nodes.replaceChildren(
       ...(cluster.nodes.length
         ? cluster.nodes.map(nodeView)
-        : [el('div', 'dispynb-empty', 'no nodes connected yet')])
+        : [el('div', 'dispynb-empty', empty)])
     );
   }
 

@@ -41,6 +41,8 @@ export interface INode {
   busy: number;
   jobs_done: number;
   avail: INodeAvail | null;
+  /** The node's cluster closed: the figures are its last ones. */
+  released?: boolean;
 }
 
 export interface ICluster {

@@ -116,3 +116,52 @@ def test_unreachable_nodes_say_so_in_two_lines_with_the_fix(tmp_path: Path):
         assert out.ename == "MagicError", out.text
         _short(out.text)
         assert "local nodes have exited" in out.text and "%dispy local" in out.text
+
+
+def test_replaced_and_dead_nodes_show_as_gone_not_idle(tmp_path: Path):
+    with kernel(tmp_path) as k:
+        k.run_ok("%load_ext dispynb\n%dispy local --cpus 1")
+        k.run_ok('%%dispy --over "range(2)"\ndef f(x):\n    return x\n')
+        first = k.value(f"[a for _, a, _ in {SESSION}.known_nodes()]")
+        k.run_ok("%dispy local --cpus 1")  # replaces the node
+        second = k.value(f"[a for _, a, _ in {SESSION}.known_nodes()]")
+        status = k.run_ok("%dispy status").text
+        state = {line.split()[1]: line.split()[2] for line in _node_lines(status)}
+        assert state == {first[0]: "gone", second[0]: "idle"}, status
+        panel = k.run_ok(f"print(repr({SESSION}.panel))").text
+        assert f"{first[0]} cpus=1" in panel and panel.count(" gone") == 1, panel
+
+        # A node that died: gone too (its process exited).
+        pids = node_pids(k)
+        os.kill(pids[0], signal.SIGKILL)
+        assert wait_gone(pids, 10) == []
+        status = k.run_ok("%dispy status").text
+        state = {line.split()[1]: line.split()[2] for line in _node_lines(status)}
+        assert state[second[0]] == "gone", status
+
+
+SESSION = "get_ipython().magics_manager.registry['DispyMagics'].session"
+
+
+def _node_lines(status: str) -> list[str]:
+    return [line for line in status.splitlines() if line.startswith("  local-")]
+
+
+def test_running_and_busy_count_jobs_executing_not_jobs_sent(tmp_path: Path):
+    """6 jobs on a node of 2 CPUs: never more than 2 running (or busy)."""
+    with kernel(tmp_path) as k:
+        k.run_ok("%load_ext dispynb\n%dispy local --cpus 2")
+        k.run_ok(
+            '%%dispy --over "[0.4] * 6" --into naps --nowait\n'
+            "def nap(s):\n    import time\n    time.sleep(s)\n    return s\n"
+        )
+        samples = k.value(
+            "(lambda time: [(naps.counts().running, "
+            f"sum(r.busy for r in {SESSION}.panel.rows()), naps.done()) "
+            "for _ in range(400) if naps.done() or time.sleep(0.01) is None])"
+            "(__import__('time'))"
+        )
+        running = [r for r, _, _ in samples]
+        busy = [b for _, b, _ in samples]
+        assert max(running) == 2 and max(busy) <= 2, samples
+        assert k.value("naps.wait(30) and naps.results") == [0.4] * 6

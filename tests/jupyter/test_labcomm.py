@@ -172,6 +172,34 @@ def test_closed_cluster_keeps_its_final_counts(
     final = comm.wait_for(state_of(cluster, lambda c: c["closed"]))
     snap = next(c for c in final["clusters"] if c["id"] == cluster.uid)
     assert snap["counts"]["finished"] == 1 and snap["counts"]["total"] == 1
+    # Where it ran, not "no nodes connected yet": its nodes, released.
+    (node,) = snap["nodes"]
+    assert node["released"] and node["jobs_done"] == 1 and node["busy"] == 0
+
+
+def test_probes_and_clusters_that_ran_nothing_are_never_shown(
+    local: LocalCluster, link_of: Any
+) -> None:
+    from dispynb.jupyter.magics import Session
+    from dispynb.monitoring import live_clusters
+
+    _, comm, _ = link_of(live_clusters)
+    session = Session()
+    session.nodes, session.options = local.node_specs(), {"secret": local.secret}
+    empty = JobCluster(abs, nodes=local)
+    comm.wait_for(state_of(empty, lambda c: not c["closed"]))
+    for _ in range(5):  # what %dispy local / %dispy nodes do: connect, close
+        session.probe()
+    empty.close()
+    with JobCluster(abs, nodes=local) as ran:
+        ran.submit(-1)
+        ran.wait()
+        comm.wait_for(state_of(ran, lambda c: c["counts"]["finished"] == 1))
+    comm.wait_for(state_of(ran, lambda c: c["closed"]))
+    names = {c["name"] for _, state in comm.states() for c in state["clusters"]}
+    assert "_dispynb_node_probe" not in names
+    last = comm.states()[-1][1]["clusters"]
+    assert empty.uid not in {c["id"] for c in last}  # closed with no job: dropped
 
 
 def test_cancel_ends_every_unfinished_job(

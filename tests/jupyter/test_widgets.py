@@ -150,3 +150,47 @@ def test_panel_shows_node_load_after_avail_info_events(local):
         summary = templates.cluster_html(cluster)
         assert "memory free" in summary
         assert templates.format_bytes(known.avail_info.memory) in summary
+
+
+def test_a_node_that_left_is_greyed_as_gone_then_dropped(monkeypatch):
+    import dispynb.jupyter.widgets as widgets
+
+    now = [1000.0]
+    monkeypatch.setattr(widgets.time, "time", lambda: now[0])
+    table = NodeTable()
+    dead, other = node(9711, "dead"), node(9712, "other")
+    table.event(NodeStatus.Initialized, dead, None)
+    table.event(NodeStatus.Initialized, other, None)
+    dead.busy = 2
+    table.event(NodeStatus.Closed, dead, None, lost=True)  # it died mid-run
+    rows = {row.name: row for row in table.rows()}
+    assert (rows["dead"].state, rows["dead"].busy) == ("gone", 0)
+    assert rows["other"].state == "in use"
+    html = nodes_html(table.rows())
+    assert html.count("dispynb-gone") == 1 and ">gone<" in html
+
+    now[0] += widgets.GONE_SHOWN + 1
+    assert [row.name for row in table.rows()] == ["other"]
+
+
+def test_nodes_no_longer_in_use_are_gone_and_a_returning_node_is_back(monkeypatch):
+    import dispynb.jupyter.widgets as widgets
+
+    now = [1000.0]
+    monkeypatch.setattr(widgets.time, "time", lambda: now[0])
+    table = NodeTable()
+    old, new = node(9711, "local-0"), node(9799, "local-0")
+    table.event(NodeStatus.Initialized, old, None)
+    table.event(NodeStatus.Closed, old, None)  # its cluster closed: idle, not gone
+    assert [row.state for row in table.rows()] == ["idle"]
+    table.in_use(["127.0.0.1:9799"])  # %dispy local again: replaced
+    table.event(NodeStatus.Initialized, new, None)
+    assert [(row.address, row.state) for row in table.rows()] == [
+        ("127.0.0.1:9711", "gone"),
+        ("127.0.0.1:9799", "in use"),
+    ]
+    table.event(NodeStatus.Initialized, old, None)  # the same address serves again
+    assert table.rows()[0].state == "in use"
+    table.in_use(["127.0.0.1:9799"])
+    now[0] += widgets.GONE_SHOWN + 1
+    assert [row.address for row in table.rows()] == ["127.0.0.1:9799"]
