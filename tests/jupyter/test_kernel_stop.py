@@ -118,12 +118,13 @@ def test_ctrl_c_in_a_terminal_does_not_reach_local_nodes(tmp_path):
 
     script = tmp_path / "client.py"
     script.write_text(
-        "import time\nfrom dispynb import LocalCluster\n"
+        "import signal, threading\nimport psutil\nfrom dispynb import LocalCluster\n"
+        "ctrl_c = threading.Event()\n"
+        "signal.signal(signal.SIGINT, lambda *_: ctrl_c.set())\n"
         "local = LocalCluster(cpus=1)\n"
         "print(' '.join(map(str, local.pids)), flush=True)\n"
-        "try:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
-        "    import psutil\n"
-        "    print(all(psutil.Process(p).status() != 'zombie' for p in local.pids))\n"
+        "assert ctrl_c.wait(60)\n"
+        "print(all(psutil.Process(p).status() != 'zombie' for p in local.pids))\n"
     )
     proc = subprocess.Popen(
         [sys.executable, str(script)],
