@@ -212,6 +212,7 @@ class Computation:
         self._mean: float | None = None  # mean job time; None until a job ends
         self._closing = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._held = False  # workers are not read (the client is not reading)
         self.on_failure: Callable[[str], None] | None = None
         #: ``on_start(key, attempt, time)``: a job starts executing in a worker now.
         self.on_start: Callable[[int, int, float], None] | None = None
@@ -379,6 +380,13 @@ class Computation:
                         with contextlib.suppress(DispynbError):
                             worker.conn.write(Skip(key=key))
                     return
+
+    def hold_workers(self, hold: bool) -> None:
+        """Stop (``hold``) or resume reading from the workers: back-pressure from a
+        client that does not read. A held worker blocks once its socket is full."""
+        self._held = hold
+        for worker in self._workers.values():
+            worker.conn.hold_reading(hold)
 
     def also_report(self, record: Report) -> None:
         """Give every later job result to ``record`` too (kept for recovery)."""
@@ -697,6 +705,8 @@ class Computation:
             trusted_max_size=self._max_size,
         )
         worker = Worker(pid=pid, conn=conn, sock=sock)
+        if self._held:
+            conn.hold_reading(True)
         self._workers[pid] = worker
         task = asyncio.get_running_loop().create_task(self._read_worker(worker))
         self._tasks.add(task)

@@ -66,6 +66,11 @@ START_REPORT_DELAY = 0.005
 #: A results batch is cut once its buffers pass this size.
 BATCH_BYTES = 32 * 1024 * 1024
 
+#: Bytes queued for a client (not yet taken by its socket) over which this session's
+#: computations stop reading from their workers until the queue has drained: a client
+#: that does not read holds at most this much here, plus one result per worker.
+OUT_HIGH = 32 * 1024 * 1024
+
 _session_ids = itertools.count(1)
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -89,6 +94,7 @@ class ClientSession:
         self._starts: dict[int, list[list[Any]]] = {}  # comp_id -> job starts
         self._starts_timer: asyncio.TimerHandle | None = None
         self._flush_pending = False
+        self._held = False  # workers are not read: the client is not reading
         self._tasks: set[asyncio.Task[None]] = set()
         self._waiting_for_files: dict[int, tuple[set[str], Any]] = {}
         self._recovery: dict[int, tuple[str, float]] = {}  # comp_id -> (id, keep)
@@ -123,6 +129,7 @@ class ClientSession:
             for comp_id, computation in self._computations.items():
                 recovery = self._recovery.pop(comp_id, None)
                 if recovery is not None:  # its client may come back for the results
+                    computation.hold_workers(False)  # the keeper takes its results
                     self.server.keeper.adopt(*recovery)
                 else:
                     closing.append(computation.close(terminate=True))
@@ -195,6 +202,8 @@ class ClientSession:
                 lambda entry, buffers: ResultKeeper.record(kept, entry, buffers)
             )
         self._computations[message.comp_id] = computation
+        if self._held:
+            computation.hold_workers(True)
         try:
             files = self._check_files(message.files)
         except ProtocolError as exc:
@@ -551,6 +560,27 @@ class ClientSession:
             self.conn.write(message, buffers or ())
         except DispynbError as exc:
             logger.info("cannot send %s to %s: %s", message.op, self.conn.peer, exc)
+            return
+        if not self._held and self.conn.unsent > OUT_HIGH:
+            self._hold_workers()
+
+    def _hold_workers(self) -> None:
+        """Back-pressure: the client is not taking what we send, so stop reading
+        results (and output, files) from the workers until it has."""
+        self._held = True
+        logger.debug("%s is not reading: holding its workers", self.conn.peer)
+        for computation in self._computations.values():
+            computation.hold_workers(True)
+        self._spawn(self._release_when_drained())
+
+    async def _release_when_drained(self) -> None:
+        try:
+            await self.conn.flush()
+        except DispynbError:
+            return  # the connection ended: serve() closes the computations
+        self._held = False
+        for computation in list(self._computations.values()):
+            computation.hold_workers(False)
 
     def _send_error(self, code: str, text: str) -> None:
         self._write(Error(code=code, message=text))

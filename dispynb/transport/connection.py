@@ -104,6 +104,7 @@ class Connection:
         self._partial: list[Any] | None = None  # [body, seq, running mac, hashed]
         self._inbox_bytes = 0
         self._paused = False
+        self._held = False  # reading stopped by the owner (`hold_reading`)
         self._failure: DispynbError | None = None  # raised by recv once inbox is empty
         self._waiter: asyncio.Future[None] | None = None
         self._handler: Handler | None = None
@@ -258,6 +259,25 @@ class Connection:
             )
 
     @property
+    def unsent(self) -> int:
+        """Bytes written that the kernel has not taken yet (a slow or stuck reader)."""
+        return self._link.unsent if self._link is not None else 0
+
+    def hold_reading(self, hold: bool) -> None:
+        """Stop reading from the peer (``hold``) or read again: back-pressure that
+        the owner applies, e.g. while what it would send on is not being taken."""
+        if hold == self._held:
+            return
+        self._held = hold
+        link = self._link
+        if link is None:
+            return
+        if hold:
+            link.pause_reading()
+        elif not self._paused:
+            link.resume_reading()
+
+    @property
     def all_sent(self) -> bool:
         """Whether everything written went to the kernel, even if the connection has
         ended since (a peer that read it all and hung up); False when unknown."""
@@ -290,7 +310,7 @@ class Connection:
         self._inbox_bytes -= len(body)
         if self._paused and self._inbox_bytes <= INBOX_HIGH // 2:
             self._paused = False
-            if self._link is not None:
+            if self._link is not None and not self._held:
                 self._link.resume_reading()
         self.bytes_received += PREFIX_SIZE + len(body)
         verifier = self._verifier

@@ -88,6 +88,10 @@ class Link(Protocol):
         """Whether every byte written went to the kernel (before the end, if it
         ended); False when that cannot be told."""
 
+    @property
+    def unsent(self) -> int:
+        """Bytes written that the kernel has not taken yet (0 once ended)."""
+
     def pause_reading(self) -> None:
         """Stop reading until `resume_reading` (backpressure on the peer)."""
 
@@ -121,6 +125,7 @@ class SocketLink:
         #: Unsent bytes: ``[view, mac]`` (feed ``mac`` the view once sent) or
         #: ``[None, mac]`` (send ``mac``'s digest here).
         self._out: collections.deque[list[Any]] = collections.deque()
+        self._unsent = 0  # bytes of the views in _out
         self._writing = False  # the writer callback is registered
         self._drain_waiters = DrainWaiters()
         self._closed = False
@@ -138,6 +143,11 @@ class SocketLink:
     def all_sent(self) -> bool:
         """Whether every byte written went to the kernel (before the end, if any)."""
         return not self._dropped if self._closed else not self._out
+
+    @property
+    def unsent(self) -> int:
+        """Bytes written that the kernel has not taken yet."""
+        return self._unsent
 
     # -- reading -----------------------------------------------------------------------
 
@@ -201,12 +211,14 @@ class SocketLink:
             view = memoryview(piece).cast("B")
             if view.nbytes:
                 self._out.append([view, mac])
+                self._unsent += view.nbytes
         if mac is not None:
             self._out.append([None, mac])  # its digest, once the pieces are hashed
 
     def _consume(self, sent: int) -> None:
         """Drop ``sent`` bytes from the front of the queue, hashing what needs it."""
         out = self._out
+        self._unsent = max(self._unsent - sent, 0)  # a digest's bytes were not counted
         while sent:
             entry = out[0]
             view, mac = entry
@@ -285,6 +297,7 @@ class SocketLink:
         if self._writing:
             self._loop.remove_writer(self._fd)
         self._out.clear()
+        self._unsent = 0
         self._sock.close()
         self._drain_waiters.wake()
         self._sink.link_lost(exc)
@@ -374,6 +387,11 @@ class TransportLink:
     def all_sent(self) -> bool:
         """Whether the transport holds nothing unsent (unknown once it ended)."""
         return not self.closed and self._transport.get_write_buffer_size() == 0
+
+    @property
+    def unsent(self) -> int:
+        """Bytes the transport holds unsent."""
+        return 0 if self.closed else self._transport.get_write_buffer_size()
 
     def pause_reading(self) -> None:
         """Stop reading until `resume_reading`."""

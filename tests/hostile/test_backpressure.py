@@ -1,0 +1,115 @@
+"""A client that submits big jobs and never reads (issue 13 item 3).
+
+Our own wire client authenticates to a real node subprocess, sets up a computation,
+submits 24 jobs that return 40 MiB each, and never reads. The node stops reading
+results from its workers while the client's queue is over `OUT_HIGH`, so its memory
+stays bounded; once the client reads, every result arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import psutil
+import pytest
+
+from dispynb.protocol import serialize
+from dispynb.protocol.messages import (
+    ComputationReady,
+    ComputationSetup,
+    JobResults,
+    JobSubmit,
+)
+from nodeserver.session import OUT_HIGH
+from tests.hostile.tools import limited_node
+from tests.transport.util import RawClient
+
+pytestmark = pytest.mark.slow
+
+MiB = 1 << 20
+JOBS = 24
+RESULT = 40 * MiB
+WORKERS = 2
+
+#: Seconds the client does not read while the node's memory is watched.
+WATCH = 8.0
+
+
+def forty_mib(i: int) -> bytes:
+    return bytes([i]) * (40 << 20)
+
+
+#: What the node may hold for one client that does not read: the queue up to
+#: OUT_HIGH plus the message that crossed it, one result being read per worker, and
+#: allocator slack.
+BOUND = OUT_HIGH + RESULT * (WORKERS + 1) + 64 * MiB
+
+
+def _rss(pid: int) -> int:
+    return psutil.Process(pid).memory_info().rss
+
+
+async def _attack(port: int, secret: bytes, node_pid: int) -> tuple[int, int, int]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    client = RawClient(reader, writer)
+    try:
+        await client.handshake(secret)
+        bundle = serialize.dumps({"func": forty_mib, "setup": None, "setup_args": ()})
+        writer.write(
+            client.signed_frame(
+                ComputationSetup(comp_id=1, name="big", workers=WORKERS), bundle
+            )
+        )
+        message, _ = await asyncio.wait_for(client.receive(), 20)
+        assert isinstance(message, ComputationReady), message
+        before = _rss(node_pid)
+        buffers = []
+        for i in range(JOBS):
+            buffers.extend(serialize.dumps(((i,), {})))
+        entries = [[i, 1, 1] for i in range(JOBS)]
+        writer.write(client.signed_frame(JobSubmit(comp_id=1, jobs=entries), buffers))
+        await writer.drain()
+        # Never read, for a while: watch the node's memory.
+        peak = before
+        deadline = time.monotonic() + WATCH
+        while time.monotonic() < deadline:
+            peak = max(peak, _rss(node_pid))
+            await asyncio.sleep(0.05)
+        # Now read: every result must come.
+        got: set[int] = set()
+        async with asyncio.timeout(60):
+            while len(got) < JOBS:
+                message, result_buffers = await client.receive()
+                if isinstance(message, JobResults):
+                    offset = 0
+                    for entry in message.results:
+                        key, count = entry[0], entry[-1]
+                        value = serialize.loads(result_buffers[offset : offset + count])
+                        offset += count
+                        assert value == bytes([key]) * RESULT
+                        got.add(key)
+        return before, peak, len(got)
+    finally:
+        writer.close()
+
+
+@pytest.mark.attack(
+    id="never-reading-client",
+    title="24 jobs returning 40 MiB each, submitted by a client that never reads",
+    goal=f"node RSS growth under {BOUND // MiB} MiB (was +967 MiB); all results "
+    "delivered once it reads",
+)
+def test_a_client_that_never_reads_cannot_grow_the_node(tmp_path, measure):
+    with limited_node(tmp_path, cpus=WORKERS) as node:
+        before, peak, delivered = asyncio.run(
+            _attack(node.port, node.secret.encode(), node.proc.pid)
+        )
+    grown = peak - before
+    measure(
+        f"node RSS {before / MiB:.0f} -> peak {peak / MiB:.0f} MiB "
+        f"(+{grown / MiB:.0f} MiB) while not reading; {delivered}/{JOBS} results "
+        "delivered after"
+    )
+    assert grown < BOUND
+    assert delivered == JOBS
