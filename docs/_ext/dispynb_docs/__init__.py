@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 from typing import Any
 
 from docutils import nodes
@@ -131,7 +132,17 @@ class AutoAllDirective(_GeneratedRst):
             elif inspect.ismodule(obj):
                 continue
             else:
-                lines += [f".. autodata:: {target}", "   :no-value:"]
+                # An instance (a version string, a logger): its class's docstring
+                # would say nothing about it; give its type (and a simple value).
+                kind = type(obj)
+                lines += [
+                    f".. py:data:: {target}",
+                    f"   :type: {kind.__module__}.{kind.__qualname__}".replace(
+                        "builtins.", ""
+                    ),
+                ]
+                if isinstance(obj, str | int | float):
+                    lines.append(f"   :value: {obj!r}")
             lines.append("")
         return self.parse_lines(lines)
 
@@ -195,7 +206,43 @@ def status_role(
     return [node], []
 
 
+_FIELD = re.compile(r"^(\w+(?:, *\w+)+)( *:.*)$")
+_RULE = re.compile(r"^-{3,}$")
+
+
+def split_attribute_groups(
+    app: Sphinx, what: str, name: str, obj: Any, options: Any, lines: list[str]
+) -> None:
+    """``stdout, stderr:`` in a numpy "Attributes" section becomes one entry per
+    name (napoleon would read the first name as the type of the last)."""
+    out: list[str] = []
+    in_attributes = False
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if i + 1 < len(lines) and _RULE.match(lines[i + 1].strip()) and line.strip():
+            in_attributes = line.strip() == "Attributes"
+            out += [line, lines[i + 1]]
+            i += 2
+            continue
+        match = _FIELD.match(line) if in_attributes else None
+        if match is None:
+            out.append(line)
+            i += 1
+            continue
+        body = []
+        i += 1
+        while i < len(lines) and (not lines[i].strip() or lines[i][:1].isspace()):
+            body.append(lines[i])
+            i += 1
+        for field in match.group(1).split(","):
+            out += [field.strip() + match.group(2), *body]
+    lines[:] = out
+
+
 def setup(app: Sphinx) -> dict[str, Any]:
+    # Before napoleon (priority 500) turns the sections into fields.
+    app.connect("autodoc-process-docstring", split_attribute_groups, priority=400)
     app.add_directive("dispynb-program", ProgramDirective)
     app.add_directive("dispynb-magic", MagicDirective)
     app.add_directive("dispynb-autoall", AutoAllDirective)
