@@ -98,10 +98,12 @@ class ProgressCounts:
 
     @property
     def rate(self) -> float:
-        """Jobs ended per second so far (0.0 before the first one ends)."""
-        if not self.ended or self.elapsed <= 0:
+        """Jobs that ran (finished or failed) per second so far; 0.0 before the
+        first one ends. Cancelled jobs did not run: they are no throughput."""
+        ran = self.finished + self.failed
+        if not ran or self.elapsed <= 0:
             return 0.0
-        return self.ended / self.elapsed
+        return ran / self.elapsed
 
     @property
     def eta(self) -> float | None:

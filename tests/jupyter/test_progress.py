@@ -35,6 +35,12 @@ def test_counts_queued_rate_eta():
     assert not counts.complete
 
 
+def test_cancelled_jobs_are_no_throughput():
+    counts = ProgressCounts(total=40, cancelled=40, elapsed=0.5)
+
+    assert counts.rate == 0.0
+
+
 def test_counts_before_any_end_have_no_rate_or_eta():
     counts = ProgressCounts(total=5, running=1, elapsed=1.0)
 

@@ -1,7 +1,8 @@
 """The in-namespace half of the browser test is collected only inside the namespace.
 
 `test_lab_browser.test_lab_panel_in_private_network` re-runs pytest under
-``unshare -n`` on `test_lab_browser.test_lab_panel`; outside it, that half is
+``unshare -n`` on `test_lab_browser.test_lab_panel` and ``test_lab_stop``; outside
+it, that half is
 deselected (not reported as skipped: it does run, in the inner pytest).
 """
 
@@ -11,7 +12,7 @@ import os
 
 import pytest
 
-INNER = "test_lab_browser.py::test_lab_panel"
+INNER = ("test_lab_browser.py::test_lab_panel", "test_lab_browser.py::test_lab_stop")
 
 
 def pytest_collection_modifyitems(

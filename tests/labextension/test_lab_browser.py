@@ -4,7 +4,7 @@ namespace (`unshare -n`, loopback only), so nothing leaves 127.0.0.1.
 
 The test re-runs itself under ``unshare -n`` (pytest in the namespace, with
 ``DISPYNB_IN_NETNS=1``); the outer test only checks that the inner run passed.
-``DISPYNB_SCREENSHOTS=1`` saves ``docs/labextension.png``.
+``DISPYNB_SCREENSHOTS=1`` saves ``docs/labextension.png`` and ``docs/lab-stop.png``.
 """
 
 from __future__ import annotations
@@ -53,6 +53,20 @@ cluster = JobCluster(slow, nodes=local)
 jobs = [cluster.submit(i) for i in range(200)]
 cluster.wait()  # the kernel stays busy: the panel must still update and cancel"""
 
+#: The Stop journey: %dispy local, a long %%dispy cell stopped with the toolbar's
+#: Stop button, then the next cells on the same nodes.
+STOP_CELLS = [
+    "%load_ext dispynb\n%dispy local --cpus 2",
+    '%%dispy --over "range(40)" --into slow\n'
+    "def slow(i):\n"
+    "    import time\n"
+    "    time.sleep(2)\n"
+    "    return i",
+    '%%dispy --over "range(4)" --into after\ndef square(x):\n    return x * x',
+    "c = slow.counts()\n"
+    "print(after.results, len(slow.failures), c.finished + c.cancelled)",
+]
+
 
 def _can_unshare() -> str | None:
     if shutil.which("unshare") is None or shutil.which("ip") is None:
@@ -67,7 +81,7 @@ def _can_unshare() -> str | None:
     return None
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(400)
 @pytest.mark.skipif(IN_NETNS, reason="the outer half runs outside the namespace")
 def test_lab_panel_in_private_network() -> None:
     """Run `test_lab_panel` in a private network namespace; it must pass there."""
@@ -78,18 +92,19 @@ def test_lab_panel_in_private_network() -> None:
         f"the extension is not installed in {LAB_EXTENSION}: run ./dev test (or "
         "pip install -e .) to build and install it"
     )
-    test_id = f"{Path(__file__).relative_to(ROOT)}::test_lab_panel"
-    inner = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_id]
+    here = Path(__file__).relative_to(ROOT)
+    tests = [f"{here}::test_lab_panel", f"{here}::test_lab_stop"]
+    inner = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests]
     proc = subprocess.run(
         ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *inner],
         cwd=ROOT,
         env={**os.environ, "DISPYNB_IN_NETNS": "1"},
         capture_output=True,
         text=True,
-        timeout=220,
+        timeout=380,
     )
     assert proc.returncode == 0, f"inner run failed:\n{proc.stdout}\n{proc.stderr}"
-    assert "1 passed" in proc.stdout, proc.stdout
+    assert "2 passed" in proc.stdout, proc.stdout
 
 
 # -- the inner half (in the namespace) -------------------------------------------------
@@ -125,6 +140,8 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
     }
     nb.cells = [nbformat.v4.new_code_cell(FIRST_CELL)]
     nbformat.write(nb, root / "lab.ipynb")
+    nb.cells = [nbformat.v4.new_code_cell(cell) for cell in STOP_CELLS]
+    nbformat.write(nb, root / "stop.ipynb")
     # A kernel in which dispynb cannot be imported, as if it were not installed.
     spec = jdir / "data/kernels/nodispynb"
     spec.mkdir(parents=True)
@@ -349,7 +366,11 @@ def test_lab_panel(lab: Lab) -> None:  # collected only in the namespace: confte
             + counts.get("terminated", 0)
             == 200
         ), counts
-        assert card.locator(".dispynb-cancel").is_disabled()
+        cancel = card.locator(".dispynb-cancel")
+        assert cancel.is_disabled()
+        # ... and looks it: faded and grey, not the red of an active button.
+        assert float(cancel.evaluate("e => getComputedStyle(e).opacity")) < 0.6
+        assert "grayscale" in cancel.evaluate("e => getComputedStyle(e).filter")
         page.wait_for_function(
             """() => document.querySelector('.jp-Cell .jp-InputPrompt')
                 .textContent.trim() === '[1]:'"""
@@ -403,3 +424,92 @@ def test_lab_panel(lab: Lab) -> None:  # collected only in the namespace: confte
         page.locator(".lm-MenuBar-item", has_text="Kernel").click()
         page.locator('.lm-Menu-item[data-command="kernelmenu:shutdown"]').click()
         status.filter(has_text="This notebook has no kernel").wait_for()
+
+
+def _prompt(page: Page, index: int) -> str:
+    return (
+        page.locator(".jp-NotebookPanel .jp-Cell .jp-InputPrompt")
+        .nth(index)
+        .inner_text()
+    )
+
+
+def _run_cell(page: Page, index: int) -> None:
+    """Click into cell ``index`` and run it (Shift+Enter)."""
+    page.locator(".jp-NotebookPanel .jp-Cell").nth(index).locator(".cm-content").click()
+    page.keyboard.press("Shift+Enter")
+
+
+def _wait_prompt(page: Page, index: int, text: str) -> None:
+    page.wait_for_function(
+        """([i, text]) => document.querySelectorAll('.jp-NotebookPanel .jp-Cell')[i]
+            .querySelector('.jp-InputPrompt').textContent.trim() === text""",
+        arg=[index, text],
+    )
+
+
+@pytest.mark.timeout(300)
+def test_lab_stop(lab: Lab) -> None:  # collected only in the namespace: conftest.py
+    """Stop (the toolbar button) in a %%dispy cell: the cell returns at once, its jobs
+    are cancelled, the %dispy local nodes keep serving the next cells; the sidebar
+    shows no phantom cluster and where the closed runs ran."""
+    with chromium_page(
+        viewport={"width": 1400, "height": 850}, timeout_ms=60_000
+    ) as page:
+        _open_notebook(page, lab, "stop.ipynb", "Python 3 (ipykernel)")
+        page.wait_for_selector(f'{PANEL}[data-ready="true"]')
+        cells = page.locator(".jp-NotebookPanel .jp-Cell")
+        _run_cell(page, 0)
+        _wait_prompt(page, 0, "[1]:")
+        assert "dispynb: local nodes 127.0.0.1:" in cells.nth(0).inner_text()
+        # %dispy local checked its node with a cluster of its own: never shown.
+        session = page.locator(f"{PANEL} .dispynb-session")
+        session.filter(has_text="%dispy uses local nodes").wait_for()
+        assert "No clusters" in page.locator(f"{PANEL} .dispynb-clusters").inner_text()
+
+        _run_cell(page, 1)
+        card = page.locator(f"{PANEL} .dispynb-cluster")
+        card.first.wait_for()
+        _wait_counts(page, "c.running === 2")  # executing, on a node of 2 CPUs
+        assert card.locator(".dispynb-cancel").is_enabled()
+        assert _prompt(page, 1).strip() == "[*]:"
+
+        pressed = time.monotonic()
+        page.locator(
+            '.jp-NotebookPanel-toolbar [data-jp-item-name="interrupt"]'
+        ).click()
+        _wait_prompt(page, 1, "[2]:")
+        returned = time.monotonic() - pressed
+        output = cells.nth(1).locator(".jp-OutputArea").inner_text()
+        assert "KeyboardInterrupt: Interrupted: run 'slow' stopped, 2 running " in (
+            output
+        ), output
+        assert "Traceback" not in output and "dispynb/" not in output, output
+        print(f"Stop click to prompt [2]: {returned:.2f} s")
+        assert returned < 10, returned
+
+        # The closed card: no Cancel button, the node it ran on (released), not
+        # "no nodes connected yet"; counts: cancelled, nothing failed.
+        closed = page.locator(f'{PANEL} .dispynb-cluster[data-closed="true"]')
+        closed.first.wait_for()
+        assert closed.locator(".dispynb-cluster-name").inner_text() == "slow (closed)"
+        assert not closed.locator(".dispynb-cancel").is_visible()
+        node = closed.locator(".dispynb-node")
+        assert node.count() == 1 and node.get_attribute("data-released") == "true"
+        assert "no nodes connected yet" not in closed.inner_text()
+        statuses = closed.locator(".dispynb-count").evaluate_all(
+            "es => es.map(e => e.dataset.status)"
+        )
+        assert "abandoned" not in statuses and "cancelled" in statuses, statuses
+        if os.environ.get("DISPYNB_SCREENSHOTS") == "1":
+            page.screenshot(path=str(ROOT / "docs/lab-stop.png"))
+
+        # The next cells run on the same nodes.
+        _run_cell(page, 2)
+        _wait_prompt(page, 2, "[3]:")
+        _run_cell(page, 3)
+        _wait_prompt(page, 3, "[4]:")
+        printed = cells.nth(3).locator(".jp-OutputArea").inner_text()
+        assert "[0, 1, 4, 9] 0 40" in printed, printed
+        names = page.locator(f"{PANEL} .dispynb-cluster-name").all_inner_texts()
+        assert sorted(names) == ["slow (closed)", "square (closed)"], names
