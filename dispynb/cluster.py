@@ -220,6 +220,9 @@ class JobCluster:
                 max_result=_result_cap(opts),
                 max_pids=opts.max_pids,
                 fresh_process=opts.fresh_process,
+                result_types=None
+                if opts.result_types is None
+                else serialize.AllowList(opts.result_types),
             ),
             self,
         )

@@ -135,6 +135,18 @@ class ClusterOptions:
         or modules reaches the next job. False (the default) reuses workers, which
         is several times faster for short jobs; setup's globals are visible to
         jobs either way. See the README for the figures.
+    result_types:
+        None (the default): results are unpickled as they come, like anything from a
+        node that holds the secret. A list of ``"module.name"`` or ``"module.*"``
+        entries: results and provisional results are unpickled by a restricted
+        unpickler that loads only those globals (plus plain values and a few
+        harmless standard types such as ``set``, ``datetime`` and ``Decimal``); a
+        result that needs anything else ends the job ``Terminated``, naming the global.
+        It stops a compromised node from running code on the client through a
+        result's pickle, within limits: every allowed class or function can still
+        be called with arguments of the node's choosing (allow only data types, not
+        whole packages with functions that load files or pickles), and functions
+        or classes defined in a notebook (sent by value) cannot come back.
     """
 
     computation: Callable[..., Any] | str
@@ -169,6 +181,7 @@ class ClusterOptions:
     max_result_size: int | str | None = None
     max_pids: int | None = DEFAULT_MAX_PIDS
     fresh_process: bool = False
+    result_types: list[str] | None = None
     secret_file: InitVar[str | None] = None
 
     @classmethod
@@ -258,6 +271,7 @@ class ClusterOptions:
             )
         self.max_pids = _check_max_pids(self.max_pids)
         self.fresh_process = bool(self.fresh_process)
+        self.result_types = _check_result_types(self.result_types)
         self.secret = resolve_secret(self.secret, secret_file)
 
 
@@ -398,6 +412,25 @@ def check_size(value: Any, name: str) -> int | None:
             f"(K, M, G, T: powers of 1024), or None for no limit; got {value!r}"
         )
     return size
+
+
+_GLOBAL_NAME = re.compile(r"[A-Za-z_][\w.]*\.(\*|[A-Za-z_]\w*(\.[A-Za-z_]\w*)*)")
+
+
+def _check_result_types(value: Any) -> list[str] | None:
+    """None, or a list of ``"module.name"`` / ``"module.*"`` strings."""
+    if value is None:
+        return None
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple | set | frozenset) or not all(
+        isinstance(item, str) and _GLOBAL_NAME.fullmatch(item) for item in items
+    ):
+        raise ConfigurationError(
+            "result_types must be a list of names such as 'numpy.ndarray', "
+            "'mymodule.Point' or 'pandas.*' (a whole module), or None; "
+            f"got {value!r}"
+        )
+    return sorted(items)
 
 
 def _check_max_pids(value: Any) -> int | None:

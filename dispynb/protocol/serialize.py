@@ -13,6 +13,7 @@ import pickle
 import sys
 import sysconfig
 import types
+from collections.abc import Iterable
 from typing import Any
 
 import cloudpickle
@@ -47,10 +48,25 @@ def dumps(obj: Any) -> list[Buffer]:
     return [main, *(memoryview(b).cast("B") for b in buffers)]
 
 
-def loads(buffers: list[Buffer] | list[memoryview]) -> Any:
-    """Unpickle what `dumps` produced. Only for data from an authenticated peer."""
+def loads(
+    buffers: list[Buffer] | list[memoryview], allowed: AllowList | None = None
+) -> Any:
+    """Unpickle what `dumps` produced. Only for data from an authenticated peer.
+
+    With ``allowed``, only the globals it names can be loaded (see `AllowList`);
+    anything else raises `SerializationError` naming the global and how to allow it.
+    """
     if not buffers:
         raise SerializationError("no pickle data")
+    if allowed is not None:
+        try:
+            return _RestrictedUnpickler(buffers[0], buffers[1:], allowed).load()
+        except SerializationError:
+            raise
+        except Exception as exc:
+            raise SerializationError(
+                f"cannot unpickle data: {type(exc).__name__}: {exc}"
+            ) from exc
     try:
         if len(buffers) == 1:  # no out-of-band buffer, so no out-of-band bytearray
             return pickle.loads(buffers[0])  # authenticated peer only
@@ -110,6 +126,74 @@ class _Unpickler(pickle.Unpickler):
         value = bytes(buffer) if kind == "b" else bytearray(buffer)
         self._seen.append(value)
         return value
+
+
+class AllowList:
+    """The globals a restricted unpickler may load (``result_types``).
+
+    Entries are ``"module.qualname"`` (one class or function) or ``"module.*"`` (all of
+    a module's top-level names). Plain values (numbers, strings, bytes, lists, tuples,
+    dicts, None, booleans) need no entry, nor do the harmless standard types in
+    `SAFE_GLOBALS`.
+    """
+
+    def __init__(self, entries: Iterable[str]) -> None:
+        self.names: frozenset[str] = frozenset(SAFE_GLOBALS) | frozenset(
+            e for e in entries if not e.endswith(".*")
+        )
+        self.modules: frozenset[str] = frozenset(
+            e[:-2] for e in entries if e.endswith(".*")
+        )
+
+    def allows(self, module: str, name: str) -> bool:
+        """Whether ``module.name`` may be loaded."""
+        return f"{module}.{name}" in self.names or (
+            module in self.modules and "." not in name
+        )
+
+
+#: Standard types a result may hold without being listed in ``result_types``.
+SAFE_GLOBALS = (
+    "builtins.set",
+    "builtins.frozenset",
+    "builtins.bytearray",
+    "builtins.complex",
+    "builtins.range",
+    "builtins.slice",
+    "collections.OrderedDict",
+    "collections.deque",
+    "collections.Counter",
+    "datetime.date",
+    "datetime.datetime",
+    "datetime.time",
+    "datetime.timedelta",
+    "datetime.timezone",
+    "decimal.Decimal",
+    "fractions.Fraction",
+    "uuid.UUID",
+    "copyreg._reconstructor",
+    "builtins.object",
+)
+
+
+class _RestrictedUnpickler(_Unpickler):
+    def __init__(
+        self,
+        data: Buffer,
+        buffers: list[Buffer] | list[memoryview],
+        allowed: AllowList,
+    ) -> None:
+        super().__init__(data, buffers)
+        self._allowed = allowed
+
+    def find_class(self, module: str, name: str) -> Any:
+        if self._allowed.allows(module, name):
+            return super().find_class(module, name)
+        raise SerializationError(
+            f"the result refers to {module}.{name}, which result_types does not "
+            f"allow: add {f'{module}.{name}'!r} (or {f'{module}.*'!r}) to "
+            "result_types if the nodes may send it"
+        )
 
 
 def _dumps_by_value(obj: Any, buffers: list[Buffer]) -> bytes:

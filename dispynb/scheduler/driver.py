@@ -200,6 +200,8 @@ class DriverConfig:
     max_result: int | None = None
     max_pids: int | None = None
     fresh_process: bool = False
+    #: Restricted unpickling of results (``result_types``); None: plain pickle.
+    result_types: serialize.AllowList | None = None
 
 
 class Driver:
@@ -352,7 +354,16 @@ class Driver:
             elif isinstance(message, FilesMissing):
                 self._send_files(link, [self._files[d] for d in message.digests])
             elif isinstance(message, FileFromNode):
-                self.events.job_file(message.key, link, message.path, buffers)
+                if self.state.runs_on(message.key, link.node_id):
+                    self.events.job_file(message.key, link, message.path, buffers)
+                else:  # a job this node was not given (or no longer runs)
+                    logger.warning(
+                        "node %s sent file %r for job %d, which it does not run: "
+                        "not saved",
+                        link.node_id,
+                        message.path[:200],
+                        message.key,
+                    )
             elif isinstance(message, FilePlaced):
                 placed = self._placements.pop(message.request, None)
                 if placed is not None and not placed.done():
@@ -648,7 +659,7 @@ class Driver:
         if not self.state.is_running(message.key, message.attempt, link.node_id):
             return  # from an attempt we gave up on
         try:
-            result = serialize.loads(buffers)
+            result = serialize.loads(buffers, self.config.result_types)
         except SerializationError as exc:
             logger.warning("provisional result of job %d dropped: %s", message.key, exc)
             return
@@ -687,7 +698,7 @@ class Driver:
             result = None
             if outcome == FINISHED:
                 try:
-                    result = serialize.loads(result_buffers)
+                    result = serialize.loads(result_buffers, self.config.result_types)
                 except SerializationError as exc:
                     outcome, exception = (
                         CRASHED,

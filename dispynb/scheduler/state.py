@@ -223,6 +223,11 @@ class SchedulerState:
         info = self._nodes.get(node)
         return list(info.running) if info is not None else []
 
+    def runs_on(self, key: int, node: str) -> bool:
+        """Return whether job ``key`` (any attempt) is the one running on ``node``."""
+        job = self._jobs.get(key)
+        return job is not None and job.node == node
+
     def is_running(self, key: int, attempt: int, node: str) -> bool:
         """Return whether attempt ``attempt`` of job ``key`` is the one on ``node``."""
         job = self._jobs.get(key)

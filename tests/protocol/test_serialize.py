@@ -166,3 +166,52 @@ def test_loads_unknown_module_raises():
         loads(
             [b"\x80\x05\x95\x0f\x00\x00\x00\x00\x00\x00\x00\x8c\x03nox\x8c\x01y\x93."]
         )
+
+
+# --- restricted unpickling (result_types) ---------------------------------------
+
+
+class _Evil:
+    def __reduce__(self):
+        return (eval, ("1 + 1",))
+
+
+def test_restricted_loads_takes_plain_values_and_safe_types():
+    import collections
+    import datetime
+    import decimal
+
+    from dispynb.protocol.serialize import AllowList
+
+    value = [
+        1,
+        "s",
+        {"a": (1.5, None)},
+        {3},
+        collections.OrderedDict(x=1),
+        datetime.datetime(2020, 1, 2),
+        decimal.Decimal("1.5"),
+        bytes(100_000),
+        bytearray(100_000),
+    ]
+    assert serialize.loads(serialize.dumps(value), AllowList([])) == value
+
+
+def test_restricted_loads_refuses_unlisted_globals():
+    from dispynb.protocol.serialize import AllowList
+
+    with pytest.raises(SerializationError, match=r"builtins\.eval.*result_types"):
+        serialize.loads(serialize.dumps(_Evil()), AllowList(["fractions.*"]))
+
+
+def test_restricted_loads_takes_listed_classes_and_modules():
+    import ipaddress
+
+    from dispynb.protocol.serialize import AllowList
+
+    value = ipaddress.IPv4Address("10.0.0.1")
+    data = serialize.dumps(value)
+    assert serialize.loads(data, AllowList(["ipaddress.IPv4Address"])) == value
+    assert serialize.loads(data, AllowList(["ipaddress.*"])) == value
+    with pytest.raises(SerializationError):
+        serialize.loads(data, AllowList(["decimal.*"]))

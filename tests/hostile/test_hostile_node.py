@@ -1,0 +1,166 @@
+"""A node that holds the secret but lies (issue 13 item 9).
+
+A fake node (the real listener and handshake, then our own messages) sends a file
+and a result for a job key the client never gave it, whose pickle would run code on
+the client; and, for a job it was given, a result whose pickle would run code, which
+``result_types`` refuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pickle
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dispynb import DispyJob, JobCluster
+from dispynb.errors import ConnectionClosedError
+from dispynb.protocol.messages import (
+    ComputationClose,
+    ComputationClosed,
+    ComputationReady,
+    ComputationSetup,
+    FileFromNode,
+    JobResults,
+    JobSubmit,
+)
+from dispynb.transport.connection import Connection
+from tests.transport.util import SECRET, serving
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+class _RunsCode:
+    """Unpickling this makes a directory: the proof that the pickle ran code."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return os.mkdir, (self.path,)
+
+
+def _finished(key: int, attempt: int, pickled: bytes) -> tuple[list[Any], bytes]:
+    return [key, attempt, "finished", 1.0, 2.0, "", "", None, 1], pickled
+
+
+class LyingNode:
+    """Answers a computation's jobs with foreign files and results, then ``reply``."""
+
+    def __init__(self, marker: Path, reply: Any) -> None:
+        self.marker = marker
+        self.reply = reply
+        self.connections: list[Connection] = []
+        self.active = 0
+
+    async def __call__(self, conn: Connection, name: str) -> None:
+        self.connections.append(conn)
+        self.active += 1
+        try:
+            while True:
+                message, _buffers = await conn.recv()
+                if isinstance(message, ComputationSetup):
+                    conn.write(ComputationReady(comp_id=message.comp_id, workers=1))
+                elif isinstance(message, JobSubmit):
+                    self._lie(conn, message)
+                elif isinstance(message, ComputationClose):
+                    conn.write(ComputationClosed(comp_id=message.comp_id))
+        except ConnectionClosedError:
+            return
+        finally:
+            self.active -= 1
+
+    def _lie(self, conn: Connection, message: JobSubmit) -> None:
+        comp_id = message.comp_id
+        for key, attempt, *_rest in message.jobs:
+            foreign = key + 1000  # never given to this node
+            conn.write(
+                FileFromNode(comp_id=comp_id, key=foreign, path="planted.txt"),
+                [b"planted"],
+            )
+            evil = pickle.dumps(_RunsCode(str(self.marker)))
+            entry, data = _finished(foreign, 1, evil)
+            conn.write(JobResults(comp_id=comp_id, results=[entry]), [data])
+            entry, data = _finished(key, attempt, pickle.dumps(self.reply))
+            conn.write(JobResults(comp_id=comp_id, results=[entry]), [data])
+
+
+@pytest.fixture
+def lying_node(tmp_path) -> Iterator[tuple[int, LyingNode]]:
+    """The lying node on a loop in a thread (the cluster's API is synchronous)."""
+    marker = tmp_path / "code-ran"
+    node = LyingNode(marker, reply=49)
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    stop = asyncio.Event()
+    port: list[int] = []
+
+    async def run() -> None:
+        async with serving(handler=node) as (listener, _):  # type: ignore[arg-type]
+            port.append(listener.port)
+            ready.set()
+            await stop.wait()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(run(),))
+    thread.start()
+    try:
+        assert ready.wait(10)
+        yield port[0], node
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(10)
+        loop.close()
+
+
+@pytest.mark.attack(
+    id="foreign-job-results",
+    title="A node holding the secret sends a file and a code-running result pickle "
+    "for a job key it was never given",
+    goal="neither is used: no file saved, the pickle never loaded",
+)
+def test_results_and_files_for_foreign_jobs_are_dropped(lying_node, tmp_path, measure):
+    port, node = lying_node
+    files_dir = tmp_path / "files"
+    files_dir.mkdir()
+    with JobCluster(
+        square, nodes=[f"127.0.0.1:{port}"], secret=SECRET, files_dir=str(files_dir)
+    ) as cluster:
+        job = cluster.submit(7)
+        assert job() == 49
+    saved = sorted(p.name for p in files_dir.iterdir())
+    measure(
+        f"files saved: {saved or 'none'}; foreign pickle ran: {node.marker.exists()}"
+    )
+    assert saved == []
+    assert not node.marker.exists()
+
+
+@pytest.mark.attack(
+    id="result-pickle-runs-code",
+    title="A node returns, for a job it was given, a result whose pickle calls "
+    "os.mkdir, to a client with result_types",
+    goal="refused before any call; the job ends Terminated naming the global",
+)
+def test_result_types_refuses_a_pickle_that_runs_code(lying_node, tmp_path, measure):
+    port, node = lying_node
+    node.reply = _RunsCode(str(tmp_path / "reply-ran"))
+    with JobCluster(
+        square,
+        nodes=[f"127.0.0.1:{port}"],
+        secret=SECRET,
+        result_types=["fractions.Fraction"],
+    ) as cluster:
+        job = cluster.submit(7)
+        job()
+    ran = (tmp_path / "reply-ran").exists()
+    measure(f"pickle ran: {ran}; job {job.status.name}: {job.exception[:70]}")
+    assert not ran
+    assert job.status == DispyJob.Terminated
+    assert "posix.mkdir" in job.exception and "result_types" in job.exception
