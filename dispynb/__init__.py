@@ -20,8 +20,10 @@ if TYPE_CHECKING:
     from dispynb.node import DispyNode, DispyNodeAvailInfo, NodeAllocate
     from dispynb.recovery import recover_jobs
     from dispynb.shared import SharedJobCluster
+    from dispynb.status import ClusterStatus
 
 _LAZY: dict[str, str] = {
+    "ClusterStatus": "dispynb.status",
     "DispyJob": "dispynb.job",
     "DispyNode": "dispynb.node",
     "DispyNodeAvailInfo": "dispynb.node",
@@ -35,11 +37,13 @@ _LAZY: dict[str, str] = {
 }
 
 __all__ = [
+    "ClusterStatus",
     "DispyJob",
     "DispyNode",
     "DispyNodeAvailInfo",
     "JobCluster",
     "LocalCluster",
+    "MsgTimeout",
     "NodeAllocate",
     "Run",
     "SharedJobCluster",
@@ -65,13 +69,15 @@ def unload_ipython_extension(ipython: Any) -> None:
     unload_ipython_extension(ipython)
 
 
-#: Subpackages reachable as attributes, as dispy's ``dispy.httpd`` is.
-_SUBPACKAGES = frozenset({"httpd"})
+#: Submodules reachable as attributes, as dispy's ``dispy.httpd`` and ``dispy.config``.
+_SUBPACKAGES = frozenset({"httpd", "config"})
 
 
 def __getattr__(name: str) -> Any:
     if name in _SUBPACKAGES:
         return importlib.import_module(f"dispynb.{name}")
+    if name == "MsgTimeout":  # dispy's ``from dispy.config import MsgTimeout``
+        return importlib.import_module("dispynb.config").MsgTimeout
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'dispynb' has no attribute {name!r}")
@@ -81,4 +87,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | _SUBPACKAGES | {"MsgTimeout"})

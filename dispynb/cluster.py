@@ -45,14 +45,19 @@ from dispynb.node import (
     is_wildcard,
     parse_node_specs,
 )
-from dispynb.options import ClusterOptions, check_job_timeout, check_mem_limit
+from dispynb.options import (
+    ClusterOptions,
+    check_callback,
+    check_job_timeout,
+    check_mem_limit,
+)
 from dispynb.protocol import serialize
 from dispynb.protocol.files import write_inside
 from dispynb.protocol.framing import Buffer
 from dispynb.protocol.messages import Welcome
 from dispynb.scheduler.driver import Allocator, Driver, DriverConfig, NodeLink, Outcome
 from dispynb.status import ClusterStatus, format_status, status_of
-from dispynb.transport.addressing import format_address
+from dispynb.transport.addressing import format_address, parse_address
 from dispynb.transport.tls import client_context
 
 logger = logging.getLogger(__name__)
@@ -186,13 +191,22 @@ class JobCluster:
         self._outstanding = 0
         self._done = threading.Condition()
         self._nodes: dict[str, DispyNode] = {}
+        # Nodes being set up again (resetup_node), kept with their counts.
+        self._resetting: dict[str, DispyNode] = {}
+        # Node ids released by close_node: discovery does not bring them back.
+        self._released: set[str] = set()
         # Jobs executing now (the node reported their start), by the node counting them
         # in its ``busy``.
         self._executing: dict[int, DispyNode] = {}
         self._node_errors: list[DispynbError] = []
         self._closed = False
         self._max_job_size = MAX_MESSAGE_SIZE
-        self._start_time = time.time()
+        #: Epoch seconds the cluster was created, and the last time every job
+        #: submitted had ended (None while jobs are pending), as in dispy.
+        self.start_time = self._start_time = time.time()
+        self.end_time: float | None = None
+        #: Seconds of job run time on the nodes, over all jobs done.
+        self.cpu_time = 0.0
         self.uid = secrets.token_hex(6)
         # Callbacks wait until the constructor returns: dispy programs use the
         # cluster's variable in them (cluster_status calling cluster.submit_node).
@@ -266,7 +280,12 @@ class JobCluster:
 
     def _use_found_node(self, ip: str, port: int, spec: NodeAllocate) -> None:
         """A discovered node matched ``spec``: connect to it (on the I/O loop)."""
-        if format_address(ip, port) not in self._driver.nodes and not self._closed:
+        node_id = format_address(ip, port)
+        if (
+            node_id not in self._driver.nodes
+            and node_id not in self._released
+            and not self._closed
+        ):
             self._driver.add_node(ip, port, self._allocator(spec))
 
     def _allocator(self, spec: NodeAllocate) -> Allocator:
@@ -310,13 +329,18 @@ class JobCluster:
 
     def node_ready(self, link: NodeLink) -> None:
         welcome = link.welcome
-        node = DispyNode(
-            link.host,
-            link.port,
-            name=welcome.name if welcome else "",
-            cpus=link.cpus,
-            platform=welcome.platform if welcome else "",
-        )
+        node = self._resetting.pop(link.node_id, None)
+        if node is None:
+            node = DispyNode(
+                link.host,
+                welcome.name if welcome else "",
+                link.cpus,
+                port=link.port,
+                platform=welcome.platform if welcome else "",
+            )
+        else:  # set up again (resetup_node): same node, its counts kept
+            node.cpus = node.avail_cpus = link.cpus
+            node.update_time = time.time()
         node.avail_info = _avail_info(welcome.avail) if welcome else None
         self._nodes[link.node_id] = node
         if self._journal is not None:
@@ -342,11 +366,15 @@ class JobCluster:
             self._startup.set_exception(first)
 
     def node_closed(self, link: NodeLink, reason: str) -> None:
-        if self._finder is not None:
+        if self._finder is not None and not link.resetting:
             self._finder.forget(link.host, link.port)
         node = self._nodes.pop(link.node_id, None)
         if node is not None:
-            if not self._closed:
+            if link.resetting:
+                self._resetting[link.node_id] = node
+            elif link.releasing:
+                logger.info("node %s released (close_node)", link.node_id)
+            elif not self._closed:
                 logger.warning("node %s left: %s", link.node_id, reason)
             self._notify_cluster(DispyNode.Closed, node, None)
             self._emit(DispyNode.Closed, node, None)
@@ -428,6 +456,7 @@ class JobCluster:
             if link is not None and link.conn is not None:
                 node.tx, node.rx = link.conn.bytes_sent, link.conn.bytes_received
             node.cpu_time += max(outcome.end_time - outcome.start_time, 0.0)
+        self.cpu_time += max(outcome.end_time - outcome.start_time, 0.0)
         job._complete(
             status,
             result=outcome.result,
@@ -475,6 +504,7 @@ class JobCluster:
         with self._done:
             self._outstanding -= 1
             if self._outstanding == 0:
+                self.end_time = time.time()
                 self._done.notify_all()
 
     def _notify_cluster(
@@ -587,6 +617,7 @@ class JobCluster:
             self._journal.submitted(self._recovery_id, key, job)
         with self._done:
             self._outstanding += 1
+            self.end_time = None
         if self._options.cluster_status is not None:
             self._notify_cluster(JobStatus.Created, None, copy.copy(job))
         self.job_counts["submitted"] += 1
@@ -647,14 +678,30 @@ class JobCluster:
         except ConfigurationError as exc:
             logger.warning("allocate_node: %s", exc)
             return -1
+        if self._closed:
+            logger.warning("allocate_node: the cluster is closed")
+            return -1
         wildcards = [spec for spec in specs if is_wildcard(spec)]
         if wildcards:
-            self._on_loop(self._discover, wildcards)
+            # Nodes released by close_node that these specs match may come back.
+            self._released = {
+                node_id
+                for node_id in self._released
+                if not any(
+                    spec.matches(parse_address(node_id)[0]) for spec in wildcards
+                )
+            }
+            try:
+                self._runner.run_sync(self._discover, wildcards)
+            except (OSError, DispynbError) as exc:
+                logger.warning("allocate_node: cannot discover nodes: %s", exc)
+                return -1
         for spec in specs:
             if is_wildcard(spec):
                 continue
             port = spec.port or NODE_PORT
             node_id = format_address(spec.host, port)
+            self._released.discard(node_id)
             if node_id in self._driver.nodes:
                 full = self._driver.nodes[node_id].cpus
                 self._on_loop(self._driver.set_cpus, node_id, full)
@@ -669,15 +716,20 @@ class JobCluster:
         return self.allocate_node(nodes)
 
     async def _discover(self, specs: list[NodeAllocate]) -> None:
+        """Look for nodes matching wildcard ``specs`` (on the I/O loop)."""
         if self._finder is None:
-            self._finder = NodeFinder(
-                specs,
+            opts = self._options
+            host = opts.host[0] if isinstance(opts.host, list) else opts.host
+            finder = NodeFinder(
+                list(specs),
                 self._use_found_node,
-                multicast=self._options.ipv4_udp_multicast,
-                ping_interval=self._options.ping_interval,
+                host=host,
+                multicast=opts.ipv4_udp_multicast,
+                ping_interval=opts.ping_interval,
             )
+            await finder.start()
+            self._finder = finder
             self._driver.discovering = True
-            await self._finder.start()
         else:
             self._finder.add(specs)
 
@@ -707,15 +759,22 @@ class JobCluster:
         return used
 
     def close_node(self, node: Any, terminate_pending: bool = False) -> int:
-        """Close the computation on ``node`` (running its cleanup) and free it."""
+        """Close the computation on ``node`` (running its cleanup) and release it.
+
+        Its running jobs finish first (``terminate_pending`` terminates them); jobs
+        submitted to it with `submit_node` that have not started are cancelled. The
+        node is not set up again for this cluster, not even when discovery finds it
+        again, until `allocate_node` names it (or a pattern it matches). Returns 0,
+        or -1 if ``node`` is not a node of this cluster.
+        """
         node_id = self._node_id(node)
         if node_id is None:
             return -1
-        return (
-            0
-            if self._on_loop(self._driver.close_node, node_id, terminate_pending)
-            else -1
-        )
+        self._released.add(node_id)
+        if not self._on_loop(self._driver.close_node, node_id, terminate_pending):
+            self._released.discard(node_id)
+            return -1
+        return 0
 
     def resetup_node(self, node: Any, terminate_pending: bool = False) -> int:
         """Close the computation on ``node`` and set it up again.
@@ -755,6 +814,48 @@ class JobCluster:
 
     __call__ = wait
 
+    # -- dispy's attributes ----------------------------------------------------------
+
+    @property
+    def job_status(self) -> Callable[[DispyJob], Any] | None:
+        """The ``job_status`` callback; may be replaced (None: no callback)."""
+        return self._options.job_status
+
+    @job_status.setter
+    def job_status(self, callback: Callable[[DispyJob], Any] | None) -> None:
+        self._options.job_status = check_callback(callback, "job_status", ["job"])
+
+    @property
+    def cluster_status(
+        self,
+    ) -> Callable[[int, DispyNode | None, DispyJob | None], Any] | None:
+        """The ``cluster_status`` callback; may be replaced (None: no callback)."""
+        return self._options.cluster_status
+
+    @cluster_status.setter
+    def cluster_status(
+        self, callback: Callable[[int, DispyNode | None, DispyJob | None], Any] | None
+    ) -> None:
+        self._options.cluster_status = check_callback(
+            callback, "cluster_status", ["status", "node", "job"]
+        )
+
+    @property
+    def pulse_interval(self) -> float | None:
+        """Seconds between the nodes' pulses, as given (None: dispynb's default)."""
+        return self._options.pulse_interval
+
+    @property
+    def ping_interval(self) -> float | None:
+        """Seconds between discovery pings, as given (None: one ping)."""
+        return self._options.ping_interval
+
+    @property
+    def poll_interval(self) -> float | None:
+        """dispy's ``poll_interval``, as given (nodes never need polling here: they
+        send results over the client's own connection)."""
+        return self._options.poll_interval
+
     # -- status --------------------------------------------------------------------
 
     def status(self) -> ClusterStatus:
@@ -766,7 +867,7 @@ class JobCluster:
         self._update_traffic()
         if wall_time is None:
             wall_time = time.time() - self._start_time
-        print(format_status(list(self._nodes.values()), wall_time))
+        print(format_status(list(self._nodes.values()), wall_time, self._outstanding))
 
     stats = print_status
 

@@ -31,6 +31,7 @@ import socket
 import time
 from typing import Any, ClassVar
 
+from dispynb.defaults import NODE_PORT
 from dispynb.errors import ConfigurationError
 
 __all__ = [
@@ -96,12 +97,12 @@ class DispyNode:
     ----------
     ip_addr:
         The node's IP address.
-    port:
-        The node server's TCP port.
     name:
         The node's host name.
     cpus:
         CPUs the cluster uses on this node.
+    port:
+        The node server's TCP port (dispynb's default port if not given).
     platform:
         ``platform.platform()`` of the node.
 
@@ -128,8 +129,14 @@ class DispyNode:
     AvailInfo: ClassVar[NodeStatus] = NodeStatus.AvailInfo
 
     def __init__(
-        self, ip_addr: str, port: int, name: str = "", cpus: int = 0, platform: str = ""
+        self,
+        ip_addr: str,
+        name: str = "",
+        cpus: int = 0,
+        port: int = NODE_PORT,
+        platform: str = "",
     ) -> None:
+        # dispy's argument order is (ip_addr, name, cpus); the port is dispynb's.
         self.ip_addr = ip_addr
         self.port = port
         self.name = name

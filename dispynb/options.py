@@ -226,8 +226,8 @@ class ClusterOptions:
         """Validate and normalise every field."""
         self.computation = _check_computation(self.computation)
         self.depends = _check_depends(self.depends)
-        self.job_status = _check_callback(self.job_status, "job_status", ["job"])
-        self.cluster_status = _check_callback(
+        self.job_status = check_callback(self.job_status, "job_status", ["job"])
+        self.cluster_status = check_callback(
             self.cluster_status, "cluster_status", ["status", "node", "job"]
         )
         self.host = _check_hosts(self.host, "host")
@@ -456,7 +456,7 @@ def _check_files_dir(value: Any) -> str:
     return path
 
 
-def _check_callback(value: Any, name: str, params: list[str]) -> Any:
+def check_callback(value: Any, name: str, params: list[str]) -> Any:
     """Check that a status callback can be called with ``len(params)`` positionals."""
     if value is None:
         return None

@@ -24,13 +24,16 @@ class ClusterStatus(NamedTuple):
     jobs_pending: int
 
 
-def format_status(nodes: list[DispyNode], wall_time: float) -> str:
-    """dispy's status table for ``nodes``."""
-    lines = [
+def format_status(
+    nodes: list[DispyNode], wall_time: float, jobs_pending: int = 0
+) -> str:
+    """dispy's ``print_status`` text: a row per node, the jobs still pending (if any)
+    and the totals, between blank lines."""
+    heading = (
         f"{'Node':>30s} | {'CPUs':>5s} | {'Jobs':>7s} | {'Sec/Job':>8s} | "
-        f"{'Node Time Sec':>13s} | {'Sent':>9s} | {'Rcvd':>9s}",
-        "-" * 100,
-    ]
+        f"{'Node Time Sec':>13s} | {'Sent':>9s} | {'Rcvd':>9s}"
+    )
+    lines = ["", heading, "-" * len(heading)]
     total_time = 0.0
     for node in nodes:
         name = f"{node.ip_addr} ({node.name})" if node.name else node.ip_addr
@@ -43,10 +46,13 @@ def format_status(nodes: list[DispyNode], wall_time: float) -> str:
         )
     speedup = total_time / wall_time if wall_time > 0 else 0.0
     lines.append("")
+    if jobs_pending:
+        lines.append(f"Jobs pending: {jobs_pending}")
     lines.append(
         f"Total job time: {total_time:.3f} sec, wall time: {wall_time:.3f} sec, "
         f"speedup: {speedup:.3f}"
     )
+    lines.append("")
     return "\n".join(lines)
 
 

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from dispynb import config as dispy_config
+from dispynb.defaults import CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT
 from dispynb.depends import FileRef
 from dispynb.errors import DispynbError, SerializationError, SetupError
 from dispynb.protocol import serialize
@@ -109,6 +111,8 @@ class NodeLink:
     last_seen: float = 0.0  # loop time of the last message from it
     reads_seen: int = 0  # its connection's reads when the watchdog last looked
     leaving: bool = False  # it handed jobs back: it shuts down
+    releasing: bool = False  # close_node: once closed it leaves, not to come back
+    started: set[int] = field(default_factory=set)  # keys of jobs executing there
 
 
 #: ``allocate(welcome, peer_ip) -> (cpus, bundle, files)`` (see `Driver.add_node`).
@@ -164,7 +168,8 @@ class JobEvents(Protocol):
         """``node`` could not be used (connect, auth or setup failed)."""
 
     def node_closed(self, node: NodeLink, reason: str) -> None:
-        """``node`` left the cluster."""
+        """``node`` left the cluster (for a while only if ``node.resetting``: it is
+        set up again, `resetup_node`)."""
 
     def node_status(self, node: NodeLink, avail: list[float]) -> None:
         """``node`` reported the resources it has available."""
@@ -258,9 +263,13 @@ class Driver:
 
     async def _connect(self, host: str, port: int) -> tuple[Connection, Welcome]:
         config = self.config
+        # dispy's ``dispy.config.MsgTimeout`` scales both timeouts (slow links).
+        scale = max(dispy_config.MsgTimeout, 0.1) / dispy_config.DEFAULT_MSG_TIMEOUT
         return await connect(
             host,
             port,
+            timeout=CONNECT_TIMEOUT * scale,
+            handshake_timeout=HANDSHAKE_TIMEOUT * scale,
             secret=config.secret,
             max_message_size=config.max_message_size,
             ssl_context=config.ssl_context,
@@ -384,7 +393,7 @@ class Driver:
                 if link.resetting:
                     self._redo_setup(link)
                     return False
-                ended.append("computation closed")
+                ended.append("released" if link.releasing else "computation closed")
                 return True
             elif isinstance(message, Error):
                 logger.warning("node %s reports: %s", link.node_id, message.message)
@@ -428,12 +437,25 @@ class Driver:
         self._apply(self.state.handle(NodeJoined(node_id, cpus)))
         return cpus
 
-    def close_node(self, node_id: str, terminate: bool) -> bool:
-        """Close the computation on one node (after its jobs, unless ``terminate``)."""
+    def close_node(self, node_id: str, terminate: bool, release: bool = True) -> bool:
+        """Close the computation on one node (after its jobs, unless ``terminate``).
+
+        Jobs pinned to the node and not sent yet, and jobs sent that have not started
+        there, are cancelled (as in dispy, where a node holds only running jobs).
+        With ``release`` the
+        node then leaves the cluster for good: the connection is closed and never
+        made again (dispy's ``close_node``); `add_node` brings it back.
+        """
         link = self.nodes.get(node_id)
         if link is None or link.conn is None or not link.ready:
             return False
         self.set_cpus(node_id, 0)
+        waiting = [
+            key for key in self.state.running_keys(node_id) if key not in link.started
+        ]
+        for key in [*self.state.pinned_keys(node_id), *waiting]:
+            self._apply(self.state.handle(CancelRequested(key)))
+        link.releasing = release
         with contextlib.suppress(DispynbError):
             link.conn.write(
                 ComputationClose(comp_id=self.config.comp_id, terminate=terminate)
@@ -443,16 +465,17 @@ class Driver:
     def resetup_node(self, node_id: str, terminate: bool) -> bool:
         """Close the computation on a node and set it up again on the same node."""
         link = self.nodes.get(node_id)
-        if link is None or not self.close_node(node_id, terminate):
+        if link is None or not self.close_node(node_id, terminate, release=False):
             return False
         link.resetting = True
         return True
 
     def _redo_setup(self, link: NodeLink) -> None:
-        link.resetting = False
         link.ready = False
         self._apply(self.state.handle(NodeLeft(link.node_id)), lost_reason="re-setup")
-        self.events.node_closed(link, "set up again")
+        self.events.node_closed(link, "set up again")  # ``resetting`` still True
+        link.resetting = False
+        link.started.clear()
         self._connecting += 1
         link.setting_up = True
         try:
@@ -474,7 +497,12 @@ class Driver:
             link.ready = False
             self._apply(self.state.handle(NodeLeft(link.node_id)), lost_reason=reason)
             self.events.node_closed(link, reason)
-        if was_ready and not self._closing and link.allocate is not None:
+        if (
+            was_ready
+            and not self._closing
+            and not link.releasing
+            and link.allocate is not None
+        ):
             # It may come back (restarted, link healed): try again for a while.
             self._reconnecting += 1
             self._spawn(self._reconnect(link.host, link.port, link.allocate))
@@ -695,6 +723,7 @@ class Driver:
                 continue  # stale: an old attempt or a node we already gave up on
             instructions.extend(accepted[1:])
             self._jobs.pop(key, None)
+            link.started.discard(key)
             result = None
             if outcome == FINISHED:
                 try:
@@ -719,6 +748,7 @@ class Driver:
         """A job began executing on the node (``[key, attempt, time, before]``)."""
         key, attempt, when = start[0], start[1], start[2]
         if self.state.is_running(key, attempt, link.node_id):  # else: stale, or done
+            link.started.add(key)
             self.events.job_running(key, link, when)
 
     def _apply(self, instructions: list[Instruction], lost_reason: str = "") -> None:

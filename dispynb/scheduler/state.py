@@ -228,6 +228,10 @@ class SchedulerState:
         job = self._jobs.get(key)
         return job is not None and job.node == node
 
+    def pinned_keys(self, node: str) -> list[int]:
+        """Keys of the jobs queued for ``node`` only, in submission order."""
+        return list(self._pinned.get(node, ()))
+
     def is_running(self, key: int, attempt: int, node: str) -> bool:
         """Return whether attempt ``attempt`` of job ``key`` is the one on ``node``."""
         job = self._jobs.get(key)

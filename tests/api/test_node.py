@@ -56,7 +56,7 @@ def test_node_status_values_match_dispy():
 
 
 def test_dispy_node_new_has_dispy_attributes():
-    node = DispyNode("10.0.0.1", 9711, name="n1", cpus=4, platform="Linux-6")
+    node = DispyNode("10.0.0.1", "n1", 4, port=9711, platform="Linux-6")
     assert (node.ip_addr, node.port, node.name) == ("10.0.0.1", 9711, "n1")
     assert (node.cpus, node.avail_cpus, node.busy, node.jobs_done) == (4, 4, 0, 0)
     assert (node.cpu_time, node.tx, node.rx) == (0.0, 0, 0)
@@ -66,7 +66,7 @@ def test_dispy_node_new_has_dispy_attributes():
 
 
 def test_dispy_node_repr_shows_address_and_cpus():
-    node = DispyNode("10.0.0.1", 9711, name="n1", cpus=4)
+    node = DispyNode("10.0.0.1", "n1", 4, port=9711)
     assert repr(node) == "<DispyNode 10.0.0.1:9711 name='n1' cpus=4 busy=0>"
 
 
@@ -399,7 +399,7 @@ def test_parse_dict_unknown_key_raises_configuration_error():
 
 
 def test_parse_dispy_node_uses_its_address_and_port():
-    [spec] = parse_node_specs([DispyNode("10.0.0.3", 9802, name="n3", cpus=4)])
+    [spec] = parse_node_specs([DispyNode("10.0.0.3", "n3", 4, port=9802)])
     assert (spec.host, spec.port, spec.cpus) == ("10.0.0.3", 9802, 0)
 
 
@@ -476,3 +476,14 @@ def test_parse_bad_item_from_node_specs_names_source():
 
     with pytest.raises(ConfigurationError, match=r"nodes\.node_specs\(\)\[0\] is 42"):
         parse_node_specs(Broken())
+
+
+def test_dispy_node_takes_dispys_argument_order() -> None:
+    node = DispyNode("10.0.0.7", "n7", 8)  # dispy: DispyNode(ip_addr, name, cpus)
+    assert (node.ip_addr, node.name, node.cpus, node.avail_cpus) == (
+        "10.0.0.7",
+        "n7",
+        8,
+        8,
+    )
+    assert node.port == 9711  # dispynb's default node port

@@ -139,3 +139,82 @@ def test_node_jobs_lists_running_job(local1, tmp_path):
         cluster.cancel(job)
         assert job.wait(timeout=WAIT)
         assert cluster.node_jobs(node) == []
+
+
+def test_close_node_releases_node_for_good_until_allocated_again(two, tmp_path):
+    events: list[tuple[int, str]] = []
+
+    def cluster_status(
+        status: int, node: DispyNode | None, job: DispyJob | None
+    ) -> None:
+        if job is None and node is not None and status != DispyNode.AvailInfo:
+            events.append((int(status), node.name))
+
+    with JobCluster(
+        node_name, nodes=two, cluster_status=cluster_status, pulse_interval=0.2
+    ) as cluster:
+        run_all(all_ready(cluster))
+        closed = by_name(cluster, "local-0")
+        assert cluster.close_node(closed) == 0
+        wait_until(lambda: len(cluster.status().nodes) == 1)
+        driver = cluster._driver
+        # Released: no reconnection scheduled, no link left to it.
+        assert driver._reconnecting == 0
+        assert all(
+            link.host != closed.ip_addr or link.port != closed.port
+            for link in driver.nodes.values()
+        )
+        # Jobs for longer than a reconnection would take (0.5 s) and several pulses
+        # all run on the other node; local-0 is never set up again.
+        marker_jobs = [cluster.submit(i) for i in range(6)]
+        sleepers = [
+            cluster.submit_node(by_name(cluster, "local-1"), i) for i in range(2)
+        ]
+        assert cluster.wait(timeout=WAIT)
+        assert {j.result for j in marker_jobs + sleepers} == {"local-1"}
+        assert cluster.close_node(closed) == -1  # not a node of the cluster now
+        # allocate_node brings it back.
+        assert cluster.allocate_node(closed) == 0
+        wait_until(lambda: len(cluster.status().nodes) == 2)
+        assert run_all(cluster, 12) == {"local-0", "local-1"}
+    initialized = [name for status, name in events if status == DispyNode.Initialized]
+    assert sorted(initialized) == ["local-0", "local-0", "local-1"]
+    closed_events = [name for status, name in events if status == DispyNode.Closed]
+    assert closed_events[0] == "local-0"
+
+
+def test_close_node_cancels_jobs_pinned_to_it_that_did_not_start(two, tmp_path):
+    with JobCluster(jobs.mark_and_hold, nodes=two) as cluster:
+        node = by_name(all_ready(cluster), "local-0")
+        running = cluster.submit_node(node, str(tmp_path / "m1"), str(tmp_path / "r"))
+        waiting = [
+            cluster.submit_node(node, str(tmp_path / f"w{i}"), str(tmp_path / "r"))
+            for i in range(3)
+        ]
+        wait_for_path(tmp_path / "m1")
+        assert cluster.close_node(node) == 0
+        (tmp_path / "r").touch()
+        assert running.wait(timeout=WAIT)
+        assert running.status == DispyJob.Finished  # its running job finished
+        assert cluster.wait(timeout=WAIT)
+        # Jobs still waiting for it (in the client, or queued on the node) never ran.
+        assert {j.status for j in waiting} == {DispyJob.Cancelled}
+        assert not any((tmp_path / f"w{i}").exists() for i in range(3))
+
+
+def test_resetup_node_keeps_the_node_and_its_job_counts(local1):
+    def setup() -> int:
+        return 0
+
+    with JobCluster(jobs.square, nodes=local1, setup=setup) as cluster:
+        assert [cluster.submit(i)() for i in range(4)] == [0, 1, 4, 9]
+        node = cluster.status().nodes[0]
+        assert node.jobs_done == 4
+        cpu_time = node.cpu_time
+        assert cluster.resetup_node(node) == 0
+        wait_until(lambda: cluster.status().nodes == [node])  # the same DispyNode
+        assert cluster.submit(5)() == 25
+        assert cluster.status().nodes[0] is node
+        assert node.jobs_done == 5
+        assert node.cpu_time >= cpu_time
+        assert node.busy == 0

@@ -163,7 +163,7 @@ def test_expand_results_without_dict_results_changes_nothing(jobs):
 
 
 def test_nodes_frame_one_row_per_node():
-    node = DispyNode("10.0.0.5", 9711, name="n1", cpus=4, platform="Linux")
+    node = DispyNode("10.0.0.5", "n1", 4, port=9711, platform="Linux")
     node.busy, node.jobs_done, node.cpu_time = 2, 7, 1.5
 
     frame = nodes_frame([node])

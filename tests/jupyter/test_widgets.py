@@ -18,7 +18,7 @@ from tests.jupyter.helpers import make_job
 
 
 def node(port: int = 9711, name: str = "n1", cpus: int = 2) -> DispyNode:
-    return DispyNode("127.0.0.1", port, name=name, cpus=cpus)
+    return DispyNode("127.0.0.1", name, cpus, port=port)
 
 
 def test_table_node_appears_busy_then_done_then_idle_after_close():

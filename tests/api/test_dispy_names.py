@@ -1,0 +1,136 @@
+"""The names dispy programs use: module settings, ClusterStatus, cluster attributes,
+print_status's totals."""
+
+from __future__ import annotations
+
+import re
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import dispynb
+import dispynb as dispy
+from dispynb import DispyJob, DispyNode, JobCluster
+from dispynb.errors import DispynbError
+from tests import jobs
+from tests.jobs import WAIT, wait_for_path, wait_until
+
+
+def test_module_has_dispy_config_and_msg_timeout() -> None:
+    assert dispy.MsgTimeout == 10
+    from dispynb import MsgTimeout
+
+    assert MsgTimeout == dispy.config.MsgTimeout
+    config = dispy.config
+    assert config.NodePort == config.DispyPort + 1 == 9711
+    assert config.HTTPServerPort == 8181
+    assert config.IPv4MulticastGroup == "239.255.61.59"
+    assert config.MaxFileSize == 0
+    for name in ("ClientPort", "SharedSchedulerPort", "IPv6MulticastGroup", "Java"):
+        assert hasattr(config, name)
+    assert {"config", "MsgTimeout", "ClusterStatus"} <= set(dir(dispynb))
+
+
+def test_cluster_status_is_dispys_namedtuple() -> None:
+    status = dispy.ClusterStatus(nodes=[], jobs_pending=3)
+    assert status._fields == ("nodes", "jobs_pending")
+    assert status == ([], 3)
+
+
+def test_msg_timeout_bounds_the_connection_to_a_node(monkeypatch) -> None:
+    """A node that accepts but never answers fails within MsgTimeout's handshake
+    share (MsgTimeout / 2), not the default 5 s."""
+    monkeypatch.setattr(dispy.config, "MsgTimeout", 1.0)
+    silent = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        silent.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                accepted.append(silent.accept()[0])
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    port = silent.getsockname()[1]
+    try:
+        with pytest.raises(DispynbError, match=r"handshake in 0\.5 s"):
+            JobCluster(jobs.square, nodes=[f"127.0.0.1:{port}"], secret="s3cret")
+    finally:
+        stop.set()
+        thread.join(WAIT)
+        silent.close()
+        for conn in accepted:
+            conn.close()
+
+
+def test_cluster_attributes_as_in_dispy(local1, tmp_path: Path) -> None:
+    def job_status(job: DispyJob) -> None:
+        pass
+
+    def cluster_status(status: int, node: DispyNode | None, job: DispyJob | None):
+        pass
+
+    before = time.time()
+    with JobCluster(
+        jobs.mark_and_hold,
+        nodes=local1,
+        job_status=job_status,
+        pulse_interval=2,
+        ping_interval=5,
+        poll_interval=10,
+    ) as cluster:
+        assert cluster.job_status is job_status
+        assert cluster.cluster_status is None
+        cluster.cluster_status = cluster_status  # dispy programs assign them
+        assert cluster.cluster_status is cluster_status
+        with pytest.raises(DispynbError, match="cluster_status"):
+            cluster.cluster_status = job_status  # one parameter: not callable so
+        assert (cluster.pulse_interval, cluster.ping_interval) == (2, 5)
+        assert cluster.poll_interval == 10
+        assert before <= cluster.start_time <= time.time()
+        assert cluster.end_time is None
+        assert cluster.cpu_time == 0
+        job = cluster.submit(str(tmp_path / "m"), str(tmp_path / "r"))
+        wait_for_path(tmp_path / "m")
+        assert cluster.end_time is None  # a job is pending
+        (tmp_path / "r").touch()
+        assert cluster.wait(timeout=WAIT)
+        assert job.status == DispyJob.Finished
+        assert cluster.end_time is not None
+        assert cluster.start_time <= cluster.end_time <= time.time()
+        assert cluster.cpu_time == pytest.approx(job.end_time - job.start_time)
+
+
+def test_print_status_has_dispys_pending_line_and_totals(local1, tmp_path, capsys):
+    with JobCluster(jobs.mark_and_hold, nodes=local1) as cluster:
+        held = [
+            cluster.submit(str(tmp_path / f"m{i}"), str(tmp_path / "r"))
+            for i in range(3)
+        ]
+        wait_for_path(tmp_path / "m0")
+        cluster.print_status()
+        pending = capsys.readouterr().out
+        (tmp_path / "r").touch()
+        assert cluster.wait(timeout=WAIT)
+        wait_until(lambda: all(job.done() for job in held))
+        cluster.print_status(wall_time=2.0)
+        done = capsys.readouterr().out
+    assert "Jobs pending: 3" in pending.splitlines()
+    lines = done.splitlines()
+    assert lines[0] == "" and lines[-1] == ""  # dispy prints blank lines around it
+    assert re.fullmatch(r"\s*Node \| *CPUs \| *Jobs \| *Sec/Job \|.*Rcvd", lines[1])
+    assert not any(line.startswith("Jobs pending") for line in lines)
+    row = next(line for line in lines if "local-0" in line)
+    assert re.search(r"\|\s+1 \|\s+3 \|", row)  # 1 CPU, 3 jobs
+    total = next(line for line in lines if line.startswith("Total job time"))
+    assert re.fullmatch(
+        r"Total job time: \d+\.\d{3} sec, wall time: 2\.000 sec, speedup: \d+\.\d{3}",
+        total,
+    )
