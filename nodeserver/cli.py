@@ -22,7 +22,11 @@ from dispynb.defaults import (
 from dispynb.errors import ConfigurationError, DispynbError
 from dispynb.secret import resolve_secret
 from nodeserver.cliconfig import add_refused, config_argv, save_config
-from nodeserver.config import NodeConfig
+from nodeserver.config import (
+    DEFAULT_MAX_FILE_SIZE,
+    DEFAULT_TRANSFER_QUOTA,
+    NodeConfig,
+)
 from nodeserver.memory import keep_freed_memory
 from nodeserver.server import NodeServer
 from nodeserver.service import Phase, ServiceWindow, keep_window, parse_time
@@ -145,8 +149,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--max_file_size",
         dest="max_file_size",
         type=parse_size,
-        default=0,
-        help="largest file a client may send, e.g. 100M (default: no limit)",
+        default=DEFAULT_MAX_FILE_SIZE,
+        help="largest file a client may send, e.g. 100M; 0: no limit (default 512M)",
+    )
+    add(
+        "--transfer-quota",
+        "--transfer_quota",
+        dest="transfer_quota",
+        type=parse_size,
+        default=DEFAULT_TRANSFER_QUOTA,
+        help="bytes of files one computation (client connection) may send in all; "
+        "0: no limit (default 4G)",
     )
     add(
         "--max-message-size",
@@ -368,6 +381,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         clean=args.clean,
         force_cleanup=args.force_cleanup,
         max_file_size=args.max_file_size,
+        transfer_quota=args.transfer_quota,
         max_message_size=args.max_message_size,
         port_file=args.port_file,
         orphan_timeout=orphan_timeout,

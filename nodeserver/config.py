@@ -19,6 +19,12 @@ from dispynb.errors import ConfigurationError
 from dispynb.transport.addressing import is_loopback
 from nodeserver.service import ServiceWindow
 
+#: Default ``--max-file-size``: large data files pass, a disk-filling one does not.
+DEFAULT_MAX_FILE_SIZE = 512 << 20
+
+#: Default ``--transfer-quota``: bytes of files one computation may send to a node.
+DEFAULT_TRANSFER_QUOTA = 4 << 30
+
 
 @dataclasses.dataclass(kw_only=True)
 class NodeConfig:
@@ -36,7 +42,11 @@ class NodeConfig:
         default_factory=lambda: os.path.join(tempfile.gettempdir(), "dispynb")
     )
     clean: bool = False
-    max_file_size: int = 0
+    #: Largest file a client may send (0: no limit); a file travels in one message.
+    max_file_size: int = DEFAULT_MAX_FILE_SIZE
+    #: Bytes of files one client connection (one cluster's computation) may send in
+    #: all, counting every file received (0: no limit).
+    transfer_quota: int = DEFAULT_TRANSFER_QUOTA
     max_message_size: int = MAX_MESSAGE_SIZE
     port_file: str | None = None
     #: More addresses to listen on (dispynode's repeated ``-i``), same port.
@@ -124,6 +134,8 @@ class NodeConfig:
             raise ConfigurationError("kept results size must be 0 (none) or positive")
         if self.max_file_size < 0:
             raise ConfigurationError("max file size must be 0 (no limit) or positive")
+        if self.transfer_quota < 0:
+            raise ConfigurationError("transfer quota must be 0 (no limit) or positive")
         if self.keyfile and not self.certfile:
             raise ConfigurationError("a keyfile needs its certfile (--certfile)")
         if not self.handshake_timeout > 0:

@@ -100,6 +100,7 @@ class ClientSession:
         self._recovery: dict[int, tuple[str, float]] = {}  # comp_id -> (id, keep)
         self._claims: list[Kept] = []
         self._refused_files: dict[str, str] = {}  # digest -> why
+        self._transferred = 0  # bytes of files received (--transfer-quota)
         self._status_interval: float | None = None
         self._last_heard = time.monotonic()
         self._status_task: asyncio.Task[None] | None = None
@@ -211,6 +212,13 @@ class ClientSession:
             self._write(ComputationFailed(comp_id=message.comp_id, message=str(exc)))
             return
         missing = {digest for _, digest in files if not self.server.store.has(digest)}
+        try:
+            sizes = {e[1]: e[2] for e in message.files if e[1] in missing}
+            self._check_quota(sum(sizes.values()), "the computation's files")
+        except ProtocolError as exc:
+            self._computations.pop(message.comp_id, None)
+            self._write(ComputationFailed(comp_id=message.comp_id, message=str(exc)))
+            return
         start = self._start(computation, buffers, files, message.setup_timeout)
         self._start_status_reports(message.pulse_interval)
         if not missing:
@@ -269,10 +277,23 @@ class ClientSession:
             files.append((safe_relative_path(path), digest))
         return files
 
+    def _check_quota(self, size: int, what: str) -> None:
+        """Raise `ProtocolError` if ``size`` more bytes of files would pass the
+        node's per-computation transfer quota."""
+        quota = self.server.config.transfer_quota
+        if quota and self._transferred + size > quota:
+            raise ProtocolError(
+                f"{what} of {size} bytes would take this computation's files past the "
+                f"node's transfer quota of {quota} bytes ({self._transferred} sent "
+                "already; dispynb-node --transfer-quota)"
+            )
+
     def _on_file_put(self, message: FilePut, buffers: list[memoryview]) -> None:
         if len(buffers) != 1 or buffers[0].nbytes != message.size:
             raise MessageError("file-put carries one buffer of the announced size")
         try:
+            self._check_quota(message.size, "a file")
+            self._transferred += message.size
             self.server.store.put(message.digest, buffers[0])
         except ProtocolError as exc:
             # Refuse this file only; whatever needs it is told why.

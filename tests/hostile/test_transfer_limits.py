@@ -1,0 +1,58 @@
+"""File size and transfer quota on a node (issue 13 item 10), with its defaults."""
+
+from __future__ import annotations
+
+import pytest
+
+from dispynb import JobCluster
+from dispynb.errors import SetupError
+from nodeserver.cli import build_parser
+from nodeserver.config import DEFAULT_MAX_FILE_SIZE, DEFAULT_TRANSFER_QUOTA
+from tests.nodeproc import running_node
+
+pytestmark = pytest.mark.slow
+
+KiB = 1 << 10
+
+
+def nothing() -> int:
+    return 0
+
+
+def test_defaults_are_limits_not_unlimited():
+    args = build_parser().parse_args([])
+    assert args.max_file_size == DEFAULT_MAX_FILE_SIZE == 512 << 20
+    assert args.transfer_quota == DEFAULT_TRANSFER_QUOTA == 4 << 30
+
+
+@pytest.mark.attack(
+    id="transfer-quota",
+    title="A computation sends file after file (each under --max-file-size) to a node",
+    goal="refused past --transfer-quota, with a message naming it; other clients fine",
+)
+def test_files_past_the_transfer_quota_are_refused(
+    tmp_path, monkeypatch, measure, caplog
+):
+    monkeypatch.chdir(tmp_path)
+    for i in range(10):
+        (tmp_path / f"f{i}.bin").write_bytes(bytes([i]) * (30 * KiB))
+    with running_node(
+        tmp_path / "node", "--max-file-size", "40k", "--transfer-quota", "100k"
+    ) as node:
+        with JobCluster(nothing, nodes=[node.spec], secret=node.secret) as cluster:
+            target = cluster.status().nodes[0]
+            sent = [cluster.send_file(f"f{i}.bin", target) for i in range(6)]
+        # A new computation has its own quota; one whose files pass it cannot start.
+        with JobCluster(nothing, nodes=[node.spec], secret=node.secret) as other:
+            assert other.submit()() == 0
+        with pytest.raises(SetupError, match="transfer quota of 102400 bytes") as info:
+            JobCluster(
+                nothing,
+                nodes=[node.spec],
+                secret=node.secret,
+                depends=[f"f{i}.bin" for i in range(6, 10)],  # not on the node
+            )
+    accepted = sent.count(0)
+    measure(f"{accepted} of 6 files of 30 KiB accepted under a 100 KiB quota")
+    assert sent == [0, 0, 0, -1, -1, -1]
+    assert "--transfer-quota" in str(info.value)
