@@ -66,3 +66,13 @@ def test_node_options_are_asked_of_dispynb_node(
     # Accepted by the parser but refused by the node: its message is shown.
     assert port.status == migration.NOT_SUPPORTED
     assert "99999" in port.detail
+
+
+def test_what_dispynb_adds_is_computed() -> None:
+    dispy = set(migration.all_names()["jobcluster"] + migration.all_names()["shared"])
+    added = migration.added_keywords()
+    assert "cafile" in added
+    assert not dispy & set(added)
+    options = migration.added_node_options()
+    assert "--orphan-timeout" in options
+    assert not set(migration.all_names()["dispynode"]) & set(options)

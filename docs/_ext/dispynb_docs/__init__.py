@@ -190,6 +190,27 @@ class MigrationDirective(_GeneratedRst):
         return self.parse_lines([*lines, ""])
 
 
+class AddedDirective(_GeneratedRst):
+    """``.. dispynb-added:: jobcluster`` (or ``dispynode``): what dispynb adds."""
+
+    required_arguments = 1
+
+    def run(self) -> list[nodes.Node]:
+        if self.arguments[0] == "jobcluster":
+            items = [
+                f":py:class:`{k} <dispynb.options.ClusterOptions>`"
+                for k in migration.added_keywords()
+            ]
+        elif self.arguments[0] == "dispynode":
+            items = [
+                f":option:`{o} <dispynb-node {o}>`"
+                for o in migration.added_node_options()
+            ]
+        else:
+            raise self.error("dispynb-added takes jobcluster or dispynode")
+        return self.parse_lines([", ".join(items) + ".", ""])
+
+
 def status_role(
     name: str,
     rawtext: str,
@@ -247,5 +268,6 @@ def setup(app: Sphinx) -> dict[str, Any]:
     app.add_directive("dispynb-magic", MagicDirective)
     app.add_directive("dispynb-autoall", AutoAllDirective)
     app.add_directive("dispy-migration", MigrationDirective)
+    app.add_directive("dispynb-added", AddedDirective)
     app.add_role("dispy-status", status_role)
     return {"parallel_read_safe": True, "parallel_write_safe": True}

@@ -389,3 +389,29 @@ def all_names() -> dict[str, list[str]]:
         "dispynode": [e.name for e in names.NODE_OPTIONS],
         "httpd": [e.name for e in names.HTTPD + names.HTTPD_METHODS],
     }
+
+
+# -- what dispynb adds -----------------------------------------------------------------
+
+
+def added_keywords() -> list[str]:
+    """``JobCluster`` keywords dispynb accepts that dispy's ``JobCluster`` did not."""
+    options = importlib.import_module("dispynb.options").ClusterOptions
+    candidates = set(accepted_keywords(_dispynb().JobCluster))
+    candidates |= {f for f in options.__dataclass_fields__ if not f.startswith("_")}
+    candidates.add("secret_file")
+    dispy = {e.name for e in names.JOBCLUSTER + names.SHARED}
+    return sorted(k for k in candidates - dispy if _options_accept(options, k))
+
+
+def added_node_options() -> list[str]:
+    """``dispynb-node`` options that ``dispynode.py`` did not have (long forms)."""
+    parser = importlib.import_module("nodeserver.cli").build_parser()
+    dispy = {e.name for e in names.NODE_OPTIONS}
+    added = []
+    for action in parser._actions:
+        strings = action.option_strings
+        if not strings or set(strings) & dispy or "--help" in strings:
+            continue
+        added.append(max(strings, key=len))
+    return added
