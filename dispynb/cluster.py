@@ -920,8 +920,16 @@ class JobCluster:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        # Unlike dispy, never swallow the exception raised in the with-block.
-        self.close(terminate=exc_type is not None)
+        """Close the cluster as dispy does: wait for the jobs submitted, then release
+        the nodes, also when the with-block raised an exception.
+
+        Two differences from dispy, on purpose: the exception is not swallowed
+        (dispy's ``__exit__`` returns True, hiding every error raised in the block),
+        and an interrupt (Ctrl-C, the notebook's Stop: ``KeyboardInterrupt``, or
+        ``SystemExit``) terminates the jobs instead of waiting for all of them.
+        """
+        interrupted = exc_type is not None and not issubclass(exc_type, Exception)
+        self.close(terminate=interrupted)
 
     def _repr_html_(self) -> str:
         """Rich display in notebooks (the HTML lives in the Jupyter layer)."""

@@ -481,7 +481,10 @@ async def serve(
                 until.strftime("%H:%M"),
             )
     await server.start(listen=serving)
-    tasks = [asyncio.create_task(_wait_and_set(server.served_all, stop))]
+    tasks = [
+        asyncio.create_task(_wait_and_set(server.served_all, stop)),
+        asyncio.create_task(_wait_and_set(server.shutdown_requested, stop)),
+    ]
     orphaned = asyncio.Event()
     if watch_parent:
         tasks.append(

@@ -44,6 +44,7 @@ from nodeserver.ipc import (
     Load,
     Loaded,
     LoadFailed,
+    NodeShutdown,
     Provisional,
     Run,
     SendFile,
@@ -216,6 +217,8 @@ class Computation:
         self.on_failure: Callable[[str], None] | None = None
         #: ``on_start(key, attempt, time)``: a job starts executing in a worker now.
         self.on_start: Callable[[int, int, float], None] | None = None
+        #: Called when a job or the cleanup calls ``dispynode_shutdown()``.
+        self.on_shutdown_request: Callable[[], None] | None = None
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -536,6 +539,8 @@ class Computation:
                 self._on_provisional(worker, message, buffers)
             elif isinstance(message, SendFile):
                 self._on_send_file(worker, message, buffers)
+            elif isinstance(message, NodeShutdown):
+                self._shutdown_requested()
 
         try:
             # Messages are handled in the socket's read callback: no task switch.
@@ -695,6 +700,12 @@ class Computation:
                 self._loaded.set_result(None)
         elif isinstance(message, LoadFailed) and not self._loaded.done():
             self._loaded.set_exception(SetupError(message.message, message.traceback))
+        elif isinstance(message, NodeShutdown):  # from the cleanup function
+            self._shutdown_requested()
+
+    def _shutdown_requested(self) -> None:
+        if self.on_shutdown_request is not None:
+            self.on_shutdown_request()
 
     def _add_worker(self, pid: int, fd: int) -> None:
         sock = socket.socket(fileno=fd)

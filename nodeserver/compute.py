@@ -62,7 +62,13 @@ from nodeserver.ipc import (
     WorkerExited,
     WorkerStarted,
 )
-from nodeserver.jobapi import CONTEXT, dispy_provisional_result, dispy_send_file
+from nodeserver.jobapi import (
+    CONTEXT,
+    dispy_provisional_result,
+    dispy_send_file,
+    dispynode_shutdown,
+    node_logger,
+)
 from nodeserver.jobrunner import worker_loop
 from nodeserver.memory import keep_freed_memory
 from nodeserver.program import ProgramRunner, install_program
@@ -202,6 +208,7 @@ class Computation:
         self.stopping = True
         self._stop_workers()
         if callable(self.cleanup):
+            CONTEXT.begin(self.control, 0, 0)  # for dispynode_shutdown() in cleanup
             try:
                 self.cleanup(*self.setup_args)
             except BaseException:  # user code: report it and still exit cleanly
@@ -432,6 +439,8 @@ def dispy_names(load: Load, modules: bool = True) -> dict[str, Any]:
         "dispy_job_path": load.job_path,
         "dispy_provisional_result": dispy_provisional_result,
         "dispy_send_file": dispy_send_file,
+        "dispynode_logger": node_logger(),
+        "dispynode_shutdown": dispynode_shutdown,
     }
     if modules:
         for module in DISPY_MODULES:

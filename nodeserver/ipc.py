@@ -124,6 +124,12 @@ class SendFile(IpcMessage):
     path: str
 
 
+@message("node-shutdown")
+class NodeShutdown(IpcMessage):
+    """A job or the cleanup function called ``dispynode_shutdown()`` (the node stops
+    only if it runs with ``--client_shutdown``)."""
+
+
 @message("done")
 class Done(IpcMessage):
     """A job ended: ``finished`` (buffers: pickled result) or ``raised``."""

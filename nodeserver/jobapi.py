@@ -1,4 +1,5 @@
-"""What a running job can call on the node: dispy's ``dispy_provisional_result``.
+"""What a running job can call on the node: dispy's ``dispy_provisional_result``,
+``dispy_send_file`` and ``dispynode_logger``.
 
 The functions here are injected into the computation's globals under dispy's names.
 They talk to the node server over the worker's own socket, through the `JobContext`
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 from types import FrameType
 from typing import Any
@@ -17,7 +19,7 @@ from typing import Any
 from dispynb.errors import DispynbError
 from dispynb.protocol import serialize
 from nodeserver.channel import MessageSocket
-from nodeserver.ipc import Provisional, SendFile
+from nodeserver.ipc import NodeShutdown, Provisional, SendFile
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +96,42 @@ def dispy_send_file(path: str, relay: bool = False, timeout: Any = None) -> int:
         logger.warning("file not sent: %s", exc)
         return -1
     return 0
+
+
+def dispynode_shutdown() -> int:
+    """Ask the node to shut down (dispy's ``dispynode_shutdown``), from a job or from
+    the computation's cleanup function.
+
+    The node stops only if it was started with ``--client_shutdown``: then it stops
+    as on SIGTERM (no new jobs; running ones, this one included, may finish). Without
+    that option any job could stop a shared node, so the node refuses and logs why.
+    Returns 0 once the request is sent, -1 if it could not be (logged).
+    """
+    try:
+        CONTEXT.send(NodeShutdown(), [])
+    except (DispynbError, RuntimeError, OSError) as exc:
+        logger.warning("dispynode_shutdown: request not sent: %s", exc)
+        return -1
+    return 0
+
+
+def node_logger() -> logging.Logger:
+    """dispy's ``dispynode_logger``: a logger whose records go to the node's console
+    (the node server's stderr, or its log file), not to the job's ``stderr``.
+
+    Its level is INFO; a job may change it (``dispynode_logger.setLevel``).
+    """
+    log = logging.getLogger("dispynode")
+    if not log.handlers:
+        # sys.__stderr__: a job's sys.stderr is its captured output, not the node's.
+        handler = logging.StreamHandler(sys.__stderr__)
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s dispynode %(levelname)s %(message)s")
+        )
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    return log
 
 
 def _name_for_client(path: str) -> str:

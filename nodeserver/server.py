@@ -59,6 +59,9 @@ class NodeServer:
         self.clients_served = 0
         #: Set when ``config.serve`` clients have been served (``--serve N``).
         self.served_all = asyncio.Event()
+        #: Set when a computation called ``dispynode_shutdown()`` and the node runs
+        #: with ``--client_shutdown``.
+        self.shutdown_requested = asyncio.Event()
 
     @property
     def _announcer(self) -> Announcer | None:
@@ -153,6 +156,22 @@ class NodeServer:
         if self._listener is not None:
             self._listener.stop()
             self._listener = None
+
+    def client_shutdown(self, who: str) -> None:
+        """``who`` (a job or cleanup) called ``dispynode_shutdown()``."""
+        if not self.config.client_shutdown:
+            logger.warning(
+                "%s called dispynode_shutdown(): ignored, as clients may not stop "
+                "this node (start it with --client_shutdown to allow it)",
+                who,
+            )
+            return
+        if not self.shutdown_requested.is_set():
+            logger.warning(
+                "%s called dispynode_shutdown(): the node stops (--client_shutdown)",
+                who,
+            )
+            self.shutdown_requested.set()
 
     def announce(self) -> None:
         """Announce the node to clients now (``--ping_interval``)."""

@@ -193,6 +193,9 @@ class ClientSession:
             message.comp_id, reason
         )
         computation.on_start = self._starter(message.comp_id)
+        computation.on_shutdown_request = lambda: self.server.client_shutdown(
+            f"computation {message.name!r} of client {self.client_name!r}"
+        )
         if message.recovery_id:
             kept = self.server.keeper.register(message.recovery_id, computation)
             self._recovery[message.comp_id] = (
