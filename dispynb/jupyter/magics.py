@@ -26,7 +26,7 @@ from IPython.display import display
 
 from dispynb.errors import DispynbError
 from dispynb.jupyter import display as templates
-from dispynb.jupyter.errors import MagicError
+from dispynb.jupyter.errors import MagicError, RunInterrupted
 from dispynb.jupyter.progress import KINDS, make_progress, resolve_kind
 from dispynb.jupyter.run import Run
 from dispynb.jupyter.widgets import NodePanel
@@ -535,6 +535,11 @@ class DispyMagics(Magics):
             # The names still say what happened: no stale run from an earlier cell.
             self._keep(Run.failed(label, str(exc)), args.into)
             raise
+        except KeyboardInterrupt:
+            # Stop while connecting or submitting: Run.map cancelled what it sent.
+            message = f"Interrupted: run {label!r} stopped before it started"
+            self._keep(Run.failed(label, message), args.into)
+            raise RunInterrupted(message) from None
         session.runs.append(run)
         self._keep(run, args.into)
         if args.nowait:

@@ -144,3 +144,32 @@ def test_ctrl_c_in_a_terminal_does_not_reach_local_nodes(tmp_path):
             proc.wait()
     assert rest.strip() == "True"  # alive when the script handled its Ctrl-C
     assert wait_gone(pids, ORPHAN_WAIT) == []
+
+
+def test_stop_while_the_run_submits_is_one_line_too(tmp_path):
+    mark = tmp_path / "submitting"
+    with kernel(tmp_path) as k:
+        k.run_ok("%load_ext dispynb\n%dispy local --cpus 1")
+        k.run_ok(
+            "def inputs(mark):\n"
+            "    import time\n"
+            "    yield 1\n"
+            "    open(mark, 'w').close()\n"
+            "    time.sleep(60)  # Stop arrives here, inside Run.map's submit\n"
+            "    yield 2\n"
+        )
+        msg_id = k.submit(
+            f'%%dispy --over "inputs({str(mark)!r})" --into early\n'
+            "def f(x):\n    return x\n"
+        )
+        wait_for(mark.exists)
+        k.stop_button()
+        out = k.collect(msg_id)
+        assert out.ename == "RunInterrupted", out.text
+        assert "stopped before it started" in out.text
+        assert "Traceback" not in out.text and "dispynb/" not in out.text, out.text
+        assert "not started" in k.value("repr(early)")
+        again = k.run_ok(
+            '%%dispy --over "[3]" --into later\ndef g(x):\n    return -x\n'
+        )
+        assert k.value("later.results") == [-3], again.text
