@@ -1,4 +1,4 @@
-"""The ``dispynb`` command line: ``dispynb demo`` and ``dispynb version``.
+"""The ``dispynb`` command line: ``dispynb demo``, ``secret`` and ``version``.
 
 Importing this module loads only the standard library (argparse and a few small
 modules); the cluster machinery is imported when a command runs. That matters twice:
@@ -221,6 +221,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(handler=_demo)
 
+    secret = commands.add_parser(
+        "secret",
+        help="make a new shared secret (256 random bits)",
+        description=(
+            "Write a new random secret (256 bits, 43 URL-safe characters) to FILE,"
+            " created with mode 600 and never overwritten, or print it when no FILE"
+            " is given. Give the same file to nodes (dispynb-node --secret-file FILE)"
+            " and clients (secret_file=FILE or DISPYNB_SECRET_FILE=FILE)."
+        ),
+    )
+    secret.add_argument("file", nargs="?", default=None, help="file to create")
+    secret.set_defaults(handler=_secret)
+
     version = commands.add_parser("version", help="print the version and exit")
     version.set_defaults(handler=_version)
     return parser
@@ -242,6 +255,22 @@ def _version(args: argparse.Namespace) -> int:
     from dispynb._version import __version__
 
     print(f"dispynb {__version__}")
+    return 0
+
+
+def _secret(args: argparse.Namespace) -> int:
+    from dispynb.errors import ConfigurationError
+    from dispynb.secret import random_secret, write_new_secret
+
+    if args.file is None:
+        print(random_secret())
+        return 0
+    try:
+        write_new_secret(args.file)
+    except ConfigurationError as exc:
+        print(f"dispynb secret: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote a new secret to {args.file} (mode 600)", file=sys.stderr)
     return 0
 
 

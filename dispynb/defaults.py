@@ -28,6 +28,10 @@ HANDSHAKE_TIMEOUT = 5.0
 #: Seconds allowed for a TCP connect.
 CONNECT_TIMEOUT = 10.0
 
+#: Seconds a client keeps retrying (with back-off) a connection that a node refused
+#: as busy or cut during the handshake.
+CONNECT_RETRY = 10.0
+
 #: Environment variable holding the shared secret.
 SECRET_ENV = "DISPYNB_SECRET"
 

@@ -57,6 +57,11 @@ class ConnectionClosedError(TransportError):
     """The connection was closed, by the peer or locally."""
 
 
+class NodeBusyError(ConnectionClosedError):
+    """The node refused the connection for now (too many in their handshake, or too
+    many failed handshakes from this address); retrying later may work."""
+
+
 class ConnectTimeoutError(TransportError):
     """The connection or its handshake did not complete in time."""
 

@@ -9,14 +9,29 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import secrets
 import stat
+import string
+from collections import Counter
 
 from dispynb.defaults import SECRET_ENV, SECRET_FILE_ENV
 from dispynb.errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
+
+#: Entropy a secret needs (by `estimate_bits`) on a node reachable from the network.
+MIN_SECRET_BITS = 128
+
+#: Character classes and how many characters each has, for `estimate_bits`.
+_CLASSES: list[tuple[frozenset[int], int]] = [
+    (frozenset(string.ascii_lowercase.encode()), 26),
+    (frozenset(string.ascii_uppercase.encode()), 26),
+    (frozenset(string.digits.encode()), 10),
+    (frozenset((string.punctuation + " ").encode()), 33),
+]
+_OTHER_BYTES = 256 - 95  # control characters and non-ASCII bytes
 
 
 def resolve_secret(
@@ -140,3 +155,86 @@ def fingerprint(secret: bytes) -> str:
 def random_secret() -> str:
     """Return a new random secret (256 bits, URL-safe text)."""
     return secrets.token_urlsafe(32)
+
+
+def estimate_bits(secret: bytes) -> float:
+    """A generous upper bound of the entropy of ``secret``, in bits.
+
+    Nobody can measure how a secret was chosen; this bounds what it could hold. It is
+    the smaller of two figures:
+
+    - character classes x length: ``log2`` of the alphabet its classes span
+      (lowercase 26, uppercase 26, digits 10, punctuation and space 33, other bytes
+      161) for each character, except 1 bit for a character that repeats the one
+      before or continues a run like ``abc`` or ``987``;
+    - its own character distribution: length x the Shannon entropy of the frequencies
+      of its characters, which catches a small alphabet used over and over.
+
+    A secret from `random_secret` (43 URL-safe characters, 256 random bits) scores
+    about 200; a dictionary word, a common password or any secret shorter than 20
+    characters scores under 128. A long passphrase of words can score more than it
+    holds: prefer a generated secret.
+    """
+    if not secret:
+        return 0.0
+    pool = sum(size for chars, size in _CLASSES if chars.intersection(secret))
+    if any(byte < 32 or byte > 126 for byte in secret):
+        pool += _OTHER_BYTES
+    per_char = math.log2(pool) if pool > 1 else 0.0
+    by_classes = 0.0
+    before: int | None = None
+    step: int | None = None
+    for byte in secret:
+        new_step = None if before is None else byte - before
+        runs_on = new_step == 0 or (new_step in (1, -1) and new_step == step)
+        by_classes += 1.0 if runs_on else per_char
+        before, step = byte, new_step
+    length = len(secret)
+    by_distribution = -sum(
+        count * math.log2(count / length) for count in Counter(secret).values()
+    )
+    return min(by_classes, by_distribution)
+
+
+def check_strength(secret: bytes, where: str) -> None:
+    """Raise `ConfigurationError` if ``secret`` scores under `MIN_SECRET_BITS`.
+
+    ``where`` says why strength matters, e.g. "for a node listening on 0.0.0.0".
+    """
+    bits = estimate_bits(secret)
+    if bits >= MIN_SECRET_BITS:
+        return
+    raise ConfigurationError(
+        f"the secret is too weak {where}: it holds at most about {bits:.0f} bits, "
+        f"{MIN_SECRET_BITS} are needed so that nobody can guess it. Make a strong one "
+        "with `dispynb secret FILE` (256 random bits, mode 600) and give the same "
+        "file to nodes (--secret-file) and clients (secret_file= or "
+        "DISPYNB_SECRET_FILE)"
+    )
+
+
+def write_new_secret(path: str | os.PathLike[str]) -> str:
+    """Write a new `random_secret` to ``path`` (created with mode 600); return it.
+
+    Raises
+    ------
+    ConfigurationError
+        If ``path`` exists (it is never overwritten) or cannot be created.
+    """
+    path = os.path.expanduser(os.fspath(path))
+    secret = random_secret()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        raise ConfigurationError(
+            f"{path!r} already exists: not overwriting it (remove it first, or use it "
+            "with --secret-file)"
+        ) from None
+    except OSError as exc:
+        raise ConfigurationError(f"cannot create {path!r}: {exc.strerror}") from None
+    try:
+        os.fchmod(fd, 0o600)  # whatever the umask
+        os.write(fd, (secret + "\n").encode())
+    finally:
+        os.close(fd)
+    return secret

@@ -20,7 +20,7 @@ from dispynb.defaults import (
     NODE_PORT,
 )
 from dispynb.errors import ConfigurationError, DispynbError
-from dispynb.secret import resolve_secret
+from dispynb.secret import resolve_secret, write_new_secret
 from nodeserver.cliconfig import add_refused, config_argv, save_config
 from nodeserver.config import (
     DEFAULT_MAX_FILE_SIZE,
@@ -123,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
         dest="secret_file",
         default=None,
         help="file holding the shared secret (mode 600)",
+    )
+    add(
+        "--new-secret",
+        metavar="FILE",
+        default=None,
+        help="write a new random secret (256 bits) to FILE, created with mode 600 "
+        "(never overwritten), and use it; give clients the same file",
     )
     add("--certfile", default=None, help="TLS certificate (PEM); enables TLS")
     add("--keyfile", default=None, help="TLS private key (PEM), if not in --certfile")
@@ -359,6 +366,18 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
             "give one --ext-host: dispynb-node announces one address for clients to "
             "connect to (start one node per address otherwise)"
         )
+    if args.new_secret:
+        if args.secret or args.secret_file:
+            raise ConfigurationError(
+                "--new-secret makes the secret: drop --secret / --secret-file"
+            )
+        write_new_secret(args.new_secret)
+        logger.warning(
+            "wrote a new secret to %s: give clients the same file (secret_file= or "
+            "DISPYNB_SECRET_FILE)",
+            args.new_secret,
+        )
+        args.secret_file = args.new_secret
     secret = resolve_secret(args.secret, args.secret_file)
     hosts = _default_hosts(args, secret)
     orphan_timeout = args.orphan_timeout

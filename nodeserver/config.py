@@ -16,6 +16,7 @@ from dispynb.defaults import (
     PRE_AUTH_MAX_FRAME,
 )
 from dispynb.errors import ConfigurationError
+from dispynb.secret import check_strength
 from dispynb.transport.addressing import is_loopback
 from nodeserver.service import ServiceWindow
 
@@ -153,6 +154,8 @@ class NodeConfig:
                 "(--secret-file FILE with mode 600, or DISPYNB_SECRET) and/or TLS "
                 "(--certfile/--keyfile), or listen on 127.0.0.1"
             )
+        if self.secret and not is_loopback(self.host):
+            check_strength(self.secret, f"for a node listening on {self.host!r}")
 
 
 def _resolve_ext_host(ext_host: str, discovery: bool | None) -> str:

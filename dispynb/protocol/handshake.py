@@ -4,20 +4,31 @@ Sequence (all pre-auth messages are small, unsigned msgpack headers)::
 
     client                                   node
       Hello(version, "client", nonce_c) -->
-                                   <--  Challenge(version, "node", nonce_n, proof_n)
-      checks proof_n; Auth(proof_c)     -->
-                                   <--  Welcome (first signed message) | Error
+                                   <--  Challenge(version, "node", nonce_n)
+      Auth(proof_c)                     -->
+                                   <--  Auth(proof_n), then Welcome (first signed
+                                        message) | Error
 
-The node proves itself first, so a client never hands its proof to an impostor. A
-failure on the node side is answered with an `Error` message before closing, so the
-client can say what went wrong.
+The client proves first, and the node answers with its own proof only to a correct
+one: an unauthenticated peer never gets anything computed from the secret, so it has
+nothing to test guesses against offline (each guess costs it a connection, and the
+node throttles failing sources). The client's proof does reach whatever listens where
+the client connects, so clients send proofs to non-loopback nodes only for secrets
+strong enough that an offline search is hopeless (see `dispynb.secret.check_strength`
+and docs/security.md). A failure on the node side is answered with an `Error` message
+before closing, so the client can say what went wrong.
 """
 
 from __future__ import annotations
 
 from typing import TypeVar
 
-from dispynb.errors import AuthenticationError, MessageError, ProtocolVersionError
+from dispynb.errors import (
+    AuthenticationError,
+    MessageError,
+    NodeBusyError,
+    ProtocolVersionError,
+)
 from dispynb.protocol import auth
 from dispynb.protocol.messages import (
     PROTOCOL_VERSION,
@@ -31,8 +42,24 @@ from dispynb.protocol.messages import (
 CLIENT = "client"
 NODE = "node"
 
+#: Characters of a peer's text (error message, name) kept in logs and errors.
+PEER_TEXT_LIMIT = 200
 
 _M = TypeVar("_M", bound=WireMessage)
+
+
+def peer_text(text: object, limit: int = PEER_TEXT_LIMIT) -> str:
+    """``text`` from a peer made safe for a log line or an error message.
+
+    Control characters (newlines, escapes...) are shown escaped, as ``repr`` would,
+    so a peer cannot forge log lines or terminal output; long text is cut.
+    """
+    value = str(text)
+    if len(value) > limit:
+        value = value[:limit] + f"... ({len(value) - limit} more characters)"
+    if value.isprintable():
+        return value
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in value)
 
 
 def _expect(message: WireMessage, kind: type[_M]) -> _M:
@@ -45,13 +72,24 @@ def _expect(message: WireMessage, kind: type[_M]) -> _M:
 
 def error_to_exception(
     error: Error,
-) -> AuthenticationError | ProtocolVersionError | MessageError:
-    """The local exception for an `Error` the peer sent."""
+) -> AuthenticationError | ProtocolVersionError | MessageError | NodeBusyError:
+    """The local exception for an `Error` the peer sent (its text made safe)."""
+    text = peer_text(error.message)
     if error.code == "auth":
-        return AuthenticationError(error.message)
+        return AuthenticationError(text)
     if error.code == "version":
-        return ProtocolVersionError(error.message)
-    return MessageError(f"peer refused the connection: {error.message}")
+        return ProtocolVersionError(text)
+    if error.code == "busy":
+        return NodeBusyError(f"node refused the connection for now: {text}")
+    return MessageError(f"peer refused the connection: {text}")
+
+
+def _wrong_node_proof() -> AuthenticationError:
+    return AuthenticationError(
+        "the node does not know our shared secret (or uses another one): "
+        "give both sides the same secret (secret=, DISPYNB_SECRET or "
+        "DISPYNB_SECRET_FILE)"
+    )
 
 
 class ClientHandshake:
@@ -62,6 +100,7 @@ class ClientHandshake:
         self._name = name
         self._nonce = auth.new_nonce()
         self._node_nonce = b""
+        self._node_verified = False
 
     def hello(self) -> Hello:
         """The opening message."""
@@ -70,33 +109,45 @@ class ClientHandshake:
         )
 
     def on_challenge(self, message: WireMessage) -> Auth:
-        """Check the node's proof; return our own."""
+        """Take the node's nonce; return our proof."""
+        if self._node_nonce:
+            raise MessageError("a second challenge from node")
         challenge = _expect(message, Challenge)
         if challenge.version != PROTOCOL_VERSION:
             raise ProtocolVersionError(
-                f"node speaks protocol version {challenge.version}, this client speaks "
-                f"{PROTOCOL_VERSION}: install the same dispynb version on both"
+                f"node speaks protocol version {peer_text(challenge.version)}, this "
+                f"client speaks {PROTOCOL_VERSION}: install the same dispynb version "
+                "on both"
             )
-        if challenge.role != NODE or len(challenge.nonce) != auth.NONCE_SIZE:
+        if (
+            challenge.role != NODE
+            or len(challenge.nonce) != auth.NONCE_SIZE
+            or challenge.nonce == self._nonce
+        ):
             raise MessageError("malformed challenge from node")
         self._node_nonce = challenge.nonce
-        expected = auth.proof(
-            self._secret, NODE, PROTOCOL_VERSION, self._nonce, challenge.nonce
-        )
-        if not auth.check_proof(expected, challenge.proof):
-            raise AuthenticationError(
-                "the node does not know our shared secret (or uses another one): "
-                "give both sides the same secret (secret=, DISPYNB_SECRET or "
-                "DISPYNB_SECRET_FILE)"
-            )
         return Auth(
             proof=auth.proof(
                 self._secret, CLIENT, PROTOCOL_VERSION, self._nonce, challenge.nonce
             )
         )
 
+    def on_confirm(self, message: WireMessage) -> None:
+        """Check the node's proof (its answer to ours)."""
+        if not self._node_nonce or self._node_verified:
+            raise MessageError("node's proof out of turn")
+        confirm = _expect(message, Auth)
+        expected = auth.proof(
+            self._secret, NODE, PROTOCOL_VERSION, self._nonce, self._node_nonce
+        )
+        if not auth.check_proof(expected, confirm.proof):
+            raise _wrong_node_proof()
+        self._node_verified = True
+
     def keys(self) -> tuple[bytes, bytes]:
-        """``(send_key, receive_key)`` for the client, once the challenge is checked."""
+        """``(send_key, receive_key)`` for the client, once the node is verified."""
+        if not self._node_verified:
+            raise AuthenticationError("the node has not proved it knows the secret")
         c2n, n2c = auth.session_keys(
             self._secret, PROTOCOL_VERSION, self._nonce, self._node_nonce
         )
@@ -110,42 +161,52 @@ class NodeHandshake:
         self._secret = secret or b""
         self._nonce = auth.new_nonce()
         self._client_nonce = b""
+        self._client_verified = False
         self.client_name = ""
 
     def on_hello(self, message: WireMessage) -> Challenge:
-        """Check the client's version; answer with our nonce and proof."""
+        """Check the client's version; answer with our nonce (and nothing else)."""
+        if self._client_nonce:
+            raise MessageError("a second hello from client")
         hello = _expect(message, Hello)
         if hello.version != PROTOCOL_VERSION:
             raise ProtocolVersionError(
-                f"client speaks protocol version {hello.version}, this node speaks "
-                f"{PROTOCOL_VERSION}: install the same dispynb version on both"
+                f"client speaks protocol version {peer_text(hello.version)}, this node "
+                f"speaks {PROTOCOL_VERSION}: install the same dispynb version on both"
             )
-        if hello.role != CLIENT or len(hello.nonce) != auth.NONCE_SIZE:
+        if (
+            hello.role != CLIENT
+            or len(hello.nonce) != auth.NONCE_SIZE
+            or hello.nonce == self._nonce
+        ):
             raise MessageError("malformed hello from client")
         self._client_nonce = hello.nonce
-        self.client_name = hello.name
-        return Challenge(
-            version=PROTOCOL_VERSION,
-            role=NODE,
-            nonce=self._nonce,
-            proof=auth.proof(
-                self._secret, NODE, PROTOCOL_VERSION, hello.nonce, self._nonce
-            ),
-        )
+        self.client_name = peer_text(hello.name)
+        return Challenge(version=PROTOCOL_VERSION, role=NODE, nonce=self._nonce)
 
-    def on_auth(self, message: WireMessage) -> None:
-        """Check the client's proof; raise `AuthenticationError` if it is wrong."""
+    def on_auth(self, message: WireMessage) -> Auth:
+        """Check the client's proof (`AuthenticationError` if wrong); return ours."""
         received = _expect(message, Auth)
+        if not self._client_nonce or self._client_verified:
+            raise AuthenticationError("the client's proof came out of turn")
         expected = auth.proof(
             self._secret, CLIENT, PROTOCOL_VERSION, self._client_nonce, self._nonce
         )
-        if not self._client_nonce or not auth.check_proof(expected, received.proof):
+        if not auth.check_proof(expected, received.proof):
             raise AuthenticationError(
                 "the client's proof is wrong: it uses another secret than this node"
             )
+        self._client_verified = True
+        return Auth(
+            proof=auth.proof(
+                self._secret, NODE, PROTOCOL_VERSION, self._client_nonce, self._nonce
+            )
+        )
 
     def keys(self) -> tuple[bytes, bytes]:
         """``(send_key, receive_key)`` for the node, once the client is verified."""
+        if not self._client_verified:
+            raise AuthenticationError("the client has not proved it knows the secret")
         c2n, n2c = auth.session_keys(
             self._secret, PROTOCOL_VERSION, self._client_nonce, self._nonce
         )

@@ -19,7 +19,7 @@ import msgpack
 
 from dispynb.errors import MessageError
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 #: Limits for headers decoded before authentication (handshake messages are tiny).
 _PRE_AUTH_LIMITS = {
@@ -172,17 +172,16 @@ class Hello(WireMessage):
 
 @message("challenge")
 class Challenge(WireMessage):
-    """Node -> client: the node's nonce and its proof of knowing the secret."""
+    """Node -> client: the node's nonce (its proof comes only after the client's)."""
 
     version: int
     role: str
     nonce: bytes
-    proof: bytes
 
 
 @message("auth")
 class Auth(WireMessage):
-    """Client -> node: the client's proof."""
+    """Either way: a proof of knowing the secret (the client's, then the node's)."""
 
     proof: bytes
 

@@ -3,21 +3,33 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import logging
+import random
 import socket
 import ssl
 
-from dispynb.defaults import CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT
+from dispynb.defaults import CONNECT_RETRY, CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT
 from dispynb.errors import (
     AuthenticationError,
+    ConfigurationError,
     ConnectionClosedError,
     ConnectTimeoutError,
+    NodeBusyError,
     ProtocolError,
     TransportError,
 )
 from dispynb.protocol.messages import Welcome
+from dispynb.secret import check_strength
 from dispynb.transport.addressing import format_address
 from dispynb.transport.connection import Connection
 from dispynb.transport.handshake import client_handshake
+
+logger = logging.getLogger(__name__)
+
+#: Seconds before the first retry of a refused connection; doubled up to the maximum.
+RETRY_FIRST = 0.05
+RETRY_MAX = 1.0
 
 
 async def connect(
@@ -30,24 +42,71 @@ async def connect(
     name: str = "",
     timeout: float = CONNECT_TIMEOUT,
     handshake_timeout: float = HANDSHAKE_TIMEOUT,
+    retry_for: float = CONNECT_RETRY,
 ) -> tuple[Connection, Welcome]:
     """Connect and authenticate to the node at ``host:port``.
+
+    A node that refuses the connection as busy (too many connections in their
+    handshake) is tried again with a growing delay (jittered, 0.05 s doubling up to
+    1 s) for up to ``retry_for`` seconds. A secret is proved to a node on another
+    host only if it is strong (`dispynb.secret.check_strength`): whoever listens
+    there gets the proof, and could test guesses of a weak secret against it.
 
     Raises
     ------
     ConnectTimeoutError
         The TCP connect or the handshake took too long.
     ConnectionClosedError
-        Nothing accepts connections there, or it hung up.
+        Nothing accepts connections there, or it hung up (`NodeBusyError`: it kept
+        refusing the connection as busy for ``retry_for`` seconds).
     AuthenticationError
-        The node does not share our secret.
+        The node does not share our secret, or our secret is too weak to prove to a
+        node on another host.
     ProtocolError
         The peer is not a dispynb node, or runs another protocol version.
     """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + retry_for
+    delay = RETRY_FIRST
+    while True:
+        try:
+            return await _connect_once(
+                host,
+                port,
+                secret=secret,
+                max_message_size=max_message_size,
+                ssl_context=ssl_context,
+                name=name,
+                timeout=timeout,
+                handshake_timeout=handshake_timeout,
+            )
+        except NodeBusyError as exc:
+            wait = delay * random.uniform(0.5, 1.0)
+            if loop.time() + wait > deadline:
+                raise NodeBusyError(
+                    f"{exc}; still refused after retrying for {retry_for:g} s"
+                ) from exc
+            logger.debug("%s; retrying in %.2f s", exc, wait)
+            await asyncio.sleep(wait)
+            delay = min(delay * 2, RETRY_MAX)
+
+
+async def _connect_once(
+    host: str,
+    port: int,
+    *,
+    secret: bytes | None,
+    max_message_size: int,
+    ssl_context: ssl.SSLContext | None,
+    name: str,
+    timeout: float,
+    handshake_timeout: float,
+) -> tuple[Connection, Welcome]:
     peer = format_address(host, port)
     try:
         async with asyncio.timeout(timeout):
             sock = await open_socket(host, port)
+            _check_secret_for(sock, secret, peer)
             if ssl_context is None:
                 conn = Connection.over_socket(sock, peer)
             else:
@@ -81,13 +140,27 @@ async def connect(
             f"{peer} did not complete the dispynb handshake in {handshake_timeout} s; "
             "is it a dispynb node (with TLS if the node uses TLS)?"
         ) from None
-    except (ProtocolError, AuthenticationError) as exc:
+    except (ProtocolError, AuthenticationError, NodeBusyError) as exc:
         conn.abort()
         raise type(exc)(f"{peer}: {exc}") from exc
     except BaseException:
         conn.abort()
         raise
     return conn, welcome
+
+
+def _check_secret_for(sock: socket.socket, secret: bytes | None, peer: str) -> None:
+    """Refuse to prove a weak secret to a node that is not on this host."""
+    if not secret:
+        return
+    address = sock.getpeername()[0]
+    if ipaddress.ip_address(address.split("%", 1)[0]).is_loopback:
+        return
+    try:
+        check_strength(secret, f"to prove to {peer}, on another host")
+    except ConfigurationError as exc:
+        sock.close()
+        raise AuthenticationError(str(exc)) from None
 
 
 async def open_socket(host: str, port: int) -> socket.socket:

@@ -29,8 +29,8 @@ async def client_handshake(
     """Authenticate to a node; return its `Welcome`. The connection is then signed."""
     handshake = ClientHandshake(secret, name)
     conn.write(handshake.hello())
-    challenge = await _recv_wire(conn)
-    conn.write(handshake.on_challenge(challenge))
+    conn.write(handshake.on_challenge(await _recv_wire(conn)))
+    handshake.on_confirm(await _recv_wire(conn))
     send_key, receive_key = handshake.keys()
     conn.start_signing(send_key, receive_key, max_size)
     welcome, _ = await conn.recv()
@@ -54,11 +54,12 @@ async def node_handshake(
     try:
         hello = await _recv_wire(conn)
         conn.write(handshake.on_hello(hello))
-        handshake.on_auth(await _recv_wire(conn))
+        confirm = handshake.on_auth(await _recv_wire(conn))
     except (AuthenticationError, ProtocolVersionError, MessageError) as exc:
         with contextlib.suppress(DispynbError):
             await conn.send(refusal(exc))
         raise
+    conn.write(confirm)
     send_key, receive_key = handshake.keys()
     conn.start_signing(send_key, receive_key, max_size)
     await conn.send(make_welcome())

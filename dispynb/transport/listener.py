@@ -4,27 +4,46 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 
 from tornado.netutil import bind_sockets
 
 from dispynb.defaults import HANDSHAKE_TIMEOUT
 from dispynb.errors import ConnectionClosedError, DispynbError
-from dispynb.protocol.messages import Welcome
+from dispynb.protocol.framing import encode_frames
+from dispynb.protocol.handshake import peer_text
+from dispynb.protocol.messages import Error, Welcome, pack_header
 from dispynb.transport.addressing import format_address
+from dispynb.transport.admission import (
+    LOG_PERIOD,
+    MAX_PENDING_HANDSHAKES,
+    MAX_PENDING_PER_SOURCE,
+    Admission,
+    Tally,
+    source_of,
+)
 from dispynb.transport.connection import Connection, describe_error
 from dispynb.transport.handshake import node_handshake
 
-logger = logging.getLogger(__name__)
+__all__ = ["MAX_PENDING_HANDSHAKES", "MAX_PENDING_PER_SOURCE", "Handler", "Listener"]
 
-#: Connections allowed to be in their handshake at once; more are closed at accept.
-MAX_PENDING_HANDSHAKES = 64
+logger = logging.getLogger(__name__)
 
 #: Connections accepted per wake-up of a listening socket.
 _ACCEPT_BATCH = 16
+
+#: accept() errors that mean "out of a resource" (file descriptors, buffers): the
+#: listener pauses instead of retrying at once, which would spin.
+_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+#: Seconds before the first retry of a paused listener; doubled up to the maximum.
+ACCEPT_RETRY_FIRST = 0.05
+ACCEPT_RETRY_MAX = 1.0
 
 Handler = Callable[[Connection, str], Awaitable[None]]
 
@@ -32,8 +51,11 @@ Handler = Callable[[Connection, str], Awaitable[None]]
 class Listener:
     """Accepts connections; runs the handshake; calls ``handler(conn, client_name)``.
 
-    A failed or slow handshake (over ``handshake_timeout``) closes that connection only,
-    with a warning; the handler's own errors are logged and close only its connection.
+    A failed or slow handshake (over ``handshake_timeout``) closes that connection
+    only; such failures are logged as counts per source address (`Tally`). The
+    handler's own errors are logged and close only its connection. When accept fails
+    for lack of file descriptors, the listener stops accepting and retries with a
+    growing delay (one warning when it starts, one line with the count when it ends).
     """
 
     def __init__(
@@ -45,6 +67,8 @@ class Listener:
         max_message_size: int,
         ssl_context: ssl.SSLContext | None = None,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        admission: Admission | None = None,
+        log_period: float = LOG_PERIOD,
     ) -> None:
         self._ssl_context = ssl_context
         self._handler = handler
@@ -52,10 +76,21 @@ class Listener:
         self._make_welcome = make_welcome
         self._max_message_size = max_message_size
         self._handshake_timeout = handshake_timeout
-        self._pending = 0
+        self.admission = admission or Admission()
+        self._tally = Tally(logger, log_period)
         self._tasks: set[asyncio.Task[None]] = set()
         self._sockets: list[socket.socket] = []
         self.port = 0
+        # Out-of-descriptors episode: when it began, failed accepts, next delay.
+        self._paused_since: float | None = None
+        self._failed_accepts = 0
+        self._retry_delay = ACCEPT_RETRY_FIRST
+        self._retry: asyncio.TimerHandle | None = None
+
+    @property
+    def _pending(self) -> int:
+        """Connections in their handshake now."""
+        return self.admission.pending
 
     def listen_on(self, host: str, port: int) -> int:
         """Bind and listen on ``host:port`` (0 picks a free port); return the port.
@@ -74,36 +109,88 @@ class Listener:
     def stop(self) -> None:
         """Stop accepting connections (idempotent); accepted ones go on."""
         loop = asyncio.get_running_loop()
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
         for sock in self._sockets:
-            loop.remove_reader(sock.fileno())
+            if self._paused_since is None:
+                loop.remove_reader(sock.fileno())
             sock.close()
         self._sockets.clear()
+        self._tally.close()
 
     def _accept(self, listening: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         for _ in range(_ACCEPT_BATCH):
             try:
                 sock, address = listening.accept()
-            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            except (BlockingIOError, InterruptedError):
+                self._caught_up()
                 return
-            except OSError as exc:  # out of file descriptors...: try again later
-                logger.warning("cannot accept a connection: %s", exc)
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:
+                if exc.errno in _EXHAUSTED:
+                    self._pause(exc)
+                else:
+                    logger.warning("cannot accept a connection: %s", exc)
                 return
-            task = loop.create_task(self._serve(sock, address))
+            source = source_of(address)
+            refusal = self.admission.admit(source)
+            if refusal is not None:
+                self._tally.event("refused connections", source, refusal)
+                _refuse(sock, refusal)
+                continue
+            task = loop.create_task(self._serve(sock, address, source))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _serve(self, sock: socket.socket, address: tuple[str, int]) -> None:
+    def _pause(self, exc: OSError) -> None:
+        """Out of descriptors: stop accepting; retry after a delay that grows."""
+        loop = asyncio.get_running_loop()
+        if self._paused_since is None:
+            self._paused_since = time.monotonic()
+            self._failed_accepts = 0
+            self._retry_delay = ACCEPT_RETRY_FIRST
+            logger.warning(
+                "cannot accept connections (%s): pausing, retrying every %g s at most "
+                "until descriptors are free again",
+                exc.strerror or exc,
+                ACCEPT_RETRY_MAX,
+            )
+        else:
+            self._retry_delay = min(self._retry_delay * 2, ACCEPT_RETRY_MAX)
+        self._failed_accepts += 1
+        if self._retry is None:
+            for sock in self._sockets:
+                loop.remove_reader(sock.fileno())
+            self._retry = loop.call_later(self._retry_delay, self._resume)
+
+    def _resume(self) -> None:
+        self._retry = None
+        loop = asyncio.get_running_loop()
+        for sock in self._sockets:
+            loop.add_reader(sock.fileno(), self._accept, sock)
+
+    def _caught_up(self) -> None:
+        """Nothing more to accept: an out-of-descriptors episode, if any, is over."""
+        if self._paused_since is None:
+            return
+        logger.warning(
+            "accepting connections again after %.1f s short of descriptors "
+            "(%d accept attempts failed)",
+            time.monotonic() - self._paused_since,
+            self._failed_accepts,
+        )
+        self._paused_since = None
+
+    async def _serve(
+        self, sock: socket.socket, address: tuple[str, int], source: str
+    ) -> None:
         """Handshake, then run the handler for one connection."""
         peer = format_address(str(address[0]), int(address[1]))
-        if self._pending >= MAX_PENDING_HANDSHAKES:
-            logger.warning(
-                "too many pending handshakes; dropping connection from %s", peer
-            )
-            sock.close()
-            return
-        self._pending += 1
         conn: Connection | None = None
+        failure = ""
         try:
             async with asyncio.timeout(self._handshake_timeout):
                 if self._ssl_context is None:
@@ -116,18 +203,20 @@ class Listener:
                     conn, self._secret, self._max_message_size, self._make_welcome
                 )
         except TimeoutError:
-            logger.warning("handshake with %s timed out; connection closed", peer)
-            _abort(conn, sock)
-            return
+            failure = f"handshake timed out after {self._handshake_timeout:g} s"
         except DispynbError as exc:
-            logger.warning("rejected connection from %s: %s", peer, describe_error(exc))
-            _abort(conn, sock)
-            return
+            failure = peer_text(describe_error(exc))
         except BaseException:
             _abort(conn, sock)
             raise
         finally:
-            self._pending -= 1
+            self.admission.release(source)
+        if failure:
+            self.admission.failed(source)
+            self._tally.event("rejected connections", source, failure)
+            _abort(conn, sock)
+            return
+        assert conn is not None
         try:
             await self._handler(conn, name)
         except ConnectionClosedError:
@@ -138,6 +227,18 @@ class Listener:
             logger.exception("error serving %s", peer)
         finally:
             conn.close()
+
+
+def _refuse(sock: socket.socket, reason: str) -> None:
+    """Tell a peer refused at accept why (best effort, never blocks), then close."""
+    head, parts = encode_frames(
+        [pack_header(Error(code="busy", message=reason).to_header())]
+    )
+    with contextlib.suppress(OSError):
+        sock.setblocking(False)
+        sock.send(b"".join([head, *parts]))
+    with contextlib.suppress(OSError):
+        sock.close()
 
 
 def _abort(conn: Connection | None, sock: socket.socket) -> None:

@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 from dispynb.defaults import PRE_AUTH_MAX_FRAME
+from dispynb.errors import NodeBusyError
 from dispynb.protocol.framing import PREFIX, encode_frames
 from dispynb.protocol.handshake import ClientHandshake
 from dispynb.protocol.messages import (
@@ -24,8 +25,9 @@ from dispynb.protocol.messages import (
     Welcome,
     pack_header,
 )
-from dispynb.transport.listener import MAX_PENDING_HANDSHAKES
+from dispynb.transport.admission import MAX_PENDING_PER_SOURCE, Admission
 from tests.asyncutil import run
+from tests.hostile.tools import attacker_socket
 from tests.transport.util import (
     echo_round_trip,
     raw_connection,
@@ -232,7 +234,7 @@ def test_wrong_proof_is_refused(measure, caplog):
             async with raw_connection(listener.port) as (reader, writer):
                 handshake = ClientHandshake(b"guess")
                 writer.write(unsigned_frame(handshake.hello()))
-                await read_message(reader)  # the challenge, whose proof we ignore
+                await read_message(reader)  # the challenge: a nonce, no proof
                 writer.write(unsigned_frame(Auth(proof=b"\x00" * 32)))
                 error, _ = await read_message(reader)
                 assert error.op == "error"
@@ -262,6 +264,8 @@ def test_replayed_handshake_is_refused(measure, caplog):
                 challenge, _ = await read_message(reader)
                 auth = unsigned_frame(handshake.on_challenge(challenge))
                 writer.write(auth)
+                confirm, _ = await read_message(reader)
+                handshake.on_confirm(confirm)
                 welcome, _ = await read_message(reader, _verifier(handshake))
                 assert isinstance(welcome, Welcome)
             # ...and replay them on a second one: the node's nonce is new.
@@ -285,26 +289,48 @@ def _verifier(handshake: ClientHandshake):
     return MessageVerifier(handshake.keys()[1])
 
 
-def test_too_many_pending_handshakes_are_dropped_at_accept(caplog):
+def test_one_source_gets_only_its_share_of_pending_handshakes(caplog):
     async def main():
         async with serving() as (listener, _):
-            idle = []
+            idle = [
+                attacker_socket(listener.port) for _ in range(MAX_PENDING_PER_SOURCE)
+            ]
             try:
-                for _ in range(MAX_PENDING_HANDSHAKES):
-                    idle.append(
-                        await asyncio.open_connection("127.0.0.1", listener.port)
-                    )
-                await wait_until(lambda: listener._pending == MAX_PENDING_HANDSHAKES)
-                async with raw_connection(listener.port) as (reader, _):
-                    assert await read_until_closed(reader) == b""
-                assert warnings_from(caplog, "too many pending handshakes")
+                await wait_until(lambda: listener._pending == MAX_PENDING_PER_SOURCE)
+                extra = attacker_socket(listener.port)
+                with extra:
+                    reply = await asyncio.to_thread(extra.recv, 4096)
+                assert b"busy" in reply and b"from your address" in reply
+                await echo_round_trip(listener.port)  # 127.0.0.1 still gets in
             finally:
-                for _, writer in idle:
-                    writer.close()
-                for _, writer in idle:
-                    await writer.wait_closed()
+                for sock in idle:
+                    sock.close()
             await wait_until(lambda: listener._pending == 0)
+        assert warnings_from(caplog, "refused connections from 127.0.0.2")
+
+    run(main())
+
+
+def test_a_busy_node_is_retried_until_a_slot_frees(caplog):
+    async def main():
+        admission = Admission(max_pending=2, max_pending_per_source=2)
+        async with serving(admission=admission) as (listener, _):
+            idle = [attacker_socket(listener.port) for _ in range(2)]
+            await wait_until(lambda: listener._pending == 2)
+            asyncio.get_running_loop().call_later(
+                0.3, lambda: [s.close() for s in idle]
+            )
+            start = time.monotonic()
             await echo_round_trip(listener.port)
+            assert time.monotonic() - start >= 0.25
+            with pytest.raises(NodeBusyError, match=r"retrying for 0\.2 s"):
+                idle = [attacker_socket(listener.port) for _ in range(2)]
+                await wait_until(lambda: listener._pending == 2)
+                try:
+                    await echo_round_trip(listener.port, retry_for=0.2)
+                finally:
+                    for sock in idle:
+                        sock.close()
 
     run(main())
 
@@ -340,11 +366,13 @@ def test_slowloris_is_closed_at_the_handshake_deadline(measure, caplog):
                     dripping = time.monotonic() - start
                 finally:
                     dripper.cancel()
-            assert len(warnings_from(caplog, "timed out")) == 2
             await echo_round_trip(listener.port)
             return silent, dripping
 
     silent, dripping = run(main())
+    # Logged as counts: the first at once, the second in the summary at stop.
+    assert warnings_from(caplog, "from 127.0.0.1: handshake timed out")
+    assert warnings_from(caplog, "1 more rejected connections from 127.0.0.1")
     measure(
         f"deadline 0.5 s: silent closed after {silent:.2f} s, dripping after "
         f"{dripping:.2f} s; a client was served meanwhile"

@@ -6,12 +6,18 @@ import dataclasses
 
 import pytest
 
-from dispynb.errors import AuthenticationError, MessageError, ProtocolVersionError
+from dispynb.errors import (
+    AuthenticationError,
+    MessageError,
+    NodeBusyError,
+    ProtocolVersionError,
+)
 from dispynb.protocol import auth
 from dispynb.protocol.handshake import (
     ClientHandshake,
     NodeHandshake,
     error_to_exception,
+    peer_text,
     refusal,
 )
 from dispynb.protocol.messages import (
@@ -35,10 +41,16 @@ def wire(message: WireMessage) -> WireMessage:
     )
 
 
+def exchange(client: ClientHandshake, node: NodeHandshake) -> None:
+    """The whole handshake, every message through msgpack."""
+    challenge = node.on_hello(wire(client.hello()))
+    confirm = node.on_auth(wire(client.on_challenge(wire(challenge))))
+    client.on_confirm(wire(confirm))
+
+
 def test_handshake_same_secret_succeeds_with_matching_keys():
     client, node = ClientHandshake(SECRET, name="me"), NodeHandshake(SECRET)
-    challenge = node.on_hello(wire(client.hello()))
-    node.on_auth(wire(client.on_challenge(wire(challenge))))
+    exchange(client, node)
     client_send, client_receive = client.keys()
     node_send, node_receive = node.keys()
     assert client_send == node_receive
@@ -49,7 +61,7 @@ def test_handshake_same_secret_succeeds_with_matching_keys():
 
 def test_handshake_both_without_secret_succeeds():
     client, node = ClientHandshake(None), NodeHandshake(None)
-    node.on_auth(client.on_challenge(node.on_hello(client.hello())))
+    exchange(client, node)
     assert client.keys() == node.keys()[::-1]
 
 
@@ -57,7 +69,7 @@ def test_handshake_keys_differ_per_connection():
     keys = []
     for _ in range(2):
         client, node = ClientHandshake(SECRET), NodeHandshake(SECRET)
-        node.on_auth(client.on_challenge(node.on_hello(client.hello())))
+        exchange(client, node)
         keys.append(client.keys())
     assert set(keys[0]).isdisjoint(keys[1])
 
@@ -70,42 +82,59 @@ def test_hello_carries_version_role_and_fresh_nonce():
     assert one.nonce != two.nonce
 
 
+def test_challenge_carries_nothing_computed_from_the_secret():
+    """An unauthenticated client gets no verifier to test guesses against offline."""
+    challenge = NodeHandshake(SECRET).on_hello(ClientHandshake(None).hello())
+    assert set(challenge.to_header()) == {"op", "version", "role", "nonce"}
+
+
 @pytest.mark.parametrize("client_secret", [b"wrong", None])
-def test_handshake_wrong_secret_detected_by_client(client_secret):
+def test_handshake_wrong_secret_detected_by_node_which_never_proves(client_secret):
     client, node = ClientHandshake(client_secret), NodeHandshake(SECRET)
-    challenge = node.on_hello(client.hello())
-    with pytest.raises(AuthenticationError, match="secret") as info:
-        client.on_challenge(challenge)
-    assert SECRET.decode() not in str(info.value)
-
-
-def test_handshake_node_without_secret_detected_by_client():
-    client, node = ClientHandshake(SECRET), NodeHandshake(None)
-    with pytest.raises(AuthenticationError):
-        client.on_challenge(node.on_hello(client.hello()))
-
-
-def test_handshake_wrong_secret_with_forged_challenge_detected_by_node():
-    wrong = b"attacker's guess"
-    client, node = ClientHandshake(wrong), NodeHandshake(SECRET)
-    hello = client.hello()
-    real = node.on_hello(hello)
-    # An impostor in the middle re-signs the challenge with the client's secret,
-    # so the client accepts it; its proof must still fail at the node.
-    forged = dataclasses.replace(
-        real,
-        proof=auth.proof(wrong, "node", PROTOCOL_VERSION, hello.nonce, real.nonce),
-    )
-    answer = client.on_challenge(forged)
-    with pytest.raises(AuthenticationError, match="proof is wrong"):
+    answer = client.on_challenge(node.on_hello(client.hello()))
+    with pytest.raises(AuthenticationError, match="proof is wrong") as info:
         node.on_auth(answer)
+    assert SECRET.decode() not in str(info.value)
+    with pytest.raises(AuthenticationError):
+        node.keys()
+    # The client is told why, in the node's words.
+    with pytest.raises(AuthenticationError, match="proof is wrong"):
+        client.on_confirm(wire(refusal(info.value)))
+
+
+def test_impostor_node_without_the_secret_detected_by_client():
+    client, impostor = ClientHandshake(SECRET), NodeHandshake(b"impostor's guess")
+    hello = client.hello()
+    challenge = impostor.on_hello(hello)
+    client.on_challenge(challenge)
+    # It cannot answer with a valid proof: it can only make one with its guess.
+    forged = Auth(
+        proof=auth.proof(
+            b"impostor's guess", "node", PROTOCOL_VERSION, hello.nonce, challenge.nonce
+        )
+    )
+    with pytest.raises(AuthenticationError, match="does not know our shared secret"):
+        client.on_confirm(forged)
+    with pytest.raises(AuthenticationError):
+        client.keys()
+
+
+def test_client_reflected_proof_as_node_proof_rejected():
+    client, node = ClientHandshake(SECRET), NodeHandshake(SECRET)
+    answer = client.on_challenge(node.on_hello(client.hello()))
+    with pytest.raises(AuthenticationError):
+        client.on_confirm(answer)  # a node echoing the client's own proof
 
 
 def test_node_reflected_proof_as_auth_rejected():
     client, node = ClientHandshake(SECRET), NodeHandshake(SECRET)
-    challenge = node.on_hello(client.hello())
+    other_client, other_node = ClientHandshake(SECRET), NodeHandshake(SECRET)
+    node.on_hello(client.hello())
+    confirm = other_node.on_auth(
+        other_client.on_challenge(other_node.on_hello(other_client.hello()))
+    )
     with pytest.raises(AuthenticationError):
-        node.on_auth(Auth(proof=challenge.proof))
+        node.on_auth(confirm)
 
 
 @pytest.mark.parametrize("proof", [b"", b"x" * 31, b"x" * 33, b"\0" * 32])
@@ -136,11 +165,23 @@ def test_node_replayed_auth_from_other_handshake_rejected():
         second.on_auth(answer)
 
 
-def test_client_replayed_challenge_rejected():
-    old_client, node = ClientHandshake(SECRET), NodeHandshake(SECRET)
-    captured = node.on_hello(old_client.hello())
-    with pytest.raises(AuthenticationError):
-        ClientHandshake(SECRET).on_challenge(captured)
+def test_messages_out_of_turn_rejected():
+    client, node = ClientHandshake(SECRET), NodeHandshake(SECRET)
+    with pytest.raises(MessageError):
+        client.on_confirm(Auth(proof=b"x" * 32))  # before the challenge
+    hello = client.hello()
+    challenge = node.on_hello(hello)
+    with pytest.raises(MessageError, match="second hello"):
+        node.on_hello(hello)
+    answer = client.on_challenge(challenge)
+    with pytest.raises(MessageError, match="second challenge"):
+        client.on_challenge(challenge)
+    confirm = node.on_auth(answer)
+    with pytest.raises(AuthenticationError, match="out of turn"):
+        node.on_auth(answer)
+    client.on_confirm(confirm)
+    with pytest.raises(MessageError, match="out of turn"):
+        client.on_confirm(confirm)
 
 
 def test_node_newer_client_version_raises_with_both_versions():
@@ -181,6 +222,7 @@ def test_client_version_refusal_from_node_raises_with_both_versions():
         ("auth", AuthenticationError),
         ("version", ProtocolVersionError),
         ("protocol", MessageError),
+        ("busy", NodeBusyError),
         ("anything-else", MessageError),
     ],
 )
@@ -202,6 +244,25 @@ def test_refusal_round_trips_to_same_exception_type(exc, code):
     error = refusal(exc)
     assert error.code == code
     assert type(error_to_exception(wire(error))) is type(exc)
+
+
+def test_peer_text_is_escaped_and_cut_in_exceptions():
+    forged = "wrong\n2026-01-01 CRITICAL nodeserver: all good\x1b[2J" + "x" * 500
+    text = str(error_to_exception(Error(code="protocol", message=forged)))
+    assert "\n" not in text and "\x1b" not in text
+    assert "wrong\\n2026-01-01" in text
+    assert len(text) < 300 and "more characters" in text
+
+
+def test_peer_text_keeps_printable_text_unchanged():
+    assert peer_text("héllo wörld: 42") == "héllo wörld: 42"
+
+
+def test_node_escapes_a_client_name_with_control_characters():
+    node = NodeHandshake(SECRET)
+    hello = dataclasses.replace(ClientHandshake(SECRET).hello(), name="a\nb\r")
+    node.on_hello(hello)
+    assert node.client_name == "a\\nb\\r"
 
 
 def test_client_error_instead_of_challenge_raises_mapped_exception():
@@ -246,8 +307,9 @@ def test_client_malformed_challenge_raises(change):
 def test_client_reflected_hello_as_challenge_rejected():
     client = ClientHandshake(SECRET)
     hello = client.hello()
-    reflected = Challenge(
-        version=hello.version, role="client", nonce=hello.nonce, proof=b"x" * 32
-    )
+    reflected = Challenge(version=hello.version, role="client", nonce=hello.nonce)
     with pytest.raises(MessageError):
         client.on_challenge(reflected)
+    own_nonce = Challenge(version=hello.version, role="node", nonce=hello.nonce)
+    with pytest.raises(MessageError):
+        client.on_challenge(own_nonce)

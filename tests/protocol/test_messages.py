@@ -22,7 +22,7 @@ NONCE = b"\x01" * 32
 
 SAMPLES: list[WireMessage] = [
     m.Hello(version=PROTOCOL_VERSION, role="client", nonce=NONCE, name="laptop"),
-    m.Challenge(version=PROTOCOL_VERSION, role="node", nonce=NONCE, proof=b"p" * 32),
+    m.Challenge(version=PROTOCOL_VERSION, role="node", nonce=NONCE),
     m.Auth(proof=b"q" * 32),
     m.Welcome(
         name="node-1",

@@ -349,20 +349,23 @@ def test_connect_node_refusal_raises_mapped_error(code, kind):
     run(main())
 
 
-def test_connect_impostor_replaying_captured_challenge_rejected():
+def test_connect_impostor_replaying_captured_node_messages_rejected():
     async def main():
-        # Capture a real node's challenge for some other client's hello...
+        # Capture a real node's challenge and proof for some other client...
         async with (
             serving() as (listener, _),
             raw_connection(listener.port) as (reader, writer),
         ):
-            writer.write(unsigned_frame(ClientHandshake(SECRET).hello()))
+            handshake = ClientHandshake(SECRET)
+            writer.write(unsigned_frame(handshake.hello()))
             captured, _ = await read_message(reader)
+            writer.write(unsigned_frame(handshake.on_challenge(captured)))
+            confirm, _ = await read_message(reader)
 
-        # ...and serve it to a new client: its nonce differs, so the proof fails.
+        # ...and serve them to a new client: its nonce differs, so the proof fails.
         async def replay(reader):
-            await reader.readexactly(8)
-            return unsigned_frame(captured)
+            await read_message(reader)
+            return unsigned_frame(captured) + unsigned_frame(confirm)
 
         async with fake_node(replay) as port:
             with pytest.raises(AuthenticationError, match="secret"):

@@ -30,6 +30,7 @@ from dispynb.protocol.messages import (
     pack_header,
     unpack_header,
 )
+from dispynb.transport.admission import Admission
 from dispynb.transport.connection import Connection
 from dispynb.transport.connector import connect
 from dispynb.transport.listener import Listener
@@ -104,6 +105,7 @@ async def serving(
     ssl_context=None,
     handshake_timeout: float = WAIT,
     handler: Echo | None = None,
+    admission: Admission | None = None,
 ) -> AsyncIterator[tuple[Listener, Echo]]:
     """An echo node on 127.0.0.1; stopped, with its connections closed, on exit."""
     echo = handler or Echo()
@@ -114,6 +116,7 @@ async def serving(
         max_message_size=max_message_size,
         ssl_context=ssl_context,
         handshake_timeout=handshake_timeout,
+        admission=admission,
     )
     listener.listen_on(HOST, 0)
     try:
@@ -221,6 +224,8 @@ class RawClient:
         self.writer.write(unsigned_frame(handshake.hello()))
         challenge, _ = await read_message(self.reader)
         self.writer.write(unsigned_frame(handshake.on_challenge(challenge)))
+        confirm, _ = await read_message(self.reader)
+        handshake.on_confirm(confirm)
         send_key, receive_key = handshake.keys()
         self.signer = MessageSigner(send_key)
         self.verifier = MessageVerifier(receive_key)

@@ -1,0 +1,202 @@
+"""Who may start a handshake: pending shares, failure throttling, tallied logs.
+
+A node has a global limit of connections in their handshake; one source address may
+hold only a share of it, so a single peer cannot lock everybody else out. A source whose
+handshakes keep failing (wrong secret, garbage, timeouts) is throttled: its new
+connections are refused at accept until its failure budget refills, which bounds online
+guessing of the secret. Refusals and failures are logged as counts per source and
+period, never one line per connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+#: Connections allowed in their handshake at once, from all sources together.
+MAX_PENDING_HANDSHAKES = 64
+
+#: Connections one source address (an IPv6 /64) may have in their handshake at once.
+MAX_PENDING_PER_SOURCE = 8
+
+#: Failed handshakes a source may have in a burst before it is throttled...
+FAILURE_BURST = 10
+
+#: ...and the failures per second it is allowed in the long run.
+FAILURE_RATE = 0.5
+
+#: Seconds between the summary lines of repeated events of one kind and source.
+LOG_PERIOD = 60.0
+
+#: Sources remembered (least recently seen forgotten first), to bound memory.
+_MAX_SOURCES = 4096
+
+
+def source_of(address: object) -> str:
+    """The source a peer address counts under: its IPv4 address, or its IPv6 /64."""
+    host = address[0] if isinstance(address, tuple) else str(address)
+    try:
+        ip = ipaddress.ip_address(str(host).split("%", 1)[0])
+    except ValueError:
+        return str(host)
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        if not ip.is_loopback:
+            return str(ipaddress.IPv6Network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    stamp: float
+
+
+class Admission:
+    """Decides at accept whether a connection may start its handshake.
+
+    Call `admit` for each accepted connection; when it returns None, call `release`
+    once its handshake ends, and `failed` if the handshake failed.
+    """
+
+    def __init__(
+        self,
+        max_pending: int = MAX_PENDING_HANDSHAKES,
+        max_pending_per_source: int = MAX_PENDING_PER_SOURCE,
+        failure_burst: int = FAILURE_BURST,
+        failure_rate: float = FAILURE_RATE,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_pending = max_pending
+        self.max_pending_per_source = max_pending_per_source
+        self.failure_burst = failure_burst
+        self.failure_rate = failure_rate
+        self._clock = clock
+        self.pending = 0
+        self._pending_by_source: dict[str, int] = {}
+        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
+
+    def admit(self, source: str) -> str | None:
+        """None if ``source`` may start a handshake now (counted as pending), else why
+        not (a sentence for the peer and the log)."""
+        if self._throttled(source):
+            return (
+                "too many failed handshakes from your address: wait, then check "
+                "that client and node use the same secret"
+            )
+        if self.pending >= self.max_pending:
+            return "too many connections are in their handshake: retry shortly"
+        if self._pending_by_source.get(source, 0) >= self.max_pending_per_source:
+            return (
+                "too many connections from your address are in their handshake: "
+                "retry shortly"
+            )
+        self.pending += 1
+        self._pending_by_source[source] = self._pending_by_source.get(source, 0) + 1
+        return None
+
+    def release(self, source: str) -> None:
+        """The handshake of an admitted connection from ``source`` ended."""
+        self.pending -= 1
+        left = self._pending_by_source[source] - 1
+        if left:
+            self._pending_by_source[source] = left
+        else:
+            del self._pending_by_source[source]
+
+    def failed(self, source: str) -> None:
+        """A handshake from ``source`` failed: spend one token of its budget."""
+        bucket = self._refilled(source)
+        bucket.tokens -= 1
+
+    def _throttled(self, source: str) -> bool:
+        if source not in self._buckets:
+            return False
+        return self._refilled(source).tokens < 1
+
+    def _refilled(self, source: str) -> _Bucket:
+        now = self._clock()
+        bucket = self._buckets.pop(source, None)
+        if bucket is None:
+            bucket = _Bucket(float(self.failure_burst), now)
+        else:
+            bucket.tokens = min(
+                float(self.failure_burst),
+                bucket.tokens + (now - bucket.stamp) * self.failure_rate,
+            )
+            bucket.stamp = now
+        self._buckets[source] = bucket
+        while len(self._buckets) > _MAX_SOURCES:
+            self._buckets.popitem(last=False)
+        return bucket
+
+
+class Tally:
+    """Logs repeated events as counts: the first of a kind from a source at once, then
+    at most one line per ``period`` saying how many more there were."""
+
+    def __init__(self, log: logging.Logger, period: float = LOG_PERIOD) -> None:
+        self._log = log
+        self.period = period
+        self._counts: dict[tuple[str, str], list[object]] = {}
+        self._timer: asyncio.TimerHandle | None = None
+
+    def event(self, what: str, source: str, detail: str = "") -> None:
+        """One event ``what`` (e.g. "rejected handshakes") from ``source``."""
+        key = (what, source)
+        entry = self._counts.get(key)
+        if entry is None:
+            if len(self._counts) >= _MAX_SOURCES:
+                key = (what, "other sources")
+                entry = self._counts.setdefault(key, [0, detail])
+            else:
+                self._counts[key] = [0, detail]
+                self._log.warning(
+                    "%s from %s: %s", what, source, detail or "(no detail)"
+                )
+                self._schedule()
+                return
+        entry[0] = int(entry[0]) + 1  # type: ignore[call-overload]
+        entry[1] = detail
+
+    def _schedule(self) -> None:
+        if self._timer is None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(self.period, self.flush)
+
+    def flush(self) -> None:
+        """Log the counts gathered since the last flush; forget quiet sources."""
+        self._timer = None
+        for key, entry in list(self._counts.items()):
+            count, detail = entry
+            if not count:
+                del self._counts[key]
+                continue
+            what, source = key
+            self._log.warning(
+                "%d more %s from %s in the last %g s (last: %s)",
+                count,
+                what,
+                source,
+                self.period,
+                detail or "no detail",
+            )
+            entry[0] = 0
+        if self._counts:
+            self._schedule()
+
+    def close(self) -> None:
+        """Log what is left and stop the timer."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self.flush()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._counts.clear()
