@@ -154,8 +154,8 @@ class NodeConfig:
                 "(--secret-file FILE with mode 600, or DISPYNB_SECRET) and/or TLS "
                 "(--certfile/--keyfile), or listen on 127.0.0.1"
             )
-        if self.secret and not is_loopback(self.host):
-            check_strength(self.secret, f"for a node listening on {self.host!r}")
+        if self.secret and public:
+            check_strength(self.secret, f"for a node listening on {public[0]!r}")
 
 
 def _resolve_ext_host(ext_host: str, discovery: bool | None) -> str:

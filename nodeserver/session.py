@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from dispynb.errors import DispynbError, MessageError, ProtocolError, SetupError
 from dispynb.protocol.files import safe_relative_path
+from dispynb.protocol.handshake import peer_text
 from dispynb.protocol.messages import (
     RETURNED,
     TERMINATED,
@@ -43,7 +44,7 @@ from dispynb.protocol.messages import (
     Recover,
     Recovered,
 )
-from dispynb.transport.connection import Connection
+from dispynb.transport.connection import BadMessageError, Connection
 from nodeserver.computation import Computation, JobLimits, NodeJob
 from nodeserver.keeper import Kept, ResultKeeper
 from nodeserver.monitor import avail_info
@@ -119,7 +120,7 @@ class ClientSession:
         """Handle messages until the connection ends; then close all computations."""
         try:
             # Messages are handled in the socket's read callback: no task switch.
-            await self.conn.dispatch(self._on_message)
+            await self.conn.dispatch(self._on_message, self._on_bad_message)
         finally:
             for _missing, start in self._waiting_for_files.values():
                 start.close()  # never started: the files did not all arrive
@@ -140,6 +141,17 @@ class ClientSession:
                 task.cancel()
 
     # -- handlers ------------------------------------------------------------------
+
+    def _on_bad_message(self, error: BadMessageError) -> None:
+        """A message this node does not understand: say so; the session goes on."""
+        text = peer_text(error)
+        logger.warning(
+            "%s sent a message this node cannot use: %s", self.conn.peer, text
+        )
+        self._send_error(
+            "protocol",
+            f"{text}: ignored (are client and node the same dispynb version?)",
+        )
 
     def _on_message(self, message: Message, buffers: list[memoryview]) -> None:
         self._last_heard = time.monotonic()

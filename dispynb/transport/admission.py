@@ -138,65 +138,64 @@ class Admission:
 
 
 class Tally:
-    """Logs repeated events as counts: the first of a kind from a source at once, then
-    at most one line per ``period`` saying how many more there were."""
+    """Logs repeated events as counts, so no peer can flood the log.
+
+    Per kind of event (``what``) and ``period``: the first `IMMEDIATE` events from
+    distinct sources are logged at once, with their detail; the rest are counted, and
+    one line at the end of the period says how many there were, from how many
+    sources, which source sent most, and the last detail.
+    """
+
+    IMMEDIATE = 3
 
     def __init__(self, log: logging.Logger, period: float = LOG_PERIOD) -> None:
         self._log = log
         self.period = period
-        self._counts: dict[tuple[str, str], list[object]] = {}
+        self._logged: dict[str, set[str]] = {}
+        self._counted: dict[str, dict[str, int]] = {}
+        self._last: dict[str, str] = {}
         self._timer: asyncio.TimerHandle | None = None
 
     def event(self, what: str, source: str, detail: str = "") -> None:
-        """One event ``what`` (e.g. "rejected handshakes") from ``source``."""
-        key = (what, source)
-        entry = self._counts.get(key)
-        if entry is None:
-            if len(self._counts) >= _MAX_SOURCES:
-                key = (what, "other sources")
-                entry = self._counts.setdefault(key, [0, detail])
+        """One event ``what`` (e.g. "rejected connections") from ``source``."""
+        logged = self._logged.setdefault(what, set())
+        if source not in logged and len(logged) < self.IMMEDIATE:
+            logged.add(source)
+            self._log.warning("%s from %s: %s", what, source, detail or "no detail")
+        else:
+            counted = self._counted.setdefault(what, {})
+            if source in counted or len(counted) < _MAX_SOURCES:
+                counted[source] = counted.get(source, 0) + 1
             else:
-                self._counts[key] = [0, detail]
-                self._log.warning(
-                    "%s from %s: %s", what, source, detail or "(no detail)"
-                )
-                self._schedule()
-                return
-        entry[0] = int(entry[0]) + 1  # type: ignore[call-overload]
-        entry[1] = detail
-
-    def _schedule(self) -> None:
+                counted["other sources"] = counted.get("other sources", 0) + 1
+            self._last[what] = detail
         if self._timer is None:
             loop = asyncio.get_running_loop()
             self._timer = loop.call_later(self.period, self.flush)
 
     def flush(self) -> None:
-        """Log the counts gathered since the last flush; forget quiet sources."""
+        """Log the counts gathered since the last flush; start a new period."""
         self._timer = None
-        for key, entry in list(self._counts.items()):
-            count, detail = entry
-            if not count:
-                del self._counts[key]
-                continue
-            what, source = key
+        for what, counted in self._counted.items():
+            total = sum(counted.values())
+            top = max(counted, key=counted.__getitem__)
             self._log.warning(
-                "%d more %s from %s in the last %g s (last: %s)",
-                count,
+                "%d more %s from %d source(s) in the last %g s (most from %s: %d; "
+                "last: %s)",
+                total,
                 what,
-                source,
+                len(counted),
                 self.period,
-                detail or "no detail",
+                top,
+                counted[top],
+                self._last.get(what) or "no detail",
             )
-            entry[0] = 0
-        if self._counts:
-            self._schedule()
+        self._logged.clear()
+        self._counted.clear()
+        self._last.clear()
 
     def close(self) -> None:
         """Log what is left and stop the timer."""
         if self._timer is not None:
             self._timer.cancel()
         self.flush()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._counts.clear()

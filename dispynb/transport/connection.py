@@ -29,6 +29,7 @@ from dispynb.errors import (
     ConnectionClosedError,
     DispynbError,
     FramingError,
+    MessageError,
     TransportError,
 )
 from dispynb.protocol.auth import MAC_SIZE, MessageSigner, MessageVerifier
@@ -70,6 +71,12 @@ def _link_error(peer: str, exc: BaseException | None) -> DispynbError:
     return ConnectionClosedError(f"connection to {peer} failed: {exc}")
 
 
+class BadMessageError(MessageError):
+    """An authenticated peer sent a message this side does not understand (an unknown
+    op, or fields of the wrong kind): the frame itself was intact and signed, so the
+    connection can go on without it."""
+
+
 class Connection:
     """One message connection; starts unsigned (handshake), then every message is MAC'd.
 
@@ -109,6 +116,7 @@ class Connection:
         self._waiter: asyncio.Future[None] | None = None
         self._handler: Handler | None = None
         self._dispatched: asyncio.Future[None] | None = None
+        self._on_bad: Callable[[BadMessageError], None] | None = None
         self._delivering = False
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -322,27 +330,40 @@ class Connection:
             # the end of the handshake sends that. Check it now, in turn.
             verifier.verify((prefix, signed), mac)
         trusted = self._trusted or verifier is not None
-        header = unpack_header(buffers[0], trusted=trusted)
-        return self.family.from_header(header), buffers[1:]
+        if verifier is None:
+            header = unpack_header(buffers[0], trusted=trusted)
+            return self.family.from_header(header), buffers[1:]
+        try:
+            header = unpack_header(buffers[0], trusted=trusted)
+            return self.family.from_header(header), buffers[1:]
+        except MessageError as exc:
+            raise BadMessageError(str(exc)) from None
 
-    async def dispatch(self, handler: Handler) -> None:
+    async def dispatch(
+        self,
+        handler: Handler,
+        on_bad: Callable[[BadMessageError], None] | None = None,
+    ) -> None:
         """Call ``handler(message, buffers)`` for each message, as soon as it arrives.
 
         Messages are handled in order, on the loop, inside the socket's read callback.
         Returns once ``handler`` returns True (later messages stay for `recv` or the
         next `dispatch`). Raises what `recv` would raise once the connection ends or
         a message is bad, and whatever ``handler`` raises (no message is handled
-        after that).
+        after that). With ``on_bad``, a signed message that is intact but not
+        understood (`BadMessageError`) goes to ``on_bad`` instead, and dispatch goes on.
         """
         if self._handler is not None or self._waiter is not None:
             raise RuntimeError(f"two readers on {self!r}")
         done = self._dispatched = asyncio.get_running_loop().create_future()
         self._handler = handler
+        self._on_bad = on_bad
         try:
             self._deliver()
             await done
         finally:
             self._handler = self._dispatched = None
+            self._on_bad = None
 
     def _deliver(self) -> None:
         """Hand queued messages to the dispatch handler; report how dispatch ends."""
@@ -355,6 +376,11 @@ class Connection:
                 try:
                     if handler(*self._take()):
                         done.set_result(None)
+                except BadMessageError as exc:
+                    if self._on_bad is None:
+                        done.set_exception(exc)
+                    else:
+                        self._on_bad(exc)
                 except Exception as exc:
                     done.set_exception(exc)
             if not self._inbox and self._failure is not None and not done.done():

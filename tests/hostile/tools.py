@@ -16,6 +16,16 @@ from pathlib import Path
 
 import psutil
 
+from dispynb.defaults import PRE_AUTH_MAX_FRAME
+from dispynb.protocol.auth import MAC_SIZE, MessageSigner, MessageVerifier
+from dispynb.protocol.framing import (
+    PREFIX_SIZE,
+    encode_frames,
+    parse_prefix,
+    split_body,
+)
+from dispynb.protocol.handshake import ClientHandshake
+from dispynb.protocol.messages import Welcome, WireMessage, pack_header, unpack_header
 from tests.nodeproc import CliNode, start_node
 
 #: Source address of attackers' sockets (the victim client uses 127.0.0.1).
@@ -99,3 +109,88 @@ def limited_node(
         yield node
     finally:
         node.stop()
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError(f"peer closed after {len(data)} of {size} bytes")
+        data += chunk
+    return bytes(data)
+
+
+class RawSession:
+    """A client made of dispynb's sans-IO pieces on a blocking socket.
+
+    `open` authenticates as a real client would (from ``source``); then `send` can
+    sign anything, including what a real client never sends (``send_header`` takes a
+    raw header map).
+    """
+
+    def __init__(self, sock: socket.socket, handshake: ClientHandshake) -> None:
+        self.sock = sock
+        send_key, receive_key = handshake.keys()
+        self.signer = MessageSigner(send_key)
+        self.verifier = MessageVerifier(receive_key)
+
+    @classmethod
+    def open(
+        cls,
+        port: int,
+        secret: str | bytes,
+        source: str = "127.0.0.1",
+        name: str = "hostile",
+        timeout: float = 5.0,
+    ) -> RawSession:
+        """Connect from ``source`` and authenticate; `NodeBusyError` if refused."""
+        key = secret.encode() if isinstance(secret, str) else secret
+        sock = attacker_socket(port, source, timeout=timeout)
+        try:
+            handshake = ClientHandshake(key, name)
+            send_unsigned(sock, handshake.hello())
+            send_unsigned(sock, handshake.on_challenge(recv_unsigned(sock)))
+            handshake.on_confirm(recv_unsigned(sock))
+            session = cls(sock, handshake)
+            welcome = session.recv()
+            assert isinstance(welcome, Welcome), welcome
+        except BaseException:
+            sock.close()
+            raise
+        return session
+
+    def send_header(self, header: dict[str, object]) -> None:
+        """Sign and send a message made of ``header`` (any map)."""
+        head, parts = encode_frames([pack_header(header)], MAC_SIZE)
+        mac = self.signer.sign([head, *parts])
+        self.sock.sendall(b"".join([head, *parts, mac]))
+
+    def send(self, message: WireMessage) -> None:
+        self.send_header(message.to_header())
+
+    def recv(self) -> WireMessage:
+        """The next message from the node (its MAC checked)."""
+        prefix = _recv_exactly(self.sock, PREFIX_SIZE)
+        size, count = parse_prefix(prefix, 1 << 30, MAC_SIZE)
+        body = _recv_exactly(self.sock, size)
+        buffers, signed, mac = split_body(body, count, MAC_SIZE)
+        self.verifier.verify((prefix, signed), mac)
+        return WireMessage.from_header(unpack_header(buffers[0], trusted=True))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def send_unsigned(sock: socket.socket, message: WireMessage) -> None:
+    """Send a handshake message (unsigned)."""
+    head, parts = encode_frames([pack_header(message.to_header())])
+    sock.sendall(b"".join([head, *parts]))
+
+
+def recv_unsigned(sock: socket.socket) -> WireMessage:
+    """Receive a handshake message (unsigned, decoded with the pre-auth limits)."""
+    prefix = _recv_exactly(sock, PREFIX_SIZE)
+    size, count = parse_prefix(prefix, PRE_AUTH_MAX_FRAME)
+    buffers, _signed, _mac = split_body(_recv_exactly(sock, size), count)
+    return WireMessage.from_header(unpack_header(buffers[0], trusted=False))
