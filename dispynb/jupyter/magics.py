@@ -671,8 +671,8 @@ def _friendly(what: str, hint: str) -> Iterator[None]:
     # A node that cannot be used is logged too: say it once, in the error, when
     # nothing could start; log it (after the fact) when the others could.
     held = _HoldRecords()
-    driver = logging.getLogger("dispynb.scheduler.driver")
-    driver.addFilter(held)
+    for name in _HELD_LOGGERS:
+        logging.getLogger(name).addFilter(held)
     try:
         yield
     except (MagicError, UsageError):
@@ -682,19 +682,27 @@ def _friendly(what: str, hint: str) -> Iterator[None]:
         message = f"{what}: {exc}"
         raise MagicError(f"{message}\n{hint}" if hint else message) from None
     finally:
-        driver.removeFilter(held)
+        for name in _HELD_LOGGERS:
+            logging.getLogger(name).removeFilter(held)
         for record in held.records:
-            driver.handle(record)
+            logging.getLogger(record.name).handle(record)
+
+
+#: Loggers that report unusable nodes, and how those messages start.
+_HELD_LOGGERS = ("dispynb.scheduler.driver", "dispynb.cluster")
+_HELD_MESSAGES = ("node %s cannot be used", "no node could be used")
 
 
 class _HoldRecords(logging.Filter):
-    """Keep the records of a logger aside instead of emitting them."""
+    """Keep the records about unusable nodes aside instead of emitting them."""
 
     def __init__(self) -> None:
         super().__init__()
         self.records: list[logging.LogRecord] = []
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(_HELD_MESSAGES):
+            return True
         self.records.append(record)
         return False
 

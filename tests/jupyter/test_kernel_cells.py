@@ -86,7 +86,8 @@ def _short(text: str) -> None:
 def test_unreachable_nodes_say_so_in_two_lines_with_the_fix(tmp_path: Path):
     with kernel(tmp_path) as k:
         k.run_ok("%load_ext dispynb")
-        out = k.execute(f"%dispy nodes 127.0.0.1:{_closed_port()}")
+        ports = (_closed_port(), _closed_port())
+        out = k.execute(f"%dispy nodes 127.0.0.1:{ports[0]} 127.0.0.1:{ports[1]}")
         assert out.ename == "MagicError", out.text
         _short(out.text)
         assert "cannot connect to 127.0.0.1" in out.text
