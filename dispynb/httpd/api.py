@@ -8,6 +8,10 @@
 ``POST /api/nodes/<id>/cpus``    body ``{"cpus": n}``: `JobCluster.set_node_cpus`
 ===========================  ==============================================
 
+Every route takes ``?cluster=<key>`` to pick one of the clusters shown
+(`DispyHTTPServer.add_cluster`); without it, the first one. A snapshot lists every
+cluster shown (``clusters``: key and name) so that the page can offer a choice.
+
 Actions run on a small thread pool: they call the cluster's synchronous API, which
 waits for the cluster's own I/O thread, and the monitor's loop must keep answering.
 """
@@ -19,6 +23,9 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+import tornado.escape
+import tornado.iostream
 
 from dispynb.httpd.feed import ChangeFeed
 from dispynb.httpd.security import CSRF_HEADER, SecureHandler
@@ -35,11 +42,19 @@ MAX_CPUS = 4096
 
 
 @dataclass
-class ApiContext:
-    """What the API handlers share: the monitor, its change feed and options."""
+class ClusterView:
+    """One cluster shown by the monitor: its `ClusterMonitor` and change feed."""
 
+    key: str
     monitor: ClusterMonitor
     feed: ChangeFeed
+
+
+@dataclass
+class ApiContext:
+    """What the API handlers share: the clusters shown, by key, and options."""
+
+    views: dict[str, ClusterView]
     executor: ThreadPoolExecutor
     show_job_args: bool
     poll_sec: float
@@ -53,11 +68,43 @@ class ApiHandler(SecureHandler):
     def initialize(self, context: ApiContext) -> None:
         """Take the shared context (given in the route table)."""
         self.context = context
+        self._counted_at_flush = False
         context.active += 1
 
     def on_finish(self) -> None:
-        """Count the request as answered."""
-        self.context.active -= 1
+        """Count the request as answered (see `finish_flushed`)."""
+        if not self._counted_at_flush:
+            self.context.active -= 1
+
+    async def finish_flushed(self, data: Any) -> None:
+        """Answer ``data`` as JSON; the request counts as answered only once the
+        answer left, so that a shutdown does not cut it off."""
+        self._counted_at_flush = True
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        try:
+            await self.finish(tornado.escape.json_encode(data))
+        except tornado.iostream.StreamClosedError:
+            pass  # the browser left
+        finally:
+            self.context.active -= 1
+
+    def view(self) -> ClusterView | None:
+        """The cluster named by ``?cluster=`` (default: the first); refuses if none."""
+        views = self.context.views
+        key = self.get_query_argument("cluster", None)
+        if key is None:
+            view = next(iter(views.values()), None)
+            if view is None:
+                self.refuse(404, "the monitor shows no cluster now (add_cluster)")
+            return view
+        view = views.get(key)
+        if view is None:
+            self.refuse(
+                404,
+                f"no cluster {key[:80]!r} in this monitor; it shows: "
+                + (", ".join(views) or "none"),
+            )
+        return view
 
     async def run_blocking(self, fn: Any, *args: Any) -> Any:
         """Run ``fn(*args)`` on the API's thread pool."""
@@ -93,14 +140,22 @@ class ClusterHandler(ApiHandler):
         max_jobs = self.int_argument("max_jobs", DEFAULT_MAX_JOBS, 1, MAX_JOBS_LIMIT)
         if since is None or max_jobs is None:
             return
+        view = self.view()
+        if view is None:
+            return
         context = self.context
         if since >= 0:
-            await context.feed.wait(since, context.poll_sec)
-        snapshot = context.monitor.snapshot(
+            await view.feed.wait(since, context.poll_sec)
+        snapshot = view.monitor.snapshot(
             show_args=context.show_job_args, max_jobs=max_jobs
         )
+        snapshot["key"] = view.key
+        snapshot["clusters"] = [
+            {"key": key, "name": other.monitor.cluster.name}
+            for key, other in list(context.views.items())
+        ]
         self.set_header(CSRF_HEADER, self.guard.csrf_token)
-        self.write_json(snapshot)
+        await self.finish_flushed(snapshot)
 
 
 class CancelJobHandler(ApiHandler):
@@ -111,7 +166,10 @@ class CancelJobHandler(ApiHandler):
         if not key.isdigit() or len(key) > 18:
             self.refuse(400, f"job key must be a non-negative integer, not {key!r}")
             return
-        if not await self.run_blocking(self.context.monitor.cancel, int(key)):
+        view = self.view()
+        if view is None:
+            return
+        if not await self.run_blocking(view.monitor.cancel, int(key)):
             self.refuse(
                 404, f"no job with key {key} to cancel (unknown or already done)"
             )
@@ -124,7 +182,10 @@ class CancelAllHandler(ApiHandler):
 
     async def post(self) -> None:
         """Cancel every job not done; answers how many."""
-        count = await self.run_blocking(self.context.monitor.cancel_all)
+        view = self.view()
+        if view is None:
+            return
+        count = await self.run_blocking(view.monitor.cancel_all)
         self.write_json({"cancelled": count})
 
 
@@ -136,9 +197,10 @@ class NodeCpusHandler(ApiHandler):
         cpus = self._cpus_from_body()
         if cpus is None:
             return
-        used = await self.run_blocking(
-            self.context.monitor.set_node_cpus, node_id, cpus
-        )
+        view = self.view()
+        if view is None:
+            return
+        used = await self.run_blocking(view.monitor.set_node_cpus, node_id, cpus)
         if used < 0:
             self.refuse(404, f"no node {node_id!r} in this cluster (ids are 'ip:port')")
             return

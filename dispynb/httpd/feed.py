@@ -36,6 +36,8 @@ class ChangeFeed:
         self._loop = loop
         self._event = asyncio.Event()
         self._stop = threading.Event()
+        #: Long-polls waiting now.
+        self.waiting = 0
         self._thread = threading.Thread(
             target=self._watch, name="dispynb-httpd-watch", daemon=True
         )
@@ -58,8 +60,12 @@ class ChangeFeed:
         """Return once the monitor's version is not ``since``, or after ``timeout``."""
         if self._monitor.version != since or self._stop.is_set():
             return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._event.wait(), timeout)
+        self.waiting += 1
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._event.wait(), timeout)
+        finally:
+            self.waiting -= 1
 
     def _watch(self) -> None:
         version = self._monitor.version

@@ -14,7 +14,7 @@ import ssl
 import threading
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import tornado.httpserver
 import tornado.web
@@ -25,6 +25,7 @@ from dispynb.httpd.api import (
     CancelAllHandler,
     CancelJobHandler,
     ClusterHandler,
+    ClusterView,
     NodeCpusHandler,
 )
 from dispynb.httpd.assets import AssetHandler, load_assets
@@ -59,8 +60,9 @@ class DispyHTTPServer:
         The `JobCluster` (or `SharedJobCluster`) to show.
     host:
         Address to bind; default 127.0.0.1 (this machine only). Any other address
-        (``''`` or ``'0.0.0.0'``: all interfaces) needs ``certfile`` or
-        ``allow_plain_http=True``.
+        (``'0.0.0.0'``: all interfaces) needs ``certfile`` or
+        ``allow_plain_http=True``. ``''`` (dispy's default, all interfaces) binds
+        127.0.0.1 without them, with a warning saying so.
     port:
         TCP port; 0 picks a free one (see :attr:`port`).
     poll_sec:
@@ -84,6 +86,7 @@ class DispyHTTPServer:
     >>> monitor = DispyHTTPServer(cluster)  # doctest: +SKIP
     >>> print(monitor.url)  # doctest: +SKIP
     http://127.0.0.1:8181/?token=...
+    >>> monitor.add_cluster(other_cluster)  # doctest: +SKIP
     >>> monitor.shutdown()  # doctest: +SKIP
     """
 
@@ -104,6 +107,13 @@ class DispyHTTPServer:
     ) -> None:
         _check_options(cluster, poll_sec, DocumentRoot)
         ssl_context = _ssl_context(keyfile, certfile)
+        if host == "" and ssl_context is None and not allow_plain_http:
+            logger.warning(
+                "web monitor: host='' (all interfaces) would send its token in clear "
+                "text over the network: serving 127.0.0.1 only. Give certfile/keyfile "
+                "for HTTPS, or allow_plain_http=True, to serve other machines"
+            )
+            host = "127.0.0.1"
         if not is_loopback(host) and ssl_context is None and not allow_plain_http:
             raise ConfigurationError(
                 f"host {host!r} makes the monitor reachable from other machines: "
@@ -127,6 +137,7 @@ class DispyHTTPServer:
         )
         self._ssl_context = ssl_context
         self._cluster = cluster
+        self._views: dict[str, ClusterView] = {}
         self._loop = asyncio.new_event_loop()
         self._executor = concurrent.futures.ThreadPoolExecutor(
             2, "dispynb-httpd-action"
@@ -162,6 +173,63 @@ class DispyHTTPServer:
         """The access token (for ``Authorization: Token <token>`` in scripts)."""
         return self._token
 
+    def add_cluster(self, cluster: JobCluster) -> None:
+        """Show ``cluster`` too (dispy's ``add_cluster``); the page offers a choice.
+
+        A cluster already shown is left as it is.
+        """
+        if cluster is None:
+            raise ConfigurationError("add_cluster needs the cluster to show")
+        self._call_on_loop(self._add_view, cluster)
+
+    def del_cluster(self, cluster: JobCluster) -> None:
+        """Stop showing ``cluster`` (dispy's ``del_cluster``); unknown ones are ignored.
+
+        The cluster itself is left alone.
+        """
+        view = self._call_on_loop(self._remove_view, cluster)
+        if view is not None:
+            view.monitor.close()
+            view.feed.join()
+
+    @property
+    def clusters(self) -> list[JobCluster]:
+        """The clusters shown, in the order they were added."""
+        return [view.monitor.cluster for view in list(self._views.values())]
+
+    def _call_on_loop(self, fn: Any, *args: Any) -> Any:
+        if self._closed:
+            raise ConfigurationError("the web monitor was shut down")
+
+        async def call() -> Any:
+            return fn(*args)
+
+        future = asyncio.run_coroutine_threadsafe(call(), self._loop)
+        return future.result(timeout=_START_TIMEOUT)
+
+    def _add_view(self, cluster: JobCluster) -> None:
+        from dispynb.monitoring import ClusterMonitor
+
+        if any(view.monitor.cluster is cluster for view in self._views.values()):
+            return
+        key = str(getattr(cluster, "name", "cluster"))
+        base, number = key, 1
+        while key in self._views:
+            number += 1
+            key = f"{base}-{number}"
+        monitor = ClusterMonitor(cluster)
+        feed = ChangeFeed(monitor, self._loop)
+        self._views[key] = ClusterView(key, monitor, feed)
+        feed.start()
+
+    def _remove_view(self, cluster: JobCluster) -> ClusterView | None:
+        for key, view in list(self._views.items()):
+            if view.monitor.cluster is cluster:
+                del self._views[key]
+                view.feed.stop()
+                return view
+        return None
+
     def shutdown(self, wait: bool = True) -> None:
         """Stop the server (idempotent).
 
@@ -179,8 +247,9 @@ class DispyHTTPServer:
             finally:
                 self._loop.call_soon_threadsafe(self._loop.stop)
                 self._thread.join()
-                self._monitor.close()  # also wakes the watcher out of wait_change
-                self._feed.join()
+                for view in self._views.values():
+                    view.monitor.close()  # also wakes the watcher out of wait_change
+                    view.feed.join()
         self._thread.join(timeout=_START_TIMEOUT)
         self._executor.shutdown(wait=True, cancel_futures=True)
         for sock in self._sockets:
@@ -205,9 +274,9 @@ class DispyHTTPServer:
         try:
             self._setup()
         except BaseException as exc:
-            monitor = getattr(self, "_monitor", None)
-            if monitor is not None:
-                monitor.close()
+            for view in self._views.values():
+                view.feed.stop()
+                view.monitor.close()
             self._started.set_exception(exc)
         else:
             self._started.set_result(None)
@@ -217,12 +286,9 @@ class DispyHTTPServer:
             self._loop.close()
 
     def _setup(self) -> None:
-        from dispynb.monitoring import ClusterMonitor
-
-        self._monitor = ClusterMonitor(self._cluster)
-        self._feed = ChangeFeed(self._monitor, self._loop)
+        self._add_view(self._cluster)
         self._context = context = ApiContext(
-            self._monitor, self._feed, self._executor, self.show_job_args, self.poll_sec
+            self._views, self._executor, self.show_job_args, self.poll_sec
         )
         self._app = self._application(context)
         self._http = tornado.httpserver.HTTPServer(
@@ -232,7 +298,6 @@ class DispyHTTPServer:
             idle_connection_timeout=self.poll_sec + 30,
         )
         self._http.add_sockets(self._sockets)
-        self._feed.start()
 
     def _application(self, context: ApiContext) -> tornado.web.Application:
         guard = self._guard
@@ -255,7 +320,8 @@ class DispyHTTPServer:
 
     async def _stop(self, wait: bool) -> None:
         self._http.stop()  # no new connections
-        self._feed.stop()  # wakes the long-polls: they answer with the final state
+        for view in self._views.values():
+            view.feed.stop()  # wakes the long-polls: they answer with the final state
         if wait:
             deadline = time.monotonic() + self.poll_sec
             while self._context.active and time.monotonic() < deadline:

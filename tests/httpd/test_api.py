@@ -214,7 +214,8 @@ def test_shutdown_wait_answers_pending_long_polls(cluster):
     )
     poller.start()
     # The long-poll is waiting (or already answered: a node's status update).
-    wait_until(lambda: server._context.active == 1 or bool(replies))
+    (view,) = server._views.values()
+    wait_until(lambda: view.feed.waiting == 1 or bool(replies))
     started = time.monotonic()
     server.shutdown(wait=True)
     poller.join(WAIT)
@@ -270,7 +271,8 @@ def test_browser_gone_during_long_poll_is_quiet(local):
                 f"Host: 127.0.0.1:{server.port}\r\n"
                 f"Authorization: Token {server.token}\r\n\r\n".encode()
             )
-            wait_until(lambda: server._context.active == 1)
+            (view,) = server._views.values()
+            wait_until(lambda: view.feed.waiting == 1)
         wait_until(lambda: server._context.active == 0)
         assert ok(MonitorClient(server).get("/api/cluster"))["closed"] is True
     finally:

@@ -167,3 +167,39 @@ def test_screenshot_for_the_readme():
         finally:
             server.shutdown(wait=False)
     assert SCREENSHOT.stat().st_size > 10_000
+
+
+def test_monitor_page_switches_between_added_clusters():
+    """dispy's ``add_cluster``: a choice of cluster appears; the page follows it, and
+    ``del_cluster`` of the one shown falls back to the first."""
+    from playwright.sync_api import expect
+
+    with (
+        LocalCluster(cpus=2) as local,
+        JobCluster(jobs.mark_and_sleep, nodes=local) as cluster,
+        JobCluster(jobs.square, nodes=local) as other,
+        chromium_page() as page,
+    ):
+        server = DispyHTTPServer(cluster, port=0, poll_sec=5)
+        try:
+            page.goto(server.url)
+            select = page.locator("#cluster-select")
+            expect(page.locator("#cluster-name")).to_have_text("mark_and_sleep")
+            expect(select).to_be_hidden()  # one cluster: no choice to make
+
+            server.add_cluster(other)
+            for n in range(3):
+                other.submit(n)
+            assert other.wait(timeout=WAIT)
+            cluster.submit(None, 0)  # a change wakes the page's long-poll
+            expect(select).to_be_visible()
+            select.select_option("square")
+            expect(page.locator("#cluster-name")).to_have_text("square")
+            expect(page.locator('[data-count="finished"] b')).to_have_text("3")
+            expect(page.locator("#jobs tbody tr")).to_have_count(3)
+
+            server.del_cluster(other)
+            expect(page.locator("#cluster-name")).to_have_text("mark_and_sleep")
+            expect(select).to_be_hidden()
+        finally:
+            server.shutdown(wait=False)

@@ -253,7 +253,7 @@ def test_random_tokens_differ_and_given_token_is_used(cluster):
     [
         ({"DocumentRoot": "/tmp"}, "DocumentRoot is not supported"),
         ({"host": "0.0.0.0"}, "certfile/keyfile"),
-        ({"host": ""}, "allow_plain_http=True"),
+        ({"host": "10.77.0.1"}, "allow_plain_http=True"),
         ({"token": "short"}, "16 to 256"),
         ({"token": "has spaces and more than 16"}, "16 to 256"),
         ({"keyfile": "/nonexistent.key"}, "keyfile needs certfile"),

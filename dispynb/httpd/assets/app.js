@@ -7,7 +7,10 @@ const CSRF_HEADER = "X-CSRF-Token";
 const MIN_GAP_MS = 250;     // at most four renders a second
 const RETRY_MS = 2000;      // after a network error
 
-const state = { version: -1, csrf: null, snapshot: null, cancelAllArmed: null };
+const state = {
+  version: -1, csrf: null, snapshot: null, cancelAllArmed: null,
+  cluster: null,  // key of the cluster shown (null: the server's first)
+};
 
 const $ = (id) => document.getElementById(id);
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
@@ -79,7 +82,15 @@ function say(text, isError) {
   m.className = isError ? "error" : "ok";
 }
 
+// Every API path names the cluster shown, once the server told us its key.
+function api(path) {
+  if (state.cluster === null) return path;
+  const sep = path.includes("?") ? "&" : "?";
+  return `${path}${sep}cluster=${encodeURIComponent(state.cluster)}`;
+}
+
 async function post(path, body) {
+  path = api(path);
   const headers = { [CSRF_HEADER]: state.csrf || "" };
   if (body !== undefined) headers["Content-Type"] = "application/json";
   try {
@@ -211,8 +222,35 @@ function updateJobRow(row, job, now) {
   row.dataset.status = job.status;
 }
 
+// A choice of cluster when the monitor shows more than one (add_cluster).
+function renderClusters(snap) {
+  const select = $("cluster-select");
+  const clusters = snap.clusters || [];
+  select.hidden = clusters.length < 2;
+  const keys = clusters.map((c) => c.key).join("\n");
+  if (select.dataset.keys !== keys) {
+    select.replaceChildren(...clusters.map((c) => {
+      const option = el("option", "", c.key === c.name ? c.name : `${c.name} (${c.key})`);
+      option.value = c.key;
+      return option;
+    }));
+    select.dataset.keys = keys;
+  }
+  select.value = snap.key;
+}
+
+function chooseCluster(key) {
+  if (key === state.cluster) return;
+  state.cluster = key;
+  state.version = -1;
+  for (const id of ["nodes", "jobs"]) $(id).tBodies[0].replaceChildren();
+  if (state.poll) state.poll.abort();  // ask for the new cluster now
+}
+
 function render(snap) {
   state.snapshot = snap;
+  state.cluster = snap.key;
+  renderClusters(snap);
   setText($("cluster-name"), snap.name);
   document.title = `${snap.name} · dispynb monitor`;
   setText($("uptime"), `up ${fmtSeconds(snap.now - snap.start_time)}`);
@@ -247,10 +285,15 @@ function setConnection(text, kind) {
 async function pollForever() {
   for (;;) {
     const started = Date.now();
+    state.poll = new AbortController();
     try {
-      const r = await fetch(`/api/cluster?since=${state.version}`,
-        { credentials: "same-origin", cache: "no-store" });
+      const r = await fetch(api(`/api/cluster?since=${state.version}`),
+        { credentials: "same-origin", cache: "no-store", signal: state.poll.signal });
       const data = await r.json();
+      if (r.status === 404 && state.cluster !== null) {
+        chooseCluster(null);  // that cluster is no longer shown: show the first
+        continue;
+      }
       if (!r.ok) {
         setConnection(r.status === 403 ? "access refused" : `error ${r.status}`, "error");
         say(data.reason || r.statusText, true);
@@ -262,6 +305,7 @@ async function pollForever() {
       render(data);
       setConnection(data.closed ? "cluster closed" : "live", data.closed ? "closed" : "live");
     } catch (err) {
+      if (err.name === "AbortError") continue;  // another cluster was chosen
       setConnection("disconnected", "error");
       await sleep(RETRY_MS);
       continue;
@@ -273,5 +317,7 @@ async function pollForever() {
 document.addEventListener("DOMContentLoaded", () => {
   const button = $("cancel-all");
   button.addEventListener("click", () => cancelAll(button));
+  const select = $("cluster-select");
+  select.addEventListener("change", () => chooseCluster(select.value));
   pollForever();
 });
