@@ -57,6 +57,12 @@ def _binding(*parts: bytes) -> bytes:
     return b"".join(len(p).to_bytes(4, "big") + p for p in parts)
 
 
+def _key(secret: bytes) -> bytes:
+    # HMAC pads short keys with zero bytes, so b"" and b"\0" (or "s" and "s\0")
+    # would be the same key: hash the secret with its length into the key instead.
+    return hashlib.sha256(_binding(_LABEL, b"key", secret)).digest()
+
+
 def proof(
     secret: bytes, role: str, version: int, client_nonce: bytes, node_nonce: bytes
 ) -> bytes:
@@ -69,7 +75,7 @@ def proof(
         client_nonce,
         node_nonce,
     )
-    return hmac.digest(secret, data, "sha256")
+    return hmac.digest(_key(secret), data, "sha256")
 
 
 def check_proof(expected: bytes, received: object) -> bool:
@@ -84,6 +90,7 @@ def session_keys(
 ) -> tuple[bytes, bytes]:
     """Return ``(client_to_node, node_to_client)`` message keys for one connection."""
     keys = []
+    key = _key(secret)
     for direction in (b"client->node", b"node->client"):
         data = _binding(
             _LABEL,
@@ -93,7 +100,7 @@ def session_keys(
             client_nonce,
             node_nonce,
         )
-        keys.append(hmac.digest(secret, data, "sha256"))
+        keys.append(hmac.digest(key, data, "sha256"))
     return keys[0], keys[1]
 
 

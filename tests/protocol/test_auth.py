@@ -270,3 +270,13 @@ def test_large_mac_from_the_other_direction_fails():
     mac = MessageSigner(node_to_client).sign([large()])
     with pytest.raises(AuthenticationError):
         MessageVerifier(client_to_node).verify([large()], mac)
+
+
+@pytest.mark.parametrize(("one", "other"), [(b"", b"\0"), (b"s", b"s\0\0")])
+def test_secrets_differing_by_trailing_zero_bytes_are_different_keys(one, other):
+    """HMAC pads short keys with zeros; the secret is hashed into the key instead."""
+    nonces = (b"c" * 32, b"n" * 32)
+    assert auth.proof(one, "client", 3, *nonces) != auth.proof(
+        other, "client", 3, *nonces
+    )
+    assert auth.session_keys(one, 3, *nonces) != auth.session_keys(other, 3, *nonces)
