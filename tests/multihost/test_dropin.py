@@ -218,3 +218,49 @@ def test_node_without_secret_serves_loopback_only_and_says_why(
     finally:
         node.stop()
     assert node.proc.returncode == 0
+
+
+#: Counts the datagrams heard on clients' announcement port from ``args["node"]``.
+LISTENER = """
+import socket
+import time
+
+from dispynb.defaults import DISCOVERY_CLIENT_PORT
+
+
+def main(args):
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("", DISCOVERY_CLIENT_PORT))
+    sock.settimeout(1.0)
+    open(args["ready"], "w").close()
+    heard, deadline = 0, time.monotonic() + 20
+    while heard < args["expect"] and time.monotonic() < deadline:
+        try:
+            _data, (ip, _port) = sock.recvfrom(2048)
+        except TimeoutError:
+            continue
+        heard += ip == args["node"]
+    return heard
+"""
+
+
+def test_ping_interval_announces_the_node_again_and_again(
+    network: Network,
+    node_hosts: list[Host],
+    client_host: Host,
+    start: StartNode,
+    tmp_path: Path,
+) -> None:
+    """dispynode's ``--ping_interval``: announcements every SECONDS, not only at start
+    (clients that started later, or lost a datagram, hear it)."""
+    ready = tmp_path / "ready"
+    host = node_hosts[0]
+    args = {"ready": str(ready), "node": host.ip, "expect": 3}
+    client = start_client(network, client_host, tmp_path, LISTENER, args)
+    try:
+        wait_for(ready.exists, 20, "the listener")
+        start(host, "--ping_interval", "0.5")
+        assert client.result(30) == 3
+    finally:
+        client.stop()
