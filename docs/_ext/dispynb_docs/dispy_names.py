@@ -9,7 +9,8 @@ dispynb has each one is computed from the code by `dispynb_docs.migration`.
 
 ``differs`` says how dispynb's version differs when dispynb has the name; ``missing``
 says why dispynb does not have it (and what to do instead) when it does not. A name
-dispynb has and whose ``differs`` is empty is reported "same".
+dispynb has and whose ``differs`` is empty is reported "same" (with its ``note``, if
+any).
 """
 
 from __future__ import annotations
@@ -24,9 +25,12 @@ class Name:
     name: str
     differs: str = ""
     missing: str = ""
+    #: Said when dispynb has the name and behaves as dispy.
+    note: str = ""
     #: dispy's value, for the status numbers.
     value: int | None = None
-    #: For ``dispynode.py`` options: the arguments that exercise it.
+    #: For ``dispynode.py`` options: the arguments that exercise it (``{dir}``: a
+    #: temporary folder, ``{secret}``: a strong secret).
     sample: tuple[str, ...] = ()
     #: Also accepted by dispynb under this name (checked too).
     alias_of: str = ""
@@ -118,10 +122,8 @@ JOBCLUSTER = [
         differs="Accepted and unused: nodes never connect to the "
         "client, so a client behind NAT needs nothing.",
     ),
-    Name(
-        "ip_addr", differs="Deprecated alias of ``host`` (logs a warning), as in dispy."
-    ),
-    Name("ext_ip_addr", differs="Deprecated alias of ``ext_host``, as in dispy."),
+    Name("ip_addr", note="Deprecated alias of ``host`` (logs a warning), as in dispy."),
+    Name("ext_ip_addr", note="Deprecated alias of ``ext_host``, as in dispy."),
     Name("ipv4_udp_multicast"),
     Name(
         "dest_path",
@@ -129,7 +131,7 @@ JOBCLUSTER = [
         "absolute paths are refused.",
     ),
     Name("loglevel", differs="A `logging` level; None leaves logging alone."),
-    Name("callback", differs="Deprecated alias of ``job_status``, as in dispy."),
+    Name("callback", note="Deprecated alias of ``job_status``, as in dispy."),
     Name(
         "setup",
         differs="No 10 s limit (see ``setup_timeout``); jobs are forked "
@@ -206,8 +208,9 @@ METHODS = [
     Name("__enter__"),
     Name(
         "__exit__",
-        differs="Exceptions in the ``with`` body propagate (dispy's "
-        "``__exit__`` swallowed them).",
+        differs="Closes as dispy's (waits for the jobs, also after an exception) but "
+        "never swallows the exception (dispy's did); KeyboardInterrupt and SystemExit "
+        "terminate the jobs.",
     ),
 ]
 
@@ -303,11 +306,15 @@ JOB_GLOBALS = [
     ),
     Name(
         "dispynode_logger",
+        note="Records go to the node's console or log, not to the job's stderr.",
         missing="Use `logging` or ``print``: a job's output "
         "comes back in ``job.stdout``/``job.stderr``.",
     ),
     Name(
         "dispynode_shutdown",
+        differs="Callable from a job too, not only from cleanup; the node stops (as "
+        "on SIGTERM) only if started with ``--client_shutdown``, otherwise it logs "
+        "that it refused.",
         missing="Clients cannot stop a node; stop it with "
         "a signal (SIGTERM drains it).",
     ),
@@ -452,11 +459,11 @@ NODE_OPTIONS = [
         missing="Connections are persistent: liveness comes from pulses, not "
         "per-message timeouts.",
     ),
-    Name("-s", sample=("-s", "abc")),
-    Name("--secret", sample=("--secret", "abc")),
+    Name("-s", sample=("-s", "{secret}")),
+    Name("--secret", sample=("--secret", "{secret}")),
     Name(
         "--admin_secret",
-        sample=("--admin_secret", "abc"),
+        sample=("--admin_secret", "{secret}"),
         missing="There is no admin program; change a node's CPUs from a client "
         "(``set_node_cpus``) or the web monitor.",
     ),

@@ -15,6 +15,7 @@ import inspect
 import io
 import logging
 import os
+import secrets
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -44,7 +45,9 @@ class Row:
 def _row(entry: Name, present: bool, detail: str = "") -> Row:
     if not present:
         return Row(entry.name, NOT_SUPPORTED, entry.missing or "Not in dispynb.")
-    return Row(entry.name, DIFFERENT if entry.differs else SAME, entry.differs, detail)
+    if entry.differs:
+        return Row(entry.name, DIFFERENT, entry.differs, detail)
+    return Row(entry.name, SAME, entry.note, detail)
 
 
 # -- what the code has -----------------------------------------------------------------
@@ -220,6 +223,10 @@ def program_rows() -> list[Row]:
 # -- dispynode options: asked of dispynb-node's own parser ---------------------------
 
 
+#: A strong secret (256 random bits) for the options that need one.
+_SECRET = secrets.token_urlsafe(32)
+
+
 def node_option_rows() -> list[Row]:
     """For each dispynode option: does ``dispynb-node`` accept it, and with what
     effect? The option is given to the real parser (and `config_from_args`)."""
@@ -235,7 +242,10 @@ def node_option_rows() -> list[Row]:
             if action is None:
                 rows.append(_row(entry, False))
                 continue
-            args = [arg.replace("{dir}", tmp) for arg in entry.sample]
+            args = [
+                arg.replace("{dir}", tmp).replace("{secret}", _SECRET)
+                for arg in entry.sample
+            ]
             problem, warnings = _try_options(cli, parser, args)
             help_text = _help(parser, action, entry.name)
             if problem:
@@ -274,7 +284,7 @@ def _try_options(
     with (
         _quiet_logs() as records,
         contextlib.redirect_stderr(err),
-        _environment(DISPYNB_SECRET="docs-build-secret", DISPYNB_SECRET_FILE=None),
+        _environment(DISPYNB_SECRET=_SECRET, DISPYNB_SECRET_FILE=None),
     ):
         try:
             parsed = parser.parse_args(args)
