@@ -118,8 +118,8 @@ class NodeFinder:
         if self._ready():
             return
         answered = (
-            f"{self._answered} node(s) answered but none could be set up (see the "
-            "errors above: a wrong secret?)"
+            f"{self._answered} node(s) answered but none is set up yet (see the "
+            "warnings above)"
             if self._answered
             else "no node answered"
         )

@@ -7,6 +7,7 @@ do not name their nodes: discovery alone finds them.
 
 from __future__ import annotations
 
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -264,3 +265,32 @@ def test_ping_interval_announces_the_node_again_and_again(
         assert client.result(30) == 3
     finally:
         client.stop()
+
+
+def test_wrong_secret_is_named_when_nodes_answer_but_refuse(
+    network: Network,
+    node_hosts: list[Host],
+    client_host: Host,
+    start: StartNode,
+    tmp_path: Path,
+) -> None:
+    """Discovery carries no secret, so a node with another secret answers; the client
+    then fails to authenticate and stops with an error naming the cause (dispy's
+    client waits silently)."""
+    start(node_hosts[0])
+    warned = tmp_path / "warned"
+    client = start_client(
+        network,
+        client_host,
+        tmp_path,
+        WAITING_CLIENT,
+        {"warned": str(warned)},
+        secret=secrets.token_urlsafe(32),  # strong, but not the nodes'
+    )
+    try:
+        _out, err = client.proc.communicate(timeout=40)
+    finally:
+        client.stop()
+    assert client.proc.returncode != 0
+    assert "it uses another secret than this node" in err
+    assert "no node found" not in err
