@@ -166,7 +166,8 @@ def estimate_bits(secret: bytes) -> float:
     - character classes x length: ``log2`` of the alphabet its classes span
       (lowercase 26, uppercase 26, digits 10, punctuation and space 33, other bytes
       161) for each character, except 1 bit for a character that repeats the one
-      before or continues a run like ``abc`` or ``987``;
+      before or steps from it by one (``aa``, ``ab``, ``98``), or starts four
+      characters seen earlier in the secret (``passpass``);
     - its own character distribution: length x the Shannon entropy of the frequencies
       of its characters, which catches a small alphabet used over and over.
 
@@ -182,13 +183,14 @@ def estimate_bits(secret: bytes) -> float:
         pool += _OTHER_BYTES
     per_char = math.log2(pool) if pool > 1 else 0.0
     by_classes = 0.0
-    before: int | None = None
-    step: int | None = None
-    for byte in secret:
-        new_step = None if before is None else byte - before
-        runs_on = new_step == 0 or (new_step in (1, -1) and new_step == step)
-        by_classes += 1.0 if runs_on else per_char
-        before, step = byte, new_step
+    seen: set[bytes] = set()
+    for i, byte in enumerate(secret):
+        step = byte - secret[i - 1] if i else None
+        gram = secret[i : i + 4]
+        repeats = step in (0, 1, -1) or (len(gram) == 4 and gram in seen)
+        by_classes += 1.0 if repeats else per_char
+        if i >= 3:
+            seen.add(secret[i - 3 : i + 1])
     length = len(secret)
     by_distribution = -sum(
         count * math.log2(count / length) for count in Counter(secret).values()

@@ -11,7 +11,15 @@ import pytest
 
 from dispynb.defaults import SECRET_ENV, SECRET_FILE_ENV
 from dispynb.errors import ConfigurationError
-from dispynb.secret import fingerprint, random_secret, resolve_secret
+from dispynb.secret import (
+    MIN_SECRET_BITS,
+    check_strength,
+    estimate_bits,
+    fingerprint,
+    random_secret,
+    resolve_secret,
+    write_new_secret,
+)
 
 SECRET = "correct horse battery staple"
 
@@ -175,3 +183,62 @@ def test_random_secret_called_twice_gives_distinct_url_safe_text():
     assert first != second
     assert len(first) >= 43  # 32 random bytes
     assert set(first) <= set(string.ascii_letters + string.digits + "-_")
+
+
+# --- strength ---------------------------------------------------------------------
+
+WEAK_SECRETS = [
+    b"dragon",
+    b"Tr0ub4dor&3",
+    b"correct horse battery staple",
+    b"a" * 100,
+    b"abcdefghijklmnopqrstuvwxyz" * 4,
+    b"0123456789" * 8,
+]
+
+
+@pytest.mark.parametrize("weak", WEAK_SECRETS)
+def test_estimate_bits_of_weak_secrets_is_under_the_floor(weak):
+    assert estimate_bits(weak) < MIN_SECRET_BITS
+
+
+def test_estimate_bits_of_generated_secrets_is_over_the_floor():
+    assert min(estimate_bits(random_secret().encode()) for _ in range(200)) > 160
+    assert min(estimate_bits(os.urandom(48)) for _ in range(200)) > MIN_SECRET_BITS
+
+
+def test_check_strength_names_the_fix_never_the_secret():
+    with pytest.raises(ConfigurationError, match="dispynb secret") as info:
+        check_strength(SECRET.encode(), "for a node listening on '0.0.0.0'")
+    assert SECRET not in str(info.value)
+    assert "0.0.0.0" in str(info.value)
+    check_strength(random_secret().encode(), "anywhere")
+
+
+def test_write_new_secret_creates_a_strong_0600_file_and_never_overwrites(tmp_path):
+    path = tmp_path / "secret"
+    secret = write_new_secret(path)
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert resolve_secret(None, path) == secret.encode()
+    assert estimate_bits(secret.encode()) >= MIN_SECRET_BITS
+    with pytest.raises(ConfigurationError, match="already exists"):
+        write_new_secret(path)
+    assert resolve_secret(None, path) == secret.encode()
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ConfigurationError):
+        write_new_secret(link)
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_dispynb_secret_command_prints_or_writes_a_secret(tmp_path, capsys):
+    from dispynb.cli import main
+
+    assert main(["secret"]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert len(printed) == 43 and estimate_bits(printed.encode()) >= MIN_SECRET_BITS
+    path = tmp_path / "s"
+    assert main(["secret", str(path)]) == 0
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert main(["secret", str(path)]) == 1
+    assert "already exists" in capsys.readouterr().err
