@@ -43,6 +43,7 @@ from dispynb.protocol.messages import (
     Ping,
     Recover,
     Recovered,
+    ResultChunk,
 )
 from dispynb.transport.connection import BadMessageError, Connection
 from nodeserver.computation import Computation, JobLimits, NodeJob
@@ -66,6 +67,11 @@ START_REPORT_DELAY = 0.005
 
 #: A results batch is cut once its buffers pass this size.
 BATCH_BYTES = 32 * 1024 * 1024
+
+#: A result this large (its pickled buffers) travels in `ResultChunk` messages of
+#: `CHUNK_BYTES`, so the client can assemble it in place.
+STREAM_BYTES = 64 * 1024 * 1024
+CHUNK_BYTES = 16 * 1024 * 1024
 
 #: Bytes queued for a client (not yet taken by its socket) over which this session's
 #: computations stop reading from their workers until the queue has drained: a client
@@ -456,7 +462,8 @@ class ClientSession:
         comp_id = message.comp_id
 
         def deliver(entry: list[Any], result_buffers: list[memoryview]) -> None:
-            self._queue_result(comp_id, entry, result_buffers)
+            # Whole: the recovering client (dispynb.recovery) takes no chunks.
+            self._queue_result(comp_id, entry, result_buffers, stream=False)
 
         kept = self.server.keeper.claim(message.recovery_id, deliver)
         self._flush()
@@ -560,8 +567,15 @@ class ClientSession:
         return started
 
     def _queue_result(
-        self, comp_id: int, entry: list[Any], buffers: list[memoryview]
+        self,
+        comp_id: int,
+        entry: list[Any],
+        buffers: list[memoryview],
+        stream: bool = True,
     ) -> None:
+        if stream and buffers and sum(b.nbytes for b in buffers) >= STREAM_BYTES:
+            self._stream_result(comp_id, entry, buffers)
+            return
         batch = self._out.get(comp_id)
         if batch is None:
             batch = self._out[comp_id] = ([], [])
@@ -575,6 +589,28 @@ class ClientSession:
         elif not self._flush_pending:
             self._flush_pending = True
             asyncio.get_running_loop().call_soon(self._flush)
+
+    def _stream_result(
+        self, comp_id: int, entry: list[Any], buffers: list[memoryview]
+    ) -> None:
+        """Send a large result's buffers in chunks (views: nothing is copied), then
+        its entry, marked streamed."""
+        self._flush()  # the results before it first
+        key, attempt = entry[0], entry[1]
+        for index, buffer in enumerate(buffers):
+            view = buffer.cast("B") if buffer.format != "B" else buffer
+            size = view.nbytes
+            for offset in range(0, size, CHUNK_BYTES):
+                chunk = ResultChunk(
+                    comp_id=comp_id,
+                    key=key,
+                    attempt=attempt,
+                    index=index,
+                    offset=offset,
+                    size=size,
+                )
+                self._write(chunk, [view[offset : offset + CHUNK_BYTES]])
+        self._write(JobResults(comp_id=comp_id, results=[[*entry, True]]))
 
     def _flush(self) -> None:
         self._flush_pending = False

@@ -395,13 +395,30 @@ RETURNED = "returned"  # never started: handed back by a node that shuts down
 OUTCOMES = frozenset({FINISHED, RAISED, CRASHED, TERMINATED, CANCELLED, RETURNED})
 
 
+@message("result-chunk")
+class ResultChunk(WireMessage):
+    """Node -> client: ``offset`` onwards of buffer ``index`` (``size`` bytes in all)
+    of a large result, in the message's one buffer. Its job's entry in `JobResults`
+    follows the last chunk, marked streamed; the client assembles the buffers in
+    place, so neither side holds the result twice.
+    """
+
+    comp_id: int
+    key: int
+    attempt: int
+    index: int
+    offset: int
+    size: int
+
+
 @message("job-results")
 class JobResults(WireMessage):
     """Node -> client: a batch of results, and of job starts.
 
     ``results`` holds ``[key, attempt, outcome, start_time, end_time, stdout, stderr,
     exception, buffer_count]`` per job; a finished job's pickled result is its next
-    ``buffer_count`` buffers.
+    ``buffer_count`` buffers, or, with a tenth item ``True``, the ``buffer_count``
+    buffers sent before in `ResultChunk` messages (none in this message).
 
     ``started`` holds ``[key, attempt, start_time, before]`` for each job that began
     executing in a worker since the last batch (a job sent to a node may wait there

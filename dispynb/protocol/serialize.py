@@ -123,7 +123,12 @@ class _Unpickler(pickle.Unpickler):
         if isinstance(pid, int):
             return self._seen[pid]
         kind, buffer = pid
-        value = bytes(buffer) if kind == "b" else bytearray(buffer)
+        if kind == "b":
+            value: bytes | bytearray = bytes(buffer)
+        elif type(buffer) is bytearray:
+            value = buffer  # a whole buffer assembled for us (streamed): no copy
+        else:
+            value = bytearray(buffer)
         self._seen.append(value)
         return value
 

@@ -47,6 +47,7 @@ from dispynb.protocol.messages import (
     Message,
     NodeStatus,
     Ping,
+    ResultChunk,
     Welcome,
 )
 from dispynb.scheduler.events import (
@@ -231,6 +232,9 @@ class Driver:
         ] = collections.deque()
         self._files: dict[str, FileRef] = {}  # by digest: what nodes may ask for
         self._placements: dict[int, asyncio.Future[str]] = {}
+        # Large results arriving in chunks: (node, key, attempt) -> index ->
+        # [buffer, bytes received]; None once the stream was refused.
+        self._streams: dict[tuple[str, int, int], dict[int, list[Any]] | None] = {}
         self._requests = itertools.count(1)
         self._connecting = 0
         self._reconnecting = 0
@@ -362,6 +366,8 @@ class Driver:
                 self.events.node_status(link, message.avail)
             elif isinstance(message, FilesMissing):
                 self._send_files(link, [self._files[d] for d in message.digests])
+            elif isinstance(message, ResultChunk):
+                self._on_chunk(link, message, buffers)
             elif isinstance(message, FileFromNode):
                 if self.state.runs_on(message.key, link.node_id):
                     self.events.job_file(message.key, link, message.path, buffers)
@@ -488,6 +494,8 @@ class Driver:
         return self.state.running_keys(node_id)
 
     def _lose_node(self, link: NodeLink, reason: str) -> None:
+        for stream in [s for s in self._streams if s[0] == link.node_id]:
+            del self._streams[stream]  # its results will not come
         if link.conn is not None:
             link.conn.close()  # fencing: whatever it still sends is never read
         if self.nodes.pop(link.node_id, None) is None:
@@ -705,9 +713,15 @@ class Driver:
             while next_start < len(starts) and starts[next_start][3] <= index:
                 self._on_start(link, starts[next_start])
                 next_start += 1
-            key, attempt, outcome, start, end, stdout, stderr, exception, count = entry
-            result_buffers = buffers[offset : offset + count]
-            offset += count
+            key, attempt, outcome, start, end, stdout, stderr, exception, count = entry[
+                :9
+            ]
+            result_buffers: list[Any] | None
+            if len(entry) > 9 and entry[9] is True:  # its buffers came in chunks
+                result_buffers = self._take_stream(link, key, attempt, count)
+            else:
+                result_buffers = buffers[offset : offset + count]
+                offset += count
             if outcome == RETURNED:
                 # The node shuts down: no more jobs for it; this one runs elsewhere.
                 if not link.leaving:
@@ -725,9 +739,14 @@ class Driver:
             self._jobs.pop(key, None)
             link.started.discard(key)
             result = None
-            if outcome == FINISHED:
+            if outcome == FINISHED and result_buffers is None:
+                outcome, exception = CRASHED, "the result arrived incomplete"
+            elif outcome == FINISHED:
                 try:
-                    result = serialize.loads(result_buffers, self.config.result_types)
+                    result = serialize.loads(
+                        result_buffers,  # type: ignore[arg-type]  # not None here
+                        self.config.result_types,
+                    )
                 except SerializationError as exc:
                     outcome, exception = (
                         CRASHED,
@@ -750,6 +769,50 @@ class Driver:
         if self.state.is_running(key, attempt, link.node_id):  # else: stale, or done
             link.started.add(key)
             self.events.job_running(key, link, when)
+
+    def _on_chunk(
+        self, link: NodeLink, message: ResultChunk, buffers: list[memoryview]
+    ) -> None:
+        """Copy a chunk of a large result into its place (allocated once)."""
+        if not self.state.is_running(message.key, message.attempt, link.node_id):
+            return  # not this node's job (or an attempt we gave up on): dropped
+        stream_id = (link.node_id, message.key, message.attempt)
+        parts = self._streams.setdefault(stream_id, {})
+        if parts is None:
+            return  # refused already
+        target = parts.get(message.index)
+        cap = self.config.max_result or self.config.max_message_size
+        if target is None:
+            total = sum(len(p[0]) for p in parts.values()) + message.size
+            if not 0 <= message.index < 4096 or not message.size >= 0 or total > cap:
+                logger.warning(
+                    "node %s streams a result of job %d over %d bytes: refused",
+                    link.node_id,
+                    message.key,
+                    cap,
+                )
+                self._streams[stream_id] = None
+                return
+            target = parts[message.index] = [bytearray(message.size), 0]
+        data = buffers[0] if len(buffers) == 1 else memoryview(b"")
+        end = message.offset + data.nbytes
+        if message.offset < 0 or end > len(target[0]) or not data.nbytes:
+            logger.warning("node %s sent a malformed result chunk", link.node_id)
+            self._streams[stream_id] = None
+            return
+        target[0][message.offset : end] = data
+        target[1] += data.nbytes
+
+    def _take_stream(
+        self, link: NodeLink, key: int, attempt: int, count: int
+    ) -> list[bytearray] | None:
+        """The buffers of a streamed result, or None if they are not all there."""
+        parts = self._streams.pop((link.node_id, key, attempt), None)
+        if parts is None or sorted(parts) != list(range(count)):
+            return None
+        if any(filled != len(buffer) for buffer, filled in parts.values()):
+            return None
+        return [parts[index][0] for index in range(count)]
 
     def _apply(self, instructions: list[Instruction], lost_reason: str = "") -> None:
         """Carry out instructions; job batches are merged per node into one message."""

@@ -28,6 +28,7 @@ from dispynb.protocol.messages import (
     FileFromNode,
     JobResults,
     JobSubmit,
+    ResultChunk,
 )
 from dispynb.transport.connection import Connection
 from tests.transport.util import SECRET, serving
@@ -85,6 +86,11 @@ class LyingNode:
                 FileFromNode(comp_id=comp_id, key=foreign, path="planted.txt"),
                 [b"planted"],
             )
+            # A chunk announcing a huge result for the foreign job: never allocated.
+            chunk = ResultChunk(
+                comp_id=comp_id, key=foreign, attempt=1, index=0, offset=0, size=1 << 40
+            )
+            conn.write(chunk, [b"x"])
             evil = pickle.dumps(_RunsCode(str(self.marker)))
             entry, data = _finished(foreign, 1, evil)
             conn.write(JobResults(comp_id=comp_id, results=[entry]), [data])

@@ -50,6 +50,7 @@ SAMPLES: list[WireMessage] = [
     m.FilePlace(comp_id=1, request=4, path="a/b.txt", digest="ab" * 32),
     m.FilePlaced(comp_id=1, request=4, error=""),
     m.FileFromNode(comp_id=1, key=2, path="out/r.txt"),
+    m.ResultChunk(comp_id=1, key=2, attempt=1, index=1, offset=0, size=100),
     m.JobResults(
         comp_id=1,
         results=[[1, 0, m.FINISHED, 1.5, 2.5, "out", "", None, 1]],
