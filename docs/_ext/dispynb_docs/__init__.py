@@ -180,8 +180,11 @@ class MigrationDirective(_GeneratedRst):
             note = row.note
             if row.detail:
                 detail = argparse_rst.escape(row.detail)
-                said = "refuses it" if row.refused else "help"
-                note = f"{note} ``dispynb-node`` {said}: {detail}".strip()
+                said = "refuses it" if row.refused else "says"
+                who = "``dispynb-node``"
+                if row.option:
+                    who = f":option:`dispynb-node {row.option}`"
+                note = f"{note} {who} {said}: {detail}".strip()
             lines += [
                 f"   * - ``{row.name}``",
                 f"     - :dispy-status:`{row.status}`",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib
 import inspect
 import io
@@ -40,6 +41,7 @@ class Row:
     note: str  # reStructuredText, written in dispy_names
     detail: str = ""  # plain text from the code: a help text, or a refusal
     refused: bool = False  # the detail is dispynb-node's refusal
+    option: str = ""  # the dispynb-node option it is (as the CLI reference names it)
 
 
 def _row(entry: Name, present: bool, detail: str = "") -> Row:
@@ -247,30 +249,36 @@ def node_option_rows() -> list[Row]:
                 for arg in entry.sample
             ]
             problem, warnings = _try_options(cli, parser, args)
-            help_text = _help(parser, action, entry.name)
+            option = next(
+                (s for s in action.option_strings if s.startswith("--")), entry.name
+            )
             if problem:
                 problem = problem.removeprefix(f"{parser.prog}: ")
                 rows.append(
-                    Row(entry.name, NOT_SUPPORTED, entry.missing, problem, refused=True)
+                    Row(
+                        entry.name,
+                        NOT_SUPPORTED,
+                        entry.missing,
+                        problem,
+                        refused=True,
+                        option=option,
+                    )
                 )
                 continue
-            row = _row(entry, True, help_text)
+            row = _row(entry, True, _help(parser, action))
             if warnings:
                 row = Row(
-                    row.name, DIFFERENT, row.note, f"{help_text} Warns: {warnings}"
+                    row.name, DIFFERENT, row.note, f"{row.detail} Warns: {warnings}"
                 )
-            rows.append(row)
+            rows.append(dataclasses.replace(row, option=option))
     return rows
 
 
-def _help(parser: argparse.ArgumentParser, action: argparse.Action, name: str) -> str:
-    """dispynb-node's help for the option (plain text), after its own spelling when
-    dispy's differs (``-c`` -> ``--cpus: ...``)."""
+def _help(parser: argparse.ArgumentParser, action: argparse.Action) -> str:
+    """dispynb-node's help for the option (plain text)."""
     if not action.help or action.help == argparse.SUPPRESS:
         return ""
-    text = parser._get_formatter()._expand_help(action)
-    spelled = next((s for s in action.option_strings if s.startswith("--")), name)
-    return text if spelled == name else f"{spelled}: {text}"
+    return str(parser._get_formatter()._expand_help(action))
 
 
 def _try_options(
