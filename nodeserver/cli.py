@@ -333,6 +333,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.exit(2, f"dispynb-node: {exc}\n")
         given = from_file + given
     args = parser.parse_args(given)
+    if args.save_config and args.new_secret:
+        parser.error(
+            "--new-secret is not saved in a configuration: make the secret first "
+            "(dispynb secret FILE) and save --secret-file FILE"
+        )
     if args.save_config:
         left_out = save_config(parser, args, args.save_config)
         note = " (not the secret: use DISPYNB_SECRET or --secret-file)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 
@@ -9,6 +10,7 @@ import psutil
 import pytest
 
 from dispynb import DispyJob, JobCluster
+from dispynb.secret import MIN_SECRET_BITS, estimate_bits
 from tests import jobs
 from tests.jobs import WAIT, wait_for_path, wait_until
 from tests.nodeproc import (
@@ -103,3 +105,30 @@ def test_node_cli_signal_when_idle_exits_zero_and_logs_shutdown(tmp_path):
     node = start_node(tmp_path / "node")
     assert node.stop(signal.SIGTERM) == 0
     assert "shutting down" in node.log_text()
+
+
+def test_node_cli_new_secret_writes_a_strong_0600_file_and_serves_with_it(tmp_path):
+    secret_file, port_file = tmp_path / "secret", tmp_path / "port"
+    command = node_command(
+        "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
+        "--new-secret", str(secret_file), "--dest-path", str(tmp_path / "dest"),
+    )  # fmt: skip
+    with subprocess.Popen(
+        command, env=node_env(), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE
+    ) as proc:
+        try:
+            wait_for_path(port_file)
+            assert os.stat(secret_file).st_mode & 0o777 == 0o600
+            secret = secret_file.read_text().strip()
+            assert estimate_bits(secret.encode()) >= MIN_SECRET_BITS
+            spec = f"127.0.0.1:{int(port_file.read_text())}"
+            with JobCluster(
+                jobs.square, nodes=[spec], secret_file=str(secret_file)
+            ) as jc:
+                assert jc.submit(4)() == 16
+        finally:
+            proc.terminate()
+            _out, err = proc.communicate(timeout=NODE_WAIT)
+    assert secret not in err.decode()
+    again = run_node("--port", "0", "--new-secret", str(secret_file))
+    assert again.returncode == 2 and "already exists" in again.stderr
