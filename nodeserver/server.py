@@ -211,7 +211,7 @@ class NodeServer:
         task = asyncio.current_task()
         if task is not None:
             self._session_tasks.add(task)
-        logger.info("client %r connected from %s", client_name, conn.peer)
+        logger.info("client '%s' connected from %s", client_name, conn.peer)
         self.clients_accepted += 1
         limit = self.config.serve
         if limit > 0 and self.clients_accepted >= limit and self.listening:
@@ -223,7 +223,7 @@ class NodeServer:
             self.sessions.discard(session)
             if task is not None:
                 self._session_tasks.discard(task)
-            logger.info("client %r from %s disconnected", client_name, conn.peer)
+            logger.info("client '%s' from %s disconnected", client_name, conn.peer)
             self.clients_served += 1
             if limit >= 0 and self.clients_served >= limit:
                 self.served_all.set()

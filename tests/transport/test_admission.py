@@ -1,0 +1,81 @@
+"""Tests of `Admission` (pending shares, failure throttle) and `Tally` (log counts)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from dispynb.transport.admission import Admission, Tally, source_of
+
+
+@pytest.mark.parametrize(
+    ("address", "source"),
+    [
+        (("10.0.0.5", 1234), "10.0.0.5"),
+        (("::ffff:10.0.0.5", 1234, 0, 0), "10.0.0.5"),
+        (("2001:db8:1:2:aaaa::1", 1, 0, 0), "2001:db8:1:2::/64"),
+        (("2001:db8:1:2:bbbb::9", 1, 0, 0), "2001:db8:1:2::/64"),
+        (("::1", 1, 0, 0), "::1"),
+        (("fe80::1%eth0", 1, 0, 0), "fe80::/64"),
+    ],
+)
+def test_source_of_groups_ipv6_by_64(address, source):
+    assert source_of(address) == source
+
+
+def test_one_source_gets_its_share_and_others_still_get_in():
+    admission = Admission(max_pending=4, max_pending_per_source=2)
+    assert admission.admit("a") is None
+    assert admission.admit("a") is None
+    assert "from your address" in (admission.admit("a") or "")
+    assert admission.admit("b") is None
+    assert admission.admit("c") is None
+    assert "too many connections" in (admission.admit("d") or "")
+    admission.release("a")
+    assert admission.admit("a") is None
+    assert admission.pending == 4
+
+
+def test_failures_throttle_a_source_until_its_budget_refills():
+    now = [0.0]
+    admission = Admission(failure_burst=3, failure_rate=0.5, clock=lambda: now[0])
+    for _ in range(3):
+        assert admission.admit("a") is None
+        admission.release("a")
+        admission.failed("a")
+    assert "failed handshakes" in (admission.admit("a") or "")
+    assert admission.admit("b") is None  # others are not affected
+    now[0] += 2.0  # one token back
+    assert admission.admit("a") is None
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def test_tally_logs_a_few_sources_at_once_then_counts():
+    log = logging.getLogger("tests.tally")
+    lines = _Lines()
+    log.addHandler(lines)
+
+    async def main() -> None:
+        tally = Tally(log, period=60)
+        for i in range(100):
+            tally.event("rejected connections", f"10.0.0.{i % 10}", f"reason {i}")
+        assert len(lines.lines) == Tally.IMMEDIATE
+        tally.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        log.removeHandler(lines)
+    assert len(lines.lines) == Tally.IMMEDIATE + 1
+    assert lines.lines[-1].startswith("97 more rejected connections from 10 source(s)")
+    assert "last: reason 99" in lines.lines[-1]
