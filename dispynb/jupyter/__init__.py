@@ -30,15 +30,18 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from dispynb.jupyter.errors import MagicError, RunInterrupted
     from dispynb.jupyter.frames import jobs_frame, nodes_frame
     from dispynb.jupyter.progress import ProgressCounts, make_progress
     from dispynb.jupyter.run import Run
     from dispynb.jupyter.widgets import NodePanel
 
 __all__ = [
+    "MagicError",
     "NodePanel",
     "ProgressCounts",
     "Run",
+    "RunInterrupted",
     "jobs_frame",
     "load_ipython_extension",
     "make_progress",
@@ -47,6 +50,8 @@ __all__ = [
 ]
 
 _LAZY: dict[str, str] = {
+    "MagicError": "dispynb.jupyter.errors",
+    "RunInterrupted": "dispynb.jupyter.errors",
     "NodePanel": "dispynb.jupyter.widgets",
     "ProgressCounts": "dispynb.jupyter.progress",
     "Run": "dispynb.jupyter.run",

@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import ast
 import atexit
-import contextlib
-import difflib
 import html
-import logging
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, cast
 
 from IPython.core.error import UsageError
@@ -24,9 +21,9 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 from IPython.display import display
 
-from dispynb.errors import DispynbError
 from dispynb.jupyter import display as templates
 from dispynb.jupyter.errors import MagicError, RunInterrupted
+from dispynb.jupyter.magicsupport import cell_origin, friendly_errors, parse_line
 from dispynb.jupyter.progress import KINDS, make_progress, resolve_kind
 from dispynb.jupyter.run import Run
 from dispynb.jupyter.widgets import NodePanel
@@ -70,12 +67,12 @@ class Session:
         from dispynb.local import LocalCluster
 
         self.close()
-        with _friendly("%dispy local could not start the nodes", hint=""):
+        with friendly_errors("%dispy local could not start the nodes", hint=""):
             self.local = LocalCluster(nodes=count, cpus=cpus)
         self.nodes = self.local
         self.options = dict(options or {})
         self._register_atexit()
-        with _friendly("the local nodes did not answer", hint=""):
+        with friendly_errors("the local nodes did not answer", hint=""):
             self.probe()
         self._show_in_use()
 
@@ -85,7 +82,7 @@ class Session:
         self.nodes = specs
         self.options = options
         try:
-            with _friendly(
+            with friendly_errors(
                 f"%dispy nodes: cannot use {' '.join(specs)}",
                 hint="check that dispynb-node runs there with the same secret "
                 "(and TLS options), or start nodes here with %dispy local",
@@ -329,7 +326,7 @@ class DispyMagics(Magics):
         used, memory free) as last reported: when a run connects, then every
         ``--pulse`` seconds while runs use it.
         """
-        args = _parse(self.dispy, line)
+        args = parse_line(self.dispy, line)
         session = self.session
         if args.action != "nodes" and args.hosts:
             raise UsageError(f"%dispy {args.action} takes no hosts: {args.hosts}")
@@ -483,7 +480,7 @@ class DispyMagics(Magics):
 
         Then ``run.results``, ``run.df`` (one row per job), ``run.failures``.
         """
-        args = _parse(self.cell_dispy, line)
+        args = parse_line(self.cell_dispy, line)
         if args.into is not None and not args.into.isidentifier():
             raise UsageError(f"--into needs a variable name, not {args.into!r}")
         if args.function is not None and not args.function.isidentifier():
@@ -518,7 +515,9 @@ class DispyMagics(Magics):
                 options["setup"] = setup
             if depends is not None:
                 options["depends"] = list(depends)
-            with _friendly(f"%%dispy could not start run {label!r}", hint=NODES_HINT):
+            with friendly_errors(
+                f"%%dispy could not start run {label!r}", hint=NODES_HINT
+            ):
                 run = Run.map(
                     func,
                     inputs,
@@ -560,7 +559,7 @@ class DispyMagics(Magics):
         `dispynb.jupyter.tracebacks`) name this cell's prompt number and its
         editor lines, counting the ``%%dispy`` line."""
         shell = self._ip
-        number, header = _cell_origin(shell, cell)
+        number, header = cell_origin(shell, cell)
         if number is None:
             return shell.run_cell(cell, store_history=False)
         # Comments keep the lines in place (IPython drops leading blank lines).
@@ -622,89 +621,6 @@ def _panel_listener(panel: NodePanel, runs: list[Run]) -> Callable[..., None]:
         panel.cluster_status(status, node, job, lost=lost)
 
     return listener
-
-
-def _cell_origin(shell: Any, cell: str) -> tuple[int | None, list[str]]:
-    """The prompt number of the notebook cell running this ``%%dispy`` and its
-    lines before ``cell`` (the magic line); ``(None, [])`` when the magic was not
-    called from a stored cell (e.g. ``run_cell_magic`` from code)."""
-    history = getattr(shell, "history_manager", None)
-    stored = getattr(history, "input_hist_raw", None)
-    if not stored:
-        return None, []
-    raw = str(stored[-1])
-    body = cell.rstrip()
-    where = raw.rfind(body) if body else -1
-    if where < 0 or not raw.lstrip().startswith("%%dispy"):
-        return None, []
-    # IPython counted this cell before running it: its number is one less.
-    return int(shell.execution_count) - 1, raw[:where].splitlines()
-
-
-def _parse(magic: Callable[..., Any], line: str) -> Any:
-    """Parse ``line`` for ``magic``; an unknown option is named, with the likely
-    one (``unknown option --ovr; did you mean --over?``)."""
-    from IPython.utils.process import arg_split
-
-    parser = magic.parser  # type: ignore[attr-defined]
-    known = sorted(parser._option_string_actions)
-    try:
-        words = arg_split(line, strict=True)
-    except ValueError as exc:
-        raise UsageError(f"cannot parse {line!r}: {exc}") from None
-    for word in words:
-        option = word.split("=", 1)[0]
-        if not option.startswith("--") or option == "--":
-            continue
-        if option in known or len([k for k in known if k.startswith(option)]) == 1:
-            continue  # exact, or an unambiguous abbreviation (argparse takes it)
-        close = difflib.get_close_matches(option, known, n=1, cutoff=0.5)
-        hint = f"; did you mean {close[0]}?" if close else ""
-        raise UsageError(f"unknown option {option}{hint} (see %{parser.prog}?)")
-    return parser.parse_argstring(line)
-
-
-@contextlib.contextmanager
-def _friendly(what: str, hint: str) -> Iterator[None]:
-    """Turn dispynb's errors (and OS errors) into a `MagicError`: one or two lines
-    that say what failed and how to fix it, without the internal frames."""
-    # A node that cannot be used is logged too: say it once, in the error, when
-    # nothing could start; log it (after the fact) when the others could.
-    held = _HoldRecords()
-    for name in _HELD_LOGGERS:
-        logging.getLogger(name).addFilter(held)
-    try:
-        yield
-    except (MagicError, UsageError):
-        raise
-    except (DispynbError, OSError) as exc:
-        held.records.clear()
-        message = f"{what}: {exc}"
-        raise MagicError(f"{message}\n{hint}" if hint else message) from None
-    finally:
-        for name in _HELD_LOGGERS:
-            logging.getLogger(name).removeFilter(held)
-        for record in held.records:
-            logging.getLogger(record.name).handle(record)
-
-
-#: Loggers that report unusable nodes, and how those messages start.
-_HELD_LOGGERS = ("dispynb.scheduler.driver", "dispynb.cluster")
-_HELD_MESSAGES = ("node %s cannot be used", "no node could be used")
-
-
-class _HoldRecords(logging.Filter):
-    """Keep the records about unusable nodes aside instead of emitting them."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not str(record.msg).startswith(_HELD_MESSAGES):
-            return True
-        self.records.append(record)
-        return False
 
 
 def _spec(host: str, address: str) -> str:

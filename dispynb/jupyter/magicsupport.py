@@ -1,0 +1,105 @@
+"""How the magics read what a person typed, and say what went wrong.
+
+`parse_line` names a misspelt option with the likely one; `cell_origin` finds the
+notebook cell (prompt number, lines before the body) a ``%%dispy`` runs in, so that
+its body compiles under the lines the person sees; `friendly_errors` turns dispynb's
+errors into a `MagicError` of a line or two with the fix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from IPython.core.error import UsageError
+
+from dispynb.errors import DispynbError
+from dispynb.jupyter.errors import MagicError
+
+__all__ = ["cell_origin", "friendly_errors", "parse_line"]
+
+
+def cell_origin(shell: Any, cell: str) -> tuple[int | None, list[str]]:
+    """The prompt number of the notebook cell running this ``%%dispy`` and its
+    lines before ``cell`` (the magic line); ``(None, [])`` when the magic was not
+    called from a stored cell (e.g. ``run_cell_magic`` from code)."""
+    history = getattr(shell, "history_manager", None)
+    stored = getattr(history, "input_hist_raw", None)
+    if not stored:
+        return None, []
+    raw = str(stored[-1])
+    body = cell.rstrip()
+    where = raw.rfind(body) if body else -1
+    if where < 0 or not raw.lstrip().startswith("%%dispy"):
+        return None, []
+    # IPython counted this cell before running it: its number is one less.
+    return int(shell.execution_count) - 1, raw[:where].splitlines()
+
+
+def parse_line(magic: Callable[..., Any], line: str) -> Any:
+    """Parse ``line`` for ``magic``; an unknown option is named, with the likely
+    one (``unknown option --ovr; did you mean --over?``)."""
+    from IPython.utils.process import arg_split
+
+    parser = magic.parser  # type: ignore[attr-defined]
+    known = sorted(parser._option_string_actions)
+    try:
+        words = arg_split(line, strict=True)
+    except ValueError as exc:
+        raise UsageError(f"cannot parse {line!r}: {exc}") from None
+    for word in words:
+        option = word.split("=", 1)[0]
+        if not option.startswith("--") or option == "--":
+            continue
+        if option in known or len([k for k in known if k.startswith(option)]) == 1:
+            continue  # exact, or an unambiguous abbreviation (argparse takes it)
+        close = difflib.get_close_matches(option, known, n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise UsageError(f"unknown option {option}{hint} (see %{parser.prog}?)")
+    return parser.parse_argstring(line)
+
+
+@contextlib.contextmanager
+def friendly_errors(what: str, hint: str) -> Iterator[None]:
+    """Turn dispynb's errors (and OS errors) into a `MagicError`: one or two lines
+    that say what failed and how to fix it, without the internal frames."""
+    # A node that cannot be used is logged too: say it once, in the error, when
+    # nothing could start; log it (after the fact) when the others could.
+    held = _HoldRecords()
+    for name in _HELD_LOGGERS:
+        logging.getLogger(name).addFilter(held)
+    try:
+        yield
+    except (MagicError, UsageError):
+        raise
+    except (DispynbError, OSError) as exc:
+        held.records.clear()
+        message = f"{what}: {exc}"
+        raise MagicError(f"{message}\n{hint}" if hint else message) from None
+    finally:
+        for name in _HELD_LOGGERS:
+            logging.getLogger(name).removeFilter(held)
+        for record in held.records:
+            logging.getLogger(record.name).handle(record)
+
+
+#: Loggers that report unusable nodes, and how those messages start.
+_HELD_LOGGERS = ("dispynb.scheduler.driver", "dispynb.cluster")
+_HELD_MESSAGES = ("node %s cannot be used", "no node could be used")
+
+
+class _HoldRecords(logging.Filter):
+    """Keep the records about unusable nodes aside instead of emitting them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(_HELD_MESSAGES):
+            return True
+        self.records.append(record)
+        return False
