@@ -213,3 +213,66 @@ def test_worker_loop_runs_jobs_until_eof():
     assert [done.key for done, _ in replies] == [0, 1, 2, 3]
     assert [serialize.loads(buffers) for _, buffers in replies] == [0, 2, 4, 42]
     worker.close()
+
+
+# --- bounded output, result cap, unpicklable results (issue 13) -------------------
+
+
+@pytest.fixture
+def limits():
+    from nodeserver.jobapi import CONTEXT
+
+    saved = CONTEXT.max_output, CONTEXT.max_result
+    yield CONTEXT
+    CONTEXT.max_output, CONTEXT.max_result = saved
+
+
+def _run(func, *args):
+    return run_job(func, Run(key=1, attempt=1), serialize.dumps((args, {})))
+
+
+def _chatty(n: int) -> int:
+    for _ in range(n):
+        print("0123456789", end="")
+    print("e" * 5, file=sys.stderr)
+    return n
+
+
+def test_output_beyond_max_output_is_dropped_and_counted(limits):
+    limits.max_output = 25
+    done, _ = _run(_chatty, 10)
+    assert done.outcome == FINISHED
+    kept, marker = done.stdout.split("\n", 1)
+    assert kept == ("0123456789" * 3)[:25]
+    assert marker == (
+        "[dispynb: 75 more characters of stdout dropped: a job keeps 25 "
+        "(max_output_size)]\n"
+    )
+    assert done.stderr == "eeeee\n"
+    done, _ = _run(_chatty, 1)  # the counters start again for each job
+    assert done.stdout == "0123456789"
+
+
+def test_no_max_output_keeps_everything(limits):
+    limits.max_output = None
+    done, _ = _run(_chatty, 100)
+    assert len(done.stdout) == 1000
+
+
+def test_result_over_max_result_is_not_sent(limits):
+    limits.max_result = 1000
+    done, buffers = _run(bytes, 5000)
+    assert done.outcome == RAISED and buffers == []
+    assert "ResultTooLarge" in done.exception and "max_result_size" in done.exception
+    done, buffers = _run(bytes, 500)
+    assert done.outcome == FINISHED and serialize.loads(buffers) == bytes(500)
+
+
+def _nested_unpicklable() -> object:
+    return [1, {"a": [2, threading.Lock()]}]
+
+
+def test_unpicklable_result_names_the_path_inside_it():
+    done, _ = _run(_nested_unpicklable)
+    assert done.outcome == RAISED
+    assert "result[1]['a'][1] is a 'lock'" in done.exception
