@@ -237,6 +237,12 @@ def _refuse(sock: socket.socket, reason: str) -> None:
     with contextlib.suppress(OSError):
         sock.setblocking(False)
         sock.send(b"".join([head, *parts]))
+        sock.shutdown(socket.SHUT_WR)
+        # Closing with unread bytes (the peer's hello) would send a reset, which can
+        # overtake the refusal: read what has arrived first (a bounded amount).
+        for _ in range(16):
+            if not sock.recv(4096):
+                break
     with contextlib.suppress(OSError):
         sock.close()
 
