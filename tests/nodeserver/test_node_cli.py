@@ -132,3 +132,41 @@ def test_node_cli_new_secret_writes_a_strong_0600_file_and_serves_with_it(tmp_pa
     assert secret not in err.decode()
     again = run_node("--port", "0", "--new-secret", str(secret_file))
     assert again.returncode == 2 and "already exists" in again.stderr
+
+
+@pytest.mark.parametrize("when", ["serving", "before-start"])
+def test_node_cli_parent_pipe_eof_stops_the_node(tmp_path, when):
+    """``--parent-pipe FD`` (LocalCluster): the node stops when every holder of the
+    pipe's write end has exited, even if that happened before it started watching
+    (a parent killed while the node was still importing)."""
+    from dispynb.secret import random_secret
+
+    read_end, write_end = os.pipe()
+    port_file = tmp_path / "port"
+    command = node_command(
+        "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
+        "--cpus", "1", "--dest-path", str(tmp_path / "dest"),
+        "--parent-pipe", str(read_end), "--loglevel", "warning",
+    )  # fmt: skip
+    proc = subprocess.Popen(
+        command,
+        env={**node_env(), "DISPYNB_SECRET": random_secret()},
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        pass_fds=(read_end,),
+        start_new_session=True,
+    )
+    os.close(read_end)
+    try:
+        if when == "serving":
+            wait_for_path(port_file)
+            assert proc.poll() is None
+        os.close(write_end)  # the parent "exits"
+        _, err = proc.communicate(timeout=NODE_WAIT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "the process that started this node exited; stopping" in err
