@@ -133,11 +133,17 @@ class Kernel:
 
     def stop_button(self) -> None:
         """What JupyterLab's Stop (interrupt) does: SIGINT to the kernel's group."""
-        os.killpg(os.getpgid(self.pid), signal.SIGINT)
+        os.killpg(self._group(), signal.SIGINT)
+
+    def _group(self) -> int:
+        """The kernel's process group (it leads its own: never the test's)."""
+        group = os.getpgid(self.pid)
+        assert group == self.pid != os.getpgid(0), "the kernel has no group of its own"
+        return group
 
     def kill(self) -> None:
         """What a kernel restart does to a kernel: SIGKILL to its process group."""
-        os.killpg(os.getpgid(self.pid), signal.SIGKILL)
+        os.killpg(self._group(), signal.SIGKILL)
         self.manager.provisioner.process.wait()  # type: ignore[union-attr]
 
     def close(self) -> None:
