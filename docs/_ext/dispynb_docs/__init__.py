@@ -166,30 +166,35 @@ class MigrationDirective(_GeneratedRst):
                 f"unknown table {key!r}; one of {sorted(migration.TABLES)}"
             )
         title, rows_of = migration.TABLES[key]
+        rows = rows_of()
+        meanings = any(row.meaning for row in rows)
         lines = [
             f".. list-table:: {title}",
             "   :header-rows: 1",
-            "   :widths: 25 15 60",
+            "   :widths: 20 25 12 43" if meanings else "   :widths: 25 15 60",
             f"   :class: dispy-migration dispy-migration-{key}",
             "",
             "   * - dispy",
+            *(["     - in dispy"] if meanings else []),
             "     - dispynb",
             "     - notes",
         ]
-        for row in rows_of():
-            note = row.note
+        for row in rows:
+            lines.append(f"   * - ``{row.name}``")
+            if meanings:
+                lines.append(f"     - {row.meaning or chr(8212)}")
+            lines += [
+                f"     - :dispy-status:`{row.status}`",
+                f"     - {row.note or ('As in dispy.' if not row.detail else '')}",
+            ]
             if row.detail:
-                detail = argparse_rst.escape(row.detail)
+                # The code's own words, as a second paragraph of the cell.
                 said = "refuses it" if row.refused else "says"
                 who = "``dispynb-node``"
                 if row.option:
                     who = f":option:`dispynb-node {row.option}`"
-                note = f"{note} {who} {said}: {detail}".strip()
-            lines += [
-                f"   * - ``{row.name}``",
-                f"     - :dispy-status:`{row.status}`",
-                f"     - {note or 'As in dispy.'}",
-            ]
+                detail = argparse_rst.escape(row.detail)
+                lines += ["", f"       {who} {said}: {detail}"]
         return self.parse_lines([*lines, ""])
 
 

@@ -27,6 +27,8 @@ class Name:
     missing: str = ""
     #: Said when dispynb has the name and behaves as dispy.
     note: str = ""
+    #: What it does in dispy, where the name alone does not say.
+    meaning: str = ""
     #: dispy's value, for the status numbers.
     value: int | None = None
     #: For ``dispynode.py`` options: the arguments that exercise it (``{dir}``: a
@@ -359,131 +361,211 @@ NODE_OPTIONS = [
     Name(
         "--config",
         sample=("--config", "{dir}/node.ini"),
-        missing="Give the options on the command line (or a wrapper script); "
-        "dispy's config files were partly evaluated as Python.",
+        meaning="options from an INI file; its host lists were evaluated as Python",
+        note="Same format (``[DEFAULT]``, dispy's keys); lists are read as literals, "
+        "never evaluated; the command line wins.",
+        missing="Give the options on the command line (or a wrapper script).",
     ),
     Name(
         "--save_config",
         sample=("--save_config", "{dir}/saved.ini"),
+        meaning="write the options to a file and exit",
+        note="Writes the options given (mode 600), never the secret, and exits.",
         missing="No config files (see ``--config``).",
     ),
-    Name("-c", sample=("-c", "1")),
-    Name("--cpus", sample=("--cpus", "1")),
-    Name("-d", sample=("-d",), missing="Use ``--loglevel debug``."),
-    Name("--debug", sample=("--debug",), missing="Use ``--loglevel debug``."),
-    Name("-i", sample=("-i", "127.0.0.1"), missing="Use ``--host``."),
-    Name("--host", sample=("--host", "127.0.0.1")),
-    Name("--ext_host", sample=("--ext_host", "127.0.0.1", "--discovery")),
+    Name("-c", sample=("-c", "1"), meaning="CPUs to serve; negative: all but N"),
+    Name(
+        "--cpus", sample=("--cpus", "1"), meaning="CPUs to serve; negative: all but N"
+    ),
+    Name(
+        "-d",
+        sample=("-d",),
+        meaning="debug logging",
+        note="``--loglevel debug`` too. dispynb-node's own ``-d`` used to be the "
+        "destination directory: that is ``--dest-path`` now.",
+        missing="Use ``--loglevel debug``.",
+    ),
+    Name(
+        "--debug",
+        sample=("--debug",),
+        meaning="debug logging",
+        missing="Use ``--loglevel debug``.",
+    ),
+    Name(
+        "-i",
+        sample=("-i", "127.0.0.1"),
+        meaning="interface to use (repeatable)",
+        note="Listens on each (one port); discovery on the non-loopback ones; a "
+        "non-loopback address needs a secret or TLS.",
+        missing="Use ``--host``.",
+    ),
+    Name(
+        "--host",
+        sample=("--host", "127.0.0.1"),
+        meaning="interface to use (repeatable)",
+        note="Listens on each (one port); discovery on the non-loopback ones; a "
+        "non-loopback address needs a secret or TLS.",
+    ),
+    Name(
+        "--ext_host",
+        sample=("--ext_host", "127.0.0.1"),
+        meaning="address announced for clients behind NAT",
+        note="One address; clients follow it only if it fits one of their node specs "
+        "narrower than ``'*'``.",
+    ),
     Name(
         "-p",
         sample=("-p", "9711"),
-        differs="dispy's ``-p`` was a base port (the node listened on the next one); "
-        "dispynb-node's is the port it listens on.",
+        meaning="base port: the node on P+1, clients on P",
+        differs="The node's own TCP port (default 9711).",
     ),
     Name(
         "--dispy_port",
         sample=("--dispy_port", "9711"),
-        missing="Use ``--port``: one TCP port per node (default 9711).",
+        meaning="base port: the node on P+1, clients on P",
+        missing="Use ``--port`` and ``--discovery-port`` (9712/9713 by default, so "
+        "dispy and dispynb nodes can share a machine).",
     ),
     Name(
         "--ipv4_udp_multicast",
         sample=("--ipv4_udp_multicast",),
+        meaning="multicast instead of broadcast discovery",
+        note="Also answers on dispy's group 239.255.61.59.",
         missing="Use ``--ipv4-multicast``.",
     ),
-    Name("--name", sample=("--name", "node1")),
+    Name("--name", sample=("--name", "node1"), meaning="``dispy_node_name``"),
     Name(
         "--dest_path_prefix",
         sample=("--dest_path_prefix", "{dir}/dest"),
+        meaning="root of the clients' files",
+        note="Default ``<tmp>/dispynb``.",
         missing="Use ``--dest-path``.",
     ),
     Name(
         "--init",
         sample=("--init", "{dir}/init.py"),
-        missing="Use a ``setup`` function in the client, which runs once per "
-        "node before its jobs.",
+        meaning="node-wide ``init()`` whose globals every computation sees",
+        missing="Computations never share the node server's process: use the "
+        "cluster's ``setup`` (once per node, before its jobs) or ``depends``.",
     ),
     Name(
         "--scheduler_host",
         sample=("--scheduler_host", "127.0.0.1"),
-        missing="There is no scheduler program: clients name or discover nodes.",
+        meaning="announce the node to a dispyscheduler",
+        missing="There is no scheduler program: ``SharedJobCluster`` clients share "
+        "nodes directly.",
     ),
-    Name("--max_file_size", sample=("--max_file_size", "10M")),
+    Name(
+        "--max_file_size",
+        sample=("--max_file_size", "10M"),
+        meaning="largest file, with k/m/g/t suffixes",
+        note="Default 512M (dispy: unlimited); ``--transfer-quota`` also bounds "
+        "all the files of one computation.",
+    ),
     Name(
         "--zombie_interval",
         sample=("--zombie_interval", "60"),
+        meaning="minutes before a silent client's computations are freed",
+        note="``--orphan-timeout`` is the same in seconds.",
         missing="Use ``--orphan-timeout`` (seconds, not minutes).",
     ),
     Name(
         "--ping_interval",
         sample=("--ping_interval", "10"),
+        meaning="announce the node every SEC seconds",
         missing="Nodes announce themselves when they start; clients re-ping with "
         "``ping_interval``.",
     ),
     Name(
         "--service_start",
         sample=("--service_start", "08:00", "--service_stop", "18:00"),
+        meaning="daily service window: start serving at HH:MM",
+        note="From start it serves; from stop it takes no new clients (connected "
+        "ones go on); from end it has none (their running jobs are terminated) "
+        "until the next start. Start needs stop or end.",
         missing="Start and stop node servers on a schedule with cron or systemd "
         "timers; stopping drains (see ``--drain-timeout``).",
     ),
     Name(
         "--service_stop",
         sample=("--service_stop", "18:00"),
+        meaning="daily service window: take no new clients from HH:MM",
         missing="See ``--service_start``.",
     ),
     Name(
         "--service_end",
         sample=("--service_end", "19:00"),
+        meaning="daily service window: end the clients' jobs at HH:MM",
         missing="See ``--service_start``.",
     ),
     Name(
         "--serve",
         sample=("--serve", "1"),
+        meaning="exit after N clients; 0: at once",
+        note="N client connections (one per cluster); 0 exits at once, after "
+        "``--clean``.",
         missing="A node serves any number of clients, several at once.",
     ),
     Name(
         "--client_shutdown",
         sample=("--client_shutdown",),
+        meaning="cleanup functions may call ``dispynode_shutdown()``",
+        note="From a job or cleanup; without the option the call is refused and "
+        "logged.",
         missing="Clients cannot stop a node (see ``dispynode_shutdown``).",
     ),
     Name(
         "--force_cleanup",
         sample=("--force_cleanup",),
+        meaning="remove client files even with ``cleanup=False``",
         missing="Kept files are freed when a client closes or goes silent "
         "(``--orphan-timeout``).",
     ),
     Name(
         "--msg_timeout",
         sample=("--msg_timeout", "10"),
-        differs="dispy: a timeout for every socket operation; dispynb-node: the time "
-        "a client gets to authenticate (connections are persistent).",
+        meaning="timeout of every socket operation",
+        differs="Seconds a connecting client gets to authenticate (default 5); "
+        "connected clients are watched by pulses.",
         missing="Connections are persistent: liveness comes from pulses, not "
         "per-message timeouts.",
     ),
-    Name("-s", sample=("-s", "{secret}")),
-    Name("--secret", sample=("--secret", "{secret}")),
+    Name("-s", sample=("-s", "{secret}"), meaning="shared secret"),
+    Name("--secret", sample=("--secret", "{secret}"), meaning="shared secret"),
     Name(
         "--admin_secret",
         sample=("--admin_secret", "{secret}"),
-        missing="There is no admin program; change a node's CPUs from a client "
-        "(``set_node_cpus``) or the web monitor.",
+        meaning="dispyadmin's secret",
+        missing="There is no admin program; manage nodes from a client "
+        "(``set_node_cpus``, ``close_node``) or its web monitor.",
     ),
-    Name("--certfile", sample=("--certfile", "{dir}/cert.pem")),
+    Name("--certfile", sample=("--certfile", "{dir}/cert.pem"), meaning="TLS"),
     Name(
         "--keyfile",
         sample=("--keyfile", "{dir}/key.pem", "--certfile", "{dir}/cert.pem"),
+        meaning="TLS",
+        note="TLS 1.2+; ``--cafile`` adds client certificates.",
     ),
-    Name("--clean", sample=("--clean",)),
+    Name(
+        "--clean",
+        sample=("--clean",),
+        meaning="kill a previous node's processes and wipe the prefix",
+        differs="Empties the destination directory at start; there are no PID files "
+        "to kill: a node's processes die with it.",
+    ),
     Name(
         "--unsafe_setup",
         sample=("--unsafe_setup",),
+        meaning="run ``setup`` in the node's main process",
         missing="``setup`` always runs in the computation's own process, never "
         "in the node server.",
     ),
     Name(
         "--daemon",
         sample=("--daemon",),
-        differs="Accepted and not needed: dispynb-node never reads standard input.",
-        missing="A node never reads standard input; stop it with a signal.",
+        meaning="do not read commands from standard input",
+        differs="Accepted and not needed: dispynb-node never reads standard input "
+        "(stop it with SIGTERM or Ctrl-C).",
     ),
 ]
 
@@ -492,8 +574,10 @@ HTTPD = [
     Name("cluster"),
     Name(
         "host",
-        differs="Binds 127.0.0.1 by default (dispy: every interface); "
-        "another address needs HTTPS or ``allow_plain_http=True``.",
+        differs="Binds 127.0.0.1 by default (dispy: every interface); another "
+        "address needs HTTPS or ``allow_plain_http=True``. ``host=''`` without them "
+        "serves 127.0.0.1 and logs a warning saying so, so dispy programs run "
+        "unchanged.",
     ),
     Name("port"),
     Name("poll_sec"),
@@ -507,7 +591,10 @@ HTTPD = [
 ]
 HTTPD_METHODS = [
     Name(
-        "add_cluster", missing="One monitor follows one cluster; start one per cluster."
+        "add_cluster",
+        note="The page then offers a choice of cluster; the JSON API takes "
+        "``?cluster=<key>``.",
+        missing="One monitor follows one cluster; start one per cluster.",
     ),
     Name("del_cluster", missing="See ``add_cluster``."),
     Name("shutdown"),

@@ -42,14 +42,17 @@ class Row:
     detail: str = ""  # plain text from the code: a help text, or a refusal
     refused: bool = False  # the detail is dispynb-node's refusal
     option: str = ""  # the dispynb-node option it is (as the CLI reference names it)
+    meaning: str = ""  # what it does in dispy (reStructuredText)
 
 
 def _row(entry: Name, present: bool, detail: str = "") -> Row:
     if not present:
-        return Row(entry.name, NOT_SUPPORTED, entry.missing or "Not in dispynb.")
-    if entry.differs:
-        return Row(entry.name, DIFFERENT, entry.differs, detail)
-    return Row(entry.name, SAME, entry.note, detail)
+        status, note = NOT_SUPPORTED, entry.missing or "Not in dispynb."
+    elif entry.differs:
+        status, note = DIFFERENT, entry.differs
+    else:
+        status, note = SAME, entry.note
+    return Row(entry.name, status, note, detail, meaning=entry.meaning)
 
 
 # -- what the code has -----------------------------------------------------------------
@@ -262,13 +265,14 @@ def node_option_rows() -> list[Row]:
                         problem,
                         refused=True,
                         option=option,
+                        meaning=entry.meaning,
                     )
                 )
                 continue
             row = _row(entry, True, _help(parser, action))
             if warnings:
-                row = Row(
-                    row.name, DIFFERENT, row.note, f"{row.detail} Warns: {warnings}"
+                row = dataclasses.replace(
+                    row, status=DIFFERENT, detail=f"{row.detail} Warns: {warnings}"
                 )
             rows.append(dataclasses.replace(row, option=option))
     return rows
