@@ -125,7 +125,9 @@ class ClusterOptions:
     max_pids:
         Tasks (processes and threads, the job's worker included) a job may have at
         once, enforced with a pids cgroup per worker where the node can create
-        one; a fork bomb then fails with ``BlockingIOError`` inside the job.
+        one (a fork bomb then fails with ``BlockingIOError`` inside the job), else
+        by counting the job's processes every 0.5 s (a job over the limit is then
+        killed with all its processes and ends ``Terminated``, saying why).
         Default 1024; None for no limit. Whatever the limit, the processes a job
         starts end with it (its process group is killed at timeout, cancel and
         close, and leftovers at the job's end).

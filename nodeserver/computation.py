@@ -124,6 +124,7 @@ class Worker:
     sock: socket.socket
     assigned: collections.deque[NodeJob] = field(default_factory=collections.deque)
     returncode: int | None = None
+    exit_reason: str = ""  # why the computation process killed it, if it did
     stream_closed: bool = False
     holds_cpu: bool = False
     interrupted: bool = False  # sent SIGINT to cancel its running job
@@ -690,6 +691,7 @@ class Computation:
             worker = self._workers.get(message.pid)
             if worker is not None:
                 worker.returncode = message.returncode
+                worker.exit_reason = message.reason
                 # The job ends with its worker, even if a process it started still
                 # holds the worker's socket: what the worker wrote is read, then EOF.
                 with contextlib.suppress(OSError):
@@ -747,7 +749,8 @@ class Computation:
                 continue
             elif position == 0 and not worker.retiring:
                 reason = (
-                    crash_reason(returncode)
+                    worker.exit_reason
+                    or crash_reason(returncode)
                     if returncode is not None
                     else "the computation's process on the node died"
                 )

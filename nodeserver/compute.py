@@ -48,6 +48,7 @@ from dispynb.protocol import serialize
 from nodeserver.channel import MessageSocket
 from nodeserver.containment import (
     become_group_leader,
+    descendants,
     find_pids_root,
     join_new_cgroup,
     kill_group,
@@ -77,6 +78,10 @@ logger = logging.getLogger(__name__)
 
 #: Seconds workers get to exit after SIGTERM at shutdown, before SIGKILL.
 STOP_GRACE = 2.0
+
+#: Seconds between counts of each worker's processes, where no pids cgroup can
+#: enforce max_pids.
+COUNT_INTERVAL = 0.5
 
 #: Standard modules dispy computations use without importing them (dispy exec'd the
 #: computation into its own module globals; see reference/dispy.md section 3.10).
@@ -150,13 +155,18 @@ class Computation:
         self._max_pids = load.max_pids
         # A pids cgroup per worker where the system lets us make one (found once).
         self._pids_root = find_pids_root() if load.max_pids else None
-        if load.max_pids and self._pids_root is None:
+        # Without one, the processes under each worker are counted every
+        # COUNT_INTERVAL seconds and a worker over the limit is killed.
+        self._count_pids = bool(load.max_pids) and self._pids_root is None
+        if self._count_pids:
             logger.info(
-                "computation %r: no pids cgroup can be created here, so max_pids "
-                "is not enforced (process groups still contain the jobs)",
+                "computation %r: no pids cgroup can be created here; max_pids is "
+                "enforced by counting each worker's processes every %g s",
                 self.name,
+                COUNT_INTERVAL,
             )
         self._cgroups: dict[int, str] = {}
+        self._kill_reasons: dict[int, str] = {}
         self._prctl = _load_prctl()
         self._wake_r = self._wake_w = -1
         self._selector = selectors.DefaultSelector()
@@ -187,7 +197,8 @@ class Computation:
             while self.control.buffered:
                 if self._is_shutdown(self.control.recv()[0]):
                     return self._shutdown()
-            for key, _ in self._selector.select():
+            timeout = COUNT_INTERVAL if self._count_pids else None
+            for key, _ in self._selector.select(timeout) or self._count_all():
                 if key.fd == self._wake_r:
                     signals = self._drain_wakeups()
                     if any(signum in signals for signum in _STOP_SIGNALS):
@@ -196,6 +207,25 @@ class Computation:
                     continue
                 if self._is_shutdown(self.control.recv()[0]):
                     return self._shutdown()
+
+    def _count_all(self) -> list[tuple[Any, int]]:
+        """Kill each worker whose job has more than max_pids processes (the count
+        fallback of a pids cgroup); nothing to dispatch."""
+        limit = self._max_pids or 0
+        for pid in list(self.workers):
+            if pid in self._kill_reasons:
+                continue
+            count = len(descendants(pid)) + 1
+            if count > limit:
+                self._kill_reasons[pid] = (
+                    f"the job had {count} processes, over its max_pids of {limit}: "
+                    "it and all its processes were killed"
+                )
+                kill_group(pid, None)
+                for child in descendants(pid):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(child, signal.SIGKILL)
+        return []
 
     @staticmethod
     def _is_shutdown(message: IpcMessage) -> bool:
@@ -308,7 +338,8 @@ class Computation:
             if cgroup is not None and not remove_cgroup(cgroup):
                 logger.warning("cgroup %s of a dead worker stays busy", cgroup)
             code = os.waitstatus_to_exitcode(status)
-            self.control.send(WorkerExited(pid=pid, returncode=code))
+            reason = self._kill_reasons.pop(pid, "")
+            self.control.send(WorkerExited(pid=pid, returncode=code, reason=reason))
             if not self.stopping:
                 self._start_worker()
 

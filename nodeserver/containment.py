@@ -38,6 +38,9 @@ _PR_SET_CHILD_SUBREAPER = 36
 #: without a pids cgroup may outrun one round).
 _KILL_ROUNDS = 50
 
+#: Environment variable that turns pids cgroups off (``off``).
+NO_CGROUP_ENV = "DISPYNB_PIDS_CGROUP"
+
 #: Seconds `remove_cgroup` waits for killed tasks to leave a cgroup.
 _CGROUP_EMPTY_WAIT = 2.0
 
@@ -132,8 +135,11 @@ def find_pids_root() -> str | None:
 
     Looks at cgroup v1's ``pids`` hierarchy, then at cgroup v2, at this process's own
     cgroup in each; it is usable if a child cgroup can be made there and has
-    ``pids.max``. The probe cgroup is removed again.
+    ``pids.max``. The probe cgroup is removed again. ``DISPYNB_PIDS_CGROUP=off`` in
+    the node's environment opts out (max_pids is then enforced by counting).
     """
+    if os.environ.get(NO_CGROUP_ENV, "").lower() in ("off", "0", "no"):
+        return None
     try:
         with open("/proc/self/cgroup") as handle:
             lines = handle.read().splitlines()

@@ -82,6 +82,8 @@ class WorkerExited(IpcMessage):
 
     pid: int
     returncode: int
+    #: Why the computation process killed it, if it did (e.g. over max_pids).
+    reason: str = ""
 
 
 # --- node server <-> worker ----------------------------------------------------

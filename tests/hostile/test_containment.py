@@ -183,3 +183,41 @@ def _cgroups_available() -> bool:
     from nodeserver.containment import find_pids_root
 
     return find_pids_root() is not None
+
+
+@pytest.mark.attack(
+    id="fork-bomb-no-cgroup",
+    title="A job forks until refused, under max_pids=32, on a node without pids "
+    "cgroups",
+    goal="the job is killed with all its processes, its error naming max_pids",
+)
+def test_a_fork_bomb_without_cgroups_is_counted_and_killed(tmp_path, measure):
+    from tests.nodeproc import running_node
+
+    launcher = ["env", "DISPYNB_PIDS_CGROUP=off"]  # execs the node: same pid
+    with running_node(tmp_path / "node", launcher=launcher) as node:
+        with JobCluster(
+            fork_sleepers_slowly,
+            nodes=[node.spec],
+            secret=node.secret,
+            max_pids=32,
+        ) as cluster:
+            job = cluster.submit(str(tmp_path / "pids"), 200)
+            job()
+        pids = _read_pids(str(tmp_path / "pids"))
+        measure(f"{job.status.name} after {len(pids)} forks: {job.exception[:70]}")
+        assert job.status == DispyJob.Terminated
+        assert "max_pids of 32" in job.exception
+        wait_until(lambda: _all_gone(pids), WAIT)
+
+
+def fork_sleepers_slowly(marker: str, count: int) -> None:
+    """Fork sleeping children one every 10 ms, recording their pids as it goes."""
+    for _ in range(count):
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(60)
+            os._exit(0)
+        with open(marker, "a") as handle:
+            handle.write(f"{pid}\n")
+        time.sleep(0.01)
