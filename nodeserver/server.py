@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import platform
+import socket
 from typing import Any
 
+from dispynb.errors import ConfigurationError
 from dispynb.protocol.messages import Welcome
 from dispynb.transport.addressing import format_address, is_loopback
 from dispynb.transport.connection import Connection
 from dispynb.transport.listener import Listener
 from dispynb.transport.tls import server_context
+from dispynb.transport.udp import is_wildcard_host
 from nodeserver.announce import Announcer
 from nodeserver.budget import CpuBudget
 from nodeserver.config import NodeConfig
@@ -139,7 +143,7 @@ class NodeServer:
                 name=config.name,
                 tcp_port=self.port,
                 cpus=config.cpus,
-                host=host,
+                host=_address_of(host),
                 port=config.discovery_port,
                 multicast=config.ipv4_multicast,
                 ext=config.ext_host or "",
@@ -279,3 +283,29 @@ class NodeServer:
             logger.warning("terminating the jobs still running (%s)", why)
         else:
             logger.info("drained: every running job ended")
+
+
+def _address_of(host: str) -> str:
+    """``host`` as an IP address for discovery (``-i node1.example.com`` works as in
+    dispynode: the name is looked up once, here)."""
+    text = host.strip("[]")
+    if is_wildcard_host(text):
+        return host
+    try:
+        ipaddress.ip_address(text.split("%")[0])
+    except ValueError:
+        pass
+    else:
+        return host
+    error: Exception | None = None
+    for family in (socket.AF_INET, socket.AF_UNSPEC):  # IPv4 first, as dispynode
+        try:
+            infos = socket.getaddrinfo(text, None, family, socket.SOCK_DGRAM)
+        except (OSError, UnicodeError) as exc:
+            error = exc
+            continue
+        return str(infos[0][4][0])
+    raise ConfigurationError(
+        f"cannot look up {host!r} to answer discovery on it ({error}): give its IP "
+        "address, or --no-discovery"
+    )

@@ -436,3 +436,30 @@ def test_node_config_ext_host_needs_discovery_and_a_unicast_address() -> None:
     config = NodeConfig(port=0, discovery=True, ext_host="localhost")
     config.validate()
     assert config.ext_host in ("127.0.0.1", "::1")
+
+
+def test_node_named_by_host_name_answers_discovery_at_its_address(
+    tmp_path: Path, found: Found, no_broadcast: None
+) -> None:
+    """``dispynb-node -i <name>`` as with dispynode: the name is looked up for
+    discovery (before, only IP addresses could answer pings)."""
+
+    async def main() -> None:
+        server = NodeServer(
+            NodeConfig(
+                host="localhost",
+                port=0,
+                secret=b"discovery-test-secret",
+                dest_path=str(tmp_path / "dest"),
+                discovery=True,
+                discovery_port=0,
+            )
+        )
+        await server.start()
+        try:
+            assert server._announcer is not None
+            assert server._announcer.host == HOST
+        finally:
+            await server.stop()
+
+    run(main())
