@@ -469,13 +469,19 @@ class JobCluster:
         )
         self._finished(job, node)
 
-    def job_abandoned(self, key: int, link: NodeLink | None, reason: str) -> None:
+    def job_abandoned(
+        self, key: int, link: NodeLink | None, reason: str, node_id: str = ""
+    ) -> None:
         job = self._jobs.pop(key, None)
         if job is None:
             return
         self._not_executing(key)
         node = self._nodes.get(link.node_id) if link is not None else None
-        job._complete(JobStatus.Abandoned, exception=reason)
+        # The node it was sent to, started or not (dispy sets ip_addr at dispatch).
+        ip_addr = link.host if link is not None else None
+        if ip_addr is None and node_id:
+            ip_addr = parse_address(node_id)[0]
+        job._complete(JobStatus.Abandoned, exception=reason, ip_addr=ip_addr)
         self._finished(job, node)
 
     def job_requeued(self, key: int) -> None:

@@ -153,8 +153,10 @@ class JobEvents(Protocol):
     ) -> None:
         """A running job sent a file (``path`` is relative and checked)."""
 
-    def job_abandoned(self, key: int, node: NodeLink | None, reason: str) -> None:
-        """A job cannot run anymore (its node is gone)."""
+    def job_abandoned(
+        self, key: int, node: NodeLink | None, reason: str, node_id: str = ""
+    ) -> None:
+        """A job cannot run anymore (its node, ``node_id``, is gone)."""
 
     def job_cancelled(self, key: int) -> None:
         """A queued job was cancelled before it ran."""
@@ -840,7 +842,9 @@ class Driver:
                 reason = f"node {instruction.node} was lost ({lost_reason or 'left'})"
                 if instruction.lost_on:
                     reason = attempts_spent(instruction.lost_on, reason)
-                self.events.job_abandoned(instruction.key, link, reason)
+                self.events.job_abandoned(
+                    instruction.key, link, reason, node_id=instruction.node
+                )
             elif isinstance(instruction, ResubmitJob):
                 logger.info(
                     "resubmitting job %d (attempt %d)",
