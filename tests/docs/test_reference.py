@@ -12,7 +12,7 @@ import pytest
 from dispynb_docs import public_names
 
 from tests.browser import requires_chromium
-from tests.docs.conftest import Site
+from tests.docs.conftest import ROOT, Site
 
 pytestmark = [
     pytest.mark.browser,
@@ -97,3 +97,13 @@ def test_migration_guide_covers_every_dispy_name(site: Site) -> None:
         rows = re.findall(r"<tr[^>]*>\s*<td>(.*?)</td>", match.group(0), re.S)
         first = [html.unescape(re.sub(r"<[^>]+>", "", row)).strip() for row in rows]
         assert first == names, key
+
+
+def test_every_notebook_is_a_tutorial_page(site: Site) -> None:
+    """The notebooks nbval runs are the tutorials, each executed into a page."""
+    notebooks = sorted((ROOT / "notebooks").glob("*.ipynb"))
+    assert notebooks
+    for notebook in notebooks:
+        page = site.path / "notebooks" / f"{notebook.stem}.html"
+        assert page.is_file(), f"{notebook.name} has no page"
+        assert "cell_output" in page.read_text(encoding="utf-8"), notebook.name
