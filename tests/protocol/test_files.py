@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from dispynb.errors import ProtocolError
 from dispynb.protocol.files import (
@@ -147,3 +151,58 @@ def test_write_inside_replaces_an_existing_file(tmp_path):
     write_inside(str(tmp_path), "x", b"two")
     assert (tmp_path / "x").read_bytes() == b"two"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]
+
+
+# --- property: symlinks planted anywhere never let anything out ----------------
+
+_part = st.sampled_from(["a", "b", "c", "name"])
+
+
+@settings(deadline=None, max_examples=80, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    links=st.lists(st.lists(_part, min_size=1, max_size=3), max_size=3),
+    names=st.lists(st.lists(_part, min_size=1, max_size=4), min_size=1, max_size=4),
+    link_kind=st.sampled_from(["outside", "dir-outside", "file-outside", "dangling"]),
+)
+def test_no_symlink_lets_a_write_create_anything_outside(links, names, link_kind):
+    with tempfile.TemporaryDirectory() as top:
+        base, outside = os.path.join(top, "base"), os.path.join(top, "outside")
+        os.mkdir(base)
+        os.mkdir(outside)
+        targets = {
+            "outside": outside,
+            "dir-outside": os.path.join(outside, "sub"),
+            "file-outside": os.path.join(outside, "f"),
+            "dangling": os.path.join(outside, "missing", "deeper"),
+        }
+        if link_kind == "file-outside":
+            with open(targets["file-outside"], "w") as handle:
+                handle.write("keep")
+        elif link_kind == "dir-outside":
+            os.mkdir(targets["dir-outside"])
+        for parts in links:  # symlinks planted at arbitrary places inside base
+            _plant(base, parts, targets[link_kind])
+        before = sorted(os.walk(outside))
+        for parts in names:
+            with contextlib.suppress(ProtocolError, OSError):
+                write_inside(base, "/".join(parts), b"x")
+        assert sorted(os.walk(outside)) == before
+        if link_kind == "file-outside":
+            with open(targets["file-outside"]) as handle:
+                assert handle.read() == "keep"
+
+
+def _plant(base: str, parts: list[str], target: str) -> None:
+    """Make real directories down to ``parts[:-1]`` (none through a symlink), then a
+    symlink ``parts[-1]`` to ``target``; skip it if the way is taken."""
+    where = base
+    for part in parts[:-1]:
+        where = os.path.join(where, part)
+        if os.path.islink(where) or (
+            os.path.exists(where) and not os.path.isdir(where)
+        ):
+            return
+        if not os.path.exists(where):
+            os.mkdir(where)
+    with contextlib.suppress(FileExistsError):
+        os.symlink(target, os.path.join(where, parts[-1]))
