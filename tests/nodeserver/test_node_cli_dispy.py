@@ -13,8 +13,10 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from dispynb import DispyJob, JobCluster
@@ -297,3 +299,43 @@ def test_two_ext_hosts_are_refused() -> None:
     done = run_node("--ext_host", "10.0.0.1", "--ext_host", "10.0.0.2")
     assert done.returncode == 2
     assert "give one --ext-host" in done.stderr
+
+
+SILENT_CLIENT = """
+import sys, time
+import dispynb as dispy
+def sleeper(_):
+    import time
+    time.sleep(120)
+cluster = dispy.JobCluster(sleeper, nodes=[sys.argv[1]], secret=sys.argv[2])
+cluster.submit(0)
+print("submitted", flush=True)
+time.sleep(120)
+"""
+
+
+def test_zombie_interval_frees_a_silent_clients_computation(tmp_path: Path) -> None:
+    """``--zombie_interval`` is in minutes, as dispynode's: 0.02 min = 1.2 s."""
+    script = tmp_path / "client.py"
+    script.write_text(SILENT_CLIENT)
+    node = start_node(tmp_path / "node", "--zombie_interval", "0.02")
+    client = subprocess.Popen(
+        [sys.executable, str(script), node.spec, node.secret],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=node_env(),
+    )
+    try:
+        assert client.stdout is not None
+        assert client.stdout.readline().strip() == "submitted"
+        server = psutil.Process(node.proc.pid)
+        wait_until(lambda: len(server.children(recursive=True)) >= 2)
+        os.kill(client.pid, signal.SIGSTOP)  # alive, connected, silent
+        wait_until(lambda: not server.children(recursive=True), timeout=20)
+        assert "silent" in node.log_text()
+    finally:
+        client.kill()
+        client.wait()
+        if client.stdout is not None:
+            client.stdout.close()
+        assert node.stop() == 0
