@@ -6,7 +6,7 @@ from __future__ import annotations
 #: clashing with a dispy node running on the same machine).
 NODE_PORT = 9711
 
-#: UDP port nodes listen on for discovery pings (``dispynb-node --discovery``).
+#: UDP port nodes listen on for discovery pings (on by default, as dispynode).
 DISCOVERY_PORT = 9712
 
 #: UDP port clients listen on for the announcements nodes send when they start: always

@@ -1,4 +1,4 @@
-"""`Announcer`: a node server's side of UDP discovery (``dispynb-node --discovery``).
+"""`Announcer`: a node server's side of UDP discovery (on unless ``--no-discovery``).
 
 It answers each `Ping` with an `Announce` sent back to the pinging socket (a reply to
 a datagram; the node never connects anywhere), and announces the node to clients'

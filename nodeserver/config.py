@@ -116,7 +116,7 @@ class NodeConfig:
         if self.ipv4_multicast and ":" in self.host:
             raise ConfigurationError(
                 f"--ipv4-multicast needs an IPv4 host, not {self.host!r}: IPv6 "
-                "discovery (--discovery with an IPv6 host) always uses multicast"
+                "discovery (with an IPv6 host) always uses multicast"
             )
         if self.ext_host is not None:
             self.ext_host = _resolve_ext_host(self.ext_host, self.discovery)

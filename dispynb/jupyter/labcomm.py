@@ -169,7 +169,7 @@ class Discovered:
 def discover(
     addresses: list[str], timeout: float = DISCOVERY_TIMEOUT
 ) -> list[dict[str, Any]]:
-    """Ping for node servers started with ``--discovery``; block ``timeout`` seconds.
+    """Ping for node servers (they answer discovery by default); block ``timeout`` s.
 
     ``addresses``: IPv4 addresses of nodes or broadcast addresses, each optionally
     with the nodes' UDP discovery port (``'10.0.0.5'``, ``'10.0.0.255:9700'``); empty:
