@@ -40,8 +40,6 @@ def test_api_reference_has_every_public_name(site: Site) -> None:
     for module_name in PUBLIC_MODULES:
         module = importlib.import_module(module_name)
         for name in public_names(module):
-            if name.endswith("ipython_extension") and module_name == "dispynb":
-                continue  # documented with the magics (dispynb.jupyter's)
             target = f"{module_name}.{name}"
             # Documented, or (re-exported) a pointer to where it is documented.
             pointer = f'<span class="pre">{target}</span></code>: see'
