@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import pytest
@@ -69,3 +70,50 @@ def test_ext_matches_addresses_not_claimed_names() -> None:
     assert trusted_ext_spec([NodeAllocate(" * ")], "10.2.0.2") is None
     spec = trusted_ext_spec([NodeAllocate("fd00:77::*")], "fd00:77::2")
     assert spec is not None and spec.host == "fd00:77::*"
+
+
+def quiet_finder(ready: bool) -> NodeFinder:
+    found = NodeFinder(
+        [NodeAllocate("10.1.0.*")],
+        lambda ip, port, spec: None,
+        ready=lambda: ready,
+        warn_after=0.01,
+    )
+    fake = FakeDiscovery({})
+    fake.port = 9712  # type: ignore[attr-defined]
+    found._discovery = fake  # type: ignore[assignment]
+    return found
+
+
+def test_no_node_warning_names_the_likely_causes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING, "dispynb.finder"):
+        asyncio.run(quiet_finder(False)._warn_if_no_node(["10.1.0.255"]))
+    (record,) = caplog.records
+    message = record.getMessage()
+    assert record.levelno == logging.WARNING
+    assert "no node found in 0.01 s of discovery" in message
+    assert "pinged 10.1.0.255 on UDP port 9712; no node answered" in message
+    assert "still waiting" in message
+    for cause in (
+        "no dispynb-node running",
+        "--no-discovery",
+        "127.0.0.1",
+        "firewall dropping UDP 9712-9713",
+        "wrong secret",
+        "nodes=[",
+    ):
+        assert cause in message
+
+
+def test_no_node_warning_when_nodes_answered_or_are_ready(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    answered = quiet_finder(False)
+    answered._found("10.1.0.2", 9711, "n", 1)
+    with caplog.at_level(logging.WARNING, "dispynb.finder"):
+        asyncio.run(answered._warn_if_no_node(["10.1.0.255"]))
+        asyncio.run(quiet_finder(True)._warn_if_no_node(["10.1.0.255"]))
+    (record,) = caplog.records  # none once a node is ready
+    assert "1 node(s) answered but none is set up yet" in record.getMessage()
