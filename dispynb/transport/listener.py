@@ -109,11 +109,12 @@ class Listener:
     def stop(self) -> None:
         """Stop accepting connections (idempotent); accepted ones go on."""
         loop = asyncio.get_running_loop()
+        paused = self._retry is not None  # its sockets are not watched meanwhile
         if self._retry is not None:
             self._retry.cancel()
             self._retry = None
         for sock in self._sockets:
-            if self._paused_since is None:
+            if not paused:
                 loop.remove_reader(sock.fileno())
             sock.close()
         self._sockets.clear()

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 
 import pytest
 
 from dispynb.transport.admission import Admission, Tally, source_of
+from tests.asyncutil import run
+from tests.transport.util import echo_round_trip, serving, wait_until
 
 
 @pytest.mark.parametrize(
@@ -79,3 +82,27 @@ def test_tally_logs_a_few_sources_at_once_then_counts():
     assert len(lines.lines) == Tally.IMMEDIATE + 1
     assert lines.lines[-1].startswith("97 more rejected connections from 10 source(s)")
     assert "last: reason 99" in lines.lines[-1]
+
+
+class _Exhausted:
+    """A listening socket whose accept fails for lack of descriptors."""
+
+    def accept(self):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+
+def test_listener_out_of_descriptors_pauses_then_serves_again(caplog):
+    async def main() -> None:
+        async with serving() as (listener, _):
+            listener._accept(_Exhausted())  # type: ignore[arg-type]
+            assert listener._retry is not None  # paused: not watching its sockets
+            listener._accept(_Exhausted())  # type: ignore[arg-type]
+            await echo_round_trip(listener.port)  # served once the retry fires
+            await wait_until(lambda: listener._paused_since is None)
+            listener._accept(_Exhausted())  # type: ignore[arg-type]
+        # stop() while paused leaves nothing watched
+
+    run(main())
+    lines = [r.getMessage() for r in caplog.records if "accept" in r.getMessage()]
+    assert len(lines) == 3, lines  # paused, accepting again, paused
+    assert "pausing" in lines[0] and "after" in lines[1] and "2 accept" in lines[1]
