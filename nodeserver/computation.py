@@ -75,6 +75,10 @@ TIMEOUT_GRACE = 2.0
 #: framing); a result may use the rest of the channel's message size cap.
 RESULT_HEADROOM = 1024 * 1024
 
+#: A result this large (its pickled buffers) is streamed to the client in chunks
+#: (`nodeserver.session`); the computation keeps its buffers' kinds for that.
+STREAM_BYTES = 64 * 1024 * 1024
+
 #: Seconds to wait for a computation process to exit after Shutdown.
 SHUTDOWN_GRACE = 10.0
 
@@ -215,6 +219,8 @@ class Computation:
         self._closing = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._held = False  # workers are not read (the client is not reading)
+        #: Buffer kinds of large results (key -> `Done.kinds`), taken by the session.
+        self.result_kinds: dict[int, str] = {}
         self.on_failure: Callable[[str], None] | None = None
         #: ``on_start(key, attempt, time)``: a job starts executing in a worker now.
         self.on_start: Callable[[int, int, float], None] | None = None
@@ -599,6 +605,8 @@ class Computation:
             # SIGINT meant for the job before it (which ended just then) hit this one.
             self._requeue_or_fail(job)
         elif not job.reported:
+            if done.kinds and sum(b.nbytes for b in buffers) >= STREAM_BYTES:
+                self.result_kinds[job.key] = done.kinds
             # A cancelled job that caught its KeyboardInterrupt and returned ends
             # Finished with its value, as in dispy.
             self._report(
@@ -749,8 +757,7 @@ class Computation:
                 continue
             elif position == 0 and not worker.retiring:
                 reason = (
-                    worker.exit_reason
-                    or crash_reason(returncode)
+                    worker.exit_reason or crash_reason(returncode)
                     if returncode is not None
                     else "the computation's process on the node died"
                 )

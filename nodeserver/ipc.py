@@ -144,3 +144,5 @@ class Done(IpcMessage):
     stdout: str | bytes  # bytes for program computations, as in dispy
     stderr: str | bytes
     exception: str | None = None
+    #: One letter per out-of-band result buffer (see `serialize.dumps`), or "".
+    kinds: str = ""

@@ -76,6 +76,7 @@ def run_job(
     outcome = RAISED
     exception = None
     result_buffers = _NO_BUFFERS
+    kinds: list[str] = []
     try:
         try:
             args, kwargs, names = _unpack_payload(serialize.loads(buffers))
@@ -112,7 +113,7 @@ def run_job(
                     program_output = result
                     result = result.returncode
                 try:
-                    result_buffers = serialize.dumps(result)
+                    result_buffers = serialize.dumps(result, kinds)
                 except Exception as exc:
                     exception = _unpicklable(result, exc)
                 else:
@@ -137,6 +138,7 @@ def run_job(
         stdout=_text(out) if program_output is None else program_output.stdout,
         stderr=_text(err) if program_output is None else program_output.stderr,
         exception=exception,
+        kinds="".join(kinds) if outcome == FINISHED else "",
     )
     return done, result_buffers
 

@@ -46,7 +46,7 @@ from dispynb.protocol.messages import (
     ResultChunk,
 )
 from dispynb.transport.connection import BadMessageError, Connection
-from nodeserver.computation import Computation, JobLimits, NodeJob
+from nodeserver.computation import STREAM_BYTES, Computation, JobLimits, NodeJob
 from nodeserver.keeper import Kept, ResultKeeper
 from nodeserver.monitor import avail_info
 
@@ -68,9 +68,8 @@ START_REPORT_DELAY = 0.005
 #: A results batch is cut once its buffers pass this size.
 BATCH_BYTES = 32 * 1024 * 1024
 
-#: A result this large (its pickled buffers) travels in `ResultChunk` messages of
-#: `CHUNK_BYTES`, so the client can assemble it in place.
-STREAM_BYTES = 64 * 1024 * 1024
+#: A result of `STREAM_BYTES` or more (its pickled buffers) travels in `ResultChunk`
+#: messages of `CHUNK_BYTES`, so the client can assemble it in place.
 CHUNK_BYTES = 16 * 1024 * 1024
 
 #: Bytes queued for a client (not yet taken by its socket) over which this session's
@@ -597,7 +596,10 @@ class ClientSession:
         its entry, marked streamed."""
         self._flush()  # the results before it first
         key, attempt = entry[0], entry[1]
+        computation = self._computations.get(comp_id)
+        kinds = computation.result_kinds.pop(key, "") if computation else ""
         for index, buffer in enumerate(buffers):
+            kind = kinds[index - 1] if 0 < index <= len(kinds) else ""
             view = buffer.cast("B") if buffer.format != "B" else buffer
             size = view.nbytes
             for offset in range(0, size, CHUNK_BYTES):
@@ -608,6 +610,7 @@ class ClientSession:
                     index=index,
                     offset=offset,
                     size=size,
+                    kind=kind,
                 )
                 self._write(chunk, [view[offset : offset + CHUNK_BYTES]])
         self._write(JobResults(comp_id=comp_id, results=[[*entry, True]]))

@@ -409,6 +409,8 @@ class ResultChunk(WireMessage):
     index: int
     offset: int
     size: int
+    #: "b": the buffer becomes a ``bytes`` object (the client builds it directly).
+    kind: str = ""
 
 
 @message("job-results")

@@ -30,17 +30,21 @@ _INSTALLED_PREFIXES = tuple(
 )
 
 
-def dumps(obj: Any) -> list[Buffer]:
+def dumps(obj: Any, kinds: list[str] | None = None) -> list[Buffer]:
     """Pickle ``obj`` into ``[pickle, *out_of_band_buffers]``.
 
-    Raises `SerializationError` naming the type when ``obj`` cannot be pickled.
+    ``kinds``, if given, receives one letter per out-of-band buffer: ``"b"`` for one
+    that becomes a ``bytes`` object when unpickled, ``"a"`` a ``bytearray``, ``"p"``
+    anything else (a NumPy array's memory): a receiver that assembles a large buffer
+    in place can then build the final object directly. Raises `SerializationError`
+    naming the type when ``obj`` cannot be pickled.
     """
     buffers: list[Buffer] = []
     try:
         if _is_plain(obj) and not _has_large_bytes(obj):
             main = pickle.dumps(obj, protocol=5)
         else:
-            main = _dumps_by_value(obj, buffers)
+            main = _dumps_by_value(obj, buffers, kinds)
     except Exception as exc:
         raise SerializationError(
             f"cannot pickle {_describe(obj)}: {type(exc).__name__}: {exc}"
@@ -92,15 +96,22 @@ _BINARY: dict[type, str] = {bytes: "b", bytearray: "a"}
 
 
 class _Pickler(cloudpickle.Pickler):
-    def __init__(self, file: io.BytesIO, buffers: list[Buffer]) -> None:
+    def __init__(
+        self, file: io.BytesIO, buffers: list[Buffer], kinds: list[str] | None
+    ) -> None:
         super().__init__(file, protocol=5, buffer_callback=self._buffer)
         self._out = buffers
+        self._kinds = kinds
+        self._kind = "p"  # of the next buffer: set by persistent_id for its own
         self._seen: dict[int, int] = {}
 
     def _buffer(self, buf: pickle.PickleBuffer) -> bool:
+        kind, self._kind = self._kind, "p"
         if memoryview(buf).nbytes < _OOB_MIN:
             return True  # in-band
         self._out.append(buf.raw())
+        if self._kinds is not None:
+            self._kinds.append(kind)
         return False
 
     def persistent_id(self, obj: Any) -> Any:
@@ -111,6 +122,7 @@ class _Pickler(cloudpickle.Pickler):
         if index is not None:
             return index
         self._seen[id(obj)] = len(self._seen)
+        self._kind = kind
         return kind, pickle.PickleBuffer(obj)
 
 
@@ -201,9 +213,11 @@ class _RestrictedUnpickler(_Unpickler):
         )
 
 
-def _dumps_by_value(obj: Any, buffers: list[Buffer]) -> bytes:
+def _dumps_by_value(
+    obj: Any, buffers: list[Buffer], kinds: list[str] | None = None
+) -> bytes:
     file = io.BytesIO()
-    _Pickler(file, buffers).dump(obj)
+    _Pickler(file, buffers, kinds).dump(obj)
     return file.getvalue()
 
 

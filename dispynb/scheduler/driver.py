@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import io
 import itertools
 import logging
 import ssl
@@ -235,7 +236,7 @@ class Driver:
         self._files: dict[str, FileRef] = {}  # by digest: what nodes may ask for
         self._placements: dict[int, asyncio.Future[str]] = {}
         # Large results arriving in chunks: (node, key, attempt) -> index ->
-        # [buffer, bytes received]; None once the stream was refused.
+        # [bytearray or BytesIO, bytes received, size]; None once refused.
         self._streams: dict[tuple[str, int, int], dict[int, list[Any]] | None] = {}
         self._requests = itertools.count(1)
         self._connecting = 0
@@ -785,7 +786,7 @@ class Driver:
         target = parts.get(message.index)
         cap = self.config.max_result or self.config.max_message_size
         if target is None:
-            total = sum(len(p[0]) for p in parts.values()) + message.size
+            total = sum(p[2] for p in parts.values()) + message.size
             if not 0 <= message.index < 4096 or not message.size >= 0 or total > cap:
                 logger.warning(
                     "node %s streams a result of job %d over %d bytes: refused",
@@ -795,26 +796,37 @@ class Driver:
                 )
                 self._streams[stream_id] = None
                 return
-            target = parts[message.index] = [bytearray(message.size), 0]
+            # A bytes buffer grows in a BytesIO, whose getvalue() then hands over
+            # its memory: one copy, as for a bytearray filled in place.
+            place = io.BytesIO() if message.kind == "b" else bytearray(message.size)
+            target = parts[message.index] = [place, 0, message.size]
         data = buffers[0] if len(buffers) == 1 else memoryview(b"")
+        place, filled, size = target
         end = message.offset + data.nbytes
-        if message.offset < 0 or end > len(target[0]) or not data.nbytes:
+        in_order = message.offset == filled or not isinstance(place, io.BytesIO)
+        if message.offset < 0 or end > size or not data.nbytes or not in_order:
             logger.warning("node %s sent a malformed result chunk", link.node_id)
             self._streams[stream_id] = None
             return
-        target[0][message.offset : end] = data
+        if isinstance(place, io.BytesIO):
+            place.write(data)
+        else:
+            place[message.offset : end] = data
         target[1] += data.nbytes
 
     def _take_stream(
         self, link: NodeLink, key: int, attempt: int, count: int
-    ) -> list[bytearray] | None:
+    ) -> list[bytes | bytearray] | None:
         """The buffers of a streamed result, or None if they are not all there."""
         parts = self._streams.pop((link.node_id, key, attempt), None)
         if parts is None or sorted(parts) != list(range(count)):
             return None
-        if any(filled != len(buffer) for buffer, filled in parts.values()):
+        if any(filled != size for _place, filled, size in parts.values()):
             return None
-        return [parts[index][0] for index in range(count)]
+        return [
+            place.getvalue() if isinstance(place, io.BytesIO) else place
+            for place, _filled, _size in (parts[i] for i in range(count))
+        ]
 
     def _apply(self, instructions: list[Instruction], lost_reason: str = "") -> None:
         """Carry out instructions; job batches are merged per node into one message."""
