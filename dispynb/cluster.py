@@ -618,6 +618,7 @@ class JobCluster:
         job = DispyJob(job_id, args, kwargs)
         key = next(self._keys)
         job._key = key
+        job._cluster = self  # for job.cancel() / job.future.cancel()
         self._jobs[key] = job
         if self._journal is not None:
             self._journal.submitted(self._recovery_id, key, job)

@@ -24,6 +24,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 class DispynbError(Exception):
     """Base class of every error raised by dispynb."""
@@ -79,7 +81,8 @@ class NoNodesError(ClusterError):
 
 
 class NodeLostError(ClusterError):
-    """A node went away while it had work."""
+    """A node went away while it had work: what ``result()`` of the future of a job
+    that ended ``Abandoned`` raises (the message is the reason)."""
 
 
 class SetupError(ClusterError):
@@ -112,6 +115,10 @@ class ResultTooLarge(JobError):
 class RemoteError(DispynbError):
     """An exception raised by user code on a node, carrying the remote traceback.
 
+    ``job.future.result()`` raises it for a job that ended ``Terminated`` (it raised,
+    exceeded a limit, crashed or was terminated); ``dispynb.Executor`` raises the
+    job's own exception instead, with this as its ``__cause__``.
+
     Parameters
     ----------
     ename:
@@ -128,9 +135,27 @@ class RemoteError(DispynbError):
         self.evalue = evalue
         self.traceback = traceback
 
+    @classmethod
+    def from_text(cls, text: str, status: str = "Terminated") -> RemoteError:
+        """Build one from a job's ``exception`` text: a formatted traceback (its last
+        line names the exception) or a node's reason (``status`` is then the name)."""
+        lines = [line for line in text.strip().splitlines() if line.strip()]
+        if lines and text.lstrip().startswith("Traceback"):
+            match = _EXCEPTION_LINE.match(lines[-1])
+            if match:
+                return cls(match["name"], match["value"] or "", text)
+        return cls(status, lines[0] if lines else "", text)
+
+    def __reduce__(self) -> tuple[type[RemoteError], tuple[str, str, str]]:
+        return type(self), (self.ename, self.evalue, self.traceback)
+
     def __str__(self) -> str:
         return f"{self.ename}: {self.evalue}\n\nRemote traceback:\n{self.traceback}"
 
     def _render_traceback_(self) -> list[str]:
         """Show the remote traceback in IPython instead of the local one."""
         return self.traceback.splitlines()
+
+
+#: The last line of a formatted traceback: ``module.Name: message`` or ``Name``.
+_EXCEPTION_LINE = re.compile(r"^(?P<name>[A-Za-z_][\w.]*)(?::\s?(?P<value>.*))?$")

@@ -22,8 +22,11 @@ import enum
 import itertools
 import threading
 import time
-from collections.abc import Generator
-from typing import Any, ClassVar
+from collections.abc import Callable, Generator
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from dispynb.futures import JobFuture
 
 __all__ = ["FINAL_STATUSES", "DispyJob", "JobStatus"]
 
@@ -56,6 +59,9 @@ class JobStatus(enum.IntEnum):
 FINAL_STATUSES: frozenset[JobStatus] = frozenset(
     {JobStatus.Cancelled, JobStatus.Terminated, JobStatus.Abandoned, JobStatus.Finished}
 )
+
+#: Statuses of a job that started on a node.
+_STARTED = frozenset({JobStatus.Running, JobStatus.ProvisionalResult})
 
 # Default job ids: process-wide, starting at 1, shared by every cluster (as in dispy).
 _job_ids = itertools.count(1)
@@ -107,13 +113,21 @@ class DispyJob:
     42
     >>> await job  # doctest: +SKIP
     42
+
+    Futures: ``job.result`` and ``job.exception`` are dispy's attributes (the value,
+    the traceback text), so the `concurrent.futures` methods ``result(timeout)`` and
+    ``exception(timeout)`` are on ``job.future``, a real `concurrent.futures.Future`
+    (see `dispynb.futures.JobFuture`). ``done()``, ``cancel()`` and
+    ``add_done_callback()`` are on the job too.
     """
 
     __slots__ = (
         "__weakref__",  # monitors remember finished jobs without keeping results
         "_args",
+        "_cluster",
         "_done",
         "_final",
+        "_future",
         "_key",
         "_kwargs",
         "_seq",
@@ -156,6 +170,8 @@ class DispyJob:
     _seq: int
     _done: bool
     _final: threading.Event | None
+    _cluster: Any
+    _future: JobFuture | None
     _waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] | None
 
     def __init__(
@@ -179,6 +195,8 @@ class DispyJob:
         self._done = False
         self._final = None
         self._waiters = None
+        self._cluster = None  # set by the cluster: job.cancel() asks it
+        self._future = None
 
     def __repr__(self) -> str:
         status = getattr(self.status, "name", self.status)
@@ -216,6 +234,61 @@ class DispyJob:
     def done(self) -> bool:
         """Return whether the job reached a final status (see `FINAL_STATUSES`)."""
         return self._done
+
+    # -- futures ---------------------------------------------------------------------
+
+    @property
+    def future(self) -> JobFuture:
+        """This job as a `concurrent.futures.Future` (made on first use).
+
+        ``job.future.result(timeout)`` returns the result or raises: `RemoteError`
+        (with the remote traceback) for a job that ended ``Terminated``,
+        `NodeLostError` for ``Abandoned``, ``CancelledError`` for ``Cancelled``.
+        """
+        from dispynb.futures import JobFuture
+
+        return self._attach(JobFuture)
+
+    def _attach(self, make: Callable[[DispyJob], JobFuture]) -> JobFuture:
+        """The job's future, made by ``make(job)`` if it has none yet."""
+        with _lock:
+            future = self._future
+            if future is None:
+                future = self._future = make(self)
+                done, running = self._done, self.status in _STARTED
+            else:
+                done = running = False
+        # Exactly one of this and _complete settles it: both decide under _lock.
+        if done:
+            future._settle()
+        elif running:
+            future._mark_running()
+        return future
+
+    def cancel(self) -> bool:
+        """Cancel the job if it has not started (`concurrent.futures` semantics).
+
+        Returns True if it is cancelled (it ends ``Cancelled``), False if it is
+        running on a node or done. ``cluster.cancel(job)`` (dispy's) also
+        terminates a running job.
+        """
+        return self.future.cancel()
+
+    def add_done_callback(self, fn: Callable[[DispyJob], object]) -> None:
+        """Call ``fn(job)`` once the job is done (at once if it is).
+
+        Callbacks never run on the I/O thread: a job ending there has them run on
+        the cluster's callback thread, in order.
+        """
+        self.future.add_done_callback(lambda _future: fn(self))
+
+    def _cancel_request(self) -> None:
+        """The future was cancelled: cancel the job on its cluster."""
+        cluster = self._cluster
+        if cluster is not None:
+            cluster.cancel(self)
+        else:  # not submitted through a cluster (recovered): nothing runs it
+            self._complete(JobStatus.Cancelled, exception="cancelled")
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for a final status (provisional results do not end the wait).
@@ -279,6 +352,8 @@ class DispyJob:
         self.ip_addr = ip_addr
         self.start_time = time.time() if start_time is None else start_time
         self.status = JobStatus.Running
+        if self._future is not None:
+            self._future._mark_running()
         return True
 
     def _set_provisional(self, result: Any) -> bool:
@@ -337,6 +412,7 @@ class DispyJob:
             self.finish.set()
             final, self._final = self._final, None
             waiters, self._waiters = self._waiters, None
+            job_future, self._cluster = self._future, None
         if final is not None:
             final.set()
         if waiters:
@@ -344,6 +420,8 @@ class DispyJob:
                 # A closed loop raises RuntimeError: nobody is left there to wake.
                 with contextlib.suppress(RuntimeError):
                     loop.call_soon_threadsafe(_wake, future)
+        if job_future is not None:
+            job_future._settle()
         return True
 
 

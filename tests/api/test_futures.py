@@ -1,0 +1,281 @@
+"""Tests of `dispynb.futures`: ``job.future`` and the futures methods of `DispyJob`.
+
+Unit tests drive a `DispyJob` by hand; the ``slow`` ones run jobs on a local node
+and use the futures as `concurrent.futures` and asyncio code does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import threading
+
+import pytest
+
+from dispynb import JobCluster, LocalCluster
+from dispynb.errors import NodeLostError, RemoteError
+from dispynb.job import DispyJob, JobStatus
+from tests.jobs import (
+    WAIT,
+    mark_and_hold,
+    raise_value_error,
+    square,
+    wait_for_path,
+    wait_until,
+)
+
+TRACEBACK = (
+    "Traceback (most recent call last):\n"
+    '  File "<dynamic-code>", line 2, in f\n'
+    "ZeroDivisionError: division by zero\n"
+)
+
+
+def make_job() -> DispyJob:
+    return DispyJob(None, (), {})
+
+
+# -- unit: the mapping from a job's end to its future ---------------------------------
+
+
+def test_finished_job_gives_its_result_and_dispy_attributes_stay():
+    job = make_job()
+    future = job.future
+    assert not future.done() and not job.done()
+    job._complete(JobStatus.Finished, result=42)
+    assert future.result(0) == 42
+    assert future.exception(0) is None
+    assert job.result == 42 and job.exception is None  # dispy's attributes
+    assert job.future is future
+
+
+def test_raised_job_result_raises_remote_error_with_the_remote_traceback():
+    job = make_job()
+    job._complete(JobStatus.Terminated, exception=TRACEBACK)  # future made after
+    with pytest.raises(RemoteError) as info:
+        job.future.result(0)
+    error = info.value
+    assert (error.ename, error.evalue) == ("ZeroDivisionError", "division by zero")
+    assert error.traceback == TRACEBACK
+    assert "Remote traceback" in str(error) and "in f" in str(error)
+    assert error._render_traceback_()[-1] == "ZeroDivisionError: division by zero"
+    assert job.exception == TRACEBACK  # still dispy's text
+
+
+def test_terminated_job_without_traceback_names_the_reason():
+    job = make_job()
+    future = job.future
+    job._complete(JobStatus.Terminated, exception="the job ran longer than 2 s")
+    error = future.exception(0)
+    assert isinstance(error, RemoteError)
+    assert (error.ename, error.evalue) == ("Terminated", "the job ran longer than 2 s")
+
+
+def test_abandoned_job_raises_node_lost_error_with_the_reason():
+    job = make_job()
+    future = job.future
+    job._complete(JobStatus.Abandoned, exception="node 10.0.0.5:9711 was lost")
+    with pytest.raises(NodeLostError, match=r"10\.0\.0\.5:9711 was lost"):
+        future.result(0)
+
+
+def test_cancelled_job_cancels_its_future_for_wait_and_as_completed():
+    job = make_job()
+    future = job.future
+    job._complete(JobStatus.Cancelled, exception="cancelled before it ran")
+    assert future.cancelled()
+    with pytest.raises(cf.CancelledError):
+        future.result(0)
+    assert cf.wait([future], timeout=0).done == {future}
+    assert list(cf.as_completed([future], timeout=0)) == [future]
+
+
+def test_cancel_pending_job_without_cluster_ends_it_cancelled():
+    job = make_job()
+    assert job.cancel() is True
+    assert job.status == JobStatus.Cancelled and job.future.cancelled()
+    assert job.cancel() is True  # again: still cancelled, nothing else happens
+    assert cf.wait([job.future], timeout=0).done == {job.future}
+
+
+def test_running_or_done_job_cannot_be_cancelled():
+    job = make_job()
+    job._set_running("10.0.0.5")
+    assert job.future.running()
+    assert job.cancel() is False and job.status == JobStatus.Running
+    job._complete(JobStatus.Finished, result=1)
+    assert job.cancel() is False and job.future.result(0) == 1
+
+
+def test_future_made_while_running_is_running():
+    job = make_job()
+    job._set_running("10.0.0.5")
+    assert job.future.running()
+
+
+def test_timeouts_raise_timeout_error():
+    job = make_job()
+    with pytest.raises(TimeoutError):
+        job.future.result(timeout=0.01)
+    with pytest.raises(TimeoutError):
+        job.future.exception(timeout=0.01)
+
+
+def test_done_callbacks_get_the_job_and_the_future_once_each():
+    job = make_job()
+    got: list[object] = []
+    job.add_done_callback(got.append)
+    job.future.add_done_callback(got.append)
+    job._complete(JobStatus.Finished, result=1)
+    job._complete(JobStatus.Finished, result=2)  # a late duplicate: ignored
+    assert got == [job, job.future]
+    job.add_done_callback(got.append)  # already done: called at once
+    assert got[-1] is job
+
+
+def test_a_failing_callback_is_logged_and_the_next_runs(caplog, allow_error_logs):
+    job = make_job()
+    got: list[object] = []
+    job.add_done_callback(lambda _job: 1 / 0)
+    job.add_done_callback(got.append)
+    job._complete(JobStatus.Finished, result=1)
+    assert got == [job]
+    assert any("callback" in r.getMessage() for r in allow_error_logs)
+
+
+def test_result_from_many_threads_at_once():
+    job = make_job()
+    results: list[object] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(job.future.result(WAIT)))
+        for _ in range(8)
+    ]
+    for thread in threads:
+        thread.start()
+    job._complete(JobStatus.Finished, result="x")
+    for thread in threads:
+        thread.join(WAIT)
+    assert results == ["x"] * 8
+
+
+def test_remote_error_pickles_and_parses_a_dotted_name():
+    import pickle
+
+    text = "Traceback (most recent call last):\nmod.Custom: it broke\n"
+    error = pickle.loads(pickle.dumps(RemoteError.from_text(text)))
+    assert (error.ename, error.evalue, error.traceback) == (
+        "mod.Custom",
+        "it broke",
+        text,
+    )
+
+
+# -- with a node ---------------------------------------------------------------------
+
+
+# Function-scoped: a computation's processes on the node end with each test.
+@pytest.fixture
+def cluster(local1: LocalCluster):
+    with JobCluster(mark_and_hold, nodes=local1) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def squares(local1: LocalCluster):
+    with JobCluster(square, nodes=local1) as cluster:
+        yield cluster
+
+
+@pytest.mark.slow
+def test_job_future_result_and_wait_on_real_jobs(squares):
+    jobs = [squares.submit(i) for i in range(6)]
+    _done, not_done = cf.wait([job.future for job in jobs], timeout=WAIT)
+    assert not not_done
+    assert [job.future.result() for job in jobs] == [i * i for i in range(6)]
+    assert [job() for job in jobs] == [i * i for i in range(6)]  # dispy's way too
+    assert sorted(f.result() for f in cf.as_completed([j.future for j in jobs])) == [
+        i * i for i in range(6)
+    ]
+
+
+@pytest.mark.slow
+def test_remote_exception_renders_the_remote_traceback(local1):
+    with JobCluster(raise_value_error, nodes=local1) as cluster:
+        job = cluster.submit("bad input")
+        with pytest.raises(RemoteError) as info:
+            job.future.result(WAIT)
+    assert info.value.ename == "ValueError"
+    assert "bad input" in info.value.evalue
+    assert "raise_value_error" in info.value.traceback
+    assert job.status == JobStatus.Terminated and "ValueError" in job.exception
+
+
+@pytest.mark.slow
+def test_cancel_queued_job_but_not_the_running_one(cluster, tmp_path):
+    release = str(tmp_path / "release")
+    running = cluster.submit(str(tmp_path / "started"), release)
+    wait_for_path(tmp_path / "started")
+    queued = cluster.submit(str(tmp_path / "never"), release)
+    # One CPU: ``queued`` waits (on the client or the node) until ``running`` ends.
+    assert queued.cancel() is True
+    assert queued.future.cancelled()
+    open(release, "w").close()
+    assert running.future.result(WAIT) > 0
+    assert running.cancel() is False
+    assert queued.wait(WAIT) and queued.status == JobStatus.Cancelled
+    assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.slow
+def test_running_job_future_refuses_cancel(cluster, tmp_path):
+    release = str(tmp_path / "release")
+    job = cluster.submit(str(tmp_path / "started"), release)
+    wait_for_path(tmp_path / "started")
+    wait_until(job.future.running)  # the node reports the start
+    assert job.future.cancel() is False
+    open(release, "w").close()
+    assert job.future.result(WAIT) > 0 and job.status == JobStatus.Finished
+
+
+@pytest.mark.slow
+def test_callbacks_run_off_the_io_thread(squares):
+    threads: list[str] = []
+    done = threading.Event()
+
+    def record(_job: DispyJob) -> None:
+        threads.append(threading.current_thread().name)
+        done.set()
+
+    job = squares.submit(3)
+    job.add_done_callback(record)
+    assert done.wait(WAIT)
+    assert threads and threads[0] != "dispynb-io"
+
+
+@pytest.mark.slow
+def test_await_job_and_its_future_in_asyncio_code(squares):
+    async def main() -> list[int]:
+        first, second = squares.submit(5), squares.submit(6)
+        wrapped = asyncio.wrap_future(squares.submit(7).future)
+        return [await first, await second.future, await wrapped]
+
+    assert asyncio.run(main()) == [25, 36, 49]
+
+
+@pytest.mark.slow
+def test_await_job_from_a_running_loop_in_another_thread(squares):
+    """A notebook cell runs in the kernel's running loop: ``await job`` must not
+    block that loop (another task runs meanwhile)."""
+
+    async def cell() -> tuple[int, bool]:
+        ticked = asyncio.Event()
+
+        async def ticker() -> None:
+            ticked.set()
+
+        task = asyncio.ensure_future(ticker())
+        value = await squares.submit(9)
+        await task
+        return value, ticked.is_set()
+
+    assert asyncio.run(cell()) == (81, True)
