@@ -13,6 +13,7 @@ from dispynb._version import __version__
 
 if TYPE_CHECKING:
     from dispynb.cluster import JobCluster
+    from dispynb.executor import Executor
     from dispynb.job import DispyJob
     from dispynb.jupyter.run import Run
     from dispynb.local import LocalCluster
@@ -27,6 +28,7 @@ _LAZY: dict[str, str] = {
     "DispyJob": "dispynb.job",
     "DispyNode": "dispynb.node",
     "DispyNodeAvailInfo": "dispynb.node",
+    "Executor": "dispynb.executor",
     "JobCluster": "dispynb.cluster",
     "LocalCluster": "dispynb.local",
     "NodeAllocate": "dispynb.node",
@@ -41,6 +43,7 @@ __all__ = [
     "DispyJob",
     "DispyNode",
     "DispyNodeAvailInfo",
+    "Executor",
     "JobCluster",
     "LocalCluster",
     "MsgTimeout",

@@ -1,0 +1,322 @@
+"""`Executor`: a `concurrent.futures.Executor` that runs any function on dispynb nodes.
+
+A `JobCluster` ships one computation; an executor runs whatever function it is given.
+So its cluster's computation is one generic runner, `dispynb_executor`, and each job
+carries the function (pickled by value with cloudpickle, closures and all) and a list
+of calls to make with it: one for ``submit``, ``chunksize`` for ``map``.
+
+- The client pickles a function once per ``submit`` and once per ``map`` (all its
+  chunks share the bytes), so a function that reads a global sees its value at
+  submit time, as with any pickling executor.
+- Each node worker keeps the last functions it unpickled by the digest of their
+  bytes: the same function (same bytes) is unpickled once per worker, not per job.
+- A call that raises is caught on the node and comes back as the exception object
+  itself (``except ValueError`` works around ``future.result()``), its
+  ``__cause__`` a `RemoteError` holding the remote traceback. A job that failed as a
+  whole (a crash, a limit, a lost node) raises `RemoteError` / `NodeLostError`.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import hashlib
+import itertools
+import os
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import cloudpickle
+
+from dispynb.errors import RemoteError
+from dispynb.futures import JobFuture
+from dispynb.job import DispyJob
+from dispynb.protocol import serialize
+
+__all__ = ["Executor", "dispynb_executor"]
+
+#: One call: positional and keyword arguments.
+Call = tuple[tuple[Any, ...], dict[str, Any]]
+
+#: What a node sends back per call: ``(True, value)`` or
+#: ``(False, exception or None if it cannot be pickled, traceback, name, message)``.
+Outcome = tuple[Any, ...]
+
+#: Functions a node worker keeps unpickled (by digest), and the largest kept.
+_CACHE_ENTRIES = 32
+_CACHE_MAX_BYTES = 1 << 20
+_fn_cache: collections.OrderedDict[str, Callable[..., Any]] = collections.OrderedDict()
+
+
+def dispynb_executor(key: str, blob: bytes, calls: list[Call]) -> list[Outcome]:
+    """The computation of every executor (runs on the nodes): make ``calls`` with
+    the function pickled in ``blob`` (``key`` is its digest) and return one outcome
+    per call; a call that raises does not stop the next ones."""
+    fn = _fn_cache.get(key)
+    if fn is None:
+        fn = cloudpickle.loads(blob)
+        if len(blob) <= _CACHE_MAX_BYTES:
+            _fn_cache[key] = fn
+            if len(_fn_cache) > _CACHE_ENTRIES:
+                _fn_cache.popitem(last=False)
+    else:
+        _fn_cache.move_to_end(key)
+    outcomes: list[Outcome] = []
+    for args, kwargs in calls:
+        try:
+            outcomes.append((True, fn(*args, **kwargs)))
+        except BaseException as exc:  # the caller's to see, whatever it is
+            # Without this frame when there is another: from the user's function.
+            tb = exc.__traceback__
+            tb = tb.tb_next or tb if tb is not None else None
+            text = "".join(traceback.format_exception(type(exc), exc, tb))
+            exc.__traceback__ = None
+            try:
+                cloudpickle.dumps(exc)
+                carried: BaseException | None = exc
+            except Exception:
+                carried = None  # the client raises RemoteError alone
+            outcomes.append((False, carried, text, type(exc).__name__, str(exc)))
+    return outcomes
+
+
+def _unpack(outcome: Outcome) -> Any:
+    """The value of one call, or raise its exception (with the remote traceback)."""
+    if outcome[0]:
+        return outcome[1]
+    _ok, exc, text, name, message = outcome
+    remote = RemoteError(name, message, text)
+    if exc is None:
+        raise remote
+    raise exc from remote
+
+
+class _CallsFuture(JobFuture):
+    """The future of an executor job: one call (``submit``) or a chunk (``map``)."""
+
+    def __init__(self, job: DispyJob, executor: Executor, single: bool) -> None:
+        super().__init__(job)
+        self._executor = executor
+        self._single = single
+
+    def _settle(self) -> None:
+        job = self.job
+        try:
+            if job.status == job.Finished and self._single:
+                try:
+                    value = _unpack(job.result[0])
+                except BaseException as exc:
+                    self._set(exc, error=True)
+                else:
+                    self._set(value, error=False)
+            else:  # a chunk's outcomes, or a failure of the whole job
+                super()._settle()
+        finally:
+            self._executor._forget(self)
+
+    def _set(self, value: Any, error: bool) -> None:
+        try:
+            if error:
+                self.set_exception(value)
+            else:
+                self.set_result(value)
+        except concurrent.futures.InvalidStateError:
+            pass  # cancelled meanwhile
+
+
+class Executor(concurrent.futures.Executor):
+    """Run functions on dispynb nodes as a `concurrent.futures.Executor`.
+
+    Parameters
+    ----------
+    max_workers:
+        With ``nodes=None``: the CPUs of the `LocalCluster` the executor starts
+        (default: this machine's). Otherwise unused (the nodes' CPUs count).
+    nodes:
+        ``None``: start a `LocalCluster` (closed by `shutdown`); a `LocalCluster`
+        you started; or node specs, as `JobCluster`'s ``nodes`` (``'host'``,
+        ``'host:port'``, ``'*'`` ...).
+    **options:
+        `JobCluster` options: ``secret``, ``secret_file``, ``cafile``,
+        ``job_timeout``, ``mem_limit``, ``depends``, ``setup`` ...
+
+    Examples
+    --------
+    >>> with Executor(max_workers=2) as executor:  # doctest: +SKIP
+    ...     print(list(executor.map(pow, [2, 3], [5, 2])))
+    [32, 9]
+    """
+
+    def __init__(
+        self, max_workers: int | None = None, nodes: Any = None, **options: Any
+    ) -> None:
+        from dispynb.cluster import JobCluster
+        from dispynb.local import LocalCluster
+
+        if max_workers is not None and max_workers <= 0:
+            raise ValueError("max_workers must be greater than 0")
+        self._local: LocalCluster | None = None
+        if nodes is None:
+            nodes = self._local = LocalCluster(cpus=max_workers or os.cpu_count() or 1)
+        try:
+            self.cluster = JobCluster(dispynb_executor, nodes=nodes, **options)
+        except BaseException:
+            if self._local is not None:
+                self._local.close()
+            raise
+        # Reentrant: a future settled at once in _submit forgets itself.
+        self._lock = threading.RLock()
+        self._pending: set[_CallsFuture] = set()
+        self._shut = False
+        self._closed = threading.Event()
+
+    @property
+    def cpus(self) -> int:
+        """CPUs of the nodes in use now (what ``n_jobs=-1`` means to joblib)."""
+        return sum(node.cpus for node in self.cluster.status().nodes)
+
+    # -- submitting ------------------------------------------------------------------
+
+    def submit(
+        self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
+    ) -> concurrent.futures.Future[Any]:
+        """Run ``fn(*args, **kwargs)`` on a node; return its future (a `JobFuture`:
+        ``future.job`` is the `DispyJob`, with the job's output and node)."""
+        key, blob = _pickle(fn)
+        return self._submit(key, blob, [(args, kwargs)], single=True)
+
+    def _submit(
+        self, key: str, blob: bytes, calls: list[Call], single: bool
+    ) -> _CallsFuture:
+        with self._lock:
+            if self._shut:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            job = self.cluster.submit(key, blob, calls)
+            future = job._attach(lambda job: _CallsFuture(job, self, single))
+            assert isinstance(future, _CallsFuture)
+            if not future.done():
+                self._pending.add(future)
+        return future
+
+    def _forget(self, future: _CallsFuture) -> None:
+        with self._lock:
+            self._pending.discard(future)
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+        buffersize: int | None = None,
+    ) -> Iterator[Any]:
+        """``map(fn, *iterables)`` on the nodes, ``chunksize`` calls per job.
+
+        Results come in the order of the inputs; a call that raised raises when its
+        value is reached, and ``TimeoutError`` if a value is not there ``timeout``
+        seconds after this call. Closing the iterator early cancels the jobs not
+        yet started. ``buffersize`` (as in Python 3.14) reads the inputs lazily,
+        keeping at most that many chunks in flight, so they may be endless.
+        """
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        if buffersize is not None and buffersize < 1:
+            raise ValueError("buffersize must be None or > 0.")
+        end = None if timeout is None else time.monotonic() + timeout
+        key, blob = _pickle(fn)
+        chunks = _chunks(zip(*iterables, strict=False), chunksize)
+        in_flight = itertools.islice(chunks, buffersize) if buffersize else chunks
+        futures = collections.deque(
+            self._submit(key, blob, chunk, single=False) for chunk in in_flight
+        )
+        more = chunks if buffersize else iter(())
+        results = self._results(futures, more, key, blob, end)
+        next(results)  # into its try: closing (or dropping) it now cancels the rest
+        return results
+
+    def _results(
+        self,
+        futures: collections.deque[_CallsFuture],
+        more: Iterator[list[Call]],
+        key: str,
+        blob: bytes,
+        end: float | None,
+    ) -> Iterator[Any]:
+        try:
+            yield None  # map() primes the generator with this one
+            while futures:
+                wait = None if end is None else max(end - time.monotonic(), 0.0)
+                outcomes = futures[0].result(wait)
+                futures.popleft()
+                for chunk in itertools.islice(more, 1):
+                    futures.append(self._submit(key, blob, chunk, single=False))
+                for outcome in outcomes:
+                    yield _unpack(outcome)
+        finally:
+            for future in futures:
+                future.cancel()
+
+    # -- shutting down ---------------------------------------------------------------
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Take no more work; then close the cluster (and the executor's own local
+        nodes) once the jobs submitted are done.
+
+        ``cancel_futures`` cancels the jobs not yet started; ``wait=False``
+        returns at once and closes in the background.
+        """
+        with self._lock:
+            first = not self._shut
+            self._shut = True
+            pending = list(self._pending)
+        if cancel_futures:
+            for future in pending:
+                future.cancel()
+        if first:
+            if wait:
+                self._close()
+            else:
+                threading.Thread(
+                    target=self._close, name="dispynb-executor-shutdown"
+                ).start()
+        elif wait:
+            self._closed.wait()
+
+    def _close(self) -> None:
+        try:
+            self.cluster.close()
+        finally:
+            if self._local is not None:
+                self._local.close()
+            self._closed.set()
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        """Shut down, waiting for the jobs; an interrupt (Ctrl-C, the notebook's
+        Stop) cancels the jobs not started instead of waiting for them."""
+        interrupted = exc_type is not None and not issubclass(exc_type, Exception)
+        self.shutdown(wait=True, cancel_futures=interrupted)
+
+    def __repr__(self) -> str:
+        state = "shut down" if self._shut else f"pending={len(self._pending)}"
+        return f"<dispynb.Executor nodes={len(self.cluster.status().nodes)} {state}>"
+
+
+def _pickle(fn: Callable[..., Any]) -> tuple[str, bytes]:
+    """``fn`` pickled by value, and the digest nodes cache it by."""
+    if not callable(fn):
+        raise TypeError(f"{fn!r} is not callable")
+    serialize.ship_by_value(fn)
+    blob = cloudpickle.dumps(fn)
+    return hashlib.blake2b(blob, digest_size=16).hexdigest(), blob
+
+
+def _chunks(items: Iterator[tuple[Any, ...]], size: int) -> Iterator[list[Call]]:
+    """Lists of up to ``size`` calls, read lazily from ``items``."""
+    while True:
+        chunk: list[Call] = [(args, {}) for args in itertools.islice(items, size)]
+        if not chunk:
+            return
+        yield chunk

@@ -1,0 +1,342 @@
+"""Tests of `dispynb.executor`: the behaviours CPython's own ProcessPoolExecutor tests
+check (Lib/test/test_concurrent_futures), on a real local node.
+
+Functions here are module-level (shipped by value) or closures and lambdas; a job
+that must be seen running holds until the test creates a release file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import itertools
+import os
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+import dispynb
+from dispynb import LocalCluster
+from dispynb.errors import RemoteError
+from dispynb.executor import Executor
+from tests.jobs import WAIT, wait_for_path, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+def mul(x: int, y: int) -> int:
+    return x * y
+
+
+def hold(marker: str, release: str, value: object = None) -> object:
+    """Write ``marker``, then wait (at most WAIT s) until ``release`` exists."""
+    Path(marker).touch()
+    deadline = time.monotonic() + WAIT
+    while not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return value
+
+
+class Unpicklable(Exception):
+    def __reduce__(self):
+        raise TypeError("no pickling")
+
+
+def raise_unpicklable() -> None:
+    raise Unpicklable("stays on the node")
+
+
+@pytest.fixture
+def executor(local: LocalCluster):
+    """An executor on the module's 2-CPU node (its computation closes per test)."""
+    with Executor(nodes=local) as executor:
+        yield executor
+
+
+class Gate:
+    """Jobs that start (a marker each) and hold until `open`."""
+
+    def __init__(self, path: Path) -> None:
+        self.dir = path
+        self.release = str(path / "release")
+        self.count = itertools.count()
+
+    def submit(self, executor: Executor, value: object = None) -> cf.Future:
+        marker = str(self.dir / f"started-{next(self.count)}")
+        future = executor.submit(hold, marker, self.release, value)
+        future.marker = marker  # type: ignore[attr-defined]
+        return future
+
+    def started(self, future: cf.Future) -> None:
+        wait_for_path(future.marker)  # type: ignore[attr-defined]
+        wait_until(future.running)  # the node reported the start
+
+    def open(self) -> None:
+        Path(self.release).touch()
+
+
+# -- submit and results ------------------------------------------------------------
+
+
+def test_submit_positional_keyword_closure_and_lambda(executor):
+    base = 10
+
+    def add_base(x: int) -> int:  # a closure: travels by value
+        return x + base
+
+    assert executor.submit(mul, 2, 8).result(WAIT) == 16
+    assert executor.submit(mul, x=2, y=3).result(WAIT) == 6
+    assert executor.submit(add_base, 5).result(WAIT) == 15
+    assert executor.submit(lambda: "λ").result(WAIT) == "λ"
+    assert executor.submit(divmod, 7, 2).result(WAIT) == (3, 1)  # a builtin
+    with pytest.raises(TypeError):
+        executor.submit(42)
+
+
+def test_a_global_read_at_submit_time(executor):
+    """Each submit pickles the function anew: it sees the values of that time."""
+    scale = [2]
+
+    def scaled(x: int) -> int:
+        return x * scale[0]
+
+    first = executor.submit(scaled, 5).result(WAIT)
+    scale[0] = 3
+    assert (first, executor.submit(scaled, 5).result(WAIT)) == (10, 15)
+
+
+def test_exception_is_the_remote_one_with_the_remote_traceback(executor):
+    future = executor.submit(divmod, 1, 0)
+    with pytest.raises(ZeroDivisionError) as info:
+        future.result(WAIT)
+    cause = info.value.__cause__
+    assert isinstance(cause, RemoteError) and cause.ename == "ZeroDivisionError"
+    assert "Traceback" in cause.traceback
+    assert isinstance(future.exception(WAIT), ZeroDivisionError)
+    assert future.job.status == dispynb.DispyJob.Finished  # the call raised, not it
+
+
+def test_unpicklable_exception_becomes_remote_error(executor):
+    future = executor.submit(raise_unpicklable)
+    with pytest.raises(RemoteError) as info:
+        future.result(WAIT)
+    assert info.value.ename == "Unpicklable" and "stays on the node" in str(info.value)
+    assert "raise_unpicklable" in info.value.traceback
+
+
+def test_result_and_exception_time_out(executor, tmp_path):
+    gate = Gate(tmp_path)
+    future = gate.submit(executor, "late")
+    with pytest.raises(TimeoutError):
+        future.result(timeout=0.05)
+    with pytest.raises(TimeoutError):
+        future.exception(timeout=0.05)
+    gate.open()
+    assert future.result(WAIT) == "late"
+
+
+def test_await_a_future_in_asyncio_code(executor):
+    async def main() -> list[int]:
+        return list(
+            await asyncio.gather(executor.submit(mul, 3, 3), executor.submit(mul, 4, 4))
+        )
+
+    assert asyncio.run(main()) == [9, 16]
+
+
+def test_max_workers_must_be_positive():
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="max_workers"):
+            Executor(max_workers=bad)
+
+
+# -- map -------------------------------------------------------------------------------
+
+
+def test_map_keeps_input_order_with_any_chunksize(executor):
+    expected = [x * y for x, y in zip(range(23), range(5, 28), strict=True)]
+    for chunksize in (1, 4, 100):
+        assert (
+            list(executor.map(mul, range(23), range(5, 28), chunksize=chunksize))
+            == expected
+        )
+    assert list(executor.map(mul, [], [])) == []
+    assert list(executor.map(mul, range(10), [2, 3])) == [0, 3]  # the shortest
+
+
+def test_map_chunksize_must_be_positive(executor):
+    with pytest.raises(ValueError, match="chunksize"):
+        executor.map(mul, [1], [2], chunksize=0)
+
+
+def test_map_raises_at_the_failing_item(executor):
+    results = executor.map(divmod, [1, 1, 1, 1], [2, 3, 0, 5])
+    assert next(results) == (0, 1)
+    assert next(results) == (0, 1)
+    with pytest.raises(ZeroDivisionError):
+        next(results)
+
+
+def test_map_in_chunks_yields_the_values_before_a_failure(executor):
+    results = executor.map(divmod, [1, 1, 1, 1], [2, 3, 0, 5], chunksize=4)
+    assert next(results) == (0, 1) and next(results) == (0, 1)
+    with pytest.raises(ZeroDivisionError):
+        next(results)
+
+
+def test_map_timeout_counts_from_the_call(executor, tmp_path):
+    release = str(tmp_path / "release")
+    markers = [str(tmp_path / f"m{i}") for i in range(3)]
+    quick = [str(tmp_path / "open")]
+    Path(quick[0]).touch()
+    results = executor.map(hold, markers, quick * 2 + [release], [1, 2, 3], timeout=1)
+    assert next(results) == 1 and next(results) == 2
+    with pytest.raises(TimeoutError):
+        next(results)
+    Path(release).touch()
+
+
+def test_map_reads_endless_input_lazily_with_buffersize(executor):
+    results = executor.map(mul, itertools.count(), itertools.repeat(2), buffersize=3)
+    assert list(itertools.islice(results, 7)) == [0, 2, 4, 6, 8, 10, 12]
+    results.close()
+
+
+def test_closing_a_map_early_cancels_its_queued_jobs(executor, tmp_path):
+    gate = Gate(tmp_path)
+    blockers = [gate.submit(executor, i) for i in range(2)]  # both CPUs busy
+    for future in blockers:
+        gate.started(future)
+    results = executor.map(mul, range(8), range(8))
+    results.close()  # never iterated: every job is queued behind the blockers
+    wait_until(lambda: executor.cluster.job_counts["Cancelled"] == 8)
+    gate.open()
+    assert [future.result(WAIT) for future in blockers] == [0, 1]
+
+
+# -- wait, as_completed, cancel, callbacks --------------------------------------------
+
+
+def test_wait_first_completed_first_exception_and_all(executor, tmp_path):
+    gate = Gate(tmp_path)
+    slow = gate.submit(executor, "slow")
+    gate.started(slow)
+    quick = executor.submit(mul, 2, 2)
+    done, not_done = cf.wait(
+        [slow, quick], timeout=WAIT, return_when=cf.FIRST_COMPLETED
+    )
+    assert (done, not_done) == ({quick}, {slow})
+    failing = executor.submit(divmod, 1, 0)
+    done, not_done = cf.wait(
+        [slow, failing], timeout=WAIT, return_when=cf.FIRST_EXCEPTION
+    )
+    assert (done, not_done) == ({failing}, {slow})
+    done, not_done = cf.wait([slow], timeout=0.05)
+    assert not done
+    gate.open()
+    done, not_done = cf.wait([slow, quick, failing], timeout=WAIT)
+    assert not not_done
+
+
+def test_as_completed_yields_in_completion_order_and_times_out(executor, tmp_path):
+    gate = Gate(tmp_path)
+    slow = gate.submit(executor, "slow")
+    gate.started(slow)
+    quick = executor.submit(mul, 1, 1)
+    completed = cf.as_completed([slow, quick], timeout=WAIT)
+    assert next(completed) is quick
+    with pytest.raises(TimeoutError):
+        list(cf.as_completed([slow], timeout=0.05))
+    gate.open()
+    assert next(completed) is slow
+
+
+def test_cancel_a_queued_future_but_not_a_running_one(executor, tmp_path):
+    gate = Gate(tmp_path)
+    running = [gate.submit(executor, i) for i in range(2)]
+    for future in running:
+        gate.started(future)
+    queued = executor.submit(mul, 3, 3)
+    assert queued.cancel() and queued.cancelled() and queued.done()
+    assert not running[0].cancel() and running[0].running()
+    with pytest.raises(cf.CancelledError):
+        queued.result(0)
+    assert cf.wait([queued], timeout=0).done == {queued}
+    gate.open()
+    assert [future.result(WAIT) for future in running] == [0, 1]
+    assert not running[0].cancel()  # done
+
+
+def test_done_callbacks_run_once_off_the_io_thread(executor):
+    calls: list[tuple[object, str]] = []
+    done = threading.Event()
+
+    def callback(future: cf.Future) -> None:
+        calls.append((future.result(), threading.current_thread().name))
+        done.set()
+
+    future = executor.submit(mul, 6, 7)
+    future.add_done_callback(callback)
+    assert done.wait(WAIT)
+    future.add_done_callback(callback)  # done: called at once, in this thread
+    assert calls == [(42, calls[0][1]), (42, threading.current_thread().name)]
+    assert calls[0][1] != "dispynb-io"
+
+
+# -- shutdown ------------------------------------------------------------------------
+
+
+def test_submit_and_map_after_shutdown_raise_runtime_error(local):
+    executor = Executor(nodes=local)
+    executor.shutdown()
+    executor.shutdown()  # again: nothing happens
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        executor.submit(mul, 1, 2)
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        executor.map(mul, [1], [2])
+
+
+def test_context_manager_waits_for_the_futures(local):
+    with Executor(nodes=local) as executor:
+        futures = [executor.submit(mul, i, i) for i in range(10)]
+    assert all(future.done() for future in futures)
+    assert [future.result(0) for future in futures] == [i * i for i in range(10)]
+    with pytest.raises(RuntimeError):
+        executor.submit(mul, 1, 1)
+
+
+def test_shutdown_cancel_futures_cancels_the_queued_ones(local, tmp_path):
+    executor = Executor(nodes=local)
+    gate = Gate(tmp_path)
+    running = [gate.submit(executor, i) for i in range(2)]
+    for future in running:
+        gate.started(future)
+    queued = [executor.submit(mul, i, 2) for i in range(6)]
+    executor.shutdown(wait=False, cancel_futures=True)
+    assert all(future.cancelled() for future in queued)
+    gate.open()
+    assert [future.result(WAIT) for future in running] == [0, 1]
+    assert executor._closed.wait(WAIT)
+
+
+def test_shutdown_without_wait_returns_at_once_and_finishes_the_work(local, tmp_path):
+    executor = Executor(nodes=local)
+    gate = Gate(tmp_path)
+    future = gate.submit(executor, "finished")
+    gate.started(future)
+    executor.shutdown(wait=False)
+    assert not future.done() and not executor._closed.is_set()
+    gate.open()
+    assert future.result(WAIT) == "finished"
+    assert executor._closed.wait(WAIT)
+
+
+def test_default_executor_starts_and_stops_its_own_local_nodes():
+    with Executor(max_workers=1) as executor:
+        assert executor.cpus == 1
+        assert list(executor.map(mul, [1, 2], [3, 4])) == [3, 8]
+        nodes = [psutil.Process(proc.pid) for proc in executor._local._procs]
+    assert not any(proc.is_running() for proc in nodes)
