@@ -1,0 +1,329 @@
+"""``dispynb-node``'s command line: its options, dispynode's spellings of them, and
+``--config``/``--save_config`` (see `nodeserver.cliconfig` for dispynode's options
+that are refused and for config files)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+
+from dispynb._version import __version__
+from dispynb.defaults import (
+    DISCOVERY_PORT,
+    IPV4_MULTICAST_GROUP,
+    MAX_MESSAGE_SIZE,
+    NODE_PORT,
+)
+from nodeserver.cliconfig import add_refused, config_argv, save_config
+from nodeserver.config import DEFAULT_MAX_FILE_SIZE, DEFAULT_TRANSFER_QUOTA
+from nodeserver.service import parse_time
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``'10M'`` -> 10485760; plain numbers are bytes."""
+    value = text.strip().lower().removesuffix("b")
+    unit = value[-1:] if value[-1:] in _UNITS else ""
+    try:
+        number = float(value[: len(value) - len(unit)])
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"bad size {text!r}: use e.g. 512K, 10M, 2G"
+        ) from None
+    return int(number * _UNITS[unit])
+
+
+def _time_of_day(text: str) -> datetime.time:
+    try:
+        return parse_time(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface of ``dispynb-node`` (dispynode's spellings too)."""
+    parser = argparse.ArgumentParser(
+        prog="dispynb-node",
+        description="Run jobs of authenticated dispynb clients on this machine. "
+        "dispynode's options are accepted; those dispynb does not support stop with "
+        "the reason.",
+    )
+    add = parser.add_argument
+    add("--config", metavar="FILE", help="read options from an INI file ([DEFAULT])")
+    add(
+        "--save_config",
+        "--save-config",
+        dest="save_config",
+        metavar="FILE",
+        help="write the options given to FILE (mode 600; never a --secret) and exit",
+    )
+    add(
+        "-c",
+        "--cpus",
+        type=int,
+        default=0,
+        help="CPUs to use; 0 (default) = all, negative = all but that many",
+    )
+    add(
+        "-i",
+        "--host",
+        "--ip_addr",
+        dest="hosts",
+        action="append",
+        default=None,
+        metavar="HOST",
+        help="address to listen on, repeatable (default: every IPv4 address if a "
+        "secret or TLS is given, else 127.0.0.1); others than loopback need a "
+        "secret or TLS",
+    )
+    add(
+        "-p",
+        "--port",
+        "--node_port",
+        dest="port",
+        type=int,
+        default=NODE_PORT,
+        help=f"TCP port (default {NODE_PORT})",
+    )
+    add(
+        "-n",
+        "--name",
+        default=None,
+        help="node name shown to clients (default: host name)",
+    )
+    add(
+        "-s",
+        "--secret",
+        default=None,
+        help="shared secret (visible in the process list: prefer DISPYNB_SECRET or "
+        "--secret-file)",
+    )
+    add(
+        "--secret-file",
+        "--secret_file",
+        dest="secret_file",
+        default=None,
+        help="file holding the shared secret (mode 600)",
+    )
+    add(
+        "--new-secret",
+        metavar="FILE",
+        default=None,
+        help="write a new random secret (256 bits) to FILE, created with mode 600 "
+        "(never overwritten), and use it; give clients the same file",
+    )
+    add("--certfile", default=None, help="TLS certificate (PEM); enables TLS")
+    add("--keyfile", default=None, help="TLS private key (PEM), if not in --certfile")
+    add("--cafile", default=None, help="CA to verify client certificates (mutual TLS)")
+    add(
+        "--dest-path",
+        "--dest_path",
+        "--dest_path_prefix",
+        dest="dest_path",
+        default=None,
+        help="directory for computations' files (default: <tmp>/dispynb)",
+    )
+    add("--clean", action="store_true", help="empty the destination directory at start")
+    add(
+        "--force_cleanup",
+        "--force-cleanup",
+        dest="force_cleanup",
+        action="store_true",
+        help="remove every computation's files when it ends, even if its client "
+        "asked to keep them (cleanup=False)",
+    )
+    add(
+        "--max-file-size",
+        "--max_file_size",
+        dest="max_file_size",
+        type=parse_size,
+        default=DEFAULT_MAX_FILE_SIZE,
+        help="largest file a client may send, e.g. 100M; 0: no limit (default 512M)",
+    )
+    add(
+        "--transfer-quota",
+        "--transfer_quota",
+        dest="transfer_quota",
+        type=parse_size,
+        default=DEFAULT_TRANSFER_QUOTA,
+        help="bytes of files one computation (client connection) may send in all; "
+        "0: no limit (default 4G)",
+    )
+    add(
+        "--max-message-size",
+        "--max_message_size",
+        dest="max_message_size",
+        type=parse_size,
+        default=MAX_MESSAGE_SIZE,
+        help="largest message accepted from a client (default 1G)",
+    )
+    add(
+        "--kept-results-size",
+        type=parse_size,
+        default=1 << 30,
+        help="disk space for results kept for clients that may have crashed "
+        "(recover_file), under the destination directory; results over it are not "
+        "kept (default 1G)",
+    )
+    add(
+        "--port-file", default=None, help="write the bound port to this file when ready"
+    )
+    add(
+        "--orphan-timeout",
+        type=float,
+        default=300.0,
+        help="seconds a silent client keeps its computations (default 300; 0: ever)",
+    )
+    add(
+        "--zombie_interval",
+        "--zombie-interval",
+        dest="zombie_interval",
+        type=float,
+        default=None,
+        metavar="MINUTES",
+        help="dispynode's spelling of --orphan-timeout, in minutes",
+    )
+    add(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, seconds running jobs may finish before they are "
+        "terminated (default 30; 0: at once); a second SIGTERM/SIGINT terminates "
+        "them at once. Jobs that did not start go back to their clients",
+    )
+    add(
+        "--discovery",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="answer clients' UDP discovery pings and announce this node (default: "
+        "on, as dispynode, unless the node listens on loopback only)",
+    )
+    add(
+        "--discovery-port",
+        type=int,
+        default=DISCOVERY_PORT,
+        help=f"UDP port for discovery pings (default {DISCOVERY_PORT}; clients hear "
+        "announcements on the next port)",
+    )
+    add(
+        "--ping_interval",
+        "--ping-interval",
+        dest="ping_interval",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="also announce the node every SECONDS (default 0: at start and stop)",
+    )
+    add(
+        "--ext-host",
+        "--ext_host",
+        "--ext_ip_addr",
+        dest="ext_host",
+        action="append",
+        default=None,
+        help="address (or name) announced for clients to connect to instead of the "
+        "one discovery datagrams come from: for nodes behind NAT or with several "
+        "addresses (clients use it only if it fits one of their node specs "
+        "narrower than '*')",
+    )
+    add(
+        "--ipv4-multicast",
+        "--ipv4_udp_multicast",
+        dest="ipv4_multicast",
+        action="store_true",
+        help=f"also answer pings sent to multicast group {IPV4_MULTICAST_GROUP}",
+    )
+    add(
+        "--serve",
+        type=int,
+        default=-1,
+        metavar="N",
+        help="exit after serving N client connections (default -1: no limit; 0: "
+        "exit at once, e.g. after --clean)",
+    )
+    for when, what in (
+        ("start", "start serving"),
+        ("stop", "take no new clients"),
+        ("end", "end every client's jobs"),
+    ):
+        add(
+            f"--service_{when}",
+            f"--service-{when}",
+            dest=f"service_{when}",
+            type=_time_of_day,
+            default=None,
+            metavar="HH:MM",
+            help=f"each day at HH:MM, {what}",
+        )
+    add(
+        "--client_shutdown",
+        "--client-shutdown",
+        dest="client_shutdown",
+        action="store_true",
+        help="let computations' cleanup call dispynode_shutdown() to stop this node",
+    )
+    add(
+        "--msg_timeout",
+        "--msg-timeout",
+        dest="msg_timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="seconds a connecting client gets to authenticate (default 5)",
+    )
+    add(
+        "--daemon",
+        action="store_true",
+        help="accepted for dispynode scripts: dispynb-node never reads stdin",
+    )
+    add(
+        "--exit-with-parent",
+        action="store_true",
+        help="stop when the process that started this node exits (LocalCluster)",
+    )
+    add(
+        "--parent-pipe",
+        type=int,
+        default=None,
+        metavar="FD",
+        help="stop as soon as this inherited pipe reaches end of file, i.e. when "
+        "every process holding its other end has exited (LocalCluster: the nodes "
+        "die with the notebook kernel although they are in their own session)",
+    )
+    add("-d", "--debug", action="store_true", help="log level debug")
+    add(
+        "--loglevel",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="log level (default info)",
+    )
+    add_refused(parser)
+    add("--version", action="version", version=f"dispynb-node {__version__}")
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv`` after the options of its ``--config`` file (``argv`` wins)."""
+    parser = build_parser()
+    given = sys.argv[1:] if argv is None else list(argv)
+    first, _ = parser.parse_known_args(given)
+    if first.config:
+        try:
+            from_file = config_argv(parser, first.config)
+        except ValueError as exc:
+            parser.exit(2, f"dispynb-node: {exc}\n")
+        given = from_file + given
+    args = parser.parse_args(given)
+    if args.save_config and args.new_secret:
+        parser.error(
+            "--new-secret is not saved in a configuration: make the secret first "
+            "(dispynb secret FILE) and save --secret-file FILE"
+        )
+    if args.save_config:
+        left_out = save_config(parser, args, args.save_config)
+        note = " (not the secret: use DISPYNB_SECRET or --secret-file)"
+        print(f"saved to {args.save_config}{note if left_out else ''}")
+        raise SystemExit(0)
+    return args
