@@ -9,6 +9,7 @@ on a background I/O thread; user callbacks run, in order, on another thread.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import copy
 import itertools
 import logging
@@ -55,6 +56,7 @@ from dispynb.protocol import serialize
 from dispynb.protocol.files import write_inside
 from dispynb.protocol.framing import Buffer
 from dispynb.protocol.messages import Welcome
+from dispynb.recovery import acquire_default_journal, release_default_journal
 from dispynb.scheduler.driver import Allocator, Driver, DriverConfig, NodeLink, Outcome
 from dispynb.status import ClusterStatus, format_status, status_of
 from dispynb.transport.addressing import format_address, parse_address
@@ -152,8 +154,14 @@ class JobCluster:
             _set_log_level(opts.loglevel)
         self._journal: Journal | None = None
         self._recovery_id = ""
-        if opts.recover_file is not None:
+        # Every job is journaled with recover_file=...; dispy's default recovery file
+        # holds the computation and its nodes only (no cost per job).
+        self._journal_jobs = isinstance(opts.recover_file, str)
+        if isinstance(opts.recover_file, str):
             self._journal = Journal(opts.recover_file)
+        elif opts.recover_file is None and _default_recovery_applies(nodes):
+            self._journal = acquire_default_journal()
+        if self._journal is not None:
             self._recovery_id = secrets.token_hex(16)
         # As in dispy, no nodes means: discover them on the local networks.
         self._specs = parse_node_specs(nodes) or parse_node_specs("*")
@@ -229,6 +237,7 @@ class JobCluster:
                 setup_timeout=opts.setup_timeout,
                 recovery_id=self._recovery_id or None,
                 keep_results=RECOVERY_KEEP if self._journal else 0.0,
+                keep_sent=self._journal_jobs,
                 client_name=_client_name(),
                 max_output=opts.max_output_size,  # type: ignore[arg-type]
                 max_result=_result_cap(opts),
@@ -244,6 +253,7 @@ class JobCluster:
             self._journal.computation(self._recovery_id, self.name)
         self._drain = Coalescer(self._runner, self._driver.drain)
         _live[self._driver.config.comp_id] = weakref.ref(self)
+        _close_at_exit_once()
         try:
             self._runner.run_sync(self._start)
         except BaseException:
@@ -389,7 +399,7 @@ class JobCluster:
         self._emit(DispyNode.AvailInfo, node, None)
 
     def jobs_sent(self, keys: list[int], link: NodeLink) -> None:
-        if self._journal is not None:
+        if self._journal is not None and self._journal_jobs:
             for key in keys:
                 self._journal.sent(self._recovery_id, key, link.node_id)
 
@@ -499,7 +509,7 @@ class JobCluster:
 
     def _finished(self, job: DispyJob, node: DispyNode | None) -> None:
         opts = self._options
-        if self._journal is not None and job._key is not None:
+        if self._journal_jobs and self._journal is not None and job._key is not None:
             self._journal.done(self._recovery_id, job._key, job)
         if opts.job_status is not None:
             self._callbacks.post(opts.job_status, copy.copy(job))
@@ -620,7 +630,7 @@ class JobCluster:
         job._key = key
         job._cluster = self  # for job.cancel() / job.future.cancel()
         self._jobs[key] = job
-        if self._journal is not None:
+        if self._journal_jobs and self._journal is not None:
             self._journal.submitted(self._recovery_id, key, job)
         with self._done:
             self._outstanding += 1
@@ -919,7 +929,11 @@ class JobCluster:
         finally:
             self._callbacks.close()
             self._runner.release()
-            if self._journal is not None:
+            if self._journal is not None and not self._journal_jobs:
+                release_default_journal(
+                    self._journal, self._recovery_id, clean=not self._jobs
+                )
+            elif self._journal is not None:
                 # A clean close leaves nothing to recover (dispy removes it too).
                 self._journal.close(remove=not self._jobs)
 
@@ -927,16 +941,16 @@ class JobCluster:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        """Close the cluster as dispy does: wait for the jobs submitted, then release
-        the nodes, also when the with-block raised an exception.
+        """Close the cluster: after the with-block, wait for the jobs submitted and
+        release the nodes, as dispy's ``__exit__`` does.
 
-        Two differences from dispy, on purpose: the exception is not swallowed
-        (dispy's ``__exit__`` returns True, hiding every error raised in the block),
-        and an interrupt (Ctrl-C, the notebook's Stop: ``KeyboardInterrupt``, or
-        ``SystemExit``) terminates the jobs instead of waiting for all of them.
+        If the block raised, the exception propagates and the jobs still pending are
+        terminated. dispy instead waits for them and then swallows the exception
+        (its ``__exit__`` returns True), so a failing program runs on as if nothing
+        happened; dispynb does not copy that (a known dispy bug), and without it
+        waiting would only delay the error, for results nobody reads.
         """
-        interrupted = exc_type is not None and not issubclass(exc_type, Exception)
-        self.close(terminate=interrupted)
+        self.close(terminate=exc_type is not None)
 
     def _repr_html_(self) -> str:
         """Rich display in notebooks (the HTML lives in the Jupyter layer)."""
@@ -1034,6 +1048,44 @@ def _set_log_level(level: int) -> None:
             logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s")
         )
         root.addHandler(handler)
+
+
+def _default_recovery_applies(nodes: Any) -> bool:
+    """Whether a cluster given no ``recover_file`` writes dispy's default one.
+
+    Scripts do, as dispy's clients. Not in notebooks and interactive sessions (no
+    ``_dispy_*`` files among the notebooks; a restarted kernel frees its nodes'
+    CPUs instead of leaving its jobs running for an hour), nor on a `LocalCluster`
+    (its nodes end with this process). ``recover_file=...`` asks for it anywhere.
+    """
+    if getattr(nodes, "secret", None) is not None:  # a LocalCluster
+        return False
+    ipython = sys.modules.get("IPython")
+    in_ipython = ipython is not None and ipython.get_ipython() is not None
+    return not (in_ipython or hasattr(sys, "ps1"))
+
+
+_exit_hook = threading.Lock()
+_exit_hooked = False
+
+
+def _close_at_exit_once() -> None:
+    """Close, at interpreter exit, the clusters a program did not close (as dispy)."""
+    global _exit_hooked
+    with _exit_hook:
+        if not _exit_hooked:
+            atexit.register(_close_at_exit)
+            _exit_hooked = True
+
+
+def _close_at_exit() -> None:
+    # Jobs still pending have nobody left to read them: terminate them (dispy waited
+    # for them), release the nodes and remove the default recovery file.
+    for cluster in reversed(live_clusters()):
+        try:
+            cluster.close(terminate=True)
+        except Exception:
+            logger.warning("closing cluster %r at exit failed", cluster.name)
 
 
 def live_clusters() -> list[JobCluster]:

@@ -153,6 +153,11 @@ class Journal:
             jobs.append((key, job, node))
         return jobs
 
+    def forget(self, recovery_id: str) -> None:
+        """A computation closed cleanly: nothing of it is left to recover."""
+        for table in ("jobs", "nodes", "computations"):
+            self._run(f"DELETE FROM {table} WHERE recovery_id = ?", (recovery_id,))
+
     def close(self, remove: bool = False) -> None:
         """Close the database (and delete it, after a clean shutdown)."""
         with self._lock:

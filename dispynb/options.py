@@ -85,6 +85,12 @@ class ClusterOptions:
     setup_timeout:
         Seconds ``setup`` may take on a node before it fails there; None (the
         default) waits for ever (dispy gave up after 10 s).
+    recover_file:
+        The recovery journal of every job (`recover_jobs` reads it after a crash).
+        None, as in dispy: scripts write ``_dispy_<time>_<pid>`` in the current
+        directory (0600; computations and nodes only, removed at a clean close) and
+        nodes keep what ends after the client is lost; not in notebooks,
+        interactive sessions or on a LocalCluster. False: no recovery file.
     files_dir:
         Folder where files sent by jobs (``dispy_send_file``) are saved, at their
         relative path; never outside it. Default: the current directory.
@@ -173,7 +179,7 @@ class ClusterOptions:
     keyfile: str | None = None
     certfile: str | None = None
     cafile: str | None = None
-    recover_file: str | None = None
+    recover_file: str | bool | None = None
     max_message_size: int = MAX_MESSAGE_SIZE
     files_dir: str | None = None
     setup_timeout: float | None = None
@@ -253,8 +259,13 @@ class ClusterOptions:
                 "keyfile was given without certfile: give the certificate too "
                 "(certfile alone is enough when it also holds the key)"
             )
-        if self.recover_file is not None:
+        if self.recover_file is not None and not isinstance(self.recover_file, bool):
             self.recover_file = os.fspath(self.recover_file)
+        elif self.recover_file is True:
+            raise ConfigurationError(
+                "recover_file=True: give a file name, None (the default recovery "
+                "file of scripts) or False (no recovery file)"
+            )
         self.max_message_size = _check_message_size(self.max_message_size)
         self.files_dir = _check_files_dir(self.files_dir)
         self.setup_timeout = _check_setup_timeout(self.setup_timeout)

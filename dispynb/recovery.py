@@ -10,9 +10,13 @@ and returns every job of the journal, each once.
 from __future__ import annotations
 
 import asyncio
+import glob
 import logging
 import os
+import sqlite3
 import ssl
+import threading
+import time
 from typing import Any
 
 from dispynb.errors import ConfigurationError, DispynbError, SerializationError
@@ -51,7 +55,11 @@ def recover_jobs(
     Parameters
     ----------
     recover_file:
-        The ``recover_file`` the crashed `JobCluster` was given.
+        The ``recover_file`` the crashed `JobCluster` was given. None (dispy's
+        default) takes the newest ``_dispy_*`` file of the current directory, the
+        one a cluster given no ``recover_file`` writes; it is removed once every
+        result was collected. Its jobs were not journaled: each is returned as the
+        nodes kept it, with ``id`` None and no arguments (as dispy's are).
     timeout:
         Seconds to wait for jobs still running on the nodes; None waits until they
         end. Jobs still running then are returned with status ``Running``.
@@ -69,15 +77,33 @@ def recover_jobs(
         output and traceback where known. A job that was never sent to a node ends
         ``Abandoned``.
     """
-    if recover_file is None or not os.path.exists(recover_file):
+    default = recover_file is None
+    if recover_file is None:
+        recover_file = latest_recover_file()
+        if recover_file is None:
+            logger.warning(
+                "no recovery file (%s*) in %s: nothing to recover; give the "
+                "recover_file the crashed client used",
+                DEFAULT_PREFIX,
+                os.getcwd(),
+            )
+            return []
+    elif not os.path.exists(recover_file):
         raise ConfigurationError(f"recover_file {recover_file!r} does not exist")
     key = resolve_secret(secret, secret_file)
     tls = client_context(certfile, keyfile, cafile) if (certfile or cafile) else None
     journal = Journal(recover_file)
+    complete = True
     try:
         jobs: list[DispyJob] = []
-        for recovery_id, _name, _nodes in journal.computations():
+        for recovery_id, _name, nodes in journal.computations():
             recorded = journal.jobs(recovery_id)
+            if not recorded:  # jobs not journaled (default file): take what nodes kept
+                for address in nodes:
+                    complete &= asyncio.run(
+                        _collect_from(address, recovery_id, key, tls, timeout, jobs)
+                    )
+                continue
             waiting: dict[str, dict[int, DispyJob]] = {}
             for job_key, job, node in recorded:
                 jobs.append(job)
@@ -98,9 +124,11 @@ def recover_jobs(
                 for job_key, job in pending.items():
                     if job.done():
                         journal.done(recovery_id, job_key, job)
+                    else:
+                        complete = False
         return jobs
     finally:
-        journal.close()
+        journal.close(remove=default and complete)
 
 
 async def _recover_from(
@@ -143,6 +171,51 @@ async def _recover_from(
         conn.close()
 
 
+async def _collect_from(
+    node: str,
+    recovery_id: str,
+    secret: bytes | None,
+    tls: ssl.SSLContext | None,
+    timeout: float | None,
+    out: list[DispyJob],
+) -> bool:
+    """Append a job for every result ``node`` kept for ``recovery_id``; return True
+    once the node has no job of it left running (False: timeout or lost)."""
+    host, port = parse_address(node)
+    try:
+        conn, _welcome = await connect(
+            host, port, secret=secret, max_message_size=1 << 30, ssl_context=tls
+        )
+    except DispynbError as exc:
+        logger.warning("cannot recover jobs from %s: %s", node, exc)
+        return False
+    try:
+        conn.write(Recover(comp_id=1, recovery_id=recovery_id))
+        async with asyncio.timeout(timeout):
+            while True:
+                message, buffers = await conn.recv()
+                if isinstance(message, JobResults):
+                    found = {}
+                    for entry in message.results:
+                        job = DispyJob(0, (), {})
+                        job.id = None  # nodes do not know ids (nor did dispy's)
+                        found[entry[0]] = job
+                        out.append(job)
+                    _apply(message, buffers, found, host)
+                elif (
+                    isinstance(message, Recovered)
+                    and (not message.found or not message.running)
+                ) or isinstance(message, ComputationClosed):
+                    return True
+    except TimeoutError:
+        logger.info("jobs still running on %s after %s s", node, timeout)
+    except DispynbError as exc:
+        logger.warning("lost node %s while recovering: %s", node, exc)
+    finally:
+        conn.close()
+    return False
+
+
 def _apply(
     message: JobResults,
     buffers: list[memoryview],
@@ -179,3 +252,70 @@ def _abandon(pending: dict[int, DispyJob], reason: str) -> None:
     for job in pending.values():
         if not job.done():
             job._complete(JobStatus.Abandoned, exception=reason)
+
+
+# -- the default recovery file (dispy's ``_dispy_<timestamp>``) -------------------
+
+#: Name prefix of default recovery files, in the current directory (dispy's).
+DEFAULT_PREFIX = "_dispy_"
+
+_default_lock = threading.Lock()
+_default: Journal | None = None
+_default_users = 0
+
+
+def acquire_default_journal() -> Journal | None:
+    """The recovery file of this process's clusters that were given no
+    ``recover_file``: ``_dispy_<YYYYmmddHHMMSS>_<pid>`` in the current directory
+    (0600), as dispy writes one. It records computations and nodes only, never jobs
+    or secrets; the nodes keep what the computations' jobs return after this process
+    is gone, for ``recover_jobs()``.
+
+    Returns None (logged) if the file cannot be created: the cluster then works
+    without it. Release with `release_default_journal`.
+    """
+    global _default, _default_users
+    with _default_lock:
+        if _default is None:
+            name = time.strftime(f"{DEFAULT_PREFIX}%Y%m%d%H%M%S") + f"_{os.getpid()}"
+            try:
+                _default = Journal(os.path.abspath(name))
+            except (OSError, sqlite3.Error) as exc:
+                logger.warning(
+                    "cannot write the recovery file %s in %s (%s): recover_jobs() "
+                    "will not find this client's jobs; give recover_file=...",
+                    name,
+                    os.getcwd(),
+                    exc,
+                )
+                return None
+            logger.debug("recovery information in %s", _default.path)
+        _default_users += 1
+        return _default
+
+
+def release_default_journal(journal: Journal, recovery_id: str, clean: bool) -> None:
+    """A cluster using the default recovery file closed (``clean``: all its jobs
+    were done); the last one removes the file if nothing is left to recover."""
+    global _default, _default_users
+    with _default_lock:
+        if clean:
+            journal.forget(recovery_id)
+        _default_users -= 1
+        if _default_users > 0 or journal is not _default:
+            return
+        _default = None
+        journal.close(remove=not journal.computations())
+
+
+def latest_recover_file(directory: str = ".") -> str | None:
+    """The newest default recovery file in ``directory`` (what dispy's
+    ``recover_jobs()`` opens), or None."""
+    names = [
+        name
+        for name in glob.glob(
+            os.path.join(glob.escape(directory), DEFAULT_PREFIX + "*")
+        )
+        if not name.endswith(("-wal", "-shm", "-journal"))
+    ]
+    return max(names, key=os.path.basename) if names else None

@@ -104,6 +104,10 @@ class ClientSession:
         self._tasks: set[asyncio.Task[None]] = set()
         self._waiting_for_files: dict[int, tuple[set[str], Any]] = {}
         self._recovery: dict[int, tuple[str, float]] = {}  # comp_id -> (id, keep)
+        # Computations kept only for a crash (dispy's default recovery): a client
+        # that goes silent while connected frees them, as one without recovery.
+        self._crash_only: set[int] = set()
+        self._orphaned = False  # this node closed the connection of a silent client
         self._claims: list[Kept] = []
         self._refused_files: dict[str, str] = {}  # digest -> why
         self._transferred = 0  # bytes of files received (--transfer-quota)
@@ -135,6 +139,13 @@ class ClientSession:
             closing = []
             for comp_id, computation in self._computations.items():
                 recovery = self._recovery.pop(comp_id, None)
+                if (
+                    recovery is not None
+                    and self._orphaned
+                    and comp_id in self._crash_only
+                ):
+                    self.server.keeper.release(recovery[0])
+                    recovery = None
                 if recovery is not None:  # its client may come back for the results
                     computation.hold_workers(False)  # the keeper takes its results
                     self.server.keeper.adopt(*recovery)
@@ -219,9 +230,19 @@ class ClientSession:
                 message.recovery_id,
                 message.keep_results,
             )
-            computation.also_report(
-                lambda entry, buffers: ResultKeeper.record(kept, entry, buffers)
-            )
+            if not message.keep_sent:
+                self._crash_only.add(message.comp_id)
+            if message.keep_sent:
+                computation.also_report(
+                    lambda entry, buffers: ResultKeeper.record(kept, entry, buffers)
+                )
+            else:  # only what ends once the client is gone (costs nothing before)
+
+                def record_if_gone(entry: list[Any], buffers: list[memoryview]) -> None:
+                    if kept.adopted:
+                        ResultKeeper.record(kept, entry, buffers)
+
+                computation.also_report(record_if_gone)
         self._computations[message.comp_id] = computation
         if self._held:
             computation.hold_workers(True)
@@ -271,6 +292,7 @@ class ClientSession:
                     self.conn.peer,
                     orphan_timeout,
                 )
+                self._orphaned = True
                 self.conn.close()  # serve() then terminates its computations
                 return
             avail = avail_info(self.server.config.dest_path)
@@ -438,7 +460,7 @@ class ClientSession:
         """The node shuts down: hand back the jobs that have not started, and make
         sure the client got that before the connection closes."""
         for comp_id, computation in self._computations.items():
-            if comp_id not in self._recovery:
+            if comp_id not in self._recovery or comp_id in self._crash_only:
                 computation.hand_back()
         self._flush()
         with contextlib.suppress(DispynbError, TimeoutError):

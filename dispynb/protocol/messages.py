@@ -231,6 +231,9 @@ class ComputationSetup(WireMessage):
     #: are kept ``keep_results`` seconds) if this client's connection is lost.
     recovery_id: str | None = None
     keep_results: float = 0.0
+    #: Keep (for recovery) the results sent while the client is connected too;
+    #: False keeps only those that end after it is gone (dispy's default recovery).
+    keep_sent: bool = True
     #: Per job: characters of stdout and of stderr kept (None: all), bytes of the
     #: pickled result (None: as the node's message cap allows), tasks its processes
     #: may have (None: no limit); ``fresh_process``: one worker process per job.

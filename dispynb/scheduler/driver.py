@@ -205,6 +205,7 @@ class DriverConfig:
     setup_timeout: float | None = None
     recovery_id: str | None = None
     keep_results: float = 0.0
+    keep_sent: bool = True
     max_output: int | None = None
     max_result: int | None = None
     max_pids: int | None = None
@@ -329,6 +330,7 @@ class Driver:
                 setup_timeout=config.setup_timeout,
                 recovery_id=config.recovery_id,
                 keep_results=config.keep_results,
+                keep_sent=config.keep_sent,
                 max_output=config.max_output,
                 max_result=config.max_result,
                 max_pids=config.max_pids,

@@ -134,34 +134,3 @@ def test_print_status_has_dispys_pending_line_and_totals(local1, tmp_path, capsy
         r"Total job time: \d+\.\d{3} sec, wall time: 2\.000 sec, speedup: \d+\.\d{3}",
         total,
     )
-
-
-def test_exit_waits_for_jobs_like_dispy_and_keeps_the_exception(local1, tmp_path):
-    with (
-        pytest.raises(ValueError, match="in the block"),
-        JobCluster(jobs.mark_and_hold, nodes=local1) as cluster,
-    ):
-        held = [
-            cluster.submit(str(tmp_path / f"m{i}"), str(tmp_path / "r"))
-            for i in range(2)
-        ]
-        wait_for_path(tmp_path / "m0")
-        (tmp_path / "r").touch()
-        raise ValueError("raised in the block")
-    # dispy's __exit__ closes with close(): the jobs submitted ran to the end.
-    assert [job.status for job in held] == [DispyJob.Finished] * 2
-
-
-def test_exit_on_interrupt_terminates_the_jobs(local1, tmp_path):
-    with (
-        pytest.raises(KeyboardInterrupt),
-        JobCluster(jobs.mark_and_hold, nodes=local1) as cluster,
-    ):
-        held = [
-            cluster.submit(str(tmp_path / f"m{i}"), str(tmp_path / "never"), 60)
-            for i in range(2)
-        ]
-        wait_for_path(tmp_path / "m0")
-        raise KeyboardInterrupt
-    assert held[0].status == DispyJob.Terminated
-    assert held[1].status == DispyJob.Cancelled

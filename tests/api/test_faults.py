@@ -162,6 +162,7 @@ def test_silent_client_computation_is_freed_by_node(tmp_path):
     with running_node(tmp_path / "n", "--orphan-timeout", "1") as node:
         client = subprocess.Popen(
             [sys.executable, str(script), node.spec, node.secret],
+            cwd=tmp_path,  # where a killed client leaves its recovery file
             stdout=subprocess.PIPE,
             text=True,
         )

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
+import stat
 import subprocess
 import sys
 
@@ -127,3 +129,130 @@ def test_recover_file_removed_after_clean_close(local, tmp_path):
 def test_recover_jobs_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigurationError, match="does not exist"):
         dispynb.recover_jobs(str(tmp_path / "none.db"))
+
+
+# -- dispy's default recovery file (_dispy_<timestamp>) and recover_jobs() ------------
+
+DEFAULT_CLIENT = """
+import sys, time
+import dispynb as dispy
+
+def compute(n, marks):
+    import os, time
+    open(os.path.join(marks, str(n)), "w").close()  # the node has the job
+    deadline = time.monotonic() + 30
+    while n % 2 and time.monotonic() < deadline:  # odd ones end once it is killed
+        if os.path.exists(os.path.join(marks, "release")):
+            break
+        time.sleep(0.01)
+    return n * n
+
+cluster = dispy.JobCluster(compute, nodes=[sys.argv[1]], secret=sys.argv[2])
+for job in [cluster.submit(n, sys.argv[3]) for n in range(0, 10, 2)]:
+    job()
+odd = [cluster.submit(n, sys.argv[3]) for n in range(1, 10, 2)]
+print("even ones done", flush=True)
+time.sleep(60)  # killed before it gets further
+"""
+
+DEFAULT_RECOVER = """
+import json, sys
+import dispynb as dispy
+jobs = dispy.recover_jobs(timeout=30, secret=sys.argv[1])  # dispy's call: no file
+print(json.dumps([[j.id, int(j.status), j.result] for j in jobs]))
+"""
+
+
+def default_files(directory, sidecars: bool = False) -> list:
+    """The default recovery files in ``directory`` (and SQLite's -wal/-shm)."""
+    return sorted(
+        p
+        for p in directory.iterdir()
+        if p.name.startswith("_dispy_")
+        and (sidecars or not p.name.endswith(("-wal", "-shm")))
+    )
+
+
+def test_recover_jobs_without_arguments_finds_the_default_file(tmp_path):
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    (tmp_path / "client.py").write_text(DEFAULT_CLIENT)
+    (tmp_path / "recover.py").write_text(DEFAULT_RECOVER)
+    with running_node(tmp_path / "node", cpus=10) as node:
+        client = subprocess.Popen(
+            [sys.executable, "client.py", node.spec, node.secret, str(marks)],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert client.stdout is not None
+            assert client.stdout.readline().strip() == "even ones done"
+            wait_until(lambda: len(list(marks.iterdir())) == 10)  # all started
+            [recover_file] = default_files(tmp_path)  # written as dispy's is
+            assert re.fullmatch(r"_dispy_\d{14}_\d+", recover_file.name)
+            assert stat.S_IMODE(recover_file.stat().st_mode) == 0o600
+            client.send_signal(signal.SIGKILL)
+            client.wait(WAIT)
+        finally:
+            client.kill()
+            client.stdout.close()  # type: ignore[union-attr]
+        # The jobs end once the node knows the client is gone (they would reach its
+        # dead connection otherwise: lost with it, as in dispy).
+        wait_until(lambda: "client of computation compute gone" in node.log_text())
+        (marks / "release").touch()
+        assert node.secret not in recover_file.read_bytes().decode("latin-1")
+        done = subprocess.run(
+            [sys.executable, "recover.py", node.secret],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 0, done.stderr
+    jobs = json.loads(done.stdout)
+    # The jobs that ended after the client died, as the node kept them (no ids,
+    # as in dispy); the ones the client had received are not sent twice.
+    assert sorted(job[2] for job in jobs) == [n * n for n in range(1, 10, 2)]
+    assert all(job[0] is None and job[1] == 11 for job in jobs)
+    assert default_files(tmp_path, sidecars=True) == []  # all collected: removed
+
+
+def test_default_recovery_file_removed_after_clean_close(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with running_node(tmp_path / "node") as node:
+        c1 = dispynb.JobCluster(abs, nodes=[node.spec], secret=node.secret)
+        c2 = dispynb.JobCluster(abs, nodes=[node.spec], secret=node.secret)
+        assert c1.submit(-2)() == 2 and c2.submit(-3)() == 3
+        [shared] = default_files(tmp_path)  # one per process, as dispy's
+        c2.close()
+        assert default_files(tmp_path) == [shared]  # c1 still uses it
+        c1.close()
+    assert default_files(tmp_path, sidecars=True) == []
+
+
+def test_recover_file_false_writes_none(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with (
+        running_node(tmp_path / "node") as node,
+        dispynb.JobCluster(
+            abs, nodes=[node.spec], secret=node.secret, recover_file=False
+        ) as cluster,
+    ):
+        assert cluster.submit(-4)() == 4
+        assert default_files(tmp_path, sidecars=True) == []
+
+
+def test_local_cluster_writes_no_recovery_file(local, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with dispynb.JobCluster(abs, nodes=local) as cluster:
+        assert cluster.submit(-1)() == 1
+        assert default_files(tmp_path) == []
+
+
+def test_recover_jobs_without_arguments_and_no_file_returns_nothing(
+    tmp_path, monkeypatch, caplog
+):
+    monkeypatch.chdir(tmp_path)
+    assert dispynb.recover_jobs() == []
+    assert "no recovery file (_dispy_*)" in caplog.text
