@@ -1,0 +1,167 @@
+"""A joblib backend: ``Parallel(n_jobs=-1)`` (and scikit-learn's ``n_jobs``) on dispynb.
+
+Importing this module registers the backend under the name ``"dispynb"``::
+
+    import joblib
+    import dispynb.joblib_backend  # registers "dispynb"
+
+    with joblib.parallel_config(backend="dispynb"):
+        squares = joblib.Parallel(n_jobs=-1)(joblib.delayed(f)(x) for x in range(100))
+
+Without parameters it runs on a process-wide `dispynb.Executor` on local nodes (all
+of this machine's CPUs), started at first use and stopped at exit or by `shutdown`;
+``parallel_config(backend="dispynb", executor=my_executor)`` uses yours instead (an
+`Executor` on named nodes, say), which it never shuts down. ``n_jobs=-1`` means every
+CPU of the executor's nodes. joblib sends batches of calls: each batch is one job,
+and joblib sizes the batches (0.2 to 1 s of work each) as it does for its own
+process backends. Nodes need joblib, and the libraries the calls use, installed.
+
+`import dispynb` never imports joblib; this module does.
+"""
+
+from __future__ import annotations
+
+import atexit
+import concurrent.futures
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from joblib.parallel import (
+    AutoBatchingMixin,
+    ParallelBackendBase,
+    SequentialBackend,
+    register_parallel_backend,
+)
+
+from dispynb.executor import Executor
+from dispynb.protocol import serialize
+
+__all__ = ["DispynbBackend", "default_executor", "register", "shutdown"]
+
+_default: Executor | None = None
+_default_lock = threading.Lock()
+
+
+def default_executor() -> Executor:
+    """The executor the backend uses when given none: local nodes with all CPUs,
+    started now if not running."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Executor()
+            atexit.register(shutdown)
+        return _default
+
+
+def shutdown() -> None:
+    """Stop the default executor and its local nodes (the next use starts them
+    again); executors given to the backend are left alone."""
+    global _default
+    with _default_lock:
+        executor, _default = _default, None
+    if executor is not None:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _run_batch(batch: Callable[[], Any]) -> Any:
+    """Run one joblib batch of calls on a node."""
+    return batch()
+
+
+class DispynbBackend(AutoBatchingMixin, ParallelBackendBase):
+    """joblib's ``ParallelBackendBase`` for dispynb nodes (registered as "dispynb").
+
+    Parameters
+    ----------
+    executor:
+        The `dispynb.Executor` to run on; default: `default_executor`.
+    """
+
+    supports_retrieve_callback = True
+    default_n_jobs = -1
+    MIN_IDEAL_BATCH_DURATION = 0.2
+    MAX_IDEAL_BATCH_DURATION = 1.0
+
+    def __init__(
+        self,
+        executor: Executor | None = None,
+        nesting_level: int | None = None,
+        inner_max_num_threads: int | None = None,
+        **backend_kwargs: Any,
+    ) -> None:
+        super().__init__(
+            nesting_level=nesting_level,
+            inner_max_num_threads=inner_max_num_threads,
+            **backend_kwargs,
+        )
+        self._executor = executor
+        self._futures: set[concurrent.futures.Future[Any]] = set()
+        self._futures_lock = threading.Lock()
+
+    @property
+    def executor(self) -> Executor:
+        """The executor in use (the default one is started on first use)."""
+        if self._executor is None:
+            self._executor = default_executor()
+        return self._executor
+
+    def effective_n_jobs(self, n_jobs: int | None) -> int:
+        """``n_jobs``, with negative numbers counted from the nodes' CPUs
+        (-1: all of them)."""
+        if n_jobs == 0:
+            raise ValueError("n_jobs == 0 in Parallel has no meaning")
+        if n_jobs is None:
+            n_jobs = self.default_n_jobs
+        if n_jobs < 0:
+            return max(self.executor.cpus + 1 + n_jobs, 1)
+        return n_jobs
+
+    def configure(
+        self, n_jobs: int | None = 1, parallel: Any = None, **backend_kwargs: Any
+    ) -> int:
+        """Start a ``Parallel`` call; return how many batches may run at once."""
+        self.parallel = parallel
+        return self.effective_n_jobs(n_jobs)
+
+    def submit(
+        self, func: Callable[[], Any], callback: Callable[[Any], Any] | None = None
+    ) -> concurrent.futures.Future[Any]:
+        """Run one batch as a job; ``callback(future)`` is called when it ends."""
+        for item in getattr(func, "items", ()):  # (function, args, kwargs)
+            serialize.ship_by_value(item[0])  # a script's own functions by value
+        future = self.executor.submit(_run_batch, func)
+        with self._futures_lock:
+            self._futures.add(future)
+        future.add_done_callback(self._forget)
+        if callback is not None:
+            future.add_done_callback(callback)
+        return future
+
+    def _forget(self, future: concurrent.futures.Future[Any]) -> None:
+        with self._futures_lock:
+            self._futures.discard(future)
+
+    def retrieve_result_callback(self, out: concurrent.futures.Future[Any]) -> Any:
+        """The batch's results, or the exception one of its calls raised."""
+        return out.result()
+
+    def abort_everything(self, ensure_ready: bool = True) -> None:
+        """A call raised: cancel the batches that have not started."""
+        with self._futures_lock:
+            futures = list(self._futures)
+        for future in futures:
+            future.cancel()
+
+    def get_nested_backend(self) -> tuple[ParallelBackendBase, int | None]:
+        """``Parallel`` inside a job runs sequentially: a job has one CPU."""
+        return SequentialBackend(nesting_level=(self.nesting_level or 0) + 1), None
+
+
+def register() -> None:
+    """Register the backend under the name ``"dispynb"`` (importing this module
+    already did)."""
+    register_parallel_backend("dispynb", DispynbBackend)
+
+
+register()

@@ -1,0 +1,119 @@
+"""Tests of `dispynb.joblib_backend`: joblib's ``Parallel`` and scikit-learn's
+``n_jobs`` on dispynb nodes, the way users type them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+joblib = pytest.importorskip("joblib")
+
+import dispynb.joblib_backend as backend  # noqa: E402  (registers "dispynb")
+from dispynb import Executor, LocalCluster  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+
+def pid_of_square(x: int) -> tuple[int, int]:
+    return x * x, os.getpid()
+
+
+def fail_on(x: int, bad: int) -> int:
+    if x == bad:
+        raise ValueError(f"bad input {x}")
+    return x
+
+
+def test_import_dispynb_never_imports_joblib():
+    code = (
+        "import sys, dispynb, dispynb.executor, dispynb.futures\n"
+        "dispynb.Executor\n"
+        "print('joblib' in sys.modules, 'sklearn' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_parallel_and_cross_val_score_on_the_default_backend():
+    """``parallel_config(backend="dispynb")`` as typed: local nodes with every CPU;
+    scikit-learn's scores equal those of joblib's default backend."""
+    from sklearn.datasets import load_iris
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_score
+
+    features, labels = load_iris(return_X_y=True)
+    model = LogisticRegression(max_iter=500)
+    try:
+        with joblib.parallel_config(backend="dispynb"):
+            assert joblib.effective_n_jobs(-1) == (os.cpu_count() or 1)
+            results = joblib.Parallel(n_jobs=-1)(
+                joblib.delayed(pid_of_square)(x) for x in range(20)
+            )
+            cluster = backend.default_executor().cluster
+            before = cluster.job_counts["submitted"]
+            ours = cross_val_score(model, features, labels, cv=5, n_jobs=-1)
+            assert cluster.job_counts["submitted"] > before  # it ran on dispynb
+        nodes = {proc.pid for proc in backend.default_executor()._local._procs}
+        assert [value for value, _pid in results] == [x * x for x in range(20)]
+        # Each call ran in a worker process under one of the local nodes.
+        for _value, pid in results:
+            assert {p.pid for p in psutil.Process(pid).parents()} & nodes
+        assert [float(s) for s in ours] == _default_backend_scores()
+    finally:
+        backend.shutdown()
+
+
+def _default_backend_scores() -> list[float]:
+    """The same scores from joblib's default backend (loky), in a process of their
+    own: loky keeps its workers and resource trackers until that process exits."""
+    code = (
+        "import json\n"
+        "from sklearn.datasets import load_iris\n"
+        "from sklearn.linear_model import LogisticRegression\n"
+        "from sklearn.model_selection import cross_val_score\n"
+        "X, y = load_iris(return_X_y=True)\n"
+        "model = LogisticRegression(max_iter=500)\n"
+        "scores = cross_val_score(model, X, y, cv=5, n_jobs=-1)\n"
+        "print(json.dumps([float(s) for s in scores]))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return json.loads(out.stdout)
+
+
+def test_given_executor_exceptions_and_n_jobs(local: LocalCluster):
+    with Executor(nodes=local) as executor:
+        with joblib.parallel_config(backend="dispynb", executor=executor):
+            assert joblib.effective_n_jobs(-1) == executor.cpus == 2
+            assert joblib.effective_n_jobs(-2) == 1
+            squares = joblib.Parallel(n_jobs=2, batch_size=3)(
+                joblib.delayed(pid_of_square)(x) for x in range(10)
+            )
+            assert [value for value, _pid in squares] == [x * x for x in range(10)]
+            with pytest.raises(ValueError, match="bad input 7"):
+                joblib.Parallel(n_jobs=-1)(
+                    joblib.delayed(fail_on)(x, 7) for x in range(40)
+                )
+            # The backend stays usable after a failure.
+            assert joblib.Parallel(n_jobs=-1)(
+                joblib.delayed(fail_on)(x, -1) for x in range(5)
+            ) == list(range(5))
+            with pytest.raises(ValueError, match="n_jobs == 0"):
+                joblib.Parallel(n_jobs=0)(joblib.delayed(abs)(1) for _ in range(2))
+        assert executor.cluster.job_counts["Finished"] >= 1
