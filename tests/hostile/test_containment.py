@@ -221,3 +221,14 @@ def fork_sleepers_slowly(marker: str, count: int) -> None:
         with open(marker, "a") as handle:
             handle.write(f"{pid}\n")
         time.sleep(0.01)
+
+
+def test_cancel_kills_a_jobs_forked_child_that_ignores_sigint(local, tmp_path):
+    marker = str(tmp_path / "child")
+    with JobCluster(fork_and_spin, nodes=local) as cluster:
+        job = cluster.submit(marker)
+        child = _read_pids(marker)[0]
+        cluster.cancel(job)
+        job()
+        assert job.status == DispyJob.Terminated
+        wait_until(lambda: not _alive(child), WAIT)
