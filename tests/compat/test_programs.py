@@ -53,8 +53,9 @@ class Expect:
     outputs: dict[str, re.Pattern[str]] = field(default_factory=dict)
 
 
-def status_table(nodes: int) -> list[re.Pattern[str]]:
-    """dispy's print_status: heading, rule, one row per node, total line."""
+def status_table(nodes: int, pending: int = 0) -> list[re.Pattern[str]]:
+    """dispy's print_status: heading, rule, one row per node, the pending jobs (if
+    any), total line."""
     size = r"\d+(\.\d)? [BKMGT]"
     row = (
         rf"\s*\S.*\|\s*\d+ \|\s*\d+ \|\s*\d+\.\d+ \|\s*\d+\.\d+ \|\s*{size} \|\s*{size}"
@@ -66,6 +67,7 @@ def status_table(nodes: int) -> list[re.Pattern[str]]:
         ),
         R(r"-+"),
         *[R(row)] * nodes,
+        *([f"Jobs pending: {pending}"] if pending else []),
         R(
             r"Total job time: \d+\.\d{3} sec, wall time: \d+\.\d{3} sec, "
             r"speedup: [\d.]+"
@@ -354,6 +356,23 @@ EXPECTED: dict[str, Expect] = {
             "nodes: ['local-0']",
             "jobs ran on: ['local-0']",
         ]
+    ),
+    "dispy_names": Expect(
+        [
+            "MsgTimeout: 30 30",
+            "NodePort: True",
+            "DispyNode: 10.1.2.3 alpha 4",
+            "pulse_interval: 1.0, ping_interval: None, poll_interval: None",
+            "cluster_status set: True, job_status: None",
+            "ClusterStatus: True, jobs_pending 3, end_time None",
+            *status_table(2, pending=3),
+            "end_time after wait: True, cpu_time >= 1.5: True",
+            "close_node(local-1): 0",
+            "jobs ran on: ['local-0']",
+            "Initialized: ['local-0', 'local-1']",
+            "recover_jobs(): []",
+        ],
+        stderr=(R(r"no recovery file \(_dispy_\*\)"),),
     ),
     "resetup_node": Expect(
         [
