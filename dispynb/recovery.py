@@ -19,6 +19,7 @@ import threading
 import time
 from typing import Any
 
+from dispynb._loop import LoopRunner
 from dispynb.errors import ConfigurationError, DispynbError, SerializationError
 from dispynb.job import DispyJob, JobStatus
 from dispynb.journal import Journal
@@ -94,14 +95,17 @@ def recover_jobs(
     tls = client_context(certfile, keyfile, cafile) if (certfile or cafile) else None
     journal = Journal(recover_file)
     complete = True
+    # The process's one I/O loop, as clusters use: it works from any thread, also
+    # under a running loop (a notebook cell), where asyncio.run refuses to start.
+    runner = LoopRunner.acquire()
     try:
         jobs: list[DispyJob] = []
         for recovery_id, _name, nodes in journal.computations():
             recorded = journal.jobs(recovery_id)
             if not recorded:  # jobs not journaled (default file): take what nodes kept
                 for address in nodes:
-                    complete &= asyncio.run(
-                        _collect_from(address, recovery_id, key, tls, timeout, jobs)
+                    complete &= runner.run_sync(
+                        _collect_from, address, recovery_id, key, tls, timeout, jobs
                     )
                 continue
             waiting: dict[str, dict[int, DispyJob]] = {}
@@ -118,8 +122,8 @@ def recover_jobs(
                 else:
                     waiting.setdefault(node, {})[job_key] = job
             for node, pending in waiting.items():
-                asyncio.run(
-                    _recover_from(node, recovery_id, pending, key, tls, timeout)
+                runner.run_sync(
+                    _recover_from, node, recovery_id, pending, key, tls, timeout
                 )
                 for job_key, job in pending.items():
                     if job.done():
@@ -128,6 +132,7 @@ def recover_jobs(
                         complete = False
         return jobs
     finally:
+        runner.release()
         journal.close(remove=default and complete)
 
 

@@ -47,9 +47,22 @@ print(json.dumps([[j.id, j._args[0], int(j.status), j.result, j.exception]
                   for j in jobs]))
 """
 
+# recover_jobs from a notebook cell: the kernel's event loop is running in this thread.
+RECOVER_IN_CELL = """
+import asyncio, json, sys
+import dispynb as dispy
+
+async def cell():
+    return dispy.recover_jobs(sys.argv[1], timeout=30, secret=sys.argv[2])
+
+jobs = asyncio.run(cell())
+print(json.dumps([[j.id, j._args[0], int(j.status), j.result, j.exception]
+                  for j in jobs]))
+"""
+
 
 def run_and_kill_client(
-    tmp_path, node, started: int, all_slow: bool = False
+    tmp_path, node, started: int, all_slow: bool = False, recover: str = RECOVER
 ) -> list[list[object]]:
     """Run CLIENT until ``started`` jobs run on the node, SIGKILL it, then recover
     in a new process."""
@@ -57,7 +70,7 @@ def run_and_kill_client(
     marks = tmp_path / "marks"
     marks.mkdir()
     (tmp_path / "client.py").write_text(CLIENT)
-    (tmp_path / "recover.py").write_text(RECOVER)
+    (tmp_path / "recover.py").write_text(recover)
     client = subprocess.Popen(
         [
             sys.executable,
@@ -99,6 +112,16 @@ def test_recover_jobs_after_client_sigkill_returns_every_job_once(tmp_path):
         jobs = run_and_kill_client(tmp_path, node, started=20)
     assert [job[0] for job in jobs] == [f"job-{n}" for n in range(20)]
     assert [job[1] for job in jobs] == list(range(20))
+    assert all(job[2] == 11 for job in jobs), jobs
+    assert [job[3] for job in jobs] == [n * n for n in range(20)]
+
+
+def test_recover_jobs_from_a_running_loop_as_in_a_notebook_cell(tmp_path):
+    """recover_jobs runs on dispynb's one I/O loop, so a caller's running loop (a
+    notebook cell's) does not stop it (asyncio.run would refuse to start)."""
+    with running_node(tmp_path / "node", cpus=20) as node:
+        jobs = run_and_kill_client(tmp_path, node, started=20, recover=RECOVER_IN_CELL)
+    assert [job[0] for job in jobs] == [f"job-{n}" for n in range(20)]
     assert all(job[2] == 11 for job in jobs), jobs
     assert [job[3] for job in jobs] == [n * n for n in range(20)]
 
