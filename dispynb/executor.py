@@ -161,6 +161,8 @@ class Executor(concurrent.futures.Executor):
         self._local: LocalCluster | None = None
         if nodes is None:
             nodes = self._local = LocalCluster(cpus=max_workers or os.cpu_count() or 1)
+        # dispy's default recovery file (_dispy_*) is for dispy programs.
+        options.setdefault("recover_file", False)
         try:
             self.cluster = JobCluster(dispynb_executor, nodes=nodes, **options)
         except BaseException:
