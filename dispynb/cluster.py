@@ -115,7 +115,7 @@ class JobCluster:
     ------
     ConfigurationError
         For invalid options, with what to change.
-    NoNodesError, AuthenticationError, SetupError, TransportError
+    AuthenticationError, SetupError, TransportError
         When no node could be used; the first node's error is raised, the others
         are logged.
 

@@ -77,7 +77,9 @@ class ClusterError(DispynbError):
 
 
 class NoNodesError(ClusterError):
-    """No node could be used for the computation."""
+    """No node could be used for the computation: raised where work cannot be
+    sized or placed without one (joblib's ``n_jobs=-1`` on an executor whose nodes
+    are all gone). `JobCluster` raises the first node's own error instead."""
 
 
 class NodeLostError(ClusterError):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import atexit
 import concurrent.futures
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +35,7 @@ from joblib.parallel import (
     register_parallel_backend,
 )
 
+from dispynb.errors import NoNodesError
 from dispynb.executor import Executor
 from dispynb.protocol import serialize
 
@@ -76,6 +78,9 @@ class DispynbBackend(AutoBatchingMixin, ParallelBackendBase):
     ----------
     executor:
         The `dispynb.Executor` to run on; default: `default_executor`.
+    wait_for_nodes:
+        Seconds ``n_jobs=-1`` waits for a first node when the executor has none
+        (nodes still being discovered); then `NoNodesError`.
     """
 
     supports_retrieve_callback = True
@@ -86,6 +91,7 @@ class DispynbBackend(AutoBatchingMixin, ParallelBackendBase):
     def __init__(
         self,
         executor: Executor | None = None,
+        wait_for_nodes: float = 10.0,
         nesting_level: int | None = None,
         inner_max_num_threads: int | None = None,
         **backend_kwargs: Any,
@@ -96,6 +102,7 @@ class DispynbBackend(AutoBatchingMixin, ParallelBackendBase):
             **backend_kwargs,
         )
         self._executor = executor
+        self._wait_for_nodes = wait_for_nodes
         self._futures: set[concurrent.futures.Future[Any]] = set()
         self._futures_lock = threading.Lock()
 
@@ -114,8 +121,22 @@ class DispynbBackend(AutoBatchingMixin, ParallelBackendBase):
         if n_jobs is None:
             n_jobs = self.default_n_jobs
         if n_jobs < 0:
-            return max(self.executor.cpus + 1 + n_jobs, 1)
+            return max(self._cpus() + 1 + n_jobs, 1)
         return n_jobs
+
+    def _cpus(self) -> int:
+        """The executor's CPUs, once it has a node."""
+        executor = self.executor
+        deadline = time.monotonic() + self._wait_for_nodes
+        while (cpus := executor.cpus) == 0:
+            if time.monotonic() >= deadline:
+                raise NoNodesError(
+                    f"the executor has no node after {self._wait_for_nodes:g} s, so "
+                    "joblib cannot run on it: start nodes (dispynb-node) with the "
+                    "client's secret, or name them (Executor(nodes=[...]))"
+                )
+            time.sleep(0.05)  # nodes announce themselves on the I/O thread
+        return cpus
 
     def configure(
         self, n_jobs: int | None = 1, parallel: Any = None, **backend_kwargs: Any

@@ -15,6 +15,8 @@ joblib = pytest.importorskip("joblib")
 
 import dispynb.joblib_backend as backend  # noqa: E402  (registers "dispynb")
 from dispynb import Executor, LocalCluster  # noqa: E402
+from dispynb.errors import NoNodesError  # noqa: E402
+from tests.jobs import wait_until  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -117,3 +119,17 @@ def test_given_executor_exceptions_and_n_jobs(local: LocalCluster):
             with pytest.raises(ValueError, match="n_jobs == 0"):
                 joblib.Parallel(n_jobs=0)(joblib.delayed(abs)(1) for _ in range(2))
         assert executor.cluster.job_counts["Finished"] >= 1
+
+
+def test_n_jobs_on_an_executor_without_nodes_is_a_clear_error(local: LocalCluster):
+    with Executor(nodes=local) as executor:
+        host, port = local.addresses[0]
+        assert executor.cluster.close_node(f"{host}:{port}") == 0
+        wait_until(lambda: executor.cpus == 0)
+        with (
+            joblib.parallel_config(
+                backend="dispynb", executor=executor, wait_for_nodes=0.2
+            ),
+            pytest.raises(NoNodesError, match=r"no node after 0\.2 s"),
+        ):
+            joblib.Parallel(n_jobs=-1)(joblib.delayed(abs)(-1) for _ in range(2))
