@@ -53,6 +53,7 @@ from nodeserver.containment import (
     join_new_cgroup,
     kill_group,
     remove_cgroup,
+    sweep_stale_cgroups,
 )
 from nodeserver.ipc import (
     IpcMessage,
@@ -155,6 +156,8 @@ class Computation:
         self._max_pids = load.max_pids
         # A pids cgroup per worker where the system lets us make one (found once).
         self._pids_root = find_pids_root() if load.max_pids else None
+        if self._pids_root is not None:
+            sweep_stale_cgroups(self._pids_root)
         # Without one, the processes under each worker are counted every
         # COUNT_INTERVAL seconds and a worker over the limit is killed.
         self._count_pids = bool(load.max_pids) and self._pids_root is None

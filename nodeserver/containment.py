@@ -25,6 +25,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -190,6 +191,27 @@ def _cgroup_mounts() -> dict[str, str]:
     except OSError:
         pass
     return mounts
+
+
+_WORKER_CGROUP = re.compile(r"dispynb-(\d+)-w\d+")
+
+
+def sweep_stale_cgroups(root: str) -> int:
+    """Remove the empty worker cgroups of computation processes that are gone
+    (killed before they could clean up); how many were removed."""
+    removed = 0
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return 0
+    for name in names:
+        match = _WORKER_CGROUP.fullmatch(name)
+        if match is None or os.path.exists(f"/proc/{match[1]}"):
+            continue
+        with contextlib.suppress(OSError):  # busy (tasks left) or gone: leave it
+            os.rmdir(os.path.join(root, name))
+            removed += 1
+    return removed
 
 
 def join_new_cgroup(root: str, name: str, max_pids: int) -> str | None:
