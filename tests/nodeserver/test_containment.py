@@ -15,6 +15,7 @@ from nodeserver.containment import (
     find_pids_root,
     sweep_stale_cgroups,
 )
+from tests.nodeproc import node_env
 
 
 def test_end_leftovers_with_no_child_is_a_no_op():
@@ -42,7 +43,7 @@ def test_end_leftovers_kills_children_and_grandchildren():
         capture_output=True,
         text=True,
         timeout=30,
-        env={**os.environ, "PYTHONPATH": os.getcwd()},
+        env=node_env(),
     )
     assert out.returncode == 0, out.stderr
     before, killed, after = map(int, out.stdout.split())
