@@ -83,15 +83,26 @@ def dispynb_executor(key: str, blob: bytes, calls: list[Call]) -> list[Outcome]:
     return outcomes
 
 
-def _unpack(outcome: Outcome) -> Any:
-    """The value of one call, or raise its exception (with the remote traceback)."""
+def _error(outcome: Outcome) -> BaseException | None:
+    """The exception of one call (its cause: the remote traceback); None if the
+    call returned. Never raised here, so no frame of this module is in its
+    traceback."""
     if outcome[0]:
-        return outcome[1]
+        return None
     _ok, exc, text, name, message = outcome
     remote = RemoteError(name, message, text)
     if exc is None:
-        raise remote
-    raise exc from remote
+        return remote
+    exc.__cause__ = remote
+    return exc
+
+
+def _unpack(outcome: Outcome) -> Any:
+    """The value of one call, or raise its exception."""
+    error = _error(outcome)
+    if error is not None:
+        raise error
+    return outcome[1]
 
 
 class _CallsFuture(JobFuture):
@@ -106,12 +117,11 @@ class _CallsFuture(JobFuture):
         job = self.job
         try:
             if job.status == job.Finished and self._single:
-                try:
-                    value = _unpack(job.result[0])
-                except BaseException as exc:
-                    self._set(exc, error=True)
+                error = _error(job.result[0])
+                if error is None:
+                    self._set(job.result[0][1], error=False)
                 else:
-                    self._set(value, error=False)
+                    self._set(error, error=True)
             else:  # a chunk's outcomes, or a failure of the whole job
                 super()._settle()
         finally:

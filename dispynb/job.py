@@ -253,15 +253,16 @@ class DispyJob:
         """The job's future, made by ``make(job)`` if it has none yet."""
         with _lock:
             future = self._future
+            made = future is None
             if future is None:
                 future = self._future = make(self)
-                done, running = self._done, self.status in _STARTED
-            else:
-                done = running = False
+            done = made and self._done
         # Exactly one of this and _complete settles it: both decide under _lock.
         if done:
             future._settle()
-        elif running:
+        elif made and self.status in _STARTED:
+            # _set_running writes the status, then reads _future; this wrote
+            # _future, then reads the status: one of the two marks it.
             future._mark_running()
         return future
 
