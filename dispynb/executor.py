@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import functools
 import hashlib
 import itertools
 import os
@@ -81,6 +82,12 @@ def dispynb_executor(key: str, blob: bytes, calls: list[Call]) -> list[Outcome]:
                 carried = None  # the client raises RemoteError alone
             outcomes.append((False, carried, text, type(exc).__name__, str(exc)))
     return outcomes
+
+
+def _initialize(initializer: Callable[..., Any], initargs: tuple[Any, ...]) -> int:
+    """``setup`` of an executor given ``initializer`` (runs on each node)."""
+    initializer(*initargs)
+    return 0
 
 
 def _error(outcome: Outcome) -> BaseException | None:
@@ -149,6 +156,15 @@ class Executor(concurrent.futures.Executor):
         ``None``: start a `LocalCluster` (closed by `shutdown`); a `LocalCluster`
         you started; or node specs, as `JobCluster`'s ``nodes`` (``'host'``,
         ``'host:port'``, ``'*'`` ...).
+    initializer, initargs:
+        As `concurrent.futures.ProcessPoolExecutor`'s: ``initializer(*initargs)``
+        runs once per node before any call (as `JobCluster`'s ``setup``; the
+        worker processes fork after it, so what it sets in the process, such as
+        environment variables or a seed, they inherit). If it raises, creating
+        the executor raises `SetupError` with the node's traceback.
+    max_tasks_per_child:
+        ``1`` runs each job in a fresh process (``fresh_process=True``); None
+        (default) reuses worker processes.
     **options:
         `JobCluster` options: ``secret``, ``secret_file``, ``cafile``,
         ``job_timeout``, ``mem_limit``, ``depends``, ``setup`` ...
@@ -161,13 +177,34 @@ class Executor(concurrent.futures.Executor):
     """
 
     def __init__(
-        self, max_workers: int | None = None, nodes: Any = None, **options: Any
+        self,
+        max_workers: int | None = None,
+        nodes: Any = None,
+        *,
+        initializer: Callable[..., Any] | None = None,
+        initargs: tuple[Any, ...] = (),
+        max_tasks_per_child: int | None = None,
+        **options: Any,
     ) -> None:
         from dispynb.cluster import JobCluster
         from dispynb.local import LocalCluster
 
         if max_workers is not None and max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
+        if max_tasks_per_child is not None:
+            if max_tasks_per_child != 1:
+                raise ValueError(
+                    "max_tasks_per_child must be None (reuse workers) or 1 (a fresh "
+                    "process per job): dispynb workers cannot count to other values"
+                )
+            options["fresh_process"] = True
+        if initializer is not None:
+            if not callable(initializer):
+                raise TypeError("initializer must be a callable")
+            if "setup" in options:
+                raise ValueError("give initializer or setup, not both")
+            serialize.ship_by_value(initializer)  # a script's own: by value
+            options["setup"] = functools.partial(_initialize, initializer, initargs)
         self._local: LocalCluster | None = None
         if nodes is None:
             nodes = self._local = LocalCluster(cpus=max_workers or os.cpu_count() or 1)

@@ -20,7 +20,7 @@ import pytest
 
 import dispynb
 from dispynb import LocalCluster
-from dispynb.errors import RemoteError
+from dispynb.errors import RemoteError, SetupError
 from dispynb.executor import Executor
 from tests.jobs import WAIT, wait_for_path, wait_until
 
@@ -151,6 +151,37 @@ def test_max_workers_must_be_positive():
     for bad in (0, -1):
         with pytest.raises(ValueError, match="max_workers"):
             Executor(max_workers=bad)
+
+
+def set_env(name: str, value: str) -> None:
+    os.environ[name] = value
+
+
+def env(name: str) -> str | None:
+    return os.environ.get(name)
+
+
+def fail_setup() -> None:
+    raise OSError("no such device")
+
+
+def test_initializer_runs_on_each_node_before_the_calls(local):
+    with Executor(nodes=local, initializer=set_env, initargs=("DISPYNB_T", "on")) as ex:
+        assert list(ex.map(env, ["DISPYNB_T"] * 4)) == ["on"] * 4
+
+
+def test_failing_initializer_is_a_setup_error_with_the_node_traceback(local):
+    with pytest.raises(SetupError) as info:
+        Executor(nodes=local, initializer=fail_setup)
+    assert "no such device" in str(info.value) + info.value.remote_traceback
+
+
+def test_max_tasks_per_child_one_is_a_fresh_process_per_call(local):
+    with Executor(nodes=local, max_tasks_per_child=1) as ex:
+        pids = [f.result(WAIT) for f in [ex.submit(os.getpid) for _ in range(4)]]
+    assert len(set(pids)) == 4
+    with pytest.raises(ValueError, match="max_tasks_per_child"):
+        Executor(nodes=local, max_tasks_per_child=5)
 
 
 # -- map -------------------------------------------------------------------------------
