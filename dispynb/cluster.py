@@ -185,7 +185,11 @@ class JobCluster:
         local_secret = getattr(nodes, "secret", None)  # a LocalCluster's own
         if local_secret and not (options.get("secret") or options.get("secret_file")):
             # Its nodes know only that secret: DISPYNB_SECRET(_FILE) is for others.
-            secret = str(local_secret).encode()
+            secret = (
+                local_secret
+                if isinstance(local_secret, bytes)  # a launcher's (dispynb.deploy)
+                else str(local_secret).encode()
+            )
         tls = bool(opts.certfile or opts.cafile) or bool(getattr(nodes, "tls", False))
         serialize.ship_by_value(
             opts.computation, opts.setup, opts.cleanup, *opts.depends
@@ -256,6 +260,7 @@ class JobCluster:
         _close_at_exit_once()
         try:
             self._runner.run_sync(self._start)
+            self._subscribe(nodes)
         except BaseException:
             self._callbacks.release()
             self._shutdown(terminate=True)
@@ -287,6 +292,19 @@ class JobCluster:
         except TimeoutError:
             self._startup.cancel()  # later node failures reach the jobs instead
             logger.info("nodes are still being set up; jobs will wait for them")
+
+    def _subscribe(self, nodes: Any) -> None:
+        """A launcher (`dispynb.deploy.NodeLauncher`): nodes that register later are
+        used like discovered ones."""
+        subscribe = getattr(nodes, "subscribe", None)
+        if not callable(subscribe):
+            return
+        self._on_loop(setattr, self._driver, "discovering", True)
+        subscribe(self._use_registered_node)
+
+    def _use_registered_node(self, ip: str, port: int) -> None:
+        """A launched node registered: connect to it (on the I/O loop)."""
+        self._use_found_node(ip, port, parse_node_specs(format_address(ip, port))[0])
 
     def _use_found_node(self, ip: str, port: int, spec: NodeAllocate) -> None:
         """A discovered node matched ``spec``: connect to it (on the I/O loop)."""

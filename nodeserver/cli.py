@@ -17,6 +17,7 @@ from dispynb.secret import resolve_secret, write_new_secret
 from nodeserver.config import NodeConfig
 from nodeserver.memory import keep_freed_memory
 from nodeserver.parser import build_parser, parse_args, parse_size
+from nodeserver.register import register
 from nodeserver.server import NodeServer
 from nodeserver.service import Phase, ServiceWindow, keep_window
 
@@ -65,6 +66,12 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
             args.new_secret,
         )
         args.secret_file = args.new_secret
+    if args.secret_stdin:
+        if args.secret or args.secret_file:
+            raise ConfigurationError(
+                "--secret-stdin reads the secret: drop --secret / --secret-file"
+            )
+        args.secret = _read_secret_line(0)
     secret = resolve_secret(args.secret, args.secret_file)
     hosts = _default_hosts(args, secret)
     orphan_timeout = args.orphan_timeout
@@ -112,6 +119,20 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
     return config
 
 
+def _read_secret_line(fd: int) -> bytes:
+    """The first line of ``fd`` (unbuffered: the rest of the pipe stays unread)."""
+    data = b""
+    while not data.endswith(b"\n") and len(data) <= 4096:
+        chunk = os.read(fd, 1)
+        if not chunk:
+            break
+        data += chunk
+    secret = data.rstrip(b"\r\n")
+    if not secret:
+        raise ConfigurationError("--secret-stdin: standard input gave no secret")
+    return secret
+
+
 async def _stop_when_orphaned(
     parent: int, orphaned: asyncio.Event, stop: asyncio.Event
 ) -> None:
@@ -155,14 +176,19 @@ def _stop_at_eof(
 
 
 async def serve(
-    config: NodeConfig, watch_parent: bool = False, parent_pipe: int | None = None
+    config: NodeConfig,
+    watch_parent: bool = False,
+    parent_pipe: int | None = None,
+    register_to: str | None = None,
 ) -> None:
     """Run a node until SIGTERM or SIGINT (or its parent exits), then stop cleanly.
 
     The first signal drains (running jobs get ``config.drain_timeout`` seconds), a
     second one terminates the running jobs at once. A node whose parent exited stops
     at once: nobody is left to collect results. ``--serve N`` stops after N clients,
-    a service window opens and closes the node each day.
+    a service window opens and closes the node each day. With ``register_to``
+    (``--register``) the node registers with that client once listening, and stops
+    if it cannot.
     """
     server = NodeServer(config)
     stop = asyncio.Event()
@@ -202,6 +228,8 @@ async def serve(
         tasks.append(asyncio.create_task(keep_window(server, window)))
     if config.announce_interval:
         tasks.append(asyncio.create_task(_announce_every(server, config)))
+    if register_to is not None:
+        tasks.append(asyncio.create_task(_register(server, config, register_to, stop)))
     await stop.wait()
     if parent_pipe is not None:
         unwatch()
@@ -218,6 +246,23 @@ async def serve(
 async def _wait_and_set(event: asyncio.Event, stop: asyncio.Event) -> None:
     await event.wait()
     stop.set()
+
+
+async def _register(
+    server: NodeServer, config: NodeConfig, address: str, stop: asyncio.Event
+) -> None:
+    assert config.secret is not None
+    try:
+        await register(
+            address,
+            secret=config.secret,
+            name=config.name,
+            port=server.port,
+            cpus=config.cpus,
+        )
+    except DispynbError as exc:
+        logger.error("%s; stopping", exc)
+        stop.set()
 
 
 async def _announce_every(server: NodeServer, config: NodeConfig) -> None:
@@ -242,7 +287,14 @@ def main(argv: list[str] | None = None) -> int:
         if config.serve == 0:
             logger.info("--serve 0: nothing to serve")
             return 0
-        asyncio.run(serve(config, args.exit_with_parent, args.parent_pipe))
+        if args.register and not config.secret:
+            raise ConfigurationError(
+                "--register needs a secret (--secret-stdin, --secret-file or "
+                "DISPYNB_SECRET): the registration proves it"
+            )
+        asyncio.run(
+            serve(config, args.exit_with_parent, args.parent_pipe, args.register)
+        )
     except ConfigurationError as exc:
         print(f"dispynb-node: {exc}", file=sys.stderr)
         return 2

@@ -108,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="file holding the shared secret (mode 600)",
     )
     add(
+        "--secret-stdin",
+        action="store_true",
+        help="read the shared secret from the first line of standard input (how "
+        "launchers such as dispynb.deploy.SSHNodes hand it over: never on a command "
+        "line, never in a file)",
+    )
+    add(
         "--new-secret",
         metavar="FILE",
         default=None,
@@ -291,6 +298,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop as soon as this inherited pipe reaches end of file, i.e. when "
         "every process holding its other end has exited (LocalCluster: the nodes "
         "die with the notebook kernel although they are in their own session)",
+    )
+    add(
+        "--register",
+        metavar="HOST:PORT",
+        default=None,
+        help="once listening, register with the client listening for registrations "
+        "at HOST:PORT (a launcher's): prove the secret, after which the client "
+        "connects; the node stops if it cannot register",
     )
     add("-d", "--debug", action="store_true", help="log level debug")
     add(

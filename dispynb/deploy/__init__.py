@@ -1,0 +1,12 @@
+"""Launchers: node servers started where people's machines are (SSH today).
+
+Every launcher fulfils `NodeLauncher` (`dispynb.deploy.base`): it starts nodes that
+register with this process (``dispynb-node --register``) and is given to a cluster as
+``JobCluster(compute, nodes=launcher)``.
+"""
+
+from dispynb.deploy.base import LaunchError, NodeLauncher
+from dispynb.deploy.registry import RegisteredNode, Registrar
+from dispynb.deploy.ssh import SSHNodes
+
+__all__ = ["LaunchError", "NodeLauncher", "RegisteredNode", "Registrar", "SSHNodes"]

@@ -1,0 +1,177 @@
+"""`Registrar`: the client's registration listener for launched nodes.
+
+Launched nodes (``dispynb-node --register HOST:PORT``) connect here and prove that they
+know the secret for a fresh nonce (`dispynb.protocol.registration`). A node that
+proves it is reported as a `RegisteredNode` at the connection's source address; the
+cluster then connects to it and authenticates it like a discovered node. Anybody else
+gets a nonce and a closed connection: never a connection from the client.
+
+Hostile peers: at most `MAX_PENDING` registrations are read at once (more are closed
+at once), each must finish within ``timeout`` seconds and 512 bytes, and failures
+are logged once per source address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Callable
+
+from dispynb.protocol.messages import PROTOCOL_VERSION
+from dispynb.protocol.registration import (
+    ACCEPTED,
+    MAX_MESSAGE,
+    REJECTED,
+    RegistrationError,
+    decode_registration,
+    encode_challenge,
+    new_challenge,
+    verify,
+)
+from dispynb.transport.addressing import format_address
+
+logger = logging.getLogger(__name__)
+
+#: Registrations read at once; more connections are closed unread.
+MAX_PENDING = 64
+#: Seconds a node has to answer the challenge.
+REGISTER_TIMEOUT = 10.0
+#: Source addresses whose failures are remembered (for logging once each).
+MAX_REMEMBERED = 1024
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RegisteredNode:
+    """A node that registered with a valid proof: it listens on ``host:port``."""
+
+    host: str
+    port: int
+    name: str
+    cpus: int
+    boot: bytes
+
+    @property
+    def spec(self) -> str:
+        """``'host:port'``: a node spec for ``JobCluster(nodes=...)``."""
+        return format_address(self.host, self.port)
+
+
+class Registrar:
+    """Listens for node registrations (TCP) on the running event loop.
+
+    Parameters
+    ----------
+    secret:
+        The cluster's secret: registrations must prove they know it.
+    on_registered:
+        Called (on the loop) with each node that registered with a valid proof.
+    host, port:
+        Where to listen (default: every address, a free port).
+    timeout:
+        Seconds a node has to complete its registration.
+    """
+
+    def __init__(
+        self,
+        secret: bytes,
+        on_registered: Callable[[RegisteredNode], None],
+        *,
+        host: str = "0.0.0.0",
+        port: int = 0,
+        timeout: float = REGISTER_TIMEOUT,
+    ) -> None:
+        if not secret:
+            raise ValueError("node registration needs a secret")
+        self._secret = secret
+        self._on_registered = on_registered
+        self.host = host
+        self.port = port
+        self.timeout = timeout
+        self._server: asyncio.Server | None = None
+        self._pending = 0
+        self._warned: set[str] = set()
+        self._seen: set[tuple[str, int, bytes]] = set()
+
+    async def start(self) -> int:
+        """Start listening; return the bound port."""
+        self._server = await asyncio.start_server(
+            self._handle, self.host, self.port, limit=MAX_MESSAGE + 2
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        logger.info(
+            "listening for node registrations on %s",
+            format_address(self.host, self.port),
+        )
+        return self.port
+
+    def close(self) -> None:
+        """Stop listening; idempotent."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+
+    async def _handle(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        peer = writer.get_extra_info("peername")
+        ip = str(peer[0]) if peer else "?"
+        if self._pending >= MAX_PENDING:
+            writer.close()
+            return
+        self._pending += 1
+        try:
+            await asyncio.wait_for(self._register(ip, reader, writer), self.timeout)
+        except (TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
+            self._refuse(ip, f"no complete registration ({type(exc).__name__})")
+        except RegistrationError as exc:
+            self._refuse(ip, str(exc))
+        finally:
+            self._pending -= 1
+            writer.close()
+            with contextlib.suppress(OSError, TimeoutError):
+                await asyncio.wait_for(writer.wait_closed(), 1.0)
+
+    async def _register(
+        self, ip: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        challenge = new_challenge()
+        writer.write(encode_challenge(challenge))
+        await writer.drain()
+        size = int.from_bytes(await reader.readexactly(2), "big")
+        if size > MAX_MESSAGE:
+            raise RegistrationError(f"message of {size} bytes over {MAX_MESSAGE}")
+        reg = decode_registration(await reader.readexactly(size))
+        if not verify(self._secret, challenge.nonce, reg):
+            writer.write(REJECTED)
+            await writer.drain()
+            raise RegistrationError(
+                "wrong proof: the node does not have this cluster's secret"
+            )
+        if reg.version != PROTOCOL_VERSION:
+            writer.write(REJECTED)
+            await writer.drain()
+            raise RegistrationError(
+                f"node speaks protocol {reg.version}, this client {PROTOCOL_VERSION}"
+            )
+        writer.write(ACCEPTED)
+        await writer.drain()
+        key = (ip, reg.port, reg.boot)
+        if key in self._seen:
+            return
+        self._seen.add(key)
+        node = RegisteredNode(ip, reg.port, reg.name, reg.cpus, reg.boot)
+        logger.info("node %s registered at %s (%d CPUs)", reg.name, node.spec, reg.cpus)
+        try:
+            self._on_registered(node)
+        except Exception:
+            logger.exception("registration callback failed for %s", node.spec)
+
+    def _refuse(self, ip: str, reason: str) -> None:
+        if ip in self._warned:
+            logger.debug("registration from %s refused: %s", ip, reason)
+            return
+        if len(self._warned) < MAX_REMEMBERED:
+            self._warned.add(ip)
+        logger.warning("registration from %s refused: %s", ip, reason)

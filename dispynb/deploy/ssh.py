@@ -1,0 +1,256 @@
+"""`SSHNodes`: node servers started over SSH on the user's machines.
+
+Each host gets one ``dispynb-node`` (all its CPUs unless ``node_args`` say otherwise),
+started by the OpenSSH client (``ssh``) as an asyncio subprocess. Why OpenSSH rather
+than a Python SSH library: it is what users already configured (``~/.ssh/config``
+aliases, jump hosts, agents, hardware keys, ``known_hosts``), it needs no new
+dependency, and host keys are checked the way the user expects (``BatchMode=yes``:
+never a prompt, a host it does not know fails clearly).
+
+The secret goes over the SSH session's standard input (``--secret-stdin``), never on
+a command line or in a file. That standard input then stays open: the node watches it
+(``--parent-pipe 0``) and stops when it closes, which happens when `close` closes it,
+and when this process dies, whatever kills it (the kernel closes the pipe, ``ssh``
+sends EOF, the node stops). ``ssh`` runs in its own session, so a notebook interrupt
+(JupyterLab signals the kernel's process group) does not stop the nodes.
+
+The nodes' output (their log) is logged here under ``dispynb.deploy.ssh`` (INFO),
+each line prefixed with the node's name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import shlex
+from collections.abc import Mapping, Sequence
+
+from dispynb.deploy.base import REGISTER_WAIT, LaunchError, NodeLauncher, route_address
+from dispynb.errors import ConfigurationError
+
+logger = logging.getLogger(__name__)
+
+#: Seconds a node gets to stop after its standard input closed, before ``ssh`` is
+#: terminated (which closes the session: the node then stops too).
+STOP_WAIT = 15.0
+#: Lines of a node's output kept to explain why it ended.
+KEPT_LINES = 8
+
+
+class SSHNode:
+    """One ``ssh`` process running a node server on ``host``."""
+
+    def __init__(self, host: str, name: str, proc: asyncio.subprocess.Process) -> None:
+        self.host = host
+        self.name = name
+        self.proc = proc
+        self.last_lines: collections.deque[str] = collections.deque(maxlen=KEPT_LINES)
+        self.reader: asyncio.Task[None] | None = None
+
+    async def log_output(self) -> None:
+        """Log each line the node (and ``ssh``) print, until they end."""
+        assert self.proc.stdout is not None
+        while line := await self.proc.stdout.readline():
+            text = line.decode(errors="replace").rstrip()
+            self.last_lines.append(text)
+            logger.info("[%s@%s] %s", self.name, self.host, text)
+
+
+class SSHNodes(NodeLauncher[SSHNode]):
+    """Node servers on ``hosts``, started over SSH; use as ``JobCluster(nodes=...)``.
+
+    Parameters
+    ----------
+    hosts:
+        ``ssh`` destinations (``'host'``, ``'user@host'`` or a ``~/.ssh/config``
+        alias); one node each (repeat a host for more).
+    python:
+        The Python that runs ``-m nodeserver`` on the hosts (dispynb installed).
+    node_args:
+        More ``dispynb-node`` options (``['--cpus', '4']``...).
+    env:
+        Environment variables for the node on the hosts (``PYTHONPATH``...).
+    ssh_options:
+        More ``ssh`` options (``['-F', 'config']``, ``['-p', '2222']``...).
+    ssh:
+        The ``ssh`` command.
+    secret, register_host, register_port, wait:
+        See `NodeLauncher`; by default each host is told the local address that
+        routes to it (as ``ssh -G`` resolves its name).
+    start:
+        Start the nodes now (else call `start`).
+
+    Examples
+    --------
+    >>> with SSHNodes(["node1", "node2"]) as nodes:  # doctest: +SKIP
+    ...     cluster = JobCluster(compute, nodes=nodes)
+    """
+
+    def __init__(
+        self,
+        hosts: Sequence[str],
+        *,
+        python: str = "python3",
+        node_args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        ssh_options: Sequence[str] = (),
+        ssh: str = "ssh",
+        secret: str | bytes | None = None,
+        register_host: str | None = None,
+        register_port: int = 0,
+        wait: float = REGISTER_WAIT,
+        start: bool = True,
+    ) -> None:
+        if isinstance(hosts, str):
+            hosts = [hosts]
+        if not hosts:
+            raise ConfigurationError("SSHNodes needs at least one host")
+        for host in hosts:
+            if not host or host.startswith("-") or any(c.isspace() for c in host):
+                raise ConfigurationError(f"not an ssh destination: {host!r}")
+        for key in env or {}:
+            if not key.isidentifier():
+                raise ConfigurationError(f"not an environment variable name: {key!r}")
+        self.hosts = list(hosts)
+        self.python = python
+        self.node_args = list(node_args)
+        self.env = dict(env or {})
+        self.ssh_options = list(ssh_options)
+        self.ssh = ssh
+        super().__init__(
+            secret=secret,
+            register_host=register_host,
+            register_port=register_port,
+            wait=wait,
+        )
+        if start:
+            try:
+                self.start()
+            except BaseException:
+                self.close()
+                raise
+
+    @property
+    def default_count(self) -> int:
+        return len(self.hosts)
+
+    @property
+    def kind(self) -> str:
+        return "ssh"
+
+    def remote_command(self, name: str, register_to: str) -> str:
+        """The shell command run on a host (it holds no secret)."""
+        argv = [
+            self.python,
+            "-m",
+            "nodeserver",
+            "--secret-stdin",
+            "--parent-pipe",
+            "0",
+            "--register",
+            register_to,
+            "--name",
+            name,
+            "--port",
+            "0",
+            "--no-discovery",
+            *self.node_args,
+        ]
+        if self.env:
+            argv = ["env", *(f"{k}={v}" for k, v in self.env.items()), *argv]
+        return shlex.join(argv)
+
+    async def _ssh_hostname(self, host: str) -> str:
+        """``host``'s address as ``ssh -G`` resolves it (aliases, ``Hostname``)."""
+        proc = await asyncio.create_subprocess_exec(
+            self.ssh,
+            *self.ssh_options,
+            "-G",
+            "--",
+            host,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await proc.communicate()
+        if proc.returncode != 0:
+            raise LaunchError(
+                f"ssh -G {host} failed: {err.decode(errors='replace').strip()}"
+            )
+        for line in out.decode(errors="replace").splitlines():
+            key, _, value = line.partition(" ")
+            if key == "hostname" and value:
+                return value.strip()
+        return host.rpartition("@")[2]
+
+    async def _register_to(self, index: int) -> str:
+        if self.register_host and self.register_host not in ("0.0.0.0", "::"):
+            return self.register_host
+        hostname = await self._ssh_hostname(self.hosts[index % len(self.hosts)])
+        return await asyncio.get_running_loop().run_in_executor(
+            None, route_address, hostname
+        )
+
+    async def _launch(self, index: int, name: str, register_to: str) -> SSHNode:
+        host = self.hosts[index % len(self.hosts)]
+        command = self.remote_command(name, register_to)
+        argv = [
+            self.ssh,
+            "-T",
+            "-o",
+            "BatchMode=yes",
+            *self.ssh_options,
+            "--",
+            host,
+            command,
+        ]
+        logger.info("starting node %s on %s: %s", name, host, command)
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,  # a notebook interrupt must not reach ssh
+        )
+        node = SSHNode(host, name, proc)
+        node.reader = asyncio.get_running_loop().create_task(node.log_output())
+        assert proc.stdin is not None
+        proc.stdin.write(self.secret + b"\n")
+        with contextlib.suppress(ConnectionError):
+            await proc.stdin.drain()
+        return node
+
+    async def _stop(self, handle: SSHNode) -> None:
+        proc = handle.proc
+        if proc.stdin is not None and not proc.stdin.is_closing():
+            proc.stdin.close()  # the node's --parent-pipe 0 ends: it stops
+        try:
+            await asyncio.wait_for(proc.wait(), STOP_WAIT)
+        except TimeoutError:
+            logger.warning(
+                "node %s on %s did not stop within %g s of its stdin closing; "
+                "ending ssh",
+                handle.name,
+                handle.host,
+                STOP_WAIT,
+            )
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 5.0)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        if handle.reader is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(handle.reader, 5.0)
+
+    def _exit_reason(self, handle: SSHNode) -> str | None:
+        code = handle.proc.returncode
+        if code is None:
+            return None
+        last = " | ".join(handle.last_lines) or "no output"
+        return f"ssh to {handle.host} exited with status {code} ({last})"

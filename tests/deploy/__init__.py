@@ -1,0 +1,1 @@
+"""Tests of dispynb.deploy: node registration and launchers."""

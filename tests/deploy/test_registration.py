@@ -1,0 +1,195 @@
+"""Node registration: the protocol, the client's `Registrar` against raw and hostile
+peers, and a real ``dispynb-node --register`` process."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+import pytest
+
+from dispynb.deploy.registry import RegisteredNode, Registrar
+from dispynb.protocol.discovery import new_boot_id
+from dispynb.protocol.registration import (
+    ACCEPTED,
+    REJECTED,
+    Registration,
+    RegistrationError,
+    decode_challenge,
+    decode_registration,
+    encode_registration,
+    sign,
+    verify,
+)
+from tests.asyncutil import run
+from tests.nodeproc import node_env
+
+SECRET = b"registration-test-secret-0123456789"
+
+
+def _registration(port: int = 9000) -> Registration:
+    return Registration(name="n1", port=port, cpus=2, boot=new_boot_id())
+
+
+def test_proof_binds_nonce_and_fields() -> None:
+    nonce, other = b"a" * 32, b"b" * 32
+    signed = sign(SECRET, nonce, _registration())
+    assert verify(SECRET, nonce, signed)
+    assert not verify(SECRET, other, signed)  # no replay on another challenge
+    assert not verify(b"other secret", nonce, signed)
+    moved = Registration(
+        name=signed.name, port=1234, cpus=signed.cpus, boot=signed.boot,
+        proof=signed.proof,
+    )  # fmt: skip
+    assert not verify(SECRET, nonce, moved)  # the port cannot be changed in transit
+    decoded = decode_registration(encode_registration(signed)[2:])
+    assert decoded == signed
+    assert SECRET not in encode_registration(signed)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"", b"\xc1", b"\x90", b"\x81\xa5magic\xa3bad", b"\xff" * 600],
+)
+def test_malformed_messages_are_refused(payload: bytes) -> None:
+    with pytest.raises(RegistrationError):
+        decode_registration(payload)
+    with pytest.raises(RegistrationError):
+        decode_challenge(payload)
+
+
+async def _exchange(port: int, secret: bytes, *, reg: Registration | None = None,
+                    send: bytes | None = None) -> tuple[bytes, bytes]:  # fmt: skip
+    """Act as a node: read the challenge, answer; return (nonce, client's answer)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        size = int.from_bytes(await reader.readexactly(2), "big")
+        nonce = decode_challenge(await reader.readexactly(size)).nonce
+        if send is None:
+            send = encode_registration(sign(secret, nonce, reg or _registration()))
+        writer.write(send)
+        await writer.drain()
+        return nonce, await reader.read(1)
+    finally:
+        writer.close()
+
+
+def test_registrar_accepts_a_valid_proof_and_refuses_others() -> None:
+    found: list[RegisteredNode] = []
+
+    async def scenario() -> None:
+        registrar = Registrar(SECRET, found.append, host="127.0.0.1")
+        port = await registrar.start()
+        try:
+            # A wrong secret: refused, nothing reported.
+            _, answer = await _exchange(port, b"not the secret")
+            assert answer == REJECTED and not found
+            # A proof captured on one connection is worthless on the next one.
+            reg = _registration(9100)
+            nonce, answer = await _exchange(port, SECRET, reg=reg)
+            assert answer == ACCEPTED and [n.port for n in found] == [9100]
+            replay = encode_registration(sign(SECRET, nonce, reg))
+            _, answer = await _exchange(port, SECRET, send=replay)
+            assert answer == REJECTED and len(found) == 1
+            # Garbage, and an oversized length prefix: closed, nothing reported.
+            _, answer = await _exchange(port, SECRET, send=b"\x00\x05hello")
+            assert answer == b""
+            _, answer = await _exchange(port, SECRET, send=b"\xff\xff" + b"x" * 100)
+            assert answer == b""
+            assert len(found) == 1
+            node = found[0]
+            assert (node.host, node.name, node.cpus) == ("127.0.0.1", "n1", 2)
+            assert node.spec == "127.0.0.1:9100"
+        finally:
+            registrar.close()
+
+    run(scenario())
+
+
+def test_silent_peer_times_out_and_others_still_register() -> None:
+    found: list[RegisteredNode] = []
+
+    async def scenario() -> None:
+        registrar = Registrar(SECRET, found.append, host="127.0.0.1", timeout=0.5)
+        port = await registrar.start()
+        try:
+            silent = [
+                await asyncio.open_connection("127.0.0.1", port) for _ in range(5)
+            ]
+            _, answer = await _exchange(port, SECRET)
+            assert answer == ACCEPTED and len(found) == 1
+            for reader, writer in silent:  # closed by the registrar after its timeout
+                data = await asyncio.wait_for(reader.read(), 5)  # challenge, then EOF
+                assert data and reader.at_eof()
+                writer.close()
+        finally:
+            registrar.close()
+
+    run(scenario())
+
+
+@pytest.mark.slow
+def test_node_registers_and_stops_when_stdin_closes() -> None:
+    """A real ``dispynb-node --register`` with the secret on stdin."""
+    found: list[RegisteredNode] = []
+
+    async def scenario() -> None:
+        registrar = Registrar(SECRET, found.append, host="127.0.0.1")
+        port = await registrar.start()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "nodeserver", "--secret-stdin", "--parent-pipe",
+            "0", "--register", f"127.0.0.1:{port}", "--host", "127.0.0.1",
+            "--port", "0", "--no-discovery", "--name", "launched-1", "--cpus", "1",
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, env=node_env(),
+        )  # fmt: skip
+        try:
+            assert proc.stdin is not None
+            proc.stdin.write(SECRET + b"\n")
+            while not found:
+                assert proc.returncode is None
+                await asyncio.sleep(0.05)
+            node = found[0]
+            assert (node.name, node.cpus, node.host) == ("launched-1", 1, "127.0.0.1")
+            # The node listens where it registered (connectable).
+            _, writer = await asyncio.open_connection(node.host, node.port)
+            writer.close()
+            proc.stdin.close()  # the launcher is gone: the node stops
+            assert await asyncio.wait_for(proc.wait(), 20) == 0
+        finally:
+            registrar.close()
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+    run(scenario(), timeout=40)
+
+
+@pytest.mark.slow
+def test_node_with_another_secret_is_refused_and_exits(
+    allow_error_logs: list[object],
+) -> None:
+    found: list[RegisteredNode] = []
+
+    async def scenario() -> bytes:
+        registrar = Registrar(SECRET, found.append, host="127.0.0.1")
+        port = await registrar.start()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "nodeserver", "--secret-stdin",
+                "--register", f"127.0.0.1:{port}", "--host", "127.0.0.1",
+                "--port", "0", "--no-discovery",
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE, env=node_env(),
+            )  # fmt: skip
+            _, err = await asyncio.wait_for(
+                proc.communicate(b"some other secret\n"), 30
+            )
+            return err
+        finally:
+            registrar.close()
+
+    err = run(scenario(), timeout=40)
+    assert b"rejected this node's registration" in err
+    assert not found
