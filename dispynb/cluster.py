@@ -82,6 +82,9 @@ RECOVERY_KEEP = 3600.0
 #: used as they come).
 DISCOVERY_WAIT = 2.0
 
+#: Seconds a cluster left open waits at interpreter exit for its cancelled jobs.
+EXIT_WAIT = 10.0
+
 #: Seconds `JobCluster()` waits for a first node to be set up. Connection and
 #: authentication errors surface within this time; a longer ``setup`` keeps running
 #: after the constructor returns, and jobs wait for it.
@@ -1098,10 +1101,11 @@ def _close_at_exit_once() -> None:
 
 def _close_at_exit() -> None:
     # Jobs still pending have nobody left to read them: terminate them (dispy waited
-    # for them), release the nodes and remove the default recovery file.
+    # for them), release the nodes and remove the default recovery file. Bounded:
+    # an exit never hangs on a node that does not answer.
     for cluster in reversed(live_clusters()):
         try:
-            cluster.close(terminate=True)
+            cluster.close(timeout=EXIT_WAIT, terminate=True)
         except Exception:
             logger.warning("closing cluster %r at exit failed", cluster.name)
 

@@ -279,3 +279,45 @@ def test_recover_jobs_without_arguments_and_no_file_returns_nothing(
     monkeypatch.chdir(tmp_path)
     assert dispynb.recover_jobs() == []
     assert "no recovery file (_dispy_*)" in caplog.text
+
+
+EXITING = """
+import os, sys, time
+import dispynb as dispy
+
+def compute(marker):
+    import time
+    open(marker, "w").close()
+    time.sleep(60)
+
+cluster = dispy.JobCluster(compute, nodes=[sys.argv[1]], secret=sys.argv[2])
+job = cluster.submit(sys.argv[3])
+while not os.path.exists(sys.argv[3]):
+    time.sleep(0.01)
+print("exiting without close()", flush=True)
+"""
+
+
+def test_cluster_left_open_is_closed_at_exit(tmp_path):
+    """A script that ends without close(): its running job is terminated, the node
+    released and the default recovery file removed, as at a clean close."""
+    (tmp_path / "client.py").write_text(EXITING)
+    with running_node(tmp_path / "node") as node:
+        done = subprocess.run(
+            [
+                sys.executable,
+                "client.py",
+                node.spec,
+                node.secret,
+                str(tmp_path / "started"),
+            ],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == "exiting without close()\n"
+        wait_until(lambda: "disconnected" in node.log_text())
+        assert "results kept" not in node.log_text()  # closed, not kept
+    assert default_files(tmp_path, sidecars=True) == []
