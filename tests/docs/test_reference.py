@@ -22,7 +22,13 @@ pytestmark = [
 ]
 
 #: Modules whose ``__all__`` the API reference documents.
-PUBLIC_MODULES = ["dispynb", "dispynb.jupyter", "dispynb.httpd", "dispynb.errors"]
+PUBLIC_MODULES = [
+    "dispynb",
+    "dispynb.joblib_backend",
+    "dispynb.jupyter",
+    "dispynb.httpd",
+    "dispynb.errors",
+]
 
 
 def _page(site: Site, name: str) -> str:

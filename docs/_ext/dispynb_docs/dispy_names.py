@@ -59,8 +59,9 @@ MODULE = [
     Name("logger", differs="A standard `logging` logger named ``dispynb``."),
     Name(
         "recover_jobs",
-        differs="Works (dispy 4.15's raised ``KeyError``); the "
-        "journal is SQLite and holds no secret, so pass the secret again.",
+        differs="Works (dispy 4.15's raised ``KeyError``); with no argument it opens "
+        "the newest default recovery file, as dispy's. The journal holds no secret: "
+        "give it again (or have it in the environment).",
     ),
     Name(
         "httpd",
@@ -165,8 +166,10 @@ JOBCLUSTER = [
     ),
     Name(
         "recover_file",
-        differs="An SQLite journal without the secret; no file "
-        "is written unless you ask for one.",
+        differs="An SQLite journal without the secret. Without it, a script's "
+        "clusters write dispy's default ``_dispy_<time>_<pid>`` (0600, no per-job "
+        "cost); notebooks, interactive sessions and ``LocalCluster`` write none; "
+        "``recover_file=False`` turns it off.",
     ),
 ]
 
