@@ -69,7 +69,9 @@ def dispynb_executor(key: str, blob: bytes, calls: list[Call]) -> list[Outcome]:
     for args, kwargs in calls:
         try:
             outcomes.append((True, fn(*args, **kwargs)))
-        except BaseException as exc:  # the caller's to see, whatever it is
+        except KeyboardInterrupt:
+            raise  # the node stopping the job (cancel, job_timeout): it ends here
+        except BaseException as exc:  # the caller's to see (SystemExit too)
             # Without this frame when there is another: from the user's function.
             tb = exc.__traceback__
             tb = tb.tb_next or tb if tb is not None else None

@@ -168,11 +168,14 @@ class DispynbBackend(AutoBatchingMixin, ParallelBackendBase):
         return out.result()
 
     def abort_everything(self, ensure_ready: bool = True) -> None:
-        """A call raised: cancel the batches that have not started."""
+        """A call raised or ``Parallel``'s timeout passed: cancel the batches not
+        started and terminate the running ones (their CPUs are free at once)."""
         with self._futures_lock:
             futures = list(self._futures)
         for future in futures:
-            future.cancel()
+            job = getattr(future, "job", None)
+            if not future.cancel() and job is not None:
+                self.executor.cluster.cancel(job)  # running: dispy's terminate
 
     def get_nested_backend(self) -> tuple[ParallelBackendBase, int | None]:
         """``Parallel`` inside a job runs sequentially: a job has one CPU."""

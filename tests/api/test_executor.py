@@ -184,6 +184,17 @@ def test_max_tasks_per_child_one_is_a_fresh_process_per_call(local):
         Executor(nodes=local, max_tasks_per_child=5)
 
 
+def test_job_timeout_stops_a_call_with_a_remote_error(local):
+    """The node interrupts a call over job_timeout: the executor does not take the
+    interrupt for the call's own exception."""
+    with Executor(nodes=local, job_timeout=0.5) as ex:
+        future = ex.submit(time.sleep, 30)
+        with pytest.raises(RemoteError) as info:
+            future.result(WAIT)
+    assert future.job.status == dispynb.DispyJob.Terminated
+    assert "0.5" in str(info.value), info.value
+
+
 # -- map -------------------------------------------------------------------------------
 
 
