@@ -222,6 +222,7 @@ class Executor(concurrent.futures.Executor):
         self._lock = threading.RLock()
         self._pending: set[_CallsFuture] = set()
         self._shut = False
+        self._terminate = False  # on close, terminate running jobs (an interrupt)
         self._closed = threading.Event()
 
     @property
@@ -338,7 +339,7 @@ class Executor(concurrent.futures.Executor):
 
     def _close(self) -> None:
         try:
-            self.cluster.close()
+            self.cluster.close(terminate=self._terminate)
         finally:
             if self._local is not None:
                 self._local.close()
@@ -346,8 +347,10 @@ class Executor(concurrent.futures.Executor):
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         """Shut down, waiting for the jobs; an interrupt (Ctrl-C, the notebook's
-        Stop) cancels the jobs not started instead of waiting for them."""
+        Stop) cancels the jobs not started and terminates the running ones instead
+        of waiting for them (as `JobCluster` does)."""
         interrupted = exc_type is not None and not issubclass(exc_type, Exception)
+        self._terminate = self._terminate or interrupted
         self.shutdown(wait=True, cancel_futures=interrupted)
 
     def __repr__(self) -> str:

@@ -376,6 +376,21 @@ def test_shutdown_without_wait_returns_at_once_and_finishes_the_work(local, tmp_
     assert executor._closed.wait(WAIT)
 
 
+def test_an_interrupt_in_the_with_block_terminates_the_running_calls(local, tmp_path):
+    gate = Gate(tmp_path)  # never opened: the calls would hold for WAIT s
+    with pytest.raises(KeyboardInterrupt), Executor(nodes=local) as executor:
+        running = [gate.submit(executor, i) for i in range(2)]
+        queued = executor.submit(mul, 2, 2)
+        for future in running:
+            gate.started(future)
+        raise KeyboardInterrupt  # Ctrl-C, or the notebook's Stop
+    assert queued.cancelled()
+    for future in running:
+        assert future.done()  # terminated, not waited for
+        with pytest.raises(RemoteError):
+            future.result(0)
+
+
 def test_default_executor_starts_and_stops_its_own_local_nodes():
     with Executor(max_workers=1) as executor:
         assert executor.cpus == 1
