@@ -168,6 +168,17 @@ class NodeLauncher(abc.ABC, Generic[Handle]):
         with self._changed:
             return [x.node for x in self._launched if x.node is not None]
 
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """``(host, port)`` of the nodes that registered so far."""
+        return [(node.host, node.port) for node in self.nodes]
+
+    def exited(self) -> list[str]:
+        """``'name: why'`` of each launched node that ended (empty while all run)."""
+        with self._changed:
+            launched = list(self._launched)
+        return [f"{x.name}: {why}" for x in launched if (why := self._reason(x))]
+
     def start(self, count: int | None = None) -> None:
         """Launch ``count`` more nodes (default `default_count`); they register."""
         if self._closed:

@@ -76,6 +76,32 @@ class Session:
             self.probe()
         self._show_in_use()
 
+    def start_ssh(
+        self,
+        hosts: list[str],
+        node_args: list[str],
+        python: str,
+        ssh_options: list[str],
+        options: dict[str, Any],
+    ) -> None:
+        """Start one node server per host over SSH (replacing the current nodes)."""
+        from dispynb.deploy import SSHNodes
+
+        self.close()
+        with friendly_errors(
+            f"%dispy ssh could not start nodes on {' '.join(hosts)}",
+            hint="check that `ssh HOST` works without a prompt and that dispynb is "
+            "installed there for --python",
+        ):
+            self.local = SSHNodes(
+                hosts, python=python, node_args=node_args, ssh_options=ssh_options
+            )
+            self.nodes = self.local
+            self.options = dict(options)
+            self._register_atexit()
+            self.probe()
+        self._show_in_use()
+
     def attach(self, specs: list[str], options: dict[str, Any]) -> None:
         """Use node servers started elsewhere, after checking that they answer."""
         self.close()
@@ -178,9 +204,10 @@ class Session:
             if self.local is not None and self.nodes is self.local:
                 gone = self.local.exited()
                 if gone:
+                    kind = "ssh" if hasattr(self.local, "subscribe") else "local"
                     raise MagicError(
-                        f"the local nodes have exited: {', '.join(gone)}; "
-                        "start new ones with %dispy local"
+                        f"the {kind} nodes have exited: {', '.join(gone)}; "
+                        f"start new ones with %dispy {kind}"
                     )
             return False
         self.start_local(1, None)
@@ -223,7 +250,8 @@ class SessionStatus:
         if self.nodes is None:
             return "no nodes: use %dispy local or %dispy nodes HOST ..."
         if hasattr(self.nodes, "node_specs"):
-            return f"local nodes {', '.join(self.nodes.node_specs())}"
+            kind = "ssh" if hasattr(self.nodes, "subscribe") else "local"
+            return f"{kind} nodes {', '.join(self.nodes.node_specs())}"
         return f"nodes {', '.join(self.nodes)}"
 
     def __repr__(self) -> str:
@@ -266,15 +294,22 @@ class DispyMagics(Magics):
     @magic_arguments()
     @argument(
         "action",
-        choices=["local", "nodes", "status", "panel", "close"],
+        choices=["local", "nodes", "ssh", "status", "panel", "close"],
         help=(
             "local: start node servers on this machine (127.0.0.1, random secret); "
             "nodes: use node servers started elsewhere (dispynb-node), given as "
-            "HOST or HOST:PORT; status: show the nodes and the runs; panel: show "
-            "a live table of the nodes; close: cancel every run and stop local nodes"
+            "HOST or HOST:PORT; ssh: start one node server on each HOST over ssh "
+            "(stopped by close, or when the kernel ends); status: show the nodes "
+            "and the runs; panel: show a live table of the nodes; close: cancel "
+            "every run and stop local nodes"
         ),
     )
-    @argument("hosts", nargs="*", metavar="HOST[:PORT]", help="nodes for 'nodes'")
+    @argument(
+        "hosts",
+        nargs="*",
+        metavar="HOST[:PORT]",
+        help="nodes for 'nodes'; ssh destinations for 'ssh'",
+    )
     @argument(
         "--nodes",
         dest="count",
@@ -288,7 +323,19 @@ class DispyMagics(Magics):
         type=int,
         default=None,
         metavar="N",
-        help="local: CPUs per node (default: this machine's CPUs shared by the nodes)",
+        help="local: CPUs per node (default: this machine's CPUs shared by the "
+        "nodes); ssh: CPUs per node (default: all of each host's)",
+    )
+    @argument(
+        "--python",
+        default="python3",
+        metavar="PATH",
+        help="ssh: the Python with dispynb installed on the hosts (default python3)",
+    )
+    @argument(
+        "--ssh-config",
+        metavar="FILE",
+        help="ssh: an ssh configuration file to use instead of ~/.ssh/config",
     )
     @argument(
         "--secret-file",
@@ -316,6 +363,7 @@ class DispyMagics(Magics):
             %dispy local --nodes 2 --cpus 1          # two local nodes
             %dispy nodes 10.0.0.5 node2:9711 --secret-file ~/.dispynb-secret
             %dispy nodes node1 --cafile ca.pem --secret-file ~/.dispynb-secret
+            %dispy ssh node1 node2 --python /opt/venv/bin/python   # over ssh
             %dispy local --nodes 2 --pulse 2         # load reported every 2 s
             %dispy status                            # nodes and runs (returns a repr)
             %dispy panel                             # live table of the nodes
@@ -328,15 +376,29 @@ class DispyMagics(Magics):
         """
         args = parse_line(self.dispy, line)
         session = self.session
-        if args.action != "nodes" and args.hosts:
+        if args.action not in ("nodes", "ssh") and args.hosts:
             raise UsageError(f"%dispy {args.action} takes no hosts: {args.hosts}")
-        if args.pulse is not None and args.action not in ("local", "nodes"):
-            raise UsageError("--pulse is for %dispy local and %dispy nodes")
+        if args.pulse is not None and args.action not in ("local", "nodes", "ssh"):
+            raise UsageError("--pulse is for %dispy local, nodes and ssh")
         pulse = {} if args.pulse is None else {"pulse_interval": args.pulse}
         if args.action == "local":
             if args.count < 1 or (args.cpus is not None and args.cpus < 1):
                 raise UsageError("--nodes and --cpus must be at least 1")
             session.start_local(args.count, args.cpus, pulse)
+            print(f"dispynb: {session.status()._where()}")
+            return None
+        if args.action == "ssh":
+            if not args.hosts:
+                raise UsageError("%dispy ssh needs at least one HOST")
+            if args.cpus is not None and args.cpus < 1:
+                raise UsageError("--cpus must be at least 1")
+            node_args = [] if args.cpus is None else ["--cpus", str(args.cpus)]
+            ssh_options = (
+                ["-F", os.path.expanduser(args.ssh_config)] if args.ssh_config else []
+            )
+            session.start_ssh(
+                list(args.hosts), node_args, args.python, ssh_options, pulse
+            )
             print(f"dispynb: {session.status()._where()}")
             return None
         if args.action == "nodes":

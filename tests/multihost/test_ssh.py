@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -149,3 +150,61 @@ def test_ssh_nodes_stop_when_the_client_is_killed(
             )
     finally:
         client.stop()
+
+
+MAGIC_CLIENT = """
+import sys
+
+from IPython.core.interactiveshell import InteractiveShell
+from IPython.utils.capture import capture_output
+from traitlets.config import Config
+
+WHERE = "def where(x):\\n    return dispy_node_name\\n"
+
+
+def main(args):
+    config = Config()
+    config.HistoryManager.hist_file = ":memory:"
+    shell = InteractiveShell.instance(config=config)
+    shell.run_line_magic("load_ext", "dispynb")
+    hosts = " ".join(args["hosts"])
+    with capture_output() as started:
+        shell.run_line_magic(
+            "dispy",
+            f"ssh {hosts} --cpus 1 --python {args['python']} "
+            f"--ssh-config {args['config']}",
+        )
+    with capture_output():
+        shell.run_cell_magic("dispy", '--over "range(6)" --into placed', WHERE)
+    names = shell.user_ns["placed"].results
+    with capture_output():
+        shell.run_line_magic("dispy", "close")
+    return {"started": started.stdout, "names": names}
+"""
+
+
+def test_dispy_ssh_magic(
+    network: Network,
+    node_hosts: list[Host],
+    client_host: Host,
+    ssh_setup: sshd.SSHSetup,
+    tmp_path: Path,
+) -> None:
+    """``%dispy ssh HOST ...`` in an IPython shell, then a ``%%dispy`` cell."""
+    hosts = [h.ip for h in node_hosts[:2]]
+    python = tmp_path / "python"  # the hosts' Python: this one, with the repo
+    python.write_text(f'#!/bin/sh\nPYTHONPATH={ROOT} exec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    args = {"hosts": hosts, "python": str(python), "config": str(ssh_setup.config)}
+    client = start_client(network, client_host, tmp_path, MAGIC_CLIENT, args)
+    try:
+        result = client.result(90)
+    finally:
+        client.stop()
+    assert result["started"].startswith("dispynb: ssh nodes ")
+    for ip in hosts:
+        assert ip in result["started"]
+    names = result["names"]
+    assert len(names) == 6 and all(name.startswith("ssh-") for name in names)
+    for host in node_hosts[:2]:
+        assert node_pids(network, host) == []
