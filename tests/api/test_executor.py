@@ -391,6 +391,15 @@ def test_an_interrupt_in_the_with_block_terminates_the_running_calls(local, tmp_
             future.result(0)
 
 
+def test_executor_on_named_nodes_with_their_secret(local):
+    """As with nodes started by hand: name them and give the shared secret."""
+    host, port = local.addresses[0]
+    with Executor(nodes=[f"{host}:{port}"], secret=local.secret) as executor:
+        assert executor.cpus == 2
+        assert list(executor.map(mul, [1, 2, 3], [4, 5, 6])) == [4, 10, 18]
+        assert executor.submit(os.getpid).result(WAIT) != os.getpid()
+
+
 def test_default_executor_starts_and_stops_its_own_local_nodes():
     with Executor(max_workers=1) as executor:
         assert executor.cpus == 1
