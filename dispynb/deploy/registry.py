@@ -6,9 +6,10 @@ proves it is reported as a `RegisteredNode` at the connection's source address; 
 cluster then connects to it and authenticates it like a discovered node. Anybody else
 gets a nonce and a closed connection: never a connection from the client.
 
-Hostile peers: at most `MAX_PENDING` registrations are read at once (more are closed
-at once), each must finish within ``timeout`` seconds and 512 bytes, and failures
-are logged once per source address.
+Hostile peers: at most `MAX_PENDING_PER_SOURCE` registrations per source address and
+`MAX_PENDING` in all are read at once (more are closed at once, so one address cannot
+crowd the nodes out), each must finish within ``timeout`` seconds and 512 bytes, and
+failures are logged once per source address.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ from dispynb.transport.addressing import format_address
 
 logger = logging.getLogger(__name__)
 
-#: Registrations read at once; more connections are closed unread.
-MAX_PENDING = 64
+#: Registrations read at once, in all and per source address; more are closed unread.
+MAX_PENDING = 256
+MAX_PENDING_PER_SOURCE = 8
 #: Seconds a node has to answer the challenge.
 REGISTER_TIMEOUT = 10.0
 #: Source addresses whose failures are remembered (for logging once each).
@@ -91,6 +93,7 @@ class Registrar:
         self.timeout = timeout
         self._server: asyncio.Server | None = None
         self._pending = 0
+        self._pending_by_source: dict[str, int] = {}
         self._warned: set[str] = set()
         self._seen: set[tuple[str, int, bytes]] = set()
 
@@ -117,10 +120,12 @@ class Registrar:
     ) -> None:
         peer = writer.get_extra_info("peername")
         ip = str(peer[0]) if peer else "?"
-        if self._pending >= MAX_PENDING:
+        from_source = self._pending_by_source.get(ip, 0)
+        if self._pending >= MAX_PENDING or from_source >= MAX_PENDING_PER_SOURCE:
             writer.close()
             return
         self._pending += 1
+        self._pending_by_source[ip] = from_source + 1
         try:
             await asyncio.wait_for(self._register(ip, reader, writer), self.timeout)
         except (TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
@@ -129,6 +134,11 @@ class Registrar:
             self._refuse(ip, str(exc))
         finally:
             self._pending -= 1
+            left = self._pending_by_source[ip] - 1
+            if left:
+                self._pending_by_source[ip] = left
+            else:
+                del self._pending_by_source[ip]
             writer.close()
             with contextlib.suppress(OSError, TimeoutError):
                 await asyncio.wait_for(writer.wait_closed(), 1.0)
