@@ -97,9 +97,12 @@ class DispyJob:
     exception:
         The formatted traceback text if the computation raised, else ``None``.
     submit_time, start_time, end_time:
-        Epoch seconds; the last two come from the node when it reports them.
+        Epoch seconds; the last two come from the node: ``start_time`` when the job
+        began executing there (None until then), ``end_time`` when it ended.
     status:
         A `JobStatus`; also available as ``DispyJob.Created`` ... ``DispyJob.Finished``.
+        ``Created`` until the job executes on a node (also while it waits on a node
+        behind other jobs), then ``Running``, ``ProvisionalResult`` and a final one.
     ip_addr:
         Address of the node that ran the job.
     finish:

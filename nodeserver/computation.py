@@ -416,20 +416,30 @@ class Computation:
         accepted after this.
         """
         self._closing = True
-        reason = "the node is shutting down; the job did not start"
-        returned = list(self._queue)
+        self._drop_waiting(RETURNED, "the node is shutting down; the job did not start")
+
+    def cancel_waiting(self) -> None:
+        """Cancel every job that has not started (``close_node``): queued ones and
+        those sent ahead to a busy worker; running jobs go on."""
+        self._drop_waiting(
+            CANCELLED, "cancelled: the node was closed for the computation (close_node)"
+        )
+
+    def _drop_waiting(self, outcome: str, reason: str) -> None:
+        """Report every job that has not started as ``outcome`` (never run)."""
+        dropped = list(self._queue)
         self._queue.clear()
         for worker in self._workers.values():
             for job in list(worker.assigned)[1:]:
                 if not job.reported:
                     job.cancelled = True
-                    returned.append(job)
+                    dropped.append(job)
                     with contextlib.suppress(DispynbError):
                         worker.conn.write(Skip(key=job.key))
-        for job in returned:
+        for job in dropped:
             job.reported = True
             self._report(
-                [job.key, job.attempt, RETURNED, 0.0, 0.0, "", "", reason, 0], []
+                [job.key, job.attempt, outcome, 0.0, 0.0, "", "", reason, 0], []
             )
 
     def _interrupt(

@@ -527,6 +527,8 @@ class ClientSession:
         if computation is None:
             self._write(ComputationClosed(comp_id=message.comp_id))
             return
+        if message.cancel_waiting and not message.terminate:
+            computation.cancel_waiting()
         self._spawn(self._close(computation, message.terminate))
 
     async def _close(self, computation: Computation, terminate: bool) -> None:

@@ -262,10 +262,15 @@ class ComputationFailed(WireMessage):
 
 @message("computation-close")
 class ComputationClose(WireMessage):
-    """Client -> node: close the computation; ``terminate`` kills running jobs."""
+    """Client -> node: close the computation; ``terminate`` kills running jobs.
+
+    ``cancel_waiting``: jobs that have not started are cancelled, not run
+    (``close_node``); running ones finish unless ``terminate``.
+    """
 
     comp_id: int
     terminate: bool = False
+    cancel_waiting: bool = False
 
 
 @message("computation-closed")

@@ -114,7 +114,6 @@ class NodeLink:
     reads_seen: int = 0  # its connection's reads when the watchdog last looked
     leaving: bool = False  # it handed jobs back: it shuts down
     releasing: bool = False  # close_node: once closed it leaves, not to come back
-    started: set[int] = field(default_factory=set)  # keys of jobs executing there
 
 
 #: ``allocate(welcome, peer_ip) -> (cpus, bundle, files)`` (see `Driver.add_node`).
@@ -451,25 +450,26 @@ class Driver:
     def close_node(self, node_id: str, terminate: bool, release: bool = True) -> bool:
         """Close the computation on one node (after its jobs, unless ``terminate``).
 
-        Jobs pinned to the node and not sent yet, and jobs sent that have not started
-        there, are cancelled (as in dispy, where a node holds only running jobs).
-        With ``release`` the
-        node then leaves the cluster for good: the connection is closed and never
-        made again (dispy's ``close_node``); `add_node` brings it back.
+        Jobs pinned to the node and not sent yet are cancelled here; the node
+        cancels the jobs it holds that have not started (as in dispy, where a node
+        holds only running jobs). With ``release`` the node then leaves the cluster
+        for good: the connection is closed and never made again (dispy's
+        ``close_node``); `add_node` brings it back.
         """
         link = self.nodes.get(node_id)
         if link is None or link.conn is None or not link.ready:
             return False
         self.set_cpus(node_id, 0)
-        waiting = [
-            key for key in self.state.running_keys(node_id) if key not in link.started
-        ]
-        for key in [*self.state.pinned_keys(node_id), *waiting]:
+        for key in self.state.pinned_keys(node_id):
             self._apply(self.state.handle(CancelRequested(key)))
         link.releasing = release
         with contextlib.suppress(DispynbError):
             link.conn.write(
-                ComputationClose(comp_id=self.config.comp_id, terminate=terminate)
+                ComputationClose(
+                    comp_id=self.config.comp_id,
+                    terminate=terminate,
+                    cancel_waiting=True,  # the node cancels what has not started
+                )
             )
         return True
 
@@ -486,7 +486,6 @@ class Driver:
         self._apply(self.state.handle(NodeLeft(link.node_id)), lost_reason="re-setup")
         self.events.node_closed(link, "set up again")  # ``resetting`` still True
         link.resetting = False
-        link.started.clear()
         self._connecting += 1
         link.setting_up = True
         try:
@@ -742,7 +741,6 @@ class Driver:
                 continue  # stale: an old attempt or a node we already gave up on
             instructions.extend(accepted[1:])
             self._jobs.pop(key, None)
-            link.started.discard(key)
             result = None
             if outcome == FINISHED and result_buffers is None:
                 outcome, exception = CRASHED, "the result arrived incomplete"
@@ -772,7 +770,6 @@ class Driver:
         """A job began executing on the node (``[key, attempt, time, before]``)."""
         key, attempt, when = start[0], start[1], start[2]
         if self.state.is_running(key, attempt, link.node_id):  # else: stale, or done
-            link.started.add(key)
             self.events.job_running(key, link, when)
 
     def _on_chunk(
