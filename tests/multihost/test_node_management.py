@@ -67,6 +67,12 @@ def main(args):
         out["nodes_after_close"] = wait_nodes(cluster, 2, "still released")
         out["allocate_node"] = cluster.allocate_node(args["close"])
         out["back"] = wait_nodes(cluster, 3, "allocate_node")
+        deadline = time.monotonic() + 30  # callbacks run on their own thread, later
+        while time.monotonic() < deadline:
+            with lock:
+                if sum(status == 4 for status, _ip in events) >= 4:
+                    break
+            time.sleep(0.01)
         with lock:
             out["events"] = list(events)
         return out
