@@ -137,7 +137,8 @@ class Session:
 
         cluster = JobCluster(
             _dispynb_node_probe, nodes=self.nodes,
-            cluster_status=self.panel.cluster_status, **self.options,
+            cluster_status=self.panel.cluster_status,
+            **{**self.options, "recover_file": False},  # a probe leaves no journal
         )  # fmt: skip
         cluster.close()
 

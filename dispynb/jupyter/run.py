@@ -231,6 +231,9 @@ class Run:
             if isinstance(progress, ProgressBar)
             else make_progress(progress, title=label)
         )
+        # A run belongs to its kernel: when the kernel dies its jobs should free the
+        # nodes, not wait an hour for a recover_jobs() that never comes.
+        options.setdefault("recover_file", False)
         run.attach(
             JobCluster(
                 computation,
