@@ -84,3 +84,12 @@ def test_nodes_that_cannot_start_give_a_clear_error() -> None:
             LaunchError, match=r"did not register.*exited with status 2"
         ):
             nodes.node_specs()
+
+
+def test_executor_on_launched_nodes() -> None:
+    from dispynb import Executor
+
+    with LocalProcesses() as nodes:
+        nodes.start(2)
+        with Executor(nodes=nodes) as executor:
+            assert list(executor.map(abs, [-1, -2, -3])) == [1, 2, 3]

@@ -1,0 +1,43 @@
+"""`SSHNodes`' arguments and the command it runs remotely (no ssh started)."""
+
+from __future__ import annotations
+
+import shlex
+
+import pytest
+
+from dispynb.deploy import SSHNodes
+from dispynb.errors import ConfigurationError
+
+
+def test_remote_command_holds_no_secret_and_quotes_everything() -> None:
+    nodes = SSHNodes(
+        ["h1"],
+        python="/opt/my venv/bin/python",
+        env={"PYTHONPATH": "/a b;rm -rf /"},
+        node_args=["--cpus", "2"],
+        secret="top-secret-value-0123456789abcdef",
+        start=False,
+    )
+    try:
+        command = nodes.remote_command("ssh-0-abc", "10.0.0.1:4000")
+        assert b"top-secret" not in command.encode()
+        argv = shlex.split(command)
+        assert argv[:2] == ["env", "PYTHONPATH=/a b;rm -rf /"]
+        assert argv[2:5] == ["/opt/my venv/bin/python", "-m", "nodeserver"]
+        assert "--secret-stdin" in argv and argv[-2:] == ["--cpus", "2"]
+        assert argv[argv.index("--register") + 1] == "10.0.0.1:4000"
+        assert argv[argv.index("--parent-pipe") + 1] == "0"
+    finally:
+        nodes.close()
+
+
+@pytest.mark.parametrize("hosts", [[], ["-oProxyCommand=x"], ["a b"], [""]])
+def test_bad_hosts_are_refused(hosts: list[str]) -> None:
+    with pytest.raises(ConfigurationError):
+        SSHNodes(hosts, start=False)
+
+
+def test_a_secret_with_a_newline_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="newline"):
+        SSHNodes(["h1"], secret="two\nlines", start=False)
