@@ -24,6 +24,7 @@ pytestmark = [
 #: Modules whose ``__all__`` the API reference documents.
 PUBLIC_MODULES = [
     "dispynb",
+    "dispynb.deploy",
     "dispynb.joblib_backend",
     "dispynb.jupyter",
     "dispynb.httpd",
