@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import gc
 import importlib
 import logging
@@ -52,6 +51,7 @@ from nodeserver.containment import (
     find_pids_root,
     join_new_cgroup,
     kill_group,
+    load_prctl,
     remove_cgroup,
     sweep_stale_cgroups,
 )
@@ -170,7 +170,7 @@ class Computation:
             )
         self._cgroups: dict[int, str] = {}
         self._kill_reasons: dict[int, str] = {}
-        self._prctl = _load_prctl()
+        self._prctl = load_prctl()
         self._wake_r = self._wake_w = -1
         self._selector = selectors.DefaultSelector()
 
@@ -531,19 +531,6 @@ def _flush_std() -> None:
                 stream.flush()
         except (OSError, ValueError):  # closed by the user's code: nothing to lose
             pass
-
-
-def _load_prctl() -> Callable[..., int] | None:
-    """libc's prctl on Linux (for ``PR_SET_PDEATHSIG``), else None."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    prctl.argtypes = [ctypes.c_int, *[ctypes.c_ulong] * 4]
-    prctl.restype = ctypes.c_int
-    return prctl
 
 
 #: Socket buffer size asked for worker channels: large arguments then flow while

@@ -46,7 +46,8 @@ NO_CGROUP_ENV = "DISPYNB_PIDS_CGROUP"
 _CGROUP_EMPTY_WAIT = 2.0
 
 
-def _prctl() -> Callable[..., int] | None:
+def load_prctl() -> Callable[..., int] | None:
+    """libc's prctl on Linux (``PR_SET_PDEATHSIG``, ``PR_SET_CHILD_SUBREAPER``)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -62,7 +63,7 @@ def become_group_leader() -> None:
     """In a new worker: lead a process group of its own, and adopt orphans."""
     with contextlib.suppress(OSError):
         os.setpgid(0, 0)
-    prctl = _prctl()
+    prctl = load_prctl()
     if prctl is not None:
         prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
