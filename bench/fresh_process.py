@@ -4,8 +4,9 @@
 
 Starts one LocalCluster (CPUs: the machine's), then for each round runs ``--jobs``
 trivial jobs with reused workers and with ``fresh_process=True``, back to back, and
-prints jobs per second for each. Loopback only. A quick check for the README's
-figures when the full benchmark (bench/run.py) cannot run on a quiet machine.
+prints jobs per second for each. Loopback only. A quick check for the figures in
+docs/explanation/fault-tolerance.md when the full benchmark (bench/run.py) cannot
+run on a quiet machine.
 """
 
 from __future__ import annotations

@@ -117,8 +117,8 @@ def test_add_cluster_after_shutdown_is_a_clear_error(cluster: JobCluster) -> Non
 
 def test_dispy_httpd_program_with_the_one_extra_line(local: LocalCluster) -> None:
     """dispy's httpd example with ``import dispy`` changed: its ``import dispy.httpd``
-    becomes ``import dispynb.httpd`` (README), and ``dispy.httpd.DispyHTTPServer``
-    works unchanged."""
+    becomes ``import dispynb.httpd`` (the migration guide), and
+    ``dispy.httpd.DispyHTTPServer`` works unchanged."""
     import dispynb as dispy
     import dispynb.httpd  # was: import dispy.httpd
 

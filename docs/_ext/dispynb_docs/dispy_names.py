@@ -399,7 +399,8 @@ NODE_OPTIONS = [
         sample=("-i", "127.0.0.1"),
         meaning="interface to use (repeatable)",
         note="Listens on each (one port); discovery on the non-loopback ones; a "
-        "non-loopback address needs a secret or TLS.",
+        "non-loopback address needs a secret or TLS. dispy's older ``--ip_addr`` "
+        "works too.",
         missing="Use ``--host``.",
     ),
     Name(

@@ -1,0 +1,59 @@
+"""The README is one screen for a newcomer: its links lead somewhere, and its script
+example runs as printed."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+README = ROOT / "README.md"
+
+#: "What a newcomer needs on one screen", give or take a scroll.
+MAX_LINES = 80
+
+
+def _links(text: str) -> list[str]:
+    return re.findall(r"\]\(([^)\s]+)\)", text)
+
+
+def test_readme_fits_on_a_screen() -> None:
+    lines = README.read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= MAX_LINES, f"README.md has {len(lines)} lines"
+
+
+def test_readme_links_lead_to_files_of_the_repository() -> None:
+    text = README.read_text(encoding="utf-8")
+    broken = []
+    for link in _links(text):
+        if link.startswith(("http://", "https://", "#", "mailto:")):
+            continue
+        path = ROOT / link.split("#", 1)[0]
+        if not path.exists():
+            broken.append(link)
+    assert _links(text), "the README links into the documentation"
+    assert not broken, f"README links to missing files: {broken}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_readme_script_example_runs(tmp_path: Path) -> None:
+    """The first Python block (the script example) runs and prints its results."""
+    text = README.read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    script = next(b for b in blocks if "__main__" in b)
+    path = tmp_path / "example.py"
+    path.write_text(script, encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip(), "the example prints its results"
