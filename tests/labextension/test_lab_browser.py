@@ -511,5 +511,13 @@ def test_lab_stop(lab: Lab) -> None:  # collected only in the namespace: conftes
         _wait_prompt(page, 3, "[4]:")
         printed = cells.nth(3).locator(".jp-OutputArea").inner_text()
         assert "[0, 1, 4, 9] 0 40" in printed, printed
-        names = page.locator(f"{PANEL} .dispynb-cluster-name").all_inner_texts()
-        assert sorted(names) == ["slow (closed)", "square (closed)"], names
+        # The panel is pushed at most 4 times a second: wait for the square card.
+        want = ["slow (closed)", "square (closed)"]
+        names: list[str] = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            names = page.locator(f"{PANEL} .dispynb-cluster-name").all_inner_texts()
+            if sorted(names) == want:
+                break
+            page.wait_for_timeout(100)
+        assert sorted(names) == want, names
