@@ -127,8 +127,10 @@ class LoadFailure(Exception):
         self.traceback = traceback
 
 
-class Computation:
-    """A loaded computation: its functions, and the workers forked to run it.
+class ComputationProcess:
+    """The computation process's side of a computation (the node server's side is
+    `nodeserver.computation.Computation`): its functions, and the workers forked to
+    run it.
 
     Parameters
     ----------
@@ -406,7 +408,7 @@ class Computation:
 # --- loading -----------------------------------------------------------------------
 
 
-def load_computation(control: MessageSocket) -> Computation:
+def load_computation(control: MessageSocket) -> ComputationProcess:
     """Receive `Load`, enter the job directory, unpickle the bundle and run setup.
 
     Raises `LoadFailure` (to be sent as `LoadFailed`), or `ConnectionClosedError`.
@@ -451,7 +453,7 @@ def load_computation(control: MessageSocket) -> Computation:
     setup = bundle.get("setup")
     if setup is not None:
         run_setup(setup, tuple(bundle.get("setup_args") or ()))
-    return Computation(control, message, bundle)
+    return ComputationProcess(control, message, bundle)
 
 
 def _check_bundle(bundle: Any) -> None:

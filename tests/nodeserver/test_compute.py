@@ -594,3 +594,14 @@ def test_compute_shutdown_read_ahead_with_load_is_not_missed(node):
     server.control.send(Shutdown())
     server.expect(Loaded)
     assert server.proc.wait(TIMEOUT) == 0
+
+
+def test_each_side_of_a_computation_has_its_own_class_name():
+    """The computation process's class and the node server's are told apart by name
+    (both were ``Computation``), so a traceback or a log says which side it is."""
+    import nodeserver.computation as computation
+    import nodeserver.compute as compute
+
+    assert not hasattr(compute, "Computation")
+    assert compute.ComputationProcess.__module__ == "nodeserver.compute"
+    assert computation.Computation.__module__ == "nodeserver.computation"
