@@ -12,6 +12,7 @@
      |    +-- ConnectionClosedError
      |    +-- ConnectTimeoutError
      +-- ConfigurationError       invalid options given by the user
+     |    +-- NotSupportedError   a feature the cluster's engine does not provide
      +-- ClusterError
      |    +-- NoNodesError
      |    +-- NodeLostError
@@ -70,6 +71,11 @@ class ConnectTimeoutError(TransportError):
 
 class ConfigurationError(DispynbError, ValueError):
     """An option given by the user is invalid; the message says how to fix it."""
+
+
+class NotSupportedError(ConfigurationError):
+    """The cluster's engine cannot do what was asked (``JobCluster(engine=...)``):
+    the message names the engine and the feature, and what to use instead."""
 
 
 class ClusterError(DispynbError):

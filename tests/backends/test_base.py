@@ -1,0 +1,32 @@
+"""The seam's own rules: feature names and the error for a missing feature."""
+
+from __future__ import annotations
+
+import pytest
+
+from dispynb.backends import base
+from dispynb.errors import ConfigurationError, NotSupportedError
+
+
+class _Engine:
+    name = "toy"
+    features = frozenset({base.SUBMIT_NODE})
+
+
+def test_every_feature_constant_is_listed_once() -> None:
+    names = [
+        getattr(base, attr)
+        for attr in base.__all__
+        if attr.isupper() and attr != "ALL_FEATURES"
+    ]
+    assert sorted(names) == sorted(base.ALL_FEATURES)
+
+
+def test_require_names_engine_feature_and_way_out() -> None:
+    base.require(_Engine(), base.SUBMIT_NODE, "submit_node")  # declared: no error
+    with pytest.raises(NotSupportedError) as raised:
+        base.require(_Engine(), base.SETUP, "setup=")
+    message = str(raised.value)
+    assert "setup=" in message and "'toy'" in message and "'setup'" in message
+    assert "engine=None" in message
+    assert isinstance(raised.value, ConfigurationError)
