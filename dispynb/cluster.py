@@ -974,8 +974,8 @@ class JobCluster:
         self.close(terminate=exc_type is not None)
 
     def _repr_html_(self) -> str:
-        """Rich display in notebooks (the HTML lives in the Jupyter layer)."""
-        from dispynb.jupyter.display import cluster_html
+        """Rich display in notebooks (`dispynb.reprs`)."""
+        from dispynb.reprs import cluster_html
 
         return cluster_html(self)
 

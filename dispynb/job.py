@@ -206,8 +206,8 @@ class DispyJob:
         return f"<DispyJob id={self.id!r} status={status}>"
 
     def _repr_html_(self) -> str:
-        """Rich display in notebooks (the HTML lives in the Jupyter layer)."""
-        from dispynb.jupyter.display import job_html
+        """Rich display in notebooks (`dispynb.reprs`)."""
+        from dispynb.reprs import job_html
 
         return job_html(self)
 
