@@ -58,7 +58,13 @@ from dispynb.protocol.framing import Buffer
 from dispynb.protocol.messages import Welcome
 from dispynb.recovery import acquire_default_journal, release_default_journal
 from dispynb.scheduler.driver import Allocator, Driver, DriverConfig, NodeLink, Outcome
-from dispynb.status import ClusterStatus, format_status, status_of
+from dispynb.status import (
+    ClusterStatus,
+    NodeWork,
+    Workload,
+    format_status,
+    status_of,
+)
 from dispynb.transport.addressing import format_address, parse_address
 from dispynb.transport.tls import client_context
 
@@ -214,6 +220,7 @@ class JobCluster:
         # in its ``busy``.
         self._executing: dict[int, DispyNode] = {}
         self._node_errors: list[DispynbError] = []
+        self._launcher: Any = None  # a launcher (dispynb.deploy) it subscribed to
         self._closed = False
         self._max_job_size = MAX_MESSAGE_SIZE
         #: Epoch seconds the cluster was created, and the last time every job
@@ -303,7 +310,8 @@ class JobCluster:
         if not callable(subscribe):
             return
         self._on_loop(setattr, self._driver, "discovering", True)
-        subscribe(self._use_registered_node)
+        subscribe(self._use_registered_node, cluster=self)
+        self._launcher = nodes
 
     def _use_registered_node(self, ip: str, port: int) -> None:
         """A launched node registered: connect to it (on the I/O loop)."""
@@ -900,6 +908,23 @@ class JobCluster:
         """The cluster's nodes and the number of jobs not yet done."""
         return ClusterStatus(list(self._nodes.values()), self._outstanding)
 
+    def workload(self) -> Workload:
+        """Jobs waiting for a node and each node's load (launchers' ``adapt`` reads
+        it to grow and shrink the nodes; `close_node` drains one)."""
+        if self._closed:
+            return Workload(0, {})
+        workload: Workload = self._on_loop(self._workload)
+        return workload
+
+    def _workload(self) -> Workload:
+        state = self._driver.state
+        nodes = {}
+        for info in state.nodes:
+            node = self._nodes.get(info.node)
+            done = node.jobs_done if node is not None else 0
+            nodes[info.node] = NodeWork(info.cpus, info.running, done)
+        return Workload(max(0, self._outstanding - state.running_count), nodes)
+
     def print_status(self, wall_time: float | None = None) -> None:
         """Print dispy's per-node table of jobs, times and traffic."""
         self._update_traffic()
@@ -940,6 +965,8 @@ class JobCluster:
             return
         self._closed = True
         _live.pop(self._driver.config.comp_id, None)
+        if self._launcher is not None:
+            self._launcher.unsubscribe(self._use_registered_node)
         try:
             self._update_traffic()
             if self._finder is not None:

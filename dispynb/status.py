@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 from dispynb.job import JobStatus
@@ -22,6 +23,28 @@ class ClusterStatus(NamedTuple):
 
     nodes: list[DispyNode]
     jobs_pending: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NodeWork:
+    """One node's load, as `JobCluster.workload` reports it."""
+
+    #: CPUs the cluster uses on the node (0 once it stopped sending it jobs).
+    cpus: int
+    #: Jobs sent to the node and not yet done (running, or waiting there for a CPU).
+    jobs: int
+    #: Jobs the node finished for the cluster so far.
+    done: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Workload:
+    """What a launcher's ``adapt`` reads from a cluster (`JobCluster.workload`)."""
+
+    #: Jobs submitted and not yet sent to any node.
+    waiting: int
+    #: The nodes set up for the cluster, by ``'host:port'``.
+    nodes: dict[str, NodeWork]
 
 
 def format_status(

@@ -70,7 +70,8 @@ class Registrar:
     on_registered:
         Called (on the loop) with each node that registered with a valid proof.
     host, port:
-        Where to listen (default: every address, a free port).
+        Where to listen (default: every IPv4 and IPv6 address, one free port for
+        both; an IPv6 address such as ``'::1'`` listens on IPv6 only).
     timeout:
         Seconds a node has to complete its registration.
     """
@@ -80,7 +81,7 @@ class Registrar:
         secret: bytes,
         on_registered: Callable[[RegisteredNode], None],
         *,
-        host: str = "0.0.0.0",
+        host: str | None = None,
         port: int = 0,
         timeout: float = REGISTER_TIMEOUT,
     ) -> None:
@@ -91,7 +92,7 @@ class Registrar:
         self.host = host
         self.port = port
         self.timeout = timeout
-        self._server: asyncio.Server | None = None
+        self._servers: list[asyncio.Server] = []
         self._pending = 0
         self._pending_by_source: dict[str, int] = {}
         self._warned: set[str] = set()
@@ -99,21 +100,34 @@ class Registrar:
 
     async def start(self) -> int:
         """Start listening; return the bound port."""
-        self._server = await asyncio.start_server(
-            self._handle, self.host, self.port, limit=MAX_MESSAGE + 2
+        first = "0.0.0.0" if self.host is None else self.host
+        server = await asyncio.start_server(
+            self._handle, first, self.port, limit=MAX_MESSAGE + 2
         )
-        self.port = self._server.sockets[0].getsockname()[1]
+        self._servers.append(server)
+        self.port = server.sockets[0].getsockname()[1]
+        if self.host is None:
+            # The same port on IPv6 too (asyncio makes it IPv6-only), so a node
+            # told an IPv6 address of this machine reaches it; none without IPv6.
+            try:
+                server = await asyncio.start_server(
+                    self._handle, "::", self.port, limit=MAX_MESSAGE + 2
+                )
+            except OSError as exc:
+                logger.debug("no IPv6 registration listener: %s", exc)
+            else:
+                self._servers.append(server)
         logger.info(
             "listening for node registrations on %s",
-            format_address(self.host, self.port),
+            format_address(self.host or "*", self.port),
         )
         return self.port
 
     def close(self) -> None:
         """Stop listening; idempotent."""
-        if self._server is not None:
-            self._server.close()
-            self._server = None
+        servers, self._servers = self._servers, []
+        for server in servers:
+            server.close()
 
     async def _handle(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter

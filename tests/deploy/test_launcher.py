@@ -5,8 +5,11 @@ elsewhere."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import subprocess
 import sys
+import time
+import weakref
 
 import pytest
 
@@ -20,16 +23,27 @@ pytestmark = pytest.mark.slow
 class LocalProcesses(NodeLauncher[asyncio.subprocess.Process]):
     """Nodes as local processes, the secret on their stdin."""
 
-    def __init__(self, *, extra: tuple[str, ...] = (), **kwargs: object) -> None:
+    def __init__(
+        self,
+        *,
+        extra: tuple[str, ...] = (),
+        host: str = "127.0.0.1",
+        register_host: str | None = "127.0.0.1",
+        **kwargs: object,
+    ) -> None:
         self.extra = extra
-        super().__init__(register_host="127.0.0.1", **kwargs)  # type: ignore[arg-type]
+        self.host = host  # where the nodes listen, and register from
+        super().__init__(register_host=register_host, **kwargs)  # type: ignore[arg-type]
+
+    async def _register_to(self, index: int) -> str:
+        return self.host
 
     async def _launch(
         self, index: int, name: str, register_to: str
     ) -> asyncio.subprocess.Process:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "nodeserver", "--secret-stdin", "--parent-pipe",
-            "0", "--register", register_to, "--name", name, "--host", "127.0.0.1",
+            "0", "--register", register_to, "--name", name, "--host", self.host,
             "--port", "0", "--no-discovery", "--cpus", "1", *self.extra,
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL, env=node_env(),
@@ -93,3 +107,46 @@ def test_executor_on_launched_nodes() -> None:
         nodes.start(2)
         with Executor(nodes=nodes) as executor:
             assert list(executor.map(abs, [-1, -2, -3])) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("register_host", ["::1", None])
+def test_nodes_register_over_ipv6(register_host: str | None) -> None:
+    """Nodes told to register with ``[::1]:PORT`` (the listener on ``::1``, or the
+    default one on every address of both families) run the cluster's jobs."""
+    with LocalProcesses(host="::1", register_host=register_host) as nodes:
+        nodes.start(1)
+        assert nodes.node_specs() == [f"[::1]:{nodes.nodes[0].port}"]
+        with JobCluster(square, nodes=nodes) as cluster:
+            assert [cluster.submit(i)() for i in range(3)] == [0, 1, 4]
+            assert [n.ip_addr for n in cluster.status().nodes] == ["::1"]
+
+
+def test_unsubscribe_stops_the_callbacks_and_a_closed_cluster_unsubscribes() -> None:
+    with LocalProcesses() as nodes:
+        seen: list[tuple[str, int]] = []
+        nodes.subscribe(lambda host, port: seen.append((host, port)))
+        gone: list[tuple[str, int]] = []
+
+        def unsubscribed(host: str, port: int) -> None:
+            gone.append((host, port))
+
+        nodes.subscribe(unsubscribed)
+        nodes.start(1)
+        nodes.wait_for(1, timeout=30)
+        nodes.unsubscribe(unsubscribed)
+        nodes.unsubscribe(unsubscribed)  # unknown now: ignored
+        nodes.start(1)
+        nodes.wait_for(2, timeout=30)
+        assert len(gone) == 1
+        deadline = time.monotonic() + 30
+        while len(seen) < 2 and time.monotonic() < deadline:  # on the I/O loop
+            time.sleep(0.05)
+        assert sorted(seen) == sorted(nodes.addresses)
+        # A cluster subscribes while open; closed, it is no longer held (nor called).
+        cluster = JobCluster(square, nodes=nodes)
+        assert cluster.submit(3)() == 9
+        cluster.close()
+        ref = weakref.ref(cluster)
+        del cluster
+        gc.collect()
+        assert ref() is None

@@ -22,6 +22,7 @@ from dispynb.protocol.registration import (
     sign,
     verify,
 )
+from dispynb.transport.addressing import format_address
 from tests.asyncutil import run
 from tests.nodeproc import node_env
 
@@ -130,16 +131,27 @@ def test_silent_peer_times_out_and_others_still_register() -> None:
 
 
 @pytest.mark.slow
-def test_node_registers_and_stops_when_stdin_closes() -> None:
+@pytest.mark.parametrize(
+    ("listen", "client"),
+    [
+        ("127.0.0.1", "127.0.0.1"),
+        ("::1", "::1"),  # IPv6: dispynb-node --register [::1]:PORT
+        (None, "::1"),  # the default listener: IPv4 and IPv6 on one port
+        (None, "127.0.0.1"),
+    ],
+)
+def test_node_registers_and_stops_when_stdin_closes(
+    listen: str | None, client: str
+) -> None:
     """A real ``dispynb-node --register`` with the secret on stdin."""
     found: list[RegisteredNode] = []
 
     async def scenario() -> None:
-        registrar = Registrar(SECRET, found.append, host="127.0.0.1")
+        registrar = Registrar(SECRET, found.append, host=listen)
         port = await registrar.start()
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "nodeserver", "--secret-stdin", "--parent-pipe",
-            "0", "--register", f"127.0.0.1:{port}", "--host", "127.0.0.1",
+            "0", "--register", format_address(client, port), "--host", client,
             "--port", "0", "--no-discovery", "--name", "launched-1", "--cpus", "1",
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE, env=node_env(),
@@ -151,7 +163,8 @@ def test_node_registers_and_stops_when_stdin_closes() -> None:
                 assert proc.returncode is None
                 await asyncio.sleep(0.05)
             node = found[0]
-            assert (node.name, node.cpus, node.host) == ("launched-1", 1, "127.0.0.1")
+            assert (node.name, node.cpus, node.host) == ("launched-1", 1, client)
+            assert node.spec == format_address(client, node.port)
             # The node listens where it registered (connectable).
             _, writer = await asyncio.open_connection(node.host, node.port)
             writer.close()
