@@ -1,4 +1,4 @@
-"""Launchers: node servers started where people's machines are (SSH today).
+"""Launchers: node servers started where people's machines are (SSH, SLURM).
 
 Every launcher fulfils `NodeLauncher` (`dispynb.deploy.base`): it starts nodes that
 register with this process (``dispynb-node --register``) and is given to a cluster as
@@ -7,6 +7,14 @@ register with this process (``dispynb-node --register``) and is given to a clust
 
 from dispynb.deploy.base import LaunchError, NodeLauncher
 from dispynb.deploy.registry import RegisteredNode, Registrar
+from dispynb.deploy.slurm import SlurmNodes
 from dispynb.deploy.ssh import SSHNodes
 
-__all__ = ["LaunchError", "NodeLauncher", "RegisteredNode", "Registrar", "SSHNodes"]
+__all__ = [
+    "LaunchError",
+    "NodeLauncher",
+    "RegisteredNode",
+    "Registrar",
+    "SSHNodes",
+    "SlurmNodes",
+]

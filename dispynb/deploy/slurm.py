@@ -1,0 +1,496 @@
+"""`SlurmNodes`: node servers submitted to SLURM as batch jobs.
+
+Each node is one batch job (``sbatch``) of one task: the node server serves the CPUs
+SLURM gave the job (``--cpus-per-task``) within its memory (``--mem``, enforced by
+SLURM), until the walltime, `scale` or `close` (``scancel``) ends it. Partition,
+account, walltime and any other ``#SBATCH`` directive are options; `job_script`
+shows the script.
+
+How the secret reaches the node without a command line or a world-readable file:
+``sbatch`` reads the script on its standard input and gets the secret in its own
+environment (``DISPYNB_LAUNCH_SECRET``), which SLURM keeps with the job as it keeps
+every job's environment (``--export=ALL``, SLURM's default): in slurmctld's state
+directory, readable by the SLURM user and root only, then in the memory of the
+job's processes, whose environment only their own user and root can read. The
+script holds no secret; it pipes the variable to the node's standard input
+(``--secret-stdin``, ``printf`` being a shell built-in: no command line) after
+removing it from the node's environment, so the node's jobs never see it. SLURM's
+RPCs are signed with MUNGE but not encrypted: the environment crosses the cluster
+network in clear, as every job's does. Where that is not acceptable, give
+``secret_file=`` (a file of mode 600 in a shared home directory): the node then reads
+``--secret-file`` and the secret never goes through SLURM.
+
+The nodes register with this process (``--register``) at the local address that
+routes to slurmctld (the compute nodes reach the login node through the cluster's
+network), unless ``register_host`` says otherwise.
+
+When SLURM ends a node's job (walltime, preemption, a failed compute node), SLURM
+sends the node SIGTERM then SIGKILL (after ``KillWait``): the cluster loses the
+node as any lost node, its reentrant jobs are resubmitted to the other nodes, and
+`exited` says why (``TIMEOUT``...).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import shlex
+import subprocess
+import sys
+import weakref
+from collections.abc import Mapping, Sequence
+
+from dispynb.deploy.base import REGISTER_WAIT, LaunchError, NodeLauncher, route_address
+from dispynb.errors import ConfigurationError
+
+logger = logging.getLogger(__name__)
+
+#: The environment variable that carries the secret to the batch script.
+SECRET_VARIABLE = "DISPYNB_LAUNCH_SECRET"
+#: Seconds between two ``squeue`` calls that follow the jobs' states.
+POLL_INTERVAL = 2.0
+#: Seconds `close` waits for SLURM to end the jobs it cancelled.
+STOP_WAIT = 60.0
+#: Seconds a SLURM command may take.
+COMMAND_TIMEOUT = 60.0
+#: Job states after which a job runs no more (``squeue --states=all``).
+ENDED = frozenset(
+    {
+        "BOOT_FAIL",
+        "CANCELLED",
+        "COMPLETED",
+        "DEADLINE",
+        "FAILED",
+        "NODE_FAIL",
+        "OUT_OF_MEMORY",
+        "PREEMPTED",
+        "REVOKED",
+        "SPECIAL_EXIT",
+        "TIMEOUT",
+    }
+)
+
+_SIZE = re.compile(r"[0-9]+[KMGT]?", re.IGNORECASE)
+_TIME = re.compile(r"[0-9]+(?:-[0-9]+)?(?::[0-9]+){0,2}|INFINITE|UNLIMITED")
+_WORD = re.compile(r"[^\s'\"\\;&|<>`$]+")
+
+
+class SlurmJob:
+    """One batch job running (or waiting to run) a node server."""
+
+    def __init__(self, name: str, job_id: str) -> None:
+        self.name = name
+        self.job_id = job_id
+        #: SLURM's last reported state (``PENDING``, ``RUNNING``, ``TIMEOUT``...).
+        self.state = "PENDING"
+        #: SLURM's reason for the state (``Resources``, ``None``...).
+        self.reason = ""
+
+    @property
+    def ended(self) -> bool:
+        return self.state in ENDED or self.state == "UNKNOWN"
+
+    def __repr__(self) -> str:
+        return f"<SlurmJob {self.job_id} {self.name} {self.state}>"
+
+
+class SlurmNodes(NodeLauncher[SlurmJob]):
+    """Node servers as SLURM batch jobs; use as ``JobCluster(nodes=...)``.
+
+    Parameters
+    ----------
+    count:
+        Nodes (batch jobs) to submit now; `scale` changes it later.
+    cpus:
+        CPUs per node (``--cpus-per-task``); default: SLURM's (often 1).
+    memory:
+        Memory per node (``--mem``: ``'4G'``, ``'500M'``, an int in MB); default:
+        the partition's.
+    walltime:
+        Time limit per node (``--time``: ``'1:00:00'``, ``'2-0'``, an int in
+        minutes); default: the partition's.
+    partition, account:
+        ``--partition`` and ``--account``.
+    directives:
+        More ``sbatch`` options, one per ``#SBATCH`` line (``['--gres=gpu:1',
+        '--qos=short']``).
+    python:
+        The Python that runs ``-m nodeserver`` on the compute nodes (default: this
+        one, as on a shared file system).
+    node_args:
+        More ``dispynb-node`` options.
+    env:
+        Environment variables for the nodes (given to ``sbatch`` in its
+        environment, never on its command line).
+    log_directory:
+        Where the jobs' output goes (``dispynb-node-<jobid>.out``); default:
+        SLURM's default, ``slurm-<jobid>.out`` in the current directory.
+    secret_file:
+        A file of mode 600 holding the secret, readable at the same path on the
+        compute nodes: the nodes read it (``--secret-file``) and the secret never
+        goes through SLURM. Default: the secret goes in the job's environment.
+    sbatch, squeue, scancel, scontrol:
+        The SLURM commands.
+    secret, register_host, register_port, wait:
+        See `NodeLauncher`; by default nodes register with the local address that
+        routes to slurmctld.
+
+    Examples
+    --------
+    >>> with SlurmNodes(4, cpus=8, memory="16G", walltime="2:00:00") as nodes:
+    ...     cluster = JobCluster(compute, nodes=nodes)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        count: int = 1,
+        *,
+        cpus: int | None = None,
+        memory: str | int | None = None,
+        walltime: str | int | None = None,
+        partition: str | None = None,
+        account: str | None = None,
+        directives: Sequence[str] = (),
+        python: str = sys.executable,
+        node_args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        log_directory: str | None = None,
+        secret_file: str | os.PathLike[str] | None = None,
+        sbatch: str = "sbatch",
+        squeue: str = "squeue",
+        scancel: str = "scancel",
+        scontrol: str = "scontrol",
+        secret: str | bytes | None = None,
+        register_host: str | None = None,
+        register_port: int = 0,
+        wait: float = REGISTER_WAIT,
+    ) -> None:
+        if count < 0:
+            raise ConfigurationError(f"count must be 0 or more, not {count}")
+        if cpus is not None and cpus < 1:
+            raise ConfigurationError(f"cpus must be at least 1, not {cpus}")
+        self.count = count
+        self.directives = self._directives(
+            cpus, memory, walltime, partition, account, log_directory, directives
+        )
+        self.cpus = cpus
+        self.python = python
+        self.node_args = [str(arg) for arg in node_args]
+        for key, value in (env or {}).items():
+            if not key.isidentifier() or "\0" in value:
+                raise ConfigurationError(f"not an environment variable: {key!r}")
+        self.env = dict(env or {})
+        self.secret_file = os.fspath(secret_file) if secret_file else None
+        self.commands = {
+            "sbatch": sbatch,
+            "squeue": squeue,
+            "scancel": scancel,
+            "scontrol": scontrol,
+        }
+        self._controller_route: str | None = None
+        self._poller: asyncio.Task[None] | None = None
+        # Jobs still to cancel if this launcher is dropped or the interpreter exits
+        # without close() (a notebook kernel being shut down).
+        self._live_ids: set[str] = set()
+        super().__init__(
+            secret=secret,
+            register_host=register_host,
+            register_port=register_port,
+            wait=wait,
+        )
+        self._finalizer = weakref.finalize(
+            self, _cancel_now, scancel, self._live_ids, dict(os.environ)
+        )
+        if count:
+            try:
+                self.start(count)
+            except BaseException:
+                self.close()
+                raise
+
+    @staticmethod
+    def _directives(
+        cpus: int | None,
+        memory: str | int | None,
+        walltime: str | int | None,
+        partition: str | None,
+        account: str | None,
+        log_directory: str | None,
+        extra: Sequence[str],
+    ) -> list[str]:
+        out = ["--nodes=1", "--ntasks=1"]
+        if cpus is not None:
+            out.append(f"--cpus-per-task={int(cpus)}")
+        if memory is not None:
+            text = f"{memory}" if isinstance(memory, str) else f"{int(memory)}M"
+            if not _SIZE.fullmatch(text):
+                raise ConfigurationError(
+                    f"memory={memory!r}: give SLURM's --mem size, e.g. '4G' or '500M'"
+                )
+            out.append(f"--mem={text}")
+        if walltime is not None:
+            text = str(walltime)
+            if not _TIME.fullmatch(text):
+                raise ConfigurationError(
+                    f"walltime={walltime!r}: give SLURM's --time, e.g. '30' "
+                    "(minutes), '1:30:00' or '2-0' (days-hours)"
+                )
+            out.append(f"--time={text}")
+        for option, value in (("partition", partition), ("account", account)):
+            if value is not None:
+                if not _WORD.fullmatch(value):
+                    raise ConfigurationError(f"{option}={value!r} is not a SLURM name")
+                out.append(f"--{option}={value}")
+        if log_directory is not None:
+            path = os.path.abspath(os.path.expanduser(log_directory))
+            if any(c in path for c in "\n\r\0"):
+                raise ConfigurationError(f"log_directory={log_directory!r}")
+            out.append(f"--output={path}/dispynb-node-%j.out")
+        for directive in extra:
+            text = directive.removeprefix("#SBATCH").strip()
+            if not text.startswith("-") or any(c in text for c in "\n\r\0"):
+                raise ConfigurationError(
+                    f"not an sbatch option for an #SBATCH line: {directive!r} "
+                    "(give one option per item, such as '--qos=short')"
+                )
+            out.append(text)
+        return out
+
+    @property
+    def default_count(self) -> int:
+        return 1
+
+    @property
+    def kind(self) -> str:
+        return "slurm"
+
+    @property
+    def jobs(self) -> list[SlurmJob]:
+        """The batch jobs submitted, in order."""
+        with self._changed:
+            return [x.handle for x in self._launched if x.handle is not None]
+
+    # -- the job script --------------------------------------------------------------
+
+    def job_script(
+        self, name: str = "dispynb-node", register_to: str = "HOST:PORT"
+    ) -> str:
+        """The batch script of a node named ``name`` (it holds no secret)."""
+        cpus = (
+            str(self.cpus)
+            if self.cpus is not None
+            else '"${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-0}}"'
+        )
+        argv = [
+            self.python, "-m", "nodeserver",
+            "--register", register_to, "--name", name,
+            "--port", "0", "--no-discovery",
+        ]  # fmt: skip
+        secret = ["--secret-file", self.secret_file] if self.secret_file else []
+        command = f"{shlex.join([*argv, *secret])} --cpus {cpus}"
+        if self.node_args:
+            command += " " + shlex.join(self.node_args)
+        lines = ["#!/bin/sh", f"#SBATCH --job-name={name}"]
+        lines += [f"#SBATCH {directive}" for directive in self.directives]
+        lines.append("unset DISPYNB_SECRET DISPYNB_SECRET_FILE")
+        if self.secret_file:
+            lines += [f"unset {SECRET_VARIABLE}", f"exec {command}"]
+        else:
+            lines += [
+                "# The secret: from the job's environment to the node's standard",
+                "# input (printf is built in: no command line shows it), and out of",
+                "# the node's environment.",
+                f"printf '%s\\n' \"${SECRET_VARIABLE}\" | {{",
+                f"    unset {SECRET_VARIABLE}",
+                f"    exec {command} --secret-stdin",
+                "}",
+            ]
+        return "\n".join(lines) + "\n"
+
+    # -- SLURM commands ----------------------------------------------------------------
+
+    def _environment(self) -> dict[str, str]:
+        env = {**os.environ, **self.env}
+        env.pop(SECRET_VARIABLE, None)
+        return env
+
+    async def _run(
+        self, name: str, *args: str, stdin: bytes | None = None, secret: bool = False
+    ) -> tuple[int, str, str]:
+        """Run a SLURM command; return its status, output and error output."""
+        env = self._environment()
+        if secret and not self.secret_file:
+            env[SECRET_VARIABLE] = self.secret.decode()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                self.commands[name],
+                *args,
+                stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=env,
+                start_new_session=True,  # a notebook interrupt must not reach it
+            )
+        except OSError as exc:
+            raise LaunchError(
+                f"cannot run {self.commands[name]!r}: {exc} (is this a SLURM login "
+                f"node? give {name}= the command's path)"
+            ) from exc
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(stdin), COMMAND_TIMEOUT)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise LaunchError(
+                f"{name} did not answer within {COMMAND_TIMEOUT:g} s (slurmctld down?)"
+            ) from None
+        code = proc.returncode
+        assert code is not None
+        return code, out.decode(errors="replace"), err.decode(errors="replace").strip()
+
+    async def _register_to(self, index: int) -> str:
+        if self.register_host and self.register_host not in ("0.0.0.0", "::"):
+            return self.register_host
+        if self._controller_route is None:
+            controller, port = await self._controller()
+            self._controller_route = await asyncio.get_running_loop().run_in_executor(
+                None, route_address, controller, port
+            )
+        return self._controller_route
+
+    async def _controller(self) -> tuple[str, int]:
+        """slurmctld's address and port, from ``scontrol show config``."""
+        code, out, err = await self._run("scontrol", "show", "config")
+        if code != 0:
+            raise LaunchError(f"scontrol show config failed: {err or out}")
+        host, port = "", 6817
+        for line in out.splitlines():
+            key, _, value = (part.strip() for part in line.partition("="))
+            if key.startswith("SlurmctldHost") and not host:
+                name, _, addr = value.partition("(")
+                host = addr.rstrip(")") or name
+            elif key == "SlurmctldPort":
+                with contextlib.suppress(ValueError):
+                    port = int(value.split("-")[0])
+        if not host:
+            raise LaunchError(
+                "scontrol show config names no SlurmctldHost: give register_host= "
+                "(this machine's address that the compute nodes reach)"
+            )
+        return host, port
+
+    async def _launch(self, index: int, name: str, register_to: str) -> SlurmJob:
+        script = self.job_script(name, register_to)
+        code, out, err = await self._run(
+            "sbatch", "--parsable", "--export=ALL", stdin=script.encode(), secret=True
+        )
+        job_id = out.strip().split(";")[0]
+        if code != 0 or not job_id.isdigit():
+            raise LaunchError(
+                f"sbatch refused node {name}: {err or out or f'status {code}'}"
+            )
+        logger.info("submitted node %s as SLURM job %s", name, job_id)
+        self._live_ids.add(job_id)
+        if self._poller is None:
+            self._poller = asyncio.get_running_loop().create_task(self._follow())
+        return SlurmJob(name, job_id)
+
+    async def _stop(self, handle: SlurmJob) -> None:
+        if not handle.ended:
+            code, out, err = await self._run("scancel", handle.job_id)
+            if code != 0:
+                logger.warning("scancel %s: %s", handle.job_id, err or out)
+        deadline = asyncio.get_running_loop().time() + STOP_WAIT
+        while not handle.ended and asyncio.get_running_loop().time() < deadline:
+            await self._refresh()
+            if not handle.ended:
+                await asyncio.sleep(0.5)
+        if not handle.ended:
+            logger.warning(
+                "SLURM job %s (node %s) still %s %g s after scancel",
+                handle.job_id,
+                handle.name,
+                handle.state,
+                STOP_WAIT,
+            )
+
+    def _exit_reason(self, handle: SlurmJob) -> str | None:
+        if not handle.ended:
+            return None
+        reason = f" ({handle.reason})" if handle.reason not in ("", "None") else ""
+        return f"SLURM job {handle.job_id} {handle.state}{reason}"
+
+    # -- following the jobs ------------------------------------------------------------
+
+    async def _follow(self) -> None:
+        """Poll the jobs' states until every one ended (or the launcher closed)."""
+        while True:
+            await asyncio.sleep(POLL_INTERVAL)
+            try:
+                await self._refresh()
+            except LaunchError as exc:
+                logger.warning("cannot follow the nodes' SLURM jobs: %s", exc)
+            if self._closed and not self._live_ids:
+                return
+
+    async def _refresh(self) -> None:
+        """Read the states of the jobs that have not ended (``squeue``)."""
+        live = {job.job_id: job for job in self.jobs if not job.ended}
+        if not live:
+            return
+        code, out, err = await self._run(
+            "squeue", "--noheader", "--states=all", f"--jobs={','.join(live)}",
+            "--format=%i|%T|%r",
+        )  # fmt: skip
+        seen: dict[str, tuple[str, str]] = {}
+        for line in out.splitlines():
+            fields = line.strip().split("|")
+            if len(fields) == 3:
+                seen[fields[0]] = (fields[1], fields[2])
+        if code != 0 and "Invalid job id" not in err:
+            raise LaunchError(f"squeue failed: {err or out}")
+        changed = []
+        for job_id, job in live.items():
+            state, reason = seen.get(job_id, ("UNKNOWN", "no longer known to SLURM"))
+            if (state, reason) != (job.state, job.reason):
+                job.state, job.reason = state, reason
+                changed.append(job)
+        for job in changed:
+            if job.ended:
+                self._live_ids.discard(job.job_id)
+                log = logger.info if self._closed else logger.warning
+                log("node %s ended: %s", job.name, self._exit_reason(job))
+        if changed:
+            with self._changed:
+                self._changed.notify_all()
+
+    async def _close(self) -> None:
+        await super()._close()
+        self._finalizer.detach()
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+
+    def __repr__(self) -> str:
+        states = ", ".join(f"{job.job_id} {job.state}" for job in self.jobs)
+        return f"<SlurmNodes: {len(self.nodes)} registered; jobs: {states or 'none'}>"
+
+
+def _cancel_now(scancel: str, job_ids: set[str], env: dict[str, str]) -> None:
+    """Cancel the jobs of a launcher dropped without `close` (at interpreter exit)."""
+    if job_ids:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            subprocess.run(
+                [scancel, *sorted(job_ids)],
+                env=env,
+                timeout=COMMAND_TIMEOUT,
+                check=False,
+                capture_output=True,
+            )
+
+
+__all__ = ["SlurmJob", "SlurmNodes"]

@@ -1,0 +1,105 @@
+"""`SlurmNodes`' options and the batch script it submits (no SLURM needed)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from dispynb.deploy import LaunchError, SlurmNodes
+from dispynb.errors import ConfigurationError
+
+SECRET = "top-secret-value-0123456789abcdef"
+
+
+def test_job_script_has_the_directives_and_no_secret() -> None:
+    with SlurmNodes(
+        0,
+        cpus=4,
+        memory="2G",
+        walltime="1:30:00",
+        partition="short",
+        account="proj-1",
+        directives=["--qos=low", "#SBATCH --gres=gpu:1"],
+        python="/opt/my venv/bin/python",
+        node_args=["--drain-timeout", "5"],
+        secret=SECRET,
+    ) as nodes:
+        script = nodes.job_script("slurm-0-abc", "10.0.0.1:4000")
+    assert SECRET not in script
+    lines = script.splitlines()
+    assert lines[0] == "#!/bin/sh"
+    directives = [line for line in lines if line.startswith("#SBATCH")]
+    assert directives == [
+        "#SBATCH --job-name=slurm-0-abc",
+        "#SBATCH --nodes=1",
+        "#SBATCH --ntasks=1",
+        "#SBATCH --cpus-per-task=4",
+        "#SBATCH --mem=2G",
+        "#SBATCH --time=1:30:00",
+        "#SBATCH --partition=short",
+        "#SBATCH --account=proj-1",
+        "#SBATCH --qos=low",
+        "#SBATCH --gres=gpu:1",
+    ]
+    assert "'/opt/my venv/bin/python' -m nodeserver --register 10.0.0.1:4000" in script
+    assert "--cpus 4 --drain-timeout 5 --secret-stdin" in script
+
+
+def test_the_script_hands_the_secret_to_the_node_on_stdin(tmp_path: object) -> None:
+    """Run the script's shell part with a fake Python: it gets the secret on its
+    standard input, not in its arguments or environment."""
+    fake = f"{tmp_path}/python"
+    with open(fake, "w") as out:
+        out.write(
+            "#!/bin/sh\n"
+            'read -r line; echo "stdin=$line"; echo "args=$*"\n'
+            'echo "env=$(env | grep -c top-secret)"\n'
+        )
+    os.chmod(fake, 0o755)
+    with SlurmNodes(0, python=fake, secret=SECRET) as nodes:
+        script = nodes.job_script("n", "h:1")
+    env = {
+        "PATH": os.environ["PATH"],
+        "DISPYNB_LAUNCH_SECRET": SECRET,
+        "DISPYNB_SECRET": SECRET,
+        "SLURM_CPUS_ON_NODE": "3",
+    }
+    out = subprocess.run(
+        ["sh"], input=script, capture_output=True, text=True, env=env, timeout=10
+    ).stdout.splitlines()
+    assert out[0] == f"stdin={SECRET}"
+    assert SECRET not in out[1] and "--cpus 3" in out[1] and "--secret-stdin" in out[1]
+    assert out[2] == "env=0"
+
+
+def test_a_secret_file_keeps_the_secret_out_of_slurm(tmp_path: object) -> None:
+    with SlurmNodes(0, secret=SECRET, secret_file="/home/me/.dispynb-secret") as nodes:
+        script = nodes.job_script("n", "h:1")
+    assert "--secret-file /home/me/.dispynb-secret" in script
+    assert "--secret-stdin" not in script and "printf" not in script
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"memory": "2 G"},
+        {"memory": "2G\n#SBATCH --uid=0"},
+        {"walltime": "soon"},
+        {"partition": "a;b"},
+        {"account": "x y"},
+        {"directives": ["--qos=a\n--uid=0"]},
+        {"directives": ["qos=a"]},
+        {"cpus": 0},
+        {"env": {"A B": "1"}},
+    ],
+)
+def test_bad_options_are_refused(options: dict[str, object]) -> None:
+    with pytest.raises(ConfigurationError):
+        SlurmNodes(0, **options)  # type: ignore[arg-type]
+
+
+def test_without_sbatch_the_error_says_so() -> None:
+    with pytest.raises(LaunchError, match="SLURM login node"):
+        SlurmNodes(1, sbatch="/nonexistent/sbatch", register_host="127.0.0.1")

@@ -1,0 +1,249 @@
+"""`dispynb.deploy.SlurmNodes` against a real SLURM (munged, slurmctld, three slurmd
+on namespace hosts h1-h3, the controller and the client program on h4): nodes
+submitted with ``sbatch`` register and run jobs with the job's CPUs, memory and
+directives, the secret shows in no command line, script or readable file, `scale`
+and `close` end the jobs, and a node that SLURM kills at its walltime loses its
+reentrant jobs to the others."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.multihost import slurm
+from tests.multihost.netns import Client, Host, Network, start_client, wait_for
+
+pytestmark = [pytest.mark.multihost, pytest.mark.slow, pytest.mark.timeout(180)]
+
+
+@pytest.fixture(scope="module")
+def slurm_setup(network: Network) -> Iterator[slurm.SlurmSetup]:
+    reason = slurm.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    with slurm.slurm_cluster(network, network.hosts[-1], network.hosts[:-1]) as setup:
+        yield setup
+
+
+@pytest.fixture
+def cluster_env(
+    slurm_setup: slurm.SlurmSetup, monkeypatch: pytest.MonkeyPatch
+) -> slurm.SlurmSetup:
+    """SLURM_CONF in this process's environment: client programs inherit it."""
+    monkeypatch.setenv("SLURM_CONF", str(slurm_setup.config))
+    return slurm_setup
+
+
+def node_pids(host: Host) -> list[int]:
+    """Pids of node servers running in ``host``."""
+    listing = subprocess.run(
+        ["ip", "netns", "pids", host.netns], capture_output=True, text=True, timeout=10
+    ).stdout.split()
+    pids = []
+    for pid in listing:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"nodeserver" in cmdline:
+            pids.append(int(pid))
+    return pids
+
+
+def squeue_states(
+    network: Network, setup: slurm.SlurmSetup, job_ids: list[str]
+) -> dict[str, str]:
+    out = slurm.slurm_command(
+        network, network.hosts[-1], setup, "squeue", "--noheader", "--states=all",
+        f"--jobs={','.join(job_ids)}", "--format=%i %T",
+    ).stdout  # fmt: skip
+    return dict(line.split() for line in out.splitlines() if line.strip())
+
+
+def wait_file(
+    path: Path, client: Client, setup: slurm.SlurmSetup, timeout: float, what: str
+) -> dict[str, object]:
+    """Wait for the client program to write ``path`` (JSON); fail, saying what the
+    client and SLURM logged, if it exits or takes longer than ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and path.read_text().endswith("}")):
+        if client.proc.poll() is not None or time.monotonic() > deadline:
+            client.stop()
+            raise AssertionError(
+                f"{what}: not within {timeout} s\n{client.proc.stderr.read()}\n"
+                f"{setup.logs()}"
+            )
+        time.sleep(0.05)
+    data: dict[str, object] = json.loads(path.read_text())
+    return data
+
+
+CLIENT = """
+import json
+import logging
+import os
+import sys
+import time
+
+import dispynb
+from dispynb.deploy import SlurmNodes
+
+logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                    format="%(name)s %(levelname)s %(message)s")
+
+
+def where(x):
+    import time
+    time.sleep(0.2)
+    return x * x, dispy_node_name, dispy_node_ip_addr
+
+
+def main(args):
+    nodes = SlurmNodes(
+        2, cpus=2, memory="500M", walltime="10", partition="debug",
+        directives=["--comment=dispynb-test"], log_directory=args["logs"],
+    )
+    with nodes:
+        nodes.wait_for(2, 60)
+        with open(args["ready"], "w") as out:
+            json.dump({"jobs": [j.job_id for j in nodes.jobs],
+                       "secret": nodes.secret.decode(),
+                       "script": nodes.job_script()}, out)
+        deadline = time.monotonic() + 60
+        while not os.path.exists(args["go"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        cluster = dispynb.JobCluster(where, nodes=nodes)
+        jobs = [cluster.submit(i) for i in range(8)]
+        results = [job() for job in jobs]
+        cpus = {n.name: n.cpus for n in nodes.nodes}
+        cluster.close()
+        nodes.scale(3)
+        nodes.wait_for(3, 60)
+        three = sorted(n.host for n in nodes.nodes)
+        nodes.scale(1)  # no cluster uses them: two are stopped (scancel) at once
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and sum(
+            e.action == "stopped" for e in nodes.events
+        ) < 2:
+            time.sleep(0.1)
+        one = len(nodes.nodes)
+        scaled_down = sorted(j.state for j in nodes.jobs)
+        job_ids = [j.job_id for j in nodes.jobs]
+    return {
+        "squares": [r[0] for r in results],
+        "names": sorted({r[1] for r in results}),
+        "ips": sorted({r[2] for r in results}),
+        "cpus": sorted(cpus.values()),
+        "three": three, "one": one, "scaled_down": scaled_down,
+        "jobs": job_ids, "exited": nodes.exited(),
+    }
+"""
+
+
+def test_slurm_nodes_run_jobs_scale_and_close(
+    network: Network, cluster_env: slurm.SlurmSetup, tmp_path: Path
+) -> None:
+    setup = cluster_env
+    ready, go, logs = tmp_path / "ready.json", tmp_path / "go", tmp_path / "logs"
+    logs.mkdir()
+    args = {"ready": str(ready), "go": str(go), "logs": str(logs)}
+    client = start_client(network, network.hosts[-1], tmp_path, CLIENT, args)
+    try:
+        info = wait_file(ready, client, setup, 90, "two SLURM nodes registered")
+        job_ids = list(info["jobs"])  # type: ignore[call-overload]
+        secret = str(info["secret"])
+        check_secret_is_hidden(network, setup, job_ids, secret, logs)
+        check_job_resources(network, setup, job_ids[0])
+        go.touch()
+        result = client.result(150)
+    finally:
+        client.stop()
+    assert result["squares"] == [i * i for i in range(8)]
+    assert len(result["names"]) == 2
+    assert all(name.startswith("slurm-") for name in result["names"])
+    node_ips = {h.ip for h in network.hosts[:-1]}
+    assert set(result["ips"]) <= node_ips and len(result["ips"]) == 2
+    assert result["cpus"] == [2, 2]  # the job's CPUs (--cpus-per-task)
+    assert result["three"] == sorted(node_ips)  # one job per slurmd: 2 CPUs each
+    assert result["one"] == 1
+    assert result["scaled_down"] == ["CANCELLED", "CANCELLED", "RUNNING"]
+    # close() cancelled the last one; SLURM ended every node server
+    states = squeue_states(network, setup, result["jobs"])
+    assert set(states.values()) == {"CANCELLED"}, states
+    for host in network.hosts[:-1]:
+        wait_for(lambda host=host: node_pids(host) == [], 30, f"no node on {host.ip}")
+    assert "submitted node slurm-0-" in client.stderr
+    # the nodes' output went to log_directory
+    outputs = sorted(logs.glob("dispynb-node-*.out"))
+    assert len(outputs) == 3, outputs
+    assert "registered with the client at" in outputs[0].read_text()
+
+
+def check_secret_is_hidden(
+    network: Network,
+    setup: slurm.SlurmSetup,
+    job_ids: list[str],
+    secret: str,
+    logs: Path,
+) -> None:
+    """No command line, job script, environment of the node or readable file holds
+    the secret; the jobs' environment file in slurmctld's state is root's alone."""
+    needle = secret.encode()
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            assert needle not in cmdline, cmdline
+    for job_id in job_ids:
+        script = slurm.slurm_command(
+            network, network.hosts[-1], setup, "scontrol", "write", "batch_script",
+            job_id, "-",
+        )  # fmt: skip
+        assert script.returncode == 0, script.stderr
+        assert "--secret-stdin" in script.stdout
+        assert secret not in script.stdout
+    # The node server and its jobs' processes do not have it in their environment.
+    nodes = [pid for host in network.hosts[:-1] for pid in node_pids(host)]
+    assert nodes
+    for pid in nodes:
+        assert needle not in Path(f"/proc/{pid}/environ").read_bytes()
+    # Files: only root may read those holding it (SLURM's job state).
+    holding = []
+    for directory in (setup.directory, logs):
+        for path in directory.rglob("*"):
+            if path.is_file() and not path.is_socket():
+                try:
+                    content = path.read_bytes()
+                except OSError:
+                    continue
+                if needle in content:
+                    holding.append(path)
+    for path in holding:
+        assert path.stat().st_uid == 0
+        assert not path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO), path
+        assert setup.directory / "ctld" in path.parents, path
+
+
+def check_job_resources(network: Network, setup: slurm.SlurmSetup, job_id: str) -> None:
+    shown = slurm.slurm_command(
+        network, network.hosts[-1], setup, "scontrol", "show", "job", job_id
+    ).stdout
+    for expected in (
+        "JobState=RUNNING",
+        "NumCPUs=2",
+        "mem=500M",
+        "TimeLimit=00:10:00",
+        "Partition=debug",
+        "Comment=dispynb-test",
+        "JobName=slurm-0-",
+    ):
+        assert expected in shown, shown
