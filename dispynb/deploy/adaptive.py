@@ -224,7 +224,14 @@ class Adaptive:
             self._stop.set()
         if self._only_drain:
             return
-        failed = launcher._reap_failures(now)
+        with launcher._scaling:  # one scaling decision at a time per launcher
+            self._decide(now, loads)
+
+    def _decide(
+        self, now: float, loads: list[tuple[ScalableCluster, Workload]]
+    ) -> None:
+        launcher = self.launcher
+        failed, registered = launcher._reap_launches(now)
         if failed:
             self._failures += failed
             backoff = min(MAX_BACKOFF, self.options.interval * 2**self._failures)
@@ -235,9 +242,9 @@ class Adaptive:
                 failed,
                 backoff,
             )
-        views, jobs, registered = launcher._node_views(loads, now)
-        if registered:
+        elif registered:
             self._failures = 0
+        views, jobs = launcher._node_views(loads, now)
         launch, drain = plan(
             self.options,
             jobs,

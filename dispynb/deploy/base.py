@@ -91,8 +91,8 @@ class Launched(Generic[Handle]):
     draining: bool = False
     #: Stopped on purpose (`scale`, `adapt`), or its stop is under way.
     stopped: bool = False
-    #: It ended without registering, and adapt counted that.
-    failure_counted: bool = False
+    #: adapt counted its registration, or its failure to register.
+    counted: bool = False
 
 
 def route_address(host: str, port: int = 22) -> str:
@@ -146,6 +146,7 @@ class NodeLauncher(abc.ABC, Generic[Handle]):
         self._launched: list[Launched[Handle]] = []
         self._subscribers: list[tuple[Subscriber, ScalableCluster | None]] = []
         self._changed = threading.Condition()
+        self._scaling = threading.RLock()  # held for each scaling decision
         self._closed = False
         self._adaptive: Adaptive | None = None
         self._stopping: set[asyncio.Task[None]] = set()
@@ -287,10 +288,11 @@ class NodeLauncher(abc.ABC, Generic[Handle]):
         starts on a node; adapt stops it later if no job comes.
         """
         if self._adaptive is not None and self._adaptive.running:
-            with self._changed:
-                starting = not self._in_use()
-            if starting:  # adapt(minimum=0): a cluster still needs a first node
-                self._scale_up(1, "a cluster needs a first node")
+            with self._scaling:
+                with self._changed:
+                    starting = not self._in_use()
+                if starting:  # adapt(minimum=0): a cluster still needs a first node
+                    self._scale_up(1, "a cluster needs a first node")
         with contextlib.suppress(LaunchError):
             self.wait_for(timeout=self.wait)
         specs = [node.spec for node in self.nodes]
@@ -338,18 +340,16 @@ class NodeLauncher(abc.ABC, Generic[Handle]):
             raise ConfigurationError(f"scale needs a count >= 0, not {count}")
         if self._adaptive is not None:
             self._adaptive.stop()
-        with self._changed:
-            active = len(self._active())
-        if count > active:
-            self._scale_up(count - active, f"scale({count})")
-        elif count < active:
-            # A fixed target with the same drain logic as adapt (one step, now).
-            options = AdaptOptions(minimum=count, maximum=max(count, 1))
-            adaptive = Adaptive(self, options)
-            if count == 0:
+        with self._scaling:
+            with self._changed:
+                active = len(self._active())
+            if count > active:
+                self._scale_up(count - active, f"scale({count})")
+            elif count == 0:
                 self._drain([x.name for x in self._active()], "scale(0)")
-            else:
-                adaptive.step()
+            elif count < active:
+                # A fixed target: adapt's choice of nodes to drain, once, now.
+                Adaptive(self, AdaptOptions(minimum=count, maximum=count)).step()
         self._ensure_drainer()
 
     def adapt(
@@ -422,9 +422,9 @@ class NodeLauncher(abc.ABC, Generic[Handle]):
 
     def _node_views(
         self, loads: list[tuple[ScalableCluster, Workload]], now: float
-    ) -> tuple[list[NodeView], int, int]:
-        """The active nodes for `plan`, the jobs waiting or running on them, and how
-        many registered; records when each last had work."""
+    ) -> tuple[list[NodeView], int]:
+        """The active nodes for `plan`, and the jobs waiting or running on them;
+        records when each node last had work."""
         with self._changed:
             active = self._active()
             draining = {
@@ -437,12 +437,10 @@ class NodeLauncher(abc.ABC, Generic[Handle]):
                 w.jobs for spec, w in load.nodes.items() if spec not in draining
             )
         views = []
-        registered = 0
         for x in active:
             if x.node is None:
                 views.append(NodeView(x.name, False, 0, None))
                 continue
-            registered += 1
             spec = x.node.spec
             work = [load.nodes[spec] for _, load in loads if spec in load.nodes]
             busy = sum(w.jobs for w in work)
@@ -452,7 +450,7 @@ class NodeLauncher(abc.ABC, Generic[Handle]):
                 x.done_seen = done
             idle = None if busy else now - x.last_busy
             views.append(NodeView(x.name, True, busy, idle))
-        return views, jobs, registered
+        return views, jobs
 
     def _scale_up(self, count: int, why: str) -> None:
         names = self._runner.run_sync(self._start, count)
@@ -503,24 +501,27 @@ class NodeLauncher(abc.ABC, Generic[Handle]):
             await self._stop(launched.handle)
         self._event("stopped", launched.name, "drained")
 
-    def _reap_failures(self, now: float) -> int:
-        """Count the launched nodes that ended, or did not register within
-        ``wait`` s (those are stopped), since the last look."""
-        failed = 0
+    def _reap_launches(self, now: float) -> tuple[int, int]:
+        """``(failed, registered)``: launched nodes that ended or did not register
+        within ``wait`` s (those are stopped), and that registered, since the last
+        look."""
+        failed = registered = 0
         with self._changed:
-            starting = [
-                x for x in self._in_use() if x.node is None and not x.failure_counted
-            ]
-        for x in starting:
+            fresh = [x for x in self._in_use() if not x.counted]
+        for x in fresh:
+            if x.node is not None:
+                x.counted = True
+                registered += 1
+                continue
             why = self._reason(x)
             if why is None and now - x.launched_at < self.wait:
                 continue
-            x.failure_counted = True
+            x.counted = True
             failed += 1
             self._event("failed", x.name, why or f"no registration in {self.wait:g} s")
             if why is None:
                 self._drain([x.name], "did not register")
-        return failed
+        return failed, registered
 
     def close(self) -> None:
         """Stop every launched node and the registration listener; idempotent."""
@@ -538,6 +539,8 @@ class NodeLauncher(abc.ABC, Generic[Handle]):
         self._registrar.close()
         with self._changed:
             launched = list(self._launched)
+            for x in launched:
+                x.stopped = True  # on purpose: not reported by exited()
         await asyncio.gather(
             *(self._stop(x.handle) for x in launched if x.handle is not None),
             *self._stopping,

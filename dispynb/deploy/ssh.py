@@ -119,6 +119,7 @@ class SSHNodes(NodeLauncher[SSHNode]):
         self.env = dict(env or {})
         self.ssh_options = list(ssh_options)
         self.ssh = ssh
+        self._host_of: dict[int, str] = {}
         super().__init__(
             secret=secret,
             register_host=register_host,
@@ -185,16 +186,32 @@ class SSHNodes(NodeLauncher[SSHNode]):
                 return value.strip()
         return host.rpartition("@")[2]
 
+    def _host_for(self, index: int) -> str:
+        """The host of the ``index``-th node: the one running the fewest nodes now
+        for the times it is listed in ``hosts`` (the first on a tie), so nodes that
+        `scale` or `adapt` add after some were stopped spread over the hosts."""
+        if index not in self._host_of:
+            with self._changed:
+                running = [
+                    x.handle.host
+                    for x in self._in_use()
+                    if x.handle is not None and self._reason(x) is None
+                ]
+            self._host_of[index] = min(
+                self.hosts, key=lambda h: running.count(h) / self.hosts.count(h)
+            )
+        return self._host_of[index]
+
     async def _register_to(self, index: int) -> str:
         if self.register_host and self.register_host not in ("0.0.0.0", "::"):
             return self.register_host
-        hostname = await self._ssh_hostname(self.hosts[index % len(self.hosts)])
+        hostname = await self._ssh_hostname(self._host_for(index))
         return await asyncio.get_running_loop().run_in_executor(
             None, route_address, hostname
         )
 
     async def _launch(self, index: int, name: str, register_to: str) -> SSHNode:
-        host = self.hosts[index % len(self.hosts)]
+        host = self._host_for(index)
         command = self.remote_command(name, register_to)
         argv = [
             self.ssh,

@@ -41,3 +41,31 @@ def test_bad_hosts_are_refused(hosts: list[str]) -> None:
 def test_a_secret_with_a_newline_is_refused() -> None:
     with pytest.raises(ConfigurationError, match="newline"):
         SSHNodes(["h1"], secret="two\nlines", start=False)
+
+
+def test_new_nodes_go_to_the_hosts_running_fewest() -> None:
+    """After a scale-down, `scale`/`adapt` place new nodes where fewest run (a host
+    listed twice takes two)."""
+    from types import SimpleNamespace
+
+    from dispynb.deploy.base import Launched
+
+    nodes = SSHNodes(["a", "a", "b"], start=False)
+    try:
+        alive = SimpleNamespace(returncode=None)
+        for index, host in enumerate(["a", "b"]):
+            handle = SimpleNamespace(host=host, proc=alive)
+            nodes._launched.append(Launched(f"n{index}", handle))  # type: ignore[arg-type]
+        # a runs 1 of its 2, b 1 of its 1: the next goes to a, then (2/2, 1/1) a.
+        assert nodes._host_for(2) == "a"
+        assert nodes._host_for(2) == "a"  # the same answer for the same node
+        nodes._launched[0].stopped = True  # a's node was scaled down
+        nodes._launched[1].draining = True  # b's is draining
+        assert nodes._host_for(3) == "a"
+        ended = SimpleNamespace(
+            host="a", proc=SimpleNamespace(returncode=1), last_lines=[]
+        )
+        nodes._launched = [Launched("n9", ended)]  # type: ignore[list-item]
+        assert nodes._host_for(4) == "a"  # an ended node runs nothing
+    finally:
+        nodes.close()
