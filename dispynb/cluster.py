@@ -682,11 +682,34 @@ class JobCluster:
         self._runner.call_soon(self._cancel_on_loop, [job._key])
         return 0
 
-    def _cancel_on_loop(self, keys: list[int]) -> None:
-        """Cancel jobs in one go, so that all their cancels leave together."""
+    def _cancel_on_loop(
+        self, keys: list[int], unstarted: bool = False, held: bool = False
+    ) -> None:
+        """Cancel jobs in one go, so that all their cancels leave together
+        (``unstarted``, ``held``: see `Driver.cancel`)."""
         self._driver.drain()  # a job may still be waiting to be scheduled
         for key in keys:
-            self._driver.cancel(key)
+            self._driver.cancel(key, unstarted, held)
+
+    def _cancel_unstarted(self, jobs: list[DispyJob]) -> bool:
+        """Cancel ``jobs`` unless they have started (`dispynb.futures.JobFuture`).
+
+        Returns True if the cancels went to the I/O loop: each job then ends
+        ``Cancelled`` or is reported started (or done). On the I/O thread itself,
+        which cannot wait for nodes, only the jobs no node has yet are cancelled
+        (at once) and False is returned.
+        """
+        keys = [
+            job._key
+            for job in jobs
+            if job._key is not None and not job.done() and job._key in self._jobs
+        ]
+        if self._runner.in_loop_thread():
+            self._cancel_on_loop(keys, unstarted=True, held=True)
+            return False
+        if keys:
+            self._runner.call_soon(self._cancel_on_loop, keys, True)
+        return True
 
     def send_file(self, path: str, node: Any, relay: bool = False) -> int:
         """Copy a file into the computation's directory on ``node`` (dispy's method).

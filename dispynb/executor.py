@@ -34,6 +34,9 @@ import cloudpickle
 
 from dispynb.errors import RemoteError
 from dispynb.futures import JobFuture
+from dispynb.futures import (
+    cancel_futures as cancel_all,
+)  # shutdown has an argument so named
 from dispynb.job import DispyJob
 from dispynb.protocol import serialize
 
@@ -308,8 +311,7 @@ class Executor(concurrent.futures.Executor):
                 for outcome in outcomes:
                     yield _unpack(outcome)
         finally:
-            for future in futures:
-                future.cancel()
+            cancel_all(futures)
 
     # -- shutting down ---------------------------------------------------------------
 
@@ -325,8 +327,7 @@ class Executor(concurrent.futures.Executor):
             self._shut = True
             pending = list(self._pending)
         if cancel_futures:
-            for future in pending:
-                future.cancel()
+            cancel_all(pending)
         if first:
             if wait:
                 self._close()

@@ -15,6 +15,14 @@ job ends                future
 ``Cancelled``           cancelled: ``result()`` raises ``CancelledError``
 ======================  ==================================================
 
+``cancel()`` keeps the `concurrent.futures` promise: it returns True only for a job
+that will never run. A job still held by the client is cancelled at once. A job
+already sent ahead to a node (waiting there behind others) is cancelled there, and
+``cancel()`` waits for the node's answer: True once the node dropped it, False if it
+had started meanwhile (it then runs to its end). That wait is bounded
+(`CANCEL_WAIT`; a node that stops answering is declared dead much sooner, and the
+job ends ``Abandoned``). `cancel_futures` cancels many with one wait.
+
 Callbacks given to ``add_done_callback`` never run on the I/O thread: when the
 job ends there, they run on the cluster's callback thread, in order, after the
 ``job_status`` callbacks posted before them.
@@ -25,8 +33,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-from collections.abc import Callable, Generator
-from concurrent.futures._base import CANCELLED, PENDING, RUNNING
+import threading
+from collections.abc import Callable, Generator, Iterable
+from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, PENDING, RUNNING
 from typing import TYPE_CHECKING, Any
 
 from dispynb.errors import NodeLostError, RemoteError
@@ -34,18 +43,25 @@ from dispynb.errors import NodeLostError, RemoteError
 if TYPE_CHECKING:
     from dispynb.job import DispyJob
 
-__all__ = ["JobFuture", "outcome_error"]
+__all__ = ["CANCEL_WAIT", "JobFuture", "cancel_futures", "outcome_error"]
 
 logger = logging.getLogger(__name__)
+
+#: Seconds ``cancel()`` waits at most for the nodes holding the jobs to say whether
+#: they dropped them (a node that falls silent is declared dead far sooner).
+CANCEL_WAIT = 30.0
 
 
 class JobFuture(concurrent.futures.Future[Any]):
     """The `concurrent.futures.Future` of one `DispyJob` (``job.future``).
 
-    ``cancel()`` follows `concurrent.futures`: a job that has not started is
-    cancelled (queued on the client or waiting on a node) and True is returned; a
-    job running on a node, or done, is left alone and False is returned (dispy's
-    ``cluster.cancel(job)`` still terminates a running job).
+    ``cancel()`` follows `concurrent.futures`: True only if the job will never run.
+    A job held by the client is cancelled at once; for a job waiting on a node,
+    ``cancel()`` waits (at most `CANCEL_WAIT` seconds) for the node to drop it
+    (True) or to report it started (False). A job running or done is left alone
+    and False is returned (dispy's ``cluster.cancel(job)`` still terminates a
+    running job). Called on the I/O thread (which cannot wait for a node), it
+    cancels only a job the client still holds.
     """
 
     def __init__(self, job: DispyJob) -> None:
@@ -64,12 +80,11 @@ class JobFuture(concurrent.futures.Future[Any]):
         return f"<JobFuture of {self.job!r} state={self._state}>"
 
     def cancel(self) -> bool:
-        """Cancel the job unless it runs or is done; return whether it is cancelled."""
-        if not super().cancel():
-            return False
-        if self._notify_cancelled():
-            self.job._cancel_request()
-        return True
+        """Cancel the job if it will never run; return whether it is cancelled.
+
+        It may wait for the job's node to answer (see the class's description).
+        """
+        return cancel_futures([self])[0]
 
     def _notify_cancelled(self) -> bool:
         """Tell `concurrent.futures.wait` and ``as_completed`` (as an executor does
@@ -110,6 +125,14 @@ class JobFuture(concurrent.futures.Future[Any]):
         with self._condition:
             if self._state == PENDING:
                 self._state = RUNNING
+        _answered()
+
+    def _end(self) -> None:
+        """The job ended: settle the future, and wake a ``cancel()`` waiting."""
+        try:
+            self._settle()
+        finally:
+            _answered()
 
     def _settle(self) -> None:
         """Give the future the job's final outcome (called once, when it ends)."""
@@ -129,6 +152,72 @@ class JobFuture(concurrent.futures.Future[Any]):
                 self.set_exception(error)
         except concurrent.futures.InvalidStateError:
             pass  # cancelled by the user while the job's end was on its way
+
+
+def cancel_futures(futures: Iterable[concurrent.futures.Future[Any]]) -> list[bool]:
+    """Cancel each future (as its ``cancel()``), with one wait for all the nodes'
+    answers instead of one per job; returns what each ``cancel()`` would have.
+
+    Futures of other kinds are cancelled as they cancel themselves.
+    """
+    futures = list(futures)
+    waiting: list[JobFuture] = []
+    by_cluster: dict[int, tuple[Any, list[DispyJob]]] = {}
+    for future in futures:
+        if not isinstance(future, JobFuture):
+            future.cancel()
+            continue
+        with future._condition:
+            if future._state != PENDING:
+                continue
+        job = future.job
+        cluster = job._cluster
+        if cluster is None:  # not submitted through a cluster: nothing runs it
+            job._cancel_request()
+            continue
+        by_cluster.setdefault(id(cluster), (cluster, []))[1].append(job)
+        waiting.append(future)
+    sent = False
+    for cluster, jobs in by_cluster.values():
+        if cluster._cancel_unstarted(jobs):
+            sent = True
+    if sent:
+        _wait_answers(waiting, CANCEL_WAIT)
+    return [
+        future._state in (CANCELLED, CANCELLED_AND_NOTIFIED)
+        if isinstance(future, JobFuture)
+        else future.cancelled()
+        for future in futures
+    ]
+
+
+# ``cancel()`` waits for the jobs it asked nodes about on one condition shared by
+# all futures (not each future's own: ``Future.result(timeout)`` gives up at its
+# first wake-up). Jobs notify it only while someone waits (the hot path pays a
+# read): a waiter counts itself before it checks the futures' states, a job sets
+# its state before it reads the count, so no wake-up is missed (GIL ordering).
+_answers = threading.Condition()
+_answer_waiters = 0
+
+
+def _answered() -> None:
+    """A job started or ended: wake the ``cancel()`` calls waiting (if any)."""
+    if _answer_waiters:
+        with _answers:
+            _answers.notify_all()
+
+
+def _wait_answers(futures: list[JobFuture], timeout: float) -> None:
+    """Wait until no future of ``futures`` is pending (or ``timeout`` passes)."""
+    global _answer_waiters
+    with _answers:
+        _answer_waiters += 1
+        try:
+            _answers.wait_for(
+                lambda: all(f._state != PENDING for f in futures), timeout
+            )
+        finally:
+            _answer_waiters -= 1
 
 
 def outcome_error(job: DispyJob) -> BaseException | None:

@@ -262,7 +262,7 @@ class DispyJob:
             done = made and self._done
         # Exactly one of this and _complete settles it: both decide under _lock.
         if done:
-            future._settle()
+            future._end()
         elif made and self.status in _STARTED:
             # _set_running writes the status, then reads _future; this wrote
             # _future, then reads the status: one of the two marks it.
@@ -270,10 +270,12 @@ class DispyJob:
         return future
 
     def cancel(self) -> bool:
-        """Cancel the job if it has not started (`concurrent.futures` semantics).
+        """Cancel the job if it will never run (`concurrent.futures` semantics).
 
         Returns True if it is cancelled (it ends ``Cancelled``), False if it is
-        running on a node or done. ``cluster.cancel(job)`` (dispy's) also
+        running on a node or done. A job already sent to a node is cancelled there:
+        this waits for the node to drop it (or report it started), see
+        `dispynb.futures.JobFuture`. ``cluster.cancel(job)`` (dispy's) also
         terminates a running job.
         """
         return self.future.cancel()
@@ -287,12 +289,8 @@ class DispyJob:
         self.future.add_done_callback(lambda _future: fn(self))
 
     def _cancel_request(self) -> None:
-        """The future was cancelled: cancel the job on its cluster."""
-        cluster = self._cluster
-        if cluster is not None:
-            cluster.cancel(self)
-        else:  # not submitted through a cluster (recovered): nothing runs it
-            self._complete(JobStatus.Cancelled, exception="cancelled")
+        """Cancel a job no cluster runs (recovered, or made by hand)."""
+        self._complete(JobStatus.Cancelled, exception="cancelled")
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for a final status (provisional results do not end the wait).
@@ -425,7 +423,7 @@ class DispyJob:
                 with contextlib.suppress(RuntimeError):
                     loop.call_soon_threadsafe(_wake, future)
         if job_future is not None:
-            job_future._settle()
+            job_future._end()
         return True
 
 

@@ -37,6 +37,7 @@ from joblib.parallel import (
 
 from dispynb.errors import NoNodesError
 from dispynb.executor import Executor
+from dispynb.futures import cancel_futures
 from dispynb.protocol import serialize
 
 __all__ = ["DispynbBackend", "default_executor", "register", "shutdown"]
@@ -172,9 +173,9 @@ class DispynbBackend(AutoBatchingMixin, ParallelBackendBase):
         started and terminate the running ones (their CPUs are free at once)."""
         with self._futures_lock:
             futures = list(self._futures)
-        for future in futures:
+        for future, cancelled in zip(futures, cancel_futures(futures), strict=True):
             job = getattr(future, "job", None)
-            if not future.cancel() and job is not None:
+            if not cancelled and job is not None:
                 self.executor.cluster.cancel(job)  # running: dispy's terminate
 
     def get_nested_backend(self) -> tuple[ParallelBackendBase, int | None]:

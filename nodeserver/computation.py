@@ -368,8 +368,9 @@ class Computation:
         self._queue.extend(jobs)
         self._pump()
 
-    def cancel(self, key: int, attempt: int) -> None:
-        """Terminate a job: drop it if queued, kill its worker if it is running."""
+    def cancel(self, key: int, attempt: int, unstarted: bool = False) -> None:
+        """Terminate a job: drop it if queued, kill its worker if it is running
+        (with ``unstarted``, a running job goes on)."""
         for job in self._queue:
             if job.key == key and job.attempt == attempt:
                 self._queue.remove(job)
@@ -378,8 +379,10 @@ class Computation:
         for worker in self._workers.values():
             for position, job in enumerate(worker.assigned):
                 if job.key == key and job.attempt == attempt:
-                    if job.cancelled:
-                        return  # stopping already (cancelled, or over its timeout)
+                    if job.cancelled or (position == 0 and unstarted):
+                        # Stopping already (cancelled, or over its timeout); or
+                        # running, and only a job not started was to be dropped.
+                        return
                     job.cancelled = True
                     if position == 0:
                         self._interrupt(worker, job)

@@ -454,7 +454,7 @@ class ClientSession:
     def _on_cancel(self, message: JobCancel, buffers: list[memoryview]) -> None:
         computation = self._computations.get(message.comp_id)
         if computation is not None:
-            computation.cancel(message.key, message.attempt)
+            computation.cancel(message.key, message.attempt, message.unstarted)
 
     async def hand_back(self) -> None:
         """The node shuts down: hand back the jobs that have not started, and make

@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from dispynb._loop import LoopRunner
 from dispynb._version import __version__
 from dispynb.errors import ConfigurationError
 from dispynb.monitoring import ClusterMonitor, live_clusters
@@ -169,7 +170,8 @@ class Discovered:
 def discover(
     addresses: list[str], timeout: float = DISCOVERY_TIMEOUT
 ) -> list[dict[str, Any]]:
-    """Ping for node servers (they answer discovery by default); block ``timeout`` s.
+    """Ping for node servers (they answer discovery by default); block ``timeout`` s
+    (the pings run on dispynb's I/O loop; any thread may call this).
 
     ``addresses``: IPv4 addresses of nodes or broadcast addresses, each optionally
     with the nodes' UDP discovery port (``'10.0.0.5'``, ``'10.0.0.255:9700'``); empty:
@@ -198,7 +200,13 @@ def discover(
         finally:
             discovery.close()
 
-    asyncio.run(run())
+    # On the process's one I/O loop (`dispynb._loop`), as clusters do: no loop of
+    # its own in this thread, and it works under a running loop (a notebook cell).
+    runner = LoopRunner.acquire()
+    try:
+        runner.run_sync(run)
+    finally:
+        runner.release()
     return found
 
 

@@ -300,11 +300,17 @@ class JobSubmit(WireMessage):
 
 @message("job-cancel")
 class JobCancel(WireMessage):
-    """Client -> node: terminate a job (queued or running)."""
+    """Client -> node: terminate a job (queued or running).
+
+    ``unstarted``: drop it only if it has not started (`concurrent.futures`'
+    ``cancel()``); a running job goes on, and the client learns which happened from
+    the job's outcome (``cancelled``) or its start (`JobResults`).
+    """
 
     comp_id: int
     key: int
     attempt: int
+    unstarted: bool = False
 
 
 @message("ping")

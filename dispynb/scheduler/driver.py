@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from dispynb import config as dispy_config
 from dispynb.defaults import CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT
 from dispynb.depends import FileRef
-from dispynb.errors import DispynbError, SerializationError, SetupError
+from dispynb.errors import ClusterError, DispynbError, SerializationError, SetupError
 from dispynb.protocol import serialize
 from dispynb.protocol.framing import Buffer
 from dispynb.protocol.messages import (
@@ -114,10 +114,29 @@ class NodeLink:
     reads_seen: int = 0  # its connection's reads when the watchdog last looked
     leaving: bool = False  # it handed jobs back: it shuts down
     releasing: bool = False  # close_node: once closed it leaves, not to come back
+    # Files to send (read off the loop) and the messages that must follow them,
+    # in wire order; `pumping` while `Driver._pump` works through them.
+    outbox: collections.deque[FileRef | tuple[Message, list[Buffer]]] = field(
+        default_factory=collections.deque
+    )
+    pumping: bool = False
 
 
 #: ``allocate(welcome, peer_ip) -> (cpus, bundle, files)`` (see `Driver.add_node`).
 Allocator = Callable[[Welcome, str], tuple[int, list[Buffer], list[FileRef]]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Stop:
+    """A message handler's answer that ends reading the node: why (None: the node
+    failed its setup and was dropped already)."""
+
+    reason: str | None
+
+
+#: A node message handler, ``handler(link, message, buffers)``; returns `_Stop` to
+#: stop reading the node, None to go on.
+_Handler = Callable[[NodeLink, Any, list[memoryview]], "_Stop | None"]
 
 
 @dataclass(slots=True)
@@ -247,6 +266,20 @@ class Driver:
         self.last_error: DispynbError | None = None
         self._closing = False
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: Node messages by type (the node server routes client messages alike).
+        self._routes: dict[type[Message], _Handler] = {
+            JobResults: self._on_results,
+            JobProvisional: self._on_provisional,
+            NodeStatus: self._on_status,
+            FilesMissing: self._on_files_missing,
+            ResultChunk: self._on_chunk,
+            FileFromNode: self._on_file,
+            FilePlaced: self._on_placed,
+            ComputationReady: self._on_ready,
+            ComputationFailed: self._on_failed,
+            ComputationClosed: self._on_closed,
+            Error: self._on_error,
+        }
 
     # -- nodes ---------------------------------------------------------------------
 
@@ -317,7 +350,8 @@ class Driver:
             raise SetupError(f"{link.node_id}: the node allocation rejected it")
         for ref in files:
             self._files[ref.digest] = ref
-        link.conn.write(
+        self._post(
+            link,
             ComputationSetup(
                 comp_id=config.comp_id,
                 name=config.name,
@@ -355,59 +389,45 @@ class Driver:
         self._abandon_if_no_nodes()
 
     async def _read(self, link: NodeLink) -> None:
-        """Handle the node's messages until it is lost (or fails its setup)."""
+        """Handle the node's messages until it is lost (or fails its setup).
+
+        A handler that raises anything but a `DispynbError` (a bug, or a node's
+        message we do not cope with) costs that node only: the error is logged with
+        its traceback, the connection closed and the node's jobs treated as a lost
+        node's; the cluster and the other nodes go on.
+        """
         assert link.conn is not None
         loop = asyncio.get_running_loop()
+        routes = self._routes
         ended: list[str | None] = []  # why reading stopped; None: the node failed
 
         def handle(message: Message, buffers: list[memoryview]) -> bool:
             link.last_seen = loop.time()
-            if isinstance(message, JobResults):
-                self._on_results(link, message, buffers)
-            elif isinstance(message, JobProvisional):
-                self._on_provisional(link, message, buffers)
-            elif isinstance(message, NodeStatus):
-                self.events.node_status(link, message.avail)
-            elif isinstance(message, FilesMissing):
-                self._send_files(link, [self._files[d] for d in message.digests])
-            elif isinstance(message, ResultChunk):
-                self._on_chunk(link, message, buffers)
-            elif isinstance(message, FileFromNode):
-                if self.state.runs_on(message.key, link.node_id):
-                    self.events.job_file(message.key, link, message.path, buffers)
-                else:  # a job this node was not given (or no longer runs)
-                    logger.warning(
-                        "node %s sent file %r for job %d, which it does not run: "
-                        "not saved",
-                        link.node_id,
-                        message.path[:200],
-                        message.key,
-                    )
-            elif isinstance(message, FilePlaced):
-                placed = self._placements.pop(message.request, None)
-                if placed is not None and not placed.done():
-                    placed.set_result(message.error)
-            elif isinstance(message, ComputationReady):
-                self._on_ready(link, message)
-            elif isinstance(message, ComputationFailed):
+            route = routes.get(type(message))
+            if route is None:
+                return False  # nothing a client acts on (node -> client only)
+            try:
+                stop = route(link, message, buffers)
+            except DispynbError:
+                raise
+            except Exception as exc:
+                logger.error(
+                    "error handling a %r message from node %s; dropping its connection",
+                    message.op,
+                    link.node_id,
+                    exc_info=True,
+                )
+                reason = f"error handling its {message.op!r} message: {exc!r}"
                 if link.setting_up:
-                    error = SetupError(
-                        f"{link.node_id}: {message.message}", message.traceback
-                    )
-                    self._fail_node(link, error)
+                    self._fail_node(link, ClusterError(f"{link.node_id}: {reason}"))
                     ended.append(None)
-                    return True
-                ended.append(message.message)
+                else:
+                    ended.append(reason)
                 return True
-            elif isinstance(message, ComputationClosed):
-                if link.resetting:
-                    self._redo_setup(link)
-                    return False
-                ended.append("released" if link.releasing else "computation closed")
-                return True
-            elif isinstance(message, Error):
-                logger.warning("node %s reports: %s", link.node_id, message.message)
-            return False
+            if stop is None:
+                return False
+            ended.append(stop.reason)
+            return True
 
         try:
             # Messages are handled in the socket's read callback: no task switch.
@@ -424,7 +444,68 @@ class Driver:
         if reason is not None:
             self._lose_node(link, reason)
 
-    def _on_ready(self, link: NodeLink, message: ComputationReady) -> None:
+    # -- node messages (`_routes`) -------------------------------------------------
+
+    def _on_status(
+        self, link: NodeLink, message: NodeStatus, buffers: list[memoryview]
+    ) -> None:
+        self.events.node_status(link, message.avail)
+
+    def _on_files_missing(
+        self, link: NodeLink, message: FilesMissing, buffers: list[memoryview]
+    ) -> None:
+        known = [self._files[d] for d in message.digests if d in self._files]
+        if len(known) < len(message.digests):
+            logger.warning(
+                "node %s asks for files this computation never sent", link.node_id
+            )
+        self._send_files(link, known)
+
+    def _on_file(
+        self, link: NodeLink, message: FileFromNode, buffers: list[memoryview]
+    ) -> None:
+        if self.state.runs_on(message.key, link.node_id):
+            self.events.job_file(message.key, link, message.path, buffers)
+        else:  # a job this node was not given (or no longer runs)
+            logger.warning(
+                "node %s sent file %r for job %d, which it does not run: not saved",
+                link.node_id,
+                message.path[:200],
+                message.key,
+            )
+
+    def _on_placed(
+        self, link: NodeLink, message: FilePlaced, buffers: list[memoryview]
+    ) -> None:
+        placed = self._placements.pop(message.request, None)
+        if placed is not None and not placed.done():
+            placed.set_result(message.error)
+
+    def _on_failed(
+        self, link: NodeLink, message: ComputationFailed, buffers: list[memoryview]
+    ) -> _Stop:
+        if link.setting_up:
+            error = SetupError(f"{link.node_id}: {message.message}", message.traceback)
+            self._fail_node(link, error)
+            return _Stop(None)
+        return _Stop(message.message)
+
+    def _on_closed(
+        self, link: NodeLink, message: ComputationClosed, buffers: list[memoryview]
+    ) -> _Stop | None:
+        if link.resetting:
+            self._redo_setup(link)
+            return None
+        return _Stop("released" if link.releasing else "computation closed")
+
+    def _on_error(
+        self, link: NodeLink, message: Error, buffers: list[memoryview]
+    ) -> None:
+        logger.warning("node %s reports: %s", link.node_id, message.message)
+
+    def _on_ready(
+        self, link: NodeLink, message: ComputationReady, buffers: list[memoryview]
+    ) -> None:
         self._settle(link)
         link.ready = True
         link.last_seen = asyncio.get_running_loop().time()
@@ -464,12 +545,13 @@ class Driver:
             self._apply(self.state.handle(CancelRequested(key)))
         link.releasing = release
         with contextlib.suppress(DispynbError):
-            link.conn.write(
+            self._post(
+                link,
                 ComputationClose(
                     comp_id=self.config.comp_id,
                     terminate=terminate,
                     cancel_waiting=True,  # the node cancels what has not started
-                )
+                ),
             )
         return True
 
@@ -654,20 +736,75 @@ class Driver:
             instructions.extend(handle(JobSubmitted(key, node)))
         self._apply(instructions)
 
-    def cancel(self, key: int) -> None:
-        """Cancel a job (on the loop)."""
-        self._apply(self.state.handle(CancelRequested(key)))
+    def cancel(self, key: int, unstarted: bool = False, held: bool = False) -> None:
+        """Cancel a job (on the loop): terminate it if it runs; with ``unstarted``
+        only if it has not started; with ``held`` only if no node has it yet."""
+        if held and not self.state.is_queued(key):
+            return
+        self._apply(self.state.handle(CancelRequested(key, unstarted)))
 
     def _send_files(self, link: NodeLink, files: list[FileRef]) -> None:
-        """Send each file not yet sent on this connection (the node keeps them)."""
-        assert link.conn is not None
+        """Send each file not yet sent on this connection (the node keeps them).
+
+        Files are read (and checked against their digest) on a worker thread, never
+        on the loop: `_pump` sends them in order, and what is `_post`-ed meanwhile
+        (the jobs that need them) follows them on the wire.
+        """
         for ref in files:
             if ref.digest in link.sent:
                 continue
-            data = ref.read()
-            link.conn.write(FilePut(digest=ref.digest, size=len(data)), [data])
-            link.sent.add(ref.digest)
+            link.sent.add(ref.digest)  # sent, or on its way
             self._files.setdefault(ref.digest, ref)
+            link.outbox.append(ref)
+        if link.outbox and not link.pumping:
+            link.pumping = True
+            self._spawn(self._pump(link))
+
+    def _post(
+        self, link: NodeLink, message: Message, buffers: list[Buffer] | None = None
+    ) -> None:
+        """Write ``message`` to a node after the files on their way to it.
+
+        Raises `DispynbError` (from the connection) only when written at once.
+        """
+        if link.pumping:
+            link.outbox.append((message, buffers or []))
+            return
+        assert link.conn is not None
+        link.conn.write(message, buffers or ())
+
+    async def _pump(self, link: NodeLink) -> None:
+        """Write a node's outbox in order, reading its files off the loop."""
+        loop = asyncio.get_running_loop()
+        outbox = link.outbox
+        try:
+            while outbox:
+                item = outbox.popleft()
+                if isinstance(item, FileRef):
+                    try:
+                        data = await loop.run_in_executor(None, item.read)
+                    except (OSError, DispynbError) as exc:
+                        link.sent.discard(item.digest)
+                        logger.warning(
+                            "cannot send %s to node %s: %s (the jobs that need it "
+                            "fail there)",
+                            item.path,
+                            link.node_id,
+                            describe_error(exc),
+                        )
+                        continue
+                    message: Message = FilePut(digest=item.digest, size=len(data))
+                    buffers: list[Buffer] = [data]
+                else:
+                    message, buffers = item
+                conn = link.conn
+                if conn is None or conn.closed:
+                    break  # its reader ends and settles the node's jobs
+                with contextlib.suppress(DispynbError):
+                    conn.write(message, buffers)
+        finally:
+            link.pumping = False
+            outbox.clear()
 
     async def send_file(self, node_id: str, ref: FileRef) -> str:
         """Put a file into the computation's directory on a node; '' or an error."""
@@ -675,16 +812,18 @@ class Driver:
         if link is None or link.conn is None or not link.ready:
             return f"node {node_id} is not ready"
         request = next(self._requests)
-        placed = self._placements[request] = asyncio.get_running_loop().create_future()
+        placed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._placements[request] = placed
         try:
             self._send_files(link, [ref])
-            link.conn.write(
+            self._post(
+                link,
                 FilePlace(
                     comp_id=self.config.comp_id,
                     request=request,
                     path=ref.relative,
                     digest=ref.digest,
-                )
+                ),
             )
             async with asyncio.timeout(CLOSE_TIMEOUT):
                 return await placed
@@ -843,10 +982,11 @@ class Driver:
                         comp_id=self.config.comp_id,
                         key=instruction.key,
                         attempt=instruction.attempt,
+                        unstarted=instruction.unstarted,
                     )
                     # If the connection is going, NodeLeft settles the job.
                     with contextlib.suppress(DispynbError):
-                        link.conn.write(cancel)
+                        self._post(link, cancel)
             elif isinstance(instruction, AbandonJob):
                 self._jobs.pop(instruction.key, None)
                 link = self.nodes.get(instruction.node)
@@ -903,7 +1043,8 @@ class Driver:
         # If the connection is going, its reader sees it end and the state requeues
         # or abandons these jobs.
         with contextlib.suppress(DispynbError):
-            link.conn.write(
+            self._post(
+                link,
                 JobSubmit(comp_id=self.config.comp_id, jobs=entries, limits=limits),
                 buffers,
             )
@@ -918,8 +1059,9 @@ class Driver:
             if link.conn is None or link.conn.closed:
                 continue
             try:
-                link.conn.write(
-                    ComputationClose(comp_id=self.config.comp_id, terminate=terminate)
+                self._post(
+                    link,
+                    ComputationClose(comp_id=self.config.comp_id, terminate=terminate),
                 )
             except DispynbError:
                 continue

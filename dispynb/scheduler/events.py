@@ -91,9 +91,15 @@ class JobFinished:
 
 @dataclass(frozen=True, slots=True)
 class CancelRequested:
-    """The user asked to cancel job ``key``."""
+    """The user asked to cancel job ``key``.
+
+    ``unstarted``: only if it has not started (`concurrent.futures` semantics): a
+    job already on a node is cancelled there only if it waits, a running one goes
+    on. Otherwise a running job is terminated (dispy's ``cluster.cancel``).
+    """
 
     key: int
+    unstarted: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +152,8 @@ class CancelQueued:
 
 @dataclass(frozen=True, slots=True)
 class CancelRunning:
-    """Ask ``node`` to terminate attempt ``attempt`` of job ``key``.
+    """Ask ``node`` to terminate attempt ``attempt`` of job ``key`` (with
+    ``unstarted``: to drop it only if it has not started there).
 
     The job stays running in the state until its `JobFinished` arrives or its node
     leaves (then it is abandoned, never resubmitted).
@@ -155,6 +162,7 @@ class CancelRunning:
     node: str
     key: int
     attempt: int
+    unstarted: bool = False
 
 
 @dataclass(frozen=True, slots=True)

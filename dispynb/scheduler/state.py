@@ -98,7 +98,8 @@ class _Job:
     pin: str | None
     attempt: int = 1
     node: str | None = None
-    cancel_requested: bool = False
+    cancel_requested: bool = False  # asked to terminate it
+    unstarted_cancel: bool = False  # asked to drop it if it has not started
     # Nodes lost while running this job, one per attempt that died with its node.
     lost_on: list[str] = field(default_factory=list)
 
@@ -228,6 +229,11 @@ class SchedulerState:
         job = self._jobs.get(key)
         return job is not None and job.node == node
 
+    def is_queued(self, key: int) -> bool:
+        """Return whether job ``key`` is held here, not sent to any node."""
+        job = self._jobs.get(key)
+        return job is not None and job.node is None
+
     def pinned_keys(self, node: str) -> list[int]:
         """Keys of the jobs queued for ``node`` only, in submission order."""
         return list(self._pinned.get(node, ()))
@@ -313,7 +319,12 @@ class SchedulerState:
         requeued: list[int] = []
         for key in node.running:
             job = self._jobs[key]
-            movable = self._reentrant and job.pin is None and not job.cancel_requested
+            movable = (
+                self._reentrant
+                and job.pin is None
+                and not job.cancel_requested
+                and not job.unstarted_cancel
+            )
             job.lost_on.append(node.name)
             if movable and len(job.lost_on) >= self._max_attempts:
                 # Retry budget spent: stop feeding a (maybe poison) job to nodes.
@@ -345,7 +356,7 @@ class SchedulerState:
         del node.running[event.key]
         self._running -= 1
         self._refresh(node)
-        if job.cancel_requested:
+        if job.cancel_requested or job.unstarted_cancel:
             del self._jobs[event.key]
             out.append(CancelQueued(event.key))
             return
@@ -374,7 +385,8 @@ class SchedulerState:
         del node.running[key]
         del self._jobs[key]
         self._running -= 1
-        if not job.cancel_requested:  # a terminated job's run time says nothing
+        # A terminated (or dropped) job's run time says nothing.
+        if not job.cancel_requested and not job.unstarted_cancel:
             node.mean_duration = policy.update_mean(node.mean_duration, event.duration)
         self._refresh(node)
         out.append(AcceptResult(key, event.attempt))
@@ -387,9 +399,14 @@ class SchedulerState:
             self._unqueue(job)
             del self._jobs[job.key]
             out.append(CancelQueued(job.key))
-        elif not job.cancel_requested:  # asking twice sends nothing more
+        elif job.cancel_requested:
+            return  # asking twice sends nothing more
+        elif not event.unstarted:
             job.cancel_requested = True
             out.append(CancelRunning(job.node, job.key, job.attempt))
+        elif not job.unstarted_cancel:
+            job.unstarted_cancel = True
+            out.append(CancelRunning(job.node, job.key, job.attempt, unstarted=True))
 
     # -- internals --------------------------------------------------------------------
 

@@ -113,6 +113,55 @@ def test_killed_node_jobs_not_reentrant_are_abandoned_with_reason(tmp_path):
     assert all(job.result[1] == "b" for job in finished)
 
 
+def test_a_node_message_that_breaks_its_handler_costs_that_node_only(
+    tmp_path, monkeypatch, allow_error_logs
+):
+    """A bug (here: a handler made to raise) while handling one node's message is
+    logged with its traceback; that node's connection is dropped and its jobs end
+    as a lost node's, while the other node and the cluster go on."""
+    from dispynb.scheduler.driver import Driver
+
+    events = Events()
+    handle_results = Driver._on_results
+    broken: list[str] = []
+
+    def breaking(self, link, message, buffers):  # type: ignore[no-untyped-def]
+        if link.node_id == a.spec and not broken:
+            broken.append(link.node_id)
+            raise RuntimeError("handler bug")
+        return handle_results(self, link, message, buffers)
+
+    monkeypatch.setattr(Driver, "_on_results", breaking)
+    with (
+        running_node(tmp_path / "a", name="a") as a,
+        running_node(tmp_path / "b", name="b", secret=a.secret) as b,
+        JobCluster(
+            slow_square,
+            nodes=[a.spec, b.spec],
+            secret=a.secret,
+            pulse_interval=PULSE,
+            cluster_status=events.cluster_status,
+        ) as cluster,
+    ):
+        wait_until(lambda: len(cluster.status().nodes) == 2)
+        jobs = [cluster.submit(n) for n in range(8)]
+        assert cluster.wait(timeout=30)
+        assert broken == [a.spec]
+        abandoned = [job for job in jobs if job.status == DispyJob.Abandoned]
+        finished = [job for job in jobs if job.status == DispyJob.Finished]
+        assert abandoned and len(abandoned) + len(finished) == 8
+        assert all("handler bug" in job.exception for job in abandoned)
+        assert all(a.spec in job.exception for job in abandoned)
+        assert "b" not in events.closed and "a" in events.closed
+        # The cluster goes on (node a, reconnected, too).
+        more = [cluster.submit(n) for n in range(4)]
+        assert [job()[0] for job in more] == [0, 1, 4, 9]
+    errors = [r for r in allow_error_logs if "handling" in r.getMessage()]
+    assert errors and errors[0].exc_info is not None
+    assert a.spec in errors[0].getMessage()
+    assert "handler bug" in str(errors[0].exc_info[1])
+
+
 def test_node_restarted_on_same_port_is_used_again(tmp_path):
     first = start_node(tmp_path / "n", name="n")
     try:

@@ -186,3 +186,56 @@ def test_files_over_max_file_size_are_refused_both_ways(tmp_path, workdir):
             JobCluster(
                 compute, nodes=[node.spec], secret=node.secret, depends=["big.txt"]
             )
+
+
+def file_sha256(name: str) -> str:
+    import hashlib
+
+    with open(name, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def test_big_files_are_read_off_the_io_loop_and_arrive_intact(
+    local1, workdir, monkeypatch
+):
+    """depends files, a job's own file and send_file: each is read (and checked
+    against its digest) on a worker thread, never on the I/O loop, and the jobs
+    that need it find it whole."""
+    import hashlib
+    import threading
+
+    from dispynb.depends import FileRef
+
+    contents = {
+        name: os.urandom(size)
+        for name, size in [
+            ("setup.bin", 24 * 1024 * 1024),
+            ("job.bin", 9 * 1024 * 1024 + 7),
+            ("sent.bin", 5 * 1024 * 1024 + 1),
+        ]
+    }
+    for name, data in contents.items():
+        (workdir / name).write_bytes(data)
+    readers: list[str] = []
+    read = FileRef.read
+
+    def recording_read(self: FileRef) -> bytes:
+        readers.append(threading.current_thread().name)
+        return read(self)
+
+    monkeypatch.setattr(FileRef, "read", recording_read)
+    with JobCluster(file_sha256, nodes=local1, depends=["setup.bin"]) as cluster:
+        assert (
+            cluster.submit("setup.bin")()
+            == hashlib.sha256(contents["setup.bin"]).hexdigest()
+        )
+        job = cluster.submit("job.bin", dispy_job_depends=["job.bin"])
+        assert job() == hashlib.sha256(contents["job.bin"]).hexdigest(), job.exception
+        node = cluster.status().nodes[0]
+        assert cluster.send_file("sent.bin", node) == 0
+        assert (
+            cluster.submit("sent.bin")()
+            == hashlib.sha256(contents["sent.bin"]).hexdigest()
+        )
+    assert len(readers) == 3
+    assert "dispynb-io" not in readers, readers

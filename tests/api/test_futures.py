@@ -210,23 +210,86 @@ def test_remote_exception_renders_the_remote_traceback(local1):
     assert job.status == JobStatus.Terminated and "ValueError" in job.exception
 
 
+def scheduler_state(cluster: JobCluster):  # type: ignore[no-untyped-def]
+    """Where the client holds its jobs (to tell held jobs from jobs sent ahead)."""
+    return cluster._driver.state
+
+
 @pytest.mark.slow
-def test_cancel_queued_job_but_not_the_running_one(cluster, tmp_path):
+def test_cancel_a_job_held_by_the_client(cluster, tmp_path):
+    release = str(tmp_path / "release")
+    running = cluster.submit(str(tmp_path / "started"), release)
+    wait_for_path(tmp_path / "started")
+    # One CPU: one job waits on the node behind ``running``, the next on the client.
+    ahead = cluster.submit(str(tmp_path / "ahead"), release)
+    held = cluster.submit(str(tmp_path / "never"), release)
+    state = scheduler_state(cluster)
+    wait_until(lambda: state.is_known(ahead._key) and state.is_known(held._key))
+    assert state.is_queued(held._key) and not state.is_queued(ahead._key)
+    assert held.cancel() is True
+    # Settled before cancel() returned: it can never run.
+    assert held.status == JobStatus.Cancelled and held.future.cancelled()
+    assert "before it ran" in held.exception
+    open(release, "w").close()
+    assert running.future.result(WAIT) > 0 and ahead.future.result(WAIT) > 0
+    assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.slow
+def test_cancel_a_job_waiting_on_its_node(cluster, tmp_path):
+    """cancel() of a job sent ahead to a node answers True only once the node has
+    dropped it: the job is already ``Cancelled`` when cancel() returns, so
+    releasing the CPU at once cannot let it run."""
     release = str(tmp_path / "release")
     running = cluster.submit(str(tmp_path / "started"), release)
     wait_for_path(tmp_path / "started")
     queued = cluster.submit(str(tmp_path / "never"), release)
-    # One CPU: ``queued`` waits (on the client or the node) until ``running`` ends.
+    state = scheduler_state(cluster)
+    wait_until(lambda: state.is_known(queued._key) and not state.is_queued(queued._key))
+    called: list[object] = []
+    queued.future.add_done_callback(called.append)
     assert queued.cancel() is True
-    assert queued.future.cancelled()
-    # The cancel reaches the node asynchronously: release ``running`` only once the
-    # node has settled ``queued`` (released earlier, ``queued`` could start and end
-    # before the cancel arrives: a known window of cancel() on a job sent ahead).
-    assert queued.wait(WAIT) and queued.status == JobStatus.Cancelled
-    open(release, "w").close()
+    assert queued.status == JobStatus.Cancelled and queued.future.cancelled()
+    assert "at the client's request" in queued.exception  # the node dropped it
+    open(release, "w").close()  # at once: no waiting for anything to settle
     assert running.future.result(WAIT) > 0
     assert running.cancel() is False
+    with pytest.raises(cf.CancelledError):
+        queued.future.result(0)
+    assert cluster.wait(timeout=WAIT)
+    wait_until(lambda: len(called) == 1)
+    assert called == [queued.future]  # once
     assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.slow
+def test_cancel_a_job_started_on_its_node_before_the_client_heard(cluster, tmp_path):
+    """The job runs on the node, its start maybe not yet reported: cancel() asks
+    the node, which lets it run, and answers False; the job ends with its result."""
+    release = str(tmp_path / "release")
+    job = cluster.submit(str(tmp_path / "started"), release)
+    wait_for_path(tmp_path / "started")  # not waiting for job.future.running()
+    assert job.cancel() is False
+    assert job.future.running() and not job.future.cancelled()
+    open(release, "w").close()
+    assert job.future.result(WAIT) > 0 and job.status == JobStatus.Finished
+
+
+@pytest.mark.slow
+def test_cancel_futures_cancels_many_with_one_wait(cluster, tmp_path):
+    from dispynb.futures import cancel_futures
+
+    release = str(tmp_path / "release")
+    running = cluster.submit(str(tmp_path / "started"), release)
+    wait_for_path(tmp_path / "started")
+    others = [cluster.submit(str(tmp_path / f"never{i}"), release) for i in range(5)]
+    plain: cf.Future[int] = cf.Future()
+    answers = cancel_futures([running.future, *(j.future for j in others), plain])
+    assert answers == [False, True, True, True, True, True, True]
+    assert all(job.status == JobStatus.Cancelled for job in others)
+    open(release, "w").close()
+    assert running.future.result(WAIT) > 0
+    assert not list(tmp_path.glob("never*"))
 
 
 @pytest.mark.slow
@@ -282,3 +345,40 @@ def test_await_job_from_a_running_loop_in_another_thread(squares):
         return value, ticked.is_set()
 
     assert asyncio.run(cell()) == (81, True)
+
+
+def exit_worker(code: int) -> None:
+    import os
+
+    os._exit(code)
+
+
+@pytest.mark.slow
+def test_crashed_job_future_raises_remote_error_with_the_nodes_reason(local1):
+    """RemoteError covers a job whose worker died (not only one that raised)."""
+    with JobCluster(exit_worker, nodes=local1) as cluster:
+        job = cluster.submit(3)
+        with pytest.raises(RemoteError) as info:
+            job.future.result(WAIT)
+    assert job.status == JobStatus.Terminated
+    assert info.value.ename == "Terminated"
+    assert "exited with status 3" in info.value.evalue
+
+
+@pytest.mark.slow
+def test_job_on_a_killed_node_future_raises_node_lost_error(tmp_path):
+    from tests.nodeproc import running_node
+
+    release = str(tmp_path / "release")
+    with (
+        running_node(tmp_path / "a", name="a") as node,
+        JobCluster(
+            mark_and_hold, nodes=[node.spec], secret=node.secret, pulse_interval=0.2
+        ) as cluster,
+    ):
+        job = cluster.submit(str(tmp_path / "started"), release)
+        wait_for_path(tmp_path / "started")
+        node.proc.kill()
+        with pytest.raises(NodeLostError, match=f"node {node.spec} was lost"):
+            job.future.result(WAIT)
+        assert job.status == JobStatus.Abandoned

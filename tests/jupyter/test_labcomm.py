@@ -301,6 +301,33 @@ def test_discover_explicit_address(announcer: FakeNodeAnnouncer) -> None:
     assert announcer.pings == 1
 
 
+def test_discover_runs_on_the_one_io_loop_also_from_a_running_loop(
+    announcer: FakeNodeAnnouncer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The panel's discovery pings from dispynb's I/O loop thread, never from a
+    loop of its own, so it also works when called under a running loop (a
+    notebook cell), where asyncio.run refuses to start."""
+    import asyncio
+
+    from dispynb.transport.discovery import Discovery
+
+    threads: list[str] = []
+    start = Discovery.start
+
+    async def recording_start(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        threads.append(threading.current_thread().name)
+        return await start(self, *args, **kwargs)
+
+    monkeypatch.setattr(Discovery, "start", recording_start)
+
+    async def cell() -> list[dict[str, object]]:
+        return discover([f"127.0.0.1:{announcer.port}"], timeout=0.3)
+
+    found = asyncio.run(cell())
+    assert [node["name"] for node in found] == ["fake-node"]
+    assert threads == ["dispynb-io"]
+
+
 def test_discover_rejects_bad_addresses_before_sending() -> None:
     with pytest.raises(ConfigurationError, match="is not an IP"):
         discover(["127.0.0.1:1", "no-such-host"], timeout=0.1)

@@ -268,6 +268,34 @@ def test_cancel_running_job_asks_node_then_accepts_report():
     assert state.nodes == (NodeInfo("a", 1, 0, 2, None),)
 
 
+def test_cancel_unstarted_drops_a_held_job_and_asks_the_node_for_a_sent_one():
+    """``job.cancel()`` (concurrent.futures): a job the client holds is dropped at
+    once; one sent ahead to a node is dropped there only if it has not started."""
+    state = make_state(("a", 1))
+    submit(state, 1, 2, 3)  # window 2: 1 and 2 on the node, 3 held here
+    assert state.is_queued(3) and not state.is_queued(2)
+    assert state.handle(CancelRequested(3, unstarted=True)) == [CancelQueued(3)]
+    assert state.handle(CancelRequested(2, unstarted=True)) == [
+        CancelRunning("a", 2, 1, unstarted=True)
+    ]
+    assert state.handle(CancelRequested(2, unstarted=True)) == []  # asked once
+    # dispy's cluster.cancel afterwards still terminates it (it had started).
+    assert state.handle(CancelRequested(2)) == [CancelRunning("a", 2, 1)]
+    assert state.handle(CancelRequested(2)) == []
+    assert state.handle(CancelRequested(2, unstarted=True)) == []
+
+
+def test_unstarted_cancel_of_a_job_handed_back_or_on_a_lost_node_cancels_it():
+    state = make_state(("a", 1), reentrant=True)
+    submit(state, 1, 2)
+    state.handle(CancelRequested(1, unstarted=True))
+    state.handle(CancelRequested(2, unstarted=True))
+    # Handed back unstarted (the node shuts down): it is not run elsewhere.
+    assert state.handle(JobReturned("a", 2, 1)) == [CancelQueued(2)]
+    # Its node lost: it may have started; it is not run again either.
+    assert state.handle(NodeLeft("a")) == [AbandonJob(1, "a")]
+
+
 def test_cancel_unknown_key_is_ignored():
     state = make_state(("a", 1))
     assert state.handle(CancelRequested(42)) == []
