@@ -26,6 +26,8 @@ from dispynb.protocol.messages import (
     ComputationReady,
     ComputationSetup,
     FileFromNode,
+    FilePut,
+    FilesMissing,
     JobResults,
     JobSubmit,
     ResultChunk,
@@ -60,6 +62,8 @@ class LyingNode:
         self.reply = reply
         self.connections: list[Connection] = []
         self.active = 0
+        self.ask_for: list[str] = []  # digests to ask for before the setup is done
+        self.files_put: list[str] = []  # digests of the files the client sent
 
     async def __call__(self, conn: Connection, name: str) -> None:
         self.connections.append(conn)
@@ -68,7 +72,13 @@ class LyingNode:
             while True:
                 message, _buffers = await conn.recv()
                 if isinstance(message, ComputationSetup):
+                    if self.ask_for:
+                        conn.write(
+                            FilesMissing(comp_id=message.comp_id, digests=self.ask_for)
+                        )
                     conn.write(ComputationReady(comp_id=message.comp_id, workers=1))
+                elif isinstance(message, FilePut):
+                    self.files_put.append(message.digest)
                 elif isinstance(message, JobSubmit):
                     self._lie(conn, message)
                 elif isinstance(message, ComputationClose):
@@ -170,3 +180,27 @@ def test_result_types_refuses_a_pickle_that_runs_code(lying_node, tmp_path, meas
     assert not ran
     assert job.status == DispyJob.Terminated
     assert "posix.mkdir" in job.exception and "result_types" in job.exception
+
+
+@pytest.mark.attack(
+    id="files-never-offered",
+    title="A node holding the secret asks the client for files by digests the "
+    "computation never offered (one of a file the client has, one garbage)",
+    goal="nothing is read or sent; a warning, and the node's jobs go on",
+)
+def test_files_never_offered_are_not_sent(lying_node, tmp_path, measure, caplog):
+    import hashlib
+
+    port, node = lying_node
+    secret_file = tmp_path / "not-offered.txt"
+    secret_file.write_text("the client's, not the computation's")
+    node.ask_for = [hashlib.sha256(secret_file.read_bytes()).hexdigest(), "zz" * 40]
+    with JobCluster(square, nodes=[f"127.0.0.1:{port}"], secret=SECRET) as cluster:
+        job = cluster.submit(7)
+        assert job() == 49
+    warned = any("never sent" in r.getMessage() for r in caplog.records)
+    measure(
+        f"files sent: {len(node.files_put)}; job {job.status.name}; warning: {warned}"
+    )
+    assert node.files_put == []
+    assert job.status == DispyJob.Finished and warned
