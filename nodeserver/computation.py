@@ -36,6 +36,7 @@ from dispynb.protocol.messages import (
 )
 from dispynb.transport.connection import Connection
 from nodeserver.budget import CpuBudget
+from nodeserver.containment import node_pids_root, place_in_new_cgroup
 from nodeserver.control import ControlChannel
 from nodeserver.filestore import FileStore
 from nodeserver.ipc import (
@@ -210,6 +211,7 @@ class Computation:
         self._workers: dict[int, Worker] = {}
         self._exits: dict[int, int] = {}
         self._process: asyncio.subprocess.Process | None = None
+        self._first_cgroup: str | None = None  # see start()
         self._control: ControlChannel | None = None
         self._loaded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._control_closed = asyncio.Event()
@@ -268,6 +270,17 @@ class Computation:
         self._control = ControlChannel(
             parent_sock, self._on_control, self._on_control_closed, self._max_size
         )
+        pids_root = node_pids_root() if self.limits.max_pids else None
+        if pids_root is not None and self.limits.max_pids:
+            # Off the start path: the process spends far longer importing than this
+            # move takes (see `containment.place_in_new_cgroup`).
+            self._first_cgroup = await asyncio.get_running_loop().run_in_executor(
+                None,
+                place_in_new_cgroup,
+                pids_root,
+                self._process.pid,
+                self.limits.max_pids,
+            )
         await self._control.send(
             Load(
                 name=self.name,
@@ -280,6 +293,8 @@ class Computation:
                 max_result=self._result_cap(),
                 max_pids=self.limits.max_pids,
                 fresh_process=self.limits.fresh_process,
+                pids_root=pids_root or "",
+                first_cgroup=self._first_cgroup,
             ),
             bundle,
         )
@@ -328,6 +343,10 @@ class Computation:
                 self._process.kill()
                 await self._process.wait()
             self._control.close()
+        if self._first_cgroup is not None:
+            # Normally gone with the first worker; left if the process died first.
+            with contextlib.suppress(OSError):
+                os.rmdir(self._first_cgroup)
         for worker in list(self._workers.values()):
             worker.conn.close()
             self._lose_worker(worker)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import importlib
 import logging
@@ -52,8 +53,9 @@ from nodeserver.containment import (
     join_new_cgroup,
     kill_group,
     load_prctl,
+    move_to_cgroup,
     remove_cgroup,
-    sweep_stale_cgroups,
+    set_pids_max,
 )
 from nodeserver.ipc import (
     IpcMessage,
@@ -156,10 +158,13 @@ class ComputationProcess:
         self._pid = os.getpid()
         self._fresh = load.fresh_process
         self._max_pids = load.max_pids
-        # A pids cgroup per worker where the system lets us make one (found once).
-        self._pids_root = find_pids_root() if load.max_pids else None
-        if self._pids_root is not None:
-            sweep_stale_cgroups(self._pids_root)
+        # A pids cgroup per worker where the system lets us make one (the node
+        # server found the root once; a process started otherwise looks itself).
+        root = find_pids_root() if load.pids_root is None else load.pids_root
+        self._pids_root = (root or None) if load.max_pids else None
+        # The cgroup this process was moved into at its start: the first worker is
+        # forked in it and keeps it (`_start_worker`).
+        self.first_cgroup = load.first_cgroup if self._pids_root else None
         # Without one, the processes under each worker are counted every
         # COUNT_INTERVAL seconds and a worker over the limit is killed.
         self._count_pids = bool(load.max_pids) and self._pids_root is None
@@ -263,29 +268,52 @@ class ComputationProcess:
         # Until the child has reset its handlers, a signal sent to it would write to
         # our wake-up pipe (and a SIGTERM to a new worker would stop us): hold them.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED_SIGNALS)
+        inherited = self.first_cgroup
         pid = os.fork()
         if pid == 0:
-            self._become_worker(server_end, worker_end, mask)
+            self._become_worker(server_end, worker_end, mask, inherited is None)
         # Also here, so that the group exists before anyone signals it (no race).
         with contextlib.suppress(OSError):
             os.setpgid(pid, pid)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         worker_end.close()
         self.workers.add(pid)
-        if self._pids_root is not None:
+        if inherited is not None:
+            self._cgroups[pid] = inherited
+        elif self._pids_root is not None:
             self._cgroups[pid] = self._cgroup_path(pid)
         try:
             self.control.send(WorkerStarted(pid=pid), fds=[server_end.fileno()])
         finally:
             server_end.close()
+        if inherited is not None:
+            # The worker already runs in that cgroup: this process leaves it (while
+            # the worker takes its first job), and it becomes the worker's alone.
+            self._leave_first_cgroup(pid)
+
+    def _leave_first_cgroup(self, worker: int) -> None:
+        """Move out of the cgroup ``worker`` was forked in; it becomes the worker's."""
+        path, self.first_cgroup = self.first_cgroup, None
+        assert path is not None and self._pids_root is not None
+        if not leave_cgroup(path, self._pids_root, remove=False):
+            # Staying in it would put us under the worker's limit and in its kill:
+            # the worker goes without (its process group still ends with it).
+            self._cgroups.pop(worker, None)
+            return
+        try:  # we no longer count: the worker gets max_pids exactly
+            set_pids_max(path, self._max_pids or 0)
+        except OSError as exc:
+            logger.warning("no pids limit for worker %d: %s", worker, exc)
 
     def _become_worker(
         self,
         server_end: socket.socket,
         worker_end: socket.socket,
         mask: set[int | signal.Signals],
+        join_cgroup: bool,
     ) -> NoReturn:
-        """Run in the forked child: shed the parent's resources, then serve jobs."""
+        """Run in the forked child: shed the parent's resources, then serve jobs
+        (``join_cgroup``: in a pids cgroup of its own, unless forked in one)."""
         code = 1
         try:
             server_end.close()
@@ -302,7 +330,7 @@ class ComputationProcess:
             if os.getppid() != self._pid:  # the parent died before prctl
                 os._exit(1)
             become_group_leader()
-            if self._pids_root is not None and self._max_pids:
+            if join_cgroup and self._pids_root is not None and self._max_pids:
                 join_new_cgroup(
                     self._pids_root,
                     os.path.basename(self._cgroup_path(os.getpid())),
@@ -452,8 +480,27 @@ def load_computation(control: MessageSocket) -> ComputationProcess:
     inject_names(functions, CONTEXT.names)
     setup = bundle.get("setup")
     if setup is not None:
+        if message.first_cgroup is not None and message.pids_root:
+            # What setup starts must not end up under the first worker's limit: the
+            # workers join cgroups of their own instead.
+            leave_cgroup(message.first_cgroup, message.pids_root, remove=True)
+            message = dataclasses.replace(message, first_cgroup=None)
         run_setup(setup, tuple(bundle.get("setup_args") or ()))
     return ComputationProcess(control, message, bundle)
+
+
+def leave_cgroup(path: str, home: str, *, remove: bool) -> bool:
+    """Move this process from cgroup ``path`` back to ``home`` (its node server's);
+    ``remove``: then remove ``path``. False (logged) if the move failed."""
+    try:
+        move_to_cgroup(home, os.getpid())
+    except OSError as exc:
+        logger.warning("cannot leave cgroup %s: %s", path, exc)
+        return False
+    if remove:
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
+    return True
 
 
 def _check_bundle(bundle: Any) -> None:

@@ -13,7 +13,15 @@ rather than to init. Then:
   tree with the ``pids`` controller delegated: we check, we never assume), each worker
   gets its own with ``pids.max`` set: a fork bomb stops at the limit. The cgroup is
   made once per worker, not per job, so the hot path pays nothing for it. Without
-  one, the limit is not enforced (a node logs that once) but everything else holds.
+  one, the limit is enforced by counting each worker's processes (a node logs that).
+
+Moving a process into a cgroup (a ``cgroup.procs`` write) is cheap except that, on
+cgroup v1, the first move after a quiet spell waits for an RCU grace period (about
+10-20 ms here; moves in quick succession then cost 0.1-0.2 ms). A computation's first
+worker must not pay that on the way to the first job: the node server probes the
+cgroup root once (`node_pids_root`) and moves each new computation process into a
+fresh cgroup while the process is still importing (`place_in_new_cgroup`), so the
+first worker is forked inside a cgroup of its own. See `nodeserver.compute`.
 
 A process that leaves the worker's group with ``setsid`` is still found through the
 subreaper at the job's end, and through the cgroup where there is one.
@@ -23,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import os
 import re
@@ -175,6 +184,23 @@ def find_pids_root() -> str | None:
     return None
 
 
+def node_pids_root() -> str | None:
+    """`find_pids_root` for a node server: probed once per process (stale worker
+    cgroups of dead computation processes are swept then), the opt-out
+    (``DISPYNB_PIDS_CGROUP=off``) read every time."""
+    if os.environ.get(NO_CGROUP_ENV, "").lower() in ("off", "0", "no"):
+        return None
+    return _probed_root()
+
+
+@functools.cache
+def _probed_root() -> str | None:
+    root = find_pids_root()
+    if root is not None:
+        sweep_stale_cgroups(root)
+    return root
+
+
 def _cgroup_mounts() -> dict[str, str]:
     """Mount points: ``"pids"`` for v1's pids hierarchy, ``""`` for cgroup v2."""
     mounts: dict[str, str] = {}
@@ -194,7 +220,9 @@ def _cgroup_mounts() -> dict[str, str]:
     return mounts
 
 
-_WORKER_CGROUP = re.compile(r"dispynb-(\d+)-w\d+")
+#: Worker cgroups: ``dispynb-<computation pid>-w<worker pid>``, and the one a
+#: computation process is placed in at its start, ``dispynb-<its pid>-first``.
+_WORKER_CGROUP = re.compile(r"dispynb-(\d+)-(?:w\d+|first)")
 
 
 def sweep_stale_cgroups(root: str) -> int:
@@ -215,8 +243,11 @@ def sweep_stale_cgroups(root: str) -> int:
     return removed
 
 
-def join_new_cgroup(root: str, name: str, max_pids: int) -> str | None:
-    """Create cgroup ``root/name`` with ``pids.max``, move this process into it.
+def join_new_cgroup(
+    root: str, name: str, max_pids: int, pid: int | None = None
+) -> str | None:
+    """Create cgroup ``root/name`` with ``pids.max``, move process ``pid`` (default:
+    this one) into it.
 
     Returns its path, or None (logged) if that failed: the job then runs without a
     pids limit rather than not at all.
@@ -230,16 +261,39 @@ def join_new_cgroup(root: str, name: str, max_pids: int) -> str | None:
         logger.warning("no pids limit for this worker: %s", exc)
         return None
     try:
-        with open(os.path.join(path, "pids.max"), "w") as handle:
-            handle.write(str(max_pids))
-        with open(os.path.join(path, "cgroup.procs"), "w") as handle:
-            handle.write(str(os.getpid()))
+        set_pids_max(path, max_pids)
+        move_to_cgroup(path, os.getpid() if pid is None else pid)
     except OSError as exc:
         logger.warning("no pids limit for this worker: %s", exc)
         with contextlib.suppress(OSError):
             os.rmdir(path)
         return None
     return path
+
+
+def place_in_new_cgroup(root: str, pid: int, max_pids: int) -> str | None:
+    """Move a new computation process ``pid`` into cgroup ``dispynb-<pid>-first``.
+
+    Run by the node server (in a thread: the write may wait for a grace period)
+    while the process is still starting. Its first worker is forked inside this
+    cgroup and keeps it, so that worker starts contained without a move of its own.
+    ``pids.max`` is one more than ``max_pids`` because the computation process is
+    counted too until it has moved back out (`nodeserver.compute` then sets
+    ``max_pids``). Returns the path, or None if that failed (logged).
+    """
+    return join_new_cgroup(root, f"dispynb-{pid}-first", max_pids + 1, pid)
+
+
+def set_pids_max(path: str, max_pids: int) -> None:
+    """Set ``pids.max`` of cgroup ``path`` (raises OSError)."""
+    with open(os.path.join(path, "pids.max"), "w") as handle:
+        handle.write(str(max_pids))
+
+
+def move_to_cgroup(path: str, pid: int) -> None:
+    """Move process ``pid`` (all its threads) into cgroup ``path`` (raises OSError)."""
+    with open(os.path.join(path, "cgroup.procs"), "w") as handle:
+        handle.write(str(pid))
 
 
 def cgroup_pids(path: str) -> list[int]:

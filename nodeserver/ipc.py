@@ -44,6 +44,13 @@ class Load(IpcMessage):
     max_pids: int | None = None
     #: Each job in a new worker process (which exits after it), as dispy.
     fresh_process: bool = False
+    #: Directory under which worker pids cgroups are made, as the node server found
+    #: it once: "" if it found none (max_pids is then enforced by counting), None if
+    #: the computation process must look itself.
+    pids_root: str | None = None
+    #: The pids cgroup the node server moved the computation process into at its
+    #: start, for its first worker (`containment.place_in_new_cgroup`), or None.
+    first_cgroup: str | None = None
 
 
 @message("shutdown")

@@ -9,7 +9,6 @@ that costs more than the copy itself (the bandwidth benchmark doubled with this)
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 
 logger = logging.getLogger(__name__)
@@ -27,11 +26,10 @@ TRIM_THRESHOLD = 256 * 1024 * 1024
 
 def keep_freed_memory() -> bool:
     """Tune glibc's malloc for reuse of large blocks; False where it is not glibc."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
+    # The symbols the process already has (libc among them): no library search,
+    # which would run ``ldconfig -p`` in a subprocess at every node process start.
     try:
-        mallopt = ctypes.CDLL(name).mallopt
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):  # not glibc (musl, macOS)
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]

@@ -584,7 +584,7 @@ class ClientSession:
             starts.append([key, attempt, when, before])
             if self._starts_timer is None:
                 self._starts_timer = asyncio.get_running_loop().call_later(
-                    START_REPORT_DELAY, self._flush
+                    START_REPORT_DELAY, self._starts_due
                 )
 
         return started
@@ -639,11 +639,19 @@ class ClientSession:
                 self._write(chunk, [view[offset : offset + CHUNK_BYTES]])
         self._write(JobResults(comp_id=comp_id, results=[[*entry, True]]))
 
+    def _starts_due(self) -> None:
+        """The oldest start waiting has waited START_REPORT_DELAY: send what waits.
+
+        A results message sends the starts it finds without cancelling this timer:
+        with jobs back to back, one timer then serves many jobs instead of each job
+        arming and cancelling one of its own (a start still waits at most the delay).
+        """
+        self._starts_timer = None
+        if self._starts:
+            self._flush()
+
     def _flush(self) -> None:
         self._flush_pending = False
-        if self._starts_timer is not None:
-            self._starts_timer.cancel()
-            self._starts_timer = None
         out, self._out = self._out, {}
         starts, self._starts = self._starts, {}
         for comp_id, (entries, buffers) in out.items():

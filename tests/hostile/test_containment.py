@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 
 import psutil
@@ -232,3 +233,91 @@ def test_cancel_kills_a_jobs_forked_child_that_ignores_sigint(local, tmp_path):
         job()
         assert job.status == DispyJob.Terminated
         wait_until(lambda: not _alive(child), WAIT)
+
+
+# --- where each process's pids cgroup is -----------------------------------------
+
+
+def pids_cgroup(pid: int) -> str:
+    """The pids cgroup of ``pid`` (cgroup v1's pids hierarchy, else v2's)."""
+    with open(f"/proc/{pid}/cgroup") as handle:
+        lines = [line.rstrip("\n").split(":", 2) for line in handle]
+    for _, controllers, path in lines:
+        if "pids" in controllers.split(","):
+            return path
+    return next(path for hierarchy, _, path in lines if hierarchy == "0")
+
+
+def job_cgroup() -> tuple[str, int]:
+    """The job's pids cgroup and the computation process's pid."""
+    return pids_cgroup(os.getpid()), os.getppid()
+
+
+def _pids_max(cgroup: str) -> int:
+    from nodeserver.containment import node_pids_root
+
+    root = node_pids_root()
+    assert root is not None
+    with open(os.path.join(root, os.path.basename(cgroup), "pids.max")) as handle:
+        return int(handle.read())
+
+
+def _same_cgroup_as_its_node(computation: int) -> bool:
+    return pids_cgroup(computation) == pids_cgroup(psutil.Process(computation).ppid())
+
+
+def test_every_worker_starts_in_a_pids_cgroup_of_its_own(local):
+    # The first worker is forked inside the cgroup the node server moved the
+    # computation process into while it started (no cgroup move on the way to the
+    # first job); the computation process then leaves it to the worker.
+    if not _cgroups_available():
+        pytest.skip("no pids cgroup can be created here")
+    with JobCluster(job_cgroup, nodes=local, max_pids=32) as cluster:
+        results = [job() for job in [cluster.submit() for _ in range(4)]]
+        computation = results[0][1]
+        wait_until(lambda: _same_cgroup_as_its_node(computation), WAIT)
+        for path, parent in results:
+            assert parent == computation
+            assert os.path.basename(path).startswith(f"dispynb-{computation}-")
+            assert pids_cgroup(computation) != path
+            assert _pids_max(path) == 32  # the computation process no longer counts
+
+
+SETUP_CHILD: list[subprocess.Popen[bytes]] = []
+
+
+def start_a_sleeper() -> int:
+    SETUP_CHILD.append(subprocess.Popen(["sleep", "60"]))
+    return 0
+
+
+def stop_the_sleeper() -> None:
+    for child in SETUP_CHILD:
+        child.kill()
+        child.wait()
+
+
+def setup_child_cgroup() -> tuple[str, str, int]:
+    """The pids cgroups of the job and of setup's child; the computation's pid."""
+    return pids_cgroup(os.getpid()), pids_cgroup(SETUP_CHILD[0].pid), os.getppid()
+
+
+def test_what_setup_starts_is_in_no_workers_cgroup(local):
+    if not _cgroups_available():
+        pytest.skip("no pids cgroup can be created here")
+    with JobCluster(
+        setup_child_cgroup,
+        nodes=local,
+        setup=start_a_sleeper,
+        cleanup=stop_the_sleeper,
+        max_pids=32,
+    ) as cluster:
+        jobs = [cluster.submit() for _ in range(2)]
+        for job in jobs:
+            mine, setups, computation = job()
+            assert job.status == DispyJob.Finished, job.exception
+            node = psutil.Process(computation).ppid()
+            # Setup ran, and its child stays, where the node server is: under no
+            # worker's limit, and not killed with one.
+            assert setups == pids_cgroup(node) == pids_cgroup(computation)
+            assert mine != setups
