@@ -201,6 +201,11 @@ class Adaptive:
         """Whether the controller still looks."""
         return self._thread.is_alive() and not self._stop.is_set()
 
+    @property
+    def adapting(self) -> bool:
+        """Whether it adapts the nodes (not only finishing `scale`'s drains)."""
+        return self.running and not self._only_drain
+
     def stop(self) -> None:
         """Stop adapting (the nodes stay as they are); idempotent."""
         self._stop.set()
@@ -245,16 +250,18 @@ class Adaptive:
         elif registered:
             self._failures = 0
         views, jobs = launcher._node_views(loads, now)
-        launch, drain = plan(
-            self.options,
-            jobs,
-            self.options.cpus_per_node or launcher._cpus_per_node(),
-            views,
-            now - self._last_scaled,
-        )
+        cpus = self.options.cpus_per_node or launcher._cpus_per_node()
+        launch, drain = plan(self.options, jobs, cpus, views, now - self._last_scaled)
         if launch and now >= self._next_launch and not self._stop.is_set():
             self._last_scaled = now
-            launcher._scale_up(launch, f"{jobs} job(s) waiting or running")
+            unbounded = dataclasses.replace(self.options, minimum=0)
+            by_jobs = target_nodes(unbounded, jobs, cpus, len(views))
+            why = (
+                f"{jobs} job(s) waiting or running"
+                if by_jobs > self.options.minimum
+                else f"the minimum of {self.options.minimum}"
+            )
+            launcher._scale_up(launch, why)
         if drain:
             self._last_scaled = now
             idle = {v.name: v.idle_for for v in views}

@@ -64,6 +64,10 @@ Handle = TypeVar("Handle")
 
 #: Seconds `node_specs` waits for the first node to register.
 REGISTER_WAIT = 60.0
+#: Seconds a node that registered (or that `node_specs` gave a cluster) counts as
+#: busy while some subscribed cluster has not set it up yet: adapt must not stop a
+#: node a cluster is still connecting to.
+JOIN_GRACE = 30.0
 #: Scaling events a launcher keeps (`NodeLauncher.events`).
 KEPT_EVENTS = 1000
 
@@ -85,6 +89,8 @@ class Launched(Generic[Handle]):
     #: Monotonic seconds it was launched, and last had a job (or registered).
     launched_at: float = dataclasses.field(default_factory=time.monotonic)
     last_busy: float = 0.0
+    #: Until then (monotonic) it is busy unless every cluster has it (`JOIN_GRACE`).
+    joining_until: float = 0.0
     #: Jobs it had finished over every cluster, at the last look (adapt).
     done_seen: int = 0
     #: Being drained to stop (scale-down): offered to no cluster any more.
@@ -287,7 +293,7 @@ class NodeLauncher(abc.ABC, Generic[Handle]):
         While `adapt` runs with no node (``minimum=0``), one is launched: a cluster
         starts on a node; adapt stops it later if no job comes.
         """
-        if self._adaptive is not None and self._adaptive.running:
+        if self._adaptive is not None and self._adaptive.adapting:
             with self._scaling:
                 with self._changed:
                     starting = not self._in_use()
@@ -295,7 +301,11 @@ class NodeLauncher(abc.ABC, Generic[Handle]):
                     self._scale_up(1, "a cluster needs a first node")
         with contextlib.suppress(LaunchError):
             self.wait_for(timeout=self.wait)
-        specs = [node.spec for node in self.nodes]
+        with self._changed:
+            given = [x for x in self._in_use() if x.node is not None]
+            for x in given:  # a cluster starts on them: not idle while it sets up
+                x.joining_until = time.monotonic() + JOIN_GRACE
+        specs = [x.node.spec for x in given if x.node is not None]
         if not specs:
             self.wait_for(1, timeout=0.0)  # raises, saying why
         return specs
@@ -445,7 +455,8 @@ class NodeLauncher(abc.ABC, Generic[Handle]):
             work = [load.nodes[spec] for _, load in loads if spec in load.nodes]
             busy = sum(w.jobs for w in work)
             done = sum(w.done for w in work)
-            if busy or done != x.done_seen:
+            joining = len(work) < max(len(loads), 1) and now < x.joining_until
+            if busy or done != x.done_seen or joining:
                 x.last_busy = now
                 x.done_seen = done
             idle = None if busy else now - x.last_busy
@@ -581,6 +592,7 @@ class NodeLauncher(abc.ABC, Generic[Handle]):
                 self._launched.append(match)
             match.node = node
             match.last_busy = time.monotonic()
+            match.joining_until = match.last_busy + JOIN_GRACE
             self._known_cpus = node.cpus
             subscribers = [] if match.draining else [c for c, _ in self._subscribers]
             self._changed.notify_all()

@@ -423,8 +423,11 @@ class DispyMagics(Magics):
         if args.action == "panel":
             display(session.panel)
             return None
+        started = session.local
         session.close()
-        print("dispynb: runs cancelled and closed, local nodes stopped")
+        kind = "ssh" if hasattr(started, "subscribe") else "local"
+        stopped = f", {kind} nodes stopped" if started is not None else ""
+        print(f"dispynb: runs cancelled and closed{stopped}")
         return None
 
     # -- %%dispy ---------------------------------------------------------------------

@@ -142,3 +142,26 @@ def test_a_drained_node_finishes_its_running_job_first(tmp_path: Path) -> None:
             wait_until(lambda: actions(nodes, "stopped") == [drained], 30, "stopped")
             assert [n.name for n in nodes.nodes] != [drained]
             assert len(nodes.nodes) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_from_zero_nodes_and_back_to_zero(tmp_path: Path) -> None:
+    """``minimum=0``: the cluster gets a first node, idleness takes every node away,
+    and a job submitted to a cluster without nodes makes one start again."""
+    release = str(tmp_path / "release")
+    Path(release).touch()
+    with LocalProcesses() as nodes:
+        nodes.adapt(minimum=0, maximum=2, idle_timeout=0.5, interval=0.1, cooldown=0)
+        with JobCluster(hold, nodes=nodes) as cluster:
+            assert cluster.submit(release, 1)() == 10
+            wait_until(lambda: len(actions(nodes, "stopped")) == 1, 60, "none left")
+            assert cluster.status().nodes == [] and nodes.nodes == []
+            assert cluster.submit(release, 2)() == 20  # a node starts for it
+            assert len(actions(nodes, "launch")) == 2
+        nodes.scale(2)  # ends adapt; launches the one missing at once
+        nodes.wait_for(2, timeout=30)
+        assert len(actions(nodes, "launch")) == 3
+        nodes.scale(0)  # no cluster: nothing to drain, they stop
+        wait_until(lambda: len(actions(nodes, "stopped")) == 3, 30, "stopped")
+        assert nodes.nodes == [] and nodes.exited() == []
