@@ -140,6 +140,11 @@ def _was_interrupted(done: Done) -> bool:
     return done.outcome != FINISHED and "KeyboardInterrupt" in (done.exception or "")
 
 
+#: Seconds a job whose worker died of SIGTERM waits before being reported failed: if
+#: the node received the same signal meanwhile, the job is lost with the node.
+STOP_SIGNAL_GRACE = 1.0
+
+
 def timeout_reason(timeout: float) -> str:
     """Why a job that ran over its time limit was terminated, and how to allow more."""
     return (
@@ -191,8 +196,10 @@ class Computation:
         max_message_size: int,
         remove_path: bool,
         limits: JobLimits | None = None,
+        node_stopping: Callable[[], bool] | None = None,
     ) -> None:
         self.comp_id = comp_id
+        self._node_stopping = node_stopping or (lambda: False)
         self.name = name
         self.path = path
         self._n_workers = workers
@@ -787,6 +794,23 @@ class Computation:
                 self._finish_killed(job)
             elif job.reported:
                 continue
+            elif (
+                position == 0
+                and not worker.retiring
+                and returncode == -signal.SIGTERM
+                and not worker.exit_reason
+            ):
+                # A stop signal sent to the node's whole job step or unit (SLURM at
+                # walltime or scancel, systemd) kills its workers too: such a job
+                # is lost with the node (the client runs it again if reentrant),
+                # not failed. Decide once the node has handled its own signal.
+                job.reported = True
+                asyncio.get_running_loop().call_later(
+                    STOP_SIGNAL_GRACE,
+                    self._report_unless_stopping,
+                    job,
+                    crash_reason(returncode),
+                )
             elif position == 0 and not worker.retiring:
                 reason = (
                     worker.exit_reason or crash_reason(returncode)
@@ -807,6 +831,18 @@ class Computation:
         self._release_cpu(worker)
         self._pump()
         self._note_progress()
+
+    def _report_unless_stopping(self, job: NodeJob, reason: str) -> None:
+        if self._node_stopping():
+            logger.info(
+                "job %d was killed by the node's stop signal: left to its client "
+                "as a job of a lost node",
+                job.key,
+            )
+            return
+        if job.mem_limit is not None:
+            reason += mem_limit_note(job.mem_limit)
+        self._report([job.key, job.attempt, CRASHED, 0.0, 0.0, "", "", reason, 0], [])
 
     def _on_control_closed(self) -> None:
         self._control_closed.set()

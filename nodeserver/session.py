@@ -216,6 +216,7 @@ class ClientSession:
                 max_pids=message.max_pids,
                 fresh_process=message.fresh_process,
             ),
+            node_stopping=lambda: self.server.draining,
         )
         computation.on_failure = lambda reason: self._computation_died(
             message.comp_id, reason

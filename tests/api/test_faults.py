@@ -465,3 +465,49 @@ def test_kept_results_survive_a_node_restart_and_are_removed_when_collected(tmp_
         print("restart recovery: submitted 20, recovered 20, lost 0, duplicated 0")
     finally:
         node.stop()
+
+
+def stay_on_a(n: int) -> tuple[int, str]:
+    import time
+
+    if dispy_node_name == "a":  # type: ignore[name-defined]  # noqa: F821
+        time.sleep(120)  # until its node is stopped
+    return n, dispy_node_name  # type: ignore[name-defined]  # noqa: F821
+
+
+def test_stop_signal_to_every_process_of_a_node_loses_its_running_job(tmp_path):
+    """SLURM (walltime, scancel) and systemd send SIGTERM to every process of a
+    node's job step or unit at once, its job workers included: a reentrant job that
+    signal killed is lost with the node and finishes on the other one, instead of
+    failing as 'killed by SIGTERM'."""
+    with (
+        running_node(tmp_path / "a", name="a") as a,
+        running_node(tmp_path / "b", name="b", secret=a.secret) as b,
+        JobCluster(
+            stay_on_a,
+            nodes=[a.spec, b.spec],
+            secret=a.secret,
+            reentrant=True,
+            pulse_interval=PULSE,
+        ) as cluster,
+    ):
+        wait_until(lambda: len(cluster.status().nodes) == 2)
+        jobs = [cluster.submit(n) for n in range(6)]
+        wait_until(
+            lambda: (
+                any(
+                    j.status == DispyJob.Running and j.ip_addr and j.ip_addr in a.spec
+                    for j in jobs
+                )
+                and any(j.status == DispyJob.Finished for j in jobs)
+            )
+        )
+        node_a = next(n for n in cluster.status().nodes if n.name == "a")
+        assert any(j.status == DispyJob.Running for j in cluster.node_jobs(node_a))
+        tree = psutil.Process(a.proc.pid)
+        for proc in [tree, *tree.children(recursive=True)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.send_signal(signal.SIGTERM)
+        assert cluster.wait(timeout=30)
+    assert [job.status for job in jobs] == [DispyJob.Finished] * 6
+    assert sorted(job.result for job in jobs) == [(n, "b") for n in range(6)]

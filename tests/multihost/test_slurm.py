@@ -247,3 +247,97 @@ def check_job_resources(network: Network, setup: slurm.SlurmSetup, job_id: str) 
         "JobName=slurm-0-",
     ):
         assert expected in shown, shown
+
+
+WALLTIME_CLIENT = """
+import json
+import logging
+import sys
+import time
+
+import dispynb
+from dispynb.deploy import SlurmNodes
+
+logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                    format="%(name)s %(levelname)s %(message)s")
+
+
+def work(x, doomed, flag):
+    import os, time
+    if dispy_node_name == doomed:
+        time.sleep(600)  # until SLURM ends this node's batch job
+    while not os.path.exists(flag):  # until the doomed node holds jobs too
+        time.sleep(0.05)
+    return x, dispy_node_name
+
+
+def main(args):
+    with SlurmNodes(2, cpus=1, walltime="10", log_directory=args["logs"]) as nodes:
+        nodes.wait_for(2, 60)
+        doomed = nodes.nodes[0].name
+        job_id = next(j.job_id for j in nodes.jobs if j.name == doomed)
+        cluster = dispynb.JobCluster(work, nodes=nodes, reentrant=True)
+        jobs = [cluster.submit(i, doomed, args["flag"]) for i in range(8)]
+        deadline = time.monotonic() + 60
+        while not any(j.status == dispynb.DispyJob.Running and j.ip_addr and
+                      j.ip_addr == nodes.nodes[0].host for j in jobs):
+            assert time.monotonic() < deadline, "no job ran on the doomed node"
+            time.sleep(0.05)
+        open(args["flag"], "w").close()
+        with open(args["ready"], "w") as out:
+            json.dump({"job": job_id, "doomed": doomed}, out)
+        results = [job() for job in jobs]
+        statuses = sorted({job.status for job in jobs})
+        deadline = time.monotonic() + 30  # squeue is read every 2 s
+        while not nodes.exited() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        exited = nodes.exited()
+        cluster.close()
+    failures = [(job.status, str(job.exception)[-600:]) for job in jobs
+                if job.status != dispynb.DispyJob.Finished]
+    return {"results": results, "doomed": doomed, "exited": exited,
+            "failures": failures,
+            "statuses": statuses, "finished": dispynb.DispyJob.Finished}
+"""
+
+
+@pytest.mark.timeout(300)
+def test_a_node_killed_at_its_walltime_loses_its_jobs_to_the_others(
+    network: Network, cluster_env: slurm.SlurmSetup, tmp_path: Path
+) -> None:
+    """SLURM's own walltime enforcement (TimeLimit lowered to its minimum, 1 minute,
+    with ``scontrol update`` once the node holds jobs): SLURM sends SIGTERM, then
+    SIGKILL after KillWait; the reentrant jobs the node held finish on the other."""
+    setup = cluster_env
+    ready = tmp_path / "ready.json"
+    client = start_client(
+        network,
+        network.hosts[-1],
+        tmp_path,
+        WALLTIME_CLIENT,
+        {"ready": str(ready), "flag": str(tmp_path / "flag"), "logs": str(tmp_path)},
+    )
+    try:
+        info = wait_file(ready, client, setup, 90, "a job running on the doomed node")
+        update = slurm.slurm_command(
+            network, network.hosts[-1], setup, "scontrol", "update",
+            f"JobId={info['job']}", "TimeLimit=1",
+        )  # fmt: skip
+        assert update.returncode == 0, update.stderr
+        result = client.result(240)
+    finally:
+        client.stop()
+    doomed = result["doomed"]
+    assert result["failures"] == []
+    assert sorted(x for x, _ in result["results"]) == list(range(8))
+    assert all(name != doomed for _, name in result["results"])
+    assert result["statuses"] == [result["finished"]]
+    assert any(
+        line.startswith(f"{doomed}: SLURM job {info['job']} TIMEOUT")
+        for line in result["exited"]
+    ), result["exited"]
+    assert f"node {doomed} ended: SLURM job {info['job']} TIMEOUT" in client.stderr
+    shown = slurm.slurm_command(
+        network, network.hosts[-1], setup, "scontrol", "show", "job", str(info["job"])
+    ).stdout
+    assert "JobState=TIMEOUT" in shown and "Reason=TimeLimit" in shown, shown
