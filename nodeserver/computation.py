@@ -140,8 +140,9 @@ def _was_interrupted(done: Done) -> bool:
     return done.outcome != FINISHED and "KeyboardInterrupt" in (done.exception or "")
 
 
-#: Seconds a job whose worker died of SIGTERM waits before being reported failed: if
-#: the node received the same signal meanwhile, the job is lost with the node.
+#: Seconds a job whose worker died of SIGTERM (or whose computation process died)
+#: waits before being reported failed: if the node received the same signal
+#: meanwhile, the job is lost with the node.
 STOP_SIGNAL_GRACE = 1.0
 
 
@@ -797,19 +798,22 @@ class Computation:
             elif (
                 position == 0
                 and not worker.retiring
-                and returncode == -signal.SIGTERM
+                and returncode in (-signal.SIGTERM, None)
                 and not worker.exit_reason
             ):
                 # A stop signal sent to the node's whole job step or unit (SLURM at
-                # walltime or scancel, systemd) kills its workers too: such a job
-                # is lost with the node (the client runs it again if reentrant),
-                # not failed. Decide once the node has handled its own signal.
+                # walltime or scancel, systemd) kills its workers and computation
+                # process too: such a job is lost with the node (the client runs it
+                # again if reentrant), not failed. Decide once the node has handled
+                # its own signal.
                 job.reported = True
                 asyncio.get_running_loop().call_later(
                     STOP_SIGNAL_GRACE,
                     self._report_unless_stopping,
                     job,
-                    crash_reason(returncode),
+                    crash_reason(returncode)
+                    if returncode is not None
+                    else "the computation's process on the node died",
                 )
             elif position == 0 and not worker.retiring:
                 reason = (
@@ -853,26 +857,31 @@ class Computation:
         for worker in list(self._workers.values()):
             self._maybe_lost(worker)
         if not self._closing:
-            for job in self._queue:
-                self._report(
-                    [
-                        job.key,
-                        job.attempt,
-                        CRASHED,
-                        0.0,
-                        0.0,
-                        "",
-                        "",
-                        "the computation's process on the node died",
-                        0,
-                    ],
-                    [],
-                )
+            queued = list(self._queue)
             self._queue.clear()
-            # Before it was ready, start() reports the failure (with setup's reason).
-            if self.on_failure is not None and self._ready:
-                self.on_failure("the computation's process on the node died")
+            # As for its workers (_lose_worker): a stop signal to the whole node
+            # may have ended it; then its jobs are lost with the node.
+            asyncio.get_running_loop().call_later(
+                STOP_SIGNAL_GRACE, self._process_lost, queued
+            )
         self._note_progress()
+
+    def _process_lost(self, queued: list[NodeJob]) -> None:
+        if self._node_stopping():
+            logger.info(
+                "computation %s ended with the node's stop signal: its jobs are "
+                "left to their client as jobs of a lost node",
+                self.name,
+            )
+            return
+        reason = "the computation's process on the node died"
+        for job in queued:
+            self._report(
+                [job.key, job.attempt, CRASHED, 0.0, 0.0, "", "", reason, 0], []
+            )
+        # Before it was ready, start() reports the failure (with setup's reason).
+        if self.on_failure is not None and self._ready:
+            self.on_failure(reason)
 
     def _note_progress(self) -> None:
         if self._progress is not None and not self._progress.done():

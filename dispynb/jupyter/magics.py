@@ -102,6 +102,25 @@ class Session:
             self.probe()
         self._show_in_use()
 
+    def start_slurm(self, count: int, options: dict[str, Any], **launcher: Any) -> None:
+        """Submit ``count`` node servers as SLURM batch jobs (replacing the current
+        nodes); ``launcher`` are `SlurmNodes`' options."""
+        from dispynb.deploy import SlurmNodes
+
+        self.close()
+        with friendly_errors(
+            "%dispy slurm could not start the nodes",
+            hint="check that sbatch works here (a SLURM login node), that the "
+            "partition and options are right, and that dispynb is installed for "
+            "--python on the compute nodes",
+        ):
+            self.local = SlurmNodes(count, **launcher)
+            self.nodes = self.local
+            self.options = dict(options)
+            self._register_atexit()
+            self.probe()
+        self._show_in_use()
+
     def attach(self, specs: list[str], options: dict[str, Any]) -> None:
         """Use node servers started elsewhere, after checking that they answer."""
         self.close()
@@ -205,7 +224,7 @@ class Session:
             if self.local is not None and self.nodes is self.local:
                 gone = self.local.exited()
                 if gone:
-                    kind = "ssh" if hasattr(self.local, "subscribe") else "local"
+                    kind = launcher_kind(self.local)
                     raise MagicError(
                         f"the {kind} nodes have exited: {', '.join(gone)}; "
                         f"start new ones with %dispy {kind}"
@@ -239,6 +258,11 @@ class Session:
         return SessionStatus(self)
 
 
+def launcher_kind(nodes: Any) -> str:
+    """``'local'``, ``'ssh'``, ``'slurm'``: what started a session's nodes."""
+    return str(getattr(nodes, "kind", "local"))
+
+
 class SessionStatus:
     """What ``%dispy status`` returns: the nodes and the runs, as text or HTML."""
 
@@ -251,7 +275,7 @@ class SessionStatus:
         if self.nodes is None:
             return "no nodes: use %dispy local or %dispy nodes HOST ..."
         if hasattr(self.nodes, "node_specs"):
-            kind = "ssh" if hasattr(self.nodes, "subscribe") else "local"
+            kind = launcher_kind(self.nodes)
             return f"{kind} nodes {', '.join(self.nodes.node_specs())}"
         return f"nodes {', '.join(self.nodes)}"
 
@@ -295,12 +319,14 @@ class DispyMagics(Magics):
     @magic_arguments()
     @argument(
         "action",
-        choices=["local", "nodes", "ssh", "status", "panel", "close"],
+        choices=["local", "nodes", "ssh", "slurm", "status", "panel", "close"],
         help=(
             "local: start node servers on this machine (127.0.0.1, random secret); "
             "nodes: use node servers started elsewhere (dispynb-node), given as "
             "HOST or HOST:PORT; ssh: start one node server on each HOST over ssh "
-            "(stopped by close, or when the kernel ends); status: show the nodes "
+            "(stopped by close, or when the kernel ends); slurm: submit --nodes "
+            "node servers as SLURM batch jobs (cancelled by close, or when the "
+            "kernel exits); status: show the nodes "
             "and the runs; panel: show a live table of the nodes; close: cancel "
             "every run and stop local nodes"
         ),
@@ -317,7 +343,8 @@ class DispyMagics(Magics):
         type=int,
         default=1,
         metavar="N",
-        help="local: how many node servers to start (default 1)",
+        help="local: how many node servers to start (default 1); slurm: how many "
+        "batch jobs to submit (default 1)",
     )
     @argument(
         "--cpus",
@@ -325,13 +352,30 @@ class DispyMagics(Magics):
         default=None,
         metavar="N",
         help="local: CPUs per node (default: this machine's CPUs shared by the "
-        "nodes); ssh: CPUs per node (default: all of each host's)",
+        "nodes); ssh: CPUs per node (default: all of each host's); slurm: CPUs per "
+        "job (--cpus-per-task)",
     )
     @argument(
         "--python",
-        default="python3",
+        default=None,
         metavar="PATH",
-        help="ssh: the Python with dispynb installed on the hosts (default python3)",
+        help="ssh: the Python with dispynb installed on the hosts (default python3); "
+        "slurm: on the compute nodes (default: this kernel's)",
+    )
+    @argument("--memory", metavar="SIZE", help="slurm: memory per job (--mem: 4G)")
+    @argument(
+        "--walltime",
+        metavar="TIME",
+        help="slurm: time limit per job (--time: minutes, H:MM:SS, D-HH)",
+    )
+    @argument("--partition", metavar="NAME", help="slurm: the partition")
+    @argument("--account", metavar="NAME", help="slurm: the account to charge")
+    @argument(
+        "--directive",
+        action="append",
+        default=[],
+        metavar="OPTION",
+        help="slurm: another #SBATCH option, e.g. --directive=--qos=short (repeatable)",
     )
     @argument(
         "--ssh-config",
@@ -365,6 +409,7 @@ class DispyMagics(Magics):
             %dispy nodes 10.0.0.5 node2:9711 --secret-file ~/.dispynb-secret
             %dispy nodes node1 --cafile ca.pem --secret-file ~/.dispynb-secret
             %dispy ssh node1 node2 --python /opt/venv/bin/python   # over ssh
+            %dispy slurm --nodes 4 --cpus 8 --memory 16G --walltime 2:00:00
             %dispy local --nodes 2 --pulse 2         # load reported every 2 s
             %dispy status                            # nodes and runs (returns a repr)
             %dispy panel                             # live table of the nodes
@@ -379,8 +424,13 @@ class DispyMagics(Magics):
         session = self.session
         if args.action not in ("nodes", "ssh") and args.hosts:
             raise UsageError(f"%dispy {args.action} takes no hosts: {args.hosts}")
-        if args.pulse is not None and args.action not in ("local", "nodes", "ssh"):
-            raise UsageError("--pulse is for %dispy local, nodes and ssh")
+        if args.pulse is not None and args.action not in (
+            "local",
+            "nodes",
+            "ssh",
+            "slurm",
+        ):
+            raise UsageError("--pulse is for %dispy local, nodes, ssh and slurm")
         pulse = {} if args.pulse is None else {"pulse_interval": args.pulse}
         if args.action == "local":
             if args.count < 1 or (args.cpus is not None and args.cpus < 1):
@@ -398,8 +448,28 @@ class DispyMagics(Magics):
                 ["-F", os.path.expanduser(args.ssh_config)] if args.ssh_config else []
             )
             session.start_ssh(
-                list(args.hosts), node_args, args.python, ssh_options, pulse
+                list(args.hosts),
+                node_args,
+                args.python or "python3",
+                ssh_options,
+                pulse,
             )
+            print(f"dispynb: {session.status()._where()}")
+            return None
+        if args.action == "slurm":
+            if args.count < 1 or (args.cpus is not None and args.cpus < 1):
+                raise UsageError("--nodes and --cpus must be at least 1")
+            launcher = {
+                "cpus": args.cpus,
+                "memory": args.memory,
+                "walltime": args.walltime,
+                "partition": args.partition,
+                "account": args.account,
+                "directives": args.directive,
+            }
+            if args.python:
+                launcher["python"] = args.python
+            session.start_slurm(args.count, pulse, **launcher)
             print(f"dispynb: {session.status()._where()}")
             return None
         if args.action == "nodes":

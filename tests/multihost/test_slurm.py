@@ -341,3 +341,59 @@ def test_a_node_killed_at_its_walltime_loses_its_jobs_to_the_others(
         network, network.hosts[-1], setup, "scontrol", "show", "job", str(info["job"])
     ).stdout
     assert "JobState=TIMEOUT" in shown and "Reason=TimeLimit" in shown, shown
+
+
+MAGIC_CLIENT = """
+from IPython.core.interactiveshell import InteractiveShell
+from IPython.utils.capture import capture_output
+from traitlets.config import Config
+
+WHERE = "def where(x):\\n    return dispy_node_name\\n"
+
+
+def main(args):
+    config = Config()
+    config.HistoryManager.hist_file = ":memory:"
+    shell = InteractiveShell.instance(config=config)
+    shell.run_line_magic("load_ext", "dispynb")
+    with capture_output() as started:
+        shell.run_line_magic(
+            "dispy",
+            "slurm --nodes 2 --cpus 1 --memory 200M --walltime 5 "
+            "--partition debug --directive=--comment=from-a-notebook",
+        )
+    jobs = [j.job_id for j in shell.user_ns["get_ipython"]().magics_manager
+            .registry["DispyMagics"].session.local.jobs]
+    with capture_output():
+        shell.run_cell_magic("dispy", '--over "range(6)" --into placed', WHERE)
+    names = shell.user_ns["placed"].results
+    with capture_output() as closed:
+        shell.run_line_magic("dispy", "close")
+    return {"started": started.stdout, "names": names, "jobs": jobs,
+            "closed": closed.stdout}
+"""
+
+
+def test_dispy_slurm_magic(
+    network: Network, cluster_env: slurm.SlurmSetup, tmp_path: Path
+) -> None:
+    """``%dispy slurm --nodes 2 ...`` in an IPython shell, a ``%%dispy`` cell on the
+    batch jobs' nodes, then ``%dispy close`` cancels the jobs."""
+    client = start_client(network, network.hosts[-1], tmp_path, MAGIC_CLIENT, {})
+    try:
+        result = client.result(120)
+    finally:
+        client.stop()
+    assert result["started"].startswith("dispynb: slurm nodes 10.77.0."), result
+    assert result["started"].count("10.77.0.") == 2  # both jobs' nodes registered
+    names = result["names"]
+    assert len(names) == 6 and all(name.startswith("slurm-") for name in names)
+    states = squeue_states(network, cluster_env, result["jobs"])
+    assert set(states.values()) == {"CANCELLED"}, states
+    for job_id in result["jobs"]:
+        shown = slurm.slurm_command(
+            network, network.hosts[-1], cluster_env, "scontrol", "show", "job", job_id
+        ).stdout
+        assert "Comment=from-a-notebook" in shown and "TimeLimit=00:05:00" in shown
+    for host in network.hosts[:-1]:
+        wait_for(lambda host=host: node_pids(host) == [], 30, f"no node on {host.ip}")
