@@ -352,6 +352,9 @@ WHERE = "def where(x):\\n    return dispy_node_name\\n"
 
 
 def main(args):
+    import os
+
+    os.chdir(args["cwd"])  # the notebook's directory: SLURM writes slurm-<id>.out there
     config = Config()
     config.HistoryManager.hist_file = ":memory:"
     shell = InteractiveShell.instance(config=config)
@@ -379,7 +382,8 @@ def test_dispy_slurm_magic(
 ) -> None:
     """``%dispy slurm --nodes 2 ...`` in an IPython shell, a ``%%dispy`` cell on the
     batch jobs' nodes, then ``%dispy close`` cancels the jobs."""
-    client = start_client(network, network.hosts[-1], tmp_path, MAGIC_CLIENT, {})
+    args = {"cwd": str(tmp_path)}
+    client = start_client(network, network.hosts[-1], tmp_path, MAGIC_CLIENT, args)
     try:
         result = client.result(120)
     finally:
@@ -397,3 +401,4 @@ def test_dispy_slurm_magic(
         assert "Comment=from-a-notebook" in shown and "TimeLimit=00:05:00" in shown
     for host in network.hosts[:-1]:
         wait_for(lambda host=host: node_pids(host) == [], 30, f"no node on {host.ip}")
+    assert len(list(tmp_path.glob("slurm-*.out"))) == 2  # SLURM's default output
