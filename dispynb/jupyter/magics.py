@@ -45,6 +45,27 @@ NODES_HINT = (
 )
 
 
+#: ``%dispy ssh/slurm --adapt MIN:MAX``: (minimum, maximum, idle timeout).
+Adapt = tuple[int, int, float]
+
+
+def adapt_bounds(text: str, args: Any) -> Adapt:
+    """``'MIN:MAX'`` (and ``--idle-timeout``) as `Adapt`; UsageError if malformed."""
+    low, sep, high = text.partition(":")
+    try:
+        minimum, maximum = int(low), int(high)
+    except ValueError:
+        minimum = maximum = -1
+    if not sep or minimum < 0 or maximum < max(minimum, 1):
+        raise UsageError(
+            f"--adapt takes MIN:MAX, two node counts with 0 <= MIN <= MAX and MAX >= 1 "
+            f"(such as 0:4), not {text!r}"
+        )
+    if args.idle_timeout < 0:
+        raise UsageError("--idle-timeout must be >= 0 seconds")
+    return minimum, maximum, float(args.idle_timeout)
+
+
 class Session:
     """The nodes a notebook uses, the runs it started and their node panel."""
 
@@ -83,8 +104,10 @@ class Session:
         python: str,
         ssh_options: list[str],
         options: dict[str, Any],
+        adapt: Adapt | None = None,
     ) -> None:
-        """Start one node server per host over SSH (replacing the current nodes)."""
+        """Start one node server per host over SSH (replacing the current nodes);
+        with ``adapt``, as many as the runs' jobs need instead."""
         from dispynb.deploy import SSHNodes
 
         self.close()
@@ -94,17 +117,30 @@ class Session:
             "installed there for --python",
         ):
             self.local = SSHNodes(
-                hosts, python=python, node_args=node_args, ssh_options=ssh_options
+                hosts,
+                python=python,
+                node_args=node_args,
+                ssh_options=ssh_options,
+                start=adapt is None,
             )
             self.nodes = self.local
+            if adapt is not None:
+                self.local.adapt(*adapt[:2], idle_timeout=adapt[2])
             self.options = dict(options)
             self._register_atexit()
             self.probe()
         self._show_in_use()
 
-    def start_slurm(self, count: int, options: dict[str, Any], **launcher: Any) -> None:
+    def start_slurm(
+        self,
+        count: int,
+        options: dict[str, Any],
+        adapt: Adapt | None = None,
+        **launcher: Any,
+    ) -> None:
         """Submit ``count`` node servers as SLURM batch jobs (replacing the current
-        nodes); ``launcher`` are `SlurmNodes`' options."""
+        nodes), or with ``adapt`` as many as the runs' jobs need; ``launcher`` are
+        `SlurmNodes`' options."""
         from dispynb.deploy import SlurmNodes
 
         self.close()
@@ -114,8 +150,10 @@ class Session:
             "partition and options are right, and that dispynb is installed for "
             "--python on the compute nodes",
         ):
-            self.local = SlurmNodes(count, **launcher)
+            self.local = SlurmNodes(0 if adapt else count, **launcher)
             self.nodes = self.local
+            if adapt is not None:
+                self.local.adapt(*adapt[:2], idle_timeout=adapt[2])
             self.options = dict(options)
             self._register_atexit()
             self.probe()
@@ -378,6 +416,19 @@ class DispyMagics(Magics):
         help="slurm: another #SBATCH option, e.g. --directive=--qos=short (repeatable)",
     )
     @argument(
+        "--adapt",
+        metavar="MIN:MAX",
+        help="ssh, slurm: start nodes as the runs' jobs need them, between MIN and "
+        "MAX nodes; nodes idle for --idle-timeout seconds stop (after their jobs)",
+    )
+    @argument(
+        "--idle-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="ssh, slurm with --adapt: how long a node may sit idle (default 60)",
+    )
+    @argument(
         "--ssh-config",
         metavar="FILE",
         help="ssh: an ssh configuration file to use instead of ~/.ssh/config",
@@ -410,6 +461,7 @@ class DispyMagics(Magics):
             %dispy nodes node1 --cafile ca.pem --secret-file ~/.dispynb-secret
             %dispy ssh node1 node2 --python /opt/venv/bin/python   # over ssh
             %dispy slurm --nodes 4 --cpus 8 --memory 16G --walltime 2:00:00
+            %dispy ssh node1 node2 node3 --adapt 0:3 --idle-timeout 120
             %dispy local --nodes 2 --pulse 2         # load reported every 2 s
             %dispy status                            # nodes and runs (returns a repr)
             %dispy panel                             # live table of the nodes
@@ -432,6 +484,9 @@ class DispyMagics(Magics):
         ):
             raise UsageError("--pulse is for %dispy local, nodes, ssh and slurm")
         pulse = {} if args.pulse is None else {"pulse_interval": args.pulse}
+        if args.adapt is not None and args.action not in ("ssh", "slurm"):
+            raise UsageError("--adapt is for %dispy ssh and slurm")
+        adapt = None if args.adapt is None else adapt_bounds(args.adapt, args)
         if args.action == "local":
             if args.count < 1 or (args.cpus is not None and args.cpus < 1):
                 raise UsageError("--nodes and --cpus must be at least 1")
@@ -453,6 +508,7 @@ class DispyMagics(Magics):
                 args.python or "python3",
                 ssh_options,
                 pulse,
+                adapt,
             )
             print(f"dispynb: {session.status()._where()}")
             return None
@@ -469,7 +525,7 @@ class DispyMagics(Magics):
             }
             if args.python:
                 launcher["python"] = args.python
-            session.start_slurm(args.count, pulse, **launcher)
+            session.start_slurm(args.count, pulse, adapt, **launcher)
             print(f"dispynb: {session.status()._where()}")
             return None
         if args.action == "nodes":
@@ -495,7 +551,7 @@ class DispyMagics(Magics):
             return None
         started = session.local
         session.close()
-        kind = "ssh" if hasattr(started, "subscribe") else "local"
+        kind = launcher_kind(started)
         stopped = f", {kind} nodes stopped" if started is not None else ""
         print(f"dispynb: runs cancelled and closed{stopped}")
         return None

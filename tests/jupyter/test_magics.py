@@ -245,6 +245,12 @@ def test_magic_cell_usage_errors(ip, line, body, message):
         ("nodes", "at least one"),
         ("status extra", "takes no hosts"),
         ("local --cpus 0", "at least 1"),
+        ("local --adapt 0:2", "--adapt is for %dispy ssh and slurm"),
+        ("ssh h1 --adapt 2", "--adapt takes MIN:MAX"),
+        ("ssh h1 --adapt 3:2", "0 <= MIN <= MAX"),
+        ("slurm --adapt 0:0", "MAX >= 1"),
+        ("ssh h1 --adapt a:b", "not 'a:b'"),
+        ("ssh h1 --adapt 0:2 --idle-timeout -1", "--idle-timeout must be"),
     ],
 )
 def test_magic_line_usage_errors(ip, line, message):
