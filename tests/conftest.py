@@ -1,12 +1,30 @@
-"""Shared fixtures: unexpected ERROR log records fail a test; no leftover children."""
+"""Shared fixtures: unexpected ERROR log records fail a test; no leftover children,
+threads or open file descriptors (sockets, pipes, files) after a test."""
 
 from __future__ import annotations
 
+import gc
 import logging
+import os
+import threading
+import time
 from collections.abc import Iterator
 
 import psutil
 import pytest
+
+#: Seconds a test's threads and descriptors get to go away after it (a thread that
+#: is being joined, a socket closed by a callback still queued): a bounded wait for a
+#: condition, never a sleep for correctness.
+LEAK_GRACE = 5.0
+
+#: Threads that may outlive a test because they are long-lived by design, by name
+#: prefix. Each needs a reason:
+ALLOWED_THREADS = (
+    # pytest-timeout's thread method, if ever used, and pydevd/coverage helpers
+    # belong to the test runner, not to the test.
+    "pytest_timeout",
+)
 
 
 class _ErrorRecords(logging.Handler):
@@ -62,3 +80,71 @@ def _no_leftover_children() -> Iterator[None]:
             continue
     if names:
         pytest.fail(f"processes left running after the test: {names}")
+
+
+def _open_fds() -> dict[int, tuple[int, int]]:
+    """This process's open descriptors: fd -> (device, inode) of what it refers to."""
+    fds: dict[int, tuple[int, int]] = {}
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            continue  # the directory listing's own descriptor, closed already
+        fds[fd] = (st.st_dev, st.st_ino)
+    return fds
+
+
+def _describe_fd(fd: int) -> str:
+    try:
+        return f"{fd} -> {os.readlink(f'/proc/self/fd/{fd}')}"
+    except OSError:
+        return f"{fd} (closed meanwhile)"
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_threads_or_fds(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test must end the threads it started and close the descriptors it opened.
+
+    Fixtures of a wider scope (a module's shared `LocalCluster`, a kernel) are set up
+    before this one and torn down after it, so what they hold is not counted; a
+    function-scoped fixture the test requests is torn down before this check.
+    """
+    threads_before = set(threading.enumerate())
+    fds_before = _open_fds()
+    yield
+    deadline = time.monotonic() + LEAK_GRACE
+
+    def new_threads() -> list[threading.Thread]:
+        return [
+            t
+            for t in threading.enumerate()
+            if t not in threads_before
+            and t.is_alive()
+            and not t.name.startswith(ALLOWED_THREADS)
+        ]
+
+    def new_fds() -> list[int]:
+        gc.collect()  # an unreachable socket is closed (with a ResourceWarning)
+        now = _open_fds()
+        return [fd for fd, ident in now.items() if fds_before.get(fd) != ident]
+
+    threads = new_threads()
+    for thread in threads:
+        thread.join(max(deadline - time.monotonic(), 0.0))
+    threads = new_threads()
+    fds = new_fds()
+    while fds and time.monotonic() < deadline:
+        time.sleep(0.05)  # polling a condition with a deadline
+        fds = new_fds()
+    problems = []
+    if threads:
+        problems.append(
+            "threads left running: " + ", ".join(repr(t.name) for t in threads)
+        )
+    if fds:
+        problems.append(
+            "descriptors left open: " + ", ".join(_describe_fd(fd) for fd in fds)
+        )
+    if problems:
+        pytest.fail(f"{request.node.nodeid} leaks: " + "; ".join(problems))
