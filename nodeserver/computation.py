@@ -1,10 +1,11 @@
 """`Computation`: one client's computation on this node, its process and its workers.
 
 The node server never runs user code. Each computation gets its own process
-(``python -m nodeserver.compute``) that loads the function, runs ``setup`` and forks
-pre-started workers; jobs go to workers over their own sockets and results come back
-the same way. A worker that dies is reported by the computation process (with its exit
-status) and replaced; its running job is reported as crashed, with the reason.
+(``python -m nodeserver.compute``, started by a `nodeserver.launcher.Launcher`) that
+loads the function, runs ``setup`` and forks pre-started workers; jobs go to workers
+over their own sockets and results come back the same way. A worker that dies is
+reported by the computation process (with its exit status) and replaced; its running
+job is reported as crashed, with the reason.
 """
 
 from __future__ import annotations
@@ -17,13 +18,10 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import nodeserver
 from dispynb.errors import DispynbError, SetupError
 from dispynb.protocol.files import safe_relative_path
 from dispynb.protocol.messages import (
@@ -54,6 +52,7 @@ from nodeserver.ipc import (
     WorkerExited,
     WorkerStarted,
 )
+from nodeserver.launcher import PROCESS_LAUNCHER, ComputationProcess, Launcher
 
 logger = logging.getLogger(__name__)
 
@@ -198,6 +197,7 @@ class Computation:
         remove_path: bool,
         limits: JobLimits | None = None,
         node_stopping: Callable[[], bool] | None = None,
+        launcher: Launcher = PROCESS_LAUNCHER,
     ) -> None:
         self.comp_id = comp_id
         self._node_stopping = node_stopping or (lambda: False)
@@ -218,8 +218,9 @@ class Computation:
         self._queue: collections.deque[NodeJob] = collections.deque()
         self._workers: dict[int, Worker] = {}
         self._exits: dict[int, int] = {}
-        self._process: asyncio.subprocess.Process | None = None
         self._first_cgroup: str | None = None  # see start()
+        self._launcher = launcher
+        self._process: ComputationProcess | None = None
         self._control: ControlChannel | None = None
         self._loaded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._control_closed = asyncio.Event()
@@ -227,6 +228,8 @@ class Computation:
         self._ready = False
         self._mean: float | None = None  # mean job time; None until a job ends
         self._closing = False
+        # The node shuts down (hand_back): no new jobs; close() still ends it all.
+        self._handed_back = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._held = False  # workers are not read (the client is not reading)
         #: Buffer kinds of large results (key -> `Done.kinds`), taken by the session.
@@ -256,25 +259,11 @@ class Computation:
         except (DispynbError, OSError) as exc:
             raise SetupError(f"cannot place the computation's files: {exc}") from exc
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        env = dict(os.environ)
-        root = os.path.dirname(os.path.dirname(os.path.abspath(nodeserver.__file__)))
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (root, env.get("PYTHONPATH", "")) if p
-        )
         try:
-            self._process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "nodeserver.compute",
-                "--control-fd",
-                str(child_sock.fileno()),
-                pass_fds=(child_sock.fileno(),),
-                cwd=self.path,
-                env=env,
-                stdin=subprocess.DEVNULL,
-            )
-        finally:
-            child_sock.close()
+            self._process = await self._launcher.start(child_sock, self.path)
+        except BaseException:
+            parent_sock.close()
+            raise
         self._control = ControlChannel(
             parent_sock, self._on_control, self._on_control_closed, self._max_size
         )
@@ -388,7 +377,7 @@ class Computation:
 
     def submit(self, jobs: list[NodeJob]) -> None:
         """Queue jobs and start as many as the CPUs allow."""
-        if self._closing:
+        if self._closing or self._handed_back:
             for job in jobs:
                 self._finish_unrun(job, "the computation is closing")
             return
@@ -445,7 +434,7 @@ class Computation:
         are reported ``returned``, so the client runs them elsewhere; no new job is
         accepted after this.
         """
-        self._closing = True
+        self._handed_back = True
         self._drop_waiting(RETURNED, "the node is shutting down; the job did not start")
 
     def cancel_waiting(self) -> None:
@@ -477,8 +466,7 @@ class Computation:
     ) -> None:
         """Cancel a running job as dispy does: KeyboardInterrupt, then kill."""
         worker.interrupted = True
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(worker.pid, signal.SIGINT)
+        self._launcher.interrupt(worker.pid)
         loop = asyncio.get_running_loop()
         loop.call_later(grace, self._escalate, worker, job)
 
@@ -520,8 +508,7 @@ class Computation:
         """Kill a worker and its job's processes (its group) on purpose; the
         computation process starts a new one."""
         worker.retiring = True
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(worker.pid, signal.SIGKILL)
+        self._launcher.kill_group(worker.pid)
 
     def _pump(self) -> None:
         """Give queued jobs to workers: idle ones first (taking a CPU), then ahead."""

@@ -22,6 +22,7 @@ from nodeserver.budget import CpuBudget
 from nodeserver.config import NodeConfig
 from nodeserver.filestore import FileStore
 from nodeserver.keeper import ResultKeeper
+from nodeserver.launcher import PROCESS_LAUNCHER, Launcher
 from nodeserver.monitor import avail_info
 from nodeserver.session import ClientSession
 from nodeserver.spool import ResultSpool
@@ -38,9 +39,13 @@ class NodeServer:
     >>> port = await server.start()  # doctest: +SKIP
     """
 
-    def __init__(self, config: NodeConfig) -> None:
+    def __init__(
+        self, config: NodeConfig, launcher: Launcher = PROCESS_LAUNCHER
+    ) -> None:
         config.validate()
         self.config = config
+        #: Starts each computation's process (`nodeserver.launcher`).
+        self.launcher = launcher
         self.budget = CpuBudget(config.cpus)
         self.keeper = ResultKeeper(
             ResultSpool(

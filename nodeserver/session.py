@@ -130,6 +130,11 @@ class ClientSession:
         try:
             # Messages are handled in the socket's read callback: no task switch.
             await self.conn.dispatch(self._on_message, self._on_bad_message)
+        except MessageError as exc:
+            # A message whose parts disagree cannot be trusted (nor what follows
+            # it): say why before the connection ends, so the client can report it.
+            await self._refuse(exc)
+            raise
         finally:
             for _missing, start in self._waiting_for_files.values():
                 start.close()  # never started: the files did not all arrive
@@ -155,6 +160,18 @@ class ClientSession:
             await asyncio.gather(*closing, return_exceptions=True)
             for task in self._tasks:
                 task.cancel()
+
+    async def _refuse(self, exc: MessageError) -> None:
+        """Tell the client why its connection ends (best effort, bounded)."""
+        if self.conn.closed:
+            return
+        self._flush()  # results already queued go first
+        self._send_error(
+            "protocol", f"{peer_text(exc)}: the node closes this connection"
+        )
+        with contextlib.suppress(DispynbError, TimeoutError):
+            async with asyncio.timeout(HAND_BACK_TIMEOUT):
+                await self.conn.flush()
 
     # -- handlers ------------------------------------------------------------------
 
@@ -217,6 +234,7 @@ class ClientSession:
                 fresh_process=message.fresh_process,
             ),
             node_stopping=lambda: self.server.draining,
+            launcher=self.server.launcher,
         )
         computation.on_failure = lambda reason: self._computation_died(
             message.comp_id, reason

@@ -125,7 +125,6 @@ def _no_leaked_threads_or_fds(request: pytest.FixtureRequest) -> Iterator[None]:
         ]
 
     def new_fds() -> list[int]:
-        gc.collect()  # an unreachable socket is closed (with a ResourceWarning)
         now = _open_fds()
         return [fd for fd, ident in now.items() if fds_before.get(fd) != ident]
 
@@ -134,6 +133,9 @@ def _no_leaked_threads_or_fds(request: pytest.FixtureRequest) -> Iterator[None]:
         thread.join(max(deadline - time.monotonic(), 0.0))
     threads = new_threads()
     fds = new_fds()
+    if fds:
+        gc.collect()  # an unreachable socket is closed (with a ResourceWarning)
+        fds = new_fds()
     while fds and time.monotonic() < deadline:
         time.sleep(0.05)  # polling a condition with a deadline
         fds = new_fds()

@@ -1,0 +1,97 @@
+"""How a `Computation` starts its process and signals its workers: the `Launcher`.
+
+The node server uses `ProcessLauncher`: each computation runs in its own
+``python -m nodeserver.compute`` process, whose workers are processes forked from it
+(design decision 5). A launcher is the one place where the node's asynchronous side
+(`nodeserver.computation`) touches processes, so tests of that side can supply an
+in-process stand-in that speaks the same control and worker channels
+(`nodeserver.ipc`) without starting a process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+from typing import Protocol
+
+import nodeserver
+
+
+class ComputationProcess(Protocol):
+    """A started computation process, as `Computation` waits for and ends it."""
+
+    #: Its process id (its first cgroup is made for it: `containment`).
+    pid: int
+
+    async def wait(self) -> int:
+        """Wait for the process to exit; its exit status."""
+        ...
+
+    def kill(self) -> None:
+        """End the process now (its workers die with it)."""
+        ...
+
+
+class Launcher(Protocol):
+    """Starts computation processes and signals their workers."""
+
+    async def start(self, control: socket.socket, cwd: str) -> ComputationProcess:
+        """Start a computation process in directory ``cwd``, talking over ``control``.
+
+        ``control`` is the process's end of the control socket pair; the launcher
+        owns it from now on (the caller keeps the other end).
+        """
+        ...
+
+    def interrupt(self, pid: int) -> None:
+        """Interrupt the job running in worker ``pid`` (SIGINT: KeyboardInterrupt)."""
+        ...
+
+    def kill_group(self, pid: int) -> None:
+        """Kill worker ``pid`` and every process of its group (SIGKILL)."""
+        ...
+
+
+class ProcessLauncher:
+    """The node server's launcher: ``python -m nodeserver.compute --control-fd N``."""
+
+    async def start(self, control: socket.socket, cwd: str) -> ComputationProcess:
+        """Start the process with the control socket passed as fd ``N``."""
+        env = dict(os.environ)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(nodeserver.__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (root, env.get("PYTHONPATH", "")) if p
+        )
+        try:
+            return await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "nodeserver.compute",
+                "--control-fd",
+                str(control.fileno()),
+                pass_fds=(control.fileno(),),
+                cwd=cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            control.close()  # the process has its own copy
+
+    def interrupt(self, pid: int) -> None:
+        """SIGINT to the worker; it may have ended already."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGINT)
+
+    def kill_group(self, pid: int) -> None:
+        """SIGKILL to the worker's process group (a worker leads its own group)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+
+
+#: The launcher node servers use unless told otherwise.
+PROCESS_LAUNCHER = ProcessLauncher()

@@ -1,0 +1,328 @@
+"""`Computation` on the test's loop, its process and workers stood in by threads.
+
+The computation's scheduling of jobs to workers, cancelling, crash handling and
+back-pressure are the product's; the process and workers are `tests.inprocess`'s
+stand-ins speaking the real control and worker channels. No subprocess.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dispynb.defaults import MAX_MESSAGE_SIZE
+from dispynb.errors import SetupError
+from dispynb.protocol import serialize
+from dispynb.protocol.messages import (
+    CANCELLED,
+    CRASHED,
+    FINISHED,
+    RAISED,
+    RETURNED,
+    TERMINATED,
+)
+from nodeserver.budget import CpuBudget
+from nodeserver.computation import Computation, NodeJob
+from nodeserver.filestore import FileStore
+from tests.asyncutil import run
+from tests.inprocess import ThreadLauncher, gate, wait_gate, wait_until
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def fail_setup() -> int:
+    raise ValueError("no data here")
+
+
+def fail(x: int) -> int:
+    raise RuntimeError(f"bad {x}")
+
+
+def blocked(name: str) -> str:
+    return wait_gate(name)
+
+
+def interruptible(name: str) -> str:
+    try:
+        return wait_gate(name)
+    except KeyboardInterrupt:
+        return "caught"
+
+
+def bundle(func: Any, **extra: Any) -> list[memoryview]:
+    spec = {"func": func, "setup": None, "cleanup": None, "setup_args": (), **extra}
+    return [memoryview(b) for b in serialize.dumps(spec)]
+
+
+def job(key: int, *args: Any, attempt: int = 1) -> NodeJob:
+    payload = serialize.dumps((args, {}))
+    return NodeJob(key, attempt, [memoryview(b) for b in payload])
+
+
+class Reports:
+    """What the computation reported, by job key."""
+
+    def __init__(self) -> None:
+        self.entries: dict[int, list[Any]] = {}
+        self.values: dict[int, Any] = {}
+        self.order: list[int] = []
+        self.starts: list[int] = []
+        self.failures: list[str] = []
+
+    def report(self, entry: list[Any], buffers: list[memoryview]) -> None:
+        key = entry[0]
+        assert key not in self.entries, f"job {key} reported twice"
+        self.entries[key] = entry
+        self.order.append(key)
+        if entry[2] == FINISHED:
+            self.values[key] = serialize.loads(buffers)
+
+    def outcome(self, key: int) -> str:
+        return str(self.entries[key][2])
+
+    def reason(self, key: int) -> str:
+        return str(self.entries[key][7])
+
+
+def make(
+    tmp_path: Path,
+    reports: Reports,
+    *,
+    workers: int = 2,
+    budget: CpuBudget | None = None,
+    launcher: ThreadLauncher | None = None,
+) -> tuple[Computation, ThreadLauncher]:
+    launcher = launcher or ThreadLauncher()
+    computation = Computation(
+        comp_id=1,
+        name="test",
+        workers=workers,
+        path=str(tmp_path / "comp"),
+        budget=budget or CpuBudget(workers),
+        report=reports.report,
+        report_provisional=lambda key, attempt, buffers: None,
+        report_file=lambda key, path, buffers: None,
+        store=FileStore(str(tmp_path / "store"), 0),
+        node_name="node",
+        node_address="127.0.0.1",
+        max_message_size=MAX_MESSAGE_SIZE,
+        remove_path=True,
+        launcher=launcher,
+    )
+    computation.on_failure = reports.failures.append
+    computation.on_start = lambda key, attempt, when: reports.starts.append(key)
+    return computation, launcher
+
+
+async def finish(computation: Computation, launcher: ThreadLauncher) -> None:
+    for name in list(GATES_OPENED):
+        gate(name).set()
+    await computation.close(terminate=True)
+    launcher.join()
+
+
+GATES_OPENED: list[str] = []
+
+
+def open_gate(name: str) -> None:
+    GATES_OPENED.append(name)
+    gate(name).set()
+
+
+def new_gate(name: str) -> str:
+    """A fresh closed gate (``name`` made unique), opened at `finish` at the latest."""
+    unique = f"{name}-{len(GATES_OPENED)}-{id(object())}"
+    GATES_OPENED.append(unique)
+    return unique
+
+
+def test_jobs_run_on_workers_and_results_come_back(tmp_path):
+    async def main() -> None:
+        reports = Reports()
+        computation, launcher = make(tmp_path, reports)
+        assert await computation.start(bundle(square)) == 2
+        computation.submit([job(key, key) for key in range(1, 11)])
+        computation.submit([job(11, "x")])  # the function raises: reported RAISED
+        await wait_until(lambda: len(reports.entries) == 11, "all results")
+        assert reports.values == {key: key * key for key in range(1, 11)}
+        assert reports.outcome(11) == RAISED
+        assert "TypeError" in reports.reason(11)
+        assert computation.idle
+        assert sorted(reports.starts) == list(range(1, 12))
+        await computation.close(terminate=False)
+        process = launcher.processes[0]
+        assert await process.wait() == 0  # it got Shutdown and exited cleanly
+        launcher.join()
+        assert not (tmp_path / "comp").exists()  # remove_path
+
+    run(main())
+
+
+def test_setup_failure_raises_with_the_remote_traceback(tmp_path):
+    async def main() -> None:
+        computation, launcher = make(tmp_path, Reports())
+        with pytest.raises(SetupError, match="no data here") as failure:
+            await computation.start(bundle(square, setup=fail_setup))
+        assert "fail_setup" in (failure.value.remote_traceback or "")
+        await computation.close(terminate=True)
+        launcher.join()
+
+    run(main())
+
+
+def test_cancel_running_job_interrupts_it_then_retires_its_worker(tmp_path):
+    async def main() -> None:
+        reports = Reports()
+        computation, launcher = make(tmp_path, reports, workers=1)
+        await computation.start(bundle(interruptible))
+        computation.submit([job(1, new_gate("cancel"))])
+        await wait_until(lambda: launcher.busy_workers(), "job 1 running")
+        (pid,) = launcher.busy_workers()
+        computation.cancel(1, 1)
+        computation.cancel(1, 1)  # twice: one interrupt, one report
+        await wait_until(lambda: 1 in reports.entries, "job 1 settled")
+        # It caught KeyboardInterrupt and returned: Finished with its value (dispy).
+        assert reports.outcome(1) == FINISHED and reports.values[1] == "caught"
+        assert launcher.interrupts == [pid]
+        # An interrupted worker may hold broken state: it is replaced.
+        await wait_until(lambda: launcher.kills == [pid], "worker retired")
+        second = new_gate("second")
+        open_gate(second)
+        computation.submit([job(2, second)])
+        await wait_until(lambda: 2 in reports.entries, "job 2 ran")
+        assert reports.values[2] == second
+        await finish(computation, launcher)
+
+    run(main())
+
+
+def test_cancel_uncooperative_running_job_reports_terminated(tmp_path):
+    async def main() -> None:
+        reports = Reports()
+        computation, launcher = make(tmp_path, reports, workers=1)
+        await computation.start(bundle(blocked))
+        computation.submit([job(1, new_gate("cancel")), job(2, new_gate("next"))])
+        await wait_until(lambda: launcher.busy_workers(), "job 1 running")
+        computation.cancel(1, 1)
+        await wait_until(lambda: 1 in reports.entries, "job 1 settled")
+        assert reports.outcome(1) == TERMINATED
+        assert reports.reason(1) == "job terminated at the client's request"
+        # Job 2 waited in the queue and runs on the replacement worker.
+        await wait_until(lambda: launcher.busy_workers(), "job 2 running")
+        assert 2 not in reports.entries
+        await computation.close(terminate=True)
+        # Closed with terminate while it ran: its worker was stopped (SIGTERM).
+        assert reports.outcome(2) == CRASHED
+        assert "SIGTERM" in reports.reason(2)
+        await finish(computation, launcher)
+
+    run(main())
+
+
+def test_cancel_queued_job_never_runs(tmp_path):
+    async def main() -> None:
+        reports = Reports()
+        computation, launcher = make(tmp_path, reports, workers=1)
+        await computation.start(bundle(blocked))
+        first, second = new_gate("first"), new_gate("second")
+        computation.submit([job(1, first), job(2, second)])
+        await wait_until(lambda: launcher.busy_workers(), "job 1 running")
+        computation.cancel(2, 1)
+        assert reports.outcome(2) == CANCELLED  # at once: it was only queued
+        assert reports.reason(2) == "job cancelled at the client's request"
+        open_gate(first)
+        await wait_until(lambda: 1 in reports.entries, "job 1 done")
+        assert reports.values[1] == first
+        assert reports.starts == [1]  # job 2 never started
+        await finish(computation, launcher)
+
+    run(main())
+
+
+def test_worker_killed_mid_job_reports_crash_and_is_replaced(tmp_path):
+    async def main() -> None:
+        reports = Reports()
+        computation, launcher = make(tmp_path, reports, workers=1)
+        await computation.start(bundle(blocked))
+        computation.submit([job(1, new_gate("crash"))])
+        await wait_until(lambda: launcher.busy_workers(), "job 1 running")
+        # The worker dies (as by the OOM killer): the computation process reports it.
+        launcher.kill_group(launcher.busy_workers()[0])
+        await wait_until(lambda: 1 in reports.entries, "job 1 settled")
+        assert reports.outcome(1) == CRASHED
+        assert "killed by SIGKILL (9)" in reports.reason(1)
+        gated = new_gate("after")
+        open_gate(gated)
+        computation.submit([job(2, gated)])
+        await wait_until(lambda: 2 in reports.entries, "job 2 done")
+        assert reports.values[2] == gated
+        await finish(computation, launcher)
+
+    run(main())
+
+
+def test_process_death_crashes_running_and_queued_jobs(tmp_path):
+    async def main() -> None:
+        reports = Reports()
+        computation, launcher = make(tmp_path, reports, workers=1)
+        await computation.start(bundle(blocked))
+        computation.submit([job(1, new_gate("a")), job(2, new_gate("b"))])
+        await wait_until(lambda: launcher.busy_workers(), "job 1 running")
+        launcher.processes[0].kill()
+        await wait_until(lambda: len(reports.entries) == 2, "both settled")
+        assert reports.outcome(1) == CRASHED and reports.outcome(2) == CRASHED
+        assert "process on the node died" in reports.reason(2)
+        assert reports.failures == ["the computation's process on the node died"]
+        await finish(computation, launcher)
+
+    run(main())
+
+
+def test_budget_limits_running_jobs_and_hand_back_returns_the_rest(tmp_path):
+    async def main() -> None:
+        reports = Reports()
+        budget = CpuBudget(1)  # two workers, one CPU for this node
+        computation, launcher = make(tmp_path, reports, workers=2, budget=budget)
+        await computation.start(bundle(blocked))
+        first = new_gate("first")
+        computation.submit([job(1, first), job(2, new_gate("b")), job(3, "x")])
+        await wait_until(lambda: launcher.busy_workers(), "job 1 running")
+        # Wait for both workers to be there: the second one stays idle (no CPU).
+        await wait_until(lambda: len(launcher.workers) == 2, "both workers")
+        assert len(launcher.busy_workers()) == 1 and reports.starts == [1]
+        computation.hand_back()  # the node shuts down: unstarted jobs go back
+        assert [reports.outcome(k) for k in (2, 3)] == [RETURNED, RETURNED]
+        computation.submit([job(4, "late")])
+        assert reports.outcome(4) == CANCELLED  # no new job after hand_back
+        open_gate(first)
+        await wait_until(lambda: 1 in reports.entries, "job 1 done")
+        assert reports.values[1] == first
+        await finish(computation, launcher)
+
+    run(main())
+
+
+def test_held_workers_are_not_read_until_released(tmp_path):
+    async def main() -> None:
+        reports = Reports()
+        computation, launcher = make(tmp_path, reports, workers=1)
+        await computation.start(bundle(square))
+        await wait_until(lambda: len(launcher.workers) == 1, "worker up")
+        computation.hold_workers(True)  # back-pressure from a client not reading
+        computation.submit([job(1, 3)])
+        worker = next(iter(launcher.workers.values()))[1]
+        await wait_until(lambda: worker.jobs_run == 1, "job 1 ran in the worker")
+        for _ in range(5):  # loop turns in which an unheld reader would have run
+            await asyncio.sleep(0)
+        assert reports.entries == {}
+        computation.hold_workers(False)
+        await wait_until(lambda: 1 in reports.entries, "result read after release")
+        assert reports.values[1] == 9
+        await finish(computation, launcher)
+
+    run(main())

@@ -1,0 +1,280 @@
+"""`ClientSession` on an in-process node server, through a real client connection.
+
+The node server, its listener, handshake and sessions are the product's, on the
+test's loop; computations run in `tests.inprocess`'s thread stand-ins. No subprocess.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+from typing import Any
+
+from dispynb.errors import ConnectionClosedError
+from dispynb.protocol import serialize
+from dispynb.protocol.messages import (
+    FINISHED,
+    TERMINATED,
+    ComputationClose,
+    ComputationClosed,
+    ComputationFailed,
+    ComputationReady,
+    ComputationSetup,
+    Error,
+    JobCancel,
+    JobResults,
+    JobSubmit,
+    Message,
+    Recovered,
+)
+from dispynb.transport.connection import Connection
+from tests.asyncutil import run
+from tests.inprocess import (
+    WAIT,
+    gate,
+    in_process_node,
+    wait_gate,
+    wait_until,
+)
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def blocked(name: str) -> str:
+    return wait_gate(name)
+
+
+def setup_fails() -> int:
+    raise OSError("the data file is missing")
+
+
+def bundle(func: Any, **extra: Any) -> list[bytes | bytearray | memoryview]:
+    spec = {"func": func, "setup": None, "cleanup": None, "setup_args": (), **extra}
+    return list(serialize.dumps(spec))
+
+
+def submit(
+    conn: Connection, *jobs: tuple[int, tuple[Any, ...]], comp_id: int = 1
+) -> None:
+    entries, buffers = [], []
+    for key, args in jobs:
+        payload = serialize.dumps((args, {}))
+        entries.append([key, 1, len(payload)])
+        buffers.extend(payload)
+    conn.write(JobSubmit(comp_id=comp_id, jobs=entries), buffers)
+
+
+async def receive(conn: Connection) -> tuple[Message, list[memoryview]]:
+    async with asyncio.timeout(WAIT):
+        return await conn.recv()
+
+
+async def expect(conn: Connection, kind: type[Message]) -> Message:
+    """The next message other than status reports; it must be a ``kind``."""
+    while True:
+        message, _buffers = await receive(conn)
+        if message.op != "node-status":
+            assert isinstance(message, kind), message
+            return message
+
+
+async def set_up(conn: Connection, func: Any = square, comp_id: int = 1) -> int:
+    conn.write(ComputationSetup(comp_id=comp_id, name="test", workers=0), bundle(func))
+    ready = await expect(conn, ComputationReady)
+    assert isinstance(ready, ComputationReady) and ready.comp_id == comp_id
+    return ready.workers
+
+
+async def results(conn: Connection, count: int) -> dict[int, tuple[str, Any]]:
+    """Collect ``count`` job results: key -> (outcome, value or reason)."""
+    found: dict[int, tuple[str, Any]] = {}
+    while len(found) < count:
+        message, buffers = await receive(conn)
+        if not isinstance(message, JobResults):
+            continue
+        offset = 0
+        for entry in message.results:
+            n = entry[8]
+            value = (
+                serialize.loads(buffers[offset : offset + n])
+                if entry[2] == FINISHED
+                else entry[7]
+            )
+            offset += n
+            found[entry[0]] = (entry[2], value)
+    return found
+
+
+def test_handshake_setup_submit_results_close(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with in_process_node(tmp_path, cpus=2) as node:
+            conn = await node.client("me")
+            assert node.server.clients_accepted == 1
+            assert await set_up(conn) == 2
+            submit(conn, *((key, (key,)) for key in range(20)))
+            assert await results(conn, 20) == {
+                key: (FINISHED, key * key) for key in range(20)
+            }
+            conn.write(ComputationClose(comp_id=1))
+            assert isinstance(await expect(conn, ComputationClosed), ComputationClosed)
+            conn.close()
+            await wait_until(lambda: node.server.clients_served == 1, "session ended")
+
+    run(main())
+
+
+def test_results_and_starts_keep_the_node_order(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with in_process_node(tmp_path, cpus=1) as node:
+            conn = await node.client()
+            await set_up(conn)
+            submit(conn, *((key, (key,)) for key in range(1, 31)))
+            ended: list[int] = []
+            started: list[int] = []
+            while len(ended) < 30:
+                message, _buffers = await receive(conn)
+                if isinstance(message, JobResults):
+                    # A start listed with ``before`` <= i comes before result i.
+                    for start in message.started:
+                        assert start[3] <= len(message.results)
+                        started.append(start[0])
+                    ended.extend(entry[0] for entry in message.results)
+                    assert set(ended) <= set(started)
+            assert ended == list(range(1, 31)) == started  # one CPU: in order
+            conn.close()
+
+    run(main())
+
+
+def test_error_answers_and_the_session_goes_on(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with in_process_node(tmp_path, cpus=1) as node:
+            conn = await node.client()
+            # A message a client never sends: refused with an explanation.
+            conn.write(Recovered(comp_id=1, found=True, running=False))
+            error = await expect(conn, Error)
+            assert isinstance(error, Error) and error.code == "protocol"
+            assert "unexpected message 'recovered'" in error.message
+            # Jobs of a computation that is not set up come back terminated.
+            submit(conn, (5, (1,)), comp_id=9)
+            assert await results(conn, 1) == {
+                5: (TERMINATED, "the computation is not set up on this node")
+            }
+            await set_up(conn)
+            # The same computation twice: refused, the first one goes on.
+            conn.write(
+                ComputationSetup(comp_id=1, name="again", workers=1), bundle(square)
+            )
+            error = await expect(conn, Error)
+            assert isinstance(error, Error) and "computation 1 exists" in error.message
+            # A file entry that is not [path, digest, size]: the setup fails.
+            conn.write(
+                ComputationSetup(comp_id=2, name="bad", workers=1, files=[["a", "b"]]),
+                bundle(square),
+            )
+            failed = await expect(conn, ComputationFailed)
+            assert isinstance(failed, ComputationFailed) and failed.comp_id == 2
+            assert "malformed file entry" in failed.message
+            # A setup that raises: the client gets the reason and the traceback.
+            conn.write(
+                ComputationSetup(comp_id=3, name="nosetup", workers=1),
+                bundle(square, setup=setup_fails),
+            )
+            failed = await expect(conn, ComputationFailed)
+            assert isinstance(failed, ComputationFailed)
+            assert "the data file is missing" in failed.message
+            assert "setup_fails" in failed.traceback
+            # Closing a computation that does not exist is answered too.
+            conn.write(ComputationClose(comp_id=42))
+            closed = await expect(conn, ComputationClosed)
+            assert isinstance(closed, ComputationClosed) and closed.comp_id == 42
+            # After all that, computation 1 still runs jobs.
+            submit(conn, (1, (6,)))
+            assert await results(conn, 1) == {1: (FINISHED, 36)}
+            conn.close()
+
+    run(main())
+
+
+def test_malformed_job_submit_ends_the_session_with_a_reason(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with in_process_node(tmp_path, cpus=1) as node:
+            conn = await node.client()
+            await set_up(conn)
+            # Two buffers announced, none sent: the message cannot be trusted.
+            conn.write(JobSubmit(comp_id=1, jobs=[[1, 1, 2]]))
+            error = await expect(conn, Error)
+            assert isinstance(error, Error)
+            assert "buffer counts do not match" in error.message
+            await wait_until(lambda: node.server.clients_served == 1, "session ended")
+            conn.close()
+            # The node serves the next client as before.
+            other = await node.client()
+            await set_up(other)
+            submit(other, (1, (3,)))
+            assert await results(other, 1) == {1: (FINISHED, 9)}
+            other.close()
+
+    run(main())
+
+
+def test_cancel_a_running_job(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with in_process_node(tmp_path, cpus=1) as node:
+            conn = await node.client()
+            await set_up(conn, blocked)
+            name = f"session-cancel-{id(conn)}"
+            submit(conn, (1, (name,)))
+            await wait_until(lambda: node.launcher.busy_workers(), "job running")
+            conn.write(JobCancel(comp_id=1, key=1, attempt=1))
+            assert await results(conn, 1) == {
+                1: (TERMINATED, "job terminated at the client's request")
+            }
+            gate(name).set()
+            conn.close()
+
+    run(main())
+
+
+def test_client_vanishing_mid_job_frees_its_computation(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with in_process_node(tmp_path, cpus=1) as node:
+            conn = await node.client()
+            await set_up(conn, blocked)
+            submit(conn, (1, (f"vanish-{id(conn)}",)))
+            await wait_until(lambda: node.launcher.busy_workers(), "job running")
+            conn.abort()  # the client is gone without a word
+            await wait_until(lambda: node.server.clients_served == 1, "session ended")
+            process = node.launcher.processes[0]
+            assert await asyncio.wait_for(process.wait(), WAIT) == 0  # shut down
+            assert node.launcher.busy_workers() == []
+
+    run(main())
+
+
+def test_node_shutdown_hands_back_unstarted_jobs(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with in_process_node(tmp_path, cpus=1) as node:
+            conn = await node.client()
+            await set_up(conn, blocked)
+            name = f"handback-{id(conn)}"
+            submit(conn, (1, (name,)), (2, (name,)), (3, (name,)))
+            await wait_until(lambda: node.launcher.busy_workers(), "job 1 running")
+            await node.server.end_sessions()  # --service_end
+            outcomes: dict[int, str] = {}
+            with contextlib.suppress(ConnectionClosedError):
+                while True:  # until the node closes the connection
+                    message, _buffers = await receive(conn)
+                    if isinstance(message, JobResults):
+                        outcomes.update({e[0]: e[2] for e in message.results})
+            # Unstarted jobs came back to run elsewhere; the running one was
+            # terminated with the session (the client sees its node leave).
+            assert outcomes == {2: "returned", 3: "returned"}
+            assert node.server.clients_served == 1
+            gate(name).set()
+            conn.close()
+
+    run(main())
