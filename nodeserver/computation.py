@@ -135,6 +135,10 @@ class Worker:
     retiring: bool = False  # killed on purpose: its unfinished jobs run elsewhere
 
 
+def _discard(entry: list[object], buffers: list[memoryview]) -> None:
+    """A `Report` that sends nothing."""
+
+
 def _was_interrupted(done: Done) -> bool:
     return done.outcome != FINISHED and "KeyboardInterrupt" in (done.exception or "")
 
@@ -322,6 +326,11 @@ class Computation:
         if self._closing:
             return
         self._closing = True
+        if self._handed_back:
+            # The node shuts down: its client sees it leave and settles (or, if
+            # reentrant, resubmits elsewhere) the jobs still running; a crash report
+            # for them, as their workers stop now, would make them fail instead.
+            self._report = _discard
         if terminate:
             for job in self._queue:
                 self._finish_unrun(job, "the computation was closed before the job ran")

@@ -29,6 +29,7 @@ from dispynb.protocol.messages import (
     Recovered,
 )
 from dispynb.transport.connection import Connection
+from nodeserver.session import OUT_HIGH
 from tests.asyncutil import run
 from tests.inprocess import (
     WAIT,
@@ -275,6 +276,32 @@ def test_node_shutdown_hands_back_unstarted_jobs(tmp_path: Path) -> None:
             assert outcomes == {2: "returned", 3: "returned"}
             assert node.server.clients_served == 1
             gate(name).set()
+            conn.close()
+
+    run(main())
+
+
+def blob(size: int) -> bytes:
+    return b"r" * size
+
+
+def test_client_not_reading_holds_the_workers_until_it_reads(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with in_process_node(tmp_path, cpus=1) as node:
+            conn = await node.client()
+            await set_up(conn, blob)
+            (session,) = node.server.sessions
+            conn.hold_reading(True)  # the client takes nothing from its socket
+            jobs = 2 * OUT_HIGH // (4 << 20)
+            submit(conn, *((key, (4 << 20,)) for key in range(jobs)))
+            # Results pile up on the node past OUT_HIGH: it stops reading workers.
+            await wait_until(lambda: session._held, "the session holds its workers")
+            conn.hold_reading(False)
+            found = await results(conn, jobs)
+            assert {key: len(value) for key, (_o, value) in found.items()} == {
+                key: 4 << 20 for key in range(jobs)
+            }
+            await wait_until(lambda: not session._held, "workers read again")
             conn.close()
 
     run(main())
