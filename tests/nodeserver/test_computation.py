@@ -216,7 +216,9 @@ def test_cancel_uncooperative_running_job_reports_terminated(tmp_path):
         await wait_until(lambda: launcher.busy_workers(), "job 2 running")
         assert 2 not in reports.entries
         await computation.close(terminate=True)
-        # Closed with terminate while it ran: its worker was stopped (SIGTERM).
+        # Closed with terminate while it ran: its worker was stopped (SIGTERM),
+        # reported once it is sure the signal was not the node's own stop.
+        await wait_until(lambda: 2 in reports.entries, "job 2 settled")
         assert reports.outcome(2) == CRASHED
         assert "SIGTERM" in reports.reason(2)
         await finish(computation, launcher)
