@@ -110,6 +110,7 @@ class NodeJob:
     attempt: int
     buffers: list[memoryview]
     cancelled: bool = False
+    skipping: bool = False  # sent ahead, then asked to skip if it has not started
     reported: bool = False  # its outcome already went to the client
     files: list[tuple[str, str]] = field(default_factory=list)  # (path, digest)
     placed: bool = False  # its files are in the computation's directory
@@ -408,6 +409,15 @@ class Computation:
                         # Stopping already (cancelled, or over its timeout); or
                         # running, and only a job not started was to be dropped.
                         return
+                    if unstarted:
+                        # Sent ahead: only the worker knows whether it has begun
+                        # it. Its answer is the outcome: cancelled if it skipped
+                        # the job, else the job's own (it runs to its end).
+                        if not job.skipping:
+                            job.skipping = True
+                            with contextlib.suppress(DispynbError):
+                                worker.conn.write(Skip(key=key))
+                        return
                     job.cancelled = True
                     if position == 0:
                         self._interrupt(worker, job)
@@ -483,7 +493,8 @@ class Computation:
         """The worker's head job starts now: tell the client (``on_start``), and arm
         its time limit, if it has one."""
         job = worker.assigned[0]
-        if self.on_start is not None and not job.cancelled:
+        # A job the worker may skip is not reported started: its end says.
+        if self.on_start is not None and not job.cancelled and not job.skipping:
             self.on_start(job.key, job.attempt, time.time())
         if job.timeout is not None and job.timer is None and not job.cancelled:
             loop = asyncio.get_running_loop()

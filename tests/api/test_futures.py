@@ -382,3 +382,61 @@ def test_job_on_a_killed_node_future_raises_node_lost_error(tmp_path):
         with pytest.raises(NodeLostError, match=f"node {node.spec} was lost"):
             job.future.result(WAIT)
         assert job.status == JobStatus.Abandoned
+
+
+def quick_or_held(marker: str | None, release: str = "") -> float:
+    """1.0 at once without a marker; else `mark_and_hold`."""
+    if marker is None:
+        return 1.0
+    return mark_and_hold(marker, release)
+
+
+@pytest.mark.slow
+def test_cancel_racing_the_worker_that_just_began_the_job_returns_false(tmp_path):
+    """The node still counts a job as sent ahead while its worker has begun it
+    (the worker's word is on its way): cancel() must then answer False and the
+    job end with its result, not True for a job that runs.
+
+    The node server is stopped (SIGSTOP) while its worker ends one job and begins
+    the next, and the cancel of that next job reaches it with the worker's news.
+    """
+    import signal
+
+    from tests.nodeproc import running_node
+
+    first, second = tmp_path / "release1", tmp_path / "release2"
+    with (
+        running_node(tmp_path / "a", name="a") as node,
+        JobCluster(
+            quick_or_held, nodes=[node.spec], secret=node.secret, pulse_interval=5
+        ) as cluster,
+    ):
+        # Quick jobs first: a node sends jobs ahead to a busy worker only once
+        # it knows its jobs are short (microseconds here).
+        quick = [cluster.submit(None) for _ in range(20)]
+        assert all(job.future.result(WAIT) == 1.0 for job in quick)
+        one = cluster.submit(str(tmp_path / "started1"), str(first))
+        wait_for_path(tmp_path / "started1")
+        two = cluster.submit(str(tmp_path / "started2"), str(second))
+        state = scheduler_state(cluster)
+        wait_until(lambda: state.is_known(two._key) and not state.is_queued(two._key))
+        # A round trip after ``two``'s submission: the node has taken ``two`` (and
+        # sent it ahead to the busy worker) before it answers this.
+        (tmp_path / "mark").touch()
+        assert cluster.send_file(str(tmp_path / "mark"), cluster.status().nodes[0]) == 0
+        answers: list[bool] = []
+        node.proc.send_signal(signal.SIGSTOP)
+        try:
+            first.touch()  # the worker ends ``one`` and begins ``two``
+            wait_for_path(tmp_path / "started2")
+            asking = threading.Thread(target=lambda: answers.append(two.cancel()))
+            asking.start()
+            # The cancel is written to the node's socket (the state records it).
+            wait_until(lambda: state._jobs[two._key].unstarted_cancel)
+        finally:
+            node.proc.send_signal(signal.SIGCONT)
+        second.touch()
+        asking.join(WAIT)
+        assert answers == [False]
+        assert one.future.result(WAIT) > 0
+        assert two.future.result(WAIT) > 0 and two.status == JobStatus.Finished
