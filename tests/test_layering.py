@@ -133,3 +133,37 @@ def loaded_after(code: str) -> set[str]:
 )
 def test_the_core_and_its_displays_load_no_jupyter_code(code):
     assert loaded_after(code) == set()
+
+
+#: The client's event loops: the one I/O loop, and the web monitor's own (so that
+#: browsers never slow the I/O loop), as `dispynb._loop` says.
+LOOP_OWNERS = {ROOT / "dispynb" / "_loop.py", ROOT / "dispynb" / "httpd" / "server.py"}
+LOOP_MAKERS = {"run", "new_event_loop", "Runner", "run_until_complete"}
+
+
+def loop_makers(path: Path) -> list[str]:
+    """Calls in ``path`` that start an event loop (``asyncio.run`` and kin)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        if isinstance(func, ast.Attribute) and func.attr in LOOP_MAKERS:
+            owner = func.value
+            if func.attr == "run_until_complete" or (
+                isinstance(owner, ast.Name) and owner.id == "asyncio"
+            ):
+                found.append(f"{path.name}:{node.lineno} {ast.unparse(func)}")
+    return found
+
+
+def test_the_client_runs_no_event_loop_but_its_own():
+    """Client code runs on the one I/O loop (`dispynb._loop`): no module starts
+    another (``asyncio.run`` fails under a notebook's running loop, and a second
+    loop in a thread doubles the machinery)."""
+    files = [
+        p for p in sorted((ROOT / "dispynb").rglob("*.py")) if p not in LOOP_OWNERS
+    ]
+    found = [call for path in files for call in loop_makers(path)]
+    assert found == [], f"event loops started outside dispynb/_loop.py: {found}"
