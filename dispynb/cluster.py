@@ -1,76 +1,69 @@
-"""`JobCluster`: dispy's user API, run on dispynb's engine.
+"""`JobCluster`: dispy's user API, on an engine that runs its jobs.
 
-A cluster ships one computation (a Python function, by value) to its nodes and runs
-jobs of it. The API is synchronous, as dispy's: ``submit`` returns a `DispyJob`
-at once, ``job()`` blocks for its result, ``wait`` for all of them. The sockets live
-on a background I/O thread; user callbacks run, in order, on another thread.
+A cluster ships one computation (a Python function, by value) and runs jobs of it.
+The API is synchronous, as dispy's: ``submit`` returns a `DispyJob` at once,
+``job()`` blocks for its result, ``wait`` for all of them. This module is dispy's
+façade: options, the job table, callbacks, listeners, the journal, status and
+dispy's method names. The engine under it (dispynb's node servers by default, see
+`dispynb.backends`) is reached only through `dispynb.backends.base`: the façade
+knows no wire format, connection or scheduler. Events come on a background I/O
+thread; user callbacks run, in order, on another thread.
 """
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import copy
 import itertools
 import logging
 import os
 import secrets
-import socket
-import sys
 import threading
 import time
 import weakref
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from dispynb._callbacks import CallbackDispatcher
-from dispynb._loop import Coalescer, LoopRunner
-from dispynb.defaults import MAX_MESSAGE_SIZE, NODE_PORT
-from dispynb.depends import FileRef, collect, file_ref
+from dispynb._loop import LoopRunner
+from dispynb.backends import base
+from dispynb.backends.base import (
+    Backend,
+    ClusterConfig,
+    Departure,
+    Engine,
+    JobRequest,
+    NodeInfo,
+    Outcome,
+)
+from dispynb.depends import collect, file_ref
 from dispynb.errors import (
     ClusterError,
     ConfigurationError,
     DispynbError,
     NoNodesError,
-    ProtocolError,
-    SerializationError,
 )
-from dispynb.finder import NodeFinder
 from dispynb.job import DispyJob, JobStatus
 from dispynb.journal import Journal
-from dispynb.node import (
-    DispyNode,
-    DispyNodeAvailInfo,
-    NodeAllocate,
-    is_wildcard,
-    parse_node_specs,
-)
+from dispynb.log import set_level
+from dispynb.node import DispyNode, DispyNodeAvailInfo, parse_node_specs
 from dispynb.options import (
     ClusterOptions,
     check_callback,
     check_job_timeout,
     check_mem_limit,
 )
-from dispynb.protocol import serialize
-from dispynb.protocol.files import write_inside
-from dispynb.protocol.framing import Buffer
-from dispynb.protocol.messages import Welcome
-from dispynb.recovery import acquire_default_journal, release_default_journal
-from dispynb.scheduler.driver import Allocator, Driver, DriverConfig, NodeLink, Outcome
-from dispynb.status import (
-    ClusterStatus,
-    NodeWork,
-    Workload,
-    format_status,
-    status_of,
+from dispynb.recovery import (
+    acquire_default_journal,
+    default_recovery_applies,
+    release_default_journal,
 )
-from dispynb.transport.addressing import format_address, parse_address
-from dispynb.transport.tls import client_context
+from dispynb.status import ClusterStatus, NodeWork, Workload, format_status
 
 logger = logging.getLogger(__name__)
 
-_comp_ids = itertools.count(1)
+_cluster_ids = itertools.count(1)
 
 #: A listener gets ``(status, node, job)`` for each job and node event; see
 #: `JobCluster.add_listener`.
@@ -80,21 +73,8 @@ Listener = Callable[[int, DispyNode | None, DispyJob | None], None]
 #: that is garbage-collected without being closed just disappears).
 _live: dict[int, weakref.ref[JobCluster]] = {}
 
-#: Seconds nodes keep the results of a computation whose client (with a
-#: ``recover_file``) went away, for `recover_jobs`.
-RECOVERY_KEEP = 3600.0
-
-#: Seconds `JobCluster()` waits for a first discovered node (nodes found later are
-#: used as they come).
-DISCOVERY_WAIT = 2.0
-
 #: Seconds a cluster left open waits at interpreter exit for its cancelled jobs.
 EXIT_WAIT = 10.0
-
-#: Seconds `JobCluster()` waits for a first node to be set up. Connection and
-#: authentication errors surface within this time; a longer ``setup`` keeps running
-#: after the constructor returns, and jobs wait for it.
-STARTUP_WAIT = 15.0
 
 
 class JobCluster:
@@ -115,6 +95,10 @@ class JobCluster:
         result.
     cluster_status:
         ``f(status, node, job)``, called on the same thread for node and job events.
+    engine:
+        What runs the jobs (`dispynb.backends.base.Engine`): None, dispynb's node
+        servers (``nodes`` says which); or, for example, a Dask or Ray engine.
+        Asking for something the engine lacks raises `NotSupportedError`.
     **options:
         dispy's other keyword arguments (``setup``, ``cleanup``, ``secret``,
         ``secret_file``, ``certfile``, ``keyfile``, ``cafile``, ``reentrant``,
@@ -146,6 +130,8 @@ class JobCluster:
         job_status: Callable[[DispyJob], Any] | None = None,
         cluster_status: Callable[[int, DispyNode | None, DispyJob | None], Any]
         | None = None,
+        *,
+        engine: Engine | None = None,
         **options: Any,
     ) -> None:
         self._options = opts = ClusterOptions.from_kwargs(
@@ -156,11 +142,11 @@ class JobCluster:
             cluster_status=cluster_status,
             **options,
         )
-        self._program: dict[str, Any] | None = None
-        if isinstance(opts.computation, str):
-            self._program = _read_program(opts.computation)
+        self.engine: Engine = base.resolve_engine(engine)
+        self._features = self.engine.features
+        base.check_options(self.engine, opts)
         if opts.loglevel is not None:
-            _set_log_level(opts.loglevel)
+            set_level(opts.loglevel)
         self._journal: Journal | None = None
         self._recovery_id = ""
         # Every job is journaled with recover_file=...; dispy's default recovery file
@@ -168,42 +154,27 @@ class JobCluster:
         self._journal_jobs = isinstance(opts.recover_file, str)
         if isinstance(opts.recover_file, str):
             self._journal = Journal(opts.recover_file)
-        elif opts.recover_file is None and _default_recovery_applies(nodes):
+        elif (
+            opts.recover_file is None
+            and base.RECOVERY in self._features
+            and default_recovery_applies(nodes)
+        ):
             self._journal = acquire_default_journal()
         if self._journal is not None:
             self._recovery_id = secrets.token_hex(16)
-        # As in dispy, no nodes means: discover them on the local networks.
-        self._specs = parse_node_specs(nodes) or parse_node_specs("*")
-        wildcards = [spec for spec in self._specs if is_wildcard(spec)]
-        self._finder: NodeFinder | None = None
-        if wildcards:
-            host = opts.host[0] if isinstance(opts.host, list) else opts.host
-            self._finder = NodeFinder(
-                wildcards,
-                self._use_found_node,
-                host=host,
-                multicast=opts.ipv4_udp_multicast,
-                ping_interval=opts.ping_interval,
-                ready=lambda: bool(self._nodes),
-            )
-        if self._program is not None:
-            self.name = self._program["name"]
+        if isinstance(opts.computation, str):
+            self.name = os.path.basename(opts.computation)
         else:
             self.name = getattr(computation, "__name__", type(computation).__name__)
-        secret = opts.secret
         local_secret = getattr(nodes, "secret", None)  # a LocalCluster's own
         if local_secret and not (options.get("secret") or options.get("secret_file")):
             # Its nodes know only that secret: DISPYNB_SECRET(_FILE) is for others.
-            secret = (
+            opts.secret = (
                 local_secret
                 if isinstance(local_secret, bytes)  # a launcher's (dispynb.deploy)
                 else str(local_secret).encode()
             )
-        tls = bool(opts.certfile or opts.cafile) or bool(getattr(nodes, "tls", False))
-        serialize.ship_by_value(
-            opts.computation, opts.setup, opts.cleanup, *opts.depends
-        )
-        self._deps = collect(opts.depends)
+        deps = collect(opts.depends)
         self._jobs: dict[int, DispyJob] = {}
         self._keys = itertools.count(1)
         #: Jobs by final status (and "submitted"), for monitors.
@@ -212,17 +183,15 @@ class JobCluster:
         self._outstanding = 0
         self._done = threading.Condition()
         self._nodes: dict[str, DispyNode] = {}
+        # CPUs set up on each node (what set_node_cpus counts from), by node id.
+        self._node_cpus: dict[str, int] = {}
         # Nodes being set up again (resetup_node), kept with their counts.
         self._resetting: dict[str, DispyNode] = {}
-        # Node ids released by close_node: discovery does not bring them back.
-        self._released: set[str] = set()
         # Jobs executing now (the node reported their start), by the node counting them
         # in its ``busy``.
         self._executing: dict[int, DispyNode] = {}
-        self._node_errors: list[DispynbError] = []
-        self._launcher: Any = None  # a launcher (dispynb.deploy) it subscribed to
         self._closed = False
-        self._max_job_size = MAX_MESSAGE_SIZE
+        self._backend: Backend | None = None
         #: Epoch seconds the cluster was created, and the last time every job
         #: submitted had ended (None while jobs are pending), as in dispy.
         self.start_time = self._start_time = time.time()
@@ -234,213 +203,90 @@ class JobCluster:
         # cluster's variable in them (cluster_status calling cluster.submit_node).
         self._callbacks = CallbackDispatcher(held=True)
         self._runner = LoopRunner.acquire()
-        self._driver = Driver(
-            DriverConfig(
-                comp_id=next(_comp_ids),
-                name=self.name,
-                secret=secret,
-                max_message_size=opts.max_message_size,
-                ssl_context=client_context(opts.certfile, opts.keyfile, opts.cafile)
-                if tls
-                else None,
-                dest_path=opts.dest_path,
-                cleanup=bool(opts.cleanup),
-                reentrant=opts.reentrant,
-                max_attempts=opts.max_attempts,
-                pulse_interval=opts.pulse_interval,
-                setup_timeout=opts.setup_timeout,
-                recovery_id=self._recovery_id or None,
-                keep_results=RECOVERY_KEEP if self._journal else 0.0,
-                keep_sent=self._journal_jobs,
-                client_name=_client_name(),
-                max_output=opts.max_output_size,  # type: ignore[arg-type]
-                max_result=_result_cap(opts),
-                max_pids=opts.max_pids,
-                fresh_process=opts.fresh_process,
-                result_types=None
-                if opts.result_types is None
-                else serialize.AllowList(opts.result_types),
-            ),
-            self,
-        )
         if self._journal is not None:
             self._journal.computation(self._recovery_id, self.name)
-        self._drain = Coalescer(self._runner, self._driver.drain)
-        _live[self._driver.config.comp_id] = weakref.ref(self)
+        self._id = next(_cluster_ids)
+        _live[self._id] = weakref.ref(self)
         _close_at_exit_once()
+        config = ClusterConfig(
+            name=self.name,
+            options=opts,
+            depends=deps,
+            runner=self._runner,
+            cluster=self,
+            recovery_id=self._recovery_id or None,
+            journal_jobs=self._journal_jobs,
+        )
         try:
-            self._runner.run_sync(self._start)
-            self._subscribe(nodes)
+            self._backend = self.engine.open(self, config)
         except BaseException:
             self._callbacks.release()
             self._shutdown(terminate=True)
             raise
         self._callbacks.release()
 
-    # -- start-up ------------------------------------------------------------------
+    def _require(self, feature: str, what: str) -> None:
+        """Raise `NotSupportedError` unless the engine provides ``feature``."""
+        if feature not in self._features:
+            base.require(self.engine, feature, what)
 
-    async def _start(self) -> None:
-        self._startup = asyncio.get_running_loop().create_future()
-        explicit = [spec for spec in self._specs if not is_wildcard(spec)]
-        for spec in explicit:
-            self._driver.add_node(
-                spec.host, spec.port or NODE_PORT, self._allocator(spec)
-            )
-        wait = STARTUP_WAIT
-        if self._finder is not None:
-            self._driver.discovering = True  # nodes may appear at any time
-            try:
-                await self._finder.start()
-            except OSError as exc:
-                raise ConfigurationError(
-                    f"cannot start node discovery ({exc}): name the nodes instead"
-                ) from exc
-            if not explicit:
-                wait = DISCOVERY_WAIT
-        try:
-            await asyncio.wait_for(asyncio.shield(self._startup), wait)
-        except TimeoutError:
-            self._startup.cancel()  # later node failures reach the jobs instead
-            logger.info("nodes are still being set up; jobs will wait for them")
+    # -- JobEvents (called by the engine, on the I/O thread) ---------------------------
 
-    def _subscribe(self, nodes: Any) -> None:
-        """A launcher (`dispynb.deploy.NodeLauncher`): nodes that register later are
-        used like discovered ones."""
-        subscribe = getattr(nodes, "subscribe", None)
-        if not callable(subscribe):
-            return
-        self._on_loop(setattr, self._driver, "discovering", True)
-        subscribe(self._use_registered_node, cluster=self)
-        self._launcher = nodes
-
-    def _use_registered_node(self, ip: str, port: int) -> None:
-        """A launched node registered: connect to it (on the I/O loop)."""
-        self._use_found_node(ip, port, parse_node_specs(format_address(ip, port))[0])
-
-    def _use_found_node(self, ip: str, port: int, spec: NodeAllocate) -> None:
-        """A discovered node matched ``spec``: connect to it (on the I/O loop)."""
-        node_id = format_address(ip, port)
-        if (
-            node_id not in self._driver.nodes
-            and node_id not in self._released
-            and not self._closed
-        ):
-            self._driver.add_node(ip, port, self._allocator(spec))
-
-    def _allocator(self, spec: NodeAllocate) -> Allocator:
-        opts = self._options
-
-        def allocate(
-            welcome: Welcome, peer_ip: str
-        ) -> tuple[int, list[Buffer], list[FileRef]]:
-            try:
-                cpus = spec.allocate(
-                    self,
-                    peer_ip,
-                    welcome.name,
-                    welcome.cpus,
-                    avail_info=_avail_info(welcome.avail),
-                    platform=welcome.platform,
-                )
-                # allocate() may set per-node depends and setup_args (dispy examples do)
-                node_deps = collect(spec.depends, "NodeAllocate.depends")
-            except DispynbError:
-                raise
-            except Exception as exc:
-                raise ConfigurationError(
-                    f"NodeAllocate.allocate raised {exc!r}"
-                ) from exc
-            self._max_job_size = min(self._max_job_size, welcome.max_message_size)
-            bundle = {
-                "func": None if self._program else opts.computation,
-                "program": self._program,
-                "setup": opts.setup,
-                "cleanup": opts.cleanup if callable(opts.cleanup) else None,
-                "setup_args": tuple(spec.setup_args),
-                "names": {**self._deps.names, **node_deps.names},
-            }
-            files = self._deps.files + node_deps.files
-            return int(cpus or 0), serialize.dumps(bundle), files
-
-        return allocate
-
-    # -- JobEvents (called on the I/O thread) -----------------------------------------
-
-    def node_ready(self, link: NodeLink) -> None:
-        welcome = link.welcome
-        node = self._resetting.pop(link.node_id, None)
+    def node_ready(self, info: NodeInfo) -> None:
+        node = self._resetting.pop(info.node_id, None)
         if node is None:
             node = DispyNode(
-                link.host,
-                welcome.name if welcome else "",
-                link.cpus,
-                port=link.port,
-                platform=welcome.platform if welcome else "",
+                info.host, info.name, info.cpus, port=info.port, platform=info.platform
             )
         else:  # set up again (resetup_node): same node, its counts kept
-            node.cpus = node.avail_cpus = link.cpus
+            node.cpus = node.avail_cpus = info.cpus
             node.update_time = time.time()
-        node.avail_info = _avail_info(welcome.avail) if welcome else None
-        self._nodes[link.node_id] = node
+        node.avail_info = info.avail
+        self._nodes[info.node_id] = node
+        self._node_cpus[info.node_id] = info.cpus
         if self._journal is not None:
-            self._journal.node(self._recovery_id, link.node_id)
-        if not self._startup.done():
-            self._startup.set_result(None)
+            self._journal.node(self._recovery_id, info.node_id)
         self._notify_cluster(DispyNode.Initialized, node, None)
         self._emit(DispyNode.Initialized, node, None)
 
-    def node_failed(self, link: NodeLink, error: DispynbError) -> None:
-        self._node_errors.append(error)
-        if (
-            not self._startup.done()
-            and not self._driver.connecting
-            and not any(link.ready for link in self._driver.nodes.values())
-        ):
-            first = self._node_errors[0]
-            if len(self._node_errors) > 1:
-                logger.error(
-                    "no node could be used: %s",
-                    "; ".join(str(e) for e in self._node_errors),
-                )
-            self._startup.set_exception(first)
-
-    def node_closed(self, link: NodeLink, reason: str) -> None:
-        if self._finder is not None and not link.resetting:
-            self._finder.forget(link.host, link.port)
-        node = self._nodes.pop(link.node_id, None)
-        if node is not None:
-            if link.resetting:
-                self._resetting[link.node_id] = node
-            elif link.releasing:
-                logger.info("node %s released (close_node)", link.node_id)
-            elif not self._closed:
-                logger.warning("node %s left: %s", link.node_id, reason)
-            self._notify_cluster(DispyNode.Closed, node, None)
-            self._emit(DispyNode.Closed, node, None)
-
-    def node_status(self, link: NodeLink, avail: list[float]) -> None:
-        node = self._nodes.get(link.node_id)
+    def node_closed(self, info: NodeInfo, reason: str, departure: Departure) -> None:
+        node = self._nodes.pop(info.node_id, None)
         if node is None:
             return
-        node.avail_info = _avail_info(avail)
+        if departure is Departure.RESETUP:
+            self._resetting[info.node_id] = node
+        elif self._closed:
+            pass
+        elif departure is Departure.RELEASED:
+            logger.info("node %s released (close_node)", info.node_id)
+        else:
+            logger.warning("node %s left: %s", info.node_id, reason)
+        self._notify_cluster(DispyNode.Closed, node, None)
+        self._emit(DispyNode.Closed, node, None)
+
+    def node_status(self, info: NodeInfo, avail: DispyNodeAvailInfo | None) -> None:
+        node = self._nodes.get(info.node_id)
+        if node is None:
+            return
+        node.avail_info = avail
         node.update_time = time.time()
         self._notify_cluster(DispyNode.AvailInfo, node, None)
         self._emit(DispyNode.AvailInfo, node, None)
 
-    def jobs_sent(self, keys: list[int], link: NodeLink) -> None:
+    def jobs_sent(self, keys: list[int], info: NodeInfo) -> None:
         if self._journal is not None and self._journal_jobs:
             for key in keys:
-                self._journal.sent(self._recovery_id, key, link.node_id)
+                self._journal.sent(self._recovery_id, key, info.node_id)
 
-    def job_running(self, key: int, link: NodeLink, start_time: float) -> None:
+    def job_running(self, key: int, info: NodeInfo, start_time: float) -> None:
         job = self._jobs.get(key)
         # Only once per attempt: a job's start may be reported again after its worker
         # was replaced (it runs again from the start).
         if job is None or job.status is not JobStatus.Created:
             return
-        if not job._set_running(link.host, start_time):
+        if not job._set_running(info.host, start_time):
             return
-        node = self._nodes.get(link.node_id)
+        node = self._nodes.get(info.node_id)
         if node is not None:
             node.busy += 1
             self._executing[key] = node
@@ -454,72 +300,55 @@ class JobCluster:
         if node is not None:
             node.busy -= 1
 
-    def job_provisional(self, key: int, link: NodeLink, result: Any) -> None:
+    def job_provisional(self, key: int, info: NodeInfo, result: Any) -> None:
         job = self._jobs.get(key)
         if job is None:
             return
         if job.status is JobStatus.Created:  # a node that does not report starts
-            self.job_running(key, link, time.time())
+            self.job_running(key, info, time.time())
         if not job._set_provisional(result):
             return
         opts = self._options
         if opts.job_status is not None:
             self._callbacks.post(opts.job_status, copy.copy(job))
         if opts.cluster_status is not None:
-            node = self._nodes.get(link.node_id)
+            node = self._nodes.get(info.node_id)
             self._notify_cluster(JobStatus.ProvisionalResult, node, copy.copy(job))
-        self._emit(JobStatus.ProvisionalResult, self._nodes.get(link.node_id), job)
+        self._emit(JobStatus.ProvisionalResult, self._nodes.get(info.node_id), job)
 
-    def job_file(
-        self, key: int, link: NodeLink, path: str, data: list[memoryview]
-    ) -> None:
-        base = self._options.files_dir or os.getcwd()
-        try:
-            if len(data) != 1:
-                raise ProtocolError("a file from a node comes in one buffer")
-            saved = write_inside(base, path, data[0])
-        except (DispynbError, OSError) as exc:
-            logger.warning("file %r from job %d not saved: %s", path, key, exc)
-            return
-        logger.info("saved %s from node %s", saved, link.node_id)
-
-    def job_done(self, key: int, link: NodeLink | None, outcome: Outcome) -> None:
+    def job_done(self, key: int, info: NodeInfo | None, outcome: Outcome) -> None:
         job = self._jobs.pop(key, None)
         if job is None:
             return
-        status = status_of(outcome.outcome)
         self._not_executing(key)
-        node = self._nodes.get(link.node_id) if link is not None else None
-        if node is not None:
+        run_time = max(outcome.end_time - outcome.start_time, 0.0)
+        node = None
+        if info is not None and (node := self._nodes.get(info.node_id)) is not None:
             node.jobs_done += 1
-            if link is not None and link.conn is not None:
-                node.tx, node.rx = link.conn.bytes_sent, link.conn.bytes_received
-            node.cpu_time += max(outcome.end_time - outcome.start_time, 0.0)
-        self.cpu_time += max(outcome.end_time - outcome.start_time, 0.0)
+            if self._backend is not None:
+                node.tx, node.rx = self._backend.traffic(info.node_id)
+            node.cpu_time += run_time
+        self.cpu_time += run_time
         job._complete(
-            status,
+            outcome.status,
             result=outcome.result,
             stdout=outcome.stdout,
             stderr=outcome.stderr,
             exception=outcome.exception,
             start_time=outcome.start_time or None,
             end_time=outcome.end_time or None,
-            ip_addr=link.host if link is not None else None,
+            ip_addr=info.host if info is not None else None,
         )
         self._finished(job, node)
 
-    def job_abandoned(
-        self, key: int, link: NodeLink | None, reason: str, node_id: str = ""
-    ) -> None:
+    def job_abandoned(self, key: int, info: NodeInfo | None, reason: str) -> None:
         job = self._jobs.pop(key, None)
         if job is None:
             return
         self._not_executing(key)
-        node = self._nodes.get(link.node_id) if link is not None else None
+        node = self._nodes.get(info.node_id) if info is not None else None
         # The node it was sent to, started or not (dispy sets ip_addr at dispatch).
-        ip_addr = link.host if link is not None else None
-        if ip_addr is None and node_id:
-            ip_addr = parse_address(node_id)[0]
+        ip_addr = info.host if info is not None else None
         job._complete(JobStatus.Abandoned, exception=reason, ip_addr=ip_addr)
         self._finished(job, node)
 
@@ -558,7 +387,7 @@ class JobCluster:
         if self._options.cluster_status is not None:
             self._callbacks.post(self._options.cluster_status, status, node, job)
 
-    # -- listeners (monitors) ------------------------------------------------------
+    # -- listeners (monitors) ----------------------------------------------------------
 
     def add_listener(self, listener: Listener) -> None:
         """Call ``listener(status, node, job)`` for each job and node event.
@@ -582,7 +411,7 @@ class JobCluster:
             except Exception:
                 logger.exception("cluster listener %r failed", listener)
 
-    # -- jobs ----------------------------------------------------------------------
+    # -- jobs --------------------------------------------------------------------------
 
     def submit(self, *args: Any, **kwargs: Any) -> DispyJob:
         """Run the computation with these arguments on some node; return its job.
@@ -602,6 +431,7 @@ class JobCluster:
         Returns None (and logs why) if ``node`` is not a node of this cluster, as
         dispy does.
         """
+        self._require(base.SUBMIT_NODE, "submit_node")
         node_id = self._node_id(node)
         if node_id is None:
             logger.warning("submit_node: %r is not a node of this cluster", node)
@@ -612,6 +442,7 @@ class JobCluster:
         self, job_id: Any, node: Any, *args: Any, **kwargs: Any
     ) -> DispyJob | None:
         """`submit_node` with ``job.id`` set to ``job_id``."""
+        self._require(base.SUBMIT_NODE, "submit_job_id_node")
         node_id = self._node_id(node)
         if node_id is None:
             logger.warning("submit_node: %r is not a node of this cluster", node)
@@ -636,26 +467,19 @@ class JobCluster:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> DispyJob:
-        if self._closed:
+        backend = self._backend
+        if self._closed or backend is None:
             raise ClusterError("this cluster is closed: create a new JobCluster")
-        job_deps = collect(
-            kwargs.pop("dispy_job_depends", None) or [], "dispy_job_depends"
-        )
-        limits = _job_limits(kwargs, self._options)
-        payload = (args, kwargs, job_deps.names) if job_deps.names else (args, kwargs)
-        try:
-            buffers = serialize.dumps(payload)
-        except SerializationError as exc:
-            raise SerializationError(_unpicklable_argument(args, kwargs, exc)) from exc
-        size = sum(memoryview(b).nbytes for b in buffers)
-        if size > self._max_job_size - 4096:
-            raise SerializationError(
-                f"the job's arguments take {size} bytes, over the nodes' message size "
-                f"limit of {self._max_job_size}: start the nodes with a larger "
-                "--max-message-size, or send the data as files"
-            )
+        job_deps = None
+        depends = kwargs.pop("dispy_job_depends", None)
+        if depends:
+            self._require(base.JOB_DEPENDS, "dispy_job_depends")
+            job_deps = collect(depends, "dispy_job_depends")
+        timeout, mem_limit = self._job_limits(kwargs)
+        request = JobRequest(0, args, kwargs, node_id, job_deps, timeout, mem_limit)
+        backend.prepare(request)  # raises SerializationError: nothing registered yet
         job = DispyJob(job_id, args, kwargs)
-        key = next(self._keys)
+        key = request.key = next(self._keys)
         job._key = key
         job._cluster = self  # for job.cancel() / job.future.cancel()
         self._jobs[key] = job
@@ -668,9 +492,29 @@ class JobCluster:
             self._notify_cluster(JobStatus.Created, None, copy.copy(job))
         self.job_counts["submitted"] += 1
         self._emit(JobStatus.Created, None, job)
-        self._driver.enqueue(key, buffers, node_id, job_deps.files or None, limits)
-        self._drain.trigger()
+        backend.submit(request)
         return job
+
+    def _job_limits(self, kwargs: dict[str, Any]) -> tuple[float | None, int | None]:
+        """Pop ``dispy_job_timeout``/``dispy_job_mem_limit``: the job's limits.
+
+        Each falls back to the cluster's ``job_timeout``/``mem_limit``; an explicit
+        None lifts the cluster's limit for this job.
+        """
+        opts = self._options
+        timeout, mem = opts.job_timeout, opts.mem_limit
+        if "dispy_job_timeout" in kwargs:
+            self._require(base.JOB_LIMITS, "dispy_job_timeout")
+            timeout = check_job_timeout(
+                kwargs.pop("dispy_job_timeout"), "dispy_job_timeout"
+            )
+        if "dispy_job_mem_limit" in kwargs:
+            self._require(base.JOB_LIMITS, "dispy_job_mem_limit")
+            mem = check_mem_limit(
+                kwargs.pop("dispy_job_mem_limit"), "dispy_job_mem_limit"
+            )
+        assert not isinstance(mem, str)  # ClusterOptions normalised it to bytes
+        return timeout, mem
 
     def cancel(self, job: DispyJob) -> int:
         """Cancel a job: queued jobs end `Cancelled`, running ones `Terminated`.
@@ -679,22 +523,14 @@ class JobCluster:
         """
         if job.done() or job._key is None or job._key not in self._jobs:
             return -1
-        self._runner.call_soon(self._cancel_on_loop, [job._key])
+        if self._backend is not None:
+            self._backend.cancel([job._key])
         return 0
-
-    def _cancel_on_loop(
-        self, keys: list[int], unstarted: bool = False, held: bool = False
-    ) -> None:
-        """Cancel jobs in one go, so that all their cancels leave together
-        (``unstarted``, ``held``: see `Driver.cancel`)."""
-        self._driver.drain()  # a job may still be waiting to be scheduled
-        for key in keys:
-            self._driver.cancel(key, unstarted, held)
 
     def _cancel_unstarted(self, jobs: list[DispyJob]) -> bool:
         """Cancel ``jobs`` unless they have started (`dispynb.futures.JobFuture`).
 
-        Returns True if the cancels went to the I/O loop: each job then ends
+        Returns True if the cancels went to the engine: each job then ends
         ``Cancelled`` or is reported started (or done). On the I/O thread itself,
         which cannot wait for nodes, only the jobs no node has yet are cancelled
         (at once) and False is returned.
@@ -704,11 +540,14 @@ class JobCluster:
             for job in jobs
             if job._key is not None and not job.done() and job._key in self._jobs
         ]
+        backend = self._backend
+        if backend is None:
+            return False
         if self._runner.in_loop_thread():
-            self._cancel_on_loop(keys, unstarted=True, held=True)
+            backend.cancel(keys, unstarted=True, held=True)
             return False
         if keys:
-            self._runner.call_soon(self._cancel_on_loop, keys, True)
+            backend.cancel(keys, unstarted=True)
         return True
 
     def send_file(self, path: str, node: Any, relay: bool = False) -> int:
@@ -719,8 +558,9 @@ class JobCluster:
         not be sent, e.g. over the node's maximum file size. ``relay`` is accepted
         for dispy compatibility.
         """
+        self._require(base.SEND_FILE, "send_file")
         node_id = self._node_id(node)
-        if node_id is None:
+        if node_id is None or self._backend is None:
             logger.warning("send_file: %r is not a node of this cluster", node)
             return -1
         try:
@@ -728,13 +568,13 @@ class JobCluster:
         except DispynbError as exc:
             logger.warning("send_file: %s", exc)
             return -1
-        error = self._runner.run_sync(self._driver.send_file, node_id, ref)
+        error = self._backend.send_file(node_id, ref)
         if error:
             logger.warning("send_file: %s", error)
             return -1
         return 0
 
-    # -- nodes (dispy's node-management methods) ---------------------------------
+    # -- nodes (dispy's node-management methods) ---------------------------------------
 
     def allocate_node(self, node: Any) -> int:
         """Use ``node`` (any node spec, or several) for this computation.
@@ -742,72 +582,42 @@ class JobCluster:
         A node not yet used is connected and set up; one taken out with
         `deallocate_node` gets jobs again. Returns 0, or -1 for a bad spec (logged).
         """
+        self._require(base.NODE_MANAGEMENT, "allocate_node")
         try:
             specs = parse_node_specs(node)
         except ConfigurationError as exc:
             logger.warning("allocate_node: %s", exc)
             return -1
-        if self._closed:
+        if self._closed or self._backend is None:
             logger.warning("allocate_node: the cluster is closed")
             return -1
-        wildcards = [spec for spec in specs if is_wildcard(spec)]
-        if wildcards:
-            # Nodes released by close_node that these specs match may come back.
-            self._released = {
-                node_id
-                for node_id in self._released
-                if not any(
-                    spec.matches(parse_address(node_id)[0]) for spec in wildcards
-                )
-            }
-            try:
-                self._runner.run_sync(self._discover, wildcards)
-            except (OSError, DispynbError) as exc:
-                logger.warning("allocate_node: cannot discover nodes: %s", exc)
-                return -1
-        for spec in specs:
-            if is_wildcard(spec):
-                continue
-            port = spec.port or NODE_PORT
-            node_id = format_address(spec.host, port)
-            self._released.discard(node_id)
-            if node_id in self._driver.nodes:
-                full = self._driver.nodes[node_id].cpus
-                self._on_loop(self._driver.set_cpus, node_id, full)
-            else:
-                self._on_loop(
-                    self._driver.add_node, spec.host, port, self._allocator(spec)
-                )
+        try:
+            self._backend.add_nodes(specs)
+        except (OSError, DispynbError) as exc:
+            logger.warning("allocate_node: cannot discover nodes: %s", exc)
+            return -1
         return 0
 
     def discover_nodes(self, nodes: Any) -> int:
         """Look for ``nodes``: wildcards by broadcast, explicit hosts by connecting."""
         return self.allocate_node(nodes)
 
-    async def _discover(self, specs: list[NodeAllocate]) -> None:
-        """Look for nodes matching wildcard ``specs`` (on the I/O loop)."""
-        if self._finder is None:
-            opts = self._options
-            host = opts.host[0] if isinstance(opts.host, list) else opts.host
-            finder = NodeFinder(
-                list(specs),
-                self._use_found_node,
-                host=host,
-                multicast=opts.ipv4_udp_multicast,
-                ping_interval=opts.ping_interval,
-            )
-            await finder.start()
-            self._finder = finder
-            self._driver.discovering = True
-        else:
-            self._finder.add(specs)
+    def _managed(self, node: Any, what: str) -> tuple[Backend, str] | None:
+        """The backend and ``node``'s id for a node-management method, or None for
+        a node not of this cluster (or a closed cluster)."""
+        self._require(base.NODE_MANAGEMENT, what)
+        node_id = self._node_id(node)
+        if node_id is None or self._backend is None:
+            return None
+        return self._backend, node_id
 
     def deallocate_node(self, node: Any) -> int:
         """Send ``node`` no more jobs (its computation stays set up); 0 or -1."""
-        node_id = self._node_id(node)
-        if node_id is None:
+        managed = self._managed(node, "deallocate_node")
+        if managed is None:
             return -1
-        return 0 if self._on_loop(self._driver.set_cpus, node_id, 0) >= 0 else -1
+        backend, node_id = managed
+        return 0 if backend.set_cpus(node_id, 0) >= 0 else -1
 
     def set_node_cpus(self, node: Any, cpus: int) -> int:
         """Use ``cpus`` CPUs of ``node`` (negative: all but that many).
@@ -815,16 +625,17 @@ class JobCluster:
         Returns the CPUs now used, or -1 for an unknown node. A node never gets more
         jobs at once than it set up workers for.
         """
-        node_id = self._node_id(node)
-        if node_id is None:
+        managed = self._managed(node, "set_node_cpus")
+        if managed is None:
             return -1
+        backend, node_id = managed
         if cpus < 0:
-            cpus = self._driver.nodes[node_id].cpus + cpus
-        used = int(self._on_loop(self._driver.set_cpus, node_id, cpus))
-        node = self._nodes.get(node_id)
-        if node is not None and used >= 0:
-            node.cpus = node.avail_cpus = used
-            self._emit(DispyNode.AvailInfo, node, None)
+            cpus = self._node_cpus.get(node_id, 0) + cpus
+        used = backend.set_cpus(node_id, cpus)
+        known = self._nodes.get(node_id)
+        if known is not None and used >= 0:
+            known.cpus = known.avail_cpus = used
+            self._emit(DispyNode.AvailInfo, known, None)
         return used
 
     def close_node(self, node: Any, terminate_pending: bool = False) -> int:
@@ -836,14 +647,11 @@ class JobCluster:
         again, until `allocate_node` names it (or a pattern it matches). Returns 0,
         or -1 if ``node`` is not a node of this cluster.
         """
-        node_id = self._node_id(node)
-        if node_id is None:
+        managed = self._managed(node, "close_node")
+        if managed is None:
             return -1
-        self._released.add(node_id)
-        if not self._on_loop(self._driver.close_node, node_id, terminate_pending):
-            self._released.discard(node_id)
-            return -1
-        return 0
+        backend, node_id = managed
+        return 0 if backend.close_node(node_id, terminate_pending) else -1
 
     def resetup_node(self, node: Any, terminate_pending: bool = False) -> int:
         """Close the computation on ``node`` and set it up again.
@@ -851,27 +659,20 @@ class JobCluster:
         `NodeAllocate.allocate` runs again, so new per-node ``depends`` and
         ``setup_args`` take effect (dispy's way to replace in-memory data).
         """
-        node_id = self._node_id(node)
-        if node_id is None:
+        managed = self._managed(node, "resetup_node")
+        if managed is None:
             return -1
-        ok = self._on_loop(self._driver.resetup_node, node_id, terminate_pending)
-        return 0 if ok else -1
+        backend, node_id = managed
+        return 0 if backend.resetup_node(node_id, terminate_pending) else -1
 
     def node_jobs(self, node: Any, from_node: bool = False) -> list[DispyJob]:
         """The jobs of this cluster running on ``node`` now."""
+        self._require(base.NODE_JOBS, "node_jobs")
         node_id = self._node_id(node)
-        if node_id is None:
+        if node_id is None or self._backend is None:
             return []
-        keys = self._on_loop(self._driver.running_keys, node_id)
+        keys = self._backend.running_jobs(node_id)
         return [job for key in keys if (job := self._jobs.get(key)) is not None]
-
-    def _on_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Call ``fn(*args)`` on the I/O thread and return its result."""
-
-        async def call() -> Any:
-            return fn(*args)
-
-        return self._runner.run_sync(call)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until every submitted job is done; False if ``timeout`` passed first."""
@@ -883,7 +684,7 @@ class JobCluster:
 
     __call__ = wait
 
-    # -- dispy's attributes ----------------------------------------------------------
+    # -- dispy's attributes ------------------------------------------------------------
 
     @property
     def job_status(self) -> Callable[[DispyJob], Any] | None:
@@ -925,7 +726,7 @@ class JobCluster:
         send results over the client's own connection)."""
         return self._options.poll_interval
 
-    # -- status --------------------------------------------------------------------
+    # -- status ------------------------------------------------------------------------
 
     def status(self) -> ClusterStatus:
         """The cluster's nodes and the number of jobs not yet done."""
@@ -934,19 +735,15 @@ class JobCluster:
     def workload(self) -> Workload:
         """Jobs waiting for a node and each node's load (launchers' ``adapt`` reads
         it to grow and shrink the nodes; `close_node` drains one)."""
-        if self._closed:
+        backend = self._backend
+        if self._closed or backend is None:
             return Workload(0, {})
-        workload: Workload = self._on_loop(self._workload)
-        return workload
-
-    def _workload(self) -> Workload:
-        state = self._driver.state
         nodes = {}
-        for info in state.nodes:
-            node = self._nodes.get(info.node)
-            done = node.jobs_done if node is not None else 0
-            nodes[info.node] = NodeWork(info.cpus, info.running, done)
-        return Workload(max(0, self._outstanding - state.running_count), nodes)
+        for node_id, (cpus, jobs) in backend.node_load().items():
+            node = self._nodes.get(node_id)
+            nodes[node_id] = NodeWork(cpus, jobs, node.jobs_done if node else 0)
+        sent = sum(work.jobs for work in nodes.values())
+        return Workload(max(0, self._outstanding - sent), nodes)
 
     def print_status(self, wall_time: float | None = None) -> None:
         """Print dispy's per-node table of jobs, times and traffic."""
@@ -958,12 +755,13 @@ class JobCluster:
     stats = print_status
 
     def _update_traffic(self) -> None:
-        for node_id, link in list(self._driver.nodes.items()):
-            node = self._nodes.get(node_id)
-            if node is not None and link.conn is not None:
-                node.tx, node.rx = link.conn.bytes_sent, link.conn.bytes_received
+        backend = self._backend
+        if backend is None:
+            return
+        for node_id, node in list(self._nodes.items()):
+            node.tx, node.rx = backend.traffic(node_id)
 
-    # -- shutdown ------------------------------------------------------------------
+    # -- shutdown ----------------------------------------------------------------------
 
     def close(self, timeout: float | None = None, terminate: bool = False) -> bool:
         """Wait for the jobs (or cancel them: ``terminate``), then release the nodes.
@@ -972,9 +770,9 @@ class JobCluster:
         """
         if self._closed:
             return True
-        if terminate:
+        if terminate and self._backend is not None:
             keys = [key for key, job in list(self._jobs.items()) if not job.done()]
-            self._runner.call_soon(self._cancel_on_loop, keys)
+            self._backend.cancel(keys)
         done = self.wait(timeout)
         self._shutdown(terminate=terminate or not done)
         return done
@@ -987,14 +785,11 @@ class JobCluster:
         if self._closed:
             return
         self._closed = True
-        _live.pop(self._driver.config.comp_id, None)
-        if self._launcher is not None:
-            self._launcher.unsubscribe(self._use_registered_node)
+        _live.pop(self._id, None)
         try:
             self._update_traffic()
-            if self._finder is not None:
-                self._on_loop(self._finder.close)
-            self._runner.run_sync(self._driver.close, terminate)
+            if self._backend is not None:
+                self._backend.close(terminate)
         except (DispynbError, RuntimeError) as exc:
             logger.warning("closing the cluster: %s", exc)
         finally:
@@ -1034,108 +829,6 @@ class JobCluster:
         return f"<JobCluster {self.name!r} nodes={nodes} pending={pending}>"
 
 
-def _avail_info(avail: list[float]) -> DispyNodeAvailInfo | None:
-    if len(avail) != 4:
-        return None
-    cpu, memory, disk, swap = avail
-    return DispyNodeAvailInfo(cpu, int(memory), int(disk), swap)
-
-
-def _read_program(path: str) -> dict[str, Any]:
-    """The program file to ship, for a program computation."""
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read()
-    except OSError as exc:
-        raise ConfigurationError(f"cannot read program {path!r}: {exc}") from exc
-    return {"name": os.path.basename(path), "data": data}
-
-
-#: Stands for a magic keyword that was not given (None means "no limit").
-_UNSET: Any = object()
-
-
-def _job_limits(
-    kwargs: dict[str, Any], opts: ClusterOptions
-) -> tuple[float | None, int | None] | None:
-    """Pop ``dispy_job_timeout``/``dispy_job_mem_limit``; the job's limits, or None.
-
-    Each falls back to the cluster's ``job_timeout``/``mem_limit``; an explicit None
-    lifts the cluster's limit for this job.
-    """
-    timeout = kwargs.pop("dispy_job_timeout", _UNSET)
-    mem = kwargs.pop("dispy_job_mem_limit", _UNSET)
-    timeout = (
-        opts.job_timeout
-        if timeout is _UNSET
-        else check_job_timeout(timeout, "dispy_job_timeout")
-    )
-    mem = (
-        opts.mem_limit if mem is _UNSET else check_mem_limit(mem, "dispy_job_mem_limit")
-    )
-    if timeout is None and mem is None:
-        return None
-    assert not isinstance(mem, str)  # ClusterOptions normalised it to bytes
-    return timeout, mem
-
-
-def _unpicklable_argument(
-    args: tuple[Any, ...], kwargs: dict[str, Any], error: SerializationError
-) -> str:
-    """Name the argument that cannot be pickled (the error only names the tuple)."""
-    named = [(f"argument {i + 1}", value) for i, value in enumerate(args)]
-    named += [(f"keyword argument {key!r}", value) for key, value in kwargs.items()]
-    for name, value in named:
-        try:
-            serialize.dumps(value)
-        except SerializationError as exc:
-            return f"job {name} cannot be sent to a node: {exc}"
-    return f"job arguments cannot be sent to a node: {error}"
-
-
-def _result_cap(opts: ClusterOptions) -> int:
-    """Bytes a result may pickle to: ``max_result_size``, within what a message from
-    a node may carry here besides the job's output (4 bytes a character, 2 streams)."""
-    output = opts.max_output_size
-    room = (
-        opts.max_message_size
-        - (1 << 20)
-        - 8 * (output if isinstance(output, int) else 0)
-    )
-    cap = opts.max_result_size
-    return max(room, 0) if not isinstance(cap, int) else min(cap, max(room, 0))
-
-
-def _client_name() -> str:
-    return f"{socket.gethostname()}:{sys.argv[0].rsplit('/', 1)[-1] or 'python'}"
-
-
-def _set_log_level(level: int) -> None:
-    root = logging.getLogger("dispynb")
-    root.setLevel(level)
-    if not root.handlers and not logging.getLogger().handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s")
-        )
-        root.addHandler(handler)
-
-
-def _default_recovery_applies(nodes: Any) -> bool:
-    """Whether a cluster given no ``recover_file`` writes dispy's default one.
-
-    Scripts do, as dispy's clients. Not in notebooks and interactive sessions (no
-    ``_dispy_*`` files among the notebooks; a restarted kernel frees its nodes'
-    CPUs instead of leaving its jobs running for an hour), nor on a `LocalCluster`
-    (its nodes end with this process). ``recover_file=...`` asks for it anywhere.
-    """
-    if getattr(nodes, "secret", None) is not None:  # a LocalCluster
-        return False
-    ipython = sys.modules.get("IPython")
-    in_ipython = ipython is not None and ipython.get_ipython() is not None
-    return not (in_ipython or hasattr(sys, "ps1"))
-
-
 _exit_hook = threading.Lock()
 _exit_hooked = False
 
@@ -1160,6 +853,37 @@ def _close_at_exit() -> None:
             logger.warning("closing cluster %r at exit failed", cluster.name)
 
 
+class ClusterFactory(Protocol):
+    """Makes a cluster for the layers above the façade (`dispynb.jupyter.Run.map`,
+    ``%%dispy``, `dispynb.Executor`): they ask for a cluster, never name a class or
+    an engine. `new_cluster` is the default."""
+
+    def __call__(
+        self,
+        computation: Callable[..., Any] | str,
+        /,
+        *,
+        nodes: Any = None,
+        engine: Engine | None = None,
+        **options: Any,
+    ) -> JobCluster:
+        """A cluster running ``computation`` on ``engine`` (None: node servers)."""
+        ...
+
+
+def new_cluster(
+    computation: Callable[..., Any] | str,
+    /,
+    *,
+    nodes: Any = None,
+    engine: Engine | None = None,
+    **options: Any,
+) -> JobCluster:
+    """The default `ClusterFactory`: ``JobCluster(computation, nodes=nodes,
+    engine=engine, **options)``."""
+    return JobCluster(computation, nodes=nodes, engine=engine, **options)
+
+
 def live_clusters() -> list[JobCluster]:
     """The clusters of this process that are not closed, oldest first."""
     clusters = [ref() for _, ref in sorted(_live.items())]
@@ -1167,10 +891,12 @@ def live_clusters() -> list[JobCluster]:
 
 
 __all__ = [
+    "ClusterFactory",
     "ClusterStatus",
     "JobCluster",
     "Listener",
     "NoNodesError",
     "format_status",
     "live_clusters",
+    "new_cluster",
 ]

@@ -28,7 +28,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
@@ -39,6 +39,10 @@ from dispynb.futures import (
 )  # shutdown has an argument so named
 from dispynb.job import DispyJob
 from dispynb.protocol import serialize
+
+if TYPE_CHECKING:
+    from dispynb.backends.base import Engine
+    from dispynb.cluster import ClusterFactory
 
 __all__ = ["Executor", "dispynb_executor"]
 
@@ -158,9 +162,15 @@ class Executor(concurrent.futures.Executor):
         With ``nodes=None``: the CPUs of the `LocalCluster` the executor starts
         (default: this machine's). Otherwise unused (the nodes' CPUs count).
     nodes:
-        ``None``: start a `LocalCluster` (closed by `shutdown`); a `LocalCluster`
-        you started; or node specs, as `JobCluster`'s ``nodes`` (``'host'``,
-        ``'host:port'``, ``'*'`` ...).
+        ``None``: start a `LocalCluster` (closed by `shutdown`), unless ``engine``
+        is given; a `LocalCluster` you started; or node specs, as `JobCluster`'s
+        ``nodes`` (``'host'``, ``'host:port'``, ``'*'`` ...).
+    engine:
+        What runs the calls, as `JobCluster`'s ``engine`` (None: dispynb's node
+        servers; a Dask or Ray engine: its cluster's workers).
+    cluster_factory:
+        Makes the executor's cluster (`dispynb.cluster.ClusterFactory`); default
+        `dispynb.cluster.new_cluster`.
     initializer, initargs:
         As `concurrent.futures.ProcessPoolExecutor`'s: ``initializer(*initargs)``
         runs once per node before any call (as `JobCluster`'s ``setup``; the
@@ -189,9 +199,11 @@ class Executor(concurrent.futures.Executor):
         initializer: Callable[..., Any] | None = None,
         initargs: tuple[Any, ...] = (),
         max_tasks_per_child: int | None = None,
+        engine: Engine | None = None,
+        cluster_factory: ClusterFactory | None = None,
         **options: Any,
     ) -> None:
-        from dispynb.cluster import JobCluster
+        from dispynb.cluster import new_cluster
         from dispynb.local import LocalCluster
 
         if max_workers is not None and max_workers <= 0:
@@ -211,12 +223,13 @@ class Executor(concurrent.futures.Executor):
             serialize.ship_by_value(initializer)  # a script's own: by value
             options["setup"] = functools.partial(_initialize, initializer, initargs)
         self._local: LocalCluster | None = None
-        if nodes is None:
+        if nodes is None and engine is None:
             nodes = self._local = LocalCluster(cpus=max_workers or os.cpu_count() or 1)
         # dispy's default recovery file (_dispy_*) is for dispy programs.
         options.setdefault("recover_file", False)
+        make = cluster_factory or new_cluster
         try:
-            self.cluster = JobCluster(dispynb_executor, nodes=nodes, **options)
+            self.cluster = make(dispynb_executor, nodes=nodes, engine=engine, **options)
         except BaseException:
             if self._local is not None:
                 self._local.close()

@@ -11,3 +11,16 @@ import logging
 logger = logging.getLogger("dispynb")
 for _level in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
     setattr(logger, _level, getattr(logging, _level))
+
+
+def set_level(level: int) -> None:
+    """Set the ``dispynb`` loggers' level (``JobCluster(loglevel=...)``); with no
+    handler configured anywhere, log to stderr."""
+    root = logging.getLogger("dispynb")
+    root.setLevel(level)
+    if not root.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s")
+        )
+        root.addHandler(handler)

@@ -15,6 +15,7 @@ import logging
 import os
 import sqlite3
 import ssl
+import sys
 import threading
 import time
 from typing import Any
@@ -266,6 +267,23 @@ DEFAULT_PREFIX = "_dispy_"
 
 _default_lock = threading.Lock()
 _default: Journal | None = None
+
+
+def default_recovery_applies(nodes: Any) -> bool:
+    """Whether a cluster given no ``recover_file`` writes dispy's default one.
+
+    Scripts do, as dispy's clients. Not in notebooks and interactive sessions (no
+    ``_dispy_*`` files among the notebooks; a restarted kernel frees its nodes'
+    CPUs instead of leaving its jobs running for an hour), nor on a `LocalCluster`
+    (its nodes end with this process). ``recover_file=...`` asks for it anywhere.
+    """
+    if getattr(nodes, "secret", None) is not None:  # a LocalCluster
+        return False
+    ipython = sys.modules.get("IPython")
+    in_ipython = ipython is not None and ipython.get_ipython() is not None
+    return not (in_ipython or hasattr(sys, "ps1"))
+
+
 _default_users = 0
 
 

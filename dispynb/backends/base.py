@@ -56,7 +56,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from dispynb.errors import NotSupportedError
+from dispynb.errors import ConfigurationError, NotSupportedError
 from dispynb.job import JobStatus
 from dispynb.node import DispyNodeAvailInfo
 
@@ -182,6 +182,9 @@ class JobRequest:
     #: Seconds it may run, and bytes of memory it may use (None: no limit).
     timeout: float | None = None
     mem_limit: int | None = None
+    #: The backend's own encoding of the job (pickled arguments...), set by
+    #: ``Backend.prepare`` for ``Backend.submit``; the façade never reads it.
+    payload: Any = None
 
 
 @dataclass(kw_only=True, eq=False)
@@ -256,20 +259,41 @@ class JobEvents(Protocol):
 class Backend(Protocol):
     """One cluster's computation, set up on an engine (from ``Engine.open``)."""
 
-    def submit(self, job: JobRequest) -> None:
-        """Queue a job; never blocks, any thread.
+    def prepare(self, job: JobRequest) -> None:
+        """Check and encode a job before the façade registers it; any thread.
 
-        Raises `SerializationError` at once, before any event, when the job cannot
-        be sent (its arguments do not pickle: the message names the argument; or
-        they are over the engine's size limit: the message says what to do). Else
-        the job's events follow on the loop thread.
+        Sets ``job.payload`` (whatever ``submit`` needs) and has no other effect:
+        no event follows. Raises `SerializationError` when the job cannot be sent:
+        its arguments do not pickle (the message names the argument) or are over
+        the engine's size limit (the message says what to do instead).
         """
 
-    def cancel(self, keys: list[int]) -> None:
+    def submit(self, job: JobRequest) -> None:
+        """Queue a job that ``prepare`` accepted; never blocks, never raises for the
+        job's content, any thread. Its events follow on the loop thread.
+
+        (Two steps so that the façade reports ``Created`` to callbacks and
+        listeners after the checks and before any event of the job.)
+        """
+
+    def cancel(
+        self, keys: list[int], unstarted: bool = False, held: bool = False
+    ) -> None:
         """Cancel jobs; never blocks, any thread; unknown or ended keys are ignored.
 
         A job not started ends with ``job_cancelled``; a running one is terminated
         and ends with ``job_done`` (`JobStatus.Terminated`), or as the engine can.
+        With ``unstarted``, running jobs are left alone: a job already handed to a
+        node but not started is taken back there (``job_cancelled``) or reported
+        started (``job_running``) if it was too late. With ``held`` (the façade
+        passes it only on the loop thread), only the jobs no node has yet are
+        cancelled, and their ``job_cancelled`` is reported before this returns.
+        """
+
+    def node_load(self) -> dict[str, tuple[int, int]]:
+        """For each node set up: ``(cpus, jobs)``, the CPUs used for the cluster (0
+        once it gets no more jobs) and the jobs handed to it and not yet done.
+        ``JobCluster.workload`` (launchers' ``adapt``) reads it; may block briefly.
         """
 
     def add_nodes(self, specs: list[NodeAllocate]) -> None:
@@ -355,6 +379,40 @@ def require(engine: Engine, feature: str, what: str) -> None:
         )
 
 
+def resolve_engine(engine: Engine | None) -> Engine:
+    """``engine``, checked; dispynb's own node servers (`dispynb.backends.nodes`)
+    for None (``JobCluster(engine=None)``)."""
+    if engine is None:
+        from dispynb.backends.nodes import NodeEngine
+
+        return NodeEngine()
+    if not callable(getattr(engine, "open", None)) or not isinstance(
+        getattr(engine, "features", None), frozenset
+    ):
+        raise ConfigurationError(
+            f"engine={engine!r} is not an engine (an object with ``features`` and "
+            "``open``, see dispynb.backends.base.Engine): give None for dispynb's "
+            "node servers, or an engine object"
+        )
+    return engine
+
+
+def check_options(engine: Engine, opts: ClusterOptions) -> None:
+    """Raise `NotSupportedError` for a `JobCluster` option ``engine`` lacks."""
+    if isinstance(opts.computation, str):
+        require(engine, PROGRAM, "a program computation")
+    if opts.setup is not None:
+        require(engine, SETUP, "setup=")
+    if callable(opts.cleanup):
+        require(engine, SETUP, "cleanup=")
+    if opts.job_timeout is not None:
+        require(engine, JOB_LIMITS, "job_timeout=")
+    if opts.mem_limit is not None:
+        require(engine, JOB_LIMITS, "mem_limit=")
+    if isinstance(opts.recover_file, str):
+        require(engine, RECOVERY, "recover_file=")
+
+
 __all__ = [
     "ALL_FEATURES",
     "JOB_DEPENDS",
@@ -374,5 +432,7 @@ __all__ = [
     "JobRequest",
     "NodeInfo",
     "Outcome",
+    "check_options",
     "require",
+    "resolve_engine",
 ]

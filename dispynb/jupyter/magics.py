@@ -21,6 +21,8 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 from IPython.display import display
 
+from dispynb.backends.base import Engine
+from dispynb.cluster import ClusterFactory, new_cluster
 from dispynb.jupyter import display as templates
 from dispynb.jupyter.errors import MagicError, RunInterrupted
 from dispynb.jupyter.magicsupport import cell_origin, friendly_errors, parse_line
@@ -67,19 +69,56 @@ def adapt_bounds(text: str, args: Any) -> Adapt:
 
 
 class Session:
-    """The nodes a notebook uses, the runs it started and their node panel."""
+    """The nodes a notebook uses, the runs it started and their node panel.
+
+    Its runs' clusters come from ``cluster_factory`` (`dispynb.cluster.new_cluster`)
+    with ``nodes``, ``engine`` and ``options``: an ``%dispy`` action for another
+    engine only builds its `Engine` and calls `use_engine`.
+    """
 
     def __init__(self) -> None:
         self.local: Any = None  # a LocalCluster this session started
-        self.nodes: Any = None  # what JobCluster(nodes=...) gets
+        self.nodes: Any = None  # what the cluster's nodes= gets
+        self.engine: Engine | None = None  # what runs the jobs (None: node servers)
+        self.engine_label = ""  # where the engine runs, for %dispy status
         self.options: dict[str, Any] = {}
+        self.cluster_factory: ClusterFactory = new_cluster
         self.runs: list[Run] = []
         self.panel = NodePanel()
         self._atexit = False
 
     @property
     def attached(self) -> bool:
-        return self.nodes is not None
+        return self.nodes is not None or self.engine is not None
+
+    def use_engine(
+        self,
+        engine: Engine,
+        label: str,
+        options: dict[str, Any] | None = None,
+        *,
+        hint: str = "",
+    ) -> None:
+        """Run on ``engine`` from now on (replacing the current nodes), after
+        checking that it can set a computation up.
+
+        ``label`` says where it runs (``%dispy status`` shows ``"{engine.name}
+        engine: {label}"``); ``options`` are cluster options for every run; ``hint``
+        ends the error when the check fails. The session closes the engine (its
+        ``close()``, if it has one) when it lets it go.
+        """
+        self.close()
+        self.engine, self.engine_label = engine, label
+        self.options = dict(options or {})
+        try:
+            with friendly_errors(
+                f"%dispy: cannot use the {engine.name} engine ({label})", hint=hint
+            ):
+                self.probe()
+        except BaseException:
+            self.close()
+            raise
+        self._show_in_use()
 
     def start_local(
         self, count: int, cpus: int | None, options: dict[str, Any] | None = None
@@ -190,10 +229,8 @@ class Session:
     def probe(self) -> None:
         """Connect to every node once (authenticating), to fill the node panel and
         report errors now rather than at the first run."""
-        from dispynb.cluster import JobCluster
-
-        cluster = JobCluster(
-            _dispynb_node_probe, nodes=self.nodes,
+        cluster = self.cluster_factory(
+            _dispynb_node_probe, nodes=self.nodes, engine=self.engine,
             cluster_status=self.panel.cluster_status,
             **{**self.options, "recover_file": False},  # a probe leaves no journal
         )  # fmt: skip
@@ -204,6 +241,11 @@ class Session:
         from dispynb.defaults import NODE_PORT
         from dispynb.node import parse_node_specs
 
+        if self.engine is not None:  # its workers, as the panel saw them
+            return [
+                (row.address.rsplit(":", 1)[0], row.address, row.name)
+                for row in self.panel.rows()
+            ]
         if self.nodes is None:
             return []
         if self.local is not None and self.nodes is self.local:
@@ -225,6 +267,11 @@ class Session:
         Each item is a node's ``HOST:PORT``, its host, or its name, and must match
         exactly one node in use. Raises `UsageError` naming the nodes in use.
         """
+        if self.engine is not None:
+            raise UsageError(
+                f"--on is for dispynb's node servers: the {self.engine.name} engine "
+                "uses every worker of its cluster"
+            )
         known = self.known_nodes()
         listing = ", ".join(
             f"{name} ({address})" if name else address for _, address, name in known
@@ -281,6 +328,10 @@ class Session:
             self.local.close()
         self.local = None
         self.nodes = None
+        engine, self.engine, self.engine_label = self.engine, None, ""
+        close_engine = getattr(engine, "close", None)
+        if callable(close_engine):
+            close_engine()
         self.options = {}
         self.panel.in_use([])
         if self._atexit:
@@ -306,10 +357,14 @@ class SessionStatus:
 
     def __init__(self, session: Session) -> None:
         self.nodes = session.nodes
+        self.engine = session.engine
+        self.engine_label = session.engine_label
         self.rows = session.rows()
         self.runs = list(session.runs)
 
     def _where(self) -> str:
+        if self.engine is not None:
+            return f"{self.engine.name} engine: {self.engine_label}"
         if self.nodes is None:
             return "no nodes: use %dispy local or %dispy nodes HOST ..."
         if hasattr(self.nodes, "node_specs"):
@@ -714,6 +769,8 @@ class DispyMagics(Magics):
                     func,
                     inputs,
                     nodes=nodes,
+                    engine=session.engine,
+                    cluster_factory=session.cluster_factory,
                     unpack=args.unpack,
                     wait=False,
                     progress="none" if args.nowait else args.progress,

@@ -87,7 +87,7 @@ def friendly_errors(what: str, hint: str) -> Iterator[None]:
 
 
 #: Loggers that report unusable nodes, and how those messages start.
-_HELD_LOGGERS = ("dispynb.scheduler.driver", "dispynb.cluster")
+_HELD_LOGGERS = ("dispynb.scheduler.driver", "dispynb.backends.nodes")
 _HELD_MESSAGES = ("node %s cannot be used", "no node could be used")
 
 

@@ -51,7 +51,8 @@ from dispynb.protocol import serialize
 if TYPE_CHECKING:
     import pandas as pd
 
-    from dispynb.cluster import JobCluster
+    from dispynb.backends.base import Engine
+    from dispynb.cluster import ClusterFactory, JobCluster
     from dispynb.node import DispyNode
 
 __all__ = ["Run"]
@@ -151,7 +152,9 @@ class Run:
         computation: Callable[..., Any] | str,
         inputs: Iterable[Any],
         *,
-        nodes: Any,
+        nodes: Any = None,
+        engine: Engine | None = None,
+        cluster_factory: ClusterFactory | None = None,
         unpack: bool = False,
         wait: bool = True,
         progress: str | ProgressBar = "auto",
@@ -173,6 +176,12 @@ class Run:
             One job per item; each item is the only argument, unless ``unpack``.
         nodes:
             Where to run, as for `JobCluster` (a `LocalCluster`, node specs...).
+        engine:
+            What runs the jobs, as for `JobCluster` (None: dispynb's node servers;
+            a Dask or Ray engine...).
+        cluster_factory:
+            Makes the run's cluster (`dispynb.cluster.ClusterFactory`); default
+            `dispynb.cluster.new_cluster`.
         unpack:
             Items are argument tuples (or lists) for ``computation(*item)``, and
             dicts for ``computation(**item)``.
@@ -202,7 +211,7 @@ class Run:
         KeyboardInterrupt
             When interrupted while waiting, after cancelling the unfinished jobs.
         """
-        from dispynb.cluster import JobCluster
+        from dispynb.cluster import new_cluster
 
         if isinstance(computation, str):
             label = name or os.path.basename(computation.rstrip("/")) or "run"
@@ -235,9 +244,10 @@ class Run:
         # nodes, not wait an hour for a recover_jobs() that never comes.
         options.setdefault("recover_file", False)
         run.attach(
-            JobCluster(
+            (cluster_factory or new_cluster)(
                 computation,
                 nodes=nodes,
+                engine=engine,
                 job_status=run._on_job_status,
                 cluster_status=run._on_cluster_status,
                 **options,

@@ -6,7 +6,7 @@ A client connects to the address a datagram came *from* (with the announced TCP 
 and then authenticates over TCP as usual. The one exception is an announcement's
 optional ``ext`` address (``dispynb-node --ext-host``, for NAT and multi-homed nodes):
 a claim that a client follows only when the address fits a node spec its user gave
-that is narrower than ``'*'`` (see `dispynb.finder`).
+that is narrower than ``'*'`` (see `dispynb.backends.finder`).
 
 `decode` accepts only exact, well-typed maps within tight size limits, so a datagram
 from anyone on the network can be decoded safely; anything else raises

@@ -300,7 +300,8 @@ class Discovery:
 
     def ext_address(self, ip: str, port: int) -> str:
         """The address the node found at ``ip:port`` claims to be reachable at
-        (``dispynb-node --ext-host``), or ``''``. A claim: see `dispynb.finder`."""
+        (``dispynb-node --ext-host``), or ``''``. A claim: see
+        `dispynb.backends.finder`."""
         return self._ext.get((ip, port), "")
 
     def close(self) -> None:

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from dispynb.finder import NodeFinder, trusted_ext_spec
+from dispynb.backends.finder import NodeFinder, trusted_ext_spec
 from dispynb.node import NodeAllocate
 
 
@@ -50,7 +50,7 @@ def test_ext_claim_under_bare_star_is_ignored_and_logged_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     nodes, used = finder(["*"], {("10.1.0.2", 9711): "192.0.2.66"})
-    with caplog.at_level(logging.INFO, "dispynb.finder"):
+    with caplog.at_level(logging.INFO, "dispynb.backends.finder"):
         nodes._found("10.1.0.2", 9711, "n", 1)
         nodes._found("10.1.0.2", 9711, "n", 1)
     assert used == [("10.1.0.2", 9711, "*")] * 2
@@ -88,7 +88,7 @@ def quiet_finder(ready: bool) -> NodeFinder:
 def test_no_node_warning_names_the_likely_causes(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    with caplog.at_level(logging.WARNING, "dispynb.finder"):
+    with caplog.at_level(logging.WARNING, "dispynb.backends.finder"):
         asyncio.run(quiet_finder(False)._warn_if_no_node(["10.1.0.255"]))
     (record,) = caplog.records
     message = record.getMessage()
@@ -112,7 +112,7 @@ def test_no_node_warning_when_nodes_answered_or_are_ready(
 ) -> None:
     answered = quiet_finder(False)
     answered._found("10.1.0.2", 9711, "n", 1)
-    with caplog.at_level(logging.WARNING, "dispynb.finder"):
+    with caplog.at_level(logging.WARNING, "dispynb.backends.finder"):
         asyncio.run(answered._warn_if_no_node(["10.1.0.255"]))
         asyncio.run(quiet_finder(True)._warn_if_no_node(["10.1.0.255"]))
     (record,) = caplog.records  # none once a node is ready

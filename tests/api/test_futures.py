@@ -212,7 +212,7 @@ def test_remote_exception_renders_the_remote_traceback(local1):
 
 def scheduler_state(cluster: JobCluster):  # type: ignore[no-untyped-def]
     """Where the client holds its jobs (to tell held jobs from jobs sent ahead)."""
-    return cluster._driver.state
+    return cluster._backend.driver.state  # the node-server engine's scheduler
 
 
 @pytest.mark.slow

@@ -157,7 +157,7 @@ def test_close_node_releases_node_for_good_until_allocated_again(two, tmp_path):
         closed = by_name(cluster, "local-0")
         assert cluster.close_node(closed) == 0
         wait_until(lambda: len(cluster.status().nodes) == 1)
-        driver = cluster._driver
+        driver = cluster._backend.driver
         # Released: no reconnection scheduled, no link left to it.
         assert driver._reconnecting == 0
         assert all(

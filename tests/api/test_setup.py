@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-import dispynb.cluster
+import dispynb.backends.nodes
 from dispynb import DispyJob, JobCluster
 from dispynb.errors import SetupError
 from tests import jobs
@@ -36,7 +36,7 @@ def test_jobcluster_slow_setup_constructor_returns_and_jobs_wait(
     local, tmp_path, monkeypatch
 ):
     """A setup longer than the start-up wait keeps running; jobs run after it."""
-    monkeypatch.setattr(dispynb.cluster, "STARTUP_WAIT", 0.2)
+    monkeypatch.setattr(dispynb.backends.nodes, "STARTUP_WAIT", 0.2)
     gate = tmp_path / "gate"
 
     def setup() -> None:
@@ -54,7 +54,7 @@ def test_jobcluster_slow_setup_constructor_returns_and_jobs_wait(
 def test_jobcluster_slow_setup_that_fails_abandons_waiting_jobs_with_reason(
     local, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(dispynb.cluster, "STARTUP_WAIT", 0.2)
+    monkeypatch.setattr(dispynb.backends.nodes, "STARTUP_WAIT", 0.2)
     gate = tmp_path / "gate"
 
     def setup() -> None:

@@ -1,0 +1,563 @@
+"""dispynb's own engine: node servers (``dispynb-node``) reached over TCP.
+
+`NodeEngine` is the default engine of `JobCluster` (``engine=None``). Its backend,
+`NodesBackend`, binds a cluster to the node-server machinery: the `Driver` (the
+scheduler state machine and the connections), the `NodeFinder` (discovery), the
+secret and TLS, the computation bundle shipped to each node, argument pickling and
+the nodes' message size limit. It turns the driver's reports, made in terms of
+`NodeLink`, into the seam's `JobEvents` in terms of `NodeInfo`
+(`dispynb.backends.base`). Everything here runs on the cluster's I/O loop, except
+the methods the façade calls from user threads, which hop onto it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import socket
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from dispynb._loop import Coalescer
+from dispynb.backends import base
+from dispynb.backends.base import ClusterConfig, Departure, JobEvents, NodeInfo
+from dispynb.backends.finder import NodeFinder
+from dispynb.defaults import MAX_MESSAGE_SIZE, NODE_PORT
+from dispynb.depends import FileRef, collect
+from dispynb.errors import (
+    ConfigurationError,
+    DispynbError,
+    ProtocolError,
+    SerializationError,
+)
+from dispynb.node import DispyNodeAvailInfo, NodeAllocate, is_wildcard, parse_node_specs
+from dispynb.options import ClusterOptions
+from dispynb.protocol import serialize
+from dispynb.protocol.files import write_inside
+from dispynb.protocol.framing import Buffer
+from dispynb.protocol.messages import Welcome
+from dispynb.scheduler import driver
+from dispynb.scheduler.driver import Allocator, Driver, DriverConfig, NodeLink
+from dispynb.status import status_of
+from dispynb.transport.addressing import format_address, parse_address
+from dispynb.transport.tls import client_context
+
+logger = logging.getLogger(__name__)
+
+_comp_ids = itertools.count(1)
+
+#: Seconds nodes keep the results of a computation whose client (with a
+#: ``recover_file``) went away, for `recover_jobs`.
+RECOVERY_KEEP = 3600.0
+
+#: Seconds `JobCluster()` waits for a first discovered node (nodes found later are
+#: used as they come).
+DISCOVERY_WAIT = 2.0
+
+#: Seconds `JobCluster()` waits for a first node to be set up. Connection and
+#: authentication errors surface within this time; a longer ``setup`` keeps running
+#: after the constructor returns, and jobs wait for it.
+STARTUP_WAIT = 15.0
+
+#: Bytes of a job message besides its arguments (header, MAC, framing).
+_JOB_OVERHEAD = 4096
+
+
+class NodeEngine:
+    """dispynb's node servers: the nodes named by ``nodes=`` (specs, a
+    `LocalCluster`, a launcher), or found by discovery. Every feature."""
+
+    name = "nodes"
+    features: frozenset[str] = base.ALL_FEATURES
+
+    def open(self, events: JobEvents, config: ClusterConfig) -> NodesBackend:
+        """Connect to the nodes and set the computation up; see `Engine.open`."""
+        backend = NodesBackend(events, config)
+        try:
+            backend.start()
+        except BaseException:
+            backend.close(terminate=True)
+            raise
+        return backend
+
+    def __repr__(self) -> str:
+        return "NodeEngine()"
+
+
+class NodesBackend:
+    """One cluster's computation on node servers (a `Backend`)."""
+
+    def __init__(self, events: JobEvents, config: ClusterConfig) -> None:
+        self._events = events
+        self._config = config
+        self._runner = config.runner
+        opts = self._options = config.options
+        self._program: dict[str, Any] | None = None
+        if isinstance(opts.computation, str):
+            self._program = _read_program(opts.computation)
+        nodes = opts.nodes
+        # As in dispy, no nodes means: discover them on the local networks.
+        self._specs = parse_node_specs(nodes) or parse_node_specs("*")
+        serialize.ship_by_value(
+            opts.computation, opts.setup, opts.cleanup, *opts.depends
+        )
+        tls = bool(opts.certfile or opts.cafile) or bool(getattr(nodes, "tls", False))
+        # Ready nodes as the façade knows them, by node id.
+        self._info: dict[str, NodeInfo] = {}
+        # Node ids released by close_node: discovery does not bring them back.
+        self._released: set[str] = set()
+        self._finder: NodeFinder | None = None
+        self._launcher: Any = None  # a launcher (dispynb.deploy) it subscribed to
+        self._closed = False
+        self._max_job_size = MAX_MESSAGE_SIZE
+        self._startup: asyncio.Future[None] | None = None
+        self._node_errors: list[DispynbError] = []
+        self.driver = Driver(
+            DriverConfig(
+                comp_id=next(_comp_ids),
+                name=config.name,
+                secret=opts.secret,
+                max_message_size=opts.max_message_size,
+                ssl_context=client_context(opts.certfile, opts.keyfile, opts.cafile)
+                if tls
+                else None,
+                dest_path=opts.dest_path,
+                cleanup=bool(opts.cleanup),
+                reentrant=opts.reentrant,
+                max_attempts=opts.max_attempts,
+                pulse_interval=opts.pulse_interval,
+                setup_timeout=opts.setup_timeout,
+                recovery_id=config.recovery_id,
+                keep_results=RECOVERY_KEEP if config.recovery_id else 0.0,
+                keep_sent=config.journal_jobs,
+                client_name=_client_name(),
+                max_output=opts.max_output_size,  # type: ignore[arg-type]
+                max_result=_result_cap(opts),
+                max_pids=opts.max_pids,
+                fresh_process=opts.fresh_process,
+                result_types=None
+                if opts.result_types is None
+                else serialize.AllowList(opts.result_types),
+            ),
+            self,
+        )
+        self._drain = Coalescer(self._runner, self.driver.drain)
+
+    # -- start-up ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect to the nodes; return once one is ready (or a short wait passed)."""
+        self._runner.run_sync(self._start)
+        nodes = self._options.nodes
+        subscribe = getattr(nodes, "subscribe", None)
+        if callable(subscribe):
+            # A launcher (`dispynb.deploy.NodeLauncher`): nodes that register later
+            # are used like discovered ones.
+            self._on_loop(setattr, self.driver, "discovering", True)
+            subscribe(self._use_registered_node, cluster=self._config.cluster)
+            self._launcher = nodes
+
+    async def _start(self) -> None:
+        self._startup = asyncio.get_running_loop().create_future()
+        explicit = [spec for spec in self._specs if not is_wildcard(spec)]
+        for spec in explicit:
+            self.driver.add_node(
+                spec.host, spec.port or NODE_PORT, self._allocator(spec)
+            )
+        wildcards = [spec for spec in self._specs if is_wildcard(spec)]
+        wait = STARTUP_WAIT
+        if wildcards:
+            try:
+                await self._discover(wildcards, ready=lambda: bool(self._info))
+            except OSError as exc:
+                raise ConfigurationError(
+                    f"cannot start node discovery ({exc}): name the nodes instead"
+                ) from exc
+            if not explicit:
+                wait = DISCOVERY_WAIT
+        try:
+            await asyncio.wait_for(asyncio.shield(self._startup), wait)
+        except TimeoutError:
+            self._startup.cancel()  # later node failures reach the jobs instead
+            logger.info("nodes are still being set up; jobs will wait for them")
+
+    async def _discover(
+        self, specs: list[NodeAllocate], ready: Callable[[], bool] | None = None
+    ) -> None:
+        """Look for nodes matching wildcard ``specs`` (on the I/O loop)."""
+        if self._finder is not None:
+            self._finder.add(specs)
+            return
+        opts = self._options
+        host = opts.host[0] if isinstance(opts.host, list) else opts.host
+        finder = NodeFinder(
+            list(specs),
+            self._use_found_node,
+            host=host,
+            multicast=opts.ipv4_udp_multicast,
+            ping_interval=opts.ping_interval,
+            ready=ready,
+        )
+        discovering, self.driver.discovering = self.driver.discovering, True
+        try:
+            await finder.start()  # nodes may appear at any time from now on
+        except BaseException:
+            finder.close()
+            self.driver.discovering = discovering
+            raise
+        self._finder = finder
+
+    def _use_registered_node(self, ip: str, port: int) -> None:
+        """A launched node registered: connect to it (on the I/O loop)."""
+        self._use_found_node(ip, port, parse_node_specs(format_address(ip, port))[0])
+
+    def _use_found_node(self, ip: str, port: int, spec: NodeAllocate) -> None:
+        """A discovered node matched ``spec``: connect to it (on the I/O loop)."""
+        node_id = format_address(ip, port)
+        if (
+            node_id not in self.driver.nodes
+            and node_id not in self._released
+            and not self._closed
+        ):
+            self.driver.add_node(ip, port, self._allocator(spec))
+
+    def _allocator(self, spec: NodeAllocate) -> Allocator:
+        opts = self._options
+        deps = self._config.depends
+
+        def allocate(
+            welcome: Welcome, peer_ip: str
+        ) -> tuple[int, list[Buffer], list[FileRef]]:
+            try:
+                cpus = spec.allocate(
+                    self._config.cluster,
+                    peer_ip,
+                    welcome.name,
+                    welcome.cpus,
+                    avail_info=_avail_info(welcome.avail),
+                    platform=welcome.platform,
+                )
+                # allocate() may set per-node depends and setup_args (dispy examples do)
+                node_deps = collect(spec.depends, "NodeAllocate.depends")
+            except DispynbError:
+                raise
+            except Exception as exc:
+                raise ConfigurationError(
+                    f"NodeAllocate.allocate raised {exc!r}"
+                ) from exc
+            self._max_job_size = min(self._max_job_size, welcome.max_message_size)
+            bundle = {
+                "func": None if self._program else opts.computation,
+                "program": self._program,
+                "setup": opts.setup,
+                "cleanup": opts.cleanup if callable(opts.cleanup) else None,
+                "setup_args": tuple(spec.setup_args),
+                "names": {**deps.names, **node_deps.names},
+            }
+            files = deps.files + node_deps.files
+            return int(cpus or 0), serialize.dumps(bundle), files
+
+        return allocate
+
+    # -- the driver's reports, passed on as the seam's events (on the I/O loop) --------
+
+    def _view(self, link: NodeLink) -> NodeInfo:
+        """The `NodeInfo` the façade knows for ``link``'s node."""
+        info = self._info.get(link.node_id)
+        if info is None:  # not (or no longer) ready: its identity is enough
+            welcome = link.welcome
+            info = NodeInfo(
+                link.node_id,
+                link.host,
+                link.port,
+                welcome.name if welcome else "",
+                link.cpus,
+                welcome.platform if welcome else "",
+            )
+        return info
+
+    def node_ready(self, link: NodeLink) -> None:
+        welcome = link.welcome
+        info = NodeInfo(
+            link.node_id,
+            link.host,
+            link.port,
+            welcome.name if welcome else "",
+            link.cpus,
+            welcome.platform if welcome else "",
+            _avail_info(welcome.avail) if welcome else None,
+        )
+        self._info[link.node_id] = info
+        self._events.node_ready(info)
+        if self._startup is not None and not self._startup.done():
+            self._startup.set_result(None)
+
+    def node_failed(self, link: NodeLink, error: DispynbError) -> None:
+        self._node_errors.append(error)
+        startup = self._startup
+        if (
+            startup is not None
+            and not startup.done()
+            and not self.driver.connecting
+            and not any(link.ready for link in self.driver.nodes.values())
+        ):
+            first = self._node_errors[0]
+            if len(self._node_errors) > 1:
+                logger.error(
+                    "no node could be used: %s",
+                    "; ".join(str(e) for e in self._node_errors),
+                )
+            startup.set_exception(first)
+
+    def node_closed(self, link: NodeLink, reason: str) -> None:
+        if self._finder is not None and not link.resetting:
+            self._finder.forget(link.host, link.port)
+        info = self._info.pop(link.node_id, None) or self._view(link)
+        if link.resetting:
+            departure = Departure.RESETUP
+        elif link.releasing or self._closed:
+            departure = Departure.RELEASED
+        else:
+            departure = Departure.LOST
+        self._events.node_closed(info, reason, departure)
+
+    def node_status(self, link: NodeLink, avail: list[float]) -> None:
+        info = self._info.get(link.node_id)
+        if info is not None:
+            self._events.node_status(info, _avail_info(avail))
+
+    def jobs_sent(self, keys: list[int], link: NodeLink) -> None:
+        self._events.jobs_sent(keys, self._view(link))
+
+    def job_running(self, key: int, link: NodeLink, start_time: float) -> None:
+        self._events.job_running(key, self._view(link), start_time)
+
+    def job_provisional(self, key: int, link: NodeLink, result: Any) -> None:
+        self._events.job_provisional(key, self._view(link), result)
+
+    def job_file(
+        self, key: int, link: NodeLink, path: str, data: list[memoryview]
+    ) -> None:
+        """A job sent a file (``dispy_send_file``): save it under ``files_dir``."""
+        base_dir = self._options.files_dir or os.getcwd()
+        try:
+            if len(data) != 1:
+                raise ProtocolError("a file from a node comes in one buffer")
+            saved = write_inside(base_dir, path, data[0])
+        except (DispynbError, OSError) as exc:
+            logger.warning("file %r from job %d not saved: %s", path, key, exc)
+            return
+        logger.info("saved %s from node %s", saved, link.node_id)
+
+    def job_done(
+        self, key: int, link: NodeLink | None, outcome: driver.Outcome
+    ) -> None:
+        self._events.job_done(
+            key,
+            self._view(link) if link is not None else None,
+            base.Outcome(
+                status_of(outcome.outcome),
+                outcome.result,
+                outcome.stdout,
+                outcome.stderr,
+                outcome.exception,
+                outcome.start_time,
+                outcome.end_time,
+            ),
+        )
+
+    def job_abandoned(
+        self, key: int, link: NodeLink | None, reason: str, node_id: str = ""
+    ) -> None:
+        info: NodeInfo | None = None
+        if link is not None:
+            info = self._view(link)
+        elif node_id:  # the node it was sent to, gone now (dispy names it)
+            host, port = parse_address(node_id)
+            info = NodeInfo(node_id, host, port, "", 0)
+        self._events.job_abandoned(key, info, reason)
+
+    def job_cancelled(self, key: int) -> None:
+        self._events.job_cancelled(key)
+
+    def job_requeued(self, key: int) -> None:
+        self._events.job_requeued(key)
+
+    # -- the Backend (called by the façade) --------------------------------------------
+
+    def prepare(self, job: base.JobRequest) -> None:
+        """Pickle the job's arguments and check their size (any thread)."""
+        args, kwargs, deps = job.args, job.kwargs, job.depends
+        names = deps.names if deps is not None else None
+        payload = (args, kwargs, names) if names else (args, kwargs)
+        try:
+            buffers = serialize.dumps(payload)
+        except SerializationError as exc:
+            raise SerializationError(_unpicklable_argument(args, kwargs, exc)) from exc
+        size = sum(memoryview(b).nbytes for b in buffers)
+        if size > self._max_job_size - _JOB_OVERHEAD:
+            raise SerializationError(
+                f"the job's arguments take {size} bytes, over the nodes' message size "
+                f"limit of {self._max_job_size}: start the nodes with a larger "
+                "--max-message-size, or send the data as files"
+            )
+        job.payload = buffers
+
+    def submit(self, job: base.JobRequest) -> None:
+        """Queue a prepared job; the loop schedules it soon (any thread)."""
+        deps = job.depends
+        limits = (
+            None
+            if job.timeout is None and job.mem_limit is None
+            else (job.timeout, job.mem_limit)
+        )
+        files = deps.files if deps is not None and deps.files else None
+        self.driver.enqueue(job.key, job.payload, job.node_id, files, limits)
+        self._drain.trigger()
+
+    def cancel(
+        self, keys: list[int], unstarted: bool = False, held: bool = False
+    ) -> None:
+        """Cancel jobs in one go on the loop, so that their cancels leave together."""
+        if held and self._runner.in_loop_thread():
+            self._cancel_on_loop(keys, unstarted, held)
+        else:
+            self._runner.call_soon(self._cancel_on_loop, keys, unstarted, held)
+
+    def _cancel_on_loop(self, keys: list[int], unstarted: bool, held: bool) -> None:
+        self.driver.drain()  # a job may still be waiting to be scheduled
+        for key in keys:
+            self.driver.cancel(key, unstarted, held)
+
+    def node_load(self) -> dict[str, tuple[int, int]]:
+        return dict(self._on_loop(self._node_load))
+
+    def _node_load(self) -> dict[str, tuple[int, int]]:
+        return {
+            info.node: (info.cpus, info.running) for info in self.driver.state.nodes
+        }
+
+    def add_nodes(self, specs: list[NodeAllocate]) -> None:
+        """Use these nodes too (``allocate_node``)."""
+        wildcards = [spec for spec in specs if is_wildcard(spec)]
+        if wildcards:
+            # Nodes released by close_node that these specs match may come back.
+            self._released = {
+                node_id
+                for node_id in self._released
+                if not any(
+                    spec.matches(parse_address(node_id)[0]) for spec in wildcards
+                )
+            }
+            self._runner.run_sync(self._discover, wildcards)
+        for spec in specs:
+            if is_wildcard(spec):
+                continue
+            port = spec.port or NODE_PORT
+            node_id = format_address(spec.host, port)
+            self._released.discard(node_id)
+            self._on_loop(self._add_node, spec, port, node_id)
+
+    def _add_node(self, spec: NodeAllocate, port: int, node_id: str) -> None:
+        link = self.driver.nodes.get(node_id)
+        if link is not None:  # known: all its CPUs again (after deallocate_node)
+            self.driver.set_cpus(node_id, link.cpus)
+        else:
+            self.driver.add_node(spec.host, port, self._allocator(spec))
+
+    def set_cpus(self, node_id: str, cpus: int) -> int:
+        return int(self._on_loop(self.driver.set_cpus, node_id, cpus))
+
+    def close_node(self, node_id: str, terminate: bool) -> bool:
+        self._released.add(node_id)
+        if not self._on_loop(self.driver.close_node, node_id, terminate):
+            self._released.discard(node_id)
+            return False
+        return True
+
+    def resetup_node(self, node_id: str, terminate: bool) -> bool:
+        return bool(self._on_loop(self.driver.resetup_node, node_id, terminate))
+
+    def send_file(self, node_id: str, ref: FileRef) -> str:
+        return str(self._runner.run_sync(self.driver.send_file, node_id, ref))
+
+    def running_jobs(self, node_id: str) -> list[int]:
+        return list(self._on_loop(self.driver.running_keys, node_id))
+
+    def traffic(self, node_id: str) -> tuple[int, int]:
+        link = self.driver.nodes.get(node_id)
+        conn = link.conn if link is not None else None
+        return (conn.bytes_sent, conn.bytes_received) if conn is not None else (0, 0)
+
+    def close(self, terminate: bool) -> None:
+        """Close the computation on every node, then the connections."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._launcher is not None:
+            self._launcher.unsubscribe(self._use_registered_node)
+        if self._finder is not None:
+            self._on_loop(self._finder.close)
+        self._runner.run_sync(self.driver.close, terminate)
+
+    def _on_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Call ``fn(*args)`` on the I/O thread and return its result."""
+
+        async def call() -> Any:
+            return fn(*args)
+
+        return self._runner.run_sync(call)
+
+
+def _avail_info(avail: list[float]) -> DispyNodeAvailInfo | None:
+    if len(avail) != 4:
+        return None
+    cpu, memory, disk, swap = avail
+    return DispyNodeAvailInfo(cpu, int(memory), int(disk), swap)
+
+
+def _read_program(path: str) -> dict[str, Any]:
+    """The program file to ship, for a program computation."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read program {path!r}: {exc}") from exc
+    return {"name": os.path.basename(path), "data": data}
+
+
+def _unpicklable_argument(
+    args: tuple[Any, ...], kwargs: dict[str, Any], error: SerializationError
+) -> str:
+    """Name the argument that cannot be pickled (the error only names the tuple)."""
+    named = [(f"argument {i + 1}", value) for i, value in enumerate(args)]
+    named += [(f"keyword argument {key!r}", value) for key, value in kwargs.items()]
+    for name, value in named:
+        try:
+            serialize.dumps(value)
+        except SerializationError as exc:
+            return f"job {name} cannot be sent to a node: {exc}"
+    return f"job arguments cannot be sent to a node: {error}"
+
+
+def _result_cap(opts: ClusterOptions) -> int:
+    """Bytes a result may pickle to: ``max_result_size``, within what a message from
+    a node may carry here besides the job's output (4 bytes a character, 2 streams)."""
+    output = opts.max_output_size
+    room = (
+        opts.max_message_size
+        - (1 << 20)
+        - 8 * (output if isinstance(output, int) else 0)
+    )
+    cap = opts.max_result_size
+    return max(room, 0) if not isinstance(cap, int) else min(cap, max(room, 0))
+
+
+def _client_name() -> str:
+    return f"{socket.gethostname()}:{sys.argv[0].rsplit('/', 1)[-1] or 'python'}"
+
+
+__all__ = ["DISCOVERY_WAIT", "RECOVERY_KEEP", "STARTUP_WAIT", "NodeEngine"]
