@@ -237,9 +237,12 @@ class NodeLauncher(abc.ABC, Generic[Handle]):
         for _ in range(count):
             index = len(self._launched)
             name = f"{self.kind}-{index}-{secrets.token_hex(3)}"
-            host = await self._register_to(index)
-            register_to = format_address(host, self.register_port)
-            handle = await self._launch(index, name, register_to)
+            try:
+                host = await self._register_to(index)
+                register_to = format_address(host, self.register_port)
+                handle = await self._launch(index, name, register_to)
+            except OSError as exc:  # the launcher's program is missing...
+                raise LaunchError(f"cannot launch node {name}: {exc}") from exc
             with self._changed:
                 self._launched.append(Launched(name, handle))
             names.append(name)
