@@ -70,6 +70,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("cpu_wall", "W3 wall time (40 jobs)", "s", False),
     Metric("cpu_serial_job", "W3 one job alone (reference)", "s", False),
     Metric("bandwidth", "W4 bandwidth (10 MB arguments)", "MB/s", True),
+    Metric("bandwidth_cold", "W4 cold (fresh payloads, new cluster)", "MB/s", True),
     Metric("start_first_result", "W5 start to first result", "s", False),
     Metric("start_close", "W5 close", "s", False),
     Metric("mem_nodes_rest", "nodes/workers at rest (RSS sum)", "MiB", False),
@@ -316,6 +317,22 @@ def evaluate_targets(document: Mapping[str, Any]) -> list[dict[str, Any]]:
         f"{peer} ({best:,.0f})" if best else "-",
         higher=True,
     )
+    ray_cold = document["metrics"].get("bandwidth_cold", {}).get("results", {})
+    if "ray" in ray_cold and SUBJECT in ray_cold:
+        worst = min(ray_cold[SUBJECT]["runs"])
+        ray_median = ray_cold["ray"]["median"]
+        targets.append(
+            {
+                "target": "W4 cold >= 2x Ray in every repetition",
+                "metric": "bandwidth_cold",
+                "unit": "MB/s",
+                "value": worst,
+                "limit": 2 * ray_median,
+                "reference": f"slowest repetition vs 2 x ray ({ray_median:,.0f})",
+                "status": "PASS" if worst >= 2 * ray_median else "MISS",
+                "ratio": worst / (2 * ray_median),
+            }
+        )
     add(
         "W5 start to first result < 0.5 s",
         "start_first_result",
@@ -405,6 +422,10 @@ def format_table(document: Mapping[str, Any]) -> str:
             f"{target['status']:4}  {target['target']}: {SUBJECT} {value}"
             f" vs {limit} {target['unit']} ({target['reference']})"
         )
+    cold = document["metrics"].get("bandwidth_cold", {}).get("results", {})
+    for name, result in cold.items():
+        runs = ", ".join(number(v, "MB/s") for v in result["runs"])
+        lines.append(f"W4 cold per repetition, {name}: {runs} MB/s")
     for details in document["backends"].values():
         if "error" in details:
             last = details["error"].strip().splitlines()[-1]
