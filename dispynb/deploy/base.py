@@ -45,7 +45,7 @@ import threading
 import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, Self, TypeVar
 
 from dispynb._loop import LoopRunner
 from dispynb.deploy.adaptive import Adaptive, AdaptOptions, NodeView, ScaleEvent
@@ -561,7 +561,7 @@ class NodeLauncher(abc.ABC, Generic[Handle]):
             return_exceptions=True,
         )
 
-    def __enter__(self) -> NodeLauncher[Handle]:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
