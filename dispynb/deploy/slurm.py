@@ -43,7 +43,13 @@ import sys
 import weakref
 from collections.abc import Mapping, Sequence
 
-from dispynb.deploy.base import REGISTER_WAIT, LaunchError, NodeLauncher, route_address
+from dispynb.deploy.base import (
+    REGISTER_WAIT,
+    Launched,
+    LaunchError,
+    NodeLauncher,
+    route_address,
+)
 from dispynb.deploy.registry import RegisteredNode
 from dispynb.errors import ConfigurationError
 
@@ -423,6 +429,20 @@ class SlurmNodes(NodeLauncher[SlurmJob]):
             return None
         reason = f" ({handle.reason})" if handle.reason not in ("", "None") else ""
         return f"SLURM job {handle.job_id} {handle.state}{reason}"
+
+    def _not_registered(self, waiting: list[Launched[SlurmJob]], timeout: float) -> str:
+        message = super()._not_registered(waiting, timeout)
+        queued = [
+            f"{x.handle.job_id} ({x.handle.reason})"
+            for x in waiting
+            if x.handle is not None and x.handle.state == "PENDING"
+        ]
+        if queued:
+            message += (
+                f"; SLURM has not started job(s) {', '.join(queued)} yet: on a busy "
+                "cluster give wait= more seconds (the nodes are used as they come)"
+            )
+        return message
 
     # -- following the jobs ------------------------------------------------------------
 
