@@ -40,6 +40,7 @@ __all__ = [
     "METRICS",
     "Metric",
     "build_report",
+    "evaluate_engine_targets",
     "evaluate_targets",
     "format_table",
     "machine_info",
@@ -406,6 +407,52 @@ def table_rows(document: Mapping[str, Any]) -> list[list[str]]:
     return rows
 
 
+#: dispynb on another engine beside that engine alone (issue 14 item 5): the row,
+#: the raw engine's row, the engine's name.
+ENGINE_ROWS: tuple[tuple[str, str, str], ...] = (
+    ("dispynb-dask", "dask", "Dask"),
+    ("dispynb-ray", "ray", "Ray"),
+)
+
+#: Issue 14's overhead targets: metric, whether higher is better, the bound as a
+#: fraction of the raw engine's median.
+ENGINE_TARGETS: tuple[tuple[str, bool, float], ...] = (
+    ("throughput", True, 0.9),
+    ("latency_median", False, 1.1),
+    ("bandwidth", True, 0.9),
+)
+
+
+def evaluate_engine_targets(document: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """dispynb-on-X against raw X, same run: W1 and W4 at least 0.9x, W2 at most
+    1.1x. One entry per engine and metric with both medians (``engine``, ``metric``,
+    ``label``, ``unit``, ``value``, ``raw``, ``ratio``, ``bound``, ``status``)."""
+    entries: list[dict[str, Any]] = []
+    for row, raw_row, engine in ENGINE_ROWS:
+        for key, higher, bound in ENGINE_TARGETS:
+            value = _median(document, key, row)
+            raw = _median(document, key, raw_row)
+            if value is None or raw is None or raw == 0:
+                continue
+            ratio = value / raw
+            ok = ratio >= bound if higher else ratio <= bound
+            metric = document["metrics"][key]
+            entries.append(
+                {
+                    "engine": engine,
+                    "metric": key,
+                    "label": metric["label"],
+                    "unit": metric["unit"],
+                    "value": value,
+                    "raw": raw,
+                    "ratio": ratio,
+                    "bound": f"{'>=' if higher else '<='} {bound:.1f}x",
+                    "status": "PASS" if ok else "MISS",
+                }
+            )
+    return entries
+
+
 def format_table(document: Mapping[str, Any]) -> str:
     """Render the document as a text table, the targets and the failures."""
     rows = table_rows(document)
@@ -426,6 +473,12 @@ def format_table(document: Mapping[str, Any]) -> str:
     for name, result in cold.items():
         runs = ", ".join(number(v, "MB/s") for v in result["runs"])
         lines.append(f"W4 cold per repetition, {name}: {runs} MB/s")
+    for entry in evaluate_engine_targets(document):
+        lines.append(
+            f"{entry['status']:4}  dispynb on {entry['engine']}, {entry['label']}:"
+            f" {entry['ratio']:.2f}x raw {entry['engine']} (target"
+            f" {entry['bound']})"
+        )
     for details in document["backends"].values():
         if "error" in details:
             last = details["error"].strip().splitlines()[-1]
