@@ -185,6 +185,7 @@ class DaskBackend:
         self.attempts = itertools.count(1)
         self.finished: list[tuple[int, Any]] = []
         self.gathering = False
+        self.cancelling: list[Any] = []
         self.closed = False
         self.result_types = (
             None
@@ -526,6 +527,16 @@ class DaskBackend:
             )
             self.events.job_done(key, node, outcome)
         if futures and self.client is not None:
+            # One Client.cancel per loop turn: Stop cancels job by job, and the
+            # scheduler must drop the queued ones in the same step as it frees the
+            # running ones' workers, or the queue moves up first.
+            if not self.cancelling:
+                asyncio.get_running_loop().call_soon(self._flush_cancels)
+            self.cancelling += futures
+
+    def _flush_cancels(self) -> None:
+        futures, self.cancelling = self.cancelling, []
+        if futures and self.client is not None:
             cancel = self.client.cancel(futures, reason="dispynb: cancelled")
             asyncio.ensure_future(cancel).add_done_callback(_log_failure)
 
@@ -577,6 +588,7 @@ class DaskBackend:
             return
         if terminate and self.futures:
             self._cancel(list(self.futures))
+            self._flush_cancels()
         self.closed = True
         client = self.client
         if client is None:
