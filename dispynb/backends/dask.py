@@ -113,6 +113,7 @@ class DaskEngine:
     features = frozenset({SETUP, SUBMIT_NODE, JOB_LIMITS, NODE_JOBS})
 
     def __init__(self, cluster: Any, *, security: Any = None) -> None:
+        self._owned: Any = None  # a LocalCluster that close() stops
         if isinstance(cluster, str):
             if "://" not in cluster:
                 cluster = f"tcp://{cluster}"
@@ -151,6 +152,33 @@ class DaskEngine:
                 config.runner.run_sync(backend.shutdown, timeout=CLOSE_TIMEOUT)
             raise
         return backend
+
+    @classmethod
+    def local(cls, workers: int, threads: int = 1) -> DaskEngine:
+        """An engine on a new Dask ``LocalCluster`` (127.0.0.1, ``workers`` worker
+        processes of ``threads`` threads, no dashboard) that `close` stops."""
+        try:
+            from distributed import LocalCluster
+        except ImportError as exc:
+            raise ConfigurationError(_MISSING_DASK) from exc
+
+        cluster = LocalCluster(
+            n_workers=workers,
+            threads_per_worker=threads,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+            silence_logs=logging.ERROR,
+        )
+        engine = cls(cluster)
+        engine._owned = cluster
+        return engine
+
+    def close(self) -> None:
+        """Stop the Dask cluster this engine started (`local`); else nothing."""
+        owned, self._owned = self._owned, None
+        if owned is not None:
+            owned.close()
 
     def __repr__(self) -> str:
         return f"DaskEngine({self.address!r})"

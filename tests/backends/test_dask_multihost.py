@@ -195,3 +195,57 @@ def test_nothing_is_left_on_the_workers_after_close(
     while leftovers():
         assert time.monotonic() < deadline, f"left on the workers: {leftovers()}"
         time.sleep(0.05)
+
+
+MAGICS = """
+import contextlib
+import io
+
+from IPython.core.interactiveshell import InteractiveShell
+
+
+def main(args):
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "dispynb")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        shell.run_line_magic("dispy", f"dask {args['scheduler']}")
+        shell.run_cell_magic(
+            "dispy",
+            '--over "range(6)" --into run --progress none',
+            "def where(x):\\n    print('on', dispy_node_ip_addr)\\n"
+            "    return dispy_node_ip_addr\\n",
+        )
+        status = repr(shell.run_line_magic("dispy", "status"))
+        shell.run_line_magic("dispy", "close")
+    run = shell.user_ns["run"]
+    frame = run.df
+    return {
+        "printed": out.getvalue(),
+        "status": status,
+        "results": list(run.results),
+        "stdout": list(frame["stdout"]),
+        "nodes": sorted(set(frame["node"].astype(str))),
+    }
+"""
+
+
+def test_the_magics_on_a_dask_cluster(
+    net: Network, cluster: DaskCluster, tmp_path: Path
+) -> None:
+    """``%dispy dask ADDRESS`` then ``%%dispy``: the jobs run on the Dask workers,
+    their output is printed in the cell and kept in ``run.df``."""
+    client = start_client(
+        net, net.hosts[3], tmp_path, MAGICS, {"scheduler": cluster.address}
+    )
+    try:
+        out = client.result(90)
+    finally:
+        client.stop()
+    assert f"dispynb: dask engine: {cluster.address}" in out["printed"]
+    assert f"dask engine: {cluster.address}" in out["status"]
+    assert set(out["results"]) == {"10.77.0.2", "10.77.0.3"}
+    assert out["stdout"] == [f"on {ip}\n" for ip in out["results"]]
+    for ip in out["results"]:
+        assert f"on {ip}" in out["printed"]  # remote stdout routed to the cell
+    assert all(node.startswith(("10.77.0.2", "10.77.0.3")) for node in out["nodes"])
