@@ -35,7 +35,7 @@ from distributed import WorkerPlugin, get_worker
 
 #: Seconds a job runs before its start is announced to the client (quicker jobs
 #: report their start with their outcome: one event less on the hot path).
-START_REPORT = 0.02
+START_REPORT = 0.01
 
 #: Seconds the host gets to run cleanup and exit at teardown.
 CLOSE_WAIT = 30.0
