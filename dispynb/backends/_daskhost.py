@@ -322,6 +322,7 @@ class Host:
                 self.ctrl.close()
                 self.conn.close()
                 ours.close()
+                os.setpgid(0, 0)  # Stop kills the job's own subprocesses too
                 _die_with_parent()
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 conn = Connection(theirs.detach())
@@ -348,8 +349,7 @@ class Host:
 
     def kill_runners(self) -> None:
         for pid in self.runners:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+            kill_group(pid)
         for pid in self.runners:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
@@ -366,6 +366,15 @@ class Host:
         except BaseException as exc:
             return f"cleanup raised {type(exc).__name__}: {exc}"
         return None
+
+
+def kill_group(pid: int) -> None:
+    """SIGKILL a runner and the processes its job started (its process group)."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _die_with_parent() -> None:

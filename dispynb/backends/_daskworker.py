@@ -33,6 +33,8 @@ from typing import Any
 
 from distributed import WorkerPlugin, get_worker
 
+from dispynb.backends._daskhost import kill_group
+
 #: Seconds a job runs before its start is announced to the client (quicker jobs
 #: report their start with their outcome: one event less on the hot path).
 START_REPORT = 0.01
@@ -50,9 +52,9 @@ class Runner:
         self.killed = False
 
     def kill(self) -> None:
+        """SIGKILL the runner and its job's subprocesses (its process group)."""
         self.killed = True
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGKILL)
+        kill_group(self.pid)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

@@ -155,10 +155,21 @@ def test_a_dispy_program_runs_unchanged_on_dask(net: Network, tmp_path: Path) ->
 
 
 STOP_PROGRAM = """
+def pids(path):
+    try:
+        with open(path) as handle:
+            return handle.read().split()
+    except FileNotFoundError:
+        return []
+
+
 def compute(path, seconds):
+    import subprocess
+
+    child = subprocess.Popen(["sleep", str(seconds)])
     with open(path, "w") as handle:
-        handle.write(str(os.getpid()))
-    time.sleep(seconds)
+        handle.write(f"{os.getpid()} {child.pid}")
+    child.wait()
     return seconds
 
 
@@ -169,10 +180,11 @@ def main(args):
             running = cluster.submit(os.path.join(out, "running"), 300)
             queued = cluster.submit(os.path.join(out, "queued"), 300)
             deadline = time.monotonic() + 30
-            while running.status != dispynb.DispyJob.Running:
+            marker = os.path.join(out, "running")
+            while running.status != dispynb.DispyJob.Running or len(pids(marker)) < 2:
                 assert time.monotonic() < deadline, "the job did not start"
                 time.sleep(0.01)
-            pid = int(open(os.path.join(out, "running")).read())
+            started = pids(marker)
             for job in (queued, running):  # Stop: the queue first, as %%dispy does
                 cluster.cancel(job)
             queued(), running()
@@ -180,7 +192,7 @@ def main(args):
             after = cluster.submit(os.path.join(out, "after"), 0)
             after()
         return {
-            "pid": pid,
+            "pids": [int(pid) for pid in started],
             "running": [int(running.status), running.exception],
             "queued": [int(queued.status), queued.exception],
             "after": [int(after.status), after.result],
@@ -192,13 +204,16 @@ def main(args):
 def test_stop_kills_the_running_job_and_drops_the_queued_one(
     net: Network, tmp_path: Path
 ) -> None:
-    """cancel on a running job kills its process on the worker (Terminated); a
-    queued one never starts (Cancelled); the worker goes on with a fresh runner."""
+    """cancel on a running job kills its process on the worker, and the processes
+    it started (Terminated); a queued one never starts (Cancelled); the worker goes
+    on with a fresh runner."""
     out = run(net, tmp_path, STOP_PROGRAM, out=str(tmp_path))
     assert out["running"][0] == TERMINATED and "cancelled" in out["running"][1]
     assert out["queued"][0] == CANCELLED and not out["queued_ran"]
     assert out["after"] == [FINISHED, 0]
-    assert not _alive(out["pid"])
+    job_pid, child_pid = out["pids"]
+    assert not _alive(job_pid)
+    assert not _alive(child_pid)  # the job's own subprocess went with it
 
 
 def _alive(pid: int) -> bool:
