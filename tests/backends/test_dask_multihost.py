@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from dispynb.job import JobStatus
-from tests.backends.daskhosts import DaskCluster, dask_cluster
+from tests.backends.daskhosts import DaskCluster, dask_cluster, start_worker
 from tests.multihost.netns import (
     Network,
     start_client,
@@ -249,3 +249,57 @@ def test_the_magics_on_a_dask_cluster(
     for ip in out["results"]:
         assert f"on {ip}" in out["printed"]  # remote stdout routed to the cell
     assert all(node.startswith(("10.77.0.2", "10.77.0.3")) for node in out["nodes"])
+
+
+LATE = """
+import os
+import time
+
+import dispynb
+from dispynb.backends.dask import DaskEngine
+
+
+def setup():
+    global prepared
+    prepared = f"set up on {dispy_node_ip_addr}"
+    return 0
+
+
+def compute(n):
+    return prepared
+
+
+def main(args):
+    engine = DaskEngine(args["scheduler"])
+    with dispynb.JobCluster(compute, engine=engine, setup=setup) as cluster:
+        open(args["opened"], "w").close()
+        deadline = time.monotonic() + 60
+        while "10.77.0.1" not in [n.ip_addr for n in cluster.status().nodes]:
+            assert time.monotonic() < deadline, "the late worker never became ready"
+            time.sleep(0.05)
+        late = next(n for n in cluster.status().nodes if n.ip_addr == "10.77.0.1")
+        jobs = [cluster.submit_node(late, n) for n in range(3)]
+        cluster.wait()
+    return [[j.result, j.ip_addr, int(j.status)] for j in jobs]
+"""
+
+
+def test_a_worker_joining_later_is_set_up_and_used(
+    net: Network, cluster: DaskCluster, tmp_path: Path
+) -> None:
+    """A ``dask worker`` started after the cluster opened runs setup (the plugin is
+    registered for new workers too), becomes a node, and ``submit_node`` runs jobs
+    there."""
+    opened = tmp_path / "opened"
+    args = {"scheduler": cluster.address, "opened": str(opened)}
+    client = start_client(net, net.hosts[3], tmp_path, LATE, args)
+    try:
+        wait_for(opened.exists, 60, "the client opening its cluster")
+        cluster.workers.append(
+            start_worker(net, net.hosts[0], cluster.address, tmp_path / "dask")
+        )
+        out = client.result(90)
+    finally:
+        client.stop()
+    finished = int(JobStatus.Finished)
+    assert out == [["set up on 10.77.0.1", "10.77.0.1", finished]] * 3
