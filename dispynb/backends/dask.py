@@ -527,16 +527,26 @@ class DaskBackend:
             self.running[seen[0].node_id].discard(key)
         self.lost.pop(key, None)
 
-    def cancel(self, keys: list[int]) -> None:
-        """Cancel jobs: Dask drops queued ones and the workers kill running ones."""
-        if self.runner.in_loop_thread():
-            self._cancel(keys)
-        else:
-            self.runner.call_soon(self._cancel, keys)
+    def cancel(
+        self, keys: list[int], unstarted: bool = False, held: bool = False
+    ) -> None:
+        """Cancel jobs: Dask drops queued ones and the workers kill running ones.
 
-    def _cancel(self, keys: list[int]) -> None:
+        ``unstarted``: leave the jobs known to run alone (their start is announced
+        after `_daskworker.START_REPORT`; a job cancelled within that time of its
+        start is killed and reported ``Cancelled``). ``held``: the same (Dask holds
+        the queue, this client none), reported before this returns.
+        """
+        if self.runner.in_loop_thread():
+            self._cancel(keys, unstarted or held)
+        else:
+            self.runner.call_soon(self._cancel, keys, unstarted or held)
+
+    def _cancel(self, keys: list[int], unstarted: bool = False) -> None:
         futures = []
         for key in keys:
+            if unstarted and key in self.started:
+                continue
             future = self.futures.pop(key, None)
             if future is None:
                 continue
@@ -596,6 +606,18 @@ class DaskBackend:
             return sorted(self.running.get(node_id, ()))
 
         return self.runner.run_sync(keys)
+
+    def node_load(self) -> dict[str, tuple[int, int]]:
+        """``(cpus, jobs known to run there)`` of each Dask worker set up (Dask's
+        scheduler keeps the queue, so no job waits on a worker here)."""
+
+        async def load() -> dict[str, tuple[int, int]]:
+            return {
+                address: (node.cpus, len(self.running.get(address, ())))
+                for address, node in self.workers.items()
+            }
+
+        return self.runner.run_sync(load)
 
     def traffic(self, node_id: str) -> tuple[int, int]:
         """Dask does not count bytes per worker for a client: ``(0, 0)``."""
