@@ -552,7 +552,7 @@ def test_lab_dask(lab: Lab) -> None:  # collected only in the namespace: conftes
         cells = page.locator(".jp-NotebookPanel .jp-Cell")
         _run_cell(page, 0)
         _wait_prompt(page, 0, "[1]:")
-        assert "dispynb: the Dask cluster at tcp://127.0.0.1:" in (
+        assert "dispynb: dask engine: local Dask cluster tcp://127.0.0.1:" in (
             cells.nth(0).inner_text()
         )
 
