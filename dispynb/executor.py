@@ -107,7 +107,7 @@ def _error(outcome: Outcome) -> BaseException | None:
         return None
     _ok, exc, text, name, message = outcome
     remote = RemoteError(name, message, text)
-    if not isinstance(exc, BaseException):  # None: it did not unpickle here
+    if exc is None:
         return remote
     exc.__cause__ = remote
     return exc

@@ -32,6 +32,7 @@ from dispynb.protocol.messages import (
     Recover,
     Recovered,
 )
+from dispynb.protocol.records import ResultEntry
 from dispynb.secret import resolve_secret
 from dispynb.status import status_of
 from dispynb.transport.addressing import parse_address
@@ -205,7 +206,7 @@ async def _collect_from(
                     for entry in message.results:
                         job = DispyJob(0, (), {})
                         job.id = None  # nodes do not know ids (nor did dispy's)
-                        found[entry[0]] = job
+                        found[ResultEntry.from_wire(entry)[0].key] = job
                         out.append(job)
                     _apply(message, buffers, found, host)
                 elif (
@@ -230,7 +231,8 @@ def _apply(
 ) -> None:
     offset = 0
     for entry in message.results:
-        key, _attempt, outcome, start, end, stdout, stderr, exception, count = entry
+        record, _streamed = ResultEntry.from_wire(entry)
+        key, _attempt, outcome, start, end, stdout, stderr, exception, count = record
         result_buffers = buffers[offset : offset + count]
         offset += count
         job = pending.get(key)

@@ -32,6 +32,7 @@ from dispynb.protocol.messages import (
     TERMINATED,
     Message,
 )
+from dispynb.protocol.records import ResultEntry
 from dispynb.transport.connection import Connection
 from nodeserver.budget import CpuBudget
 from nodeserver.containment import node_pids_root, place_in_new_cgroup
@@ -476,9 +477,7 @@ class Computation:
                         worker.conn.write(Skip(key=job.key))
         for job in dropped:
             job.reported = True
-            self._report(
-                [job.key, job.attempt, outcome, 0.0, 0.0, "", "", reason, 0], []
-            )
+            self._report_unrun(job, outcome, reason)
 
     def _interrupt(
         self, worker: Worker, job: NodeJob, grace: float = CANCEL_GRACE
@@ -571,9 +570,7 @@ class Computation:
             except (DispynbError, OSError) as exc:
                 job.reported = True
                 reason = f"cannot place the job's files on the node: {exc}"
-                self._report(
-                    [job.key, job.attempt, CRASHED, 0.0, 0.0, "", "", reason, 0], []
-                )
+                self._report_unrun(job, CRASHED, reason)
                 self._pump_soon()
                 return
         worker.assigned.append(job)
@@ -656,20 +653,19 @@ class Computation:
                 self.result_kinds[job.key] = done.kinds
             # A cancelled job that caught its KeyboardInterrupt and returned ends
             # Finished with its value, as in dispy.
-            self._report(
-                [
-                    job.key,
-                    job.attempt,
-                    done.outcome,
-                    done.start_time,
-                    done.end_time,
-                    done.stdout,
-                    done.stderr,
-                    done.exception,
-                    len(buffers) if done.outcome == FINISHED else 0,
-                ],
-                buffers if done.outcome == FINISHED else [],
+            finished = done.outcome == FINISHED
+            entry = ResultEntry(
+                key=job.key,
+                attempt=job.attempt,
+                outcome=done.outcome,
+                start_time=done.start_time,
+                end_time=done.end_time,
+                stdout=done.stdout,
+                stderr=done.stderr,
+                exception=done.exception,
+                buffer_count=len(buffers) if finished else 0,
             )
+            self._report(entry.to_wire(), buffers if finished else [])
         if job.cancelled and done.outcome != CANCELLED and not worker.retiring:
             # An interrupted worker may hold broken state (locks, half-done work).
             self._retire(worker)
@@ -711,17 +707,22 @@ class Computation:
             return
         job.reported = True
         reason = "the job's worker was stopped and its arguments are gone"
-        self._report([job.key, job.attempt, CRASHED, 0.0, 0.0, "", "", reason, 0], [])
+        self._report_unrun(job, CRASHED, reason)
 
     def _release_cpu(self, worker: Worker) -> None:
         if worker.holds_cpu:
             worker.holds_cpu = False
             self._budget.release()
 
+    def _report_unrun(self, job: NodeJob, outcome: str, reason: str) -> None:
+        """Report a job that ended without a result (``reason`` says why)."""
+        entry = ResultEntry.unrun(job.key, job.attempt, outcome, reason)
+        self._report(entry.to_wire(), [])
+
     def _finish_unrun(self, job: NodeJob, reason: str) -> None:
         """Report a job that never started."""
         job.reported = True
-        self._report([job.key, job.attempt, CANCELLED, 0.0, 0.0, "", "", reason, 0], [])
+        self._report_unrun(job, CANCELLED, reason)
 
     def _finish_killed(self, job: NodeJob) -> None:
         """Report a cancelled job once its worker stopped (unless settled already)."""
@@ -731,9 +732,7 @@ class Computation:
         reason = "job terminated at the client's request"
         if job.timed_out and job.timeout is not None:
             reason = timeout_reason(job.timeout)
-        self._report(
-            [job.key, job.attempt, TERMINATED, 0.0, 0.0, "", "", reason, 0], []
-        )
+        self._report_unrun(job, TERMINATED, reason)
 
     # -- messages from the computation process ------------------------------------
 
@@ -831,9 +830,7 @@ class Computation:
                 if job.mem_limit is not None:
                     reason += mem_limit_note(job.mem_limit)
                 job.reported = True
-                self._report(
-                    [job.key, job.attempt, CRASHED, 0.0, 0.0, "", "", reason, 0], []
-                )
+                self._report_unrun(job, CRASHED, reason)
             else:
                 requeue.append(job)  # never started, or stopped by us: run it again
         worker.assigned.clear()
@@ -853,7 +850,7 @@ class Computation:
             return
         if job.mem_limit is not None:
             reason += mem_limit_note(job.mem_limit)
-        self._report([job.key, job.attempt, CRASHED, 0.0, 0.0, "", "", reason, 0], [])
+        self._report_unrun(job, CRASHED, reason)
 
     def _on_control_closed(self) -> None:
         self._control_closed.set()
@@ -883,9 +880,7 @@ class Computation:
             return
         reason = "the computation's process on the node died"
         for job in queued:
-            self._report(
-                [job.key, job.attempt, CRASHED, 0.0, 0.0, "", "", reason, 0], []
-            )
+            self._report_unrun(job, CRASHED, reason)
         # Before it was ready, start() reports the failure (with setup's reason).
         if self.on_failure is not None and self._ready:
             self.on_failure(reason)

@@ -45,6 +45,7 @@ from typing import Any, NoReturn
 
 from dispynb.errors import ConnectionClosedError
 from dispynb.protocol import serialize
+from dispynb.protocol.records import ComputationBundle
 from nodeserver.channel import MessageSocket
 from nodeserver.containment import (
     become_group_leader,
@@ -141,16 +142,18 @@ class ComputationProcess:
     load:
         The `Load` message that described the computation.
     bundle:
-        The unpickled bundle (``func``, ``setup``, ``cleanup``, ``setup_args``).
+        The unpickled `ComputationBundle`, checked (its ``func`` is callable).
     """
 
     def __init__(
-        self, control: MessageSocket, load: Load, bundle: dict[str, Any]
+        self, control: MessageSocket, load: Load, bundle: ComputationBundle
     ) -> None:
         self.control = control
         self.name = load.name
         self.size = load.workers
-        self.func: Callable[..., Any] = bundle["func"]
+        func = bundle["func"]
+        assert func is not None  # load_computation checked it
+        self.func: Callable[..., Any] = func
         self.cleanup: Any = bundle.get("cleanup")
         self.setup_args: tuple[Any, ...] = tuple(bundle.get("setup_args") or ())
         self.workers: set[int] = set()
@@ -453,7 +456,7 @@ def load_computation(control: MessageSocket) -> ComputationProcess:
     except OSError as exc:
         raise LoadFailure(f"cannot enter the computation directory: {exc}") from exc
     try:
-        bundle = serialize.loads(buffers)
+        bundle: ComputationBundle = serialize.loads(buffers)
     except Exception as exc:
         cause = exc.__cause__ or exc
         raise LoadFailure(

@@ -45,6 +45,7 @@ from dispynb.protocol.messages import (
     Recovered,
     ResultChunk,
 )
+from dispynb.protocol.records import ResultEntry
 from dispynb.transport.connection import BadMessageError, Connection
 from nodeserver.computation import STREAM_BYTES, Computation, JobLimits, NodeJob
 from nodeserver.keeper import Kept, ResultKeeper
@@ -435,25 +436,20 @@ class ClientSession:
         if self.server.draining:  # the node shuts down: these run elsewhere
             reason = "the node is shutting down; the job did not start"
             for job in jobs:
-                entry = [job.key, job.attempt, RETURNED, 0.0, 0.0, "", "", reason, 0]
-                self._queue_result(message.comp_id, entry, [])
+                returned = ResultEntry.unrun(job.key, job.attempt, RETURNED, reason)
+                self._queue_result(message.comp_id, returned.to_wire(), [])
             return
         computation = self._computations.get(message.comp_id)
         if computation is None:
             for job in jobs:
                 self._queue_result(
                     message.comp_id,
-                    [
+                    ResultEntry.unrun(
                         job.key,
                         job.attempt,
                         TERMINATED,
-                        0.0,
-                        0.0,
-                        "",
-                        "",
                         "the computation is not set up on this node",
-                        0,
-                    ],
+                    ).to_wire(),
                     [],
                 )
             return
@@ -656,6 +652,7 @@ class ClientSession:
                     kind=kind,
                 )
                 self._write(chunk, [view[offset : offset + CHUNK_BYTES]])
+        # The entry, marked streamed (see `ResultEntry.to_wire`).
         self._write(JobResults(comp_id=comp_id, results=[[*entry, True]]))
 
     def _starts_due(self) -> None:

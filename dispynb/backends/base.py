@@ -145,9 +145,9 @@ class Outcome:
     #: `JobStatus.Cancelled`.
     status: JobStatus
     result: Any = None
-    #: What the job printed, as text.
-    stdout: str = ""
-    stderr: str = ""
+    #: What the job printed: text (bytes for a program computation's output).
+    stdout: str | bytes = ""
+    stderr: str | bytes = ""
     #: The remote traceback or the reason, as text (None when it finished).
     exception: str | None = None
     #: Epoch seconds (the node's clock) it started and ended; 0.0 if unknown.

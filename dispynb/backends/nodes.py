@@ -39,6 +39,7 @@ from dispynb.protocol import serialize
 from dispynb.protocol.files import write_inside
 from dispynb.protocol.framing import Buffer
 from dispynb.protocol.messages import Welcome
+from dispynb.protocol.records import ComputationBundle, ProgramFile
 from dispynb.scheduler import driver
 from dispynb.scheduler.driver import Allocator, Driver, DriverConfig, NodeLink
 from dispynb.status import status_of
@@ -95,7 +96,7 @@ class NodesBackend:
         self._config = config
         self._runner = config.runner
         opts = self._options = config.options
-        self._program: dict[str, Any] | None = None
+        self._program: ProgramFile | None = None
         if isinstance(opts.computation, str):
             self._program = _read_program(opts.computation)
         nodes = opts.nodes
@@ -249,8 +250,8 @@ class NodesBackend:
                     f"NodeAllocate.allocate raised {exc!r}"
                 ) from exc
             self._max_job_size = min(self._max_job_size, welcome.max_message_size)
-            bundle = {
-                "func": None if self._program else opts.computation,
+            bundle: ComputationBundle = {
+                "func": opts.computation if callable(opts.computation) else None,
                 "program": self._program,
                 "setup": opts.setup,
                 "cleanup": opts.cleanup if callable(opts.cleanup) else None,
@@ -519,7 +520,7 @@ def _avail_info(avail: list[float]) -> DispyNodeAvailInfo | None:
     return DispyNodeAvailInfo(cpu, int(memory), int(disk), swap)
 
 
-def _read_program(path: str) -> dict[str, Any]:
+def _read_program(path: str) -> ProgramFile:
     """The program file to ship, for a program computation."""
     try:
         with open(path, "rb") as handle:

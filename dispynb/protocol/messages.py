@@ -431,9 +431,10 @@ class ResultChunk(WireMessage):
 class JobResults(WireMessage):
     """Node -> client: a batch of results, and of job starts.
 
-    ``results`` holds ``[key, attempt, outcome, start_time, end_time, stdout, stderr,
-    exception, buffer_count]`` per job; a finished job's pickled result is its next
-    ``buffer_count`` buffers, or, with a tenth item ``True``, the ``buffer_count``
+    ``results`` holds a `dispynb.protocol.records.ResultEntry` per job, as the array
+    ``[key, attempt, outcome, start_time, end_time, stdout, stderr, exception,
+    buffer_count]``; a finished job's pickled result is its next ``buffer_count``
+    buffers, or, with a tenth item ``True``, the ``buffer_count``
     buffers sent before in `ResultChunk` messages (none in this message).
 
     ``started`` holds ``[key, attempt, start_time, before]`` for each job that began

@@ -51,6 +51,7 @@ from dispynb.protocol.messages import (
     ResultChunk,
     Welcome,
 )
+from dispynb.protocol.records import ResultEntry
 from dispynb.scheduler.events import (
     AbandonJob,
     AcceptResult,
@@ -145,8 +146,8 @@ class Outcome:
 
     outcome: str
     result: Any
-    stdout: str
-    stderr: str
+    stdout: str | bytes  # bytes from a program computation
+    stderr: str | bytes
     exception: str | None
     start_time: float
     end_time: float
@@ -856,11 +857,12 @@ class Driver:
             while next_start < len(starts) and starts[next_start][3] <= index:
                 self._on_start(link, starts[next_start])
                 next_start += 1
-            key, attempt, outcome, start, end, stdout, stderr, exception, count = entry[
-                :9
-            ]
+            record, streamed = ResultEntry.from_wire(entry)
+            key, attempt, outcome, began, ended, stdout, stderr, exception, count = (
+                record
+            )
             result_buffers: list[Any] | None
-            if len(entry) > 9 and entry[9] is True:  # its buffers came in chunks
+            if streamed:  # its buffers came in chunks
                 result_buffers = self._take_stream(link, key, attempt, count)
             else:
                 result_buffers = buffers[offset : offset + count]
@@ -873,7 +875,7 @@ class Driver:
                 instructions.extend(handle(JobReturned(link.node_id, key, attempt)))
                 continue
             accepted = handle(
-                JobFinished(link.node_id, key, attempt, max(end - start, 0.0))
+                JobFinished(link.node_id, key, attempt, max(ended - began, 0.0))
             )
             if not accepted or not isinstance(accepted[0], AcceptResult):
                 instructions.extend(accepted)
@@ -895,11 +897,11 @@ class Driver:
                         f"the result cannot be unpickled here: {exc}",
                     )
             link.jobs_done += 1
-            link.cpu_time += max(end - start, 0.0)
+            link.cpu_time += max(ended - began, 0.0)
             self.events.job_done(
                 key,
                 link,
-                Outcome(outcome, result, stdout, stderr, exception, start, end),
+                Outcome(outcome, result, stdout, stderr, exception, began, ended),
             )
         for start in starts[next_start:]:
             self._on_start(link, start)

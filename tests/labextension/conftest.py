@@ -12,11 +12,7 @@ import os
 
 import pytest
 
-INNER = (
-    "test_lab_browser.py::test_lab_panel",
-    "test_lab_browser.py::test_lab_stop",
-    "test_lab_browser.py::test_lab_dask",
-)
+INNER = ("test_lab_browser.py::test_lab_panel", "test_lab_browser.py::test_lab_stop")
 
 
 def pytest_collection_modifyitems(

@@ -1,0 +1,87 @@
+"""Named records that travel inside wire messages as positional lists or dicts.
+
+The wire format is unchanged: a `ResultEntry` is packed by msgpack as the array it
+always was, a `ComputationBundle` is the dict pickled into `ComputationSetup`'s
+buffers. Code on both sides builds and reads them by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple, TypedDict
+
+from dispynb.errors import MessageError
+
+
+class ResultEntry(NamedTuple):
+    """One job's end in `JobResults.results` (packed as a 9-item array).
+
+    A tenth item ``True`` on the wire (`to_wire` with ``streamed``) says that the
+    result's ``buffer_count`` buffers came before in `ResultChunk` messages.
+    """
+
+    key: int
+    attempt: int
+    #: One of `dispynb.protocol.messages.OUTCOMES`.
+    outcome: str
+    #: Epoch seconds (the node's clock); 0.0 for a job that never started.
+    start_time: float
+    end_time: float
+    #: What it printed (bytes for a program computation).
+    stdout: str | bytes
+    stderr: str | bytes
+    #: The traceback or the reason; None when it finished.
+    exception: str | None
+    #: Buffers of its pickled result (0 unless it finished).
+    buffer_count: int
+
+    @classmethod
+    def unrun(cls, key: int, attempt: int, outcome: str, reason: str) -> ResultEntry:
+        """A job that ended without a result (cancelled, crashed, handed back...)."""
+        return cls(key, attempt, outcome, 0.0, 0.0, "", "", reason, 0)
+
+    def to_wire(self, streamed: bool = False) -> list[Any]:
+        """The array sent in `JobResults.results`."""
+        return [*self, True] if streamed else list(self)
+
+    @classmethod
+    def from_wire(cls, item: Any) -> tuple[ResultEntry, bool]:
+        """``(entry, streamed)`` from an array of `JobResults.results`.
+
+        Raises `MessageError` for an array of another shape.
+        """
+        if not isinstance(item, list | tuple) or len(item) not in (9, 10):
+            raise MessageError("malformed result entry in job-results")
+        entry = cls._make(item[:9])
+        if not (
+            isinstance(entry.key, int)
+            and isinstance(entry.attempt, int)
+            and isinstance(entry.buffer_count, int)
+            and entry.buffer_count >= 0
+        ):
+            raise MessageError("malformed result entry in job-results")
+        return entry, len(item) == 10 and item[9] is True
+
+
+class ProgramFile(TypedDict):
+    """A program computation (``JobCluster('prog.py')``): its file."""
+
+    name: str
+    data: bytes
+
+
+class ComputationBundle(TypedDict):
+    """What `ComputationSetup`'s buffers hold, pickled: the computation to set up."""
+
+    #: The function jobs call (None for a program).
+    func: Callable[..., Any] | None
+    program: ProgramFile | None
+    setup: Callable[..., Any] | None
+    cleanup: Callable[..., Any] | None
+    #: ``setup(*setup_args)`` and ``cleanup(*setup_args)`` (`NodeAllocate`).
+    setup_args: tuple[Any, ...]
+    #: Objects put in the computation's globals by name (``depends``).
+    names: dict[str, Any]
+
+
+__all__ = ["ComputationBundle", "ProgramFile", "ResultEntry"]
