@@ -105,7 +105,8 @@ def _error(outcome: Outcome) -> BaseException | None:
     traceback."""
     if outcome[0]:
         return None
-    _ok, exc, text, name, message = outcome
+    _ok, carried, text, name, message = outcome
+    exc: BaseException | None = carried
     remote = RemoteError(name, message, text)
     if exc is None:
         return remote

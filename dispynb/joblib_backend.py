@@ -72,7 +72,8 @@ def _run_batch(batch: Callable[[], Any]) -> Any:
     return batch()
 
 
-class DispynbBackend(AutoBatchingMixin, ParallelBackendBase):
+# joblib ships no type information: its base classes are Any to mypy.
+class DispynbBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[misc]
     """joblib's ``ParallelBackendBase`` for dispynb nodes (registered as "dispynb").
 
     Parameters

@@ -193,7 +193,8 @@ def _create_private(path: str) -> None:
 def _dump(value: Any) -> bytes | None:
     if value is None:
         return None
-    return cloudpickle.dumps(value, protocol=5)  # by value, like the jobs themselves
+    data: bytes = cloudpickle.dumps(value, protocol=5)  # by value, like the jobs
+    return data
 
 
 def _load(data: bytes | None) -> Any:

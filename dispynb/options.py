@@ -461,7 +461,7 @@ def _check_files_dir(value: Any) -> str:
     """The folder where files sent by jobs land: an existing directory (default cwd)."""
     if value is None:
         return os.getcwd()
-    path = os.path.abspath(os.fspath(value))
+    path: str = os.path.abspath(os.fspath(value))
     if not os.path.isdir(path):
         raise ConfigurationError(
             f"files_dir {path!r} is not an existing directory: create it first"

@@ -208,7 +208,8 @@ def _column(values: Sequence[Any], dtype: Any) -> pd.Series:
         for i, value in enumerate(values):
             series.iat[i] = value  # keeps tuples and dicts as they are
         return series
-    return pd.Series(list(values), dtype=dtype)
+    typed: pd.Series[Any] = pd.Series(list(values), dtype=dtype)
+    return typed
 
 
 def _status_name(status: Any) -> str:

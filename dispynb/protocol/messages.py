@@ -33,7 +33,8 @@ _PRE_AUTH_LIMITS = {
 
 def pack_header(header: dict[str, Any]) -> bytes:
     """Encode a header map."""
-    return msgpack.packb(header, use_bin_type=True)
+    packed: bytes = msgpack.packb(header, use_bin_type=True)
+    return packed
 
 
 def unpack_header(data: bytes | memoryview, *, trusted: bool) -> dict[str, Any]:

@@ -95,7 +95,7 @@ _OOB_MIN = 64 * 1024
 _BINARY: dict[type, str] = {bytes: "b", bytearray: "a"}
 
 
-class _Pickler(cloudpickle.Pickler):
+class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle is untyped
     def __init__(
         self, file: io.BytesIO, buffers: list[Buffer], kinds: list[str] | None
     ) -> None:
@@ -244,7 +244,7 @@ def ship_by_value(*objs: Any) -> None:
 
 
 def _is_installed(module: types.ModuleType) -> bool:
-    path = getattr(module, "__file__", None)
+    path: str | None = getattr(module, "__file__", None)
     if path is None:
         return True  # built-in or namespace package: importable everywhere or nowhere
     return path.startswith(_INSTALLED_PREFIXES)
