@@ -200,6 +200,26 @@ def test_error_answers_and_the_session_goes_on(tmp_path: Path) -> None:
     run(main())
 
 
+def test_message_not_understood_is_answered_and_the_session_goes_on(
+    tmp_path: Path,
+) -> None:
+    async def main() -> None:
+        async with in_process_node(tmp_path, cpus=1) as node:
+            conn = await node.client()
+            await set_up(conn)
+            # Intact and signed, but a field has the wrong type (another version?).
+            conn.write(JobCancel(comp_id=1, key="one", attempt=1))  # type: ignore[arg-type]
+            error = await expect(conn, Error)
+            assert isinstance(error, Error) and error.code == "protocol"
+            assert "'key' has type str" in error.message
+            assert "same dispynb version" in error.message
+            submit(conn, (1, (4,)))
+            assert await results(conn, 1) == {1: (FINISHED, 16)}
+            conn.close()
+
+    run(main())
+
+
 def test_malformed_job_submit_ends_the_session_with_a_reason(tmp_path: Path) -> None:
     async def main() -> None:
         async with in_process_node(tmp_path, cpus=1) as node:
