@@ -121,6 +121,13 @@ BACKENDS: dict[str, BackendSpec] = {
             True,
         ),
         BackendSpec("dask", "Dask", "dask", "peers.dask_backend:DaskBackend", True),
+        BackendSpec(
+            "dispynb-dask",
+            "dispynb on Dask",
+            None,
+            "engines:DispynbDaskBackend",
+            False,
+        ),
         BackendSpec("ray", "Ray", "ray", "peers.ray_backend:RayBackend", True),
         BackendSpec("loky", "loky", "loky", "peers.loky_backend:LokyBackend", False),
         BackendSpec(

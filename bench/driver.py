@@ -11,6 +11,9 @@ Modes
 ``main``
     Start the backend, record memory at rest, run W1-W4 (warm-up + R repetitions
     each), record peak memory, try W6, close.
+``cold``
+    W4 cold, one repetition: start the backend, one tiny job of the W4 function,
+    then fresh payloads timed (``Bandwidth.measure_cold``), close.
 ``startup``
     W5, one repetition: time from creating the cluster/client to the first result,
     then the time to close everything.
@@ -166,11 +169,24 @@ def run_startup(params: dict[str, Any]) -> dict[str, Any]:
     return {"first_result": first - start, "close": closed - first}
 
 
+def run_cold(params: dict[str, Any]) -> dict[str, Any]:
+    """Mode ``cold``: one W4 repetition on a new backend warmed by one tiny job."""
+    sizes = QUICK if params["quick"] else FULL
+    workload = Bandwidth(fn=size, jobs=sizes.bandwidth_jobs, size=sizes.bandwidth_bytes)
+    backend = load_backend(params["backend"], params["workers"])
+    backend.start()
+    try:
+        return workload.measure_cold(backend)
+    finally:
+        backend.close()
+
+
 def main() -> int:
     """Read the parameters, run the mode, write the JSON result (or the error)."""
     params = json.loads(sys.stdin.read())
     try:
-        runner = run_main if params["mode"] == "main" else run_startup
+        runners = {"main": run_main, "cold": run_cold, "startup": run_startup}
+        runner = runners[params["mode"]]
         result = runner(params)
         status = 0
     except BaseException as exc:

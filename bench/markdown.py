@@ -14,9 +14,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from report import MIB, SUBJECT, number, table_rows
+from report import MIB, SUBJECT, evaluate_engine_targets, number, table_rows
 
-__all__ = ["render_markdown"]
+__all__ = ["engine_lines", "render_markdown"]
+
+#: Heading of the section on dispynb running on other engines (issue 14).
+ENGINES_HEADING = "## dispynb on Dask and Ray: overhead over the engine alone"
 
 #: Hand-written analysis appended to the report when present (kept next to this file
 #: so that regenerating the report does not lose it).
@@ -154,6 +157,37 @@ def _target_lines(document: Mapping[str, Any]) -> list[str]:
     return _table(rows)
 
 
+def engine_lines(document: Mapping[str, Any]) -> list[str]:
+    """The section comparing dispynb-on-X with raw X (empty without such rows)."""
+    entries = evaluate_engine_targets(document)
+    if not entries:
+        return []
+    config = document["config"]
+    lines = [
+        ENGINES_HEADING,
+        "",
+        "The same workloads through dispy's API (`JobCluster(fn, engine=...)`) on the"
+        " very cluster configuration the raw row uses, in the same run. Target (issue"
+        " 14): at least 0.9x the engine's W1 and W4, at most 1.1x its W2 median."
+        f" Median of {config.get('repeat')} repetitions.",
+        "",
+    ]
+    rows = [["engine", "metric", "dispynb on it", "engine alone", "ratio", "target"]]
+    for e in entries:
+        unit = e["unit"]
+        rows.append(
+            [
+                e["engine"],
+                e["label"],
+                f"{number(e['value'], unit)} {unit}",
+                f"{number(e['raw'], unit)} {unit}",
+                f"{e['ratio']:.2f}x",
+                f"{e['bound']}: **{e['status']}**",
+            ]
+        )
+    return [*lines, *_table(rows), ""]
+
+
 def render_markdown(document: Mapping[str, Any], images: Mapping[str, str]) -> str:
     """The report as markdown; ``images`` maps ``"comparison"``/``"scale"`` to the
     PNG file names (relative to the report), for those that were drawn."""
@@ -211,6 +245,7 @@ def render_markdown(document: Mapping[str, Any], images: Mapping[str, str]) -> s
         "",
     ]
     lines += [*_target_lines(document), ""]
+    lines += engine_lines(document)
     lines += ["## W6: a `__main__` function with a closure and a helper", ""]
     lines += [
         "`make_closure(5)` returns `closure_job(x) = _double(x) + offset`, where"
@@ -252,3 +287,48 @@ def render_markdown(document: Mapping[str, Any], images: Mapping[str, str]) -> s
     if NOTES.exists():
         lines += [NOTES.read_text(encoding="utf-8").rstrip(), ""]
     return "\n".join(lines)
+
+
+def splice_engine_section(report: str, document: Mapping[str, Any]) -> str:
+    """``report`` (a rendered ``docs/benchmarks.md``) with its engines section
+    replaced by the one of ``document``, or inserted before the W6 section.
+
+    For a run of only the engine rows (``--backends dask,dispynb-dask``), which
+    must not overwrite the full report.
+    """
+    section = engine_lines(document)
+    lines = report.splitlines()
+    if ENGINES_HEADING in lines:
+        start = lines.index(ENGINES_HEADING)
+        end = next(
+            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
+            len(lines),
+        )
+    else:
+        start = end = next(
+            (i for i, line in enumerate(lines) if line.startswith("## W6")), len(lines)
+        )
+    return "\n".join([*lines[:start], *section, *lines[end:]]) + "\n"
+
+
+def main(argv: Sequence[str]) -> int:
+    """``markdown.py RESULTS.json REPORT.md``: splice the engines section of a run
+    into an existing report."""
+    import json
+
+    if len(argv) != 2:
+        print("usage: markdown.py RESULTS.json REPORT.md")
+        return 2
+    document = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
+    report = Path(argv[1])
+    report.write_text(
+        splice_engine_section(report.read_text(encoding="utf-8"), document),
+        encoding="utf-8",
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))

@@ -40,6 +40,7 @@ __all__ = [
     "METRICS",
     "Metric",
     "build_report",
+    "evaluate_engine_targets",
     "evaluate_targets",
     "format_table",
     "machine_info",
@@ -70,6 +71,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("cpu_wall", "W3 wall time (40 jobs)", "s", False),
     Metric("cpu_serial_job", "W3 one job alone (reference)", "s", False),
     Metric("bandwidth", "W4 bandwidth (10 MB arguments)", "MB/s", True),
+    Metric("bandwidth_cold", "W4 cold (fresh payloads, new cluster)", "MB/s", True),
     Metric("start_first_result", "W5 start to first result", "s", False),
     Metric("start_close", "W5 close", "s", False),
     Metric("mem_nodes_rest", "nodes/workers at rest (RSS sum)", "MiB", False),
@@ -316,6 +318,22 @@ def evaluate_targets(document: Mapping[str, Any]) -> list[dict[str, Any]]:
         f"{peer} ({best:,.0f})" if best else "-",
         higher=True,
     )
+    ray_cold = document["metrics"].get("bandwidth_cold", {}).get("results", {})
+    if "ray" in ray_cold and SUBJECT in ray_cold:
+        worst = min(ray_cold[SUBJECT]["runs"])
+        ray_median = ray_cold["ray"]["median"]
+        targets.append(
+            {
+                "target": "W4 cold >= 2x Ray in every repetition",
+                "metric": "bandwidth_cold",
+                "unit": "MB/s",
+                "value": worst,
+                "limit": 2 * ray_median,
+                "reference": f"slowest repetition vs 2 x ray ({ray_median:,.0f})",
+                "status": "PASS" if worst >= 2 * ray_median else "MISS",
+                "ratio": worst / (2 * ray_median),
+            }
+        )
     add(
         "W5 start to first result < 0.5 s",
         "start_first_result",
@@ -389,6 +407,52 @@ def table_rows(document: Mapping[str, Any]) -> list[list[str]]:
     return rows
 
 
+#: dispynb on another engine beside that engine alone (issue 14 item 5): the row,
+#: the raw engine's row, the engine's name.
+ENGINE_ROWS: tuple[tuple[str, str, str], ...] = (
+    ("dispynb-dask", "dask", "Dask"),
+    ("dispynb-ray", "ray", "Ray"),
+)
+
+#: Issue 14's overhead targets: metric, whether higher is better, the bound as a
+#: fraction of the raw engine's median.
+ENGINE_TARGETS: tuple[tuple[str, bool, float], ...] = (
+    ("throughput", True, 0.9),
+    ("latency_median", False, 1.1),
+    ("bandwidth", True, 0.9),
+)
+
+
+def evaluate_engine_targets(document: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """dispynb-on-X against raw X, same run: W1 and W4 at least 0.9x, W2 at most
+    1.1x. One entry per engine and metric with both medians (``engine``, ``metric``,
+    ``label``, ``unit``, ``value``, ``raw``, ``ratio``, ``bound``, ``status``)."""
+    entries: list[dict[str, Any]] = []
+    for row, raw_row, engine in ENGINE_ROWS:
+        for key, higher, bound in ENGINE_TARGETS:
+            value = _median(document, key, row)
+            raw = _median(document, key, raw_row)
+            if value is None or raw is None or raw == 0:
+                continue
+            ratio = value / raw
+            ok = ratio >= bound if higher else ratio <= bound
+            metric = document["metrics"][key]
+            entries.append(
+                {
+                    "engine": engine,
+                    "metric": key,
+                    "label": metric["label"],
+                    "unit": metric["unit"],
+                    "value": value,
+                    "raw": raw,
+                    "ratio": ratio,
+                    "bound": f"{'>=' if higher else '<='} {bound:.1f}x",
+                    "status": "PASS" if ok else "MISS",
+                }
+            )
+    return entries
+
+
 def format_table(document: Mapping[str, Any]) -> str:
     """Render the document as a text table, the targets and the failures."""
     rows = table_rows(document)
@@ -404,6 +468,16 @@ def format_table(document: Mapping[str, Any]) -> str:
         lines.append(
             f"{target['status']:4}  {target['target']}: {SUBJECT} {value}"
             f" vs {limit} {target['unit']} ({target['reference']})"
+        )
+    cold = document["metrics"].get("bandwidth_cold", {}).get("results", {})
+    for name, result in cold.items():
+        runs = ", ".join(number(v, "MB/s") for v in result["runs"])
+        lines.append(f"W4 cold per repetition, {name}: {runs} MB/s")
+    for entry in evaluate_engine_targets(document):
+        lines.append(
+            f"{entry['status']:4}  dispynb on {entry['engine']}, {entry['label']}:"
+            f" {entry['ratio']:.2f}x raw {entry['engine']} (target"
+            f" {entry['bound']})"
         )
     for details in document["backends"].values():
         if "error" in details:

@@ -37,9 +37,19 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 RESULTS_DIR = BENCH / "results"
 DOCS = ROOT / "docs"
-WORKLOAD_NAMES = ("throughput", "latency", "cpu", "bandwidth", "startup", "closure")
-#: Seconds one driver process may take before it is killed (main, startup).
-TIMEOUTS = {"main": 1800.0, "startup": 180.0}
+WORKLOAD_NAMES = (
+    "throughput",
+    "latency",
+    "cpu",
+    "bandwidth",
+    "bandwidth_cold",
+    "startup",
+    "closure",
+)
+#: Workloads measured by the ``main`` driver (one started backend for all).
+MAIN_WORKLOADS = ("throughput", "latency", "cpu", "bandwidth", "closure")
+#: Seconds one driver process may take before it is killed (per mode).
+TIMEOUTS = {"main": 1800.0, "cold": 300.0, "startup": 180.0}
 PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -240,7 +250,8 @@ def _timed(fn: Any, arg: Any) -> float:
 def run_backend(
     name: str, python: Path, args: argparse.Namespace, spin_n: int
 ) -> dict[str, Any]:
-    """Measure one backend: the main driver, then the W5 start-up repetitions."""
+    """Measure one backend: the main driver, then W4 cold and the W5 start-up
+    repetitions (each in a fresh driver process)."""
     workloads = args.only or list(WORKLOAD_NAMES)
     params: dict[str, Any] = {
         "backend": name,
@@ -251,9 +262,22 @@ def run_backend(
         "workloads": workloads,
         "closure_timeout": 30 if args.quick else 60,
     }
-    result = run_driver(python, {**params, "mode": "main"})
-    if "error" in result:
-        _progress(f"[{name}] FAILED: {result['error'].splitlines()[-1]}")
+    result: dict[str, Any] = {"runs": {}}
+    if any(w in MAIN_WORKLOADS for w in workloads):
+        result = run_driver(python, {**params, "mode": "main"})
+        if "error" in result:
+            _progress(f"[{name}] FAILED: {result['error'].splitlines()[-1]}")
+    if "bandwidth_cold" in workloads:
+        for rep in range(1, args.repeat + 1):
+            cold = run_driver(python, {**params, "mode": "cold"})
+            if "error" in cold:
+                result.setdefault("error", cold["error"])
+                _progress(f"[{name}] cold W4 FAILED: {cold['error'].splitlines()[-1]}")
+                break
+            result.setdefault("runs", {}).setdefault("bandwidth_cold", []).append(
+                cold["bandwidth_cold"]
+            )
+            _progress(f"[{name}] cold W4 {rep}/{args.repeat}: {cold}")
     result["startup"] = []
     if "startup" in workloads:
         for rep in range(1, args.repeat + 1):

@@ -7,7 +7,8 @@ Metric
 Workload
     The protocol of a workload: ``warm_up`` then repeated ``measure``.
 Throughput, Latency, CpuBound, Bandwidth
-    W1 to W4 of issue 7. W5 (start-up), W6 (closures) and memory are measured by
+    W1 to W4 of issue 7 (``Bandwidth.measure_cold``: W4 cold, issue 17). W5
+    (start-up), W6 (closures) and memory are measured by
     ``driver.py`` because they need fresh backends or process inspection.
 Sizes, FULL, QUICK
     Job counts and payload sizes for a normal run and for ``--quick``.
@@ -292,6 +293,12 @@ class CpuBound:
         return elapsed
 
 
+def fresh_payloads(jobs: int, size: int) -> list[bytes]:
+    """``jobs`` random, pairwise different payloads of ``size`` bytes (new memory)."""
+    base = os.urandom(size)
+    return [i.to_bytes(8, "little") + base[8:] for i in range(jobs)]
+
+
 @dataclass(slots=True, kw_only=True)
 class Bandwidth:
     """``jobs`` jobs each sending ``size`` bytes and returning ``len``; MB/s.
@@ -331,11 +338,21 @@ class Bandwidth:
 
     def _get_payloads(self) -> list[bytes]:
         if self._payloads is None:
-            base = os.urandom(self.size)
-            self._payloads = [
-                i.to_bytes(8, "little") + base[8:] for i in range(self.jobs)
-            ]
+            self._payloads = fresh_payloads(self.jobs, self.size)
         return self._payloads
+
+    def measure_cold(self, backend: Backend) -> dict[str, float]:
+        """W4 cold: fresh payloads, on a backend that ran one tiny job only.
+
+        The caller starts a new backend for every repetition; here one job with a
+        1-byte argument warms it (the function is shipped, a worker is up), then the
+        payloads are created (never seen by any process before) and timed.
+        """
+        if backend.round_trip(self.fn, b"x") != 1:
+            raise BenchmarkError(f"{backend.name}: wrong result for the cold warm-up")
+        payloads = fresh_payloads(self.jobs, self.size)
+        elapsed = self._run(backend, payloads)
+        return {"bandwidth_cold": len(payloads) * self.size / MB / elapsed}
 
     def _run(self, backend: Backend, payloads: list[bytes]) -> float:
         """Send ``payloads``, check the lengths and return the elapsed seconds."""

@@ -108,7 +108,7 @@ def _error(outcome: Outcome) -> BaseException | None:
     _ok, carried, text, name, message = outcome
     exc: BaseException | None = carried
     remote = RemoteError(name, message, text)
-    if exc is None:
+    if not isinstance(exc, BaseException):  # None: it did not unpickle here
         return remote
     exc.__cause__ = remote
     return exc

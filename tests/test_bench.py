@@ -236,6 +236,46 @@ def test_report_table_and_markdown() -> None:
     assert "- Dask: `ImportError: no module named distributed`" in text
 
 
+def test_engine_rows_against_the_raw_engine() -> None:
+    """Issue 14's targets: dispynb-on-Dask against raw Dask of the same run (W1, W4
+    at least 0.9x, W2 at most 1.1x), as a markdown section spliced into a report
+    that a run of only those rows must not overwrite."""
+    document = report.build_report(
+        results={"dask": _fake_result(1.0), "dispynb-dask": _fake_result(0.95)},
+        config={"workers": 2, "repeat": 3, "command": "bench/run.py"},
+        scale=None,
+        machine={"nproc": 2},
+    )
+    entries = {e["metric"]: e for e in report.evaluate_engine_targets(document)}
+    assert set(entries) == {"throughput", "latency_median", "bandwidth"}
+    assert entries["throughput"]["ratio"] == pytest.approx(0.95)
+    assert entries["throughput"]["status"] == "PASS"  # >= 0.9x
+    assert entries["bandwidth"]["status"] == "PASS"
+    assert entries["latency_median"]["ratio"] == pytest.approx(1 / 0.95)
+    assert entries["latency_median"]["status"] == "PASS"  # <= 1.1x
+    slow = report.build_report(
+        results={"dask": _fake_result(1.0), "dispynb-dask": _fake_result(0.8)},
+        config={"workers": 2, "repeat": 3},
+        scale=None,
+        machine={},
+    )
+    statuses = {e["metric"]: e["status"] for e in report.evaluate_engine_targets(slow)}
+    assert statuses == {
+        "throughput": "MISS",
+        "latency_median": "MISS",
+        "bandwidth": "MISS",
+    }
+    assert "MISS  dispynb on Dask, W1" in report.format_table(slow)
+    full = markdown.render_markdown(_document(), {})
+    assert markdown.ENGINES_HEADING not in full  # no engine rows in that run
+    spliced = markdown.splice_engine_section(full, document)
+    assert spliced.index(markdown.ENGINES_HEADING) < spliced.index("## W6")
+    assert "| Dask | W1 throughput (trivial jobs) |" in spliced
+    again = markdown.splice_engine_section(spliced, slow)
+    assert again.count(markdown.ENGINES_HEADING) == 1 and "**MISS**" in again
+    assert again.replace("**MISS**", "**PASS**").count("## ") == spliced.count("## ")
+
+
 def test_backend_selection_and_venvs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -32,7 +32,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-from dispynb.errors import ConfigurationError
+from dispynb.errors import ConfigurationError, DispynbError
 
 if TYPE_CHECKING:
     from dispynb.deploy.base import NodeLauncher
@@ -232,21 +232,22 @@ class Adaptive:
         with launcher._scaling:  # one scaling decision at a time per launcher
             self._decide(now, loads)
 
+    def _back_off(self, now: float, failures: int, what: str) -> None:
+        """Launch no more for a while: twice as long after each failure in a row."""
+        self._failures += failures
+        backoff = min(MAX_BACKOFF, self.options.interval * 2**self._failures)
+        self._next_launch = now + backoff
+        logger.warning(
+            "adapt: %s; next launch in %.1f s at the earliest", what, backoff
+        )
+
     def _decide(
         self, now: float, loads: list[tuple[ScalableCluster, Workload]]
     ) -> None:
         launcher = self.launcher
         failed, registered = launcher._reap_launches(now)
         if failed:
-            self._failures += failed
-            backoff = min(MAX_BACKOFF, self.options.interval * 2**self._failures)
-            self._next_launch = now + backoff
-            logger.warning(
-                "adapt: %d launched node(s) failed; next launch in %.0f s at the "
-                "earliest",
-                failed,
-                backoff,
-            )
+            self._back_off(now, failed, f"{failed} launched node(s) failed")
         elif registered:
             self._failures = 0
         views, jobs = launcher._node_views(loads, now)
@@ -261,7 +262,10 @@ class Adaptive:
                 if by_jobs > self.options.minimum
                 else f"the minimum of {self.options.minimum}"
             )
-            launcher._scale_up(launch, why)
+            try:
+                launcher._scale_up(launch, why)
+            except DispynbError as exc:  # e.g. ssh -G or sbatch refused
+                self._back_off(now, 1, f"launching failed: {exc}")
         if drain:
             self._last_scaled = now
             idle = {v.name: v.idle_for for v in views}

@@ -45,7 +45,7 @@ import threading
 import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, Self, TypeVar
 
 from dispynb._loop import LoopRunner
 from dispynb.deploy.adaptive import Adaptive, AdaptOptions, NodeView, ScaleEvent
@@ -237,9 +237,12 @@ class NodeLauncher(abc.ABC, Generic[Handle]):
         for _ in range(count):
             index = len(self._launched)
             name = f"{self.kind}-{index}-{secrets.token_hex(3)}"
-            host = await self._register_to(index)
-            register_to = format_address(host, self.register_port)
-            handle = await self._launch(index, name, register_to)
+            try:
+                host = await self._register_to(index)
+                register_to = format_address(host, self.register_port)
+                handle = await self._launch(index, name, register_to)
+            except OSError as exc:  # the launcher's program is missing...
+                raise LaunchError(f"cannot launch node {name}: {exc}") from exc
             with self._changed:
                 self._launched.append(Launched(name, handle))
             names.append(name)
@@ -558,7 +561,7 @@ class NodeLauncher(abc.ABC, Generic[Handle]):
             return_exceptions=True,
         )
 
-    def __enter__(self) -> NodeLauncher[Handle]:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(

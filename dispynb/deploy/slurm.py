@@ -43,7 +43,14 @@ import sys
 import weakref
 from collections.abc import Mapping, Sequence
 
-from dispynb.deploy.base import REGISTER_WAIT, LaunchError, NodeLauncher, route_address
+from dispynb.deploy.base import (
+    REGISTER_WAIT,
+    Launched,
+    LaunchError,
+    NodeLauncher,
+    route_address,
+)
+from dispynb.deploy.registry import RegisteredNode
 from dispynb.errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
@@ -423,6 +430,20 @@ class SlurmNodes(NodeLauncher[SlurmJob]):
         reason = f" ({handle.reason})" if handle.reason not in ("", "None") else ""
         return f"SLURM job {handle.job_id} {handle.state}{reason}"
 
+    def _not_registered(self, waiting: list[Launched[SlurmJob]], timeout: float) -> str:
+        message = super()._not_registered(waiting, timeout)
+        queued = [
+            f"{x.handle.job_id} ({x.handle.reason})"
+            for x in waiting
+            if x.handle is not None and x.handle.state == "PENDING"
+        ]
+        if queued:
+            message += (
+                f"; SLURM has not started job(s) {', '.join(queued)} yet: on a busy "
+                "cluster give wait= more seconds (the nodes are used as they come)"
+            )
+        return message
+
     # -- following the jobs ------------------------------------------------------------
 
     async def _follow(self) -> None:
@@ -458,14 +479,24 @@ class SlurmNodes(NodeLauncher[SlurmJob]):
             if (state, reason) != (job.state, job.reason):
                 job.state, job.reason = state, reason
                 changed.append(job)
+        with self._changed:
+            stopped = {x.name for x in self._launched if x.stopped or x.draining}
         for job in changed:
             if job.ended:
                 self._live_ids.discard(job.job_id)
-                log = logger.info if self._closed else logger.warning
+                # a warning only for jobs SLURM ended by itself (walltime...)
+                expected = self._closed or job.name in stopped
+                log = logger.info if expected else logger.warning
                 log("node %s ended: %s", job.name, self._exit_reason(job))
         if changed:
             with self._changed:
                 self._changed.notify_all()
+
+    def _registered(self, node: RegisteredNode) -> None:
+        job = next((j for j in self.jobs if j.name == node.name), None)
+        if job is not None and job.state == "PENDING":
+            job.state, job.reason = "RUNNING", "None"  # before squeue says so
+        super()._registered(node)
 
     async def _close(self) -> None:
         await super()._close()

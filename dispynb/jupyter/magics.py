@@ -40,6 +40,10 @@ _cell_magic_named = cast(
 #: Name that always holds the last run of ``%%dispy`` (like ``_`` for results).
 LAST_RUN = "_dispy"
 
+#: Environment variable naming the engine ``%dispy local`` starts by default
+#: (``nodes`` or ``dask``); the example notebooks run on Dask with it set.
+LOCAL_ENGINE_ENV = "DISPYNB_LOCAL_ENGINE"
+
 #: What to do when no node can be used, the end of every such error.
 NODES_HINT = (
     "start nodes on this machine with %dispy local, or use running ones with "
@@ -121,11 +125,29 @@ class Session:
         self._show_in_use()
 
     def start_local(
-        self, count: int, cpus: int | None, options: dict[str, Any] | None = None
+        self,
+        count: int,
+        cpus: int | None,
+        options: dict[str, Any] | None = None,
+        engine: str | None = None,
     ) -> None:
-        """Start ``count`` local node servers (replacing the current nodes)."""
+        """Start ``count`` local node servers (replacing the current nodes).
+
+        ``engine="dask"`` (default: ``$DISPYNB_LOCAL_ENGINE``, else dispynb's own
+        nodes) starts a Dask ``LocalCluster`` instead, ``count`` worker processes
+        of ``cpus`` threads each, and runs on it through the Dask engine.
+        """
         from dispynb.local import LocalCluster
 
+        engine = engine or os.environ.get(LOCAL_ENGINE_ENV) or "nodes"
+        if engine == "dask":
+            self.start_local_dask(count, cpus)
+            return
+        if engine != "nodes":
+            raise UsageError(
+                f"{LOCAL_ENGINE_ENV}={engine}: use 'nodes' (dispynb's node servers) "
+                "or 'dask'"
+            )
         self.close()
         with friendly_errors("%dispy local could not start the nodes", hint=""):
             self.local = LocalCluster(nodes=count, cpus=cpus)
@@ -135,6 +157,34 @@ class Session:
         with friendly_errors("the local nodes did not answer", hint=""):
             self.probe()
         self._show_in_use()
+
+    def start_local_dask(self, count: int, cpus: int | None) -> None:
+        """A Dask ``LocalCluster`` on 127.0.0.1 (closed with the session), used
+        through the Dask engine."""
+        from dispynb.backends.dask import DaskEngine
+
+        self.close()
+        with friendly_errors(
+            "%dispy local --engine dask could not start a Dask LocalCluster",
+            hint="install Dask: pip install 'dispynb[dask]'",
+        ):
+            engine = DaskEngine.local(
+                workers=count,
+                threads=cpus or max((os.cpu_count() or 1) // count, 1),
+            )
+        self._register_atexit()
+        self.use_engine(engine, f"local Dask cluster {engine.address}")
+
+    def use_dask(self, address: str) -> None:
+        """Run on an existing Dask cluster, given its scheduler's address."""
+        from dispynb.backends.dask import DaskEngine
+
+        self.use_engine(
+            DaskEngine(address),
+            address,
+            hint="check the scheduler's address, and that dispynb is installed on "
+            "its workers (pip install 'dispynb[dask]')",
+        )
 
     def start_ssh(
         self,
@@ -412,14 +462,15 @@ class DispyMagics(Magics):
     @magic_arguments()
     @argument(
         "action",
-        choices=["local", "nodes", "ssh", "slurm", "status", "panel", "close"],
+        choices=["local", "nodes", "ssh", "slurm", "dask", "status", "panel", "close"],
         help=(
             "local: start node servers on this machine (127.0.0.1, random secret); "
             "nodes: use node servers started elsewhere (dispynb-node), given as "
             "HOST or HOST:PORT; ssh: start one node server on each HOST over ssh "
             "(stopped by close, or when the kernel ends); slurm: submit --nodes "
             "node servers as SLURM batch jobs (cancelled by close, or when the "
-            "kernel exits); status: show the nodes "
+            "kernel exits); dask: run on an existing Dask cluster, given its "
+            "scheduler's ADDRESS; status: show the nodes "
             "and the runs; panel: show a live table of the nodes; close: cancel "
             "every run and stop local nodes"
         ),
@@ -428,7 +479,8 @@ class DispyMagics(Magics):
         "hosts",
         nargs="*",
         metavar="HOST[:PORT]",
-        help="nodes for 'nodes'; ssh destinations for 'ssh'",
+        help="nodes for 'nodes'; ssh destinations for 'ssh'; the scheduler's "
+        "address for 'dask' (tcp://host:8786)",
     )
     @argument(
         "--nodes",
@@ -447,6 +499,14 @@ class DispyMagics(Magics):
         help="local: CPUs per node (default: this machine's CPUs shared by the "
         "nodes); ssh: CPUs per node (default: all of each host's); slurm: CPUs per "
         "job (--cpus-per-task)",
+    )
+    @argument(
+        "--engine",
+        choices=["nodes", "dask"],
+        default=None,
+        help="local: start dispynb's node servers (nodes, the default) or a Dask "
+        "LocalCluster used through the Dask engine (dask; --nodes worker processes "
+        "of --cpus threads); the default can be set with $DISPYNB_LOCAL_ENGINE",
     )
     @argument(
         "--python",
@@ -516,6 +576,7 @@ class DispyMagics(Magics):
             %dispy nodes node1 --cafile ca.pem --secret-file ~/.dispynb-secret
             %dispy ssh node1 node2 --python /opt/venv/bin/python   # over ssh
             %dispy slurm --nodes 4 --cpus 8 --memory 16G --walltime 2:00:00
+            %dispy dask tcp://scheduler:8786         # an existing Dask cluster
             %dispy ssh node1 node2 node3 --adapt 0:3 --idle-timeout 120
             %dispy local --nodes 2 --pulse 2         # load reported every 2 s
             %dispy status                            # nodes and runs (returns a repr)
@@ -529,8 +590,10 @@ class DispyMagics(Magics):
         """
         args = parse_line(self.dispy, line)
         session = self.session
-        if args.action not in ("nodes", "ssh") and args.hosts:
+        if args.action not in ("nodes", "ssh", "dask") and args.hosts:
             raise UsageError(f"%dispy {args.action} takes no hosts: {args.hosts}")
+        if args.engine is not None and args.action != "local":
+            raise UsageError("--engine is for %dispy local")
         if args.pulse is not None and args.action not in (
             "local",
             "nodes",
@@ -545,7 +608,7 @@ class DispyMagics(Magics):
         if args.action == "local":
             if args.count < 1 or (args.cpus is not None and args.cpus < 1):
                 raise UsageError("--nodes and --cpus must be at least 1")
-            session.start_local(args.count, args.cpus, pulse)
+            session.start_local(args.count, args.cpus, pulse, args.engine)
             print(f"dispynb: {session.status()._where()}")
             return None
         if args.action == "ssh":
@@ -581,6 +644,12 @@ class DispyMagics(Magics):
             if args.python:
                 launcher["python"] = args.python
             session.start_slurm(args.count, pulse, adapt, **launcher)
+            print(f"dispynb: {session.status()._where()}")
+            return None
+        if args.action == "dask":
+            if len(args.hosts) != 1:
+                raise UsageError("%dispy dask needs the scheduler's ADDRESS only")
+            session.use_dask(args.hosts[0])
             print(f"dispynb: {session.status()._where()}")
             return None
         if args.action == "nodes":

@@ -4,6 +4,7 @@ drained while its long job runs."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from pathlib import Path
@@ -165,3 +166,44 @@ def test_from_zero_nodes_and_back_to_zero(tmp_path: Path) -> None:
         nodes.scale(0)  # no cluster: nothing to drain, they stop
         wait_until(lambda: len(actions(nodes, "stopped")) == 3, 30, "stopped")
         assert nodes.nodes == [] and nodes.exited() == []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_failing_launches_back_off() -> None:
+    """Nodes that cannot start are reported and relaunched less and less often,
+    not in a loop."""
+    with LocalProcesses(extra=("--no-such-option",)) as nodes:
+        nodes.adapt(minimum=1, maximum=2, interval=0.05)
+        wait_until(lambda: len(actions(nodes, "failed")) >= 4, 30, "4 failures")
+        launches = [e.time for e in nodes.events if e.action == "launch"]
+        gaps = [b - a for a, b in itertools.pairwise(launches)]
+        # After the n-th failure in a row: at least interval * 2**n before the next.
+        for n, gap in enumerate(gaps[:3], start=1):
+            assert gap >= 0.05 * 2**n, gaps
+        assert all("exited with status 2" in why for why in nodes.exited())
+
+
+def test_a_launcher_that_cannot_launch_backs_off(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``ssh`` missing: `start` raises `LaunchError`; adapt warns and backs off."""
+    from dispynb.deploy import LaunchError, SSHNodes
+
+    with pytest.raises(LaunchError, match="cannot launch node ssh-0-"):
+        SSHNodes(["h1"], ssh="/nonexistent/ssh", register_host="127.0.0.1")
+    nodes = SSHNodes(
+        ["h1"], ssh="/nonexistent/ssh", register_host="127.0.0.1", start=False
+    )
+    with nodes:
+        nodes.adapt(minimum=1, interval=0.05)
+
+        def warned() -> int:
+            return sum("adapt: launching failed" in r.message for r in caplog.records)
+
+        wait_until(lambda: warned() >= 3, 30, "3 failed launches")
+        messages = [
+            r.message for r in caplog.records if "launching failed" in r.message
+        ]
+        assert "next launch in 0.1 s" in messages[0]
+        assert "next launch in 0.4 s" in messages[2]  # twice as long each time

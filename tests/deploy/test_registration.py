@@ -61,9 +61,10 @@ def test_malformed_messages_are_refused(payload: bytes) -> None:
 
 
 async def _exchange(port: int, secret: bytes, *, reg: Registration | None = None,
-                    send: bytes | None = None) -> tuple[bytes, bytes]:  # fmt: skip
+                    send: bytes | None = None,
+                    host: str = "127.0.0.1") -> tuple[bytes, bytes]:  # fmt: skip
     """Act as a node: read the challenge, answer; return (nonce, client's answer)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    reader, writer = await asyncio.open_connection(host, port)
     try:
         size = int.from_bytes(await reader.readexactly(2), "big")
         nonce = decode_challenge(await reader.readexactly(size)).nonce
@@ -76,32 +77,38 @@ async def _exchange(port: int, secret: bytes, *, reg: Registration | None = None
         writer.close()
 
 
-def test_registrar_accepts_a_valid_proof_and_refuses_others() -> None:
+@pytest.mark.parametrize(
+    ("listen", "peer"),
+    [("127.0.0.1", "127.0.0.1"), (None, "::1")],  # None: IPv4 and IPv6, one port
+)
+def test_registrar_accepts_a_valid_proof_and_refuses_others(
+    listen: str | None, peer: str
+) -> None:
     found: list[RegisteredNode] = []
 
     async def scenario() -> None:
-        registrar = Registrar(SECRET, found.append, host="127.0.0.1")
+        registrar = Registrar(SECRET, found.append, host=listen)
         port = await registrar.start()
         try:
             # A wrong secret: refused, nothing reported.
-            _, answer = await _exchange(port, b"not the secret")
+            _, answer = await _exchange(port, b"not the secret", host=peer)
             assert answer == REJECTED and not found
             # A proof captured on one connection is worthless on the next one.
             reg = _registration(9100)
-            nonce, answer = await _exchange(port, SECRET, reg=reg)
+            nonce, answer = await _exchange(port, SECRET, reg=reg, host=peer)
             assert answer == ACCEPTED and [n.port for n in found] == [9100]
             replay = encode_registration(sign(SECRET, nonce, reg))
-            _, answer = await _exchange(port, SECRET, send=replay)
+            _, answer = await _exchange(port, SECRET, send=replay, host=peer)
             assert answer == REJECTED and len(found) == 1
             # Garbage, and an oversized length prefix: closed, nothing reported.
-            _, answer = await _exchange(port, SECRET, send=b"\x00\x05hello")
-            assert answer == b""
-            _, answer = await _exchange(port, SECRET, send=b"\xff\xff" + b"x" * 100)
-            assert answer == b""
+            garbage = [b"\x00\x05hello", b"\xff\xff" + b"x" * 100]
+            for send in garbage:
+                _, answer = await _exchange(port, SECRET, send=send, host=peer)
+                assert answer == b""
             assert len(found) == 1
             node = found[0]
-            assert (node.host, node.name, node.cpus) == ("127.0.0.1", "n1", 2)
-            assert node.spec == "127.0.0.1:9100"
+            assert (node.host, node.name, node.cpus) == (peer, "n1", 2)
+            assert node.spec == format_address(peer, 9100)
         finally:
             registrar.close()
 

@@ -12,7 +12,11 @@ import os
 
 import pytest
 
-INNER = ("test_lab_browser.py::test_lab_panel", "test_lab_browser.py::test_lab_stop")
+INNER = (
+    "test_lab_browser.py::test_lab_panel",
+    "test_lab_browser.py::test_lab_stop",
+    "test_lab_browser.py::test_lab_dask",
+)
 
 
 def pytest_collection_modifyitems(

@@ -9,6 +9,7 @@ The test re-runs itself under ``unshare -n`` (pytest in the namespace, with
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -68,6 +69,18 @@ STOP_CELLS = [
 ]
 
 
+#: The same journey on the Dask engine: a Dask LocalCluster of two one-thread workers
+#: (``%dispy local --engine dask``), a %%dispy run the sidebar follows, then Stop.
+DASK_CELLS = [
+    "%load_ext dispynb\n%dispy local --engine dask --nodes 2 --cpus 1",
+    '%%dispy --over "range(30)" --into slow\n'
+    "def slow(i):\n"
+    "    import time\n"
+    "    time.sleep(1)\n"
+    "    return i",
+]
+
+
 def _can_unshare() -> str | None:
     if shutil.which("unshare") is None or shutil.which("ip") is None:
         return "needs unshare and ip (util-linux, iproute2)"
@@ -94,6 +107,8 @@ def test_lab_panel_in_private_network() -> None:
     )
     here = Path(__file__).relative_to(ROOT)
     tests = [f"{here}::test_lab_panel", f"{here}::test_lab_stop"]
+    if importlib.util.find_spec("distributed") is not None:
+        tests.append(f"{here}::test_lab_dask")
     inner = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests]
     proc = subprocess.run(
         ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *inner],
@@ -104,7 +119,7 @@ def test_lab_panel_in_private_network() -> None:
         timeout=380,
     )
     assert proc.returncode == 0, f"inner run failed:\n{proc.stdout}\n{proc.stderr}"
-    assert "2 passed" in proc.stdout, proc.stdout
+    assert f"{len(tests)} passed" in proc.stdout, proc.stdout
 
 
 # -- the inner half (in the namespace) -------------------------------------------------
@@ -142,6 +157,8 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
     nbformat.write(nb, root / "lab.ipynb")
     nb.cells = [nbformat.v4.new_code_cell(cell) for cell in STOP_CELLS]
     nbformat.write(nb, root / "stop.ipynb")
+    nb.cells = [nbformat.v4.new_code_cell(cell) for cell in DASK_CELLS]
+    nbformat.write(nb, root / "dask.ipynb")
     # A kernel in which dispynb cannot be imported, as if it were not installed.
     spec = jdir / "data/kernels/nodispynb"
     spec.mkdir(parents=True)
@@ -521,3 +538,50 @@ def test_lab_stop(lab: Lab) -> None:  # collected only in the namespace: conftes
                 break
             page.wait_for_timeout(100)
         assert sorted(names) == want, names
+
+
+@pytest.mark.timeout(300)
+def test_lab_dask(lab: Lab) -> None:  # collected only in the namespace: conftest.py
+    """The sidebar follows a %%dispy run on the Dask engine: its cluster card shows
+    the two Dask workers and the counts moving; Stop ends the run."""
+    with chromium_page(
+        viewport={"width": 1400, "height": 850}, timeout_ms=60_000
+    ) as page:
+        _open_notebook(page, lab, "dask.ipynb", "Python 3 (ipykernel)")
+        page.wait_for_selector(f'{PANEL}[data-ready="true"]')
+        cells = page.locator(".jp-NotebookPanel .jp-Cell")
+        _run_cell(page, 0)
+        _wait_prompt(page, 0, "[1]:")
+        assert "dispynb: dask engine: local Dask cluster tcp://127.0.0.1:" in (
+            cells.nth(0).inner_text()
+        )
+
+        _run_cell(page, 1)
+        card = page.locator(f"{PANEL} .dispynb-cluster")
+        card.first.wait_for()
+        assert card.locator(".dispynb-cluster-name").inner_text() == "slow"
+        nodes = card.locator(".dispynb-node")
+        page.wait_for_function(
+            """() => document.querySelectorAll(
+                '#dispynb-sidebar .dispynb-cluster .dispynb-node').length === 2"""
+        )
+        for i in range(2):
+            address = nodes.nth(i).get_attribute("data-address") or ""
+            assert address.startswith("tcp://127.0.0.1:"), address  # a Dask worker
+            assert nodes.nth(i).get_attribute("data-cpus") == "1"
+        _wait_counts(page, "c.total === 30 && c.running === 2")
+        first = _counts(page)
+        _wait_counts(page, f"c.done >= {first['done'] + 2}")
+
+        page.locator(
+            '.jp-NotebookPanel-toolbar [data-jp-item-name="interrupt"]'
+        ).click()
+        _wait_prompt(page, 1, "[2]:")
+        output = cells.nth(1).locator(".jp-OutputArea").inner_text()
+        assert "Interrupted: run 'slow' stopped" in output, output
+        closed = page.locator(f'{PANEL} .dispynb-cluster[data-closed="true"]')
+        closed.first.wait_for()
+        statuses = closed.locator(".dispynb-count").evaluate_all(
+            "es => es.map(e => e.dataset.status)"
+        )
+        assert "cancelled" in statuses and "abandoned" not in statuses, statuses

@@ -402,3 +402,73 @@ def test_dispy_slurm_magic(
     for host in network.hosts[:-1]:
         wait_for(lambda host=host: node_pids(host) == [], 30, f"no node on {host.ip}")
     assert len(list(tmp_path.glob("slurm-*.out"))) == 2  # SLURM's default output
+
+
+EXIT_CLIENT = """
+from dispynb.deploy import SlurmNodes
+
+
+def main(args):
+    nodes = SlurmNodes(2, cpus=1, walltime="10", log_directory=args["logs"])
+    nodes.wait_for(2, 60)
+    return [job.job_id for job in nodes.jobs]  # then exits without close()
+"""
+
+
+def test_jobs_of_a_launcher_not_closed_are_cancelled_at_exit(
+    network: Network, cluster_env: slurm.SlurmSetup, tmp_path: Path
+) -> None:
+    """A script (or a kernel) that ends without closing its SlurmNodes does not leave
+    its batch jobs holding the allocation until their walltime."""
+    client = start_client(
+        network, network.hosts[-1], tmp_path, EXIT_CLIENT, {"logs": str(tmp_path)}
+    )
+    try:
+        job_ids = client.result(90)
+    finally:
+        client.stop()
+    assert len(job_ids) == 2
+    wait_for(
+        lambda: (
+            set(squeue_states(network, cluster_env, job_ids).values()) == {"CANCELLED"}
+        ),
+        30,
+        "the jobs cancelled",
+    )
+    for host in network.hosts[:-1]:
+        wait_for(lambda host=host: node_pids(host) == [], 30, f"no node on {host.ip}")
+
+
+ERRORS_CLIENT = """
+from dispynb.deploy import LaunchError, SlurmNodes
+
+
+def main(args):
+    messages = []
+    try:
+        SlurmNodes(1, partition="nosuchpartition")
+    except LaunchError as exc:
+        messages.append(str(exc))
+    nodes = SlurmNodes(1, directives=["--begin=now+1hour"], wait=3)
+    try:
+        nodes.node_specs()
+    except LaunchError as exc:
+        messages.append(str(exc))
+    finally:
+        nodes.close()
+    return messages
+"""
+
+
+def test_refused_and_queued_jobs_are_explained(
+    network: Network, cluster_env: slurm.SlurmSetup, tmp_path: Path
+) -> None:
+    messages = start_client(
+        network, network.hosts[-1], tmp_path, ERRORS_CLIENT, {}
+    ).result(60)
+    assert len(messages) == 2, messages
+    refused, queued = messages
+    assert "sbatch refused node slurm-0-" in refused
+    assert "invalid partition" in refused.lower(), refused
+    assert "did not register" in queued and "(BeginTime)" in queued, queued
+    assert "give wait= more seconds" in queued

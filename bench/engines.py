@@ -1,0 +1,85 @@
+"""dispynb on another engine, as benchmark backends (issue 14 item 5).
+
+"dispynb on Dask" is dispy's API (`dispynb.JobCluster`) with
+``engine=DaskEngine(...)`` on exactly the cluster the raw Dask row measures: a
+`distributed.LocalCluster` with W worker processes of one thread each on 127.0.0.1.
+Its numbers beside raw Dask's, from the same run, are dispynb's overhead on that
+engine. It runs with the project's interpreter, which has the same ``distributed``
+release as the Dask peer's environment (`venvs.REQUIREMENTS`).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+from backends import DispynbBackend, Task
+
+
+class DispynbDaskBackend(DispynbBackend):
+    """dispynb's `JobCluster` on a Dask ``LocalCluster`` (raw Dask's configuration)."""
+
+    name = "dispynb-dask"
+
+    def __init__(self, workers: int) -> None:
+        super().__init__(workers)
+        import distributed  # imported before the start-up clock starts
+
+        from dispynb.backends import dask  # noqa: F401
+
+        self._distributed = distributed
+        self._engine: Any = None
+        warnings.filterwarnings("ignore", message=".*[Ss]ending large graph.*")
+        warnings.filterwarnings("ignore", message=".*[Ll]arge object.*")
+        logging.getLogger("distributed").setLevel(logging.ERROR)
+
+    def start(self) -> None:
+        from dispynb.backends.dask import DaskEngine
+
+        cluster = self._stack.enter_context(
+            self._distributed.LocalCluster(
+                n_workers=self.workers,
+                threads_per_worker=1,
+                processes=True,
+                host="127.0.0.1",
+                dashboard_address=None,
+                silence_logs=logging.ERROR,
+            )
+        )
+        self._local = cluster
+        self._engine = DaskEngine(cluster)
+
+    def submit_and_wait(
+        self, fn: Task, arglists: Sequence[tuple[Any, ...]]
+    ) -> list[Any]:
+        cluster = self._cluster_for(fn)
+        jobs = [cluster.submit(*args) for args in arglists]
+        return [self._result(job) for job in jobs]
+
+    def describe(self) -> dict[str, Any]:
+        import dispynb
+
+        return {
+            "version": f"dispynb {dispynb.__version__} on distributed"
+            f" {self._distributed.__version__}",
+            "config": f"JobCluster(fn, engine=DaskEngine(LocalCluster(n_workers="
+            f"{self.workers}, threads_per_worker=1, processes=True,"
+            " host='127.0.0.1', dashboard_address=None))), one per function",
+        }
+
+    def _cluster_for(self, fn: Task) -> Any:
+        if self._fn is fn:
+            return self._cluster
+        if self._engine is None:
+            raise RuntimeError("DispynbDaskBackend.start() was not called")
+        from dispynb import JobCluster
+
+        self._cluster_stack.close()
+        self._cluster = self._fn = None
+        self._cluster = self._cluster_stack.enter_context(
+            JobCluster(fn, engine=self._engine)
+        )
+        self._fn = fn
+        return self._cluster

@@ -1,0 +1,394 @@
+"""The computation's host process on a Dask worker, and the job runners it forks.
+
+A Dask worker cannot interrupt a task's thread, so dispynb's jobs never run in it.
+`ComputationPlugin` (``_daskworker``) starts this program once per worker and
+computation (``python -m dispynb.backends._daskhost FD``). Over the control socket
+``FD`` it:
+
+1. receives ``load``: enters the computation's directory, writes the ``depends``
+   files, unpickles the bundle, adds dispy's names to the computation's globals and
+   runs ``setup(*setup_args)`` (so setup runs once per worker, as once per node);
+2. receives ``fork``: forks a runner, which inherits setup's globals (as dispynb's
+   node workers do), and passes the runner's end of a fresh socket pair back over the
+   control socket (``SCM_RIGHTS``). The worker's task thread then talks to the runner
+   directly; killing the runner is how a running job is stopped;
+3. receives ``close`` or sees EOF (the worker is gone): kills its runners, runs
+   ``cleanup(*setup_args)`` and exits.
+
+A runner runs one job at a time: the payload comes in, it calls the function with
+``sys.stdout``/``sys.stderr`` captured, and sends back ``done`` (or ``provisional``
+results while the job runs). Messages are pickles framed by
+`multiprocessing.connection.Connection`; both ends belong to the same user on the
+same machine, started by the worker itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib
+import io
+import os
+import pickle
+import resource
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any
+
+from dispynb.protocol import serialize
+from dispynb.protocol.framing import Buffer
+
+#: Standard modules dispy computations use without importing them (dispy exec'd the
+#: computation into its own module globals), as on dispynb's nodes.
+DISPY_MODULES = (
+    "os", "sys", "time", "socket", "multiprocessing", "threading", "subprocess",
+    "traceback", "marshal", "tempfile", "shutil", "glob", "pickle", "io", "signal",
+    "platform", "copy", "struct", "hashlib", "re", "errno",
+)  # fmt: skip
+
+#: Return values of setup that mean success (dispy's 0, 1 and 2, or nothing).
+_SETUP_SUCCESS = (0, 1, 2)
+
+_PR_SET_PDEATHSIG = 1
+
+
+class _Job:
+    """The job a runner is running: where its provisional results go."""
+
+    conn: Connection | None = None
+    lock = threading.Lock()  # a job's threads may send too
+
+
+def dispy_provisional_result(
+    result: Any, relay: bool = False, timeout: Any = None
+) -> int:
+    """Send ``result`` to the client now, as a provisional result of this job.
+
+    Returns 0, or -1 if it could not be sent. ``relay`` and ``timeout`` are accepted
+    for dispy compatibility.
+    """
+    conn = _Job.conn
+    if conn is None:
+        return -1
+    try:
+        data = pickle.dumps(("provisional", serialize.dumps(result)), protocol=5)
+        with _Job.lock:
+            conn.send_bytes(data)
+    except Exception as exc:
+        print(f"provisional result not sent: {exc}", file=sys.__stderr__)
+        return -1
+    return 0
+
+
+def dispy_send_file(path: str, relay: bool = False, timeout: Any = None) -> int:
+    """dispy's ``dispy_send_file``: not available on the Dask engine (returns -1).
+
+    A job on Dask returns data in its result instead.
+    """
+    print(
+        "dispy_send_file is not available on the Dask engine: return the file's"
+        " contents in the job's result",
+        file=sys.stderr,
+    )
+    return -1
+
+
+def dispy_names(node_name: str, node_ip: str, job_path: str) -> dict[str, Any]:
+    """The names dispy computations expect in their globals."""
+    names: dict[str, Any] = {
+        "dispy_node_name": node_name,
+        "dispy_node_ip_addr": node_ip,
+        "dispy_job_path": job_path,
+        "dispy_provisional_result": dispy_provisional_result,
+        "dispy_send_file": dispy_send_file,
+    }
+    for module in DISPY_MODULES:
+        names[module] = importlib.import_module(module)
+    return names
+
+
+def _inject(functions: list[Any], names: dict[str, Any]) -> None:
+    """Add ``names`` to each function's globals, never replacing the user's own."""
+    seen: set[int] = set()
+    for function in functions:
+        namespace = getattr(function, "__globals__", None)
+        if isinstance(namespace, dict) and id(namespace) not in seen:
+            seen.add(id(namespace))
+            for name, value in names.items():
+                namespace.setdefault(name, value)
+
+
+def _job_exception(exc: BaseException) -> str:
+    """Traceback text of the job's exception, without the runner's own frame."""
+    tb = exc.__traceback__
+    tb = tb.tb_next if tb is not None else None
+    if isinstance(exc, SystemExit):
+        lines = ["Traceback (most recent call last):\n", *traceback.format_tb(tb)]
+        lines.append(f"SystemExit: the job called sys.exit({exc.code!r})\n")
+        return "".join(lines if tb is not None else lines[-1:])
+    return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
+class _Output(io.StringIO):
+    """A job's stdout/stderr: keeps the first ``limit`` characters, counts the rest."""
+
+    limit: int | None = None
+    dropped = 0
+
+    def write(self, text: str) -> int:
+        room = None if self.limit is None else self.limit - self.tell()
+        if room is not None and len(text) > room:
+            self.dropped += len(text) - max(room, 0)
+            if room > 0:
+                super().write(text[:room])
+            return len(text)
+        return super().write(text)
+
+    def text(self) -> str:
+        value = self.getvalue()
+        if self.dropped:
+            value += f"\n[dispynb: {self.dropped} more characters not kept]\n"
+        return value
+
+
+def run_one(
+    func: Callable[..., Any],
+    buffers: list[Buffer],
+    conn: Connection,
+    max_output: int | None,
+) -> tuple[tuple[Any, ...], list[Any]]:
+    """Run one job; return ``(meta, result_buffers)``.
+
+    ``meta`` is ``(outcome, start, end, stdout, stderr, exception)`` with outcome
+    ``"finished"`` (result in the buffers) or ``"raised"`` (traceback text).
+    """
+    saved = sys.stdout, sys.stderr
+    out, err = _Output(), _Output()
+    out.limit = err.limit = max_output
+    sys.stdout, sys.stderr = out, err
+    result_buffers: list[Any] = []
+    outcome, exception = "raised", None
+    start = end = time.time()
+    _Job.conn = conn
+    try:
+        try:
+            args, kwargs = serialize.loads(buffers)
+        except Exception as exc:
+            exception = f"arguments cannot be unpickled on the worker: {exc}\n"
+        else:
+            start = time.time()
+            try:
+                result = func(*args, **kwargs)
+            except BaseException as exc:  # reported to the client, never fatal
+                end = time.time()
+                exception = _job_exception(exc)
+            else:
+                end = time.time()
+                try:
+                    result_buffers = serialize.dumps(result)
+                    outcome = "finished"
+                except Exception as exc:
+                    exception = f"the job's result cannot be pickled: {exc}\n"
+    finally:
+        _Job.conn = None
+        sys.stdout, sys.stderr = saved
+    meta = (outcome, start, end, out.text(), err.text(), exception)
+    return meta, [bytes(b) for b in result_buffers]
+
+
+def runner_loop(
+    conn: Connection, func: Callable[..., Any], max_output: int | None
+) -> None:
+    """A runner: jobs in, outcomes out, until EOF."""
+    while True:
+        try:
+            count, mem_limit = pickle.loads(conn.recv_bytes())
+            buffers: list[Buffer] = [conn.recv_bytes() for _ in range(count)]
+        except (EOFError, OSError):
+            return
+        lifted = _limit_memory(mem_limit) if mem_limit else None
+        try:
+            meta, result = run_one(func, buffers, conn, max_output)
+        finally:
+            if lifted is not None:
+                resource.setrlimit(resource.RLIMIT_AS, lifted)
+        if lifted is not None and meta[5] and "MemoryError" in meta[5]:
+            hint = f"(the job's mem_limit is {mem_limit} bytes of address space)\n"
+            meta = (*meta[:5], meta[5] + hint)
+        with _Job.lock:
+            conn.send_bytes(pickle.dumps(("done", meta, len(result)), protocol=5))
+            for buffer in result:
+                conn.send_bytes(buffer)
+
+
+def _limit_memory(limit: int) -> tuple[int, int]:
+    """Cap this runner's address space at ``limit`` bytes for one job; the old
+    limits, to restore after it."""
+    old = resource.getrlimit(resource.RLIMIT_AS)
+    hard = old[1]
+    soft = limit if hard == resource.RLIM_INFINITY else min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    return old
+
+
+class Host:
+    """The host process's state: the loaded computation and its runners."""
+
+    def __init__(self, ctrl: socket.socket) -> None:
+        self.ctrl = ctrl
+        self.conn = Connection(os.dup(ctrl.fileno()))
+        self.bundle: dict[str, Any] = {}
+        self.runners: set[int] = set()
+        self.max_output: int | None = None
+
+    def serve(self) -> int:
+        try:
+            while True:
+                try:
+                    message = pickle.loads(self.conn.recv_bytes())
+                except (EOFError, OSError):
+                    break  # the worker is gone
+                op = message[0]
+                if op == "load":
+                    self.conn.send_bytes(pickle.dumps(self.load(*message[1:])))
+                elif op == "fork":
+                    self.fork()
+                elif op == "close":
+                    self.conn.send_bytes(pickle.dumps(("closed", self.close())))
+                    return 0
+            self.close()
+            return 0
+        finally:
+            self.kill_runners()
+
+    def load(
+        self,
+        bundle: list[Buffer],
+        files: list[tuple[str, bytes]],
+        job_dir: str,
+        node: tuple[str, str],
+        max_output: int | None,
+    ) -> tuple[str, ...]:
+        try:
+            os.makedirs(job_dir, exist_ok=True)
+            os.chdir(job_dir)
+            for name, data in files:
+                path = os.path.join(job_dir, name)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "wb") as handle:
+                    handle.write(data)
+            if job_dir not in sys.path:
+                sys.path.insert(0, job_dir)  # depends modules import as on a node
+            self.bundle = serialize.loads(bundle)
+            self.max_output = max_output
+            functions = [self.bundle["func"], *self._extras()]
+            _inject(functions, dict(self.bundle.get("names") or {}))
+            _inject(functions, dispy_names(node[0], node[1], job_dir))
+        except Exception as exc:
+            return ("failed", f"the computation cannot be loaded: {exc}", "")
+        setup = self.bundle.get("setup")
+        if setup is None:
+            return ("ok",)
+        try:
+            outcome = setup(*self.setup_args)
+        except BaseException as exc:  # user code: any exit of setup is a failure
+            text = f"setup raised {type(exc).__name__}: {exc}"
+            return ("failed", text, _job_exception(exc))
+        if outcome is None or (isinstance(outcome, int) and outcome in _SETUP_SUCCESS):
+            return ("ok",)
+        return ("failed", f"setup returned {outcome!r}; success is None, 0, 1 or 2", "")
+
+    def _extras(self) -> list[Any]:
+        return [f for f in (self.bundle.get("setup"), self.bundle.get("cleanup")) if f]
+
+    @property
+    def setup_args(self) -> tuple[Any, ...]:
+        return tuple(self.bundle.get("setup_args") or ())
+
+    def fork(self) -> None:
+        ours, theirs = socket.socketpair()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the runner
+            code = 0
+            try:
+                self.ctrl.close()
+                self.conn.close()
+                ours.close()
+                os.setpgid(0, 0)  # Stop kills the job's own subprocesses too
+                _die_with_parent()
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                conn = Connection(theirs.detach())
+                runner_loop(conn, self.bundle["func"], self.max_output)
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            finally:
+                os._exit(code)
+        theirs.close()
+        self.runners.add(pid)
+        self.conn.send_bytes(pickle.dumps(("forked", pid)))
+        socket.send_fds(self.ctrl, [b"F"], [ours.fileno()])
+        ours.close()
+        self.reap()
+
+    def reap(self) -> None:
+        for pid in list(self.runners):
+            with contextlib.suppress(ChildProcessError):
+                done, _ = os.waitpid(pid, os.WNOHANG)
+                if done == 0:
+                    continue
+            self.runners.discard(pid)
+
+    def kill_runners(self) -> None:
+        for pid in self.runners:
+            kill_group(pid)
+        for pid in self.runners:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+        self.runners.clear()
+
+    def close(self) -> str | None:
+        """Kill the runners, then run cleanup; its error text, or None."""
+        self.kill_runners()
+        cleanup = self.bundle.get("cleanup")
+        if cleanup is None:
+            return None
+        try:
+            cleanup(*self.setup_args)
+        except BaseException as exc:
+            return f"cleanup raised {type(exc).__name__}: {exc}"
+        return None
+
+
+def kill_group(pid: int) -> None:
+    """SIGKILL a runner and the processes its job started (its process group)."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _die_with_parent() -> None:
+    """SIGKILL this runner when the host process dies (Linux)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    ctrl = socket.socket(fileno=int(args[0]))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a notebook's interrupt is not ours
+    return Host(ctrl).serve()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""What runs inside a Dask worker for a dispynb computation.
+
+`ComputationPlugin` is a Dask ``WorkerPlugin``: its ``setup`` starts the
+computation's host process (`dispynb.backends._daskhost`, which runs the user's
+``setup``) and forks one runner per worker thread; its ``teardown`` runs ``cleanup``.
+Its ``transition`` hook sees Dask cancel a task that is executing
+(``executing -> released``, what ``Client.cancel`` does on the worker) and kills the
+runner of that job: that is how Stop ends running work, which a Dask task thread
+alone cannot do.
+
+`run_job` is the Dask task of every dispynb job: it hands the pickled arguments to an
+idle runner and waits for the outcome, passing provisional results on as Dask
+structured events (``Worker.log_event`` on the computation's topic; the client
+subscribes with ``Client.subscribe_topic``), and announcing the start of jobs that
+run longer than `START_REPORT` the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pickle
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+from distributed import WorkerPlugin, get_worker
+
+from dispynb.backends._daskhost import kill_group
+
+#: Seconds a job runs before its start is announced to the client (quicker jobs
+#: report their start with their outcome: one event less on the hot path).
+START_REPORT = 0.01
+
+#: Seconds the host gets to run cleanup and exit at teardown.
+CLOSE_WAIT = 30.0
+
+
+class Runner:
+    """One runner process: its pid and its end of the socket pair."""
+
+    def __init__(self, pid: int, sock: socket.socket) -> None:
+        self.pid = pid
+        self.conn = Connection(sock.detach())
+        self.killed = False
+
+    def kill(self) -> None:
+        """SIGKILL the runner and its job's subprocesses (its process group)."""
+        self.killed = True
+        kill_group(self.pid)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.conn.close()
+
+
+class ComputationPlugin(WorkerPlugin):
+    """One dispynb computation on a Dask worker (see the module's docstring)."""
+
+    def __init__(
+        self,
+        uid: str,
+        topic: str,
+        bundle: list[bytes],
+        files: list[tuple[str, bytes]],
+        dest_path: str | None,
+        max_output: int | None,
+    ) -> None:
+        self.uid = uid
+        self.topic = topic
+        self.bundle = bundle
+        self.files = files
+        self.dest_path = dest_path
+        self.max_output = max_output
+        self.prefix = f"dispynb-{uid}-"
+
+    # -- Dask's hooks (on the worker's event loop) ------------------------------------
+
+    async def setup(self, worker: Any) -> None:
+        self.worker = worker
+        self.idle: queue.SimpleQueue[Runner] = queue.SimpleQueue()
+        self.running: dict[str, Runner] = {}
+        self.ctrl_lock = threading.Lock()
+        self.error = ""
+        self.host: subprocess.Popen[bytes] | None = None
+        await asyncio.to_thread(self._start, worker)
+        nthreads = worker.state.nthreads
+        ready = ["ready", self.uid, worker.address, nthreads, str(worker.name)]
+        worker.log_event(self.topic, [*ready, self.error])
+
+    def transition(
+        self, key: Any, start: str, finish: str, *args: Any, **kw: Any
+    ) -> None:
+        if start in ("executing", "long-running") and finish in (
+            "released",
+            "cancelled",
+        ):
+            runner = self.running.get(key) if isinstance(key, str) else None
+            if runner is not None:
+                runner.kill()  # Stop: the job's process, not the worker
+
+    async def teardown(self, worker: Any) -> None:
+        await asyncio.to_thread(self._stop)
+
+    # -- the host process (in threads) ----------------------------------------------
+
+    def _start(self, worker: Any) -> None:
+        ours, theirs = socket.socketpair()
+        root = self.dest_path or os.path.join(worker.local_directory, "dispynb")
+        job_dir = os.path.join(root, self.uid)
+        try:
+            self.host = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "dispynb.backends._daskhost",
+                    str(theirs.fileno()),
+                ],
+                pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # a terminal's or kernel's ^C is not for it
+            )
+        finally:
+            theirs.close()
+        self.ctrl = ours
+        self.conn = Connection(os.dup(ours.fileno()))
+        host_ip = worker.address.rsplit("//", 1)[-1].rsplit(":", 1)[0]
+        node = (str(worker.name), host_ip)
+        self.conn.send_bytes(
+            pickle.dumps(
+                ("load", self.bundle, self.files, job_dir, node, self.max_output)
+            )
+        )
+        try:
+            reply = pickle.loads(self.conn.recv_bytes())
+        except (EOFError, OSError):
+            reply = ("failed", "the computation's process on the worker exited", "")
+        if reply[0] != "ok":
+            self.error = reply[1] + (f"\n{reply[2]}" if reply[2] else "")
+            self._stop()
+            return
+        for _ in range(max(int(worker.state.nthreads), 1)):
+            self.idle.put(self._fork())
+
+    def _fork(self) -> Runner:
+        with self.ctrl_lock:
+            self.conn.send_bytes(pickle.dumps(("fork",)))
+            _, pid = pickle.loads(self.conn.recv_bytes())
+            _, fds, _, _ = socket.recv_fds(self.ctrl, 1, 1)
+        return Runner(pid, socket.socket(fileno=fds[0]))
+
+    def _stop(self) -> None:
+        host = self.host
+        if host is None:
+            return
+        self.host = None
+        with contextlib.suppress(OSError, EOFError), self.ctrl_lock:
+            self.conn.send_bytes(pickle.dumps(("close",)))
+            if self.conn.poll(CLOSE_WAIT):
+                self.conn.recv_bytes()
+        for closing in (self.conn, self.ctrl):
+            with contextlib.suppress(OSError):
+                closing.close()
+        try:
+            host.wait(CLOSE_WAIT)
+        except subprocess.TimeoutExpired:
+            os.killpg(host.pid, signal.SIGKILL)
+            host.wait()
+        while not self.idle.empty():
+            self.idle.get().close()
+
+    # -- one job (in a Dask task thread) --------------------------------------------
+
+    def run(
+        self,
+        dask_key: str,
+        buffers: list[bytes],
+        limits: tuple[float | None, int | None],
+    ) -> tuple[tuple[Any, ...], list[bytes]]:
+        if self.error:
+            return ("setup", 0.0, 0.0, "", "", self.error), []
+        runner = self.idle.get()
+        self.running[dask_key] = runner
+        try:
+            task = self.worker.state.tasks.get(dask_key)
+            if task is not None and task.state == "cancelled":
+                return ("cancelled", 0.0, 0.0, "", "", None), []
+            return self._exchange(runner, dask_key, buffers, limits)
+        finally:
+            del self.running[dask_key]
+            if runner.killed or runner.conn.closed:
+                runner.close()
+                if self.host is not None:  # else: the computation is closing
+                    self.idle.put(self._fork())
+            else:
+                self.idle.put(runner)
+
+    def _exchange(
+        self,
+        runner: Runner,
+        dask_key: str,
+        buffers: list[bytes],
+        limits: tuple[float | None, int | None],
+    ) -> tuple[tuple[Any, ...], list[bytes]]:
+        conn = runner.conn
+        timeout, mem_limit = limits
+        started = time.time()
+        announced = False
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            conn.send_bytes(pickle.dumps((len(buffers), mem_limit)))
+            for buffer in buffers:
+                conn.send_bytes(buffer)
+            while True:
+                wait = START_REPORT if not announced else 1.0
+                if deadline is not None:
+                    wait = min(wait, max(deadline - time.monotonic(), 0.0))
+                if not conn.poll(wait):
+                    if deadline is not None and time.monotonic() >= deadline:
+                        runner.kill()
+                        text = f"the job ran longer than its timeout of {timeout} s\n"
+                        return ("timeout", started, time.time(), "", "", text), []
+                    if not announced:
+                        announced = True
+                        self.worker.log_event(
+                            self.topic,
+                            ["start", dask_key, self.worker.address, started],
+                        )
+                    continue
+                message = pickle.loads(conn.recv_bytes())
+                if message[0] == "provisional":
+                    data = pickle.dumps([bytes(b) for b in message[1]], protocol=5)
+                    event = ["provisional", dask_key, self.worker.address, data]
+                    self.worker.log_event(self.topic, event)
+                    continue
+                _, meta, count = message
+                return meta, [conn.recv_bytes() for _ in range(count)]
+        except (EOFError, OSError):
+            runner.kill()  # dead already, or half-way: a fresh one replaces it
+            if self._cancelled(dask_key):
+                return ("terminated", started, time.time(), "", "", None), []
+            text = "the job's process on the Dask worker died (killed or crashed)\n"
+            return ("crashed", started, time.time(), "", "", text), []
+
+    def _cancelled(self, dask_key: str) -> bool:
+        task = self.worker.state.tasks.get(dask_key)
+        return task is None or task.state in ("cancelled", "released")
+
+
+def run_job(
+    plugin_name: str, limits: tuple[float | None, int | None], *buffers: bytes
+) -> tuple[tuple[Any, ...], list[bytes], str]:
+    """The Dask task of a dispynb job: run it in one of the computation's runners.
+
+    Returns ``(meta, result_buffers, worker_address)``; ``meta`` is ``(outcome,
+    start, end, stdout, stderr, exception)``.
+    """
+    worker = get_worker()
+    plugin = worker.plugins.get(plugin_name)
+    key = str(worker.get_current_task())
+    if not isinstance(plugin, ComputationPlugin):
+        meta = ("setup", 0.0, 0.0, "", "", "the computation is not set up here")
+        return meta, [], worker.address
+    meta, result = plugin.run(key, list(buffers), limits)
+    return meta, result, worker.address

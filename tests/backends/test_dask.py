@@ -1,0 +1,327 @@
+"""The Dask engine on a real ``distributed.LocalCluster`` (worker processes).
+
+Each test runs a client program inside a namespace host made by the test (the
+LocalCluster's scheduler and workers live there too, on its loopback): dispy's API
+with ``engine=DaskEngine(...)``, as users write it. What the program saw comes back
+as JSON; process checks (is the stopped job's process gone?) are made from here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from dispynb.job import JobStatus
+from tests.multihost.netns import Network, run_client, unavailable_reason
+
+pytestmark = [pytest.mark.multihost, pytest.mark.slow, pytest.mark.timeout(120)]
+
+pytest.importorskip("distributed")
+
+CREATED, RUNNING = int(JobStatus.Created), int(JobStatus.Running)
+CANCELLED, TERMINATED = int(JobStatus.Cancelled), int(JobStatus.Terminated)
+FINISHED = int(JobStatus.Finished)
+
+
+@pytest.fixture(scope="module")
+def net() -> Iterator[Network]:
+    """One namespace host: the client program and its LocalCluster run there."""
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    with Network(1).running() as network:
+        yield network
+
+
+def run(net: Network, tmp_path: Path, code: str, **args: Any) -> Any:
+    """Run a client program (``main(args)``) in the namespace host; its result."""
+    return run_client(net, net.hosts[0], tmp_path, PRELUDE + code, args, timeout=100)
+
+
+PRELUDE = """
+import logging
+import os
+import sys
+import time
+
+import dispynb
+import dispynb.errors
+from distributed import LocalCluster
+from dispynb.backends.dask import DaskEngine
+
+logging.getLogger("distributed").setLevel(logging.ERROR)
+
+
+def local_cluster(workers=2):
+    return LocalCluster(
+        n_workers=workers, threads_per_worker=1, processes=True,
+        host="127.0.0.1", dashboard_address=None, silence_logs=logging.ERROR,
+    )
+"""
+
+
+DISPY_PROGRAM = """
+OUT = None
+
+
+def setup():
+    global offset
+    offset = 100
+    return 0
+
+
+def cleanup():
+    with open(os.path.join(OUT, f"cleanup-{os.getpid()}"), "w") as handle:
+        handle.write(str(offset))
+
+
+def helper(x):
+    return x * 2
+
+
+def compute(n):
+    print("computing", n)
+    print("warning", n, file=sys.stderr)
+    dispy_provisional_result(("half-way", n))
+    if n == 3:
+        raise ValueError(f"bad input {n}")
+    return helper(n) + offset
+
+
+def main(args):
+    global OUT
+    OUT = args["out"]
+    statuses, provisional = [], []
+
+    def job_status(job):
+        if job.status == dispynb.DispyJob.ProvisionalResult:
+            provisional.append(job.result)
+
+    def cluster_status(status, node, job):
+        if job is not None:
+            statuses.append([job.id, int(status)])
+
+    with local_cluster() as dask_cluster:
+        engine = DaskEngine(dask_cluster)
+        with dispynb.JobCluster(
+            compute, engine=engine, setup=setup, cleanup=cleanup, depends=[helper],
+            job_status=job_status, cluster_status=cluster_status,
+        ) as cluster:
+            jobs = [cluster.submit_job_id(n, n) for n in range(5)]
+            cluster.wait()
+            nodes = sorted(node.ip_addr for node in cluster.status().nodes)
+        return {
+            "jobs": [
+                [j.id, int(j.status), j.result, j.stdout, j.stderr, j.exception,
+                 j.ip_addr, j.start_time is not None and j.end_time >= j.start_time]
+                for j in jobs
+            ],
+            "statuses": statuses,
+            "provisional": sorted(map(list, provisional)),
+            "nodes": nodes,
+        }
+"""
+
+
+def test_a_dispy_program_runs_unchanged_on_dask(net: Network, tmp_path: Path) -> None:
+    """setup's globals, depends, results, stdout/stderr, the remote traceback,
+    provisional results and every status reach the program; cleanup runs once on
+    each worker at close."""
+    out = run(net, tmp_path, DISPY_PROGRAM, out=str(tmp_path))
+    by_id = {job[0]: job for job in out["jobs"]}
+    for n in (0, 1, 2, 4):
+        _, status, result, stdout, stderr, exception, ip, timed = by_id[n]
+        assert (status, result, exception) == (FINISHED, 2 * n + 100, None)
+        assert stdout == f"computing {n}\n" and stderr == f"warning {n}\n"
+        assert ip == "127.0.0.1" and timed
+    _, status, result, stdout, _, exception, _, _ = by_id[3]
+    assert status == TERMINATED and result is None and stdout == "computing 3\n"
+    assert "ValueError: bad input 3" in exception
+    assert ", in compute\n" in exception  # the job's own frame (cell-mapped in Jupyter)
+    assert "_daskhost" not in exception  # not the runner's
+    assert out["provisional"] == [["half-way", n] for n in range(5)]
+    for n in range(5):
+        seen = [status for job_id, status in out["statuses"] if job_id == n]
+        assert seen[:2] == [CREATED, RUNNING]
+        assert seen[-1] == (TERMINATED if n == 3 else FINISHED)
+    assert out["nodes"] == ["127.0.0.1", "127.0.0.1"]
+    cleanups = list(tmp_path.glob("cleanup-*"))
+    assert len(cleanups) == 2 and all(p.read_text() == "100" for p in cleanups)
+
+
+STOP_PROGRAM = """
+def pids(path):
+    try:
+        with open(path) as handle:
+            return handle.read().split()
+    except FileNotFoundError:
+        return []
+
+
+def compute(path, seconds):
+    import subprocess
+
+    child = subprocess.Popen(["sleep", str(seconds)])
+    with open(path, "w") as handle:
+        handle.write(f"{os.getpid()} {child.pid}")
+    child.wait()
+    return seconds
+
+
+def main(args):
+    out = args["out"]
+    with local_cluster(workers=1) as dask_cluster:
+        with dispynb.JobCluster(compute, engine=DaskEngine(dask_cluster)) as cluster:
+            running = cluster.submit(os.path.join(out, "running"), 300)
+            queued = cluster.submit(os.path.join(out, "queued"), 300)
+            deadline = time.monotonic() + 30
+            marker = os.path.join(out, "running")
+            while running.status != dispynb.DispyJob.Running or len(pids(marker)) < 2:
+                assert time.monotonic() < deadline, "the job did not start"
+                time.sleep(0.01)
+            started = pids(marker)
+            for job in (queued, running):  # Stop: the queue first, as %%dispy does
+                cluster.cancel(job)
+            queued(), running()
+            # the worker has a fresh runner: the next job runs at once
+            after = cluster.submit(os.path.join(out, "after"), 0)
+            after()
+        return {
+            "pids": [int(pid) for pid in started],
+            "running": [int(running.status), running.exception],
+            "queued": [int(queued.status), queued.exception],
+            "after": [int(after.status), after.result],
+            "queued_ran": os.path.exists(os.path.join(out, "queued")),
+        }
+"""
+
+
+def test_stop_kills_the_running_job_and_drops_the_queued_one(
+    net: Network, tmp_path: Path
+) -> None:
+    """cancel on a running job kills its process on the worker, and the processes
+    it started (Terminated); a queued one never starts (Cancelled); the worker goes
+    on with a fresh runner."""
+    out = run(net, tmp_path, STOP_PROGRAM, out=str(tmp_path))
+    assert out["running"][0] == TERMINATED and "cancelled" in out["running"][1]
+    assert out["queued"][0] == CANCELLED and not out["queued_ran"]
+    assert out["after"] == [FINISHED, 0]
+    job_pid, child_pid = out["pids"]
+    assert not _alive(job_pid)
+    assert not _alive(child_pid)  # the job's own subprocess went with it
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+LIMITS_PROGRAM = """
+def compute(seconds):
+    time.sleep(seconds)
+    return seconds
+
+
+def fails():
+    raise RuntimeError("no data here")
+
+
+def main(args):
+    with local_cluster(workers=1) as dask_cluster:
+        engine = DaskEngine(dask_cluster)
+        with dispynb.JobCluster(compute, engine=engine, job_timeout=0.5) as cluster:
+            slow = cluster.submit(60)
+            quick = cluster.submit(0)
+            slow(), quick()
+        errors = {}
+        for name, call in {
+            "setup": lambda: dispynb.JobCluster(compute, engine=engine, setup=fails),
+            "program": lambda: dispynb.JobCluster(sys.executable, engine=engine),
+        }.items():
+            try:
+                call().close()
+            except dispynb.errors.DispynbError as exc:
+                errors[name] = [type(exc).__name__, str(exc)]
+        with dispynb.JobCluster(compute, engine=engine) as cluster:
+            for name, call in {
+                "send_file": lambda: cluster.send_file(sys.executable, "x"),
+                "allocate_node": lambda: cluster.allocate_node("10.0.0.1"),
+                "job_depends": lambda: cluster.submit(0, dispy_job_depends=[fails]),
+            }.items():
+                try:
+                    errors[name] = ["returned", call()]
+                except dispynb.errors.DispynbError as exc:
+                    errors[name] = [type(exc).__name__, str(exc)]
+        return {
+            "slow": [int(slow.status), slow.exception],
+            "quick": [int(quick.status), quick.result],
+            "errors": errors,
+        }
+"""
+
+
+def test_timeouts_setup_failures_and_what_dask_cannot_do(
+    net: Network, tmp_path: Path
+) -> None:
+    """job_timeout ends a job Terminated; a failing setup raises SetupError with the
+    worker's traceback; dispy features Dask lacks raise one NotSupportedError."""
+    out = run(net, tmp_path, LIMITS_PROGRAM)
+    assert out["slow"][0] == TERMINATED and "timeout of 0.5 s" in out["slow"][1]
+    assert out["quick"] == [FINISHED, 0]
+    errors = out["errors"]
+    assert errors["setup"][0] == "SetupError"
+    assert "RuntimeError: no data here" in errors["setup"][1]
+    for name in ("program", "send_file", "allocate_node", "job_depends"):
+        kind, text = errors[name]
+        assert kind == "NotSupportedError", (name, errors[name])
+        assert "'dask' engine" in text or "dask" in text
+
+
+EXECUTOR_PROGRAM = """
+def square(x):
+    return x * x
+
+
+def main(args):
+    with local_cluster() as dask_cluster:
+        engine = DaskEngine(dask_cluster)
+        with dispynb.Executor(engine=engine) as executor:
+            mapped = list(executor.map(square, range(8)))
+            future = executor.submit(square, 12)
+            return {"map": mapped, "submit": future.result(timeout=30)}
+"""
+
+
+def test_the_executor_runs_on_dask(net: Network, tmp_path: Path) -> None:
+    """``dispynb.Executor(engine=DaskEngine(...))``: map and submit (issue 18)."""
+    out = run(net, tmp_path, EXECUTOR_PROGRAM)
+    assert out == {"map": [x * x for x in range(8)], "submit": 144}
+
+
+def test_import_dispynb_loads_no_dask() -> None:
+    """Dask stays an optional extra: ``import dispynb`` (and its engine seam) does
+    not import it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, dispynb, dispynb.backends.base;"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in"
+        " ('dask', 'distributed')))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert done.stdout.strip() == "[]", done.stderr
