@@ -158,11 +158,12 @@ class DaskEngine:
         """An engine on a new Dask ``LocalCluster`` (127.0.0.1, ``workers`` worker
         processes of ``threads`` threads, no dashboard) that `close` stops."""
         try:
-            from distributed import LocalCluster
+            import distributed
         except ImportError as exc:
             raise ConfigurationError(_MISSING_DASK) from exc
 
-        cluster = LocalCluster(
+        make_cluster: Any = distributed.LocalCluster  # untyped constructor
+        cluster = make_cluster(
             n_workers=workers,
             threads_per_worker=threads,
             processes=True,
