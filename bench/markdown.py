@@ -169,7 +169,12 @@ def engine_lines(document: Mapping[str, Any]) -> list[str]:
         "The same workloads through dispy's API (`JobCluster(fn, engine=...)`) on the"
         " very cluster configuration the raw row uses, in the same run. Target (issue"
         " 14): at least 0.9x the engine's W1 and W4, at most 1.1x its W2 median."
-        f" Median of {config.get('repeat')} repetitions.",
+        f" Median of {config.get('repeat')} repetitions, from the run of"
+        f" {document.get('timestamp')}:",
+        "",
+        "```sh",
+        f".venv/bin/python {config.get('command', 'bench/run.py')}",
+        "```",
         "",
     ]
     rows = [["engine", "metric", "dispynb on it", "engine alone", "ratio", "target"]]
