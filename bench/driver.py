@@ -144,6 +144,10 @@ def run_main(params: dict[str, Any]) -> dict[str, Any]:
                     result["runs"].setdefault(key, []).append(value)
                 shown = ", ".join(f"{k} {v:,.3f}" for k, v in values.items())
                 progress(f"[{name}] {workload.name} {rep}/{params['repeat']}: {shown}")
+            if isinstance(workload, Throughput):
+                # Issue 17: the nodes' memory after the same trivial jobs, by PSS
+                # (shared pages split between the processes that map them).
+                result["memory_after_w1"] = snapshot(pss=True)
         result["workloads"] = {w.name: w.describe() for w in workloads}
         result["memory_peak"] = snapshot()
         if "closure" in params["workloads"]:

@@ -4,6 +4,8 @@ The driver process is the client; every process descending from it (node servers
 schedulers, workers, raylets ...) counts as a node or worker. Memory is read from
 ``/proc/<pid>/status``: ``VmRSS`` (resident now) and ``VmHWM`` (the peak resident size
 of the process so far), so no sampling thread competes with the client for the CPU.
+After W1 the nodes' PSS is read too (`proportional_size`): workers forked from one
+parent share most of their pages, which RSS counts once per process.
 A process that has already exited (a dispy job's forked process, a replaced worker) is
 not counted.
 """
@@ -15,7 +17,7 @@ from typing import Any
 
 import psutil
 
-__all__ = ["MIB", "process_memory", "snapshot"]
+__all__ = ["MIB", "process_memory", "proportional_size", "snapshot"]
 
 MIB = 1024 * 1024
 
@@ -53,15 +55,29 @@ def _label(proc: psutil.Process) -> str:
     return " ".join(words)[:60]
 
 
-def snapshot(root: int | None = None) -> dict[str, Any]:
+def proportional_size(pid: int) -> int:
+    """PSS of one process in bytes (0 if it is gone): its private pages, plus each
+    page it shares divided by the number of processes mapping it.
+
+    Unlike RSS, the PSS of a node server and of workers forked from one parent adds
+    up to the memory they really take together (``/proc/<pid>/smaps_rollup``).
+    """
+    try:
+        return int(psutil.Process(pid).memory_full_info().pss)
+    except (psutil.Error, OSError, AttributeError):  # gone, or no PSS (not Linux)
+        return 0
+
+
+def snapshot(root: int | None = None, pss: bool = False) -> dict[str, Any]:
     """Memory of process ``root`` (default: this one) and of all its descendants.
 
     Returns
     -------
     dict
         ``client``: ``{"rss", "hwm"}`` of ``root``; ``nodes``: one entry per live
-        descendant with ``pid``, ``label``, ``rss``, ``hwm``; ``nodes_rss`` and
-        ``nodes_hwm``: their sums (bytes).
+        descendant with ``pid``, ``label``, ``rss``, ``hwm`` (and ``pss`` with
+        ``pss=True``); ``nodes_rss``, ``nodes_hwm`` (and ``nodes_pss``): their sums
+        (bytes).
     """
     pid = os.getpid() if root is None else root
     nodes = []
@@ -73,10 +89,14 @@ def snapshot(root: int | None = None) -> dict[str, Any]:
         memory = process_memory(child.pid)
         if memory["rss"] == 0:  # gone, or a zombie
             continue
-        nodes.append({"pid": child.pid, "label": _label(child), **memory})
+        entry: dict[str, Any] = {"pid": child.pid, "label": _label(child), **memory}
+        if pss:
+            entry["pss"] = proportional_size(child.pid)
+        nodes.append(entry)
     return {
         "client": process_memory(pid),
         "nodes": nodes,
         "nodes_rss": sum(n["rss"] for n in nodes),
         "nodes_hwm": sum(n["hwm"] for n in nodes),
+        **({"nodes_pss": sum(n["pss"] for n in nodes)} if pss else {}),
     }

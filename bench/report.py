@@ -76,6 +76,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("start_close", "W5 close", "s", False),
     Metric("mem_nodes_rest", "nodes/workers at rest (RSS sum)", "MiB", False),
     Metric("mem_nodes_peak", "nodes/workers peak (sum of peaks)", "MiB", False),
+    Metric("mem_nodes_pss_w1", "nodes/workers after W1 (PSS sum)", "MiB", False),
     Metric("mem_client_rest", "client at rest (RSS)", "MiB", False),
     Metric("mem_client_peak", "client peak (incl. W4 payloads)", "MiB", False),
 )
@@ -150,6 +151,9 @@ def _raw_values(result: Mapping[str, Any]) -> dict[str, list[float]]:
             client_key = "rss" if phase == "rest" else "hwm"
             values[f"mem_nodes_{phase}"] = [snap[nodes_key] / MIB]
             values[f"mem_client_{phase}"] = [snap["client"][client_key] / MIB]
+    after_w1 = result.get("memory_after_w1")
+    if after_w1 and "nodes_pss" in after_w1:
+        values["mem_nodes_pss_w1"] = [after_w1["nodes_pss"] / MIB]
     return values
 
 
@@ -348,6 +352,15 @@ def evaluate_targets(document: Mapping[str, Any]) -> list[dict[str, Any]]:
     add(
         "node memory at rest <= dispy's",
         "mem_nodes_rest",
+        "MiB",
+        dispy,
+        f"dispy ({dispy:.1f})" if dispy else "-",
+        higher=False,
+    )
+    dispy = _median(document, "mem_nodes_pss_w1", "dispy")
+    add(
+        "node PSS after W1 <= dispy's",
+        "mem_nodes_pss_w1",
         "MiB",
         dispy,
         f"dispy ({dispy:.1f})" if dispy else "-",

@@ -146,6 +146,7 @@ def _fake_result(scale: float, *, closure: bool = True) -> dict[str, Any]:
         "describe": {"version": "1.0", "config": "two workers"},
         "memory_rest": snap,
         "memory_peak": snap,
+        "memory_after_w1": {**snap, "nodes_pss": int(scale * 2**20)},
         "closure": {"ok": closure, "error": None if closure else "NameError: x"},
         "startup": [{"first_result": 0.4 / scale, "close": 0.1}] * 3,
     }
@@ -218,6 +219,26 @@ def test_report_statistics_and_targets() -> None:
     assert targets["W4 >= the best peer"]["status"] == "PASS"
     assert targets["W5 start to first result < 0.5 s"]["status"] == "PASS"
     assert targets["node memory at rest <= dispy's"]["status"] == "MISS"
+    pss = document["metrics"]["mem_nodes_pss_w1"]["results"]
+    assert (pss["dispynb"]["median"], pss["dispy"]["median"]) == (2.0, 0.5)
+    assert targets["node PSS after W1 <= dispy's"]["status"] == "MISS"
+
+
+def test_memory_snapshot_sums_the_pss_of_the_descendants() -> None:
+    """PSS splits the pages a parent and its forked child share: their sum stays
+    under the sum of their RSS (which counts the shared pages twice)."""
+    import memory
+
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                             stdin=subprocess.PIPE)  # fmt: skip
+    try:
+        snap = memory.snapshot(pss=True)
+        assert [n["pid"] for n in snap["nodes"]] == [child.pid]
+        assert 0 < snap["nodes_pss"] == snap["nodes"][0]["pss"] <= snap["nodes_rss"]
+        assert "nodes_pss" not in memory.snapshot()
+    finally:
+        child.communicate(b"")
+    assert memory.proportional_size(child.pid) == 0  # gone
 
 
 def test_report_table_and_markdown() -> None:
