@@ -100,6 +100,7 @@ class ClientSession:
         self._out: dict[int, tuple[list[list[Any]], list[memoryview]]] = {}
         self._starts: dict[int, list[list[Any]]] = {}  # comp_id -> job starts
         self._starts_timer: asyncio.TimerHandle | None = None
+        self._oldest_start: float | None = None  # time.time() of the first waiting
         self._flush_pending = False
         self._held = False  # workers are not read: the client is not reading
         self._tasks: set[asyncio.Task[None]] = set()
@@ -597,6 +598,8 @@ class ClientSession:
             if starts is None:
                 starts = self._starts[comp_id] = []
             starts.append([key, attempt, when, before])
+            if self._oldest_start is None:
+                self._oldest_start = when
             if self._starts_timer is None:
                 self._starts_timer = asyncio.get_running_loop().call_later(
                     START_REPORT_DELAY, self._starts_due
@@ -656,18 +659,29 @@ class ClientSession:
         self._write(JobResults(comp_id=comp_id, results=[[*entry, True]]))
 
     def _starts_due(self) -> None:
-        """The oldest start waiting has waited START_REPORT_DELAY: send what waits.
+        """Send the waiting starts once the oldest has waited START_REPORT_DELAY.
 
-        A results message sends the starts it finds without cancelling this timer:
+        A results message takes the starts it finds without cancelling this timer:
         with jobs back to back, one timer then serves many jobs instead of each job
-        arming and cancelling one of its own (a start still waits at most the delay).
+        arming and cancelling one of its own. When it fires early for the starts
+        waiting now (armed for an earlier one), it is armed again for the rest of
+        their delay: a start that its result will soon carry costs no message.
         """
         self._starts_timer = None
-        if self._starts:
+        if not self._starts or self._oldest_start is None:
+            return
+        # Clamped: the wall clock may have been set back meanwhile.
+        rest = START_REPORT_DELAY - (time.time() - self._oldest_start)
+        if rest <= START_REPORT_DELAY / 10:
             self._flush()
+        else:
+            self._starts_timer = asyncio.get_running_loop().call_later(
+                min(rest, START_REPORT_DELAY), self._starts_due
+            )
 
     def _flush(self) -> None:
         self._flush_pending = False
+        self._oldest_start = None
         out, self._out = self._out, {}
         starts, self._starts = self._starts, {}
         for comp_id, (entries, buffers) in out.items():
