@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from dispynb.errors import ConnectionClosedError
-from dispynb.protocol import serialize
+from dispynb.protocol import serialize, shm
 from dispynb.protocol.framing import Buffer
 from dispynb.protocol.messages import CANCELLED, FINISHED, RAISED
 from nodeserver.channel import MessageSocket
@@ -79,6 +79,8 @@ def run_job(
     kinds: list[str] = []
     try:
         try:
+            if shm.is_reference(buffers):  # the client's memory, mapped here
+                buffers = shm.open_reference(buffers[0])
             args, kwargs, names = _unpack_payload(serialize.loads(buffers))
         except Exception as exc:
             start_time = end_time = time.time()

@@ -11,6 +11,7 @@ import socket
 from typing import Any
 
 from dispynb.errors import ConfigurationError
+from dispynb.protocol import shm
 from dispynb.protocol.messages import Welcome
 from dispynb.transport.addressing import format_address, is_loopback
 from dispynb.transport.connection import Connection
@@ -212,6 +213,7 @@ class NodeServer:
             max_message_size=self.config.max_message_size,
             pid=os.getpid(),
             avail=avail_info(self.config.dest_path),
+            boot_id=shm.boot_id(),
         )
 
     async def _serve(self, conn: Connection, client_name: str) -> None:

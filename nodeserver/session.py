@@ -17,7 +17,14 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from dispynb.errors import DispynbError, MessageError, ProtocolError, SetupError
+from dispynb.errors import (
+    DispynbError,
+    MessageError,
+    ProtocolError,
+    SerializationError,
+    SetupError,
+)
+from dispynb.protocol import shm
 from dispynb.protocol.files import safe_relative_path
 from dispynb.protocol.handshake import peer_text
 from dispynb.protocol.messages import (
@@ -116,6 +123,11 @@ class ClientSession:
         self._status_interval: float | None = None
         self._last_heard = time.monotonic()
         self._status_task: asyncio.Task[None] | None = None
+        # Shared memory holding the arguments of jobs not yet reported back:
+        # comp_id -> (key, attempt) -> name. A worker unlinks a name as it opens it;
+        # those of jobs that never ran are unlinked when the session ends, so a
+        # client killed with SIGKILL leaves nothing behind.
+        self._segments: dict[int, dict[tuple[int, int], str]] = {}
         self._handlers: dict[type[Message], Callable[[Any, list[memoryview]], None]] = {
             ComputationSetup: self._on_setup,
             JobSubmit: self._on_submit,
@@ -144,6 +156,7 @@ class ClientSession:
             for claimed in self._claims:
                 claimed.deliver = None  # a recovering client went away too
             closing = []
+            closed: set[int] = set()
             for comp_id, computation in self._computations.items():
                 recovery = self._recovery.pop(comp_id, None)
                 if (
@@ -158,8 +171,15 @@ class ClientSession:
                     self.server.keeper.adopt(*recovery)
                 else:
                     closing.append(computation.close(terminate=True))
+                    closed.add(comp_id)
+            adopted = set(self._computations) - closed
             self._computations.clear()
             await asyncio.gather(*closing, return_exceptions=True)
+            for comp_id, segments in self._segments.items():
+                if comp_id not in adopted:  # the keeper's jobs still need theirs
+                    for name in segments.values():
+                        shm.unlink(name)
+            self._segments.clear()
             for task in self._tasks:
                 task.cancel()
 
@@ -428,6 +448,8 @@ class ClientSession:
             if count < 1 or offset + count > len(buffers):
                 raise MessageError("job-submit buffer counts do not match its buffers")
             job = NodeJob(key, attempt, buffers[offset : offset + count])
+            if count == 1 and shm.is_reference(job.buffers):
+                self._track_segment(message.comp_id, job)
             if len(entry) == 4:
                 job.files = self._job_files(entry[3])
             jobs.append(job)
@@ -455,6 +477,14 @@ class ClientSession:
                 )
             return
         computation.submit(jobs)
+
+    def _track_segment(self, comp_id: int, job: NodeJob) -> None:
+        """Remember a job's shared memory, to unlink it if the job never runs."""
+        try:
+            name = shm.reference_name(job.buffers[0])
+        except SerializationError:
+            return  # the worker refuses it and the job reports why
+        self._segments.setdefault(comp_id, {})[job.key, job.attempt] = name
 
     def _job_files(self, entries: Any) -> list[tuple[str, str]]:
         if not isinstance(entries, list):
@@ -614,6 +644,10 @@ class ClientSession:
         buffers: list[memoryview],
         stream: bool = True,
     ) -> None:
+        if self._segments and (segments := self._segments.get(comp_id)):
+            name = segments.pop((entry[0], entry[1]), None)
+            if name is not None:
+                shm.unlink(name)  # normally gone already: the worker opened it
         if stream and buffers and sum(b.nbytes for b in buffers) >= STREAM_BYTES:
             self._stream_result(comp_id, entry, buffers)
             return

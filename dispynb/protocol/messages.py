@@ -199,6 +199,9 @@ class Welcome(WireMessage):
     pid: int
     #: ``[cpu %, memory bytes, disk bytes, swap %]`` available, if the node knows.
     avail: list[float] = dataclasses.field(default_factory=list)
+    #: The node's machine's boot id ("" if unknown): with a loopback connection and
+    #: ``pid``, it tells the client the node shares its memory (`protocol.shm`).
+    boot_id: str = ""
 
 
 @message("error")

@@ -24,7 +24,7 @@ from dispynb import config as dispy_config
 from dispynb.defaults import CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT
 from dispynb.depends import FileRef
 from dispynb.errors import ClusterError, DispynbError, SerializationError, SetupError
-from dispynb.protocol import serialize
+from dispynb.protocol import serialize, shm
 from dispynb.protocol.framing import Buffer
 from dispynb.protocol.messages import (
     CRASHED,
@@ -121,6 +121,8 @@ class NodeLink:
         default_factory=collections.deque
     )
     pumping: bool = False
+    #: On this machine and our user: large arguments go through shared memory.
+    shared_memory: bool = False
 
 
 #: ``allocate(welcome, peer_ip) -> (cpus, bundle, files)`` (see `Driver.add_node`).
@@ -259,6 +261,9 @@ class Driver:
         # [bytearray or BytesIO, bytes received, size]; None once refused.
         self._streams: dict[tuple[str, int, int], dict[int, list[Any]] | None] = {}
         self._requests = itertools.count(1)
+        # Shared memory objects holding jobs' arguments: key -> attempt -> name,
+        # unlinked when the job ends (the worker unlinks them as it opens them).
+        self._segments: dict[int, dict[int, str]] = {}
         self._connecting = 0
         self._reconnecting = 0
         self.discovering = False  # nodes may still appear: queued jobs wait for them
@@ -334,6 +339,9 @@ class Driver:
         address = conn.peer_address
         link.peer_ip = address[0] if address is not None else link.host
         link.allocate = allocate
+        link.shared_memory = shm.same_machine(
+            link.peer_ip, welcome.boot_id, welcome.pid
+        )
         try:
             self._set_up(link)
         except DispynbError as exc:
@@ -682,6 +690,7 @@ class Driver:
             return
         for key in list(self._jobs):
             self._jobs.pop(key)
+            self._release_segments(key)
             self.events.job_abandoned(key, None, self._no_node_reason())
 
     def _no_node_reason(self) -> str:
@@ -861,6 +870,7 @@ class Driver:
             key, attempt, outcome, began, ended, stdout, stderr, exception, count = (
                 record
             )
+            self._release_segments(key, attempt)
             result_buffers: list[Any] | None
             if streamed:  # its buffers came in chunks
                 result_buffers = self._take_stream(link, key, attempt, count)
@@ -976,6 +986,7 @@ class Driver:
                 batches.setdefault(instruction.node, []).extend(instruction.jobs)
             elif isinstance(instruction, CancelQueued):
                 self._jobs.pop(instruction.key, None)
+                self._release_segments(instruction.key)
                 self.events.job_cancelled(instruction.key)
             elif isinstance(instruction, CancelRunning):
                 link = self.nodes.get(instruction.node)
@@ -991,6 +1002,7 @@ class Driver:
                         self._post(link, cancel)
             elif isinstance(instruction, AbandonJob):
                 self._jobs.pop(instruction.key, None)
+                self._release_segments(instruction.key)
                 link = self.nodes.get(instruction.node)
                 reason = f"node {instruction.node} was lost ({lost_reason or 'left'})"
                 if instruction.lost_on:
@@ -999,6 +1011,7 @@ class Driver:
                     instruction.key, link, reason, node_id=instruction.node
                 )
             elif isinstance(instruction, ResubmitJob):
+                self._release_segments(instruction.key)  # sent again, anew
                 logger.info(
                     "resubmitting job %d (attempt %d)",
                     instruction.key,
@@ -1020,19 +1033,49 @@ class Driver:
             pending = self._jobs[key]
             if pending.limits is not None:
                 limits.append([key, *pending.limits])
+            payload = pending.buffers
+            nbytes = sum(memoryview(b).nbytes for b in payload)
+            if link.shared_memory and nbytes >= shm.MIN_SIZE:
+                payload = self._to_shared_memory(key, attempt, payload)
             if pending.files:
                 self._send_files(link, pending.files)
                 files = [[ref.relative, ref.digest] for ref in pending.files]
-                entries.append([key, attempt, len(pending.buffers), files])
+                entries.append([key, attempt, len(payload), files])
             else:
-                entries.append([key, attempt, len(pending.buffers)])
-            buffers.extend(pending.buffers)
-            size += sum(memoryview(b).nbytes for b in pending.buffers)
+                entries.append([key, attempt, len(payload)])
+            buffers.extend(payload)
+            size += sum(memoryview(b).nbytes for b in payload)
             if size >= BATCH_BYTES:
                 self._write_batch(link, entries, buffers, limits)
                 entries, limits, buffers, size = [], [], [], 0
         if entries:
             self._write_batch(link, entries, buffers, limits)
+
+    def _to_shared_memory(
+        self, key: int, attempt: int, payload: list[Buffer]
+    ) -> list[Buffer]:
+        """Write a job's arguments to shared memory; the reference to send instead
+        (the arguments themselves if that fails: the socket still works)."""
+        try:
+            name, reference = shm.write_segment(payload)
+        except OSError as exc:
+            logger.warning("shared memory unavailable, using the socket: %s", exc)
+            return payload
+        self._segments.setdefault(key, {})[attempt] = name
+        return [reference]
+
+    def _release_segments(self, key: int, attempt: int | None = None) -> None:
+        """Unlink the shared memory of a job (of one attempt) that ended."""
+        segments = self._segments.get(key)
+        if segments is None:
+            return
+        names = list(segments.values()) if attempt is None else []
+        if attempt is not None and (name := segments.pop(attempt, None)):
+            names.append(name)
+        if attempt is None or not segments:
+            del self._segments[key]
+        for name in names:
+            shm.unlink(name)
 
     def _write_batch(
         self,
@@ -1078,6 +1121,8 @@ class Driver:
             task.cancel()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=5)
+        for key in list(self._segments):
+            self._release_segments(key)
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import socket
 import sys
@@ -10,7 +11,7 @@ import time
 
 import pytest
 
-from dispynb.protocol import serialize
+from dispynb.protocol import serialize, shm
 from dispynb.protocol.messages import FINISHED, RAISED
 from nodeserver.channel import MessageSocket
 from nodeserver.ipc import Done, Run, Shutdown
@@ -276,3 +277,29 @@ def test_unpicklable_result_names_the_path_inside_it():
     done, _ = _run(_nested_unpicklable)
     assert done.outcome == RAISED
     assert "result[1]['a'][1] is a 'lock'" in done.exception
+
+
+def test_run_job_reads_arguments_from_shared_memory_and_unlinks_them():
+    data = os.urandom(2_000_000)
+    name, reference = shm.write_segment(serialize.dumps(((data,), {})))
+    try:
+        done, buffers = run_job(len, RUN, [memoryview(reference)])
+        assert done.outcome == FINISHED, done.exception
+        assert serialize.loads(buffers) == len(data)
+        assert not (shm.SHM_DIR / name).exists()
+    finally:
+        shm.unlink(name)
+
+
+def test_run_job_refuses_forged_or_guessed_shared_memory_names():
+    guessed = "dnb-" + "0" * 32
+    for name, why in (
+        ("../../../etc/passwd", "refused shared memory name"),
+        (guessed, "cannot open the job's shared memory"),
+    ):
+        reference = shm.MAGIC + f'{{"name": "{name}", "sizes": [10]}}'.encode()
+        done, buffers = run_job(len, RUN, [memoryview(reference)])
+        assert done.outcome == RAISED
+        assert buffers == []
+        assert done.exception.startswith("arguments cannot be unpickled on the node")
+        assert why in done.exception

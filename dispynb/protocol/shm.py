@@ -1,0 +1,198 @@
+"""Large job arguments through POSIX shared memory, for nodes on the client's machine.
+
+A job's pickled arguments normally travel over the node's socket: the client frames
+them, the node server reads them and writes them again to the worker. For a node on
+the client's own machine, a payload of at least `MIN_SIZE` bytes is instead written
+once into a shared memory object (``/dev/shm/dnb-<32 hex digits>``, mode 0600); the
+job's one buffer is then a small *reference* (`MAGIC` + JSON name and sizes) that
+travels inside the existing authenticated job message. The worker opens the object,
+unlinks the name at once and maps it: the pickle is read straight from the client's
+pages.
+
+Names come from `secrets.token_hex` (128 bits), so they cannot be guessed; a worker
+only opens a well-formed name, a regular file of its own user of exactly the
+announced size (`open_reference`). Nothing is left behind: the worker unlinks the name
+when it opens it; the client unlinks those of jobs that ended without being opened
+(cancelled, abandoned, resubmitted, closed); the node server unlinks those of jobs it
+received but never ran when the client's session ends (a client killed by SIGKILL).
+
+`same_machine` decides whether a node may be sent references; when it says no, or
+below `MIN_SIZE`, arguments go over the socket as before. Linux only (``/dev/shm``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import ipaddress
+import json
+import mmap
+import os
+import re
+import secrets
+import stat
+from collections.abc import Sequence
+from pathlib import Path
+
+from dispynb.errors import SerializationError
+from dispynb.protocol.framing import Buffer
+
+__all__ = [
+    "MAGIC",
+    "MIN_SIZE",
+    "SHM_DIR",
+    "boot_id",
+    "is_reference",
+    "open_reference",
+    "reference_name",
+    "same_machine",
+    "unlink",
+    "write_segment",
+]
+
+#: The shared memory file system (POSIX shm_open's objects on Linux).
+SHM_DIR = Path("/dev/shm")
+#: Payloads (all buffers of one job) from this size on use shared memory.
+MIN_SIZE = 1024 * 1024
+#: First bytes of a reference; a pickle never starts with them (it starts with 0x80).
+MAGIC = b"dispynb-shm-1\n"
+#: Longest reference accepted (a name and a few sizes).
+MAX_REFERENCE = 4096
+_NAME = re.compile(r"dnb-[0-9a-f]{32}")
+
+
+@functools.cache
+def boot_id() -> str:
+    """This machine's boot id (changes at every boot), or "" where there is none."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def same_machine(peer_ip: str, node_boot_id: str, node_pid: int) -> bool:
+    """Whether a node can be sent shared memory references.
+
+    All must hold: the connection is over loopback (a node in another network
+    namespace or on another host has another address), the node reports this
+    machine's boot id (a loopback tunnel to another machine does not), its process
+    is visible here and belongs to our user (it can open our 0600 objects), and
+    ``/dev/shm`` exists.
+    """
+    try:
+        if not ipaddress.ip_address(peer_ip.split("%", 1)[0]).is_loopback:
+            return False
+    except ValueError:
+        return False
+    mine = boot_id()
+    if not mine or node_boot_id != mine or node_pid <= 0:
+        return False
+    try:
+        owner = os.stat(f"/proc/{node_pid}").st_uid
+    except OSError:
+        return False
+    return owner == os.geteuid() and SHM_DIR.is_dir()
+
+
+def write_segment(buffers: Sequence[Buffer]) -> tuple[str, bytes]:
+    """Write ``buffers`` into a new shared memory object; return its name and the
+    reference to send instead of them. The caller unlinks the name (`unlink`) if the
+    job ends without a worker having opened it."""
+    sizes = [memoryview(b).nbytes for b in buffers]
+    name = f"dnb-{secrets.token_hex(16)}"
+    path = SHM_DIR / name
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        os.ftruncate(fd, sum(sizes))
+        for buffer in buffers:
+            view = memoryview(buffer).cast("B")
+            while view:
+                view = view[os.write(fd, view) :]
+    except BaseException:
+        unlink(name)
+        raise
+    finally:
+        os.close(fd)
+    reference = MAGIC + json.dumps({"name": name, "sizes": sizes}).encode()
+    return name, reference
+
+
+def is_reference(buffers: Sequence[Buffer]) -> bool:
+    """Whether a job's buffers are one shared memory reference."""
+    if len(buffers) != 1:
+        return False
+    view = memoryview(buffers[0])
+    return view.nbytes <= MAX_REFERENCE and bytes(view[: len(MAGIC)]) == MAGIC
+
+
+def reference_name(reference: Buffer) -> str:
+    """The object name in a reference; `SerializationError` if malformed."""
+    return _parse(reference)[0]
+
+
+def _parse(reference: Buffer) -> tuple[str, list[int]]:
+    view = memoryview(reference)
+    try:
+        fields = json.loads(bytes(view[len(MAGIC) :]))
+        name, sizes = fields["name"], fields["sizes"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SerializationError(f"malformed shared memory reference: {exc}") from exc
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise SerializationError(
+            f"refused shared memory name {str(name)[:80]!r}: not one dispynb creates"
+        )
+    if not isinstance(sizes, list) or not all(type(s) is int and s >= 0 for s in sizes):
+        raise SerializationError("malformed shared memory reference: bad sizes")
+    return name, sizes
+
+
+def open_reference(reference: Buffer) -> list[memoryview]:
+    """Open, unlink and map (copy-on-write) the object a reference names; its
+    buffers.
+
+    Raises `SerializationError` for a malformed or refused name, an object that is
+    gone, not a regular file of this user, or not of the announced size.
+    """
+    name, sizes = _parse(reference)
+    try:
+        fd = os.open(SHM_DIR / name, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise SerializationError(
+            f"cannot open the job's shared memory {name}: {exc.strerror}"
+            " (gone, or not created by this node's client)"
+        ) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+            raise SerializationError(
+                f"refused shared memory {name}: not a regular object of this user"
+            )
+        if info.st_size != sum(sizes):
+            raise SerializationError(
+                f"refused shared memory {name}: {info.st_size} bytes,"
+                f" {sum(sizes)} announced"
+            )
+        unlink(name)  # mapped below: the memory lives until the last view goes
+        if info.st_size == 0:
+            return [memoryview(b"") for _ in sizes]
+        # Private and writable: arguments are the job's own to modify (as after a
+        # socket transfer), and a write never reaches the client's pages.
+        # (No MAP_POPULATE: on a private writable mapping it copies every page.)
+        mapped = mmap.mmap(fd, info.st_size, flags=mmap.MAP_PRIVATE)
+    finally:
+        os.close(fd)
+    whole = memoryview(mapped)
+    views = []
+    offset = 0
+    for size in sizes:
+        views.append(whole[offset : offset + size])
+        offset += size
+    return views
+
+
+def unlink(name: str) -> None:
+    """Remove a shared memory object's name (already gone is fine)."""
+    if not _NAME.fullmatch(name):
+        return
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(SHM_DIR / name)

@@ -1,0 +1,123 @@
+"""Shared memory references (dispynb.protocol.shm): round trip, refusals, the check."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dispynb.errors import SerializationError
+from dispynb.protocol import serialize, shm
+
+
+@pytest.fixture
+def names() -> Iterator[list[str]]:
+    """Names a test creates; unlinked afterwards whatever happened."""
+    made: list[str] = []
+    yield made
+    for name in made:
+        shm.unlink(name)
+
+
+def exists(name: str) -> bool:
+    return (shm.SHM_DIR / name).exists()
+
+
+def test_round_trip_unlinks_on_open(names: list[str]) -> None:
+    payload = (os.urandom(3_000_000), bytearray(b"z" * 100_000), [1, "two"])
+    buffers = serialize.dumps((payload, {}))
+    name, reference = shm.write_segment(buffers)
+    names.append(name)
+    info = (shm.SHM_DIR / name).stat()
+    assert info.st_mode & 0o777 == 0o600
+    assert shm.is_reference([reference]) and not shm.is_reference(buffers)
+    assert shm.reference_name(reference) == name
+    views = shm.open_reference(reference)
+    assert not exists(name)  # unlinked as soon as it was opened
+    args, kwargs = serialize.loads(views)
+    assert args == payload and kwargs == {}
+    args[1][0] = ord("y")  # the job's own copy: writable, private
+
+
+def test_names_are_unguessable(names: list[str]) -> None:
+    made = {shm.write_segment([b"x"])[0] for _ in range(20)}
+    names.extend(made)
+    assert len(made) == 20
+    assert all(len(n) == len("dnb-") + 32 for n in made)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["../../etc/passwd", "sem.mp-abc", "dnb-1234", "dnb-" + "G" * 32, 7],
+)
+def test_malformed_names_are_refused(name: object) -> None:
+    reference = (
+        shm.MAGIC + f'{{"name": {name!r}, "sizes": [1]}}'.replace("'", '"').encode()
+    )
+    with pytest.raises(SerializationError, match="refused shared memory name"):
+        shm.open_reference(reference)
+
+
+def test_guessed_name_that_does_not_exist_is_refused() -> None:
+    reference = shm.MAGIC + b'{"name": "dnb-' + b"0" * 32 + b'", "sizes": [5]}'
+    with pytest.raises(SerializationError, match="cannot open the job's shared"):
+        shm.open_reference(reference)
+
+
+def test_wrong_size_is_refused_and_left_alone(names: list[str]) -> None:
+    name, _ = shm.write_segment([b"abcdef"])
+    names.append(name)
+    forged = shm.MAGIC + f'{{"name": "{name}", "sizes": [600]}}'.encode()
+    with pytest.raises(SerializationError, match="600 announced"):
+        shm.open_reference(forged)
+    assert exists(name)
+
+
+def test_symlink_is_refused(tmp_path: Path, names: list[str]) -> None:
+    target = tmp_path / "secret"
+    target.write_bytes(b"hello")
+    name = "dnb-" + os.urandom(16).hex()
+    (shm.SHM_DIR / name).symlink_to(target)
+    names.append(name)
+    reference = shm.MAGIC + f'{{"name": "{name}", "sizes": [5]}}'.encode()
+    with pytest.raises(SerializationError, match="cannot open"):
+        shm.open_reference(reference)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown")
+def test_another_users_object_is_refused(names: list[str]) -> None:
+    name, reference = shm.write_segment([b"abc"])
+    names.append(name)
+    os.chown(shm.SHM_DIR / name, 65534, 65534)
+    with pytest.raises(SerializationError, match="not a regular object of this user"):
+        shm.open_reference(reference)
+
+
+def test_malformed_reference_is_refused() -> None:
+    with pytest.raises(SerializationError, match="malformed"):
+        shm.open_reference(shm.MAGIC + b"{not json")
+    with pytest.raises(SerializationError, match="bad sizes"):
+        shm.open_reference(
+            shm.MAGIC + b'{"name": "dnb-' + b"0" * 32 + b'", "sizes": [-1]}'
+        )
+
+
+def test_same_machine() -> None:
+    boot = shm.boot_id()
+    assert boot
+    assert shm.same_machine("127.0.0.1", boot, os.getpid())
+    assert shm.same_machine("::1", boot, os.getpid())
+    # Another host (or network namespace) has another address: never.
+    assert not shm.same_machine("10.0.0.2", boot, os.getpid())
+    # A loopback tunnel to another machine: another boot id.
+    assert not shm.same_machine("127.0.0.1", "f" * 36, os.getpid())
+    assert not shm.same_machine("127.0.0.1", "", os.getpid())  # an older node
+    assert not shm.same_machine("127.0.0.1", boot, 0)
+    assert not shm.same_machine("not an address", boot, os.getpid())
+
+
+def test_unlink_ignores_gone_and_foreign_names(names: list[str]) -> None:
+    shm.unlink("dnb-" + "0" * 32)
+    shm.unlink("../../tmp/x")  # never outside dispynb's names
