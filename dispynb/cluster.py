@@ -12,7 +12,6 @@ thread; user callbacks run, in order, on another thread.
 
 from __future__ import annotations
 
-import atexit
 import copy
 import itertools
 import logging
@@ -20,12 +19,13 @@ import os
 import secrets
 import threading
 import time
-import weakref
 from collections import Counter
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from dispynb import _live
 from dispynb._callbacks import CallbackDispatcher
+from dispynb._live import live_clusters
 from dispynb._loop import LoopRunner
 from dispynb.backends import base
 from dispynb.backends.base import (
@@ -45,7 +45,6 @@ from dispynb.errors import (
     NoNodesError,
 )
 from dispynb.job import DispyJob, JobStatus
-from dispynb.journal import Journal
 from dispynb.log import set_level
 from dispynb.node import DispyNode, DispyNodeAvailInfo, parse_node_specs
 from dispynb.options import (
@@ -54,27 +53,14 @@ from dispynb.options import (
     check_job_timeout,
     check_mem_limit,
 )
-from dispynb.recovery import (
-    acquire_default_journal,
-    default_recovery_applies,
-    release_default_journal,
-)
+from dispynb.recovery import ClusterJournal
 from dispynb.status import ClusterStatus, NodeWork, Workload, format_status
 
 logger = logging.getLogger(__name__)
 
-_cluster_ids = itertools.count(1)
-
 #: A listener gets ``(status, node, job)`` for each job and node event; see
 #: `JobCluster.add_listener`.
 Listener = Callable[[int, DispyNode | None, DispyJob | None], None]
-
-#: Open clusters of this process by creation order, for monitors (weak: a cluster
-#: that is garbage-collected without being closed just disappears).
-_live: dict[int, weakref.ref[JobCluster]] = {}
-
-#: Seconds a cluster left open waits at interpreter exit for its cancelled jobs.
-EXIT_WAIT = 10.0
 
 
 class JobCluster:
@@ -147,21 +133,9 @@ class JobCluster:
         base.check_options(self.engine, opts)
         if opts.loglevel is not None:
             set_level(opts.loglevel)
-        self._journal: Journal | None = None
-        self._recovery_id = ""
-        # Every job is journaled with recover_file=...; dispy's default recovery file
-        # holds the computation and its nodes only (no cost per job).
-        self._journal_jobs = isinstance(opts.recover_file, str)
-        if isinstance(opts.recover_file, str):
-            self._journal = Journal(opts.recover_file)
-        elif (
-            opts.recover_file is None
-            and base.RECOVERY in self._features
-            and default_recovery_applies(nodes)
-        ):
-            self._journal = acquire_default_journal()
-        if self._journal is not None:
-            self._recovery_id = secrets.token_hex(16)
+        self._journal = ClusterJournal(
+            opts.recover_file, nodes, base.RECOVERY in self._features
+        )
         if isinstance(opts.computation, str):
             self.name = os.path.basename(opts.computation)
         else:
@@ -203,19 +177,16 @@ class JobCluster:
         # cluster's variable in them (cluster_status calling cluster.submit_node).
         self._callbacks = CallbackDispatcher(held=True)
         self._runner = LoopRunner.acquire()
-        if self._journal is not None:
-            self._journal.computation(self._recovery_id, self.name)
-        self._id = next(_cluster_ids)
-        _live[self._id] = weakref.ref(self)
-        _close_at_exit_once()
+        self._journal.computation(self.name)
+        self._id = _live.register(self)
         config = ClusterConfig(
             name=self.name,
             options=opts,
             depends=deps,
             runner=self._runner,
             cluster=self,
-            recovery_id=self._recovery_id or None,
-            journal_jobs=self._journal_jobs,
+            recovery_id=self._journal.recovery_id or None,
+            journal_jobs=self._journal.jobs,
         )
         try:
             self._backend = self.engine.open(self, config)
@@ -244,8 +215,7 @@ class JobCluster:
         node.avail_info = info.avail
         self._nodes[info.node_id] = node
         self._node_cpus[info.node_id] = info.cpus
-        if self._journal is not None:
-            self._journal.node(self._recovery_id, info.node_id)
+        self._journal.node(info.node_id)
         self._notify_cluster(DispyNode.Initialized, node, None)
         self._emit(DispyNode.Initialized, node, None)
 
@@ -274,9 +244,7 @@ class JobCluster:
         self._emit(DispyNode.AvailInfo, node, None)
 
     def jobs_sent(self, keys: list[int], info: NodeInfo) -> None:
-        if self._journal is not None and self._journal_jobs:
-            for key in keys:
-                self._journal.sent(self._recovery_id, key, info.node_id)
+        self._journal.sent(keys, info.node_id)
 
     def job_running(self, key: int, info: NodeInfo, start_time: float) -> None:
         job = self._jobs.get(key)
@@ -367,8 +335,8 @@ class JobCluster:
 
     def _finished(self, job: DispyJob, node: DispyNode | None) -> None:
         opts = self._options
-        if self._journal_jobs and self._journal is not None and job._key is not None:
-            self._journal.done(self._recovery_id, job._key, job)
+        if self._journal.jobs and job._key is not None:
+            self._journal.done(job._key, job)
         if opts.job_status is not None:
             self._callbacks.post(opts.job_status, copy.copy(job))
         if opts.cluster_status is not None:
@@ -483,8 +451,8 @@ class JobCluster:
         job._key = key
         job._cluster = self  # for job.cancel() / job.future.cancel()
         self._jobs[key] = job
-        if self._journal_jobs and self._journal is not None:
-            self._journal.submitted(self._recovery_id, key, job)
+        if self._journal.jobs:
+            self._journal.submitted(key, job)
         with self._done:
             self._outstanding += 1
             self.end_time = None
@@ -785,7 +753,7 @@ class JobCluster:
         if self._closed:
             return
         self._closed = True
-        _live.pop(self._id, None)
+        _live.unregister(self._id)
         try:
             self._update_traffic()
             if self._backend is not None:
@@ -795,13 +763,7 @@ class JobCluster:
         finally:
             self._callbacks.close()
             self._runner.release()
-            if self._journal is not None and not self._journal_jobs:
-                release_default_journal(
-                    self._journal, self._recovery_id, clean=not self._jobs
-                )
-            elif self._journal is not None:
-                # A clean close leaves nothing to recover (dispy removes it too).
-                self._journal.close(remove=not self._jobs)
+            self._journal.close(clean=not self._jobs)
 
     def __enter__(self) -> JobCluster:
         return self
@@ -827,30 +789,6 @@ class JobCluster:
     def __repr__(self) -> str:
         nodes, pending = len(self._nodes), self._outstanding
         return f"<JobCluster {self.name!r} nodes={nodes} pending={pending}>"
-
-
-_exit_hook = threading.Lock()
-_exit_hooked = False
-
-
-def _close_at_exit_once() -> None:
-    """Close, at interpreter exit, the clusters a program did not close (as dispy)."""
-    global _exit_hooked
-    with _exit_hook:
-        if not _exit_hooked:
-            atexit.register(_close_at_exit)
-            _exit_hooked = True
-
-
-def _close_at_exit() -> None:
-    # Jobs still pending have nobody left to read them: terminate them (dispy waited
-    # for them), release the nodes and remove the default recovery file. Bounded:
-    # an exit never hangs on a node that does not answer.
-    for cluster in reversed(live_clusters()):
-        try:
-            cluster.close(timeout=EXIT_WAIT, terminate=True)
-        except Exception:
-            logger.warning("closing cluster %r at exit failed", cluster.name)
 
 
 class ClusterFactory(Protocol):
@@ -882,12 +820,6 @@ def new_cluster(
     """The default `ClusterFactory`: ``JobCluster(computation, nodes=nodes,
     engine=engine, **options)``."""
     return JobCluster(computation, nodes=nodes, engine=engine, **options)
-
-
-def live_clusters() -> list[JobCluster]:
-    """The clusters of this process that are not closed, oldest first."""
-    clusters = [ref() for _, ref in sorted(_live.items())]
-    return [c for c in clusters if c is not None and not c._closed]
 
 
 __all__ = [

@@ -13,6 +13,7 @@ import asyncio
 import glob
 import logging
 import os
+import secrets
 import sqlite3
 import ssl
 import sys
@@ -331,6 +332,62 @@ def release_default_journal(journal: Journal, recovery_id: str, clean: bool) -> 
             return
         _default = None
         journal.close(remove=not journal.computations())
+
+
+class ClusterJournal:
+    """What one `JobCluster` writes for `recover_jobs`.
+
+    ``recover_file=PATH``: every job, its node and its outcome go to PATH. dispy's
+    default (None): in scripts (`default_recovery_applies`), the computation and its
+    nodes go to the process's shared ``_dispy_*`` file. ``False``, or an engine that
+    cannot keep results for a client that went away (``can_recover`` False): nothing.
+    Methods do nothing when nothing is journaled.
+    """
+
+    def __init__(
+        self, recover_file: str | bool | None, nodes: Any, can_recover: bool
+    ) -> None:
+        #: Whether every job is journaled (``recover_file=PATH``).
+        self.jobs = isinstance(recover_file, str)
+        self._journal: Journal | None = None
+        if isinstance(recover_file, str):
+            self._journal = Journal(recover_file)
+        elif recover_file is None and can_recover and default_recovery_applies(nodes):
+            self._journal = acquire_default_journal()
+        #: The id nodes keep the computation's results under ('': none).
+        self.recovery_id = secrets.token_hex(16) if self._journal is not None else ""
+
+    def computation(self, name: str) -> None:
+        if self._journal is not None:
+            self._journal.computation(self.recovery_id, name)
+
+    def node(self, node_id: str) -> None:
+        if self._journal is not None:
+            self._journal.node(self.recovery_id, node_id)
+
+    def sent(self, keys: list[int], node_id: str) -> None:
+        if self._journal is not None and self.jobs:
+            for key in keys:
+                self._journal.sent(self.recovery_id, key, node_id)
+
+    def submitted(self, key: int, job: DispyJob) -> None:
+        if self._journal is not None and self.jobs:
+            self._journal.submitted(self.recovery_id, key, job)
+
+    def done(self, key: int, job: DispyJob) -> None:
+        if self._journal is not None and self.jobs:
+            self._journal.done(self.recovery_id, key, job)
+
+    def close(self, clean: bool) -> None:
+        """The cluster closed; ``clean``: every job was done (nothing to recover,
+        so its records are removed, as dispy removes its file)."""
+        journal, self._journal = self._journal, None
+        if journal is None:
+            return
+        if self.jobs:
+            journal.close(remove=clean)
+        else:
+            release_default_journal(journal, self.recovery_id, clean=clean)
 
 
 def latest_recover_file(directory: str = ".") -> str | None:
