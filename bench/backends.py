@@ -12,6 +12,9 @@ BackendSpec, BACKENDS
     class implementing it (``"module:Class"``, imported only by the driver).
 DispynbBackend
     One `dispynb.LocalCluster` node with W CPUs and a `dispynb.JobCluster`.
+DispynbSocketBackend
+    The same with shared memory turned off: large arguments over the socket (the
+    before/after comparison of issue 17 in one run).
 ProcessPoolBackend
     `concurrent.futures.ProcessPoolExecutor` with W workers.
 
@@ -38,6 +41,7 @@ __all__ = [
     "BackendSpec",
     "BenchmarkError",
     "DispynbBackend",
+    "DispynbSocketBackend",
     "ProcessPoolBackend",
     "load_backend",
 ]
@@ -110,6 +114,13 @@ BACKENDS: dict[str, BackendSpec] = {
     spec.name: spec
     for spec in (
         BackendSpec("dispynb", "dispynb", None, "backends:DispynbBackend", False),
+        BackendSpec(
+            "dispynb-socket",
+            "dispynb (no shm)",
+            None,
+            "backends:DispynbSocketBackend",
+            False,
+        ),
         BackendSpec(
             "dispy", "dispy", "dispy", "peers.dispy_backend:DispyBackend", True
         ),
@@ -277,3 +288,20 @@ class DispynbBackend:
                 f" Finished:\n{job.exception or '(no traceback)'}"
             )
         return result
+
+
+class DispynbSocketBackend(DispynbBackend):
+    """dispynb with ``DISPYNB_SHARED_MEMORY=0``: every argument over the socket."""
+
+    name = "dispynb-socket"
+
+    def __init__(self, workers: int) -> None:
+        import os
+
+        os.environ["DISPYNB_SHARED_MEMORY"] = "0"
+        super().__init__(workers)
+
+    def describe(self) -> dict[str, Any]:
+        described = super().describe()
+        described["config"] += "; DISPYNB_SHARED_MEMORY=0 (socket only)"
+        return described

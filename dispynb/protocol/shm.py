@@ -18,6 +18,8 @@ received but never ran when the client's session ends (a client killed by SIGKIL
 
 `same_machine` decides whether a node may be sent references; when it says no, or
 below `MIN_SIZE`, arguments go over the socket as before. Linux only (``/dev/shm``).
+Setting the environment variable ``DISPYNB_SHARED_MEMORY=0`` in the client turns it
+off (`enabled`): for comparisons, or where ``/dev/shm`` is small.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ __all__ = [
     "MIN_SIZE",
     "SHM_DIR",
     "boot_id",
+    "enabled",
     "is_reference",
     "open_reference",
     "reference_name",
@@ -68,6 +71,11 @@ def boot_id() -> str:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
         return ""
+
+
+def enabled() -> bool:
+    """Whether the client may use shared memory (``DISPYNB_SHARED_MEMORY`` != "0")."""
+    return os.environ.get("DISPYNB_SHARED_MEMORY", "1").strip() != "0"
 
 
 def same_machine(peer_ip: str, node_boot_id: str, node_pid: int) -> bool:

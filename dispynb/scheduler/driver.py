@@ -339,7 +339,7 @@ class Driver:
         address = conn.peer_address
         link.peer_ip = address[0] if address is not None else link.host
         link.allocate = allocate
-        link.shared_memory = shm.same_machine(
+        link.shared_memory = shm.enabled() and shm.same_machine(
             link.peer_ip, welcome.boot_id, welcome.pid
         )
         try:

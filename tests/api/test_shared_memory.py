@@ -78,6 +78,14 @@ def test_large_arguments_round_trip_and_leave_nothing(local, created):
     wait_until(lambda: all_gone(created))
 
 
+def test_turned_off_by_the_environment_uses_the_socket(local, created, monkeypatch):
+    monkeypatch.setenv("DISPYNB_SHARED_MEMORY", "0")
+    payload = os.urandom(2 * MB)
+    with JobCluster(digest, nodes=local) as cluster:
+        assert cluster.submit(payload)() == digest(payload)
+    assert created == []
+
+
 def test_cancelled_jobs_leave_nothing(local1, created, tmp_path):
     with JobCluster(mark_sleep, nodes=local1) as cluster:
         try:
