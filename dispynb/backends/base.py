@@ -24,12 +24,15 @@ The façade owns a background asyncio loop (``config.runner``, a `LoopRunner`).
   in the order things happened. A backend whose engine calls it back on other
   threads hands each event over with ``config.runner.call_soon(fn, *args)`` (or
   ``loop.call_soon_threadsafe``). The façade's handlers are quick and never block.
-* `Backend.submit`, `Backend.cancel` and `Backend.traffic` never block and may be
-  called from any thread, the loop's included.
+* `Backend.prepare`, `Backend.submit`, `Backend.cancel` and `Backend.traffic`
+  never block and may be called from any thread, the loop's included.
 * The other `Backend` methods may block (bounded: a few seconds, ``close`` up to
   about a minute) and are called from user threads, **never** from the loop thread.
   A backend that keeps its state on the loop runs them there with
-  ``config.runner.run_sync``.
+  ``config.runner.run_sync``. Events handed over with ``call_soon`` before some
+  point are delivered once ``config.runner.run_sync`` of a no-op coroutine returns
+  (``open`` can use that to deliver its first ``node_ready``, ``close`` its last
+  events).
 
 Job life cycle (what the façade expects)
 ----------------------------------------
@@ -346,6 +349,9 @@ class Engine(Protocol):
 
     An engine object holds where to run (a Dask scheduler address, a Ray
     cluster...) and may serve several clusters, one after the other or at once.
+    It may also have a ``close()`` method releasing what it holds itself (a
+    client, a cluster it started): the notebook session (``%dispy``) calls it when
+    it lets the engine go; `JobCluster` never does.
     """
 
     #: Short name shown in messages: ``'nodes'``, ``'dask'``, ``'ray'``.

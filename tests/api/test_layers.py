@@ -54,3 +54,27 @@ def test_the_check_sees_imports_inside_functions(tmp_path):
         "dispynb.scheduler.driver",
         "dispynb.transport",
     ]
+
+
+def constructed_classes(path: Path) -> set[str]:
+    """Names of the classes or functions ``path`` calls (``X(...)``, ``m.X(...)``)."""
+    called: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Call):
+            if isinstance(node.func, ast.Name):
+                called.add(node.func.id)
+            elif isinstance(node.func, ast.Attribute):
+                called.add(node.func.attr)
+    return called
+
+
+def test_layers_above_the_facade_ask_a_factory_for_their_clusters():
+    """The Jupyter layer and the Executor never construct `JobCluster` (nor an
+    engine's class): they pass an engine to a cluster factory (DESIGN.md 11)."""
+    above = [*sorted((PACKAGE / "jupyter").glob("*.py")), PACKAGE / "executor.py"]
+    constructing = {
+        str(path.relative_to(PACKAGE)): called & {"JobCluster", "SharedJobCluster"}
+        for path in above
+        if (called := constructed_classes(path)) & {"JobCluster", "SharedJobCluster"}
+    }
+    assert constructing == {}
