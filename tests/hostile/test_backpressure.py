@@ -9,6 +9,7 @@ stays bounded; once the client reads, every result arrives.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import psutil
@@ -92,6 +93,9 @@ async def _attack(port: int, secret: bytes, node_pid: int) -> tuple[int, int, in
         return before, peak, len(got)
     finally:
         writer.close()
+        # Closed before asyncio.run ends the loop, or the transport is left open.
+        with contextlib.suppress(OSError, TimeoutError):
+            await asyncio.wait_for(writer.wait_closed(), 10)
 
 
 @pytest.mark.attack(
