@@ -85,6 +85,8 @@ def helper(x):
 
 
 def compute(n):
+    with open("scale.txt") as handle:  # a depends file, in the job's directory
+        assert handle.read() == "2"
     print("computing", n)
     print("warning", n, file=sys.stderr)
     dispy_provisional_result(("half-way", n))
@@ -106,10 +108,14 @@ def main(args):
         if job is not None:
             statuses.append([job.id, int(status)])
 
+    data = os.path.join(OUT, "scale.txt")
+    with open(data, "w") as handle:
+        handle.write("2")
     with local_cluster() as dask_cluster:
         engine = DaskEngine(dask_cluster)
         with dispynb.JobCluster(
-            compute, engine=engine, setup=setup, cleanup=cleanup, depends=[helper],
+            compute, engine=engine, setup=setup, cleanup=cleanup,
+            depends=[helper, data],
             job_status=job_status, cluster_status=cluster_status,
         ) as cluster:
             jobs = [cluster.submit_job_id(n, n) for n in range(5)]
@@ -129,9 +135,9 @@ def main(args):
 
 
 def test_a_dispy_program_runs_unchanged_on_dask(net: Network, tmp_path: Path) -> None:
-    """setup's globals, depends, results, stdout/stderr, the remote traceback,
-    provisional results and every status reach the program; cleanup runs once on
-    each worker at close."""
+    """setup's globals, depends (a function and a file), results, stdout/stderr, the
+    remote traceback, provisional results and every status reach the program;
+    cleanup runs once on each worker at close."""
     out = run(net, tmp_path, DISPY_PROGRAM, out=str(tmp_path))
     by_id = {job[0]: job for job in out["jobs"]}
     for n in (0, 1, 2, 4):
