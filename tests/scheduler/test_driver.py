@@ -382,3 +382,21 @@ def test_nonsense_from_a_node_loses_nothing_and_trusts_nothing(tmp_path: Path) -
             hostile.stop()
 
     run(main())
+
+
+def test_a_vanished_node_that_comes_back_is_used_again(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with in_process_node(tmp_path, cpus=1) as node, driving() as (d, ev):
+            d.add_node("127.0.0.1", node.port, allocate_for(square))
+            await wait_until(lambda: ev.ready, "node ready")
+            node.vanish()
+            await wait_until(lambda: ev.closed, "node lost")
+            assert d.nodes == {}
+            await node.server.resume()  # back on the same port
+            await wait_until(lambda: len(ev.ready) == 2, "set up again")
+            submit(d, 1, 5)
+            await wait_until(lambda: 1 in ev.done, "job 1 done")
+            assert ev.done[1].result == 25
+            assert node.server.clients_accepted == 2
+
+    run(main())
