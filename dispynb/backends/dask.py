@@ -461,13 +461,23 @@ class DaskBackend:
                 asyncio.ensure_future(self._gather()).add_done_callback(_log_failure)
             return
         self.futures.pop(key, None)
+        seen = self.started.get(key)
         self._forget(key)
-        reason = f"the Dask task failed: {future.status}"
-        with contextlib.suppress(Exception):
-            exc = await future.exception()
-            if exc is not None:
-                reason = f"{type(exc).__name__}: {exc}"
-        self.events.job_abandoned(key, self.started.get(key, (None, 0))[0], reason)
+        if future.status == "cancelled":  # not by this cluster: it popped its own
+            reason = (
+                f"the connection to the Dask scheduler at {self.engine.address} was "
+                "lost"
+                if self.client is None or self.client.status != "running"
+                else "the Dask scheduler cancelled it (restarted, or another client "
+                "cancelled it)"
+            )
+        else:
+            reason = f"the Dask task failed ({future.status})"
+            with contextlib.suppress(Exception):
+                exc = await future.exception()
+                if exc is not None:
+                    reason = f"{type(exc).__name__}: {exc}"
+        self.events.job_abandoned(key, seen[0] if seen else None, reason)
 
     async def _gather(self) -> None:
         """Fetch finished results in batches (one scheduler round trip each)."""

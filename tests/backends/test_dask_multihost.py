@@ -303,3 +303,42 @@ def test_a_worker_joining_later_is_set_up_and_used(
         client.stop()
     finished = int(JobStatus.Finished)
     assert out == [["set up on 10.77.0.1", "10.77.0.1", finished]] * 3
+
+
+SCHEDULER_LOST = """
+import time
+
+import dispynb
+from dispynb.backends.dask import DaskEngine
+
+
+def compute(x):
+    time.sleep(120)
+    return x
+
+
+def main(args):
+    with dispynb.JobCluster(compute, engine=DaskEngine(args["scheduler"])) as cluster:
+        jobs = [cluster.submit(n) for n in range(3)]
+        open(args["opened"], "w").close()
+        done = cluster.wait(timeout=60)
+    return {"done": done, "jobs": [[int(j.status), j.exception] for j in jobs]}
+"""
+
+
+def test_the_scheduler_dies(net: Network, cluster: DaskCluster, tmp_path: Path) -> None:
+    """kill -9 of ``dask scheduler`` while jobs run: they end Abandoned, saying
+    the scheduler was lost, instead of waiting for ever."""
+    opened = tmp_path / "opened"
+    args = {"scheduler": cluster.address, "opened": str(opened)}
+    client = start_client(net, net.hosts[3], tmp_path, SCHEDULER_LOST, args)
+    try:
+        wait_for(opened.exists, 60, "the client submitting its jobs")
+        cluster.scheduler.kill()
+        out = client.result(90)
+    finally:
+        client.stop()
+    assert out["done"] is True
+    for status, exception in out["jobs"]:
+        assert status == int(JobStatus.Abandoned)
+        assert f"Dask scheduler at {cluster.address} was lost" in exception
