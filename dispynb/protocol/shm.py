@@ -84,8 +84,8 @@ def same_machine(peer_ip: str, node_boot_id: str, node_pid: int) -> bool:
     All must hold: the connection is over loopback (a node in another network
     namespace or on another host has another address), the node reports this
     machine's boot id (a loopback tunnel to another machine does not), its process
-    is visible here and belongs to our user (it can open our 0600 objects), and
-    ``/dev/shm`` exists.
+    is visible here and belongs to our user (it can open our 0600 objects), and its
+    ``/dev/shm`` (seen through ``/proc/<pid>/root``) is ours, not a private one.
     """
     try:
         if not ipaddress.ip_address(peer_ip.split("%", 1)[0]).is_loopback:
@@ -97,9 +97,16 @@ def same_machine(peer_ip: str, node_boot_id: str, node_pid: int) -> bool:
         return False
     try:
         owner = os.stat(f"/proc/{node_pid}").st_uid
+        # The node's view of /dev/shm (its mount namespace) is the very directory
+        # we write to: the same device and inode.
+        theirs = os.stat(f"/proc/{node_pid}/root{SHM_DIR}")
+        ours = os.stat(SHM_DIR)
     except OSError:
         return False
-    return owner == os.geteuid() and SHM_DIR.is_dir()
+    return owner == os.geteuid() and (theirs.st_dev, theirs.st_ino) == (
+        ours.st_dev,
+        ours.st_ino,
+    )
 
 
 def write_segment(buffers: Sequence[Buffer]) -> tuple[str, bytes]:

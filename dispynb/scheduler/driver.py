@@ -1036,7 +1036,7 @@ class Driver:
             payload = pending.buffers
             nbytes = sum(memoryview(b).nbytes for b in payload)
             if link.shared_memory and nbytes >= shm.MIN_SIZE:
-                payload = self._to_shared_memory(key, attempt, payload)
+                payload = self._to_shared_memory(link, key, attempt, payload)
             if pending.files:
                 self._send_files(link, pending.files)
                 files = [[ref.relative, ref.digest] for ref in pending.files]
@@ -1052,14 +1052,20 @@ class Driver:
             self._write_batch(link, entries, buffers, limits)
 
     def _to_shared_memory(
-        self, key: int, attempt: int, payload: list[Buffer]
+        self, link: NodeLink, key: int, attempt: int, payload: list[Buffer]
     ) -> list[Buffer]:
         """Write a job's arguments to shared memory; the reference to send instead
         (the arguments themselves if that fails: the socket still works)."""
         try:
             name, reference = shm.write_segment(payload)
-        except OSError as exc:
-            logger.warning("shared memory unavailable, using the socket: %s", exc)
+        except OSError as exc:  # /dev/shm full, say: this node's jobs use the socket
+            link.shared_memory = False
+            logger.warning(
+                "cannot write arguments to shared memory for node %s (%s);"
+                " sending them over the connection instead",
+                link.node_id,
+                exc,
+            )
             return payload
         self._segments.setdefault(key, {})[attempt] = name
         return [reference]

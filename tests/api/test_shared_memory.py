@@ -86,6 +86,20 @@ def test_turned_off_by_the_environment_uses_the_socket(local, created, monkeypat
     assert created == []
 
 
+def test_shared_memory_full_falls_back_to_the_socket(local, monkeypatch, caplog):
+    def full(buffers: Any) -> tuple[str, bytes]:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shm, "write_segment", full)
+    payloads = [os.urandom(2 * MB) for _ in range(3)]
+    with JobCluster(digest, nodes=local) as cluster:
+        jobs = [cluster.submit(p) for p in payloads]
+        assert [job() for job in jobs] == [digest(p) for p in payloads]
+    warnings = [r for r in caplog.records if "shared memory" in r.getMessage()]
+    assert len(warnings) == 1  # once: the node's later jobs go over the socket
+    assert "No space left on device" in warnings[0].getMessage()
+
+
 def test_cancelled_jobs_leave_nothing(local1, created, tmp_path):
     with JobCluster(mark_sleep, nodes=local1) as cluster:
         try:

@@ -116,6 +116,33 @@ def test_same_machine() -> None:
     assert not shm.same_machine("127.0.0.1", "", os.getpid())  # an older node
     assert not shm.same_machine("127.0.0.1", boot, 0)
     assert not shm.same_machine("not an address", boot, os.getpid())
+    assert not shm.same_machine("127.0.0.1", boot, 2**22 + 12345)  # no such process
+
+
+def test_same_machine_refuses_a_node_with_a_private_dev_shm(tmp_path: Path) -> None:
+    """A node in its own mount namespace with another /dev/shm: not the same memory."""
+    import subprocess
+    import sys
+
+    code = "import sys; sys.stdout.write('ok\\n'); sys.stdout.flush(); sys.stdin.read()"
+    proc = subprocess.Popen(
+        [
+            "unshare", "-m", "sh", "-c",
+            f"mount -t tmpfs none /dev/shm && exec {sys.executable} -c \"{code}\"",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "ok\n"
+        assert os.stat(f"/proc/{proc.pid}").st_uid == os.geteuid()
+        assert not shm.same_machine("127.0.0.1", shm.boot_id(), proc.pid)
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.wait(10)
+        proc.stdout.close()  # type: ignore[union-attr]
 
 
 def test_unlink_ignores_gone_and_foreign_names(names: list[str]) -> None:
