@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 from collections.abc import Callable
 
 from dispynb.errors import ConfigurationError, DispynbError
@@ -108,6 +109,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         service_window=window,
         client_shutdown=args.client_shutdown,
         announce_interval=args.ping_interval,
+        exit_without_client=args.exit_without_client,
     )
     if args.msg_timeout is not None:
         config.handshake_timeout = args.msg_timeout
@@ -175,6 +177,34 @@ def _stop_at_eof(
     return unwatch
 
 
+async def _exit_without_client(
+    server: NodeServer, seconds: float, ready: asyncio.Event, stop: asyncio.Event
+) -> None:
+    """Set ``stop`` once no client session has been up for ``seconds``.
+
+    The clock starts when ``ready`` is set (listening, or registered with the
+    launcher's client) and restarts when the last session ends; a session that came
+    and went between two checks still counts (`NodeServer.last_client_left`).
+    """
+    await ready.wait()
+    tick = min(1.0, seconds / 10)
+    alone_since = time.monotonic()
+    while True:
+        now = time.monotonic()
+        if server.sessions:
+            alone_since = now
+        elif server.last_client_left is not None:
+            alone_since = max(alone_since, server.last_client_left)
+        if now - alone_since >= seconds:
+            break
+        await asyncio.sleep(min(tick, alone_since + seconds - now))
+    logger.warning(
+        "no client connected for %g s (--exit-without-client): stopping",
+        seconds,
+    )
+    stop.set()
+
+
 async def serve(
     config: NodeConfig,
     watch_parent: bool = False,
@@ -188,7 +218,8 @@ async def serve(
     at once: nobody is left to collect results. ``--serve N`` stops after N clients,
     a service window opens and closes the node each day. With ``register_to``
     (``--register``) the node registers with that client once listening, and stops
-    if it cannot.
+    if it cannot. With ``config.exit_without_client`` it drains and stops once no
+    client has been connected for that many seconds (its launcher's client died).
     """
     server = NodeServer(config)
     stop = asyncio.Event()
@@ -228,8 +259,19 @@ async def serve(
         tasks.append(asyncio.create_task(keep_window(server, window)))
     if config.announce_interval:
         tasks.append(asyncio.create_task(_announce_every(server, config)))
+    ready = asyncio.Event()
     if register_to is not None:
-        tasks.append(asyncio.create_task(_register(server, config, register_to, stop)))
+        tasks.append(
+            asyncio.create_task(_register(server, config, register_to, stop, ready))
+        )
+    else:
+        ready.set()
+    if config.exit_without_client:
+        tasks.append(
+            asyncio.create_task(
+                _exit_without_client(server, config.exit_without_client, ready, stop)
+            )
+        )
     await stop.wait()
     if parent_pipe is not None:
         unwatch()
@@ -249,7 +291,11 @@ async def _wait_and_set(event: asyncio.Event, stop: asyncio.Event) -> None:
 
 
 async def _register(
-    server: NodeServer, config: NodeConfig, address: str, stop: asyncio.Event
+    server: NodeServer,
+    config: NodeConfig,
+    address: str,
+    stop: asyncio.Event,
+    registered: asyncio.Event,
 ) -> None:
     assert config.secret is not None
     try:
@@ -263,6 +309,8 @@ async def _register(
     except DispynbError as exc:
         logger.error("%s; stopping", exc)
         stop.set()
+    else:
+        registered.set()
 
 
 async def _announce_every(server: NodeServer, config: NodeConfig) -> None:

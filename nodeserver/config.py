@@ -87,6 +87,11 @@ class NodeConfig:
     #: Remove every computation's files when it ends, even if the client asked to
     #: keep them (``cleanup=False``): dispynode's ``--force_cleanup``.
     force_cleanup: bool = False
+    #: Seconds without any authenticated client session after which the node exits
+    #: (drains as on SIGTERM), counted from start (from registration with
+    #: ``--register``) or from the last session's end; 0: never. Launched nodes use
+    #: it to end when their client is gone (``--exit-without-client``).
+    exit_without_client: float = 0.0
 
     @property
     def hosts(self) -> list[str]:
@@ -143,6 +148,11 @@ class NodeConfig:
             raise ConfigurationError(
                 f"message timeout must be a positive number of seconds, not "
                 f"{self.handshake_timeout}"
+            )
+        if not self.exit_without_client >= 0:  # also refuses NaN
+            raise ConfigurationError(
+                f"--exit-without-client must be 0 (never) or a positive number of "
+                f"seconds, not {self.exit_without_client}"
             )
         if self.announce_interval < 0:
             raise ConfigurationError("ping interval must be 0 (off) or positive")

@@ -307,6 +307,17 @@ def build_parser() -> argparse.ArgumentParser:
         "at HOST:PORT (a launcher's): prove the secret, after which the client "
         "connects; the node stops if it cannot register",
     )
+    add(
+        "--exit-without-client",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="exit (draining as on SIGTERM) once no client has been connected for "
+        "SECONDS, counted from start (from registration with --register) or from "
+        "the last client's disconnection; a connected idle client keeps the node "
+        "(default 0: never). Launchers (SlurmNodes) use it so that nodes whose "
+        "client died do not hold their allocation",
+    )
     add("-d", "--debug", action="store_true", help="log level debug")
     add(
         "--loglevel",

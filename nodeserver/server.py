@@ -8,6 +8,7 @@ import logging
 import os
 import platform
 import socket
+import time
 from typing import Any
 
 from dispynb.errors import ConfigurationError
@@ -67,6 +68,8 @@ class NodeServer:
         #: Client connections accepted so far, and those that ended.
         self.clients_accepted = 0
         self.clients_served = 0
+        #: `time.monotonic` when the last client session ended (None: none yet).
+        self.last_client_left: float | None = None
         #: Set when ``config.serve`` clients have been served (``--serve N``).
         self.served_all = asyncio.Event()
         #: Set when a computation called ``dispynode_shutdown()`` and the node runs
@@ -236,6 +239,7 @@ class NodeServer:
                 self._session_tasks.discard(task)
             logger.info("client '%s' from %s disconnected", client_name, conn.peer)
             self.clients_served += 1
+            self.last_client_left = time.monotonic()
             if limit >= 0 and self.clients_served >= limit:
                 self.served_all.set()
 

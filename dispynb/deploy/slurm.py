@@ -28,6 +28,14 @@ When SLURM ends a node's job (walltime, preemption, a failed compute node), SLUR
 sends the node SIGTERM then SIGKILL (after ``KillWait``): the cluster loses the
 node as any lost node, its reentrant jobs are resubmitted to the other nodes, and
 `exited` says why (``TIMEOUT``...).
+
+A node whose client is gone ends its job by itself: each node runs with
+``--exit-without-client`` (``exit_without_client=``, default 120 s), so when this
+process dies without `close` (SIGKILL, a crashed kernel, a lost login node) the node
+exits once no client has been connected for that long, instead of holding its
+allocation idle until the walltime. The clock starts when the node registers and
+restarts when its last client disconnects; a connected client keeps the node, busy
+or idle.
 """
 
 from __future__ import annotations
@@ -61,6 +69,10 @@ SECRET_VARIABLE = "DISPYNB_LAUNCH_SECRET"
 POLL_INTERVAL = 2.0
 #: Seconds `close` waits for SLURM to end the jobs it cancelled.
 STOP_WAIT = 60.0
+#: Default seconds a node waits without any client before it ends its job
+#: (``dispynb-node --exit-without-client``): covers a cluster being set up after
+#: the launcher, or one cluster closing before the next one opens.
+EXIT_WITHOUT_CLIENT = 120.0
 #: Seconds a SLURM command may take.
 COMMAND_TIMEOUT = 60.0
 #: Job states after which a job runs no more (``squeue --states=all``).
@@ -135,6 +147,12 @@ class SlurmNodes(NodeLauncher[SlurmJob]):
     log_directory:
         Where the jobs' output goes (``dispynb-node-<jobid>.out``); default:
         SLURM's default, ``slurm-<jobid>.out`` in the current directory.
+    exit_without_client:
+        Seconds a node stays without any connected client before it exits and
+        ends its job (``--exit-without-client``): its client died, or no cluster
+        used it. Counted from the node's registration and from its last client's
+        disconnection. Default 120; None: never (the node then runs until the
+        walltime if this process dies without `close`).
     secret_file:
         A file of mode 600 holding the secret, readable at the same path on the
         compute nodes: the nodes read it (``--secret-file``) and the secret never
@@ -165,6 +183,7 @@ class SlurmNodes(NodeLauncher[SlurmJob]):
         node_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
         log_directory: str | None = None,
+        exit_without_client: float | None = EXIT_WITHOUT_CLIENT,
         secret_file: str | os.PathLike[str] | None = None,
         sbatch: str = "sbatch",
         squeue: str = "squeue",
@@ -179,7 +198,13 @@ class SlurmNodes(NodeLauncher[SlurmJob]):
             raise ConfigurationError(f"count must be 0 or more, not {count}")
         if cpus is not None and cpus < 1:
             raise ConfigurationError(f"cpus must be at least 1, not {cpus}")
+        if exit_without_client is not None and not exit_without_client > 0:
+            raise ConfigurationError(
+                f"exit_without_client must be a positive number of seconds or None "
+                f"(never), not {exit_without_client!r}"
+            )
         self.count = count
+        self.exit_without_client = exit_without_client
         self.directives = self._directives(
             cpus, memory, walltime, partition, account, log_directory, directives
         )
@@ -296,6 +321,8 @@ class SlurmNodes(NodeLauncher[SlurmJob]):
             "--register", register_to, "--name", name,
             "--port", "0", "--no-discovery",
         ]  # fmt: skip
+        if self.exit_without_client is not None:
+            argv += ["--exit-without-client", f"{self.exit_without_client:g}"]
         secret = ["--secret-file", self.secret_file] if self.secret_file else []
         command = f"{shlex.join([*argv, *secret])} --cpus {cpus}"
         if self.node_args:

@@ -93,11 +93,22 @@ def test_a_secret_file_keeps_the_secret_out_of_slurm(tmp_path: object) -> None:
         {"directives": ["qos=a"]},
         {"cpus": 0},
         {"env": {"A B": "1"}},
+        {"exit_without_client": 0},
+        {"exit_without_client": float("nan")},
     ],
 )
 def test_bad_options_are_refused(options: dict[str, object]) -> None:
     with pytest.raises(ConfigurationError):
         SlurmNodes(0, **options)  # type: ignore[arg-type]
+
+
+def test_nodes_exit_without_a_client_by_default_and_as_told() -> None:
+    with SlurmNodes(0, secret=SECRET) as nodes:
+        assert "--exit-without-client 120 " in nodes.job_script("n", "h:1")
+    with SlurmNodes(0, secret=SECRET, exit_without_client=7.5) as nodes:
+        assert "--exit-without-client 7.5 " in nodes.job_script("n", "h:1")
+    with SlurmNodes(0, secret=SECRET, exit_without_client=None) as nodes:
+        assert "--exit-without-client" not in nodes.job_script("n", "h:1")
 
 
 def test_without_sbatch_the_error_says_so() -> None:

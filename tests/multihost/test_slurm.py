@@ -472,3 +472,60 @@ def test_refused_and_queued_jobs_are_explained(
     assert "invalid partition" in refused.lower(), refused
     assert "did not register" in queued and "(BeginTime)" in queued, queued
     assert "give wait= more seconds" in queued
+
+
+KILLED_CLIENT = """
+import json
+import threading
+
+import dispynb
+from dispynb.deploy import SlurmNodes
+
+
+def square(x):
+    return x * x
+
+
+def main(args):
+    nodes = SlurmNodes(
+        2, cpus=1, walltime="10", log_directory=args["logs"],
+        exit_without_client=args["alone"],
+    )
+    nodes.wait_for(2, 60)
+    cluster = dispynb.JobCluster(square, nodes=nodes)
+    assert [job() for job in [cluster.submit(i) for i in range(4)]] == [0, 1, 4, 9]
+    with open(args["ready"], "w") as out:
+        json.dump({"jobs": [j.job_id for j in nodes.jobs]}, out)
+    threading.Event().wait()  # until SIGKILL: no close(), no scancel at exit
+"""
+
+
+def test_nodes_of_a_killed_client_end_their_jobs(
+    network: Network, cluster_env: slurm.SlurmSetup, tmp_path: Path
+) -> None:
+    """A client killed with SIGKILL cancels nothing: its nodes notice that no client
+    is connected (``--exit-without-client``, passed by SlurmNodes) and end their
+    batch jobs instead of holding the allocation until the walltime."""
+    ready = tmp_path / "ready.json"
+    client = start_client(
+        network, network.hosts[-1], tmp_path, KILLED_CLIENT,
+        {"logs": str(tmp_path), "alone": 3, "ready": str(ready)},
+    )  # fmt: skip
+    try:
+        job_ids = wait_file(ready, client, cluster_env, 120, "nodes used")["jobs"]
+        assert isinstance(job_ids, list) and len(job_ids) == 2
+        assert set(squeue_states(network, cluster_env, job_ids).values()) == {"RUNNING"}
+    finally:
+        client.stop()  # SIGKILL
+    wait_for(
+        lambda: (
+            set(squeue_states(network, cluster_env, job_ids).values()) == {"COMPLETED"}
+        ),
+        60,
+        "the jobs of the killed client's nodes completed",
+    )
+    for job_id in job_ids:
+        log = (tmp_path / f"dispynb-node-{job_id}.out").read_text()
+        assert "(--exit-without-client)" in log, log
+    for host in network.hosts[:-1]:
+        wait_for(lambda host=host: node_pids(host) == [], 30, f"no node on {host.ip}")
