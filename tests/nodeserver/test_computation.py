@@ -328,3 +328,20 @@ def test_held_workers_are_not_read_until_released(tmp_path):
         await finish(computation, launcher)
 
     run(main())
+
+
+def test_job_over_its_time_limit_is_stopped_and_says_why(tmp_path):
+    async def main() -> None:
+        reports = Reports()
+        computation, launcher = make(tmp_path, reports, workers=1)
+        await computation.start(bundle(blocked))
+        slow = job(1, new_gate("slow"))
+        slow.timeout = 0.05
+        computation.submit([slow])
+        await wait_until(lambda: 1 in reports.entries, "job 1 stopped")
+        assert reports.outcome(1) == TERMINATED
+        assert "time limit of 0.05 s" in reports.reason(1)
+        assert len(launcher.interrupts) == 1
+        await finish(computation, launcher)
+
+    run(main())
