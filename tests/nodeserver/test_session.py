@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from pathlib import Path
 from typing import Any
 
 from dispynb.errors import ConnectionClosedError
 from dispynb.protocol import serialize
+from dispynb.protocol.files import digest_of
 from dispynb.protocol.messages import (
     FINISHED,
     TERMINATED,
@@ -22,6 +24,8 @@ from dispynb.protocol.messages import (
     ComputationReady,
     ComputationSetup,
     Error,
+    FilePut,
+    FilesMissing,
     JobCancel,
     JobResults,
     JobSubmit,
@@ -322,6 +326,44 @@ def test_client_not_reading_holds_the_workers_until_it_reads(tmp_path: Path) -> 
                 key: 4 << 20 for key in range(jobs)
             }
             await wait_until(lambda: not session._held, "workers read again")
+            conn.close()
+
+    run(main())
+
+
+def read_file(name: str) -> str:
+    with open(name) as handle:
+        return handle.read()
+
+
+def test_setup_waits_for_missing_files_and_refuses_a_wrong_one(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with in_process_node(tmp_path, cpus=1) as node:
+            conn = await node.client()
+            data = b"the computation's data\n"
+            digest = digest_of(data)
+            conn.write(
+                ComputationSetup(
+                    comp_id=1,
+                    name="files",
+                    workers=1,
+                    files=[["input/data.txt", digest, len(data)]],
+                ),
+                bundle(read_file),
+            )
+            missing = await expect(conn, FilesMissing)
+            assert isinstance(missing, FilesMissing) and missing.digests == [digest]
+            # A file whose bytes do not match its digest is refused, and the
+            # computation keeps waiting for the right one.
+            conn.write(FilePut(digest=digest, size=len(data)), [b"X" * len(data)])
+            conn.write(FilePut(digest=digest, size=len(data)), [data])
+            ready = await expect(conn, ComputationReady)
+            assert isinstance(ready, ComputationReady)
+            # The file is in the computation's directory (the stand-in's threads
+            # cannot chdir there: they share the test's working directory).
+            placed = os.path.join(node.launcher.processes[0].cwd, "input/data.txt")
+            submit(conn, (1, (placed,)))
+            assert await results(conn, 1) == {1: (FINISHED, data.decode())}
             conn.close()
 
     run(main())
