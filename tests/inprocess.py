@@ -96,8 +96,9 @@ class _Killed(BaseException):
     """Raised in a worker thread whose worker was killed: ends the thread."""
 
 
-def _raise_in(thread: threading.Thread, exc_type: type[BaseException]) -> None:
-    ident = thread.ident
+def _raise_in(thread: threading.Thread | None, exc_type: type[BaseException]) -> None:
+    """Raise ``exc_type`` in ``thread`` when it next runs Python code."""
+    ident = thread.ident if thread is not None else None
     if ident is not None:
         ctypes.pythonapi.PyThreadState_SetAsyncExc(
             ctypes.c_ulong(ident), ctypes.py_object(exc_type)
@@ -152,7 +153,7 @@ class ThreadProcess:
     def interrupt(self, worker: _Worker) -> None:
         with worker.lock:
             if worker.in_job and not worker.dead:
-                _raise_in(worker.thread, KeyboardInterrupt)  # type: ignore[arg-type]
+                _raise_in(worker.thread, KeyboardInterrupt)
 
     def kill_worker(self, worker: _Worker) -> None:
         """The worker dies (SIGKILL); the process reports it and starts another."""
@@ -168,7 +169,7 @@ class ThreadProcess:
         with worker.lock:
             worker.dead = True
             if worker.in_job:
-                _raise_in(worker.thread, _Killed)  # type: ignore[arg-type]
+                _raise_in(worker.thread, _Killed)
         with contextlib.suppress(OSError):
             worker.sock.shutdown(socket.SHUT_RDWR)  # the node reads EOF
         self.workers.pop(worker.pid, None)
@@ -292,7 +293,9 @@ class ThreadProcess:
     ) -> tuple[Done, list[Any]]:
         assert self._func is not None
         start = time.time()
-        outcome, exception, result, kinds = RAISED, None, [], []
+        outcome, exception = RAISED, None
+        result: list[Any] = []
+        kinds: list[str] = []
         try:
             payload = serialize.loads(buffers)
             args, kwargs = payload[0], payload[1]
@@ -303,7 +306,6 @@ class ThreadProcess:
             finally:
                 with worker.lock:
                     worker.in_job = False
-            kinds = []
             result = serialize.dumps(value, kinds)
             outcome = FINISHED
         except _Killed:
