@@ -11,9 +11,10 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from dispynb.errors import ConfigurationError, DispynbError
+from dispynb.protocol.discovery import new_boot_id
 from dispynb.secret import resolve_secret, write_new_secret
 from nodeserver.config import NodeConfig
 from nodeserver.memory import keep_freed_memory
@@ -28,6 +29,9 @@ logger = logging.getLogger("nodeserver")
 
 #: Seconds between checks that the parent of an ``--exit-with-parent`` node lives.
 PARENT_CHECK_INTERVAL = 1.0
+#: Seconds ``--exit-without-client`` retries a client that does not accept the
+#: node's registration again before it counts the client as gone.
+CLIENT_CHECK_PATIENCE = 10.0
 
 
 def _default_hosts(args: argparse.Namespace, secret: bytes | None) -> list[str]:
@@ -178,9 +182,14 @@ def _stop_at_eof(
 
 
 async def _exit_without_client(
-    server: NodeServer, seconds: float, ready: asyncio.Event, stop: asyncio.Event
+    server: NodeServer,
+    seconds: float,
+    ready: asyncio.Event,
+    stop: asyncio.Event,
+    client_lives: Callable[[], Awaitable[bool]] | None = None,
 ) -> None:
-    """Set ``stop`` once no client session has been up for ``seconds``.
+    """Set ``stop`` once no client session has been up for ``seconds`` (and
+    ``client_lives``, if given, says the launcher's client is gone).
 
     The clock starts when ``ready`` is set (listening, or registered with the
     launcher's client) and restarts when the last session ends; a session that came
@@ -196,11 +205,15 @@ async def _exit_without_client(
         elif server.last_client_left is not None:
             alone_since = max(alone_since, server.last_client_left)
         if now - alone_since >= seconds:
-            break
+            if client_lives is None or not await client_lives():
+                break
+            alone_since = time.monotonic()  # its launcher lives: ask again later
+            continue
         await asyncio.sleep(min(tick, alone_since + seconds - now))
     logger.warning(
-        "no client connected for %g s (--exit-without-client): stopping",
+        "no client connected for %g s (--exit-without-client)%s: stopping",
         seconds,
+        "" if client_lives is None else " and the client it registered with is gone",
     )
     stop.set()
 
@@ -260,18 +273,29 @@ async def serve(
     if config.announce_interval:
         tasks.append(asyncio.create_task(_announce_every(server, config)))
     ready = asyncio.Event()
+    boot = new_boot_id()
     if register_to is not None:
         tasks.append(
-            asyncio.create_task(_register(server, config, register_to, stop, ready))
+            asyncio.create_task(
+                _register(server, config, register_to, stop, ready, boot)
+            )
         )
     else:
         ready.set()
     if config.exit_without_client:
-        tasks.append(
-            asyncio.create_task(
-                _exit_without_client(server, config.exit_without_client, ready, stop)
-            )
+
+        async def client_lives() -> bool:
+            assert register_to is not None
+            return await _still_registered(server, config, register_to, boot)
+
+        watch = _exit_without_client(
+            server,
+            config.exit_without_client,
+            ready,
+            stop,
+            client_lives if register_to is not None else None,
         )
+        tasks.append(asyncio.create_task(watch))
     await stop.wait()
     if parent_pipe is not None:
         unwatch()
@@ -296,6 +320,7 @@ async def _register(
     address: str,
     stop: asyncio.Event,
     registered: asyncio.Event,
+    boot: bytes,
 ) -> None:
     assert config.secret is not None
     try:
@@ -305,12 +330,35 @@ async def _register(
             name=config.name,
             port=server.port,
             cpus=config.cpus,
+            boot=boot,
         )
     except DispynbError as exc:
         logger.error("%s; stopping", exc)
         stop.set()
     else:
         registered.set()
+
+
+async def _still_registered(
+    server: NodeServer, config: NodeConfig, address: str, boot: bytes
+) -> bool:
+    """Whether the client this node registered with still accepts it (registering
+    again with the same boot id: the client does not report the node twice)."""
+    assert config.secret is not None
+    try:
+        await register(
+            address,
+            secret=config.secret,
+            name=config.name,
+            port=server.port,
+            cpus=config.cpus,
+            patience=CLIENT_CHECK_PATIENCE,
+            boot=boot,
+        )
+    except DispynbError as exc:
+        logger.info("the client this node registered with is gone: %s", exc)
+        return False
+    return True
 
 
 async def _announce_every(server: NodeServer, config: NodeConfig) -> None:

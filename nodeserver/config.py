@@ -89,8 +89,9 @@ class NodeConfig:
     force_cleanup: bool = False
     #: Seconds without any authenticated client session after which the node exits
     #: (drains as on SIGTERM), counted from start (from registration with
-    #: ``--register``) or from the last session's end; 0: never. Launched nodes use
-    #: it to end when their client is gone (``--exit-without-client``).
+    #: ``--register``) or from the last session's end; with ``--register`` only if
+    #: the client it registered with is gone too. 0: never. Launched nodes use it
+    #: to end when their client is gone (``--exit-without-client``).
     exit_without_client: float = 0.0
 
     @property

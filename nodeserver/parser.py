@@ -314,9 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="exit (draining as on SIGTERM) once no client has been connected for "
         "SECONDS, counted from start (from registration with --register) or from "
-        "the last client's disconnection; a connected idle client keeps the node "
-        "(default 0: never). Launchers (SlurmNodes) use it so that nodes whose "
-        "client died do not hold their allocation",
+        "the last client's disconnection; a connected idle client keeps the node, "
+        "and with --register so does the client it registered with while it "
+        "accepts the node's registration again (default 0: never). Launchers "
+        "(SlurmNodes) use it so that nodes whose client died end",
     )
     add("-d", "--debug", action="store_true", help="log level debug")
     add(

@@ -39,17 +39,22 @@ async def register(
     port: int,
     cpus: int,
     patience: float = REGISTER_PATIENCE,
+    boot: bytes | None = None,
 ) -> None:
     """Register the node listening on ``port`` with the client at ``address``.
 
     Retries a refused or unreachable client for ``patience`` seconds. Raises
     `AuthenticationError` if the client rejects the proof (a different secret), and
-    `DispynbError` if it cannot be reached.
+    `DispynbError` if it cannot be reached. Registering again with the same
+    ``boot`` id is how a node checks that its client still lives: the client
+    accepts it without reporting the node twice.
     """
     host, client_port = parse_address(address, 0)
     if not client_port:
         raise DispynbError(f"--register needs HOST:PORT, not {address!r}")
-    reg = Registration(name=fit_name(name), port=port, cpus=cpus, boot=new_boot_id())
+    reg = Registration(
+        name=fit_name(name), port=port, cpus=cpus, boot=boot or new_boot_id()
+    )
     loop = asyncio.get_running_loop()
     deadline = loop.time() + patience
     delay = 0.2

@@ -30,12 +30,12 @@ node as any lost node, its reentrant jobs are resubmitted to the other nodes, an
 `exited` says why (``TIMEOUT``...).
 
 A node whose client is gone ends its job by itself: each node runs with
-``--exit-without-client`` (``exit_without_client=``, default 120 s), so when this
-process dies without `close` (SIGKILL, a crashed kernel, a lost login node) the node
-exits once no client has been connected for that long, instead of holding its
-allocation idle until the walltime. The clock starts when the node registers and
-restarts when its last client disconnects; a connected client keeps the node, busy
-or idle.
+``--exit-without-client`` (``exit_without_client=``, default 120 s). Once no client
+has been connected to it for that long, the node registers with this process again;
+when this process died without `close` (SIGKILL, a crashed kernel, a lost login
+node), nobody answers and the node exits, instead of holding its allocation idle
+until the walltime. A connected client keeps the node, busy or idle, and so does
+this launcher while it is open.
 """
 
 from __future__ import annotations
@@ -69,9 +69,8 @@ SECRET_VARIABLE = "DISPYNB_LAUNCH_SECRET"
 POLL_INTERVAL = 2.0
 #: Seconds `close` waits for SLURM to end the jobs it cancelled.
 STOP_WAIT = 60.0
-#: Default seconds a node waits without any client before it ends its job
-#: (``dispynb-node --exit-without-client``): covers a cluster being set up after
-#: the launcher, or one cluster closing before the next one opens.
+#: Default seconds a node waits without any client before it checks that its
+#: launcher lives, and ends its job if not (``dispynb-node --exit-without-client``).
 EXIT_WITHOUT_CLIENT = 120.0
 #: Seconds a SLURM command may take.
 COMMAND_TIMEOUT = 60.0
@@ -148,11 +147,10 @@ class SlurmNodes(NodeLauncher[SlurmJob]):
         Where the jobs' output goes (``dispynb-node-<jobid>.out``); default:
         SLURM's default, ``slurm-<jobid>.out`` in the current directory.
     exit_without_client:
-        Seconds a node stays without any connected client before it exits and
-        ends its job (``--exit-without-client``): its client died, or no cluster
-        used it. Counted from the node's registration and from its last client's
-        disconnection. Default 120; None: never (the node then runs until the
-        walltime if this process dies without `close`).
+        Seconds a node stays without any connected client before it checks that
+        this launcher still lives (registering again) and, if not, exits and ends
+        its job (``--exit-without-client``). Default 120; None: never (the node
+        then runs until the walltime if this process dies without `close`).
     secret_file:
         A file of mode 600 holding the secret, readable at the same path on the
         compute nodes: the nodes read it (``--secret-file``) and the secret never

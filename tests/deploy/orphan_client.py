@@ -6,8 +6,10 @@ cluster, then does what the mode says:
 
 - ``kill``: report ``READY`` and wait to be killed;
 - ``idle SECONDS``: stay connected but idle for SECONDS, run one more job, report
-  ``AFTER-IDLE``, close the cluster (not the node) and report ``CLOSED``;
-- ``no-cluster``: never use the node; report ``READY`` once it registered and wait.
+  ``AFTER-IDLE``, close the cluster, wait SECONDS more (the launcher open), report
+  ``CLUSTER-CLOSED``, close the launcher (not the node) and report ``CLOSED``;
+- ``no-cluster SECONDS``: never use the node: report ``READY`` once it registered,
+  ``WAITED`` SECONDS later, and wait to be killed.
 
 ``python -m tests.deploy.orphan_client SECRET MODE [SECONDS]``; it prints
 ``LAUNCH NAME HOST:PORT`` for the test to start the node with.
@@ -51,6 +53,8 @@ def main(argv: list[str]) -> None:
     if mode == "no-cluster":
         nodes.wait_for(1, timeout=30)
         print("READY", flush=True)
+        time.sleep(float(argv[2]))  # a launcher no cluster uses (yet)
+        print("WAITED", flush=True)
         threading.Event().wait()
     cluster = JobCluster(square, nodes=nodes)
     assert cluster.submit(3)() == 9
@@ -61,8 +65,10 @@ def main(argv: list[str]) -> None:
     assert cluster.submit(4)() == 16
     print("AFTER-IDLE", flush=True)
     cluster.close()
-    print("CLOSED", flush=True)
+    time.sleep(float(argv[2]))  # the launcher, open, keeps its node
+    print("CLUSTER-CLOSED", flush=True)
     nodes.close()
+    print("CLOSED", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """``dispynb-node --exit-without-client``: a launched node whose client is gone ends
 by itself (what `SlurmNodes` relies on when its client is killed), and a connected
-client, however idle, keeps it."""
+client, however idle, keeps it, as does the open launcher of a live client."""
 
 from __future__ import annotations
 
@@ -96,15 +96,20 @@ def test_node_exits_when_its_client_is_killed(
     assert STOPPED in log and "shutting down" in log
 
 
-@pytest.mark.parametrize("client_and_node", [("no-cluster",)], indirect=True)
-def test_node_no_client_uses_exits_counting_from_registration(
+@pytest.mark.parametrize(
+    "client_and_node", [("no-cluster", f"{3 * ALONE}")], indirect=True
+)
+def test_an_unused_node_stays_while_its_launcher_lives(
     client_and_node: tuple[Client, CliNode],
 ) -> None:
     client, node = client_and_node
-    client.expect("READY")  # registered; no cluster ever connects
+    client.expect("READY")  # registered; no cluster connects
+    client.expect("WAITED")  # three times the node's limit later
+    assert node.proc.poll() is None, node.log_text()
+    client.proc.send_signal(signal.SIGKILL)
+    client.proc.wait()
     assert _exit_status(node) == 0, node.log_text()
     assert STOPPED in node.log_text()
-    assert client.proc.poll() is None  # the client lives: only the node gave up
 
 
 @pytest.mark.parametrize("client_and_node", [("idle", f"{3 * ALONE}")], indirect=True)
@@ -116,8 +121,10 @@ def test_connected_idle_client_keeps_the_node_until_it_closes(
     # runs on the same node: it stayed.
     client.expect("AFTER-IDLE")
     assert node.proc.poll() is None
+    client.expect("CLUSTER-CLOSED")  # no cluster, but the launcher is open
+    assert node.proc.poll() is None
     assert STOPPED not in node.log_text()
-    client.expect("CLOSED")  # the cluster closed: the node is alone now
+    client.expect("CLOSED")  # the launcher closed without stopping the node
     assert _exit_status(node) == 0, node.log_text()
     assert STOPPED in node.log_text()
 
