@@ -9,7 +9,7 @@ cluster, then does what the mode says:
   ``AFTER-IDLE``, close the cluster, wait SECONDS more (the launcher open), report
   ``CLUSTER-CLOSED``, close the launcher (not the node) and report ``CLOSED``;
 - ``no-cluster SECONDS``: never use the node: report ``READY`` once it registered,
-  ``WAITED`` SECONDS later, and wait to be killed.
+  ``WAITED N`` SECONDS later (N: registrations reported), and wait to be killed.
 
 ``python -m tests.deploy.orphan_client SECRET MODE [SECONDS]``; it prints
 ``LAUNCH NAME HOST:PORT`` for the test to start the node with.
@@ -54,7 +54,8 @@ def main(argv: list[str]) -> None:
         nodes.wait_for(1, timeout=30)
         print("READY", flush=True)
         time.sleep(float(argv[2]))  # a launcher no cluster uses (yet)
-        print("WAITED", flush=True)
+        registered = [e for e in nodes.events if e.action == "registered"]
+        print("WAITED", len(registered), flush=True)  # checks did not re-report it
         threading.Event().wait()
     cluster = JobCluster(square, nodes=nodes)
     assert cluster.submit(3)() == 9

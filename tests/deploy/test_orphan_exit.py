@@ -104,8 +104,12 @@ def test_an_unused_node_stays_while_its_launcher_lives(
 ) -> None:
     client, node = client_and_node
     client.expect("READY")  # registered; no cluster connects
-    client.expect("WAITED")  # three times the node's limit later
+    # Three times the node's limit later: it is still there, having checked
+    # (registering again) that its client lives, which the launcher did not take
+    # for a new node.
+    assert client.expect("WAITED")[1:] == ["1"]
     assert node.proc.poll() is None, node.log_text()
+    assert node.log_text().count("registered with the client") >= 2
     client.proc.send_signal(signal.SIGKILL)
     client.proc.wait()
     assert _exit_status(node) == 0, node.log_text()
