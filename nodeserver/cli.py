@@ -205,7 +205,10 @@ async def _exit_without_client(
         elif server.last_client_left is not None:
             alone_since = max(alone_since, server.last_client_left)
         if now - alone_since >= seconds:
-            if client_lives is None or not await client_lives():
+            if client_lives is None:
+                break
+            # A client may have connected while the check ran: it keeps the node.
+            if not await client_lives() and not server.sessions:
                 break
             alone_since = time.monotonic()  # its launcher lives: ask again later
             continue
