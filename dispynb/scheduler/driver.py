@@ -1044,7 +1044,9 @@ class Driver:
             else:
                 entries.append([key, attempt, len(payload)])
             buffers.extend(payload)
-            size += sum(memoryview(b).nbytes for b in payload)
+            # Arguments in shared memory count at their full size too: the node
+            # then gets each large job as soon as it is written, not all at the end.
+            size += nbytes
             if size >= BATCH_BYTES:
                 self._write_batch(link, entries, buffers, limits)
                 entries, limits, buffers, size = [], [], [], 0
