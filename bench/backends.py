@@ -140,6 +140,13 @@ BACKENDS: dict[str, BackendSpec] = {
             False,
         ),
         BackendSpec("ray", "Ray", "ray", "peers.ray_backend:RayBackend", True),
+        BackendSpec(
+            "dispynb-ray",
+            "dispynb on Ray",
+            None,
+            "engine_ray:DispynbRayBackend",
+            False,
+        ),
         BackendSpec("loky", "loky", "loky", "peers.loky_backend:LokyBackend", False),
         BackendSpec(
             "ppe", "ProcessPoolExecutor", None, "backends:ProcessPoolBackend", False

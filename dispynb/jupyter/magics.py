@@ -186,6 +186,19 @@ class Session:
             "its workers (pip install 'dispynb[dask]')",
         )
 
+    def use_ray(self, address: str) -> None:
+        """Run on an existing Ray cluster, given its head's address."""
+        from dispynb.backends.ray import RayEngine
+
+        self.use_engine(
+            RayEngine(address),
+            address,
+            hint="check the head's address (ray status there prints it), that the "
+            "Ray versions match, and that dispynb is installed on its nodes (pip "
+            "install 'dispynb[ray]'); with token authentication set RAY_AUTH_MODE "
+            "and RAY_AUTH_TOKEN here too",
+        )
+
     def start_ssh(
         self,
         hosts: list[str],
@@ -462,7 +475,17 @@ class DispyMagics(Magics):
     @magic_arguments()
     @argument(
         "action",
-        choices=["local", "nodes", "ssh", "slurm", "dask", "status", "panel", "close"],
+        choices=[
+            "local",
+            "nodes",
+            "ssh",
+            "slurm",
+            "dask",
+            "ray",
+            "status",
+            "panel",
+            "close",
+        ],
         help=(
             "local: start node servers on this machine (127.0.0.1, random secret); "
             "nodes: use node servers started elsewhere (dispynb-node), given as "
@@ -470,7 +493,8 @@ class DispyMagics(Magics):
             "(stopped by close, or when the kernel ends); slurm: submit --nodes "
             "node servers as SLURM batch jobs (cancelled by close, or when the "
             "kernel exits); dask: run on an existing Dask cluster, given its "
-            "scheduler's ADDRESS; status: show the nodes "
+            "scheduler's ADDRESS; ray: run on an existing Ray cluster, given its "
+            "head's ADDRESS (what ray.init takes); status: show the nodes "
             "and the runs; panel: show a live table of the nodes; close: cancel "
             "every run and stop local nodes"
         ),
@@ -480,7 +504,8 @@ class DispyMagics(Magics):
         nargs="*",
         metavar="HOST[:PORT]",
         help="nodes for 'nodes'; ssh destinations for 'ssh'; the scheduler's "
-        "address for 'dask' (tcp://host:8786)",
+        "address for 'dask' (tcp://host:8786); the head's address for 'ray' "
+        "(host:6379, ray://host:10001)",
     )
     @argument(
         "--nodes",
@@ -590,7 +615,7 @@ class DispyMagics(Magics):
         """
         args = parse_line(self.dispy, line)
         session = self.session
-        if args.action not in ("nodes", "ssh", "dask") and args.hosts:
+        if args.action not in ("nodes", "ssh", "dask", "ray") and args.hosts:
             raise UsageError(f"%dispy {args.action} takes no hosts: {args.hosts}")
         if args.engine is not None and args.action != "local":
             raise UsageError("--engine is for %dispy local")
@@ -650,6 +675,12 @@ class DispyMagics(Magics):
             if len(args.hosts) != 1:
                 raise UsageError("%dispy dask needs the scheduler's ADDRESS only")
             session.use_dask(args.hosts[0])
+            print(f"dispynb: {session.status()._where()}")
+            return None
+        if args.action == "ray":
+            if len(args.hosts) != 1:
+                raise UsageError("%dispy ray needs the Ray cluster's ADDRESS only")
+            session.use_ray(args.hosts[0])
             print(f"dispynb: {session.status()._where()}")
             return None
         if args.action == "nodes":

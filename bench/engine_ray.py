@@ -1,0 +1,77 @@
+"""dispynb on Ray, as a benchmark backend (issue 14 item 5).
+
+"dispynb on Ray" is dispy's API (`dispynb.JobCluster`) with ``engine=RayEngine()`` on
+exactly the Ray instance the raw Ray row measures: ``ray.init(num_cpus=W,
+include_dashboard=False, _node_ip_address='127.0.0.1')`` in the driver process (the
+engine uses the connection it finds). Its numbers beside raw Ray's, from the same
+run, are dispynb's overhead on that engine. It runs with the project's interpreter,
+which has the same ``ray`` release as the Ray peer's environment
+(`venvs.REQUIREMENTS`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from backends import DispynbBackend, Task
+
+
+class DispynbRayBackend(DispynbBackend):
+    """dispynb's `JobCluster` on a local Ray instance (raw Ray's configuration)."""
+
+    name = "dispynb-ray"
+
+    def __init__(self, workers: int) -> None:
+        super().__init__(workers)
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        os.environ.setdefault("RAY_DISABLE_IMPORT_WARNING", "1")
+        import ray  # imported before the start-up clock starts
+
+        from dispynb.backends import ray as _engine  # noqa: F401
+
+        self._ray = ray
+        self._engine: Any = None
+
+    def start(self) -> None:
+        from dispynb.backends.ray import RayEngine
+
+        self._ray.init(
+            num_cpus=self.workers,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            log_to_driver=False,
+            configure_logging=False,
+        )
+        self._engine = RayEngine()
+
+    def close(self) -> None:
+        super().close()
+        self._engine = None
+        if self._ray.is_initialized():
+            self._ray.shutdown()
+
+    def describe(self) -> dict[str, Any]:
+        import dispynb
+
+        return {
+            "version": f"dispynb {dispynb.__version__} on ray {self._ray.__version__}",
+            "config": f"JobCluster(fn, engine=RayEngine()) on ray.init(num_cpus="
+            f"{self.workers}, include_dashboard=False, _node_ip_address='127.0.0.1'),"
+            " one JobCluster per function (one actor per CPU)",
+        }
+
+    def _cluster_for(self, fn: Task) -> Any:
+        if self._fn is fn:
+            return self._cluster
+        if self._engine is None:
+            raise RuntimeError("DispynbRayBackend.start() was not called")
+        from dispynb import JobCluster
+
+        self._cluster_stack.close()
+        self._cluster = self._fn = None
+        self._cluster = self._cluster_stack.enter_context(
+            JobCluster(fn, engine=self._engine)
+        )
+        self._fn = fn
+        return self._cluster

@@ -1,0 +1,374 @@
+"""What runs inside Ray's worker processes for a dispynb computation.
+
+`JobActor` is a Ray actor, one per CPU the cluster uses: its constructor is dispy's
+node set-up for one worker (a directory of its own with the ``depends`` files, the
+computation unpickled with dispy's names in its globals, ``setup`` run), its
+``run`` method runs one job and captures its stdout and stderr, its ``cleanup``
+method runs dispy's ``cleanup`` before the cluster lets the actor go. The client
+kills an actor to stop the job it runs (Ray cannot interrupt a running actor task);
+Ray then restarts it (the constructor, hence ``setup``, runs again).
+
+`Inbox` is the small asynchronous actor that carries what a running job sends before
+it ends (``dispy_provisional_result``, ``dispy_send_file``) to the client, which
+long-polls it with `Inbox.take`.
+
+This module is imported by Ray's workers and by the client (which only needs the
+classes to make actors of); it imports neither ``ray`` nor anything heavy at module
+level.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import io
+import logging
+import os
+import platform
+import resource
+import shutil
+import socket
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from dispynb.protocol import serialize
+
+#: Outcome codes of `JobActor.run` (the first item of its reply).
+FINISHED = "finished"
+RAISED = "raised"
+
+#: Standard modules dispy computations use without importing them (dispy exec'd the
+#: computation into its own module globals; node servers give the same).
+DISPY_MODULES = (
+    "os",
+    "sys",
+    "time",
+    "socket",
+    "multiprocessing",
+    "threading",
+    "subprocess",
+    "traceback",
+    "marshal",
+    "tempfile",
+    "shutil",
+    "glob",
+    "pickle",
+    "io",
+    "signal",
+    "platform",
+    "copy",
+    "struct",
+    "hashlib",
+    "re",
+    "errno",
+)
+
+#: Return values of setup that mean success (dispy's 0, 1 and 2, or nothing).
+_SETUP_SUCCESS = (0, 1, 2)
+
+#: Items an `Inbox` holds at most; a job that sends more waits (back-pressure).
+INBOX_LIMIT = 10_000
+
+
+class SetupFailed(Exception):
+    """The computation could not be set up in this worker (the message says why)."""
+
+
+class _Job:
+    """The job a `JobActor` runs now, for the functions a job may call."""
+
+    key = 0
+    attempt = 0
+    sent = 0  # provisional results and files sent to the inbox by this job
+    inbox: Any = None
+
+
+_CURRENT = _Job()
+
+
+def dispy_provisional_result(
+    result: Any, relay: bool = False, timeout: Any = None
+) -> int:
+    """Send ``result`` to the client now, as a provisional result of this job.
+
+    Returns 0, or -1 if it could not be sent (the reason is logged). ``relay`` and
+    ``timeout`` are accepted for dispy compatibility.
+    """
+    return _send("provisional", result)
+
+
+def dispy_send_file(path: str, relay: bool = False, timeout: Any = None) -> int:
+    """Send a file to the client, which saves it under the same relative path.
+
+    Returns 0, or -1 if it could not be sent (the reason is logged).
+    """
+    try:
+        full = os.path.abspath(path)
+        base = os.path.realpath(os.getcwd())
+        if full.startswith(base.rstrip(os.sep) + os.sep):
+            name = os.path.relpath(full, base).replace(os.sep, "/")
+        else:
+            name = os.path.basename(full)
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as exc:
+        logging.getLogger("dispynode").warning("file not sent: %s", exc)
+        return -1
+    return _send("file", (name, data))
+
+
+def _send(kind: str, value: Any) -> int:
+    job = _CURRENT
+    if job.inbox is None or not job.key:
+        logging.getLogger("dispynode").warning("%s not sent: no job is running", kind)
+        return -1
+    try:
+        job.inbox.put.remote((job.key, job.attempt, job.sent, kind, value))
+    except Exception as exc:  # unpicklable value, inbox gone: the job goes on
+        logging.getLogger("dispynode").warning("%s not sent: %s", kind, exc)
+        return -1
+    job.sent += 1
+    return 0
+
+
+def _node_logger() -> logging.Logger:
+    log = logging.getLogger("dispynode")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.__stderr__)
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s dispynode %(levelname)s %(message)s")
+        )
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    return log
+
+
+def _not_on_ray() -> int:
+    _node_logger().warning("dispynode_shutdown: a Ray worker is not dispynb's to stop")
+    return -1
+
+
+class JobActor:
+    """One worker of a dispynb computation on Ray (made into an actor by the client).
+
+    Parameters
+    ----------
+    bundle:
+        ``serialize.dumps`` of ``{"func", "setup", "cleanup", "setup_args",
+        "names"}`` (the computation, by value).
+    files:
+        ``{relative path: content}`` of the ``depends`` files.
+    inbox:
+        The cluster's `Inbox` actor.
+    max_output:
+        Characters of a job's stdout (and of its stderr) kept; None: all.
+    """
+
+    def __init__(
+        self,
+        bundle: list[Any],
+        files: dict[str, bytes],
+        inbox: Any,
+        max_output: int | None,
+    ) -> None:
+        self.path = tempfile.mkdtemp(prefix="dispynb-ray-")
+        os.chdir(self.path)
+        for relative, data in files.items():
+            target = os.path.join(self.path, relative)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with open(target, "wb") as handle:
+                handle.write(data)
+        if self.path not in sys.path:
+            sys.path.insert(0, self.path)  # depends' modules import from here
+        try:
+            loaded = serialize.loads(bundle)
+        except Exception as exc:
+            cause = exc.__cause__ or exc
+            raise SetupFailed(
+                f"cannot load the computation in the Ray worker: "
+                f"{type(cause).__name__}: {cause} (is a module it needs missing on "
+                "the Ray cluster? install it there, or send it with depends)"
+            ) from exc
+        self.func: Callable[..., Any] = loaded["func"]
+        self.cleanup_func: Callable[..., Any] | None = loaded.get("cleanup")
+        self.setup_args = tuple(loaded.get("setup_args") or ())
+        self.max_output = max_output
+        _CURRENT.inbox = inbox
+        names: dict[str, Any] = dict(loaded.get("names") or {})
+        names.update(self._dispy_names())
+        for function in (self.func, loaded.get("setup"), self.cleanup_func):
+            namespace = getattr(function, "__globals__", None)
+            if isinstance(namespace, dict):
+                for name, value in names.items():
+                    namespace.setdefault(name, value)
+        setup = loaded.get("setup")
+        if setup is not None:
+            _run_setup(setup, self.setup_args)
+
+    def _dispy_names(self) -> dict[str, Any]:
+        host = socket.gethostname()
+        try:  # only ever in a Ray worker
+            address = str(importlib.import_module("ray.util").get_node_ip_address())
+        except Exception:
+            address = "127.0.0.1"
+        names: dict[str, Any] = {
+            "dispy_node_name": host,
+            "dispy_node_ip_addr": address,
+            "dispy_job_path": self.path,
+            "dispy_provisional_result": dispy_provisional_result,
+            "dispy_send_file": dispy_send_file,
+            "dispynode_logger": _node_logger(),
+            "dispynode_shutdown": _not_on_ray,
+        }
+        for module in DISPY_MODULES:
+            names[module] = importlib.import_module(module)
+        return names
+
+    def ready(self) -> tuple[int, str, str]:
+        """``(pid, host name, platform)``: the actor is set up."""
+        return os.getpid(), socket.gethostname(), platform.platform()
+
+    def run(
+        self,
+        key: int,
+        attempt: int,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        mem_limit: int | None = None,
+    ) -> tuple[str, Any, str, str, str | None, float, float, int]:
+        """Run one job; ``(outcome, result, stdout, stderr, exception, start, end,
+        number of messages it sent to the inbox)``. ``mem_limit``: bytes of address
+        space the job may use (the soft ``RLIMIT_AS``, for this job only)."""
+        saved = sys.stdout, sys.stderr
+        out, err = io.StringIO(), io.StringIO()
+        sys.stdout, sys.stderr = out, err
+        job = _CURRENT
+        job.key, job.attempt, job.sent = key, attempt, 0
+        result: Any = None
+        exception: str | None = None
+        outcome = RAISED
+        lifted = _limit_memory(mem_limit) if mem_limit is not None else None
+        start = time.time()
+        try:
+            result = self.func(*args, **kwargs)
+            outcome = FINISHED
+        except BaseException as exc:  # reported to the client, never fatal
+            exception = _format_exception(exc)
+            if mem_limit is not None and isinstance(exc, MemoryError):
+                exception += (
+                    f"(the job ran with a mem_limit of {mem_limit} bytes of address "
+                    "space: mem_limit / dispy_job_mem_limit; give a larger limit, or "
+                    "None for none)\n"
+                )
+        finally:
+            end = time.time()
+            if lifted is not None:
+                resource.setrlimit(resource.RLIMIT_AS, lifted)
+            sys.stdout, sys.stderr = saved
+            job.key = 0
+            if os.getcwd() != self.path:
+                os.chdir(self.path)  # the next job starts where every job does
+        return (
+            outcome,
+            result,
+            self._text(out, "stdout"),
+            self._text(err, "stderr"),
+            exception,
+            start,
+            end,
+            job.sent,
+        )
+
+    def _text(self, capture: io.StringIO, name: str) -> str:
+        text = capture.getvalue()
+        limit = self.max_output
+        if limit is None or len(text) <= limit:
+            return text
+        dropped = len(text) - limit
+        text = text[:limit]
+        if not text.endswith("\n"):
+            text += "\n"
+        return text + (
+            f"[dispynb: {dropped} more characters of {name} dropped: a job keeps "
+            f"{limit} (max_output_size)]\n"
+        )
+
+    def cleanup(self) -> str | None:
+        """Run dispy's ``cleanup``; None, or the traceback of its failure."""
+        error = None
+        if self.cleanup_func is not None:
+            try:
+                self.cleanup_func(*self.setup_args)
+            except BaseException:
+                error = traceback.format_exc()
+        os.chdir(tempfile.gettempdir())
+        shutil.rmtree(self.path, ignore_errors=True)
+        return error
+
+
+def _limit_memory(mem_limit: int) -> tuple[int, int]:
+    """Lower the soft ``RLIMIT_AS`` to ``mem_limit``; the limits to restore."""
+    saved = resource.getrlimit(resource.RLIMIT_AS)
+    hard = saved[1]
+    soft = mem_limit if hard == resource.RLIM_INFINITY else min(mem_limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    return saved
+
+
+def _run_setup(setup: Callable[..., Any], setup_args: tuple[Any, ...]) -> None:
+    try:
+        result = setup(*setup_args)
+    except BaseException as exc:  # user code: any exit of setup is a failed setup
+        raise SetupFailed(
+            f"setup raised {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+        ) from None
+    if result is None or (isinstance(result, int) and result in _SETUP_SUCCESS):
+        return
+    text = repr(result)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    raise SetupFailed(f"setup returned {text}; success is None, 0, 1 or 2")
+
+
+def _format_exception(exc: BaseException) -> str:
+    """Traceback text of the job's exception, without `JobActor.run`'s frame."""
+    tb = exc.__traceback__
+    tb = tb.tb_next if tb is not None else None
+    if isinstance(exc, SystemExit):
+        lines = []
+        if tb is not None:
+            lines = ["Traceback (most recent call last):\n", *traceback.format_tb(tb)]
+        lines.append(f"SystemExit: the job called sys.exit({exc.code!r})\n")
+        return "".join(lines)
+    return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
+class Inbox:
+    """Messages of running jobs for the client (an asynchronous Ray actor)."""
+
+    def __init__(self) -> None:
+        self.items: list[Any] = []
+        self.event = asyncio.Event()
+
+    async def put(self, item: Any) -> None:
+        """Keep ``item`` for the client's next `take`."""
+        while len(self.items) >= INBOX_LIMIT:
+            await asyncio.sleep(0.05)
+        self.items.append(item)
+        self.event.set()
+
+    async def take(self, timeout: float) -> list[Any]:
+        """Everything kept so far; waits up to ``timeout`` seconds for a first item."""
+        if not self.items:
+            try:
+                await asyncio.wait_for(self.event.wait(), timeout)
+            except TimeoutError:
+                return []
+        items, self.items = self.items, []
+        self.event.clear()
+        return items

@@ -1,0 +1,377 @@
+"""dispynb on a real Ray cluster (``ray start --head``), through dispy's API.
+
+Runs only inside the private namespace of `test_ray_netns.py` (see conftest.py): one
+Ray cluster for the module, its address given to ``RayEngine`` as a user would.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+import dispynb
+from dispynb import JobCluster
+from dispynb.backends.ray import RayEngine
+from dispynb.errors import NotSupportedError, SetupError
+from dispynb.job import DispyJob, JobStatus
+from tests.backends.rayhead import RayHead
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+#: Seconds any wait of these tests may take (Ray is slow on a loaded machine).
+WAIT = 90.0
+
+
+@pytest.fixture(scope="module")
+def head() -> Iterator[RayHead]:
+    head = RayHead.start(cpus=2)
+    saved = {name: os.environ.get(name) for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    # The client needs the cluster's token, as a user's would (Ray's token auth).
+    os.environ["RAY_AUTH_MODE"] = head.env["RAY_AUTH_MODE"]
+    os.environ["RAY_AUTH_TOKEN"] = head.env["RAY_AUTH_TOKEN"]
+    # This process stays connected for the module (Ray's driver threads and
+    # sockets belong to it, not to a test), as a notebook's kernel would.
+    RayEngine(head.address).connect()
+    try:
+        yield head
+    finally:
+        import ray
+
+        ray.shutdown()
+        head.stop()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@pytest.fixture(autouse=True)
+def _ray_driver_keeps_worker_connections(allow_engine_sockets: None) -> None:
+    """Ray's driver keeps its connections to the actors' workers (its cache)."""
+
+
+@pytest.fixture
+def engine(head: RayHead) -> RayEngine:
+    return RayEngine(head.address)
+
+
+def wait_for(condition: Any, what: str, timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+# -- computations (by value, as from a notebook) ------------------------------------
+
+
+def compute(n: int) -> int:
+    print(f"computing {n}")
+    print("to stderr", file=sys.stderr)
+    return n * n
+
+
+def fails(n: int) -> int:
+    raise ValueError(f"bad input {n}")
+
+
+def record_setup(folder: str) -> int:
+    global STATE
+    STATE = f"set up in {os.getpid()}"
+    Path(folder, f"setup-{os.getpid()}").touch()
+    return 0
+
+
+def record_cleanup(folder: str) -> None:
+    Path(folder, f"cleanup-{os.getpid()}").touch()
+
+
+def uses_setup(n: int) -> tuple[int, str]:
+    return n, STATE
+
+
+def sleeper(folder: str, seconds: float) -> int:
+    Path(folder, f"running-{os.getpid()}").touch()
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def progress(count: int) -> str:
+    for index in range(count):
+        dispy_provisional_result(index)  # noqa: F821 (dispy's name on the node)
+    return "done"
+
+
+def dies_once(folder: str) -> str:
+    marker = Path(folder, "died")
+    if not marker.exists():
+        marker.touch()
+        os.kill(os.getpid(), 9)  # the worker crashes under the job
+    return f"ran in {os.getpid()}"
+
+
+def reads_file(name: str) -> str:
+    return Path(name).read_text()
+
+
+STATE = ""
+
+
+# -- tests ----------------------------------------------------------------------------
+
+
+def test_dispy_program_runs_on_ray(engine: RayEngine) -> None:
+    """A dispy program as written, with engine= added: results, stdout, stderr,
+    callbacks, statuses, the node."""
+    statuses: list[tuple[int, Any]] = []
+    done: list[DispyJob] = []
+
+    def cluster_status(status: int, node: Any, job: Any) -> None:
+        statuses.append((status, node))
+
+    cluster = JobCluster(
+        compute,
+        job_status=done.append,
+        cluster_status=cluster_status,
+        engine=engine,
+    )
+    try:
+        jobs = [cluster.submit(n) for n in range(10)]
+        assert [job() for job in jobs] == [n * n for n in range(10)]
+        cluster.wait()
+    finally:
+        cluster.close()
+    for n, job in enumerate(jobs):
+        assert job.status is JobStatus.Finished
+        assert job.stdout == f"computing {n}\n"
+        assert job.stderr == "to stderr\n"
+        assert job.ip_addr == "127.0.0.1"
+        assert job.start_time is not None and job.end_time >= job.start_time
+    wait_for(lambda: len(done) == 10, "the job_status callbacks")
+    assert {job.status for job in done} == {JobStatus.Finished}
+    nodes = [
+        node for status, node in statuses if status == dispynb.DispyNode.Initialized
+    ]
+    assert len(nodes) == 1 and nodes[0].ip_addr == "127.0.0.1" and nodes[0].cpus == 2
+
+
+def test_remote_traceback(engine: RayEngine) -> None:
+    with JobCluster(fails, engine=engine) as cluster:
+        job = cluster.submit(7)
+        assert job() is None
+    assert job.status is JobStatus.Terminated
+    assert "ValueError: bad input 7" in job.exception
+    assert "in fails" in job.exception  # the remote frame, not the engine's
+
+
+def test_setup_and_cleanup_run_once_per_worker(
+    engine: RayEngine, tmp_path: Path
+) -> None:
+    """setup runs in each Ray worker (actor) before its jobs, its globals reach the
+    jobs; cleanup runs in each when the cluster closes."""
+    folder = str(tmp_path)
+    cluster = JobCluster(
+        uses_setup,
+        setup=lambda: record_setup(folder),
+        cleanup=lambda: record_cleanup(folder),
+        engine=engine,
+    )
+    try:
+        results = [job() for job in [cluster.submit(n) for n in range(20)]]
+    finally:
+        cluster.close()
+    setups = sorted(p.name.split("-")[1] for p in tmp_path.glob("setup-*"))
+    cleanups = sorted(p.name.split("-")[1] for p in tmp_path.glob("cleanup-*"))
+    assert len(setups) == 2 and setups == cleanups
+    assert [n for n, _ in results] == list(range(20))
+    assert {state for _, state in results} <= {f"set up in {pid}" for pid in setups}
+
+
+def test_setup_failure_is_one_clear_error(engine: RayEngine) -> None:
+    def broken_setup() -> int:
+        raise RuntimeError("no database here")
+
+    with pytest.raises(SetupError, match="no database here"):
+        JobCluster(compute, setup=broken_setup, engine=engine)
+
+
+def test_depends_files_are_next_to_the_jobs(engine: RayEngine, tmp_path: Path) -> None:
+    data = tmp_path / "input.txt"
+    data.write_text("the data")
+    with JobCluster(reads_file, depends=[str(data)], engine=engine) as cluster:
+        job = cluster.submit("input.txt")
+        assert job() == "the data", job.exception
+
+
+def test_provisional_results_arrive_in_order_before_the_result(
+    engine: RayEngine,
+) -> None:
+    seen: list[tuple[JobStatus, Any]] = []
+    lock = threading.Lock()
+
+    def job_status(job: DispyJob) -> None:
+        with lock:
+            seen.append((job.status, job.result))
+
+    with JobCluster(progress, job_status=job_status, engine=engine) as cluster:
+        job = cluster.submit(5)
+        assert job() == "done"
+        wait_for(lambda: len(seen) == 6, "the callbacks")
+    assert seen == [
+        *((JobStatus.ProvisionalResult, n) for n in range(5)),
+        (JobStatus.Finished, "done"),
+    ]
+
+
+def test_cancel_stops_running_and_queued_jobs(
+    engine: RayEngine, tmp_path: Path
+) -> None:
+    """Stop: queued jobs end Cancelled, running ones Terminated, and the processes
+    that ran them are gone; the cluster goes on with new jobs."""
+    folder = str(tmp_path)
+    with JobCluster(sleeper, engine=engine) as cluster:
+        jobs = [cluster.submit(folder, 600) for _ in range(6)]
+        wait_for(lambda: len(list(tmp_path.glob("running-*"))) == 2, "2 running jobs")
+        pids = [int(p.name.split("-")[1]) for p in tmp_path.glob("running-*")]
+        started = time.monotonic()
+        for job in jobs:
+            cluster.cancel(job)
+        wait_for(lambda: all(job.done() for job in jobs), "the cancels")
+        assert time.monotonic() - started < 60
+        statuses = sorted(job.status.name for job in jobs)
+        assert statuses == ["Cancelled"] * 4 + ["Terminated"] * 2
+        for pid in pids:
+            wait_for(lambda pid=pid: not psutil.pid_exists(pid), f"process {pid} gone")
+        again = cluster.submit(folder, 0)
+        assert again() not in pids and again.status is JobStatus.Finished
+
+
+def test_worker_death_resubmits_reentrant_jobs(
+    engine: RayEngine, tmp_path: Path
+) -> None:
+    with JobCluster(dies_once, reentrant=True, engine=engine) as cluster:
+        job = cluster.submit(str(tmp_path))
+        result = job()
+    assert job.status is JobStatus.Finished, job.exception
+    assert result.startswith("ran in ")
+
+
+def test_worker_death_abandons_other_jobs(engine: RayEngine, tmp_path: Path) -> None:
+    """Like dispy's jobs of a lost node: not reentrant, the job is Abandoned."""
+    with JobCluster(dies_once, engine=engine) as cluster:
+        job = cluster.submit(str(tmp_path))
+        assert job() is None
+        assert job.status is JobStatus.Abandoned
+        assert "died" in str(job.exception)
+        again = cluster.submit(str(tmp_path))  # the marker exists: it runs
+        assert again().startswith("ran in ")
+
+
+def test_executor_on_ray(engine: RayEngine) -> None:
+    with dispynb.Executor(engine=engine) as executor:
+        assert list(executor.map(compute, range(8))) == [n * n for n in range(8)]
+        future = executor.submit(fails, 3)
+        with pytest.raises(Exception, match="bad input 3"):
+            future.result(timeout=WAIT)
+
+
+def test_what_ray_cannot_do_is_one_clear_error(engine: RayEngine) -> None:
+    with pytest.raises(NotSupportedError, match="'ray'"):
+        JobCluster("/bin/echo", engine=engine)
+    with pytest.raises(NotSupportedError, match="recover_file"):
+        JobCluster(compute, recover_file="jobs.db", engine=engine)
+    with JobCluster(compute, engine=engine) as cluster:
+        node = cluster.status().nodes[0] if hasattr(cluster, "status") else None
+        with pytest.raises(NotSupportedError, match="submit_node"):
+            cluster.submit_node(node or "127.0.0.1", 1)
+
+
+def test_magics_run_a_cell_on_ray(head: RayHead) -> None:
+    """``%dispy ray ADDRESS`` then ``%%dispy``: results, the cell's remote stdout."""
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.utils.capture import capture_output
+    from traitlets.config import Config
+
+    config = Config()
+    config.HistoryManager.hist_file = ":memory:"
+    shell = InteractiveShell.instance(config=config)
+    shell.run_line_magic("load_ext", "dispynb")
+    try:
+        with capture_output() as attached:
+            shell.run_line_magic("dispy", f"ray {head.address}")
+        assert "ray engine" in attached.stdout, attached.stdout
+        cell = "def square(x):\n    print('squaring', x)\n    return x * x\n"
+        with capture_output() as ran:
+            shell.run_cell_magic("dispy", '--over "range(4)" --into squares', cell)
+        assert shell.user_ns["squares"].results == [0, 1, 4, 9]
+        assert "squaring 3" in ran.stdout, ran.stdout
+    finally:
+        with capture_output():
+            shell.run_line_magic("dispy", "close")
+        shell.run_line_magic("unload_ext", "dispynb")
+        InteractiveShell.clear_instance()
+
+
+def waits_for(folder: str, name: str) -> str:
+    import ray
+
+    Path(folder, f"running-{os.getpid()}").touch()
+    while not Path(folder, name).exists():
+        time.sleep(0.05)
+    return str(ray.get_runtime_context().get_node_id())
+
+
+def test_lost_node_closes_and_its_jobs_run_elsewhere(
+    head: RayHead, tmp_path: Path
+) -> None:
+    """A Ray node dies (SIGKILL to its raylet and workers): it leaves the cluster
+    (DispyNode.Closed), its running job is run again on the other node (reentrant).
+    Last in the module: it adds a node to the shared Ray cluster."""
+    import ray
+
+    def alive() -> int:
+        return sum(1 for n in ray.nodes() if n["Alive"])
+
+    for _ in range(3):  # its raylet may abort on a loaded machine: start it again
+        node = head.add_node(cpus=1)
+        deadline = time.monotonic() + WAIT
+        while alive() < 2 and node.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if alive() == 2:
+            break
+        head.kill_node(node)
+    assert alive() == 2, "the second Ray node did not start"
+    closed: list[Any] = []
+
+    def cluster_status(status: int, node: Any, job: Any) -> None:
+        if status == dispynb.DispyNode.Closed:
+            closed.append(node)
+
+    folder = str(tmp_path)
+    cluster = JobCluster(
+        waits_for,
+        reentrant=True,
+        cluster_status=cluster_status,
+        engine=RayEngine(head.address),
+    )
+    try:
+        jobs = [cluster.submit(folder, "release") for _ in range(3)]
+        wait_for(lambda: len(list(tmp_path.glob("running-*"))) == 3, "3 running jobs")
+        head.kill_node(node)
+        wait_for(lambda: len(closed) == 1, "the lost node's Closed event")
+        Path(folder, "release").touch()
+        node_ids = [job() for job in jobs]
+        assert [job.status for job in jobs] == [JobStatus.Finished] * 3
+        assert len(set(node_ids)) == 1  # all on the head now
+    finally:
+        cluster.close()
