@@ -160,3 +160,27 @@ def wait_until(predicate: Callable[[], bool], timeout: float = WAIT) -> None:
 
 def read_pid(path: str | os.PathLike[str]) -> int:
     return int(Path(path).read_text())
+
+
+def wait_for_computation_processes(count: int, timeout: float = WAIT) -> None:
+    """Wait until this test process has ``count`` computation processes below it.
+
+    A computation process and its workers all run ``nodeserver.compute``: a node with
+    ``cpus`` CPUs has ``1 + cpus`` of them once every worker is forked. The node forks
+    its second and later workers a little after the first job ran (the first one is
+    made inside its pids cgroup ahead of need), so a module fixture waits here
+    before its tests start counting processes.
+    """
+    import psutil
+
+    def compute_processes() -> int:
+        found = 0
+        for proc in psutil.Process().children(recursive=True):
+            try:
+                if "nodeserver.compute" in " ".join(proc.cmdline()):
+                    found += 1
+            except psutil.NoSuchProcess:
+                continue
+        return found
+
+    wait_until(lambda: compute_processes() >= count, timeout)

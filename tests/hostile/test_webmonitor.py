@@ -35,6 +35,7 @@ def cluster() -> Iterator[JobCluster]:
     ):
         # The node starts its computation processes now, not during a test.
         assert all(job() is not None for job in [jc.submit(None, 0) for _ in range(2)])
+        jobs.wait_for_computation_processes(1 + 2)  # the computation and 2 workers
         yield jc
 
 
