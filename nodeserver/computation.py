@@ -553,6 +553,10 @@ class Computation:
             return  # unknown or long jobs: never make a job wait behind another
         if self.limits.fresh_process:
             return  # a worker runs one job, then exits: nothing may wait in it
+        if len(workers) < self._n_workers:
+            # Workers still starting take the queue when they connect: a job sent
+            # ahead now could wait behind a long one while they sit idle.
+            return
         for worker in workers:
             if not self._queue:
                 return
