@@ -1,0 +1,181 @@
+"""What the driver shares with its parts: settings, a node as it sees it, and the
+`JobEvents` it reports to the cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from dispynb.depends import FileRef
+from dispynb.errors import DispynbError
+from dispynb.protocol import serialize
+from dispynb.protocol.framing import Buffer
+from dispynb.protocol.messages import (
+    Message,
+    Welcome,
+)
+from dispynb.transport.connection import Connection
+
+#: A job batch is cut once its arguments pass this size (keeps messages moderate).
+BATCH_BYTES = 8 * 1024 * 1024
+
+#: Seconds between pulses when the cluster sets no ``pulse_interval``.
+DEFAULT_PULSE = 1.0
+
+#: A node is declared dead after this many pulses without a word from it.
+DEAD_AFTER = 3
+
+#: Reconnection to a lost node: first delay, longest delay, and for how long (s).
+RECONNECT_DELAY = 0.5
+RECONNECT_DELAY_MAX = 5.0
+RECONNECT_FOR = 60.0
+
+#: Seconds a node gets to acknowledge closing the computation.
+CLOSE_TIMEOUT = 30.0
+
+
+@dataclass(slots=True, eq=False)
+class NodeLink:
+    """A node as the driver sees it: its connection and counters."""
+
+    node_id: str
+    host: str
+    port: int
+    conn: Connection | None = None
+    welcome: Welcome | None = None
+    cpus: int = 0
+    ready: bool = False
+    setting_up: bool = False
+    jobs_done: int = 0
+    cpu_time: float = 0.0
+    closed: asyncio.Future[None] | None = None
+    sent: set[str] = field(default_factory=set)  # digests of files it has
+    allocate: Allocator | None = None
+    peer_ip: str = ""
+    resetting: bool = False
+    last_seen: float = 0.0  # loop time of the last message from it
+    reads_seen: int = 0  # its connection's reads when the watchdog last looked
+    leaving: bool = False  # it handed jobs back: it shuts down
+    releasing: bool = False  # close_node: once closed it leaves, not to come back
+    # Files to send (read off the loop) and the messages that must follow them,
+    # in wire order; `pumping` while `Driver._pump` works through them.
+    outbox: collections.deque[FileRef | tuple[Message, list[Buffer]]] = field(
+        default_factory=collections.deque
+    )
+    pumping: bool = False
+    #: On this machine and our user: large arguments go through shared memory.
+    shared_memory: bool = False
+
+
+#: ``allocate(welcome, peer_ip) -> (cpus, bundle, files)`` (see `Driver.add_node`).
+Allocator = Callable[[Welcome, str], tuple[int, list[Buffer], list[FileRef]]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Stop:
+    """A message handler's answer that ends reading the node: why (None: the node
+    failed its setup and was dropped already)."""
+
+    reason: str | None
+
+
+#: A node message handler, ``handler(link, message, buffers)``; returns `_Stop` to
+#: stop reading the node, None to go on.
+_Handler = Callable[[NodeLink, Any, list[memoryview]], "_Stop | None"]
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What a node reported for one job."""
+
+    outcome: str
+    result: Any
+    stdout: str | bytes  # bytes from a program computation
+    stderr: str | bytes
+    exception: str | None
+    start_time: float
+    end_time: float
+
+
+class JobEvents(Protocol):
+    """What the driver tells the user-facing cluster."""
+
+    def jobs_sent(self, keys: list[int], node: NodeLink) -> None:
+        """Jobs were sent to ``node``; they may wait there for a free worker."""
+
+    def job_running(self, key: int, node: NodeLink, start_time: float) -> None:
+        """A job started executing on ``node`` at ``start_time`` (the node's clock)."""
+
+    def job_done(self, key: int, node: NodeLink | None, outcome: Outcome) -> None:
+        """A job ended on ``node`` (None: it never ran)."""
+
+    def job_provisional(self, key: int, node: NodeLink, result: Any) -> None:
+        """A running job sent a provisional result."""
+
+    def job_file(
+        self, key: int, node: NodeLink, path: str, data: list[memoryview]
+    ) -> None:
+        """A running job sent a file (``path`` is relative and checked)."""
+
+    def job_abandoned(
+        self, key: int, node: NodeLink | None, reason: str, node_id: str = ""
+    ) -> None:
+        """A job cannot run anymore (its node, ``node_id``, is gone)."""
+
+    def job_cancelled(self, key: int) -> None:
+        """A queued job was cancelled before it ran."""
+
+    def job_requeued(self, key: int) -> None:
+        """A job's node was lost; the job waits to run elsewhere (reentrant)."""
+
+    def node_ready(self, node: NodeLink) -> None:
+        """The computation is set up on ``node``."""
+
+    def node_failed(self, node: NodeLink, error: DispynbError) -> None:
+        """``node`` could not be used (connect, auth or setup failed)."""
+
+    def node_closed(self, node: NodeLink, reason: str) -> None:
+        """``node`` left the cluster (for a while only if ``node.resetting``: it is
+        set up again, `resetup_node`)."""
+
+    def node_status(self, node: NodeLink, avail: list[float]) -> None:
+        """``node`` reported the resources it has available."""
+
+
+@dataclass(slots=True)
+class _Pending:
+    buffers: list[Buffer]
+    node: str | None = None
+    files: list[FileRef] | None = None
+    limits: tuple[float | None, int | None] | None = None  # (timeout s, mem bytes)
+
+
+@dataclass(kw_only=True)
+class DriverConfig:
+    """Connection settings shared by every node of a cluster."""
+
+    comp_id: int
+    name: str
+    secret: bytes | None = field(repr=False)
+    max_message_size: int
+    ssl_context: ssl.SSLContext | None = None
+    dest_path: str | None = None
+    cleanup: bool = True
+    reentrant: bool = False
+    max_attempts: int = 3
+    client_name: str = ""
+    pulse_interval: float | None = None
+    setup_timeout: float | None = None
+    recovery_id: str | None = None
+    keep_results: float = 0.0
+    keep_sent: bool = True
+    max_output: int | None = None
+    max_result: int | None = None
+    max_pids: int | None = None
+    fresh_process: bool = False
+    #: Restricted unpickling of results (``result_types``); None: plain pickle.
+    result_types: serialize.AllowList | None = None

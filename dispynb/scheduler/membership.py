@@ -1,0 +1,391 @@
+"""`DriverNodes`: the driver's nodes: connect, set up, read, watch, lose, reconnect."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from dispynb import config as dispy_config
+from dispynb.defaults import CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT
+from dispynb.errors import ClusterError, DispynbError, SetupError
+from dispynb.protocol import shm
+from dispynb.protocol.messages import (
+    ComputationClose,
+    ComputationSetup,
+    Message,
+    Ping,
+    Welcome,
+)
+from dispynb.scheduler.events import (
+    CancelRequested,
+    NodeJoined,
+    NodeLeft,
+)
+from dispynb.scheduler.link import (
+    DEAD_AFTER,
+    RECONNECT_DELAY,
+    RECONNECT_DELAY_MAX,
+    RECONNECT_FOR,
+    Allocator,
+    NodeLink,
+)
+from dispynb.scheduler.results import DriverResults
+from dispynb.transport.addressing import format_address
+from dispynb.transport.connection import Connection, describe_error
+from dispynb.transport.connector import connect
+
+#: The driver's logger (one name for all its parts, as users configure it).
+logger = logging.getLogger("dispynb.scheduler.driver")
+
+
+class DriverNodes(DriverResults):
+    """Connecting, setting up, reading and losing nodes (dispy's node management)."""
+
+    # -- nodes ---------------------------------------------------------------------
+
+    def add_node(self, host: str, port: int, allocate: Allocator) -> asyncio.Task[None]:
+        """Connect to a node and set the computation up on it.
+
+        ``allocate(welcome, peer_ip)`` returns ``(cpus, bundle, files)``: the CPUs to
+        use (0 rejects the node), the pickled computation and the files it needs.
+        """
+        link = self.nodes.get(format_address(host, port)) or self._new_link(host, port)
+        return self._spawn(self._join(link, allocate))
+
+    def _new_link(self, host: str, port: int) -> NodeLink:
+        """Register a node being connected (it counts as one that may come)."""
+        link = NodeLink(node_id=format_address(host, port), host=host, port=port)
+        self.nodes[link.node_id] = link
+        self._connecting += 1
+        link.setting_up = True
+        self._watch()
+        return link
+
+    async def _connect(self, host: str, port: int) -> tuple[Connection, Welcome]:
+        config = self.config
+        # dispy's ``dispy.config.MsgTimeout`` scales both timeouts (slow links).
+        scale = max(dispy_config.MsgTimeout, 0.1) / dispy_config.DEFAULT_MSG_TIMEOUT
+        return await connect(
+            host,
+            port,
+            timeout=CONNECT_TIMEOUT * scale,
+            handshake_timeout=HANDSHAKE_TIMEOUT * scale,
+            secret=config.secret,
+            max_message_size=config.max_message_size,
+            ssl_context=config.ssl_context,
+            name=config.client_name,
+        )
+
+    async def _join(self, link: NodeLink, allocate: Allocator) -> None:
+        try:
+            conn, welcome = await self._connect(link.host, link.port)
+        except DispynbError as exc:
+            self._fail_node(link, exc)
+            return
+        await self._attach(link, allocate, conn, welcome)
+
+    async def _attach(
+        self, link: NodeLink, allocate: Allocator, conn: Connection, welcome: Welcome
+    ) -> None:
+        """Set the computation up over an authenticated connection; then read it."""
+        link.conn, link.welcome = conn, welcome
+        link.closed = asyncio.get_running_loop().create_future()
+        address = conn.peer_address
+        link.peer_ip = address[0] if address is not None else link.host
+        link.allocate = allocate
+        link.shared_memory = shm.enabled() and shm.same_machine(
+            link.peer_ip, welcome.boot_id, welcome.pid
+        )
+        try:
+            self._set_up(link)
+        except DispynbError as exc:
+            self._fail_node(link, exc)
+            return
+        await self._read(link)
+
+    def _set_up(self, link: NodeLink) -> None:
+        """Ask the node to set the computation up (again, for `resetup_node`)."""
+        assert link.conn is not None and link.welcome is not None
+        assert link.allocate is not None
+        config = self.config
+        cpus, bundle, files = link.allocate(link.welcome, link.peer_ip)
+        if cpus <= 0:
+            raise SetupError(f"{link.node_id}: the node allocation rejected it")
+        for ref in files:
+            self._files[ref.digest] = ref
+        self._post(
+            link,
+            ComputationSetup(
+                comp_id=config.comp_id,
+                name=config.name,
+                workers=cpus,
+                dest_path=config.dest_path,
+                cleanup=config.cleanup,
+                files=[[ref.relative, ref.digest, ref.size] for ref in files],
+                pulse_interval=self.pulse,
+                setup_timeout=config.setup_timeout,
+                recovery_id=config.recovery_id,
+                keep_results=config.keep_results,
+                keep_sent=config.keep_sent,
+                max_output=config.max_output,
+                max_result=config.max_result,
+                max_pids=config.max_pids,
+                fresh_process=config.fresh_process,
+            ),
+            bundle,
+        )
+
+    def _settle(self, link: NodeLink) -> None:
+        """``link`` leaves its setting-up phase (ready or failed)."""
+        if link.setting_up:
+            link.setting_up = False
+            self._connecting -= 1
+
+    def _fail_node(self, link: NodeLink, exc: DispynbError) -> None:
+        self._settle(link)
+        if link.conn is not None:
+            link.conn.close()
+        logger.warning("node %s cannot be used: %s", link.node_id, describe_error(exc))
+        self.last_error = exc
+        self.nodes.pop(link.node_id, None)
+        self.events.node_failed(link, exc)
+        self._abandon_if_no_nodes()
+
+    async def _read(self, link: NodeLink) -> None:
+        """Handle the node's messages until it is lost (or fails its setup).
+
+        A handler that raises anything but a `DispynbError` (a bug, or a node's
+        message we do not cope with) costs that node only: the error is logged with
+        its traceback, the connection closed and the node's jobs treated as a lost
+        node's; the cluster and the other nodes go on.
+        """
+        assert link.conn is not None
+        loop = asyncio.get_running_loop()
+        routes = self._routes
+        ended: list[str | None] = []  # why reading stopped; None: the node failed
+
+        def handle(message: Message, buffers: list[memoryview]) -> bool:
+            link.last_seen = loop.time()
+            route = routes.get(type(message))
+            if route is None:
+                return False  # nothing a client acts on (node -> client only)
+            try:
+                stop = route(link, message, buffers)
+            except DispynbError:
+                raise
+            except Exception as exc:
+                logger.error(
+                    "error handling a %r message from node %s; dropping its connection",
+                    message.op,
+                    link.node_id,
+                    exc_info=True,
+                )
+                reason = f"error handling its {message.op!r} message: {exc!r}"
+                if link.setting_up:
+                    self._fail_node(link, ClusterError(f"{link.node_id}: {reason}"))
+                    ended.append(None)
+                else:
+                    ended.append(reason)
+                return True
+            if stop is None:
+                return False
+            ended.append(stop.reason)
+            return True
+
+        try:
+            # Messages are handled in the socket's read callback: no task switch.
+            await link.conn.dispatch(handle)
+        except DispynbError as exc:
+            if link.setting_up:
+                self._fail_node(link, exc)
+                return
+            ended.append(describe_error(exc))
+        finally:
+            if link.closed is not None and not link.closed.done():
+                link.closed.set_result(None)
+        reason = ended[0] if ended else "connection closed"
+        if reason is not None:
+            self._lose_node(link, reason)
+
+    # -- node management (dispy's allocate/deallocate/close/resetup_node) ---------
+
+    def set_cpus(self, node_id: str, cpus: int) -> int:
+        """Use ``cpus`` CPUs of a node from now on (0: send it no more jobs).
+
+        Returns the CPUs now used (at most what the node set up), or -1 for an
+        unknown node. Jobs already there finish.
+        """
+        link = self.nodes.get(node_id)
+        if link is None or not link.ready:
+            return -1
+        cpus = max(0, min(cpus, link.cpus))
+        self._apply(self.state.handle(NodeJoined(node_id, cpus)))
+        return cpus
+
+    def close_node(self, node_id: str, terminate: bool, release: bool = True) -> bool:
+        """Close the computation on one node (after its jobs, unless ``terminate``).
+
+        Jobs pinned to the node and not sent yet are cancelled here; the node
+        cancels the jobs it holds that have not started (as in dispy, where a node
+        holds only running jobs). With ``release`` the node then leaves the cluster
+        for good: the connection is closed and never made again (dispy's
+        ``close_node``); `add_node` brings it back.
+        """
+        link = self.nodes.get(node_id)
+        if link is None or link.conn is None or not link.ready:
+            return False
+        self.set_cpus(node_id, 0)
+        for key in self.state.pinned_keys(node_id):
+            self._apply(self.state.handle(CancelRequested(key)))
+        link.releasing = release
+        with contextlib.suppress(DispynbError):
+            self._post(
+                link,
+                ComputationClose(
+                    comp_id=self.config.comp_id,
+                    terminate=terminate,
+                    cancel_waiting=True,  # the node cancels what has not started
+                ),
+            )
+        return True
+
+    def resetup_node(self, node_id: str, terminate: bool) -> bool:
+        """Close the computation on a node and set it up again on the same node."""
+        link = self.nodes.get(node_id)
+        if link is None or not self.close_node(node_id, terminate, release=False):
+            return False
+        link.resetting = True
+        return True
+
+    def _redo_setup(self, link: NodeLink) -> None:
+        link.ready = False
+        self._apply(self.state.handle(NodeLeft(link.node_id)), lost_reason="re-setup")
+        self.events.node_closed(link, "set up again")  # ``resetting`` still True
+        link.resetting = False
+        self._connecting += 1
+        link.setting_up = True
+        try:
+            self._set_up(link)
+        except DispynbError as exc:
+            self._fail_node(link, exc)
+
+    def running_keys(self, node_id: str) -> list[int]:
+        """Keys of the jobs running on a node."""
+        return self.state.running_keys(node_id)
+
+    def _lose_node(self, link: NodeLink, reason: str) -> None:
+        for stream in [s for s in self._streams if s[0] == link.node_id]:
+            del self._streams[stream]  # its results will not come
+        if link.conn is not None:
+            link.conn.close()  # fencing: whatever it still sends is never read
+        if self.nodes.pop(link.node_id, None) is None:
+            return
+        was_ready = link.ready
+        if link.ready:
+            link.ready = False
+            self._apply(self.state.handle(NodeLeft(link.node_id)), lost_reason=reason)
+            self.events.node_closed(link, reason)
+        if (
+            was_ready
+            and not self._closing
+            and not link.releasing
+            and link.allocate is not None
+        ):
+            # It may come back (restarted, link healed): try again for a while.
+            self._reconnecting += 1
+            self._spawn(self._reconnect(link.host, link.port, link.allocate))
+        self._abandon_if_no_nodes()
+
+    async def _reconnect(self, host: str, port: int, allocate: Allocator) -> None:
+        """Connect again to a lost node, with backoff, for up to RECONNECT_FOR s.
+
+        A node that comes back authenticates anew and gets a fresh computation; what
+        it may still send for the old one was on the old, closed connection.
+        """
+        loop = asyncio.get_running_loop()
+        delay, deadline = RECONNECT_DELAY, loop.time() + RECONNECT_FOR
+        conn: Connection | None = None
+        welcome: Welcome | None = None
+        try:
+            while not self._closing and loop.time() < deadline:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_DELAY_MAX)
+                if self._closing or format_address(host, port) in self.nodes:
+                    return
+                try:
+                    conn, welcome = await self._connect(host, port)
+                    break
+                except DispynbError as exc:
+                    logger.debug("node %s:%d still away: %s", host, port, exc)
+        finally:
+            self._reconnecting -= 1
+        if conn is None or welcome is None or self._closing:
+            if conn is not None:
+                conn.close()
+            self._abandon_if_no_nodes()
+            return
+        logger.info("node %s is back", format_address(host, port))
+        link = self._new_link(host, port)
+        await self._attach(link, allocate, conn, welcome)
+
+    def _watch(self) -> None:
+        """Start the pulse watchdog (once, on the I/O loop)."""
+        if self._watchdog is None:
+            self._watchdog = self._spawn(self._watch_pulses())
+
+    async def _watch_pulses(self) -> None:
+        """Ping the nodes every pulse; a node silent for DEAD_AFTER pulses is dead."""
+        loop = asyncio.get_running_loop()
+        pulse = self.pulse
+        while not self._closing:
+            expected = loop.time() + pulse / 2
+            await asyncio.sleep(pulse / 2)
+            now = loop.time()
+            late = now - expected > pulse
+            for link in list(self.nodes.values()):
+                if not link.ready or link.conn is None:
+                    continue
+                if late:
+                    # This loop was held up (a huge result?): the nodes' pulses may be
+                    # waiting unread, so judge no one this round.
+                    link.last_seen = now
+                    continue
+                if link.conn.reads != link.reads_seen:
+                    # Bytes arrived (maybe of a message slower to cross the link
+                    # than DEAD_AFTER pulses, with the pulses queued behind it).
+                    link.reads_seen = link.conn.reads
+                    link.last_seen = now
+                silent = now - link.last_seen
+                if silent > DEAD_AFTER * pulse:
+                    logger.warning(
+                        "node %s sent nothing for %.1f s: declared dead",
+                        link.node_id,
+                        silent,
+                    )
+                    self._lose_node(link, f"no pulse for {silent:.1f} s")
+                    continue
+                with contextlib.suppress(DispynbError):
+                    link.conn.write(Ping())
+
+    def _abandon_if_no_nodes(self) -> None:
+        """With no node left (and none coming), queued jobs can never run."""
+        if self._connecting > 0 or self._reconnecting > 0 or self.discovering:
+            return
+        if any(n.ready for n in self.nodes.values()):
+            return
+        for key in list(self._jobs):
+            self._jobs.pop(key)
+            self._release_segments(key)
+            self.events.job_abandoned(key, None, self._no_node_reason())
+
+    def _no_node_reason(self) -> str:
+        reason = "no node is available to run the job"
+        if self.last_error is not None:
+            reason += f" (last node error: {describe_error(self.last_error)})"
+        return reason
+
+    @property
+    def connecting(self) -> bool:
+        """True while some node is still connecting or being set up."""
+        return self._connecting > 0

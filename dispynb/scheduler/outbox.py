@@ -1,0 +1,288 @@
+"""`DriverOutbox`: what the driver writes to nodes (jobs, cancels, files)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from typing import Any
+
+from dispynb.depends import FileRef
+from dispynb.errors import DispynbError
+from dispynb.protocol import shm
+from dispynb.protocol.framing import Buffer
+from dispynb.protocol.messages import (
+    FilePlace,
+    FilePut,
+    JobCancel,
+    JobSubmit,
+    Message,
+)
+from dispynb.scheduler.events import (
+    AbandonJob,
+    CancelQueued,
+    CancelRunning,
+    Instruction,
+    ResubmitJob,
+    SendJobs,
+)
+from dispynb.scheduler.link import (
+    BATCH_BYTES,
+    CLOSE_TIMEOUT,
+    DriverConfig,
+    JobEvents,
+    NodeLink,
+    _Handler,
+    _Pending,
+)
+from dispynb.scheduler.state import SchedulerState, attempts_spent
+from dispynb.transport.connection import describe_error
+
+#: The driver's logger (one name for all its parts, as users configure it).
+logger = logging.getLogger("dispynb.scheduler.driver")
+
+
+class DriverOutbox:
+    """The driver's writing side: carries out the scheduler's instructions (job
+    batches per node, cancels), files and shared memory, in wire order."""
+
+    # Set by `Driver.__init__` (see there).
+    config: DriverConfig
+    events: JobEvents
+    state: SchedulerState
+    nodes: dict[str, NodeLink]
+    _jobs: dict[int, _Pending]
+    _files: dict[str, FileRef]
+    _placements: dict[int, asyncio.Future[str]]
+    _streams: dict[tuple[str, int, int], dict[int, list[Any]] | None]
+    _requests: itertools.count[int]
+    _segments: dict[int, dict[int, str]]
+    _connecting: int
+    _reconnecting: int
+    discovering: bool
+    _watchdog: asyncio.Task[None] | None
+    pulse: float
+    last_error: DispynbError | None
+    _closing: bool
+    _tasks: set[asyncio.Task[Any]]
+    _routes: dict[type[Message], _Handler]
+
+    def _send_files(self, link: NodeLink, files: list[FileRef]) -> None:
+        """Send each file not yet sent on this connection (the node keeps them).
+
+        Files are read (and checked against their digest) on a worker thread, never
+        on the loop: `_pump` sends them in order, and what is `_post`-ed meanwhile
+        (the jobs that need them) follows them on the wire.
+        """
+        for ref in files:
+            if ref.digest in link.sent:
+                continue
+            link.sent.add(ref.digest)  # sent, or on its way
+            self._files.setdefault(ref.digest, ref)
+            link.outbox.append(ref)
+        if link.outbox and not link.pumping:
+            link.pumping = True
+            self._spawn(self._pump(link))
+
+    def _post(
+        self, link: NodeLink, message: Message, buffers: list[Buffer] | None = None
+    ) -> None:
+        """Write ``message`` to a node after the files on their way to it.
+
+        Raises `DispynbError` (from the connection) only when written at once.
+        """
+        if link.pumping:
+            link.outbox.append((message, buffers or []))
+            return
+        assert link.conn is not None
+        link.conn.write(message, buffers or ())
+
+    async def _pump(self, link: NodeLink) -> None:
+        """Write a node's outbox in order, reading its files off the loop."""
+        loop = asyncio.get_running_loop()
+        outbox = link.outbox
+        try:
+            while outbox:
+                item = outbox.popleft()
+                if isinstance(item, FileRef):
+                    try:
+                        data = await loop.run_in_executor(None, item.read)
+                    except (OSError, DispynbError) as exc:
+                        link.sent.discard(item.digest)
+                        logger.warning(
+                            "cannot send %s to node %s: %s (the jobs that need it "
+                            "fail there)",
+                            item.path,
+                            link.node_id,
+                            describe_error(exc),
+                        )
+                        continue
+                    message: Message = FilePut(digest=item.digest, size=len(data))
+                    buffers: list[Buffer] = [data]
+                else:
+                    message, buffers = item
+                conn = link.conn
+                if conn is None or conn.closed:
+                    break  # its reader ends and settles the node's jobs
+                with contextlib.suppress(DispynbError):
+                    conn.write(message, buffers)
+        finally:
+            link.pumping = False
+            outbox.clear()
+
+    async def send_file(self, node_id: str, ref: FileRef) -> str:
+        """Put a file into the computation's directory on a node; '' or an error."""
+        link = self.nodes.get(node_id)
+        if link is None or link.conn is None or not link.ready:
+            return f"node {node_id} is not ready"
+        request = next(self._requests)
+        placed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._placements[request] = placed
+        try:
+            self._send_files(link, [ref])
+            self._post(
+                link,
+                FilePlace(
+                    comp_id=self.config.comp_id,
+                    request=request,
+                    path=ref.relative,
+                    digest=ref.digest,
+                ),
+            )
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                return await placed
+        except (DispynbError, OSError, TimeoutError) as exc:
+            return f"cannot send {ref.relative} to {node_id}: {describe_error(exc)}"
+        finally:
+            self._placements.pop(request, None)
+
+    def _apply(self, instructions: list[Instruction], lost_reason: str = "") -> None:
+        """Carry out instructions; job batches are merged per node into one message."""
+        batches: dict[str, list[tuple[int, int]]] = {}
+        for instruction in instructions:
+            if isinstance(instruction, SendJobs):
+                batches.setdefault(instruction.node, []).extend(instruction.jobs)
+            elif isinstance(instruction, CancelQueued):
+                self._jobs.pop(instruction.key, None)
+                self._release_segments(instruction.key)
+                self.events.job_cancelled(instruction.key)
+            elif isinstance(instruction, CancelRunning):
+                link = self.nodes.get(instruction.node)
+                if link is not None and link.conn is not None:
+                    cancel = JobCancel(
+                        comp_id=self.config.comp_id,
+                        key=instruction.key,
+                        attempt=instruction.attempt,
+                        unstarted=instruction.unstarted,
+                    )
+                    # If the connection is going, NodeLeft settles the job.
+                    with contextlib.suppress(DispynbError):
+                        self._post(link, cancel)
+            elif isinstance(instruction, AbandonJob):
+                self._jobs.pop(instruction.key, None)
+                self._release_segments(instruction.key)
+                link = self.nodes.get(instruction.node)
+                reason = f"node {instruction.node} was lost ({lost_reason or 'left'})"
+                if instruction.lost_on:
+                    reason = attempts_spent(instruction.lost_on, reason)
+                self.events.job_abandoned(
+                    instruction.key, link, reason, node_id=instruction.node
+                )
+            elif isinstance(instruction, ResubmitJob):
+                self._release_segments(instruction.key)  # sent again, anew
+                logger.info(
+                    "resubmitting job %d (attempt %d)",
+                    instruction.key,
+                    instruction.attempt,
+                )
+                self.events.job_requeued(instruction.key)
+        for node_id, jobs in batches.items():
+            self._send_jobs(node_id, jobs)
+
+    def _send_jobs(self, node_id: str, jobs: list[tuple[int, int]]) -> None:
+        link = self.nodes[node_id]
+        assert link.conn is not None
+        entries: list[list[Any]] = []
+        limits: list[list[Any]] = []
+        buffers: list[Buffer] = []
+        size = 0
+        self.events.jobs_sent([key for key, _attempt in jobs], link)
+        for key, attempt in jobs:
+            pending = self._jobs[key]
+            if pending.limits is not None:
+                limits.append([key, *pending.limits])
+            payload = pending.buffers
+            nbytes = sum(memoryview(b).nbytes for b in payload)
+            if link.shared_memory and nbytes >= shm.MIN_SIZE:
+                payload = self._to_shared_memory(link, key, attempt, payload)
+            if pending.files:
+                self._send_files(link, pending.files)
+                files = [[ref.relative, ref.digest] for ref in pending.files]
+                entries.append([key, attempt, len(payload), files])
+            else:
+                entries.append([key, attempt, len(payload)])
+            buffers.extend(payload)
+            # Arguments in shared memory count at their full size too: the node
+            # then gets each large job as soon as it is written, not all at the end.
+            size += nbytes
+            if size >= BATCH_BYTES:
+                self._write_batch(link, entries, buffers, limits)
+                entries, limits, buffers, size = [], [], [], 0
+        if entries:
+            self._write_batch(link, entries, buffers, limits)
+
+    def _to_shared_memory(
+        self, link: NodeLink, key: int, attempt: int, payload: list[Buffer]
+    ) -> list[Buffer]:
+        """Write a job's arguments to shared memory; the reference to send instead
+        (the arguments themselves if that fails: the socket still works)."""
+        try:
+            name, reference = shm.write_segment(payload)
+        except OSError as exc:  # /dev/shm full, say: this node's jobs use the socket
+            link.shared_memory = False
+            logger.warning(
+                "cannot write arguments to shared memory for node %s (%s);"
+                " sending them over the connection instead",
+                link.node_id,
+                exc,
+            )
+            return payload
+        self._segments.setdefault(key, {})[attempt] = name
+        return [reference]
+
+    def _release_segments(self, key: int, attempt: int | None = None) -> None:
+        """Unlink the shared memory of a job (of one attempt) that ended."""
+        segments = self._segments.get(key)
+        if segments is None:
+            return
+        names = list(segments.values()) if attempt is None else []
+        if attempt is not None and (name := segments.pop(attempt, None)):
+            names.append(name)
+        if attempt is None or not segments:
+            del self._segments[key]
+        for name in names:
+            shm.unlink(name)
+
+    def _write_batch(
+        self,
+        link: NodeLink,
+        entries: list[list[Any]],
+        buffers: list[Buffer],
+        limits: list[list[Any]],
+    ) -> None:
+        assert link.conn is not None
+        # If the connection is going, its reader sees it end and the state requeues
+        # or abandons these jobs.
+        with contextlib.suppress(DispynbError):
+            self._post(
+                link,
+                JobSubmit(comp_id=self.config.comp_id, jobs=entries, limits=limits),
+                buffers,
+            )
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task

@@ -1,0 +1,174 @@
+"""`DriverResults`: what the driver makes of the results nodes send."""
+
+from __future__ import annotations
+
+import io
+import logging
+from typing import Any
+
+from dispynb.errors import SerializationError
+from dispynb.protocol import serialize
+from dispynb.protocol.messages import (
+    CRASHED,
+    FINISHED,
+    RETURNED,
+    JobProvisional,
+    JobResults,
+    ResultChunk,
+)
+from dispynb.protocol.records import ResultEntry
+from dispynb.scheduler.events import (
+    AcceptResult,
+    Instruction,
+    JobFinished,
+    JobReturned,
+    NodeJoined,
+)
+from dispynb.scheduler.link import (
+    NodeLink,
+    Outcome,
+)
+from dispynb.scheduler.outbox import DriverOutbox
+
+#: The driver's logger (one name for all its parts, as users configure it).
+logger = logging.getLogger("dispynb.scheduler.driver")
+
+
+class DriverResults(DriverOutbox):
+    """Results, provisional results and chunks of large results from nodes."""
+
+    def _on_provisional(
+        self, link: NodeLink, message: JobProvisional, buffers: list[memoryview]
+    ) -> None:
+        if not self.state.is_running(message.key, message.attempt, link.node_id):
+            return  # from an attempt we gave up on
+        try:
+            result = serialize.loads(buffers, self.config.result_types)
+        except SerializationError as exc:
+            logger.warning("provisional result of job %d dropped: %s", message.key, exc)
+            return
+        self.events.job_provisional(message.key, link, result)
+
+    def _on_results(
+        self, link: NodeLink, message: JobResults, buffers: list[memoryview]
+    ) -> None:
+        starts = message.started
+        next_start = 0  # starts are replayed in the node's order among the results
+        offset = 0
+        instructions: list[Instruction] = []
+        handle = self.state.handle
+        for index, entry in enumerate(message.results):
+            while next_start < len(starts) and starts[next_start][3] <= index:
+                self._on_start(link, starts[next_start])
+                next_start += 1
+            record, streamed = ResultEntry.from_wire(entry)
+            key, attempt, outcome, began, ended, stdout, stderr, exception, count = (
+                record
+            )
+            self._release_segments(key, attempt)
+            result_buffers: list[Any] | None
+            if streamed:  # its buffers came in chunks
+                result_buffers = self._take_stream(link, key, attempt, count)
+            else:
+                result_buffers = buffers[offset : offset + count]
+                offset += count
+            if outcome == RETURNED:
+                # The node shuts down: no more jobs for it; this one runs elsewhere.
+                if not link.leaving:
+                    link.leaving = True
+                    instructions.extend(handle(NodeJoined(link.node_id, 0)))
+                instructions.extend(handle(JobReturned(link.node_id, key, attempt)))
+                continue
+            accepted = handle(
+                JobFinished(link.node_id, key, attempt, max(ended - began, 0.0))
+            )
+            if not accepted or not isinstance(accepted[0], AcceptResult):
+                instructions.extend(accepted)
+                continue  # stale: an old attempt or a node we already gave up on
+            instructions.extend(accepted[1:])
+            self._jobs.pop(key, None)
+            result = None
+            if outcome == FINISHED and result_buffers is None:
+                outcome, exception = CRASHED, "the result arrived incomplete"
+            elif outcome == FINISHED:
+                try:
+                    result = serialize.loads(
+                        result_buffers,  # type: ignore[arg-type]  # not None here
+                        self.config.result_types,
+                    )
+                except SerializationError as exc:
+                    outcome, exception = (
+                        CRASHED,
+                        f"the result cannot be unpickled here: {exc}",
+                    )
+            link.jobs_done += 1
+            link.cpu_time += max(ended - began, 0.0)
+            self.events.job_done(
+                key,
+                link,
+                Outcome(outcome, result, stdout, stderr, exception, began, ended),
+            )
+        for start in starts[next_start:]:
+            self._on_start(link, start)
+        self._apply(instructions)
+
+    def _on_start(self, link: NodeLink, start: list[Any]) -> None:
+        """A job began executing on the node (``[key, attempt, time, before]``)."""
+        key, attempt, when = start[0], start[1], start[2]
+        if self.state.is_running(key, attempt, link.node_id):  # else: stale, or done
+            self.events.job_running(key, link, when)
+
+    def _on_chunk(
+        self, link: NodeLink, message: ResultChunk, buffers: list[memoryview]
+    ) -> None:
+        """Copy a chunk of a large result into its place (allocated once)."""
+        if not self.state.is_running(message.key, message.attempt, link.node_id):
+            return  # not this node's job (or an attempt we gave up on): dropped
+        stream_id = (link.node_id, message.key, message.attempt)
+        parts = self._streams.setdefault(stream_id, {})
+        if parts is None:
+            return  # refused already
+        target = parts.get(message.index)
+        cap = self.config.max_result or self.config.max_message_size
+        if target is None:
+            total = sum(p[2] for p in parts.values()) + message.size
+            if not 0 <= message.index < 4096 or not message.size >= 0 or total > cap:
+                logger.warning(
+                    "node %s streams a result of job %d over %d bytes: refused",
+                    link.node_id,
+                    message.key,
+                    cap,
+                )
+                self._streams[stream_id] = None
+                return
+            # A bytes buffer grows in a BytesIO, whose getvalue() then hands over
+            # its memory: one copy, as for a bytearray filled in place.
+            place = io.BytesIO() if message.kind == "b" else bytearray(message.size)
+            target = parts[message.index] = [place, 0, message.size]
+        data = buffers[0] if len(buffers) == 1 else memoryview(b"")
+        place, filled, size = target
+        end = message.offset + data.nbytes
+        in_order = message.offset == filled or not isinstance(place, io.BytesIO)
+        if message.offset < 0 or end > size or not data.nbytes or not in_order:
+            logger.warning("node %s sent a malformed result chunk", link.node_id)
+            self._streams[stream_id] = None
+            return
+        if isinstance(place, io.BytesIO):
+            place.write(data)
+        else:
+            place[message.offset : end] = data
+        target[1] += data.nbytes
+
+    def _take_stream(
+        self, link: NodeLink, key: int, attempt: int, count: int
+    ) -> list[bytes | bytearray] | None:
+        """The buffers of a streamed result, or None if they are not all there."""
+        parts = self._streams.pop((link.node_id, key, attempt), None)
+        if parts is None or sorted(parts) != list(range(count)):
+            return None
+        if any(filled != size for _place, filled, size in parts.values()):
+            return None
+        return [
+            place.getvalue() if isinstance(place, io.BytesIO) else place
+            for place, _filled, _size in (parts[i] for i in range(count))
+        ]
