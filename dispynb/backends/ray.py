@@ -29,14 +29,24 @@ How dispy's features map onto Ray's own mechanisms
 * **stdout/stderr** of a job are captured in the actor for that job (as on
   dispynb's own nodes) and come back with its outcome.
 
+* **submit_node** jobs wait in a queue of their Ray node and go only to its actors
+  (which are pinned there); they are abandoned if that node leaves.
+* **Nodes that join** the Ray cluster after the `JobCluster` opened are found by
+  asking ``ray.nodes()`` every `NODE_POLL` seconds: they get their actors (hence the
+  computation's setup) and then jobs, like the nodes present at the start.
+* **job_timeout / mem_limit** (and ``dispy_job_timeout`` / ``dispy_job_mem_limit``):
+  the client kills the actor of a job that runs too long (it ends ``Terminated``);
+  the actor lowers its ``RLIMIT_AS`` for the job's run.
+
 Not available on Ray (`NotSupportedError` from ``JobCluster``): program files,
-``submit_node``, node management, ``send_file``, ``dispy_job_depends``,
-``recover_file``. ``ray`` is imported only when a cluster opens (the
-``dispynb[ray]`` extra); the Ray workers need dispynb installed too.
+node management, ``send_file``, ``dispy_job_depends``, ``recover_file``. ``ray`` is
+imported only when a cluster opens (the ``dispynb[ray]`` extra); the Ray workers need
+dispynb installed too.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import concurrent.futures
 import contextlib
@@ -92,6 +102,9 @@ RETRY = 0.2
 #: Seconds each long poll of the inbox lasts.
 POLL = 1.0
 
+#: Seconds between looks for Ray nodes that joined the cluster.
+NODE_POLL = 2.0
+
 _PLAIN = frozenset({int, float, str, bytes, bytearray, bool, type(None), complex})
 
 
@@ -129,7 +142,9 @@ class RayEngine:
     """
 
     name = "ray"
-    features: frozenset[str] = frozenset({base.SETUP, base.JOB_LIMITS})
+    features: frozenset[str] = frozenset(
+        {base.SETUP, base.JOB_LIMITS, base.SUBMIT_NODE}
+    )
 
     def __init__(
         self,
@@ -248,6 +263,8 @@ class RayBackend:
         self._reentrant = opts.reentrant
         self._files_dir = opts.files_dir
         self._queue: collections.deque[JobRequest] = collections.deque()
+        #: Jobs of ``submit_node`` waiting for their node, by Ray node id.
+        self._pinned: dict[str, collections.deque[JobRequest]] = {}
         self._incoming: collections.deque[JobRequest] = collections.deque()
         self._jobs: dict[int, JobRequest] = {}  # queued or in flight
         self._where: dict[int, _Slot] = {}  # in flight
@@ -275,6 +292,8 @@ class RayBackend:
         self._setup_errors: list[str] = []
         self._inbox: Any = None
         self._actor_class: Any = None
+        self._strategy: Any = None
+        self._max_output: int | str | None = None
         self._args_refs: tuple[Any, ...] = ()
         #: Inbox messages that arrived ahead of an earlier one of their job (an
         #: asynchronous actor does not keep the order of calls): by key, by number.
@@ -299,7 +318,7 @@ class RayBackend:
         buffers = [bytes(memoryview(b)) for b in serialize.dumps(bundle)]
         files = {ref.relative: ref.read() for ref in self._config.depends.files}
         # Kept for the cluster's life: Ray restarts actors with these arguments.
-        self._args_refs = bundle_ref, files_ref = ray.put(buffers), ray.put(files)
+        self._args_refs = (ray.put(buffers), ray.put(files))
         max_output = opts.max_output_size
         strategy = importlib.import_module("ray.util.scheduling_strategies")
         # On this process's node if it is one (a lost worker node loses no message).
@@ -316,30 +335,10 @@ class RayBackend:
             .remote()
         )
         self._actor_class = ray.remote(_rayworker.JobActor)
+        self._strategy = strategy.NodeAffinitySchedulingStrategy
+        self._max_output = max_output
         for entry in ray.nodes():
-            cpus = int(entry.get("Resources", {}).get("CPU", 0))
-            if not entry.get("Alive") or cpus < 1:
-                continue
-            if self._engine.cpus is not None:
-                cpus = min(cpus, self._engine.cpus)
-            node = _Node(
-                entry["NodeID"],
-                entry.get("NodeManagerAddress", ""),
-                int(entry.get("NodeManagerPort", 0)),
-            )
-            self._nodes[node.ray_id] = node
-            for _ in range(cpus):
-                handle = self._actor_class.options(
-                    num_cpus=1,
-                    max_restarts=-1,
-                    max_task_retries=0,
-                    scheduling_strategy=strategy.NodeAffinitySchedulingStrategy(
-                        node.ray_id, soft=False
-                    ),
-                ).remote(bundle_ref, files_ref, self._inbox, max_output)
-                slot = _Slot(handle, node)
-                node.slots.append(slot)
-                self._slots.append(slot)
+            self._add_node(entry)
         if not self._slots:
             raise SetupError(
                 "the Ray cluster has no node with a CPU: add nodes (ray start "
@@ -348,6 +347,7 @@ class RayBackend:
         for slot in self._slots:
             self._check_ready(slot)
         self._runner.call_soon(self._poll_inbox)
+        self._runner.call_soon(self._watch_nodes)
         try:
             self._startup.result(STARTUP_WAIT)
         except concurrent.futures.TimeoutError:
@@ -355,6 +355,56 @@ class RayBackend:
                 f"no Ray actor of the computation was set up within {STARTUP_WAIT} s: "
                 "are the cluster's CPUs taken by other work?"
             ) from None
+
+    def _add_node(self, entry: dict[str, Any]) -> _Node | None:
+        """Make the actors of a live Ray node with CPUs (``ray.nodes()`` entry)."""
+        cpus = int(entry.get("Resources", {}).get("CPU", 0))
+        if not entry.get("Alive") or cpus < 1 or entry["NodeID"] in self._nodes:
+            return None
+        if self._engine.cpus is not None:
+            cpus = min(cpus, self._engine.cpus)
+        node = _Node(
+            entry["NodeID"],
+            entry.get("NodeManagerAddress", ""),
+            int(entry.get("NodeManagerPort", 0)),
+        )
+        self._nodes[node.ray_id] = node
+        bundle_ref, files_ref = self._args_refs
+        for _ in range(cpus):
+            handle = self._actor_class.options(
+                num_cpus=1,
+                max_restarts=-1,
+                max_task_retries=0,
+                scheduling_strategy=self._strategy(node.ray_id, soft=False),
+            ).remote(bundle_ref, files_ref, self._inbox, self._max_output)
+            slot = _Slot(handle, node)
+            node.slots.append(slot)
+            self._slots.append(slot)
+        return node
+
+    def _watch_nodes(self) -> None:
+        """Every `NODE_POLL` seconds: set the computation up on Ray nodes that
+        joined the cluster since (``ray.nodes()`` asks the GCS: off the loop)."""
+        if self._closed:
+            return
+        future = self._runner.loop.run_in_executor(None, self._ray.nodes)
+        future.add_done_callback(self._nodes_listed)
+
+    def _nodes_listed(self, fut: asyncio.Future[list[dict[str, Any]]]) -> None:
+        if self._closed:
+            return
+        try:
+            entries = fut.result()
+        except Exception as exc:  # the GCS is briefly unreachable: ask again later
+            logger.debug("cannot list the Ray nodes: %s", exc)
+            entries = []
+        for entry in entries:
+            node = self._add_node(entry)
+            if node is not None:
+                logger.info("Ray node %s joined: setting the computation up", node.host)
+                for slot in node.slots:
+                    self._check_ready(slot)
+        self._runner.loop.call_later(NODE_POLL, self._watch_nodes)
 
     def _post(self, fn: Any, *args: Any) -> None:
         """From Ray's threads: run ``fn(*args)`` on the loop, unless closed."""
@@ -414,17 +464,24 @@ class RayBackend:
                 return
         if all(s.dead for s in node.slots) and not node.closed:
             node.closed = True
+            for job in self._pinned.pop(node.ray_id, ()):
+                self._forget(job.key)
+                self._events.job_abandoned(
+                    job.key, node.info, f"its Ray node (submit_node) left: {reason}"
+                )
             if node.info is not None:
                 logger.warning("Ray node %s left: %s", node.host, reason)
                 self._events.node_closed(node.info, reason, Departure.LOST)
         if all(s.dead for s in self._slots):
-            for job in [*self._queue, *self._incoming]:
+            self._take_incoming()
+            pinned = [job for queue in self._pinned.values() for job in queue]
+            self._pinned.clear()
+            for job in [*self._queue, *pinned]:
                 self._jobs.pop(job.key, None)
                 self._events.job_abandoned(
                     job.key, None, f"no Ray worker is left to run it: {reason}"
                 )
             self._queue.clear()
-            self._incoming.clear()
 
     # -- jobs --
 
@@ -481,7 +538,35 @@ class RayBackend:
         while incoming:
             job = incoming.popleft()
             self._jobs[job.key] = job
-            self._queue.append(job)
+            self._enqueue(job)
+
+    def _enqueue(self, job: JobRequest, first: bool = False) -> None:
+        """Queue ``job`` here: for any node, or for its own (``submit_node``)."""
+        if job.node_id is None:
+            queue = self._queue
+        else:
+            node = self._nodes.get(job.node_id)
+            if node is None or node.closed:
+                self._forget(job.key)
+                self._events.job_abandoned(
+                    job.key,
+                    node.info if node is not None else None,
+                    "its Ray node (submit_node) has left the cluster",
+                )
+                return
+            queue = self._pinned.setdefault(job.node_id, collections.deque())
+        if first:
+            queue.appendleft(job)
+        else:
+            queue.append(job)
+
+    def _next_job(self, slot: _Slot) -> JobRequest | None:
+        """The job ``slot`` runs next: one for its node first, then any."""
+        if self._pinned:
+            pinned = self._pinned.get(slot.node.ray_id)
+            if pinned:
+                return pinned.popleft()
+        return self._queue.popleft() if self._queue else None
 
     def _schedule(self) -> None:
         """On the loop: take in new jobs and cancels, then feed idle actors."""
@@ -492,8 +577,9 @@ class RayBackend:
             keys, unstarted = self._to_cancel.popleft()
             for key in self._cancel_queued(set(keys)):
                 self._cancel_sent(key, unstarted)
-        queue = self._queue
-        if not queue:
+        if self._pinned:
+            self._pinned = {k: q for k, q in self._pinned.items() if q}
+        if not self._queue and not self._pinned:
             self._steal()
             return
         slots = [s for s in self._slots if s.ready and len(s.inflight) < DEPTH]
@@ -506,10 +592,13 @@ class RayBackend:
         starting = any(not s.ready and not s.dead for s in self._slots)
         for depth in range(1 if starting else DEPTH):
             for slot in slots:
-                if not queue:
-                    return
                 if len(slot.inflight) <= depth:
-                    self._send(slot, queue.popleft())
+                    job = self._next_job(slot)
+                    if job is None:
+                        if not self._pinned and not self._queue:
+                            return
+                        continue
+                    self._send(slot, job)
 
     def _steal(self) -> None:
         """Nothing waits here but an actor is idle: take back a job waiting behind
@@ -525,6 +614,9 @@ class RayBackend:
                 continue
             key, _, ref = slot.inflight[-1]
             if key in self._stolen or key in self._cancelling:
+                continue
+            job = self._jobs.get(key)
+            if job is None or job.node_id is not None:  # it may run only there
                 continue
             self._stolen.add(key)
             self._ray.cancel(ref)
@@ -596,7 +688,7 @@ class RayBackend:
                 key in self._cancelling or key in self._unstarted_cancels
             ):  # taken back for an idle actor
                 self._stolen.discard(key)
-                self._queue.appendleft(self._jobs[key])
+                self._enqueue(self._jobs[key], first=True)
                 return
             self._forget(key)
             self._events.job_cancelled(key)
@@ -712,16 +804,21 @@ class RayBackend:
 
     def _cancel_queued(self, keys: set[int]) -> set[int]:
         """Cancel the jobs of ``keys`` waiting here (one pass); the other keys."""
-        if not keys or not self._queue:
+        if not keys or not (self._queue or self._pinned):
             return keys
-        kept: collections.deque[JobRequest] = collections.deque()
         found: list[int] = []
-        for job in self._queue:
-            if job.key in keys:
-                found.append(job.key)
-            else:
-                kept.append(job)
-        self._queue = kept
+
+        def keep(queue: collections.deque[JobRequest]) -> collections.deque[JobRequest]:
+            kept: collections.deque[JobRequest] = collections.deque()
+            for job in queue:
+                if job.key in keys:
+                    found.append(job.key)
+                else:
+                    kept.append(job)
+            return kept
+
+        self._queue = keep(self._queue)
+        self._pinned = {node: keep(queue) for node, queue in self._pinned.items()}
         for key in found:
             self._forget(key)
             self._events.job_cancelled(key)
@@ -810,7 +907,8 @@ class RayBackend:
                     self._events.job_requeued(key)
                 self._stolen.discard(key)
                 requeue.append(job)
-        self._queue.extendleft(reversed(requeue))
+        for job in reversed(requeue):
+            self._enqueue(job, first=True)
 
     # -- the inbox: provisional results and files --
 
@@ -944,11 +1042,13 @@ class RayBackend:
         """Settle every job (none may be left), report the nodes released; the
         actors whose cleanup can run."""
         self._schedule()
-        for job in [*self._queue, *self._incoming]:
+        self._take_incoming()
+        pinned = [job for queue in self._pinned.values() for job in queue]
+        for job in [*self._queue, *pinned]:
             self._forget(job.key)
             self._events.job_cancelled(job.key)
         self._queue.clear()
-        self._incoming.clear()
+        self._pinned.clear()
         now = time.time()
         idle = []
         for slot in self._slots:

@@ -290,10 +290,11 @@ def test_what_ray_cannot_do_is_one_clear_error(engine: RayEngine) -> None:
         JobCluster("/bin/echo", engine=engine)
     with pytest.raises(NotSupportedError, match="recover_file"):
         JobCluster(compute, recover_file="jobs.db", engine=engine)
-    with JobCluster(compute, engine=engine) as cluster:
-        node = cluster.status().nodes[0] if hasattr(cluster, "status") else None
-        with pytest.raises(NotSupportedError, match="submit_node"):
-            cluster.submit_node(node or "127.0.0.1", 1)
+    with (
+        JobCluster(compute, engine=engine) as cluster,
+        pytest.raises(NotSupportedError, match="send_file"),
+    ):
+        cluster.send_file(__file__, "127.0.0.1")
 
 
 def test_magics_run_a_cell_on_ray(head: RayHead) -> None:
@@ -322,6 +323,125 @@ def test_magics_run_a_cell_on_ray(head: RayHead) -> None:
         InteractiveShell.clear_instance()
 
 
+def node_of(n: int) -> tuple[int, str]:
+    import ray
+
+    return n, str(ray.get_runtime_context().get_node_id())
+
+
+def eats_memory(megabytes: int) -> int:
+    """0: the address space the worker has now; else the size of what it took."""
+    if not megabytes:
+        return int(psutil.Process().memory_info().vms)
+    return len(bytearray(megabytes * 1024 * 1024))
+
+
+def test_job_timeout_terminates_the_job_and_its_worker_comes_back(
+    engine: RayEngine, tmp_path: Path
+) -> None:
+    """``job_timeout`` / ``dispy_job_timeout``: the running job ends Terminated
+    (its actor is killed), the next one runs in the restarted worker."""
+    folder = str(tmp_path)
+    with JobCluster(sleeper, job_timeout=600, engine=engine) as cluster:
+        job = cluster.submit(folder, 600, dispy_job_timeout=1.0)
+        assert job() is None
+        assert job.status is JobStatus.Terminated
+        assert "job_timeout" in str(job.exception)
+        killed = int(next(tmp_path.glob("running-*")).name.split("-")[1])
+        wait_for(lambda: not psutil.pid_exists(killed), "the killed worker gone")
+        again = cluster.submit(folder, 0)
+        assert again() != killed and again.status is JobStatus.Finished
+
+
+def test_mem_limit_stops_a_job_that_takes_too_much(engine: RayEngine) -> None:
+    """``mem_limit`` / ``dispy_job_mem_limit``: a job over its limit gets a
+    MemoryError that names the limit; the worker goes on. (The limit is the
+    worker's address space, as on dispynb's nodes: a Ray worker maps much already.)"""
+    with JobCluster(eats_memory, mem_limit=64 * 2**30, engine=engine) as cluster:
+        vms = cluster.submit(0)()
+        limit = vms + 256 * 2**20
+        job = cluster.submit(1024, dispy_job_mem_limit=limit)
+        assert job() is None
+        assert job.status is JobStatus.Terminated
+        assert "MemoryError" in str(job.exception)
+        assert "mem_limit" in str(job.exception)
+        small = cluster.submit(1)
+        assert small() == 2**20, small.exception
+
+
+def start_node(head: RayHead, alive: int) -> Any:
+    """Add a one-CPU Ray node; wait until ``alive`` nodes are up."""
+    import ray
+
+    def up() -> int:
+        return sum(1 for n in ray.nodes() if n["Alive"])
+
+    for _ in range(3):  # its raylet may abort on a loaded machine: start it again
+        node = head.add_node(cpus=1)
+        deadline = time.monotonic() + WAIT
+        while up() < alive and node.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if up() == alive:
+            return node
+        head.kill_node(node)
+    raise AssertionError("the second Ray node did not start")
+
+
+def stop_node(head: RayHead, node: Any, alive: int) -> None:
+    """Kill a node of `start_node`; wait until Ray counts ``alive`` nodes."""
+    import ray
+
+    head.kill_node(node)
+    wait_for(
+        lambda: sum(1 for n in ray.nodes() if n["Alive"]) == alive,
+        "Ray to see the node gone",
+    )
+
+
+def test_node_that_joins_later_is_set_up_and_takes_submit_node_jobs(
+    head: RayHead, tmp_path: Path
+) -> None:
+    """A Ray node started after the JobCluster opened gets the computation's setup
+    (DispyNode.Initialized) and jobs; ``submit_node`` runs jobs only on the node
+    chosen (the new one, then the head)."""
+    import ray
+
+    ready: list[Any] = []
+
+    def cluster_status(status: int, node: Any, job: Any) -> None:
+        if status == dispynb.DispyNode.Initialized:
+            ready.append(node)
+
+    folder = str(tmp_path)
+    head_id = ray.get_runtime_context().get_node_id()
+    cluster = JobCluster(
+        node_of,
+        setup=lambda: record_setup(folder),
+        cluster_status=cluster_status,
+        engine=RayEngine(head.address),
+    )
+    node = None
+    try:
+        wait_for(lambda: len(ready) == 1, "the head set up")
+        node = start_node(head, alive=2)
+        wait_for(lambda: len(ready) == 2, "the joined node set up")
+        assert len(list(tmp_path.glob("setup-*"))) == 3  # 2 actors + the new one
+        joined = ready[1]
+        pinned = [cluster.submit_node(joined, n) for n in range(6)]
+        results = [job() for job in pinned]
+        assert [n for n, _ in results] == list(range(6))
+        joined_ids = {where for _, where in results}
+        assert len(joined_ids) == 1 and joined_ids != {head_id}
+        on_head = [cluster.submit_node(ready[0], n) for n in range(6)]
+        assert {job()[1] for job in on_head} == {head_id}
+        anywhere = [cluster.submit(n) for n in range(30)]
+        assert [job()[0] for job in anywhere] == list(range(30))
+    finally:
+        cluster.close()
+        if node is not None:
+            stop_node(head, node, alive=1)
+
+
 def waits_for(folder: str, name: str) -> str:
     import ray
 
@@ -337,20 +457,7 @@ def test_lost_node_closes_and_its_jobs_run_elsewhere(
     """A Ray node dies (SIGKILL to its raylet and workers): it leaves the cluster
     (DispyNode.Closed), its running job is run again on the other node (reentrant).
     Last in the module: it adds a node to the shared Ray cluster."""
-    import ray
-
-    def alive() -> int:
-        return sum(1 for n in ray.nodes() if n["Alive"])
-
-    for _ in range(3):  # its raylet may abort on a loaded machine: start it again
-        node = head.add_node(cpus=1)
-        deadline = time.monotonic() + WAIT
-        while alive() < 2 and node.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if alive() == 2:
-            break
-        head.kill_node(node)
-    assert alive() == 2, "the second Ray node did not start"
+    node = start_node(head, alive=2)
     closed: list[Any] = []
 
     def cluster_status(status: int, node: Any, job: Any) -> None:
