@@ -14,9 +14,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from crosshost_report import HEADING as CROSSHOST_HEADING
+from crosshost_report import crosshost_markdown
 from report import MIB, SUBJECT, evaluate_engine_targets, number, table_rows
 
-__all__ = ["engine_lines", "render_markdown"]
+__all__ = ["engine_lines", "render_markdown", "splice"]
 
 #: Heading of the section on dispynb running on other engines (issue 14).
 ENGINES_HEADING = "## dispynb on Dask and Ray: overhead over the engine alone"
@@ -282,6 +284,7 @@ def render_markdown(document: Mapping[str, Any], images: Mapping[str, str]) -> s
         lines += _scale_lines(document["scale"])
         if "scale" in images:
             lines += [f"![dispynb scale curve]({images['scale']})", ""]
+    lines += crosshost_markdown(document, images.get("crosshost"))
     failed = {n: d for n, d in document["backends"].items() if "error" in d}
     if failed:
         lines += ["## What did not run", ""]
@@ -294,6 +297,26 @@ def render_markdown(document: Mapping[str, Any], images: Mapping[str, str]) -> s
     return "\n".join(lines)
 
 
+def _splice(
+    report: str, section: Sequence[str], heading: str, before: Sequence[str]
+) -> str:
+    """``report`` with the section under ``heading`` replaced by ``section``, or
+    ``section`` inserted before the first line starting with one of ``before``."""
+    lines = report.splitlines()
+    if heading in lines:
+        start = lines.index(heading)
+        end = next(
+            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
+            len(lines),
+        )
+    else:
+        start = end = next(
+            (i for i, line in enumerate(lines) if line.startswith(tuple(before))),
+            len(lines),
+        )
+    return "\n".join([*lines[:start], *section, *lines[end:]]) + "\n"
+
+
 def splice_engine_section(report: str, document: Mapping[str, Any]) -> str:
     """``report`` (a rendered ``docs/benchmarks.md``) with its engines section
     replaced by the one of ``document``, or inserted before the W6 section.
@@ -301,24 +324,35 @@ def splice_engine_section(report: str, document: Mapping[str, Any]) -> str:
     For a run of only the engine rows (``--backends dask,dispynb-dask``), which
     must not overwrite the full report.
     """
-    section = engine_lines(document)
-    lines = report.splitlines()
-    if ENGINES_HEADING in lines:
-        start = lines.index(ENGINES_HEADING)
-        end = next(
-            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
-            len(lines),
-        )
-    else:
-        start = end = next(
-            (i for i, line in enumerate(lines) if line.startswith("## W6")), len(lines)
-        )
-    return "\n".join([*lines[:start], *section, *lines[end:]]) + "\n"
+    return _splice(report, engine_lines(document), ENGINES_HEADING, ["## W6"])
+
+
+def splice_crosshost_section(
+    report: str, document: Mapping[str, Any], image: str | None = None
+) -> str:
+    """``report`` with its cross-host section replaced by the one of ``document``
+    (a ``run.py --cross-host`` run), or inserted after the scale curve."""
+    return _splice(
+        report,
+        crosshost_markdown(document, image),
+        CROSSHOST_HEADING,
+        ["## What did not run", "## Reading the numbers"],
+    )
+
+
+def splice(report: str, document: Mapping[str, Any], image: str | None = None) -> str:
+    """Splice every section a partial run measured (engines, cross-host) into
+    ``report``; the sections it did not measure stay as they are."""
+    if evaluate_engine_targets(document):
+        report = splice_engine_section(report, document)
+    if document.get("crosshost"):
+        report = splice_crosshost_section(report, document, image)
+    return report
 
 
 def main(argv: Sequence[str]) -> int:
-    """``markdown.py RESULTS.json REPORT.md``: splice the engines section of a run
-    into an existing report."""
+    """``markdown.py RESULTS.json REPORT.md``: splice the sections of a partial run
+    (engines, cross-host) into an existing report."""
     import json
 
     if len(argv) != 2:
@@ -326,8 +360,9 @@ def main(argv: Sequence[str]) -> int:
         return 2
     document = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
     report = Path(argv[1])
+    image = "crosshost.png" if (report.parent / "crosshost.png").exists() else None
     report.write_text(
-        splice_engine_section(report.read_text(encoding="utf-8"), document),
+        splice(report.read_text(encoding="utf-8"), document, image),
         encoding="utf-8",
     )
     return 0

@@ -1,8 +1,11 @@
-"""Draw ``docs/benchmark.png`` and ``docs/scale.png`` and write ``docs/benchmarks.md``.
+"""Draw ``docs/benchmark.png``, ``docs/scale.png`` and ``docs/crosshost.png`` and write
+``docs/benchmarks.md``.
 
 Usage: ``bench/.venvs/plot/bin/python bench/plot.py RESULTS.json [DOCS_DIR]``
 (``run.py --report`` does this). matplotlib comes from the ``plot`` environment
-(``venvs.py``), never from the project's.
+(``venvs.py``), never from the project's. A run without any framework row (only
+``--cross-host``) does not overwrite the report: its section and plot are spliced
+into the existing one (``markdown.splice``).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any
 
 import matplotlib
 import matplotlib.pyplot as plt
-from markdown import render_markdown
+from markdown import render_markdown, splice
 from matplotlib.ticker import FuncFormatter, NullFormatter
 from report import SUBJECT
 
@@ -136,6 +139,61 @@ def plot_scale(scale: Mapping[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_crosshost(crosshost: Mapping[str, Any], path: Path) -> None:
+    """W1 jobs/s and W4 MB/s against node processes on 4 namespace hosts, with the
+    raw TCP reference of the same run."""
+    rows = crosshost.get("scale") or []
+    counts = [row["nodes"] for row in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, key, label, unit in (
+        (ax1, "throughput", "W1 trivial jobs", "jobs/s"),
+        (ax2, "bandwidth", "W4 10 MB arguments", "MB/s"),
+    ):
+        median = [statistics.median(row[key]) for row in rows]
+        low = [m - min(row[key]) for m, row in zip(median, rows, strict=True)]
+        high = [max(row[key]) - m for m, row in zip(median, rows, strict=True)]
+        ax.errorbar(
+            counts,
+            median,
+            yerr=[low, high],
+            marker="o",
+            capsize=4,
+            color=SUBJECT_COLOR,
+            label="dispynb",
+        )
+        top = max(median, default=1)
+        raw = (crosshost.get("main") or {}).get("raw_tcp")
+        if key == "bandwidth" and raw:
+            reference = statistics.median(raw)
+            ax.axhline(reference, color="black", linestyle="--", linewidth=0.8)
+            ax.axhline(0.8 * reference, color="gray", linestyle=":", linewidth=0.8)
+            ax.annotate(
+                f"raw TCP {reference:,.0f} (dotted: 0.8x)",
+                (counts[0] if counts else 1, reference),
+                xytext=(0, 4),
+                textcoords="offset points",
+                fontsize=8,
+            )
+            top = max(top, reference)
+        ax.set(
+            xscale="log",
+            xlabel="node processes (1 CPU each) on 4 hosts",
+            ylabel=unit,
+            title=f"{label} across hosts",
+            ylim=(0, top * 1.2),
+        )
+        if counts:
+            ax.set_xticks(counts, [str(c) for c in counts])
+            ax.minorticks_off()
+        ax.grid(alpha=0.3)
+    fig.suptitle(
+        "dispynb across network-namespace hosts (veth + bridge, 2-CPU machine)"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str]) -> int:
     """Read the results JSON; write the PNGs and the markdown."""
     if not argv:
@@ -146,7 +204,19 @@ def main(argv: list[str]) -> int:
         Path(argv[1]) if len(argv) > 1 else Path(__file__).resolve().parents[1] / "docs"
     )
     docs.mkdir(parents=True, exist_ok=True)
-    images = {"comparison": "benchmark.png"}
+    images: dict[str, str] = {}
+    if document.get("crosshost") and document["crosshost"].get("scale"):
+        images["crosshost"] = "crosshost.png"
+        plot_crosshost(document["crosshost"], docs / images["crosshost"])
+    report = docs / "benchmarks.md"
+    if not document["backends"] and report.exists():
+        text = splice(
+            report.read_text(encoding="utf-8"), document, images.get("crosshost")
+        )
+        report.write_text(text, encoding="utf-8")
+        print(f"spliced into {report}: {', '.join(images.values()) or 'no plot'}")
+        return 0
+    images["comparison"] = "benchmark.png"
     plot_comparison(document, docs / images["comparison"])
     if document.get("scale") and document["scale"].get("nodes"):
         images["scale"] = "scale.png"

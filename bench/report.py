@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from backends import BACKENDS, PEERS
+from crosshost_report import crosshost_text
 
 __all__ = [
     "METRICS",
@@ -162,6 +163,7 @@ def build_report(
     results: Mapping[str, Mapping[str, Any]],
     config: Mapping[str, Any],
     scale: Mapping[str, Any] | None = None,
+    crosshost: Mapping[str, Any] | None = None,
     machine: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Assemble the JSON document from the drivers' results.
@@ -176,6 +178,8 @@ def build_report(
         Workers, repetitions, the command line, wall time.
     scale:
         ``scale.run_scale``'s result, if measured.
+    crosshost:
+        ``crosshost.run_crosshost``'s result, if measured.
     machine:
         Overrides `machine_info` (for tests).
     """
@@ -189,6 +193,7 @@ def build_report(
         "closure": {},
         "memory": {},
         "scale": dict(scale) if scale else None,
+        "crosshost": dict(crosshost) if crosshost else None,
     }
     per_backend: dict[str, dict[str, list[float]]] = {}
     for name in [n for n in BACKENDS if n in results]:
@@ -468,6 +473,8 @@ def evaluate_engine_targets(document: Mapping[str, Any]) -> list[dict[str, Any]]
 
 def format_table(document: Mapping[str, Any]) -> str:
     """Render the document as a text table, the targets and the failures."""
+    if not document["backends"]:  # only the cross-host part was measured
+        return "\n".join(crosshost_text(document)).strip("\n")
     rows = table_rows(document)
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [
@@ -496,6 +503,7 @@ def format_table(document: Mapping[str, Any]) -> str:
         if "error" in details:
             last = details["error"].strip().splitlines()[-1]
             lines.append(f"{details['label']} FAILED: {last}")
+    lines += crosshost_text(document)
     repeat = document["config"].get("repeat")
     lines.append(
         f"Cells: median [min-max] of {repeat} repetition(s); memory measured once."

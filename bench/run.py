@@ -83,7 +83,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--backends",
         type=_backend_list,
-        default=list(BACKENDS),
+        default=None,
         metavar="NAMES",
         help="comma-separated backends, or 'all'"
         f" (default: all = {','.join(BACKENDS)})",
@@ -97,6 +97,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--scale",
         action="store_true",
         help="also measure dispynb's scale curve (scale.py)",
+    )
+    parser.add_argument(
+        "--cross-host",
+        action="store_true",
+        help="measure W1 and W4 across network-namespace hosts beside raw TCP, and"
+        " the cross-host scale curve (crosshost.py; needs root); alone, with no"
+        " --backends, it measures only that",
     )
     parser.add_argument(
         "--report",
@@ -118,6 +125,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.repeat is None:
         args.repeat = 1 if args.quick else 3
+    if args.backends is None:
+        args.backends = [] if args.cross_host else list(BACKENDS)
     return args
 
 
@@ -316,9 +325,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         from scale import run_scale
 
         scale = run_scale(quick=args.quick, repeat=args.repeat)
+    crosshost = None
+    if args.cross_host:
+        from crosshost import run_crosshost
+
+        crosshost = run_crosshost(quick=args.quick, repeat=args.repeat)
     document = build_report(
         results=results,
         scale=scale,
+        crosshost=crosshost,
         config={
             "workers": args.workers,
             "repeat": args.repeat,
@@ -336,7 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             [str(pythons["plot"]), str(BENCH / "plot.py"), str(path), str(DOCS)]
         )
     # A peer that fails is reported in the table; only dispynb failing is an error.
-    return 1 if "error" in results.get("dispynb", {}) else 0
+    failed = "error" in results.get("dispynb", {}) or "error" in (crosshost or {})
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
