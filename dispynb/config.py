@@ -13,8 +13,8 @@ ClientPort
     dispy clients listened on it for results; dispynb clients open no port (nodes
     answer over the client's own connection). Kept for programs that print it.
 SharedSchedulerPort
-    dispy's ``dispyscheduler`` port; dispynb has no separate scheduler process
-    (`SharedJobCluster` shares nodes directly). Kept for programs that print it.
+    TCP port of the shared scheduler, ``dispynb-scheduler`` (9712), where
+    `SharedJobCluster` connects when ``scheduler_host`` names no port.
 HTTPServerPort
     Default port of the web monitor, `dispynb.httpd.DispyHTTPServer`.
 IPv4MulticastGroup, IPv6MulticastGroup

@@ -6,6 +6,10 @@ from __future__ import annotations
 #: clashing with a dispy node running on the same machine).
 NODE_PORT = 9711
 
+#: TCP port of the shared scheduler (``dispynb-scheduler``) for its clients (dispy's
+#: ``SharedSchedulerPort`` = 9702 shifted as the node port is).
+SCHEDULER_PORT = 9712
+
 #: UDP port nodes listen on for discovery pings (on by default, as dispynode).
 DISCOVERY_PORT = 9712
 

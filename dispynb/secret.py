@@ -81,6 +81,28 @@ def resolve_secret(
     return None
 
 
+#: How a shared scheduler's user credential starts: ``dispynb-user:NAME:TOKEN``
+#: (``dispynb-scheduler user add NAME`` writes one).
+CREDENTIAL_PREFIX = b"dispynb-user:"
+
+
+def split_credential(secret: bytes | None) -> tuple[str, bytes | None]:
+    """``(user, key)`` of a scheduler credential; ``("", secret)`` for any other.
+
+    A client that connects with a credential names the user in its hello and
+    proves the user's token, which is what `dispynb-scheduler` checks.
+    """
+    if secret is None or not secret.startswith(CREDENTIAL_PREFIX):
+        return "", secret
+    user, sep, token = secret[len(CREDENTIAL_PREFIX) :].partition(b":")
+    if not sep or not user or not token:
+        raise ConfigurationError(
+            "malformed scheduler credential: expected dispynb-user:NAME:TOKEN, as "
+            "written by 'dispynb-scheduler user add NAME'"
+        )
+    return user.decode("utf-8", "replace"), token
+
+
 def read_secret_file(path: str | os.PathLike[str]) -> bytes:
     """Read a secret from a file that only its owner may read or write.
 

@@ -1,4 +1,4 @@
-"""`SharedJobCluster`: dispy's cluster on nodes shared with other clients."""
+"""`SharedJobCluster`: dispy's cluster on nodes shared through ``dispynb-scheduler``."""
 
 from __future__ import annotations
 
@@ -6,28 +6,30 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from dispynb import config as dispy_config
 from dispynb.cluster import JobCluster
-from dispynb.errors import ConfigurationError
 from dispynb.job import DispyJob
 from dispynb.node import DispyNode
+from dispynb.transport.addressing import format_address, parse_address
 
 logger = logging.getLogger(__name__)
 
 
 class SharedJobCluster(JobCluster):
-    """dispy's cluster for nodes shared with other clients.
+    """dispy's cluster for nodes shared with other clients through a scheduler.
 
-    In dispy a separate scheduler program shares nodes among clients. dispynb's node
-    servers are shared by design: several clients' computations run on a node at
-    once, isolated in their own processes, with its CPUs shared fairly among them. So
-    this is a `JobCluster` that also accepts dispy's ``client_port`` and
-    ``exclusive`` keywords (neither is needed); name the nodes with ``nodes=``.
+    ``scheduler_host`` (``host`` or ``host:port``; port
+    ``dispy.config.SharedSchedulerPort`` by default) names a ``dispynb-scheduler``,
+    which owns the nodes and shares their CPUs fairly between its users. The
+    cluster proves its user's credential there: ``secret_file=`` the file that
+    ``dispynb-scheduler user add NAME`` wrote (or ``secret=`` its content, or
+    ``DISPYNB_SECRET_FILE``). ``exclusive=True`` asks for the nodes alone: the
+    computation's jobs run once other users' running jobs ended, and no other
+    user's job starts while it is open. Everything else is as for `JobCluster`;
+    the scheduler appears as one node with the CPUs it shares.
 
-    Raises
-    ------
-    ConfigurationError
-        If ``scheduler_host`` is given: there is no dispynb scheduler program to
-        connect to; give the nodes instead.
+    Without ``scheduler_host`` it is a `JobCluster` on the nodes given: dispynb's
+    node servers serve several clients at once.
     """
 
     def __init__(
@@ -40,21 +42,42 @@ class SharedJobCluster(JobCluster):
         | None = None,
         *,
         scheduler_host: str | None = None,
+        scheduler_port: int | None = None,
         client_port: int | None = None,
         exclusive: bool = False,
         **options: Any,
     ) -> None:
-        if scheduler_host is not None:
-            raise ConfigurationError(
-                "dispynb has no shared scheduler program: its node servers serve "
-                "several clients at once, so pass the nodes (nodes=[...]) instead of "
-                f"scheduler_host={scheduler_host!r}"
+        if scheduler_host is None:
+            if exclusive:
+                logger.warning(
+                    "exclusive=True needs a scheduler (scheduler_host=): without "
+                    "one the nodes stay shared with other clients"
+                )
+            super().__init__(
+                computation, nodes, depends, job_status, cluster_status, **options
             )
-        if exclusive:
+            return
+        from dispynb.backends.scheduler import SchedulerEngine
+
+        host, port = parse_address(
+            scheduler_host, scheduler_port or dispy_config.SharedSchedulerPort
+        )
+        if scheduler_port is not None:
+            port = scheduler_port
+        address = format_address(host, port)
+        if nodes not in (None, "*", ["*"]):
             logger.warning(
-                "exclusive=True is not supported: the nodes stay shared with other "
-                "clients (each computation runs in its own processes)"
+                "nodes=%r ignored: the scheduler at %s decides which nodes run the "
+                "jobs",
+                nodes,
+                address,
             )
         super().__init__(
-            computation, nodes, depends, job_status, cluster_status, **options
+            computation,
+            [address],
+            depends,
+            job_status,
+            cluster_status,
+            engine=SchedulerEngine(address, exclusive=exclusive),
+            **options,
         )

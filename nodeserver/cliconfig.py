@@ -31,10 +31,14 @@ REFUSED: dict[str, tuple[int, str]] = {
     ),
     "--scheduler_host": (
         1,
-        "there is no dispyscheduler: SharedJobCluster clients share nodes directly; "
+        "dispynb-scheduler connects to the nodes it is given (-n HOST:PORT); "
         "start the node without it",
     ),
-    "--scheduler_node": (1, "there is no dispyscheduler: start the node without it"),
+    "--scheduler_node": (
+        1,
+        "dispynb-scheduler connects to the nodes it is given (-n HOST:PORT); "
+        "start the node without it",
+    ),
     "--unsafe_setup": (
         0,
         "setup always runs in the computation's own process, never in the node "

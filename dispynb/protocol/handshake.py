@@ -21,6 +21,7 @@ before closing, so the client can say what went wrong.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TypeVar
 
 from dispynb.errors import (
@@ -154,11 +155,17 @@ class ClientHandshake:
         return c2n, n2c
 
 
+#: The node side's secret: one for every client, or a lookup by the client's name
+#: (a shared scheduler's per-user credentials); a lookup's None refuses the name.
+SecretSource = bytes | None | Callable[[str], bytes | None]
+
+
 class NodeHandshake:
     """Node side of the handshake; raises on any failure (reply with `refusal`)."""
 
-    def __init__(self, secret: bytes | None) -> None:
-        self._secret = secret or b""
+    def __init__(self, secret: SecretSource) -> None:
+        self._lookup = secret if callable(secret) else None
+        self._secret = b"" if callable(secret) else (secret or b"")
         self._nonce = auth.new_nonce()
         self._client_nonce = b""
         self._client_verified = False
@@ -182,6 +189,10 @@ class NodeHandshake:
             raise MessageError("malformed hello from client")
         self._client_nonce = hello.nonce
         self.client_name = peer_text(hello.name)
+        if self._lookup is not None:
+            # An unknown name gets a random secret: its proof fails like a wrong
+            # one, so that a peer cannot tell which names exist.
+            self._secret = self._lookup(hello.name) or auth.new_nonce() * 2
         return Challenge(version=PROTOCOL_VERSION, role=NODE, nonce=self._nonce)
 
     def on_auth(self, message: WireMessage) -> Auth:

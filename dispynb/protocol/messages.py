@@ -245,6 +245,10 @@ class ComputationSetup(WireMessage):
     max_result: int | None = None
     max_pids: int | None = None
     fresh_process: bool = False
+    #: For a shared scheduler (nodes ignore them): jobs of a lost node run again
+    #: elsewhere; the computation wants the nodes to itself (dispy's ``exclusive``).
+    reentrant: bool = False
+    exclusive: bool = False
 
 
 @message("computation-ready")

@@ -177,5 +177,7 @@ class DriverConfig:
     max_result: int | None = None
     max_pids: int | None = None
     fresh_process: bool = False
+    #: For a shared scheduler: the computation wants the nodes to itself.
+    exclusive: bool = False
     #: Restricted unpickling of results (``result_types``); None: plain pickle.
     result_types: serialize.AllowList | None = None

@@ -132,6 +132,8 @@ class DriverNodes(DriverResults):
                 max_result=config.max_result,
                 max_pids=config.max_pids,
                 fresh_process=config.fresh_process,
+                reentrant=config.reentrant,
+                exclusive=config.exclusive,
             ),
             bundle,
         )

@@ -20,7 +20,7 @@ from dispynb.errors import (
     TransportError,
 )
 from dispynb.protocol.messages import Welcome
-from dispynb.secret import check_strength
+from dispynb.secret import check_strength, split_credential
 from dispynb.transport.addressing import format_address
 from dispynb.transport.connection import Connection
 from dispynb.transport.handshake import client_handshake
@@ -68,6 +68,8 @@ async def connect(
     loop = asyncio.get_running_loop()
     deadline = loop.time() + retry_for
     delay = RETRY_FIRST
+    user, secret = split_credential(secret)
+    name = user or name  # a shared scheduler finds the user's key by this name
     while True:
         try:
             return await _connect_once(

@@ -11,7 +11,12 @@ from dispynb.errors import (
     MessageError,
     ProtocolVersionError,
 )
-from dispynb.protocol.handshake import ClientHandshake, NodeHandshake, refusal
+from dispynb.protocol.handshake import (
+    ClientHandshake,
+    NodeHandshake,
+    SecretSource,
+    refusal,
+)
 from dispynb.protocol.messages import Welcome, WireMessage
 from dispynb.transport.connection import Connection
 
@@ -41,7 +46,7 @@ async def client_handshake(
 
 async def node_handshake(
     conn: Connection,
-    secret: bytes | None,
+    secret: SecretSource,
     max_size: int,
     make_welcome: Callable[[], Welcome],
 ) -> str:

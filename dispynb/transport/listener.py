@@ -16,7 +16,7 @@ from tornado.netutil import bind_sockets
 from dispynb.defaults import HANDSHAKE_TIMEOUT
 from dispynb.errors import ConnectionClosedError, DispynbError
 from dispynb.protocol.framing import encode_frames
-from dispynb.protocol.handshake import peer_text
+from dispynb.protocol.handshake import SecretSource, peer_text
 from dispynb.protocol.messages import Error, Welcome, pack_header
 from dispynb.transport.addressing import format_address
 from dispynb.transport.admission import (
@@ -62,7 +62,7 @@ class Listener:
         self,
         handler: Handler,
         *,
-        secret: bytes | None,
+        secret: SecretSource,
         make_welcome: Callable[[], Welcome],
         max_message_size: int,
         ssl_context: ssl.SSLContext | None = None,

@@ -156,9 +156,9 @@ def test_shared_job_cluster_runs_on_shared_nodes_beside_another_cluster(local):
     assert [job.result for job in b] == list(range(1, 21))
 
 
-def test_shared_job_cluster_with_scheduler_host_says_to_give_nodes(local):
+def test_shared_job_cluster_with_scheduler_host_needs_a_user_credential(local):
     from dispynb import SharedJobCluster
     from dispynb.errors import ConfigurationError
 
-    with pytest.raises(ConfigurationError, match="nodes="):
-        SharedJobCluster(abs, scheduler_host="127.0.0.1")
+    with pytest.raises(ConfigurationError, match="credential"):
+        SharedJobCluster(abs, scheduler_host="127.0.0.1", secret="not-a-credential")

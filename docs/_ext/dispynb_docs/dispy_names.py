@@ -177,14 +177,17 @@ JOBCLUSTER = [
 SHARED = [
     Name(
         "scheduler_host",
-        differs="Refused with a message: there is no scheduler "
-        "program; give ``nodes=`` instead.",
-        missing="There is no scheduler program; give ``nodes=`` instead.",
+        note="Connects to a ``dispynb-scheduler``, which shares its nodes between "
+        "users; the cluster proves its user's credential (``secret_file=``).",
     ),
     Name(
         "client_port", differs="Accepted and unused: nodes never connect to the client."
     ),
-    Name("exclusive", differs="Accepted; nodes are shared fairly among clients."),
+    Name(
+        "exclusive",
+        note="With a scheduler: the computation's jobs run once other users' jobs "
+        "ended, and no other user's job starts while it is open.",
+    ),
 ]
 
 #: Methods and properties of ``JobCluster`` (and ``SharedJobCluster``).
@@ -456,8 +459,8 @@ NODE_OPTIONS = [
         "--scheduler_host",
         sample=("--scheduler_host", "127.0.0.1"),
         meaning="announce the node to a dispyscheduler",
-        missing="There is no scheduler program: ``SharedJobCluster`` clients share "
-        "nodes directly.",
+        missing="``dispynb-scheduler`` connects to the nodes it is given with "
+        "``-n``; nodes announce themselves to no scheduler.",
     ),
     Name(
         "--max_file_size",
@@ -614,8 +617,9 @@ PROGRAMS = [
     ),
     Name(
         "dispyscheduler.py",
-        missing="Node servers are shared by several clients "
-        "at once: no scheduler program is needed.",
+        alias_of="dispynb-scheduler",
+        differs="Nodes are named with ``-n``; each user has a credential "
+        "(``dispynb-scheduler user add NAME``); fair share between users.",
     ),
     Name(
         "dispynetrelay.py",

@@ -213,7 +213,7 @@ def program_rows() -> list[Row]:
     scripts = {
         ep.name
         for ep in metadata.entry_points(group="console_scripts")
-        if ep.value.split(".")[0] in ("dispynb", "nodeserver")
+        if ep.value.split(".")[0] in ("dispynb", "nodeserver", "schedserver")
     }
     rows = []
     for entry in names.PROGRAMS:

@@ -1,0 +1,279 @@
+"""The ``dispynb-scheduler`` command: run the shared scheduler, or manage its users.
+
+``dispynb-scheduler -n NODE ... --users FILE`` serves; ``dispynb-scheduler user add
+NAME --users FILE`` issues a credential, ``user revoke NAME`` withdraws it. The
+options of dispy's ``dispyscheduler`` are accepted under their names; those that have
+no meaning here are refused with one line that says why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from dispynb import config as dispy_config
+from dispynb.defaults import NODE_PORT, SCHEDULER_PORT
+from dispynb.errors import ConfigurationError, DispynbError
+from dispynb.secret import resolve_secret
+from dispynb.transport.addressing import parse_address
+from dispynb.transport.tls import client_context
+from schedserver.config import SchedulerConfig
+from schedserver.server import SchedulerServer
+from schedserver.users import UsersFile, write_credential
+
+logger = logging.getLogger("schedserver")
+
+#: dispyscheduler options dispynb-scheduler does not offer, and why (one line each).
+REFUSED = {
+    "fair_cluster_scheduler": "scheduling is always fair share between users",
+    "early_cluster_scheduler": "scheduling is always fair share between users",
+    "cooperative": "clients cannot change nodes' CPUs; use --cpus or --max_cpus",
+    "ipv4_udp_multicast": "nodes are named with -n; there is no discovery",
+    "ping_interval": "nodes are named with -n and reconnected on their own; there is "
+    "no discovery to repeat",
+    "httpd": "no scheduler web monitor yet: each client's cluster.httpd() shows "
+    "its jobs",
+    "dest_path_prefix": "the scheduler stores no files on disk (nodes keep theirs)",
+    "cleanup_nodes": "each computation's own cleanup applies on the nodes",
+    "ext_host": "clients connect to the addresses given with -i",
+}
+
+
+def _both(name: str) -> list[str]:
+    """dispy's ``--under_score`` spelling and the ``--dash-ed`` one."""
+    dashed = name.replace("_", "-")
+    return [f"--{name}"] if dashed == name else [f"--{name}", f"--{dashed}"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``dispynb-scheduler``."""
+    parser = argparse.ArgumentParser(
+        prog="dispynb-scheduler",
+        description="Share dispynb nodes between many clients (SharedJobCluster): "
+        "fair share of CPUs between users, per-user credentials, jobs kept for "
+        "clients that come back. 'dispynb-scheduler user add NAME' issues a "
+        "credential.",
+    )
+    parser.add_argument(
+        "-n",
+        "--node",
+        action="append",
+        default=[],
+        metavar="HOST[:PORT]",
+        help=f"a node to use (repeat it); port {NODE_PORT} if none",
+    )
+    parser.add_argument(
+        "-i",
+        "--host",
+        action="append",
+        default=[],
+        metavar="ADDRESS",
+        help="interface clients connect to (repeat it; default 127.0.0.1)",
+    )
+    parser.add_argument(
+        "-p",
+        "--port",
+        type=int,
+        default=SCHEDULER_PORT,
+        help=f"port clients connect to (default {SCHEDULER_PORT}; 0: a free one)",
+    )
+    parser.add_argument(
+        "--users",
+        required=False,
+        default="",
+        metavar="FILE",
+        help="the users file (written by 'user add')",
+    )
+    parser.add_argument(
+        *_both("node_secret_file"),
+        metavar="FILE",
+        default=None,
+        help="file holding the nodes' secret (or DISPYNB_SECRET)",
+    )
+    parser.add_argument(*_both("node_secret"), default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        *_both("node_cafile"),
+        default=None,
+        metavar="FILE",
+        help="CA certificate of nodes that use TLS",
+    )
+    parser.add_argument(
+        "--cpus", type=int, default=None, help="use at most this many CPUs of each node"
+    )
+    parser.add_argument(
+        *_both("max_cpus"),
+        type=int,
+        default=None,
+        help="quota: jobs running at once per user",
+    )
+    parser.add_argument(
+        *_both("max_queued"),
+        type=int,
+        default=None,
+        help="quota: jobs waiting at the scheduler per user",
+    )
+    parser.add_argument(
+        *_both("pulse_interval"),
+        type=float,
+        default=1.0,
+        help="seconds between pings to nodes and reports to clients",
+    )
+    parser.add_argument(
+        *_both("zombie_interval"),
+        type=float,
+        default=60.0,
+        help="minutes a client may stay silent before its session "
+        "ends (its jobs are kept if it uses a recover_file)",
+    )
+    parser.add_argument(
+        *_both("msg_timeout"),
+        type=float,
+        default=None,
+        help="seconds for one network operation (connect/handshake)",
+    )
+    parser.add_argument(
+        *_both("keep_results"),
+        type=float,
+        default=3600.0,
+        help="seconds results wait for a client that went away",
+    )
+    parser.add_argument(*_both("port_file"), default="", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--daemon",
+        action="store_true",
+        help="accepted for dispy: the scheduler never reads stdin",
+    )
+    parser.add_argument(
+        "--clean",
+        action="store_true",
+        help="accepted for dispy: the scheduler keeps nothing on disk",
+    )
+    parser.add_argument("-d", "--debug", action="store_true")
+    parser.add_argument("--loglevel", default="info")
+    for name in REFUSED:
+        parser.add_argument(
+            *_both(name), nargs="?", const=True, default=None, help=argparse.SUPPRESS
+        )
+    return parser
+
+
+def _user_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="dispynb-scheduler user")
+    parser.add_argument("action", choices=["add", "revoke", "list"])
+    parser.add_argument("name", nargs="?")
+    parser.add_argument("--users", required=True, metavar="FILE")
+    parser.add_argument(
+        "--credential-file",
+        "-o",
+        default=None,
+        metavar="FILE",
+        help="where 'add' writes the credential (mode 0600; default NAME.credential)",
+    )
+    args = parser.parse_args(argv)
+    users = UsersFile(args.users)
+    if args.action == "list":
+        for name in sorted(users.load()):
+            print(name)
+        return 0
+    if not args.name:
+        parser.error(f"'user {args.action}' needs a NAME")
+    if args.action == "revoke":
+        users.revoke(args.name)
+        print(f"revoked {args.name}: a running scheduler ends its sessions")
+        return 0
+    credential = users.add(args.name)
+    path = args.credential_file or f"{args.name}.credential"
+    write_credential(path, credential)
+    print(
+        f"user {args.name} added; credential in {path} (give it to the user: "
+        f"SharedJobCluster(..., secret_file={path!r}))"
+    )
+    return 0
+
+
+def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
+    """Turn parsed options into a validated `SchedulerConfig`."""
+    for name, why in REFUSED.items():
+        if getattr(args, name) is not None:
+            raise ConfigurationError(f"--{name} is not supported: {why}")
+    if args.node_secret:
+        logger.warning(
+            "--node_secret is visible in the process list; prefer "
+            "--node_secret_file or DISPYNB_SECRET"
+        )
+    secret = resolve_secret(args.node_secret, args.node_secret_file)
+    nodes = []
+    for spec in args.node:
+        if "*" in spec:
+            raise ConfigurationError(
+                f"-n {spec}: name each node (host or host:port); the scheduler does "
+                "no discovery"
+            )
+        host, port = parse_address(spec)
+        nodes.append((host, port or NODE_PORT))
+    if args.msg_timeout is not None:
+        dispy_config.MsgTimeout = args.msg_timeout
+    config = SchedulerConfig(
+        hosts=list(dict.fromkeys(args.host)) or ["127.0.0.1"],
+        port=args.port,
+        nodes=nodes,
+        node_secret=secret,
+        node_ssl=client_context(None, None, args.node_cafile)
+        if args.node_cafile
+        else None,
+        users_file=args.users,
+        cpus=args.cpus,
+        max_cpus=args.max_cpus,
+        max_queued=args.max_queued,
+        pulse_interval=args.pulse_interval,
+        zombie_interval=args.zombie_interval * 60.0,
+        keep_results=args.keep_results,
+        port_file=args.port_file,
+    )
+    config.validate()
+    return config
+
+
+async def serve(config: SchedulerConfig) -> None:
+    """Run the scheduler until SIGTERM or SIGINT."""
+    server = SchedulerServer(config)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        logger.info("stopping")
+        await server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``dispynb-scheduler`` and ``python -m schedserver``."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv[:1] == ["user"]:
+            return _user_command(argv[1:])
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(
+            level="DEBUG" if args.debug else args.loglevel.upper(),
+            format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        )
+        asyncio.run(serve(config_from_args(args)))
+    except ConfigurationError as exc:
+        print(f"dispynb-scheduler: {exc}", file=sys.stderr)
+        return 2
+    except DispynbError as exc:
+        print(f"dispynb-scheduler: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"dispynb-scheduler: cannot start: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+__all__ = ["build_parser", "config_from_args", "main"]

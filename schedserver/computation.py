@@ -1,0 +1,320 @@
+"""`SharedComputation`: one client's computation as the scheduler relays it.
+
+It holds the client's jobs until `fairshare` gives them a CPU, and one `Upstream`
+connection per node where it is set up (the scheduler connects to each node as a
+client, with the node secret). What the nodes send back (results, output,
+provisional results, files) goes to the client's session unchanged, with the
+client's computation id; while the client is away (with a recovery id) it is kept,
+for `Recover`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from dispynb.errors import DispynbError
+from dispynb.protocol.messages import (
+    CANCELLED,
+    CRASHED,
+    RETURNED,
+    ComputationClose,
+    ComputationSetup,
+    FileFromNode,
+    FilePlaced,
+    JobCancel,
+    JobProvisional,
+    JobResults,
+    JobSubmit,
+    Message,
+    ResultChunk,
+)
+from dispynb.protocol.records import ResultEntry
+from dispynb.transport.connection import Connection
+from schedserver.fairshare import Account
+
+if TYPE_CHECKING:
+    from schedserver.server import NodeState, SchedulerServer
+    from schedserver.session import SchedulerSession
+
+logger = logging.getLogger(__name__)
+
+#: Messages kept for a client that went away (with results): what recovery resends.
+_KEPT_KINDS = (ResultChunk, JobProvisional, FileFromNode)
+
+
+@dataclass(slots=True, eq=False)
+class QueuedJob:
+    """A client's job as it arrived: its wire item and its argument buffers."""
+
+    key: int
+    attempt: int
+    item: list[Any]
+    buffers: list[memoryview]
+    limits: list[Any] | None = None
+    node: str = ""  # where it runs ("" while queued here)
+
+
+@dataclass(eq=False)
+class Upstream:
+    """The computation's connection to one node."""
+
+    node: NodeState
+    conn: Connection | None = None
+    ready: bool = False
+    closed: bool = False
+    #: Its connection ended (or never came): the node is lost to the computation.
+    ended: bool = False
+    task: asyncio.Task[None] | None = None
+
+
+class SharedComputation:
+    """One client computation on the scheduler's nodes."""
+
+    def __init__(
+        self,
+        server: SchedulerServer,
+        session: SchedulerSession,
+        setup: ComputationSetup,
+        bundle: list[memoryview],
+        order: int,
+    ) -> None:
+        self.server = server
+        self.session: SchedulerSession | None = session
+        self.user = session.user
+        self.setup = setup
+        #: Its id towards the nodes (the client's first one), and towards the client.
+        self.comp_id = setup.comp_id
+        self.client_comp_id = setup.comp_id
+        self.bundle = bundle
+        self.account = Account(session.user, order, exclusive=setup.exclusive)
+        self.queue: collections.deque[QueuedJob] = collections.deque()
+        self.running: dict[int, QueuedJob] = {}
+        self.upstream: dict[str, Upstream] = {}
+        self.ready_sent = False
+        self.closing = False
+        self.closed = False
+        self.failures: list[str] = []
+        self.failure_traceback = ""
+        #: The client came back for it (`Recover`): it closes once its jobs ended.
+        self.recovering = False
+        #: Messages for the client while it is away (or all, to resend: keep_sent).
+        self.kept: list[tuple[Message, list[memoryview]]] = []
+        self.expiry: asyncio.TimerHandle | None = None
+        #: ``send_file`` requests: request -> [nodes yet to answer, errors].
+        self.placements: dict[int, list[Any]] = {}
+
+    @property
+    def name(self) -> str:
+        """``user/computation`` for log lines."""
+        return f"{self.user}/{self.setup.name}"
+
+    # -- towards the client ------------------------------------------------------------
+
+    def to_client(
+        self, message: Message, buffers: list[memoryview] | None = None
+    ) -> None:
+        """Send ``message`` (for this computation) to its client, or keep it."""
+        if self.client_comp_id != self.comp_id and hasattr(message, "comp_id"):
+            message = dataclasses.replace(message, comp_id=self.client_comp_id)  # type: ignore[type-var]
+        session = self.session
+        keep = self.setup.recovery_id is not None and (
+            session is None or self.setup.keep_sent
+        )
+        if keep and isinstance(message, JobResults | _KEPT_KINDS):
+            self.kept.append((message, buffers or []))
+        if session is not None:
+            session.send(message, buffers or [])
+
+    def end_jobs(self, entries: list[ResultEntry]) -> None:
+        """Tell the client that these jobs ended without running (no buffers)."""
+        if entries:
+            self.to_client(
+                JobResults(comp_id=self.comp_id, results=[e.to_wire() for e in entries])
+            )
+
+    # -- from the client ---------------------------------------------------------------
+
+    def submit(self, message: JobSubmit, buffers: list[memoryview]) -> None:
+        """Queue the client's jobs (refusing those over the user's quota)."""
+        limits = {item[0]: item for item in message.limits if item}
+        refused: list[ResultEntry] = []
+        quota = self.server.config.max_queued
+        queued = self.server.queued_of(self.user)
+        offset = 0
+        for item in message.jobs:
+            key, attempt, count = int(item[0]), int(item[1]), int(item[2])
+            job_buffers = buffers[offset : offset + count]
+            offset += count
+            if quota is not None and queued >= quota:
+                refused.append(
+                    ResultEntry.unrun(
+                        key,
+                        attempt,
+                        CANCELLED,
+                        f"refused: user {self.user!r} may have at most {quota} jobs "
+                        "queued at the scheduler (its --max_queued quota)",
+                    )
+                )
+                continue
+            queued += 1
+            self.queue.append(
+                QueuedJob(key, attempt, item, job_buffers, limits.get(key))
+            )
+            self.account.queued += 1
+        self.end_jobs(refused)
+
+    def cancel(self, message: JobCancel) -> None:
+        """Cancel a job: here if it is queued, else on the node that runs it."""
+        for job in self.queue:
+            if job.key == message.key:
+                self.queue.remove(job)
+                self.account.queued -= 1
+                self.end_jobs(
+                    [ResultEntry.unrun(job.key, job.attempt, CANCELLED, "cancelled")]
+                )
+                return
+        running = self.running.get(message.key)
+        if running is None:
+            return
+        upstream = self.upstream.get(running.node)
+        if upstream is not None and upstream.conn is not None:
+            self.server.write(
+                upstream,
+                dataclasses.replace(message, comp_id=self.comp_id),
+            )
+
+    def close(self, message: ComputationClose) -> None:
+        """Close the computation on every node; queued jobs are cancelled."""
+        self.closing = True
+        cancelled = [
+            ResultEntry.unrun(j.key, j.attempt, CANCELLED, "its computation closed")
+            for j in self.queue
+        ]
+        self.account.queued -= len(self.queue)
+        self.queue.clear()
+        self.end_jobs(cancelled)
+        close = dataclasses.replace(message, comp_id=self.comp_id)
+        for upstream in self.upstream.values():
+            if upstream.conn is not None and not upstream.closed:
+                self.server.write(upstream, close)
+            else:
+                upstream.closed = True
+        self.server.check_closed(self)
+
+    # -- from the nodes ----------------------------------------------------------------
+
+    def on_results(
+        self, upstream: Upstream, message: JobResults, buffers: list[memoryview]
+    ) -> None:
+        """Jobs ended on a node: free their slots, pass the results on."""
+        returned: list[int] = []
+        for index, item in enumerate(message.results):
+            entry, _streamed = ResultEntry.from_wire(item)
+            job = self.running.get(entry.key)
+            if job is None or job.attempt != entry.attempt:
+                continue
+            del self.running[entry.key]
+            self.server.job_left(self, upstream.node)
+            if entry.outcome == RETURNED and not self.closing:
+                job.node = ""  # the node shuts down: it runs elsewhere
+                self.queue.appendleft(job)
+                self.account.queued += 1
+                returned.append(index)
+        if returned:
+            results = [r for i, r in enumerate(message.results) if i not in returned]
+            message = dataclasses.replace(message, results=results)
+        if message.results or message.started:
+            self.to_client(message, buffers)
+        self.finish_if_done()
+        self.server.schedule()
+
+    def finish_if_done(self) -> None:
+        """A recovered computation closes once its last job ended."""
+        if self.recovering and not self.closing and not self.queue and not self.running:
+            self.close(ComputationClose(comp_id=self.comp_id))
+
+    def placed(self, message: FilePlaced) -> None:
+        """A node answered a ``send_file``: the client hears once all have."""
+        waiting = self.placements.get(message.request)
+        if waiting is None:
+            return
+        waiting[0] -= 1
+        if message.error and not waiting[1]:
+            waiting[1] = message.error
+        if waiting[0] <= 0:
+            del self.placements[message.request]
+            self.to_client(
+                FilePlaced(
+                    comp_id=self.comp_id, request=message.request, error=waiting[1]
+                )
+            )
+
+    def node_lost(self, upstream: Upstream, reason: str) -> None:
+        """A node's connection ended: its jobs run again elsewhere (reentrant) or
+        end as crashed."""
+        upstream.conn = None
+        upstream.ready = False
+        upstream.ended = True
+        self.account.nodes.discard(upstream.node.name)
+        lost = [job for job in self.running.values() if job.node == upstream.node.name]
+        ended: list[ResultEntry] = []
+        for job in lost:
+            del self.running[job.key]
+            self.server.job_left(self, upstream.node)
+            if self.setup.reentrant and not self.closing:
+                job.node = ""
+                self.queue.appendleft(job)
+                self.account.queued += 1
+            else:
+                ended.append(
+                    ResultEntry.unrun(
+                        job.key,
+                        job.attempt,
+                        CRASHED,
+                        f"node {upstream.node.name} was lost ({reason}) and the "
+                        "computation is not reentrant",
+                    )
+                )
+        self.end_jobs(ended)
+        if lost:
+            logger.warning(
+                "%s: node %s lost with %d of its jobs (%s)",
+                self.name,
+                upstream.node.name,
+                len(lost),
+                "queued again" if self.setup.reentrant else "ended",
+            )
+        if self.closing:
+            upstream.closed = True
+            self.server.check_closed(self)
+        elif not self.ready_sent and not upstream.closed:
+            self.failures.append(f"{upstream.node.name}: {reason}")
+
+    def send_jobs(self, upstream: Upstream, jobs: list[QueuedJob]) -> None:
+        """Send ``jobs`` to ``upstream``'s node, as one message."""
+        items: list[list[Any]] = []
+        limits: list[list[Any]] = []
+        buffers: list[memoryview] = []
+        for job in jobs:
+            job.node = upstream.node.name
+            self.running[job.key] = job
+            items.append(job.item)
+            buffers.extend(job.buffers)
+            if job.limits is not None:
+                limits.append(job.limits)
+        try:
+            self.server.write(
+                upstream,
+                JobSubmit(comp_id=self.comp_id, jobs=items, limits=limits),
+                buffers,
+            )
+        except DispynbError as exc:
+            logger.debug("%s: cannot send jobs: %s", self.name, exc)
+
+
+__all__ = ["QueuedJob", "SharedComputation", "Upstream"]

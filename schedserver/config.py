@@ -1,0 +1,64 @@
+"""`SchedulerConfig`: what ``dispynb-scheduler`` was told (validated once)."""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass, field
+
+from dispynb.defaults import MAX_MESSAGE_SIZE
+from dispynb.errors import ConfigurationError
+
+
+@dataclass(kw_only=True)
+class SchedulerConfig:
+    """The scheduler's settings; see ``dispynb-scheduler --help``."""
+
+    #: Interfaces clients connect to, and the port (0: a free one).
+    hosts: list[str] = field(default_factory=lambda: ["127.0.0.1"])
+    port: int = 0
+    #: The nodes it owns, as ``(host, port)``.
+    nodes: list[tuple[str, int]] = field(default_factory=list)
+    #: The node secret (the scheduler's alone; clients never see it).
+    node_secret: bytes | None = field(default=None, repr=False)
+    node_ssl: ssl.SSLContext | None = field(default=None, repr=False)
+    #: Path of the users file (``NAME TOKEN`` lines, mode 0600).
+    users_file: str = ""
+    #: CPUs used per node at most (None: all the node offers).
+    cpus: int | None = None
+    #: Jobs in flight per CPU of a node (more than 1 hides the round trips).
+    jobs_per_cpu: int = 2
+    #: Per user: jobs in flight (CPUs) and jobs queued at most (None: no limit).
+    max_cpus: int | None = None
+    max_queued: int | None = None
+    #: Seconds between pings to nodes and status reports to clients.
+    pulse_interval: float = 1.0
+    #: Seconds without a word from a client before its session is ended.
+    zombie_interval: float = 3600.0
+    #: Seconds the results of a computation whose client went away are kept.
+    keep_results: float = 3600.0
+    max_message_size: int = MAX_MESSAGE_SIZE
+    port_file: str = ""
+    name: str = "dispynb-scheduler"
+
+    def validate(self) -> None:
+        """Raise `ConfigurationError` for settings that cannot work."""
+        if not self.nodes:
+            raise ConfigurationError(
+                "no nodes: name the scheduler's nodes with -n HOST[:PORT] (repeat it)"
+            )
+        if not self.users_file:
+            raise ConfigurationError(
+                "no users file: give --users PATH (add users with "
+                "'dispynb-scheduler user add NAME --users PATH')"
+            )
+        if self.cpus is not None and self.cpus < 1:
+            raise ConfigurationError(f"--cpus must be at least 1, not {self.cpus}")
+        if not 0.1 <= self.pulse_interval <= 1000:
+            raise ConfigurationError("--pulse_interval must be within 0.1-1000 s")
+        for name in ("max_cpus", "max_queued"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigurationError(f"--{name} must be at least 1, not {value}")
+
+
+__all__ = ["SchedulerConfig"]

@@ -1,0 +1,92 @@
+"""Who gets the next free CPU: fair share between users, exclusive clusters, quotas.
+
+Pure bookkeeping (no I/O), so that the policy is tested on its own. The scheduler
+asks `FairShare.pick` for a computation each time a node has a free slot; the
+answer is the computation of the user with the fewest jobs in flight (ties: the
+user served least recently), within that user's quota, and respecting exclusive
+computations (dispy's ``SharedJobCluster(exclusive=True)``): while one is active it
+alone gets CPUs, and only once the others' jobs in flight have ended.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+
+@dataclass(eq=False)
+class Account:
+    """What the scheduler knows of one computation for its choice."""
+
+    user: str
+    #: Creation order (earlier exclusive computations go first).
+    order: int
+    exclusive: bool = False
+    queued: int = 0
+    in_flight: int = 0
+    #: Nodes where the computation is set up (so its jobs can go there).
+    nodes: set[str] = field(default_factory=set)
+
+
+class FairShare:
+    """Fair share of CPU slots between users; see the module docstring.
+
+    ``max_cpus``: jobs in flight per user at most (None: no limit).
+    """
+
+    def __init__(self, max_cpus: int | None = None) -> None:
+        self.max_cpus = max_cpus
+        self._in_flight: dict[str, int] = {}
+        self._served: dict[str, int] = {}
+        self._stamps = itertools.count(1)
+
+    def in_flight(self, user: str) -> int:
+        """Jobs of ``user`` sent to nodes and not ended."""
+        return self._in_flight.get(user, 0)
+
+    def started(self, account: Account, count: int = 1) -> None:
+        """``count`` jobs of ``account`` went to a node."""
+        account.in_flight += count
+        account.queued -= count
+        self._in_flight[account.user] = self.in_flight(account.user) + count
+        self._served[account.user] = next(self._stamps)
+
+    def ended(self, account: Account, count: int = 1) -> None:
+        """``count`` jobs of ``account`` ended (or their node was lost)."""
+        account.in_flight -= count
+        left = self.in_flight(account.user) - count
+        if left > 0:
+            self._in_flight[account.user] = left
+        else:
+            self._in_flight.pop(account.user, None)
+
+    def pick(self, accounts: Iterable[Account], node: str) -> Account | None:
+        """The computation whose job takes the next slot on ``node`` (None: none)."""
+        accounts = list(accounts)
+        exclusive = [a for a in accounts if a.exclusive]
+        if exclusive:
+            first = min(exclusive, key=lambda a: a.order)
+            if any(a.in_flight for a in accounts if a is not first):
+                return None  # the exclusive one waits for the others to drain
+            accounts = [first]
+        best: Account | None = None
+        best_rank: tuple[int, int, int, int] | None = None
+        for account in accounts:
+            if account.queued <= 0 or node not in account.nodes:
+                continue
+            user_flight = self.in_flight(account.user)
+            if self.max_cpus is not None and user_flight >= self.max_cpus:
+                continue
+            rank = (
+                user_flight,
+                self._served.get(account.user, 0),
+                account.in_flight,
+                account.order,
+            )
+            if best_rank is None or rank < best_rank:
+                best, best_rank = account, rank
+        return best
+
+
+__all__ = ["Account", "FairShare"]

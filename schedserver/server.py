@@ -1,0 +1,611 @@
+"""`SchedulerServer`: owns the nodes, accepts clients, hands CPUs out fairly.
+
+Clients connect as to a node server (the handshake finds the user's token by the
+name in its hello, `users.UsersFile`), and each gets a `SchedulerSession`. Each
+node gets a control connection (its CPUs, whether it lives) and, per computation,
+an `Upstream` connection that carries that computation's jobs and results. The
+scheduler keeps the jobs and sends each one to a node only when the node has a free
+slot (``--jobs_per_cpu`` per CPU), choosing whose job with `fairshare.FairShare`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import logging
+import os
+import platform
+from dataclasses import dataclass, field
+from typing import Any
+
+from dispynb.errors import DispynbError
+from dispynb.protocol.messages import (
+    ComputationClose,
+    ComputationClosed,
+    ComputationFailed,
+    ComputationReady,
+    ComputationSetup,
+    Error,
+    FileFromNode,
+    FilePlace,
+    FilePlaced,
+    FilePut,
+    FilesMissing,
+    JobProvisional,
+    JobResults,
+    Message,
+    NodeStatus,
+    Ping,
+    Recover,
+    Recovered,
+    ResultChunk,
+    Welcome,
+)
+from dispynb.transport.addressing import format_address
+from dispynb.transport.connection import Connection, describe_error
+from dispynb.transport.connector import connect
+from dispynb.transport.listener import Listener
+from schedserver.computation import SharedComputation, Upstream
+from schedserver.config import SchedulerConfig
+from schedserver.fairshare import FairShare
+from schedserver.session import SchedulerSession
+from schedserver.users import UsersFile
+
+logger = logging.getLogger(__name__)
+
+#: Seconds between attempts to reach a node that is down (doubling up to the max).
+RECONNECT_FIRST = 0.2
+RECONNECT_MAX = 5.0
+
+
+@dataclass(eq=False)
+class NodeState:
+    """A node the scheduler owns."""
+
+    host: str
+    port: int
+    cpus: int = 0
+    alive: bool = False
+    in_flight: int = 0
+    avail: list[float] = field(default_factory=list)
+    conn: Connection | None = None
+
+    @property
+    def name(self) -> str:
+        """``host:port``."""
+        return format_address(self.host, self.port)
+
+
+class SchedulerServer:
+    """The shared scheduler (see the module docstring)."""
+
+    def __init__(self, config: SchedulerConfig) -> None:
+        config.validate()
+        self.config = config
+        self.users = UsersFile(config.users_file)
+        self.nodes = [NodeState(host, port) for host, port in config.nodes]
+        self.sessions: set[SchedulerSession] = set()
+        self.computations: list[SharedComputation] = []
+        self.fair = FairShare(config.max_cpus)
+        self.files: dict[str, memoryview] = {}  # client files by digest
+        self._wanted: dict[str, set[tuple[SharedComputation, Upstream]]] = {}
+        self._orders = itertools.count(1)
+        self._scheduled = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._listener: Listener | None = None
+        self.port = 0
+        self.stopping = False
+
+    # -- life cycle --------------------------------------------------------------------
+
+    async def start(self) -> int:
+        """Listen for clients and connect to the nodes; return the port."""
+        config = self.config
+        self.users.load()  # a users file readable by others is refused here
+        listener = Listener(
+            self._serve,
+            secret=self.users.lookup,
+            make_welcome=self._welcome,
+            max_message_size=config.max_message_size,
+        )
+        try:
+            for host in config.hosts:
+                self.port = listener.listen_on(host, self.port or config.port)
+        except BaseException:
+            listener.stop()
+            raise
+        self._listener = listener
+        for node in self.nodes:
+            self._spawn(self._keep_node(node))
+        self._spawn(self._pulse())
+        if config.port_file:
+            tmp = f"{config.port_file}.tmp"
+            with open(tmp, "w") as handle:
+                handle.write(f"{self.port}\n")
+            os.replace(tmp, config.port_file)
+        logger.info(
+            "dispynb-scheduler serving %s on %s for the users in %s",
+            ", ".join(node.name for node in self.nodes),
+            ", ".join(format_address(h, self.port) for h in config.hosts),
+            config.users_file,
+        )
+        return self.port
+
+    async def stop(self) -> None:
+        """Stop: close every computation on the nodes (running jobs terminated)."""
+        self.stopping = True
+        if self._listener is not None:
+            self._listener.stop()
+            self._listener = None
+        for session in list(self.sessions):
+            session.conn.close()
+        for comp in list(self.computations):
+            if not comp.closing:
+                comp.close(ComputationClose(comp_id=comp.comp_id, terminate=True))
+        waiting = [
+            u.task
+            for comp in self.computations
+            for u in comp.upstream.values()
+            if u.task is not None
+        ]
+        if waiting:
+            await asyncio.wait(waiting, timeout=5.0)
+        for task in self._tasks:
+            task.cancel()
+        for node in self.nodes:
+            if node.conn is not None:
+                node.conn.close()
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _welcome(self) -> Welcome:
+        return Welcome(
+            name=self.config.name,
+            cpus=max(1, self.total_cpus()),
+            platform=platform.platform(),
+            address=format_address(self.config.hosts[0], self.port),
+            max_message_size=self.config.max_message_size,
+            pid=os.getpid(),
+            avail=[],
+            boot_id="",  # never shared memory: arguments go on to other machines
+        )
+
+    def total_cpus(self) -> int:
+        """CPUs of the nodes alive now."""
+        return sum(node.cpus for node in self.nodes if node.alive)
+
+    # -- clients -----------------------------------------------------------------------
+
+    async def _serve(self, conn: Connection, user: str) -> None:
+        session = SchedulerSession(conn, self, user)
+        self.sessions.add(session)
+        logger.info("user %r connected from %s", user, conn.peer)
+        try:
+            await session.serve()
+        finally:
+            self.sessions.discard(session)
+            self._session_ended(session)
+            logger.info("user %r (%s) disconnected", user, conn.peer)
+
+    def new_computation(
+        self,
+        session: SchedulerSession,
+        setup: ComputationSetup,
+        bundle: list[memoryview],
+    ) -> SharedComputation:
+        """A client set a computation up: set it up on every node alive."""
+        comp = SharedComputation(self, session, setup, bundle, next(self._orders))
+        self.computations.append(comp)
+        for node in self.nodes:
+            if node.alive:
+                self._attach(comp, node)
+        if not any(node.alive for node in self.nodes):
+            logger.info("%s waits for a node to come up", comp.name)
+        return comp
+
+    def _session_ended(self, session: SchedulerSession) -> None:
+        """A client went away: keep its computations that asked for recovery."""
+        loop = asyncio.get_running_loop()
+        for comp in session.computations.values():
+            if comp.session is not session:
+                continue
+            comp.session = None
+            if comp.closed or comp.closing:
+                continue
+            if comp.setup.recovery_id is not None and not self.stopping:
+                keep = min(comp.setup.keep_results, self.config.keep_results)
+                logger.info(
+                    "%s: client gone; its jobs go on, results kept %g s",
+                    comp.name,
+                    keep,
+                )
+                comp.expiry = loop.call_later(keep, self._expire, comp)
+            else:
+                comp.close(
+                    ComputationClose(
+                        comp_id=comp.comp_id, terminate=True, cancel_waiting=True
+                    )
+                )
+
+    def _expire(self, comp: SharedComputation) -> None:
+        if comp.session is None and not comp.closing:
+            logger.info("%s: its client did not come back: closed", comp.name)
+            comp.close(ComputationClose(comp_id=comp.comp_id, terminate=True))
+
+    def recover(self, session: SchedulerSession, message: Recover) -> None:
+        """A client came back for a computation it left (`recover_jobs`)."""
+        comp = next(
+            (
+                c
+                for c in self.computations
+                if c.user == session.user
+                and c.setup.recovery_id == message.recovery_id
+                and not c.closed
+            ),
+            None,
+        )
+        if comp is None:
+            session.send(Recovered(comp_id=message.comp_id, found=False, running=False))
+            return
+        if comp.expiry is not None:
+            comp.expiry.cancel()
+            comp.expiry = None
+        if comp.session is not None and comp.session is not session:
+            comp.session.computations.pop(comp.client_comp_id, None)
+        comp.session = session
+        comp.client_comp_id = message.comp_id
+        comp.recovering = True
+        session.computations[message.comp_id] = comp
+        kept, comp.kept = comp.kept, []
+        for kept_message, buffers in kept:
+            session.send(
+                dataclasses.replace(kept_message, comp_id=message.comp_id),  # type: ignore[type-var]
+                buffers,
+            )
+        running = bool(comp.queue or comp.running)
+        session.send(Recovered(comp_id=message.comp_id, found=True, running=running))
+        comp.finish_if_done()
+
+    # -- the nodes ---------------------------------------------------------------------
+
+    async def _keep_node(self, node: NodeState) -> None:
+        """Keep a control connection to ``node``: up, down, up again."""
+        delay = RECONNECT_FIRST
+        while not self.stopping:
+            try:
+                conn, welcome = await self._connect(node, "dispynb-scheduler")
+            except DispynbError as exc:
+                logger.debug("node %s: %s", node.name, describe_error(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_MAX)
+                continue
+            delay = RECONNECT_FIRST
+            node.conn = conn
+            cap = self.config.cpus
+            node.cpus = min(welcome.cpus, cap) if cap else welcome.cpus
+            node.avail = list(welcome.avail)
+            node.alive = True
+            logger.info("node %s is up with %d CPUs", node.name, node.cpus)
+            for comp in self.computations:
+                upstream = comp.upstream.get(node.name)
+                if not comp.closing and (
+                    upstream is None or upstream.task is None or upstream.task.done()
+                ):
+                    self._attach(comp, node)
+
+            def on_control(message: Message, buffers: list[memoryview]) -> bool:
+                if isinstance(message, NodeStatus):
+                    node.avail = list(message.avail)
+                return False
+
+            try:
+                await conn.dispatch(on_control)
+            except DispynbError as exc:
+                logger.warning("node %s is down: %s", node.name, describe_error(exc))
+            finally:
+                conn.close()
+                node.conn = None
+                node.alive = False
+
+    async def _connect(self, node: NodeState, name: str) -> tuple[Connection, Welcome]:
+        return await connect(
+            node.host,
+            node.port,
+            secret=self.config.node_secret,
+            max_message_size=self.config.max_message_size,
+            ssl_context=self.config.node_ssl,
+            name=name,
+            retry_for=0.0,
+        )
+
+    def _attach(self, comp: SharedComputation, node: NodeState) -> None:
+        """Set ``comp`` up on ``node`` over a connection of its own."""
+        upstream = Upstream(node)
+        comp.upstream[node.name] = upstream
+        upstream.task = self._spawn(self._run_upstream(comp, upstream))
+
+    async def _run_upstream(self, comp: SharedComputation, upstream: Upstream) -> None:
+        node = upstream.node
+        reason = "connection closed"
+        try:
+            conn, _welcome = await self._connect(node, f"dispynb-scheduler:{comp.user}")
+        except DispynbError as exc:
+            comp.node_lost(upstream, describe_error(exc))
+            self._check_failed(comp)
+            return
+        if comp.closing:
+            conn.close()
+            comp.node_lost(upstream, "its computation closed")
+            return
+        upstream.conn = conn
+        setup = dataclasses.replace(
+            comp.setup,
+            workers=node.cpus,
+            pulse_interval=self.config.pulse_interval,
+            keep_results=0.0,
+            recovery_id=None,
+        )
+        try:
+            conn.write(setup, comp.bundle)
+            await conn.dispatch(
+                lambda message, buffers: self._from_node(
+                    comp, upstream, message, buffers
+                )
+            )
+        except DispynbError as exc:
+            reason = describe_error(exc)
+        finally:
+            conn.close()
+            if upstream.closed:
+                reason = "closed"
+            comp.node_lost(upstream, reason)
+            self._check_failed(comp)
+            self.schedule()
+
+    def _from_node(
+        self,
+        comp: SharedComputation,
+        upstream: Upstream,
+        message: Message,
+        buffers: list[memoryview],
+    ) -> bool:
+        """One message from a node about ``comp``; True ends reading it."""
+        if isinstance(message, JobResults):
+            comp.on_results(upstream, message, buffers)
+        elif isinstance(message, ResultChunk | JobProvisional | FileFromNode):
+            comp.to_client(message, buffers)
+        elif isinstance(message, NodeStatus):
+            upstream.node.avail = list(message.avail)
+        elif isinstance(message, FilesMissing):
+            self._give_files(comp, upstream, message.digests)
+        elif isinstance(message, FilePlaced):
+            comp.placed(message)
+        elif isinstance(message, ComputationReady):
+            upstream.ready = True
+            comp.account.nodes.add(upstream.node.name)
+            if not comp.ready_sent:
+                comp.ready_sent = True
+                comp.to_client(
+                    ComputationReady(
+                        comp_id=comp.comp_id, workers=max(1, self.total_cpus())
+                    )
+                )
+            self.schedule()
+        elif isinstance(message, ComputationFailed):
+            logger.warning(
+                "%s: setup failed on %s: %s",
+                comp.name,
+                upstream.node.name,
+                message.message,
+            )
+            comp.failures.append(message.message)
+            comp.failure_traceback = message.traceback
+            return True
+        elif isinstance(message, ComputationClosed):
+            upstream.closed = True
+            return True
+        elif isinstance(message, Error):
+            logger.warning("node %s reports: %s", upstream.node.name, message.message)
+        return False
+
+    def _check_failed(self, comp: SharedComputation) -> None:
+        """Every node refused ``comp`` (and none took it): tell its client."""
+        if comp.ready_sent or comp.closing or not comp.failures:
+            return
+        if not all(u.ended for u in comp.upstream.values()):
+            return
+        comp.ready_sent = True  # answered: no ready after this
+        comp.to_client(
+            ComputationFailed(
+                comp_id=comp.comp_id,
+                message="; ".join(comp.failures[-3:]),
+                traceback=comp.failure_traceback,
+            )
+        )
+
+    def check_closed(self, comp: SharedComputation) -> None:
+        """``comp`` closing: once every node closed it, tell its client."""
+        if comp.closed or not comp.closing:
+            return
+        if not all(u.closed or u.conn is None for u in comp.upstream.values()):
+            return
+        comp.closed = True
+        if comp in self.computations:
+            self.computations.remove(comp)
+        self.fair.ended(comp.account, comp.account.in_flight)
+        comp.to_client(ComputationClosed(comp_id=comp.comp_id))
+        if comp.session is not None:
+            comp.session.computations.pop(comp.client_comp_id, None)
+        comp.kept.clear()
+        for upstream in comp.upstream.values():
+            if upstream.conn is not None:
+                upstream.conn.close()
+        self.schedule()
+
+    # -- files -------------------------------------------------------------------------
+
+    def file_put(self, message: FilePut, buffers: list[memoryview]) -> None:
+        """A client sent a file: keep it for the nodes (that asked, or will)."""
+        if len(buffers) != 1:
+            return
+        self.files[message.digest] = buffers[0]
+        for _comp, upstream in self._wanted.pop(message.digest, set()):
+            self.write(upstream, message, buffers)
+
+    def _give_files(
+        self, comp: SharedComputation, upstream: Upstream, digests: list[str]
+    ) -> None:
+        missing = []
+        for digest in digests:
+            data = self.files.get(digest)
+            if data is not None:
+                self.write(upstream, FilePut(digest=digest, size=data.nbytes), [data])
+            else:
+                self._wanted.setdefault(digest, set()).add((comp, upstream))
+                missing.append(digest)
+        if missing:
+            comp.to_client(FilesMissing(comp_id=comp.comp_id, digests=missing))
+
+    def file_place(self, comp: SharedComputation, message: FilePlace) -> None:
+        """``send_file``: place the file on every node where ``comp`` is ready."""
+        ready = [u for u in comp.upstream.values() if u.ready and u.conn is not None]
+        if not ready:
+            comp.to_client(
+                FilePlaced(
+                    comp_id=comp.comp_id,
+                    request=message.request,
+                    error="no node is ready for this computation",
+                )
+            )
+            return
+        comp.placements[message.request] = [len(ready), ""]
+        data = self.files.get(message.digest)
+        for upstream in ready:
+            if data is not None:
+                self.write(
+                    upstream, FilePut(digest=message.digest, size=data.nbytes), [data]
+                )
+            self.write(upstream, dataclasses.replace(message, comp_id=comp.comp_id))
+
+    # -- scheduling --------------------------------------------------------------------
+
+    def write(
+        self,
+        upstream: Upstream,
+        message: Message,
+        buffers: list[memoryview] | None = None,
+    ) -> None:
+        """Send to a node (a lost one is handled by its reader)."""
+        if upstream.conn is None:
+            return
+        try:
+            upstream.conn.write(message, buffers or ())
+        except DispynbError as exc:
+            logger.debug("node %s: %s", upstream.node.name, describe_error(exc))
+
+    def queued_of(self, user: str) -> int:
+        """Jobs of ``user`` waiting at the scheduler."""
+        return sum(c.account.queued for c in self.computations if c.user == user)
+
+    def job_left(self, comp: SharedComputation, node: NodeState) -> None:
+        """A job of ``comp`` no longer holds a slot of ``node``."""
+        self.fair.ended(comp.account)
+        node.in_flight = max(0, node.in_flight - 1)
+
+    def schedule(self) -> None:
+        """Hand free slots out, once per loop turn."""
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._dispatch)
+
+    def _dispatch(self) -> None:
+        self._scheduled = False
+        per_cpu = self.config.jobs_per_cpu
+        active = [c for c in self.computations if not c.closing and c.queue]
+        if not active:
+            return
+        by_account = {id(c.account): c for c in active}
+        accounts = [c.account for c in self.computations if not c.closing]
+        batches: dict[
+            tuple[int, str], tuple[SharedComputation, Upstream, list[Any]]
+        ] = {}
+        nodes = [n for n in self.nodes if n.alive]
+        progress = True
+        while progress:
+            progress = False
+            for node in nodes:  # one slot per node per round: spread evenly
+                if node.in_flight >= node.cpus * per_cpu:
+                    continue
+                account = self.fair.pick(accounts, node.name)
+                if account is None:
+                    continue
+                comp = by_account[id(account)]
+                upstream = comp.upstream[node.name]
+                job = comp.queue.popleft()
+                self.fair.started(account)
+                node.in_flight += 1
+                batch = batches.setdefault((id(comp), node.name), (comp, upstream, []))
+                batch[2].append(job)
+                progress = True
+        for comp, upstream, jobs in batches.values():
+            comp.send_jobs(upstream, jobs)
+
+    # -- periodic ----------------------------------------------------------------------
+
+    async def _pulse(self) -> None:
+        """Every pulse: ping the nodes, report to clients, end revoked or silent
+        users' sessions."""
+        loop = asyncio.get_running_loop()
+        interval = self.config.pulse_interval
+        while True:
+            await asyncio.sleep(interval)
+            for node in self.nodes:
+                if node.conn is not None:
+                    with contextlib.suppress(DispynbError):
+                        node.conn.write(Ping())
+            for comp in self.computations:
+                for upstream in comp.upstream.values():
+                    self.write(upstream, Ping())
+            try:
+                users = self.users.load()
+            except Exception as exc:  # a broken file keeps the users known before
+                logger.warning("cannot read the users file: %s", exc)
+                users = None
+            now = loop.time()
+            for session in list(self.sessions):
+                if users is not None and session.user not in users:
+                    logger.warning(
+                        "user %r was revoked: ending its session", session.user
+                    )
+                    session.end()
+                elif now - session.last_heard > self.config.zombie_interval:
+                    logger.warning(
+                        "user %r silent for %.0f s (--zombie_interval): session ended",
+                        session.user,
+                        now - session.last_heard,
+                    )
+                    session.end()
+                else:
+                    session.report(self._avail())
+
+    def _avail(self) -> list[float]:
+        """The nodes' resources, summed (CPU % averaged)."""
+        reports = [n.avail for n in self.nodes if n.alive and len(n.avail) >= 4]
+        if not reports:
+            return []
+        count = len(reports)
+        return [
+            sum(r[0] for r in reports) / count,
+            sum(r[1] for r in reports),
+            sum(r[2] for r in reports),
+            sum(r[3] for r in reports) / count,
+        ]
+
+
+__all__ = ["NodeState", "SchedulerServer"]

@@ -1,0 +1,129 @@
+"""`SchedulerSession`: one client connection to the scheduler (one user).
+
+It speaks the node protocol: the client cannot tell the scheduler from a node
+server with many CPUs. Every message names a computation of this session; one of
+another session (another user's, or a made-up id) is refused with an error, so a
+user can neither see nor cancel another's jobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING
+
+from dispynb.errors import DispynbError
+from dispynb.protocol.handshake import peer_text
+from dispynb.protocol.messages import (
+    ComputationClose,
+    ComputationSetup,
+    Error,
+    FilePlace,
+    FilePut,
+    JobCancel,
+    JobSubmit,
+    Message,
+    NodeStatus,
+    Ping,
+    Recover,
+)
+from dispynb.transport.connection import BadMessageError, Connection
+
+if TYPE_CHECKING:
+    from schedserver.computation import SharedComputation
+    from schedserver.server import SchedulerServer
+
+logger = logging.getLogger(__name__)
+
+
+class SchedulerSession:
+    """A client's connection: its computations, by the client's ids."""
+
+    def __init__(self, conn: Connection, server: SchedulerServer, user: str) -> None:
+        self.conn = conn
+        self.server = server
+        self.user = user
+        self.computations: dict[int, SharedComputation] = {}
+        self.last_heard = asyncio.get_running_loop().time()
+        self._status_every = server.config.pulse_interval
+        self._last_status = 0.0
+
+    async def serve(self) -> None:
+        """Handle the client's messages until its connection ends."""
+        await self.conn.dispatch(self._on_message, self._on_bad)
+
+    def send(self, message: Message, buffers: list[memoryview] | None = None) -> None:
+        """Write to the client (a connection that ended is handled by `serve`)."""
+        with contextlib.suppress(DispynbError):
+            self.conn.write(message, buffers or ())
+
+    def end(self) -> None:
+        """End the session (revoked user, silent client)."""
+        self.conn.close()
+
+    def report(self, avail: list[float]) -> None:
+        """Status for the client, at its computations' pulse (a node's heartbeat)."""
+        now = asyncio.get_running_loop().time()
+        if now - self._last_status >= self._status_every * 0.9:
+            self._last_status = now
+            self.send(NodeStatus(avail=avail))
+
+    def _refuse(self, text: str) -> None:
+        logger.warning("user %r: %s", self.user, text)
+        self.send(Error(code="refused", message=text))
+
+    def _on_bad(self, error: BadMessageError) -> None:
+        self._refuse(f"message not understood: {peer_text(error)}")
+
+    def _comp(self, comp_id: int) -> SharedComputation | None:
+        comp = self.computations.get(comp_id)
+        if comp is None:
+            self._refuse(
+                f"no computation {comp_id} of user {self.user!r} here: a session "
+                "can only address its own computations"
+            )
+        return comp
+
+    def _on_message(self, message: Message, buffers: list[memoryview]) -> bool:
+        self.last_heard = asyncio.get_running_loop().time()
+        server = self.server
+        if isinstance(message, JobSubmit):
+            comp = self._comp(message.comp_id)
+            if comp is not None and not comp.closing:
+                comp.submit(message, buffers)
+                server.schedule()
+        elif isinstance(message, Ping):
+            pass
+        elif isinstance(message, JobCancel):
+            comp = self._comp(message.comp_id)
+            if comp is not None:
+                comp.cancel(message)
+        elif isinstance(message, FilePut):
+            server.file_put(message, buffers)
+        elif isinstance(message, ComputationSetup):
+            if message.comp_id in self.computations:
+                self._refuse(f"computation {message.comp_id} exists already")
+            else:
+                if message.pulse_interval:
+                    self._status_every = min(
+                        self._status_every, max(0.1, message.pulse_interval)
+                    )
+                comp = server.new_computation(self, message, buffers)
+                self.computations[message.comp_id] = comp
+        elif isinstance(message, ComputationClose):
+            comp = self._comp(message.comp_id)
+            if comp is not None and not comp.closing:
+                comp.close(message)
+        elif isinstance(message, FilePlace):
+            comp = self._comp(message.comp_id)
+            if comp is not None:
+                server.file_place(comp, message)
+        elif isinstance(message, Recover):
+            server.recover(self, message)
+        else:
+            self._refuse(f"unexpected {message.op!r} from a client")
+        return False
+
+
+__all__ = ["SchedulerSession"]

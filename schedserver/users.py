@@ -1,0 +1,124 @@
+"""Per-user credentials of the shared scheduler: the users file and credentials.
+
+The users file (mode 0600, one ``NAME TOKEN`` line per user) is the scheduler's;
+each user gets a credential ``dispynb-user:NAME:TOKEN`` (a file of mode 0600) that their
+`SharedJobCluster` proves in the handshake, as a node's clients prove the node
+secret. Revoking a user removes the line: the scheduler reloads the file when it
+changes and ends that user's sessions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import stat
+from pathlib import Path
+
+from dispynb.errors import ConfigurationError
+
+#: What a user name may be: it appears in logs and on the nodes.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def check_name(name: str) -> str:
+    """``name`` if it is a valid user name; otherwise `ConfigurationError`."""
+    if not NAME_PATTERN.fullmatch(name):
+        raise ConfigurationError(
+            f"invalid user name {name[:80]!r}: use 1-64 letters, digits, '_', '.' "
+            "or '-'"
+        )
+    return name
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically, readable by its owner only."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+class UsersFile:
+    """The scheduler's users: name -> token, from a file of mode 0600."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._users: dict[str, bytes] = {}
+        self._stamp: tuple[int, int] | None = None
+
+    def load(self) -> dict[str, bytes]:
+        """Read the file (again, if it changed); return name -> token."""
+        try:
+            info = os.stat(self.path)
+        except FileNotFoundError:
+            self._users, self._stamp = {}, None
+            return self._users
+        stamp = (info.st_mtime_ns, info.st_size)
+        if stamp == self._stamp:
+            return self._users
+        if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ConfigurationError(
+                f"{self.path} is readable or writable by others: it holds every "
+                f"user's credential; run chmod 600 {self.path}"
+            )
+        users: dict[str, bytes] = {}
+        for number, line in enumerate(self.path.read_text().splitlines(), 1):
+            fields = line.split()
+            if not fields or fields[0].startswith("#"):
+                continue
+            if len(fields) != 2 or not NAME_PATTERN.fullmatch(fields[0]):
+                raise ConfigurationError(
+                    f"{self.path}, line {number}: expected 'NAME TOKEN'"
+                )
+            users[fields[0]] = fields[1].encode()
+        self._users, self._stamp = users, stamp
+        return users
+
+    def lookup(self, name: str) -> bytes | None:
+        """The token of user ``name`` (None: no such user, or the file is bad)."""
+        try:
+            return self.load().get(name)
+        except (ConfigurationError, OSError):
+            return self._users.get(name)
+
+    def add(self, name: str) -> str:
+        """Add user ``name`` with a new token; return its credential."""
+        check_name(name)
+        users = dict(self.load())
+        if name in users:
+            raise ConfigurationError(
+                f"user {name!r} exists: revoke it first to issue a new credential"
+            )
+        users[name] = secrets.token_urlsafe(32).encode()
+        self._save(users)
+        return f"dispynb-user:{name}:{users[name].decode()}"
+
+    def revoke(self, name: str) -> None:
+        """Remove user ``name``: its credential no longer opens a session."""
+        users = dict(self.load())
+        if users.pop(name, None) is None:
+            raise ConfigurationError(f"no user {name[:80]!r} in {self.path}")
+        self._save(users)
+
+    def _save(self, users: dict[str, bytes]) -> None:
+        lines = ["# dispynb-scheduler users: NAME TOKEN (keep this file private)"]
+        lines += [f"{name} {token.decode()}" for name, token in sorted(users.items())]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _write_private(self.path, "\n".join(lines) + "\n")
+        self._stamp = None
+
+
+def write_credential(path: str | os.PathLike[str], credential: str) -> None:
+    """Write a user's credential to ``path`` (mode 0600)."""
+    _write_private(Path(path), credential + "\n")
+
+
+__all__ = ["NAME_PATTERN", "UsersFile", "check_name", "write_credential"]

@@ -1,0 +1,182 @@
+"""A real ``dispynb-scheduler`` process over local node servers, with its users.
+
+`SchedulerProcess` starts ``python -m schedserver`` as an operator would (nodes
+named with ``-n``, the node secret in the environment, a users file written by
+``dispynb-scheduler user add``); `run_client` runs a client program in its own
+process. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+
+#: Seconds a process gets to start or stop.
+WAIT = 20.0
+
+
+def env_for(**extra: str) -> dict[str, str]:
+    """This environment without ``DISPYNB_*`` settings, with the repo importable."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DISPYNB_")}
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(ROOT), env.get("PYTHONPATH")) if p
+    )
+    env.update(extra)
+    return env
+
+
+def scheduler_cli(
+    *args: str, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``dispynb-scheduler ARGS`` to its end (user management, refusals)."""
+    return subprocess.run(
+        [sys.executable, "-m", "schedserver", *args],
+        env=env_for(),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+    )
+
+
+def add_user(directory: Path, name: str) -> Path:
+    """``dispynb-scheduler user add NAME``; return the credential file."""
+    credential = directory / f"{name}.credential"
+    done = scheduler_cli(
+        "user", "add", name, "--users", str(directory / "users"), "-o", str(credential)
+    )
+    assert done.returncode == 0, done.stderr
+    return credential
+
+
+@dataclass
+class SchedulerProcess:
+    """A scheduler started from the command line."""
+
+    directory: Path
+    nodes: list[str]
+    node_secret: str
+    args: tuple[str, ...] = ()
+    proc: subprocess.Popen[bytes] | None = None
+    port: int = 0
+    log: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log = self.directory / "scheduler.log"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> SchedulerProcess:
+        port_file = self.directory / "scheduler.port"
+        port_file.unlink(missing_ok=True)
+        command = [
+            sys.executable, "-m", "schedserver",
+            "--users", str(self.directory / "users"),
+            "--port", str(self.port),
+            "--port_file", str(port_file),
+            "--pulse_interval", "0.5",
+            *self.args,
+        ]  # fmt: skip
+        for node in self.nodes:
+            command += ["-n", node]
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                command,
+                env=env_for(DISPYNB_SECRET=self.node_secret),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        deadline = time.monotonic() + WAIT
+        while not port_file.exists():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"scheduler exited:\n{self.log_text()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"scheduler did not start:\n{self.log_text()}")
+            time.sleep(0.02)
+        self.port = int(port_file.read_text())
+        self.wait_for_log("is up with", len(self.nodes))
+        return self
+
+    def wait_for_log(self, text: str, count: int = 1, timeout: float = WAIT) -> None:
+        """Wait until ``text`` appears ``count`` times in the scheduler's log."""
+        deadline = time.monotonic() + timeout
+        while self.log_text().count(text) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not logged:\n{self.log_text()}")
+            time.sleep(0.02)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def stop(self, signum: int = signal.SIGTERM) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signum)
+        try:
+            self.proc.wait(WAIT)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError("scheduler did not stop") from None
+
+
+def run_client(
+    script: str, *args: str, cwd: Path, timeout: float = 40.0
+) -> dict[str, Any]:
+    """Run a client program (``script``'s text) to its end; return its JSON output."""
+    path = cwd / f"client_{abs(hash((script, args)))}.py"
+    path.write_text(script)
+    done = subprocess.run(
+        [sys.executable, str(path), *args],
+        env=env_for(),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def start_client(
+    script: str, *args: str, cwd: Path, name: str
+) -> subprocess.Popen[str]:
+    """Start a client program; read its JSON with `finish_client`."""
+    path = cwd / f"{name}.py"
+    path.write_text(script)
+    return subprocess.Popen(
+        [sys.executable, str(path), *args],
+        env=env_for(),
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def finish_client(proc: subprocess.Popen[str], timeout: float = 40.0) -> dict[str, Any]:
+    """Wait for a client started with `start_client`; return its JSON output."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"client did not finish:\n{out}\n{err}") from None
+    assert proc.returncode == 0, out + err
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return result

@@ -1,0 +1,56 @@
+"""``dispynb-scheduler``'s command line: dispyscheduler's options work or are
+refused with one line; an unsafe users file is refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from schedserver.cli import REFUSED, build_parser, config_from_args
+from tests.sharedsched.harness import add_user, scheduler_cli
+
+
+@pytest.mark.parametrize("option", sorted(REFUSED))
+def test_dispyscheduler_options_without_meaning_are_refused_in_one_line(
+    option: str, tmp_path: Path
+) -> None:
+    add_user(tmp_path, "alice")
+    done = scheduler_cli(
+        "-n", "127.0.0.1:1", "--users", str(tmp_path / "users"), f"--{option}"
+    )
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"--{option} is not supported" in lines[0]
+
+
+def test_dispyscheduler_options_that_apply_are_taken(tmp_path: Path) -> None:
+    args = build_parser().parse_args(
+        [
+            "-n", "10.0.0.1", "-n", "10.0.0.2:9000", "--users", "u", "--cpus", "3",
+            "--pulse_interval", "2", "--zombie_interval", "5", "--msg_timeout", "20",
+            "--max_cpus", "4", "--max_queued", "100", "-i", "127.0.0.1", "-p", "0",
+            "--daemon", "--clean",
+        ]
+    )  # fmt: skip
+    config = config_from_args(args)
+    assert config.nodes == [("10.0.0.1", 9711), ("10.0.0.2", 9000)]
+    assert config.cpus == 3 and config.pulse_interval == 2.0
+    assert config.zombie_interval == 300.0
+    assert (config.max_cpus, config.max_queued) == (4, 100)
+
+
+def test_node_wildcards_and_missing_users_file_are_refused(tmp_path: Path) -> None:
+    done = scheduler_cli("-n", "*", "--users", "u")
+    assert done.returncode == 2 and "no discovery" in done.stderr
+    done = scheduler_cli("-n", "127.0.0.1")
+    assert done.returncode == 2 and "--users" in done.stderr
+
+
+def test_users_file_readable_by_others_is_refused(tmp_path: Path) -> None:
+    add_user(tmp_path, "alice")
+    (tmp_path / "users").chmod(0o644)
+    done = scheduler_cli(
+        "-n", "127.0.0.1:1", "-p", "0", "--users", str(tmp_path / "users")
+    )
+    assert done.returncode == 2 and "chmod 600" in done.stderr

@@ -1,0 +1,186 @@
+"""SharedJobCluster through a real dispynb-scheduler: results, output, exceptions,
+several client processes (users) at once, per-user credentials and revocation."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from dispynb import SharedJobCluster
+from dispynb.errors import AuthenticationError, ConfigurationError
+from dispynb.job import JobStatus
+from dispynb.protocol.messages import Error, JobCancel, JobResults
+from dispynb.secret import read_secret_file
+from dispynb.transport.connector import connect
+from tests.sharedsched.harness import (
+    SchedulerProcess,
+    finish_client,
+    scheduler_cli,
+    start_client,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def compute(n: int) -> int:
+    print(f"job {n}")
+    if n == 3:
+        raise ValueError(f"bad {n}")
+    return n * n
+
+
+#: A client program: N jobs that each take SECONDS; prints JSON of what it got.
+CLIENT = """
+import json, sys, time
+from dispynb import SharedJobCluster
+
+def work(n, seconds):
+    import time
+    time.sleep(seconds)
+    return n
+
+address, credential = sys.argv[1], sys.argv[2]
+count, seconds = int(sys.argv[3]), float(sys.argv[4])
+with SharedJobCluster(work, scheduler_host=address, secret_file=credential) as cluster:
+    jobs = [cluster.submit(i, seconds) for i in range(count)]
+    results = [job() for job in jobs]
+    statuses = [int(job.status) for job in jobs]
+print(json.dumps({"results": results, "statuses": statuses}))
+"""
+
+
+def test_results_output_and_exceptions_as_job_cluster(
+    scheduler: SchedulerProcess, users: dict[str, Path]
+) -> None:
+    with SharedJobCluster(
+        compute, scheduler_host=scheduler.address, secret_file=str(users["alice"])
+    ) as cluster:
+        jobs = [cluster.submit(n) for n in range(6)]
+        results = [job() for job in jobs]
+        assert results == [0, 1, 4, None, 16, 25]
+        assert [job.stdout for job in jobs] == [f"job {n}\n" for n in range(6)]
+        assert jobs[3].status == JobStatus.Terminated
+        assert "ValueError: bad 3" in jobs[3].exception
+        assert all(
+            job.status == JobStatus.Finished for job in jobs if job is not jobs[3]
+        )
+        status = cluster.status()
+        assert len(status.nodes) == 1 and status.nodes[0].cpus == 4  # 2 nodes x 2
+
+
+def test_two_client_processes_share_the_nodes(
+    scheduler: SchedulerProcess, users: dict[str, Path], tmp_path: Path
+) -> None:
+    procs = [
+        start_client(
+            CLIENT,
+            scheduler.address,
+            str(users[name]),
+            "12",
+            "0.05",
+            cwd=tmp_path,
+            name=name,
+        )
+        for name in ("alice", "bob")
+    ]
+    for proc in procs:
+        out = finish_client(proc)
+        assert out["results"] == list(range(12))
+        assert set(out["statuses"]) == {int(JobStatus.Finished)}
+    log = scheduler.log_text()
+    assert "user 'alice' connected" in log and "user 'bob' connected" in log
+
+
+def test_a_user_cannot_cancel_another_users_job(
+    scheduler: SchedulerProcess, users: dict[str, Path]
+) -> None:
+    """Alice, with her own credential, names Bob's computation and job: refused,
+    and Bob's job ends normally."""
+
+    def slow(n: int) -> int:
+        import time
+
+        time.sleep(1.0)
+        return n
+
+    with SharedJobCluster(
+        slow, scheduler_host=scheduler.address, secret_file=str(users["bob"])
+    ) as cluster:
+        job = cluster.submit(7)
+        comp_id = cluster._backend.driver.config.comp_id  # type: ignore[union-attr]
+
+        async def attack() -> Error:
+            conn, _ = await connect(
+                "127.0.0.1",
+                scheduler.port,
+                secret=read_secret_file(users["alice"]),
+                max_message_size=1 << 20,
+            )
+            try:
+                conn.write(JobCancel(comp_id=comp_id, key=job._key or 0, attempt=1))
+                async with asyncio.timeout(10):
+                    while True:
+                        message, _buffers = await conn.recv()
+                        assert not isinstance(message, JobResults)
+                        if isinstance(message, Error):
+                            return message
+            finally:
+                conn.close()
+
+        refusal = asyncio.run(attack())
+        assert "alice" in refusal.message and "own computations" in refusal.message
+        assert job() == 7
+        assert job.status == JobStatus.Finished
+
+
+def test_unknown_user_and_wrong_token_are_refused(
+    scheduler: SchedulerProcess, users: dict[str, Path], tmp_path: Path
+) -> None:
+    token = read_secret_file(users["alice"]).rsplit(b":", 1)[1]
+    for credential in (
+        b"dispynb-user:mallory:" + token,
+        b"dispynb-user:alice:x" + token,
+    ):
+        with pytest.raises(AuthenticationError):
+            SharedJobCluster(
+                compute, scheduler_host=scheduler.address, secret=credential
+            )
+    with pytest.raises(ConfigurationError, match="credential"):
+        SharedJobCluster(compute, scheduler_host=scheduler.address, secret="plain")
+
+
+def test_revoked_user_loses_its_session_and_cannot_come_back(
+    scheduler: SchedulerProcess, users: dict[str, Path], tmp_path: Path
+) -> None:
+    with SharedJobCluster(
+        compute, scheduler_host=scheduler.address, secret_file=str(users["bob"])
+    ) as cluster:
+        assert cluster.submit(2)() == 4
+        done = scheduler_cli(
+            "user", "revoke", "bob", "--users", str(tmp_path / "users")
+        )
+        assert done.returncode == 0, done.stderr
+        scheduler.wait_for_log("user 'bob' was revoked")
+    with pytest.raises(AuthenticationError):
+        SharedJobCluster(
+            compute, scheduler_host=scheduler.address, secret_file=str(users["bob"])
+        )
+    # alice is unaffected
+    with SharedJobCluster(
+        compute, scheduler_host=scheduler.address, secret_file=str(users["alice"])
+    ) as cluster:
+        assert cluster.submit(5)() == 25
+
+
+def test_user_add_writes_private_files(tmp_path: Path, users: dict[str, Path]) -> None:
+    for path in (tmp_path / "users", users["alice"]):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert read_secret_file(users["alice"]).startswith(b"dispynb-user:alice:")
+    listed = scheduler_cli("user", "list", "--users", str(tmp_path / "users"))
+    assert listed.stdout.split() == ["alice", "bob"]
+    again = scheduler_cli("user", "add", "alice", "--users", str(tmp_path / "users"))
+    assert again.returncode == 2 and "exists" in again.stderr

@@ -1,0 +1,61 @@
+"""The scheduler's choice of whose job takes a free CPU (schedserver.fairshare)."""
+
+from __future__ import annotations
+
+from schedserver.fairshare import Account, FairShare
+
+
+def account(user: str, order: int, queued: int = 100, **kw: bool) -> Account:
+    return Account(user, order, queued=queued, nodes={"n1", "n2"}, **kw)
+
+
+def fill(fair: FairShare, accounts: list[Account], slots: int) -> dict[str, int]:
+    taken: dict[str, int] = {}
+    for _ in range(slots):
+        chosen = fair.pick(accounts, "n1")
+        assert chosen is not None
+        fair.started(chosen)
+        taken[chosen.user] = taken.get(chosen.user, 0) + 1
+    return taken
+
+
+def test_slots_split_evenly_between_users_not_computations() -> None:
+    fair = FairShare()
+    # alice has three computations, bob one: still half the CPUs each
+    accounts = [account("alice", 1), account("alice", 2), account("alice", 3)]
+    accounts.append(account("bob", 4))
+    assert fill(fair, accounts, 8) == {"alice": 4, "bob": 4}
+
+
+def test_a_freed_slot_goes_to_the_user_with_fewest_in_flight() -> None:
+    fair = FairShare()
+    alice, bob = account("alice", 1), account("bob", 2)
+    fill(fair, [alice, bob], 4)
+    fair.ended(alice)
+    fair.ended(alice)
+    assert fair.pick([alice, bob], "n1") is alice
+
+
+def test_a_user_alone_gets_every_slot_and_quota_caps_it() -> None:
+    fair = FairShare(max_cpus=3)
+    alice, bob = account("alice", 1), account("bob", 2, queued=0)
+    assert fill(fair, [alice, bob], 3) == {"alice": 3}
+    assert fair.pick([alice, bob], "n1") is None  # quota reached; bob has nothing
+
+
+def test_computation_not_set_up_on_the_node_gets_no_slot_there() -> None:
+    fair = FairShare()
+    alice = Account("alice", 1, queued=5, nodes={"n2"})
+    assert fair.pick([alice], "n1") is None
+    assert fair.pick([alice], "n2") is alice
+
+
+def test_exclusive_waits_for_others_to_drain_then_runs_alone() -> None:
+    fair = FairShare()
+    alice, bob = account("alice", 1), account("bob", 2, exclusive=True)
+    fair.started(alice)
+    assert fair.pick([alice, bob], "n1") is None  # bob waits, alice gets no more
+    fair.ended(alice)
+    assert fair.pick([alice, bob], "n1") is bob
+    fair.started(bob)
+    assert fair.pick([alice, bob], "n1") is bob
