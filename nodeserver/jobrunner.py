@@ -79,9 +79,11 @@ def run_job(
     kinds: list[str] = []
     try:
         try:
-            if shm.is_reference(buffers):  # the client's memory, mapped here
-                buffers = shm.open_reference(buffers[0])
-            args, kwargs, names = _unpack_payload(serialize.loads(buffers))
+            if shm.is_reference(buffers):  # the client's memory, copied out here
+                payload = shm.load_reference(buffers[0], serialize.loads)
+            else:
+                payload = serialize.loads(buffers)
+            args, kwargs, names = _unpack_payload(payload)
         except Exception as exc:
             start_time = end_time = time.time()
             exception = _describe(exc, "arguments cannot be unpickled on the node")

@@ -179,6 +179,8 @@ class ClientSession:
                 if comp_id not in adopted:  # the keeper's jobs still need theirs
                     for name in segments.values():
                         shm.unlink(name)
+            if self._segments and not adopted:  # a killed client leaves its pool
+                shm.sweep()
             self._segments.clear()
             for task in self._tasks:
                 task.cancel()
@@ -645,9 +647,8 @@ class ClientSession:
         stream: bool = True,
     ) -> None:
         if self._segments and (segments := self._segments.get(comp_id)):
-            name = segments.pop((entry[0], entry[1]), None)
-            if name is not None:
-                shm.unlink(name)  # normally gone already: the worker opened it
+            # The client reuses the object for another job: not ours to unlink.
+            segments.pop((entry[0], entry[1]), None)
         if stream and buffers and sum(b.nbytes for b in buffers) >= STREAM_BYTES:
             self._stream_result(comp_id, entry, buffers)
             return

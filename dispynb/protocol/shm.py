@@ -3,18 +3,20 @@
 A job's pickled arguments normally travel over the node's socket: the client frames
 them, the node server reads them and writes them again to the worker. For a node on
 the client's own machine, a payload of at least `MIN_SIZE` bytes is instead written
-once into a shared memory object (``/dev/shm/dnb-<32 hex digits>``, mode 0600); the
-job's one buffer is then a small *reference* (`MAGIC` + JSON name and sizes) that
-travels inside the existing authenticated job message. The worker opens the object,
-unlinks the name at once and maps it: the pickle is read straight from the client's
-pages.
+once into a shared memory object (``/dev/shm/dnb-<32 hex digits>``, mode 0600) taken
+from the client's pool (`dispynb.protocol.shmpool`); the job's one buffer is then a
+small *reference* (`MAGIC` + JSON name and sizes) that travels inside the existing
+authenticated job message. The worker opens the object, maps it and unpickles the
+arguments out of it (`load_reference`): nothing of the job keeps pointing into the
+client's pages, which the client reuses for a later job.
 
-Names come from `secrets.token_hex` (128 bits), so they cannot be guessed; a worker
-only opens a well-formed name, a regular file of its own user of exactly the
-announced size (`open_reference`). Nothing is left behind: the worker unlinks the name
-when it opens it; the client unlinks those of jobs that ended without being opened
-(cancelled, abandoned, resubmitted, closed); the node server unlinks those of jobs it
-received but never ran when the client's session ends (a client killed by SIGKILL).
+Names come from `secrets.token_hex` (128 bits), so they cannot be guessed, and each job
+gets a new one; a worker only opens a well-formed name, a regular file of its own user
+of at least the announced size. Nothing is left behind: the client holds an ``flock``
+on every object it created until it unlinks it (at the job's end beyond the pool's
+bounds, at close); an object whose lock nobody holds belongs to a dead client and
+`sweep` removes it: the node server sweeps when a client's session ends (a client
+killed by SIGKILL), and every new pool sweeps once.
 
 `same_machine` decides whether a node may be sent references; when it says no, or
 below `MIN_SIZE`, arguments go over the socket as before. Linux only (``/dev/shm``).
@@ -25,16 +27,17 @@ off (`enabled`): for comparisons, or where ``/dev/shm`` is small.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import ipaddress
 import json
 import mmap
 import os
 import re
-import secrets
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from dispynb.errors import SerializationError
 from dispynb.protocol.framing import Buffer
@@ -46,11 +49,12 @@ __all__ = [
     "boot_id",
     "enabled",
     "is_reference",
+    "load_reference",
     "open_reference",
     "reference_name",
     "same_machine",
+    "sweep",
     "unlink",
-    "write_segment",
 ]
 
 #: The shared memory file system (POSIX shm_open's objects on Linux).
@@ -109,29 +113,6 @@ def same_machine(peer_ip: str, node_boot_id: str, node_pid: int) -> bool:
     )
 
 
-def write_segment(buffers: Sequence[Buffer]) -> tuple[str, bytes]:
-    """Write ``buffers`` into a new shared memory object; return its name and the
-    reference to send instead of them. The caller unlinks the name (`unlink`) if the
-    job ends without a worker having opened it."""
-    sizes = [memoryview(b).nbytes for b in buffers]
-    name = f"dnb-{secrets.token_hex(16)}"
-    path = SHM_DIR / name
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        os.ftruncate(fd, sum(sizes))
-        for buffer in buffers:
-            view = memoryview(buffer).cast("B")
-            while view:
-                view = view[os.write(fd, view) :]
-    except BaseException:
-        unlink(name)
-        raise
-    finally:
-        os.close(fd)
-    reference = MAGIC + json.dumps({"name": name, "sizes": sizes}).encode()
-    return name, reference
-
-
 def is_reference(buffers: Sequence[Buffer]) -> bool:
     """Whether a job's buffers are one shared memory reference."""
     if len(buffers) != 1:
@@ -161,12 +142,12 @@ def _parse(reference: Buffer) -> tuple[str, list[int]]:
     return name, sizes
 
 
-def open_reference(reference: Buffer) -> list[memoryview]:
-    """Open, unlink and map (copy-on-write) the object a reference names; its
-    buffers.
+def open_reference(reference: Buffer) -> tuple[mmap.mmap | None, list[memoryview]]:
+    """Open and map (copy-on-write) the object a reference names; the mapping and
+    the buffers in it.
 
     Raises `SerializationError` for a malformed or refused name, an object that is
-    gone, not a regular file of this user, or not of the announced size.
+    gone, not a regular file of this user, or smaller than announced.
     """
     name, sizes = _parse(reference)
     try:
@@ -182,18 +163,16 @@ def open_reference(reference: Buffer) -> list[memoryview]:
             raise SerializationError(
                 f"refused shared memory {name}: not a regular object of this user"
             )
-        if info.st_size != sum(sizes):
+        total = sum(sizes)
+        if info.st_size < total:
             raise SerializationError(
-                f"refused shared memory {name}: {info.st_size} bytes,"
-                f" {sum(sizes)} announced"
+                f"refused shared memory {name}: {info.st_size} bytes, {total} announced"
             )
-        unlink(name)  # mapped below: the memory lives until the last view goes
-        if info.st_size == 0:
-            return [memoryview(b"") for _ in sizes]
-        # Private and writable: arguments are the job's own to modify (as after a
-        # socket transfer), and a write never reaches the client's pages.
+        if total == 0:
+            return None, [memoryview(b"") for _ in sizes]
+        # Private and writable: a job's write never reaches the client's pages.
         # (No MAP_POPULATE: on a private writable mapping it copies every page.)
-        mapped = mmap.mmap(fd, info.st_size, flags=mmap.MAP_PRIVATE)
+        mapped = mmap.mmap(fd, total, flags=mmap.MAP_PRIVATE)
     finally:
         os.close(fd)
     whole = memoryview(mapped)
@@ -202,7 +181,36 @@ def open_reference(reference: Buffer) -> list[memoryview]:
     for size in sizes:
         views.append(whole[offset : offset + size])
         offset += size
-    return views
+    whole.release()
+    return mapped, views
+
+
+def load_reference(reference: Buffer, loads: Callable[[list[memoryview]], Any]) -> Any:
+    """Unpickle (with ``loads``) the arguments a reference names, into this
+    process's own memory: the client reuses the object for later jobs.
+
+    ``bytes`` and ``bytearray`` arguments are copied out by the unpickler anyway;
+    anything that would keep a view of the mapping (a NumPy array's memory) is
+    unpickled a second time from a private copy.
+    """
+    mapped, views = open_reference(reference)
+    if mapped is None:
+        return loads(views)
+    try:
+        value = loads(views)
+    finally:
+        for view in views:
+            with contextlib.suppress(BufferError):  # exported to ``value``
+                view.release()
+    try:
+        mapped.close()
+    except BufferError:  # ``value`` points into the mapping: take a private copy
+        copies = [bytearray(view) for view in open_reference(reference)[1]]
+        del value
+        value = loads([memoryview(c) for c in copies])
+        with contextlib.suppress(BufferError):
+            mapped.close()
+    return value
 
 
 def unlink(name: str) -> None:
@@ -211,3 +219,34 @@ def unlink(name: str) -> None:
         return
     with contextlib.suppress(FileNotFoundError):
         os.unlink(SHM_DIR / name)
+
+
+def sweep() -> int:
+    """Unlink the objects of clients that died: dispynb names of this user whose
+    ``flock`` nobody holds (a live client holds one on each of its objects). Returns
+    how many were removed."""
+    removed = 0
+    try:
+        entries = list(os.scandir(SHM_DIR))
+    except OSError:
+        return 0
+    for entry in entries:
+        if not _NAME.fullmatch(entry.name):
+            continue
+        try:
+            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+                continue
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # locked: its client is alive
+            continue
+        finally:
+            os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(entry.path)
+            removed += 1
+    return removed

@@ -22,6 +22,7 @@ from typing import Any
 
 from dispynb.depends import FileRef
 from dispynb.errors import DispynbError, SetupError
+from dispynb.protocol import shm
 from dispynb.protocol.framing import Buffer
 from dispynb.protocol.messages import (
     ComputationClose,
@@ -38,6 +39,7 @@ from dispynb.protocol.messages import (
     NodeStatus,
     ResultChunk,
 )
+from dispynb.protocol.shmpool import SegmentPool
 from dispynb.scheduler.events import (
     CancelRequested,
     Instruction,
@@ -57,6 +59,7 @@ from dispynb.scheduler.link import (
     _Stop,
 )
 from dispynb.scheduler.membership import DriverNodes
+from dispynb.scheduler.outbox import SHM_JOBS_PER_CPU
 from dispynb.scheduler.state import SchedulerState
 
 __all__ = [
@@ -98,8 +101,12 @@ class Driver(DriverNodes):
         self._streams: dict[tuple[str, int, int], dict[int, list[Any]] | None] = {}
         self._requests = itertools.count(1)
         # Shared memory objects holding jobs' arguments: key -> attempt -> name,
-        # unlinked when the job ends (the worker unlinks them as it opens them).
+        # back to the pool when the job ends (`_release_segments`).
         self._segments: dict[int, dict[int, str]] = {}
+        self._pool: SegmentPool | None = None
+        # Whether the latest job submitted has large arguments: nodes that take
+        # them through shared memory then hold fewer jobs (`_limit_shared_memory`).
+        self._large = False
         self._connecting = 0
         self._reconnecting = 0
         self.discovering = False  # nodes may still appear: queued jobs wait for them
@@ -190,6 +197,9 @@ class Driver(DriverNodes):
         link.last_seen = asyncio.get_running_loop().time()
         link.cpus = message.workers
         self.events.node_ready(link)
+        if self._large and link.shared_memory:
+            cap = SHM_JOBS_PER_CPU * max(1, link.cpus)
+            self.state.limit_window(link.node_id, cap)
         self._apply(self.state.handle(NodeJoined(link.node_id, message.workers)))
 
     # -- jobs ----------------------------------------------------------------------
@@ -230,6 +240,12 @@ class Driver(DriverNodes):
             return
         while incoming:
             key, buffers, node, files, limits = incoming.popleft()
+            # Cheap test first: small arguments are one small pickle.
+            large = (len(buffers) > 1 or len(buffers[0]) >= shm.MIN_SIZE) and sum(
+                memoryview(b).nbytes for b in buffers
+            ) >= shm.MIN_SIZE
+            if large is not self._large:
+                self._limit_shared_memory(large)
             jobs[key] = _Pending(buffers, node, files, limits)
             instructions.extend(handle(JobSubmitted(key, node)))
         self._apply(instructions)
@@ -270,3 +286,5 @@ class Driver(DriverNodes):
             await asyncio.wait(list(self._tasks), timeout=5)
         for key in list(self._segments):
             self._release_segments(key)
+        if self._pool is not None:
+            self._pool.close()

@@ -19,6 +19,7 @@ from dispynb.protocol.messages import (
     JobSubmit,
     Message,
 )
+from dispynb.protocol.shmpool import SegmentPool
 from dispynb.scheduler.events import (
     AbandonJob,
     CancelQueued,
@@ -43,6 +44,11 @@ from dispynb.transport.connection import describe_error
 logger = logging.getLogger("dispynb.scheduler.driver")
 
 
+#: Jobs with large arguments a node that takes them through shared memory may hold,
+#: per CPU: one running, one ready behind it (`DriverOutbox._limit_shared_memory`).
+SHM_JOBS_PER_CPU = 2
+
+
 class DriverOutbox:
     """The driver's writing side: carries out the scheduler's instructions (job
     batches per node, cancels), files and shared memory, in wire order."""
@@ -58,6 +64,8 @@ class DriverOutbox:
     _streams: dict[tuple[str, int, int], dict[int, list[Any]] | None]
     _requests: itertools.count[int]
     _segments: dict[int, dict[int, str]]
+    _pool: SegmentPool | None
+    _large: bool
     _connecting: int
     _reconnecting: int
     discovering: bool
@@ -238,7 +246,10 @@ class DriverOutbox:
         """Write a job's arguments to shared memory; the reference to send instead
         (the arguments themselves if that fails: the socket still works)."""
         try:
-            name, reference = shm.write_segment(payload)
+            if self._pool is None:
+                self._pool = SegmentPool()
+                shm.sweep()  # objects of clients that were killed
+            name, reference = self._pool.write(payload)
         except OSError as exc:  # /dev/shm full, say: this node's jobs use the socket
             link.shared_memory = False
             logger.warning(
@@ -251,8 +262,22 @@ class DriverOutbox:
         self._segments.setdefault(key, {})[attempt] = name
         return [reference]
 
-    def _release_segments(self, key: int, attempt: int | None = None) -> None:
-        """Unlink the shared memory of a job (of one attempt) that ended."""
+    def _limit_shared_memory(self, large: bool) -> None:
+        """Jobs with large arguments: nodes that take them through shared memory
+        hold at most `SHM_JOBS_PER_CPU` per CPU, so that the pool's segments of
+        finished jobs are reused (rewriting mapped pages costs the client about a
+        tenth of fresh ones)."""
+        self._large = large
+        for link in self.nodes.values():
+            if link.shared_memory:
+                cap = SHM_JOBS_PER_CPU * max(1, link.cpus) if large else None
+                self.state.limit_window(link.node_id, cap)
+
+    def _release_segments(
+        self, key: int, attempt: int | None = None, reuse: bool = False
+    ) -> None:
+        """Give back the shared memory of a job (of one attempt) that ended: to the
+        pool if ``reuse`` (its worker is done with it), unlinked otherwise."""
         segments = self._segments.get(key)
         if segments is None:
             return
@@ -261,8 +286,9 @@ class DriverOutbox:
             names.append(name)
         if attempt is None or not segments:
             del self._segments[key]
-        for name in names:
-            shm.unlink(name)
+        if self._pool is not None:
+            for name in names:
+                self._pool.release(name, reuse)
 
     def _write_batch(
         self,

@@ -65,7 +65,8 @@ class DriverResults(DriverOutbox):
             key, attempt, outcome, began, ended, stdout, stderr, exception, count = (
                 record
             )
-            self._release_segments(key, attempt)
+            if self._segments:
+                self._release_segments(key, attempt, reuse=True)
             result_buffers: list[Any] | None
             if streamed:  # its buffers came in chunks
                 result_buffers = self._take_stream(link, key, attempt, count)

@@ -177,6 +177,7 @@ class SchedulerState:
         self._nodes: dict[str, _Node] = {}
         # Names of present nodes with room for one more job.
         self._open: set[str] = set()
+        self._caps: dict[str, int] = {}  # node -> most jobs it may hold (limit_window)
         self._joins: int = 0
         self._running: int = 0
 
@@ -420,9 +421,22 @@ class SchedulerState:
         if not queue:
             del self._pinned[job.pin]
 
+    def limit_window(self, node: str, cap: int | None) -> None:
+        """Let ``node`` hold at most ``cap`` jobs (None: no limit but the policy's),
+        from its next dispatch on; a node not joined yet gets it when it joins."""
+        if cap is None:
+            self._caps.pop(node, None)
+        else:
+            self._caps[node] = cap
+        present = self._nodes.get(node)
+        if present is not None:
+            self._refresh(present)
+
     def _refresh(self, node: _Node) -> None:
         """Recompute a node's window and whether it has room."""
         node.window = policy.window(node.cpus, node.mean_duration)
+        if self._caps and (cap := self._caps.get(node.name)) is not None:
+            node.window = min(node.window, cap)
         if policy.wants_jobs(node.cpus, len(node.running), node.window):
             self._open.add(node.name)
         else:

@@ -1,12 +1,14 @@
 """Large arguments to a node on the client's machine go through shared memory.
 
-Real local node servers; the client's `shm.write_segment` is wrapped to learn the
-names it creates, and each test checks that every one of them is gone afterwards:
-after the jobs ran, after cancels, after the client was killed with SIGKILL.
+Real local node servers; the client's `SegmentPool.write` is wrapped to learn the
+objects it uses (their inodes: a pooled object is renamed for every job), and each
+test checks that every one of them is gone afterwards: after the cluster closed,
+after cancels, after the client was killed with SIGKILL.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -23,6 +25,7 @@ import pytest
 
 from dispynb import DispyJob, JobCluster
 from dispynb.protocol import shm
+from dispynb.protocol.shmpool import SegmentPool
 from tests.jobs import WAIT, wait_for_path, wait_until
 
 pytestmark = pytest.mark.slow
@@ -31,24 +34,32 @@ MB = 1_000_000
 
 
 @pytest.fixture
-def created(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
-    """The shared memory names the client creates during the test."""
-    names: list[str] = []
-    write = shm.write_segment
+def created(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[str, int]]]:
+    """(name, inode) of every shared memory object the client writes in the test."""
+    used: list[tuple[str, int]] = []
+    write = SegmentPool.write
 
-    def recording(buffers: Any) -> tuple[str, bytes]:
-        name, reference = write(buffers)
-        names.append(name)
+    def recording(self: SegmentPool, buffers: Any) -> tuple[str, bytes]:
+        name, reference = write(self, buffers)
+        used.append((name, (shm.SHM_DIR / name).stat().st_ino))
         return name, reference
 
-    monkeypatch.setattr(shm, "write_segment", recording)
-    yield names
-    for name in names:
-        shm.unlink(name)
+    monkeypatch.setattr(SegmentPool, "write", recording)
+    yield used
 
 
-def all_gone(names: list[str]) -> bool:
-    return not any((shm.SHM_DIR / name).exists() for name in names)
+def live_inodes() -> set[int]:
+    found = set()
+    for entry in os.scandir(shm.SHM_DIR):
+        if entry.name.startswith("dnb-"):
+            with contextlib.suppress(FileNotFoundError):
+                found.add(entry.stat(follow_symlinks=False).st_ino)
+    return found
+
+
+def all_gone(used: list[tuple[str, int]]) -> bool:
+    """No object the client used is left, under any name."""
+    return not {number for _name, number in used} & live_inodes()
 
 
 def digest(data: bytes, scale: int = 1) -> tuple[int, str]:
@@ -74,7 +85,19 @@ def test_large_arguments_round_trip_and_leave_nothing(local, created):
         assert small() == digest(b"tiny")
         assert [job() for job in jobs] == [digest(p) for p in payloads]
         assert {job.status for job in jobs} == {DispyJob.Finished}
-    assert len(created) == 4  # the large ones only, one object each
+    assert len(created) == 4  # the large ones only
+    wait_until(lambda: all_gone(created))  # freed at close
+
+
+def test_the_objects_of_finished_jobs_are_reused(local, created):
+    payloads = [os.urandom(2 * MB) for _ in range(12)]
+    with JobCluster(digest, nodes=local) as cluster:
+        jobs = [cluster.submit(p) for p in payloads]
+        assert [job() for job in jobs] == [digest(p) for p in payloads]
+    assert len(created) == 12
+    # At most two jobs per CPU hold an object: the others reuse theirs.
+    assert len({number for _name, number in created}) <= 4
+    assert len({name for name, _number in created}) == 12  # a new name every time
     wait_until(lambda: all_gone(created))
 
 
@@ -87,10 +110,10 @@ def test_turned_off_by_the_environment_uses_the_socket(local, created, monkeypat
 
 
 def test_shared_memory_full_falls_back_to_the_socket(local, monkeypatch, caplog):
-    def full(buffers: Any) -> tuple[str, bytes]:
+    def full(self: SegmentPool, buffers: Any) -> tuple[str, bytes]:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(shm, "write_segment", full)
+    monkeypatch.setattr(SegmentPool, "write", full)
     payloads = [os.urandom(2 * MB) for _ in range(3)]
     with JobCluster(digest, nodes=local) as cluster:
         jobs = [cluster.submit(p) for p in payloads]
@@ -113,9 +136,9 @@ def test_cancelled_jobs_leave_nothing(local1, created, tmp_path):
             assert cluster.cancel(long) == 0
             assert long.wait(timeout=WAIT)
             assert long.status in (DispyJob.Cancelled, DispyJob.Terminated)
-            wait_until(lambda: all_gone(created))
         finally:
             cluster.close(terminate=True)
+    wait_until(lambda: all_gone(created))
     assert not (tmp_path / "q").exists()
 
 
@@ -124,15 +147,16 @@ CLIENT = textwrap.dedent(
     import os, sys, time
     from dispynb import JobCluster, LocalCluster
     from dispynb.protocol import shm
+    from dispynb.protocol.shmpool import SegmentPool
 
-    write = shm.write_segment
+    write = SegmentPool.write
 
-    def recording(buffers):
-        name, reference = write(buffers)
-        print(name, flush=True)
+    def recording(self, buffers):
+        name, reference = write(self, buffers)
+        print(name, os.stat(shm.SHM_DIR / name).st_ino, flush=True)
         return name, reference
 
-    shm.write_segment = recording
+    SegmentPool.write = recording
 
     def mark_sleep(marker, seconds, data):
         import os, time
@@ -164,21 +188,22 @@ def test_client_killed_with_sigkill_leaves_nothing(tmp_path):
         text=True,
         env={**os.environ, "PYTHONPATH": str(Path.cwd())},
     )
-    names: list[str] = []
+    used: list[tuple[str, int]] = []
     nodes: list[psutil.Process] = []
     try:
         assert client.stdout is not None
         for line in client.stdout:
             if line.strip() == "ready":
                 break
-            names.append(line.strip())
-        assert len(names) >= 2, names  # the running job and one sent ahead
-        assert not all_gone(names)  # the queued jobs' objects are there
+            name, number = line.split()
+            used.append((name, int(number)))
+        assert len(used) >= 2, used  # the running job and one sent ahead
+        assert not all_gone(used)  # the queued jobs' objects are there
         nodes = psutil.Process(client.pid).children(recursive=True)
         client.send_signal(signal.SIGKILL)
         client.wait(WAIT)
-        # The node sees its parent go, ends the session and unlinks what was left.
-        wait_until(lambda: all_gone(names), timeout=30)
+        # The node sees its parent go, ends the session and sweeps what was left.
+        wait_until(lambda: all_gone(used), timeout=30)
         psutil.wait_procs(nodes, timeout=30)
         assert not [p for p in nodes if p.is_running() and p.status() != "zombie"]
     finally:
@@ -188,8 +213,60 @@ def test_client_killed_with_sigkill_leaves_nothing(tmp_path):
         for proc in nodes:
             if proc.is_running():
                 proc.kill()
-        for name in names:
+        for name, _number in used:
             shm.unlink(name)
         if client.stdout is not None:
             client.stdout.close()
-    print(json.dumps(names))
+    print(json.dumps(used))
+
+
+def test_an_unauthenticated_peer_cannot_have_a_segment_opened(tmp_path):
+    """A job-submit naming a live segment, before authentication or after a wrong
+    secret, is refused: no process of the node opens the object (its access time,
+    which any open-and-read updates, stays as it was)."""
+    from dispynb.protocol import serialize
+    from dispynb.protocol.framing import encode_frames
+    from dispynb.protocol.handshake import ClientHandshake
+    from dispynb.protocol.messages import Error, JobSubmit, pack_header
+    from tests.hostile.tools import (
+        attacker_socket,
+        limited_node,
+        recv_unsigned,
+        send_unsigned,
+    )
+
+    def refusal(sock: Any) -> Any:
+        """Error, or "closed" if the node hung up without a word."""
+        try:
+            return type(recv_unsigned(sock))
+        except ConnectionError:
+            return "closed"
+
+    pool = SegmentPool()
+    try:
+        name, reference = pool.write(serialize.dumps(((os.urandom(2 * MB),), {})))
+        path = shm.SHM_DIR / name
+        submit = JobSubmit(comp_id=1, jobs=[[1, 0, 1]])
+        head, parts = encode_frames([pack_header(submit.to_header()), reference])
+        message = b"".join([head, *parts])
+        replies = []
+        with limited_node(tmp_path / "node", cpus=1) as node:
+            before = path.stat().st_atime_ns
+            with attacker_socket(node.port, source="127.0.0.1") as sock:
+                sock.sendall(message)  # instead of a hello
+                replies.append(refusal(sock))
+            with attacker_socket(node.port, source="127.0.0.1") as sock:
+                handshake = ClientHandshake(b"not the node's secret")
+                send_unsigned(sock, handshake.hello())
+                send_unsigned(sock, handshake.on_challenge(recv_unsigned(sock)))
+                replies.append(refusal(sock))
+                with contextlib.suppress(OSError):
+                    sock.sendall(message)
+            node.stop()  # every process of the node is gone: nothing opens it later
+            assert path.stat().st_atime_ns == before
+        assert all(reply in ("closed", Error) for reply in replies), replies
+        # The check can fail: a process that does open it moves the access time.
+        shm.load_reference(reference, serialize.loads)
+        assert path.stat().st_atime_ns != before
+    finally:
+        pool.close()

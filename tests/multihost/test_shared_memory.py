@@ -18,19 +18,19 @@ import hashlib
 import os
 
 import dispynb
-from dispynb.protocol import shm
+from dispynb.protocol.shmpool import SegmentPool
 
 created = []
-write = shm.write_segment
+write = SegmentPool.write
 
 
-def recording(buffers):
-    name, reference = write(buffers)
+def recording(self, buffers):
+    name, reference = write(self, buffers)
     created.append(name)
     return name, reference
 
 
-shm.write_segment = recording
+SegmentPool.write = recording
 
 
 def digest(data):

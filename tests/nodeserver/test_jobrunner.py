@@ -13,6 +13,7 @@ import pytest
 
 from dispynb.protocol import serialize, shm
 from dispynb.protocol.messages import FINISHED, RAISED
+from dispynb.protocol.shmpool import SegmentPool
 from nodeserver.channel import MessageSocket
 from nodeserver.ipc import Done, Run, Shutdown
 from nodeserver.jobrunner import run_job, worker_loop
@@ -279,16 +280,17 @@ def test_unpicklable_result_names_the_path_inside_it():
     assert "result[1]['a'][1] is a 'lock'" in done.exception
 
 
-def test_run_job_reads_arguments_from_shared_memory_and_unlinks_them():
+def test_run_job_copies_arguments_out_of_shared_memory():
     data = os.urandom(2_000_000)
-    name, reference = shm.write_segment(serialize.dumps(((data,), {})))
+    pool = SegmentPool()
     try:
+        name, reference = pool.write(serialize.dumps(((data,), {})))
         done, buffers = run_job(len, RUN, [memoryview(reference)])
         assert done.outcome == FINISHED, done.exception
         assert serialize.loads(buffers) == len(data)
-        assert not (shm.SHM_DIR / name).exists()
+        assert (shm.SHM_DIR / name).exists()  # the client's, to reuse
     finally:
-        shm.unlink(name)
+        pool.close()
 
 
 def test_run_job_refuses_forged_or_guessed_shared_memory_names():

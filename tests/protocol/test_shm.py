@@ -10,11 +10,20 @@ import pytest
 
 from dispynb.errors import SerializationError
 from dispynb.protocol import serialize, shm
+from dispynb.protocol.shmpool import SegmentPool
+
+
+@pytest.fixture
+def pool() -> Iterator[SegmentPool]:
+    """A client's segment pool; closed afterwards whatever happened."""
+    made = SegmentPool()
+    yield made
+    made.close()
 
 
 @pytest.fixture
 def names() -> Iterator[list[str]]:
-    """Names a test creates; unlinked afterwards whatever happened."""
+    """Names a test creates by hand; unlinked afterwards whatever happened."""
     made: list[str] = []
     yield made
     for name in made:
@@ -25,27 +34,48 @@ def exists(name: str) -> bool:
     return (shm.SHM_DIR / name).exists()
 
 
-def test_round_trip_unlinks_on_open(names: list[str]) -> None:
+def test_round_trip_copies_the_arguments_out(pool: SegmentPool) -> None:
     payload = (os.urandom(3_000_000), bytearray(b"z" * 100_000), [1, "two"])
     buffers = serialize.dumps((payload, {}))
-    name, reference = shm.write_segment(buffers)
-    names.append(name)
+    name, reference = pool.write(buffers)
     info = (shm.SHM_DIR / name).stat()
     assert info.st_mode & 0o777 == 0o600
     assert shm.is_reference([reference]) and not shm.is_reference(buffers)
     assert shm.reference_name(reference) == name
-    views = shm.open_reference(reference)
-    assert not exists(name)  # unlinked as soon as it was opened
-    args, kwargs = serialize.loads(views)
+    args, kwargs = shm.load_reference(reference, serialize.loads)
     assert args == payload and kwargs == {}
+    assert exists(name)  # the client's: it reuses it for the next job
     args[1][0] = ord("y")  # the job's own copy: writable, private
+    # The client rewrites the object for another job: this job's arguments stay.
+    pool.release(name)
+    pool.write([b"\0" * 3_200_000])
+    assert args == ((payload[0], bytearray(b"y" + b"z" * 99_999), [1, "two"]))
 
 
-def test_names_are_unguessable(names: list[str]) -> None:
-    made = {shm.write_segment([b"x"])[0] for _ in range(20)}
-    names.extend(made)
+def test_an_argument_that_would_keep_a_view_gets_a_private_copy(
+    pool: SegmentPool,
+) -> None:
+    numpy = pytest.importorskip("numpy")
+    array = numpy.arange(500_000, dtype=numpy.int64)  # out-of-band: a view if mapped
+    name, reference = pool.write(serialize.dumps(((array,), {})))
+    (args, _kwargs) = shm.load_reference(reference, serialize.loads)
+    pool.release(name)
+    pool.write([b"\xff" * 4_000_000])  # the same object, rewritten
+    assert pool.reused == 1
+    assert numpy.array_equal(args[0], array)
+    args[0][0] = 7  # writable
+
+
+def test_names_are_unguessable(pool: SegmentPool) -> None:
+    made = set()
+    for _ in range(20):
+        name, _reference = pool.write([b"x"])
+        made.add(name)
+        pool.release(name)  # reused: the same object under a new name each time
+    assert pool.created == 1 and pool.reused == 19
     assert len(made) == 20
     assert all(len(n) == len("dnb-") + 32 for n in made)
+    assert not any(exists(n) for n in made)  # each job's name died with the job
 
 
 @pytest.mark.parametrize(
@@ -66,11 +96,10 @@ def test_guessed_name_that_does_not_exist_is_refused() -> None:
         shm.open_reference(reference)
 
 
-def test_wrong_size_is_refused_and_left_alone(names: list[str]) -> None:
-    name, _ = shm.write_segment([b"abcdef"])
-    names.append(name)
-    forged = shm.MAGIC + f'{{"name": "{name}", "sizes": [600]}}'.encode()
-    with pytest.raises(SerializationError, match="600 announced"):
+def test_wrong_size_is_refused_and_left_alone(pool: SegmentPool) -> None:
+    name, _ = pool.write([b"abcdef"])
+    forged = shm.MAGIC + f'{{"name": "{name}", "sizes": [2000000]}}'.encode()
+    with pytest.raises(SerializationError, match="2000000 announced"):
         shm.open_reference(forged)
     assert exists(name)
 
@@ -87,9 +116,8 @@ def test_symlink_is_refused(tmp_path: Path, names: list[str]) -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown")
-def test_another_users_object_is_refused(names: list[str]) -> None:
-    name, reference = shm.write_segment([b"abc"])
-    names.append(name)
+def test_another_users_object_is_refused(pool: SegmentPool) -> None:
+    name, reference = pool.write([b"abc"])
     os.chown(shm.SHM_DIR / name, 65534, 65534)
     with pytest.raises(SerializationError, match="not a regular object of this user"):
         shm.open_reference(reference)
