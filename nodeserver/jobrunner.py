@@ -67,7 +67,8 @@ def run_job(
     """
     saved = sys.stdout, sys.stderr
     program_output: ProgramOutput | None = None
-    if CONTEXT.max_output is None:
+    bounded = CONTEXT.max_output is not None
+    if not bounded:
         out: io.StringIO = io.StringIO()
         err: io.StringIO = io.StringIO()
     else:
@@ -133,14 +134,22 @@ def run_job(
                         result_buffers = _NO_BUFFERS
     finally:
         sys.stdout, sys.stderr = saved
+    stdout: str | bytes
+    stderr: str | bytes
+    if program_output is not None:
+        stdout, stderr = program_output.stdout, program_output.stderr
+    elif bounded:  # may need the line saying how much was dropped
+        stdout, stderr = _text(out), _text(err)
+    else:
+        stdout, stderr = out.getvalue(), err.getvalue()
     done = Done(
         key=run.key,
         attempt=run.attempt,
         outcome=outcome,
         start_time=start_time,
         end_time=end_time,
-        stdout=_text(out) if program_output is None else program_output.stdout,
-        stderr=_text(err) if program_output is None else program_output.stderr,
+        stdout=stdout,
+        stderr=stderr,
         exception=exception,
         kinds="".join(kinds) if outcome == FINISHED else "",
     )

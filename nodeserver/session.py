@@ -442,11 +442,15 @@ class ClientSession:
         jobs: list[NodeJob] = []
         offset = 0
         for entry in message.jobs:
-            if len(entry) not in (3, 4) or not all(
-                isinstance(v, int) for v in entry[:3]
+            if len(entry) not in (3, 4):
+                raise MessageError("malformed job entry in job-submit")
+            key, attempt, count = entry[0], entry[1], entry[2]
+            if not (
+                isinstance(key, int)
+                and isinstance(attempt, int)
+                and isinstance(count, int)
             ):
                 raise MessageError("malformed job entry in job-submit")
-            key, attempt, count = entry[:3]
             if count < 1 or offset + count > len(buffers):
                 raise MessageError("job-submit buffer counts do not match its buffers")
             job = NodeJob(key, attempt, buffers[offset : offset + count])
@@ -649,18 +653,25 @@ class ClientSession:
         if self._segments and (segments := self._segments.get(comp_id)):
             # The client reuses the object for another job: not ours to unlink.
             segments.pop((entry[0], entry[1]), None)
-        if stream and buffers and sum(b.nbytes for b in buffers) >= STREAM_BYTES:
-            self._stream_result(comp_id, entry, buffers)
-            return
+        # Sized once, and only when there are buffers (the usual one: no generator).
+        size = 0
+        if buffers:
+            size = (
+                buffers[0].nbytes
+                if len(buffers) == 1
+                else sum(b.nbytes for b in buffers)
+            )
+            if stream and size >= STREAM_BYTES:
+                self._stream_result(comp_id, entry, buffers)
+                return
         batch = self._out.get(comp_id)
         if batch is None:
             batch = self._out[comp_id] = ([], [])
         batch[0].append(entry)
-        batch[1].extend(buffers)
+        if buffers:
+            batch[1].extend(buffers)
         computation = self._computations.get(comp_id)
-        if sum(b.nbytes for b in buffers) > BATCH_BYTES or (
-            computation is not None and computation.idle
-        ):
+        if size > BATCH_BYTES or (computation is not None and computation.idle):
             self._flush()  # big, or nothing else to wait for: send it now
         elif not self._flush_pending:
             self._flush_pending = True

@@ -37,7 +37,7 @@ from dispynb.node import DispyNodeAvailInfo, NodeAllocate, is_wildcard, parse_no
 from dispynb.options import ClusterOptions
 from dispynb.protocol import serialize
 from dispynb.protocol.files import write_inside
-from dispynb.protocol.framing import Buffer
+from dispynb.protocol.framing import Buffer, buffers_size
 from dispynb.protocol.messages import Welcome
 from dispynb.protocol.records import ComputationBundle, ProgramFile
 from dispynb.scheduler import driver
@@ -398,7 +398,7 @@ class NodesBackend:
             buffers = serialize.dumps(payload)
         except SerializationError as exc:
             raise SerializationError(_unpicklable_argument(args, kwargs, exc)) from exc
-        size = sum(memoryview(b).nbytes for b in buffers)
+        size = buffers_size(buffers)
         if size > self._max_job_size - _JOB_OVERHEAD:
             raise SerializationError(
                 f"the job's arguments take {size} bytes, over the nodes' message size "

@@ -31,6 +31,14 @@ LENGTH = struct.Struct("!I")
 MAX_BUFFERS = 1 << 16
 
 
+def buffers_size(buffers: Sequence[Buffer]) -> int:
+    """Total bytes of ``buffers``; one buffer (the usual job or result) costs no
+    generator."""
+    if len(buffers) == 1:
+        return memoryview(buffers[0]).nbytes
+    return sum(memoryview(b).nbytes for b in buffers)
+
+
 def encode_frames(
     buffers: Sequence[Buffer], mac_size: int = 0
 ) -> tuple[bytes, list[Buffer]]:

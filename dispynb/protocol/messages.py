@@ -53,6 +53,7 @@ def unpack_header(data: bytes | memoryview, *, trusted: bool) -> dict[str, Any]:
 
 _SIMPLE = (int, float, str, bytes, bool, list, dict)
 _CHECKS: dict[type, tuple[tuple[str, tuple[type, ...], bool], ...]] = {}
+_NAMES: dict[type, tuple[str, ...]] = {}
 
 
 class Message:
@@ -87,7 +88,14 @@ class Message:
 
     def to_header(self) -> dict[str, Any]:
         """The header map for this message."""
-        header = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        cls = type(self)
+        names = _NAMES.get(cls)
+        if names is None:  # resolved once per class: this runs for every message
+            names = _NAMES[cls] = tuple(
+                f.name
+                for f in dataclasses.fields(self)  # type: ignore[arg-type]
+            )
+        header = {name: getattr(self, name) for name in names}
         header["op"] = self.op
         return header
 

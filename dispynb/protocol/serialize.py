@@ -22,6 +22,8 @@ from dispynb.errors import SerializationError
 from dispynb.protocol.framing import Buffer
 
 _PLAIN = frozenset({int, float, str, bytes, bool, type(None), complex})
+#: `_PLAIN` but ``bytes`` (large ones go out of band).
+_SCALAR = _PLAIN - {bytes}
 _INSTALLED_PREFIXES = tuple(
     {
         sysconfig.get_paths()[key]
@@ -41,7 +43,7 @@ def dumps(obj: Any, kinds: list[str] | None = None) -> list[Buffer]:
     """
     buffers: list[Buffer] = []
     try:
-        if _is_plain(obj) and not _has_large_bytes(obj):
+        if _is_plain(obj):
             main = pickle.dumps(obj, protocol=5)
         else:
             main = _dumps_by_value(obj, buffers, kinds)
@@ -251,24 +253,29 @@ def _is_installed(module: types.ModuleType) -> bool:
 
 
 def _is_plain(obj: Any) -> bool:
-    """True for values stdlib pickle handles faster, with identical results."""
+    """True for values stdlib pickle handles faster, with identical results, and
+    that hold no ``bytes`` large enough to travel out of band.
+
+    One walk, with loops rather than generators: it runs for every job's arguments
+    and every result.
+    """
     kind = type(obj)
-    if kind in _PLAIN:
+    if kind in _SCALAR:
         return True
+    if kind is bytes:
+        return len(obj) < _OOB_MIN
     if kind is tuple or kind is list:
-        return all(type(item) in _PLAIN or _is_plain(item) for item in obj)
+        for item in obj:
+            if type(item) not in _SCALAR and not _is_plain(item):
+                return False
+        return True
     if kind is dict:
-        return all(type(k) in _PLAIN and _is_plain(v) for k, v in obj.items())
-    return False
-
-
-def _has_large_bytes(obj: Any) -> bool:
-    if type(obj) is bytes:
-        return len(obj) >= _OOB_MIN
-    if type(obj) is tuple or type(obj) is list:
-        return any(_has_large_bytes(item) for item in obj)
-    if type(obj) is dict:
-        return any(_has_large_bytes(value) for value in obj.values())
+        for key, value in obj.items():
+            if type(key) not in _PLAIN:
+                return False
+            if type(value) not in _SCALAR and not _is_plain(value):
+                return False
+        return True
     return False
 
 

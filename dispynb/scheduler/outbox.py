@@ -11,7 +11,7 @@ from typing import Any
 from dispynb.depends import FileRef
 from dispynb.errors import DispynbError
 from dispynb.protocol import shm
-from dispynb.protocol.framing import Buffer
+from dispynb.protocol.framing import Buffer, buffers_size
 from dispynb.protocol.messages import (
     FilePlace,
     FilePut,
@@ -221,7 +221,7 @@ class DriverOutbox:
             if pending.limits is not None:
                 limits.append([key, *pending.limits])
             payload = pending.buffers
-            nbytes = sum(memoryview(b).nbytes for b in payload)
+            nbytes = buffers_size(payload)
             if link.shared_memory and nbytes >= shm.MIN_SIZE:
                 payload = self._to_shared_memory(link, key, attempt, payload)
             if pending.files:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from dispynb.defaults import MAX_JOBS_PER_CPU, MIN_JOBS_PER_CPU
 
@@ -204,15 +204,18 @@ def assign(loads: Iterable[NodeLoad], count: int) -> list[str]:
     >>> assign([NodeLoad("a", 1, 0, 2, 0), NodeLoad("b", 2, 0, 4, 1)], 4)
     ['a', 'b', 'b', 'a']
     """
-    heap = [(load_key(load), load) for load in loads if load.has_room]
-    heapq.heapify(heap)  # keys are unique (order is), so loads are never compared
+    # (key, running, load): keys are unique (order is), so the rest is never
+    # compared; ``running`` counts up here instead of a new NodeLoad per job.
+    heap = [(load_key(load), load.running, load) for load in loads if load.has_room]
+    heapq.heapify(heap)
     chosen: list[str] = []
     while heap and len(chosen) < count:
-        _, load = heap[0]
+        _, running, load = heap[0]
         chosen.append(load.node)
-        load = replace(load, running=load.running + 1)
-        if load.has_room:
-            heapq.heapreplace(heap, (load_key(load), load))
+        running += 1
+        if running < load.window:
+            ratio = running / load.cpus if load.cpus > 0 else math.inf
+            heapq.heapreplace(heap, ((ratio, load.order), running, load))
         else:
             heapq.heappop(heap)
     return chosen

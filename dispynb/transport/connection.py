@@ -34,6 +34,7 @@ from dispynb.errors import (
 )
 from dispynb.protocol.auth import MAC_SIZE, MessageSigner, MessageVerifier
 from dispynb.protocol.framing import (
+    PREFIX,
     PREFIX_SIZE,
     Buffer,
     Frame,
@@ -238,13 +239,16 @@ class Connection:
         mac_size = MAC_SIZE if self._signer else 0
         head, parts = encode_frames([header, *buffers], mac_size)
         pieces: list[Buffer] = [head, *parts]
-        size = len(head) + sum(memoryview(p).nbytes for p in parts)
+        size = PREFIX_SIZE + PREFIX.unpack_from(head)[0] - mac_size  # head and parts
         if self._signer is None:
             link.write(_coalesced(pieces))
         elif size >= HASH_IN_FLIGHT:
             link.write(_coalesced(pieces), self._signer.start(size))
-        else:
-            pieces.append(self._signer.sign(pieces))
+        else:  # what `MessageSigner.sign` does, with the size known already
+            mac = self._signer.start(size)
+            for piece in pieces:
+                mac.update(piece)
+            pieces.append(mac.digest())
             link.write(_coalesced(pieces))
         self.bytes_sent += size + mac_size
 

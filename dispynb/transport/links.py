@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 from dispynb.errors import FramingError
 from dispynb.protocol.auth import RunningMac
-from dispynb.protocol.framing import Buffer, Frame, FrameDecoder
+from dispynb.protocol.framing import Buffer, Frame, FrameDecoder, buffers_size
 
 #: Most iovecs one sendmsg call takes (Linux IOV_MAX).
 IOV_MAX = 1024
@@ -200,7 +200,7 @@ class SocketLink:
         except OSError as exc:
             self._lose(exc)
             return
-        if mac is None and sent == sum(memoryview(p).nbytes for p in pieces):
+        if mac is None and sent == buffers_size(pieces):
             return  # the usual case: all of it in one system call
         self._queue(pieces, mac)
         self._consume(sent)
