@@ -119,8 +119,8 @@ def _link_text(link: Mapping[str, Any]) -> str:
     ]
     if sysctl:
         parts += [
-            f"tcp_wmem {sysctl.get('net.ipv4.tcp_wmem', '?').split()}",
-            f"tcp_rmem {sysctl.get('net.ipv4.tcp_rmem', '?').split()}",
+            f"tcp_wmem {' '.join(sysctl.get('net.ipv4.tcp_wmem', '?').split())}",
+            f"tcp_rmem {' '.join(sysctl.get('net.ipv4.tcp_rmem', '?').split())}",
             f"congestion control {sysctl.get('net.ipv4.tcp_congestion_control')}",
         ]
     offload = link.get("offload")
