@@ -266,18 +266,22 @@ class DispynbBackend:
             " one JobCluster per function",
         }
 
+    def _cluster_options(self) -> dict[str, Any]:
+        """What each `JobCluster` gets besides the function (where it runs)."""
+        if self._local is None:
+            raise RuntimeError(f"{type(self).__name__}.start() was not called")
+        return {"nodes": self._local}
+
     def _cluster_for(self, fn: Task) -> Any:
         """Return the `JobCluster` running ``fn``, replacing the previous one."""
         if self._fn is fn:
             return self._cluster
-        if self._local is None:
-            raise RuntimeError("DispynbBackend.start() was not called")
         from dispynb import JobCluster
 
         self._cluster_stack.close()
         self._cluster = self._fn = None
         self._cluster = self._cluster_stack.enter_context(
-            JobCluster(fn, nodes=self._local)
+            JobCluster(fn, **self._cluster_options())
         )
         self._fn = fn
         return self._cluster

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from backends import DispynbBackend, Task
+from backends import DispynbBackend
 
 
 class DispynbRayBackend(DispynbBackend):
@@ -61,17 +61,7 @@ class DispynbRayBackend(DispynbBackend):
             " one JobCluster per function (one actor per CPU)",
         }
 
-    def _cluster_for(self, fn: Task) -> Any:
-        if self._fn is fn:
-            return self._cluster
+    def _cluster_options(self) -> dict[str, Any]:
         if self._engine is None:
-            raise RuntimeError("DispynbRayBackend.start() was not called")
-        from dispynb import JobCluster
-
-        self._cluster_stack.close()
-        self._cluster = self._fn = None
-        self._cluster = self._cluster_stack.enter_context(
-            JobCluster(fn, engine=self._engine)
-        )
-        self._fn = fn
-        return self._cluster
+            raise RuntimeError(f"{type(self).__name__}.start() was not called")
+        return {"engine": self._engine}

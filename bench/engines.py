@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Sequence
 from typing import Any
 
-from backends import DispynbBackend, Task
+from backends import DispynbBackend
 
 
 class DispynbDaskBackend(DispynbBackend):
@@ -51,13 +50,6 @@ class DispynbDaskBackend(DispynbBackend):
         self._local = cluster
         self._engine = DaskEngine(cluster)
 
-    def submit_and_wait(
-        self, fn: Task, arglists: Sequence[tuple[Any, ...]]
-    ) -> list[Any]:
-        cluster = self._cluster_for(fn)
-        jobs = [cluster.submit(*args) for args in arglists]
-        return [self._result(job) for job in jobs]
-
     def describe(self) -> dict[str, Any]:
         import dispynb
 
@@ -69,17 +61,7 @@ class DispynbDaskBackend(DispynbBackend):
             " host='127.0.0.1', dashboard_address=None))), one per function",
         }
 
-    def _cluster_for(self, fn: Task) -> Any:
-        if self._fn is fn:
-            return self._cluster
+    def _cluster_options(self) -> dict[str, Any]:
         if self._engine is None:
-            raise RuntimeError("DispynbDaskBackend.start() was not called")
-        from dispynb import JobCluster
-
-        self._cluster_stack.close()
-        self._cluster = self._fn = None
-        self._cluster = self._cluster_stack.enter_context(
-            JobCluster(fn, engine=self._engine)
-        )
-        self._fn = fn
-        return self._cluster
+            raise RuntimeError(f"{type(self).__name__}.start() was not called")
+        return {"engine": self._engine}

@@ -29,7 +29,6 @@ import argparse
 import contextlib
 import dataclasses
 import gc
-import importlib
 import logging
 import os
 import select
@@ -44,6 +43,7 @@ from types import FrameType
 from typing import Any, NoReturn
 
 from dispynb.errors import ConnectionClosedError
+from dispynb.jobenv import implicit_modules, inject_names, node_logger, setup_failure
 from dispynb.protocol import serialize
 from dispynb.protocol.records import ComputationBundle
 from nodeserver.channel import MessageSocket
@@ -72,7 +72,6 @@ from nodeserver.jobapi import (
     dispy_provisional_result,
     dispy_send_file,
     dispynode_shutdown,
-    node_logger,
 )
 from nodeserver.jobrunner import worker_loop
 from nodeserver.memory import keep_freed_memory
@@ -86,35 +85,6 @@ STOP_GRACE = 2.0
 #: Seconds between counts of each worker's processes, where no pids cgroup can
 #: enforce max_pids.
 COUNT_INTERVAL = 0.5
-
-#: Standard modules dispy computations use without importing them (dispy exec'd the
-#: computation into its own module globals; see reference/dispy.md section 3.10).
-DISPY_MODULES = (
-    "os",
-    "sys",
-    "time",
-    "socket",
-    "multiprocessing",
-    "threading",
-    "subprocess",
-    "traceback",
-    "marshal",
-    "tempfile",
-    "shutil",
-    "glob",
-    "pickle",
-    "io",
-    "signal",
-    "platform",
-    "copy",
-    "struct",
-    "hashlib",
-    "re",
-    "errno",
-)
-
-#: Return values of setup that mean success (dispy's 0, 1 and 2, or nothing).
-_SETUP_SUCCESS = (0, 1, 2)
 
 _PR_SET_PDEATHSIG = 1
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -529,21 +499,8 @@ def dispy_names(load: Load, modules: bool = True) -> dict[str, Any]:
         "dispynode_shutdown": dispynode_shutdown,
     }
     if modules:
-        for module in DISPY_MODULES:
-            names[module] = importlib.import_module(module)
+        names.update(implicit_modules())
     return names
-
-
-def inject_names(functions: Iterable[Any], names: dict[str, Any]) -> None:
-    """Add ``names`` to each function's globals, never replacing the user's own."""
-    done: set[int] = set()
-    for function in functions:
-        namespace = getattr(function, "__globals__", None)
-        if not isinstance(namespace, dict) or id(namespace) in done:
-            continue
-        done.add(id(namespace))
-        for name, value in names.items():
-            namespace.setdefault(name, value)
 
 
 def run_setup(setup: Callable[..., Any], setup_args: tuple[Any, ...]) -> None:
@@ -554,12 +511,9 @@ def run_setup(setup: Callable[..., Any], setup_args: tuple[Any, ...]) -> None:
         raise LoadFailure(
             f"setup raised {type(exc).__name__}: {exc}", traceback.format_exc()
         ) from exc
-    if result is None or (isinstance(result, int) and result in _SETUP_SUCCESS):
-        return
-    text = repr(result)
-    if len(text) > 80:
-        text = text[:77] + "..."
-    raise LoadFailure(f"setup returned {text}; success is None, 0, 1 or 2")
+    failure = setup_failure(result)
+    if failure is not None:
+        raise LoadFailure(failure)
 
 
 # --- helpers -------------------------------------------------------------------------

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 import threading
 from types import FrameType
 from typing import Any
@@ -113,25 +112,6 @@ def dispynode_shutdown() -> int:
         logger.warning("dispynode_shutdown: request not sent: %s", exc)
         return -1
     return 0
-
-
-def node_logger() -> logging.Logger:
-    """dispy's ``dispynode_logger``: a logger whose records go to the node's console
-    (the node server's stderr, or its log file), not to the job's ``stderr``.
-
-    Its level is INFO; a job may change it (``dispynode_logger.setLevel``).
-    """
-    log = logging.getLogger("dispynode")
-    if not log.handlers:
-        # sys.__stderr__: a job's sys.stderr is its captured output, not the node's.
-        handler = logging.StreamHandler(sys.__stderr__)
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s dispynode %(levelname)s %(message)s")
-        )
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
-    return log
 
 
 def _name_for_client(path: str) -> str:

@@ -14,11 +14,11 @@ import os
 import resource
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from typing import Any
 
 from dispynb.errors import ConnectionClosedError
+from dispynb.jobenv import format_job_exception, limit_memory
 from dispynb.protocol import serialize, shm
 from dispynb.protocol.framing import Buffer
 from dispynb.protocol.messages import CANCELLED, FINISHED, RAISED
@@ -93,7 +93,7 @@ def run_job(
             restore = _add_names(func, names) if names else None
             mem_limit = run.mem_limit
             # Only under a limit: no system call per job otherwise.
-            lifted = _limit_memory(mem_limit) if mem_limit is not None else None
+            lifted = limit_memory(mem_limit) if mem_limit is not None else None
             CONTEXT.running = True
             try:
                 result = func(*args, **kwargs)
@@ -104,7 +104,7 @@ def run_job(
                 if restore is not None:
                     restore()
                 end_time = time.time()
-                exception = _format_job_exception(exc)
+                exception = format_job_exception(exc)
                 if mem_limit is not None and isinstance(exc, MemoryError):
                     exception += _mem_limit_hint(mem_limit)
             else:
@@ -154,19 +154,6 @@ def run_job(
         kinds="".join(kinds) if outcome == FINISHED else "",
     )
     return done, result_buffers
-
-
-def _limit_memory(mem_limit: int) -> tuple[int, int]:
-    """Lower the soft ``RLIMIT_AS`` to ``mem_limit`` for one job; the limits to restore.
-
-    Only the soft limit changes, so the worker (reused for the next job) can raise it
-    again; a hard limit below ``mem_limit`` stays in force.
-    """
-    saved = resource.getrlimit(resource.RLIMIT_AS)
-    hard = saved[1]
-    soft = mem_limit if hard == resource.RLIM_INFINITY else min(mem_limit, hard)
-    resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
-    return saved
 
 
 def _mem_limit_hint(mem_limit: int) -> str:
@@ -292,19 +279,6 @@ def _skipped(run: Run) -> Done:
         stderr="",
         exception="job cancelled at the client's request before it started",
     )
-
-
-def _format_job_exception(exc: BaseException) -> str:
-    """Traceback text of the job's exception, without `run_job`'s own frame."""
-    tb = exc.__traceback__
-    tb = tb.tb_next if tb is not None else None
-    if isinstance(exc, SystemExit):
-        lines = []
-        if tb is not None:
-            lines = ["Traceback (most recent call last):\n", *traceback.format_tb(tb)]
-        lines.append(f"SystemExit: the job called sys.exit({exc.code!r})\n")
-        return "".join(lines)
-    return "".join(traceback.format_exception(type(exc), exc, tb))
 
 
 def _describe(exc: Exception, what: str) -> str:

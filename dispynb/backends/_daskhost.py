@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import importlib
 import io
 import os
 import pickle
@@ -41,19 +40,15 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
+from dispynb.jobenv import (
+    format_job_exception,
+    implicit_modules,
+    inject_names,
+    limit_memory,
+    setup_failure,
+)
 from dispynb.protocol import serialize
 from dispynb.protocol.framing import Buffer
-
-#: Standard modules dispy computations use without importing them (dispy exec'd the
-#: computation into its own module globals), as on dispynb's nodes.
-DISPY_MODULES = (
-    "os", "sys", "time", "socket", "multiprocessing", "threading", "subprocess",
-    "traceback", "marshal", "tempfile", "shutil", "glob", "pickle", "io", "signal",
-    "platform", "copy", "struct", "hashlib", "re", "errno",
-)  # fmt: skip
-
-#: Return values of setup that mean success (dispy's 0, 1 and 2, or nothing).
-_SETUP_SUCCESS = (0, 1, 2)
 
 _PR_SET_PDEATHSIG = 1
 
@@ -108,31 +103,8 @@ def dispy_names(node_name: str, node_ip: str, job_path: str) -> dict[str, Any]:
         "dispy_provisional_result": dispy_provisional_result,
         "dispy_send_file": dispy_send_file,
     }
-    for module in DISPY_MODULES:
-        names[module] = importlib.import_module(module)
+    names.update(implicit_modules())
     return names
-
-
-def _inject(functions: list[Any], names: dict[str, Any]) -> None:
-    """Add ``names`` to each function's globals, never replacing the user's own."""
-    seen: set[int] = set()
-    for function in functions:
-        namespace = getattr(function, "__globals__", None)
-        if isinstance(namespace, dict) and id(namespace) not in seen:
-            seen.add(id(namespace))
-            for name, value in names.items():
-                namespace.setdefault(name, value)
-
-
-def _job_exception(exc: BaseException) -> str:
-    """Traceback text of the job's exception, without the runner's own frame."""
-    tb = exc.__traceback__
-    tb = tb.tb_next if tb is not None else None
-    if isinstance(exc, SystemExit):
-        lines = ["Traceback (most recent call last):\n", *traceback.format_tb(tb)]
-        lines.append(f"SystemExit: the job called sys.exit({exc.code!r})\n")
-        return "".join(lines if tb is not None else lines[-1:])
-    return "".join(traceback.format_exception(type(exc), exc, tb))
 
 
 class _Output(io.StringIO):
@@ -187,7 +159,7 @@ def run_one(
                 result = func(*args, **kwargs)
             except BaseException as exc:  # reported to the client, never fatal
                 end = time.time()
-                exception = _job_exception(exc)
+                exception = format_job_exception(exc)
             else:
                 end = time.time()
                 try:
@@ -212,7 +184,7 @@ def runner_loop(
             buffers: list[Buffer] = [conn.recv_bytes() for _ in range(count)]
         except (EOFError, OSError):
             return
-        lifted = _limit_memory(mem_limit) if mem_limit else None
+        lifted = limit_memory(mem_limit) if mem_limit else None
         try:
             meta, result = run_one(func, buffers, conn, max_output)
         finally:
@@ -225,16 +197,6 @@ def runner_loop(
             conn.send_bytes(pickle.dumps(("done", meta, len(result)), protocol=5))
             for buffer in result:
                 conn.send_bytes(buffer)
-
-
-def _limit_memory(limit: int) -> tuple[int, int]:
-    """Cap this runner's address space at ``limit`` bytes for one job; the old
-    limits, to restore after it."""
-    old = resource.getrlimit(resource.RLIMIT_AS)
-    hard = old[1]
-    soft = limit if hard == resource.RLIM_INFINITY else min(limit, hard)
-    resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
-    return old
 
 
 class Host:
@@ -288,8 +250,8 @@ class Host:
             self.bundle = serialize.loads(bundle)
             self.max_output = max_output
             functions = [self.bundle["func"], *self._extras()]
-            _inject(functions, dict(self.bundle.get("names") or {}))
-            _inject(functions, dispy_names(node[0], node[1], job_dir))
+            inject_names(functions, dict(self.bundle.get("names") or {}))
+            inject_names(functions, dispy_names(node[0], node[1], job_dir))
         except Exception as exc:
             return ("failed", f"the computation cannot be loaded: {exc}", "")
         setup = self.bundle.get("setup")
@@ -299,10 +261,9 @@ class Host:
             outcome = setup(*self.setup_args)
         except BaseException as exc:  # user code: any exit of setup is a failure
             text = f"setup raised {type(exc).__name__}: {exc}"
-            return ("failed", text, _job_exception(exc))
-        if outcome is None or (isinstance(outcome, int) and outcome in _SETUP_SUCCESS):
-            return ("ok",)
-        return ("failed", f"setup returned {outcome!r}; success is None, 0, 1 or 2", "")
+            return ("failed", text, format_job_exception(exc))
+        failure = setup_failure(outcome)
+        return ("ok",) if failure is None else ("failed", failure, "")
 
     def _extras(self) -> list[Any]:
         return [f for f in (self.bundle.get("setup"), self.bundle.get("cleanup")) if f]

@@ -35,40 +35,19 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from dispynb.jobenv import (
+    format_job_exception,
+    implicit_modules,
+    inject_names,
+    limit_memory,
+    node_logger,
+    setup_failure,
+)
 from dispynb.protocol import serialize
 
 #: Outcome codes of `JobActor.run` (the first item of its reply).
 FINISHED = "finished"
 RAISED = "raised"
-
-#: Standard modules dispy computations use without importing them (dispy exec'd the
-#: computation into its own module globals; node servers give the same).
-DISPY_MODULES = (
-    "os",
-    "sys",
-    "time",
-    "socket",
-    "multiprocessing",
-    "threading",
-    "subprocess",
-    "traceback",
-    "marshal",
-    "tempfile",
-    "shutil",
-    "glob",
-    "pickle",
-    "io",
-    "signal",
-    "platform",
-    "copy",
-    "struct",
-    "hashlib",
-    "re",
-    "errno",
-)
-
-#: Return values of setup that mean success (dispy's 0, 1 and 2, or nothing).
-_SETUP_SUCCESS = (0, 1, 2)
 
 #: Items an `Inbox` holds at most; a job that sends more waits (back-pressure).
 INBOX_LIMIT = 10_000
@@ -135,21 +114,8 @@ def _send(kind: str, value: Any) -> int:
     return 0
 
 
-def _node_logger() -> logging.Logger:
-    log = logging.getLogger("dispynode")
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.__stderr__)
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s dispynode %(levelname)s %(message)s")
-        )
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
-    return log
-
-
 def _not_on_ray() -> int:
-    _node_logger().warning("dispynode_shutdown: a Ray worker is not dispynb's to stop")
+    node_logger().warning("dispynode_shutdown: a Ray worker is not dispynb's to stop")
     return -1
 
 
@@ -201,11 +167,7 @@ class JobActor:
         _CURRENT.inbox = inbox
         names: dict[str, Any] = dict(loaded.get("names") or {})
         names.update(self._dispy_names())
-        for function in (self.func, loaded.get("setup"), self.cleanup_func):
-            namespace = getattr(function, "__globals__", None)
-            if isinstance(namespace, dict):
-                for name, value in names.items():
-                    namespace.setdefault(name, value)
+        inject_names((self.func, loaded.get("setup"), self.cleanup_func), names)
         setup = loaded.get("setup")
         if setup is not None:
             _run_setup(setup, self.setup_args)
@@ -222,11 +184,10 @@ class JobActor:
             "dispy_job_path": self.path,
             "dispy_provisional_result": dispy_provisional_result,
             "dispy_send_file": dispy_send_file,
-            "dispynode_logger": _node_logger(),
+            "dispynode_logger": node_logger(),
             "dispynode_shutdown": _not_on_ray,
         }
-        for module in DISPY_MODULES:
-            names[module] = importlib.import_module(module)
+        names.update(implicit_modules())
         return names
 
     def ready(self) -> tuple[int, str, str]:
@@ -252,13 +213,13 @@ class JobActor:
         result: Any = None
         exception: str | None = None
         outcome = RAISED
-        lifted = _limit_memory(mem_limit) if mem_limit is not None else None
+        lifted = limit_memory(mem_limit) if mem_limit is not None else None
         start = time.time()
         try:
             result = self.func(*args, **kwargs)
             outcome = FINISHED
         except BaseException as exc:  # reported to the client, never fatal
-            exception = _format_exception(exc)
+            exception = format_job_exception(exc)
             if mem_limit is not None and isinstance(exc, MemoryError):
                 exception += (
                     f"(the job ran with a mem_limit of {mem_limit} bytes of address "
@@ -311,15 +272,6 @@ class JobActor:
         return error
 
 
-def _limit_memory(mem_limit: int) -> tuple[int, int]:
-    """Lower the soft ``RLIMIT_AS`` to ``mem_limit``; the limits to restore."""
-    saved = resource.getrlimit(resource.RLIMIT_AS)
-    hard = saved[1]
-    soft = mem_limit if hard == resource.RLIM_INFINITY else min(mem_limit, hard)
-    resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
-    return saved
-
-
 def _run_setup(setup: Callable[..., Any], setup_args: tuple[Any, ...]) -> None:
     try:
         result = setup(*setup_args)
@@ -327,25 +279,9 @@ def _run_setup(setup: Callable[..., Any], setup_args: tuple[Any, ...]) -> None:
         raise SetupFailed(
             f"setup raised {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
         ) from None
-    if result is None or (isinstance(result, int) and result in _SETUP_SUCCESS):
-        return
-    text = repr(result)
-    if len(text) > 80:
-        text = text[:77] + "..."
-    raise SetupFailed(f"setup returned {text}; success is None, 0, 1 or 2")
-
-
-def _format_exception(exc: BaseException) -> str:
-    """Traceback text of the job's exception, without `JobActor.run`'s frame."""
-    tb = exc.__traceback__
-    tb = tb.tb_next if tb is not None else None
-    if isinstance(exc, SystemExit):
-        lines = []
-        if tb is not None:
-            lines = ["Traceback (most recent call last):\n", *traceback.format_tb(tb)]
-        lines.append(f"SystemExit: the job called sys.exit({exc.code!r})\n")
-        return "".join(lines)
-    return "".join(traceback.format_exception(type(exc), exc, tb))
+    failure = setup_failure(result)
+    if failure is not None:
+        raise SetupFailed(failure)
 
 
 class Inbox:

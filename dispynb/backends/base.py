@@ -219,6 +219,46 @@ class ClusterConfig:
 # -- the protocols -----------------------------------------------------------------
 
 
+class EngineManagedNodes:
+    """The `Backend` methods an engine that manages its own workers (Dask, Ray)
+    cannot give: node management and ``send_file`` raise `NotSupportedError`
+    (the façade asks only engines with those features, so this is a last guard), and
+    ``traffic`` is unknown. Subclasses set ``engine_name`` and ``scale_hint``."""
+
+    #: The engine's name, as in ``Engine.name``.
+    engine_name = ""
+    #: How the user adds or removes workers instead (one sentence).
+    scale_hint = ""
+
+    def _unsupported(self, what: str, instead: str) -> NotSupportedError:
+        return NotSupportedError(
+            f"{what} is not supported on the {self.engine_name!r} engine: {instead}, "
+            "or use dispynb's own node servers (engine=None)"
+        )
+
+    def add_nodes(self, specs: list[NodeAllocate]) -> None:
+        raise self._unsupported("allocate_node", self.scale_hint)
+
+    def set_cpus(self, node_id: str, cpus: int) -> int:
+        raise self._unsupported("set_node_cpus / deallocate_node", self.scale_hint)
+
+    def close_node(self, node_id: str, terminate: bool) -> bool:
+        raise self._unsupported("close_node", self.scale_hint)
+
+    def resetup_node(self, node_id: str, terminate: bool) -> bool:
+        raise self._unsupported("resetup_node", self.scale_hint)
+
+    def send_file(self, node_id: str, ref: FileRef) -> str:
+        raise self._unsupported(
+            "send_file",
+            "put the file in the cluster's depends (copied to every worker)",
+        )
+
+    def traffic(self, node_id: str) -> tuple[int, int]:
+        """The engine does not count bytes per worker for this client: ``(0, 0)``."""
+        return (0, 0)
+
+
 class JobEvents(Protocol):
     """What a backend reports to the façade (always on ``config.runner``'s thread).
 
@@ -434,6 +474,7 @@ __all__ = [
     "ClusterConfig",
     "Departure",
     "Engine",
+    "EngineManagedNodes",
     "JobEvents",
     "JobRequest",
     "NodeInfo",

@@ -50,6 +50,7 @@ from dispynb.backends.base import (
     SUBMIT_NODE,
     ClusterConfig,
     Departure,
+    EngineManagedNodes,
     JobEvents,
     JobRequest,
     NodeInfo,
@@ -67,8 +68,7 @@ from dispynb.job import JobStatus
 from dispynb.protocol import serialize
 
 if TYPE_CHECKING:
-    from dispynb.depends import FileRef
-    from dispynb.node import NodeAllocate
+    pass
 
 logger = logging.getLogger(__name__)
 
@@ -185,12 +185,15 @@ class DaskEngine:
         return f"DaskEngine({self.address!r})"
 
 
-class DaskBackend:
+class DaskBackend(EngineManagedNodes):
     """One cluster's computation on a Dask cluster (from `DaskEngine.open`).
 
     Its state lives on the façade's loop, where its asynchronous Dask client runs
     too: Dask calls it back there, so events need no hand-over.
     """
+
+    engine_name = "dask"
+    scale_hint = "Dask manages its workers (scale the Dask cluster instead)"
 
     def __init__(self, engine: DaskEngine, events: JobEvents, config: ClusterConfig):
         opts = config.options
@@ -591,24 +594,6 @@ class DaskBackend:
 
     # -- nodes ----------------------------------------------------------------------
 
-    def add_nodes(self, specs: list[NodeAllocate]) -> None:
-        raise _no_node_management("allocate_node")
-
-    def set_cpus(self, node_id: str, cpus: int) -> int:
-        raise _no_node_management("set_node_cpus / deallocate_node")
-
-    def close_node(self, node_id: str, terminate: bool) -> bool:
-        raise _no_node_management("close_node")
-
-    def resetup_node(self, node_id: str, terminate: bool) -> bool:
-        raise _no_node_management("resetup_node")
-
-    def send_file(self, node_id: str, ref: FileRef) -> str:
-        raise NotSupportedError(
-            "send_file is not supported on the 'dask' engine: put the file in the "
-            "cluster's depends (copied to every worker), or use engine=None"
-        )
-
     def running_jobs(self, node_id: str) -> list[int]:
         """Keys of the jobs known to run on a Dask worker (those running longer
         than `_daskworker.START_REPORT`)."""
@@ -629,10 +614,6 @@ class DaskBackend:
             }
 
         return self.runner.run_sync(load)
-
-    def traffic(self, node_id: str) -> tuple[int, int]:
-        """Dask does not count bytes per worker for a client: ``(0, 0)``."""
-        return (0, 0)
 
     # -- shutdown -------------------------------------------------------------------
 
@@ -666,13 +647,6 @@ class DaskBackend:
         with contextlib.suppress(Exception):
             await client.close()
         self.client = None
-
-
-def _no_node_management(what: str) -> NotSupportedError:
-    return NotSupportedError(
-        f"{what} is not supported on the 'dask' engine: Dask manages its workers "
-        "(scale the Dask cluster instead), or use engine=None"
-    )
 
 
 def _as_bytes(buffer: Any) -> bytes:

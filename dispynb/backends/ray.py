@@ -68,7 +68,6 @@ from dispynb.backends.base import (
     NodeInfo,
     Outcome,
 )
-from dispynb.depends import FileRef
 from dispynb.errors import (
     ConfigurationError,
     DispynbError,
@@ -78,7 +77,6 @@ from dispynb.errors import (
     TransportError,
 )
 from dispynb.job import JobStatus
-from dispynb.node import NodeAllocate
 from dispynb.protocol import serialize
 from dispynb.protocol.files import write_inside
 
@@ -143,7 +141,7 @@ class RayEngine:
 
     name = "ray"
     features: frozenset[str] = frozenset(
-        {base.SETUP, base.JOB_LIMITS, base.SUBMIT_NODE}
+        {base.SETUP, base.JOB_LIMITS, base.SUBMIT_NODE, base.NODE_JOBS}
     )
 
     def __init__(
@@ -244,12 +242,18 @@ class _Slot:
     timer: Any = None
 
 
-class RayBackend:
+class RayBackend(base.EngineManagedNodes):
     """One `JobCluster`'s computation on a Ray cluster (from `RayEngine.open`).
 
     All state lives on the façade's I/O loop: Ray's completion callbacks (on Ray's
     threads) and `submit`/`cancel` (any thread) hand over to it.
     """
+
+    engine_name = "ray"
+    scale_hint = (
+        "Ray manages its nodes (add one with `ray start --address=...`: it gets "
+        "the computation and jobs)"
+    )
 
     def __init__(
         self, ray: Any, engine: RayEngine, events: JobEvents, config: ClusterConfig
@@ -522,6 +526,18 @@ class RayBackend:
             return self._load()
 
         return self._runner.run_sync(load, timeout=30)
+
+    def running_jobs(self, node_id: str) -> list[int]:
+        """Keys of the jobs running on a Ray node now (the first call of each of
+        its actors)."""
+
+        async def keys() -> list[int]:
+            node = self._nodes.get(node_id)
+            if node is None:
+                return []
+            return sorted(s.inflight[0][0] for s in node.slots if s.inflight)
+
+        return self._runner.run_sync(keys, timeout=30)
 
     def _load(self) -> dict[str, tuple[int, int]]:
         return {
@@ -970,29 +986,6 @@ class RayBackend:
             logger.warning("file %r from job %d not saved: %s", path, key, exc)
             return
         logger.info("saved %s from job %d", saved, key)
-
-    # -- what Ray has no equivalent for --
-
-    def add_nodes(self, specs: list[NodeAllocate]) -> None:
-        raise NotSupportedError("node management is not supported on the 'ray' engine")
-
-    def set_cpus(self, node_id: str, cpus: int) -> int:
-        raise NotSupportedError("node management is not supported on the 'ray' engine")
-
-    def close_node(self, node_id: str, terminate: bool) -> bool:
-        raise NotSupportedError("node management is not supported on the 'ray' engine")
-
-    def resetup_node(self, node_id: str, terminate: bool) -> bool:
-        raise NotSupportedError("node management is not supported on the 'ray' engine")
-
-    def send_file(self, node_id: str, ref: FileRef) -> str:
-        raise NotSupportedError("send_file is not supported on the 'ray' engine")
-
-    def running_jobs(self, node_id: str) -> list[int]:
-        raise NotSupportedError("node_jobs is not supported on the 'ray' engine")
-
-    def traffic(self, node_id: str) -> tuple[int, int]:
-        return (0, 0)
 
     # -- closing --
 

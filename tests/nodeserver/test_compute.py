@@ -22,11 +22,11 @@ import psutil
 import pytest
 
 from dispynb.errors import ConnectionClosedError, FramingError
+from dispynb.jobenv import inject_names
 from dispynb.protocol import serialize
 from dispynb.protocol.framing import encode_frames
 from dispynb.protocol.messages import FINISHED, RAISED, pack_header
 from nodeserver.channel import MessageSocket
-from nodeserver.compute import inject_names
 from nodeserver.ipc import (
     Done,
     Load,

@@ -197,7 +197,7 @@ def job_global_rows() -> list[Row]:
 
 
 def implicit_module_rows() -> list[Row]:
-    modules = set(importlib.import_module("nodeserver.compute").DISPY_MODULES)
+    modules = set(importlib.import_module("dispynb.jobenv").DISPY_MODULES)
     return [_row(e, e.name in modules) for e in names.IMPLICIT_MODULES]
 
 

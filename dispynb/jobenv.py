@@ -1,0 +1,134 @@
+"""What a computation finds where its jobs run, the same on every engine.
+
+dispynb's node server (``nodeserver``), the Dask engine's worker host and the Ray
+engine's actors all give a dispy computation the same surroundings: the standard
+modules dispy's node put in its globals (`DISPY_MODULES`), dispy's names added to
+the globals without replacing the user's own (`inject_names`), dispy's rule for a
+successful ``setup`` (`setup_failure`), the ``dispynode_logger`` (`node_logger`),
+the job's traceback without the runner's frame (`format_job_exception`) and the
+per-job ``mem_limit`` (`limit_memory`). Standard library only: it is imported by
+node processes and engines' workers, which must start light.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import resource
+import sys
+import traceback
+from collections.abc import Iterable
+from types import ModuleType
+from typing import Any
+
+#: Standard modules dispy computations use without importing them (dispy exec'd the
+#: computation into its node's module globals; see reference/dispy.md section 3.10).
+DISPY_MODULES = (
+    "os",
+    "sys",
+    "time",
+    "socket",
+    "multiprocessing",
+    "threading",
+    "subprocess",
+    "traceback",
+    "marshal",
+    "tempfile",
+    "shutil",
+    "glob",
+    "pickle",
+    "io",
+    "signal",
+    "platform",
+    "copy",
+    "struct",
+    "hashlib",
+    "re",
+    "errno",
+)
+
+#: Return values of setup that mean success (dispy's 0, 1 and 2, or nothing).
+SETUP_SUCCESS = (0, 1, 2)
+
+
+def implicit_modules() -> dict[str, ModuleType]:
+    """``{name: module}`` of `DISPY_MODULES`, imported."""
+    return {name: importlib.import_module(name) for name in DISPY_MODULES}
+
+
+def inject_names(functions: Iterable[Any], names: dict[str, Any]) -> None:
+    """Add ``names`` to each function's globals, never replacing the user's own."""
+    done: set[int] = set()
+    for function in functions:
+        namespace = getattr(function, "__globals__", None)
+        if not isinstance(namespace, dict) or id(namespace) in done:
+            continue
+        done.add(id(namespace))
+        for name, value in names.items():
+            namespace.setdefault(name, value)
+
+
+def setup_failure(result: Any) -> str | None:
+    """None if ``result`` (what setup returned) means success, else why not."""
+    if result is None or (isinstance(result, int) and result in SETUP_SUCCESS):
+        return None
+    text = repr(result)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return f"setup returned {text}; success is None, 0, 1 or 2"
+
+
+def node_logger() -> logging.Logger:
+    """dispy's ``dispynode_logger``: the ``dispynode`` logger, writing to the node's
+    own stderr (``sys.__stderr__``: a job's ``sys.stderr`` is its captured output),
+    level INFO; a job may change its level."""
+    log = logging.getLogger("dispynode")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.__stderr__)
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s dispynode %(levelname)s %(message)s")
+        )
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    return log
+
+
+def format_job_exception(exc: BaseException) -> str:
+    """Traceback text of a job's exception, without the runner's own frame (the
+    outermost); ``sys.exit`` in a job is named as such."""
+    tb = exc.__traceback__
+    tb = tb.tb_next if tb is not None else None
+    if isinstance(exc, SystemExit):
+        lines = []
+        if tb is not None:
+            lines = ["Traceback (most recent call last):\n", *traceback.format_tb(tb)]
+        lines.append(f"SystemExit: the job called sys.exit({exc.code!r})\n")
+        return "".join(lines)
+    return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
+def limit_memory(mem_limit: int) -> tuple[int, int]:
+    """Lower the soft ``RLIMIT_AS`` to ``mem_limit`` for one job; the limits to
+    restore after it.
+
+    Only the soft limit changes, so the process (reused for the next job) can raise
+    it again; a hard limit below ``mem_limit`` stays in force.
+    """
+    saved = resource.getrlimit(resource.RLIMIT_AS)
+    hard = saved[1]
+    soft = mem_limit if hard == resource.RLIM_INFINITY else min(mem_limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    return saved
+
+
+__all__ = [
+    "DISPY_MODULES",
+    "SETUP_SUCCESS",
+    "format_job_exception",
+    "implicit_modules",
+    "inject_names",
+    "limit_memory",
+    "node_logger",
+    "setup_failure",
+]
