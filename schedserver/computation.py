@@ -43,8 +43,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: Messages kept for a client that went away (with results): what recovery resends.
-_KEPT_KINDS = (ResultChunk, JobProvisional, FileFromNode)
+#: Messages kept for a client that went away: what recovery resends.
+_KEPT_KINDS = (JobResults, ResultChunk, JobProvisional, FileFromNode)
 
 
 @dataclass(slots=True, eq=False)
@@ -125,7 +125,7 @@ class SharedComputation:
         keep = self.setup.recovery_id is not None and (
             session is None or self.setup.keep_sent
         )
-        if keep and isinstance(message, JobResults | _KEPT_KINDS):
+        if keep and isinstance(message, _KEPT_KINDS):
             self.kept.append((message, buffers or []))
         if session is not None:
             session.send(message, buffers or [])

@@ -246,7 +246,7 @@ class SchedulerServer:
                 for c in self.computations
                 if c.user == session.user
                 and c.setup.recovery_id == message.recovery_id
-                and not c.closed
+                and not c.closing
             ),
             None,
         )
@@ -360,6 +360,9 @@ class SchedulerServer:
             )
         except DispynbError as exc:
             reason = describe_error(exc)
+        except Exception:  # a bug, or a node message we cannot cope with
+            logger.exception("%s: error handling node %s", comp.name, node.name)
+            reason = "internal error"
         finally:
             conn.close()
             if upstream.closed:

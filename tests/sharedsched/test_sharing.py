@@ -1,0 +1,222 @@
+"""Sharing through a real dispynb-scheduler: fair share between users measured,
+exclusive clusters, quotas, a client killed and reattached (nothing lost, nothing
+twice), a node killed (reentrant jobs run again elsewhere)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from dispynb import LocalCluster, SharedJobCluster, recover_jobs
+from dispynb.job import JobStatus
+from dispynb.journal import Journal
+from dispynb.protocol.messages import Recover, Recovered
+from dispynb.secret import read_secret_file
+from dispynb.transport.connector import connect
+from tests.sharedsched.harness import (
+    SchedulerProcess,
+    finish_client,
+    start_client,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def nap(n: int, seconds: float) -> int:
+    import time
+
+    time.sleep(seconds)
+    return n
+
+
+#: A client program: N jobs of SECONDS each; prints JSON with each job's times.
+TIMED_CLIENT = """
+import json, sys
+from dispynb import SharedJobCluster
+
+def nap(n, seconds):
+    import time
+    time.sleep(seconds)
+    return n
+
+address, credential = sys.argv[1], sys.argv[2]
+count, seconds = int(sys.argv[3]), float(sys.argv[4])
+with SharedJobCluster(nap, scheduler_host=address, secret_file=credential) as cluster:
+    jobs = [cluster.submit(i, seconds) for i in range(count)]
+    results = [job() for job in jobs]
+    times = [[job.start_time, job.end_time] for job in jobs]
+print(json.dumps({"results": results, "times": times}))
+"""
+
+
+def busy_within(times: list[list[float]], start: float, end: float) -> float:
+    """Seconds of job time inside ``[start, end]``."""
+    return sum(max(0.0, min(e, end) - max(s, start)) for s, e in times)
+
+
+def test_equal_load_gets_equal_shares(
+    scheduler: SchedulerProcess, users: dict[str, Path], tmp_path: Path
+) -> None:
+    """Two users, each with more jobs than the 4 CPUs: while both have jobs
+    waiting, each gets half of the CPU time (within 10%)."""
+    procs = [
+        start_client(
+            TIMED_CLIENT,
+            scheduler.address,
+            str(users[name]),
+            "40",
+            "0.2",
+            cwd=tmp_path,
+            name=name,
+        )
+        for name in ("alice", "bob")
+    ]
+    outs = [finish_client(proc, timeout=50) for proc in procs]
+    for out in outs:
+        assert out["results"] == list(range(40))
+    # The window where both were served: from the later first start to the
+    # earlier last end.
+    start = max(min(s for s, _e in out["times"]) for out in outs)
+    end = min(max(e for _s, e in out["times"]) for out in outs)
+    assert end - start > 1.0, "the clients barely overlapped"
+    shares = [busy_within(out["times"], start, end) for out in outs]
+    assert abs(shares[0] - shares[1]) <= 0.1 * (sum(shares) / 2), shares
+
+
+def test_exclusive_cluster_runs_alone(
+    scheduler: SchedulerProcess, users: dict[str, Path]
+) -> None:
+    with SharedJobCluster(
+        nap, scheduler_host=scheduler.address, secret_file=str(users["bob"])
+    ) as bob:
+        first = [bob.submit(i, 0.6) for i in range(4)]
+        with SharedJobCluster(
+            nap,
+            scheduler_host=scheduler.address,
+            secret_file=str(users["alice"]),
+            exclusive=True,
+        ) as alice:
+            later = [bob.submit(i, 0.1) for i in range(4, 8)]
+            mine = [alice.submit(i, 0.3) for i in range(4)]
+            assert [job() for job in mine] == list(range(4))
+            assert [job() for job in first] == list(range(4))
+            alice_start = min(job.start_time for job in mine)
+            alice_end = max(job.end_time for job in mine)
+            # alice started once bob's running jobs had ended ...
+            assert alice_start >= max(job.end_time for job in first) - 0.05
+        # ... and bob's later jobs waited until alice had closed
+        assert [job() for job in later] == list(range(4, 8))
+        assert min(job.start_time for job in later) >= alice_end - 0.05
+
+
+def test_quotas_cap_running_and_queued_jobs(
+    tmp_path: Path, nodes: LocalCluster, users: dict[str, Path]
+) -> None:
+    sched = SchedulerProcess(
+        tmp_path,
+        nodes.node_specs(),
+        nodes.secret,
+        ("--max_cpus", "1", "--max_queued", "3"),
+    ).start()
+    try:
+        with SharedJobCluster(
+            nap, scheduler_host=sched.address, secret_file=str(users["alice"])
+        ) as cluster:
+            jobs = [cluster.submit(i, 0.2) for i in range(5)]
+            cluster.wait(timeout=30)
+            done = [job for job in jobs if job.status == JobStatus.Finished]
+            refused = [job for job in jobs if job.status == JobStatus.Cancelled]
+            assert len(done) >= 3 and len(done) + len(refused) == 5
+            for job in refused:
+                assert "--max_queued" in str(job.exception)
+            spans = sorted((job.start_time, job.end_time) for job in done)
+            for (_s1, e1), (s2, _e2) in itertools.pairwise(spans):
+                assert s2 >= e1 - 0.02, "two jobs ran at once under --max_cpus 1"
+    finally:
+        sched.stop()
+
+
+#: A client that submits 6 one-second jobs with a recover_file, waits for the
+#: first result, says so, and waits to be killed.
+DOOMED_CLIENT = """
+import sys, time
+from dispynb import SharedJobCluster
+
+def nap(n, seconds):
+    import time
+    time.sleep(seconds)
+    return n * 10
+
+address, credential, journal = sys.argv[1], sys.argv[2], sys.argv[3]
+cluster = SharedJobCluster(
+    nap, scheduler_host=address, secret_file=credential, recover_file=journal
+)
+jobs = [cluster.submit(i, 1.0) for i in range(6)]
+jobs[0]()
+print("first done", flush=True)
+time.sleep(120)
+"""
+
+
+def test_killed_client_reattaches_and_collects_every_result_once(
+    scheduler: SchedulerProcess, users: dict[str, Path], tmp_path: Path
+) -> None:
+    journal = tmp_path / "client.journal"
+    proc = start_client(
+        DOOMED_CLIENT, scheduler.address, str(users["alice"]), str(journal),
+        cwd=tmp_path, name="doomed",
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "first done"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+    scheduler.wait_for_log("client gone; its jobs go on")
+    jobs = recover_jobs(str(journal), secret_file=str(users["alice"]), timeout=30)
+    assert sorted(job.result for job in jobs) == [n * 10 for n in range(6)]
+    assert all(job.status == JobStatus.Finished for job in jobs)
+    # The scheduler gave them once: the computation is gone there now.
+    (recovery_id, _name, _nodes), *_ = Journal(str(journal)).computations()
+
+    async def ask() -> Recovered:
+        conn, _ = await connect(
+            "127.0.0.1",
+            scheduler.port,
+            secret=read_secret_file(users["alice"]),
+            max_message_size=1 << 20,
+        )
+        try:
+            conn.write(Recover(comp_id=1, recovery_id=recovery_id))
+            async with asyncio.timeout(10):
+                while True:
+                    message, _ = await conn.recv()
+                    if isinstance(message, Recovered):
+                        return message
+        finally:
+            conn.close()
+
+    assert asyncio.run(ask()).found is False
+
+
+def test_reentrant_jobs_of_a_killed_node_run_on_another(
+    scheduler: SchedulerProcess, users: dict[str, Path], nodes: LocalCluster
+) -> None:
+    with SharedJobCluster(
+        nap,
+        scheduler_host=scheduler.address,
+        secret_file=str(users["alice"]),
+        reentrant=True,
+    ) as cluster:
+        jobs = [cluster.submit(i, 1.0) for i in range(8)]
+        jobs[0]()  # the nodes are busy
+        os.kill(nodes.pids[0], signal.SIGKILL)
+        assert cluster.wait(timeout=40)
+        assert [job.result for job in jobs] == list(range(8))
+        assert all(job.status == JobStatus.Finished for job in jobs)
+    assert "queued again" in scheduler.log_text()
