@@ -17,13 +17,15 @@ import itertools
 import logging
 import os
 import secrets
+import shutil
+import tempfile
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from dispynb import _live
+from dispynb import _live, objects
 from dispynb._callbacks import CallbackDispatcher
 from dispynb._live import live_clusters
 from dispynb._loop import LoopRunner
@@ -37,7 +39,7 @@ from dispynb.backends.base import (
     NodeInfo,
     Outcome,
 )
-from dispynb.depends import collect, file_ref
+from dispynb.depends import Dependencies, collect, file_ref
 from dispynb.errors import (
     ClusterError,
     ConfigurationError,
@@ -151,6 +153,9 @@ class JobCluster:
         deps = collect(opts.depends)
         self._jobs: dict[int, DispyJob] = {}
         self._keys = itertools.count(1)
+        # Objects put in the cluster (`put`): their handles and the client's files.
+        self._objects: dict[str, Any] = {}
+        self._objects_dir: str | None = None
         #: Jobs by final status (and "submitted"), for monitors.
         self.job_counts: Counter[str] = Counter()
         self._listeners: list[Listener] = []
@@ -389,6 +394,42 @@ class JobCluster:
         """
         return self._submit(None, None, args, kwargs)
 
+    def put(self, obj: Any) -> objects.ObjectRef:
+        """Send ``obj`` to the nodes once for many jobs; return a handle to pass to
+        jobs instead of it.
+
+        A job that receives the handle (as an argument, at any depth) sees ``obj``
+        itself. Each node receives it once, with the first job that needs it, and
+        each worker process loads it once and keeps it for the computation's later
+        jobs (so jobs should not modify it). Nodes and client drop it when the
+        cluster closes. Raises `SerializationError` if ``obj`` cannot be pickled.
+        """
+        if self._closed:
+            raise ClusterError("this cluster is closed: create a new JobCluster")
+        self._require(base.JOB_DEPENDS, "put")
+        if self._objects_dir is None:
+            self._objects_dir = tempfile.mkdtemp(prefix="dispynb-objects-")
+        ref = objects.write(obj, self._objects_dir)
+        self._objects[ref.digest] = ref
+        return ref
+
+    def _add_object_files(
+        self, request: JobRequest, refs: list[objects.ObjectRef]
+    ) -> None:
+        """A job's arguments hold object handles: their files go with it."""
+        for ref in refs:
+            if self._objects.get(ref.digest) is not ref:
+                raise ClusterError(
+                    f"{ref!r} was put in another cluster: put it in this one"
+                )
+        deps = request.depends or Dependencies()
+        known = {f.digest for f in deps.files}
+        for ref in refs:
+            if ref.digest not in known:
+                deps.files.append(ref.file)
+                known.add(ref.digest)
+        request.depends = deps
+
     def submit_job_id(self, job_id: Any, *args: Any, **kwargs: Any) -> DispyJob:
         """Like `submit`, with ``job.id`` set to ``job_id``."""
         return self._submit(job_id, None, args, kwargs)
@@ -445,7 +486,10 @@ class JobCluster:
             job_deps = collect(depends, "dispy_job_depends")
         timeout, mem_limit = self._job_limits(kwargs)
         request = JobRequest(0, args, kwargs, node_id, job_deps, timeout, mem_limit)
-        backend.prepare(request)  # raises SerializationError: nothing registered yet
+        with objects.collecting() as refs:
+            backend.prepare(request)  # raises SerializationError: nothing registered
+        if refs:
+            self._add_object_files(request, refs)
         job = DispyJob(job_id, args, kwargs)
         key = request.key = next(self._keys)
         job._key = key
@@ -764,6 +808,10 @@ class JobCluster:
             self._callbacks.close()
             self._runner.release()
             self._journal.close(clean=not self._jobs)
+            for ref in self._objects.values():
+                objects.forget(ref)
+            if self._objects_dir is not None:
+                shutil.rmtree(self._objects_dir, ignore_errors=True)
 
     def __enter__(self) -> JobCluster:
         return self

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from dispynb.errors import DispynbError, SetupError
+from dispynb.objects import OBJECTS_DIR
 from dispynb.protocol.files import safe_relative_path
 from dispynb.protocol.messages import (
     CANCELLED,
@@ -216,6 +217,9 @@ class Computation:
         self._report_file = report_file
         self._store = store
         self._job_files: collections.Counter[str] = collections.Counter()
+        # Digests of objects put in the cluster (dispynb.objects): the store's copy
+        # is removed when the computation closes.
+        self._objects: set[str] = set()
         self._node_name = node_name
         self._node_address = node_address
         self._max_size = max_message_size
@@ -360,6 +364,9 @@ class Computation:
             self._lose_worker(worker)
         if self._remove_path:
             shutil.rmtree(self.path, ignore_errors=True)
+        for digest in self._objects:  # put for this cluster only (JobCluster.put)
+            with contextlib.suppress(OSError):
+                os.unlink(self._store.path(digest))
 
     async def wait_idle(self) -> None:
         """Wait until no job is queued or running here (or the process died)."""
@@ -686,6 +693,8 @@ class Computation:
         for relative, digest in job.files:
             if self._job_files[relative] == 0:
                 self._store.place(digest, self.path, relative)
+                if relative.startswith(OBJECTS_DIR + "/"):
+                    self._objects.add(digest)
             self._job_files[relative] += 1
         job.placed = True
 

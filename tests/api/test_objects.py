@@ -1,0 +1,113 @@
+"""One object for many jobs: ``JobCluster.put`` (dispynb.objects; issue 17, W7).
+
+Real local node servers. "Crosses to each node once" is counted on the node side:
+the bytes each node server's TCP connections received (the kernel's tcp_info, from
+``ss``: the node's sockets are those on its listening port).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pickle
+import re
+import subprocess
+
+import pytest
+
+from dispynb import DispyJob, JobCluster, LocalCluster
+from dispynb.errors import ClusterError, SerializationError
+from dispynb.objects import ObjectRef
+from tests.jobs import wait_until
+
+pytestmark = pytest.mark.slow
+
+MB = 1_000_000
+
+
+def measure(data: bytes, i: int) -> tuple[int, int, int]:
+    import os
+
+    return len(data), data[i], os.getpid()
+
+
+def nested(box: dict[str, list[bytes]], i: int) -> int:
+    return len(box["items"][0]) + i
+
+
+def node_received(local: LocalCluster) -> list[int]:
+    """Bytes received so far by each node on its established client connections."""
+    totals = []
+    for spec in local.node_specs():
+        port = spec.rsplit(":", 1)[1]
+        out = subprocess.run(
+            ["ss", "-tinH", "state", "established", f"( sport = :{port} )"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        totals.append(sum(int(n) for n in re.findall(r"bytes_received:(\d+)", out)))
+    return totals
+
+
+def stored(local: LocalCluster, digest: str) -> list[str]:
+    return glob.glob(os.path.join(local._dir, "node-*", ".store", digest))
+
+
+def test_a_put_object_crosses_to_each_node_once_and_is_freed_at_close():
+    data = os.urandom(8 * MB)
+    with LocalCluster(nodes=2, cpus=1) as local:
+        with JobCluster(measure, nodes=local) as cluster:
+            assert cluster.submit(b"warm", 0)()[0] == 4  # set up on both nodes
+            before = node_received(local)
+            ref = cluster.put(data)
+            assert isinstance(ref, ObjectRef) and ref.size > len(data)
+            jobs = [cluster.submit(ref, i) for i in range(40)]
+            results = [job() for job in jobs]
+            assert {job.status for job in jobs} == {DispyJob.Finished}
+            assert [r[:2] for r in results] == [(len(data), data[i]) for i in range(40)]
+            read = [after - b for after, b in zip(node_received(local), before)]
+            workers = {r[2] for r in results}
+            assert len(stored(local, ref.digest)) == 2  # both nodes were used
+        # Each node received the object once (plus small messages), not per job.
+        assert all(ref.size <= n < 2 * ref.size for n in read), (read, ref.size)
+        assert len(workers) >= 2
+        wait_until(lambda: not stored(local, ref.digest))  # gone from the nodes
+    assert not os.path.exists(ref.file.path)  # and from the client
+
+
+def test_a_handle_inside_other_arguments_and_in_a_result(local):
+    with JobCluster(nested, nodes=local) as cluster:
+        ref = cluster.put([b"x" * 3 * MB])
+        assert cluster.submit({"items": ref}, 5)() == 3 * MB + 5
+    with JobCluster(identity, nodes=local) as cluster:
+        ref = cluster.put({"a": 1})
+        assert cluster.submit(ref)() == {"a": 1}  # the object itself comes back
+
+
+def identity(value: object) -> object:
+    return value
+
+
+def test_a_handle_from_another_cluster_or_a_closed_one_is_refused(local):
+    with JobCluster(identity, nodes=local) as first:
+        ref = first.put(b"abc")
+        with JobCluster(identity, nodes=local) as second:
+            with pytest.raises(ClusterError, match="put it in this one"):
+                second.submit(ref)
+    with pytest.raises(ClusterError, match="closed"):
+        first.put(b"later")
+
+
+def test_an_unpicklable_object_is_refused_at_put(local):
+    import threading
+
+    with JobCluster(identity, nodes=local) as cluster:
+        with pytest.raises(SerializationError, match="lock"):
+            cluster.put(threading.Lock())
+
+
+def test_the_handle_pickles_as_a_reference_not_the_object(local):
+    with JobCluster(identity, nodes=local) as cluster:
+        ref = cluster.put(b"y" * MB)
+        assert len(pickle.dumps(ref)) < 200
