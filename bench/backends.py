@@ -227,6 +227,8 @@ class DispynbBackend:
 
     def __init__(self, workers: int) -> None:
         self.workers: int = workers
+        #: Local nodes to start; the workers are spread over them (W7: 4 nodes).
+        self.nodes: int = 1
         self._stack = contextlib.ExitStack()
         self._cluster_stack = contextlib.ExitStack()
         self._local: Any = None
@@ -238,7 +240,7 @@ class DispynbBackend:
         from dispynb import LocalCluster
 
         self._local = self._stack.enter_context(
-            LocalCluster(nodes=1, cpus=self.workers)
+            LocalCluster(nodes=self.nodes, cpus=max(1, self.workers // self.nodes))
         )
 
     def submit_and_wait(
@@ -251,6 +253,10 @@ class DispynbBackend:
     def round_trip(self, fn: Task, arg: Any) -> Any:
         return self._result(self._cluster_for(fn).submit(arg))
 
+    def share(self, fn: Task, obj: Any) -> Any:
+        """W7: ``JobCluster.put``; jobs get the handle."""
+        return self._cluster_for(fn).put(obj)
+
     def close(self) -> None:
         self._cluster_stack.close()
         self._cluster = self._fn = None
@@ -262,7 +268,8 @@ class DispynbBackend:
 
         return {
             "version": dispynb.__version__,
-            "config": f"1 LocalCluster node with {self.workers} CPUs on 127.0.0.1,"
+            "config": f"LocalCluster(nodes={self.nodes},"
+            f" cpus={max(1, self.workers // self.nodes)}) on 127.0.0.1,"
             " one JobCluster per function",
         }
 

@@ -34,7 +34,16 @@ import traceback
 from typing import Any
 
 from backends import Backend, BenchmarkError, load_backend
-from workloads import FULL, QUICK, Bandwidth, CpuBound, Latency, Throughput, Workload
+from workloads import (
+    FULL,
+    QUICK,
+    Bandwidth,
+    CpuBound,
+    Latency,
+    SharedObject,
+    Throughput,
+    Workload,
+)
 
 #: Seconds W6 waits for its one job before calling the attempt a failure.
 CLOSURE_TIMEOUT = 60.0
@@ -173,6 +182,34 @@ def run_startup(params: dict[str, Any]) -> dict[str, Any]:
     return {"first_result": first - start, "close": closed - first}
 
 
+def touch(data: bytes, i: int) -> int:
+    """The W7 job: every job gets the same large object (through its handle)."""
+    return len(data) + i
+
+
+def run_objects(params: dict[str, Any]) -> dict[str, Any]:
+    """Mode ``objects`` (W7): one repetition on a new backend with 4 workers (dispynb:
+    4 local nodes of 1 CPU each); ``{"unsupported": ...}`` for a backend without a
+    way to share an object (``share``)."""
+    sizes = QUICK if params["quick"] else FULL
+    workers = sizes.shared_object_workers
+    backend = load_backend(params["backend"], workers)
+    if not hasattr(backend, "share"):
+        return {"unsupported": f"{params['backend']} has no shared objects"}
+    if hasattr(backend, "nodes"):  # dispynb: one node per worker
+        backend.nodes = workers
+    workload = SharedObject(
+        fn=touch, jobs=sizes.shared_object_jobs, size=sizes.shared_object_bytes
+    )
+    backend.start()
+    try:
+        result = workload.measure_once(backend)
+        result["config"] = backend.describe()["config"]
+        return result
+    finally:
+        backend.close()
+
+
 def run_cold(params: dict[str, Any]) -> dict[str, Any]:
     """Mode ``cold``: one W4 repetition on a new backend warmed by one tiny job."""
     sizes = QUICK if params["quick"] else FULL
@@ -189,7 +226,12 @@ def main() -> int:
     """Read the parameters, run the mode, write the JSON result (or the error)."""
     params = json.loads(sys.stdin.read())
     try:
-        runners = {"main": run_main, "cold": run_cold, "startup": run_startup}
+        runners = {
+            "main": run_main,
+            "cold": run_cold,
+            "startup": run_startup,
+            "objects": run_objects,
+        }
         runner = runners[params["mode"]]
         result = runner(params)
         status = 0

@@ -73,6 +73,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("cpu_serial_job", "W3 one job alone (reference)", "s", False),
     Metric("bandwidth", "W4 bandwidth (10 MB arguments)", "MB/s", True),
     Metric("bandwidth_cold", "W4 cold (fresh payloads, new cluster)", "MB/s", True),
+    Metric("shared_object", "W7 one 100 MB object, 200 jobs, 4 workers", "s", False),
     Metric("start_first_result", "W5 start to first result", "s", False),
     Metric("start_close", "W5 close", "s", False),
     Metric("mem_nodes_rest", "nodes/workers at rest (RSS sum)", "MiB", False),
@@ -493,6 +494,10 @@ def format_table(document: Mapping[str, Any]) -> str:
     for name, result in cold.items():
         runs = ", ".join(number(v, "MB/s") for v in result["runs"])
         lines.append(f"W4 cold per repetition, {name}: {runs} MB/s")
+    shared = document["metrics"].get("shared_object", {}).get("results", {})
+    for name, result in shared.items():
+        runs = ", ".join(number(v, "s") for v in result["runs"])
+        lines.append(f"W7 per repetition, {name}: {runs} s")
     for entry in evaluate_engine_targets(document):
         lines.append(
             f"{entry['status']:4}  dispynb on {entry['engine']}, {entry['label']}:"

@@ -45,11 +45,12 @@ WORKLOAD_NAMES = (
     "bandwidth_cold",
     "startup",
     "closure",
+    "shared_object",
 )
 #: Workloads measured by the ``main`` driver (one started backend for all).
 MAIN_WORKLOADS = ("throughput", "latency", "cpu", "bandwidth", "closure")
 #: Seconds one driver process may take before it is killed (per mode).
-TIMEOUTS = {"main": 1800.0, "cold": 300.0, "startup": 180.0}
+TIMEOUTS = {"main": 1800.0, "cold": 300.0, "startup": 180.0, "objects": 600.0}
 PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -287,6 +288,19 @@ def run_backend(
                 cold["bandwidth_cold"]
             )
             _progress(f"[{name}] cold W4 {rep}/{args.repeat}: {cold}")
+    if "shared_object" in workloads:
+        for rep in range(1, args.repeat + 1):
+            shared = run_driver(python, {**params, "mode": "objects"})
+            if "unsupported" in shared:
+                break
+            if "error" in shared:
+                result.setdefault("error", shared["error"])
+                _progress(f"[{name}] W7 FAILED: {shared['error'].splitlines()[-1]}")
+                break
+            result.setdefault("runs", {}).setdefault("shared_object", []).append(
+                shared["shared_object"]
+            )
+            _progress(f"[{name}] W7 {rep}/{args.repeat}: {shared}")
     result["startup"] = []
     if "startup" in workloads:
         for rep in range(1, args.repeat + 1):

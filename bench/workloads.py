@@ -39,6 +39,7 @@ __all__ = [
     "CpuBound",
     "Latency",
     "Metric",
+    "SharedObject",
     "Sizes",
     "Throughput",
     "Workload",
@@ -83,6 +84,9 @@ class Sizes:
     cpu_seconds: float
     bandwidth_jobs: int
     bandwidth_bytes: int
+    shared_object_jobs: int = 200
+    shared_object_bytes: int = 100 * MB
+    shared_object_workers: int = 4
 
 
 FULL = Sizes(
@@ -100,6 +104,8 @@ QUICK = Sizes(
     cpu_seconds=0.05,
     bandwidth_jobs=4,
     bandwidth_bytes=2 * MB,
+    shared_object_jobs=20,
+    shared_object_bytes=10 * MB,
 )
 
 
@@ -362,3 +368,44 @@ class Bandwidth:
         if results != [self.size] * len(payloads):
             raise BenchmarkError(f"{backend.name}: wrong results for {self.name}")
         return elapsed
+
+
+@dataclass(slots=True, kw_only=True)
+class SharedObject:
+    """W7: one ``size``-byte object used by ``jobs`` jobs; seconds, from handing the
+    object to the framework until every result is back.
+
+    Each repetition runs in a fresh process on a new backend (W7 mode of
+    ``driver.py``) with a fresh random object, after one tiny job of the same
+    function. The object goes through the framework's own way of sharing
+    (``Backend.share``: dispynb ``JobCluster.put``, Ray ``ray.put``, Dask
+    ``scatter(broadcast=True)``) and every job gets the handle.
+    """
+
+    fn: Callable[[bytes, int], int]
+    jobs: int
+    size: int
+    name: str = "shared_object"
+    metrics: tuple[Metric, ...] = (
+        Metric(
+            key="shared_object",
+            label="shared object",
+            unit="s",
+            higher_is_better=False,
+        ),
+    )
+
+    def measure_once(self, backend: Any) -> dict[str, float]:
+        """One repetition on a started backend that has a ``share`` method."""
+        if backend.submit_and_wait(self.fn, [(b"x", 0)]) != [1]:
+            raise BenchmarkError(f"{backend.name}: wrong result for the W7 warm-up")
+        data = os.urandom(self.size)
+        start = time.perf_counter()
+        handle = backend.share(self.fn, data)
+        results = backend.submit_and_wait(
+            self.fn, [(handle, i) for i in range(self.jobs)]
+        )
+        elapsed = time.perf_counter() - start
+        if results != [self.size + i for i in range(self.jobs)]:
+            raise BenchmarkError(f"{backend.name}: wrong results for {self.name}")
+        return {"shared_object": elapsed}

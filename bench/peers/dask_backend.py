@@ -54,6 +54,10 @@ class DaskBackend:
         results: list[Any] = self._client.gather(futures)
         return results
 
+    def share(self, fn: Task, obj: Any) -> Any:
+        """W7: ``scatter(broadcast=True)``; jobs get the future."""
+        return self._client.scatter(obj, broadcast=True)
+
     def round_trip(self, fn: Task, arg: Any) -> Any:
         return self._client.submit(fn, arg, pure=False).result()
 

@@ -53,6 +53,10 @@ class RayBackend:
         results: list[Any] = self._ray.get(refs)
         return results
 
+    def share(self, fn: Task, obj: Any) -> Any:
+        """W7: ``ray.put``; jobs get the ObjectRef (Ray passes the object)."""
+        return self._ray.put(obj)
+
     def round_trip(self, fn: Task, arg: Any) -> Any:
         return self._ray.get(self._remote_for(fn).remote(arg))
 
