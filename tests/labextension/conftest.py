@@ -16,6 +16,7 @@ INNER = (
     "test_lab_browser.py::test_lab_panel",
     "test_lab_browser.py::test_lab_stop",
     "test_lab_browser.py::test_lab_dask",
+    "test_lab_browser.py::test_lab_ray",
 )
 
 

@@ -81,6 +81,18 @@ DASK_CELLS = [
 ]
 
 
+#: The journey on a Ray cluster (``ray start --head`` in the test's namespaces, its
+#: address put in for ``{address}``): ``%dispy ray ADDRESS``, then a %%dispy run.
+RAY_CELLS = [
+    "%load_ext dispynb\n%dispy ray {address}",
+    '%%dispy --over "range(30)" --into slow\n'
+    "def slow(i):\n"
+    "    import time\n"
+    "    time.sleep(1)\n"
+    "    return i",
+]
+
+
 def _can_unshare() -> str | None:
     if shutil.which("unshare") is None or shutil.which("ip") is None:
         return "needs unshare and ip (util-linux, iproute2)"
@@ -120,6 +132,39 @@ def test_lab_panel_in_private_network() -> None:
     )
     assert proc.returncode == 0, f"inner run failed:\n{proc.stdout}\n{proc.stderr}"
     assert f"{len(tests)} passed" in proc.stdout, proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.multihost
+@pytest.mark.timeout(500)
+@pytest.mark.skipif(IN_NETNS, reason="the outer half runs outside the namespace")
+def test_lab_ray_in_private_network() -> None:
+    """Run `test_lab_ray` in private network and PID namespaces (Ray's daemons end
+    with the namespace, and ``ray stop`` there sees only them); it must pass."""
+    reason = _can_unshare()
+    if reason is not None:
+        pytest.skip(reason)
+    if importlib.util.find_spec("ray") is None:
+        pytest.skip("ray is not installed: pip install 'dispynb[ray]' (or .[test])")
+    here = Path(__file__).relative_to(ROOT)
+    inner = [
+        sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+        f"{here}::test_lab_ray",
+    ]  # fmt: skip
+    # sh stays PID 1 of the namespace (no exec): Ray's daemons are its orphans.
+    proc = subprocess.run(
+        [
+            "unshare", "-n", "-p", "-f", "--kill-child", "--mount-proc",
+            "sh", "-c", 'ip link set lo up && "$@"; exit $?', "sh", *inner,
+        ],
+        cwd=ROOT,
+        env={**os.environ, "DISPYNB_IN_NETNS": "1", "RAY_USAGE_STATS_ENABLED": "0"},
+        capture_output=True,
+        text=True,
+        timeout=480,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"inner run failed:\n{proc.stdout}\n{proc.stderr}"
+    assert "1 passed" in proc.stdout, proc.stdout
 
 
 # -- the inner half (in the namespace) -------------------------------------------------
@@ -569,6 +614,82 @@ def test_lab_dask(lab: Lab) -> None:  # collected only in the namespace: conftes
             address = nodes.nth(i).get_attribute("data-address") or ""
             assert address.startswith("tcp://127.0.0.1:"), address  # a Dask worker
             assert nodes.nth(i).get_attribute("data-cpus") == "1"
+        _wait_counts(page, "c.total === 30 && c.running === 2")
+        first = _counts(page)
+        _wait_counts(page, f"c.done >= {first['done'] + 2}")
+
+        page.locator(
+            '.jp-NotebookPanel-toolbar [data-jp-item-name="interrupt"]'
+        ).click()
+        _wait_prompt(page, 1, "[2]:")
+        output = cells.nth(1).locator(".jp-OutputArea").inner_text()
+        assert "Interrupted: run 'slow' stopped" in output, output
+        closed = page.locator(f'{PANEL} .dispynb-cluster[data-closed="true"]')
+        closed.first.wait_for()
+        statuses = closed.locator(".dispynb-count").evaluate_all(
+            "es => es.map(e => e.dataset.status)"
+        )
+        assert "cancelled" in statuses and "abandoned" not in statuses, statuses
+
+
+@pytest.fixture
+def ray_head() -> Iterator[str]:
+    """A Ray cluster (``ray start --head``, 2 CPUs) in the test's namespaces; its
+    token in this process's environment, which `lab` (hence its kernels) inherits,
+    as a user exports it. Its address."""
+    from tests.backends.rayhead import RayHead
+
+    head = RayHead.start(cpus=2)
+    saved = {name: os.environ.get(name) for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    os.environ.update({name: head.env[name] for name in saved})
+    try:
+        yield head.address
+    finally:
+        head.stop()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@pytest.mark.timeout(450)
+def test_lab_ray(ray_head: str, lab: Lab) -> None:  # only in the namespace: conftest.py
+    """The sidebar follows a %%dispy run on the Ray engine: its cluster card shows
+    the Ray node with its 2 CPUs and the counts moving; Stop ends the run."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3 (ipykernel)",
+        "language": "python",
+    }
+    nb.cells = [
+        nbformat.v4.new_code_cell(cell.replace("{address}", ray_head))
+        for cell in RAY_CELLS
+    ]
+    nbformat.write(nb, lab.root / "ray.ipynb")
+    with chromium_page(
+        viewport={"width": 1400, "height": 850}, timeout_ms=120_000
+    ) as page:
+        _open_notebook(page, lab, "ray.ipynb", "Python 3 (ipykernel)")
+        page.wait_for_selector(f'{PANEL}[data-ready="true"]')
+        cells = page.locator(".jp-NotebookPanel .jp-Cell")
+        _run_cell(page, 0)
+        _wait_prompt(page, 0, "[1]:")
+        assert f"dispynb: ray engine: {ray_head}" in cells.nth(0).inner_text(), (
+            cells.nth(0).inner_text()
+        )
+
+        _run_cell(page, 1)
+        card = page.locator(f"{PANEL} .dispynb-cluster")
+        card.first.wait_for()
+        assert card.locator(".dispynb-cluster-name").inner_text() == "slow"
+        node = card.locator(".dispynb-node")
+        node.first.wait_for()
+        assert node.count() == 1  # the head, the one Ray node
+        assert node.first.get_attribute("data-cpus") == "2"
         _wait_counts(page, "c.total === 30 && c.running === 2")
         first = _counts(page)
         _wait_counts(page, f"c.done >= {first['done'] + 2}")
