@@ -25,7 +25,8 @@ class SchedulerConfig:
     users_file: str = ""
     #: CPUs used per node at most (None: all the node offers).
     cpus: int | None = None
-    #: Jobs in flight per CPU of a node (more than 1 hides the round trips).
+    #: Jobs in flight per CPU of a node while one user has jobs (more than 1 hides
+    #: the round trips); 1 while several users have jobs (fair share).
     jobs_per_cpu: int = 2
     #: Per user: jobs in flight (CPUs) and jobs queued at most (None: no limit).
     max_cpus: int | None = None

@@ -529,10 +529,14 @@ class SchedulerServer:
 
     def _dispatch(self) -> None:
         self._scheduled = False
-        per_cpu = self.config.jobs_per_cpu
         active = [c for c in self.computations if not c.closing and c.queue]
         if not active:
             return
+        # Jobs sent ahead of a free CPU (to hide round trips) run in the node's
+        # order, not ours: only a user alone gets them, so that users in contention
+        # share what runs, not only what is sent.
+        users = {c.user for c in self.computations if c.queue or c.account.in_flight}
+        per_cpu = self.config.jobs_per_cpu if len(users) <= 1 else 1
         by_account = {id(c.account): c for c in active}
         accounts = [c.account for c in self.computations if not c.closing]
         batches: dict[

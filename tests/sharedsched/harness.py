@@ -80,6 +80,7 @@ class SchedulerProcess:
     def start(self) -> SchedulerProcess:
         port_file = self.directory / "scheduler.port"
         port_file.unlink(missing_ok=True)
+        since = len(self.log_text())  # a restart appends to the log
         command = [
             sys.executable, "-m", "schedserver",
             "--users", str(self.directory / "users"),
@@ -106,13 +107,16 @@ class SchedulerProcess:
                 raise AssertionError(f"scheduler did not start:\n{self.log_text()}")
             time.sleep(0.02)
         self.port = int(port_file.read_text())
-        self.wait_for_log("is up with", len(self.nodes))
+        self.wait_for_log("is up with", len(self.nodes), since=since)
         return self
 
-    def wait_for_log(self, text: str, count: int = 1, timeout: float = WAIT) -> None:
-        """Wait until ``text`` appears ``count`` times in the scheduler's log."""
+    def wait_for_log(
+        self, text: str, count: int = 1, timeout: float = WAIT, since: int = 0
+    ) -> None:
+        """Wait until ``text`` appears ``count`` times in the scheduler's log (from
+        character ``since`` on)."""
         deadline = time.monotonic() + timeout
-        while self.log_text().count(text) < count:
+        while self.log_text()[since:].count(text) < count:
             if time.monotonic() > deadline:
                 raise AssertionError(f"{text!r} not logged:\n{self.log_text()}")
             time.sleep(0.02)

@@ -220,3 +220,24 @@ def test_reentrant_jobs_of_a_killed_node_run_on_another(
         assert [job.result for job in jobs] == list(range(8))
         assert all(job.status == JobStatus.Finished for job in jobs)
     assert "queued again" in scheduler.log_text()
+
+
+def test_scheduler_restart_reentrant_jobs_run_again(
+    scheduler: SchedulerProcess, users: dict[str, Path]
+) -> None:
+    """A scheduler killed and started again on its port: the client reconnects and
+    its reentrant jobs run again (the scheduler itself keeps nothing on disk: the
+    nodes terminated what ran for it)."""
+    with SharedJobCluster(
+        nap,
+        scheduler_host=scheduler.address,
+        secret_file=str(users["alice"]),
+        reentrant=True,
+    ) as cluster:
+        jobs = [cluster.submit(i, 0.5) for i in range(8)]
+        jobs[0]()
+        scheduler.stop(signal.SIGKILL)
+        scheduler.start()
+        assert cluster.wait(timeout=45)
+        assert [job.result for job in jobs] == list(range(8))
+        assert all(job.status == JobStatus.Finished for job in jobs)

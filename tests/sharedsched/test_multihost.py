@@ -1,0 +1,215 @@
+"""A scheduler, three nodes and three clients on seven namespace hosts.
+
+h1 runs ``dispynb-scheduler`` (the only holder of the node secret), h2-h4 run
+``dispynb-node`` with 2 CPUs, h5-h7 run one client program each, as three users.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.multihost.netns import (
+    Host,
+    NetNode,
+    Network,
+    new_secret_file,
+    start_node,
+    sweep_stale,
+    unavailable_reason,
+)
+from tests.sharedsched.harness import add_user, env_for
+from tests.sharedsched.test_sharing import TIMED_CLIENT, busy_within
+
+pytestmark = [pytest.mark.multihost, pytest.mark.slow, pytest.mark.timeout(120)]
+
+PROGRAMS = Path(__file__).parent / "programs"
+USERS = ("alice", "bob", "carol")
+SCHEDULER_PORT = 9712
+
+
+@pytest.fixture(scope="module")
+def network() -> Iterator[Network]:
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    sweep_stale()
+    net = Network(7)
+    with net.running():
+        yield net
+
+
+@pytest.fixture
+def site(network: Network, tmp_path: Path) -> Iterator[dict[str, object]]:
+    """Nodes on h2-h4, the scheduler on h1, credentials for three users."""
+    secret, _file = new_secret_file(tmp_path)
+    nodes: list[NetNode] = []
+    scheduler: subprocess.Popen[bytes] | None = None
+    try:
+        for host in network.hosts[1:4]:
+            nodes.append(start_node(network, host, tmp_path, secret, "--cpus", "2"))
+        credentials = {name: add_user(tmp_path, name) for name in USERS}
+        sched_host = network.hosts[0]
+        log = tmp_path / "scheduler.log"
+        argv = [
+            sys.executable, "-m", "schedserver",
+            "-i", sched_host.ip, "-p", str(SCHEDULER_PORT),
+            "--users", str(tmp_path / "users"),
+            "--port_file", str(tmp_path / "scheduler.port"),
+        ]  # fmt: skip
+        for node in nodes:
+            argv += ["-n", node.spec]
+        with open(log, "wb") as handle:
+            scheduler = network.popen(
+                sched_host,
+                argv,
+                env=env_for(DISPYNB_SECRET=secret),
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 20
+        while log.read_text().count("is up with") < len(nodes):
+            assert scheduler.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.02)
+        yield {
+            "address": f"{sched_host.ip}:{SCHEDULER_PORT}",
+            "credentials": credentials,
+            "nodes": nodes,
+            "log": log,
+        }
+    finally:
+        if scheduler is not None and scheduler.poll() is None:
+            scheduler.terminate()
+            try:
+                scheduler.wait(20)
+            except subprocess.TimeoutExpired:
+                scheduler.kill()
+                scheduler.wait()
+        for node in nodes:
+            node.stop()
+
+
+def run_in(
+    network: Network, host: Host, argv: list[str], env: dict[str, str], cwd: Path
+) -> subprocess.Popen[str]:
+    return network.popen(  # type: ignore[return-value]
+        host, argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+
+
+def test_three_users_on_three_hosts_get_equal_shares(
+    network: Network, site: dict[str, object], tmp_path: Path
+) -> None:
+    script = tmp_path / "timed.py"
+    script.write_text(TIMED_CLIENT)
+    credentials: dict[str, Path] = site["credentials"]  # type: ignore[assignment]
+    procs = [
+        run_in(
+            network,
+            host,
+            [
+                sys.executable,
+                str(script),
+                str(site["address"]),
+                str(credentials[name]),
+                "30",
+                "0.3",
+            ],
+            env_for(),
+            tmp_path,
+        )
+        for host, name in zip(network.hosts[4:7], USERS, strict=True)
+    ]
+    outs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=90)
+        assert proc.returncode == 0, out + err
+        outs.append(json.loads(out.strip().splitlines()[-1]))
+    for out in outs:
+        assert out["results"] == list(range(30))
+    start = max(min(s for s, _e in out["times"]) for out in outs)
+    end = min(max(e for _s, e in out["times"]) for out in outs)
+    assert end - start > 1.0, "the clients barely overlapped"
+    shares = [busy_within(out["times"], start, end) for out in outs]
+    mean = sum(shares) / len(shares)
+    assert all(abs(share - mean) <= 0.1 * mean for share in shares), shares
+
+
+def test_dispy_shared_sample_runs_unchanged(
+    network: Network, site: dict[str, object], tmp_path: Path
+) -> None:
+    credentials: dict[str, Path] = site["credentials"]  # type: ignore[assignment]
+    env = env_for(
+        DISPYNB_TEST_SCHEDULER=str(site["address"]).split(":")[0],
+        DISPYNB_SECRET_FILE=str(credentials["alice"]),
+    )
+    proc = run_in(
+        network,
+        network.hosts[4],
+        [sys.executable, str(PROGRAMS / "shared_sample.py")],
+        env,
+        tmp_path,
+    )
+    out, err = proc.communicate(timeout=90)
+    assert proc.returncode == 0, out + err
+    lines = [line for line in out.splitlines() if " executed job " in line]
+    assert len(lines) == 10
+    assert {line.split()[0] for line in lines} <= {"node-h2", "node-h3", "node-h4"}
+    assert "Total job time" in out
+
+
+def test_killed_node_host_reentrant_jobs_run_elsewhere(
+    network: Network, site: dict[str, object], tmp_path: Path
+) -> None:
+    credentials: dict[str, Path] = site["credentials"]  # type: ignore[assignment]
+    nodes: list[NetNode] = site["nodes"]  # type: ignore[assignment]
+    script = tmp_path / "reentrant.py"
+    script.write_text(REENTRANT_CLIENT)
+    proc = run_in(
+        network,
+        network.hosts[5],
+        [sys.executable, str(script), str(site["address"]), str(credentials["bob"])],
+        env_for(),
+        tmp_path,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "running"
+    nodes[0].kill()
+    out, err = proc.communicate(timeout=90)
+    assert proc.returncode == 0, out + err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["results"] == list(range(12))
+    assert set(result["hosts"]) <= {"node-h3", "node-h4"} | {"node-h2"}
+    log = Path(str(site["log"])).read_text()
+    assert "queued again" in log
+
+
+#: A reentrant client: 12 jobs of 1 s; says "running" once the first ended.
+REENTRANT_CLIENT = """
+import json, sys
+from dispynb import SharedJobCluster
+
+def nap(n):
+    import socket, time
+    time.sleep(1.0)
+    return n, socket.gethostname()
+
+address, credential = sys.argv[1], sys.argv[2]
+with SharedJobCluster(
+    nap, scheduler_host=address, secret_file=credential, reentrant=True
+) as cluster:
+    jobs = [cluster.submit(i) for i in range(12)]
+    jobs[0]()
+    print("running", flush=True)
+    results = [job() for job in jobs]
+out = {"results": [r[0] for r in results], "hosts": [r[1] for r in results]}
+print(json.dumps(out))
+"""
