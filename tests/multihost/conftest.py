@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from tests.multihost import sshd
 from tests.multihost.netns import (
     Host,
     NetNode,
@@ -55,6 +56,18 @@ def client_host(network: Network) -> Host:
 def secret(tmp_path: Path) -> tuple[str, Path]:
     """A random secret and its 0600 file, for nodes and clients."""
     return new_secret_file(tmp_path)
+
+
+@pytest.fixture
+def ssh3(
+    network: Network, node_hosts: list[Host], tmp_path: Path
+) -> Iterator[sshd.SSHSetup]:
+    """A real ``sshd`` on each node host (h1-h3), for the SSH launcher tests."""
+    reason = sshd.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    with sshd.sshd_servers(network, node_hosts, tmp_path / "ssh") as setup:
+        yield setup
 
 
 StartNode = Callable[..., NetNode]

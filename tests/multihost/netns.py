@@ -216,16 +216,18 @@ class Network:
         return subprocess.Popen(host.command(argv), **kwargs)
 
     def run(
-        self, host: Host, argv: Sequence[str], timeout: float = 30
+        self, host: Host, argv: Sequence[str], timeout: float = 30, **kwargs: Any
     ) -> subprocess.CompletedProcess[str]:
-        """Run ``argv`` inside ``host`` to completion."""
+        """Run ``argv`` inside ``host`` to completion (killed after ``timeout``);
+        ``kwargs`` go to `subprocess.run` (default environment: `node_env`)."""
+        kwargs.setdefault("env", node_env())
         return subprocess.run(
             host.command(argv),
-            env=node_env(),
             capture_output=True,
             text=True,
             timeout=timeout,
             check=False,
+            **kwargs,
         )
 
 

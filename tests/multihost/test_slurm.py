@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from tests.multihost import slurm
-from tests.multihost.netns import Client, Host, Network, start_client, wait_for
+from tests.multihost.launched import node_pids
+from tests.multihost.netns import Client, Network, start_client, wait_for
 
 pytestmark = [pytest.mark.multihost, pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -39,22 +39,6 @@ def cluster_env(
     """SLURM_CONF in this process's environment: client programs inherit it."""
     monkeypatch.setenv("SLURM_CONF", str(slurm_setup.config))
     return slurm_setup
-
-
-def node_pids(host: Host) -> list[int]:
-    """Pids of node servers running in ``host``."""
-    listing = subprocess.run(
-        ["ip", "netns", "pids", host.netns], capture_output=True, text=True, timeout=10
-    ).stdout.split()
-    pids = []
-    for pid in listing:
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"nodeserver" in cmdline:
-            pids.append(int(pid))
-    return pids
 
 
 def squeue_states(

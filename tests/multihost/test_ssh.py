@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.multihost import sshd
+from tests.multihost.launched import node_pids
 from tests.multihost.netns import Host, Network, start_client, wait_for
 from tests.nodeproc import ROOT
 
@@ -30,22 +30,6 @@ def ssh_setup(
         pytest.skip(reason)
     with sshd.sshd_servers(network, node_hosts[:2], tmp_path / "ssh") as setup:
         yield setup
-
-
-def node_pids(network: Network, host: Host) -> list[int]:
-    """Pids of node servers running in ``host``."""
-    listing = subprocess.run(
-        ["ip", "netns", "pids", host.netns], capture_output=True, text=True, timeout=10
-    ).stdout.split()
-    pids = []
-    for pid in listing:
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"nodeserver" in cmdline:
-            pids.append(int(pid))
-    return pids
 
 
 CLIENT = """
@@ -115,7 +99,7 @@ def test_ssh_nodes_run_jobs_and_stop_on_close(
     assert "--secret-stdin" in client.stderr
     # close() stopped them.
     for host in node_hosts[:2]:
-        assert node_pids(network, host) == []
+        assert node_pids(host) == []
 
 
 def test_ssh_nodes_stop_when_the_client_is_killed(
@@ -139,12 +123,12 @@ def test_ssh_nodes_stop_when_the_client_is_killed(
         wait_for(lambda: ready.read_text().endswith("]"), 5, "ready file written")
         assert json.loads(ready.read_text()) == hosts
         for host in node_hosts[:2]:
-            assert len(node_pids(network, host)) >= 1
+            assert len(node_pids(host)) >= 1
         os.kill(client.proc.pid, signal.SIGKILL)  # no clean-up code runs
         client.proc.communicate(timeout=10)
         for host in node_hosts[:2]:
             wait_for(
-                lambda host=host: node_pids(network, host) == [],
+                lambda host=host: node_pids(host) == [],
                 30,
                 f"the node on {host.ip} stopped after its client died",
             )
@@ -207,4 +191,4 @@ def test_dispy_ssh_magic(
     names = result["names"]
     assert len(names) == 6 and all(name.startswith("ssh-") for name in names)
     for host in node_hosts[:2]:
-        assert node_pids(network, host) == []
+        assert node_pids(host) == []
