@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import logging
+import re
 from collections.abc import Callable
 from typing import Any
 
 from dispynb import config as dispy_config
 from dispynb.cluster import JobCluster
 from dispynb.job import DispyJob
-from dispynb.node import DispyNode
+from dispynb.node import DispyNode, NodeAllocate
 from dispynb.transport.addressing import format_address, parse_address
 
 logger = logging.getLogger(__name__)
@@ -65,16 +67,27 @@ class SharedJobCluster(JobCluster):
         if scheduler_port is not None:
             port = scheduler_port
         address = format_address(host, port)
-        if nodes not in (None, "*", ["*"]):
+        given = nodes if isinstance(nodes, list | tuple) else [nodes]
+        allocations = [n for n in given if isinstance(n, NodeAllocate)]
+        spec: NodeAllocate | str = address
+        if allocations:
+            # Its setup_args, depends and allocate() apply, on the scheduler's nodes.
+            spec = copy.copy(allocations[0])
+            spec.host, spec.port = host, port
+            spec.ip_addr = host
+            spec.ip_rex = re.escape(host)
+        if len(allocations) > 1 or any(
+            n not in (None, "*") and not isinstance(n, NodeAllocate) for n in given
+        ):
             logger.warning(
-                "nodes=%r ignored: the scheduler at %s decides which nodes run the "
-                "jobs",
+                "nodes=%r: the scheduler at %s decides which nodes run the jobs "
+                "(the first NodeAllocate's setup_args and depends apply to all)",
                 nodes,
                 address,
             )
         super().__init__(
             computation,
-            [address],
+            [spec],
             depends,
             job_status,
             cluster_status,
