@@ -207,46 +207,97 @@ def raw_tcp(receivers: Sequence[tuple[str, int]], payloads: Sequence[bytes]) -> 
     return elapsed
 
 
+def _cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU seconds of processes ``pids`` and their live descendants
+    (a node server, its computation process and workers; a raw TCP receiver)."""
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            continue
+        for proc in procs:
+            try:
+                times = proc.cpu_times()
+            except psutil.Error:
+                continue
+            total += times.user + times.system
+    return total
+
+
+class CpuMeter:
+    """CPU seconds of this process (all threads) and of other processes, per
+    measured section: ``with meter: ...`` then `here` and `there`."""
+
+    def __init__(self, pids: Sequence[int]) -> None:
+        self.pids = list(pids)
+        self.here = self.there = 0.0
+
+    def __enter__(self) -> CpuMeter:
+        self._here, self._there = time.process_time(), _cpu_seconds(self.pids)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.here = time.process_time() - self._here
+        self.there = _cpu_seconds(self.pids) - self._there
+
+
 def client_main(params: dict[str, Any]) -> dict[str, Any]:
-    """Mode ``main`` or ``scale``, in the client host."""
+    """Mode ``main`` or ``scale``, in the client host.
+
+    Beside each rate, the CPU it cost: the client process (all threads) and the
+    nodes' processes (server, computation process, workers), per W1 job in
+    microseconds and per W4 megabyte in milliseconds; for raw TCP the sender (this
+    process's threads) and the receivers."""
     from workloads import FULL, QUICK, Bandwidth, Throughput, fresh_payloads
 
     sizes = QUICK if params["quick"] else FULL
     repeat = params["repeat"]
     w1 = Throughput(fn=inc, jobs=sizes.throughput_jobs)
     w4 = Bandwidth(fn=size, jobs=sizes.bandwidth_jobs, size=sizes.bandwidth_bytes)
+    megabytes = w4.jobs * w4.size / MB
     backend = RemoteDispynb(params["nodes"], os.environ["DISPYNB_SECRET"])
-    result: dict[str, Any] = {"throughput": [], "client_cpu_us_per_job": []}
+    nodes = CpuMeter(params.get("node_pids", []))
+    result: dict[str, Any] = {}
     label = f"[cross-host {params['mode']} {len(params['nodes'])} nodes]"
+
+    def add(key: str, value: float) -> None:
+        result.setdefault(key, []).append(value)
+
     try:
         if not params.get("skip_w1"):
             w1.warm_up(backend)
-        for rep in range(1, 0 if params.get("skip_w1") else repeat + 1):
-            cpu = time.process_time()
-            rate = w1.measure(backend)["throughput"]
-            per_job = (time.process_time() - cpu) / w1.jobs * 1e6
-            result["throughput"].append(rate)
-            result["client_cpu_us_per_job"].append(per_job)
-            _progress(f"{label} W1 {rep}/{repeat}: {rate:,.0f} jobs/s")
+            for rep in range(1, repeat + 1):
+                with nodes:
+                    rate = w1.measure(backend)["throughput"]
+                add("throughput", rate)
+                add("client_cpu_us_per_job", nodes.here / w1.jobs * 1e6)
+                add("nodes_cpu_us_per_job", nodes.there / w1.jobs * 1e6)
+                _progress(f"{label} W1 {rep}/{repeat}: {rate:,.0f} jobs/s")
         w4.warm_up(backend)
         receivers = [(ip, port) for ip, port in params.get("receivers", [])]
+        raw_cpu = CpuMeter(params.get("receiver_pids", []))
         payloads = fresh_payloads(w4.jobs, w4.size)
         if receivers:
             raw_tcp(receivers, payloads)  # warm-up, as W4's
-        result["bandwidth"], result["raw_tcp"] = [], []
         for rep in range(1, repeat + 1):
-            bandwidth = w4.measure(backend)["bandwidth"]
-            result["bandwidth"].append(bandwidth)
+            with nodes:
+                bandwidth = w4.measure(backend)["bandwidth"]
+            add("bandwidth", bandwidth)
+            add("client_cpu_ms_per_mb", nodes.here / megabytes * 1e3)
+            add("nodes_cpu_ms_per_mb", nodes.there / megabytes * 1e3)
             shown = f"{label} W4 {rep}/{repeat}: {bandwidth:,.0f} MB/s"
             if receivers:
-                raw = w4.jobs * w4.size / MB / raw_tcp(receivers, payloads)
-                result["raw_tcp"].append(raw)
+                with raw_cpu:
+                    raw = megabytes / raw_tcp(receivers, payloads)
+                add("raw_tcp", raw)
+                add("raw_sender_cpu_ms_per_mb", raw_cpu.here / megabytes * 1e3)
+                add("raw_receivers_cpu_ms_per_mb", raw_cpu.there / megabytes * 1e3)
                 shown += f", raw TCP {raw:,.0f} MB/s ({bandwidth / raw:.2f}x)"
             _progress(shown)
-        if not receivers:
-            del result["raw_tcp"]
-        if params.get("skip_w1"):
-            del result["throughput"], result["client_cpu_us_per_job"]
     finally:
         backend.close()
     result["nodes"] = len(params["nodes"])
@@ -403,16 +454,19 @@ class Hosts:
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(command)}: {done.stderr.strip()}")
 
-    def start_receivers(self) -> list[tuple[str, int]]:
-        """A raw TCP receiver on every node host (ended with the namespaces)."""
+    def start_receivers(self) -> tuple[list[tuple[str, int]], list[int]]:
+        """A raw TCP receiver on every node host (ended with the namespaces): their
+        addresses and pids."""
+        pids = []
         for host in self.node_hosts:
-            self.net.popen(
+            proc = self.net.popen(
                 host,
                 [sys.executable, str(BENCH / "crosshost.py"), "receive", host.ip],
                 stdout=subprocess.DEVNULL,
                 start_new_session=True,
             )
-        return [(host.ip, RAW_PORT) for host in self.node_hosts]
+            pids.append(proc.pid)  # `ip netns exec` execs: the receiver's own
+        return [(host.ip, RAW_PORT) for host in self.node_hosts], pids
 
     def client(self, params: dict[str, Any]) -> dict[str, Any]:
         """Run this file's client in the client host; its JSON result."""
@@ -476,24 +530,22 @@ def run_crosshost(*, quick: bool, repeat: int) -> dict[str, Any]:
         hosts = Hosts(net, Path(tmp), secret)
         result["link"] = link_info(net, hosts.node_hosts[0])
         _progress(f"[cross-host] link: {result['link']}")
-        receivers = hosts.start_receivers()
+        receivers, receiver_pids = hosts.start_receivers()
         base = {"quick": quick, "repeat": repeat}
         nodes = hosts.start_nodes(NODE_HOSTS)
         try:
             specs = [node.spec for node in nodes]
-            main = hosts.client(
-                {**base, "mode": "main", "nodes": specs, "receivers": receivers}
-            )
+            measured = {
+                "nodes": specs,
+                "node_pids": [node.proc.pid for node in nodes],
+                "receivers": receivers,
+                "receiver_pids": receiver_pids,
+            }
+            main = hosts.client({**base, "mode": "main", **measured})
             if "error" not in main:
                 hosts.shape(SHAPED_RATE)
                 shaped = hosts.client(
-                    {
-                        **base,
-                        "mode": "main",
-                        "nodes": specs,
-                        "receivers": receivers,
-                        "skip_w1": True,
-                    }
+                    {**base, "mode": "main", **measured, "skip_w1": True}
                 )
                 hosts.shape(None)
                 shaped["rate"] = SHAPED_RATE
@@ -512,7 +564,12 @@ def run_crosshost(*, quick: bool, repeat: int) -> dict[str, Any]:
             nodes = hosts.start_nodes(count)
             try:
                 row = hosts.client(
-                    {**base, "mode": "scale", "nodes": [n.spec for n in nodes]}
+                    {
+                        **base,
+                        "mode": "scale",
+                        "nodes": [n.spec for n in nodes],
+                        "node_pids": [n.proc.pid for n in nodes],
+                    }
                 )
             finally:
                 hosts.stop(nodes)

@@ -206,6 +206,28 @@ def crosshost_markdown(
                         f"{_median(measured[key]):,.0f}",
                     ]
                 )
+        for here, there, label in (
+            (
+                "client_cpu_ms_per_mb",
+                "nodes_cpu_ms_per_mb",
+                "W4 CPU ms/MB, client + nodes",
+            ),
+            (
+                "raw_sender_cpu_ms_per_mb",
+                "raw_receivers_cpu_ms_per_mb",
+                "raw TCP CPU ms/MB, sender + receivers",
+            ),
+        ):
+            if measured.get(here) and measured.get(there):
+                pairs = list(zip(measured[here], measured[there], strict=True))
+                middle = _median(measured[here]), _median(measured[there])
+                rows.append(
+                    [
+                        f"{label}, {link}",
+                        ", ".join(f"{a:.2f} + {b:.2f}" for a, b in pairs),
+                        f"{middle[0]:.2f} + {middle[1]:.2f}",
+                    ]
+                )
         part_target = crosshost_target(crosshost, part)
         if part_target:
             rows.append(
@@ -243,14 +265,25 @@ def crosshost_markdown(
             " [min-max].",
             "",
         ]
-        rows = [["nodes", "hosts", "W1 jobs/s", "client CPU us/job", "W4 MB/s"]]
+        rows = [
+            [
+                "nodes",
+                "hosts",
+                "W1 jobs/s",
+                "client CPU us/job",
+                "nodes CPU us/job",
+                "W4 MB/s",
+            ]
+        ]
         for row in crosshost["scale"]:
+            nodes_cpu = row.get("nodes_cpu_us_per_job")
             rows.append(
                 [
                     str(row["nodes"]),
                     str(row["hosts"]),
                     _range(row["throughput"], "{:,.0f}"),
                     _range(row["client_cpu_us_per_job"], "{:.0f}"),
+                    _range(nodes_cpu, "{:.0f}") if nodes_cpu else "-",
                     _range(row["bandwidth"], "{:,.0f}"),
                 ]
             )

@@ -71,6 +71,15 @@ def test_crosshost_quick_run_measures_every_row(tmp_path: Path) -> None:
     assert main["nodes"] == 4
     for key in ("throughput", "client_cpu_us_per_job", "bandwidth", "raw_tcp"):
         assert len(main[key]) == 2 and _positive(main[key]), key
+    # CPU beside each rate (other processes' in clock ticks: may round to 0 here)
+    for key in (
+        "nodes_cpu_us_per_job",
+        "client_cpu_ms_per_mb",
+        "nodes_cpu_ms_per_mb",
+        "raw_sender_cpu_ms_per_mb",
+        "raw_receivers_cpu_ms_per_mb",
+    ):
+        assert len(main[key]) == 2 and min(main[key]) >= 0, key
     shaped = crosshost["shaped"]
     assert shaped["rate"] == "1gbit"
     assert _positive(shaped["bandwidth"]) and _positive(shaped["raw_tcp"])
