@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from dispynb.local import LocalCluster
     from dispynb.log import logger
     from dispynb.node import DispyNode, DispyNodeAvailInfo, NodeAllocate
+    from dispynb.objects import ObjectRef
     from dispynb.recovery import recover_jobs
     from dispynb.shared import SharedJobCluster
     from dispynb.status import ClusterStatus
@@ -32,6 +33,7 @@ _LAZY: dict[str, str] = {
     "JobCluster": "dispynb.cluster",
     "LocalCluster": "dispynb.local",
     "NodeAllocate": "dispynb.node",
+    "ObjectRef": "dispynb.objects",
     "SharedJobCluster": "dispynb.shared",
     "Run": "dispynb.jupyter.run",
     "logger": "dispynb.log",
@@ -48,6 +50,7 @@ __all__ = [
     "LocalCluster",
     "MsgTimeout",
     "NodeAllocate",
+    "ObjectRef",
     "Run",
     "SharedJobCluster",
     "__version__",

@@ -44,6 +44,10 @@ from dispynb.transport.connection import describe_error
 logger = logging.getLogger("dispynb.scheduler.driver")
 
 
+#: Bytes per second a busy node is assumed to digest and store a file at (a 100 MB
+#: file gives its pulses 4 s more before the node is declared dead).
+FILE_CHECK_RATE = 25_000_000
+
 #: Jobs with large arguments a node that takes them through shared memory may hold,
 #: per CPU: one running, one ready behind it (`DriverOutbox._limit_shared_memory`).
 SHM_JOBS_PER_CPU = 2
@@ -128,6 +132,11 @@ class DriverOutbox:
                         continue
                     message: Message = FilePut(digest=item.digest, size=len(data))
                     buffers: list[Buffer] = [data]
+                    # The node checks the file's digest and stores it before it
+                    # reads on: a large file holds its pulses back that long.
+                    link.last_seen = max(
+                        link.last_seen, loop.time() + len(data) / FILE_CHECK_RATE
+                    )
                 else:
                     message, buffers = item
                 conn = link.conn

@@ -66,7 +66,9 @@ def test_a_put_object_crosses_to_each_node_once_and_is_freed_at_close():
             results = [job() for job in jobs]
             assert {job.status for job in jobs} == {DispyJob.Finished}
             assert [r[:2] for r in results] == [(len(data), data[i]) for i in range(40)]
-            read = [after - b for after, b in zip(node_received(local), before)]
+            read = [
+                after - b for after, b in zip(node_received(local), before, strict=True)
+            ]
             workers = {r[2] for r in results}
             assert len(stored(local, ref.digest)) == 2  # both nodes were used
         # Each node received the object once (plus small messages), not per job.
@@ -92,9 +94,11 @@ def identity(value: object) -> object:
 def test_a_handle_from_another_cluster_or_a_closed_one_is_refused(local):
     with JobCluster(identity, nodes=local) as first:
         ref = first.put(b"abc")
-        with JobCluster(identity, nodes=local) as second:
-            with pytest.raises(ClusterError, match="put it in this one"):
-                second.submit(ref)
+        with (
+            JobCluster(identity, nodes=local) as second,
+            pytest.raises(ClusterError, match="put it in this one"),
+        ):
+            second.submit(ref)
     with pytest.raises(ClusterError, match="closed"):
         first.put(b"later")
 
@@ -102,9 +106,11 @@ def test_a_handle_from_another_cluster_or_a_closed_one_is_refused(local):
 def test_an_unpicklable_object_is_refused_at_put(local):
     import threading
 
-    with JobCluster(identity, nodes=local) as cluster:
-        with pytest.raises(SerializationError, match="lock"):
-            cluster.put(threading.Lock())
+    with (
+        JobCluster(identity, nodes=local) as cluster,
+        pytest.raises(SerializationError, match="lock"),
+    ):
+        cluster.put(threading.Lock())
 
 
 def test_the_handle_pickles_as_a_reference_not_the_object(local):
