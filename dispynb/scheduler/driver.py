@@ -247,7 +247,8 @@ class Driver(DriverNodes):
             if large is not self._large:
                 self._limit_shared_memory(large)
             jobs[key] = _Pending(buffers, node, files, limits)
-            instructions.extend(handle(JobSubmitted(key, node)))
+            instructions.extend(handle(JobSubmitted(key, node), dispatch=False))
+        instructions.extend(self.state.dispatch())  # once for the whole batch
         self._apply(instructions)
 
     def cancel(self, key: int, unstarted: bool = False, held: bool = False) -> None:

@@ -77,11 +77,16 @@ class DriverResults(DriverOutbox):
                 # The node shuts down: no more jobs for it; this one runs elsewhere.
                 if not link.leaving:
                     link.leaving = True
-                    instructions.extend(handle(NodeJoined(link.node_id, 0)))
-                instructions.extend(handle(JobReturned(link.node_id, key, attempt)))
+                    instructions.extend(
+                        handle(NodeJoined(link.node_id, 0), dispatch=False)
+                    )
+                instructions.extend(
+                    handle(JobReturned(link.node_id, key, attempt), dispatch=False)
+                )
                 continue
             accepted = handle(
-                JobFinished(link.node_id, key, attempt, max(ended - began, 0.0))
+                JobFinished(link.node_id, key, attempt, max(ended - began, 0.0)),
+                dispatch=False,  # once for the whole message, below
             )
             if not accepted or not isinstance(accepted[0], AcceptResult):
                 instructions.extend(accepted)
@@ -111,6 +116,7 @@ class DriverResults(DriverOutbox):
             )
         for start in starts[next_start:]:
             self._on_start(link, start)
+        instructions.extend(self.state.dispatch())
         self._apply(instructions)
 
     def _on_start(self, link: NodeLink, start: list[Any]) -> None:

@@ -246,7 +246,7 @@ class SchedulerState:
 
     # -- the entry point --------------------------------------------------------------
 
-    def handle(self, event: Event) -> list[Instruction]:
+    def handle(self, event: Event, *, dispatch: bool = True) -> list[Instruction]:
         """Apply one event and return the instructions it calls for.
 
         Instructions about the event itself come first, then at most one `SendJobs`
@@ -256,6 +256,9 @@ class SchedulerState:
         ----------
         event
             What happened.
+        dispatch
+            False: leave the `SendJobs` out; a later `dispatch` (once for a batch of
+            events: the results of one message, the jobs of one drain) sends them.
 
         Returns
         -------
@@ -285,6 +288,14 @@ class SchedulerState:
                 self._cancel(event, out)
             case _:
                 raise TypeError(f"not a scheduler event: {event!r}")
+        if dispatch:
+            self._dispatch(out)
+        return out
+
+    def dispatch(self) -> list[Instruction]:
+        """Send queued jobs to nodes with room: at most one `SendJobs` per node, in
+        join order (after events handled with ``dispatch=False``)."""
+        out: list[Instruction] = []
         self._dispatch(out)
         return out
 

@@ -147,6 +147,31 @@ def test_finish_frees_slot_dispatches_next():
     assert state.queued_count == 0
 
 
+def test_deferred_dispatch_sends_a_batch_once_per_node_in_queue_order():
+    # The driver handles a message's results (and a drain's jobs) without dispatching
+    # after each one, then dispatches once: the same jobs leave, in queue order.
+    eager = make_state(("a", 1), ("b", 2))
+    deferred = make_state(("a", 1), ("b", 2))
+    sent_eager = submit(eager, *range(1, 9))
+    for key in range(1, 9):
+        assert deferred.handle(JobSubmitted(key, None), dispatch=False) == []
+    assert deferred.running_count == 0
+    sent = deferred.dispatch()
+    assert [i.node for i in sent] == ["a", "b"]  # one batch per node, join order
+    keys = sorted(k for i in sent for k, _attempt in i.jobs)
+    assert keys == sorted(k for i in sent_eager for k, _attempt in i.jobs)
+    assert deferred.running_count == eager.running_count
+    # Results handled alike free their slots; one dispatch refills them.
+    running = [k for i in sent for k, _attempt in i.jobs]
+    first = next(i for i in sent if i.node == "a").jobs[0][0]
+    out = deferred.handle(JobFinished("a", first, 1, LONG), dispatch=False)
+    assert out == [AcceptResult(first, 1)]
+    refill = deferred.dispatch()
+    assert [i.node for i in refill] == ["a"]
+    assert refill[0].jobs[0][0] == min(set(range(1, 9)) - set(running))
+    assert deferred.dispatch() == []  # nothing left with room: nothing sent
+
+
 def test_node_joined_again_updates_cpus():
     state = make_state(("a", 1))
     submit(state, 1, 2, 3, 4, 5)
