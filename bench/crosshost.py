@@ -50,6 +50,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from backends import DispynbBackend
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 
@@ -89,60 +91,40 @@ def _progress(line: str) -> None:
 # -- the client host's side -----------------------------------------------------------
 
 
-class RemoteDispynb:
+class RemoteDispynb(DispynbBackend):
     """`backends.DispynbBackend` on nodes given by address (other hosts) instead of a
-    `LocalCluster`: one `JobCluster` per task function, started once all nodes have
+    `LocalCluster`: one `JobCluster` per task function, used once all the nodes have
     joined it."""
 
-    name = "dispynb"
-
-    def __init__(self, nodes: Sequence[str], secret: str) -> None:
-        from backends import DispynbBackend
-
-        self.nodes = list(nodes)
+    def __init__(self, addresses: Sequence[str], secret: str) -> None:
+        super().__init__(len(addresses))
+        self.addresses = list(addresses)
         self.secret = secret
-        self._inner = DispynbBackend(0)
-        self._stack = contextlib.ExitStack()
-        self._fn: Any = None
-        self._cluster: Any = None
-
-    def _cluster_for(self, fn: Any) -> Any:
-        if self._fn is fn:
-            return self._cluster
-        from dispynb import JobCluster
-
-        self._stack.close()
-        self._cluster = self._stack.enter_context(
-            JobCluster(fn, nodes=self.nodes, secret=self.secret)
-        )
-        self._fn = fn
-        deadline = time.monotonic() + CONNECT_WAIT
-        while len(self._cluster.status().nodes) < len(self.nodes):
-            if time.monotonic() > deadline:
-                joined = len(self._cluster.status().nodes)
-                raise RuntimeError(
-                    f"{joined} of {len(self.nodes)} nodes joined in {CONNECT_WAIT} s"
-                )
-            time.sleep(0.05)
-        return self._cluster
 
     def start(self) -> None:
         """Nothing to start: the nodes run on their hosts."""
 
-    def submit_and_wait(self, fn: Any, arglists: Sequence[tuple[Any, ...]]) -> Any:
-        cluster = self._cluster_for(fn)
-        jobs = [cluster.submit(*args) for args in arglists]
-        return [self._inner._result(job) for job in jobs]
-
-    def round_trip(self, fn: Any, arg: Any) -> Any:
-        return self._inner._result(self._cluster_for(fn).submit(arg))
-
-    def close(self) -> None:
-        self._stack.close()
-        self._fn = self._cluster = None
-
     def describe(self) -> dict[str, Any]:
-        return {"config": f"JobCluster(fn, nodes=[{len(self.nodes)} addresses])"}
+        described = super().describe()
+        described["config"] = f"JobCluster(fn, nodes=[{len(self.addresses)} addresses])"
+        return described
+
+    def _cluster_options(self) -> dict[str, Any]:
+        return {"nodes": self.addresses, "secret": self.secret}
+
+    def _cluster_for(self, fn: Any) -> Any:
+        fresh = self._fn is not fn
+        cluster = super()._cluster_for(fn)
+        deadline = time.monotonic() + CONNECT_WAIT
+        while fresh and len(cluster.status().nodes) < len(self.addresses):
+            if time.monotonic() > deadline:
+                joined = len(cluster.status().nodes)
+                raise RuntimeError(
+                    f"{joined} of {len(self.addresses)} nodes joined in"
+                    f" {CONNECT_WAIT} s"
+                )
+            time.sleep(0.05)
+        return cluster
 
 
 def _connect(address: tuple[str, int]) -> socket.socket:
