@@ -78,9 +78,11 @@ def run_job(
     exception = None
     result_buffers = _NO_BUFFERS
     kinds: list[str] = []
+    via_memory = False  # the arguments came through shared memory: so may the result
     try:
         try:
             if shm.is_reference(buffers):  # the client's memory, copied out here
+                via_memory = True
                 payload = shm.load_reference(buffers[0], serialize.loads)
             else:
                 payload = serialize.loads(buffers)
@@ -130,6 +132,8 @@ def run_job(
                         exception = _too_large(result_buffers, cap)
                     if exception is None:
                         outcome = FINISHED
+                        if via_memory:
+                            result_buffers = _to_shared_memory(result_buffers, kinds)
                     else:
                         result_buffers = _NO_BUFFERS
     finally:
@@ -177,6 +181,21 @@ def _unpack_payload(
         ):
             return args, kwargs, names
     raise TypeError("the job payload is not (args, kwargs[, names])")
+
+
+def _to_shared_memory(buffers: list[Buffer], kinds: list[str]) -> list[Buffer]:
+    """A large result for a client on this machine: written once into shared
+    memory, the reference sent instead (the buffers themselves if that fails)."""
+    if len(buffers) == 1 and len(buffers[0]) < shm.MIN_SIZE:
+        return buffers
+    if sum(memoryview(b).nbytes for b in buffers) < shm.MIN_SIZE:
+        return buffers
+    try:
+        _name, reference = shm.write_result(buffers)
+    except OSError:  # /dev/shm full, say: the socket still works
+        return buffers
+    kinds.clear()  # one buffer now, the reference
+    return [reference]
 
 
 def _add_names(func: Callable[..., Any], names: dict[str, Any]) -> Callable[[], None]:

@@ -124,10 +124,12 @@ class ClientSession:
         self._last_heard = time.monotonic()
         self._status_task: asyncio.Task[None] | None = None
         # Shared memory holding the arguments of jobs not yet reported back:
-        # comp_id -> (key, attempt) -> name. A worker unlinks a name as it opens it;
-        # those of jobs that never ran are unlinked when the session ends, so a
-        # client killed with SIGKILL leaves nothing behind.
+        # comp_id -> (key, attempt) -> name; and the results workers wrote to shared
+        # memory for this client (it unlinks them as it reads them). What is left is
+        # unlinked when the session ends, so a client killed with SIGKILL leaves
+        # nothing behind.
         self._segments: dict[int, dict[tuple[int, int], str]] = {}
+        self._result_segments: dict[int, set[str]] = {}
         self._handlers: dict[type[Message], Callable[[Any, list[memoryview]], None]] = {
             ComputationSetup: self._on_setup,
             JobSubmit: self._on_submit,
@@ -179,9 +181,14 @@ class ClientSession:
                 if comp_id not in adopted:  # the keeper's jobs still need theirs
                     for name in segments.values():
                         shm.unlink(name)
+            for comp_id, names in self._result_segments.items():
+                if comp_id not in adopted:  # kept results still need theirs
+                    for name in names:
+                        shm.unlink(name)
             if self._segments and not adopted:  # a killed client leaves its pool
                 shm.sweep()
             self._segments.clear()
+            self._result_segments.clear()
             for task in self._tasks:
                 task.cancel()
 
@@ -650,9 +657,13 @@ class ClientSession:
         buffers: list[memoryview],
         stream: bool = True,
     ) -> None:
-        if self._segments and (segments := self._segments.get(comp_id)):
+        if self._segments and (segments := self._segments.get(comp_id)) is not None:
             # The client reuses the object for another job: not ours to unlink.
             segments.pop((entry[0], entry[1]), None)
+            if len(buffers) == 1 and shm.is_reference(buffers):  # the result's
+                with contextlib.suppress(SerializationError):
+                    name = shm.reference_name(buffers[0])
+                    self._result_segments.setdefault(comp_id, set()).add(name)
         # Sized once, and only when there are buffers (the usual one: no generator).
         size = 0
         if buffers:

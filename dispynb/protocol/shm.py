@@ -34,6 +34,7 @@ import json
 import mmap
 import os
 import re
+import secrets
 import stat
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -65,7 +66,10 @@ MIN_SIZE = 1024 * 1024
 MAGIC = b"dispynb-shm-1\n"
 #: Longest reference accepted (a name and a few sizes).
 MAX_REFERENCE = 4096
+#: Names of the client's (pooled) argument objects, and of workers' result objects.
 _NAME = re.compile(r"dnb-[0-9a-f]{32}")
+_RESULT_NAME = re.compile(r"dnr-[0-9a-f]{32}")
+_ANY_NAME = re.compile(r"dn[br]-[0-9a-f]{32}")
 
 
 @functools.cache
@@ -133,7 +137,7 @@ def _parse(reference: Buffer) -> tuple[str, list[int]]:
         name, sizes = fields["name"], fields["sizes"]
     except (ValueError, KeyError, TypeError) as exc:
         raise SerializationError(f"malformed shared memory reference: {exc}") from exc
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
+    if not isinstance(name, str) or not _ANY_NAME.fullmatch(name):
         raise SerializationError(
             f"refused shared memory name {str(name)[:80]!r}: not one dispynb creates"
         )
@@ -213,9 +217,41 @@ def load_reference(reference: Buffer, loads: Callable[[list[memoryview]], Any]) 
     return value
 
 
+def write_result(buffers: Sequence[Buffer]) -> tuple[str, bytes]:
+    """Write a job's pickled result into a new object (a worker, for a client on
+    this machine); its name and the reference to send instead.
+
+    The client unlinks it once it has read it; the node server unlinks the names it
+    passed on when the client's session ends (a client that died first).
+    """
+    views = [memoryview(b).cast("B") for b in buffers]
+    name = f"dnr-{secrets.token_hex(16)}"
+    path = SHM_DIR / name
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        for view in views:
+            while view:
+                view = view[os.write(fd, view) :]
+    except BaseException:
+        unlink(name)
+        raise
+    finally:
+        os.close(fd)
+    sizes = [v.nbytes for v in views]
+    return name, MAGIC + json.dumps({"name": name, "sizes": sizes}).encode()
+
+
+def is_result_reference(reference: Buffer) -> bool:
+    """Whether a reference names a worker's result object (not an argument one)."""
+    try:
+        return _RESULT_NAME.fullmatch(_parse(reference)[0]) is not None
+    except SerializationError:
+        return False
+
+
 def unlink(name: str) -> None:
     """Remove a shared memory object's name (already gone is fine)."""
-    if not _NAME.fullmatch(name):
+    if not _ANY_NAME.fullmatch(name):
         return
     with contextlib.suppress(FileNotFoundError):
         os.unlink(SHM_DIR / name)

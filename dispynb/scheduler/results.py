@@ -7,7 +7,7 @@ import logging
 from typing import Any
 
 from dispynb.errors import SerializationError
-from dispynb.protocol import serialize
+from dispynb.protocol import serialize, shm
 from dispynb.protocol.messages import (
     CRASHED,
     FINISHED,
@@ -57,6 +57,7 @@ class DriverResults(DriverOutbox):
         offset = 0
         instructions: list[Instruction] = []
         handle = self.state.handle
+        read: list[str] = []  # results in shared memory
         for index, entry in enumerate(message.results):
             while next_start < len(starts) and starts[next_start][3] <= index:
                 self._on_start(link, starts[next_start])
@@ -73,6 +74,16 @@ class DriverResults(DriverOutbox):
             else:
                 result_buffers = buffers[offset : offset + count]
                 offset += count
+            in_memory = None  # the worker's result object, if it wrote one
+            if (
+                link.shared_memory
+                and count == 1
+                and result_buffers
+                and shm.is_reference(result_buffers)
+                and shm.is_result_reference(result_buffers[0])
+            ):
+                in_memory = shm.reference_name(result_buffers[0])
+                read.append(in_memory)
             if outcome == RETURNED:
                 # The node shuts down: no more jobs for it; this one runs elsewhere.
                 if not link.leaving:
@@ -98,10 +109,16 @@ class DriverResults(DriverOutbox):
                 outcome, exception = CRASHED, "the result arrived incomplete"
             elif outcome == FINISHED:
                 try:
-                    result = serialize.loads(
-                        result_buffers,  # type: ignore[arg-type]  # not None here
-                        self.config.result_types,
-                    )
+                    if in_memory is not None:  # read out of the worker's object
+                        result = shm.load_reference(
+                            result_buffers[0],  # type: ignore[index]  # not None
+                            self._load_result,
+                        )
+                    else:
+                        result = serialize.loads(
+                            result_buffers,  # type: ignore[arg-type]  # not None
+                            self.config.result_types,
+                        )
                 except SerializationError as exc:
                     outcome, exception = (
                         CRASHED,
@@ -117,7 +134,12 @@ class DriverResults(DriverOutbox):
         for start in starts[next_start:]:
             self._on_start(link, start)
         instructions.extend(self.state.dispatch())
+        for name in read:  # read (or dropped, stale): ours to free
+            shm.unlink(name)
         self._apply(instructions)
+
+    def _load_result(self, views: list[memoryview]) -> Any:
+        return serialize.loads(views, self.config.result_types)
 
     def _on_start(self, link: NodeLink, start: list[Any]) -> None:
         """A job began executing on the node (``[key, attempt, time, before]``)."""

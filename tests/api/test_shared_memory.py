@@ -270,3 +270,112 @@ def test_an_unauthenticated_peer_cannot_have_a_segment_opened(tmp_path):
         assert path.stat().st_atime_ns != before
     finally:
         pool.close()
+
+
+def doubled(data: bytes) -> bytes:
+    return data + data
+
+
+def results_in_memory() -> set[str]:
+    return {p.name for p in shm.SHM_DIR.glob("dnr-*")}
+
+
+def client_received(local: Any) -> int:
+    """Bytes the client's connections to ``local``'s node received (tcp_info)."""
+    import re
+
+    port = local.node_specs()[0].rsplit(":", 1)[1]
+    out = subprocess.run(
+        ["ss", "-tinH", "state", "established", f"( dport = :{port} )"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return sum(int(n) for n in re.findall(r"bytes_received:(\d+)", out))
+
+
+def test_large_results_come_back_through_shared_memory(local):
+    before = results_in_memory()
+    payloads = [os.urandom(2 * MB) for _ in range(6)]
+    with JobCluster(doubled, nodes=local) as cluster:
+        assert cluster.submit(b"ab")() == b"abab"  # set up; small: the socket
+        received = client_received(local)
+        jobs = [cluster.submit(p) for p in payloads]
+        assert [job() for job in jobs] == [p + p for p in payloads]
+        # 24 MB of results, but only references crossed the connection.
+        assert client_received(local) - received < 1 * MB
+        assert not results_in_memory() - before  # each freed as it was read
+
+
+def test_large_results_over_the_socket_when_turned_off(local, monkeypatch):
+    monkeypatch.setenv("DISPYNB_SHARED_MEMORY", "0")
+    payload = os.urandom(2 * MB)
+    with JobCluster(doubled, nodes=local) as cluster:
+        assert cluster.submit(b"ab")() == b"abab"
+        received = client_received(local)
+        assert cluster.submit(payload)() == payload + payload
+        assert client_received(local) - received >= 4 * MB
+
+
+STOPPED_CLIENT = textwrap.dedent(
+    """
+    import os, sys, time
+    from dispynb import JobCluster, LocalCluster
+
+    def wait_then_double(marker, go, data):
+        import os, time
+        with open(marker, "w") as handle:
+            handle.write(str(os.getpid()))
+        while not os.path.exists(go):
+            time.sleep(0.01)
+        return data + data
+
+    marker, go = sys.argv[1], sys.argv[2]
+    local = LocalCluster(cpus=1)
+    cluster = JobCluster(wait_then_double, nodes=local)
+    job = cluster.submit(marker, go, os.urandom(2_000_000))
+    while not os.path.exists(marker):
+        time.sleep(0.01)
+    print("ready", flush=True)
+    time.sleep(120)
+    """
+)
+
+
+def test_a_result_never_collected_is_freed_when_the_client_dies(tmp_path):
+    """The client is stopped (SIGSTOP) when its job's result lands in shared memory,
+    then killed: the node unlinks the result when the session ends."""
+    script = tmp_path / "client.py"
+    script.write_text(STOPPED_CLIENT)
+    before = results_in_memory()
+    client = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "started"), str(tmp_path / "go")],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path.cwd())},
+    )
+    nodes: list[psutil.Process] = []
+    written: set[str] = set()
+    try:
+        assert client.stdout is not None
+        assert client.stdout.readline().strip() == "ready"
+        nodes = psutil.Process(client.pid).children(recursive=True)
+        client.send_signal(signal.SIGSTOP)
+        (tmp_path / "go").write_text("")
+        wait_until(lambda: bool(results_in_memory() - before), timeout=30)
+        written = results_in_memory() - before
+        client.send_signal(signal.SIGKILL)
+        client.wait(WAIT)
+        wait_until(lambda: not written & results_in_memory(), timeout=30)
+        psutil.wait_procs(nodes, timeout=30)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+        for proc in nodes:
+            if proc.is_running():
+                proc.kill()
+        for name in written:
+            shm.unlink(name)
+        if client.stdout is not None:
+            client.stdout.close()
