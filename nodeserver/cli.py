@@ -12,16 +12,22 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from dispynb.errors import ConfigurationError, DispynbError
-from dispynb.protocol.discovery import new_boot_id
 from dispynb.secret import resolve_secret, write_new_secret
 from nodeserver.config import NodeConfig
+from nodeserver.launcher import PROCESS_LAUNCHER, Launcher
 from nodeserver.memory import keep_freed_memory
 from nodeserver.parser import build_parser, parse_args, parse_size
-from nodeserver.register import register
-from nodeserver.server import NodeServer
 from nodeserver.service import Phase, ServiceWindow, keep_window
+from nodeserver.zygote import start_zygote
+
+if TYPE_CHECKING:
+    from nodeserver.server import NodeServer
+
+# The server and its transports are imported when the node starts, after its zygote
+# is forked: computation processes need none of them (see `nodeserver.zygote`).
 
 __all__ = ["build_parser", "config_from_args", "main", "parse_args", "parse_size"]
 
@@ -226,6 +232,7 @@ async def serve(
     watch_parent: bool = False,
     parent_pipe: int | None = None,
     register_to: str | None = None,
+    launcher: Launcher = PROCESS_LAUNCHER,
 ) -> None:
     """Run a node until SIGTERM or SIGINT (or its parent exits), then stop cleanly.
 
@@ -237,7 +244,10 @@ async def serve(
     if it cannot. With ``config.exit_without_client`` it drains and stops once no
     client has been connected for that many seconds (its launcher's client died).
     """
-    server = NodeServer(config)
+    from dispynb.protocol.discovery import new_boot_id
+    from nodeserver.server import NodeServer
+
+    server = NodeServer(config, launcher)
     stop = asyncio.Event()
     now = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -325,6 +335,8 @@ async def _register(
     registered: asyncio.Event,
     boot: bytes,
 ) -> None:
+    from nodeserver.register import register
+
     assert config.secret is not None
     try:
         await register(
@@ -347,6 +359,8 @@ async def _still_registered(
 ) -> bool:
     """Whether the client this node registered with still accepts it (registering
     again with the same boot id: the client does not report the node twice)."""
+    from nodeserver.register import register
+
     assert config.secret is not None
     try:
         await register(
@@ -374,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``dispynb-node`` and ``python -m nodeserver``."""
     args = parse_args(argv)
     keep_freed_memory()
+    # Before the secret is read, logging is set up or any thread runs (see zygote).
+    zygote = start_zygote() if args.serve != 0 else None
     logging.basicConfig(
         level="DEBUG" if args.debug else args.loglevel.upper(),
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
@@ -392,7 +408,13 @@ def main(argv: list[str] | None = None) -> int:
                 "DISPYNB_SECRET): the registration proves it"
             )
         asyncio.run(
-            serve(config, args.exit_with_parent, args.parent_pipe, args.register)
+            serve(
+                config,
+                args.exit_with_parent,
+                args.parent_pipe,
+                args.register,
+                zygote or PROCESS_LAUNCHER,
+            )
         )
     except ConfigurationError as exc:
         print(f"dispynb-node: {exc}", file=sys.stderr)

@@ -6,7 +6,6 @@ import asyncio
 import ipaddress
 import logging
 import os
-import platform
 import socket
 import time
 from typing import Any
@@ -26,6 +25,7 @@ from nodeserver.filestore import FileStore
 from nodeserver.keeper import ResultKeeper
 from nodeserver.launcher import PROCESS_LAUNCHER, Launcher
 from nodeserver.monitor import avail_info
+from nodeserver.platforminfo import node_platform
 from nodeserver.session import ClientSession
 from nodeserver.spool import ResultSpool
 
@@ -211,7 +211,7 @@ class NodeServer:
         return Welcome(
             name=self.config.name,
             cpus=self.config.cpus,
-            platform=platform.platform(),
+            platform=node_platform(),
             address=self.address,
             max_message_size=self.config.max_message_size,
             pid=os.getpid(),

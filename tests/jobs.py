@@ -7,6 +7,7 @@ seen to start write a marker file that the test waits for (see `wait_for_path`).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -16,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 #: Seconds a test waits for something that should take milliseconds.
 WAIT = 10.0
@@ -162,25 +164,40 @@ def read_pid(path: str | os.PathLike[str]) -> int:
     return int(Path(path).read_text())
 
 
+def is_computation_process(proc: Any) -> bool:
+    """Whether psutil's ``proc`` is a computation process or one of its workers: a
+    ``python -m nodeserver.compute`` process, or one the node's zygote forked
+    (`nodeserver.zygote`: named ``dispynb-compute``; the zygote itself is not)."""
+    from nodeserver.zygote import COMPUTE_NAME
+
+    return bool(
+        proc.name() == COMPUTE_NAME or "nodeserver.compute" in " ".join(proc.cmdline())
+    )
+
+
+def computation_processes(node: Any) -> list[Any]:
+    """The computation processes and workers below psutil's ``node`` (a node
+    server): its descendants except its zygote."""
+    import psutil
+
+    found = []
+    for proc in node.children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if is_computation_process(proc):
+                found.append(proc)
+    return found
+
+
 def wait_for_computation_processes(count: int, timeout: float = WAIT) -> None:
     """Wait until this test process has ``count`` computation processes below it.
 
-    A computation process and its workers all run ``nodeserver.compute``: a node with
-    ``cpus`` CPUs has ``1 + cpus`` of them once every worker is forked. The node forks
-    its second and later workers a little after the first job ran (the first one is
-    made inside its pids cgroup ahead of need), so a module fixture waits here
-    before its tests start counting processes.
+    A computation process and its workers are all computation processes
+    (`is_computation_process`): a node with ``cpus`` CPUs has ``1 + cpus`` of them
+    once every worker is forked. The node forks its second and later workers a
+    little after the first job ran (the first one is made inside its pids cgroup
+    ahead of need), so a module fixture waits here before its tests start counting
+    processes.
     """
     import psutil
 
-    def compute_processes() -> int:
-        found = 0
-        for proc in psutil.Process().children(recursive=True):
-            try:
-                if "nodeserver.compute" in " ".join(proc.cmdline()):
-                    found += 1
-            except psutil.NoSuchProcess:
-                continue
-        return found
-
-    wait_until(lambda: compute_processes() >= count, timeout)
+    wait_until(lambda: len(computation_processes(psutil.Process())) >= count, timeout)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import socket
 import ssl
 import threading
 import time
@@ -37,6 +36,7 @@ from dispynb.httpd.security import (
     is_loopback,
     new_token,
 )
+from dispynb.transport.addressing import bind_listening
 
 if TYPE_CHECKING:
     from dispynb.cluster import JobCluster
@@ -125,7 +125,7 @@ class DispyHTTPServer:
         self.show_job_args = bool(show_job_args)
         self._host = host
         try:
-            self._sockets = _listen(host, port)
+            self._sockets = bind_listening(host, port)
         except OSError as exc:
             raise ConfigurationError(
                 f"cannot listen on {host or '*'} port {port}: {exc.strerror or exc}; "
@@ -327,34 +327,6 @@ class DispyHTTPServer:
             while self._context.active and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
         await self._http.close_all_connections()
-
-
-def _listen(host: str, port: int) -> list[socket.socket]:
-    """Listening sockets for ``host`` (``''``: every interface), all on one port.
-
-    Like ``tornado.netutil.bind_sockets``, but closes what it opened when a bind fails.
-    """
-    infos = socket.getaddrinfo(
-        host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
-    )
-    sockets: list[socket.socket] = []
-    try:
-        for family, kind, proto, _, address in dict.fromkeys(infos):
-            sock = socket.socket(family, kind, proto)
-            sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            if port == 0 and len(sockets) > 1:  # the same free port for every family
-                address = (address[0], sockets[0].getsockname()[1], *address[2:])
-            sock.bind(address)
-            sock.setblocking(False)
-            sock.listen(128)
-    except BaseException:
-        for sock in sockets:
-            sock.close()
-        raise
-    return sockets
 
 
 def _check_options(cluster: object, poll_sec: float, document_root: object) -> None:

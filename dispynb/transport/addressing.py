@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import socket
 
@@ -60,3 +61,57 @@ def is_loopback(host: str) -> bool:
     return bool(infos) and all(
         ipaddress.ip_address(info[4][0]).is_loopback for info in infos
     )
+
+
+#: Connections the kernel queues for a listening socket before we accept them.
+LISTEN_BACKLOG = 128
+
+
+def bind_listening(host: str, port: int) -> list[socket.socket]:
+    """Listening, non-blocking TCP sockets on every address ``host`` resolves to.
+
+    ``host`` may name several addresses (``localhost``: ``127.0.0.1`` and ``::1``);
+    with ``port`` 0 they all get the port the first one was given. IPv6 sockets are
+    IPv6 only (an IPv4 address of the same name gets its own socket). An address
+    family the system lacks is skipped, and so is ``::1`` where loopback has no IPv6.
+
+    Written here rather than taken from ``tornado.netutil``: importing that builds
+    TLS contexts with the system's CA store at import time (some 70 ms of CPU and
+    3 MB in every node server, which needs neither).
+    """
+    flags = socket.AI_PASSIVE
+    family = socket.AF_UNSPEC if socket.has_ipv6 else socket.AF_INET
+    found = socket.getaddrinfo(host or None, port, family, socket.SOCK_STREAM, 0, flags)
+    sockets: list[socket.socket] = []
+    chosen = port
+    try:
+        for af, kind, proto, _name, address in sorted(
+            dict.fromkeys(found), key=lambda info: info[0]
+        ):
+            try:
+                sock = socket.socket(af, kind, proto)
+            except OSError as exc:
+                if exc.errno == errno.EAFNOSUPPORT:
+                    continue
+                raise
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if af == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.setblocking(False)
+                sock.bind((address[0], chosen, *address[2:]))
+            except OSError as exc:
+                sock.close()
+                if exc.errno == errno.EADDRNOTAVAIL and address[0] == "::1":
+                    continue  # no IPv6 on this machine's loopback
+                raise
+            chosen = sock.getsockname()[1]
+            sock.listen(LISTEN_BACKLOG)
+            sockets.append(sock)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    if not sockets:
+        raise OSError(errno.EADDRNOTAVAIL, f"no address to listen on for {host!r}")
+    return sockets

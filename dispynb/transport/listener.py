@@ -11,14 +11,12 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 
-from tornado.netutil import bind_sockets
-
 from dispynb.defaults import HANDSHAKE_TIMEOUT
 from dispynb.errors import ConnectionClosedError, DispynbError
 from dispynb.protocol.framing import encode_frames
 from dispynb.protocol.handshake import SecretSource, peer_text
 from dispynb.protocol.messages import Error, Welcome, pack_header
-from dispynb.transport.addressing import format_address
+from dispynb.transport.addressing import bind_listening, format_address
 from dispynb.transport.admission import (
     LOG_PERIOD,
     MAX_PENDING_HANDSHAKES,
@@ -98,7 +96,7 @@ class Listener:
         Call it on the running loop, which then accepts the connections.
         """
         loop = asyncio.get_running_loop()
-        sockets = bind_sockets(port, address=host)
+        sockets = bind_listening(host, port)
         for sock in sockets:
             sock.setblocking(False)
             loop.add_reader(sock.fileno(), self._accept, sock)

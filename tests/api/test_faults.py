@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from dispynb import DispyJob, DispyNode, JobCluster
-from tests.jobs import wait_until
+from tests.jobs import computation_processes, wait_until
 from tests.nodeproc import running_node, start_node
 
 pytestmark = pytest.mark.slow
@@ -219,9 +219,9 @@ def test_silent_client_computation_is_freed_by_node(tmp_path):
             assert client.stdout is not None
             assert client.stdout.readline().strip() == "submitted"
             node_proc = psutil.Process(node.proc.pid)
-            wait_until(lambda: len(node_proc.children(recursive=True)) >= 2)
+            wait_until(lambda: len(computation_processes(node_proc)) >= 2)
             os.kill(client.pid, signal.SIGSTOP)  # alive, connected, silent
-            wait_until(lambda: not node_proc.children(recursive=True), timeout=20)
+            wait_until(lambda: not computation_processes(node_proc), timeout=20)
             assert "silent" in node.log_text()
         finally:
             client.kill()
@@ -356,7 +356,11 @@ def poison_or_square(n: int) -> tuple[int, str]:
 
     if n == 0:
         for parent in psutil.Process().parents():
-            if parent.cmdline()[1:3] == ["-m", "nodeserver"]:
+            # Not the computation process or the zygote (nodeserver.zygote): named.
+            if parent.cmdline()[1:3] == ["-m", "nodeserver"] and parent.name() not in (
+                "dispynb-compute",
+                "dispynb-zygote",
+            ):
                 os.kill(parent.pid, signal.SIGKILL)
         os._exit(1)
     time.sleep(0.1)

@@ -33,7 +33,7 @@ def test_local_cluster_start_and_close_leaves_no_processes():
         assert "nodeserver" in nodes[0].cmdline()
         with JobCluster(jobs.mark_and_sleep, nodes=local) as cluster:
             # While a computation is set up: its process and 2 workers run.
-            wait_until(lambda: len(nodes[0].children(recursive=True)) >= 3)
+            wait_until(lambda: len(jobs.computation_processes(nodes[0])) >= 3)
             descendants = nodes[0].children(recursive=True)
             assert cluster.submit(None, 0).wait(timeout=WAIT)
     finally:

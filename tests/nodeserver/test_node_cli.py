@@ -83,7 +83,7 @@ def test_node_cli_signal_with_job_running_stops_cleanly(tmp_path, signum, drain)
         server = psutil.Process(node.proc.pid)
         # The computation process and its 2 workers (the second is forked once the
         # computation process has left the first one's cgroup: it may come later).
-        wait_until(lambda: len(server.children(recursive=True)) >= 3)
+        wait_until(lambda: len(jobs.computation_processes(server)) >= 3)
         children = server.children(recursive=True)
         assert jobs.read_pid(marker) in {child.pid for child in children}
 

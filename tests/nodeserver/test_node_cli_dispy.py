@@ -22,7 +22,7 @@ import pytest
 from dispynb import DispyJob, JobCluster
 from dispynb.errors import DispynbError
 from nodeserver.cliconfig import REFUSED
-from tests.jobs import WAIT, wait_until
+from tests.jobs import WAIT, computation_processes, wait_until
 from tests.nodeproc import (
     NODE_WAIT,
     node_command,
@@ -329,9 +329,9 @@ def test_zombie_interval_frees_a_silent_clients_computation(tmp_path: Path) -> N
         assert client.stdout is not None
         assert client.stdout.readline().strip() == "submitted"
         server = psutil.Process(node.proc.pid)
-        wait_until(lambda: len(server.children(recursive=True)) >= 2)
+        wait_until(lambda: len(computation_processes(server)) >= 2)
         os.kill(client.pid, signal.SIGSTOP)  # alive, connected, silent
-        wait_until(lambda: not server.children(recursive=True), timeout=20)
+        wait_until(lambda: not computation_processes(server), timeout=20)
         assert "silent" in node.log_text()
     finally:
         client.kill()

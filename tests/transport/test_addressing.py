@@ -127,3 +127,52 @@ def test_is_loopback_unresolvable_name_false(monkeypatch):
 
     monkeypatch.setattr(addressing.socket, "getaddrinfo", fail)
     assert not is_loopback("no-such-host.invalid")
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+def _names_ipv6(host: str) -> bool:
+    try:
+        return bool(socket.getaddrinfo(host, 0, socket.AF_INET6))
+    except socket.gaierror:
+        return False
+
+
+def test_bind_listening_localhost_one_port_for_every_address() -> None:
+    sockets = addressing.bind_listening("localhost", 0)
+    try:
+        ports = {sock.getsockname()[1] for sock in sockets}
+        families = {sock.family for sock in sockets}
+        assert len(ports) == 1 and 0 not in ports
+        assert socket.AF_INET in families
+        if _has_ipv6_loopback() and _names_ipv6("localhost"):
+            assert socket.AF_INET6 in families
+        for sock in sockets:
+            assert not sock.getblocking()
+            if sock.family == socket.AF_INET6:
+                only = sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+                assert only == 1
+        # Listening: a client connects on the shared port.
+        with socket.create_connection(("127.0.0.1", ports.pop()), timeout=5):
+            pass
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def test_bind_listening_port_in_use_raises_and_closes_what_it_opened() -> None:
+    first = addressing.bind_listening("127.0.0.1", 0)
+    try:
+        port = first[0].getsockname()[1]
+        with pytest.raises(OSError):
+            addressing.bind_listening("127.0.0.1", port)
+    finally:
+        for sock in first:
+            sock.close()

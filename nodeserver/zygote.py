@@ -1,0 +1,311 @@
+"""Computation processes forked from a zygote instead of started as new interpreters.
+
+A node server used to start each computation as ``python -m nodeserver.compute``: a
+new interpreter that imports the protocol, cloudpickle and the worker loop again (some
+0.1 s of CPU on the way to a cluster's first job), and whose pages the node shares
+with it only for the interpreter's binary. Instead, ``dispynb-node`` imports what a
+computation process runs, freezes the garbage collector's view of those objects
+(`gc.freeze`: a collection never writes to their pages) and forks one **zygote**
+before it reads its secret, configures logging, starts a thread or accepts a client.
+The zygote then forks a computation process per request: the fork takes a few
+milliseconds, and the node, the zygote, every computation process and its workers
+share the imported modules' pages (copy-on-write), so together they take far less
+memory (issue 17 item 6).
+
+The node server asks over a Unix ``SOCK_SEQPACKET`` pair: one request is the
+computation's directory plus the control socket (``SCM_RIGHTS``), the answer is the
+new process's pid. The node follows the process with a pidfd (`os.pidfd_open`, Linux
+5.3+), which is readable once it exits and is what `ForkedProcess.kill` signals, so a
+reused pid is never hit. The zygote reaps its children; they are not the node's, so
+their exit status is not known there (nothing uses it: the control channel's end
+says that a computation process is gone).
+
+The zygote dies with the node (``PR_SET_PDEATHSIG``, and end of file on its socket)
+and ignores SIGINT and SIGTERM (a terminal's Ctrl-C reaches the node's whole process
+group; the node decides). A computation process gets the signal dispositions, the
+standard input (``/dev/null``), the working directory and a freshly seeded `random`
+of a new process, and its process name (``/proc/PID/comm``) is
+``dispynb-compute``; the zygote's is ``dispynb-zygote``. Where no zygote can run (not
+Linux, no pidfd, ``DISPYNB_ZYGOTE=0``, or the zygote died), computations are started
+as new interpreters (`nodeserver.launcher.ProcessLauncher`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import gc
+import logging
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+from typing import NoReturn
+
+from nodeserver.containment import load_prctl
+from nodeserver.launcher import ComputationProcess, ProcessLauncher
+
+__all__ = [
+    "COMPUTE_NAME",
+    "ZYGOTE_ENV",
+    "ZYGOTE_NAME",
+    "ForkedProcess",
+    "ZygoteLauncher",
+    "start_zygote",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Environment variable that turns the zygote off (``0``): new interpreters instead.
+ZYGOTE_ENV = "DISPYNB_ZYGOTE"
+#: Process names (``/proc/PID/comm``, 15 bytes at most) of the zygote and of the
+#: computation processes it forks (their workers inherit it).
+ZYGOTE_NAME = "dispynb-zygote"
+COMPUTE_NAME = "dispynb-compute"
+
+_PID = struct.Struct("=q")
+_PR_SET_NAME = 15
+_PR_SET_PDEATHSIG = 1
+#: Longest request: a computation's directory (a path).
+_MAX_REQUEST = 65536
+
+
+class ForkedProcess:
+    """A computation process the zygote forked, followed through a pidfd."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        try:
+            self._pidfd: int | None = os.pidfd_open(pid)
+        except ProcessLookupError:  # already gone (and reaped by the zygote)
+            self._pidfd = None
+
+    async def wait(self) -> int:
+        """Wait until the process has exited; 0 (its status is the zygote's)."""
+        pidfd = self._pidfd
+        if pidfd is None:
+            return 0
+        if not select.select([pidfd], [], [], 0)[0]:
+            loop = asyncio.get_running_loop()
+            exited: asyncio.Future[None] = loop.create_future()
+
+            def on_exit() -> None:
+                if not exited.done():
+                    exited.set_result(None)
+
+            loop.add_reader(pidfd, on_exit)
+            try:
+                await exited
+            finally:
+                loop.remove_reader(pidfd)
+        self._pidfd = None
+        os.close(pidfd)
+        return 0
+
+    def kill(self) -> None:
+        """SIGKILL the process now (its workers die with it)."""
+        if self._pidfd is not None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+
+
+class ZygoteLauncher(ProcessLauncher):
+    """The node server's launcher while its zygote lives; new interpreters after."""
+
+    def __init__(self, sock: socket.socket, pid: int) -> None:
+        self.pid = pid
+        self._sock: socket.socket | None = sock
+        self._lock: asyncio.Lock | None = None
+
+    async def start(self, control: socket.socket, cwd: str) -> ComputationProcess:
+        """Have the zygote fork a computation process in ``cwd`` talking over
+        ``control`` (or start a new interpreter if the zygote is gone)."""
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:  # one request at a time: answers come in order
+            pid = await self._request(control, cwd)
+        if pid is None:
+            return await super().start(control, cwd)
+        control.close()  # the process has its own copy
+        return ForkedProcess(pid)
+
+    async def _request(self, control: socket.socket, cwd: str) -> int | None:
+        sock = self._sock
+        if sock is None:
+            return None
+        try:
+            socket.send_fds(sock, [os.fsencode(cwd)], [control.fileno()])
+            answer = await asyncio.get_running_loop().sock_recv(sock, _PID.size)
+        except OSError as exc:
+            answer = b""
+            logger.debug("zygote request failed: %s", exc)
+        if len(answer) != _PID.size:
+            logger.warning(
+                "the zygote process is gone: computations start as new processes"
+            )
+            self.close()
+            return None
+        return int(_PID.unpack(answer)[0])
+
+    def close(self) -> None:
+        """Let the zygote go (it exits at the end of its socket); reap it if it
+        has exited already (it is this process's child)."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, os.WNOHANG)
+
+
+def start_zygote() -> ZygoteLauncher | None:
+    """Import what a computation process runs, then fork the zygote; its launcher.
+
+    Call it early, while this process has one thread and nothing secret in memory.
+    None where no zygote can run (then computations start as new interpreters).
+    """
+    if (
+        not sys.platform.startswith("linux")
+        or not hasattr(os, "pidfd_open")
+        or os.environ.get(ZYGOTE_ENV, "1") == "0"
+    ):
+        return None
+    import nodeserver.compute  # noqa: F401 - imported once here, shared by all
+
+    node, zygote = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    gc.collect()
+    gc.freeze()  # collections never write to the imported objects' pages
+    _flush_std()
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        logger.warning(
+            "cannot fork a zygote (%s): computations start as processes", exc
+        )
+        node.close()
+        zygote.close()
+        return None
+    if pid == 0:
+        node.close()
+        _serve(zygote, os.getppid())
+    zygote.close()
+    node.setblocking(False)
+    return ZygoteLauncher(node, pid)
+
+
+def _serve(sock: socket.socket, node_pid: int) -> NoReturn:
+    """The zygote: fork a computation process per request until the node is gone."""
+    code = 1
+    try:
+        prctl = load_prctl()
+        if prctl is not None:
+            prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        _set_name(ZYGOTE_NAME)
+        if os.getppid() != node_pid:  # the node died before prctl
+            os._exit(1)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        while True:
+            ready = select.select([sock.fileno(), wake_r], [], [])[0]
+            if wake_r in ready:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(wake_r, 512)
+                _reap()
+            if sock.fileno() in ready and not _fork_one(sock, (wake_r, wake_w)):
+                code = 0
+                break
+    except BaseException:  # never return into the node's code
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        _flush_std()
+        os._exit(code)
+
+
+def _reap() -> None:
+    while True:
+        try:
+            pid, _status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _fork_one(sock: socket.socket, pipe: tuple[int, int]) -> bool:
+    """Serve one request; False at the end of the node's socket."""
+    request, fds, _flags, _addr = socket.recv_fds(sock, _MAX_REQUEST, 1)
+    if not request and not fds:
+        return False
+    if len(fds) != 1:
+        for fd in fds:
+            os.close(fd)
+        sock.send(_PID.pack(-1))
+        return True
+    control = fds[0]
+    _flush_std()
+    pid = os.fork()
+    if pid == 0:
+        _become_computation(sock, pipe, control, os.fsdecode(request))
+    os.close(control)
+    sock.send(_PID.pack(pid))
+    return True
+
+
+def _become_computation(
+    sock: socket.socket, pipe: tuple[int, int], control: int, cwd: str
+) -> NoReturn:
+    """In the forked child: look like a new process, then run the computation."""
+    code = 1
+    try:
+        sock.close()
+        signal.set_wakeup_fd(-1)
+        for fd in pipe:
+            os.close(fd)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        _set_name(COMPUTE_NAME)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+        os.chdir(cwd)
+        if "random" in sys.modules:
+            import random
+
+            random.seed()
+        from nodeserver import compute
+
+        argv = ["--control-fd", str(control)]
+        sys.argv = [compute.__file__, *argv]
+        code = compute.main(argv)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:  # never back into the zygote's loop
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        _flush_std()
+        os._exit(code)
+
+
+def _set_name(name: str) -> None:
+    """Set this process's name (``/proc/PID/comm``, what ``ps -o comm`` shows)."""
+    prctl = load_prctl()
+    if prctl is not None:
+        buffer = ctypes.create_string_buffer(name.encode()[:15])
+        prctl(_PR_SET_NAME, ctypes.addressof(buffer), 0, 0, 0)
+
+
+def _flush_std() -> None:
+    """Flush Python's buffers before a fork, so no output is written twice."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()

@@ -1,0 +1,144 @@
+"""A node server forks its computation processes from a zygote (`nodeserver.zygote`).
+
+Real ``python -m nodeserver`` processes and a real client: the process tree, what a
+computation process looks like to a job, and what happens when the zygote, or the
+node, dies.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from dispynb import DispyJob, JobCluster
+from nodeserver.zygote import COMPUTE_NAME, ZYGOTE_NAME
+from tests.jobs import WAIT, computation_processes, wait_until
+from tests.nodeproc import CliNode, running_node, start_node
+
+pytestmark = pytest.mark.slow
+
+
+def describe(_: object = None) -> dict[str, Any]:
+    """What a job sees of its process and of its computation process."""
+    import os
+    import random
+
+    import psutil
+
+    computation = psutil.Process(os.getppid())
+    return {
+        "pid": os.getpid(),
+        "computation": computation.pid,
+        "computation_name": computation.name(),
+        "computation_parent": computation.ppid(),
+        "cwd": os.getcwd(),
+        "stdin": os.readlink("/proc/self/fd/0"),
+        "ignored": [_ignored(pid) for pid in (os.getpid(), computation.pid)],
+        "random": random.random(),
+    }
+
+
+def _ignored(pid: int) -> int:
+    """Which of SIGINT and SIGTERM process ``pid`` ignores (a bit mask)."""
+    import signal
+
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("SigIgn:"):
+                mask = int(line.split()[1], 16)
+    wanted = (1 << (signal.SIGINT - 1)) | (1 << (signal.SIGTERM - 1))
+    return mask & wanted
+
+
+def run_describe(node: CliNode) -> dict[str, Any]:
+    with JobCluster(describe, nodes=[node.spec], secret=node.secret) as cluster:
+        job = cluster.submit(None)
+        result = job()
+        assert job.status == DispyJob.Finished, job.exception
+        return dict(result)
+
+
+def zygote_of(node: CliNode) -> psutil.Process:
+    found = [
+        child
+        for child in psutil.Process(node.proc.pid).children()
+        if child.name() == ZYGOTE_NAME
+    ]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_computation_processes_are_forked_from_the_zygote(tmp_path: Path) -> None:
+    with running_node(tmp_path / "node") as node:
+        zygote = zygote_of(node)
+        first = run_describe(node)
+        second = run_describe(node)
+        # Forked by the zygote, named, and looking like a new process to the job.
+        assert first["computation_parent"] == zygote.pid
+        assert first["computation_name"] == COMPUTE_NAME
+        assert first["cwd"].startswith(str(tmp_path / "node" / "dest"))
+        assert first["stdin"] == os.devnull
+        # The zygote ignores SIGINT and SIGTERM; its children must not (nor what
+        # their jobs exec).
+        assert first["ignored"] == [0, 0]
+        # Each computation its own process, with its own random sequence.
+        assert first["computation"] != second["computation"]
+        assert first["random"] != second["random"]
+        # Once closed, a computation leaves nothing behind but the zygote.
+        wait_until(lambda: not computation_processes(psutil.Process(node.proc.pid)))
+        assert zygote.is_running()
+    assert not zygote.is_running() or zygote.status() == psutil.STATUS_ZOMBIE
+
+
+def test_without_zygote_computations_are_new_interpreters(tmp_path: Path) -> None:
+    with running_node(tmp_path / "node", launcher=["env", "DISPYNB_ZYGOTE=0"]) as node:
+        assert not psutil.Process(node.proc.pid).children()
+        seen = run_describe(node)
+        computation = psutil.Process(node.proc.pid)
+        assert seen["computation_parent"] == computation.pid
+        assert seen["computation_name"] != COMPUTE_NAME
+
+
+def test_a_dead_zygote_means_new_interpreters(tmp_path: Path) -> None:
+    with running_node(tmp_path / "node") as node:
+        zygote = zygote_of(node)
+        zygote.kill()
+        wait_until(lambda: zygote.status() == psutil.STATUS_ZOMBIE)
+        seen = run_describe(node)  # nothing lost: the next computation still runs
+        assert seen["computation_parent"] == node.proc.pid
+        assert "the zygote process is gone" in node.log_text()
+        assert not psutil.pid_exists(zygote.pid)  # and the node reaped it
+
+
+def test_zygote_and_computations_die_with_a_killed_node(tmp_path: Path) -> None:
+    node = start_node(tmp_path / "node", cpus=2)
+    try:
+        marker = tmp_path / "marker"
+        cluster = JobCluster(_sleep_marked, nodes=[node.spec], secret=node.secret)
+        try:
+            cluster.submit(str(marker))
+            wait_until(marker.exists)
+            zygote = zygote_of(node)
+            below = [zygote, *computation_processes(psutil.Process(node.proc.pid))]
+            assert len(below) >= 2
+            node.proc.send_signal(signal.SIGKILL)
+            node.proc.wait(WAIT)
+            _gone, alive = psutil.wait_procs(below, timeout=WAIT)
+            assert alive == []
+        finally:
+            cluster.close(terminate=True)
+    finally:
+        node.stop()
+
+
+def _sleep_marked(path: str) -> None:
+    import pathlib
+    import time
+
+    pathlib.Path(path).write_text("started")
+    time.sleep(60)
