@@ -122,6 +122,13 @@ BACKENDS: dict[str, BackendSpec] = {
             False,
         ),
         BackendSpec(
+            "dispynb-scheduler",
+            "dispynb via scheduler",
+            None,
+            "sched_backend:DispynbSchedulerBackend",
+            False,
+        ),
+        BackendSpec(
             "dispy", "dispy", "dispy", "peers.dispy_backend:DispyBackend", True
         ),
         BackendSpec(

@@ -104,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--cpus", type=int, default=None, help="use at most this many CPUs of each node"
     )
     parser.add_argument(
+        *_both("jobs_per_cpu"),
+        type=int,
+        default=32,
+        help="jobs in flight per node CPU at most while one user has jobs (fewer "
+        "for long jobs); always 1 while several users do (fairness)",
+    )
+    parser.add_argument(
         *_both("max_cpus"),
         type=int,
         default=None,
@@ -226,6 +233,7 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         else None,
         users_file=args.users,
         cpus=args.cpus,
+        jobs_per_cpu=args.jobs_per_cpu,
         max_cpus=args.max_cpus,
         max_queued=args.max_queued,
         pulse_interval=args.pulse_interval,

@@ -34,6 +34,7 @@ from dispynb.protocol.messages import (
     ResultChunk,
 )
 from dispynb.protocol.records import ResultEntry
+from dispynb.scheduler.policy import update_mean
 from dispynb.transport.connection import Connection
 from schedserver.fairshare import Account
 
@@ -220,6 +221,9 @@ class SharedComputation:
                 continue
             del self.running[entry.key]
             self.server.job_left(self, upstream.node)
+            if entry.start_time > 0.0:
+                node = upstream.node
+                node.mean = update_mean(node.mean, entry.end_time - entry.start_time)
             if entry.outcome == RETURNED and not self.closing:
                 job.node = ""  # the node shuts down: it runs elsewhere
                 self.queue.appendleft(job)

@@ -25,9 +25,10 @@ class SchedulerConfig:
     users_file: str = ""
     #: CPUs used per node at most (None: all the node offers).
     cpus: int | None = None
-    #: Jobs in flight per CPU of a node while one user has jobs (more than 1 hides
-    #: the round trips); 1 while several users have jobs (fair share).
-    jobs_per_cpu: int = 2
+    #: Jobs in flight per CPU of a node at most while one user has jobs (as many as
+    #: the jobs' mean duration calls for hide the round trips); 1 while several
+    #: users have jobs (fair share).
+    jobs_per_cpu: int = 32
     #: Per user: jobs in flight (CPUs) and jobs queued at most (None: no limit).
     max_cpus: int | None = None
     max_queued: int | None = None
@@ -54,6 +55,8 @@ class SchedulerConfig:
             )
         if self.cpus is not None and self.cpus < 1:
             raise ConfigurationError(f"--cpus must be at least 1, not {self.cpus}")
+        if self.jobs_per_cpu < 1:
+            raise ConfigurationError("--jobs_per_cpu must be at least 1")
         if not 0.1 <= self.pulse_interval <= 1000:
             raise ConfigurationError("--pulse_interval must be within 0.1-1000 s")
         for name in ("max_cpus", "max_queued"):

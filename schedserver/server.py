@@ -43,6 +43,7 @@ from dispynb.protocol.messages import (
     ResultChunk,
     Welcome,
 )
+from dispynb.scheduler.policy import window
 from dispynb.transport.addressing import format_address
 from dispynb.transport.connection import Connection, describe_error
 from dispynb.transport.connector import connect
@@ -71,6 +72,8 @@ class NodeState:
     in_flight: int = 0
     avail: list[float] = field(default_factory=list)
     conn: Connection | None = None
+    #: Mean run time of its recent jobs (None: unknown), for how many to send ahead.
+    mean: float | None = None
 
     @property
     def name(self) -> str:
@@ -532,9 +535,10 @@ class SchedulerServer:
         active = [c for c in self.computations if not c.closing and c.queue]
         if not active:
             return
-        # Jobs sent ahead of a free CPU (to hide round trips) run in the node's
-        # order, not ours: only a user alone gets them, so that users in contention
-        # share what runs, not only what is sent.
+        # Jobs sent ahead of a free CPU (to hide round trips, as many as the jobs'
+        # mean duration calls for: the client's policy) run in the node's order,
+        # not ours: only a user alone gets them, so that users in contention share
+        # what runs, not only what is sent.
         users = {c.user for c in self.computations if c.queue or c.account.in_flight}
         per_cpu = self.config.jobs_per_cpu if len(users) <= 1 else 1
         by_account = {id(c.account): c for c in active}
@@ -547,7 +551,8 @@ class SchedulerServer:
         while progress:
             progress = False
             for node in nodes:  # one slot per node per round: spread evenly
-                if node.in_flight >= node.cpus * per_cpu:
+                ahead = min(window(node.cpus, node.mean), node.cpus * per_cpu)
+                if node.in_flight >= ahead:
                     continue
                 account = self.fair.pick(accounts, node.name)
                 if account is None:

@@ -91,7 +91,14 @@ class NodeEngine:
 class NodesBackend:
     """One cluster's computation on node servers (a `Backend`)."""
 
-    def __init__(self, events: JobEvents, config: ClusterConfig) -> None:
+    def __init__(
+        self,
+        events: JobEvents,
+        config: ClusterConfig,
+        specs: list[NodeAllocate] | None = None,
+    ) -> None:
+        """``specs``: the nodes to use instead of ``config.options.nodes`` (an
+        engine that knows where its nodes are, as the scheduler's does)."""
         self._events = events
         self._config = config
         self._runner = config.runner
@@ -101,7 +108,7 @@ class NodesBackend:
             self._program = _read_program(opts.computation)
         nodes = opts.nodes
         # As in dispy, no nodes means: discover them on the local networks.
-        self._specs = parse_node_specs(nodes) or parse_node_specs("*")
+        self._specs = specs or parse_node_specs(nodes) or parse_node_specs("*")
         serialize.ship_by_value(
             opts.computation, opts.setup, opts.cleanup, *opts.depends
         )

@@ -14,13 +14,16 @@ from dispynb.backends import base
 from dispynb.backends.base import ClusterConfig, JobEvents
 from dispynb.backends.nodes import NodeEngine, NodesBackend
 from dispynb.errors import ConfigurationError
+from dispynb.node import parse_node_specs
 from dispynb.secret import split_credential
+from dispynb.transport.addressing import format_address
 
 
 class SchedulerEngine(NodeEngine):
-    """The nodes of a ``dispynb-scheduler`` at ``address`` (``host[:port]``).
+    """The nodes of a ``dispynb-scheduler`` at ``address`` (``host:port``).
 
-    The cluster's ``nodes`` must name the scheduler (`SharedJobCluster` does).
+    A `NodeAllocate` for the scheduler's address among the cluster's ``nodes`` gives
+    its ``setup_args`` and ``depends``; other ``nodes`` are not used.
     """
 
     name = "scheduler"
@@ -39,7 +42,16 @@ class SchedulerEngine(NodeEngine):
                 "give secret_file= the file 'dispynb-scheduler user add NAME' wrote "
                 "(or secret='dispynb-user:NAME:TOKEN', or DISPYNB_SECRET_FILE)"
             )
-        backend = NodesBackend(events, config)
+        # The scheduler is the one "node"; a NodeAllocate naming it keeps its
+        # setup_args and depends (`SharedJobCluster` makes one).
+        specs = [
+            spec
+            for spec in parse_node_specs(config.options.nodes)
+            if format_address(spec.host, spec.port or 0) == self.address
+        ]
+        backend = NodesBackend(
+            events, config, specs=specs or parse_node_specs(self.address)
+        )
         backend.driver.config.exclusive = self.exclusive
         try:
             backend.start()

@@ -186,6 +186,23 @@ class Session:
             "its workers (pip install 'dispynb[dask]')",
         )
 
+    def use_scheduler(self, address: str, credential: str | None) -> None:
+        """Run on the nodes of a ``dispynb-scheduler``, as the user whose
+        credential file is ``credential`` (None: ``$DISPYNB_SECRET_FILE``)."""
+        from dispynb import config as dispy_config
+        from dispynb.backends.scheduler import SchedulerEngine
+        from dispynb.transport.addressing import format_address, parse_address
+
+        host, port = parse_address(address, dispy_config.SharedSchedulerPort)
+        where = format_address(host, port)
+        self.use_engine(
+            SchedulerEngine(where),
+            where,
+            {"secret_file": credential} if credential else None,
+            hint="check the scheduler's address and your credential (the file "
+            "'dispynb-scheduler user add NAME' wrote: --secret-file FILE)",
+        )
+
     def use_ray(self, address: str) -> None:
         """Run on an existing Ray cluster, given its head's address."""
         from dispynb.backends.ray import RayEngine
@@ -482,6 +499,7 @@ class DispyMagics(Magics):
             "slurm",
             "dask",
             "ray",
+            "scheduler",
             "status",
             "panel",
             "close",
@@ -494,7 +512,9 @@ class DispyMagics(Magics):
             "node servers as SLURM batch jobs (cancelled by close, or when the "
             "kernel exits); dask: run on an existing Dask cluster, given its "
             "scheduler's ADDRESS; ray: run on an existing Ray cluster, given its "
-            "head's ADDRESS (what ray.init takes); status: show the nodes "
+            "head's ADDRESS (what ray.init takes); scheduler: share the nodes of a "
+            "dispynb-scheduler at HOST[:PORT] (--secret-file: your credential); "
+            "status: show the nodes "
             "and the runs; panel: show a live table of the nodes; close: cancel "
             "every run and stop local nodes"
         ),
@@ -577,7 +597,7 @@ class DispyMagics(Magics):
         "--secret-file",
         metavar="FILE",
         help="nodes: file holding the nodes' shared secret (or set DISPYNB_SECRET or "
-        "DISPYNB_SECRET_FILE in the environment)",
+        "DISPYNB_SECRET_FILE in the environment); scheduler: your credential file",
     )
     @argument("--cafile", metavar="FILE", help="nodes: use TLS, verify nodes with it")
     @argument("--certfile", metavar="FILE", help="nodes: TLS client certificate")
@@ -602,6 +622,7 @@ class DispyMagics(Magics):
             %dispy ssh node1 node2 --python /opt/venv/bin/python   # over ssh
             %dispy slurm --nodes 4 --cpus 8 --memory 16G --walltime 2:00:00
             %dispy dask tcp://scheduler:8786         # an existing Dask cluster
+            %dispy scheduler sched1 --secret-file ~/alice.credential  # shared nodes
             %dispy ssh node1 node2 node3 --adapt 0:3 --idle-timeout 120
             %dispy local --nodes 2 --pulse 2         # load reported every 2 s
             %dispy status                            # nodes and runs (returns a repr)
@@ -615,7 +636,10 @@ class DispyMagics(Magics):
         """
         args = parse_line(self.dispy, line)
         session = self.session
-        if args.action not in ("nodes", "ssh", "dask", "ray") and args.hosts:
+        if (
+            args.action not in ("nodes", "ssh", "dask", "ray", "scheduler")
+            and args.hosts
+        ):
             raise UsageError(f"%dispy {args.action} takes no hosts: {args.hosts}")
         if args.engine is not None and args.action != "local":
             raise UsageError("--engine is for %dispy local")
@@ -675,6 +699,13 @@ class DispyMagics(Magics):
             if len(args.hosts) != 1:
                 raise UsageError("%dispy dask needs the scheduler's ADDRESS only")
             session.use_dask(args.hosts[0])
+            print(f"dispynb: {session.status()._where()}")
+            return None
+        if args.action == "scheduler":
+            if len(args.hosts) != 1:
+                raise UsageError("%dispy scheduler needs the scheduler's HOST[:PORT]")
+            credential = args.secret_file and os.path.expanduser(args.secret_file)
+            session.use_scheduler(args.hosts[0], credential)
             print(f"dispynb: {session.status()._where()}")
             return None
         if args.action == "ray":
