@@ -410,7 +410,8 @@ class DispyJob:
             self.end_time = time.time() if end_time is None else end_time
             if ip_addr is not None:
                 self.ip_addr = ip_addr
-            self.status = JobStatus(status)
+            # A JobStatus already (the usual case): no enum lookup per job.
+            self.status = status if type(status) is JobStatus else JobStatus(status)
             self.finish.set()
             final, self._final = self._final, None
             waiters, self._waiters = self._waiters, None

@@ -27,6 +27,9 @@ PREFIX = struct.Struct("!II")
 PREFIX_SIZE = PREFIX.size
 LENGTH = struct.Struct("!I")
 
+#: Prefix plus lengths table of a message of ``n`` buffers, for small ``n``.
+_HEADS = [struct.Struct(f"!II{n}I") for n in range(17)]
+
 #: Most buffers one message may carry; bounds the lengths table.
 MAX_BUFFERS = 1 << 16
 
@@ -57,7 +60,10 @@ def encode_frames(
             f"message of {body} bytes exceeds the 4 GiB protocol limit; "
             "send large data as several jobs or as files"
         )
-    head = PREFIX.pack(body, count) + struct.pack(f"!{count}I", *lengths)
+    if count < len(_HEADS):  # the usual few buffers: one precompiled pack
+        head = _HEADS[count].pack(body, count, *lengths)
+    else:
+        head = PREFIX.pack(body, count) + struct.pack(f"!{count}I", *lengths)
     return head, list(buffers)
 
 

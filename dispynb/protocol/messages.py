@@ -11,8 +11,10 @@ channels in ``nodeserver``) subclasses `Message` once and gets its own op regist
 from __future__ import annotations
 
 import dataclasses
+import operator
 import types
 import typing
+from collections.abc import Callable
 from typing import Any, ClassVar, Self
 
 import msgpack
@@ -53,7 +55,7 @@ def unpack_header(data: bytes | memoryview, *, trusted: bool) -> dict[str, Any]:
 
 _SIMPLE = (int, float, str, bytes, bool, list, dict)
 _CHECKS: dict[type, tuple[tuple[str, tuple[type, ...], bool], ...]] = {}
-_NAMES: dict[type, tuple[str, ...]] = {}
+_FIELDS: dict[type, tuple[tuple[str, ...], Callable[[Any], Any] | None]] = {}
 
 
 class Message:
@@ -89,13 +91,22 @@ class Message:
     def to_header(self) -> dict[str, Any]:
         """The header map for this message."""
         cls = type(self)
-        names = _NAMES.get(cls)
-        if names is None:  # resolved once per class: this runs for every message
-            names = _NAMES[cls] = tuple(
-                f.name
-                for f in dataclasses.fields(self)  # type: ignore[arg-type]
+        fields = _FIELDS.get(cls)
+        if fields is None:  # resolved once per class: this runs for every message
+            found = dataclasses.fields(self)  # type: ignore[arg-type]
+            names = tuple(f.name for f in found)
+            fields = _FIELDS[cls] = (
+                names,
+                operator.attrgetter(*names) if names else None,
             )
-        header = {name: getattr(self, name) for name in names}
+        names, getter = fields
+        header: dict[str, Any]
+        if getter is None:
+            header = {}
+        elif len(names) == 1:
+            header = {names[0]: getter(self)}
+        else:  # all values in one call, no Python-level loop
+            header = dict(zip(names, getter(self), strict=True))
         header["op"] = self.op
         return header
 
