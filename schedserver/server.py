@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dispynb.errors import DispynbError
+from dispynb.protocol.files import digest_of
 from dispynb.protocol.messages import (
     ComputationClose,
     ComputationClosed,
@@ -456,13 +457,18 @@ class SchedulerServer:
 
     # -- files -------------------------------------------------------------------------
 
-    def file_put(self, message: FilePut, buffers: list[memoryview]) -> None:
-        """A client sent a file: keep it for the nodes (that asked, or will)."""
-        if len(buffers) != 1:
-            return
+    def file_put(self, message: FilePut, buffers: list[memoryview]) -> str:
+        """A client sent a file: keep it for the nodes (that asked, or will).
+
+        Returns why it was refused ("" if kept): the content must match its digest
+        (files are shared by digest between users).
+        """
+        if len(buffers) != 1 or digest_of(buffers[0]) != message.digest:
+            return f"file {message.digest[:16]}... does not match its digest: refused"
         self.files[message.digest] = buffers[0]
         for _comp, upstream in self._wanted.pop(message.digest, set()):
             self.write(upstream, message, buffers)
+        return ""
 
     def _give_files(
         self, comp: SharedComputation, upstream: Upstream, digests: list[str]

@@ -100,7 +100,9 @@ class SchedulerSession:
             if comp is not None:
                 comp.cancel(message)
         elif isinstance(message, FilePut):
-            server.file_put(message, buffers)
+            refused = server.file_put(message, buffers)
+            if refused:
+                self._refuse(refused)
         elif isinstance(message, ComputationSetup):
             if message.comp_id in self.computations:
                 self._refuse(f"computation {message.comp_id} exists already")

@@ -184,3 +184,33 @@ def test_user_add_writes_private_files(tmp_path: Path, users: dict[str, Path]) -
     assert listed.stdout.split() == ["alice", "bob"]
     again = scheduler_cli("user", "add", "alice", "--users", str(tmp_path / "users"))
     assert again.returncode == 2 and "exists" in again.stderr
+
+
+def test_a_file_that_does_not_match_its_digest_is_refused(
+    scheduler: SchedulerProcess, users: dict[str, Path]
+) -> None:
+    """Files are shared between users by digest: a user cannot plant content under
+    the digest of another user's file."""
+    from dispynb.protocol.files import digest_of
+    from dispynb.protocol.messages import FilePut
+
+    victim = digest_of(b"bob's data\n")
+
+    async def plant() -> Error:
+        conn, _ = await connect(
+            "127.0.0.1",
+            scheduler.port,
+            secret=read_secret_file(users["alice"]),
+            max_message_size=1 << 20,
+        )
+        try:
+            conn.write(FilePut(digest=victim, size=5), [memoryview(b"evil\n")])
+            async with asyncio.timeout(10):
+                while True:
+                    message, _buffers = await conn.recv()
+                    if isinstance(message, Error):
+                        return message
+        finally:
+            conn.close()
+
+    assert "does not match its digest" in asyncio.run(plant()).message

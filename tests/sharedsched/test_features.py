@@ -100,3 +100,26 @@ def test_cancel_a_running_job_and_a_queued_one(
         assert statuses <= {JobStatus.Terminated, JobStatus.Cancelled}
         assert JobStatus.Terminated in statuses
         assert cluster.submit(0.1)() == 0.1  # the CPUs are free again
+
+
+def test_web_monitor_shows_a_shared_clusters_jobs(
+    scheduler: SchedulerProcess, users: dict[str, Path]
+) -> None:
+    from dispynb.httpd import DispyHTTPServer
+    from tests.httpd.client import MonitorClient
+
+    with SharedJobCluster(
+        sleeper, scheduler_host=scheduler.address, secret_file=str(users["alice"])
+    ) as cluster:
+        server = DispyHTTPServer(cluster, port=0, poll_sec=1)
+        try:
+            job = cluster.submit(0.01)
+            job()
+            reply = MonitorClient(server).get("/api/cluster")
+            assert reply.status == 200
+            snap = reply.json()
+            (record,) = [j for j in snap["jobs"] if j["key"] == job._key]
+            assert record["status"] == "Finished"
+            assert scheduler.address in str(snap["nodes"])
+        finally:
+            server.shutdown(wait=False)
