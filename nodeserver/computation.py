@@ -1,7 +1,7 @@
 """`Computation`: one client's computation on this node, its process and its workers.
 
 The node server never runs user code. Each computation gets its own process
-(``python -m nodeserver.compute``, started by a `nodeserver.launcher.Launcher`) that
+(`nodeserver.compute`, started by a `nodeserver.launcher.Launcher`) that
 loads the function, runs ``setup`` and forks pre-started workers; jobs go to workers
 over their own sockets and results come back the same way. A worker that dies is
 reported by the computation process (with its exit status) and replaced; its running

@@ -1,6 +1,7 @@
 """The computation process: loads a computation, runs its setup, forks its workers.
 
-The node server starts one per computation (design decision 5)::
+The node server starts one per computation (design decision 5): forked from its
+zygote (`nodeserver.zygote`), which then calls `main`, or as::
 
     python -m nodeserver.compute --control-fd N
 

@@ -1,11 +1,12 @@
 """How a `Computation` starts its process and signals its workers: the `Launcher`.
 
-The node server uses `ProcessLauncher`: each computation runs in its own
-``python -m nodeserver.compute`` process, whose workers are processes forked from it
-(design decision 5). A launcher is the one place where the node's asynchronous side
-(`nodeserver.computation`) touches processes, so tests of that side can supply an
-in-process stand-in that speaks the same control and worker channels
-(`nodeserver.ipc`) without starting a process.
+Each computation runs in its own process, whose workers are processes forked from
+it (design decision 5). ``dispynb-node`` forks computation processes from its
+zygote (`nodeserver.zygote.ZygoteLauncher`); `ProcessLauncher` starts them as
+``python -m nodeserver.compute`` instead (no zygote, or it died). A launcher is
+the one place where the node's asynchronous side (`nodeserver.computation`) touches
+processes, so tests of that side can supply an in-process stand-in that speaks
+the same control and worker channels (`nodeserver.ipc`) without starting a process.
 """
 
 from __future__ import annotations
