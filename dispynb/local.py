@@ -32,6 +32,10 @@ from dispynb.secret import random_secret
 #: Seconds a node gets to start listening.
 START_TIMEOUT = 30.0
 
+#: Seconds between looks for a starting node's port file: a node is ready in some
+#: 0.2-0.5 s, and each look is one stat (W5 waits half of this on average).
+PORT_POLL = 0.005
+
 #: Seconds a node gets to shut down after SIGTERM before it is killed.
 STOP_TIMEOUT = 15.0
 
@@ -136,7 +140,7 @@ class LocalCluster:
                     f"local node {index} exited with status {proc.returncode} while "
                     "starting; its error is printed above"
                 )
-            time.sleep(0.02)
+            time.sleep(PORT_POLL)
         raise ClusterError(f"local node {index} did not start in {START_TIMEOUT} s")
 
     def node_specs(self) -> list[str]:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from dispynb.errors import ConfigurationError, DispynbError
 from dispynb.secret import resolve_secret, write_new_secret
 from nodeserver.config import NodeConfig
+from nodeserver.containment import probe_in_background
 from nodeserver.launcher import PROCESS_LAUNCHER, Launcher
 from nodeserver.memory import keep_freed_memory
 from nodeserver.parser import build_parser, parse_args, parse_size
@@ -270,6 +271,7 @@ async def serve(
                 until.strftime("%H:%M"),
             )
     await server.start(listen=serving)
+    probe_in_background()  # before a client's first computation needs it
     tasks = [
         asyncio.create_task(_wait_and_set(server.served_all, stop)),
         asyncio.create_task(_wait_and_set(server.shutdown_requested, stop)),

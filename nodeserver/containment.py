@@ -37,6 +37,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -190,7 +191,20 @@ def node_pids_root() -> str | None:
     (``DISPYNB_PIDS_CGROUP=off``) read every time."""
     if os.environ.get(NO_CGROUP_ENV, "").lower() in ("off", "0", "no"):
         return None
-    return _probed_root()
+    with _PROBE_LOCK:  # one probe, also with `probe_in_background`'s thread
+        return _probed_root()
+
+
+def probe_in_background() -> None:
+    """Probe `node_pids_root` now, on a thread: the probe (a cgroup made and
+    removed, some 20-40 ms of waiting on cgroup v1) is then done before a client's
+    first computation needs it, instead of on the way to its first job."""
+    if os.environ.get(NO_CGROUP_ENV, "").lower() in ("off", "0", "no"):
+        return
+    threading.Thread(target=node_pids_root, name="pids-probe", daemon=True).start()
+
+
+_PROBE_LOCK = threading.Lock()
 
 
 @functools.cache
