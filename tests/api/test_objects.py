@@ -10,8 +10,6 @@ from __future__ import annotations
 import glob
 import os
 import pickle
-import re
-import subprocess
 
 import pytest
 
@@ -19,6 +17,7 @@ from dispynb import DispyJob, JobCluster, LocalCluster
 from dispynb.errors import ClusterError, SerializationError
 from dispynb.objects import ObjectRef
 from tests.jobs import wait_until
+from tests.shmtools import bytes_received
 
 pytestmark = pytest.mark.slow
 
@@ -37,17 +36,7 @@ def nested(box: dict[str, list[bytes]], i: int) -> int:
 
 def node_received(local: LocalCluster) -> list[int]:
     """Bytes received so far by each node on its established client connections."""
-    totals = []
-    for spec in local.node_specs():
-        port = spec.rsplit(":", 1)[1]
-        out = subprocess.run(
-            ["ss", "-tinH", "state", "established", f"( sport = :{port} )"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        totals.append(sum(int(n) for n in re.findall(r"bytes_received:(\d+)", out)))
-    return totals
+    return [bytes_received(s.rsplit(":", 1)[1], "sport") for s in local.node_specs()]
 
 
 def stored(local: LocalCluster, digest: str) -> list[str]:

@@ -27,6 +27,7 @@ from dispynb import DispyJob, JobCluster
 from dispynb.protocol import shm
 from dispynb.protocol.shmpool import SegmentPool
 from tests.jobs import WAIT, wait_for_path, wait_until
+from tests.shmtools import bytes_received, live_inodes
 
 pytestmark = pytest.mark.slow
 
@@ -46,15 +47,6 @@ def created(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[str, int]]]:
 
     monkeypatch.setattr(SegmentPool, "write", recording)
     yield used
-
-
-def live_inodes() -> set[int]:
-    found = set()
-    for entry in os.scandir(shm.SHM_DIR):
-        if entry.name.startswith("dnb-"):
-            with contextlib.suppress(FileNotFoundError):
-                found.add(entry.stat(follow_symlinks=False).st_ino)
-    return found
 
 
 def all_gone(used: list[tuple[str, int]]) -> bool:
@@ -282,16 +274,7 @@ def results_in_memory() -> set[str]:
 
 def client_received(local: Any) -> int:
     """Bytes the client's connections to ``local``'s node received (tcp_info)."""
-    import re
-
-    port = local.node_specs()[0].rsplit(":", 1)[1]
-    out = subprocess.run(
-        ["ss", "-tinH", "state", "established", f"( dport = :{port} )"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return sum(int(n) for n in re.findall(r"bytes_received:(\d+)", out))
+    return bytes_received(local.node_specs()[0].rsplit(":", 1)[1], "dport")
 
 
 def test_large_results_come_back_through_shared_memory(local):

@@ -3,7 +3,6 @@ clients' objects (dispynb.protocol.shm.sweep)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
@@ -16,6 +15,7 @@ import pytest
 
 from dispynb.protocol import serialize, shm
 from dispynb.protocol.shmpool import GRANULE, SegmentPool
+from tests.shmtools import live_inodes
 
 MB = 1_000_000
 
@@ -29,16 +29,6 @@ def pool() -> Iterator[SegmentPool]:
 
 def inode(name: str) -> int:
     return (shm.SHM_DIR / name).stat().st_ino
-
-
-def live_inodes() -> set[int]:
-    """Inodes of every dispynb object in /dev/shm now."""
-    found = set()
-    for entry in os.scandir(shm.SHM_DIR):
-        if entry.name.startswith("dnb-"):
-            with contextlib.suppress(FileNotFoundError):
-                found.add(entry.stat(follow_symlinks=False).st_ino)
-    return found
 
 
 def test_a_finished_jobs_segment_is_reused_under_a_new_name(
