@@ -34,7 +34,7 @@ REFUSED = {
     "ipv4_udp_multicast": "nodes are named with -n; there is no discovery",
     "ping_interval": "nodes are named with -n and reconnected on their own; there is "
     "no discovery to repeat",
-    "httpd": "no scheduler web monitor yet: each client's cluster.httpd() shows "
+    "httpd": "no scheduler web monitor yet: DispyHTTPServer(cluster) in a client shows "
     "its jobs",
     "dest_path_prefix": "the scheduler stores no files on disk (nodes keep theirs)",
     "cleanup_nodes": "each computation's own cleanup applies on the nodes",
@@ -93,7 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="file holding the nodes' secret (or DISPYNB_SECRET)",
     )
-    parser.add_argument(*_both("node_secret"), default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        *_both("node_secret"),
+        default=None,
+        help="the nodes' secret (seen in the process list: prefer --node_secret_file)",
+    )
     parser.add_argument(
         *_both("node_cafile"),
         default=None,
@@ -147,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=3600.0,
         help="seconds results wait for a client that went away",
     )
-    parser.add_argument(*_both("port_file"), default="", help=argparse.SUPPRESS)
+    parser.add_argument(
+        *_both("port_file"), default="", help="write the port here once listening"
+    )
     parser.add_argument(
         "--daemon",
         action="store_true",
@@ -162,7 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--loglevel", default="info")
     for name in REFUSED:
         parser.add_argument(
-            *_both(name), nargs="?", const=True, default=None, help=argparse.SUPPRESS
+            *_both(name),
+            nargs="?",
+            const=True,
+            default=None,
+            metavar="VALUE",
+            help=f"dispyscheduler's; refused: {REFUSED[name]}",
         )
     return parser
 

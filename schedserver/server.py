@@ -96,7 +96,6 @@ class SchedulerServer:
         self.files: dict[str, memoryview] = {}  # client files by digest
         self._wanted: dict[str, set[tuple[SharedComputation, Upstream]]] = {}
         self._orders = itertools.count(1)
-        self._scheduled = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._listener: Listener | None = None
         self.port = 0
@@ -531,13 +530,10 @@ class SchedulerServer:
         node.in_flight = max(0, node.in_flight - 1)
 
     def schedule(self) -> None:
-        """Hand free slots out, once per loop turn."""
-        if not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._dispatch)
+        """Hand free slots out now (a job waits for no other loop turn: W2)."""
+        self._dispatch()
 
     def _dispatch(self) -> None:
-        self._scheduled = False
         active = [c for c in self.computations if not c.closing and c.queue]
         if not active:
             return

@@ -72,7 +72,7 @@ def _descnames(text: str) -> set[str]:
     return {html.unescape(name) for name in names}
 
 
-@pytest.mark.parametrize("module", ["nodeserver.cli", "dispynb.cli"])
+@pytest.mark.parametrize("module", ["nodeserver.cli", "schedserver.cli", "dispynb.cli"])
 def test_cli_reference_has_every_option(site: Site, module: str) -> None:
     parser = importlib.import_module(module).build_parser()
     documented = _descnames(_page(site, "reference/cli.html"))
