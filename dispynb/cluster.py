@@ -75,7 +75,9 @@ class JobCluster:
         with its closures and the functions and classes it uses.
     nodes:
         Where to run: a `LocalCluster`, or node specs (``'host'``, ``'host:port'``,
-        `NodeAllocate`, ``(host, port, cpus)`` tuples, dicts, `DispyNode`).
+        `NodeAllocate`, ``(host, port, cpus)`` tuples, dicts, `DispyNode`). A
+        ``LocalCluster(engine="dask")`` brings its engine (used when ``engine`` is
+        None).
     depends:
         Extra dependencies (functions, classes and modules travel by value).
     job_status:
@@ -130,6 +132,8 @@ class JobCluster:
             cluster_status=cluster_status,
             **options,
         )
+        if engine is None:  # a LocalCluster on another engine brings it
+            engine = getattr(nodes, "engine", None)
         self.engine: Engine = base.resolve_engine(engine)
         self._features = self.engine.features
         base.check_options(self.engine, opts)

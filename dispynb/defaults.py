@@ -42,6 +42,11 @@ SECRET_ENV = "DISPYNB_SECRET"
 #: Environment variable naming a file that holds the shared secret.
 SECRET_FILE_ENV = "DISPYNB_SECRET_FILE"
 
+#: Environment variable naming the engine a `LocalCluster` and ``%dispy local`` start
+#: by default: ``nodes`` (dispynb's node servers) or ``dask`` (a Dask cluster on this
+#: machine); the example notebooks run on Dask with it set.
+LOCAL_ENGINE_ENV = "DISPYNB_LOCAL_ENGINE"
+
 #: Jobs kept in flight per CPU of a node, at least (more when jobs are short).
 MIN_JOBS_PER_CPU = 2
 

@@ -11,6 +11,10 @@ nodes still die with this process, however it ends (``close``, exit, SIGKILL): e
 inherits the read end of a pipe whose write end only this process holds, and stops
 when it reads end of file (``--parent-pipe``); ``--exit-with-parent`` (re-parenting)
 backs that up when a forked child of this process holds a copy of the write end.
+
+``engine="dask"`` (or ``$DISPYNB_LOCAL_ENGINE=dask``) starts a Dask cluster on this
+machine instead, with the same API (`dispynb.backends._dasklocal`): the same
+programs and notebooks then run on the Dask engine.
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ import sys
 import tempfile
 import time
 from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
-from dispynb.defaults import SECRET_ENV, SECRET_FILE_ENV
+from dispynb.defaults import LOCAL_ENGINE_ENV, SECRET_ENV, SECRET_FILE_ENV
 from dispynb.errors import ClusterError, ConfigurationError
 from dispynb.secret import random_secret
 
@@ -38,6 +43,24 @@ PORT_POLL = 0.005
 
 #: Seconds a node gets to shut down after SIGTERM before it is killed.
 STOP_TIMEOUT = 15.0
+
+#: What ``engine=`` (and ``$DISPYNB_LOCAL_ENGINE``) may name.
+LOCAL_ENGINES = ("nodes", "dask")
+
+if TYPE_CHECKING:
+    from dispynb.backends.base import Engine
+
+
+def local_engine(engine: str | None) -> str:
+    """``engine``, else ``$DISPYNB_LOCAL_ENGINE``, else ``'nodes'``; checked."""
+    chosen = engine or os.environ.get(LOCAL_ENGINE_ENV) or "nodes"
+    if chosen not in LOCAL_ENGINES:
+        where = "engine=" if engine else f"${LOCAL_ENGINE_ENV}="
+        raise ConfigurationError(
+            f"{where}{chosen!r}: use 'nodes' (dispynb's node servers) or 'dask' (a "
+            "Dask cluster on this machine)"
+        )
+    return chosen
 
 
 class LocalCluster:
@@ -53,12 +76,26 @@ class LocalCluster:
         Shared secret; default: a new random one (see the ``secret`` attribute).
     loglevel:
         The nodes' log level (their logs go to this process's stderr).
+    engine:
+        ``"nodes"`` (dispynb's node servers) or ``"dask"`` (a Dask cluster on this
+        machine, used through the Dask engine; see `dispynb.backends._dasklocal`).
+        Default: ``$DISPYNB_LOCAL_ENGINE``, else ``"nodes"``.
 
     Examples
     --------
     >>> with LocalCluster(cpus=2) as local:  # doctest: +SKIP
     ...     cluster = JobCluster(compute, nodes=local)
     """
+
+    #: The engine ``JobCluster(nodes=this)`` runs on (None: dispynb's node servers).
+    engine: Engine | None = None
+
+    def __new__(cls, *args: Any, engine: str | None = None, **kwargs: Any) -> Any:
+        if cls is LocalCluster and local_engine(engine) == "dask":
+            from dispynb.backends._dasklocal import DaskLocalCluster
+
+            return super().__new__(DaskLocalCluster)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -67,6 +104,7 @@ class LocalCluster:
         *,
         secret: str | None = None,
         loglevel: str = "warning",
+        engine: str | None = None,
     ) -> None:
         if nodes < 1:
             raise ConfigurationError("a LocalCluster needs at least one node")

@@ -17,7 +17,10 @@ computation (``python -m dispynb.backends._daskhost FD``). Over the control sock
 
 A runner runs one job at a time: the payload comes in, it calls the function with
 ``sys.stdout``/``sys.stderr`` captured, and sends back ``done`` (or ``provisional``
-results while the job runs). Messages are pickles framed by
+results, and files sent with ``dispy_send_file``, while the job runs). A program
+computation's function is a `dispynb.programs.ProgramRunner`: the program runs as a
+subprocess in the runner's process group (so Stop kills it with the runner).
+Messages are pickles framed by
 `multiprocessing.connection.Connection`; both ends belong to the same user on the
 same machine, started by the worker itself.
 """
@@ -47,6 +50,7 @@ from dispynb.jobenv import (
     limit_memory,
     setup_failure,
 )
+from dispynb.programs import ProgramOutput, ProgramRunner, install_program
 from dispynb.protocol import serialize
 from dispynb.protocol.framing import Buffer
 
@@ -58,6 +62,7 @@ class _Job:
 
     conn: Connection | None = None
     lock = threading.Lock()  # a job's threads may send too
+    max_file: int | None = None  # bytes a file sent by a job may have
 
 
 def dispy_provisional_result(
@@ -82,16 +87,40 @@ def dispy_provisional_result(
 
 
 def dispy_send_file(path: str, relay: bool = False, timeout: Any = None) -> int:
-    """dispy's ``dispy_send_file``: not available on the Dask engine (returns -1).
+    """Send a file to the client, which saves it at the same relative path in its
+    folder for received files (its working directory by default).
 
-    A job on Dask returns data in its result instead.
+    ``path`` is relative to the job's directory (or absolute, inside it; a file
+    elsewhere is sent under its base name). Returns 0, or -1 if it was not sent (too
+    large, unreadable; the reason is printed to the job's stderr). ``relay`` and
+    ``timeout`` are accepted for dispy compatibility.
     """
-    print(
-        "dispy_send_file is not available on the Dask engine: return the file's"
-        " contents in the job's result",
-        file=sys.stderr,
-    )
-    return -1
+    conn = _Job.conn
+    try:
+        if conn is None:
+            raise OSError("no job is running")
+        full = os.path.abspath(path)
+        base = os.path.realpath(os.getcwd())
+        if full.startswith(base.rstrip(os.sep) + os.sep):
+            name = os.path.relpath(full, base).replace(os.sep, "/")
+        else:
+            name = os.path.basename(full)
+        limit = _Job.max_file
+        with open(path, "rb") as handle:
+            data = handle.read(-1 if limit is None else limit + 1)
+        if limit is not None and len(data) > limit:
+            raise OSError(
+                f"{path!r} has over {limit} bytes, the most a job on the Dask "
+                "engine may send (files travel through the Dask scheduler): return "
+                "the data in the result, or write it to storage the client reads"
+            )
+        message = pickle.dumps(("file", name, data), protocol=5)
+        with _Job.lock:
+            conn.send_bytes(message)
+    except OSError as exc:
+        print(f"dispy_send_file: file not sent: {exc}", file=sys.stderr)
+        return -1
+    return 0
 
 
 def dispy_names(node_name: str, node_ip: str, job_path: str) -> dict[str, Any]:
@@ -145,6 +174,7 @@ def run_one(
     out.limit = err.limit = max_output
     sys.stdout, sys.stderr = out, err
     result_buffers: list[Any] = []
+    program: ProgramOutput | None = None
     outcome, exception = "raised", None
     start = end = time.time()
     _Job.conn = conn
@@ -162,6 +192,8 @@ def run_one(
                 exception = format_job_exception(exc)
             else:
                 end = time.time()
+                if type(result) is ProgramOutput:
+                    program, result = result, result.returncode
                 try:
                     result_buffers = serialize.dumps(result)
                     outcome = "finished"
@@ -170,7 +202,11 @@ def run_one(
     finally:
         _Job.conn = None
         sys.stdout, sys.stderr = saved
-    meta = (outcome, start, end, out.text(), err.text(), exception)
+    stdout: str | bytes = out.text()
+    stderr: str | bytes = err.text()
+    if program is not None:  # the program's own output, as bytes (dispy's)
+        stdout, stderr = program.stdout, program.stderr
+    meta = (outcome, start, end, stdout, stderr, exception)
     return meta, [bytes(b) for b in result_buffers]
 
 
@@ -236,7 +272,9 @@ class Host:
         job_dir: str,
         node: tuple[str, str],
         max_output: int | None,
+        max_file: int | None = None,
     ) -> tuple[str, ...]:
+        _Job.max_file = max_file
         try:
             os.makedirs(job_dir, exist_ok=True)
             os.chdir(job_dir)
@@ -249,6 +287,17 @@ class Host:
                 sys.path.insert(0, job_dir)  # depends modules import as on a node
             self.bundle = serialize.loads(bundle)
             self.max_output = max_output
+            program = self.bundle.get("program")
+            if program is not None:
+                path = install_program(program["name"], program["data"], job_dir)
+                names = {
+                    "dispy_node_name": node[0],
+                    "dispy_node_ip_addr": node[1],
+                    "dispy_job_path": job_dir,
+                }
+                self.bundle["func"] = ProgramRunner(
+                    path, names, lambda: max_output, own_session=False
+                )
             functions = [self.bundle["func"], *self._extras()]
             inject_names(functions, dict(self.bundle.get("names") or {}))
             inject_names(functions, dispy_names(node[0], node[1], job_dir))

@@ -11,7 +11,8 @@ alone cannot do.
 `run_job` is the Dask task of every dispynb job: it hands the pickled arguments to an
 idle runner and waits for the outcome, passing provisional results on as Dask
 structured events (``Worker.log_event`` on the computation's topic; the client
-subscribes with ``Client.subscribe_topic``), and announcing the start of jobs that
+subscribes with ``Client.subscribe_topic``), files the job sends
+(``dispy_send_file``) the same way, and announcing the start of jobs that
 run longer than `START_REPORT` the same way.
 """
 
@@ -72,8 +73,10 @@ class ComputationPlugin(WorkerPlugin):
         files: list[tuple[str, bytes]],
         dest_path: str | None,
         max_output: int | None,
+        max_file: int | None = None,
     ) -> None:
         self.uid = uid
+        self.max_file = max_file
         self.topic = topic
         self.bundle = bundle
         self.files = files
@@ -135,7 +138,15 @@ class ComputationPlugin(WorkerPlugin):
         node = (str(worker.name), host_ip)
         self.conn.send_bytes(
             pickle.dumps(
-                ("load", self.bundle, self.files, job_dir, node, self.max_output)
+                (
+                    "load",
+                    self.bundle,
+                    self.files,
+                    job_dir,
+                    node,
+                    self.max_output,
+                    self.max_file,
+                )
             )
         )
         try:
@@ -239,6 +250,10 @@ class ComputationPlugin(WorkerPlugin):
                     data = pickle.dumps([bytes(b) for b in message[1]], protocol=5)
                     event = ["provisional", dask_key, self.worker.address, data]
                     self.worker.log_event(self.topic, event)
+                    continue
+                if message[0] == "file":  # before the result, on the same stream
+                    _, name, data = message
+                    self.worker.log_event(self.topic, ["file", dask_key, name, data])
                     continue
                 _, meta, count = message
                 return meta, [conn.recv_bytes() for _ in range(count)]

@@ -92,6 +92,8 @@ JOB_LIMITS: Final = "job_limits"
 RECOVERY: Final = "recovery"
 #: ``node_jobs``: the jobs running on a node now.
 NODE_JOBS: Final = "node_jobs"
+#: ``nodes=`` names the engine's workers a cluster's jobs run on (``%%dispy --on``).
+SELECT_NODES: Final = "select_nodes"
 
 #: Every feature name an engine may declare.
 ALL_FEATURES: Final[frozenset[str]] = frozenset(
@@ -105,6 +107,7 @@ ALL_FEATURES: Final[frozenset[str]] = frozenset(
         JOB_LIMITS,
         RECOVERY,
         NODE_JOBS,
+        SELECT_NODES,
     }
 )
 
@@ -467,6 +470,7 @@ __all__ = [
     "NODE_MANAGEMENT",
     "PROGRAM",
     "RECOVERY",
+    "SELECT_NODES",
     "SEND_FILE",
     "SETUP",
     "SUBMIT_NODE",

@@ -15,6 +15,16 @@ on Dask's scheduler and workers. How each dispy feature maps onto Dask:
   worker the plugin's ``transition`` hook sees the running task released and kills its
   runner process (a Dask task thread cannot be interrupted), then forks a fresh one.
 * **stdout / stderr** are captured per job in the runner and returned with the result.
+* **nodes=** (and ``%%dispy --on``) restricts the jobs to the Dask workers named
+  there (addresses, hosts or worker names), with Dask's ``workers=`` restrictions;
+  ``submit_node`` restricts one job to one worker the same way.
+* **program computations** (``JobCluster('prog.sh')``): the program is written to
+  the computation's directory on each worker and run once per job as a subprocess
+  of the job's runner, as on dispynb's nodes (result: the exit code; stdout and
+  stderr: its output, as bytes).
+* **dispy_send_file** in a job: the file's bytes (at most `MAX_SENT_FILE`) travel as a
+  structured event on this client's topic, before the job's result, and are saved
+  under ``files_dir`` (the working directory by default), as dispynb's nodes do.
 * **provisional results** and the **start** of jobs running longer than
   `_daskworker.START_REPORT` are Dask structured events: the worker calls
   ``Worker.log_event`` on this client's topic (its id, so the scheduler drops them
@@ -27,8 +37,8 @@ on Dask's scheduler and workers. How each dispy feature maps onto Dask:
 * **job_timeout** is enforced by the task thread (it kills the runner) and
   **mem_limit** by ``RLIMIT_AS`` in the runner.
 
-dispy features Dask cannot give (node management, ``send_file``, program
-computations, recovery, per-job depends) raise `NotSupportedError` when asked for.
+dispy features Dask cannot give (node management, the client's ``send_file``,
+recovery, per-job depends) raise `NotSupportedError` when asked for.
 dispynb must be installed on the Dask workers (it runs the jobs there); the scheduler
 needs nothing of dispynb.
 """
@@ -39,6 +49,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import secrets
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
@@ -46,6 +57,8 @@ from typing import TYPE_CHECKING, Any
 from dispynb.backends.base import (
     JOB_LIMITS,
     NODE_JOBS,
+    PROGRAM,
+    SELECT_NODES,
     SETUP,
     SUBMIT_NODE,
     ClusterConfig,
@@ -66,6 +79,7 @@ from dispynb.errors import (
 )
 from dispynb.job import JobStatus
 from dispynb.protocol import serialize
+from dispynb.protocol.files import write_inside
 
 if TYPE_CHECKING:
     pass
@@ -81,6 +95,11 @@ SETUP_WAIT = 15.0
 
 #: Seconds `close` may take (cleanup on the workers, then the client).
 CLOSE_TIMEOUT = 60.0
+
+#: Largest file a job may send back with ``dispy_send_file`` on Dask (bytes): it
+#: travels through the Dask scheduler, which keeps the client's events until the
+#: client leaves.
+MAX_SENT_FILE = 32 << 20
 
 _MISSING_DASK = (
     "the Dask engine needs dask.distributed: pip install 'dispynb[dask]' "
@@ -110,7 +129,9 @@ class DaskEngine:
     """
 
     name = "dask"
-    features = frozenset({SETUP, SUBMIT_NODE, JOB_LIMITS, NODE_JOBS})
+    features = frozenset(
+        {SETUP, SUBMIT_NODE, JOB_LIMITS, NODE_JOBS, PROGRAM, SELECT_NODES}
+    )
 
     def __init__(self, cluster: Any, *, security: Any = None) -> None:
         self._owned: Any = None  # a LocalCluster that close() stops
@@ -137,13 +158,6 @@ class DaskEngine:
             import distributed  # noqa: F401
         except ImportError as exc:
             raise ConfigurationError(_MISSING_DASK) from exc
-        if not callable(config.options.computation) or isinstance(
-            config.options.computation, str
-        ):
-            raise NotSupportedError(
-                "a program computation is not supported on the 'dask' engine: give a "
-                "Python function, or use dispynb's own node servers (engine=None)"
-            )
         backend = DaskBackend(self, events, config)
         try:
             config.runner.run_sync(backend.start)
@@ -210,6 +224,7 @@ class DaskBackend(EngineManagedNodes):
         self.client: Any = None
         self.workers: dict[str, NodeInfo] = {}
         self.failed: dict[str, str] = {}
+        self.unwanted: set[str] = set()  # set up, but not among nodes=
         self.futures: dict[int, Any] = {}
         self.started: dict[int, tuple[NodeInfo, float]] = {}
         self.running: defaultdict[str, set[int]] = defaultdict(set)
@@ -219,6 +234,8 @@ class DaskBackend(EngineManagedNodes):
         self.gathering = False
         self.cancelling: list[Any] = []
         self.closed = False
+        self.wanted = _wanted_workers(opts.nodes)
+        self.files_dir = opts.files_dir
         self.result_types = (
             None
             if opts.result_types is None
@@ -258,8 +275,10 @@ class DaskBackend(EngineManagedNodes):
         fence = _daskfence.Fence(self.prefix, self.max_attempts, self.client.id)
         await self.client.register_plugin(fence, name=self.fence_name)
         opts = self.config.options
+        program = _read_program(opts.computation)
         bundle = {
-            "func": opts.computation,
+            "func": None if program else opts.computation,
+            "program": program,
             "setup": opts.setup,
             "cleanup": opts.cleanup if callable(opts.cleanup) else None,
             "setup_args": (),
@@ -274,6 +293,7 @@ class DaskBackend(EngineManagedNodes):
             files,
             opts.dest_path,
             max_output if isinstance(max_output, int) else None,
+            MAX_SENT_FILE,
         )
         try:
             responses = await self.client.register_plugin(plugin, name=self.plugin_name)
@@ -282,21 +302,45 @@ class DaskBackend(EngineManagedNodes):
                 f"the Dask workers cannot load dispynb ({exc}): install dispynb on "
                 "them (pip install dispynb) with the same version as here"
             ) from exc
+        await self._check_wanted()
         await self._await_setup(set(responses))
+
+    async def _check_wanted(self) -> None:
+        """Raise `ConfigurationError` if ``nodes=`` names no worker of the cluster
+        (Dask would keep the jobs waiting for one for ever)."""
+        if self.wanted is None:
+            return
+        info = await self.client.scheduler.identity()
+        workers = {a: str(w.get("name", "")) for a, w in info["workers"].items()}
+        if not any(self._is_wanted(a, n) for a, n in workers.items()):
+            listing = ", ".join(f"{n} ({a})" for a, n in sorted(workers.items()))
+            raise ConfigurationError(
+                f"nodes={self.wanted}: no worker of the Dask cluster at "
+                f"{self.engine.address} matches (give worker addresses, hosts or "
+                f"names); its workers are: {listing or 'none'}"
+            )
+
+    def _is_wanted(self, address: str, name: str) -> bool:
+        """Whether ``nodes=`` lets jobs run on the worker at ``address``."""
+        if self.wanted is None:
+            return True
+        host, port = _host_port(address)
+        forms = {address, f"{host}:{port}", f"[{host}]:{port}", host, name}
+        return any(item in forms for item in self.wanted)
 
     async def _await_setup(self, workers: set[str]) -> None:
         """Wait (bounded) for the setup reports of the workers present."""
         assert self._ready_seen is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (self.config.options.setup_timeout or SETUP_WAIT)
-        while not workers <= (set(self.workers) | set(self.failed)):
+        while not workers <= (set(self.workers) | set(self.failed) | self.unwanted):
             self._ready_seen.clear()
             try:
                 await asyncio.wait_for(self._ready_seen.wait(), deadline - loop.time())
             except TimeoutError:
                 logger.info("Dask workers are still setting up; jobs will wait")
                 return
-        if workers and not self.workers:
+        if self.failed and not self.workers:
             address, error = next(iter(self.failed.items()))
             message, _, remote = error.partition("\n")
             raise SetupError(
@@ -337,11 +381,31 @@ class DaskBackend(EngineManagedNodes):
                 self.started[key] = (node, event[0])
                 self.events.job_running(key, node, event[0])
             self.events.job_provisional(key, node, result)
+        elif kind == "file":
+            _, dask_key, path, data = message
+            key = self._key_of(dask_key)
+            if key is not None:
+                self._save_file(key, path, data)
+
+    def _save_file(self, key: int, path: str, data: bytes) -> None:
+        """A job sent a file (``dispy_send_file``): save it under ``files_dir``."""
+        base_dir = self.files_dir or os.getcwd()
+        try:
+            saved = write_inside(base_dir, path, memoryview(data))
+        except (DispynbError, OSError) as exc:
+            logger.warning("file %r from job %d not saved: %s", path, key, exc)
+            return
+        logger.info("saved %s from job %d", saved, key)
 
     def _worker_ready(
         self, uid: str, address: str, nthreads: int, name: str, error: str
     ) -> None:
         if uid != self.uid or self.closed:
+            return
+        if not self._is_wanted(address, str(name)):
+            self.unwanted.add(address)  # not among nodes=: set up, never used
+            if self._ready_seen is not None:
+                self._ready_seen.set()
             return
         if error:
             self.failed[address] = error
@@ -436,9 +500,9 @@ class DaskBackend(EngineManagedNodes):
             return
         kind = "r" if self.reentrant else "n"
         dask_key = f"{self.prefix}{kind}{key}-{next(self.attempts)}"
-        workers: list[str] | None = [node_id] if node_id else None
-        if workers is None and self.failed:
-            workers = list(self.workers) or None  # not where setup failed
+        workers: list[str] | None = [node_id] if node_id else self.wanted
+        if not node_id and self.failed:
+            workers = list(self.workers) or workers  # not where setup failed
         future = self.client.submit(
             run_job,
             self.plugin_name,
@@ -647,6 +711,43 @@ class DaskBackend(EngineManagedNodes):
         with contextlib.suppress(Exception):
             await client.close()
         self.client = None
+
+
+def _wanted_workers(nodes: Any) -> list[str] | None:
+    """The workers ``JobCluster(nodes=...)`` names (None: every worker).
+
+    A local cluster object (it brings its engine) or ``'*'`` means every worker;
+    strings are worker addresses, ``host:port``, hosts or worker names; dispy's node
+    objects count by their IP address.
+    """
+    if nodes is None or hasattr(nodes, "engine"):
+        return None
+    items = [nodes] if isinstance(nodes, str) else nodes
+    try:
+        wanted = [
+            item
+            if isinstance(item, str)
+            else str(getattr(item, "ip_addr", None) or item.host)
+            for item in items
+        ]
+    except (TypeError, AttributeError) as exc:
+        raise ConfigurationError(
+            f"nodes={nodes!r}: on the 'dask' engine give Dask worker addresses, "
+            "hosts or worker names"
+        ) from exc
+    return None if not wanted or "*" in wanted else wanted
+
+
+def _read_program(computation: Any) -> dict[str, Any] | None:
+    """The program file to ship, for a program computation (None for a function)."""
+    if not isinstance(computation, str):
+        return None
+    try:
+        with open(computation, "rb") as handle:
+            data = handle.read()
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read program {computation!r}: {exc}") from exc
+    return {"name": os.path.basename(computation), "data": data}
 
 
 def _as_bytes(buffer: Any) -> bytes:

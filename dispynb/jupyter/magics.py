@@ -21,8 +21,9 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 from IPython.display import display
 
-from dispynb.backends.base import Engine
+from dispynb.backends.base import SELECT_NODES, Engine
 from dispynb.cluster import ClusterFactory, new_cluster
+from dispynb.defaults import LOCAL_ENGINE_ENV
 from dispynb.jupyter import display as templates
 from dispynb.jupyter.errors import MagicError, RunInterrupted
 from dispynb.jupyter.magicsupport import cell_origin, friendly_errors, parse_line
@@ -40,9 +41,6 @@ _cell_magic_named = cast(
 #: Name that always holds the last run of ``%%dispy`` (like ``_`` for results).
 LAST_RUN = "_dispy"
 
-#: Environment variable naming the engine ``%dispy local`` starts by default
-#: (``nodes`` or ``dask``); the example notebooks run on Dask with it set.
-LOCAL_ENGINE_ENV = "DISPYNB_LOCAL_ENGINE"
 
 #: What to do when no node can be used, the end of every such error.
 NODES_HINT = (
@@ -159,21 +157,26 @@ class Session:
         self._show_in_use()
 
     def start_local_dask(self, count: int, cpus: int | None) -> None:
-        """A Dask ``LocalCluster`` on 127.0.0.1 (closed with the session), used
-        through the Dask engine."""
-        from dispynb.backends.dask import DaskEngine
+        """A Dask cluster on 127.0.0.1 (``LocalCluster(engine="dask")``: workers
+        named like local nodes, closed with the session), used through the Dask
+        engine."""
+        from dispynb.backends._dasklocal import DaskLocalCluster
 
         self.close()
         with friendly_errors(
             "%dispy local --engine dask could not start a Dask LocalCluster",
             hint="install Dask: pip install 'dispynb[dask]'",
         ):
-            engine = DaskEngine.local(
-                workers=count,
-                threads=cpus or max((os.cpu_count() or 1) // count, 1),
+            local = DaskLocalCluster(nodes=count, cpus=cpus)
+        try:
+            self.use_engine(
+                local.engine, f"local Dask cluster {local.scheduler_address}"
             )
+        except BaseException:
+            local.close()
+            raise
+        self.local = self.nodes = local
         self._register_atexit()
-        self.use_engine(engine, f"local Dask cluster {engine.address}")
 
     def use_dask(self, address: str) -> None:
         """Run on an existing Dask cluster, given its scheduler's address."""
@@ -347,10 +350,11 @@ class Session:
         Each item is a node's ``HOST:PORT``, its host, or its name, and must match
         exactly one node in use. Raises `UsageError` naming the nodes in use.
         """
-        if self.engine is not None:
+        if self.engine is not None and SELECT_NODES not in self.engine.features:
             raise UsageError(
-                f"--on is for dispynb's node servers: the {self.engine.name} engine "
-                "uses every worker of its cluster"
+                f"--on is for dispynb's node servers and engines that select "
+                f"workers: the {self.engine.name} engine uses every worker of its "
+                "cluster"
             )
         known = self.known_nodes()
         listing = ", ".join(
@@ -376,7 +380,7 @@ class Session:
             if specs[matches[0]] not in chosen:
                 chosen.append(specs[matches[0]])
         options = dict(self.options)
-        if self.local is not None and self.nodes is self.local:
+        if self.local is not None and self.nodes is self.local and self.local.secret:
             options.setdefault("secret", self.local.secret)
         return chosen, options
 

@@ -249,7 +249,6 @@ def main(args):
         errors = {}
         for name, call in {
             "setup": lambda: dispynb.JobCluster(compute, engine=engine, setup=fails),
-            "program": lambda: dispynb.JobCluster(sys.executable, engine=engine),
         }.items():
             try:
                 call().close()
@@ -284,7 +283,7 @@ def test_timeouts_setup_failures_and_what_dask_cannot_do(
     errors = out["errors"]
     assert errors["setup"][0] == "SetupError"
     assert "RuntimeError: no data here" in errors["setup"][1]
-    for name in ("program", "send_file", "allocate_node", "job_depends"):
+    for name in ("send_file", "allocate_node", "job_depends"):
         kind, text = errors[name]
         assert kind == "NotSupportedError", (name, errors[name])
         assert "'dask' engine" in text or "dask" in text

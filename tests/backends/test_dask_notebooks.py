@@ -1,20 +1,34 @@
 """The example notebooks under nbval on the Dask engine (issue 14 item 4).
 
-The parameter is ``DISPYNB_LOCAL_ENGINE=dask``: the notebooks' ``%dispy local``
-then starts a Dask ``LocalCluster`` and every ``%%dispy`` runs through the Dask
-engine, the notebooks unchanged. nbval runs in a namespace host made by the test, so
+The parameter is ``DISPYNB_LOCAL_ENGINE=dask``: the notebooks' ``%dispy local`` and
+``LocalCluster(...)`` then start a Dask cluster on the machine
+(`dispynb.backends._dasklocal`, workers named ``local-0``... like local nodes) and
+every ``%%dispy``, ``Run.map`` and ``JobCluster(nodes=local)`` runs through the Dask
+engine, the notebooks unchanged: ``--on local-1`` (Dask worker restrictions),
+``dispy_send_file`` (files come back as events), program computations (run by the
+job's runner on the worker). nbval runs in a namespace host made by the test, so
 the kernel, the Dask scheduler and its workers talk over that host's loopback only.
-Notebooks that use what Dask cannot do (``--on NODE``, ``dispy_send_file``, program
-files) are not in the list.
+While it runs, the test samples the processes under it: the jobs' runners on Dask
+must show up, and no dispynb node server.
+
+01-07 run here; 08-ssh-nodes and 09-slurm-nodes are about dispynb's own launchers
+(``%dispy ssh`` / ``%dispy slurm`` start node servers over SSH or as batch jobs),
+which Dask replaces with its own deployment; a multi-host Dask cluster in a notebook
+(``%dispy dask tcp://HOST:8786``) is `test_dask_multihost_notebook`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.multihost.netns import Network, unavailable_reason
@@ -30,8 +44,11 @@ pytestmark = [
 pytest.importorskip("distributed")
 pytest.importorskip("nbval")
 
-#: The notebooks that run on Dask as they are.
-ON_DASK = ["02-magics.ipynb", "06-provisional-and-cancel.ipynb"]
+#: The notebooks that run on Dask as they are: all but the launchers' (08, 09).
+ON_DASK = sorted(p.name for p in (ROOT / "notebooks").glob("0[1-7]-*.ipynb"))
+
+#: Seconds nbval may take for one notebook.
+NOTEBOOK_TIMEOUT = 280.0
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +58,16 @@ def net() -> Iterator[Network]:
         pytest.skip(reason)
     with Network(1).running() as network:
         yield network
+
+
+def descendants(pid: int) -> list[str]:
+    """The command lines of the processes under ``pid`` now."""
+    lines = []
+    with contextlib.suppress(psutil.NoSuchProcess):
+        for child in psutil.Process(pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                lines.append(" ".join(child.cmdline()))
+    return lines
 
 
 @pytest.mark.parametrize("notebook", ON_DASK)
@@ -53,14 +80,31 @@ def test_notebook_runs_on_the_dask_engine(
         sys.executable, "-m", "pytest", str(ROOT / "notebooks" / notebook),
         "-q", "-p", "no:cacheprovider", "--rootdir", str(ROOT),
     ]  # fmt: skip
-    done = subprocess.run(
-        net.hosts[0].command(argv),
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=280,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
-    assert " passed" in done.stdout and "failed" not in done.stdout
+    log = tmp_path / "nbval.log"
+    seen: set[str] = set()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            net.hosts[0].command(argv),
+            env=env,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # its kernel and Dask workers: one group
+        )
+    try:
+        deadline = time.monotonic() + NOTEBOOK_TIMEOUT
+        while proc.poll() is None:  # sample what runs under it
+            assert time.monotonic() < deadline, log.read_text()[-6000:]
+            seen.update(descendants(proc.pid))
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    output = log.read_text()
+    assert proc.returncode == 0, output[-8000:]
+    assert " passed" in output and "failed" not in output
+    assert any("dispynb.backends._daskhost" in line for line in seen), seen
+    assert not [line for line in seen if "-m nodeserver" in line]

@@ -1,0 +1,252 @@
+"""What the example notebooks need from the Dask engine, on real Dask clusters.
+
+``LocalCluster(engine="dask")`` (the ``DISPYNB_LOCAL_ENGINE=dask`` parameter) is a
+Dask ``SpecCluster`` with dispynb's `LocalCluster` API; on it: ``nodes=`` and
+``submit_node`` restricted to Dask workers, program computations run as
+subprocesses of the job's runner, and files sent back by jobs with
+``dispy_send_file``. Each test runs a client program in a namespace host made by the
+test (the Dask scheduler and workers live there too, on its loopback), the way the
+notebooks use the API; some run the same program on dispynb's node servers and
+compare.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from dispynb.job import JobStatus
+from tests.multihost.netns import Network, run_client, unavailable_reason
+
+pytestmark = [pytest.mark.multihost, pytest.mark.slow, pytest.mark.timeout(150)]
+
+pytest.importorskip("distributed")
+
+FINISHED, CANCELLED = int(JobStatus.Finished), int(JobStatus.Cancelled)
+TERMINATED = int(JobStatus.Terminated)
+
+
+@pytest.fixture(scope="module")
+def net() -> Iterator[Network]:
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    with Network(1).running() as network:
+        yield network
+
+
+def run(net: Network, tmp_path: Path, code: str, **args: Any) -> Any:
+    """Run a client program (``main(args)``) in the namespace host; its result."""
+    return run_client(net, net.hosts[0], tmp_path, PRELUDE + code, args, timeout=130)
+
+
+PRELUDE = """
+import os
+import signal
+import sys
+import time
+
+import dispynb
+import dispynb.errors
+from dispynb import JobCluster, LocalCluster
+
+
+def wait_for(predicate, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+"""
+
+
+LOCAL = """
+def where(x):
+    print("on", dispy_node_name)
+    return [dispy_node_name, os.getpid()]
+
+
+def main(args):
+    os.setpgid(0, 0)  # a group of its own, as Jupyter starts kernels (Stop: killpg)
+    os.environ["DISPYNB_LOCAL_ENGINE"] = "dask"  # the notebooks' parameter
+    out = {}
+    local = LocalCluster(nodes=2, cpus=1)
+    out["type"] = type(local).__name__
+    out["engine"] = local.engine.name
+    out["specs"] = local.node_specs()
+    out["pids"] = local.pids
+    with JobCluster(where, nodes=local) as cluster:
+        out["all"] = sorted({j()[0] for j in [cluster.submit(n) for n in range(6)]})
+        nodes = {node.name: node for node in cluster.status().nodes}
+        out["nodes"] = sorted(nodes)
+        pinned = [cluster.submit_node(nodes["local-1"], n) for n in range(3)]
+        out["pinned"] = [j()[0] for j in pinned]
+    # Stop in a notebook: SIGINT to the kernel's whole process group
+    signal.signal(signal.SIGINT, lambda *_: None)
+    os.killpg(0, signal.SIGINT)
+    time.sleep(0.5)  # a worker killed by it would be gone by now (checked below)
+    out["exited_after_sigint"] = local.exited()
+    for wanted in (["local-1"], [local.node_specs()[0].split("//")[1]]):
+        with JobCluster(where, nodes=wanted, engine=local.engine) as cluster:
+            jobs = [cluster.submit(n) for n in range(4)]
+            out.setdefault("restricted", []).append(sorted({j()[0] for j in jobs}))
+            out.setdefault("restricted_nodes", []).append(
+                sorted(n.name for n in cluster.status().nodes)
+            )
+    try:
+        JobCluster(where, nodes=["local-9"], engine=local.engine).close()
+    except dispynb.errors.ConfigurationError as exc:
+        out["unknown"] = str(exc)
+    with open(args["pids"], "w") as handle:
+        handle.write(" ".join(map(str, local.pids)))
+    os.kill(local.pids[0], signal.SIGKILL)
+    wait_for(lambda: local.exited())
+    out["exited"] = local.exited()
+    local.close()
+    out["closed"] = repr(local)
+    try:
+        LocalCluster(engine="spark")
+    except dispynb.errors.ConfigurationError as exc:
+        out["bad_engine"] = str(exc)
+    return out
+"""
+
+
+def test_local_cluster_on_dask_keeps_the_local_cluster_api(
+    net: Network, tmp_path: Path
+) -> None:
+    """``LocalCluster`` under ``DISPYNB_LOCAL_ENGINE=dask``: Dask workers named
+    ``local-N``, ``JobCluster(nodes=local)`` runs on them through their engine,
+    ``submit_node`` and ``nodes=`` (a worker's name or ``host:port``) restrict the
+    jobs, a name no worker has is one clear error, the process group's SIGINT (Stop
+    in JupyterLab) leaves the workers alone, a dead worker shows in ``exited()``,
+    and ``close`` leaves no worker process."""
+    pids = tmp_path / "pids"
+    out = run(net, tmp_path, LOCAL, pids=str(pids))
+    assert out["type"] == "DaskLocalCluster" and out["engine"] == "dask"
+    assert all(spec.startswith("tcp://127.0.0.1:") for spec in out["specs"])
+    assert len(out["pids"]) == 2
+    assert out["all"] == ["local-0", "local-1"] == out["nodes"]
+    assert out["pinned"] == ["local-1"] * 3
+    assert out["exited_after_sigint"] == []
+    assert out["restricted"][0] == ["local-1"] == out["restricted_nodes"][0]
+    assert len(out["restricted"][1]) == 1
+    assert out["restricted"][1] == out["restricted_nodes"][1]
+    assert "nodes=['local-9']: no worker of the Dask cluster" in out["unknown"]
+    assert "local-0 (tcp://127.0.0.1:" in out["unknown"]
+    assert len(out["exited"]) == 1 and "local-0 exited" in out["exited"][0]
+    assert "closed" in out["closed"]
+    assert "'spark'" in out["bad_engine"] and "'dask'" in out["bad_engine"]
+    for pid in map(int, pids.read_text().split()):
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+
+
+PROGRAM = """
+def main(args):
+    os.chdir(args["dir"])
+    with open("count_words.sh", "w") as out:
+        out.write(
+            '#!/bin/sh\\necho "$# words: $*"\\necho "on $dispy_node_name" >&2\\n'
+            'test "$#" -lt 3\\n'
+        )
+    os.chmod("count_words.sh", 0o755)
+    with open("sleeper.sh", "w") as out:
+        out.write('#!/bin/sh\\necho $$ > "$1"\\nexec sleep 60\\n')
+    os.chmod("sleeper.sh", 0o755)
+    out = {}
+    for engine in ("nodes", "dask"):
+        with LocalCluster(cpus=1, engine=engine) as local:
+            with JobCluster("count_words.sh", nodes=local) as cluster:
+                jobs = [cluster.submit("one"), cluster.submit("one", "two", "three")]
+                out[engine] = [
+                    [j(), int(j.status), j.stdout.decode(), j.stderr.decode()]
+                    for j in jobs
+                ]
+            if engine == "dask":
+                pid_file = os.path.join(args["dir"], "sleeper.pid")
+                with JobCluster("sleeper.sh", nodes=local) as cluster:
+                    job = cluster.submit(pid_file)
+                    wait_for(lambda: os.path.exists(pid_file) and open(pid_file).read())
+                    out["sleeper_pid"] = int(open(pid_file).read())
+                    cluster.cancel(job)
+                    job()
+                    out["cancelled"] = int(job.status)
+    return out
+"""
+
+
+def test_a_program_computation_runs_on_dask_as_on_nodes(
+    net: Network, tmp_path: Path
+) -> None:
+    """``JobCluster("count_words.sh")`` on Dask: the program runs once per job on the
+    worker with the job's arguments, the result is its exit code, stdout and stderr
+    its output as bytes, exactly as on dispynb's node servers; cancelling a running
+    job kills the program."""
+    out = run(net, tmp_path, PROGRAM, dir=str(tmp_path))
+    assert out["dask"][0] == [0, FINISHED, "1 words: one\n", "on local-0\n"]
+    assert out["dask"][1] == [1, FINISHED, "3 words: one two three\n", "on local-0\n"]
+    assert [row[:3] for row in out["dask"]] == [row[:3] for row in out["nodes"]]
+    assert out["nodes"][0][3] == "on local-0\n"
+    assert out["cancelled"] in (CANCELLED, TERMINATED)
+    pid = out["sleeper_pid"]
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+
+
+SEND_FILE = """
+def report(n):
+    os.makedirs("sub", exist_ok=True)
+    name = f"sub/report-{n}.txt" if n else f"report-{n}.txt"
+    with open(name, "w") as out:
+        out.write(f"report {n}: {n * n}\\n")
+    sent = dispy_send_file(name)
+    with open("big.bin", "wb") as out:
+        out.write(b"x" * (int(args_big) + 1))
+    too_big = dispy_send_file("big.bin")
+    missing = dispy_send_file("no-such-file")
+    return [name, sent, too_big, missing]
+
+
+def main(args):
+    global args_big
+    from dispynb.backends.dask import MAX_SENT_FILE
+
+    args_big = MAX_SENT_FILE
+    os.chdir(args["dir"])
+    out = {}
+    with LocalCluster(cpus=2, engine="dask") as local:
+        with JobCluster(report, nodes=local, depends=[]) as cluster:
+            jobs = [cluster.submit(n) for n in range(3)]
+            out["results"] = [j() for j in jobs]
+            # read as soon as each job is done: the file came before its result
+            out["files"] = [open(j.result[0]).read() for j in jobs]
+            out["stderr"] = jobs[0].stderr
+        received = os.path.join(args["dir"], "received")
+        os.mkdir(received)
+        with JobCluster(report, nodes=local, files_dir=received) as cluster:
+            job = cluster.submit(1)
+            job()
+            saved = os.path.join(received, "sub", "report-1.txt")
+            out["files_dir"] = open(saved).read()
+    out["big_here"] = os.path.exists("big.bin")
+    return out
+"""
+
+
+def test_dispy_send_file_on_dask_saves_the_file_where_nodes_do(
+    net: Network, tmp_path: Path
+) -> None:
+    """``dispy_send_file(path)`` in a job on Dask: the client saves the file at the
+    same relative path in its working directory (or ``files_dir``) before the job's
+    result arrives; a file over `MAX_SENT_FILE` or missing is not sent (-1, the
+    reason in the job's stderr)."""
+    out = run(net, tmp_path, SEND_FILE, dir=str(tmp_path))
+    names = ["report-0.txt", "sub/report-1.txt", "sub/report-2.txt"]
+    assert out["results"] == [[name, 0, -1, -1] for name in names]
+    assert out["files"] == [f"report {n}: {n * n}\n" for n in range(3)]
+    assert "the most a job on the Dask engine may send" in out["stderr"]
+    assert "no-such-file" in out["stderr"]
+    assert out["files_dir"] == "report 1: 1\n"
+    assert not out["big_here"]
