@@ -117,7 +117,7 @@ class ComputationPlugin(WorkerPlugin):
     def _start(self, worker: Any) -> None:
         ours, theirs = socket.socketpair()
         root = self.dest_path or os.path.join(worker.local_directory, "dispynb")
-        job_dir = os.path.join(root, self.uid)
+        job_dir = self.job_dir = os.path.join(root, self.uid)
         try:
             self.host = subprocess.Popen(
                 [
@@ -267,6 +267,26 @@ class ComputationPlugin(WorkerPlugin):
     def _cancelled(self, dask_key: str) -> bool:
         task = self.worker.state.tasks.get(dask_key)
         return task is None or task.state in ("cancelled", "released")
+
+
+def receive_file(
+    plugin_name: str, relative: str, data: bytes, dask_worker: Any = None
+) -> str:
+    """Run on a worker by ``Client.run`` (the client's ``send_file``; Dask passes
+    the worker as ``dask_worker``): write a file into the computation's directory
+    there, never outside it; '' or the error."""
+    from dispynb.errors import DispynbError
+    from dispynb.protocol.files import write_inside
+
+    plugin = dask_worker.plugins.get(plugin_name) if dask_worker else None
+    job_dir = getattr(plugin, "job_dir", None)
+    if not isinstance(plugin, ComputationPlugin) or job_dir is None:
+        return "the computation is not set up on that worker"
+    try:
+        write_inside(job_dir, relative, data)
+    except (DispynbError, OSError) as exc:
+        return f"{relative!r} not written on the worker: {exc}"
+    return ""
 
 
 def run_job(

@@ -22,6 +22,8 @@ on Dask's scheduler and workers. How each dispy feature maps onto Dask:
   the computation's directory on each worker and run once per job as a subprocess
   of the job's runner, as on dispynb's nodes (result: the exit code; stdout and
   stderr: its output, as bytes).
+* **send_file** (the client's): ``Client.run`` on that worker writes the file into
+  the computation's directory there (at most `MAX_SENT_FILE`).
 * **dispy_send_file** in a job: the file's bytes (at most `MAX_SENT_FILE`) travel as a
   structured event on this client's topic, before the job's result, and are saved
   under ``files_dir`` (the working directory by default), as dispynb's nodes do.
@@ -37,8 +39,8 @@ on Dask's scheduler and workers. How each dispy feature maps onto Dask:
 * **job_timeout** is enforced by the task thread (it kills the runner) and
   **mem_limit** by ``RLIMIT_AS`` in the runner.
 
-dispy features Dask cannot give (node management, the client's ``send_file``,
-recovery, per-job depends) raise `NotSupportedError` when asked for.
+dispy features Dask cannot give (node management, recovery, per-job depends) raise
+`NotSupportedError` when asked for.
 dispynb must be installed on the Dask workers (it runs the jobs there); the scheduler
 needs nothing of dispynb.
 """
@@ -59,6 +61,7 @@ from dispynb.backends.base import (
     NODE_JOBS,
     PROGRAM,
     SELECT_NODES,
+    SEND_FILE,
     SETUP,
     SUBMIT_NODE,
     ClusterConfig,
@@ -82,7 +85,7 @@ from dispynb.protocol import serialize
 from dispynb.protocol.files import write_inside
 
 if TYPE_CHECKING:
-    pass
+    from dispynb.depends import FileRef
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +133,7 @@ class DaskEngine:
 
     name = "dask"
     features = frozenset(
-        {SETUP, SUBMIT_NODE, JOB_LIMITS, NODE_JOBS, PROGRAM, SELECT_NODES}
+        {SETUP, SUBMIT_NODE, JOB_LIMITS, NODE_JOBS, PROGRAM, SELECT_NODES, SEND_FILE}
     )
 
     def __init__(self, cluster: Any, *, security: Any = None) -> None:
@@ -657,6 +660,33 @@ class DaskBackend(EngineManagedNodes):
             asyncio.ensure_future(cancel).add_done_callback(_log_failure)
 
     # -- nodes ----------------------------------------------------------------------
+
+    def send_file(self, node_id: str, ref: FileRef) -> str:
+        """Write a file into the computation's directory on one Dask worker
+        (``Client.run`` there); '' or the error."""
+        from dispynb.backends._daskworker import receive_file
+
+        try:
+            data = ref.read()
+        except OSError as exc:
+            return f"cannot read {ref.relative!r}: {exc}"
+        if len(data) > MAX_SENT_FILE:
+            return (
+                f"{ref.relative!r} has {len(data)} bytes, over the {MAX_SENT_FILE} "
+                "a file sent to a Dask worker may have: put it in depends, or on "
+                "storage the workers share"
+            )
+
+        async def send() -> str:
+            replies = await self.client.run(
+                receive_file, self.plugin_name, ref.relative, data, workers=[node_id]
+            )
+            return str(replies.get(node_id, f"no Dask worker {node_id}"))
+
+        try:
+            return str(self.runner.run_sync(send))
+        except Exception as exc:  # the worker left, the scheduler is gone
+            return f"not sent to Dask worker {node_id}: {exc}"
 
     def running_jobs(self, node_id: str) -> list[int]:
         """Keys of the jobs known to run on a Dask worker (those running longer

@@ -256,7 +256,6 @@ def main(args):
                 errors[name] = [type(exc).__name__, str(exc)]
         with dispynb.JobCluster(compute, engine=engine) as cluster:
             for name, call in {
-                "send_file": lambda: cluster.send_file(sys.executable, "x"),
                 "allocate_node": lambda: cluster.allocate_node("10.0.0.1"),
                 "job_depends": lambda: cluster.submit(0, dispy_job_depends=[fails]),
             }.items():
@@ -283,7 +282,7 @@ def test_timeouts_setup_failures_and_what_dask_cannot_do(
     errors = out["errors"]
     assert errors["setup"][0] == "SetupError"
     assert "RuntimeError: no data here" in errors["setup"][1]
-    for name in ("send_file", "allocate_node", "job_depends"):
+    for name in ("allocate_node", "job_depends"):
         kind, text = errors[name]
         assert kind == "NotSupportedError", (name, errors[name])
         assert "'dask' engine" in text or "dask" in text

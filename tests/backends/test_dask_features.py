@@ -202,11 +202,16 @@ def report(n):
     with open(name, "w") as out:
         out.write(f"report {n}: {n * n}\\n")
     sent = dispy_send_file(name)
-    with open("big.bin", "wb") as out:
+    with open(f"big-{n}.bin", "wb") as out:  # jobs share the directory
         out.write(b"x" * (int(args_big) + 1))
-    too_big = dispy_send_file("big.bin")
+    too_big = dispy_send_file(f"big-{n}.bin")
     missing = dispy_send_file("no-such-file")
     return [name, sent, too_big, missing]
+
+
+def read_input(n):
+    with open("data/input.txt") as handle:
+        return [dispy_node_name, handle.read()]
 
 
 def main(args):
@@ -216,7 +221,7 @@ def main(args):
     args_big = MAX_SENT_FILE
     os.chdir(args["dir"])
     out = {}
-    with LocalCluster(cpus=2, engine="dask") as local:
+    with LocalCluster(nodes=2, cpus=1, engine="dask") as local:
         with JobCluster(report, nodes=local, depends=[]) as cluster:
             jobs = [cluster.submit(n) for n in range(3)]
             out["results"] = [j() for j in jobs]
@@ -230,18 +235,29 @@ def main(args):
             job()
             saved = os.path.join(received, "sub", "report-1.txt")
             out["files_dir"] = open(saved).read()
-    out["big_here"] = os.path.exists("big.bin")
+        os.mkdir("data")
+        with open("data/input.txt", "w") as handle:
+            handle.write("from the client")
+        with JobCluster(read_input, nodes=local) as cluster:
+            nodes = sorted(cluster.status().nodes, key=lambda node: node.name)
+            out["sent"] = [cluster.send_file("data/input.txt", n) for n in nodes]
+            jobs = [cluster.submit_node(node, 0) for node in nodes]
+            out["read"] = [j() for j in jobs]
+            out["unknown"] = cluster.send_file("data/input.txt", "10.9.9.9")
+    out["big_here"] = [name for name in os.listdir() if name.startswith("big")]
     return out
 """
 
 
-def test_dispy_send_file_on_dask_saves_the_file_where_nodes_do(
+def test_files_between_the_client_and_dask_workers(
     net: Network, tmp_path: Path
 ) -> None:
     """``dispy_send_file(path)`` in a job on Dask: the client saves the file at the
     same relative path in its working directory (or ``files_dir``) before the job's
     result arrives; a file over `MAX_SENT_FILE` or missing is not sent (-1, the
-    reason in the job's stderr)."""
+    reason in the job's stderr). The client's ``send_file(path, node)`` puts a file
+    in the computation's directory on that worker (-1 for a node it does not
+    have)."""
     out = run(net, tmp_path, SEND_FILE, dir=str(tmp_path))
     names = ["report-0.txt", "sub/report-1.txt", "sub/report-2.txt"]
     assert out["results"] == [[name, 0, -1, -1] for name in names]
@@ -249,4 +265,9 @@ def test_dispy_send_file_on_dask_saves_the_file_where_nodes_do(
     assert "the most a job on the Dask engine may send" in out["stderr"]
     assert "no-such-file" in out["stderr"]
     assert out["files_dir"] == "report 1: 1\n"
-    assert not out["big_here"]
+    assert out["sent"] == [0, 0] and out["unknown"] == -1
+    assert out["read"] == [
+        ["local-0", "from the client"],
+        ["local-1", "from the client"],
+    ]
+    assert out["big_here"] == []

@@ -87,7 +87,7 @@ def cells(scheduler: str) -> list[str]:
         f'    engine=DaskEngine("{scheduler}"), unpack=True, progress="none",\n'
         ")\n"
         "assert counted.results == [0, 1], counted.results\n"
-        "outputs = [out.decode() for out in counted.df.stdout]\n"
+        "outputs = list(counted.df.stdout)  # the program's bytes, decoded\n"
         'assert outputs[0].startswith("1 words on 10.77.0."), outputs\n'
         'assert outputs[1].startswith("3 words on 10.77.0."), outputs',
         "status = %dispy status\n"
