@@ -27,7 +27,8 @@ class SchedulerEngine(NodeEngine):
     """
 
     name = "scheduler"
-    features: frozenset[str] = base.ALL_FEATURES
+    #: The scheduler chooses the nodes: ``nodes=`` (``%%dispy --on``) selects none.
+    features: frozenset[str] = base.ALL_FEATURES - {base.SELECT_NODES}
 
     def __init__(self, address: str, exclusive: bool = False) -> None:
         self.address = address
