@@ -12,23 +12,19 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
 
 from dispynb.errors import ConfigurationError, DispynbError
+from dispynb.protocol.discovery import new_boot_id
 from dispynb.secret import resolve_secret, write_new_secret
 from nodeserver.config import NodeConfig
 from nodeserver.containment import probe_in_background
 from nodeserver.launcher import PROCESS_LAUNCHER, Launcher
 from nodeserver.memory import keep_freed_memory
 from nodeserver.parser import build_parser, parse_args, parse_size
+from nodeserver.register import register
+from nodeserver.server import NodeServer
 from nodeserver.service import Phase, ServiceWindow, keep_window
 from nodeserver.zygote import start_zygote
-
-if TYPE_CHECKING:
-    from nodeserver.server import NodeServer
-
-# The server and its transports are imported when the node starts, after its zygote
-# is forked: computation processes need none of them (see `nodeserver.zygote`).
 
 __all__ = ["build_parser", "config_from_args", "main", "parse_args", "parse_size"]
 
@@ -245,9 +241,6 @@ async def serve(
     if it cannot. With ``config.exit_without_client`` it drains and stops once no
     client has been connected for that many seconds (its launcher's client died).
     """
-    from dispynb.protocol.discovery import new_boot_id
-    from nodeserver.server import NodeServer
-
     server = NodeServer(config, launcher)
     stop = asyncio.Event()
     now = asyncio.Event()
@@ -337,8 +330,6 @@ async def _register(
     registered: asyncio.Event,
     boot: bytes,
 ) -> None:
-    from nodeserver.register import register
-
     assert config.secret is not None
     try:
         await register(
@@ -361,8 +352,6 @@ async def _still_registered(
 ) -> bool:
     """Whether the client this node registered with still accepts it (registering
     again with the same boot id: the client does not report the node twice)."""
-    from nodeserver.register import register
-
     assert config.secret is not None
     try:
         await register(
@@ -390,7 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``dispynb-node`` and ``python -m nodeserver``."""
     args = parse_args(argv)
     keep_freed_memory()
-    # Before the secret is read, logging is set up or any thread runs (see zygote).
+    # Before the secret is read, logging is set up or any thread runs, and after
+    # this module's imports: the node's modules are shared with the zygote too (a
+    # zygote forked before them held 2 MB more of its own once the node ran).
     zygote = start_zygote() if args.serve != 0 else None
     logging.basicConfig(
         level="DEBUG" if args.debug else args.loglevel.upper(),
