@@ -592,6 +592,16 @@ class SchedulerServer:
                 logger.warning("cannot read the users file: %s", exc)
                 users = None
             now = loop.time()
+            for comp in list(self.computations):
+                if users is not None and comp.user not in users and not comp.closing:
+                    # A revoked user's jobs stop too, also those kept for a client
+                    # that went away (it could never collect them).
+                    logger.warning("%s: its user was revoked: closed", comp.name)
+                    comp.close(
+                        ComputationClose(
+                            comp_id=comp.comp_id, terminate=True, cancel_waiting=True
+                        )
+                    )
             for session in list(self.sessions):
                 if users is not None and session.user not in users:
                     logger.warning(

@@ -165,6 +165,7 @@ def test_revoked_user_loses_its_session_and_cannot_come_back(
         )
         assert done.returncode == 0, done.stderr
         scheduler.wait_for_log("user 'bob' was revoked")
+        scheduler.wait_for_log("bob/compute: its user was revoked: closed")
     with pytest.raises(AuthenticationError):
         SharedJobCluster(
             compute, scheduler_host=scheduler.address, secret_file=str(users["bob"])
