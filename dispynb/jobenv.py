@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import resource
 import sys
 import traceback
@@ -106,6 +107,17 @@ def format_job_exception(exc: BaseException) -> str:
         lines.append(f"SystemExit: the job called sys.exit({exc.code!r})\n")
         return "".join(lines)
     return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
+def name_for_client(path: str, job_dir: str | None = None) -> str:
+    """The name under which the client saves a file a job sends
+    (``dispy_send_file``): its path relative to the job's directory (``job_dir``,
+    default the working directory) when it is inside, else its base name."""
+    full = os.path.abspath(path)
+    base = os.path.realpath(job_dir or os.getcwd())
+    if full.startswith(base.rstrip(os.sep) + os.sep):
+        return os.path.relpath(full, base).replace(os.sep, "/")
+    return os.path.basename(full)
 
 
 def limit_memory(mem_limit: int) -> tuple[int, int]:

@@ -63,6 +63,17 @@ def local_engine(engine: str | None) -> str:
     return chosen
 
 
+def cpus_per_node(nodes: int, cpus: int | None) -> int:
+    """``cpus``, checked; by default this machine's CPUs shared among ``nodes``."""
+    if nodes < 1:
+        raise ConfigurationError("a LocalCluster needs at least one node")
+    if cpus is None:
+        cpus = max((os.cpu_count() or 1) // nodes, 1)
+    if cpus < 1:
+        raise ConfigurationError("cpus must be a positive number of CPUs per node")
+    return cpus
+
+
 class LocalCluster:
     """Node servers on 127.0.0.1, started now and stopped by `close`.
 
@@ -106,13 +117,7 @@ class LocalCluster:
         loglevel: str = "warning",
         engine: str | None = None,
     ) -> None:
-        if nodes < 1:
-            raise ConfigurationError("a LocalCluster needs at least one node")
-        total = os.cpu_count() or 1
-        if cpus is None:
-            cpus = max(total // nodes, 1)
-        if cpus < 1:
-            raise ConfigurationError("cpus must be a positive number of CPUs per node")
+        cpus = cpus_per_node(nodes, cpus)
         self.secret = secret or random_secret()
         self.cpus = cpus
         self.tls = False

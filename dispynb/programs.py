@@ -21,6 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from dispynb.errors import ConfigurationError
+from dispynb.protocol.records import ProgramFile
+
 
 @dataclass(slots=True)
 class ProgramOutput:
@@ -126,6 +129,16 @@ def read_bounded(
                 f"{limit} (max_output_size)]\n"
             ).encode()
     return bytes(kept["stdout"]), bytes(kept["stderr"])
+
+
+def read_program(path: str) -> ProgramFile:
+    """The program file a client ships, for a program computation."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read program {path!r}: {exc}") from exc
+    return {"name": os.path.basename(path), "data": data}
 
 
 def install_program(name: str, data: bytes, directory: str) -> str:

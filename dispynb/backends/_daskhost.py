@@ -48,6 +48,7 @@ from dispynb.jobenv import (
     implicit_modules,
     inject_names,
     limit_memory,
+    name_for_client,
     setup_failure,
 )
 from dispynb.programs import ProgramOutput, ProgramRunner, install_program
@@ -99,12 +100,7 @@ def dispy_send_file(path: str, relay: bool = False, timeout: Any = None) -> int:
     try:
         if conn is None:
             raise OSError("no job is running")
-        full = os.path.abspath(path)
-        base = os.path.realpath(os.getcwd())
-        if full.startswith(base.rstrip(os.sep) + os.sep):
-            name = os.path.relpath(full, base).replace(os.sep, "/")
-        else:
-            name = os.path.basename(full)
+        name = name_for_client(path)
         limit = _Job.max_file
         with open(path, "rb") as handle:
             data = handle.read(-1 if limit is None else limit + 1)

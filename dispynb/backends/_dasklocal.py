@@ -25,7 +25,7 @@ from typing import Any
 
 from dispynb.backends.dask import DaskEngine, _host_port
 from dispynb.errors import ClusterError, ConfigurationError
-from dispynb.local import START_TIMEOUT, LocalCluster
+from dispynb.local import START_TIMEOUT, LocalCluster, cpus_per_node
 
 _MISSING_DASK = (
     "LocalCluster(engine='dask') needs dask.distributed: pip install 'dispynb[dask]'"
@@ -56,12 +56,7 @@ class DaskLocalCluster(LocalCluster):
         loglevel: str = "warning",
         engine: str | None = None,
     ) -> None:
-        if nodes < 1:
-            raise ConfigurationError("a LocalCluster needs at least one node")
-        if cpus is None:
-            cpus = max((os.cpu_count() or 1) // nodes, 1)
-        if cpus < 1:
-            raise ConfigurationError("cpus must be a positive number of CPUs per node")
+        cpus = cpus_per_node(nodes, cpus)
         try:
             import distributed
         except ImportError as exc:

@@ -81,6 +81,7 @@ from dispynb.errors import (
     TransportError,
 )
 from dispynb.job import JobStatus
+from dispynb.programs import read_program
 from dispynb.protocol import serialize
 from dispynb.protocol.files import write_inside
 
@@ -278,7 +279,11 @@ class DaskBackend(EngineManagedNodes):
         fence = _daskfence.Fence(self.prefix, self.max_attempts, self.client.id)
         await self.client.register_plugin(fence, name=self.fence_name)
         opts = self.config.options
-        program = _read_program(opts.computation)
+        program = (
+            read_program(opts.computation)
+            if isinstance(opts.computation, str)
+            else None
+        )
         bundle = {
             "func": None if program else opts.computation,
             "program": program,
@@ -766,18 +771,6 @@ def _wanted_workers(nodes: Any) -> list[str] | None:
             "hosts or worker names"
         ) from exc
     return None if not wanted or "*" in wanted else wanted
-
-
-def _read_program(computation: Any) -> dict[str, Any] | None:
-    """The program file to ship, for a program computation (None for a function)."""
-    if not isinstance(computation, str):
-        return None
-    try:
-        with open(computation, "rb") as handle:
-            data = handle.read()
-    except OSError as exc:
-        raise ConfigurationError(f"cannot read program {computation!r}: {exc}") from exc
-    return {"name": os.path.basename(computation), "data": data}
 
 
 def _as_bytes(buffer: Any) -> bytes:

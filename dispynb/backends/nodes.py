@@ -35,6 +35,7 @@ from dispynb.errors import (
 )
 from dispynb.node import DispyNodeAvailInfo, NodeAllocate, is_wildcard, parse_node_specs
 from dispynb.options import ClusterOptions
+from dispynb.programs import read_program
 from dispynb.protocol import serialize
 from dispynb.protocol.files import write_inside
 from dispynb.protocol.framing import Buffer, buffers_size
@@ -105,7 +106,7 @@ class NodesBackend:
         opts = self._options = config.options
         self._program: ProgramFile | None = None
         if isinstance(opts.computation, str):
-            self._program = _read_program(opts.computation)
+            self._program = read_program(opts.computation)
         nodes = opts.nodes
         # As in dispy, no nodes means: discover them on the local networks.
         self._specs = specs or parse_node_specs(nodes) or parse_node_specs("*")
@@ -525,16 +526,6 @@ def _avail_info(avail: list[float]) -> DispyNodeAvailInfo | None:
         return None
     cpu, memory, disk, swap = avail
     return DispyNodeAvailInfo(cpu, int(memory), int(disk), swap)
-
-
-def _read_program(path: str) -> ProgramFile:
-    """The program file to ship, for a program computation."""
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read()
-    except OSError as exc:
-        raise ConfigurationError(f"cannot read program {path!r}: {exc}") from exc
-    return {"name": os.path.basename(path), "data": data}
 
 
 def _unpicklable_argument(
