@@ -13,6 +13,7 @@ from dispynb.protocol.framing import (
     PREFIX,
     PREFIX_SIZE,
     FrameDecoder,
+    buffers_size,
     encode_frames,
     parse_prefix,
     split_body,
@@ -276,3 +277,22 @@ def test_raised_cap_applies_to_the_next_frame():
     decoder = FrameDecoder(100, chunk=64)
     decoder.max_size = 1000  # after authentication
     assert len(_fill(decoder, body, 64)) == 1
+
+
+@pytest.mark.parametrize("count", [1, 2, 16, 17, 40])
+def test_encode_frames_head_is_the_same_with_and_without_precompiled_structs(count):
+    # Up to 16 buffers the head comes from one precompiled struct, beyond from two
+    # packs: both must give the prefix and lengths table the decoder expects.
+    buffers = [bytes([i]) * (i + 1) for i in range(count)]
+    head, parts = encode_frames(buffers, MAC)
+    lengths = [len(b) for b in buffers]
+    body = 4 * count + sum(lengths) + MAC
+    expected = struct.pack(f"!II{count}I", body, count, *lengths)
+    assert head == expected
+    assert parts == buffers
+    assert buffers_size(parts) == sum(lengths)
+    [(_prefix, decoded, _signed, mac)] = FrameDecoder(CAP, mac_size=MAC).feed(
+        frame(buffers, bytes(MAC))
+    )
+    assert [bytes(b) for b in decoded] == buffers
+    assert bytes(mac) == bytes(MAC)
