@@ -191,7 +191,8 @@ def _to_shared_memory(buffers: list[Buffer], kinds: list[str]) -> list[Buffer]:
     if sum(memoryview(b).nbytes for b in buffers) < shm.MIN_SIZE:
         return buffers
     try:
-        _name, reference = shm.write_result(buffers)
+        prefix = shm.result_prefix(CONTEXT.job_path or os.getcwd())
+        _name, reference = shm.write_result(buffers, prefix)
     except OSError:  # /dev/shm full, say: the socket still works
         return buffers
     kinds.clear()  # one buffer now, the reference

@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from dispynb.errors import SerializationError
+from dispynb.protocol import shm
 from nodeserver.computation import Computation
 from nodeserver.spool import ResultSpool, SpoolDir
 
@@ -108,6 +110,8 @@ class ResultKeeper:
     @staticmethod
     def record(kept: Kept, entry: list[Any], buffers: list[memoryview]) -> None:
         """One of its results (also sent to the client, if connected)."""
+        if len(buffers) == 1 and shm.is_reference(buffers):
+            entry, buffers = _from_shared_memory(entry, buffers, kept.adopted)
         if kept.spool is None or kept.owner is None:
             kept.results.append((entry, buffers))
         else:
@@ -208,3 +212,28 @@ class ResultKeeper:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _from_shared_memory(
+    entry: list[Any], buffers: list[memoryview], orphan: bool
+) -> tuple[list[Any], list[memoryview]]:
+    """A result a worker wrote to shared memory, for its client on this machine: the
+    kept copy holds the bytes themselves (a connected client unlinks the object once
+    it has read it; an ``orphan``'s, whose client is gone, is unlinked here), so a
+    later client recovering the result reads no reference."""
+    try:
+        name = shm.reference_name(buffers[0])
+        mapped, views = shm.open_reference(buffers[0])
+    except SerializationError as exc:
+        logger.warning("result of job %s not kept: %s", entry[0], exc)
+        return entry, buffers
+    copies = [memoryview(bytes(view)) for view in views]
+    for view in views:
+        view.release()
+    if mapped is not None:
+        mapped.close()
+    if orphan:
+        shm.unlink(name)
+    entry = list(entry)
+    entry[8] = len(copies)  # ResultEntry.buffer_count
+    return entry, copies

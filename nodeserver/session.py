@@ -175,16 +175,23 @@ class ClientSession:
                     closing.append(computation.close(terminate=True))
                     closed.add(comp_id)
             adopted = set(self._computations) - closed
+            # Results its workers wrote and never reported (client killed first).
+            prefixes = [
+                shm.result_prefix(c.path)
+                for comp_id, c in self._computations.items()
+                if comp_id in closed and comp_id in self._segments
+            ]
             self._computations.clear()
             await asyncio.gather(*closing, return_exceptions=True)
+            for prefix in prefixes:
+                shm.unlink_results(prefix)
             for comp_id, segments in self._segments.items():
                 if comp_id not in adopted:  # the keeper's jobs still need theirs
                     for name in segments.values():
                         shm.unlink(name)
-            for comp_id, names in self._result_segments.items():
-                if comp_id not in adopted:  # kept results still need theirs
-                    for name in names:
-                        shm.unlink(name)
+            for names in self._result_segments.values():
+                for name in names:  # kept results hold copies (ResultKeeper.record)
+                    shm.unlink(name)
             if self._segments and not adopted:  # a killed client leaves its pool
                 shm.sweep()
             self._segments.clear()

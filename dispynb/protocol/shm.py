@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import hashlib
 import ipaddress
 import json
 import mmap
@@ -217,15 +218,22 @@ def load_reference(reference: Buffer, loads: Callable[[list[memoryview]], Any]) 
     return value
 
 
-def write_result(buffers: Sequence[Buffer]) -> tuple[str, bytes]:
+def result_prefix(job_path: str) -> str:
+    """The first 16 hex digits of the names of one computation's result objects
+    (from its directory, which its node server and its workers both know)."""
+    return hashlib.sha256(os.fsencode(job_path)).hexdigest()[:16]
+
+
+def write_result(buffers: Sequence[Buffer], prefix: str) -> tuple[str, bytes]:
     """Write a job's pickled result into a new object (a worker, for a client on
     this machine); its name and the reference to send instead.
 
-    The client unlinks it once it has read it; the node server unlinks the names it
-    passed on when the client's session ends (a client that died first).
+    The name is ``prefix`` (`result_prefix`) and 64 random bits. The client unlinks
+    it once it has read it; the node server unlinks every object of the prefix when
+    the computation closes (a client that died first, a result never reported).
     """
     views = [memoryview(b).cast("B") for b in buffers]
-    name = f"dnr-{secrets.token_hex(16)}"
+    name = f"dnr-{prefix}{secrets.token_hex(8)}"
     path = SHM_DIR / name
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
@@ -239,6 +247,21 @@ def write_result(buffers: Sequence[Buffer]) -> tuple[str, bytes]:
         os.close(fd)
     sizes = [v.nbytes for v in views]
     return name, MAGIC + json.dumps({"name": name, "sizes": sizes}).encode()
+
+
+def unlink_results(prefix: str) -> None:
+    """Unlink the result objects of one computation (names starting with
+    ``prefix``): its workers are gone and its client will read no more."""
+    start = f"dnr-{prefix}"
+    try:
+        entries = list(os.scandir(SHM_DIR))
+    except OSError:
+        return
+    for entry in entries:
+        if entry.name.startswith(start) and _RESULT_NAME.fullmatch(entry.name):
+            with contextlib.suppress(OSError):
+                if entry.stat(follow_symlinks=False).st_uid == os.geteuid():
+                    os.unlink(entry.path)
 
 
 def is_result_reference(reference: Buffer) -> bool:

@@ -362,3 +362,73 @@ def test_a_result_never_collected_is_freed_when_the_client_dies(tmp_path):
             shm.unlink(name)
         if client.stdout is not None:
             client.stdout.close()
+
+
+RECOVERING_CLIENT = """
+import sys, time
+import dispynb as dispy
+
+def big(n, marks, data):
+    import os, time
+    open(os.path.join(marks, str(n)), "w").close()  # the node has the job
+    time.sleep(1.0)  # ends after the client is killed
+    return data * 2
+
+cluster = dispy.JobCluster(big, nodes=[sys.argv[1]], secret=sys.argv[2],
+                           recover_file=sys.argv[3])
+payload = bytes(range(256)) * 8000  # 2 MB: through shared memory, both ways
+jobs = [cluster.submit_job_id(n, n, sys.argv[4], payload) for n in range(2)]
+print("submitted", flush=True)
+time.sleep(60)  # killed before it gets further
+"""
+
+RECOVER_DIGESTS = """
+import hashlib, json, sys
+import dispynb as dispy
+jobs = dispy.recover_jobs(sys.argv[1], timeout=30, secret=sys.argv[2])
+print(json.dumps([[j.id, int(j.status), hashlib.sha256(j.result).hexdigest()]
+                  for j in jobs]))
+"""
+
+
+def test_a_large_result_kept_for_recovery_holds_its_bytes(tmp_path):
+    """A node keeps the results of a killed client for `recover_jobs`: a result its
+    worker wrote to shared memory is kept as bytes, not as a reference."""
+    from tests.nodeproc import running_node
+
+    (tmp_path / "client.py").write_text(RECOVERING_CLIENT)
+    (tmp_path / "recover.py").write_text(RECOVER_DIGESTS)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    journal = tmp_path / "journal.db"
+    before = results_in_memory()
+    with running_node(tmp_path / "node", cpus=2) as node:
+        client = subprocess.Popen(
+            [sys.executable, "client.py", node.spec, node.secret, str(journal), marks],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(Path.cwd())},
+        )
+        try:
+            assert client.stdout is not None
+            assert client.stdout.readline().strip() == "submitted"
+            wait_until(lambda: len(list(marks.iterdir())) == 2)
+            client.send_signal(signal.SIGKILL)
+            client.wait(WAIT)
+        finally:
+            client.kill()
+            if client.stdout is not None:
+                client.stdout.close()
+        done = subprocess.run(
+            [sys.executable, "recover.py", str(journal), node.secret],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PYTHONPATH": str(Path.cwd())},
+        )
+        assert done.returncode == 0, done.stderr
+    expected = hashlib.sha256(bytes(range(256)) * 16000).hexdigest()
+    assert json.loads(done.stdout) == [[n, DispyJob.Finished, expected] for n in (0, 1)]
+    wait_until(lambda: not results_in_memory() - before)  # nothing left behind
