@@ -15,7 +15,10 @@ out-of-band buffers) are written and MAC'd without being joined into one copy.
 
 from __future__ import annotations
 
+import os
 import struct
+import sys
+import threading
 from collections.abc import Sequence
 from typing import TypeAlias
 
@@ -114,6 +117,69 @@ def split_body(
 #: A frame as `FrameDecoder.filled` returns it: ``(prefix, count, body)``.
 Frame: TypeAlias = tuple[bytes, int, bytearray]
 
+#: Bodies of large frames from this size up to `SPARE_MAX` are kept for reuse.
+SPARE_MIN = 1 << 20
+#: Largest body kept for reuse (bigger ones are rare, and not worth holding on to).
+SPARE_MAX = 32 << 20
+#: Large bodies kept for reuse, by all the decoders of a process together (memory
+#: kept stays bounded however many connections a client has).
+SPARES = 2
+
+
+def _free_refs() -> int:
+    """References to a spare body that nobody else holds, as `_Spares.take` sees
+    them (the pool's, the loop variable's and getrefcount's)."""
+    pool = [bytearray(1)]
+    for spare in pool:
+        return sys.getrefcount(spare)
+    raise AssertionError  # pragma: no cover
+
+
+_FREE_REFS = _free_refs()
+
+
+class _Spares:
+    """The bodies of recent large frames, filled again once nothing refers to them.
+
+    A new `bytearray` costs a memset of its whole size and, for fresh memory, a page
+    fault per page: both more than the receive's own copy. A body is free when no
+    frame and no memoryview of it is alive (a payload still queued or sent on, an
+    unpickled object keeping a view): its reference count, which every view holds,
+    says so exactly.
+    """
+
+    def __init__(self) -> None:
+        self._bodies: list[bytearray] = []
+        self._lock = threading.Lock()  # decoders of several threads share the pool
+
+    def take(self, size: int) -> bytearray:
+        """A buffer of ``size`` bytes: a free spare cut to size, or a new one (kept
+        as a spare if its size qualifies)."""
+        with self._lock:
+            for spare in self._bodies:
+                if len(spare) >= size and sys.getrefcount(spare) <= _FREE_REFS:
+                    if len(spare) > size:
+                        del spare[size:]
+                    return spare
+        body = bytearray(size)
+        if SPARE_MIN <= size <= SPARE_MAX:
+            with self._lock:
+                bodies = self._bodies
+                if len(bodies) == SPARES:
+                    # Replace the smallest (a busy one of the same size is as good).
+                    bodies.remove(min(bodies, key=len))
+                bodies.append(body)
+        return body
+
+    def clear(self) -> None:
+        """Forget every spare (a forked child must not keep its parent's)."""
+        self._bodies = []
+        self._lock = threading.Lock()
+
+
+_SPARES = _Spares()
+os.register_at_fork(after_in_child=_SPARES.clear)
+
 
 class FrameDecoder:
     """Incremental decoder: bytes in any chunking in, whole frames out; no I/O.
@@ -126,6 +192,9 @@ class FrameDecoder:
 
     ``max_size`` may be raised between frames (after authentication); every prefix is
     checked against it before anything is allocated for the body.
+
+    Large bodies come from a pool of recent ones that nothing refers to any more
+    (`_Spares`): no zero-filled allocation per large frame.
     """
 
     def __init__(self, max_size: int, mac_size: int = 0, chunk: int = 1 << 16) -> None:
@@ -198,7 +267,7 @@ class FrameDecoder:
             if PREFIX_SIZE + size > len(chunk):
                 # Too big for the chunk: it gets its own buffer, filled in place.
                 have = self._end - start - PREFIX_SIZE
-                self._big = big = bytearray(size)
+                self._big = big = _SPARES.take(size)
                 big[:have] = view[start + PREFIX_SIZE : self._end]
                 self._big_view = memoryview(big)
                 self._big_got, self._big_prefix, self._big_count = have, prefix, count

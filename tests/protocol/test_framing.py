@@ -12,6 +12,7 @@ from dispynb.protocol.framing import (
     MAX_BUFFERS,
     PREFIX,
     PREFIX_SIZE,
+    SPARES,
     FrameDecoder,
     buffers_size,
     encode_frames,
@@ -244,6 +245,80 @@ def test_large_frame_is_read_into_its_own_buffer_in_place():
     assert [bytes(split_body(b, c)[0][0]) for _, c, b in _fill(decoder, rest, 7)] == [
         b"after"
     ]
+
+
+def _big_frames(decoder: FrameDecoder, *payloads: bytes) -> list:
+    """Receive one large frame per payload; return each frame's payload view."""
+    views = []
+    for payload in payloads:
+        [(_, count, body)] = _fill(decoder, frame([b"h", payload]), 1 << 20)
+        views.append(split_body(body, count)[0][1])
+        del body
+    return views
+
+
+def test_large_bodies_are_reused_once_nothing_refers_to_them():
+    decoder = FrameDecoder(1 << 23, chunk=4096)
+    first = bytes(range(256)) * 8192  # 2 MiB
+    [view] = _big_frames(decoder, first)
+    first_id = id(view.obj)
+    view.release()
+    del view
+    second = bytes(reversed(first))
+    data = frame([b"h", second])
+    tracemalloc.start()
+    try:
+        [(_, count, body)] = _fill(decoder, data, 1 << 20)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < len(second) // 4  # no new zero-filled buffer, no fresh pages
+    assert id(body) == first_id
+    assert bytes(split_body(body, count)[0][1]) == second
+
+
+def test_a_body_still_referred_to_is_never_reused():
+    decoder = FrameDecoder(1 << 23, chunk=4096)
+    payloads = [bytes([n]) * (2 << 20) for n in range(5)]
+    # Kept views (a queued payload, an unpickled array) pin their bodies: every
+    # later frame gets another buffer and the kept bytes never change.
+    views = _big_frames(decoder, *payloads)
+    assert len({id(v.obj) for v in views}) == len(views)
+    assert [bytes(v) for v in views] == payloads
+    # A body held by itself (a frame not yet taken from an inbox) is pinned too.
+    [(_, _, held)] = _fill(decoder, frame([b"h", payloads[0]]), 1 << 20)
+    [(_, _, other)] = _fill(decoder, frame([b"h", payloads[1]]), 1 << 20)
+    assert held is not other
+    assert bytes(held[-10:]) == payloads[0][-10:]
+
+
+def test_spares_are_shared_by_decoders_and_bounded():
+    decoders = [FrameDecoder(1 << 23, chunk=4096) for _ in range(SPARES + 2)]
+    views = [_big_frames(d, bytes([n]) * (2 << 20))[0] for n, d in enumerate(decoders)]
+    ids = {id(v.obj) for v in views}
+    assert len(ids) == len(views)
+    # However many connections received large frames, at most SPARES bodies are kept.
+    del views
+    decoder = FrameDecoder(1 << 23, chunk=4096)
+    data = frame([b"h", b"x" * (2 << 20)])
+    tracemalloc.start()
+    try:
+        kept = [_fill(decoder, data, 1 << 20)[0] for _ in range(SPARES + 1)]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # SPARES frames reuse the kept bodies; only the one beyond them is allocated.
+    assert len(data) < peak < 1.5 * len(data)
+    assert len({id(body) for _, _, body in kept}) == SPARES + 1
+
+
+def test_a_smaller_large_frame_reuses_a_larger_free_body_cut_to_size():
+    decoder = FrameDecoder(1 << 23, chunk=4096)
+    [view] = _big_frames(decoder, b"a" * (3 << 20))
+    del view
+    [view] = _big_frames(decoder, b"b" * (2 << 20))
+    assert bytes(view) == b"b" * (2 << 20)
+    assert len(view.obj) == len(frame([b"h", b"b" * (2 << 20)])) - PREFIX_SIZE
 
 
 def test_frame_just_fitting_the_chunk_after_others_is_compacted_not_split():
