@@ -130,6 +130,7 @@ class DispyJob:
         "_cluster",
         "_done",
         "_final",
+        "_finish",
         "_future",
         "_key",
         "_kwargs",
@@ -137,7 +138,6 @@ class DispyJob:
         "_waiters",
         "end_time",
         "exception",
-        "finish",
         "id",
         "ip_addr",
         "result",
@@ -166,7 +166,7 @@ class DispyJob:
     end_time: float | None
     status: JobStatus
     ip_addr: str | None
-    finish: threading.Event
+    _finish: threading.Event | None
     _args: tuple[Any, ...]
     _kwargs: dict[str, Any]
     _key: int | None
@@ -190,7 +190,7 @@ class DispyJob:
         self.end_time = None
         self.status = JobStatus.Created
         self.ip_addr = None
-        self.finish = threading.Event()
+        self._finish = None  # made when first asked for (`finish`): most never are
         self._args = args
         self._kwargs = kwargs
         self._key = None
@@ -231,8 +231,33 @@ class DispyJob:
             that a second ``job()`` blocks for ever; here ``finish`` stays set once the
             job is done, and every later call returns at once.
         """
+        if self._done:
+            with _lock:  # `_complete` holds it while it sets the fields
+                return self.result
         self.finish.wait()
         return self.result
+
+    @property
+    def finish(self) -> threading.Event:
+        """dispy's ``finish`` event: set when the job reaches its final status."""
+        event = self._finish
+        if event is None:
+            with _lock:
+                event = self._finish
+                if event is None:
+                    event = self._finish = threading.Event()
+                    if self._done:
+                        event.set()
+        return event
+
+    def __copy__(self) -> DispyJob:
+        """A snapshot (what callbacks get) sharing the job's ``finish`` event."""
+        self.finish  # noqa: B018 - made now, so that both see the same event
+        clone = DispyJob.__new__(DispyJob)
+        for name in _SLOTS:
+            with contextlib.suppress(AttributeError):  # an unset slot stays unset
+                setattr(clone, name, getattr(self, name))
+        return clone
 
     def done(self) -> bool:
         """Return whether the job reached a final status (see `FINAL_STATUSES`)."""
@@ -412,7 +437,8 @@ class DispyJob:
                 self.ip_addr = ip_addr
             # A JobStatus already (the usual case): no enum lookup per job.
             self.status = status if type(status) is JobStatus else JobStatus(status)
-            self.finish.set()
+            if self._finish is not None:
+                self._finish.set()
             final, self._final = self._final, None
             waiters, self._waiters = self._waiters, None
             job_future, self._cluster = self._future, None
@@ -426,6 +452,10 @@ class DispyJob:
         if job_future is not None:
             job_future._end()
         return True
+
+
+#: The attributes a copy of a job takes (all but the weak-reference slot).
+_SLOTS = tuple(name for name in DispyJob.__slots__ if name != "__weakref__")
 
 
 def _wake(future: asyncio.Future[None]) -> None:
