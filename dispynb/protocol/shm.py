@@ -18,6 +18,13 @@ bounds, at close); an object whose lock nobody holds belongs to a dead client an
 `sweep` removes it: the node server sweeps when a client's session ends (a client
 killed by SIGKILL), and every new pool sweeps once.
 
+Results come back the same way: a worker whose job's arguments came through shared
+memory writes a result of at least `MIN_SIZE` bytes once into
+``/dev/shm/dnr-<16 hex of its computation's directory><64 random bits>``
+(`write_result`); the node server passes the reference on, and the client reads it
+and unlinks it. The node unlinks every result object of a computation it closes when
+the client's session ends (`unlink_results`: a client killed before it read them).
+
 `same_machine` decides whether a node may be sent references; when it says no, or
 below `MIN_SIZE`, arguments go over the socket as before. Linux only (``/dev/shm``).
 Setting the environment variable ``DISPYNB_SHARED_MEMORY=0`` in the client turns it
