@@ -1,0 +1,89 @@
+"""The Ray engine's inbox: what running jobs send before they end
+(``dispy_provisional_result``, ``dispy_send_file``) reaches the client through an
+asynchronous actor (`_rayworker.Inbox`) that it long-polls; messages are delivered in
+the order each job sent them, and a job's outcome waits for its messages."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+from typing import Any
+
+from dispynb.backends._raystate import _RayState
+from dispynb.errors import DispynbError
+from dispynb.protocol.files import write_inside
+
+logger = logging.getLogger("dispynb.backends.ray")
+
+#: Seconds each long poll of the inbox lasts.
+POLL = 1.0
+
+
+class _InboxReader(_RayState):
+    """Long-poll the inbox; deliver provisional results and save files."""
+
+    def _poll_inbox(self) -> None:
+        if self._closed:
+            return
+        future = self._inbox.take.remote(POLL).future()
+        future.add_done_callback(lambda fut: self._post(self._inbox_items, fut))
+
+    def _inbox_items(self, fut: concurrent.futures.Future[Any]) -> None:
+        if self._closed:
+            return
+        try:
+            items = fut.result()
+        except Exception as exc:
+            logger.warning("provisional results are lost: the inbox failed: %s", exc)
+            for key in list(self._held):
+                self._release(key)
+            return
+        for key, attempt, number, kind, value in items:
+            if self._attempts.get(key) != attempt:
+                continue
+            early = self._early.setdefault(key, {})
+            early[number] = (kind, value)
+            # Deliver in the order the job sent them.
+            while self._sent.get(key, 0) in early:
+                kind, value = early.pop(self._sent.get(key, 0))
+                if not self._deliver(key, kind, value):
+                    break
+            if not early:
+                self._early.pop(key, None)
+        self._poll_inbox()
+
+    def _deliver(self, key: int, kind: str, value: Any) -> bool:
+        """Report one message of a running (or just ended) job; False if the job
+        is gone."""
+        slot = self._where.get(key)
+        held = self._held.get(key)
+        node = slot.node if slot is not None else held[0] if held else None
+        if node is None:
+            return False
+        self._sent[key] = self._sent.get(key, 0) + 1
+        if kind == "provisional":
+            self._events.job_provisional(key, self._view(node), value)
+        elif kind == "file":
+            self._save_file(key, *value)
+        if held is not None and self._sent[key] >= held[2]:
+            self._release(key)
+        return True
+
+    def _release(self, key: int) -> None:
+        held = self._held.pop(key, None)
+        if held is None:
+            return
+        node, outcome, _, timer = held
+        timer.cancel()
+        self._forget(key)
+        self._events.job_done(key, node.info, outcome)
+
+    def _save_file(self, key: int, path: str, data: bytes) -> None:
+        base_dir = self._files_dir or os.getcwd()
+        try:
+            saved = write_inside(base_dir, path, memoryview(data))
+        except (DispynbError, OSError) as exc:
+            logger.warning("file %r from job %d not saved: %s", path, key, exc)
+            return
+        logger.info("saved %s from job %d", saved, key)

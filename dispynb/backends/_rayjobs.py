@@ -1,0 +1,401 @@
+"""The Ray engine's jobs: queued here (for any node, or for one: ``submit_node``),
+handed to idle actors (`DEPTH` calls in flight each), their completions settled on
+the loop, their limits enforced, cancels and lost actors settled."""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import time
+from typing import Any
+
+from dispynb.backends._raystate import (
+    _check_picklable,
+    _RayState,
+    _reason,
+    _Slot,
+    _terminated,
+)
+from dispynb.backends.base import JobRequest, Outcome
+from dispynb.errors import NotSupportedError
+from dispynb.job import JobStatus
+
+#: Calls of ``run`` in flight per actor: the running job and the next one.
+DEPTH = 2
+
+#: Seconds a job's outcome waits for the provisional results it says it sent.
+PROVISIONAL_WAIT = 10.0
+
+
+class _Jobs(_RayState):
+    """The jobs' way through the actors, from ``submit`` to their final event."""
+
+    def prepare(self, job: JobRequest) -> None:
+        """Check that the arguments pickle (values of plain types are not pickled
+        twice: Ray pickles them once on the way)."""
+        if job.depends:
+            raise NotSupportedError(
+                "dispy_job_depends is not supported on the 'ray' engine: give the "
+                "cluster's depends, or pass the data as arguments"
+            )
+        for index, value in enumerate(job.args):
+            _check_picklable(value, f"argument {index}")
+        for name, value in job.kwargs.items():
+            _check_picklable(value, f"keyword argument {name!r}")
+
+    def submit(self, job: JobRequest) -> None:
+        self._incoming.append(job)  # deque.append is atomic
+        self._pump.trigger()
+
+    def cancel(
+        self, keys: list[int], unstarted: bool = False, held: bool = False
+    ) -> None:
+        if held:  # on the loop thread: only jobs no actor has, reported now
+            self._take_incoming()
+            self._cancel_queued(set(keys))
+            return
+        self._to_cancel.append((list(keys), unstarted))
+        self._pump.trigger()
+
+    def node_load(self) -> dict[str, tuple[int, int]]:
+        """``(cpus, jobs)`` of each Ray node set up: its live actors, the jobs
+        handed to them."""
+        if self._runner.in_loop_thread():
+            return self._load()
+
+        async def load() -> dict[str, tuple[int, int]]:
+            return self._load()
+
+        return self._runner.run_sync(load, timeout=30)
+
+    def running_jobs(self, node_id: str) -> list[int]:
+        """Keys of the jobs running on a Ray node now (the first call of each of
+        its actors)."""
+
+        async def keys() -> list[int]:
+            node = self._nodes.get(node_id)
+            if node is None:
+                return []
+            return sorted(s.inflight[0][0] for s in node.slots if s.inflight)
+
+        return self._runner.run_sync(keys, timeout=30)
+
+    def _load(self) -> dict[str, tuple[int, int]]:
+        return {
+            node.ray_id: (
+                0 if node.closed else sum(1 for s in node.slots if not s.dead),
+                sum(len(s.inflight) for s in node.slots),
+            )
+            for node in self._nodes.values()
+            if node.info is not None
+        }
+
+    def _take_incoming(self) -> None:
+        incoming = self._incoming
+        while incoming:
+            job = incoming.popleft()
+            self._jobs[job.key] = job
+            self._enqueue(job)
+
+    def _enqueue(self, job: JobRequest, first: bool = False) -> None:
+        """Queue ``job`` here: for any node, or for its own (``submit_node``)."""
+        if job.node_id is None:
+            queue = self._queue
+        else:
+            node = self._nodes.get(job.node_id)
+            if node is None or node.closed:
+                self._forget(job.key)
+                self._events.job_abandoned(
+                    job.key,
+                    node.info if node is not None else None,
+                    "its Ray node (submit_node) has left the cluster",
+                )
+                return
+            queue = self._pinned.setdefault(job.node_id, collections.deque())
+        if first:
+            queue.appendleft(job)
+        else:
+            queue.append(job)
+
+    def _next_job(self, slot: _Slot) -> JobRequest | None:
+        """The job ``slot`` runs next: one for its node first, then any."""
+        if self._pinned:
+            pinned = self._pinned.get(slot.node.ray_id)
+            if pinned:
+                return pinned.popleft()
+        return self._queue.popleft() if self._queue else None
+
+    def _schedule(self) -> None:
+        """On the loop: take in new jobs and cancels, then feed idle actors."""
+        if self._closed:
+            return
+        self._take_incoming()
+        while self._to_cancel:
+            keys, unstarted = self._to_cancel.popleft()
+            for key in self._cancel_queued(set(keys)):
+                self._cancel_sent(key, unstarted)
+        if self._pinned:
+            self._pinned = {k: q for k, q in self._pinned.items() if q}
+        if not self._queue and not self._pinned:
+            self._steal()
+            return
+        slots = [s for s in self._slots if s.ready and len(s.inflight) < DEPTH]
+        if not slots:
+            return
+        # Fill the emptiest actors first: one job each, then a second one each, but
+        # only once every actor is up (a job queued behind a running one would wait
+        # for it while an actor still being set up becomes free).
+        slots.sort(key=lambda s: len(s.inflight))
+        starting = any(not s.ready and not s.dead for s in self._slots)
+        for depth in range(1 if starting else DEPTH):
+            for slot in slots:
+                if len(slot.inflight) <= depth:
+                    job = self._next_job(slot)
+                    if job is None:
+                        if not self._pinned and not self._queue:
+                            return
+                        continue
+                    self._send(slot, job)
+
+    def _steal(self) -> None:
+        """Nothing waits here but an actor is idle: take back a job waiting behind
+        another actor's running job (``ray.cancel`` drops it there; it is queued
+        again here when Ray confirms), so that it does not wait for that job."""
+        idle = sum(1 for s in self._slots if s.ready and not s.inflight)
+        if not idle:
+            return
+        for slot in self._slots:
+            if idle == 0:
+                return
+            if len(slot.inflight) < 2:
+                continue
+            key, _, ref = slot.inflight[-1]
+            if key in self._stolen or key in self._cancelling:
+                continue
+            job = self._jobs.get(key)
+            if job is None or job.node_id is not None:  # it may run only there
+                continue
+            self._stolen.add(key)
+            self._ray.cancel(ref)
+            idle -= 1
+
+    def _send(self, slot: _Slot, job: JobRequest) -> None:
+        key = job.key
+        attempt = self._attempts.get(key, 0) + 1
+        self._attempts[key] = attempt
+        try:
+            ref = slot.handle.run.remote(
+                key, attempt, job.args, job.kwargs, job.mem_limit
+            )
+        except Exception as exc:  # Ray could not serialize the arguments
+            self._jobs.pop(key, None)
+            self._events.job_done(
+                key,
+                None,
+                _terminated(f"the job's arguments could not be sent to Ray: {exc}\n"),
+            )
+            return
+        slot.inflight.append((key, attempt, ref))
+        self._where[key] = slot
+        self._sent.pop(key, None)
+        self._early.pop(key, None)
+        ref.future().add_done_callback(
+            lambda fut: self._completed(slot, key, attempt, fut)
+        )
+        if len(slot.inflight) == 1:
+            self._started_running(slot)
+
+    def _completed(
+        self, slot: _Slot, key: int, attempt: int, fut: concurrent.futures.Future[Any]
+    ) -> None:
+        """On a Ray thread: hand the completion to the loop (one wake-up per batch)."""
+        with self._completions_lock:
+            wake = not self._completions
+            self._completions.append((slot, key, attempt, fut))
+        if wake:
+            self._post(self._drain_completions)
+
+    def _drain_completions(self) -> None:
+        with self._completions_lock:
+            batch = list(self._completions)
+            self._completions.clear()
+        for slot, key, attempt, fut in batch:
+            self._done(slot, key, attempt, fut)
+        self._schedule()
+
+    def _done(
+        self, slot: _Slot, key: int, attempt: int, fut: concurrent.futures.Future[Any]
+    ) -> None:
+        if self._closed or self._where.get(key) is not slot:
+            return
+        if self._attempts.get(key) != attempt:
+            return
+        ray = self._ray
+        try:
+            reply = fut.result()
+        except ray.exceptions.TaskCancelledError:
+            self._remove(slot, key)
+            if key in self._stolen and not (
+                key in self._cancelling or key in self._unstarted_cancels
+            ):  # taken back for an idle actor
+                self._stolen.discard(key)
+                self._enqueue(self._jobs[key], first=True)
+                return
+            self._forget(key)
+            self._events.job_cancelled(key)
+            return
+        except ray.exceptions.RayActorError as exc:
+            self._actor_lost(slot, _reason(exc))
+            return
+        except Exception as exc:  # the call failed in Ray (a result Ray cannot pickle)
+            self._remove(slot, key)
+            self._forget(key)
+            self._events.job_done(
+                key,
+                slot.node.info,
+                _terminated(f"{_reason(exc)}\n"),
+            )
+            return
+        self._remove(slot, key)
+        code, result, stdout, stderr, exception, start, end, sent = reply
+        from dispynb.backends._rayworker import FINISHED
+
+        outcome = Outcome(
+            JobStatus.Finished if code == FINISHED else JobStatus.Terminated,
+            result=result,
+            stdout=stdout,
+            stderr=stderr,
+            exception=exception,
+            start_time=start,
+            end_time=end,
+        )
+        if (key, attempt) not in self._started:
+            self._events.job_running(key, self._view(slot.node), start)
+        if sent > self._sent.get(key, 0):
+            # Its provisional results are still on their way through the inbox.
+            timer = self._runner.loop.call_later(PROVISIONAL_WAIT, self._release, key)
+            self._held[key] = (slot.node, outcome, sent, timer)
+            return
+        self._forget(key)
+        self._events.job_done(key, slot.node.info, outcome)
+
+    def _remove(self, slot: _Slot, key: int) -> None:
+        """Take ``key`` out of its actor's calls; report the start of the next one."""
+        inflight = slot.inflight
+        was_head = bool(inflight) and inflight[0][0] == key
+        for index, item in enumerate(inflight):
+            if item[0] == key:
+                del inflight[index]
+                break
+        self._where.pop(key, None)
+        self._cancel_timer(slot)
+        if was_head and inflight:
+            self._started_running(slot)
+
+    def _started_running(self, slot: _Slot) -> None:
+        """The first call of ``slot`` runs now: report it, enforce its limits."""
+        key, attempt, _ = slot.inflight[0]
+        if key in self._cancelling:
+            self._kill(slot, key)  # its cancel came too late to drop it
+            return
+        # (A key taken back stays so: Ray's answer to the cancel says whether it
+        # ran, its result or TaskCancelledError.)
+        if (key, attempt) not in self._started:
+            self._started.add((key, attempt))
+            self._events.job_running(key, self._view(slot.node), time.time())
+        timeout = self._jobs[key].timeout if key in self._jobs else None
+        if timeout is not None:
+            slot.timer = self._runner.loop.call_later(
+                timeout, self._timed_out, slot, key
+            )
+
+    def _cancel_timer(self, slot: _Slot) -> None:
+        if slot.timer is not None:
+            slot.timer.cancel()
+            slot.timer = None
+
+    def _timed_out(self, slot: _Slot, key: int) -> None:
+        slot.timer = None
+        if slot.inflight and slot.inflight[0][0] == key:
+            self._kill(slot, key, timed_out=True)
+
+    def _cancel_queued(self, keys: set[int]) -> set[int]:
+        """Cancel the jobs of ``keys`` waiting here (one pass); the other keys."""
+        if not keys or not (self._queue or self._pinned):
+            return keys
+        found: list[int] = []
+
+        def keep(queue: collections.deque[JobRequest]) -> collections.deque[JobRequest]:
+            kept: collections.deque[JobRequest] = collections.deque()
+            for job in queue:
+                if job.key in keys:
+                    found.append(job.key)
+                else:
+                    kept.append(job)
+            return kept
+
+        self._queue = keep(self._queue)
+        self._pinned = {node: keep(queue) for node, queue in self._pinned.items()}
+        for key in found:
+            self._forget(key)
+            self._events.job_cancelled(key)
+        return keys.difference(found)
+
+    def _cancel_sent(self, key: int, unstarted: bool) -> None:
+        """Cancel a job handed to an actor: drop it there if it has not started;
+        kill its actor if it runs (unless ``unstarted``: then it runs on)."""
+        slot = self._where.get(key)
+        if slot is None or key not in self._jobs or key in self._held:
+            return
+        if slot.inflight and slot.inflight[0][0] == key:
+            if not unstarted:
+                self._cancelling.add(key)
+                self._kill(slot, key)
+            return
+        (self._unstarted_cancels if unstarted else self._cancelling).add(key)
+        for item_key, _, ref in slot.inflight:
+            if item_key == key:
+                self._ray.cancel(ref)  # a pending actor task: Ray drops it
+
+    def _fail_inflight(self, slot: _Slot, reason: str) -> None:
+        killed_for, slot.killed_for = slot.killed_for, None
+        self._cancel_timer(slot)
+        calls = list(slot.inflight)
+        slot.inflight.clear()
+        requeue: list[JobRequest] = []
+        for index, (key, _, _) in enumerate(calls):
+            self._where.pop(key, None)
+            job = self._jobs.get(key)
+            if job is None:
+                continue
+            if index == 0 and (key == killed_for or key in self._cancelling):
+                timed_out = key in self._timed_out_keys
+                self._forget(key)
+                why = (
+                    "job_timeout: the job ran longer than its limit"
+                    if timed_out
+                    else "cancelled at the client's request"
+                )
+                self._events.job_done(
+                    key,
+                    slot.node.info,
+                    _terminated(f"job terminated ({why}): its Ray actor was killed\n"),
+                )
+            elif index and (key in self._cancelling or key in self._unstarted_cancels):
+                self._forget(key)
+                self._events.job_cancelled(key)
+            elif index == 0 and not self._reentrant:
+                self._forget(key)
+                self._events.job_abandoned(
+                    key,
+                    self._view(slot.node),
+                    f"its Ray worker died while it ran ({reason}); the cluster is "
+                    "not reentrant, so the job is not run again",
+                )
+            else:
+                if index == 0:
+                    self._events.job_requeued(key)
+                self._stolen.discard(key)
+                requeue.append(job)
+        for job in reversed(requeue):
+            self._enqueue(job, first=True)

@@ -1,0 +1,197 @@
+"""The Ray engine's state: its nodes and actors, and what the parts of `RayBackend`
+share (`_RayState`). ``RayBackend`` (`dispynb.backends.ray`) is made of the parts:
+`_rayactors` (the actors on the Ray nodes), `_rayjobs` (jobs: queue, dispatch,
+completion, cancel) and `_rayinbox` (what running jobs send before they end).
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import contextlib
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from dispynb._loop import Coalescer
+from dispynb.backends.base import (
+    ClusterConfig,
+    JobEvents,
+    JobRequest,
+    NodeInfo,
+    Outcome,
+)
+from dispynb.errors import SerializationError
+from dispynb.job import JobStatus
+from dispynb.protocol import serialize
+
+if TYPE_CHECKING:
+    from dispynb.backends.ray import RayEngine
+
+_PLAIN = frozenset({int, float, str, bytes, bytearray, bool, type(None), complex})
+
+
+@dataclass(eq=False)
+class _Node:
+    """A Ray node and the actors of this cluster on it."""
+
+    ray_id: str
+    host: str
+    port: int
+    slots: list[_Slot] = field(default_factory=list)
+    info: NodeInfo | None = None  # set when its first actor is ready
+    closed: bool = False
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One actor: a worker running one job at a time."""
+
+    handle: Any
+    node: _Node
+    #: (key, attempt, ref) of the calls sent to it, in the order it runs them.
+    inflight: collections.deque[tuple[int, int, Any]] = field(
+        default_factory=collections.deque
+    )
+    ready: bool = False
+    dead: bool = False
+    pid: int = 0  # of the actor's process, once set up
+    #: The key whose cancel killed the actor (its job ends Terminated).
+    killed_for: int | None = None
+    #: The running job's ``job_timeout`` timer.
+    timer: Any = None
+
+
+class _RayState:
+    """The state of one `JobCluster`'s computation on Ray, on the façade's loop,
+    and the helpers every part uses. The methods declared here and raising
+    `NotImplementedError` are the parts' own (one part calls another's)."""
+
+    def __init__(
+        self, ray: Any, engine: RayEngine, events: JobEvents, config: ClusterConfig
+    ) -> None:
+        self._ray = ray
+        self._engine = engine
+        self._events = events
+        self._config = config
+        self._runner = config.runner
+        opts = config.options
+        self._reentrant = opts.reentrant
+        self._files_dir = opts.files_dir
+        self._queue: collections.deque[JobRequest] = collections.deque()
+        #: Jobs of ``submit_node`` waiting for their node, by Ray node id.
+        self._pinned: dict[str, collections.deque[JobRequest]] = {}
+        self._incoming: collections.deque[JobRequest] = collections.deque()
+        self._jobs: dict[int, JobRequest] = {}  # queued or in flight
+        self._where: dict[int, _Slot] = {}  # in flight
+        self._attempts: dict[int, int] = {}
+        #: Keys to cancel, killing their actor if they run / only if not started.
+        self._cancelling: set[int] = set()
+        self._unstarted_cancels: set[int] = set()
+        #: Keys taken back from an actor for an idle one (see `_steal`).
+        self._stolen: set[int] = set()
+        self._timed_out_keys: set[int] = set()
+        self._to_cancel: collections.deque[tuple[list[int], bool]] = collections.deque()
+        self._started: set[tuple[int, int]] = set()  # (key, attempt) reported running
+        self._sent: dict[int, int] = {}  # inbox messages received per key
+        self._held: dict[int, tuple[_Node, Outcome, int, Any]] = {}
+        self._nodes: dict[str, _Node] = {}
+        self._slots: list[_Slot] = []
+        self._completions: collections.deque[tuple[_Slot, int, int, Any]] = (
+            collections.deque()
+        )
+        self._completions_lock = threading.Lock()
+        self._pump = Coalescer(self._runner, self._schedule)
+        self._closed = False
+        self._startup: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._setup_errors: list[str] = []
+        self._inbox: Any = None
+        self._actor_class: Any = None
+        self._strategy: Any = None
+        self._max_output: int | str | None = None
+        self._args_refs: tuple[Any, ...] = ()
+        #: Inbox messages that arrived ahead of an earlier one of their job (an
+        #: asynchronous actor does not keep the order of calls): by key, by number.
+        self._early: dict[int, dict[int, tuple[str, Any]]] = {}
+
+    def _post(self, fn: Any, *args: Any) -> None:
+        """From Ray's threads: run ``fn(*args)`` on the loop, unless closed."""
+        if self._closed:
+            return
+        # RuntimeError: the loop ended with the last cluster, nothing to tell.
+        with contextlib.suppress(RuntimeError):
+            self._runner.call_soon(fn, *args)
+
+    def _forget(self, key: int) -> None:
+        self._jobs.pop(key, None)
+        self._attempts.pop(key, None)
+        self._cancelling.discard(key)
+        self._unstarted_cancels.discard(key)
+        self._stolen.discard(key)
+        self._timed_out_keys.discard(key)
+        self._sent.pop(key, None)
+        self._early.pop(key, None)
+        self._started = {item for item in self._started if item[0] != key}
+
+    def _view(self, node: _Node) -> NodeInfo:
+        """``node``'s `NodeInfo`: the one reported, or one made up before that."""
+        if node.info is not None:
+            return node.info
+        return NodeInfo(node.ray_id, node.host, node.port, "", len(node.slots))
+
+    # -- the parts' methods, declared for the others --
+
+    def _schedule(self) -> None:
+        raise NotImplementedError
+
+    def _fail_inflight(self, slot: _Slot, reason: str) -> None:
+        raise NotImplementedError
+
+    def _take_incoming(self) -> None:
+        raise NotImplementedError
+
+    def _cancel_timer(self, slot: _Slot) -> None:
+        raise NotImplementedError
+
+    def _release(self, key: int) -> None:
+        raise NotImplementedError
+
+    def _kill(self, slot: _Slot, key: int, timed_out: bool = False) -> None:
+        raise NotImplementedError
+
+    def _actor_lost(self, slot: _Slot, reason: str) -> None:
+        raise NotImplementedError
+
+    def _poll_inbox(self) -> None:
+        raise NotImplementedError
+
+
+def _check_picklable(value: Any, what: str) -> None:
+    """Raise `SerializationError` naming ``what`` if ``value`` does not pickle."""
+    kind = type(value)
+    if kind in _PLAIN:
+        return
+    if (kind is tuple or kind is list) and all(type(v) in _PLAIN for v in value):
+        return
+    try:
+        serialize.dumps(value)
+    except SerializationError as exc:
+        raise SerializationError(
+            f"{what} of the job cannot be sent to Ray: {exc}"
+        ) from exc
+
+
+def _terminated(why: str) -> Outcome:
+    """The outcome of a job ended now, not by itself (``why`` ends with a newline)."""
+    now = time.time()
+    return Outcome(JobStatus.Terminated, exception=why, start_time=now, end_time=now)
+
+
+def _reason(exc: BaseException) -> str:
+    """A one-paragraph reason from a Ray error (its first lines)."""
+    text = str(exc).strip() or type(exc).__name__
+    lines = text.splitlines()
+    if len(lines) > 12:
+        text = "\n".join([*lines[:12], "..."])
+    return text
