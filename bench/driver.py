@@ -144,7 +144,9 @@ def run_main(params: dict[str, Any]) -> dict[str, Any]:
     backend.start()
     try:
         time.sleep(params.get("settle", 1.0))  # let start-up work finish: "at rest"
-        result["memory_rest"] = snapshot()
+        # PSS too: a node's forked processes (its zygote) share most of their
+        # pages, which the RSS sum counts once per process.
+        result["memory_rest"] = snapshot(pss=True)
         for workload in workloads:
             workload.warm_up(backend)
             for rep in range(1, params["repeat"] + 1):

@@ -77,6 +77,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("start_first_result", "W5 start to first result", "s", False),
     Metric("start_close", "W5 close", "s", False),
     Metric("mem_nodes_rest", "nodes/workers at rest (RSS sum)", "MiB", False),
+    Metric("mem_nodes_pss_rest", "nodes/workers at rest (PSS sum)", "MiB", False),
     Metric("mem_nodes_peak", "nodes/workers peak (sum of peaks)", "MiB", False),
     Metric("mem_nodes_pss_w1", "nodes/workers after W1 (PSS sum)", "MiB", False),
     Metric("mem_client_rest", "client at rest (RSS)", "MiB", False),
@@ -153,6 +154,9 @@ def _raw_values(result: Mapping[str, Any]) -> dict[str, list[float]]:
             client_key = "rss" if phase == "rest" else "hwm"
             values[f"mem_nodes_{phase}"] = [snap[nodes_key] / MIB]
             values[f"mem_client_{phase}"] = [snap["client"][client_key] / MIB]
+    rest = result.get("memory_rest")
+    if rest and "nodes_pss" in rest:
+        values["mem_nodes_pss_rest"] = [rest["nodes_pss"] / MIB]
     after_w1 = result.get("memory_after_w1")
     if after_w1 and "nodes_pss" in after_w1:
         values["mem_nodes_pss_w1"] = [after_w1["nodes_pss"] / MIB]

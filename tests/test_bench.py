@@ -144,7 +144,7 @@ def _fake_result(scale: float, *, closure: bool = True) -> dict[str, Any]:
             "bandwidth": [100 * scale] * 3,
         },
         "describe": {"version": "1.0", "config": "two workers"},
-        "memory_rest": snap,
+        "memory_rest": {**snap, "nodes_pss": int(1.5 * scale * 2**20)},
         "memory_peak": snap,
         "memory_after_w1": {**snap, "nodes_pss": int(scale * 2**20)},
         "closure": {"ok": closure, "error": None if closure else "NameError: x"},
@@ -222,6 +222,8 @@ def test_report_statistics_and_targets() -> None:
     pss = document["metrics"]["mem_nodes_pss_w1"]["results"]
     assert (pss["dispynb"]["median"], pss["dispy"]["median"]) == (2.0, 0.5)
     assert targets["node PSS after W1 <= dispy's"]["status"] == "MISS"
+    rest = document["metrics"]["mem_nodes_pss_rest"]["results"]
+    assert (rest["dispynb"]["median"], rest["dispy"]["median"]) == (3.0, 0.75)
 
 
 def test_memory_snapshot_sums_the_pss_of_the_descendants() -> None:
