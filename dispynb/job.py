@@ -330,9 +330,7 @@ class DispyJob:
         bool
             ``True`` if the job is done, ``False`` if the timeout expired first.
         """
-        if self._done:
-            return True
-        with _lock:
+        with _lock:  # `_complete` sets every field while it holds it
             if self._done:
                 return True
             if self._final is None:
