@@ -44,6 +44,9 @@ PORT_POLL = 0.005
 #: Seconds a node gets to shut down after SIGTERM before it is killed.
 STOP_TIMEOUT = 15.0
 
+#: Seconds a node whose main thread has died gets for its other threads to end.
+REAP_TIMEOUT = 5.0
+
 #: What ``engine=`` (and ``$DISPYNB_LOCAL_ENGINE``) may name.
 LOCAL_ENGINES = ("nodes", "dask")
 
@@ -199,9 +202,9 @@ class LocalCluster:
         """``"host:port (status N)"`` of each node that has exited (none while all
         serve)."""
         return [
-            f"{host}:{port} (status {proc.returncode})"
+            f"{host}:{port} (status {code})"
             for proc, (host, port) in zip(self._procs, self.addresses, strict=False)
-            if proc.poll() is not None
+            if (code := _exit_status(proc)) is not None
         ]
 
     def close(self) -> None:
@@ -237,3 +240,28 @@ class LocalCluster:
 
     def __repr__(self) -> str:
         return f"<LocalCluster nodes={self.node_specs()} cpus={self.cpus}>"
+
+
+def _exit_status(proc: subprocess.Popen[bytes]) -> int | None:
+    """``proc``'s exit status, or None while it runs.
+
+    A killed multi-threaded process shows as a zombie (its main thread has ended) a
+    moment before its other threads have ended and ``waitpid`` can collect it:
+    ``poll()`` alone still says it runs then, and a run started at that moment fails
+    with "connection refused" instead of saying that the node has exited. Its status
+    comes as soon as the other threads end, which killed ones do within moments.
+    """
+    code = proc.poll()
+    if code is not None:
+        return code
+    import psutil  # lazily: ``import dispynb`` stays light
+
+    try:
+        if psutil.Process(proc.pid).status() != psutil.STATUS_ZOMBIE:
+            return None
+    except psutil.NoSuchProcess:
+        return proc.poll()
+    try:
+        return proc.wait(REAP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return None  # its other threads go on: it may still serve

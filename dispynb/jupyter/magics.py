@@ -390,17 +390,26 @@ class Session:
         Raises `MagicError` if the local nodes this session started have exited.
         """
         if self.attached:
-            if self.local is not None and self.nodes is self.local:
-                gone = self.local.exited()
-                if gone:
-                    kind = launcher_kind(self.local)
-                    raise MagicError(
-                        f"the {kind} nodes have exited: {', '.join(gone)}; "
-                        f"start new ones with %dispy {kind}"
-                    )
+            exited = self.exited_error()
+            if exited is not None:
+                raise exited
             return False
         self.start_local(1, None)
         return True
+
+    def exited_error(self) -> MagicError | None:
+        """The error saying which of the nodes this session started have exited
+        (None while they all run, or if it started none)."""
+        if self.local is None or self.nodes is not self.local:
+            return None
+        gone = self.local.exited()
+        if not gone:
+            return None
+        kind = launcher_kind(self.local)
+        return MagicError(
+            f"the {kind} nodes have exited: {', '.join(gone)}; "
+            f"start new ones with %dispy {kind}"
+        )
 
     def close(self) -> None:
         """Cancel and close every run, and stop local nodes this session started."""
@@ -915,9 +924,15 @@ class DispyMagics(Magics):
                 )
                 runs.append(run)
         except MagicError as exc:
+            # Nodes that died as the run started: that is the news, not the refusal.
+            exited = session.exited_error()
+            if exited is None or str(exited) == str(exc):
+                exited = None
             # The names still say what happened: no stale run from an earlier cell.
-            self._keep(Run.failed(label, str(exc)), args.into)
-            raise
+            self._keep(Run.failed(label, str(exited or exc)), args.into)
+            if exited is None:
+                raise
+            raise exited from None
         except KeyboardInterrupt:
             # Stop while connecting or submitting: Run.map cancelled what it sent.
             message = f"Interrupted: run {label!r} stopped before it started"

@@ -83,10 +83,6 @@ def _short(text: str) -> None:
     assert "Traceback" not in text and "dispynb/" not in text, text
 
 
-@pytest.mark.skip(
-    reason="known failure since 2026-12-03 (see that day's closing note): fails in "
-    "full-suite CI runs, passes alone; skipped so main can land, to be fixed next"
-)
 def test_unreachable_nodes_say_so_in_two_lines_with_the_fix(tmp_path: Path):
     with kernel(tmp_path) as k:
         k.run_ok("%load_ext dispynb")
@@ -123,10 +119,6 @@ def test_unreachable_nodes_say_so_in_two_lines_with_the_fix(tmp_path: Path):
         assert "local nodes have exited" in out.text and "%dispy local" in out.text
 
 
-@pytest.mark.skip(
-    reason="known failure since 2026-12-03 (see that day's closing note): fails in "
-    "full-suite CI runs, passes alone; skipped so main can land, to be fixed next"
-)
 def test_replaced_and_dead_nodes_show_as_gone_not_idle(tmp_path: Path):
     with kernel(tmp_path) as k:
         k.run_ok("%load_ext dispynb\n%dispy local --cpus 1")
