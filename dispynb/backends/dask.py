@@ -173,24 +173,14 @@ class DaskEngine:
 
     @classmethod
     def local(cls, workers: int, threads: int = 1) -> DaskEngine:
-        """An engine on a new Dask ``LocalCluster`` (127.0.0.1, ``workers`` worker
-        processes of ``threads`` threads, no dashboard) that `close` stops."""
-        try:
-            import distributed
-        except ImportError as exc:
-            raise ConfigurationError(_MISSING_DASK) from exc
+        """An engine on a new Dask cluster on this machine (127.0.0.1, ``workers``
+        worker processes of ``threads`` threads named ``local-N``, no dashboard:
+        ``LocalCluster(engine="dask")``) that `close` stops."""
+        from dispynb.backends._dasklocal import DaskLocalCluster
 
-        make_cluster: Any = distributed.LocalCluster  # untyped constructor
-        cluster = make_cluster(
-            n_workers=workers,
-            threads_per_worker=threads,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address=None,
-            silence_logs=logging.ERROR,
-        )
-        engine = cls(cluster)
-        engine._owned = cluster
+        local = DaskLocalCluster(nodes=workers, cpus=threads)
+        engine = local.engine
+        engine._owned = local
         return engine
 
     def close(self) -> None:

@@ -107,6 +107,13 @@ def main(args):
     out["exited"] = local.exited()
     local.close()
     out["closed"] = repr(local)
+    from dispynb.backends.dask import DaskEngine
+
+    engine = DaskEngine.local(1)  # the same cluster, owned by the engine
+    with JobCluster(where, engine=engine) as cluster:
+        out["engine_local"] = cluster.submit(0)()[0]
+    engine.close()
+    out["engine_local_closed"] = repr(engine._owned)
     try:
         LocalCluster(engine="spark")
     except dispynb.errors.ConfigurationError as exc:
@@ -139,6 +146,7 @@ def test_local_cluster_on_dask_keeps_the_local_cluster_api(
     assert "local-0 (tcp://127.0.0.1:" in out["unknown"]
     assert len(out["exited"]) == 1 and "local-0 exited" in out["exited"][0]
     assert "closed" in out["closed"]
+    assert out["engine_local"] == "local-0" and out["engine_local_closed"] == "None"
     assert "'spark'" in out["bad_engine"] and "'dask'" in out["bad_engine"]
     for pid in map(int, pids.read_text().split()):
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
