@@ -178,7 +178,8 @@ class _Spares:
 
 
 _SPARES = _Spares()
-os.register_at_fork(after_in_child=_SPARES.clear)
+if hasattr(os, "register_at_fork"):  # not on Windows
+    os.register_at_fork(after_in_child=_SPARES.clear)
 
 
 class FrameDecoder:

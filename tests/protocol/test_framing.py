@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import struct
 import tracemalloc
 
 import pytest
 
 from dispynb.errors import FramingError
+from dispynb.protocol import framing
 from dispynb.protocol.framing import (
     MAX_BUFFERS,
     PREFIX,
@@ -310,6 +312,25 @@ def test_spares_are_shared_by_decoders_and_bounded():
     # SPARES frames reuse the kept bodies; only the one beyond them is allocated.
     assert len(data) < peak < 1.5 * len(data)
     assert len({id(body) for _, _, body in kept}) == SPARES + 1
+
+
+def test_a_forked_child_keeps_no_spares_of_its_parent():
+    decoder = FrameDecoder(1 << 23, chunk=4096)
+    del _big_frames(decoder, b"p" * (2 << 20))[0]  # a free spare in the parent
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (child)
+        try:
+            os.write(write, str(len(framing._SPARES._bodies)).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        assert os.read(read, 16) == b"0"
+    finally:
+        os.close(read)
+        os.waitpid(pid, 0)
+    assert framing._SPARES._bodies  # the parent keeps its own
 
 
 def test_a_smaller_large_frame_reuses_a_larger_free_body_cut_to_size():
