@@ -553,7 +553,13 @@ class SchedulerServer:
         while progress:
             progress = False
             for node in nodes:  # one slot per node per round: spread evenly
-                ahead = min(window(node.cpus, node.mean), node.cpus * per_cpu)
+                # Before its jobs' duration is known, a node gets one per CPU: a
+                # burst of long jobs must not all go to the node ready first.
+                ahead = (
+                    node.cpus
+                    if node.mean is None
+                    else min(window(node.cpus, node.mean), node.cpus * per_cpu)
+                )
                 if node.in_flight >= ahead:
                     continue
                 account = self.fair.pick(accounts, node.name)
@@ -569,6 +575,19 @@ class SchedulerServer:
                 progress = True
         for comp, upstream, jobs in batches.values():
             comp.send_jobs(upstream, jobs)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "dispatch: %s",
+                [
+                    (
+                        c.name,
+                        c.account.queued,
+                        c.account.in_flight,
+                        sorted(c.account.nodes),
+                    )
+                    for c in self.computations
+                ],
+            )
 
     # -- periodic ----------------------------------------------------------------------
 

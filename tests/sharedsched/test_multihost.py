@@ -25,7 +25,7 @@ from tests.multihost.netns import (
     unavailable_reason,
 )
 from tests.sharedsched.harness import add_user, env_for
-from tests.sharedsched.test_sharing import TIMED_CLIENT, busy_within
+from tests.sharedsched.test_sharing import DOOMED_CLIENT, TIMED_CLIENT, busy_within
 
 pytestmark = [pytest.mark.multihost, pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -213,3 +213,55 @@ with SharedJobCluster(
 out = {"results": [r[0] for r in results], "hosts": [r[1] for r in results]}
 print(json.dumps(out))
 """
+
+
+#: Recovers the jobs of DOOMED_CLIENT's journal; prints their results as JSON.
+RECOVER = """
+import json, sys
+from dispynb import recover_jobs
+
+jobs = recover_jobs(sys.argv[1], secret_file=sys.argv[2], timeout=60)
+print(json.dumps(sorted([job.result, int(job.status)] for job in jobs)))
+"""
+
+
+def test_client_killed_on_one_host_collects_its_results_from_another(
+    network: Network, site: dict[str, object], tmp_path: Path
+) -> None:
+    """The client's host h5 loses it (kill -9) while its jobs run; the user
+    collects every result once from h6 with the journal (a shared file system)."""
+    credentials: dict[str, Path] = site["credentials"]  # type: ignore[assignment]
+    journal = tmp_path / "carol.journal"
+    doomed = tmp_path / "doomed.py"
+    doomed.write_text(DOOMED_CLIENT)
+    proc = run_in(
+        network,
+        network.hosts[4],
+        [sys.executable, str(doomed), str(site["address"]), str(credentials["carol"]),
+         str(journal)],
+        env_for(),
+        tmp_path,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "first done"
+    finally:
+        proc.kill()
+        proc.communicate()
+    log = Path(str(site["log"]))
+    deadline = time.monotonic() + 20
+    while "client gone; its jobs go on" not in log.read_text():
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.02)
+    script = tmp_path / "recover.py"
+    script.write_text(RECOVER)
+    collector = run_in(
+        network,
+        network.hosts[5],
+        [sys.executable, str(script), str(journal), str(credentials["carol"])],
+        env_for(),
+        tmp_path,
+    )
+    out, err = collector.communicate(timeout=90)
+    assert collector.returncode == 0, out + err
+    assert json.loads(out.strip().splitlines()[-1]) == [[n * 10, 11] for n in range(6)]

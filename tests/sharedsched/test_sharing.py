@@ -8,6 +8,7 @@ import asyncio
 import itertools
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -94,7 +95,15 @@ def test_exclusive_cluster_runs_alone(
     with SharedJobCluster(
         nap, scheduler_host=scheduler.address, secret_file=str(users["bob"])
     ) as bob:
-        first = [bob.submit(i, 0.6) for i in range(4)]
+        first = [bob.submit(i, 1.0) for i in range(4)]
+        # all four in flight (as dispy's, an exclusive cluster waits for running
+        # jobs only: queued ones of others wait for it)
+        deadline = time.monotonic() + 20
+        while not all(
+            job.status in (JobStatus.Running, JobStatus.Finished) for job in first
+        ):
+            assert time.monotonic() < deadline, [job.status for job in first]
+            time.sleep(0.02)
         with SharedJobCluster(
             nap,
             scheduler_host=scheduler.address,
@@ -241,3 +250,24 @@ def test_scheduler_restart_reentrant_jobs_run_again(
         assert cluster.wait(timeout=45)
         assert [job.result for job in jobs] == list(range(8))
         assert all(job.status == JobStatus.Finished for job in jobs)
+
+
+def test_scheduler_killed_non_reentrant_running_jobs_are_abandoned(
+    scheduler: SchedulerProcess, users: dict[str, Path]
+) -> None:
+    """What does not survive a scheduler's death: jobs that were running (not
+    reentrant) end Abandoned, with the reason; new jobs run once it is back."""
+    with SharedJobCluster(
+        nap, scheduler_host=scheduler.address, secret_file=str(users["alice"])
+    ) as cluster:
+        jobs = [cluster.submit(i, 2.0) for i in range(4)]
+        deadline = time.monotonic() + 20
+        while not all(job.status == JobStatus.Running for job in jobs):
+            assert time.monotonic() < deadline, [job.status for job in jobs]
+            time.sleep(0.05)
+        scheduler.stop(signal.SIGKILL)
+        assert cluster.wait(timeout=30)
+        assert {job.status for job in jobs} == {JobStatus.Abandoned}
+        scheduler.start()
+        later = cluster.submit(7, 0.0)
+        assert later() == 7
