@@ -418,4 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"dispynb-node: cannot start: {exc}", file=sys.stderr)
         return 1
+    finally:
+        if zygote is not None:
+            zygote.stop()  # reaped here: never a zombie left to whoever adopts it
     return 0

@@ -20,14 +20,15 @@ reused pid is never hit. The zygote reaps its children; they are not the node's,
 their exit status is not known there (nothing uses it: the control channel's end
 says that a computation process is gone).
 
-The zygote dies with the node (``PR_SET_PDEATHSIG``, and end of file on its socket)
-and ignores SIGINT and SIGTERM (a terminal's Ctrl-C reaches the node's whole process
-group; the node decides). A computation process gets the signal dispositions, the
-standard input (``/dev/null``), the working directory and a freshly seeded `random`
-of a new process, and its process name (``/proc/PID/comm``) is
-``dispynb-compute``; the zygote's is ``dispynb-zygote``. Where no zygote can run (not
-Linux, no pidfd, ``DISPYNB_ZYGOTE=0``, or the zygote died), computations are started
-as new interpreters (`nodeserver.launcher.ProcessLauncher`).
+The zygote dies with the node (``PR_SET_PDEATHSIG``, and end of file on its socket),
+the node reaps it before it exits (`ZygoteLauncher.stop`: no zombie is left to
+whoever adopts it), and it ignores SIGINT and SIGTERM (a terminal's Ctrl-C reaches
+the node's whole process group; the node decides). A computation process gets the
+signal dispositions, the standard input (``/dev/null``), the working directory and a
+freshly seeded `random` of a new process, and its process name (``/proc/PID/comm``)
+is ``dispynb-compute``; the zygote's is ``dispynb-zygote``. Where no zygote can run
+(not Linux, no pidfd, ``DISPYNB_ZYGOTE=0``, or the zygote died), computations are
+started as new interpreters (`nodeserver.launcher.ProcessLauncher`).
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ COMPUTE_NAME = "dispynb-compute"
 _PID = struct.Struct("=q")
 _PR_SET_NAME = 15
 _PR_SET_PDEATHSIG = 1
+#: Seconds the zygote gets to exit at the end of its socket before it is killed.
+STOP_TIMEOUT = 5.0
 #: Longest request: a computation's directory (a path).
 _MAX_REQUEST = 65536
 
@@ -119,6 +122,7 @@ class ZygoteLauncher(ProcessLauncher):
         self.pid = pid
         self._sock: socket.socket | None = sock
         self._lock: asyncio.Lock | None = None
+        self._reaped = False  # waitpid has collected the zygote
 
     async def start(self, control: socket.socket, cwd: str) -> ComputationProcess:
         """Have the zygote fork a computation process in ``cwd`` talking over
@@ -156,8 +160,33 @@ class ZygoteLauncher(ProcessLauncher):
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        if not self._reaped:
+            with contextlib.suppress(ChildProcessError):
+                self._reaped = os.waitpid(self.pid, os.WNOHANG)[0] != 0
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Let the zygote go and reap it before the node exits (SIGKILL after
+        ``timeout`` seconds): an exited child the node leaves unreaped stays a
+        zombie of whichever process adopts it (a subreaper such as a benchmark
+        driver, or an init that does not reap), seen as a leftover process."""
+        self.close()
+        if self._reaped:
+            return
+        try:
+            pidfd = os.pidfd_open(self.pid)
+        except ProcessLookupError:  # already gone
+            pidfd = None
+        if pidfd is not None:
+            try:
+                if not select.select([pidfd], [], [], timeout)[0]:
+                    logger.warning("the zygote process did not exit: killing it")
+                    with contextlib.suppress(ProcessLookupError):
+                        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            finally:
+                os.close(pidfd)
         with contextlib.suppress(ChildProcessError):
-            os.waitpid(self.pid, os.WNOHANG)
+            os.waitpid(self.pid, 0)
+        self._reaped = True
 
 
 def start_zygote() -> ZygoteLauncher | None:

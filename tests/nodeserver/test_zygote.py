@@ -92,7 +92,7 @@ def test_computation_processes_are_forked_from_the_zygote(tmp_path: Path) -> Non
         # Once closed, a computation leaves nothing behind but the zygote.
         wait_until(lambda: not computation_processes(psutil.Process(node.proc.pid)))
         assert zygote.is_running()
-    assert not zygote.is_running() or zygote.status() == psutil.STATUS_ZOMBIE
+    assert not zygote.is_running()  # reaped by the node, not left a zombie
 
 
 def test_without_zygote_computations_are_new_interpreters(tmp_path: Path) -> None:
@@ -142,3 +142,59 @@ def _sleep_marked(path: str) -> None:
 
     pathlib.Path(path).write_text("started")
     time.sleep(60)
+
+
+#: Run as a subreaper (as bench/run.py is): stop a node one way, then print the
+#: descendants left behind (name, status) as JSON. A node that leaves its zygote
+#: unreaped hands a zombie to this process, which is what the benchmark reports.
+_REAPER = """
+import ctypes, json, os, signal, sys, time
+from pathlib import Path
+import psutil
+ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+mode, directory = sys.argv[1], Path(sys.argv[2])
+if mode == "local":
+    from dispynb.local import LocalCluster
+    cluster = LocalCluster(nodes=1, cpus=1)
+    node_pid = cluster.pids[0]
+    names = [p.name() for p in psutil.Process(node_pid).children()]
+    cluster.close()
+else:
+    from tests.nodeproc import start_node
+    node = start_node(directory)
+    node_pid = node.proc.pid
+    names = [p.name() for p in psutil.Process(node_pid).children()]
+    if mode == "killpg":  # Ctrl-C in a terminal: SIGINT to the foreground group
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # (this driver is in it too)
+        os.killpg(os.getpgid(node_pid), signal.SIGINT)
+    else:
+        node.proc.send_signal(getattr(signal, mode))
+    node.proc.wait(20)
+left = psutil.Process().children(recursive=True)
+if mode == "SIGKILL":  # nobody can reap for a killed node: it must die anyway
+    left = psutil.wait_procs(left, timeout=10)[1]
+print(json.dumps({"before": names, "left": [(p.name(), p.status()) for p in left]}))
+"""
+
+
+@pytest.mark.parametrize("how", ["local", "SIGTERM", "SIGINT", "killpg", "SIGKILL"])
+def test_no_zygote_is_left_after_the_node_stops(tmp_path: Path, how: str) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from tests.nodeproc import node_env
+
+    run = subprocess.run(
+        [sys.executable, "-c", _REAPER, how, str(tmp_path / "node")],
+        env=node_env(),
+        capture_output=True,
+        text=True,
+        timeout=50,
+        start_new_session=True,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout.splitlines()[-1])
+    assert report["before"] == [ZYGOTE_NAME]
+    assert report["left"] == []
