@@ -217,8 +217,8 @@ class Computation:
         self._report_file = report_file
         self._store = store
         self._job_files: collections.Counter[str] = collections.Counter()
-        # Digests of objects put in the cluster (dispynb.objects): the store's copy
-        # is removed when the computation closes.
+        # Digests of objects put in the cluster (dispynb.objects), held in the
+        # store while the computation lives (removed once nobody else holds them).
         self._objects: set[str] = set()
         self._node_name = node_name
         self._node_address = node_address
@@ -364,9 +364,9 @@ class Computation:
             self._lose_worker(worker)
         if self._remove_path:
             shutil.rmtree(self.path, ignore_errors=True)
-        for digest in self._objects:  # put for this cluster only (JobCluster.put)
-            with contextlib.suppress(OSError):
-                os.unlink(self._store.path(digest))
+        for digest in self._objects:  # put in a cluster (JobCluster.put)
+            self._store.release(digest)
+        self._objects.clear()
 
     async def wait_idle(self) -> None:
         """Wait until no job is queued or running here (or the process died)."""
@@ -693,8 +693,13 @@ class Computation:
         for relative, digest in job.files:
             if self._job_files[relative] == 0:
                 self._store.place(digest, self.path, relative)
-                if relative.startswith(OBJECTS_DIR + "/"):
+                if (
+                    relative.startswith(OBJECTS_DIR + "/")
+                    and digest not in self._objects
+                ):
                     self._objects.add(digest)
+                    self._store.hold(digest)
+                    self._store.disposable(digest)
             self._job_files[relative] += 1
         job.placed = True
 

@@ -3,10 +3,17 @@
 A file is kept once under its SHA-256, whoever sent it and for whichever computation,
 and is hard-linked into each computation's directory that needs it, so a file sent
 again (the same data file for a new computation) need not travel twice.
+
+Objects put in a cluster (`dispynb.objects`) are removed once nobody uses them: each
+session that sent the file, and each computation that placed it as an object, holds
+it (`hold`, `release`); the last release of a file marked `disposable` unlinks it, so
+two clusters that put the same object on one node share one copy safely.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import os
 import re
 
@@ -23,6 +30,8 @@ class FileStore:
         self.root = root
         self.max_file_size = max_file_size
         os.makedirs(root, mode=0o700, exist_ok=True)
+        self._holds: collections.Counter[str] = collections.Counter()
+        self._disposable: set[str] = set()
 
     def path(self, digest: str) -> str:
         """Where the file with this digest is kept."""
@@ -61,3 +70,22 @@ class FileStore:
         if not os.path.exists(path):
             raise ProtocolError(f"file {relative!r} was not sent to this node")
         return link_inside(directory, relative, path)
+
+    def hold(self, digest: str) -> None:
+        """Count one more user of the file (a session or a computation)."""
+        self._holds[digest] += 1
+
+    def disposable(self, digest: str) -> None:
+        """Mark the file to be removed once its last holder releases it."""
+        self._disposable.add(digest)
+
+    def release(self, digest: str) -> None:
+        """Count one user fewer; unlink a disposable file nobody holds any more."""
+        self._holds[digest] -= 1
+        if self._holds[digest] > 0:
+            return
+        del self._holds[digest]
+        if digest in self._disposable:
+            self._disposable.discard(digest)
+            with contextlib.suppress(OSError):
+                os.unlink(self.path(digest))

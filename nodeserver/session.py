@@ -119,6 +119,9 @@ class ClientSession:
         self._orphaned = False  # this node closed the connection of a silent client
         self._claims: list[Kept] = []
         self._refused_files: dict[str, str] = {}  # digest -> why
+        # Files this client sent, held in the store until the session ends: another
+        # client's computation closing must not remove an object this one uses.
+        self._file_holds: set[str] = set()
         self._transferred = 0  # bytes of files received (--transfer-quota)
         self._status_interval: float | None = None
         self._last_heard = time.monotonic()
@@ -196,6 +199,9 @@ class ClientSession:
                 shm.sweep()
             self._segments.clear()
             self._result_segments.clear()
+            for digest in self._file_holds:
+                self.server.store.release(digest)
+            self._file_holds.clear()
             for task in self._tasks:
                 task.cancel()
 
@@ -394,6 +400,9 @@ class ClientSession:
             self._check_quota(message.size, "a file")
             self._transferred += message.size
             self.server.store.put(message.digest, buffers[0])
+            if message.digest not in self._file_holds:
+                self._file_holds.add(message.digest)
+                self.server.store.hold(message.digest)
         except ProtocolError as exc:
             # Refuse this file only; whatever needs it is told why.
             logger.warning("refused a file from %s: %s", self.conn.peer, exc)

@@ -106,3 +106,25 @@ def test_the_handle_pickles_as_a_reference_not_the_object(local):
     with JobCluster(identity, nodes=local) as cluster:
         ref = cluster.put(b"y" * MB)
         assert len(pickle.dumps(ref)) < 200
+
+
+def test_two_clusters_putting_the_same_object_on_one_node_share_it_safely():
+    # The node keeps an object once by digest: the first cluster to close must not
+    # take it from the other, which still submits jobs that use it.
+    data = os.urandom(2 * MB)
+    with LocalCluster(nodes=1, cpus=2) as local:
+        first = JobCluster(measure, nodes=local)
+        try:
+            with JobCluster(measure, nodes=local) as second:
+                ref1, ref2 = first.put(data), second.put(data)
+                assert ref1.digest == ref2.digest
+                assert first.submit(ref1, 1)()[:2] == (len(data), data[1])
+                assert second.submit(ref2, 2)()[:2] == (len(data), data[2])
+                first.close()
+                assert len(stored(local, ref2.digest)) == 1  # still the second's
+                job = second.submit(ref2, 3)
+                assert job()[:2] == (len(data), data[3]), job.exception
+                assert job.status == DispyJob.Finished
+        finally:
+            first.close()
+        wait_until(lambda: not stored(local, ref1.digest))  # the last one freed it
