@@ -16,6 +16,7 @@ import collections
 import contextlib
 import os
 import re
+import threading
 
 from dispynb.errors import ProtocolError
 from dispynb.protocol.files import digest_of, link_inside
@@ -52,14 +53,16 @@ class FileStore:
             )
 
     def put(self, digest: str, data: memoryview | bytes) -> None:
-        """Store ``data``, checking that it is what ``digest`` says."""
+        """Store ``data``, checking that it is what ``digest`` says (safe to call
+        from a thread)."""
         self.check_size(len(data))
         path = self.path(digest)
         if os.path.exists(path):
             return
         if digest_of(data) != digest:
             raise ProtocolError("a file's content does not match its digest")
-        tmp = f"{path}.{os.getpid()}.part"
+        # Unique per thread too: sessions store large files in threads at once.
+        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.part"
         with open(tmp, "wb") as handle:
             handle.write(data)
         os.replace(tmp, path)

@@ -66,6 +66,12 @@ logger = logging.getLogger(__name__)
 #: Seconds between status reports when the client asks for none (no pulse_interval).
 STATUS_INTERVAL = 10.0
 
+#: Files of at least this many bytes are checked against their digest and written in
+#: a thread, not on the loop: hashing 100 MB takes long enough for the node's pulses
+#: to stop and its clients to declare it dead. This session reads its next message
+#: once the file is stored, so the order of its messages holds.
+HASH_OFF_LOOP_BYTES = 1 << 20
+
 #: Seconds a shutting-down node waits for a client to take back its unstarted jobs.
 HAND_BACK_TIMEOUT = 5.0
 
@@ -122,6 +128,8 @@ class ClientSession:
         # Files this client sent, held in the store until the session ends: another
         # client's computation closing must not remove an object this one uses.
         self._file_holds: set[str] = set()
+        # A large file waiting to be stored off the loop (`serve` stores it).
+        self._deferred_file: tuple[FilePut, memoryview] | None = None
         self._transferred = 0  # bytes of files received (--transfer-quota)
         self._status_interval: float | None = None
         self._last_heard = time.monotonic()
@@ -147,8 +155,15 @@ class ClientSession:
     async def serve(self) -> None:
         """Handle messages until the connection ends; then close all computations."""
         try:
-            # Messages are handled in the socket's read callback: no task switch.
-            await self.conn.dispatch(self._on_message, self._on_bad_message)
+            # Messages are handled in the socket's read callback: no task switch. A
+            # large file stops the dispatch; it is stored off the loop, then the
+            # messages after it are handled.
+            while True:
+                await self.conn.dispatch(self._on_message, self._on_bad_message)
+                deferred, self._deferred_file = self._deferred_file, None
+                if deferred is None:
+                    break
+                await self._store_file_off_loop(*deferred)
         except MessageError as exc:
             # A message whose parts disagree cannot be trusted (nor what follows
             # it): say why before the connection ends, so the client can report it.
@@ -230,14 +245,17 @@ class ClientSession:
             f"{text}: ignored (are client and node the same dispynb version?)",
         )
 
-    def _on_message(self, message: Message, buffers: list[memoryview]) -> None:
+    def _on_message(self, message: Message, buffers: list[memoryview]) -> bool:
+        """Handle one message; True stops the dispatch (a file to store off the
+        loop first)."""
         self._last_heard = time.monotonic()
         handler = self._handlers.get(type(message))
         if handler is None:
             logger.warning("%s sent unexpected %r", self.conn.peer, message.op)
             self._send_error("protocol", f"unexpected message {message.op!r}")
-            return
+            return False
         handler(message, buffers)
+        return self._deferred_file is not None
 
     def _on_setup(self, message: ComputationSetup, buffers: list[memoryview]) -> None:
         if message.comp_id in self._computations:
@@ -396,20 +414,41 @@ class ClientSession:
     def _on_file_put(self, message: FilePut, buffers: list[memoryview]) -> None:
         if len(buffers) != 1 or buffers[0].nbytes != message.size:
             raise MessageError("file-put carries one buffer of the announced size")
+        store = self.server.store
         try:
             self._check_quota(message.size, "a file")
             self._transferred += message.size
-            self.server.store.put(message.digest, buffers[0])
-            if message.digest not in self._file_holds:
-                self._file_holds.add(message.digest)
-                self.server.store.hold(message.digest)
+            if message.size >= HASH_OFF_LOOP_BYTES and not store.has(message.digest):
+                self._deferred_file = (message, buffers[0])  # `serve` stores it
+                return
+            store.put(message.digest, buffers[0])
         except ProtocolError as exc:
-            # Refuse this file only; whatever needs it is told why.
-            logger.warning("refused a file from %s: %s", self.conn.peer, exc)
-            self._refused_files[message.digest] = str(exc)
+            self._refuse_file(message.digest, exc)
             return
+        self._file_stored(message.digest)
+
+    async def _store_file_off_loop(self, message: FilePut, data: memoryview) -> None:
+        """Check a large file's digest and write it in a thread (the loop, and so
+        the node's pulses and other clients, go on meanwhile)."""
+        try:
+            await asyncio.to_thread(self.server.store.put, message.digest, data)
+        except ProtocolError as exc:
+            self._refuse_file(message.digest, exc)
+            return
+        self._last_heard = time.monotonic()
+        self._file_stored(message.digest)
+
+    def _refuse_file(self, digest: str, exc: ProtocolError) -> None:
+        """Refuse this file only; whatever needs it is told why."""
+        logger.warning("refused a file from %s: %s", self.conn.peer, exc)
+        self._refused_files[digest] = str(exc)
+
+    def _file_stored(self, digest: str) -> None:
+        if digest not in self._file_holds:
+            self._file_holds.add(digest)
+            self.server.store.hold(digest)
         for comp_id, (missing, start) in list(self._waiting_for_files.items()):
-            missing.discard(message.digest)
+            missing.discard(digest)
             if not missing:
                 del self._waiting_for_files[comp_id]
                 self._spawn(start)

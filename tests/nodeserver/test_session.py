@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from dispynb.errors import ConnectionClosedError
 from dispynb.protocol import serialize
 from dispynb.protocol.files import digest_of
@@ -364,6 +366,64 @@ def test_setup_waits_for_missing_files_and_refuses_a_wrong_one(tmp_path: Path) -
             placed = os.path.join(node.launcher.processes[0].cwd, "input/data.txt")
             submit(conn, (1, (placed,)))
             assert await results(conn, 1) == {1: (FINISHED, data.decode())}
+            conn.close()
+
+    run(main())
+
+
+def file_size(name: str) -> int:
+    return os.path.getsize(name)
+
+
+def test_a_large_file_is_digested_off_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Digesting 100 MB on the loop stopped the node's pulses (its client declared it
+    # dead). The digest is held at a gate here, so "meanwhile" needs no timing: while
+    # it is held, the node must still answer another client's handshake.
+    import threading
+
+    import nodeserver.filestore
+    from nodeserver.session import HASH_OFF_LOOP_BYTES
+
+    hashing, release, hashed = threading.Event(), threading.Event(), threading.Event()
+
+    def gated_digest(data: bytes | bytearray | memoryview) -> str:
+        hashing.set()
+        release.wait(WAIT)  # bounded: on the loop (the old way) it would stall it
+        try:
+            return digest_of(data)
+        finally:
+            hashed.set()
+
+    monkeypatch.setattr(nodeserver.filestore, "digest_of", gated_digest)
+
+    async def main() -> None:
+        async with in_process_node(tmp_path, cpus=1) as node:
+            conn = await node.client()
+            data = os.urandom(2 * HASH_OFF_LOOP_BYTES)
+            digest = digest_of(data)
+            conn.write(
+                ComputationSetup(
+                    comp_id=1,
+                    name="big",
+                    workers=1,
+                    files=[["big.bin", digest, len(data)]],
+                ),
+                bundle(file_size),
+            )
+            await expect(conn, FilesMissing)
+            conn.write(FilePut(digest=digest, size=len(data)), [data])
+            await wait_until(hashing.is_set, "the node digests the file")
+            other = await node.client("other")  # answered while the digest runs
+            assert not hashed.is_set()
+            release.set()
+            # The messages after the file are handled once it is stored, in order.
+            await expect(conn, ComputationReady)
+            placed = os.path.join(node.launcher.processes[0].cwd, "big.bin")
+            submit(conn, (1, (placed,)))
+            assert await results(conn, 1) == {1: (FINISHED, len(data))}
+            other.close()
             conn.close()
 
     run(main())
