@@ -305,6 +305,10 @@ def _become_computation(
         os.dup2(devnull, 0)
         os.close(devnull)
         os.chdir(cwd)
+        # As ``python -m nodeserver.compute`` started there: the computation's
+        # directory first on the path, so the modules a client sent (``depends``)
+        # import; the node's first entry is its own start directory.
+        sys.path[:1] = [os.getcwd()]
         if "random" in sys.modules:
             import random
 
