@@ -129,3 +129,48 @@ def test_local_cluster_secret_wins_over_the_environment(
     monkeypatch.setenv("DISPYNB_SECRET", "a-secret-for-other-nodes")
     with LocalCluster(cpus=1) as local, JobCluster(jobs.square, nodes=local) as cluster:
         assert cluster.submit(7)() == 49
+
+
+#: A process whose main thread ends first (a zombie that ``waitpid`` cannot collect
+#: yet, as a killed node is while its other threads end); the other thread ends the
+#: process with status 7 once the file named by argv[1] exists.
+_MAIN_THREAD_ENDS_FIRST = """
+import ctypes, os, sys, threading, time
+
+def end_later():
+    while not os.path.exists(sys.argv[1]):
+        time.sleep(0.005)
+    os._exit(7)
+
+threading.Thread(target=end_later).start()
+ctypes.CDLL(None).syscall(60, 0)  # SYS_exit (x86_64): this thread only
+"""
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="SYS_exit is 60 on x86_64")
+def test_a_node_whose_main_thread_has_ended_counts_as_exited(tmp_path):
+    """What a SIGKILLed node looks like for a moment: a zombie still collecting its
+    threads. `exited()` says it has exited (waiting for its status), where `poll()`
+    alone said it runs."""
+    import subprocess
+    import sys
+
+    from dispynb.local import _exit_status
+
+    release = tmp_path / "release"
+    proc = subprocess.Popen([sys.executable, "-c", _MAIN_THREAD_ENDS_FIRST, release])
+    try:
+        wait_until(lambda: psutil.Process(proc.pid).status() == psutil.STATUS_ZOMBIE)
+        assert proc.poll() is None  # what exited() relied on: "still running"
+
+        waited = proc.wait
+
+        def wait_after_release(timeout: float | None = None) -> int:
+            release.write_text("go")  # the other thread ends once exited() waits
+            return waited(timeout)
+
+        proc.wait = wait_after_release  # type: ignore[method-assign]
+        assert _exit_status(proc) == 7
+    finally:
+        release.write_text("go")
+        proc.wait(WAIT)
