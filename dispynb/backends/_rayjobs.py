@@ -184,8 +184,9 @@ class _Jobs(_RayState):
         attempt = self._attempts.get(key, 0) + 1
         self._attempts[key] = attempt
         try:
+            # Each argument its own: Ray puts a large one in its object store alone.
             ref = slot.handle.run.remote(
-                key, attempt, job.args, job.kwargs, job.mem_limit
+                key, attempt, job.mem_limit, job.kwargs, *job.args
             )
         except Exception as exc:  # Ray could not serialize the arguments
             self._jobs.pop(key, None)

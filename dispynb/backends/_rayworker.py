@@ -198,9 +198,9 @@ class JobActor:
         self,
         key: int,
         attempt: int,
-        args: tuple[Any, ...],
+        mem_limit: int | None,
         kwargs: dict[str, Any],
-        mem_limit: int | None = None,
+        *args: Any,
     ) -> tuple[str, Any, str, str, str | None, float, float, int]:
         """Run one job; ``(outcome, result, stdout, stderr, exception, start, end,
         number of messages it sent to the inbox)``. ``mem_limit``: bytes of address

@@ -12,7 +12,8 @@ How dispy's features map onto Ray's own mechanisms
 * **Jobs** are calls of the actor's ``run`` method, two in flight per actor (Ray
   runs an actor's calls in order, so the first is the running job and the second
   waits on the worker, which hides the round trip). Arguments and results travel
-  with Ray's own serialization (its object store for large ones).
+  with Ray's own serialization, each argument of the job an argument of the call
+  (Ray puts a large one in its object store on its own).
 * **Stop / cancel.** A job waiting here is dropped; one waiting on an actor is
   cancelled with ``ray.cancel`` (Ray drops a pending actor task); Ray cannot
   interrupt a running actor task, so the running job's actor is killed with
