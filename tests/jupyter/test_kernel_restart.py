@@ -81,10 +81,12 @@ def nodes() -> Iterator[LocalCluster]:
 
 
 def node_children(cluster: LocalCluster) -> list[psutil.Process]:
+    """The nodes' computation processes and workers (not their zygotes, which
+    live as long as the node)."""
     found = []
     for pid in cluster.pids:
         try:
-            found += psutil.Process(pid).children(recursive=True)
+            found += jobs.computation_processes(psutil.Process(pid))
         except psutil.NoSuchProcess:
             continue
     return found
