@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dispynb.jobenv import DISPY_MODULES
+
 
 @dataclass(frozen=True)
 class Name:
@@ -330,33 +332,7 @@ JOB_GLOBALS = [
 
 #: Modules dispy's computations could use without importing them (dispy ran them in
 #: dispynode's own globals). Programs that rely on one need that import otherwise.
-IMPLICIT_MODULES = [
-    Name(module)
-    for module in (
-        "os",
-        "sys",
-        "time",
-        "socket",
-        "multiprocessing",
-        "threading",
-        "subprocess",
-        "traceback",
-        "marshal",
-        "tempfile",
-        "shutil",
-        "glob",
-        "pickle",
-        "io",
-        "signal",
-        "platform",
-        "copy",
-        "struct",
-        "hashlib",
-        "re",
-        "errno",
-        "psutil",
-    )
-] + [
+IMPLICIT_MODULES = [Name(module) for module in (*DISPY_MODULES, "psutil")] + [
     Name("netifaces", missing="Not used by dispynb; import it in the computation."),
     Name("pycos", missing="dispy's own runtime library; not used by dispynb."),
     Name("dispy", missing="Import ``dispynb`` in the computation if it needs it."),
