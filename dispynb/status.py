@@ -7,10 +7,14 @@ from typing import NamedTuple
 
 from dispynb.job import JobStatus
 from dispynb.node import DispyNode
-from dispynb.protocol.messages import CANCELLED, FINISHED
+from dispynb.protocol.messages import ABANDONED, CANCELLED, FINISHED
 
 #: How a node's report of a job maps to dispy's statuses (others: Terminated).
-_STATUS_OF_OUTCOME = {FINISHED: JobStatus.Finished, CANCELLED: JobStatus.Cancelled}
+_STATUS_OF_OUTCOME = {
+    FINISHED: JobStatus.Finished,
+    CANCELLED: JobStatus.Cancelled,
+    ABANDONED: JobStatus.Abandoned,
+}
 
 
 def status_of(outcome: str) -> JobStatus:

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from dispynb.errors import DispynbError
 from dispynb.protocol.messages import (
+    ABANDONED,
     CANCELLED,
-    CRASHED,
     RETURNED,
     ComputationClose,
     ComputationSetup,
@@ -260,7 +260,7 @@ class SharedComputation:
 
     def node_lost(self, upstream: Upstream, reason: str) -> None:
         """A node's connection ended: its jobs run again elsewhere (reentrant) or
-        end as crashed."""
+        end ``Abandoned``, as a `JobCluster`'s do when it loses a node."""
         upstream.conn = None
         upstream.ready = False
         upstream.ended = True
@@ -279,7 +279,7 @@ class SharedComputation:
                     ResultEntry.unrun(
                         job.key,
                         job.attempt,
-                        CRASHED,
+                        ABANDONED,
                         f"node {upstream.node.name} was lost ({reason}) and the "
                         "computation is not reentrant",
                     )

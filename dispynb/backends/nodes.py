@@ -39,7 +39,7 @@ from dispynb.programs import read_program
 from dispynb.protocol import serialize
 from dispynb.protocol.files import write_inside
 from dispynb.protocol.framing import Buffer, buffers_size
-from dispynb.protocol.messages import Welcome
+from dispynb.protocol.messages import ABANDONED, Welcome
 from dispynb.protocol.records import ComputationBundle, ProgramFile
 from dispynb.scheduler import driver
 from dispynb.scheduler.driver import Allocator, Driver, DriverConfig, NodeLink
@@ -364,6 +364,9 @@ class NodesBackend:
     def job_done(
         self, key: int, link: NodeLink | None, outcome: driver.Outcome
     ) -> None:
+        if outcome.outcome == ABANDONED:  # a scheduler lost the node that ran it
+            self.job_abandoned(key, link, outcome.exception or "its node was lost")
+            return
         self._events.job_done(
             key,
             self._view(link) if link is not None else None,

@@ -433,7 +433,12 @@ CRASHED = "crashed"  # its worker process died (os._exit, signal, segfault)
 TERMINATED = "terminated"  # killed while running, at the client's request
 CANCELLED = "cancelled"  # never started: cancelled, or its computation closed first
 RETURNED = "returned"  # never started: handed back by a node that shuts down
-OUTCOMES = frozenset({FINISHED, RAISED, CRASHED, TERMINATED, CANCELLED, RETURNED})
+#: Its node was lost while it ran (not reentrant): a scheduler reports it, as a client
+#: that loses a node of its own ends the job (dispy's ``Abandoned``).
+ABANDONED = "abandoned"
+OUTCOMES = frozenset(
+    {FINISHED, RAISED, CRASHED, TERMINATED, CANCELLED, RETURNED, ABANDONED}
+)
 
 
 @message("result-chunk")

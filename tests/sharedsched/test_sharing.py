@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from dispynb import LocalCluster, SharedJobCluster, recover_jobs
+from dispynb.errors import NodeLostError
 from dispynb.job import JobStatus
 from dispynb.journal import Journal
 from dispynb.protocol.messages import Recover, Recovered
@@ -229,6 +230,34 @@ def test_reentrant_jobs_of_a_killed_node_run_on_another(
         assert [job.result for job in jobs] == list(range(8))
         assert all(job.status == JobStatus.Finished for job in jobs)
     assert "queued again" in scheduler.log_text()
+
+
+def test_non_reentrant_jobs_of_a_killed_node_end_abandoned(
+    scheduler: SchedulerProcess, users: dict[str, Path], nodes: LocalCluster
+) -> None:
+    """As with a `JobCluster` that loses a node: its running jobs (the computation
+    is not reentrant) end Abandoned with the reason, the other node's finish."""
+    with SharedJobCluster(
+        nap, scheduler_host=scheduler.address, secret_file=str(users["alice"])
+    ) as cluster:
+        jobs = [cluster.submit(i, 3.0) for i in range(4)]  # one per CPU of 2 nodes
+        deadline = time.monotonic() + 20
+        while not all(job.status == JobStatus.Running for job in jobs):
+            assert time.monotonic() < deadline, [job.status for job in jobs]
+            time.sleep(0.05)
+        os.kill(nodes.pids[0], signal.SIGKILL)
+        assert cluster.wait(timeout=40)
+        abandoned = [job for job in jobs if job.status == JobStatus.Abandoned]
+        finished = [job for job in jobs if job.status == JobStatus.Finished]
+        assert len(abandoned) == 2 and len(finished) == 2, [j.status for j in jobs]
+        assert all(j.result == jobs.index(j) for j in finished)
+        for job in abandoned:
+            assert "was lost" in str(job.exception), job.exception
+            assert "not reentrant" in str(job.exception)
+            with pytest.raises(NodeLostError):
+                job.future.result(timeout=5)
+        assert cluster.submit(9, 0.0)() == 9  # the node left goes on serving
+    assert "ended)" in scheduler.log_text()
 
 
 def test_scheduler_restart_reentrant_jobs_run_again(
