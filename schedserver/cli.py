@@ -136,8 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
         *_both("zombie_interval"),
         type=float,
         default=60.0,
-        help="minutes a client may stay silent before its session "
-        "ends (its jobs are kept if it uses a recover_file)",
+        help="minutes (fractions too: 0.5 is 30 s) a client may stay silent (it "
+        "pings every pulse) before it counts as a zombie: its computations are "
+        "closed, its jobs terminated; also the longest the results of a client that "
+        "went away (with a recover_file) are kept (default 60)",
     )
     parser.add_argument(
         *_both("msg_timeout"),

@@ -34,7 +34,9 @@ class SchedulerConfig:
     max_queued: int | None = None
     #: Seconds between pings to nodes and status reports to clients.
     pulse_interval: float = 1.0
-    #: Seconds without a word from a client before its session is ended.
+    #: Seconds without a word from a client (it pings every pulse) before its
+    #: computations are closed and its session ended; also the longest a client that
+    #: went away has to come back for its results.
     zombie_interval: float = 3600.0
     #: Seconds the results of a computation whose client went away are kept.
     keep_results: float = 3600.0
@@ -59,6 +61,11 @@ class SchedulerConfig:
             raise ConfigurationError("--jobs_per_cpu must be at least 1")
         if not 0.1 <= self.pulse_interval <= 1000:
             raise ConfigurationError("--pulse_interval must be within 0.1-1000 s")
+        if not self.zombie_interval > 0:
+            raise ConfigurationError(
+                "--zombie_interval must be more than 0 minutes (fractions are taken: "
+                "0.5 is 30 s)"
+            )
         for name in ("max_cpus", "max_queued"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -222,7 +222,15 @@ class SchedulerServer:
             if comp.closed or comp.closing:
                 continue
             if comp.setup.recovery_id is not None and not self.stopping:
-                keep = min(comp.setup.keep_results, self.config.keep_results)
+                # Kept until the client comes back, for the shorter of the two
+                # --keep_results and what is left of --zombie_interval since it was
+                # last heard from (a client silent that long is a zombie: closed).
+                silent = loop.time() - session.last_heard
+                keep = min(
+                    comp.setup.keep_results,
+                    self.config.keep_results,
+                    max(0.0, self.config.zombie_interval - silent),
+                )
                 logger.info(
                     "%s: client gone; its jobs go on, results kept %g s",
                     comp.name,
@@ -595,7 +603,9 @@ class SchedulerServer:
         """Every pulse: ping the nodes, report to clients, end revoked or silent
         users' sessions."""
         loop = asyncio.get_running_loop()
-        interval = self.config.pulse_interval
+        # Zombies are found within a fifth of --zombie_interval (as dispy does).
+        zombie = self.config.zombie_interval
+        interval = min(self.config.pulse_interval, max(0.1, zombie / 5))
         while True:
             await asyncio.sleep(interval)
             for node in self.nodes:
@@ -627,15 +637,32 @@ class SchedulerServer:
                         "user %r was revoked: ending its session", session.user
                     )
                     session.end()
-                elif now - session.last_heard > self.config.zombie_interval:
-                    logger.warning(
-                        "user %r silent for %.0f s (--zombie_interval): session ended",
-                        session.user,
-                        now - session.last_heard,
-                    )
-                    session.end()
+                elif now - session.last_heard > zombie:
+                    self._zombie(session, now - session.last_heard)
                 else:
                     session.report(self._avail())
+
+    def _zombie(self, session: SchedulerSession, silent: float) -> None:
+        """A client not heard from for --zombie_interval (stopped, hung, cut off
+        without a reset): close its computations, as dispyscheduler does (running jobs
+        terminated, queued ones cancelled, results kept for it dropped: even with a
+        recover_file, it could not be told), and end its session."""
+        logger.warning(
+            "user %r (%s) silent for %.1f s (--zombie_interval %g min): a zombie; "
+            "its computations are closed and its session ended",
+            session.user,
+            session.conn.peer,
+            silent,
+            self.config.zombie_interval / 60.0,
+        )
+        for comp in list(session.computations.values()):
+            if comp.session is session and not comp.closing:
+                comp.close(
+                    ComputationClose(
+                        comp_id=comp.comp_id, terminate=True, cancel_waiting=True
+                    )
+                )
+        session.end()
 
     def _avail(self) -> list[float]:
         """The nodes' resources, summed (CPU % averaged)."""

@@ -54,3 +54,18 @@ def test_users_file_readable_by_others_is_refused(tmp_path: Path) -> None:
         "-n", "127.0.0.1:1", "-p", "0", "--users", str(tmp_path / "users")
     )
     assert done.returncode == 2 and "chmod 600" in done.stderr
+
+
+def test_zombie_interval_is_in_minutes_with_fractions_and_must_be_positive(
+    tmp_path: Path,
+) -> None:
+    args = build_parser().parse_args(
+        ["-n", "127.0.0.1", "--users", "u", "--zombie_interval", "0.05"]
+    )
+    assert config_from_args(args).zombie_interval == pytest.approx(3.0)
+    for value in ("0", "-1"):
+        done = scheduler_cli(
+            "-n", "127.0.0.1:1", "--users", "u", "--zombie_interval", value
+        )
+        assert done.returncode == 2
+        assert "--zombie_interval must be more than 0 minutes" in done.stderr
