@@ -40,9 +40,9 @@ How dispy's features map onto Ray's own mechanisms
   the actor lowers its ``RLIMIT_AS`` for the job's run.
 
 Not available on Ray (`NotSupportedError` from ``JobCluster``): program files,
-node management, ``send_file``, ``dispy_job_depends``, ``recover_file``. ``ray`` is
-imported only when a cluster opens (the ``dispynb[ray]`` extra); the Ray workers need
-dispynb installed too.
+``nodes=`` (Ray's own nodes run the jobs), node management, ``send_file``,
+``dispy_job_depends``, ``recover_file``. ``ray`` is imported only when a cluster opens
+(the ``dispynb[ray]`` extra); the Ray workers need dispynb installed too.
 """
 
 from __future__ import annotations
@@ -151,6 +151,7 @@ class RayEngine:
                 "a program file is not supported on the 'ray' engine: give a Python "
                 "function (it may run the program with subprocess)"
             )
+        refuse_nodes(config.options.nodes)
         ray = self.connect()
         backend = RayBackend(ray, self, events, config)
         try:
@@ -162,6 +163,20 @@ class RayEngine:
 
     def __repr__(self) -> str:
         return f"RayEngine({self.address!r})"
+
+
+def refuse_nodes(nodes: Any) -> None:
+    """Raise `NotSupportedError` for ``JobCluster(nodes=...)``: Ray places the jobs
+    on every node of its cluster, so a node list would be ignored."""
+    if nodes is None:
+        return
+    raise NotSupportedError(
+        f"nodes={nodes!r} is not supported on the 'ray' engine: Ray's nodes run the "
+        "jobs (every node of the Ray cluster with a CPU gets the computation). Leave "
+        "nodes= out; to run a job on one node use cluster.submit_node(node, ...); to "
+        "use fewer CPUs per node, RayEngine(address, cpus=N); to use only some "
+        "machines, start a Ray cluster of those (ray start --address=...)"
+    )
 
 
 class RayBackend(_Actors, _Jobs, _InboxReader, EngineManagedNodes):

@@ -329,3 +329,23 @@ def test_import_dispynb_loads_no_dask() -> None:
         timeout=60,
     )
     assert done.stdout.strip() == "[]", done.stderr
+
+
+def test_node_settings_dask_cannot_honour_are_one_clear_error() -> None:
+    """``nodes=`` on Dask selects workers; a `NodeAllocate`'s per-node ``cpus``,
+    ``setup_args`` or ``depends`` cannot apply to a Dask worker, so they are refused
+    (before anything connects) instead of being ignored; its port selects."""
+    from dispynb import JobCluster, NodeAllocate
+    from dispynb.backends.dask import DaskEngine, _wanted_workers
+    from dispynb.errors import NotSupportedError
+
+    engine = DaskEngine("127.0.0.1:1")  # nothing listens: it must not be reached
+    for spec, what in (
+        (NodeAllocate("127.0.0.1", cpus=1), "cpus"),
+        (NodeAllocate("127.0.0.1", setup_args=(1,)), "setup_args"),
+        (NodeAllocate("127.0.0.1", depends=[__file__]), "depends"),
+    ):
+        with pytest.raises(NotSupportedError, match=f"with {what}: per-node"):
+            JobCluster(abs, nodes=[spec], engine=engine)
+    assert _wanted_workers([NodeAllocate("10.0.0.2", port=40123)]) == ["10.0.0.2:40123"]
+    assert _wanted_workers(NodeAllocate("10.0.0.2")) == ["10.0.0.2"]

@@ -77,3 +77,30 @@ def test_import_dispynb_loads_no_ray() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("ray ")
+
+
+def test_nodes_on_ray_is_one_clear_error() -> None:
+    """``JobCluster(f, nodes=[...], engine=RayEngine(...))``: Ray places the jobs on
+    its own nodes, so a node list is refused (saying what to do instead) before
+    anything connects to Ray, instead of being ignored."""
+    code = (
+        "import sys\n"
+        "from dispynb import JobCluster, NodeAllocate\n"
+        "from dispynb.backends.ray import RayEngine\n"
+        "from dispynb.errors import NotSupportedError\n"
+        "for nodes in (['10.0.0.2'], '10.0.0.2', [NodeAllocate('10.0.0.2', cpus=1)]):\n"
+        "    try:\n"
+        "        JobCluster(abs, nodes=nodes, engine=RayEngine('127.0.0.1:6379'))\n"
+        "    except NotSupportedError as exc:\n"
+        "        print(exc)\n"
+        "assert 'ray' not in sys.modules, 'ray was imported: it tried to connect'\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    errors = proc.stdout.strip().splitlines()
+    assert len(errors) == 3, proc.stdout
+    for error in errors:
+        assert "is not supported on the 'ray' engine" in error
+        assert "submit_node" in error and "RayEngine(address, cpus=N)" in error
