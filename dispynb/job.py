@@ -71,6 +71,9 @@ _submit_seq = itertools.count()
 # writes, and a lock per job would cost memory for every job ever submitted.
 _lock = threading.Lock()
 
+#: A bare lock, the cheapest thing a thread can sleep on until another wakes it.
+_new_sleeper = threading.Lock
+
 
 class DispyJob:
     """A job submitted to a cluster.
@@ -129,12 +132,12 @@ class DispyJob:
         "_args",
         "_cluster",
         "_done",
-        "_final",
         "_finish",
         "_future",
         "_key",
         "_kwargs",
         "_seq",
+        "_sleepers",
         "_waiters",
         "end_time",
         "exception",
@@ -172,7 +175,10 @@ class DispyJob:
     _key: int | None
     _seq: int
     _done: bool
-    _final: threading.Event | None
+    # Threads blocked in `wait` or ``job()``: each sleeps on its own acquired lock,
+    # which `_complete` releases (what threading.Event does underneath, without its
+    # Condition's Python layers on the hot path of every result).
+    _sleepers: list[threading.Lock] | None
     _cluster: Any
     _future: JobFuture | None
     _waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] | None
@@ -196,7 +202,7 @@ class DispyJob:
         self._key = None
         self._seq = next(_submit_seq)
         self._done = False
-        self._final = None
+        self._sleepers = None
         self._waiters = None
         self._cluster = None  # set by the cluster: job.cancel() asks it
         self._future = None
@@ -234,7 +240,7 @@ class DispyJob:
         if self._done:
             with _lock:  # `_complete` holds it while it sets the fields
                 return self.result
-        self.finish.wait()
+        self.wait()
         return self.result
 
     @property
@@ -330,13 +336,29 @@ class DispyJob:
         bool
             ``True`` if the job is done, ``False`` if the timeout expired first.
         """
+        finish = self._finish
+        if finish is not None:  # made already (a snapshot shares its job's)
+            return finish.wait(timeout)
         with _lock:  # `_complete` sets every field while it holds it
             if self._done:
                 return True
-            if self._final is None:
-                self._final = threading.Event()
-            final = self._final
-        return final.wait(timeout)
+            sleeper = _new_sleeper()
+            sleeper.acquire()
+            if self._sleepers is None:
+                self._sleepers = []
+            self._sleepers.append(sleeper)
+        # Released by `_complete`; a signal (Ctrl-C) interrupts this as it would
+        # Event.wait, and the sleeper left behind is released then, harmlessly.
+        if timeout is None:
+            woken = sleeper.acquire()
+        else:
+            woken = sleeper.acquire(True, max(timeout, 0.0))
+        if woken:
+            return True
+        with _lock:
+            if self._sleepers is not None and sleeper in self._sleepers:
+                self._sleepers.remove(sleeper)
+            return self._done
 
     def __await__(self) -> Generator[Any, None, Any]:
         """Wait, without blocking the loop, for a final status; then return ``result``.
@@ -437,11 +459,12 @@ class DispyJob:
             self.status = status if type(status) is JobStatus else JobStatus(status)
             if self._finish is not None:
                 self._finish.set()
-            final, self._final = self._final, None
+            sleepers, self._sleepers = self._sleepers, None
             waiters, self._waiters = self._waiters, None
             job_future, self._cluster = self._future, None
-        if final is not None:
-            final.set()
+        if sleepers is not None:
+            for sleeper in sleepers:
+                sleeper.release()
         if waiters:
             for loop, future in waiters:
                 # A closed loop raises RuntimeError: nobody is left there to wake.

@@ -28,6 +28,11 @@ from typing import Any, Protocol
 from dispynb.errors import AuthenticationError
 from dispynb.protocol.framing import Buffer
 
+try:
+    from _hashlib import hmac_new as _c_hmac_new
+except ImportError:  # Python built without OpenSSL: hmac's pure-Python HMAC
+    _c_hmac_new = None  # type: ignore[assignment]
+
 MAC_SIZE = 32
 NONCE_SIZE = 32
 _LABEL = b"dispynb-auth-v1"
@@ -45,6 +50,28 @@ class RunningMac(Protocol):
 
     def digest(self) -> bytes:
         """The message's `MAC_SIZE`-byte MAC (once, after the last `update`)."""
+
+
+class _Hmac(RunningMac, Protocol):
+    """An HMAC-SHA256 state that can be copied (the per-direction template)."""
+
+    def copy(self) -> _Hmac:
+        """A copy of this state."""
+
+
+def _hmac_sha256(key: bytes) -> _Hmac:
+    """HMAC-SHA256 under ``key``: OpenSSL's object itself where there is one.
+
+    `hmac.HMAC` wraps that object in Python methods; every message costs a copy, a
+    few updates and a digest, and on the hot path (a tiny job is four signed
+    messages) the wrappers cost more than the hashing.
+    """
+    if _c_hmac_new is not None:
+        try:
+            return _c_hmac_new(key, digestmod="sha256")
+        except ValueError:  # an OpenSSL without SHA-256 for HMAC (FIPS builds...)
+            pass
+    return hmac.new(key, digestmod=hashlib.sha256)
 
 
 def new_nonce() -> bytes:
@@ -109,7 +136,7 @@ class _PolyMac:
 
     __slots__ = ("_poly", "_seal")
 
-    def __init__(self, seal: hmac.HMAC, one_time_key: bytes) -> None:
+    def __init__(self, seal: _Hmac, one_time_key: bytes) -> None:
         from cryptography.hazmat.primitives.poly1305 import Poly1305
 
         self._seal = seal
@@ -128,7 +155,7 @@ class MessageSigner:
     """Signs outgoing messages of one direction, numbering them from 0."""
 
     def __init__(self, key: bytes) -> None:
-        self._template = hmac.new(key, digestmod=hashlib.sha256)
+        self._template = _hmac_sha256(key)
         # ChaCha20 key for Poly1305's one-time keys: never the HMAC key itself.
         self._poly_keys = hmac.digest(key, _binding(_LABEL, b"poly1305"), "sha256")
         self.seq = 0

@@ -58,9 +58,13 @@ class DriverResults(DriverOutbox):
         instructions: list[Instruction] = []
         handle = self.state.handle
         read: list[str] = []  # results in shared memory
+        # What the façade hears (starts and results, in the node's order) is told
+        # last, once the jobs this frees are on their way: a result wakes the user's
+        # thread, which then waits for this thread's GIL until it is done here.
+        notices: list[tuple[Any, ...]] = []
         for index, entry in enumerate(message.results):
             while next_start < len(starts) and starts[next_start][3] <= index:
-                self._on_start(link, starts[next_start])
+                self._on_start(link, starts[next_start], notices)
                 next_start += 1
             record, streamed = ResultEntry.from_wire(entry)
             key, attempt, outcome, began, ended, stdout, stderr, exception, count = (
@@ -126,26 +130,36 @@ class DriverResults(DriverOutbox):
                     )
             link.jobs_done += 1
             link.cpu_time += max(ended - began, 0.0)
-            self.events.job_done(
-                key,
-                link,
-                Outcome(outcome, result, stdout, stderr, exception, began, ended),
+            notices.append(
+                (
+                    key,
+                    Outcome(outcome, result, stdout, stderr, exception, began, ended),
+                )
             )
         for start in starts[next_start:]:
-            self._on_start(link, start)
+            self._on_start(link, start, notices)
         instructions.extend(self.state.dispatch())
         for name in read:  # read (or dropped, stale): ours to free
             shm.unlink(name)
         self._apply(instructions)
+        events = self.events
+        for notice in notices:
+            if len(notice) == 2:
+                events.job_done(notice[0], link, notice[1])
+            else:
+                events.job_running(notice[0], link, notice[2])
 
     def _load_result(self, views: list[memoryview]) -> Any:
         return serialize.loads(views, self.config.result_types)
 
-    def _on_start(self, link: NodeLink, start: list[Any]) -> None:
-        """A job began executing on the node (``[key, attempt, time, before]``)."""
+    def _on_start(
+        self, link: NodeLink, start: list[Any], notices: list[tuple[Any, ...]]
+    ) -> None:
+        """A job began executing on the node (``[key, attempt, time, before]``):
+        noted in ``notices`` as ``(key, attempt, time)`` unless stale."""
         key, attempt, when = start[0], start[1], start[2]
         if self.state.is_running(key, attempt, link.node_id):  # else: stale, or done
-            self.events.job_running(key, link, when)
+            notices.append((key, attempt, when))
 
     def _on_chunk(
         self, link: NodeLink, message: ResultChunk, buffers: list[memoryview]

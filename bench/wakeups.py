@@ -1,0 +1,236 @@
+"""Count what one round trip costs in wake-ups and system calls (issue 17, W2/W1).
+
+Not a benchmark of time: it counts, per job, the context switches of every process
+(and thread) on the path, and optionally their system calls (``strace -c``), for
+dispynb (one `LocalCluster` node, as the benchmark's ``dispynb`` row) and for
+``ProcessPoolExecutor`` (the ``ppe`` row)::
+
+    PYTHONPATH=$PWD .venv/bin/python bench/wakeups.py --backend dispynb --trips 1000
+    PYTHONPATH=$PWD .venv/bin/python bench/wakeups.py --backend ppe --strace
+    PYTHONPATH=$PWD .venv/bin/python bench/wakeups.py --backend dispynb --burst 2000
+
+``--trips`` sequential round trips (W2's pattern); ``--burst N`` submits N jobs at
+once and waits for all (W1's). Context switches come from
+``/proc/PID/task/TID/status`` before and after; ``--strace`` attaches one
+``strace -f -c`` per process after the warm-up and detaches it after the measured
+jobs (strace slows everything down: counts only, never times, from that mode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psutil
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def inc(x: int) -> int:
+    """The trivial job of W1 and W2."""
+    return x + 1
+
+
+def _switches(pid: int) -> dict[str, tuple[int, int]]:
+    """Voluntary and involuntary context switches of each thread (by name:tid)."""
+    counts: dict[str, tuple[int, int]] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return counts
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as status:
+                fields = dict(
+                    line.rstrip("\n").split(":\t", 1)
+                    for line in status
+                    if ":\t" in line
+                )
+        except FileNotFoundError:
+            continue
+        name = fields.get("Name", "?")
+        counts[f"{name}:{tid}"] = (
+            int(fields["voluntary_ctxt_switches"]),
+            int(fields["nonvoluntary_ctxt_switches"]),
+        )
+    return counts
+
+
+def _cpu(pid: int) -> tuple[float, float]:
+    """Seconds of CPU (user, system) used by all threads of ``pid`` so far."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0, 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def _processes(root: int) -> dict[str, int]:
+    """Label -> pid for ``root`` and its descendants."""
+    me = psutil.Process(root)
+    found = {"client": root}
+    for child in me.children(recursive=True):
+        try:
+            if child.name() == "strace":
+                continue
+        except psutil.Error:
+            continue
+        found[f"{child.name()}[{child.pid}]"] = child.pid
+    return found
+
+
+class _Strace:
+    """One ``strace -f -c`` per process, attached now, detached by `stop`."""
+
+    def __init__(self, pids: dict[str, int], directory: str) -> None:
+        self.files: dict[str, str] = {}
+        self._procs: list[subprocess.Popen[bytes]] = []
+        # The client's tracer last: one attached to it earlier would follow the
+        # others (its children) too.
+        for label, pid in sorted(pids.items(), key=lambda item: item[0] == "client"):
+            path = os.path.join(directory, f"strace-{pid}.txt")
+            self.files[label] = path
+            self._procs.append(
+                subprocess.Popen(
+                    ["strace", "-f", "-c", "-o", path, "-p", str(pid)],
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        time.sleep(1.0)  # attached (strace prints nothing to wait for)
+
+    def stop(self) -> dict[str, list[tuple[str, int]]]:
+        for proc in self._procs:
+            proc.send_signal(signal.SIGINT)
+        for proc in self._procs:
+            proc.wait(timeout=30)
+        summary: dict[str, list[tuple[str, int]]] = {}
+        for label, path in self.files.items():
+            rows: list[tuple[str, int]] = []
+            with open(path) as out:
+                for line in out:
+                    parts = line.split()
+                    if (
+                        len(parts) >= 5
+                        and parts[0][0].isdigit()
+                        and parts[-1] != "total"
+                    ):
+                        calls = int(parts[3])
+                        rows.append((parts[-1], calls))
+            os.unlink(path)
+            summary[label] = sorted(rows, key=lambda row: -row[1])
+        return summary
+
+
+def _dispynb(
+    workers: int,
+) -> Iterator[tuple[Callable[[int], Any], Callable[[list[int]], Any]]]:
+    import dispynb
+
+    with (
+        dispynb.LocalCluster(nodes=1, cpus=workers) as local,
+        dispynb.JobCluster(inc, nodes=local) as cluster,
+    ):
+
+        def trip(x: int) -> Any:
+            return cluster.submit(x)()
+
+        def burst(xs: list[int]) -> Any:
+            jobs = [cluster.submit(x) for x in xs]
+            return [job() for job in jobs]
+
+        yield trip, burst
+
+
+def _ppe(
+    workers: int,
+) -> Iterator[tuple[Callable[[int], Any], Callable[[list[int]], Any]]]:
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+
+        def trip(x: int) -> Any:
+            return pool.submit(inc, x).result()
+
+        def burst(xs: list[int]) -> Any:
+            futures = [pool.submit(inc, x) for x in xs]
+            return [f.result() for f in futures]
+
+        yield trip, burst
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backend", choices=["dispynb", "ppe"], default="dispynb")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--trips", type=int, default=1000)
+    parser.add_argument("--burst", type=int, default=0, help="W1 pattern: N at once")
+    parser.add_argument("--strace", action="store_true")
+    args = parser.parse_args()
+    backends = {"dispynb": _dispynb, "ppe": _ppe}
+    for trip, burst in backends[args.backend](args.workers):
+        jobs = args.burst or args.trips
+        for i in range(200):  # warm-up: workers started, code paths hot
+            trip(i)
+        if args.burst:
+            burst(list(range(args.burst)))
+        pids = _processes(os.getpid())
+        tracer = _Strace(pids, "/tmp") if args.strace else None
+        before = {label: _switches(pid) for label, pid in pids.items()}
+        cpu_before = {label: _cpu(pid) for label, pid in pids.items()}
+        start = time.perf_counter()
+        if args.burst:
+            assert burst(list(range(jobs))) == [i + 1 for i in range(jobs)]
+        else:
+            for i in range(jobs):
+                assert trip(i) == i + 1
+        elapsed = time.perf_counter() - start
+        after = {label: _switches(pid) for label, pid in pids.items()}
+        cpu_after = {label: _cpu(pid) for label, pid in pids.items()}
+        user = {label: cpu_after[label][0] - cpu_before[label][0] for label in pids}
+        system = {label: cpu_after[label][1] - cpu_before[label][1] for label in pids}
+        cpu = {label: user[label] + system[label] for label in pids}
+        calls = tracer.stop() if tracer is not None else {}
+        kind = f"burst of {jobs}" if args.burst else f"{jobs} round trips"
+        print(f"{args.backend}: {kind}, {elapsed / jobs * 1e6:.0f} us per job")
+        total_v = total_n = 0
+        for label in pids:
+            threads = after[label]
+            v = n = 0
+            detail = []
+            for tid, (va, na) in threads.items():
+                vb, nb = before[label].get(tid, (0, 0))
+                dv, dn = va - vb, na - nb
+                v, n = v + dv, n + dn
+                if dv or dn:
+                    detail.append(f"{tid} {dv / jobs:.2f}+{dn / jobs:.2f}")
+            total_v, total_n = total_v + v, total_n + n
+            print(
+                f"  {label:28} ctx/job voluntary {v / jobs:5.2f}"
+                f" involuntary {n / jobs:5.2f}, CPU {cpu[label] / jobs * 1e6:4.0f} us"
+                f" (user {user[label] / jobs * 1e6:4.0f})/job   ({', '.join(detail)})"
+            )
+            if label in calls:
+                rows = calls[label]
+                per = sum(c for _, c in rows) / jobs
+                top = ", ".join(f"{name} {c / jobs:.2f}" for name, c in rows[:8])
+                print(f"  {'':28} syscalls/job {per:5.2f}: {top}")
+        print(
+            f"  {'all':28} ctx/job voluntary {total_v / jobs:5.2f}"
+            f" involuntary {total_n / jobs:5.2f},"
+            f" CPU {sum(cpu.values()) / jobs * 1e6:4.0f} us/job"
+        )
+        if calls:
+            per = sum(c for rows in calls.values() for _, c in rows) / jobs
+            print(f"  {'all':28} syscalls/job {per:5.2f}")
+
+
+if __name__ == "__main__":
+    main()
