@@ -6,9 +6,11 @@ the client's own machine, a payload of at least `MIN_SIZE` bytes is instead writ
 once into a shared memory object (``/dev/shm/dnb-<32 hex digits>``, mode 0600) taken
 from the client's pool (`dispynb.protocol.shmpool`); the job's one buffer is then a
 small *reference* (`MAGIC` + JSON name and sizes) that travels inside the existing
-authenticated job message. The worker opens the object, maps it and unpickles the
-arguments out of it (`load_reference`): nothing of the job keeps pointing into the
-client's pages, which the client reuses for a later job.
+authenticated job message. The worker reads each buffer out of the object with one
+``pread`` straight into the ``bytes`` or ``bytearray`` the unpickler keeps, and
+unpickles the arguments from those (`load_reference`): one copy, no mapping, and
+nothing of the job keeps pointing into the client's pages, which the client reuses
+for a later job.
 
 Names come from `secrets.token_hex` (128 bits), so they cannot be guessed, and each job
 gets a new one; a worker only opens a well-formed name, a regular file of its own user
@@ -59,7 +61,9 @@ __all__ = [
     "enabled",
     "is_reference",
     "load_reference",
+    "make_reference",
     "open_reference",
+    "read_reference",
     "reference_name",
     "same_machine",
     "sweep",
@@ -138,12 +142,29 @@ def reference_name(reference: Buffer) -> str:
     return _parse(reference)[0]
 
 
-def _parse(reference: Buffer) -> tuple[str, list[int]]:
+def make_reference(name: str, buffers: Sequence[memoryview]) -> bytes:
+    """The reference to the object ``name`` holding ``buffers`` one after the other.
+
+    Besides the sizes it says which buffers were writable (a ``bytearray``, a
+    writable NumPy array's memory): the reader gives those a ``bytearray`` and the
+    others ``bytes``, which the unpickler takes as they are, so each buffer is copied
+    exactly once, by the kernel, out of the object (`load_reference`).
+    """
+    fields = {
+        "name": name,
+        "sizes": [view.nbytes for view in buffers],
+        "writable": [not view.readonly for view in buffers],
+    }
+    return MAGIC + json.dumps(fields).encode()
+
+
+def _parse(reference: Buffer) -> tuple[str, list[int], list[bool] | None]:
     view = memoryview(reference)
     try:
         fields = json.loads(bytes(view[len(MAGIC) :]))
         name, sizes = fields["name"], fields["sizes"]
-    except (ValueError, KeyError, TypeError) as exc:
+        writable = fields.get("writable")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise SerializationError(f"malformed shared memory reference: {exc}") from exc
     if not isinstance(name, str) or not _ANY_NAME.fullmatch(name):
         raise SerializationError(
@@ -151,17 +172,18 @@ def _parse(reference: Buffer) -> tuple[str, list[int]]:
         )
     if not isinstance(sizes, list) or not all(type(s) is int and s >= 0 for s in sizes):
         raise SerializationError("malformed shared memory reference: bad sizes")
-    return name, sizes
+    if writable is not None and (
+        not isinstance(writable, list)
+        or len(writable) != len(sizes)
+        or not all(type(w) is bool for w in writable)
+    ):
+        raise SerializationError("malformed shared memory reference: bad writable")
+    return name, sizes, writable
 
 
-def open_reference(reference: Buffer) -> tuple[mmap.mmap | None, list[memoryview]]:
-    """Open and map (copy-on-write) the object a reference names; the mapping and
-    the buffers in it.
-
-    Raises `SerializationError` for a malformed or refused name, an object that is
-    gone, not a regular file of this user, or smaller than announced.
-    """
-    name, sizes = _parse(reference)
+def _open_checked(name: str, total: int) -> int:
+    """A file descriptor of the object ``name``, checked: a regular object of this
+    user holding at least ``total`` bytes (`SerializationError` otherwise)."""
     try:
         fd = os.open(SHM_DIR / name, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError as exc:
@@ -175,11 +197,27 @@ def open_reference(reference: Buffer) -> tuple[mmap.mmap | None, list[memoryview
             raise SerializationError(
                 f"refused shared memory {name}: not a regular object of this user"
             )
-        total = sum(sizes)
         if info.st_size < total:
             raise SerializationError(
                 f"refused shared memory {name}: {info.st_size} bytes, {total} announced"
             )
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_reference(reference: Buffer) -> tuple[mmap.mmap | None, list[memoryview]]:
+    """Open and map (copy-on-write) the object a reference names; the mapping and
+    the buffers in it.
+
+    Raises `SerializationError` for a malformed or refused name, an object that is
+    gone, not a regular file of this user, or smaller than announced.
+    """
+    name, sizes, _writable = _parse(reference)
+    total = sum(sizes)
+    fd = _open_checked(name, total)
+    try:
         if total == 0:
             return None, [memoryview(b"") for _ in sizes]
         # Private and writable: a job's write never reaches the client's pages.
@@ -197,32 +235,66 @@ def open_reference(reference: Buffer) -> tuple[mmap.mmap | None, list[memoryview
     return mapped, views
 
 
-def load_reference(reference: Buffer, loads: Callable[[list[memoryview]], Any]) -> Any:
-    """Unpickle (with ``loads``) the arguments a reference names, into this
-    process's own memory: the client reuses the object for later jobs.
+def read_reference(reference: Buffer) -> list[bytes | bytearray]:
+    """The buffers a reference names, read into this process's own memory.
 
-    ``bytes`` and ``bytearray`` arguments are copied out by the unpickler anyway;
-    anything that would keep a view of the mapping (a NumPy array's memory) is
-    unpickled a second time from a private copy.
+    Each buffer is read with one ``pread`` into the object the unpickler keeps: a
+    ``bytes`` for one the sender had read-only (a ``bytes`` argument), a
+    ``bytearray`` for a writable one. No mapping (whose page faults and unmapping
+    cost more than the copy), nothing of the job points into the sender's pages
+    (the client rewrites them for later jobs), and one copy per buffer. A reference
+    without writability (an older sender) gets ``bytearray`` for every out-of-band
+    buffer, which keeps every argument writable as it was.
+
+    Raises `SerializationError` as `open_reference` does, and if the object shrank.
     """
-    mapped, views = open_reference(reference)
-    if mapped is None:
-        return loads(views)
+    name, sizes, writable = _parse(reference)
+    if writable is None:
+        writable = [index > 0 for index in range(len(sizes))]
+    fd = _open_checked(name, sum(sizes))
     try:
-        value = loads(views)
+        buffers: list[bytes | bytearray] = []
+        offset = 0
+        for size, into in zip(sizes, writable, strict=True):
+            buffers.append(_read(fd, name, size, offset, into))
+            offset += size
     finally:
-        for view in views:
-            with contextlib.suppress(BufferError):  # exported to ``value``
-                view.release()
-    try:
-        mapped.close()
-    except BufferError:  # ``value`` points into the mapping: take a private copy
-        copies = [bytearray(view) for view in open_reference(reference)[1]]
-        del value
-        value = loads([memoryview(c) for c in copies])
-        with contextlib.suppress(BufferError):
-            mapped.close()
-    return value
+        os.close(fd)
+    return buffers
+
+
+def _read(fd: int, name: str, size: int, offset: int, into: bool) -> bytes | bytearray:
+    """``size`` bytes at ``offset``: a new ``bytearray`` if ``into``, else ``bytes``."""
+    data: bytes | bytearray
+    if into:
+        data = bytearray(size)
+        with memoryview(data) as view:
+            done = 0
+            while done < size:
+                count = os.preadv(fd, [view[done:]], offset + done)
+                if count <= 0:
+                    break
+                done += count
+    else:
+        data = os.pread(fd, size, offset)  # one read into a new bytes: no zeroing
+        while len(data) < size:  # reads of 2 GiB or more come in parts
+            more = os.pread(fd, size - len(data), offset + len(data))
+            if not more:
+                break
+            data += more
+        done = len(data)
+    if done < size:
+        raise SerializationError(
+            f"shared memory {name} ended before {offset + size} bytes (truncated)"
+        )
+    return data
+
+
+def load_reference(reference: Buffer, loads: Callable[[list[Buffer]], Any]) -> Any:
+    """Unpickle (with ``loads``) the arguments a reference names, from this process's
+    own copy of them (`read_reference`): the client reuses the object for later
+    jobs."""
+    return loads(list(read_reference(reference)))
 
 
 def result_prefix(job_path: str) -> str:
@@ -252,8 +324,7 @@ def write_result(buffers: Sequence[Buffer], prefix: str) -> tuple[str, bytes]:
         raise
     finally:
         os.close(fd)
-    sizes = [v.nbytes for v in views]
-    return name, MAGIC + json.dumps({"name": name, "sizes": sizes}).encode()
+    return name, make_reference(name, views)
 
 
 def unlink_results(prefix: str) -> None:
@@ -274,7 +345,7 @@ def unlink_results(prefix: str) -> None:
 def is_result_reference(reference: Buffer) -> bool:
     """Whether a reference names a worker's result object (not an argument one)."""
     try:
-        return _RESULT_NAME.fullmatch(_parse(reference)[0]) is not None
+        return _RESULT_NAME.fullmatch(reference_name(reference)) is not None
     except SerializationError:
         return False
 

@@ -97,6 +97,8 @@ class DriverNodes(DriverResults):
         link.shared_memory = shm.enabled() and shm.same_machine(
             link.peer_ip, welcome.boot_id, welcome.pid
         )
+        if link.shared_memory:
+            self._segment_pool()
         try:
             self._set_up(link)
         except DispynbError as exc:

@@ -255,10 +255,7 @@ class DriverOutbox:
         """Write a job's arguments to shared memory; the reference to send instead
         (the arguments themselves if that fails: the socket still works)."""
         try:
-            if self._pool is None:
-                self._pool = SegmentPool()
-                shm.sweep()  # objects of clients that were killed
-            name, reference = self._pool.write(payload)
+            name, reference = self._segment_pool().write(payload)
         except OSError as exc:  # /dev/shm full, say: this node's jobs use the socket
             link.shared_memory = False
             logger.warning(
@@ -270,6 +267,14 @@ class DriverOutbox:
             return payload
         self._segments.setdefault(key, {})[attempt] = name
         return [reference]
+
+    def _segment_pool(self) -> SegmentPool:
+        """The computation's segment pool, made (and dead clients' objects swept)
+        when the first node it can serve joins, not on the first large job's way."""
+        if self._pool is None:
+            self._pool = SegmentPool()
+            shm.sweep()  # objects of clients that were killed
+        return self._pool
 
     def _limit_shared_memory(self, large: bool) -> None:
         """Jobs with large arguments: nodes that take them through shared memory

@@ -8,6 +8,7 @@ from typing import Any
 
 from dispynb.errors import SerializationError
 from dispynb.protocol import serialize, shm
+from dispynb.protocol.framing import Buffer
 from dispynb.protocol.messages import (
     CRASHED,
     FINISHED,
@@ -149,8 +150,8 @@ class DriverResults(DriverOutbox):
             else:
                 events.job_running(notice[0], link, notice[2])
 
-    def _load_result(self, views: list[memoryview]) -> Any:
-        return serialize.loads(views, self.config.result_types)
+    def _load_result(self, buffers: list[Buffer]) -> Any:
+        return serialize.loads(buffers, self.config.result_types)
 
     def _on_start(
         self, link: NodeLink, start: list[Any], notices: list[tuple[Any, ...]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -130,6 +131,48 @@ def test_malformed_reference_is_refused() -> None:
         shm.open_reference(
             shm.MAGIC + b'{"name": "dnb-' + b"0" * 32 + b'", "sizes": [-1]}'
         )
+
+
+def test_each_buffer_is_read_into_the_object_the_unpickler_keeps(
+    pool: SegmentPool,
+) -> None:
+    data, scratch = os.urandom(2_000_000), bytearray(os.urandom(300_000))
+    buffers = serialize.dumps(((data, scratch), {}))
+    name, reference = pool.write(buffers)
+    read = shm.read_reference(reference)
+    # The pickle and the bytes argument come back as bytes (the unpickler takes
+    # them as they are), the bytearray as a bytearray: one copy each, no mapping.
+    assert [type(b) for b in read] == [bytes, bytes, bytearray]
+    assert read[1] == data and read[2] == scratch
+    ((got_data, got_scratch), _kwargs) = serialize.loads(list(read))
+    assert got_data is read[1] and got_scratch is read[2]
+    assert name not in Path("/proc/self/maps").read_text()
+
+
+def test_a_reference_without_writability_keeps_arguments_writable(
+    pool: SegmentPool,
+) -> None:
+    scratch = bytearray(b"w" * 200_000)
+    name, reference = pool.write(serialize.dumps(((b"r" * 200_000, scratch), {})))
+    older = (
+        shm.MAGIC
+        + json.dumps(
+            {"name": name, "sizes": json.loads(reference[len(shm.MAGIC) :])["sizes"]}
+        ).encode()
+    )  # what a sender before writability was sent wrote
+    ((data, got), _kwargs) = shm.load_reference(older, serialize.loads)
+    assert data == b"r" * 200_000 and type(data) is bytes
+    assert got == scratch and type(got) is bytearray
+
+
+def test_malformed_writability_is_refused(pool: SegmentPool) -> None:
+    name, _reference = pool.write([b"abc"])
+    for writable in ("[true, false]", '"yes"', "[1]"):
+        forged = shm.MAGIC + (
+            f'{{"name": "{name}", "sizes": [3], "writable": {writable}}}'.encode()
+        )
+        with pytest.raises(SerializationError, match="bad writable"):
+            shm.read_reference(forged)
 
 
 def test_same_machine() -> None:
