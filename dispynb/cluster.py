@@ -224,7 +224,7 @@ class JobCluster:
         node.avail_info = info.avail
         self._nodes[info.node_id] = node
         self._node_cpus[info.node_id] = info.cpus
-        self._journal.node(info.node_id)
+        self._journal.node(info.via or info.node_id)
         self._notify_cluster(DispyNode.Initialized, node, None)
         self._emit(DispyNode.Initialized, node, None)
 
@@ -250,6 +250,16 @@ class JobCluster:
         node.avail_info = avail
         node.update_time = time.time()
         self._notify_cluster(DispyNode.AvailInfo, node, None)
+        self._emit(DispyNode.AvailInfo, node, None)
+
+    def node_counts(
+        self, info: NodeInfo, jobs_done: int, busy: int, cpu_time: float
+    ) -> None:
+        node = self._nodes.get(info.node_id)
+        if node is None:
+            return
+        node.jobs_done, node.busy, node.cpu_time = jobs_done, busy, cpu_time
+        node.update_time = time.time()
         self._emit(DispyNode.AvailInfo, node, None)
 
     def jobs_sent(self, keys: list[int], info: NodeInfo) -> None:

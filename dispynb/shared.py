@@ -27,8 +27,12 @@ class SharedJobCluster(JobCluster):
     ``dispynb-scheduler user add NAME`` wrote (or ``secret=`` its content, or
     ``DISPYNB_SECRET_FILE``). ``exclusive=True`` asks for the nodes alone: the
     computation's jobs run once other users' running jobs ended, and no other
-    user's job starts while it is open. Everything else is as for `JobCluster`;
-    the scheduler appears as one node with the CPUs it shares.
+    user's job starts while it is open. Everything else is as for `JobCluster`,
+    except that the scheduler chooses the nodes: ``submit_node`` and the
+    node-management methods (``set_node_cpus``, ``close_node``...) raise
+    `NotSupportedError`. ``status()``, ``print_status()``, the web monitor and the
+    notebook panels list the real nodes behind the scheduler, with this cluster's
+    own jobs on each (never other users'); ``job.ip_addr`` is the scheduler's.
 
     Without ``scheduler_host`` it is a `JobCluster` on the nodes given: dispynb's
     node servers serve several clients at once.

@@ -32,8 +32,9 @@ from dispynb.protocol.messages import (
     JobSubmit,
     Message,
     ResultChunk,
+    SchedulerNodes,
 )
-from dispynb.protocol.records import ResultEntry
+from dispynb.protocol.records import ResultEntry, SharedNodeEntry
 from dispynb.scheduler.policy import update_mean
 from dispynb.transport.connection import Connection
 from schedserver.fairshare import Account
@@ -58,6 +59,7 @@ class QueuedJob:
     buffers: list[memoryview]
     limits: list[Any] | None = None
     node: str = ""  # where it runs ("" while queued here)
+    started: bool = False  # the node reported it executing
 
 
 @dataclass(eq=False)
@@ -108,6 +110,10 @@ class SharedComputation:
         self.expiry: asyncio.TimerHandle | None = None
         #: ``send_file`` requests: request -> [nodes yet to answer, errors].
         self.placements: dict[int, list[Any]] = {}
+        #: Per node name: [jobs ended there, their run time]; and the node list
+        #: last sent to the client (`report_nodes`).
+        self.node_done: dict[str, list[float]] = {}
+        self._reported: list[list[Any]] | None = None
 
     @property
     def name(self) -> str:
@@ -214,21 +220,31 @@ class SharedComputation:
     ) -> None:
         """Jobs ended on a node: free their slots, pass the results on."""
         returned: list[int] = []
+        for start in message.started:  # [key, attempt, start_time, before]
+            job = self.running.get(start[0]) if start else None
+            if job is not None and job.attempt == start[1]:
+                job.started = True
+        node = upstream.node
+        done = self.node_done.setdefault(node.name, [0, 0.0])
         for index, item in enumerate(message.results):
             entry, _streamed = ResultEntry.from_wire(item)
             job = self.running.get(entry.key)
             if job is None or job.attempt != entry.attempt:
                 continue
             del self.running[entry.key]
-            self.server.job_left(self, upstream.node)
+            self.server.job_left(self, node)
+            run_time = entry.end_time - entry.start_time
             if entry.start_time > 0.0:
-                node = upstream.node
-                node.mean = update_mean(node.mean, entry.end_time - entry.start_time)
+                node.mean = update_mean(node.mean, run_time)
             if entry.outcome == RETURNED and not self.closing:
                 job.node = ""  # the node shuts down: it runs elsewhere
+                job.started = False
                 self.queue.appendleft(job)
                 self.account.queued += 1
                 returned.append(index)
+            else:
+                done[0] += 1
+                done[1] += max(run_time, 0.0) if entry.start_time > 0.0 else 0.0
         if returned:
             results = [r for i, r in enumerate(message.results) if i not in returned]
             message = dataclasses.replace(message, results=results)
@@ -236,6 +252,39 @@ class SharedComputation:
             self.to_client(message, buffers)
         self.finish_if_done()
         self.server.schedule()
+
+    def report_nodes(self, force: bool = False) -> None:
+        """Tell the client the nodes it runs on and its counts there, if they
+        changed since the last report (``force``: in any case)."""
+        if self.session is None or not self.ready_sent or self.closing:
+            return
+        running: dict[str, list[QueuedJob]] = {}
+        for job in self.running.values():
+            running.setdefault(job.node, []).append(job)
+        nodes = []
+        for name, upstream in sorted(self.upstream.items()):
+            node = upstream.node
+            if not upstream.ready or upstream.conn is None or not node.alive:
+                continue
+            done = self.node_done.get(name, [0, 0.0])
+            jobs = running.get(name, [])
+            nodes.append(
+                SharedNodeEntry(
+                    name,
+                    node.hostname,
+                    node.host,
+                    node.port,
+                    node.cpus,
+                    int(done[0]),
+                    round(done[1], 6),
+                    sorted(job.key for job in jobs),
+                    sum(1 for job in jobs if job.started),
+                    list(node.avail),
+                ).to_wire()
+            )
+        if force or nodes != self._reported:
+            self._reported = nodes
+            self.to_client(SchedulerNodes(comp_id=self.comp_id, nodes=nodes))
 
     def finish_if_done(self) -> None:
         """A recovered computation closes once its last job ended."""
@@ -272,6 +321,7 @@ class SharedComputation:
             self.server.job_left(self, upstream.node)
             if self.setup.reentrant and not self.closing:
                 job.node = ""
+                job.started = False
                 self.queue.appendleft(job)
                 self.account.queued += 1
             else:
@@ -298,6 +348,8 @@ class SharedComputation:
             self.server.check_closed(self)
         elif not self.ready_sent and not upstream.closed:
             self.failures.append(f"{upstream.node.name}: {reason}")
+        else:
+            self.report_nodes()
 
     def send_jobs(self, upstream: Upstream, jobs: list[QueuedJob]) -> None:
         """Send ``jobs`` to ``upstream``'s node, as one message."""

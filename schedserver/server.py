@@ -73,6 +73,8 @@ class NodeState:
     in_flight: int = 0
     avail: list[float] = field(default_factory=list)
     conn: Connection | None = None
+    #: The host name the node reports ("" until it is up).
+    hostname: str = ""
     #: Mean run time of its recent jobs (None: unknown), for how many to send ahead.
     mean: float | None = None
 
@@ -281,6 +283,7 @@ class SchedulerServer:
             )
         running = bool(comp.queue or comp.running)
         session.send(Recovered(comp_id=message.comp_id, found=True, running=running))
+        comp.report_nodes(force=True)
         comp.finish_if_done()
 
     # -- the nodes ---------------------------------------------------------------------
@@ -301,6 +304,7 @@ class SchedulerServer:
             cap = self.config.cpus
             node.cpus = min(welcome.cpus, cap) if cap else welcome.cpus
             node.avail = list(welcome.avail)
+            node.hostname = welcome.name
             node.alive = True
             logger.info("node %s is up with %d CPUs", node.name, node.cpus)
             for comp in self.computations:
@@ -410,6 +414,7 @@ class SchedulerServer:
                         comp_id=comp.comp_id, workers=max(1, self.total_cpus())
                     )
                 )
+            comp.report_nodes()
             self.schedule()
         elif isinstance(message, ComputationFailed):
             logger.warning(
@@ -641,6 +646,8 @@ class SchedulerServer:
                     self._zombie(session, now - session.last_heard)
                 else:
                     session.report(self._avail())
+            for comp in self.computations:
+                comp.report_nodes()
 
     def _zombie(self, session: SchedulerSession, silent: float) -> None:
         """A client not heard from for --zombie_interval (stopped, hung, cut off

@@ -140,6 +140,9 @@ class NodeInfo:
     platform: str = ""
     #: Resources available on it, when known.
     avail: DispyNodeAvailInfo | None = None
+    #: Where the computation lives for it, if not on the node itself: a shared
+    #: scheduler's ``'host:port'`` (the address `recover_jobs` goes back to).
+    via: str = ""
 
 
 @dataclass(slots=True)
@@ -277,6 +280,12 @@ class JobEvents(Protocol):
 
     def node_closed(self, node: NodeInfo, reason: str, departure: Departure) -> None:
         """``node`` left (its jobs were requeued or abandoned first)."""
+
+    def node_counts(
+        self, node: NodeInfo, jobs_done: int, busy: int, cpu_time: float
+    ) -> None:
+        """An engine that counts jobs per node itself (a shared scheduler: job
+        events name the scheduler, not the node) gives ``node``'s counts now."""
 
     def jobs_sent(self, keys: list[int], node: NodeInfo) -> None:
         """Jobs were handed to ``node``; they may wait there for a free CPU."""

@@ -338,6 +338,10 @@ class NodesBackend:
         if info is not None:
             self._events.node_status(info, _avail_info(avail))
 
+    def scheduler_nodes(self, link: NodeLink, entries: list[list[Any]]) -> None:
+        """Only a shared scheduler reports nodes behind it (`SchedulerBackend`)."""
+        logger.debug("node %s sent a scheduler's node list: ignored", link.node_id)
+
     def jobs_sent(self, keys: list[int], link: NodeLink) -> None:
         self._events.jobs_sent(keys, self._view(link))
 

@@ -6,17 +6,33 @@ those of the nodes it shares out. It proves the user's credential
 (``dispynb-user:NAME:TOKEN``, see `dispynb.secret.split_credential`) instead of the
 node secret, and tells the scheduler whether the computation wants the nodes to
 itself (``exclusive``).
+
+The cluster shows the nodes behind the scheduler, not the scheduler: it reports them
+to each computation (`SchedulerNodes`, with that computation's own counts on each),
+and `SchedulerBackend` turns the reports into node events for the façade, so that
+``status()``, ``print_status()``, the web monitor and the notebook panels list the
+real nodes. Jobs go to the scheduler, which alone chooses their nodes: pinning a
+job (``submit_node``) and managing nodes (``set_node_cpus``, ``close_node``...) are
+the operator's, not a client's.
 """
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 from dispynb.backends import base
-from dispynb.backends.base import ClusterConfig, JobEvents
-from dispynb.backends.nodes import NodeEngine, NodesBackend
-from dispynb.errors import ConfigurationError
+from dispynb.backends.base import ClusterConfig, Departure, JobEvents, NodeInfo
+from dispynb.backends.nodes import NodeEngine, NodesBackend, _avail_info
+from dispynb.depends import FileRef
+from dispynb.errors import ConfigurationError, MessageError
 from dispynb.node import parse_node_specs
+from dispynb.protocol.records import SharedNodeEntry
+from dispynb.scheduler.driver import NodeLink
 from dispynb.secret import split_credential
 from dispynb.transport.addressing import format_address
+
+logger = logging.getLogger(__name__)
 
 
 class SchedulerEngine(NodeEngine):
@@ -27,14 +43,19 @@ class SchedulerEngine(NodeEngine):
     """
 
     name = "scheduler"
-    #: The scheduler chooses the nodes: ``nodes=`` (``%%dispy --on``) selects none.
-    features: frozenset[str] = base.ALL_FEATURES - {base.SELECT_NODES}
+    #: The scheduler chooses the nodes: ``nodes=`` (``%%dispy --on``) selects none,
+    #: a job cannot be pinned to one, and only its operator manages them.
+    features: frozenset[str] = base.ALL_FEATURES - {
+        base.SELECT_NODES,
+        base.SUBMIT_NODE,
+        base.NODE_MANAGEMENT,
+    }
 
     def __init__(self, address: str, exclusive: bool = False) -> None:
         self.address = address
         self.exclusive = exclusive
 
-    def open(self, events: JobEvents, config: ClusterConfig) -> NodesBackend:
+    def open(self, events: JobEvents, config: ClusterConfig) -> SchedulerBackend:
         """Connect to the scheduler as a user and set the computation up there."""
         user, _key = split_credential(config.options.secret)
         if not user:
@@ -50,7 +71,7 @@ class SchedulerEngine(NodeEngine):
             for spec in parse_node_specs(config.options.nodes)
             if format_address(spec.host, spec.port or 0) == self.address
         ]
-        backend = NodesBackend(
+        backend = SchedulerBackend(
             events, config, specs=specs or parse_node_specs(self.address)
         )
         backend.driver.config.exclusive = self.exclusive
@@ -65,4 +86,91 @@ class SchedulerEngine(NodeEngine):
         return f"SchedulerEngine({self.address!r}, exclusive={self.exclusive})"
 
 
-__all__ = ["SchedulerEngine"]
+class SchedulerBackend(NodesBackend):
+    """`NodesBackend` on one scheduler, showing the façade the nodes behind it.
+
+    The scheduler's own connection is not a node for the façade: its reports
+    (`scheduler_nodes`) are, each node as a `NodeInfo` whose ``via`` is the
+    scheduler's address (where the journal's `recover_jobs` goes back to).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: The nodes behind the scheduler as last reported, and their counts.
+        self._behind: dict[str, NodeInfo] = {}
+        self._running: dict[str, list[int]] = {}
+        self._scheduler = ""
+
+    def node_ready(self, link: NodeLink) -> None:
+        """The computation is set up at the scheduler; its nodes come in a report."""
+        welcome = link.welcome
+        self._scheduler = link.node_id
+        self._info[link.node_id] = NodeInfo(
+            link.node_id,
+            link.host,
+            link.port,
+            welcome.name if welcome else "",
+            link.cpus,
+            welcome.platform if welcome else "",
+        )
+
+    def node_closed(self, link: NodeLink, reason: str) -> None:
+        """The scheduler's connection ended: so did every node behind it."""
+        self._info.pop(link.node_id, None)
+        departure = Departure.RELEASED if self._closed else Departure.LOST
+        for info in list(self._behind.values()):
+            self._events.node_closed(info, f"scheduler: {reason}", departure)
+        self._behind.clear()
+        self._running.clear()
+
+    def node_status(self, link: NodeLink, avail: list[float]) -> None:
+        """The scheduler's sum over its nodes: each node's comes in the reports."""
+
+    def scheduler_nodes(self, link: NodeLink, entries: list[list[Any]]) -> None:
+        """The scheduler's report: nodes that joined, left and their counts."""
+        try:
+            nodes = [SharedNodeEntry.from_wire(item) for item in entries]
+        except MessageError as exc:
+            logger.warning("scheduler %s: %s: report ignored", link.node_id, exc)
+            return
+        events = self._events
+        seen = {entry.node_id for entry in nodes}
+        for node_id in [n for n in self._behind if n not in seen]:
+            info = self._behind.pop(node_id)
+            self._running.pop(node_id, None)
+            events.node_closed(info, "it left the scheduler", Departure.LOST)
+        for entry in nodes:
+            avail = _avail_info(entry.avail)
+            known = self._behind.get(entry.node_id)
+            info = NodeInfo(
+                entry.node_id,
+                entry.host,
+                entry.port,
+                entry.name,
+                entry.cpus,
+                avail=avail,
+                via=link.node_id,
+            )
+            self._behind[entry.node_id] = info
+            self._running[entry.node_id] = entry.running
+            if known is None or known.cpus != entry.cpus:
+                events.node_ready(info)
+            elif known.avail != avail:
+                events.node_status(info, avail)
+            events.node_counts(info, entry.jobs_done, entry.busy, entry.cpu_time)
+        if self._startup is not None and not self._startup.done():
+            self._startup.set_result(None)
+
+    def running_jobs(self, node_id: str) -> list[int]:
+        """This cluster's jobs at a node behind the scheduler (its last report)."""
+        return list(self._running.get(node_id, ()))
+
+    def send_file(self, node_id: str, ref: FileRef) -> str:
+        """Through the scheduler, which places the file on each node it set the
+        computation up on (dispy's ``relay``)."""
+        if node_id in self._behind:
+            node_id = self._scheduler
+        return super().send_file(node_id, ref)
+
+
+__all__ = ["SchedulerBackend", "SchedulerEngine"]

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import tornado.escape
 import tornado.iostream
 
+from dispynb.errors import NotSupportedError
 from dispynb.httpd.feed import ChangeFeed
 from dispynb.httpd.security import CSRF_HEADER, SecureHandler
 
@@ -200,7 +201,11 @@ class NodeCpusHandler(ApiHandler):
         view = self.view()
         if view is None:
             return
-        used = await self.run_blocking(view.monitor.set_node_cpus, node_id, cpus)
+        try:
+            used = await self.run_blocking(view.monitor.set_node_cpus, node_id, cpus)
+        except NotSupportedError as exc:  # e.g. a shared scheduler's nodes
+            self.refuse(400, str(exc))
+            return
         if used < 0:
             self.refuse(404, f"no node {node_id!r} in this cluster (ids are 'ip:port')")
             return

@@ -373,6 +373,21 @@ class NodeStatus(WireMessage):
     avail: list[float]
 
 
+@message("scheduler-nodes")
+class SchedulerNodes(WireMessage):
+    """Shared scheduler -> client: the nodes behind it, as one computation sees them.
+
+    ``nodes`` holds a `dispynb.protocol.records.SharedNodeEntry` per node where the
+    computation is set up now (a node no longer listed has left). Only the
+    computation's own jobs are counted: a client learns nothing of other users'.
+    Sent when that set changes and, while the counts change, at the pulse; a node
+    server never sends it.
+    """
+
+    comp_id: int
+    nodes: list[list[Any]]
+
+
 @message("files-missing")
 class FilesMissing(WireMessage):
     """Node -> client: send these files (by digest) before the computation starts."""

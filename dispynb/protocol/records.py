@@ -63,6 +63,64 @@ class ResultEntry(NamedTuple):
         return entry, len(item) == 10 and item[9] is True
 
 
+class SharedNodeEntry(NamedTuple):
+    """One node in `SchedulerNodes.nodes` (packed as a 10-item array): a node behind
+    a shared scheduler, with one computation's counts on it."""
+
+    #: ``host:port`` as the scheduler reaches it (stable while the node is known).
+    node_id: str
+    #: Host name the node reports ("" if unknown).
+    name: str
+    host: str
+    port: int
+    #: CPUs of the node the computation may use (its jobs in parallel at most).
+    cpus: int
+    #: The computation's jobs that ended on the node, and their run time in seconds.
+    jobs_done: int
+    cpu_time: float
+    #: Keys of the computation's jobs sent to the node and not ended.
+    running: list[int]
+    #: How many of them have started executing.
+    busy: int
+    #: ``[cpu %, memory bytes, disk bytes, swap %]`` available ([] if unknown).
+    avail: list[float]
+
+    def to_wire(self) -> list[Any]:
+        """The array sent in `SchedulerNodes.nodes`."""
+        return list(self)
+
+    @classmethod
+    def from_wire(cls, item: Any) -> SharedNodeEntry:
+        """An entry from an array of `SchedulerNodes.nodes`.
+
+        Raises `MessageError` for an array of another shape or with wrong types.
+        """
+        if not isinstance(item, list | tuple) or len(item) != 10:
+            raise MessageError("malformed node entry in scheduler-nodes")
+        entry = cls._make(item)
+        numbers = (int, float)
+        if not (
+            isinstance(entry.node_id, str)
+            and isinstance(entry.name, str)
+            and isinstance(entry.host, str)
+            and all(
+                type(v) is int and v >= 0
+                for v in (entry.port, entry.cpus, entry.jobs_done, entry.busy)
+            )
+            and isinstance(entry.cpu_time, numbers)
+            and isinstance(entry.running, list | tuple)
+            and all(type(key) is int for key in entry.running)
+            and isinstance(entry.avail, list | tuple)
+            and all(isinstance(v, numbers) for v in entry.avail)
+        ):
+            raise MessageError("malformed node entry in scheduler-nodes")
+        return entry._replace(
+            cpu_time=float(entry.cpu_time),
+            running=list(entry.running),
+            avail=[float(v) for v in entry.avail],
+        )
+
+
 class ProgramFile(TypedDict):
     """A program computation (``JobCluster('prog.py')``): its file."""
 
@@ -84,4 +142,4 @@ class ComputationBundle(TypedDict):
     names: dict[str, Any]
 
 
-__all__ = ["ComputationBundle", "ProgramFile", "ResultEntry"]
+__all__ = ["ComputationBundle", "ProgramFile", "ResultEntry", "SharedNodeEntry"]

@@ -38,6 +38,7 @@ from dispynb.protocol.messages import (
     Message,
     NodeStatus,
     ResultChunk,
+    SchedulerNodes,
 )
 from dispynb.protocol.shmpool import SegmentPool
 from dispynb.scheduler.events import (
@@ -120,6 +121,7 @@ class Driver(DriverNodes):
             JobResults: self._on_results,
             JobProvisional: self._on_provisional,
             NodeStatus: self._on_status,
+            SchedulerNodes: self._on_scheduler_nodes,
             FilesMissing: self._on_files_missing,
             ResultChunk: self._on_chunk,
             FileFromNode: self._on_file,
@@ -136,6 +138,12 @@ class Driver(DriverNodes):
         self, link: NodeLink, message: NodeStatus, buffers: list[memoryview]
     ) -> None:
         self.events.node_status(link, message.avail)
+
+    def _on_scheduler_nodes(
+        self, link: NodeLink, message: SchedulerNodes, buffers: list[memoryview]
+    ) -> None:
+        if message.comp_id == self.config.comp_id:
+            self.events.scheduler_nodes(link, message.nodes)
 
     def _on_files_missing(
         self, link: NodeLink, message: FilesMissing, buffers: list[memoryview]

@@ -145,6 +145,10 @@ class JobEvents(Protocol):
     def node_status(self, node: NodeLink, avail: list[float]) -> None:
         """``node`` reported the resources it has available."""
 
+    def scheduler_nodes(self, node: NodeLink, entries: list[list[Any]]) -> None:
+        """``node``, a shared scheduler, reported the nodes behind it
+        (`dispynb.protocol.records.SharedNodeEntry` arrays, unchecked)."""
+
 
 @dataclass(slots=True)
 class _Pending:

@@ -42,6 +42,10 @@ SAMPLES: list[WireMessage] = [
     m.JobCancel(comp_id=1, key=2, attempt=1),
     m.JobProvisional(comp_id=1, key=2, attempt=1),
     m.NodeStatus(avail=[50.0, 1e9, 1e10, 100.0]),
+    m.SchedulerNodes(
+        comp_id=3,
+        nodes=[["10.0.0.2:9711", "n2", "10.0.0.2", 9711, 4, 7, 1.5, [9, 12], 1, []]],
+    ),
     m.Ping(),
     m.Recover(comp_id=1, recovery_id="ab" * 16),
     m.Recovered(comp_id=1, found=True, running=False),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -68,8 +69,11 @@ def test_results_output_and_exceptions_as_job_cluster(
         assert all(
             job.status == JobStatus.Finished for job in jobs if job is not jobs[3]
         )
-        status = cluster.status()
-        assert len(status.nodes) == 1 and status.nodes[0].cpus == 4  # 2 nodes x 2
+        deadline = time.monotonic() + 20  # the second node may still be set up
+        while len(cluster.status().nodes) < 2:
+            assert time.monotonic() < deadline, cluster.status()
+            time.sleep(0.05)
+        assert [node.cpus for node in cluster.status().nodes] == [2, 2]  # real nodes
 
 
 def test_two_client_processes_share_the_nodes(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dispynb import SharedJobCluster
+from dispynb import LocalCluster, SharedJobCluster
 from dispynb.job import DispyJob, JobStatus
 from tests.sharedsched.harness import SchedulerProcess
 
@@ -103,7 +103,7 @@ def test_cancel_a_running_job_and_a_queued_one(
 
 
 def test_web_monitor_shows_a_shared_clusters_jobs(
-    scheduler: SchedulerProcess, users: dict[str, Path]
+    scheduler: SchedulerProcess, users: dict[str, Path], nodes: LocalCluster
 ) -> None:
     from dispynb.httpd import DispyHTTPServer
     from tests.httpd.client import MonitorClient
@@ -120,6 +120,13 @@ def test_web_monitor_shows_a_shared_clusters_jobs(
             snap = reply.json()
             (record,) = [j for j in snap["jobs"] if j["key"] == job._key]
             assert record["status"] == "Finished"
-            assert scheduler.address in str(snap["nodes"])
+            # The nodes behind the scheduler, not the scheduler.
+            deadline = time.monotonic() + 20
+            while len(snap["nodes"]) < 2:
+                assert time.monotonic() < deadline, snap["nodes"]
+                time.sleep(0.05)
+                snap = MonitorClient(server).get("/api/cluster").json()
+            shown = sorted(f"{n['ip_addr']}:{n['port']}" for n in snap["nodes"])
+            assert shown == sorted(nodes.node_specs())
         finally:
             server.shutdown(wait=False)

@@ -1,0 +1,182 @@
+"""A SharedJobCluster shows the real nodes behind the scheduler, with its own counts:
+``status()``, ``print_status()``, ``node_jobs``, the cluster_status callback and the
+web monitor's API; another user's jobs are not counted; a killed node leaves the
+list."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from dispynb import DispyNode, LocalCluster, SharedJobCluster
+from dispynb.errors import MessageError, NotSupportedError
+from dispynb.httpd import DispyHTTPServer
+from dispynb.job import JobStatus
+from dispynb.protocol.messages import SchedulerNodes, WireMessage
+from dispynb.protocol.records import SharedNodeEntry
+from tests.httpd.client import MonitorClient
+from tests.sharedsched.harness import SchedulerProcess
+
+pytestmark = pytest.mark.slow
+
+WAIT = 20.0
+
+
+def nap(seconds: float) -> float:
+    import time
+
+    time.sleep(seconds)
+    return seconds
+
+
+def wait_for(condition: Callable[[], object], what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def by_address(cluster: SharedJobCluster) -> dict[str, DispyNode]:
+    return {f"{n.ip_addr}:{n.port}": n for n in cluster.status().nodes}
+
+
+def test_status_print_status_and_monitor_list_the_nodes_behind_the_scheduler(
+    scheduler: SchedulerProcess,
+    nodes: LocalCluster,
+    users: dict[str, Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    addresses = sorted(nodes.node_specs())
+    with (
+        SharedJobCluster(
+            nap, scheduler_host=scheduler.address, secret_file=str(users["alice"])
+        ) as alice,
+        SharedJobCluster(
+            nap, scheduler_host=scheduler.address, secret_file=str(users["bob"])
+        ) as bob,
+    ):
+        # The nodes are listed as they are set up (the first one at least once
+        # the constructor returned, as for a JobCluster); never the scheduler.
+        assert by_address(alice)
+        wait_for(lambda: sorted(by_address(alice)) == addresses, "both nodes")
+        assert all(node.cpus == 2 for node in alice.status().nodes)
+        assert scheduler.address not in by_address(alice)
+        quick = [alice.submit(0.01) for _ in range(8)]
+        assert alice.wait(timeout=WAIT)
+        wait_for(
+            lambda: sum(n.jobs_done for n in alice.status().nodes) == 8,
+            "alice's 8 jobs counted on the nodes",
+        )
+        assert all(n.jobs_done >= 1 for n in alice.status().nodes)  # both used
+        assert all(n.cpu_time > 0 for n in alice.status().nodes)
+        assert {job.status for job in quick} == {JobStatus.Finished}
+
+        # Four long jobs fill the 4 CPUs: each node runs 2 of them for alice.
+        long = [alice.submit(30.0) for _ in range(4)]
+        wait_for(
+            lambda: [n.busy for n in alice.status().nodes] == [2, 2],
+            "alice's running jobs counted per node",
+        )
+        keys = sorted(job._key for job in long if job._key is not None)
+        running = sorted(
+            job._key for node in alice.status().nodes for job in alice.node_jobs(node)
+        )
+        assert running == keys
+        # Bob sees the same nodes, and none of alice's jobs on them.
+        wait_for(lambda: sorted(by_address(bob)) == addresses, "bob's nodes")
+        assert all(n.busy == 0 and n.jobs_done == 0 for n in bob.status().nodes)
+
+        alice.print_status()
+        table = capsys.readouterr().out
+        for address in addresses:
+            assert address.split(":")[0] in table
+        assert scheduler.address not in table
+
+        monitor = DispyHTTPServer(alice, port=0, poll_sec=1)
+        try:
+            client = MonitorClient(monitor)
+            reply = client.get("/api/cluster")
+            assert reply.status == 200
+            shown = {f"{n['ip_addr']}:{n['port']}": n for n in reply.json()["nodes"]}
+            assert sorted(shown) == addresses
+            assert [shown[a]["busy"] for a in addresses] == [2, 2]
+            assert sum(shown[a]["jobs_done"] for a in addresses) == 8
+            assert client.request("GET", "/api/cluster", auth=False).status == 403
+            wrong = {"Authorization": "Token " + "x" * 40}
+            assert (
+                client.request("GET", "/api/cluster", headers=wrong, auth=False).status
+                == 403
+            )
+            # A node's CPUs are the operator's: refused with the reason, no 500.
+            csrf = reply.headers["x-csrf-token"]
+            refused = client.request(
+                "POST",
+                f"/api/nodes/{addresses[0]}/cpus",
+                headers={"X-CSRF-Token": csrf},
+                body='{"cpus": 1}',
+            )
+            assert refused.status == 400
+            assert "set_node_cpus" in refused.json()["reason"]
+        finally:
+            monitor.shutdown(wait=False)
+        with pytest.raises(NotSupportedError, match="submit_node"):
+            alice.submit_node(alice.status().nodes[0], 1.0)
+        for job in long:
+            alice.cancel(job)
+        assert alice.wait(timeout=WAIT)
+
+
+def test_a_killed_node_leaves_the_list(
+    scheduler: SchedulerProcess, nodes: LocalCluster, users: dict[str, Path]
+) -> None:
+    closed: list[str] = []
+    lock = threading.Lock()
+
+    def cluster_status(status: int, node: DispyNode | None, job: object) -> None:
+        if status == DispyNode.Closed and node is not None:
+            with lock:
+                closed.append(f"{node.ip_addr}:{node.port}")
+
+    killed, kept = nodes.node_specs()
+    with SharedJobCluster(
+        nap,
+        scheduler_host=scheduler.address,
+        secret_file=str(users["alice"]),
+        cluster_status=cluster_status,
+        reentrant=True,
+    ) as cluster:
+        monitor = DispyHTTPServer(cluster, port=0, poll_sec=1)
+        try:
+            wait_for(
+                lambda: sorted(by_address(cluster)) == sorted([killed, kept]),
+                "both nodes",
+            )
+            os.kill(nodes.pids[0], signal.SIGKILL)
+            wait_for(lambda: list(by_address(cluster)) == [kept], "node left")
+            reply = MonitorClient(monitor).get("/api/cluster")
+            assert [f"{n['ip_addr']}:{n['port']}" for n in reply.json()["nodes"]] == [
+                kept
+            ]
+            wait_for(lambda: killed in closed, "cluster_status told of the loss")
+            assert cluster.submit(0.01)() == 0.01  # the other node runs it
+        finally:
+            monitor.shutdown(wait=False)
+
+
+def test_the_report_is_a_named_message_that_checks_its_entries() -> None:
+    entry = SharedNodeEntry(
+        "10.0.0.2:9701", "n2", "10.0.0.2", 9701, 4, 3, 1.5, [7], 1, []
+    )
+    message = SchedulerNodes(comp_id=1, nodes=[entry.to_wire()])
+    again = WireMessage.from_header(message.to_header())
+    assert isinstance(again, SchedulerNodes)
+    assert SharedNodeEntry.from_wire(again.nodes[0]) == entry
+    for bad in (["x"], [*entry.to_wire()[:9], "many"], [1, *entry.to_wire()[1:]]):
+        with pytest.raises(MessageError):
+            SharedNodeEntry.from_wire(bad)
