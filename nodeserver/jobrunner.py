@@ -12,6 +12,7 @@ import io
 import logging
 import os
 import resource
+import select
 import sys
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from nodeserver.channel import MessageSocket
 from nodeserver.containment import end_leftovers
 from nodeserver.ipc import Done, IpcMessage, Run, Skip
 from nodeserver.jobapi import CONTEXT, install_interrupt_handler
+from nodeserver.memory import release_freed_memory
 from nodeserver.program import ProgramOutput
 
 logger = logging.getLogger(__name__)
@@ -35,6 +37,14 @@ _NO_BUFFERS: list[Buffer] = []
 #: Seconds a job must have run for the worker to look for processes it left: no
 #: process can be started (fork, vfork and exec, posix_spawn) in less.
 LEFTOVER_CHECK_AFTER = 50e-6
+
+#: Seconds a job, with its arguments and result, must have taken for the worker to
+#: give the memory it freed back once idle: moving or making megabytes takes longer,
+#: and trivial jobs never pay for the check.
+RELEASE_CHECK_AFTER = 1e-3
+#: Seconds without a next job after which such a worker gives its freed memory back
+#: (`release_freed_memory`): jobs back to back keep reusing it.
+RELEASE_AFTER_IDLE = 0.5
 
 
 def run_job(
@@ -232,18 +242,25 @@ def worker_loop(
 
     Before starting a job, the worker reads what else has arrived, so that a `Skip`
     for a job sent ahead and then cancelled stops it from ever starting. After each
-    job, the processes it left running are killed. Returns at EOF, or after the first
+    job, the processes it left running are killed. A worker idle for
+    `RELEASE_AFTER_IDLE` seconds after a job that took `RELEASE_CHECK_AFTER` or more
+    gives the memory it freed back to the system. Returns at EOF, or after the first
     job with ``once`` (``fresh_process``); unexpected messages are logged and ignored.
     """
     send = CONTEXT.send
     begin = CONTEXT.begin
+    clock = time.perf_counter
     home = os.getcwd()
     install_interrupt_handler()
     inbox: collections.deque[tuple[Run, list[memoryview]]] = collections.deque()
     skipped: set[int] = set()
+    release = False  # a job may have left much freed memory behind
     try:
         while True:
             if not inbox:
+                if release and not _arrives(sock, RELEASE_AFTER_IDLE):
+                    release_freed_memory()
+                    release = False
                 _take(sock.recv(), inbox, skipped)
                 continue
             while sock.poll():
@@ -254,8 +271,10 @@ def worker_loop(
                 send(_skipped(run), _NO_BUFFERS)
                 continue
             begin(sock, run.key, run.attempt)
+            started = clock()
             done, result_buffers = run_job(func, run, buffers)
             del buffers
+            release = release or clock() - started >= RELEASE_CHECK_AFTER
             # The job's processes end with it. Starting one takes far longer than
             # LEFTOVER_CHECK_AFTER, so the (one system call) check is skipped for
             # the tiny jobs that make up throughput workloads.
@@ -271,6 +290,11 @@ def worker_loop(
             del result_buffers  # do not keep a large result alive until the next job
     except ConnectionClosedError:
         return
+
+
+def _arrives(sock: MessageSocket, timeout: float) -> bool:
+    """Whether a message (or the end of the socket) arrives within ``timeout``."""
+    return sock.buffered or bool(select.select([sock.sock], [], [], timeout)[0])
 
 
 def _take(
