@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import threading
 import types
 import typing
 from collections.abc import Callable
@@ -33,17 +34,30 @@ _PRE_AUTH_LIMITS = {
 }
 
 
+#: One msgpack packer per thread (``msgpack.packb`` makes one per call; a packer
+#: resets itself after each message, also after a failed one).
+_packers = threading.local()
+
+
 def pack_header(header: dict[str, Any]) -> bytes:
     """Encode a header map."""
-    packed: bytes = msgpack.packb(header, use_bin_type=True)
+    try:
+        packer = _packers.packer
+    except AttributeError:
+        packer = _packers.packer = msgpack.Packer(use_bin_type=True)
+    packed: bytes = packer.pack(header)
     return packed
 
 
 def unpack_header(data: bytes | memoryview, *, trusted: bool) -> dict[str, Any]:
     """Decode a header map; untrusted (pre-auth) data gets tight size limits."""
-    limits = {} if trusted else _PRE_AUTH_LIMITS
     try:
-        header = msgpack.unpackb(data, raw=False, strict_map_key=True, **limits)
+        if trusted:
+            header = msgpack.unpackb(data, raw=False, strict_map_key=True)
+        else:
+            header = msgpack.unpackb(
+                data, raw=False, strict_map_key=True, **_PRE_AUTH_LIMITS
+            )
     except Exception as exc:
         # fix: some msgpack errors (StackError, nesting too deep) have no text
         reason = str(exc) or type(exc).__name__
@@ -55,6 +69,10 @@ def unpack_header(data: bytes | memoryview, *, trusted: bool) -> dict[str, Any]:
 
 _SIMPLE = (int, float, str, bytes, bool, list, dict)
 _CHECKS: dict[type, tuple[tuple[str, tuple[type, ...], bool], ...]] = {}
+#: Per class: its field names and, for each, the types it accepts (``object`` for
+#: anything): a header that has every field, each of a right type, is turned into
+#: its message in a few C-level calls (`Message.from_header`).
+_FAST: dict[type, tuple[tuple[str, ...], tuple[type | tuple[type, ...], ...]]] = {}
 _FIELDS: dict[type, tuple[tuple[str, ...], Callable[[Any], Any] | None]] = {}
 
 
@@ -117,6 +135,26 @@ class Message:
         kind = cls._registry.get(op)  # type: ignore[arg-type]
         if kind is None or not issubclass(kind, cls):
             raise MessageError(f"unknown or unexpected message op {op!r}")
+        fast = _FAST.get(kind)
+        if fast is None:
+            checks = kind._field_checks()
+            fast = _FAST[kind] = (
+                tuple(name for name, _types, _required in checks),
+                tuple(accepted or object for _name, accepted, _required in checks),
+            )
+        names, accepted = fast
+        try:
+            values = tuple(map(header.__getitem__, names))
+        except KeyError:  # a field left out: its default, or the error saying so
+            return kind._checked(op, header)
+        if not all(map(isinstance, values, accepted)):
+            return kind._checked(op, header)  # raises, naming the field
+        return kind(**dict(zip(names, values, strict=True)))
+
+    @classmethod
+    def _checked(cls, op: Any, header: dict[str, Any]) -> Self:
+        """`from_header`'s field by field path, for ``cls`` itself."""
+        kind = cls
         values = {}
         for name, accepted, required in kind._field_checks():
             if name not in header:
