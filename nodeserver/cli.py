@@ -15,11 +15,12 @@ from collections.abc import Awaitable, Callable
 
 from dispynb.errors import ConfigurationError, DispynbError
 from dispynb.protocol.discovery import new_boot_id
+from dispynb.protocol.framing import large_frames_taken, release_spares
 from dispynb.secret import resolve_secret, write_new_secret
 from nodeserver.config import NodeConfig
 from nodeserver.containment import probe_in_background
 from nodeserver.launcher import PROCESS_LAUNCHER, Launcher
-from nodeserver.memory import keep_freed_memory
+from nodeserver.memory import keep_freed_memory, release_freed_memory
 from nodeserver.parser import build_parser, parse_args, parse_size
 from nodeserver.register import register
 from nodeserver.server import NodeServer
@@ -32,6 +33,9 @@ logger = logging.getLogger("nodeserver")
 
 #: Seconds between checks that the parent of an ``--exit-with-parent`` node lives.
 PARENT_CHECK_INTERVAL = 1.0
+#: Seconds without a large message after which the node gives back the memory the
+#: last ones left (bodies kept for reuse, freed heap): see `_release_memory_when_idle`.
+MEMORY_RELEASE_INTERVAL = 2.0
 #: Seconds ``--exit-without-client`` retries a client that does not accept the
 #: node's registration again before it counts the client as gone.
 CLIENT_CHECK_PATIENCE = 10.0
@@ -280,6 +284,7 @@ async def serve(
         tasks.append(asyncio.create_task(keep_window(server, window)))
     if config.announce_interval:
         tasks.append(asyncio.create_task(_announce_every(server, config)))
+    tasks.append(asyncio.create_task(_release_memory_when_idle()))
     ready = asyncio.Event()
     boot = new_boot_id()
     if register_to is not None:
@@ -315,6 +320,24 @@ async def serve(
     else:
         logger.info("shutting down")
     await server.stop(0.0 if orphaned.is_set() else config.drain_timeout, now)
+
+
+async def _release_memory_when_idle(
+    interval: float = MEMORY_RELEASE_INTERVAL,
+) -> None:
+    """Give back what large messages left once none arrived for ``interval`` seconds:
+    while they come, their bodies and the freed heap are reused (no page faults per
+    message); afterwards an idle node would keep tens of megabytes for nothing."""
+    seen = released = large_frames_taken()
+    while True:
+        await asyncio.sleep(interval)
+        taken = large_frames_taken()
+        if taken == seen and taken != released:
+            kept = release_spares()
+            release_freed_memory()
+            released = taken
+            logger.debug("idle: released %d bytes kept for large messages", kept)
+        seen = taken
 
 
 async def _wait_and_set(event: asyncio.Event, stop: asyncio.Event) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 from dispynb.errors import ConnectionClosedError
 from dispynb.jobenv import format_job_exception, limit_memory
 from dispynb.protocol import serialize, shm
-from dispynb.protocol.framing import Buffer
+from dispynb.protocol.framing import Buffer, large_frames_taken, release_spares
 from dispynb.protocol.messages import CANCELLED, FINISHED, RAISED
 from nodeserver.channel import MessageSocket
 from nodeserver.containment import end_leftovers
@@ -243,8 +243,9 @@ def worker_loop(
     Before starting a job, the worker reads what else has arrived, so that a `Skip`
     for a job sent ahead and then cancelled stops it from ever starting. After each
     job, the processes it left running are killed. A worker idle for
-    `RELEASE_AFTER_IDLE` seconds after a job that took `RELEASE_CHECK_AFTER` or more
-    gives the memory it freed back to the system. Returns at EOF, or after the first
+    `RELEASE_AFTER_IDLE` seconds after a large message or a job that took
+    `RELEASE_CHECK_AFTER` or more gives the memory it freed or kept for reuse back
+    to the system. Returns at EOF, or after the first
     job with ``once`` (``fresh_process``); unexpected messages are logged and ignored.
     """
     send = CONTEXT.send
@@ -255,12 +256,16 @@ def worker_loop(
     inbox: collections.deque[tuple[Run, list[memoryview]]] = collections.deque()
     skipped: set[int] = set()
     release = False  # a job may have left much freed memory behind
+    large = large_frames_taken()  # or a large message (whose body is kept for reuse)
     try:
         while True:
             if not inbox:
-                if release and not _arrives(sock, RELEASE_AFTER_IDLE):
+                if (release or large_frames_taken() != large) and not _arrives(
+                    sock, RELEASE_AFTER_IDLE
+                ):
+                    release_spares()
                     release_freed_memory()
-                    release = False
+                    release, large = False, large_frames_taken()
                 _take(sock.recv(), inbox, skipped)
                 continue
             while sock.poll():

@@ -151,10 +151,13 @@ class _Spares:
     def __init__(self) -> None:
         self._bodies: list[bytearray] = []
         self._lock = threading.Lock()  # decoders of several threads share the pool
+        #: Large bodies taken so far: unchanged for a while means none arrived.
+        self.taken = 0
 
     def take(self, size: int) -> bytearray:
         """A buffer of ``size`` bytes: a free spare cut to size, or a new one (kept
         as a spare if its size qualifies)."""
+        self.taken += 1
         with self._lock:
             for spare in self._bodies:
                 if len(spare) >= size and sys.getrefcount(spare) <= _FREE_REFS:
@@ -176,10 +179,28 @@ class _Spares:
         self._bodies = []
         self._lock = threading.Lock()
 
+    def release(self) -> int:
+        """Forget every spare (they are freed once no frame uses them); their bytes."""
+        with self._lock:
+            bodies, self._bodies = self._bodies, []
+        return sum(len(body) for body in bodies)
+
 
 _SPARES = _Spares()
 if hasattr(os, "register_at_fork"):  # not on Windows
     os.register_at_fork(after_in_child=_SPARES.clear)
+
+
+def large_frames_taken() -> int:
+    """How many frames this process has received into a buffer of their own (a
+    counter: unchanged between two looks means no large frame arrived)."""
+    return _SPARES.taken
+
+
+def release_spares() -> int:
+    """Let the bodies kept for reuse go (call it when idle: the next large frame
+    then pays for fresh memory again); the bytes they held."""
+    return _SPARES.release()
 
 
 class FrameDecoder:
