@@ -39,7 +39,14 @@ def _table(rows: Sequence[Sequence[str]]) -> list[str]:
 
 
 def _memory_lines(document: Mapping[str, Any]) -> list[str]:
-    rows = [["framework", "at rest: processes (RSS)", "peak: processes (peak RSS)"]]
+    rows = [
+        [
+            "framework",
+            "at rest: processes (RSS)",
+            "peak: processes (peak RSS)",
+            "after W1: processes (PSS)",
+        ]
+    ]
     for name, memory in document["memory"].items():
         label = document["backends"][name]["label"]
         rows.append(
@@ -47,6 +54,7 @@ def _memory_lines(document: Mapping[str, Any]) -> list[str]:
                 label,
                 _processes(memory["rest"], "rss"),
                 _processes(memory.get("peak"), "hwm"),
+                _processes(memory.get("after_w1"), "pss"),
             ]
         )
     return _table(rows)
@@ -59,6 +67,8 @@ def _processes(snap: Mapping[str, Any] | None, key: str) -> str:
     counts: Counter[str] = Counter()
     sizes: dict[str, list[float]] = {}
     for proc in snap["nodes"]:
+        if key not in proc:  # a result from before the benchmark measured it
+            return "-"
         counts[proc["label"]] += 1
         sizes.setdefault(proc["label"], []).append(proc[key] / MIB)
     parts = []
@@ -276,7 +286,9 @@ def render_markdown(document: Mapping[str, Any], images: Mapping[str, str]) -> s
         " several). At rest: after start-up and one second of settling, before any"
         " job. Peak: the kernel's high-water mark (VmHWM) of each live process after"
         " W1-W4; processes that had already exited (dispy forks one per job) are not"
-        " counted.",
+        " counted. After W1: the PSS of each live process right after W1 (pages"
+        " shared by forked processes split between them, so the PSS add up to the"
+        " memory the processes take together).",
         "",
     ]
     lines += [*_memory_lines(document), ""]

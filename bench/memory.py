@@ -4,8 +4,10 @@ The driver process is the client; every process descending from it (node servers
 schedulers, workers, raylets ...) counts as a node or worker. Memory is read from
 ``/proc/<pid>/status``: ``VmRSS`` (resident now) and ``VmHWM`` (the peak resident size
 of the process so far), so no sampling thread competes with the client for the CPU.
-After W1 the nodes' PSS is read too (`proportional_size`): workers forked from one
-parent share most of their pages, which RSS counts once per process.
+After W1 the nodes' PSS and USS are read too (`proportional_size`): workers forked
+from one parent share most of their pages, which RSS counts once per process. The
+PSS of a group of processes adds up to the memory they take together; the USS of
+one process is what ending it would free.
 A process that has already exited (a dispy job's forked process, a replaced worker) is
 not counted.
 """
@@ -44,6 +46,9 @@ def _label(proc: psutil.Process) -> str:
         return "?"
     if not cmdline:
         return proc.name() if proc.is_running() else "?"
+    name = proc.name()
+    if name.startswith("dispynb-"):  # a forked process that named itself (zygote...)
+        return name
     words = [os.path.basename(cmdline[0])]
     for index, word in enumerate(cmdline[1:4], start=1):
         if word == "-m" and index + 1 < len(cmdline):
@@ -55,17 +60,19 @@ def _label(proc: psutil.Process) -> str:
     return " ".join(words)[:60]
 
 
-def proportional_size(pid: int) -> int:
-    """PSS of one process in bytes (0 if it is gone): its private pages, plus each
-    page it shares divided by the number of processes mapping it.
+def proportional_size(pid: int) -> tuple[int, int]:
+    """``(PSS, USS)`` of one process in bytes (zeros if it is gone). PSS: its private
+    pages, plus each page it shares divided by the number of processes mapping it;
+    USS: its private pages alone.
 
     Unlike RSS, the PSS of a node server and of workers forked from one parent adds
     up to the memory they really take together (``/proc/<pid>/smaps_rollup``).
     """
     try:
-        return int(psutil.Process(pid).memory_full_info().pss)
+        info = psutil.Process(pid).memory_full_info()
+        return int(info.pss), int(info.uss)
     except (psutil.Error, OSError, AttributeError):  # gone, or no PSS (not Linux)
-        return 0
+        return 0, 0
 
 
 def snapshot(root: int | None = None, pss: bool = False) -> dict[str, Any]:
@@ -75,9 +82,9 @@ def snapshot(root: int | None = None, pss: bool = False) -> dict[str, Any]:
     -------
     dict
         ``client``: ``{"rss", "hwm"}`` of ``root``; ``nodes``: one entry per live
-        descendant with ``pid``, ``label``, ``rss``, ``hwm`` (and ``pss`` with
-        ``pss=True``); ``nodes_rss``, ``nodes_hwm`` (and ``nodes_pss``): their sums
-        (bytes).
+        descendant with ``pid``, ``label``, ``rss``, ``hwm`` (and ``pss``, ``uss``
+        with ``pss=True``); ``nodes_rss``, ``nodes_hwm`` (and ``nodes_pss``,
+        ``nodes_uss``): their sums (bytes).
     """
     pid = os.getpid() if root is None else root
     nodes = []
@@ -91,12 +98,19 @@ def snapshot(root: int | None = None, pss: bool = False) -> dict[str, Any]:
             continue
         entry: dict[str, Any] = {"pid": child.pid, "label": _label(child), **memory}
         if pss:
-            entry["pss"] = proportional_size(child.pid)
+            entry["pss"], entry["uss"] = proportional_size(child.pid)
         nodes.append(entry)
     return {
         "client": process_memory(pid),
         "nodes": nodes,
         "nodes_rss": sum(n["rss"] for n in nodes),
         "nodes_hwm": sum(n["hwm"] for n in nodes),
-        **({"nodes_pss": sum(n["pss"] for n in nodes)} if pss else {}),
+        **(
+            {
+                "nodes_pss": sum(n["pss"] for n in nodes),
+                "nodes_uss": sum(n["uss"] for n in nodes),
+            }
+            if pss
+            else {}
+        ),
     }

@@ -219,6 +219,7 @@ def build_report(
             document["memory"][name] = {
                 "rest": result["memory_rest"],
                 "peak": result.get("memory_peak"),
+                "after_w1": result.get("memory_after_w1"),
             }
     for metric in METRICS:
         found = {

@@ -237,10 +237,11 @@ def test_memory_snapshot_sums_the_pss_of_the_descendants() -> None:
         snap = memory.snapshot(pss=True)
         assert [n["pid"] for n in snap["nodes"]] == [child.pid]
         assert 0 < snap["nodes_pss"] == snap["nodes"][0]["pss"] <= snap["nodes_rss"]
+        assert 0 < snap["nodes_uss"] == snap["nodes"][0]["uss"] < snap["nodes_pss"]
         assert "nodes_pss" not in memory.snapshot()
     finally:
         child.communicate(b"")
-    assert memory.proportional_size(child.pid) == 0  # gone
+    assert memory.proportional_size(child.pid) == (0, 0)  # gone
 
 
 def test_report_table_and_markdown() -> None:
