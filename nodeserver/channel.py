@@ -5,8 +5,10 @@ of the channels described in `nodeserver.ipc`. Frames are those of the wire prot
 (`dispynb.protocol.framing`) without a MAC: both ends are processes of the node. The
 node server's (asyncio) end only has to produce and parse the same frames.
 
-File descriptors (a new worker's socket) travel with SCM_RIGHTS, attached to the first
-byte of the message they belong to; read them with `MessageSocket.recv_with_fds`.
+File descriptors (a new worker's socket, a job's shared arguments) travel with
+SCM_RIGHTS, attached to the first byte of the message they belong to; read them with
+`MessageSocket.recv_with_fds`, or, on a socket made with ``fds=True``, with
+`MessageSocket.take_fd` after the message.
 """
 
 from __future__ import annotations
@@ -41,6 +43,10 @@ _AncData: TypeAlias = list[tuple[int, int, "array.array[int]"]]
 
 _CMSG_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 
+#: Most descriptors one read keeps (the node sends one per message).
+_MAX_FDS = 8
+_FDS_SPACE = socket.CMSG_SPACE(_MAX_FDS * array.array("i").itemsize)
+
 
 class MessageSocket:
     """Whole `IpcMessage` messages over a blocking Unix stream socket.
@@ -51,6 +57,9 @@ class MessageSocket:
         A connected ``AF_UNIX`` ``SOCK_STREAM`` socket; owned (closed) by this object.
     max_size:
         Largest message body accepted, checked before allocating it.
+    fds:
+        Keep the descriptors that arrive with messages (`take_fd`), in order; a
+        worker's socket, whose `Run` messages may bring one.
 
     Notes
     -----
@@ -58,7 +67,9 @@ class MessageSocket:
     may then be in the middle of a message, so the caller should close it.
     """
 
-    def __init__(self, sock: socket.socket, max_size: int = MAX_MESSAGE_SIZE) -> None:
+    def __init__(
+        self, sock: socket.socket, max_size: int = MAX_MESSAGE_SIZE, fds: bool = False
+    ) -> None:
         self.sock = sock
         self.max_size = max_size
         self._prefix = bytearray(PREFIX_SIZE)
@@ -67,6 +78,10 @@ class MessageSocket:
         # buffer); messages read ahead wait here.
         self._decoder = FrameDecoder(max_size)
         self._ready: collections.deque[Frame] = collections.deque()
+        #: Descriptors received (``fds=True``), in the order of their messages.
+        self._fds: collections.deque[int] | None = collections.deque() if fds else None
+        #: A read's descriptors were cut short (more than `_MAX_FDS`): lost.
+        self.fds_lost = False
 
     def send(
         self,
@@ -153,7 +168,10 @@ class MessageSocket:
         """One recv into the decoder; whole messages go to the ready queue."""
         decoder = self._decoder
         try:
-            count = self.sock.recv_into(decoder.buffer(), 0, flags)
+            if self._fds is None:
+                count = self.sock.recv_into(decoder.buffer(), 0, flags)
+            else:
+                count = self._recv_keeping_fds(decoder.buffer(), flags)
         except (TimeoutError, BlockingIOError):
             raise
         except OSError as exc:
@@ -165,6 +183,30 @@ class MessageSocket:
                 + (f" after {got} of {size} bytes" if got else "")
             )
         self._ready.extend(decoder.filled(count))
+
+    def _recv_keeping_fds(self, buffer: memoryview, flags: int) -> int:
+        """``recv_into`` that keeps the descriptors arriving with the bytes (the
+        kernel ends a read after the bytes that bring descriptors, so each message's
+        come no later than its last byte)."""
+        assert self._fds is not None
+        count, ancdata, msg_flags, _ = self.sock.recvmsg_into(
+            [buffer], _FDS_SPACE, flags | _CMSG_FLAGS
+        )
+        for level, kind, data in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+                self._fds.extend(fds)
+        if msg_flags & socket.MSG_CTRUNC:
+            self.fds_lost = True
+        return count
+
+    def take_fd(self) -> int | None:
+        """The oldest descriptor received and not yet taken (the caller owns it),
+        or None (none came: the sender sent none, or they were lost)."""
+        if not self._fds:
+            return None
+        return self._fds.popleft()
 
     @staticmethod
     def _decode(frame: Frame) -> tuple[IpcMessage, list[memoryview]]:
@@ -246,8 +288,11 @@ class MessageSocket:
         return self.sock.fileno()
 
     def close(self) -> None:
-        """Close the socket (idempotent)."""
+        """Close the socket (idempotent) and any descriptors not taken."""
         self.sock.close()
+        if self._fds:
+            _close_fds(list(self._fds))
+            self._fds.clear()
 
     def __repr__(self) -> str:
         return f"<MessageSocket fd={self.fileno()}>"

@@ -25,6 +25,7 @@ from nodeserver.parser import build_parser, parse_args, parse_size
 from nodeserver.register import register
 from nodeserver.server import NodeServer
 from nodeserver.service import Phase, ServiceWindow, keep_window
+from nodeserver.sharedbody import BODIES
 from nodeserver.zygote import start_zygote
 
 __all__ = ["build_parser", "config_from_args", "main", "parse_args", "parse_size"]
@@ -328,12 +329,12 @@ async def _release_memory_when_idle(
     """Give back what large messages left once none arrived for ``interval`` seconds:
     while they come, their bodies and the freed heap are reused (no page faults per
     message); afterwards an idle node would keep tens of megabytes for nothing."""
-    seen = released = large_frames_taken()
+    seen = released = large_frames_taken() + BODIES.taken
     while True:
         await asyncio.sleep(interval)
-        taken = large_frames_taken()
+        taken = large_frames_taken() + BODIES.taken
         if taken == seen and taken != released:
-            kept = release_spares()
+            kept = release_spares() + BODIES.release()
             release_freed_memory()
             released = taken
             logger.debug("idle: released %d bytes kept for large messages", kept)

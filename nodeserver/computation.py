@@ -55,6 +55,7 @@ from nodeserver.ipc import (
     WorkerStarted,
 )
 from nodeserver.launcher import PROCESS_LAUNCHER, ComputationProcess, Launcher
+from nodeserver.sharedbody import BODIES, SharedBody, segments
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +121,9 @@ class NodeJob:
     mem_limit: int | None = None  # bytes of address space (mem_limit)
     timer: asyncio.TimerHandle | None = None  # ends it at its timeout
     timed_out: bool = False  # stopped for running over its timeout
+    #: The shared body its arguments were sent to a worker in: held until the job
+    #: ends (the worker may still be reading it), then free for another frame.
+    lease: SharedBody | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -585,10 +589,23 @@ class Computation:
                 self._pump_soon()
                 return
         worker.assigned.append(job)
-        run = Run(key=job.key, attempt=job.attempt, mem_limit=job.mem_limit)
+        # Arguments received in shared memory go as the memfd and where they lie in
+        # it; the worker maps them (no copy through its socket).
+        shared = segments(job.buffers)
         # If the worker is dying, its exit report requeues or fails the job.
         with contextlib.suppress(DispynbError):
-            worker.conn.write(run, job.buffers)
+            if shared is None:
+                run = Run(key=job.key, attempt=job.attempt, mem_limit=job.mem_limit)
+                worker.conn.write(run, job.buffers)
+            else:
+                job.lease, layout = shared
+                run = Run(
+                    key=job.key,
+                    attempt=job.attempt,
+                    mem_limit=job.mem_limit,
+                    shared=layout,
+                )
+                worker.conn.write(run, (), (job.lease.fd,))
         if len(worker.assigned) == 1:
             job.buffers = []  # a job sent ahead keeps them: it may be requeued
             self._start_clock(worker)
@@ -642,6 +659,8 @@ class Computation:
             )
             return
         job = worker.assigned.popleft()
+        if done.kept and job.lease is not None:
+            BODIES.forget(job.lease)  # the worker's objects still use its memory
         if self.limits.fresh_process:
             worker.retiring = True  # it exits after this job: give it no other
         if job.timer is not None:

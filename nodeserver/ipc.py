@@ -101,12 +101,15 @@ class Run(IpcMessage):
     """Run one job; buffers hold the pickled ``(args, kwargs)``.
 
     ``mem_limit``: bytes of address space the worker may use while the job runs
-    (its soft ``RLIMIT_AS``), or None for no limit.
+    (its soft ``RLIMIT_AS``), or None for no limit. ``shared``: instead of buffers,
+    the ``[offset, length, ...]`` of each in the memfd sent with this message
+    (`nodeserver.sharedbody`).
     """
 
     key: int
     attempt: int
     mem_limit: int | None = None
+    shared: list[int] | None = None
 
 
 @message("skip")
@@ -153,3 +156,6 @@ class Done(IpcMessage):
     exception: str | None = None
     #: One letter per out-of-band result buffer (see `serialize.dumps`), or "".
     kinds: str = ""
+    #: The job's arguments came in a shared body that the worker still maps (an
+    #: object made from it without a copy lives on): the node must not reuse it.
+    kept: bool = False

@@ -8,8 +8,10 @@ times a second for trivial jobs: it imports nothing and allocates little per job
 from __future__ import annotations
 
 import collections
+import dataclasses
 import io
 import logging
+import mmap
 import os
 import resource
 import select
@@ -29,6 +31,7 @@ from nodeserver.ipc import Done, IpcMessage, Run, Skip
 from nodeserver.jobapi import CONTEXT, install_interrupt_handler
 from nodeserver.memory import release_freed_memory
 from nodeserver.program import ProgramOutput
+from nodeserver.sharedbody import map_segments, unmap
 
 logger = logging.getLogger(__name__)
 
@@ -235,6 +238,11 @@ def _add_names(func: Callable[..., Any], names: dict[str, Any]) -> Callable[[], 
     return restore
 
 
+#: A job received: its `Run`, its buffers, and the mapping of its shared body (or,
+#: if that could not be had, why).
+_Inbound = tuple[Run, list[memoryview], mmap.mmap | str | None]
+
+
 def worker_loop(
     sock: MessageSocket, func: Callable[..., Any], once: bool = False
 ) -> None:
@@ -247,13 +255,15 @@ def worker_loop(
     `RELEASE_CHECK_AFTER` or more gives the memory it freed or kept for reuse back
     to the system. Returns at EOF, or after the first
     job with ``once`` (``fresh_process``); unexpected messages are logged and ignored.
+    Arguments sent as a shared body (``Run.shared``) are unpickled from its mapping,
+    which is let go when the job ends (`Done.kept` says if an object still uses it).
     """
     send = CONTEXT.send
     begin = CONTEXT.begin
     clock = time.perf_counter
     home = os.getcwd()
     install_interrupt_handler()
-    inbox: collections.deque[tuple[Run, list[memoryview]]] = collections.deque()
+    inbox: collections.deque[_Inbound] = collections.deque()
     skipped: set[int] = set()
     release = False  # a job may have left much freed memory behind
     large = large_frames_taken()  # or a large message (whose body is kept for reuse)
@@ -266,19 +276,28 @@ def worker_loop(
                     release_spares()
                     release_freed_memory()
                     release, large = False, large_frames_taken()
-                _take(sock.recv(), inbox, skipped)
+                _take(sock, sock.recv(), inbox, skipped)
                 continue
             while sock.poll():
-                _take(sock.recv(), inbox, skipped)
-            run, buffers = inbox.popleft()
+                _take(sock, sock.recv(), inbox, skipped)
+            run, buffers, shared = inbox.popleft()
             if run.key in skipped:
                 skipped.discard(run.key)
+                del buffers
+                if isinstance(shared, mmap.mmap):
+                    unmap(shared)
                 send(_skipped(run), _NO_BUFFERS)
                 continue
             begin(sock, run.key, run.attempt)
             started = clock()
-            done, result_buffers = run_job(func, run, buffers)
+            if isinstance(shared, str):
+                done, result_buffers = _unreadable(run, shared), _NO_BUFFERS
+            else:
+                done, result_buffers = run_job(func, run, buffers)
             del buffers
+            if isinstance(shared, mmap.mmap) and not unmap(shared):
+                done = dataclasses.replace(done, kept=True)
+            del shared
             release = release or clock() - started >= RELEASE_CHECK_AFTER
             # The job's processes end with it. Starting one takes far longer than
             # LEFTOVER_CHECK_AFTER, so the (one system call) check is skipped for
@@ -303,17 +322,48 @@ def _arrives(sock: MessageSocket, timeout: float) -> bool:
 
 
 def _take(
+    sock: MessageSocket,
     received: tuple[IpcMessage, list[memoryview]],
-    inbox: collections.deque[tuple[Run, list[memoryview]]],
+    inbox: collections.deque[_Inbound],
     skipped: set[int],
 ) -> None:
     message, buffers = received
     if type(message) is Run:
-        inbox.append((message, buffers))
+        if message.shared is None:
+            inbox.append((message, buffers, None))
+            return
+        fd = sock.take_fd()
+        if fd is None:
+            reason = "its shared memory did not reach the worker"
+            if sock.fds_lost:
+                reason += " (the worker could not receive more file descriptors)"
+            inbox.append((message, [], reason))
+            return
+        try:
+            mapping, views = map_segments(fd, message.shared)
+        except (OSError, ValueError) as exc:
+            inbox.append((message, [], f"{type(exc).__name__}: {exc}"))
+            return
+        inbox.append((message, views, mapping))
     elif type(message) is Skip:
         skipped.add(message.key)
     else:
         logger.warning("worker ignores unexpected %r message", message.op)
+
+
+def _unreadable(run: Run, reason: str) -> Done:
+    """The `Done` of a job whose arguments the worker could not get."""
+    now = time.time()
+    return Done(
+        key=run.key,
+        attempt=run.attempt,
+        outcome=RAISED,
+        start_time=now,
+        end_time=now,
+        stdout="",
+        stderr="",
+        exception=f"the job's arguments cannot be read on the node: {reason}\n",
+    )
 
 
 def _skipped(run: Run) -> Done:

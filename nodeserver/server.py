@@ -27,6 +27,7 @@ from nodeserver.launcher import PROCESS_LAUNCHER, Launcher
 from nodeserver.monitor import avail_info
 from nodeserver.platforminfo import node_platform
 from nodeserver.session import ClientSession
+from nodeserver.sharedbody import BODIES
 from nodeserver.spool import ResultSpool
 
 logger = logging.getLogger(__name__)
@@ -235,6 +236,8 @@ class NodeServer:
             await session.serve()
         finally:
             self.sessions.discard(session)
+            if not self.sessions:
+                BODIES.release()  # no client: no large message to receive soon
             if task is not None:
                 self._session_tasks.discard(task)
             logger.info("client '%s' from %s disconnected", client_name, conn.peer)

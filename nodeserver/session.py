@@ -54,6 +54,7 @@ from dispynb.protocol.messages import (
 )
 from dispynb.protocol.records import ResultEntry
 from dispynb.transport.connection import BadMessageError, Connection
+from nodeserver import sharedbody
 from nodeserver.computation import STREAM_BYTES, Computation, JobLimits, NodeJob
 from nodeserver.keeper import Kept, ResultKeeper
 from nodeserver.monitor import avail_info
@@ -106,6 +107,10 @@ class ClientSession:
 
     def __init__(self, conn: Connection, server: NodeServer, client_name: str) -> None:
         self.conn = conn
+        if sharedbody.AVAILABLE:
+            # Large messages land in memory the workers can map: a job's arguments
+            # reach its worker without a copy (`nodeserver.sharedbody`).
+            conn.decoder.take_body = sharedbody.BODIES.take
         self.server = server
         self.client_name = client_name
         self.session_id = next(_session_ids)

@@ -63,6 +63,7 @@ from nodeserver.ipc import (
 )
 from nodeserver.launcher import ComputationProcess
 from nodeserver.server import NodeServer
+from nodeserver.sharedbody import map_segments
 
 SECRET = b"in-process-node-secret"
 
@@ -252,7 +253,7 @@ class ThreadProcess:
 
     def _work(self, worker: _Worker) -> None:
         worker.thread = threading.current_thread()
-        channel = MessageSocket(worker.sock)
+        channel = MessageSocket(worker.sock, fds=True)
         inbox: list[tuple[Run, list[memoryview]]] = []
         skipped: set[int] = set()
         try:
@@ -260,6 +261,10 @@ class ThreadProcess:
                 if not inbox or channel.poll():
                     message, buffers = channel.recv()
                     if isinstance(message, Run):
+                        if message.shared is not None:  # as the real worker does
+                            fd = channel.take_fd()
+                            assert fd is not None, "a shared body came without its fd"
+                            _, buffers = map_segments(fd, message.shared)
                         inbox.append((message, buffers))
                     elif isinstance(message, Skip):
                         skipped.add(message.key)

@@ -19,7 +19,7 @@ import os
 import struct
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TypeAlias
 
 from dispynb.errors import FramingError
@@ -114,8 +114,12 @@ def split_body(
     return buffers, view[:end], view[end:]
 
 
+#: A frame's body: a bytearray, or a writable memoryview of memory a
+#: `FrameDecoder.take_body` provided (exactly the body's size).
+Body: TypeAlias = bytearray | memoryview
+
 #: A frame as `FrameDecoder.filled` returns it: ``(prefix, count, body)``.
-Frame: TypeAlias = tuple[bytes, int, bytearray]
+Frame: TypeAlias = tuple[bytes, int, Body]
 
 #: Bodies of large frames from this size up to `SPARE_MAX` are kept for reuse.
 SPARE_MIN = 1 << 20
@@ -216,7 +220,9 @@ class FrameDecoder:
     checked against it before anything is allocated for the body.
 
     Large bodies come from a pool of recent ones that nothing refers to any more
-    (`_Spares`): no zero-filled allocation per large frame.
+    (`_Spares`): no zero-filled allocation per large frame. An owner may set
+    `take_body` to place them elsewhere (the node server: in memory it can hand to
+    its workers); it is called only after the size was checked against ``max_size``.
     """
 
     def __init__(self, max_size: int, mac_size: int = 0, chunk: int = 1 << 16) -> None:
@@ -226,7 +232,10 @@ class FrameDecoder:
         self._view = memoryview(self._chunk)
         self._start = 0  # unconsumed bytes are _chunk[_start:_end]
         self._end = 0
-        self._big: bytearray | None = None  # the body of a frame bigger than _chunk
+        #: ``take_body(size)``: writable memory of exactly ``size`` bytes for the
+        #: body of a frame too big for the chunk.
+        self.take_body: Callable[[int], Body] = _SPARES.take
+        self._big: Body | None = None  # the body of a frame bigger than _chunk
         self._big_view = memoryview(b"")
         self._big_got = 0
         self._big_prefix = b""
@@ -261,7 +270,7 @@ class FrameDecoder:
         self._end += nbytes
         return self._parse()
 
-    def partial(self) -> tuple[bytes, bytearray, int] | None:
+    def partial(self) -> tuple[bytes, Body, int] | None:
         """The large frame being filled: ``(prefix, body, bytes_filled)``, or None.
 
         Lets a reader start on a large frame (hash it) while the rest is in flight.
@@ -289,7 +298,7 @@ class FrameDecoder:
             if PREFIX_SIZE + size > len(chunk):
                 # Too big for the chunk: it gets its own buffer, filled in place.
                 have = self._end - start - PREFIX_SIZE
-                self._big = big = _SPARES.take(size)
+                self._big = big = self.take_body(size)
                 big[:have] = view[start + PREFIX_SIZE : self._end]
                 self._big_view = memoryview(big)
                 self._big_got, self._big_prefix, self._big_count = have, prefix, count

@@ -36,6 +36,7 @@ from dispynb.protocol.auth import MAC_SIZE, MessageSigner, MessageVerifier
 from dispynb.protocol.framing import (
     PREFIX,
     PREFIX_SIZE,
+    Body,
     Buffer,
     Frame,
     FrameDecoder,
@@ -225,23 +226,33 @@ class Connection:
 
     # -- sending -----------------------------------------------------------------------
 
-    def write(self, message: Message, buffers: Sequence[Buffer] = ()) -> None:
+    def write(
+        self,
+        message: Message,
+        buffers: Sequence[Buffer] = (),
+        fds: Sequence[int] = (),
+    ) -> None:
         """Send ``message`` now, or queue what the socket cannot take (no waiting).
 
-        Raises `ConnectionClosedError` if the connection is already closed.
+        ``fds`` (a Unix socket's only) travel with the message's first byte
+        (SCM_RIGHTS); they must stay open until `flush` returns (the link takes its
+        own reference only once that byte leaves). Raises `ConnectionClosedError` if
+        the connection is already closed.
         """
         link = self._link
         if link is None or link.closed:
             raise self._failure or ConnectionClosedError(
                 f"connection to {self.peer} closed"
             )
+        if fds and self._signer is not None:
+            raise ValueError("file descriptors travel only on a node's own channels")
         header = pack_header(message.to_header())
         mac_size = MAC_SIZE if self._signer else 0
         head, parts = encode_frames([header, *buffers], mac_size)
         pieces: list[Buffer] = [head, *parts]
         size = PREFIX_SIZE + PREFIX.unpack_from(head)[0] - mac_size  # head and parts
         if self._signer is None:
-            link.write(_coalesced(pieces))
+            link.write(_coalesced(pieces), None, fds)
         elif size >= HASH_IN_FLIGHT:
             link.write(_coalesced(pieces), self._signer.start(size))
         else:  # what `MessageSigner.sign` does, with the size known already
@@ -420,9 +431,7 @@ class Connection:
         self._wake()
         self._deliver()
 
-    def _verify(
-        self, verifier: MessageVerifier, prefix: bytes, body: bytearray
-    ) -> object:
+    def _verify(self, verifier: MessageVerifier, prefix: bytes, body: Body) -> object:
         """Check a signed frame on arrival (in arrival order, which is the sequence
         order); return `_VERIFIED` or the error for `_take` to raise."""
         end = len(body) - MAC_SIZE
@@ -502,7 +511,7 @@ _VERIFIED = object()
 
 #: A received frame: ``(prefix, count, body, checked)``; ``checked`` is None (it came
 #: before signing started), `_VERIFIED`, or the error to raise when it is taken.
-_Received = tuple[bytes, int, bytearray, object]
+_Received = tuple[bytes, int, Body, object]
 
 
 def _coalesced(pieces: list[Buffer]) -> list[Buffer]:

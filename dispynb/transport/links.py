@@ -19,6 +19,7 @@ failed send ends the link, which the sink hears about.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import collections
 import contextlib
@@ -76,9 +77,15 @@ class Link(Protocol):
     def closed(self) -> bool:
         """True once the link has ended."""
 
-    def write(self, pieces: Sequence[Buffer], mac: RunningMac | None = None) -> None:
-        """Send ``pieces`` in order, then ``mac``'s digest of them if given; never
-        blocks, never raises for a dead peer."""
+    def write(
+        self,
+        pieces: Sequence[Buffer],
+        mac: RunningMac | None = None,
+        fds: Sequence[int] = (),
+    ) -> None:
+        """Send ``pieces`` in order, then ``mac``'s digest of them if given, and
+        ``fds`` with the first byte (Unix sockets only); never blocks, never raises
+        for a dead peer."""
 
     async def drained(self) -> None:
         """Wait until all written bytes are with the kernel (or the link ended)."""
@@ -122,8 +129,9 @@ class SocketLink:
         self._fd = sock.fileno()
         self._sink = sink
         self._loop = asyncio.get_running_loop()
-        #: Unsent bytes: ``[view, mac]`` (feed ``mac`` the view once sent) or
-        #: ``[None, mac]`` (send ``mac``'s digest here).
+        #: Unsent bytes: ``[view, mac, fds]`` (feed ``mac`` the view once sent; send
+        #: ``fds``, if any, with its first byte) or ``[None, mac, ()]`` (send
+        #: ``mac``'s digest here).
         self._out: collections.deque[list[Any]] = collections.deque()
         self._unsent = 0  # bytes of the views in _out
         self._writing = False  # the writer callback is registered
@@ -182,19 +190,26 @@ class SocketLink:
 
     # -- writing -----------------------------------------------------------------------
 
-    def write(self, pieces: Sequence[Buffer], mac: RunningMac | None = None) -> None:
+    def write(
+        self,
+        pieces: Sequence[Buffer],
+        mac: RunningMac | None = None,
+        fds: Sequence[int] = (),
+    ) -> None:
         """Send ``pieces`` now with one ``sendmsg``; queue (uncopied) what is left.
 
         With ``mac``, the pieces are fed to it as they leave, and its digest is sent
         after them: a large message is hashed while it is in flight, not before.
+        ``fds`` go with the first byte (SCM_RIGHTS), so a reader gets them no later
+        than the message; they must stay open until the link has drained.
         """
         if self._closed:
             return
         if self._out:
-            self._queue(pieces, mac)
+            self._queue(pieces, mac, fds)
             return
         try:
-            sent = self._sock.sendmsg(pieces[:IOV_MAX])
+            sent = self._sock.sendmsg(pieces[:IOV_MAX], _rights(fds))
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError as exc:
@@ -202,18 +217,21 @@ class SocketLink:
             return
         if mac is None and sent == buffers_size(pieces):
             return  # the usual case: all of it in one system call
-        self._queue(pieces, mac)
+        self._queue(pieces, mac, () if sent else fds)
         self._consume(sent)
         self._pump()
 
-    def _queue(self, pieces: Sequence[Buffer], mac: RunningMac | None) -> None:
+    def _queue(
+        self, pieces: Sequence[Buffer], mac: RunningMac | None, fds: Sequence[int]
+    ) -> None:
         for piece in pieces:
             view = memoryview(piece).cast("B")
             if view.nbytes:
-                self._out.append([view, mac])
+                self._out.append([view, mac, fds])
                 self._unsent += view.nbytes
+                fds = ()
         if mac is not None:
-            self._out.append([None, mac])  # its digest, once the pieces are hashed
+            self._out.append([None, mac, ()])  # its digest, once the pieces are hashed
 
     def _consume(self, sent: int) -> None:
         """Drop ``sent`` bytes from the front of the queue, hashing what needs it."""
@@ -221,8 +239,9 @@ class SocketLink:
         self._unsent = max(self._unsent - sent, 0)  # a digest's bytes were not counted
         while sent:
             entry = out[0]
-            view, mac = entry
+            view, mac, _ = entry
             assert view is not None
+            entry[2] = ()  # its first byte, and so its descriptors, went
             if sent >= len(view):
                 sent -= len(view)
                 out.popleft()
@@ -239,7 +258,10 @@ class SocketLink:
         out = self._out
         while out:
             iov: list[memoryview] = []
+            fds: Sequence[int] = out[0][2]
             for entry in out:
+                if entry[2] and iov:
+                    break  # descriptors go with their message's first byte
                 view = entry[0]
                 if view is None:
                     if iov:
@@ -252,7 +274,7 @@ class SocketLink:
                 if len(iov) == IOV_MAX:
                     break
             try:
-                sent = self._sock.sendmsg(iov)
+                sent = self._sock.sendmsg(iov, _rights(fds))
             except (BlockingIOError, InterruptedError):
                 if not self._writing:
                     self._writing = True
@@ -369,8 +391,15 @@ class TransportLink:
         """True once the link has ended (or is closing)."""
         return self._protocol.lost or self._transport.is_closing()
 
-    def write(self, pieces: Sequence[Buffer], mac: RunningMac | None = None) -> None:
+    def write(
+        self,
+        pieces: Sequence[Buffer],
+        mac: RunningMac | None = None,
+        fds: Sequence[int] = (),
+    ) -> None:
         """Hand ``pieces`` (and ``mac``'s digest of them) to the transport."""
+        if fds:
+            raise ValueError("a TLS link cannot carry file descriptors")
         if self.closed:
             return
         if mac is not None:
@@ -410,6 +439,16 @@ class TransportLink:
     def close(self) -> None:
         """Close (idempotent); asyncio flushes what the transport still holds."""
         self._transport.close()
+
+
+_NO_ANCDATA: list[tuple[int, int, Any]] = []
+
+
+def _rights(fds: Sequence[int]) -> list[tuple[int, int, Any]]:
+    """``sendmsg``'s ancillary data carrying ``fds`` (none: no list made)."""
+    if not fds:
+        return _NO_ANCDATA
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
 
 
 def _sockname(sock: socket.socket, method: str) -> Any:

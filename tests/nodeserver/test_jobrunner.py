@@ -305,3 +305,82 @@ def test_run_job_refuses_forged_or_guessed_shared_memory_names():
         assert buffers == []
         assert done.exception.startswith("arguments cannot be unpickled on the node")
         assert why in done.exception
+
+
+# --- arguments in a shared body (nodeserver.sharedbody) ---------------------------
+
+
+def _shared_run(key: int, args: tuple[object, ...]) -> tuple[Run, int, object]:
+    """A `Run` whose pickled ``args`` lie in a shared body, as the node sends it:
+    the message, the body's descriptor and the body (kept alive by the caller)."""
+    from nodeserver.sharedbody import BodyPool, segments
+
+    pickled = serialize.dumps((args, {}))
+    total = sum(memoryview(b).nbytes for b in pickled)
+    view = BodyPool().take(max(total, 1 << 20))
+    views, offset = [], 0
+    for part in pickled:
+        size = memoryview(part).nbytes
+        view[offset : offset + size] = part
+        views.append(view[offset : offset + size])
+        offset += size
+    found = segments(views)
+    assert found is not None
+    body, layout = found
+    return Run(key=key, attempt=0, shared=layout), body.fd, body
+
+
+class _Keeps:
+    """Unpickled from its out-of-band buffer without a copy (as a NumPy array):
+    a bytearray where it is made, a view of the received memory where unpickled.
+    (Not a memoryview where pickled: the pickler's reference cycle would hold one
+    with a buffer exported, which CPython's garbage collector cannot clear.)"""
+
+    def __init__(self, buffer):
+        self.view = buffer
+
+    def __reduce_ex__(self, protocol):
+        return _Keeps, (pickle.PickleBuffer(self.view),)
+
+
+_KEPT: list[object] = []
+
+
+def _keep(value: object) -> int:
+    _KEPT.append(value)
+    return 1
+
+
+def test_worker_loop_runs_shared_arguments_and_says_which_it_keeps():
+    server, worker = socket.socketpair()
+    server.settimeout(10)
+    client = MessageSocket(server)
+    thread = threading.Thread(
+        target=worker_loop, args=(MessageSocket(worker, fds=True), _keep)
+    )
+    thread.start()
+    data = os.urandom(1 << 20)
+    bodies = []
+    try:
+        run, fd, body = _shared_run(0, (data,))
+        bodies.append(body)
+        client.send(run, fds=[fd])
+        done, _ = client.recv()
+        assert (done.outcome, done.kept) == (FINISHED, False)  # bytes: a copy
+        assert _KEPT.pop() == data
+        run, fd, body = _shared_run(1, (_Keeps(bytearray(data)),))
+        bodies.append(body)
+        client.send(run, fds=[fd])
+        done, _ = client.recv()
+        assert (done.outcome, done.kept) == (FINISHED, True)  # still mapped
+        assert bytes(_KEPT.pop().view) == data
+        run, _fd, _body = _shared_run(2, (data,))
+        client.send(run)  # its descriptor never came
+        done, _ = client.recv()
+        assert done.outcome == RAISED
+        assert "shared memory did not reach the worker" in done.exception
+    finally:
+        client.close()
+        thread.join(timeout=10)
+    assert not thread.is_alive()
+    worker.close()

@@ -513,3 +513,64 @@ def test_all_sent_is_false_when_bytes_were_dropped():
         assert not a.all_sent
 
     run(main())
+
+
+def _same_file(fd: int, other: int) -> bool:
+    one, two = os.fstat(fd), os.fstat(other)
+    return (one.st_dev, one.st_ino) == (two.st_dev, two.st_ino)
+
+
+def test_descriptors_travel_with_their_message_even_behind_unsent_bytes():
+    # A node hands a job's memfd to its worker: the descriptor must reach the worker
+    # with that job's message, also when the message waits behind a large one the
+    # worker's socket could not take yet.
+    from nodeserver.channel import MessageSocket
+    from nodeserver.ipc import Run
+
+    files = [os.memfd_create(f"f{i}") for i in range(2)]
+
+    async def main() -> list[tuple[int, int, bool]]:
+        left, right = socket.socketpair()
+        left.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        right.settimeout(10)
+        conn = Connection.over_socket(left, "worker", trusted_max_size=64 << 20)
+        reader = MessageSocket(right, fds=True)
+        conn.write(Run(key=0, attempt=0), (), (files[0],))  # sent at once
+        conn.write(Run(key=1, attempt=0), [os.urandom(8 << 20)])
+        assert conn.unsent  # the rest waits for the reader
+        conn.write(Run(key=2, attempt=0), (), (files[1],))  # queued behind it
+        got = []
+        loop = asyncio.get_running_loop()
+        for _ in range(3):
+            message, _buffers = await loop.run_in_executor(None, reader.recv)
+            fd = reader.take_fd() if message.key != 1 else None
+            got.append((message.key, fd))
+        await conn.flush()
+        conn.close()
+        reader.close()
+        out = []
+        for key, fd in got:
+            same = fd is not None and _same_file(fd, files[key // 2])
+            if fd is not None:
+                os.close(fd)
+            out.append((key, fd is not None, same))
+        return out
+
+    try:
+        assert run(main()) == [(0, True, True), (1, False, False), (2, True, True)]
+    finally:
+        for fd in files:
+            os.close(fd)
+
+
+def test_descriptors_are_refused_on_a_signed_connection():
+    async def main():
+        left, right = socket.socketpair()
+        a = Connection.over_socket(left, "a")
+        a.start_signing(b"k" * 32, b"k" * 32, 1 << 20)
+        with pytest.raises(ValueError, match="descriptors"):
+            a.write(JobCancel(comp_id=1, key=1, attempt=0), (), (0,))
+        a.close()
+        right.close()
+
+    run(main())

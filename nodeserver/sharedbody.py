@@ -1,0 +1,219 @@
+"""Large client messages received into shared memory, handed to workers as is.
+
+The node server reads the body of every large frame from a client straight into a
+memfd mapping (`BodyPool.take`, installed as the client connection's
+``decoder.take_body``). A job whose arguments lie in such a body goes to its worker
+as the memfd (SCM_RIGHTS on the worker's Unix socket) and the offsets of its buffers
+(`segments`); the worker maps it (`map_segments`) and unpickles from the mapping.
+Before, the node server copied the arguments into the worker's socket and the worker
+copied them out of it: two copies of every byte, and a zero-filled buffer in the
+worker.
+
+Fresh shared pages cost far more than a copy (each is faulted in and zeroed: tens of
+milliseconds per 10 MB on a virtual machine), so bodies are used again once nothing
+refers to them: no frame, no view of one, no job whose worker may still read it (a
+job holds its body until it ends, `NodeJob.lease`), and no worker mapping that
+outlived its job (`forget`). What the pool keeps is bounded (`KEEP_BYTES`), and let
+go once the node is idle or has no client (`release`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import mmap
+import os
+import sys
+import threading
+import weakref
+from collections.abc import Sequence
+
+#: Bodies from this size up are received into shared memory (smaller frames are
+#: cheaper through the socket, and fill one read's chunk anyway).
+MIN_SIZE = 1 << 20
+
+#: Most bytes of bodies the pool keeps for reuse (busy and free together); bodies
+#: beyond it are still shared, and freed as soon as nothing refers to them.
+KEEP_BYTES = 96 << 20
+
+#: Capacity of a new body is rounded up to this (one body then fits nearby sizes).
+_ROUND = 1 << 20
+
+#: Whether this platform has memfd (Linux).
+AVAILABLE = hasattr(os, "memfd_create")
+
+
+class SharedBody(mmap.mmap):
+    """A memfd and its shared, writable mapping; ``fd`` is what a worker is sent.
+
+    The descriptor is closed when the object is collected (with its mapping).
+    """
+
+    fd: int
+    #: Address of the mapping's first byte, to find a view's offset.
+    base: int
+
+    @classmethod
+    def create(cls, capacity: int) -> SharedBody:
+        """A new body of ``capacity`` bytes (raises `OSError` when the system has
+        no memory or descriptors to spare)."""
+        fd = os.memfd_create("dispynb-body", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, capacity)
+            body = cls(fd, capacity)
+        except BaseException:
+            os.close(fd)
+            raise
+        body.fd = fd
+        weakref.finalize(body, os.close, fd)
+        body.base = _address(body)
+        return body
+
+
+def _address(buffer: SharedBody | memoryview) -> int:
+    """Address of a writable buffer's first byte."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+
+
+def _free_refs() -> int:
+    """References to a pooled body that nobody else holds, as `BodyPool.take` sees
+    them (the pool's, the loop variable's and getrefcount's)."""
+    pool = [object()]
+    for body in pool:
+        return sys.getrefcount(body)
+    raise AssertionError  # pragma: no cover
+
+
+_FREE_REFS = _free_refs()
+
+
+class BodyPool:
+    """Shared bodies of large frames, taken again once nothing refers to them."""
+
+    def __init__(self, keep_bytes: int = KEEP_BYTES) -> None:
+        self.keep_bytes = keep_bytes
+        self._bodies: list[SharedBody] = []
+        self._kept = 0  # bytes of _bodies
+        # Connections of several threads (in-process nodes in tests) share a pool.
+        self._lock = threading.Lock()
+        #: Large bodies taken so far: unchanged for a while means none arrived.
+        self.taken = 0
+
+    def take(self, size: int) -> bytearray | memoryview:
+        """Writable memory of exactly ``size`` bytes for a frame's body: a view of
+        a free shared body, of a new one, or (small frame, or no memfd to be had) a
+        plain bytearray."""
+        if size < MIN_SIZE:
+            return bytearray(size)
+        self.taken += 1
+        best: SharedBody | None = None
+        with self._lock:
+            for body in self._bodies:
+                if (
+                    len(body) >= size
+                    and (best is None or len(body) < len(best))
+                    and sys.getrefcount(body) <= _FREE_REFS
+                ):
+                    best = body
+        if best is None:
+            capacity = -(-size // _ROUND) * _ROUND
+            try:
+                best = SharedBody.create(capacity)
+            except OSError:
+                return bytearray(size)  # the socket still works, at a copy's cost
+            with self._lock:
+                if self._kept + capacity <= self.keep_bytes:
+                    self._bodies.append(best)
+                    self._kept += capacity
+        return memoryview(best)[:size]
+
+    def forget(self, body: SharedBody) -> None:
+        """Never take ``body`` again (a worker still maps it: its contents must not
+        change under that worker's objects)."""
+        with self._lock:
+            if body in self._bodies:
+                self._bodies.remove(body)
+                self._kept -= len(body)
+
+    def release(self) -> int:
+        """Keep no body (the node is idle, or has no client left): free ones are
+        freed now, busy ones as soon as nothing refers to them; the bytes kept."""
+        with self._lock:
+            kept, self._bodies, self._kept = self._kept, [], 0
+        return kept
+
+    @property
+    def kept(self) -> int:
+        """Bytes of the bodies the pool holds (busy or free)."""
+        return self._kept
+
+    def clear(self) -> None:
+        """Forget every body (a forked child must not reuse its parent's)."""
+        self._bodies = []
+        self._kept = 0
+        self._lock = threading.Lock()
+
+
+#: The node server's pool (one per process).
+BODIES = BodyPool()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=BODIES.clear)
+
+
+def segments(buffers: Sequence[memoryview]) -> tuple[SharedBody, list[int]] | None:
+    """``(body, [offset, length, ...])`` if ``buffers`` all lie in one shared body,
+    else None (they then travel through the socket)."""
+    if not buffers:
+        return None
+    body = buffers[0].obj
+    if type(body) is not SharedBody:
+        return None
+    out: list[int] = []
+    for view in buffers:
+        if view.obj is not body or not view.nbytes or view.readonly:
+            return None
+        if not view.c_contiguous:
+            return None
+        out.append(_address(view) - body.base)
+        out.append(view.nbytes)
+    return body, out
+
+
+def map_segments(fd: int, layout: Sequence[int]) -> tuple[mmap.mmap, list[memoryview]]:
+    """In a worker: map the body ``fd`` (closed here) privately and return the
+    mapping and views of the buffers ``layout`` (from `segments`) names.
+
+    The mapping is copy-on-write: an argument the job changes (a NumPy array made
+    from a buffer) does not change the node's memory. Raises `ValueError` for a
+    layout outside the body, `OSError` if it cannot be mapped.
+    """
+    try:
+        size = os.fstat(fd).st_size
+        if len(layout) % 2 or not layout:
+            raise ValueError(f"malformed shared argument layout {list(layout)!r}")
+        for offset, length in zip(layout[::2], layout[1::2], strict=True):
+            if offset < 0 or length < 0 or offset + length > size:
+                raise ValueError(
+                    f"shared argument {offset}+{length} lies outside its "
+                    f"{size}-byte body"
+                )
+        mapping = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
+    finally:
+        os.close(fd)
+    whole = memoryview(mapping)
+    views = [
+        whole[offset : offset + length]
+        for offset, length in zip(layout[::2], layout[1::2], strict=True)
+    ]
+    whole.release()
+    return mapping, views
+
+
+def unmap(mapping: mmap.mmap) -> bool:
+    """Unmap a worker's body once the job is over; False if some object still
+    refers to it (an argument unpickled without a copy): it then stays mapped until
+    that object goes, and the node must not use the body again."""
+    with contextlib.suppress(BufferError):
+        mapping.close()
+        return True
+    return False

@@ -1,0 +1,195 @@
+"""`nodeserver.sharedbody`: large frames in reusable memfds, handed to workers."""
+
+from __future__ import annotations
+
+import gc
+import os
+import pickle
+
+import pytest
+
+from dispynb.protocol import serialize
+from dispynb.protocol.framing import FrameDecoder, encode_frames, split_body
+from nodeserver import sharedbody
+from nodeserver.sharedbody import (
+    MIN_SIZE,
+    BodyPool,
+    SharedBody,
+    map_segments,
+    segments,
+    unmap,
+)
+
+pytestmark = pytest.mark.skipif(not sharedbody.AVAILABLE, reason="needs memfd")
+
+MB = 1 << 20
+
+
+def _body(view: bytearray | memoryview) -> SharedBody:
+    assert isinstance(view, memoryview)
+    body = view.obj
+    assert type(body) is SharedBody
+    return body
+
+
+def test_small_frames_get_a_bytearray_large_ones_a_shared_view_of_their_size():
+    pool = BodyPool()
+    assert type(pool.take(MIN_SIZE - 1)) is bytearray
+    view = pool.take(3 * MB + 5)
+    assert isinstance(view, memoryview) and view.nbytes == 3 * MB + 5
+    assert not view.readonly
+    assert len(_body(view)) >= view.nbytes
+
+
+def test_a_body_is_taken_again_only_once_nothing_refers_to_it():
+    pool = BodyPool()
+    first = pool.take(2 * MB)
+    fd = _body(first).fd
+    second = pool.take(2 * MB)
+    assert _body(second).fd != fd  # the first is still in use
+    part = first[10:20]  # a view of a view keeps it busy too
+    del first
+    assert _body(pool.take(2 * MB)).fd != fd
+    del part
+    again = pool.take(2 * MB)
+    assert _body(again).fd == fd
+
+
+def test_a_lease_keeps_a_body_busy_and_forget_retires_it():
+    pool = BodyPool()
+    view = pool.take(2 * MB)
+    lease = _body(view)  # what a job sent to a worker holds
+    del view
+    assert _body(pool.take(2 * MB)).fd != lease.fd
+    kept = pool.kept
+    pool.forget(lease)
+    assert pool.kept == kept - len(lease)
+    del lease
+    gc.collect()
+    assert pool.kept <= kept
+
+
+def test_the_pool_keeps_at_most_keep_bytes_and_release_lets_every_body_go():
+    pool = BodyPool(keep_bytes=4 * MB)
+    views = [pool.take(2 * MB) for _ in range(3)]
+    assert pool.kept == 4 * MB  # the third is shared, not kept
+    fds = [_body(v).fd for v in views]
+    third = _body(views[2])
+    assert third not in pool._bodies
+    del views[2], third
+    gc.collect()
+    with pytest.raises(OSError):
+        os.fstat(fds[2])  # freed, its descriptor closed
+    busy = _body(views[0]).fd
+    del views[1]
+    pool.release()
+    assert pool.kept == 0
+    gc.collect()
+    with pytest.raises(OSError):
+        os.fstat(fds[1])  # free: freed at once
+    os.fstat(busy)  # in use: freed once nothing refers to it
+    del views
+    gc.collect()
+    with pytest.raises(OSError):
+        os.fstat(busy)
+
+
+def test_no_memfd_to_be_had_falls_back_to_a_bytearray(monkeypatch):
+    def no_memory(cls: type[SharedBody], capacity: int) -> SharedBody:
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(SharedBody, "create", classmethod(no_memory))
+    taken = BodyPool().take(2 * MB)
+    assert type(taken) is bytearray and len(taken) == 2 * MB
+
+
+def _received(pool: BodyPool, buffers: list[bytes]) -> list[memoryview]:
+    """``buffers`` framed, then decoded by a decoder whose bodies come from
+    ``pool``, as a client connection of the node server does."""
+    head, parts = encode_frames(buffers)
+    decoder = FrameDecoder(1 << 30)
+    decoder.take_body = pool.take
+    frames = []
+    for piece in [head, *parts]:
+        view = memoryview(piece)
+        while view:
+            space = decoder.buffer()
+            step = min(len(space), len(view))
+            space[:step] = view[:step]
+            view = view[step:]
+            frames.extend(decoder.filled(step))
+    [(_prefix, count, body)] = frames
+    got, _signed, _mac = split_body(body, count)
+    return got
+
+
+def test_a_jobs_buffers_in_a_frame_map_back_in_a_worker_with_their_contents():
+    pool = BodyPool()
+    data = os.urandom(3 * MB)
+    pickled = serialize.dumps(((data, b"small"), {}))
+    received = _received(pool, [b"header", *[bytes(b) for b in pickled]])
+    job = received[1:]  # what the session gives the computation
+    found = segments(job)
+    assert found is not None
+    body, layout = found
+    assert len(layout) == 2 * len(job)
+    mapping, views = map_segments(os.dup(body.fd), layout)
+    assert [bytes(v) for v in views] == [bytes(b) for b in job]
+    args, kwargs = serialize.loads(views)
+    assert args == (data, b"small") and kwargs == {}
+    del views
+    assert unmap(mapping)
+
+
+def test_buffers_not_all_in_one_shared_body_travel_through_the_socket():
+    pool = BodyPool()
+    one = _received(pool, [b"h", os.urandom(2 * MB)])
+    other = _received(pool, [b"h", os.urandom(2 * MB)])
+    assert segments([]) is None
+    assert segments([memoryview(bytearray(10))]) is None
+    assert segments([one[0], other[0]]) is None
+    assert segments([one[0][:0]]) is None  # empty
+    assert segments([one[0].toreadonly()]) is None
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [[], [0], [-1, 10], [0, -1], [0, 3 * MB], [2 * MB, MB + 1], [1 << 62, 1]],
+)
+def test_a_layout_outside_the_body_is_refused_and_its_descriptor_closed(layout):
+    body = SharedBody.create(2 * MB)
+    fd = os.dup(body.fd)
+    with pytest.raises(ValueError, match=r"layout|outside"):
+        map_segments(fd, layout)
+    with pytest.raises(OSError):
+        os.fstat(fd)
+
+
+class _Held:
+    """An object unpickled from an out-of-band buffer without a copy (as a NumPy
+    array is), keeping a view of the mapping. (A bytearray where it is pickled: a
+    memoryview with an export in the pickler's reference cycle crashes CPython's
+    garbage collector.)"""
+
+    def __init__(self, buffer: bytearray | memoryview) -> None:
+        self.buffer = buffer
+
+    def __reduce_ex__(self, protocol: object) -> object:
+        return _Held, (pickle.PickleBuffer(self.buffer),)
+
+
+def test_unmap_says_when_an_unpickled_object_still_uses_the_mapping():
+    pool = BodyPool()
+    pickled = serialize.dumps(((_Held(bytearray(os.urandom(MB))),), {}))
+    received = _received(pool, [b"h", *[bytes(b) for b in pickled]])
+    found = segments(received[1:])
+    assert found is not None
+    mapping, views = map_segments(os.dup(found[0].fd), found[1])
+    (held,), _ = serialize.loads(views)
+    del views
+    assert not unmap(mapping)  # `held` still refers to it
+    held.buffer[0] ^= 1  # copy-on-write: the node's memory does not change
+    assert bytes(held.buffer) != bytes(found[0][found[1][2] : found[1][2] + MB])
+    del held
+    gc.collect()
+    assert unmap(mapping)
