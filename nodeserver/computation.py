@@ -14,6 +14,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import operator
 import os
 import shutil
 import signal
@@ -140,6 +141,10 @@ class Worker:
     holds_cpu: bool = False
     interrupted: bool = False  # sent SIGINT to cancel its running job
     retiring: bool = False  # killed on purpose: its unfinished jobs run elsewhere
+
+
+#: A worker's jobs (sent, not yet done), for `Computation.idle`.
+_ASSIGNED = operator.attrgetter("assigned")
 
 
 def _discard(entry: list[object], buffers: list[memoryview]) -> None:
@@ -395,7 +400,8 @@ class Computation:
     @property
     def idle(self) -> bool:
         """True when no job is queued or running here."""
-        return not self._queue and not any(w.assigned for w in self._workers.values())
+        # Asked after every result: C-level iteration, no generator.
+        return not self._queue and not any(map(_ASSIGNED, self._workers.values()))
 
     def submit(self, jobs: list[NodeJob]) -> None:
         """Queue jobs and start as many as the CPUs allow."""
