@@ -3,6 +3,10 @@
 `JobCluster` registers itself here when it is created and unregisters when it
 closes; `live_clusters` lists the others (`dispynb.monitoring`, the lab panel). At
 interpreter exit the clusters a program did not close are closed, as dispy does.
+
+Monitors that poll `live_clusters` never see a cluster whose whole life falls
+between two polls (a few quick jobs): `add_close_observer` calls them when a cluster
+closes, in the closing thread, while its nodes are still listed.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import itertools
 import logging
 import threading
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -27,6 +32,9 @@ _ids = itertools.count(1)
 _live: dict[int, weakref.ref[JobCluster]] = {}
 _exit_hook = threading.Lock()
 _exit_hooked = False
+#: Called with each cluster that closes; replaced, never mutated (iterated unlocked).
+_close_observers: tuple[Callable[[JobCluster], None], ...] = ()
+_observers_lock = threading.Lock()
 
 
 def register(cluster: JobCluster) -> int:
@@ -41,9 +49,32 @@ def register(cluster: JobCluster) -> int:
     return cluster_id
 
 
-def unregister(cluster_id: int) -> None:
-    """The cluster closed."""
+def unregister(cluster_id: int, cluster: JobCluster | None = None) -> None:
+    """The cluster closed: unlist it and tell the close observers (``cluster``)."""
     _live.pop(cluster_id, None)
+    if cluster is None:
+        return
+    for observer in _close_observers:
+        try:
+            observer(cluster)
+        except Exception:  # a monitor's failure must never fail a close
+            logger.exception("a close observer failed for cluster %r", cluster.name)
+
+
+def add_close_observer(observer: Callable[[JobCluster], None]) -> None:
+    """Call ``observer(cluster)`` whenever a cluster closes (in the closing thread,
+    which it must not block; exceptions are logged, never raised to the closer)."""
+    global _close_observers
+    with _observers_lock:
+        _close_observers = (*_close_observers, observer)
+
+
+def remove_close_observer(observer: Callable[[JobCluster], None]) -> None:
+    """Stop calling ``observer`` (compared with ==: a bound method matches);
+    no error if it was not added."""
+    global _close_observers
+    with _observers_lock:
+        _close_observers = tuple(o for o in _close_observers if o != observer)
 
 
 def live_clusters() -> list[JobCluster]:
@@ -63,4 +94,11 @@ def _close_at_exit() -> None:
             logger.warning("closing cluster %r at exit failed", cluster.name)
 
 
-__all__ = ["EXIT_WAIT", "live_clusters", "register", "unregister"]
+__all__ = [
+    "EXIT_WAIT",
+    "add_close_observer",
+    "live_clusters",
+    "register",
+    "remove_close_observer",
+    "unregister",
+]

@@ -811,7 +811,7 @@ class JobCluster:
         if self._closed:
             return
         self._closed = True
-        _live.unregister(self._id)
+        _live.unregister(self._id, self)
         try:
             self._update_traffic()
             if self._backend is not None:

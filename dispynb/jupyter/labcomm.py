@@ -22,10 +22,12 @@ import asyncio
 import contextvars
 import logging
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from dispynb import _live
 from dispynb._loop import LoopRunner
 from dispynb._version import __version__
 from dispynb.errors import ConfigurationError
@@ -61,10 +63,14 @@ Send = Callable[[dict[str, Any]], None]
 class ClusterTracker:
     """A `ClusterMonitor` for each live cluster of the process, shared by links.
 
-    `refresh` attaches monitors to new clusters and, for clusters that closed, keeps
-    their final snapshot (closed) among the `RECENT_CLOSED` most recent, with the
-    nodes they last had (marked ``released``). A cluster that closed without a job
-    is not kept, and dispynb's own (`INTERNAL`) are never followed.
+    `refresh` attaches monitors to new clusters. A cluster that closes keeps its
+    final snapshot (closed) among the `RECENT_CLOSED` most recent, with the nodes it
+    last had (marked ``released``). Following the process's clusters (the default
+    ``clusters``), the tracker is told of every close as it happens
+    (`dispynb._live.add_close_observer`), so a cluster whose whole life fell between
+    two refreshes (a few quick jobs) is shown too; otherwise it sees the closes at
+    its refreshes. A cluster that closed without a job is not kept, and dispynb's
+    own (`INTERNAL`) are never followed. Call `close` when done.
     """
 
     def __init__(self, clusters: Callable[[], list[Any]] = live_clusters) -> None:
@@ -74,6 +80,11 @@ class ClusterTracker:
         self._closed: deque[dict[str, Any]] = deque(maxlen=RECENT_CLOSED)
         self._closed_version = 0
         self._nodes: dict[int, list[dict[str, Any]]] = {}  # last nodes seen
+        # Clusters whose final snapshot is taken: never followed or kept again.
+        self._ended: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._every_cluster = clusters is live_clusters
+        if self._every_cluster:
+            _live.add_close_observer(self._on_close)
 
     def refresh(self) -> tuple[Any, ...]:
         """Follow the clusters now alive; return a key that changes with the state."""
@@ -84,7 +95,11 @@ class ClusterTracker:
         }
         with self._lock:
             for key, cluster in live.items():
-                if key not in self._monitors:
+                if key in self._monitors or cluster in self._ended:
+                    continue
+                if getattr(cluster, "_closed", False):
+                    self._end(key, cluster, None)  # closed since it was listed
+                else:
                     self._monitors[key] = ClusterMonitor(cluster)
             for key, monitor in self._monitors.items():
                 nodes = monitor.nodes()
@@ -92,21 +107,46 @@ class ClusterTracker:
                     self._nodes[key] = nodes
             for key in [k for k in self._monitors if k not in live]:
                 monitor = self._monitors.pop(key)
-                final = _brief(monitor.snapshot(max_jobs=0))
-                last = self._nodes.pop(key, [])
-                monitor.close()
-                if not final["counts"]["total"]:
-                    continue  # nothing ran: nothing to show
-                if not final["nodes"]:
-                    final["nodes"] = [{**node, "busy": 0} for node in last]
-                for node in final["nodes"]:
-                    node["released"] = True
-                self._closed.appendleft(final)
-                self._closed_version += 1
+                self._end(key, monitor.cluster, monitor)
             return (
                 self._closed_version,
                 *((key, m.version) for key, m in self._monitors.items()),
             )
+
+    def _on_close(self, cluster: Any) -> None:
+        """A cluster of the process closed (in the closing thread): keep its final
+        snapshot now, while its nodes are still listed."""
+        if getattr(cluster, "name", "") in INTERNAL:
+            return
+        key = id(cluster)
+        with self._lock:
+            if cluster in self._ended:
+                return
+            monitor = self._monitors.pop(key, None)
+            if monitor is not None and monitor.cluster is not cluster:
+                self._monitors[key] = monitor  # another cluster at a reused id
+                monitor = None
+            self._end(key, cluster, monitor)
+
+    def _end(self, key: int, cluster: Any, monitor: ClusterMonitor | None) -> None:
+        """Keep the final snapshot of a cluster that closed (under the lock)."""
+        self._ended.add(cluster)
+        last = self._nodes.pop(key, [])
+        if monitor is None:  # never followed: its counts are the cluster's own
+            monitor = ClusterMonitor(cluster, history=0)
+        try:
+            final = _brief(monitor.snapshot(max_jobs=0))
+        finally:
+            monitor.close()
+        if not final["counts"]["total"]:
+            return  # nothing ran: nothing to show
+        if not final["nodes"]:
+            final["nodes"] = last
+        final["nodes"] = [
+            {**node, "busy": 0, "released": True} for node in final["nodes"]
+        ]
+        self._closed.appendleft(final)
+        self._closed_version += 1
 
     def snapshots(self) -> list[dict[str, Any]]:
         """Live clusters (oldest first), then the recently closed (newest first)."""
@@ -128,7 +168,9 @@ class ClusterTracker:
         )
 
     def close(self) -> None:
-        """Detach every monitor."""
+        """Detach every monitor and stop observing closes."""
+        if self._every_cluster:
+            _live.remove_close_observer(self._on_close)
         with self._lock:
             monitors = list(self._monitors.values())
             self._monitors.clear()

@@ -164,7 +164,7 @@ def test_closed_cluster_keeps_its_final_counts(
     try:
         cluster.submit(-3)
         cluster.wait()
-        # the panel saw it alive (a cluster closed between two pushes is never shown)
+        # the panel saw it alive (the final counts come from its monitor)
         comm.wait_for(state_of(cluster, lambda c: c["counts"]["finished"] == 1))
     finally:
         cluster.close()
@@ -175,6 +175,46 @@ def test_closed_cluster_keeps_its_final_counts(
     # Where it ran, not "no nodes connected yet": its nodes, released.
     (node,) = snap["nodes"]
     assert node["released"] and node["jobs_done"] == 1 and node["busy"] == 0
+
+
+def test_a_cluster_that_lived_between_two_refreshes_is_shown_closed(
+    local: LocalCluster,
+) -> None:
+    """A run of a few quick jobs may open and close between two polls of the live
+    clusters (the panel's refreshes): it must still be shown, closed, with where
+    it ran; once, however the refreshes and the close interleave."""
+    from dispynb.monitoring import live_clusters
+
+    tracker = ClusterTracker(live_clusters)
+    try:
+        before = tracker.refresh()
+        with JobCluster(abs, nodes=local) as quick:
+            jobs = [quick.submit(-i) for i in range(4)]
+            quick.wait()
+        assert [job() for job in jobs] == [0, 1, 2, 3]
+        assert tracker.refresh() != before  # the state changed: the links push
+        mine = [c for c in tracker.snapshots() if c["id"] == quick.uid]
+        assert len(mine) == 1, mine
+        (snap,) = mine
+        assert snap["closed"] and snap["name"] == "abs"
+        assert snap["counts"]["finished"] == 4 == snap["counts"]["total"]
+        (node,) = snap["nodes"]
+        assert node["released"] and node["jobs_done"] == 4 and node["busy"] == 0
+        # Followed while alive, then closed: still one card.
+        with JobCluster(abs, nodes=local) as followed:
+            tracker.refresh()
+            followed.submit(-1)
+            followed.wait()
+        tracker.refresh()
+        ids = [c["id"] for c in tracker.snapshots()]
+        assert ids.count(followed.uid) == 1 and ids.count(quick.uid) == 1, ids
+    finally:
+        tracker.close()
+    # A closed tracker no longer keeps what closes.
+    with JobCluster(abs, nodes=local) as later:
+        later.submit(-1)
+        later.wait()
+    assert later.uid not in {c["id"] for c in tracker.snapshots()}
 
 
 def test_probes_and_clusters_that_ran_nothing_are_never_shown(
