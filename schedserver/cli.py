@@ -20,6 +20,7 @@ from dispynb.errors import ConfigurationError, DispynbError
 from dispynb.secret import resolve_secret
 from dispynb.transport.addressing import parse_address
 from dispynb.transport.tls import client_context
+from nodeserver.parser import parse_size
 from schedserver.config import SchedulerConfig
 from schedserver.server import SchedulerServer
 from schedserver.users import UsersFile, write_credential
@@ -36,7 +37,6 @@ REFUSED = {
     "no discovery to repeat",
     "httpd": "no scheduler web monitor yet: DispyHTTPServer(cluster) in a client shows "
     "its jobs",
-    "dest_path_prefix": "the scheduler stores no files on disk (nodes keep theirs)",
     "cleanup_nodes": "each computation's own cleanup applies on the nodes",
     "ext_host": "clients connect to the addresses given with -i",
 }
@@ -154,6 +154,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds results wait for a client that went away",
     )
     parser.add_argument(
+        *_both("dest_path_prefix"),
+        default=None,
+        metavar="DIR",
+        help="where results kept for clients that went away spill to disk (a "
+        "private directory in it, removed on exit; default "
+        f"{SchedulerConfig().dest_path_prefix})",
+    )
+    parser.add_argument(
+        *_both("kept_memory"),
+        type=parse_size,
+        default=SchedulerConfig.kept_memory,
+        metavar="SIZE",
+        help="bytes of kept results held in memory in all (the rest spill to disk; "
+        "default 32M)",
+    )
+    parser.add_argument(
+        *_both("max_kept"),
+        type=parse_size,
+        default=SchedulerConfig.max_kept,
+        metavar="SIZE",
+        help="quota: bytes of results one computation may have kept while its "
+        "client is away (default 1G); past it a job's result is replaced by an "
+        "error saying so and its other jobs wait for the client",
+    )
+    parser.add_argument(
         *_both("port_file"), default="", help="write the port here once listening"
     )
     parser.add_argument(
@@ -164,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--clean",
         action="store_true",
-        help="accepted for dispy: the scheduler keeps nothing on disk",
+        help="remove what a killed scheduler left under --dest_path_prefix",
     )
     parser.add_argument("-d", "--debug", action="store_true")
     parser.add_argument("--loglevel", default="info")
@@ -253,7 +278,12 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         zombie_interval=args.zombie_interval * 60.0,
         keep_results=args.keep_results,
         port_file=args.port_file,
+        kept_memory=args.kept_memory,
+        max_kept=args.max_kept,
+        clean=args.clean,
     )
+    if args.dest_path_prefix:
+        config.dest_path_prefix = args.dest_path_prefix
     config.validate()
     return config
 

@@ -38,6 +38,7 @@ from dispynb.protocol.records import ResultEntry, SharedNodeEntry
 from dispynb.scheduler.policy import update_mean
 from dispynb.transport.connection import Connection
 from schedserver.fairshare import Account
+from schedserver.spill import KeptMessages
 
 if TYPE_CHECKING:
     from schedserver.server import NodeState, SchedulerServer
@@ -106,7 +107,9 @@ class SharedComputation:
         #: The client came back for it (`Recover`): it closes once its jobs ended.
         self.recovering = False
         #: Messages for the client while it is away (or all, to resend: keep_sent).
-        self.kept: list[tuple[Message, list[memoryview]]] = []
+        self.kept = KeptMessages(server.spill, self.name, server.config.max_kept)
+        #: The client came back: what was kept is on its way to it (in order).
+        self.replaying = False
         self.expiry: asyncio.TimerHandle | None = None
         #: ``send_file`` requests: request -> [nodes yet to answer, errors].
         self.placements: dict[int, list[Any]] = {}
@@ -129,13 +132,18 @@ class SharedComputation:
         if self.client_comp_id != self.comp_id and hasattr(message, "comp_id"):
             message = dataclasses.replace(message, comp_id=self.client_comp_id)  # type: ignore[type-var]
         session = self.session
-        keep = self.setup.recovery_id is not None and (
-            session is None or self.setup.keep_sent
-        )
-        if keep and isinstance(message, _KEPT_KINDS):
-            self.kept.append((message, buffers or []))
+        if self.setup.recovery_id is not None and isinstance(message, _KEPT_KINDS):
+            if session is None or self.replaying or self.setup.keep_sent:
+                self.kept.add(message, buffers or [])
+            if self.replaying:
+                return  # the replay sends it after what was kept before it
         if session is not None:
             session.send(message, buffers or [])
+
+    @property
+    def held(self) -> bool:
+        """No CPUs for it: its client is away and it keeps all it may already."""
+        return self.session is None and self.kept.full
 
     def end_jobs(self, entries: list[ResultEntry]) -> None:
         """Tell the client that these jobs ended without running (no buffers)."""
@@ -151,7 +159,7 @@ class SharedComputation:
         limits = {item[0]: item for item in message.limits if item}
         refused: list[ResultEntry] = []
         quota = self.server.config.max_queued
-        queued = self.server.queued_of(self.user)
+        queued = self.server.queued_of(self.user) if quota is not None else 0
         offset = 0
         for item in message.jobs:
             key, attempt, count = int(item[0]), int(item[1]), int(item[2])
@@ -250,6 +258,17 @@ class SharedComputation:
             message = dataclasses.replace(message, results=results)
         if message.results or message.started:
             self.to_client(message, buffers)
+        if self.session is None and not self.running and (not self.queue or self.held):
+            kept = self.kept
+            logger.info(
+                "%s: no job of it runs, %d wait; %d messages (%.1f MiB, %.1f MiB of "
+                "it on disk) wait for its client",
+                self.name,
+                len(self.queue),
+                len(kept),
+                kept.size / 2**20,
+                kept.on_disk / 2**20,
+            )
         self.finish_if_done()
         self.server.schedule()
 

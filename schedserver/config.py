@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import ssl
+import tempfile
 from dataclasses import dataclass, field
 
 from dispynb.defaults import MAX_MESSAGE_SIZE
@@ -40,6 +42,18 @@ class SchedulerConfig:
     zombie_interval: float = 3600.0
     #: Seconds the results of a computation whose client went away are kept.
     keep_results: float = 3600.0
+    #: Where results kept for clients that went away spill to disk (a private
+    #: directory is made in it), what they may take in memory in all, and what one
+    #: computation may keep at most (bytes).
+    dest_path_prefix: str = field(
+        default_factory=lambda: os.path.join(
+            tempfile.gettempdir(), "dispynb", "scheduler"
+        )
+    )
+    kept_memory: int = 32 * 1024 * 1024
+    max_kept: int = 1024 * 1024 * 1024
+    #: Remove the spill directories killed schedulers left in ``dest_path_prefix``.
+    clean: bool = False
     max_message_size: int = MAX_MESSAGE_SIZE
     port_file: str = ""
     name: str = "dispynb-scheduler"
@@ -66,6 +80,8 @@ class SchedulerConfig:
                 "--zombie_interval must be more than 0 minutes (fractions are taken: "
                 "0.5 is 30 s)"
             )
+        if self.kept_memory < 0 or self.max_kept < 0:
+            raise ConfigurationError("--kept_memory and --max_kept cannot be negative")
         for name in ("max_cpus", "max_queued"):
             value = getattr(self, name)
             if value is not None and value < 1:

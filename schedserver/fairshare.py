@@ -27,6 +27,8 @@ class Account:
     in_flight: int = 0
     #: Nodes where the computation is set up (so its jobs can go there).
     nodes: set[str] = field(default_factory=set)
+    #: Its jobs wait (its client is away and it may keep no more results).
+    held: bool = False
 
 
 class FairShare:
@@ -73,7 +75,7 @@ class FairShare:
         best: Account | None = None
         best_rank: tuple[int, int, int, int] | None = None
         for account in accounts:
-            if account.queued <= 0 or node not in account.nodes:
+            if account.queued <= 0 or account.held or node not in account.nodes:
                 continue
             user_flight = self.in_flight(account.user)
             if self.max_cpus is not None and user_flight >= self.max_cpus:

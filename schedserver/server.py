@@ -53,9 +53,14 @@ from schedserver.computation import SharedComputation, Upstream
 from schedserver.config import SchedulerConfig
 from schedserver.fairshare import FairShare
 from schedserver.session import SchedulerSession
+from schedserver.spill import SpillStore
 from schedserver.users import UsersFile
 
 logger = logging.getLogger(__name__)
+
+#: A recovering client is sent what was kept for it while fewer bytes than this
+#: wait to go out (what is on disk is read back no faster than it takes them).
+REPLAY_UNSENT = 8 * 1024 * 1024
 
 #: Seconds between attempts to reach a node that is down (doubling up to the max).
 RECONNECT_FIRST = 0.2
@@ -77,11 +82,11 @@ class NodeState:
     hostname: str = ""
     #: Mean run time of its recent jobs (None: unknown), for how many to send ahead.
     mean: float | None = None
+    #: ``host:port``.
+    name: str = field(init=False)
 
-    @property
-    def name(self) -> str:
-        """``host:port``."""
-        return format_address(self.host, self.port)
+    def __post_init__(self) -> None:
+        self.name = format_address(self.host, self.port)
 
 
 class SchedulerServer:
@@ -95,6 +100,7 @@ class SchedulerServer:
         self.sessions: set[SchedulerSession] = set()
         self.computations: list[SharedComputation] = []
         self.fair = FairShare(config.max_cpus)
+        self.spill = SpillStore(config.dest_path_prefix, config.kept_memory)
         self.files: dict[str, memoryview] = {}  # client files by digest
         self._wanted: dict[str, set[tuple[SharedComputation, Upstream]]] = {}
         self._orders = itertools.count(1)
@@ -109,6 +115,8 @@ class SchedulerServer:
         """Listen for clients and connect to the nodes; return the port."""
         config = self.config
         self.users.load()  # a users file readable by others is refused here
+        if config.clean:
+            self.spill.clean()
         listener = Listener(
             self._serve,
             secret=self.users.lookup,
@@ -162,6 +170,7 @@ class SchedulerServer:
         for node in self.nodes:
             if node.conn is not None:
                 node.conn.close()
+        self.spill.close()
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -275,16 +284,35 @@ class SchedulerServer:
         comp.client_comp_id = message.comp_id
         comp.recovering = True
         session.computations[message.comp_id] = comp
-        kept, comp.kept = comp.kept, []
-        for kept_message, buffers in kept:
-            session.send(
-                dataclasses.replace(kept_message, comp_id=message.comp_id),  # type: ignore[type-var]
-                buffers,
-            )
-        running = bool(comp.queue or comp.running)
-        session.send(Recovered(comp_id=message.comp_id, found=True, running=running))
-        comp.report_nodes(force=True)
-        comp.finish_if_done()
+        comp.replaying = True
+        self._spawn(self._replay(comp, session))
+
+    async def _replay(self, comp: SharedComputation, session: SchedulerSession) -> None:
+        """Send a recovering client what was kept for it, oldest first, reading it
+        back from disk one message at a time as the client takes it; then
+        `Recovered`."""
+        comp_id = comp.client_comp_id
+        try:
+            while comp.kept and comp.session is session and not comp.closed:
+                kept_message, buffers = comp.kept.pop()
+                session.send(
+                    dataclasses.replace(kept_message, comp_id=comp_id),  # type: ignore[type-var]
+                    buffers,
+                )
+                if session.conn.unsent > REPLAY_UNSENT:
+                    await session.conn.flush()
+        except DispynbError:
+            return  # the client went away again: the rest stays kept
+        except OSError as exc:
+            logger.error("%s: cannot read back what was kept: %s", comp.name, exc)
+        finally:
+            comp.replaying = False
+        if comp.session is session and not comp.closed:
+            running = bool(comp.queue or comp.running)
+            session.send(Recovered(comp_id=comp_id, found=True, running=running))
+            comp.report_nodes(force=True)
+            comp.finish_if_done()
+            self.schedule()  # jobs held while it was away go on
 
     # -- the nodes ---------------------------------------------------------------------
 
@@ -547,7 +575,11 @@ class SchedulerServer:
         self._dispatch()
 
     def _dispatch(self) -> None:
-        active = [c for c in self.computations if not c.closing and c.queue]
+        active = []
+        for c in self.computations:
+            c.account.held = c.held
+            if not c.closing and c.queue and not c.account.held:
+                active.append(c)
         if not active:
             return
         # Jobs sent ahead of a free CPU (to hide round trips, as many as the jobs'

@@ -45,7 +45,8 @@ class SchedulerSession:
         self.server = server
         self.user = user
         self.computations: dict[int, SharedComputation] = {}
-        self.last_heard = asyncio.get_running_loop().time()
+        self._clock = asyncio.get_running_loop().time
+        self.last_heard = self._clock()
         self._status_every = server.config.pulse_interval
         self._last_status = 0.0
 
@@ -86,7 +87,7 @@ class SchedulerSession:
         return comp
 
     def _on_message(self, message: Message, buffers: list[memoryview]) -> bool:
-        self.last_heard = asyncio.get_running_loop().time()
+        self.last_heard = self._clock()
         server = self.server
         if isinstance(message, JobSubmit):
             comp = self._comp(message.comp_id)
