@@ -41,7 +41,11 @@ _IOV_MAX = 1024
 
 _AncData: TypeAlias = list[tuple[int, int, "array.array[int]"]]
 
-_CMSG_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+# Plain ints: the socket module's flags are IntFlag members, whose ``|`` and ``&``
+# run Python code (enum's), and these are combined on every message.
+_CMSG_FLAGS = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
+_MSG_DONTWAIT = int(socket.MSG_DONTWAIT)
 
 #: Most descriptors one read keeps (the node sends one per message).
 _MAX_FDS = 8
@@ -159,7 +163,7 @@ class MessageSocket:
             else:
                 # Not contextlib.suppress: this runs before every job.
                 try:  # noqa: SIM105
-                    self._read(socket.MSG_DONTWAIT)
+                    self._read(_MSG_DONTWAIT)
                 except BlockingIOError:
                     pass
         return bool(self._ready)
@@ -197,7 +201,7 @@ class MessageSocket:
                 fds = array.array("i")
                 fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
                 self._fds.extend(fds)
-        if msg_flags & socket.MSG_CTRUNC:
+        if msg_flags & _MSG_CTRUNC:
             self.fds_lost = True
         return count
 
@@ -241,7 +245,7 @@ class MessageSocket:
                 _close_fds(fds)
                 raise _closed(exc) from exc
             fds.extend(more)
-            if flags & socket.MSG_CTRUNC:
+            if flags & _MSG_CTRUNC:
                 _close_fds(fds)
                 raise FramingError(f"more than {max_fds} file descriptors received")
             if not data:
