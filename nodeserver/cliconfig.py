@@ -31,13 +31,13 @@ REFUSED: dict[str, tuple[int, str]] = {
     ),
     "--scheduler_host": (
         1,
-        "dispynb-scheduler connects to the nodes it is given (-n HOST:PORT); "
-        "start the node without it",
+        "dispynb-scheduler connects to the nodes it is given (-n HOST:PORT) or "
+        "discovers; start the node without it",
     ),
     "--scheduler_node": (
         1,
-        "dispynb-scheduler connects to the nodes it is given (-n HOST:PORT); "
-        "start the node without it",
+        "dispynb-scheduler connects to the nodes it is given (-n HOST:PORT) or "
+        "discovers; start the node without it",
     ),
     "--unsafe_setup": (
         0,

@@ -1,9 +1,11 @@
 """The ``dispynb-scheduler`` command: run the shared scheduler, or manage its users.
 
-``dispynb-scheduler -n NODE ... --users FILE`` serves; ``dispynb-scheduler user add
-NAME --users FILE`` issues a credential, ``user revoke NAME`` withdraws it. The
-options of dispy's ``dispyscheduler`` are accepted under their names; those that have
-no meaning here are refused with one line that says why.
+``dispynb-scheduler -n NODE ... --users FILE`` serves (without ``-n``, or with
+``-n '*'`` or another pattern, it discovers nodes as dispyscheduler does);
+``dispynb-scheduler user add NAME --users FILE`` issues a credential, ``user revoke
+NAME`` withdraws it. The options of dispy's ``dispyscheduler`` are accepted under
+their names (and their older ones: ``--ip_addr``, ``--nodes``...); those that have no
+meaning here are refused with one line that says why.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ import sys
 from dispynb import config as dispy_config
 from dispynb.defaults import NODE_PORT, SCHEDULER_PORT
 from dispynb.errors import ConfigurationError, DispynbError
+from dispynb.node import is_wildcard, parse_node_specs
 from dispynb.secret import resolve_secret
 from dispynb.transport.addressing import parse_address
-from dispynb.transport.tls import client_context
+from dispynb.transport.tls import client_context, server_context
 from nodeserver.parser import parse_size
 from schedserver.config import SchedulerConfig
 from schedserver.server import SchedulerServer
@@ -32,13 +35,16 @@ REFUSED = {
     "fair_cluster_scheduler": "scheduling is always fair share between users",
     "early_cluster_scheduler": "scheduling is always fair share between users",
     "cooperative": "clients cannot change nodes' CPUs; use --cpus or --max_cpus",
-    "ipv4_udp_multicast": "nodes are named with -n; there is no discovery",
-    "ping_interval": "nodes are named with -n and reconnected on their own; there is "
-    "no discovery to repeat",
-    "httpd": "no scheduler web monitor yet: DispyHTTPServer(cluster) in a client shows "
-    "its jobs",
     "cleanup_nodes": "each computation's own cleanup applies on the nodes",
-    "ext_host": "clients connect to the addresses given with -i",
+    "ext_host": "clients connect to the addresses given with -i, and the scheduler "
+    "connects to its nodes: it has no address to advertise",
+    "ext_ip_addr": "clients connect to the addresses given with -i, and the scheduler "
+    "connects to its nodes: it has no address to advertise",
+    "cluster_secret": "each user proves a credential of its own ('dispynb-scheduler "
+    "user add NAME'): there is no secret shared by all clients",
+    "max_file_size": "the nodes enforce their own --max_file_size",
+    "config": "no configuration file: give the options on the command line",
+    "save_config": "no configuration file: give the options on the command line",
 }
 
 
@@ -60,25 +66,48 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-n",
         "--node",
+        "--nodes",
         action="append",
         default=[],
         metavar="HOST[:PORT]",
-        help=f"a node to use (repeat it); port {NODE_PORT} if none",
+        help="a node to use, or a pattern of nodes to discover by UDP broadcast "
+        "('*', '10.0.0.*'); repeat it; default '*' (discover)",
+    )
+    parser.add_argument(
+        *_both("node_port"),
+        type=int,
+        default=NODE_PORT,
+        help=f"port of the nodes named without one (default {NODE_PORT})",
     )
     parser.add_argument(
         "-i",
         "--host",
+        *_both("ip_addr"),
         action="append",
         default=[],
         metavar="ADDRESS",
-        help="interface clients connect to (repeat it; default 127.0.0.1)",
+        help="interface clients connect to (repeat it; default 127.0.0.1); "
+        "discovery pings leave from the first one not on loopback",
     )
     parser.add_argument(
         "-p",
         "--port",
+        *_both("scheduler_port"),
         type=int,
         default=SCHEDULER_PORT,
         help=f"port clients connect to (default {SCHEDULER_PORT}; 0: a free one)",
+    )
+    parser.add_argument(
+        *_both("ipv4_udp_multicast"),
+        action="store_true",
+        help="discover nodes with dispy's IPv4 multicast group, not broadcast",
+    )
+    parser.add_argument(
+        *_both("ping_interval"),
+        type=float,
+        default=None,
+        help="seconds between discovery pings (1-1000; default: once, at start: "
+        "nodes announce themselves when they start)",
     )
     parser.add_argument(
         "--users",
@@ -102,7 +131,64 @@ def build_parser() -> argparse.ArgumentParser:
         *_both("node_cafile"),
         default=None,
         metavar="FILE",
-        help="CA certificate of nodes that use TLS",
+        help="CA certificate of nodes that use TLS (their certificate is checked)",
+    )
+    parser.add_argument(
+        *_both("node_certfile"),
+        default=None,
+        metavar="FILE",
+        help="the scheduler's certificate towards nodes that use TLS (and ask for "
+        "one); also turns TLS on towards the nodes",
+    )
+    parser.add_argument(
+        *_both("node_keyfile"),
+        default=None,
+        metavar="FILE",
+        help="key of --node_certfile (if not in that file)",
+    )
+    parser.add_argument(
+        *_both("cluster_certfile"),
+        default=None,
+        metavar="FILE",
+        help="serve clients over TLS with this certificate (clients give "
+        "SharedJobCluster(..., cafile=) or certfile=)",
+    )
+    parser.add_argument(
+        *_both("cluster_keyfile"),
+        default=None,
+        metavar="FILE",
+        help="key of --cluster_certfile (if not in that file)",
+    )
+    parser.add_argument(
+        "--httpd",
+        action="store_true",
+        help="start the operator's web monitor (nodes, clients, jobs; revoking a "
+        "user); its URL with the access token is logged",
+    )
+    parser.add_argument(
+        *_both("httpd_host"),
+        default="127.0.0.1",
+        metavar="ADDRESS",
+        help="address of the web monitor (default 127.0.0.1; another one needs "
+        "--httpd_certfile)",
+    )
+    parser.add_argument(
+        *_both("httpd_port"),
+        type=int,
+        default=8181,
+        help="port of the web monitor (default 8181, dispy's; 0: a free one)",
+    )
+    parser.add_argument(
+        *_both("httpd_certfile"),
+        default=None,
+        metavar="FILE",
+        help="serve the web monitor over HTTPS with this certificate",
+    )
+    parser.add_argument(
+        *_both("httpd_keyfile"),
+        default=None,
+        metavar="FILE",
+        help="key of --httpd_certfile (if not in that file)",
     )
     parser.add_argument(
         "--cpus", type=int, default=None, help="use at most this many CPUs of each node"
@@ -250,25 +336,47 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
             "--node_secret_file or DISPYNB_SECRET"
         )
     secret = resolve_secret(args.node_secret, args.node_secret_file)
-    nodes = []
-    for spec in args.node:
-        if "*" in spec:
+    nodes: list[tuple[str, int]] = []
+    discover: list[str] = []
+    for spec in args.node or ["*"]:
+        try:
+            wildcard = is_wildcard(parse_node_specs(spec)[0])
+        except (ConfigurationError, IndexError):
             raise ConfigurationError(
-                f"-n {spec}: name each node (host or host:port); the scheduler does "
-                "no discovery"
-            )
-        host, port = parse_address(spec)
-        nodes.append((host, port or NODE_PORT))
+                f"-n {spec!r}: give a node as HOST[:PORT], or a pattern such as '*'"
+            ) from None
+        if wildcard:
+            discover.append(spec)
+            continue
+        nodes.append(parse_address(spec, args.node_port))
+    if args.ping_interval is not None and not 1 <= args.ping_interval <= 1000:
+        raise ConfigurationError("--ping_interval must be within 1-1000 s")
+    if args.node_keyfile and not args.node_certfile:
+        raise ConfigurationError("--node_keyfile needs --node_certfile")
+    if args.cluster_keyfile and not args.cluster_certfile:
+        raise ConfigurationError("--cluster_keyfile needs --cluster_certfile")
     if args.msg_timeout is not None:
         dispy_config.MsgTimeout = args.msg_timeout
+    node_tls = args.node_cafile or args.node_certfile
     config = SchedulerConfig(
         hosts=list(dict.fromkeys(args.host)) or ["127.0.0.1"],
         port=args.port,
         nodes=nodes,
+        discover=discover,
+        multicast=args.ipv4_udp_multicast,
+        ping_interval=args.ping_interval,
         node_secret=secret,
-        node_ssl=client_context(None, None, args.node_cafile)
-        if args.node_cafile
+        node_ssl=client_context(args.node_certfile, args.node_keyfile, args.node_cafile)
+        if node_tls
         else None,
+        client_ssl=server_context(args.cluster_certfile, args.cluster_keyfile)
+        if args.cluster_certfile
+        else None,
+        httpd=args.httpd,
+        httpd_host=args.httpd_host,
+        httpd_port=args.httpd_port,
+        httpd_certfile=args.httpd_certfile,
+        httpd_keyfile=args.httpd_keyfile,
         users_file=args.users,
         cpus=args.cpus,
         jobs_per_cpu=args.jobs_per_cpu,

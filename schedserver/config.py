@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from dispynb.defaults import MAX_MESSAGE_SIZE
 from dispynb.errors import ConfigurationError
+from dispynb.httpd.security import is_loopback
 
 
 @dataclass(kw_only=True)
@@ -20,9 +21,18 @@ class SchedulerConfig:
     port: int = 0
     #: The nodes it owns, as ``(host, port)``.
     nodes: list[tuple[str, int]] = field(default_factory=list)
+    #: Wildcard node specs (``'*'``, ``'10.0.0.*'``): nodes found by discovery (UDP
+    #: broadcast, or multicast), as dispyscheduler's ``-n`` patterns.
+    discover: list[str] = field(default_factory=list)
+    multicast: bool = False
+    #: Seconds between discovery pings (None: at start only; nodes announce
+    #: themselves when they start).
+    ping_interval: float | None = None
     #: The node secret (the scheduler's alone; clients never see it).
     node_secret: bytes | None = field(default=None, repr=False)
     node_ssl: ssl.SSLContext | None = field(default=None, repr=False)
+    #: TLS towards clients (``--cluster_certfile``); None: plain TCP.
+    client_ssl: ssl.SSLContext | None = field(default=None, repr=False)
     #: Path of the users file (``NAME TOKEN`` lines, mode 0600).
     users_file: str = ""
     #: CPUs used per node at most (None: all the node offers).
@@ -57,12 +67,19 @@ class SchedulerConfig:
     max_message_size: int = MAX_MESSAGE_SIZE
     port_file: str = ""
     name: str = "dispynb-scheduler"
+    #: The operator's web monitor (``--httpd``): where, and its HTTPS files.
+    httpd: bool = False
+    httpd_host: str = "127.0.0.1"
+    httpd_port: int = 8181  # dispy's HTTPServerPort
+    httpd_certfile: str | None = None
+    httpd_keyfile: str | None = None
 
     def validate(self) -> None:
         """Raise `ConfigurationError` for settings that cannot work."""
-        if not self.nodes:
+        if not self.nodes and not self.discover:
             raise ConfigurationError(
-                "no nodes: name the scheduler's nodes with -n HOST[:PORT] (repeat it)"
+                "no nodes: name the scheduler's nodes with -n HOST[:PORT] (repeat "
+                "it), or give -n '*' to discover them"
             )
         if not self.users_file:
             raise ConfigurationError(
@@ -82,6 +99,16 @@ class SchedulerConfig:
             )
         if self.kept_memory < 0 or self.max_kept < 0:
             raise ConfigurationError("--kept_memory and --max_kept cannot be negative")
+        if (
+            self.httpd
+            and not is_loopback(self.httpd_host)
+            and self.httpd_certfile is None
+        ):
+            raise ConfigurationError(
+                f"--httpd_host {self.httpd_host} makes the web monitor reachable from "
+                "other machines, its token in clear text: give --httpd_certfile "
+                "(HTTPS), or leave it on 127.0.0.1 and use an SSH tunnel"
+            )
         for name in ("max_cpus", "max_queued"):
             value = getattr(self, name)
             if value is not None and value < 1:

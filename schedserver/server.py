@@ -20,7 +20,10 @@ import platform
 from dataclasses import dataclass, field
 from typing import Any
 
-from dispynb.errors import DispynbError
+from dispynb.backends.finder import NodeFinder
+from dispynb.errors import ConfigurationError, DispynbError
+from dispynb.httpd.security import is_loopback
+from dispynb.node import NodeAllocate, parse_node_specs
 from dispynb.protocol.files import digest_of
 from dispynb.protocol.messages import (
     ComputationClose,
@@ -52,6 +55,7 @@ from dispynb.transport.listener import Listener
 from schedserver.computation import SharedComputation, Upstream
 from schedserver.config import SchedulerConfig
 from schedserver.fairshare import FairShare
+from schedserver.monitor import SchedulerMonitor
 from schedserver.session import SchedulerSession
 from schedserver.spill import SpillStore
 from schedserver.users import UsersFile
@@ -106,6 +110,8 @@ class SchedulerServer:
         self._orders = itertools.count(1)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._listener: Listener | None = None
+        self._finder: NodeFinder | None = None
+        self.monitor: SchedulerMonitor | None = None
         self.port = 0
         self.stopping = False
 
@@ -122,6 +128,7 @@ class SchedulerServer:
             secret=self.users.lookup,
             make_welcome=self._welcome,
             max_message_size=config.max_message_size,
+            ssl_context=config.client_ssl,
         )
         try:
             for host in config.hosts:
@@ -132,6 +139,16 @@ class SchedulerServer:
         self._listener = listener
         for node in self.nodes:
             self._spawn(self._keep_node(node))
+        if config.discover:
+            await self._start_discovery()
+        if config.httpd:
+            self.monitor = SchedulerMonitor.start(
+                self,
+                config.httpd_host,
+                config.httpd_port,
+                keyfile=config.httpd_keyfile,
+                certfile=config.httpd_certfile,
+            )
         self._spawn(self._pulse())
         if config.port_file:
             tmp = f"{config.port_file}.tmp"
@@ -140,15 +157,62 @@ class SchedulerServer:
             os.replace(tmp, config.port_file)
         logger.info(
             "dispynb-scheduler serving %s on %s for the users in %s",
-            ", ".join(node.name for node in self.nodes),
+            ", ".join(
+                [node.name for node in self.nodes]
+                + [f"nodes found at {spec}" for spec in config.discover]
+            ),
             ", ".join(format_address(h, self.port) for h in config.hosts),
             config.users_file,
         )
         return self.port
 
+    async def _start_discovery(self) -> None:
+        """Look for nodes matching ``config.discover`` (dispyscheduler's ``-n``
+        patterns) as a client does: the nodes found are kept like named ones."""
+        config = self.config
+        specs = [
+            spec for pattern in config.discover for spec in parse_node_specs(pattern)
+        ]
+        # Ping from the clients' interface if it is a real one (a scheduler for
+        # clients on loopback still looks for nodes on every network).
+        source = next(
+            (h for h in config.hosts if not is_loopback(h) and ":" not in h), None
+        )
+        finder = NodeFinder(
+            specs,
+            self._found_node,
+            host=source,
+            multicast=config.multicast,
+            ping_interval=config.ping_interval,
+            ready=lambda: any(node.alive for node in self.nodes),
+        )
+        try:
+            await finder.start()
+        except OSError as exc:
+            finder.close()
+            raise ConfigurationError(
+                f"cannot start node discovery ({exc}): name the nodes with -n "
+                "HOST[:PORT] instead"
+            ) from exc
+        self._finder = finder
+
+    def _found_node(self, ip: str, port: int, spec: NodeAllocate) -> None:
+        """Discovery found a node: keep it like a named one (once)."""
+        if self.stopping or any(n.host == ip and n.port == port for n in self.nodes):
+            return
+        node = NodeState(ip, port)
+        self.nodes.append(node)
+        self._spawn(self._keep_node(node))
+
     async def stop(self) -> None:
         """Stop: close every computation on the nodes (running jobs terminated)."""
         self.stopping = True
+        if self._finder is not None:
+            self._finder.close()
+            self._finder = None
+        if self.monitor is not None:
+            await self.monitor.stop()
+            self.monitor = None
         if self._listener is not None:
             self._listener.stop()
             self._listener = None
@@ -658,22 +722,11 @@ class SchedulerServer:
                 logger.warning("cannot read the users file: %s", exc)
                 users = None
             now = loop.time()
-            for comp in list(self.computations):
-                if users is not None and comp.user not in users and not comp.closing:
-                    # A revoked user's jobs stop too, also those kept for a client
-                    # that went away (it could never collect them).
-                    logger.warning("%s: its user was revoked: closed", comp.name)
-                    comp.close(
-                        ComputationClose(
-                            comp_id=comp.comp_id, terminate=True, cancel_waiting=True
-                        )
-                    )
+            if users is not None:
+                self._end_revoked(users)
             for session in list(self.sessions):
                 if users is not None and session.user not in users:
-                    logger.warning(
-                        "user %r was revoked: ending its session", session.user
-                    )
-                    session.end()
+                    pass  # its session ends (`_end_revoked`)
                 elif now - session.last_heard > zombie:
                     self._zombie(session, now - session.last_heard)
                 else:
@@ -702,6 +755,30 @@ class SchedulerServer:
                     )
                 )
         session.end()
+
+    def revoke_user(self, name: str) -> None:
+        """Revoke user ``name`` (as ``user revoke NAME``) and end its sessions now.
+
+        Raises `ConfigurationError` if there is no such user."""
+        self.users.revoke(name)
+        self._end_revoked(self.users.load())
+
+    def _end_revoked(self, users: dict[str, bytes]) -> None:
+        """End the sessions and computations of users no longer in ``users``."""
+        for comp in list(self.computations):
+            if comp.user not in users and not comp.closing:
+                # A revoked user's jobs stop too, also those kept for a client that
+                # went away (it could never collect them).
+                logger.warning("%s: its user was revoked: closed", comp.name)
+                comp.close(
+                    ComputationClose(
+                        comp_id=comp.comp_id, terminate=True, cancel_waiting=True
+                    )
+                )
+        for session in list(self.sessions):
+            if session.user not in users and not session.conn.closed:
+                logger.warning("user %r was revoked: ending its session", session.user)
+                session.end()
 
     def _avail(self) -> list[float]:
         """The nodes' resources, summed (CPU % averaged)."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import ssl
 import threading
 import time
 from collections.abc import Iterable
@@ -28,15 +27,9 @@ from dispynb.httpd.api import (
     NodeCpusHandler,
 )
 from dispynb.httpd.assets import AssetHandler, load_assets
+from dispynb.httpd.endpoint import open_endpoint
 from dispynb.httpd.feed import ChangeFeed
-from dispynb.httpd.security import (
-    Guard,
-    NotFoundHandler,
-    check_token,
-    is_loopback,
-    new_token,
-)
-from dispynb.transport.addressing import bind_listening
+from dispynb.httpd.security import NotFoundHandler
 
 if TYPE_CHECKING:
     from dispynb.cluster import JobCluster
@@ -106,36 +99,23 @@ class DispyHTTPServer:
         allowed_hosts: Iterable[str] = (),
     ) -> None:
         _check_options(cluster, poll_sec, DocumentRoot)
-        ssl_context = _ssl_context(keyfile, certfile)
-        if host == "" and ssl_context is None and not allow_plain_http:
-            logger.warning(
-                "web monitor: host='' (all interfaces) would send its token in clear "
-                "text over the network: serving 127.0.0.1 only. Give certfile/keyfile "
-                "for HTTPS, or allow_plain_http=True, to serve other machines"
-            )
-            host = "127.0.0.1"
-        if not is_loopback(host) and ssl_context is None and not allow_plain_http:
-            raise ConfigurationError(
-                f"host {host!r} makes the monitor reachable from other machines: "
-                "give certfile/keyfile for HTTPS, or allow_plain_http=True to accept "
-                "that the token travels in clear text"
-            )
-        self._token = check_token(token) if token is not None else new_token()
+        self._endpoint = endpoint = open_endpoint(
+            host,
+            port,
+            keyfile=keyfile,
+            certfile=certfile,
+            token=token,
+            allow_plain_http=allow_plain_http,
+            allowed_hosts=allowed_hosts,
+        )
+        self._token = endpoint.token
         self.poll_sec = float(poll_sec)
         self.show_job_args = bool(show_job_args)
-        self._host = host
-        try:
-            self._sockets = bind_listening(host, port)
-        except OSError as exc:
-            raise ConfigurationError(
-                f"cannot listen on {host or '*'} port {port}: {exc.strerror or exc}; "
-                "pick another port (port=0 picks a free one)"
-            ) from exc
-        self.port: int = self._sockets[0].getsockname()[1]
-        self._guard = Guard.create(
-            self._token, host, self.port, ssl_context is not None, allowed_hosts
-        )
-        self._ssl_context = ssl_context
+        self._host = endpoint.host
+        self._sockets = endpoint.sockets
+        self.port: int = endpoint.port
+        self._guard = endpoint.guard
+        self._ssl_context = endpoint.ssl_context
         self._cluster = cluster
         self._views: dict[str, ClusterView] = {}
         self._loop = asyncio.new_event_loop()
@@ -163,10 +143,7 @@ class DispyHTTPServer:
     @property
     def url(self) -> str:
         """The page's full URL, token included: open it in a browser."""
-        host = self._host if self._host not in ("", "0.0.0.0", "::") else "127.0.0.1"
-        if ":" in host:
-            host = f"[{host}]"
-        return f"{self._guard.scheme}://{host}:{self.port}/?token={self._token}"
+        return self._endpoint.url
 
     @property
     def token(self) -> str:
@@ -252,8 +229,7 @@ class DispyHTTPServer:
                     view.feed.join()
         self._thread.join(timeout=_START_TIMEOUT)
         self._executor.shutdown(wait=True, cancel_futures=True)
-        for sock in self._sockets:
-            sock.close()
+        self._endpoint.close()
         logger.debug("web monitor on port %d stopped", self.port)
 
     def __enter__(self) -> DispyHTTPServer:
@@ -314,7 +290,7 @@ class DispyHTTPServer:
             ],
             default_handler_class=NotFoundHandler,
             guard=guard,
-            log_function=_log_request,
+            log_function=log_request,
             compress_response=False,
         )
 
@@ -343,26 +319,8 @@ def _check_options(cluster: object, poll_sec: float, document_root: object) -> N
         )
 
 
-def _ssl_context(keyfile: str | None, certfile: str | None) -> ssl.SSLContext | None:
-    if certfile is None:
-        if keyfile is not None:
-            raise ConfigurationError(
-                "keyfile needs certfile too (the server's certificate)"
-            )
-        return None
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_cert_chain(certfile, keyfile)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigurationError(
-            f"cannot load the TLS certificate {certfile!r} / key {keyfile!r}: {exc}"
-        ) from exc
-    return context
-
-
-def _log_request(handler: tornado.web.RequestHandler) -> None:
-    # tornado's access log shows the query string, which may hold the token.
+def log_request(handler: tornado.web.RequestHandler) -> None:
+    """tornado's request log, without the query string (it may hold the token)."""
     status = handler.get_status()
     level = logging.DEBUG if status < 400 else logging.INFO
     logging.getLogger("dispynb.httpd.access").log(

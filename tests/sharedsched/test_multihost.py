@@ -265,3 +265,82 @@ def test_client_killed_on_one_host_collects_its_results_from_another(
     out, err = collector.communicate(timeout=90)
     assert collector.returncode == 0, out + err
     assert json.loads(out.strip().splitlines()[-1]) == [[n * 10, 11] for n in range(6)]
+
+
+#: Waits until its cluster lists ``count`` nodes; prints their addresses and a result.
+NODES_CLIENT = """
+import json, sys, time
+from dispynb import SharedJobCluster
+
+address, credential, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+with SharedJobCluster(abs, scheduler_host=address, secret_file=credential) as cluster:
+    deadline = time.monotonic() + 30
+    while len(cluster.status().nodes) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    nodes = sorted(f"{n.ip_addr}:{n.port}" for n in cluster.status().nodes)
+    result = cluster.submit(-7)()
+print(json.dumps({"nodes": nodes, "result": result}))
+"""
+
+
+def test_scheduler_discovers_nodes_without_being_told(
+    network: Network, tmp_path: Path
+) -> None:
+    """No -n (dispyscheduler's default '*'): the scheduler on h1 finds the node
+    already running on h2 by broadcast, and the one started on h3 after it by that
+    node's announcement; a client on h5 sees both."""
+    secret, _file = new_secret_file(tmp_path)
+    credential = add_user(tmp_path, "dave")
+    nodes = [start_node(network, network.hosts[1], tmp_path, secret, "--cpus", "1")]
+    sched_host = network.hosts[0]
+    log = tmp_path / "scheduler.log"
+    argv = [
+        sys.executable, "-m", "schedserver",
+        "-i", sched_host.ip, "-p", str(SCHEDULER_PORT),
+        "--users", str(tmp_path / "users"),
+    ]  # fmt: skip
+    with open(log, "wb") as handle:
+        scheduler = network.popen(
+            sched_host,
+            argv,
+            env=env_for(DISPYNB_SECRET=secret),
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+
+        def wait_up(count: int) -> None:
+            deadline = time.monotonic() + 30
+            while log.read_text().count("is up with") < count:
+                assert scheduler.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.05)
+
+        wait_up(1)
+        nodes.append(
+            start_node(network, network.hosts[2], tmp_path, secret, "--cpus", "1")
+        )
+        wait_up(2)
+        script = tmp_path / "nodes.py"
+        script.write_text(NODES_CLIENT)
+        address = f"{sched_host.ip}:{SCHEDULER_PORT}"
+        proc = run_in(
+            network,
+            network.hosts[4],
+            [sys.executable, str(script), address, str(credential), "2"],
+            env_for(),
+            tmp_path,
+        )
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, out + err
+        seen = json.loads(out.strip().splitlines()[-1])
+        assert seen == {"nodes": sorted(node.spec for node in nodes), "result": 7}
+    finally:
+        scheduler.terminate()
+        try:
+            scheduler.wait(20)
+        except subprocess.TimeoutExpired:
+            scheduler.kill()
+            scheduler.wait()
+        for node in nodes:
+            node.stop()

@@ -1,0 +1,213 @@
+"""``dispynb-scheduler --httpd``: the operator's web monitor of the scheduler.
+
+It is dispynb's web monitor machinery (`dispynb.httpd`): the same endpoint rules
+(loopback by default, HTTPS or an explicit opt-in for any other address), the same
+`Guard` (Host and Origin checks, token, CSRF on every POST), the same handlers'
+base and the same style sheet; only its page and routes are the scheduler's. It runs
+on the scheduler's own event loop and reads its state there (no locks needed).
+
+===================================  ===========================================
+``GET  /``                           the page (``?token=`` once: sets the cookie)
+``GET  /api/scheduler``              `snapshot`: nodes, users, computations, jobs
+``POST /api/users/<name>/revoke``    revoke a user (as ``user revoke NAME``): its
+                                     sessions end, its computations close
+===================================  ===========================================
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import tornado.httpserver
+import tornado.web
+
+from dispynb.errors import ConfigurationError
+from dispynb.httpd.assets import AssetHandler, load_assets
+from dispynb.httpd.endpoint import Endpoint, open_endpoint
+from dispynb.httpd.security import CSRF_HEADER, NotFoundHandler, SecureHandler
+from dispynb.httpd.server import MAX_BODY_BYTES, log_request
+from schedserver.users import NAME_PATTERN
+
+if TYPE_CHECKING:
+    from schedserver.computation import SharedComputation
+    from schedserver.server import SchedulerServer
+
+logger = logging.getLogger(__name__)
+
+#: The scheduler's own page files (the style sheet and icon are dispynb's).
+PAGE_DIR = Path(__file__).resolve().parent / "assets"
+
+#: Jobs listed per computation at most (all are counted).
+MAX_JOBS = 200
+
+
+def snapshot(server: SchedulerServer, max_jobs: int = MAX_JOBS) -> dict[str, Any]:
+    """The scheduler now, as JSON-ready data for its operator."""
+    config = server.config
+    total = server.total_cpus()
+    try:
+        known = set(server.users.load())
+    except (ConfigurationError, OSError):
+        known = set()
+    comps = [_computation(comp, max_jobs) for comp in server.computations]
+    names = sorted(known | {c.user for c in server.computations})
+    users = []
+    for name in names:
+        mine = [c for c in comps if c["user"] == name]
+        running = server.fair.in_flight(name)
+        users.append(
+            {
+                "name": name,
+                "revoked": name not in known,
+                "sessions": sorted(
+                    str(s.conn.peer) for s in server.sessions if s.user == name
+                ),
+                "computations": len(mine),
+                "queued": sum(c["queued"] for c in mine),
+                "running": running,
+                "done": sum(c["done"] for c in mine),
+                "cpu_share": running / total if total else 0.0,
+                "max_cpus": config.max_cpus,
+                "max_queued": config.max_queued,
+            }
+        )
+    return {
+        "name": config.name,
+        "now": time.time(),
+        "cpus": total,
+        "nodes": [
+            {
+                "id": node.name,
+                "name": node.hostname,
+                "host": node.host,
+                "port": node.port,
+                "cpus": node.cpus,
+                "alive": node.alive,
+                "jobs": node.in_flight,
+                "avail": list(node.avail),
+            }
+            for node in server.nodes
+        ],
+        "users": users,
+        "computations": comps,
+    }
+
+
+def _computation(comp: SharedComputation, max_jobs: int) -> dict[str, Any]:
+    jobs: list[dict[str, Any]] = [
+        {
+            "key": job.key,
+            "state": "running" if job.started else "sent",
+            "node": job.node,
+        }
+        for job in list(comp.running.values())[:max_jobs]
+    ]
+    for job in list(comp.queue)[: max(0, max_jobs - len(jobs))]:
+        jobs.append({"key": job.key, "state": "queued", "node": ""})
+    return {
+        "user": comp.user,
+        "name": comp.setup.name,
+        "id": comp.comp_id,
+        "client": "connected" if comp.session is not None else "away",
+        "exclusive": comp.setup.exclusive,
+        "closing": comp.closing,
+        "queued": len(comp.queue),
+        "running": len(comp.running),
+        "done": int(sum(done[0] for done in comp.node_done.values())),
+        "nodes": sorted(comp.account.nodes),
+        "jobs": jobs,
+    }
+
+
+class _Handler(SecureHandler):
+    def initialize(self, server: SchedulerServer) -> None:
+        """Take the scheduler (given in the route table)."""
+        self.server = server
+
+
+class SnapshotHandler(_Handler):
+    """``GET /api/scheduler``."""
+
+    def get(self) -> None:
+        """The snapshot, with the CSRF token for the page's actions."""
+        self.set_header(CSRF_HEADER, self.guard.csrf_token)
+        self.write_json(snapshot(self.server))
+
+
+class RevokeHandler(_Handler):
+    """``POST /api/users/<name>/revoke``."""
+
+    def post(self, name: str) -> None:
+        """Revoke user ``name`` now; 404 for a user not in the users file."""
+        if not NAME_PATTERN.fullmatch(name):
+            self.refuse(400, f"{name[:80]!r} is not a user name")
+            return
+        try:
+            self.server.revoke_user(name)
+        except ConfigurationError as exc:
+            self.refuse(404, str(exc))
+            return
+        logger.warning("user %r revoked from the web monitor", name)
+        self.write_json({"revoked": name})
+
+
+class SchedulerMonitor:
+    """The web monitor of a running `SchedulerServer` (on its event loop)."""
+
+    def __init__(self, server: SchedulerServer, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        assets = {**load_assets(), **load_assets(PAGE_DIR)}
+        page = {"assets": assets}
+        routes = {"server": server}
+        app = tornado.web.Application(
+            [
+                (r"/", AssetHandler, page),
+                (r"/static/([^/]+)", AssetHandler, page),
+                (r"/api/scheduler", SnapshotHandler, routes),
+                (r"/api/users/([^/]+)/revoke", RevokeHandler, routes),
+            ],
+            default_handler_class=NotFoundHandler,
+            guard=endpoint.guard,
+            log_function=log_request,
+            compress_response=False,
+        )
+        self._http = tornado.httpserver.HTTPServer(
+            app,
+            ssl_options=endpoint.ssl_context,
+            max_body_size=MAX_BODY_BYTES,
+            idle_connection_timeout=60,
+        )
+
+    @classmethod
+    def start(
+        cls,
+        server: SchedulerServer,
+        host: str,
+        port: int,
+        *,
+        keyfile: str | None = None,
+        certfile: str | None = None,
+    ) -> SchedulerMonitor:
+        """Listen on ``host``:``port`` (on the running loop); raises
+        `ConfigurationError` as `open_endpoint` does."""
+        endpoint = open_endpoint(host, port, keyfile=keyfile, certfile=certfile)
+        monitor = cls(server, endpoint)
+        monitor._http.add_sockets(endpoint.sockets)
+        logger.info("web monitor at %s", endpoint.url)
+        return monitor
+
+    @property
+    def url(self) -> str:
+        """The page's URL, with its token."""
+        return self.endpoint.url
+
+    async def stop(self) -> None:
+        """Stop serving and close every connection."""
+        self._http.stop()
+        await self._http.close_all_connections()
+
+
+__all__ = ["SchedulerMonitor", "snapshot"]

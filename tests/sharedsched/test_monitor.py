@@ -1,0 +1,168 @@
+"""``dispynb-scheduler --httpd``: the operator's web monitor, for real.
+
+A scheduler process started with ``--httpd``; its page and JSON API fetched over
+HTTP with the token it logged: nodes, users (CPU share, queued, running, quota) and
+each user's jobs; a wrong token, Host or Origin, and a POST without the CSRF token,
+refused; revoking a user from it ends the user's session and jobs."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dispynb import LocalCluster, SharedJobCluster
+from dispynb.job import JobStatus
+from tests.httpd.client import MonitorClient
+from tests.sharedsched.harness import SchedulerProcess, scheduler_cli
+
+pytestmark = pytest.mark.slow
+
+WAIT = 20.0
+URL = re.compile(r"web monitor at http://127\.0\.0\.1:(\d+)/\?token=([A-Za-z0-9_-]+)")
+
+
+def nap(seconds: float) -> float:
+    import time
+
+    time.sleep(seconds)
+    return seconds
+
+
+@dataclass
+class Site:
+    """Where the scheduler's monitor is (what `MonitorClient` needs)."""
+
+    port: int
+    token: str
+
+
+@pytest.fixture
+def monitored(
+    tmp_path: Path, nodes: LocalCluster, users: dict[str, Path]
+) -> Iterator[tuple[SchedulerProcess, MonitorClient]]:
+    sched = SchedulerProcess(
+        tmp_path,
+        nodes.node_specs(),
+        nodes.secret,
+        args=("--httpd", "--httpd_port", "0", "--max_queued", "50"),
+    )
+    sched.start()
+    try:
+        sched.wait_for_log("web monitor at")
+        match = URL.search(sched.log_text())
+        assert match, sched.log_text()
+        yield sched, MonitorClient(Site(int(match[1]), match[2]))  # type: ignore[arg-type]
+    finally:
+        sched.stop()
+
+
+def wait_for(fetch: Callable[[], Any], check: Callable[[Any], bool]) -> Any:
+    deadline = time.monotonic() + WAIT
+    while True:
+        value = fetch()
+        if check(value):
+            return value
+        assert time.monotonic() < deadline, value
+        time.sleep(0.1)
+
+
+def test_page_and_api_show_nodes_users_and_their_jobs(
+    monitored: tuple[SchedulerProcess, MonitorClient],
+    nodes: LocalCluster,
+    users: dict[str, Path],
+) -> None:
+    sched, client = monitored
+    page = client.get(f"/?token={client.server.token}", auth=False)
+    assert page.status == 302 and page.cookies  # the cookie, then the clean URL
+    cookie = page.cookies[0].split(";", 1)[0]
+    html = client.get("/", auth=False, headers={"Cookie": cookie})
+    assert html.status == 200 and b"dispynb-scheduler" in html.body
+    script = client.get("/static/scheduler.js", auth=False, headers={"Cookie": cookie})
+    assert script.status == 200 and b"/api/scheduler" in script.body
+
+    def snapshot() -> dict[str, Any]:
+        reply = client.get("/api/scheduler")
+        assert reply.status == 200, reply.body
+        return reply.json()  # type: ignore[no-any-return]
+
+    snap = wait_for(snapshot, lambda s: sum(n["alive"] for n in s["nodes"]) == 2)
+    assert sorted(n["id"] for n in snap["nodes"]) == sorted(nodes.node_specs())
+    assert [n["cpus"] for n in snap["nodes"]] == [2, 2] and snap["cpus"] == 4
+    assert [u["name"] for u in snap["users"]] == ["alice", "bob"]
+    with SharedJobCluster(
+        nap, scheduler_host=sched.address, secret_file=str(users["alice"])
+    ) as cluster:
+        jobs = [cluster.submit(30.0) for _ in range(6)]  # 4 CPUs: 2 wait
+        snap = wait_for(
+            snapshot,
+            lambda s: (
+                [u["running"] for u in s["users"]] == [4, 0]
+                and sum(
+                    j["state"] == "running"
+                    for c in s["computations"]
+                    for j in c["jobs"]
+                )
+                == 4
+            ),
+        )
+        alice = snap["users"][0]
+        assert alice["queued"] == 2 and alice["cpu_share"] == 1.0
+        assert alice["max_queued"] == 50 and len(alice["sessions"]) == 1
+        (comp,) = snap["computations"]
+        assert (comp["user"], comp["name"], comp["client"]) == (
+            "alice",
+            "nap",
+            "connected",
+        )
+        assert sorted(j["key"] for j in comp["jobs"]) == sorted(j._key for j in jobs)
+        assert {j["node"] for j in comp["jobs"] if j["state"] != "queued"} == set(
+            nodes.node_specs()
+        )
+        assert sum(n["jobs"] for n in snap["nodes"]) == 4
+
+        # Refusals: no token, a wrong one, another Host, another Origin, no CSRF.
+        api = "/api/scheduler"
+        assert client.get(api, auth=False).status == 403
+        wrong = {"Authorization": "Token " + "y" * 43}
+        assert client.get(api, auth=False, headers=wrong).status == 403
+        assert client.get(api, headers={"Host": "evil.example:80"}).status == 403
+        port = client.server.port
+        assert client.get(api, headers={"Host": f"evil.example:{port}"}).status == 403
+        assert client.get(api, headers={"Origin": "http://evil.example"}).status == 403
+        revoke = "/api/users/alice/revoke"
+        assert client.request("POST", revoke).status == 403  # no CSRF token
+        assert not any(job.done() for job in jobs)
+        csrf = client.get(api).headers["x-csrf-token"]
+        nobody = "/api/users/nobody/revoke"
+        assert (
+            client.request("POST", nobody, headers={"X-CSRF-Token": csrf}).status == 404
+        )
+
+        # Revoking alice: her session ends and her jobs stop.
+        done = client.request("POST", revoke, headers={"X-CSRF-Token": csrf})
+        assert done.status == 200 and done.json() == {"revoked": "alice"}
+        assert cluster.wait(timeout=WAIT)
+        assert all(job.status != JobStatus.Finished for job in jobs)
+        snap = wait_for(snapshot, lambda s: not s["computations"])
+        assert [(u["name"], u["revoked"]) for u in snap["users"]] == [("bob", False)]
+    listed = scheduler_cli("user", "list", "--users", str(sched.directory / "users"))
+    assert listed.stdout.split() == ["bob"]
+    sched.wait_for_log("revoked from the web monitor")
+
+
+def test_a_monitor_on_another_address_needs_https(
+    tmp_path: Path, users: dict[str, Path]
+) -> None:
+    done = scheduler_cli(
+        "-n", "127.0.0.1:1", "--users", str(tmp_path / "users"), "-p", "0",
+        "--httpd", "--httpd_host", "0.0.0.0", "--httpd_port", "0",
+    )  # fmt: skip
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    assert "0.0.0.0" in line and "certfile" in line
