@@ -367,10 +367,15 @@ def sweep() -> int:
         entries = list(os.scandir(SHM_DIR))
     except OSError:
         return 0
+    locked = _flocked_files()
     for entry in entries:
         if not _NAME.fullmatch(entry.name):
             continue
         try:
+            # A live client's segment (its flock listed) is not even opened.
+            info = entry.stat(follow_symlinks=False)
+            if (os.major(info.st_dev), os.minor(info.st_dev), info.st_ino) in locked:
+                continue
             fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError:
             continue
@@ -387,3 +392,26 @@ def sweep() -> int:
             os.unlink(entry.path)
             removed += 1
     return removed
+
+
+def _flocked_files() -> set[tuple[int, int, int]]:
+    """``(major, minor, inode)`` of the files ``/proc/locks`` lists with a ``flock``
+    (those of lock holders visible in this pid namespace; empty if unreadable)."""
+    found: set[tuple[int, int, int]] = set()
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return found
+    for line in lines:
+        # "1: FLOCK  ADVISORY  WRITE 1234 00:1a:5678 0 EOF" (waiters have "->")
+        fields = line.split()
+        if len(fields) > 1 and fields[1] == "->":
+            continue
+        if len(fields) < 6 or fields[1] != "FLOCK":
+            continue
+        try:
+            major, minor, inode = fields[5].split(":")
+            found.add((int(major, 16), int(minor, 16), int(inode)))
+        except ValueError:
+            continue
+    return found

@@ -15,7 +15,7 @@ import pytest
 
 from dispynb.protocol import serialize, shm
 from dispynb.protocol.shmpool import GRANULE, SegmentPool
-from tests.shmtools import live_inodes
+from tests.shmtools import OpenWatch, live_inodes
 
 MB = 1_000_000
 
@@ -76,6 +76,21 @@ def test_sweep_leaves_a_live_clients_segments(pool: SegmentPool) -> None:
     numbers = {inode(busy), *(inode(n) for n in pool.names())}
     shm.sweep()
     assert numbers <= live_inodes()
+
+
+def test_sweep_does_not_even_open_a_live_clients_segment(pool: SegmentPool) -> None:
+    name, _ = pool.write([b"c" * MB])
+    info = (shm.SHM_DIR / name).stat()
+    # The pool's flock is listed in /proc/locks, which the sweep reads first.
+    assert (os.major(info.st_dev), os.minor(info.st_dev), info.st_ino) in (
+        shm._flocked_files()
+    )
+    with OpenWatch(shm.SHM_DIR / name) as watch:
+        shm.sweep()
+        assert watch.opens() == 0
+        # The check can fail: an open is seen.
+        os.close(os.open(shm.SHM_DIR / name, os.O_RDONLY))
+        assert watch.opens() == 1
 
 
 KILLED = textwrap.dedent(
