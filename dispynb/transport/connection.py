@@ -251,7 +251,17 @@ class Connection:
         head, parts = encode_frames([header, *buffers], mac_size)
         pieces: list[Buffer] = [head, *parts]
         size = PREFIX_SIZE + PREFIX.unpack_from(head)[0] - mac_size  # head and parts
-        if self._signer is None:
+        if size < _COALESCE_LIMIT:
+            # The usual small message (a job, a result, a control message): every
+            # piece is small, so it is joined whole, and hashed in one update.
+            data = b"".join(pieces)
+            if self._signer is None:
+                link.write((data,), None, fds)
+            else:
+                mac = self._signer.start(size)
+                mac.update(data)
+                link.write((data, mac.digest()))
+        elif self._signer is None:
             link.write(_coalesced(pieces), None, fds)
         elif size >= HASH_IN_FLIGHT:
             link.write(_coalesced(pieces), self._signer.start(size))
