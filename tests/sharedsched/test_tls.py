@@ -10,6 +10,7 @@ import pytest
 
 from dispynb import LocalCluster, SharedJobCluster
 from dispynb.errors import DispynbError
+from tests.nodeproc import running_node
 from tests.sharedsched.harness import SchedulerProcess
 from tests.transport.certs import make_cert
 
@@ -41,3 +42,35 @@ def test_clients_reach_the_scheduler_over_tls(
             )
     finally:
         sched.stop()
+
+
+def test_the_scheduler_reaches_mutual_tls_nodes_with_its_own_certificate(
+    tmp_path: Path, users: dict[str, Path]
+) -> None:
+    """dispyscheduler's ``--node_certfile``/``--node_keyfile`` (and ``--node_cafile``):
+    a node that checks its clients' certificates (``--cafile``) takes the
+    scheduler's; the scheduler checks the node's."""
+    node_cert, node_key = make_cert(tmp_path, "node")
+    sched_cert, sched_key = make_cert(tmp_path, "scheduler")
+    with running_node(
+        tmp_path / "node",
+        "--certfile", node_cert, "--keyfile", node_key, "--cafile", sched_cert,
+        cpus=2,
+    ) as node:  # fmt: skip
+        sched = SchedulerProcess(
+            tmp_path,
+            [node.spec],
+            node.secret,
+            args=(
+                "--node_cafile", node_cert,
+                "--node_certfile", sched_cert, "--node_keyfile", sched_key,
+            ),
+        )  # fmt: skip
+        sched.start()  # waits for the node to be up
+        try:
+            with SharedJobCluster(
+                abs, scheduler_host=sched.address, secret_file=str(users["alice"])
+            ) as cluster:
+                assert cluster.submit(-4)() == 4
+        finally:
+            sched.stop()
