@@ -9,10 +9,10 @@ import logging
 import os
 import shutil
 import signal
-import sys
 import time
 from collections.abc import Awaitable, Callable
 
+from dispynb.daemon import run_daemon, setup_logging
 from dispynb.errors import ConfigurationError, DispynbError
 from dispynb.protocol.discovery import new_boot_id
 from dispynb.protocol.framing import large_frames_taken, release_spares
@@ -407,11 +407,9 @@ def main(argv: list[str] | None = None) -> int:
     # this module's imports: the node's modules are shared with the zygote too (a
     # zygote forked before them held 2 MB more of its own once the node ran).
     zygote = start_zygote() if args.serve != 0 else None
-    logging.basicConfig(
-        level="DEBUG" if args.debug else args.loglevel.upper(),
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
-    try:
+    setup_logging(args.debug, args.loglevel)
+
+    def run() -> int:
         config = config_from_args(args)
         if config.clean and os.path.isdir(config.dest_path):
             shutil.rmtree(config.dest_path, ignore_errors=True)
@@ -433,16 +431,10 @@ def main(argv: list[str] | None = None) -> int:
                 zygote or PROCESS_LAUNCHER,
             )
         )
-    except ConfigurationError as exc:
-        print(f"dispynb-node: {exc}", file=sys.stderr)
-        return 2
-    except DispynbError as exc:
-        print(f"dispynb-node: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"dispynb-node: cannot start: {exc}", file=sys.stderr)
-        return 1
+        return 0
+
+    try:
+        return run_daemon("dispynb-node", run)
     finally:
         if zygote is not None:
             zygote.stop()  # reaped here: never a zombie left to whoever adopts it
-    return 0

@@ -17,8 +17,9 @@ import signal
 import sys
 
 from dispynb import config as dispy_config
+from dispynb.daemon import run_daemon, setup_logging
 from dispynb.defaults import NODE_PORT, SCHEDULER_PORT
-from dispynb.errors import ConfigurationError, DispynbError
+from dispynb.errors import ConfigurationError
 from dispynb.node import is_wildcard, parse_node_specs
 from dispynb.secret import resolve_secret
 from dispynb.transport.addressing import parse_address
@@ -414,25 +415,16 @@ async def serve(config: SchedulerConfig) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``dispynb-scheduler`` and ``python -m schedserver``."""
     argv = sys.argv[1:] if argv is None else argv
-    try:
+
+    def run() -> int:
         if argv[:1] == ["user"]:
             return _user_command(argv[1:])
         args = build_parser().parse_args(argv)
-        logging.basicConfig(
-            level="DEBUG" if args.debug else args.loglevel.upper(),
-            format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        )
+        setup_logging(args.debug, args.loglevel)
         asyncio.run(serve(config_from_args(args)))
-    except ConfigurationError as exc:
-        print(f"dispynb-scheduler: {exc}", file=sys.stderr)
-        return 2
-    except DispynbError as exc:
-        print(f"dispynb-scheduler: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"dispynb-scheduler: cannot start: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        return 0
+
+    return run_daemon("dispynb-scheduler", run)
 
 
 __all__ = ["build_parser", "config_from_args", "main"]

@@ -2,12 +2,14 @@
 
 `SchedulerProcess` starts ``python -m schedserver`` as an operator would (nodes
 named with ``-n``, the node secret in the environment, a users file written by
-``dispynb-scheduler user add``); `run_client` runs a client program in its own
-process. Every wait is bounded.
+``dispynb-scheduler user add``); `run_client` and `start_client` run a client
+program (`TIMED_CLIENT`, `DOOMED_CLIENT`) in its own process; `raw_reply` speaks
+the protocol as a user's own raw client (for attacks). Every wait is bounded.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -17,6 +19,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from dispynb.protocol.messages import Message
+from dispynb.secret import read_secret_file
+from dispynb.transport.connector import connect
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -184,3 +190,84 @@ def finish_client(proc: subprocess.Popen[str], timeout: float = 40.0) -> dict[st
     assert proc.returncode == 0, out + err
     result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     return result
+
+
+#: A client program: COUNT jobs of SECONDS each (``ADDRESS CREDENTIAL COUNT
+#: SECONDS``); prints JSON with each job's result, status and [start, end] times.
+TIMED_CLIENT = """
+import json, sys
+from dispynb import SharedJobCluster
+
+def nap(n, seconds):
+    import time
+    time.sleep(seconds)
+    return n
+
+address, credential = sys.argv[1], sys.argv[2]
+count, seconds = int(sys.argv[3]), float(sys.argv[4])
+with SharedJobCluster(nap, scheduler_host=address, secret_file=credential) as cluster:
+    jobs = [cluster.submit(i, seconds) for i in range(count)]
+    results = [job() for job in jobs]
+    statuses = [int(job.status) for job in jobs]
+    times = [[job.start_time, job.end_time] for job in jobs]
+print(json.dumps({"results": results, "statuses": statuses, "times": times}))
+"""
+
+#: A client (``ADDRESS CREDENTIAL JOURNAL``) that submits 6 one-second jobs with a
+#: recover_file, waits for the first result, says so, and waits to be killed.
+DOOMED_CLIENT = """
+import sys, time
+from dispynb import SharedJobCluster
+
+def nap(n, seconds):
+    import time
+    time.sleep(seconds)
+    return n * 10
+
+address, credential, journal = sys.argv[1], sys.argv[2], sys.argv[3]
+cluster = SharedJobCluster(
+    nap, scheduler_host=address, secret_file=credential, recover_file=journal
+)
+jobs = [cluster.submit(i, 1.0) for i in range(6)]
+jobs[0]()
+print("first done", flush=True)
+time.sleep(120)
+"""
+
+
+def busy_within(times: list[list[float]], start: float, end: float) -> float:
+    """Seconds of job time inside ``[start, end]``."""
+    return sum(max(0.0, min(e, end) - max(s, start)) for s, e in times)
+
+
+def raw_reply(
+    port: int,
+    credential: Path,
+    message: Message,
+    buffers: list[memoryview] | None = None,
+    *,
+    until: type[Message],
+    never: tuple[type[Message], ...] = (),
+) -> Any:
+    """Send ``message`` as the user of ``credential`` over a connection of its own,
+    and return the first reply of type ``until`` (none of ``never`` may come first)."""
+
+    async def exchange() -> Message:
+        conn, _ = await connect(
+            "127.0.0.1",
+            port,
+            secret=read_secret_file(credential),
+            max_message_size=1 << 20,
+        )
+        try:
+            conn.write(message, buffers or ())
+            async with asyncio.timeout(WAIT):
+                while True:
+                    reply, _buffers = await conn.recv()
+                    assert not isinstance(reply, never), reply
+                    if isinstance(reply, until):
+                        return reply
+        finally:
+            conn.close()
+
+    return asyncio.run(exchange())

@@ -3,7 +3,6 @@ several client processes (users) at once, per-user credentials and revocation.""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import stat
 import time
@@ -16,10 +15,11 @@ from dispynb.errors import AuthenticationError, ConfigurationError
 from dispynb.job import JobStatus
 from dispynb.protocol.messages import Error, JobCancel, JobResults
 from dispynb.secret import read_secret_file
-from dispynb.transport.connector import connect
 from tests.sharedsched.harness import (
+    TIMED_CLIENT,
     SchedulerProcess,
     finish_client,
+    raw_reply,
     scheduler_cli,
     start_client,
 )
@@ -32,26 +32,6 @@ def compute(n: int) -> int:
     if n == 3:
         raise ValueError(f"bad {n}")
     return n * n
-
-
-#: A client program: N jobs that each take SECONDS; prints JSON of what it got.
-CLIENT = """
-import json, sys, time
-from dispynb import SharedJobCluster
-
-def work(n, seconds):
-    import time
-    time.sleep(seconds)
-    return n
-
-address, credential = sys.argv[1], sys.argv[2]
-count, seconds = int(sys.argv[3]), float(sys.argv[4])
-with SharedJobCluster(work, scheduler_host=address, secret_file=credential) as cluster:
-    jobs = [cluster.submit(i, seconds) for i in range(count)]
-    results = [job() for job in jobs]
-    statuses = [int(job.status) for job in jobs]
-print(json.dumps({"results": results, "statuses": statuses}))
-"""
 
 
 def test_results_output_and_exceptions_as_job_cluster(
@@ -81,7 +61,7 @@ def test_two_client_processes_share_the_nodes(
 ) -> None:
     procs = [
         start_client(
-            CLIENT,
+            TIMED_CLIENT,
             scheduler.address,
             str(users[name]),
             "12",
@@ -117,25 +97,10 @@ def test_a_user_cannot_cancel_another_users_job(
         job = cluster.submit(7)
         comp_id = cluster._backend.driver.config.comp_id  # type: ignore[union-attr]
 
-        async def attack() -> Error:
-            conn, _ = await connect(
-                "127.0.0.1",
-                scheduler.port,
-                secret=read_secret_file(users["alice"]),
-                max_message_size=1 << 20,
-            )
-            try:
-                conn.write(JobCancel(comp_id=comp_id, key=job._key or 0, attempt=1))
-                async with asyncio.timeout(10):
-                    while True:
-                        message, _buffers = await conn.recv()
-                        assert not isinstance(message, JobResults)
-                        if isinstance(message, Error):
-                            return message
-            finally:
-                conn.close()
-
-        refusal = asyncio.run(attack())
+        attack = JobCancel(comp_id=comp_id, key=job._key or 0, attempt=1)
+        refusal = raw_reply(
+            scheduler.port, users["alice"], attack, until=Error, never=(JobResults,)
+        )
         assert "alice" in refusal.message and "own computations" in refusal.message
         assert job() == 7
         assert job.status == JobStatus.Finished
@@ -201,21 +166,8 @@ def test_a_file_that_does_not_match_its_digest_is_refused(
 
     victim = digest_of(b"bob's data\n")
 
-    async def plant() -> Error:
-        conn, _ = await connect(
-            "127.0.0.1",
-            scheduler.port,
-            secret=read_secret_file(users["alice"]),
-            max_message_size=1 << 20,
-        )
-        try:
-            conn.write(FilePut(digest=victim, size=5), [memoryview(b"evil\n")])
-            async with asyncio.timeout(10):
-                while True:
-                    message, _buffers = await conn.recv()
-                    if isinstance(message, Error):
-                        return message
-        finally:
-            conn.close()
-
-    assert "does not match its digest" in asyncio.run(plant()).message
+    plant = FilePut(digest=victim, size=5)
+    refusal = raw_reply(
+        scheduler.port, users["alice"], plant, [memoryview(b"evil\n")], until=Error
+    )
+    assert "does not match its digest" in refusal.message

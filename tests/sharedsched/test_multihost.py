@@ -24,8 +24,13 @@ from tests.multihost.netns import (
     sweep_stale,
     unavailable_reason,
 )
-from tests.sharedsched.harness import add_user, env_for
-from tests.sharedsched.test_sharing import DOOMED_CLIENT, TIMED_CLIENT, busy_within
+from tests.sharedsched.harness import (
+    DOOMED_CLIENT,
+    TIMED_CLIENT,
+    add_user,
+    busy_within,
+    env_for,
+)
 
 pytestmark = [pytest.mark.multihost, pytest.mark.slow, pytest.mark.timeout(120)]
 

@@ -4,7 +4,6 @@ twice), a node killed (reentrant jobs run again elsewhere)."""
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import os
 import signal
@@ -18,11 +17,13 @@ from dispynb.errors import NodeLostError
 from dispynb.job import JobStatus
 from dispynb.journal import Journal
 from dispynb.protocol.messages import Recover, Recovered
-from dispynb.secret import read_secret_file
-from dispynb.transport.connector import connect
 from tests.sharedsched.harness import (
+    DOOMED_CLIENT,
+    TIMED_CLIENT,
     SchedulerProcess,
+    busy_within,
     finish_client,
+    raw_reply,
     start_client,
 )
 
@@ -34,31 +35,6 @@ def nap(n: int, seconds: float) -> int:
 
     time.sleep(seconds)
     return n
-
-
-#: A client program: N jobs of SECONDS each; prints JSON with each job's times.
-TIMED_CLIENT = """
-import json, sys
-from dispynb import SharedJobCluster
-
-def nap(n, seconds):
-    import time
-    time.sleep(seconds)
-    return n
-
-address, credential = sys.argv[1], sys.argv[2]
-count, seconds = int(sys.argv[3]), float(sys.argv[4])
-with SharedJobCluster(nap, scheduler_host=address, secret_file=credential) as cluster:
-    jobs = [cluster.submit(i, seconds) for i in range(count)]
-    results = [job() for job in jobs]
-    times = [[job.start_time, job.end_time] for job in jobs]
-print(json.dumps({"results": results, "times": times}))
-"""
-
-
-def busy_within(times: list[list[float]], start: float, end: float) -> float:
-    """Seconds of job time inside ``[start, end]``."""
-    return sum(max(0.0, min(e, end) - max(s, start)) for s, e in times)
 
 
 def test_equal_load_gets_equal_shares(
@@ -151,28 +127,6 @@ def test_quotas_cap_running_and_queued_jobs(
         sched.stop()
 
 
-#: A client that submits 6 one-second jobs with a recover_file, waits for the
-#: first result, says so, and waits to be killed.
-DOOMED_CLIENT = """
-import sys, time
-from dispynb import SharedJobCluster
-
-def nap(n, seconds):
-    import time
-    time.sleep(seconds)
-    return n * 10
-
-address, credential, journal = sys.argv[1], sys.argv[2], sys.argv[3]
-cluster = SharedJobCluster(
-    nap, scheduler_host=address, secret_file=credential, recover_file=journal
-)
-jobs = [cluster.submit(i, 1.0) for i in range(6)]
-jobs[0]()
-print("first done", flush=True)
-time.sleep(120)
-"""
-
-
 def test_killed_client_reattaches_and_collects_every_result_once(
     scheduler: SchedulerProcess, users: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -194,24 +148,9 @@ def test_killed_client_reattaches_and_collects_every_result_once(
     # The scheduler gave them once: the computation is gone there now.
     (recovery_id, _name, _nodes), *_ = Journal(str(journal)).computations()
 
-    async def ask() -> Recovered:
-        conn, _ = await connect(
-            "127.0.0.1",
-            scheduler.port,
-            secret=read_secret_file(users["alice"]),
-            max_message_size=1 << 20,
-        )
-        try:
-            conn.write(Recover(comp_id=1, recovery_id=recovery_id))
-            async with asyncio.timeout(10):
-                while True:
-                    message, _ = await conn.recv()
-                    if isinstance(message, Recovered):
-                        return message
-        finally:
-            conn.close()
-
-    assert asyncio.run(ask()).found is False
+    ask = Recover(comp_id=1, recovery_id=recovery_id)
+    reply = raw_reply(scheduler.port, users["alice"], ask, until=Recovered)
+    assert reply.found is False
 
 
 def test_reentrant_jobs_of_a_killed_node_run_on_another(
