@@ -18,6 +18,7 @@ import pytest
 
 from dispynb import LocalCluster, SharedJobCluster
 from dispynb.job import JobStatus
+from tests.browser import chromium_page, requires_chromium
 from tests.httpd.client import MonitorClient
 from tests.sharedsched.harness import SchedulerProcess, scheduler_cli
 
@@ -166,3 +167,45 @@ def test_a_monitor_on_another_address_needs_https(
     assert done.returncode == 2
     (line,) = done.stderr.strip().splitlines()
     assert "0.0.0.0" in line and "certfile" in line
+
+
+@pytest.mark.browser
+@requires_chromium
+def test_the_page_in_a_browser_shows_the_scheduler_and_revokes(
+    monitored: tuple[SchedulerProcess, MonitorClient], users: dict[str, Path]
+) -> None:
+    """Chromium opens the URL the scheduler logged: nodes, users and alice's jobs
+    appear; names are text, never markup; Revoke (confirmed) revokes bob."""
+    from playwright.sync_api import expect
+
+    sched, client = monitored
+    origin = f"http://127.0.0.1:{client.server.port}"
+    with (
+        SharedJobCluster(
+            nap, scheduler_host=sched.address, secret_file=str(users["alice"])
+        ) as cluster,
+        chromium_page() as page,
+    ):
+        job = cluster.submit(30.0)
+        problems: list[str] = []
+        page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+        page.on(
+            "request",
+            lambda req: req.url.startswith(origin) or problems.append(req.url),
+        )
+        page.on("dialog", lambda dialog: dialog.accept())
+        page.goto(f"{origin}/?token={client.server.token}")
+        assert page.url == f"{origin}/"  # the token left the address bar
+        expect(page.locator("#connection")).to_have_text("live")
+        expect(page.locator("#nodes tbody tr")).to_have_count(2)
+        expect(page.locator("#users tbody tr")).to_have_count(2)
+        expect(page.locator("#computations h3")).to_contain_text("alice / nap")
+        expect(page.locator("#computations td", has_text="running")).to_have_count(1)
+        bob = page.locator("#users tbody tr", has_text="bob")
+        bob.get_by_role("button", name="Revoke").click()
+        expect(page.locator("#message")).to_have_text("revoked bob")
+        expect(page.locator("#users tbody tr")).to_have_count(1)  # bob is gone
+        assert not problems, problems
+        cluster.cancel(job)
+    listed = scheduler_cli("user", "list", "--users", str(sched.directory / "users"))
+    assert listed.stdout.split() == ["alice"]
