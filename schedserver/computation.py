@@ -226,7 +226,16 @@ class SharedComputation:
     def on_results(
         self, upstream: Upstream, message: JobResults, buffers: list[memoryview]
     ) -> None:
-        """Jobs ended on a node: free their slots, pass the results on."""
+        """Jobs ended on a node: pass the results on, free their slots."""
+        # The client waits for them (W2): forwarded first, before the bookkeeping,
+        # unless a job came back unrun (it runs elsewhere: not for the client).
+        forward = bool(message.results or message.started)
+        if forward and not any(
+            isinstance(item, list) and item[2:3] == [RETURNED]
+            for item in message.results
+        ):
+            self.to_client(message, buffers)
+            forward = False
         returned: list[int] = []
         for start in message.started:  # [key, attempt, start_time, before]
             job = self.running.get(start[0]) if start else None
@@ -256,7 +265,7 @@ class SharedComputation:
         if returned:
             results = [r for i, r in enumerate(message.results) if i not in returned]
             message = dataclasses.replace(message, results=results)
-        if message.results or message.started:
+        if forward and (message.results or message.started):
             self.to_client(message, buffers)
         if self.session is None and not self.running and (not self.queue or self.held):
             kept = self.kept

@@ -658,8 +658,9 @@ class SchedulerServer:
             tuple[int, str], tuple[SharedComputation, Upstream, list[Any]]
         ] = {}
         nodes = [n for n in self.nodes if n.alive]
+        waiting = sum(len(c.queue) for c in active)
         progress = True
-        while progress:
+        while progress and waiting:
             progress = False
             for node in nodes:  # one slot per node per round: spread evenly
                 # Before its jobs' duration is known, a node gets one per CPU: a
@@ -682,6 +683,9 @@ class SchedulerServer:
                 batch = batches.setdefault((id(comp), node.name), (comp, upstream, []))
                 batch[2].append(job)
                 progress = True
+                waiting -= 1
+                if not waiting:
+                    break
         for comp, upstream, jobs in batches.values():
             comp.send_jobs(upstream, jobs)
         if logger.isEnabledFor(logging.DEBUG):
