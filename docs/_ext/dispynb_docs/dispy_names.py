@@ -594,8 +594,9 @@ PROGRAMS = [
     Name(
         "dispyscheduler.py",
         alias_of="dispynb-scheduler",
-        differs="Nodes are named with ``-n``; each user has a credential "
-        "(``dispynb-scheduler user add NAME``); fair share between users.",
+        differs="Nodes are named with ``-n`` or discovered (``-n '*'``, the "
+        "default); each user has a credential (``dispynb-scheduler user add "
+        "NAME``); fair share between users; ``--httpd`` needs its token.",
     ),
     Name(
         "dispynetrelay.py",
