@@ -48,10 +48,7 @@ def snapshot(server: SchedulerServer, max_jobs: int = MAX_JOBS) -> dict[str, Any
     """The scheduler now, as JSON-ready data for its operator."""
     config = server.config
     total = server.total_cpus()
-    try:
-        known = set(server.users.load())
-    except (ConfigurationError, OSError):
-        known = set()
+    known = server.users.names()
     comps = [_computation(comp, max_jobs) for comp in server.computations]
     names = sorted(known | {c.user for c in server.computations})
     users = []

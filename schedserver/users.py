@@ -89,6 +89,13 @@ class UsersFile:
         except (ConfigurationError, OSError):
             return self._users.get(name)
 
+    def names(self) -> set[str]:
+        """The users' names (those of the last good read if the file is bad now)."""
+        try:
+            return set(self.load())
+        except (ConfigurationError, OSError):
+            return set(self._users)
+
     def add(self, name: str) -> str:
         """Add user ``name`` with a new token; return its credential."""
         check_name(name)
