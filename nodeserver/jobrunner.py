@@ -353,30 +353,27 @@ def _take(
 
 def _unreadable(run: Run, reason: str) -> Done:
     """The `Done` of a job whose arguments the worker could not get."""
-    now = time.time()
-    return Done(
-        key=run.key,
-        attempt=run.attempt,
-        outcome=RAISED,
-        start_time=now,
-        end_time=now,
-        stdout="",
-        stderr="",
-        exception=f"the job's arguments cannot be read on the node: {reason}\n",
-    )
+    reason = f"the job's arguments cannot be read on the node: {reason}\n"
+    return _unstarted(run, RAISED, reason)
 
 
 def _skipped(run: Run) -> Done:
+    reason = "job cancelled at the client's request before it started"
+    return _unstarted(run, CANCELLED, reason)
+
+
+def _unstarted(run: Run, outcome: str, reason: str) -> Done:
+    """The `Done` of a job that ended before it started."""
     now = time.time()
     return Done(
         key=run.key,
         attempt=run.attempt,
-        outcome=CANCELLED,
+        outcome=outcome,
         start_time=now,
         end_time=now,
         stdout="",
         stderr="",
-        exception="job cancelled at the client's request before it started",
+        exception=reason,
     )
 
 

@@ -12,10 +12,10 @@ import time
 import pytest
 
 from dispynb.protocol import serialize, shm
-from dispynb.protocol.messages import FINISHED, RAISED
+from dispynb.protocol.messages import CANCELLED, FINISHED, RAISED
 from dispynb.protocol.shmpool import SegmentPool
 from nodeserver.channel import MessageSocket
-from nodeserver.ipc import Done, Run, Shutdown
+from nodeserver.ipc import Done, Run, Shutdown, Skip
 from nodeserver.jobrunner import run_job, worker_loop
 
 RUN = Run(key=7, attempt=2)
@@ -374,6 +374,13 @@ def test_worker_loop_runs_shared_arguments_and_says_which_it_keeps():
         done, _ = client.recv()
         assert (done.outcome, done.kept) == (FINISHED, True)  # still mapped
         assert bytes(_KEPT.pop().view) == data
+        client.send(Skip(key=3))  # skipped before it arrives: never runs
+        run, fd, body = _shared_run(3, (data,))
+        bodies.append(body)
+        client.send(run, fds=[fd])
+        done, _ = client.recv()
+        assert (done.key, done.outcome, done.kept) == (3, CANCELLED, False)
+        assert _KEPT == []
         run, _fd, _body = _shared_run(2, (data,))
         client.send(run)  # its descriptor never came
         done, _ = client.recv()
