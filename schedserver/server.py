@@ -185,6 +185,7 @@ class SchedulerServer:
             multicast=config.multicast,
             ping_interval=config.ping_interval,
             ready=lambda: any(node.alive for node in self.nodes),
+            name_them="dispynb-scheduler -n host1 -n host2",
         )
         try:
             await finder.start()

@@ -51,6 +51,9 @@ class NodeFinder:
     ready:
         True once the cluster has a node set up; if it is still False
         ``warn_after`` seconds after `start`, one warning names the likely causes.
+    name_them:
+        How that warning says to name the nodes instead (the scheduler's way
+        differs from a cluster's).
     """
 
     def __init__(
@@ -63,10 +66,12 @@ class NodeFinder:
         ping_interval: float | None = None,
         ready: Callable[[], bool] | None = None,
         warn_after: float = NO_NODE_WARNING,
+        name_them: str = "JobCluster(..., nodes=['host1', 'host2'])",
     ) -> None:
         self.specs = specs
         self._ready = ready
         self._warn_after = warn_after
+        self._name_them = name_them
         self._warner: asyncio.Task[None] | None = None
         self._answered = 0
         self._use = use
@@ -128,13 +133,14 @@ class NodeFinder:
             "waiting, as dispy does. Likely causes: no dispynb-node running on these "
             "networks; nodes started with --no-discovery or listening on 127.0.0.1 "
             "only (no secret); a firewall dropping UDP %d-%d; a wrong secret. Or "
-            "name the nodes: JobCluster(..., nodes=['host1', 'host2'])",
+            "name the nodes: %s",
             self._warn_after,
             ", ".join(targets),
             self._discovery.port,
             answered,
             self._discovery.port,
             self._discovery.port + 1,
+            self._name_them,
         )
 
     def _found(self, ip: str, port: int, name: str, cpus: int) -> None:
