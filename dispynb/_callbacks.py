@@ -13,6 +13,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, Final
 
+from dispynb import _interruptible
+
 logger = logging.getLogger(__name__)
 
 _THREAD_NAME = "dispynb-callbacks"
@@ -98,7 +100,7 @@ class CallbackDispatcher:
         if done is None:
             thread.join(timeout)
             return not thread.is_alive()
-        return done.wait(timeout)
+        return _interruptible.wait_event(done, timeout)
 
     def close(self, timeout: float | None = None) -> bool:
         """Run the callbacks already posted, then stop the thread; idempotent.

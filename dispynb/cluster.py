@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from dispynb import _live, objects
+from dispynb import _interruptible, _live, objects
 from dispynb._callbacks import CallbackDispatcher
 from dispynb._live import live_clusters
 from dispynb._loop import LoopRunner
@@ -702,8 +702,10 @@ class JobCluster:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until every submitted job is done; False if ``timeout`` passed first."""
-        with self._done:
-            done = self._done.wait_for(lambda: self._outstanding == 0, timeout)
+        with self._done:  # in slices: Ctrl-C ends it promptly (`_interruptible`)
+            done = _interruptible.wait_for(
+                self._done, lambda: self._outstanding == 0, timeout
+            )
         if done and not self._callbacks.in_dispatcher_thread():
             self._callbacks.flush(timeout)
         return done

@@ -25,6 +25,8 @@ import time
 from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from dispynb import _interruptible
+
 if TYPE_CHECKING:
     from dispynb.futures import JobFuture
 
@@ -338,7 +340,7 @@ class DispyJob:
         """
         finish = self._finish
         if finish is not None:  # made already (a snapshot shares its job's)
-            return finish.wait(timeout)
+            return _interruptible.wait_event(finish, timeout)
         with _lock:  # `_complete` sets every field while it holds it
             if self._done:
                 return True
@@ -347,13 +349,9 @@ class DispyJob:
             if self._sleepers is None:
                 self._sleepers = []
             self._sleepers.append(sleeper)
-        # Released by `_complete`; a signal (Ctrl-C) interrupts this as it would
-        # Event.wait, and the sleeper left behind is released then, harmlessly.
-        if timeout is None:
-            woken = sleeper.acquire()
-        else:
-            woken = sleeper.acquire(True, max(timeout, 0.0))
-        if woken:
+        # Released by `_complete`; Ctrl-C interrupts this as it would Event.wait
+        # (`_interruptible`), and the sleeper left behind is released then, harmlessly.
+        if _interruptible.acquire(sleeper, timeout):
             return True
         with _lock:
             if self._sleepers is not None and sleeper in self._sleepers:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import _thread
-import threading
 from collections.abc import Iterator
 
 import pytest
@@ -17,6 +15,7 @@ from dispynb.jupyter.magics import DispyMagics
 from dispynb.jupyter.run import Run
 from tests import jobs
 from tests.nodeproc import running_node
+from tests.sigint import sigint_when
 from tests.transport.certs import make_cert
 
 pytestmark = pytest.mark.slow
@@ -158,25 +157,21 @@ def test_magic_cell_nowait_returns_then_run_waits(ip, tmp_path):
     assert run.closed
 
 
-@pytest.mark.skip(
-    reason="known failure since 2026-12-03 (see that day's closing note): fails in "
-    "full-suite CI runs, passes alone; skipped so main can land, to be fixed next"
-)
 def test_magic_cell_interrupt_cancels_the_runs_remote_jobs(ip, tmp_path):
     started, finished = tmp_path / "started", tmp_path / "finished"
     ip.user_ns.pop("victim", None)
     ip.user_ns["work"] = [(str(started), 30, str(finished))] + [(None, 30, None)] * 3
 
-    def body() -> None:
-        def ready() -> bool:
-            run = ip.user_ns.get("victim")
-            return started.exists() and run is not None and run._waiting
+    def ready() -> bool:
+        run = ip.user_ns.get("victim")
+        return started.exists() and run is not None and run._waiting
 
-        jobs.wait_until(ready, timeout=WAIT)
-        _thread.interrupt_main()  # what the kernel's Stop button does
-
-    threading.Thread(target=body, daemon=True).start()
-    with capture_output() as captured, pytest.raises(KeyboardInterrupt):
+    # A real SIGINT, as the kernel's Stop button sends it (os.killpg).
+    with (
+        sigint_when(ready),
+        capture_output() as captured,
+        pytest.raises(KeyboardInterrupt),
+    ):
         ip.run_cell_magic(
             "dispy",
             "--over work --unpack --into victim",

@@ -3,10 +3,6 @@ interrupts cancelling remote work, and the callbacks of a user's own cluster."""
 
 from __future__ import annotations
 
-import _thread
-import threading
-from collections.abc import Callable
-
 import pytest
 
 from dispynb import JobCluster
@@ -15,21 +11,9 @@ from dispynb.jupyter.progress import TextProgressBar, WidgetProgressBar
 from dispynb.jupyter.run import Run
 from tests import jobs
 from tests.jupyter.helpers import make_job, mark_sleep_mark, wait_then_return
+from tests.sigint import sigint_when
 
 WAIT = jobs.WAIT
-
-
-def interrupt_main_when(predicate: Callable[[], bool]) -> threading.Thread:
-    """Raise KeyboardInterrupt in the main thread (as the Stop button does) once
-    ``predicate()`` holds."""
-
-    def body() -> None:
-        jobs.wait_until(predicate, timeout=WAIT)
-        _thread.interrupt_main()
-
-    thread = threading.Thread(target=body, daemon=True)
-    thread.start()
-    return thread
 
 
 # --- pure: no nodes ------------------------------------------------------------
@@ -186,10 +170,6 @@ def test_run_live_widget_state_follows_jobs(local1, tmp_path):
 
 
 @slow
-@pytest.mark.skip(
-    reason="known failure since 2026-12-03 (see that day's closing note): fails in "
-    "full-suite CI runs, passes alone; skipped so main can land, to be fixed next"
-)
 def test_run_interrupted_wait_cancels_remote_jobs(local1, tmp_path, capsys):
     started, finished = tmp_path / "started", tmp_path / "finished"
     run = Run.map(
@@ -201,9 +181,11 @@ def test_run_interrupted_wait_cancels_remote_jobs(local1, tmp_path, capsys):
         progress="none",
         name="long",
     )
-    interrupt_main_when(lambda: started.exists() and run._waiting)
-
-    with pytest.raises(KeyboardInterrupt) as stopped:
+    # A real SIGINT, as Ctrl-C (or the notebook's Stop) sends it.
+    with (
+        sigint_when(lambda: started.exists() and run._waiting),
+        pytest.raises(KeyboardInterrupt) as stopped,
+    ):
         run.wait()
 
     first, *queued = run.jobs

@@ -1,0 +1,123 @@
+"""Blocking waits end promptly on Ctrl-C (dispynb._interruptible): on a real SIGINT,
+as a terminal or JupyterLab sends it, and on Python's pending-interrupt flag alone
+(``_thread.interrupt_main()``, or a signal another thread took), which a main thread
+blocked in C would otherwise notice only when its wait ended by itself."""
+
+from __future__ import annotations
+
+import _thread
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dispynb import JobCluster, _interruptible
+from tests import jobs
+from tests.sigint import sigint_when
+
+#: Longer than any wait here may take once interrupted.
+NEVER = 30.0
+
+
+def main_waits_in(function: str) -> Callable[[], bool]:
+    """Whether the main thread is inside ``dispynb._interruptible.<function>`` now."""
+    main = threading.main_thread().ident
+
+    def check() -> bool:
+        frame = sys._current_frames().get(main or 0)
+        while frame is not None:
+            if (
+                frame.f_code.co_name == function
+                and frame.f_globals.get("__name__") == "dispynb._interruptible"
+            ):
+                return True
+            frame = frame.f_back
+        return False
+
+    return check
+
+
+@contextmanager
+def flag_when(predicate: Callable[[], bool]) -> Iterator[None]:
+    """Set Python's pending-interrupt flag (no signal) once ``predicate()`` holds."""
+
+    def body() -> None:
+        jobs.wait_until(predicate)
+        _thread.interrupt_main()
+
+    thread = threading.Thread(target=body, name="test-interrupt-flag", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        thread.join(NEVER)
+
+
+Sender = Callable[[Callable[[], bool]], AbstractContextManager[Any]]
+SENDERS: dict[str, Sender] = {"sigint": sigint_when, "flag": flag_when}
+
+
+@pytest.mark.parametrize("how", sorted(SENDERS))
+def test_every_kind_of_wait_ends_on_an_interrupt(how: str) -> None:
+    send = SENDERS[how]
+    held = threading.Lock()
+    held.acquire()
+    never = threading.Condition()
+    waits: list[tuple[str, Callable[[], object]]] = [
+        ("acquire", lambda: _interruptible.acquire(held)),
+        ("wait_event", lambda: _interruptible.wait_event(threading.Event())),
+        ("wait_for", lambda: _wait_for_never(never)),
+    ]
+    for name, wait in waits:
+        with send(main_waits_in(name)), pytest.raises(KeyboardInterrupt):
+            wait()
+
+
+def _wait_for_never(condition: threading.Condition) -> bool:
+    with condition:
+        return _interruptible.wait_for(condition, lambda: False)
+
+
+def test_timeouts_are_kept() -> None:
+    held = threading.Lock()
+    held.acquire()
+    assert not _interruptible.acquire(held, 0.6)  # longer than a slice
+    assert not _interruptible.acquire(held, 0)
+    assert not _interruptible.wait_event(threading.Event(), 0.3)
+    condition = threading.Condition()
+    with condition:
+        assert not _interruptible.wait_for(condition, lambda: False, 0.3)
+        assert _interruptible.wait_for(condition, lambda: True, 0)
+    done = threading.Event()
+    done.set()
+    assert _interruptible.wait_event(done, 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", sorted(SENDERS))
+def test_job_call_and_cluster_wait_end_on_an_interrupt(
+    local1: Any, tmp_path: Path, how: str
+) -> None:
+    """``job()`` and ``cluster.wait()`` on a job that runs 30 s: Ctrl-C ends them."""
+    send = SENDERS[how]
+    started = tmp_path / "started"
+    cluster = JobCluster(jobs.mark_and_sleep, nodes=local1)
+    try:
+        job = cluster.submit(str(started), NEVER)
+        with (
+            send(lambda: started.exists() and main_waits_in("acquire")()),
+            pytest.raises(KeyboardInterrupt),
+        ):
+            job()
+        with (
+            send(main_waits_in("wait_for")),
+            pytest.raises(KeyboardInterrupt),
+        ):
+            cluster.wait()
+        assert not job.done()  # interrupted waits, not the job
+    finally:
+        cluster.close(timeout=jobs.WAIT, terminate=True)

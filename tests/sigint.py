@@ -1,0 +1,69 @@
+"""Ctrl-C the way users send it: a real SIGINT to this process, from another thread.
+
+A terminal's Ctrl-C and JupyterLab's Stop (``os.killpg`` of the kernel's group) both
+deliver a real signal. Linux gives a process-directed signal to the main thread
+(unless it blocks it), where it interrupts a blocked lock acquire (EINTR) and
+Python's handler raises `KeyboardInterrupt` at once. ``_thread.interrupt_main()``
+only sets Python's pending-signal flag: a main thread blocked in C sees it only
+when its wait ends by itself, so it does not test what users meet.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from tests.jobs import WAIT, wait_until
+
+
+@dataclass
+class Sent:
+    """When the SIGINT was sent (``time.monotonic()``), once it was."""
+
+    at: float | None = None
+
+
+@contextmanager
+def sigint_when(predicate: Callable[[], bool], timeout: float = WAIT) -> Iterator[Sent]:
+    """Send SIGINT to this process once ``predicate()`` holds (polled from a thread).
+
+    Use it around the wait that must be interrupted, from the main thread. A
+    KeyboardInterrupt that arrives only after the block (the wait had returned)
+    fails the test instead of stopping pytest.
+    """
+    assert threading.current_thread() is threading.main_thread()
+    # With any other handler a SIGINT would kill pytest or be lost.
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, (
+        signal.getsignal(signal.SIGINT)
+    )
+    sent = Sent()
+    failure: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            wait_until(predicate, timeout)
+        except AssertionError as exc:
+            failure.append(exc)
+            return
+        sent.at = time.monotonic()
+        os.kill(os.getpid(), signal.SIGINT)
+
+    thread = threading.Thread(target=body, name="test-sigint", daemon=True)
+    thread.start()
+    try:
+        yield sent
+    finally:
+        try:
+            thread.join(timeout + WAIT)
+            time.sleep(0.01)  # a signal still pending is handled here, not later
+        except KeyboardInterrupt:
+            raise AssertionError(
+                "the SIGINT arrived after the wait had returned"
+            ) from None
+    if failure:
+        raise failure[0]
