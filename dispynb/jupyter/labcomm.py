@@ -151,9 +151,19 @@ class ClusterTracker:
     def snapshots(self) -> list[dict[str, Any]]:
         """Live clusters (oldest first), then the recently closed (newest first)."""
         with self._lock:
-            monitors = list(self._monitors.values())
+            monitors = list(self._monitors.items())
             closed = list(self._closed)
-        return [_brief(m.snapshot(max_jobs=0)) for m in monitors] + closed
+        live = []
+        for key, monitor in monitors:
+            snap = _brief(monitor.snapshot(max_jobs=0))
+            live.append(snap)
+            if snap["nodes"]:
+                # The nodes a panel was shown are the ones a closed card keeps,
+                # even if the cluster got and released them between two refreshes.
+                with self._lock:
+                    if self._monitors.get(key) is monitor:
+                        self._nodes[key] = snap["nodes"]
+        return live + closed
 
     def cancel(self, cluster_id: str) -> int:
         """Cancel every unfinished job of the cluster; return how many."""
