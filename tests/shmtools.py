@@ -1,12 +1,11 @@
 """Helpers for the shared memory and shared object tests: what is in /dev/shm, who
-opens a segment (inotify), and how many bytes crossed a TCP connection (the kernel's
+opens a segment (fanotify), and how many bytes crossed a TCP connection (the kernel's
 count, read with ``ss``)."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
 import os
 import re
 import struct
@@ -41,52 +40,74 @@ def bytes_received(port: str | int, side: str) -> int:
 
 
 class OpenWatch:
-    """Count the opens of one file by any process (inotify ``IN_OPEN`` on its inode,
-    so renames do not matter). Unlike the access time, which ``relatime`` updates
-    at most once a day, every open is reported.
+    """Who opens one file: fanotify ``FAN_OPEN`` on its inode (renames do not
+    matter) reports every open, by any process, with the opener's pid (root only).
+
+    Unlike the access time, which ``relatime`` updates at most once a day, every
+    open is reported; unlike inotify, it says who opened: dispynb clients elsewhere
+    on the machine open every object in /dev/shm when they sweep dead clients'
+    ones (`dispynb.protocol.shm.sweep`), and a test must not blame a node for that.
 
     >>> with OpenWatch(path) as watch:  # doctest: +SKIP
     ...     ...
-    ...     assert watch.opens() == 0
+    ...     assert node_pid not in watch.openers()
     """
 
-    IN_OPEN = 0x20
-    IN_Q_OVERFLOW = 0x4000
-    _EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (then len bytes of name)
+    _FAN_CLOEXEC = 0x1
+    _FAN_NONBLOCK = 0x2
+    _FAN_MARK_ADD = 0x1
+    _FAN_OPEN = 0x20
+    _FAN_Q_OVERFLOW = 0x4000
+    _AT_FDCWD = -100
+    #: struct fanotify_event_metadata: event_len, vers, reserved, metadata_len,
+    #: mask, fd, pid.
+    _EVENT = struct.Struct("IBBHQii")
 
     def __init__(self, path: Path) -> None:
         libc = ctypes.CDLL(None, use_errno=True)
-        self._fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        libc.fanotify_mark.argtypes = [
+            ctypes.c_int,
+            ctypes.c_uint,
+            ctypes.c_uint64,
+            ctypes.c_int,
+            ctypes.c_char_p,
+        ]
+        self._fd = libc.fanotify_init(
+            self._FAN_CLOEXEC | self._FAN_NONBLOCK, os.O_RDONLY
+        )
         if self._fd < 0:
             code = ctypes.get_errno()
-            raise OSError(code, f"inotify_init1: {os.strerror(code)}")
-        watch = libc.inotify_add_watch(self._fd, os.fsencode(path), self.IN_OPEN)
-        if watch < 0:
+            raise OSError(code, f"fanotify_init: {os.strerror(code)}")
+        marked = libc.fanotify_mark(
+            self._fd, self._FAN_MARK_ADD, self._FAN_OPEN, self._AT_FDCWD,
+            os.fsencode(path),
+        )  # fmt: skip
+        if marked < 0:
             code = ctypes.get_errno()
             os.close(self._fd)
-            raise OSError(code, f"inotify_add_watch {path}: {os.strerror(code)}")
-        self._count = 0
+            raise OSError(code, f"fanotify_mark {path}: {os.strerror(code)}")
+        self._openers: list[int] = []
 
-    def opens(self) -> int:
-        """Opens seen since the watch began (the kernel queues each event as the
-        open happens: an open that returned is already counted)."""
+    def openers(self) -> list[int]:
+        """The pid of each open seen since the watch began, in order (the kernel
+        queues the event as the open happens: an open that returned is there)."""
         while True:
             try:
                 data = os.read(self._fd, 64 * 1024)
             except BlockingIOError:
-                return self._count
-            except OSError as exc:  # pragma: no cover - closed or broken watch
-                if exc.errno == errno.EINTR:
-                    continue
-                raise
+                return list(self._openers)
+            except InterruptedError:  # pragma: no cover - retried by Python anyway
+                continue
             offset = 0
-            while offset < len(data):
-                _, mask, _, size = self._EVENT.unpack_from(data, offset)
-                offset += self._EVENT.size + size
-                if mask & self.IN_Q_OVERFLOW:
-                    raise AssertionError("inotify queue overflowed: opens were lost")
-                if mask & self.IN_OPEN:
-                    self._count += 1
+            while offset + self._EVENT.size <= len(data):
+                length, _, _, _, mask, fd, pid = self._EVENT.unpack_from(data, offset)
+                offset += length
+                if fd >= 0:
+                    os.close(fd)  # each event carries a descriptor of the file
+                if mask & self._FAN_Q_OVERFLOW:
+                    raise AssertionError("fanotify queue overflowed: opens were lost")
+                if mask & self._FAN_OPEN:
+                    self._openers.append(pid)
 
     def close(self) -> None:
         """Stop watching."""
