@@ -31,13 +31,22 @@ class RayBackend:
         self._remote: dict[Task, Any] = {}
 
     def start(self) -> None:
-        self._ray.init(
-            num_cpus=self.workers,
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            log_to_driver=False,
-            configure_logging=False,
-        )
+        # On a loaded machine Ray's raylet may miss its fixed 30 s to register:
+        # start it again (both Ray rows do the same), at most three times.
+        for attempt in range(3):
+            try:
+                self._ray.init(
+                    num_cpus=self.workers,
+                    include_dashboard=False,
+                    _node_ip_address="127.0.0.1",
+                    log_to_driver=False,
+                    configure_logging=False,
+                )
+                break
+            except Exception as exc:
+                if "timed out during startup" not in str(exc) or attempt == 2:
+                    raise
+                self._ray.shutdown()
 
     def _remote_for(self, fn: Task) -> Any:
         remote = self._remote.get(fn)
