@@ -1,13 +1,15 @@
 """How the magics read what a person typed, and say what went wrong.
 
-`parse_line` names a misspelt option with the likely one; `cell_origin` finds the
-notebook cell (prompt number, lines before the body) a ``%%dispy`` runs in, so that
-its body compiles under the lines the person sees; `friendly_errors` turns dispynb's
-errors into a `MagicError` of a line or two with the fix.
+`parse_line` names a misspelt option with the likely one; `adapt_bounds`, `unquote`
+and `last_function` read an option's value, an expression and a cell; `cell_origin`
+finds the notebook cell (prompt number, lines before the body) a ``%%dispy`` runs
+in, so that its body compiles under the lines the person sees; `friendly_errors`
+turns dispynb's errors into a `MagicError` of a line or two with the fix.
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import difflib
 import logging
@@ -19,7 +21,15 @@ from IPython.core.error import UsageError
 from dispynb.errors import DispynbError
 from dispynb.jupyter.errors import MagicError
 
-__all__ = ["cell_origin", "friendly_errors", "parse_line"]
+__all__ = [
+    "Adapt",
+    "adapt_bounds",
+    "cell_origin",
+    "friendly_errors",
+    "last_function",
+    "parse_line",
+    "unquote",
+]
 
 
 def cell_origin(shell: Any, cell: str) -> tuple[int | None, list[str]]:
@@ -103,3 +113,46 @@ class _HoldRecords(logging.Filter):
             return True
         self.records.append(record)
         return False
+
+
+#: ``%dispy ssh/slurm --adapt MIN:MAX``: (minimum, maximum, idle timeout).
+Adapt = tuple[int, int, float]
+
+
+def adapt_bounds(text: str, args: Any) -> Adapt:
+    """``'MIN:MAX'`` (and ``--idle-timeout``) as `Adapt`; UsageError if malformed."""
+    low, sep, high = text.partition(":")
+    try:
+        minimum, maximum = int(low), int(high)
+    except ValueError:
+        minimum = maximum = -1
+    if not sep or minimum < 0 or maximum < max(minimum, 1):
+        raise UsageError(
+            f"--adapt takes MIN:MAX, two node counts with 0 <= MIN <= MAX and MAX >= 1 "
+            f"(such as 0:4), not {text!r}"
+        )
+    if args.idle_timeout < 0:
+        raise UsageError("--idle-timeout must be >= 0 seconds")
+    return minimum, maximum, float(args.idle_timeout)
+
+
+def unquote(text: str) -> str:
+    """Strip one pair of matching quotes: IPython's argument splitter keeps them."""
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1]
+    return text
+
+
+def last_function(source: str) -> str | None:
+    """Name of the last top-level ``def`` in ``source`` (None if none or invalid)."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return None
+    names = [
+        node.name
+        for node in tree.body
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+    ]
+    return names[-1] if names else None

@@ -1,0 +1,195 @@
+"""The ``%%dispy`` cell runner: run a cell's body, then its function over inputs.
+
+`CellRunner` gets the parsed magic line (`dispynb.jupyter.magics.DispyMagics`
+parses it) and the cell: it executes the body in the notebook's namespace, finds the
+function, starts a `Run` on the `Session`'s nodes, keeps it in the notebook's
+variables and waits for it (or lets it go live with ``--nowait``). The only text it
+evaluates is the documented ``--over`` and ``--depends`` expressions, in the user's
+namespace.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.display import display
+
+from dispynb.jupyter.errors import MagicError, RunInterrupted
+from dispynb.jupyter.magicsupport import (
+    cell_origin,
+    friendly_errors,
+    last_function,
+    unquote,
+)
+from dispynb.jupyter.progress import make_progress, resolve_kind
+from dispynb.jupyter.run import Run
+from dispynb.jupyter.session import Session
+from dispynb.jupyter.widgets import NodePanel
+
+__all__ = ["LAST_RUN", "NODES_HINT", "CellRunner"]
+
+#: Name that always holds the last run of ``%%dispy`` (like ``_`` for results).
+LAST_RUN = "_dispy"
+
+
+#: What to do when no node can be used, the end of every such error.
+NODES_HINT = (
+    "start nodes on this machine with %dispy local, or use running ones with "
+    "%dispy nodes HOST[:PORT] ... (see %dispy?)"
+)
+
+
+class CellRunner:
+    """Runs one ``%%dispy`` cell in ``shell`` on ``session``'s nodes."""
+
+    def __init__(self, shell: Any, session: Session) -> None:
+        self.shell = shell
+        self.session = session
+
+    def run(self, args: Any, cell: str) -> None:
+        """Run ``cell`` as the magic line's ``args`` (parsed) say."""
+        if args.into is not None and not args.into.isidentifier():
+            raise UsageError(f"--into needs a variable name, not {args.into!r}")
+        if args.function is not None and not args.function.isidentifier():
+            raise UsageError(f"the function must be a name, not {args.function!r}")
+        if not self._run_body(cell).success:
+            return None
+        name = args.function or last_function(self.shell.transform_cell(cell))
+        if name is None:
+            raise UsageError(
+                "this cell defines no function: define one with def, or name one "
+                "on the magic line (%%dispy NAME --over ...)"
+            )
+        func = self._lookup(name, "function")
+        setup = self._lookup(args.setup, "--setup") if args.setup else None
+        inputs = self.shell.ev(unquote(args.over))
+        depends = None
+        if args.depends is not None:
+            depends = self.shell.ev(unquote(args.depends))
+            if not isinstance(depends, list | tuple):
+                depends = [depends]  # one file, module or function
+        session = self.session
+        label = args.into or name
+        runs: list[Run] = []  # the run, once Run.map returns it (for the panel)
+        try:
+            if session.ensure_nodes():
+                print(f"dispynb: started {session.status()._where()}", file=sys.stderr)
+            nodes = session.nodes
+            options = dict(session.options)
+            if args.on:
+                nodes, options = session.select_nodes(args.on)
+            if setup is not None:
+                options["setup"] = setup
+            if depends is not None:
+                options["depends"] = list(depends)
+            with friendly_errors(
+                f"%%dispy could not start run {label!r}", hint=NODES_HINT
+            ):
+                run = Run.map(
+                    func,
+                    inputs,
+                    nodes=nodes,
+                    engine=session.engine,
+                    cluster_factory=session.cluster_factory,
+                    unpack=args.unpack,
+                    wait=False,
+                    progress="none" if args.nowait else args.progress,
+                    name=label,
+                    listeners=[_panel_listener(session.panel, runs)],
+                    **options,
+                )
+                runs.append(run)
+        except MagicError as exc:
+            # Nodes that died as the run started: that is the news, not the refusal.
+            exited = session.exited_error()
+            if exited is None or str(exited) == str(exc):
+                exited = None
+            # The names still say what happened: no stale run from an earlier cell.
+            self._keep(Run.failed(label, str(exited or exc)), args.into)
+            if exited is None:
+                raise
+            raise exited from None
+        except KeyboardInterrupt:
+            # Stop while connecting or submitting: Run.map cancelled what it sent.
+            message = f"Interrupted: run {label!r} stopped before it started"
+            self._keep(Run.failed(label, message), args.into)
+            raise RunInterrupted(message) from None
+        session.runs.append(run)
+        self._keep(run, args.into)
+        if args.nowait:
+            self._go_live(run, args.progress)
+            return None
+        if not run.wait(timeout=args.timeout, echo=not args.quiet):
+            run.stop(f"Timed out after {args.timeout} s")
+        return None
+
+    def _keep(self, run: Run, into: str | None) -> None:
+        self.shell.user_ns[LAST_RUN] = run
+        if into:
+            self.shell.user_ns[into] = run
+
+    def _run_body(self, cell: str) -> Any:
+        """Execute the cell's body in the notebook's namespace, compiled as the
+        lines the person sees: tracebacks (local, and remote ones rewritten by
+        `dispynb.jupyter.tracebacks`) name this cell's prompt number and its
+        editor lines, counting the ``%%dispy`` line."""
+        shell = self.shell
+        number, header = cell_origin(shell, cell)
+        if number is None:
+            return shell.run_cell(cell, store_history=False)
+        # Comments keep the lines in place (IPython drops leading blank lines).
+        source = "".join(f"#{line}\n" for line in header) + cell
+        saved = shell.execution_count
+        shell.execution_count = number  # the compiled code is named after it
+        try:
+            return shell.run_cell(source, store_history=False)
+        finally:
+            shell.execution_count = saved
+
+    def _lookup(self, name: str, what: str) -> Any:
+        value = self.shell.user_ns.get(name)
+        if value is None or not callable(value):
+            raise UsageError(f"{what}: {name!r} is not a function in the notebook")
+        return value
+
+    def _go_live(self, run: Run, kind: str) -> None:
+        kind = resolve_kind(kind)
+        bar = make_progress(kind if kind == "widget" else "none", title=run.name)
+        log = None
+        if kind == "widget":
+            import ipywidgets
+
+            out = ipywidgets.Output()
+            bar.show()
+            display(out)
+
+            def log(stream: str, text: str) -> None:
+                if stream == "stdout":
+                    out.append_stdout(text)
+                else:
+                    out.append_stderr(text)
+
+        else:
+            display(run)
+        run.live(bar, log)
+
+
+def _panel_listener(panel: NodePanel, runs: list[Run]) -> Callable[..., None]:
+    """Feed ``panel`` a run's events, telling a node that left while the run's
+    cluster was open (it died or shut down) from one released at its close."""
+
+    def listener(status: int, node: Any, job: Any) -> None:
+        from dispynb.node import NodeStatus
+
+        cluster = runs[0].cluster if runs else None
+        lost = (
+            status == NodeStatus.Closed
+            and cluster is not None
+            and not getattr(cluster, "_closed", True)
+        )
+        panel.cluster_status(status, node, job, lost=lost)
+
+    return listener

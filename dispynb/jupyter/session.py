@@ -1,0 +1,461 @@
+"""The nodes ``%dispy`` chose for a notebook: the `Session` behind the magics.
+
+A `Session` (one per IPython shell) remembers the nodes (local ones it started, or
+ones it attached to), the engine, every run and a node panel; ``%dispy status``
+shows its `SessionStatus`. The magics (`dispynb.jupyter.magics`) parse what a person
+typed and call it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import html
+import os
+from typing import Any
+
+from IPython.core.error import UsageError
+
+from dispynb.backends.base import SELECT_NODES, Engine
+from dispynb.cluster import ClusterFactory, new_cluster
+from dispynb.defaults import LOCAL_ENGINE_ENV
+from dispynb.jupyter import display as templates
+from dispynb.jupyter.errors import MagicError
+from dispynb.jupyter.magicsupport import Adapt, friendly_errors
+from dispynb.jupyter.run import Run
+from dispynb.jupyter.widgets import NodePanel
+
+__all__ = ["Session", "SessionStatus", "launcher_kind"]
+
+
+class Session:
+    """The nodes a notebook uses, the runs it started and their node panel.
+
+    Its runs' clusters come from ``cluster_factory`` (`dispynb.cluster.new_cluster`)
+    with ``nodes``, ``engine`` and ``options``: an ``%dispy`` action for another
+    engine only builds its `Engine` and calls `use_engine`.
+    """
+
+    def __init__(self) -> None:
+        self.local: Any = None  # a LocalCluster this session started
+        self.nodes: Any = None  # what the cluster's nodes= gets
+        self.engine: Engine | None = None  # what runs the jobs (None: node servers)
+        self.engine_label = ""  # where the engine runs, for %dispy status
+        self.options: dict[str, Any] = {}
+        self.cluster_factory: ClusterFactory = new_cluster
+        self.runs: list[Run] = []
+        self.panel = NodePanel()
+        self._atexit = False
+
+    @property
+    def attached(self) -> bool:
+        return self.nodes is not None or self.engine is not None
+
+    def use_engine(
+        self,
+        engine: Engine,
+        label: str,
+        options: dict[str, Any] | None = None,
+        *,
+        hint: str = "",
+    ) -> None:
+        """Run on ``engine`` from now on (replacing the current nodes), after
+        checking that it can set a computation up.
+
+        ``label`` says where it runs (``%dispy status`` shows ``"{engine.name}
+        engine: {label}"``); ``options`` are cluster options for every run; ``hint``
+        ends the error when the check fails. The session closes the engine (its
+        ``close()``, if it has one) when it lets it go.
+        """
+        self.close()
+        self.engine, self.engine_label = engine, label
+        self.options = dict(options or {})
+        try:
+            with friendly_errors(
+                f"%dispy: cannot use the {engine.name} engine ({label})", hint=hint
+            ):
+                self.probe()
+        except BaseException:
+            self.close()
+            raise
+        self._show_in_use()
+
+    def start_local(
+        self,
+        count: int,
+        cpus: int | None,
+        options: dict[str, Any] | None = None,
+        engine: str | None = None,
+    ) -> None:
+        """Start ``count`` local node servers (replacing the current nodes).
+
+        ``engine="dask"`` (default: ``$DISPYNB_LOCAL_ENGINE``, else dispynb's own
+        nodes) starts a Dask ``LocalCluster`` instead, ``count`` worker processes
+        of ``cpus`` threads each, and runs on it through the Dask engine.
+        """
+        from dispynb.local import LocalCluster
+
+        engine = engine or os.environ.get(LOCAL_ENGINE_ENV) or "nodes"
+        if engine == "dask":
+            self.start_local_dask(count, cpus)
+            return
+        if engine != "nodes":
+            raise UsageError(
+                f"{LOCAL_ENGINE_ENV}={engine}: use 'nodes' (dispynb's node servers) "
+                "or 'dask'"
+            )
+        self.close()
+        with friendly_errors("%dispy local could not start the nodes", hint=""):
+            self.local = LocalCluster(nodes=count, cpus=cpus)
+        self.nodes = self.local
+        self.options = dict(options or {})
+        self._register_atexit()
+        with friendly_errors("the local nodes did not answer", hint=""):
+            self.probe()
+        self._show_in_use()
+
+    def start_local_dask(self, count: int, cpus: int | None) -> None:
+        """A Dask cluster on 127.0.0.1 (``LocalCluster(engine="dask")``: workers
+        named like local nodes, closed with the session), used through the Dask
+        engine."""
+        from dispynb.backends._dasklocal import DaskLocalCluster
+
+        self.close()
+        with friendly_errors(
+            "%dispy local --engine dask could not start a Dask LocalCluster",
+            hint="install Dask: pip install 'dispynb[dask]'",
+        ):
+            local = DaskLocalCluster(nodes=count, cpus=cpus)
+        try:
+            self.use_engine(
+                local.engine, f"local Dask cluster {local.scheduler_address}"
+            )
+        except BaseException:
+            local.close()
+            raise
+        self.local = self.nodes = local
+        self._register_atexit()
+
+    def use_dask(self, address: str) -> None:
+        """Run on an existing Dask cluster, given its scheduler's address."""
+        from dispynb.backends.dask import DaskEngine
+
+        self.use_engine(
+            DaskEngine(address),
+            address,
+            hint="check the scheduler's address, and that dispynb is installed on "
+            "its workers (pip install 'dispynb[dask]')",
+        )
+
+    def use_scheduler(self, address: str, credential: str | None) -> None:
+        """Run on the nodes of a ``dispynb-scheduler``, as the user whose
+        credential file is ``credential`` (None: ``$DISPYNB_SECRET_FILE``)."""
+        from dispynb import config as dispy_config
+        from dispynb.backends.scheduler import SchedulerEngine
+        from dispynb.transport.addressing import format_address, parse_address
+
+        host, port = parse_address(address, dispy_config.SharedSchedulerPort)
+        where = format_address(host, port)
+        self.use_engine(
+            SchedulerEngine(where),
+            where,
+            {"secret_file": credential} if credential else None,
+            hint="check the scheduler's address and your credential (the file "
+            "'dispynb-scheduler user add NAME' wrote: --secret-file FILE)",
+        )
+
+    def use_ray(self, address: str) -> None:
+        """Run on an existing Ray cluster, given its head's address."""
+        from dispynb.backends.ray import RayEngine
+
+        self.use_engine(
+            RayEngine(address),
+            address,
+            hint="check the head's address (ray status there prints it), that the "
+            "Ray versions match, and that dispynb is installed on its nodes (pip "
+            "install 'dispynb[ray]'); with token authentication set RAY_AUTH_MODE "
+            "and RAY_AUTH_TOKEN here too",
+        )
+
+    def start_ssh(
+        self,
+        hosts: list[str],
+        node_args: list[str],
+        python: str,
+        ssh_options: list[str],
+        options: dict[str, Any],
+        adapt: Adapt | None = None,
+    ) -> None:
+        """Start one node server per host over SSH (replacing the current nodes);
+        with ``adapt``, as many as the runs' jobs need instead."""
+        from dispynb.deploy import SSHNodes
+
+        self.close()
+        with friendly_errors(
+            f"%dispy ssh could not start nodes on {' '.join(hosts)}",
+            hint="check that `ssh HOST` works without a prompt and that dispynb is "
+            "installed there for --python",
+        ):
+            self.local = SSHNodes(
+                hosts,
+                python=python,
+                node_args=node_args,
+                ssh_options=ssh_options,
+                start=adapt is None,
+            )
+            self.nodes = self.local
+            if adapt is not None:
+                self.local.adapt(*adapt[:2], idle_timeout=adapt[2])
+            self.options = dict(options)
+            self._register_atexit()
+            self.probe()
+        self._show_in_use()
+
+    def start_slurm(
+        self,
+        count: int,
+        options: dict[str, Any],
+        adapt: Adapt | None = None,
+        **launcher: Any,
+    ) -> None:
+        """Submit ``count`` node servers as SLURM batch jobs (replacing the current
+        nodes), or with ``adapt`` as many as the runs' jobs need; ``launcher`` are
+        `SlurmNodes`' options."""
+        from dispynb.deploy import SlurmNodes
+
+        self.close()
+        with friendly_errors(
+            "%dispy slurm could not start the nodes",
+            hint="check that sbatch works here (a SLURM login node), that the "
+            "partition and options are right, and that dispynb is installed for "
+            "--python on the compute nodes",
+        ):
+            self.local = SlurmNodes(0 if adapt else count, **launcher)
+            self.nodes = self.local
+            if adapt is not None:
+                self.local.adapt(*adapt[:2], idle_timeout=adapt[2])
+            self.options = dict(options)
+            self._register_atexit()
+            self.probe()
+        self._show_in_use()
+
+    def attach(self, specs: list[str], options: dict[str, Any]) -> None:
+        """Use node servers started elsewhere, after checking that they answer."""
+        self.close()
+        self.nodes = specs
+        self.options = options
+        try:
+            with friendly_errors(
+                f"%dispy nodes: cannot use {' '.join(specs)}",
+                hint="check that dispynb-node runs there with the same secret "
+                "(and TLS options), or start nodes here with %dispy local",
+            ):
+                self.probe()
+        except BaseException:
+            self.nodes, self.options = None, {}
+            raise
+        self._show_in_use()
+
+    def _show_in_use(self) -> None:
+        """The panel keeps the nodes in use; others show as gone, then go."""
+        self.panel.in_use([address for _, address, _ in self.known_nodes()])
+
+    def rows(self) -> list[Any]:
+        """The panel's rows, local nodes whose process exited marked gone."""
+        if self.local is not None and self.nodes is self.local:
+            exited = [item.split(" ", 1)[0] for item in self.local.exited()]
+            self.panel.table.mark_gone(exited)
+        return self.panel.rows()
+
+    def probe(self) -> None:
+        """Connect to every node once (authenticating), to fill the node panel and
+        report errors now rather than at the first run."""
+        cluster = self.cluster_factory(
+            _dispynb_node_probe, nodes=self.nodes, engine=self.engine,
+            cluster_status=self.panel.cluster_status,
+            **{**self.options, "recover_file": False},  # a probe leaves no journal
+        )  # fmt: skip
+        cluster.close()
+
+    def known_nodes(self) -> list[tuple[str, str, str]]:
+        """``(host, "host:port", name)`` of each node in use (name "" if unknown)."""
+        from dispynb.defaults import NODE_PORT
+        from dispynb.node import parse_node_specs
+
+        if self.engine is not None:  # its workers, as the panel saw them
+            return [
+                (row.address.rsplit(":", 1)[0], row.address, row.name)
+                for row in self.panel.rows()
+            ]
+        if self.nodes is None:
+            return []
+        if self.local is not None and self.nodes is self.local:
+            pairs = list(self.local.addresses)
+        else:
+            pairs = [
+                (spec.host, spec.port or NODE_PORT)
+                for spec in parse_node_specs(self.nodes)
+            ]
+        names = {row.address: row.name for row in self.panel.rows()}
+        return [
+            (host, f"{host}:{port}", names.get(f"{host}:{port}", ""))
+            for host, port in pairs
+        ]
+
+    def select_nodes(self, wanted: list[str]) -> tuple[list[str], dict[str, Any]]:
+        """The node specs and cluster options for running on ``wanted`` only.
+
+        Each item is a node's ``HOST:PORT``, its host, or its name, and must match
+        exactly one node in use. Raises `UsageError` naming the nodes in use.
+        """
+        if self.engine is not None and SELECT_NODES not in self.engine.features:
+            raise UsageError(
+                f"--on is for dispynb's node servers and engines that select "
+                f"workers: the {self.engine.name} engine uses every worker of its "
+                "cluster"
+            )
+        known = self.known_nodes()
+        listing = ", ".join(
+            f"{name} ({address})" if name else address for _, address, name in known
+        )
+        specs = {address: _spec(host, address) for host, address, _ in known}
+        chosen: list[str] = []
+        for item in wanted:
+            item = item.strip()
+            matches = [a for _, a, _ in known if a == item or a == _bracketless(item)]
+            if not matches:
+                matches = [a for host, a, name in known if item in (host, name)]
+            if not matches:
+                raise UsageError(
+                    f"--on {item}: not a node in use; the nodes are: "
+                    f"{listing or 'none'}"
+                )
+            if len(matches) > 1:
+                raise UsageError(
+                    f"--on {item} matches {len(matches)} nodes ({', '.join(matches)}):"
+                    f" give HOST:PORT or the node's name; the nodes are: {listing}"
+                )
+            if specs[matches[0]] not in chosen:
+                chosen.append(specs[matches[0]])
+        options = dict(self.options)
+        if self.local is not None and self.nodes is self.local and self.local.secret:
+            options.setdefault("secret", self.local.secret)
+        return chosen, options
+
+    def ensure_nodes(self) -> bool:
+        """Start local nodes if none were chosen; return whether it did.
+
+        Raises `MagicError` if the local nodes this session started have exited.
+        """
+        if self.attached:
+            exited = self.exited_error()
+            if exited is not None:
+                raise exited
+            return False
+        self.start_local(1, None)
+        return True
+
+    def exited_error(self) -> MagicError | None:
+        """The error saying which of the nodes this session started have exited
+        (None while they all run, or if it started none)."""
+        if self.local is None or self.nodes is not self.local:
+            return None
+        gone = self.local.exited()
+        if not gone:
+            return None
+        kind = launcher_kind(self.local)
+        return MagicError(
+            f"the {kind} nodes have exited: {', '.join(gone)}; "
+            f"start new ones with %dispy {kind}"
+        )
+
+    def close(self) -> None:
+        """Cancel and close every run, and stop local nodes this session started."""
+        for run in self.runs:
+            run.cancel()
+            run.close(terminate=True)
+        self.runs = []
+        if self.local is not None:
+            self.local.close()
+        self.local = None
+        self.nodes = None
+        engine, self.engine, self.engine_label = self.engine, None, ""
+        close_engine = getattr(engine, "close", None)
+        if callable(close_engine):
+            close_engine()
+        self.options = {}
+        self.panel.in_use([])
+        if self._atexit:
+            atexit.unregister(self.close)
+            self._atexit = False
+
+    def _register_atexit(self) -> None:
+        if not self._atexit:
+            atexit.register(self.close)
+            self._atexit = True
+
+    def status(self) -> SessionStatus:
+        return SessionStatus(self)
+
+
+def launcher_kind(nodes: Any) -> str:
+    """``'local'``, ``'ssh'``, ``'slurm'``: what started a session's nodes."""
+    return str(getattr(nodes, "kind", "local"))
+
+
+class SessionStatus:
+    """What ``%dispy status`` returns: the nodes and the runs, as text or HTML."""
+
+    def __init__(self, session: Session) -> None:
+        self.nodes = session.nodes
+        self.engine = session.engine
+        self.engine_label = session.engine_label
+        self.rows = session.rows()
+        self.runs = list(session.runs)
+
+    def _where(self) -> str:
+        if self.engine is not None:
+            return f"{self.engine.name} engine: {self.engine_label}"
+        if self.nodes is None:
+            return "no nodes: use %dispy local or %dispy nodes HOST ..."
+        if hasattr(self.nodes, "node_specs"):
+            kind = launcher_kind(self.nodes)
+            return f"{kind} nodes {', '.join(self.nodes.node_specs())}"
+        return f"nodes {', '.join(self.nodes)}"
+
+    def __repr__(self) -> str:
+        lines = [self._where()]
+        for row in self.rows:
+            lines.append(
+                f"  {row.name or '?'} {row.address} {row.state} cpus={row.cpus} "
+                f"busy={row.busy} jobs_done={row.jobs_done} "
+                f"cpu_used={templates.format_load(row.cpu_free)} "
+                f"memory_free={templates.format_bytes(row.memory_free)}"
+            )
+        lines.append(f"{len(self.runs)} runs")
+        lines += [f"  {run!r}" for run in self.runs]
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        parts = [f"<div>{html.escape(self._where())}</div>"]
+        parts.append(templates.nodes_html(self.rows))
+        parts += [templates.progress_html(r.counts(), r.name) for r in self.runs]
+        return f"<div class='dispynb-status'>{''.join(parts)}</div>"
+
+
+def _dispynb_node_probe(x: Any) -> Any:
+    """The computation of the clusters that only check that the nodes answer (the
+    lab panel does not show them: `dispynb.jupyter.labcomm.INTERNAL`)."""
+    return x
+
+
+def _spec(host: str, address: str) -> str:
+    """The node spec for ``address`` (``host:port``), bracketing IPv6 hosts."""
+    return f"[{host}]{address[len(host) :]}" if ":" in host else address
+
+
+def _bracketless(address: str) -> str:
+    """``'::1:9711'`` for ``'[::1]:9711'`` (the panel's form of IPv6 addresses)."""
+    if address.startswith("[") and "]:" in address:
+        host, port = address[1:].split("]:", 1)
+        return f"{host}:{port}"
+    return address
