@@ -379,12 +379,21 @@ class FrameProtocol(asyncio.BufferedProtocol):
         await self._drain_waiters.wait()
 
 
+#: Seconds a closed TLS link waits for the TLS shutdown to finish before its socket is
+#: cut. asyncio's SSL transport (3.11) never finishes it when the peer's EOF arrived
+#: while reading was paused: it then arms no shutdown timer, stops reading, and is
+#: garbage-collected with its socket open.
+TLS_CLOSE_GRACE = 5.0
+
+
 class TransportLink:
     """A link over an asyncio transport and its `FrameProtocol` (TLS)."""
 
     def __init__(self, transport: asyncio.Transport, protocol: FrameProtocol) -> None:
         self._transport = transport
         self._protocol = protocol
+        self._loop = asyncio.get_running_loop()
+        self._cut: asyncio.TimerHandle | None = None
 
     @property
     def closed(self) -> bool:
@@ -437,8 +446,18 @@ class TransportLink:
         return self._transport.get_extra_info(name)
 
     def close(self) -> None:
-        """Close (idempotent); asyncio flushes what the transport still holds."""
+        """Close (idempotent); asyncio flushes what the transport still holds.
+
+        The socket is cut if the TLS shutdown has not ended `TLS_CLOSE_GRACE` s later.
+        """
         self._transport.close()
+        if self._cut is None and not (self._protocol.lost or self._loop.is_closed()):
+            # The timer also keeps the transport alive until then.
+            self._cut = self._loop.call_later(TLS_CLOSE_GRACE, self._cut_if_open)
+
+    def _cut_if_open(self) -> None:
+        if not self._protocol.lost:
+            self._transport.abort()
 
 
 _NO_ANCDATA: list[tuple[int, int, Any]] = []

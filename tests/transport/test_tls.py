@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import socket
 import ssl
 
 import pytest
@@ -227,5 +229,54 @@ def test_tls_large_message_round_trips_intact(cert):
             message, buffers = await conn.recv()
             assert message == sent
             assert [bytes(b) for b in buffers] == [big, b"tail"]
+
+    run(main())
+
+
+def test_a_closed_tls_link_ends_even_if_the_peer_closed_while_reading_was_paused(
+    cert, monkeypatch
+):
+    """asyncio's SSL transport stops reading and arms no shutdown timer when the
+    peer's EOF arrives while reading is paused; closing it then never ends, and the
+    socket is garbage-collected open. The link cuts it after `TLS_CLOSE_GRACE`."""
+    from dispynb.transport import links
+
+    monkeypatch.setattr(links, "TLS_CLOSE_GRACE", 0.2)
+    certfile, keyfile = cert
+
+    async def main():
+        async with (
+            serving(ssl_context=server_context(certfile, keyfile)) as (
+                listener,
+                echo,
+            ),
+            client(listener.port, ssl_context=client_context(cafile=certfile)) as (
+                conn,
+                _,
+            ),
+        ):
+            await wait_until(lambda: len(echo.connections) == 1)
+            conn.hold_reading(True)
+            raw = conn._link._transport.get_extra_info("socket")
+            peek = socket.socket(fileno=os.dup(raw.fileno()))
+            try:
+                echo.connections[0].close()
+
+                def at_eof() -> bool:
+                    # The peer's close_notify was read and only its EOF is left.
+                    try:
+                        return (
+                            peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+                        )
+                    except BlockingIOError:
+                        return False
+
+                await wait_until(at_eof)
+                for _ in range(3):  # the EOF's own read callback
+                    await asyncio.sleep(0)
+                conn.close()
+                await wait_until(lambda: conn._link._protocol.lost)
+            finally:
+                peek.close()
 
     run(main())
