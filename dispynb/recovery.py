@@ -22,16 +22,20 @@ import time
 from typing import Any
 
 from dispynb._loop import LoopRunner
+from dispynb.defaults import MAX_MESSAGE_SIZE
 from dispynb.errors import ConfigurationError, DispynbError, SerializationError
 from dispynb.job import DispyJob, JobStatus
 from dispynb.journal import Journal
 from dispynb.protocol import serialize
+from dispynb.protocol.chunks import TOO_LARGE, Parts, add_chunk, take_stream
+from dispynb.protocol.framing import Buffer
 from dispynb.protocol.messages import (
     FINISHED,
     ComputationClosed,
     JobResults,
     Recover,
     Recovered,
+    ResultChunk,
 )
 from dispynb.protocol.records import ResultEntry
 from dispynb.secret import resolve_secret
@@ -150,7 +154,11 @@ async def _recover_from(
     host, port = parse_address(node)
     try:
         conn, _welcome = await connect(
-            host, port, secret=secret, max_message_size=1 << 30, ssl_context=tls
+            host,
+            port,
+            secret=secret,
+            max_message_size=MAX_MESSAGE_SIZE,
+            ssl_context=tls,
         )
     except DispynbError as exc:
         logger.warning("cannot recover jobs from %s: %s", node, exc)
@@ -158,11 +166,14 @@ async def _recover_from(
         return
     try:
         conn.write(Recover(comp_id=1, recovery_id=recovery_id))
+        streams: dict[tuple[int, int], Parts | None] = {}
         async with asyncio.timeout(timeout):
             while any(not job.done() for job in pending.values()):
                 message, buffers = await conn.recv()
-                if isinstance(message, JobResults):
-                    _apply(message, buffers, pending, host)
+                if isinstance(message, ResultChunk):
+                    _add_chunk(streams, message, buffers, node)
+                elif isinstance(message, JobResults):
+                    _apply(message, buffers, pending, host, streams)
                 elif isinstance(message, Recovered) and not message.found:
                     _abandon(pending, f"node {node} no longer has the computation")
                 elif (
@@ -192,24 +203,31 @@ async def _collect_from(
     host, port = parse_address(node)
     try:
         conn, _welcome = await connect(
-            host, port, secret=secret, max_message_size=1 << 30, ssl_context=tls
+            host,
+            port,
+            secret=secret,
+            max_message_size=MAX_MESSAGE_SIZE,
+            ssl_context=tls,
         )
     except DispynbError as exc:
         logger.warning("cannot recover jobs from %s: %s", node, exc)
         return False
     try:
         conn.write(Recover(comp_id=1, recovery_id=recovery_id))
+        streams: dict[tuple[int, int], Parts | None] = {}
         async with asyncio.timeout(timeout):
             while True:
                 message, buffers = await conn.recv()
-                if isinstance(message, JobResults):
+                if isinstance(message, ResultChunk):
+                    _add_chunk(streams, message, buffers, node)
+                elif isinstance(message, JobResults):
                     found = {}
                     for entry in message.results:
                         job = DispyJob(0, (), {})
                         job.id = None  # nodes do not know ids (nor did dispy's)
                         found[ResultEntry.from_wire(entry)[0].key] = job
                         out.append(job)
-                    _apply(message, buffers, found, host)
+                    _apply(message, buffers, found, host, streams)
                 elif (
                     isinstance(message, Recovered)
                     and (not message.found or not message.running)
@@ -224,23 +242,51 @@ async def _collect_from(
     return False
 
 
+def _add_chunk(
+    streams: dict[tuple[int, int], Parts | None],
+    message: ResultChunk,
+    buffers: list[memoryview],
+    node: str,
+) -> None:
+    """A chunk of a large result (as a cluster takes it, with its default bound)."""
+    stream_id = (message.key, message.attempt)
+    problem = add_chunk(streams, stream_id, message, buffers, MAX_MESSAGE_SIZE)
+    if problem == TOO_LARGE:
+        logger.warning(
+            "%s streams a result of job %d over %d bytes: refused",
+            node,
+            message.key,
+            MAX_MESSAGE_SIZE,
+        )
+    elif problem is not None:
+        logger.warning("%s sent a malformed result chunk", node)
+
+
 def _apply(
     message: JobResults,
     buffers: list[memoryview],
     pending: dict[int, DispyJob],
     ip: str,
+    streams: dict[tuple[int, int], Parts | None],
 ) -> None:
     offset = 0
     for entry in message.results:
-        record, _streamed = ResultEntry.from_wire(entry)
-        key, _attempt, outcome, start, end, stdout, stderr, exception, count = record
-        result_buffers = buffers[offset : offset + count]
-        offset += count
+        record, streamed = ResultEntry.from_wire(entry)
+        key, attempt, outcome, start, end, stdout, stderr, exception, count = record
+        result_buffers: list[Buffer] | None
+        if streamed:  # its buffers came before, in chunks
+            chunks = take_stream(streams, (key, attempt), count)
+            result_buffers = None if chunks is None else [*chunks]
+        else:
+            result_buffers = [*buffers[offset : offset + count]]
+            offset += count
         job = pending.get(key)
         if job is None or job.done():
             continue  # delivered twice (before the crash, and now): once is enough
         result: Any = None
-        if outcome == FINISHED:
+        if outcome == FINISHED and result_buffers is None:
+            outcome, exception = "crashed", "the result arrived incomplete"
+        elif outcome == FINISHED and result_buffers is not None:
             try:
                 result = serialize.loads(result_buffers)
             except SerializationError as exc:

@@ -602,7 +602,8 @@ class ClientSession:
         comp_id = message.comp_id
 
         def deliver(entry: list[Any], result_buffers: list[memoryview]) -> None:
-            # Whole: the recovering client (dispynb.recovery) takes no chunks.
+            # Whole, in one message (dispynb.recovery also takes chunks, as a
+            # dispynb-scheduler relays them).
             self._queue_result(comp_id, entry, result_buffers, stream=False)
 
         kept = self.server.keeper.claim(message.recovery_id, deliver)

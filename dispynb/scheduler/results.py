@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import logging
 from typing import Any
 
 from dispynb.errors import SerializationError
 from dispynb.protocol import serialize, shm
+from dispynb.protocol.chunks import TOO_LARGE, add_chunk, take_stream
 from dispynb.protocol.framing import Buffer
 from dispynb.protocol.messages import (
     CRASHED,
@@ -169,50 +169,20 @@ class DriverResults(DriverOutbox):
         if not self.state.is_running(message.key, message.attempt, link.node_id):
             return  # not this node's job (or an attempt we gave up on): dropped
         stream_id = (link.node_id, message.key, message.attempt)
-        parts = self._streams.setdefault(stream_id, {})
-        if parts is None:
-            return  # refused already
-        target = parts.get(message.index)
         cap = self.config.max_result or self.config.max_message_size
-        if target is None:
-            total = sum(p[2] for p in parts.values()) + message.size
-            if not 0 <= message.index < 4096 or not message.size >= 0 or total > cap:
-                logger.warning(
-                    "node %s streams a result of job %d over %d bytes: refused",
-                    link.node_id,
-                    message.key,
-                    cap,
-                )
-                self._streams[stream_id] = None
-                return
-            # A bytes buffer grows in a BytesIO, whose getvalue() then hands over
-            # its memory: one copy, as for a bytearray filled in place.
-            place = io.BytesIO() if message.kind == "b" else bytearray(message.size)
-            target = parts[message.index] = [place, 0, message.size]
-        data = buffers[0] if len(buffers) == 1 else memoryview(b"")
-        place, filled, size = target
-        end = message.offset + data.nbytes
-        in_order = message.offset == filled or not isinstance(place, io.BytesIO)
-        if message.offset < 0 or end > size or not data.nbytes or not in_order:
+        problem = add_chunk(self._streams, stream_id, message, buffers, cap)
+        if problem == TOO_LARGE:
+            logger.warning(
+                "node %s streams a result of job %d over %d bytes: refused",
+                link.node_id,
+                message.key,
+                cap,
+            )
+        elif problem is not None:
             logger.warning("node %s sent a malformed result chunk", link.node_id)
-            self._streams[stream_id] = None
-            return
-        if isinstance(place, io.BytesIO):
-            place.write(data)
-        else:
-            place[message.offset : end] = data
-        target[1] += data.nbytes
 
     def _take_stream(
         self, link: NodeLink, key: int, attempt: int, count: int
     ) -> list[bytes | bytearray] | None:
         """The buffers of a streamed result, or None if they are not all there."""
-        parts = self._streams.pop((link.node_id, key, attempt), None)
-        if parts is None or sorted(parts) != list(range(count)):
-            return None
-        if any(filled != size for _place, filled, size in parts.values()):
-            return None
-        return [
-            place.getvalue() if isinstance(place, io.BytesIO) else place
-            for place, _filled, _size in (parts[i] for i in range(count))
-        ]
+        return take_stream(self._streams, (link.node_id, key, attempt), count)

@@ -6,6 +6,7 @@ that comes back collects every result once."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import re
 import signal
@@ -21,6 +22,7 @@ from dispynb.journal import Journal
 from dispynb.protocol.messages import Recover, Recovered
 from dispynb.secret import read_secret_file
 from dispynb.transport.connector import connect
+from tests.jobs import wait_until
 from tests.sharedsched.harness import SchedulerProcess, start_client
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
@@ -214,3 +216,57 @@ def test_over_its_quota_a_result_becomes_an_error_and_other_jobs_wait(
     assert len(results) == len(finished)
     assert results <= {expected(n) for n in range(JOBS)}
     assert not _found_again(quota.port, users["alice"], journal)
+
+
+#: One job returning random bytes just over the node's streaming threshold (its
+#: result travels in ResultChunk messages); names a file after their SHA-256.
+STREAMED_CLIENT = """
+import sys, time
+from dispynb import SharedJobCluster
+
+def big(marks, size):
+    import hashlib, os, time
+    data = os.urandom(size)
+    open(os.path.join(marks, hashlib.sha256(data).hexdigest()), "w").close()
+    time.sleep(0.5)
+    return data
+
+address, credential, journal, marks, size = sys.argv[1:]
+cluster = SharedJobCluster(
+    big, scheduler_host=address, secret_file=credential, recover_file=journal
+)
+job = cluster.submit(marks, int(size))
+print("submitted", flush=True)
+time.sleep(300)
+"""
+
+
+def test_a_streamed_result_kept_for_a_killed_client_is_recovered_whole(
+    scheduler: SchedulerProcess, users: dict[str, Path], tmp_path: Path
+) -> None:
+    """The scheduler keeps a result over the streaming threshold as its chunks and
+    entry; recover_jobs reassembles it (status Finished, same SHA-256)."""
+    from nodeserver.computation import STREAM_BYTES
+
+    size = STREAM_BYTES + 4096  # the smallest result that streams, and a little
+    journal = tmp_path / "streamed.journal"
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    proc = start_client(
+        STREAMED_CLIENT, scheduler.address, str(users["alice"]), str(journal),
+        str(marks), str(size), cwd=tmp_path, name="streamed",
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "submitted", proc.communicate()
+        wait_until(lambda: any(marks.iterdir()))
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=20)
+    scheduler.wait_for_log("no job of it runs, 0 wait", timeout=60)
+    jobs = recover_jobs(str(journal), secret_file=str(users["alice"]), timeout=60)
+    (digest,) = [mark.name for mark in marks.iterdir()]
+    assert [(job.status, job.exception) for job in jobs] == [(JobStatus.Finished, None)]
+    result = jobs[0].result
+    assert isinstance(result, bytes) and len(result) == size
+    assert hashlib.sha256(result).hexdigest() == digest

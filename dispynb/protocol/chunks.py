@@ -1,0 +1,78 @@
+"""Reassembly of a large result that a node streamed in `ResultChunk` messages.
+
+Shared by the client's driver and by `dispynb.recovery`, so both take a streamed
+result with the same checks and bounds. ``streams`` maps a stream id (the caller's:
+which node, job and attempt) to its buffers so far, or to None once refused.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Hashable
+from typing import Any, TypeVar
+
+from dispynb.protocol.messages import ResultChunk
+
+#: A stream id, as the caller names its streams.
+K = TypeVar("K", bound=Hashable)
+#: Buffer index -> ``[place, bytes filled, size]`` (None: the stream was refused).
+Parts = dict[int, list[Any]]
+
+#: `add_chunk`: the result is over the cap (the stream is refused).
+TOO_LARGE = "too large"
+#: `add_chunk`: the chunk is malformed (the stream is refused).
+MALFORMED = "malformed"
+
+
+def add_chunk(
+    streams: dict[K, Parts | None],
+    stream_id: K,
+    message: ResultChunk,
+    buffers: list[memoryview],
+    cap: int,
+) -> str | None:
+    """Copy a chunk into its place (each buffer allocated once, at most ``cap``
+    bytes in all); return None, or `TOO_LARGE` / `MALFORMED` when this chunk made
+    the stream refused (`take_stream` then gives None)."""
+    parts = streams.setdefault(stream_id, {})
+    if parts is None:
+        return None  # refused already
+    target = parts.get(message.index)
+    if target is None:
+        total = sum(p[2] for p in parts.values()) + message.size
+        if not 0 <= message.index < 4096 or not message.size >= 0 or total > cap:
+            streams[stream_id] = None
+            return TOO_LARGE
+        # A bytes buffer grows in a BytesIO, whose getvalue() then hands over
+        # its memory: one copy, as for a bytearray filled in place.
+        place = io.BytesIO() if message.kind == "b" else bytearray(message.size)
+        target = parts[message.index] = [place, 0, message.size]
+    data = buffers[0] if len(buffers) == 1 else memoryview(b"")
+    place, filled, size = target
+    end = message.offset + data.nbytes
+    in_order = message.offset == filled or not isinstance(place, io.BytesIO)
+    if message.offset < 0 or end > size or not data.nbytes or not in_order:
+        streams[stream_id] = None
+        return MALFORMED
+    if isinstance(place, io.BytesIO):
+        place.write(data)
+    else:
+        place[message.offset : end] = data
+    target[1] += data.nbytes
+    return None
+
+
+def take_stream(
+    streams: dict[K, Parts | None], stream_id: K, count: int
+) -> list[bytes | bytearray] | None:
+    """The ``count`` buffers of a streamed result (forgotten here), or None if they
+    are not all there (refused, or chunks missing)."""
+    parts = streams.pop(stream_id, None)
+    if parts is None or sorted(parts) != list(range(count)):
+        return None
+    if any(filled != size for _place, filled, size in parts.values()):
+        return None
+    return [
+        place.getvalue() if isinstance(place, io.BytesIO) else place
+        for place, _filled, _size in (parts[i] for i in range(count))
+    ]
