@@ -1,0 +1,66 @@
+"""Reassembly of streamed results (`dispynb.protocol.chunks`): what the driver and
+`recover_jobs` accept of a node's `ResultChunk` messages, and what they refuse."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dispynb.protocol.chunks import (
+    MALFORMED,
+    TOO_LARGE,
+    Parts,
+    add_chunk,
+    take_stream,
+)
+from dispynb.protocol.messages import ResultChunk
+
+
+def chunk(index: int, offset: int, size: int, kind: str = "") -> ResultChunk:
+    return ResultChunk(
+        comp_id=1, key=7, attempt=1, index=index, offset=offset, size=size, kind=kind
+    )
+
+
+def test_buffers_are_assembled_whatever_the_order_of_a_bytearray_chunks() -> None:
+    streams: dict[Any, Parts | None] = {}
+    assert (
+        add_chunk(streams, "s", chunk(0, 0, 3, "b"), [memoryview(b"abc")], 100) is None
+    )
+    assert add_chunk(streams, "s", chunk(1, 4, 6), [memoryview(b"ef")], 100) is None
+    assert add_chunk(streams, "s", chunk(1, 0, 6), [memoryview(b"abcd")], 100) is None
+    assert take_stream(streams, "s", 2) == [b"abc", bytearray(b"abcdef")]
+    assert streams == {}  # taken: forgotten
+
+
+def test_a_result_over_the_cap_is_refused_and_never_taken() -> None:
+    streams: dict[Any, Parts | None] = {}
+    assert (
+        add_chunk(streams, "s", chunk(0, 0, 60), [memoryview(b"x" * 60)], 100) is None
+    )
+    assert (
+        add_chunk(streams, "s", chunk(1, 0, 41), [memoryview(b"y")], 100) == TOO_LARGE
+    )
+    # later chunks of a refused stream are dropped silently; the entry gets nothing
+    assert add_chunk(streams, "s", chunk(1, 0, 1), [memoryview(b"y")], 100) is None
+    assert take_stream(streams, "s", 2) is None
+
+
+def test_malformed_chunks_refuse_the_stream() -> None:
+    for bad, data in [
+        (chunk(0, 2, 4), b"abc"),  # past the buffer's end
+        (chunk(0, -1, 4), b"a"),  # before its start
+        (chunk(0, 0, 4), b""),  # empty
+        (chunk(0, 1, 4, "b"), b"a"),  # bytes out of order
+    ]:
+        streams: dict[Any, Parts | None] = {}
+        assert add_chunk(streams, "s", bad, [memoryview(data)], 100) == MALFORMED
+        assert take_stream(streams, "s", 1) is None
+
+
+def test_missing_chunks_or_buffers_give_nothing() -> None:
+    streams: dict[Any, Parts | None] = {}
+    add_chunk(streams, "s", chunk(0, 0, 4), [memoryview(b"ab")], 100)
+    assert take_stream(streams, "s", 1) is None  # half of it
+    add_chunk(streams, "t", chunk(1, 0, 1), [memoryview(b"a")], 100)
+    assert take_stream(streams, "t", 2) is None  # buffer 0 never came
+    assert take_stream(streams, "never", 1) is None
