@@ -43,7 +43,6 @@ REFUSED = {
     "connects to its nodes: it has no address to advertise",
     "cluster_secret": "each user proves a credential of its own ('dispynb-scheduler "
     "user add NAME'): there is no secret shared by all clients",
-    "max_file_size": "the nodes enforce their own --max_file_size",
     "config": "no configuration file: give the options on the command line",
     "save_config": "no configuration file: give the options on the command line",
 }
@@ -266,6 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
         "error saying so and its other jobs wait for the client",
     )
     parser.add_argument(
+        *_both("max_file_size"),
+        type=parse_size,
+        default=SchedulerConfig.max_file_size,
+        metavar="SIZE",
+        help="bytes a file a client sends (depends, send_file) may have at most "
+        "(default 512M, 0: no limit); kept on disk while its computation lives",
+    )
+    parser.add_argument(
         *_both("port_file"), default="", help="write the port here once listening"
     )
     parser.add_argument(
@@ -389,6 +396,7 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         port_file=args.port_file,
         kept_memory=args.kept_memory,
         max_kept=args.max_kept,
+        max_file_size=args.max_file_size,
         clean=args.clean,
     )
     if args.dest_path_prefix:

@@ -62,6 +62,9 @@ class SchedulerConfig:
     )
     kept_memory: int = 32 * 1024 * 1024
     max_kept: int = 1024 * 1024 * 1024
+    #: Bytes a file clients upload (``depends``, ``send_file``) may have at most (0:
+    #: no limit); the scheduler keeps them on disk while a computation needs them.
+    max_file_size: int = 512 * 1024 * 1024
     #: Remove the spill directories killed schedulers left in ``dest_path_prefix``.
     clean: bool = False
     max_message_size: int = MAX_MESSAGE_SIZE
@@ -97,8 +100,10 @@ class SchedulerConfig:
                 "--zombie_interval must be more than 0 minutes (fractions are taken: "
                 "0.5 is 30 s)"
             )
-        if self.kept_memory < 0 or self.max_kept < 0:
-            raise ConfigurationError("--kept_memory and --max_kept cannot be negative")
+        if self.kept_memory < 0 or self.max_kept < 0 or self.max_file_size < 0:
+            raise ConfigurationError(
+                "--kept_memory, --max_kept and --max_file_size cannot be negative"
+            )
         if (
             self.httpd
             and not is_loopback(self.httpd_host)

@@ -54,6 +54,7 @@ from dispynb.transport.connector import connect
 from dispynb.transport.listener import Listener
 from schedserver.computation import SharedComputation, Upstream
 from schedserver.config import SchedulerConfig
+from schedserver.depfiles import ClientFiles
 from schedserver.fairshare import FairShare
 from schedserver.monitor import SchedulerMonitor
 from schedserver.session import SchedulerSession
@@ -105,7 +106,8 @@ class SchedulerServer:
         self.computations: list[SharedComputation] = []
         self.fair = FairShare(config.max_cpus)
         self.spill = SpillStore(config.dest_path_prefix, config.kept_memory)
-        self.files: dict[str, memoryview] = {}  # client files by digest
+        #: Files clients uploaded, on disk while a computation needs them.
+        self.files = ClientFiles(self.spill, config.max_file_size)
         self._wanted: dict[str, set[tuple[SharedComputation, Upstream]]] = {}
         self._orders = itertools.count(1)
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -235,6 +237,7 @@ class SchedulerServer:
         for node in self.nodes:
             if node.conn is not None:
                 node.conn.close()
+        self.files.close()
         self.spill.close()
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
@@ -281,6 +284,7 @@ class SchedulerServer:
         """A client set a computation up: set it up on every node alive."""
         comp = SharedComputation(self, session, setup, bundle, next(self._orders))
         self.computations.append(comp)
+        self.files.claim(comp, [str(entry[1]) for entry in setup.files])
         for node in self.nodes:
             if node.alive:
                 self._attach(comp, node)
@@ -291,6 +295,7 @@ class SchedulerServer:
     def _session_ended(self, session: SchedulerSession) -> None:
         """A client went away: keep its computations that asked for recovery."""
         loop = asyncio.get_running_loop()
+        self.files.release(session)  # files it sent that no computation claims
         for comp in session.computations.values():
             if comp.session is not session:
                 continue
@@ -555,6 +560,7 @@ class SchedulerServer:
         if comp.session is not None:
             comp.session.computations.pop(comp.client_comp_id, None)
         comp.kept.clear()
+        self._release_files(comp)
         for upstream in comp.upstream.values():
             if upstream.conn is not None:
                 upstream.conn.close()
@@ -562,15 +568,20 @@ class SchedulerServer:
 
     # -- files -------------------------------------------------------------------------
 
-    def file_put(self, message: FilePut, buffers: list[memoryview]) -> str:
-        """A client sent a file: keep it for the nodes (that asked, or will).
+    def file_put(
+        self, session: SchedulerSession, message: FilePut, buffers: list[memoryview]
+    ) -> str:
+        """A client sent a file: keep it (on disk) for the nodes (that asked, or
+        will), as long as a computation that lists it, or ``session``, lives.
 
         Returns why it was refused ("" if kept): the content must match its digest
-        (files are shared by digest between users).
+        (files are shared by digest between users) and fit --max_file_size.
         """
         if len(buffers) != 1 or digest_of(buffers[0]) != message.digest:
             return f"file {message.digest[:16]}... does not match its digest: refused"
-        self.files[message.digest] = buffers[0]
+        refused = self.files.put(message.digest, buffers[0], session)
+        if refused:
+            return refused
         for _comp, upstream in self._wanted.pop(message.digest, set()):
             self.write(upstream, message, buffers)
         return ""
@@ -583,11 +594,22 @@ class SchedulerServer:
             data = self.files.get(digest)
             if data is not None:
                 self.write(upstream, FilePut(digest=digest, size=data.nbytes), [data])
+                del data  # the connection holds the map until it is written
             else:
                 self._wanted.setdefault(digest, set()).add((comp, upstream))
                 missing.append(digest)
         if missing:
             comp.to_client(FilesMissing(comp_id=comp.comp_id, digests=missing))
+
+    def _release_files(self, comp: SharedComputation) -> None:
+        """``comp`` closed: drop the files only it needed, and its wishes."""
+        self.files.release(comp)
+        for digest in list(self._wanted):
+            wanted = {w for w in self._wanted[digest] if w[0] is not comp}
+            if wanted:
+                self._wanted[digest] = wanted
+            else:
+                del self._wanted[digest]
 
     def file_place(self, comp: SharedComputation, message: FilePlace) -> None:
         """``send_file``: place the file on every node where ``comp`` is ready."""

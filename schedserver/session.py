@@ -17,6 +17,7 @@ from dispynb.errors import DispynbError
 from dispynb.protocol.handshake import peer_text
 from dispynb.protocol.messages import (
     ComputationClose,
+    ComputationFailed,
     ComputationSetup,
     Error,
     FilePlace,
@@ -86,6 +87,14 @@ class SchedulerSession:
             )
         return comp
 
+    def _files_too_large(self, setup: ComputationSetup) -> str:
+        """Why the files ``setup`` depends on are refused ("" if they are not)."""
+        for path, _digest, size in (entry[:3] for entry in setup.files):
+            refused = self.server.files.too_large(int(size), f"file {path!r}")
+            if refused:
+                return refused
+        return ""
+
     def _on_message(self, message: Message, buffers: list[memoryview]) -> bool:
         self.last_heard = self._clock()
         server = self.server
@@ -101,12 +110,15 @@ class SchedulerSession:
             if comp is not None:
                 comp.cancel(message)
         elif isinstance(message, FilePut):
-            refused = server.file_put(message, buffers)
+            refused = server.file_put(self, message, buffers)
             if refused:
                 self._refuse(refused)
         elif isinstance(message, ComputationSetup):
             if message.comp_id in self.computations:
                 self._refuse(f"computation {message.comp_id} exists already")
+            elif refused := self._files_too_large(message):
+                logger.warning("user %r: %s", self.user, refused)
+                self.send(ComputationFailed(comp_id=message.comp_id, message=refused))
             else:
                 if message.pulse_interval:
                     self._status_every = min(

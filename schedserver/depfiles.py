@@ -1,0 +1,125 @@
+"""`ClientFiles`: the files clients upload (``depends``, ``send_file``), kept on disk
+for as long as a computation (or the session that sent them) needs them.
+
+The scheduler sends a computation's files to every node that asks (also nodes that
+join later), so it keeps them while the computation lives; it keeps them in its
+private spill directory (`SpillStore`: files 0600 with random names, unlinked at
+once), never in memory. A file is sent from a read-only memory map of its spill
+file (page cache, not the scheduler's heap). Each file is claimed by the
+computations whose setup lists it and, if none did yet, by the session that
+uploaded it; it is released when the last of them ends (the computation closes,
+its client becomes a zombie or is revoked, the session ends).
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+
+from schedserver.spill import SpillStore
+
+logger = logging.getLogger(__name__)
+
+
+class ClientFiles:
+    """Uploaded files by digest, on disk; ``max_file_size`` bytes each at most (0:
+    no limit)."""
+
+    def __init__(self, store: SpillStore, max_file_size: int) -> None:
+        self.store = store
+        self.max_file_size = max_file_size
+        #: digest -> (descriptor of its unlinked spill file, size).
+        self._files: dict[str, tuple[int, int]] = {}
+        #: digest -> what claims it; holder -> the digests it claims.
+        self._claims: dict[str, set[object]] = {}
+        self._held: dict[object, set[str]] = {}
+
+    def __contains__(self, digest: str) -> bool:
+        return digest in self._files
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    @property
+    def size(self) -> int:
+        """Bytes of files kept (on disk)."""
+        return sum(size for _fd, size in self._files.values())
+
+    def too_large(self, size: int, name: str = "a file") -> str:
+        """Why a file of ``size`` bytes is refused ("" if it is not)."""
+        if self.max_file_size and size > self.max_file_size:
+            return (
+                f"{name} of {size} bytes is over the scheduler's maximum file size "
+                f"of {self.max_file_size} bytes (dispynb-scheduler --max_file_size): "
+                "send a smaller file, or have the limit raised"
+            )
+        return ""
+
+    def claim(self, holder: object, digests: list[str]) -> None:
+        """``holder`` needs these files (sent already or still to come)."""
+        for digest in digests:
+            self._claims.setdefault(digest, set()).add(holder)
+            self._held.setdefault(holder, set()).add(digest)
+
+    def release(self, holder: object) -> None:
+        """``holder`` ended: drop the files nothing else claims."""
+        for digest in self._held.pop(holder, set()):
+            holders = self._claims.get(digest)
+            if holders is None:
+                continue
+            holders.discard(holder)
+            if not holders:
+                del self._claims[digest]
+                self._drop(digest)
+
+    def put(self, digest: str, data: memoryview, uploader: object) -> str:
+        """Keep ``data`` (checked against its digest by the caller) on disk; claimed
+        by ``uploader`` if nothing claims it yet. Returns why it was refused ("")."""
+        refused = self.too_large(data.nbytes)
+        if refused:
+            return refused
+        if not self._claims.get(digest):
+            self.claim(uploader, [digest])
+        if digest in self._files:
+            return ""
+        fd = self.store.new_file()
+        try:
+            view = data.cast("B") if data.ndim != 1 or data.format != "B" else data
+            written = 0
+            while written < view.nbytes:
+                written += os.pwrite(fd, view[written:], written)
+        except OSError as exc:
+            os.close(fd)
+            self.release(uploader)
+            logger.warning("cannot keep file %s...: %s", digest[:16], exc)
+            return f"the scheduler cannot keep file {digest[:16]}...: {exc}"
+        self._files[digest] = (fd, view.nbytes)
+        return ""
+
+    def get(self, digest: str) -> memoryview | None:
+        """The file's content, mapped read-only from disk (None: not here)."""
+        kept = self._files.get(digest)
+        if kept is None:
+            return None
+        fd, size = kept
+        if size == 0:
+            return memoryview(b"")
+        # The map outlives the descriptor if need be (it is closed when the last
+        # view of it is gone: after the connection wrote it).
+        return memoryview(mmap.mmap(fd, size, prot=mmap.PROT_READ))
+
+    def close(self) -> None:
+        """Drop every file (the scheduler stops)."""
+        for digest in list(self._files):
+            self._drop(digest)
+        self._claims.clear()
+        self._held.clear()
+
+    def _drop(self, digest: str) -> None:
+        kept = self._files.pop(digest, None)
+        if kept is not None:
+            os.close(kept[0])
+
+
+__all__ = ["ClientFiles"]

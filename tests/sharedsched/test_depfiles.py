@@ -1,0 +1,206 @@
+"""The files clients send with ``depends`` are kept by the scheduler on disk (its
+private spill directory, unlinked files) while their computation lives, for nodes
+that join later, and released when it closes: its memory and disk do not grow with
+the files of the clients that came and went; a file over ``--max_file_size`` is
+refused with a clear error."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from dispynb import LocalCluster, SharedJobCluster
+from dispynb.errors import DispynbError
+from tests.sharedsched.harness import (
+    WAIT,
+    SchedulerProcess,
+    add_user,
+    env_for,
+    finish_client,
+    start_client,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+MiB = 1 << 20
+FILE = 8 * MiB
+CLIENTS = 4
+
+#: A client with a FILE-byte ``depends`` file: two jobs, then (once the test made the
+#: ``go`` file) eight more; each job returns the file's digest and its directory.
+DEPENDS_CLIENT = """
+import json, os, sys, time
+from dispynb import SharedJobCluster
+
+def digest(n):
+    import hashlib, os, time
+    time.sleep(0.25)
+    with open("big.bin", "rb") as handle:
+        return [hashlib.sha256(handle.read()).hexdigest(), os.getcwd()]
+
+address, credential, path, ran, go = sys.argv[1:6]
+cluster = SharedJobCluster(
+    digest, scheduler_host=address, secret_file=credential, depends=[path]
+)
+results = [job() for job in [cluster.submit(i) for i in range(2)]]
+open(ran, "w").close()
+while not os.path.exists(go):
+    time.sleep(0.02)
+results += [job() for job in [cluster.submit(i) for i in range(8)]]
+cluster.close()
+print(json.dumps({"results": results}))
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def spill_files(pid: int, spill: Path) -> list[int]:
+    """Sizes of the files under ``spill`` the process holds open."""
+    sizes = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith(str(spill)):
+                sizes.append(os.stat(f"/proc/{pid}/fd/{fd}").st_size)
+        except FileNotFoundError:
+            continue
+    return sizes
+
+
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def first_node() -> Iterator[LocalCluster]:
+    with LocalCluster(nodes=1, cpus=2) as local:
+        yield local
+
+
+def test_depends_kept_on_disk_for_a_late_node_and_released_at_close(
+    tmp_path: Path, first_node: LocalCluster
+) -> None:
+    credential = add_user(tmp_path, "alice")
+    spill = tmp_path / "spill"
+    late_port = free_port()
+    sched = SchedulerProcess(
+        tmp_path,
+        first_node.node_specs(),
+        first_node.secret,
+        args=("--dest_path_prefix", str(spill), "-n", f"127.0.0.1:{late_port}"),
+    )
+    sched.start()
+    late: subprocess.Popen[bytes] | None = None
+    try:
+        assert sched.proc is not None
+        pid = sched.proc.pid
+        scheduler = psutil.Process(pid)
+        after: list[int] = []  # the scheduler's RSS after each client closed
+        for index in range(CLIENTS):
+            data = os.urandom(FILE)
+            path = tmp_path / f"c{index}" / "big.bin"
+            path.parent.mkdir()
+            path.write_bytes(data)
+            ran, go = path.parent / "ran", path.parent / "go"
+            client = start_client(
+                DEPENDS_CLIENT,
+                sched.address,
+                str(credential),
+                str(path),
+                str(ran),
+                str(go),
+                cwd=path.parent,
+                name=f"client{index}",
+            )
+            wait_until(ran.exists, "the client's first jobs did not run")
+            # While the computation lives its file is on disk, in the spill
+            # directory (unlinked: only the scheduler's descriptor reaches it).
+            assert FILE in spill_files(pid, spill)
+            assert all(not f.is_file() for d in spill.iterdir() for f in d.iterdir()), (
+                "spill files are unlinked"
+            )
+            if late is None:
+                # A node joins after the file was sent: it gets it from the scheduler.
+                late = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "nodeserver",
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        str(late_port),
+                        "--cpus",
+                        "2",
+                        "--dest-path",
+                        str(tmp_path / "late"),
+                    ],
+                    env=env_for(DISPYNB_SECRET=first_node.secret),
+                    stdin=subprocess.DEVNULL,
+                )
+                sched.wait_for_log(f"node 127.0.0.1:{late_port} is up with")
+            go.touch()
+            out = finish_client(client, timeout=60)
+            want = hashlib.sha256(data).hexdigest()
+            assert [r[0] for r in out["results"]] == [want] * 10
+            if index == 0:
+                assert any(
+                    r[1].startswith(str(tmp_path / "late")) for r in out["results"]
+                ), out
+            # Closed: the file is gone from the scheduler's disk ...
+            wait_until(
+                lambda: not spill_files(pid, spill),
+                "the scheduler still holds a closed computation's file",
+            )
+            after.append(scheduler.memory_info().rss)
+        # ... and from its memory: once the first client warmed it up (buffers,
+        # allocator arenas), the next ones left less than one file behind in all.
+        grown = after[-1] - after[0]
+        assert grown < FILE, [f"{rss / MiB:.1f} MiB" for rss in after]
+    finally:
+        if late is not None:
+            late.terminate()
+            late.wait(WAIT)
+        sched.stop()
+
+
+def test_depends_over_max_file_size_is_refused(
+    tmp_path: Path, first_node: LocalCluster
+) -> None:
+    credential = add_user(tmp_path, "alice")
+    sched = SchedulerProcess(
+        tmp_path,
+        first_node.node_specs(),
+        first_node.secret,
+        args=("--max_file_size", "1M"),
+    )
+    sched.start()
+    try:
+        path = tmp_path / "big.bin"
+        path.write_bytes(b"x" * (2 * MiB))
+        with pytest.raises(DispynbError, match="--max_file_size"):
+            SharedJobCluster(
+                hashlib.sha256,
+                scheduler_host=sched.address,
+                secret_file=str(credential),
+                depends=[str(path)],
+            )
+    finally:
+        sched.stop()
