@@ -33,6 +33,7 @@ from dispynb.protocol.messages import (
     Welcome,
 )
 from dispynb.scheduler.driver import Driver, DriverConfig, NodeLink, Outcome
+from dispynb.scheduler.state import SchedulerState
 from dispynb.transport.connection import Connection
 from dispynb.transport.listener import Listener
 from tests.asyncutil import run
@@ -67,12 +68,18 @@ class Events:
         self.closed: list[tuple[str, str]] = []
         self.files: list[str] = []
         self.in_flight = 0
-        self.max_in_flight = 0
+        # The product's own count of jobs on a node, read when jobs are sent (set
+        # `state` to the driver's SchedulerState to record it).
+        self.state: SchedulerState | None = None
+        self.max_node_in_flight = 0
 
     def jobs_sent(self, keys: list[int], node: NodeLink) -> None:
         self.log.append(("sent", keys))
         self.in_flight += len(keys)
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        if self.state is not None:
+            running = self.state.node_running(node.node_id)
+            assert set(keys) <= set(self.state.running_keys(node.node_id))
+            self.max_node_in_flight = max(self.max_node_in_flight, running)
 
     def job_running(self, key: int, node: NodeLink, start_time: float) -> None:
         assert key not in self.done, f"job {key} started after it ended"
@@ -282,6 +289,7 @@ def test_reentrant_job_moves_to_another_node_when_its_node_vanishes(
 def test_jobs_in_flight_per_node_are_bounded(tmp_path: Path) -> None:
     async def main() -> None:
         async with in_process_node(tmp_path, cpus=1) as node, driving() as (d, ev):
+            ev.state = d.state
             d.add_node("127.0.0.1", node.port, allocate_for(blocked))
             await wait_until(lambda: ev.ready, "node ready")
             name = f"driver-window-{id(d)}"
@@ -293,7 +301,11 @@ def test_jobs_in_flight_per_node_are_bounded(tmp_path: Path) -> None:
             assert ev.in_flight == MIN_JOBS_PER_CPU
             gate(name).set()
             await wait_until(lambda: len(ev.done) == 50, "all done")
-            assert ev.max_in_flight <= MAX_JOBS_PER_CPU
+            # The bound is on what the node holds, as the scheduler counts it when
+            # it sends. Not from the events: a results message tells job_done after
+            # the replacements it frees are sent (bc4c50a), so sent-minus-done
+            # passes over the bound by that message's results for a moment.
+            assert 0 < ev.max_node_in_flight <= MAX_JOBS_PER_CPU
             finished = [e[1] for e in ev.log if e[0] == "done"]
             assert finished == list(range(1, 51))  # one CPU: in submission order
 
