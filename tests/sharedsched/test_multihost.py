@@ -178,42 +178,63 @@ def test_killed_node_host_reentrant_jobs_run_elsewhere(
     nodes: list[NetNode] = site["nodes"]  # type: ignore[assignment]
     script = tmp_path / "reentrant.py"
     script.write_text(REENTRANT_CLIENT)
+    started = tmp_path / "started"
+    started.mkdir()
+    release = tmp_path / "release"
     proc = run_in(
         network,
         network.hosts[5],
-        [sys.executable, str(script), str(site["address"]), str(credentials["bob"])],
+        [
+            sys.executable,
+            str(script),
+            str(site["address"]),
+            str(credentials["bob"]),
+            str(started),
+            str(release),
+        ],
         env_for(),
         tmp_path,
     )
-    assert proc.stdout is not None
-    assert proc.stdout.readline().strip() == "running"
+    # Six jobs held at once on 3 nodes of 2 CPUs: two run on each node, so the
+    # killed node surely has jobs running (not a guess from timing).
+    deadline = time.monotonic() + 60
+    while len(list(started.iterdir())) < 6:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, sorted(started.iterdir())
+        time.sleep(0.02)
     nodes[0].kill()
+    release.touch()
     out, err = proc.communicate(timeout=90)
     assert proc.returncode == 0, out + err
     result = json.loads(out.strip().splitlines()[-1])
     assert result["results"] == list(range(12))
-    assert set(result["hosts"]) <= {"node-h3", "node-h4"} | {"node-h2"}
+    # Nothing ran to its end on the killed node (h2): its jobs were held till then.
+    assert set(result["hosts"]) <= {"node-h3", "node-h4"}
     log = Path(str(site["log"])).read_text()
     assert "queued again" in log
 
 
-#: A reentrant client: 12 jobs of 1 s; says "running" once the first ended.
+#: A reentrant client: 12 jobs that each write a file in STARTED when they start,
+#: then wait for the file RELEASE to exist.
 REENTRANT_CLIENT = """
 import json, sys
 from dispynb import SharedJobCluster
 
-def nap(n):
-    import socket, time
-    time.sleep(1.0)
+def held(n, started, release):
+    import os, socket, time
+    with open(os.path.join(started, f"{n}-{os.getpid()}"), "w"):
+        pass
+    deadline = time.monotonic() + 60
+    while not os.path.exists(release):
+        assert time.monotonic() < deadline, "never released"
+        time.sleep(0.02)
     return n, socket.gethostname()
 
-address, credential = sys.argv[1], sys.argv[2]
+address, credential, started, release = sys.argv[1:5]
 with SharedJobCluster(
-    nap, scheduler_host=address, secret_file=credential, reentrant=True
+    held, scheduler_host=address, secret_file=credential, reentrant=True
 ) as cluster:
-    jobs = [cluster.submit(i) for i in range(12)]
-    jobs[0]()
-    print("running", flush=True)
+    jobs = [cluster.submit(i, started, release) for i in range(12)]
     results = [job() for job in jobs]
 out = {"results": [r[0] for r in results], "hosts": [r[1] for r in results]}
 print(json.dumps(out))

@@ -37,6 +37,28 @@ def nap(n: int, seconds: float) -> int:
     return n
 
 
+def held(n: int, started: str, release: str) -> int:
+    """Say it started (a file in ``started``), then wait for ``release`` to exist."""
+    import os
+    import time
+
+    with open(os.path.join(started, f"{n}-{os.getpid()}"), "w"):
+        pass
+    deadline = time.monotonic() + 60
+    while not os.path.exists(release):
+        assert time.monotonic() < deadline, "never released"
+        time.sleep(0.02)
+    return n
+
+
+def wait_for_files(directory: Path, count: int, timeout: float = 30) -> None:
+    """Wait until ``directory`` holds ``count`` files."""
+    deadline = time.monotonic() + timeout
+    while len(list(directory.iterdir())) < count:
+        assert time.monotonic() < deadline, sorted(directory.iterdir())
+        time.sleep(0.02)
+
+
 def test_equal_load_gets_equal_shares(
     scheduler: SchedulerProcess, users: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -154,17 +176,26 @@ def test_killed_client_reattaches_and_collects_every_result_once(
 
 
 def test_reentrant_jobs_of_a_killed_node_run_on_another(
-    scheduler: SchedulerProcess, users: dict[str, Path], nodes: LocalCluster
+    scheduler: SchedulerProcess,
+    users: dict[str, Path],
+    nodes: LocalCluster,
+    tmp_path: Path,
 ) -> None:
+    started = tmp_path / "started"
+    started.mkdir()
+    release = tmp_path / "release"
     with SharedJobCluster(
-        nap,
+        held,
         scheduler_host=scheduler.address,
         secret_file=str(users["alice"]),
         reentrant=True,
     ) as cluster:
-        jobs = [cluster.submit(i, 1.0) for i in range(8)]
-        jobs[0]()  # the nodes are busy
+        jobs = [cluster.submit(i, str(started), str(release)) for i in range(8)]
+        # Four jobs held at once on 2 nodes of 2 CPUs: two run on each node, so
+        # the killed node surely has jobs running (not a guess from timing).
+        wait_for_files(started, 4)
         os.kill(nodes.pids[0], signal.SIGKILL)
+        release.touch()
         assert cluster.wait(timeout=40)
         assert [job.result for job in jobs] == list(range(8))
         assert all(job.status == JobStatus.Finished for job in jobs)
