@@ -43,6 +43,13 @@ _EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 ACCEPT_RETRY_FIRST = 0.05
 ACCEPT_RETRY_MAX = 1.0
 
+#: Seconds without an out-of-descriptors accept before an episode counts as over.
+#: An empty accept queue says nothing about descriptors: on a loaded machine the
+#: clients that exhausted them may just be slow to send their next connections, and
+#: the next one fails again. Without this, such an episode logged a pause and a
+#: resume per lull (seen: two of each in one exhaustion under load).
+EPISODE_QUIET = 2 * ACCEPT_RETRY_MAX
+
 Handler = Callable[[Connection, str], Awaitable[None]]
 
 
@@ -84,6 +91,8 @@ class Listener:
         self._failed_accepts = 0
         self._retry_delay = ACCEPT_RETRY_FIRST
         self._retry: asyncio.TimerHandle | None = None
+        self._last_failure = 0.0
+        self._episode_check: asyncio.TimerHandle | None = None
 
     @property
     def _pending(self) -> int:
@@ -111,6 +120,9 @@ class Listener:
         if self._retry is not None:
             self._retry.cancel()
             self._retry = None
+        if self._episode_check is not None:
+            self._episode_check.cancel()
+            self._episode_check = None
         for sock in self._sockets:
             if not paused:
                 loop.remove_reader(sock.fileno())
@@ -160,6 +172,7 @@ class Listener:
         else:
             self._retry_delay = min(self._retry_delay * 2, ACCEPT_RETRY_MAX)
         self._failed_accepts += 1
+        self._last_failure = time.monotonic()
         if self._retry is None:
             for sock in self._sockets:
                 loop.remove_reader(sock.fileno())
@@ -172,13 +185,27 @@ class Listener:
             loop.add_reader(sock.fileno(), self._accept, sock)
 
     def _caught_up(self) -> None:
-        """Nothing more to accept: an out-of-descriptors episode, if any, is over."""
+        """Nothing more to accept: an out-of-descriptors episode, if any, ends once
+        `EPISODE_QUIET` seconds pass with no accept short of descriptors."""
+        if self._paused_since is None or self._episode_check is not None:
+            return
+        loop = asyncio.get_running_loop()
+        self._episode_check = loop.call_later(EPISODE_QUIET, self._end_episode)
+
+    def _end_episode(self) -> None:
+        self._episode_check = None
         if self._paused_since is None:
+            return
+        quiet = time.monotonic() - self._last_failure
+        if self._retry is not None or quiet < EPISODE_QUIET:  # short again meanwhile
+            loop = asyncio.get_running_loop()
+            wait = max(EPISODE_QUIET - quiet, ACCEPT_RETRY_FIRST)
+            self._episode_check = loop.call_later(wait, self._end_episode)
             return
         logger.warning(
             "accepting connections again after %.1f s short of descriptors "
             "(%d accept attempts failed)",
-            time.monotonic() - self._paused_since,
+            self._last_failure - self._paused_since,
             self._failed_accepts,
         )
         self._paused_since = None

@@ -115,6 +115,8 @@ def test_descriptor_exhaustion_backs_off(measure, tmp_path):
         "connections closed"
     )
     assert cpu < 5
+    # One exhaustion, one pause line and one line when it ends: lulls while the
+    # holders are slow to connect (a loaded machine) do not end it (EPISODE_QUIET).
     assert accept_lines <= 2
     assert back < 10
 

@@ -8,6 +8,7 @@ import logging
 
 import pytest
 
+from dispynb.transport import listener as listener_module
 from dispynb.transport.admission import Admission, Tally, source_of
 from tests.asyncutil import run
 from tests.transport.util import echo_round_trip, serving, wait_until
@@ -106,3 +107,26 @@ def test_listener_out_of_descriptors_pauses_then_serves_again(caplog):
     lines = [r.getMessage() for r in caplog.records if "accept" in r.getMessage()]
     assert len(lines) == 3, lines  # paused, accepting again, paused
     assert "pausing" in lines[0] and "after" in lines[1] and "2 accept" in lines[1]
+
+
+def test_listener_short_again_after_a_lull_is_the_same_episode(caplog, monkeypatch):
+    """Out of descriptors, the queue drained, out again before `EPISODE_QUIET`:
+    one pause line and one end line with every failed accept, not a pair per lull
+    (what clients slow to reconnect on a loaded machine caused)."""
+    # Longer than any stall between the drain and the next failure, however loaded.
+    monkeypatch.setattr(listener_module, "EPISODE_QUIET", 5.0)
+
+    async def main() -> None:
+        async with serving() as (listener, _):
+            listener._accept(_Exhausted())  # type: ignore[arg-type]
+            began = listener._paused_since
+            await echo_round_trip(listener.port)  # resumed, accepted, drained
+            listener._accept(_Exhausted())  # type: ignore[arg-type]
+            assert listener._paused_since == began
+            await echo_round_trip(listener.port)
+            await wait_until(lambda: listener._paused_since is None)
+
+    run(main())
+    lines = [r.getMessage() for r in caplog.records if "accept" in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert "pausing" in lines[0] and "2 accept" in lines[1]
