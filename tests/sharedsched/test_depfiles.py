@@ -26,6 +26,7 @@ from tests.sharedsched.harness import (
     add_user,
     env_for,
     finish_client,
+    scheduler_cli,
     start_client,
 )
 
@@ -201,6 +202,53 @@ def test_depends_over_max_file_size_is_refused(
                 scheduler_host=sched.address,
                 secret_file=str(credential),
                 depends=[str(path)],
+            )
+    finally:
+        sched.stop()
+
+
+def file_digest(name: str) -> str:
+    """A job: the sha256 of a file in its directory."""
+    import hashlib
+
+    with open(name, "rb") as handle:
+        return hashlib.sha256(handle.read()).hexdigest()
+
+
+def test_revoked_users_depends_file_is_released(
+    tmp_path: Path, first_node: LocalCluster
+) -> None:
+    credential = add_user(tmp_path, "bob")
+    spill = tmp_path / "spill"
+    sched = SchedulerProcess(
+        tmp_path,
+        first_node.node_specs(),
+        first_node.secret,
+        args=("--dest_path_prefix", str(spill)),
+    )
+    sched.start()
+    try:
+        assert sched.proc is not None
+        pid = sched.proc.pid
+        data = os.urandom(MiB + 7)
+        path = tmp_path / "dep.bin"
+        path.write_bytes(data)
+        with SharedJobCluster(
+            file_digest,
+            scheduler_host=sched.address,
+            secret_file=str(credential),
+            depends=[str(path)],
+        ) as cluster:
+            assert cluster.submit("dep.bin")() == hashlib.sha256(data).hexdigest()
+            assert spill_files(pid, spill) == [MiB + 7]
+            done = scheduler_cli(
+                "user", "revoke", "bob", "--users", str(tmp_path / "users")
+            )
+            assert done.returncode == 0, done.stderr
+            sched.wait_for_log("bob/file_digest: its user was revoked: closed")
+            wait_until(
+                lambda: not spill_files(pid, spill),
+                "the scheduler still holds a revoked user's file",
             )
     finally:
         sched.stop()
