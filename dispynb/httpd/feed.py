@@ -60,10 +60,20 @@ class ChangeFeed:
         """Return once the monitor's version is not ``since``, or after ``timeout``."""
         if self._monitor.version != since or self._stop.is_set():
             return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         self.waiting += 1
         try:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._event.wait(), timeout)
+            # A wake-up can be late (the watcher thread runs when it gets the CPU):
+            # one for a change made before ``since`` was read is no change to this
+            # waiter, so it waits on (a closed cluster's long-poll used to answer at
+            # once, under load, instead of after ``timeout``).
+            while self._monitor.version == since and not self._stop.is_set():
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._event.wait(), remaining)
         finally:
             self.waiting -= 1
 
