@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -251,4 +252,67 @@ def test_revoked_users_depends_file_is_released(
                 "the scheduler still holds a revoked user's file",
             )
     finally:
+        sched.stop()
+
+
+#: A client with a ``depends`` file (and a recover_file: its computation outlives
+#: a lost connection) that runs a job, says so, and waits (to be stopped).
+WAITING_CLIENT = """
+import sys, time
+from dispynb import SharedJobCluster
+
+def size(name):
+    import os
+    return os.path.getsize(name)
+
+address, credential, path, journal = sys.argv[1:5]
+cluster = SharedJobCluster(
+    size, scheduler_host=address, secret_file=credential, depends=[path],
+    recover_file=journal,
+)
+print(cluster.submit("dep.bin")(), flush=True)
+time.sleep(300)
+"""
+
+
+def test_zombie_clients_depends_file_is_released(
+    tmp_path: Path, first_node: LocalCluster
+) -> None:
+    credential = add_user(tmp_path, "alice")
+    spill = tmp_path / "spill"
+    sched = SchedulerProcess(
+        tmp_path,
+        first_node.node_specs(),
+        first_node.secret,
+        args=("--dest_path_prefix", str(spill), "--zombie_interval", "0.1"),
+    )
+    sched.start()
+    client: subprocess.Popen[str] | None = None
+    try:
+        assert sched.proc is not None
+        pid = sched.proc.pid
+        path = tmp_path / "dep.bin"
+        path.write_bytes(os.urandom(MiB))
+        client = start_client(
+            WAITING_CLIENT,
+            sched.address,
+            str(credential),
+            str(path),
+            str(tmp_path / "journal"),
+            cwd=tmp_path,
+            name="waiting",
+        )
+        assert client.stdout is not None
+        assert client.stdout.readline().strip() == str(MiB)
+        assert spill_files(pid, spill) == [MiB]
+        os.killpg(client.pid, signal.SIGSTOP)  # connected, but silent: a zombie
+        sched.wait_for_log("a zombie", timeout=30)
+        wait_until(
+            lambda: not spill_files(pid, spill),
+            "the scheduler still holds a zombie client's file",
+        )
+    finally:
+        if client is not None:
+            os.killpg(client.pid, signal.SIGKILL)
+            client.communicate(timeout=20)
         sched.stop()
