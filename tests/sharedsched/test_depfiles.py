@@ -316,3 +316,37 @@ def test_zombie_clients_depends_file_is_released(
             os.killpg(client.pid, signal.SIGKILL)
             client.communicate(timeout=20)
         sched.stop()
+
+
+def test_send_file_through_the_scheduler_is_released_with_the_session(
+    tmp_path: Path, first_node: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``send_file`` file, listed by no computation, is kept (on disk) for the
+    session that sent it, and released when that client is gone."""
+    credential = add_user(tmp_path, "alice")
+    spill = tmp_path / "spill"
+    sched = SchedulerProcess(
+        tmp_path,
+        first_node.node_specs(),
+        first_node.secret,
+        args=("--dest_path_prefix", str(spill)),
+    )
+    sched.start()
+    try:
+        assert sched.proc is not None
+        pid = sched.proc.pid
+        data = os.urandom(300_000)
+        (tmp_path / "extra.bin").write_bytes(data)
+        monkeypatch.chdir(tmp_path)  # send_file keeps the path relative to it
+        with SharedJobCluster(
+            file_digest, scheduler_host=sched.address, secret_file=str(credential)
+        ) as cluster:
+            assert cluster.send_file("extra.bin", "127.0.0.1") == 0
+            assert spill_files(pid, spill) == [len(data)]
+            assert cluster.submit("extra.bin")() == hashlib.sha256(data).hexdigest()
+        wait_until(
+            lambda: not spill_files(pid, spill),
+            "the scheduler still holds a gone client's send_file file",
+        )
+    finally:
+        sched.stop()
