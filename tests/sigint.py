@@ -37,10 +37,32 @@ def sigint_when(predicate: Callable[[], bool], timeout: float = WAIT) -> Iterato
     fails the test instead of stopping pytest.
     """
     assert threading.current_thread() is threading.main_thread()
+    with python_handles_sigint(), _sending(predicate, timeout) as sent:
+        yield sent
+
+
+@contextmanager
+def python_handles_sigint() -> Iterator[None]:
+    """Python's own SIGINT handler for the block, as in a user's process or kernel.
+
+    A shell starts a background job (CI's test run, ``cmd &``) with SIGINT ignored,
+    and Python then installs no handler: a SIGINT or ``interrupt_main()`` would be
+    lost. Any handler other than Python's default or SIG_IGN fails the test.
+    """
+    previous = signal.getsignal(signal.SIGINT)
+    if previous == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     # With any other handler a SIGINT would kill pytest or be lost.
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, (
-        signal.getsignal(signal.SIGINT)
-    )
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, previous
+    try:
+        yield
+    finally:
+        if previous == signal.SIG_IGN:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextmanager
+def _sending(predicate: Callable[[], bool], timeout: float) -> Iterator[Sent]:
     sent = Sent()
     failure: list[BaseException] = []
 

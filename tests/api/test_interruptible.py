@@ -17,7 +17,7 @@ import pytest
 
 from dispynb import JobCluster, _interruptible
 from tests import jobs
-from tests.sigint import sigint_when
+from tests.sigint import python_handles_sigint, sigint_when
 
 #: Longer than any wait here may take once interrupted.
 NEVER = 30.0
@@ -49,12 +49,13 @@ def flag_when(predicate: Callable[[], bool]) -> Iterator[None]:
         jobs.wait_until(predicate)
         _thread.interrupt_main()
 
-    thread = threading.Thread(target=body, name="test-interrupt-flag", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        thread.join(NEVER)
+    with python_handles_sigint():
+        thread = threading.Thread(target=body, name="test-interrupt-flag", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            thread.join(NEVER)
 
 
 Sender = Callable[[Callable[[], bool]], AbstractContextManager[Any]]
