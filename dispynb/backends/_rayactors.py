@@ -286,10 +286,9 @@ class _Actors(_RayState):
         for slot in self._slots:
             if slot.dead:
                 continue
-            running = slot.inflight[0][2] if slot.inflight else None
-            for key, _, ref in slot.inflight:
+            for index, (key, _, _) in enumerate(slot.inflight):
                 self._forget(key)
-                if ref is running:
+                if index == 0:
                     self._events.job_done(
                         key,
                         slot.node.info,
