@@ -23,7 +23,8 @@ import logging
 import os
 from typing import Any
 
-from dispynb.backends.dask import DaskEngine, _host_port
+from dispynb.backends._daskselect import _host_port
+from dispynb.backends.dask import DaskEngine
 from dispynb.errors import ClusterError, ConfigurationError
 from dispynb.local import START_TIMEOUT, LocalCluster, cpus_per_node
 

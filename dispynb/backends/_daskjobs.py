@@ -1,0 +1,285 @@
+"""The Dask engine's jobs: submitted as Dask tasks, their events from the workers
+(start, provisional results, files), their results gathered in batches, their
+cancels, and the failures that abandon them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from typing import Any
+
+from dispynb.backends._daskstate import _as_bytes, _DaskState, logger
+from dispynb.backends.base import JobRequest, Outcome
+from dispynb.errors import DispynbError, NotSupportedError, SerializationError
+from dispynb.job import JobStatus
+from dispynb.protocol import serialize
+from dispynb.protocol.files import write_inside
+
+
+class _Jobs(_DaskState):
+    """The jobs' way through Dask, from ``submit`` to their final event."""
+
+    # -- events from the workers (on the loop) ---------------------------------------
+
+    def _on_event(self, event: tuple[float, Any]) -> None:
+        message = event[1]
+        if not isinstance(message, list | tuple) or not message:
+            return  # the scheduler's own events on this client's topic
+        kind = message[0]
+        if kind == "ready":
+            self._worker_ready(*message[1:])
+        elif kind == "start":
+            _, dask_key, address, start_time = message
+            key = self._key_of(dask_key)
+            if key is not None and key not in self.started:
+                node = self._node(address)
+                self.started[key] = (node, start_time)
+                self.running[address].add(key)
+                self.events.job_running(key, node, start_time)
+        elif kind == "provisional":
+            _, dask_key, address, data = message
+            key = self._key_of(dask_key)
+            if key is None:
+                return
+            try:
+                import pickle
+
+                result = serialize.loads(pickle.loads(data), self.result_types)
+            except DispynbError as exc:
+                logger.warning("provisional result of job %d dropped: %s", key, exc)
+                return
+            node = self._node(address)
+            if key not in self.started:
+                self.started[key] = (node, event[0])
+                self.events.job_running(key, node, event[0])
+            self.events.job_provisional(key, node, result)
+        elif kind == "file":
+            _, dask_key, path, data = message
+            key = self._key_of(dask_key)
+            if key is not None:
+                self._save_file(key, path, data)
+
+    def _save_file(self, key: int, path: str, data: bytes) -> None:
+        """A job sent a file (``dispy_send_file``): save it under ``files_dir``."""
+        base_dir = self.files_dir or os.getcwd()
+        try:
+            saved = write_inside(base_dir, path, memoryview(data))
+        except (DispynbError, OSError) as exc:
+            logger.warning("file %r from job %d not saved: %s", path, key, exc)
+            return
+        logger.info("saved %s from job %d", saved, key)
+
+    # -- jobs ---------------------------------------------------------------------
+
+    def prepare(self, job: JobRequest) -> None:
+        """Pickle the job's arguments (in the caller's thread) into ``job.payload``."""
+        if job.depends:
+            raise NotSupportedError(
+                "dispy_job_depends is not supported on the 'dask' engine: put the "
+                "objects in the cluster's depends, or use engine=None"
+            )
+        try:
+            job.payload = [
+                _as_bytes(b) for b in serialize.dumps((job.args, job.kwargs))
+            ]
+        except SerializationError as exc:
+            raise SerializationError(_unpicklable(job, exc)) from exc
+
+    def submit(self, job: JobRequest) -> None:
+        """Queue a prepared job on Dask; never blocks."""
+        if getattr(job, "payload", None) is None:
+            self.prepare(job)
+        limits = (job.timeout, job.mem_limit)
+        args = (job.key, job.payload, job.node_id, limits)
+        if self.runner.in_loop_thread():
+            self._submit(*args)
+        else:
+            self.runner.call_soon(self._submit, *args)
+
+    def _submit(
+        self,
+        key: int,
+        buffers: list[bytes],
+        node_id: str | None,
+        limits: tuple[float | None, int | None],
+    ) -> None:
+        from dispynb.backends._daskworker import run_job
+
+        if self.closed:
+            self.events.job_cancelled(key)
+            return
+        kind = "r" if self.reentrant else "n"
+        dask_key = f"{self.prefix}{kind}{key}-{next(self.attempts)}"
+        workers: list[str] | None = [node_id] if node_id else self.wanted
+        if not node_id and self.failed:
+            workers = list(self.workers) or workers  # not where setup failed
+        future = self.client.submit(
+            run_job,
+            self.plugin_name,
+            limits,
+            *buffers,
+            key=dask_key,
+            pure=False,
+            workers=workers,
+            allow_other_workers=False,
+        )
+        self.futures[key] = future
+        task = asyncio.ensure_future(self._watch(key, future))
+        task.add_done_callback(_log_failure)
+
+    async def _watch(self, key: int, future: Any) -> None:
+        await _settled(future)
+        if key not in self.futures or self.futures[key] is not future:
+            return  # cancelled or abandoned here already
+        if future.status == "finished":
+            self.finished.append((key, future))
+            if not self.gathering:
+                self.gathering = True
+                asyncio.ensure_future(self._gather()).add_done_callback(_log_failure)
+            return
+        self.futures.pop(key, None)
+        seen = self.started.get(key)
+        self._forget(key)
+        if future.status == "cancelled":  # not by this cluster: it popped its own
+            reason = (
+                f"the connection to the Dask scheduler at {self.engine.address} was "
+                "lost"
+                if self.client is None or self.client.status != "running"
+                else "the Dask scheduler cancelled it (restarted, or another client "
+                "cancelled it)"
+            )
+        else:
+            reason = f"the Dask task failed ({future.status})"
+            with contextlib.suppress(Exception):
+                exc = await future.exception()
+                if exc is not None:
+                    reason = f"{type(exc).__name__}: {exc}"
+        self.events.job_abandoned(key, seen[0] if seen else None, reason)
+
+    async def _gather(self) -> None:
+        """Fetch finished results in batches (one scheduler round trip each)."""
+        try:
+            while self.finished:
+                batch, self.finished = self.finished, []
+                try:
+                    values = await self.client.gather([f for _, f in batch])
+                except Exception:
+                    values = []
+                    for _, future in batch:
+                        try:
+                            values.append(await future)
+                        except Exception as exc:
+                            values.append(exc)
+                for (key, future), value in zip(batch, values, strict=True):
+                    if key in self.futures and self.futures[key] is future:
+                        del self.futures[key]
+                        self._report(key, value)
+        finally:
+            self.gathering = False
+
+    def _report(self, key: int, value: Any) -> None:
+        if isinstance(value, BaseException):
+            self._forget(key)
+            self.events.job_abandoned(key, None, f"{type(value).__name__}: {value}")
+            return
+        meta, result_buffers, address = value
+        outcome, start, end, stdout, stderr, exception = meta
+        node = self._node(address)
+        seen = self.started.pop(key, None)
+        self.running[address].discard(key)
+        self.lost.pop(key, None)
+        if outcome == "setup":
+            self.events.job_abandoned(
+                key, node, f"setup failed on Dask worker {address}: {exception}"
+            )
+            return
+        if seen is None:
+            self.events.job_running(key, node, start)
+        status = JobStatus.Terminated
+        result = None
+        if outcome == "finished":
+            try:
+                result = serialize.loads(result_buffers, self.result_types)
+                status = JobStatus.Finished
+            except DispynbError as exc:
+                exception = f"the job's result cannot be loaded here: {exc}\n"
+        self.events.job_done(
+            key,
+            node,
+            Outcome(status, result, stdout, stderr, exception, start, end),
+        )
+
+    def cancel(
+        self, keys: list[int], unstarted: bool = False, held: bool = False
+    ) -> None:
+        """Cancel jobs: Dask drops queued ones and the workers kill running ones.
+
+        ``unstarted``: leave the jobs known to run alone (their start is announced
+        after `_daskworker.START_REPORT`; a job cancelled within that time of its
+        start is killed and reported ``Cancelled``). ``held``: the same (Dask holds
+        the queue, this client none), reported before this returns.
+        """
+        if self.runner.in_loop_thread():
+            self._cancel(keys, unstarted or held)
+        else:
+            self.runner.call_soon(self._cancel, keys, unstarted or held)
+
+    def _cancel(self, keys: list[int], unstarted: bool = False) -> None:
+        futures = []
+        for key in keys:
+            if unstarted and key in self.started:
+                continue
+            future = self.futures.pop(key, None)
+            if future is None:
+                continue
+            futures.append(future)
+            seen = self.started.pop(key, None)
+            self.lost.pop(key, None)
+            if seen is None:
+                self.events.job_cancelled(key)
+                continue
+            node, start = seen
+            self.running[node.node_id].discard(key)
+            outcome = Outcome(
+                JobStatus.Terminated,
+                exception="terminated: cancelled while it ran",
+                start_time=start,
+            )
+            self.events.job_done(key, node, outcome)
+        if futures and self.client is not None:
+            # One Client.cancel per loop turn: Stop cancels job by job, and the
+            # scheduler must drop the queued ones in the same step as it frees the
+            # running ones' workers, or the queue moves up first.
+            if not self.cancelling:
+                asyncio.get_running_loop().call_soon(self._flush_cancels)
+            self.cancelling += futures
+
+    def _flush_cancels(self) -> None:
+        futures, self.cancelling = self.cancelling, []
+        if futures and self.client is not None:
+            cancel = self.client.cancel(futures, reason="dispynb: cancelled")
+            asyncio.ensure_future(cancel).add_done_callback(_log_failure)
+
+
+def _unpicklable(job: JobRequest, error: SerializationError) -> str:
+    """Name the argument that cannot be pickled."""
+    named = [(f"argument {i + 1}", value) for i, value in enumerate(job.args)]
+    named += [(f"keyword argument {k!r}", v) for k, v in job.kwargs.items()]
+    for name, value in named:
+        try:
+            serialize.dumps(value)
+        except SerializationError as exc:
+            return f"job {name} cannot be sent to a Dask worker: {exc}"
+    return f"job arguments cannot be sent to a Dask worker: {error}"
+
+
+async def _settled(future: Any) -> None:
+    """Wait until a Dask future is no longer pending, without fetching its result
+    (what ``distributed.wait`` awaits; it needs a default client, we have none)."""
+    await future._state.wait()
+
+
+def _log_failure(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("Dask engine: %s", task.exception(), exc_info=task.exception())

@@ -1,0 +1,132 @@
+"""The state of one `JobCluster`'s computation on Dask, on the façade's loop, and
+the helpers every part of `DaskBackend` uses (its parts: `_dasknodes`, the workers;
+`_daskjobs`, the jobs)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import secrets
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any
+
+from dispynb.backends._daskselect import _host_port, _wanted_workers
+from dispynb.backends.base import ClusterConfig, JobEvents, NodeInfo
+from dispynb.protocol import serialize
+
+if TYPE_CHECKING:
+    from dispynb.backends.dask import DaskEngine
+
+#: The engine's logger, whichever part of it logs.
+logger = logging.getLogger("dispynb.backends.dask")
+
+#: Seconds to connect to the scheduler.
+CONNECT_TIMEOUT = 10.0
+
+#: Seconds `open` waits for the workers present to report their setup (a longer
+#: setup goes on; jobs wait for it on that worker).
+SETUP_WAIT = 15.0
+
+#: Seconds `close` may take (cleanup on the workers, then the client).
+CLOSE_TIMEOUT = 60.0
+
+#: Largest file a job may send back with ``dispy_send_file`` on Dask (bytes): it
+#: travels through the Dask scheduler, which keeps the client's events until the
+#: client leaves.
+MAX_SENT_FILE = 32 << 20
+
+
+class _DaskState:
+    """The state of one cluster's computation on Dask. The methods declared here
+    and raising `NotImplementedError` are the parts' own (one part calls another's).
+    """
+
+    def __init__(self, engine: DaskEngine, events: JobEvents, config: ClusterConfig):
+        opts = config.options
+        self.engine = engine
+        self.events = events
+        self.config = config
+        self.runner = config.runner
+        self.uid = secrets.token_hex(6)
+        self.reentrant = bool(opts.reentrant)
+        self.max_attempts = int(opts.max_attempts) if self.reentrant else 1
+        self.prefix = f"dispynb-{self.uid}-"
+        self.plugin_name = f"dispynb-{self.uid}"
+        self.fence_name = f"dispynb-fence-{self.uid}"
+        self.client: Any = None
+        self.workers: dict[str, NodeInfo] = {}
+        self.failed: dict[str, str] = {}
+        self.unwanted: set[str] = set()  # set up, but not among nodes=
+        self.futures: dict[int, Any] = {}
+        self.started: dict[int, tuple[NodeInfo, float]] = {}
+        self.running: defaultdict[str, set[int]] = defaultdict(set)
+        self.lost: dict[int, int] = {}
+        self.attempts = itertools.count(1)
+        self.finished: list[tuple[int, Any]] = []
+        self.gathering = False
+        self.cancelling: list[Any] = []
+        self.closed = False
+        self.wanted = _wanted_workers(opts.nodes)
+        self.files_dir = opts.files_dir
+        self.result_types = (
+            None
+            if opts.result_types is None
+            else serialize.AllowList(opts.result_types)
+        )
+        self._ready_seen: asyncio.Event | None = None
+
+    def _is_wanted(self, address: str, name: str) -> bool:
+        """Whether ``nodes=`` lets jobs run on the worker at ``address``."""
+        if self.wanted is None:
+            return True
+        host, port = _host_port(address)
+        forms = {address, f"{host}:{port}", f"[{host}]:{port}", host, name}
+        return any(item in forms for item in self.wanted)
+
+    def _key_of(self, dask_key: Any) -> int | None:
+        if not isinstance(dask_key, str) or not dask_key.startswith(self.prefix):
+            return None
+        try:
+            return int(dask_key[len(self.prefix) + 1 :].partition("-")[0])
+        except ValueError:
+            return None
+
+    def _node(self, address: str) -> NodeInfo:
+        node = self.workers.get(address)
+        if node is None:
+            host, port = _host_port(address)
+            node = NodeInfo(address, host, port, "", 0)
+        return node
+
+    def _forget(self, key: int) -> None:
+        seen = self.started.pop(key, None)
+        if seen is not None:
+            self.running[seen[0].node_id].discard(key)
+        self.lost.pop(key, None)
+
+    # -- the parts' methods, declared for the others --
+
+    def _on_event(self, event: tuple[float, Any]) -> None:
+        raise NotImplementedError
+
+    def _worker_ready(
+        self, uid: str, address: str, nthreads: int, name: str, error: str
+    ) -> None:
+        raise NotImplementedError
+
+    def _cancel(self, keys: list[int], unstarted: bool = False) -> None:
+        raise NotImplementedError
+
+    def _flush_cancels(self) -> None:
+        raise NotImplementedError
+
+
+def _as_bytes(buffer: Any) -> bytes:
+    """A pickle buffer as bytes, without a copy when it is a whole bytes object."""
+    if isinstance(buffer, bytes):
+        return buffer
+    view = memoryview(buffer)
+    if isinstance(view.obj, bytes) and len(view.obj) == view.nbytes:
+        return view.obj
+    return view.tobytes()
