@@ -1,0 +1,153 @@
+"""The shared scheduler's clients: their sessions, the computations they set up,
+what happens to those when a client goes away, and a client's recovery of them."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import TYPE_CHECKING, cast
+
+from dispynb.errors import DispynbError
+from dispynb.protocol.messages import (
+    ComputationClose,
+    ComputationSetup,
+    Recover,
+    Recovered,
+)
+from dispynb.transport.connection import Connection
+from schedserver.computation import SharedComputation
+from schedserver.session import SchedulerSession
+from schedserver.state import _ServerState, logger
+
+if TYPE_CHECKING:
+    from schedserver.server import SchedulerServer
+
+#: A recovering client is sent what was kept for it while fewer bytes than this
+#: wait to go out (what is on disk is read back no faster than it takes them).
+REPLAY_UNSENT = 8 * 1024 * 1024
+
+
+class _Clients(_ServerState):
+    """Clients' sessions and their computations' recovery."""
+
+    async def _serve(self, conn: Connection, user: str) -> None:
+        # a part of SchedulerServer: the session is the whole server's
+        session = SchedulerSession(conn, cast("SchedulerServer", self), user)
+        self.sessions.add(session)
+        logger.info("user %r connected from %s", user, conn.peer)
+        try:
+            await session.serve()
+        finally:
+            self.sessions.discard(session)
+            self._session_ended(session)
+            logger.info("user %r (%s) disconnected", user, conn.peer)
+
+    def new_computation(
+        self,
+        session: SchedulerSession,
+        setup: ComputationSetup,
+        bundle: list[memoryview],
+    ) -> SharedComputation:
+        """A client set a computation up: set it up on every node alive."""
+        server = cast("SchedulerServer", self)  # a part of it, as above
+        comp = SharedComputation(server, session, setup, bundle, next(self._orders))
+        self.computations.append(comp)
+        self.files.claim(comp, [str(entry[1]) for entry in setup.files])
+        for node in self.nodes:
+            if node.alive:
+                self._attach(comp, node)
+        if not any(node.alive for node in self.nodes):
+            logger.info("%s waits for a node to come up", comp.name)
+        return comp
+
+    def _session_ended(self, session: SchedulerSession) -> None:
+        """A client went away: keep its computations that asked for recovery."""
+        loop = asyncio.get_running_loop()
+        self.files.release(session)  # files it sent that no computation claims
+        for comp in session.computations.values():
+            if comp.session is not session:
+                continue
+            comp.session = None
+            if comp.closed or comp.closing:
+                continue
+            if comp.setup.recovery_id is not None and not self.stopping:
+                # Kept until the client comes back, for the shorter of the two
+                # --keep_results and what is left of --zombie_interval since it was
+                # last heard from (a client silent that long is a zombie: closed).
+                silent = loop.time() - session.last_heard
+                keep = min(
+                    comp.setup.keep_results,
+                    self.config.keep_results,
+                    max(0.0, self.config.zombie_interval - silent),
+                )
+                logger.info(
+                    "%s: client gone; its jobs go on, results kept %g s",
+                    comp.name,
+                    keep,
+                )
+                comp.expiry = loop.call_later(keep, self._expire, comp)
+            else:
+                comp.close(
+                    ComputationClose(
+                        comp_id=comp.comp_id, terminate=True, cancel_waiting=True
+                    )
+                )
+
+    def _expire(self, comp: SharedComputation) -> None:
+        if comp.session is None and not comp.closing:
+            logger.info("%s: its client did not come back: closed", comp.name)
+            comp.close(ComputationClose(comp_id=comp.comp_id, terminate=True))
+
+    def recover(self, session: SchedulerSession, message: Recover) -> None:
+        """A client came back for a computation it left (`recover_jobs`)."""
+        comp = next(
+            (
+                c
+                for c in self.computations
+                if c.user == session.user
+                and c.setup.recovery_id == message.recovery_id
+                and not c.closing
+            ),
+            None,
+        )
+        if comp is None:
+            session.send(Recovered(comp_id=message.comp_id, found=False, running=False))
+            return
+        if comp.expiry is not None:
+            comp.expiry.cancel()
+            comp.expiry = None
+        if comp.session is not None and comp.session is not session:
+            comp.session.computations.pop(comp.client_comp_id, None)
+        comp.session = session
+        comp.client_comp_id = message.comp_id
+        comp.recovering = True
+        session.computations[message.comp_id] = comp
+        comp.replaying = True
+        self._spawn(self._replay(comp, session))
+
+    async def _replay(self, comp: SharedComputation, session: SchedulerSession) -> None:
+        """Send a recovering client what was kept for it, oldest first, reading it
+        back from disk one message at a time as the client takes it; then
+        `Recovered`."""
+        comp_id = comp.client_comp_id
+        try:
+            while comp.kept and comp.session is session and not comp.closed:
+                kept_message, buffers = comp.kept.pop()
+                session.send(
+                    dataclasses.replace(kept_message, comp_id=comp_id),  # type: ignore[type-var]
+                    buffers,
+                )
+                if session.conn.unsent > REPLAY_UNSENT:
+                    await session.conn.flush()
+        except DispynbError:
+            return  # the client went away again: the rest stays kept
+        except OSError as exc:
+            logger.error("%s: cannot read back what was kept: %s", comp.name, exc)
+        finally:
+            comp.replaying = False
+        if comp.session is session and not comp.closed:
+            running = bool(comp.queue or comp.running)
+            session.send(Recovered(comp_id=comp_id, found=True, running=running))
+            comp.report_nodes(force=True)
+            comp.finish_if_done()
+            self.schedule()  # jobs held while it was away go on

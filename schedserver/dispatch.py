@@ -1,0 +1,111 @@
+"""The shared scheduler's dispatch: its queued jobs handed to the nodes' free slots,
+whose job each slot gets chosen with `fairshare.FairShare`."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from dispynb.errors import DispynbError
+from dispynb.protocol.messages import (
+    Message,
+)
+from dispynb.scheduler.policy import window
+from dispynb.transport.connection import describe_error
+from schedserver.computation import SharedComputation, Upstream
+from schedserver.state import NodeState, _ServerState, logger
+
+
+class _Dispatch(_ServerState):
+    """Jobs handed out to the nodes' free slots, fairly."""
+
+    def write(
+        self,
+        upstream: Upstream,
+        message: Message,
+        buffers: list[memoryview] | None = None,
+    ) -> None:
+        """Send to a node (a lost one is handled by its reader)."""
+        if upstream.conn is None:
+            return
+        try:
+            upstream.conn.write(message, buffers or ())
+        except DispynbError as exc:
+            logger.debug("node %s: %s", upstream.node.name, describe_error(exc))
+
+    def queued_of(self, user: str) -> int:
+        """Jobs of ``user`` waiting at the scheduler."""
+        return sum(c.account.queued for c in self.computations if c.user == user)
+
+    def job_left(self, comp: SharedComputation, node: NodeState) -> None:
+        """A job of ``comp`` no longer holds a slot of ``node``."""
+        self.fair.ended(comp.account)
+        node.in_flight = max(0, node.in_flight - 1)
+
+    def schedule(self) -> None:
+        """Hand free slots out now (a job waits for no other loop turn: W2)."""
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        active = []
+        for c in self.computations:
+            c.account.held = c.held
+            if not c.closing and c.queue and not c.account.held:
+                active.append(c)
+        if not active:
+            return
+        # Jobs sent ahead of a free CPU (to hide round trips, as many as the jobs'
+        # mean duration calls for: the client's policy) run in the node's order,
+        # not ours: only a user alone gets them, so that users in contention share
+        # what runs, not only what is sent.
+        users = {c.user for c in self.computations if c.queue or c.account.in_flight}
+        per_cpu = self.config.jobs_per_cpu if len(users) <= 1 else 1
+        by_account = {id(c.account): c for c in active}
+        accounts = [c.account for c in self.computations if not c.closing]
+        batches: dict[
+            tuple[int, str], tuple[SharedComputation, Upstream, list[Any]]
+        ] = {}
+        nodes = [n for n in self.nodes if n.alive]
+        waiting = sum(len(c.queue) for c in active)
+        progress = True
+        while progress and waiting:
+            progress = False
+            for node in nodes:  # one slot per node per round: spread evenly
+                # Before its jobs' duration is known, a node gets one per CPU: a
+                # burst of long jobs must not all go to the node ready first.
+                ahead = (
+                    node.cpus
+                    if node.mean is None
+                    else min(window(node.cpus, node.mean), node.cpus * per_cpu)
+                )
+                if node.in_flight >= ahead:
+                    continue
+                account = self.fair.pick(accounts, node.name)
+                if account is None:
+                    continue
+                comp = by_account[id(account)]
+                upstream = comp.upstream[node.name]
+                job = comp.queue.popleft()
+                self.fair.started(account)
+                node.in_flight += 1
+                batch = batches.setdefault((id(comp), node.name), (comp, upstream, []))
+                batch[2].append(job)
+                progress = True
+                waiting -= 1
+                if not waiting:
+                    break
+        for comp, upstream, jobs in batches.values():
+            comp.send_jobs(upstream, jobs)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "dispatch: %s",
+                [
+                    (
+                        c.name,
+                        c.account.queued,
+                        c.account.in_flight,
+                        sorted(c.account.nodes),
+                    )
+                    for c in self.computations
+                ],
+            )

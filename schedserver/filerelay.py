@@ -1,0 +1,85 @@
+"""Files between the shared scheduler's clients and nodes: kept (on disk) as clients
+send them, given to the nodes that ask for them, placed with ``send_file``."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from dispynb.protocol.files import digest_of
+from dispynb.protocol.messages import (
+    FilePlace,
+    FilePlaced,
+    FilePut,
+    FilesMissing,
+)
+from schedserver.computation import SharedComputation, Upstream
+from schedserver.session import SchedulerSession
+from schedserver.state import _ServerState
+
+
+class _FileRelay(_ServerState):
+    """Files from the clients, on their way to the nodes."""
+
+    def file_put(
+        self, session: SchedulerSession, message: FilePut, buffers: list[memoryview]
+    ) -> str:
+        """A client sent a file: keep it (on disk) for the nodes (that asked, or
+        will), as long as a computation that lists it, or ``session``, lives.
+
+        Returns why it was refused ("" if kept): the content must match its digest
+        (files are shared by digest between users) and fit --max_file_size.
+        """
+        if len(buffers) != 1 or digest_of(buffers[0]) != message.digest:
+            return f"file {message.digest[:16]}... does not match its digest: refused"
+        refused = self.files.put(message.digest, buffers[0], session)
+        if refused:
+            return refused
+        for _comp, upstream in self._wanted.pop(message.digest, set()):
+            self.write(upstream, message, buffers)
+        return ""
+
+    def _give_files(
+        self, comp: SharedComputation, upstream: Upstream, digests: list[str]
+    ) -> None:
+        missing = []
+        for digest in digests:
+            data = self.files.get(digest)
+            if data is not None:
+                self.write(upstream, FilePut(digest=digest, size=data.nbytes), [data])
+                del data  # the connection holds the map until it is written
+            else:
+                self._wanted.setdefault(digest, set()).add((comp, upstream))
+                missing.append(digest)
+        if missing:
+            comp.to_client(FilesMissing(comp_id=comp.comp_id, digests=missing))
+
+    def _release_files(self, comp: SharedComputation) -> None:
+        """``comp`` closed: drop the files only it needed, and its wishes."""
+        self.files.release(comp)
+        for digest in list(self._wanted):
+            wanted = {w for w in self._wanted[digest] if w[0] is not comp}
+            if wanted:
+                self._wanted[digest] = wanted
+            else:
+                del self._wanted[digest]
+
+    def file_place(self, comp: SharedComputation, message: FilePlace) -> None:
+        """``send_file``: place the file on every node where ``comp`` is ready."""
+        ready = [u for u in comp.upstream.values() if u.ready and u.conn is not None]
+        if not ready:
+            comp.to_client(
+                FilePlaced(
+                    comp_id=comp.comp_id,
+                    request=message.request,
+                    error="no node is ready for this computation",
+                )
+            )
+            return
+        comp.placements[message.request] = [len(ready), ""]
+        data = self.files.get(message.digest)
+        for upstream in ready:
+            if data is not None:
+                self.write(
+                    upstream, FilePut(digest=message.digest, size=data.nbytes), [data]
+                )
+            self.write(upstream, dataclasses.replace(message, comp_id=comp.comp_id))

@@ -1,0 +1,217 @@
+"""The shared scheduler's connections to the nodes: a control connection per node
+(up, down, up again) and, per computation, an `Upstream` that sets it up there
+and carries its jobs and results; what a node says about a computation."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+from dispynb.errors import DispynbError
+from dispynb.protocol.messages import (
+    ComputationClosed,
+    ComputationFailed,
+    ComputationReady,
+    Error,
+    FileFromNode,
+    FilePlaced,
+    FilesMissing,
+    JobProvisional,
+    JobResults,
+    Message,
+    NodeStatus,
+    ResultChunk,
+    Welcome,
+)
+from dispynb.transport.connection import Connection, describe_error
+from dispynb.transport.connector import connect
+from schedserver.computation import SharedComputation, Upstream
+from schedserver.state import NodeState, _ServerState, logger
+
+#: Seconds between attempts to reach a node that is down (doubling up to the max).
+RECONNECT_FIRST = 0.2
+RECONNECT_MAX = 5.0
+
+
+class _NodeLinks(_ServerState):
+    """The connections to the nodes and what comes over them."""
+
+    async def _keep_node(self, node: NodeState) -> None:
+        """Keep a control connection to ``node``: up, down, up again."""
+        delay = RECONNECT_FIRST
+        while not self.stopping:
+            try:
+                conn, welcome = await self._connect(node, "dispynb-scheduler")
+            except DispynbError as exc:
+                logger.debug("node %s: %s", node.name, describe_error(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_MAX)
+                continue
+            delay = RECONNECT_FIRST
+            node.conn = conn
+            cap = self.config.cpus
+            node.cpus = min(welcome.cpus, cap) if cap else welcome.cpus
+            node.avail = list(welcome.avail)
+            node.hostname = welcome.name
+            node.alive = True
+            logger.info("node %s is up with %d CPUs", node.name, node.cpus)
+            for comp in self.computations:
+                upstream = comp.upstream.get(node.name)
+                if not comp.closing and (
+                    upstream is None or upstream.task is None or upstream.task.done()
+                ):
+                    self._attach(comp, node)
+
+            def on_control(message: Message, buffers: list[memoryview]) -> bool:
+                if isinstance(message, NodeStatus):
+                    node.avail = list(message.avail)
+                return False
+
+            try:
+                await conn.dispatch(on_control)
+            except DispynbError as exc:
+                logger.warning("node %s is down: %s", node.name, describe_error(exc))
+            finally:
+                conn.close()
+                node.conn = None
+                node.alive = False
+
+    async def _connect(self, node: NodeState, name: str) -> tuple[Connection, Welcome]:
+        return await connect(
+            node.host,
+            node.port,
+            secret=self.config.node_secret,
+            max_message_size=self.config.max_message_size,
+            ssl_context=self.config.node_ssl,
+            name=name,
+            retry_for=0.0,
+        )
+
+    def _attach(self, comp: SharedComputation, node: NodeState) -> None:
+        """Set ``comp`` up on ``node`` over a connection of its own."""
+        upstream = Upstream(node)
+        comp.upstream[node.name] = upstream
+        upstream.task = self._spawn(self._run_upstream(comp, upstream))
+
+    async def _run_upstream(self, comp: SharedComputation, upstream: Upstream) -> None:
+        node = upstream.node
+        reason = "connection closed"
+        try:
+            conn, _welcome = await self._connect(node, f"dispynb-scheduler:{comp.user}")
+        except DispynbError as exc:
+            comp.node_lost(upstream, describe_error(exc))
+            self._check_failed(comp)
+            return
+        if comp.closing:
+            conn.close()
+            comp.node_lost(upstream, "its computation closed")
+            return
+        upstream.conn = conn
+        setup = dataclasses.replace(
+            comp.setup,
+            workers=node.cpus,
+            pulse_interval=self.config.pulse_interval,
+            keep_results=0.0,
+            recovery_id=None,
+        )
+        try:
+            conn.write(setup, comp.bundle)
+            await conn.dispatch(
+                lambda message, buffers: self._from_node(
+                    comp, upstream, message, buffers
+                )
+            )
+        except DispynbError as exc:
+            reason = describe_error(exc)
+        except Exception:  # a bug, or a node message we cannot cope with
+            logger.exception("%s: error handling node %s", comp.name, node.name)
+            reason = "internal error"
+        finally:
+            conn.close()
+            if upstream.closed:
+                reason = "closed"
+            comp.node_lost(upstream, reason)
+            self._check_failed(comp)
+            self.schedule()
+
+    def _from_node(
+        self,
+        comp: SharedComputation,
+        upstream: Upstream,
+        message: Message,
+        buffers: list[memoryview],
+    ) -> bool:
+        """One message from a node about ``comp``; True ends reading it."""
+        if isinstance(message, JobResults):
+            comp.on_results(upstream, message, buffers)
+        elif isinstance(message, ResultChunk | JobProvisional | FileFromNode):
+            comp.to_client(message, buffers)
+        elif isinstance(message, NodeStatus):
+            upstream.node.avail = list(message.avail)
+        elif isinstance(message, FilesMissing):
+            self._give_files(comp, upstream, message.digests)
+        elif isinstance(message, FilePlaced):
+            comp.placed(message)
+        elif isinstance(message, ComputationReady):
+            upstream.ready = True
+            comp.account.nodes.add(upstream.node.name)
+            if not comp.ready_sent:
+                comp.ready_sent = True
+                comp.to_client(
+                    ComputationReady(
+                        comp_id=comp.comp_id, workers=max(1, self.total_cpus())
+                    )
+                )
+            comp.report_nodes()
+            self.schedule()
+        elif isinstance(message, ComputationFailed):
+            logger.warning(
+                "%s: setup failed on %s: %s",
+                comp.name,
+                upstream.node.name,
+                message.message,
+            )
+            comp.failures.append(message.message)
+            comp.failure_traceback = message.traceback
+            return True
+        elif isinstance(message, ComputationClosed):
+            upstream.closed = True
+            return True
+        elif isinstance(message, Error):
+            logger.warning("node %s reports: %s", upstream.node.name, message.message)
+        return False
+
+    def _check_failed(self, comp: SharedComputation) -> None:
+        """Every node refused ``comp`` (and none took it): tell its client."""
+        if comp.ready_sent or comp.closing or not comp.failures:
+            return
+        if not all(u.ended for u in comp.upstream.values()):
+            return
+        comp.ready_sent = True  # answered: no ready after this
+        comp.to_client(
+            ComputationFailed(
+                comp_id=comp.comp_id,
+                message="; ".join(comp.failures[-3:]),
+                traceback=comp.failure_traceback,
+            )
+        )
+
+    def check_closed(self, comp: SharedComputation) -> None:
+        """``comp`` closing: once every node closed it, tell its client."""
+        if comp.closed or not comp.closing:
+            return
+        if not all(u.closed or u.conn is None for u in comp.upstream.values()):
+            return
+        comp.closed = True
+        if comp in self.computations:
+            self.computations.remove(comp)
+        self.fair.ended(comp.account, comp.account.in_flight)
+        comp.to_client(ComputationClosed(comp_id=comp.comp_id))
+        if comp.session is not None:
+            comp.session.computations.pop(comp.client_comp_id, None)
+        comp.kept.clear()
+        self._release_files(comp)
+        for upstream in comp.upstream.values():
+            if upstream.conn is not None:
+                upstream.conn.close()
+        self.schedule()

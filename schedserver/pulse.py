@@ -1,0 +1,112 @@
+"""The shared scheduler's pulse: pings to the nodes, reports to the clients, and the
+end of sessions of revoked users and of silent clients (zombies)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from dispynb.errors import DispynbError
+from dispynb.protocol.messages import (
+    ComputationClose,
+    Ping,
+)
+from schedserver.session import SchedulerSession
+from schedserver.state import _ServerState, logger
+
+
+class _Pulse(_ServerState):
+    """What the scheduler does every pulse."""
+
+    async def _pulse(self) -> None:
+        """Every pulse: ping the nodes, report to clients, end revoked or silent
+        users' sessions."""
+        loop = asyncio.get_running_loop()
+        # Zombies are found within a fifth of --zombie_interval (as dispy does).
+        zombie = self.config.zombie_interval
+        interval = min(self.config.pulse_interval, max(0.1, zombie / 5))
+        while True:
+            await asyncio.sleep(interval)
+            for node in self.nodes:
+                if node.conn is not None:
+                    with contextlib.suppress(DispynbError):
+                        node.conn.write(Ping())
+            for comp in self.computations:
+                for upstream in comp.upstream.values():
+                    self.write(upstream, Ping())
+            try:
+                users = self.users.load()
+            except Exception as exc:  # a broken file keeps the users known before
+                logger.warning("cannot read the users file: %s", exc)
+                users = None
+            now = loop.time()
+            if users is not None:
+                self._end_revoked(users)
+            for session in list(self.sessions):
+                if users is not None and session.user not in users:
+                    pass  # its session ends (`_end_revoked`)
+                elif now - session.last_heard > zombie:
+                    self._zombie(session, now - session.last_heard)
+                else:
+                    session.report(self._avail())
+            for comp in self.computations:
+                comp.report_nodes()
+
+    def _zombie(self, session: SchedulerSession, silent: float) -> None:
+        """A client not heard from for --zombie_interval (stopped, hung, cut off
+        without a reset): close its computations, as dispyscheduler does (running jobs
+        terminated, queued ones cancelled, results kept for it dropped: even with a
+        recover_file, it could not be told), and end its session."""
+        logger.warning(
+            "user %r (%s) silent for %.1f s (--zombie_interval %g min): a zombie; "
+            "its computations are closed and its session ended",
+            session.user,
+            session.conn.peer,
+            silent,
+            self.config.zombie_interval / 60.0,
+        )
+        for comp in list(session.computations.values()):
+            if comp.session is session and not comp.closing:
+                comp.close(
+                    ComputationClose(
+                        comp_id=comp.comp_id, terminate=True, cancel_waiting=True
+                    )
+                )
+        session.end()
+
+    def revoke_user(self, name: str) -> None:
+        """Revoke user ``name`` (as ``user revoke NAME``) and end its sessions now.
+
+        Raises `ConfigurationError` if there is no such user."""
+        self.users.revoke(name)
+        self._end_revoked(self.users.load())
+
+    def _end_revoked(self, users: dict[str, bytes]) -> None:
+        """End the sessions and computations of users no longer in ``users``."""
+        for comp in list(self.computations):
+            if comp.user not in users and not comp.closing:
+                # A revoked user's jobs stop too, also those kept for a client that
+                # went away (it could never collect them).
+                logger.warning("%s: its user was revoked: closed", comp.name)
+                comp.close(
+                    ComputationClose(
+                        comp_id=comp.comp_id, terminate=True, cancel_waiting=True
+                    )
+                )
+        for session in list(self.sessions):
+            if session.user not in users and not session.conn.closed:
+                logger.warning("user %r was revoked: ending its session", session.user)
+                session.end()
+
+    def _avail(self) -> list[float]:
+        """The nodes' resources, summed (CPU % averaged)."""
+        reports = [n.avail for n in self.nodes if n.alive and len(n.avail) >= 4]
+        if not reports:
+            return []
+        count = len(reports)
+        return [
+            sum(r[0] for r in reports) / count,
+            sum(r[1] for r in reports),
+            sum(r[2] for r in reports),
+            sum(r[3] for r in reports) / count,
+        ]

@@ -1,0 +1,110 @@
+"""The shared scheduler's state (its nodes, clients, computations and the files
+kept for them) and the helpers every part of `SchedulerServer` uses."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from dispynb.backends.finder import NodeFinder
+from dispynb.protocol.messages import Message
+from dispynb.transport.addressing import format_address
+from dispynb.transport.connection import Connection
+from dispynb.transport.listener import Listener
+from schedserver.computation import SharedComputation, Upstream
+from schedserver.config import SchedulerConfig
+from schedserver.depfiles import ClientFiles
+from schedserver.fairshare import FairShare
+from schedserver.monitor import SchedulerMonitor
+from schedserver.session import SchedulerSession
+from schedserver.spill import SpillStore
+from schedserver.users import UsersFile
+
+#: The scheduler's logger, whichever part of it logs.
+logger = logging.getLogger("schedserver.server")
+
+
+@dataclass(eq=False)
+class NodeState:
+    """A node the scheduler owns."""
+
+    host: str
+    port: int
+    cpus: int = 0
+    alive: bool = False
+    in_flight: int = 0
+    avail: list[float] = field(default_factory=list)
+    conn: Connection | None = None
+    #: The host name the node reports ("" until it is up).
+    hostname: str = ""
+    #: Mean run time of its recent jobs (None: unknown), for how many to send ahead.
+    mean: float | None = None
+    #: ``host:port``.
+    name: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.name = format_address(self.host, self.port)
+
+
+class _ServerState:
+    """The state of the shared scheduler. The methods declared here and raising
+    `NotImplementedError` are the parts' own (one part calls another's)."""
+
+    def __init__(self, config: SchedulerConfig) -> None:
+        config.validate()
+        self.config = config
+        self.users = UsersFile(config.users_file)
+        self.nodes = [NodeState(host, port) for host, port in config.nodes]
+        self.sessions: set[SchedulerSession] = set()
+        self.computations: list[SharedComputation] = []
+        self.fair = FairShare(config.max_cpus)
+        self.spill = SpillStore(config.dest_path_prefix, config.kept_memory)
+        #: Files clients uploaded, on disk while a computation needs them.
+        self.files = ClientFiles(self.spill, config.max_file_size)
+        self._wanted: dict[str, set[tuple[SharedComputation, Upstream]]] = {}
+        self._orders = itertools.count(1)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._listener: Listener | None = None
+        self._finder: NodeFinder | None = None
+        self.monitor: SchedulerMonitor | None = None
+        self.port = 0
+        self.stopping = False
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def total_cpus(self) -> int:
+        """CPUs of the nodes alive now."""
+        return sum(node.cpus for node in self.nodes if node.alive)
+
+    # -- the parts' methods, declared for the others --
+
+    def _attach(self, comp: SharedComputation, node: NodeState) -> None:
+        raise NotImplementedError
+
+    def _give_files(
+        self, comp: SharedComputation, upstream: Upstream, digests: list[str]
+    ) -> None:
+        raise NotImplementedError
+
+    def _release_files(self, comp: SharedComputation) -> None:
+        raise NotImplementedError
+
+    def write(
+        self,
+        upstream: Upstream,
+        message: Message,
+        buffers: list[memoryview] | None = None,
+    ) -> None:
+        """Send to a node (`dispatch._Dispatch.write`)."""
+        raise NotImplementedError
+
+    def schedule(self) -> None:
+        """Hand free slots out now (`dispatch._Dispatch.schedule`)."""
+        raise NotImplementedError
