@@ -64,6 +64,20 @@ logger = logging.getLogger(__name__)
 #: current one, hiding the node-to-worker round trip.
 PREFETCH_BELOW = 0.01
 
+#: Seconds of short jobs a worker may hold queued behind the one it runs: one job
+#: when they take a millisecond or more, up to `MAX_AHEAD` when they take a few
+#: microseconds, so that the worker finds its next jobs already in its socket and the
+#: node hands them over a few at a time (one write, one wake-up of the worker). Small:
+#: a job waiting in a busy worker cannot go to an idle one.
+AHEAD_SECONDS = 0.001
+
+#: Most jobs sent ahead to one worker.
+MAX_AHEAD = 8
+
+#: Only jobs with arguments under this size go ahead beyond the first: a worker's
+#: socket and memory should not fill with large arguments waiting for their turn.
+AHEAD_BYTES = 64 * 1024
+
 #: Seconds a worker gets to skip a cancelled job sent ahead to it, before the job is
 #: taken to have started and is interrupted.
 SKIP_GRACE = 0.5
@@ -145,6 +159,25 @@ class Worker:
 
 #: A worker's jobs (sent, not yet done), for `Computation.idle`.
 _ASSIGNED = operator.attrgetter("assigned")
+
+
+def _ahead(mean: float | None) -> int:
+    """How many jobs a worker may hold behind the one it runs (`AHEAD_SECONDS`)."""
+    if mean is None or mean >= PREFETCH_BELOW:
+        return 0
+    if mean * MAX_AHEAD <= AHEAD_SECONDS:
+        return MAX_AHEAD
+    return max(1, int(AHEAD_SECONDS / mean))
+
+
+def _small(buffers: list[memoryview]) -> bool:
+    """Whether a job's arguments are small enough to wait in a worker's socket."""
+    size = 0
+    for buffer in buffers:
+        size += buffer.nbytes
+        if size >= AHEAD_BYTES:
+            return False
+    return True
 
 
 def _discard(entry: list[object], buffers: list[memoryview]) -> None:
@@ -574,35 +607,51 @@ class Computation:
             # Workers still starting take the queue when they connect: a job sent
             # ahead now could wait behind a long one while they sit idle.
             return
+        # Topped up once half of its jobs ahead are done, a few in one write.
+        target = _ahead(self._mean)
+        queue = self._queue
         for worker in workers:
-            if not self._queue:
+            if not queue:
                 return
+            ahead = len(worker.assigned) - 1
             if (
-                len(worker.assigned) == 1
-                and not worker.stream_closed
-                and not worker.retiring
+                ahead < 0
+                or ahead > target // 2
+                or worker.stream_closed
+                or worker.retiring
             ):
-                self._send(worker, self._queue.popleft())
+                continue
+            batch: list[NodeJob] = []
+            while queue and ahead < target:
+                if ahead and (queue[0].files or not _small(queue[0].buffers)):
+                    break  # large arguments or files: one ahead, as for long jobs
+                batch.append(queue.popleft())
+                ahead += 1
+            self._send_many(worker, batch)
 
     def _send(self, worker: Worker, job: NodeJob) -> None:
-        if job.files and not job.placed:
-            try:
-                self._place_job_files(job)
-            except (DispynbError, OSError) as exc:
-                job.reported = True
-                reason = f"cannot place the job's files on the node: {exc}"
-                self._report_unrun(job, CRASHED, reason)
-                self._pump_soon()
-                return
-        worker.assigned.append(job)
-        # Arguments received in shared memory go as the memfd and where they lie in
-        # it; the worker maps them (no copy through its socket).
-        shared = segments(job.buffers)
-        # If the worker is dying, its exit report requeues or fails the job.
-        with contextlib.suppress(DispynbError):
+        self._send_many(worker, [job])
+
+    def _send_many(self, worker: Worker, jobs: list[NodeJob]) -> None:
+        """Hand jobs to a worker in order; small ones leave in one write."""
+        runs: list[tuple[Message, list[memoryview]]] = []
+        for job in jobs:
+            if job.files and not job.placed:
+                try:
+                    self._place_job_files(job)
+                except (DispynbError, OSError) as exc:
+                    job.reported = True
+                    reason = f"cannot place the job's files on the node: {exc}"
+                    self._report_unrun(job, CRASHED, reason)
+                    self._pump_soon()
+                    continue
+            worker.assigned.append(job)
+            # Arguments received in shared memory go as the memfd and where they lie
+            # in it; the worker maps them (no copy through its socket).
+            shared = segments(job.buffers)
             if shared is None:
                 run = Run(key=job.key, attempt=job.attempt, mem_limit=job.mem_limit)
-                worker.conn.write(run, job.buffers)
+                runs.append((run, job.buffers))
             else:
                 job.lease, layout = shared
                 run = Run(
@@ -611,10 +660,21 @@ class Computation:
                     mem_limit=job.mem_limit,
                     shared=layout,
                 )
-                worker.conn.write(run, (), (job.lease.fd,))
-        if len(worker.assigned) == 1:
-            job.buffers = []  # a job sent ahead keeps them: it may be requeued
-            self._start_clock(worker)
+                # If the worker is dying, its exit report requeues or fails the job.
+                with contextlib.suppress(DispynbError):
+                    if runs:
+                        worker.conn.write_many(runs)
+                        runs = []
+                    worker.conn.write(run, (), (job.lease.fd,))
+            if len(worker.assigned) == 1:
+                job.buffers = []  # a job sent ahead keeps them: it may be requeued
+                self._start_clock(worker)
+        if runs:
+            with contextlib.suppress(DispynbError):
+                if len(runs) == 1:
+                    worker.conn.write(*runs[0])
+                else:
+                    worker.conn.write_many(runs)
 
     async def _read_worker(self, worker: Worker) -> None:
         def handle(message: Message, buffers: list[memoryview]) -> None:

@@ -246,6 +246,41 @@ def test_cancel_queued_job_never_runs(tmp_path):
     run(main())
 
 
+def test_short_jobs_wait_several_deep_in_a_busy_worker_and_cancel_skips_them(
+    tmp_path,
+):
+    """Short jobs go ahead to a busy worker several at a time (fewer writes and
+    wake-ups); a cancelled one among them never starts, the others run in order."""
+
+    async def main() -> None:
+        reports = Reports()
+        computation, launcher = make(tmp_path, reports, workers=1)
+        await computation.start(bundle(blocked))
+        quick = new_gate("quick")
+        open_gate(quick)
+        computation.submit([job(key, quick) for key in range(1, 6)])  # mean: short
+        await wait_until(lambda: len(reports.entries) == 5, "quick jobs done")
+        reports.starts.clear()
+        head = new_gate("head")
+        computation.submit([job(10, head)])
+        await wait_until(lambda: launcher.busy_workers(), "job 10 running")
+        computation.submit([job(key, quick) for key in range(11, 17)])
+        (worker,) = computation._workers.values()
+        assert [j.key for j in worker.assigned] == [10, *range(11, 17)]  # all ahead
+        computation.cancel(13, 1)  # sent ahead: settled now, skipped by the worker
+        assert reports.outcome(13) == CANCELLED
+        computation.cancel(15, 1, unstarted=True)  # only the worker knows: it skips
+        open_gate(head)
+        await wait_until(lambda: len(reports.entries) == 12, "all settled")
+        assert reports.order[5:] == [13, 10, 11, 12, 14, 15, 16]
+        assert reports.outcome(15) == CANCELLED
+        assert reports.starts == [10, 11, 12, 14, 16]
+        assert all(reports.values[key] == quick for key in (11, 12, 14, 16))
+        await finish(computation, launcher)
+
+    run(main())
+
+
 def test_worker_killed_mid_job_reports_crash_and_is_replaced(tmp_path):
     async def main() -> None:
         reports = Reports()

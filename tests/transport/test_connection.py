@@ -430,6 +430,34 @@ def test_large_messages_written_without_waiting_arrive_in_order_and_intact():
     run(main())
 
 
+def test_write_many_signed_small_and_large_messages_arrive_in_order_and_verified():
+    large = os.urandom(200_000)  # over the coalescing limit: written on its own
+    messages = [
+        (JobCancel(comp_id=1, key=1, attempt=0), [b"a"]),
+        (JobCancel(comp_id=1, key=2, attempt=0), []),
+        (JobCancel(comp_id=1, key=3, attempt=0), [large]),
+        (JobCancel(comp_id=1, key=4, attempt=0), [b"d", b"dd"]),
+    ]
+
+    async def main():
+        async with (
+            serving() as (listener, echo),
+            client(listener.port) as (conn, _),
+        ):
+            before = conn.bytes_sent
+            conn.write_many(messages)
+            await conn.flush()
+            got = []
+            for _ in messages:
+                message, buffers = await conn.recv()
+                got.append((message.key, [bytes(b) for b in buffers]))
+            assert got == [(m.key, [bytes(b) for b in bs]) for m, bs in messages]
+            assert [m.key for m, _ in echo.received] == [1, 2, 3, 4]  # MACs held
+            assert conn.bytes_sent - before > len(large)
+
+    run(main())
+
+
 def test_dispatch_handles_messages_in_order_until_handler_says_stop():
     async def main():
         async with (
