@@ -9,12 +9,15 @@ counts messages in that direction, so a replayed, dropped or reordered message f
 its check.
 
 Messages of `LARGE_MESSAGE` bytes or more (job arguments and results carrying data)
-are hashed with Poly1305 instead, which is several times faster than HMAC-SHA256 on
-bulk data (0.8 ms against 5.8 ms for 10 MB here): their MAC is ``HMAC(key, seq |
-"poly1305" | tag)``, where ``tag`` is Poly1305 of the frame under a one-time key
-derived from the session key and ``seq`` with ChaCha20 (the key generation of RFC 8439's
-AEAD construction). Both sides pick the algorithm from the frame's length, which
-the MAC covers.
+are hashed with GMAC instead (AES-256-GCM over no plaintext, the message as its
+additional data), several times faster than HMAC-SHA256 on bulk data with AES-NI and
+carry-less multiplication (0.5 ms against 5.8 ms for 10 MB here; Poly1305, used
+before, took 0.9 ms). Their MAC is ``HMAC(key, seq | size | "gmac" | tag)``, where
+``tag`` is GMAC of the frame under a per-direction AES key derived from the session
+key, with ``seq`` as its nonce (unique per message in that direction: no two
+different messages ever share a nonce). The GMAC tag itself never leaves the process,
+only its HMAC does. Both sides pick the algorithm from the frame's length, which the
+MAC covers.
 """
 
 from __future__ import annotations
@@ -37,8 +40,8 @@ MAC_SIZE = 32
 NONCE_SIZE = 32
 _LABEL = b"dispynb-auth-v1"
 
-#: Signed messages of this many bytes or more are hashed with Poly1305 (below it,
-#: setting up its one-time key costs more than HMAC-SHA256 of the whole message).
+#: Signed messages of this many bytes or more are hashed with GMAC (below it,
+#: setting up its AES context costs more than HMAC-SHA256 of the whole message).
 LARGE_MESSAGE = 64 * 1024
 
 
@@ -131,23 +134,32 @@ def session_keys(
     return keys[0], keys[1]
 
 
-class _PolyMac:
-    """Poly1305 of a large message under its one-time key, sealed with HMAC."""
+#: Most bytes handed to GMAC in one call (OpenSSL counts a call's input in an int).
+_GMAC_STRIDE = 1 << 30
 
-    __slots__ = ("_poly", "_seal")
 
-    def __init__(self, seal: _Hmac, one_time_key: bytes) -> None:
-        from cryptography.hazmat.primitives.poly1305 import Poly1305
+class _GmacMac:
+    """GMAC of a large message under the direction's AES key, sealed with HMAC."""
 
+    __slots__ = ("_gmac", "_seal")
+
+    def __init__(self, seal: _Hmac, gmac: Any) -> None:
         self._seal = seal
-        self._poly: Any = Poly1305(one_time_key)
+        self._gmac = gmac
 
     def update(self, data: Buffer, /) -> None:
-        self._poly.update(data)
+        view = memoryview(data)
+        if view.nbytes <= _GMAC_STRIDE:
+            self._gmac.authenticate_additional_data(view)
+            return
+        view = view.cast("B")
+        for start in range(0, view.nbytes, _GMAC_STRIDE):
+            self._gmac.authenticate_additional_data(view[start : start + _GMAC_STRIDE])
 
     def digest(self) -> bytes:
-        self._seal.update(b"poly1305")
-        self._seal.update(self._poly.finalize())
+        self._gmac.finalize()
+        self._seal.update(b"gmac")
+        self._seal.update(self._gmac.tag)
         return self._seal.digest()
 
 
@@ -156,8 +168,8 @@ class MessageSigner:
 
     def __init__(self, key: bytes) -> None:
         self._template = _hmac_sha256(key)
-        # ChaCha20 key for Poly1305's one-time keys: never the HMAC key itself.
-        self._poly_keys = hmac.digest(key, _binding(_LABEL, b"poly1305"), "sha256")
+        # AES-256 key for GMAC: never the HMAC key itself.
+        self._gmac_key = hmac.digest(key, _binding(_LABEL, b"gmac"), "sha256")
         self.seq = 0
 
     def start(self, size: int = 0) -> RunningMac:
@@ -175,15 +187,15 @@ class MessageSigner:
         if size < LARGE_MESSAGE:
             return mac
         mac.update(size.to_bytes(8, "big"))
-        return _PolyMac(mac, self._one_time_key(seq))
+        return _GmacMac(mac, self._gmac(seq))
 
-    def _one_time_key(self, seq: int) -> bytes:
-        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+    def _gmac(self, seq: int) -> Any:
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-        # ChaCha20 block 0 under nonce ``seq``: unique per message in this direction.
-        nonce = bytes(8) + seq.to_bytes(8, "big")
-        chacha = Cipher(algorithms.ChaCha20(self._poly_keys, nonce), mode=None)
-        return chacha.encryptor().update(bytes(32))
+        # Nonce ``seq``: unique per message in this direction (one key per direction
+        # and connection), so no two different messages share a GMAC nonce.
+        nonce = seq.to_bytes(12, "big")
+        return Cipher(algorithms.AES(self._gmac_key), modes.GCM(nonce)).encryptor()
 
     def sign(self, parts: Iterable[Buffer]) -> bytes:
         """Return the MAC of the next message, made of ``parts`` in order."""
