@@ -1,0 +1,177 @@
+"""A `JobCluster`'s side of `dispynb.backends.base.JobEvents`: the engine's reports
+of nodes and jobs (on the I/O thread) applied to the job table and the nodes, and
+passed on to the callbacks, the listeners and the journal."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from typing import Any
+
+from dispynb._clusterstate import _ClusterState
+from dispynb.backends.base import Departure, NodeInfo, Outcome
+from dispynb.job import DispyJob, JobStatus
+from dispynb.node import DispyNode, DispyNodeAvailInfo
+
+logger = logging.getLogger("dispynb.cluster")
+
+
+class _Events(_ClusterState):
+    """The engine's events, applied (`dispynb.backends.base.JobEvents`)."""
+
+    def node_ready(self, info: NodeInfo) -> None:
+        node = self._resetting.pop(info.node_id, None)
+        if node is None:
+            node = DispyNode(
+                info.host, info.name, info.cpus, port=info.port, platform=info.platform
+            )
+        else:  # set up again (resetup_node): same node, its counts kept
+            node.cpus = node.avail_cpus = info.cpus
+            node.update_time = time.time()
+        node.avail_info = info.avail
+        self._nodes[info.node_id] = node
+        self._node_cpus[info.node_id] = info.cpus
+        self._journal.node(info.via or info.node_id)
+        self._notify_cluster(DispyNode.Initialized, node, None)
+        self._emit(DispyNode.Initialized, node, None)
+
+    def node_closed(self, info: NodeInfo, reason: str, departure: Departure) -> None:
+        node = self._nodes.pop(info.node_id, None)
+        if node is None:
+            return
+        if departure is Departure.RESETUP:
+            self._resetting[info.node_id] = node
+        elif self._closed:
+            pass
+        elif departure is Departure.RELEASED:
+            logger.info("node %s released (close_node)", info.node_id)
+        else:
+            logger.warning("node %s left: %s", info.node_id, reason)
+        self._notify_cluster(DispyNode.Closed, node, None)
+        self._emit(DispyNode.Closed, node, None)
+
+    def node_status(self, info: NodeInfo, avail: DispyNodeAvailInfo | None) -> None:
+        node = self._nodes.get(info.node_id)
+        if node is None:
+            return
+        node.avail_info = avail
+        node.update_time = time.time()
+        self._notify_cluster(DispyNode.AvailInfo, node, None)
+        self._emit(DispyNode.AvailInfo, node, None)
+
+    def node_counts(
+        self, info: NodeInfo, jobs_done: int, busy: int, cpu_time: float
+    ) -> None:
+        node = self._nodes.get(info.node_id)
+        if node is None:
+            return
+        node.jobs_done, node.busy, node.cpu_time = jobs_done, busy, cpu_time
+        node.update_time = time.time()
+        self._emit(DispyNode.AvailInfo, node, None)
+
+    def jobs_sent(self, keys: list[int], info: NodeInfo) -> None:
+        self._journal.sent(keys, info.node_id)
+
+    def job_running(self, key: int, info: NodeInfo, start_time: float) -> None:
+        job = self._jobs.get(key)
+        # Only once per attempt: a job's start may be reported again after its worker
+        # was replaced (it runs again from the start).
+        if job is None or job.status is not JobStatus.Created:
+            return
+        if not job._set_running(info.host, start_time):
+            return
+        node = self._nodes.get(info.node_id)
+        if node is not None:
+            node.busy += 1
+            self._executing[key] = node
+        if self._options.cluster_status is not None:
+            self._notify_cluster(JobStatus.Running, node, copy.copy(job))
+        self._emit(JobStatus.Running, node, job)
+
+    def _not_executing(self, key: int) -> None:
+        """Job ``key`` no longer runs where it was counted busy."""
+        node = self._executing.pop(key, None)
+        if node is not None:
+            node.busy -= 1
+
+    def job_provisional(self, key: int, info: NodeInfo, result: Any) -> None:
+        job = self._jobs.get(key)
+        if job is None:
+            return
+        if job.status is JobStatus.Created:  # a node that does not report starts
+            self.job_running(key, info, time.time())
+        if not job._set_provisional(result):
+            return
+        opts = self._options
+        if opts.job_status is not None:
+            self._callbacks.post(opts.job_status, copy.copy(job))
+        if opts.cluster_status is not None:
+            node = self._nodes.get(info.node_id)
+            self._notify_cluster(JobStatus.ProvisionalResult, node, copy.copy(job))
+        self._emit(JobStatus.ProvisionalResult, self._nodes.get(info.node_id), job)
+
+    def job_done(self, key: int, info: NodeInfo | None, outcome: Outcome) -> None:
+        job = self._jobs.pop(key, None)
+        if job is None:
+            return
+        self._not_executing(key)
+        run_time = max(outcome.end_time - outcome.start_time, 0.0)
+        node = None
+        if info is not None and (node := self._nodes.get(info.node_id)) is not None:
+            node.jobs_done += 1
+            if self._backend is not None:
+                node.tx, node.rx = self._backend.traffic(info.node_id)
+            node.cpu_time += run_time
+        self.cpu_time += run_time
+        job._complete(
+            outcome.status,
+            result=outcome.result,
+            stdout=outcome.stdout,
+            stderr=outcome.stderr,
+            exception=outcome.exception,
+            start_time=outcome.start_time or None,
+            end_time=outcome.end_time or None,
+            ip_addr=info.host if info is not None else None,
+        )
+        self._finished(job, node)
+
+    def job_abandoned(self, key: int, info: NodeInfo | None, reason: str) -> None:
+        job = self._jobs.pop(key, None)
+        if job is None:
+            return
+        self._not_executing(key)
+        node = self._nodes.get(info.node_id) if info is not None else None
+        # The node it was sent to, started or not (dispy sets ip_addr at dispatch).
+        ip_addr = info.host if info is not None else None
+        job._complete(JobStatus.Abandoned, exception=reason, ip_addr=ip_addr)
+        self._finished(job, node)
+
+    def job_requeued(self, key: int) -> None:
+        job = self._jobs.get(key)
+        if job is not None:
+            self._not_executing(key)
+            job._requeue()
+            self._emit(JobStatus.Created, None, job)
+
+    def job_cancelled(self, key: int) -> None:
+        job = self._jobs.pop(key, None)
+        if job is not None:
+            job._complete(JobStatus.Cancelled, exception="cancelled before it ran")
+            self._finished(job, None)
+
+    def _finished(self, job: DispyJob, node: DispyNode | None) -> None:
+        opts = self._options
+        if self._journal.jobs and job._key is not None:
+            self._journal.done(job._key, job)
+        if opts.job_status is not None:
+            self._callbacks.post(opts.job_status, copy.copy(job))
+        if opts.cluster_status is not None:
+            self._notify_cluster(job.status, node, copy.copy(job))
+        self.job_counts[job.status.name] += 1
+        self._emit(job.status, node, job)
+        with self._done:
+            self._outstanding -= 1
+            if self._outstanding == 0:
+                self.end_time = time.time()
+                self._done.notify_all()

@@ -1,0 +1,189 @@
+"""A `JobCluster`'s jobs: submitted (with their limits, per-job depends and object
+handles), put objects, and cancels."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+from typing import Any
+
+from dispynb import objects
+from dispynb._clusterstate import _ClusterState
+from dispynb.backends import base
+from dispynb.backends.base import JobRequest
+from dispynb.depends import Dependencies, collect
+from dispynb.errors import ClusterError
+from dispynb.job import DispyJob, JobStatus
+from dispynb.options import check_job_timeout, check_mem_limit
+
+logger = logging.getLogger("dispynb.cluster")
+
+
+class _Jobs(_ClusterState):
+    """Submitting and cancelling jobs, and objects put for them."""
+
+    def submit(self, *args: Any, **kwargs: Any) -> DispyJob:
+        """Run the computation with these arguments on some node; return its job.
+
+        Raises `SerializationError` (naming the type) if the arguments cannot be
+        pickled, and `ClusterError` if the cluster is closed.
+        """
+        return self._submit(None, None, args, kwargs)
+
+    def put(self, obj: Any) -> objects.ObjectRef:
+        """Send ``obj`` to the nodes once for many jobs; return a handle to pass to
+        jobs instead of it.
+
+        A job that receives the handle (as an argument, at any depth) sees ``obj``
+        itself. Each node receives it once, with the first job that needs it, and
+        each worker process loads it once and keeps it for the computation's later
+        jobs (so jobs should not modify it). Nodes and client drop it when the
+        cluster closes. Raises `SerializationError` if ``obj`` cannot be pickled.
+        """
+        if self._closed:
+            raise ClusterError("this cluster is closed: create a new JobCluster")
+        self._require(base.JOB_DEPENDS, "put")
+        if self._objects_dir is None:
+            self._objects_dir = tempfile.mkdtemp(prefix="dispynb-objects-")
+        ref = objects.write(obj, self._objects_dir)
+        self._objects[ref.digest] = ref
+        return ref
+
+    def _add_object_files(
+        self, request: JobRequest, refs: list[objects.ObjectRef]
+    ) -> None:
+        """A job's arguments hold object handles: their files go with it."""
+        for ref in refs:
+            if self._objects.get(ref.digest) is not ref:
+                raise ClusterError(
+                    f"{ref!r} was put in another cluster: put it in this one"
+                )
+        deps = request.depends or Dependencies()
+        known = {f.digest for f in deps.files}
+        for ref in refs:
+            if ref.digest not in known:
+                deps.files.append(ref.file)
+                known.add(ref.digest)
+        request.depends = deps
+
+    def submit_job_id(self, job_id: Any, *args: Any, **kwargs: Any) -> DispyJob:
+        """Like `submit`, with ``job.id`` set to ``job_id``."""
+        return self._submit(job_id, None, args, kwargs)
+
+    def submit_node(self, node: Any, *args: Any, **kwargs: Any) -> DispyJob | None:
+        """Like `submit`, but run on ``node`` (a `DispyNode`, address or name) only.
+
+        Returns None (and logs why) if ``node`` is not a node of this cluster, as
+        dispy does.
+        """
+        self._require(base.SUBMIT_NODE, "submit_node")
+        node_id = self._node_id(node)
+        if node_id is None:
+            logger.warning("submit_node: %r is not a node of this cluster", node)
+            return None
+        return self._submit(None, node_id, args, kwargs)
+
+    def submit_job_id_node(
+        self, job_id: Any, node: Any, *args: Any, **kwargs: Any
+    ) -> DispyJob | None:
+        """`submit_node` with ``job.id`` set to ``job_id``."""
+        self._require(base.SUBMIT_NODE, "submit_job_id_node")
+        node_id = self._node_id(node)
+        if node_id is None:
+            logger.warning("submit_node: %r is not a node of this cluster", node)
+            return None
+        return self._submit(job_id, node_id, args, kwargs)
+
+    def _submit(
+        self,
+        job_id: Any,
+        node_id: str | None,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> DispyJob:
+        backend = self._backend
+        if self._closed or backend is None:
+            raise ClusterError("this cluster is closed: create a new JobCluster")
+        job_deps = None
+        depends = kwargs.pop("dispy_job_depends", None)
+        if depends:
+            self._require(base.JOB_DEPENDS, "dispy_job_depends")
+            job_deps = collect(depends, "dispy_job_depends")
+        timeout, mem_limit = self._job_limits(kwargs)
+        request = JobRequest(0, args, kwargs, node_id, job_deps, timeout, mem_limit)
+        with objects.collecting() as refs:
+            backend.prepare(request)  # raises SerializationError: nothing registered
+        if refs:
+            self._add_object_files(request, refs)
+        job = DispyJob(job_id, args, kwargs)
+        key = request.key = next(self._keys)
+        job._key = key
+        job._cluster = self  # for job.cancel() / job.future.cancel()
+        self._jobs[key] = job
+        if self._journal.jobs:
+            self._journal.submitted(key, job)
+        with self._done:
+            self._outstanding += 1
+            self.end_time = None
+        if self._options.cluster_status is not None:
+            self._notify_cluster(JobStatus.Created, None, copy.copy(job))
+        self.job_counts["submitted"] += 1
+        self._emit(JobStatus.Created, None, job)
+        backend.submit(request)
+        return job
+
+    def _job_limits(self, kwargs: dict[str, Any]) -> tuple[float | None, int | None]:
+        """Pop ``dispy_job_timeout``/``dispy_job_mem_limit``: the job's limits.
+
+        Each falls back to the cluster's ``job_timeout``/``mem_limit``; an explicit
+        None lifts the cluster's limit for this job.
+        """
+        opts = self._options
+        timeout, mem = opts.job_timeout, opts.mem_limit
+        if "dispy_job_timeout" in kwargs:
+            self._require(base.JOB_LIMITS, "dispy_job_timeout")
+            timeout = check_job_timeout(
+                kwargs.pop("dispy_job_timeout"), "dispy_job_timeout"
+            )
+        if "dispy_job_mem_limit" in kwargs:
+            self._require(base.JOB_LIMITS, "dispy_job_mem_limit")
+            mem = check_mem_limit(
+                kwargs.pop("dispy_job_mem_limit"), "dispy_job_mem_limit"
+            )
+        assert not isinstance(mem, str)  # ClusterOptions normalised it to bytes
+        return timeout, mem
+
+    def cancel(self, job: DispyJob) -> int:
+        """Cancel a job: queued jobs end `Cancelled`, running ones `Terminated`.
+
+        Returns 0, or -1 if the job had already finished.
+        """
+        if job.done() or job._key is None or job._key not in self._jobs:
+            return -1
+        if self._backend is not None:
+            self._backend.cancel([job._key])
+        return 0
+
+    def _cancel_unstarted(self, jobs: list[DispyJob]) -> bool:
+        """Cancel ``jobs`` unless they have started (`dispynb.futures.JobFuture`).
+
+        Returns True if the cancels went to the engine: each job then ends
+        ``Cancelled`` or is reported started (or done). On the I/O thread itself,
+        which cannot wait for nodes, only the jobs no node has yet are cancelled
+        (at once) and False is returned.
+        """
+        keys = [
+            job._key
+            for job in jobs
+            if job._key is not None and not job.done() and job._key in self._jobs
+        ]
+        backend = self._backend
+        if backend is None:
+            return False
+        if self._runner.in_loop_thread():
+            backend.cancel(keys, unstarted=True, held=True)
+            return False
+        if keys:
+            backend.cancel(keys, unstarted=True)
+        return True

@@ -1,0 +1,143 @@
+"""A `JobCluster`'s dispy node methods: files sent to a node, nodes allocated,
+deallocated, resized, closed or set up again, and the jobs running on one."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from dispynb._clusterstate import _ClusterState
+from dispynb.backends import base
+from dispynb.backends.base import Backend
+from dispynb.depends import file_ref
+from dispynb.errors import ConfigurationError, DispynbError
+from dispynb.job import DispyJob
+from dispynb.node import DispyNode, parse_node_specs
+
+logger = logging.getLogger("dispynb.cluster")
+
+
+class _Nodes(_ClusterState):
+    """dispy's node-management methods."""
+
+    def send_file(self, path: str, node: Any, relay: bool = False) -> int:
+        """Copy a file into the computation's directory on ``node`` (dispy's method).
+
+        The file keeps its path relative to the current directory when it is below
+        it, else its base name. Returns 0, or -1 (with the reason logged) if it could
+        not be sent, e.g. over the node's maximum file size. ``relay`` is accepted
+        for dispy compatibility.
+        """
+        self._require(base.SEND_FILE, "send_file")
+        node_id = self._node_id(node)
+        if node_id is None or self._backend is None:
+            logger.warning("send_file: %r is not a node of this cluster", node)
+            return -1
+        try:
+            ref = file_ref(path, "send_file")
+        except DispynbError as exc:
+            logger.warning("send_file: %s", exc)
+            return -1
+        error = self._backend.send_file(node_id, ref)
+        if error:
+            logger.warning("send_file: %s", error)
+            return -1
+        return 0
+
+    def allocate_node(self, node: Any) -> int:
+        """Use ``node`` (any node spec, or several) for this computation.
+
+        A node not yet used is connected and set up; one taken out with
+        `deallocate_node` gets jobs again. Returns 0, or -1 for a bad spec (logged).
+        """
+        self._require(base.NODE_MANAGEMENT, "allocate_node")
+        try:
+            specs = parse_node_specs(node)
+        except ConfigurationError as exc:
+            logger.warning("allocate_node: %s", exc)
+            return -1
+        if self._closed or self._backend is None:
+            logger.warning("allocate_node: the cluster is closed")
+            return -1
+        try:
+            self._backend.add_nodes(specs)
+        except (OSError, DispynbError) as exc:
+            logger.warning("allocate_node: cannot discover nodes: %s", exc)
+            return -1
+        return 0
+
+    def discover_nodes(self, nodes: Any) -> int:
+        """Look for ``nodes``: wildcards by broadcast, explicit hosts by connecting."""
+        return self.allocate_node(nodes)
+
+    def _managed(self, node: Any, what: str) -> tuple[Backend, str] | None:
+        """The backend and ``node``'s id for a node-management method, or None for
+        a node not of this cluster (or a closed cluster)."""
+        self._require(base.NODE_MANAGEMENT, what)
+        node_id = self._node_id(node)
+        if node_id is None or self._backend is None:
+            return None
+        return self._backend, node_id
+
+    def deallocate_node(self, node: Any) -> int:
+        """Send ``node`` no more jobs (its computation stays set up); 0 or -1."""
+        managed = self._managed(node, "deallocate_node")
+        if managed is None:
+            return -1
+        backend, node_id = managed
+        return 0 if backend.set_cpus(node_id, 0) >= 0 else -1
+
+    def set_node_cpus(self, node: Any, cpus: int) -> int:
+        """Use ``cpus`` CPUs of ``node`` (negative: all but that many).
+
+        Returns the CPUs now used, or -1 for an unknown node. A node never gets more
+        jobs at once than it set up workers for.
+        """
+        managed = self._managed(node, "set_node_cpus")
+        if managed is None:
+            return -1
+        backend, node_id = managed
+        if cpus < 0:
+            cpus = self._node_cpus.get(node_id, 0) + cpus
+        used = backend.set_cpus(node_id, cpus)
+        known = self._nodes.get(node_id)
+        if known is not None and used >= 0:
+            known.cpus = known.avail_cpus = used
+            self._emit(DispyNode.AvailInfo, known, None)
+        return used
+
+    def close_node(self, node: Any, terminate_pending: bool = False) -> int:
+        """Close the computation on ``node`` (running its cleanup) and release it.
+
+        Its running jobs finish first (``terminate_pending`` terminates them); jobs
+        submitted to it with `submit_node` that have not started are cancelled. The
+        node is not set up again for this cluster, not even when discovery finds it
+        again, until `allocate_node` names it (or a pattern it matches). Returns 0,
+        or -1 if ``node`` is not a node of this cluster.
+        """
+        managed = self._managed(node, "close_node")
+        if managed is None:
+            return -1
+        backend, node_id = managed
+        return 0 if backend.close_node(node_id, terminate_pending) else -1
+
+    def resetup_node(self, node: Any, terminate_pending: bool = False) -> int:
+        """Close the computation on ``node`` and set it up again.
+
+        `NodeAllocate.allocate` runs again, so new per-node ``depends`` and
+        ``setup_args`` take effect (dispy's way to replace in-memory data).
+        """
+        managed = self._managed(node, "resetup_node")
+        if managed is None:
+            return -1
+        backend, node_id = managed
+        return 0 if backend.resetup_node(node_id, terminate_pending) else -1
+
+    def node_jobs(self, node: Any, from_node: bool = False) -> list[DispyJob]:
+        """The jobs of this cluster running on ``node`` now."""
+        self._require(base.NODE_JOBS, "node_jobs")
+        node_id = self._node_id(node)
+        if node_id is None or self._backend is None:
+            return []
+        keys = self._backend.running_jobs(node_id)
+        return [job for key in keys if (job := self._jobs.get(key)) is not None]

@@ -1,0 +1,105 @@
+"""The state every part of `JobCluster` shares, and what each part uses: the
+engine's features, finding a node of the cluster, and telling the callbacks and
+the listeners of an event."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from dispynb._callbacks import CallbackDispatcher
+from dispynb._loop import LoopRunner
+from dispynb.backends import base
+from dispynb.backends.base import Backend, Engine
+from dispynb.job import DispyJob
+from dispynb.node import DispyNode
+from dispynb.options import ClusterOptions
+from dispynb.recovery import ClusterJournal
+
+logger = logging.getLogger("dispynb.cluster")
+
+
+#: A listener gets ``(status, node, job)`` for each job and node event; see
+#: `JobCluster.add_listener`.
+Listener = Callable[[int, DispyNode | None, DispyJob | None], None]
+
+
+class _ClusterState:
+    """A `JobCluster`'s state (its parts: `_clusterevents`, the engine's events;
+    `_clusterjobs`, submitting and cancelling jobs; `_clusternodes`, dispy's node
+    methods)."""
+
+    # Set by `JobCluster.__init__` (see there).
+    _options: ClusterOptions
+    engine: Engine
+    _features: frozenset[str]
+    _journal: ClusterJournal
+    name: str
+    _jobs: dict[int, DispyJob]
+    _keys: itertools.count[int]
+    _objects: dict[str, Any]
+    _objects_dir: str | None
+    job_counts: Counter[str]
+    _listeners: list[Listener]
+    _outstanding: int
+    _done: threading.Condition
+    _nodes: dict[str, DispyNode]
+    _node_cpus: dict[str, int]
+    _resetting: dict[str, DispyNode]
+    _executing: dict[int, DispyNode]
+    _closed: bool
+    _backend: Backend | None
+    end_time: float | None
+    cpu_time: float
+    _callbacks: CallbackDispatcher
+    _runner: LoopRunner
+
+    def _require(self, feature: str, what: str) -> None:
+        """Raise `NotSupportedError` unless the engine provides ``feature``."""
+        if feature not in self._features:
+            base.require(self.engine, feature, what)
+
+    def _node_id(self, node: Any) -> str | None:
+        for node_id, known in list(self._nodes.items()):
+            if node is known or node in (node_id, known.ip_addr, known.name):
+                return node_id
+            if isinstance(node, DispyNode) and (node.ip_addr, node.port) == (
+                known.ip_addr,
+                known.port,
+            ):
+                return node_id
+        return None
+
+    def _notify_cluster(
+        self, status: int, node: DispyNode | None, job: DispyJob | None
+    ) -> None:
+        if self._options.cluster_status is not None:
+            self._callbacks.post(self._options.cluster_status, status, node, job)
+
+    # -- listeners (monitors) ----------------------------------------------------------
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call ``listener(status, node, job)`` for each job and node event.
+
+        The statuses are ``cluster_status``'s, but a listener is called at once on
+        the thread where the event happens (the I/O thread; the submitting thread
+        for ``Created``) with the live `DispyJob` and `DispyNode`: it must be quick,
+        must not block and must not change them. Monitors use this; programs
+        should use ``cluster_status``.
+        """
+        self._listeners = [*self._listeners, listener]
+
+    def remove_listener(self, listener: Listener) -> None:
+        """Stop calling ``listener``; unknown listeners are ignored."""
+        self._listeners = [fn for fn in self._listeners if fn is not listener]
+
+    def _emit(self, status: int, node: DispyNode | None, job: DispyJob | None) -> None:
+        for listener in self._listeners:  # replaced, never mutated: safe to iterate
+            try:
+                listener(status, node, job)
+            except Exception:
+                logger.exception("cluster listener %r failed", listener)
