@@ -7,9 +7,7 @@ import logging
 from typing import Any
 
 from dispynb.errors import DispynbError
-from dispynb.protocol.messages import (
-    Message,
-)
+from dispynb.protocol.messages import Message
 from dispynb.scheduler.policy import window
 from dispynb.transport.connection import describe_error
 from schedserver.computation import SharedComputation, Upstream

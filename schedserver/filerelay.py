@@ -6,12 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from dispynb.protocol.files import digest_of
-from dispynb.protocol.messages import (
-    FilePlace,
-    FilePlaced,
-    FilePut,
-    FilesMissing,
-)
+from dispynb.protocol.messages import FilePlace, FilePlaced, FilePut, FilesMissing
 from schedserver.computation import SharedComputation, Upstream
 from schedserver.session import SchedulerSession
 from schedserver.state import _ServerState

@@ -7,10 +7,7 @@ import asyncio
 import contextlib
 
 from dispynb.errors import DispynbError
-from dispynb.protocol.messages import (
-    ComputationClose,
-    Ping,
-)
+from dispynb.protocol.messages import ComputationClose, Ping
 from schedserver.session import SchedulerSession
 from schedserver.state import _ServerState, logger
 

@@ -18,10 +18,7 @@ from dispynb.backends.finder import NodeFinder
 from dispynb.errors import ConfigurationError
 from dispynb.httpd.security import is_loopback
 from dispynb.node import NodeAllocate, parse_node_specs
-from dispynb.protocol.messages import (
-    ComputationClose,
-    Welcome,
-)
+from dispynb.protocol.messages import ComputationClose, Welcome
 from dispynb.transport.addressing import format_address
 from dispynb.transport.listener import Listener
 from schedserver.clients import _Clients
