@@ -21,6 +21,7 @@ import concurrent.futures
 import contextlib
 import logging
 import os
+import selectors
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, TypeVar
@@ -60,7 +61,11 @@ class LoopRunner:
 
     def __init__(self) -> None:
         """Create a stopped runner; use :meth:`acquire` instead of calling this."""
-        self._loop: asyncio.AbstractEventLoop = asyncio.new_event_loop()
+        # Held by the loop thread whenever it is not waiting for I/O (see `enter`).
+        self._busy: threading.Lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop = asyncio.SelectorEventLoop(
+            _IdleSelector(self._busy)
+        )
         self._thread: threading.Thread = threading.Thread(
             target=self._run, name=_THREAD_NAME, daemon=True
         )
@@ -120,6 +125,24 @@ class LoopRunner:
     def in_loop_thread(self) -> bool:
         """Return True when called from the loop's own thread."""
         return threading.get_ident() == self._thread.ident
+
+    def enter(self) -> bool:
+        """From another thread: take the loop's place while it waits for I/O.
+
+        True if the loop thread is idle in its wait for I/O: it then stays out of
+        every callback until :meth:`leave`, so the caller may use what belongs to
+        the loop (a short, non-blocking step such as writing a message to a
+        socket) without waking the loop thread first. It must not wait for the
+        loop, schedule callbacks on it or wait for anything else meanwhile. False
+        (never blocks) if the loop is busy, or from the loop thread itself.
+        """
+        if self._released or threading.get_ident() == self._thread.ident:
+            return False
+        return self._busy.acquire(blocking=False)
+
+    def leave(self) -> None:
+        """Give the loop back after a successful :meth:`enter`."""
+        self._busy.release()
 
     def call_soon(self, fn: Callable[..., Any], *args: Any) -> asyncio.Handle:
         """Schedule ``fn(*args)`` on the loop; safe from any thread."""
@@ -211,6 +234,7 @@ class LoopRunner:
     def _run(self) -> None:
         """Body of the loop thread."""
         asyncio.set_event_loop(self._loop)
+        self._busy.acquire()
         try:
             self._loop.call_soon(self._started.set)
             self._loop.run_forever()
@@ -220,6 +244,7 @@ class LoopRunner:
             finally:
                 asyncio.set_event_loop(None)
                 self._loop.close()
+                self._busy.release()
 
     def _shutdown(self) -> None:
         """Cancel what is left on the stopped loop and wait for it, like asyncio.run."""
@@ -249,6 +274,24 @@ class LoopRunner:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=LoopRunner._forget_after_fork)
+
+
+class _IdleSelector(selectors.DefaultSelector):
+    """The loop's selector: lets go of ``busy`` only while it waits for I/O, so
+    that `LoopRunner.enter` succeeds exactly when the loop thread is idle."""
+
+    def __init__(self, busy: threading.Lock) -> None:
+        super().__init__()
+        self._busy = busy
+
+    def select(
+        self, timeout: float | None = None
+    ) -> list[tuple[selectors.SelectorKey, int]]:
+        self._busy.release()
+        try:
+            return super().select(timeout)
+        finally:
+            self._busy.acquire()
 
 
 class Coalescer:

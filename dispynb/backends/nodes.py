@@ -432,6 +432,18 @@ class NodesBackend:
         )
         files = deps.files if deps is not None and deps.files else None
         self.driver.enqueue(job.key, job.payload, job.node_id, files, limits)
+        # With the loop idle, this thread sends the job itself: the loop thread is
+        # then woken once per job (by its result), not also to send it.
+        if files is None and self._runner.enter():
+            try:
+                done = self.driver.drain_direct()
+                wake, self.driver.direct_wake = self.driver.direct_wake, False
+            finally:
+                self._runner.leave()
+            if done:
+                if wake:
+                    self._runner.call_soon(_nothing)
+                return
         self._drain.trigger()
 
     def cancel(
@@ -567,3 +579,7 @@ def _client_name() -> str:
 
 
 __all__ = ["DISCOVERY_WAIT", "RECOVERY_KEEP", "STARTUP_WAIT", "NodeEngine"]
+
+
+def _nothing() -> None:
+    """A callback that only wakes the loop (`NodesBackend.submit`)."""

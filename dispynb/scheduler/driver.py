@@ -115,6 +115,8 @@ class Driver(DriverNodes):
         self.pulse = config.pulse_interval or DEFAULT_PULSE
         self.last_error: DispynbError | None = None
         self._closing = False
+        #: Set by `drain_direct` when the loop should run soon (see there).
+        self.direct_wake = False
         self._tasks: set[asyncio.Task[Any]] = set()
         #: Node messages by type (the node server routes client messages alike).
         self._routes: dict[type[Message], _Handler] = {
@@ -227,6 +229,40 @@ class Driver(DriverNodes):
         enforces (see `JobSubmit`), or None.
         """
         self._incoming.append((key, buffers, node, files, limits))
+
+    def drain_direct(self) -> bool:
+        """`drain` from the submitting thread, with the loop entered
+        (`LoopRunner.enter`) and so idle: True if done, False if the loop must do
+        it (`drain`).
+
+        Done here only when it writes nothing but small job messages on plain
+        sockets ready to take them: the job reaches its node without waking the
+        loop thread first. Anything else (files, large arguments, TLS, no node,
+        a connection that is full or going) is left to the loop. Sets
+        `direct_wake` if the loop must look at a connection afterwards (it filled
+        up or failed meanwhile).
+        """
+        if self._closing or not self.nodes:
+            return False
+        for _key, buffers, _node, files, _limits in self._incoming:
+            if files or len(buffers) != 1 or len(buffers[0]) >= shm.MIN_SIZE:
+                return False
+        for link in self.nodes.values():
+            conn = link.conn
+            if link.ready and (
+                conn is None or link.pumping or not conn.writes_directly
+            ):
+                return False
+        try:
+            self.drain()
+        except Exception:  # as on the loop (`Coalescer`): logged, never raised
+            logger.exception("submitting jobs failed")
+            self.direct_wake = True
+        for link in self.nodes.values():
+            conn = link.conn
+            if link.ready and (conn is None or not conn.writes_directly):
+                self.direct_wake = True
+        return True
 
     def drain(self) -> None:
         """Submit every enqueued job in one scheduling pass (on the loop)."""

@@ -192,6 +192,14 @@ class Connection:
         return self._link is None or self._link.closed
 
     @property
+    def writes_directly(self) -> bool:
+        """True if `write` is one ``sendmsg`` on an open plain socket with nothing
+        queued before it: no callback of the loop is involved unless the socket is
+        full or fails (then `unsent` or `closed` says so)."""
+        link = self._link
+        return type(link) is SocketLink and not link.closed and not link.unsent
+
+    @property
     def max_size(self) -> int:
         """Largest message body accepted now."""
         return self.decoder.max_size

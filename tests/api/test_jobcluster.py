@@ -229,6 +229,38 @@ def test_jobcluster_new_computation_short_job_behind_long_one_uses_idle_cpu(tmp_
         assert cluster.cancel(long) == 0
 
 
+def test_jobcluster_submit_from_many_threads_at_once_runs_every_job_once(local):
+    """Submitting threads send jobs themselves while the I/O loop is idle, or hand
+    them to it when busy: from several threads at once, nothing is lost or doubled."""
+    with JobCluster(jobs.square, nodes=local) as cluster:
+        results: dict[int, list[int | None]] = {}
+        errors: list[BaseException] = []
+
+        def submitter(base: int) -> None:
+            try:
+                got = results[base] = []
+                for x in range(base, base + 50):  # one at a time: the loop idles
+                    got.append(cluster.submit(x)())
+                burst = [cluster.submit(x) for x in range(base + 50, base + 150)]
+                got.extend(job() for job in burst)
+            except BaseException as exc:  # reported by the test's thread
+                errors.append(exc)
+
+        threads = [
+            threading.Thread(target=submitter, args=(1000 * i,)) for i in range(4)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(WAIT * 4)
+        assert not errors
+        assert results == {
+            1000 * i: [x * x for x in range(1000 * i, 1000 * i + 150)] for i in range(4)
+        }
+        assert cluster.status().jobs_pending == 0
+        assert sum(node.jobs_done for node in cluster.status().nodes) == 600
+
+
 def test_jobcluster_submit_unpicklable_argument_raises_and_sends_nothing(local, capsys):
     with JobCluster(jobs.square, nodes=local) as cluster:
         assert cluster.submit(3)() == 9

@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -268,3 +269,26 @@ def test_coalescer_fn_raises_logged_and_next_trigger_runs(
     assert calls == [1, 1]
     assert len(caplog.records) == 2
     assert "broken" in caplog.records[0].getMessage()
+
+
+def test_enter_only_while_the_loop_waits_for_io_and_holds_its_callbacks(runner):
+    """`enter` takes the loop's place only while it is idle; meanwhile no callback
+    runs, and they run once the caller leaves."""
+    deadline = time.monotonic() + WAIT
+    while not runner.enter():  # idle once the acquire's own callbacks have run
+        assert time.monotonic() < deadline, "the loop never went idle"
+    ran = threading.Event()
+    runner.call_soon(ran.set)
+    assert not ran.wait(0.2)  # woken, the loop waits for the caller to leave
+    runner.leave()
+    assert ran.wait(WAIT)
+
+    async def from_the_loop() -> bool:
+        return runner.enter()
+
+    assert runner.run_sync(from_the_loop) is False
+    busy, release = threading.Event(), threading.Event()
+    runner.call_soon(lambda: (busy.set(), release.wait(WAIT)))
+    assert busy.wait(WAIT)
+    assert not runner.enter()  # a callback runs: the loop is not idle
+    release.set()
