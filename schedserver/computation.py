@@ -126,9 +126,14 @@ class SharedComputation:
     # -- towards the client ------------------------------------------------------------
 
     def to_client(
-        self, message: Message, buffers: list[memoryview] | None = None
+        self,
+        message: Message,
+        buffers: list[memoryview] | None = None,
+        gather: bool = False,
     ) -> None:
-        """Send ``message`` (for this computation) to its client, or keep it."""
+        """Send ``message`` (for this computation) to its client, or keep it;
+        ``gather``: results that the session may hold to join with the next ones
+        (`SchedulerSession.gather`)."""
         if self.client_comp_id != self.comp_id and hasattr(message, "comp_id"):
             message = dataclasses.replace(message, comp_id=self.client_comp_id)  # type: ignore[type-var]
         session = self.session
@@ -137,7 +142,11 @@ class SharedComputation:
                 self.kept.add(message, buffers or [])
             if self.replaying:
                 return  # the replay sends it after what was kept before it
-        if session is not None:
+        if session is None:
+            return
+        if gather and isinstance(message, JobResults):
+            session.gather(message, buffers or [])
+        else:
             session.send(message, buffers or [])
 
     @property
@@ -227,6 +236,10 @@ class SharedComputation:
         self, upstream: Upstream, message: JobResults, buffers: list[memoryview]
     ) -> None:
         """Jobs ended on a node: pass the results on, free their slots."""
+        # More of the node's messages were read with this one (a burst of short
+        # jobs): its results are gathered into one message to the client, and the
+        # slots they free go out together, once the last of them is handled.
+        more = upstream.conn is not None and upstream.conn.messages_waiting > 0
         # The client waits for them (W2): forwarded first, before the bookkeeping,
         # unless a job came back unrun (it runs elsewhere: not for the client).
         forward = bool(message.results or message.started)
@@ -234,7 +247,7 @@ class SharedComputation:
             isinstance(item, list) and item[2:3] == [RETURNED]
             for item in message.results
         ):
-            self.to_client(message, buffers)
+            self.to_client(message, buffers, gather=True)
             forward = False
         returned: list[int] = []
         for start in message.started:  # [key, attempt, start_time, before]
@@ -266,7 +279,13 @@ class SharedComputation:
             results = [r for i, r in enumerate(message.results) if i not in returned]
             message = dataclasses.replace(message, results=results)
         if forward and (message.results or message.started):
-            self.to_client(message, buffers)
+            self.to_client(message, buffers, gather=True)
+        session = self.session
+        if more:
+            if session is not None:
+                session.send_gathered_soon()
+        elif session is not None:
+            session.send_gathered()
         if self.session is None and not self.running and (not self.queue or self.held):
             kept = self.kept
             logger.info(
@@ -279,7 +298,10 @@ class SharedComputation:
                 kept.on_disk / 2**20,
             )
         self.finish_if_done()
-        self.server.schedule()
+        if more:
+            self.server.schedule_soon()
+        else:
+            self.server.schedule()
 
     def report_nodes(self, force: bool = False) -> None:
         """Tell the client the nodes it runs on and its counts there, if they

@@ -3,6 +3,7 @@ whose job each slot gets chosen with `fairshare.FairShare`."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -42,7 +43,20 @@ class _Dispatch(_ServerState):
 
     def schedule(self) -> None:
         """Hand free slots out now (a job waits for no other loop turn: W2)."""
+        self._dispatch_due = False
         self._dispatch()
+
+    def schedule_soon(self) -> None:
+        """Hand free slots out once the messages read with this one are handled:
+        the slots a burst of results frees go out together (fewer, larger
+        messages to the nodes); at the loop's next turn at the latest."""
+        if not self._dispatch_due:
+            self._dispatch_due = True
+            asyncio.get_running_loop().call_soon(self._dispatch_if_due)
+
+    def _dispatch_if_due(self) -> None:
+        if self._dispatch_due:
+            self.schedule()
 
     def _dispatch(self) -> None:
         active = []

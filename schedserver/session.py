@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dispynb.errors import DispynbError
 from dispynb.protocol.handshake import peer_text
@@ -23,6 +23,7 @@ from dispynb.protocol.messages import (
     FilePlace,
     FilePut,
     JobCancel,
+    JobResults,
     JobSubmit,
     Message,
     NodeStatus,
@@ -37,6 +38,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: Results whose buffers make this many bytes go to the client without waiting for
+#: the node's next ones (gathering is for bursts of small results).
+GATHER_BYTES = 256 * 1024
+
 
 class SchedulerSession:
     """A client's connection: its computations, by the client's ids."""
@@ -50,6 +55,10 @@ class SchedulerSession:
         self.last_heard = self._clock()
         self._status_every = server.config.pulse_interval
         self._last_status = 0.0
+        #: Results gathered per computation id: ``[results, started, buffers]``.
+        self._gathered: dict[int, list[Any]] = {}
+        self._gathered_bytes = 0  # of their buffers
+        self._send_due = False  # a `send_gathered` is due at the loop's next turn
 
     async def serve(self) -> None:
         """Handle the client's messages until its connection ends."""
@@ -57,8 +66,58 @@ class SchedulerSession:
 
     def send(self, message: Message, buffers: list[memoryview] | None = None) -> None:
         """Write to the client (a connection that ended is handled by `serve`)."""
+        if self._gathered:
+            self.send_gathered()  # what was gathered goes first: the order is kept
         with contextlib.suppress(DispynbError):
             self.conn.write(message, buffers or ())
+
+    def gather(self, message: JobResults, buffers: list[memoryview]) -> None:
+        """Hold ``message`` to join it with the results that follow: a node's
+        messages read together (a burst of short jobs) reach the client as one
+        message per computation, written by `send_gathered`, in one system call.
+
+        The caller calls `send_gathered` once it handled them (nothing waits for a
+        timer); any other message to the client sends what was gathered first.
+        """
+        held = self._gathered.get(message.comp_id)
+        if held is None:
+            self._gathered[message.comp_id] = [
+                list(message.results),
+                list(message.started),
+                list(buffers),
+            ]
+        else:
+            results, started, held_buffers = held
+            # A start's ``before`` counts the results of its message before it.
+            earlier = len(results)
+            started.extend(
+                [*s[:3], s[3] + earlier] if s else s for s in message.started
+            )
+            results.extend(message.results)
+            held_buffers.extend(buffers)
+        self._gathered_bytes += sum(b.nbytes for b in buffers)
+        if self._gathered_bytes >= GATHER_BYTES:
+            self.send_gathered()  # large results are not worth holding
+
+    def send_gathered_soon(self) -> None:
+        """`send_gathered` at the loop's next turn at the latest (the node's
+        messages read with the last results may hold none: nothing stays held)."""
+        if self._gathered and not self._send_due:
+            self._send_due = True
+            asyncio.get_running_loop().call_soon(self.send_gathered)
+
+    def send_gathered(self) -> None:
+        """Send the results `gather` holds (one message per computation)."""
+        self._send_due = False
+        self._gathered_bytes = 0
+        gathered, self._gathered = self._gathered, {}
+        messages = [
+            (JobResults(comp_id=comp_id, results=results, started=started), buffers)
+            for comp_id, (results, started, buffers) in gathered.items()
+        ]
+        if messages:
+            with contextlib.suppress(DispynbError):
+                self.conn.write_many(messages)
 
     def end(self) -> None:
         """End the session (revoked user, silent client)."""

@@ -72,6 +72,8 @@ class _ServerState:
         self.monitor: SchedulerMonitor | None = None
         self.port = 0
         self.stopping = False
+        #: A dispatch is due at the loop's next turn (`_Dispatch.schedule_soon`).
+        self._dispatch_due = False
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)

@@ -356,6 +356,12 @@ class Connection:
         ended since (a peer that read it all and hung up); False when unknown."""
         return self._link is not None and self._link.all_sent
 
+    @property
+    def messages_waiting(self) -> int:
+        """Messages received and not handled yet: inside a `dispatch` handler, the
+        ones that came with the current one (a relay gathers what it passes on)."""
+        return len(self._inbox)
+
     # -- receiving ---------------------------------------------------------------------
 
     async def recv(self) -> tuple[Message, list[memoryview]]:

@@ -1,0 +1,156 @@
+"""A node's results read together reach the client as one message per computation
+(`schedserver.session.SchedulerSession.gather`), in the node's order."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from dispynb import SharedJobCluster
+from dispynb.job import DispyJob, JobStatus
+from dispynb.protocol.messages import JobResults, Message, Ping
+from schedserver.session import GATHER_BYTES, SchedulerSession
+from tests.sharedsched.harness import SchedulerProcess
+
+
+class RecordingConnection:
+    """What the session writes, one entry per system call."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[tuple[Message, list[Any]]]] = []
+
+    def write(self, message: Message, buffers: Any = ()) -> None:
+        self.calls.append([(message, list(buffers))])
+
+    def write_many(self, messages: Any) -> None:
+        self.calls.append([(m, list(b)) for m, b in messages])
+
+
+def session_over(conn: RecordingConnection) -> SchedulerSession:
+    server = SimpleNamespace(config=SimpleNamespace(pulse_interval=1.0))
+    return SchedulerSession(conn, server, "alice")  # type: ignore[arg-type]
+
+
+def entry(key: int, count: int) -> list[Any]:
+    return [key, 1, 1, 1.0, 2.0, "", "", "", count]
+
+
+def test_results_gathered_keep_buffers_and_starts_in_the_nodes_order() -> None:
+    async def run() -> RecordingConnection:
+        conn = RecordingConnection()
+        session = session_over(conn)
+        b = [memoryview(bytes([n])) for n in range(4)]
+        # first message: job 1 started and ended, job 2 started after it
+        session.gather(
+            JobResults(
+                comp_id=7,
+                results=[entry(1, 1)],
+                started=[[1, 1, 1.0, 0], [2, 1, 1.5, 1]],
+            ),
+            [b[0]],
+        )
+        # second: job 3 started before job 2 ended; job 3 ended (two buffers)
+        session.gather(
+            JobResults(
+                comp_id=7,
+                results=[entry(2, 1), entry(3, 2)],
+                started=[[3, 1, 1.7, 0]],
+            ),
+            [b[1], b[2], b[3]],
+        )
+        session.gather(JobResults(comp_id=8, results=[entry(9, 0)]), [])
+        assert conn.calls == []  # held until the caller is done with the burst
+        session.send_gathered()
+        session.send_gathered()  # nothing left: no empty message
+        return conn
+
+    conn = asyncio.run(run())
+    assert len(conn.calls) == 1  # one system call for both computations
+    (first, first_buffers), (second, second_buffers) = conn.calls[0]
+    assert isinstance(first, JobResults) and isinstance(second, JobResults)
+    assert first.comp_id == 7 and second.comp_id == 8
+    assert [r[0] for r in first.results] == [1, 2, 3]
+    assert [bytes(v) for v in first_buffers] == [b"\x00", b"\x01", b"\x02", b"\x03"]
+    # A start's ``before`` counts the results before it in the joined message.
+    assert first.started == [[1, 1, 1.0, 0], [2, 1, 1.5, 1], [3, 1, 1.7, 1]]
+    assert [r[0] for r in second.results] == [9] and second_buffers == []
+
+
+def test_any_other_message_sends_what_was_gathered_first() -> None:
+    async def run() -> RecordingConnection:
+        conn = RecordingConnection()
+        session = session_over(conn)
+        session.gather(JobResults(comp_id=1, results=[entry(1, 0)]), [])
+        session.send(Ping())
+        return conn
+
+    conn = asyncio.run(run())
+    kinds = [type(m).__name__ for call in conn.calls for m, _ in call]
+    assert kinds == ["JobResults", "Ping"]
+
+
+def test_large_results_are_not_held() -> None:
+    async def run() -> RecordingConnection:
+        conn = RecordingConnection()
+        session = session_over(conn)
+        session.gather(
+            JobResults(comp_id=1, results=[entry(1, 1)]),
+            [memoryview(bytes(GATHER_BYTES))],
+        )
+        return conn
+
+    assert len(asyncio.run(run()).calls) == 1
+
+
+def test_results_held_at_the_end_of_a_burst_go_at_the_next_loop_turn() -> None:
+    async def run() -> RecordingConnection:
+        conn = RecordingConnection()
+        session = session_over(conn)
+        session.gather(JobResults(comp_id=1, results=[entry(1, 0)]), [])
+        session.send_gathered_soon()
+        assert conn.calls == []
+        await asyncio.sleep(0)  # one loop turn
+        return conn
+
+    assert len(asyncio.run(run()).calls) == 1
+
+
+def inc(n: int) -> int:
+    return n + 1
+
+
+@pytest.mark.slow
+def test_a_burst_of_short_jobs_through_the_scheduler_ends_each_job_once(
+    scheduler: SchedulerProcess, users: dict[str, Path]
+) -> None:
+    # Many results per node message and several node messages per read: what the
+    # scheduler joins must still end each job once, with its own result and times.
+    finished: list[int] = []
+    lock = threading.Lock()
+
+    def job_status(job: DispyJob) -> None:
+        if job.status == JobStatus.Finished:
+            with lock:
+                finished.append(job.result)
+
+    count = 2000
+    with SharedJobCluster(
+        inc,
+        scheduler_host=scheduler.address,
+        secret_file=str(users["alice"]),
+        job_status=job_status,
+    ) as cluster:
+        jobs = [cluster.submit(n) for n in range(count)]
+        assert [job() for job in jobs] == [n + 1 for n in range(count)]
+        cluster.wait(timeout=30)
+    for job in jobs:
+        assert job.status == JobStatus.Finished
+        assert job.start_time is not None and job.end_time is not None
+        assert job.start_time <= job.end_time
+    with lock:
+        assert sorted(finished) == [n + 1 for n in range(count)]
