@@ -17,46 +17,43 @@ import logging
 import operator
 import os
 import shutil
-import signal
 import socket
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 from dispynb.errors import DispynbError, SetupError
 from dispynb.objects import OBJECTS_DIR
 from dispynb.protocol.files import safe_relative_path
-from dispynb.protocol.messages import (
-    CANCELLED,
-    CRASHED,
-    FINISHED,
-    RETURNED,
-    TERMINATED,
-    Message,
-)
+from dispynb.protocol.messages import CANCELLED, CRASHED, FINISHED, Message
 from dispynb.protocol.records import ResultEntry
-from dispynb.transport.connection import Connection
 from nodeserver.budget import CpuBudget
+from nodeserver.compstate import JobLimits as JobLimits
+from nodeserver.compstate import NodeJob as NodeJob
+from nodeserver.compstate import (
+    Report,
+    ReportFile,
+    ReportProvisional,
+    Worker,
+    _ComputationState,
+)
 from nodeserver.containment import node_pids_root, place_in_new_cgroup
 from nodeserver.control import ControlChannel
 from nodeserver.filestore import FileStore
 from nodeserver.ipc import (
     Done,
-    IpcMessage,
     Load,
-    Loaded,
-    LoadFailed,
     NodeShutdown,
     Provisional,
     Run,
     SendFile,
     Shutdown,
-    Skip,
-    WorkerExited,
-    WorkerStarted,
 )
+from nodeserver.jobreasons import crash_reason as crash_reason
+from nodeserver.jobreasons import mem_limit_note as mem_limit_note
+from nodeserver.jobreasons import timeout_reason as timeout_reason
+from nodeserver.jobstops import _JobStops
 from nodeserver.launcher import PROCESS_LAUNCHER, ComputationProcess, Launcher
-from nodeserver.sharedbody import BODIES, SharedBody, segments
+from nodeserver.sharedbody import BODIES, segments
+from nodeserver.workerlife import _WorkerLife
 
 logger = logging.getLogger(__name__)
 
@@ -82,13 +79,6 @@ AHEAD_BYTES = 64 * 1024
 #: taken to have started and is interrupted.
 SKIP_GRACE = 0.5
 
-#: Seconds a cancelled job gets to end after its KeyboardInterrupt before it is killed.
-CANCEL_GRACE = 3.0
-
-#: Seconds a job over its time limit gets to end after its KeyboardInterrupt before
-#: its worker is killed (shorter than a cancel's: it already had its time).
-TIMEOUT_GRACE = 2.0
-
 #: Bytes of a worker's message that are neither the result nor the output (header,
 #: framing); a result may use the rest of the channel's message size cap.
 RESULT_HEADROOM = 1024 * 1024
@@ -99,62 +89,6 @@ STREAM_BYTES = 64 * 1024 * 1024
 
 #: Seconds to wait for a computation process to exit after Shutdown.
 SHUTDOWN_GRACE = 10.0
-
-#: ``report(entry, buffers)``: one job-results entry (see `JobResults`) and its buffers.
-Report = Callable[[list[object], list[memoryview]], None]
-
-#: ``report_provisional(key, attempt, buffers)``: a provisional result of a job.
-ReportProvisional = Callable[[int, int, list[memoryview]], None]
-
-#: ``report_file(key, path, buffers)``: a file a job sends to its client.
-ReportFile = Callable[[int, str, list[memoryview]], None]
-
-
-@dataclass(frozen=True, slots=True)
-class JobLimits:
-    """What a computation's client asked for its jobs (see `nodeserver.ipc.Load`)."""
-
-    max_output: int | None = None
-    max_result: int | None = None
-    max_pids: int | None = None
-    fresh_process: bool = False
-
-
-@dataclass(slots=True)
-class NodeJob:
-    """A job on this node: its key, attempt and pickled arguments."""
-
-    key: int
-    attempt: int
-    buffers: list[memoryview]
-    cancelled: bool = False
-    skipping: bool = False  # sent ahead, then asked to skip if it has not started
-    reported: bool = False  # its outcome already went to the client
-    files: list[tuple[str, str]] = field(default_factory=list)  # (path, digest)
-    placed: bool = False  # its files are in the computation's directory
-    timeout: float | None = None  # seconds it may run (job_timeout)
-    mem_limit: int | None = None  # bytes of address space (mem_limit)
-    timer: asyncio.TimerHandle | None = None  # ends it at its timeout
-    timed_out: bool = False  # stopped for running over its timeout
-    #: The shared body its arguments were sent to a worker in: held until the job
-    #: ends (the worker may still be reading it), then free for another frame.
-    lease: SharedBody | None = None
-
-
-@dataclass(slots=True, eq=False)
-class Worker:
-    """A worker process of the computation, seen from the node server."""
-
-    pid: int
-    conn: Connection
-    sock: socket.socket
-    assigned: collections.deque[NodeJob] = field(default_factory=collections.deque)
-    returncode: int | None = None
-    exit_reason: str = ""  # why the computation process killed it, if it did
-    stream_closed: bool = False
-    holds_cpu: bool = False
-    interrupted: bool = False  # sent SIGINT to cancel its running job
-    retiring: bool = False  # killed on purpose: its unfinished jobs run elsewhere
 
 
 #: A worker's jobs (sent, not yet done), for `Computation.idle`.
@@ -188,44 +122,7 @@ def _was_interrupted(done: Done) -> bool:
     return done.outcome != FINISHED and "KeyboardInterrupt" in (done.exception or "")
 
 
-#: Seconds a job whose worker died of SIGTERM (or whose computation process died)
-#: waits before being reported failed: if the node received the same signal
-#: meanwhile, the job is lost with the node.
-STOP_SIGNAL_GRACE = 1.0
-
-
-def timeout_reason(timeout: float) -> str:
-    """Why a job that ran over its time limit was terminated, and how to allow more."""
-    return (
-        f"the job ran over its time limit of {timeout:g} s (job_timeout / "
-        "dispy_job_timeout) and was terminated; give a larger limit, e.g. "
-        f"submit(..., dispy_job_timeout={max(timeout * 2, 1):g}), or None for none"
-    )
-
-
-def mem_limit_note(mem_limit: int) -> str:
-    """Appended to the crash reason of a job that ran under a memory limit."""
-    return (
-        f"; it probably exceeded mem_limit of {mem_limit} bytes (mem_limit / "
-        "dispy_job_mem_limit): give a larger limit, or None for none"
-    )
-
-
-def crash_reason(returncode: int) -> str:
-    """Explain how a worker process ended, for the job that was running in it."""
-    if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
-        return f"the job's worker process was killed by {name} ({-returncode})"
-    return (
-        f"the job's worker process exited with status {returncode} "
-        "(os._exit() or a fatal error in an extension)"
-    )
-
-
-class Computation:
+class Computation(_JobStops, _WorkerLife, _ComputationState):
     """Runs one computation's jobs on this node's CPUs, within the node's budget."""
 
     def __init__(
@@ -445,41 +342,6 @@ class Computation:
         self._queue.extend(jobs)
         self._pump()
 
-    def cancel(self, key: int, attempt: int, unstarted: bool = False) -> None:
-        """Terminate a job: drop it if queued, kill its worker if it is running
-        (with ``unstarted``, a running job goes on)."""
-        for job in self._queue:
-            if job.key == key and job.attempt == attempt:
-                self._queue.remove(job)
-                self._finish_unrun(job, "job cancelled at the client's request")
-                return
-        for worker in self._workers.values():
-            for position, job in enumerate(worker.assigned):
-                if job.key == key and job.attempt == attempt:
-                    if job.cancelled or (position == 0 and unstarted):
-                        # Stopping already (cancelled, or over its timeout); or
-                        # running, and only a job not started was to be dropped.
-                        return
-                    if unstarted:
-                        # Sent ahead: only the worker knows whether it has begun
-                        # it. Its answer is the outcome: cancelled if it skipped
-                        # the job, else the job's own (it runs to its end).
-                        if not job.skipping:
-                            job.skipping = True
-                            with contextlib.suppress(DispynbError):
-                                worker.conn.write(Skip(key=key))
-                        return
-                    job.cancelled = True
-                    if position == 0:
-                        self._interrupt(worker, job)
-                    else:
-                        # Sent ahead, not started: settle it now, and tell the worker
-                        # to skip it (checked before it starts each job).
-                        self._finish_unrun(job, "job cancelled at the client's request")
-                        with contextlib.suppress(DispynbError):
-                            worker.conn.write(Skip(key=key))
-                    return
-
     def hold_workers(self, hold: bool) -> None:
         """Stop (``hold``) or resume reading from the workers: back-pressure from a
         client that does not read. A held worker blocks once its socket is full."""
@@ -496,88 +358,6 @@ class Computation:
             record(entry, buffers)
 
         self._report = both
-
-    def hand_back(self) -> None:
-        """The node shuts down: give back every job that has not started.
-
-        Queued jobs and jobs sent ahead to a busy worker (which is told to skip them)
-        are reported ``returned``, so the client runs them elsewhere; no new job is
-        accepted after this.
-        """
-        self._handed_back = True
-        self._drop_waiting(RETURNED, "the node is shutting down; the job did not start")
-
-    def cancel_waiting(self) -> None:
-        """Cancel every job that has not started (``close_node``): queued ones and
-        those sent ahead to a busy worker; running jobs go on."""
-        self._drop_waiting(
-            CANCELLED, "cancelled: the node was closed for the computation (close_node)"
-        )
-
-    def _drop_waiting(self, outcome: str, reason: str) -> None:
-        """Report every job that has not started as ``outcome`` (never run)."""
-        dropped = list(self._queue)
-        self._queue.clear()
-        for worker in self._workers.values():
-            for job in list(worker.assigned)[1:]:
-                if not job.reported:
-                    job.cancelled = True
-                    dropped.append(job)
-                    with contextlib.suppress(DispynbError):
-                        worker.conn.write(Skip(key=job.key))
-        for job in dropped:
-            job.reported = True
-            self._report_unrun(job, outcome, reason)
-
-    def _interrupt(
-        self, worker: Worker, job: NodeJob, grace: float = CANCEL_GRACE
-    ) -> None:
-        """Cancel a running job as dispy does: KeyboardInterrupt, then kill."""
-        worker.interrupted = True
-        self._launcher.interrupt(worker.pid)
-        loop = asyncio.get_running_loop()
-        loop.call_later(grace, self._escalate, worker, job)
-
-    def _start_clock(self, worker: Worker) -> None:
-        """The worker's head job starts now: tell the client (``on_start``), and arm
-        its time limit, if it has one."""
-        job = worker.assigned[0]
-        # A job the worker may skip is not reported started: its end says.
-        if self.on_start is not None and not job.cancelled and not job.skipping:
-            self.on_start(job.key, job.attempt, time.time())
-        if job.timeout is not None and job.timer is None and not job.cancelled:
-            loop = asyncio.get_running_loop()
-            job.timer = loop.call_later(job.timeout, self._time_out, worker, job)
-
-    def _time_out(self, worker: Worker, job: NodeJob) -> None:
-        """A job ran over its time limit: stop it as a cancel does, with less grace."""
-        job.timer = None
-        if job.reported or job.cancelled or not worker.assigned:
-            return
-        if worker.assigned[0] is not job or worker.returncode is not None:
-            return
-        logger.info(
-            "job %d of %s ran over its time limit of %g s; stopping it",
-            job.key,
-            self.name,
-            job.timeout,
-        )
-        job.timed_out = job.cancelled = True
-        self._interrupt(worker, job, TIMEOUT_GRACE)
-
-    def _interrupt_if_head(self, worker: Worker) -> None:
-        if worker.assigned and worker.assigned[0].cancelled and not worker.interrupted:
-            self._interrupt(worker, worker.assigned[0])
-
-    def _escalate(self, worker: Worker, job: NodeJob) -> None:
-        if worker.assigned and worker.assigned[0] is job and not worker.retiring:
-            self._retire(worker)
-
-    def _retire(self, worker: Worker) -> None:
-        """Kill a worker and its job's processes (its group) on purpose; the
-        computation process starts a new one."""
-        worker.retiring = True
-        self._launcher.kill_group(worker.pid)
 
     def _pump(self) -> None:
         """Give queued jobs to workers: idle ones first (taking a CPU), then ahead."""
@@ -817,177 +597,4 @@ class Computation:
             worker.holds_cpu = False
             self._budget.release()
 
-    def _report_unrun(self, job: NodeJob, outcome: str, reason: str) -> None:
-        """Report a job that ended without a result (``reason`` says why)."""
-        entry = ResultEntry.unrun(job.key, job.attempt, outcome, reason)
-        self._report(entry.to_wire(), [])
-
-    def _finish_unrun(self, job: NodeJob, reason: str) -> None:
-        """Report a job that never started."""
-        job.reported = True
-        self._report_unrun(job, CANCELLED, reason)
-
-    def _finish_killed(self, job: NodeJob) -> None:
-        """Report a cancelled job once its worker stopped (unless settled already)."""
-        if job.reported:
-            return
-        job.reported = True
-        reason = "job terminated at the client's request"
-        if job.timed_out and job.timeout is not None:
-            reason = timeout_reason(job.timeout)
-        self._report_unrun(job, TERMINATED, reason)
-
     # -- messages from the computation process ------------------------------------
-
-    def _on_control(
-        self, message: IpcMessage, buffers: list[memoryview], fd: int | None
-    ) -> None:
-        if isinstance(message, WorkerStarted) and fd is not None:
-            self._add_worker(message.pid, fd)
-        elif isinstance(message, WorkerExited):
-            worker = self._workers.get(message.pid)
-            if worker is not None:
-                worker.returncode = message.returncode
-                worker.exit_reason = message.reason
-                # The job ends with its worker, even if a process it started still
-                # holds the worker's socket: what the worker wrote is read, then EOF.
-                with contextlib.suppress(OSError):
-                    worker.sock.shutdown(socket.SHUT_RD)
-                self._maybe_lost(worker)
-        elif isinstance(message, Loaded):
-            if not self._loaded.done():
-                self._loaded.set_result(None)
-        elif isinstance(message, LoadFailed) and not self._loaded.done():
-            self._loaded.set_exception(SetupError(message.message, message.traceback))
-        elif isinstance(message, NodeShutdown):  # from the cleanup function
-            self._shutdown_requested()
-
-    def _shutdown_requested(self) -> None:
-        if self.on_shutdown_request is not None:
-            self.on_shutdown_request()
-
-    def _add_worker(self, pid: int, fd: int) -> None:
-        sock = socket.socket(fileno=fd)
-        conn = Connection.over_socket(
-            sock,
-            f"worker {pid}",
-            IpcMessage,
-            trusted_max_size=self._max_size,
-        )
-        worker = Worker(pid=pid, conn=conn, sock=sock)
-        if self._held:
-            conn.hold_reading(True)
-        self._workers[pid] = worker
-        task = asyncio.get_running_loop().create_task(self._read_worker(worker))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        self._pump()
-
-    def _maybe_lost(self, worker: Worker) -> None:
-        """Once a worker's stream is drained and its exit known, settle its jobs."""
-        if worker.stream_closed and (
-            worker.returncode is not None or self._control_closed.is_set()
-        ):
-            self._lose_worker(worker)
-
-    def _lose_worker(self, worker: Worker) -> None:
-        if self._workers.pop(worker.pid, None) is None:
-            return
-        returncode = worker.returncode
-        requeue: list[NodeJob] = []
-        for position, job in enumerate(worker.assigned):
-            self._release_job_files(job)
-            if job.timer is not None:
-                job.timer.cancel()
-                job.timer = None
-            if job.cancelled:
-                self._finish_killed(job)
-            elif job.reported:
-                continue
-            elif (
-                position == 0
-                and not worker.retiring
-                and returncode in (-signal.SIGTERM, None)
-                and not worker.exit_reason
-            ):
-                # A stop signal sent to the node's whole job step or unit (SLURM at
-                # walltime or scancel, systemd) kills its workers and computation
-                # process too: such a job is lost with the node (the client runs it
-                # again if reentrant), not failed. Decide once the node has handled
-                # its own signal.
-                job.reported = True
-                asyncio.get_running_loop().call_later(
-                    STOP_SIGNAL_GRACE,
-                    self._report_unless_stopping,
-                    job,
-                    crash_reason(returncode)
-                    if returncode is not None
-                    else "the computation's process on the node died",
-                )
-            elif position == 0 and not worker.retiring:
-                reason = (
-                    worker.exit_reason or crash_reason(returncode)
-                    if returncode is not None
-                    else "the computation's process on the node died"
-                )
-                if job.mem_limit is not None:
-                    reason += mem_limit_note(job.mem_limit)
-                job.reported = True
-                self._report_unrun(job, CRASHED, reason)
-            else:
-                requeue.append(job)  # never started, or stopped by us: run it again
-        worker.assigned.clear()
-        for job in reversed(requeue):
-            self._requeue_or_fail(job)
-        self._release_cpu(worker)
-        self._pump()
-        self._note_progress()
-
-    def _report_unless_stopping(self, job: NodeJob, reason: str) -> None:
-        if self._node_stopping():
-            logger.info(
-                "job %d was killed by the node's stop signal: left to its client "
-                "as a job of a lost node",
-                job.key,
-            )
-            return
-        if job.mem_limit is not None:
-            reason += mem_limit_note(job.mem_limit)
-        self._report_unrun(job, CRASHED, reason)
-
-    def _on_control_closed(self) -> None:
-        self._control_closed.set()
-        if not self._loaded.done():
-            self._loaded.set_exception(
-                SetupError("the computation's process on the node exited during setup")
-            )
-        for worker in list(self._workers.values()):
-            self._maybe_lost(worker)
-        if not self._closing:
-            queued = list(self._queue)
-            self._queue.clear()
-            # As for its workers (_lose_worker): a stop signal to the whole node
-            # may have ended it; then its jobs are lost with the node.
-            asyncio.get_running_loop().call_later(
-                STOP_SIGNAL_GRACE, self._process_lost, queued
-            )
-        self._note_progress()
-
-    def _process_lost(self, queued: list[NodeJob]) -> None:
-        if self._node_stopping():
-            logger.info(
-                "computation %s ended with the node's stop signal: its jobs are "
-                "left to their client as jobs of a lost node",
-                self.name,
-            )
-            return
-        reason = "the computation's process on the node died"
-        for job in queued:
-            self._report_unrun(job, CRASHED, reason)
-        # Before it was ready, start() reports the failure (with setup's reason).
-        if self.on_failure is not None and self._ready:
-            self.on_failure(reason)
-
-    def _note_progress(self) -> None:
-        if self._progress is not None and not self._progress.done():
-            self._progress.set_result(None)

@@ -1,0 +1,132 @@
+"""What the node server knows of a computation's jobs (`NodeJob`, `JobLimits`) and
+workers (`Worker`), and the state every part of `Computation` shares."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from dispynb.protocol.records import ResultEntry
+from dispynb.transport.connection import Connection
+from nodeserver.budget import CpuBudget
+from nodeserver.filestore import FileStore
+from nodeserver.launcher import Launcher
+from nodeserver.sharedbody import SharedBody
+
+#: ``report(entry, buffers)``: one job-results entry (see `JobResults`) and its buffers.
+Report = Callable[[list[object], list[memoryview]], None]
+
+#: ``report_provisional(key, attempt, buffers)``: a provisional result of a job.
+ReportProvisional = Callable[[int, int, list[memoryview]], None]
+
+#: ``report_file(key, path, buffers)``: a file a job sends to its client.
+ReportFile = Callable[[int, str, list[memoryview]], None]
+
+
+@dataclass(frozen=True, slots=True)
+class JobLimits:
+    """What a computation's client asked for its jobs (see `nodeserver.ipc.Load`)."""
+
+    max_output: int | None = None
+    max_result: int | None = None
+    max_pids: int | None = None
+    fresh_process: bool = False
+
+
+@dataclass(slots=True)
+class NodeJob:
+    """A job on this node: its key, attempt and pickled arguments."""
+
+    key: int
+    attempt: int
+    buffers: list[memoryview]
+    cancelled: bool = False
+    skipping: bool = False  # sent ahead, then asked to skip if it has not started
+    reported: bool = False  # its outcome already went to the client
+    files: list[tuple[str, str]] = field(default_factory=list)  # (path, digest)
+    placed: bool = False  # its files are in the computation's directory
+    timeout: float | None = None  # seconds it may run (job_timeout)
+    mem_limit: int | None = None  # bytes of address space (mem_limit)
+    timer: asyncio.TimerHandle | None = None  # ends it at its timeout
+    timed_out: bool = False  # stopped for running over its timeout
+    #: The shared body its arguments were sent to a worker in: held until the job
+    #: ends (the worker may still be reading it), then free for another frame.
+    lease: SharedBody | None = None
+
+
+@dataclass(slots=True, eq=False)
+class Worker:
+    """A worker process of the computation, seen from the node server."""
+
+    pid: int
+    conn: Connection
+    sock: socket.socket
+    assigned: collections.deque[NodeJob] = field(default_factory=collections.deque)
+    returncode: int | None = None
+    exit_reason: str = ""  # why the computation process killed it, if it did
+    stream_closed: bool = False
+    holds_cpu: bool = False
+    interrupted: bool = False  # sent SIGINT to cancel its running job
+    retiring: bool = False  # killed on purpose: its unfinished jobs run elsewhere
+
+
+class _ComputationState:
+    """A `Computation`'s state (its parts: `nodeserver.jobstops`, stopping jobs;
+    `nodeserver.workerlife`, the computation process's reports and lost workers).
+    The methods declared here and raising `NotImplementedError` are the parts'
+    own (one part calls another's)."""
+
+    # Set by `Computation.__init__` (see there).
+    comp_id: int
+    name: str
+    path: str
+    limits: JobLimits
+    on_failure: Callable[[str], None] | None
+    on_start: Callable[[int, int, float], None] | None
+    on_shutdown_request: Callable[[], None] | None
+    result_kinds: dict[int, str]
+    _node_stopping: Callable[[], bool]
+    _n_workers: int
+    _budget: CpuBudget
+    _report: Report
+    _store: FileStore
+    _max_size: int
+    _queue: collections.deque[NodeJob]
+    _workers: dict[int, Worker]
+    _launcher: Launcher
+    _loaded: asyncio.Future[None]
+    _control_closed: asyncio.Event
+    _progress: asyncio.Future[None] | None
+    _ready: bool
+    _closing: bool
+    _handed_back: bool
+    _tasks: set[asyncio.Task[None]]
+    _held: bool
+
+    def _report_unrun(self, job: NodeJob, outcome: str, reason: str) -> None:
+        """Report a job that ended without a result (``reason`` says why)."""
+        entry = ResultEntry.unrun(job.key, job.attempt, outcome, reason)
+        self._report(entry.to_wire(), [])
+
+    # -- the parts' methods, declared for the others --
+
+    def _pump(self) -> None:
+        raise NotImplementedError
+
+    async def _read_worker(self, worker: Worker) -> None:
+        raise NotImplementedError
+
+    def _requeue_or_fail(self, job: NodeJob) -> None:
+        raise NotImplementedError
+
+    def _release_cpu(self, worker: Worker) -> None:
+        raise NotImplementedError
+
+    def _release_job_files(self, job: NodeJob) -> None:
+        raise NotImplementedError
+
+    def _finish_killed(self, job: NodeJob) -> None:
+        raise NotImplementedError

@@ -1,0 +1,161 @@
+"""Stopping a computation's jobs on this node: cancels (of queued, running or sent-
+ahead jobs), jobs handed back or dropped before they start, time limits, and the
+interrupts and kills that end a running job."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from dispynb.errors import DispynbError
+from dispynb.protocol.messages import CANCELLED, RETURNED, TERMINATED
+from nodeserver.compstate import NodeJob, Worker, _ComputationState
+from nodeserver.ipc import Skip
+from nodeserver.jobreasons import timeout_reason
+
+logger = logging.getLogger("nodeserver.computation")
+
+#: Seconds a cancelled job gets to end after its KeyboardInterrupt before it is killed.
+CANCEL_GRACE = 3.0
+
+#: Seconds a job over its time limit gets to end after its KeyboardInterrupt before
+#: its worker is killed (shorter than a cancel's: it already had its time).
+TIMEOUT_GRACE = 2.0
+
+
+class _JobStops(_ComputationState):
+    """Cancels, time limits, interrupts, and the reports of jobs stopped."""
+
+    def cancel(self, key: int, attempt: int, unstarted: bool = False) -> None:
+        """Terminate a job: drop it if queued, kill its worker if it is running
+        (with ``unstarted``, a running job goes on)."""
+        for job in self._queue:
+            if job.key == key and job.attempt == attempt:
+                self._queue.remove(job)
+                self._finish_unrun(job, "job cancelled at the client's request")
+                return
+        for worker in self._workers.values():
+            for position, job in enumerate(worker.assigned):
+                if job.key == key and job.attempt == attempt:
+                    if job.cancelled or (position == 0 and unstarted):
+                        # Stopping already (cancelled, or over its timeout); or
+                        # running, and only a job not started was to be dropped.
+                        return
+                    if unstarted:
+                        # Sent ahead: only the worker knows whether it has begun
+                        # it. Its answer is the outcome: cancelled if it skipped
+                        # the job, else the job's own (it runs to its end).
+                        if not job.skipping:
+                            job.skipping = True
+                            with contextlib.suppress(DispynbError):
+                                worker.conn.write(Skip(key=key))
+                        return
+                    job.cancelled = True
+                    if position == 0:
+                        self._interrupt(worker, job)
+                    else:
+                        # Sent ahead, not started: settle it now, and tell the worker
+                        # to skip it (checked before it starts each job).
+                        self._finish_unrun(job, "job cancelled at the client's request")
+                        with contextlib.suppress(DispynbError):
+                            worker.conn.write(Skip(key=key))
+                    return
+
+    def hand_back(self) -> None:
+        """The node shuts down: give back every job that has not started.
+
+        Queued jobs and jobs sent ahead to a busy worker (which is told to skip them)
+        are reported ``returned``, so the client runs them elsewhere; no new job is
+        accepted after this.
+        """
+        self._handed_back = True
+        self._drop_waiting(RETURNED, "the node is shutting down; the job did not start")
+
+    def cancel_waiting(self) -> None:
+        """Cancel every job that has not started (``close_node``): queued ones and
+        those sent ahead to a busy worker; running jobs go on."""
+        self._drop_waiting(
+            CANCELLED, "cancelled: the node was closed for the computation (close_node)"
+        )
+
+    def _drop_waiting(self, outcome: str, reason: str) -> None:
+        """Report every job that has not started as ``outcome`` (never run)."""
+        dropped = list(self._queue)
+        self._queue.clear()
+        for worker in self._workers.values():
+            for job in list(worker.assigned)[1:]:
+                if not job.reported:
+                    job.cancelled = True
+                    dropped.append(job)
+                    with contextlib.suppress(DispynbError):
+                        worker.conn.write(Skip(key=job.key))
+        for job in dropped:
+            job.reported = True
+            self._report_unrun(job, outcome, reason)
+
+    def _interrupt(
+        self, worker: Worker, job: NodeJob, grace: float = CANCEL_GRACE
+    ) -> None:
+        """Cancel a running job as dispy does: KeyboardInterrupt, then kill."""
+        worker.interrupted = True
+        self._launcher.interrupt(worker.pid)
+        loop = asyncio.get_running_loop()
+        loop.call_later(grace, self._escalate, worker, job)
+
+    def _start_clock(self, worker: Worker) -> None:
+        """The worker's head job starts now: tell the client (``on_start``), and arm
+        its time limit, if it has one."""
+        job = worker.assigned[0]
+        # A job the worker may skip is not reported started: its end says.
+        if self.on_start is not None and not job.cancelled and not job.skipping:
+            self.on_start(job.key, job.attempt, time.time())
+        if job.timeout is not None and job.timer is None and not job.cancelled:
+            loop = asyncio.get_running_loop()
+            job.timer = loop.call_later(job.timeout, self._time_out, worker, job)
+
+    def _time_out(self, worker: Worker, job: NodeJob) -> None:
+        """A job ran over its time limit: stop it as a cancel does, with less grace."""
+        job.timer = None
+        if job.reported or job.cancelled or not worker.assigned:
+            return
+        if worker.assigned[0] is not job or worker.returncode is not None:
+            return
+        logger.info(
+            "job %d of %s ran over its time limit of %g s; stopping it",
+            job.key,
+            self.name,
+            job.timeout,
+        )
+        job.timed_out = job.cancelled = True
+        self._interrupt(worker, job, TIMEOUT_GRACE)
+
+    def _interrupt_if_head(self, worker: Worker) -> None:
+        if worker.assigned and worker.assigned[0].cancelled and not worker.interrupted:
+            self._interrupt(worker, worker.assigned[0])
+
+    def _escalate(self, worker: Worker, job: NodeJob) -> None:
+        if worker.assigned and worker.assigned[0] is job and not worker.retiring:
+            self._retire(worker)
+
+    def _retire(self, worker: Worker) -> None:
+        """Kill a worker and its job's processes (its group) on purpose; the
+        computation process starts a new one."""
+        worker.retiring = True
+        self._launcher.kill_group(worker.pid)
+
+    def _finish_unrun(self, job: NodeJob, reason: str) -> None:
+        """Report a job that never started."""
+        job.reported = True
+        self._report_unrun(job, CANCELLED, reason)
+
+    def _finish_killed(self, job: NodeJob) -> None:
+        """Report a cancelled job once its worker stopped (unless settled already)."""
+        if job.reported:
+            return
+        job.reported = True
+        reason = "job terminated at the client's request"
+        if job.timed_out and job.timeout is not None:
+            reason = timeout_reason(job.timeout)
+        self._report_unrun(job, TERMINATED, reason)
