@@ -31,7 +31,7 @@ from nodeserver.ipc import Done, IpcMessage, Run, Skip
 from nodeserver.jobapi import CONTEXT, install_interrupt_handler
 from nodeserver.memory import release_freed_memory
 from nodeserver.program import ProgramOutput
-from nodeserver.sharedbody import map_segments, unmap
+from nodeserver.sharedbody import MAPPINGS, map_segments, unmap
 
 logger = logging.getLogger(__name__)
 
@@ -270,9 +270,10 @@ def worker_loop(
     try:
         while True:
             if not inbox:
-                if (release or large_frames_taken() != large) and not _arrives(
-                    sock, RELEASE_AFTER_IDLE
-                ):
+                if (
+                    release or MAPPINGS.held or large_frames_taken() != large
+                ) and not _arrives(sock, RELEASE_AFTER_IDLE):
+                    MAPPINGS.release()
                     release_spares()
                     release_freed_memory()
                     release, large = False, large_frames_taken()
@@ -314,6 +315,8 @@ def worker_loop(
             del result_buffers  # do not keep a large result alive until the next job
     except ConnectionClosedError:
         return
+    finally:
+        MAPPINGS.release()  # the bodies kept for the next jobs: there are none
 
 
 def _arrives(sock: MessageSocket, timeout: float) -> bool:

@@ -19,7 +19,6 @@ go once the node is idle or has no client (`release`).
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import mmap
 import os
@@ -179,41 +178,163 @@ def segments(buffers: Sequence[memoryview]) -> tuple[SharedBody, list[int]] | No
     return body, out
 
 
-def map_segments(fd: int, layout: Sequence[int]) -> tuple[mmap.mmap, list[memoryview]]:
-    """In a worker: map the body ``fd`` (closed here) privately and return the
-    mapping and views of the buffers ``layout`` (from `segments`) names.
+#: Most bytes of bodies a worker keeps mapped between jobs (`WorkerMappings`).
+MAPPED_KEEP_BYTES = 64 << 20
 
-    The mapping is copy-on-write: an argument the job changes (a NumPy array made
-    from a buffer) does not change the node's memory. Raises `ValueError` for a
-    layout outside the body, `OSError` if it cannot be mapped.
+#: /proc/self/pagemap: one 64-bit entry per page; in the entry's last byte, bit 7
+#: says present, bit 6 swapped, bit 5 a file page (or shared memory): a private
+#: mapping's page the process wrote to is present or swapped without bit 5.
+_PAGEMAP = "/proc/self/pagemap"
+_WRITTEN = bytes(1 if b & 0xC0 and not b & 0x20 else 0 for b in range(256))
+
+
+class WorkerMappings:
+    """A worker's mappings of the node's bodies, kept from one job to the next.
+
+    Mapping 10 MB of shared memory and unmapping it costs a page-table entry per 4
+    KiB page, several times the copy the unpickler makes from it (4-5 ms against
+    0.5-1 ms per 10 MB on this machine). The node hands out the same few bodies
+    again (`BodyPool`), so a worker keeps its mapping of a body (keyed by the
+    memfd's inode, which the mapping keeps alive) and takes it again when that body
+    comes back, with the node's new contents: pages nobody wrote to are the node's
+    own pages. A mapping is kept only when it is pristine after its job: no object
+    refers to it any more and the job wrote to none of its pages (a copy-on-write
+    page, as a job changing a NumPy argument in place makes, would hide the node's
+    next contents; `/proc/self/pagemap` tells). At most `MAPPED_KEEP_BYTES` are
+    kept, the least recently used going first, and none once the worker is idle
+    (`release`): a kept mapping holds its body's memory after the node let it go.
+    """
+
+    def __init__(self, keep_bytes: int = MAPPED_KEEP_BYTES) -> None:
+        self.keep_bytes = keep_bytes
+        self._kept: dict[tuple[int, int], mmap.mmap] = {}  # oldest first
+        self._keys: dict[int, tuple[int, int]] = {}  # id(mapping) in use -> key
+        self._bytes = 0
+
+    def map(self, fd: int, layout: Sequence[int]) -> tuple[mmap.mmap, list[memoryview]]:
+        """The mapping of body ``fd`` (closed here) and views of the buffers
+        ``layout`` (from `segments`) names: a kept one, else a new private one.
+
+        The mapping is copy-on-write: an argument the job changes (a NumPy array
+        made from a buffer) does not change the node's memory. Raises `ValueError`
+        for a layout outside the body, `OSError` if it cannot be mapped.
+        """
+        try:
+            stat = os.fstat(fd)
+            size = stat.st_size
+            if len(layout) % 2 or not layout:
+                raise ValueError(f"malformed shared argument layout {list(layout)!r}")
+            for offset, length in zip(layout[::2], layout[1::2], strict=True):
+                if offset < 0 or length < 0 or offset + length > size:
+                    raise ValueError(
+                        f"shared argument {offset}+{length} lies outside its "
+                        f"{size}-byte body"
+                    )
+            key = (stat.st_dev, stat.st_ino)
+            mapping = self._kept.pop(key, None)
+            if mapping is not None:
+                self._bytes -= len(mapping)
+                if len(mapping) != size:  # cannot happen: bodies never resize
+                    mapping.close()
+                    mapping = None
+            if mapping is None:
+                mapping = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
+        finally:
+            os.close(fd)
+        self._keys[id(mapping)] = key
+        whole = memoryview(mapping)
+        views = [
+            whole[offset : offset + length]
+            for offset, length in zip(layout[::2], layout[1::2], strict=True)
+        ]
+        whole.release()
+        return mapping, views
+
+    def done(self, mapping: mmap.mmap) -> bool:
+        """The job that used ``mapping`` is over: keep it if pristine, else unmap it.
+
+        False if some object still refers to it (an argument unpickled without a
+        copy): it then stays mapped until that object goes, and the node must not
+        use the body again."""
+        key = self._keys.pop(id(mapping), None)
+        if _exported(mapping):
+            return False
+        if (
+            key is not None
+            and len(mapping) <= self.keep_bytes
+            and key not in self._kept
+            and _pristine(mapping)
+        ):
+            self._kept[key] = mapping
+            self._bytes += len(mapping)
+            while self._bytes > self.keep_bytes:
+                oldest = next(iter(self._kept))
+                self._bytes -= len(self._kept[oldest])
+                self._kept.pop(oldest).close()
+            return True
+        mapping.close()
+        return True
+
+    @property
+    def held(self) -> int:
+        """Bytes of the mappings kept between jobs."""
+        return self._bytes
+
+    def forget(self) -> None:
+        """Keep nothing, unmapping nothing (a forked child: they are its parent's)."""
+        self._kept, self._keys, self._bytes = {}, {}, 0
+
+    def release(self) -> int:
+        """Unmap every kept mapping (the worker is idle); their bytes."""
+        kept, self._kept, held, self._bytes = self._kept, {}, self._bytes, 0
+        for mapping in kept.values():
+            mapping.close()
+        return held
+
+
+def _exported(mapping: mmap.mmap) -> bool:
+    """Whether some buffer (a view, an object made from one) still uses ``mapping``.
+
+    mmap does not say, but refuses to resize while it does: with BufferError first,
+    and (no buffer) with TypeError for a copy-on-write mapping, which never
+    resizes. Anything else means it cannot tell: not reused, as if it were used.
     """
     try:
-        size = os.fstat(fd).st_size
-        if len(layout) % 2 or not layout:
-            raise ValueError(f"malformed shared argument layout {list(layout)!r}")
-        for offset, length in zip(layout[::2], layout[1::2], strict=True):
-            if offset < 0 or length < 0 or offset + length > size:
-                raise ValueError(
-                    f"shared argument {offset}+{length} lies outside its "
-                    f"{size}-byte body"
-                )
-        mapping = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
-    finally:
-        os.close(fd)
-    whole = memoryview(mapping)
-    views = [
-        whole[offset : offset + length]
-        for offset, length in zip(layout[::2], layout[1::2], strict=True)
-    ]
-    whole.release()
-    return mapping, views
+        mapping.resize(len(mapping))
+    except BufferError:
+        return True
+    except TypeError:
+        return False
+    return True  # pragma: no cover  (a copy-on-write mapping never resizes)
+
+
+def _pristine(mapping: mmap.mmap) -> bool:
+    """Whether no page of the private ``mapping`` was written to (copied on write)."""
+    try:
+        address = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
+        pages = -(-len(mapping) // mmap.PAGESIZE)
+        with open(_PAGEMAP, "rb", buffering=0) as pagemap:
+            entries = os.pread(
+                pagemap.fileno(), 8 * pages, address // mmap.PAGESIZE * 8
+            )
+    except (OSError, ValueError, TypeError):
+        return False  # cannot tell: do not keep it
+    if len(entries) != 8 * pages:
+        return False
+    return 1 not in entries[7::8].translate(_WRITTEN)
+
+
+#: The worker's kept mappings (one per process).
+MAPPINGS = WorkerMappings()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=MAPPINGS.forget)
+
+
+def map_segments(fd: int, layout: Sequence[int]) -> tuple[mmap.mmap, list[memoryview]]:
+    """In a worker: `WorkerMappings.map` of the process's `MAPPINGS`."""
+    return MAPPINGS.map(fd, layout)
 
 
 def unmap(mapping: mmap.mmap) -> bool:
-    """Unmap a worker's body once the job is over; False if some object still
-    refers to it (an argument unpickled without a copy): it then stays mapped until
-    that object goes, and the node must not use the body again."""
-    with contextlib.suppress(BufferError):
-        mapping.close()
-        return True
-    return False
+    """In a worker, once the job is over: `WorkerMappings.done` of `MAPPINGS`."""
+    return MAPPINGS.done(mapping)

@@ -139,6 +139,8 @@ def test_a_jobs_buffers_in_a_frame_map_back_in_a_worker_with_their_contents():
     assert args == (data, b"small") and kwargs == {}
     del views
     assert unmap(mapping)
+    assert sharedbody.MAPPINGS.held == len(body)  # kept for the body's next job
+    assert sharedbody.MAPPINGS.release() == len(body)
 
 
 def test_buffers_not_all_in_one_shared_body_travel_through_the_socket():
@@ -193,3 +195,73 @@ def test_unmap_says_when_an_unpickled_object_still_uses_the_mapping():
     del held
     gc.collect()
     assert unmap(mapping)
+
+
+# -- a worker keeps its mappings of bodies from one job to the next -------------------
+
+
+def _job_in(body: SharedBody, data: bytes) -> list[int]:
+    """Write ``data`` into ``body`` as the node would receive it; its layout."""
+    body[: len(data)] = data
+    return [0, len(data)]
+
+
+def test_a_pristine_mapping_is_kept_and_shows_the_nodes_next_contents():
+    mappings = sharedbody.WorkerMappings()
+    body = SharedBody.create(2 * MB)
+    first, second = os.urandom(2 * MB), os.urandom(2 * MB)
+    mapping, views = mappings.map(os.dup(body.fd), _job_in(body, first))
+    assert bytes(views[0]) == first
+    del views
+    assert mappings.done(mapping)
+    assert mappings.held == 2 * MB
+    again, views = mappings.map(os.dup(body.fd), _job_in(body, second))
+    assert again is mapping  # no new mapping, no page-table entries made again
+    assert bytes(views[0]) == second  # the node's new bytes, not the old ones
+    del views
+    assert mappings.done(again)
+    assert mappings.release() == 2 * MB
+    assert mappings.held == 0 and mapping.closed
+
+
+def test_a_mapping_the_job_wrote_to_is_unmapped_not_kept():
+    mappings = sharedbody.WorkerMappings()
+    body = SharedBody.create(2 * MB)
+    data = os.urandom(2 * MB)
+    mapping, views = mappings.map(os.dup(body.fd), _job_in(body, data))
+    views[0][MB : MB + 1] = b"\0" if data[MB] else b"\1"  # copy-on-write page
+    del views
+    assert mappings.done(mapping)
+    assert mappings.held == 0 and mapping.closed
+    assert bytes(body[: 2 * MB]) == data  # the node's memory never changed
+    again, views = mappings.map(os.dup(body.fd), [0, 2 * MB])
+    assert bytes(views[0]) == data  # a fresh mapping: the node's bytes
+    del views
+    mappings.release()
+    again.close()
+
+
+def test_a_mapping_still_in_use_is_neither_kept_nor_unmapped():
+    mappings = sharedbody.WorkerMappings()
+    body = SharedBody.create(2 * MB)
+    mapping, views = mappings.map(os.dup(body.fd), _job_in(body, os.urandom(MB)))
+    kept_view = views[0]
+    del views
+    assert not mappings.done(mapping)  # an object still refers to it
+    assert mappings.held == 0 and not mapping.closed
+    del kept_view
+    mapping.close()
+
+
+def test_kept_mappings_are_bounded_oldest_unmapped_first():
+    mappings = sharedbody.WorkerMappings(keep_bytes=4 * MB)
+    bodies = [SharedBody.create(2 * MB) for _ in range(3)]
+    maps = []
+    for body in bodies:
+        mapping, views = mappings.map(os.dup(body.fd), _job_in(body, b"x" * MB))
+        del views
+        assert mappings.done(mapping)
+        maps.append(mapping)
+    assert mappings.held == 4 * MB
+    assert maps[0].closed and not maps[1].closed and not maps[2].closed
+    assert mappings.release() == 4 * MB
