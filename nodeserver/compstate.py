@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from dispynb.protocol.records import ResultEntry
 from dispynb.transport.connection import Connection
 from nodeserver.budget import CpuBudget
+from nodeserver.control import ControlChannel
 from nodeserver.filestore import FileStore
-from nodeserver.launcher import Launcher
+from nodeserver.launcher import ComputationProcess, Launcher
 from nodeserver.sharedbody import SharedBody
 
 #: ``report(entry, buffers)``: one job-results entry (see `JobResults`) and its buffers.
@@ -94,6 +95,13 @@ class _ComputationState:
     _report: Report
     _store: FileStore
     _max_size: int
+    _node_name: str
+    _node_address: str
+    _remove_path: bool
+    _objects: set[str]
+    _process: ComputationProcess | None
+    _control: ControlChannel | None
+    _first_cgroup: str | None
     _queue: collections.deque[NodeJob]
     _workers: dict[int, Worker]
     _launcher: Launcher
@@ -129,4 +137,7 @@ class _ComputationState:
         raise NotImplementedError
 
     def _finish_killed(self, job: NodeJob) -> None:
+        raise NotImplementedError
+
+    def _finish_unrun(self, job: NodeJob, reason: str) -> None:
         raise NotImplementedError

@@ -1,23 +1,32 @@
-"""The computation process's reports to the node server (workers started and exited,
-setup done or failed, its own end), and the jobs of a worker or process lost."""
+"""The life of a computation's process and workers, seen from the node server: the
+process started (files placed, computation loaded, setup run) and closed (jobs
+finished or dropped, cleanup, exit), its reports (workers started and exited, setup
+done or failed, its own end), and the jobs of a worker or process lost."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import os
+import shutil
 import signal
 import socket
+from collections.abc import Sequence
 
-from dispynb.errors import SetupError
+from dispynb.errors import DispynbError, SetupError
 from dispynb.protocol.messages import CRASHED
 from dispynb.transport.connection import Connection
 from nodeserver.compstate import NodeJob, Worker, _ComputationState
+from nodeserver.containment import node_pids_root, place_in_new_cgroup
+from nodeserver.control import ControlChannel
 from nodeserver.ipc import (
     IpcMessage,
+    Load,
     Loaded,
     LoadFailed,
     NodeShutdown,
+    Shutdown,
     WorkerExited,
     WorkerStarted,
 )
@@ -25,14 +34,165 @@ from nodeserver.jobreasons import crash_reason, mem_limit_note
 
 logger = logging.getLogger("nodeserver.computation")
 
+#: Bytes of a worker's message that are neither the result nor the output (header,
+#: framing); a result may use the rest of the channel's message size cap.
+RESULT_HEADROOM = 1024 * 1024
+
+#: Seconds to wait for a computation process to exit after Shutdown.
+SHUTDOWN_GRACE = 10.0
+
+
 #: Seconds a job whose worker died of SIGTERM (or whose computation process died)
 #: waits before being reported failed: if the node received the same signal
 #: meanwhile, the job is lost with the node.
 STOP_SIGNAL_GRACE = 1.0
 
 
+def _discard(entry: list[object], buffers: list[memoryview]) -> None:
+    """A `Report` that sends nothing."""
+
+
 class _WorkerLife(_ComputationState):
-    """The computation process's reports, and lost workers' jobs settled."""
+    """The computation's process from start to close, its reports, and lost
+    workers' jobs settled."""
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def start(
+        self,
+        bundle: list[memoryview],
+        files: Sequence[tuple[str, str]] = (),
+        setup_timeout: float | None = None,
+    ) -> int:
+        """Start the process, load the computation, run setup; return worker count.
+
+        Raises `SetupError` with the node's explanation and traceback on failure.
+        """
+        os.makedirs(self.path, mode=0o700, exist_ok=True)
+        try:
+            for relative, digest in files:
+                self._store.place(digest, self.path, relative)
+        except (DispynbError, OSError) as exc:
+            raise SetupError(f"cannot place the computation's files: {exc}") from exc
+        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._process = await self._launcher.start(child_sock, self.path)
+        except BaseException:
+            parent_sock.close()
+            raise
+        self._control = ControlChannel(
+            parent_sock, self._on_control, self._on_control_closed, self._max_size
+        )
+        pids_root = node_pids_root() if self.limits.max_pids else None
+        if pids_root is not None and self.limits.max_pids:
+            # Off the start path: the process spends far longer importing than this
+            # move takes (see `containment.place_in_new_cgroup`).
+            self._first_cgroup = await asyncio.get_running_loop().run_in_executor(
+                None,
+                place_in_new_cgroup,
+                pids_root,
+                self._process.pid,
+                self.limits.max_pids,
+            )
+        await self._control.send(
+            Load(
+                name=self.name,
+                workers=self._n_workers,
+                node_name=self._node_name,
+                node_address=self._node_address,
+                job_path=self.path,
+                max_file_size=self._store.max_file_size,
+                max_output=self.limits.max_output,
+                max_result=self._result_cap(),
+                max_pids=self.limits.max_pids,
+                fresh_process=self.limits.fresh_process,
+                pids_root=pids_root or "",
+                first_cgroup=self._first_cgroup,
+            ),
+            bundle,
+        )
+        try:
+            await asyncio.wait_for(asyncio.shield(self._loaded), setup_timeout)
+        except TimeoutError:
+            self._loaded.cancel()  # the process's exit must not report on it later
+            if self._process is not None:
+                self._process.kill()
+            raise SetupError(
+                f"setup did not finish within {setup_timeout} s (setup_timeout)"
+            ) from None
+        self._ready = True
+        self._budget.wait(id(self), self._pump)
+        return self._n_workers
+
+    def _result_cap(self) -> int:
+        """Bytes a pickled result may have: the client's cap, within what the
+        worker's channel to this node takes (with room for the message's header)."""
+        # Output is kept in characters: up to 4 bytes each in UTF-8, two streams.
+        headroom = RESULT_HEADROOM + 8 * (self.limits.max_output or 0)
+        room = max(self._max_size - headroom, 0)
+        cap = self.limits.max_result
+        return room if cap is None else min(cap, room)
+
+    async def close(self, terminate: bool) -> None:
+        """Let jobs finish (or kill them), run cleanup, end the process."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._handed_back:
+            # The node shuts down: its client sees it leave and settles (or, if
+            # reentrant, resubmits elsewhere) the jobs still running; a crash report
+            # for them, as their workers stop now, would make them fail instead.
+            self._report = _discard
+        if terminate:
+            for job in self._queue:
+                self._finish_unrun(job, "the computation was closed before the job ran")
+            self._queue.clear()
+        else:
+            while self._queue or any(w.assigned for w in self._workers.values()):
+                await self._idle_or_dead()
+        self._budget.forget(id(self))  # only now: a backlog still needs CPUs
+        if self._control is not None and self._process is not None:
+            with contextlib.suppress(DispynbError):
+                await self._control.send(Shutdown())
+            try:
+                await asyncio.wait_for(self._process.wait(), SHUTDOWN_GRACE)
+            except TimeoutError:
+                logger.warning("computation %s did not stop; killing it", self.name)
+                self._process.kill()
+                await self._process.wait()
+            self._control.close()
+        if self._first_cgroup is not None:
+            # Normally gone with the first worker; left if the process died first.
+            with contextlib.suppress(OSError):
+                os.rmdir(self._first_cgroup)
+        for worker in list(self._workers.values()):
+            worker.conn.close()
+            self._lose_worker(worker)
+        if self._remove_path:
+            shutil.rmtree(self.path, ignore_errors=True)
+        for digest in self._objects:  # put in a cluster (JobCluster.put)
+            self._store.release(digest)
+        self._objects.clear()
+
+    async def wait_idle(self) -> None:
+        """Wait until no job is queued or running here (or the process died)."""
+        while (
+            self._queue or any(w.assigned for w in self._workers.values())
+        ) and not self._control_closed.is_set():
+            await self._idle_or_dead()
+
+    async def _idle_or_dead(self) -> None:
+        """Wait for the next job to end (or the process to die)."""
+        if self._control_closed.is_set():
+            self._queue.clear()
+            return
+        # Shared by concurrent waiters (close and wait_idle); shielded so that one
+        # being cancelled does not cancel the others' wait.
+        if self._progress is None or self._progress.done():
+            self._progress = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._progress)
+
+    # -- messages from the computation process ------------------------------------
 
     def _on_control(
         self, message: IpcMessage, buffers: list[memoryview], fd: int | None
