@@ -10,6 +10,7 @@ and returns every job of the journal, each once.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import glob
 import logging
 import os
@@ -22,10 +23,11 @@ import time
 from typing import Any
 
 from dispynb._loop import LoopRunner
-from dispynb.defaults import MAX_MESSAGE_SIZE
+from dispynb.defaults import MAX_MESSAGE_SIZE, PRE_AUTH_MAX_FRAME
 from dispynb.errors import ConfigurationError, DispynbError, SerializationError
 from dispynb.job import DispyJob, JobStatus
 from dispynb.journal import Journal
+from dispynb.options import check_size
 from dispynb.protocol import serialize
 from dispynb.protocol.chunks import TOO_LARGE, Parts, add_chunk, take_stream
 from dispynb.protocol.framing import Buffer
@@ -57,6 +59,8 @@ def recover_jobs(
     certfile: str | None = None,
     keyfile: str | None = None,
     cafile: str | None = None,
+    max_message_size: int = MAX_MESSAGE_SIZE,
+    max_result_size: int | str | None = None,
 ) -> list[DispyJob]:
     """Recover the jobs of a client that crashed (dispy's function).
 
@@ -76,6 +80,13 @@ def recover_jobs(
     secret, secret_file, certfile, keyfile, cafile:
         As for `JobCluster` (the journal never holds the secret; by default it comes
         from ``DISPYNB_SECRET`` or ``DISPYNB_SECRET_FILE``).
+    max_message_size:
+        Largest message (bytes) accepted from a node, as for `JobCluster`. A kept
+        result that does not fit in one comes in chunks, assembled in place.
+    max_result_size:
+        Bytes a recovered result may have (int, or a size such as ``"4G"``); a
+        larger one ends ``Crashed`` ('the result arrived incomplete'). Default
+        None: any result the node kept, up to this machine's memory.
 
     Returns
     -------
@@ -98,6 +109,7 @@ def recover_jobs(
             return []
     elif not os.path.exists(recover_file):
         raise ConfigurationError(f"recover_file {recover_file!r} does not exist")
+    limits = _limits(max_message_size, max_result_size)
     key = resolve_secret(secret, secret_file)
     tls = client_context(certfile, keyfile, cafile) if (certfile or cafile) else None
     journal = Journal(recover_file)
@@ -112,7 +124,14 @@ def recover_jobs(
             if not recorded:  # jobs not journaled (default file): take what nodes kept
                 for address in nodes:
                     complete &= runner.run_sync(
-                        _collect_from, address, recovery_id, key, tls, timeout, jobs
+                        _collect_from,
+                        address,
+                        recovery_id,
+                        key,
+                        tls,
+                        timeout,
+                        jobs,
+                        limits,
                     )
                 continue
             waiting: dict[str, dict[int, DispyJob]] = {}
@@ -130,7 +149,14 @@ def recover_jobs(
                     waiting.setdefault(node, {})[job_key] = job
             for node, pending in waiting.items():
                 runner.run_sync(
-                    _recover_from, node, recovery_id, pending, key, tls, timeout
+                    _recover_from,
+                    node,
+                    recovery_id,
+                    pending,
+                    key,
+                    tls,
+                    timeout,
+                    limits,
                 )
                 for job_key, job in pending.items():
                     if job.done():
@@ -150,6 +176,7 @@ async def _recover_from(
     secret: bytes | None,
     tls: ssl.SSLContext | None,
     timeout: float | None,
+    limits: _Limits,
 ) -> None:
     host, port = parse_address(node)
     try:
@@ -157,7 +184,7 @@ async def _recover_from(
             host,
             port,
             secret=secret,
-            max_message_size=MAX_MESSAGE_SIZE,
+            max_message_size=limits.message,
             ssl_context=tls,
         )
     except DispynbError as exc:
@@ -165,13 +192,15 @@ async def _recover_from(
         _abandon(pending, f"node {node} could not be reached to recover the job: {exc}")
         return
     try:
-        conn.write(Recover(comp_id=1, recovery_id=recovery_id))
+        conn.write(
+            Recover(comp_id=1, recovery_id=recovery_id, max_message_size=limits.message)
+        )
         streams: dict[tuple[int, int], Parts | None] = {}
         async with asyncio.timeout(timeout):
             while any(not job.done() for job in pending.values()):
                 message, buffers = await conn.recv()
                 if isinstance(message, ResultChunk):
-                    _add_chunk(streams, message, buffers, node)
+                    _add_chunk(streams, message, buffers, node, limits.result)
                 elif isinstance(message, JobResults):
                     _apply(message, buffers, pending, host, streams)
                 elif isinstance(message, Recovered) and not message.found:
@@ -197,6 +226,7 @@ async def _collect_from(
     tls: ssl.SSLContext | None,
     timeout: float | None,
     out: list[DispyJob],
+    limits: _Limits,
 ) -> bool:
     """Append a job for every result ``node`` kept for ``recovery_id``; return True
     once the node has no job of it left running (False: timeout or lost)."""
@@ -206,20 +236,22 @@ async def _collect_from(
             host,
             port,
             secret=secret,
-            max_message_size=MAX_MESSAGE_SIZE,
+            max_message_size=limits.message,
             ssl_context=tls,
         )
     except DispynbError as exc:
         logger.warning("cannot recover jobs from %s: %s", node, exc)
         return False
     try:
-        conn.write(Recover(comp_id=1, recovery_id=recovery_id))
+        conn.write(
+            Recover(comp_id=1, recovery_id=recovery_id, max_message_size=limits.message)
+        )
         streams: dict[tuple[int, int], Parts | None] = {}
         async with asyncio.timeout(timeout):
             while True:
                 message, buffers = await conn.recv()
                 if isinstance(message, ResultChunk):
-                    _add_chunk(streams, message, buffers, node)
+                    _add_chunk(streams, message, buffers, node, limits.result)
                 elif isinstance(message, JobResults):
                     found = {}
                     for entry in message.results:
@@ -247,16 +279,18 @@ def _add_chunk(
     message: ResultChunk,
     buffers: list[memoryview],
     node: str,
+    cap: int,
 ) -> None:
-    """A chunk of a large result (as a cluster takes it, with its default bound)."""
+    """A chunk of a large result (at most ``cap`` bytes in all)."""
     stream_id = (message.key, message.attempt)
-    problem = add_chunk(streams, stream_id, message, buffers, MAX_MESSAGE_SIZE)
+    problem = add_chunk(streams, stream_id, message, buffers, cap)
     if problem == TOO_LARGE:
         logger.warning(
-            "%s streams a result of job %d over %d bytes: refused",
+            "%s streams a result of job %d over %d bytes: refused (raise "
+            "max_result_size)",
             node,
             message.key,
-            MAX_MESSAGE_SIZE,
+            cap,
         )
     elif problem is not None:
         logger.warning("%s sent a malformed result chunk", node)
@@ -301,6 +335,31 @@ def _apply(
             end_time=end or None,
             ip_addr=ip,
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Limits:
+    """`recover_jobs`'s bounds: the largest message, the largest result."""
+
+    message: int
+    result: int
+
+
+def _limits(max_message_size: Any, max_result_size: Any) -> _Limits:
+    """Check `recover_jobs`'s size arguments (as `JobCluster` checks its own)."""
+    message = check_size(max_message_size, "max_message_size")
+    if message is None or message < PRE_AUTH_MAX_FRAME:
+        raise ConfigurationError(
+            f"max_message_size must be a number of bytes, at least "
+            f"{PRE_AUTH_MAX_FRAME}; got {max_message_size!r}"
+        )
+    result = check_size(max_result_size, "max_result_size")
+    if result is None:  # what the node kept: bounded by what this machine can hold
+        try:
+            result = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (AttributeError, ValueError, OSError):
+            result = sys.maxsize
+    return _Limits(message, result)
 
 
 def _abandon(pending: dict[int, DispyJob], reason: str) -> None:

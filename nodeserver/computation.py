@@ -164,7 +164,8 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
         self._handed_back = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._held = False  # workers are not read (the client is not reading)
-        #: Buffer kinds of large results (key -> `Done.kinds`), taken by the session.
+        #: Buffer kinds of the result being reported (key -> `Done.kinds`), for
+        #: whoever sends it in chunks (the session, the kept results' spool).
         self.result_kinds: dict[int, str] = {}
         self.on_failure: Callable[[str], None] | None = None
         #: ``on_start(key, attempt, time)``: a job starts executing in a worker now.
@@ -374,7 +375,7 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
             # SIGINT meant for the job before it (which ended just then) hit this one.
             self._requeue_or_fail(job)
         elif not job.reported:
-            if done.kinds and sum(b.nbytes for b in buffers) >= STREAM_BYTES:
+            if done.kinds:  # read while it is reported (session, kept results)
                 self.result_kinds[job.key] = done.kinds
             # A cancelled job that caught its KeyboardInterrupt and returned ends
             # Finished with its value, as in dispy.
@@ -391,6 +392,8 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
                 buffer_count=len(buffers) if finished else 0,
             )
             self._report(entry.to_wire(), buffers if finished else [])
+            if done.kinds:
+                self.result_kinds.pop(job.key, None)
         if job.cancelled and done.outcome != CANCELLED and not worker.retiring:
             # An interrupted worker may hold broken state (locks, half-done work).
             self._retire(worker)

@@ -27,8 +27,21 @@ from nodeserver.spool import ResultSpool, SpoolDir
 
 logger = logging.getLogger(__name__)
 
-#: ``deliver(entry, buffers)``: hand one kept result to the recovering client.
-Deliver = Callable[[list[Any], list[memoryview]], None]
+
+@dataclass(eq=False)
+class KeptResult:
+    """One kept result: a spooled file (``path``, read only when it is sent), or, if
+    it is not on disk, the result itself (``entry``, ``buffers``, ``kinds``)."""
+
+    path: str | None = None
+    entry: list[Any] = field(default_factory=list)
+    buffers: list[memoryview] = field(default_factory=list)
+    #: The buffers' `ResultChunk.kind` letters, when known.
+    kinds: str = ""
+
+
+#: ``deliver(result)``: hand one kept result to the recovering client.
+Deliver = Callable[[KeptResult], None]
 
 
 @dataclass(eq=False)
@@ -42,10 +55,20 @@ class Kept:
     computation: Computation | None
     spool: SpoolDir | None = None
     owner: ResultSpool | None = None
-    results: list[tuple[list[Any], list[memoryview]]] = field(default_factory=list)
+    results: list[KeptResult] = field(default_factory=list)
     deliver: Deliver | None = None  # a recovering client's session
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     adopted: bool = False  # its client is gone; the keeper closes it
+
+    def open(self, result: KeptResult) -> tuple[list[Any], list[memoryview], str]:
+        """``(entry, buffers, kinds)`` of a kept result: a spooled one's buffers map
+        its file (no copy in memory). Raises OSError if it cannot be read."""
+        if result.path is None:
+            return result.entry, result.buffers, result.kinds
+        opened = self.owner.open(result.path) if self.owner is not None else None
+        if opened is None:
+            raise OSError(f"the kept result {result.path} cannot be read")
+        return opened
 
 
 class ResultKeeper:
@@ -108,16 +131,22 @@ class ResultKeeper:
         return kept
 
     @staticmethod
-    def record(kept: Kept, entry: list[Any], buffers: list[memoryview]) -> None:
-        """One of its results (also sent to the client, if connected)."""
+    def record(
+        kept: Kept, entry: list[Any], buffers: list[memoryview], kinds: str = ""
+    ) -> None:
+        """One of its results (also sent to the client, if connected); ``kinds``:
+        its buffers' kinds (`nodeserver.ipc.Done.kinds`), if known."""
         if len(buffers) == 1 and shm.is_reference(buffers):
             entry, buffers = _from_shared_memory(entry, buffers, kept.adopted)
+            kinds = ""  # those of the reference (none)
+        result = KeptResult(None, entry, buffers, kinds)
         if kept.spool is None or kept.owner is None:
-            kept.results.append((entry, buffers))
-        else:
-            kept.owner.write(kept.spool, entry, buffers)
+            kept.results.append(result)
+        elif kept.owner.write(kept.spool, entry, buffers, kinds):
+            # A recovering client reads it from the file when its turn comes.
+            result = KeptResult(kept.spool.files[-1][0])
         if kept.deliver is not None:
-            kept.deliver(entry, buffers)
+            kept.deliver(result)
 
     def adopt(self, recovery_id: str, keep: float) -> None:
         """Its client's connection is lost: let the jobs finish, keep the results."""
@@ -155,20 +184,20 @@ class ResultKeeper:
             name = kept.spool.name if kept.spool else "?"
             logger.info("results of computation %s dropped (expired)", name)
 
-    def claim(self, recovery_id: str, deliver: Deliver) -> Kept | None:
-        """Hand every recorded result to ``deliver``; route later ones to it too."""
+    def claim(
+        self, recovery_id: str, deliver: Deliver
+    ) -> tuple[Kept, list[KeptResult]] | None:
+        """The kept computation and every result recorded so far (spooled ones are
+        read only when `Kept.open` is called: none is in memory); results recorded
+        from now on go to ``deliver``."""
         kept = self._kept.get(self._key(recovery_id))
         if kept is None:
             return None
-        if kept.spool is not None and kept.owner is not None:
-            for path, _size in list(kept.spool.files):
-                result = kept.owner.read(path)
-                if result is not None:
-                    deliver(*result)
-        for entry, buffers in kept.results:
-            deliver(entry, buffers)
+        recorded = list(kept.results)
+        if kept.spool is not None:
+            recorded[:0] = [KeptResult(path) for path, _size in kept.spool.files]
         kept.deliver = deliver
-        return kept
+        return kept, recorded
 
     def release(self, recovery_id: str) -> None:
         """Its client closed it, or collected its results: forget them."""

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from dispynb.defaults import MAX_MESSAGE_SIZE, PRE_AUTH_MAX_FRAME
 from dispynb.errors import (
     DispynbError,
     MessageError,
@@ -56,8 +57,9 @@ from dispynb.protocol.records import ResultEntry
 from dispynb.transport.connection import BadMessageError, Connection
 from nodeserver import sharedbody
 from nodeserver.computation import STREAM_BYTES, Computation, JobLimits, NodeJob
-from nodeserver.keeper import Kept, ResultKeeper
+from nodeserver.keeper import Kept, KeptResult, ResultKeeper
 from nodeserver.monitor import avail_info
+from nodeserver.recovering import KeptResultSender
 
 if TYPE_CHECKING:
     from nodeserver.server import NodeServer
@@ -312,23 +314,23 @@ class ClientSession:
         )
         if message.recovery_id:
             kept = self.server.keeper.register(message.recovery_id, computation)
+            kinds = computation.result_kinds  # of the result being reported
             self._recovery[message.comp_id] = (
                 message.recovery_id,
                 message.keep_results,
             )
             if not message.keep_sent:
                 self._crash_only.add(message.comp_id)
-            if message.keep_sent:
-                computation.also_report(
-                    lambda entry, buffers: ResultKeeper.record(kept, entry, buffers)
-                )
-            else:  # only what ends once the client is gone (costs nothing before)
+            keep_sent = message.keep_sent
 
-                def record_if_gone(entry: list[Any], buffers: list[memoryview]) -> None:
-                    if kept.adopted:
-                        ResultKeeper.record(kept, entry, buffers)
+            def record(entry: list[Any], buffers: list[memoryview]) -> None:
+                # With keep_sent every result, else only what ends once the client
+                # is gone (nothing is written before).
+                if keep_sent or kept.adopted:
+                    key = entry[0]
+                    ResultKeeper.record(kept, entry, buffers, kinds.get(key, ""))
 
-                computation.also_report(record_if_gone)
+            computation.also_report(record)
         self._computations[message.comp_id] = computation
         if self._held:
             computation.hold_workers(True)
@@ -600,21 +602,39 @@ class ClientSession:
 
     def _on_recover(self, message: Recover, buffers: list[memoryview]) -> None:
         comp_id = message.comp_id
-
-        def deliver(entry: list[Any], result_buffers: list[memoryview]) -> None:
-            # Whole, in one message (dispynb.recovery also takes chunks, as a
-            # dispynb-scheduler relays them).
-            self._queue_result(comp_id, entry, result_buffers, stream=False)
-
-        kept = self.server.keeper.claim(message.recovery_id, deliver)
+        # The client's message size limit (an older client's: the default); no
+        # client takes less than a handshake's.
+        limit = message.max_message_size or MAX_MESSAGE_SIZE
+        limit = max(limit, PRE_AUTH_MAX_FRAME)
+        sender = KeptResultSender(self.conn, comp_id, limit)
+        claimed = self.server.keeper.claim(message.recovery_id, sender.deliver)
         self._flush()
-        running = kept is not None and not kept.finished.is_set()
-        self._write(Recovered(comp_id=comp_id, found=kept is not None, running=running))
-        if kept is not None and running:
-            self._claims.append(kept)
-            self._spawn(self._recovered_when_done(comp_id, message.recovery_id, kept))
-        elif kept is not None:
-            self._spawn(self._release_when_sent(message.recovery_id))
+        if claimed is None:
+            self._write(Recovered(comp_id=comp_id, found=False, running=False))
+            return
+        kept, recorded = claimed
+        self._claims.append(kept)
+        self._spawn(self._send_kept(sender, kept, recorded, message.recovery_id))
+
+    async def _send_kept(
+        self,
+        sender: KeptResultSender,
+        kept: Kept,
+        recorded: list[KeptResult],
+        recovery_id: str,
+    ) -> None:
+        """Send the kept results (one by one, under back-pressure); drop them once
+        they all are on their way."""
+        try:
+            await sender.run(kept, recorded)
+        except DispynbError as exc:
+            logger.info(
+                "%s went away while recovering results: %s", self.conn.peer, exc
+            )
+            return  # not all sent: they stay kept for another try
+        if kept.deliver == sender.deliver:  # (not a later client's)
+            kept.deliver = None
+        await self._release_when_sent(recovery_id)
 
     async def _release_when_sent(self, recovery_id: str) -> None:
         """Every kept result is collected: drop them once they are on their way."""
@@ -627,14 +647,6 @@ class ClientSession:
             if not self.conn.all_sent:
                 return  # not sent: keep them for another try
         self.server.keeper.release(recovery_id)
-
-    async def _recovered_when_done(
-        self, comp_id: int, recovery_id: str, kept: Kept
-    ) -> None:
-        await kept.finished.wait()
-        self._flush()
-        self._write(ComputationClosed(comp_id=comp_id))
-        await self._release_when_sent(recovery_id)
 
     def _on_close(self, message: ComputationClose, buffers: list[memoryview]) -> None:
         waiting = self._waiting_for_files.pop(message.comp_id, None)
@@ -716,7 +728,6 @@ class ClientSession:
         comp_id: int,
         entry: list[Any],
         buffers: list[memoryview],
-        stream: bool = True,
     ) -> None:
         if self._segments and (segments := self._segments.get(comp_id)) is not None:
             # The client reuses the object for another job: not ours to unlink.
@@ -733,7 +744,7 @@ class ClientSession:
                 if len(buffers) == 1
                 else sum(b.nbytes for b in buffers)
             )
-            if stream and size >= STREAM_BYTES:
+            if size >= STREAM_BYTES:
                 self._stream_result(comp_id, entry, buffers)
                 return
         batch = self._out.get(comp_id)
@@ -757,7 +768,7 @@ class ClientSession:
         self._flush()  # the results before it first
         key, attempt = entry[0], entry[1]
         computation = self._computations.get(comp_id)
-        kinds = computation.result_kinds.pop(key, "") if computation else ""
+        kinds = computation.result_kinds.get(key, "") if computation else ""
         for index, buffer in enumerate(buffers):
             kind = kinds[index - 1] if 0 < index <= len(kinds) else ""
             view = buffer.cast("B") if buffer.format != "B" else buffer

@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import mmap
 import os
 import shutil
 import struct
@@ -96,11 +97,17 @@ class ResultSpool:
         self._write_file(os.path.join(spool.path, "meta"), [json.dumps(meta).encode()])
 
     def write(
-        self, spool: SpoolDir, entry: list[Any], buffers: list[memoryview]
+        self,
+        spool: SpoolDir,
+        entry: list[Any],
+        buffers: list[memoryview],
+        kinds: str = "",
     ) -> bool:
-        """Spool one result; False if it does not fit (a warning says so) or failed."""
+        """Spool one result (``kinds``: its buffers' `ResultChunk.kind` letters, if
+        known); False if it does not fit (a warning says so) or failed."""
         header = msgpack.packb(
-            {"entry": entry, "sizes": [b.nbytes for b in buffers]}, use_bin_type=True
+            {"entry": entry, "sizes": [b.nbytes for b in buffers], "kinds": kinds},
+            use_bin_type=True,
         )
         size = len(MAGIC) + _HEADER_SIZE.size + len(header)
         size += sum(b.nbytes for b in buffers)
@@ -131,28 +138,33 @@ class ResultSpool:
 
     def read(self, path: str) -> tuple[list[Any], list[memoryview]] | None:
         """A spooled result as ``(entry, buffers)``; None (logged) if unreadable."""
+        result = self.open(path)
+        return None if result is None else (result[0], result[1])
+
+    def open(self, path: str) -> tuple[list[Any], list[memoryview], str] | None:
+        """A spooled result as ``(entry, buffers, kinds)``, its buffers views of the
+        file mapped read-only (page cache, not this process's heap: a result of any
+        size costs no memory of its own to send); None (logged) if unreadable."""
         try:
             with open(path, "rb") as handle:
-                data = handle.read()
-            if not data.startswith(MAGIC):
-                raise ValueError("not a spooled result")
-            offset = len(MAGIC) + _HEADER_SIZE.size
-            (length,) = _HEADER_SIZE.unpack_from(data, len(MAGIC))
-            if length > MAX_HEADER or offset + length > len(data):
-                raise ValueError("bad header length")
-            header = msgpack.unpackb(data[offset : offset + length], raw=False)
-            entry, sizes = header["entry"], header["sizes"]
-            view, offset = memoryview(data), offset + length
-            buffers = []
-            for size in sizes:
-                buffers.append(view[offset : offset + size])
-                offset += size
-            if offset != len(data) or not isinstance(entry, list):
-                raise ValueError("sizes do not match the file")
+                size = os.fstat(handle.fileno()).st_size
+                if size < len(MAGIC) + _HEADER_SIZE.size:
+                    raise ValueError("not a spooled result")
+                mapped = mmap.mmap(handle.fileno(), size, access=mmap.ACCESS_READ)
+            try:
+                entry, sizes, kinds, offset = _parse_header(mapped)
+            except BaseException:
+                mapped.close()  # nothing refers to it: its descriptor goes now
+                raise
         except (OSError, ValueError, KeyError, TypeError) as exc:
             logger.warning("spooled result %s cannot be read: %s", path, exc)
             return None
-        return entry, buffers
+        data = memoryview(mapped)  # the map is closed with the last view of it
+        buffers = []
+        for part in sizes:
+            buffers.append(data[offset : offset + part])
+            offset += part
+        return entry, buffers, kinds
 
     def remove(self, spool: SpoolDir) -> None:
         """Delete a spool directory and its results."""
@@ -216,3 +228,29 @@ class ResultSpool:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+
+
+def _parse_header(
+    data: mmap.mmap,
+) -> tuple[list[Any], list[int], str, int]:
+    """``(entry, buffer sizes, kinds, offset of the first buffer)`` of a spooled
+    result's file, checked against its size; raises ValueError (or KeyError,
+    TypeError) if it is not one."""
+    if data[: len(MAGIC)] != MAGIC:
+        raise ValueError("not a spooled result")
+    offset = len(MAGIC) + _HEADER_SIZE.size
+    (length,) = _HEADER_SIZE.unpack(data[len(MAGIC) : offset])
+    if length > MAX_HEADER or offset + length > len(data):
+        raise ValueError("bad header length")
+    header = msgpack.unpackb(data[offset : offset + length], raw=False)
+    entry, sizes = header["entry"], header["sizes"]
+    kinds = header.get("kinds", "")  # none in files of older nodes
+    if not isinstance(entry, list) or not isinstance(kinds, str):
+        raise ValueError("bad entry")
+    if not isinstance(sizes, list) or not all(
+        isinstance(size, int) and size >= 0 for size in sizes
+    ):
+        raise ValueError("bad buffer sizes")
+    if offset + length + sum(sizes) != len(data):
+        raise ValueError("sizes do not match the file")
+    return entry, sizes, kinds, offset + length

@@ -387,12 +387,16 @@ class Ping(WireMessage):
 class Recover(WireMessage):
     """Client -> node: results of the kept computation ``recovery_id``, please.
 
-    They come as `JobResults` for ``comp_id``, then `Recovered`; results of jobs still
-    running follow as they end, then `ComputationClosed`.
+    They come as `JobResults` for ``comp_id``, one result each (a large one streamed
+    in `ResultChunk` messages first, as a live one), then `Recovered`; results of
+    jobs still running follow as they end, then `ComputationClosed`.
     """
 
     comp_id: int
     recovery_id: str
+    #: The largest message the client accepts (0: not said, the default's): larger
+    #: results come in chunks.
+    max_message_size: int = 0
 
 
 @message("recovered")

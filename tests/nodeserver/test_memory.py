@@ -14,6 +14,7 @@ from dispynb import DispyJob, JobCluster
 from nodeserver.memory import release_freed_memory
 from tests.jobs import computation_processes, wait_until
 from tests.nodeproc import running_node
+from tests.procmem import private_memory
 
 MiB = 1024 * 1024
 #: The large argument: under glibc's mmap threshold as the node sets it (32 MB), so
@@ -57,19 +58,6 @@ def test_release_freed_memory_is_harmless_to_call_again() -> None:
     assert release_freed_memory() == release_freed_memory()
 
 
-def private_memory(proc: psutil.Process) -> int:
-    """Bytes of ``proc``'s resident memory that are its own: anonymous (heap, mmap)
-    and shared memory it maps (message bodies). Not the pages of its code files,
-    which the large message's path faults in once (the cryptography library's, about
-    6 MiB), which the kernel shares between processes and drops at will."""
-    fields: dict[str, str] = {}
-    with open(f"/proc/{proc.pid}/status") as status:
-        for line in status:
-            name, _, value = line.partition(":")
-            fields[name] = value
-    return sum(int(fields[name].split()[0]) * 1024 for name in ("RssAnon", "RssShmem"))
-
-
 def measure(data: bytes) -> int:
     """A job whose argument is large."""
     return len(data)
@@ -96,7 +84,7 @@ def test_an_idle_node_gives_back_what_a_large_job_left(
             for proc in computation_processes(server)
             if not proc.children()  # the worker, not the computation process
         ]
-        before = {proc: private_memory(proc) for proc in (server, worker)}
+        before = {proc: private_memory(proc.pid) for proc in (server, worker)}
         job = cluster.submit(bytes(LARGE))
         assert job() == LARGE, job.exception
         assert job.status == DispyJob.Finished
@@ -104,7 +92,8 @@ def test_an_idle_node_gives_back_what_a_large_job_left(
         # the next large message) for as long as they lived.
         wait_until(
             lambda: all(
-                private_memory(proc) < held + 8 * MiB for proc, held in before.items()
+                private_memory(proc.pid) < held + 8 * MiB
+                for proc, held in before.items()
             ),
             timeout=30,
         )

@@ -6,13 +6,15 @@ import asyncio
 import logging
 import os
 import stat
+import struct
 import time
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from nodeserver.keeper import ResultKeeper
-from nodeserver.spool import ResultSpool
+from nodeserver.spool import MAGIC, ResultSpool
 
 RID = "5f3c0a9e1b2d4c6e8f00112233445566"
 
@@ -47,6 +49,26 @@ def test_results_round_trip_in_private_files_without_the_recovery_id(tmp_path: P
     assert spool.used == directory.size > 30
     spool.remove(directory)
     assert spool.used == 0 and not os.path.exists(directory.path)
+
+
+def test_a_result_is_read_back_mapped_with_its_buffer_kinds(tmp_path: Path):
+    """A spooled result's buffers are views of its file (nothing read into memory)
+    and keep their kinds (a bytes buffer streams as one); a file of an older node
+    has none."""
+    spool = ResultSpool(str(tmp_path), 1 << 20)
+    directory = spool.create(RID, "comp")
+    assert spool.write(directory, entry(1), [memoryview(b"p"), memoryview(b"bb")], "b")
+    ((path, _size),) = directory.files
+    opened = spool.open(path)
+    assert opened is not None
+    got_entry, buffers, kinds = opened
+    assert got_entry == entry(1) and kinds == "b"
+    assert [bytes(b) for b in buffers] == [b"p", b"bb"]
+    assert all(b.readonly and type(b.obj).__name__ == "mmap" for b in buffers)
+    header = msgpack.packb({"entry": entry(2), "sizes": [1]}, use_bin_type=True)
+    older = Path(directory.path) / "r-older"
+    older.write_bytes(MAGIC + struct.pack("<Q", len(header)) + header + b"x")
+    assert spool.open(str(older)) == (entry(2), [memoryview(b"x")], "")
 
 
 def test_total_size_is_bounded_with_one_clear_warning(
@@ -111,11 +133,15 @@ def test_keeper_spools_delivers_and_survives_a_restart(tmp_path: Path):
 
         restarted = ResultKeeper(ResultSpool(str(tmp_path), 1 << 20))
         assert restarted.load() == 1
-        got: list[int] = []
-        claimed = restarted.claim(RID, lambda e, b: got.append(e[0]))
-        assert claimed is not None and claimed.finished.is_set()
-        assert got == [0, 1, 2]
-        assert restarted.claim("wrong-id", lambda e, b: None) is None
+        claimed = restarted.claim(RID, lambda result: None)
+        assert claimed is not None and claimed[0].finished.is_set()
+        kept, recorded = claimed
+        assert all(r.path is not None and not r.buffers for r in recorded)  # on disk
+        got = [kept.open(r) for r in recorded]
+        assert [(e[0], [bytes(b) for b in bufs]) for e, bufs, _kinds in got] == [
+            (k, [bytes([k]) * 10]) for k in range(3)
+        ]
+        assert restarted.claim("wrong-id", lambda result: None) is None
         restarted.release(RID)  # collected: the files go
         assert os.listdir(tmp_path) == []
         await restarted.close()
@@ -135,7 +161,7 @@ def test_keeper_drops_results_when_they_expire(tmp_path: Path):
                 break
             await asyncio.sleep(0.01)
         assert os.listdir(tmp_path) == []
-        assert keeper.claim(RID, lambda e, b: None) is None
+        assert keeper.claim(RID, lambda result: None) is None
         await keeper.close()
 
     asyncio.run(main())

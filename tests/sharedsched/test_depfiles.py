@@ -20,6 +20,7 @@ import pytest
 
 from dispynb import LocalCluster, SharedJobCluster
 from dispynb.errors import DispynbError
+from tests.procmem import private_memory
 from tests.sharedsched.harness import (
     WAIT,
     SchedulerProcess,
@@ -92,19 +93,6 @@ def spill_mappings(pid: int, spill: Path) -> list[str]:
     with no descriptor)."""
     with open(f"/proc/{pid}/maps") as maps:
         return [line for line in maps if f" {spill}/" in line]
-
-
-def private_memory(pid: int) -> int:
-    """Bytes of the process's resident memory that are its own (anonymous and
-    shared memory: heap, buffers, a copy of a file), not the pages of the code files
-    it maps, which the kernel shares and drops at will (a code path run for the
-    first time faults in MiBs of them)."""
-    fields: dict[str, str] = {}
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            name, _, value = line.partition(":")
-            fields[name] = value
-    return sum(int(fields[name].split()[0]) * 1024 for name in ("RssAnon", "RssShmem"))
 
 
 def wait_until(condition: Callable[[], bool], what: str) -> None:

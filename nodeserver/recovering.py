@@ -1,0 +1,144 @@
+"""`KeptResultSender`: the results a node kept for a crashed client, sent to the client
+that recovers them (``dispynb.recover_jobs``).
+
+One result per message; a result too large for one message of the client (or as large
+as the node streams a live result) goes in `ResultChunk` messages, as a live one does,
+then its entry marked streamed, so the client assembles it in place (see
+`dispynb.protocol.chunks`). A spooled result is read from its file only when its turn
+comes, through a read-only map (page cache, not this process's heap), and the next
+one waits until the socket has taken most of it: the node holds about one chunk per
+recovering client in memory, whatever the number and size of the kept results.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from typing import Any
+
+from dispynb.protocol.messages import (
+    ComputationClosed,
+    JobResults,
+    Recovered,
+    ResultChunk,
+)
+from dispynb.transport.connection import Connection
+from nodeserver.computation import STREAM_BYTES
+from nodeserver.keeper import Kept, KeptResult
+
+logger = logging.getLogger(__name__)
+
+#: Largest chunk of a streamed kept result (as a live result's chunks).
+CHUNK_BYTES = 16 * 1024 * 1024
+
+
+class KeptResultSender:
+    """Sends one claimed computation's kept results to the recovering client.
+
+    ``max_message_size`` is the largest message the client accepts (it says so in
+    its `Recover`); `deliver` is the keeper's callback for results recorded while
+    the client is connected. `run` sends what was recorded, `Recovered`, and (if
+    jobs still run) what they return, then `ComputationClosed`.
+    """
+
+    def __init__(self, conn: Connection, comp_id: int, max_message_size: int) -> None:
+        self.conn = conn
+        self.comp_id = comp_id
+        # A result this large (its buffers and output) is streamed, in chunks small
+        # enough to leave room for the message's header in the client's limit.
+        self.stream_bytes = min(STREAM_BYTES, max_message_size // 2)
+        self.chunk_bytes = min(CHUNK_BYTES, max_message_size // 2)
+        self._live: collections.deque[KeptResult] = collections.deque()
+        self._wake = asyncio.Event()
+
+    def deliver(self, result: KeptResult) -> None:
+        """A result recorded now (a job that ended while the client is here)."""
+        self._live.append(result)
+        self._wake.set()
+
+    async def run(self, kept: Kept, recorded: list[KeptResult]) -> bool:
+        """Send every kept result, `Recovered` after the ones recorded so far, and
+        `ComputationClosed` once the computation's jobs have all ended (if they had
+        not); return whether everything was written (the connection may end first:
+        then the results stay kept for another try)."""
+        for result in recorded:
+            await self._send(kept, result)
+        await self._send_live(kept)
+        if kept.finished.is_set():  # nothing more will come
+            self._write(Recovered(comp_id=self.comp_id, found=True, running=False))
+            return True
+        self._write(Recovered(comp_id=self.comp_id, found=True, running=True))
+        while True:
+            await self._send_live(kept)
+            # Results are recorded before the computation is marked finished: with
+            # none waiting now, none will come.
+            if kept.finished.is_set():
+                break
+            await self._next(kept)
+        self._write(ComputationClosed(comp_id=self.comp_id))
+        return True
+
+    async def _next(self, kept: Kept) -> None:
+        """Wait for a result recorded, or the computation finished."""
+        self._wake.clear()
+        waits = [
+            asyncio.ensure_future(self._wake.wait()),
+            asyncio.ensure_future(kept.finished.wait()),
+        ]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+
+    async def _send_live(self, kept: Kept) -> None:
+        while self._live:
+            await self._send(kept, self._live.popleft())
+
+    async def _send(self, kept: Kept, result: KeptResult) -> None:
+        """One result: whole in one message, or in chunks, then its entry."""
+        try:
+            entry, buffers, kinds = kept.open(result)
+        except OSError as exc:
+            logger.warning("a kept result is lost: %s", exc)
+            return
+        size = sum(b.nbytes for b in buffers) + _text_bytes(entry)
+        if size < self.stream_bytes:
+            self._write(JobResults(comp_id=self.comp_id, results=[entry]), buffers)
+            await self._drained()
+            return
+        key, attempt = entry[0], entry[1]
+        for index, buffer in enumerate(buffers):
+            kind = kinds[index - 1] if 0 < index <= len(kinds) else ""
+            view = buffer.cast("B") if buffer.format != "B" else buffer
+            total = view.nbytes
+            for offset in range(0, total, self.chunk_bytes):
+                chunk = ResultChunk(
+                    comp_id=self.comp_id,
+                    key=key,
+                    attempt=attempt,
+                    index=index,
+                    offset=offset,
+                    size=total,
+                    kind=kind,
+                )
+                self._write(chunk, [view[offset : offset + self.chunk_bytes]])
+                await self._drained()
+        # The entry, marked streamed (see `ResultEntry.to_wire`).
+        self._write(JobResults(comp_id=self.comp_id, results=[[*entry, True]]))
+        await self._drained()
+
+    def _write(self, message: Any, buffers: list[memoryview] | None = None) -> None:
+        self.conn.write(message, buffers or ())
+
+    async def _drained(self) -> None:
+        """Back-pressure: wait while the socket has not taken a chunk's worth."""
+        if self.conn.unsent > self.chunk_bytes:
+            await self.conn.flush()
+
+
+def _text_bytes(entry: list[Any]) -> int:
+    """About how many bytes a result's entry takes in a message (its output and
+    exception text, 4 bytes a character at most in UTF-8)."""
+    return 256 + sum(4 * len(item) for item in entry if isinstance(item, str))
