@@ -19,6 +19,7 @@ go once the node is idle or has no client (`release`).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import os
@@ -270,7 +271,7 @@ class WorkerMappings:
             while self._bytes > self.keep_bytes:
                 oldest = next(iter(self._kept))
                 self._bytes -= len(self._kept[oldest])
-                self._kept.pop(oldest).close()
+                _close(self._kept.pop(oldest))
             return True
         mapping.close()
         return True
@@ -288,8 +289,15 @@ class WorkerMappings:
         """Unmap every kept mapping (the worker is idle); their bytes."""
         kept, self._kept, held, self._bytes = self._kept, {}, self._bytes, 0
         for mapping in kept.values():
-            mapping.close()
+            _close(mapping)
         return held
+
+
+def _close(mapping: mmap.mmap) -> None:
+    """Unmap a kept mapping (one still in use, which `_exported` rules out, is left
+    to the garbage collector rather than failing the worker)."""
+    with contextlib.suppress(BufferError):
+        mapping.close()
 
 
 def _exported(mapping: mmap.mmap) -> bool:
