@@ -22,7 +22,7 @@ import msgpack
 
 from dispynb.errors import MessageError
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 #: Limits for headers decoded before authentication (handshake messages are tiny).
 _PRE_AUTH_LIMITS = {
