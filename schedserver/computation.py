@@ -247,7 +247,7 @@ class SharedComputation:
             isinstance(item, list) and item[2:3] == [RETURNED]
             for item in message.results
         ):
-            self.to_client(message, buffers, gather=True)
+            self.to_client(message, buffers, gather=more)
             forward = False
         returned: list[int] = []
         for start in message.started:  # [key, attempt, start_time, before]
@@ -279,7 +279,7 @@ class SharedComputation:
             results = [r for i, r in enumerate(message.results) if i not in returned]
             message = dataclasses.replace(message, results=results)
         if forward and (message.results or message.started):
-            self.to_client(message, buffers, gather=True)
+            self.to_client(message, buffers, gather=more)
         session = self.session
         if more:
             if session is not None:

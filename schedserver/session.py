@@ -67,6 +67,10 @@ class SchedulerSession:
     def send(self, message: Message, buffers: list[memoryview] | None = None) -> None:
         """Write to the client (a connection that ended is handled by `serve`)."""
         if self._gathered:
+            if isinstance(message, JobResults):  # joined with them: one message
+                self.gather(message, buffers or [])
+                self.send_gathered()
+                return
             self.send_gathered()  # what was gathered goes first: the order is kept
         with contextlib.suppress(DispynbError):
             self.conn.write(message, buffers or ())

@@ -292,7 +292,7 @@ class Driver(DriverNodes):
                 self._limit_shared_memory(large)
             jobs[key] = _Pending(buffers, node, files, limits)
             instructions.extend(handle(JobSubmitted(key, node), dispatch=False))
-        instructions.extend(self.state.dispatch())  # once for the whole batch
+        instructions.extend(self.state.dispatch(submitted=True))  # once for all
         self._apply(instructions)
 
     def cancel(self, key: int, unstarted: bool = False, held: bool = False) -> None:

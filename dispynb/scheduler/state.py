@@ -177,6 +177,8 @@ class SchedulerState:
         self._nodes: dict[str, _Node] = {}
         # Names of present nodes with room for one more job.
         self._open: set[str] = set()
+        #: Nodes with room in their window (due a refill or not).
+        self._room: set[str] = set()
         self._caps: dict[str, int] = {}  # node -> most jobs it may hold (limit_window)
         self._joins: int = 0
         self._running: int = 0
@@ -289,14 +291,21 @@ class SchedulerState:
             case _:
                 raise TypeError(f"not a scheduler event: {event!r}")
         if dispatch:
-            self._dispatch(out)
+            submitted = isinstance(event, JobSubmitted)
+            self._dispatch(out, self._room if submitted else self._open)
         return out
 
-    def dispatch(self) -> list[Instruction]:
+    def dispatch(self, submitted: bool = False) -> list[Instruction]:
         """Send queued jobs to nodes with room: at most one `SendJobs` per node, in
-        join order (after events handled with ``dispatch=False``)."""
+        join order (after events handled with ``dispatch=False``).
+
+        ``submitted``: the pass follows new submissions, which go to any node with
+        room in its window, not only to nodes due a refill (`policy.wants_jobs`):
+        jobs submitted one at a time reach the nodes as they come (where they
+        survive a client that dies, for ``recover_jobs``) just as a burst does.
+        """
         out: list[Instruction] = []
-        self._dispatch(out)
+        self._dispatch(out, self._room if submitted else self._open)
         return out
 
     # -- event handlers ---------------------------------------------------------------
@@ -327,6 +336,7 @@ class SchedulerState:
         if node is None:
             return
         self._open.discard(node.name)
+        self._room.discard(node.name)
         self._running -= len(node.running)
         requeued: list[int] = []
         for key in node.running:
@@ -452,6 +462,10 @@ class SchedulerState:
             self._open.add(node.name)
         else:
             self._open.discard(node.name)
+        if len(node.running) < node.window:
+            self._room.add(node.name)
+        else:
+            self._room.discard(node.name)
 
     def _start(
         self, key: int, node: _Node, batches: dict[str, list[tuple[int, int]]]
@@ -463,12 +477,12 @@ class SchedulerState:
         self._running += 1
         batches.setdefault(node.name, []).append((key, job.attempt))
 
-    def _dispatch(self, out: list[Instruction]) -> None:
-        """Send queued jobs to nodes with room: pinned jobs first, then shared ones."""
-        if not self._open:
+    def _dispatch(self, out: list[Instruction], open_nodes: set[str]) -> None:
+        """Send queued jobs to ``open_nodes``: pinned jobs first, then shared ones."""
+        if not open_nodes:
             return
         batches: dict[str, list[tuple[int, int]]] = {}
-        for name in [name for name in self._pinned if name in self._open]:
+        for name in [name for name in self._pinned if name in open_nodes]:
             node = self._nodes[name]
             queue = self._pinned[name]
             while queue and len(node.running) < node.window:
@@ -476,8 +490,8 @@ class SchedulerState:
             if not queue:
                 del self._pinned[name]
             self._refresh(node)
-        if self._queue and self._open:
-            loads = [self._nodes[name].load() for name in self._open]
+        if self._queue and open_nodes:
+            loads = [self._nodes[name].load() for name in open_nodes]
             for name in policy.assign(loads, len(self._queue)):
                 self._start(
                     self._queue.popitem(last=False)[0], self._nodes[name], batches

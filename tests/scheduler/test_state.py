@@ -66,6 +66,24 @@ def test_submit_node_present_sends_at_once():
     assert state.is_known(7)
 
 
+def test_jobs_submitted_one_at_a_time_fill_the_window_refills_wait_for_a_quarter():
+    state = make_state(("a", 4))  # window 8: refilled once 2 are free
+    window = policy.window(4, None)
+    sent = submit(state, *range(window))
+    assert [job for send in sent for job in send.jobs] == [(k, 1) for k in range(window)]
+    assert submit(state, window) == []  # full: it waits
+    # A result frees one slot: not worth a message yet (one job per result).
+    assert state.handle(JobFinished("a", 0, 1, LONG)) == [AcceptResult(0, 1)]
+    # A new submission goes to any room there is, where it survives its client.
+    assert submit(state, window + 1) == [SendJobs("a", ((window, 1),))]
+    assert submit(state, window + 2) == []  # full again
+    state.handle(JobFinished("a", 1, 1, LONG))
+    assert state.handle(JobFinished("a", 2, 1, LONG)) == [
+        AcceptResult(2, 1),
+        SendJobs("a", ((window + 1, 1), (window + 2, 1))),
+    ]
+
+
 def test_queue_order_is_fifo():
     state = make_state(("a", 1))  # window 2
     assert submit(state, 1, 2) == [SendJobs("a", ((1, 1),)), SendJobs("a", ((2, 1),))]

@@ -94,6 +94,22 @@ def test_any_other_message_sends_what_was_gathered_first() -> None:
     assert kinds == ["JobResults", "Ping"]
 
 
+def test_the_last_results_of_a_burst_join_the_gathered_ones_and_go_at_once() -> None:
+    async def run() -> RecordingConnection:
+        conn = RecordingConnection()
+        session = session_over(conn)
+        session.send(JobResults(comp_id=1, results=[entry(1, 0)]))  # alone: at once
+        session.gather(JobResults(comp_id=1, results=[entry(2, 0)]), [])
+        session.send(JobResults(comp_id=1, results=[entry(3, 0)]))
+        return conn
+
+    conn = asyncio.run(run())
+    assert [[[r[0] for r in m.results] for m, _ in call] for call in conn.calls] == [
+        [[1]],
+        [[2, 3]],
+    ]
+
+
 def test_large_results_are_not_held() -> None:
     async def run() -> RecordingConnection:
         conn = RecordingConnection()
