@@ -2,9 +2,9 @@
 that recovers them (``dispynb.recover_jobs``).
 
 One result per message; a result too large for one message of the client (or as large
-as the node streams a live result) goes in `ResultChunk` messages, as a live one does,
-then its entry marked streamed, so the client assembles it in place (see
-`dispynb.protocol.chunks`). A spooled result is read from its file only when its turn
+as the node streams a live result) goes in `ResultChunk` messages, cut as a live one is
+(`dispynb.protocol.chunks.split_result`), then its entry marked streamed, so the client
+assembles it in place. A spooled result is read from its file only when its turn
 comes, through a read-only map (page cache, not this process's heap), and the next
 one waits until the socket has taken most of it: the node holds about one chunk per
 recovering client in memory, whatever the number and size of the kept results.
@@ -17,12 +17,8 @@ import collections
 import logging
 from typing import Any
 
-from dispynb.protocol.messages import (
-    ComputationClosed,
-    JobResults,
-    Recovered,
-    ResultChunk,
-)
+from dispynb.protocol.chunks import split_result
+from dispynb.protocol.messages import ComputationClosed, JobResults, Recovered
 from dispynb.transport.connection import Connection
 from nodeserver.computation import STREAM_BYTES
 from nodeserver.keeper import Kept, KeptResult
@@ -108,23 +104,11 @@ class KeptResultSender:
             self._write(JobResults(comp_id=self.comp_id, results=[entry]), buffers)
             await self._drained()
             return
-        key, attempt = entry[0], entry[1]
-        for index, buffer in enumerate(buffers):
-            kind = kinds[index - 1] if 0 < index <= len(kinds) else ""
-            view = buffer.cast("B") if buffer.format != "B" else buffer
-            total = view.nbytes
-            for offset in range(0, total, self.chunk_bytes):
-                chunk = ResultChunk(
-                    comp_id=self.comp_id,
-                    key=key,
-                    attempt=attempt,
-                    index=index,
-                    offset=offset,
-                    size=total,
-                    kind=kind,
-                )
-                self._write(chunk, [view[offset : offset + self.chunk_bytes]])
-                await self._drained()
+        for chunk, part in split_result(
+            self.comp_id, entry[0], entry[1], buffers, kinds, self.chunk_bytes
+        ):
+            self._write(chunk, [part])
+            await self._drained()
         # The entry, marked streamed (see `ResultEntry.to_wire`).
         self._write(JobResults(comp_id=self.comp_id, results=[[*entry, True]]))
         await self._drained()

@@ -26,6 +26,7 @@ from dispynb.errors import (
     SetupError,
 )
 from dispynb.protocol import shm
+from dispynb.protocol.chunks import split_result
 from dispynb.protocol.files import safe_relative_path
 from dispynb.protocol.handshake import peer_text
 from dispynb.protocol.messages import (
@@ -51,7 +52,6 @@ from dispynb.protocol.messages import (
     Ping,
     Recover,
     Recovered,
-    ResultChunk,
 )
 from dispynb.protocol.records import ResultEntry
 from dispynb.transport.connection import BadMessageError, Connection
@@ -769,21 +769,10 @@ class ClientSession:
         key, attempt = entry[0], entry[1]
         computation = self._computations.get(comp_id)
         kinds = computation.result_kinds.get(key, "") if computation else ""
-        for index, buffer in enumerate(buffers):
-            kind = kinds[index - 1] if 0 < index <= len(kinds) else ""
-            view = buffer.cast("B") if buffer.format != "B" else buffer
-            size = view.nbytes
-            for offset in range(0, size, CHUNK_BYTES):
-                chunk = ResultChunk(
-                    comp_id=comp_id,
-                    key=key,
-                    attempt=attempt,
-                    index=index,
-                    offset=offset,
-                    size=size,
-                    kind=kind,
-                )
-                self._write(chunk, [view[offset : offset + CHUNK_BYTES]])
+        for chunk, part in split_result(
+            comp_id, key, attempt, buffers, kinds, CHUNK_BYTES
+        ):
+            self._write(chunk, [part])
         # The entry, marked streamed (see `ResultEntry.to_wire`).
         self._write(JobResults(comp_id=comp_id, results=[[*entry, True]]))
 

@@ -1,14 +1,16 @@
-"""Reassembly of a large result that a node streamed in `ResultChunk` messages.
+"""A large result streamed in `ResultChunk` messages: cut (`split_result`, the node's
+live results and the results it kept for a crashed client) and reassembled
+(`add_chunk`, `take_stream`).
 
-Shared by the client's driver and by `dispynb.recovery`, so both take a streamed
-result with the same checks and bounds. ``streams`` maps a stream id (the caller's:
-which node, job and attempt) to its buffers so far, or to None once refused.
+Reassembly is shared by the client's driver and by `dispynb.recovery`, so both take a
+streamed result with the same checks and bounds. ``streams`` maps a stream id (the
+caller's: which node, job and attempt) to its buffers so far, or to None once refused.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
 from typing import Any, TypeVar
 
 from dispynb.protocol.messages import ResultChunk
@@ -22,6 +24,35 @@ Parts = dict[int, list[Any]]
 TOO_LARGE = "too large"
 #: `add_chunk`: the chunk is malformed (the stream is refused).
 MALFORMED = "malformed"
+
+
+def split_result(
+    comp_id: int,
+    key: int,
+    attempt: int,
+    buffers: list[memoryview],
+    kinds: str,
+    chunk_bytes: int,
+) -> Iterator[tuple[ResultChunk, memoryview]]:
+    """The chunks of a result's ``buffers`` (views: nothing is copied), at most
+    ``chunk_bytes`` each; ``kinds``: a letter per out-of-band buffer (the first
+    buffer is the pickle itself), "b" for one that becomes ``bytes``. Its entry,
+    marked streamed, goes after them."""
+    for index, buffer in enumerate(buffers):
+        kind = kinds[index - 1] if 0 < index <= len(kinds) else ""
+        view = buffer.cast("B") if buffer.format != "B" else buffer
+        size = view.nbytes
+        for offset in range(0, size, chunk_bytes):
+            chunk = ResultChunk(
+                comp_id=comp_id,
+                key=key,
+                attempt=attempt,
+                index=index,
+                offset=offset,
+                size=size,
+                kind=kind,
+            )
+            yield chunk, view[offset : offset + chunk_bytes]
 
 
 def add_chunk(

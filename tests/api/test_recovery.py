@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 import dispynb
+from dispynb.defaults import MAX_MESSAGE_SIZE
 from dispynb.errors import ConfigurationError
 from dispynb.journal import Journal
 from dispynb.protocol.messages import JobResults, Recover, ResultChunk
@@ -338,79 +339,6 @@ def test_cluster_left_open_is_closed_at_exit(tmp_path):
     assert default_files(tmp_path, sidecars=True) == []
 
 
-# -- a result large enough to be streamed in chunks ----------------------------------
-
-#: A job returning bytes just over the node's streaming threshold (STREAM_BYTES of
-#: pickled result travel in ResultChunk messages), checksummed by the job itself.
-BIG_CLIENT = """
-import sys, time
-import dispynb as dispy
-
-def big(marks, size):
-    import hashlib, os, time
-    data = os.urandom(size)
-    with open(os.path.join(marks, hashlib.sha256(data).hexdigest()), "w"):
-        pass
-    time.sleep(0.5)
-    return data
-
-cluster = dispy.JobCluster(big, nodes=[sys.argv[1]], secret=sys.argv[2],
-                           recover_file=sys.argv[3])
-job = cluster.submit_job_id("big", sys.argv[4], int(sys.argv[5]))
-print("submitted", flush=True)
-time.sleep(60)  # killed before it gets further
-"""
-
-RECOVER_BIG = """
-import hashlib, json, sys
-import dispynb as dispy
-jobs = dispy.recover_jobs(sys.argv[1], timeout=30, secret=sys.argv[2])
-print(json.dumps([[j.id, int(j.status), len(j.result or b""),
-                   hashlib.sha256(j.result or b"").hexdigest(), j.exception]
-                  for j in jobs]))
-"""
-
-
-def test_recover_jobs_gets_a_streamed_result_whole(tmp_path):
-    """A result over the streaming threshold, of a job that ends after its client
-    was SIGKILLed, is recovered whole."""
-    from nodeserver.computation import STREAM_BYTES
-
-    size = STREAM_BYTES + 4096  # the smallest that streams, and a little
-    journal = tmp_path / "journal.db"
-    marks = tmp_path / "marks"
-    marks.mkdir()
-    (tmp_path / "client.py").write_text(BIG_CLIENT)
-    (tmp_path / "recover.py").write_text(RECOVER_BIG)
-    with running_node(tmp_path / "node", cpus=1) as node:
-        client = subprocess.Popen(
-            [sys.executable, "client.py", node.spec, node.secret, str(journal),
-             str(marks), str(size)],
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        try:
-            assert client.stdout is not None
-            assert client.stdout.readline().strip() == "submitted"
-            wait_until(lambda: any(marks.iterdir()))
-            client.send_signal(signal.SIGKILL)
-            client.wait(WAIT)
-        finally:
-            client.kill()
-            client.stdout.close()  # type: ignore[union-attr]
-        done = subprocess.run(
-            [sys.executable, "recover.py", str(journal), node.secret],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-    assert done.returncode == 0, done.stderr
-    (digest,) = [mark.name for mark in marks.iterdir()]
-    assert json.loads(done.stdout) == [["big", 11, size, digest, None]]
-
-
 # -- kept results larger than the recovering client's messages -----------------------
 
 #: The recovering client's message size limit (recover_jobs(max_message_size=...)):
@@ -585,3 +513,24 @@ def test_a_node_holds_one_kept_result_at_a_time_for_a_client_that_reads_slowly(
     }
     assert got == {f"job-{n}": expected[n] for n in range(len(specs))}
     assert all(job.status == dispynb.DispyJob.Finished for job in jobs)
+
+
+def test_recover_jobs_gets_a_streamed_result_whole(tmp_path: Path) -> None:
+    """A result over the node's streaming threshold, of a job that ends after its
+    client was SIGKILLed, is recovered whole with recover_jobs' default limits."""
+    from nodeserver.computation import STREAM_BYTES
+
+    specs = [f"bytes:{STREAM_BYTES + 4096}"]  # the smallest that streams, and a little
+    (tmp_path / "recover.py").write_text(RECOVER_KEPT)
+    with running_node(tmp_path / "node", cpus=1) as node:
+        journal, expected = kill_client_with_kept_results(tmp_path, node, specs)
+        done = subprocess.run(
+            [sys.executable, "recover.py", str(journal), node.secret,
+             str(MAX_MESSAGE_SIZE)],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [["job-0", 11, expected[0], None]]

@@ -10,6 +10,7 @@ from dispynb.protocol.chunks import (
     TOO_LARGE,
     Parts,
     add_chunk,
+    split_result,
     take_stream,
 )
 from dispynb.protocol.messages import ResultChunk
@@ -64,3 +65,23 @@ def test_missing_chunks_or_buffers_give_nothing() -> None:
     add_chunk(streams, "t", chunk(1, 0, 1), [memoryview(b"a")], 100)
     assert take_stream(streams, "t", 2) is None  # buffer 0 never came
     assert take_stream(streams, "never", 1) is None
+
+
+def test_a_split_result_is_assembled_whole_of_its_kinds() -> None:
+    """`split_result` cuts each buffer in views of at most the chunk size (the first
+    buffer, the pickle, has no kind; "b" ones are built as bytes), which
+    `add_chunk` / `take_stream` put together again."""
+    data = bytes(range(256)) * 41  # 10496 bytes: not a multiple of the chunk size
+    pickled = bytearray(b"pickle")
+    buffers = [memoryview(pickled), memoryview(data), memoryview(bytearray(data))]
+    parts = list(split_result(1, 7, 2, buffers, "ba", 1000))
+    assert all(part.nbytes <= 1000 and part.obj is not None for _m, part in parts)
+    assert {(m.index, m.kind) for m, _part in parts} == {(0, ""), (1, "b"), (2, "a")}
+    assert len(parts) == 1 + 2 * 11
+    streams: dict[Any, Parts | None] = {}
+    for message, part in parts:
+        assert (message.comp_id, message.key, message.attempt) == (1, 7, 2)
+        assert add_chunk(streams, "s", message, [part], 1 << 20) is None
+    got = take_stream(streams, "s", 3)
+    assert got == [b"pickle", data, bytearray(data)]
+    assert [type(b) for b in got or []] == [bytearray, bytes, bytearray]
