@@ -70,7 +70,9 @@ def test_jobs_submitted_one_at_a_time_fill_the_window_refills_wait_for_a_quarter
     state = make_state(("a", 4))  # window 8: refilled once 2 are free
     window = policy.window(4, None)
     sent = submit(state, *range(window))
-    assert [job for send in sent for job in send.jobs] == [(k, 1) for k in range(window)]
+    assert [job for send in sent for job in send.jobs] == [
+        (k, 1) for k in range(window)
+    ]
     assert submit(state, window) == []  # full: it waits
     # A result frees one slot: not worth a message yet (one job per result).
     assert state.handle(JobFinished("a", 0, 1, LONG)) == [AcceptResult(0, 1)]
