@@ -154,7 +154,8 @@ class Done(IpcMessage):
     stdout: str | bytes  # bytes for program computations, as in dispy
     stderr: str | bytes
     exception: str | None = None
-    #: One letter per out-of-band result buffer (see `serialize.dumps`), or "".
+    #: One letter per out-of-band result buffer (see `serialize.dumps`), or "";
+    #: also when a shared-memory reference is sent in the buffers' place.
     kinds: str = ""
     #: The job's arguments came in a shared body that the worker still maps (an
     #: object made from it without a copy lives on): the node must not reuse it.

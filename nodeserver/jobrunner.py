@@ -146,7 +146,7 @@ def run_job(
                     if exception is None:
                         outcome = FINISHED
                         if via_memory:
-                            result_buffers = _to_shared_memory(result_buffers, kinds)
+                            result_buffers = _to_shared_memory(result_buffers)
                     else:
                         result_buffers = _NO_BUFFERS
     finally:
@@ -196,7 +196,7 @@ def _unpack_payload(
     raise TypeError("the job payload is not (args, kwargs[, names])")
 
 
-def _to_shared_memory(buffers: list[Buffer], kinds: list[str]) -> list[Buffer]:
+def _to_shared_memory(buffers: list[Buffer]) -> list[Buffer]:
     """A large result for a client on this machine: written once into shared
     memory, the reference sent instead (the buffers themselves if that fails)."""
     if len(buffers) == 1 and len(buffers[0]) < shm.MIN_SIZE:
@@ -208,7 +208,8 @@ def _to_shared_memory(buffers: list[Buffer], kinds: list[str]) -> list[Buffer]:
         _name, reference = shm.write_result(buffers, prefix)
     except OSError:  # /dev/shm full, say: the socket still works
         return buffers
-    kinds.clear()  # one buffer now, the reference
+    # The job's kinds still describe the buffers (now in the object): the node
+    # keeps them with the copy it keeps for a crashed client (`nodeserver.keeper`).
     return [reference]
 
 

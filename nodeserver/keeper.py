@@ -138,7 +138,6 @@ class ResultKeeper:
         its buffers' kinds (`nodeserver.ipc.Done.kinds`), if known."""
         if len(buffers) == 1 and shm.is_reference(buffers):
             entry, buffers = _from_shared_memory(entry, buffers, kept.adopted)
-            kinds = ""  # those of the reference (none)
         result = KeptResult(None, entry, buffers, kinds)
         if kept.spool is None or kept.owner is None:
             kept.results.append(result)

@@ -353,7 +353,7 @@ KEPT_CLIENT = """
 import sys, time
 import dispynb as dispy
 
-def make(n, kind, size, marks, go):
+def make(n, kind, size, marks, go, padding):
     import hashlib, os, time
     data = os.urandom(size)
     mark = "%d-%s-%s" % (n, kind, hashlib.sha256(data).hexdigest())
@@ -366,10 +366,13 @@ def make(n, kind, size, marks, go):
     return bytearray(data) if kind == "bytearray" else data
 
 node, secret, journal, marks, go = sys.argv[1:6]
-specs = [tuple(spec.split(":")) for spec in sys.argv[6:]]
+# kind:size[:padding]: padding, bytes of argument (1 MiB or more: the arguments, and
+# then the result, go through shared memory)
+specs = [(spec.split(":") + ["0"])[:3] for spec in sys.argv[6:]]
 cluster = dispy.JobCluster(make, nodes=[node], secret=secret, recover_file=journal)
-for n, (kind, size) in enumerate(specs):
-    cluster.submit_job_id("job-%d" % n, n, kind, int(size), marks, go)
+for n, (kind, size, padding) in enumerate(specs):
+    cluster.submit_job_id("job-%d" % n, n, kind, int(size), marks, go,
+                          bytes(int(padding)))
 print("submitted", flush=True)
 time.sleep(60)  # killed before it gets further
 """
@@ -458,15 +461,16 @@ def test_recover_jobs_gets_kept_results_over_its_message_size_limit(
     )
 
 
+@pytest.mark.parametrize("padding", [0, 2 * MiB], ids=["socket", "shared-memory"])
 def test_a_node_holds_one_kept_result_at_a_time_for_a_client_that_reads_slowly(
-    tmp_path: Path,
+    tmp_path: Path, padding: int
 ) -> None:
     """64 MiB of kept results: the node reads them from disk one by one as the
     recovering client takes them (a client that has read one chunk leaves the
     node's own memory about where it was, not 64 MiB higher); the client that went
     away before the end leaves them kept, and a later recover_jobs gets them all."""
     size = 8 * MiB
-    specs = [f"bytes:{size}"] * 8
+    specs = [f"bytes:{size}:{padding}"] * 8
     with running_node(tmp_path / "node", cpus=len(specs)) as node:
         journal, expected = kill_client_with_kept_results(tmp_path, node, specs)
         wait_until(lambda: len(kept_files(tmp_path / "node")) == len(specs))
