@@ -138,7 +138,12 @@ class LoopRunner:
         """
         if self._released or threading.get_ident() == self._thread.ident:
             return False
-        return self._busy.acquire(blocking=False)
+        if not self._busy.acquire(blocking=False):
+            return False
+        if self._loop.is_closed():  # its thread ended: nothing may run for it
+            self._busy.release()
+            return False
+        return True
 
     def leave(self) -> None:
         """Give the loop back after a successful :meth:`enter`."""

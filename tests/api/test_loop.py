@@ -292,3 +292,9 @@ def test_enter_only_while_the_loop_waits_for_io_and_holds_its_callbacks(runner):
     assert busy.wait(WAIT)
     assert not runner.enter()  # a callback runs: the loop is not idle
     release.set()
+
+
+def test_enter_after_the_last_release_is_refused():
+    runner = LoopRunner.acquire()
+    runner.release()
+    assert runner.enter() is False
