@@ -82,7 +82,8 @@ def recover_jobs(
         from ``DISPYNB_SECRET`` or ``DISPYNB_SECRET_FILE``).
     max_message_size:
         Largest message (bytes) accepted from a node, as for `JobCluster`. A kept
-        result that does not fit in one comes in chunks, assembled in place.
+        result that does not fit in one comes in chunks, assembled in place. (A
+        dispynb-scheduler relays results in the messages its nodes sent them.)
     max_result_size:
         Bytes a recovered result may have (int, or a size such as ``"4G"``); a
         larger one ends ``Crashed`` ('the result arrived incomplete'). Default
