@@ -24,7 +24,7 @@ import pytest
 
 from dispynb import DispyJob, DispyNode, JobCluster
 from tests.jobs import wait_until
-from tests.nodeproc import ROOT, CliNode, node_env, running_node
+from tests.nodeproc import CliNode, node_env, running_node
 from tests.toxic import ToxicProxy, Toxics
 
 pytestmark = pytest.mark.slow
@@ -228,7 +228,7 @@ def test_jobs_complete_once_over_kernel_tbf_256kbit(tmp_path):
     ]  # fmt: skip
     done = subprocess.run(
         command,
-        cwd=ROOT,
+        cwd=tmp_path,  # not the checkout: a failed run may leave a recovery file
         env=node_env(),
         capture_output=True,
         text=True,

@@ -321,6 +321,7 @@ def test_zombie_interval_frees_a_silent_clients_computation(tmp_path: Path) -> N
     node = start_node(tmp_path / "node", "--zombie_interval", "0.02")
     client = subprocess.Popen(
         [sys.executable, str(script), node.spec, node.secret],
+        cwd=tmp_path,  # where the killed client leaves its recovery file
         stdout=subprocess.PIPE,
         text=True,
         env=node_env(),
