@@ -1,0 +1,176 @@
+"""A `Run` follows its jobs through the cluster's events (on its callback thread)
+and draws as they arrive: the thread that waits (`wait`), or the callback thread
+itself in live mode."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from dispynb.job import FINAL_STATUSES, DispyJob, JobStatus
+from dispynb.jupyter.errors import RunInterrupted
+from dispynb.jupyter.progress import ProgressBar
+from dispynb.jupyter.runoutput import _print_writer
+from dispynb.jupyter.runstate import _FAILED, _TICK, Writer
+from dispynb.jupyter.runstop import _RunStop
+
+if TYPE_CHECKING:
+    from dispynb.node import DispyNode
+
+
+class _RunEvents(_RunStop):
+    """The cluster's events, live mode and waiting."""
+
+    # -- events (on the cluster's callback thread) -----------------------------------
+
+    def _on_job_status(self, job: DispyJob) -> None:
+        if self._user_job_status is not None:
+            self._user_job_status(job)
+
+    def _on_cluster_status(
+        self, status: int, node: DispyNode | None, job: DispyJob | None
+    ) -> None:
+        try:
+            if job is not None:
+                self._job_event(status, job)
+            for listener in list(self._listeners):
+                listener(status, node, job)
+        finally:
+            if self._user_cluster_status is not None:
+                self._user_cluster_status(status, node, job)
+
+    def _job_event(self, status: int, job: DispyJob) -> None:
+        key = job.id
+        with self._lock:
+            known = key in self._index
+            if status == JobStatus.Running:
+                if not known:
+                    self._early_running.add(key)
+                elif key not in self._ended:
+                    self._running.add(key)
+            elif status in FINAL_STATUSES:
+                if not known:
+                    self._early_final[key] = JobStatus(status)
+                else:
+                    self._end_job(key, JobStatus(status))
+            elif status == JobStatus.ProvisionalResult:
+                if key in self._ended:
+                    return
+                self._provisional[key] = job.result
+                self._provisional_count += 1
+                self._latest = (key, job.result)
+                if known:
+                    self._running.add(key)
+                else:
+                    self._early_running.add(key)
+            else:
+                return
+        self._notify()
+
+    def _end_job(self, key: Any, status: JobStatus) -> None:
+        """Count a job's final status; called with the lock held."""
+        if key in self._ended:
+            return
+        self._ended[key] = status
+        self._running.discard(key)
+        stopped = status is JobStatus.Terminated and key in self._cancelled
+        if status is JobStatus.Finished:
+            self._tally["finished"] += 1
+        elif status is JobStatus.Cancelled or stopped:
+            self._tally["cancelled"] += 1
+        else:
+            self._tally["failed"] += 1
+        job = self.jobs[self._index[key]]
+        if job.stdout or job.stderr or (status in _FAILED and not stopped):
+            self._outputs.append(job)
+        if len(self._ended) >= len(self.jobs):
+            self._stop = time.monotonic()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        if not self._live or self._waiting:
+            return
+        # Live mode, nobody waiting: this (callback) thread draws.
+        self._pump(self._log_writer())
+        if self.done():
+            self.bar.finish(self.counts())
+            if self.owns_cluster:
+                threading.Thread(
+                    target=self.close, name="dispynb-run-close", daemon=True
+                ).start()
+
+    # -- live mode (notebook, --nowait) ------------------------------------------------
+
+    def live(self, bar: ProgressBar, log: Writer | None = None) -> None:
+        """Let the callback thread draw ``bar`` and write output to ``log`` as events
+        arrive, for runs nobody waits for. ``log(stream, text)`` gets ``"stdout"`` or
+        ``"stderr"`` and the text."""
+        self.bar = bar
+        self._log = log
+        self._live = True
+        self._notify()
+
+    def _log_writer(self) -> Writer | None:
+        return self._log
+
+    # -- waiting ---------------------------------------------------------------------
+
+    def wait(self, timeout: float | None = None, *, echo: bool = True) -> bool:
+        """Block until every job has ended, drawing progress and printing output.
+
+        Each job's remote stdout and stderr are printed (to ``sys.stdout`` and
+        ``sys.stderr``, or to the run's output widget in `live` mode) as the job
+        ends, and the traceback of the first failure of each kind. A run that owns
+        its cluster closes it at the end.
+
+        Parameters
+        ----------
+        timeout:
+            Seconds to wait at most; ``None`` waits until done.
+        echo:
+            Print remote output and tracebacks (they stay in `df` either way).
+
+        Returns
+        -------
+        bool
+            True if every job has ended, False if ``timeout`` passed first.
+
+        Raises
+        ------
+        KeyboardInterrupt
+            After cancelling the run's unfinished jobs on the nodes (see `cancel`).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        # Output goes where the run sends it: its output widget when live, else here.
+        writer = (self._log or _print_writer) if echo else None
+        if not self._live:
+            self.bar.show()
+        self._waiting = True
+        try:
+            while True:
+                self._changed.clear()
+                finished = self.done()
+                self._pump(writer)
+                if finished:
+                    break
+                tick = _TICK
+                if deadline is not None:
+                    tick = min(tick, deadline - time.monotonic())
+                    if tick <= 0:
+                        return False
+                self._changed.wait(tick)
+        except KeyboardInterrupt:
+            self._waiting = False
+            summary = self.stop("Interrupted", echo=echo, quiet=True)
+            raise RunInterrupted(summary) from None
+        finally:
+            self._waiting = False
+        self.bar.finish(self.counts())
+        if writer is not None:
+            self._summary(writer)
+        if self.owns_cluster:
+            self.close()
+        return True
+
+    __call__ = wait

@@ -1,0 +1,106 @@
+"""Cancelling a `Run`'s jobs, stopping it (what an interrupted wait does) and
+closing its cluster."""
+
+from __future__ import annotations
+
+import collections
+import time
+
+from dispynb.job import DispyJob, JobStatus
+from dispynb.jupyter.runoutput import _print_writer, _RunOutput
+from dispynb.jupyter.runstate import _TICK
+
+#: Seconds an interrupted run waits for the nodes to confirm its cancellations.
+CANCEL_WAIT = 10.0
+
+
+class _RunStop(_RunOutput):
+    """Cancelling, stopping and closing."""
+
+    def cancel(self) -> int:
+        """Cancel every unfinished job on the nodes; return how many were cancelled.
+
+        Queued jobs end ``Cancelled``, running ones ``Terminated`` (their worker
+        process is killed and replaced).
+        """
+        cluster = self.cluster
+        if cluster is None:
+            return 0
+        count = 0
+        for job in list(self.jobs):
+            if job.done():
+                continue
+            with self._lock:
+                self._cancelled.add(job.id)
+            if cluster.cancel(job) == 0:
+                count += 1
+        return count
+
+    def stop(
+        self, reason: str = "Stopped", echo: bool = True, quiet: bool = False
+    ) -> str:
+        """Cancel the unfinished jobs, wait (at most `CANCEL_WAIT` seconds) for the
+        nodes to confirm, close the cluster if owned, and return (and print, unless
+        ``quiet``) a one-line account: how many running jobs were terminated, how
+        many queued ones cancelled.
+
+        What an interrupted `wait` does before raising `RunInterrupted` (a
+        `KeyboardInterrupt`) with that line; a second interrupt stops waiting for the
+        confirmations. Cancelled jobs are not failures: they count as cancelled.
+        """
+        self._interrupted = True
+        writer = _print_writer if echo else None
+        mine = [job for job in list(self.jobs) if not job.done()]
+        self.cancel()
+        deadline = time.monotonic() + CANCEL_WAIT
+        try:
+            while time.monotonic() < deadline:
+                self._changed.clear()
+                if self.done():
+                    break
+                self._changed.wait(_TICK)
+            self._pump(writer)
+            self.bar.finish(self.counts())
+            if self.owns_cluster:
+                self.close(terminate=True)
+        except KeyboardInterrupt:
+            if self.owns_cluster:
+                self.close(terminate=True)
+        summary = self._stop_summary(reason, mine)
+        if not quiet:
+            self.bar.before_output()
+            _print_writer("stderr", summary + "\n")
+        return summary
+
+    def _stop_summary(self, reason: str, stopped: list[DispyJob]) -> str:
+        ends = collections.Counter(job.status for job in stopped)
+        after = self.counts()
+        parts = [
+            f"{ends[JobStatus.Terminated]} running terminated",
+            f"{ends[JobStatus.Cancelled]} queued cancelled",
+        ]
+        finished = ends[JobStatus.Finished]
+        if finished:
+            parts.append(f"{finished} finished meanwhile")
+        unconfirmed = sum(not job.done() for job in stopped)
+        if unconfirmed:
+            parts.append(f"{unconfirmed} not confirmed by the nodes")
+        return (
+            f"{reason}: run {self.name!r} stopped, {', '.join(parts)} "
+            f"({after.finished} of {after.total} jobs done)"
+        )
+
+    def close(self, terminate: bool = False) -> None:
+        """Close the run's cluster if the run owns it; ``terminate`` cancels the
+        unfinished jobs first (otherwise this waits for them). Idempotent."""
+        with self._close_lock:
+            if self._closed or self.cluster is None or not self.owns_cluster:
+                return
+            try:
+                self.cluster.close(terminate=terminate)
+            finally:
+                self._closed = True
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
