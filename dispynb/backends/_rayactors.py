@@ -286,9 +286,10 @@ class _Actors(_RayState):
         for slot in self._slots:
             if slot.dead:
                 continue
-            for index, (key, _, _) in enumerate(slot.inflight):
+            running = slot.inflight[0][2] if slot.inflight else None
+            for key, _, ref in slot.inflight:
                 self._forget(key)
-                if index == 0:
+                if ref is running:
                     self._events.job_done(
                         key,
                         slot.node.info,

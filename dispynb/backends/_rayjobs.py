@@ -20,11 +20,32 @@ from dispynb.backends.base import JobRequest, Outcome
 from dispynb.errors import NotSupportedError
 from dispynb.job import JobStatus
 
-#: Calls of ``run`` in flight per actor: the running job and the next one.
+#: Calls of ``run`` in flight per actor at least: the running job and the next one.
 DEPTH = 2
+
+#: Calls in flight per actor at most (for jobs that take microseconds).
+MAX_DEPTH = 32
+
+#: Seconds of work queued on each actor behind its running job: short jobs get more
+#: calls in flight, so that an actor never waits for the client's next call.
+QUEUED_WORK = 0.02
 
 #: Seconds a job's outcome waits for the provisional results it says it sent.
 PROVISIONAL_WAIT = 10.0
+
+#: Jobs that recently ran shorter than this on average go to the actors in batches
+#: (one Ray call runs several): Ray's cost per call is then shared by the batch.
+BATCH_UNDER = 0.002
+
+#: Characters (str) or bytes an argument of a job in a batch may have at most; a
+#: larger one travels alone, through Ray's object store.
+SMALL_ARG = 4096
+
+#: Seconds a cancelled job in a running batch may take to end before its actor is
+#: killed (a batch holds only jobs expected to take milliseconds).
+BATCH_CANCEL_WAIT = 2.0
+
+_SCALARS = frozenset({int, float, bool, complex, type(None)})
 
 
 class _Jobs(_RayState):
@@ -69,14 +90,20 @@ class _Jobs(_RayState):
         return self._runner.run_sync(load, timeout=30)
 
     def running_jobs(self, node_id: str) -> list[int]:
-        """Keys of the jobs running on a Ray node now (the first call of each of
-        its actors)."""
+        """Keys of the jobs running on a Ray node now (the running call of each of
+        its actors: one job, or a batch of short ones)."""
 
         async def keys() -> list[int]:
             node = self._nodes.get(node_id)
             if node is None:
                 return []
-            return sorted(s.inflight[0][0] for s in node.slots if s.inflight)
+            return sorted(
+                key
+                for s in node.slots
+                if s.inflight
+                for key, _, ref in s.inflight
+                if ref is s.inflight[0][2]
+            )
 
         return self._runner.run_sync(keys, timeout=30)
 
@@ -139,7 +166,8 @@ class _Jobs(_RayState):
         if not self._queue and not self._pinned:
             self._steal()
             return
-        slots = [s for s in self._slots if s.ready and len(s.inflight) < DEPTH]
+        depth = self._depth()
+        slots = [s for s in self._slots if s.ready and len(s.inflight) < depth]
         if not slots:
             return
         # Fill the emptiest actors first: one job each, then a second one each, but
@@ -147,15 +175,50 @@ class _Jobs(_RayState):
         # for it while an actor still being set up becomes free).
         slots.sort(key=lambda s: len(s.inflight))
         starting = any(not s.ready and not s.dead for s in self._slots)
-        for depth in range(1 if starting else DEPTH):
+        unit = self._batch_size(depth, slots)
+        for level in range(0, 1 if starting else depth, unit):
             for slot in slots:
-                if len(slot.inflight) <= depth:
+                if len(slot.inflight) <= level:
                     job = self._next_job(slot)
                     if job is None:
                         if not self._pinned and not self._queue:
                             return
                         continue
-                    self._send(slot, job)
+                    batch = self._take_batch(job, min(unit, depth - level))
+                    if batch:
+                        self._send_batch(slot, batch)
+                    else:
+                        self._send(slot, job)
+
+    def _batch_size(self, depth: int, slots: list[_Slot]) -> int:
+        """Jobs per Ray call: 1, or for jobs that run for less than `BATCH_UNDER`
+        half the calls in flight (a batch runs while the next one waits), no more
+        than the queue spread over the actors."""
+        run_time = self._run_time
+        if run_time is None or run_time >= BATCH_UNDER or len(self._queue) < 2:
+            return 1
+        spread = -(-len(self._queue) // len(slots))
+        return max(1, min(depth // 2, spread))
+
+    def _take_batch(self, first: JobRequest, size: int) -> list[JobRequest]:
+        """``first`` and the small jobs after it in the queue (``size`` in all at
+        most), if ``first`` may go in a batch; else an empty list."""
+        if size < 2 or not self._queue or not _batchable(first):
+            return []
+        batch = [first]
+        queue = self._queue
+        while queue and len(batch) < size and _batchable(queue[0]):
+            batch.append(queue.popleft())
+        return batch if len(batch) > 1 else []
+
+    def _depth(self) -> int:
+        """Calls to keep in flight per actor: `QUEUED_WORK` seconds of jobs as long
+        as the recent ones took (`DEPTH` before any ended, or for long jobs)."""
+        run_time = self._run_time
+        if run_time is None:
+            return DEPTH
+        calls = 1 + int(QUEUED_WORK / max(run_time, QUEUED_WORK / MAX_DEPTH))
+        return max(DEPTH, min(MAX_DEPTH, calls))
 
     def _steal(self) -> None:
         """Nothing waits here but an actor is idle: take back a job waiting behind
@@ -167,8 +230,8 @@ class _Jobs(_RayState):
         for slot in self._slots:
             if idle == 0:
                 return
-            if len(slot.inflight) < 2:
-                continue
+            if len(slot.inflight) < 2 or slot.inflight[-1][2] is slot.inflight[0][2]:
+                continue  # nothing waits behind its running call
             key, _, ref = slot.inflight[-1]
             if key in self._stolen or key in self._cancelling:
                 continue
@@ -183,11 +246,15 @@ class _Jobs(_RayState):
         key = job.key
         attempt = self._attempts.get(key, 0) + 1
         self._attempts[key] = attempt
+        # Each argument its own: Ray puts a large one in its object store alone. The
+        # usual job (first attempt, no keyword arguments or memory limit) sends its
+        # key only: one small value less for Ray to serialize per call.
+        if attempt == 1 and job.mem_limit is None and not job.kwargs:
+            head: int | tuple[int, int, int | None, dict[str, Any]] = key
+        else:
+            head = (key, attempt, job.mem_limit, job.kwargs)
         try:
-            # Each argument its own: Ray puts a large one in its object store alone.
-            ref = slot.handle.run.remote(
-                key, attempt, job.mem_limit, job.kwargs, *job.args
-            )
+            ref = slot.handle.run.remote(head, *job.args)
         except Exception as exc:  # Ray could not serialize the arguments
             self._jobs.pop(key, None)
             self._events.job_done(
@@ -200,29 +267,120 @@ class _Jobs(_RayState):
         self._where[key] = slot
         self._sent.pop(key, None)
         self._early.pop(key, None)
+        calls = ((key, attempt),)
         ref.future().add_done_callback(
-            lambda fut: self._completed(slot, key, attempt, fut)
+            lambda fut: self._completed(slot, calls, False, fut)
         )
         if len(slot.inflight) == 1:
             self._started_running(slot)
 
+    def _send_batch(self, slot: _Slot, jobs: list[JobRequest]) -> None:
+        """Send ``jobs`` to ``slot`` in one Ray call (`JobActor.run_batch`)."""
+        items = []
+        calls = []
+        for job in jobs:
+            key = job.key
+            attempt = self._attempts.get(key, 0) + 1
+            self._attempts[key] = attempt
+            calls.append((key, attempt))
+            items.append(((key, attempt, job.mem_limit, job.kwargs), job.args))
+        try:
+            ref = slot.handle.run_batch.remote(items)
+        except Exception:  # Ray could not serialize one: each alone says which
+            for job in jobs:
+                self._attempts[job.key] -= 1
+                self._send(slot, job)
+            return
+        self._batches_sent += 1
+        first = not slot.inflight
+        for key, attempt in calls:
+            slot.inflight.append((key, attempt, ref))
+            self._where[key] = slot
+            self._sent.pop(key, None)
+            self._early.pop(key, None)
+        frozen = tuple(calls)
+        ref.future().add_done_callback(
+            lambda fut: self._completed(slot, frozen, True, fut)
+        )
+        if first:
+            self._started_running(slot)
+
     def _completed(
-        self, slot: _Slot, key: int, attempt: int, fut: concurrent.futures.Future[Any]
+        self,
+        slot: _Slot,
+        calls: tuple[tuple[int, int], ...],
+        batch: bool,
+        fut: concurrent.futures.Future[Any],
     ) -> None:
-        """On a Ray thread: hand the completion to the loop (one wake-up per batch)."""
+        """On a Ray thread: hand the completion of a call (its ``(key, attempt)``
+        jobs) to the loop, one wake-up for all that arrive meanwhile."""
         with self._completions_lock:
             wake = not self._completions
-            self._completions.append((slot, key, attempt, fut))
+            self._completions.append((slot, calls, batch, fut))
         if wake:
             self._post(self._drain_completions)
 
     def _drain_completions(self) -> None:
         with self._completions_lock:
-            batch = list(self._completions)
+            completions = list(self._completions)
             self._completions.clear()
-        for slot, key, attempt, fut in batch:
-            self._done(slot, key, attempt, fut)
+        for slot, calls, batch, fut in completions:
+            if batch:
+                self._done_batch(slot, calls, fut)
+            else:
+                key, attempt = calls[0]
+                self._done(slot, key, attempt, fut)
         self._schedule()
+
+    def _done_batch(
+        self,
+        slot: _Slot,
+        calls: tuple[tuple[int, int], ...],
+        fut: concurrent.futures.Future[Any],
+    ) -> None:
+        """Settle the jobs of a batch call: each with its own outcome."""
+        if self._closed:
+            return
+        live = [
+            (key, attempt)
+            for key, attempt in calls
+            if self._where.get(key) is slot and self._attempts.get(key) == attempt
+        ]
+        if not live:
+            return
+        ray = self._ray
+        try:
+            replies = fut.result()
+        except ray.exceptions.TaskCancelledError:
+            requeue = []
+            for key, _ in live:
+                self._remove(slot, key)
+                if key in self._cancelling or key in self._unstarted_cancels:
+                    self._forget(key)
+                    self._events.job_cancelled(key)
+                else:  # taken back for an idle actor, or a neighbour's cancel
+                    self._stolen.discard(key)
+                    requeue.append(self._jobs[key])
+            for job in reversed(requeue):
+                self._enqueue(job, first=True)
+            return
+        except ray.exceptions.RayActorError as exc:
+            self._actor_lost(slot, _reason(exc))
+            return
+        except Exception as exc:  # the call failed in Ray
+            for key, _ in live:
+                self._remove(slot, key)
+                self._forget(key)
+                self._events.job_done(
+                    key, slot.node.info, _terminated(f"{_reason(exc)}\n")
+                )
+            return
+        replies_by_key = {
+            key: reply for (key, _), reply in zip(calls, replies, strict=True)
+        }
+        for key, attempt in live:
+            self._remove(slot, key)
+            self._settle(slot, key, attempt, replies_by_key[key])
 
     def _done(
         self, slot: _Slot, key: int, attempt: int, fut: concurrent.futures.Future[Any]
@@ -258,6 +416,10 @@ class _Jobs(_RayState):
             )
             return
         self._remove(slot, key)
+        self._settle(slot, key, attempt, reply)
+
+    def _settle(self, slot: _Slot, key: int, attempt: int, reply: Any) -> None:
+        """Report the outcome of a job its actor ran (``JobActor.run``'s reply)."""
         code, result, stdout, stderr, exception, start, end, sent = reply
         from dispynb.backends._rayworker import FINISHED
 
@@ -270,8 +432,12 @@ class _Jobs(_RayState):
             start_time=start,
             end_time=end,
         )
-        if (key, attempt) not in self._started:
+        if self._started.get(key) != attempt:
             self._events.job_running(key, self._view(slot.node), start)
+        ran = end - start
+        self._run_time = (
+            ran if self._run_time is None else 0.8 * self._run_time + 0.2 * ran
+        )
         if sent > self._sent.get(key, 0):
             # Its provisional results are still on their way through the inbox.
             timer = self._runner.loop.call_later(PROVISIONAL_WAIT, self._release, key)
@@ -283,32 +449,52 @@ class _Jobs(_RayState):
     def _remove(self, slot: _Slot, key: int) -> None:
         """Take ``key`` out of its actor's calls; report the start of the next one."""
         inflight = slot.inflight
-        was_head = bool(inflight) and inflight[0][0] == key
+        head = inflight[0] if inflight else None
+        was_head = head is not None and head[0] == key
         for index, item in enumerate(inflight):
             if item[0] == key:
                 del inflight[index]
                 break
         self._where.pop(key, None)
-        self._cancel_timer(slot)
-        if was_head and inflight:
+        if was_head:
+            self._cancel_timer(slot)
+        # The next call runs now (not the next job of the same batch: its own
+        # start comes with its outcome).
+        if was_head and inflight and head is not None and inflight[0][2] is not head[2]:
             self._started_running(slot)
 
     def _started_running(self, slot: _Slot) -> None:
         """The first call of ``slot`` runs now: report it, enforce its limits."""
-        key, attempt, _ = slot.inflight[0]
-        if key in self._cancelling:
+        key, attempt, ref = slot.inflight[0]
+        if len(slot.inflight) > 1 and slot.inflight[1][2] is ref:  # a batch
+            for item_key, _, item_ref in slot.inflight:
+                if item_ref is ref and item_key in self._cancelling:
+                    self._cancel_in_batch(slot, ref, item_key)
+                    break
+        elif key in self._cancelling:
             self._kill(slot, key)  # its cancel came too late to drop it
             return
         # (A key taken back stays so: Ray's answer to the cancel says whether it
         # ran, its result or TaskCancelledError.)
-        if (key, attempt) not in self._started:
-            self._started.add((key, attempt))
+        if self._started.get(key) != attempt:
+            self._started[key] = attempt
             self._events.job_running(key, self._view(slot.node), time.time())
         timeout = self._jobs[key].timeout if key in self._jobs else None
         if timeout is not None:
             slot.timer = self._runner.loop.call_later(
                 timeout, self._timed_out, slot, key
             )
+
+    def _cancel_in_batch(self, slot: _Slot, ref: Any, key: int) -> None:
+        """``key`` is cancelled while its batch runs: its jobs are short, so give
+        the batch `BATCH_CANCEL_WAIT` seconds to end (each of its jobs then ends as
+        it did); kill its actor if it has not (``key`` ends Terminated)."""
+
+        def stop() -> None:
+            if slot.inflight and slot.inflight[0][2] is ref and key in self._jobs:
+                self._kill(slot, key)
+
+        self._runner.loop.call_later(BATCH_CANCEL_WAIT, stop)
 
     def _cancel_timer(self, slot: _Slot) -> None:
         if slot.timer is not None:
@@ -348,15 +534,21 @@ class _Jobs(_RayState):
         slot = self._where.get(key)
         if slot is None or key not in self._jobs or key in self._held:
             return
-        if slot.inflight and slot.inflight[0][0] == key:
+        running = slot.inflight[0][2] if slot.inflight else None
+        ref = next((r for k, _, r in slot.inflight if k == key), None)
+        if ref is None:
+            return
+        if ref is running:
             if not unstarted:
                 self._cancelling.add(key)
-                self._kill(slot, key)
+                if len(slot.inflight) > 1 and slot.inflight[1][2] is ref:
+                    self._cancel_in_batch(slot, ref, key)
+                else:
+                    self._kill(slot, key)
             return
         (self._unstarted_cancels if unstarted else self._cancelling).add(key)
-        for item_key, _, ref in slot.inflight:
-            if item_key == key:
-                self._ray.cancel(ref)  # a pending actor task: Ray drops it
+        # A pending actor task: Ray drops it (a batch's other jobs are queued again).
+        self._ray.cancel(ref)
 
     def _fail_inflight(self, slot: _Slot, reason: str) -> None:
         killed_for, slot.killed_for = slot.killed_for, None
@@ -364,7 +556,10 @@ class _Jobs(_RayState):
         calls = list(slot.inflight)
         slot.inflight.clear()
         requeue: list[JobRequest] = []
-        for index, (key, _, _) in enumerate(calls):
+        running = calls[0][2] if calls else None
+        for key, _, ref in calls:
+            # "running": the actor's running call (a batch's jobs may all have run).
+            index = 0 if ref is running else 1
             self._where.pop(key, None)
             job = self._jobs.get(key)
             if job is None:
@@ -400,3 +595,24 @@ class _Jobs(_RayState):
                 requeue.append(job)
         for job in reversed(requeue):
             self._enqueue(job, first=True)
+
+
+def _small(value: Any) -> bool:
+    kind = type(value)
+    if kind in _SCALARS:
+        return True
+    if kind is str or kind is bytes:
+        return len(value) <= SMALL_ARG
+    return False
+
+
+def _batchable(job: JobRequest) -> bool:
+    """Whether ``job`` may share a Ray call with others: small arguments of plain
+    types (a large one goes alone, through Ray's object store), no ``job_timeout``
+    (a timer per running call), any node."""
+    if job.timeout is not None or job.node_id is not None:
+        return False
+    args = job.args
+    if not all(_small(value) for value in args):
+        return False
+    return not job.kwargs or all(_small(value) for value in job.kwargs.values())

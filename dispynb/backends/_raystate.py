@@ -50,7 +50,8 @@ class _Slot:
 
     handle: Any
     node: _Node
-    #: (key, attempt, ref) of the calls sent to it, in the order it runs them.
+    #: (key, attempt, ref) of the jobs sent to it, in the order it runs them (the
+    #: jobs of a batch share their call's ref).
     inflight: collections.deque[tuple[int, int, Any]] = field(
         default_factory=collections.deque
     )
@@ -93,14 +94,15 @@ class _RayState:
         self._stolen: set[int] = set()
         self._timed_out_keys: set[int] = set()
         self._to_cancel: collections.deque[tuple[list[int], bool]] = collections.deque()
-        self._started: set[tuple[int, int]] = set()  # (key, attempt) reported running
+        self._started: dict[int, int] = {}  # key: its attempt reported running
         self._sent: dict[int, int] = {}  # inbox messages received per key
         self._held: dict[int, tuple[_Node, Outcome, int, Any]] = {}
         self._nodes: dict[str, _Node] = {}
         self._slots: list[_Slot] = []
-        self._completions: collections.deque[tuple[_Slot, int, int, Any]] = (
-            collections.deque()
-        )
+        #: Calls that ended: (actor, their (key, attempt) jobs, batch?, future).
+        self._completions: collections.deque[
+            tuple[_Slot, tuple[tuple[int, int], ...], bool, Any]
+        ] = collections.deque()
         self._completions_lock = threading.Lock()
         self._pump = Coalescer(self._runner, self._schedule)
         self._closed = False
@@ -111,6 +113,10 @@ class _RayState:
         self._strategy: Any = None
         self._max_output: int | str | None = None
         self._args_refs: tuple[Any, ...] = ()
+        #: Average seconds a job ran (recent ones weigh more); None before any.
+        self._run_time: float | None = None
+        #: Ray calls that carried several jobs (`JobActor.run_batch`).
+        self._batches_sent = 0
         #: Inbox messages that arrived ahead of an earlier one of their job (an
         #: asynchronous actor does not keep the order of calls): by key, by number.
         self._early: dict[int, dict[int, tuple[str, Any]]] = {}
@@ -132,7 +138,7 @@ class _RayState:
         self._timed_out_keys.discard(key)
         self._sent.pop(key, None)
         self._early.pop(key, None)
-        self._started = {item for item in self._started if item[0] != key}
+        self._started.pop(key, None)
 
     def _view(self, node: _Node) -> NodeInfo:
         """``node``'s `NodeInfo`: the one reported, or one made up before that."""

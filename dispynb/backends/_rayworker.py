@@ -49,6 +49,9 @@ from dispynb.protocol import serialize
 FINISHED = "finished"
 RAISED = "raised"
 
+#: Result types sent back without a check that they pickle.
+_PLAIN = frozenset({int, float, str, bytes, bool, type(None), complex})
+
 #: Items an `Inbox` holds at most; a job that sends more waits (back-pressure).
 INBOX_LIMIT = 10_000
 
@@ -196,15 +199,21 @@ class JobActor:
 
     def run(
         self,
-        key: int,
-        attempt: int,
-        mem_limit: int | None,
-        kwargs: dict[str, Any],
+        head: int | tuple[int, int, int | None, dict[str, Any]],
         *args: Any,
     ) -> tuple[str, Any, str, str, str | None, float, float, int]:
         """Run one job; ``(outcome, result, stdout, stderr, exception, start, end,
-        number of messages it sent to the inbox)``. ``mem_limit``: bytes of address
-        space the job may use (the soft ``RLIMIT_AS``, for this job only)."""
+        number of messages it sent to the inbox)``.
+
+        ``head`` is the job's key (its first attempt, no keyword arguments, no
+        memory limit), or ``(key, attempt, mem_limit, kwargs)``: ``mem_limit`` is
+        the bytes of address space the job may use (the soft ``RLIMIT_AS``, for this
+        job only)."""
+        kwargs: dict[str, Any]
+        if isinstance(head, int):
+            key, attempt, mem_limit, kwargs = head, 1, None, {}
+        else:
+            key, attempt, mem_limit, kwargs = head
         saved = sys.stdout, sys.stderr
         out, err = io.StringIO(), io.StringIO()
         sys.stdout, sys.stderr = out, err
@@ -244,6 +253,29 @@ class JobActor:
             end,
             job.sent,
         )
+
+    def run_batch(
+        self, items: list[tuple[tuple[int, int, int | None, dict[str, Any]], Any]]
+    ) -> list[tuple[str, Any, str, str, str | None, float, float, int]]:
+        """Run several short jobs, one after the other: ``(head, args)`` each (see
+        `run`); their replies, in order. A result that cannot be pickled ends its
+        own job (the others' results still travel)."""
+        replies = []
+        for head, args in items:
+            reply = self.run(head, *args)
+            if type(reply[1]) not in _PLAIN:
+                try:
+                    serialize.dumps(reply[1])
+                except Exception as exc:
+                    reply = (
+                        RAISED,
+                        None,
+                        *reply[2:4],
+                        f"the job's result cannot be sent back: {exc}\n",
+                        *reply[5:],
+                    )
+            replies.append(reply)
+        return replies
 
     def _text(self, capture: io.StringIO, name: str) -> str:
         text = capture.getvalue()

@@ -9,11 +9,22 @@ How dispy's features map onto Ray's own mechanisms
   by dispynb, by value) with dispy's names in its globals, then ``setup``. Its
   ``cleanup`` method runs dispy's ``cleanup`` when the cluster closes. A Ray node is
   a dispy node: it is ready when its first actor is set up.
-* **Jobs** are calls of the actor's ``run`` method, two in flight per actor (Ray
-  runs an actor's calls in order, so the first is the running job and the second
-  waits on the worker, which hides the round trip). Arguments and results travel
-  with Ray's own serialization, each argument of the job an argument of the call
-  (Ray puts a large one in its object store on its own).
+* **Jobs** are calls of the actor's ``run`` method, at least two in flight per
+  actor (Ray runs an actor's calls in order, so the first is the running job and
+  the next ones wait on the worker, which hides the round trip); for short jobs as
+  many as make about 20 ms of work (up to 32), as the recent jobs' run times say.
+  Arguments and results travel with Ray's own serialization, each argument of the
+  job an argument of the call (Ray puts a large one in its object store on its own,
+  as for its own tasks: no copy pickled by dispynb).
+* **Batches.** Jobs that recently ran for less than 2 ms and have small arguments
+  of plain types (numbers, short strings/bytes) and no ``job_timeout`` go several
+  per Ray call (``run_batch``): Ray's cost per call, which dominates such jobs, is
+  shared. Each job keeps its own outcome, stdout/stderr, start and end times; its
+  ``Running`` status arrives with its outcome. Cancelling a job of a waiting batch
+  drops the batch there and queues its other jobs again; a job of a running batch
+  gets a moment to end (its batch holds milliseconds of work), then its actor is
+  killed (then the batch's other jobs count as the running job of a lost worker:
+  run again if ``reentrant``, else ``Abandoned``).
 * **Stop / cancel.** A job waiting here is dropped; one waiting on an actor is
   cancelled with ``ray.cancel`` (Ray drops a pending actor task); Ray cannot
   interrupt a running actor task, so the running job's actor is killed with

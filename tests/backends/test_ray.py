@@ -124,6 +124,20 @@ def reads_file(name: str) -> str:
     return Path(name).read_text()
 
 
+def short(n: int) -> int:
+    """A job of microseconds (batched once the engine has seen a few)."""
+    if n % 50 == 7:
+        raise ValueError(f"bad input {n}")
+    print(n)
+    return n + 1
+
+
+def hangs_at(n: int, stuck: int) -> int:
+    if n == stuck:
+        time.sleep(600)
+    return n
+
+
 STATE = ""
 
 
@@ -484,3 +498,73 @@ def test_lost_node_closes_and_its_jobs_run_elsewhere(
         assert len(set(node_ids)) == 1  # all on the head now
     finally:
         cluster.close()
+
+
+def test_short_jobs_share_ray_calls_and_keep_their_own_outcomes(
+    engine: RayEngine,
+) -> None:
+    """Jobs of microseconds go to the actors several per Ray call (a batch): each
+    still reports Running before its own outcome (result, stdout, exception), and
+    cancelling queued ones ends them without touching the others."""
+    seen: dict[int, list[str]] = {}
+    lock = threading.Lock()
+
+    def record(status: int, node: Any, job: DispyJob | None) -> None:
+        if job is not None:
+            with lock:
+                seen.setdefault(job.id, []).append(JobStatus(status).name)
+
+    with JobCluster(short, engine=engine, cluster_status=record) as cluster:
+        for n, job in [(n, cluster.submit(n)) for n in range(110, 130)]:
+            assert job() == n + 1  # the engine sees how long the jobs take
+        jobs = [cluster.submit_job_id(n, n) for n in range(400)]
+        for job in jobs[300:]:
+            cluster.cancel(job)
+        wait_for(lambda: all(job.done() for job in jobs), "the 400 jobs")
+        backend: Any = cluster._backend
+        assert backend._batches_sent > 0, "no batch was sent"
+    for n, job in enumerate(jobs[:300]):
+        if n % 50 == 7:
+            assert job.status is JobStatus.Terminated, (n, job.status)
+            assert f"bad input {n}" in (job.exception or "")
+        else:
+            assert job.status is JobStatus.Finished, (n, job.status, job.exception)
+            assert job.result == n + 1 and job.stdout == f"{n}\n"
+        assert job.start_time is not None and job.end_time is not None
+        assert job.start_time <= job.end_time
+        names = seen[n]
+        assert "Running" in names, (n, names)
+        assert names.index("Running") < names.index(job.status.name), (n, names)
+    # A cancel reaches a queued job (Cancelled) or comes after it ran (its outcome).
+    for job in jobs[300:]:
+        assert job.status in (
+            JobStatus.Cancelled,
+            JobStatus.Finished,
+            JobStatus.Terminated,
+        ), (job.id, job.status)
+
+
+def test_a_batched_job_that_hangs_is_stopped_and_its_batch_runs_again(
+    engine: RayEngine,
+) -> None:
+    """A job sent in a batch (its neighbours took microseconds) that hangs: cancel
+    ends it Terminated (its actor is killed after a short wait) and, the cluster
+    being reentrant, the other jobs of its batch run again and finish."""
+    with JobCluster(hangs_at, engine=engine, reentrant=True) as cluster:
+        for n, job in [(n, cluster.submit(n, -1)) for n in range(40)]:
+            assert job() == n  # the engine sees how long the jobs take
+        jobs = [cluster.submit(n, 25) for n in range(200)]
+        stuck = jobs[25]
+        wait_for(
+            lambda: sum(job.done() for job in jobs) >= 150,
+            "the jobs that are not behind the stuck one",
+        )
+        assert not stuck.done()
+        started = time.monotonic()
+        cluster.cancel(stuck)
+        wait_for(lambda: all(job.done() for job in jobs), "the cancel")
+        assert time.monotonic() - started < 60
+        assert stuck.status is JobStatus.Terminated
+        others = [job for job in jobs if job is not stuck]
+        assert [job.status for job in others] == [JobStatus.Finished] * 199
+        assert [job.result for job in others] == [n for n in range(200) if n != 25]
