@@ -225,13 +225,15 @@ class _Jobs(_RayState):
         another actor's running job (``ray.cancel`` drops it there; it is queued
         again here when Ray confirms), so that it does not wait for that job."""
         idle = sum(1 for s in self._slots if s.ready and not s.inflight)
-        if not idle:
-            return
+        if not idle or self._depth() > DEPTH:
+            return  # (short jobs: what waits on an actor is done in milliseconds)
         for slot in self._slots:
             if idle == 0:
                 return
             if len(slot.inflight) < 2 or slot.inflight[-1][2] is slot.inflight[0][2]:
                 continue  # nothing waits behind its running call
+            if not _may_cancel_queued(slot):
+                continue
             key, _, ref = slot.inflight[-1]
             if key in self._stolen or key in self._cancelling:
                 continue
@@ -546,6 +548,11 @@ class _Jobs(_RayState):
                 else:
                     self._kill(slot, key)
             return
+        if not _may_cancel_queued(slot):
+            # Short jobs queued deep on the actor (see `_may_cancel_queued`): the
+            # job runs within milliseconds and reports its own outcome, as a
+            # cancel that came after it ran.
+            return
         (self._unstarted_cancels if unstarted else self._cancelling).add(key)
         # A pending actor task: Ray drops it (a batch's other jobs are queued again).
         self._ray.cancel(ref)
@@ -595,6 +602,19 @@ class _Jobs(_RayState):
                 requeue.append(job)
         for job in reversed(requeue):
             self._enqueue(job, first=True)
+
+
+def _may_cancel_queued(slot: _Slot) -> bool:
+    """Whether a call waiting on ``slot``'s actor may be dropped with ``ray.cancel``:
+    only while the actor holds at most `DEPTH` calls (the running one and the next).
+
+    Ray (2.60) runs an actor's calls in the order of their sequence numbers; a call
+    cancelled while several more are queued behind it can leave a gap at the actor,
+    which then waits for the missing number for 30 s and fails every queued call
+    with ``ActorUnavailableError`` (its running job then counts as lost: Abandoned
+    unless reentrant). Deep queues hold only jobs of milliseconds (`_depth`), so
+    they are left to run instead."""
+    return len(slot.inflight) <= DEPTH
 
 
 def _small(value: Any) -> bool:

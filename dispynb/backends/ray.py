@@ -26,8 +26,12 @@ How dispy's features map onto Ray's own mechanisms
   killed (then the batch's other jobs count as the running job of a lost worker:
   run again if ``reentrant``, else ``Abandoned``).
 * **Stop / cancel.** A job waiting here is dropped; one waiting on an actor is
-  cancelled with ``ray.cancel`` (Ray drops a pending actor task); Ray cannot
-  interrupt a running actor task, so the running job's actor is killed with
+  cancelled with ``ray.cancel`` (Ray drops a pending actor task) while its actor
+  holds at most two calls; behind a deeper queue (jobs of milliseconds) it is left
+  to run and reports its own outcome, and no job is taken back from there for an
+  idle actor: Ray 2.60 can stall an actor whose queued call was cancelled with more
+  queued behind it (30 s, then all its queued calls fail). Ray cannot interrupt a
+  running actor task, so the running job's actor is killed with
   ``ray.kill(actor, no_restart=False)``: the job ends ``Terminated`` and Ray
   restarts the actor (``max_restarts=-1``), which runs ``setup`` again.
 * **Worker death.** When an actor dies (its process killed, its node lost), its

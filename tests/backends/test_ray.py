@@ -138,6 +138,15 @@ def hangs_at(n: int, stuck: int) -> int:
     return n
 
 
+def gated(folder: str, n: int) -> int:
+    """Job 0 waits for the file ``gate`` in ``folder``; the others take microseconds."""
+    if n == 0:
+        Path(folder, "running").touch()
+        while not Path(folder, "gate").exists():
+            time.sleep(0.02)
+    return n
+
+
 STATE = ""
 
 
@@ -568,3 +577,51 @@ def test_a_batched_job_that_hangs_is_stopped_and_its_batch_runs_again(
         others = [job for job in jobs if job is not stuck]
         assert [job.status for job in others] == [JobStatus.Finished] * 199
         assert [job.result for job in others] == [n for n in range(200) if n != 25]
+
+
+def test_short_jobs_queued_behind_a_long_one_are_not_cancelled_off_their_actor(
+    engine: RayEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Short jobs wait in a deep queue behind a job that runs long, while another
+    actor has nothing left to do: the engine leaves them there (no ``ray.cancel``
+    of a queued actor call) and every job ends with its own result.
+
+    Ray 2.60 can stall an actor whose queued call was cancelled while more calls
+    were queued behind it: the actor waits 30 s for the cancelled call's sequence
+    number, then fails all its queued calls with ``ActorUnavailableError``, and the
+    engine counted its running job lost (Abandoned, result None: the job of a
+    batch that came back None in the CI run after a node joined)."""
+    import ray
+
+    cancelled: list[Any] = []
+    real_cancel = ray.cancel
+
+    def cancel(ref: Any, *args: Any, **kwargs: Any) -> Any:
+        cancelled.append(ref)
+        return real_cancel(ref, *args, **kwargs)
+
+    monkeypatch.setattr(ray, "cancel", cancel)
+    folder = str(tmp_path)
+    with JobCluster(gated, engine=engine) as cluster:
+        warm = [cluster.submit(folder, n) for n in range(1, 41)]
+        assert [job() for job in warm] == list(range(1, 41))  # jobs of microseconds
+        jobs = [cluster.submit(folder, n) for n in range(120)]
+        backend: Any = cluster._backend
+
+        async def idle_and_deep() -> bool:
+            slots = [s for s in backend._slots if s.ready]
+            return any(not s.inflight for s in slots) and any(
+                len(s.inflight) > 2 for s in slots
+            )
+
+        # The other actor ran all it had; the long job's actor holds the rest.
+        wait_for(
+            lambda: backend._runner.run_sync(idle_and_deep, timeout=30),
+            "an idle actor while jobs wait behind the long one",
+        )
+        assert not jobs[0].done()
+        Path(folder, "gate").touch()
+        wait_for(lambda: all(job.done() for job in jobs), "the 120 jobs")
+    assert [job.status for job in jobs] == [JobStatus.Finished] * 120
+    assert [job.result for job in jobs] == list(range(120))
+    assert cancelled == [], "a queued call was cancelled off a deep actor queue"
