@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from dispynb.errors import ConfigurationError, DispynbError
 
 if TYPE_CHECKING:
-    from dispynb.deploy.base import NodeLauncher
+    from dispynb.deploy.scaling import _Scaling
     from dispynb.status import Workload
 
 logger = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ class Adaptive:
 
     def __init__(
         self,
-        launcher: NodeLauncher[Any],
+        launcher: _Scaling[Any],  # a NodeLauncher: its scaling part is what is used
         options: AdaptOptions,
         *,
         only_drain: bool = False,

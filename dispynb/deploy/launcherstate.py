@@ -1,0 +1,158 @@
+"""What every part of `NodeLauncher` shares: the nodes it launched (`Launched`),
+the contract a launcher provides (`_launch`, `_stop`, `_exit_reason`...), launching
+them, and `LaunchError`."""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import collections
+import dataclasses
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+from dispynb._loop import LoopRunner
+from dispynb.deploy.adaptive import Adaptive, ScaleEvent
+from dispynb.deploy.registry import RegisteredNode, Registrar
+from dispynb.errors import DispynbError
+from dispynb.transport.addressing import format_address
+
+if TYPE_CHECKING:
+    from dispynb.deploy.adaptive import ScalableCluster
+
+logger = logging.getLogger("dispynb.deploy.base")
+
+Handle = TypeVar("Handle")
+
+#: Seconds `node_specs` waits for the first node to register.
+REGISTER_WAIT = 60.0
+#: Seconds a node that registered (or that `node_specs` gave a cluster) counts as
+#: busy while some subscribed cluster has not set it up yet: adapt must not stop a
+#: node a cluster is still connecting to.
+JOIN_GRACE = 30.0
+#: Scaling events a launcher keeps (`NodeLauncher.events`).
+KEPT_EVENTS = 1000
+
+Subscriber = Callable[[str, int], None]
+
+
+class LaunchError(DispynbError):
+    """Launched nodes could not be started or did not register."""
+
+
+@dataclasses.dataclass
+class Launched(Generic[Handle]):
+    """One node a launcher started: its unique name, handle and registration."""
+
+    name: str
+    #: None for a node that registered without being launched here.
+    handle: Handle | None
+    node: RegisteredNode | None = None
+    #: Monotonic seconds it was launched, and last had a job (or registered).
+    launched_at: float = dataclasses.field(default_factory=time.monotonic)
+    last_busy: float = 0.0
+    #: Until then (monotonic) it is busy unless every cluster has it (`JOIN_GRACE`).
+    joining_until: float = 0.0
+    #: Jobs it had finished over every cluster, at the last look (adapt).
+    done_seen: int = 0
+    #: Being drained to stop (scale-down): offered to no cluster any more.
+    draining: bool = False
+    #: Stopped on purpose (`scale`, `adapt`), or its stop is under way.
+    stopped: bool = False
+    #: adapt counted its registration, or its failure to register.
+    counted: bool = False
+
+
+class _LauncherState(abc.ABC, Generic[Handle]):
+    """A `NodeLauncher`'s state and what a launcher provides (its parts:
+    `dispynb.deploy.scaling`, `scale` and `adapt`; `dispynb.deploy.registrations`,
+    the nodes as they register and the clusters they go to)."""
+
+    # Set by `NodeLauncher.__init__` (see there).
+    secret: bytes
+    register_host: str | None
+    wait: float
+    register_port: int
+    events: collections.deque[ScaleEvent]
+    _launched: list[Launched[Handle]]
+    _subscribers: list[tuple[Subscriber, ScalableCluster | None]]
+    _changed: threading.Condition
+    _scaling: threading.RLock
+    _closed: bool
+    _adaptive: Adaptive | None
+    _stopping: set[asyncio.Task[None]]
+    _known_cpus: int | None
+    _runner: LoopRunner
+    _registrar: Registrar
+
+    # -- what a launcher provides ----------------------------------------------------
+
+    @property
+    def default_count(self) -> int:
+        """How many nodes `start` launches when not told (SSH: one per host)."""
+        return 1
+
+    @abc.abstractmethod
+    async def _launch(self, index: int, name: str, register_to: str) -> Handle:
+        """Start the ``index``-th node, named ``name`` (``--name``), registering
+        with ``register_to`` (``--register``); return its handle. Runs on the loop."""
+
+    @abc.abstractmethod
+    async def _stop(self, handle: Handle) -> None:
+        """Stop a launched node (it may have ended already); idempotent."""
+
+    @abc.abstractmethod
+    def _exit_reason(self, handle: Handle) -> str | None:
+        """Why the launched node ended (for error messages), or None if it runs."""
+
+    async def _register_to(self, index: int) -> str:
+        """The address the ``index``-th node registers with (``register_host``, by
+        default the loopback address; SSH finds the one routing to each host)."""
+        return self.register_host or "127.0.0.1"
+
+    @property
+    def kind(self) -> str:
+        """A short name for node names and logs (``'ssh'``, ``'slurm'``...)."""
+        return type(self).__name__.lower()
+
+    # -- its launched nodes ------------------------------------------------------------
+
+    async def _start(self, count: int) -> list[str]:
+        names = []
+        for _ in range(count):
+            index = len(self._launched)
+            name = f"{self.kind}-{index}-{secrets.token_hex(3)}"
+            try:
+                host = await self._register_to(index)
+                register_to = format_address(host, self.register_port)
+                handle = await self._launch(index, name, register_to)
+            except OSError as exc:  # the launcher's program is missing...
+                raise LaunchError(f"cannot launch node {name}: {exc}") from exc
+            with self._changed:
+                self._launched.append(Launched(name, handle))
+            names.append(name)
+        return names
+
+    def _in_use(self) -> list[Launched[Handle]]:
+        return [x for x in self._launched if not x.draining and not x.stopped]
+
+    def _active(self) -> list[Launched[Handle]]:
+        """Launched nodes neither draining, stopped nor ended (call with the lock)."""
+        return [x for x in self._in_use() if self._reason(x) is None]
+
+    def _reason(self, launched: Launched[Handle]) -> str | None:
+        if launched.handle is None:
+            return None
+        return self._exit_reason(launched.handle)
+
+    def _clusters(self) -> list[ScalableCluster]:
+        with self._changed:
+            return [c for _, c in self._subscribers if c is not None]
+
+    def _event(self, action: str, node: str, detail: str) -> None:
+        self.events.append(ScaleEvent(time.time(), action, node, detail))
+        logger.info("%s: %s node %s (%s)", self.kind, action, node, detail)

@@ -1,0 +1,158 @@
+"""A launcher's nodes as they register: waiting for them, and handing them to the
+clusters (`node_specs`, `subscribe`)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from dispynb.deploy.adaptive import ScaleEvent
+from dispynb.deploy.launcherstate import (
+    JOIN_GRACE,
+    Handle,
+    Launched,
+    LaunchError,
+    Subscriber,
+)
+from dispynb.deploy.registry import RegisteredNode
+from dispynb.deploy.scaling import _Scaling
+from dispynb.transport.addressing import format_address
+
+if TYPE_CHECKING:
+    from dispynb.deploy.adaptive import ScalableCluster
+
+logger = logging.getLogger("dispynb.deploy.base")
+
+
+class _Registrations(_Scaling[Handle]):
+    """The registered nodes, waiting for them, and the clusters subscribed to them."""
+
+    @property
+    def nodes(self) -> list[RegisteredNode]:
+        """The nodes that registered so far (and are not being drained or stopped)."""
+        with self._changed:
+            return [x.node for x in self._in_use() if x.node is not None]
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """``(host, port)`` of the nodes that registered so far."""
+        return [(node.host, node.port) for node in self.nodes]
+
+    def exited(self) -> list[str]:
+        """``'name: why'`` of each launched node that ended (empty while all run)."""
+        with self._changed:
+            launched = list(self._launched)
+        return [
+            f"{x.name}: {why}"
+            for x in launched
+            if not x.stopped and (why := self._reason(x))
+        ]
+
+    def wait_for(self, count: int | None = None, timeout: float | None = None) -> None:
+        """Block until ``count`` nodes (default: all launched) registered.
+
+        Raises `LaunchError` if every launched node that has not registered ended, or
+        after ``timeout`` seconds (default ``wait``), saying what the nodes reported.
+        """
+        timeout = self.wait if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                launched = self._in_use()
+                done = sum(1 for x in launched if x.node is not None)
+                want = len(launched) if count is None else count
+                if done >= want:
+                    return
+                waiting = [x for x in launched if x.node is None]
+                ended = [x for x in waiting if self._reason(x) is not None]
+                if len(ended) == len(waiting) or time.monotonic() >= deadline:
+                    raise LaunchError(self._not_registered(waiting, timeout))
+                self._changed.wait(min(0.2, max(0.0, deadline - time.monotonic())))
+
+    def _not_registered(self, waiting: list[Launched[Handle]], timeout: float) -> str:
+        reasons = [f"{x.name}: {self._reason(x) or 'still starting'}" for x in waiting]
+        return (
+            f"{len(waiting)} launched node(s) did not register with "
+            f"{format_address(self.register_host or '*', self.register_port)} "
+            f"within {timeout:g} s ({'; '.join(reasons)}). Check the nodes' log "
+            "records above (logger dispynb.deploy), that dispynb is installed where "
+            "they run, and that they can reach this address (register_host=)"
+        )
+
+    def node_specs(self) -> list[str]:
+        """``'host:port'`` of the nodes registered, after waiting for the first one
+        (or for every launched node that is still starting, up to ``wait`` s).
+
+        While `adapt` runs with no node (``minimum=0``), one is launched: a cluster
+        starts on a node; adapt stops it later if no job comes.
+        """
+        if self._adaptive is not None and self._adaptive.adapting:
+            with self._scaling:
+                with self._changed:
+                    starting = not self._in_use()
+                if starting:  # adapt(minimum=0): a cluster still needs a first node
+                    self._scale_up(1, "a cluster needs a first node")
+        with contextlib.suppress(LaunchError):
+            self.wait_for(timeout=self.wait)
+        with self._changed:
+            given = [x for x in self._in_use() if x.node is not None]
+            for x in given:  # a cluster starts on them: not idle while it sets up
+                x.joining_until = time.monotonic() + JOIN_GRACE
+        specs = [x.node.spec for x in given if x.node is not None]
+        if not specs:
+            self.wait_for(1, timeout=0.0)  # raises, saying why
+        return specs
+
+    def subscribe(
+        self, callback: Subscriber, cluster: ScalableCluster | None = None
+    ) -> None:
+        """Call ``callback(host, port)`` on the I/O loop for each node that registers
+        from now on (and now for those registered already).
+
+        ``cluster``: the cluster the callback feeds; `scale` and `adapt` read its
+        ``workload()`` and drain nodes with its ``close_node`` before stopping them.
+        """
+        with self._changed:
+            self._subscribers.append((callback, cluster))
+            known = self.nodes
+        for node in known:
+            self._runner.call_soon(callback, node.host, node.port)
+
+    def unsubscribe(self, callback: Subscriber) -> None:
+        """Stop calling ``callback`` (and reading its cluster); unknown ones are
+        ignored."""
+        with self._changed:
+            self._subscribers = [s for s in self._subscribers if s[0] != callback]
+
+    # -- on the loop ------------------------------------------------------------------
+
+    def _registered(self, node: RegisteredNode) -> None:
+        with self._changed:
+            match = next((x for x in self._launched if x.name == node.name), None)
+            if match is None:
+                logger.warning(
+                    "node %s at %s registered with a valid proof but was not "
+                    "launched by this %s: used anyway (it knows the secret)",
+                    node.name,
+                    node.spec,
+                    type(self).__name__,
+                )
+                match = Launched(node.name, None)
+                self._launched.append(match)
+            match.node = node
+            match.last_busy = time.monotonic()
+            match.joining_until = match.last_busy + JOIN_GRACE
+            self._known_cpus = node.cpus
+            subscribers = [] if match.draining else [c for c, _ in self._subscribers]
+            self._changed.notify_all()
+        if match.handle is not None:
+            self.events.append(
+                ScaleEvent(time.time(), "registered", node.name, node.spec)
+            )
+        for callback in subscribers:
+            try:
+                callback(node.host, node.port)
+            except Exception:
+                logger.exception("launcher subscriber failed for %s", node.spec)
