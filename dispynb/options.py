@@ -3,25 +3,50 @@
 ``JobCluster`` keeps dispy's long list of keyword arguments (dispy.md section 3.1)
 and turns them into a :class:`ClusterOptions` straight away, so that a mistake is
 reported once, at construction, with a message that says how to fix it, and the
-rest of the client works with checked, normalised values.
+rest of the client works with checked, normalised values. The checks of each kind of
+option are in `dispynb.codeoptions` (what runs), `dispynb.netoptions` (reaching
+the nodes) and `dispynb.limits` (what jobs may use).
 """
 
 from __future__ import annotations
 
 import difflib
-import inspect
 import logging
 import os
-import posixpath
-import re
-import shutil
 from collections.abc import Callable
 from dataclasses import InitVar, dataclass, field, fields
-from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
 
-from dispynb.defaults import MAX_MESSAGE_SIZE, PRE_AUTH_MAX_FRAME
+from dispynb.codeoptions import (
+    _check_cleanup,
+    _check_computation,
+    _check_depends,
+    _check_dest_path,
+    _check_files_dir,
+    _check_setup,
+)
+from dispynb.codeoptions import check_callback as check_callback
+from dispynb.defaults import MAX_MESSAGE_SIZE
 from dispynb.errors import ConfigurationError
+from dispynb.limits import DEFAULT_MAX_OUTPUT as DEFAULT_MAX_OUTPUT
+from dispynb.limits import DEFAULT_MAX_PIDS as DEFAULT_MAX_PIDS
+from dispynb.limits import MIN_MEM_LIMIT as MIN_MEM_LIMIT
+from dispynb.limits import (
+    _check_max_attempts,
+    _check_max_pids,
+    _check_message_size,
+    _check_result_types,
+    _check_setup_timeout,
+)
+from dispynb.limits import check_job_timeout as check_job_timeout
+from dispynb.limits import check_mem_limit as check_mem_limit
+from dispynb.limits import check_size as check_size
+from dispynb.netoptions import (
+    _check_hosts,
+    _check_interval,
+    _check_pem_file,
+    _check_port,
+)
 from dispynb.secret import resolve_secret
 
 logger = logging.getLogger(__name__)
@@ -32,20 +57,6 @@ _ALIASES: dict[str, str] = {
     "ip_addr": "host",
     "ext_ip_addr": "ext_host",
 }
-
-#: Allowed ranges (seconds) of dispy's intervals.
-_INTERVAL_RANGES: dict[str, tuple[float, float]] = {
-    "ping_interval": (1, 1000),
-    "pulse_interval": (0.1, 1000),
-    "poll_interval": (5, 1000),
-}
-
-
-#: Default of ``max_output_size``: characters of stdout (and of stderr) kept per job.
-DEFAULT_MAX_OUTPUT = 4 << 20
-
-#: Default of ``max_pids``: tasks (processes and threads) a job may have at once.
-DEFAULT_MAX_PIDS = 1024
 
 
 @dataclass(kw_only=True)
@@ -306,246 +317,6 @@ def _unknown_keywords_message(unknown: list[str], accepted: set[str]) -> str:
     return f"JobCluster() got {noun} {', '.join(parts)}"
 
 
-def _check_computation(value: object) -> Callable[..., Any] | str:
-    """Accept any callable, or a program name or path (resolved to an absolute path)."""
-    if callable(value):
-        return value  # shipped by value with cloudpickle: partials and methods work
-    if isinstance(value, str | os.PathLike):
-        name = os.fspath(value)
-        path = os.path.expanduser(name)
-        if name and os.path.isfile(path):
-            return os.path.abspath(path)
-        found = shutil.which(name) if name else None
-        if found is not None:
-            return os.path.abspath(found)
-        raise ConfigurationError(
-            f"program {name!r} was not found: give the path of an existing file "
-            "or the name of a program on PATH"
-        )
-    raise ConfigurationError(
-        "computation must be a callable (a function, a method, a functools.partial, "
-        "a callable object) or the name or path of a program; "
-        f"got a {type(value).__name__}"
-    )
-
-
-def _check_depends(value: Any) -> list[Any]:
-    """Return a new list of dependencies; file paths must exist."""
-    if value is None:
-        items: list[Any] = []
-    elif isinstance(value, list | tuple):
-        items = list(value)  # never mutate the caller's list (a dispy bug)
-    else:
-        items = [value]
-    for item in items:
-        if isinstance(item, str | os.PathLike) and not os.path.isfile(item):
-            raise ConfigurationError(
-                f"depends entry {os.fspath(item)!r} is not an existing file: give the "
-                "path of a file, or a module, function, class or instance"
-            )
-    return items
-
-
-def _check_setup_timeout(value: Any) -> float | None:
-    """Seconds the setup function may take on a node; None (default) for no limit."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise ConfigurationError(
-            f"setup_timeout must be a positive number of seconds or None, not {value!r}"
-        )
-    return float(value)
-
-
-def check_job_timeout(value: Any, name: str) -> float | None:
-    """Seconds a job may run (``name``: the option, for the message); None: no limit."""
-    if value is None:
-        return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not 0 < value < float("inf")
-    ):
-        raise ConfigurationError(
-            f"{name} must be a positive number of seconds, or None for no time "
-            f"limit; got {value!r}"
-        )
-    return float(value)
-
-
-#: Multipliers of the size suffixes `check_mem_limit` accepts (powers of 1024).
-_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-#: Smallest memory limit accepted: below it a Python worker cannot even run a job.
-MIN_MEM_LIMIT = 32 << 20
-
-
-def check_mem_limit(value: Any, name: str) -> int | None:
-    """Bytes a job's worker may map, from an int or ``"512M"``-style text; or None."""
-    if value is None:
-        return None
-    size: int | None = None
-    if isinstance(value, int) and not isinstance(value, bool):
-        size = value
-    elif isinstance(value, str):
-        match = re.fullmatch(
-            r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*", value.upper()
-        )
-        if match is not None:
-            size = int(float(match[1]) * _SIZE_UNITS[match[2]])
-    if size is None:
-        raise ConfigurationError(
-            f"{name} must be a number of bytes or a size such as '512M' or '2G' "
-            f"(K, M, G, T: powers of 1024), or None for no limit; got {value!r}"
-        )
-    if size < MIN_MEM_LIMIT:
-        raise ConfigurationError(
-            f"{name} of {size} bytes is too small for a Python worker to run a job: "
-            f"give at least {MIN_MEM_LIMIT >> 20}M, or None for no limit"
-        )
-    return size
-
-
-def check_size(value: Any, name: str) -> int | None:
-    """A size in bytes (or characters) from an int or ``"4M"``-style text; or None."""
-    if value is None:
-        return None
-    size: int | None = None
-    if isinstance(value, int) and not isinstance(value, bool):
-        size = value
-    elif isinstance(value, str):
-        match = re.fullmatch(
-            r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*", value.upper()
-        )
-        if match is not None:
-            size = int(float(match[1]) * _SIZE_UNITS[match[2]])
-    if size is None or size < 0:
-        raise ConfigurationError(
-            f"{name} must be a number of bytes or a size such as '4M' or '1G' "
-            f"(K, M, G, T: powers of 1024), or None for no limit; got {value!r}"
-        )
-    return size
-
-
-_GLOBAL_NAME = re.compile(r"[A-Za-z_][\w.]*\.(\*|[A-Za-z_]\w*(\.[A-Za-z_]\w*)*)")
-
-
-def _check_result_types(value: Any) -> list[str] | None:
-    """None, or a list of ``"module.name"`` / ``"module.*"`` strings."""
-    if value is None:
-        return None
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list | tuple | set | frozenset) or not all(
-        isinstance(item, str) and _GLOBAL_NAME.fullmatch(item) for item in items
-    ):
-        raise ConfigurationError(
-            "result_types must be a list of names such as 'numpy.ndarray', "
-            "'mymodule.Point' or 'pandas.*' (a whole module), or None; "
-            f"got {value!r}"
-        )
-    return sorted(items)
-
-
-def _check_max_pids(value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
-        raise ConfigurationError(
-            "max_pids must be an int >= 2 (tasks a job may have at once: its worker "
-            f"and what it starts), or None for no limit; got {value!r}"
-        )
-    return value
-
-
-def _check_files_dir(value: Any) -> str:
-    """The folder where files sent by jobs land: an existing directory (default cwd)."""
-    if value is None:
-        return os.getcwd()
-    path: str = os.path.abspath(os.fspath(value))
-    if not os.path.isdir(path):
-        raise ConfigurationError(
-            f"files_dir {path!r} is not an existing directory: create it first"
-        )
-    return path
-
-
-def check_callback(value: Any, name: str, params: list[str]) -> Any:
-    """Check that a status callback can be called with ``len(params)`` positionals."""
-    if value is None:
-        return None
-    expected = f"def {name}({', '.join(params)}): ..."
-    if not callable(value):
-        raise ConfigurationError(
-            f"{name} must be a function like `{expected}`; got a {type(value).__name__}"
-        )
-    try:
-        signature = inspect.signature(value)
-    except (TypeError, ValueError):
-        return value  # some builtins have no signature: nothing to check
-    try:
-        signature.bind(*params)
-    except TypeError:
-        count = {1: "one", 3: "three"}.get(len(params), str(len(params)))
-        plural = "" if len(params) == 1 else "s"
-        raise ConfigurationError(
-            f"{name} must accept exactly {count} positional argument{plural}, like "
-            f"`{expected}` (a method may take self first); "
-            f"{_name(value)}{signature} does not"
-        ) from None
-    return value
-
-
-def _check_hosts(value: Any, name: str) -> str | list[str] | None:
-    """Accept None, an address, or a list of addresses (copied)."""
-    if value is None:
-        return None
-    if isinstance(value, str) and value:
-        return value
-    if isinstance(value, list | tuple) and all(
-        isinstance(item, str) and item for item in value
-    ):
-        return list(value)
-    raise ConfigurationError(
-        f"{name} must be a host name or IP address, or a list of them; got {value!r}"
-    )
-
-
-def _check_port(value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 65536:
-        return value
-    raise ConfigurationError(
-        f"dispy_port must be a TCP port number from 1 to 65535, or None; got {value!r}"
-    )
-
-
-def _check_dest_path(value: Any) -> str | None:
-    """Accept a relative path that stays inside the node's directory."""
-    if value is None:
-        return None
-    if not isinstance(value, str | os.PathLike):
-        raise ConfigurationError(
-            f"dest_path must be a relative path, or None; got a {type(value).__name__}"
-        )
-    path = os.fspath(value)
-    if not path:
-        return None
-    if PurePosixPath(path).is_absolute() or PureWindowsPath(path).anchor:
-        relative = PureWindowsPath(path).relative_to(PureWindowsPath(path).anchor)
-        raise ConfigurationError(
-            f"dest_path {path!r} is absolute: give a path relative to the node's "
-            f"directory for computations, such as {relative.as_posix()!r}"
-        )
-    path = posixpath.normpath(path.replace("\\", "/"))
-    if path == ".." or path.startswith("../"):
-        raise ConfigurationError(
-            f"dest_path {value!r} leads out of the node's directory: give a relative "
-            "path without '..'"
-        )
-    return path
-
-
 def _check_loglevel(value: Any) -> int | None:
     """Accept a numeric logging level or a level name such as "debug"."""
     if value is None:
@@ -559,80 +330,3 @@ def _check_loglevel(value: Any) -> int | None:
         "loglevel must be a logging level such as logging.INFO, or a level name "
         f"such as 'DEBUG', 'INFO' or 'WARNING'; got {value!r}"
     )
-
-
-def _check_setup(value: object) -> Callable[..., Any] | None:
-    if value is None or callable(value):
-        return value
-    raise ConfigurationError(
-        "setup must be a function run once on each node before any job, or None; "
-        f"got a {type(value).__name__}"
-    )
-
-
-def _check_cleanup(value: object) -> bool | Callable[..., Any]:
-    if isinstance(value, bool) or callable(value):
-        return value
-    raise ConfigurationError(
-        "cleanup must be True (delete the computation's files on nodes when it "
-        "closes), False (keep them) or a function run on each node at close; "
-        f"got {value!r}"
-    )
-
-
-def _check_interval(value: Any, name: str) -> float | None:
-    if value is None:
-        return None
-    low, high = _INTERVAL_RANGES[name]
-    if (
-        isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and low <= value <= high
-    ):
-        return float(value)
-    raise ConfigurationError(
-        f"{name} must be between {low} and {high} seconds, or None; got {value!r}"
-    )
-
-
-def _check_max_attempts(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigurationError(
-            f"max_attempts must be an int >= 1 (attempts of a job that may die with "
-            f"their node before it is abandoned), not {value!r}"
-        )
-    return value
-
-
-def _check_pem_file(value: Any, name: str) -> str | None:
-    """Accept None or the path of an existing file; return it made absolute."""
-    if value is None:
-        return None
-    if not isinstance(value, str | os.PathLike):
-        raise ConfigurationError(
-            f"{name} must be the path of a PEM file; got a {type(value).__name__}"
-        )
-    path = os.path.expanduser(os.fspath(value))
-    if not os.path.isfile(path):
-        raise ConfigurationError(
-            f"{name} {path!r} does not exist: give the path of an existing PEM file"
-        )
-    return os.path.abspath(path)
-
-
-def _check_message_size(value: Any) -> int:
-    if (
-        isinstance(value, int)
-        and not isinstance(value, bool)
-        and value >= PRE_AUTH_MAX_FRAME
-    ):
-        return value
-    raise ConfigurationError(
-        f"max_message_size must be a number of bytes, at least {PRE_AUTH_MAX_FRAME}; "
-        f"got {value!r}"
-    )
-
-
-def _name(fn: Callable[..., Any]) -> str:
-    """A readable name for a callable, for messages."""
-    return getattr(fn, "__qualname__", None) or repr(fn)
