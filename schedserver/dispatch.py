@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from typing import Any
 
 from dispynb.errors import DispynbError
@@ -77,7 +78,10 @@ class _Dispatch(_ServerState):
         batches: dict[
             tuple[int, str], tuple[SharedComputation, Upstream, list[Any]]
         ] = {}
-        nodes = [n for n in self.nodes if n.alive]
+        # Least loaded first (then in join order): jobs that arrive one at a time
+        # (a client sends each as it is submitted when its loop is idle) spread
+        # over the nodes as a burst's do, instead of all going to the first node.
+        nodes = sorted((n for n in self.nodes if n.alive), key=_load)
         waiting = sum(len(c.queue) for c in active)
         progress = True
         while progress and waiting:
@@ -121,3 +125,8 @@ class _Dispatch(_ServerState):
                     for c in self.computations
                 ],
             )
+
+
+def _load(node: NodeState) -> float:
+    """Jobs in flight per CPU of ``node``, the sort key of `_Dispatch._dispatch`."""
+    return node.in_flight / node.cpus if node.cpus > 0 else math.inf
