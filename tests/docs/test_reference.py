@@ -55,6 +55,36 @@ def test_api_reference_has_every_public_name(site: Site) -> None:
     assert not missing, f"not in the API reference: {missing}"
 
 
+@pytest.mark.parametrize(
+    "target", ["dispynb.JobCluster", "dispynb.Run", "dispynb.deploy.NodeLauncher"]
+)
+def test_api_reference_has_the_methods_a_class_has_from_its_parts(
+    site: Site, target: str
+) -> None:
+    """A class split into modules (private dispynb base classes such as
+    ``_Jobs``) shows their public methods as its own."""
+    module_name, _, class_name = target.rpartition(".")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    parts = [
+        base
+        for base in cls.__mro__[1:]
+        if base.__module__.startswith("dispynb") and base.__name__.startswith("_")
+    ]
+    assert parts, f"{target} has no parts any more: test another class"
+    inherited = {
+        name
+        for base in parts
+        for name, member in vars(base).items()
+        if not name.startswith("_")
+        and callable(member)
+        and getattr(member, "__doc__", None)
+        and name not in vars(cls)
+    }
+    ids = _ids(_page(site, "reference/api.html"))
+    missing = sorted(n for n in inherited if f"{target}.{n}" not in ids)
+    assert inherited and not missing, f"{target}: not in the API reference: {missing}"
+
+
 def _option_strings(parser: argparse.ArgumentParser) -> list[str]:
     found = []
     for action in parser._actions:

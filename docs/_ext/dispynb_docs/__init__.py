@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import itertools
 import re
 from typing import Any
 
@@ -43,6 +44,29 @@ def public_names(module: Any) -> list[str]:
             and getattr(obj, "__module__", None) == module.__name__
         ]
     return sorted(names, key=str.lower)
+
+
+def _inherited_from_parts(cls: type) -> list[str]:
+    """The autodoc option that documents what ``cls`` inherits from its parts.
+
+    A large class split into modules (`dispynb.JobCluster`, `dispynb.Run`,
+    `dispynb.deploy.NodeLauncher`) inherits most of its public methods from private
+    dispynb base classes (``_Jobs``, ``_RunEvents``...); they are documented as the
+    class's own, and members inherited from any other base (``object``, the
+    standard library's, a public class documented on its own) are not.
+    """
+    parts = list(
+        itertools.takewhile(
+            lambda base: (
+                base.__module__.startswith("dispynb") and base.__name__.startswith("_")
+            ),
+            cls.__mro__[1:],
+        )
+    )
+    if not parts:
+        return []
+    others = sorted({base.__name__ for base in cls.__mro__[1:] if base not in parts})
+    return [f"   :inherited-members: {', '.join(others)}"]
 
 
 def _resolve(spec: str) -> Any:
@@ -127,6 +151,7 @@ class AutoAllDirective(_GeneratedRst):
                     lines += [f".. autoexception:: {target}", "   :show-inheritance:"]
                 else:
                     lines += [f".. autoclass:: {target}", "   :members:"]
+                    lines += _inherited_from_parts(obj)
             elif inspect.isfunction(obj):
                 lines.append(f".. autofunction:: {target}")
             elif inspect.ismodule(obj):
