@@ -4,6 +4,7 @@ threads or open file descriptors (sockets, pipes, files) after a test."""
 from __future__ import annotations
 
 import gc
+import glob
 import logging
 import os
 import threading
@@ -159,3 +160,21 @@ def _no_leaked_threads_or_fds(request: pytest.FixtureRequest) -> Iterator[None]:
         )
     if problems:
         pytest.fail(f"{request.node.nodeid} leaks: " + "; ".join(problems))
+
+
+@pytest.fixture(autouse=True)
+def _no_recovery_file_left_in_the_cwd(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test must not leave dispy's default recovery file (``_dispy_<time>_<pid>``
+    and its ``-shm``/``-wal``) in the current directory, the checkout: a client
+    program started with no ``cwd`` that was killed, or a cluster of pytest's own
+    process given node specs that did not close cleanly. Run such clients with their
+    cwd in ``tmp_path``, or give the cluster a ``recover_file`` in ``tmp_path``."""
+    cwd = os.getcwd()
+    before = set(glob.glob(os.path.join(cwd, "_dispy_*")))
+    yield
+    left = sorted(set(glob.glob(os.path.join(cwd, "_dispy_*"))) - before)
+    for path in left:
+        os.unlink(path)  # the checkout stays clean; the test fails, naming them
+    if left:
+        names = ", ".join(os.path.basename(path) for path in left)
+        pytest.fail(f"{request.node.nodeid} left recovery files in {cwd}: {names}")
