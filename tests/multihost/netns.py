@@ -443,6 +443,7 @@ def start_client(
     proc = net.popen(
         host,
         [sys.executable, str(script), json.dumps(args)],
+        cwd=directory,  # not the checkout: a killed client leaves its recovery file
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

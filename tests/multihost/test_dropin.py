@@ -78,6 +78,7 @@ def test_dispy_sample_finds_default_nodes_by_discovery_alone(
     proc = network.popen(
         client_host,
         [sys.executable, str(script)],
+        cwd=tmp_path,  # not the checkout: a failed run may leave a recovery file
         env={**node_env(), **env_secret},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
