@@ -44,26 +44,31 @@ def check_job_timeout(value: Any, name: str) -> float | None:
     return float(value)
 
 
-#: Multipliers of the size suffixes `check_mem_limit` accepts (powers of 1024).
+#: Multipliers of the size suffixes `_parse_size` accepts (powers of 1024).
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 #: Smallest memory limit accepted: below it a Python worker cannot even run a job.
 MIN_MEM_LIMIT = 32 << 20
 
 
-def check_mem_limit(value: Any, name: str) -> int | None:
-    """Bytes a job's worker may map, from an int or ``"512M"``-style text; or None."""
-    if value is None:
-        return None
-    size: int | None = None
+def _parse_size(value: Any) -> int | None:
+    """An int as it is, or bytes from ``"512M"``-style text; None for anything else."""
     if isinstance(value, int) and not isinstance(value, bool):
-        size = value
-    elif isinstance(value, str):
+        return value
+    if isinstance(value, str):
         match = re.fullmatch(
             r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*", value.upper()
         )
         if match is not None:
-            size = int(float(match[1]) * _SIZE_UNITS[match[2]])
+            return int(float(match[1]) * _SIZE_UNITS[match[2]])
+    return None
+
+
+def check_mem_limit(value: Any, name: str) -> int | None:
+    """Bytes a job's worker may map, from an int or ``"512M"``-style text; or None."""
+    if value is None:
+        return None
+    size = _parse_size(value)
     if size is None:
         raise ConfigurationError(
             f"{name} must be a number of bytes or a size such as '512M' or '2G' "
@@ -81,15 +86,7 @@ def check_size(value: Any, name: str) -> int | None:
     """A size in bytes (or characters) from an int or ``"4M"``-style text; or None."""
     if value is None:
         return None
-    size: int | None = None
-    if isinstance(value, int) and not isinstance(value, bool):
-        size = value
-    elif isinstance(value, str):
-        match = re.fullmatch(
-            r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*", value.upper()
-        )
-        if match is not None:
-            size = int(float(match[1]) * _SIZE_UNITS[match[2]])
+    size = _parse_size(value)
     if size is None or size < 0:
         raise ConfigurationError(
             f"{name} must be a number of bytes or a size such as '4M' or '1G' "
