@@ -7,7 +7,9 @@ import asyncio
 import dataclasses
 from typing import TYPE_CHECKING, cast
 
+from dispynb.defaults import MAX_MESSAGE_SIZE, PRE_AUTH_MAX_FRAME
 from dispynb.errors import DispynbError
+from dispynb.protocol.chunks import fit_message
 from dispynb.protocol.messages import (
     ComputationClose,
     ComputationSetup,
@@ -120,6 +122,12 @@ class _Clients(_ServerState):
             comp.session.computations.pop(comp.client_comp_id, None)
         comp.session = session
         comp.client_comp_id = message.comp_id
+        # What the nodes sent and send it was sized for the client that set it up:
+        # cut again to the recovering client's limit (no client takes less than a
+        # handshake's).
+        comp.client_limit = max(
+            message.max_message_size or MAX_MESSAGE_SIZE, PRE_AUTH_MAX_FRAME
+        )
         comp.recovering = True
         session.computations[message.comp_id] = comp
         comp.replaying = True
@@ -133,10 +141,11 @@ class _Clients(_ServerState):
         try:
             while comp.kept and comp.session is session and not comp.closed:
                 kept_message, buffers = comp.kept.pop()
-                session.send(
-                    dataclasses.replace(kept_message, comp_id=comp_id),  # type: ignore[type-var]
-                    buffers,
-                )
+                kept_message = dataclasses.replace(kept_message, comp_id=comp_id)  # type: ignore[type-var]
+                for part, part_buffers in fit_message(
+                    kept_message, buffers, comp.client_limit or MAX_MESSAGE_SIZE
+                ):
+                    session.send(part, part_buffers)
                 if session.conn.unsent > REPLAY_UNSENT:
                     await session.conn.flush()
         except DispynbError:

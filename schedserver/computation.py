@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from dispynb.errors import DispynbError
+from dispynb.protocol.chunks import fit_message
 from dispynb.protocol.messages import (
     ABANDONED,
     CANCELLED,
@@ -110,6 +111,9 @@ class SharedComputation:
         self.kept = KeptMessages(server.spill, self.name, server.config.max_kept)
         #: The client came back: what was kept is on its way to it (in order).
         self.replaying = False
+        #: The largest message its client takes, when it said so (`Recover`): results
+        #: and chunks sized for the client that set it up are cut to it.
+        self.client_limit: int | None = None
         self.expiry: asyncio.TimerHandle | None = None
         #: ``send_file`` requests: request -> [nodes yet to answer, errors].
         self.placements: dict[int, list[Any]] = {}
@@ -144,7 +148,12 @@ class SharedComputation:
                 return  # the replay sends it after what was kept before it
         if session is None:
             return
-        if gather and isinstance(message, JobResults):
+        if self.client_limit is not None:
+            for part, part_buffers in fit_message(
+                message, buffers or [], self.client_limit
+            ):
+                session.send(part, part_buffers)
+        elif gather and isinstance(message, JobResults):
             session.gather(message, buffers or [])
         else:
             session.send(message, buffers or [])

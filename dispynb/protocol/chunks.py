@@ -1,5 +1,6 @@
 """A large result streamed in `ResultChunk` messages: cut (`split_result`, the node's
-live results and the results it kept for a crashed client) and reassembled
+live results and the results it kept for a crashed client), cut again to a smaller
+client's limit (`fit_message`, the shared scheduler's relay) and reassembled
 (`add_chunk`, `take_stream`).
 
 Reassembly is shared by the client's driver and by `dispynb.recovery`, so both take a
@@ -9,11 +10,13 @@ caller's: which node, job and attempt) to its buffers so far, or to None once re
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from collections.abc import Hashable, Iterator
 from typing import Any, TypeVar
 
-from dispynb.protocol.messages import ResultChunk
+from dispynb.protocol.messages import JobResults, Message, ResultChunk
+from dispynb.protocol.records import ResultEntry
 
 #: A stream id, as the caller names its streams.
 K = TypeVar("K", bound=Hashable)
@@ -53,6 +56,84 @@ def split_result(
                 kind=kind,
             )
             yield chunk, view[offset : offset + chunk_bytes]
+
+
+def chunk_bytes_for(max_message_size: int) -> int:
+    """The largest chunk (or whole result) sent to a peer that takes messages of at
+    most ``max_message_size`` bytes: half of it, leaving room for the header."""
+    return max_message_size // 2
+
+
+def entry_text_bytes(entry: list[Any]) -> int:
+    """About how many bytes a result's entry takes in a message (its output and
+    exception text, 4 bytes a character at most in UTF-8)."""
+    return 256 + sum(
+        4 * len(item) if isinstance(item, str) else len(item)
+        for item in entry
+        if isinstance(item, str | bytes)
+    )
+
+
+def fit_message(
+    message: Message, buffers: list[memoryview], max_message_size: int
+) -> Iterator[tuple[Message, list[memoryview]]]:
+    """``message`` as messages that a peer taking at most ``max_message_size``
+    bytes accepts: itself if it is small enough; a `ResultChunk` cut into smaller
+    ones; a `JobResults` one message per result, a large one streamed (its
+    buffers in chunks, then its entry marked streamed). Buffers are views: nothing
+    is copied. Other messages pass as they are."""
+    room = chunk_bytes_for(max_message_size)
+    if isinstance(message, ResultChunk):
+        view = buffers[0].cast("B") if len(buffers) == 1 else None
+        if view is None or view.nbytes <= room:
+            yield message, buffers
+            return
+        for offset in range(0, view.nbytes, room):
+            part = dataclasses.replace(message, offset=message.offset + offset)
+            yield part, [view[offset : offset + room]]
+        return
+    if not isinstance(message, JobResults):
+        yield message, buffers
+        return
+    size = sum(b.nbytes for b in buffers)
+    size += sum(entry_text_bytes(item) for item in message.results)
+    if size < room:
+        yield message, buffers
+        return
+    yield from _fit_results(message, buffers, room)
+
+
+def _fit_results(
+    message: JobResults, buffers: list[memoryview], room: int
+) -> Iterator[tuple[Message, list[memoryview]]]:
+    """`fit_message` of a large `JobResults`: one message per result, each start
+    (``[key, attempt, time, before]``) with the result it came after."""
+    comp_id = message.comp_id
+    count = len(message.results)
+    starts: dict[int, list[list[Any]]] = {}
+    for start in message.started:
+        before = min(int(start[3]), count) if start else 0
+        starts.setdefault(before, []).append(start)
+    offset = 0
+    for index, item in enumerate(message.results):
+        entry, streamed = ResultEntry.from_wire(item)
+        started = [[*s[:3], 0] if s else s for s in starts.get(index, [])]
+        if index == count - 1:  # those after the last result go with it
+            started += [[*s[:3], 1] if s else s for s in starts.get(count, [])]
+        own: list[memoryview] = []
+        if not streamed:
+            own = buffers[offset : offset + entry.buffer_count]
+            offset += entry.buffer_count
+        size = sum(b.nbytes for b in own) + entry_text_bytes(item)
+        if own and size >= room:
+            for chunk, part in split_result(
+                comp_id, entry.key, entry.attempt, own, "", room
+            ):
+                yield chunk, [part]
+            item, own = entry.to_wire(streamed=True), []
+        yield JobResults(comp_id=comp_id, results=[item], started=started), own
+    if not count and message.started:
+        yield JobResults(comp_id=comp_id, results=[], started=message.started), []
 
 
 def add_chunk(

@@ -5,15 +5,19 @@ from __future__ import annotations
 
 from typing import Any
 
+from dispynb.protocol.auth import MAC_SIZE
 from dispynb.protocol.chunks import (
     MALFORMED,
     TOO_LARGE,
     Parts,
     add_chunk,
+    fit_message,
     split_result,
     take_stream,
 )
-from dispynb.protocol.messages import ResultChunk
+from dispynb.protocol.framing import encode_frames
+from dispynb.protocol.messages import JobResults, Message, ResultChunk, pack_header
+from dispynb.protocol.records import ResultEntry
 
 
 def chunk(index: int, offset: int, size: int, kind: str = "") -> ResultChunk:
@@ -85,3 +89,74 @@ def test_a_split_result_is_assembled_whole_of_its_kinds() -> None:
     got = take_stream(streams, "s", 3)
     assert got == [b"pickle", data, bytearray(data)]
     assert [type(b) for b in got or []] == [bytearray, bytes, bytearray]
+
+
+def _entry(key: int, buffer_count: int, stdout: str = "") -> list[Any]:
+    return ResultEntry(
+        key, 1, "finished", 1.0, 2.0, stdout, "", None, buffer_count
+    ).to_wire()
+
+
+def _reassembled(
+    parts: list[tuple[Message, list[memoryview]]],
+) -> tuple[list[list[Any]], list[Any], list[bytes]]:
+    """What a client makes of ``parts``: entries, starts, each result's buffers."""
+    streams: dict[Any, Parts | None] = {}
+    entries: list[list[Any]] = []
+    starts: list[Any] = []
+    results: list[bytes] = []
+    for message, buffers in parts:
+        if isinstance(message, ResultChunk):
+            assert add_chunk(streams, message.key, message, buffers, 1 << 30) is None
+            continue
+        assert isinstance(message, JobResults)
+        for start in message.started:  # in the node's order, among the results
+            starts.append((start[0], len(entries) + start[3]))
+        offset = 0
+        for item in message.results:
+            entry, streamed = ResultEntry.from_wire(item)
+            entries.append(item[:9])
+            if streamed:
+                taken = take_stream(streams, entry.key, entry.buffer_count)
+                assert taken is not None
+                results.append(b"".join(bytes(b) for b in taken))
+            else:
+                own = buffers[offset : offset + entry.buffer_count]
+                offset += entry.buffer_count
+                results.append(b"".join(bytes(b) for b in own))
+    return entries, starts, results
+
+
+def test_fit_message_cuts_results_and_chunks_to_a_smaller_client_limit() -> None:
+    """What a node sent one client (large chunks, several results in a message)
+    is cut to a client that takes smaller messages; it reassembles the same
+    results, starts in the same order, every message within its limit."""
+    limit = 64 * 1024
+    big, small, huge = b"b" * 100_000, b"s" * 10, bytes(range(256)) * 2000
+    message = JobResults(
+        comp_id=3,
+        results=[_entry(1, 1), _entry(2, 1), _entry(3, 2)],
+        started=[[9, 1, 1.5, 0], [8, 1, 1.6, 2], [7, 1, 1.7, 3]],
+    )
+    buffers = [memoryview(big), memoryview(small), memoryview(huge), memoryview(b"z")]
+    parts = list(fit_message(message, buffers, limit))
+    for part, part_buffers in parts:
+        header = pack_header(part.to_header())
+        head, _ = encode_frames([header, *part_buffers], MAC_SIZE)
+        assert int.from_bytes(head[:4]) <= limit  # the size the client checks
+    entries, starts, results = _reassembled(parts)
+    assert [e[0] for e in entries] == [1, 2, 3]
+    assert starts == [(9, 0), (8, 2), (7, 3)]
+    assert results == [big, small, huge + b"z"]
+    # A chunk cut for a larger client: cut again, at its offsets.
+    chunk_message = ResultChunk(
+        comp_id=3, key=5, attempt=1, index=0, offset=0, size=len(huge), kind="b"
+    )
+    cut = list(fit_message(chunk_message, [memoryview(huge)], limit))
+    assert len(cut) > 1
+    streamed = ResultEntry.from_wire(_entry(5, 1))[0].to_wire(streamed=True)
+    entry = JobResults(comp_id=3, results=[streamed])
+    entries, _starts, results = _reassembled([*cut, (entry, [])])
+    assert results == [huge]
+    # Small enough already: unchanged.
+    assert list(fit_message(message, buffers, 1 << 30)) == [(message, buffers)]
