@@ -75,7 +75,7 @@ AHEAD_BYTES = 64 * 1024
 SKIP_GRACE = 0.5
 
 #: A result this large (its pickled buffers) is streamed to the client in chunks
-#: (`nodeserver.session`); the computation keeps its buffers' kinds for that.
+#: (`nodeserver.outbox`); the computation keeps its buffers' kinds for that.
 STREAM_BYTES = 64 * 1024 * 1024
 
 #: A worker's jobs (sent, not yet done), for `Computation.idle`.

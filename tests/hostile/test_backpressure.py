@@ -22,7 +22,7 @@ from dispynb.protocol.messages import (
     JobResults,
     JobSubmit,
 )
-from nodeserver.session import OUT_HIGH
+from nodeserver.outbox import OUT_HIGH
 from tests.hostile.tools import limited_node
 from tests.transport.util import RawClient
 

@@ -35,7 +35,7 @@ from dispynb.protocol.messages import (
     Recovered,
 )
 from dispynb.transport.connection import Connection
-from nodeserver.session import OUT_HIGH
+from nodeserver.outbox import OUT_HIGH
 from tests.asyncutil import run
 from tests.inprocess import (
     WAIT,
@@ -321,13 +321,15 @@ def test_client_not_reading_holds_the_workers_until_it_reads(tmp_path: Path) -> 
             jobs = 2 * OUT_HIGH // (4 << 20)
             submit(conn, *((key, (4 << 20,)) for key in range(jobs)))
             # Results pile up on the node past OUT_HIGH: it stops reading workers.
-            await wait_until(lambda: session._held, "the session holds its workers")
+            await wait_until(
+                lambda: session.outbox.held, "the session holds its workers"
+            )
             conn.hold_reading(False)
             found = await results(conn, jobs)
             assert {key: len(value) for key, (_o, value) in found.items()} == {
                 key: 4 << 20 for key in range(jobs)
             }
-            await wait_until(lambda: not session._held, "workers read again")
+            await wait_until(lambda: not session.outbox.held, "workers read again")
             conn.close()
 
     run(main())
@@ -384,7 +386,7 @@ def test_a_large_file_is_digested_off_the_loop(
     import threading
 
     import nodeserver.filestore
-    from nodeserver.session import HASH_OFF_LOOP_BYTES
+    from nodeserver.sessionfiles import HASH_OFF_LOOP_BYTES
 
     hashing, release, hashed = threading.Event(), threading.Event(), threading.Event()
 

@@ -1,0 +1,231 @@
+"""`ResultOutbox`: what a node's client session sends its client.
+
+Results that arrive during one turn of the event loop travel in one message per
+computation, job starts ride on them, large results travel in chunks; and when the
+client stops reading, the session's workers are not read either (back-pressure).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from dispynb.errors import DispynbError
+from dispynb.protocol.chunks import split_result
+from dispynb.protocol.messages import (
+    Error,
+    FileFromNode,
+    JobProvisional,
+    JobResults,
+    Message,
+)
+from dispynb.transport.connection import Connection
+from nodeserver.computation import STREAM_BYTES, Computation
+
+#: Logs as the session it serves.
+logger = logging.getLogger("nodeserver.session")
+
+#: Seconds a job's start may wait to ride on a results message: a job shorter than
+#: this costs no message of its own for its start (latency of tiny jobs, W2).
+START_REPORT_DELAY = 0.005
+
+#: A results batch is cut once its buffers pass this size.
+BATCH_BYTES = 32 * 1024 * 1024
+
+#: A result of `STREAM_BYTES` or more (its pickled buffers) travels in `ResultChunk`
+#: messages of `CHUNK_BYTES`, so the client can assemble it in place.
+CHUNK_BYTES = 16 * 1024 * 1024
+
+#: Bytes queued for a client (not yet taken by its socket) over which this session's
+#: computations stop reading from their workers until the queue has drained: a client
+#: that does not read holds at most this much here, plus one result per worker.
+OUT_HIGH = 32 * 1024 * 1024
+
+
+class ResultOutbox:
+    """One client connection's outgoing messages (see the module docstring).
+
+    ``computations`` is the session's own table (shared, not copied): the outbox
+    asks whether a computation is idle, which kinds its results have, and holds or
+    releases its workers. ``spawn`` runs a task for as long as the session lives.
+    """
+
+    def __init__(
+        self,
+        conn: Connection,
+        computations: dict[int, Computation],
+        spawn: Callable[[Coroutine[Any, Any, None]], None],
+    ) -> None:
+        self.conn = conn
+        self._computations = computations
+        self._spawn = spawn
+        self._out: dict[int, tuple[list[list[Any]], list[memoryview]]] = {}
+        self._starts: dict[int, list[list[Any]]] = {}  # comp_id -> job starts
+        self._starts_timer: asyncio.TimerHandle | None = None
+        self._oldest_start: float | None = None  # time.time() of the first waiting
+        self._flush_pending = False
+        #: Workers are not read: the client is not reading.
+        self.held = False
+
+    def provisional_reporter(
+        self, comp_id: int
+    ) -> Callable[[int, int, list[memoryview]], None]:
+        """Send a computation's provisional results (after its waiting starts)."""
+
+        def report(key: int, attempt: int, buffers: list[memoryview]) -> None:
+            if comp_id in self._starts:
+                self.flush()  # the job's start first
+            self.write(
+                JobProvisional(comp_id=comp_id, key=key, attempt=attempt), buffers
+            )
+
+        return report
+
+    def file_reporter(
+        self, comp_id: int
+    ) -> Callable[[int, str, list[memoryview]], None]:
+        """Send the files a computation's jobs send (`dispy_send_file`)."""
+
+        def report(key: int, path: str, buffers: list[memoryview]) -> None:
+            self.flush()  # the job's earlier results first
+            self.write(FileFromNode(comp_id=comp_id, key=key, path=path), buffers)
+
+        return report
+
+    def starter(self, comp_id: int) -> Callable[[int, int, float], None]:
+        """Report a computation's job starts (riding on results when they can)."""
+
+        def started(key: int, attempt: int, when: float) -> None:
+            # Results queued before this start come before it (see `JobResults`).
+            results = self._out.get(comp_id)
+            before = len(results[0]) if results is not None else 0
+            starts = self._starts.get(comp_id)
+            if starts is None:
+                starts = self._starts[comp_id] = []
+            starts.append([key, attempt, when, before])
+            if self._oldest_start is None:
+                self._oldest_start = when
+            if self._starts_timer is None:
+                self._starts_timer = asyncio.get_running_loop().call_later(
+                    START_REPORT_DELAY, self._starts_due
+                )
+
+        return started
+
+    def queue_result(
+        self,
+        comp_id: int,
+        entry: list[Any],
+        buffers: list[memoryview],
+    ) -> None:
+        """Send a result entry with the others of this loop turn (a large one now,
+        in chunks)."""
+        # Sized once, and only when there are buffers (the usual one: no generator).
+        size = 0
+        if buffers:
+            size = (
+                buffers[0].nbytes
+                if len(buffers) == 1
+                else sum(b.nbytes for b in buffers)
+            )
+            if size >= STREAM_BYTES:
+                self._stream_result(comp_id, entry, buffers)
+                return
+        batch = self._out.get(comp_id)
+        if batch is None:
+            batch = self._out[comp_id] = ([], [])
+        batch[0].append(entry)
+        if buffers:
+            batch[1].extend(buffers)
+        computation = self._computations.get(comp_id)
+        if size > BATCH_BYTES or (computation is not None and computation.idle):
+            self.flush()  # big, or nothing else to wait for: send it now
+        elif not self._flush_pending:
+            self._flush_pending = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def _stream_result(
+        self, comp_id: int, entry: list[Any], buffers: list[memoryview]
+    ) -> None:
+        """Send a large result's buffers in chunks (views: nothing is copied), then
+        its entry, marked streamed."""
+        self.flush()  # the results before it first
+        key, attempt = entry[0], entry[1]
+        computation = self._computations.get(comp_id)
+        kinds = computation.result_kinds.get(key, "") if computation else ""
+        for chunk, part in split_result(
+            comp_id, key, attempt, buffers, kinds, CHUNK_BYTES
+        ):
+            self.write(chunk, [part])
+        # The entry, marked streamed (see `ResultEntry.to_wire`).
+        self.write(JobResults(comp_id=comp_id, results=[[*entry, True]]))
+
+    def _starts_due(self) -> None:
+        """Send the waiting starts once the oldest has waited START_REPORT_DELAY.
+
+        A results message takes the starts it finds without cancelling this timer:
+        with jobs back to back, one timer then serves many jobs instead of each job
+        arming and cancelling one of its own. When it fires early for the starts
+        waiting now (armed for an earlier one), it is armed again for the rest of
+        their delay: a start that its result will soon carry costs no message.
+        """
+        self._starts_timer = None
+        if not self._starts or self._oldest_start is None:
+            return
+        # Clamped: the wall clock may have been set back meanwhile.
+        rest = START_REPORT_DELAY - (time.time() - self._oldest_start)
+        if rest <= START_REPORT_DELAY / 10:
+            self.flush()
+        else:
+            self._starts_timer = asyncio.get_running_loop().call_later(
+                min(rest, START_REPORT_DELAY), self._starts_due
+            )
+
+    def flush(self) -> None:
+        """Send the queued results and starts now."""
+        self._flush_pending = False
+        self._oldest_start = None
+        out, self._out = self._out, {}
+        starts, self._starts = self._starts, {}
+        for comp_id, (entries, buffers) in out.items():
+            started = starts.pop(comp_id, [])
+            self.write(
+                JobResults(comp_id=comp_id, results=entries, started=started), buffers
+            )
+        for comp_id, started in starts.items():
+            self.write(JobResults(comp_id=comp_id, results=[], started=started))
+
+    def write(self, message: Message, buffers: list[memoryview] | None = None) -> None:
+        """Send ``message`` (a connection that ended is logged, not raised)."""
+        try:
+            self.conn.write(message, buffers or ())
+        except DispynbError as exc:
+            logger.info("cannot send %s to %s: %s", message.op, self.conn.peer, exc)
+            return
+        if not self.held and self.conn.unsent > OUT_HIGH:
+            self._hold_workers()
+
+    def send_error(self, code: str, text: str) -> None:
+        """Tell the client something went wrong (the session goes on)."""
+        self.write(Error(code=code, message=text))
+
+    def _hold_workers(self) -> None:
+        """Back-pressure: the client is not taking what we send, so stop reading
+        results (and output, files) from the workers until it has."""
+        self.held = True
+        logger.debug("%s is not reading: holding its workers", self.conn.peer)
+        for computation in self._computations.values():
+            computation.hold_workers(True)
+        self._spawn(self._release_when_drained())
+
+    async def _release_when_drained(self) -> None:
+        try:
+            await self.conn.flush()
+        except DispynbError:
+            return  # the connection ended: serve() closes the computations
+        self.held = False
+        for computation in list(self._computations.values()):
+            computation.hold_workers(False)

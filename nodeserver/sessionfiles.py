@@ -1,0 +1,133 @@
+"""The files a client sends its node: checked against the node's limits and its
+transfer quota, stored (a large one off the loop), held while the session lives,
+and placed in a computation's directory when a job asks."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from dispynb.errors import MessageError, ProtocolError
+from dispynb.protocol.files import safe_relative_path
+from dispynb.protocol.messages import FilePlace, FilePlaced, FilePut
+from nodeserver.sessionstate import _SessionState, logger
+
+#: Files of at least this many bytes are checked against their digest and written in
+#: a thread, not on the loop: hashing 100 MB takes long enough for the node's pulses
+#: to stop and its clients to declare it dead. This session reads its next message
+#: once the file is stored, so the order of its messages holds.
+HASH_OFF_LOOP_BYTES = 1 << 20
+
+
+class _SessionFiles(_SessionState):
+    """The session's part that takes files (see the module docstring)."""
+
+    def _check_files(self, entries: list[list[Any]]) -> list[tuple[str, str]]:
+        files = []
+        for entry in entries:
+            if len(entry) != 3 or not isinstance(entry[2], int):
+                raise ProtocolError("malformed file entry in computation-setup")
+            path, digest, size = entry
+            self.server.store.check_size(size, f"file {path!r}")
+            self.server.store.path(digest)  # validates the digest
+            files.append((safe_relative_path(path), digest))
+        return files
+
+    def _job_files(self, entries: Any) -> list[tuple[str, str]]:
+        if not isinstance(entries, list):
+            raise MessageError("malformed job files in job-submit")
+        files = []
+        for entry in entries:
+            if not isinstance(entry, list) or len(entry) != 2:
+                raise MessageError("malformed job file entry in job-submit")
+            self.server.store.path(entry[1])  # validates the digest
+            files.append((safe_relative_path(entry[0]), entry[1]))
+        return files
+
+    def _check_quota(self, size: int, what: str) -> None:
+        """Raise `ProtocolError` if ``size`` more bytes of files would pass the
+        node's per-computation transfer quota."""
+        quota = self.server.config.transfer_quota
+        if quota and self._transferred + size > quota:
+            raise ProtocolError(
+                f"{what} of {size} bytes would take this computation's files past the "
+                f"node's transfer quota of {quota} bytes ({self._transferred} sent "
+                "already; dispynb-node --transfer-quota)"
+            )
+
+    def _on_file_put(self, message: FilePut, buffers: list[memoryview]) -> None:
+        if len(buffers) != 1 or buffers[0].nbytes != message.size:
+            raise MessageError("file-put carries one buffer of the announced size")
+        store = self.server.store
+        try:
+            self._check_quota(message.size, "a file")
+            self._transferred += message.size
+            if message.size >= HASH_OFF_LOOP_BYTES and not store.has(message.digest):
+                self._deferred_file = (message, buffers[0])  # `serve` stores it
+                return
+            store.put(message.digest, buffers[0])
+        except ProtocolError as exc:
+            self._refuse_file(message.digest, exc)
+            return
+        self._file_stored(message.digest)
+
+    async def _store_file_off_loop(self, message: FilePut, data: memoryview) -> None:
+        """Check a large file's digest and write it in a thread (the loop, and so
+        the node's pulses and other clients, go on meanwhile)."""
+        try:
+            await asyncio.to_thread(self.server.store.put, message.digest, data)
+        except ProtocolError as exc:
+            self._refuse_file(message.digest, exc)
+            return
+        self._last_heard = time.monotonic()
+        self._file_stored(message.digest)
+
+    def _refuse_file(self, digest: str, exc: ProtocolError) -> None:
+        """Refuse this file only; whatever needs it is told why."""
+        logger.warning("refused a file from %s: %s", self.conn.peer, exc)
+        self._refused_files[digest] = str(exc)
+
+    def _file_stored(self, digest: str) -> None:
+        if digest not in self._file_holds:
+            self._file_holds.add(digest)
+            self.server.store.hold(digest)
+        for comp_id, (missing, start) in list(self._waiting_for_files.items()):
+            missing.discard(digest)
+            if not missing:
+                del self._waiting_for_files[comp_id]
+                self._spawn(start)
+
+    def _on_file_place(self, message: FilePlace, buffers: list[memoryview]) -> None:
+        computation = self._computations.get(message.comp_id)
+        error = ""
+        if computation is None:
+            error = "the computation is not set up on this node"
+        else:
+            try:
+                path = safe_relative_path(message.path)
+                refused = self._refused_files.get(message.digest)
+                if refused is not None:
+                    raise ProtocolError(refused)
+                self.server.store.place(message.digest, computation.path, path)
+            except (ProtocolError, OSError) as exc:
+                error = str(exc)
+        self.outbox.write(
+            FilePlaced(comp_id=message.comp_id, request=message.request, error=error)
+        )
+
+    def _stop_waiting_for_files(self, comp_id: int) -> None:
+        """A computation waiting for its files closes: it never starts."""
+        waiting = self._waiting_for_files.pop(comp_id, None)
+        if waiting is not None:
+            waiting[1].close()  # its files never all arrived: it never started
+
+    def _end_files(self) -> None:
+        """The session ended: computations still waiting for files never start, and
+        the store may remove the files this client sent."""
+        for _missing, start in self._waiting_for_files.values():
+            start.close()  # never started: the files did not all arrive
+        self._waiting_for_files.clear()
+        for digest in self._file_holds:
+            self.server.store.release(digest)
+        self._file_holds.clear()

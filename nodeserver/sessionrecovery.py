@@ -1,0 +1,120 @@
+"""Results kept for a client that may come back: a computation set up with a
+recovery id is adopted by the node's `ResultKeeper` when its client goes away, and a
+client that reconnects (`Recover`) is sent what was kept for it."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from dispynb.defaults import MAX_MESSAGE_SIZE, PRE_AUTH_MAX_FRAME
+from dispynb.errors import DispynbError
+from dispynb.protocol.messages import ComputationSetup, Recover, Recovered
+from nodeserver.computation import Computation
+from nodeserver.keeper import Kept, KeptResult, ResultKeeper
+from nodeserver.recovering import KeptResultSender
+from nodeserver.sessionstate import HAND_BACK_TIMEOUT, _SessionState, logger
+
+
+class _SessionRecovery(_SessionState):
+    """The session's part that keeps results for its client and sends them back
+    (see the module docstring)."""
+
+    def _keep_results(
+        self, message: ComputationSetup, computation: Computation
+    ) -> None:
+        """Record ``computation``'s results for its client's recovery id (if any)."""
+        recovery_id = message.recovery_id
+        if not recovery_id:
+            return
+        kept = self.server.keeper.register(recovery_id, computation)
+        kinds = computation.result_kinds  # of the result being reported
+        self._recovery[message.comp_id] = (recovery_id, message.keep_results)
+        if not message.keep_sent:
+            self._crash_only.add(message.comp_id)
+        keep_sent = message.keep_sent
+
+        def record(entry: list[Any], buffers: list[memoryview]) -> None:
+            # With keep_sent every result, else only what ends once the client
+            # is gone (nothing is written before).
+            if keep_sent or kept.adopted:
+                key = entry[0]
+                ResultKeeper.record(kept, entry, buffers, kinds.get(key, ""))
+
+        computation.also_report(record)
+
+    def _recovers(self, comp_id: int) -> bool:
+        """Whether the client comes back for this computation's jobs (not only
+        after a crash)."""
+        return comp_id in self._recovery and comp_id not in self._crash_only
+
+    def _forget_results(self, comp_id: int) -> None:
+        """The computation closed cleanly: nothing to keep."""
+        recovery = self._recovery.pop(comp_id, None)
+        if recovery is not None:
+            self.server.keeper.release(recovery[0])
+
+    def _keeper_adopts(self, comp_id: int, computation: Computation) -> bool:
+        """The session ended: the keeper adopts ``computation`` if its client may
+        come back for the results (True); else it is to be closed (False)."""
+        recovery = self._recovery.pop(comp_id, None)
+        if recovery is not None and self._orphaned and comp_id in self._crash_only:
+            self.server.keeper.release(recovery[0])
+            recovery = None
+        if recovery is None:
+            return False
+        computation.hold_workers(False)  # the keeper takes its results
+        self.server.keeper.adopt(*recovery)
+        return True
+
+    def _end_claims(self) -> None:
+        for claimed in self._claims:
+            claimed.deliver = None  # a recovering client went away too
+
+    def _on_recover(self, message: Recover, buffers: list[memoryview]) -> None:
+        comp_id = message.comp_id
+        # The client's message size limit (an older client's: the default); no
+        # client takes less than a handshake's.
+        limit = message.max_message_size or MAX_MESSAGE_SIZE
+        limit = max(limit, PRE_AUTH_MAX_FRAME)
+        sender = KeptResultSender(self.conn, comp_id, limit)
+        claimed = self.server.keeper.claim(message.recovery_id, sender.deliver)
+        self.outbox.flush()
+        if claimed is None:
+            self.outbox.write(Recovered(comp_id=comp_id, found=False, running=False))
+            return
+        kept, recorded = claimed
+        self._claims.append(kept)
+        self._spawn(self._send_kept(sender, kept, recorded, message.recovery_id))
+
+    async def _send_kept(
+        self,
+        sender: KeptResultSender,
+        kept: Kept,
+        recorded: list[KeptResult],
+        recovery_id: str,
+    ) -> None:
+        """Send the kept results (one by one, under back-pressure); drop them once
+        they all are on their way."""
+        try:
+            await sender.run(kept, recorded)
+        except DispynbError as exc:
+            logger.info(
+                "%s went away while recovering results: %s", self.conn.peer, exc
+            )
+            return  # not all sent: they stay kept for another try
+        if kept.deliver == sender.deliver:  # (not a later client's)
+            kept.deliver = None
+        await self._release_when_sent(recovery_id)
+
+    async def _release_when_sent(self, recovery_id: str) -> None:
+        """Every kept result is collected: drop them once they are on their way."""
+        self.outbox.flush()
+        try:
+            async with asyncio.timeout(HAND_BACK_TIMEOUT):
+                await self.conn.flush()
+        except (DispynbError, TimeoutError):
+            # A client that read everything may hang up before this task runs.
+            if not self.conn.all_sent:
+                return  # not sent: keep them for another try
+        self.server.keeper.release(recovery_id)

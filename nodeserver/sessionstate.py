@@ -1,0 +1,71 @@
+"""The state of a node's client session, shared by the parts of `ClientSession`
+(`sessionfiles`, `sessionrecovery`), and the helpers they all use."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from dispynb.protocol.messages import FilePut
+from dispynb.transport.connection import Connection
+from nodeserver import sharedbody
+from nodeserver.computation import Computation
+from nodeserver.keeper import Kept
+from nodeserver.outbox import ResultOutbox
+from nodeserver.sessionmemory import SessionMemory
+
+if TYPE_CHECKING:
+    from nodeserver.server import NodeServer
+
+#: The session's logger, whichever part of it logs.
+logger = logging.getLogger("nodeserver.session")
+
+#: Seconds a shutting-down node waits for a client to take back its unstarted jobs.
+HAND_BACK_TIMEOUT = 5.0
+
+_session_ids = itertools.count(1)
+
+
+class _SessionState:
+    """One client session's state: its computations, its outgoing messages
+    (`outbox`), its shared memory (`memory`), the files it sent and the results
+    kept for it."""
+
+    def __init__(self, conn: Connection, server: NodeServer, client_name: str) -> None:
+        self.conn = conn
+        if sharedbody.AVAILABLE:
+            # Large messages land in memory the workers can map: a job's arguments
+            # reach its worker without a copy (`nodeserver.sharedbody`).
+            conn.decoder.take_body = sharedbody.BODIES.take
+        self.server = server
+        self.client_name = client_name
+        self.session_id = next(_session_ids)
+        self._computations: dict[int, Computation] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.outbox = ResultOutbox(conn, self._computations, self._spawn)
+        self.memory = SessionMemory()
+        self._last_heard = time.monotonic()
+        # -- files (`sessionfiles`)
+        self._waiting_for_files: dict[int, tuple[set[str], Any]] = {}
+        self._refused_files: dict[str, str] = {}  # digest -> why
+        # Files this client sent, held in the store until the session ends: another
+        # client's computation closing must not remove an object this one uses.
+        self._file_holds: set[str] = set()
+        # A large file waiting to be stored off the loop (`serve` stores it).
+        self._deferred_file: tuple[FilePut, memoryview] | None = None
+        self._transferred = 0  # bytes of files received (--transfer-quota)
+        # -- recovery (`sessionrecovery`)
+        self._recovery: dict[int, tuple[str, float]] = {}  # comp_id -> (id, keep)
+        # Computations kept only for a crash (dispy's default recovery): a client
+        # that goes silent while connected frees them, as one without recovery.
+        self._crash_only: set[int] = set()
+        self._orphaned = False  # this node closed the connection of a silent client
+        self._claims: list[Kept] = []
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
