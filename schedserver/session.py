@@ -94,9 +94,7 @@ class SchedulerSession:
             results, started, held_buffers = held
             # A start's ``before`` counts the results of its message before it.
             earlier = len(results)
-            started.extend(
-                [*s[:3], s[3] + earlier] if s else s for s in message.started
-            )
+            started.extend([*s[:3], s[3] + earlier] for s in message.started)
             results.extend(message.results)
             held_buffers.extend(buffers)
         self._gathered_bytes += sum(b.nbytes for b in buffers)
