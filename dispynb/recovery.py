@@ -29,7 +29,13 @@ from dispynb.job import DispyJob, JobStatus
 from dispynb.journal import Journal
 from dispynb.options import check_size
 from dispynb.protocol import serialize
-from dispynb.protocol.chunks import TOO_LARGE, Parts, add_chunk, take_stream
+from dispynb.protocol.chunks import (
+    TOO_LARGE,
+    Parts,
+    add_chunk,
+    take_output,
+    take_stream,
+)
 from dispynb.protocol.framing import Buffer
 from dispynb.protocol.messages import (
     FINISHED,
@@ -309,7 +315,8 @@ def _apply(
         record, streamed = ResultEntry.from_wire(entry)
         key, attempt, outcome, start, end, stdout, stderr, exception, count = record
         result_buffers: list[Buffer] | None
-        if streamed:  # its buffers came before, in chunks
+        if streamed:  # its buffers (and a large output) came before, in chunks
+            stdout, stderr = take_output(streams, (key, attempt), stdout, stderr)
             chunks = take_stream(streams, (key, attempt), count)
             result_buffers = None if chunks is None else [*chunks]
         else:

@@ -3,11 +3,12 @@ that recovers them (``dispynb.recover_jobs``).
 
 One result per message; a result too large for one message of the client (or as large
 as the node streams a live result) goes in `ResultChunk` messages, cut as a live one is
-(`dispynb.protocol.chunks.split_result`), then its entry marked streamed, so the client
-assembles it in place. A spooled result is read from its file only when its turn
-comes, through a read-only map (page cache, not this process's heap), and the next
-one waits until the socket has taken most of it: the node holds about one chunk per
-recovering client in memory, whatever the number and size of the kept results.
+(`dispynb.protocol.chunks.split_entry`: its buffers, and its stdout and stderr when
+they are large), then its entry marked streamed, so the client assembles it in place.
+A spooled result is read from its file only when its turn comes, through a read-only
+map (page cache, not this process's heap), and the next one waits until the socket
+has taken most of it: the node holds about one chunk per recovering client in memory,
+whatever the number and size of the kept results.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import collections
 import logging
 from typing import Any
 
-from dispynb.protocol.chunks import split_result
+from dispynb.protocol.chunks import chunk_bytes_for, entry_text_bytes, split_entry
 from dispynb.protocol.messages import ComputationClosed, JobResults, Recovered
 from dispynb.transport.connection import Connection
 from nodeserver.computation import STREAM_BYTES
@@ -43,8 +44,8 @@ class KeptResultSender:
         self.comp_id = comp_id
         # A result this large (its buffers and output) is streamed, in chunks small
         # enough to leave room for the message's header in the client's limit.
-        self.stream_bytes = min(STREAM_BYTES, max_message_size // 2)
-        self.chunk_bytes = min(CHUNK_BYTES, max_message_size // 2)
+        self.stream_bytes = min(STREAM_BYTES, chunk_bytes_for(max_message_size))
+        self.chunk_bytes = min(CHUNK_BYTES, chunk_bytes_for(max_message_size))
         self._live: collections.deque[KeptResult] = collections.deque()
         self._wake = asyncio.Event()
 
@@ -99,18 +100,19 @@ class KeptResultSender:
         except OSError as exc:
             logger.warning("a kept result is lost: %s", exc)
             return
-        size = sum(b.nbytes for b in buffers) + _text_bytes(entry)
+        size = sum(b.nbytes for b in buffers) + entry_text_bytes(entry)
         if size < self.stream_bytes:
             self._write(JobResults(comp_id=self.comp_id, results=[entry]), buffers)
             await self._drained()
             return
-        for chunk, part in split_result(
-            self.comp_id, entry[0], entry[1], buffers, kinds, self.chunk_bytes
-        ):
+        # Its buffers, and its output if large, in chunks; then its entry.
+        streamed, chunks = split_entry(
+            self.comp_id, entry, buffers, kinds, self.chunk_bytes
+        )
+        for chunk, part in chunks:
             self._write(chunk, [part])
             await self._drained()
-        # The entry, marked streamed (see `ResultEntry.to_wire`).
-        self._write(JobResults(comp_id=self.comp_id, results=[[*entry, True]]))
+        self._write(JobResults(comp_id=self.comp_id, results=[streamed]))
         await self._drained()
 
     def _write(self, message: Any, buffers: list[memoryview] | None = None) -> None:
@@ -120,9 +122,3 @@ class KeptResultSender:
         """Back-pressure: wait while the socket has not taken a chunk's worth."""
         if self.conn.unsent > self.chunk_bytes:
             await self.conn.flush()
-
-
-def _text_bytes(entry: list[Any]) -> int:
-    """About how many bytes a result's entry takes in a message (its output and
-    exception text, 4 bytes a character at most in UTF-8)."""
-    return 256 + sum(4 * len(item) for item in entry if isinstance(item, str))

@@ -1,7 +1,11 @@
-"""A large result streamed in `ResultChunk` messages: cut (`split_result`, the node's
+"""A large result streamed in `ResultChunk` messages: cut (`split_entry`, the node's
 live results and the results it kept for a crashed client), cut again to a smaller
 client's limit (`fit_message`, the shared scheduler's relay) and reassembled
-(`add_chunk`, `take_stream`).
+(`add_chunk`, `take_output`, `take_stream`).
+
+A streamed result's large stdout and stderr travel in chunks too (buffer indexes
+`STDOUT_INDEX` and `STDERR_INDEX`, UTF-8 for text), so that no output is too large
+for a message: dispy truncates nothing, and neither does a streamed result.
 
 Reassembly is shared by the client's driver and by `dispynb.recovery`, so both take a
 streamed result with the same checks and bounds. ``streams`` maps a stream id (the
@@ -20,8 +24,17 @@ from dispynb.protocol.records import ResultEntry
 
 #: A stream id, as the caller names its streams.
 K = TypeVar("K", bound=Hashable)
-#: Buffer index -> ``[place, bytes filled, size]`` (None: the stream was refused).
+#: Buffer index -> ``[place, bytes filled, size, kind]`` (None: the stream was
+#: refused).
 Parts = dict[int, list[Any]]
+
+#: `ResultChunk.index` of a streamed result's stdout and stderr.
+STDOUT_INDEX = -1
+STDERR_INDEX = -2
+#: `ResultChunk.kind` of an output that is text (UTF-8); bytes have kind "".
+TEXT = "s"
+#: Positions of stdout and stderr in a result's entry (`ResultEntry`).
+_OUTPUTS = ((5, STDOUT_INDEX), (6, STDERR_INDEX))
 
 #: `add_chunk`: the result is over the cap (the stream is refused).
 TOO_LARGE = "too large"
@@ -56,6 +69,44 @@ def split_result(
                 kind=kind,
             )
             yield chunk, view[offset : offset + chunk_bytes]
+
+
+def split_entry(
+    comp_id: int,
+    entry: list[Any],
+    buffers: list[memoryview],
+    kinds: str,
+    chunk_bytes: int,
+) -> tuple[list[Any], list[tuple[ResultChunk, memoryview]]]:
+    """A result streamed: its entry marked streamed (see `ResultEntry.to_wire`),
+    to send after its chunks: those of ``buffers`` (`split_result`) and of its
+    stdout and stderr where they are longer than a sixteenth of a chunk (the entry
+    then has them empty)."""
+    key, attempt = entry[0], entry[1]
+    entry = list(entry[:9])
+    chunks = list(split_result(comp_id, key, attempt, buffers, kinds, chunk_bytes))
+    for position, index in _OUTPUTS:
+        text = entry[position]
+        if not isinstance(text, str | bytes) or len(text) <= chunk_bytes // 16:
+            continue
+        kind = TEXT if isinstance(text, str) else ""
+        data = memoryview(
+            text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
+        )
+        entry[position] = text[:0]
+        for offset in range(0, data.nbytes, chunk_bytes):
+            chunk = ResultChunk(
+                comp_id=comp_id,
+                key=key,
+                attempt=attempt,
+                index=index,
+                offset=offset,
+                size=data.nbytes,
+                kind=kind,
+            )
+            chunks.append((chunk, data[offset : offset + chunk_bytes]))
+    entry.append(True)
+    return entry, chunks
 
 
 def chunk_bytes_for(max_message_size: int) -> int:
@@ -125,12 +176,11 @@ def _fit_results(
             own = buffers[offset : offset + entry.buffer_count]
             offset += entry.buffer_count
         size = sum(b.nbytes for b in own) + entry_text_bytes(item)
-        if own and size >= room:
-            for chunk, part in split_result(
-                comp_id, entry.key, entry.attempt, own, "", room
-            ):
+        if size >= room:  # its buffers (if not streamed yet) and output in chunks
+            item, chunks = split_entry(comp_id, item, own, "", room)
+            for chunk, part in chunks:
                 yield chunk, [part]
-            item, own = entry.to_wire(streamed=True), []
+            own = []
         yield JobResults(comp_id=comp_id, results=[item], started=started), own
     if not count and message.started:
         yield JobResults(comp_id=comp_id, results=[], started=message.started), []
@@ -142,25 +192,34 @@ def add_chunk(
     message: ResultChunk,
     buffers: list[memoryview],
     cap: int,
+    output_cap: int | None = None,
 ) -> str | None:
     """Copy a chunk into its place (each buffer allocated once, at most ``cap``
-    bytes in all); return None, or `TOO_LARGE` / `MALFORMED` when this chunk made
-    the stream refused (`take_stream` then gives None)."""
+    bytes in all; stdout and stderr at most ``output_cap`` bytes each, default
+    ``cap``); return None, or `TOO_LARGE` / `MALFORMED` when this chunk made the
+    stream refused (`take_stream` then gives None)."""
     parts = streams.setdefault(stream_id, {})
     if parts is None:
         return None  # refused already
     target = parts.get(message.index)
     if target is None:
-        total = sum(p[2] for p in parts.values()) + message.size
-        if not 0 <= message.index < 4096 or not message.size >= 0 or total > cap:
+        index = message.index
+        if index < 0:  # stdout or stderr: grows as it arrives, bounded apart
+            total = message.size
+            bound = cap if output_cap is None else output_cap
+        else:
+            total = sum(p[2] for i, p in parts.items() if i >= 0) + message.size
+            bound = cap
+        if not STDERR_INDEX <= index < 4096 or not message.size >= 0 or total > bound:
             streams[stream_id] = None
             return TOO_LARGE
         # A bytes buffer grows in a BytesIO, whose getvalue() then hands over
         # its memory: one copy, as for a bytearray filled in place.
-        place = io.BytesIO() if message.kind == "b" else bytearray(message.size)
-        target = parts[message.index] = [place, 0, message.size]
+        grows = message.kind == "b" or index < 0
+        place = io.BytesIO() if grows else bytearray(message.size)
+        target = parts[message.index] = [place, 0, message.size, message.kind]
     data = buffers[0] if len(buffers) == 1 else memoryview(b"")
-    place, filled, size = target
+    place, filled, size = target[:3]
     end = message.offset + data.nbytes
     in_order = message.offset == filled or not isinstance(place, io.BytesIO)
     if message.offset < 0 or end > size or not data.nbytes or not in_order:
@@ -174,6 +233,28 @@ def add_chunk(
     return None
 
 
+def take_output(
+    streams: dict[K, Parts | None],
+    stream_id: K,
+    stdout: str | bytes,
+    stderr: str | bytes,
+) -> tuple[str | bytes, str | bytes]:
+    """A streamed result's stdout and stderr: those that came in chunks (taken
+    from its stream), else those of its entry. Call before `take_stream`."""
+    parts = streams.get(stream_id)
+    if not parts or min(parts) >= 0:
+        return stdout, stderr
+    outputs = [stdout, stderr]
+    for which, (_position, index) in enumerate(_OUTPUTS):
+        target = parts.pop(index, None)
+        if target is None:
+            continue
+        place, filled, size, kind = target
+        data = place.getvalue() if filled == size else b""
+        outputs[which] = data.decode("utf-8", "surrogatepass") if kind == TEXT else data
+    return outputs[0], outputs[1]
+
+
 def take_stream(
     streams: dict[K, Parts | None], stream_id: K, count: int
 ) -> list[bytes | bytearray] | None:
@@ -182,9 +263,9 @@ def take_stream(
     parts = streams.pop(stream_id, None)
     if parts is None or sorted(parts) != list(range(count)):
         return None
-    if any(filled != size for _place, filled, size in parts.values()):
+    if any(filled != size for _place, filled, size, _kind in parts.values()):
         return None
     return [
         place.getvalue() if isinstance(place, io.BytesIO) else place
-        for place, _filled, _size in (parts[i] for i in range(count))
+        for place, _filled, _size, _kind in (parts[i] for i in range(count))
     ]

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 from dispynb.errors import SerializationError
 from dispynb.protocol import serialize, shm
-from dispynb.protocol.chunks import TOO_LARGE, add_chunk, take_stream
+from dispynb.protocol.chunks import TOO_LARGE, add_chunk, take_output, take_stream
 from dispynb.protocol.framing import Buffer
 from dispynb.protocol.messages import (
     CRASHED,
@@ -74,7 +75,10 @@ class DriverResults(DriverOutbox):
             if self._segments:
                 self._release_segments(key, attempt, reuse=True)
             result_buffers: list[Any] | None
-            if streamed:  # its buffers came in chunks
+            if streamed:  # its buffers (and a large output) came in chunks
+                stdout, stderr = take_output(
+                    self._streams, (link.node_id, key, attempt), stdout, stderr
+                )
                 result_buffers = self._take_stream(link, key, attempt, count)
             else:
                 result_buffers = buffers[offset : offset + count]
@@ -170,7 +174,10 @@ class DriverResults(DriverOutbox):
             return  # not this node's job (or an attempt we gave up on): dropped
         stream_id = (link.node_id, message.key, message.attempt)
         cap = self.config.max_result or self.config.max_message_size
-        problem = add_chunk(self._streams, stream_id, message, buffers, cap)
+        # Output is kept in characters: 4 bytes each at most in UTF-8.
+        most = self.config.max_output
+        output_cap = sys.maxsize if most is None else 4 * most
+        problem = add_chunk(self._streams, stream_id, message, buffers, cap, output_cap)
         if problem == TOO_LARGE:
             logger.warning(
                 "node %s streams a result of job %d over %d bytes: refused",

@@ -354,14 +354,19 @@ import sys, time
 import dispynb as dispy
 
 def make(n, kind, size, marks, go, padding):
-    import hashlib, os, time
+    import hashlib, os, sys, time
     data = os.urandom(size)
-    mark = "%d-%s-%s" % (n, kind, hashlib.sha256(data).hexdigest())
+    text = ("\u00e9" + data.hex())[:size]  # "print": what it prints (not ASCII)
+    made = text.encode() if kind == "print" else data
+    mark = "%d-%s-%s" % (n, kind, hashlib.sha256(made).hexdigest())
     open(os.path.join(marks, mark), "w").close()
     deadline = time.monotonic() + 60
     while not os.path.exists(go) and time.monotonic() < deadline:
         time.sleep(0.01)
-    if kind == "int":
+    if kind == "print":  # on stdout, and backwards on stderr
+        print(text, end="")
+        print(text[::-1], end="", file=sys.stderr)
+    if kind in ("int", "print"):
         return n * n
     return bytearray(data) if kind == "bytearray" else data
 
@@ -422,7 +427,7 @@ def kill_client_with_kept_results(
     for mark in marks.iterdir():
         n, kind, digest = mark.name.split("-")
         size = int(specs[int(n)].split(":")[1])
-        value = int(n) ** 2 if kind == "int" else [kind, size, digest]
+        value = int(n) ** 2 if kind in ("int", "print") else [kind, size, digest]
         expected[int(n)] = value  # type: ignore[assignment]
     return journal, expected
 
@@ -459,6 +464,48 @@ def test_recover_jobs_gets_kept_results_over_its_message_size_limit(
     assert jobs == [[f"job-{n}", 11, expected[n], None] for n in range(len(specs))], (
         done.stderr
     )
+
+
+RECOVER_OUTPUT = """
+import hashlib, json, sys
+import dispynb as dispy
+jobs = dispy.recover_jobs(sys.argv[1], timeout=30, secret=sys.argv[2],
+                          max_message_size=int(sys.argv[3]))
+print(json.dumps([
+    [job.id, int(job.status), job.result, job.exception, len(job.stdout),
+     hashlib.sha256(job.stdout.encode()).hexdigest(), job.stderr == job.stdout[::-1]]
+    for job in jobs
+]))
+"""
+
+
+def test_recover_jobs_gets_a_kept_stdout_over_its_message_size_limit(
+    tmp_path: Path,
+) -> None:
+    """A job that printed three times the recovering client's message size limit
+    (on stdout, and as much on stderr) after its client was SIGKILLed: recover_jobs
+    gets its output whole, once, and the other job's result too."""
+    size = 3 * LIMIT + 7
+    specs = [f"print:{size}", "int:1"]
+    (tmp_path / "recover.py").write_text(RECOVER_OUTPUT)
+    with running_node(tmp_path / "node", cpus=len(specs)) as node:
+        journal, _expected = kill_client_with_kept_results(tmp_path, node, specs)
+        wait_until(lambda: len(kept_files(tmp_path / "node")) == len(specs))
+        done = subprocess.run(
+            [sys.executable, "recover.py", str(journal), node.secret, str(LIMIT)],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        wait_until(lambda: not kept_files(tmp_path / "node"))
+    digest = next(m.name.split("-")[2] for m in (tmp_path / "marks").iterdir()
+                  if m.name.startswith("0-"))  # fmt: skip
+    assert json.loads(done.stdout) == [
+        ["job-0", 11, 0, None, size, digest, True],
+        ["job-1", 11, 1, None, 0, _sha256(b"").hexdigest(), True],
+    ], done.stderr
 
 
 @pytest.mark.parametrize("padding", [0, 2 * MiB], ids=["socket", "shared-memory"])

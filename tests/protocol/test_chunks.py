@@ -13,6 +13,7 @@ from dispynb.protocol.chunks import (
     add_chunk,
     fit_message,
     split_result,
+    take_output,
     take_stream,
 )
 from dispynb.protocol.framing import encode_frames
@@ -117,6 +118,8 @@ def _reassembled(
             entry, streamed = ResultEntry.from_wire(item)
             entries.append(item[:9])
             if streamed:
+                out, err = take_output(streams, entry.key, entry.stdout, entry.stderr)
+                entries[-1][5:7] = [out, err]
                 taken = take_stream(streams, entry.key, entry.buffer_count)
                 assert taken is not None
                 results.append(b"".join(bytes(b) for b in taken))
@@ -160,3 +163,22 @@ def test_fit_message_cuts_results_and_chunks_to_a_smaller_client_limit() -> None
     assert results == [huge]
     # Small enough already: unchanged.
     assert list(fit_message(message, buffers, 1 << 30)) == [(message, buffers)]
+
+
+def test_a_result_whose_output_is_over_the_limit_gets_it_in_chunks() -> None:
+    """Output is never cut: a stdout (text, not ASCII) and a stderr (a program's
+    bytes) three times a client's limit travel in chunks, and come out whole."""
+    limit = 64 * 1024
+    stdout = ("\u00e9x" * limit)[: 3 * limit]
+    stderr = bytes(range(256)) * (3 * limit // 256)
+    item = ResultEntry(4, 2, "finished", 1.0, 2.0, stdout, stderr, None, 1).to_wire()
+    message = JobResults(comp_id=3, results=[item, _entry(5, 0, "small")])
+    parts = list(fit_message(message, [memoryview(b"r")], limit))
+    assert sum(isinstance(part, ResultChunk) for part, _ in parts) > 6
+    for part, part_buffers in parts:
+        header = pack_header(part.to_header())
+        head, _ = encode_frames([header, *part_buffers], MAC_SIZE)
+        assert int.from_bytes(head[:4]) <= limit
+    entries, _starts, results = _reassembled(parts)
+    assert [e[5:7] for e in entries] == [[stdout, stderr], ["small", ""]]
+    assert results == [b"r", b""]
