@@ -189,34 +189,39 @@ def raw_tcp(receivers: Sequence[tuple[str, int]], payloads: Sequence[bytes]) -> 
     return elapsed
 
 
-def _cpu_seconds(pids: Sequence[int]) -> float:
-    """User + system CPU seconds of processes ``pids`` and their live descendants
-    (a node server, its computation process and workers; a raw TCP receiver)."""
+def _cpu_seconds(pids: Sequence[int]) -> tuple[float, float]:
+    """User + system CPU seconds of processes ``pids`` (a node server, a raw TCP
+    receiver) and of their live descendants (a node's computation process and
+    workers), apart."""
     import psutil
 
-    total = 0.0
+    own = descendants = 0.0
     for pid in pids:
         try:
             root = psutil.Process(pid)
-            procs = [root, *root.children(recursive=True)]
+            children = root.children(recursive=True)
         except psutil.Error:
             continue
-        for proc in procs:
+        for proc in (root, *children):
             try:
                 times = proc.cpu_times()
             except psutil.Error:
                 continue
-            total += times.user + times.system
-    return total
+            if proc is root:
+                own += times.user + times.system
+            else:
+                descendants += times.user + times.system
+    return own, descendants
 
 
 class CpuMeter:
     """CPU seconds of this process (all threads) and of other processes, per
-    measured section: ``with meter: ...`` then `here` and `there`."""
+    measured section: ``with meter: ...`` then `here` and `there` (`there_own`:
+    the processes ``pids`` themselves, `there_descendants`: their descendants)."""
 
     def __init__(self, pids: Sequence[int]) -> None:
         self.pids = list(pids)
-        self.here = self.there = 0.0
+        self.here = self.there = self.there_own = self.there_descendants = 0.0
 
     def __enter__(self) -> CpuMeter:
         self._here, self._there = time.process_time(), _cpu_seconds(self.pids)
@@ -224,7 +229,10 @@ class CpuMeter:
 
     def __exit__(self, *exc: object) -> None:
         self.here = time.process_time() - self._here
-        self.there = _cpu_seconds(self.pids) - self._there
+        own, descendants = _cpu_seconds(self.pids)
+        self.there_own = own - self._there[0]
+        self.there_descendants = descendants - self._there[1]
+        self.there = self.there_own + self.there_descendants
 
 
 def client_main(params: dict[str, Any]) -> dict[str, Any]:
@@ -232,7 +240,8 @@ def client_main(params: dict[str, Any]) -> dict[str, Any]:
 
     Beside each rate, the CPU it cost: the client process (all threads) and the
     nodes' processes (server, computation process, workers), per W1 job in
-    microseconds and per W4 megabyte in milliseconds; for raw TCP the sender (this
+    microseconds and per W4 megabyte in milliseconds (W4 also the node servers and
+    their computation processes and workers apart); for raw TCP the sender (this
     process's threads) and the receivers."""
     from workloads import FULL, QUICK, Bandwidth, Throughput, fresh_payloads
 
@@ -271,6 +280,8 @@ def client_main(params: dict[str, Any]) -> dict[str, Any]:
             add("bandwidth", bandwidth)
             add("client_cpu_ms_per_mb", nodes.here / megabytes * 1e3)
             add("nodes_cpu_ms_per_mb", nodes.there / megabytes * 1e3)
+            add("node_servers_cpu_ms_per_mb", nodes.there_own / megabytes * 1e3)
+            add("node_workers_cpu_ms_per_mb", nodes.there_descendants / megabytes * 1e3)
             shown = f"{label} W4 {rep}/{repeat}: {bandwidth:,.0f} MB/s"
             if receivers:
                 with raw_cpu:

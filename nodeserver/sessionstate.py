@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from dispynb.protocol.messages import FilePut
 from dispynb.transport.connection import Connection
+from dispynb.transport.links import READ_LOWAT
 from nodeserver import sharedbody
 from nodeserver.computation import Computation
 from nodeserver.keeper import Kept
@@ -40,6 +41,9 @@ class _SessionState:
             # Large messages land in memory the workers can map: a job's arguments
             # reach its worker without a copy (`nodeserver.sharedbody`).
             conn.decoder.take_body = sharedbody.BODIES.take
+        # A large message is read in large pieces, not as every few segments come
+        # (fewer wake-ups and reads per MB); nothing here watches its progress.
+        conn.read_lowat = READ_LOWAT
         self.server = server
         self.client_name = client_name
         self.session_id = next(_session_ids)

@@ -112,6 +112,8 @@ class Connection:
         self._inbox: collections.deque[_Received] = collections.deque()
         self._partial: list[Any] | None = None  # [body, seq, running mac, hashed]
         self._inbox_bytes = 0
+        #: See `dispynb.transport.links.FrameSink.read_lowat` (0: off).
+        self.read_lowat = 0
         self._paused = False
         self._held = False  # reading stopped by the owner (`hold_reading`)
         self._failure: DispynbError | None = None  # raised by recv once inbox is empty

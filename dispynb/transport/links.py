@@ -34,6 +34,13 @@ from dispynb.protocol.framing import Buffer, Frame, FrameDecoder, buffers_size
 #: Most iovecs one sendmsg call takes (Linux IOV_MAX).
 IOV_MAX = 1024
 
+#: A good `FrameSink.read_lowat` for a reader of large frames over TCP: it is woken
+#: once this many bytes of a large frame's body are queued, or all that is left of
+#: it (``SO_RCVLOWAT``), not for every few segments: fewer wake-ups, reads and MAC
+#: updates per megabyte. The kernel still wakes it early when its receive buffer or
+#: the peer's window runs short.
+READ_LOWAT = 1024 * 1024
+
 
 class DrainWaiters:
     """Tasks waiting for a link's unsent bytes to drain (woken all at once)."""
@@ -59,6 +66,11 @@ class FrameSink(Protocol):
     """What a link reports to (implemented by `Connection`)."""
 
     decoder: FrameDecoder
+    #: While a large frame's body arrives over TCP, read it only once this many of
+    #: its bytes (or all that is left of it) are queued; 0 reads whatever arrived.
+    #: Only for a reader that need not see a slow large frame's progress (reads
+    #: then come at most every ``read_lowat`` bytes).
+    read_lowat: int
 
     def frames_received(self, frames: list[Frame]) -> None:
         """After each read: the frames it completed, in order (maybe none)."""
@@ -140,6 +152,9 @@ class SocketLink:
         self._dropped = False  # it ended with bytes the kernel had not taken
         self._reading = True
         self._names = (_sockname(sock, "getsockname"), _sockname(sock, "getpeername"))
+        #: The socket's SO_RCVLOWAT (1, the default), or 0 where it is not used (a
+        #: Unix socket, whose readiness ignores it).
+        self._lowat = 1 if sock.family in (socket.AF_INET, socket.AF_INET6) else 0
         self._loop.add_reader(self._fd, self._readable)
 
     @property
@@ -175,6 +190,21 @@ class SocketLink:
         if decoder.error is not None:
             self.pause_reading()
             self._sink.framing_failed(decoder.error)
+        elif self._lowat and self._sink.read_lowat:
+            self._wake_at(decoder, self._sink.read_lowat)
+
+    def _wake_at(self, decoder: FrameDecoder, most: int) -> None:
+        """Set the socket's low-water mark for the next read: ``most`` bytes, or the
+        rest of the large frame being received if less; 1 between large frames."""
+        partial = decoder.partial()
+        lowat = 1 if partial is None else min(len(partial[1]) - partial[2], most)
+        if lowat != self._lowat and not self._closed:
+            try:
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
+            except OSError:
+                self._lowat = 0  # not supported here: wake on every byte, as before
+                return
+            self._lowat = lowat
 
     def pause_reading(self) -> None:
         """Stop reading until `resume_reading`."""

@@ -22,10 +22,12 @@ from dispynb.protocol.handshake import ClientHandshake
 from dispynb.protocol.messages import Error, JobCancel, JobSubmit, Welcome
 from dispynb.transport.connection import Connection
 from dispynb.transport.connector import connect
+from dispynb.transport.links import READ_LOWAT
 from tests.asyncutil import run
 from tests.transport.util import (
     HOST,
     SECRET,
+    Echo,
     RawClient,
     client,
     echo_round_trip,
@@ -399,6 +401,50 @@ def test_tampered_large_frame_hashed_in_flight_closes_without_dispatch(where, ca
             await read_until_closed(reader)
             assert [m.key for m, _ in echo.received] == [1]
             assert warnings_from(caplog, "message 1 failed its MAC check")
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    "size",
+    [
+        200_000,  # less than the low-water mark from its start
+        3 * 1024 * 1024 + 7,  # several marks, then the rest
+    ],
+)
+def test_large_frames_arriving_in_pieces_then_small_ones_are_all_read(size):
+    """A reader with `read_lowat` (a node) is woken while a large frame arrives only
+    once enough of it is queued (SO_RCVLOWAT): a frame's last few bytes, and the
+    small frames after it, must still wake it (a mark left set would leave them
+    unread)."""
+    big = os.urandom(size)
+
+    class LowatEcho(Echo):
+        async def __call__(self, conn: Connection, name: str) -> None:
+            conn.read_lowat = READ_LOWAT
+            await super().__call__(conn, name)
+
+    async def main():
+        async with (
+            serving(handler=LowatEcho()) as (listener, _echo),
+            raw_connection(listener.port) as (reader, writer),
+        ):
+            raw = RawClient(reader, writer)
+            await raw.handshake()
+            for key in range(2):
+                frame = raw.signed_frame(
+                    JobCancel(comp_id=1, key=key, attempt=0), [big]
+                )
+                for piece in (frame[:1000], frame[1000:-3], frame[-3:-1], frame[-1:]):
+                    writer.write(piece)
+                    await writer.drain()
+                message, buffers = await raw.receive()
+                assert message.key == key and bytes(buffers[0]) == big
+                for small in range(10, 13):
+                    sent = JobCancel(comp_id=1, key=small, attempt=0)
+                    writer.write(raw.signed_frame(sent, [b"s"]))
+                    message, buffers = await raw.receive()
+                    assert message.key == small and bytes(buffers[0]) == b"s"
 
     run(main())
 
