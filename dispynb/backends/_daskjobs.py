@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from typing import Any
 
 from dispynb.backends._daskstate import _as_bytes, _DaskState, logger
 from dispynb.backends.base import JobRequest, Outcome
+from dispynb.backends.jobfiles import save_job_file
 from dispynb.errors import DispynbError, NotSupportedError, SerializationError
 from dispynb.job import JobStatus
 from dispynb.protocol import serialize
-from dispynb.protocol.files import write_inside
 
 
 class _Jobs(_DaskState):
@@ -58,17 +57,7 @@ class _Jobs(_DaskState):
             _, dask_key, path, data = message
             key = self._key_of(dask_key)
             if key is not None:
-                self._save_file(key, path, data)
-
-    def _save_file(self, key: int, path: str, data: bytes) -> None:
-        """A job sent a file (``dispy_send_file``): save it under ``files_dir``."""
-        base_dir = self.files_dir or os.getcwd()
-        try:
-            saved = write_inside(base_dir, path, memoryview(data))
-        except (DispynbError, OSError) as exc:
-            logger.warning("file %r from job %d not saved: %s", path, key, exc)
-            return
-        logger.info("saved %s from job %d", saved, key)
+                save_job_file(self.files_dir, key, path, data, logger=logger)
 
     # -- jobs ---------------------------------------------------------------------
 

@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import os
 from typing import Any
 
 from dispynb.backends._raystate import _RayState
-from dispynb.errors import DispynbError
-from dispynb.protocol.files import write_inside
+from dispynb.backends.jobfiles import save_job_file
 
 logger = logging.getLogger("dispynb.backends.ray")
 
@@ -65,7 +63,8 @@ class _InboxReader(_RayState):
         if kind == "provisional":
             self._events.job_provisional(key, self._view(node), value)
         elif kind == "file":
-            self._save_file(key, *value)
+            path, data = value
+            save_job_file(self._files_dir, key, path, data, logger=logger)
         if held is not None and self._sent[key] >= held[2]:
             self._release(key)
         return True
@@ -78,12 +77,3 @@ class _InboxReader(_RayState):
         timer.cancel()
         self._forget(key)
         self._events.job_done(key, node.info, outcome)
-
-    def _save_file(self, key: int, path: str, data: bytes) -> None:
-        base_dir = self._files_dir or os.getcwd()
-        try:
-            saved = write_inside(base_dir, path, memoryview(data))
-        except (DispynbError, OSError) as exc:
-            logger.warning("file %r from job %d not saved: %s", path, key, exc)
-            return
-        logger.info("saved %s from job %d", saved, key)

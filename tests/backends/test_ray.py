@@ -112,6 +112,12 @@ def progress(count: int) -> str:
     return "done"
 
 
+def sends_file(name: str) -> int:
+    with open(name, "w") as handle:
+        handle.write(f"written by the job for {name}")
+    return dispy_send_file(name)  # noqa: F821 (dispy's name on the node)
+
+
 def dies_once(folder: str) -> str:
     marker = Path(folder, "died")
     if not marker.exists():
@@ -234,6 +240,21 @@ def test_depends_files_are_next_to_the_jobs(engine: RayEngine, tmp_path: Path) -
     with JobCluster(reads_file, depends=[str(data)], engine=engine) as cluster:
         job = cluster.submit("input.txt")
         assert job() == "the data", job.exception
+
+
+def test_dispy_send_file_saves_the_file_under_files_dir(
+    engine: RayEngine, tmp_path: Path
+) -> None:
+    """A file a job sends is saved at its relative path under ``files_dir`` before
+    the job's result arrives."""
+    received = tmp_path / "received"
+    received.mkdir()
+    with JobCluster(sends_file, engine=engine, files_dir=str(received)) as cluster:
+        job = cluster.submit("report.txt")
+        assert job() == 0, job.exception
+        assert (received / "report.txt").read_text() == (
+            "written by the job for report.txt"
+        )
 
 
 def test_provisional_results_arrive_in_order_before_the_result(
