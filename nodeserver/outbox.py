@@ -13,8 +13,9 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from dispynb.defaults import PRE_AUTH_MAX_FRAME
 from dispynb.errors import DispynbError
-from dispynb.protocol.chunks import split_result
+from dispynb.protocol.chunks import fit_message, split_entry
 from dispynb.protocol.messages import (
     Error,
     FileFromNode,
@@ -38,6 +39,15 @@ BATCH_BYTES = 32 * 1024 * 1024
 #: A result of `STREAM_BYTES` or more (its pickled buffers) travels in `ResultChunk`
 #: messages of `CHUNK_BYTES`, so the client can assemble it in place.
 CHUNK_BYTES = 16 * 1024 * 1024
+
+#: A client that takes messages of this size or more gets its results as they come
+#: (batched, large ones streamed); to a client that takes less, each message is cut
+#: to its limit (`dispynb.protocol.chunks.fit_message`).
+FIT_BELOW = 256 * 1024 * 1024
+
+#: Characters of output (4 bytes each at most in UTF-8) over which a result is
+#: streamed, its output in chunks, whatever its buffers.
+STREAM_OUTPUT = STREAM_BYTES // 4
 
 #: Bytes queued for a client (not yet taken by its socket) over which this session's
 #: computations stop reading from their workers until the queue has drained: a client
@@ -67,8 +77,19 @@ class ResultOutbox:
         self._starts_timer: asyncio.TimerHandle | None = None
         self._oldest_start: float | None = None  # time.time() of the first waiting
         self._flush_pending = False
+        #: Computation id -> the largest message its client takes, if under
+        #: `FIT_BELOW` (see `client_limit`).
+        self._fit: dict[int, int] = {}
         #: Workers are not read: the client is not reading.
         self.held = False
+
+    def client_limit(self, comp_id: int, max_message_size: int) -> None:
+        """The client takes messages of at most ``max_message_size`` bytes (0: not
+        said) for computation ``comp_id``."""
+        if 0 < max_message_size < FIT_BELOW:
+            self._fit[comp_id] = max(max_message_size, PRE_AUTH_MAX_FRAME)
+        else:
+            self._fit.pop(comp_id, None)
 
     def provisional_reporter(
         self, comp_id: int
@@ -134,6 +155,9 @@ class ResultOutbox:
             if size >= STREAM_BYTES:
                 self._stream_result(comp_id, entry, buffers)
                 return
+        if (entry[5] or entry[6]) and len(entry[5]) + len(entry[6]) >= STREAM_OUTPUT:
+            self._stream_result(comp_id, entry, buffers)  # its output in chunks
+            return
         batch = self._out.get(comp_id)
         if batch is None:
             batch = self._out[comp_id] = ([], [])
@@ -150,18 +174,15 @@ class ResultOutbox:
     def _stream_result(
         self, comp_id: int, entry: list[Any], buffers: list[memoryview]
     ) -> None:
-        """Send a large result's buffers in chunks (views: nothing is copied), then
-        its entry, marked streamed."""
+        """Send a large result's buffers (views: nothing is copied) and large output
+        in chunks, then its entry, marked streamed."""
         self.flush()  # the results before it first
-        key, attempt = entry[0], entry[1]
         computation = self._computations.get(comp_id)
-        kinds = computation.result_kinds.get(key, "") if computation else ""
-        for chunk, part in split_result(
-            comp_id, key, attempt, buffers, kinds, CHUNK_BYTES
-        ):
-            self.write(chunk, [part])
-        # The entry, marked streamed (see `ResultEntry.to_wire`).
-        self.write(JobResults(comp_id=comp_id, results=[[*entry, True]]))
+        kinds = computation.result_kinds.get(entry[0], "") if computation else ""
+        streamed, chunks = split_entry(comp_id, entry, buffers, kinds, CHUNK_BYTES)
+        for chunk, part in chunks:
+            self._write_fit(comp_id, chunk, [part])
+        self._write_fit(comp_id, JobResults(comp_id=comp_id, results=[streamed]), [])
 
     def _starts_due(self) -> None:
         """Send the waiting starts once the oldest has waited START_REPORT_DELAY.
@@ -192,11 +213,24 @@ class ResultOutbox:
         starts, self._starts = self._starts, {}
         for comp_id, (entries, buffers) in out.items():
             started = starts.pop(comp_id, [])
-            self.write(
-                JobResults(comp_id=comp_id, results=entries, started=started), buffers
-            )
+            message = JobResults(comp_id=comp_id, results=entries, started=started)
+            if self._fit:
+                self._write_fit(comp_id, message, buffers)
+            else:
+                self.write(message, buffers)
         for comp_id, started in starts.items():
             self.write(JobResults(comp_id=comp_id, results=[], started=started))
+
+    def _write_fit(
+        self, comp_id: int, message: Message, buffers: list[memoryview]
+    ) -> None:
+        """`write`, cut to the client's limit if it said a small one."""
+        limit = self._fit.get(comp_id)
+        if limit is None:
+            self.write(message, buffers)
+            return
+        for part, part_buffers in fit_message(message, buffers, limit):
+            self.write(part, part_buffers)
 
     def write(self, message: Message, buffers: list[memoryview] | None = None) -> None:
         """Send ``message`` (a connection that ended is logged, not raised)."""

@@ -166,6 +166,7 @@ class ClientSession(_SessionFiles, _SessionRecovery):
             self.outbox.send_error("protocol", f"computation {message.comp_id} exists")
             return
         computation = self._new_computation(message)
+        self.outbox.client_limit(message.comp_id, message.max_message_size)
         self._keep_results(message, computation)
         self._computations[message.comp_id] = computation
         if self.outbox.held:

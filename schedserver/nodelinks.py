@@ -113,6 +113,11 @@ class _NodeLinks(_ServerState):
             pulse_interval=self.config.pulse_interval,
             keep_results=0.0,
             recovery_id=None,
+            # Within what both the client and this scheduler take.
+            max_message_size=min(
+                comp.setup.max_message_size or self.config.max_message_size,
+                self.config.max_message_size,
+            ),
         )
         try:
             conn.write(setup, comp.bundle)

@@ -306,6 +306,9 @@ class ComputationSetup(WireMessage):
     #: elsewhere; the computation wants the nodes to itself (dispy's ``exclusive``).
     reentrant: bool = False
     exclusive: bool = False
+    #: The largest message the client accepts (0: not said, the default's): a node
+    #: sends this computation's results, and their output, within it (in chunks).
+    max_message_size: int = 0
 
 
 @message("computation-ready")

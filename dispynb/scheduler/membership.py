@@ -136,6 +136,7 @@ class DriverNodes(DriverResults):
                 fresh_process=config.fresh_process,
                 reentrant=config.reentrant,
                 exclusive=config.exclusive,
+                max_message_size=config.max_message_size,
             ),
             bundle,
         )

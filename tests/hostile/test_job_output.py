@@ -85,6 +85,21 @@ def test_max_output_size_is_configurable_and_none_keeps_all(local):
     assert len(job.stdout) == 3 * MiB
 
 
+def test_output_over_the_client_message_size_arrives_whole_in_chunks(local):
+    """A client taking messages of 2 MiB at most, keeping all output: a job that
+    prints three times that (and a line on stderr) gets all of it, once; the
+    connection to the node survives (the next job runs on it)."""
+    limit = 2 * MiB
+    with JobCluster(
+        flood, nodes=local, max_message_size=limit, max_output_size=None
+    ) as cluster:
+        job = cluster.submit(6)
+        assert job() == 6, job.exception
+        assert job.stdout == ("x" * (MiB - 1) + "\n") * 6
+        assert job.stderr == "done\n"
+        assert cluster.submit(1)() == 1
+
+
 def test_a_result_over_max_result_size_is_a_clear_error(local):
     with JobCluster(big_result, nodes=local, max_result_size="1M") as cluster:
         job = cluster.submit(2 * MiB)

@@ -307,3 +307,31 @@ def test_a_client_recovering_with_a_small_max_message_size_gets_small_messages(
     result = jobs[0].result
     assert isinstance(result, bytes) and len(result) == size
     assert hashlib.sha256(result).hexdigest() == digest
+
+
+def flood(mib: int) -> int:
+    """Print ``mib`` MiB (lines of 1 MiB) and return it."""
+    for _ in range(mib):
+        print("x" * (MiB - 1))
+    return mib
+
+
+def test_a_client_with_a_small_max_message_size_gets_a_large_output_whole(
+    scheduler: SchedulerProcess, users: dict[str, Path]
+) -> None:
+    """Live, through the scheduler: a client taking messages of 2 MiB at most and
+    keeping all output gets a job's 6 MiB of stdout whole (the node cuts it to the
+    limit the client gave, which the scheduler passes on), and keeps its session."""
+    from dispynb import SharedJobCluster
+
+    with SharedJobCluster(
+        flood,
+        scheduler_host=scheduler.address,
+        secret_file=str(users["alice"]),
+        max_message_size=2 * MiB,
+        max_output_size=None,
+    ) as cluster:
+        job = cluster.submit(6)
+        assert job() == 6, job.exception
+        assert job.stdout == ("x" * (MiB - 1) + "\n") * 6
+        assert cluster.submit(1)() == 1
