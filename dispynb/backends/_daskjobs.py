@@ -76,15 +76,26 @@ class _Jobs(_DaskState):
             raise SerializationError(_unpicklable(job, exc)) from exc
 
     def submit(self, job: JobRequest) -> None:
-        """Queue a prepared job on Dask; never blocks."""
+        """Queue a prepared job on Dask; never blocks.
+
+        From a user's thread, ``Client.submit`` runs on that thread, as it does for
+        a Dask client's own users: it pickles the task, arguments included (a copy
+        of each large one), and hands the message to Dask's loop itself. Done on the
+        loop, a batch of large jobs would hold the loop up until the last one is
+        pickled, so none would travel before all of them were ready.
+        """
         if getattr(job, "payload", None) is None:
             self.prepare(job)
         limits = (job.timeout, job.mem_limit)
-        args = (job.key, job.payload, job.node_id, limits)
         if self.runner.in_loop_thread():
-            self._submit(*args)
-        else:
-            self.runner.call_soon(self._submit, *args)
+            self._submit(job.key, job.payload, job.node_id, limits)
+            return
+        try:
+            future = self._task(job.key, job.payload, job.node_id, limits)
+        except Exception as exc:  # the client closed meanwhile
+            self.runner.call_soon(self._not_sent, job.key, exc)
+            return
+        self.runner.call_soon(self._track, job.key, future)
 
     def _submit(
         self,
@@ -93,17 +104,36 @@ class _Jobs(_DaskState):
         node_id: str | None,
         limits: tuple[float | None, int | None],
     ) -> None:
+        try:
+            future = self._task(key, buffers, node_id, limits)
+        except Exception as exc:
+            self._not_sent(key, exc)
+            return
+        self._track(key, future)
+
+    def _task(
+        self,
+        key: int,
+        buffers: list[bytes],
+        node_id: str | None,
+        limits: tuple[float | None, int | None],
+    ) -> Any:
+        """The job as a Dask task; its Dask future, or None if the cluster closed.
+
+        Any thread: it reads the workers' state the loop keeps (a dict's keys copied
+        at once), and ``Client.submit`` is safe from any thread.
+        """
         from dispynb.backends._daskworker import run_job
 
-        if self.closed:
-            self.events.job_cancelled(key)
-            return
+        client = self.client
+        if self.closed or client is None:
+            return None
         kind = "r" if self.reentrant else "n"
         dask_key = f"{self.prefix}{kind}{key}-{next(self.attempts)}"
         workers: list[str] | None = [node_id] if node_id else self.wanted
         if not node_id and self.failed:
             workers = list(self.workers) or workers  # not where setup failed
-        future = self.client.submit(
+        return client.submit(
             run_job,
             self.plugin_name,
             limits,
@@ -113,9 +143,26 @@ class _Jobs(_DaskState):
             workers=workers,
             allow_other_workers=False,
         )
+
+    def _track(self, key: int, future: Any) -> None:
+        """Watch a submitted job's future (on the loop)."""
+        if future is None or self.closed:
+            if future is not None and self.client is not None:
+                cancel = self.client.cancel([future], reason="dispynb: closed")
+                asyncio.ensure_future(cancel).add_done_callback(_log_failure)
+            self.events.job_cancelled(key)
+            return
         self.futures[key] = future
         task = asyncio.ensure_future(self._watch(key, future))
         task.add_done_callback(_log_failure)
+
+    def _not_sent(self, key: int, error: Exception) -> None:
+        """Dask refused the task (its client closed under the job): abandoned."""
+        if self.closed:
+            self.events.job_cancelled(key)
+            return
+        reason = f"the job could not be sent to Dask: {type(error).__name__}: {error}"
+        self.events.job_abandoned(key, None, reason)
 
     async def _watch(self, key: int, future: Any) -> None:
         await _settled(future)
