@@ -15,7 +15,8 @@ computation (``python -m dispynb.backends._daskhost FD``). Over the control sock
 3. receives ``close`` or sees EOF (the worker is gone): kills its runners, runs
    ``cleanup(*setup_args)`` and exits.
 
-A runner runs one job at a time: the payload comes in, it calls the function with
+A runner runs one job at a time: the payload comes in (its buffers raw after their
+sizes, `dispynb.backends._daskpipe`), it calls the function with
 ``sys.stdout``/``sys.stderr`` captured, and sends back ``done`` (or ``provisional``
 results, and files sent with ``dispy_send_file``, while the job runs). A program
 computation's function is a `dispynb.programs.ProgramRunner`: the program runs as a
@@ -43,6 +44,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
+from dispynb.backends._daskpipe import recv_buffers, send_buffers
 from dispynb.jobenv import (
     format_job_exception,
     implicit_modules,
@@ -203,17 +205,21 @@ def run_one(
     if program is not None:  # the program's own output, as bytes (dispy's)
         stdout, stderr = program.stdout, program.stderr
     meta = (outcome, start, end, stdout, stderr, exception)
-    return meta, [bytes(b) for b in result_buffers]
+    return meta, result_buffers
 
 
 def runner_loop(
-    conn: Connection, func: Callable[..., Any], max_output: int | None
+    conn: Connection,
+    sock: socket.socket,
+    func: Callable[..., Any],
+    max_output: int | None,
 ) -> None:
-    """A runner: jobs in, outcomes out, until EOF."""
+    """A runner: jobs in, outcomes out, until EOF. ``conn`` carries the messages,
+    ``sock`` (the same socket) the buffers after them (`_daskpipe`)."""
     while True:
         try:
-            count, mem_limit = pickle.loads(conn.recv_bytes())
-            buffers: list[Buffer] = [conn.recv_bytes() for _ in range(count)]
+            sizes, mem_limit = pickle.loads(conn.recv_bytes())
+            buffers: list[Buffer] = list(recv_buffers(sock, sizes))
         except (EOFError, OSError):
             return
         lifted = limit_memory(mem_limit) if mem_limit else None
@@ -225,10 +231,10 @@ def runner_loop(
         if lifted is not None and meta[5] and "MemoryError" in meta[5]:
             hint = f"(the job's mem_limit is {mem_limit} bytes of address space)\n"
             meta = (*meta[:5], meta[5] + hint)
+        sizes = [memoryview(buffer).nbytes for buffer in result]
         with _Job.lock:
-            conn.send_bytes(pickle.dumps(("done", meta, len(result)), protocol=5))
-            for buffer in result:
-                conn.send_bytes(buffer)
+            conn.send_bytes(pickle.dumps(("done", meta, sizes), protocol=5))
+            send_buffers(sock, result)
 
 
 class Host:
@@ -331,8 +337,8 @@ class Host:
                 os.setpgid(0, 0)  # Stop kills the job's own subprocesses too
                 _die_with_parent()
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                conn = Connection(theirs.detach())
-                runner_loop(conn, self.bundle["func"], self.max_output)
+                conn = Connection(os.dup(theirs.fileno()))
+                runner_loop(conn, theirs, self.bundle["func"], self.max_output)
             except BaseException:
                 traceback.print_exc()
                 code = 1

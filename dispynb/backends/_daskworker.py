@@ -35,6 +35,7 @@ from typing import Any
 from distributed import WorkerPlugin, get_worker
 
 from dispynb.backends._daskhost import kill_group
+from dispynb.backends._daskpipe import recv_buffers, send_buffers
 
 #: Seconds a job runs before its start is announced to the client (quicker jobs
 #: report their start with their outcome: one event less on the hot path).
@@ -49,7 +50,8 @@ class Runner:
 
     def __init__(self, pid: int, sock: socket.socket) -> None:
         self.pid = pid
-        self.conn = Connection(sock.detach())
+        self.sock = sock  # the buffers (`_daskpipe`); ``conn`` the messages
+        self.conn = Connection(os.dup(sock.fileno()))
         self.killed = False
 
     def kill(self) -> None:
@@ -60,6 +62,7 @@ class Runner:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.conn.close()
+        self.sock.close()
 
 
 class ComputationPlugin(WorkerPlugin):
@@ -226,9 +229,9 @@ class ComputationPlugin(WorkerPlugin):
         announced = False
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            conn.send_bytes(pickle.dumps((len(buffers), mem_limit)))
-            for buffer in buffers:
-                conn.send_bytes(buffer)
+            sizes = [memoryview(buffer).nbytes for buffer in buffers]
+            conn.send_bytes(pickle.dumps((sizes, mem_limit)))
+            send_buffers(runner.sock, buffers)
             while True:
                 wait = START_REPORT if not announced else 1.0
                 if deadline is not None:
@@ -255,8 +258,8 @@ class ComputationPlugin(WorkerPlugin):
                     _, name, data = message
                     self.worker.log_event(self.topic, ["file", dask_key, name, data])
                     continue
-                _, meta, count = message
-                return meta, [conn.recv_bytes() for _ in range(count)]
+                _, meta, sizes = message
+                return meta, recv_buffers(runner.sock, sizes)
         except (EOFError, OSError):
             runner.kill()  # dead already, or half-way: a fresh one replaces it
             if self._cancelled(dask_key):

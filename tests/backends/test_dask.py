@@ -288,6 +288,74 @@ def test_timeouts_setup_failures_and_what_dask_cannot_do(
         assert "'dask' engine" in text or "dask" in text
 
 
+LARGE_PROGRAM = """
+import hashlib
+import threading
+
+
+def digest(data, *more, tail=b""):
+    parts = [data, *more, tail]
+    return [
+        [type(p).__name__, len(p), hashlib.sha256(p).hexdigest()] for p in parts
+    ], bytes(data[::-1])
+
+
+def main(args):
+    size = 6 << 20
+    blob = os.urandom(size)
+    arguments = [
+        ((blob,), {}),
+        ((bytearray(blob[: 5 << 20]), memoryview(blob)[1 : 4 << 20]), {}),
+        ((b"small",), {"tail": blob[: 3 << 20]}),
+    ]
+    with local_cluster() as dask_cluster:
+        with dispynb.JobCluster(digest, engine=DaskEngine(dask_cluster)) as cluster:
+            jobs = [cluster.submit(*a, **k) for a, k in arguments]
+            try:
+                cluster.submit(threading.Lock())
+                refused = None
+            except dispynb.errors.SerializationError as exc:
+                refused = str(exc)
+            outcomes = []
+            for job, (a, _) in zip(jobs, arguments):
+                parts, reversed_data = job()
+                expected = bytes(a[0][::-1])
+                outcomes.append(
+                    [int(job.status), job.exception, parts, reversed_data == expected]
+                )
+        return {
+            "outcomes": outcomes,
+            "expected": [
+                [[type(p).__name__, len(p), hashlib.sha256(p).hexdigest()]
+                 for p in [*a, k.get("tail", b"")]]
+                for a, k in arguments
+            ],
+            "refused": refused,
+        }
+"""
+
+
+def test_large_arguments_and_results_arrive_intact(
+    net: Network, tmp_path: Path
+) -> None:
+    """Arguments of several MB (bytes, a bytearray, a memoryview, a keyword) reach
+    the job whole and of their type (a memoryview as bytes, as on dispynb's nodes),
+    and a result of several MB comes back whole; an argument that cannot be pickled
+    is refused at submit, naming it."""
+    out = run(net, tmp_path, LARGE_PROGRAM)
+    for (status, exception, parts, reversed_ok), expected in zip(
+        out["outcomes"], out["expected"], strict=True
+    ):
+        assert (status, exception) == (FINISHED, None)
+        expected = [
+            ["bytes" if kind == "memoryview" else kind, n, sha]
+            for kind, n, sha in expected
+        ]
+        assert parts == expected
+        assert reversed_ok
+    assert "argument 1" in out["refused"] and "lock" in out["refused"]
+
+
 EXECUTOR_PROGRAM = """
 def square(x):
     return x * x
