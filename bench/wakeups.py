@@ -2,11 +2,13 @@
 
 Not a benchmark of time: it counts, per job, the context switches of every process
 (and thread) on the path, and optionally their system calls (``strace -c``), for
-dispynb (one `LocalCluster` node, as the benchmark's ``dispynb`` row) and for
+dispynb (one `LocalCluster` node, as the benchmark's ``dispynb`` row; the same node
+behind ``dispynb-scheduler``, the ``dispynb-scheduler`` row) and for
 ``ProcessPoolExecutor`` (the ``ppe`` row)::
 
     PYTHONPATH=$PWD .venv/bin/python bench/wakeups.py --backend dispynb --trips 1000
     PYTHONPATH=$PWD .venv/bin/python bench/wakeups.py --backend ppe --strace
+    PYTHONPATH=$PWD .venv/bin/python bench/wakeups.py --backend dispynb-scheduler
     PYTHONPATH=$PWD .venv/bin/python bench/wakeups.py --backend dispynb --burst 2000
 
 ``--trips`` sequential round trips (W2's pattern); ``--burst N`` submits N jobs at
@@ -83,8 +85,20 @@ def _processes(root: int) -> dict[str, int]:
                 continue
         except psutil.Error:
             continue
-        found[f"{child.name()}[{child.pid}]"] = child.pid
+        found[f"{_role(child)}[{child.pid}]"] = child.pid
     return found
+
+
+def _role(proc: psutil.Process) -> str:
+    """A process's label: the scheduler and node servers by their module."""
+    try:
+        command = " ".join(proc.cmdline())
+    except psutil.Error:
+        command = ""
+    for module in ("schedserver", "nodeserver"):
+        if f"-m {module}" in command or f"dispynb-{module[:-6]}" in command:
+            return module
+    return proc.name()
 
 
 class _Strace:
@@ -149,6 +163,28 @@ def _dispynb(
         yield trip, burst
 
 
+def _scheduler(
+    workers: int,
+) -> Iterator[tuple[Callable[[int], Any], Callable[[list[int]], Any]]]:
+    """The benchmark's ``dispynb-scheduler`` row: the same node behind a
+    ``dispynb-scheduler`` process (its hop is the difference)."""
+    from sched_backend import DispynbSchedulerBackend
+
+    backend = DispynbSchedulerBackend(workers)
+    backend.start()
+    try:
+
+        def trip(x: int) -> Any:
+            return backend.round_trip(inc, x)
+
+        def burst(xs: list[int]) -> Any:
+            return backend.submit_and_wait(inc, [(x,) for x in xs])
+
+        yield trip, burst
+    finally:
+        backend.close()
+
+
 def _ppe(
     workers: int,
 ) -> Iterator[tuple[Callable[[int], Any], Callable[[list[int]], Any]]]:
@@ -168,13 +204,15 @@ def _ppe(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backend", choices=["dispynb", "ppe"], default="dispynb")
+    parser.add_argument(
+        "--backend", choices=["dispynb", "dispynb-scheduler", "ppe"], default="dispynb"
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--trips", type=int, default=1000)
     parser.add_argument("--burst", type=int, default=0, help="W1 pattern: N at once")
     parser.add_argument("--strace", action="store_true")
     args = parser.parse_args()
-    backends = {"dispynb": _dispynb, "ppe": _ppe}
+    backends = {"dispynb": _dispynb, "dispynb-scheduler": _scheduler, "ppe": _ppe}
     for trip, burst in backends[args.backend](args.workers):
         jobs = args.burst or args.trips
         for i in range(200):  # warm-up: workers started, code paths hot
