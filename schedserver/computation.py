@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from dispynb.errors import DispynbError
 from dispynb.protocol.chunks import fit_message
+from dispynb.protocol.framing import Frame
 from dispynb.protocol.messages import (
     ABANDONED,
     CANCELLED,
@@ -121,6 +122,9 @@ class SharedComputation:
         #: last sent to the client (`report_nodes`).
         self.node_done: dict[str, list[float]] = {}
         self._reported: list[list[Any]] | None = None
+        #: The client's last job message (`submit`): ``(frame, first job, last job,
+        #: jobs)``, while it may still be passed on as it came.
+        self._as_sent: tuple[Frame, QueuedJob, QueuedJob, int] | None = None
 
     @property
     def name(self) -> str:
@@ -134,10 +138,13 @@ class SharedComputation:
         message: Message,
         buffers: list[memoryview] | None = None,
         gather: bool = False,
+        frame: Frame | None = None,
     ) -> None:
         """Send ``message`` (for this computation) to its client, or keep it;
         ``gather``: results that the session may hold to join with the next ones
-        (`SchedulerSession.gather`)."""
+        (`SchedulerSession.gather`); ``frame``: ``message`` as a node sent it (its
+        connection's `Connection.last_frame`), passed on as it is if nothing in it
+        changes for the client."""
         if self.client_comp_id != self.comp_id and hasattr(message, "comp_id"):
             message = dataclasses.replace(message, comp_id=self.client_comp_id)  # type: ignore[type-var]
         session = self.session
@@ -155,6 +162,8 @@ class SharedComputation:
                 session.send(part, part_buffers)
         elif gather and isinstance(message, JobResults):
             session.gather(message, buffers or [])
+        elif frame is not None and self.client_comp_id == self.comp_id:
+            session.relay(frame, message, buffers or [])
         else:
             session.send(message, buffers or [])
 
@@ -172,9 +181,21 @@ class SharedComputation:
 
     # -- from the client ---------------------------------------------------------------
 
-    def submit(self, message: JobSubmit, buffers: list[memoryview]) -> None:
-        """Queue the client's jobs (refusing those over the user's quota)."""
+    def submit(
+        self,
+        message: JobSubmit,
+        buffers: list[memoryview],
+        frame: Frame | None = None,
+    ) -> None:
+        """Queue the client's jobs (refusing those over the user's quota).
+
+        ``frame``: ``message`` as it came (`Connection.last_frame`); if the jobs go
+        to one node in one message before anything else is queued, `send_jobs`
+        passes it on as it is instead of encoding the same message again (until
+        `submitted`)."""
         limits = {item[0]: item for item in message.limits if item}
+        was_empty = not self.queue
+        with_limits = 0
         refused: list[ResultEntry] = []
         quota = self.server.config.max_queued
         queued = self.server.queued_of(self.user) if quota is not None else 0
@@ -195,11 +216,26 @@ class SharedComputation:
                 )
                 continue
             queued += 1
-            self.queue.append(
-                QueuedJob(key, attempt, item, job_buffers, limits.get(key))
-            )
+            job_limits = limits.get(key)
+            if job_limits is not None:
+                with_limits += 1
+            self.queue.append(QueuedJob(key, attempt, item, job_buffers, job_limits))
             self.account.queued += 1
         self.end_jobs(refused)
+        if (
+            frame is not None
+            and was_empty
+            and not refused
+            and self.queue
+            and self.client_comp_id == self.comp_id
+            # every limit is one of its jobs' (else the node gets those only)
+            and with_limits == len(message.limits)
+        ):
+            self._as_sent = (frame, self.queue[0], self.queue[-1], len(self.queue))
+
+    def submitted(self) -> None:
+        """The client's message that `submit` took was handled: its frame goes."""
+        self._as_sent = None
 
     def cancel(self, message: JobCancel) -> None:
         """Cancel a job: here if it is queued, else on the node that runs it."""
@@ -248,15 +284,18 @@ class SharedComputation:
         # More of the node's messages were read with this one (a burst of short
         # jobs): its results are gathered into one message to the client, and the
         # slots they free go out together, once the last of them is handled.
-        more = upstream.conn is not None and upstream.conn.messages_waiting > 0
+        conn = upstream.conn
+        more = conn is not None and conn.messages_waiting > 0
         # The client waits for them (W2): forwarded first, before the bookkeeping,
-        # unless a job came back unrun (it runs elsewhere: not for the client).
+        # unless a job came back unrun (it runs elsewhere: not for the client); a
+        # message not gathered goes as the node sent it (not encoded again).
         forward = bool(message.results or message.started)
         if forward and not any(
             isinstance(item, list) and item[2:3] == [RETURNED]
             for item in message.results
         ):
-            self.to_client(message, buffers, gather=more)
+            frame = None if more or conn is None else conn.last_frame
+            self.to_client(message, buffers, gather=more, frame=frame)
             forward = False
         returned: list[int] = []
         for start in message.started:  # [key, attempt, start_time, before]
@@ -412,22 +451,38 @@ class SharedComputation:
 
     def send_jobs(self, upstream: Upstream, jobs: list[QueuedJob]) -> None:
         """Send ``jobs`` to ``upstream``'s node, as one message."""
-        items: list[list[Any]] = []
-        limits: list[list[Any]] = []
-        buffers: list[memoryview] = []
+        name = upstream.node.name
+        running = self.running
         for job in jobs:
-            job.node = upstream.node.name
-            self.running[job.key] = job
-            items.append(job.item)
-            buffers.extend(job.buffers)
-            if job.limits is not None:
-                limits.append(job.limits)
+            job.node = name
+            running[job.key] = job
+        as_sent = self._as_sent
         try:
-            self.server.write(
-                upstream,
-                JobSubmit(comp_id=self.comp_id, jobs=items, limits=limits),
-                buffers,
-            )
+            if (
+                as_sent is not None
+                and len(jobs) == as_sent[3]
+                and jobs[0] is as_sent[1]
+                and jobs[-1] is as_sent[2]
+                and upstream.conn is not None
+            ):
+                # Exactly the client's message (the queue was empty, and jobs leave
+                # it in order): passed on as it came, not encoded again.
+                self._as_sent = None
+                upstream.conn.relay(as_sent[0])
+            else:
+                items: list[list[Any]] = []
+                limits: list[list[Any]] = []
+                buffers: list[memoryview] = []
+                for job in jobs:
+                    items.append(job.item)
+                    buffers.extend(job.buffers)
+                    if job.limits is not None:
+                        limits.append(job.limits)
+                self.server.write(
+                    upstream,
+                    JobSubmit(comp_id=self.comp_id, jobs=items, limits=limits),
+                    buffers,
+                )
         except DispynbError as exc:
             logger.debug("%s: cannot send jobs: %s", self.name, exc)
 

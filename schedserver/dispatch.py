@@ -60,10 +60,11 @@ class _Dispatch(_ServerState):
             self.schedule()
 
     def _dispatch(self) -> None:
+        computations = self.computations
         active = []
-        for c in self.computations:
-            c.account.held = c.held
-            if not c.closing and c.queue and not c.account.held:
+        for c in computations:
+            held = c.account.held = c.held
+            if c.queue and not c.closing and not held:
                 active.append(c)
         if not active:
             return
@@ -71,18 +72,23 @@ class _Dispatch(_ServerState):
         # mean duration calls for: the client's policy) run in the node's order,
         # not ours: only a user alone gets them, so that users in contention share
         # what runs, not only what is sent.
-        users = {c.user for c in self.computations if c.queue or c.account.in_flight}
-        per_cpu = self.config.jobs_per_cpu if len(users) <= 1 else 1
+        per_cpu = self.config.jobs_per_cpu
+        if len(computations) > 1:
+            users = {c.user for c in computations if c.queue or c.account.in_flight}
+            if len(users) > 1:
+                per_cpu = 1
         by_account = {id(c.account): c for c in active}
-        accounts = [c.account for c in self.computations if not c.closing]
+        accounts = [c.account for c in computations if not c.closing]
         batches: dict[
             tuple[int, str], tuple[SharedComputation, Upstream, list[Any]]
         ] = {}
         # Least loaded first (then in join order): jobs that arrive one at a time
         # (a client sends each as it is submitted when its loop is idle) spread
         # over the nodes as a burst's do, instead of all going to the first node.
-        nodes = sorted((n for n in self.nodes if n.alive), key=_load)
-        waiting = sum(len(c.queue) for c in active)
+        nodes = [n for n in self.nodes if n.alive]
+        if len(nodes) > 1:
+            nodes.sort(key=_load)
+        waiting = sum([len(c.queue) for c in active])
         progress = True
         while progress and waiting:
             progress = False

@@ -14,6 +14,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from dispynb.errors import DispynbError
+from dispynb.protocol.framing import Frame
 from dispynb.protocol.handshake import peer_text
 from dispynb.protocol.messages import (
     ComputationClose,
@@ -75,6 +76,15 @@ class SchedulerSession:
         with contextlib.suppress(DispynbError):
             self.conn.write(message, buffers or ())
 
+    def relay(self, frame: Frame, message: Message, buffers: list[memoryview]) -> None:
+        """`send` ``message``, whose ``frame`` (as a node sent it) is passed on as
+        it came, unless what was gathered must go first."""
+        if self._gathered:
+            self.send(message, buffers)
+            return
+        with contextlib.suppress(DispynbError):
+            self.conn.relay(frame)
+
     def gather(self, message: JobResults, buffers: list[memoryview]) -> None:
         """Hold ``message`` to join it with the results that follow: a node's
         messages read together (a burst of short jobs) reach the client as one
@@ -111,6 +121,8 @@ class SchedulerSession:
     def send_gathered(self) -> None:
         """Send the results `gather` holds (one message per computation)."""
         self._send_due = False
+        if not self._gathered:
+            return
         self._gathered_bytes = 0
         gathered, self._gathered = self._gathered, {}
         messages = [
@@ -162,8 +174,9 @@ class SchedulerSession:
         if isinstance(message, JobSubmit):
             comp = self._comp(message.comp_id)
             if comp is not None and not comp.closing:
-                comp.submit(message, buffers)
+                comp.submit(message, buffers, self.conn.last_frame)
                 server.schedule()
+                comp.submitted()
         elif isinstance(message, Ping):
             pass
         elif isinstance(message, JobCancel):

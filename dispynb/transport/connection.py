@@ -56,6 +56,9 @@ INBOX_HIGH = 16 * 1024 * 1024
 #: it.
 HASH_IN_FLIGHT = 256 * 1024
 
+#: Received frames up to this size are kept as `Connection.last_frame` for `relay`.
+RELAY_MAX = 64 * 1024
+
 #: ``handler(message, buffers) -> stop`` for `Connection.dispatch`.
 Handler = Callable[[Message, list[memoryview]], "bool | None"]
 
@@ -124,6 +127,11 @@ class Connection:
         self._delivering = False
         self.bytes_sent = 0
         self.bytes_received = 0
+        #: The frame of the message `recv` or `dispatch` handed out last, as it came
+        #: (``(prefix, count, body without its MAC)``), what `relay` passes on
+        #: unchanged; None after a large or unsigned one (a large one's memory is not
+        #: held past its turn).
+        self.last_frame: Frame | None = None
         #: Reads from the link so far, complete frames or not: a peer whose big
         #: message is still arriving on a slow link is alive (the pulse watchdog).
         self.reads = 0
@@ -315,6 +323,27 @@ class Connection:
         if joined:
             link.write(joined)
 
+    def relay(self, frame: Frame) -> None:
+        """Send a message received on another signed connection (its `last_frame`)
+        as it came, signed for this one: a relay passes a message on unchanged
+        without encoding it again. Raises `ConnectionClosedError` as `write` does,
+        ValueError on an unsigned connection (its frames carry no MAC)."""
+        link = self._link
+        if link is None or link.closed:
+            raise self._failure or ConnectionClosedError(
+                f"connection to {self.peer} closed"
+            )
+        signer = self._signer
+        if signer is None:
+            raise ValueError("only a signed connection relays a signed frame")
+        prefix, _count, signed = frame
+        size = PREFIX_SIZE + len(signed)
+        mac = signer.start(size)
+        mac.update(prefix)
+        mac.update(signed)
+        link.write((prefix, signed, mac.digest()))
+        self.bytes_sent += size + MAC_SIZE
+
     async def send(self, message: Message, buffers: Sequence[Buffer] = ()) -> None:
         """Send ``message`` and wait until the socket has taken it (backpressure)."""
         self.write(message, buffers)
@@ -398,6 +427,9 @@ class Connection:
         if isinstance(checked, DispynbError):
             raise checked
         buffers, signed, mac = split_body(body, count, MAC_SIZE if verifier else 0)
+        self.last_frame = (
+            (prefix, count, signed) if verifier and len(body) < RELAY_MAX else None
+        )
         if verifier is not None and checked is not _VERIFIED:
             # It arrived before signing started: only a peer that does not wait for
             # the end of the handshake sends that. Check it now, in turn.

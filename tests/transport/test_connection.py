@@ -20,7 +20,7 @@ from dispynb.errors import (
 )
 from dispynb.protocol.handshake import ClientHandshake
 from dispynb.protocol.messages import Error, JobCancel, JobSubmit, Welcome
-from dispynb.transport.connection import Connection
+from dispynb.transport.connection import RELAY_MAX, Connection
 from dispynb.transport.connector import connect
 from dispynb.transport.links import READ_LOWAT
 from tests.asyncutil import run
@@ -95,6 +95,40 @@ def test_connect_many_pipelined_messages_arrive_in_order():
                 message, buffers = await conn.recv()
                 assert message.key == key
                 assert bytes(buffers[0]) == b"k" * key
+
+    run(main())
+
+
+def test_relay_passes_a_received_message_on_signed_for_the_other_connection():
+    """A relay (the shared scheduler) passes a message on as it came: the peer of
+    the other connection gets it intact, and later messages there stay in sequence
+    (a relayed frame is signed with that connection's next MAC)."""
+    sent = JobSubmit(comp_id=7, jobs=[[1, 0, 2]], limits=[[1, 5.0, None]])
+    buffers = [b"first", b"x" * 1000]
+
+    async def main():
+        async with (
+            serving() as (listener, echo),
+            client(listener.port, name="from") as (source, _),
+            client(listener.port, name="to") as (target, _),
+        ):
+            await source.send(sent, buffers)
+            await source.recv()  # the echo: ``sent`` as a peer wrote it
+            frame = source.last_frame
+            assert frame is not None
+            await target.send(JobCancel(comp_id=1, key=1, attempt=0))
+            await target.recv()
+            target.relay(frame)
+            message, received = await target.recv()  # echoed back, checked
+            assert message == sent
+            assert [bytes(b) for b in received] == buffers
+            assert echo.received[-1] == (sent, buffers)
+            await target.send(JobCancel(comp_id=1, key=2, attempt=0))
+            assert (await target.recv())[0] == JobCancel(comp_id=1, key=2, attempt=0)
+            # A large message's memory is not held for a relay.
+            await source.send(sent, [b"y" * RELAY_MAX, b""])
+            await source.recv()
+            assert source.last_frame is None
 
     run(main())
 
