@@ -21,6 +21,7 @@ import concurrent.futures
 import contextlib
 import logging
 import os
+import select
 import selectors
 import threading
 from collections.abc import Awaitable, Callable
@@ -31,6 +32,10 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _THREAD_NAME = "dispynb-io"
+
+#: Seconds a thread that took the loop's place waits for I/O at a time
+#: (`LoopRunner.wait_readable`): the longest a due timer of the loop waits for it.
+_SLICE = 0.002
 
 
 class LoopRunner:
@@ -63,9 +68,10 @@ class LoopRunner:
         """Create a stopped runner; use :meth:`acquire` instead of calling this."""
         # Held by the loop thread whenever it is not waiting for I/O (see `enter`).
         self._busy: threading.Lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop = asyncio.SelectorEventLoop(
-            _IdleSelector(self._busy)
-        )
+        self._selector = _IdleSelector(self._busy)
+        self._loop: _GuestLoop = _GuestLoop(self._selector)
+        # The thread that took the loop's place (`enter`), while it has it.
+        self._guest: int | None = None
         self._thread: threading.Thread = threading.Thread(
             target=self._run, name=_THREAD_NAME, daemon=True
         )
@@ -123,8 +129,11 @@ class LoopRunner:
         return self._loop
 
     def in_loop_thread(self) -> bool:
-        """Return True when called from the loop's own thread."""
-        return threading.get_ident() == self._thread.ident
+        """Return True when called from the loop's own thread, or from a thread that
+        has taken the loop's place (`enter`): waiting for the loop there would
+        deadlock too."""
+        ident = threading.get_ident()
+        return ident == self._thread.ident or ident == self._guest
 
     def enter(self) -> bool:
         """From another thread: take the loop's place while it waits for I/O.
@@ -138,16 +147,59 @@ class LoopRunner:
         """
         if self._released or threading.get_ident() == self._thread.ident:
             return False
-        if not self._busy.acquire(blocking=False):
+        if self._selector.waking or not self._busy.acquire(blocking=False):
+            return False  # busy, or about to be: the loop thread goes first
+        if self._selector.waking:  # it woke meanwhile: do not make it wait
+            self._busy.release()
             return False
         if self._loop.is_closed():  # its thread ended: nothing may run for it
             self._busy.release()
             return False
+        self._guest = threading.get_ident()
+        self._loop.guest = True
         return True
 
     def leave(self) -> None:
-        """Give the loop back after a successful :meth:`enter`."""
+        """Give the loop back after a successful :meth:`enter`.
+
+        If the caller scheduled callbacks on the loop meanwhile (a future it
+        completed, a timer), the loop thread is woken to run them.
+        """
+        loop = self._loop
+        stray, loop.stray, loop.guest = loop.stray, False, False
+        self._guest = None
         self._busy.release()
+        if stray:
+            with contextlib.suppress(RuntimeError):  # closed: nothing left to run
+                loop.call_soon_threadsafe(_nothing)
+
+    def wait_readable(self, fds: list[int], timeout: float) -> list[int] | None:
+        """Between :meth:`enter` and :meth:`leave`: wait up to ``timeout`` seconds for
+        one of ``fds`` (taken out of the loop's selector by the caller) to be
+        readable; return those that are ([] on timeout).
+
+        None as soon as the loop has anything else to do (another descriptor or a
+        wake-up from another thread): the caller should then `leave` promptly.
+        """
+        ours = getattr(self._selector, "fileno", lambda: -1)()  # epoll's own fd
+        if ours < 0:
+            return None
+        poller = select.poll()
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        poller.register(ours, select.POLLIN)
+        # In slices: the loop thread may wake for a timer, which shows nowhere but
+        # in `waking`; it then waits for the caller at most one slice.
+        ready = [fd for fd, _ in poller.poll(min(max(timeout, 0.0), _SLICE) * 1000.0)]
+        if ours in ready or self._selector.waking:
+            return None
+        return ready
+
+    @property
+    def debug(self) -> bool:
+        """Whether the loop runs in asyncio's debug mode (where only its own thread
+        may schedule callbacks on it: `enter` is then of no use for that)."""
+        return self._loop.get_debug()
 
     def call_soon(self, fn: Callable[..., Any], *args: Any) -> asyncio.Handle:
         """Schedule ``fn(*args)`` on the loop; safe from any thread."""
@@ -281,6 +333,38 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=LoopRunner._forget_after_fork)
 
 
+def _nothing() -> None:
+    """A callback that only wakes the loop."""
+
+
+class _GuestLoop(asyncio.SelectorEventLoop):
+    """The runner's loop: notes callbacks scheduled by a thread that took its place
+    (`LoopRunner.enter`), so that `LoopRunner.leave` wakes the loop thread for them."""
+
+    def __init__(self, selector: selectors.BaseSelector) -> None:
+        super().__init__(selector)
+        self.guest = False  # another thread has the loop (`LoopRunner.enter`)
+        self.stray = False  # ... and scheduled a callback meanwhile
+
+    def call_soon(  # type: ignore[override]  # same signature as the base's
+        self, callback: Callable[..., object], *args: Any, context: Any = None
+    ) -> asyncio.Handle:
+        if self.guest:  # the loop thread runs no callback meanwhile: the guest's
+            self.stray = True
+        return super().call_soon(callback, *args, context=context)
+
+    def call_at(  # type: ignore[override]  # same signature as the base's
+        self,
+        when: float,
+        callback: Callable[..., object],
+        *args: Any,
+        context: Any = None,
+    ) -> asyncio.TimerHandle:
+        if self.guest:
+            self.stray = True
+        return super().call_at(when, callback, *args, context=context)
+
+
 class _IdleSelector(selectors.DefaultSelector):
     """The loop's selector: lets go of ``busy`` only while it waits for I/O, so
     that `LoopRunner.enter` succeeds exactly when the loop thread is idle."""
@@ -288,6 +372,10 @@ class _IdleSelector(selectors.DefaultSelector):
     def __init__(self, busy: threading.Lock) -> None:
         super().__init__()
         self._busy = busy
+        #: The loop thread's wait ended and it wants ``busy`` back: `LoopRunner.enter`
+        #: then lets it go first (a thread that enters again and again must not
+        #: starve it).
+        self.waking = False
 
     def select(
         self, timeout: float | None = None
@@ -296,7 +384,9 @@ class _IdleSelector(selectors.DefaultSelector):
         try:
             return super().select(timeout)
         finally:
+            self.waking = True
             self._busy.acquire()
+            self.waking = False
 
 
 class Coalescer:

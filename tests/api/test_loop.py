@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -298,3 +299,66 @@ def test_enter_after_the_last_release_is_refused():
     runner = LoopRunner.acquire()
     runner.release()
     assert runner.enter() is False
+
+
+def enter_when_idle(runner: LoopRunner) -> None:
+    deadline = time.monotonic() + WAIT
+    while not runner.enter():  # idle once the acquire's own callbacks have run
+        assert time.monotonic() < deadline, "the loop never went idle"
+
+
+def test_a_thread_that_entered_counts_as_the_loop_thread_until_it_leaves(runner):
+    """Waiting for the loop there would deadlock: run_sync refuses, as on the loop."""
+    enter_when_idle(runner)
+    try:
+        assert runner.in_loop_thread()
+        with pytest.raises(RuntimeError, match="deadlock"):
+            runner.run_sync(noop)
+    finally:
+        runner.leave()
+    assert not runner.in_loop_thread()
+    assert runner.run_sync(add, 1, 1) == 2
+
+
+def test_a_callback_scheduled_by_the_thread_that_entered_runs_once_it_leaves(runner):
+    """`loop.call_soon` (not thread-safe) from the entered thread, e.g. a future it
+    completes: the loop thread, asleep in its wait for I/O, is woken for it."""
+    enter_when_idle(runner)
+    ran, timer = threading.Event(), threading.Event()
+    try:
+        runner.loop.call_soon(ran.set)
+        runner.loop.call_later(0.01, timer.set)
+    finally:
+        runner.leave()
+    assert ran.wait(WAIT)
+    assert timer.wait(WAIT)
+
+
+def test_wait_readable_returns_the_ready_socket_or_none_when_the_loop_has_work(
+    runner,
+):
+    a, b = socket.socketpair()
+    with a, b:
+        enter_when_idle(runner)
+        try:
+            assert runner.wait_readable([a.fileno()], 0.01) == []
+            b.send(b"x")
+            assert runner.wait_readable([a.fileno()], WAIT) == [a.fileno()]
+            a.recv(1)
+            ran = threading.Event()
+            runner.call_soon(ran.set)  # the loop thread wakes: it has work
+            assert runner.wait_readable([a.fileno()], WAIT) is None
+        finally:
+            runner.leave()
+        assert ran.wait(WAIT)
+
+
+def test_a_thread_entering_again_and_again_does_not_starve_the_loop(runner):
+    """The loop thread, woken by a timer, goes first: `enter` refuses meanwhile."""
+    due = threading.Event()
+    runner.call_soon(lambda: runner.loop.call_later(0.05, due.set))
+    deadline = time.monotonic() + WAIT
+    while not due.is_set() and time.monotonic() < deadline:
+        if runner.enter():
+            runner.leave()
+    assert due.is_set()
