@@ -38,8 +38,10 @@ IOV_MAX = 1024
 #: once this many bytes of a large frame's body are queued, or all that is left of
 #: it (``SO_RCVLOWAT``), not for every few segments: fewer wake-ups, reads and MAC
 #: updates per megabyte. The kernel still wakes it early when its receive buffer or
-#: the peer's window runs short.
-READ_LOWAT = 1024 * 1024
+#: the peer's window runs short. 256 KiB: the node server's CPU per MB was as low
+#: as with 128 KiB-1 MiB or lower (cross-host W4), and a piece is hashed while it is
+#: still in the CPU's cache.
+READ_LOWAT = 256 * 1024
 
 
 class DrainWaiters:
