@@ -71,6 +71,9 @@ class _Events(_ClusterState):
         self._emit(DispyNode.AvailInfo, node, None)
 
     def jobs_sent(self, keys: list[int], info: NodeInfo) -> None:
+        # On the loop thread, or on a submitting thread holding the loop (it sent
+        # the jobs itself; see dispynb.backends.base, "Threads"): the journal is
+        # thread-safe, and records them as sent when they are.
         self._journal.sent(keys, info.node_id)
 
     def job_running(self, key: int, info: NodeInfo, start_time: float) -> None:

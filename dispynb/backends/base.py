@@ -24,6 +24,13 @@ The façade owns a background asyncio loop (``config.runner``, a `LoopRunner`).
   in the order things happened. A backend whose engine calls it back on other
   threads hands each event over with ``config.runner.call_soon(fn, *args)`` (or
   ``loop.call_soon_threadsafe``). The façade's handlers are quick and never block.
+  One exception: a thread that holds the loop (``config.runner.enter()`` returned
+  True, until ``leave()``) stands in for the loop's thread, which runs nothing
+  meanwhile, so events still come one at a time and in order. The nodes backend's
+  `Backend.submit` does that to send a small job while the loop waits for I/O; the
+  only event it can then emit is ``jobs_sent``, which the façade turns into a write
+  to the recovery journal (thread-safe, as its ``submitted`` record that the
+  submitting thread writes anyway): the job is recorded as sent when it is sent.
 * `Backend.prepare`, `Backend.submit`, `Backend.cancel` and `Backend.traffic`
   never block and may be called from any thread, the loop's included.
 * The other `Backend` methods may block (bounded: a few seconds, ``close`` up to
@@ -288,7 +295,8 @@ class JobEvents(Protocol):
         events name the scheduler, not the node) gives ``node``'s counts now."""
 
     def jobs_sent(self, keys: list[int], node: NodeInfo) -> None:
-        """Jobs were handed to ``node``; they may wait there for a free CPU."""
+        """Jobs were handed to ``node``; they may wait there for a free CPU. Also
+        called by a submitting thread that holds the loop (see "Threads")."""
 
     def job_running(self, key: int, node: NodeInfo, start_time: float) -> None:
         """A job started executing on ``node`` at ``start_time`` (epoch seconds)."""
@@ -325,7 +333,9 @@ class Backend(Protocol):
 
     def submit(self, job: JobRequest) -> None:
         """Queue a job that ``prepare`` accepted; never blocks, never raises for the
-        job's content, any thread. Its events follow on the loop thread.
+        job's content, any thread. Its events follow on the loop thread, except
+        ``jobs_sent`` when the calling thread sends the job itself while holding
+        the loop (see "Threads" above).
 
         (Two steps so that the façade reports ``Created`` to callbacks and
         listeners after the checks and before any event of the job.)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import signal
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -155,6 +157,85 @@ def test_recover_jobs_never_sent_jobs_come_back_abandoned_with_arguments(tmp_pat
     assert all(
         "not yet sent" in job[4] or "never reached" in job[4] for job in abandoned
     )
+
+
+#: Sends jobs one at a time with the client's I/O loop idle, so that the submitting
+#: thread writes each to the node itself (`LoopRunner.enter`), until the journal
+#: recorded one as sent from that thread; prints its id. Jobs other than the first
+#: wait for the ``go`` file (made after the client was killed).
+DIRECT_CLIENT = """
+import json, sys, threading, time
+import dispynb as dispy
+from dispynb.journal import Journal
+
+sent_by_me = {}
+journal_sent = Journal.sent
+def sent(self, recovery_id, key, node):
+    sent_by_me[key] = threading.current_thread() is threading.main_thread()
+    journal_sent(self, recovery_id, key, node)
+Journal.sent = sent
+
+def compute(n, go):
+    import os, time
+    deadline = time.monotonic() + 60
+    while n and not os.path.exists(go) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return n * n
+
+node, secret, journal, go = sys.argv[1:5]
+cluster = dispy.JobCluster(compute, nodes=[node], secret=secret, recover_file=journal)
+assert cluster.submit_job_id("job-0", 0, go)() == 0
+for n in range(1, 8):
+    job = cluster.submit_job_id("job-%d" % n, n, go)
+    if sent_by_me.get(job._key):
+        break
+    time.sleep(0.2)  # the loop was busy: try again once it waits for I/O
+print(json.dumps([n, sent_by_me.get(job._key, False)]), flush=True)
+time.sleep(60)  # killed before it gets further
+"""
+
+
+def test_a_job_the_submitting_thread_sent_is_journaled_as_sent_and_recovered(
+    tmp_path: Path,
+) -> None:
+    """With the I/O loop idle, the submitting thread sends a job itself, and the
+    journal records it as sent there and then (the loop thread does not do it
+    later): a client SIGKILLed right after recovers it, run once, with its result,
+    and not as a job that never reached its node."""
+    journal, go = tmp_path / "journal.db", tmp_path / "go"
+    (tmp_path / "client.py").write_text(DIRECT_CLIENT)
+    with running_node(tmp_path / "node", cpus=8) as node:
+        client = subprocess.Popen(
+            [sys.executable, "client.py", node.spec, node.secret, str(journal),
+             str(go)],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        try:
+            assert client.stdout is not None
+            last, direct = json.loads(client.stdout.readline())
+            assert direct, "no job was sent by the submitting thread"
+            # Its row says sent, to the node, already: nothing was left to the loop.
+            (recovery_id, _name, _nodes), *_ = Journal(str(journal)).computations()
+            keys = {job.id: key for key, job, _at in
+                    Journal(str(journal)).jobs(recovery_id)}  # fmt: skip
+            with contextlib.closing(sqlite3.connect(journal)) as db:
+                row = db.execute(
+                    "SELECT status, node FROM jobs WHERE key = ?",
+                    (keys[f"job-{last}"],),
+                ).fetchone()
+            assert row == (dispynb.DispyJob.Running, node.spec)
+            client.send_signal(signal.SIGKILL)
+            client.wait(WAIT)
+        finally:
+            client.kill()
+            client.stdout.close()  # type: ignore[union-attr]
+            go.touch()  # its jobs end now, its client gone: the node keeps them
+        jobs = dispynb.recover_jobs(str(journal), timeout=30, secret=node.secret)
+    got = {job.id: (job.status, job.result) for job in jobs}
+    assert got[f"job-{last}"] == (dispynb.DispyJob.Finished, last * last)
+    assert len(jobs) == len(got) == last + 1
 
 
 def test_recover_file_removed_after_clean_close(local, tmp_path):
