@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import io
 import logging
 import mmap
@@ -31,7 +32,7 @@ from nodeserver.ipc import Done, IpcMessage, Run, Skip
 from nodeserver.jobapi import CONTEXT, install_interrupt_handler
 from nodeserver.memory import release_freed_memory
 from nodeserver.program import ProgramOutput
-from nodeserver.sharedbody import MAPPINGS, map_segments, unmap
+from nodeserver.sharedbody import MAPPINGS, map_segments, seal, unmap
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,10 @@ RELEASE_AFTER_IDLE = 0.5
 
 
 def run_job(
-    func: Callable[..., Any], run: Run, buffers: list[memoryview]
+    func: Callable[..., Any],
+    run: Run,
+    buffers: list[memoryview],
+    loaded: Callable[[], object] | None = None,
 ) -> tuple[Done, list[Buffer]]:
     """Call ``func`` on the pickled ``(args, kwargs)`` in ``buffers``; report how.
 
@@ -63,6 +67,8 @@ def run_job(
         The `Run` message; its key and attempt are echoed in the `Done`.
     buffers:
         The payload of ``run``: ``serialize.dumps((args, kwargs))``.
+    loaded:
+        Called once the arguments are unpickled, before the job starts.
 
     Returns
     -------
@@ -104,6 +110,8 @@ def run_job(
             start_time = end_time = time.time()
             exception = _describe(exc, "arguments cannot be unpickled on the node")
         else:
+            if loaded is not None:
+                loaded()
             start_time = time.time()
             restore = _add_names(func, names) if names else None
             mem_limit = run.mem_limit
@@ -294,6 +302,12 @@ def worker_loop(
             started = clock()
             if isinstance(shared, str):
                 done, result_buffers = _unreadable(run, shared), _NO_BUFFERS
+            elif isinstance(shared, mmap.mmap):
+                # Arguments that are all copies leave the job nothing to write to
+                # the mapping through: then it is kept without looking at its pages.
+                loaded = functools.partial(seal, shared, buffers)
+                done, result_buffers = run_job(func, run, buffers, loaded)
+                del loaded
             else:
                 done, result_buffers = run_job(func, run, buffers)
             del buffers

@@ -265,3 +265,60 @@ def test_kept_mappings_are_bounded_oldest_unmapped_first():
     assert mappings.held == 4 * MB
     assert maps[0].closed and not maps[1].closed and not maps[2].closed
     assert mappings.release() == 4 * MB
+
+
+# -- sealed: arguments that are all copies leave nothing to write through ----------
+
+
+def _no_page_walk(mapping):
+    raise AssertionError("a sealed mapping's pages were read")
+
+
+def test_a_mapping_whose_arguments_were_all_copied_is_kept_without_a_page_walk(
+    monkeypatch,
+):
+    mappings = sharedbody.WorkerMappings()
+    body = SharedBody.create(2 * MB)
+    data = os.urandom(MB)
+    pickled = serialize.dumps(((data,), {}))  # a bytes argument: unpickled as a copy
+    layout, offset = [], 0
+    for part in pickled:
+        part = bytes(part)
+        body[offset : offset + len(part)] = part
+        layout += [offset, len(part)]
+        offset += len(part)
+    mapping, views = mappings.map(os.dup(body.fd), layout)
+    (got,), _ = serialize.loads(views)
+    assert got == data
+    assert mappings.seal(mapping, views)
+    with pytest.raises(ValueError):
+        bytes(views[0])  # let go: nothing is left to write to the mapping through
+    del views
+    monkeypatch.setattr(sharedbody, "_pristine", _no_page_walk)
+    assert mappings.done(mapping)
+    assert mappings.held == 2 * MB  # kept for the next job
+    mappings.release()
+
+
+@pytest.mark.parametrize("how", ["the view itself", "a view of the view"])
+def test_a_mapping_an_argument_still_uses_is_not_sealed_and_its_pages_are_read(
+    how, monkeypatch
+):
+    mappings = sharedbody.WorkerMappings()
+    body = SharedBody.create(2 * MB)
+    data = os.urandom(2 * MB)
+    mapping, views = mappings.map(os.dup(body.fd), _job_in(body, data))
+    # What a zero-copy argument (a NumPy array made from a buffer) holds on to.
+    held = views[0] if how == "the view itself" else memoryview(views[0])[MB:]
+    assert not mappings.seal(mapping, views)
+    assert bytes(held[:16]) == (
+        data[:16] if how == "the view itself" else data[MB:][:16]
+    )
+    held[0:1] = b"\0" if held[0] else b"\1"  # the job writes: copy-on-write page
+    del held, views
+    walked = []
+    real = sharedbody._pristine
+    monkeypatch.setattr(sharedbody, "_pristine", lambda m: walked.append(m) or real(m))
+    assert mappings.done(mapping)
+    assert walked and mappings.held == 0 and mapping.closed  # written: not kept
+    assert bytes(body[: 2 * MB]) == data  # the node's memory never changed
