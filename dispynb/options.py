@@ -138,7 +138,8 @@ class ClusterOptions:
         A larger result is not sent: the job ends ``Terminated`` with
         ``ResultTooLarge`` in ``job.exception``, naming the size and this option.
         Default None: as large as ``max_message_size`` (and the node's) allows,
-        less room for the job's output.
+        less room for a message's header (the job's output is not counted: what
+        does not fit in a message comes in chunks).
     max_pids:
         Tasks (processes and threads, the job's worker included) a job may have at
         once, enforced with a pids cgroup per worker where the node can create

@@ -577,16 +577,14 @@ def _unpicklable_argument(
 
 
 def _result_cap(opts: ClusterOptions) -> int:
-    """Bytes a result may pickle to: ``max_result_size``, within what a message from
-    a node may carry here besides the job's output (4 bytes a character, 2 streams)."""
-    output = opts.max_output_size
-    room = (
-        opts.max_message_size
-        - (1 << 20)
-        - 8 * (output if isinstance(output, int) else 0)
-    )
+    """Bytes a result may pickle to: ``max_result_size``, within ``max_message_size``
+    less room for a message's header. The job's output is not counted: the node
+    sends what does not fit in a message in chunks, as a large result's buffers
+    (it knows the limit from `ComputationSetup.max_message_size`)."""
+    limit = opts.max_message_size
+    room = max(limit - (1 << 20), limit // 2)
     cap = opts.max_result_size
-    return max(room, 0) if not isinstance(cap, int) else min(cap, max(room, 0))
+    return room if not isinstance(cap, int) else min(cap, room)
 
 
 def _client_name() -> str:

@@ -100,6 +100,18 @@ def test_output_over_the_client_message_size_arrives_whole_in_chunks(local):
         assert cluster.submit(1)() == 1
 
 
+def test_a_client_with_a_small_max_message_size_gets_results_up_to_it(local):
+    """max_message_size of 8 MiB with the default max_output_size (4 M characters,
+    up to 32 MiB of two outputs in UTF-8): results up to the limit, less a
+    header's room, arrive (large ones in chunks); one over it is a clear error."""
+    with JobCluster(big_result, nodes=local, max_message_size=8 * MiB) as cluster:
+        assert cluster.submit(5)() == bytes(5)
+        assert cluster.submit(6 * MiB)() == bytes(6 * MiB)
+        job = cluster.submit(8 * MiB)
+        assert job() is None
+        assert "ResultTooLarge" in job.exception and "max_result_size" in job.exception
+
+
 def test_a_result_over_max_result_size_is_a_clear_error(local):
     with JobCluster(big_result, nodes=local, max_result_size="1M") as cluster:
         job = cluster.submit(2 * MiB)
