@@ -26,11 +26,13 @@ The façade owns a background asyncio loop (``config.runner``, a `LoopRunner`).
   ``loop.call_soon_threadsafe``). The façade's handlers are quick and never block.
   One exception: a thread that holds the loop (``config.runner.enter()`` returned
   True, until ``leave()``) stands in for the loop's thread, which runs nothing
-  meanwhile, so events still come one at a time and in order. The nodes backend's
-  `Backend.submit` does that to send a small job while the loop waits for I/O; the
-  only event it can then emit is ``jobs_sent``, which the façade turns into a write
-  to the recovery journal (thread-safe, as its ``submitted`` record that the
-  submitting thread writes anyway): the job is recorded as sent when it is sent.
+  meanwhile, so events still come one at a time and in order. The nodes backend
+  does that while the loop waits for I/O: `Backend.submit` sends a small job on the
+  submitting thread (its one event then is ``jobs_sent``, which the façade turns
+  into a write to the recovery journal, thread-safe like the ``submitted`` record
+  that thread writes anyway: the job is recorded as sent when it is sent), and a
+  thread waiting for a job reads the nodes' answers itself (``wait_here``: any
+  event may then come on that thread).
 * `Backend.prepare`, `Backend.submit`, `Backend.cancel` and `Backend.traffic`
   never block and may be called from any thread, the loop's included.
 * The other `Backend` methods may block (bounded: a few seconds, ``close`` up to
