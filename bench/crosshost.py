@@ -224,7 +224,10 @@ class CpuMeter:
         self.here = self.there = self.there_own = self.there_descendants = 0.0
 
     def __enter__(self) -> CpuMeter:
-        self._here, self._there = time.process_time(), _cpu_seconds(self.pids)
+        # The other processes' CPU first: reading it (psutil scans /proc for their
+        # children) is not this process's cost of what is measured.
+        self._there = _cpu_seconds(self.pids)
+        self._here = time.process_time()
         return self
 
     def __exit__(self, *exc: object) -> None:
