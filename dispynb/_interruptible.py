@@ -12,12 +12,14 @@ slice; other threads (nobody interrupts them) block in one call, without wake-up
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
+from types import FrameType, TracebackType
+from typing import Any, Protocol
 
-__all__ = ["SLICE", "acquire", "wait_event", "wait_for"]
+__all__ = ["SLICE", "HeldInterrupts", "acquire", "wait_event", "wait_for"]
 
 #: Seconds a main thread's wait blocks at most before Python checks for signals.
 SLICE = 0.25
@@ -83,3 +85,53 @@ def wait_event(event: threading.Event, timeout: float | None = None) -> bool:
             return event.is_set()
         if event.wait(left):
             return True
+
+
+class HeldInterrupts:
+    """``with HeldInterrupts():`` a Ctrl-C that reaches the main thread meanwhile (a
+    SIGINT, or ``_thread.interrupt_main()``) is held and raised as it ends.
+
+    For short steps that do the I/O thread's work on the user's thread (a job's
+    message written or its result handled while the loop is idle): an interrupt in
+    their middle would leave the client's bookkeeping half done, with a job counted
+    as sent or finished that never is. Other threads never get ``KeyboardInterrupt``:
+    nothing to hold there.
+    """
+
+    __slots__ = ("_held", "_previous")
+
+    def __init__(self) -> None:
+        self._previous: Any = None
+        self._held: list[FrameType | None] = []  # the frames interrupted
+
+    def __enter__(self) -> HeldInterrupts:
+        if not _in_main():
+            return self
+        previous = signal.getsignal(signal.SIGINT)
+        if callable(previous):  # SIG_IGN / SIG_DFL raise nothing in Python
+            self._previous = previous
+            signal.signal(signal.SIGINT, self._hold)
+        return self
+
+    @property
+    def pending(self) -> bool:
+        """Whether an interrupt is held: a wait in the step should end soon."""
+        return bool(self._held)
+
+    def _hold(self, signum: int, frame: FrameType | None) -> None:
+        self._held.append(frame)
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        previous = self._previous
+        if previous is None:
+            return
+        self._previous = None
+        signal.signal(signal.SIGINT, previous)
+        held, self._held = self._held, []
+        if held:
+            previous(signal.SIGINT, held[0])  # default_int_handler raises here

@@ -21,6 +21,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from dispynb._interruptible import HeldInterrupts
 from dispynb._loop import Coalescer
 from dispynb.backends import base
 from dispynb.backends.base import ClusterConfig, Departure, JobEvents, NodeInfo
@@ -456,7 +457,11 @@ class NodesBackend:
         outer = asyncio._get_running_loop()  # this thread's own loop, if any
         asyncio._set_running_loop(runner.loop)  # the handlers may ask for it
         try:
-            self.driver.read_direct(done, timeout, runner.wait_readable)
+            # Ctrl-C ends the wait, never half a result's handling.
+            with HeldInterrupts() as held:
+                self.driver.read_direct(
+                    lambda: held.pending or done(), timeout, runner.wait_readable
+                )
         finally:
             asyncio._set_running_loop(outer)
             runner.leave()

@@ -6,6 +6,7 @@ blocked in C would otherwise notice only when its wait ended by itself."""
 from __future__ import annotations
 
 import _thread
+import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -15,6 +16,7 @@ from typing import Any
 
 import pytest
 
+import dispynb.job
 from dispynb import JobCluster, _interruptible
 from tests import jobs
 from tests.sigint import python_handles_sigint, sigint_when
@@ -25,6 +27,11 @@ NEVER = 30.0
 
 def main_waits_in(function: str) -> Callable[[], bool]:
     """Whether the main thread is inside ``dispynb._interruptible.<function>`` now."""
+    return main_waits_in_function(function, "dispynb._interruptible")
+
+
+def main_waits_in_function(function: str, module: str) -> Callable[[], bool]:
+    """Whether the main thread is inside ``<module>.<function>`` now."""
     main = threading.main_thread().ident
 
     def check() -> bool:
@@ -32,7 +39,7 @@ def main_waits_in(function: str) -> Callable[[], bool]:
         while frame is not None:
             if (
                 frame.f_code.co_name == function
-                and frame.f_globals.get("__name__") == "dispynb._interruptible"
+                and frame.f_globals.get("__name__") == module
             ):
                 return True
             frame = frame.f_back
@@ -122,3 +129,49 @@ def test_job_call_and_cluster_wait_end_on_an_interrupt(
         assert not job.done()  # interrupted waits, not the job
     finally:
         cluster.close(timeout=jobs.WAIT, terminate=True)
+
+
+@pytest.mark.parametrize("how", ["signal", "flag"])
+def test_held_interrupts_are_raised_as_the_step_ends(how: str) -> None:
+    """`HeldInterrupts`: a Ctrl-C in the middle of a step the user's thread does for
+    the I/O loop (a result being handled) comes once the step is over, not in it."""
+    steps: list[str] = []
+    with python_handles_sigint():
+        with pytest.raises(KeyboardInterrupt), _interruptible.HeldInterrupts():
+            if how == "signal":
+                signal.raise_signal(signal.SIGINT)
+            else:
+                _thread.interrupt_main()
+            for _ in range(1000):  # the pending handler runs in here
+                pass
+            steps.append("finished")
+        assert steps == ["finished"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", sorted(SENDERS))
+def test_an_interrupt_while_the_waiting_thread_reads_the_nodes_itself(
+    local1: Any, tmp_path: Path, how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``job()`` first waits reading the node's socket itself (`wait_here`): Ctrl-C
+    there ends the wait (not the time allowed for it: longer than the test's time
+    limit), and the cluster goes on as before."""
+    monkeypatch.setattr(dispynb.job, "WAIT_HERE", 1000.0)  # all of the wait in there
+    send = SENDERS[how]
+    started = tmp_path / "started"
+    in_wait_here = main_waits_in_function("wait_readable", "dispynb._loop")
+    with JobCluster(jobs.mark_and_sleep, nodes=local1) as cluster:
+        job = cluster.submit(str(started), NEVER)
+        with (
+            send(lambda: started.exists() and in_wait_here()),
+            pytest.raises(KeyboardInterrupt),
+        ):
+            job()
+        assert not job.done()
+        cluster.cancel(job)
+        assert job.wait(NEVER)
+        assert job.status == dispynb.DispyJob.Terminated
+        quick = cluster.submit(str(tmp_path / "quick"), 0)
+        assert quick() is not None
+        assert quick.status == dispynb.DispyJob.Finished
