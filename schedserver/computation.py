@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from dispynb.errors import DispynbError
+from dispynb.errors import DispynbError, FramingError
 from dispynb.protocol.chunks import fit_message
-from dispynb.protocol.framing import Frame
+from dispynb.protocol.framing import Frame, split_body
 from dispynb.protocol.messages import (
     ABANDONED,
     CANCELLED,
@@ -35,6 +36,7 @@ from dispynb.protocol.messages import (
     Message,
     ResultChunk,
     SchedulerNodes,
+    pack_header,
 )
 from dispynb.protocol.records import ResultEntry, SharedNodeEntry
 from dispynb.scheduler.policy import update_mean
@@ -50,6 +52,10 @@ logger = logging.getLogger(__name__)
 
 #: Messages kept for a client that went away: what recovery resends.
 _KEPT_KINDS = (JobResults, ResultChunk, JobProvisional, FileFromNode)
+
+#: How a results message's header ends, and a job handed back in one.
+_RESULTS_OP = pack_header({"op": JobResults.op})[1:]
+_RETURNED = pack_header({"": RETURNED})[2:]
 
 
 @dataclass(slots=True, eq=False)
@@ -75,6 +81,8 @@ class Upstream:
     closed: bool = False
     #: Its connection ended (or never came): the node is lost to the computation.
     ended: bool = False
+    #: The results being read went to the client already (`SharedComputation.pass_on`).
+    passed: bool = False
     task: asyncio.Task[None] | None = None
 
 
@@ -139,12 +147,14 @@ class SharedComputation:
         buffers: list[memoryview] | None = None,
         gather: bool = False,
         frame: Frame | None = None,
+        sent: bool = False,
     ) -> None:
         """Send ``message`` (for this computation) to its client, or keep it;
         ``gather``: results that the session may hold to join with the next ones
         (`SchedulerSession.gather`); ``frame``: ``message`` as a node sent it (its
         connection's `Connection.last_frame`), passed on as it is if nothing in it
-        changes for the client."""
+        changes for the client; ``sent``: it went already (`pass_on`), it is only
+        kept."""
         if self.client_comp_id != self.comp_id and hasattr(message, "comp_id"):
             message = dataclasses.replace(message, comp_id=self.client_comp_id)  # type: ignore[type-var]
         session = self.session
@@ -153,7 +163,7 @@ class SharedComputation:
                 self.kept.add(message, buffers or [])
             if self.replaying:
                 return  # the replay sends it after what was kept before it
-        if session is None:
+        if session is None or sent:
             return
         if self.client_limit is not None:
             for part, part_buffers in fit_message(
@@ -277,6 +287,34 @@ class SharedComputation:
 
     # -- from the nodes ----------------------------------------------------------------
 
+    def pass_on(self, upstream: Upstream, frame: Frame, waiting: int) -> None:
+        """A node's message before it is decoded (`Connection.dispatch`'s early
+        handler): results that the client gets unchanged go to it now, and are
+        decoded for the bookkeeping after (`on_results`): the client waits for
+        them, not for that (W2). Not results read with others (they are gathered),
+        nor a job handed back (it runs elsewhere)."""
+        session = self.session
+        if (
+            waiting
+            or session is None
+            or session.gathering
+            or self.replaying
+            or self.client_limit is not None
+            or self.client_comp_id != self.comp_id
+        ):
+            return
+        try:
+            header = bytes(split_body(frame[2], frame[1])[0][0])
+        except FramingError:
+            return  # decoding it says what is wrong
+        # `Message.to_header` puts the op last: the last pair names the message
+        # (the last of two equal keys wins).
+        if not header.endswith(_RESULTS_OP) or _RETURNED in header:
+            return
+        upstream.passed = True
+        with contextlib.suppress(DispynbError):
+            session.conn.relay(frame)
+
     def on_results(
         self, upstream: Upstream, message: JobResults, buffers: list[memoryview]
     ) -> None:
@@ -284,6 +322,7 @@ class SharedComputation:
         # More of the node's messages were read with this one (a burst of short
         # jobs): its results are gathered into one message to the client, and the
         # slots they free go out together, once the last of them is handled.
+        passed, upstream.passed = upstream.passed, False
         conn = upstream.conn
         more = conn is not None and conn.messages_waiting > 0
         # The client waits for them (W2): forwarded first, before the bookkeeping,
@@ -295,7 +334,7 @@ class SharedComputation:
             for item in message.results
         ):
             frame = None if more or conn is None else conn.last_frame
-            self.to_client(message, buffers, gather=more, frame=frame)
+            self.to_client(message, buffers, gather=more, frame=frame, sent=passed)
             forward = False
         returned: list[int] = []
         for start in message.started:  # [key, attempt, start_time, before]

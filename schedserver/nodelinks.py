@@ -124,7 +124,8 @@ class _NodeLinks(_ServerState):
             await conn.dispatch(
                 lambda message, buffers: self._from_node(
                     comp, upstream, message, buffers
-                )
+                ),
+                early=lambda frame, waiting: comp.pass_on(upstream, frame, waiting),
             )
         except DispynbError as exc:
             reason = describe_error(exc)

@@ -76,6 +76,11 @@ class SchedulerSession:
         with contextlib.suppress(DispynbError):
             self.conn.write(message, buffers or ())
 
+    @property
+    def gathering(self) -> bool:
+        """Results are held (`gather`): they go before anything else."""
+        return bool(self._gathered)
+
     def relay(self, frame: Frame, message: Message, buffers: list[memoryview]) -> None:
         """`send` ``message``, whose ``frame`` (as a node sent it) is passed on as
         it came, unless what was gathered must go first."""

@@ -62,6 +62,10 @@ RELAY_MAX = 64 * 1024
 #: ``handler(message, buffers) -> stop`` for `Connection.dispatch`.
 Handler = Callable[[Message, list[memoryview]], "bool | None"]
 
+#: ``early(frame, waiting)`` for `Connection.dispatch`: a small signed frame before
+#: it is decoded, and how many received messages wait behind it.
+EarlyHandler = Callable[[Frame, int], None]
+
 #: Pieces smaller than this are joined before writing: fewer iovecs and MAC updates.
 _COALESCE_LIMIT = 64 * 1024
 
@@ -124,6 +128,7 @@ class Connection:
         self._handler: Handler | None = None
         self._dispatched: asyncio.Future[None] | None = None
         self._on_bad: Callable[[BadMessageError], None] | None = None
+        self._early: EarlyHandler | None = None
         self._delivering = False
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -463,6 +468,7 @@ class Connection:
         self,
         handler: Handler,
         on_bad: Callable[[BadMessageError], None] | None = None,
+        early: EarlyHandler | None = None,
     ) -> None:
         """Call ``handler(message, buffers)`` for each message, as soon as it arrives.
 
@@ -472,18 +478,22 @@ class Connection:
         a message is bad, and whatever ``handler`` raises (no message is handled
         after that). With ``on_bad``, a signed message that is intact but not
         understood (`BadMessageError`) goes to ``on_bad`` instead, and dispatch goes on.
+        With ``early``, each small signed message is first shown to
+        ``early(frame, waiting)`` undecoded (a relay may pass it on with `relay`
+        before it decodes it: what waits for it leaves first), then to ``handler``.
         """
         if self._handler is not None or self._waiter is not None:
             raise RuntimeError(f"two readers on {self!r}")
         done = self._dispatched = asyncio.get_running_loop().create_future()
         self._handler = handler
         self._on_bad = on_bad
+        self._early = early
         try:
             self._deliver()
             await done
         finally:
             self._handler = self._dispatched = None
-            self._on_bad = None
+            self._on_bad = self._early = None
 
     def _deliver(self) -> None:
         """Hand queued messages to the dispatch handler; report how dispatch ends."""
@@ -492,8 +502,14 @@ class Connection:
             return
         self._delivering = True  # the handler may close the connection: no reentry
         try:
-            while self._inbox and not done.done():
+            inbox, early = self._inbox, self._early
+            while inbox and not done.done():
                 try:
+                    if early is not None:
+                        prefix, count, body, checked = inbox[0]
+                        if checked is _VERIFIED and len(body) < RELAY_MAX:
+                            signed = memoryview(body)[: len(body) - MAC_SIZE]
+                            early((prefix, count, signed), len(inbox) - 1)
                     if handler(*self._take()):
                         done.set_result(None)
                 except BadMessageError as exc:

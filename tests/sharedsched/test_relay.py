@@ -8,12 +8,15 @@ import asyncio
 from types import SimpleNamespace
 from typing import Any
 
+from dispynb.protocol.framing import PREFIX_SIZE, encode_frames
 from dispynb.protocol.messages import (
     RETURNED,
     ComputationSetup,
     JobResults,
     JobSubmit,
     Message,
+    NodeStatus,
+    pack_header,
 )
 from schedserver.computation import SharedComputation, Upstream
 from schedserver.server import NodeState
@@ -171,5 +174,39 @@ def test_results_go_on_as_the_node_sent_them_unless_a_job_came_back() -> None:
         kind, message = client.calls[1]
         assert kind == "write" and message.results == []
         assert [job.key for job in comp.queue] == [2]
+
+    asyncio.run(run())
+
+
+def frame_of(message: Message, buffers: list[bytes]) -> Any:
+    """``message`` as `Connection.last_frame` gives it: (prefix, count, signed)."""
+    head, parts = encode_frames([pack_header(message.to_header()), *buffers])
+    body = head[PREFIX_SIZE:] + b"".join(bytes(p) for p in parts)
+    return head[:PREFIX_SIZE], len(parts), memoryview(body)
+
+
+def test_results_go_to_the_client_before_they_are_decoded_only_if_unchanged() -> None:
+    async def run() -> None:
+        comp, upstream, client, _node = computation()
+        submit(comp, [1, 2, 3])
+        take_all(comp, upstream)
+        done = JobResults(comp_id=5, results=[[1, 0, 1, 1.0, 2.0, "", "", "", 1]])
+        frame = frame_of(done, [b"r"])
+        # read with others: gathered with them, not passed on
+        comp.pass_on(upstream, frame, 1)
+        # not results; a job handed back: decoded first
+        comp.pass_on(upstream, frame_of(NodeStatus(avail=[1.0]), []), 0)
+        back = JobResults(comp_id=5, results=[[3, 0, RETURNED, 0, 0, "", "", "", 0]])
+        comp.pass_on(upstream, frame_of(back, []), 0)
+        assert client.calls == []
+        comp.pass_on(upstream, frame, 0)
+        assert client.calls == [("relay", frame)]
+        # decoded after: bookkeeping only, nothing sent twice
+        comp.on_results(upstream, done, [memoryview(b"r")])
+        assert client.calls == [("relay", frame)]
+        assert set(comp.running) == {2, 3}
+        comp.on_results(upstream, back, [])
+        assert [job.key for job in comp.queue] == [3]
+        assert len(client.calls) == 1
 
     asyncio.run(run())

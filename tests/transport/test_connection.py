@@ -18,8 +18,16 @@ from dispynb.errors import (
     ProtocolError,
     ProtocolVersionError,
 )
+from dispynb.protocol.framing import split_body
 from dispynb.protocol.handshake import ClientHandshake
-from dispynb.protocol.messages import Error, JobCancel, JobSubmit, Welcome
+from dispynb.protocol.messages import (
+    Error,
+    JobCancel,
+    JobSubmit,
+    Welcome,
+    WireMessage,
+    unpack_header,
+)
 from dispynb.transport.connection import RELAY_MAX, Connection
 from dispynb.transport.connector import connect
 from dispynb.transport.links import READ_LOWAT
@@ -129,6 +137,38 @@ def test_relay_passes_a_received_message_on_signed_for_the_other_connection():
             await source.send(sent, [b"y" * RELAY_MAX, b""])
             await source.recv()
             assert source.last_frame is None
+
+    run(main())
+
+
+def test_dispatch_shows_each_small_signed_message_undecoded_first():
+    """``dispatch(early=...)`` gets each message's frame before ``handler`` gets the
+    message (a relay passes it on first); the frame is the message as it came."""
+    sent = [JobCancel(comp_id=1, key=key, attempt=0) for key in range(3)]
+
+    async def main():
+        async with (
+            serving() as (listener, _),
+            client(listener.port) as (conn, _),
+        ):
+            seen: list[object] = []
+
+            def early(frame, waiting):
+                _prefix, count, signed = frame
+                header = split_body(signed, count)[0][0]
+                seen.append(
+                    WireMessage.from_header(unpack_header(header, trusted=True))
+                )
+                assert waiting >= 0
+
+            def handler(message, buffers):
+                seen.append(("handled", message))
+                return message.key == 2
+
+            for message in sent:
+                conn.write(message)
+            await conn.dispatch(handler, early=early)
+            assert seen == [item for m in sent for item in (m, ("handled", m))]
 
     run(main())
 
