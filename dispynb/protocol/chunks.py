@@ -57,18 +57,31 @@ def split_result(
     for index, buffer in enumerate(buffers):
         kind = kinds[index - 1] if 0 < index <= len(kinds) else ""
         view = buffer.cast("B") if buffer.format != "B" else buffer
-        size = view.nbytes
-        for offset in range(0, size, chunk_bytes):
-            chunk = ResultChunk(
-                comp_id=comp_id,
-                key=key,
-                attempt=attempt,
-                index=index,
-                offset=offset,
-                size=size,
-                kind=kind,
-            )
-            yield chunk, view[offset : offset + chunk_bytes]
+        yield from _split_buffer(comp_id, key, attempt, index, view, kind, chunk_bytes)
+
+
+def _split_buffer(
+    comp_id: int,
+    key: int,
+    attempt: int,
+    index: int,
+    view: memoryview,
+    kind: str,
+    chunk_bytes: int,
+) -> Iterator[tuple[ResultChunk, memoryview]]:
+    """The chunks of one buffer (``index``) of a result, at most ``chunk_bytes``."""
+    size = view.nbytes
+    for offset in range(0, size, chunk_bytes):
+        chunk = ResultChunk(
+            comp_id=comp_id,
+            key=key,
+            attempt=attempt,
+            index=index,
+            offset=offset,
+            size=size,
+            kind=kind,
+        )
+        yield chunk, view[offset : offset + chunk_bytes]
 
 
 def split_entry(
@@ -94,17 +107,7 @@ def split_entry(
             text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
         )
         entry[position] = text[:0]
-        for offset in range(0, data.nbytes, chunk_bytes):
-            chunk = ResultChunk(
-                comp_id=comp_id,
-                key=key,
-                attempt=attempt,
-                index=index,
-                offset=offset,
-                size=data.nbytes,
-                kind=kind,
-            )
-            chunks.append((chunk, data[offset : offset + chunk_bytes]))
+        chunks += _split_buffer(comp_id, key, attempt, index, data, kind, chunk_bytes)
     entry.append(True)
     return entry, chunks
 

@@ -518,16 +518,13 @@ def kept_files(node_dir: Path) -> list[Path]:
     return list((node_dir / "dest" / ".kept").glob("*/r*"))
 
 
-def test_recover_jobs_gets_kept_results_over_its_message_size_limit(
-    tmp_path: Path,
-) -> None:
-    """A client SIGKILLed before it collected anything; recover_jobs, in a new
-    process, accepting messages of 1 MiB at most, gets every result: small ones,
-    a bytearray over half its limit and a bytes result three times its limit
-    (streamed in chunks, each message within the limit), each whole, of its type."""
-    specs = [f"bytes:{3 * LIMIT + 7}", f"bytearray:{LIMIT + LIMIT // 4}"]
-    specs += [f"int:{n}" for n in range(8)]
-    (tmp_path / "recover.py").write_text(RECOVER_KEPT)
+def recover_kept(
+    tmp_path: Path, specs: list[str], script: str
+) -> tuple[list[Any], str, dict[int, list[object]]]:
+    """`kill_client_with_kept_results`, then ``script`` recovers them in a new
+    process, accepting messages of `LIMIT` bytes at most: its JSON output, its
+    stderr and the expected results (the node dropped what was collected)."""
+    (tmp_path / "recover.py").write_text(script)
     with running_node(tmp_path / "node", cpus=len(specs)) as node:
         journal, expected = kill_client_with_kept_results(tmp_path, node, specs)
         wait_until(lambda: len(kept_files(tmp_path / "node")) == len(specs))
@@ -541,9 +538,21 @@ def test_recover_jobs_gets_kept_results_over_its_message_size_limit(
         assert done.returncode == 0, done.stderr
         # Collected: the node drops them.
         wait_until(lambda: not kept_files(tmp_path / "node"))
-    jobs = json.loads(done.stdout)
+    return json.loads(done.stdout), done.stderr, expected
+
+
+def test_recover_jobs_gets_kept_results_over_its_message_size_limit(
+    tmp_path: Path,
+) -> None:
+    """A client SIGKILLed before it collected anything; recover_jobs, in a new
+    process, accepting messages of 1 MiB at most, gets every result: small ones,
+    a bytearray over half its limit and a bytes result three times its limit
+    (streamed in chunks, each message within the limit), each whole, of its type."""
+    specs = [f"bytes:{3 * LIMIT + 7}", f"bytearray:{LIMIT + LIMIT // 4}"]
+    specs += [f"int:{n}" for n in range(8)]
+    jobs, stderr, expected = recover_kept(tmp_path, specs, RECOVER_KEPT)
     assert jobs == [[f"job-{n}", 11, expected[n], None] for n in range(len(specs))], (
-        done.stderr
+        stderr
     )
 
 
@@ -568,25 +577,13 @@ def test_recover_jobs_gets_a_kept_stdout_over_its_message_size_limit(
     gets its output whole, once, and the other job's result too."""
     size = 3 * LIMIT + 7
     specs = [f"print:{size}", "int:1"]
-    (tmp_path / "recover.py").write_text(RECOVER_OUTPUT)
-    with running_node(tmp_path / "node", cpus=len(specs)) as node:
-        journal, _expected = kill_client_with_kept_results(tmp_path, node, specs)
-        wait_until(lambda: len(kept_files(tmp_path / "node")) == len(specs))
-        done = subprocess.run(
-            [sys.executable, "recover.py", str(journal), node.secret, str(LIMIT)],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert done.returncode == 0, done.stderr
-        wait_until(lambda: not kept_files(tmp_path / "node"))
+    jobs, stderr, _expected = recover_kept(tmp_path, specs, RECOVER_OUTPUT)
     digest = next(m.name.split("-")[2] for m in (tmp_path / "marks").iterdir()
                   if m.name.startswith("0-"))  # fmt: skip
-    assert json.loads(done.stdout) == [
+    assert jobs == [
         ["job-0", 11, 0, None, size, digest, True],
         ["job-1", 11, 1, None, 0, _sha256(b"").hexdigest(), True],
-    ], done.stderr
+    ], stderr
 
 
 @pytest.mark.parametrize("padding", [0, 2 * MiB], ids=["socket", "shared-memory"])

@@ -241,11 +241,19 @@ time.sleep(300)
 """
 
 
+@pytest.mark.parametrize(
+    "limit", [{}, {"max_message_size": 4 * MiB}], ids=["default", "small-limit"]
+)
 def test_a_streamed_result_kept_for_a_killed_client_is_recovered_whole(
-    scheduler: SchedulerProcess, users: dict[str, Path], tmp_path: Path
+    scheduler: SchedulerProcess,
+    users: dict[str, Path],
+    tmp_path: Path,
+    limit: dict[str, int],
 ) -> None:
     """The scheduler keeps a result over the streaming threshold as its chunks and
-    entry; recover_jobs reassembles it (status Finished, same SHA-256)."""
+    entry; recover_jobs reassembles it (status Finished, same SHA-256). A client
+    recovering it with ``max_message_size=4M`` gets it in messages of at most 4 MiB
+    (the node's 16 MiB chunks cut again by the scheduler), not a refused frame."""
     from nodeserver.computation import STREAM_BYTES
 
     size = STREAM_BYTES + 4096  # the smallest result that streams, and a little
@@ -264,43 +272,8 @@ def test_a_streamed_result_kept_for_a_killed_client_is_recovered_whole(
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate(timeout=20)
     scheduler.wait_for_log("no job of it runs, 0 wait", timeout=60)
-    jobs = recover_jobs(str(journal), secret_file=str(users["alice"]), timeout=60)
-    (digest,) = [mark.name for mark in marks.iterdir()]
-    assert [(job.status, job.exception) for job in jobs] == [(JobStatus.Finished, None)]
-    result = jobs[0].result
-    assert isinstance(result, bytes) and len(result) == size
-    assert hashlib.sha256(result).hexdigest() == digest
-
-
-def test_a_client_recovering_with_a_small_max_message_size_gets_small_messages(
-    scheduler: SchedulerProcess, users: dict[str, Path], tmp_path: Path
-) -> None:
-    """The scheduler kept a streamed result as the node cut it (16 MiB chunks); a
-    client recovering it with ``max_message_size=4M`` gets it in messages of at
-    most 4 MiB (re-split by the scheduler), not a refused, oversized frame."""
-    from nodeserver.computation import STREAM_BYTES
-
-    size = STREAM_BYTES + 4096
-    journal = tmp_path / "streamed.journal"
-    marks = tmp_path / "marks"
-    marks.mkdir()
-    proc = start_client(
-        STREAMED_CLIENT, scheduler.address, str(users["alice"]), str(journal),
-        str(marks), str(size), cwd=tmp_path, name="streamed",
-    )  # fmt: skip
-    try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "submitted", proc.communicate()
-        wait_until(lambda: any(marks.iterdir()))
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate(timeout=20)
-    scheduler.wait_for_log("no job of it runs, 0 wait", timeout=60)
     jobs = recover_jobs(
-        str(journal),
-        secret_file=str(users["alice"]),
-        timeout=60,
-        max_message_size=4 * MiB,
+        str(journal), secret_file=str(users["alice"]), timeout=60, **limit
     )
     (digest,) = [mark.name for mark in marks.iterdir()]
     assert [(job.status, job.exception) for job in jobs] == [(JobStatus.Finished, None)]
