@@ -35,6 +35,9 @@ class JobLimits:
     max_result: int | None = None
     max_pids: int | None = None
     fresh_process: bool = False
+    #: The largest message the client takes (None: not said): a file a job sends
+    #: must fit in one.
+    max_message: int | None = None
 
 
 @dataclass(slots=True)

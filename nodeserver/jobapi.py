@@ -86,8 +86,9 @@ def dispy_send_file(path: str, relay: bool = False, timeout: Any = None) -> int:
             data = handle.read()
         if CONTEXT.max_file_size and len(data) > CONTEXT.max_file_size:
             raise OSError(
-                f"{path!r} has {len(data)} bytes, over the node's maximum file size "
-                f"of {CONTEXT.max_file_size}"
+                f"{path!r} has {len(data)} bytes, over the {CONTEXT.max_file_size} "
+                "a job may send (the node's --max-file-size, or the client's "
+                "max_message_size less a header's room)"
             )
         message = SendFile(key=CONTEXT.key, attempt=CONTEXT.attempt, path=name)
         CONTEXT.send(message, [data])

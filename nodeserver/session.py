@@ -235,6 +235,7 @@ class ClientSession(_SessionFiles, _SessionRecovery):
                 max_result=message.max_result,
                 max_pids=message.max_pids,
                 fresh_process=message.fresh_process,
+                max_message=message.max_message_size or None,
             ),
             node_stopping=lambda: self.server.draining,
             launcher=self.server.launcher,

@@ -101,7 +101,7 @@ class _WorkerLife(_ComputationState):
                 node_name=self._node_name,
                 node_address=self._node_address,
                 job_path=self.path,
-                max_file_size=self._store.max_file_size,
+                max_file_size=self._file_cap(),
                 max_output=self.limits.max_output,
                 max_result=self._result_cap(),
                 max_pids=self.limits.max_pids,
@@ -123,6 +123,17 @@ class _WorkerLife(_ComputationState):
         self._ready = True
         self._budget.wait(id(self), self._pump)
         return self._n_workers
+
+    def _file_cap(self) -> int:
+        """Bytes a file a job sends may have (0: no limit): the node's
+        ``--max-file-size``, within one message of the client (less a header's
+        room): a file travels whole."""
+        cap = self._store.max_file_size
+        client = self.limits.max_message
+        if client:
+            room = max(client - RESULT_HEADROOM, client // 2)
+            cap = room if not cap else min(cap, room)
+        return cap
 
     def _result_cap(self) -> int:
         """Bytes a pickled result may have: the client's cap, within what the

@@ -112,6 +112,26 @@ def test_a_client_with_a_small_max_message_size_gets_results_up_to_it(local):
         assert "ResultTooLarge" in job.exception and "max_result_size" in job.exception
 
 
+def send_file_of(size: int) -> int:
+    """Write a file of ``size`` bytes and send it to the client."""
+    with open("out.bin", "wb") as out:
+        out.write(bytes(size))
+    return dispy_send_file("out.bin")  # type: ignore[name-defined]  # noqa: F821
+
+
+def test_a_file_over_the_client_message_size_is_refused_in_the_job(local, tmp_path):
+    """A client taking messages of 8 MiB at most: a job sending it a 12 MiB file
+    gets -1 (dispy_send_file's failure: the node logs why), the client keeps its
+    node, and a file within the limit arrives."""
+    with JobCluster(
+        send_file_of, nodes=local, max_message_size=8 * MiB, files_dir=str(tmp_path)
+    ) as cluster:
+        assert cluster.submit(12 * MiB)() == -1
+        assert not (tmp_path / "out.bin").exists()
+        assert cluster.submit(2 * MiB)() == 0
+    assert (tmp_path / "out.bin").stat().st_size == 2 * MiB
+
+
 def test_a_result_over_max_result_size_is_a_clear_error(local):
     with JobCluster(big_result, nodes=local, max_result_size="1M") as cluster:
         job = cluster.submit(2 * MiB)
