@@ -65,6 +65,13 @@ def dispy_provisional_result(
     """
     try:
         buffers = serialize.dumps(result)
+        cap = CONTEXT.max_result  # as for its final result: the client takes no more
+        size = sum(memoryview(b).nbytes for b in buffers)
+        if cap is not None and size > cap:
+            raise OSError(
+                f"it pickles to {size} bytes, over the limit of {cap} bytes "
+                "(max_result_size, within the client's max_message_size)"
+            )
         CONTEXT.send(Provisional(key=CONTEXT.key, attempt=CONTEXT.attempt), buffers)
     except (DispynbError, RuntimeError, OSError) as exc:
         logger.warning("provisional result not sent: %s", exc)

@@ -132,6 +132,24 @@ def test_a_file_over_the_client_message_size_is_refused_in_the_job(local, tmp_pa
     assert (tmp_path / "out.bin").stat().st_size == 2 * MiB
 
 
+def provisional_of(size: int) -> int:
+    """Send a provisional result of ``size`` bytes; dispy_provisional_result's
+    answer."""
+    return dispy_provisional_result(bytes(size))  # type: ignore[name-defined]  # noqa: F821
+
+
+def test_a_provisional_result_over_the_client_message_size_is_refused_in_the_job(
+    local,
+):
+    """A client taking messages of 8 MiB at most: a job's 12 MiB provisional result
+    is refused in the job (-1, as any provisional result that cannot be sent), the
+    client keeps its node, and a smaller one arrives."""
+    with JobCluster(provisional_of, nodes=local, max_message_size=8 * MiB) as cluster:
+        assert cluster.submit(12 * MiB)() == -1
+        job = cluster.submit(2 * MiB)
+        assert job() == 0
+
+
 def test_a_result_over_max_result_size_is_a_clear_error(local):
     with JobCluster(big_result, nodes=local, max_result_size="1M") as cluster:
         job = cluster.submit(2 * MiB)
