@@ -30,6 +30,10 @@ Large arguments travel over TCP here: shared memory is used only for nodes on th
 client's loopback (``dispynb/protocol/shm.py``), and these nodes are on other
 addresses. The veth's MTU, offload sizes and the namespaces' TCP buffer sysctls are
 recorded in the JSON (``link``), since veth pairs have their own defaults.
+
+``python bench/crosshost.py w4 [REPEAT]`` (root) measures only W4 and raw TCP on
+fresh hosts and prints one JSON line: for before/after runs alternated in one
+sequence, from two checkouts (each run's nodes and client use its checkout).
 """
 
 from __future__ import annotations
@@ -582,11 +586,77 @@ def run_crosshost(*, quick: bool, repeat: int) -> dict[str, Any]:
     return result
 
 
+def run_w4(repeat: int) -> dict[str, Any]:
+    """W4 and raw TCP only (mode ``main`` without W1), on fresh hosts and nodes:
+    for before/after runs alternated in one sequence, where only these rows and
+    their CPU per MB matter."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))  # tests/multihost/netns.py
+    from tests.multihost import netns
+
+    reason = netns.unavailable_reason()
+    if reason:
+        return {"error": reason}
+    net = netns.Network(NODE_HOSTS + 1)
+    with (
+        _sigterm_as_interrupt(),
+        tempfile.TemporaryDirectory(prefix="bench-crosshost-") as tmp,
+        net.running(),
+    ):
+        secret, _ = netns.new_secret_file(Path(tmp))
+        hosts = Hosts(net, Path(tmp), secret)
+        receivers, receiver_pids = hosts.start_receivers()
+        nodes = hosts.start_nodes(NODE_HOSTS)
+        try:
+            return hosts.client(
+                {
+                    "quick": False,
+                    "repeat": repeat,
+                    "mode": "main",
+                    "skip_w1": True,
+                    "nodes": [node.spec for node in nodes],
+                    "node_pids": [node.proc.pid for node in nodes],
+                    "receivers": receivers,
+                    "receiver_pids": receiver_pids,
+                }
+            )
+        finally:
+            hosts.stop(nodes)
+
+
+def _w4_summary(result: dict[str, Any]) -> dict[str, Any]:
+    """One line of `run_w4`'s figures: rates, ratio of the medians, and the mean
+    CPU per MB of each side over the repetitions."""
+    if "error" in result:
+        return {"error": result["error"]}
+    median, mean = statistics.median, statistics.mean
+    out: dict[str, Any] = {
+        "load": [round(x, 1) for x in os.getloadavg()],
+        "w4": [round(x) for x in result["bandwidth"]],
+        "raw_tcp": [round(x) for x in result["raw_tcp"]],
+        "ratio": round(median(result["bandwidth"]) / median(result["raw_tcp"]), 2),
+    }
+    for key in (
+        "client_cpu_ms_per_mb",
+        "node_servers_cpu_ms_per_mb",
+        "node_workers_cpu_ms_per_mb",
+        "raw_sender_cpu_ms_per_mb",
+        "raw_receivers_cpu_ms_per_mb",
+    ):
+        out[key] = round(mean(result[key]), 3)
+    return out
+
+
 def main(argv: Sequence[str]) -> int:
-    """``crosshost.py receive IP`` (a receiver), or a client reading JSON on stdin."""
+    """``crosshost.py receive IP`` (a receiver); ``crosshost.py w4 [REPEAT]`` (W4
+    and raw TCP only, a JSON line: needs root); or a client reading JSON on stdin."""
     if argv[:1] == ["receive"]:
         receive(argv[1], RAW_PORT)
         return 0
+    if argv[:1] == ["w4"]:
+        summary = _w4_summary(run_w4(int(argv[1]) if len(argv) > 1 else 10))
+        print(json.dumps(summary), flush=True)
+        return 1 if "error" in summary else 0
     params = json.loads(sys.stdin.read())
     try:
         result = client_main(params)
