@@ -38,9 +38,9 @@ IOV_MAX = 1024
 #: once this many bytes of a large frame's body are queued, or all that is left of
 #: it (``SO_RCVLOWAT``), not for every few segments: fewer wake-ups, reads and MAC
 #: updates per megabyte. The kernel still wakes it early when its receive buffer or
-#: the peer's window runs short. 256 KiB: the node server's CPU per MB was as low
-#: as with 128 KiB-1 MiB or lower (cross-host W4), and a piece is hashed while it is
-#: still in the CPU's cache.
+#: the peer's window runs short. 256 KiB: in alternated cross-host W4 runs the node
+#: server's CPU per MB was no higher than with 128 KiB, 512 KiB or 1 MiB (within a
+#: loaded machine's spread), and a piece is still in a core's cache when hashed.
 READ_LOWAT = 256 * 1024
 
 
