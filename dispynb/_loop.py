@@ -27,6 +27,8 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, TypeVar
 
+from dispynb._interruptible import HeldInterrupts
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -72,6 +74,8 @@ class LoopRunner:
         self._loop: _GuestLoop = _GuestLoop(self._selector)
         # The thread that took the loop's place (`enter`), while it has it.
         self._guest: int | None = None
+        # Its Ctrl-C, held while it has the loop (the main thread only).
+        self._held: HeldInterrupts | None = None
         self._thread: threading.Thread = threading.Thread(
             target=self._run, name=_THREAD_NAME, daemon=True
         )
@@ -144,17 +148,29 @@ class LoopRunner:
         socket) without waking the loop thread first. It must not wait for the
         loop, schedule callbacks on it or wait for anything else meanwhile. False
         (never blocks) if the loop is busy, or from the loop thread itself.
+
+        The main thread's Ctrl-C (SIGINT with a Python handler) is held until
+        `leave`, which delivers it: raised in the middle of the loop's work (a
+        message half read or half written, a result half recorded) it would cost
+        the node its connection or the job its result, and skip `leave` itself.
         """
-        if self._released or threading.get_ident() == self._thread.ident:
+        if (
+            self._released
+            or self._selector.waking
+            or threading.get_ident() == self._thread.ident
+        ):
             return False
-        if self._selector.waking or not self._busy.acquire(blocking=False):
-            return False  # busy, or about to be: the loop thread goes first
-        if self._selector.waking:  # it woke meanwhile: do not make it wait
+        # Before the lock: a Ctrl-C that came just now is raised here, nothing held.
+        held = HeldInterrupts().__enter__()
+        if not self._busy.acquire(blocking=False):
+            held.__exit__(None, None, None)  # busy: the loop thread goes first
+            return False
+        if self._selector.waking or self._loop.is_closed():
+            # It woke meanwhile: do not make it wait; or its thread ended.
             self._busy.release()
+            held.__exit__(None, None, None)
             return False
-        if self._loop.is_closed():  # its thread ended: nothing may run for it
-            self._busy.release()
-            return False
+        self._held = held
         self._guest = threading.get_ident()
         self._loop.guest = True
         return True
@@ -163,15 +179,20 @@ class LoopRunner:
         """Give the loop back after a successful :meth:`enter`.
 
         If the caller scheduled callbacks on the loop meanwhile (a future it
-        completed, a timer), the loop thread is woken to run them.
+        completed, a timer), the loop thread is woken to run them. A Ctrl-C held
+        meanwhile is delivered last (`KeyboardInterrupt` raised here): the caller
+        does what must follow its work with the loop before it leaves.
         """
         loop = self._loop
         stray, loop.stray, loop.guest = loop.stray, False, False
+        held, self._held = self._held, None
         self._guest = None
         self._busy.release()
         if stray:
             with contextlib.suppress(RuntimeError):  # closed: nothing left to run
                 loop.call_soon_threadsafe(_nothing)
+        if held is not None:
+            held.__exit__(None, None, None)
 
     def wait_readable(self, fds: list[int], timeout: float) -> list[int] | None:
         """Between :meth:`enter` and :meth:`leave`: wait up to ``timeout`` seconds for
@@ -191,8 +212,13 @@ class LoopRunner:
         # In slices: the loop thread may wake for a timer, which shows nowhere but
         # in `waking`; it then waits for the caller at most one slice.
         ready = [fd for fd, _ in poller.poll(min(max(timeout, 0.0), _SLICE) * 1000.0)]
-        if ours in ready or self._selector.waking:
-            return None
+        held = self._held
+        if (
+            ours in ready
+            or self._selector.waking
+            or (held is not None and held.pending)
+        ):
+            return None  # (a Ctrl-C: the caller leaves, which delivers it)
         return ready
 
     @property

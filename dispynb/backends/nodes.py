@@ -21,7 +21,6 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from dispynb._interruptible import HeldInterrupts
 from dispynb._loop import Coalescer
 from dispynb.backends import base
 from dispynb.backends.base import ClusterConfig, Departure, JobEvents, NodeInfo
@@ -436,15 +435,16 @@ class NodesBackend:
         # With the loop idle, this thread sends the job itself: the loop thread is
         # then woken once per job (by its result), not also to send it.
         if files is None and self._runner.enter():
+            # All is settled before `leave`, which may raise a Ctrl-C it held.
             try:
-                done = self.driver.drain_direct()
-                wake, self.driver.direct_wake = self.driver.direct_wake, False
+                if not self.driver.drain_direct():
+                    self._drain.trigger()
+                elif self.driver.direct_wake:
+                    self.driver.direct_wake = False
+                    self._runner.call_soon(_nothing)
             finally:
                 self._runner.leave()
-            if done:
-                if wake:
-                    self._runner.call_soon(_nothing)
-                return
+            return
         self._drain.trigger()
 
     def wait_here(self, done: Callable[[], bool], timeout: float) -> None:
@@ -457,11 +457,9 @@ class NodesBackend:
         outer = asyncio._get_running_loop()  # this thread's own loop, if any
         asyncio._set_running_loop(runner.loop)  # the handlers may ask for it
         try:
-            # Ctrl-C ends the wait, never half a result's handling.
-            with HeldInterrupts() as held:
-                self.driver.read_direct(
-                    lambda: held.pending or done(), timeout, runner.wait_readable
-                )
+            # A Ctrl-C, held meanwhile (`enter`), ends the wait (`wait_readable`)
+            # and is raised by `leave`: never in the middle of a result's handling.
+            self.driver.read_direct(done, timeout, runner.wait_readable)
         finally:
             asyncio._set_running_loop(outer)
             runner.leave()
