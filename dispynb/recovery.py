@@ -316,7 +316,9 @@ def _apply(
         key, attempt, outcome, start, end, stdout, stderr, exception, count = record
         result_buffers: list[Buffer] | None
         if streamed:  # its buffers (and a large output) came before, in chunks
-            stdout, stderr = take_output(streams, (key, attempt), stdout, stderr)
+            stdout, stderr, exception = take_output(
+                streams, (key, attempt), stdout, stderr, exception
+            )
             chunks = take_stream(streams, (key, attempt), count)
             result_buffers = None if chunks is None else [*chunks]
         else:

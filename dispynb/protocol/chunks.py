@@ -3,9 +3,10 @@ live results and the results it kept for a crashed client), cut again to a small
 client's limit (`fit_message`, the shared scheduler's relay) and reassembled
 (`add_chunk`, `take_output`, `take_stream`).
 
-A streamed result's large stdout and stderr travel in chunks too (buffer indexes
-`STDOUT_INDEX` and `STDERR_INDEX`, UTF-8 for text), so that no output is too large
-for a message: dispy truncates nothing, and neither does a streamed result.
+A streamed result's large stdout, stderr and exception text travel in chunks too
+(buffer indexes `STDOUT_INDEX`, `STDERR_INDEX` and `EXCEPTION_INDEX`, UTF-8 for
+text), so that no output is too large for a message: dispy truncates nothing, and
+neither does a streamed result.
 
 Reassembly is shared by the client's driver and by `dispynb.recovery`, so both take a
 streamed result with the same checks and bounds. ``streams`` maps a stream id (the
@@ -31,10 +32,12 @@ Parts = dict[int, list[Any]]
 #: `ResultChunk.index` of a streamed result's stdout and stderr.
 STDOUT_INDEX = -1
 STDERR_INDEX = -2
+#: ... and of its exception (the traceback).
+EXCEPTION_INDEX = -3
 #: `ResultChunk.kind` of an output that is text (UTF-8); bytes have kind "".
 TEXT = "s"
-#: Positions of stdout and stderr in a result's entry (`ResultEntry`).
-_OUTPUTS = ((5, STDOUT_INDEX), (6, STDERR_INDEX))
+#: Positions of stdout, stderr and exception in a result's entry (`ResultEntry`).
+_OUTPUTS = ((5, STDOUT_INDEX), (6, STDERR_INDEX), (7, EXCEPTION_INDEX))
 
 #: `add_chunk`: the result is over the cap (the stream is refused).
 TOO_LARGE = "too large"
@@ -213,7 +216,11 @@ def add_chunk(
         else:
             total = sum(p[2] for i, p in parts.items() if i >= 0) + message.size
             bound = cap
-        if not STDERR_INDEX <= index < 4096 or not message.size >= 0 or total > bound:
+        if (
+            not EXCEPTION_INDEX <= index < 4096
+            or not message.size >= 0
+            or total > bound
+        ):
             streams[stream_id] = None
             return TOO_LARGE
         # A bytes buffer grows in a BytesIO, whose getvalue() then hands over
@@ -241,13 +248,14 @@ def take_output(
     stream_id: K,
     stdout: str | bytes,
     stderr: str | bytes,
-) -> tuple[str | bytes, str | bytes]:
-    """A streamed result's stdout and stderr: those that came in chunks (taken
-    from its stream), else those of its entry. Call before `take_stream`."""
+    exception: str | None,
+) -> tuple[str | bytes, str | bytes, str | None]:
+    """A streamed result's stdout, stderr and exception: those that came in chunks
+    (taken from its stream), else those of its entry. Call before `take_stream`."""
     parts = streams.get(stream_id)
     if not parts or min(parts) >= 0:
-        return stdout, stderr
-    outputs = [stdout, stderr]
+        return stdout, stderr, exception
+    outputs: list[Any] = [stdout, stderr, exception]
     for which, (_position, index) in enumerate(_OUTPUTS):
         target = parts.pop(index, None)
         if target is None:
@@ -255,7 +263,7 @@ def take_output(
         place, filled, size, kind = target
         data = place.getvalue() if filled == size else b""
         outputs[which] = data.decode("utf-8", "surrogatepass") if kind == TEXT else data
-    return outputs[0], outputs[1]
+    return outputs[0], outputs[1], outputs[2]
 
 
 def take_stream(

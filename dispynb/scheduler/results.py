@@ -76,8 +76,12 @@ class DriverResults(DriverOutbox):
                 self._release_segments(key, attempt, reuse=True)
             result_buffers: list[Any] | None
             if streamed:  # its buffers (and a large output) came in chunks
-                stdout, stderr = take_output(
-                    self._streams, (link.node_id, key, attempt), stdout, stderr
+                stdout, stderr, exception = take_output(
+                    self._streams,
+                    (link.node_id, key, attempt),
+                    stdout,
+                    stderr,
+                    exception,
                 )
                 result_buffers = self._take_stream(link, key, attempt, count)
             else:

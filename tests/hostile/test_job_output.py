@@ -150,6 +150,24 @@ def test_a_provisional_result_over_the_client_message_size_is_refused_in_the_job
         assert job() == 0
 
 
+def fail_loudly(size: int) -> None:
+    raise ValueError("y" * size)
+
+
+def test_an_exception_over_the_client_message_size_arrives_whole(local):
+    """A client taking messages of 2 MiB at most: a job whose exception's text is
+    three times that gets it whole (in chunks), and the client keeps its node."""
+    with JobCluster(fail_loudly, nodes=local, max_message_size=2 * MiB) as cluster:
+        job = cluster.submit(6 * MiB)
+        job()
+        assert job.status == DispyJob.Terminated
+        assert "ValueError: " + "y" * (6 * MiB) in job.exception
+        again = cluster.submit(1)
+        again()
+        assert again.status == DispyJob.Terminated  # ran (not Abandoned: no node)
+        assert again.exception.rstrip().endswith("ValueError: y")
+
+
 def test_a_result_over_max_result_size_is_a_clear_error(local):
     with JobCluster(big_result, nodes=local, max_result_size="1M") as cluster:
         job = cluster.submit(2 * MiB)

@@ -118,8 +118,9 @@ def _reassembled(
             entry, streamed = ResultEntry.from_wire(item)
             entries.append(item[:9])
             if streamed:
-                out, err = take_output(streams, entry.key, entry.stdout, entry.stderr)
-                entries[-1][5:7] = [out, err]
+                entries[-1][5:8] = take_output(
+                    streams, entry.key, entry.stdout, entry.stderr, entry.exception
+                )
                 taken = take_stream(streams, entry.key, entry.buffer_count)
                 assert taken is not None
                 results.append(b"".join(bytes(b) for b in taken))
@@ -172,7 +173,9 @@ def test_a_result_whose_output_is_over_the_limit_gets_it_in_chunks() -> None:
     stdout = ("\u00e9x" * limit)[: 3 * limit]
     stderr = bytes(range(256)) * (3 * limit // 256)
     item = ResultEntry(4, 2, "finished", 1.0, 2.0, stdout, stderr, None, 1).to_wire()
-    message = JobResults(comp_id=3, results=[item, _entry(5, 0, "small")])
+    traceback = "Traceback...\nValueError: " + "\u00e9" * (3 * limit)
+    failed = ResultEntry(6, 1, "exception", 1.0, 2.0, "", "", traceback, 0).to_wire()
+    message = JobResults(comp_id=3, results=[item, _entry(5, 0, "small"), failed])
     parts = list(fit_message(message, [memoryview(b"r")], limit))
     assert sum(isinstance(part, ResultChunk) for part, _ in parts) > 6
     for part, part_buffers in parts:
@@ -180,5 +183,9 @@ def test_a_result_whose_output_is_over_the_limit_gets_it_in_chunks() -> None:
         head, _ = encode_frames([header, *part_buffers], MAC_SIZE)
         assert int.from_bytes(head[:4]) <= limit
     entries, _starts, results = _reassembled(parts)
-    assert [e[5:7] for e in entries] == [[stdout, stderr], ["small", ""]]
-    assert results == [b"r", b""]
+    assert [e[5:8] for e in entries] == [
+        [stdout, stderr, None],
+        ["small", "", None],
+        ["", "", traceback],
+    ]
+    assert results == [b"r", b"", b""]
