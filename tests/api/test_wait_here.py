@@ -13,11 +13,22 @@ LocalCluster's nodes run in sessions of their own, out of reach of it, as
 from __future__ import annotations
 
 import json
+import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
+from pathlib import Path
 
+import psutil
 import pytest
+
+from dispynb import DispyJob, DispyNode, JobCluster, LocalCluster
+from dispynb.transport.links import SocketLink
+from tests import jobs
+from tests.jobs import WAIT, read_pid, wait_for_path, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -142,3 +153,169 @@ def test_ctrl_c_to_the_process_group_while_the_main_thread_holds_the_loop(
     assert isinstance(nodes, list)
     # A job whose submit() was interrupted may have gone out: done once, too.
     assert [n[0] for n in nodes] in ([len(xs)], [len(xs) + 1]), report
+
+
+# -- in this process: who reads, callbacks, threads, a node killed ---------------------
+
+
+@pytest.fixture
+def readers(monkeypatch: pytest.MonkeyPatch) -> set[str]:
+    """Names of the threads that read a node's socket in the loop's place."""
+    names: set[str] = set()
+    read_now = SocketLink.read_now
+
+    def spy(link: SocketLink) -> None:
+        names.add(threading.current_thread().name)
+        read_now(link)
+
+    monkeypatch.setattr(SocketLink, "read_now", spy)
+    return names
+
+
+def test_callbacks_run_on_the_callback_thread_and_may_use_the_cluster_meanwhile(
+    local: LocalCluster, readers: set[str], allow_error_logs: list[logging.LogRecord]
+) -> None:
+    """A job ending on the thread that reads in the loop's place has its callbacks
+    run on the cluster's callback thread, as on the I/O thread: there they submit,
+    cancel, wait for another job and raise, while the main thread goes on reading.
+    """
+    seen: list[tuple[int, str]] = []
+    chained: list[DispyJob] = []
+    waited: list[object] = []
+    cluster: JobCluster
+
+    def job_status(job: DispyJob) -> None:
+        if job.status != DispyJob.Finished:
+            return
+        seen.append((job.id, threading.current_thread().name))
+        if job.id == 3:  # a new job, and wait for it here
+            chained.append(cluster.submit_job_id(1000, 1000))
+            waited.append(chained[-1]())
+        elif job.id == 4:
+            waited.append(cluster.wait(timeout=WAIT))
+        elif job.id == 5:
+            cancelled = cluster.submit_job_id(1001, 7)
+            cluster.cancel(cancelled)
+            chained.append(cancelled)
+        elif job.id == 6:
+            raise RuntimeError("a callback that fails")
+
+    with JobCluster(jobs.square, nodes=local, job_status=job_status) as cluster:
+        results = [cluster.submit_job_id(x, x)() for x in range(40)]
+        assert results == [x * x for x in range(40)]
+        assert cluster.wait(timeout=WAIT)
+        wait_until(lambda: len(seen) >= 41 and len(waited) == 2)
+        assert "MainThread" in readers
+        assert {name for _, name in seen} == {"dispynb-callbacks"}, seen
+        assert waited == [1000**2, True]
+        assert chained[0].status == DispyJob.Finished
+        assert chained[1].status in (DispyJob.Cancelled, DispyJob.Finished)
+        assert [n.jobs_done for n in cluster.status().nodes] == [
+            40 + 1 + (chained[1].status == DispyJob.Finished)
+        ]
+    assert any("a callback that fails" in str(r.exc_info) for r in allow_error_logs)
+
+
+def test_threads_waiting_submitting_and_closing_at_once(
+    local: LocalCluster, readers: set[str]
+) -> None:
+    """Four threads wait for their own jobs (one at a time, each may take the loop's
+    place), one more submits, a wait with a timeout returns in time, and close()
+    from another thread ends it all: every job done once, nothing hangs."""
+    errors: list[BaseException] = []
+    done: dict[str, list[int]] = {}
+    cluster = JobCluster(jobs.square, nodes=local)
+    slow = JobCluster(jobs.mark_and_sleep, nodes=local)
+    try:
+
+        def waiter(name: str, base: int) -> None:
+            try:
+                got = done.setdefault(name, [])
+                for x in range(base, base + 50):
+                    got.append(cluster.submit(x)())
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        def submitter() -> None:
+            try:
+                batch = [cluster.submit(x) for x in range(500, 600)]
+                done["batch"] = [job() for job in batch]
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [
+            threading.Thread(target=waiter, args=(f"w{i}", 100 * i)) for i in range(4)
+        ]
+        threads.append(threading.Thread(target=submitter))
+        for thread in threads:
+            thread.start()
+        # A job that takes 30 s: a wait with a timeout returns in about that time.
+        sleeper = slow.submit(None, 30)
+        began = time.monotonic()
+        assert sleeper.wait(timeout=0.3) is False
+        assert slow.wait(timeout=0.3) is False
+        assert time.monotonic() - began < 0.6 + 2.0  # generous: a loaded machine
+        for thread in threads:
+            thread.join(WAIT)
+            assert not thread.is_alive()
+        assert not errors, errors
+        for i in range(4):
+            assert done[f"w{i}"] == [x * x for x in range(100 * i, 100 * i + 50)]
+        assert done["batch"] == [x * x for x in range(500, 600)]
+        assert readers - {"dispynb-io"}, "no user thread read in the loop's place"
+        # close(terminate=True) from another thread while the main thread waits.
+        closer = threading.Timer(0.2, slow.close, kwargs={"terminate": True})
+        closer.start()
+        assert slow.wait(timeout=WAIT)
+        closer.join(WAIT)
+        assert not closer.is_alive()
+        assert sleeper.status in (
+            DispyJob.Cancelled,
+            DispyJob.Terminated,
+            DispyJob.Abandoned,
+        )
+    finally:
+        slow.close()
+        cluster.close()
+
+
+def test_a_node_killed_while_a_user_thread_reads_its_socket(
+    tmp_path: Path, readers: set[str]
+) -> None:
+    """SIGKILL of a node process while the main thread waits for its job reading
+    in the loop's place: the node is declared dead as when the loop reads, its
+    reentrant job runs again on the other node, nothing hangs."""
+    closed: list[str] = []
+    with (
+        LocalCluster(nodes=2, cpus=1) as local,
+        JobCluster(
+            jobs.mark_and_sleep,
+            nodes=local,
+            reentrant=True,
+            cluster_status=lambda status, node, job: (
+                closed.append(str(node)) if status == DispyNode.Closed else None
+            ),
+        ) as cluster,
+    ):
+        wait_until(lambda: len(cluster.status().nodes) == 2)
+        marker = tmp_path / "started"
+        job = cluster.submit(str(marker), 3)
+        wait_for_path(marker)
+        victim = read_pid(marker)
+        node_pid = next(
+            pid
+            for pid in local.pids
+            if victim in {p.pid for p in psutil.Process(pid).children(True)}
+        )
+        killer = threading.Timer(0.2, os.kill, (node_pid, signal.SIGKILL))
+        killer.start()
+        deadline = time.monotonic() + WAIT
+        while not job.wait(timeout=0.01):  # much of it in the loop's place
+            assert time.monotonic() < deadline
+        killer.join()
+        assert job.status == DispyJob.Finished, job.exception
+        assert job.result != victim
+        assert len(closed) == 1
+        assert "MainThread" in readers
+        # The cluster goes on with the node left.
+        assert cluster.submit(None, 0)() != victim
