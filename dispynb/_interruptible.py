@@ -118,6 +118,13 @@ class HeldInterrupts:
         """Whether an interrupt is held: a wait in the step should end soon."""
         return bool(self._held)
 
+    def drop(self) -> None:
+        """Put the handler back and forget what was held: in a child forked while
+        this was in place, whose main thread never ends the step."""
+        previous, self._previous, self._held = self._previous, None, []
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
     def _hold(self, signum: int, frame: FrameType | None) -> None:
         self._held.append(frame)
 

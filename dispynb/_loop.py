@@ -349,7 +349,15 @@ class LoopRunner:
 
     @classmethod
     def _forget_after_fork(cls) -> None:
-        """In a forked child the loop thread does not exist: start afresh on demand."""
+        """In a forked child the loop thread does not exist: start afresh on demand.
+
+        If a thread had the loop's place (`enter`) when another one forked, the
+        child's Ctrl-C goes back to its own handler: it has no thread to `leave`.
+        """
+        runner = cls._instance
+        held = runner._held if runner is not None else None
+        if held is not None:
+            held.drop()
         cls._instance = None
         cls._refcount = 0
         cls._class_lock = threading.Lock()

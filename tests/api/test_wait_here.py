@@ -12,6 +12,7 @@ LocalCluster's nodes run in sessions of their own, out of reach of it, as
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -26,9 +27,11 @@ import psutil
 import pytest
 
 from dispynb import DispyJob, DispyNode, JobCluster, LocalCluster
+from dispynb._loop import LoopRunner
 from dispynb.transport.links import SocketLink
 from tests import jobs
 from tests.jobs import WAIT, read_pid, wait_for_path, wait_until
+from tests.sigint import python_handles_sigint
 
 pytestmark = pytest.mark.slow
 
@@ -319,3 +322,46 @@ def test_a_node_killed_while_a_user_thread_reads_its_socket(
         assert "MainThread" in readers
         # The cluster goes on with the node left.
         assert cluster.submit(None, 0)() != victim
+
+
+def test_a_fork_while_the_main_thread_has_the_loop_leaves_the_child_its_ctrl_c() -> (
+    None
+):
+    """A thread forks (multiprocessing's fork start method) while the main thread
+    holds the loop's place: the child, whose main thread is the forking one, gets
+    Python's own SIGINT handler back (not the parent's held one, which would swallow
+    its every Ctrl-C) and a fresh I/O loop of its own."""
+    runner = LoopRunner.acquire()
+    try:
+        with python_handles_sigint():
+            wait_until(runner.enter)  # the loop is idle between its turns
+            try:
+                codes: list[int] = []
+
+                def fork() -> None:
+                    pid = os.fork()
+                    if pid == 0:  # the child: report through the exit code
+                        ok = (
+                            signal.getsignal(signal.SIGINT)
+                            is signal.default_int_handler
+                        )
+                        try:
+                            child = LoopRunner.acquire()
+                            ok = (
+                                ok
+                                and child is not runner
+                                and child.run_sync(asyncio.sleep, 0, 7) == 7
+                            )
+                            child.release()
+                        finally:
+                            os._exit(0 if ok else 3)
+                    codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+
+                forker = threading.Thread(target=fork)
+                forker.start()
+                forker.join(WAIT)
+                assert codes == [0]
+            finally:
+                runner.leave()
+    finally:
+        runner.release()
