@@ -1,0 +1,146 @@
+"""A node holding the secret that sends a bad frame while a user thread, not the I/O
+loop, reads its socket (`NodesBackend.wait_here`, 3fcde4f): handled as on the loop.
+
+The fake node (the real listener and handshake, then our own bytes) answers a job a
+few milliseconds late, so the thread waiting in ``job()`` is the one reading when
+the frame comes: a wrong MAC, a length over the client's cap, or bytes that are no
+frame. The same attack with the loop reading (``wait_here`` switched off) is the
+reference: the node is dropped, its job ends Abandoned with the reason, ``job()``
+returns, and the user's thread gets no exception of the transport's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from dispynb import DispyJob, DispyNode, JobCluster
+from dispynb.backends.nodes import NodesBackend
+from dispynb.errors import ConnectionClosedError
+from dispynb.protocol.framing import encode_frames
+from dispynb.protocol.messages import (
+    ComputationClose,
+    ComputationClosed,
+    ComputationReady,
+    ComputationSetup,
+    JobSubmit,
+)
+from dispynb.transport.connection import Connection
+from dispynb.transport.links import SocketLink
+from tests.jobs import wait_until
+from tests.transport.util import SECRET, serving
+
+WAIT = 10.0
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def _bad_bytes(kind: str) -> bytes:
+    if kind == "wrong-mac":  # a well-formed frame whose MAC is not the session's
+        head, buffers = encode_frames([b"\x93\x01\x02\x03"])
+        return head + b"".join(bytes(b) for b in buffers) + b"\0" * 32
+    if kind == "oversized":  # a length far over the client's cap, then some bytes
+        return struct.pack(">I", 0xFFFFFFF0) + b"x" * 4096
+    return b"\xff" * 64  # no frame at all
+
+
+class BadNode:
+    """Sets the computation up, then answers the first job with ``kind``'s bytes."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.connections: list[Connection] = []
+        self.active = 0
+
+    async def __call__(self, conn: Connection, name: str) -> None:
+        self.connections.append(conn)
+        self.active += 1
+        try:
+            while True:
+                message, _buffers = await conn.recv()
+                if isinstance(message, ComputationSetup):
+                    conn.write(ComputationReady(comp_id=message.comp_id, workers=1))
+                elif isinstance(message, JobSubmit):
+                    await asyncio.sleep(0.003)  # the user's thread waits by now
+                    link = conn._link
+                    assert isinstance(link, SocketLink)
+                    link._sock.sendall(_bad_bytes(self.kind))
+                elif isinstance(message, ComputationClose):
+                    conn.write(ComputationClosed(comp_id=message.comp_id))
+        except (ConnectionClosedError, OSError):
+            return
+        finally:
+            self.active -= 1
+
+
+@pytest.fixture
+def bad_node(request: pytest.FixtureRequest) -> Iterator[tuple[int, BadNode]]:
+    node = BadNode(request.param)
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    stop = asyncio.Event()
+    port: list[int] = []
+
+    async def run() -> None:
+        async with serving(handler=node) as (listener, _):  # type: ignore[arg-type]
+            port.append(listener.port)
+            ready.set()
+            await stop.wait()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(run(),))
+    thread.start()
+    try:
+        assert ready.wait(WAIT)
+        yield port[0], node
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(WAIT)
+        loop.close()
+
+
+@pytest.mark.parametrize(
+    "bad_node", ["wrong-mac", "oversized", "no-frame"], indirect=True
+)
+@pytest.mark.parametrize("reader", ["user-thread", "loop"])
+def test_a_bad_frame_read_by_the_waiting_thread_is_handled_as_on_the_loop(
+    bad_node: tuple[int, BadNode],
+    reader: str,
+    monkeypatch: pytest.MonkeyPatch,
+    allow_error_logs: Any,
+) -> None:
+    port, _node = bad_node
+    readers: set[str] = set()
+    read_now = SocketLink.read_now
+
+    def spy(link: SocketLink) -> None:
+        readers.add(threading.current_thread().name)
+        read_now(link)
+
+    monkeypatch.setattr(SocketLink, "read_now", spy)
+    if reader == "loop":
+        monkeypatch.setattr(NodesBackend, "wait_here", lambda self, done, timeout: None)
+    closed: list[str] = []
+    with JobCluster(
+        square,
+        nodes=[f"127.0.0.1:{port}"],
+        secret=SECRET,
+        cluster_status=lambda status, node, job: (
+            closed.append(str(node)) if status == DispyNode.Closed else None
+        ),
+    ) as cluster:
+        for _ in range(50):  # until the user's thread was the reader once
+            job = cluster.submit(7)
+            assert job() is None  # returns: no hang, no transport exception
+            assert job.status == DispyJob.Abandoned, job.status
+            assert job.exception, "the reason is said"
+            if reader == "loop" or "MainThread" in readers:
+                break
+        wait_until(lambda: len(closed) == 1)  # the callback thread says it
+        assert ("MainThread" in readers) == (reader == "user-thread")
