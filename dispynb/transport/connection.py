@@ -445,6 +445,7 @@ class Connection:
         self.bytes_received += PREFIX_SIZE + len(body)
         verifier = self._verifier
         if isinstance(checked, DispynbError):
+            del body  # not kept alive by the traceback of the error raised here
             raise checked
         buffers, signed, mac = split_body(body, count, MAC_SIZE if verifier else 0)
         self.last_frame = (
@@ -510,6 +511,8 @@ class Connection:
                         if checked is _VERIFIED and len(body) < RELAY_MAX:
                             signed = memoryview(body)[: len(body) - MAC_SIZE]
                             early((prefix, count, signed), len(inbox) - 1)
+                            del signed
+                        del body  # (see frames_received)
                     if handler(*self._take()):
                         done.set_result(None)
                 except BadMessageError as exc:
@@ -545,6 +548,11 @@ class Connection:
             self._hash_partial(verifier)
         if not frames:
             return
+        # The bodies are queued: this frame must not hold one while the handler
+        # runs, as a failure's traceback keeps the frames it passed through alive
+        # (a refused large body would outlive its connection).
+        frames.clear()
+        del body
         if self._inbox_bytes > INBOX_HIGH and not self._paused:
             self._paused = True
             if self._link is not None:
@@ -572,7 +580,9 @@ class Connection:
         try:
             verifier.check(seq, running, view[end:])
         except AuthenticationError as exc:
-            return exc
+            # Without this frame's traceback: it holds the refused body (a large
+            # one's memory would live on with the error, until a garbage collection).
+            return exc.with_traceback(None)
         return _VERIFIED
 
     def _hash_partial(self, verifier: MessageVerifier) -> None:

@@ -8,6 +8,7 @@ the worker with SCM_RIGHTS; the job sees the mapping in its own ``/proc/self/map
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 from collections.abc import Iterator
@@ -17,7 +18,10 @@ import psutil
 import pytest
 
 from dispynb import DispyJob, JobCluster, LocalCluster
+from dispynb.protocol.messages import JobCancel
+from tests.asyncutil import run
 from tests.jobs import WAIT, is_computation_process, wait_until
+from tests.transport.util import RawClient, read_until_closed
 
 pytestmark = pytest.mark.slow
 
@@ -140,3 +144,31 @@ def test_a_worker_dying_with_a_mapped_argument_crashes_only_its_job(node):
         assert cluster.submit(b"ok")() == 2
         assert cluster.submit(b"y" * 2000)  # runs (and crashes) in a new worker
     assert all(psutil.pid_exists(pid) for pid in node.pids)
+
+
+def test_a_large_frame_with_a_wrong_mac_is_refused_and_its_body_let_go(node):
+    """A client's large frame lands in a memfd body as it arrives (in pieces of
+    `READ_LOWAT`, hashed as they come); one byte changed in it makes the node close
+    the connection, decoding nothing, and the body goes with the others once the
+    node is idle; the node serves the next client as before."""
+    host, port = node.addresses[0]
+    data = bytearray(os.urandom(3 * MB))
+
+    async def tamper() -> None:
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            raw = RawClient(reader, writer)
+            await raw.handshake(node.secret.encode())
+            frame = raw.signed_frame(JobCancel(comp_id=1, key=1, attempt=0), [data])
+            flipped = bytearray(frame)
+            flipped[len(flipped) // 2] ^= 1
+            writer.write(flipped)
+            await read_until_closed(reader)
+        finally:
+            writer.close()
+
+    run(tamper())
+    wait_until(lambda: node_bodies(node) == 0)
+    with JobCluster(mapped_digest, nodes=node) as cluster:
+        got = cluster.submit(bytes(data))()
+    assert got == (len(data), hashlib.sha256(data).hexdigest(), True, "bytes")

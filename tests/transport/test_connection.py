@@ -453,13 +453,24 @@ def test_connect_impostor_replaying_captured_node_messages_rejected():
 # --- large messages (hashed while in flight), pipelining, dispatch ----------------
 
 
+class LowatEcho(Echo):
+    """An echo node that reads large frames as a node server does (`read_lowat`)."""
+
+    async def __call__(self, conn: Connection, name: str) -> None:
+        conn.read_lowat = READ_LOWAT
+        await super().__call__(conn, name)
+
+
+@pytest.mark.parametrize("echo_type", [Echo, LowatEcho])
 @pytest.mark.parametrize("where", ["middle", "mac"])
-def test_tampered_large_frame_hashed_in_flight_closes_without_dispatch(where, caplog):
+def test_tampered_large_frame_hashed_in_flight_closes_without_dispatch(
+    where, echo_type, caplog
+):
     big = os.urandom(3 * 1024 * 1024)  # read in many pieces, hashed as they arrive
 
     async def main():
         async with (
-            serving() as (listener, echo),
+            serving(handler=echo_type()) as (listener, echo),
             raw_connection(listener.port) as (reader, writer),
         ):
             raw = RawClient(reader, writer)
@@ -492,11 +503,6 @@ def test_large_frames_arriving_in_pieces_then_small_ones_are_all_read(size):
     small frames after it, must still wake it (a mark left set would leave them
     unread)."""
     big = os.urandom(size)
-
-    class LowatEcho(Echo):
-        async def __call__(self, conn: Connection, name: str) -> None:
-            conn.read_lowat = READ_LOWAT
-            await super().__call__(conn, name)
 
     async def main():
         async with (
