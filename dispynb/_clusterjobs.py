@@ -165,13 +165,6 @@ class _Jobs(_ClusterState):
             self._backend.cancel([job._key])
         return 0
 
-    def _wait_here(self, job: DispyJob, timeout: float) -> None:
-        """Let the engine wait up to ``timeout`` s for ``job`` on this thread, if it
-        can do so without waking its own thread (`NodesBackend.wait_here`)."""
-        wait_here = getattr(self._backend, "wait_here", None)
-        if wait_here is not None:
-            wait_here(job.done, timeout)
-
     def _cancel_unstarted(self, jobs: list[DispyJob]) -> bool:
         """Cancel ``jobs`` unless they have started (`dispynb.futures.JobFuture`).
 

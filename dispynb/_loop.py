@@ -21,7 +21,6 @@ import concurrent.futures
 import contextlib
 import logging
 import os
-import select
 import selectors
 import threading
 from collections.abc import Awaitable, Callable
@@ -34,10 +33,6 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _THREAD_NAME = "dispynb-io"
-
-#: Seconds a thread that took the loop's place waits for I/O at a time
-#: (`LoopRunner.wait_readable`): the longest a due timer of the loop waits for it.
-_SLICE = 0.002
 
 
 class LoopRunner:
@@ -154,19 +149,14 @@ class LoopRunner:
         message half read or half written, a result half recorded) it would cost
         the node its connection or the job its result, and skip `leave` itself.
         """
-        if (
-            self._released
-            or self._selector.waking
-            or threading.get_ident() == self._thread.ident
-        ):
+        if self._released or threading.get_ident() == self._thread.ident:
             return False
         # Before the lock: a Ctrl-C that came just now is raised here, nothing held.
         held = HeldInterrupts().__enter__()
         if not self._busy.acquire(blocking=False):
             held.__exit__(None, None, None)  # busy: the loop thread goes first
             return False
-        if self._selector.waking or self._loop.is_closed():
-            # It woke meanwhile: do not make it wait; or its thread ended.
+        if self._loop.is_closed():  # its thread ended: nothing may run for it
             self._busy.release()
             held.__exit__(None, None, None)
             return False
@@ -193,39 +183,6 @@ class LoopRunner:
                 loop.call_soon_threadsafe(_nothing)
         if held is not None:
             held.__exit__(None, None, None)
-
-    def wait_readable(self, fds: list[int], timeout: float) -> list[int] | None:
-        """Between :meth:`enter` and :meth:`leave`: wait up to ``timeout`` seconds for
-        one of ``fds`` (taken out of the loop's selector by the caller) to be
-        readable; return those that are ([] on timeout).
-
-        None as soon as the loop has anything else to do (another descriptor or a
-        wake-up from another thread): the caller should then `leave` promptly.
-        """
-        ours = getattr(self._selector, "fileno", lambda: -1)()  # epoll's own fd
-        if ours < 0:
-            return None
-        poller = select.poll()
-        for fd in fds:
-            poller.register(fd, select.POLLIN)
-        poller.register(ours, select.POLLIN)
-        # In slices: the loop thread may wake for a timer, which shows nowhere but
-        # in `waking`; it then waits for the caller at most one slice.
-        ready = [fd for fd, _ in poller.poll(min(max(timeout, 0.0), _SLICE) * 1000.0)]
-        held = self._held
-        if (
-            ours in ready
-            or self._selector.waking
-            or (held is not None and held.pending)
-        ):
-            return None  # (a Ctrl-C: the caller leaves, which delivers it)
-        return ready
-
-    @property
-    def debug(self) -> bool:
-        """Whether the loop runs in asyncio's debug mode (where only its own thread
-        may schedule callbacks on it: `enter` is then of no use for that)."""
-        return self._loop.get_debug()
 
     def call_soon(self, fn: Callable[..., Any], *args: Any) -> asyncio.Handle:
         """Schedule ``fn(*args)`` on the loop; safe from any thread."""
@@ -406,10 +363,6 @@ class _IdleSelector(selectors.DefaultSelector):
     def __init__(self, busy: threading.Lock) -> None:
         super().__init__()
         self._busy = busy
-        #: The loop thread's wait ended and it wants ``busy`` back: `LoopRunner.enter`
-        #: then lets it go first (a thread that enters again and again must not
-        #: starve it).
-        self.waking = False
 
     def select(
         self, timeout: float | None = None
@@ -418,9 +371,7 @@ class _IdleSelector(selectors.DefaultSelector):
         try:
             return super().select(timeout)
         finally:
-            self.waking = True
             self._busy.acquire()
-            self.waking = False
 
 
 class Coalescer:

@@ -32,11 +32,6 @@ if TYPE_CHECKING:
 
 __all__ = ["FINAL_STATUSES", "DispyJob", "JobStatus"]
 
-#: Seconds a waiting thread may read the nodes' answers itself (while the I/O loop is
-#: idle) before it sleeps until the I/O thread wakes it: short jobs then end without
-#: waking the I/O thread; the loop's timers wait at most this long meanwhile.
-WAIT_HERE = 0.01
-
 
 class JobStatus(enum.IntEnum):
     """Status of a `DispyJob`; the numbers are dispy's and part of the API.
@@ -343,14 +338,6 @@ class DispyJob:
         bool
             ``True`` if the job is done, ``False`` if the timeout expired first.
         """
-        cluster = self._cluster
-        if cluster is not None and not self._done:
-            if timeout is None:
-                cluster._wait_here(self, WAIT_HERE)
-            else:
-                began = time.monotonic()
-                cluster._wait_here(self, min(timeout, WAIT_HERE))
-                timeout = max(timeout - (time.monotonic() - began), 0.0)
         finish = self._finish
         if finish is not None:  # made already (a snapshot shares its job's)
             return _interruptible.wait_event(finish, timeout)

@@ -30,9 +30,7 @@ The façade owns a background asyncio loop (``config.runner``, a `LoopRunner`).
   does that while the loop waits for I/O: `Backend.submit` sends a small job on the
   submitting thread (its one event then is ``jobs_sent``, which the façade turns
   into a write to the recovery journal, thread-safe like the ``submitted`` record
-  that thread writes anyway: the job is recorded as sent when it is sent), and a
-  thread waiting for a job reads the nodes' answers itself (``wait_here``: any
-  event may then come on that thread).
+  that thread writes anyway: the job is recorded as sent when it is sent).
 * `Backend.prepare`, `Backend.submit`, `Backend.cancel` and `Backend.traffic`
   never block and may be called from any thread, the loop's included.
 * The other `Backend` methods may block (bounded: a few seconds, ``close`` up to

@@ -447,23 +447,6 @@ class NodesBackend:
             return
         self._drain.trigger()
 
-    def wait_here(self, done: Callable[[], bool], timeout: float) -> None:
-        """Wait up to ``timeout`` seconds for ``done()`` reading the nodes' sockets on
-        this thread, if the loop is idle (`Driver.read_direct`); return at once
-        otherwise. The caller then waits as usual for what is left."""
-        runner = self._runner
-        if runner.debug or not runner.enter():
-            return
-        outer = asyncio._get_running_loop()  # this thread's own loop, if any
-        asyncio._set_running_loop(runner.loop)  # the handlers may ask for it
-        try:
-            # A Ctrl-C, held meanwhile (`enter`), ends the wait (`wait_readable`)
-            # and is raised by `leave`: never in the middle of a result's handling.
-            self.driver.read_direct(done, timeout, runner.wait_readable)
-        finally:
-            asyncio._set_running_loop(outer)
-            runner.leave()
-
     def cancel(
         self, keys: list[int], unstarted: bool = False, held: bool = False
     ) -> None:

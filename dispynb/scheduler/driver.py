@@ -18,8 +18,6 @@ import asyncio
 import collections
 import itertools
 import logging
-import time
-from collections.abc import Callable
 from typing import Any
 
 from dispynb.depends import FileRef
@@ -265,47 +263,6 @@ class Driver(DriverNodes):
             if link.ready and (conn is None or not conn.writes_directly):
                 self.direct_wake = True
         return True
-
-    def read_direct(
-        self,
-        done: Callable[[], bool],
-        timeout: float,
-        wait: Callable[[list[int], float], list[int] | None],
-    ) -> None:
-        """With the loop entered (`LoopRunner.enter`) by a thread that waits for a
-        job: read the nodes' messages on that thread, as the loop would, until
-        ``done()``, ``timeout`` seconds, or the loop has something else to do
-        (``wait``, `LoopRunner.wait_readable`, returns None).
-
-        A result read here wakes no other thread: the loop thread sleeps on, and
-        the waiting thread needs no hand-off of the GIL from it. Only signed plain
-        sockets dispatched as they arrive qualify (`Connection.direct_reader`);
-        the others stay with the loop, whose wake-up then ends this wait.
-        """
-        if self._closing:
-            return
-        links = []
-        for node in self.nodes.values():
-            reader = node.conn.direct_reader() if node.conn is not None else None
-            if reader is not None and reader.hide() is not None:
-                links.append(reader)
-        if not links:
-            return
-        deadline = time.monotonic() + timeout
-        try:
-            while not done():
-                live = {link.fileno: link for link in links if not link.closed}
-                left = deadline - time.monotonic()
-                if not live or left <= 0:
-                    return
-                ready = wait(list(live), left)
-                if ready is None:
-                    return
-                for fd in ready:
-                    live[fd].read_now()
-        finally:
-            for link in links:
-                link.show()
 
     def drain(self) -> None:
         """Submit every enqueued job in one scheduling pass (on the loop)."""

@@ -214,21 +214,6 @@ class Connection:
         link = self._link
         return type(link) is SocketLink and not link.closed and not link.unsent
 
-    def direct_reader(self) -> SocketLink | None:
-        """The plain socket link of a signed connection whose messages go to a
-        `dispatch` handler as they arrive, else None (TLS, handshake, `recv`
-        mode, closed): a thread that took the loop's place may read it (see
-        `SocketLink.hide`) and so have the handler run on that thread."""
-        link = self._link
-        if (
-            type(link) is SocketLink
-            and not link.closed
-            and self._handler is not None
-            and self._verifier is not None
-        ):
-            return link
-        return None
-
     @property
     def max_size(self) -> int:
         """Largest message body accepted now."""

@@ -152,8 +152,7 @@ class SocketLink:
         self._drain_waiters = DrainWaiters()
         self._closed = False
         self._dropped = False  # it ended with bytes the kernel had not taken
-        self._reading = True  # wanted by the owner (`pause_reading`)
-        self._hidden = False  # read by another thread meanwhile (`hide`)
+        self._reading = True
         self._names = (_sockname(sock, "getsockname"), _sockname(sock, "getpeername"))
         #: The socket's SO_RCVLOWAT (1, the default), or 0 where it is not used (a
         #: Unix socket, whose readiness ignores it).
@@ -169,11 +168,6 @@ class SocketLink:
     def all_sent(self) -> bool:
         """Whether every byte written went to the kernel (before the end, if any)."""
         return not self._dropped if self._closed else not self._out
-
-    @property
-    def fileno(self) -> int:
-        """The socket's descriptor (meaningless once `closed`)."""
-        return self._fd
 
     @property
     def unsent(self) -> int:
@@ -218,40 +212,12 @@ class SocketLink:
         """Stop reading until `resume_reading`."""
         if self._reading and not self._closed:
             self._reading = False
-            if not self._hidden:
-                self._loop.remove_reader(self._fd)
+            self._loop.remove_reader(self._fd)
 
     def resume_reading(self) -> None:
         """Read again."""
         if not self._reading and not self._closed:
             self._reading = True
-            if not self._hidden:
-                self._loop.add_reader(self._fd, self._readable)
-
-    # -- reading from a thread that took the loop's place (`LoopRunner.enter`) --------
-
-    def hide(self) -> int | None:
-        """Take the socket out of the loop's selector so that another thread, which
-        has entered the loop, waits for it and reads it (`read_now`) without waking
-        the loop thread; `show` puts it back. Returns the descriptor to wait for,
-        or None if the link does not read now (closed, paused or hidden)."""
-        if self._closed or not self._reading or self._hidden:
-            return None
-        self._hidden = True
-        self._loop.remove_reader(self._fd)
-        return self._fd
-
-    def read_now(self) -> None:
-        """Read what the socket holds, as the loop's read callback would (hidden)."""
-        if self._hidden and self._reading and not self._closed:
-            self._readable()
-
-    def show(self) -> None:
-        """Give the socket back to the loop after `hide` (reading if still wanted)."""
-        if not self._hidden:
-            return
-        self._hidden = False
-        if self._reading and not self._closed:
             self._loop.add_reader(self._fd, self._readable)
 
     # -- writing -----------------------------------------------------------------------
@@ -380,7 +346,7 @@ class SocketLink:
             return
         self._closed = True
         self._dropped = bool(self._out)
-        if self._reading and not self._hidden:
+        if self._reading:
             self._loop.remove_reader(self._fd)
         if self._writing:
             self._loop.remove_writer(self._fd)

@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 
-import dispynb.job
 from dispynb import JobCluster, _interruptible
 from tests import jobs
 from tests.sigint import python_handles_sigint, sigint_when
@@ -147,31 +146,3 @@ def test_held_interrupts_are_raised_as_the_step_ends(how: str) -> None:
             steps.append("finished")
         assert steps == ["finished"]
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("how", sorted(SENDERS))
-def test_an_interrupt_while_the_waiting_thread_reads_the_nodes_itself(
-    local1: Any, tmp_path: Path, how: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """``job()`` first waits reading the node's socket itself (`wait_here`): Ctrl-C
-    there ends the wait (not the time allowed for it: longer than the test's time
-    limit), and the cluster goes on as before."""
-    monkeypatch.setattr(dispynb.job, "WAIT_HERE", 1000.0)  # all of the wait in there
-    send = SENDERS[how]
-    started = tmp_path / "started"
-    in_wait_here = main_waits_in_function("wait_readable", "dispynb._loop")
-    with JobCluster(jobs.mark_and_sleep, nodes=local1) as cluster:
-        job = cluster.submit(str(started), NEVER)
-        with (
-            send(lambda: started.exists() and in_wait_here()),
-            pytest.raises(KeyboardInterrupt),
-        ):
-            job()
-        assert not job.done()
-        cluster.cancel(job)
-        assert job.wait(NEVER)
-        assert job.status == dispynb.DispyJob.Terminated
-        quick = cluster.submit(str(tmp_path / "quick"), 0)
-        assert quick() is not None
-        assert quick.status == dispynb.DispyJob.Finished

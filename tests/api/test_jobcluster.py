@@ -27,7 +27,6 @@ from dispynb.errors import (
     SerializationError,
     TransportError,
 )
-from dispynb.transport.links import SocketLink
 from tests import jobs
 from tests.jobs import WAIT, read_pid, wait_for_path, wait_until
 from tests.nodeproc import running_node
@@ -672,36 +671,3 @@ def test_jobcluster_await_job_from_asyncio_returns_result(local):
 
     with JobCluster(jobs.square, nodes=local) as cluster:
         assert asyncio.run(gather_results(cluster)) == [0, 1, 4, 9, 16]
-
-
-def test_a_result_is_read_by_the_thread_waiting_for_it_while_the_loop_is_idle(
-    local, monkeypatch
-):
-    """One job at a time: the waiting thread reads the node's answer itself (the I/O
-    thread sleeps on), and the I/O loop still gets its turn: the nodes' pulses are
-    answered for many pulse intervals of such round trips."""
-    readers: set[int] = set()
-    read_now = SocketLink.read_now
-
-    def spy(link: SocketLink) -> None:
-        readers.add(threading.get_ident())
-        read_now(link)
-
-    monkeypatch.setattr(SocketLink, "read_now", spy)
-    lost: list[object] = []
-    with JobCluster(
-        jobs.square,
-        nodes=local,
-        pulse_interval=0.2,
-        cluster_status=lambda status, node, job: (
-            lost.append(node) if status == DispyNode.Closed else None
-        ),
-    ) as cluster:
-        end = time.monotonic() + 10 * 0.2 * 3  # ten times the silence of a dead node
-        x = 0
-        while time.monotonic() < end:
-            assert cluster.submit(x)() == x * x
-            x += 1
-        assert threading.get_ident() in readers
-        assert not lost
-        assert [node.jobs_done for node in cluster.status().nodes] == [x]

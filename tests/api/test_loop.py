@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -332,33 +331,3 @@ def test_a_callback_scheduled_by_the_thread_that_entered_runs_once_it_leaves(run
         runner.leave()
     assert ran.wait(WAIT)
     assert timer.wait(WAIT)
-
-
-def test_wait_readable_returns_the_ready_socket_or_none_when_the_loop_has_work(
-    runner,
-):
-    a, b = socket.socketpair()
-    with a, b:
-        enter_when_idle(runner)
-        try:
-            assert runner.wait_readable([a.fileno()], 0.01) == []
-            b.send(b"x")
-            assert runner.wait_readable([a.fileno()], WAIT) == [a.fileno()]
-            a.recv(1)
-            ran = threading.Event()
-            runner.call_soon(ran.set)  # the loop thread wakes: it has work
-            assert runner.wait_readable([a.fileno()], WAIT) is None
-        finally:
-            runner.leave()
-        assert ran.wait(WAIT)
-
-
-def test_a_thread_entering_again_and_again_does_not_starve_the_loop(runner):
-    """The loop thread, woken by a timer, goes first: `enter` refuses meanwhile."""
-    due = threading.Event()
-    runner.call_soon(lambda: runner.loop.call_later(0.05, due.set))
-    deadline = time.monotonic() + WAIT
-    while not due.is_set() and time.monotonic() < deadline:
-        if runner.enter():
-            runner.leave()
-    assert due.is_set()

@@ -1,8 +1,8 @@
 """Stop (JupyterLab's interrupt: SIGINT to the kernel's process group) while a cell's
-main thread waits for its jobs one at a time with dispy's ``job()``, so that it spends
-most of each round trip sending a job or reading its result in the I/O loop's place
-(`LoopRunner.enter`, d66f24c and 3fcde4f): the cell gets its KeyboardInterrupt, the
-next cell's jobs run on the same nodes, and no job was lost or done twice."""
+main thread waits for its jobs one at a time with dispy's ``job()``, sending each job
+itself in the I/O loop's place (`LoopRunner.enter`, d66f24c; reading results there,
+3fcde4f, was taken out again): the cell gets its KeyboardInterrupt, the next cell's
+jobs run on the same nodes, and no job was lost or done twice."""
 
 from __future__ import annotations
 

@@ -1,8 +1,7 @@
-"""A user's thread that takes the I/O loop's place (`LoopRunner.enter`), met the way
-users meet it: Ctrl-C to the whole process group while the main thread reads the
-nodes' answers itself (`NodesBackend.wait_here`) or sends a job itself
-(`NodesBackend.submit`), callbacks that run meanwhile, several threads at once, a
-node killed while a user thread reads its socket.
+"""A user's thread that takes the I/O loop's place (`LoopRunner.enter`) to send a
+job itself (`NodesBackend.submit`), met the way users meet it: Ctrl-C to the whole
+process group meanwhile, callbacks that run while user threads submit and wait,
+several threads at once, a node killed while the main thread waits for its job.
 
 The Ctrl-C programs run in a session of their own (as a terminal's foreground job
 or a kernel): ``os.killpg`` of their group then reaches them and nothing else (the
@@ -28,7 +27,6 @@ import pytest
 
 from dispynb import DispyJob, DispyNode, JobCluster, LocalCluster
 from dispynb._loop import LoopRunner
-from dispynb.transport.links import SocketLink
 from tests import jobs
 from tests.jobs import WAIT, read_pid, wait_for_path, wait_until
 from tests.sigint import python_handles_sigint
@@ -41,8 +39,6 @@ _PROGRAM = """
 import json, os, signal, sys, threading, time
 from dispynb import JobCluster, LocalCluster
 from dispynb.node import DispyNode
-from dispynb.protocol.messages import JobResults
-from dispynb.transport.links import SocketLink
 
 def square(x):
     return x * x
@@ -93,14 +89,6 @@ print(json.dumps(report), flush=True)
 
 # Where the Ctrl-C lands (indented into the program's ``with`` block).
 _ARMS = {
-    # While the main thread handles a node's results message it read itself.
-    "reading": """
-    on_results = driver._routes[JobResults]
-    def results(*args):
-        interrupt_once()
-        return on_results(*args)
-    driver._routes[JobResults] = results
-""",
     # While the main thread sends a job itself (d66f24c): scheduled, not yet written.
     "submitting": """
     apply = driver._apply
@@ -158,30 +146,14 @@ def test_ctrl_c_to_the_process_group_while_the_main_thread_holds_the_loop(
     assert [n[0] for n in nodes] in ([len(xs)], [len(xs) + 1]), report
 
 
-# -- in this process: who reads, callbacks, threads, a node killed ---------------------
-
-
-@pytest.fixture
-def readers(monkeypatch: pytest.MonkeyPatch) -> set[str]:
-    """Names of the threads that read a node's socket in the loop's place."""
-    names: set[str] = set()
-    read_now = SocketLink.read_now
-
-    def spy(link: SocketLink) -> None:
-        names.add(threading.current_thread().name)
-        read_now(link)
-
-    monkeypatch.setattr(SocketLink, "read_now", spy)
-    return names
+# -- in this process: callbacks, threads, a node killed ---------------------
 
 
 def test_callbacks_run_on_the_callback_thread_and_may_use_the_cluster_meanwhile(
-    local: LocalCluster, readers: set[str], allow_error_logs: list[logging.LogRecord]
+    local: LocalCluster, allow_error_logs: list[logging.LogRecord]
 ) -> None:
-    """A job ending on the thread that reads in the loop's place has its callbacks
-    run on the cluster's callback thread, as on the I/O thread: there they submit,
-    cancel, wait for another job and raise, while the main thread goes on reading.
-    """
+    """Callbacks run on the cluster's callback thread: there they submit, cancel,
+    wait for another job and raise, while the main thread submits and waits."""
     seen: list[tuple[int, str]] = []
     chained: list[DispyJob] = []
     waited: list[object] = []
@@ -208,7 +180,6 @@ def test_callbacks_run_on_the_callback_thread_and_may_use_the_cluster_meanwhile(
         assert results == [x * x for x in range(40)]
         assert cluster.wait(timeout=WAIT)
         wait_until(lambda: len(seen) >= 41 and len(waited) == 2)
-        assert "MainThread" in readers
         assert {name for _, name in seen} == {"dispynb-callbacks"}, seen
         assert waited == [1000**2, True]
         assert chained[0].status == DispyJob.Finished
@@ -219,9 +190,7 @@ def test_callbacks_run_on_the_callback_thread_and_may_use_the_cluster_meanwhile(
     assert any("a callback that fails" in str(r.exc_info) for r in allow_error_logs)
 
 
-def test_threads_waiting_submitting_and_closing_at_once(
-    local: LocalCluster, readers: set[str]
-) -> None:
+def test_threads_waiting_submitting_and_closing_at_once(local: LocalCluster) -> None:
     """Four threads wait for their own jobs (one at a time, each may take the loop's
     place), one more submits, a wait with a timeout returns in time, and close()
     from another thread ends it all: every job done once, nothing hangs."""
@@ -265,7 +234,6 @@ def test_threads_waiting_submitting_and_closing_at_once(
         for i in range(4):
             assert done[f"w{i}"] == [x * x for x in range(100 * i, 100 * i + 50)]
         assert done["batch"] == [x * x for x in range(500, 600)]
-        assert readers - {"dispynb-io"}, "no user thread read in the loop's place"
         # close(terminate=True) from another thread while the main thread waits.
         closer = threading.Timer(0.2, slow.close, kwargs={"terminate": True})
         closer.start()
@@ -282,12 +250,10 @@ def test_threads_waiting_submitting_and_closing_at_once(
         cluster.close()
 
 
-def test_a_node_killed_while_a_user_thread_reads_its_socket(
-    tmp_path: Path, readers: set[str]
-) -> None:
-    """SIGKILL of a node process while the main thread waits for its job reading
-    in the loop's place: the node is declared dead as when the loop reads, its
-    reentrant job runs again on the other node, nothing hangs."""
+def test_a_node_killed_while_the_main_thread_waits_for_its_job(tmp_path: Path) -> None:
+    """SIGKILL of a node process while the main thread waits for its job in short
+    waits: the node is declared dead, its reentrant job runs again on the other
+    node, nothing hangs."""
     closed: list[str] = []
     with (
         LocalCluster(nodes=2, cpus=1) as local,
@@ -313,13 +279,12 @@ def test_a_node_killed_while_a_user_thread_reads_its_socket(
         killer = threading.Timer(0.2, os.kill, (node_pid, signal.SIGKILL))
         killer.start()
         deadline = time.monotonic() + WAIT
-        while not job.wait(timeout=0.01):  # much of it in the loop's place
+        while not job.wait(timeout=0.01):
             assert time.monotonic() < deadline
         killer.join()
         assert job.status == DispyJob.Finished, job.exception
         assert job.result != victim
         assert len(closed) == 1
-        assert "MainThread" in readers
         # The cluster goes on with the node left.
         assert cluster.submit(None, 0)() != victim
 
