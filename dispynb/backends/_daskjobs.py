@@ -1,11 +1,12 @@
 """The Dask engine's jobs: submitted as Dask tasks, their events from the workers
-(start, provisional results, files), their results gathered in batches, their
-cancels, and the failures that abandon them."""
+(start, provisional results, files, small outcomes), their other results gathered in
+batches, their cancels, and the failures that abandon them."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import pickle
 from typing import Any
 
 from dispynb.backends._daskstate import _as_bytes, _DaskState, logger
@@ -42,8 +43,6 @@ class _Jobs(_DaskState):
             if key is None:
                 return
             try:
-                import pickle
-
                 result = serialize.loads(pickle.loads(data), self.result_types)
             except DispynbError as exc:
                 logger.warning("provisional result of job %d dropped: %s", key, exc)
@@ -53,6 +52,12 @@ class _Jobs(_DaskState):
                 self.started[key] = (node, event[0])
                 self.events.job_running(key, node, event[0])
             self.events.job_provisional(key, node, result)
+        elif kind == "done":  # a small outcome, before Dask's task-finished
+            _, dask_key, data = message
+            key = self._key_of(dask_key)
+            future = self.futures.get(key) if key is not None else None
+            if future is not None and future.key == dask_key:
+                self.pushed[dask_key] = data
         elif kind == "file":
             _, dask_key, path, data = message
             key = self._key_of(dask_key)
@@ -166,8 +171,17 @@ class _Jobs(_DaskState):
 
     async def _watch(self, key: int, future: Any) -> None:
         await _settled(future)
+        pushed = self.pushed.pop(future.key, None)
         if key not in self.futures or self.futures[key] is not future:
             return  # cancelled or abandoned here already
+        if future.status == "finished" and pushed is not None:
+            del self.futures[key]
+            try:
+                value = pickle.loads(pushed)  # from our computation's worker
+            except Exception as error:
+                value = error
+            self._report(key, value)
+            return
         if future.status == "finished":
             self.finished.append((key, future))
             if not self.gathering:

@@ -64,6 +64,9 @@ class _DaskState:
         self.lost: dict[int, int] = {}
         self.attempts = itertools.count(1)
         self.finished: list[tuple[int, Any]] = []
+        #: Outcomes the workers sent as events (small ones), by Dask key, until
+        #: the task's future settles.
+        self.pushed: dict[str, bytes] = {}
         self.gathering = False
         self.cancelling: list[Any] = []
         self.closed = False

@@ -9,9 +9,10 @@ runner of that job: that is how Stop ends running work, which a Dask task thread
 alone cannot do.
 
 `run_job` is the Dask task of every dispynb job: it hands the pickled arguments to an
-idle runner and waits for the outcome, passing provisional results on as Dask
-structured events (``Worker.log_event`` on the computation's topic; the client
-subscribes with ``Client.subscribe_topic``), files the job sends
+idle runner and waits for the outcome (a small one also goes to the client as a
+structured event, so the client need not gather it), passing provisional results
+on as Dask structured events (``Worker.log_event`` on the computation's topic; the
+client subscribes with ``Client.subscribe_topic``), files the job sends
 (``dispy_send_file``) the same way, and announcing the start of jobs that
 run longer than `START_REPORT` the same way.
 """
@@ -40,6 +41,11 @@ from dispynb.backends._daskpipe import recv_buffers, send_buffers
 #: Seconds a job runs before its start is announced to the client (quicker jobs
 #: report their start with their outcome: one event less on the hot path).
 START_REPORT = 0.01
+
+#: Bytes of result, stdout, stderr and traceback up to which a job's outcome is
+#: also sent to the client as a structured event (the scheduler keeps the last
+#: events of a topic: a bounded size each keeps what it holds small).
+PUSH_RESULT = 8 << 10
 
 #: Seconds the host gets to run cleanup and exit at teardown.
 CLOSE_WAIT = 30.0
@@ -307,4 +313,12 @@ def run_job(
         meta = ("setup", 0.0, 0.0, "", "", "the computation is not set up here")
         return meta, [], worker.address
     meta, result = plugin.run(key, list(buffers), limits)
-    return meta, result, worker.address
+    value = (meta, result, worker.address)
+    _, _, _, stdout, stderr, exception = meta
+    size = sum(map(len, result)) + len(stdout) + len(stderr) + len(exception or "")
+    if size <= PUSH_RESULT:
+        # Small outcomes go to the client now, on the stream Dask's task-finished
+        # message follows: no gather round trip (the returned copy stays for one).
+        data = pickle.dumps(value, protocol=5)
+        worker.log_event(plugin.topic, ["done", key, data])
+    return value
