@@ -87,46 +87,69 @@ def wait_event(event: threading.Event, timeout: float | None = None) -> bool:
             return True
 
 
+#: Signals whose Python handlers `HeldInterrupts` holds: SIGINT (Ctrl-C, Stop) and
+#: those users give handlers that raise (timeouts by alarm or timer, SystemExit on
+#: SIGTERM, ...). Only those with a Python handler are swapped.
+HELD_SIGNALS = tuple(
+    getattr(signal, name)
+    for name in (
+        "SIGINT",
+        "SIGALRM",
+        "SIGVTALRM",
+        "SIGPROF",
+        "SIGTERM",
+        "SIGHUP",
+        "SIGQUIT",
+        "SIGUSR1",
+        "SIGUSR2",
+    )
+    if hasattr(signal, name)
+)
+
+
 class HeldInterrupts:
     """``with HeldInterrupts():`` a Ctrl-C that reaches the main thread meanwhile (a
-    SIGINT, or ``_thread.interrupt_main()``) is held and raised as it ends.
+    SIGINT, or ``_thread.interrupt_main()``), or another signal of `HELD_SIGNALS`
+    with a Python handler, is held; its handler runs (and raises) as it ends.
 
     For short steps that do the I/O thread's work on the user's thread (a job's
-    message written or its result handled while the loop is idle): an interrupt in
-    their middle would leave the client's bookkeeping half done, with a job counted
-    as sent or finished that never is. Other threads never get ``KeyboardInterrupt``:
-    nothing to hold there.
+    message written while the loop is idle): an exception raised in their middle
+    by a signal handler would leave the client's bookkeeping half done, with a job
+    counted as sent that never is. Python runs signal handlers on the main thread
+    only: nothing to hold on others.
     """
 
     __slots__ = ("_held", "_previous")
 
     def __init__(self) -> None:
-        self._previous: Any = None
-        self._held: list[FrameType | None] = []  # the frames interrupted
+        self._previous: dict[int, Any] = {}  # signal -> the handler replaced
+        self._held: list[tuple[int, FrameType | None]] = []  # in arrival order
 
     def __enter__(self) -> HeldInterrupts:
         if not _in_main():
             return self
-        previous = signal.getsignal(signal.SIGINT)
-        if callable(previous):  # SIG_IGN / SIG_DFL raise nothing in Python
-            self._previous = previous
-            signal.signal(signal.SIGINT, self._hold)
+        getsignal = signal.getsignal
+        for signum in HELD_SIGNALS:
+            previous = getsignal(signum)
+            if callable(previous):  # SIG_IGN / SIG_DFL raise nothing in Python
+                self._previous[signum] = previous
+                signal.signal(signum, self._hold)
         return self
 
     @property
     def pending(self) -> bool:
-        """Whether an interrupt is held: a wait in the step should end soon."""
+        """Whether a signal is held: a wait in the step should end soon."""
         return bool(self._held)
 
     def drop(self) -> None:
-        """Put the handler back and forget what was held: in a child forked while
+        """Put the handlers back and forget what was held: in a child forked while
         this was in place, whose main thread never ends the step."""
-        previous, self._previous, self._held = self._previous, None, []
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        previous, self._previous, self._held = self._previous, {}, []
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
     def _hold(self, signum: int, frame: FrameType | None) -> None:
-        self._held.append(frame)
+        self._held.append((signum, frame))
 
     def __exit__(
         self,
@@ -135,10 +158,11 @@ class HeldInterrupts:
         tb: TracebackType | None,
     ) -> None:
         previous = self._previous
-        if previous is None:
+        if not previous:
             return
-        self._previous = None
-        signal.signal(signal.SIGINT, previous)
+        self._previous = {}
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         held, self._held = self._held, []
-        if held:
-            previous(signal.SIGINT, held[0])  # default_int_handler raises here
+        for signum, frame in held:  # the first that raises ends it, as it would have
+            previous[signum](signum, frame)  # default_int_handler raises here

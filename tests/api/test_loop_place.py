@@ -234,6 +234,64 @@ def test_a_storm_of_ctrl_c_leaves_the_cluster_whole() -> None:
     assert submitted <= done <= submitted + report["interrupts"], report
 
 
+# A timeout by SIGALRM whose handler raises (as signal.alarm / setitimer timeouts do)
+# instead of Ctrl-C: the same storm, the same checks.
+_ALARM_STORM = (
+    _STORM.replace(
+        "def square(x):",
+        "class Alarm(Exception):\n    pass\n\n"
+        "def on_alarm(signum, frame):\n    raise Alarm\n\n"
+        "signal.signal(signal.SIGALRM, on_alarm)\n\n"
+        "def square(x):",
+    )
+    .replace("signal.SIGINT)", "signal.SIGALRM)")
+    .replace("except KeyboardInterrupt:", "except Alarm:")
+)
+
+
+@pytest.mark.timeout(120)
+def test_a_storm_of_raising_alarms_leaves_the_cluster_whole() -> None:
+    """A Python handler that raises, of a signal other than SIGINT, is held as
+    SIGINT's is: before, its exception landed in the middle of a job's message the
+    submitting thread wrote (logged 'submitting jobs failed'), the job counted as
+    sent was never sent, and cluster.wait() hung."""
+    assert "SIGALRM" in _ALARM_STORM and "except Alarm" in _ALARM_STORM
+    proc = subprocess.run(
+        [sys.executable, "-c", _ALARM_STORM],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        start_new_session=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "submitting jobs failed" not in proc.stderr, proc.stderr[-4000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["interrupts"] > 0 and report["finished"] is True, report
+    assert report["bad"] == [] and report["lost"] == [], report
+    done, submitted = report["done"][0], report["submitted"]
+    assert submitted <= done <= submitted + report["interrupts"], report
+
+
+def test_another_python_handler_is_held_while_the_main_thread_has_the_loop() -> None:
+    """A signal with a Python handler (here SIGUSR1) that comes while the main
+    thread has the loop's place runs its handler only as the thread leaves."""
+    runner = LoopRunner.acquire()
+    calls: list[int] = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: calls.append(signum))
+    try:
+        wait_until(runner.enter)  # the loop is idle between its turns
+        try:
+            signal.raise_signal(signal.SIGUSR1)  # handled at once, were it not held
+            assert calls == []
+        finally:
+            runner.leave()
+        assert calls == [signal.SIGUSR1]
+        assert signal.getsignal(signal.SIGUSR1) is not None
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        runner.release()
+
+
 # -- in this process: callbacks, threads, a node killed ---------------------
 
 
