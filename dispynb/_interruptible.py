@@ -129,11 +129,17 @@ class HeldInterrupts:
         if not _in_main():
             return self
         getsignal = signal.getsignal
-        for signum in HELD_SIGNALS:
-            previous = getsignal(signum)
-            if callable(previous):  # SIG_IGN / SIG_DFL raise nothing in Python
-                self._previous[signum] = previous
-                signal.signal(signum, self._hold)
+        try:
+            for signum in HELD_SIGNALS:
+                previous = getsignal(signum)
+                if callable(previous):  # SIG_IGN / SIG_DFL raise nothing in Python
+                    signal.signal(signum, self._hold)
+                    self._previous[signum] = previous
+        except BaseException:
+            # A signal pending ran its own handler, which raised (signal.signal runs
+            # them first): nothing is held yet, the handlers swapped go back.
+            self.drop()
+            raise
         return self
 
     @property

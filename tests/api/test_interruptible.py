@@ -146,3 +146,38 @@ def test_held_interrupts_are_raised_as_the_step_ends(how: str) -> None:
             steps.append("finished")
         assert steps == ["finished"]
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_held_interrupts_put_every_handler_back_if_a_pending_one_raises_meanwhile(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`HeldInterrupts` swaps handlers one by one; if a signal pending runs its own
+    handler, which raises, during a swap (``signal.signal`` runs them first), the
+    handlers swapped already go back: none is left holding for ever."""
+
+    def usr1(signum: int, frame: object) -> None:
+        pass
+
+    def usr2(signum: int, frame: object) -> None:
+        pass
+
+    swap = signal.signal
+
+    def pending_raises(signum: int, handler: object) -> object:
+        if signum == signal.SIGUSR2 and handler is not usr2:
+            raise RuntimeError("a pending signal's handler raised")
+        return swap(signum, handler)  # type: ignore[arg-type]
+
+    before = (signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGUSR2))
+    swap(signal.SIGUSR1, usr1)
+    swap(signal.SIGUSR2, usr2)
+    try:
+        monkeypatch.setattr(_interruptible.signal, "signal", pending_raises)
+        with pytest.raises(RuntimeError, match="pending"):
+            _interruptible.HeldInterrupts().__enter__()
+        monkeypatch.undo()
+        assert signal.getsignal(signal.SIGUSR1) is usr1
+        assert signal.getsignal(signal.SIGUSR2) is usr2
+    finally:
+        swap(signal.SIGUSR1, before[0])  # type: ignore[arg-type]
+        swap(signal.SIGUSR2, before[1])  # type: ignore[arg-type]
