@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import struct
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,7 +30,7 @@ from dispynb.protocol.messages import (
 from dispynb.transport.connection import Connection
 from dispynb.transport.links import SocketLink
 from tests.jobs import wait_until
-from tests.transport.util import SECRET, serving
+from tests.transport.util import SECRET, serving_in_thread
 
 WAIT = 10.0
 
@@ -81,26 +80,8 @@ class BadNode:
 @pytest.fixture
 def bad_node(request: pytest.FixtureRequest) -> Iterator[tuple[int, BadNode]]:
     node = BadNode(request.param)
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    stop = asyncio.Event()
-    port: list[int] = []
-
-    async def run() -> None:
-        async with serving(handler=node) as (listener, _):  # type: ignore[arg-type]
-            port.append(listener.port)
-            ready.set()
-            await stop.wait()
-
-    thread = threading.Thread(target=loop.run_until_complete, args=(run(),))
-    thread.start()
-    try:
-        assert ready.wait(WAIT)
-        yield port[0], node
-    finally:
-        loop.call_soon_threadsafe(stop.set)
-        thread.join(WAIT)
-        loop.close()
+    with serving_in_thread(node, WAIT) as port:
+        yield port, node
 
 
 @pytest.mark.parametrize(

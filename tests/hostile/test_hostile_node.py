@@ -8,10 +8,8 @@ the client; and, for a job it was given, a result whose pickle would run code, w
 
 from __future__ import annotations
 
-import asyncio
 import os
 import pickle
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,7 +31,7 @@ from dispynb.protocol.messages import (
     ResultChunk,
 )
 from dispynb.transport.connection import Connection
-from tests.transport.util import SECRET, serving
+from tests.transport.util import SECRET, serving_in_thread
 
 
 def square(x: int) -> int:
@@ -113,26 +111,8 @@ def lying_node(tmp_path) -> Iterator[tuple[int, LyingNode]]:
     """The lying node on a loop in a thread (the cluster's API is synchronous)."""
     marker = tmp_path / "code-ran"
     node = LyingNode(marker, reply=49)
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    stop = asyncio.Event()
-    port: list[int] = []
-
-    async def run() -> None:
-        async with serving(handler=node) as (listener, _):  # type: ignore[arg-type]
-            port.append(listener.port)
-            ready.set()
-            await stop.wait()
-
-    thread = threading.Thread(target=loop.run_until_complete, args=(run(),))
-    thread.start()
-    try:
-        assert ready.wait(10)
-        yield port[0], node
-    finally:
-        loop.call_soon_threadsafe(stop.set)
-        thread.join(10)
-        loop.close()
+    with serving_in_thread(node) as port:
+        yield port, node
 
 
 @pytest.mark.attack(

@@ -8,8 +8,6 @@ for the size), and recover_jobs returns.
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +19,7 @@ from dispynb.job import DispyJob, JobStatus
 from dispynb.journal import Journal
 from dispynb.protocol.messages import JobResults, Recover, ResultChunk
 from dispynb.transport.connection import Connection
-from tests.transport.util import SECRET, serving
+from tests.transport.util import SECRET, serving_in_thread
 
 KEY = 3
 
@@ -59,27 +57,8 @@ class LyingRecovery:
 @pytest.fixture
 def lying(request: pytest.FixtureRequest) -> Iterator[int]:
     """The lying node on a loop in a thread (recover_jobs is synchronous)."""
-    node = LyingRecovery(request.param)
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    stop = asyncio.Event()
-    port: list[int] = []
-
-    async def run() -> None:
-        async with serving(handler=node) as (listener, _):  # type: ignore[arg-type]
-            port.append(listener.port)
-            ready.set()
-            await stop.wait()
-
-    thread = threading.Thread(target=loop.run_until_complete, args=(run(),))
-    thread.start()
-    try:
-        assert ready.wait(10)
-        yield port[0]
-    finally:
-        loop.call_soon_threadsafe(stop.set)
-        thread.join(10)
-        loop.close()
+    with serving_in_thread(LyingRecovery(request.param)) as port:
+        yield port
 
 
 def _journal(path: Path, node: str) -> None:

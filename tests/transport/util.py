@@ -8,8 +8,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -126,6 +128,36 @@ async def serving(
         for conn in echo.connections:
             conn.close()
         await wait_until(lambda: echo.active == 0 and listener._pending == 0)
+
+
+@contextlib.contextmanager
+def serving_in_thread(handler: Any, wait: float = 10.0) -> Iterator[int]:
+    """`serving` ``handler`` (`Echo`-like: a coroutine callable with `connections` and
+    `active`) on an event loop of its own thread; yields its port.
+
+    For tests whose code under test is synchronous (a `JobCluster`, `recover_jobs`)
+    and talks to a scripted node.
+    """
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    stop = asyncio.Event()
+    port: list[int] = []
+
+    async def run() -> None:
+        async with serving(handler=handler) as (listener, _):
+            port.append(listener.port)
+            ready.set()
+            await stop.wait()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(run(),))
+    thread.start()
+    try:
+        assert ready.wait(wait), "the scripted node did not start listening"
+        yield port[0]
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(wait)
+        loop.close()
 
 
 @contextlib.asynccontextmanager
