@@ -10,6 +10,7 @@ from typing import Any
 
 from dispynb import objects
 from dispynb._clusterstate import _ClusterState
+from dispynb._interruptible import HeldInterrupts
 from dispynb.backends import base
 from dispynb.backends.base import JobRequest
 from dispynb.depends import Dependencies, collect
@@ -27,7 +28,10 @@ class _Jobs(_ClusterState):
         """Run the computation with these arguments on some node; return its job.
 
         Raises `SerializationError` (naming the type) if the arguments cannot be
-        pickled, and `ClusterError` if the cluster is closed.
+        pickled, and `ClusterError` if the cluster is closed. If a Ctrl-C (or
+        another signal whose handler raises) interrupts it, the job is cancelled:
+        it ends ``Cancelled`` (``Terminated`` if a node had started it), so that
+        nothing runs or waits for a job the caller never got.
         """
         return self._submit(None, None, args, kwargs)
 
@@ -117,6 +121,29 @@ class _Jobs(_ClusterState):
         if refs:
             self._add_object_files(request, refs)
         job = DispyJob(job_id, args, kwargs)
+        # A Ctrl-C (or another signal whose handler raises) in the middle would leave
+        # the job half registered, or sent with no DispyJob for the user: held until
+        # the job is queued, then raised with the job cancelled (below). A signal
+        # pending is raised here, with nothing registered.
+        held = HeldInterrupts().__enter__()
+        try:
+            self._register(job, request, backend)
+        except BaseException:
+            held.__exit__(None, None, None)
+            raise
+        try:
+            held.__exit__(None, None, None)
+        except BaseException:
+            # The user gets no handle of the job: it must not run, nor be waited for
+            # (cluster.wait, close). It ends Cancelled (Terminated if started).
+            backend.cancel([request.key])
+            raise
+        return job
+
+    def _register(
+        self, job: DispyJob, request: JobRequest, backend: base.Backend
+    ) -> None:
+        """Count ``job`` as submitted, report it `Created` and hand it over."""
         key = request.key = next(self._keys)
         job._key = key
         job._cluster = self  # for job.cancel() / job.future.cancel()
@@ -131,7 +158,6 @@ class _Jobs(_ClusterState):
         self.job_counts["submitted"] += 1
         self._emit(JobStatus.Created, None, job)
         backend.submit(request)
-        return job
 
     def _job_limits(self, kwargs: dict[str, Any]) -> tuple[float | None, int | None]:
         """Pop ``dispy_job_timeout``/``dispy_job_mem_limit``: the job's limits.

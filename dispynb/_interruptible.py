@@ -12,12 +12,13 @@ slice; other threads (nobody interrupts them) block in one call, without wake-up
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
 from collections.abc import Callable
 from types import FrameType, TracebackType
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 __all__ = ["SLICE", "HeldInterrupts", "acquire", "wait_event", "wait_for"]
 
@@ -117,16 +118,28 @@ class HeldInterrupts:
     by a signal handler would leave the client's bookkeeping half done, with a job
     counted as sent that never is. Python runs signal handlers on the main thread
     only: nothing to hold on others.
+
+    Steps nest: one begun while another holds the signals (a job's message written
+    in the loop's place while `JobCluster.submit` holds them) holds nothing of its
+    own; the outermost delivers what came as it ends.
     """
 
-    __slots__ = ("_held", "_previous")
+    __slots__ = ("_held", "_outer", "_previous")
+
+    #: The outermost step holding signals now (on the main thread), if any.
+    _active: ClassVar[HeldInterrupts | None] = None
 
     def __init__(self) -> None:
         self._previous: dict[int, Any] = {}  # signal -> the handler replaced
         self._held: list[tuple[int, FrameType | None]] = []  # in arrival order
+        self._outer: HeldInterrupts | None = None  # the step this one is nested in
 
     def __enter__(self) -> HeldInterrupts:
         if not _in_main():
+            return self
+        outer = HeldInterrupts._active
+        if outer is not None:  # held already: the outer step delivers them
+            self._outer = outer
             return self
         getsignal = signal.getsignal
         try:
@@ -140,17 +153,22 @@ class HeldInterrupts:
             # them first): nothing is held yet, the handlers swapped go back.
             self.drop()
             raise
+        HeldInterrupts._active = self
         return self
 
     @property
     def pending(self) -> bool:
         """Whether a signal is held: a wait in the step should end soon."""
-        return bool(self._held)
+        return bool((self._outer or self)._held)
 
     def drop(self) -> None:
-        """Put the handlers back and forget what was held: in a child forked while
-        this was in place, whose main thread never ends the step."""
-        previous, self._previous, self._held = self._previous, {}, []
+        """Put the handlers back and forget what was held (the outermost step's, if
+        nested): in a child forked while this was in place, whose main thread
+        never ends the step."""
+        step = self._outer or self
+        if HeldInterrupts._active is step:
+            HeldInterrupts._active = None
+        previous, step._previous, step._held = step._previous, {}, []
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
@@ -163,6 +181,11 @@ class HeldInterrupts:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if self._outer is not None:  # nested: the outer step delivers them
+            self._outer = None
+            return
+        if HeldInterrupts._active is self:
+            HeldInterrupts._active = None
         previous = self._previous
         if not previous:
             return
@@ -172,3 +195,15 @@ class HeldInterrupts:
         held, self._held = self._held, []
         for signum, frame in held:  # the first that raises ends it, as it would have
             previous[signum](signum, frame)  # default_int_handler raises here
+
+
+def _drop_after_fork() -> None:
+    """A child forked by another thread while the main thread held signals: its
+    main thread (the forking one) never ends that step."""
+    active = HeldInterrupts._active
+    if active is not None:
+        active.drop()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_after_fork)

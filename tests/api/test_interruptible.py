@@ -181,3 +181,23 @@ def test_held_interrupts_put_every_handler_back_if_a_pending_one_raises_meanwhil
     finally:
         swap(signal.SIGUSR1, before[0])  # type: ignore[arg-type]
         swap(signal.SIGUSR2, before[1])  # type: ignore[arg-type]
+
+
+def test_a_nested_held_step_leaves_the_delivery_to_the_outer_one() -> None:
+    """A step begun while another holds the signals (the job's message written in
+    the loop's place within `JobCluster.submit`'s hold) swaps nothing and delivers
+    nothing: the Ctrl-C comes as the outer step ends, once."""
+    steps: list[str] = []
+    with python_handles_sigint():
+        with pytest.raises(KeyboardInterrupt), _interruptible.HeldInterrupts() as out:
+            with _interruptible.HeldInterrupts() as inner:
+                held = signal.getsignal(signal.SIGINT)
+                signal.raise_signal(signal.SIGINT)
+                for _ in range(1000):  # the pending handler runs in here
+                    pass
+                assert inner.pending and out.pending
+            assert signal.getsignal(signal.SIGINT) is held  # still the outer's hold
+            steps.append("inner ended")
+        assert steps == ["inner ended"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert _interruptible.HeldInterrupts._active is None

@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -101,21 +102,26 @@ _ARMS = {
 }
 
 
-def _run_program(arm: str) -> dict[str, object]:
-    program = _PROGRAM.replace("ARM", _ARMS[arm].strip("\n"))
+def _run(program: str, timeout: float = 90) -> tuple[dict[str, Any], str]:
+    """Run a user's program in a session of its own (the killpg reaches nothing
+    else): the JSON report of its last line, and its stderr."""
     proc = subprocess.run(
         [sys.executable, "-c", program],
         capture_output=True,
         text=True,
-        timeout=60,
-        start_new_session=True,  # its own group: the killpg reaches nothing else
+        timeout=timeout,
+        start_new_session=True,
         env={**os.environ, "PYTHONFAULTHANDLER": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = proc.stdout.strip().splitlines()
     assert lines, proc.stderr[-4000:]
-    report: dict[str, object] = json.loads(lines[-1])
-    return report
+    report: dict[str, Any] = json.loads(lines[-1])
+    return report, proc.stderr
+
+
+def _run_program(arm: str) -> dict[str, Any]:
+    return _run(_PROGRAM.replace("ARM", _ARMS[arm].strip("\n")), timeout=60)[0]
 
 
 @pytest.mark.timeout(120)
@@ -146,8 +152,22 @@ def test_ctrl_c_to_the_process_group_while_the_main_thread_holds_the_loop(
     assert [n[0] for n in nodes] in ([len(xs)], [len(xs) + 1]), report
 
 
-# A user pressing Ctrl-C over and over (300 SIGINTs to the group, 0.5-4 ms apart)
-# while the main thread submits and waits for one job at a time: wherever each lands.
+# 300 SIGINTs to the program's group, 0.5-4 ms apart, from a thread of its own.
+_SENDER = """
+report = {}
+stop = threading.Event()
+
+def storm():
+    rng = random.Random(1)
+    for _ in range(300):
+        if stop.wait(rng.uniform(0.0005, 0.004)):
+            return
+        os.killpg(os.getpgrp(), signal.SIGINT)
+    stop.set()
+"""
+
+# A user pressing Ctrl-C over and over while the main thread submits and waits for
+# one job at a time: wherever each lands.
 _STORM = """import json, os, random, signal, threading, time
 from dispynb import JobCluster, LocalCluster
 from dispynb.node import DispyNode
@@ -155,18 +175,8 @@ from dispynb.node import DispyNode
 def square(x):
     return x * x
 
-N = 300
 lost = []
-report = {}
-stop = threading.Event()
-
-def storm():
-    rng = random.Random(1)
-    for _ in range(N):
-        if stop.wait(rng.uniform(0.0005, 0.004)):
-            return
-        os.killpg(os.getpgrp(), signal.SIGINT)
-    stop.set()
+STORM
 
 with LocalCluster(cpus=1) as local, JobCluster(
     square, nodes=local, pulse_interval=0.2,
@@ -208,7 +218,7 @@ with LocalCluster(cpus=1) as local, JobCluster(
     report["lost"] = list(lost)
     report["done"] = [n.jobs_done for n in cluster.status().nodes]
 print(json.dumps(report), flush=True)
-"""
+""".replace("STORM", _SENDER)
 
 
 @pytest.mark.timeout(120)
@@ -218,18 +228,10 @@ def test_a_storm_of_ctrl_c_leaves_the_cluster_whole() -> None:
     Ctrl-C: 'File exists' from the selector of a socket given back twice, a KeyError
     for one never given back), no node lost, every job submitted ends once with its
     result."""
-    proc = subprocess.run(
-        [sys.executable, "-c", _STORM],
-        capture_output=True,
-        text=True,
-        timeout=90,
-        start_new_session=True,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report, _stderr = _run(_STORM)
     assert report["interrupts"] > 0 and report["finished"] is True, report
     assert report["bad"] == [] and report["lost"] == [], report
-    # A job whose submit() was interrupted after it was queued runs too (once).
+    # A job whose submit() was interrupted is cancelled, but may have run by then.
     done, submitted = report["done"][0], report["submitted"]
     assert submitted <= done <= submitted + report["interrupts"], report
 
@@ -256,16 +258,8 @@ def test_a_storm_of_raising_alarms_leaves_the_cluster_whole() -> None:
     submitting thread wrote (logged 'submitting jobs failed'), the job counted as
     sent was never sent, and cluster.wait() hung."""
     assert "SIGALRM" in _ALARM_STORM and "except Alarm" in _ALARM_STORM
-    proc = subprocess.run(
-        [sys.executable, "-c", _ALARM_STORM],
-        capture_output=True,
-        text=True,
-        timeout=90,
-        start_new_session=True,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "submitting jobs failed" not in proc.stderr, proc.stderr[-4000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report, stderr = _run(_ALARM_STORM)
+    assert "submitting jobs failed" not in stderr, stderr[-4000:]
     assert report["interrupts"] > 0 and report["finished"] is True, report
     assert report["bad"] == [] and report["lost"] == [], report
     done, submitted = report["done"][0], report["submitted"]
@@ -476,3 +470,79 @@ def test_a_fork_while_the_main_thread_has_the_loop_leaves_the_child_its_ctrl_c()
                 runner.leave()
     finally:
         runner.release()
+
+
+# Ctrl-C over and over (300 SIGINTs to the group) while the main thread submits jobs
+# that would run for a minute, without waiting for them: each submit() interrupted
+# must leave no job behind that the user has no DispyJob for.
+_SUBMIT_STORM = """import json, os, random, signal, threading, time
+from dispynb import JobCluster, LocalCluster
+
+def hold(x):
+    time.sleep(60)
+    return x
+
+ended = {}
+STORM
+
+def job_status(job):
+    if job.status.name not in ("Created", "Running"):
+        ended[job.id] = job.status.name
+
+with LocalCluster(cpus=2) as local, JobCluster(
+    hold, nodes=local, job_status=job_status
+) as cluster:
+    returned = {}
+    interrupts = 0
+    sender = threading.Thread(target=storm, daemon=True)
+    sender.start()
+    x = 0
+    while not stop.is_set():
+        try:
+            if x < 1500:
+                x += 1
+                returned[x] = cluster.submit_job_id(x, x)
+            else:
+                stop.wait(0.001)
+        except KeyboardInterrupt:
+            interrupts += 1
+    while True:  # the last SIGINTs may land after the storm's end
+        try:
+            sender.join()
+            time.sleep(0.05)
+            break
+        except KeyboardInterrupt:
+            interrupts += 1
+    # The user cancels every job they have: nothing else may be left to wait for.
+    for job in returned.values():
+        cluster.cancel(job)
+    report["finished"] = cluster.wait(timeout=30)
+    report["interrupts"] = interrupts
+    report["returned"] = len(returned)
+    report["ended"] = len(ended)
+    report["unseen"] = sorted(
+        (key, status) for key, status in ended.items() if key not in returned
+    )
+    report["statuses"] = sorted({ended.get(key) or "" for key in returned})
+    if not report["finished"]:
+        cluster.close(terminate=True)
+print(json.dumps(report), flush=True)
+""".replace("STORM", _SENDER)
+
+
+@pytest.mark.timeout(120)
+def test_a_storm_of_ctrl_c_while_submitting_leaves_no_job_without_its_handle() -> None:
+    """A submit() a Ctrl-C interrupts raises KeyboardInterrupt and its job ends
+    Cancelled (Terminated if a node had started it): before, a Ctrl-C held while
+    the job was queued or sent (abd0df2) was raised as submit() returned, the job
+    ran with no DispyJob for the user, and cluster.wait() waited for it (a minute
+    here: it timed out)."""
+    report, _stderr = _run(_SUBMIT_STORM)
+    assert report["interrupts"] > 0 and report["finished"] is True, report
+    # Every job the user got and every one they did not ended, cancelled.
+    assert set(report["statuses"]) <= {"Cancelled", "Terminated"}, report
+    assert report["ended"] == report["returned"] + len(report["unseen"]), report
+    assert {status for _key, status in report["unseen"]} <= {
+        "Cancelled",
+        "Terminated",
+    }, report
