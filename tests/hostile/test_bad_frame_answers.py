@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
 from dispynb import DispyJob, DispyNode, JobCluster
 from dispynb.errors import ConnectionClosedError
+from dispynb.protocol.auth import MAC_SIZE
 from dispynb.protocol.framing import encode_frames
 from dispynb.protocol.messages import (
     ComputationClose,
@@ -29,7 +31,6 @@ from dispynb.protocol.messages import (
 )
 from dispynb.transport.connection import Connection
 from dispynb.transport.links import SocketLink
-from tests.jobs import wait_until
 from tests.transport.util import SECRET, serving_in_thread
 
 WAIT = 10.0
@@ -41,8 +42,8 @@ def square(x: int) -> int:
 
 def _bad_bytes(kind: str) -> bytes:
     if kind == "wrong-mac":  # a well-formed frame whose MAC is not the session's
-        head, buffers = encode_frames([b"\x93\x01\x02\x03"])
-        return head + b"".join(bytes(b) for b in buffers) + b"\0" * 32
+        head, buffers = encode_frames([b"\x93\x01\x02\x03"], MAC_SIZE)
+        return head + b"".join(bytes(b) for b in buffers) + b"\0" * MAC_SIZE
     if kind == "oversized":  # a length far over the client's cap, then some bytes
         return struct.pack(">I", 0xFFFFFFF0) + b"x" * 4096
     return b"\xff" * 64  # no frame at all
@@ -84,14 +85,21 @@ def bad_node(request: pytest.FixtureRequest) -> Iterator[tuple[int, BadNode]]:
         yield port, node
 
 
+@pytest.mark.attack(
+    id="bad-frame-answer",
+    title="A node holding the secret answers a job with a wrong-MAC frame, a length "
+    "over the client's cap, or bytes that are no frame",
+    goal="the node dropped once, its job Abandoned with a reason, job() returns",
+)
 @pytest.mark.parametrize(
     "bad_node", ["wrong-mac", "oversized", "no-frame"], indirect=True
 )
 def test_a_bad_frame_from_a_node_drops_it_and_abandons_its_job(
     bad_node: tuple[int, BadNode],
     allow_error_logs: Any,
+    measure: Callable[[str], None],
 ) -> None:
-    port, _node = bad_node
+    port, bad = bad_node
     closed: list[str] = []
     with JobCluster(
         square,
@@ -102,7 +110,20 @@ def test_a_bad_frame_from_a_node_drops_it_and_abandons_its_job(
         ),
     ) as cluster:
         job = cluster.submit(7)
-        assert job() is None  # returns: no hang, no transport exception
+        value = job()  # returns: no hang, no transport exception
+        deadline = time.monotonic() + WAIT  # the callback thread says it
+        while not closed and time.monotonic() < deadline:
+            time.sleep(0.01)
+        reason = (
+            " ".join(str(job.exception).split())
+            .split(" was lost ")[-1]
+            .strip("()")[:120]
+        )
+        measure(
+            f"{bad.kind}: job() returned {value!r}, job {job.status.name} ({reason}); "
+            f"node dropped {len(closed)} time(s)"
+        )
+        assert value is None
         assert job.status == DispyJob.Abandoned, job.status
         assert job.exception, "the reason is said"
-        wait_until(lambda: len(closed) == 1)  # the callback thread says it
+        assert len(closed) == 1, closed
