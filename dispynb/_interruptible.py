@@ -107,6 +107,14 @@ HELD_SIGNALS = tuple(
     if hasattr(signal, name)
 )
 
+# `signal.getsignal` and `signal.signal` without the conversion of every number and
+# handler to an enum around them (CPython's C functions under them, where present):
+# `HeldInterrupts` asks for each of HELD_SIGNALS at every job submitted, and the
+# conversions cost ten times the calls (some 10 us per job).
+_c_signal: Any = getattr(signal, "_signal", signal)
+_getsignal: Callable[[int], Any] = _c_signal.getsignal
+_setsignal: Callable[[int, Any], Any] = _c_signal.signal
+
 
 class HeldInterrupts:
     """``with HeldInterrupts():`` a Ctrl-C that reaches the main thread meanwhile (a
@@ -141,12 +149,12 @@ class HeldInterrupts:
         if outer is not None:  # held already: the outer step delivers them
             self._outer = outer
             return self
-        getsignal = signal.getsignal
+        getsignal, setsignal, hold = _getsignal, _setsignal, self._hold
         try:
             for signum in HELD_SIGNALS:
                 previous = getsignal(signum)
                 if callable(previous):  # SIG_IGN / SIG_DFL raise nothing in Python
-                    signal.signal(signum, self._hold)
+                    setsignal(signum, hold)
                     self._previous[signum] = previous
         except BaseException:
             # A signal pending ran its own handler, which raised (signal.signal runs
@@ -170,7 +178,7 @@ class HeldInterrupts:
             HeldInterrupts._active = None
         previous, step._previous, step._held = step._previous, {}, []
         for signum, handler in previous.items():
-            signal.signal(signum, handler)
+            _setsignal(signum, handler)
 
     def _hold(self, signum: int, frame: FrameType | None) -> None:
         self._held.append((signum, frame))
@@ -191,7 +199,7 @@ class HeldInterrupts:
             return
         self._previous = {}
         for signum, handler in previous.items():
-            signal.signal(signum, handler)
+            _setsignal(signum, handler)
         held, self._held = self._held, []
         for signum, frame in held:  # the first that raises ends it, as it would have
             previous[signum](signum, frame)  # default_int_handler raises here

@@ -172,7 +172,7 @@ def test_held_interrupts_put_every_handler_back_if_a_pending_one_raises_meanwhil
     swap(signal.SIGUSR1, usr1)
     swap(signal.SIGUSR2, usr2)
     try:
-        monkeypatch.setattr(_interruptible.signal, "signal", pending_raises)
+        monkeypatch.setattr(_interruptible, "_setsignal", pending_raises)
         with pytest.raises(RuntimeError, match="pending"):
             _interruptible.HeldInterrupts().__enter__()
         monkeypatch.undo()

@@ -156,9 +156,11 @@ def test_ctrl_c_to_the_process_group_while_the_main_thread_holds_the_loop(
 _SENDER = """
 report = {}
 stop = threading.Event()
+go = threading.Event()  # set in the program's try: no signal lands in start()
 
 def storm():
     rng = random.Random(1)
+    go.wait()
     for _ in range(300):
         if stop.wait(rng.uniform(0.0005, 0.004)):
             return
@@ -191,6 +193,7 @@ with LocalCluster(cpus=1) as local, JobCluster(
     x = 0
     while not stop.is_set():
         try:
+            go.set()
             job = cluster.submit(x)
             submitted.append((x, job))
             x += 1
@@ -499,6 +502,7 @@ with LocalCluster(cpus=2) as local, JobCluster(
     x = 0
     while not stop.is_set():
         try:
+            go.set()
             if x < 1500:
                 x += 1
                 returned[x] = cluster.submit_job_id(x, x)
