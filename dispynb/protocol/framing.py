@@ -279,6 +279,15 @@ class FrameDecoder:
             return None
         return self._big_prefix, self._big, self._big_got
 
+    def drop_partial(self) -> None:
+        """Forget the large frame being filled: its stream ended, so it never
+        completes. Its body is freed now, not whenever the decoder is (a
+        connection and its link refer to each other: only a garbage collection
+        frees them, which an idle process may not run for a long time)."""
+        self._big = None
+        self._big_view = memoryview(b"")
+        self._big_got = 0
+
     def _parse(self) -> list[Frame]:
         frames: list[Frame] = []
         chunk, view = self._chunk, self._view

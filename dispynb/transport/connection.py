@@ -598,6 +598,10 @@ class Connection:
         """The link ended (link callback)."""
         if self._failure is None:
             self._failure = _link_error(self.peer, exc)
+        # A large frame cut off half-way never completes: let its body go now (a
+        # peer that hangs up mid-frame must not leave megabytes held behind it).
+        self._partial = None
+        self.decoder.drop_partial()
         self._wake()
         self._deliver()
 

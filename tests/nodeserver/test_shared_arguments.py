@@ -172,3 +172,34 @@ def test_a_large_frame_with_a_wrong_mac_is_refused_and_its_body_let_go(node):
     with JobCluster(mapped_digest, nodes=node) as cluster:
         got = cluster.submit(bytes(data))()
     assert got == (len(data), hashlib.sha256(data).hexdigest(), True, "bytes")
+
+
+def test_a_client_that_hangs_up_mid_frame_leaves_no_body_behind(node):
+    """A client stops half-way through a large frame and hangs up: the body the node
+    was receiving it into (a memfd, hashed piece by piece as it came) is let go with
+    the connection, nothing of it is decoded, and the node serves the next client."""
+    host, port = node.addresses[0]
+    data = os.urandom(3 * MB)
+    wait_until(lambda: node_bodies(node) == 0)
+
+    async def stop_half_way() -> None:
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            raw = RawClient(reader, writer)
+            await raw.handshake(node.secret.encode())
+            frame = raw.signed_frame(JobCancel(comp_id=1, key=1, attempt=0), [data])
+            writer.write(frame[: len(frame) // 2])
+            await writer.drain()
+            # The node took a body for the frame once its prefix arrived.
+            deadline = asyncio.get_running_loop().time() + WAIT
+            while node_bodies(node) == 0:
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.01)
+        finally:
+            writer.close()
+
+    run(stop_half_way())
+    wait_until(lambda: node_bodies(node) == 0)
+    with JobCluster(mapped_digest, nodes=node) as cluster:
+        got = cluster.submit(data)()
+    assert got == (len(data), hashlib.sha256(data).hexdigest(), True, "bytes")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import socket
+import weakref
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -527,6 +529,64 @@ def test_large_frames_arriving_in_pieces_then_small_ones_are_all_read(size):
                     assert message.key == small and bytes(buffers[0]) == b"s"
 
     run(main())
+
+
+class _Body(bytearray):
+    """A frame body that can be watched (weak reference) until it is freed."""
+
+
+class BodyWatcher(LowatEcho):
+    """An echo node that takes large bodies from `take_body` (as a node server's
+    memfd pool), keeping a weak reference to each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bodies: list[weakref.ref[_Body]] = []
+
+    def _take(self, size: int) -> _Body:
+        body = _Body(size)
+        self.bodies.append(weakref.ref(body))
+        return body
+
+    async def __call__(self, conn: Connection, name: str) -> None:
+        conn.decoder.take_body = self._take
+        await super().__call__(conn, name)
+
+
+@pytest.mark.parametrize("read_some", [True, False])
+def test_a_peer_hanging_up_mid_frame_leaves_its_body_unreferenced(read_some):
+    """A peer stops half-way through a large frame and hangs up: the connection ends
+    without a message, and the body the frame was being read (and hashed) into is
+    freed at once, though the connection object lives on (it and its link refer to
+    each other, so only a garbage collection would free what they hold)."""
+    big = os.urandom(3 * 1024 * 1024)
+
+    async def main():
+        async with (
+            serving(handler=BodyWatcher()) as (listener, echo),
+            raw_connection(listener.port) as (reader, writer),
+        ):
+            raw = RawClient(reader, writer)
+            await raw.handshake()
+            frame = raw.signed_frame(JobCancel(comp_id=1, key=1, attempt=0), [big])
+            cut = len(frame) // 2 if read_some else 100
+            writer.write(frame[:cut])
+            await writer.drain()
+            await wait_until(lambda: bool(echo.bodies))
+            (conn,) = echo.connections
+            if read_some:
+                await wait_until(lambda: conn.decoder.pending > 1024 * 1024)
+            writer.close()
+            await wait_until(lambda: echo.active == 0)
+            assert echo.received == []
+            assert conn.closed
+            assert [body() for body in echo.bodies] == [None]
+
+    gc.disable()  # the body must go without a collection
+    try:
+        run(main())
+    finally:
+        gc.enable()
 
 
 def test_large_messages_written_without_waiting_arrive_in_order_and_intact():
