@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, cast
 
 from dispynb.defaults import MAX_MESSAGE_SIZE, PRE_AUTH_MAX_FRAME
 from dispynb.errors import DispynbError
-from dispynb.protocol.chunks import fit_message
 from dispynb.protocol.messages import (
     ComputationClose,
     ComputationSetup,
@@ -142,9 +141,7 @@ class _Clients(_ServerState):
             while comp.kept and comp.session is session and not comp.closed:
                 kept_message, buffers = comp.kept.pop()
                 kept_message = dataclasses.replace(kept_message, comp_id=comp_id)  # type: ignore[type-var]
-                for part, part_buffers in fit_message(
-                    kept_message, buffers, comp.client_limit or MAX_MESSAGE_SIZE
-                ):
+                for part, part_buffers in comp.fitted(kept_message, buffers):
                     session.send(part, part_buffers)
                 if session.conn.unsent > REPLAY_UNSENT:
                     await session.conn.flush()

@@ -15,9 +15,11 @@ import collections
 import contextlib
 import dataclasses
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from dispynb.defaults import MAX_MESSAGE_SIZE
 from dispynb.errors import DispynbError, FramingError
 from dispynb.protocol.chunks import fit_message
 from dispynb.protocol.framing import Frame, split_body
@@ -52,6 +54,9 @@ logger = logging.getLogger(__name__)
 
 #: Messages kept for a client that went away: what recovery resends.
 _KEPT_KINDS = (JobResults, ResultChunk, JobProvisional, FileFromNode)
+
+#: Room for a message's header (a file's path at most a few KiB), lengths and MAC.
+_HEADER_ROOM = 64 * 1024
 
 #: How a results message's header ends, and a job handed back in one.
 _RESULTS_OP = pack_header({"op": JobResults.op})[1:]
@@ -166,9 +171,7 @@ class SharedComputation:
         if session is None or sent:
             return
         if self.client_limit is not None:
-            for part, part_buffers in fit_message(
-                message, buffers or [], self.client_limit
-            ):
+            for part, part_buffers in self.fitted(message, buffers or []):
                 session.send(part, part_buffers)
         elif gather and isinstance(message, JobResults):
             session.gather(message, buffers or [])
@@ -176,6 +179,34 @@ class SharedComputation:
             session.relay(frame, message, buffers or [])
         else:
             session.send(message, buffers or [])
+
+    def fitted(
+        self, message: Message, buffers: list[memoryview]
+    ) -> Iterator[tuple[Message, list[memoryview]]]:
+        """``message`` cut to the recovering client's limit (`fit_message`). A
+        provisional result or a file a job sent over it is left out, logged: no
+        message carries them in parts, the client (`recover_jobs`) collects
+        results only, and a frame over its limit would lose it every result."""
+        limit = self.client_limit or MAX_MESSAGE_SIZE
+        if isinstance(message, JobProvisional | FileFromNode):
+            size = sum(b.nbytes for b in buffers)
+            if size + _HEADER_ROOM > limit:
+                what = (
+                    f"file {message.path[:200]!r}"
+                    if isinstance(message, FileFromNode)
+                    else "provisional result"
+                )
+                logger.warning(
+                    "%s: %s of job %d (%d bytes) not sent: over the "
+                    "max_message_size of %d bytes its recovering client gave",
+                    self.name,
+                    what,
+                    message.key,
+                    size,
+                    limit,
+                )
+                return
+        yield from fit_message(message, buffers, limit)
 
     @property
     def held(self) -> bool:

@@ -308,3 +308,65 @@ def test_a_client_with_a_small_max_message_size_gets_a_large_output_whole(
         assert job() == 6, job.exception
         assert job.stdout == ("x" * (MiB - 1) + "\n") * 6
         assert cluster.submit(1)() == 1
+
+
+#: One job that sends a 3 MiB file (dispy_send_file) and a 3 MiB provisional result,
+#: prints 3 MiB and returns 3 MiB: all kept for its client, killed meanwhile.
+LARGE_KEPT_CLIENT = """
+import sys, time
+from dispynb import SharedJobCluster
+
+def large(marks, size):
+    import os, time
+    with open("sent.bin", "wb") as f:
+        f.write(b"f" * size)
+    dispy_send_file("sent.bin")
+    dispy_provisional_result(b"p" * size)
+    print("o" * size)
+    open(os.path.join(marks, "sent"), "w").close()
+    time.sleep(0.5)
+    return b"r" * size
+
+address, credential, journal, marks, size = sys.argv[1:]
+cluster = SharedJobCluster(
+    large, scheduler_host=address, secret_file=credential, recover_file=journal
+)
+job = cluster.submit(marks, int(size))
+print("submitted", flush=True)
+time.sleep(300)
+"""
+
+
+def test_a_client_recovering_with_a_small_limit_gets_what_was_kept_within_it(
+    scheduler: SchedulerProcess, users: dict[str, Path], tmp_path: Path
+) -> None:
+    """A job's 3 MiB file, provisional result, stdout and result kept for a killed
+    client (that took 1 GiB messages): recover_jobs with ``max_message_size=1M``
+    gets the result and stdout whole, in chunks, and keeps its connection (the
+    file and provisional result, which cannot be cut, are left out with a logged
+    reason), instead of a frame over its limit that lost the scheduler."""
+    size = 3 * MiB
+    journal = tmp_path / "large.journal"
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    proc = start_client(
+        LARGE_KEPT_CLIENT, scheduler.address, str(users["alice"]), str(journal),
+        str(marks), str(size), cwd=tmp_path, name="large",
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "submitted", proc.communicate()
+        wait_until(lambda: any(marks.iterdir()))
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=20)
+    scheduler.wait_for_log("no job of it runs, 0 wait", timeout=60)
+    jobs = recover_jobs(
+        str(journal), secret_file=str(users["alice"]), timeout=60, max_message_size=MiB
+    )
+    assert [(job.status, job.exception) for job in jobs] == [(JobStatus.Finished, None)]
+    assert jobs[0].result == b"r" * size
+    assert jobs[0].stdout == "o" * size + "\n"
+    log = scheduler.log_text()
+    assert "file 'sent.bin' of job" in log and "provisional result of job" in log
+    assert log.count("over the max_message_size of 1048576 bytes") == 2, log[-3000:]
