@@ -40,7 +40,7 @@ from dispynb.protocol.messages import (
     SchedulerNodes,
     pack_header,
 )
-from dispynb.protocol.records import ResultEntry, SharedNodeEntry
+from dispynb.protocol.records import ResultEntry, SharedNodeEntry, is_start
 from dispynb.scheduler.policy import update_mean
 from dispynb.transport.connection import Connection
 from schedserver.fairshare import Account
@@ -369,7 +369,9 @@ class SharedComputation:
             forward = False
         returned: list[int] = []
         for start in message.started:  # [key, attempt, start_time, before]
-            job = self.running.get(start[0]) if start else None
+            if not is_start(start):
+                continue  # a node's garbage (the schema checks only for a list)
+            job = self.running.get(start[0])
             if job is not None and job.attempt == start[1]:
                 job.started = True
         node = upstream.node

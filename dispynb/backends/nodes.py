@@ -430,6 +430,8 @@ class NodesBackend:
             if job.timeout is None and job.mem_limit is None
             else (job.timeout, job.mem_limit)
         )
+        # Not dead: depends of Python objects only (a function, a module) have no
+        # files ([]), and such a job may still be sent in the loop's place.
         files = deps.files if deps is not None and deps.files else None
         self.driver.enqueue(job.key, job.payload, job.node_id, files, limits)
         # With the loop idle, this thread sends the job itself: the loop thread is

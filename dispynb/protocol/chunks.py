@@ -21,7 +21,7 @@ from collections.abc import Hashable, Iterator
 from typing import Any, TypeVar
 
 from dispynb.protocol.messages import JobResults, Message, ResultChunk
-from dispynb.protocol.records import ResultEntry
+from dispynb.protocol.records import ResultEntry, is_start
 
 #: A stream id, as the caller names its streams.
 K = TypeVar("K", bound=Hashable)
@@ -164,19 +164,21 @@ def _fit_results(
     message: JobResults, buffers: list[memoryview], room: int
 ) -> Iterator[tuple[Message, list[memoryview]]]:
     """`fit_message` of a large `JobResults`: one message per result, each start
-    (``[key, attempt, time, before]``) with the result it came after."""
+    (``[key, attempt, time, before]``) with the result it came after. A start that
+    is not one (a node's garbage: the scheduler relays what nodes send) is left
+    out, not passed on for the client to fail on."""
     comp_id = message.comp_id
     count = len(message.results)
+    valid = [start for start in message.started if is_start(start)]
     starts: dict[int, list[list[Any]]] = {}
-    for start in message.started:
-        before = min(int(start[3]), count) if start else 0
-        starts.setdefault(before, []).append(start)
+    for start in valid:
+        starts.setdefault(min(start[3], count), []).append(start)
     offset = 0
     for index, item in enumerate(message.results):
         entry, streamed = ResultEntry.from_wire(item)
-        started = [[*s[:3], 0] if s else s for s in starts.get(index, [])]
+        started = [[*s[:3], 0] for s in starts.get(index, [])]
         if index == count - 1:  # those after the last result go with it
-            started += [[*s[:3], 1] if s else s for s in starts.get(count, [])]
+            started += [[*s[:3], 1] for s in starts.get(count, [])]
         own: list[memoryview] = []
         if not streamed:
             own = buffers[offset : offset + entry.buffer_count]
@@ -188,8 +190,8 @@ def _fit_results(
                 yield chunk, [part]
             own = []
         yield JobResults(comp_id=comp_id, results=[item], started=started), own
-    if not count and message.started:
-        yield JobResults(comp_id=comp_id, results=[], started=message.started), []
+    if not count and valid:
+        yield JobResults(comp_id=comp_id, results=[], started=valid), []
 
 
 def add_chunk(

@@ -63,6 +63,20 @@ class ResultEntry(NamedTuple):
         return entry, len(item) == 10 and item[9] is True
 
 
+def is_start(item: object) -> bool:
+    """Whether ``item`` is a job's start as `JobResults.started` holds them,
+    ``[key, attempt, start_time, before]``: the message's schema checks only that
+    each is a list, and a node may send anything in it."""
+    return (
+        isinstance(item, list)
+        and len(item) == 4
+        and isinstance(item[0], int)
+        and isinstance(item[1], int)
+        and isinstance(item[2], int | float)
+        and isinstance(item[3], int)
+    )
+
+
 class SharedNodeEntry(NamedTuple):
     """One node in `SchedulerNodes.nodes` (packed as a 10-item array): a node behind
     a shared scheduler, with one computation's counts on it."""

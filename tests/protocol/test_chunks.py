@@ -10,6 +10,7 @@ from dispynb.protocol.chunks import (
     MALFORMED,
     TOO_LARGE,
     Parts,
+    _fit_results,
     add_chunk,
     fit_message,
     split_result,
@@ -189,3 +190,25 @@ def test_a_result_whose_output_is_over_the_limit_gets_it_in_chunks() -> None:
         ["", "", traceback],
     ]
     assert results == [b"r", b"", b""]
+
+
+def test_fit_message_leaves_out_starts_that_are_not_starts() -> None:
+    """The scheduler cuts what nodes send: a start that is no ``[key, attempt,
+    time, before]`` (a node's garbage; the schema checks only for a list) is left
+    out, the results and the real starts go on (before: IndexError on ``[1]``)."""
+    garbage: list[Any] = [[], None, [1], "x", [1, 2, 3, "4"], [1, 2, 3, 4, 5]]
+    message = JobResults(
+        comp_id=3,
+        results=[_entry(1, 1), _entry(2, 1)],
+        started=[*garbage, [9, 1, 1.5, 1]],
+    )
+    buffers = [memoryview(b"b" * 100_000), memoryview(b"s")]
+    parts = list(fit_message(message, buffers, 64 * 1024))
+    entries, starts, results = _reassembled(parts)
+    assert [e[0] for e in entries] == [1, 2]
+    assert starts == [(9, 1)]
+    assert results == [b"b" * 100_000, b"s"]
+    only_starts = JobResults(comp_id=3, results=[], started=[*garbage, [9, 1, 1.5, 0]])
+    assert [part.started for part, _ in _fit_results(only_starts, [], 1024)] == [
+        [[9, 1, 1.5, 0]]
+    ]
