@@ -15,7 +15,7 @@ from typing import Any
 
 from dispynb.defaults import PRE_AUTH_MAX_FRAME
 from dispynb.errors import DispynbError
-from dispynb.protocol.chunks import fit_message, split_entry
+from dispynb.protocol.chunks import chunk_bytes_for, fit_message, split_entry
 from dispynb.protocol.messages import (
     Error,
     FileFromNode,
@@ -152,7 +152,13 @@ class ResultOutbox:
                 if len(buffers) == 1
                 else sum(b.nbytes for b in buffers)
             )
-            if size >= STREAM_BYTES:
+            limit = self._fit.get(comp_id) if self._fit else None
+            if size >= STREAM_BYTES or (
+                limit is not None and size >= chunk_bytes_for(limit)
+            ):
+                # Large, or to be cut to the client's small limit anyway: in chunks
+                # now, while its buffers' kinds are known (a bytes result is then
+                # built in place by the client, not copied from a bytearray).
                 self._stream_result(comp_id, entry, buffers)
                 return
         if (entry[5] or entry[6]) and len(entry[5]) + len(entry[6]) >= STREAM_OUTPUT:

@@ -112,6 +112,27 @@ def test_a_client_with_a_small_max_message_size_gets_results_up_to_it(local):
         assert "ResultTooLarge" in job.exception and "max_result_size" in job.exception
 
 
+def test_a_bytes_result_cut_to_a_small_limit_keeps_its_bytes_hint(local, monkeypatch):
+    """A 6 MiB bytes result to a client taking 8 MiB messages arrives in chunks
+    marked as bytes (kind "b"), so the client builds the bytes object in place:
+    before, the node batched it and cut it to the limit without the hint, and the
+    client filled a bytearray and copied it into bytes (twice the result)."""
+    import dispynb.scheduler.results as results
+
+    kinds: list[str] = []
+    add_chunk = results.add_chunk
+
+    def recording(streams, stream_id, message, buffers, *args):  # type: ignore[no-untyped-def]
+        if message.index > 0:  # the result's out-of-band buffers (0: its pickle)
+            kinds.append(message.kind)
+        return add_chunk(streams, stream_id, message, buffers, *args)
+
+    monkeypatch.setattr(results, "add_chunk", recording)
+    with JobCluster(big_result, nodes=local, max_message_size=8 * MiB) as cluster:
+        assert cluster.submit(6 * MiB)() == bytes(6 * MiB)
+    assert len(kinds) >= 2 and set(kinds) == {"b"}, kinds
+
+
 def send_file_of(size: int) -> int:
     """Write a file of ``size`` bytes and send it to the client."""
     with open("out.bin", "wb") as out:
