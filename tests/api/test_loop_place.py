@@ -191,17 +191,25 @@ with LocalCluster(cpus=1) as local, JobCluster(
     sender = threading.Thread(target=storm, daemon=True)
     sender.start()
     x = 0
-    while not stop.is_set():
+    while True:  # the stop test in the try: the last SIGINT may land just then
         try:
-            go.set()
+            if not go.is_set():  # once: Event.set takes a lock a SIGINT could strand
+                go.set()
+            if stop.is_set():
+                break
             job = cluster.submit(x)
             submitted.append((x, job))
             x += 1
             job()
         except KeyboardInterrupt:
             interrupts += 1
-    sender.join()
-    time.sleep(0.05)
+    while True:  # ... or after the storm's end
+        try:
+            sender.join()
+            time.sleep(0.05)
+            break
+        except KeyboardInterrupt:
+            interrupts += 1
     ok = None
     for _ in range(5):
         try:
@@ -500,14 +508,17 @@ with LocalCluster(cpus=2) as local, JobCluster(
     sender = threading.Thread(target=storm, daemon=True)
     sender.start()
     x = 0
-    while not stop.is_set():
+    while True:  # the stop test in the try: the last SIGINT may land just then
         try:
-            go.set()
+            if not go.is_set():  # once: Event.set takes a lock a SIGINT could strand
+                go.set()
+            if stop.is_set():
+                break
             if x < 1500:
                 x += 1
                 returned[x] = cluster.submit_job_id(x, x)
             else:
-                stop.wait(0.001)
+                time.sleep(0.001)  # not Event.wait: a lock a SIGINT could strand
         except KeyboardInterrupt:
             interrupts += 1
     while True:  # the last SIGINTs may land after the storm's end
