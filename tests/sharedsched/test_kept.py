@@ -241,6 +241,35 @@ time.sleep(300)
 """
 
 
+def _one_job_kept(
+    program: str,
+    size: int,
+    scheduler: SchedulerProcess,
+    credential: Path,
+    tmp_path: Path,
+    name: str,
+) -> tuple[Path, Path]:
+    """Run a client ``program`` (one job, which marks a file when it has run),
+    SIGKILL it once the job ran and wait until the scheduler keeps its result:
+    its journal, and the folder of marks."""
+    journal = tmp_path / f"{name}.journal"
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    proc = start_client(
+        program, scheduler.address, str(credential), str(journal),
+        str(marks), str(size), cwd=tmp_path, name=name,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "submitted", proc.communicate()
+        wait_until(lambda: any(marks.iterdir()))
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=20)
+    scheduler.wait_for_log("no job of it runs, 0 wait", timeout=60)
+    return journal, marks
+
+
 @pytest.mark.parametrize(
     "limit", [{}, {"max_message_size": 4 * MiB}], ids=["default", "small-limit"]
 )
@@ -257,21 +286,9 @@ def test_a_streamed_result_kept_for_a_killed_client_is_recovered_whole(
     from nodeserver.computation import STREAM_BYTES
 
     size = STREAM_BYTES + 4096  # the smallest result that streams, and a little
-    journal = tmp_path / "streamed.journal"
-    marks = tmp_path / "marks"
-    marks.mkdir()
-    proc = start_client(
-        STREAMED_CLIENT, scheduler.address, str(users["alice"]), str(journal),
-        str(marks), str(size), cwd=tmp_path, name="streamed",
-    )  # fmt: skip
-    try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "submitted", proc.communicate()
-        wait_until(lambda: any(marks.iterdir()))
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate(timeout=20)
-    scheduler.wait_for_log("no job of it runs, 0 wait", timeout=60)
+    journal, marks = _one_job_kept(
+        STREAMED_CLIENT, size, scheduler, users["alice"], tmp_path, "streamed"
+    )
     jobs = recover_jobs(
         str(journal), secret_file=str(users["alice"]), timeout=60, **limit
     )
@@ -346,21 +363,9 @@ def test_a_client_recovering_with_a_small_limit_gets_what_was_kept_within_it(
     file and provisional result, which cannot be cut, are left out with a logged
     reason), instead of a frame over its limit that lost the scheduler."""
     size = 3 * MiB
-    journal = tmp_path / "large.journal"
-    marks = tmp_path / "marks"
-    marks.mkdir()
-    proc = start_client(
-        LARGE_KEPT_CLIENT, scheduler.address, str(users["alice"]), str(journal),
-        str(marks), str(size), cwd=tmp_path, name="large",
-    )  # fmt: skip
-    try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "submitted", proc.communicate()
-        wait_until(lambda: any(marks.iterdir()))
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate(timeout=20)
-    scheduler.wait_for_log("no job of it runs, 0 wait", timeout=60)
+    journal, _marks = _one_job_kept(
+        LARGE_KEPT_CLIENT, size, scheduler, users["alice"], tmp_path, "large"
+    )
     jobs = recover_jobs(
         str(journal), secret_file=str(users["alice"]), timeout=60, max_message_size=MiB
     )
