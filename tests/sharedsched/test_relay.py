@@ -210,3 +210,25 @@ def test_results_go_to_the_client_before_they_are_decoded_only_if_unchanged() ->
         assert len(client.calls) == 1
 
     asyncio.run(run())
+
+
+def test_starts_that_are_not_starts_are_passed_over() -> None:
+    """A node's garbage among the starts (the schema checks only that each is a
+    list) is passed over; the real start marks its job started (before: [1], for
+    a job that runs, raised IndexError in the scheduler's handler)."""
+
+    async def run() -> None:
+        comp, upstream, _client, _node = computation()
+        submit(comp, [1])
+        take_all(comp, upstream)
+        garbage: list[Any] = [[], [1], "x", None, [1, 0], [1, 0, 1.5, "0"]]
+        comp.on_results(
+            upstream, JobResults(comp_id=5, results=[], started=garbage), []
+        )
+        assert not comp.running[1].started
+        comp.on_results(
+            upstream, JobResults(comp_id=5, results=[], started=[[1, 0, 1.5, 0]]), []
+        )
+        assert comp.running[1].started
+
+    asyncio.run(run())
