@@ -49,6 +49,7 @@ class _NodeLinks(_ServerState):
                 continue
             delay = RECONNECT_FIRST
             node.conn = conn
+            node.dead_reason = ""
             cap = self.config.cpus
             node.cpus = min(welcome.cpus, cap) if cap else welcome.cpus
             node.avail = list(welcome.avail)
@@ -70,7 +71,8 @@ class _NodeLinks(_ServerState):
             try:
                 await conn.dispatch(on_control)
             except DispynbError as exc:
-                logger.warning("node %s is down: %s", node.name, describe_error(exc))
+                why = node.dead_reason or describe_error(exc)
+                logger.warning("node %s is down: %s", node.name, why)
             finally:
                 conn.close()
                 node.conn = None
@@ -136,6 +138,8 @@ class _NodeLinks(_ServerState):
             conn.close()
             if upstream.closed:
                 reason = "closed"
+            elif node.dead_reason:
+                reason = node.dead_reason
             comp.node_lost(upstream, reason)
             self._check_failed(comp)
             self.schedule()

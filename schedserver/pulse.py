@@ -8,6 +8,7 @@ import contextlib
 
 from dispynb.errors import DispynbError
 from dispynb.protocol.messages import ComputationClose, Ping
+from dispynb.scheduler.link import DEAD_AFTER
 from schedserver.session import SchedulerSession
 from schedserver.state import _ServerState, logger
 
@@ -16,14 +17,29 @@ class _Pulse(_ServerState):
     """What the scheduler does every pulse."""
 
     async def _pulse(self) -> None:
-        """Every pulse: ping the nodes, report to clients, end revoked or silent
-        users' sessions."""
+        """Every pulse: watch and ping the nodes, report to clients, end revoked or
+        silent users' sessions.
+
+        The loop wakes at the shortest pulse a client asked for (its
+        ``pulse_interval``), not only at ``--pulse_interval``: a client declares
+        the scheduler dead after three of its own pulses without a word, so a
+        client pulsing faster than the scheduler must still hear it in time."""
         loop = asyncio.get_running_loop()
         # Zombies are found within a fifth of --zombie_interval (as dispy does).
         zombie = self.config.zombie_interval
-        interval = min(self.config.pulse_interval, max(0.1, zombie / 5))
+        base = min(self.config.pulse_interval, max(0.1, zombie / 5))
+        interval = base
+        wake = self._pulse_wake
         while True:
-            await asyncio.sleep(interval)
+            expected = loop.time() + interval
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await wake.wait()
+            wake.clear()
+            now = loop.time()
+            # Held up past a node's pulse (starved of CPU, a long callback): the
+            # nodes' pulses may be waiting unread, so no node is judged this round.
+            self._watch_nodes(now, late=now - expected > self.config.pulse_interval)
             for node in self.nodes:
                 if node.conn is not None:
                     with contextlib.suppress(DispynbError):
@@ -48,6 +64,45 @@ class _Pulse(_ServerState):
                     session.report(self._avail())
             for comp in self.computations:
                 comp.report_nodes()
+            interval = min([base, *(session.status_every for session in self.sessions)])
+
+    def pulse_changed(self) -> None:
+        """A client asked for a shorter pulse: the next one comes at its pace."""
+        self._pulse_wake.set()
+
+    def _watch_nodes(self, now: float, late: bool) -> None:
+        """Declare dead a node that sent nothing, on any of its connections, for
+        `DEAD_AFTER` pulses while it has a computation set up (it reports on each
+        computation's connection every ``--pulse_interval``).
+
+        Any bytes count, of a whole frame or not: a node whose reports queue behind
+        its results, or behind one large result still arriving, is alive. A dead
+        node's connections are closed: its jobs run again elsewhere (reentrant) or
+        end abandoned, and `_keep_node` connects again (a stopped node completes no
+        handshake, so it stays down until it answers again)."""
+        limit = DEAD_AFTER * self.config.pulse_interval
+        for node in self.nodes:
+            conns = [] if node.conn is None else [node.conn]
+            watched = False
+            for comp in self.computations:
+                upstream = comp.upstream.get(node.name)
+                if upstream is not None and upstream.conn is not None:
+                    conns.append(upstream.conn)
+                    watched = watched or upstream.ready
+            reads = sum(conn.reads for conn in conns)
+            if late or not watched or node.conn is None or reads != node.reads_seen:
+                node.reads_seen, node.last_seen = reads, now
+                continue
+            silent = now - node.last_seen
+            if silent <= limit:
+                continue
+            logger.warning(
+                "node %s sent nothing for %.1f s: declared dead", node.name, silent
+            )
+            node.dead_reason = f"no pulse for {silent:.1f} s"
+            node.alive = False  # no job goes to it from now on
+            for conn in conns:
+                conn.close()
 
     def _zombie(self, session: SchedulerSession, silent: float) -> None:
         """A client not heard from for --zombie_interval (stopped, hung, cut off

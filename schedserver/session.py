@@ -142,6 +142,12 @@ class SchedulerSession:
         """End the session (revoked user, silent client)."""
         self.conn.close()
 
+    @property
+    def status_every(self) -> float:
+        """Seconds between the reports this client needs (its pulse, at most the
+        scheduler's)."""
+        return self._status_every
+
     def report(self, avail: list[float]) -> None:
         """Status for the client, at its computations' pulse (a node's heartbeat)."""
         now = asyncio.get_running_loop().time()
@@ -200,9 +206,10 @@ class SchedulerSession:
                 self.send(ComputationFailed(comp_id=message.comp_id, message=refused))
             else:
                 if message.pulse_interval:
-                    self._status_every = min(
-                        self._status_every, max(0.1, message.pulse_interval)
-                    )
+                    every = min(self._status_every, max(0.1, message.pulse_interval))
+                    if every < self._status_every:
+                        self._status_every = every
+                        server.pulse_changed()
                 comp = server.new_computation(self, message, buffers)
                 self.computations[message.comp_id] = comp
         elif isinstance(message, ComputationClose):

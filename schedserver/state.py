@@ -42,6 +42,12 @@ class NodeState:
     hostname: str = ""
     #: Mean run time of its recent jobs (None: unknown), for how many to send ahead.
     mean: float | None = None
+    #: The pulse watchdog's view (`_Pulse._watch_nodes`): loop time the node was
+    #: last heard from, and its connections' reads counted then.
+    last_seen: float = 0.0
+    reads_seen: int = 0
+    #: Why it was declared dead ("" while it is not): what its computations report.
+    dead_reason: str = ""
     #: ``host:port``.
     name: str = field(init=False)
 
@@ -74,6 +80,8 @@ class _ServerState:
         self.stopping = False
         #: A dispatch is due at the loop's next turn (`_Dispatch.schedule_soon`).
         self._dispatch_due = False
+        #: Set to run the pulse now (`_Pulse.pulse_changed`).
+        self._pulse_wake = asyncio.Event()
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
