@@ -96,6 +96,9 @@ class _Pulse(_ServerState):
             silent = now - node.last_seen
             if silent <= limit:
                 continue
+            if any(conn.unread_bytes() for conn in conns):
+                node.last_seen = now  # its bytes wait unread (see Connection)
+                continue
             logger.warning(
                 "node %s sent nothing for %.1f s: declared dead", node.name, silent
             )

@@ -362,6 +362,11 @@ class DriverNodes(DriverResults):
                     link.reads_seen = link.conn.reads
                     link.last_seen = now
                 silent = now - link.last_seen
+                if silent > DEAD_AFTER * pulse and link.conn.unread_bytes():
+                    # Its bytes wait unread (this check ran before the loop's reads
+                    # of this turn, or reading is paused): alive.
+                    link.last_seen = now
+                    continue
                 if silent > DEAD_AFTER * pulse:
                     logger.warning(
                         "node %s sent nothing for %.1f s: declared dead",

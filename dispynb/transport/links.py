@@ -332,7 +332,9 @@ class SocketLink:
     # -- the rest ----------------------------------------------------------------------
 
     def extra(self, name: str) -> Any:
-        """``sockname`` or ``peername`` (kept after close), else None."""
+        """``sockname`` or ``peername`` (kept after close), ``socket``, else None."""
+        if name == "socket":
+            return None if self.closed else self._sock
         if name == "sockname":
             return self._names[0]
         if name == "peername":

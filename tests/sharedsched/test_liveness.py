@@ -200,3 +200,33 @@ def test_a_client_pulsing_faster_than_the_scheduler_keeps_hearing_it(
         sched.stop()
     assert not gone, gone
     assert not [r.message for r in caplog.records if "declared dead" in r.message]
+
+
+@pytest.mark.timeout(90)
+def test_a_stopped_scheduler_is_declared_dead_by_its_client(
+    tmp_path: Path, users: dict[str, Path], nodes: LocalCluster
+) -> None:
+    """The other way: the client judges the scheduler by its own pulse."""
+    sched = start_scheduler(tmp_path, nodes.node_specs(), nodes.secret)
+    assert sched.proc is not None
+    lost = Lost()
+    try:
+        with SharedJobCluster(
+            work,
+            scheduler_host=sched.address,
+            secret_file=str(users["alice"]),
+            pulse_interval=0.2,
+            cluster_status=lost.cluster_status,
+        ) as cluster:
+            job = cluster.submit(3, 30.0)
+            wait_until(lambda: job.status == DispyJob.Running)
+            sched.proc.send_signal(signal.SIGSTOP)  # alive, connected, silent
+            try:
+                assert cluster.wait(timeout=30)
+            finally:
+                sched.proc.send_signal(signal.SIGCONT)
+            assert job.status == DispyJob.Abandoned
+            assert "no pulse for" in str(job.exception)
+            assert sum(lost.closed.values()) >= 1
+    finally:
+        sched.stop()

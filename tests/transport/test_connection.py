@@ -788,3 +788,29 @@ def test_descriptors_are_refused_on_a_signed_connection():
         right.close()
 
     run(main())
+
+
+def test_unread_bytes_counts_what_waits_in_the_kernel_until_the_loop_reads_it():
+    """What the pulse watchdogs ask before declaring a peer dead: bytes the peer
+    sent that the loop has not read yet (its check may come first in a turn)."""
+
+    async def body() -> None:
+        ours, theirs = socket.socketpair()
+        conn = Connection.over_socket(ours, "peer")
+        try:
+            assert conn.unread_bytes() == 0
+            theirs.sendall(b"\x00" * 5)  # part of a frame header: never a message
+            assert conn.unread_bytes() == 5  # the loop had no turn since
+            reads = conn.reads
+            for _ in range(100):
+                if conn.reads != reads:
+                    break
+                await asyncio.sleep(0.01)
+            assert conn.reads == reads + 1
+            assert conn.unread_bytes() == 0  # read into the decoder
+        finally:
+            conn.close()
+            theirs.close()
+        assert conn.unread_bytes() == 0  # closed: nothing to ask
+
+    run(body())
