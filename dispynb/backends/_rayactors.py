@@ -54,19 +54,7 @@ class _Actors(_RayState):
         self._args_refs = (ray.put(buffers), ray.put(files))
         max_output = opts.max_output_size
         strategy = importlib.import_module("ray.util.scheduling_strategies")
-        # On this process's node if it is one (a lost worker node loses no message).
-        here = ray.get_runtime_context().get_node_id()
-        self._inbox = (
-            ray.remote(_rayworker.Inbox)
-            .options(
-                num_cpus=0,
-                max_concurrency=64,
-                scheduling_strategy=strategy.NodeAffinitySchedulingStrategy(
-                    here, soft=True
-                ),
-            )
-            .remote()
-        )
+        self._inbox = self._engine.inbox(ray)
         self._actor_class = ray.remote(_rayworker.JobActor)
         self._strategy = strategy.NodeAffinitySchedulingStrategy
         self._max_output = max_output
@@ -109,7 +97,7 @@ class _Actors(_RayState):
                 max_restarts=-1,
                 max_task_retries=0,
                 scheduling_strategy=self._strategy(node.ray_id, soft=False),
-            ).remote(bundle_ref, files_ref, self._inbox, self._max_output)
+            ).remote(bundle_ref, files_ref, self._inbox, self._max_output, self._token)
             slot = _Slot(handle, node)
             node.slots.append(slot)
             self._slots.append(slot)
@@ -263,13 +251,16 @@ class _Actors(_RayState):
                     CLOSE_WAIT,
                     len(pending),
                 )
-        for handle in [*(slot.handle for slot in self._slots), self._inbox]:
-            if handle is None:
-                continue
+        for slot in self._slots:
             try:
-                ray.kill(handle, no_restart=True)
+                ray.kill(slot.handle, no_restart=True)
             except Exception as exc:
                 logger.debug("Ray actor already gone: %s", exc)
+        if self._inbox is not None:  # the engine's: only this cluster's messages go
+            try:
+                self._inbox.drop.remote(self._token)
+            except Exception as exc:
+                logger.debug("the Ray inbox is gone: %s", exc)
 
     async def _close_on_loop(self, terminate: bool) -> list[_Slot]:
         """Settle every job (none may be left), report the nodes released; the

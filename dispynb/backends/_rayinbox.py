@@ -1,7 +1,8 @@
 """The Ray engine's inbox: what running jobs send before they end
 (``dispy_provisional_result``, ``dispy_send_file``) reaches the client through an
-asynchronous actor (`_rayworker.Inbox`) that it long-polls; messages are delivered in
-the order each job sent them, and a job's outcome waits for its messages."""
+asynchronous actor (`_rayworker.Inbox`, one per engine) that each cluster long-polls
+for its own messages; they are delivered in the order each job sent them, and a job's
+outcome waits for its messages."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ class _InboxReader(_RayState):
     def _poll_inbox(self) -> None:
         if self._closed:
             return
-        future = self._inbox.take.remote(POLL).future()
+        future = self._inbox.take.remote(self._token, POLL).future()
         future.add_done_callback(lambda fut: self._post(self._inbox_items, fut))
 
     def _inbox_items(self, fut: concurrent.futures.Future[Any]) -> None:

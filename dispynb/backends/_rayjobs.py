@@ -251,8 +251,14 @@ class _Jobs(_RayState):
         # Each argument its own: Ray puts a large one in its object store alone. The
         # usual job (first attempt, no keyword arguments or memory limit) sends its
         # key only: one small value less for Ray to serialize per call.
-        if attempt == 1 and job.mem_limit is None and not job.kwargs:
-            head: int | tuple[int, int, int | None, dict[str, Any]] = key
+        # Ray hands a bytearray argument over as bytes (ray-project/ray#12648):
+        # the actor makes it a bytearray again.
+        bytearrays = [i for i, arg in enumerate(job.args) if type(arg) is bytearray]
+        head: int | tuple[Any, ...]
+        if bytearrays:
+            head = (key, attempt, job.mem_limit, job.kwargs, bytearrays)
+        elif attempt == 1 and job.mem_limit is None and not job.kwargs:
+            head = key
         else:
             head = (key, attempt, job.mem_limit, job.kwargs)
         try:

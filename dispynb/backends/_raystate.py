@@ -11,6 +11,7 @@ import concurrent.futures
 import contextlib
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -108,7 +109,9 @@ class _RayState:
         self._closed = False
         self._startup: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._setup_errors: list[str] = []
-        self._inbox: Any = None
+        self._inbox: Any = None  # the engine's, shared by its clusters
+        #: This cluster's in the shared inbox (its jobs' messages carry it).
+        self._token = uuid.uuid4().hex
         self._actor_class: Any = None
         self._strategy: Any = None
         self._max_output: int | str | None = None

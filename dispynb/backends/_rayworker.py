@@ -10,7 +10,8 @@ Ray then restarts it (the constructor, hence ``setup``, runs again).
 
 `Inbox` is the small asynchronous actor that carries what a running job sends before
 it ends (``dispy_provisional_result``, ``dispy_send_file``) to the client, which
-long-polls it with `Inbox.take`.
+long-polls it with `Inbox.take`: one per `RayEngine`, shared by its clusters, each
+cluster's messages kept apart by its token.
 
 This module is imported by Ray's workers and by the client (which only needs the
 classes to make actors of); it imports neither ``ray`` nor anything heavy at module
@@ -20,6 +21,7 @@ level.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import io
 import logging
@@ -67,6 +69,7 @@ class _Job:
     attempt = 0
     sent = 0  # provisional results and files sent to the inbox by this job
     inbox: Any = None
+    token = ""  # the cluster's, in its messages to the shared inbox
 
 
 _CURRENT = _Job()
@@ -109,7 +112,7 @@ def _send(kind: str, value: Any) -> int:
         logging.getLogger("dispynode").warning("%s not sent: no job is running", kind)
         return -1
     try:
-        job.inbox.put.remote((job.key, job.attempt, job.sent, kind, value))
+        job.inbox.put.remote((job.token, job.key, job.attempt, job.sent, kind, value))
     except Exception as exc:  # unpicklable value, inbox gone: the job goes on
         logging.getLogger("dispynode").warning("%s not sent: %s", kind, exc)
         return -1
@@ -133,9 +136,11 @@ class JobActor:
     files:
         ``{relative path: content}`` of the ``depends`` files.
     inbox:
-        The cluster's `Inbox` actor.
+        The engine's `Inbox` actor.
     max_output:
         Characters of a job's stdout (and of its stderr) kept; None: all.
+    token:
+        The cluster's, in the messages its jobs put in the shared inbox.
     """
 
     def __init__(
@@ -144,6 +149,7 @@ class JobActor:
         files: dict[str, bytes],
         inbox: Any,
         max_output: int | None,
+        token: str = "",
     ) -> None:
         self.path = tempfile.mkdtemp(prefix="dispynb-ray-")
         os.chdir(self.path)
@@ -167,7 +173,7 @@ class JobActor:
         self.cleanup_func: Callable[..., Any] | None = loaded.get("cleanup")
         self.setup_args = tuple(loaded.get("setup_args") or ())
         self.max_output = max_output
-        _CURRENT.inbox = inbox
+        _CURRENT.inbox, _CURRENT.token = inbox, token
         names: dict[str, Any] = dict(loaded.get("names") or {})
         names.update(self._dispy_names())
         inject_names((self.func, loaded.get("setup"), self.cleanup_func), names)
@@ -199,21 +205,28 @@ class JobActor:
 
     def run(
         self,
-        head: int | tuple[int, int, int | None, dict[str, Any]],
+        head: int | tuple[Any, ...],
         *args: Any,
     ) -> tuple[str, Any, str, str, str | None, float, float, int]:
         """Run one job; ``(outcome, result, stdout, stderr, exception, start, end,
         number of messages it sent to the inbox)``.
 
         ``head`` is the job's key (its first attempt, no keyword arguments, no
-        memory limit), or ``(key, attempt, mem_limit, kwargs)``: ``mem_limit`` is
-        the bytes of address space the job may use (the soft ``RLIMIT_AS``, for this
-        job only)."""
+        memory limit), or ``(key, attempt, mem_limit, kwargs[, bytearrays])``:
+        ``mem_limit`` is the bytes of address space the job may use (the soft
+        ``RLIMIT_AS``, for this job only); ``bytearrays`` the positions of the
+        arguments that were ``bytearray`` (Ray hands an argument of that type
+        over as ``bytes``)."""
         kwargs: dict[str, Any]
         if isinstance(head, int):
             key, attempt, mem_limit, kwargs = head, 1, None, {}
         else:
-            key, attempt, mem_limit, kwargs = head
+            key, attempt, mem_limit, kwargs = head[:4]
+            if len(head) > 4:
+                args = tuple(
+                    bytearray(arg) if index in head[4] else arg
+                    for index, arg in enumerate(args)
+                )
         saved = sys.stdout, sys.stderr
         out, err = io.StringIO(), io.StringIO()
         sys.stdout, sys.stderr = out, err
@@ -317,26 +330,54 @@ def _run_setup(setup: Callable[..., Any], setup_args: tuple[Any, ...]) -> None:
 
 
 class Inbox:
-    """Messages of running jobs for the client (an asynchronous Ray actor)."""
+    """Messages of running jobs for their clients (an asynchronous Ray actor).
+
+    One per `RayEngine`, shared by its clusters (no worker process of its own per
+    cluster): each message starts with its cluster's token, and each cluster takes
+    only its own (`take`) and drops what is left of them as it closes (`drop`).
+    """
 
     def __init__(self) -> None:
-        self.items: list[Any] = []
-        self.event = asyncio.Event()
+        self.items: dict[str, list[Any]] = {}
+        self.events: dict[str, asyncio.Event] = {}
+        #: Tokens of closed clusters: their late messages are discarded.
+        self.dropped: set[str] = set()
+
+    def _event(self, token: str) -> asyncio.Event:
+        event = self.events.get(token)
+        if event is None:
+            event = self.events[token] = asyncio.Event()
+        return event
 
     async def put(self, item: Any) -> None:
-        """Keep ``item`` for the client's next `take`."""
-        while len(self.items) >= INBOX_LIMIT:
+        """Keep ``item`` (``(token, ...)``) for its cluster's next `take`."""
+        token = item[0]
+        while len(self.items.get(token, ())) >= INBOX_LIMIT:
+            if token in self.dropped:
+                return
             await asyncio.sleep(0.05)
-        self.items.append(item)
-        self.event.set()
+        if token in self.dropped:
+            return
+        self.items.setdefault(token, []).append(item[1:])
+        self._event(token).set()
 
-    async def take(self, timeout: float) -> list[Any]:
-        """Everything kept so far; waits up to ``timeout`` seconds for a first item."""
-        if not self.items:
-            try:
-                await asyncio.wait_for(self.event.wait(), timeout)
-            except TimeoutError:
-                return []
-        items, self.items = self.items, []
-        self.event.clear()
+    async def take(self, token: str, timeout: float) -> list[Any]:
+        """The messages of cluster ``token`` kept so far (without the token); waits
+        up to ``timeout`` seconds for a first one."""
+        event = self._event(token)
+        if not self.items.get(token):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), timeout)
+        items = self.items.pop(token, [])
+        event.clear()
+        if not items and self.events.get(token) is event:
+            del self.events[token]  # an idle cluster holds nothing here
         return items
+
+    async def drop(self, token: str) -> None:
+        """Cluster ``token`` closed: forget its messages, now and to come."""
+        self.dropped.add(token)
+        self.items.pop(token, None)
+        event = self.events.pop(token, None)
+        if event is not None:
+            event.set()

@@ -40,8 +40,10 @@ How dispy's features map onto Ray's own mechanisms
   lost node do; jobs that had not started are simply queued again. Ray restarts the
   actor; a node whose actors all died for good (its node is gone) is closed.
 * **Provisional results and files from jobs** go through an asynchronous actor of
-  the cluster (`_rayworker.Inbox`) that the client long-polls; each job's outcome
-  says how many it sent, so they all reach the job before its final result.
+  the engine (`_rayworker.Inbox`, shared by the engine's clusters: a cluster that
+  opens needs no worker process for it) that each cluster long-polls for its own;
+  each job's outcome says how many it sent, so they all reach the job before its
+  final result.
 * **stdout/stderr** of a job are captured in the actor for that job (as on
   dispynb's own nodes) and come back with its outcome.
 
@@ -64,6 +66,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import threading
 from typing import Any
 
 from dispynb.backends import base
@@ -72,6 +75,8 @@ from dispynb.backends._rayinbox import _InboxReader
 from dispynb.backends._rayjobs import _Jobs
 from dispynb.backends.base import ClusterConfig, EngineManagedNodes, JobEvents
 from dispynb.errors import ConfigurationError, NotSupportedError, TransportError
+
+logger = logging.getLogger("dispynb.backends.ray")
 
 
 def _ray() -> Any:
@@ -125,6 +130,10 @@ class RayEngine:
         self.cpus = cpus
         self.init_options = dict(init_options or {})
         self._connected = False  # this engine made the process's Ray connection
+        self._lock = threading.Lock()
+        #: The clusters' shared inbox and the Ray job (connection) it belongs to.
+        self._inbox: Any = None
+        self._inbox_job: Any = None
 
     def connect(self) -> Any:
         """Connect this process to the Ray cluster (once); the ``ray`` module."""
@@ -152,9 +161,46 @@ class RayEngine:
             ) from exc
         return ray
 
+    def inbox(self, ray: Any) -> Any:
+        """The `_rayworker.Inbox` actor of this engine's clusters (made by the first
+        cluster of each Ray connection): a cluster that opens needs no worker
+        process of its own for it, and the actor holds no CPU (``num_cpus=0``)."""
+        from dispynb.backends import _rayworker
+
+        context = ray.get_runtime_context()
+        job = context.get_job_id()
+        with self._lock:
+            if self._inbox is None or self._inbox_job != job:
+                strategy = importlib.import_module("ray.util.scheduling_strategies")
+                # On this process's node if it is one (a lost worker node loses
+                # no message).
+                here = context.get_node_id()
+                self._inbox = (
+                    ray.remote(_rayworker.Inbox)
+                    .options(
+                        num_cpus=0,
+                        max_concurrency=64,
+                        scheduling_strategy=strategy.NodeAffinitySchedulingStrategy(
+                            here, soft=True
+                        ),
+                    )
+                    .remote()
+                )
+                self._inbox_job = job
+            return self._inbox
+
     def close(self) -> None:
         """Disconnect this process from Ray if this engine connected it (``%dispy
         close`` does); clusters still open on it stop working."""
+        with self._lock:
+            inbox, self._inbox, self._inbox_job = self._inbox, None, None
+        if inbox is not None:
+            ray = _ray()
+            if ray.is_initialized():
+                try:
+                    ray.kill(inbox, no_restart=True)
+                except Exception as exc:  # its Ray connection ended already
+                    logger.debug("the Ray inbox is gone: %s", exc)
         if self._connected:
             self._connected = False
             _ray().shutdown()

@@ -6,6 +6,7 @@ Ray cluster for the module, its address given to ``RayEngine`` as a user would.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import threading
@@ -153,6 +154,22 @@ def gated(folder: str, n: int) -> int:
     return n
 
 
+def digest(value: Any) -> tuple[str, str, Any]:
+    """``value``'s type, the SHA-256 of its bytes (of every buffer in it, in order),
+    and ``value`` itself back (a large result)."""
+    import hashlib
+
+    return type(value).__name__, hashlib.sha256(flat_bytes(value)).hexdigest(), value
+
+
+def flat_bytes(value: Any) -> bytes:
+    if isinstance(value, list | tuple):
+        return b"".join(flat_bytes(item) for item in value)
+    if isinstance(value, dict):
+        return b"".join(flat_bytes(value[key]) for key in sorted(value))
+    return bytes(memoryview(value).cast("B"))
+
+
 STATE = ""
 
 
@@ -275,6 +292,70 @@ def test_provisional_results_arrive_in_order_before_the_result(
         *((JobStatus.ProvisionalResult, n) for n in range(5)),
         (JobStatus.Finished, "done"),
     ]
+
+
+def test_clusters_of_one_engine_share_its_inbox_and_keep_their_own_messages(
+    head: RayHead,
+) -> None:
+    """Two clusters open at once on one engine (one CPU each of the head's two): one
+    inbox actor for both (no worker process of its own per cluster), and each gets
+    only its own jobs' provisional results, in order; a cluster opened after one
+    closed gets its own too."""
+    engine = RayEngine(head.address, cpus=1)
+    seen: dict[str, list[Any]] = {"a": [], "b": [], "c": []}
+    lock = threading.Lock()
+
+    def recorder(name: str) -> Any:
+        def job_status(job: DispyJob) -> None:
+            if job.status == JobStatus.ProvisionalResult:
+                with lock:
+                    seen[name].append(job.result)
+
+        return job_status
+
+    with (
+        JobCluster(progress, job_status=recorder("a"), engine=engine) as first,
+        JobCluster(progress, job_status=recorder("b"), engine=engine) as second,
+    ):
+        backends: list[Any] = [first._backend, second._backend]
+        assert backends[0]._inbox is backends[1]._inbox
+        jobs = [first.submit(30), second.submit(20), first.submit(3)]
+        assert [job() for job in jobs] == ["done"] * 3
+        wait_for(lambda: len(seen["a"]) == 33 and len(seen["b"]) == 20, "the results")
+    assert sorted(seen["a"]) == sorted([*range(30), *range(3)])
+    assert seen["b"] == list(range(20))
+    with JobCluster(progress, job_status=recorder("c"), engine=engine) as third:
+        assert third.submit(4)() == "done"
+        wait_for(lambda: len(seen["c"]) == 4, "the third cluster's results")
+    assert seen["c"] == list(range(4))
+
+
+def test_large_arguments_and_results_of_several_types_arrive_intact(
+    engine: RayEngine,
+) -> None:
+    """Arguments of megabytes (Ray's object store) of the usual buffer types, alone
+    and nested in containers, reach the job whole and come back as its result."""
+    numpy = pytest.importorskip("numpy")
+    size = 3_000_000
+    raw = os.urandom(size)
+    array = numpy.frombuffer(os.urandom(size), dtype=numpy.float64)
+    values: list[Any] = [
+        raw,
+        bytearray(raw[::-1]),
+        array,
+        [raw[:100], bytearray(os.urandom(size)), {"x": raw[1:], "y": array[:10]}],
+        (b"small", raw, array.reshape(-1, 5)),
+    ]
+    with JobCluster(digest, engine=engine) as cluster:
+        jobs = [cluster.submit(value) for value in values]
+        replies = [job() for job in jobs]
+    for value, job, reply in zip(values, jobs, replies, strict=True):
+        assert job.status == JobStatus.Finished, job.exception
+        kind, checksum, back = reply
+        assert kind == type(value).__name__
+        assert checksum == hashlib.sha256(flat_bytes(value)).hexdigest()
+        assert flat_bytes(back) == flat_bytes(value)
+        assert type(back) is type(value)
 
 
 def test_cancel_stops_running_and_queued_jobs(
