@@ -88,6 +88,9 @@ class Upstream:
     ended: bool = False
     #: The results being read went to the client already (`SharedComputation.pass_on`).
     passed: bool = False
+    #: The node reported on it (`NodeStatus`, every pulse from its setup on): the
+    #: pulse watchdog judges the node by it from then on, also while it sets up.
+    reporting: bool = False
     task: asyncio.Task[None] | None = None
 
 

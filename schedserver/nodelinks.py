@@ -158,6 +158,7 @@ class _NodeLinks(_ServerState):
             comp.to_client(message, buffers)
         elif isinstance(message, NodeStatus):
             upstream.node.avail = list(message.avail)
+            upstream.reporting = True
         elif isinstance(message, FilesMissing):
             self._give_files(comp, upstream, message.digests)
         elif isinstance(message, FilePlaced):

@@ -72,8 +72,8 @@ class _Pulse(_ServerState):
 
     def _watch_nodes(self, now: float, late: bool) -> None:
         """Declare dead a node that sent nothing, on any of its connections, for
-        `DEAD_AFTER` pulses while it has a computation set up (it reports on each
-        computation's connection every ``--pulse_interval``).
+        `DEAD_AFTER` pulses once it reported on a computation's connection or has
+        one ready (it reports on each every ``--pulse_interval`` from the setup on).
 
         Any bytes count, of a whole frame or not: a node whose reports queue behind
         its results, or behind one large result still arriving, is alive. A dead
@@ -88,7 +88,7 @@ class _Pulse(_ServerState):
                 upstream = comp.upstream.get(node.name)
                 if upstream is not None and upstream.conn is not None:
                     conns.append(upstream.conn)
-                    watched = watched or upstream.ready
+                    watched = watched or upstream.ready or upstream.reporting
             reads = sum(conn.reads for conn in conns)
             if late or not watched or node.conn is None or reads != node.reads_seen:
                 node.reads_seen, node.last_seen = reads, now

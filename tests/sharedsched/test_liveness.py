@@ -27,8 +27,9 @@ from tests.toxic import ToxicProxy, Toxics
 
 pytestmark = pytest.mark.slow
 
-#: The scheduler's pulse in these tests (s): a node silent for 3 of them is dead.
-PULSE = 0.2
+#: The scheduler's pulse in these tests (s): a node silent for 3 of them is dead
+#: (not shorter: a loaded CI machine can hold a live process up for a second).
+PULSE = 0.5
 
 #: Size of the results that take several pulses to cross a throttled link.
 BIG = 96 * 1024
@@ -95,7 +96,7 @@ def test_a_stopped_node_is_declared_dead_by_the_scheduler_and_its_jobs_run_elsew
             reentrant=True,
         ) as cluster:
             jobs = [cluster.submit(n, 0.3) for n in range(12)]
-            wait_until(lambda: any(job.status == DispyJob.Running for job in jobs))
+            wait_until(lambda: len(cluster.status().nodes) == 2)  # both set up
             a.proc.send_signal(signal.SIGSTOP)  # alive, connected, silent
             try:
                 sched.wait_for_log("declared dead", timeout=30)
@@ -115,7 +116,7 @@ def test_a_stopped_node_is_declared_dead_by_the_scheduler_and_its_jobs_run_elsew
 def test_a_node_whose_pulses_queue_behind_results_on_a_slow_link_stays_alive(
     tmp_path: Path, users: dict[str, Path], two_nodes: tuple[CliNode, CliNode]
 ) -> None:
-    """Each result takes about 3 s to cross a 32 KB/s link, 15 of the scheduler's
+    """Each result takes about 3 s to cross a 32 KB/s link, 6 of the scheduler's
     pulses: the node's reports wait behind it, but its bytes keep arriving."""
     a, _ = two_nodes
     slow = Toxics(rate=32 * 1024)
@@ -158,7 +159,7 @@ def test_a_node_cut_off_by_a_blackhole_is_declared_dead_by_the_scheduler(
                 reentrant=True,
             ) as cluster:
                 jobs = [cluster.submit(n, 0.3) for n in range(8)]
-                wait_until(lambda: any(j.status == DispyJob.Running for j in jobs))
+                wait_until(lambda: len(cluster.status().nodes) == 2)  # both set up
                 proxy.blackhole()  # the host vanished: bytes held, nothing closed
                 sched.wait_for_log(f"node {proxy.spec} sent nothing for", timeout=30)
                 assert cluster.wait(timeout=30), [job.status for job in jobs]
@@ -176,11 +177,11 @@ def test_a_client_pulsing_faster_than_the_scheduler_keeps_hearing_it(
     nodes: LocalCluster,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """The client declares the scheduler dead after 3 of its own pulses (0.3 s);
-    the scheduler pulses every 1 s by its --pulse_interval. While a 2 s job runs
+    """The client declares the scheduler dead after 3 of its own pulses (0.9 s);
+    the scheduler pulses every 3 s by its --pulse_interval. While a 4 s job runs
     nothing else crosses the link: the scheduler must report at the client's pace
-    (before, the client lost the scheduler every 0.6 s or so)."""
-    sched = start_scheduler(tmp_path, nodes.node_specs(), nodes.secret, pulse=1.0)
+    (before, the client lost the scheduler about a second into the job)."""
+    sched = start_scheduler(tmp_path, nodes.node_specs(), nodes.secret, pulse=3.0)
     lost = Lost()
     try:
         with (
@@ -189,11 +190,11 @@ def test_a_client_pulsing_faster_than_the_scheduler_keeps_hearing_it(
                 work,
                 scheduler_host=sched.address,
                 secret_file=str(users["alice"]),
-                pulse_interval=0.1,
+                pulse_interval=0.3,
                 cluster_status=lost.cluster_status,
             ) as cluster,
         ):
-            job = cluster.submit(7, 2.0)
+            job = cluster.submit(7, 4.0)
             assert job() == expected(7, 0)
             gone = dict(lost.closed)
     finally:
@@ -227,6 +228,6 @@ def test_a_stopped_scheduler_is_declared_dead_by_its_client(
                 sched.proc.send_signal(signal.SIGCONT)
             assert job.status == DispyJob.Abandoned
             assert "no pulse for" in str(job.exception)
-            assert sum(lost.closed.values()) >= 1
+            wait_until(lambda: sum(lost.closed.values()) >= 1)  # (its own thread)
     finally:
         sched.stop()
