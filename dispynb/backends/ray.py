@@ -164,7 +164,8 @@ class RayEngine:
     def inbox(self, ray: Any) -> Any:
         """The `_rayworker.Inbox` actor of this engine's clusters (made by the first
         cluster of each Ray connection): a cluster that opens needs no worker
-        process of its own for it, and the actor holds no CPU (``num_cpus=0``)."""
+        process of its own for it, and the actor holds no CPU (``num_cpus=0``). It
+        lives until `close` or the end of this process's Ray connection."""
         from dispynb.backends import _rayworker
 
         context = ray.get_runtime_context()

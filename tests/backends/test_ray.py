@@ -330,6 +330,36 @@ def test_clusters_of_one_engine_share_its_inbox_and_keep_their_own_messages(
     assert seen["c"] == list(range(4))
 
 
+def test_engine_close_ends_its_inbox_and_a_later_cluster_gets_a_new_one(
+    engine: RayEngine,
+) -> None:
+    """``RayEngine.close()`` (``%dispy close``) ends the engine's inbox actor; a
+    cluster opened on the engine afterwards has a new one, and its provisional
+    results arrive."""
+    import ray
+
+    with JobCluster(progress, engine=engine) as cluster:
+        assert cluster.submit(2)() == "done"
+        backend: Any = cluster._backend
+        inbox = backend._inbox
+    engine.close()
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(inbox.take.remote("any", 0.01), timeout=WAIT)
+    seen: list[Any] = []
+
+    def job_status(job: DispyJob) -> None:
+        if job.status == JobStatus.ProvisionalResult:
+            seen.append(job.result)
+
+    with JobCluster(progress, job_status=job_status, engine=engine) as cluster:
+        backend = cluster._backend
+        assert backend._inbox is not inbox
+        assert cluster.submit(3)() == "done"
+        wait_for(lambda: len(seen) == 3, "the provisional results")
+    assert seen == [0, 1, 2]
+    engine.close()
+
+
 def test_large_arguments_and_results_of_several_types_arrive_intact(
     engine: RayEngine,
 ) -> None:
