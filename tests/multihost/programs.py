@@ -1,9 +1,9 @@
 """Client programs for the namespace hosts, and how to read what their jobs left.
 
 Each job writes a marker file (``<n>_<node ip>_<run token>`` holding its start time) in
-a directory all hosts see (namespaces share the file system), then sleeps and returns
-``[n * n, marker name]``: so a test knows every run of every job, and which run's
-result the client accepted.
+a directory all hosts see (namespaces share the file system), then sleeps (or waits for
+the test's ``release`` file) and returns ``[n * n, marker name]``: so a test knows
+every run of every job, and which run's result the client accepted.
 """
 
 from __future__ import annotations
@@ -29,12 +29,19 @@ logging.basicConfig(
 )
 
 
-def compute(n, markers, seconds):
+def compute(n, markers, seconds, release=None):
     name = f"{n}_{dispy_node_ip_addr}_{os.getpid()}.{os.urandom(4).hex()}"
     with open(os.path.join(markers, "." + name), "w") as handle:
         handle.write(repr(time.time()))
     os.rename(os.path.join(markers, "." + name), os.path.join(markers, name))
-    time.sleep(seconds)
+    if release is None:
+        time.sleep(seconds)
+        return [n * n, name]
+    deadline = time.monotonic() + 60
+    while not os.path.exists(release):  # the test's cue, not a duration
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{release} never appeared")
+        time.sleep(0.01)
     return [n * n, name]
 
 
@@ -58,7 +65,7 @@ def summary(jobs):
 def submit_all(cluster, args):
     jobs = []
     for n in range(args["jobs"]):
-        job = cluster.submit(n, args["markers"], args["seconds"])
+        job = cluster.submit(n, args["markers"], args["seconds"], args.get("release"))
         job.id = n
         jobs.append(job)
     cluster.wait(timeout=args["timeout"])

@@ -235,15 +235,24 @@ def test_cluster_gives_jobs_to_a_late_node(
         start(host)
     markers = tmp_path / "markers"
     ready = tmp_path / "ready"
+    release = tmp_path / "release"
     args = job_args([f"{SUBNET}.*"], secret[0], markers, 12, 1.0)
-    args.update(before=2, ready=str(ready))
+    # Jobs run until the late node has started one: however slowly the machine
+    # starts that node, jobs are still waiting for it (a fixed duration was not).
+    args.update(before=2, ready=str(ready), release=str(release))
+    late = node_hosts[2].ip
     client = start_client(network, client_host, tmp_path, WILDCARD_CLIENT, args)
     try:
         wait_for(ready.exists, 30, "the client using the first two nodes")
         start(node_hosts[2])
+        wait_for(
+            lambda: any(late in ips for ips in started_on(markers).values()),
+            45,
+            "a job started on the late node",
+        )
+        release.touch()
         jobs = client.result(60)
     finally:
         client.stop()
     assert [j["status"] for j in jobs] == [FINISHED] * 12
-    late = node_hosts[2].ip
-    assert any(late in ips for ips in started_on(markers).values())
+    assert [j["result"] for j in jobs] == [n * n for n in range(12)]
