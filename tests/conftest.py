@@ -7,6 +7,7 @@ import gc
 import glob
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -160,6 +161,22 @@ def _no_leaked_threads_or_fds(request: pytest.FixtureRequest) -> Iterator[None]:
         )
     if problems:
         pytest.fail(f"{request.node.nodeid} leaks: " + "; ".join(problems))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_ipython_shell_outlives_its_module() -> Iterator[None]:
+    """IPython's `InteractiveShell` is a process-wide singleton: a shell a module's
+    tests made (and the ``sys.ps1``/``ps2`` prompts it sets) would make the modules
+    after it look interactive, and their clusters behave as in a notebook (no default
+    recovery file, for one)."""
+    prompts = {name: getattr(sys, name, None) for name in ("ps1", "ps2")}
+    yield
+    shell_module = sys.modules.get("IPython.core.interactiveshell")
+    if shell_module is not None and shell_module.InteractiveShell.initialized():
+        shell_module.InteractiveShell.clear_instance()
+    for name, value in prompts.items():
+        if value is None and hasattr(sys, name):
+            delattr(sys, name)
 
 
 @pytest.fixture(autouse=True)
