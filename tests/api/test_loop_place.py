@@ -104,15 +104,20 @@ _ARMS = {
 
 def _run(program: str, timeout: float = 90) -> tuple[dict[str, Any], str]:
     """Run a user's program in a session of its own (the killpg reaches nothing
-    else): the JSON report of its last line, and its stderr."""
-    proc = subprocess.run(
-        [sys.executable, "-c", program],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        start_new_session=True,
-        env={**os.environ, "PYTHONFAULTHANDLER": "1"},
-    )
+    else): the JSON report of its last line, and its stderr.
+
+    It starts with SIGINT's default disposition, as from a terminal or a kernel
+    manager, even when pytest runs as a background job (SIGINT ignored, inherited).
+    """
+    with python_handles_sigint():  # exec turns the handler into SIG_DFL
+        proc = subprocess.run(
+            [sys.executable, "-c", program],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            start_new_session=True,
+            env={**os.environ, "PYTHONFAULTHANDLER": "1"},
+        )
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = proc.stdout.strip().splitlines()
     assert lines, proc.stderr[-4000:]
