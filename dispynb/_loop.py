@@ -22,6 +22,7 @@ import contextlib
 import logging
 import os
 import selectors
+import sys
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, TypeVar
@@ -301,6 +302,9 @@ class LoopRunner:
                     task,
                     exc_info=task.exception(),
                 )
+        links = sys.modules.get("dispynb.transport.links")  # imported if ever used
+        if links is not None:
+            links.cut_closing_tls_links(loop)  # closed by the runs below
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.run_until_complete(loop.shutdown_default_executor())
 

@@ -24,6 +24,7 @@ import asyncio
 import collections
 import contextlib
 import socket
+import weakref
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -422,6 +423,25 @@ class FrameProtocol(asyncio.BufferedProtocol):
 TLS_CLOSE_GRACE = 5.0
 
 
+#: TLS links of each loop still in their TLS shutdown (their cut timer pending).
+_closing: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, set[TransportLink]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def cut_closing_tls_links(loop: asyncio.AbstractEventLoop) -> None:
+    """Cut the sockets of ``loop``'s TLS links still in their TLS shutdown.
+
+    For the owner of a loop that stops for good: the links' cut timers would never
+    run, and their sockets would be left open for the garbage collector (a client
+    closing its last cluster while the node's close_notify was still on its way).
+    Run the loop once more afterwards: asyncio closes an aborted socket in a
+    callback.
+    """
+    for link in _closing.pop(loop, ()):
+        link._cut_if_open()
+
+
 class TransportLink:
     """A link over an asyncio transport and its `FrameProtocol` (TLS)."""
 
@@ -490,8 +510,10 @@ class TransportLink:
         if self._cut is None and not (self._protocol.lost or self._loop.is_closed()):
             # The timer also keeps the transport alive until then.
             self._cut = self._loop.call_later(TLS_CLOSE_GRACE, self._cut_if_open)
+            _closing.setdefault(self._loop, set()).add(self)
 
     def _cut_if_open(self) -> None:
+        _closing.get(self._loop, set()).discard(self)
         if not self._protocol.lost:
             self._transport.abort()
 

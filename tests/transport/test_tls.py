@@ -6,9 +6,11 @@ import asyncio
 import os
 import socket
 import ssl
+import threading
 
 import pytest
 
+from dispynb._loop import LoopRunner
 from dispynb.errors import (
     AuthenticationError,
     ConfigurationError,
@@ -17,9 +19,11 @@ from dispynb.errors import (
     TransportError,
 )
 from dispynb.protocol.messages import JobCancel
+from dispynb.transport.connection import Connection
+from dispynb.transport.connector import open_socket
 from dispynb.transport.tls import client_context, server_context
 from tests.asyncutil import run
-from tests.transport.util import client, echo_round_trip, serving, wait_until
+from tests.transport.util import WAIT, client, echo_round_trip, serving, wait_until
 
 
 def test_tls_verified_client_round_trips(cert):
@@ -280,3 +284,57 @@ def test_a_closed_tls_link_ends_even_if_the_peer_closed_while_reading_was_paused
                 peek.close()
 
     run(main())
+
+
+def test_a_tls_link_closing_as_its_loop_stops_leaves_no_socket_open(cert):
+    """A client closing its last cluster stops its I/O loop while the TLS shutdown
+    waits for the node's close_notify (a busy node): the link's cut timer never
+    runs, so the loop's shutdown cuts the socket, not the garbage collector."""
+    certfile, keyfile = cert
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted = threading.Event()
+    done = threading.Event()
+
+    def silent_node() -> None:
+        # Completes the TLS handshake, then never reads: no close_notify answer.
+        raw, _ = listener.accept()
+        with server_context(certfile, keyfile).wrap_socket(raw, server_side=True):
+            accepted.set()
+            done.wait(WAIT)
+
+    thread = threading.Thread(target=silent_node)
+    thread.start()
+    port = listener.getsockname()[1]
+
+    async def connect_and_close() -> str:
+        sock = await open_socket("127.0.0.1", port)
+        conn = await Connection.over_tls(
+            sock,
+            f"127.0.0.1:{port}",
+            client_context(cafile=certfile),
+            server_side=False,
+            server_hostname="127.0.0.1",
+        )
+        fd = conn._link.extra("socket").fileno()
+        conn.close()
+        return f"/proc/self/fd/{fd}:{os.readlink(f'/proc/self/fd/{fd}')}"
+
+    def still_open(fd_and_target: str) -> bool:
+        path, target = fd_and_target.split(":", 1)
+        try:
+            return os.readlink(path) == target
+        except FileNotFoundError:
+            return False
+
+    assert LoopRunner._instance is None, "another test's I/O loop is still running"
+    runner = LoopRunner.acquire()
+    try:
+        socket_fd = runner.run_sync(connect_and_close, timeout=WAIT)
+        assert accepted.wait(WAIT)
+        assert still_open(socket_fd)  # the TLS shutdown waits for the node
+    finally:
+        runner.release()  # the loop stops and closes
+        done.set()
+        thread.join(WAIT)
+        listener.close()
+    assert not still_open(socket_fd)
