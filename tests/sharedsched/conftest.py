@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,10 +19,32 @@ def nodes() -> Iterator[LocalCluster]:
         yield local
 
 
+#: The users of the `users` fixture.
+USERS = ("alice", "bob")
+
+
+@pytest.fixture(scope="session")
+def issued_users(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with the users file and credentials of `USERS`, issued once per
+    session by ``dispynb-scheduler user add`` (a process each, under a second)."""
+    directory = tmp_path_factory.mktemp("issued-users")
+    for name in USERS:
+        add_user(directory, name)
+    return directory
+
+
 @pytest.fixture
-def users(tmp_path: Path) -> dict[str, Path]:
-    """Users alice and bob: their credential files."""
-    return {name: add_user(tmp_path, name) for name in ("alice", "bob")}
+def users(tmp_path: Path, issued_users: Path) -> dict[str, Path]:
+    """Users alice and bob: their credential files, and the users file in
+    ``tmp_path``: copies (mode 0600 kept) of what ``user add`` issued for the
+    session, so each test's scheduler has files of its own to revoke from."""
+    shutil.copy2(issued_users / "users", tmp_path / "users")
+    credentials = {}
+    for name in USERS:
+        path = tmp_path / f"{name}.credential"
+        shutil.copy2(issued_users / path.name, path)
+        credentials[name] = path
+    return credentials
 
 
 @pytest.fixture

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 
 from schedserver.cli import REFUSED, build_parser, config_from_args
-from tests.sharedsched.harness import add_user, scheduler_cli
+from tests.sharedsched.harness import scheduler_cli
 
 
 @pytest.mark.parametrize("option", sorted(REFUSED))
+@pytest.mark.usefixtures("users")
 def test_dispyscheduler_options_without_meaning_are_refused_in_one_line(
     option: str, tmp_path: Path
 ) -> None:
-    add_user(tmp_path, "alice")
     done = scheduler_cli(
         "-n", "127.0.0.1:1", "--users", str(tmp_path / "users"), f"--{option}"
     )
@@ -83,10 +83,10 @@ def test_node_selection_options_of_dispyscheduler(tmp_path: Path) -> None:
         (["-n", "[::1"], "-n '[::1'"),
     ],
 )
+@pytest.mark.usefixtures("users")
 def test_bad_node_options_are_refused_in_one_line(
     argv: list[str], says: str, tmp_path: Path
 ) -> None:
-    add_user(tmp_path, "alice")
     # -n named: were a refusal missed, nothing would broadcast from this machine
     done = scheduler_cli(
         "-n", "127.0.0.1:1", "-p", "0", "--users", str(tmp_path / "users"), *argv,
@@ -97,8 +97,8 @@ def test_bad_node_options_are_refused_in_one_line(
     assert len(lines) == 1 and says in lines[0], lines
 
 
+@pytest.mark.usefixtures("users")
 def test_users_file_readable_by_others_is_refused(tmp_path: Path) -> None:
-    add_user(tmp_path, "alice")
     (tmp_path / "users").chmod(0o644)
     done = scheduler_cli(
         "-n", "127.0.0.1:1", "-p", "0", "--users", str(tmp_path / "users")

@@ -18,6 +18,7 @@ from dispynb.secret import read_secret_file
 from tests.sharedsched.harness import (
     TIMED_CLIENT,
     SchedulerProcess,
+    add_user,
     finish_client,
     raw_reply,
     scheduler_cli,
@@ -146,7 +147,8 @@ def test_revoked_user_loses_its_session_and_cannot_come_back(
         assert cluster.submit(5)() == 25
 
 
-def test_user_add_writes_private_files(tmp_path: Path, users: dict[str, Path]) -> None:
+def test_user_add_writes_private_files(tmp_path: Path) -> None:
+    users = {name: add_user(tmp_path, name) for name in ("alice", "bob")}
     for path in (tmp_path / "users", users["alice"]):
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert read_secret_file(users["alice"]).startswith(b"dispynb-user:alice:")

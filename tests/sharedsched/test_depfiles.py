@@ -24,7 +24,6 @@ from tests.procmem import private_memory
 from tests.sharedsched.harness import (
     WAIT,
     SchedulerProcess,
-    add_user,
     env_for,
     finish_client,
     scheduler_cli,
@@ -109,9 +108,9 @@ def first_node() -> Iterator[LocalCluster]:
 
 
 def test_depends_kept_on_disk_for_a_late_node_and_released_at_close(
-    tmp_path: Path, first_node: LocalCluster
+    tmp_path: Path, first_node: LocalCluster, users: dict[str, Path]
 ) -> None:
-    credential = add_user(tmp_path, "alice")
+    credential = users["alice"]
     spill = tmp_path / "spill"
     late_port = free_port()
     sched = SchedulerProcess(
@@ -205,9 +204,9 @@ def test_depends_kept_on_disk_for_a_late_node_and_released_at_close(
 
 
 def test_depends_over_max_file_size_is_refused(
-    tmp_path: Path, first_node: LocalCluster
+    tmp_path: Path, first_node: LocalCluster, users: dict[str, Path]
 ) -> None:
-    credential = add_user(tmp_path, "alice")
+    credential = users["alice"]
     sched = SchedulerProcess(
         tmp_path,
         first_node.node_specs(),
@@ -238,9 +237,9 @@ def file_digest(name: str) -> str:
 
 
 def test_revoked_users_depends_file_is_released(
-    tmp_path: Path, first_node: LocalCluster
+    tmp_path: Path, first_node: LocalCluster, users: dict[str, Path]
 ) -> None:
-    credential = add_user(tmp_path, "bob")
+    credential = users["bob"]
     spill = tmp_path / "spill"
     sched = SchedulerProcess(
         tmp_path,
@@ -297,9 +296,9 @@ time.sleep(300)
 
 
 def test_zombie_clients_depends_file_is_released(
-    tmp_path: Path, first_node: LocalCluster
+    tmp_path: Path, first_node: LocalCluster, users: dict[str, Path]
 ) -> None:
-    credential = add_user(tmp_path, "alice")
+    credential = users["alice"]
     spill = tmp_path / "spill"
     sched = SchedulerProcess(
         tmp_path,
@@ -340,11 +339,14 @@ def test_zombie_clients_depends_file_is_released(
 
 
 def test_send_file_through_the_scheduler_is_released_with_the_session(
-    tmp_path: Path, first_node: LocalCluster, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    first_node: LocalCluster,
+    users: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A ``send_file`` file, listed by no computation, is kept (on disk) for the
     session that sent it, and released when that client is gone."""
-    credential = add_user(tmp_path, "alice")
+    credential = users["alice"]
     spill = tmp_path / "spill"
     sched = SchedulerProcess(
         tmp_path,
