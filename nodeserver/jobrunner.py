@@ -47,8 +47,15 @@ LEFTOVER_CHECK_AFTER = 50e-6
 #: and trivial jobs never pay for the check.
 RELEASE_CHECK_AFTER = 1e-3
 #: Seconds without a next job after which such a worker gives its freed memory back
-#: (`release_freed_memory`): jobs back to back keep reusing it.
-RELEASE_AFTER_IDLE = 0.5
+#: (`release_freed_memory`) and unmaps the node's bodies it kept: jobs back to back
+#: keep reusing them. As long as the node server keeps its bodies (it lets them go
+#: after `nodeserver.cli.MEMORY_RELEASE_INTERVAL` without a large message): a kept
+#: mapping of a body the node still holds costs no memory, only its page table, and
+#: remapping it costs a page fault per 16 pages, refilling the freed heap one per
+#: page. At 0.5 s, jobs of large arguments coming in bursts a second apart (the
+#: cross-host W4 benchmark, each repetition followed by the raw TCP one) paid both
+#: at every burst: about a third of a worker's CPU per MB (perf, 2026-12-04).
+RELEASE_AFTER_IDLE = 2.0
 
 
 def run_job(
