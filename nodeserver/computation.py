@@ -265,6 +265,7 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
     def _send_many(self, worker: Worker, jobs: list[NodeJob]) -> None:
         """Hand jobs to a worker in order; small ones leave in one write."""
         runs: list[tuple[Message, list[memoryview]]] = []
+        started: NodeJob | None = None  # the worker's head job, if it is one of these
         for job in jobs:
             if job.files and not job.placed:
                 try:
@@ -298,13 +299,18 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
                     worker.conn.write(run, (), (job.lease.fd,))
             if len(worker.assigned) == 1:
                 job.buffers = []  # a job sent ahead keeps them: it may be requeued
-                self._start_clock(worker)
+                started = job
         if runs:
             with contextlib.suppress(DispynbError):
                 if len(runs) == 1:
                     worker.conn.write(*runs[0])
                 else:
                     worker.conn.write_many(runs)
+        # Its start is noted (for the client) and its time limit armed once it is on
+        # its way: the worker runs it meanwhile (a round trip's latency, W2). Nothing
+        # the worker answers is read before this callback returns.
+        if started is not None and worker.assigned and worker.assigned[0] is started:
+            self._start_clock(worker)
 
     async def _read_worker(self, worker: Worker) -> None:
         def handle(message: Message, buffers: list[memoryview]) -> None:

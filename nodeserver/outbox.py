@@ -82,6 +82,16 @@ class ResultOutbox:
         self._fit: dict[int, int] = {}
         #: Workers are not read: the client is not reading.
         self.held = False
+        self._loop: asyncio.AbstractEventLoop | None = None  # see `_running_loop`
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        """The session's loop, looked up once: `asyncio.get_running_loop` makes a
+        ``getpid`` system call each time (Python 3.11), and job starts arm a timer
+        every few milliseconds."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     def client_limit(self, comp_id: int, max_message_size: int) -> None:
         """The client takes messages of at most ``max_message_size`` bytes (0: not
@@ -130,7 +140,7 @@ class ResultOutbox:
             if self._oldest_start is None:
                 self._oldest_start = when
             if self._starts_timer is None:
-                self._starts_timer = asyncio.get_running_loop().call_later(
+                self._starts_timer = self._running_loop().call_later(
                     START_REPORT_DELAY, self._starts_due
                 )
 
@@ -175,7 +185,7 @@ class ResultOutbox:
             self.flush()  # big, or nothing else to wait for: send it now
         elif not self._flush_pending:
             self._flush_pending = True
-            asyncio.get_running_loop().call_soon(self.flush)
+            self._running_loop().call_soon(self.flush)
 
     def _stream_result(
         self, comp_id: int, entry: list[Any], buffers: list[memoryview]
@@ -207,7 +217,7 @@ class ResultOutbox:
         if rest <= START_REPORT_DELAY / 10:
             self.flush()
         else:
-            self._starts_timer = asyncio.get_running_loop().call_later(
+            self._starts_timer = self._running_loop().call_later(
                 min(rest, START_REPORT_DELAY), self._starts_due
             )
 
