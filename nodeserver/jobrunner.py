@@ -327,14 +327,14 @@ def worker_loop(
             # the tiny jobs that make up throughput workloads.
             if done.end_time - done.start_time >= LEFTOVER_CHECK_AFTER:
                 end_leftovers()
-            if once:
-                send(done, result_buffers)
-                return
-            # Workers are reused: a job that changed directory must not move the next.
-            if os.getcwd() != home:
-                os.chdir(home)
             send(done, result_buffers)
             del result_buffers  # do not keep a large result alive until the next job
+            if once:
+                return
+            # Workers are reused: a job that changed directory must not move the next
+            # (checked once its result is on its way: the next job starts after it).
+            if os.getcwd() != home:
+                os.chdir(home)
     except ConnectionClosedError:
         return
     finally:
