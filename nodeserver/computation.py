@@ -277,11 +277,17 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
                     self._pump_soon()
                     continue
             worker.assigned.append(job)
+            ahead = len(worker.assigned) > 1  # behind another: a Skip may follow it
             # Arguments received in shared memory go as the memfd and where they lie
             # in it; the worker maps them (no copy through its socket).
             shared = segments(job.buffers)
             if shared is None:
-                run = Run(key=job.key, attempt=job.attempt, mem_limit=job.mem_limit)
+                run = Run(
+                    key=job.key,
+                    attempt=job.attempt,
+                    mem_limit=job.mem_limit,
+                    ahead=ahead,
+                )
                 runs.append((run, job.buffers))
             else:
                 job.lease, layout = shared
@@ -290,6 +296,7 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
                     attempt=job.attempt,
                     mem_limit=job.mem_limit,
                     shared=layout,
+                    ahead=ahead,
                 )
                 # If the worker is dying, its exit report requeues or fails the job.
                 with contextlib.suppress(DispynbError):

@@ -103,13 +103,16 @@ class Run(IpcMessage):
     ``mem_limit``: bytes of address space the worker may use while the job runs
     (its soft ``RLIMIT_AS``), or None for no limit. ``shared``: instead of buffers,
     the ``[offset, length, ...]`` of each in the memfd sent with this message
-    (`nodeserver.sharedbody`).
+    (`nodeserver.sharedbody`). ``ahead``: sent while the worker had another job
+    (a `Skip` may follow it); a job sent to an idle worker is its head at the node
+    from the start, which never skips a head job (it interrupts it).
     """
 
     key: int
     attempt: int
     mem_limit: int | None = None
     shared: list[int] | None = None
+    ahead: bool = False
 
 
 @message("skip")

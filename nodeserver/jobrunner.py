@@ -264,10 +264,10 @@ def worker_loop(
 ) -> None:
     """Run jobs received on ``sock``, one at a time, until the node server closes it.
 
-    Before starting a job, the worker reads what else has arrived, so that a `Skip`
-    for a job sent ahead and then cancelled stops it from ever starting. After each
-    job, the processes it left running are killed. A worker idle for
-    `RELEASE_AFTER_IDLE` seconds after a large message or a job that took
+    Before starting a job sent ahead (`Run.ahead`), the worker reads what else has
+    arrived, so that a `Skip` for it, cancelled meanwhile, stops it from ever
+    starting. After each job, the processes it left running are killed. A worker
+    idle for `RELEASE_AFTER_IDLE` seconds after a large message or a job that took
     `RELEASE_CHECK_AFTER` or more gives the memory it freed or kept for reuse back
     to the system. Returns at EOF, or after the first
     job with ``once`` (``fresh_process``); unexpected messages are logged and ignored.
@@ -295,8 +295,12 @@ def worker_loop(
                     release, large = False, large_frames_taken()
                 _take(sock, sock.recv(), inbox, skipped)
                 continue
-            while sock.poll():
-                _take(sock, sock.recv(), inbox, skipped)
+            # Only a job sent ahead can be skipped (the node interrupts a job it
+            # sent to an idle worker): one sent to this worker idle starts without
+            # a read that would find nothing (a system call per round trip, W2).
+            if inbox[0][0].ahead:
+                while sock.poll():
+                    _take(sock, sock.recv(), inbox, skipped)
             run, buffers, shared = inbox.popleft()
             if run.key in skipped:
                 skipped.discard(run.key)
