@@ -59,6 +59,9 @@ class Backend(Protocol):
 
     A backend is created with the number of worker processes W, started once (timed
     only by the start-up workload), used by every selected workload, then closed.
+    It may set ``release_wait``: seconds W4 waits, untimed, before each repetition
+    (`workloads.Bandwidth`; the Ray rows, whose engine frees arguments
+    asynchronously).
     """
 
     name: str

@@ -21,6 +21,9 @@ class DispynbRayBackend(DispynbBackend):
     """dispynb's `JobCluster` on a local Ray instance (raw Ray's configuration)."""
 
     name = "dispynb-ray"
+    #: Seconds W4 waits before each timed repetition: Ray frees the previous one's
+    #: arguments asynchronously (`workloads.Bandwidth`); the same for both Ray rows.
+    release_wait = 1.0
 
     def __init__(self, workers: int) -> None:
         super().__init__(workers)
@@ -67,7 +70,8 @@ class DispynbRayBackend(DispynbBackend):
             "version": f"dispynb {dispynb.__version__} on ray {self._ray.__version__}",
             "config": f"JobCluster(fn, engine=RayEngine()) on ray.init(num_cpus="
             f"{self.workers}, include_dashboard=False, _node_ip_address='127.0.0.1'),"
-            " one JobCluster per function (one actor per CPU)",
+            " one JobCluster per function (one actor per CPU); W4 waits"
+            f" {self.release_wait:g} s before each repetition (Ray frees late)",
         }
 
     def _cluster_options(self) -> dict[str, Any]:

@@ -311,6 +311,18 @@ class Bandwidth:
 
     The payloads are random and pairwise different (each starts with its index), so
     neither compression nor a content cache can make a backend look faster.
+
+    Before each timed repetition (the first too) the workload waits the backend's
+    ``release_wait`` seconds, untimed (0 unless the backend sets it): an engine that
+    frees the arguments of a repetition asynchronously (Ray: a task's argument leaves
+    its object store some time after the task ended) still holds them when the next
+    repetition starts at once, so that one's arguments go to object-store memory no
+    process touched before, and each of its pages costs the sender a page fault
+    (2,441 per 10 MB, about 15 us each on the benchmark VM). How many of the 20
+    arguments land there was a race, which made W4 on Ray bimodal (per repetition
+    about 300-700 or 1,300-2,500 MB/s) for raw Ray and dispynb on Ray alike. Both
+    Ray rows wait the same time, so each repetition starts on a store the previous
+    one has left.
     """
 
     fn: Callable[[bytes], int]
@@ -339,6 +351,7 @@ class Bandwidth:
 
     def measure(self, backend: Backend) -> dict[str, float]:
         payloads = self._get_payloads()
+        time.sleep(getattr(backend, "release_wait", 0.0))
         elapsed = self._run(backend, payloads)
         return {"bandwidth": len(payloads) * self.size / MB / elapsed}
 

@@ -320,3 +320,33 @@ def test_backend_selection_and_venvs(
     monkeypatch.setattr(venvs, "VENV_ROOT", tmp_path)
     with pytest.raises(venvs.VenvError, match="--prepare"):
         venvs.ensure_venv("loky", install=False)
+
+
+def test_bandwidth_waits_the_backends_release_wait_before_each_timed_repetition(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """W4 waits ``release_wait`` (the Ray rows: Ray frees a repetition's arguments
+    late) before the clock starts, each repetition; 0 for a backend without it."""
+    import workloads
+
+    events: list[Any] = []
+    monkeypatch.setattr(workloads.time, "sleep", lambda s: events.append(("wait", s)))
+
+    class Fake:
+        name = "fake"
+
+        def submit_and_wait(self, fn: Any, arglists: list[tuple[Any, ...]]) -> list:
+            events.append("run")
+            return [len(args[0]) for args in arglists]
+
+    class Waiting(Fake):
+        release_wait = 1.5
+
+    w4 = workloads.Bandwidth(fn=len, jobs=2, size=16)
+    w4.warm_up(Waiting())
+    for _ in range(2):
+        assert w4.measure(Waiting())["bandwidth"] > 0
+    assert events == ["run", ("wait", 1.5), "run", ("wait", 1.5), "run"]
+    events.clear()
+    w4.measure(Fake())
+    assert events == [("wait", 0.0), "run"]

@@ -20,6 +20,9 @@ class RayBackend:
     """Ray: a local instance with W CPUs."""
 
     name = "ray"
+    #: Seconds W4 waits before each timed repetition: Ray frees the previous one's
+    #: arguments asynchronously (`workloads.Bandwidth`); the same for both Ray rows.
+    release_wait = 1.0
 
     def __init__(self, workers: int) -> None:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -78,5 +81,6 @@ class RayBackend:
         return {
             "version": self._ray.__version__,
             "config": f"ray.init(num_cpus={self.workers}, include_dashboard=False,"
-            " _node_ip_address='127.0.0.1'); f.remote() per job",
+            " _node_ip_address='127.0.0.1'); f.remote() per job; W4 waits"
+            f" {self.release_wait:g} s before each repetition (Ray frees late)",
         }
