@@ -16,6 +16,10 @@ from dispynb.errors import DispynbError, NotSupportedError, SerializationError
 from dispynb.job import JobStatus
 from dispynb.protocol import serialize
 
+#: Bytes of pickled arguments up to which a job submitted from another thread is
+#: submitted to Dask on the loop with the others of its burst (see `_Jobs.submit`).
+SMALL_PAYLOAD = 64 << 10
+
 
 class _Jobs(_DaskState):
     """The jobs' way through Dask, from ``submit`` to their final event."""
@@ -83,24 +87,47 @@ class _Jobs(_DaskState):
     def submit(self, job: JobRequest) -> None:
         """Queue a prepared job on Dask; never blocks.
 
-        From a user's thread, ``Client.submit`` runs on that thread, as it does for
-        a Dask client's own users: it pickles the task, arguments included (a copy
-        of each large one), and hands the message to Dask's loop itself. Done on the
-        loop, a batch of large jobs would hold the loop up until the last one is
-        pickled, so none would travel before all of them were ready.
+        From a user's thread, a job with small arguments (up to `SMALL_PAYLOAD`
+        bytes pickled) is handed to the loop, which submits the jobs handed since
+        its last turn together: one loop wake-up per burst of submits, where each
+        ``Client.submit`` from another thread wakes Dask's loop (ours) itself, and
+        so would the job's bookkeeping (W1: three wake-ups per job counting the
+        future's release, each a GIL hand-over between the two threads). A job
+        with larger arguments is submitted on the user's thread, as a Dask
+        client's own users do: ``Client.submit`` pickles the task, arguments
+        included (a copy of each large one); done on the loop, a batch of large
+        jobs would hold the loop up until the last one is pickled, so none would
+        travel before all of them were ready. Its bookkeeping is handed over as a
+        small job's.
         """
         if getattr(job, "payload", None) is None:
             self.prepare(job)
         limits = (job.timeout, job.mem_limit)
         if self.runner.in_loop_thread():
+            self._take_handed()  # after the jobs other threads handed over
             self._submit(job.key, job.payload, job.node_id, limits)
             return
-        try:
-            future = self._task(job.key, job.payload, job.node_id, limits)
-        except Exception as exc:  # the client closed meanwhile
-            self.runner.call_soon(self._not_sent, job.key, exc)
-            return
-        self.runner.call_soon(self._track, job.key, future)
+        if sum(len(b) for b in job.payload) <= SMALL_PAYLOAD:
+            self.handed.append((job.key, job.payload, job.node_id, limits))
+        else:
+            try:
+                future = self._task(job.key, job.payload, job.node_id, limits)
+            except Exception as exc:  # the client closed meanwhile
+                self.runner.call_soon(self._not_sent, job.key, exc)
+                return
+            self.handed.append((job.key, future))
+        self.take_handed.trigger()
+
+    def _take_handed(self) -> None:
+        """On the loop: submit or track the jobs other threads handed over, in
+        their order."""
+        handed = self.handed
+        while handed:
+            item = handed.popleft()
+            if len(item) == 2:
+                self._track(*item)
+            else:
+                self._submit(*item)
 
     def _submit(
         self,
@@ -276,6 +303,7 @@ class _Jobs(_DaskState):
             self.runner.call_soon(self._cancel, keys, unstarted or held)
 
     def _cancel(self, keys: list[int], unstarted: bool = False) -> None:
+        self._take_handed()  # a job handed over but not yet taken is cancelled too
         futures = []
         for key in keys:
             if unstarted and key in self.started:

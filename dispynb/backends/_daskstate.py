@@ -5,12 +5,14 @@ the helpers every part of `DaskBackend` uses (its parts: `_dasknodes`, the worke
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import secrets
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
+from dispynb._loop import Coalescer
 from dispynb.backends._daskselect import _host_port, _wanted_workers
 from dispynb.backends.base import ClusterConfig, JobEvents, NodeInfo
 from dispynb.protocol import serialize
@@ -69,6 +71,11 @@ class _DaskState:
         self.pushed: dict[str, bytes] = {}
         self.gathering = False
         self.cancelling: list[Any] = []
+        #: Jobs handed over by other threads, taken on the loop by `_take_handed`
+        #: (one loop wake-up per burst): ``(key, payload, node, limits)`` for the
+        #: loop to submit, or ``(key, future)`` submitted already.
+        self.handed: collections.deque[tuple[Any, ...]] = collections.deque()
+        self.take_handed = Coalescer(self.runner, self._take_handed)
         self.closed = False
         self.wanted = _wanted_workers(opts.nodes)
         self.files_dir = opts.files_dir
@@ -119,6 +126,9 @@ class _DaskState:
         raise NotImplementedError
 
     def _cancel(self, keys: list[int], unstarted: bool = False) -> None:
+        raise NotImplementedError
+
+    def _take_handed(self) -> None:
         raise NotImplementedError
 
     def _flush_cancels(self) -> None:
