@@ -68,7 +68,7 @@ class CallbackDispatcher:
                 self._thread = threading.Thread(
                     target=self._work, name=_THREAD_NAME, daemon=True
                 )
-                self._thread.start()
+                _interruptible.start_thread(self._thread)
             self._queue.put((fn, args))
 
     def flush(self, timeout: float | None = None) -> bool:

@@ -20,7 +20,14 @@ from collections.abc import Callable
 from types import FrameType, TracebackType
 from typing import Any, ClassVar, Protocol
 
-__all__ = ["SLICE", "HeldInterrupts", "acquire", "wait_event", "wait_for"]
+__all__ = [
+    "SLICE",
+    "HeldInterrupts",
+    "acquire",
+    "start_thread",
+    "wait_event",
+    "wait_for",
+]
 
 #: Seconds a main thread's wait blocks at most before Python checks for signals.
 SLICE = 0.25
@@ -106,6 +113,32 @@ HELD_SIGNALS = tuple(
     )
     if hasattr(signal, name)
 )
+
+
+def start_thread(thread: threading.Thread) -> None:
+    """``thread.start()``, the thread blocking `HELD_SIGNALS` for its whole life.
+
+    The kernel gives a signal sent to the process (Ctrl-C, the notebook's Stop:
+    SIGINT to the process group) to any thread that does not block it, and a thread
+    that unblocks signals (glibc does, in a thread being started and in the thread
+    starting it) takes one waiting for a main thread that was woken but has not run
+    yet (a loaded machine). Python's C handler then only marks the signal in that
+    thread: a main thread asleep in C (the user's ``time.sleep`` in a generator of
+    inputs) is not woken, and the `KeyboardInterrupt` comes when its sleep ends. So
+    dispynb's threads leave these signals to the main thread; the mask is set in
+    the starting thread around ``start()``, so that the new thread has it from its
+    first instruction (and the threads it starts inherit it).
+    """
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks
+        thread.start()
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+    try:
+        thread.start()
+    finally:
+        # A signal that came meanwhile is the main thread's: delivered here, now.
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
 
 # `signal.getsignal` and `signal.signal` without the conversion of every number and
 # handler to an enum around them (CPython's C functions under them, where present):

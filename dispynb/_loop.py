@@ -27,7 +27,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, TypeVar
 
-from dispynb._interruptible import HeldInterrupts
+from dispynb._interruptible import HeldInterrupts, start_thread
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class LoopRunner:
         with cls._class_lock:
             if cls._instance is None:
                 runner = cls()
-                runner._thread.start()
+                start_thread(runner._thread)
                 runner._started.wait()
                 cls._instance = runner
                 logger.debug("I/O loop thread started")

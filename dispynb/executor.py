@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
+from dispynb._interruptible import start_thread
 from dispynb.errors import RemoteError
 from dispynb.futures import JobFuture
 from dispynb.futures import (
@@ -346,9 +347,11 @@ class Executor(concurrent.futures.Executor):
             if wait:
                 self._close()
             else:
-                threading.Thread(
-                    target=self._close, name="dispynb-executor-shutdown"
-                ).start()
+                start_thread(
+                    threading.Thread(
+                        target=self._close, name="dispynb-executor-shutdown"
+                    )
+                )
         elif wait:
             self._closed.wait()
 

@@ -32,6 +32,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
+from dispynb._interruptible import start_thread
 from dispynb.errors import ConfigurationError, DispynbError
 
 if TYPE_CHECKING:
@@ -194,7 +195,7 @@ class Adaptive:
                 self.options.maximum,
                 self.options.idle_timeout,
             )
-        self._thread.start()
+        start_thread(self._thread)
 
     @property
     def running(self) -> bool:

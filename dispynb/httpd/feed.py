@@ -12,6 +12,8 @@ import contextlib
 import threading
 from typing import TYPE_CHECKING
 
+from dispynb._interruptible import start_thread
+
 if TYPE_CHECKING:
     from dispynb.monitoring import ClusterMonitor
 
@@ -44,7 +46,7 @@ class ChangeFeed:
 
     def start(self) -> None:
         """Start the watcher thread."""
-        self._thread.start()
+        start_thread(self._thread)
 
     def stop(self) -> None:
         """Wake every waiter and tell the watcher to end; call on the loop's thread."""

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import tornado.httpserver
 import tornado.web
 
+from dispynb._interruptible import start_thread
 from dispynb.errors import ConfigurationError
 from dispynb.httpd.api import (
     ApiContext,
@@ -133,7 +134,7 @@ class DispyHTTPServer:
         )
 
     def _start(self) -> None:
-        self._thread.start()
+        start_thread(self._thread)
         try:
             self._started.result(timeout=_START_TIMEOUT)
         except BaseException:

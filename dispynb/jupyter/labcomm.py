@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from dispynb import _live
+from dispynb._interruptible import start_thread
 from dispynb._loop import LoopRunner
 from dispynb._version import __version__
 from dispynb.errors import ConfigurationError
@@ -299,7 +300,7 @@ class LabLink:
             name="dispynb-lab-push",
             daemon=True,
         )
-        self._thread.start()
+        start_thread(self._thread)
 
     @property
     def closed(self) -> bool:
@@ -412,9 +413,14 @@ class LabLink:
                 self.push_now()
 
         context = contextvars.copy_context()  # see __init__
-        threading.Thread(
-            target=context.run, args=(run,), name="dispynb-lab-discover", daemon=True
-        ).start()
+        start_thread(
+            threading.Thread(
+                target=context.run,
+                args=(run,),
+                name="dispynb-lab-discover",
+                daemon=True,
+            )
+        )
 
     def _reply(self, request_id: Any, result: Any = None, error: str = "") -> None:
         message: dict[str, Any] = {"type": "reply", "id": request_id, "ok": not error}

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from typing import IO, Any
 
+from dispynb._interruptible import start_thread
 from dispynb.jupyter import display as templates
 
 __all__ = [
@@ -157,7 +158,7 @@ class ProgressBar(abc.ABC):
             elif self._timer is None:
                 self._timer = threading.Timer(wait, self._trailing)
                 self._timer.daemon = True
-                self._timer.start()
+                start_thread(self._timer)
 
     def finish(self, counts: ProgressCounts) -> None:
         """Draw the final state once; later updates are ignored."""

@@ -8,6 +8,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from dispynb._interruptible import start_thread
 from dispynb.job import FINAL_STATUSES, DispyJob, JobStatus
 from dispynb.jupyter.errors import RunInterrupted
 from dispynb.jupyter.progress import ProgressBar
@@ -96,9 +97,11 @@ class _RunEvents(_RunStop):
         if self.done():
             self.bar.finish(self.counts())
             if self.owns_cluster:
-                threading.Thread(
-                    target=self.close, name="dispynb-run-close", daemon=True
-                ).start()
+                start_thread(
+                    threading.Thread(
+                        target=self.close, name="dispynb-run-close", daemon=True
+                    )
+                )
 
     # -- live mode (notebook, --nowait) ------------------------------------------------
 

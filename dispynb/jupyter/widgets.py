@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from dispynb._interruptible import start_thread
 from dispynb.job import DispyJob, JobStatus
 from dispynb.jupyter import display as templates
 from dispynb.node import DispyNode, NodeStatus
@@ -259,7 +260,7 @@ class NodePanel:
                 if self._timer is None:
                     self._timer = threading.Timer(wait, self.redraw)
                     self._timer.daemon = True
-                    self._timer.start()
+                    start_thread(self._timer)
                 return
         self.redraw()
 

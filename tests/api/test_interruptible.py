@@ -6,7 +6,10 @@ blocked in C would otherwise notice only when its wait ended by itself."""
 from __future__ import annotations
 
 import _thread
+import json
+import os
 import signal
+import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -201,3 +204,87 @@ def test_a_nested_held_step_leaves_the_delivery_to_the_outer_one() -> None:
         assert steps == ["inner ended"]
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
         assert _interruptible.HeldInterrupts._active is None
+
+
+#: A client program: while its main thread cannot take a SIGINT sent to the process
+#: (it blocks it here, as a main thread woken but not yet running does for a moment
+#: on a loaded machine), no thread of dispynb's may take it in its place; then it
+#: unblocks it and gets its KeyboardInterrupt.
+_MAIN_ONLY = """
+import json, os, signal, threading
+from dispynb import JobCluster, LocalCluster
+
+def square(x):
+    return x * x
+
+masks = {}
+
+def blocks_sigint(tid):
+    with open(f"/proc/self/task/{tid}/status") as status:
+        for line in status:
+            if line.startswith("SigBlk:"):
+                return bool(int(line.split()[1], 16) >> (signal.SIGINT - 1) & 1)
+    raise AssertionError("no SigBlk")
+
+def job_status(job):
+    # A thread the user starts from a callback (a progress timer does too).
+    done = threading.Event()
+    thread = threading.Thread(target=done.wait, name="started-in-a-callback")
+    thread.start()
+    masks[thread.name] = blocks_sigint(thread.native_id)
+    done.set()
+    thread.join()
+
+with LocalCluster(cpus=1) as local, JobCluster(
+    square, nodes=local, job_status=job_status, recover_file=False
+) as cluster:
+    assert cluster.submit(3)() == 9
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and thread.native_id is not None:
+            masks[thread.name] = blocks_sigint(thread.native_id)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    os.kill(os.getpid(), signal.SIGINT)  # to the process, as Ctrl-C and Stop send it
+    # The loop and callback threads wake, run, sleep again: a thread that could
+    # take the signal has taken it by now (and Python raises it here).
+    early = False
+    try:
+        assert [cluster.submit(n)() for n in range(4)] == [0, 1, 4, 9]
+    except KeyboardInterrupt:
+        early = True
+    waiting = signal.SIGINT in signal.sigpending()
+    interrupted = False
+    try:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        for _ in range(1000):  # a flag set by another thread is handled in here
+            pass
+    except KeyboardInterrupt:
+        interrupted = True
+report = {"masks": masks, "early": early, "waiting": waiting}
+print(json.dumps({**report, "interrupted": interrupted}))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_ctrl_c_to_the_process_is_left_to_the_main_thread() -> None:
+    """A SIGINT sent to the process (Ctrl-C, the notebook's Stop) that its main
+    thread cannot take at once waits for it: dispynb's threads (and those they
+    start) block it. Taken by one of them, Python would only mark it there, and a
+    main thread asleep in C (the user's ``time.sleep`` in a generator of
+    ``%%dispy --over`` inputs) would raise it only when its sleep ended: a kernel
+    Stop that took a minute (tests/jupyter/test_kernel_stop.py, seen in CI)."""
+    with python_handles_sigint():  # exec turns the handler into SIG_DFL
+        proc = subprocess.run(
+            [sys.executable, "-c", _MAIN_ONLY],
+            capture_output=True,
+            text=True,
+            timeout=90,
+            start_new_session=True,
+            env={**os.environ, "PYTHONFAULTHANDLER": "1"},
+        )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["masks"], report
+    unblocked = [name for name, blocked in report["masks"].items() if not blocked]
+    assert unblocked == [], report
+    assert not report["early"] and report["waiting"], report
+    assert report["interrupted"], report
