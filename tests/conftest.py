@@ -97,18 +97,45 @@ def _open_fds() -> dict[int, tuple[int, int]]:
     return fds
 
 
-def _describe_fd(fd: int) -> str:
-    try:
-        return f"{fd} -> {os.readlink(f'/proc/self/fd/{fd}')}"
-    except OSError:
-        return f"{fd} (closed meanwhile)"
+def _left_open(before: dict[int, tuple[int, int]], allow_engine: bool) -> list[str]:
+    """The descriptors opened since ``before`` and open now, as ``"fd -> target"``;
+    with ``allow_engine``, sockets and other anonymous ones (``...:[inode]``) are
+    left out. One closed between the listing and the look at it is not open."""
+    left = []
+    for fd, ident in _open_fds().items():
+        if before.get(fd) == ident:
+            continue
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue  # closed meanwhile (by a thread of an engine's client, say)
+        if allow_engine and target.endswith("]"):
+            continue
+        left.append(f"{fd} -> {target}")
+    return left
+
+
+def fds_left_open(
+    before: dict[int, tuple[int, int]], allow_engine: bool, deadline: float
+) -> list[str]:
+    """`_left_open` once the descriptors closing now had until ``deadline`` (a
+    monotonic time) to go; the allowance applies at every look."""
+    left = _left_open(before, allow_engine)
+    if left:
+        gc.collect()  # an unreachable socket is closed (with a ResourceWarning)
+        left = _left_open(before, allow_engine)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.05)  # polling a condition with a deadline
+        left = _left_open(before, allow_engine)
+    return left
 
 
 @pytest.fixture
 def allow_engine_sockets() -> None:
-    """Request it where a third-party engine's client (Ray's driver) keeps, for the
-    process's life, connections to the workers a test used: sockets and other
-    anonymous descriptors opened during the test are then not counted as leaks."""
+    """Request it where a third-party engine's client (Ray's driver) keeps
+    connections to the workers a test used, or closes them on its own threads, some
+    after the test: sockets and other anonymous descriptors opened during the test
+    are then not counted as leaks (at every look of the check)."""
 
 
 @pytest.fixture(autouse=True)
@@ -133,32 +160,19 @@ def _no_leaked_threads_or_fds(request: pytest.FixtureRequest) -> Iterator[None]:
             and not t.name.startswith(ALLOWED_THREADS)
         ]
 
-    def new_fds() -> list[int]:
-        now = _open_fds()
-        return [fd for fd, ident in now.items() if fds_before.get(fd) != ident]
-
     threads = new_threads()
     for thread in threads:
         thread.join(max(deadline - time.monotonic(), 0.0))
     threads = new_threads()
-    fds = new_fds()
-    if fds:
-        gc.collect()  # an unreachable socket is closed (with a ResourceWarning)
-        fds = new_fds()
-    if "allow_engine_sockets" in request.fixturenames:
-        fds = [fd for fd in fds if not _describe_fd(fd).endswith("]")]
-    while fds and time.monotonic() < deadline:
-        time.sleep(0.05)  # polling a condition with a deadline
-        fds = new_fds()
+    allow_engine = "allow_engine_sockets" in request.fixturenames
+    fds = fds_left_open(fds_before, allow_engine, deadline)
     problems = []
     if threads:
         problems.append(
             "threads left running: " + ", ".join(repr(t.name) for t in threads)
         )
     if fds:
-        problems.append(
-            "descriptors left open: " + ", ".join(_describe_fd(fd) for fd in fds)
-        )
+        problems.append("descriptors left open: " + ", ".join(fds))
     if problems:
         pytest.fail(f"{request.node.nodeid} leaks: " + "; ".join(problems))
 
