@@ -163,18 +163,23 @@ class _Spares:
         as a spare if its size qualifies)."""
         self.taken += 1
         with self._lock:
-            for spare in self._bodies:
+            bodies = self._bodies
+            for spare in bodies:
                 if len(spare) >= size and sys.getrefcount(spare) <= _FREE_REFS:
                     if len(spare) > size:
                         del spare[size:]
+                    # Used last, kept longest (by identity: == compares contents).
+                    self._bodies = [body for body in bodies if body is not spare]
+                    self._bodies.append(spare)
                     return spare
         body = bytearray(size)
         if SPARE_MIN <= size <= SPARE_MAX:
             with self._lock:
                 bodies = self._bodies
                 if len(bodies) == SPARES:
-                    # Replace the smallest (a busy one of the same size is as good).
-                    bodies.remove(min(bodies, key=len))
+                    # Replace the one used longest ago: a body a long job still holds
+                    # ages out, whatever its size, instead of taking a place for ever.
+                    del bodies[0]
                 bodies.append(body)
         return body
 

@@ -314,6 +314,26 @@ def test_spares_are_shared_by_decoders_and_bounded():
     assert len({id(body) for _, _, body in kept}) == SPARES + 1
 
 
+def test_a_larger_body_held_for_long_does_not_keep_the_spares_from_cycling():
+    # A long job keeps its large argument's view: its body stays busy in the pool.
+    held = _big_frames(FrameDecoder(1 << 24, chunk=4096), b"L" * (6 << 20))
+    decoders = [FrameDecoder(1 << 23, chunk=4096) for _ in range(SPARES + 2)]
+    views = [_big_frames(d, bytes([n]) * (2 << 20))[0] for n, d in enumerate(decoders)]
+    del views
+    decoder = FrameDecoder(1 << 23, chunk=4096)
+    data = frame([b"h", b"x" * (2 << 20)])
+    tracemalloc.start()
+    try:
+        kept = [_fill(decoder, data, 1 << 20)[0] for _ in range(SPARES + 1)]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # The bodies freed last are reused, whatever the busy one's size.
+    assert len(data) < peak < 1.5 * len(data)
+    assert len({id(body) for _, _, body in kept}) == SPARES + 1
+    assert bytes(held[0][:1]) == b"L"
+
+
 def test_a_forked_child_keeps_no_spares_of_its_parent():
     decoder = FrameDecoder(1 << 23, chunk=4096)
     del _big_frames(decoder, b"p" * (2 << 20))[0]  # a free spare in the parent
