@@ -60,6 +60,23 @@ def _label(proc: psutil.Process) -> str:
     return " ".join(words)[:60]
 
 
+def _rollup(pid: int) -> dict[str, int]:
+    """The sizes of ``/proc/<pid>/smaps_rollup`` in bytes, from one read (empty if
+    the process is gone, or on a system without it)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as fh:
+            lines = fh.read().splitlines()[1:]  # after the [rollup] line
+    except OSError:
+        return {}
+    sizes = {}
+    for line in lines:
+        name, _, rest = line.partition(":")
+        words = rest.split()
+        if len(words) == 2 and words[1] == "kB":
+            sizes[name] = int(words[0]) * 1024
+    return sizes
+
+
 def proportional_size(pid: int) -> tuple[int, int]:
     """``(PSS, USS)`` of one process in bytes (zeros if it is gone). PSS: its private
     pages, plus each page it shares divided by the number of processes mapping it;
@@ -68,11 +85,14 @@ def proportional_size(pid: int) -> tuple[int, int]:
     Unlike RSS, the PSS of a node server and of workers forked from one parent adds
     up to the memory they really take together (``/proc/<pid>/smaps_rollup``).
     """
-    try:
-        info = psutil.Process(pid).memory_full_info()
-        return int(info.pss), int(info.uss)
-    except (psutil.Error, OSError, AttributeError):  # gone, or no PSS (not Linux)
-        return 0, 0
+    sizes = _rollup(pid)
+    return sizes.get("Pss", 0), _private(sizes)
+
+
+def _private(sizes: dict[str, int]) -> int:
+    return sum(
+        sizes.get(k, 0) for k in ("Private_Clean", "Private_Dirty", "Private_Hugetlb")
+    )
 
 
 def snapshot(root: int | None = None, pss: bool = False) -> dict[str, Any]:
@@ -98,7 +118,12 @@ def snapshot(root: int | None = None, pss: bool = False) -> dict[str, Any]:
             continue
         entry: dict[str, Any] = {"pid": child.pid, "label": _label(child), **memory}
         if pss:
-            entry["pss"], entry["uss"] = proportional_size(child.pid)
+            # RSS, PSS and USS from one read: a process still growing (starting up)
+            # would otherwise show a PSS read later above an RSS read earlier.
+            sizes = _rollup(child.pid)
+            if sizes:
+                entry["rss"] = sizes.get("Rss", 0)
+            entry["pss"], entry["uss"] = sizes.get("Pss", 0), _private(sizes)
         nodes.append(entry)
     return {
         "client": process_memory(pid),
