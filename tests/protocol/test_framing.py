@@ -294,13 +294,14 @@ def test_a_body_still_referred_to_is_never_reused():
     assert bytes(held[-10:]) == payloads[0][-10:]
 
 
-def test_spares_are_shared_by_decoders_and_bounded():
-    decoders = [FrameDecoder(1 << 23, chunk=4096) for _ in range(SPARES + 2)]
-    views = [_big_frames(d, bytes([n]) * (2 << 20))[0] for n, d in enumerate(decoders)]
-    ids = {id(v.obj) for v in views}
-    assert len(ids) == len(views)
-    # However many connections received large frames, at most SPARES bodies are kept.
-    del views
+def _frames_of_spare_size(count: int) -> list:
+    """One 2 MiB frame on each of ``count`` decoders, their views alive."""
+    decoders = [FrameDecoder(1 << 23, chunk=4096) for _ in range(count)]
+    return [_big_frames(d, bytes([n]) * (2 << 20))[0] for n, d in enumerate(decoders)]
+
+
+def _refill_beyond_the_spares() -> tuple[int, int, list]:
+    """SPARES + 1 frames of 2 MiB kept alive: ``(frame size, traced peak, frames)``."""
     decoder = FrameDecoder(1 << 23, chunk=4096)
     data = frame([b"h", b"x" * (2 << 20)])
     tracemalloc.start()
@@ -309,27 +310,28 @@ def test_spares_are_shared_by_decoders_and_bounded():
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
+    return len(data), peak, kept
+
+
+def test_spares_are_shared_by_decoders_and_bounded():
+    views = _frames_of_spare_size(SPARES + 2)
+    ids = {id(v.obj) for v in views}
+    assert len(ids) == len(views)
+    # However many connections received large frames, at most SPARES bodies are kept.
+    del views
+    size, peak, kept = _refill_beyond_the_spares()
     # SPARES frames reuse the kept bodies; only the one beyond them is allocated.
-    assert len(data) < peak < 1.5 * len(data)
+    assert size < peak < 1.5 * size
     assert len({id(body) for _, _, body in kept}) == SPARES + 1
 
 
 def test_a_larger_body_held_for_long_does_not_keep_the_spares_from_cycling():
     # A long job keeps its large argument's view: its body stays busy in the pool.
     held = _big_frames(FrameDecoder(1 << 24, chunk=4096), b"L" * (6 << 20))
-    decoders = [FrameDecoder(1 << 23, chunk=4096) for _ in range(SPARES + 2)]
-    views = [_big_frames(d, bytes([n]) * (2 << 20))[0] for n, d in enumerate(decoders)]
-    del views
-    decoder = FrameDecoder(1 << 23, chunk=4096)
-    data = frame([b"h", b"x" * (2 << 20)])
-    tracemalloc.start()
-    try:
-        kept = [_fill(decoder, data, 1 << 20)[0] for _ in range(SPARES + 1)]
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    _frames_of_spare_size(SPARES + 2)  # received, then let go at once
+    size, peak, kept = _refill_beyond_the_spares()
     # The bodies freed last are reused, whatever the busy one's size.
-    assert len(data) < peak < 1.5 * len(data)
+    assert size < peak < 1.5 * size
     assert len({id(body) for _, _, body in kept}) == SPARES + 1
     assert bytes(held[0][:1]) == b"L"
 
