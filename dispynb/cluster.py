@@ -44,6 +44,12 @@ from dispynb.status import ClusterStatus, NodeWork, Workload, format_status
 
 logger = logging.getLogger(__name__)
 
+#: Seconds ``close(terminate=True)`` without a timeout waits for the jobs it
+#: cancelled to end: well past the 3 s a node gives a job before it kills it
+#: (nodeserver.jobstops.CANCEL_GRACE), so only a node that does not answer
+#: makes it give up.
+TERMINATE_WAIT = 10.0
+
 
 class JobCluster(_Events, _Jobs, _Nodes, _ClusterState):
     """Run a computation over many inputs on a set of nodes (dispy-compatible).
@@ -283,6 +289,15 @@ class JobCluster(_Events, _Jobs, _Nodes, _ClusterState):
     def close(self, timeout: float | None = None, terminate: bool = False) -> bool:
         """Wait for the jobs (or cancel them: ``terminate``), then release the nodes.
 
+        As dispy's: without ``terminate`` it waits for every job, at most
+        ``timeout`` seconds if given; with ``terminate`` the jobs not done are
+        cancelled (queued ones dropped, running ones terminated by their nodes)
+        and it waits for them to end at most ``timeout`` seconds, or
+        `TERMINATE_WAIT` if None: a node that does not answer (stopped, cut off
+        one way, declared dead only after 3 of a long ``pulse_interval``) no
+        longer holds ``close`` for ever. Jobs still not done then are abandoned,
+        named in one warning, and the nodes are closed.
+
         Returns True if every job was done before the computation was closed.
         """
         if self._closed:
@@ -290,9 +305,32 @@ class JobCluster(_Events, _Jobs, _Nodes, _ClusterState):
         if terminate and self._backend is not None:
             keys = [key for key, job in list(self._jobs.items()) if not job.done()]
             self._backend.cancel(keys)
+            if timeout is None:
+                timeout = TERMINATE_WAIT
         done = self.wait(timeout)
+        if not done:
+            self._warn_abandoned(timeout)
         self._shutdown(terminate=terminate or not done)
         return done
+
+    def _warn_abandoned(self, waited: float | None) -> None:
+        """One warning naming the jobs `close` gives up on (ten at most)."""
+        left = [job for job in list(self._jobs.values()) if not job.done()]
+        if not left:
+            return
+        named = ", ".join(
+            f"{job.id!r}" + (f" on {job.ip_addr}" if job.ip_addr else " (queued)")
+            for job in left[:10]
+        )
+        more = f" and {len(left) - 10} more" if len(left) > 10 else ""
+        logger.warning(
+            "close: %d job(s) not done after %g s abandoned, their nodes closed "
+            "(jobs %s%s)",
+            len(left),
+            waited,
+            named,
+            more,
+        )
 
     def shutdown(self) -> None:
         """dispy's name for `close`."""
@@ -310,6 +348,13 @@ class JobCluster(_Events, _Jobs, _Nodes, _ClusterState):
         except (DispynbError, RuntimeError) as exc:
             logger.warning("closing the cluster: %s", exc)
         finally:
+            # What the nodes did not end, closed now, never ends: Abandoned (the
+            # engine's loop is idle, its connections closed), so no job() or
+            # wait() blocks for ever and the callbacks hear of them.
+            for key in [key for key, job in list(self._jobs.items()) if not job.done()]:
+                self.job_abandoned(
+                    key, None, "the cluster was closed before its node ended it"
+                )
             self._callbacks.close()
             self._runner.release()
             self._journal.close(clean=not self._jobs)

@@ -50,6 +50,7 @@ from dispynb.scheduler.events import (
 from dispynb.scheduler.link import (
     CLOSE_TIMEOUT,
     DEFAULT_PULSE,
+    TERMINATE_CLOSE_TIMEOUT,
     Allocator,
     DriverConfig,
     JobEvents,
@@ -321,7 +322,11 @@ class Driver(DriverNodes):
             if link.closed is not None:
                 waits.append(link.closed)
         if waits:
-            await asyncio.wait(waits, timeout=CLOSE_TIMEOUT)
+            # Terminating, a node answers once it killed its jobs (within its 3 s
+            # grace): one that does not is stopped or cut off, not worth 30 s.
+            await asyncio.wait(
+                waits, timeout=TERMINATE_CLOSE_TIMEOUT if terminate else CLOSE_TIMEOUT
+            )
         for link in list(self.nodes.values()):
             if link.conn is not None:
                 link.conn.close()

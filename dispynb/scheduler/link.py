@@ -36,6 +36,8 @@ RECONNECT_FOR = 60.0
 
 #: Seconds a node gets to acknowledge closing the computation.
 CLOSE_TIMEOUT = 30.0
+#: ... when the computation closes with ``terminate`` (its jobs killed at once).
+TERMINATE_CLOSE_TIMEOUT = 5.0
 
 
 @dataclass(slots=True, eq=False)

@@ -1,0 +1,138 @@
+"""`JobCluster.close` with a node that does not answer (real node processes,
+SIGSTOP): dispy's ``close(timeout=None, terminate=False)``, bounded.
+
+``terminate=True`` cancels what is not done and waits for it at most ``timeout``
+seconds, or `dispynb.cluster.TERMINATE_WAIT`; ``timeout`` bounds the wait without
+it too. What a node did not end by then ends Abandoned, named in one warning, and
+``close`` returns: before, ``close(terminate=True)`` waited until the client's
+watchdog declared the stopped node dead (3 of its ``pulse_interval``: 3 minutes
+here) and ``close(timeout=T)`` left the job Running for ever after 30 s more.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dispynb import DispyJob, JobCluster
+from dispynb.cluster import TERMINATE_WAIT
+from dispynb.scheduler.link import TERMINATE_CLOSE_TIMEOUT
+from tests.jobs import WAIT, mark_and_sleep, wait_for_path
+from tests.nodeproc import CliNode, running_node
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+
+#: The clients' pulse: a stopped node is declared dead only after 3 of them (180 s),
+#: far beyond what close may take.
+LONG_PULSE = 60.0
+
+#: What close may take beyond its wait: closing the nodes, and a loaded machine.
+CLOSING = TERMINATE_CLOSE_TIMEOUT + 10.0
+
+
+@contextlib.contextmanager
+def stopped(pid: int) -> Iterator[None]:
+    """The process ``pid`` stopped (SIGSTOP) until the block ends."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def close_in_thread(
+    cluster: JobCluster, bound: float, **kwargs: object
+) -> tuple[bool | None, float]:
+    """``cluster.close(**kwargs)`` on a thread; its result and how long it took, or
+    (None, bound) if it did not return within ``bound`` s."""
+    outcome: list[bool] = []
+    began = time.monotonic()
+    thread = threading.Thread(
+        target=lambda: outcome.append(cluster.close(**kwargs)),  # type: ignore[arg-type]
+        daemon=True,
+    )
+    thread.start()
+    thread.join(bound)
+    took = time.monotonic() - began
+    return (outcome[0] if outcome else None), took
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[CliNode]:
+    with running_node(tmp_path / "node", name="stopped") as proc:
+        yield proc
+
+
+def start_job(node: CliNode, tmp_path: Path) -> tuple[JobCluster, DispyJob]:
+    cluster = JobCluster(
+        mark_and_sleep, nodes=[node.spec], secret=node.secret, pulse_interval=LONG_PULSE
+    )
+    marker = tmp_path / "started"
+    job = cluster.submit(str(marker), 300)
+    wait_for_path(marker)
+    return cluster, job
+
+
+def test_close_terminate_gives_up_on_a_stopped_node_in_bounded_time(
+    node: CliNode, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cluster, job = start_job(node, tmp_path)
+    caplog.set_level(logging.WARNING, logger="dispynb.cluster")
+    with stopped(node.proc.pid):
+        done, took = close_in_thread(cluster, TERMINATE_WAIT + CLOSING, terminate=True)
+    assert done is False, f"close(terminate=True) still waiting after {took:.0f} s"
+    assert took >= TERMINATE_WAIT - 1
+    assert job.finish.wait(WAIT)
+    assert job.status == DispyJob.Abandoned
+    assert "closed before its node ended it" in str(job.exception)
+    warnings = [r.getMessage() for r in caplog.records if "abandoned" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "1 job(s) not done after 10 s abandoned" in warnings[0]
+    assert "on 127.0.0.1" in warnings[0]
+
+
+def test_close_with_a_timeout_returns_after_it_and_ends_the_job(
+    node: CliNode, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cluster, job = start_job(node, tmp_path)
+    caplog.set_level(logging.WARNING, logger="dispynb.cluster")
+    with stopped(node.proc.pid):
+        done, took = close_in_thread(cluster, 2 + CLOSING, timeout=2)
+    assert done is False, f"close(timeout=2) still waiting after {took:.0f} s"
+    assert job.finish.wait(WAIT)
+    assert job.status == DispyJob.Abandoned
+    assert any("not done after 2 s abandoned" in r.getMessage() for r in caplog.records)
+
+
+def stubborn(marker: str) -> int:
+    """Ignore SIGTERM and SIGINT (a cancel's first signals), say so, sleep."""
+    import signal
+    import time
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    open(marker, "w").close()
+    time.sleep(300)
+    return 0
+
+
+def test_close_terminate_waits_for_a_node_that_kills_a_stubborn_job(
+    node: CliNode, tmp_path: Path
+) -> None:
+    """The node kills a job that ignores the cancel's signals after its grace: well
+    within `TERMINATE_WAIT`, so the job ends Terminated by its node, as before."""
+    cluster = JobCluster(stubborn, nodes=[node.spec], secret=node.secret)
+    marker = tmp_path / "started"
+    job = cluster.submit(str(marker))
+    wait_for_path(marker)
+    done, took = close_in_thread(cluster, TERMINATE_WAIT + CLOSING, terminate=True)
+    assert done is True, f"close returned {done} after {took:.0f} s"
+    assert job.status == DispyJob.Terminated
