@@ -16,7 +16,6 @@ import logging
 import signal
 import sys
 
-from dispynb import config as dispy_config
 from dispynb.daemon import run_daemon, setup_logging
 from dispynb.defaults import NODE_PORT, SCHEDULER_PORT
 from dispynb.errors import ConfigurationError
@@ -231,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
         *_both("msg_timeout"),
         type=float,
         default=None,
-        help="seconds for one network operation (connect/handshake)",
+        help="dispy's MsgTimeout: connecting to a node may take this long, a "
+        "node's or client's handshake half of it (default 10)",
     )
     parser.add_argument(
         *_both("keep_results"),
@@ -363,8 +363,6 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         raise ConfigurationError("--node_keyfile needs --node_certfile")
     if args.cluster_keyfile and not args.cluster_certfile:
         raise ConfigurationError("--cluster_keyfile needs --cluster_certfile")
-    if args.msg_timeout is not None:
-        dispy_config.MsgTimeout = args.msg_timeout
     node_tls = args.node_cafile or args.node_certfile
     config = SchedulerConfig(
         hosts=list(dict.fromkeys(args.host)) or ["127.0.0.1"],
@@ -399,6 +397,8 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         max_file_size=args.max_file_size,
         clean=args.clean,
     )
+    if args.msg_timeout is not None:
+        config.msg_timeout = args.msg_timeout
     if args.dest_path_prefix:
         config.dest_path_prefix = args.dest_path_prefix
     config.validate()

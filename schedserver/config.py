@@ -7,7 +7,7 @@ import ssl
 import tempfile
 from dataclasses import dataclass, field
 
-from dispynb.defaults import MAX_MESSAGE_SIZE
+from dispynb.defaults import CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT, MAX_MESSAGE_SIZE
 from dispynb.errors import ConfigurationError
 from dispynb.httpd.security import is_loopback
 
@@ -68,6 +68,9 @@ class SchedulerConfig:
     #: Remove the spill directories killed schedulers left in ``dest_path_prefix``.
     clean: bool = False
     max_message_size: int = MAX_MESSAGE_SIZE
+    #: dispyscheduler's ``--msg_timeout`` (dispy's MsgTimeout, 10 s): it scales the
+    #: connect and handshake timeouts towards the nodes and of the clients.
+    msg_timeout: float = 10.0
     port_file: str = ""
     name: str = "dispynb-scheduler"
     #: The operator's web monitor (``--httpd``): where, and its HTTPS files.
@@ -76,6 +79,16 @@ class SchedulerConfig:
     httpd_port: int = 8181  # dispy's HTTPServerPort
     httpd_certfile: str | None = None
     httpd_keyfile: str | None = None
+
+    @property
+    def connect_timeout(self) -> float:
+        """Seconds a connection to a node may take to open (`msg_timeout`)."""
+        return CONNECT_TIMEOUT * self.msg_timeout / 10.0
+
+    @property
+    def handshake_timeout(self) -> float:
+        """Seconds a handshake (a node's or a client's) may take (`msg_timeout`)."""
+        return HANDSHAKE_TIMEOUT * self.msg_timeout / 10.0
 
     def validate(self) -> None:
         """Raise `ConfigurationError` for settings that cannot work."""
@@ -93,6 +106,8 @@ class SchedulerConfig:
             raise ConfigurationError(f"--cpus must be at least 1, not {self.cpus}")
         if self.jobs_per_cpu < 1:
             raise ConfigurationError("--jobs_per_cpu must be at least 1")
+        if not 0.1 <= self.msg_timeout <= 3600:
+            raise ConfigurationError("--msg_timeout must be within 0.1-3600 s")
         if not 0.1 <= self.pulse_interval <= 1000:
             raise ConfigurationError("--pulse_interval must be within 0.1-1000 s")
         if not self.zombie_interval > 0:

@@ -39,15 +39,22 @@ class _NodeLinks(_ServerState):
     async def _keep_node(self, node: NodeState) -> None:
         """Keep a control connection to ``node``: up, down, up again."""
         delay = RECONNECT_FIRST
+        failing = False  # the operator heard of this outage already
         while not self.stopping:
             try:
                 conn, welcome = await self._connect(node, "dispynb-scheduler")
             except DispynbError as exc:
-                logger.debug("node %s: %s", node.name, describe_error(exc))
+                # Once per outage at warning level: a mistyped or unreachable
+                # node is visible without -d; each retry only with it.
+                (logger.debug if failing else logger.warning)(
+                    "node %s: %s (trying again)", node.name, describe_error(exc)
+                )
+                failing = True
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RECONNECT_MAX)
                 continue
             delay = RECONNECT_FIRST
+            failing = False
             node.conn = conn
             node.dead_reason = ""
             cap = self.config.cpus
@@ -82,6 +89,8 @@ class _NodeLinks(_ServerState):
         return await connect(
             node.host,
             node.port,
+            timeout=self.config.connect_timeout,
+            handshake_timeout=self.config.handshake_timeout,
             secret=self.config.node_secret,
             max_message_size=self.config.max_message_size,
             ssl_context=self.config.node_ssl,

@@ -52,6 +52,7 @@ class SchedulerServer(
             make_welcome=self._welcome,
             max_message_size=config.max_message_size,
             ssl_context=config.client_ssl,
+            handshake_timeout=config.handshake_timeout,
         )
         try:
             for host in config.hosts:

@@ -3,12 +3,13 @@ refused with one line; an unsafe users file is refused."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
 
 from schedserver.cli import REFUSED, build_parser, config_from_args
-from tests.sharedsched.harness import scheduler_cli
+from tests.sharedsched.harness import SchedulerProcess, scheduler_cli
 
 
 @pytest.mark.parametrize("option", sorted(REFUSED))
@@ -37,6 +38,7 @@ def test_dispyscheduler_options_that_apply_are_taken(tmp_path: Path) -> None:
     assert config.nodes == [("10.0.0.1", 9711), ("10.0.0.2", 9000)]
     assert config.cpus == 3 and config.pulse_interval == 2.0
     assert config.zombie_interval == 300.0
+    assert (config.connect_timeout, config.handshake_timeout) == (20.0, 10.0)
     assert (config.max_cpus, config.max_queued) == (4, 100)
 
 
@@ -119,3 +121,42 @@ def test_zombie_interval_is_in_minutes_with_fractions_and_must_be_positive(
         )
         assert done.returncode == 2
         assert "--zombie_interval must be more than 0 minutes" in done.stderr
+
+
+@pytest.mark.usefixtures("users")
+def test_msg_timeout_scales_the_handshakes_of_nodes_and_clients(tmp_path: Path) -> None:
+    """``--msg_timeout 2`` (dispy's MsgTimeout, 10 s by default): a "node" that
+    accepts connections and says nothing is given up on after 1 s (half of it, as
+    the handshake of 5 s is of 10), said once at warning level; a client that says
+    nothing is cut off after 1 s too. Before, the option set a variable nothing in
+    the scheduler read: 5 s each, and an unreachable node was logged only with -d."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel completes the TCP handshakes; no one answers
+        spec = f"127.0.0.1:{silent.getsockname()[1]}"
+        sched = SchedulerProcess(
+            tmp_path, [], "node-secret", args=("-n", spec, "--msg_timeout", "2")
+        ).start()
+        try:
+            sched.wait_for_log(f"node {spec}: ")
+            with socket.create_connection(("127.0.0.1", sched.port)):
+                sched.wait_for_log("handshake timed out after 1 s")
+        finally:
+            sched.stop()
+    log = sched.log_text()
+    assert "did not complete the dispynb handshake in 1.0 s" in log, log
+    assert log.count(f"node {spec}: ") == 1, log  # once: retries only with -d
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "5000"])
+@pytest.mark.usefixtures("users")
+def test_msg_timeout_out_of_range_is_refused_in_one_line(
+    value: str, tmp_path: Path
+) -> None:
+    done = scheduler_cli(
+        "-n", "127.0.0.1:1", "-p", "0", "--users", str(tmp_path / "users"),
+        "--msg_timeout", value,
+    )  # fmt: skip
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert lines == ["dispynb-scheduler: --msg_timeout must be within 0.1-3600 s"]
