@@ -52,16 +52,15 @@ def network() -> Iterator[Network]:
 
 @pytest.fixture
 def site(network: Network, tmp_path: Path) -> Iterator[dict[str, object]]:
-    """Nodes on h2-h4, the scheduler on h1, credentials for three users."""
+    """Nodes on h2-h4, the scheduler on h1, credentials for three users;
+    ``start_scheduler()`` starts it (again, after a kill: the same command)."""
     secret, _file = new_secret_file(tmp_path)
     nodes: list[NetNode] = []
-    scheduler: subprocess.Popen[bytes] | None = None
-    try:
-        for host in network.hosts[1:4]:
-            nodes.append(start_node(network, host, tmp_path, secret, "--cpus", "2"))
-        credentials = {name: add_user(tmp_path, name) for name in USERS}
-        sched_host = network.hosts[0]
-        log = tmp_path / "scheduler.log"
+    schedulers: list[subprocess.Popen[bytes]] = []
+    log = tmp_path / "scheduler.log"
+    sched_host = network.hosts[0]
+
+    def start_scheduler() -> subprocess.Popen[bytes]:
         argv = [
             sys.executable, "-m", "schedserver",
             "-i", sched_host.ip, "-p", str(SCHEDULER_PORT),
@@ -70,7 +69,8 @@ def site(network: Network, tmp_path: Path) -> Iterator[dict[str, object]]:
         ]  # fmt: skip
         for node in nodes:
             argv += ["-n", node.spec]
-        with open(log, "wb") as handle:
+        since = len(log.read_text()) if log.exists() else 0
+        with open(log, "ab") as handle:
             scheduler = network.popen(
                 sched_host,
                 argv,
@@ -78,25 +78,36 @@ def site(network: Network, tmp_path: Path) -> Iterator[dict[str, object]]:
                 stdout=handle,
                 stderr=subprocess.STDOUT,
             )
+        schedulers.append(scheduler)
         deadline = time.monotonic() + 20
-        while log.read_text().count("is up with") < len(nodes):
+        while log.read_text()[since:].count("is up with") < len(nodes):
             assert scheduler.poll() is None, log.read_text()
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.02)
+        return scheduler
+
+    try:
+        for host in network.hosts[1:4]:
+            nodes.append(start_node(network, host, tmp_path, secret, "--cpus", "2"))
+        credentials = {name: add_user(tmp_path, name) for name in USERS}
+        start_scheduler()
         yield {
             "address": f"{sched_host.ip}:{SCHEDULER_PORT}",
             "credentials": credentials,
             "nodes": nodes,
             "log": log,
+            "schedulers": schedulers,
+            "start_scheduler": start_scheduler,
         }
     finally:
-        if scheduler is not None and scheduler.poll() is None:
-            scheduler.terminate()
-            try:
-                scheduler.wait(20)
-            except subprocess.TimeoutExpired:
-                scheduler.kill()
-                scheduler.wait()
+        for scheduler in schedulers:
+            if scheduler.poll() is None:
+                scheduler.terminate()
+                try:
+                    scheduler.wait(20)
+                except subprocess.TimeoutExpired:
+                    scheduler.kill()
+                    scheduler.wait()
         for node in nodes:
             node.stop()
 
@@ -370,3 +381,174 @@ def test_scheduler_discovers_nodes_without_being_told(
             scheduler.wait()
         for node in nodes:
             node.stop()
+
+
+#: Bob's client: one job that says it runs (a file in STARTED) and waits for
+#: RELEASE; prints its computation and job numbers, then its result and status.
+VICTIM_CLIENT = """
+import json, sys
+from dispynb import SharedJobCluster
+
+def held(started, release):
+    import os, time
+    open(os.path.join(started, "victim"), "w").close()
+    deadline = time.monotonic() + 60
+    while not os.path.exists(release):
+        assert time.monotonic() < deadline, "never released"
+        time.sleep(0.02)
+    return 42
+
+address, credential, started, release = sys.argv[1:5]
+with SharedJobCluster(held, scheduler_host=address, secret_file=credential) as cluster:
+    job = cluster.submit(started, release)
+    comp_id = cluster._backend.driver.config.comp_id
+    print(json.dumps({"comp_id": comp_id, "key": job._key}), flush=True)
+    result = job()
+print(json.dumps({"result": result, "status": int(job.status)}))
+"""
+
+#: Alice's attack from her own host: her credential, Bob's job named.
+ATTACKER = """
+import asyncio, json, sys
+from dispynb.protocol.messages import Error, JobCancel, JobResults
+from dispynb.secret import read_secret_file
+from dispynb.transport.connector import connect
+
+async def attack(host, port, credential, comp_id, key):
+    conn, _ = await connect(host, port, secret=read_secret_file(credential),
+                            max_message_size=1 << 20)
+    try:
+        conn.write(JobCancel(comp_id=comp_id, key=key, attempt=1))
+        async with asyncio.timeout(20):
+            while True:
+                reply, _ = await conn.recv()
+                if isinstance(reply, JobResults):
+                    return "results: " + repr(reply)
+                if isinstance(reply, Error):
+                    return reply.message
+    finally:
+        conn.close()
+
+host, port = sys.argv[1].rsplit(":", 1)
+message = asyncio.run(
+    attack(host, int(port), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+)
+print(json.dumps(message))
+"""
+
+
+def test_a_user_on_one_host_cannot_cancel_another_users_job_on_another(
+    network: Network, site: dict[str, object], tmp_path: Path
+) -> None:
+    """Bob's job runs (his client on h6); Alice, on h7 with her own credential,
+    sends the scheduler a cancel naming Bob's computation and job: refused, and
+    Bob's job ends Finished with its result."""
+    credentials: dict[str, Path] = site["credentials"]  # type: ignore[assignment]
+    (tmp_path / "victim.py").write_text(VICTIM_CLIENT)
+    (tmp_path / "attacker.py").write_text(ATTACKER)
+    started, release = tmp_path / "started", tmp_path / "release"
+    started.mkdir()
+    victim = run_in(
+        network,
+        network.hosts[5],
+        [sys.executable, str(tmp_path / "victim.py"), str(site["address"]),
+         str(credentials["bob"]), str(started), str(release)],
+        env_for(),
+        tmp_path,
+    )  # fmt: skip
+    try:
+        assert victim.stdout is not None
+        ids = json.loads(victim.stdout.readline())
+        deadline = time.monotonic() + 30
+        while not (started / "victim").exists():
+            assert victim.poll() is None, victim.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        attacker = run_in(
+            network,
+            network.hosts[6],
+            [sys.executable, str(tmp_path / "attacker.py"), str(site["address"]),
+             str(credentials["alice"]), str(ids["comp_id"]), str(ids["key"])],
+            env_for(),
+            tmp_path,
+        )  # fmt: skip
+        out, err = attacker.communicate(timeout=60)
+        assert attacker.returncode == 0, out + err
+        refusal = json.loads(out.strip().splitlines()[-1])
+        assert "alice" in refusal and "own computations" in refusal, refusal
+        release.touch()
+        out, err = victim.communicate(timeout=60)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.communicate()
+    assert victim.returncode == 0, out + err
+    assert json.loads(out.strip().splitlines()[-1]) == {"result": 42, "status": 11}
+
+
+#: Six reentrant jobs that say they run and wait for RELEASE; prints their results
+#: and statuses once all are done.
+RESTARTED_CLIENT = """
+import json, sys
+from dispynb import SharedJobCluster
+
+def held(n, started, release):
+    import os, time
+    open(os.path.join(started, f"{n}-{os.getpid()}"), "w").close()
+    deadline = time.monotonic() + 60
+    while not os.path.exists(release):
+        assert time.monotonic() < deadline, "never released"
+        time.sleep(0.02)
+    return n
+
+address, credential, started, release = sys.argv[1:5]
+with SharedJobCluster(
+    held, scheduler_host=address, secret_file=credential, reentrant=True
+) as cluster:
+    jobs = [cluster.submit(i, started, release) for i in range(6)]
+    results = [job() for job in jobs]
+print(json.dumps({"results": results, "statuses": [int(j.status) for j in jobs]}))
+"""
+
+
+def test_scheduler_killed_and_restarted_on_its_host_reentrant_jobs_run_again(
+    network: Network, site: dict[str, object], tmp_path: Path
+) -> None:
+    """Six reentrant jobs of a client on h5 run on the three nodes; the scheduler
+    on h1 is killed (SIGKILL) and started again. What survives: the client (it
+    reconnects) and its jobs, which run again on the nodes (the scheduler keeps
+    nothing on disk; the nodes ended what ran for it): each result arrives once."""
+    credentials: dict[str, Path] = site["credentials"]  # type: ignore[assignment]
+    schedulers: list[subprocess.Popen[bytes]] = site["schedulers"]  # type: ignore[assignment]
+    (tmp_path / "client.py").write_text(RESTARTED_CLIENT)
+    started, release = tmp_path / "started", tmp_path / "release"
+    started.mkdir()
+    proc = run_in(
+        network,
+        network.hosts[4],
+        [sys.executable, str(tmp_path / "client.py"), str(site["address"]),
+         str(credentials["carol"]), str(started), str(release)],
+        env_for(),
+        tmp_path,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while len(list(started.iterdir())) < 6:  # one per CPU: all six run
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, sorted(started.iterdir())
+        time.sleep(0.02)
+    first_runs = set(started.iterdir())
+    schedulers[-1].kill()
+    schedulers[-1].wait()
+    site["start_scheduler"]()  # type: ignore[operator]
+    # Each job runs again: a second file per job number, from a new process.
+    while len({p.name.split("-")[0] for p in set(started.iterdir()) - first_runs}) < 6:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline + 60, sorted(started.iterdir())
+        time.sleep(0.02)
+    release.touch()
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out + err
+    assert json.loads(out.strip().splitlines()[-1]) == {
+        "results": list(range(6)),
+        "statuses": [11] * 6,
+    }
