@@ -34,8 +34,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 #: far beyond what close may take.
 LONG_PULSE = 60.0
 
-#: What close may take beyond its wait: closing the nodes, and a loaded machine.
-CLOSING = TERMINATE_CLOSE_TIMEOUT + 10.0
+#: What close may take beyond its wait: closing the nodes (their acknowledgement,
+#: then the engine's tasks: 5 s at most each), and a loaded machine; far less than
+#: the 180 s the watchdog takes to declare the stopped node dead.
+CLOSING = TERMINATE_CLOSE_TIMEOUT + 30.0
 
 
 @contextlib.contextmanager

@@ -1,11 +1,11 @@
 """`SharedJobCluster.close` (it is `JobCluster.close`) with a node behind the
 scheduler that does not answer: bounded as a `JobCluster`'s (tests/api/test_close.py).
 
-A node SIGSTOPped under a running job, a scheduler whose pulse (20 s) declares it
-dead only after a minute: ``close(terminate=True)`` gives up after
-`dispynb.cluster.TERMINATE_WAIT` (before: after the minute, for any longer
-``--pulse_interval`` longer), the job ends Abandoned, and the scheduler serves the
-next client.
+A node SIGSTOPped under a running job, a scheduler whose pulse (60 s) declares it
+dead only after 3 minutes: ``close(terminate=True)`` gives up after
+`dispynb.cluster.TERMINATE_WAIT` (before: after those minutes, longer for a longer
+``--pulse_interval``), the job ends Abandoned, and the scheduler serves the next
+client.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def test_close_terminate_gives_up_on_a_stopped_node_behind_the_scheduler(
     tmp_path: Path, users: dict[str, Path], node: CliNode
 ) -> None:
     sched = SchedulerProcess(
-        tmp_path, [node.spec], node.secret, args=("--pulse_interval", "20")
+        tmp_path, [node.spec], node.secret, args=("--pulse_interval", "60")
     ).start()
     try:
         cluster = SharedJobCluster(
