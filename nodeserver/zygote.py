@@ -202,7 +202,9 @@ def start_zygote() -> ZygoteLauncher | None:
     ):
         return None
     import nodeserver.compute  # noqa: F401 - imported once here, shared by all
+    from nodeserver.rehearsal import rehearse
 
+    rehearse()  # the job path's first writes, made once for every worker
     node, zygote = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     gc.collect()
     gc.freeze()  # collections never write to the imported objects' pages
