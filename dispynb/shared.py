@@ -10,6 +10,7 @@ from typing import Any
 
 from dispynb import config as dispy_config
 from dispynb.cluster import JobCluster
+from dispynb.errors import ConfigurationError
 from dispynb.job import DispyJob
 from dispynb.node import DispyNode, NodeAllocate
 from dispynb.transport.addressing import format_address, parse_address
@@ -34,6 +35,7 @@ class SharedJobCluster(JobCluster):
     notebook panels list the real nodes behind the scheduler, with this cluster's
     own jobs on each (never other users'); ``job.ip_addr`` is the scheduler's.
 
+    ``scheduler_node`` (dispy's older name) is taken for ``scheduler_host``.
     Without ``scheduler_host`` it is a `JobCluster` on the nodes given: dispynb's
     node servers serve several clients at once.
     """
@@ -51,8 +53,18 @@ class SharedJobCluster(JobCluster):
         scheduler_port: int | None = None,
         client_port: int | None = None,
         exclusive: bool = False,
+        scheduler_node: str | None = None,
         **options: Any,
     ) -> None:
+        if scheduler_node is not None:
+            # dispy's name for it up to 4.10 (and in its documentation since).
+            if scheduler_host is not None and scheduler_host != scheduler_node:
+                raise ConfigurationError(
+                    f"scheduler_node={scheduler_node!r} and scheduler_host="
+                    f"{scheduler_host!r}: give one (scheduler_node is dispy's "
+                    "older name of scheduler_host)"
+                )
+            scheduler_host = scheduler_node
         if scheduler_host is None:
             if exclusive:
                 logger.warning(

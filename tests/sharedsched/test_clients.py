@@ -173,3 +173,26 @@ def test_a_file_that_does_not_match_its_digest_is_refused(
         scheduler.port, users["alice"], plant, [memoryview(b"evil\n")], until=Error
     )
     assert "does not match its digest" in refusal.message
+
+
+def test_dispys_older_scheduler_node_keyword_names_the_scheduler(
+    scheduler: SchedulerProcess, users: dict[str, Path]
+) -> None:
+    """``SharedJobCluster(compute, scheduler_node=HOST, scheduler_port=PORT)``, as
+    dispy up to 4.10 and its documentation write it, reaches the scheduler (before:
+    TypeError, an unexpected keyword); given with a different scheduler_host it is
+    refused, naming both."""
+    with SharedJobCluster(
+        compute,
+        scheduler_node="127.0.0.1",
+        scheduler_port=scheduler.port,
+        secret_file=str(users["alice"]),
+    ) as cluster:
+        assert cluster.submit(6)() == compute(6)
+    with pytest.raises(ConfigurationError, match="scheduler_node="):
+        SharedJobCluster(
+            compute,
+            scheduler_node="127.0.0.1",
+            scheduler_host="127.0.0.2",
+            secret_file=str(users["alice"]),
+        )
