@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dispynb import SharedJobCluster
+from dispynb import JobCluster, LocalCluster, SharedJobCluster
 from dispynb.errors import AuthenticationError, ConfigurationError
 from dispynb.job import JobStatus
 from dispynb.protocol.messages import Error, JobCancel, JobResults
@@ -196,3 +196,18 @@ def test_dispys_older_scheduler_node_keyword_names_the_scheduler(
             scheduler_host="127.0.0.2",
             secret_file=str(users["alice"]),
         )
+
+
+@pytest.mark.usefixtures("allow_error_logs")  # the nodes' refusal is logged
+def test_a_users_credential_does_not_open_the_nodes(
+    scheduler: SchedulerProcess, nodes: LocalCluster, users: dict[str, Path]
+) -> None:
+    """The node secret stays with the scheduler: a user who reaches the nodes
+    directly with the credential that works at the scheduler is refused there,
+    and nothing runs; through the scheduler the same credential runs the job."""
+    with pytest.raises(AuthenticationError, match="secret"):
+        JobCluster(compute, nodes=nodes.node_specs(), secret_file=str(users["alice"]))
+    with SharedJobCluster(
+        compute, scheduler_host=scheduler.address, secret_file=str(users["alice"])
+    ) as cluster:
+        assert cluster.submit(4)() == 16
