@@ -10,6 +10,7 @@ from typing import Any
 
 from dispynb import objects
 from dispynb._clusterstate import _ClusterState
+from dispynb._inplace import IN_PLACE_WAIT, wait_in_place
 from dispynb._interruptible import HeldInterrupts
 from dispynb.backends import base
 from dispynb.backends.base import JobRequest
@@ -34,6 +35,17 @@ class _Jobs(_ClusterState):
         nothing runs or waits for a job the caller never got.
         """
         return self._submit(None, None, args, kwargs)
+
+    def _wait_in_place(self, job: DispyJob, budget: float | None) -> None:
+        """Called by ``job.wait()`` before it sleeps: if the loop is idle, read what
+        arrives for it on this thread for a few milliseconds (`dispynb._inplace`),
+        so that a quick job's result wakes no other thread."""
+        backend = self._backend
+        if backend is not None and getattr(backend, "reads_in_place", False):
+            if budget is None:
+                wait_in_place(self._runner, job.done)
+            else:
+                wait_in_place(self._runner, job.done, min(budget, IN_PLACE_WAIT))
 
     def put(self, obj: Any) -> objects.ObjectRef:
         """Send ``obj`` to the nodes once for many jobs; return a handle to pass to

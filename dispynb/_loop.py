@@ -185,6 +185,19 @@ class LoopRunner:
         if held is not None:
             held.__exit__(None, None, None)
 
+    @property
+    def interrupt_pending(self) -> bool:
+        """In the loop's place (`enter`): a signal is held, to be raised by `leave`
+        (a wait there should end soon)."""
+        held = self._held
+        return held is not None and held.pending
+
+    @property
+    def stray(self) -> bool:
+        """In the loop's place (`enter`): a callback was scheduled meanwhile, which
+        the loop thread runs once given the loop back (`leave`)."""
+        return self._loop.stray
+
     def call_soon(self, fn: Callable[..., Any], *args: Any) -> asyncio.Handle:
         """Schedule ``fn(*args)`` on the loop; safe from any thread."""
         return self._loop.call_soon_threadsafe(fn, *args)

@@ -341,6 +341,20 @@ class DispyJob:
         finish = self._finish
         if finish is not None:  # made already (a snapshot shares its job's)
             return _interruptible.wait_event(finish, timeout)
+        if self._done:
+            return True
+        cluster = self._cluster
+        if cluster is not None and (timeout is None or timeout > 0):
+            # A quick job's result is read here if the I/O loop is idle: no other
+            # thread is woken for it (`dispynb._inplace`).
+            wait_in_place = getattr(cluster, "_wait_in_place", None)
+            if wait_in_place is not None:
+                if timeout is None:
+                    wait_in_place(self, None)
+                else:
+                    started = time.monotonic()
+                    wait_in_place(self, timeout)
+                    timeout = max(timeout - (time.monotonic() - started), 0.0)
         with _lock:  # `_complete` sets every field while it holds it
             if self._done:
                 return True

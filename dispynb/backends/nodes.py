@@ -92,6 +92,10 @@ class NodeEngine:
 class NodesBackend:
     """One cluster's computation on node servers (a `Backend`)."""
 
+    #: Its results arrive on the loop's sockets: a thread waiting for one may read
+    #: it in the loop's place (`dispynb._inplace`).
+    reads_in_place = True
+
     def __init__(
         self,
         events: JobEvents,
