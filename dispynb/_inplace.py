@@ -85,6 +85,15 @@ def _read(
     budget: float,
 ) -> bool:
     """`wait_in_place`'s body, with the loop held (`LoopRunner.enter`)."""
+    # The loop thread may have let go in a select that does not wait (callbacks
+    # are due): they go first. Timers bound the wait: they run on time.
+    if loop._ready:  # type: ignore[attr-defined]
+        return False
+    scheduled = loop._scheduled  # type: ignore[attr-defined]
+    if scheduled:
+        budget = min(budget, scheduled[0].when() - loop.time())
+        if budget <= 0:
+            return False
     epoll: select.epoll = selector._selector  # type: ignore[attr-defined]
     wake_fd: int = loop._ssock.fileno()  # type: ignore[attr-defined]
     # fd -> SelectorKey: the selector's own table (its public mapping costs a few

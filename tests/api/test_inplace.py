@@ -132,6 +132,23 @@ def test_a_callback_scheduled_by_what_was_read_ends_the_wait(runner):
         reader.close()
 
 
+def test_the_wait_ends_when_a_timer_of_the_loop_falls_due(runner):
+    """A timer the loop armed (a time limit, a pulse) runs on time: the wait gives
+    the loop back when it falls due (its budget would outlast the test)."""
+    reader = Reader(runner)
+    fired = threading.Event()
+
+    async def arm() -> None:
+        runner.loop.call_later(0.2, fired.set)
+
+    try:
+        runner.run_sync(arm)
+        wait_in_place_when_idle(runner, reader, b"x", lambda: False)
+        assert fired.wait(WAIT)
+    finally:
+        reader.close()
+
+
 def test_a_ctrl_c_meanwhile_is_raised_as_the_wait_ends(runner):
     """SIGINT while the main thread reads in the loop's place is held (a result is
     never half recorded) and raised once the loop is given back."""
