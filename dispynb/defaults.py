@@ -10,6 +10,11 @@ NODE_PORT = 9711
 #: ``SharedSchedulerPort`` = 9702 shifted as the node port is).
 SCHEDULER_PORT = 9712
 
+#: TCP port ``dispynb-scheduler --register_port`` listens on for nodes that register
+#: themselves (``dispynb-node --register HOST:9714``, or dispynode's
+#: ``--scheduler_host HOST``, which means this port).
+SCHEDULER_REGISTER_PORT = 9714
+
 #: UDP port nodes listen on for discovery pings (on by default, as dispynode).
 DISCOVERY_PORT = 9712
 

@@ -29,16 +29,6 @@ REFUSED: dict[str, tuple[int, str]] = {
         "there is no dispyadmin: manage nodes from the client (set_node_cpus, "
         "close_node) or its web monitor (DispyHTTPServer)",
     ),
-    "--scheduler_host": (
-        1,
-        "dispynb-scheduler connects to the nodes it is given (-n HOST:PORT) or "
-        "discovers; start the node without it",
-    ),
-    "--scheduler_node": (
-        1,
-        "dispynb-scheduler connects to the nodes it is given (-n HOST:PORT) or "
-        "discovers; start the node without it",
-    ),
     "--unsafe_setup": (
         0,
         "setup always runs in the computation's own process, never in the node "
@@ -59,6 +49,7 @@ _KEY_ALIASES = {
     "loglevel": "debug",  # dispynode stores -d/--debug as loglevel=True/False
     "node_port": "port",
     "ip_addr": "hosts",
+    "scheduler_node": "scheduler_host",  # dispynode's name for it before 4.11
 }
 
 #: Keys a dispynode config file holds at their defaults (meaning: not used).

@@ -14,7 +14,10 @@ from dispynb.defaults import (
     IPV4_MULTICAST_GROUP,
     MAX_MESSAGE_SIZE,
     NODE_PORT,
+    SCHEDULER_REGISTER_PORT,
 )
+from dispynb.errors import ConfigurationError
+from dispynb.transport.addressing import format_address, parse_address
 from nodeserver.cliconfig import add_refused, config_argv, save_config
 from nodeserver.config import DEFAULT_MAX_FILE_SIZE, DEFAULT_TRANSFER_QUOTA
 from nodeserver.service import parse_time
@@ -308,6 +311,15 @@ def build_parser() -> argparse.ArgumentParser:
         "connects; the node stops if it cannot register",
     )
     add(
+        "--scheduler_host",
+        "--scheduler_node",
+        default=None,
+        metavar="HOST[:PORT]",
+        help="dispynode's: announce this node to the dispynb-scheduler on HOST; "
+        f"the same as --register HOST:{SCHEDULER_REGISTER_PORT} (the scheduler "
+        "listens there with --register_port)",
+    )
+    add(
         "--exit-without-client",
         type=float,
         default=0.0,
@@ -343,6 +355,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.exit(2, f"dispynb-node: {exc}\n")
         given = from_file + given
     args = parser.parse_args(given)
+    if args.scheduler_host:
+        try:
+            host, port = parse_address(args.scheduler_host, SCHEDULER_REGISTER_PORT)
+        except ConfigurationError as exc:
+            parser.error(f"--scheduler_host: {exc}")
+        address = format_address(host, port)
+        if args.register and args.register != address:
+            parser.error(
+                f"--scheduler_host {args.scheduler_host} and --register "
+                f"{args.register} name two places to register: give one"
+            )
+        args.register = address
     if args.save_config and args.new_secret:
         parser.error(
             "--new-secret is not saved in a configuration: make the secret first "

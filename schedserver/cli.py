@@ -17,7 +17,7 @@ import signal
 import sys
 
 from dispynb.daemon import run_daemon, setup_logging
-from dispynb.defaults import NODE_PORT, SCHEDULER_PORT
+from dispynb.defaults import NODE_PORT, SCHEDULER_PORT, SCHEDULER_REGISTER_PORT
 from dispynb.errors import ConfigurationError
 from dispynb.node import is_wildcard, parse_node_specs
 from dispynb.secret import resolve_secret
@@ -70,7 +70,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="HOST[:PORT]",
         help="a node to use, or a pattern of nodes to discover by UDP broadcast "
-        "('*', '10.0.0.*'); repeat it; default '*' (discover)",
+        "('*', '10.0.0.*'); repeat it; default '*' (discover), none with "
+        "--register_port (only the nodes that register)",
+    )
+    parser.add_argument(
+        *_both("register_port"),
+        type=int,
+        nargs="?",
+        const=SCHEDULER_REGISTER_PORT,
+        default=None,
+        metavar="PORT",
+        help="also take nodes that register themselves ('dispynb-node --register "
+        f"THISHOST:{SCHEDULER_REGISTER_PORT}', or dispynode's --scheduler_host "
+        "THISHOST): listen for their registrations on PORT (default "
+        f"{SCHEDULER_REGISTER_PORT}; 0: a free one, logged) on the -i interfaces; "
+        "a node proving the node secret is used like one named with -n; off unless "
+        "given",
     )
     parser.add_argument(
         *_both("node_port"),
@@ -346,7 +361,7 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
     secret = resolve_secret(args.node_secret, args.node_secret_file)
     nodes: list[tuple[str, int]] = []
     discover: list[str] = []
-    for spec in args.node or ["*"]:
+    for spec in args.node or ([] if args.register_port is not None else ["*"]):
         try:
             wildcard = is_wildcard(parse_node_specs(spec)[0])
         except (ConfigurationError, IndexError):
@@ -370,6 +385,7 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         nodes=nodes,
         discover=discover,
         multicast=args.ipv4_udp_multicast,
+        register_port=args.register_port,
         ping_interval=args.ping_interval,
         node_secret=secret,
         node_ssl=client_context(args.node_certfile, args.node_keyfile, args.node_cafile)

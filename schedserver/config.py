@@ -25,6 +25,9 @@ class SchedulerConfig:
     #: broadcast, or multicast), as dispyscheduler's ``-n`` patterns.
     discover: list[str] = field(default_factory=list)
     multicast: bool = False
+    #: Port of the registration listener for nodes that register themselves
+    #: (``--register_port``; on the clients' interfaces ``hosts``); None: off.
+    register_port: int | None = None
     #: Seconds between discovery pings (None: at start only; nodes announce
     #: themselves when they start).
     ping_interval: float | None = None
@@ -92,10 +95,16 @@ class SchedulerConfig:
 
     def validate(self) -> None:
         """Raise `ConfigurationError` for settings that cannot work."""
-        if not self.nodes and not self.discover:
+        if not self.nodes and not self.discover and self.register_port is None:
             raise ConfigurationError(
                 "no nodes: name the scheduler's nodes with -n HOST[:PORT] (repeat "
-                "it), or give -n '*' to discover them"
+                "it), give -n '*' to discover them, or --register_port to let them "
+                "register"
+            )
+        if self.register_port is not None and not self.node_secret:
+            raise ConfigurationError(
+                "--register_port needs the node secret (--node_secret_file or "
+                "DISPYNB_SECRET): registering nodes prove they know it"
             )
         if not self.users_file:
             raise ConfigurationError(

@@ -15,6 +15,7 @@ import os
 import platform
 
 from dispynb.backends.finder import NodeFinder
+from dispynb.deploy.registry import RegisteredNode, Registrar
 from dispynb.errors import ConfigurationError
 from dispynb.httpd.security import is_loopback
 from dispynb.node import NodeAllocate, parse_node_specs
@@ -65,6 +66,8 @@ class SchedulerServer(
             self._spawn(self._keep_node(node))
         if config.discover:
             await self._start_discovery()
+        if config.register_port is not None:
+            await self._start_registrations()
         if config.httpd:
             self.monitor = SchedulerMonitor.start(
                 self,
@@ -84,6 +87,11 @@ class SchedulerServer(
             ", ".join(
                 [node.name for node in self.nodes]
                 + [f"nodes found at {spec}" for spec in config.discover]
+                + (
+                    [f"nodes registering on port {self._registrars[0].port}"]
+                    if self._registrars
+                    else []
+                )
             ),
             ", ".join(format_address(h, self.port) for h in config.hosts),
             config.users_file,
@@ -123,9 +131,38 @@ class SchedulerServer(
 
     def _found_node(self, ip: str, port: int, spec: NodeAllocate) -> None:
         """Discovery found a node: keep it like a named one (once)."""
-        if self.stopping or any(n.host == ip and n.port == port for n in self.nodes):
+        self._add_node(ip, port)
+
+    async def _start_registrations(self) -> None:
+        """Listen for nodes registering themselves (``--register_port``) on each of
+        the clients' interfaces, on one port; the `Registrar` checks their proof of
+        the node secret, refuses and logs (once per address) any other."""
+        assert self.config.node_secret  # validate() insists
+        port = self.config.register_port or 0
+        try:
+            for host in self.config.hosts:
+                registrar = Registrar(
+                    self.config.node_secret, self._registered, host=host, port=port
+                )
+                self._registrars.append(registrar)
+                port = await registrar.start()
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cannot listen for node registrations on port {port} ({exc}): give "
+                "another --register_port"
+            ) from exc
+
+    def _registered(self, reg: RegisteredNode) -> None:
+        """A node proved the secret: keep it like a named one. The `Registrar`
+        reports a boot of a node once (a node registering again to see that its
+        scheduler lives is not reported again); a node that restarted (a new boot
+        id) at an address kept already is reconnected by its `_keep_node`."""
+        self._add_node(reg.host, reg.port)
+
+    def _add_node(self, host: str, port: int) -> None:
+        if self.stopping or any(n.host == host and n.port == port for n in self.nodes):
             return
-        node = NodeState(ip, port)
+        node = NodeState(host, port)
         self.nodes.append(node)
         self._spawn(self._keep_node(node))
 
@@ -135,6 +172,8 @@ class SchedulerServer(
         if self._finder is not None:
             self._finder.close()
             self._finder = None
+        for registrar in self._registrars:
+            registrar.close()
         if self.monitor is not None:
             await self.monitor.stop()
             self.monitor = None

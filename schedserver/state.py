@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dispynb.backends.finder import NodeFinder
+from dispynb.deploy.registry import Registrar
 from dispynb.protocol.messages import Message
 from dispynb.transport.addressing import format_address
 from dispynb.transport.connection import Connection
@@ -75,6 +76,7 @@ class _ServerState:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._listener: Listener | None = None
         self._finder: NodeFinder | None = None
+        self._registrars: list[Registrar] = []
         self.monitor: SchedulerMonitor | None = None
         self.port = 0
         self.stopping = False
