@@ -552,3 +552,82 @@ def test_scheduler_killed_and_restarted_on_its_host_reentrant_jobs_run_again(
         "results": list(range(6)),
         "statuses": [11] * 6,
     }
+
+
+def test_nodes_on_other_hosts_register_with_dispynodes_scheduler_host(
+    network: Network, tmp_path: Path
+) -> None:
+    """The scheduler on h1 with ``--register_port`` (its default port 9714) and no
+    -n; a node on h2 started as for dispy (``--scheduler_host H1``) registers and
+    runs the job of a client on h5; a node on h3 with another secret is refused
+    (the scheduler logs it, never connects to it)."""
+    secret, _file = new_secret_file(tmp_path)
+    (tmp_path / "other").mkdir()
+    other, _other_file = new_secret_file(tmp_path / "other")
+    credential = add_user(tmp_path, "erin")
+    sched_host = network.hosts[0]
+    log = tmp_path / "scheduler.log"
+    argv = [
+        sys.executable, "-m", "schedserver",
+        "-i", sched_host.ip, "-p", str(SCHEDULER_PORT), "--register_port",
+        "--users", str(tmp_path / "users"),
+    ]  # fmt: skip
+    with open(log, "wb") as handle:
+        scheduler = network.popen(
+            sched_host,
+            argv,
+            env=env_for(DISPYNB_SECRET=secret),
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+        )
+    nodes: list[NetNode] = []
+    try:
+        deadline = time.monotonic() + 30
+        while f"registrations on {sched_host.ip}:9714" not in log.read_text():
+            assert scheduler.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        wrong = start_node(
+            network, network.hosts[2], tmp_path, other, "--cpus", "1",
+            "--scheduler_host", sched_host.ip, wait=False,
+        )  # fmt: skip
+        nodes.append(wrong)
+        wrong.proc.wait(30)
+        assert "rejected this node's registration" in wrong.log_text()
+        good = start_node(
+            network, network.hosts[1], tmp_path, secret, "--cpus", "2",
+            "--scheduler_host", sched_host.ip,
+        )  # fmt: skip
+        nodes.append(good)
+        while f"node {good.spec} is up with 2 CPUs" not in log.read_text():
+            assert scheduler.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        script = tmp_path / "nodes.py"
+        script.write_text(NODES_CLIENT)
+        address = f"{sched_host.ip}:{SCHEDULER_PORT}"
+        proc = run_in(
+            network,
+            network.hosts[4],
+            [sys.executable, str(script), address, str(credential), "1"],
+            env_for(),
+            tmp_path,
+        )
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, out + err
+        seen = json.loads(out.strip().splitlines()[-1])
+        assert seen == {"nodes": [good.spec], "result": 7}
+        text = log.read_text()
+        assert text.count(f"registration from {network.hosts[2].ip} refused") == 1
+        assert network.hosts[2].ip not in text.replace(
+            f"registration from {network.hosts[2].ip} refused", ""
+        )
+    finally:
+        scheduler.terminate()
+        try:
+            scheduler.wait(20)
+        except subprocess.TimeoutExpired:
+            scheduler.kill()
+            scheduler.wait()
+        for node in nodes:
+            node.stop()
