@@ -320,6 +320,27 @@ print(json.dumps({"nodes": nodes, "result": result}))
 """
 
 
+def nodes_seen_by_a_client(
+    network: Network, tmp_path: Path, sched_host: Host, credential: Path, count: int
+) -> dict[str, object]:
+    """Run `NODES_CLIENT` on the fifth host against the scheduler on ``sched_host``;
+    what it printed: the nodes its cluster listed and its job's result."""
+    script = tmp_path / "nodes.py"
+    script.write_text(NODES_CLIENT)
+    address = f"{sched_host.ip}:{SCHEDULER_PORT}"
+    proc = run_in(
+        network,
+        network.hosts[4],
+        [sys.executable, str(script), address, str(credential), str(count)],
+        env_for(),
+        tmp_path,
+    )
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out + err
+    seen: dict[str, object] = json.loads(out.strip().splitlines()[-1])
+    return seen
+
+
 def test_scheduler_discovers_nodes_without_being_told(
     network: Network, tmp_path: Path
 ) -> None:
@@ -358,19 +379,7 @@ def test_scheduler_discovers_nodes_without_being_told(
             start_node(network, network.hosts[2], tmp_path, secret, "--cpus", "1")
         )
         wait_up(2)
-        script = tmp_path / "nodes.py"
-        script.write_text(NODES_CLIENT)
-        address = f"{sched_host.ip}:{SCHEDULER_PORT}"
-        proc = run_in(
-            network,
-            network.hosts[4],
-            [sys.executable, str(script), address, str(credential), "2"],
-            env_for(),
-            tmp_path,
-        )
-        out, err = proc.communicate(timeout=60)
-        assert proc.returncode == 0, out + err
-        seen = json.loads(out.strip().splitlines()[-1])
+        seen = nodes_seen_by_a_client(network, tmp_path, sched_host, credential, 2)
         assert seen == {"nodes": sorted(node.spec for node in nodes), "result": 7}
     finally:
         scheduler.terminate()
@@ -603,19 +612,7 @@ def test_nodes_on_other_hosts_register_with_dispynodes_scheduler_host(
             assert scheduler.poll() is None, log.read_text()
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.05)
-        script = tmp_path / "nodes.py"
-        script.write_text(NODES_CLIENT)
-        address = f"{sched_host.ip}:{SCHEDULER_PORT}"
-        proc = run_in(
-            network,
-            network.hosts[4],
-            [sys.executable, str(script), address, str(credential), "1"],
-            env_for(),
-            tmp_path,
-        )
-        out, err = proc.communicate(timeout=60)
-        assert proc.returncode == 0, out + err
-        seen = json.loads(out.strip().splitlines()[-1])
+        seen = nodes_seen_by_a_client(network, tmp_path, sched_host, credential, 1)
         assert seen == {"nodes": [good.spec], "result": 7}
         text = log.read_text()
         assert text.count(f"registration from {network.hosts[2].ip} refused") == 1
