@@ -31,6 +31,18 @@ def node_env() -> dict[str, str]:
     return env
 
 
+def inner_pytest(*tests: str) -> list[str]:
+    """``python -m pytest -q`` on ``tests`` (paths from the checkout, ``::name`` if
+    any), given by absolute path to run in this process's current directory: the
+    checkout, or the scratch directory of a second run (tests/alongside.py), so that
+    its check against recovery files left in the current directory watches this
+    run's directory, not the main run's."""
+    config = ["--rootdir", str(ROOT), "-c", str(ROOT / "pyproject.toml")]
+    targets = [str(ROOT / test) for test in tests]
+    pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    return [*pytest, *config, *targets]
+
+
 def node_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "nodeserver", *args]
 

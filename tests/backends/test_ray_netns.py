@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.nodeproc import inner_pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -36,7 +38,7 @@ def test_ray_in_private_network() -> None:
     if reason is not None:
         pytest.skip(reason)
     here = Path(__file__).with_name("test_ray.py").relative_to(ROOT)
-    inner = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(here)]
+    inner = inner_pytest(str(here))
     # sh stays PID 1 of the namespace (no exec), so Ray's daemons are its orphans,
     # not the inner pytest's children; they all end with the namespace.
     script = 'ip link set lo up && "$@"; exit $?'
@@ -54,7 +56,6 @@ def test_ray_in_private_network() -> None:
             "sh",
             *inner,
         ],
-        cwd=ROOT,
         env={**os.environ, "DISPYNB_IN_NETNS": "1", "RAY_USAGE_STATS_ENABLED": "0"},
         capture_output=True,
         text=True,

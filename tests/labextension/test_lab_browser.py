@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from tests.browser import chromium_page, requires_chromium
+from tests.nodeproc import inner_pytest
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page
@@ -121,10 +122,9 @@ def test_lab_panel_in_private_network() -> None:
     tests = [f"{here}::test_lab_panel", f"{here}::test_lab_stop"]
     if importlib.util.find_spec("distributed") is not None:
         tests.append(f"{here}::test_lab_dask")
-    inner = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests]
+    inner = inner_pytest(*tests)
     proc = subprocess.run(
         ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *inner],
-        cwd=ROOT,
         env={**os.environ, "DISPYNB_IN_NETNS": "1"},
         capture_output=True,
         text=True,
@@ -147,17 +147,13 @@ def test_lab_ray_in_private_network() -> None:
     if importlib.util.find_spec("ray") is None:
         pytest.skip("ray is not installed: pip install 'dispynb[ray]' (or .[test])")
     here = Path(__file__).relative_to(ROOT)
-    inner = [
-        sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-        f"{here}::test_lab_ray",
-    ]  # fmt: skip
+    inner = inner_pytest(f"{here}::test_lab_ray")
     # sh stays PID 1 of the namespace (no exec): Ray's daemons are its orphans.
     proc = subprocess.run(
         [
             "unshare", "-n", "-p", "-f", "--kill-child", "--mount-proc",
             "sh", "-c", 'ip link set lo up && "$@"; exit $?', "sh", *inner,
         ],
-        cwd=ROOT,
         env={**os.environ, "DISPYNB_IN_NETNS": "1", "RAY_USAGE_STATS_ENABLED": "0"},
         capture_output=True,
         text=True,
