@@ -58,11 +58,12 @@ def main() -> int:
         side = subprocess.Popen(side_argv, cwd=scratch, stdout=log, stderr=log)
         first = subprocess.Popen(main_argv, cwd=ROOT)
         # Ctrl-C reaches both runs (the terminal's process group): each stops as
-        # pytest does; this process only waits for them and reports.
+        # pytest does; this process only waits for them and reports. A SIGTERM
+        # sent to this process alone goes on to both, as it went to the one pytest.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(
             signal.SIGTERM,
-            lambda *_: [p.send_signal(signal.SIGINT) for p in (first, side)],
+            lambda *_: [p.send_signal(signal.SIGTERM) for p in (first, side)],
         )
         main_status = first.wait()
         side_status = side.wait()
