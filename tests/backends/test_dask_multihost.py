@@ -2,9 +2,10 @@
 worker`` on h2 and h3 (namespace hosts on one bridge), the client program on h4.
 
 Jobs spread over both worker hosts; when a worker is killed (``kill -9`` of its
-process group) while it runs a job, a reentrant job runs again on the other worker
-and a non-reentrant one is abandoned, as dispy does with a lost node's jobs, and is
-never run a second time.
+process group but multiprocessing's resource tracker, which unlinks the nanny's
+semaphores: `tests.backends.daskhosts`) while it runs a job, a reentrant job runs
+again on the other worker and a non-reentrant one is abandoned, as dispy does with
+a lost node's jobs, and is never run a second time.
 """
 
 from __future__ import annotations
