@@ -121,6 +121,32 @@ def run_in(
     )  # fmt: skip
 
 
+def start_held_client(
+    network: Network,
+    host: Host,
+    tmp_path: Path,
+    program: str,
+    address: object,
+    credential: Path,
+) -> tuple[subprocess.Popen[str], Path, Path]:
+    """Run ``program`` on ``host`` as ``PROGRAM ADDRESS CREDENTIAL STARTED RELEASE``
+    (its jobs mark ``started`` and wait for ``release``); the process and the two
+    paths."""
+    script = tmp_path / "client.py"
+    script.write_text(program)
+    started, release = tmp_path / "started", tmp_path / "release"
+    started.mkdir()
+    proc = run_in(
+        network,
+        host,
+        [sys.executable, str(script), str(address), str(credential), str(started),
+         str(release)],
+        env_for(),
+        tmp_path,
+    )  # fmt: skip
+    return proc, started, release
+
+
 def test_three_users_on_three_hosts_get_equal_shares(
     network: Network, site: dict[str, object], tmp_path: Path
 ) -> None:
@@ -187,25 +213,10 @@ def test_killed_node_host_reentrant_jobs_run_elsewhere(
 ) -> None:
     credentials: dict[str, Path] = site["credentials"]  # type: ignore[assignment]
     nodes: list[NetNode] = site["nodes"]  # type: ignore[assignment]
-    script = tmp_path / "reentrant.py"
-    script.write_text(REENTRANT_CLIENT)
-    started = tmp_path / "started"
-    started.mkdir()
-    release = tmp_path / "release"
-    proc = run_in(
-        network,
-        network.hosts[5],
-        [
-            sys.executable,
-            str(script),
-            str(site["address"]),
-            str(credentials["bob"]),
-            str(started),
-            str(release),
-        ],
-        env_for(),
-        tmp_path,
-    )
+    proc, started, release = start_held_client(
+        network, network.hosts[5], tmp_path, REENTRANT_CLIENT,
+        site["address"], credentials["bob"],
+    )  # fmt: skip
     # Six jobs held at once on 3 nodes of 2 CPUs: two run on each node, so the
     # killed node surely has jobs running (not a guess from timing).
     deadline = time.monotonic() + 60
@@ -453,17 +464,10 @@ def test_a_user_on_one_host_cannot_cancel_another_users_job_on_another(
     sends the scheduler a cancel naming Bob's computation and job: refused, and
     Bob's job ends Finished with its result."""
     credentials: dict[str, Path] = site["credentials"]  # type: ignore[assignment]
-    (tmp_path / "victim.py").write_text(VICTIM_CLIENT)
     (tmp_path / "attacker.py").write_text(ATTACKER)
-    started, release = tmp_path / "started", tmp_path / "release"
-    started.mkdir()
-    victim = run_in(
-        network,
-        network.hosts[5],
-        [sys.executable, str(tmp_path / "victim.py"), str(site["address"]),
-         str(credentials["bob"]), str(started), str(release)],
-        env_for(),
-        tmp_path,
+    victim, started, release = start_held_client(
+        network, network.hosts[5], tmp_path, VICTIM_CLIENT,
+        site["address"], credentials["bob"],
     )  # fmt: skip
     try:
         assert victim.stdout is not None
@@ -529,16 +533,9 @@ def test_scheduler_killed_and_restarted_on_its_host_reentrant_jobs_run_again(
     nothing on disk; the nodes ended what ran for it): each result arrives once."""
     credentials: dict[str, Path] = site["credentials"]  # type: ignore[assignment]
     schedulers: list[subprocess.Popen[bytes]] = site["schedulers"]  # type: ignore[assignment]
-    (tmp_path / "client.py").write_text(RESTARTED_CLIENT)
-    started, release = tmp_path / "started", tmp_path / "release"
-    started.mkdir()
-    proc = run_in(
-        network,
-        network.hosts[4],
-        [sys.executable, str(tmp_path / "client.py"), str(site["address"]),
-         str(credentials["carol"]), str(started), str(release)],
-        env_for(),
-        tmp_path,
+    proc, started, release = start_held_client(
+        network, network.hosts[4], tmp_path, RESTARTED_CLIENT,
+        site["address"], credentials["carol"],
     )  # fmt: skip
     deadline = time.monotonic() + 60
     while len(list(started.iterdir())) < 6:  # one per CPU: all six run
