@@ -22,7 +22,12 @@ from nodeserver.containment import probe_in_background
 from nodeserver.launcher import PROCESS_LAUNCHER, Launcher
 from nodeserver.memory import keep_freed_memory, release_freed_memory
 from nodeserver.parser import build_parser, parse_args, parse_size
-from nodeserver.register import register
+from nodeserver.register import (
+    REGISTER_PATIENCE,
+    REREGISTER_INTERVAL,
+    keep_registered,
+    register,
+)
 from nodeserver.server import NodeServer
 from nodeserver.service import Phase, ServiceWindow, keep_window
 from nodeserver.sharedbody import BODIES
@@ -235,6 +240,7 @@ async def serve(
     parent_pipe: int | None = None,
     register_to: str | None = None,
     launcher: Launcher = PROCESS_LAUNCHER,
+    register_patience: float | None = REGISTER_PATIENCE,
 ) -> None:
     """Run a node until SIGTERM or SIGINT (or its parent exits), then stop cleanly.
 
@@ -243,8 +249,11 @@ async def serve(
     at once: nobody is left to collect results. ``--serve N`` stops after N clients,
     a service window opens and closes the node each day. With ``register_to``
     (``--register``) the node registers with that client once listening, and stops
-    if it cannot. With ``config.exit_without_client`` it drains and stops once no
-    client has been connected for that many seconds (its launcher's client died).
+    if it cannot within ``register_patience`` seconds (None: it waits for it, as
+    for ``--scheduler_host``); once registered it keeps itself known to the client
+    (`keep_registered`: a restarted scheduler finds it again). With
+    ``config.exit_without_client`` it drains and stops once no client has been
+    connected for that many seconds (its launcher's client died).
     """
     server = NodeServer(config, launcher)
     stop = asyncio.Event()
@@ -291,7 +300,9 @@ async def serve(
     if register_to is not None:
         tasks.append(
             asyncio.create_task(
-                _register(server, config, register_to, stop, ready, boot)
+                _register(
+                    server, config, register_to, stop, ready, boot, register_patience
+                )
             )
         )
     else:
@@ -353,22 +364,42 @@ async def _register(
     stop: asyncio.Event,
     registered: asyncio.Event,
     boot: bytes,
+    patience: float | None,
 ) -> None:
+    """Register with the client at ``address`` (stop if it rejects the node, or
+    does not answer within ``patience`` seconds), then keep registered for ever."""
     assert config.secret is not None
     try:
-        await register(
+        ip = await register(
             address,
             secret=config.secret,
             name=config.name,
             port=server.port,
             cpus=config.cpus,
             boot=boot,
+            patience=patience,
         )
     except DispynbError as exc:
         logger.error("%s; stopping", exc)
         stop.set()
-    else:
-        registered.set()
+        return
+    registered.set()
+    await keep_registered(
+        address,
+        secret=config.secret,
+        name=config.name,
+        port=server.port,
+        cpus=config.cpus,
+        boot=boot,
+        first_ip=ip,
+        # dispynode's --ping_interval: how often a node without its scheduler
+        # announces itself to it.
+        interval=config.announce_interval or REREGISTER_INTERVAL,
+        # Not listening (outside its service window): no client could connect.
+        live_session=lambda ips, within: (
+            not server.listening or server.heard_from(ips, within)
+        ),
+    )
 
 
 async def _still_registered(
@@ -429,6 +460,9 @@ def main(argv: list[str] | None = None) -> int:
                 args.parent_pipe,
                 args.register,
                 zygote or PROCESS_LAUNCHER,
+                # A scheduler's node waits for it (started later, or restarting);
+                # a launcher's client is there first: 30 s, then the node stops.
+                None if args.scheduler_host else REGISTER_PATIENCE,
             )
         )
         return 0

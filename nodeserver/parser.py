@@ -224,7 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         metavar="SECONDS",
-        help="also announce the node every SECONDS (default 0: at start and stop)",
+        help="also announce the node every SECONDS (default 0: at start and stop); "
+        "with --register, how often it registers again while its client is away "
+        "(default 5)",
     )
     add(
         "--ext-host",
@@ -308,7 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="once listening, register with the client listening for registrations "
         "at HOST:PORT (a launcher's): prove the secret, after which the client "
-        "connects; the node stops if it cannot register",
+        "connects; the node stops if it cannot register within 30 s. Once "
+        "registered it registers again while no session from the client is up "
+        "(a restarted client finds it again)",
     )
     add(
         "--scheduler_host",
@@ -316,8 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="HOST[:PORT]",
         help="dispynode's: announce this node to the dispynb-scheduler on HOST; "
-        f"the same as --register HOST:{SCHEDULER_REGISTER_PORT} (the scheduler "
-        "listens there with --register_port)",
+        f"--register HOST:{SCHEDULER_REGISTER_PORT} (the scheduler listens there "
+        "with --register_port) that waits for a scheduler not up yet instead of "
+        "stopping after 30 s",
     )
     add(
         "--exit-without-client",

@@ -1,15 +1,26 @@
-"""``dispynb-node --register HOST:PORT``: announce this node to its launcher's client.
+"""``dispynb-node --register HOST:PORT``: announce this node to a client that listens
+for registrations (a launcher's, or ``dispynb-scheduler --register_port``), and stay
+known to it.
 
 The node connects to the client's registration listener, answers its challenge with a
 proof of the secret (`dispynb.protocol.registration`) and learns whether it was
 accepted; the client then connects to the node and authenticates as usual. No
 credential and no port file: the secret never leaves the node.
+
+Once registered the node registers again every `REREGISTER_INTERVAL` seconds (with
+jitter) while no session from the client's address is live (`keep_registered`):
+a scheduler restarted after a crash or an upgrade thus finds its nodes again without
+restarting them. A client counts a node once whatever how often it registers (the
+same boot id is not reported again), so this costs one small exchange per interval
+and nothing while the client is connected.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
+from collections.abc import Callable
 
 from dispynb.errors import AuthenticationError, DispynbError
 from dispynb.protocol.discovery import fit_name, new_boot_id
@@ -29,6 +40,16 @@ logger = logging.getLogger(__name__)
 #: Seconds spent retrying a client that does not answer yet, and per attempt.
 REGISTER_PATIENCE = 30.0
 ATTEMPT_TIMEOUT = 10.0
+#: Seconds between registrations while no session from the client is live (each
+#: wait drawn from half to one and a half times this: nodes restarted together do
+#: not all register in the same instant).
+REREGISTER_INTERVAL = 5.0
+#: A session counts as live while its client was heard within this many intervals
+#: (a client that vanished without a reset leaves a session that looks open).
+LIVE_INTERVALS = 3
+
+#: Failures of one attempt: the client is not there (yet), or not answering.
+_UNREACHED = (OSError, TimeoutError, asyncio.IncompleteReadError)
 
 
 async def register(
@@ -38,50 +59,133 @@ async def register(
     name: str,
     port: int,
     cpus: int,
-    patience: float = REGISTER_PATIENCE,
+    patience: float | None = REGISTER_PATIENCE,
     boot: bytes | None = None,
-) -> None:
-    """Register the node listening on ``port`` with the client at ``address``.
+) -> str:
+    """Register the node listening on ``port`` with the client at ``address``;
+    return the client's IP address as this node reached it.
 
-    Retries a refused or unreachable client for ``patience`` seconds. Raises
-    `AuthenticationError` if the client rejects the proof (a different secret), and
-    `DispynbError` if it cannot be reached. Registering again with the same
-    ``boot`` id is how a node checks that its client still lives: the client
-    accepts it without reporting the node twice.
+    Retries a refused or unreachable client for ``patience`` seconds (None: until it
+    answers; one line is logged at its first failure, the retries only at debug
+    level). Raises `AuthenticationError` if the client rejects the proof (a
+    different secret), and `DispynbError` if it cannot be reached. Registering
+    again with the same ``boot`` id is how a node checks that its client still
+    lives: the client accepts it without reporting the node twice.
     """
-    host, client_port = parse_address(address, 0)
-    if not client_port:
-        raise DispynbError(f"--register needs HOST:PORT, not {address!r}")
+    host, client_port = _client_address(address)
     reg = Registration(
         name=fit_name(name), port=port, cpus=cpus, boot=boot or new_boot_id()
     )
+    where = format_address(host, client_port)
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + patience
+    deadline = None if patience is None else loop.time() + patience
     delay = 0.2
+    failures = 0
     while True:
         try:
-            await asyncio.wait_for(
+            ip = await asyncio.wait_for(
                 _attempt(host, client_port, secret, reg), ATTEMPT_TIMEOUT
             )
-        except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
-            if loop.time() + delay > deadline:
+        except _UNREACHED as exc:
+            why = str(exc) or type(exc).__name__
+            if deadline is not None and loop.time() + delay > deadline:
                 raise DispynbError(
-                    f"cannot register with the client at "
-                    f"{format_address(host, client_port)}: {exc or type(exc).__name__}"
+                    f"cannot register with the client at {where}: {why}"
                 ) from exc
-            logger.info("registration with %s failed (%s); retrying", address, exc)
+            if deadline is not None:
+                logger.info("registration with %s failed (%s); retrying", where, why)
+            elif not failures:
+                logger.warning(
+                    "cannot register with %s yet (%s): trying until it answers",
+                    where,
+                    why,
+                )
+            else:
+                logger.debug("registration with %s failed (%s)", where, why)
+            failures += 1
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
             continue
-        logger.info(
-            "registered with the client at %s", format_address(host, client_port)
-        )
-        return
+        logger.info("registered with the client at %s", where)
+        return ip
 
 
-async def _attempt(host: str, port: int, secret: bytes, reg: Registration) -> None:
+async def keep_registered(
+    address: str,
+    *,
+    secret: bytes,
+    name: str,
+    port: int,
+    cpus: int,
+    boot: bytes,
+    first_ip: str,
+    live_session: Callable[[set[str], float], bool],
+    interval: float = REREGISTER_INTERVAL,
+) -> None:
+    """Keep a node that registered with ``address`` known to it, for ever.
+
+    Every ``interval`` seconds (jittered), unless ``live_session(ips, within)``
+    says that a client at one of ``ips`` (the addresses the client answered
+    registrations from, ``first_ip`` the first) was heard within ``within``
+    seconds, the node registers again with ``boot``. A client that stays away (a
+    scheduler being restarted) is logged once when it is lost and once when it
+    takes the node again; the attempts between are logged at debug level only. A
+    rejection (the client's secret changed) is logged the same way, and the node
+    keeps trying: the operator may put the secret right at the client.
+    """
+    host, client_port = _client_address(address)
+    where = format_address(host, client_port)
+    reg = Registration(name=fit_name(name), port=port, cpus=cpus, boot=boot)
+    ips = {first_ip}
+    within = LIVE_INTERVALS * interval
+    lost = False  # an attempt failed: the next success is logged
+    alone = True  # registered with no session since: nothing new to say
+    while True:
+        await asyncio.sleep(interval * random.uniform(0.5, 1.5))
+        if live_session(ips, within):
+            alone = False
+            continue
+        try:
+            ips.add(
+                await asyncio.wait_for(
+                    _attempt(host, client_port, secret, reg), ATTEMPT_TIMEOUT
+                )
+            )
+        except (*_UNREACHED, DispynbError) as exc:  # also rejected, or garbled
+            why = str(exc) or type(exc).__name__
+            if lost:
+                logger.debug("registering again with %s failed: %s", where, why)
+            else:
+                logger.warning(
+                    "lost the client at %s (%s): registering again every %g s "
+                    "until it answers",
+                    where,
+                    why,
+                    interval,
+                )
+            lost = True
+            continue
+        if lost:
+            logger.info("registered again with the client at %s", where)
+        elif not alone:
+            logger.info("no session from the client at %s: registered again", where)
+        else:
+            logger.debug("registered again with the client at %s", where)
+        lost, alone = False, True
+
+
+def _client_address(address: str) -> tuple[str, int]:
+    host, client_port = parse_address(address, 0)
+    if not client_port:
+        raise DispynbError(f"--register needs HOST:PORT, not {address!r}")
+    return host, client_port
+
+
+async def _attempt(host: str, port: int, secret: bytes, reg: Registration) -> str:
+    """One registration; return the client's IP address as connected to."""
     reader, writer = await asyncio.open_connection(host, port)
     try:
+        peer = writer.get_extra_info("peername")
         size = int.from_bytes(await reader.readexactly(2), "big")
         if size > MAX_MESSAGE:
             raise RegistrationError(f"challenge of {size} bytes over {MAX_MESSAGE}")
@@ -96,3 +200,9 @@ async def _attempt(host: str, port: int, secret: bytes, reg: Registration) -> No
             f"the client at {format_address(host, port)} rejected this node's "
             "registration: the node's secret is not the client's"
         )
+    return unmapped(str(peer[0])) if peer else host
+
+
+def unmapped(ip: str) -> str:
+    """``ip`` without an IPv4-mapped IPv6 prefix (``::ffff:10.0.0.1``)."""
+    return ip.removeprefix("::ffff:")

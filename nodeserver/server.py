@@ -192,6 +192,20 @@ class NodeServer:
         for announcer in self._announcers:
             announcer.announce()
 
+    def heard_from(self, hosts: set[str], within: float) -> bool:
+        """Whether a session from one of ``hosts`` (IP addresses) is up and its
+        client was heard within ``within`` seconds."""
+        now = time.monotonic()
+        for session in self.sessions:
+            peer = session.conn.peer_address
+            if (
+                peer is not None
+                and peer[0].removeprefix("::ffff:") in hosts
+                and now - session.last_heard <= within
+            ):
+                return True
+        return False
+
     async def end_sessions(self) -> None:
         """End every client's computations now: running jobs are terminated,
         unstarted ones handed back (``--service_end``)."""

@@ -69,6 +69,11 @@ class _SessionState:
         self._orphaned = False  # this node closed the connection of a silent client
         self._claims: list[Kept] = []
 
+    @property
+    def last_heard(self) -> float:
+        """`time.monotonic` when the client's last message arrived."""
+        return self._last_heard
+
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)

@@ -4,8 +4,10 @@ peers, and a real ``dispynb-node --register`` process."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 import sys
+from collections.abc import Callable
 
 import pytest
 
@@ -23,6 +25,7 @@ from dispynb.protocol.registration import (
     verify,
 )
 from dispynb.transport.addressing import format_address
+from nodeserver.register import keep_registered, register
 from tests.asyncutil import run
 from tests.nodeproc import node_env
 
@@ -213,3 +216,63 @@ def test_node_with_another_secret_is_refused_and_exits(
     err = run(scenario(), timeout=40)
     assert b"rejected this node's registration" in err
     assert not found
+
+
+def test_a_registered_node_keeps_registering_quietly_through_an_outage(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`keep_registered` with no session from its client: the client goes away,
+    comes back with another secret (rejected), then with the right one, on the same
+    port; the node says once that it lost it and once that it is registered again,
+    each attempt between only at debug level, and the new listener gets the node."""
+    found: list[RegisteredNode] = []
+    caplog.set_level(logging.DEBUG, logger="nodeserver.register")
+
+    def records(text: str, level: int) -> int:
+        return sum(
+            text in r.getMessage() and r.levelno == level for r in caplog.records
+        )
+
+    async def until(check: Callable[[], bool]) -> None:
+        while not check():
+            await asyncio.sleep(0.01)
+
+    async def scenario() -> None:
+        first = Registrar(SECRET, found.append, host="127.0.0.1")
+        port = await first.start()
+        address = f"127.0.0.1:{port}"
+        boot = new_boot_id()
+        ip = await register(
+            address, secret=SECRET, name="n1", port=9300, cpus=1, boot=boot
+        )
+        keep = asyncio.create_task(
+            keep_registered(
+                address, secret=SECRET, name="n1", port=9300, cpus=1, boot=boot,
+                first_ip=ip, live_session=lambda ips, within: False, interval=0.05,
+            )
+        )  # fmt: skip
+        try:
+            # No session from it: registered again and again, at debug level.
+            await until(lambda: records("registered again", logging.DEBUG) >= 2)
+            assert len(found) == 1
+            first.close()
+            await until(lambda: records("failed", logging.DEBUG) >= 3)
+            wrong = Registrar(b"not it", found.append, host="127.0.0.1", port=port)
+            await wrong.start()
+            await until(lambda: records("rejected", logging.DEBUG) >= 3)
+            wrong.close()
+            again = Registrar(SECRET, found.append, host="127.0.0.1", port=port)
+            await again.start()
+            try:
+                await until(lambda: len(found) == 2)
+                await until(lambda: records("registered again", logging.INFO) == 1)
+            finally:
+                again.close()
+        finally:
+            keep.cancel()
+        assert found[1].port == 9300 and found[1].boot == boot
+        assert records("lost the client at", logging.WARNING) == 1
+        assert records("registered again", logging.INFO) == 1
+        assert records("lost", logging.WARNING) == 1  # not once per attempt
+
+    run(scenario(), timeout=20)

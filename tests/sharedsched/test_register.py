@@ -1,19 +1,28 @@
 """Nodes that register themselves with ``dispynb-scheduler --register_port``: started
 as a user starts them (``dispynb-node --register SCHEDHOST:PORT``), used like nodes
 named with ``-n``; a node without the node secret is refused and logged once; a node
-registering again is not counted twice."""
+registering again is not counted twice; a node keeps itself known to a scheduler
+that is started after it, or killed and started again."""
 
 from __future__ import annotations
 
 import asyncio
 import re
+import signal
+import socket
+import time
 from pathlib import Path
 
 from dispynb.protocol.discovery import new_boot_id
 from nodeserver.parser import parse_args
 from nodeserver.register import register
-from tests.nodeproc import NODE_WAIT, running_node, start_node
-from tests.sharedsched.harness import TIMED_CLIENT, SchedulerProcess, run_client
+from tests.nodeproc import NODE_WAIT, CliNode, running_node, start_node
+from tests.sharedsched.harness import (
+    TIMED_CLIENT,
+    WAIT,
+    SchedulerProcess,
+    run_client,
+)
 
 SECRET = "the-node-secret"
 
@@ -115,3 +124,88 @@ def test_a_node_registering_again_is_counted_once(
 def test_dispynodes_scheduler_host_registers_on_the_default_port() -> None:
     assert parse_args(["--scheduler_host", "10.1.2.3"]).register == "10.1.2.3:9714"
     assert parse_args(["--scheduler_node", "sched:9800"]).register == "sched:9800"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_node_log(node: CliNode, text: str, count: int = 1) -> None:
+    deadline = time.monotonic() + WAIT
+    while node.log_text().count(text) < count:
+        assert node.proc.poll() is None, node.log_text()
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{text!r} not logged:\n{node.log_text()}")
+        time.sleep(0.02)
+
+
+def test_a_node_waits_for_a_scheduler_started_after_it(
+    tmp_path: Path, users: dict[str, Path]
+) -> None:
+    port = free_port()
+    with running_node(
+        tmp_path / "node", "--scheduler_host", f"127.0.0.1:{port}", "-d",
+        "--ping_interval", "0.5", secret=SECRET, cpus=2,
+    ) as node:  # fmt: skip
+        # Past its first attempts (debug lines), said once: it waits, quietly.
+        wait_for_node_log(node, "registration with 127.0.0.1", count=3)
+        assert node.log_text().count("trying until it answers") == 1
+        sched = SchedulerProcess(
+            tmp_path, [], SECRET, args=("--register_port", str(port))
+        )
+        sched.start()
+        try:
+            sched.wait_for_log(f"node {node.spec} is up with 2 CPUs")
+            out = run_client(
+                TIMED_CLIENT, sched.address, str(users["alice"]), "4", "0.0",
+                cwd=tmp_path,
+            )  # fmt: skip
+            assert out["results"] == [0, 1, 2, 3]
+        finally:
+            sched.stop()
+
+
+def test_a_registered_node_finds_its_restarted_scheduler(
+    tmp_path: Path, users: dict[str, Path]
+) -> None:
+    """The scheduler is SIGKILLed and started again on the same ports: the node,
+    not restarted, registers again, says so once (not once per attempt), and runs
+    a new client's jobs."""
+    sched, address = registering_scheduler(tmp_path)
+    with running_node(
+        tmp_path / "node", "--scheduler_host", address, "-d",
+        "--ping_interval", "0.5", secret=SECRET, cpus=2,
+    ) as node:  # fmt: skip
+        try:
+            sched.wait_for_log(f"node {node.spec} is up with 2 CPUs")
+            out = run_client(
+                TIMED_CLIENT, sched.address, str(users["alice"]), "3", "0.0",
+                cwd=tmp_path,
+            )  # fmt: skip
+            assert out["results"] == [0, 1, 2]
+        finally:
+            sched.stop(signal.SIGKILL)
+        wait_for_node_log(node, "lost the client at")
+        wait_for_node_log(node, "registering again with", count=3)  # debug level
+        since = len(sched.log_text())
+        again = SchedulerProcess(
+            tmp_path, [], SECRET, port=sched.port,
+            args=("--register_port", address.rpartition(":")[2]),
+        )  # fmt: skip
+        again.start()
+        try:
+            again.wait_for_log(f"node {node.spec} is up with 2 CPUs", since=since)
+            out = run_client(
+                TIMED_CLIENT, again.address, str(users["bob"]), "4", "0.0",
+                cwd=tmp_path,
+            )  # fmt: skip
+            assert out["results"] == [0, 1, 2, 3]
+            log = node.log_text()  # before this scheduler goes too
+        finally:
+            again.stop()
+        assert node.proc.poll() is None  # never restarted
+        assert log.count("lost the client at") == 1
+        assert log.count("registered again with the client at") == 1
+        assert log.count("registered with the client at") == 1  # at start
