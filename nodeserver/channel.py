@@ -86,6 +86,7 @@ class MessageSocket:
         self._fds: collections.deque[int] | None = collections.deque() if fds else None
         #: A read's descriptors were cut short (more than `_MAX_FDS`): lost.
         self.fds_lost = False
+        self._poller: select.poll | None = None  # `wait`'s, made at its first call
 
     def send(
         self,
@@ -151,6 +152,26 @@ class MessageSocket:
         """Whether a whole message was already read ahead: a selector waiting on the
         socket would not see it, so take it with `recv` first."""
         return bool(self._ready)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until something can be read (a message, more of one, the end or an
+        error) or ``timeout`` seconds passed; True unless the time ran out.
+
+        A blocking read of a Unix stream socket sleeps on the socket's one wait
+        queue, which the kernel also wakes each time the peer takes bytes this end
+        sent ("write space", whether a writer waits or not): a worker waiting for
+        its next job was woken, and put back to sleep, each time the node server
+        read the result of the last one, a second context switch per job and, with
+        the node server on the other CPU, a wake-up across CPUs in the middle of
+        the node's work (W2). ``poll`` for POLLIN only is not woken by that.
+        """
+        if self._ready or self._decoder.error is not None:
+            return True
+        poller = self._poller
+        if poller is None:
+            poller = self._poller = select.poll()
+            poller.register(self.sock, select.POLLIN)
+        return bool(poller.poll(None if timeout is None else timeout * 1000))
 
     def poll(self) -> bool:
         """True if a whole message can be received now, without blocking."""

@@ -15,7 +15,6 @@ import logging
 import mmap
 import os
 import resource
-import select
 import sys
 import time
 from collections.abc import Callable
@@ -286,13 +285,15 @@ def worker_loop(
     try:
         while True:
             if not inbox:
-                if (
-                    release or MAPPINGS.held or large_frames_taken() != large
-                ) and not _arrives(sock, RELEASE_AFTER_IDLE):
+                # Waiting in `MessageSocket.wait`, not in the read: woken once per
+                # job, by the job (not also when the node server reads the result).
+                pending = release or MAPPINGS.held or large_frames_taken() != large
+                if not sock.wait(RELEASE_AFTER_IDLE if pending else None):
                     MAPPINGS.release()
                     release_spares()
                     release_freed_memory()
                     release, large = False, large_frames_taken()
+                    continue
                 _take(sock, sock.recv(), inbox, skipped)
                 continue
             # Only a job sent ahead can be skipped (the node interrupts a job it
@@ -343,11 +344,6 @@ def worker_loop(
         return
     finally:
         MAPPINGS.release()  # the bodies kept for the next jobs: there are none
-
-
-def _arrives(sock: MessageSocket, timeout: float) -> bool:
-    """Whether a message (or the end of the socket) arrives within ``timeout``."""
-    return sock.buffered or bool(select.select([sock.sock], [], [], timeout)[0])
 
 
 def _take(

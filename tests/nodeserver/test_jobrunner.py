@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -215,6 +216,64 @@ def test_worker_loop_runs_jobs_until_eof():
     assert [done.key for done, _ in replies] == [0, 1, 2, 3]
     assert [serialize.loads(buffers) for _, buffers in replies] == [0, 2, 4, 42]
     worker.close()
+
+
+#: A worker process of its own: one thread, so that its context switches are its
+#: waits (in process, the GIL's hand-overs would count too).
+_WORKER = """
+import socket, sys
+from nodeserver.channel import MessageSocket
+from nodeserver.jobrunner import worker_loop
+worker_loop(MessageSocket(socket.socket(fileno=int(sys.argv[1]))), abs)
+"""
+
+
+def _voluntary_switches(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    raise AssertionError("no voluntary_ctxt_switches in /proc/PID/status")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/PID/status")
+def test_a_waiting_worker_sleeps_once_per_job():
+    # It waits for its next job in MessageSocket.wait, which the node server's read
+    # of its last result does not wake (a blocking read of the Unix socket was woken
+    # by it, and slept again: two context switches per job, issue 16).
+    server, worker = socket.socketpair()
+    server.settimeout(10)
+    client = MessageSocket(server)
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WORKER, str(worker.fileno())],
+        pass_fds=[worker.fileno()],
+        env=env,
+    )
+    worker.close()
+    trips = 200
+    try:
+
+        def trip(key: int) -> None:
+            client.send(Run(key=key, attempt=0), serialize.dumps(((-key,), {})))
+            done, buffers = client.recv()
+            assert (done.outcome, serialize.loads(buffers)) == (FINISHED, key)
+
+        for key in range(20):  # its code paths taken once
+            trip(key)
+        before = _voluntary_switches(proc.pid)
+        for key in range(trips):
+            trip(key)
+        switches = _voluntary_switches(proc.pid) - before
+    finally:
+        client.close()
+        proc.wait(timeout=10)
+    assert proc.returncode == 0
+    # At most one per job (the wait for it; none if the next one is there by
+    # then); two before.
+    assert switches < trips * 3 // 2, switches
 
 
 # --- bounded output, result cap, unpicklable results (issue 13) -------------------
