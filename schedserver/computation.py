@@ -156,13 +156,16 @@ class SharedComputation:
         gather: bool = False,
         frame: Frame | None = None,
         sent: bool = False,
+        size: int | None = None,
     ) -> None:
         """Send ``message`` (for this computation) to its client, or keep it;
         ``gather``: results that the session may hold to join with the next ones
         (`SchedulerSession.gather`); ``frame``: ``message`` as a node sent it (its
         connection's `Connection.last_frame`), passed on as it is if nothing in it
         changes for the client; ``sent``: it went already (`pass_on`), it is only
-        kept."""
+        kept; ``size``: its size as a node sent it (`Connection.last_size`): only
+        results of a known size are joined with others, up to the client's
+        ``max_message_size``."""
         if self.client_comp_id != self.comp_id and hasattr(message, "comp_id"):
             message = dataclasses.replace(message, comp_id=self.client_comp_id)  # type: ignore[type-var]
         session = self.session
@@ -176,12 +179,17 @@ class SharedComputation:
         if self.client_limit is not None:
             for part, part_buffers in self.fitted(message, buffers or []):
                 session.send(part, part_buffers)
-        elif gather and isinstance(message, JobResults):
-            session.gather(message, buffers or [])
+        elif gather and size is not None and isinstance(message, JobResults):
+            session.gather(message, buffers or [], size, self.client_max)
         elif frame is not None and self.client_comp_id == self.comp_id:
-            session.relay(frame, message, buffers or [])
+            session.relay(frame, message, buffers or [], size, self.client_max)
         else:
-            session.send(message, buffers or [])
+            session.send(message, buffers or [], size, self.client_max)
+
+    @property
+    def client_max(self) -> int:
+        """The largest message the client takes (its ``max_message_size``)."""
+        return self.setup.max_message_size or MAX_MESSAGE_SIZE
 
     def fitted(
         self, message: Message, buffers: list[memoryview]
@@ -359,6 +367,7 @@ class SharedComputation:
         passed, upstream.passed = upstream.passed, False
         conn = upstream.conn
         more = conn is not None and conn.messages_waiting > 0
+        size = None if conn is None else conn.last_size
         # The client waits for them (W2): forwarded first, before the bookkeeping,
         # unless a job came back unrun (it runs elsewhere: not for the client); a
         # message not gathered goes as the node sent it (not encoded again).
@@ -368,7 +377,9 @@ class SharedComputation:
             for item in message.results
         ):
             frame = None if more or conn is None else conn.last_frame
-            self.to_client(message, buffers, gather=more, frame=frame, sent=passed)
+            self.to_client(
+                message, buffers, gather=more, frame=frame, sent=passed, size=size
+            )
             forward = False
         returned: list[int] = []
         for start in message.started:  # [key, attempt, start_time, before]
@@ -402,7 +413,7 @@ class SharedComputation:
             results = [r for i, r in enumerate(message.results) if i not in returned]
             message = dataclasses.replace(message, results=results)
         if forward and (message.results or message.started):
-            self.to_client(message, buffers, gather=more)
+            self.to_client(message, buffers, gather=more, size=size)  # fewer results
         session = self.session
         if more:
             if session is not None:

@@ -43,6 +43,14 @@ logger = logging.getLogger(__name__)
 #: the node's next ones (gathering is for bursts of small results).
 GATHER_BYTES = 256 * 1024
 
+#: What joining a results message to others may add to its size: a computation id
+#: renumbered for the client, longer lists (their length prefixes) and, per job
+#: start, a larger index of the result it follows. Each message joined also drops
+#: its own prefix, lengths and MAC (over 40 bytes), so the joined message is at most
+#: the sum of its parts' sizes plus this.
+_JOIN_SLACK = 16
+_START_GROWTH = 4
+
 
 class SchedulerSession:
     """A client's connection: its computations, by the client's ids."""
@@ -59,17 +67,30 @@ class SchedulerSession:
         #: Results gathered per computation id: ``[results, started, buffers]``.
         self._gathered: dict[int, list[Any]] = {}
         self._gathered_bytes = 0  # of their buffers
+        #: At least the size of the messages `send_gathered` would write, and the
+        #: largest message their client takes (see `gather`).
+        self._gathered_size = 0
+        self._gather_limit = 0
         self._send_due = False  # a `send_gathered` is due at the loop's next turn
 
     async def serve(self) -> None:
         """Handle the client's messages until its connection ends."""
         await self.conn.dispatch(self._on_message, self._on_bad)
 
-    def send(self, message: Message, buffers: list[memoryview] | None = None) -> None:
-        """Write to the client (a connection that ended is handled by `serve`)."""
+    def send(
+        self,
+        message: Message,
+        buffers: list[memoryview] | None = None,
+        size: int | None = None,
+        limit: int = 0,
+    ) -> None:
+        """Write to the client (a connection that ended is handled by `serve`).
+
+        Results whose ``size`` is known (as `gather` takes them) join what was
+        gathered if the client takes the joined message (``limit``)."""
         if self._gathered:
-            if isinstance(message, JobResults):  # joined with them: one message
-                self.gather(message, buffers or [])
+            if isinstance(message, JobResults) and size is not None:
+                self.gather(message, buffers or [], size, limit)
                 self.send_gathered()
                 return
             self.send_gathered()  # what was gathered goes first: the order is kept
@@ -81,23 +102,47 @@ class SchedulerSession:
         """Results are held (`gather`): they go before anything else."""
         return bool(self._gathered)
 
-    def relay(self, frame: Frame, message: Message, buffers: list[memoryview]) -> None:
+    def relay(
+        self,
+        frame: Frame,
+        message: Message,
+        buffers: list[memoryview],
+        size: int | None = None,
+        limit: int = 0,
+    ) -> None:
         """`send` ``message``, whose ``frame`` (as a node sent it) is passed on as
         it came, unless what was gathered must go first."""
         if self._gathered:
-            self.send(message, buffers)
+            self.send(message, buffers, size, limit)
             return
         with contextlib.suppress(DispynbError):
             self.conn.relay(frame)
 
-    def gather(self, message: JobResults, buffers: list[memoryview]) -> None:
+    def gather(
+        self, message: JobResults, buffers: list[memoryview], size: int, limit: int
+    ) -> None:
         """Hold ``message`` to join it with the results that follow: a node's
         messages read together (a burst of short jobs) reach the client as one
         message per computation, written by `send_gathered`, in one system call.
 
+        ``size``: the message's as a node sent it (`Connection.last_size`: the
+        client counts the same bytes); ``limit``: the largest message its client
+        takes (``max_message_size``). What was gathered goes first if the joined
+        message could pass the limit of any client computation it holds results
+        of. (A node cuts its messages to that limit; one that is larger anyway goes
+        alone, as it would without gathering.)
+
         The caller calls `send_gathered` once it handled them (nothing waits for a
         timer); any other message to the client sends what was gathered first.
         """
+        size += _JOIN_SLACK + _START_GROWTH * len(message.started)
+        if self._gathered:
+            if self._gathered_size + size > min(limit, self._gather_limit):
+                self.send_gathered()
+            else:
+                limit = min(limit, self._gather_limit)
+        self._gathered_size += size
+        self._gather_limit = limit
         held = self._gathered.get(message.comp_id)
         if held is None:
             self._gathered[message.comp_id] = [
@@ -128,7 +173,7 @@ class SchedulerSession:
         self._send_due = False
         if not self._gathered:
             return
-        self._gathered_bytes = 0
+        self._gathered_bytes = self._gathered_size = 0
         gathered, self._gathered = self._gathered, {}
         messages = [
             (JobResults(comp_id=comp_id, results=results, started=started), buffers)

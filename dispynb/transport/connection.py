@@ -140,6 +140,10 @@ class Connection:
         #: unchanged; None after a large or unsigned one (a large one's memory is not
         #: held past its turn).
         self.last_frame: Frame | None = None
+        #: Bytes of that message as a peer's ``max_message_size`` counts them (its
+        #: frame after the 8-byte prefix, MAC included): what a relay that joins
+        #: messages adds up.
+        self.last_size = 0
         #: Reads from the link so far, complete frames or not: a peer whose big
         #: message is still arriving on a slow link is alive (the pulse watchdog).
         self.reads = 0
@@ -451,6 +455,7 @@ class Connection:
             if self._link is not None and not self._held:
                 self._link.resume_reading()
         self.bytes_received += PREFIX_SIZE + len(body)
+        self.last_size = len(body)
         verifier = self._verifier
         if isinstance(checked, DispynbError):
             del body  # not kept alive by the traceback of the error raised here

@@ -32,6 +32,7 @@ class RecordingConnection:
         self.calls: list[tuple[str, Any]] = []
         self.messages_waiting = 0
         self.last_frame: Any = FRAME
+        self.last_size = 100  # of the last message read (a small one)
 
     def relay(self, frame: Any) -> None:
         self.calls.append(("relay", frame))
