@@ -96,7 +96,10 @@ class Registrar:
         self._pending = 0
         self._pending_by_source: dict[str, int] = {}
         self._warned: set[str] = set()
-        self._seen: set[tuple[str, int, bytes]] = set()
+        # The boot id last accepted per node address: a repeat of it is not news
+        # (nodes register again while they have no session), a new one is (the
+        # node restarted). One entry per address, however often nodes restart.
+        self._boots: dict[tuple[str, int], bytes] = {}
 
     async def start(self) -> int:
         """Start listening; return the bound port."""
@@ -181,10 +184,9 @@ class Registrar:
             )
         writer.write(ACCEPTED)
         await writer.drain()
-        key = (ip, reg.port, reg.boot)
-        if key in self._seen:
+        if self._boots.get((ip, reg.port)) == reg.boot:
             return
-        self._seen.add(key)
+        self._boots[(ip, reg.port)] = reg.boot
         node = RegisteredNode(ip, reg.port, reg.name, reg.cpus, reg.boot)
         logger.info("node %s registered at %s (%d CPUs)", reg.name, node.spec, reg.cpus)
         try:

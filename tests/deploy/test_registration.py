@@ -118,6 +118,33 @@ def test_registrar_accepts_a_valid_proof_and_refuses_others(
     run(scenario())
 
 
+def test_repeats_are_not_news_and_restarts_are_remembered_once_per_address() -> None:
+    """Nodes register again while they have no session: a repeat of a boot is not
+    reported, a new boot at the same address (the node restarted) is, and the
+    registrar keeps one boot per address however often its nodes restart."""
+    found: list[RegisteredNode] = []
+
+    async def scenario() -> None:
+        registrar = Registrar(SECRET, found.append, host="127.0.0.1")
+        port = await registrar.start()
+        try:
+            boots = [new_boot_id() for _ in range(5)]
+            for boot in boots:
+                for _ in range(2):  # the boot, then a repeat of it
+                    reg = Registration(name="n1", port=9400, cpus=2, boot=boot)
+                    _, answer = await _exchange(port, SECRET, reg=reg)
+                    assert answer == ACCEPTED
+            other = Registration(name="n2", port=9401, cpus=1, boot=boots[0])
+            assert (await _exchange(port, SECRET, reg=other))[1] == ACCEPTED
+            assert [n.boot for n in found] == [*boots, boots[0]]
+            assert [n.port for n in found] == [9400] * 5 + [9401]
+            assert len(registrar._boots) == 2  # one per address, not per restart
+        finally:
+            registrar.close()
+
+    run(scenario())
+
+
 def test_silent_peer_times_out_and_others_still_register() -> None:
     found: list[RegisteredNode] = []
 
