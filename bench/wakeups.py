@@ -16,11 +16,23 @@ once and waits for all (W1's). Context switches come from
 ``/proc/PID/task/TID/status`` before and after; ``--strace`` attaches one
 ``strace -f -c`` per process after the warm-up and detaches it after the measured
 jobs (strace slows everything down: counts only, never times, from that mode).
+CPU time per job is the kernel scheduler's own count (``/proc/PID/task/TID/
+schedstat``, in ns; "user" is the tick-sampled part in user mode), and each
+process's line says which CPU it ran on last and how often it moved: on a small
+machine the processes of a round trip settle on CPUs, and where each lands
+changes what it costs (issue 16: behind the scheduler, the four processes settle
+on alternate CPUs, and the worker, woken across CPUs instead of on its node
+server's, costs about twice the CPU per job). ``--pin`` places them by hand after
+the warm-up, to compare placements::
+
+    PYTHONPATH=$PWD .venv/bin/python bench/wakeups.py --backend dispynb-scheduler \
+        --pin client=1,scheduler=1,node=0,worker=0
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -65,7 +77,11 @@ def _switches(pid: int) -> dict[str, tuple[int, int]]:
 
 
 def _cpu(pid: int) -> tuple[float, float]:
-    """Seconds of CPU (user, system) used by all threads of ``pid`` so far."""
+    """Seconds of CPU (user, system) used by all threads of ``pid`` so far.
+
+    In clock ticks (10 ms): a few thousand trips of a process that runs 50 us each
+    are a few ticks, so the total is `_runtime`'s; this is for the user/system split.
+    """
     try:
         with open(f"/proc/{pid}/stat") as stat:
             fields = stat.read().rsplit(")", 1)[1].split()
@@ -73,6 +89,35 @@ def _cpu(pid: int) -> tuple[float, float]:
         return 0.0, 0.0
     tick = os.sysconf("SC_CLK_TCK")
     return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def _runtime(pid: int) -> tuple[float, int]:
+    """Seconds on a CPU (the scheduler's own count, in ns) and migrations between
+    CPUs of all threads of ``pid`` so far."""
+    seconds, migrations = 0.0, 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return seconds, migrations
+    gone = (FileNotFoundError, ProcessLookupError, ValueError, IndexError)
+    for tid in tids:
+        task = f"/proc/{pid}/task/{tid}"
+        with contextlib.suppress(*gone), open(f"{task}/schedstat") as schedstat:
+            seconds += int(schedstat.read().split()[0]) / 1e9
+        with contextlib.suppress(*gone), open(f"{task}/sched") as sched:
+            for line in sched:
+                if line.startswith("se.nr_migrations"):
+                    migrations += int(line.split(":")[1])
+    return seconds, migrations
+
+
+def _last_cpu(pid: int) -> str:
+    """The CPU ``pid`` ran on last ("?" if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[36]
+    except (FileNotFoundError, IndexError):
+        return "?"
 
 
 def _processes(root: int) -> dict[str, int]:
@@ -99,6 +144,32 @@ def _role(proc: psutil.Process) -> str:
         if f"-m {module}" in command or f"dispynb-{module[:-6]}" in command:
             return module
     return proc.name()
+
+
+def _pin(pids: dict[str, int], spec: str) -> None:
+    """Bind each process named in ``spec`` ("client=0,scheduler=1,node=0,
+    worker=1": node servers and computation processes are "node", processes
+    running jobs "worker") to those CPUs, all of its threads."""
+    cpus: dict[str, set[int]] = {}
+    for item in spec.split(","):
+        role, _, where = item.partition("=")
+        cpus[role.strip()] = {int(cpu) for cpu in where.split("+")}
+    for label, pid in pids.items():
+        try:
+            name = psutil.Process(pid).name()
+        except psutil.Error:
+            continue
+        if label == "client":
+            role = "client"
+        elif label.startswith("schedserver"):
+            role = "scheduler"
+        else:
+            role = "worker" if name == "dispynb-compute" else "node"
+        if role not in cpus:
+            continue
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(ProcessLookupError):
+                os.sched_setaffinity(int(tid), cpus[role])
 
 
 class _Strace:
@@ -211,6 +282,12 @@ def main() -> None:
     parser.add_argument("--trips", type=int, default=1000)
     parser.add_argument("--burst", type=int, default=0, help="W1 pattern: N at once")
     parser.add_argument("--strace", action="store_true")
+    parser.add_argument(
+        "--pin",
+        default="",
+        help="bind processes to CPUs after the warm-up, e.g. "
+        "client=0,scheduler=1,node=0,worker=1 (CPUs joined with +)",
+    )
     args = parser.parse_args()
     backends = {"dispynb": _dispynb, "dispynb-scheduler": _scheduler, "ppe": _ppe}
     for trip, burst in backends[args.backend](args.workers):
@@ -220,9 +297,12 @@ def main() -> None:
         if args.burst:
             burst(list(range(args.burst)))
         pids = _processes(os.getpid())
+        if args.pin:
+            _pin(pids, args.pin)
         tracer = _Strace(pids, "/tmp") if args.strace else None
         before = {label: _switches(pid) for label, pid in pids.items()}
         cpu_before = {label: _cpu(pid) for label, pid in pids.items()}
+        run_before = {label: _runtime(pid) for label, pid in pids.items()}
         start = time.perf_counter()
         if args.burst:
             assert burst(list(range(jobs))) == [i + 1 for i in range(jobs)]
@@ -232,9 +312,11 @@ def main() -> None:
         elapsed = time.perf_counter() - start
         after = {label: _switches(pid) for label, pid in pids.items()}
         cpu_after = {label: _cpu(pid) for label, pid in pids.items()}
+        run_after = {label: _runtime(pid) for label, pid in pids.items()}
+        on_cpu = {label: _last_cpu(pid) for label, pid in pids.items()}
         user = {label: cpu_after[label][0] - cpu_before[label][0] for label in pids}
-        system = {label: cpu_after[label][1] - cpu_before[label][1] for label in pids}
-        cpu = {label: user[label] + system[label] for label in pids}
+        cpu = {label: run_after[label][0] - run_before[label][0] for label in pids}
+        moves = {label: run_after[label][1] - run_before[label][1] for label in pids}
         calls = tracer.stop() if tracer is not None else {}
         kind = f"burst of {jobs}" if args.burst else f"{jobs} round trips"
         print(f"{args.backend}: {kind}, {elapsed / jobs * 1e6:.0f} us per job")
@@ -253,7 +335,9 @@ def main() -> None:
             print(
                 f"  {label:28} ctx/job voluntary {v / jobs:5.2f}"
                 f" involuntary {n / jobs:5.2f}, CPU {cpu[label] / jobs * 1e6:4.0f} us"
-                f" (user {user[label] / jobs * 1e6:4.0f})/job   ({', '.join(detail)})"
+                f" (user {user[label] / jobs * 1e6:4.0f})/job,"
+                f" on CPU {on_cpu[label]} (migrations/job {moves[label] / jobs:4.2f})"
+                f"   ({', '.join(detail)})"
             )
             if label in calls:
                 rows = calls[label]
