@@ -33,6 +33,9 @@ LENGTH = struct.Struct("!I")
 #: Prefix plus lengths table of a message of ``n`` buffers, for small ``n``.
 _HEADS = [struct.Struct(f"!II{n}I") for n in range(17)]
 
+#: The lengths table of a message of ``n`` buffers, for small ``n``.
+_TABLES = [struct.Struct(f"!{n}I") for n in range(17)]
+
 #: Most buffers one message may carry; bounds the lengths table.
 MAX_BUFFERS = 1 << 16
 
@@ -99,15 +102,17 @@ def split_body(
     prefix); ``mac`` is empty when ``mac_size`` is 0.
     """
     view = memoryview(body)
-    table = 4 * count
-    lengths = struct.unpack_from(f"!{count}I", view)
+    offset = 4 * count
+    if count < len(_TABLES):  # the usual few buffers: one precompiled unpack
+        lengths = _TABLES[count].unpack_from(view)
+    else:
+        lengths = struct.unpack_from(f"!{count}I", view)
     end = len(view) - mac_size
-    if table + sum(lengths) != end:
+    if offset + sum(lengths) != end:
         raise FramingError(
-            f"frame lengths add up to {table + sum(lengths)} bytes, body has {end}"
+            f"frame lengths add up to {offset + sum(lengths)} bytes, body has {end}"
         )
     buffers = []
-    offset = table
     for length in lengths:
         buffers.append(view[offset : offset + length])
         offset += length
@@ -240,7 +245,9 @@ class FrameDecoder:
         #: ``take_body(size)``: writable memory of exactly ``size`` bytes for the
         #: body of a frame too big for the chunk.
         self.take_body: Callable[[int], Body] = _SPARES.take
-        self._big: Body | None = None  # the body of a frame bigger than _chunk
+        #: The body of a frame bigger than the chunk, while it is filled (None
+        #: between such frames; see `partial`).
+        self.big: Body | None = None
         self._big_view = memoryview(b"")
         self._big_got = 0
         self._big_prefix = b""
@@ -250,7 +257,7 @@ class FrameDecoder:
 
     def buffer(self) -> memoryview:
         """Writable space for the next bytes (never empty); then call `filled`."""
-        if self._big is not None:
+        if self.big is not None:
             return self._big_view[self._big_got :]
         if self._end == len(self._chunk):
             self._compact()
@@ -264,12 +271,12 @@ class FrameDecoder:
         """
         if self.error is not None:
             return []
-        if self._big is not None:
+        if self.big is not None:
             self._big_got += nbytes
-            if self._big_got < len(self._big):
+            if self._big_got < len(self.big):
                 return []
-            frame = (self._big_prefix, self._big_count, self._big)
-            self._big = None
+            frame = (self._big_prefix, self._big_count, self.big)
+            self.big = None
             self._big_view = memoryview(b"")
             return [frame]
         self._end += nbytes
@@ -280,16 +287,16 @@ class FrameDecoder:
 
         Lets a reader start on a large frame (hash it) while the rest is in flight.
         """
-        if self._big is None:
+        if self.big is None:
             return None
-        return self._big_prefix, self._big, self._big_got
+        return self._big_prefix, self.big, self._big_got
 
     def drop_partial(self) -> None:
         """Forget the large frame being filled: its stream ended, so it never
         completes. Its body is freed now, not whenever the decoder is (a
         connection and its link refer to each other: only a garbage collection
         frees them, which an idle process may not run for a long time)."""
-        self._big = None
+        self.big = None
         self._big_view = memoryview(b"")
         self._big_got = 0
 
@@ -299,11 +306,18 @@ class FrameDecoder:
         while self._end - self._start >= PREFIX_SIZE:
             start = self._start
             prefix = bytes(view[start : start + PREFIX_SIZE])
-            try:
-                size, count = parse_prefix(prefix, self.max_size, self.mac_size)
-            except FramingError as exc:
-                self.error = exc
-                break
+            size, count = PREFIX.unpack(prefix)
+            if (
+                size > self.max_size
+                or not 1 <= count <= MAX_BUFFERS
+                or size < 4 * count + self.mac_size
+            ):  # `parse_prefix`'s checks, inline: it says what is wrong
+                try:
+                    parse_prefix(prefix, self.max_size, self.mac_size)
+                except FramingError as exc:
+                    self.error = exc
+                    break
+                raise AssertionError("parse_prefix accepted a refused prefix")
             end = start + PREFIX_SIZE + size
             if end <= self._end:
                 frames.append((prefix, count, chunk[start + PREFIX_SIZE : end]))
@@ -312,7 +326,7 @@ class FrameDecoder:
             if PREFIX_SIZE + size > len(chunk):
                 # Too big for the chunk: it gets its own buffer, filled in place.
                 have = self._end - start - PREFIX_SIZE
-                self._big = big = self.take_body(size)
+                self.big = big = self.take_body(size)
                 big[:have] = view[start + PREFIX_SIZE : self._end]
                 self._big_view = memoryview(big)
                 self._big_got, self._big_prefix, self._big_count = have, prefix, count
@@ -354,8 +368,8 @@ class FrameDecoder:
     def expected(self) -> int:
         """Size of the frame being received, prefix included (8 while the prefix
         itself is incomplete)."""
-        if self._big is not None:
-            return PREFIX_SIZE + len(self._big)
+        if self.big is not None:
+            return PREFIX_SIZE + len(self.big)
         if self._end - self._start < PREFIX_SIZE:
             return PREFIX_SIZE
         body, _count = PREFIX.unpack_from(self._chunk, self._start)
@@ -364,6 +378,6 @@ class FrameDecoder:
     @property
     def pending(self) -> int:
         """Bytes received that do not yet form a whole message."""
-        if self._big is not None:
+        if self.big is not None:
             return PREFIX_SIZE + self._big_got
         return self._end - self._start

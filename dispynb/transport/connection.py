@@ -303,14 +303,14 @@ class Connection:
         size = PREFIX_SIZE + PREFIX.unpack_from(head)[0] - mac_size  # head and parts
         if size < _COALESCE_LIMIT:
             # The usual small message (a job, a result, a control message): every
-            # piece is small, so it is joined whole, and hashed in one update.
+            # piece is small, so it is joined whole, and hashed in one call.
             data = b"".join(pieces)
             if self._signer is None:
-                link.write((data,), None, fds)
+                link.write((data,), None, fds, size)
             else:
-                mac = self._signer.start(size)
-                mac.update(data)
-                link.write((data, mac.digest()))
+                link.write(
+                    (data, self._signer.sign_frame(b"", data)), size=size + MAC_SIZE
+                )
         elif self._signer is None:
             link.write(_coalesced(pieces), None, fds)
         elif size >= HASH_IN_FLIGHT:
@@ -348,9 +348,7 @@ class Connection:
             data = b"".join([head, *parts])
             joined.append(data)
             if signer is not None:
-                mac = signer.start(size)
-                mac.update(data)
-                joined.append(mac.digest())
+                joined.append(signer.sign_frame(b"", data))
             self.bytes_sent += size + mac_size
         if joined:
             link.write(joined)
@@ -369,12 +367,9 @@ class Connection:
         if signer is None:
             raise ValueError("only a signed connection relays a signed frame")
         prefix, _count, signed = frame
-        size = PREFIX_SIZE + len(signed)
-        mac = signer.start(size)
-        mac.update(prefix)
-        mac.update(signed)
-        link.write((prefix, signed, mac.digest()))
-        self.bytes_sent += size + MAC_SIZE
+        size = PREFIX_SIZE + len(signed) + MAC_SIZE
+        link.write((prefix, signed, signer.sign_frame(prefix, signed)), size=size)
+        self.bytes_sent += size
 
     async def send(self, message: Message, buffers: Sequence[Buffer] = ()) -> None:
         """Send ``message`` and wait until the socket has taken it (backpressure)."""
@@ -449,31 +444,31 @@ class Connection:
     def _take(self) -> tuple[Message, list[memoryview]]:
         """Check and decode the oldest received frame."""
         prefix, count, body, checked = self._inbox.popleft()
-        self._inbox_bytes -= len(body)
+        size = len(body)
+        self._inbox_bytes -= size
         if self._paused and self._inbox_bytes <= INBOX_HIGH // 2:
             self._paused = False
             if self._link is not None and not self._held:
                 self._link.resume_reading()
-        self.bytes_received += PREFIX_SIZE + len(body)
-        self.last_size = len(body)
+        self.bytes_received += PREFIX_SIZE + size
+        self.last_size = size
         verifier = self._verifier
-        if isinstance(checked, DispynbError):
+        if checked is not _VERIFIED and isinstance(checked, DispynbError):
             del body  # not kept alive by the traceback of the error raised here
             raise checked
-        buffers, signed, mac = split_body(body, count, MAC_SIZE if verifier else 0)
-        self.last_frame = (
-            (prefix, count, signed) if verifier and len(body) < RELAY_MAX else None
-        )
-        if verifier is not None and checked is not _VERIFIED:
+        if verifier is None:
+            buffers = split_body(body, count)[0]
+            self.last_frame = None
+            header = unpack_header(buffers[0], trusted=self._trusted)
+            return self.family.from_header(header), buffers[1:]
+        buffers, signed, mac = split_body(body, count, MAC_SIZE)
+        self.last_frame = (prefix, count, signed) if size < RELAY_MAX else None
+        if checked is not _VERIFIED:
             # It arrived before signing started: only a peer that does not wait for
             # the end of the handshake sends that. Check it now, in turn.
-            verifier.verify((prefix, signed), mac)
-        trusted = self._trusted or verifier is not None
-        if verifier is None:
-            header = unpack_header(buffers[0], trusted=trusted)
-            return self.family.from_header(header), buffers[1:]
+            verifier.check_frame(prefix, signed, mac)
         try:
-            header = unpack_header(buffers[0], trusted=trusted)
+            header = unpack_header(buffers[0], trusted=True)
             return self.family.from_header(header), buffers[1:]
         except MessageError as exc:
             raise BadMessageError(str(exc)) from None
@@ -557,7 +552,7 @@ class Connection:
             checked = None if verifier is None else self._verify(verifier, prefix, body)
             self._inbox.append((prefix, count, body, checked))
             self._inbox_bytes += len(body)
-        if verifier is not None:
+        if verifier is not None and self.decoder.big is not None:
             self._hash_partial(verifier)
         if not frames:
             return
@@ -570,8 +565,10 @@ class Connection:
             self._paused = True
             if self._link is not None:
                 self._link.pause_reading()
-        self._wake()
-        self._deliver()
+        if self._waiter is not None:
+            self._wake()
+        if self._handler is not None:
+            self._deliver()
 
     def _verify(self, verifier: MessageVerifier, prefix: bytes, body: Body) -> object:
         """Check a signed frame on arrival (in arrival order, which is the sequence
@@ -581,17 +578,15 @@ class Connection:
             return FramingError(f"frame of {len(body)} bytes is too short for a MAC")
         partial = self._partial
         view = memoryview(body)
-        if partial is not None and partial[0] is body:
-            # Hashed while it arrived: only its tail is left.
-            self._partial = None
-            _, seq, running, hashed = partial
-            running.update(view[hashed:end])
-        else:
-            seq, running = verifier.start(len(prefix) + end)
-            running.update(prefix)
-            running.update(view[:end])
         try:
-            verifier.check(seq, running, view[end:])
+            if partial is not None and partial[0] is body:
+                # Hashed while it arrived: only its tail is left.
+                self._partial = None
+                _, seq, running, hashed = partial
+                running.update(view[hashed:end])
+                verifier.check(seq, running, view[end:])
+            else:
+                verifier.check_frame(prefix, view[:end], view[end:])
         except AuthenticationError as exc:
             # Without this frame's traceback: it holds the refused body (a large
             # one's memory would live on with the error, until a garbage collection).

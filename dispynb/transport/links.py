@@ -99,10 +99,11 @@ class Link(Protocol):
         pieces: Sequence[Buffer],
         mac: RunningMac | None = None,
         fds: Sequence[int] = (),
+        size: int = -1,
     ) -> None:
         """Send ``pieces`` in order, then ``mac``'s digest of them if given, and
         ``fds`` with the first byte (Unix sockets only); never blocks, never raises
-        for a dead peer."""
+        for a dead peer. ``size``: the bytes of ``pieces``, if the caller knows."""
 
     async def drained(self) -> None:
         """Wait until all written bytes are with the kernel (or the link ended)."""
@@ -153,7 +154,8 @@ class SocketLink:
         self._unsent = 0  # bytes of the views in _out
         self._writing = False  # the writer callback is registered
         self._drain_waiters = DrainWaiters()
-        self._closed = False
+        #: True once the link has ended (an attribute: every write checks it).
+        self.closed = False
         self._dropped = False  # it ended with bytes the kernel had not taken
         self._reading = True
         self._names = (_sockname(sock, "getsockname"), _sockname(sock, "getpeername"))
@@ -163,14 +165,9 @@ class SocketLink:
         self._loop.add_reader(self._fd, self._readable)
 
     @property
-    def closed(self) -> bool:
-        """True once the link has ended."""
-        return self._closed
-
-    @property
     def all_sent(self) -> bool:
         """Whether every byte written went to the kernel (before the end, if any)."""
-        return not self._dropped if self._closed else not self._out
+        return not self._dropped if self.closed else not self._out
 
     @property
     def unsent(self) -> int:
@@ -203,7 +200,7 @@ class SocketLink:
         rest of the large frame being received if less; 1 between large frames."""
         partial = decoder.partial()
         lowat = 1 if partial is None else min(len(partial[1]) - partial[2], most)
-        if lowat != self._lowat and not self._closed:
+        if lowat != self._lowat and not self.closed:
             try:
                 self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
             except OSError:
@@ -213,13 +210,13 @@ class SocketLink:
 
     def pause_reading(self) -> None:
         """Stop reading until `resume_reading`."""
-        if self._reading and not self._closed:
+        if self._reading and not self.closed:
             self._reading = False
             self._loop.remove_reader(self._fd)
 
     def resume_reading(self) -> None:
         """Read again."""
-        if not self._reading and not self._closed:
+        if not self._reading and not self.closed:
             self._reading = True
             self._loop.add_reader(self._fd, self._readable)
 
@@ -230,6 +227,7 @@ class SocketLink:
         pieces: Sequence[Buffer],
         mac: RunningMac | None = None,
         fds: Sequence[int] = (),
+        size: int = -1,
     ) -> None:
         """Send ``pieces`` now with one ``sendmsg``; queue (uncopied) what is left.
 
@@ -237,20 +235,24 @@ class SocketLink:
         after them: a large message is hashed while it is in flight, not before.
         ``fds`` go with the first byte (SCM_RIGHTS), so a reader gets them no later
         than the message; they must stay open until the link has drained.
+        ``size``: the bytes of ``pieces``, if the caller knows them (not counted
+        again).
         """
-        if self._closed:
+        if self.closed:
             return
         if self._out:
             self._queue(pieces, mac, fds)
             return
         try:
-            sent = self._sock.sendmsg(pieces[:IOV_MAX], _rights(fds))
+            sent = self._sock.sendmsg(
+                pieces[:IOV_MAX], _rights(fds) if fds else _NO_ANCDATA
+            )
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError as exc:
             self._lose(exc)
             return
-        if mac is None and sent == buffers_size(pieces):
+        if mac is None and sent == (size if size >= 0 else buffers_size(pieces)):
             return  # the usual case: all of it in one system call
         self._queue(pieces, mac, () if sent else fds)
         self._consume(sent)
@@ -326,7 +328,7 @@ class SocketLink:
 
     async def drained(self) -> None:
         """Wait until the queue of unsent bytes is empty (or the link ended)."""
-        if not self._out or self._closed:
+        if not self._out or self.closed:
             return
         await self._drain_waiters.wait()
 
@@ -347,9 +349,9 @@ class SocketLink:
         self._lose(None)
 
     def _lose(self, exc: BaseException | None) -> None:
-        if self._closed:
+        if self.closed:
             return
-        self._closed = True
+        self.closed = True
         self._dropped = bool(self._out)
         if self._reading:
             self._loop.remove_reader(self._fd)
@@ -461,6 +463,7 @@ class TransportLink:
         pieces: Sequence[Buffer],
         mac: RunningMac | None = None,
         fds: Sequence[int] = (),
+        size: int = -1,
     ) -> None:
         """Hand ``pieces`` (and ``mac``'s digest of them) to the transport."""
         if fds:
