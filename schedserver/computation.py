@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import dataclasses
 import logging
 from collections.abc import Iterator
@@ -20,9 +19,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from dispynb.defaults import MAX_MESSAGE_SIZE
-from dispynb.errors import DispynbError, FramingError
+from dispynb.errors import DispynbError
 from dispynb.protocol.chunks import fit_message
-from dispynb.protocol.framing import Frame, split_body
+from dispynb.protocol.framing import LENGTH as _LENGTH
+from dispynb.protocol.framing import Frame
 from dispynb.protocol.messages import (
     ABANDONED,
     CANCELLED,
@@ -245,7 +245,9 @@ class SharedComputation:
         to one node in one message before anything else is queued, `send_jobs`
         passes it on as it is instead of encoding the same message again (until
         `submitted`)."""
-        limits = {item[0]: item for item in message.limits if item}
+        limits = (
+            {item[0]: item for item in message.limits if item} if message.limits else {}
+        )
         was_empty = not self.queue
         with_limits = 0
         refused: list[ResultEntry] = []
@@ -273,7 +275,8 @@ class SharedComputation:
                 with_limits += 1
             self.queue.append(QueuedJob(key, attempt, item, job_buffers, job_limits))
             self.account.queued += 1
-        self.end_jobs(refused)
+        if refused:
+            self.end_jobs(refused)
         if (
             frame is not None
             and was_empty
@@ -345,17 +348,22 @@ class SharedComputation:
             or self.client_comp_id != self.comp_id
         ):
             return
-        try:
-            header = bytes(split_body(frame[2], frame[1])[0][0])
-        except FramingError:
+        _prefix, count, signed = frame
+        # The header is the first buffer: its length opens the lengths table.
+        start = 4 * count
+        end = start + _LENGTH.unpack_from(signed)[0]
+        if end > len(signed):
             return  # decoding it says what is wrong
+        header = bytes(signed[start:end])
         # `Message.to_header` puts the op last: the last pair names the message
         # (the last of two equal keys wins).
         if not header.endswith(_RESULTS_OP) or _RETURNED in header:
             return
         upstream.passed = True
-        with contextlib.suppress(DispynbError):
+        try:
             session.conn.relay(frame)
+        except DispynbError:
+            return  # a connection that ended is handled by its session
 
     def on_results(
         self, upstream: Upstream, message: JobResults, buffers: list[memoryview]
@@ -372,15 +380,16 @@ class SharedComputation:
         # unless a job came back unrun (it runs elsewhere: not for the client); a
         # message not gathered goes as the node sent it (not encoded again).
         forward = bool(message.results or message.started)
-        if forward and not any(
-            isinstance(item, list) and item[2:3] == [RETURNED]
-            for item in message.results
-        ):
-            frame = None if more or conn is None else conn.last_frame
-            self.to_client(
-                message, buffers, gather=more, frame=frame, sent=passed, size=size
-            )
-            forward = False
+        if forward:
+            for item in message.results:
+                if isinstance(item, list) and item[2:3] == [RETURNED]:
+                    break  # it goes after the bookkeeping, without that job
+            else:
+                frame = None if more or conn is None else conn.last_frame
+                self.to_client(
+                    message, buffers, gather=more, frame=frame, sent=passed, size=size
+                )
+                forward = False
         returned: list[int] = []
         for start in message.started:  # [key, attempt, start_time, before]
             if not is_start(start):
@@ -431,7 +440,8 @@ class SharedComputation:
                 kept.size / 2**20,
                 kept.on_disk / 2**20,
             )
-        self.finish_if_done()
+        if self.recovering:
+            self.finish_if_done()
         if more:
             self.server.schedule_soon()
         else:

@@ -45,7 +45,15 @@ class _Dispatch(_ServerState):
     def schedule(self) -> None:
         """Hand free slots out now (a job waits for no other loop turn: W2)."""
         self._dispatch_due = False
-        self._dispatch()
+        computations = self.computations
+        active = []
+        for c in computations:
+            if c.queue:  # (only a computation with jobs queued is picked)
+                held = c.account.held = c.held
+                if not c.closing and not held:
+                    active.append(c)
+        if active:
+            self._dispatch(active)
 
     def schedule_soon(self) -> None:
         """Hand free slots out once the messages read with this one are handled:
@@ -59,15 +67,10 @@ class _Dispatch(_ServerState):
         if self._dispatch_due:
             self.schedule()
 
-    def _dispatch(self) -> None:
+    def _dispatch(self, active: list[SharedComputation]) -> None:
+        """Hand free slots to the jobs of ``active`` (the computations with jobs
+        queued that may run some)."""
         computations = self.computations
-        active = []
-        for c in computations:
-            held = c.account.held = c.held
-            if c.queue and not c.closing and not held:
-                active.append(c)
-        if not active:
-            return
         # Jobs sent ahead of a free CPU (to hide round trips, as many as the jobs'
         # mean duration calls for: the client's policy) run in the node's order,
         # not ours: only a user alone gets them, so that users in contention share
@@ -77,7 +80,12 @@ class _Dispatch(_ServerState):
             users = {c.user for c in computations if c.queue or c.account.in_flight}
             if len(users) > 1:
                 per_cpu = 1
-        by_account = {id(c.account): c for c in active}
+        if len(active) == 1:  # the usual case: one computation has jobs waiting
+            by_account = {id(active[0].account): active[0]}
+            waiting = len(active[0].queue)
+        else:
+            by_account = {id(c.account): c for c in active}
+            waiting = sum([len(c.queue) for c in active])
         accounts = [c.account for c in computations if not c.closing]
         batches: dict[
             tuple[int, str], tuple[SharedComputation, Upstream, list[Any]]
@@ -88,7 +96,6 @@ class _Dispatch(_ServerState):
         nodes = [n for n in self.nodes if n.alive]
         if len(nodes) > 1:
             nodes.sort(key=_load)
-        waiting = sum([len(c.queue) for c in active])
         progress = True
         while progress and waiting:
             progress = False

@@ -51,13 +51,13 @@ class FairShare:
         """``count`` jobs of ``account`` went to a node."""
         account.in_flight += count
         account.queued -= count
-        self._in_flight[account.user] = self.in_flight(account.user) + count
+        self._in_flight[account.user] = self._in_flight.get(account.user, 0) + count
         self._served[account.user] = next(self._stamps)
 
     def ended(self, account: Account, count: int = 1) -> None:
         """``count`` jobs of ``account`` ended (or their node was lost)."""
         account.in_flight -= count
-        left = self.in_flight(account.user) - count
+        left = self._in_flight.get(account.user, 0) - count
         if left > 0:
             self._in_flight[account.user] = left
         else:
@@ -77,7 +77,7 @@ class FairShare:
         for account in accounts:
             if account.queued <= 0 or account.held or node not in account.nodes:
                 continue
-            user_flight = self.in_flight(account.user)
+            user_flight = self._in_flight.get(account.user, 0)
             if self.max_cpus is not None and user_flight >= self.max_cpus:
                 continue
             rank = (

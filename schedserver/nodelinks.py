@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 
 from dispynb.errors import DispynbError
 from dispynb.protocol.messages import (
@@ -133,10 +134,8 @@ class _NodeLinks(_ServerState):
         try:
             conn.write(setup, comp.bundle)
             await conn.dispatch(
-                lambda message, buffers: self._from_node(
-                    comp, upstream, message, buffers
-                ),
-                early=lambda frame, waiting: comp.pass_on(upstream, frame, waiting),
+                functools.partial(self._from_node, comp, upstream),
+                early=functools.partial(comp.pass_on, upstream),
             )
         except DispynbError as exc:
             reason = describe_error(exc)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 from dispynb.errors import DispynbError
@@ -60,7 +61,11 @@ class SchedulerSession:
         self.server = server
         self.user = user
         self.computations: dict[int, SharedComputation] = {}
-        self._clock = asyncio.get_running_loop().time
+        loop = asyncio.get_running_loop()
+        # The default loop's clock is `time.monotonic` itself: one call less for
+        # each of the client's messages.
+        default = type(loop).time is asyncio.BaseEventLoop.time
+        self._clock = time.monotonic if default else loop.time
         self.last_heard = self._clock()
         self._status_every = server.config.pulse_interval
         self._last_status = 0.0

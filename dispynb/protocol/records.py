@@ -12,6 +12,8 @@ from typing import Any, NamedTuple, TypedDict
 
 from dispynb.errors import MessageError
 
+_new_tuple = tuple.__new__
+
 
 class ResultEntry(NamedTuple):
     """One job's end in `JobResults.results` (packed as a 9-item array).
@@ -52,7 +54,7 @@ class ResultEntry(NamedTuple):
         """
         if not isinstance(item, list | tuple) or len(item) not in (9, 10):
             raise MessageError("malformed result entry in job-results")
-        entry = cls._make(item[:9])
+        entry = _new_tuple(cls, item[:9])  # `_make` less its length check (done)
         if not (
             isinstance(entry.key, int)
             and isinstance(entry.attempt, int)
