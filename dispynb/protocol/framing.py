@@ -31,7 +31,7 @@ PREFIX_SIZE = PREFIX.size
 LENGTH = struct.Struct("!I")
 
 #: Prefix plus lengths table of a message of ``n`` buffers, for small ``n``.
-_HEADS = [struct.Struct(f"!II{n}I") for n in range(17)]
+HEADS = [struct.Struct(f"!II{n}I") for n in range(17)]
 
 #: The lengths table of a message of ``n`` buffers, for small ``n``.
 _TABLES = [struct.Struct(f"!{n}I") for n in range(17)]
@@ -66,8 +66,8 @@ def encode_frames(
             f"message of {body} bytes exceeds the 4 GiB protocol limit; "
             "send large data as several jobs or as files"
         )
-    if count < len(_HEADS):  # the usual few buffers: one precompiled pack
-        head = _HEADS[count].pack(body, count, *lengths)
+    if count < len(HEADS):  # the usual few buffers: one precompiled pack
+        head = HEADS[count].pack(body, count, *lengths)
     else:
         head = PREFIX.pack(body, count) + struct.pack(f"!{count}I", *lengths)
     return head, list(buffers)
@@ -280,27 +280,6 @@ class FrameDecoder:
             self._big_view = memoryview(b"")
             return [frame]
         self._end += nbytes
-        return self._parse()
-
-    def partial(self) -> tuple[bytes, Body, int] | None:
-        """The large frame being filled: ``(prefix, body, bytes_filled)``, or None.
-
-        Lets a reader start on a large frame (hash it) while the rest is in flight.
-        """
-        if self.big is None:
-            return None
-        return self._big_prefix, self.big, self._big_got
-
-    def drop_partial(self) -> None:
-        """Forget the large frame being filled: its stream ended, so it never
-        completes. Its body is freed now, not whenever the decoder is (a
-        connection and its link refer to each other: only a garbage collection
-        frees them, which an idle process may not run for a long time)."""
-        self.big = None
-        self._big_view = memoryview(b"")
-        self._big_got = 0
-
-    def _parse(self) -> list[Frame]:
         frames: list[Frame] = []
         chunk, view = self._chunk, self._view
         while self._end - self._start >= PREFIX_SIZE:
@@ -337,6 +316,24 @@ class FrameDecoder:
         if self._start == self._end:
             self._start = self._end = 0
         return frames
+
+    def partial(self) -> tuple[bytes, Body, int] | None:
+        """The large frame being filled: ``(prefix, body, bytes_filled)``, or None.
+
+        Lets a reader start on a large frame (hash it) while the rest is in flight.
+        """
+        if self.big is None:
+            return None
+        return self._big_prefix, self.big, self._big_got
+
+    def drop_partial(self) -> None:
+        """Forget the large frame being filled: its stream ended, so it never
+        completes. Its body is freed now, not whenever the decoder is (a
+        connection and its link refer to each other: only a garbage collection
+        frees them, which an idle process may not run for a long time)."""
+        self.big = None
+        self._big_view = memoryview(b"")
+        self._big_got = 0
 
     def _compact(self) -> None:
         pending = self._end - self._start

@@ -37,6 +37,7 @@ from dispynb.errors import (
 )
 from dispynb.protocol.auth import MAC_SIZE, MessageSigner, MessageVerifier
 from dispynb.protocol.framing import (
+    HEADS,
     PREFIX,
     PREFIX_SIZE,
     Body,
@@ -68,6 +69,10 @@ Handler = Callable[[Message, list[memoryview]], "bool | None"]
 #: ``early(frame, waiting)`` for `Connection.dispatch`: a small signed frame before
 #: it is decoded, and how many received messages wait behind it.
 EarlyHandler = Callable[[Frame, int], None]
+
+#: Payload buffers of a message that `Connection.write` frames inline (more: by
+#: `encode_frames`).
+_FEW = 4
 
 #: Pieces smaller than this are joined before writing: fewer iovecs and MAC updates.
 _COALESCE_LIMIT = 64 * 1024
@@ -298,6 +303,31 @@ class Connection:
             raise ValueError("file descriptors travel only on a node's own channels")
         header = pack_header(message.to_header())
         mac_size = MAC_SIZE if self._signer else 0
+        if len(buffers) <= _FEW:
+            # `encode_frames` inline for the usual message (a job, a result, a
+            # control message: a header and a buffer or two)
+            lengths = [len(header)]
+            for buffer in buffers:
+                lengths.append(memoryview(buffer).nbytes)
+            count = len(lengths)
+            body = 4 * count + sum(lengths)
+            if PREFIX_SIZE + body < _COALESCE_LIMIT:
+                data = b"".join(
+                    [
+                        HEADS[count].pack(body + mac_size, count, *lengths),
+                        header,
+                        *buffers,
+                    ]
+                )
+                size = PREFIX_SIZE + body
+                if self._signer is None:
+                    link.write((data,), None, fds, size)
+                else:
+                    link.write(
+                        (data, self._signer.sign_frame(b"", data)), size=size + MAC_SIZE
+                    )
+                self.bytes_sent += size + mac_size
+                return
         head, parts = encode_frames([header, *buffers], mac_size)
         pieces: list[Buffer] = [head, *parts]
         size = PREFIX_SIZE + PREFIX.unpack_from(head)[0] - mac_size  # head and parts

@@ -94,3 +94,32 @@ def test_connection_repr_shows_peer_and_state():
             assert isinstance(conn, Connection)
 
     run(main())
+
+
+def test_messages_of_any_buffer_count_and_size_round_trip_signed():
+    # `write` frames a message of a few small buffers itself and leaves more
+    # buffers, or a larger message, to `encode_frames`: every shape must come back
+    # from the echo node intact (each frame's MAC checked on both sides).
+    shapes = [
+        [],
+        [b"a"],
+        [b"a", memoryview(b"bc"), bytearray(b"def")],
+        [b"x" * i for i in range(1, 5)],  # as many as it frames itself
+        [b"x" * i for i in range(1, 6)],  # one more: encode_frames
+        [b"y" * 20] * 20,
+        [b"z" * (64 * 1024 - 100)],  # around the size joined whole
+        [b"z" * (64 * 1024 - 20)],
+        [b"w" * (300 * 1024)],
+    ]
+
+    async def main():
+        async with serving() as (listener, _), client(listener.port) as (conn, _):
+            for index, buffers in enumerate(shapes):
+                sent = JobCancel(comp_id=index, key=len(buffers), attempt=0)
+                conn.write(sent, buffers)
+            for index, buffers in enumerate(shapes):
+                message, received = await conn.recv()
+                assert message == JobCancel(comp_id=index, key=len(buffers), attempt=0)
+                assert [bytes(b) for b in received] == [bytes(b) for b in buffers]
+
+    run(main())
