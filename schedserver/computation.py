@@ -19,10 +19,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from dispynb.defaults import MAX_MESSAGE_SIZE
-from dispynb.errors import DispynbError
+from dispynb.errors import DispynbError, FramingError
 from dispynb.protocol.chunks import fit_message
-from dispynb.protocol.framing import LENGTH as _LENGTH
-from dispynb.protocol.framing import Frame
+from dispynb.protocol.framing import Frame, split_body
 from dispynb.protocol.messages import (
     ABANDONED,
     CANCELLED,
@@ -348,13 +347,12 @@ class SharedComputation:
             or self.client_comp_id != self.comp_id
         ):
             return
-        _prefix, count, signed = frame
-        # The header is the first buffer: its length opens the lengths table.
-        start = 4 * count
-        end = start + _LENGTH.unpack_from(signed)[0]
-        if end > len(signed):
+        try:
+            # (the lengths checked too: a frame the client could not cut must
+            # not go to it)
+            header = bytes(split_body(frame[2], frame[1])[0][0])
+        except FramingError:
             return  # decoding it says what is wrong
-        header = bytes(signed[start:end])
         # `Message.to_header` puts the op last: the last pair names the message
         # (the last of two equal keys wins).
         if not header.endswith(_RESULTS_OP) or _RETURNED in header:

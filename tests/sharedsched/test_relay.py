@@ -233,3 +233,22 @@ def test_starts_that_are_not_starts_are_passed_over() -> None:
         assert comp.running[1].started
 
     asyncio.run(run())
+
+
+def test_results_whose_lengths_do_not_add_up_are_not_passed_on() -> None:
+    # A node's frame is signed, but its lengths table may be wrong (a bug, a
+    # hostile node): the client, which cuts the frame the same way, must not get
+    # it; decoding it afterwards (`Connection._take`) says what is wrong.
+    async def run() -> None:
+        comp, upstream, client, _node = computation()
+        submit(comp, [1])
+        take_all(comp, upstream)
+        done = JobResults(comp_id=5, results=[[1, 0, 1, 1.0, 2.0, "", "", "", 1]])
+        prefix, count, body = frame_of(done, [b"r"])
+        for bad in (bytes(body) + b"x", bytes(body)[:-1]):
+            comp.pass_on(upstream, (prefix, count, memoryview(bad)), 0)
+        assert client.calls == []
+        comp.pass_on(upstream, (prefix, count, body), 0)
+        assert client.calls == [("relay", (prefix, count, body))]
+
+    asyncio.run(run())
