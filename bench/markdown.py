@@ -2,9 +2,14 @@
 
 `render_markdown` turns the JSON document written by ``run.py`` into the report: the
 command, the machine, the versions, the table of all frameworks and workloads
-(median [min-max]), issue 7's targets with PASS/MISS, W6's errors, memory per
-process, the scale curve, and what did not run. ``plot.py`` calls it after drawing
-the PNGs; the unit tests call it on a synthetic document.
+(median [min-max]), issue 7's and issues 16-17's targets with PASS/MISS, W6's
+errors, memory per process, the scale curve, and what did not run. ``plot.py`` calls
+it after drawing the PNGs; the unit tests call it on a synthetic document.
+
+Hand-written notes live in ``bench/notes/*.md``, never in ``docs/benchmarks.md``
+itself (a regeneration rewrites that file wholly). `NOTES` lists every notes file
+and its place: at the end of a generated section (named by its heading), or at the
+end of the report. A notes file must be listed there (a test checks it).
 """
 
 from __future__ import annotations
@@ -17,15 +22,52 @@ from typing import Any
 from crosshost_report import HEADING as CROSSHOST_HEADING
 from crosshost_report import crosshost_markdown
 from report import MIB, SUBJECT, evaluate_engine_targets, number, table_rows
+from targets import evaluate_issue_targets
 
-__all__ = ["engine_lines", "render_markdown", "splice"]
+__all__ = ["NOTES", "engine_lines", "notes_lines", "render_markdown", "splice"]
 
 #: Heading of the section on dispynb running on other engines (issue 14).
 ENGINES_HEADING = "## dispynb on Dask and Ray: overhead over the engine alone"
 
-#: Hand-written analysis appended to the report when present (kept next to this file
-#: so that regenerating the report does not lose it).
-NOTES = Path(__file__).resolve().parent / "notes.md"
+#: Heading of issue 16's and 17's targets.
+ISSUE_TARGETS_HEADING = "## Issue 16 and 17 targets"
+
+#: Where the hand-written notes are (one markdown file per place).
+NOTES_DIR = Path(__file__).resolve().parent / "notes"
+
+#: Every notes file, in order, and the generated section it closes (``None``: the
+#: end of the report). Its text goes after that section's generated lines, before
+#: the next ``## `` heading; a section this run did not produce is then rendered as
+#: its heading, "not measured in this run", and the notes.
+NOTES: tuple[tuple[str, str | None], ...] = (
+    ("engines.md", ENGINES_HEADING),
+    ("crosshost.md", CROSSHOST_HEADING),
+    ("scheduler.md", None),
+    ("hardening.md", None),
+    ("reading.md", None),
+)
+
+ABSENT = "Not measured in this run; the notes below are from earlier runs."
+
+
+def notes_lines(place: str | None, directory: Path | None = None) -> list[str]:
+    """The text of the notes files whose place is ``place`` (a heading, or ``None``
+    for the end of the report), in `NOTES` order, each followed by a blank line."""
+    lines: list[str] = []
+    for name, where in NOTES:
+        path = (directory or NOTES_DIR) / name
+        if where == place and path.exists():
+            lines += [path.read_text(encoding="utf-8").rstrip(), ""]
+    return lines
+
+
+def _section(generated: Sequence[str], heading: str) -> list[str]:
+    """A generated section followed by its notes; with nothing generated but notes
+    to keep, the heading, `ABSENT` and the notes."""
+    notes = notes_lines(heading)
+    if generated:
+        return [*generated, *notes]
+    return [heading, "", ABSENT, "", *notes] if notes else []
 
 
 def _table(rows: Sequence[Sequence[str]]) -> list[str]:
@@ -169,6 +211,46 @@ def _target_lines(document: Mapping[str, Any]) -> list[str]:
     return _table(rows)
 
 
+def issue_target_lines(document: Mapping[str, Any]) -> list[str]:
+    """Issue 16's and 17's targets (`targets.evaluate_issue_targets`) as a section."""
+    lines = [
+        ISSUE_TARGETS_HEADING,
+        "",
+        "Issue 16: the shared scheduler (`dispynb-scheduler`) against dispynb's direct"
+        " connection; issue 17: dispynb against ProcessPoolExecutor, Ray, Dask, raw"
+        " TCP across hosts and dispy. Medians of this run, except where the reference"
+        ' says otherwise; "not measured in this run" when the run did not include'
+        " the backend or workload the target needs.",
+        "",
+    ]
+    rows = [
+        [
+            "issue",
+            "target",
+            "measured",
+            "limit",
+            "limit from",
+            "measured / limit",
+            "status",
+        ]
+    ]
+    for t in evaluate_issue_targets(document):
+        unit = t["unit"]
+        measured = t["value"] is not None
+        rows.append(
+            [
+                str(t["issue"]),
+                t["target"],
+                f"{number(t['value'], unit)} {unit}" if measured else "-",
+                f"{number(t['limit'], unit)} {unit}" if measured else "-",
+                t["reference"],
+                f"{t['ratio']:.2f}" if t["ratio"] is not None else "-",
+                f"**{t['status']}**" if measured else t["status"],
+            ]
+        )
+    return [*lines, *_table(rows), ""]
+
+
 def engine_lines(document: Mapping[str, Any]) -> list[str]:
     """The section comparing dispynb-on-X with raw X (empty without such rows)."""
     entries = evaluate_engine_targets(document)
@@ -262,7 +344,8 @@ def render_markdown(document: Mapping[str, Any], images: Mapping[str, str]) -> s
         "",
     ]
     lines += [*_target_lines(document), ""]
-    lines += engine_lines(document)
+    lines += issue_target_lines(document)
+    lines += _section(engine_lines(document), ENGINES_HEADING)
     lines += ["## W6: a `__main__` function with a closure and a helper", ""]
     lines += [
         "`make_closure(5)` returns `closure_job(x) = _double(x) + offset`, where"
@@ -296,7 +379,9 @@ def render_markdown(document: Mapping[str, Any], images: Mapping[str, str]) -> s
         lines += _scale_lines(document["scale"])
         if "scale" in images:
             lines += [f"![dispynb scale curve]({images['scale']})", ""]
-    lines += crosshost_markdown(document, images.get("crosshost"))
+    lines += _section(
+        crosshost_markdown(document, images.get("crosshost")), CROSSHOST_HEADING
+    )
     failed = {n: d for n, d in document["backends"].items() if "error" in d}
     if failed:
         lines += ["## What did not run", ""]
@@ -304,8 +389,7 @@ def render_markdown(document: Mapping[str, Any], images: Mapping[str, str]) -> s
             last = details["error"].strip().splitlines()[-1]
             lines.append(f"- {details['label']}: `{last}`")
         lines.append("")
-    if NOTES.exists():
-        lines += [NOTES.read_text(encoding="utf-8").rstrip(), ""]
+    lines += notes_lines(None)
     return "\n".join(lines)
 
 
@@ -336,7 +420,12 @@ def splice_engine_section(report: str, document: Mapping[str, Any]) -> str:
     For a run of only the engine rows (``--backends dask,dispynb-dask``), which
     must not overwrite the full report.
     """
-    return _splice(report, engine_lines(document), ENGINES_HEADING, ["## W6"])
+    return _splice(
+        report,
+        _section(engine_lines(document), ENGINES_HEADING),
+        ENGINES_HEADING,
+        ["## W6"],
+    )
 
 
 def splice_crosshost_section(
@@ -346,9 +435,13 @@ def splice_crosshost_section(
     (a ``run.py --cross-host`` run), or inserted after the scale curve."""
     return _splice(
         report,
-        crosshost_markdown(document, image),
+        _section(crosshost_markdown(document, image), CROSSHOST_HEADING),
         CROSSHOST_HEADING,
-        ["## What did not run", "## Reading the numbers"],
+        [
+            "## Through the shared scheduler",
+            "## What did not run",
+            "## Reading the numbers",
+        ],
     )
 
 
