@@ -313,6 +313,10 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
                     worker.conn.write(*runs[0])
                 else:
                     worker.conn.write_many(runs)
+        if not worker.assigned:
+            # Every job failed before it left (its files were not here): the CPU
+            # `_pump` took for the worker is free again, or the node runs no more.
+            self._release_cpu(worker)
         # Its start is noted (for the client) and its time limit armed once it is on
         # its way: the worker runs it meanwhile (a round trip's latency, W2). Nothing
         # the worker answers is read before this callback returns.

@@ -133,6 +133,36 @@ def test_handshake_setup_submit_results_close(tmp_path: Path) -> None:
     run(main())
 
 
+def test_jobs_whose_files_never_came_fail_and_free_their_cpu(tmp_path: Path) -> None:
+    """A job listing a file the node never received (a relay that lost it) fails,
+    saying so, and the CPU it took is free again: the jobs after it run (before,
+    each such job kept its CPU and the node ran nothing more once they were all
+    taken)."""
+
+    async def main() -> None:
+        async with in_process_node(tmp_path, cpus=1) as node:
+            conn = await node.client("me")
+            assert await set_up(conn) == 1
+            never_sent = [["data.txt", "0" * 64]]
+            entries, buffers = [], []
+            for key in range(3):
+                payload = serialize.dumps(((key,), {}))
+                entries.append([key, 1, len(payload), never_sent])
+                buffers.extend(payload)
+            conn.write(JobSubmit(comp_id=1, jobs=entries), buffers)
+            failed = await results(conn, 3)
+            assert set(failed) == {0, 1, 2}
+            for outcome, reason in failed.values():
+                assert outcome != FINISHED
+                assert "was not sent to this node" in reason, reason
+            submit(conn, *((key, (key,)) for key in range(10, 14)))
+            assert await results(conn, 4) == {
+                key: (FINISHED, key * key) for key in range(10, 14)
+            }
+
+    run(main())
+
+
 def test_results_and_starts_keep_the_node_order(tmp_path: Path) -> None:
     async def main() -> None:
         async with in_process_node(tmp_path, cpus=1) as node:
