@@ -30,6 +30,7 @@ from dispynb.protocol.messages import (
     ComputationSetup,
     FileFromNode,
     FilePlaced,
+    FilePut,
     JobCancel,
     JobProvisional,
     JobResults,
@@ -91,6 +92,8 @@ class Upstream:
     #: pulse watchdog judges the node by it from then on, also while it sets up.
     reporting: bool = False
     task: asyncio.Task[None] | None = None
+    #: Digests of the jobs' own files written on this connection (`send_jobs`).
+    files_sent: set[str] = dataclasses.field(default_factory=set)
 
 
 class SharedComputation:
@@ -552,6 +555,7 @@ class SharedComputation:
             running[job.key] = job
         as_sent = self._as_sent
         try:
+            self._send_job_files(upstream, jobs)
             if (
                 as_sent is not None
                 and len(jobs) == as_sent[3]
@@ -579,6 +583,29 @@ class SharedComputation:
                 )
         except DispynbError as exc:
             logger.debug("%s: cannot send jobs: %s", self.name, exc)
+
+    def _send_job_files(self, upstream: Upstream, jobs: list[QueuedJob]) -> None:
+        """Write the files of ``jobs`` (a job's own ``depends``, `JobCluster.put`'s
+        objects) that ``upstream``'s node has not had on this connection, before the
+        jobs: a node places a job's files as it starts it and never asks for them (a
+        client connected to it directly sends them first in the same way). The
+        client sent each to the scheduler once (`_FileRelay.file_put`); one no longer
+        kept here fails its job on the node, saying the file never came."""
+        sent = upstream.files_sent
+        for job in jobs:
+            item = job.item
+            if len(item) < 4 or not item[3]:
+                continue
+            for _relative, digest in item[3]:
+                if digest in sent:
+                    continue
+                data = self.server.files.get(digest)
+                if data is None:
+                    continue
+                sent.add(digest)
+                self.server.write(
+                    upstream, FilePut(digest=digest, size=data.nbytes), [data]
+                )
 
 
 __all__ = ["QueuedJob", "SharedComputation", "Upstream"]

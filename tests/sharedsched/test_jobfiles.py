@@ -1,0 +1,59 @@
+"""A job's own files through the scheduler: `JobCluster.put` objects and a job's
+``dispy_job_depends``, which a node places as the job starts and never asks for: the
+scheduler must have written them to that node first (W7 through the scheduler hung
+with "file ... was not sent to this node" before)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dispynb import SharedJobCluster
+from tests.sharedsched.harness import SchedulerProcess
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+
+
+def measure(data: bytes, i: int) -> int:
+    return len(data) + i
+
+
+def read_job_file(name: str) -> str:
+    with open(name) as handle:  # the job's own depends, in its directory
+        return handle.read()
+
+
+def test_put_objects_reach_every_node_through_the_scheduler(
+    scheduler: SchedulerProcess, users: dict[str, Path]
+) -> None:
+    with SharedJobCluster(
+        measure, scheduler_host=scheduler.address, secret_file=str(users["alice"])
+    ) as cluster:
+        first = cluster.put(b"x" * 100_000)
+        jobs = [cluster.submit(first, i) for i in range(16)]  # spread over both nodes
+        assert [job() for job in jobs] == [100_000 + i for i in range(16)]
+        second = cluster.put(b"y" * 5000)  # a later object, on a used connection
+        jobs = [cluster.submit(second, i) for i in range(8)]
+        assert [job() for job in jobs] == [5000 + i for i in range(8)]
+
+
+def test_a_jobs_own_depends_reach_the_node_through_the_scheduler(
+    scheduler: SchedulerProcess,
+    users: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for n in range(3):
+        (tmp_path / f"in-{n}.txt").write_text(f"content {n}")
+    with SharedJobCluster(
+        read_job_file,
+        scheduler_host=scheduler.address,
+        secret_file=str(users["alice"]),
+    ) as cluster:
+        jobs = [
+            cluster.submit(f"in-{n % 3}.txt", dispy_job_depends=[f"in-{n % 3}.txt"])
+            for n in range(9)
+        ]
+        assert [job() for job in jobs] == [f"content {n % 3}" for n in range(9)]
