@@ -75,6 +75,13 @@ class _Events(_ClusterState):
         # the jobs itself; see dispynb.backends.base, "Threads"): the journal is
         # thread-safe, and records them as sent when they are.
         self._journal.sent(keys, info.node_id)
+        # As dispy's, a job names its node from dispatch on, before its start is
+        # reported: `close` names where an unanswered job was left.
+        jobs, host = self._jobs, info.host
+        for key in keys:
+            job = jobs.get(key)
+            if job is not None and job.status is JobStatus.Created:
+                job.ip_addr = host
 
     def job_running(self, key: int, info: NodeInfo, start_time: float) -> None:
         job = self._jobs.get(key)

@@ -109,7 +109,8 @@ class DispyJob:
         ``Created`` until the job executes on a node (also while it waits on a node
         behind other jobs), then ``Running``, ``ProvisionalResult`` and a final one.
     ip_addr:
-        Address of the node that ran the job.
+        Address of the node the job was sent to (set at dispatch, as dispy's; None
+        while it waits in the client, again if it is requeued) and that ran it.
     finish:
         A `threading.Event` set when the job reaches its final status (as in dispy,
         provisional results update ``result`` and ``status`` but do not set it).

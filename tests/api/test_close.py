@@ -101,6 +101,31 @@ def test_close_terminate_gives_up_on_a_stopped_node_in_bounded_time(
     assert "on 127.0.0.1" in warnings[0]
 
 
+def test_the_warning_names_the_node_of_a_job_sent_but_never_reported_started(
+    node: CliNode, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A job sent to a node that stopped before it could report the start is named
+    with that node, as dispy's ``ip_addr`` is set at dispatch, not "(queued)" (the
+    CI run of 2026-12-05 met this race in the test above)."""
+    cluster = JobCluster(
+        mark_and_sleep, nodes=[node.spec], secret=node.secret, pulse_interval=LONG_PULSE
+    )
+    first = cluster.submit(str(tmp_path / "first"), 0)
+    assert first.finish.wait(WAIT) and first.status == DispyJob.Finished
+    caplog.set_level(logging.WARNING, logger="dispynb.cluster")
+    with stopped(node.proc.pid):
+        job = cluster.submit(str(tmp_path / "never"), 300)
+        done, took = close_in_thread(cluster, 2 + CLOSING, timeout=2, terminate=True)
+    assert done is False, f"close still waiting after {took:.0f} s"
+    assert job.finish.wait(WAIT)
+    assert job.status == DispyJob.Abandoned
+    assert not (tmp_path / "never").exists()
+    warnings = [r.getMessage() for r in caplog.records if "abandoned" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert f"{job.id!r} on 127.0.0.1" in warnings[0], warnings[0]
+    assert job.ip_addr == "127.0.0.1"
+
+
 def test_close_with_a_timeout_returns_after_it_and_ends_the_job(
     node: CliNode, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
