@@ -43,6 +43,7 @@ __all__ = [
     "DispynbBackend",
     "DispynbSocketBackend",
     "ProcessPoolBackend",
+    "Unsupported",
     "load_backend",
 ]
 
@@ -52,6 +53,11 @@ Task = Callable[..., Any]
 
 class BenchmarkError(RuntimeError):
     """A job failed or returned a wrong result; the numbers would be meaningless."""
+
+
+class Unsupported(BenchmarkError):
+    """The backend refuses what the workload needs (dispynb on an engine that lacks
+    a feature): the workload is left out for it, not reported as a failure."""
 
 
 class Backend(Protocol):
@@ -264,8 +270,14 @@ class DispynbBackend:
         return self._result(self._cluster_for(fn).submit(arg))
 
     def share(self, fn: Task, obj: Any) -> Any:
-        """W7: ``JobCluster.put``; jobs get the handle."""
-        return self._cluster_for(fn).put(obj)
+        """W7: ``JobCluster.put``; jobs get the handle. `Unsupported` where the
+        engine refuses ``put`` (Dask's and Ray's lack ``job_depends``)."""
+        from dispynb.errors import NotSupportedError
+
+        try:
+            return self._cluster_for(fn).put(obj)
+        except NotSupportedError as exc:
+            raise Unsupported(str(exc)) from exc
 
     def close(self) -> None:
         self._cluster_stack.close()

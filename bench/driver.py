@@ -33,7 +33,7 @@ import time
 import traceback
 from typing import Any
 
-from backends import Backend, BenchmarkError, load_backend
+from backends import Backend, BenchmarkError, Unsupported, load_backend
 from workloads import (
     FULL,
     QUICK,
@@ -192,7 +192,7 @@ def touch(data: bytes, i: int) -> int:
 def run_objects(params: dict[str, Any]) -> dict[str, Any]:
     """Mode ``objects`` (W7): one repetition on a new backend with 4 workers (dispynb:
     4 local nodes of 1 CPU each); ``{"unsupported": ...}`` for a backend without a
-    way to share an object (``share``)."""
+    way to share an object (``share``) or one that refuses it."""
     sizes = QUICK if params["quick"] else FULL
     workers = sizes.shared_object_workers
     backend = load_backend(params["backend"], workers)
@@ -205,7 +205,10 @@ def run_objects(params: dict[str, Any]) -> dict[str, Any]:
     )
     backend.start()
     try:
-        result = workload.measure_once(backend)
+        try:
+            result = workload.measure_once(backend)
+        except Unsupported as exc:
+            return {"unsupported": str(exc)}
         result["config"] = backend.describe()["config"]
         return result
     finally:

@@ -382,15 +382,24 @@ def render_markdown(document: Mapping[str, Any], images: Mapping[str, str]) -> s
     lines += _section(
         crosshost_markdown(document, images.get("crosshost")), CROSSHOST_HEADING
     )
-    failed = {n: d for n, d in document["backends"].items() if "error" in d}
-    if failed:
-        lines += ["## What did not run", ""]
-        for details in failed.values():
-            last = details["error"].strip().splitlines()[-1]
-            lines.append(f"- {details['label']}: `{last}`")
-        lines.append("")
+    lines += _not_run_lines(document["backends"])
     lines += notes_lines(None)
     return "\n".join(lines)
+
+
+def _not_run_lines(backends: Mapping[str, Any]) -> list[str]:
+    """ "What did not run": each backend's failure, and the workloads it refused
+    (``unsupported``: dispynb's own error, not a failure of the run)."""
+    lines: list[str] = []
+    for details in backends.values():
+        if "error" in details:
+            last = details["error"].strip().splitlines()[-1]
+            lines.append(f"- {details['label']}: `{last}`")
+        for workload, reason in details.get("unsupported", {}).items():
+            lines.append(
+                f"- {details['label']}, {workload}: not supported (`{reason}`)"
+            )
+    return ["## What did not run", "", *lines, ""] if lines else []
 
 
 def _splice(

@@ -210,6 +210,8 @@ def build_report(
             details["error"] = result.get("error") or failures[0]
         if result.get("leftover_processes"):
             details["leftover_processes"] = result["leftover_processes"]
+        if result.get("unsupported"):
+            details["unsupported"] = dict(result["unsupported"])
         document["backends"][name] = details
         if "runs" in result:
             per_backend[name] = _raw_values(result)
@@ -513,6 +515,8 @@ def format_table(document: Mapping[str, Any]) -> str:
         if "error" in details:
             last = details["error"].strip().splitlines()[-1]
             lines.append(f"{details['label']} FAILED: {last}")
+        for workload, reason in details.get("unsupported", {}).items():
+            lines.append(f"{details['label']}, {workload}: not supported ({reason})")
     lines += crosshost_text(document)
     repeat = document["config"].get("repeat")
     lines.append(

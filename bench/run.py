@@ -292,6 +292,8 @@ def run_backend(
         for rep in range(1, args.repeat + 1):
             shared = run_driver(python, {**params, "mode": "objects"})
             if "unsupported" in shared:
+                result.setdefault("unsupported", {})["W7"] = shared["unsupported"]
+                _progress(f"[{name}] W7 not supported: {shared['unsupported']}")
                 break
             if "error" in shared:
                 result.setdefault("error", shared["error"])

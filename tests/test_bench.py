@@ -353,3 +353,41 @@ def test_bandwidth_waits_the_backends_release_wait_before_each_timed_repetition(
     events.clear()
     w4.measure(Fake())
     assert events == [("wait", 0.0), "run"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_w7_on_an_engine_that_refuses_put_is_reported_unsupported(
+    tmp_path: Path,
+) -> None:
+    """dispynb on Dask refuses ``put`` (its engine lacks ``job_depends``): the
+    driver says W7 is not supported there, with dispynb's reason, instead of
+    failing; the report lists it under "What did not run" as not supported."""
+    out = tmp_path / "result.json"
+    params = {"mode": "objects", "backend": "dispynb-dask", "quick": True}
+    # Not `run.run_driver`: it reaps every child of this process (pytest's own too).
+    subprocess.run(
+        [sys.executable, str(BENCH / "driver.py")],
+        input=json.dumps({**params, "out": str(out)}),
+        text=True,
+        cwd=BENCH,
+        timeout=100,
+        check=False,
+    )
+    result = json.loads(out.read_text(encoding="utf-8"))
+    assert "error" not in result, result.get("error")
+    assert "put is not supported on the 'dask' engine" in result["unsupported"]
+    document = report.build_report(
+        results={
+            "dispynb": _fake_result(2.0),
+            "dispynb-dask": {**_fake_result(1.0), "unsupported": {"W7": "no put"}},
+        },
+        config={"workers": 2, "repeat": 3},
+        scale=None,
+        machine={},
+    )
+    text = markdown.render_markdown(document, {})
+    assert "- dispynb on Dask, W7: not supported (`no put`)" in text
+    assert "dispynb on Dask, W7: not supported (no put)" in report.format_table(
+        document
+    )
