@@ -242,6 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
         "went away (with a recover_file) are kept (default 60)",
     )
     parser.add_argument(
+        *_both("forget_registered"),
+        type=float,
+        default=60.0,
+        help="seconds a node that registered itself (--register_port) may stay "
+        "unreachable before it is forgotten: it registers again when it is back, "
+        "perhaps on another port (1-86400; default 60; named nodes are kept)",
+    )
+    parser.add_argument(
         *_both("msg_timeout"),
         type=float,
         default=None,
@@ -406,6 +414,7 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         max_queued=args.max_queued,
         pulse_interval=args.pulse_interval,
         zombie_interval=args.zombie_interval * 60.0,
+        forget_registered=args.forget_registered,
         keep_results=args.keep_results,
         port_file=args.port_file,
         kept_memory=args.kept_memory,

@@ -53,6 +53,9 @@ class SchedulerConfig:
     #: computations are closed and its session ended; also the longest a client that
     #: went away has to come back for its results.
     zombie_interval: float = 3600.0
+    #: Seconds a node that registered itself may stay unreachable before it is
+    #: forgotten (it registers again when it is back; named nodes are kept).
+    forget_registered: float = 60.0
     #: Seconds the results of a computation whose client went away are kept.
     keep_results: float = 3600.0
     #: Where results kept for clients that went away spill to disk (a private
@@ -124,6 +127,8 @@ class SchedulerConfig:
                 "--zombie_interval must be more than 0 minutes (fractions are taken: "
                 "0.5 is 30 s)"
             )
+        if not 1 <= self.forget_registered <= 86400:
+            raise ConfigurationError("--forget_registered must be within 1-86400 s")
         if self.kept_memory < 0 or self.max_kept < 0 or self.max_file_size < 0:
             raise ConfigurationError(
                 "--kept_memory, --max_kept and --max_file_size cannot be negative"

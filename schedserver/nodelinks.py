@@ -41,10 +41,14 @@ class _NodeLinks(_ServerState):
         """Keep a control connection to ``node``: up, down, up again."""
         delay = RECONNECT_FIRST
         failing = False  # the operator heard of this outage already
+        loop = asyncio.get_running_loop()
+        down_since = loop.time()
         while not self.stopping:
             try:
                 conn, welcome = await self._connect(node, "dispynb-scheduler")
             except DispynbError as exc:
+                if node.registered and self._forget(node, loop.time() - down_since):
+                    return
                 # Once per outage at warning level: a mistyped or unreachable
                 # node is visible without -d; each retry only with it.
                 (logger.debug if failing else logger.warning)(
@@ -85,6 +89,25 @@ class _NodeLinks(_ServerState):
                 conn.close()
                 node.conn = None
                 node.alive = False
+                down_since = loop.time()
+
+    def _forget(self, node: NodeState, down_for: float) -> bool:
+        """Forget a registered ``node`` unreachable for ``forget_registered`` s:
+        a node restarted on another port would otherwise be tried for ever. It
+        registers again when it is back (`Registrar.forget`: even from the same
+        boot). Returns whether it was forgotten."""
+        if down_for < self.config.forget_registered or self.stopping:
+            return False
+        self.nodes.remove(node)
+        for registrar in self._registrars:
+            registrar.forget(node.host, node.port)
+        logger.warning(
+            "node %s forgotten: unreachable for %.0f s (--forget_registered); it "
+            "is taken again when it registers",
+            node.name,
+            down_for,
+        )
+        return True
 
     async def _connect(self, node: NodeState, name: str) -> tuple[Connection, Welcome]:
         return await connect(

@@ -157,12 +157,12 @@ class SchedulerServer(
         reports a boot of a node once (a node registering again to see that its
         scheduler lives is not reported again); a node that restarted (a new boot
         id) at an address kept already is reconnected by its `_keep_node`."""
-        self._add_node(reg.host, reg.port)
+        self._add_node(reg.host, reg.port, registered=True)
 
-    def _add_node(self, host: str, port: int) -> None:
+    def _add_node(self, host: str, port: int, registered: bool = False) -> None:
         if self.stopping or any(n.host == host and n.port == port for n in self.nodes):
             return
-        node = NodeState(host, port)
+        node = NodeState(host, port, registered=registered)
         self.nodes.append(node)
         self._spawn(self._keep_node(node))
 

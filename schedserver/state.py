@@ -49,6 +49,9 @@ class NodeState:
     reads_seen: int = 0
     #: Why it was declared dead ("" while it is not): what its computations report.
     dead_reason: str = ""
+    #: It registered itself (``--register_port``): forgotten once unreachable for
+    #: ``forget_registered`` s, since it registers again when it is back.
+    registered: bool = False
     #: ``host:port``.
     name: str = field(init=False)
 

@@ -126,6 +126,11 @@ class Registrar:
         )
         return self.port
 
+    def forget(self, host: str, port: int) -> None:
+        """Report the node at ``host:port`` again when it next registers, even from
+        the same boot (its owner forgot it: it was unreachable too long)."""
+        self._boots.pop((host, port), None)
+
     def close(self) -> None:
         """Stop listening; idempotent."""
         servers, self._servers = self._servers, []

@@ -13,9 +13,13 @@ import socket
 import time
 from pathlib import Path
 
+import pytest
+
+from dispynb.errors import ConfigurationError
 from dispynb.protocol.discovery import new_boot_id
 from nodeserver.parser import parse_args
 from nodeserver.register import register
+from schedserver.config import SchedulerConfig
 from tests.nodeproc import NODE_WAIT, CliNode, running_node, start_node
 from tests.sharedsched.harness import (
     TIMED_CLIENT,
@@ -27,10 +31,10 @@ from tests.sharedsched.harness import (
 SECRET = "the-node-secret"
 
 
-def registering_scheduler(tmp_path: Path) -> tuple[SchedulerProcess, str]:
-    """A scheduler with no ``-n`` and a registration listener on a free port; return
-    it and the address nodes register with (read from its log)."""
-    sched = SchedulerProcess(tmp_path, [], SECRET, args=("--register_port", "0"))
+def registering_scheduler(tmp_path: Path, *args: str) -> tuple[SchedulerProcess, str]:
+    """A scheduler with no ``-n`` and a registration listener on a free port (and
+    ``args``); return it and the address nodes register with (read from its log)."""
+    sched = SchedulerProcess(tmp_path, [], SECRET, args=("--register_port", "0", *args))
     sched.start()
     sched.wait_for_log("listening for node registrations on")
     found = re.search(r"node registrations on 127\.0\.0\.1:(\d+)", sched.log_text())
@@ -209,3 +213,61 @@ def test_a_registered_node_finds_its_restarted_scheduler(
         assert log.count("lost the client at") == 1
         assert log.count("registered again with the client at") == 1
         assert log.count("registered with the client at") == 1  # at start
+
+
+def test_a_killed_registered_node_is_forgotten_and_its_restart_elsewhere_taken(
+    tmp_path: Path, users: dict[str, Path]
+) -> None:
+    """A registered node killed and started again on another port (a batch job
+    requeued elsewhere): the old address is forgotten after ``--forget_registered``
+    s, not tried for ever; the new one runs a client's jobs."""
+    sched, address = registering_scheduler(tmp_path, "--forget_registered", "2")
+    args = ("--scheduler_host", address, "--ping_interval", "0.5")
+    try:
+        with running_node(tmp_path / "old", *args, secret=SECRET, cpus=2) as old:
+            sched.wait_for_log(f"node {old.spec} is up with 2 CPUs")
+            old.stop(signal.SIGKILL)
+        with running_node(tmp_path / "new", *args, secret=SECRET, cpus=2) as new:
+            sched.wait_for_log(f"node {new.spec} is up with 2 CPUs")
+            sched.wait_for_log(f"node {old.spec} forgotten: unreachable for")
+            out = run_client(
+                TIMED_CLIENT, sched.address, str(users["alice"]), "4", "0.0",
+                cwd=tmp_path,
+            )  # fmt: skip
+            assert out["results"] == [0, 1, 2, 3]
+        assert sched.log_text().count(f"node {old.spec} forgotten") == 1
+    finally:
+        sched.stop()
+
+
+def test_a_forgotten_node_registering_again_from_the_same_boot_is_taken_again(
+    tmp_path: Path,
+) -> None:
+    """Forgetting a node also forgets its boot: a node unreachable for a while (cut
+    off, stopped) that registers again, not restarted, is taken again."""
+    sched, address = registering_scheduler(tmp_path, "--forget_registered", "1")
+    try:
+        port = free_port()  # nobody listens there: the node is unreachable
+        boot = new_boot_id()
+
+        async def registers() -> None:
+            await register(
+                address, secret=SECRET.encode(), name="cut-off", port=port,
+                cpus=1, boot=boot, patience=NODE_WAIT,
+            )  # fmt: skip
+
+        asyncio.run(registers())
+        sched.wait_for_log(f"node 127.0.0.1:{port} forgotten")
+        asyncio.run(registers())  # the same boot id
+        sched.wait_for_log(f"node 127.0.0.1:{port} forgotten", count=2)
+        assert sched.log_text().count(f"registered at 127.0.0.1:{port}") == 2
+    finally:
+        sched.stop()
+
+
+def test_forget_registered_out_of_range_is_refused_in_one_line() -> None:
+    config = SchedulerConfig(
+        register_port=0, node_secret=b"s", users_file="users", forget_registered=0.5
+    )
+    with pytest.raises(ConfigurationError, match="--forget_registered must be within"):
+        config.validate()
