@@ -37,9 +37,15 @@ class _Lock(Protocol):
     def acquire(self, blocking: bool = ..., timeout: float = ...) -> bool: ...
 
 
+_get_ident = threading.get_ident
+
+#: The main thread's ident; after a fork from another thread that thread is the
+#: main one (`_after_fork_in_child`). Kept here: asked at every job submitted.
+_main_ident = threading.main_thread().ident
+
+
 def _in_main() -> bool:
-    # Asked each time: after a fork from another thread, that thread is the main one.
-    return threading.get_ident() == threading.main_thread().ident
+    return _get_ident() == _main_ident
 
 
 def _slices(timeout: float | None) -> Callable[[], float]:
@@ -163,6 +169,10 @@ class HeldInterrupts:
     Steps nest: one begun while another holds the signals (a job's message written
     in the loop's place while `JobCluster.submit` holds them) holds nothing of its
     own; the outermost delivers what came as it ends.
+
+    A W2 round trip begins two outermost steps (issue 17), so entering one costs
+    what it must (a look at each handler, two ``sigaction`` calls per handler
+    swapped) and little more: nothing is allocated for a step that holds nothing.
     """
 
     __slots__ = ("_held", "_outer", "_previous")
@@ -171,24 +181,26 @@ class HeldInterrupts:
     _active: ClassVar[HeldInterrupts | None] = None
 
     def __init__(self) -> None:
-        self._previous: dict[int, Any] = {}  # signal -> the handler replaced
-        self._held: list[tuple[int, FrameType | None]] = []  # in arrival order
+        self._previous: dict[int, Any] | None = None  # signal -> the handler replaced
+        self._held: list[tuple[int, FrameType | None]] | None = None  # arrival order
         self._outer: HeldInterrupts | None = None  # the step this one is nested in
 
     def __enter__(self) -> HeldInterrupts:
-        if not _in_main():
+        if _get_ident() != _main_ident:
             return self
         outer = HeldInterrupts._active
         if outer is not None:  # held already: the outer step delivers them
             self._outer = outer
             return self
-        getsignal, setsignal, hold = _getsignal, _setsignal, self._hold
+        getsignal, setsignal, previous = _getsignal, _setsignal, None
         try:
             for signum in HELD_SIGNALS:
-                previous = getsignal(signum)
-                if callable(previous):  # SIG_IGN / SIG_DFL raise nothing in Python
-                    setsignal(signum, hold)
-                    self._previous[signum] = previous
+                handler = getsignal(signum)
+                if callable(handler):  # SIG_IGN / SIG_DFL raise nothing in Python
+                    setsignal(signum, self._hold)
+                    if previous is None:
+                        previous = self._previous = {}
+                    previous[signum] = handler
         except BaseException:
             # A signal pending ran its own handler, which raised (signal.signal runs
             # them first): nothing is held yet, the handlers swapped go back.
@@ -209,11 +221,14 @@ class HeldInterrupts:
         step = self._outer or self
         if HeldInterrupts._active is step:
             HeldInterrupts._active = None
-        previous, step._previous, step._held = step._previous, {}, []
-        for signum, handler in previous.items():
-            _setsignal(signum, handler)
+        previous, step._previous, step._held = step._previous, None, None
+        if previous:
+            for signum, handler in previous.items():
+                _setsignal(signum, handler)
 
     def _hold(self, signum: int, frame: FrameType | None) -> None:
+        if self._held is None:
+            self._held = []
         self._held.append((signum, frame))
 
     def __exit__(
@@ -230,21 +245,25 @@ class HeldInterrupts:
         previous = self._previous
         if not previous:
             return
-        self._previous = {}
+        self._previous = None
         for signum, handler in previous.items():
             _setsignal(signum, handler)
-        held, self._held = self._held, []
-        for signum, frame in held:  # the first that raises ends it, as it would have
-            previous[signum](signum, frame)  # default_int_handler raises here
+        held, self._held = self._held, None
+        if held:
+            for signum, frame in held:  # the first that raises ends it, as it would
+                previous[signum](signum, frame)  # default_int_handler raises here
 
 
-def _drop_after_fork() -> None:
-    """A child forked by another thread while the main thread held signals: its
-    main thread (the forking one) never ends that step."""
+def _after_fork_in_child() -> None:
+    """In a child, the forking thread is the main one (as `threading` says); if
+    another thread forked while the main thread held signals, the child's main
+    thread (the forking one) never ends that step: dropped."""
+    global _main_ident
+    _main_ident = _get_ident()
     active = HeldInterrupts._active
     if active is not None:
         active.drop()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_drop_after_fork)
+    os.register_at_fork(after_in_child=_after_fork_in_child)

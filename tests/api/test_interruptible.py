@@ -206,6 +206,39 @@ def test_a_nested_held_step_leaves_the_delivery_to_the_outer_one() -> None:
         assert _interruptible.HeldInterrupts._active is None
 
 
+def test_a_child_forked_by_another_thread_holds_interrupts_on_its_main_thread() -> None:
+    """`HeldInterrupts` knows the main thread by an ident kept at import (asked at
+    every job submitted): in a child forked by another thread (multiprocessing's
+    fork start method), that thread is the main one, and its steps hold a Ctrl-C
+    as the parent's main thread's do, instead of taking it in their middle."""
+    codes: list[int] = []
+
+    def fork() -> None:
+        pid = os.fork()
+        if pid == 0:  # the child: report through the exit code
+            code = 3
+            try:
+                steps: list[str] = []
+                try:
+                    with _interruptible.HeldInterrupts():
+                        signal.raise_signal(signal.SIGINT)
+                        for _ in range(1000):  # an unheld handler would run in here
+                            pass
+                        steps.append("finished")
+                except KeyboardInterrupt:
+                    if steps == ["finished"]:
+                        code = 0
+            finally:
+                os._exit(code)
+        codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+
+    with python_handles_sigint():
+        forker = threading.Thread(target=fork, name="test-forker")
+        forker.start()
+        forker.join(NEVER)
+    assert codes == [0]
+
+
 #: A client program: while its main thread cannot take a SIGINT sent to the process
 #: (it blocks it here, as a main thread woken but not yet running does for a moment
 #: on a loaded machine), no thread of dispynb's may take it in its place; then it
