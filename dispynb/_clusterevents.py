@@ -97,7 +97,8 @@ class _Events(_ClusterState):
             self._executing[key] = node
         if self._options.cluster_status is not None:
             self._notify_cluster(JobStatus.Running, node, copy.copy(job))
-        self._emit(JobStatus.Running, node, job)
+        if self._listeners:  # tested here: no call per job without monitors
+            self._emit(JobStatus.Running, node, job)
 
     def _not_executing(self, key: int) -> None:
         """Job ``key`` no longer runs where it was counted busy."""
@@ -178,8 +179,10 @@ class _Events(_ClusterState):
             self._callbacks.post(opts.job_status, copy.copy(job))
         if opts.cluster_status is not None:
             self._notify_cluster(job.status, node, copy.copy(job))
-        self.job_counts[job.status.name] += 1
-        self._emit(job.status, node, job)
+        status = job.status
+        self.job_counts[status._name_] += 1  # not .name: an enum property per job
+        if self._listeners:
+            self._emit(status, node, job)
         with self._done:
             self._outstanding -= 1
             if self._outstanding == 0:

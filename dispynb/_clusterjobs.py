@@ -168,7 +168,8 @@ class _Jobs(_ClusterState):
         if self._options.cluster_status is not None:
             self._notify_cluster(JobStatus.Created, None, copy.copy(job))
         self.job_counts["submitted"] += 1
-        self._emit(JobStatus.Created, None, job)
+        if self._listeners:  # tested here: no call per job without monitors
+            self._emit(JobStatus.Created, None, job)
         backend.submit(request)
 
     def _job_limits(self, kwargs: dict[str, Any]) -> tuple[float | None, int | None]:

@@ -24,7 +24,6 @@ usual one.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import select
 import selectors
@@ -127,8 +126,10 @@ def _read(
         for fd in parked:  # as the loop's registrations are now (callbacks change them)
             key = keys.get(fd)
             if key is not None:
-                with contextlib.suppress(OSError):
+                try:  # noqa: SIM105 - no context manager per job
                     epoll.modify(fd, _EPOLL[key.events])
+                except OSError:  # closed meanwhile: the loop's to sort out
+                    pass
     return True
 
 

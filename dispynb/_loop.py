@@ -76,6 +76,9 @@ class LoopRunner:
             target=self._run, name=_THREAD_NAME, daemon=True
         )
         self._started: threading.Event = threading.Event()
+        # The loop thread's ident once it runs (Thread.ident is a property: asked
+        # at every job sent or waited for).
+        self._ident: int | None = None
         # asyncio keeps only weak references to tasks: hold the ones run_sync
         # creates until they finish.
         self._tasks: set[asyncio.Future[Any]] = set()
@@ -133,7 +136,7 @@ class LoopRunner:
         has taken the loop's place (`enter`): waiting for the loop there would
         deadlock too."""
         ident = threading.get_ident()
-        return ident == self._thread.ident or ident == self._guest
+        return ident == self._ident or ident == self._guest
 
     def enter(self) -> bool:
         """From another thread: take the loop's place while it waits for I/O.
@@ -150,7 +153,7 @@ class LoopRunner:
         message half read or half written, a result half recorded) it would cost
         the node its connection or the job its result, and skip `leave` itself.
         """
-        if self._released or threading.get_ident() == self._thread.ident:
+        if self._released or threading.get_ident() == self._ident:
             return False
         # Before the lock: a Ctrl-C that came just now is raised here, nothing held.
         held = HeldInterrupts().__enter__()
@@ -287,6 +290,7 @@ class LoopRunner:
 
     def _run(self) -> None:
         """Body of the loop thread."""
+        self._ident = threading.get_ident()
         asyncio.set_event_loop(self._loop)
         self._busy.acquire()
         try:

@@ -17,13 +17,11 @@ object stores (``ray.put``, Dask's ``scatter``).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import mmap
 import os
 import struct
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,16 +85,22 @@ class ObjectRef:
         return f"<ObjectRef {self.digest[:12]} ({self.size:,} bytes)>"
 
 
-@contextlib.contextmanager
-def collecting() -> Iterator[list[ObjectRef]]:
-    """Collect the `ObjectRef` s pickled in this thread inside the block."""
-    previous = getattr(_collector, "refs", None)
-    refs: list[ObjectRef] = []
-    _collector.refs = refs
-    try:
-        yield refs
-    finally:
-        _collector.refs = previous
+class collecting:
+    """Collect the `ObjectRef` s pickled in this thread inside the block.
+
+    A class, not a generator context manager: entered at every job submitted.
+    """
+
+    __slots__ = ("_previous",)
+
+    def __enter__(self) -> list[ObjectRef]:
+        self._previous = getattr(_collector, "refs", None)
+        refs: list[ObjectRef] = []
+        _collector.refs = refs
+        return refs
+
+    def __exit__(self, *exc: object) -> None:
+        _collector.refs = self._previous
 
 
 def write(obj: Any, directory: str) -> ObjectRef:

@@ -314,12 +314,14 @@ class DriverOutbox:
         assert link.conn is not None
         # If the connection is going, its reader sees it end and the state requeues
         # or abandons these jobs.
-        with contextlib.suppress(DispynbError):
+        try:  # noqa: SIM105 - no context manager per job
             self._post(
                 link,
                 JobSubmit(comp_id=self.config.comp_id, jobs=entries, limits=limits),
                 buffers,
             )
+        except DispynbError:
+            pass
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
