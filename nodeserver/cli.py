@@ -115,6 +115,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         transfer_quota=args.transfer_quota,
         max_message_size=args.max_message_size,
         port_file=args.port_file,
+        unix_socket=args.unix_socket,
         orphan_timeout=orphan_timeout,
         drain_timeout=args.drain_timeout,
         kept_results_size=args.kept_results_size,

@@ -50,6 +50,9 @@ class NodeConfig:
     transfer_quota: int = DEFAULT_TRANSFER_QUOTA
     max_message_size: int = MAX_MESSAGE_SIZE
     port_file: str | None = None
+    #: Also listen on this Unix socket, in a private directory (a `LocalCluster`'s:
+    #: its client connects there instead of over loopback TCP).
+    unix_socket: str | None = None
     #: More addresses to listen on (dispynode's repeated ``-i``), same port.
     more_hosts: list[str] = dataclasses.field(default_factory=list)
     #: Answer UDP discovery pings and announce the node (off: clients must name it).

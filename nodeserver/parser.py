@@ -181,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--port-file", default=None, help="write the bound port to this file when ready"
     )
     add(
+        "--unix-socket",
+        default=None,
+        help="also accept clients on this Unix socket; its directory must be private "
+        "(0700): LocalCluster uses it, as loopback TCP costs more per message",
+    )
+    add(
         "--orphan-timeout",
         type=float,
         default=300.0,

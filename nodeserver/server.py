@@ -123,6 +123,8 @@ class NodeServer:
         try:
             for host in config.hosts:
                 self.port = listener.listen_on(host, self.port or config.port)
+            if config.unix_socket:
+                listener.listen_unix(config.unix_socket)
         except BaseException:
             listener.stop()
             raise

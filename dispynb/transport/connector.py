@@ -21,6 +21,7 @@ from dispynb.errors import (
 )
 from dispynb.protocol.messages import Welcome
 from dispynb.secret import check_strength, split_credential
+from dispynb.transport import localsockets
 from dispynb.transport.addressing import format_address
 from dispynb.transport.connection import Connection
 from dispynb.transport.handshake import client_handshake
@@ -107,7 +108,9 @@ async def _connect_once(
     peer = format_address(host, port)
     try:
         async with asyncio.timeout(timeout):
-            sock = await open_socket(host, port)
+            sock = await _open_local(host, port) if ssl_context is None else None
+            if sock is None:
+                sock = await open_socket(host, port)
             _check_secret_for(sock, secret, peer)
             if ssl_context is None:
                 conn = Connection.over_socket(sock, peer)
@@ -151,10 +154,25 @@ async def _connect_once(
     return conn, welcome
 
 
+async def _open_local(host: str, port: int) -> socket.socket | None:
+    """The Unix socket of a node this process started at ``host:port``
+    (`dispynb.transport.localsockets`), or None: then TCP."""
+    path = localsockets.path_for(host, port)
+    if path is None:
+        return None
+    try:
+        return await localsockets.open_unix(path)
+    except OSError as exc:
+        logger.debug(
+            "%s: no Unix socket (%s): over TCP", format_address(host, port), exc
+        )
+        return None
+
+
 def _check_secret_for(sock: socket.socket, secret: bytes | None, peer: str) -> None:
     """Refuse to prove a weak secret to a node that is not on this host."""
-    if not secret:
-        return
+    if not secret or sock.family == getattr(socket, "AF_UNIX", None):
+        return  # a Unix socket: on this host
     address = sock.getpeername()[0]
     if ipaddress.ip_address(address.split("%", 1)[0]).is_loopback:
         return

@@ -1,4 +1,5 @@
-"""`Listener`: accepts TCP (or TLS) connections, authenticates them, hands them on."""
+"""`Listener`: accepts TCP (or TLS) connections, and Unix-socket ones from clients
+on this host (`dispynb.transport.localsockets`), authenticates them, hands them on."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 import socket
 import ssl
 import time
@@ -16,7 +18,12 @@ from dispynb.errors import ConnectionClosedError, DispynbError
 from dispynb.protocol.framing import encode_frames
 from dispynb.protocol.handshake import SecretSource, peer_text
 from dispynb.protocol.messages import Error, Welcome, pack_header
-from dispynb.transport.addressing import bind_listening, format_address
+from dispynb.transport import localsockets
+from dispynb.transport.addressing import (
+    LISTEN_BACKLOG,
+    bind_listening,
+    format_address,
+)
 from dispynb.transport.admission import (
     LOG_PERIOD,
     MAX_PENDING_HANDSHAKES,
@@ -85,6 +92,7 @@ class Listener:
         self._tally = Tally(logger, log_period)
         self._tasks: set[asyncio.Task[None]] = set()
         self._sockets: list[socket.socket] = []
+        self._unix_paths: list[str] = []  # removed by stop
         self.port = 0
         # Out-of-descriptors episode: when it began, failed accepts, next delay.
         self._paused_since: float | None = None
@@ -113,6 +121,18 @@ class Listener:
         self.port = sockets[0].getsockname()[1]
         return self.port
 
+    def listen_unix(self, path: str) -> None:
+        """Also accept connections on the Unix socket ``path``, whose directory
+        must be private (`dispynb.transport.localsockets`); removed by `stop`.
+
+        Call it on the running loop. Its clients authenticate as TCP ones do.
+        """
+        loop = asyncio.get_running_loop()
+        sock = localsockets.bind_unix(path, LISTEN_BACKLOG)
+        loop.add_reader(sock.fileno(), self._accept, sock)
+        self._sockets.append(sock)
+        self._unix_paths.append(path)
+
     def stop(self) -> None:
         """Stop accepting connections (idempotent); accepted ones go on."""
         loop = asyncio.get_running_loop()
@@ -128,6 +148,10 @@ class Listener:
                 loop.remove_reader(sock.fileno())
             sock.close()
         self._sockets.clear()
+        for path in self._unix_paths:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        self._unix_paths.clear()
         self._tally.close()
 
     def _accept(self, listening: socket.socket) -> None:
@@ -146,6 +170,8 @@ class Listener:
                 else:
                     logger.warning("cannot accept a connection: %s", exc)
                 return
+            if not isinstance(address, tuple):  # a Unix socket's peer has no name
+                address = (localsockets.UNIX_PEER, 0)
             source = source_of(address)
             refusal = self.admission.admit(source)
             if refusal is not None:
@@ -214,7 +240,11 @@ class Listener:
         self, sock: socket.socket, address: tuple[str, int], source: str
     ) -> None:
         """Handshake, then run the handler for one connection."""
-        peer = format_address(str(address[0]), int(address[1]))
+        peer = (
+            format_address(str(address[0]), int(address[1]))
+            if address[1]
+            else str(address[0])
+        )
         conn: Connection | None = None
         failure = ""
         try:

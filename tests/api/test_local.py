@@ -7,12 +7,14 @@ shared fixtures of conftest.py.
 from __future__ import annotations
 
 import os
+import stat
 
 import psutil
 import pytest
 
 from dispynb import DispyJob, JobCluster, LocalCluster
 from dispynb.errors import ClusterError, ConfigurationError
+from dispynb.transport import localsockets
 from tests import jobs
 from tests.jobs import WAIT, wait_until
 
@@ -174,3 +176,38 @@ def test_a_node_whose_main_thread_has_ended_counts_as_exited(tmp_path):
     finally:
         release.write_text("go")
         proc.wait(WAIT)
+
+
+def _tcp_links_to(port: int) -> list[object]:
+    """This process's TCP connections to ``port``."""
+    return [
+        conn
+        for conn in psutil.Process().net_connections("tcp")
+        if conn.raddr and conn.raddr[1] == port
+    ]
+
+
+def test_local_cluster_client_reaches_its_node_over_a_private_unix_socket():
+    """Loopback TCP costs more per message than a Unix socket (issue 17, W2): the
+    client connects to its own LocalCluster's node through a socket in the
+    cluster's private directory, not over TCP."""
+    with LocalCluster(cpus=1) as local:
+        ((host, port),) = local.addresses
+        path = os.path.join(local._dir, "node-0.sock")
+        assert stat.S_ISSOCK(os.stat(path).st_mode)
+        assert stat.S_IMODE(os.stat(local._dir).st_mode) == 0o700
+        with JobCluster(jobs.square, nodes=local) as cluster:
+            assert cluster.submit(7)() == 49
+            assert _tcp_links_to(port) == []
+        assert localsockets.path_for(host, port) == path
+    assert localsockets.path_for(host, port) is None
+    assert not os.path.exists(path)
+
+
+def test_local_cluster_falls_back_to_tcp_without_its_unix_socket():
+    with LocalCluster(cpus=1) as local:
+        ((_, port),) = local.addresses
+        os.unlink(os.path.join(local._dir, "node-0.sock"))
+        with JobCluster(jobs.square, nodes=local) as cluster:
+            assert cluster.submit(7)() == 49
+            assert _tcp_links_to(port) != []
