@@ -42,6 +42,21 @@ def registering_scheduler(tmp_path: Path, *args: str) -> tuple[SchedulerProcess,
     return sched, f"127.0.0.1:{found.group(1)}"
 
 
+def runs_jobs(
+    sched: SchedulerProcess,
+    credential: Path,
+    jobs: int,
+    cwd: Path,
+    seconds: float = 0.0,
+) -> None:
+    """A client of ``credential`` (a separate process) runs ``jobs`` jobs of
+    ``seconds`` each through ``sched`` and gets every result, in order."""
+    out = run_client(
+        TIMED_CLIENT, sched.address, str(credential), str(jobs), str(seconds), cwd=cwd
+    )
+    assert out["results"] == list(range(jobs))
+
+
 def test_a_registered_node_runs_the_users_jobs(
     tmp_path: Path, users: dict[str, Path]
 ) -> None:
@@ -51,11 +66,7 @@ def test_a_registered_node_runs_the_users_jobs(
             tmp_path / "node", "--register", address, secret=SECRET, cpus=2
         ) as node:
             sched.wait_for_log(f"node {node.spec} is up with 2 CPUs")
-            out = run_client(
-                TIMED_CLIENT, sched.address, str(users["alice"]), "6", "0.1",
-                cwd=tmp_path,
-            )  # fmt: skip
-            assert out["results"] == list(range(6))
+            runs_jobs(sched, users["alice"], 6, tmp_path, 0.1)
             assert "registered with the client at" in node.log_text()
     finally:
         sched.stop()
@@ -79,11 +90,7 @@ def test_a_node_without_the_secret_is_refused_and_logged_once(
         assert log.count("registration from 127.0.0.1 refused: wrong proof") == 1
         with running_node(tmp_path / "good", "--register", address, secret=SECRET):
             sched.wait_for_log("is up with")
-            out = run_client(
-                TIMED_CLIENT, sched.address, str(users["bob"]), "3", "0.0",
-                cwd=tmp_path,
-            )  # fmt: skip
-            assert out["results"] == [0, 1, 2]
+            runs_jobs(sched, users["bob"], 3, tmp_path)
         assert sched.log_text().count("is up with") == 1  # never the wrong ones
     finally:
         sched.stop()
@@ -115,11 +122,7 @@ def test_a_node_registering_again_is_counted_once(
             asyncio.run(again(boot))  # its liveness check: the same boot id
             log = sched.log_text()
             assert log.count(f"registered at {node.spec}") == 2  # once per boot
-            out = run_client(
-                TIMED_CLIENT, sched.address, str(users["alice"]), "2", "0.0",
-                cwd=tmp_path,
-            )  # fmt: skip
-            assert out["results"] == [0, 1]
+            runs_jobs(sched, users["alice"], 2, tmp_path)
             assert sched.log_text().count("is up with") == 1
     finally:
         sched.stop()
@@ -162,11 +165,7 @@ def test_a_node_waits_for_a_scheduler_started_after_it(
         sched.start()
         try:
             sched.wait_for_log(f"node {node.spec} is up with 2 CPUs")
-            out = run_client(
-                TIMED_CLIENT, sched.address, str(users["alice"]), "4", "0.0",
-                cwd=tmp_path,
-            )  # fmt: skip
-            assert out["results"] == [0, 1, 2, 3]
+            runs_jobs(sched, users["alice"], 4, tmp_path)
         finally:
             sched.stop()
 
@@ -184,11 +183,7 @@ def test_a_registered_node_finds_its_restarted_scheduler(
     ) as node:  # fmt: skip
         try:
             sched.wait_for_log(f"node {node.spec} is up with 2 CPUs")
-            out = run_client(
-                TIMED_CLIENT, sched.address, str(users["alice"]), "3", "0.0",
-                cwd=tmp_path,
-            )  # fmt: skip
-            assert out["results"] == [0, 1, 2]
+            runs_jobs(sched, users["alice"], 3, tmp_path)
         finally:
             sched.stop(signal.SIGKILL)
         wait_for_node_log(node, "lost the client at")
@@ -201,11 +196,7 @@ def test_a_registered_node_finds_its_restarted_scheduler(
         again.start()
         try:
             again.wait_for_log(f"node {node.spec} is up with 2 CPUs", since=since)
-            out = run_client(
-                TIMED_CLIENT, again.address, str(users["bob"]), "4", "0.0",
-                cwd=tmp_path,
-            )  # fmt: skip
-            assert out["results"] == [0, 1, 2, 3]
+            runs_jobs(again, users["bob"], 4, tmp_path)
             log = node.log_text()  # before this scheduler goes too
         finally:
             again.stop()
@@ -230,11 +221,7 @@ def test_a_killed_registered_node_is_forgotten_and_its_restart_elsewhere_taken(
         with running_node(tmp_path / "new", *args, secret=SECRET, cpus=2) as new:
             sched.wait_for_log(f"node {new.spec} is up with 2 CPUs")
             sched.wait_for_log(f"node {old.spec} forgotten: unreachable for")
-            out = run_client(
-                TIMED_CLIENT, sched.address, str(users["alice"]), "4", "0.0",
-                cwd=tmp_path,
-            )  # fmt: skip
-            assert out["results"] == [0, 1, 2, 3]
+            runs_jobs(sched, users["alice"], 4, tmp_path)
         assert sched.log_text().count(f"node {old.spec} forgotten") == 1
     finally:
         sched.stop()
