@@ -13,7 +13,8 @@ Modes
     each), record peak memory, try W6, close.
 ``cold``
     W4 cold, one repetition: start the backend, one tiny job of the W4 function,
-    then fresh payloads timed (``Bandwidth.measure_cold``), close.
+    then fresh payloads timed once the CPUs are quiet (``Bandwidth.measure_cold``,
+    ``quiet.py``), close.
 ``startup``
     W5, one repetition: time from creating the cluster/client to the first result,
     then the time to close everything.
@@ -218,7 +219,12 @@ def run_objects(params: dict[str, Any]) -> dict[str, Any]:
 def run_cold(params: dict[str, Any]) -> dict[str, Any]:
     """Mode ``cold``: one W4 repetition on a new backend warmed by one tiny job."""
     sizes = QUICK if params["quick"] else FULL
-    workload = Bandwidth(fn=size, jobs=sizes.bandwidth_jobs, size=sizes.bandwidth_bytes)
+    workload = Bandwidth(
+        fn=size,
+        jobs=sizes.bandwidth_jobs,
+        size=sizes.bandwidth_bytes,
+        quiet_max_wait=sizes.quiet_max_wait,
+    )
     backend = load_backend(params["backend"], params["workers"])
     backend.start()
     try:

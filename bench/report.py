@@ -210,6 +210,8 @@ def build_report(
             details["error"] = result.get("error") or failures[0]
         if result.get("leftover_processes"):
             details["leftover_processes"] = result["leftover_processes"]
+        if result.get("cold_start"):
+            details["cold_start"] = result["cold_start"]
         if result.get("unsupported"):
             details["unsupported"] = dict(result["unsupported"])
         document["backends"][name] = details
@@ -501,6 +503,9 @@ def format_table(document: Mapping[str, Any]) -> str:
     for name, result in cold.items():
         runs = ", ".join(number(v, "MB/s") for v in result["runs"])
         lines.append(f"W4 cold per repetition, {name}: {runs} MB/s")
+        starts = document["backends"].get(name, {}).get("cold_start", [])
+        if starts:
+            lines.append(f"  started after {_cold_starts(starts)}")
     shared = document["metrics"].get("shared_object", {}).get("results", {})
     for name, result in shared.items():
         runs = ", ".join(number(v, "s") for v in result["runs"])
@@ -523,6 +528,18 @@ def format_table(document: Mapping[str, Any]) -> str:
         f"Cells: median [min-max] of {repeat} repetition(s); memory measured once."
     )
     return "\n".join(line.rstrip() for line in lines)
+
+
+def _cold_starts(starts: list[dict[str, Any]]) -> str:
+    """Each W4 cold repetition's wait for quiet CPUs and their load then."""
+    parts = []
+    for start in starts:
+        waited, busy = start.get("waited"), start.get("busy")
+        if waited is None or busy is None:
+            parts.append("no wait (load unknown)")
+        else:
+            parts.append(f"{waited:.1f} s, CPUs {busy:.0%} busy")
+    return "; ".join(parts)
 
 
 def write_report(document: Mapping[str, Any], directory: Path) -> Path:

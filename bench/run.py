@@ -287,6 +287,14 @@ def run_backend(
             result.setdefault("runs", {}).setdefault("bandwidth_cold", []).append(
                 cold["bandwidth_cold"]
             )
+            # How long the repetition waited for quiet CPUs, and how busy they were
+            # when its clock started (`quiet.wait_until_quiet`).
+            result.setdefault("cold_start", []).append(
+                {
+                    "waited": cold.get("quiet_wait"),
+                    "busy": cold.get("busy_at_start"),
+                }
+            )
             _progress(f"[{name}] cold W4 {rep}/{args.repeat}: {cold}")
     if "shared_object" in workloads:
         for rep in range(1, args.repeat + 1):

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from backends import Backend, BenchmarkError
+from quiet import MAX_WAIT as QUIET_MAX_WAIT
+from quiet import wait_until_quiet
 
 __all__ = [
     "FULL",
@@ -87,6 +89,8 @@ class Sizes:
     shared_object_jobs: int = 200
     shared_object_bytes: int = 100 * MB
     shared_object_workers: int = 4
+    #: Seconds W4 cold waits at most for quiet CPUs (`quiet.wait_until_quiet`).
+    quiet_max_wait: float = QUIET_MAX_WAIT
 
 
 FULL = Sizes(
@@ -106,6 +110,7 @@ QUICK = Sizes(
     bandwidth_bytes=2 * MB,
     shared_object_jobs=20,
     shared_object_bytes=10 * MB,
+    quiet_max_wait=1.0,  # a smoke run: the numbers are not read
 )
 
 
@@ -337,6 +342,8 @@ class Bandwidth:
             higher_is_better=True,
         ),
     )
+    #: Seconds W4 cold waits at most for quiet CPUs before its clock starts.
+    quiet_max_wait: float = QUIET_MAX_WAIT
     _payloads: list[bytes] | None = field(default=None, init=False, repr=False)
 
     def describe(self) -> dict[str, Any]:
@@ -360,18 +367,26 @@ class Bandwidth:
             self._payloads = fresh_payloads(self.jobs, self.size)
         return self._payloads
 
-    def measure_cold(self, backend: Backend) -> dict[str, float]:
+    def measure_cold(self, backend: Backend) -> dict[str, float | None]:
         """W4 cold: fresh payloads, on a backend that ran one tiny job only.
 
         The caller starts a new backend for every repetition; here one job with a
         1-byte argument warms it (the function is shipped, a worker is up), then the
-        payloads are created (never seen by any process before) and timed.
+        payloads are created (never seen by any process before) and timed, once the
+        machine's CPUs are quiet (`quiet.wait_until_quiet`, the same for every
+        backend: a few hundred milliseconds of someone else's work decided
+        repetitions). The wait and the load it ended at are returned too.
         """
         if backend.round_trip(self.fn, b"x") != 1:
             raise BenchmarkError(f"{backend.name}: wrong result for the cold warm-up")
         payloads = fresh_payloads(self.jobs, self.size)
+        settled = wait_until_quiet(max_wait=self.quiet_max_wait)
         elapsed = self._run(backend, payloads)
-        return {"bandwidth_cold": len(payloads) * self.size / MB / elapsed}
+        return {
+            "bandwidth_cold": len(payloads) * self.size / MB / elapsed,
+            "quiet_wait": settled["waited"],
+            "busy_at_start": settled["busy"],
+        }
 
     def _run(self, backend: Backend, payloads: list[bytes]) -> float:
         """Send ``payloads``, check the lengths and return the elapsed seconds."""

@@ -355,6 +355,113 @@ def test_bandwidth_waits_the_backends_release_wait_before_each_timed_repetition(
     assert events == [("wait", 0.0), "run"]
 
 
+class _FakeCpus:
+    """`/proc/stat` totals for `quiet.wait_until_quiet`: each sample adds 100 ticks,
+    of which the given share was busy; a clock that only the fake sleep moves."""
+
+    def __init__(self, busy: list[float]) -> None:
+        self.busy = busy
+        self.total = self.idle = 0
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def sample(self) -> tuple[int, int]:
+        return self.total, self.idle
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+        share = self.busy.pop(0) if self.busy else 1.0
+        self.total += 100
+        self.idle += round(100 * (1 - share))
+
+    def clock(self) -> float:
+        return self.now
+
+
+def test_quiet_waits_for_one_quiet_window_or_gives_up_after_max_wait() -> None:
+    """W4 cold's clock starts after the first window with the CPUs at most BUSY
+    busy; on a machine that stays busy, after MAX_WAIT, with the load it had."""
+    import quiet
+
+    def wait(cpus: _FakeCpus) -> quiet.Settled:
+        return quiet.wait_until_quiet(
+            window=0.2,
+            busy=0.15,
+            max_wait=1.0,
+            sample=cpus.sample,
+            sleep=cpus.sleep,
+            clock=cpus.clock,
+        )
+
+    quiet_now = _FakeCpus([0.05])
+    assert wait(quiet_now) == {"waited": 0.2, "busy": 0.05}
+    later = _FakeCpus([0.9, 0.6, 0.1])
+    assert wait(later) == {"waited": 0.6, "busy": 0.1}
+    assert later.sleeps == [0.2, 0.2, 0.2]
+    never = _FakeCpus([])
+    assert wait(never) == {"waited": 1.0, "busy": 1.0}
+    assert len(never.sleeps) == 5
+
+    def unreadable() -> tuple[int, int]:
+        raise OSError("no /proc/stat")
+
+    settled = quiet.wait_until_quiet(sample=unreadable, sleep=never.sleep)
+    assert settled == {"waited": 0.0, "busy": None}
+    assert len(never.sleeps) == 5  # no window was sampled
+    total, idle = quiet.cpu_times()  # this machine's (Linux)
+    assert 0 <= idle <= total
+
+
+def test_w4_cold_starts_its_clock_once_the_cpus_are_quiet(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Warm-up job, fresh payloads, wait for quiet CPUs, then the timed jobs; the
+    wait and the load are in the result, and the report prints them."""
+    import workloads
+
+    events: list[Any] = []
+
+    def settle(max_wait: float) -> dict[str, float]:
+        events.append(("quiet", max_wait))
+        return {"waited": 1.5, "busy": 0.1}
+
+    monkeypatch.setattr(workloads, "wait_until_quiet", settle)
+
+    class Fake:
+        name = "fake"
+
+        def round_trip(self, fn: Any, arg: Any) -> Any:
+            events.append("warm")
+            return fn(arg)
+
+        def submit_and_wait(self, fn: Any, arglists: list[tuple[Any, ...]]) -> list:
+            events.append("run")
+            return [len(args[0]) for args in arglists]
+
+    w4 = workloads.Bandwidth(fn=len, jobs=2, size=16, quiet_max_wait=3.0)
+    result = w4.measure_cold(Fake())
+    assert events == ["warm", ("quiet", 3.0), "run"]
+    # A smoke run (--quick) waits little: its numbers are not read.
+    assert workloads.QUICK.quiet_max_wait < workloads.FULL.quiet_max_wait
+    assert result["quiet_wait"] == 1.5
+    assert result["busy_at_start"] == 0.1
+    assert result["bandwidth_cold"] > 0
+    fake = _fake_result(2.0)
+    fake["runs"]["bandwidth_cold"] = [2000.0, 2500.0]
+    fake["cold_start"] = [{"waited": 1.5, "busy": 0.1}, {"waited": 0.2, "busy": None}]
+    document = report.build_report(
+        results={"dispynb": fake},
+        config={"workers": 2, "repeat": 2},
+        scale=None,
+        machine={},
+    )
+    assert document["backends"]["dispynb"]["cold_start"] == fake["cold_start"]
+    text = report.format_table(document)
+    assert "W4 cold per repetition, dispynb: 2,000, 2,500 MB/s" in text
+    assert "started after 1.5 s, CPUs 10% busy; no wait (load unknown)" in text
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_w7_on_an_engine_that_refuses_put_is_reported_unsupported(
