@@ -204,6 +204,21 @@ class _Jobs(_ClusterState):
             self._backend.cancel([job._key])
         return 0
 
+    def _cancel_all(self, jobs: list[DispyJob]) -> list[DispyJob]:
+        """Cancel ``jobs`` in one request to the engine, not one by one: a node then
+        drops the queued ones in the same step as it stops the running ones, so no
+        queued job starts on a worker freed in between (a notebook's Stop used to
+        terminate such a job as if it had been running). Returns the jobs that were
+        not done."""
+        live = [
+            job
+            for job in jobs
+            if not job.done() and job._key is not None and job._key in self._jobs
+        ]
+        if live and self._backend is not None:
+            self._backend.cancel([job._key for job in live if job._key is not None])
+        return live
+
     def _cancel_unstarted(self, jobs: list[DispyJob]) -> bool:
         """Cancel ``jobs`` unless they have started (`dispynb.futures.JobFuture`).
 

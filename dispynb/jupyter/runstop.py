@@ -26,15 +26,10 @@ class _RunStop(_RunOutput):
         cluster = self.cluster
         if cluster is None:
             return 0
-        count = 0
-        for job in list(self.jobs):
-            if job.done():
-                continue
-            with self._lock:
-                self._cancelled.add(job.id)
-            if cluster.cancel(job) == 0:
-                count += 1
-        return count
+        unfinished = [job for job in list(self.jobs) if not job.done()]
+        with self._lock:
+            self._cancelled.update(job.id for job in unfinished)
+        return len(cluster._cancel_all(unfinished))
 
     def stop(
         self, reason: str = "Stopped", echo: bool = True, quiet: bool = False

@@ -190,15 +190,49 @@ def test_run_interrupted_wait_cancels_remote_jobs(local1, tmp_path, capsys):
 
     first, *queued = run.jobs
     assert first.status == JobStatus.Terminated, first.exception
-    assert all(
-        job.status in (JobStatus.Cancelled, JobStatus.Terminated) for job in queued
-    )
+    # Cancelled together with the running one: none started on the freed worker.
+    assert [job.status for job in queued] == [JobStatus.Cancelled] * 2
     assert run.closed
     assert not finished.exists()
     message = str(stopped.value)
     assert message.startswith("Interrupted: run 'long' stopped, 1 running terminated")
     assert message.endswith("(0 of 3 jobs done)")
     assert not run.failures and run.counts().cancelled == 3
+
+
+@slow
+def test_stopping_a_run_cancels_its_jobs_in_one_request(local1, tmp_path):
+    """Stop cancels every unfinished job of the run in one request: cancelled one
+    by one, a queued job could start on the worker freed by the previous cancel
+    and end Terminated (seen in the JupyterLab Stop test: "3 running terminated"
+    on a node of 2 CPUs)."""
+    started = tmp_path / "started"
+    run = Run.map(
+        mark_sleep_mark,
+        [(str(started), 30, None)] + [(None, 30, None)] * 5,
+        nodes=local1,
+        unpack=True,
+        wait=False,
+        progress="none",
+        name="six",
+    )
+    jobs.wait_until(started.exists)
+    backend = run.cluster._backend
+    requests: list[list[int]] = []
+    cancel = backend.cancel
+
+    def recorded(keys, *args, **kwargs):
+        requests.append(list(keys))
+        cancel(keys, *args, **kwargs)
+
+    backend.cancel = recorded
+    summary = run.stop(quiet=True)
+    # (close(terminate=True) then finds nothing left to cancel.)
+    assert [keys for keys in requests if keys] == [[job._key for job in run.jobs]]
+    assert [job.status for job in run.jobs] == [JobStatus.Terminated] + [
+        JobStatus.Cancelled
+    ] * 5
+    assert "1 running terminated, 5 queued cancelled" in summary
 
 
 @slow
