@@ -168,9 +168,10 @@ class ClusterMonitor:
         return job is not None and self.cluster.cancel(job) == 0
 
     def cancel_all(self) -> int:
-        """Cancel every unfinished job of the cluster; return how many."""
+        """Cancel every unfinished job of the cluster in one request (none starts
+        on a worker freed by another's cancel); return how many."""
         jobs = [job for job in list(self.cluster._jobs.values()) if not job.done()]
-        return sum(1 for job in jobs if self.cluster.cancel(job) == 0)
+        return len(self.cluster._cancel_all(jobs))
 
     def set_node_cpus(self, node_id: str, cpus: int) -> int:
         """Use ``cpus`` CPUs of the node ``"ip:port"``; the CPUs now used, or -1."""

@@ -68,6 +68,33 @@ def test_running_jobs_come_first_and_cancel_by_key(
         assert (counts["cancelled"], counts["terminated"]) == (1, 1)
 
 
+def test_cancel_all_sends_one_request(local: LocalCluster, tmp_path: Path) -> None:
+    """Cancel all (the web monitor's and the lab panel's button) cancels in one
+    request: one by one, a queued job could start on a worker freed by an earlier
+    cancel and end Terminated instead of Cancelled."""
+    marker = str(tmp_path / "started")
+    with JobCluster(mark_and_sleep, nodes=local) as cluster:
+        monitor = ClusterMonitor(cluster)
+        jobs = [cluster.submit(marker, 30)] + [
+            cluster.submit(None, 30) for _ in range(5)
+        ]
+        wait_for_path(marker)
+        backend = cluster._backend
+        assert backend is not None
+        requests: list[list[int]] = []
+        cancel = backend.cancel
+
+        def recorded(keys: list[int], *args: object, **kwargs: object) -> None:
+            requests.append(list(keys))
+            cancel(keys, *args, **kwargs)  # type: ignore[arg-type]
+
+        backend.cancel = recorded  # type: ignore[method-assign]
+        assert monitor.cancel_all() == 6
+        assert requests == [[job._key for job in jobs]]
+        assert all(job.finish.wait(WAIT) for job in jobs)
+        monitor.close()
+
+
 def test_wait_change_wakes_on_events(local: LocalCluster) -> None:
     with JobCluster(square, nodes=local) as cluster:
         monitor = ClusterMonitor(cluster)
