@@ -198,11 +198,7 @@ class _Jobs(_ClusterState):
 
         Returns 0, or -1 if the job had already finished.
         """
-        if job.done() or job._key is None or job._key not in self._jobs:
-            return -1
-        if self._backend is not None:
-            self._backend.cancel([job._key])
-        return 0
+        return 0 if self._cancel_all([job]) else -1
 
     def _cancel_all(self, jobs: list[DispyJob]) -> list[DispyJob]:
         """Cancel ``jobs`` in one request to the engine, not one by one: a node then
