@@ -102,6 +102,7 @@ class CellRunner:
                     **options,
                 )
                 runs.append(run)
+            run.ref = args.into or LAST_RUN
         except MagicError as exc:
             # Nodes that died as the run started: that is the news, not the refusal.
             exited = session.exited_error()

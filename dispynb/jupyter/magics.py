@@ -392,9 +392,11 @@ class DispyMagics(Magics):
         by value.
 
         By default the cell blocks, showing live progress, and prints each job's
-        remote stdout and stderr as the job ends, and the remote traceback of the
-        first failure of each exception type. Interrupting the cell (Stop button,
-        Ctrl-C) cancels the run's queued and running jobs on the nodes.
+        remote stdout and stderr as the job ends (the first and last lines of a
+        long output: ``.jobs[i].stdout`` and ``.df`` keep all of it), and the
+        remote traceback of the first failure of each exception type. Interrupting
+        the cell (Stop button, Ctrl-C) cancels the run's queued and running jobs
+        on the nodes.
 
         Without ``%dispy local`` or ``%dispy nodes`` first, one local node using
         every CPU is started.

@@ -90,6 +90,8 @@ class Run(_RunEvents):
         cluster_status: ClusterStatusCallback | None = None,
     ) -> None:
         self.name = name
+        #: How the person reaches this run, in the messages that point at it.
+        self.ref = "run"
         self.cluster = cluster
         self.jobs: list[DispyJob] = []
         self.inputs: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
@@ -116,6 +118,8 @@ class Run(_RunEvents):
         self._outputs: collections.deque[DispyJob] = collections.deque()
         self._changed = threading.Event()
         self._failure_kinds: dict[str, list[DispyJob]] = {}
+        self._shown = 0  # characters of job output shown (see runoutput.RUN_SHOWN)
+        self._muted = False  # the note that further output is not shown was written
         self.bar: ProgressBar = NullProgressBar(name)
         self._live = False
         self._log: Writer | None = None

@@ -1,6 +1,12 @@
 """A `Run`'s output: the progress bar and each ended job's remote stdout, stderr
 and first traceback of each kind, written by whoever draws (the waiting thread, or
-the callback thread in live mode)."""
+the callback thread in live mode).
+
+Job output is cut short where it is shown (the run keeps all of it): the Jupyter
+server stops forwarding a kernel's output above 1 MB/s over 3 s ("IOPub data rate
+exceeded", ``iopub_data_rate_limit``), and drops the progress and tracebacks with
+it; a browser slows to a crawl on megabytes of text in a cell anyway.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,15 @@ import sys
 
 from dispynb.job import DispyJob
 from dispynb.jupyter.runstate import _FAILED, Writer, _RunState
+
+#: Characters of one job's stdout (or stderr) shown: its first lines and its last.
+JOB_SHOWN = 10_000
+#: Lines of one job's stdout (or stderr) shown.
+JOB_LINES = 200
+#: Of which its last lines (a log's end: the final loss, the error it printed).
+JOB_TAIL = 2_500
+#: Characters of job output one run shows in all (a third of the server's window).
+RUN_SHOWN = 1_000_000
 
 
 class _RunOutput(_RunState):
@@ -27,12 +42,27 @@ class _RunOutput(_RunState):
 
     def _write_job(self, job: DispyJob, writer: Writer) -> None:
         label = f"[job {job.id}] "
+        index = self._index.get(job.id)
         for stream in ("stdout", "stderr"):
             text = getattr(job, stream)
             if isinstance(text, bytes):
                 text = text.decode("utf-8", errors="replace")
-            if text:
-                writer(stream, _prefix_lines(text, label))
+            if not text:
+                continue
+            if self._shown >= RUN_SHOWN:
+                if not self._muted:
+                    self._muted = True
+                    writer(
+                        stream,
+                        f"[dispynb] the output of further jobs is not shown here "
+                        f"({self._shown:,} characters shown); {self.ref}.df.stdout "
+                        "and .stderr have all of it\n",
+                    )
+                continue
+            where = f"{self.ref}.jobs[{index}].{stream}"
+            shown = _clip(text, label, where)
+            self._shown += len(shown)
+            writer(stream, shown)
         if job.status in _FAILED and job.id not in self._cancelled:
             kind = _exception_kind(job.exception)
             seen = self._failure_kinds.setdefault(kind, [])
@@ -52,7 +82,7 @@ class _RunOutput(_RunState):
                 writer(
                     "stderr",
                     f"{kind}: {len(jobs)} jobs (first: job {jobs[0].id}); "
-                    f"see {self.name}.failures or .df.exception\n",
+                    f"see {self.ref}.failures or .df.exception\n",
                 )
 
 
@@ -60,6 +90,40 @@ def _print_writer(stream: str, text: str) -> None:
     target = sys.stdout if stream == "stdout" else sys.stderr
     target.write(text)
     target.flush()
+
+
+def _clip(text: str, label: str, where: str) -> str:
+    """``text`` labelled (`_prefix_lines`); if longer than `JOB_SHOWN` characters or
+    `JOB_LINES` lines, only its first and last lines (a quarter of each for the
+    last), and a line saying how much is left out and that ``where`` has it."""
+    if len(text) <= JOB_SHOWN and text.count("\n") <= JOB_LINES:
+        return _prefix_lines(text, label)
+    head = _lines_within(text[: JOB_SHOWN - JOB_TAIL], JOB_LINES * 3 // 4)
+    tail = _lines_within(text[-JOB_TAIL:][::-1], JOB_LINES // 4, last=True)[::-1]
+    hidden = text[len(head) : len(text) - len(tail)]
+    lines = hidden.count("\n")
+    note = (
+        f"... {len(hidden):,} characters ({lines:,} line{'s' * (lines != 1)}) "
+        f"not shown; {where} has them all"
+    )
+    return _prefix_lines(head, label) + f"{label}{note}\n" + _prefix_lines(tail, label)
+
+
+def _lines_within(text: str, most: int, last: bool = False) -> str:
+    """The whole lines of ``text`` from its start, at most ``most`` of them; ``text``
+    itself if it has no line break (a line longer than the room: its start).
+    ``last``: ``text`` is reversed (the end of an output), its first character the
+    output's final line break, which does not count."""
+    skip = 1 if last and text.startswith("\n") else 0
+    end = skip
+    for _ in range(most):
+        found = text.find("\n", end)
+        if found < 0:
+            break
+        end = found + 1
+    if end == skip:
+        return text  # no whole line fits: a part of one
+    return text[: end - 1] if last else text[:end]
 
 
 def _prefix_lines(text: str, label: str) -> str:

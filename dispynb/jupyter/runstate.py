@@ -36,6 +36,7 @@ class _RunState:
 
     # Set by `Run.__init__` (see there).
     name: str
+    ref: str
     cluster: JobCluster | None
     jobs: list[DispyJob]
     inputs: list[tuple[tuple[Any, ...], dict[str, Any]]]
@@ -60,6 +61,8 @@ class _RunState:
     _outputs: collections.deque[DispyJob]
     _changed: threading.Event
     _failure_kinds: dict[str, list[DispyJob]]
+    _shown: int
+    _muted: bool
     bar: ProgressBar
     _live: bool
     _log: Writer | None

@@ -62,6 +62,34 @@ def test_remote_prints_carry_the_job_label_and_df_the_raw_text(k):
     assert k.value("list(talk.df.stdout)") == [f"hi {i}\n" for i in range(3)]
 
 
+def test_a_flood_of_job_output_is_cut_short_in_the_cell_and_kept_in_the_run(k):
+    """Jobs printing megabytes: JupyterLab's server drops everything a kernel sends
+    above 1 MB/s over 3 s ("IOPub data rate exceeded"), progress and tracebacks
+    too. The cell shows each job's first and last lines and says where the rest is;
+    the run keeps every character, and a failure after the flood still shows."""
+    out = k.execute(
+        '%%dispy --over "range(4)"\n'
+        "def chatty(x):\n"
+        "    for i in range(200_000):\n"
+        '        print("step", i)\n'
+        "    if x == 3:\n"
+        '        raise ValueError("diverged")\n'
+        "    return x\n",
+        timeout=120,
+    )
+    ids = k.value("[job.id for job in _dispy.jobs]")
+    shown = len(out.stdout) + len(out.stderr)
+    assert shown < 1_000_000, f"{shown} characters sent to the cell"
+    for index, job in enumerate(ids):
+        assert f"[job {job}] step 0\n" in out.stdout
+        assert f"[job {job}] step 199999\n" in out.stdout  # the tail too
+        assert f"not shown; _dispy.jobs[{index}].stdout has them all" in out.stdout
+    assert 'raise ValueError("diverged")' in out.stderr  # the traceback survives
+    assert "ValueError: diverged" in out.stderr
+    raw = k.value("[len(text) for text in _dispy.df.stdout]")
+    assert raw == [len("".join(f"step {i}\n" for i in range(200_000)))] * 4
+
+
 def test_help_shows_the_cell_magic_and_a_misspelt_option_is_named(k):
     helped = k.run_ok("%%dispy?")
     assert "%%dispy --over EXPR" in helped.pager, helped.pager[:500]
