@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dispynb.errors import DispynbError
 
-__all__ = ["MagicError", "RunInterrupted"]
+__all__ = ["MagicError", "MagicInterrupted", "RunInterrupted"]
 
 _RED = "\x1b[0;31m"
 _RESET = "\x1b[0m"
@@ -33,6 +33,14 @@ class MagicError(DispynbError):
 class RunInterrupted(KeyboardInterrupt):
     """A waiting run was interrupted (Stop button, Ctrl-C) after cancelling its
     unfinished jobs; the message counts what was cancelled. The nodes stay up."""
+
+    def _render_traceback_(self) -> list[str]:
+        return _render("KeyboardInterrupt", str(self))
+
+
+class MagicInterrupted(KeyboardInterrupt):
+    """A ``%dispy`` line was interrupted (Stop button, Ctrl-C) while it started or
+    reached nodes; the message says which nodes are in use now."""
 
     def _render_traceback_(self) -> list[str]:
         return _render("KeyboardInterrupt", str(self))

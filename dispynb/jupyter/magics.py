@@ -10,6 +10,7 @@ The only text ever evaluated is the documented ``--over`` expression (and
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Callable
 from typing import Any, cast
@@ -20,6 +21,7 @@ from IPython.core.magic_arguments import argument, magic_arguments
 from IPython.display import display
 
 from dispynb.jupyter.cellrun import LAST_RUN, NODES_HINT, CellRunner
+from dispynb.jupyter.errors import MagicInterrupted
 from dispynb.jupyter.magicsupport import adapt_bounds, parse_line
 from dispynb.jupyter.progress import KINDS
 from dispynb.jupyter.session import Session, SessionStatus, launcher_kind
@@ -203,6 +205,17 @@ class DispyMagics(Magics):
         ``--pulse`` seconds while runs use it.
         """
         args = parse_line(self.dispy, line)
+        try:
+            return self._act(args)
+        except KeyboardInterrupt:
+            # Stop while nodes start or do not answer: what is in use now, in a line.
+            where = self.session.status()._where()
+            raise MagicInterrupted(
+                f"Interrupted: %dispy {args.action} did not finish; {where}"
+            ) from None
+
+    def _act(self, args: argparse.Namespace) -> Any:
+        """Do what the ``%dispy`` line ``args`` asks."""
         session = self.session
         if (
             args.action not in ("nodes", "ssh", "dask", "ray", "scheduler")

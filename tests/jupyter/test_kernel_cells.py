@@ -147,6 +147,29 @@ def test_unreachable_nodes_say_so_in_two_lines_with_the_fix(tmp_path: Path):
         assert "local nodes have exited" in out.text and "%dispy local" in out.text
 
 
+def test_stop_while_nodes_do_not_answer_is_one_line(tmp_path: Path):
+    """A host that accepts connections and never answers: ``%dispy nodes`` waits
+    for its handshake, and the person presses Stop."""
+    secret = tmp_path / "secret"
+    secret.write_text("s" * 32)
+    secret.chmod(0o600)
+    with socket.socket() as silent, kernel(tmp_path) as k:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        silent.settimeout(30)
+        port = silent.getsockname()[1]
+        k.run_ok("%load_ext dispynb")
+        msg_id = k.submit(f"%dispy nodes 127.0.0.1:{port} --secret-file {secret}")
+        peer, _ = silent.accept()  # the magic is connecting now
+        with peer:
+            k.stop_button()
+            out = k.collect(msg_id)
+        assert out.ename == "MagicInterrupted", out.text
+        _short(out.text)
+        assert "Interrupted: %dispy nodes did not finish; no nodes" in out.text
+        assert "no nodes" in k.run_ok("%dispy status").text
+
+
 def test_replaced_and_dead_nodes_show_as_gone_not_idle(tmp_path: Path):
     with kernel(tmp_path) as k:
         k.run_ok("%load_ext dispynb\n%dispy local --cpus 1")
