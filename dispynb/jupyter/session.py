@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import html
 import os
+import sys
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -369,10 +370,16 @@ class Session:
         )
 
     def close(self) -> None:
-        """Cancel and close every run, and stop local nodes this session started."""
+        """Cancel and close every run, and stop local nodes this session started.
+
+        A run that had unfinished jobs (a ``--nowait`` one) says so on stderr, in
+        the cell that replaced or closed its nodes: its results stop here."""
         for run in self.runs:
+            unfinished = [job for job in list(run.jobs) if not job.done()]
             run.cancel()
             run.close(terminate=True)
+            if unfinished:
+                print(run._stop_summary("dispynb", unfinished), file=sys.stderr)
         self.runs = []
         if self.local is not None:
             self.local.close()

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from dispynb import LocalCluster
+from tests.jobs import wait_until
 from tests.jupyter.kernel import Kernel, kernel, node_pids, wait_gone
 
 pytestmark = pytest.mark.slow
@@ -190,6 +191,31 @@ def test_replaced_and_dead_nodes_show_as_gone_not_idle(tmp_path: Path):
         status = k.run_ok("%dispy status").text
         state = {line.split()[1]: line.split()[2] for line in _node_lines(status)}
         assert state[second[0]] == "gone", status
+
+
+def test_new_nodes_say_which_unfinished_runs_they_stopped(tmp_path: Path):
+    """``%dispy local`` again while a ``--nowait`` run works: the run's jobs are
+    cancelled with the old nodes, and the cell says so (not only the new nodes)."""
+    mark = tmp_path / "started"
+    with kernel(tmp_path) as k:
+        k.run_ok("%load_ext dispynb\n%dispy local --cpus 1")
+        k.run_ok(
+            f'%%dispy --over "[{str(mark)!r}] * 2" --into long --nowait\n'
+            "def long(mark):\n    import time\n"
+            "    open(mark, 'w').close()\n    time.sleep(60)\n"
+        )
+        wait_until(mark.exists)
+        out = k.run_ok("%dispy local --cpus 1")
+        assert (
+            "dispynb: run 'long' stopped, 1 running terminated, 1 queued cancelled "
+            "(0 of 2 jobs done)"
+        ) in out.stderr, out.text
+        assert k.value("[j.status.name for j in long.jobs]") == [
+            "Terminated",
+            "Cancelled",
+        ]
+        quiet = k.run_ok("%dispy local --cpus 1")  # a finished run: nothing to say
+        assert "stopped" not in quiet.text, quiet.text
 
 
 SESSION = "get_ipython().magics_manager.registry['DispyMagics'].session"
