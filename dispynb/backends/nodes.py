@@ -25,6 +25,7 @@ from dispynb._loop import Coalescer
 from dispynb.backends import base
 from dispynb.backends.base import ClusterConfig, Departure, JobEvents, NodeInfo
 from dispynb.backends.finder import NodeFinder
+from dispynb.captures import check_shippable
 from dispynb.defaults import MAX_MESSAGE_SIZE, NODE_PORT
 from dispynb.depends import FileRef, collect
 from dispynb.errors import (
@@ -117,6 +118,11 @@ class NodesBackend:
         serialize.ship_by_value(
             opts.computation, opts.setup, opts.cleanup, *opts.depends
         )
+        # Once here, naming what cannot travel, rather than per node as it connects
+        # (where it read as that node's fault).
+        check_shippable(opts.computation, "computation")
+        check_shippable(opts.setup, "setup function")
+        check_shippable(opts.cleanup, "cleanup function")
         tls = bool(opts.certfile or opts.cafile) or bool(getattr(nodes, "tls", False))
         # Ready nodes as the façade knows them, by node id.
         self._info: dict[str, NodeInfo] = {}

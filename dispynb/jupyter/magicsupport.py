@@ -18,7 +18,7 @@ from typing import Any
 
 from IPython.core.error import UsageError
 
-from dispynb.errors import DispynbError
+from dispynb.errors import DispynbError, SerializationError
 from dispynb.jupyter.errors import MagicError
 
 __all__ = [
@@ -88,6 +88,8 @@ def friendly_errors(what: str, hint: str) -> Iterator[None]:
     except (DispynbError, OSError) as exc:
         held.records.clear()
         message = f"{what}: {exc}"
+        if isinstance(exc, SerializationError):
+            hint = ""  # what the code captures or is given, never the nodes' fault
         raise MagicError(f"{message}\n{hint}" if hint else message) from None
     finally:
         for name in _HELD_LOGGERS:

@@ -17,13 +17,12 @@ to a file, pass it in ``depends`` and load it in a ``setup`` function.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import threading
 import types
 import warnings
-from collections.abc import Callable, Iterator
 from typing import Any
 
+from dispynb.captures import Reached, code_objects, reachable
 from dispynb.jupyter.display import format_bytes as format_size
 
 __all__ = [
@@ -40,13 +39,6 @@ __all__ = [
 
 #: Bytes (pickled) from which a captured object is reported.
 LARGE_CAPTURE = 1 << 20
-
-#: At most this many functions and classes are walked from one root.
-_MAX_WALK = 2000
-
-#: ``Py_TPFLAGS_HEAPTYPE``: set for classes defined in Python (never sent by value
-#: otherwise).
-_HEAPTYPE = 1 << 9
 
 
 class LargeCaptureWarning(UserWarning):
@@ -79,149 +71,6 @@ class Capture:
         """``'big (global, 2.3 MB)'``; the owner is named unless it is ``root``."""
         of = "" if self.owner == root else f" of {self.owner}"
         return f"{self.name} ({self.kind}{of}, {format_size(self.size)})"
-
-
-@dataclasses.dataclass
-class Reached:
-    """What `reachable` found: functions and classes sent by value, and the other
-    values they capture as ``(name, kind, owner, value)``."""
-
-    functions: list[types.FunctionType] = dataclasses.field(default_factory=list)
-    classes: list[type] = dataclasses.field(default_factory=list)
-    values: list[tuple[str, str, str, Any]] = dataclasses.field(default_factory=list)
-
-
-def reachable(*roots: Any) -> Reached:
-    """Walk what ``roots`` (functions, classes, callables) take with them by value.
-
-    Nothing is pickled. Functions and classes that cloudpickle sends by reference
-    (importable ones: installed packages, the standard library) are not followed.
-    """
-    found = Reached()
-    seen: set[int] = set()
-    stack: list[tuple[Any, str]] = []
-
-    def visit(value: Any, name: str, kind: str, owner: str) -> None:
-        if id(value) in seen:
-            return
-        if isinstance(value, types.ModuleType):
-            return
-        if _is_code_carrier(value):
-            stack.append((value, owner))
-            return
-        seen.add(id(value))
-        found.values.append((name, kind, owner, value))
-
-    for root in roots:
-        if root is not None:
-            stack.append((root, getattr(root, "__qualname__", type(root).__name__)))
-    walked = 0
-    while stack and walked < _MAX_WALK:
-        obj, owner = stack.pop()
-        if id(obj) in seen:
-            continue
-        seen.add(id(obj))
-        walked += 1
-        if isinstance(obj, functools.partial):
-            stack.append((obj.func, owner))
-            for index, arg in enumerate(obj.args):
-                visit(arg, f"partial argument {index + 1}", "partial argument", owner)
-            for key, arg in (obj.keywords or {}).items():
-                visit(arg, key, "partial argument", owner)
-        elif isinstance(obj, types.MethodType):
-            stack.append((obj.__func__, owner))
-            visit(obj.__self__, "self", "bound instance", owner)
-        elif isinstance(obj, staticmethod | classmethod):
-            stack.append((obj.__func__, owner))
-        elif isinstance(obj, property):
-            for part in (obj.fget, obj.fset, obj.fdel):
-                if part is not None:
-                    stack.append((part, owner))
-        elif isinstance(obj, types.FunctionType):
-            if not _by_value(obj):
-                continue
-            found.functions.append(obj)
-            _walk_function(obj, visit)
-        elif isinstance(obj, type):
-            if not obj.__flags__ & _HEAPTYPE or not _by_value(obj):
-                continue  # a C type, or an importable class
-            found.classes.append(obj)
-            for base in obj.__bases__:
-                if base is not object:
-                    stack.append((base, owner))
-            for key, value in vars(obj).items():
-                if key.startswith("__") and key.endswith("__"):
-                    continue
-                name = f"{obj.__qualname__}.{key}"
-                visit(value, name, "class attribute", obj.__qualname__)
-        elif callable(obj):  # a callable instance: its class travels with it
-            stack.append((type(obj), owner))
-    return found
-
-
-def _walk_function(
-    func: types.FunctionType, visit: Callable[[Any, str, str, str], None]
-) -> None:
-    owner = func.__qualname__
-    code = func.__code__
-    for name, cell in zip(code.co_freevars, func.__closure__ or (), strict=False):
-        try:
-            value = cell.cell_contents
-        except ValueError:  # an empty cell (not yet assigned)
-            continue
-        visit(value, name, "closure variable", owner)
-    namespace = func.__globals__
-    for name in _global_names(code):
-        if name in namespace:
-            visit(namespace[name], name, "global", owner)
-    defaults = func.__defaults__ or ()
-    positional = code.co_varnames[: code.co_argcount]
-    named = positional[len(positional) - len(defaults) :]
-    for name, value in zip(named, defaults, strict=False):
-        visit(value, name, "default argument", owner)
-    for name, value in (func.__kwdefaults__ or {}).items():
-        visit(value, name, "default argument", owner)
-
-
-def _global_names(code: types.CodeType) -> list[str]:
-    """Names the code (and the code nested in it) may read as globals, in order."""
-    names: dict[str, None] = {}
-    for each in code_objects(code):
-        names.update(dict.fromkeys(each.co_names))
-    return list(names)
-
-
-def code_objects(code: types.CodeType) -> Iterator[types.CodeType]:
-    """``code`` and every code object nested in it (functions, lambdas,
-    comprehensions, class bodies)."""
-    stack = [code]
-    while stack:
-        current = stack.pop()
-        yield current
-        stack.extend(c for c in current.co_consts if isinstance(c, types.CodeType))
-
-
-def _is_code_carrier(value: Any) -> bool:
-    return isinstance(
-        value,
-        types.FunctionType
-        | types.MethodType
-        | functools.partial
-        | staticmethod
-        | classmethod
-        | property
-        | type,
-    )
-
-
-def _by_value(obj: Any) -> bool:
-    """Whether cloudpickle sends ``obj`` (a function or class) by value."""
-    try:
-        from cloudpickle import cloudpickle as _cp
-
-        return not _cp._should_pickle_by_reference(obj)
-    except Exception:  # a private helper of cloudpickle: fall back to the main rule
-        return getattr(obj, "__module__", None) == "__main__"
 
 
 def pickled_size(obj: Any) -> int | None:

@@ -275,6 +275,23 @@ def test_jobcluster_submit_unpicklable_argument_raises_and_sends_nothing(local, 
         assert cluster.status().nodes[0].jobs_done == 2
 
 
+_LOCK = threading.Lock()
+
+
+def guarded(x: int) -> int:
+    with _LOCK:  # a global that cannot travel: the job would need its own
+        return x
+
+
+def test_jobcluster_computation_using_an_unpicklable_global_names_it(local):
+    with pytest.raises(SerializationError) as raised:
+        JobCluster(guarded, nodes=local)
+    message = str(raised.value)
+    assert message.startswith("computation guarded cannot be sent to the nodes: ")
+    assert "it uses _LOCK (global, a _thread.lock)" in message, message
+    assert "'dict'" not in message  # not the internal bundle
+
+
 # --- cancel -------------------------------------------------------------------
 
 

@@ -91,6 +91,18 @@ def test_a_flood_of_job_output_is_cut_short_in_the_cell_and_kept_in_the_run(k):
     assert raw == [len("".join(f"step {i}\n" for i in range(200_000)))] * 4
 
 
+def test_a_function_using_an_unpicklable_global_is_named_without_a_nodes_hint(k):
+    k.run_ok("import threading\nlock = threading.Lock()")
+    out = k.execute(
+        '%%dispy --over "[1]" --into locked\n'
+        "def guarded(x):\n    with lock:\n        return x\n"
+    )
+    assert out.ename == "MagicError", out.text
+    _short(out.text)
+    assert "guarded cannot be sent to the nodes: it uses lock (global" in out.text
+    assert "%dispy local" not in out.text, out.text  # the nodes are fine
+
+
 def test_help_shows_the_cell_magic_and_a_misspelt_option_is_named(k):
     helped = k.run_ok("%%dispy?")
     assert "%%dispy --over EXPR" in helped.pager, helped.pager[:500]
