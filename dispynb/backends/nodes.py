@@ -29,10 +29,12 @@ from dispynb.captures import check_shippable
 from dispynb.defaults import MAX_MESSAGE_SIZE, NODE_PORT
 from dispynb.depends import FileRef, collect
 from dispynb.errors import (
+    AuthenticationError,
     ConfigurationError,
     DispynbError,
     ProtocolError,
     SerializationError,
+    TransportError,
 )
 from dispynb.node import DispyNodeAvailInfo, NodeAllocate, is_wildcard, parse_node_specs
 from dispynb.options import ClusterOptions
@@ -169,7 +171,12 @@ class NodesBackend:
 
     def start(self) -> None:
         """Connect to the nodes; return once one is ready (or a short wait passed)."""
-        self._runner.run_sync(self._start)
+        try:
+            self._runner.run_sync(self._start)
+        except (AuthenticationError, TransportError, ProtocolError) as exc:
+            # The message names the node, what failed and the remedy; the I/O
+            # thread's frames and the chain of wrapped errors would only bury it.
+            raise exc.with_traceback(None) from None
         nodes = self._options.nodes
         subscribe = getattr(nodes, "subscribe", None)
         if callable(subscribe):

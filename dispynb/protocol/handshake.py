@@ -96,9 +96,10 @@ def _wrong_node_proof() -> AuthenticationError:
 class ClientHandshake:
     """Client side of the handshake; feed it the node's replies in order."""
 
-    def __init__(self, secret: bytes | None, name: str = "") -> None:
+    def __init__(self, secret: bytes | None, name: str = "", user: str = "") -> None:
         self._secret = secret or b""
         self._name = name
+        self._user = user  # set when the secret is a scheduler user's credential
         self._nonce = auth.new_nonce()
         self._node_nonce = b""
         self._node_verified = False
@@ -137,6 +138,10 @@ class ClientHandshake:
         """Check the node's proof (its answer to ours)."""
         if not self._node_nonce or self._node_verified:
             raise MessageError("node's proof out of turn")
+        if isinstance(message, Error) and message.code == "auth":
+            raise AuthenticationError(
+                f"{peer_text(message.message)}; {self._refused_remedy()}"
+            )
         confirm = _expect(message, Auth)
         expected = auth.proof(
             self._secret, NODE, PROTOCOL_VERSION, self._nonce, self._node_nonce
@@ -144,6 +149,19 @@ class ClientHandshake:
         if not auth.check_proof(expected, confirm.proof):
             raise _wrong_node_proof()
         self._node_verified = True
+
+    def _refused_remedy(self) -> str:
+        """How to fix a secret the node (or scheduler) refused."""
+        if self._user:
+            return (
+                f"use the credential file that 'dispynb-scheduler user add "
+                f"{self._user}' wrote (secret_file=), and check that the user was "
+                "not revoked"
+            )
+        return (
+            "give this client the secret the node was started with (secret=, "
+            "DISPYNB_SECRET or DISPYNB_SECRET_FILE)"
+        )
 
     def keys(self) -> tuple[bytes, bytes]:
         """``(send_key, receive_key)`` for the client, once the node is verified."""
@@ -204,6 +222,11 @@ class NodeHandshake:
             self._secret, CLIENT, PROTOCOL_VERSION, self._client_nonce, self._nonce
         )
         if not auth.check_proof(expected, received.proof):
+            if self._lookup is not None:  # the same words for unknown names
+                raise AuthenticationError(
+                    "the client's proof is wrong: it does not hold the credential "
+                    f"this server has for user {self.client_name!r}"
+                )
             raise AuthenticationError(
                 "the client's proof is wrong: it uses another secret than this node"
             )

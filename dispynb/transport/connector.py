@@ -80,6 +80,7 @@ async def connect(
                 max_message_size=max_message_size,
                 ssl_context=ssl_context,
                 name=name,
+                user=user,
                 timeout=timeout,
                 handshake_timeout=handshake_timeout,
             )
@@ -102,6 +103,7 @@ async def _connect_once(
     max_message_size: int,
     ssl_context: ssl.SSLContext | None,
     name: str,
+    user: str,
     timeout: float,
     handshake_timeout: float,
 ) -> tuple[Connection, Welcome]:
@@ -138,7 +140,7 @@ async def _connect_once(
         ) from exc
     try:
         async with asyncio.timeout(handshake_timeout):
-            welcome = await client_handshake(conn, secret, max_message_size, name)
+            welcome = await client_handshake(conn, secret, max_message_size, name, user)
     except TimeoutError:
         conn.abort()
         raise ConnectTimeoutError(

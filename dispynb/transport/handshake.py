@@ -29,10 +29,15 @@ async def _recv_wire(conn: Connection) -> WireMessage:
 
 
 async def client_handshake(
-    conn: Connection, secret: bytes | None, max_size: int, name: str = ""
+    conn: Connection,
+    secret: bytes | None,
+    max_size: int,
+    name: str = "",
+    user: str = "",
 ) -> Welcome:
-    """Authenticate to a node; return its `Welcome`. The connection is then signed."""
-    handshake = ClientHandshake(secret, name)
+    """Authenticate to a node (as scheduler ``user`` if given); return its
+    `Welcome`. The connection is then signed."""
+    handshake = ClientHandshake(secret, name, user)
     conn.write(handshake.hello())
     conn.write(handshake.on_challenge(await _recv_wire(conn)))
     handshake.on_confirm(await _recv_wire(conn))

@@ -102,6 +102,35 @@ def test_handshake_wrong_secret_detected_by_node_which_never_proves(client_secre
         client.on_confirm(wire(refusal(info.value)))
 
 
+def test_a_refused_client_is_told_how_to_fix_its_secret():
+    client, node = ClientHandshake(b"wrong"), NodeHandshake(SECRET)
+    answer = client.on_challenge(node.on_hello(client.hello()))
+    with pytest.raises(AuthenticationError) as info:
+        node.on_auth(answer)
+    with pytest.raises(AuthenticationError) as told:
+        client.on_confirm(wire(refusal(info.value)))
+    assert str(told.value).startswith(str(info.value))
+    assert "the secret the node was started with" in str(told.value)
+    assert "DISPYNB_SECRET" in str(told.value)
+
+
+def test_a_refused_scheduler_user_is_pointed_at_the_credential_file():
+    lookup = {"alice": SECRET}.get
+    for user in ("alice", "ghost"):  # wrong credential, unknown user: same words
+        client = ClientHandshake(b"stale", name=user, user=user)
+        node = NodeHandshake(lookup)
+        answer = client.on_challenge(node.on_hello(client.hello()))
+        with pytest.raises(AuthenticationError) as info:
+            node.on_auth(answer)
+        assert str(info.value) == (
+            "the client's proof is wrong: it does not hold the credential this "
+            f"server has for user {user!r}"
+        )
+        with pytest.raises(AuthenticationError) as told:
+            client.on_confirm(wire(refusal(info.value)))
+        assert f"'dispynb-scheduler user add {user}' wrote" in str(told.value)
+
+
 def test_impostor_node_without_the_secret_detected_by_client():
     client, impostor = ClientHandshake(SECRET), NodeHandshake(b"impostor's guess")
     hello = client.hello()

@@ -1,0 +1,92 @@
+"""What a script's user sees when its cluster cannot use the node it names.
+
+A real ``dispynb-node`` and a client script run as a user runs them; the error
+must say what failed and how to fix it, without burying it under the client's
+internal frames and chained errors.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.nodeproc import node_env, running_node
+
+pytestmark = pytest.mark.slow
+
+SCRIPT = """
+import sys
+import dispynb as dispy
+
+def double(x):
+    return 2 * x
+
+cluster = dispy.JobCluster(double, nodes=[sys.argv[1]], secret=sys.argv[2])
+print(cluster.submit(3)())
+"""
+
+
+def run_script(
+    tmp_path: Path, node: str, secret: str
+) -> subprocess.CompletedProcess[str]:
+    script = tmp_path / "client.py"
+    script.write_text(SCRIPT)
+    return subprocess.run(
+        [sys.executable, str(script), node, secret],
+        env=node_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def traceback_of(stderr: str) -> list[str]:
+    """The lines of the traceback the script ended with."""
+    lines = stderr.splitlines()
+    start = max(i for i, line in enumerate(lines) if line.startswith("Traceback"))
+    return lines[start:]
+
+
+def assert_short(traceback: list[str]) -> None:
+    frames = [line for line in traceback if line.lstrip().startswith('File "')]
+    assert not any("dispynb/transport" in f or "asyncio" in f for f in frames), frames
+    assert len(frames) <= 6, traceback
+    assert not any("direct cause" in line for line in traceback), traceback
+
+
+@pytest.mark.timeout(90)
+def test_a_wrong_secret_stops_the_script_with_the_fix_on_its_last_line(
+    tmp_path: Path,
+) -> None:
+    with running_node(tmp_path / "node", secret="the-nodes-secret-4f9c2a7e1b") as node:
+        done = run_script(tmp_path, node.spec, "a-stale-secret-0d3e8b6a95")
+    assert done.returncode == 1, done.stdout + done.stderr
+    traceback = traceback_of(done.stderr)
+    assert traceback[-1] == (
+        f"dispynb.errors.AuthenticationError: {node.spec}: the client's proof is "
+        "wrong: it uses another secret than this node; give this client the secret "
+        "the node was started with (secret=, DISPYNB_SECRET or DISPYNB_SECRET_FILE)"
+    )
+    assert_short(traceback)
+    assert "a-stale-secret" not in done.stderr
+
+
+@pytest.mark.timeout(90)
+def test_no_node_listening_stops_the_script_with_a_short_traceback(
+    tmp_path: Path,
+) -> None:
+    with socket.socket() as taken:  # a port that nothing listens on
+        taken.bind(("127.0.0.1", 0))
+        spec = f"127.0.0.1:{taken.getsockname()[1]}"
+        done = run_script(tmp_path, spec, "the-nodes-secret-4f9c2a7e1b")
+    assert done.returncode == 1, done.stdout + done.stderr
+    traceback = traceback_of(done.stderr)
+    assert traceback[-1].startswith(
+        f"dispynb.errors.ConnectionClosedError: cannot connect to {spec}"
+    )
+    assert traceback[-1].endswith("is dispynb-node running there?")
+    assert_short(traceback)
