@@ -10,8 +10,11 @@ namespace.
 
 from __future__ import annotations
 
+import linecache
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from types import TracebackType
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -51,6 +54,9 @@ class CellRunner:
 
     def run(self, args: Any, cell: str) -> None:
         """Run ``cell`` as the magic line's ``args`` (parsed) say."""
+        # IPython hides the frames that say so: an error in the person's code (the
+        # cell, --over and what it iterates) shows their lines, not dispynb's.
+        __tracebackhide__ = True
         if args.into is not None and not args.into.isidentifier():
             raise UsageError(f"--into needs a variable name, not {args.into!r}")
         if args.function is not None and not args.function.isidentifier():
@@ -65,10 +71,10 @@ class CellRunner:
             )
         func = self._lookup(name, "function")
         setup = self._lookup(args.setup, "--setup") if args.setup else None
-        inputs = self.shell.ev(unquote(args.over))
+        inputs = _Inputs(self._evaluate("--over", args.over))
         depends = None
         if args.depends is not None:
-            depends = self.shell.ev(unquote(args.depends))
+            depends = self._evaluate("--depends", args.depends)
             if not isinstance(depends, list | tuple):
                 depends = [depends]  # one file, module or function
         session = self.session
@@ -113,6 +119,12 @@ class CellRunner:
             if exited is None:
                 raise
             raise exited from None
+        except _InputFailed as failed:
+            # --over's iterator raised: Run.map cancelled what it sent.
+            error = failed.error
+            message = f"--over raised {type(error).__name__}: {error}"
+            self._keep(Run.failed(label, message), args.into)
+            raise error.with_traceback(_own_frames(error.__traceback__)) from None
         except KeyboardInterrupt:
             # Stop while connecting or submitting: Run.map cancelled what it sent.
             message = f"Interrupted: run {label!r} stopped before it started"
@@ -149,6 +161,19 @@ class CellRunner:
             return shell.run_cell(source, store_history=False)
         finally:
             shell.execution_count = saved
+
+    def _evaluate(self, option: str, text: str) -> Any:
+        """``option``'s expression evaluated in the notebook's namespace; an error
+        shows its text (as ``<--over>``, line 1), not an anonymous string."""
+        __tracebackhide__ = True
+        source = unquote(text)
+        filename = f"<{option}>"
+        linecache.cache[filename] = (len(source) + 1, None, [source + "\n"], filename)
+        try:
+            code = compile(source, filename, "eval")
+        except SyntaxError as exc:  # IPython would show every frame for it
+            raise UsageError(f"{option} {source!r}: {exc.msg}") from None
+        return eval(code, self.shell.user_global_ns, self.shell.user_ns)
 
     def _lookup(self, name: str, what: str) -> Any:
         value = self.shell.user_ns.get(name)
@@ -194,3 +219,38 @@ def _panel_listener(panel: NodePanel, runs: list[Run]) -> Callable[..., None]:
         panel.cluster_status(status, node, job, lost=lost)
 
     return listener
+
+
+class _InputFailed(Exception):
+    """Carries an error of --over's iterator past `Run.map` (and past
+    `friendly_errors`, which would read an `OSError` as the nodes' fault)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _Inputs:
+    """``--over``'s items; an error while producing one becomes `_InputFailed`."""
+
+    def __init__(self, items: Any) -> None:
+        self._items = items
+
+    def __iter__(self) -> Iterator[Any]:
+        iterator = iter(self._items)
+        while True:
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+            except Exception as exc:
+                raise _InputFailed(exc) from None
+            yield item
+
+
+def _own_frames(tb: TracebackType | None) -> TracebackType | None:
+    """``tb`` from the first frame that is not dispynb's (the person's code)."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(here):
+        tb = tb.tb_next
+    return tb

@@ -441,5 +441,6 @@ class DispyMagics(Magics):
 
         Then ``run.results``, ``run.df`` (one row per job), ``run.failures``.
         """
+        __tracebackhide__ = True  # an error in the cell shows the cell's lines
         args = parse_line(self.cell_dispy, line)
         CellRunner(self._ip, self.session).run(args, cell)

@@ -52,6 +52,26 @@ def test_local_error_in_the_cell_body_names_the_editor_line(k):
     assert f"Cell In[{out.execution_count}], line 4" in out.error_text, out.text
 
 
+def test_an_error_in_the_inputs_shows_the_users_lines_not_dispynbs(k):
+    out = k.execute('%%dispy --over "rang(4)" --into typo\ndef f(x):\n    return x\n')
+    assert out.ename == "NameError", out.text
+    assert "----> 1 rang(4)" in out.error_text, out.error_text
+    assert "dispynb/" not in out.error_text and "Could not get source" not in out.text
+    out = k.execute('%%dispy --over "range(4" --into typo\ndef f(x):\n    return x\n')
+    assert "UsageError: --over 'range(4': '(' was never closed" in out.text, out.text
+    _short(out.text)
+
+    made = k.run_ok('def inputs():\n    yield 1\n    raise RuntimeError("no 2")\n')
+    out = k.execute(
+        '%%dispy --over "inputs()" --into partial\ndef f(x):\n    return x\n'
+    )
+    assert out.ename == "RuntimeError", out.text
+    assert f"Cell In[{made.execution_count}], line 3, in inputs" in out.error_text
+    assert "dispynb/" not in out.error_text, out.error_text
+    # The name says what happened: no run from an earlier cell left under it.
+    assert "RuntimeError: no 2" in k.value("repr(partial)")
+
+
 def test_remote_prints_carry_the_job_label_and_df_the_raw_text(k):
     out = k.run_ok(
         '%%dispy --over "range(3)" --into talk\ndef talk(x):\n    print("hi", x)\n'
