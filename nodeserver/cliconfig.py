@@ -52,6 +52,10 @@ _KEY_ALIASES = {
     "scheduler_node": "scheduler_host",  # dispynode's name for it before 4.11
 }
 
+#: dispynode ``--config`` keys (its options' destinations) of refused options whose
+#: name differs from the option's.
+_REFUSED_KEYS = {"node_init": "--init"}
+
 #: Keys a dispynode config file holds at their defaults (meaning: not used).
 _UNSET = {"", "none", "false", "[]", "0", "-1"}
 
@@ -102,7 +106,11 @@ def config_argv(parser: argparse.ArgumentParser, path: str) -> list[str]:
         key = key.strip()
         if key in ("config", "save_config"):
             continue
-        refused = f"--{key}"
+        if key == "safe_setup":  # dispynode's --unsafe_setup stores safe_setup=False
+            if text.strip().lower() in ("false", "0", "no", "off"):
+                argv.append("--unsafe_setup")
+            continue
+        refused = _REFUSED_KEYS.get(key, f"--{key}")
         if refused in REFUSED:
             if text.strip().lower() not in _UNSET and key != "dispy_port":
                 argv += [refused] + ([text] if REFUSED[refused][0] else [])

@@ -154,25 +154,41 @@ def test_force_cleanup_removes_files_a_client_kept(tmp_path: Path, force: bool) 
 
 
 def test_dispynode_config_file_is_read_safely(tmp_path: Path) -> None:
-    """A config file as ``dispynode --save_config`` writes it: dispy's keys, lists as
-    Python literals (read with ast.literal_eval, never eval), defaults ignored. The
-    command line (here `start_node`'s own options) wins over the file."""
+    """A config file as ``dispynode.py --save_config`` (dispy 4.15) writes it: every
+    option under its argparse destination (``loglevel``, ``hosts``, ``node_init``,
+    ``safe_setup``...), lists as Python literals (read with ast.literal_eval, never
+    eval), defaults ignored. The command line (here `start_node`'s own options) wins
+    over the file."""
     config = tmp_path / "node.ini"
     config.write_text(
         "[DEFAULT]\n"
+        "cpus = 0\n"
+        "loglevel = True\n"
         "hosts = ['127.0.0.1']\n"
         "ext_hosts = []\n"
-        "loglevel = True\n"
-        "max_file_size = 1k\n"
         "dispy_port = 9700\n"
-        "admin_secret = \n"
-        "init = None\n"
-        "unsafe_setup = False\n"
-        "scheduler_host = None\n"
+        "ipv4_udp_multicast = False\n"
+        "name = \n"
+        "dest_path_prefix = \n"
+        "node_init = \n"
+        "scheduler_host = \n"
+        "max_file_size = 1k\n"
         "zombie_interval = 60.0\n"
+        "ping_interval = 0\n"
+        "service_start = \n"
+        "service_stop = \n"
+        "service_end = \n"
         "serve = -1\n"
-        "daemon = False\n"
+        "client_shutdown = False\n"
+        "force_cleanup = False\n"
         "msg_timeout = 10\n"
+        "secret = \n"
+        "admin_secret = \n"
+        "certfile = \n"
+        "keyfile = \n"
+        "clean = False\n"
+        "safe_setup = True\n"
+        "daemon = False\n"
     )
     check_config_node(tmp_path, config)
 
@@ -201,10 +217,16 @@ def check_config_node(tmp_path: Path, config: Path) -> None:
 
 def test_config_file_naming_an_unsupported_option_is_refused(tmp_path: Path) -> None:
     config = tmp_path / "node.ini"
-    config.write_text("[DEFAULT]\ninit = /etc/node_init.py\n")
-    done = run_node("--config", str(config))
-    assert done.returncode == 2
-    assert done.stderr.startswith("dispynb-node: --init is not supported")
+    # dispynode saves --init as node_init, --unsafe_setup as safe_setup = False
+    for line, option in [
+        ("init = /etc/node_init.py", "--init"),
+        ("node_init = /etc/node_init.py", "--init"),
+        ("safe_setup = False", "--unsafe_setup"),
+    ]:
+        config.write_text(f"[DEFAULT]\n{line}\n")
+        done = run_node("--config", str(config))
+        assert done.returncode == 2
+        assert done.stderr.startswith(f"dispynb-node: {option} is not supported")
     config.write_text("[DEFAULT]\nhosts = __import__('os').system('true')\n")
     done = run_node("--config", str(config))
     assert done.returncode == 2
