@@ -61,8 +61,14 @@ class CellRunner:
             raise UsageError(f"--into needs a variable name, not {args.into!r}")
         if args.function is not None and not args.function.isidentifier():
             raise UsageError(f"the function must be a name, not {args.function!r}")
-        if not self._run_body(cell).success:
-            return None
+        ran = self._run_body(cell)
+        if not ran.success:  # IPython showed the error; the cell must fail too
+            error = ran.error_before_exec or ran.error_in_exec
+            what = type(error).__name__ if error is not None else "an error"
+            message = f"the cell's code raised {what}"
+            self._keep(Run.failed(args.into or "run", message), args.into)
+            # An error reply: Run All stops here, as after any cell that raised.
+            raise MagicError(f"no jobs were submitted: {message} (above)")
         name = args.function or last_function(self.shell.transform_cell(cell))
         if name is None:
             raise UsageError(

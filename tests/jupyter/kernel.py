@@ -95,9 +95,10 @@ class Kernel:
             if kind == "stream":
                 name = "stdout" if content["name"] == "stdout" else "stderr"
                 setattr(out, name, getattr(out, name) + content["text"])
-            elif kind == "error":
-                out.ename, out.evalue = content["ename"], content["evalue"]
-                out.traceback = list(content["traceback"])
+            elif kind == "error":  # the first names the error; a cell may show two
+                if not out.ename:
+                    out.ename, out.evalue = content["ename"], content["evalue"]
+                out.traceback += list(content["traceback"])
             elif kind in ("execute_result", "display_data"):
                 out.data.append(content["data"])
             elif kind == "execute_input":

@@ -52,6 +52,18 @@ def test_local_error_in_the_cell_body_names_the_editor_line(k):
     assert f"Cell In[{out.execution_count}], line 4" in out.error_text, out.text
 
 
+def test_run_all_stops_at_a_cell_whose_own_code_raised(k):
+    """Run All queues the cells; a failed cell must abort the rest (an ``ok`` reply
+    let them run on, on an earlier cell's run or on nothing)."""
+    failing = k.submit('%%dispy --over "[1]" --into never\ndef f(x):\n    x\nnope\n')
+    after = k.submit("ran_after = True")
+    out = k.collect(failing)
+    assert out.status == "error" and out.ename == "NameError", out.text
+    assert "dispynb: no jobs were submitted: the cell's code raised" in out.text
+    assert k.collect(after).status == "aborted"
+    assert "NameError" in k.value("repr(never)")
+
+
 def test_an_error_in_the_inputs_shows_the_users_lines_not_dispynbs(k):
     out = k.execute('%%dispy --over "rang(4)" --into typo\ndef f(x):\n    return x\n')
     assert out.ename == "NameError", out.text

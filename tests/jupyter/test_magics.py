@@ -11,6 +11,7 @@ from IPython.utils.capture import capture_output
 from traitlets.config import Config
 
 from dispynb.job import JobStatus
+from dispynb.jupyter.errors import MagicError
 from dispynb.jupyter.magics import DispyMagics
 from dispynb.jupyter.run import Run
 from tests import jobs
@@ -213,13 +214,13 @@ def test_magic_cell_timeout_cancels_unfinished_jobs(ip):
 
 def test_magic_cell_error_in_cell_submits_nothing(ip):
     ip.user_ns.pop("broken", None)
-    with capture_output():
-        result = ip.run_cell_magic(
+    with capture_output(), pytest.raises(MagicError, match="no jobs were submitted"):
+        ip.run_cell_magic(
             "dispy", '--over "[1]" --into broken', "def f(x):\n    return x\n1/0\n"
         )
 
-    assert result is None
-    assert "broken" not in ip.user_ns
+    assert ip.user_ns["broken"].jobs == []
+    assert "ZeroDivisionError" in repr(ip.user_ns["broken"])
 
 
 @pytest.mark.parametrize(
