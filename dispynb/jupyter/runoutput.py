@@ -127,9 +127,23 @@ def _lines_within(text: str, most: int, last: bool = False) -> str:
 
 
 def _prefix_lines(text: str, label: str) -> str:
-    """``text`` with ``label`` before each of its lines, ending with a newline."""
-    lines = text.splitlines()
-    return "".join(f"{label}{line}\n" for line in lines)
+    """``text`` with ``label`` before each of its lines, ending with a newline; a
+    line redrawn after carriage returns (a progress bar) as a terminal shows it."""
+    lines = text.replace("\r\n", "\n").split("\n")
+    if lines[-1] == "":
+        lines.pop()  # the text's final line break
+    return "".join(f"{label}{_as_drawn(line)}\n" for line in lines)
+
+
+def _as_drawn(line: str) -> str:
+    """What a terminal shows of ``line``: each ``\\r`` returns to its start, and the
+    text after it writes over what was there."""
+    if "\r" not in line:
+        return line
+    shown = ""
+    for part in line.split("\r"):
+        shown = part + shown[len(part) :]
+    return shown
 
 
 def _exception_kind(exception: str | None) -> str:

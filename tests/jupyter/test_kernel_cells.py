@@ -135,6 +135,21 @@ def test_a_function_using_an_unpicklable_global_is_named_without_a_nodes_hint(k)
     assert "%dispy local" not in out.text, out.text  # the nodes are fine
 
 
+def test_a_progress_line_redrawn_with_carriage_returns_shows_as_it_ends(k):
+    """A job drawing its own progress (tqdm, Keras: ``\\r`` and the line again)
+    shows the line a terminal would show at the end, not every state."""
+    out = k.run_ok(
+        '%%dispy --over "[0]" --into drawn\n'
+        "def drawn(x):\n    import sys\n"
+        "    for i in range(0, 101, 5):\n"
+        '        print(f"\\rtraining {i:3d}%", end="", file=sys.stderr)\n'
+        '    print("\\rtraining done", file=sys.stderr)\n'
+    )
+    job = k.value("drawn.jobs[0].id")
+    assert out.stderr == f"[job {job}] training done\n", out.text
+    assert k.value("drawn.df.stderr[0]").count("\r") == 22  # the run keeps it all
+
+
 def test_help_shows_the_cell_magic_and_a_misspelt_option_is_named(k):
     helped = k.run_ok("%%dispy?")
     assert "%%dispy --over EXPR" in helped.pager, helped.pager[:500]
