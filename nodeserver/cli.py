@@ -17,6 +17,7 @@ from dispynb.errors import ConfigurationError, DispynbError
 from dispynb.protocol.discovery import new_boot_id
 from dispynb.protocol.framing import large_frames_taken, release_spares
 from dispynb.secret import resolve_secret, write_new_secret
+from dispynb.transport.addressing import is_loopback
 from nodeserver.config import NodeConfig
 from nodeserver.containment import probe_in_background
 from nodeserver.launcher import PROCESS_LAUNCHER, Launcher
@@ -97,6 +98,12 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         if args.zombie_interval < 0:
             raise ConfigurationError("--zombie_interval must be 0 (never) or positive")
         orphan_timeout = args.zombie_interval * 60
+    discovery = args.discovery
+    if discovery is None and not (secret or args.certfile):
+        # Only this machine can reach a node without a secret (it listens on
+        # loopback): answering pings sent to 127.0.0.1 costs nothing and lets a
+        # client here without a secret (dispy's default) find it, as dispy's does.
+        discovery = all(is_loopback(host) for host in hosts) or None
     window = None
     if args.service_start or args.service_stop or args.service_end:
         window = ServiceWindow(args.service_start, args.service_stop, args.service_end)
@@ -119,7 +126,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         orphan_timeout=orphan_timeout,
         drain_timeout=args.drain_timeout,
         kept_results_size=args.kept_results_size,
-        discovery=args.discovery,
+        discovery=discovery,
         discovery_port=args.discovery_port,
         ipv4_multicast=args.ipv4_multicast,
         ext_host=args.ext_host[0] if args.ext_host else None,

@@ -214,7 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="answer clients' UDP discovery pings and announce this node (default: "
-        "on, as dispynode, unless the node listens on loopback only)",
+        "on, as dispynode, unless the node listens on loopback only with a secret "
+        "or TLS; without either it answers pings sent to 127.0.0.1 by clients on "
+        "this machine that have no secret)",
     )
     add(
         "--discovery-port",

@@ -29,6 +29,9 @@ logger = logging.getLogger(__name__)
 #: ``use(ip, tcp_port, spec)``: connect to a node found for ``spec``.
 UseNode = Callable[[str, int, NodeAllocate], None]
 
+#: Where nodes without a secret answer pings: they listen on loopback only.
+LOCAL_NODES = "127.0.0.1"
+
 #: Seconds without a usable node before the client says what may be wrong.
 NO_NODE_WARNING = 5.0
 
@@ -54,6 +57,10 @@ class NodeFinder:
     name_them:
         How that warning says to name the nodes instead (the scheduler's way
         differs from a cluster's).
+    local:
+        Also ping 127.0.0.1 for a bare ``'*'``: a client without a secret or TLS
+        can only use nodes without either, and those listen on this machine's
+        loopback only (dispynb-node answers pings there then).
     """
 
     def __init__(
@@ -67,8 +74,10 @@ class NodeFinder:
         ready: Callable[[], bool] | None = None,
         warn_after: float = NO_NODE_WARNING,
         name_them: str = "JobCluster(..., nodes=['host1', 'host2'])",
+        local: bool = False,
     ) -> None:
         self.specs = specs
+        self._local = local
         self._ready = ready
         self._warn_after = warn_after
         self._name_them = name_them
@@ -83,8 +92,7 @@ class NodeFinder:
 
     async def start(self) -> None:
         """Ping the networks of the specs and listen for nodes."""
-        targets = discovery_targets([s.host for s in self.specs], self._multicast)
-        targets = targets or [BROADCAST]
+        targets = self._targets(self.specs)
         await self._discovery.start(targets, self._found)
         if self._ready is not None:
             self._warner = asyncio.get_running_loop().create_task(
@@ -96,8 +104,14 @@ class NodeFinder:
     def add(self, specs: list[NodeAllocate]) -> None:
         """More wildcard specs (``discover_nodes``): ping their networks now."""
         self.specs.extend(specs)
+        self._discovery.ping(self._targets(specs))
+
+    def _targets(self, specs: list[NodeAllocate]) -> list[str]:
         targets = discovery_targets([s.host for s in specs], self._multicast)
-        self._discovery.ping(targets or [BROADCAST])
+        targets = targets or [BROADCAST]
+        if self._local and any(s.host.strip() == "*" for s in specs):
+            targets.append(LOCAL_NODES)
+        return targets
 
     def forget(self, ip: str, port: int) -> None:
         """A node was lost: use it again when it answers again."""

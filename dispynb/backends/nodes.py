@@ -226,6 +226,7 @@ class NodesBackend:
             multicast=opts.ipv4_udp_multicast,
             ping_interval=opts.ping_interval,
             ready=ready,
+            local=not (opts.secret or opts.certfile),
         )
         discovering, self.driver.discovering = self.driver.discovering, True
         try:

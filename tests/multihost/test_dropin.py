@@ -174,6 +174,28 @@ def test_client_warns_once_when_no_node_answers_and_keeps_waiting(
     assert f"connected from {client_host.ip}" not in hidden.log_text()
 
 
+def test_one_machine_without_a_secret_the_program_finds_its_node(
+    network: Network, client_host: Host, tmp_path: Path
+) -> None:
+    """dispy's first steps on one machine: the node started with no option and no
+    secret, then a program that names no node and has no secret either. The node
+    serves loopback only and answers the ping the client sends to 127.0.0.1 (dispy's
+    client finds a node on its own machine by discovery too)."""
+    node = start_node(network, client_host, tmp_path, None)  # no secret, no flag
+    try:
+        text = node.log_text()
+        assert f"127.0.0.1:{NODE_PORT} WITHOUT a secret" in text
+        assert "answering pings on UDP 127.0.0.1:" in text
+        warned = tmp_path / "warned"
+        results = run_client(
+            network, client_host, tmp_path, WAITING_CLIENT, {"warned": str(warned)}
+        )
+    finally:
+        node.stop()
+    assert results == [[n * n, node.name] for n in range(4)]
+    assert not warned.exists()
+
+
 def test_repeated_hosts_listen_on_each_and_announce_the_network_one(
     network: Network,
     node_hosts: list[Host],
@@ -206,8 +228,8 @@ def test_node_without_secret_serves_loopback_only_and_says_why(
     network: Network, node_hosts: list[Host], tmp_path: Path
 ) -> None:
     """``dispynb-node`` with no flags and no secret: dispynode would serve anyone
-    unauthenticated; dispynb listens on 127.0.0.1 only, answers no discovery, and
-    says so in one warning."""
+    unauthenticated; dispynb listens on 127.0.0.1 only, answers discovery pings only
+    there (from clients on its own machine), and says so in one warning."""
     node = start_node(network, node_hosts[0], tmp_path, None)
     try:
         text = node.log_text()
@@ -216,7 +238,9 @@ def test_node_without_secret_serves_loopback_only_and_says_why(
         assert len(warnings) == 1
         assert "serving this machine only (127.0.0.1)" in warnings[0]
         assert "DISPYNB_SECRET" in warnings[0]
-        assert "answering pings" not in text
+        answering = [line for line in text.splitlines() if "answering pings" in line]
+        assert answering
+        assert all("on UDP 127.0.0.1:" in line for line in answering)
     finally:
         node.stop()
     assert node.proc.returncode == 0
