@@ -511,8 +511,11 @@ def run_setup(setup: Callable[..., Any], setup_args: tuple[Any, ...]) -> None:
     try:
         result = setup(*setup_args)
     except BaseException as exc:  # user code: any exit of setup is a failed setup
+        # From setup's own frame on: the person's code, not this function.
+        frames = exc.__traceback__.tb_next if exc.__traceback__ else None
+        shown = traceback.format_exception(type(exc), exc, frames)
         raise LoadFailure(
-            f"setup raised {type(exc).__name__}: {exc}", traceback.format_exc()
+            f"setup raised {type(exc).__name__}: {exc}", "".join(shown)
         ) from exc
     failure = setup_failure(result)
     if failure is not None:

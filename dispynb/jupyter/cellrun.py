@@ -30,6 +30,7 @@ from dispynb.jupyter.magicsupport import (
 from dispynb.jupyter.progress import make_progress, resolve_kind
 from dispynb.jupyter.run import Run
 from dispynb.jupyter.session import Session
+from dispynb.jupyter.tracebacks import SourceMap
 from dispynb.jupyter.widgets import NodePanel
 
 __all__ = ["LAST_RUN", "NODES_HINT", "CellRunner"]
@@ -98,7 +99,9 @@ class CellRunner:
             if depends is not None:
                 options["depends"] = list(depends)
             with friendly_errors(
-                f"%%dispy could not start run {label!r}", hint=NODES_HINT
+                f"%%dispy could not start run {label!r}",
+                hint=NODES_HINT,
+                sources=SourceMap.of(setup),
             ):
                 run = Run.map(
                     func,

@@ -18,8 +18,9 @@ from typing import Any
 
 from IPython.core.error import UsageError
 
-from dispynb.errors import DispynbError, SerializationError
+from dispynb.errors import DispynbError, SerializationError, SetupError
 from dispynb.jupyter.errors import MagicError
+from dispynb.jupyter.tracebacks import SourceMap
 
 __all__ = [
     "Adapt",
@@ -73,9 +74,15 @@ def parse_line(magic: Callable[..., Any], line: str) -> Any:
 
 
 @contextlib.contextmanager
-def friendly_errors(what: str, hint: str) -> Iterator[None]:
+def friendly_errors(
+    what: str, hint: str, sources: SourceMap | None = None
+) -> Iterator[None]:
     """Turn dispynb's errors (and OS errors) into a `MagicError`: one or two lines
-    that say what failed and how to fix it, without the internal frames."""
+    that say what failed and how to fix it, without the internal frames.
+
+    ``hint`` (how to get usable nodes) is left out for a failure of the person's
+    code: a pickling error, or a setup that raised, whose remote traceback follows,
+    its frames put back in their cells by ``sources``."""
     # A node that cannot be used is logged too: say it once, in the error, when
     # nothing could start; log it (after the fact) when the others could.
     held = _HoldRecords()
@@ -88,8 +95,11 @@ def friendly_errors(what: str, hint: str) -> Iterator[None]:
     except (DispynbError, OSError) as exc:
         held.records.clear()
         message = f"{what}: {exc}"
-        if isinstance(exc, SerializationError):
-            hint = ""  # what the code captures or is given, never the nodes' fault
+        if isinstance(exc, SerializationError | SetupError):
+            hint = ""  # the code, what it captures or its setup: not the nodes
+        if isinstance(exc, SetupError) and exc.remote_traceback:
+            remote = exc.remote_traceback.rstrip()
+            message += "\n" + (sources.rerender(remote) if sources else remote)
         raise MagicError(f"{message}\n{hint}" if hint else message) from None
     finally:
         for name in _HELD_LOGGERS:

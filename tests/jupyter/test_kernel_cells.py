@@ -150,6 +150,19 @@ def test_a_progress_line_redrawn_with_carriage_returns_shows_as_it_ends(k):
     assert k.value("drawn.df.stderr[0]").count("\r") == 22  # the run keeps it all
 
 
+def test_a_failing_setup_shows_its_traceback_not_a_nodes_hint(k):
+    made = k.run_ok(
+        "def load():\n    global table\n"
+        "    table = open('missing.csv').read()\n"  # line 3
+    )
+    out = k.execute('%%dispy --over "[1]" --setup load\ndef f(x):\n    return x\n')
+    assert out.ename == "MagicError", out.text
+    assert "setup raised FileNotFoundError" in out.text
+    assert f"Cell In[{made.execution_count}], line 3, in load" in out.text, out.text
+    assert "%dispy local" not in out.text  # the nodes are fine: the setup is not
+    assert "nodeserver/" not in out.text, out.text  # the node's own frames
+
+
 def test_help_shows_the_cell_magic_and_a_misspelt_option_is_named(k):
     helped = k.run_ok("%%dispy?")
     assert "%%dispy --over EXPR" in helped.pager, helped.pager[:500]
