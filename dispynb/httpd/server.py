@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -46,7 +47,8 @@ _START_TIMEOUT = 30.0
 class DispyHTTPServer:
     """A web page that shows a cluster's nodes and jobs live and lets you manage them.
 
-    Open :attr:`url` (it carries the access token, logged once at INFO) in a browser.
+    Open :attr:`url` (it carries the access token, logged once at INFO, or printed
+    on stderr if no log handler shows INFO) in a browser.
 
     Parameters
     ----------
@@ -129,9 +131,13 @@ class DispyHTTPServer:
             target=self._run, name="dispynb-httpd", daemon=True
         )
         self._start()
-        logger.info(
-            "web monitor of %r at %s", getattr(cluster, "name", cluster), self.url
-        )
+        message = f"web monitor of {getattr(cluster, 'name', cluster)!r} at {self.url}"
+        logger.info("%s", message)
+        if not (logger.isEnabledFor(logging.INFO) and logger.hasHandlers()):
+            # dispy's monitor needed no token, so dispy programs set up no logging
+            # to learn its address: without a handler for INFO nobody would see the
+            # token, so say it on stderr, as Jupyter's server does.
+            print(f"dispynb {message}", file=sys.stderr, flush=True)
 
     def _start(self) -> None:
         start_thread(self._thread)

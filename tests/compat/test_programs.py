@@ -397,6 +397,11 @@ EXPECTED: dict[str, Expect] = {
         # reference 3.8: exceptions in callbacks are caught and logged
         stderr=(R(r"this callback failure is logged, not fatal"),),
     ),
+    "web_monitor": Expect(
+        ["results: [0, 3, 6, 9]"],
+        # shown without any logging set up: the monitor needs its token
+        stderr=(R(r"web monitor of 'compute' at http://127\.0\.0\.1:\d+/\?token=\S+"),),
+    ),
     "fixed_bugs": Expect(
         [
             "unpicklable result: status 9, exception names the type: True",
