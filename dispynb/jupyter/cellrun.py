@@ -22,6 +22,7 @@ from IPython.display import display
 
 from dispynb.jupyter.errors import MagicError, RunInterrupted
 from dispynb.jupyter.magicsupport import (
+    callers_of,
     cell_origin,
     friendly_errors,
     last_function,
@@ -70,13 +71,22 @@ class CellRunner:
             self._keep(Run.failed(args.into or "run", message), args.into)
             # An error reply: Run All stops here, as after any cell that raised.
             raise MagicError(f"no jobs were submitted: {message} (above)")
-        name = args.function or last_function(self.shell.transform_cell(cell))
+        source = self.shell.transform_cell(cell)
+        name = args.function or last_function(source)
         if name is None:
             raise UsageError(
                 "this cell defines no function: define one with def, or name one "
                 "on the magic line (%%dispy NAME --over ...)"
             )
         func = self._lookup(name, "function")
+        callers = [] if args.function else callers_of(source, name)
+        if callers:  # likely a helper written below the function meant to run
+            print(
+                f"dispynb: running {name}, the cell's last function, which "
+                f"{' and '.join(callers)} call{'s' * (len(callers) == 1)}; to run "
+                f"{callers[0]}: %%dispy {callers[0]} --over ...",
+                file=sys.stderr,
+            )
         setup = self._lookup(args.setup, "--setup") if args.setup else None
         inputs = _Inputs(self._evaluate("--over", args.over))
         depends = None

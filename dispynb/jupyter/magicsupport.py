@@ -25,6 +25,7 @@ from dispynb.jupyter.tracebacks import SourceMap
 __all__ = [
     "Adapt",
     "adapt_bounds",
+    "callers_of",
     "cell_origin",
     "friendly_errors",
     "last_function",
@@ -168,3 +169,26 @@ def last_function(source: str) -> str | None:
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
     ]
     return names[-1] if names else None
+
+
+def callers_of(source: str, name: str) -> list[str]:
+    """The other top-level functions of ``source`` that call ``name`` (a function
+    the cell defines last is then likely a helper of the one meant to run)."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return []
+    found = []
+    for node in tree.body:
+        if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        if node.name == name:
+            continue
+        if any(
+            isinstance(call, ast.Call)
+            and isinstance(call.func, ast.Name)
+            and call.func.id == name
+            for call in ast.walk(node)
+        ):
+            found.append(node.name)
+    return found

@@ -163,6 +163,23 @@ def test_a_failing_setup_shows_its_traceback_not_a_nodes_hint(k):
     assert "nodeserver/" not in out.text, out.text  # the node's own frames
 
 
+def test_running_a_helper_the_cell_defines_last_is_said(k):
+    """The last function runs: when another function of the cell calls it, it is
+    likely a helper written below the main one, so the cell says which runs."""
+    out = k.run_ok(
+        '%%dispy --over "[2]" --into which\n'
+        "def simulate(x):\n    return helper(x) + 1\n\n"
+        "def helper(x):\n    return x * 10\n"
+    )
+    assert k.value("which.results") == [20]  # helper ran, as documented
+    assert (
+        "dispynb: running helper, the cell's last function, which simulate calls; "
+        "to run simulate: %%dispy simulate --over ..."
+    ) in out.stderr, out.text
+    quiet = k.run_ok('%%dispy --over "[2]"\ndef alone(x):\n    return x\n')
+    assert "running" not in quiet.stderr, quiet.text
+
+
 def test_help_shows_the_cell_magic_and_a_misspelt_option_is_named(k):
     helped = k.run_ok("%%dispy?")
     assert "%%dispy --over EXPR" in helped.pager, helped.pager[:500]
