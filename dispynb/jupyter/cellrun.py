@@ -143,7 +143,13 @@ class CellRunner:
             error = failed.error
             message = f"--over raised {type(error).__name__}: {error}"
             self._keep(Run.failed(label, message), args.into)
-            raise error.with_traceback(_own_frames(error.__traceback__)) from None
+            frames = _own_frames(error.__traceback__)
+            if frames is None:  # not iterable: no line of the person's to show
+                raise UsageError(
+                    f"--over {unquote(args.over)!r} raised {type(error).__name__}: "
+                    f"{error}"
+                ) from None
+            raise error.with_traceback(frames) from None
         except KeyboardInterrupt:
             # Stop while connecting or submitting: Run.map cancelled what it sent.
             message = f"Interrupted: run {label!r} stopped before it started"
@@ -256,7 +262,10 @@ class _Inputs:
         self._items = items
 
     def __iter__(self) -> Iterator[Any]:
-        iterator = iter(self._items)
+        try:
+            iterator = iter(self._items)
+        except TypeError as exc:  # --over 5
+            raise _InputFailed(exc) from None
         while True:
             try:
                 item = next(iterator)
