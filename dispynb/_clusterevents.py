@@ -127,7 +127,12 @@ class _Events(_ClusterState):
         if job is None:
             return
         self._not_executing(key)
-        run_time = max(outcome.end_time - outcome.start_time, 0.0)
+        start, end = outcome.start_time, outcome.end_time
+        if not start and job.start_time is not None:
+            # Stopped while it ran (cancel, crash): the node reports no times, and
+            # the job ran from the start it reported. dispy counts this time too.
+            start, end = job.start_time, end or time.time()
+        run_time = max(end - start, 0.0) if start else 0.0
         node = None
         if info is not None and (node := self._nodes.get(info.node_id)) is not None:
             node.jobs_done += 1
@@ -141,8 +146,8 @@ class _Events(_ClusterState):
             stdout=outcome.stdout,
             stderr=outcome.stderr,
             exception=outcome.exception,
-            start_time=outcome.start_time or None,
-            end_time=outcome.end_time or None,
+            start_time=start or None,
+            end_time=end or None,
             ip_addr=info.host if info is not None else None,
         )
         self._finished(job, node)

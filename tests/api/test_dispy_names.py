@@ -134,3 +134,20 @@ def test_print_status_has_dispys_pending_line_and_totals(local1, tmp_path, capsy
         r"Total job time: \d+\.\d{3} sec, wall time: 2\.000 sec, speedup: \d+\.\d{3}",
         total,
     )
+
+
+def test_a_job_cancelled_while_running_counts_its_run_time(local1, tmp_path) -> None:
+    """dispy adds a Terminated job's run time to its node's ``cpu_time`` (and
+    print_status's Node Time and Total job time), as a Finished one's."""
+    with JobCluster(jobs.mark_and_hold, nodes=local1) as cluster:
+        job = cluster.submit(str(tmp_path / "m"), str(tmp_path / "never"))
+        wait_for_path(tmp_path / "m")
+        wait_until(lambda: job.status == DispyJob.Running)
+        assert cluster.cancel(job) == 0
+        assert job.wait(timeout=WAIT) and job.status == DispyJob.Terminated
+        ran = job.end_time - job.start_time
+        assert ran > 0
+        (node,) = cluster.status().nodes
+        assert node.jobs_done == 1
+        assert node.cpu_time == pytest.approx(ran)
+        assert cluster.cpu_time == pytest.approx(ran)
