@@ -9,6 +9,7 @@ typed and call it.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import html
 import os
 import sys
@@ -374,12 +375,13 @@ class Session:
 
         A run that had unfinished jobs (a ``--nowait`` one) says so on stderr, in
         the cell that replaced or closed its nodes: its results stop here."""
+        stopped = []
         for run in self.runs:
             unfinished = [job for job in list(run.jobs) if not job.done()]
             run.cancel()
             run.close(terminate=True)
             if unfinished:
-                print(run._stop_summary("dispynb", unfinished), file=sys.stderr)
+                stopped.append(run._stop_summary("dispynb", unfinished))
         self.runs = []
         if self.local is not None:
             self.local.close()
@@ -394,6 +396,10 @@ class Session:
         if self._atexit:
             atexit.unregister(self.close)
             self._atexit = False
+        # Last, and never in the way: at exit the kernel's streams may be closed.
+        with contextlib.suppress(ValueError, OSError):
+            for line in stopped:
+                print(line, file=sys.stderr)
 
     def _register_atexit(self) -> None:
         if not self._atexit:
