@@ -97,6 +97,8 @@ class CellRunner:
         session = self.session
         label = args.into or name
         runs: list[Run] = []  # the run, once Run.map returns it (for the panel)
+        # A cell run again: its earlier run would keep the CPUs and lose its name.
+        session.stop_runs(label)
         try:
             if session.ensure_nodes():
                 print(f"dispynb: started {session.status()._where()}", file=sys.stderr)

@@ -370,6 +370,14 @@ class Session:
             f"start new ones with %dispy {kind}"
         )
 
+    def stop_runs(self, name: str) -> None:
+        """Stop the unfinished runs named ``name`` (a ``--nowait`` cell executed
+        again starts its new run under that name), each saying so on stderr in one
+        line: running jobs terminated, queued ones cancelled, in one request."""
+        for run in self.runs:
+            if run.name == name and not run.done():
+                print(run.stop("dispynb", echo=False, quiet=True), file=sys.stderr)
+
     def close(self) -> None:
         """Cancel and close every run, and stop local nodes this session started.
 

@@ -310,6 +310,38 @@ def test_new_nodes_say_which_unfinished_runs_they_stopped(tmp_path: Path):
         assert "stopped" not in quiet.text, quiet.text
 
 
+def test_rerunning_a_nowait_cell_stops_the_run_it_started_before(tmp_path: Path):
+    """Re-executing a ``--nowait --into long`` cell while its first run works: the
+    first run's jobs are stopped (its CPU is for the new run) and the cell says so;
+    another run (``other``) keeps working."""
+    long_mark, other_mark = tmp_path / "long", tmp_path / "other"
+    sleeper = "def {0}(mark):\n    import time\n    open(mark, 'w').close()\n"
+    sleeper += "    time.sleep(60)\n"
+    other_cell = f'%%dispy --over "[{str(other_mark)!r}]" --into other --nowait\n'
+    long_cell = f'%%dispy --over "[{str(long_mark)!r}] * 2" --into long --nowait\n'
+    with kernel(tmp_path) as k:
+        k.run_ok("%load_ext dispynb\n%dispy local --cpus 2")
+        k.run_ok(other_cell + sleeper.format("other"))
+        wait_until(other_mark.exists)
+        k.run_ok(long_cell + sleeper.format("long"))  # one job runs, one waits
+        wait_until(long_mark.exists)
+        k.run_ok("first = long")
+        long_mark.unlink()
+        out = k.run_ok(long_cell + sleeper.format("long"))
+        assert (
+            "dispynb: run 'long' stopped, 1 running terminated, 1 queued cancelled "
+            "(0 of 2 jobs done)"
+        ) in out.stderr, out.text
+        assert "'other'" not in out.text, out.text
+        assert k.value("[j.status.name for j in first.jobs]") == [
+            "Terminated",
+            "Cancelled",
+        ]
+        wait_until(long_mark.exists)  # the new run got the CPU
+        assert k.value("long is not first and not other.done()") is True
+        assert k.value("[j.status.name for j in other.jobs]") == ["Running"]
+
+
 SESSION = "get_ipython().magics_manager.registry['DispyMagics'].session"
 
 
