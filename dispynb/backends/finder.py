@@ -107,11 +107,7 @@ class NodeFinder:
         self._discovery.ping(self._targets(specs))
 
     def _targets(self, specs: list[NodeAllocate]) -> list[str]:
-        targets = discovery_targets([s.host for s in specs], self._multicast)
-        targets = targets or [BROADCAST]
-        if self._local and any(s.host.strip() == "*" for s in specs):
-            targets.append(LOCAL_NODES)
-        return targets
+        return ping_targets(specs, multicast=self._multicast, local=self._local)
 
     def forget(self, ip: str, port: int) -> None:
         """A node was lost: use it again when it answers again."""
@@ -189,6 +185,27 @@ class NodeFinder:
                 self._use(ip, port, spec)
                 return
         logger.debug("node %s at %s matches no node spec", name, ip)
+
+
+def ping_targets(
+    specs: list[NodeAllocate], *, multicast: bool = False, local: bool = False
+) -> list[str]:
+    """Where to ping for ``specs``: their networks' broadcast (or the multicast
+    group), and with ``local`` also 127.0.0.1 if a node there would fit a spec.
+
+    >>> ping_targets([NodeAllocate("10.2.0.*")])
+    ['10.2.0.255']
+    >>> ping_targets([NodeAllocate("*")], local=True)
+    ['<broadcast>', '127.0.0.1']
+    >>> ping_targets([NodeAllocate("127.0.0.*")], local=True)
+    ['127.0.0.255', '127.0.0.1']
+    >>> ping_targets([NodeAllocate("10.2.0.*")], local=True)
+    ['10.2.0.255']
+    """
+    targets = discovery_targets([s.host for s in specs], multicast) or [BROADCAST]
+    if local and any(spec.matches(LOCAL_NODES) for spec in specs):
+        targets.append(LOCAL_NODES)
+    return targets
 
 
 def trusted_ext_spec(specs: list[NodeAllocate], ext: str) -> NodeAllocate | None:

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from dispynb.backends.finder import NodeFinder, trusted_ext_spec
+from dispynb.backends.finder import NodeFinder, ping_targets, trusted_ext_spec
 from dispynb.node import NodeAllocate
 
 
@@ -31,6 +31,27 @@ def finder(
     )
     found._discovery = FakeDiscovery(ext)  # type: ignore[assignment]
     return found, used
+
+
+@pytest.mark.parametrize(
+    ("specs", "local", "loopback"),
+    [
+        (["*"], True, True),
+        (["127.0.0.*"], True, True),
+        (["10.1.0.*", "*"], True, True),
+        (["10.1.0.*"], False, False),
+        (["10.1.0.*"], True, False),  # no node on 127.0.0.1 would fit
+        (["*"], False, False),  # a client with a secret: its nodes are elsewhere
+    ],
+)
+def test_a_client_without_secret_pings_this_machine_too(
+    specs: list[str], local: bool, loopback: bool
+) -> None:
+    """Nodes without a secret listen on loopback only: a client without one (dispy's
+    default) also pings 127.0.0.1, where they answer, if such a node fits a spec."""
+    targets = ping_targets([NodeAllocate(s) for s in specs], local=local)
+    assert ("127.0.0.1" in targets) is loopback
+    assert targets[0] != "127.0.0.1"  # the specs' networks are pinged as before
 
 
 def test_without_ext_the_sender_address_is_used() -> None:
