@@ -15,10 +15,12 @@ from dispynb._callbacks import CallbackDispatcher
 from dispynb._loop import LoopRunner
 from dispynb.backends import base
 from dispynb.backends.base import Backend, Engine
+from dispynb.errors import ConfigurationError
 from dispynb.job import DispyJob
 from dispynb.node import DispyNode
 from dispynb.options import ClusterOptions
 from dispynb.recovery import ClusterJournal
+from dispynb.transport.addressing import format_address, parse_address
 
 logger = logging.getLogger("dispynb.cluster")
 
@@ -26,6 +28,15 @@ logger = logging.getLogger("dispynb.cluster")
 #: A listener gets ``(status, node, job)`` for each job and node event; see
 #: `JobCluster.add_listener`.
 Listener = Callable[[int, DispyNode | None, DispyJob | None], None]
+
+
+def _named_host(node_id: str) -> str | None:
+    """The host part of a ``'host:port'`` node id (the name a node was given by), or
+    None for ids of other shapes (other engines')."""
+    try:
+        return parse_address(node_id)[0]
+    except ConfigurationError:
+        return None
 
 
 class _ClusterState:
@@ -64,8 +75,15 @@ class _ClusterState:
             base.require(self.engine, feature, what)
 
     def _node_id(self, node: Any) -> str | None:
+        """The id of ``node`` (a `DispyNode`, or a node's address, ``'host:port'``,
+        name, or the host it was named by), or None if it is not one of ours."""
         for node_id, known in list(self._nodes.items()):
             if node is known or node in (node_id, known.ip_addr, known.name):
+                return node_id
+            if isinstance(node, str) and node in (
+                format_address(known.ip_addr, known.port),
+                _named_host(node_id),
+            ):
                 return node_id
             if isinstance(node, DispyNode) and (node.ip_addr, node.port) == (
                 known.ip_addr,

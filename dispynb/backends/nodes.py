@@ -298,7 +298,7 @@ class NodesBackend:
             welcome = link.welcome
             info = NodeInfo(
                 link.node_id,
-                link.host,
+                link.peer_ip or link.host,
                 link.port,
                 welcome.name if welcome else "",
                 link.cpus,
@@ -310,7 +310,7 @@ class NodesBackend:
         welcome = link.welcome
         info = NodeInfo(
             link.node_id,
-            link.host,
+            link.peer_ip or link.host,  # a named node by its address, as in dispy
             link.port,
             welcome.name if welcome else "",
             link.cpus,

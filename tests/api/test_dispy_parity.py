@@ -61,6 +61,28 @@ def test_node_allocate_gets_avail_info_and_platform(local):
     assert "Linux" in platform
 
 
+def node_ip() -> str:
+    return dispy_node_ip_addr  # type: ignore[name-defined]  # noqa: F821
+
+
+def test_a_node_named_by_host_name_is_known_by_its_ip_address(local):
+    """dispy resolves node names: DispyNode.ip_addr and job.ip_addr are the node's IP
+    address, and the node methods take the address as well as the name."""
+    _host, port = local.addresses[0]
+    named = f"localhost:{port}"
+    with JobCluster(node_ip, nodes=[named], secret=local.secret) as cluster:
+        (node,) = cluster.status().nodes
+        assert node.ip_addr == "127.0.0.1"
+        job = cluster.submit()
+        assert job() == "127.0.0.1" and job.ip_addr == "127.0.0.1"
+        for where in ("127.0.0.1", "localhost", named, f"127.0.0.1:{port}", node):
+            pinned = cluster.submit_node(where)
+            assert pinned is not None, where
+            assert pinned() == "127.0.0.1" and pinned.ip_addr == "127.0.0.1"
+        assert cluster.set_node_cpus("127.0.0.1", 1) == 1
+        assert cluster.node_jobs("127.0.0.1") == []
+
+
 def test_setup_timeout_fails_a_setup_that_runs_too_long(local):
     def setup() -> int:
         time.sleep(30)  # type: ignore[name-defined]
