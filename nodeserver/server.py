@@ -160,7 +160,22 @@ class NodeServer:
                 multicast=config.ipv4_multicast,
                 ext=config.ext_host or "",
             )
-            await announcer.start()
+            try:
+                await announcer.start()
+            except OSError as exc:
+                if public:
+                    raise
+                # Loopback only: clients here can still name the node, so a taken
+                # discovery port is no reason not to serve.
+                logger.warning(
+                    "discovery off: cannot answer pings on UDP %s:%d (%s); clients "
+                    "must name this node (nodes=['%s'])",
+                    host,
+                    config.discovery_port,
+                    exc,
+                    self.address,
+                )
+                continue
             self._announcers.append(announcer)
 
     def pause(self) -> None:

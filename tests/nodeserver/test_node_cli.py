@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 
 import psutil
@@ -45,6 +46,37 @@ def test_node_cli_public_host_without_secret_or_tls_exits_2_with_fix(tmp_path):
     assert "--certfile" in done.stderr
     assert "127.0.0.1" in done.stderr
     assert not port_file.exists()  # it never listened
+
+
+def test_node_cli_without_secret_serves_although_its_discovery_port_is_taken(
+    tmp_path,
+):
+    """A node without a secret answers discovery on 127.0.0.1 by default; a port
+    held by another program turns that off (with a warning), not the node."""
+    holder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    holder.bind(("127.0.0.1", 0))  # no SO_REUSEADDR: the node cannot share it
+    taken = holder.getsockname()[1]
+    port_file = tmp_path / "port"
+    log = tmp_path / "node.log"
+    with holder, open(log, "wb") as handle:
+        args = ["--port", "0", "--port-file", str(port_file)]
+        args += ["--discovery-port", str(taken), "--dest-path", str(tmp_path / "d")]
+        proc = subprocess.Popen(
+            node_command(*args),
+            env=node_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_until(lambda: port_file.exists() or proc.poll() is not None)
+            assert proc.poll() is None, log.read_text()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(NODE_WAIT) == 0
+    text = log.read_text()
+    assert f"discovery off: cannot answer pings on UDP 127.0.0.1:{taken}" in text
+    assert "WITHOUT a secret (loopback only)" in text
 
 
 def test_node_cli_secret_file_readable_by_others_refused_with_chmod_hint(tmp_path):
