@@ -140,12 +140,15 @@ class _Events(_ClusterState):
                 node.tx, node.rx = self._backend.traffic(info.node_id)
             node.cpu_time += run_time
         self.cpu_time += run_time
+        exception = outcome.exception
+        if exception is not None:  # a failure: no call per successful job
+            exception = self._sources.rerender(exception)
         job._complete(
             outcome.status,
             result=outcome.result,
             stdout=outcome.stdout,
             stderr=outcome.stderr,
-            exception=outcome.exception,
+            exception=exception,
             start_time=start or None,
             end_time=end or None,
             ip_addr=info.host if info is not None else None,

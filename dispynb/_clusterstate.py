@@ -20,6 +20,7 @@ from dispynb.job import DispyJob
 from dispynb.node import DispyNode
 from dispynb.options import ClusterOptions
 from dispynb.recovery import ClusterJournal
+from dispynb.tracebacks import LazySourceMap
 from dispynb.transport.addressing import format_address, parse_address
 
 logger = logging.getLogger("dispynb.cluster")
@@ -64,6 +65,7 @@ class _ClusterState:
     _executing: dict[int, DispyNode]
     _closed: bool
     _backend: Backend | None
+    _sources: LazySourceMap
     end_time: float | None
     cpu_time: float
     _callbacks: CallbackDispatcher

@@ -41,6 +41,7 @@ from dispynb.node import DispyNode
 from dispynb.options import ClusterOptions, check_callback
 from dispynb.recovery import ClusterJournal
 from dispynb.status import ClusterStatus, NodeWork, Workload, format_status
+from dispynb.tracebacks import LazySourceMap
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +146,11 @@ class JobCluster(_Events, _Jobs, _Nodes, _ClusterState):
                 else str(local_secret).encode()
             )
         deps = collect(opts.depends)
+        # Remote tracebacks read <dynamic-code> for code sent by value: put the
+        # script's file and lines back, as a local traceback shows them.
+        self._sources = LazySourceMap(
+            opts.computation, opts.setup, opts.cleanup, *opts.depends
+        )
         self._jobs: dict[int, DispyJob] = {}
         self._keys = itertools.count(1)
         # Objects put in the cluster (`put`): their handles and the client's files.

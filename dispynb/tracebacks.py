@@ -1,0 +1,177 @@
+"""Remote tracebacks that point at the script file (or notebook cell) the code came
+from.
+
+cloudpickle sends a function's code without its file name: on the node every frame of
+code sent by value reads ``File "<dynamic-code>", line 8, in f``, with no source line.
+Line numbers and function names survive, though, so the client, which still has the
+code objects and their source (IPython keeps each cell's source in `linecache`), can
+put the file and the line back.
+
+`SourceMap.of` records, for the functions a run ships (and what they take with them by
+value), each code object's name, file, line numbers and a snapshot of its source
+lines. `SourceMap.rerender` rewrites a remote traceback: a ``<dynamic-code>`` frame
+whose function name and line number match exactly one known place shows that place
+(``Cell In[3], line 8, in f`` for a cell, else the file) and its source line. Frames
+that match nothing, or more than one place, are left as they are: no line is ever
+guessed.
+
+A `JobCluster` rewrites its jobs' ``exception`` with a `LazySourceMap` of its
+computation, built at the first traceback that needs it; `dispynb.jupyter.run.Run`
+keeps its own `SourceMap`, taken when the run starts.
+"""
+
+from __future__ import annotations
+
+import linecache
+import re
+import sys
+import types
+from typing import Any
+
+from dispynb.captures import code_objects, reachable
+
+__all__ = ["DYNAMIC_CODE", "LazySourceMap", "SourceMap", "rerender_traceback"]
+
+#: The file name cloudpickle gives code it sends by value.
+DYNAMIC_CODE = "<dynamic-code>"
+
+_FRAME = re.compile(
+    r'^(?P<indent>[ \t]*)File "<dynamic-code>", line (?P<line>\d+), in (?P<name>.+?)$'
+)
+_FRAME_START = re.compile(r'^[ \t]*(File "|Cell In\[)')
+
+
+class SourceMap:
+    """Where the code a run ships comes from: name -> (file, lines), and sources."""
+
+    def __init__(self) -> None:
+        # co_name -> [(filename, line numbers of that code object)]
+        self._places: dict[str, list[tuple[str, frozenset[int]]]] = {}
+        self._sources: dict[str, list[str]] = {}
+        self._labels: dict[str, str] = {}
+        self._seen: set[int] = set()
+
+    @classmethod
+    def of(cls, *roots: Any) -> SourceMap:
+        """The map of ``roots`` (functions, classes, callables; None is skipped) and
+        of the functions and classes they take with them by value."""
+        sources = cls()
+        found = reachable(*(root for root in roots if root is not None))
+        for function in found.functions:
+            sources.add_code(function.__code__)
+        return sources
+
+    def add_code(self, code: types.CodeType) -> None:
+        """Record ``code`` and the code nested in it, with a snapshot of its source."""
+        for each in code_objects(code):
+            if id(each) in self._seen:
+                continue
+            self._seen.add(id(each))
+            filename = each.co_filename
+            if filename == DYNAMIC_CODE:
+                continue
+            if filename not in self._sources:
+                lines = linecache.getlines(filename)
+                if not lines:
+                    continue  # no source: nothing to show, so never rewrite
+                self._sources[filename] = list(lines)
+                self._labels[filename] = _label(filename)
+            numbers = frozenset(n for _, _, n in each.co_lines() if n is not None)
+            self._places.setdefault(each.co_name, []).append((filename, numbers))
+
+    def __len__(self) -> int:
+        return sum(len(places) for places in self._places.values())
+
+    def locate(self, name: str, line: int) -> tuple[str, str] | None:
+        """``(label, source line)`` of the one place where function ``name`` has line
+        ``line``; None if there is no such place, or more than one."""
+        files = {
+            filename
+            for filename, numbers in self._places.get(name, ())
+            if line in numbers
+        }
+        if len(files) != 1:
+            return None
+        (filename,) = files
+        lines = self._sources[filename]
+        if not 1 <= line <= len(lines):
+            return None
+        text = lines[line - 1].strip()
+        if not text:
+            return None
+        return self._labels[filename], text
+
+    def rerender(self, text: str | None) -> str:
+        """``text`` (a remote traceback) with the ``<dynamic-code>`` frames that can be
+        matched pointing at their cell or file, followed by their source line."""
+        if not text or DYNAMIC_CODE not in text:
+            return text or ""
+        lines = text.splitlines(keepends=True)
+        out: list[str] = []
+        for index, line in enumerate(lines):
+            match = _FRAME.match(line.rstrip("\r\n"))
+            place = None
+            if match is not None:
+                place = self.locate(match["name"], int(match["line"]))
+            if match is None or place is None:
+                out.append(line)
+                continue
+            label, source = place
+            indent, number, name = match["indent"], match["line"], match["name"]
+            ending = line[len(line.rstrip("\r\n")) :] or "\n"
+            out.append(f"{indent}{label}, line {number}, in {name}{ending}")
+            following = lines[index + 1] if index + 1 < len(lines) else ""
+            if not _is_source_line(following, indent):
+                out.append(f"{indent}  {source}{ending}")
+        return "".join(out)
+
+
+class LazySourceMap:
+    """The `SourceMap` of a cluster's functions, built when a traceback first needs
+    it (a job failed in code sent by value): a cluster whose jobs do not fail pays
+    nothing, and the source lines are read when the failure is reported, as a local
+    traceback reads them when it is printed."""
+
+    def __init__(self, *roots: Any) -> None:
+        self._roots = [root for root in roots if callable(root)]
+        self._map: SourceMap | None = None
+
+    def rerender(self, text: str | None) -> str | None:
+        """``text`` with its frames put back (see `SourceMap.rerender`); None stays
+        None, and a map that cannot be built leaves the text as it is."""
+        if not text or DYNAMIC_CODE not in text or not self._roots:
+            return text
+        try:
+            if self._map is None:
+                self._map = SourceMap.of(*self._roots)
+            return self._map.rerender(text)
+        except Exception:  # never cost a job its result: the raw text is still right
+            return text
+
+
+def rerender_traceback(text: str | None, *roots: Any) -> str:
+    """``text`` rewritten with the source of ``roots`` (see `SourceMap.rerender`)."""
+    return SourceMap.of(*roots).rerender(text)
+
+
+def _is_source_line(line: str, indent: str) -> bool:
+    """Whether ``line`` is the source line a traceback printed under a frame."""
+    if not line.startswith(indent + "  ") or _FRAME_START.match(line):
+        return False
+    return bool(line.strip())
+
+
+def _label(filename: str) -> str:
+    """``'Cell In[3]'`` for an IPython cell, else ``'File "path"'``."""
+    if "IPython" in sys.modules:
+        try:
+            from IPython import get_ipython
+
+            shell = get_ipython()
+            named = shell.compile.format_code_name(filename) if shell else None
+        except Exception:  # an old or unusual shell: fall back to the file name
+            named = None
+        if named:
+            kind, name = named
+            return f"{kind} {name}"
+    return f'File "{filename}"'
