@@ -63,7 +63,13 @@ def _default_hosts(args: argparse.Namespace, secret: bytes | None) -> list[str]:
 
 def config_from_args(args: argparse.Namespace) -> NodeConfig:
     """Turn parsed options into a validated `NodeConfig`."""
-    if args.secret:
+    if args.secret and getattr(args, "secret_in_config", False):
+        logger.warning(
+            "the secret is in the config file %s: keep that file private (mode "
+            "600), or prefer --secret-file or DISPYNB_SECRET",
+            args.config,
+        )
+    elif args.secret:
         logger.warning(
             "--secret is visible to other users in the process list; "
             "prefer --secret-file or DISPYNB_SECRET"

@@ -368,6 +368,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.exit(2, f"dispynb-node: {exc}\n")
         given = from_file + given
     args = parser.parse_args(given)
+    # A secret read from the config file (dispynode saves its --secret there) is
+    # not in the process list: say where it is instead.
+    args.secret_in_config = bool(
+        first.config and args.secret and args.secret != first.secret
+    )
     if args.scheduler_host:
         try:
             host, port = parse_address(args.scheduler_host, SCHEDULER_REGISTER_PORT)

@@ -215,6 +215,22 @@ def check_config_node(tmp_path: Path, config: Path) -> None:
     assert " DEBUG " in node.log_text()
 
 
+def test_a_secret_from_a_dispynode_config_file_is_not_said_to_be_in_the_process_list(
+    tmp_path: Path,
+) -> None:
+    """dispynode saves its ``--secret`` in the config file: the warning says where
+    the secret is, not that the process list shows it."""
+    config = tmp_path / "node.ini"
+    config.write_text("[DEFAULT]\nhosts = ['127.0.0.1']\nsecret = abc\n")
+    done = run_node("--config", str(config), "--serve", "0")
+    assert done.returncode == 0, done.stderr
+    assert f"the secret is in the config file {config}" in done.stderr
+    assert "process list" not in done.stderr
+    done = run_node("--config", str(config), "--secret", "def", "--serve", "0")
+    assert done.returncode == 0, done.stderr
+    assert "--secret is visible to other users in the process list" in done.stderr
+
+
 def test_config_file_naming_an_unsupported_option_is_refused(tmp_path: Path) -> None:
     config = tmp_path / "node.ini"
     # dispynode saves --init as node_init, --unsafe_setup as safe_setup = False
