@@ -223,8 +223,12 @@ class SharedComputation:
 
     @property
     def held(self) -> bool:
-        """No CPUs for it: its client is away and it keeps all it may already."""
-        return self.session is None and self.kept.full
+        """No CPUs for it: its client is away, or does not read, and it keeps all
+        it may already."""
+        session = self.session
+        if session is not None and session.backlog is not None:
+            return session.backlog.full  # its client does not read (`check_backlog`)
+        return session is None and self.kept.full
 
     def end_jobs(self, entries: list[ResultEntry]) -> None:
         """Tell the client that these jobs ended without running (no buffers)."""
@@ -345,6 +349,7 @@ class SharedComputation:
             waiting
             or session is None
             or session.gathering
+            or session.backlog is not None
             or self.replaying
             or self.client_limit is not None
             or self.client_comp_id != self.comp_id

@@ -183,6 +183,18 @@ class _NodeLinks(_ServerState):
         buffers: list[memoryview],
     ) -> bool:
         """One message from a node about ``comp``; True ends reading it."""
+        stop = self._handle(comp, upstream, message, buffers)
+        if comp.session is not None:
+            comp.session.check_backlog()
+        return stop
+
+    def _handle(
+        self,
+        comp: SharedComputation,
+        upstream: Upstream,
+        message: Message,
+        buffers: list[memoryview],
+    ) -> bool:
         if isinstance(message, JobResults):
             comp.on_results(upstream, message, buffers)
         elif isinstance(message, ResultChunk | JobProvisional | FileFromNode):

@@ -33,6 +33,7 @@ from dispynb.protocol.messages import (
     Recover,
 )
 from dispynb.transport.connection import BadMessageError, Connection
+from schedserver.spill import KeptMessages
 
 if TYPE_CHECKING:
     from schedserver.computation import SharedComputation
@@ -51,6 +52,15 @@ GATHER_BYTES = 256 * 1024
 #: the sum of its parts' sizes plus this.
 _JOIN_SLACK = 16
 _START_GROWTH = 4
+
+#: Bytes written to a client that its socket has not taken, past which what follows
+#: waits in a backlog (`check_backlog`): in memory within --kept_memory with what
+#: is kept for clients that went away, on disk past it, --max_kept bytes at most.
+SEND_HIGH = 32 * 1024 * 1024
+
+#: While the backlog goes out, it is read back while fewer bytes than this wait for
+#: the client's socket.
+BACKLOG_UNSENT = 8 * 1024 * 1024
 
 
 class SchedulerSession:
@@ -77,6 +87,10 @@ class SchedulerSession:
         self._gathered_size = 0
         self._gather_limit = 0
         self._send_due = False  # a `send_gathered` is due at the loop's next turn
+        #: What waits for a client that does not take what was sent to it (None:
+        #: nothing waits), in order; it was logged once already.
+        self.backlog: KeptMessages | None = None
+        self._backlogged_before = False
 
     async def serve(self) -> None:
         """Handle the client's messages until its connection ends."""
@@ -93,6 +107,10 @@ class SchedulerSession:
 
         Results whose ``size`` is known (as `gather` takes them) join what was
         gathered if the client takes the joined message (``limit``)."""
+        if self.backlog is not None:
+            self.send_gathered()
+            self.backlog.add(message, buffers or [])
+            return
         if self._gathered:
             if isinstance(message, JobResults) and size is not None:
                 self.gather(message, buffers or [], size, limit)
@@ -117,7 +135,7 @@ class SchedulerSession:
     ) -> None:
         """`send` ``message``, whose ``frame`` (as a node sent it) is passed on as
         it came, unless what was gathered must go first."""
-        if self._gathered:
+        if self._gathered or self.backlog is not None:
             self.send(message, buffers, size, limit)
             return
         with contextlib.suppress(DispynbError):
@@ -140,6 +158,9 @@ class SchedulerSession:
         The caller calls `send_gathered` once it handled them (nothing waits for a
         timer); any other message to the client sends what was gathered first.
         """
+        if self.backlog is not None:
+            self.send(message, buffers)
+            return
         size += _JOIN_SLACK + _START_GROWTH * len(message.started)
         if self._gathered:
             if self._gathered_size + size > min(limit, self._gather_limit):
@@ -184,9 +205,54 @@ class SchedulerSession:
             (JobResults(comp_id=comp_id, results=results, started=started), buffers)
             for comp_id, (results, started, buffers) in gathered.items()
         ]
-        if messages:
+        if self.backlog is not None:
+            for message, buffers in messages:
+                self.backlog.add(message, buffers)
+        elif messages:
             with contextlib.suppress(DispynbError):
                 self.conn.write_many(messages)
+
+    def check_backlog(self) -> None:
+        """Past `SEND_HIGH` bytes the client's socket has not taken, what is
+        sent to the client waits in a backlog (on disk past --kept_memory) until
+        it has taken them: a client that does not read its results grows neither
+        the scheduler's memory nor holds its CPUs (its jobs end, and the CPUs go
+        on). Past --max_kept bytes waiting, its results become errors naming the
+        option and it gets no CPUs until it reads."""
+        if self.backlog is not None or self.conn.unsent <= SEND_HIGH:
+            return
+        self.backlog = KeptMessages(
+            self.server.spill, f"user {self.user!r}", self.server.config.max_kept
+        )
+        (logger.debug if self._backlogged_before else logger.warning)(
+            "user %r (%s) does not read what is sent to it (%.0f MiB wait): what "
+            "follows waits for it, on disk past --kept_memory",
+            self.user,
+            self.conn.peer,
+            self.conn.unsent / 2**20,
+        )
+        self._backlogged_before = True
+        self.server._spawn(self._send_backlog())
+
+    async def _send_backlog(self) -> None:
+        """Send the backlog, oldest first, as the client takes it."""
+        backlog = self.backlog
+        assert backlog is not None
+        try:
+            await self.conn.flush()
+            while len(backlog):
+                message, buffers = backlog.pop()
+                self.conn.write(message, buffers)
+                if self.conn.unsent > BACKLOG_UNSENT:
+                    await self.conn.flush()
+        except DispynbError:
+            backlog.clear()  # the client went away: as what it was sent
+        except OSError as exc:
+            logger.error("user %r: cannot read back its backlog: %s", self.user, exc)
+            backlog.clear()
+        self.backlog = None
+        if backlog.full:
+            self.server.schedule()  # its computations may have CPUs again
 
     def end(self) -> None:
         """End the session (revoked user, silent client)."""
@@ -201,6 +267,8 @@ class SchedulerSession:
     def report(self, avail: list[float]) -> None:
         """Status for the client, at its computations' pulse (a node's heartbeat)."""
         now = asyncio.get_running_loop().time()
+        if self.backlog is not None:
+            return  # a heartbeat: the next one goes once it reads again
         if now - self._last_status >= self._status_every * 0.9:
             self._last_status = now
             self.send(NodeStatus(avail=avail))

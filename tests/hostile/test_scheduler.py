@@ -1,0 +1,238 @@
+"""The shared scheduler attacked by one of its own users.
+
+``dispynb-scheduler`` is the one service that several users share: each holds a
+valid credential, so each is the others' attacker. "mallory" (a user of the
+scheduler, with her own credential) attacks from her own raw client what is the
+scheduler's own (its pre-authentication path is the node's `Listener`, attacked in
+test_preauth.py), against a real ``dispynb-scheduler`` process over real
+``dispynb-node`` processes on loopback; "alice" is the victim.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import resource
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from dispynb import LocalCluster, SharedJobCluster
+from dispynb.job import JobStatus
+from dispynb.protocol import serialize
+from dispynb.protocol.messages import (
+    ComputationClose,
+    ComputationReady,
+    ComputationSetup,
+    Error,
+    FilePlace,
+    JobCancel,
+    JobResults,
+    JobSubmit,
+    Recover,
+    Recovered,
+)
+from dispynb.secret import read_secret_file
+from dispynb.transport.connector import connect
+from schedserver.session import SEND_HIGH
+from tests.hostile.tools import wait_for
+from tests.sharedsched.harness import SchedulerProcess, add_user, raw_reply
+
+pytestmark = pytest.mark.slow
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def people(tmp_path: Path) -> dict[str, Path]:
+    """Credentials of alice (the victim) and mallory (the attacker)."""
+    return {name: add_user(tmp_path, name) for name in ("alice", "mallory")}
+
+
+@contextlib.contextmanager
+def shared_nodes(
+    tmp_path: Path, people: dict[str, Path], *args: str, nofile: int = 0
+) -> Iterator[SchedulerProcess]:
+    """Two real nodes (2 CPUs each) owned by a real scheduler process (that may
+    open ``nofile`` descriptors, if given)."""
+    with LocalCluster(nodes=2, cpus=2) as nodes:
+        sched = SchedulerProcess(tmp_path, nodes.node_specs(), nodes.secret, args)
+        limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if nofile:  # (the scheduler inherits it)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, limits[1]))
+        try:
+            sched.start()
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+        try:
+            yield sched
+        finally:
+            sched.stop()
+
+
+def slow_square(n: int) -> int:
+    import time
+
+    time.sleep(1.5)
+    return n * n
+
+
+@pytest.mark.attack(
+    id="sched-other-users-work",
+    title="A scheduler user names another user's computation, job, file and "
+    "recovery id",
+    goal="every message refused or answered 'not found'; the victim's jobs end "
+    "Finished with their results",
+)
+def test_a_user_cannot_reach_another_users_computation(
+    tmp_path: Path, people: dict[str, Path], measure
+) -> None:
+    """Mallory learns (or guesses) alice's computation id, job key and recovery id
+    and sends, with her own credential: cancel, close, send_file and recover. Ids
+    are per session and recovery per user, so none reaches alice's computation."""
+    journal = tmp_path / "alice.journal"
+    with (
+        shared_nodes(tmp_path, people) as sched,
+        SharedJobCluster(
+            slow_square,
+            scheduler_host=sched.address,
+            secret_file=str(people["alice"]),
+            recover_file=str(journal),
+        ) as cluster,
+    ):
+        jobs = [cluster.submit(n) for n in range(4)]
+        config = cluster._backend.driver.config  # type: ignore[union-attr]
+        comp_id, recovery_id = config.comp_id, config.recovery_id
+        assert recovery_id, "alice's cluster has a recovery id"
+        wait_for(lambda: any(job.status == JobStatus.Running for job in jobs), "a job")
+        key = jobs[0]._key or 0
+        answers = []
+        for attack in (
+            JobCancel(comp_id=comp_id, key=key, attempt=1),
+            ComputationClose(comp_id=comp_id, terminate=True, cancel_waiting=True),
+            FilePlace(comp_id=comp_id, request=1, digest="0" * 64, path="../x"),
+        ):
+            refusal = raw_reply(
+                sched.port, people["mallory"], attack, until=Error, never=(JobResults,)
+            )
+            answers.append("own computations" in refusal.message)
+        recovered = raw_reply(
+            sched.port,
+            people["mallory"],
+            Recover(comp_id=comp_id, recovery_id=recovery_id),
+            until=Recovered,
+            never=(JobResults,),
+        )
+        answers.append(not recovered.found)
+        results = [job() for job in jobs]
+        statuses = {job.status for job in jobs}
+    refused = sum(answers)
+    measure(
+        f"{refused}/4 of mallory's messages refused or not found; alice's results "
+        f"{results}, {len(statuses)} status ({', '.join(s.name for s in statuses)})"
+    )
+    assert refused == 4
+    assert results == [0, 1, 4, 9] and statuses == {JobStatus.Finished}
+
+
+# -- a client that never reads its results ---------------------------------------------
+
+JOBS = 40
+RESULT = 16 * MiB
+#: Seconds mallory does not read while the scheduler's memory is watched.
+WATCH = 8.0
+#: What the scheduler may hold for a client that does not read: what waits for
+#: its socket (`SEND_HIGH`) and the result that crossed it, the backlog's share of
+#: --kept_memory (32 MiB; the rest is on disk), a result being read per node
+#: connection, and allocator slack.
+BOUND = SEND_HIGH + RESULT + 32 * MiB + 2 * RESULT + 96 * MiB
+
+
+def square(n: int) -> int:
+    return n * n
+
+
+def sixteen_mib(i: int) -> bytes:
+    return bytes([i]) * (16 << 20)
+
+
+def _alices_jobs(address: str, credential: Path) -> list[int]:
+    with SharedJobCluster(
+        square, scheduler_host=address, secret_file=str(credential)
+    ) as cluster:
+        return [job() for job in [cluster.submit(n) for n in range(4)]]
+
+
+async def _never_read(
+    sched: SchedulerProcess, people: dict[str, Path]
+) -> tuple[int, int, int, list[int]]:
+    assert sched.proc is not None
+    pid = sched.proc.pid
+    conn, _ = await connect(
+        "127.0.0.1",
+        sched.port,
+        secret=read_secret_file(people["mallory"]),
+        max_message_size=1 << 30,
+    )
+    try:
+        bundle = serialize.dumps({"func": sixteen_mib, "setup": None, "setup_args": ()})
+        conn.write(ComputationSetup(comp_id=1, name="hoard", workers=4), bundle)
+        async with asyncio.timeout(30):
+            while not isinstance((await conn.recv())[0], ComputationReady):
+                pass
+        before = psutil.Process(pid).memory_info().rss
+        buffers = []
+        for i in range(JOBS):
+            buffers.extend(serialize.dumps(((i,), {})))
+        conn.write(JobSubmit(comp_id=1, jobs=[[i, 1, 1] for i in range(JOBS)]), buffers)
+        # Never read (the connection reads 16 MiB ahead, then stops): watch the
+        # scheduler's memory, while alice runs jobs.
+        peak = before
+        alice = asyncio.create_task(
+            asyncio.to_thread(_alices_jobs, sched.address, people["alice"])
+        )
+        deadline = time.monotonic() + WATCH
+        while time.monotonic() < deadline or not alice.done():
+            peak = max(peak, psutil.Process(pid).memory_info().rss)
+            await asyncio.sleep(0.05)
+            assert time.monotonic() < deadline + 30, "alice's jobs did not end"
+        alices = await alice
+        got: set[int] = set()
+        async with asyncio.timeout(90):
+            while len(got) < JOBS:
+                message, _buffers = await conn.recv()
+                if isinstance(message, JobResults):
+                    got.update(int(entry[0]) for entry in message.results)
+        return before, peak, len(got), alices
+    finally:
+        conn.close()
+
+
+@pytest.mark.attack(
+    id="sched-never-reading-client",
+    title=f"{JOBS} jobs returning {RESULT // MiB} MiB each, submitted through the "
+    "scheduler by a client that never reads",
+    goal=f"scheduler RSS growth under {BOUND // MiB} MiB (was +600 MiB); all results "
+    "delivered once "
+    "it reads; one log line per episode; the victim's jobs run meanwhile",
+)
+def test_a_client_that_never_reads_cannot_grow_the_scheduler(
+    tmp_path: Path, people: dict[str, Path], measure
+) -> None:
+    with shared_nodes(tmp_path, people) as sched:
+        before, peak, delivered, alices = asyncio.run(_never_read(sched, people))
+        lines = sched.log_text().count("does not read")
+    grown = peak - before
+    measure(
+        f"scheduler RSS {before / MiB:.0f} -> peak {peak / MiB:.0f} MiB "
+        f"(+{grown / MiB:.0f} MiB) while mallory did not read; {delivered}/{JOBS} "
+        f"results delivered after; {lines} log lines; alice's results meanwhile "
+        f"{alices}"
+    )
+    assert grown < BOUND
+    assert delivered == JOBS
+    assert 1 <= lines <= 2
+    assert alices == [0, 1, 4, 9]
