@@ -296,6 +296,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(default 512M, 0: no limit); kept on disk while its computation lives",
     )
     parser.add_argument(
+        *_both("max_files"),
+        type=int,
+        default=SchedulerConfig.max_files,
+        metavar="N",
+        help="quota: files one user may have kept at once (each holds a "
+        "descriptor; default 0: an eighth of the scheduler's descriptor limit)",
+    )
+    parser.add_argument(
         *_both("port_file"), default="", help="write the port here once listening"
     )
     parser.add_argument(
@@ -420,6 +428,7 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         kept_memory=args.kept_memory,
         max_kept=args.max_kept,
         max_file_size=args.max_file_size,
+        max_files=args.max_files,
         clean=args.clean,
     )
     if args.msg_timeout is not None:

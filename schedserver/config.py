@@ -71,6 +71,9 @@ class SchedulerConfig:
     #: Bytes a file clients upload (``depends``, ``send_file``) may have at most (0:
     #: no limit); the scheduler keeps them on disk while a computation needs them.
     max_file_size: int = 512 * 1024 * 1024
+    #: Files one user may have kept at once (each holds a descriptor); 0: an
+    #: eighth of the scheduler's descriptor limit (``RLIMIT_NOFILE``).
+    max_files: int = 0
     #: Remove the spill directories killed schedulers left in ``dest_path_prefix``.
     clean: bool = False
     max_message_size: int = MAX_MESSAGE_SIZE
@@ -129,9 +132,15 @@ class SchedulerConfig:
             )
         if not 1 <= self.forget_registered <= 86400:
             raise ConfigurationError("--forget_registered must be within 1-86400 s")
-        if self.kept_memory < 0 or self.max_kept < 0 or self.max_file_size < 0:
+        if (
+            self.kept_memory < 0
+            or self.max_kept < 0
+            or self.max_file_size < 0
+            or self.max_files < 0
+        ):
             raise ConfigurationError(
-                "--kept_memory, --max_kept and --max_file_size cannot be negative"
+                "--kept_memory, --max_kept, --max_file_size and --max_files cannot "
+                "be negative"
             )
         if (
             self.httpd

@@ -13,22 +13,41 @@ its client becomes a zombie or is revoked, the session ends).
 
 from __future__ import annotations
 
+import collections
 import logging
 import mmap
 import os
+import resource
 
 from schedserver.spill import SpillStore
 
 logger = logging.getLogger(__name__)
 
 
+def files_quota() -> int:
+    """Files one user may have kept by default: an eighth of the descriptors the
+    scheduler may open (each file kept holds one), so that no user can take the
+    descriptors its nodes' and the other users' connections need."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(16, soft // 8)
+
+
 class ClientFiles:
     """Uploaded files by digest, on disk; ``max_file_size`` bytes each at most (0:
-    no limit)."""
+    no limit), ``max_files`` per user at once (0: no limit)."""
 
-    def __init__(self, store: SpillStore, max_file_size: int) -> None:
+    def __init__(
+        self, store: SpillStore, max_file_size: int, max_files: int = 0
+    ) -> None:
         self.store = store
         self.max_file_size = max_file_size
+        self.max_files = max_files
+        #: digest -> the user whose quota it counts in (who sent it first);
+        #: user -> how many files count in its quota.
+        self._owner: dict[str, str] = {}
+        self._counts: collections.Counter[str] = collections.Counter()
         #: digest -> (descriptor of its unlinked spill file, size).
         self._files: dict[str, tuple[int, int]] = {}
         #: digest -> what claims it; holder -> the digests it claims.
@@ -73,17 +92,29 @@ class ClientFiles:
                 del self._claims[digest]
                 self._drop(digest)
 
-    def put(self, digest: str, data: memoryview, uploader: object) -> str:
+    def put(self, digest: str, data: memoryview, uploader: object, user: str) -> str:
         """Keep ``data`` (checked against its digest by the caller) on disk; claimed
-        by ``uploader`` if nothing claims it yet. Returns why it was refused ("")."""
+        by ``uploader`` if nothing claims it yet, in ``user``'s quota. Returns why
+        it was refused ("")."""
         refused = self.too_large(data.nbytes)
         if refused:
             return refused
+        if digest not in self._files and 0 < self.max_files <= self._counts[user]:
+            return (
+                f"file {digest[:16]}... refused: user {user!r} has {self.max_files} "
+                "files kept at the scheduler already, its quota (dispynb-scheduler "
+                "--max_files); they go when the computations that list them close"
+            )
         if not self._claims.get(digest):
             self.claim(uploader, [digest])
         if digest in self._files:
             return ""
-        fd = self.store.new_file()
+        try:
+            fd = self.store.new_file()
+        except OSError as exc:
+            self.release(uploader)
+            logger.warning("cannot keep file %s...: %s", digest[:16], exc)
+            return f"the scheduler cannot keep file {digest[:16]}...: {exc}"
         try:
             view = data.cast("B") if data.ndim != 1 or data.format != "B" else data
             written = 0
@@ -95,6 +126,8 @@ class ClientFiles:
             logger.warning("cannot keep file %s...: %s", digest[:16], exc)
             return f"the scheduler cannot keep file {digest[:16]}...: {exc}"
         self._files[digest] = (fd, view.nbytes)
+        self._owner[digest] = user
+        self._counts[user] += 1
         return ""
 
     def get(self, digest: str) -> memoryview | None:
@@ -120,6 +153,11 @@ class ClientFiles:
         kept = self._files.pop(digest, None)
         if kept is not None:
             os.close(kept[0])
+        owner = self._owner.pop(digest, None)
+        if owner is not None:
+            self._counts[owner] -= 1
+            if not self._counts[owner]:
+                del self._counts[owner]
 
 
 __all__ = ["ClientFiles"]

@@ -26,7 +26,7 @@ class _FileRelay(_ServerState):
         """
         if len(buffers) != 1 or digest_of(buffers[0]) != message.digest:
             return f"file {message.digest[:16]}... does not match its digest: refused"
-        refused = self.files.put(message.digest, buffers[0], session)
+        refused = self.files.put(message.digest, buffers[0], session, session.user)
         if refused:
             return refused
         for _comp, upstream in self._wanted.pop(message.digest, set()):

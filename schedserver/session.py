@@ -90,6 +90,8 @@ class SchedulerSession:
         #: What waits for a client that does not take what was sent to it (None:
         #: nothing waits), in order; it was logged once already.
         self.backlog: KeptMessages | None = None
+        #: A file it sent was refused (logged once: not each of them).
+        self._files_refused = False
         self._backlogged_before = False
 
     async def serve(self) -> None:
@@ -314,7 +316,10 @@ class SchedulerSession:
                 comp.cancel(message)
         elif isinstance(message, FilePut):
             refused = server.file_put(self, message, buffers)
-            if refused:
+            if refused and self._files_refused:
+                self.send(Error(code="refused", message=refused))  # logged once
+            elif refused:
+                self._files_refused = True
                 self._refuse(refused)
         elif isinstance(message, ComputationSetup):
             if message.comp_id in self.computations:

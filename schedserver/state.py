@@ -17,7 +17,7 @@ from dispynb.transport.connection import Connection
 from dispynb.transport.listener import Listener
 from schedserver.computation import SharedComputation, Upstream
 from schedserver.config import SchedulerConfig
-from schedserver.depfiles import ClientFiles
+from schedserver.depfiles import ClientFiles, files_quota
 from schedserver.fairshare import FairShare
 from schedserver.monitor import SchedulerMonitor
 from schedserver.session import SchedulerSession
@@ -73,7 +73,9 @@ class _ServerState:
         self.fair = FairShare(config.max_cpus)
         self.spill = SpillStore(config.dest_path_prefix, config.kept_memory)
         #: Files clients uploaded, on disk while a computation needs them.
-        self.files = ClientFiles(self.spill, config.max_file_size)
+        self.files = ClientFiles(
+            self.spill, config.max_file_size, config.max_files or files_quota()
+        )
         self._wanted: dict[str, set[tuple[SharedComputation, Upstream]]] = {}
         self._orders = itertools.count(1)
         self._tasks: set[asyncio.Task[Any]] = set()

@@ -21,14 +21,17 @@ import psutil
 import pytest
 
 from dispynb import LocalCluster, SharedJobCluster
+from dispynb.errors import DispynbError
 from dispynb.job import JobStatus
 from dispynb.protocol import serialize
+from dispynb.protocol.files import digest_of
 from dispynb.protocol.messages import (
     ComputationClose,
     ComputationReady,
     ComputationSetup,
     Error,
     FilePlace,
+    FilePut,
     JobCancel,
     JobResults,
     JobSubmit,
@@ -36,6 +39,7 @@ from dispynb.protocol.messages import (
     Recovered,
 )
 from dispynb.secret import read_secret_file
+from dispynb.transport.connection import Connection
 from dispynb.transport.connector import connect
 from schedserver.session import SEND_HIGH
 from tests.hostile.tools import wait_for
@@ -236,3 +240,85 @@ def test_a_client_that_never_reads_cannot_grow_the_scheduler(
     assert delivered == JOBS
     assert 1 <= lines <= 2
     assert alices == [0, 1, 4, 9]
+
+
+# -- files kept for a session ----------------------------------------------------------
+
+#: Descriptors the scheduler may open (a common default), and the distinct files
+#: mallory sends.
+NOFILE = 1024
+FILES = NOFILE - 10
+
+
+async def _send_files(conn: Connection, count: int) -> list[str]:
+    """Send ``count`` distinct small files (no computation lists them); return the
+    scheduler's refusals."""
+    refusals: list[str] = []
+    try:
+        for i in range(count):
+            data = memoryview(f"file {i}\n".encode())
+            conn.write(FilePut(digest=digest_of(data), size=data.nbytes), [data])
+            if conn.unsent > MiB:
+                await conn.flush()
+        last = time.monotonic()
+        async with asyncio.timeout(30):
+            while time.monotonic() - last < 2:  # until no refusal for 2 s
+                message, _ = await asyncio.wait_for(conn.recv(), 2)
+                if isinstance(message, Error):
+                    refusals.append(message.message)
+                    last = time.monotonic()
+    except TimeoutError:
+        pass
+    except DispynbError as exc:
+        return [*refusals, f"connection ended: {exc}"]
+    return refusals
+
+
+async def _hoard_files(
+    sched: SchedulerProcess, people: dict[str, Path]
+) -> tuple[list[str], int, list[int] | str]:
+    """Mallory sends `FILES` files; while they are kept, alice runs jobs. Return
+    the refusals, the scheduler's descriptors and alice's results (or what she
+    met)."""
+    assert sched.proc is not None
+    conn, _ = await connect(
+        "127.0.0.1",
+        sched.port,
+        secret=read_secret_file(people["mallory"]),
+        max_message_size=MiB,
+    )
+    try:
+        refusals = await _send_files(conn, FILES)
+        fds = psutil.Process(sched.proc.pid).num_fds()
+        alices: list[int] | str
+        try:
+            alices = await asyncio.to_thread(
+                _alices_jobs, sched.address, people["alice"]
+            )
+        except Exception as exc:  # what alice meets
+            alices = f"{type(exc).__name__}: {exc}"[:200]
+        return refusals, fds, alices
+    finally:
+        conn.close()
+
+
+@pytest.mark.attack(
+    id="sched-file-hoard",
+    title=f"{FILES} distinct files sent to a scheduler at {NOFILE} descriptors, "
+    "listed by no computation, kept while the victim works",
+    goal="the files past the user's quota refused with a message naming it, one log "
+    "line; the victim's jobs run (was: scheduler out of descriptors)",
+)
+def test_files_sent_by_one_user_do_not_exhaust_the_scheduler(
+    tmp_path: Path, people: dict[str, Path], measure
+) -> None:
+    with shared_nodes(tmp_path, people, nofile=NOFILE) as sched:
+        refusals, fds, alices = asyncio.run(_hoard_files(sched, people))
+        lines = sched.log_text().count("files kept")
+    measure(
+        f"{len(refusals)}/{FILES} files refused ({refusals[0][:90] if refusals else ''}"
+        f"); scheduler at {fds} descriptors; {lines} log lines; alice's results "
+        f"{alices} meanwhile"
+    )
+    assert alices == [0, 1, 4, 9]
+    assert refusals and "--max_files" in refusals[0] and lines == 1
