@@ -22,6 +22,7 @@ from dispynb.defaults import MAX_MESSAGE_SIZE
 from dispynb.errors import DispynbError, FramingError
 from dispynb.protocol.chunks import fit_message
 from dispynb.protocol.framing import Frame, split_body
+from dispynb.protocol.handshake import peer_text
 from dispynb.protocol.messages import (
     ABANDONED,
     CANCELLED,
@@ -111,6 +112,7 @@ class SharedComputation:
         self.session: SchedulerSession | None = session
         self.user = session.user
         self.setup = setup
+        self._name = f"{self.user}/{peer_text(setup.name, 200)}"
         #: Its id towards the nodes (the client's first one), and towards the client.
         self.comp_id = setup.comp_id
         self.client_comp_id = setup.comp_id
@@ -146,8 +148,9 @@ class SharedComputation:
 
     @property
     def name(self) -> str:
-        """``user/computation`` for log lines."""
-        return f"{self.user}/{self.setup.name}"
+        """``user/computation`` for log lines (the client's name for it made safe:
+        control characters escaped, cut, so that a user cannot forge log lines)."""
+        return self._name
 
     # -- towards the client ------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from dispynb.protocol import serialize
 from dispynb.protocol.files import digest_of
 from dispynb.protocol.messages import (
     ComputationClose,
+    ComputationFailed,
     ComputationReady,
     ComputationSetup,
     Error,
@@ -322,3 +323,38 @@ def test_files_sent_by_one_user_do_not_exhaust_the_scheduler(
     )
     assert alices == [0, 1, 4, 9]
     assert refusals and "--max_files" in refusals[0] and lines == 1
+
+
+# -- what a user's names do to the operator's log ------------------------------------
+
+FORGED = "2026-12-05 00:00:00,000 schedserver.server INFO user 'alice' connected from"
+
+
+@pytest.mark.attack(
+    id="sched-log-injection",
+    title="A computation named with a line break and a forged log line, whose setup "
+    "fails on every node",
+    goal="no forged line in the scheduler's log; the name logged escaped",
+)
+def test_a_computation_name_cannot_forge_scheduler_log_lines(
+    tmp_path: Path, people: dict[str, Path], measure
+) -> None:
+    name = f"x\n{FORGED} 6.6.6.6\r\x1b[2J"
+    with shared_nodes(tmp_path, people) as sched:
+        setup = ComputationSetup(comp_id=1, name=name, workers=1)
+        answer = raw_reply(
+            sched.port,
+            people["mallory"],
+            setup,
+            [memoryview(b"not a pickle")],
+            until=ComputationFailed,
+        )
+        sched.wait_for_log("setup failed on", 2)
+        log = sched.log_text()
+    forged = sum(line.startswith(FORGED) for line in log.splitlines())
+    escaped = log.count("mallory/x\\n2026")
+    measure(
+        f"{forged} forged lines, {escaped} lines naming it escaped; mallory told: "
+        f"{answer.message[:60]!r}"
+    )
+    assert forged == 0 and escaped >= 2 and "\x1b" not in log
