@@ -296,6 +296,15 @@ def build_parser() -> argparse.ArgumentParser:
         "(default 512M, 0: no limit); kept on disk while its computation lives",
     )
     parser.add_argument(
+        *_both("max_computations"),
+        type=int,
+        default=SchedulerConfig.max_computations,
+        metavar="N",
+        help="quota: computations (clusters) one user may have at once (each "
+        "holds a connection and worker processes on every node; default 16, 0: no "
+        "limit)",
+    )
+    parser.add_argument(
         *_both("max_files"),
         type=int,
         default=SchedulerConfig.max_files,
@@ -429,6 +438,7 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         max_kept=args.max_kept,
         max_file_size=args.max_file_size,
         max_files=args.max_files,
+        max_computations=args.max_computations,
         clean=args.clean,
     )
     if args.msg_timeout is not None:

@@ -74,6 +74,9 @@ class SchedulerConfig:
     #: Files one user may have kept at once (each holds a descriptor); 0: an
     #: eighth of the scheduler's descriptor limit (``RLIMIT_NOFILE``).
     max_files: int = 0
+    #: Computations one user may have at once (each holds a connection and worker
+    #: processes on every node); 0: no limit.
+    max_computations: int = 16
     #: Remove the spill directories killed schedulers left in ``dest_path_prefix``.
     clean: bool = False
     max_message_size: int = MAX_MESSAGE_SIZE
@@ -137,10 +140,11 @@ class SchedulerConfig:
             or self.max_kept < 0
             or self.max_file_size < 0
             or self.max_files < 0
+            or self.max_computations < 0
         ):
             raise ConfigurationError(
-                "--kept_memory, --max_kept, --max_file_size and --max_files cannot "
-                "be negative"
+                "--kept_memory, --max_kept, --max_file_size, --max_files and "
+                "--max_computations cannot be negative"
             )
         if (
             self.httpd

@@ -92,6 +92,8 @@ class SchedulerSession:
         self.backlog: KeptMessages | None = None
         #: A file it sent was refused (logged once: not each of them).
         self._files_refused = False
+        #: A computation over its user's quota was refused (logged once).
+        self._computations_refused = False
         self._backlogged_before = False
 
     async def serve(self) -> None:
@@ -291,6 +293,23 @@ class SchedulerSession:
             )
         return comp
 
+    def _over_computations(self) -> str:
+        """Why one more computation of this user is refused ("" if it is not):
+        each holds a connection and worker processes on every node."""
+        quota = self.server.config.max_computations
+        if not quota:
+            return ""
+        have = sum(
+            1 for c in self.server.computations if c.user == self.user and not c.closed
+        )
+        if have < quota:
+            return ""
+        return (
+            f"refused: user {self.user!r} has {have} computations at the scheduler, "
+            f"its quota (dispynb-scheduler --max_computations {quota}); close one "
+            "first"
+        )
+
     def _files_too_large(self, setup: ComputationSetup) -> str:
         """Why the files ``setup`` depends on are refused ("" if they are not)."""
         for path, _digest, size in (entry[:3] for entry in setup.files):
@@ -324,6 +343,12 @@ class SchedulerSession:
         elif isinstance(message, ComputationSetup):
             if message.comp_id in self.computations:
                 self._refuse(f"computation {message.comp_id} exists already")
+            elif refused := self._over_computations():
+                (logger.debug if self._computations_refused else logger.warning)(
+                    "user %r: %s", self.user, refused
+                )
+                self._computations_refused = True
+                self.send(ComputationFailed(comp_id=message.comp_id, message=refused))
             elif refused := self._files_too_large(message):
                 logger.warning("user %r: %s", self.user, refused)
                 self.send(ComputationFailed(comp_id=message.comp_id, message=refused))

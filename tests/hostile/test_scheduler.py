@@ -358,3 +358,73 @@ def test_a_computation_name_cannot_forge_scheduler_log_lines(
         f"{answer.message[:60]!r}"
     )
     assert forged == 0 and escaped >= 2 and "\x1b" not in log
+
+
+# -- computations held at once ---------------------------------------------------------
+
+QUOTA = 4
+SETUPS = 10
+
+
+async def _many_computations(
+    sched: SchedulerProcess, people: dict[str, Path]
+) -> tuple[int, list[str], int, list[int] | str]:
+    """Mallory sets up `SETUPS` computations at once and keeps them; alice runs
+    jobs meanwhile. Return how many were ready, the refusals, the worker
+    processes on the nodes, and alice's results (or what she met)."""
+    conn, _ = await connect(
+        "127.0.0.1",
+        sched.port,
+        secret=read_secret_file(people["mallory"]),
+        max_message_size=MiB,
+    )
+    try:
+        bundle = serialize.dumps({"func": square, "setup": None, "setup_args": ()})
+        for comp_id in range(1, SETUPS + 1):
+            conn.write(
+                ComputationSetup(comp_id=comp_id, name="hold", workers=2), bundle
+            )
+        ready, refusals = 0, []
+        async with asyncio.timeout(60):
+            while ready + len(refusals) < SETUPS:
+                message, _ = await conn.recv()
+                if isinstance(message, ComputationReady):
+                    ready += 1
+                elif isinstance(message, ComputationFailed):
+                    refusals.append(message.message)
+        processes = len(psutil.Process().children(recursive=True))
+        alices: list[int] | str
+        try:
+            alices = await asyncio.to_thread(
+                _alices_jobs, sched.address, people["alice"]
+            )
+        except Exception as exc:  # what alice meets
+            alices = f"{type(exc).__name__}: {exc}"[:200]
+        return ready, refusals, processes, alices
+    finally:
+        conn.close()
+
+
+@pytest.mark.attack(
+    id="sched-many-computations",
+    title=f"{SETUPS} computations set up at once by one user of a scheduler with "
+    f"--max_computations {QUOTA} (each holds a connection and workers on every node)",
+    goal=f"{QUOTA} set up, the others refused naming the option, one log line; the "
+    "victim's jobs run",
+)
+def test_one_user_cannot_set_up_computations_past_its_quota(
+    tmp_path: Path, people: dict[str, Path], measure
+) -> None:
+    with shared_nodes(tmp_path, people, "--max_computations", str(QUOTA)) as sched:
+        ready, refusals, processes, alices = asyncio.run(
+            _many_computations(sched, people)
+        )
+        lines = sched.log_text().count("--max_computations")
+    measure(
+        f"{ready} set up, {len(refusals)} refused "
+        f"({refusals[0][:70] if refusals else ''}); {processes} processes under the "
+        f"test; {lines} log lines; alice's results {alices}"
+    )
+    assert ready == QUOTA and len(refusals) == SETUPS - QUOTA
+    assert "--max_computations" in refusals[0] and lines == 1
+    assert alices == [0, 1, 4, 9]
