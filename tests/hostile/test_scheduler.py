@@ -40,7 +40,7 @@ from dispynb.protocol.messages import (
     Recovered,
 )
 from dispynb.secret import read_secret_file
-from dispynb.transport.connection import Connection
+from dispynb.transport.connection import INBOX_HIGH, Connection
 from dispynb.transport.connector import connect
 from schedserver.session import SEND_HIGH
 from tests.hostile.tools import wait_for
@@ -150,10 +150,11 @@ RESULT = 16 * MiB
 #: Seconds mallory does not read while the scheduler's memory is watched.
 WATCH = 8.0
 #: What the scheduler may hold for a client that does not read: what waits for
-#: its socket (`SEND_HIGH`) and the result that crossed it, the backlog's share of
-#: --kept_memory (32 MiB; the rest is on disk), a result being read per node
-#: connection, and allocator slack.
-BOUND = SEND_HIGH + RESULT + 32 * MiB + 2 * RESULT + 96 * MiB
+#: its socket (`SEND_HIGH`) and the message that crossed it (a node's results of
+#: its 2 workers), the backlog's share of --kept_memory (32 MiB; the rest is on
+#: disk), per node connection what is read ahead (`INBOX_HIGH`) and the message
+#: being read, and allocator slack.
+BOUND = SEND_HIGH + 2 * RESULT + 32 * MiB + 2 * (INBOX_HIGH + 2 * RESULT) + 64 * MiB
 
 
 def square(n: int) -> int:
