@@ -15,13 +15,11 @@ from dispynb._callbacks import CallbackDispatcher
 from dispynb._loop import LoopRunner
 from dispynb.backends import base
 from dispynb.backends.base import Backend, Engine
-from dispynb.errors import ConfigurationError
 from dispynb.job import DispyJob
-from dispynb.node import DispyNode
+from dispynb.node import DispyNode, split_address
 from dispynb.options import ClusterOptions
 from dispynb.recovery import ClusterJournal
 from dispynb.tracebacks import LazySourceMap
-from dispynb.transport.addressing import format_address, parse_address
 
 logger = logging.getLogger("dispynb.cluster")
 
@@ -31,13 +29,13 @@ logger = logging.getLogger("dispynb.cluster")
 Listener = Callable[[int, DispyNode | None, DispyJob | None], None]
 
 
-def _named_host(node_id: str) -> str | None:
-    """The host part of a ``'host:port'`` node id (the name a node was given by), or
-    None for ids of other shapes (other engines')."""
-    try:
-        return parse_address(node_id)[0]
-    except ConfigurationError:
-        return None
+def _names(text: str, node_id: str, node: DispyNode) -> bool:
+    """Whether ``text`` is ``node``'s ``'address:port'`` or the host it was named by
+    (the host part of its ``'host:port'`` id; other engines' ids have other shapes)."""
+    named = split_address(node_id)
+    if named is not None and text == named[0]:
+        return True
+    return split_address(text) == (node.ip_addr, node.port)
 
 
 class _ClusterState:
@@ -82,10 +80,7 @@ class _ClusterState:
         for node_id, known in list(self._nodes.items()):
             if node is known or node in (node_id, known.ip_addr, known.name):
                 return node_id
-            if isinstance(node, str) and node in (
-                format_address(known.ip_addr, known.port),
-                _named_host(node_id),
-            ):
+            if isinstance(node, str) and _names(node, node_id, known):
                 return node_id
             if isinstance(node, DispyNode) and (node.ip_addr, node.port) == (
                 known.ip_addr,

@@ -446,6 +446,15 @@ def _specificity(spec: NodeAllocate) -> tuple[int, int]:
     return (1, -len(spec.host.replace("*", "")))
 
 
+def split_address(text: str) -> tuple[str, int | None] | None:
+    """``(host, port)`` of ``'host:port'``, ``'[v6addr]:port'`` or a bare host (port
+    None), or None if ``text`` is not such an address."""
+    try:
+        return _split_host_port(text)
+    except ConfigurationError:
+        return None
+
+
 def _split_host_port(host: Any) -> tuple[str, int | None]:
     """Split ``'host:port'`` or ``'[v6addr]:port'``; a bare IPv6 address has no port."""
     if not isinstance(host, str) or not host.strip():
