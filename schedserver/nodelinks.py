@@ -110,17 +110,20 @@ class _NodeLinks(_ServerState):
         return True
 
     async def _connect(self, node: NodeState, name: str) -> tuple[Connection, Welcome]:
-        return await connect(
-            node.host,
-            node.port,
-            timeout=self.config.connect_timeout,
-            handshake_timeout=self.config.handshake_timeout,
-            secret=self.config.node_secret,
-            max_message_size=self.config.max_message_size,
-            ssl_context=self.config.node_ssl,
-            name=name,
-            retry_for=0.0,
-        )
+        """Connect to ``node``, at most `CONNECTS_PER_NODE` handshakes at once (the
+        rest wait their turn)."""
+        async with node.connecting:
+            return await connect(
+                node.host,
+                node.port,
+                timeout=self.config.connect_timeout,
+                handshake_timeout=self.config.handshake_timeout,
+                secret=self.config.node_secret,
+                max_message_size=self.config.max_message_size,
+                ssl_context=self.config.node_ssl,
+                name=name,
+                retry_for=0.0,
+            )
 
     def _attach(self, comp: SharedComputation, node: NodeState) -> None:
         """Set ``comp`` up on ``node`` over a connection of its own."""

@@ -13,6 +13,7 @@ from dispynb.backends.finder import NodeFinder
 from dispynb.deploy.registry import Registrar
 from dispynb.protocol.messages import Message
 from dispynb.transport.addressing import format_address
+from dispynb.transport.admission import MAX_PENDING_PER_SOURCE
 from dispynb.transport.connection import Connection
 from dispynb.transport.listener import Listener
 from schedserver.computation import SharedComputation, Upstream
@@ -26,6 +27,11 @@ from schedserver.users import UsersFile
 
 #: The scheduler's logger, whichever part of it logs.
 logger = logging.getLogger("schedserver.server")
+
+#: Connections the scheduler has in their handshake with one node at once: half of
+#: what a node admits from one address (`MAX_PENDING_PER_SOURCE`), leaving the rest
+#: to other programs on the scheduler's host.
+CONNECTS_PER_NODE = max(1, MAX_PENDING_PER_SOURCE // 2)
 
 
 @dataclass(eq=False)
@@ -52,6 +58,12 @@ class NodeState:
     #: It registered itself (``--register_port``): forgotten once unreachable for
     #: ``forget_registered`` s, since it registers again when it is back.
     registered: bool = False
+    #: Held while connecting to it (TCP and handshake): the node admits only
+    #: `CONNECTS_PER_NODE` handshakes at once from one address, so a burst of
+    #: setups queues here instead of being refused by the node.
+    connecting: asyncio.Semaphore = field(
+        default_factory=lambda: asyncio.Semaphore(CONNECTS_PER_NODE), repr=False
+    )
     #: ``host:port``.
     name: str = field(init=False)
 
