@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import functools
 
+from dispynb.defaults import CONNECT_RETRY
 from dispynb.errors import DispynbError
 from dispynb.protocol.messages import (
     ComputationClosed,
@@ -111,7 +112,8 @@ class _NodeLinks(_ServerState):
 
     async def _connect(self, node: NodeState, name: str) -> tuple[Connection, Welcome]:
         """Connect to ``node``, at most `CONNECTS_PER_NODE` handshakes at once (the
-        rest wait their turn)."""
+        rest wait their turn); a busy refusal (other programs from this host in
+        their handshake) is retried for `CONNECT_RETRY` s, not a failed setup."""
         async with node.connecting:
             return await connect(
                 node.host,
@@ -122,7 +124,7 @@ class _NodeLinks(_ServerState):
                 max_message_size=self.config.max_message_size,
                 ssl_context=self.config.node_ssl,
                 name=name,
-                retry_for=0.0,
+                retry_for=CONNECT_RETRY,
             )
 
     def _attach(self, comp: SharedComputation, node: NodeState) -> None:
