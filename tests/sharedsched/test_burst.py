@@ -35,6 +35,8 @@ def one(index):
         ) as cluster:
             jobs = [cluster.submit(index * 10 + k) for k in range(2)]
             outcomes[index] = [job() for job in jobs]
+            if None in outcomes[index]:
+                outcomes[index] = [(int(j.status), j.exception) for j in jobs]
     except Exception as exc:
         outcomes[index] = f"{type(exc).__name__}: {exc}"
 
