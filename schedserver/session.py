@@ -226,7 +226,10 @@ class SchedulerSession:
         if self.backlog is not None or self.conn.unsent <= SEND_HIGH:
             return
         self.backlog = KeptMessages(
-            self.server.spill, f"user {self.user!r}", self.server.config.max_kept
+            self.server.spill,
+            f"user {self.user!r}",
+            self.server.config.max_kept,
+            whose="a client that does not read what is sent to it",
         )
         (logger.debug if self._backlogged_before else logger.warning)(
             "user %r (%s) does not read what is sent to it (%.0f MiB wait): what "

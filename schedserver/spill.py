@@ -95,10 +95,18 @@ class KeptMessages:
     """One computation's messages kept for its client, in order (see the module
     docstring); ``quota`` bytes of payload at most."""
 
-    def __init__(self, store: SpillStore, name: str, quota: int) -> None:
+    def __init__(
+        self,
+        store: SpillStore,
+        name: str,
+        quota: int,
+        whose: str = "a client that went away",
+    ) -> None:
         self.store = store
         self.name = name
         self.quota = quota
+        #: Whom the messages wait for, as a dropped result's reason names it.
+        self.whose = whose
         #: Payload bytes kept (in memory and on disk).
         self.size = 0
         #: Results, provisional results and files not kept (over the quota).
@@ -232,8 +240,8 @@ class KeptMessages:
             self.dropped += 1
             reason = (
                 "its result was not kept: the scheduler keeps at most "
-                f"{self.quota / 2**20:.0f} MiB of results for a client that went "
-                "away (--max_kept); collect them sooner, or have it raised"
+                f"{self.quota / 2**20:.0f} MiB of results for {self.whose} "
+                "(--max_kept); collect them sooner, or have it raised"
             )
             results.append(
                 entry._replace(
