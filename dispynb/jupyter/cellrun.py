@@ -30,6 +30,7 @@ from dispynb.jupyter.magicsupport import (
 )
 from dispynb.jupyter.progress import make_progress, resolve_kind
 from dispynb.jupyter.run import Run
+from dispynb.jupyter.runoutput import exception_kind
 from dispynb.jupyter.session import Session
 from dispynb.jupyter.tracebacks import SourceMap
 from dispynb.jupyter.widgets import NodePanel
@@ -164,6 +165,18 @@ class CellRunner:
             return None
         if not run.wait(timeout=args.timeout, echo=not args.quiet):
             run.stop(f"Timed out after {args.timeout} s")
+            return None
+        failures = run.failures
+        if failures and len(failures) == len(run.jobs):
+            # Nothing to go on with: the cell fails, so Run All (and a notebook
+            # executed in CI) stops here instead of running on without results.
+            kinds = ", ".join(sorted({exception_kind(j.exception) for j in failures}))
+            which = f"all {len(failures)} jobs" if len(failures) > 1 else "the job"
+            shown = "" if args.quiet else "the traceback is above; "
+            raise MagicError(
+                f"{which} of run {label!r} failed ({kinds}): {shown}"
+                f"{run.ref}.failures has {'them' if len(failures) > 1 else 'it'}"
+            )
         return None
 
     def _keep(self, run: Run, into: str | None) -> None:

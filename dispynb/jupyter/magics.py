@@ -407,9 +407,10 @@ class DispyMagics(Magics):
         By default the cell blocks, showing live progress, and prints each job's
         remote stdout and stderr as the job ends (the first and last lines of a
         long output: ``.jobs[i].stdout`` and ``.df`` keep all of it), and the
-        remote traceback of the first failure of each exception type. Interrupting
-        the cell (Stop button, Ctrl-C) cancels the run's queued and running jobs
-        on the nodes.
+        remote traceback of the first failure of each exception type. A cell whose
+        jobs all failed fails too (Run All stops there); with some failures it
+        succeeds, and ``run.failures`` lists them. Interrupting the cell (Stop
+        button, Ctrl-C) cancels the run's queued and running jobs on the nodes.
 
         Without ``%dispy local`` or ``%dispy nodes`` first, one local node using
         every CPU is started.

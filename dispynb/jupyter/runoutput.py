@@ -64,7 +64,7 @@ class _RunOutput(_RunState):
             self._shown += len(shown)
             writer(stream, shown)
         if job.status in _FAILED and job.id not in self._cancelled:
-            kind = _exception_kind(job.exception)
+            kind = exception_kind(job.exception)
             seen = self._failure_kinds.setdefault(kind, [])
             seen.append(job)
             if len(seen) == 1:
@@ -146,7 +146,7 @@ def _as_drawn(line: str) -> str:
     return shown
 
 
-def _exception_kind(exception: str | None) -> str:
+def exception_kind(exception: str | None) -> str:
     """``'ValueError'`` from a traceback's last line; the whole line if no colon."""
     if not exception:
         return "failure"

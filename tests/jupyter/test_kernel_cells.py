@@ -64,6 +64,23 @@ def test_run_all_stops_at_a_cell_whose_own_code_raised(k):
     assert "NameError" in k.value("repr(never)")
 
 
+def test_run_all_stops_at_a_cell_whose_jobs_all_failed(k):
+    """Every job of the cell raised: nothing to go on with, so the cell fails
+    after showing the remote traceback, in one line of its own, and Run All stops
+    (an ``ok`` reply ran the next cells on no results)."""
+    failing = k.submit('%%dispy --over "[0, 0]" --into none\ndef f(x):\n    1 / x\n')
+    after = k.submit("ran_after = True")
+    out = k.collect(failing)
+    assert out.status == "error", out.text
+    assert "ZeroDivisionError: division by zero" in out.stderr
+    assert out.error_text.strip() == (
+        "dispynb: all 2 jobs of run 'none' failed (ZeroDivisionError): the "
+        "traceback is above; none.failures has them"
+    ), out.error_text
+    assert k.collect(after).status == "aborted"
+    assert k.value("len(none.failures)") == 2
+
+
 def test_an_error_in_the_inputs_shows_the_users_lines_not_dispynbs(k):
     out = k.execute('%%dispy --over "rang(4)" --into typo\ndef f(x):\n    return x\n')
     assert out.ename == "NameError", out.text

@@ -223,6 +223,39 @@ def test_magic_cell_error_in_cell_submits_nothing(ip):
     assert "ZeroDivisionError" in repr(ip.user_ns["broken"])
 
 
+def test_magic_cell_whose_jobs_all_failed_fails_the_cell(ip):
+    """Every job raised: the cell fails (Run All and a notebook run in CI stop
+    there), after showing the remote traceback, and the run is kept to look at."""
+    with capture_output() as captured, pytest.raises(MagicError) as raised:
+        ip.run_cell_magic(
+            "dispy",
+            '--over "[1, 2, 3]" --into hopeless',
+            "def inverse(x):\n    return 1 / (x - x)\n",
+        )
+
+    assert str(raised.value) == (
+        "all 3 jobs of run 'hopeless' failed (ZeroDivisionError): the traceback "
+        "is above; hopeless.failures has them"
+    )
+    assert "ZeroDivisionError: division by zero" in captured.stderr
+    run = ip.user_ns["hopeless"]
+    assert [job.status for job in run.jobs] == [JobStatus.Terminated] * 3
+    assert len(run.failures) == 3
+
+
+def test_magic_cell_with_some_jobs_failed_succeeds(ip):
+    """Some jobs failed: the cell shows them but succeeds (the others' results
+    are there to use)."""
+    _, _, err = cell(
+        ip,
+        '--over "[0, 1, 2]" --into partly',
+        "def inverse(x):\n    return 1 / x\n",
+    )
+
+    assert "ZeroDivisionError" in err
+    assert ip.user_ns["partly"].results[1:] == [1.0, 0.5]
+
+
 @pytest.mark.parametrize(
     ("line", "body", "message"),
     [

@@ -11,6 +11,7 @@ from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 from traitlets.config import Config
 
+from dispynb.jupyter.errors import MagicError
 from dispynb.jupyter.run import Run
 from dispynb.jupyter.tracebacks import SourceMap, rerender_traceback
 from tests.jupyter import helpers
@@ -165,7 +166,7 @@ def ip(local) -> Iterator[InteractiveShell]:
 
 @pytest.mark.slow
 def test_magic_cell_failure_points_at_the_cells_lines(ip):
-    with capture_output() as captured:
+    with capture_output() as captured, pytest.raises(MagicError, match="failed"):
         ip.run_cell_magic(
             "dispy",
             '--over "[0]" --into broken',
