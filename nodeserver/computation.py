@@ -16,9 +16,9 @@ import contextlib
 import logging
 import operator
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
-from dispynb.errors import DispynbError
+from dispynb.errors import DispynbError, ProtocolError
 from dispynb.objects import OBJECTS_DIR
 from dispynb.protocol.files import safe_relative_path
 from dispynb.protocol.messages import CANCELLED, CRASHED, FINISHED, Message
@@ -120,6 +120,7 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
         report_provisional: ReportProvisional,
         report_file: ReportFile,
         store: FileStore,
+        refused_files: Mapping[str, str] | None = None,
         node_name: str,
         node_address: str,
         max_message_size: int,
@@ -138,6 +139,9 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
         self._report_provisional = report_provisional
         self._report_file = report_file
         self._store = store
+        # Why the session refused a file (its quota, say): a job that needs it
+        # says so, not that the file never came.
+        self._refused_files = refused_files if refused_files is not None else {}
         self._job_files: collections.Counter[str] = collections.Counter()
         # Digests of objects put in the cluster (dispynb.objects), held in the
         # store while the computation lives (removed once nobody else holds them).
@@ -426,6 +430,9 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
     def _place_job_files(self, job: NodeJob) -> None:
         for relative, digest in job.files:
             if self._job_files[relative] == 0:
+                refused = self._refused_files.get(digest)
+                if refused is not None:
+                    raise ProtocolError(f"file {relative!r} was refused: {refused}")
                 self._store.place(digest, self.path, relative)
                 if (
                     relative.startswith(OBJECTS_DIR + "/")

@@ -226,6 +226,7 @@ class ClientSession(_SessionFiles, _SessionRecovery):
             report_provisional=self.outbox.provisional_reporter(message.comp_id),
             report_file=self.outbox.file_reporter(message.comp_id),
             store=self.server.store,
+            refused_files=self._refused_files,
             node_name=config.name,
             node_address=self._local_ip(),
             max_message_size=config.max_message_size,

@@ -56,3 +56,32 @@ def test_files_past_the_transfer_quota_are_refused(
     measure(f"{accepted} of 6 files of 30 KiB accepted under a 100 KiB quota")
     assert sent == [0, 0, 0, -1, -1, -1]
     assert "--transfer-quota" in str(info.value)
+
+
+def size_of(name: str) -> int:
+    import os
+
+    return os.path.getsize(name)
+
+
+def test_a_job_whose_file_passed_the_quota_says_so(tmp_path, monkeypatch):
+    """Jobs' own files count in the quota too; a job whose file was refused fails
+    with the node's reason (the quota and its option), not 'was not sent'."""
+    monkeypatch.chdir(tmp_path)
+    for i in range(4):
+        (tmp_path / f"j{i}.bin").write_bytes(bytes([i]) * (30 * KiB))
+    jobs = []
+    with (
+        running_node(tmp_path / "node", "--transfer-quota", "100k") as node,
+        JobCluster(size_of, nodes=[node.spec], secret=node.secret) as cluster,
+    ):
+        for i in range(4):
+            job = cluster.submit(f"j{i}.bin", dispy_job_depends=[f"j{i}.bin"])
+            job()
+            jobs.append(job)
+    assert [job.result for job in jobs[:3]] == [30 * KiB] * 3
+    refused = jobs[3]
+    assert refused.result is None
+    assert "file 'j3.bin' was refused" in refused.exception, refused.exception
+    assert "transfer quota of 102400 bytes" in refused.exception
+    assert "--transfer-quota" in refused.exception
