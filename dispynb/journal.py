@@ -14,10 +14,12 @@ import pickle
 import sqlite3
 import threading
 import time
+import urllib.parse
 from typing import Any
 
 import cloudpickle
 
+from dispynb.errors import ConfigurationError
 from dispynb.job import DispyJob, JobStatus
 
 _SCHEMA = """
@@ -45,6 +47,49 @@ class Journal:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")  # survives a process crash
             self._db.executescript(_SCHEMA)
+
+    @classmethod
+    def open_existing(cls, path: str) -> Journal | None:
+        """The journal at ``path``, for ``recover_jobs``; None if the file is empty
+        (a client killed as it created it).
+
+        Never creates nor changes a file that is not a journal: any other file (a
+        directory, another database, a damaged or truncated one) raises a
+        `ConfigurationError` naming it.
+        """
+        journal = cls.__new__(cls)
+        journal.path = path
+        journal._lock = threading.Lock()
+        if os.path.isdir(path):
+            raise ConfigurationError(
+                f"recover_file {path!r} is a directory: give the recover_file the "
+                "crashed cluster used"
+            )
+        try:
+            if os.path.getsize(path) == 0:
+                return None
+            uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=rw"
+            journal._db = sqlite3.connect(
+                uri, uri=True, check_same_thread=False, isolation_level=None
+            )
+            tables = {
+                name
+                for (name,) in journal._db.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'table'"
+                )
+            }
+        except (OSError, sqlite3.Error) as exc:
+            if hasattr(journal, "_db"):
+                journal._db.close()
+            raise unreadable(path, exc) from None
+        if not {"computations", "nodes", "jobs"} <= tables:
+            journal._db.close()
+            raise ConfigurationError(
+                f"recover_file {path!r} is not a dispynb recovery file (an SQLite "
+                "database without its tables): give the recover_file the crashed "
+                "cluster used"
+            )
+        return journal
 
     def computation(self, recovery_id: str, name: str) -> None:
         """A computation starts."""
@@ -170,6 +215,15 @@ class Journal:
     def _run(self, sql: str, values: tuple[Any, ...]) -> None:
         with self._lock:
             self._db.execute(sql, values)
+
+
+def unreadable(path: str, exc: BaseException) -> ConfigurationError:
+    """The error for a recovery file that cannot be read (what, and which file)."""
+    if isinstance(exc, sqlite3.DatabaseError):
+        what = "is damaged or not a dispynb recovery file"
+    else:
+        what = "cannot be read"
+    return ConfigurationError(f"recover_file {path!r} {what}: {exc}")
 
 
 def _create_private(path: str) -> None:

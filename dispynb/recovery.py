@@ -24,9 +24,14 @@ from typing import Any
 
 from dispynb._loop import LoopRunner
 from dispynb.defaults import MAX_MESSAGE_SIZE, PRE_AUTH_MAX_FRAME
-from dispynb.errors import ConfigurationError, DispynbError, SerializationError
+from dispynb.errors import (
+    AuthenticationError,
+    ConfigurationError,
+    DispynbError,
+    SerializationError,
+)
 from dispynb.job import DispyJob, JobStatus
-from dispynb.journal import Journal
+from dispynb.journal import Journal, unreadable
 from dispynb.options import check_size
 from dispynb.protocol import serialize
 from dispynb.protocol.chunks import (
@@ -119,7 +124,35 @@ def recover_jobs(
     limits = _limits(max_message_size, max_result_size)
     key = resolve_secret(secret, secret_file)
     tls = client_context(certfile, keyfile, cafile) if (certfile or cafile) else None
-    journal = Journal(recover_file)
+    journal = Journal.open_existing(recover_file)
+    if journal is None:
+        logger.warning("recover_file %r is empty: nothing to recover", recover_file)
+        return []
+    try:
+        jobs, complete = _recover(journal, key, tls, timeout, limits)
+    except sqlite3.Error as exc:
+        journal.close()
+        raise unreadable(recover_file, exc) from None
+    except BaseException:
+        journal.close()  # the file stays as it was, for another try
+        raise
+    journal.close(remove=default and complete)
+    return jobs
+
+
+def _recover(
+    journal: Journal,
+    key: bytes | None,
+    tls: ssl.SSLContext | None,
+    timeout: float | None,
+    limits: _Limits,
+) -> tuple[list[DispyJob], bool]:
+    """Every job of ``journal``, and whether none is left to recover later.
+
+    What is known for sure is written to the journal; not a node that could not be
+    reached (stopped, restarting, cut off): its jobs are returned Abandoned, saying
+    why, and the next `recover_jobs` asks it again.
+    """
     complete = True
     # The process's one I/O loop, as clusters use: it works from any thread, also
     # under a running loop (a notebook cell), where asyncio.run refuses to start.
@@ -145,6 +178,8 @@ def recover_jobs(
             for job_key, job, node in recorded:
                 jobs.append(job)
                 if job.done():
+                    if node is not None:  # as when its result came from the node
+                        job.ip_addr = parse_address(node)[0]
                     continue
                 if node is None:
                     job._complete(
@@ -155,7 +190,7 @@ def recover_jobs(
                 else:
                     waiting.setdefault(node, {})[job_key] = job
             for node, pending in waiting.items():
-                runner.run_sync(
+                settled = runner.run_sync(
                     _recover_from,
                     node,
                     recovery_id,
@@ -166,14 +201,13 @@ def recover_jobs(
                     limits,
                 )
                 for job_key, job in pending.items():
-                    if job.done():
+                    if job.done() and job_key in settled:
                         journal.done(recovery_id, job_key, job)
                     else:
                         complete = False
-        return jobs
+        return jobs, complete
     finally:
         runner.release()
-        journal.close(remove=default and complete)
 
 
 async def _recover_from(
@@ -184,7 +218,9 @@ async def _recover_from(
     tls: ssl.SSLContext | None,
     timeout: float | None,
     limits: _Limits,
-) -> None:
+) -> set[int]:
+    """Ask ``node`` for the ``pending`` jobs; the keys of those whose end is known
+    for sure (to be journaled), not of those abandoned for want of the node."""
     host, port = parse_address(node)
     try:
         conn, _welcome = await connect(
@@ -194,10 +230,17 @@ async def _recover_from(
             max_message_size=limits.message,
             ssl_context=tls,
         )
+    except AuthenticationError as exc:
+        raise _refused(node, exc, secret) from None
     except DispynbError as exc:
         logger.warning("cannot recover jobs from %s: %s", node, exc)
-        _abandon(pending, f"node {node} could not be reached to recover the job: {exc}")
-        return
+        _abandon(
+            pending,
+            f"node {node} could not be reached to recover the job: {exc}; call "
+            "recover_jobs again once it is back (its results are kept an hour)",
+        )
+        return set()
+    settled = set(pending)
     try:
         conn.write(
             Recover(comp_id=1, recovery_id=recovery_id, max_message_size=limits.message)
@@ -221,9 +264,15 @@ async def _recover_from(
     except TimeoutError:
         logger.info("jobs still running on %s after %s s", node, timeout)
     except DispynbError as exc:
-        _abandon(pending, f"lost node {node} while recovering: {exc}")
+        settled = {k for k, job in pending.items() if job.done()}
+        _abandon(
+            pending,
+            f"lost node {node} while recovering: {exc}; call recover_jobs again "
+            "once it is back",
+        )
     finally:
         conn.close()
+    return settled
 
 
 async def _collect_from(
@@ -246,6 +295,8 @@ async def _collect_from(
             max_message_size=limits.message,
             ssl_context=tls,
         )
+    except AuthenticationError as exc:
+        raise _refused(node, exc, secret) from None
     except DispynbError as exc:
         logger.warning("cannot recover jobs from %s: %s", node, exc)
         return False
@@ -370,6 +421,23 @@ def _limits(max_message_size: Any, max_result_size: Any) -> _Limits:
         except (AttributeError, ValueError, OSError):
             result = sys.maxsize
     return _Limits(message, result)
+
+
+def _refused(
+    node: str, exc: AuthenticationError, secret: bytes | None
+) -> AuthenticationError:
+    """A node refused the secret: no job of the journal is settled by that, so
+    `recover_jobs` stops, saying which secret to give, and changes nothing."""
+    if secret is None:
+        return AuthenticationError(
+            f"recover_jobs was given no secret, and node {node} needs one: give the "
+            "secret the crashed cluster used (secret=, secret_file=, DISPYNB_SECRET "
+            "or DISPYNB_SECRET_FILE); the recovery file is unchanged"
+        )
+    return AuthenticationError(
+        f"recover_jobs: {exc}; the recovery file is unchanged: call it again with "
+        "the secret the crashed cluster used"
+    )
 
 
 def _abandon(pending: dict[int, DispyJob], reason: str) -> None:

@@ -24,7 +24,7 @@ from dispynb.journal import Journal
 from dispynb.protocol.messages import JobResults, Recover, ResultChunk
 from dispynb.transport.connector import connect
 from tests.jobs import WAIT, wait_until
-from tests.nodeproc import running_node
+from tests.nodeproc import running_node, start_node
 from tests.procmem import private_memory
 
 MiB = 1 << 20
@@ -84,11 +84,21 @@ def run_and_kill_client(
 ) -> list[list[object]]:
     """Run CLIENT until ``started`` jobs run on the node, SIGKILL it, then recover
     in a new process."""
+    journal = kill_client_mid_run(tmp_path, node, started, all_slow)
+    done = recover_in_new_process(tmp_path, journal, node.secret, recover)
+    assert done.returncode == 0, done.stderr
+    assert node.secret not in journal.read_bytes().decode("latin-1")  # never kept
+    return json.loads(done.stdout)
+
+
+def kill_client_mid_run(
+    tmp_path: Path, node: Any, started: int, all_slow: bool = False
+) -> Path:
+    """Run CLIENT until ``started`` jobs run on the node, SIGKILL it; its journal."""
     journal = tmp_path / "journal.db"
     marks = tmp_path / "marks"
     marks.mkdir()
     (tmp_path / "client.py").write_text(CLIENT)
-    (tmp_path / "recover.py").write_text(recover)
     client = subprocess.Popen(
         [
             sys.executable,
@@ -112,16 +122,21 @@ def run_and_kill_client(
     finally:
         client.kill()
         client.stdout.close()  # type: ignore[union-attr]
-    done = subprocess.run(
-        [sys.executable, "recover.py", str(journal), node.secret],
+    return journal
+
+
+def recover_in_new_process(
+    tmp_path: Path, journal: Path, secret: str, recover: str = RECOVER
+) -> subprocess.CompletedProcess[str]:
+    """Run ``recover`` (a script printing the jobs as JSON) on ``journal``."""
+    (tmp_path / "recover.py").write_text(recover)
+    return subprocess.run(
+        [sys.executable, "recover.py", str(journal), secret],
         cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=60,
     )
-    assert done.returncode == 0, done.stderr
-    assert node.secret not in journal.read_bytes().decode("latin-1")  # never kept
-    return json.loads(done.stdout)
 
 
 def test_recover_jobs_after_client_sigkill_returns_every_job_once(tmp_path):
@@ -157,6 +172,98 @@ def test_recover_jobs_never_sent_jobs_come_back_abandoned_with_arguments(tmp_pat
     assert all(
         "not yet sent" in job[4] or "never reached" in job[4] for job in abandoned
     )
+
+
+def test_recover_jobs_with_another_secret_is_a_clear_error_that_loses_nothing(
+    tmp_path,
+):
+    """A wrong secret (or none) stops recover_jobs with one line saying so, and
+    leaves the journal as it was: the right secret then gets every result (before,
+    each job was journaled Abandoned for good: 'could not be reached')."""
+    with running_node(tmp_path / "node", cpus=20) as node:
+        journal = kill_client_mid_run(tmp_path, node, started=20)
+        for secret, said in (("not-the-secret", "another secret"), ("", "no secret")):
+            refused = recover_in_new_process(tmp_path, journal, secret)
+            assert refused.returncode == 1
+            last = refused.stderr.strip().splitlines()[-1]
+            assert last.startswith("dispynb.errors.AuthenticationError: "), last
+            assert said in last and node.spec in last and "unchanged" in last
+            assert "During handling" not in refused.stderr  # one error, not a chain
+        done = recover_in_new_process(tmp_path, journal, node.secret)
+    assert done.returncode == 0, done.stderr
+    jobs = json.loads(done.stdout)
+    assert [job[2] for job in jobs] == [11] * 20, jobs
+    assert [job[3] for job in jobs] == [n * n for n in range(20)]
+
+
+def test_recover_jobs_while_the_node_is_down_gets_its_jobs_once_it_is_back(tmp_path):
+    """The node is stopped (its results kept on disk) when recover_jobs runs: its
+    jobs come back Abandoned, saying so, but are not journaled as such; after a
+    restart with the same command line, recover_jobs gets them all."""
+    node = start_node(tmp_path / "node", cpus=20)
+    try:
+        journal = kill_client_mid_run(tmp_path, node, started=20)
+        assert node.stop() == 0  # drains: the running jobs end and are kept
+        down = recover_in_new_process(tmp_path, journal, node.secret)
+        assert down.returncode == 0, down.stderr
+        jobs = json.loads(down.stdout)
+        unreached = [job for job in jobs if job[2] != 11]
+        assert unreached, jobs  # the odd ones ended after the client was killed
+        assert all(job[2] == 10 for job in unreached), jobs
+        assert all("recover_jobs again" in job[4] for job in unreached), jobs
+        (tmp_path / "node" / "port").unlink()
+        node = start_node(
+            tmp_path / "node", "--port", str(node.port), cpus=20, secret=node.secret
+        )
+        done = recover_in_new_process(tmp_path, journal, node.secret)
+    finally:
+        node.stop()
+    assert done.returncode == 0, done.stderr
+    jobs = json.loads(done.stdout)
+    assert [job[2] for job in jobs] == [11] * 20, jobs
+    assert [job[3] for job in jobs] == [n * n for n in range(20)]
+
+
+def a_journal(path: Path) -> Path:
+    """A journal of 20 jobs with 10 kB of arguments each (several SQLite pages)."""
+    journal = Journal(str(path))
+    journal.computation("r1", "compute")
+    for key in range(20):
+        journal.submitted("r1", key, dispynb.DispyJob(key, (b"x" * 10_000,), {}))
+    journal.close()
+    return path
+
+
+def test_recover_jobs_on_a_damaged_or_foreign_file_is_one_clear_error(tmp_path):
+    """Each names the file and says what is wrong, with no sqlite3 or OS traceback
+    chained to it, and leaves the file as it was."""
+    truncated = a_journal(tmp_path / "truncated.db")
+    with open(truncated, "r+b") as handle:
+        handle.truncate(truncated.stat().st_size // 2)
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(bytes(range(256)) * 20)
+    foreign = tmp_path / "foreign.db"
+    with contextlib.closing(sqlite3.connect(foreign)) as db:
+        db.execute("CREATE TABLE notes (text TEXT)")
+        db.commit()
+    before = foreign.read_bytes()
+    cases = {
+        truncated: "is damaged or not a dispynb recovery file",
+        garbage: "is damaged or not a dispynb recovery file",
+        foreign: "is not a dispynb recovery file",
+        tmp_path: "is a directory",
+    }
+    for path, said in cases.items():
+        with pytest.raises(ConfigurationError, match=said) as raised:
+            dispynb.recover_jobs(str(path))
+        assert str(path) in str(raised.value)
+        error = raised.value
+        assert error.__cause__ is None
+        assert error.__context__ is None or error.__suppress_context__
+    assert foreign.read_bytes() == before  # no journal tables added to it
+    empty = tmp_path / "empty.db"  # a client killed as it created its journal
+    empty.touch()
+    assert dispynb.recover_jobs(str(empty)) == []
 
 
 #: Sends jobs one at a time with the client's I/O loop idle, so that the submitting
