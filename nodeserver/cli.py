@@ -126,6 +126,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         force_cleanup=args.force_cleanup,
         max_file_size=args.max_file_size,
         transfer_quota=args.transfer_quota,
+        file_cache_size=args.file_cache_size,
         max_message_size=args.max_message_size,
         port_file=args.port_file,
         unix_socket=args.unix_socket,

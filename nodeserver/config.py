@@ -26,6 +26,10 @@ DEFAULT_MAX_FILE_SIZE = 512 << 20
 #: Default ``--transfer-quota``: bytes of files one computation may send to a node.
 DEFAULT_TRANSFER_QUOTA = 4 << 30
 
+#: Default ``--file-cache-size``: bytes of files no client uses any more that the node
+#: keeps, so that a computation set up again need not send its files again.
+DEFAULT_FILE_CACHE_SIZE = 1 << 30
+
 
 @dataclasses.dataclass(kw_only=True)
 class NodeConfig:
@@ -48,6 +52,9 @@ class NodeConfig:
     #: Bytes of files one client connection (one cluster's computation) may send in
     #: all, counting every file received (0: no limit).
     transfer_quota: int = DEFAULT_TRANSFER_QUOTA
+    #: Bytes of files that no client uses any more kept for reuse (idle longest
+    #: removed first; 0: none kept).
+    file_cache_size: int = DEFAULT_FILE_CACHE_SIZE
     max_message_size: int = MAX_MESSAGE_SIZE
     port_file: str | None = None
     #: Also listen on this Unix socket, in a private directory (a `LocalCluster`'s:
@@ -146,6 +153,8 @@ class NodeConfig:
             raise ConfigurationError("max file size must be 0 (no limit) or positive")
         if self.transfer_quota < 0:
             raise ConfigurationError("transfer quota must be 0 (no limit) or positive")
+        if self.file_cache_size < 0:
+            raise ConfigurationError("file cache size must be 0 (none) or positive")
         if self.keyfile and not self.certfile:
             raise ConfigurationError("a keyfile needs its certfile (--certfile)")
         if not self.handshake_timeout > 0:

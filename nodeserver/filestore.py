@@ -4,10 +4,14 @@ A file is kept once under its SHA-256, whoever sent it and for whichever computa
 and is hard-linked into each computation's directory that needs it, so a file sent
 again (the same data file for a new computation) need not travel twice.
 
-Objects put in a cluster (`dispynb.objects`) are removed once nobody uses them: each
-session that sent the file, and each computation that placed it as an object, holds
-it (`hold`, `release`); the last release of a file marked `disposable` unlinks it, so
-two clusters that put the same object on one node share one copy safely.
+Each session that sent or uses a file, and each computation that placed it as an
+object (`dispynb.objects`), holds it (`hold`, `release`). The last release of a file
+marked `disposable` (an object) unlinks it, so two clusters that put the same object
+on one node share one copy safely. Other files nobody holds stay as a cache, so that
+a notebook run again does not send its data files again, but only up to
+``cache_size`` bytes: the ones idle longest go first (also those a node left behind
+when it stopped), so a node that serves for months does not fill its disk with every
+file it was ever sent.
 """
 
 from __future__ import annotations
@@ -27,12 +31,42 @@ _DIGEST = re.compile(r"[0-9a-f]{64}")
 class FileStore:
     """Files by content under ``root``; ``max_file_size`` 0 means no limit."""
 
-    def __init__(self, root: str, max_file_size: int = 0) -> None:
+    def __init__(
+        self, root: str, max_file_size: int = 0, cache_size: int | None = None
+    ) -> None:
         self.root = root
         self.max_file_size = max_file_size
+        #: Bytes of files nobody holds kept for reuse (None: no limit).
+        self.cache_size = cache_size
         os.makedirs(root, mode=0o700, exist_ok=True)
         self._holds: collections.Counter[str] = collections.Counter()
         self._disposable: set[str] = set()
+        #: Files nobody holds, by digest, idle longest first, with their sizes.
+        self._idle: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._idle_bytes = 0
+        self._adopt_leftovers()
+
+    @property
+    def cached_bytes(self) -> int:
+        """Bytes of the files kept that nobody holds."""
+        return self._idle_bytes
+
+    def _adopt_leftovers(self) -> None:
+        """Files of an earlier run of the node are idle (oldest first); partial
+        writes it left are removed."""
+        found = []
+        with os.scandir(self.root) as entries:
+            for entry in entries:
+                with contextlib.suppress(OSError):
+                    if entry.name.endswith(".part"):
+                        os.unlink(entry.path)
+                    elif _DIGEST.fullmatch(entry.name) and entry.is_file():
+                        stat = entry.stat()
+                        found.append((stat.st_mtime, entry.name, stat.st_size))
+        for _mtime, digest, size in sorted(found):
+            self._idle[digest] = size
+            self._idle_bytes += size
+        self._evict()
 
     def path(self, digest: str) -> str:
         """Where the file with this digest is kept."""
@@ -77,18 +111,42 @@ class FileStore:
     def hold(self, digest: str) -> None:
         """Count one more user of the file (a session or a computation)."""
         self._holds[digest] += 1
+        size = self._idle.pop(digest, None)
+        if size is not None:
+            self._idle_bytes -= size
 
     def disposable(self, digest: str) -> None:
         """Mark the file to be removed once its last holder releases it."""
         self._disposable.add(digest)
 
     def release(self, digest: str) -> None:
-        """Count one user fewer; unlink a disposable file nobody holds any more."""
+        """Count one user fewer. A file nobody holds any more is unlinked if it is
+        disposable, else kept in the cache (`cache_size`)."""
+        if digest not in self._holds:
+            return  # not held (a release too many): nothing changes
         self._holds[digest] -= 1
         if self._holds[digest] > 0:
             return
         del self._holds[digest]
         if digest in self._disposable:
             self._disposable.discard(digest)
+            with contextlib.suppress(OSError):
+                os.unlink(self.path(digest))
+            return
+        try:
+            size = os.stat(self.path(digest)).st_size
+        except OSError:
+            return  # gone already (its store was cleaned): nothing to keep
+        self._idle[digest] = size
+        self._idle_bytes += size
+        self._evict()
+
+    def _evict(self) -> None:
+        """Unlink the files idle longest until the idle ones fit `cache_size`."""
+        if self.cache_size is None:
+            return
+        while self._idle and self._idle_bytes > self.cache_size:
+            digest, size = self._idle.popitem(last=False)
+            self._idle_bytes -= size
             with contextlib.suppress(OSError):
                 os.unlink(self.path(digest))

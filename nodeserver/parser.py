@@ -19,7 +19,11 @@ from dispynb.defaults import (
 from dispynb.errors import ConfigurationError
 from dispynb.transport.addressing import format_address, parse_address
 from nodeserver.cliconfig import add_refused, config_argv, save_config
-from nodeserver.config import DEFAULT_MAX_FILE_SIZE, DEFAULT_TRANSFER_QUOTA
+from nodeserver.config import (
+    DEFAULT_FILE_CACHE_SIZE,
+    DEFAULT_MAX_FILE_SIZE,
+    DEFAULT_TRANSFER_QUOTA,
+)
 from nodeserver.service import parse_time
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -160,6 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_TRANSFER_QUOTA,
         help="bytes of files one computation (client connection) may send in all; "
         "0: no limit (default 4G)",
+    )
+    add(
+        "--file-cache-size",
+        "--file_cache_size",
+        dest="file_cache_size",
+        type=parse_size,
+        default=DEFAULT_FILE_CACHE_SIZE,
+        help="bytes of files no client uses any more kept so that they need not be "
+        "sent again (those idle longest go first); 0: none (default 1G)",
     )
     add(
         "--max-message-size",

@@ -56,7 +56,9 @@ class NodeServer:
             )
         )
         self.store = FileStore(
-            os.path.join(config.dest_path, ".store"), config.max_file_size
+            os.path.join(config.dest_path, ".store"),
+            config.max_file_size,
+            config.file_cache_size,
         )
         self.sessions: set[ClientSession] = set()
         self.address = ""

@@ -180,6 +180,9 @@ class ClientSession(_SessionFiles, _SessionRecovery):
             )
             return
         missing = {digest for _, digest in files if not self.server.store.has(digest)}
+        for _, digest in files:
+            if digest not in missing:  # from the store's cache: held before use
+                self._hold_file(digest)
         try:
             sizes = {e[1]: e[2] for e in message.files if e[1] in missing}
             self._check_quota(sum(sizes.values()), "the computation's files")

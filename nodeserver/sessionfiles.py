@@ -63,6 +63,9 @@ class _SessionFiles(_SessionState):
         try:
             self._check_quota(message.size, "a file")
             self._transferred += message.size
+            # Held before it is stored (maybe in a thread): the store's cache must
+            # not remove a copy it already has meanwhile.
+            self._hold_file(message.digest)
             if message.size >= HASH_OFF_LOOP_BYTES and not store.has(message.digest):
                 self._deferred_file = (message, buffers[0])  # `serve` stores it
                 return
@@ -88,10 +91,15 @@ class _SessionFiles(_SessionState):
         logger.warning("refused a file from %s: %s", self.conn.peer, exc)
         self._refused_files[digest] = str(exc)
 
-    def _file_stored(self, digest: str) -> None:
+    def _hold_file(self, digest: str) -> None:
+        """Keep the stored file for as long as this session lives (the store's
+        cache would otherwise remove it once nobody holds it)."""
         if digest not in self._file_holds:
             self._file_holds.add(digest)
             self.server.store.hold(digest)
+
+    def _file_stored(self, digest: str) -> None:
+        self._hold_file(digest)
         for comp_id, (missing, start) in list(self._waiting_for_files.items()):
             missing.discard(digest)
             if not missing:

@@ -1,0 +1,114 @@
+"""The node's file store: files nobody holds are a cache bounded in bytes, with the
+node's own processes (a real `dispynb-node`, real clusters) and on its own."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from dispynb import JobCluster
+from dispynb.protocol.files import digest_of
+from nodeserver.filestore import FileStore
+from tests.nodeproc import running_node
+
+KiB = 1 << 10
+
+
+def put(store: FileStore, data: bytes) -> str:
+    digest = digest_of(memoryview(data))
+    store.put(digest, data)
+    return digest
+
+
+def stored(root: Path) -> set[str]:
+    return {p.name for p in root.iterdir()}
+
+
+def test_files_nobody_holds_are_kept_up_to_the_cache_size_idle_longest_first(
+    tmp_path: Path,
+):
+    root = tmp_path / "store"
+    store = FileStore(str(root), cache_size=25 * KiB)
+    a, b, c = (put(store, bytes([i]) * (10 * KiB)) for i in range(3))
+    for digest in (a, b, c):
+        store.hold(digest)
+    store.release(b)
+    store.release(a)
+    assert stored(root) == {a, b, c} and store.cached_bytes == 20 * KiB
+    store.release(c)  # 30 KiB idle: b, idle longest, goes
+    assert stored(root) == {a, c} and store.cached_bytes == 20 * KiB
+    store.hold(a)  # in use again: out of the cache, never removed while held
+    assert store.cached_bytes == 10 * KiB
+    d = put(store, bytes([3]) * (20 * KiB))
+    store.hold(d)
+    store.release(d)  # 30 KiB idle: c, idle longer than d, goes; a is held
+    assert stored(root) == {a, d} and store.cached_bytes == 20 * KiB
+
+
+def test_a_store_without_cache_removes_what_nobody_holds(tmp_path: Path):
+    root = tmp_path / "store"
+    store = FileStore(str(root), cache_size=0)
+    a = put(store, b"a" * KiB)
+    store.hold(a)
+    store.hold(a)
+    store.release(a)
+    assert stored(root) == {a}  # one holder left
+    store.release(a)
+    assert stored(root) == set()
+
+
+def test_files_left_by_an_earlier_run_count_in_the_cache(tmp_path: Path):
+    root = tmp_path / "store"
+    first = FileStore(str(root))
+    old = put(first, b"o" * (10 * KiB))
+    new = put(first, b"n" * (10 * KiB))
+    os.utime(root / old, (1, 1))  # idle longer
+    (root / f"{new}.123.456.part").write_bytes(b"half a file")
+
+    second = FileStore(str(root), cache_size=15 * KiB)
+
+    assert stored(root) == {new}
+    assert second.cached_bytes == 10 * KiB
+
+
+def size_of(name: str) -> int:
+    import os
+
+    return os.path.getsize(name)
+
+
+@pytest.mark.slow
+def test_a_node_keeps_at_most_its_file_cache_and_never_a_file_in_use(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Clusters come and go on a node started with --file-cache-size: its store
+    keeps the files of closed clusters up to that size, a cluster set up again
+    with an evicted file gets it sent again, and an open cluster's files stay."""
+    monkeypatch.chdir(tmp_path)
+    names = [f"data{i}.bin" for i in range(3)]
+    for i, name in enumerate(names):
+        (tmp_path / name).write_bytes(bytes([i]) * (60 * KiB))
+    digests = [digest_of(memoryview((tmp_path / n).read_bytes())) for n in names]
+    with running_node(tmp_path / "node", "--file-cache-size", "100k") as node:
+        store = tmp_path / "node" / "dest" / ".store"
+
+        def run(name: str) -> int:
+            with JobCluster(
+                size_of, nodes=[node.spec], secret=node.secret, depends=[name]
+            ) as cluster:
+                return cluster.submit(name)()
+
+        assert run(names[0]) == 60 * KiB
+        assert stored(store) == {digests[0]}  # cached: 60 KiB of 100
+        assert run(names[1]) == 60 * KiB
+        assert stored(store) == {digests[1]}  # 120 KiB: data0, idle longest, went
+        assert run(names[0]) == 60 * KiB  # sent again
+        assert stored(store) == {digests[0]}
+        with JobCluster(
+            size_of, nodes=[node.spec], secret=node.secret, depends=[names[2]]
+        ) as open_cluster:
+            assert run(names[1]) == 60 * KiB  # 120 KiB idle: only data1 is kept
+            assert stored(store) == {digests[1], digests[2]}
+            assert open_cluster.submit(names[2])() == 60 * KiB
