@@ -172,6 +172,11 @@ class _Jobs(_ClusterState):
             self._emit(JobStatus.Created, None, job)
         backend.submit(request)
 
+    def _job_renamed(self, job: DispyJob) -> None:
+        """The user gave ``job`` another id (`DispyJob.id`): journal it."""
+        if self._journal.jobs and job._key is not None:
+            self._journal.renamed(job._key, job)
+
     def _job_limits(self, kwargs: dict[str, Any]) -> tuple[float | None, int | None]:
         """Pop ``dispy_job_timeout``/``dispy_job_mem_limit``: the job's limits.
 

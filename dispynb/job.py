@@ -137,6 +137,7 @@ class DispyJob:
         "_done",
         "_finish",
         "_future",
+        "_id",
         "_key",
         "_kwargs",
         "_seq",
@@ -144,7 +145,6 @@ class DispyJob:
         "_waiters",
         "end_time",
         "exception",
-        "id",
         "ip_addr",
         "result",
         "start_time",
@@ -162,7 +162,7 @@ class DispyJob:
     Abandoned: ClassVar[JobStatus] = JobStatus.Abandoned
     Finished: ClassVar[JobStatus] = JobStatus.Finished
 
-    id: Any
+    _id: Any
     result: Any
     stdout: str | bytes | None
     stderr: str | bytes | None
@@ -189,7 +189,7 @@ class DispyJob:
     def __init__(
         self, job_id: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:
-        self.id = next(_job_ids) if job_id is None else job_id
+        self._id = next(_job_ids) if job_id is None else job_id
         self.result = None
         self.stdout = None
         self.stderr = None
@@ -209,6 +209,20 @@ class DispyJob:
         self._waiters = None
         self._cluster = None  # set by the cluster: job.cancel() asks it
         self._future = None
+
+    @property
+    def id(self) -> Any:
+        """The job id; users may reassign it."""
+        return self._id
+
+    @id.setter
+    def id(self, value: Any) -> None:
+        # dispy's idiom is ``job = cluster.submit(x); job.id = x``: a cluster that
+        # journals its jobs records the new id, which `recover_jobs` returns.
+        self._id = value
+        renamed = getattr(self._cluster, "_job_renamed", None)
+        if renamed is not None:
+            renamed(self)
 
     def __repr__(self) -> str:
         status = getattr(self.status, "name", self.status)

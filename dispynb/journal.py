@@ -124,13 +124,21 @@ class Journal:
             (int(JobStatus.Running), node, recovery_id, key),
         )
 
-    def done(self, recovery_id: str, key: int, job: DispyJob) -> None:
-        """A job ended (its final status, result, output and traceback)."""
+    def renamed(self, recovery_id: str, key: int, job: DispyJob) -> None:
+        """The user gave a job another id (dispy's ``job.id = ...`` after submit)."""
         self._run(
-            "UPDATE jobs SET status = ?, result = ?, stdout = ?, stderr = ?,"
-            " exception = ?, start_time = ?, end_time = ?"
+            "UPDATE jobs SET job_id = ? WHERE recovery_id = ? AND key = ?",
+            (_dump(job.id), recovery_id, key),
+        )
+
+    def done(self, recovery_id: str, key: int, job: DispyJob) -> None:
+        """A job ended (its id, final status, result, output and traceback)."""
+        self._run(
+            "UPDATE jobs SET job_id = ?, status = ?, result = ?, stdout = ?,"
+            " stderr = ?, exception = ?, start_time = ?, end_time = ?"
             " WHERE recovery_id = ? AND key = ?",
             (
+                _dump(job.id),
                 int(job.status),
                 _dump(job.result),
                 _dump(job.stdout),

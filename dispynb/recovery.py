@@ -561,6 +561,10 @@ class ClusterJournal:
         if self._journal is not None and self.jobs:
             self._journal.done(self.recovery_id, key, job)
 
+    def renamed(self, key: int, job: DispyJob) -> None:
+        if self._journal is not None and self.jobs:
+            self._journal.renamed(self.recovery_id, key, job)
+
     def close(self, clean: bool) -> None:
         """The cluster closed; ``clean``: every job was done (nothing to recover,
         so its records are removed, as dispy removes its file)."""

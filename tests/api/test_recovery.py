@@ -57,6 +57,15 @@ print("submitted", flush=True)
 time.sleep(60)  # killed before it gets further
 """
 
+#: CLIENT with dispy's idiom for ids: each job renamed once submitted.
+RENAMING_CLIENT = CLIENT.replace(
+    """jobs = [cluster.submit_job_id("job-%d" % n, n, sys.argv[4], all_slow)
+        for n in range(20)]""",
+    """for n in range(20):
+    job = cluster.submit(n, sys.argv[4], all_slow)
+    job.id = "job-%d" % n""",
+)
+
 RECOVER = """
 import json, sys
 import dispynb as dispy
@@ -92,13 +101,17 @@ def run_and_kill_client(
 
 
 def kill_client_mid_run(
-    tmp_path: Path, node: Any, started: int, all_slow: bool = False
+    tmp_path: Path,
+    node: Any,
+    started: int,
+    all_slow: bool = False,
+    client_script: str = CLIENT,
 ) -> Path:
     """Run CLIENT until ``started`` jobs run on the node, SIGKILL it; its journal."""
     journal = tmp_path / "journal.db"
     marks = tmp_path / "marks"
     marks.mkdir()
-    (tmp_path / "client.py").write_text(CLIENT)
+    (tmp_path / "client.py").write_text(client_script)
     client = subprocess.Popen(
         [
             sys.executable,
@@ -172,6 +185,20 @@ def test_recover_jobs_never_sent_jobs_come_back_abandoned_with_arguments(tmp_pat
     assert all(
         "not yet sent" in job[4] or "never reached" in job[4] for job in abandoned
     )
+
+
+def test_recover_jobs_returns_the_ids_the_user_gave_after_submit(tmp_path):
+    """dispy's ``job = cluster.submit(n); job.id = n``: the recovered jobs carry
+    those ids (before, the default ids the jobs had at submit: 1, 2, ...)."""
+    with running_node(tmp_path / "node", cpus=20) as node:
+        journal = kill_client_mid_run(
+            tmp_path, node, started=20, client_script=RENAMING_CLIENT
+        )
+        done = recover_in_new_process(tmp_path, journal, node.secret)
+    assert done.returncode == 0, done.stderr
+    jobs = json.loads(done.stdout)
+    assert [job[0] for job in jobs] == [f"job-{n}" for n in range(20)]
+    assert [job[3] for job in jobs] == [n * n for n in range(20)]
 
 
 def test_recover_jobs_with_another_secret_is_a_clear_error_that_loses_nothing(
