@@ -7,7 +7,7 @@ base and the same style sheet; only its page and routes are the scheduler's. It 
 on the scheduler's own event loop and reads its state there (no locks needed).
 
 ===================================  ===========================================
-``GET  /``                           the page (``?token=`` once: sets the cookie)
+``GET  /``                           the page (``?token=`` once: sets its cookie)
 ``GET  /api/scheduler``              `snapshot`: nodes, users, computations, jobs
 ``POST /api/users/<name>/revoke``    revoke a user (as ``user revoke NAME``): its
                                      sessions end, its computations close

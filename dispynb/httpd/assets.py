@@ -47,15 +47,20 @@ def load_assets(folder: Path = ASSETS_DIR) -> dict[str, Asset]:
 class AssetHandler(SecureHandler):
     """GET ``/`` (index.html) and ``/static/<name>``, names `load_assets` found."""
 
+    PAGE_FILES = True
+
     def initialize(self, assets: dict[str, Asset]) -> None:
         """Take the in-memory files (given in the route table)."""
         self.assets = assets
 
     def get(self, name: str = "index.html") -> None:
-        """Serve one asset; a ``?token=`` visit is redirected to the clean URL."""
-        if self.get_query_argument("token", None) is not None:
-            # The cookie is set (prepare): drop the token from the address bar.
-            self.redirect(self.request.path)
+        """Serve one asset; a ``?token=`` visit is redirected to ``#token=``."""
+        token = self.get_query_argument("token", None)
+        if token is not None:
+            # prepare() checked it and set the page cookie. The fragment reaches the
+            # page's script (token.js: into sessionStorage, then off the address
+            # bar) and is never sent to a server, nor in a Referer.
+            self.redirect(f"{self.request.path}#token={token}")
             return
         asset = self.assets.get(name)
         if asset is None:

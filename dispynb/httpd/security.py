@@ -7,8 +7,13 @@ interface (reference ``dispy.md`` section 8.1 item 7). Here every request passes
 1. ``Host`` must name this server (an allowed host name and our port): a page on an
    attacker's domain that re-resolves to 127.0.0.1 (DNS rebinding) is refused;
 2. ``Origin``, when sent, must be this server too (no cross-site requests);
-3. the token: ``Authorization: Token <token>``, or the HttpOnly ``SameSite=Strict``
-   cookie set when a GET carried ``?token=`` once;
+3. the token: ``Authorization: Token <token>``, or ``?token=`` on a GET. The page's
+   own files also accept the HttpOnly ``SameSite=Strict`` cookie set when a GET of
+   the page carried ``?token=``; that cookie holds a key derived from the token that
+   opens nothing else, because browsers send a cookie of 127.0.0.1 to every port of
+   127.0.0.1, so any other local server the user visits receives it. The page keeps
+   the token itself in the tab's ``sessionStorage`` (scoped to scheme, host and
+   port) and sends it in the header;
 4. state-changing requests (POST only) also need the ``X-CSRF-Token`` header, whose
    value authenticated GETs of the API return in the same header.
 
@@ -138,6 +143,14 @@ class Guard:
         return f"dispynb-monitor-{self.port}"
 
     @property
+    def page_key(self) -> str:
+        """The page cookie's value: derived from the token, it opens the page's
+        files only (the cookie reaches every port of the host: see the module)."""
+        return hmac.new(
+            self.token.encode(), b"dispynb-monitor-page", "sha256"
+        ).hexdigest()
+
+    @property
     def csrf_token(self) -> str:
         """The CSRF token: derived from the access token, useless without it."""
         return hmac.new(
@@ -170,6 +183,12 @@ class Guard:
             candidate.encode(), self.token.encode()
         )
 
+    def page_key_matches(self, candidate: str | None) -> bool:
+        """Constant-time comparison of ``candidate`` with the page cookie's key."""
+        return candidate is not None and hmac.compare_digest(
+            candidate.encode(), self.page_key.encode()
+        )
+
     def csrf_matches(self, candidate: str | None) -> bool:
         """Constant-time comparison of ``candidate`` with the CSRF token."""
         return candidate is not None and hmac.compare_digest(
@@ -191,6 +210,8 @@ class SecureHandler(tornado.web.RequestHandler):
     """Base of every monitor handler: security headers, access checks, JSON errors."""
 
     SUPPORTED_METHODS = ("GET", "POST")
+    #: Whether the page cookie (`Guard.page_key`) is enough: the page's own files.
+    PAGE_FILES = False
 
     @property
     def guard(self) -> Guard:
@@ -240,16 +261,19 @@ class SecureHandler(tornado.web.RequestHandler):
         if query is not None:
             if self.request.method != "GET" or not guard.token_matches(query):
                 return "wrong token (?token= is accepted on GET only)"
-            self.set_cookie(
-                guard.cookie_name,
-                guard.token,
-                path="/",
-                httponly=True,
-                secure=guard.tls,
-                samesite="Strict",
-            )
+            if self.PAGE_FILES:  # so that the page's scripts and styles load
+                self.set_cookie(
+                    guard.cookie_name,
+                    guard.page_key,
+                    path="/",
+                    httponly=True,
+                    secure=guard.tls,
+                    samesite="Strict",
+                )
             return None
-        if guard.token_matches(self.get_cookie(guard.cookie_name)):
+        if self.PAGE_FILES and guard.page_key_matches(
+            self.get_cookie(guard.cookie_name)
+        ):
             return None
         return (
             "missing token: open the URL the monitor printed (it ends in ?token=...) "

@@ -29,8 +29,7 @@ async function revoke(name) {
   if (!window.confirm(`Revoke user ${name}? Its sessions end and its jobs stop.`)) return;
   const reply = await fetch(`/api/users/${encodeURIComponent(name)}/revoke`, {
     method: "POST",
-    headers: { "X-CSRF-Token": csrf },
-    credentials: "same-origin",
+    headers: { ...authHeaders(), "X-CSRF-Token": csrf },
   });
   const body = await reply.json();
   document.getElementById("message").textContent = reply.ok
@@ -93,7 +92,7 @@ function render(snap) {
 async function refresh() {
   const badge = document.getElementById("connection");
   try {
-    const reply = await fetch("/api/scheduler", { credentials: "same-origin" });
+    const reply = await fetch("/api/scheduler", { headers: authHeaders() });
     if (!reply.ok) throw new Error((await reply.json()).reason);
     csrf = reply.headers.get("X-CSRF-Token") || csrf;
     render(await reply.json());

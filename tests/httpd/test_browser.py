@@ -64,7 +64,7 @@ def test_monitor_page_live_cancel_and_cpus(monitored, tmp_path):
         )
 
         page.goto(server.url)
-        # ?token= set the cookie and was dropped from the address bar.
+        # ?token= went to the tab's sessionStorage and off the address bar.
         assert page.url == f"{origin}/"
         expect(page.locator("#connection")).to_have_text("live")
         expect(page.locator("#cluster-name")).to_have_text("mark_and_sleep")

@@ -57,13 +57,13 @@ def test_wrong_token_in_query_or_cookie_is_refused(client, server):
     )
 
 
-def test_token_query_sets_strict_cookie_and_redirects_to_clean_url(client, server):
+def test_token_query_sets_strict_cookie_and_redirects_to_fragment(client, server):
     reply = client.get(f"/?token={server.token}", auth=False)
     assert reply.status == 302
-    assert reply.headers["location"] == "/"
+    assert reply.headers["location"] == f"/#token={server.token}"
     (cookie,) = reply.cookies
     name_value, *attributes = [part.strip() for part in cookie.split(";")]
-    assert name_value == f"dispynb-monitor-{server.port}={server.token}"
+    assert name_value == f"dispynb-monitor-{server.port}={server._guard.page_key}"
     assert {"HttpOnly", "SameSite=Strict", "Path=/"} <= set(attributes)
     page = client.get("/", headers={"Cookie": name_value}, auth=False)
     assert page.status == 200
@@ -196,7 +196,13 @@ def test_only_regular_files_of_the_assets_folder_load(tmp_path: Path):
     (tmp_path / "sub" / "deep.js").write_text("x")
     assets = load_assets(tmp_path)
     assert set(assets) == {"page.html"}
-    assert set(load_assets()) == {"index.html", "app.js", "style.css", "favicon.svg"}
+    assert set(load_assets()) == {
+        "index.html",
+        "app.js",
+        "token.js",
+        "style.css",
+        "favicon.svg",
+    }
 
 
 def test_security_headers_on_answers_and_refusals(client):

@@ -91,11 +91,11 @@ function api(path) {
 
 async function post(path, body) {
   path = api(path);
-  const headers = { [CSRF_HEADER]: state.csrf || "" };
+  const headers = { ...authHeaders(), [CSRF_HEADER]: state.csrf || "" };
   if (body !== undefined) headers["Content-Type"] = "application/json";
   try {
     const r = await fetch(path, {
-      method: "POST", headers, credentials: "same-origin", cache: "no-store",
+      method: "POST", headers, cache: "no-store",
       body: body === undefined ? undefined : JSON.stringify(body),
     });
     const data = await r.json().catch(() => ({}));
@@ -288,7 +288,7 @@ async function pollForever() {
     state.poll = new AbortController();
     try {
       const r = await fetch(api(`/api/cluster?since=${state.version}`),
-        { credentials: "same-origin", cache: "no-store", signal: state.poll.signal });
+        { headers: authHeaders(), cache: "no-store", signal: state.poll.signal });
       const data = await r.json();
       if (r.status === 404 && state.cluster !== null) {
         chooseCluster(null);  // that cluster is no longer shown: show the first
