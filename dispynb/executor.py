@@ -326,7 +326,10 @@ class Executor(concurrent.futures.Executor):
                 for outcome in outcomes:
                     yield _unpack(outcome)
         finally:
-            cancel_all(futures)
+            # Without waiting for the nodes' answers (a job sent ahead is answered
+            # for only when the job before it ends): a timeout or a ``break`` must
+            # not last as long as the running calls.
+            cancel_all(futures, wait=False)
 
     # -- shutting down ---------------------------------------------------------------
 
@@ -342,7 +345,9 @@ class Executor(concurrent.futures.Executor):
             self._shut = True
             pending = list(self._pending)
         if cancel_futures:
-            cancel_all(pending)
+            # Not waiting for the nodes' answers: a job sent ahead is answered for
+            # when the job before it ends, and closing waits for every job anyway.
+            cancel_all(pending, wait=False)
         if first:
             if wait:
                 self._close()
@@ -369,6 +374,9 @@ class Executor(concurrent.futures.Executor):
         of waiting for them (as `JobCluster` does)."""
         interrupted = exc_type is not None and not issubclass(exc_type, Exception)
         self._terminate = self._terminate or interrupted
+        # The cancels of the jobs not started reach the nodes before the terminating
+        # close: a worker whose running job is interrupted then skips those sent
+        # ahead to it instead of starting one before its cancel arrives.
         self.shutdown(wait=True, cancel_futures=interrupted)
 
     def __repr__(self) -> str:

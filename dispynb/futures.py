@@ -19,7 +19,8 @@ job ends                future
 that will never run. A job still held by the client is cancelled at once. A job
 already sent ahead to a node (waiting there behind others) is cancelled there, and
 ``cancel()`` waits for the node's answer: True once the node dropped it, False if it
-had started meanwhile (it then runs to its end). That wait is bounded
+had started meanwhile (it then runs to its end). For a job the node sent ahead to a
+busy worker, the answer comes when that worker's running job ends. That wait is bounded
 (`CANCEL_WAIT`; a node that stops answering is declared dead much sooner, and the
 job ends ``Abandoned``). `cancel_futures` cancels many with one wait.
 
@@ -154,10 +155,17 @@ class JobFuture(concurrent.futures.Future[Any]):
             pass  # cancelled by the user while the job's end was on its way
 
 
-def cancel_futures(futures: Iterable[concurrent.futures.Future[Any]]) -> list[bool]:
+def cancel_futures(
+    futures: Iterable[concurrent.futures.Future[Any]], wait: bool = True
+) -> list[bool]:
     """Cancel each future (as its ``cancel()``), with one wait for all the nodes'
     answers instead of one per job; returns what each ``cancel()`` would have.
 
+    ``wait=False`` sends the cancels and returns at once: the jobs waiting on a
+    node end cancelled (or run) later, and the list says only which futures are
+    cancelled already. A node answers for a job sent ahead to a busy worker only
+    once that worker's running job ends, so callers that must not block (a map's
+    timeout, ``shutdown(wait=False)``, an interrupt) do not wait.
     Futures of other kinds are cancelled as they cancel themselves.
     """
     futures = list(futures)
@@ -181,7 +189,7 @@ def cancel_futures(futures: Iterable[concurrent.futures.Future[Any]]) -> list[bo
     for cluster, jobs in by_cluster.values():
         if cluster._cancel_unstarted(jobs):
             sent = True
-    if sent:
+    if sent and wait:
         _wait_answers(waiting, CANCEL_WAIT)
     return [
         future._state in (CANCELLED, CANCELLED_AND_NOTIFIED)

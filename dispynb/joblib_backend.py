@@ -37,7 +37,7 @@ from joblib.parallel import (
 
 from dispynb.errors import NoNodesError
 from dispynb.executor import Executor
-from dispynb.futures import cancel_futures
+from dispynb.futures import JobFuture
 from dispynb.protocol import serialize
 
 __all__ = ["DispynbBackend", "default_executor", "register", "shutdown"]
@@ -174,10 +174,12 @@ class DispynbBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[mi
         started and terminate the running ones (their CPUs are free at once)."""
         with self._futures_lock:
             futures = list(self._futures)
-        for future, cancelled in zip(futures, cancel_futures(futures), strict=True):
-            job = getattr(future, "job", None)
-            if not cancelled and job is not None:
-                self.executor.cluster.cancel(job)  # running: dispy's terminate
+        # One terminating cancel for all, not a cancel of the unstarted first: the
+        # node answers for a batch sent ahead only when the batch before it ends,
+        # so that would wait for the running batches instead of stopping them.
+        jobs = [future.job for future in futures if isinstance(future, JobFuture)]
+        if jobs:
+            self.executor.cluster._cancel_all(jobs)
 
     def get_nested_backend(self) -> tuple[ParallelBackendBase, int | None]:
         """``Parallel`` inside a job runs sequentially: a job has one CPU."""

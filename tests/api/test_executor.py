@@ -32,12 +32,26 @@ def mul(x: int, y: int) -> int:
 
 
 def hold(marker: str, release: str, value: object = None) -> object:
-    """Write ``marker``, then wait (at most WAIT s) until ``release`` exists."""
+    """Write ``marker``, then wait (at most WAIT s) until ``release`` exists; then
+    write ``marker.ended`` (a terminated call never writes it)."""
     Path(marker).touch()
     deadline = time.monotonic() + WAIT
     while not os.path.exists(release) and time.monotonic() < deadline:
         time.sleep(0.005)
+    Path(f"{marker}.ended").touch()
     return value
+
+
+def send_ahead(executor: Executor) -> None:
+    """Run quick calls first: a node then sends the next jobs ahead to its busy
+    workers (it does so only for short jobs), where they wait behind the running
+    ones, and only the worker can tell whether one started."""
+    assert list(executor.map(mul, range(20), range(20))) == [i * i for i in range(20)]
+
+
+def ended(path: Path) -> list[Path]:
+    """The calls of `hold` under ``path`` that returned."""
+    return sorted(path.glob("*.ended"))
 
 
 class Unpicklable(Exception):
@@ -241,6 +255,25 @@ def test_map_timeout_counts_from_the_call(executor, tmp_path):
     Path(release).touch()
 
 
+def test_map_timeout_is_raised_on_time_while_calls_still_run(executor, tmp_path):
+    """As ProcessPoolExecutor: TimeoutError when the time is up, not when the
+    running calls end; the calls not started are cancelled (some wait on the node,
+    sent ahead behind the running ones, whose cancel the node answers only then)."""
+    send_ahead(executor)
+    release = str(tmp_path / "release")
+    markers = [str(tmp_path / f"m{i}") for i in range(6)]
+    results = executor.map(hold, markers, [release] * 6, timeout=0.2)
+    for marker in markers[:2]:
+        wait_for_path(marker)  # both CPUs busy, the rest queued or sent ahead
+    with pytest.raises(TimeoutError):
+        next(results)
+    assert ended(tmp_path) == []  # raised while the first calls hold
+    Path(release).touch()
+    wait_until(lambda: executor.cluster.job_counts["Cancelled"] == 4)
+    wait_until(lambda: executor.cluster.job_counts["Finished"] == 20 + 2)
+    assert not any(os.path.exists(marker) for marker in markers[2:])
+
+
 def test_map_reads_endless_input_lazily_with_buffersize(executor):
     results = executor.map(mul, itertools.count(), itertools.repeat(2), buffersize=3)
     assert list(itertools.islice(results, 7)) == [0, 2, 4, 6, 8, 10, 12]
@@ -352,16 +385,23 @@ def test_context_manager_waits_for_the_futures(local):
 
 def test_shutdown_cancel_futures_cancels_the_queued_ones(local, tmp_path):
     executor = Executor(nodes=local)
+    send_ahead(executor)
     gate = Gate(tmp_path)
     running = [gate.submit(executor, i) for i in range(2)]
+    queued = [executor.submit(mul, i, 2) for i in range(6)]
     for future in running:
         gate.started(future)
-    queued = [executor.submit(mul, i, 2) for i in range(6)]
     executor.shutdown(wait=False, cancel_futures=True)
-    assert all(future.cancelled() for future in queued)
+    # At once: not after the running calls (a node answers the cancel of a job
+    # sent ahead to a busy worker only when its running job ends).
+    assert not any(future.done() for future in running)
     gate.open()
     assert [future.result(WAIT) for future in running] == [0, 1]
     assert executor._closed.wait(WAIT)
+    # Cancelled; or, as ProcessPoolExecutor's calls already handed to a process,
+    # run: the gate opened before its cancel reached the node.
+    for i, future in enumerate(queued):
+        assert future.cancelled() or future.result(0) == i * 2
 
 
 def test_shutdown_without_wait_returns_at_once_and_finishes_the_work(local, tmp_path):
@@ -379,12 +419,14 @@ def test_shutdown_without_wait_returns_at_once_and_finishes_the_work(local, tmp_
 def test_an_interrupt_in_the_with_block_terminates_the_running_calls(local, tmp_path):
     gate = Gate(tmp_path)  # never opened: the calls would hold for WAIT s
     with pytest.raises(KeyboardInterrupt), Executor(nodes=local) as executor:
+        send_ahead(executor)
         running = [gate.submit(executor, i) for i in range(2)]
-        queued = executor.submit(mul, 2, 2)
+        queued = [executor.submit(mul, 2, 2) for _ in range(4)]  # some sent ahead
         for future in running:
             gate.started(future)
         raise KeyboardInterrupt  # Ctrl-C, or the notebook's Stop
-    assert queued.cancelled()
+    assert all(future.cancelled() for future in queued)
+    assert ended(tmp_path) == []
     for future in running:
         assert future.done()  # terminated, not waited for
         with pytest.raises(RemoteError):

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -18,7 +19,7 @@ joblib = pytest.importorskip("joblib")
 import dispynb.joblib_backend as backend  # noqa: E402  (registers "dispynb")
 from dispynb import Executor, LocalCluster  # noqa: E402
 from dispynb.errors import NoNodesError  # noqa: E402
-from tests.jobs import wait_until  # noqa: E402
+from tests.jobs import WAIT, wait_for_path, wait_until  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -31,6 +32,23 @@ def fail_on(x: int, bad: int) -> int:
     if x == bad:
         raise ValueError(f"bad input {x}")
     return x
+
+
+def hold(marker: str, release: str) -> str:
+    """Write ``marker``, wait (at most WAIT s) for ``release``, then write
+    ``marker.ended`` (a terminated call never does)."""
+    Path(marker).touch()
+    deadline = time.monotonic() + WAIT
+    while not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    Path(f"{marker}.ended").touch()
+    return marker
+
+
+def fail_once_running(marker: str) -> None:
+    """Raise once the call of `hold` writing ``marker`` runs."""
+    wait_for_path(marker)
+    raise KeyError(marker)
 
 
 def test_import_dispynb_never_imports_joblib():
@@ -127,6 +145,31 @@ def test_given_executor_exceptions_and_n_jobs(local: LocalCluster):
             with pytest.raises(ValueError, match="n_jobs == 0"):
                 joblib.Parallel(n_jobs=0)(joblib.delayed(abs)(1) for _ in range(2))
         assert executor.cluster.job_counts["Finished"] >= 1
+
+
+def test_a_failing_call_terminates_the_running_batches_at_once(local, tmp_path):
+    """As loky, which kills its workers: a call that raises stops the other batches
+    (running, or sent ahead to a busy worker), and Parallel raises at once, not
+    when the running batches end."""
+    release = str(tmp_path / "release")  # never created: the holds end at WAIT
+    first = str(tmp_path / "first")
+    with Executor(nodes=local) as executor:
+        # Quick calls first: the node then sends jobs ahead to its busy workers.
+        assert list(executor.map(abs, range(-20, 0))) == list(range(20, 0, -1))
+        calls = [
+            joblib.delayed(hold)(first, release),
+            joblib.delayed(fail_once_running)(first),
+            joblib.delayed(hold)(str(tmp_path / "third"), release),
+            joblib.delayed(hold)(str(tmp_path / "fourth"), release),
+        ]
+        with joblib.parallel_config(backend="dispynb", executor=executor):
+            with pytest.raises(KeyError, match="first"):
+                joblib.Parallel(n_jobs=2, batch_size=1)(calls)
+            assert sorted(tmp_path.glob("*.ended")) == []  # terminated, not waited
+            wait_until(lambda: executor.cluster.job_counts["Terminated"] >= 1)
+            assert joblib.Parallel(n_jobs=2)(
+                joblib.delayed(abs)(-x) for x in range(4)
+            ) == list(range(4))
 
 
 def test_n_jobs_on_an_executor_without_nodes_is_a_clear_error(local: LocalCluster):

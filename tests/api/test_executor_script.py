@@ -1,0 +1,75 @@
+"""`dispynb.Executor` in a user's script, run as a terminal runs it: Ctrl-C (SIGINT
+to the script's whole process group) while ``map`` runs ends the script promptly
+and leaves no node or worker process behind, as ``ProcessPoolExecutor`` does."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.jobs import WAIT, wait_for_path
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import time
+    from pathlib import Path
+
+    from dispynb import Executor
+
+
+    def mark_and_sleep(path):
+        Path(path).touch()
+        time.sleep(300)
+
+
+    if __name__ == "__main__":
+        where = sys.argv[1]
+        with Executor(max_workers=2) as executor:
+            # Quick calls first: the node then sends calls ahead to busy workers.
+            assert sorted(executor.map(abs, range(-20, 0))) == list(range(1, 21))
+            for _ in executor.map(mark_and_sleep, [f"{where}/{i}" for i in range(8)]):
+                pass
+    """
+)
+
+#: Far less than the calls' 300 s, far more than closing local nodes takes.
+PROMPTLY = 60.0
+
+
+def test_ctrl_c_during_map_ends_the_script_and_its_processes(tmp_path: Path) -> None:
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,  # its own process group, as a terminal's job
+    )
+    try:
+        for i in range(2):
+            wait_for_path(tmp_path / str(i), timeout=60)
+        below = psutil.Process(proc.pid).children(recursive=True)
+        assert below  # the local nodes and their workers
+        os.killpg(proc.pid, signal.SIGINT)
+        _out, err = proc.communicate(timeout=PROMPTLY)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode != 0
+    assert err.rstrip().endswith("KeyboardInterrupt"), err
+    _gone, alive = psutil.wait_procs(below, timeout=WAIT)
+    assert alive == []
