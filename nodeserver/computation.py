@@ -390,7 +390,12 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
         if done.outcome != CANCELLED:  # a skipped job says nothing about durations
             mean = self._mean
             self._mean = duration if mean is None else 0.8 * mean + 0.2 * duration
-        if job.cancelled and (done.outcome != FINISHED or job.timed_out):
+        if job.cancelled and done.outcome == CANCELLED:
+            # Skipped by the worker (a cancel that came as it became the head, after
+            # it was told to skip it): it never ran, so not reported terminated.
+            if not job.reported:
+                self._finish_unrun(job, "job cancelled at the client's request")
+        elif job.cancelled and (done.outcome != FINISHED or job.timed_out):
             self._finish_killed(job)
         elif worker.interrupted and not job.cancelled and _was_interrupted(done):
             # SIGINT meant for the job before it (which ended just then) hit this one.

@@ -281,6 +281,44 @@ def test_short_jobs_wait_several_deep_in_a_busy_worker_and_cancel_skips_them(
     run(main())
 
 
+def test_a_job_being_skipped_stays_cancelled_when_cancelled_again_as_head(tmp_path):
+    """A job sent ahead and cancelled if unstarted (the worker is told to skip it),
+    then cancelled outright once the job before it ended (an Executor's interrupt:
+    its unstarted cancels, then its terminating close) is reported cancelled, as
+    the worker skipped it, not terminated (it never ran)."""
+
+    async def main() -> None:
+        reports = Reports()
+        computation, launcher = make(tmp_path, reports, workers=1)
+        await computation.start(bundle(blocked))
+        quick = new_gate("quick")
+        open_gate(quick)
+        computation.submit([job(key, quick) for key in range(1, 6)])  # mean: short
+        await wait_until(lambda: len(reports.entries) == 5, "quick jobs done")
+        head = new_gate("head")
+        computation.submit([job(10, head)])
+        await wait_until(lambda: launcher.busy_workers(), "job 10 running")
+        computation.submit([job(11, quick)])
+        (worker,) = computation._workers.values()
+        assert [j.key for j in worker.assigned] == [10, 11]
+        computation.cancel(11, 1, unstarted=True)  # the worker is told to skip it
+        on_done = computation._on_done
+
+        def cancel_once_head(*args: Any) -> None:
+            on_done(*args)
+            if worker.assigned and worker.assigned[0].key == 11:
+                computation.cancel(11, 1)  # before the worker's word on it
+
+        computation._on_done = cancel_once_head  # type: ignore[method-assign]
+        open_gate(head)
+        await wait_until(lambda: len(reports.entries) == 7, "both settled")
+        assert reports.outcome(11) == CANCELLED
+        assert 11 not in reports.starts
+        await finish(computation, launcher)
+
+    run(main())
+
+
 def test_worker_killed_mid_job_reports_crash_and_is_replaced(tmp_path):
     async def main() -> None:
         reports = Reports()
