@@ -21,14 +21,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import tornado.httpserver
 import tornado.web
 
 from dispynb.errors import ConfigurationError
 from dispynb.httpd.assets import AssetHandler, load_assets
+from dispynb.httpd.connections import MonitorHTTPServer
 from dispynb.httpd.endpoint import Endpoint, open_endpoint
 from dispynb.httpd.security import CSRF_HEADER, NotFoundHandler, SecureHandler
-from dispynb.httpd.server import MAX_BODY_BYTES, log_request
+from dispynb.httpd.server import BODY_TIMEOUT, MAX_BODY_BYTES, log_request
 from schedserver.users import NAME_PATTERN
 
 if TYPE_CHECKING:
@@ -171,11 +171,12 @@ class SchedulerMonitor:
             log_function=log_request,
             compress_response=False,
         )
-        self._http = tornado.httpserver.HTTPServer(
+        self._http = MonitorHTTPServer(
             app,
             ssl_options=endpoint.ssl_context,
             max_body_size=MAX_BODY_BYTES,
             idle_connection_timeout=60,
+            body_timeout=BODY_TIMEOUT,
         )
 
     @classmethod

@@ -15,7 +15,6 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-import tornado.httpserver
 import tornado.web
 
 from dispynb._interruptible import start_thread
@@ -29,6 +28,7 @@ from dispynb.httpd.api import (
     NodeCpusHandler,
 )
 from dispynb.httpd.assets import AssetHandler, load_assets
+from dispynb.httpd.connections import MonitorHTTPServer
 from dispynb.httpd.endpoint import open_endpoint
 from dispynb.httpd.feed import ChangeFeed
 from dispynb.httpd.security import NotFoundHandler
@@ -40,6 +40,8 @@ logger = logging.getLogger("dispynb.httpd")
 
 #: Request bodies are tiny JSON objects.
 MAX_BODY_BYTES = 64 * 1024
+#: Seconds a request's body may take to arrive (tornado's default: forever).
+BODY_TIMEOUT = 10.0
 
 _START_TIMEOUT = 30.0
 
@@ -274,11 +276,12 @@ class DispyHTTPServer:
             self._views, self._executor, self.show_job_args, self.poll_sec
         )
         self._app = self._application(context)
-        self._http = tornado.httpserver.HTTPServer(
+        self._http = MonitorHTTPServer(
             self._app,
             ssl_options=self._ssl_context,
             max_body_size=MAX_BODY_BYTES,
             idle_connection_timeout=self.poll_sec + 30,
+            body_timeout=BODY_TIMEOUT,
         )
         self._http.add_sockets(self._sockets)
 

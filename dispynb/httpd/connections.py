@@ -1,0 +1,216 @@
+"""`MonitorHTTPServer`: tornado's HTTP server, bounded in the connections it holds.
+
+A web monitor lives in the user's client process, beside the cluster's node
+connections and files, and anyone on the machine may connect to it before any token
+is checked. tornado's server holds every connection it accepts, for as long as a
+client keeps sending headers slowly, and retries a failing accept at once: a local
+user holding a few hundred idle connections took the process's descriptors, and
+the monitor's loop then spun on EMFILE logging a traceback per try (238,000
+tracebacks, 146 MB of log, in 40 s). Here:
+
+- at most `MAX_CONNECTIONS` are held: a new connection past that closes the one
+  that has waited longest for a request (a request being answered, such as a
+  browser's long-poll, is never closed), so idle or slow clients cannot lock the
+  user out;
+- an accept that fails for lack of descriptors closes that longest-waiting
+  connection and, if none can go, pauses accepting with a growing delay (one
+  warning, then one line when it ends).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import time
+from collections.abc import Awaitable, Iterable
+from typing import Any
+
+import tornado.httpserver
+import tornado.httputil
+import tornado.iostream
+from tornado.http1connection import HTTP1ServerConnection
+from tornado.ioloop import IOLoop
+
+logger = logging.getLogger("dispynb.httpd")
+
+#: Connections held at once (a browser opens at most 6 to one server).
+MAX_CONNECTIONS = 64
+
+#: accept() errors that mean "out of a resource": retrying at once would spin.
+_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+_RETRY_FIRST = 0.05
+_RETRY_MAX = 1.0
+#: Connections accepted per wake-up of a listening socket.
+_ACCEPT_BATCH = 16
+
+
+class MonitorHTTPServer(tornado.httpserver.HTTPServer):
+    """An `HTTPServer` holding at most ``max_connections`` connections.
+
+    Takes `HTTPServer`'s arguments plus ``max_connections``. Listen with
+    `add_sockets` (its own accept loop: see the module).
+    """
+
+    def initialize(
+        self, *args: Any, max_connections: int = MAX_CONNECTIONS, **kwargs: Any
+    ) -> None:
+        super().initialize(*args, **kwargs)
+        self.max_connections = max_connections
+        # Connection -> when it began to wait for a request; None while one is
+        # being received or answered. Insertion order is irrelevant (min by time).
+        self._waiting_since: dict[object, float | None] = {}
+        self._listening: list[socket.socket] = []
+        self._retry_delay = _RETRY_FIRST
+        self._paused_since: float | None = None
+        self._failed_accepts = 0
+
+    # -- accepting ---------------------------------------------------------------------
+
+    def add_sockets(self, sockets: Iterable[socket.socket]) -> None:
+        """Accept connections on ``sockets`` (on the current loop)."""
+        for sock in sockets:
+            sock.setblocking(False)
+            self._sockets[sock.fileno()] = sock
+            self._listening.append(sock)
+            self._watch(sock)
+
+    def _watch(self, sock: socket.socket) -> None:
+        fd = sock.fileno()
+        IOLoop.current().add_handler(sock, lambda *_: self._accept(sock), IOLoop.READ)
+        self._handlers[fd] = lambda: self._unwatch(sock)
+
+    @staticmethod
+    def _unwatch(sock: socket.socket) -> None:
+        IOLoop.current().remove_handler(sock)
+
+    def _accept(self, sock: socket.socket) -> None:
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                connection, address = sock.accept()
+            except (BlockingIOError, ConnectionAbortedError):
+                return
+            except OSError as exc:
+                if exc.errno not in _EXHAUSTED:
+                    raise
+                if self._evict_one():  # frees a descriptor: try again
+                    continue
+                self._pause(exc)
+                return
+            self._resumed()
+            self._handle_connection(connection, address)
+
+    def stop(self) -> None:
+        """Stop listening (idempotent); a paused socket has no handler to remove."""
+        for sock in self._listening:
+            self._handlers.setdefault(sock.fileno(), lambda: None)
+        super().stop()
+
+    def _pause(self, exc: OSError) -> None:
+        """Stop watching the sockets for a while instead of failing at once again."""
+        self._failed_accepts += 1
+        if self._paused_since is None:
+            self._paused_since = time.monotonic()
+            logger.warning(
+                "web monitor: cannot accept connections (%s): paused; the process "
+                "is out of file descriptors",
+                exc.strerror or exc,
+            )
+        for sock in self._listening:
+            self._handlers.pop(sock.fileno(), lambda: None)()
+        IOLoop.current().call_later(self._retry_delay, self._resume)
+        self._retry_delay = min(2 * self._retry_delay, _RETRY_MAX)
+
+    def _resume(self) -> None:
+        if self._stopped:
+            return
+        for sock in self._listening:
+            if sock.fileno() not in self._handlers:
+                self._watch(sock)
+
+    def _resumed(self) -> None:
+        if self._paused_since is not None:
+            logger.warning(
+                "web monitor: accepting connections again after %.1f s "
+                "(%d failed accepts)",
+                time.monotonic() - self._paused_since,
+                self._failed_accepts,
+            )
+        self._paused_since = None
+        self._failed_accepts = 0
+        self._retry_delay = _RETRY_FIRST
+
+    # -- holding connections -----------------------------------------------------------
+
+    def handle_stream(
+        self, stream: tornado.iostream.IOStream, address: tuple[Any, ...]
+    ) -> None:
+        """Serve the new connection, closing another if there are too many."""
+        if len(self._connections) >= self.max_connections and not self._evict_one():
+            stream.close()  # every connection is answering a request
+            return
+        super().handle_stream(stream, address)
+        # The connection just added (the set's only member not yet in the dict).
+        for conn in self._connections:
+            if conn not in self._waiting_since:
+                self._waiting_since[conn] = time.monotonic()
+
+    def _evict_one(self) -> bool:
+        """Close the connection that has waited longest for a request, if any."""
+        waiting = [(t, c) for c, t in self._waiting_since.items() if t is not None]
+        if not waiting:
+            return False
+        _, conn = min(waiting, key=lambda item: item[0])
+        del self._waiting_since[conn]
+        assert isinstance(conn, HTTP1ServerConnection)
+        conn.stream.close()  # tornado's on_close follows
+        return True
+
+    def start_request(
+        self, server_conn: object, request_conn: tornado.httputil.HTTPConnection
+    ) -> tornado.httputil.HTTPMessageDelegate:
+        """The connection now waits for a request; busy once it is received."""
+        conn = server_conn
+        if conn in self._waiting_since:
+            self._waiting_since[conn] = time.monotonic()
+        delegate = super().start_request(server_conn, request_conn)
+        return _Received(delegate, lambda: self._busy(conn))
+
+    def _busy(self, conn: object) -> None:
+        if conn in self._waiting_since:
+            self._waiting_since[conn] = None
+
+    def on_close(self, server_conn: object) -> None:
+        """tornado's bookkeeping, and ours."""
+        self._waiting_since.pop(server_conn, None)
+        super().on_close(server_conn)
+
+
+class _Received(tornado.httputil.HTTPMessageDelegate):
+    """Passes a request on, calling ``on_received`` once it is fully received (a
+    client dripping its headers or body still counts as waiting)."""
+
+    def __init__(self, inner: tornado.httputil.HTTPMessageDelegate, on_received: Any):
+        self._inner = inner
+        self._on_received = on_received
+
+    def headers_received(
+        self,
+        start_line: tornado.httputil.RequestStartLine
+        | tornado.httputil.ResponseStartLine,
+        headers: tornado.httputil.HTTPHeaders,
+    ) -> Awaitable[None] | None:
+        return self._inner.headers_received(start_line, headers)
+
+    def data_received(self, chunk: bytes) -> Awaitable[None] | None:
+        return self._inner.data_received(chunk)
+
+    def finish(self) -> None:
+        self._on_received()
+        self._inner.finish()
+
+    def on_connection_close(self) -> None:
+        self._inner.on_connection_close()
+
+
+__all__ = ["MAX_CONNECTIONS", "MonitorHTTPServer"]

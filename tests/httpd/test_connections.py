@@ -1,0 +1,179 @@
+"""Connections held open by anyone on the machine (no token needed to connect).
+
+The monitor lives in the user's client process: connections it holds are that
+process's file descriptors, which its cluster needs too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import http.client
+import json
+import logging
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+import tornado.web
+
+from dispynb.httpd import DispyHTTPServer
+from dispynb.httpd.connections import MAX_CONNECTIONS, MonitorHTTPServer
+from tests.httpd.client import MonitorClient
+from tests.nodeproc import ROOT, node_env
+
+pytestmark = pytest.mark.slow
+
+#: What a process of the monitor may hold besides its connections (its cluster's
+#: node connections and pipes, the interpreter's files).
+BASE_FDS = 40
+
+
+@dataclass
+class MonitorProcess:
+    proc: subprocess.Popen[str]
+    port: int
+    token: str
+    log: Path
+
+    def get(self, path: str = "/api/cluster", timeout: float = 10) -> int:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            conn.request("GET", path, headers={"Authorization": f"Token {self.token}"})
+            response = conn.getresponse()
+            response.read()
+            return response.status
+        finally:
+            conn.close()
+
+
+@pytest.fixture
+def monitor_process(tmp_path: Path) -> Iterator[MonitorProcess]:
+    """A monitor in a process of its own, at most 256 descriptors (prlimit)."""
+    log = tmp_path / "monitor.log"
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen(
+            ["prlimit", "--nofile=256", "--", sys.executable, "-m",
+             "tests.httpd.monitor_process", "60"],
+            cwd=ROOT, env=node_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=stderr, text=True,
+        )  # fmt: skip
+    assert proc.stdout is not None and proc.stdin is not None
+    try:
+        info = json.loads(proc.stdout.readline())
+        yield MonitorProcess(proc, info["port"], info["token"], log)
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+
+
+def hold(stack: ExitStack, port: int, first_bytes: bytes = b"") -> None:
+    sock = stack.enter_context(socket.create_connection(("127.0.0.1", port), 10))
+    if first_bytes:
+        sock.sendall(first_bytes)
+
+
+def test_idle_and_slow_connections_cannot_take_the_processs_descriptors(
+    monitor_process: MonitorProcess,
+) -> None:
+    """300 connections that send nothing, part of a header, or a header announcing
+    a body that never comes: the monitor holds at most MAX_CONNECTIONS, serves the
+    user meanwhile, and logs nothing about it (it spun on EMFILE, logging a
+    traceback per try, and served nobody until the connections timed out)."""
+    monitor = monitor_process
+    proc = psutil.Process(monitor.proc.pid)
+    partial = f"GET /api/cluster HTTP/1.1\r\nHost: 127.0.0.1:{monitor.port}\r\n"
+    body = partial + "Content-Length: 1000\r\n\r\n"
+    with ExitStack() as stack:
+        for n in range(300):
+            first = [b"", partial.encode(), body.encode()][n % 3]
+            hold(stack, monitor.port, first)
+        assert monitor.get() == 200
+        assert proc.num_fds() <= BASE_FDS + MAX_CONNECTIONS
+    assert monitor.get() == 200
+    log = monitor.log.read_text()
+    assert "Traceback" not in log and "Too many open files" not in log, log[-2000:]
+
+
+def test_a_request_being_answered_is_never_closed_for_a_new_connection(
+    server: DispyHTTPServer, client: MonitorClient
+) -> None:
+    """A long-poll (a browser waiting for a change) outlives a flood of idle
+    connections, which close each other instead."""
+    version = client.get("/api/cluster").json()["version"]
+    answers: list[int] = []
+    poll = threading.Thread(
+        target=lambda: answers.append(
+            client.get(f"/api/cluster?since={version}").status
+        )
+    )
+    poll.start()
+    try:
+        with ExitStack() as stack:
+            for _ in range(3 * MAX_CONNECTIONS):
+                hold(stack, server.port)
+            assert client.get("/api/cluster").status == 200
+    finally:
+        poll.join(30)
+    assert answers == [200]
+
+
+class _OutOfDescriptors(socket.socket):
+    """A listening socket whose first accepts fail as at the descriptor limit."""
+
+    failures = 3
+
+    def accept(self) -> tuple[socket.socket, object]:
+        if self.failures:
+            self.failures -= 1
+            raise OSError(errno.EMFILE, "Too many open files")
+        return super().accept()
+
+
+class _Hello(tornado.web.RequestHandler):
+    def get(self) -> None:
+        self.write("hello")
+
+
+def test_out_of_descriptors_pauses_accepting_then_serves(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With no connection to close, an accept failing on EMFILE pauses the listener
+    (one warning, one line when it ends) instead of retrying at once in a loop."""
+    caplog.set_level(logging.INFO, "dispynb.httpd")
+    listener = _OutOfDescriptors(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+
+    async def visit() -> bytes:
+        server = MonitorHTTPServer(tornado.web.Application([(r"/", _Hello)]))
+        server.add_sockets([listener])
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET / HTTP/1.0\r\n\r\n")
+            answer = await asyncio.wait_for(reader.read(), 20)
+            writer.close()
+            return answer
+        finally:
+            server.stop()
+            await server.close_all_connections()
+
+    answer = asyncio.run(visit())
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"hello")
+    lines = [r.getMessage() for r in caplog.records if r.name == "dispynb.httpd"]
+    assert len(lines) == 2, lines
+    assert "paused" in lines[0] and "Too many open files" in lines[0]
+    assert "accepting connections again" in lines[1] and "(3 failed" in lines[1]
