@@ -214,7 +214,7 @@ class NodeCpusHandler(ApiHandler):
     def _cpus_from_body(self) -> int | None:
         try:
             body = json.loads(self.request.body or b"null")
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # RecursionError: nested too deep
             self.refuse(400, 'the body must be JSON like {"cpus": 2}')
             return None
         cpus = body.get("cpus") if isinstance(body, dict) else None

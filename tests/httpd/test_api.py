@@ -172,10 +172,12 @@ def test_set_cpus_unknown_node_and_bad_bodies(client):
         '{"cpus": null}',
         '{"cpus": 100000}',
         b"\xff\xfe",
+        "[" * 30_000 + "]" * 30_000,  # deeper than the JSON parser recurses
+        '{"cpus": ' + "9" * 5000 + "}",  # more digits than int() takes
     ]
     for body in bad_bodies:
         reply = client.post(f"/api/nodes/{node}/cpus", body)
-        assert reply.status == 400, body
+        assert reply.status == 400, body[:40]
         assert "cpus" in reply.json()["reason"] or "JSON" in reply.json()["reason"]
 
 
