@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import re
 import sys
 import threading
 import time
@@ -44,6 +45,8 @@ MAX_BODY_BYTES = 64 * 1024
 BODY_TIMEOUT = 10.0
 
 _START_TIMEOUT = 30.0
+
+_UNSAFE_IN_KEY = re.compile(r"[^A-Za-z0-9._~-]+")
 
 
 class DispyHTTPServer:
@@ -198,7 +201,7 @@ class DispyHTTPServer:
 
         if any(view.monitor.cluster is cluster for view in self._views.values()):
             return
-        key = str(getattr(cluster, "name", "cluster"))
+        key = cluster_key(str(getattr(cluster, "name", "cluster")))
         base, number = key, 1
         while key in self._views:
             number += 1
@@ -313,6 +316,13 @@ class DispyHTTPServer:
             while self._context.active and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
         await self._http.close_all_connections()
+
+
+def cluster_key(name: str) -> str:
+    """A cluster's key in ``?cluster=``: its name in URL-safe characters. tornado
+    strips a query argument's spaces and control characters, so a name with them
+    was never found again (the page then polled without end)."""
+    return _UNSAFE_IN_KEY.sub("_", name).strip("_")[:64] or "cluster"
 
 
 def _check_options(cluster: object, poll_sec: float, document_root: object) -> None:

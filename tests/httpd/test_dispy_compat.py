@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from urllib.parse import quote
 
 import pytest
 
@@ -92,6 +93,30 @@ def test_add_cluster_and_del_cluster(
     assert ok(client.get("/api/cluster"))["clusters"] == first["clusters"]
     assert server.clusters == [cluster]
     assert not second._closed  # the cluster itself is left alone
+
+
+def oddly_named(x: int) -> int:
+    return x
+
+
+oddly_named.__name__ = " run\x1b[31m <b>1</b>\t"
+
+
+def test_a_cluster_of_any_name_can_be_shown(
+    server: DispyHTTPServer, client: MonitorClient, local: LocalCluster
+) -> None:
+    """The key a snapshot gives for a cluster finds it (a name with spaces or
+    control characters was 404: tornado strips them from query arguments)."""
+    with JobCluster(oddly_named, nodes=local) as odd:
+        server.add_cluster(odd)
+        (key,) = [
+            c["key"]
+            for c in ok(client.get("/api/cluster"))["clusters"]
+            if c["name"] == odd.name
+        ]
+        shown = ok(client.get("/api/cluster?cluster=" + quote(key, safe="")))
+        assert shown["key"] == key and shown["name"] == odd.name
+        server.del_cluster(odd)
 
 
 def test_del_of_every_cluster_then_add(
