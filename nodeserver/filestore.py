@@ -28,6 +28,11 @@ from dispynb.protocol.files import digest_of, link_inside
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
+class CannotStore(ProtocolError):
+    """The node cannot write a file (its disk is full, say): no fault of the client,
+    which will not send it again."""
+
+
 class FileStore:
     """Files by content under ``root``; ``max_file_size`` 0 means no limit."""
 
@@ -97,9 +102,19 @@ class FileStore:
             raise ProtocolError("a file's content does not match its digest")
         # Unique per thread too: sessions store large files in threads at once.
         tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.part"
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
+        try:
+            # Made again if removed (a /tmp cleaner, an operator): the node serves on.
+            os.makedirs(self.root, mode=0o700, exist_ok=True)
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+            os.replace(tmp, path)
+        except OSError as exc:  # a full disk, a quota: this file is refused, saying so
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise CannotStore(
+                f"the node cannot store a file of {len(data)} bytes in {self.root}: "
+                f"{exc.strerror or exc}"
+            ) from None
 
     def place(self, digest: str, directory: str, relative: str) -> str:
         """Link the stored file to ``directory/relative``; return the path."""

@@ -276,7 +276,8 @@ def worker_loop(
     send = CONTEXT.send
     begin = CONTEXT.begin
     clock = time.perf_counter
-    home = os.getcwd()
+    home = os.path.realpath(CONTEXT.job_path) if CONTEXT.job_path else os.getcwd()
+    _go_home(home)
     install_interrupt_handler()
     inbox: collections.deque[_Inbound] = collections.deque()
     skipped: set[int] = set()
@@ -338,12 +339,24 @@ def worker_loop(
                 return
             # Workers are reused: a job that changed directory must not move the next
             # (checked once its result is on its way: the next job starts after it).
-            if os.getcwd() != home:
-                os.chdir(home)
+            _go_home(home)
     except ConnectionClosedError:
         return
     finally:
         MAPPINGS.release()  # the bodies kept for the next jobs: there are none
+
+
+def _go_home(home: str) -> None:
+    """Be in the computation's directory ``home`` for the next job, made again if
+    it was removed (a /tmp cleaner, an operator, a job): else every job after that
+    would kill its worker at ``os.getcwd()``, and so would each new worker."""
+    try:
+        if os.getcwd() == home:
+            return
+    except FileNotFoundError:
+        pass
+    os.makedirs(home, mode=0o700, exist_ok=True)
+    os.chdir(home)
 
 
 def _take(

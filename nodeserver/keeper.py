@@ -22,10 +22,22 @@ from typing import Any
 
 from dispynb.errors import SerializationError
 from dispynb.protocol import shm
+from dispynb.protocol.messages import ABANDONED
 from nodeserver.computation import Computation
 from nodeserver.spool import ResultSpool, SpoolDir
 
 logger = logging.getLogger(__name__)
+
+
+def _not_kept(entry: list[Any]) -> list[Any]:
+    """A job's end in place of its result entry, which could not be kept."""
+    key, attempt, _outcome, start, end = entry[:5]
+    reason = (
+        "the node ran the job but could not keep its result for recovery (its "
+        "kept-results spool was full or could not be written: see the node's log; "
+        "dispynb-node --kept-results-size)"
+    )
+    return [key, attempt, ABANDONED, start, end, "", "", reason, 0]
 
 
 @dataclass(eq=False)
@@ -144,6 +156,10 @@ class ResultKeeper:
         elif kept.owner.write(kept.spool, entry, buffers, kinds):
             # A recovering client reads it from the file when its turn comes.
             result = KeptResult(kept.spool.files[-1][0])
+        elif kept.deliver is None:
+            # Not on disk (the spool is full, or the disk): the job's end is kept
+            # without its result, so recovery says so, not that it never ran.
+            kept.results.append(KeptResult(None, _not_kept(entry)))
         if kept.deliver is not None:
             kept.deliver(result)
 

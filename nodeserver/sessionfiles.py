@@ -10,7 +10,13 @@ from typing import Any
 
 from dispynb.errors import MessageError, ProtocolError
 from dispynb.protocol.files import safe_relative_path
-from dispynb.protocol.messages import FilePlace, FilePlaced, FilePut
+from dispynb.protocol.messages import (
+    ComputationFailed,
+    FilePlace,
+    FilePlaced,
+    FilePut,
+)
+from nodeserver.filestore import CannotStore
 from nodeserver.sessionstate import _SessionState, logger
 
 #: Files of at least this many bytes are checked against their digest and written in
@@ -87,9 +93,26 @@ class _SessionFiles(_SessionState):
         self._file_stored(message.digest)
 
     def _refuse_file(self, digest: str, exc: ProtocolError) -> None:
-        """Refuse this file only; whatever needs it is told why."""
+        """Refuse this file only; whatever needs it is told why. A setup waiting for
+        a file this node cannot store fails now: its client will not send it again
+        (as it may a file whose bytes did not match), so both would wait for ever."""
         logger.warning("refused a file from %s: %s", self.conn.peer, exc)
         self._refused_files[digest] = str(exc)
+        if not isinstance(exc, CannotStore):
+            return
+        for comp_id, (missing, _start) in list(self._waiting_for_files.items()):
+            if digest not in missing:
+                continue
+            self._stop_waiting_for_files(comp_id)
+            self._computations.pop(comp_id, None)
+            recovery = self._recovery.pop(comp_id, None)
+            if recovery is not None:
+                self.server.keeper.release(recovery[0])
+            self.outbox.write(
+                ComputationFailed(
+                    comp_id=comp_id, message=f"a file of its setup was refused: {exc}"
+                )
+            )
 
     def _hold_file(self, digest: str) -> None:
         """Keep the stored file for as long as this session lives (the store's

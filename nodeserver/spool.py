@@ -86,13 +86,28 @@ class ResultSpool:
             self.remove(self._read_dir(path) or SpoolDir(path, name))
         os.mkdir(path, mode=0o700)
         spool = SpoolDir(path, name)
-        self.write_meta(spool)
+        self._write_file(*self._meta(spool))  # raises: the results stay in memory
         return spool
 
-    def write_meta(self, spool: SpoolDir) -> None:
-        """Record how long ``spool`` is kept (and when it expires, once known)."""
+    def write_meta(self, spool: SpoolDir) -> bool:
+        """Record how long ``spool`` is kept (and when it expires, once known).
+
+        False (logged) if it cannot (a full disk): this run of the node keeps the
+        results as long anyway, and its start, stop and clients go on.
+        """
+        try:
+            self._write_file(*self._meta(spool))
+        except OSError as exc:
+            logger.warning(
+                "cannot record how long results of %s are kept: %s", spool.name, exc
+            )
+            return False
+        return True
+
+    @staticmethod
+    def _meta(spool: SpoolDir) -> tuple[str, list[bytes]]:
         meta = {"name": spool.name, "keep": spool.keep, "expires": spool.expires}
-        self._write_file(os.path.join(spool.path, "meta"), [json.dumps(meta).encode()])
+        return os.path.join(spool.path, "meta"), [json.dumps(meta).encode()]
 
     def write(
         self,

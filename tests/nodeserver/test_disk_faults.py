@@ -1,0 +1,178 @@
+"""A node whose disk fills up, or whose directory is removed, while it serves.
+
+Real node processes started from the command line; the full disk is a small tmpfs
+mounted in a mount namespace of the node's own (`unshare -m`), filled from outside
+through ``/proc/<pid>/root``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dispynb import DispyJob, JobCluster
+from dispynb.errors import SetupError
+from tests.jobs import WAIT, wait_until
+from tests.nodeproc import CliNode, running_node, start_node
+
+pytestmark = pytest.mark.slow
+
+
+def wait_for_go(n: int, go: str) -> int:
+    import os
+    import time
+
+    deadline = time.monotonic() + 30
+    while n == 0 and not os.path.exists(go) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return n * n
+
+
+def test_a_node_whose_directory_is_removed_under_running_jobs_serves_on(tmp_path):
+    """A /tmp cleaner (or an operator) removes the node's --dest-path while a job
+    runs: the next jobs run (their directory made again), and a new cluster with a
+    file to send sets up there. Before, every later job killed its worker ('exited
+    with status 1') and the new cluster's file put broke its connection."""
+    data = tmp_path / "data.txt"
+    data.write_text("x")
+    go = tmp_path / "go"
+    with running_node(tmp_path / "node", cpus=2) as node:
+        with JobCluster(
+            wait_for_go, nodes=[node.spec], secret=node.secret, depends=[str(data)]
+        ) as cluster:
+            first = cluster.submit(0, str(go))
+            wait_until(lambda: first.status == DispyJob.Running)
+            shutil.rmtree(tmp_path / "node" / "dest")
+            go.touch()
+            assert first() == 0
+            later = [cluster.submit(n, str(go)) for n in range(1, 7)]
+            assert cluster.wait(timeout=WAIT)
+            assert [job.exception for job in later] == [None] * 6
+            assert [job() for job in later] == [n * n for n in range(1, 7)]
+        with JobCluster(
+            wait_for_go, nodes=[node.spec], secret=node.secret, depends=[str(data)]
+        ) as again:
+            assert again.submit(3, str(go))() == 9
+    assert "Traceback" not in node.log_text()
+
+
+def tmpfs_node(directory: Path, size: str, cpus: int = 1) -> CliNode:
+    """A node whose --dest-path is a tmpfs of ``size`` of its own."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("a tmpfs in a mount namespace needs root and unshare")
+    dest = directory / "dest"
+    dest.mkdir(parents=True)
+    launcher = [
+        "unshare", "-m", "--propagation", "private", "sh", "-c",
+        f'mount -t tmpfs -o size={size},mode=0700 tmpfs "{dest}" && exec "$@"', "sh",
+    ]  # fmt: skip
+    return start_node(directory, cpus=cpus, launcher=launcher)
+
+
+def fill(node: CliNode, directory: Path) -> None:
+    """Fill the node's tmpfs (seen through its mount namespace) to the last byte."""
+    filler = Path(f"/proc/{node.proc.pid}/root{directory / 'dest' / 'filler'}")
+    # Unbuffered: nothing is left to flush (and fail) at close.
+    with (
+        open(filler, "wb", buffering=0) as handle,
+        pytest.raises(OSError, match="No space left"),
+    ):
+        while True:
+            handle.write(b"\0" * 65536)
+
+
+def square(n: int) -> int:
+    return n * n
+
+
+def test_a_file_the_full_disk_cannot_hold_fails_the_setup_saying_so(tmp_path):
+    """Before, the node broke the client's connection with a traceback in its log
+    (and with that fixed alone, the setup waited for the file for ever)."""
+    data = tmp_path / "data.bin"
+    data.write_bytes(os.urandom(256 * 1024))
+    node = tmpfs_node(tmp_path / "node", "1M")
+    try:
+        fill(node, tmp_path / "node")
+        with pytest.raises(SetupError, match="No space left on device"):
+            JobCluster(
+                square, nodes=[node.spec], secret=node.secret, depends=[str(data)]
+            )
+        with JobCluster(square, nodes=[node.spec], secret=node.secret) as cluster:
+            assert cluster.submit(4)() == 16  # and it serves on
+    finally:
+        node.stop()
+    assert "Traceback" not in node.log_text()
+
+
+CLIENT = """
+import sys, time
+import dispynb as dispy
+
+def compute(n, go):
+    import os, time
+    open(go + "-started-%d" % n, "w").close()
+    deadline = time.monotonic() + 30
+    while not os.path.exists(go) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return n * n
+
+cluster = dispy.JobCluster(compute, nodes=[sys.argv[1]], secret=sys.argv[2],
+                           recover_file=sys.argv[3])
+jobs = [cluster.submit(n, sys.argv[4]) for n in range(2)]
+print("submitted", flush=True)
+time.sleep(60)  # killed before it gets further
+"""
+
+RECOVER = """
+import json, sys
+import dispynb as dispy
+jobs = dispy.recover_jobs(sys.argv[1], timeout=30, secret=sys.argv[2])
+print(json.dumps([[int(j.status), j.exception] for j in jobs]))
+"""
+
+
+def test_results_a_full_disk_cannot_keep_are_recovered_as_lost_saying_why(tmp_path):
+    """The client is killed, its jobs end on a node whose disk is full: recovery
+    says the node could not keep the results (before: 'the job never reached node
+    ...: it did not run', and the node's log had a traceback from the session's
+    end, whose computation was then never closed)."""
+    (tmp_path / "client.py").write_text(CLIENT)
+    (tmp_path / "recover.py").write_text(RECOVER)
+    journal, go = tmp_path / "journal.db", tmp_path / "go"
+    node = tmpfs_node(tmp_path / "node", "1M", cpus=2)
+    try:
+        client = subprocess.Popen(
+            [sys.executable, "client.py", node.spec, node.secret, str(journal),
+             str(go)],
+            cwd=tmp_path, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert client.stdout is not None
+            assert client.stdout.readline().strip() == "submitted"
+            wait_until(lambda: len(list(tmp_path.glob("go-started-*"))) == 2)
+            fill(node, tmp_path / "node")
+            client.kill()
+            client.wait(WAIT)
+        finally:
+            client.kill()
+            client.stdout.close()  # type: ignore[union-attr]
+        wait_until(lambda: "client of computation compute gone" in node.log_text())
+        go.touch()
+        wait_until(lambda: node.log_text().count("cannot spool a kept result") == 2)
+        done = subprocess.run(
+            [sys.executable, "recover.py", str(journal), node.secret],
+            cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    finally:
+        node.stop()
+    assert done.returncode == 0, done.stderr
+    jobs = json.loads(done.stdout)
+    assert [job[0] for job in jobs] == [DispyJob.Abandoned] * 2, jobs
+    assert all("could not keep its result" in job[1] for job in jobs), jobs
+    assert "Traceback" not in node.log_text()
