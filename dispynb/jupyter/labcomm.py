@@ -56,6 +56,11 @@ INTERNAL = frozenset({"_dispynb_node_probe"})
 #: Open panels followed at most: a reloaded page never closes its old comm, so the
 #: oldest links stop pushing when more open.
 MAX_LINKS = 8
+#: Discover requests running at once (each holds a thread and a socket for
+#: `DISCOVERY_TIMEOUT`); more are answered with an error.
+MAX_DISCOVERIES = 2
+#: Characters of a panel's value quoted back in an error.
+SHOWN = 80
 
 #: ``send(data)``: what a link needs of a comm (``comm.send``).
 Send = Callable[[dict[str, Any]], None]
@@ -174,7 +179,7 @@ class ClusterTracker:
             if monitor.cluster.uid == cluster_id:
                 return monitor.cancel_all()
         raise ConfigurationError(
-            f"no live cluster {cluster_id!r} in this kernel (it has closed); "
+            f"no live cluster {_shown(cluster_id)} in this kernel (it has closed); "
             "nothing to cancel"
         )
 
@@ -218,6 +223,15 @@ class Discovered:
         with self._lock:
             self.running += delta
             self.version += 1
+
+    def begin(self, limit: int) -> bool:
+        """Count one more discovery running, unless ``limit`` already run."""
+        with self._lock:
+            if self.running >= limit:
+                return False
+            self.running += 1
+            self.version += 1
+            return True
 
 
 def discover(
@@ -362,43 +376,64 @@ class LabLink:
     # -- requests (comm handler thread) -----------------------------------------------
 
     def on_message(self, data: Any) -> None:
-        """Handle one message from the panel (the comm message's ``data``)."""
-        if not isinstance(data, dict) or data.get("type") != "request":
-            logger.debug("dispynb panel: ignored message %r", data)
-            return
-        request_id = data.get("id")
-        action = data.get("action")
+        """Handle one message from the panel (the comm message's ``data``).
+
+        Every message gets a reply, an error if it cannot be served (one that is
+        no request too, with its ``id`` if it has one): the panel waits for it.
+        """
+        request_id = data.get("id") if isinstance(data, dict) else None
+        action = data.get("action") if isinstance(data, dict) else None
         try:
-            if action == "cancel":
-                cluster = data.get("cluster")
-                if not isinstance(cluster, str):
-                    raise ConfigurationError("cancel needs the cluster's id")
-                self._reply(request_id, self._tracker.cancel(cluster))
-                self.push_now()
-            elif action == "discover":
-                addresses = data.get("addresses") or []
-                if not isinstance(addresses, list) or not all(
-                    isinstance(a, str) for a in addresses
-                ):
-                    raise ConfigurationError("discover needs a list of addresses")
-                self._start_discovery(request_id, addresses)
-            elif action == "nodes":
-                state = self.state()
-                self._reply(
-                    request_id,
-                    {key: state[key] for key in ("clusters", "discovered", "session")},
-                )
-            else:
+            if not isinstance(data, dict) or data.get("type") != "request":
                 raise ConfigurationError(
-                    f"unknown request {action!r}: this kernel's dispynb "
-                    f"{__version__} knows cancel, discover and nodes"
+                    f"not a request: {_shown(data)}; send "
+                    '{"type": "request", "id": ..., "action": ...}'
                 )
+            self._serve(request_id, action, data)
         except ConfigurationError as exc:
             self._reply(request_id, error=str(exc))
+        except Exception as exc:  # a bug: say so to the panel, keep serving
+            logger.exception("dispynb panel: request %s failed", _shown(action))
+            self._reply(
+                request_id,
+                error=f"{_shown(action)} failed in the kernel: "
+                f"{type(exc).__name__}: {_cut(str(exc))}",
+            )
+
+    def _serve(self, request_id: Any, action: Any, data: dict[str, Any]) -> None:
+        if action == "cancel":
+            cluster = data.get("cluster")
+            if not isinstance(cluster, str):
+                raise ConfigurationError("cancel needs the cluster's id")
+            self._reply(request_id, self._tracker.cancel(cluster))
+            self.push_now()
+        elif action == "discover":
+            addresses = data.get("addresses") or []
+            if not isinstance(addresses, list) or not all(
+                isinstance(a, str) for a in addresses
+            ):
+                raise ConfigurationError("discover needs a list of addresses")
+            self._start_discovery(request_id, addresses)
+        elif action == "nodes":
+            state = self.state()
+            self._reply(
+                request_id,
+                {key: state[key] for key in ("clusters", "discovered", "session")},
+            )
+        else:
+            raise ConfigurationError(
+                f"unknown request {_shown(action)}: this kernel's dispynb "
+                f"{__version__} knows cancel, discover and nodes"
+            )
 
     def _start_discovery(self, request_id: Any, addresses: list[str]) -> None:
-        # Discovery blocks for seconds: never on the comm handler's thread.
-        self._discovered.busy(+1)
+        # Discovery blocks for seconds: never on the comm handler's thread, and
+        # a few at once at most (each holds a thread and a socket).
+        if not self._discovered.begin(MAX_DISCOVERIES):
+            raise ConfigurationError(
+                f"{MAX_DISCOVERIES} discoveries are running already: "
+                "ask again when one has answered"
+            )
 
         def run() -> None:
             try:
@@ -413,14 +448,14 @@ class LabLink:
                 self.push_now()
 
         context = contextvars.copy_context()  # see __init__
-        start_thread(
-            threading.Thread(
-                target=context.run,
-                args=(run,),
-                name="dispynb-lab-discover",
-                daemon=True,
-            )
+        thread = threading.Thread(
+            target=context.run, args=(run,), name="dispynb-lab-discover", daemon=True
         )
+        try:
+            start_thread(thread)
+        except BaseException:
+            self._discovered.busy(-1)
+            raise
 
     def _reply(self, request_id: Any, result: Any = None, error: str = "") -> None:
         message: dict[str, Any] = {"type": "reply", "id": request_id, "ok": not error}
@@ -429,6 +464,15 @@ class LabLink:
         else:
             message["result"] = result
         self._safe_send(message)
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)`` cut to `SHOWN` characters, to quote a panel's value back."""
+    return _cut(repr(value))
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= SHOWN else text[: SHOWN - 1] + "…"
 
 
 def _magics_session() -> dict[str, Any]:
@@ -482,7 +526,7 @@ def _open(comm: Any, open_msg: dict[str, Any]) -> None:
         old.close(wait=False)
 
     def on_msg(msg: dict[str, Any]) -> None:
-        link.on_message(msg["content"]["data"])
+        link.on_message(msg.get("content", {}).get("data"))
 
     def on_close(msg: dict[str, Any]) -> None:
         global _tracker

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextvars
 import itertools
+import logging
 import socket
 import threading
 import time
@@ -278,13 +279,83 @@ def test_bad_requests_get_clear_errors(link_of: Any) -> None:
     assert comm.reply(3)["error"] == "cancel needs the cluster's id"
     link.on_message({"type": "request", "id": 4, "action": "discover", "addresses": 5})
     assert comm.reply(4)["error"] == "discover needs a list of addresses"
-    link.on_message("not a dict")  # ignored
     link.on_message({"type": "request", "id": 5, "action": "nodes"})
     assert comm.reply(5)["result"] == {
         "clusters": [],
         "discovered": [],
         "session": {"kind": "", "nodes": []},
     }
+
+
+class ExplodingTracker(ClusterTracker):
+    """A tracker with a bug: cancelling raises what no request handler expects."""
+
+    def cancel(self, cluster_id: str) -> int:
+        raise RuntimeError("the cluster's loop is gone")
+
+
+def test_every_message_gets_a_reply_and_the_link_goes_on(
+    link_of: Any, allow_error_logs: list[logging.LogRecord]
+) -> None:
+    """Messages that are no request, huge values and a handler's bug each get an
+    error reply, short, with the message's id (before: no reply, the panel waited);
+    the link then serves the next request."""
+    comm = FakeComm()
+    tracker = ExplodingTracker(list)
+    link = LabLink(
+        comm.send,
+        tracker=tracker,
+        discovered=Discovered(),
+        interval=INTERVAL,
+        session=lambda: {"kind": "", "nodes": []},
+    )
+    huge = "x" * 1_000_000
+    try:
+        link.on_message(["not", "a", "dict"])
+        link.on_message({"id": 1, "action": "nodes"})  # no type
+        link.on_message({"type": "bogus", "id": 2})
+        link.on_message({"type": "request", "id": 3, "action": huge})
+        link.on_message({"type": "request", "id": 4, "action": "cancel", "cluster": 7})
+        link.on_message(
+            {"type": "request", "id": 5, "action": "cancel", "cluster": "c"}
+        )
+        link.on_message({"type": "request", "id": 6, "action": "nodes"})
+        anonymous = comm.wait_for(lambda d: d["type"] == "reply" and d["id"] is None)
+        errors = [anonymous] + [comm.reply(n) for n in range(1, 6)]
+        assert all(not e["ok"] and len(e["error"]) < 300 for e in errors), errors
+        assert "not a request" in errors[0]["error"]
+        assert "unknown request 'xxx" in errors[3]["error"]
+        assert "RuntimeError: the cluster's loop is gone" in errors[5]["error"]
+        assert comm.reply(6)["ok"]
+    finally:
+        link.close()
+        tracker.close()
+    assert len(allow_error_logs) == 1  # the bug, with its traceback, once
+
+
+def test_discoveries_at_once_are_bounded(link_of: Any) -> None:
+    """Each running discovery holds a thread and a socket: a flood of Discover
+    requests gets errors past MAX_DISCOVERIES, not a thread each."""
+    release = threading.Event()
+
+    def slow(addresses: list[str]) -> list[dict[str, Any]]:
+        release.wait(20)
+        return []
+
+    link, comm, _ = link_of(list, discoverer=slow)
+    request = {"type": "request", "action": "discover", "addresses": []}
+    count = labcomm.MAX_DISCOVERIES + 3
+    try:
+        for n in range(count):
+            link.on_message({**request, "id": n})
+        refused = [comm.reply(n) for n in range(labcomm.MAX_DISCOVERIES, count)]
+        assert all("running already" in r["error"] for r in refused), refused
+    finally:
+        release.set()
+    assert all(comm.reply(n)["ok"] for n in range(labcomm.MAX_DISCOVERIES))
+    comm.wait_for(lambda d: d["type"] == "state" and not d["discovering"])
+    link.on_message({**request, "id": count})
+    assert comm.reply(count)["ok"]
 
 
 class FakeNodeAnnouncer:
