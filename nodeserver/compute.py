@@ -74,6 +74,7 @@ from nodeserver.jobapi import (
     dispy_send_file,
     dispynode_shutdown,
 )
+from nodeserver.jobreasons import crash_reason, oom_kills, oom_note
 from nodeserver.jobrunner import worker_loop
 from nodeserver.memory import keep_freed_memory
 from nodeserver.program import ProgramRunner, install_program
@@ -151,6 +152,9 @@ class ComputationProcess:
             )
         self._cgroups: dict[int, str] = {}
         self._kill_reasons: dict[int, str] = {}
+        #: Out-of-memory kills the kernel had made when each worker started.
+        self._oom_kills: dict[int, int | None] = {}
+        self._oom_explained = 0  # the OOM kills that workers' deaths were put down to
         self._prctl = load_prctl()
         self._wake_r = self._wake_w = -1
         self._selector = selectors.DefaultSelector()
@@ -252,6 +256,7 @@ class ComputationProcess:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         worker_end.close()
         self.workers.add(pid)
+        self._oom_kills[pid] = oom_kills()
         if inherited is not None:
             self._cgroups[pid] = inherited
         elif self._pids_root is not None:
@@ -335,11 +340,13 @@ class ComputationProcess:
         for pid in list(self.workers):
             # Only our workers: waitpid(-1) would steal children that setup started
             # (subprocess, multiprocessing) from the code that waits for them.
+            peak = 0  # bytes of the worker's peak resident memory
             try:
                 if os.waitid(os.P_PID, pid, flags) is None:
                     continue
                 kill_group(pid, self._cgroups.get(pid))
-                _, status = os.waitpid(pid, 0)
+                _, status, usage = os.wait4(pid, 0)
+                peak = usage.ru_maxrss * 1024  # KiB on Linux
             except ChildProcessError:
                 status = 0
             self.workers.discard(pid)
@@ -348,6 +355,15 @@ class ComputationProcess:
                 logger.warning("cgroup %s of a dead worker stays busy", cgroup)
             code = os.waitstatus_to_exitcode(status)
             reason = self._kill_reasons.pop(pid, "")
+            ooms = self._oom_kills.pop(pid, None)
+            if not reason and code == -signal.SIGKILL and ooms is not None:
+                # Not killed by us: the OOM killer, if it killed something since the
+                # worker started that no other worker's death was put down to (the
+                # kernel does not say whom; a SIGKILL is all the worker gets).
+                now = oom_kills()
+                if now is not None and now > max(ooms, self._oom_explained):
+                    reason = crash_reason(code) + oom_note(peak)
+                    self._oom_explained = max(ooms, self._oom_explained) + 1
             self.control.send(WorkerExited(pid=pid, returncode=code, reason=reason))
             if not self.stopping:
                 self._start_worker()

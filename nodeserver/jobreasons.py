@@ -23,6 +23,32 @@ def mem_limit_note(mem_limit: int) -> str:
     )
 
 
+def oom_kills() -> int | None:
+    """How many processes the kernel's out-of-memory killer has killed since boot
+    (``oom_kill`` of /proc/vmstat, Linux 4.13+; a memory cgroup's kills count
+    too), or None where that is not known."""
+    try:
+        with open("/proc/vmstat", "rb") as handle:
+            data = handle.read()
+    except OSError:
+        return None
+    start = data.find(b"\noom_kill ")
+    if start < 0:
+        return None
+    return int(data[start + 10 : data.index(b"\n", start + 1)])
+
+
+def oom_note(peak_bytes: int) -> str:
+    """Appended to the crash reason of a worker killed by SIGKILL while the kernel's
+    out-of-memory killer was at work (the system's or its memory cgroup's)."""
+    return (
+        "; the kernel's out-of-memory killer was at work meanwhile: the job probably "
+        f"ran out of memory (its worker's peak resident memory: {peak_bytes >> 20} "
+        "MiB); give the node more memory or the job less data, or a mem_limit to get "
+        "MemoryError instead"
+    )
+
+
 def crash_reason(returncode: int) -> str:
     """Explain how a worker process ended, for the job that was running in it."""
     if returncode < 0:
