@@ -46,8 +46,16 @@ class _Events(_ClusterState):
             pass
         elif departure is Departure.RELEASED:
             logger.info("node %s released (close_node)", info.node_id)
-        else:
+        elif self._nodes or not self._outstanding:
             logger.warning("node %s left: %s", info.node_id, reason)
+        else:  # else the user's job() and wait() would just hang, saying nothing
+            logger.warning(
+                "node %s left: %s; no node left: %d unfinished jobs wait until one "
+                "joins or comes back",
+                info.node_id,
+                reason,
+                self._outstanding,
+            )
         self._notify_cluster(DispyNode.Closed, node, None)
         self._emit(DispyNode.Closed, node, None)
 

@@ -192,6 +192,52 @@ def test_node_restarted_on_same_port_is_used_again(tmp_path):
             first.proc.kill()
 
 
+def square_when(n: int, go: str) -> int:
+    import os
+    import time
+
+    deadline = time.monotonic() + 30
+    while not os.path.exists(go) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return n * n
+
+
+def test_losing_the_last_node_says_the_jobs_wait_and_they_finish_when_it_is_back(
+    tmp_path, caplog
+):
+    """The only node is killed under reentrant jobs: the warning says they wait for
+    a node (before: only 'node ... left', then job() and wait() hung saying
+    nothing); the node restarted with the same command line runs them."""
+    go = tmp_path / "go"
+    first = start_node(tmp_path / "n", name="n", cpus=2)
+    again = None
+    try:
+        with JobCluster(
+            square_when,
+            nodes=[first.spec],
+            secret=first.secret,
+            reentrant=True,
+            pulse_interval=PULSE,
+        ) as cluster:
+            jobs = [cluster.submit(n, str(go)) for n in range(4)]
+            wait_until(lambda: any(job.status == DispyJob.Running for job in jobs))
+            first.proc.kill()
+            first.proc.wait()
+            wait_until(lambda: "no node left" in caplog.text)
+            assert "4 unfinished jobs wait until one joins or comes back" in caplog.text
+            (tmp_path / "n" / "port").unlink()
+            again = start_node(
+                tmp_path / "n", "--port", str(first.port), name="n", secret=first.secret
+            )
+            go.touch()
+            assert cluster.wait(timeout=30)
+        assert [job.result for job in jobs] == [0, 1, 4, 9]
+    finally:
+        for node in (first, again):
+            if node is not None and node.proc.poll() is None:
+                node.stop()
+
+
 CLIENT = """
 import sys, time
 import dispynb as dispy
