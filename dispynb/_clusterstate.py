@@ -15,10 +15,10 @@ from dispynb._callbacks import CallbackDispatcher
 from dispynb._loop import LoopRunner
 from dispynb.backends import base
 from dispynb.backends.base import Backend, Engine
+from dispynb.clusterjournal import ClusterJournal
 from dispynb.job import DispyJob
 from dispynb.node import DispyNode, split_address
 from dispynb.options import ClusterOptions
-from dispynb.recovery import ClusterJournal
 from dispynb.tracebacks import LazySourceMap
 
 logger = logging.getLogger("dispynb.cluster")

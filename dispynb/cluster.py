@@ -33,13 +33,13 @@ from dispynb._live import live_clusters
 from dispynb._loop import LoopRunner
 from dispynb.backends import base
 from dispynb.backends.base import Backend, ClusterConfig, Engine
+from dispynb.clusterjournal import ClusterJournal
 from dispynb.depends import collect
 from dispynb.errors import DispynbError, NoNodesError
 from dispynb.job import DispyJob
 from dispynb.log import set_level
 from dispynb.node import DispyNode
 from dispynb.options import ClusterOptions, check_callback
-from dispynb.recovery import ClusterJournal
 from dispynb.status import ClusterStatus, NodeWork, Workload, format_status
 from dispynb.tracebacks import LazySourceMap
 

@@ -11,18 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import glob
 import logging
 import os
-import secrets
 import sqlite3
 import ssl
 import sys
-import threading
-import time
 from typing import Any
 
 from dispynb._loop import LoopRunner
+from dispynb.clusterjournal import DEFAULT_PREFIX, latest_recover_file
 from dispynb.defaults import MAX_MESSAGE_SIZE, PRE_AUTH_MAX_FRAME
 from dispynb.errors import (
     AuthenticationError,
@@ -444,147 +441,3 @@ def _abandon(pending: dict[int, DispyJob], reason: str) -> None:
     for job in pending.values():
         if not job.done():
             job._complete(JobStatus.Abandoned, exception=reason)
-
-
-# -- the default recovery file (dispy's ``_dispy_<timestamp>``) -------------------
-
-#: Name prefix of default recovery files, in the current directory (dispy's).
-DEFAULT_PREFIX = "_dispy_"
-
-_default_lock = threading.Lock()
-_default: Journal | None = None
-
-
-def default_recovery_applies(nodes: Any) -> bool:
-    """Whether a cluster given no ``recover_file`` writes dispy's default one.
-
-    Scripts do, as dispy's clients. Not in notebooks and interactive sessions (no
-    ``_dispy_*`` files among the notebooks; a restarted kernel frees its nodes'
-    CPUs instead of leaving its jobs running for an hour), nor on a `LocalCluster`
-    (its nodes end with this process). ``recover_file=...`` asks for it anywhere.
-    """
-    if getattr(nodes, "secret", None) is not None:  # a LocalCluster
-        return False
-    ipython = sys.modules.get("IPython")
-    in_ipython = ipython is not None and ipython.get_ipython() is not None
-    return not (in_ipython or hasattr(sys, "ps1"))
-
-
-_default_users = 0
-
-
-def acquire_default_journal() -> Journal | None:
-    """The recovery file of this process's clusters that were given no
-    ``recover_file``: ``_dispy_<YYYYmmddHHMMSS>_<pid>`` in the current directory
-    (0600), as dispy writes one. It records computations and nodes only, never jobs
-    or secrets; the nodes keep what the computations' jobs return after this process
-    is gone, for ``recover_jobs()``.
-
-    Returns None (logged) if the file cannot be created: the cluster then works
-    without it. Release with `release_default_journal`.
-    """
-    global _default, _default_users
-    with _default_lock:
-        if _default is None:
-            name = time.strftime(f"{DEFAULT_PREFIX}%Y%m%d%H%M%S") + f"_{os.getpid()}"
-            try:
-                _default = Journal(os.path.abspath(name))
-            except (OSError, sqlite3.Error) as exc:
-                logger.warning(
-                    "cannot write the recovery file %s in %s (%s): recover_jobs() "
-                    "will not find this client's jobs; give recover_file=...",
-                    name,
-                    os.getcwd(),
-                    exc,
-                )
-                return None
-            logger.debug("recovery information in %s", _default.path)
-        _default_users += 1
-        return _default
-
-
-def release_default_journal(journal: Journal, recovery_id: str, clean: bool) -> None:
-    """A cluster using the default recovery file closed (``clean``: all its jobs
-    were done); the last one removes the file if nothing is left to recover."""
-    global _default, _default_users
-    with _default_lock:
-        if clean:
-            journal.forget(recovery_id)
-        _default_users -= 1
-        if _default_users > 0 or journal is not _default:
-            return
-        _default = None
-        journal.close(remove=not journal.computations())
-
-
-class ClusterJournal:
-    """What one `JobCluster` writes for `recover_jobs`.
-
-    ``recover_file=PATH``: every job, its node and its outcome go to PATH. dispy's
-    default (None): in scripts (`default_recovery_applies`), the computation and its
-    nodes go to the process's shared ``_dispy_*`` file. ``False``, or an engine that
-    cannot keep results for a client that went away (``can_recover`` False): nothing.
-    Methods do nothing when nothing is journaled.
-    """
-
-    def __init__(
-        self, recover_file: str | bool | None, nodes: Any, can_recover: bool
-    ) -> None:
-        #: Whether every job is journaled (``recover_file=PATH``).
-        self.jobs = isinstance(recover_file, str)
-        self._journal: Journal | None = None
-        if isinstance(recover_file, str):
-            self._journal = Journal(recover_file)
-        elif recover_file is None and can_recover and default_recovery_applies(nodes):
-            self._journal = acquire_default_journal()
-        #: The id nodes keep the computation's results under ('': none).
-        self.recovery_id = secrets.token_hex(16) if self._journal is not None else ""
-
-    def computation(self, name: str) -> None:
-        if self._journal is not None:
-            self._journal.computation(self.recovery_id, name)
-
-    def node(self, node_id: str) -> None:
-        if self._journal is not None:
-            self._journal.node(self.recovery_id, node_id)
-
-    def sent(self, keys: list[int], node_id: str) -> None:
-        if self._journal is not None and self.jobs:
-            for key in keys:
-                self._journal.sent(self.recovery_id, key, node_id)
-
-    def submitted(self, key: int, job: DispyJob) -> None:
-        if self._journal is not None and self.jobs:
-            self._journal.submitted(self.recovery_id, key, job)
-
-    def done(self, key: int, job: DispyJob) -> None:
-        if self._journal is not None and self.jobs:
-            self._journal.done(self.recovery_id, key, job)
-
-    def renamed(self, key: int, job: DispyJob) -> None:
-        if self._journal is not None and self.jobs:
-            self._journal.renamed(self.recovery_id, key, job)
-
-    def close(self, clean: bool) -> None:
-        """The cluster closed; ``clean``: every job was done (nothing to recover,
-        so its records are removed, as dispy removes its file)."""
-        journal, self._journal = self._journal, None
-        if journal is None:
-            return
-        if self.jobs:
-            journal.close(remove=clean)
-        else:
-            release_default_journal(journal, self.recovery_id, clean=clean)
-
-
-def latest_recover_file(directory: str = ".") -> str | None:
-    """The newest default recovery file in ``directory`` (what dispy's
-    ``recover_jobs()`` opens), or None."""
-    names = [
-        name
-        for name in glob.glob(
-            os.path.join(glob.escape(directory), DEFAULT_PREFIX + "*")
-        )
-        if not name.endswith(("-wal", "-shm", "-journal"))
-    ]
-    return max(names, key=os.path.basename) if names else None
