@@ -178,7 +178,12 @@ class _Events(_ClusterState):
         job = self._jobs.get(key)
         if job is not None:
             self._not_executing(key)
+            started = job.status is not JobStatus.Created
             job._requeue()
+            if started and self._options.cluster_status is not None:
+                # Back to Created, as at submit: else cluster_status saw the run
+                # elsewhere as a second Running with nothing between.
+                self._notify_cluster(JobStatus.Created, None, copy.copy(job))
             self._emit(JobStatus.Created, None, job)
 
     def job_cancelled(self, key: int) -> None:

@@ -238,6 +238,52 @@ def test_losing_the_last_node_says_the_jobs_wait_and_they_finish_when_it_is_back
                 node.stop()
 
 
+def test_cluster_status_sees_a_job_moved_off_a_killed_node_go_back_to_created(
+    tmp_path,
+):
+    """A reentrant job whose node is killed runs again elsewhere: cluster_status
+    sees Created, Running (on a), Created, Running (on b), Finished, each once
+    (before: Running twice in a row, nothing saying it was requeued)."""
+    go = tmp_path / "go"
+    seen: dict[object, list[tuple[int, str | None]]] = collections.defaultdict(list)
+    lock = threading.Lock()
+
+    def cluster_status(status: int, node: DispyNode | None, job: object) -> None:
+        if isinstance(job, DispyJob):
+            with lock:
+                seen[job.id].append((int(status), node.name if node else None))
+
+    with (
+        running_node(tmp_path / "a", name="a", cpus=2) as a,
+        running_node(tmp_path / "b", name="b", cpus=2, secret=a.secret) as b,
+        JobCluster(
+            square_when,
+            nodes=[a.spec, b.spec],
+            secret=a.secret,
+            reentrant=True,
+            pulse_interval=PULSE,
+            cluster_status=cluster_status,
+        ) as cluster,
+    ):
+        wait_until(lambda: len(cluster.status().nodes) == 2)
+        jobs = [cluster.submit(n, str(go)) for n in range(4)]
+        wait_until(lambda: sum(job.status == DispyJob.Running for job in jobs) == 4)
+        a.proc.kill()
+        wait_until(lambda: len(cluster.status().nodes) == 1)  # a is seen as lost
+        go.touch()
+        assert cluster.wait(timeout=30)
+    assert [job.result for job in jobs] == [0, 1, 4, 9]
+    created, running, finished = DispyJob.Created, DispyJob.Running, DispyJob.Finished
+    moved = [
+        [(created, None), (running, "a"), (created, None), (running, "b"),
+         (finished, "b")]
+    ]  # fmt: skip
+    stayed = [[(created, None), (running, "b"), (finished, "b")]]
+    with lock:
+        histories = [seen[job.id] for job in jobs]
+    assert sorted(histories) == sorted(moved * 2 + stayed * 2), histories
+
+
 CLIENT = """
 import sys, time
 import dispynb as dispy
