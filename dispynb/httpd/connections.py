@@ -174,11 +174,20 @@ class MonitorHTTPServer(tornado.httpserver.HTTPServer):
         if conn in self._waiting_since:
             self._waiting_since[conn] = time.monotonic()
         delegate = super().start_request(server_conn, request_conn)
-        return _Received(delegate, lambda: self._busy(conn))
+        stream = server_conn.stream  # type: ignore[attr-defined]
+        return _Received(delegate, lambda: self._busy(conn), stream)
 
     def _busy(self, conn: object) -> None:
         if conn in self._waiting_since:
             self._waiting_since[conn] = None
+
+    async def close_all_connections(self) -> None:
+        """Close every connection at once, then wait for each to end. tornado's
+        closes one at a time, serving the others meanwhile: clients that pipeline
+        requests without reading their answers kept it busy past its bound."""
+        for conn in list(self._connections):
+            conn.stream.close()
+        await super().close_all_connections()
 
     def on_close(self, server_conn: object) -> None:
         """tornado's bookkeeping, and ours."""
@@ -188,11 +197,24 @@ class MonitorHTTPServer(tornado.httpserver.HTTPServer):
 
 class _Received(tornado.httputil.HTTPMessageDelegate):
     """Passes a request on, calling ``on_received`` once it is fully received (a
-    client dripping its headers or body still counts as waiting)."""
+    client dripping its headers or body still counts as waiting).
 
-    def __init__(self, inner: tornado.httputil.HTTPMessageDelegate, on_received: Any):
+    A request read from a connection already closed goes nowhere: tornado goes on
+    parsing the requests a client pipelined into its buffer after the connection
+    closed, and each ran its handler (a snapshot each, hundreds per connection:
+    a shutdown then took over its 30 s bound with clients that never read).
+    """
+
+    def __init__(
+        self,
+        inner: tornado.httputil.HTTPMessageDelegate,
+        on_received: Any,
+        stream: tornado.iostream.IOStream,
+    ) -> None:
         self._inner = inner
         self._on_received = on_received
+        self._stream = stream
+        self._gone = False
 
     def headers_received(
         self,
@@ -200,17 +222,22 @@ class _Received(tornado.httputil.HTTPMessageDelegate):
         | tornado.httputil.ResponseStartLine,
         headers: tornado.httputil.HTTPHeaders,
     ) -> Awaitable[None] | None:
+        self._gone = self._stream.closed()
+        if self._gone:
+            return None
         return self._inner.headers_received(start_line, headers)
 
     def data_received(self, chunk: bytes) -> Awaitable[None] | None:
-        return self._inner.data_received(chunk)
+        return None if self._gone else self._inner.data_received(chunk)
 
     def finish(self) -> None:
         self._on_received()
-        self._inner.finish()
+        if not self._gone:
+            self._inner.finish()
 
     def on_connection_close(self) -> None:
-        self._inner.on_connection_close()
+        if not self._gone:
+            self._inner.on_connection_close()
 
 
 __all__ = ["MAX_CONNECTIONS", "MonitorHTTPServer"]

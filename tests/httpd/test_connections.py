@@ -7,14 +7,17 @@ process's file descriptors, which its cluster needs too.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import http.client
 import json
 import logging
+import select
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -24,9 +27,11 @@ import psutil
 import pytest
 import tornado.web
 
+from dispynb import JobCluster
 from dispynb.httpd import DispyHTTPServer
 from dispynb.httpd.connections import MAX_CONNECTIONS, MonitorHTTPServer
 from tests.httpd.client import MonitorClient
+from tests.jobs import WAIT
 from tests.nodeproc import ROOT, node_env
 
 pytestmark = pytest.mark.slow
@@ -177,3 +182,40 @@ def test_out_of_descriptors_pauses_accepting_then_serves(
     assert len(lines) == 2, lines
     assert "paused" in lines[0] and "Too many open files" in lines[0]
     assert "accepting connections again" in lines[1] and "(3 failed" in lines[1]
+
+
+def test_shutdown_ends_in_time_with_clients_that_never_read(
+    cluster: JobCluster,
+) -> None:
+    """60 clients pipeline snapshot requests and never read the answers; shutdown
+    ends within its bound (it raised TimeoutError after poll_sec + 30 s: tornado
+    closed the connections one at a time, serving the others meanwhile, and ran a
+    handler for each request a closed connection had left in its buffer)."""
+    server = DispyHTTPServer(cluster, port=0, poll_sec=1)
+    try:
+        # Enough finished jobs that a snapshot costs something.
+        assert cluster.wait(timeout=WAIT)
+        done = [cluster.submit(None, 0) for _ in range(1000)]
+        assert cluster.wait(timeout=WAIT) and all(job.done() for job in done)
+        request = (
+            f"GET /api/cluster?max_jobs=5000 HTTP/1.1\r\n"
+            f"Host: 127.0.0.1:{server.port}\r\n"
+            f"Authorization: Token {server.token}\r\n\r\n"
+        ).encode() * 50
+        with ExitStack() as stack:
+            socks = []
+            for _ in range(60):
+                sock = socket.create_connection(("127.0.0.1", server.port), 10)
+                stack.enter_context(sock)
+                sock.setblocking(False)
+                socks.append(sock)
+            # Fill the pipes: the server answers until its writes block.
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:
+                for sock in socks:
+                    with contextlib.suppress(BlockingIOError):
+                        sock.send(request)
+                select.select([], socks, [], 0.05)
+            server.shutdown()  # raised TimeoutError
+    finally:
+        server.shutdown(wait=False)
