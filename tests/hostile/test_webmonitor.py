@@ -5,14 +5,19 @@ Every forged request goes to a real monitor of a real cluster; none may change i
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
+from contextlib import ExitStack
 
+import psutil
 import pytest
 
 from dispynb import DispyJob, JobCluster, LocalCluster
 from dispynb.httpd import DispyHTTPServer
+from dispynb.httpd.connections import MAX_CONNECTIONS
 from tests import jobs
 from tests.httpd.client import MonitorClient, Reply
+from tests.httpd.monitor_process import started_monitor
 
 pytestmark = pytest.mark.slow
 
@@ -117,3 +122,58 @@ def test_post_without_csrf_token_is_refused(measure, client, cluster):
     )
     assert refused == len(replies)
     assert job.status == DispyJob.Finished
+
+
+@pytest.mark.attack(
+    id="webmon-cookie-scope",
+    title="Another server on 127.0.0.1 that the user's browser visits reads the "
+    "cookies it is sent (cookies ignore ports)",
+    goal="no cookie holds the token, and what one holds opens no API route",
+)
+def test_the_page_cookie_opens_no_api(measure, client):
+    token = client.server.token
+    (cookie,) = client.get(f"/?token={token}", auth=False).cookies
+    name_value = cookie.split(";", 1)[0]
+    jar = {"Cookie": name_value}
+    replies = [client.get("/api/cluster", headers=jar, auth=False)]
+    replies += [client.post(path, headers=jar, auth=False) for path in POSTS]
+    refused = _refused(replies)
+    measure(
+        f"token in the cookie: {token in name_value}; {refused} of {len(replies)} "
+        "API requests with the cookie refused with 403"
+    )
+    assert token not in name_value and refused == len(replies)
+
+
+@pytest.mark.attack(
+    id="webmon-connection-flood",
+    title="300 connections that send nothing, half a header, or a header announcing "
+    "a body never sent, to a monitor whose process has 256 descriptors",
+    goal="at most 64 held; the user is served meanwhile; no traceback in the log "
+    "(was: an EMFILE loop, 238,000 tracebacks in 40 s, nobody served)",
+)
+def test_connection_flood(measure, tmp_path):
+    with started_monitor(tmp_path) as monitor:
+        proc = psutil.Process(monitor.proc.pid)
+        partial = f"GET /api/cluster HTTP/1.1\r\nHost: 127.0.0.1:{monitor.port}\r\n"
+        kinds = [
+            b"",
+            partial.encode(),
+            (partial + "Content-Length: 99\r\n\r\n").encode(),
+        ]
+        with ExitStack() as stack:
+            for n in range(300):
+                sock = socket.create_connection(("127.0.0.1", monitor.port), 10)
+                stack.enter_context(sock).sendall(kinds[n % 3])
+            status = monitor.get()
+            held = sum(
+                1
+                for c in proc.net_connections("tcp")
+                if c.laddr.port == monitor.port and c.status == psutil.CONN_ESTABLISHED
+            )
+    tracebacks = monitor.log.read_text().count("Traceback")
+    measure(
+        f"{held} connections held of 300; the user's request: {status}; "
+        f"{tracebacks} tracebacks"
+    )
+    assert held <= MAX_CONNECTIONS and status == 200 and tracebacks == 0

@@ -9,18 +9,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import http.client
-import json
 import logging
 import select
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -31,8 +26,8 @@ from dispynb import JobCluster
 from dispynb.httpd import DispyHTTPServer
 from dispynb.httpd.connections import MAX_CONNECTIONS, MonitorHTTPServer
 from tests.httpd.client import MonitorClient
+from tests.httpd.monitor_process import MonitorProcess, started_monitor
 from tests.jobs import WAIT
-from tests.nodeproc import ROOT, node_env
 
 pytestmark = pytest.mark.slow
 
@@ -41,53 +36,17 @@ pytestmark = pytest.mark.slow
 BASE_FDS = 40
 
 
-@dataclass
-class MonitorProcess:
-    proc: subprocess.Popen[str]
-    port: int
-    token: str
-    log: Path
-
-    def get(self, path: str = "/api/cluster", timeout: float = 10) -> int:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        try:
-            conn.request("GET", path, headers={"Authorization": f"Token {self.token}"})
-            response = conn.getresponse()
-            response.read()
-            return response.status
-        finally:
-            conn.close()
+def hold(stack: ExitStack, port: int, first_bytes: bytes = b"") -> None:
+    sock = stack.enter_context(socket.create_connection(("127.0.0.1", port), 10))
+    if first_bytes:
+        sock.sendall(first_bytes)
 
 
 @pytest.fixture
 def monitor_process(tmp_path: Path) -> Iterator[MonitorProcess]:
     """A monitor in a process of its own, at most 256 descriptors (prlimit)."""
-    log = tmp_path / "monitor.log"
-    with open(log, "w") as stderr:
-        proc = subprocess.Popen(
-            ["prlimit", "--nofile=256", "--", sys.executable, "-m",
-             "tests.httpd.monitor_process", "60"],
-            cwd=ROOT, env=node_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=stderr, text=True,
-        )  # fmt: skip
-    assert proc.stdout is not None and proc.stdin is not None
-    try:
-        info = json.loads(proc.stdout.readline())
-        yield MonitorProcess(proc, info["port"], info["token"], log)
-    finally:
-        proc.stdin.close()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-
-
-def hold(stack: ExitStack, port: int, first_bytes: bytes = b"") -> None:
-    sock = stack.enter_context(socket.create_connection(("127.0.0.1", port), 10))
-    if first_bytes:
-        sock.sendall(first_bytes)
+    with started_monitor(tmp_path) as monitor:
+        yield monitor
 
 
 def test_idle_and_slow_connections_cannot_take_the_processs_descriptors(
