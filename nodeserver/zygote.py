@@ -127,14 +127,33 @@ class ZygoteLauncher(ProcessLauncher):
     async def start(self, control: socket.socket, cwd: str) -> ComputationProcess:
         """Have the zygote fork a computation process in ``cwd`` talking over
         ``control`` (or start a new interpreter if the zygote is gone)."""
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        async with self._lock:  # one request at a time: answers come in order
-            pid = await self._request(control, cwd)
+        # The request reads its own answer even if this caller is cancelled (its
+        # client went away during the setup): an answer left unread would be the
+        # next request's, which would then follow, contain and kill another
+        # computation's process instead of its own.
+        request = asyncio.ensure_future(self._request_in_turn(control, cwd))
+        try:
+            pid = await asyncio.shield(request)
+        except asyncio.CancelledError:
+            # Not sent yet: it never is. Sent: the zygote has its own copy, and the
+            # process exits at the end of its control socket (the caller's end).
+            control.close()
+            request.add_done_callback(_retrieve)
+            raise
         if pid is None:
             return await super().start(control, cwd)
         control.close()  # the process has its own copy
         return ForkedProcess(pid)
+
+    async def _request_in_turn(self, control: socket.socket, cwd: str) -> int | None:
+        """`_request`, one at a time (answers come in order); None, without a
+        request, if its caller went away while it waited for its turn."""
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if control.fileno() == -1:
+                return None
+            return await self._request(control, cwd)
 
     async def _request(self, control: socket.socket, cwd: str) -> int | None:
         sock = self._sock
@@ -187,6 +206,13 @@ class ZygoteLauncher(ProcessLauncher):
         with contextlib.suppress(ChildProcessError):
             os.waitpid(self.pid, 0)
         self._reaped = True
+
+
+def _retrieve(request: asyncio.Future[int | None]) -> None:
+    """A request whose caller went away ended: its error, if any, is logged here
+    (not as an exception never retrieved)."""
+    if not request.cancelled() and request.exception() is not None:
+        logger.debug("zygote request failed: %s", request.exception())
 
 
 def start_zygote() -> ZygoteLauncher | None:

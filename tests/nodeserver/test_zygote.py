@@ -7,8 +7,10 @@ node, dies.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +18,11 @@ import psutil
 import pytest
 
 from dispynb import DispyJob, JobCluster
+from dispynb.protocol import serialize
+from dispynb.protocol.messages import ComputationSetup
+from dispynb.transport.connector import connect
 from nodeserver.zygote import COMPUTE_NAME, ZYGOTE_NAME
-from tests.jobs import WAIT, computation_processes, wait_until
+from tests.jobs import WAIT, computation_processes, mark_and_hold, square, wait_until
 from tests.nodeproc import CliNode, running_node, start_node
 
 pytestmark = pytest.mark.slow
@@ -198,3 +203,52 @@ def test_no_zygote_is_left_after_the_node_stops(tmp_path: Path, how: str) -> Non
     report = json.loads(run.stdout.splitlines()[-1])
     assert report["before"] == [ZYGOTE_NAME]
     assert report["left"] == []
+
+
+async def _set_up_and_leave(node: CliNode, dest: Path) -> None:
+    """Set a computation up on ``node`` and hang up once the node asked its zygote
+    for the computation's process (its directory is made just before)."""
+    conn, _ = await connect(
+        "127.0.0.1",
+        node.port,
+        secret=node.secret.encode(),
+        max_message_size=1 << 24,
+        name="leaver",
+    )
+    bundle = serialize.dumps({"func": square, "setup": None, "setup_args": ()})
+    conn.write(ComputationSetup(comp_id=1, name="left", workers=1), bundle)
+    await conn.flush()
+    deadline = time.monotonic() + WAIT
+    while not any(path.is_dir() for path in dest.rglob("left-1")):
+        assert time.monotonic() < deadline, "the node did not start the setup"
+        await asyncio.sleep(0.01)
+    conn.close()
+
+
+def test_a_client_leaving_during_a_setup_costs_no_other_computation(
+    tmp_path: Path,
+) -> None:
+    """A client goes away while the node waits for the zygote's answer (the zygote
+    held up, as under load): that answer must not be taken as the next
+    computation's process, or a later computation's close kills the next one's
+    jobs ('the computation's process on the node died'), as it did in the shared
+    scheduler's burst of setups."""
+    marker, release = tmp_path / "started", tmp_path / "release"
+    with running_node(tmp_path / "node", cpus=2) as node:
+        zygote = zygote_of(node)
+        zygote.suspend()
+        try:
+            asyncio.run(_set_up_and_leave(node, tmp_path / "node" / "dest"))
+            wait_until(lambda: "'leaver' from" in node.log_text())
+        finally:
+            zygote.resume()
+        with JobCluster(mark_and_hold, nodes=[node.spec], secret=node.secret) as held:
+            job = held.submit(str(marker), str(release))
+            wait_until(marker.exists)
+            # Another computation comes and goes while that job runs.
+            with JobCluster(square, nodes=[node.spec], secret=node.secret) as other:
+                assert other.submit(3)() == 9
+            release.touch()
+            job()
+            assert job.status == DispyJob.Finished, job.exception
+        assert "no pids limit" not in node.log_text()
