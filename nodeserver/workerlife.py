@@ -270,6 +270,12 @@ class _WorkerLife(_ComputationState):
                 self._finish_killed(job)
             elif job.reported:
                 continue
+            elif job.skipping and (position > 0 or worker.retiring):
+                # To be cancelled unless started; behind another, or the head of a
+                # worker replaced after its job was interrupted (its Skip came
+                # before): not started. Queued again, it would run elsewhere.
+                reason = "job cancelled at the client's request before it started"
+                self._finish_unrun(job, reason)
             elif (
                 position == 0
                 and not worker.retiring

@@ -319,6 +319,36 @@ def test_a_job_being_skipped_stays_cancelled_when_cancelled_again_as_head(tmp_pa
     run(main())
 
 
+def test_a_job_to_skip_is_cancelled_not_rerun_when_its_worker_dies(tmp_path):
+    """A job sent ahead, then cancelled unless started, whose worker dies before it
+    could skip it (the node replaces a worker whose job it interrupted: an
+    Executor's Ctrl-C) has not started: it ends cancelled, as the client asked,
+    instead of being queued again and run on the next worker."""
+
+    async def main() -> None:
+        reports = Reports()
+        computation, launcher = make(tmp_path, reports, workers=1)
+        await computation.start(bundle(blocked))
+        quick = new_gate("quick")
+        open_gate(quick)
+        computation.submit([job(key, quick) for key in range(1, 6)])  # mean: short
+        await wait_until(lambda: len(reports.entries) == 5, "quick jobs done")
+        computation.submit([job(10, new_gate("head"))])
+        await wait_until(lambda: launcher.busy_workers(), "job 10 running")
+        computation.submit([job(11, quick), job(12, quick)])
+        (worker,) = computation._workers.values()
+        assert [j.key for j in worker.assigned] == [10, 11, 12]
+        computation.cancel(11, 1, unstarted=True)  # the worker is told to skip it
+        launcher.kill_group(worker.pid)
+        await wait_until(lambda: len(reports.entries) == 8, "all settled")
+        assert reports.outcome(10) == CRASHED
+        assert reports.outcome(11) == CANCELLED and 11 not in reports.starts
+        assert reports.values[12] == quick  # not asked to stop: run again
+        await finish(computation, launcher)
+
+    run(main())
+
+
 def test_worker_killed_mid_job_reports_crash_and_is_replaced(tmp_path):
     async def main() -> None:
         reports = Reports()
