@@ -24,6 +24,7 @@ import functools
 import hashlib
 import itertools
 import os
+import pickle
 import threading
 import time
 import traceback
@@ -85,13 +86,20 @@ def dispynb_executor(key: str, blob: bytes, calls: list[Call]) -> list[Outcome]:
             tb = tb.tb_next or tb if tb is not None else None
             text = "".join(traceback.format_exception(type(exc), exc, tb))
             exc.__traceback__ = None
-            try:
-                cloudpickle.dumps(exc)
-                carried: BaseException | None = exc
-            except Exception:
-                carried = None  # the client raises RemoteError alone
+            carried = exc if _round_trips(exc) else None  # None: RemoteError alone
             outcomes.append((False, carried, text, type(exc).__name__, str(exc)))
     return outcomes
+
+
+def _round_trips(exc: BaseException) -> bool:
+    """Whether ``exc`` pickles and unpickles. An exception class whose
+    ``__init__`` wants other arguments than its ``args`` pickles but does not
+    unpickle; sent as it is, the client could not read any outcome of the job."""
+    try:
+        pickle.loads(cloudpickle.dumps(exc))
+    except Exception:
+        return False
+    return True
 
 
 def _initialize(initializer: Callable[..., Any], initargs: tuple[Any, ...]) -> int:

@@ -63,6 +63,19 @@ def raise_unpicklable() -> None:
     raise Unpicklable("stays on the node")
 
 
+class NeedsTwo(Exception):
+    """Pickles, but unpickling calls ``NeedsTwo(*args)``: one argument short."""
+
+    def __init__(self, first: object, second: object) -> None:
+        super().__init__(f"{first} and {second}")
+
+
+def raise_needs_two_on_2(x: int) -> int:
+    if x == 2:
+        raise NeedsTwo(x, "b")
+    return x
+
+
 @pytest.fixture
 def executor(local: LocalCluster):
     """An executor on the module's 2-CPU node (its computation closes per test)."""
@@ -139,6 +152,19 @@ def test_unpicklable_exception_becomes_remote_error(executor):
         future.result(WAIT)
     assert info.value.ename == "Unpicklable" and "stays on the node" in str(info.value)
     assert "raise_unpicklable" in info.value.traceback
+
+
+def test_exception_that_does_not_unpickle_becomes_remote_error(executor):
+    """A classic (ProcessPoolExecutor breaks its pool on it): the call's
+    RemoteError names it, with its traceback; the other calls of its job
+    (a map chunk) keep their values."""
+    with pytest.raises(RemoteError, match="NeedsTwo: 2 and b") as failure:
+        executor.submit(raise_needs_two_on_2, 2).result(WAIT)
+    assert "raise_needs_two_on_2" in failure.value.traceback
+    results = executor.map(raise_needs_two_on_2, range(4), chunksize=4)
+    assert next(results) == 0 and next(results) == 1
+    with pytest.raises(RemoteError, match="NeedsTwo"):
+        next(results)
 
 
 def test_result_and_exception_time_out(executor, tmp_path):
