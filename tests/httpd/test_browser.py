@@ -17,6 +17,7 @@ from dispynb.httpd import DispyHTTPServer
 from tests import jobs
 from tests.browser import chromium_page, requires_chromium
 from tests.jobs import WAIT, wait_for_path, wait_until
+from tests.nodeproc import running_node
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, requires_chromium]
 
@@ -201,5 +202,49 @@ def test_monitor_page_switches_between_added_clusters():
             server.del_cluster(other)
             expect(page.locator("#cluster-name")).to_have_text("mark_and_sleep")
             expect(select).to_be_hidden()
+        finally:
+            server.shutdown(wait=False)
+
+
+XSS = (
+    '"><img id="xss" src="/x" onerror="window.pwned=1"><script>window.pwned=2</script>'
+)
+
+
+def shown_as_text(x: int) -> int:
+    return x
+
+
+shown_as_text.__name__ = "run" + XSS + "\x1b[31m"
+
+
+def test_names_from_the_cluster_and_its_nodes_are_text(tmp_path):
+    """A computation, a node, a job id and arguments named with markup, a
+    script and a terminal escape: shown as text in the title, the header, the
+    cluster choice and the tables; nothing runs."""
+    from playwright.sync_api import expect
+
+    secret = "s" * 40
+    with (
+        running_node(tmp_path / "node", name="node" + XSS, secret=secret) as node,
+        JobCluster(shown_as_text, nodes=[node.spec], secret=secret) as cluster,
+        JobCluster(jobs.square, nodes=[node.spec], secret=secret) as other,
+        chromium_page() as page,
+    ):
+        server = DispyHTTPServer(cluster, port=0, poll_sec=5, show_job_args=True)
+        server.add_cluster(other)
+        try:
+            job = cluster.submit_job_id("id" + XSS, 7)
+            assert job() == 7
+            page.goto(server.url)
+            expect(page.locator("#cluster-name")).to_have_text(cluster.name)
+            expect(page.locator("#nodes .c-name")).to_have_text("node" + XSS)
+            row = job_row(page, job)
+            expect(row.locator(".c-id")).to_contain_text(repr("id" + XSS)[:60])
+            expect(row.locator(".c-args")).to_have_text("7")
+            expect(page.locator("#cluster-select option").first).to_contain_text(XSS)
+            assert page.title().startswith("run" + XSS)  # the escape: a space
+            assert page.locator("#xss").count() == 0
+            assert page.evaluate("window.pwned") is None
         finally:
             server.shutdown(wait=False)
