@@ -29,11 +29,28 @@ from dispynb.depends import FileRef
 from dispynb.errors import SerializationError
 from dispynb.protocol import serialize
 
-__all__ = ["OBJECTS_DIR", "ObjectRef", "collecting", "load", "resolve", "write"]
+__all__ = [
+    "OBJECTS_DIR",
+    "ObjectRef",
+    "collecting",
+    "is_object_file",
+    "load",
+    "resolve",
+    "write",
+]
 
 #: Where the object files go in the computation's directory on a node.
 OBJECTS_DIR = ".dispynb-objects"
 _MAGIC = b"dispynb-object-1\n"
+
+
+def is_object_file(relative: str) -> bool:
+    """Whether a job's file (by its path in the computation's directory) is an
+    object put in the cluster: it stays on a node for the cluster's life (sent
+    once), not only while the jobs that use it run."""
+    return relative.startswith(OBJECTS_DIR + "/")
+
+
 _COUNT = struct.Struct("<I")
 _SIZE = struct.Struct("<Q")
 

@@ -19,7 +19,7 @@ import os
 from collections.abc import Callable, Mapping
 
 from dispynb.errors import DispynbError, ProtocolError
-from dispynb.objects import OBJECTS_DIR
+from dispynb.objects import is_object_file
 from dispynb.protocol.files import safe_relative_path
 from dispynb.protocol.messages import CANCELLED, CRASHED, FINISHED, Message
 from dispynb.protocol.records import ResultEntry
@@ -439,10 +439,7 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
                 if refused is not None:
                     raise ProtocolError(f"file {relative!r} was refused: {refused}")
                 self._store.place(digest, self.path, relative)
-                if (
-                    relative.startswith(OBJECTS_DIR + "/")
-                    and digest not in self._objects
-                ):
+                if is_object_file(relative) and digest not in self._objects:
                     self._objects.add(digest)
                     self._store.hold(digest)
                     self._store.disposable(digest)

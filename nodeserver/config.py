@@ -23,7 +23,7 @@ from nodeserver.service import ServiceWindow
 #: Default ``--max-file-size``: large data files pass, a disk-filling one does not.
 DEFAULT_MAX_FILE_SIZE = 512 << 20
 
-#: Default ``--transfer-quota``: bytes of files one computation may send to a node.
+#: Default ``--transfer-quota``: bytes of files one computation may hold on a node.
 DEFAULT_TRANSFER_QUOTA = 4 << 30
 
 #: Default ``--file-cache-size``: bytes of files no client uses any more that the node
@@ -49,8 +49,9 @@ class NodeConfig:
     clean: bool = False
     #: Largest file a client may send (0: no limit); a file travels in one message.
     max_file_size: int = DEFAULT_MAX_FILE_SIZE
-    #: Bytes of files one client connection (one cluster's computation) may send in
-    #: all, counting every file received (0: no limit).
+    #: Bytes of files one client connection (one cluster's computation) may have on
+    #: the node at once: every file received, less those its client released once
+    #: the jobs that needed them ended (0: no limit).
     transfer_quota: int = DEFAULT_TRANSFER_QUOTA
     #: Bytes of files that no client uses any more kept for reuse (idle longest
     #: removed first; 0: none kept).

@@ -162,8 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
         dest="transfer_quota",
         type=parse_size,
         default=DEFAULT_TRANSFER_QUOTA,
-        help="bytes of files one computation (client connection) may send in all; "
-        "0: no limit (default 4G)",
+        help="bytes of files one computation (client connection) may have on the "
+        "node at once (files of jobs that ended count no more); 0: no limit "
+        "(default 4G)",
     )
     add(
         "--file-cache-size",

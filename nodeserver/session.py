@@ -36,6 +36,7 @@ from dispynb.protocol.messages import (
     ComputationSetup,
     FilePlace,
     FilePut,
+    FileRelease,
     FilesMissing,
     JobCancel,
     JobSubmit,
@@ -81,6 +82,7 @@ class ClientSession(_SessionFiles, _SessionRecovery):
             ComputationClose: self._on_close,
             FilePut: self._on_file_put,
             FilePlace: self._on_file_place,
+            FileRelease: self._on_file_release,
             Ping: self._on_ping,
             Recover: self._on_recover,
         }

@@ -15,6 +15,7 @@ from dispynb.protocol.messages import (
     FilePlace,
     FilePlaced,
     FilePut,
+    FileRelease,
 )
 from nodeserver.filestore import CannotStore
 from nodeserver.sessionstate import _SessionState, logger
@@ -58,7 +59,7 @@ class _SessionFiles(_SessionState):
         if quota and self._transferred + size > quota:
             raise ProtocolError(
                 f"{what} of {size} bytes would take this computation's files past the "
-                f"node's transfer quota of {quota} bytes ({self._transferred} sent "
+                f"node's transfer quota of {quota} bytes ({self._transferred} held "
                 "already; dispynb-node --transfer-quota)"
             )
 
@@ -69,6 +70,9 @@ class _SessionFiles(_SessionState):
         try:
             self._check_quota(message.size, "a file")
             self._transferred += message.size
+            self._file_sizes[message.digest] = (
+                self._file_sizes.get(message.digest, 0) + message.size
+            )
             # Held before it is stored (maybe in a thread): the store's cache must
             # not remove a copy it already has meanwhile.
             self._hold_file(message.digest)
@@ -113,6 +117,22 @@ class _SessionFiles(_SessionState):
                     comp_id=comp_id, message=f"a file of its setup was refused: {exc}"
                 )
             )
+
+    def _on_file_release(self, message: FileRelease, buffers: list[memoryview]) -> None:
+        """The client's jobs that needed these files have ended: the session lets
+        them go (the store keeps them as a cache, within its size), and they no
+        longer count in its transfer quota. A job that needs one later gets it
+        sent again first."""
+        if not isinstance(message.digests, list):
+            raise MessageError("malformed digests in file-release")
+        store = self.server.store
+        for digest in message.digests:
+            store.path(digest)  # validates the digest (ProtocolError)
+            self._refused_files.pop(digest, None)  # may be sent again, and fit
+            if digest in self._file_holds:
+                self._file_holds.discard(digest)
+                self._transferred -= self._file_sizes.pop(digest, 0)
+                store.release(digest)
 
     def _hold_file(self, digest: str) -> None:
         """Keep the stored file for as long as this session lives (the store's

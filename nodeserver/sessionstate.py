@@ -61,6 +61,8 @@ class _SessionState:
         # A large file waiting to be stored off the loop (`serve` stores it).
         self._deferred_file: tuple[FilePut, memoryview] | None = None
         self._transferred = 0  # bytes of files received (--transfer-quota)
+        #: Bytes received per file the session holds, given back by FileRelease.
+        self._file_sizes: dict[str, int] = {}
         # -- recovery (`sessionrecovery`)
         self._recovery: dict[int, tuple[str, float]] = {}  # comp_id -> (id, keep)
         # Computations kept only for a crash (dispy's default recovery): a client

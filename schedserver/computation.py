@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from dispynb.defaults import MAX_MESSAGE_SIZE
 from dispynb.errors import DispynbError, FramingError
+from dispynb.objects import is_object_file
 from dispynb.protocol.chunks import fit_message
 from dispynb.protocol.framing import Frame, split_body
 from dispynb.protocol.handshake import peer_text
@@ -32,6 +34,7 @@ from dispynb.protocol.messages import (
     FileFromNode,
     FilePlaced,
     FilePut,
+    FileRelease,
     JobCancel,
     JobProvisional,
     JobResults,
@@ -93,8 +96,12 @@ class Upstream:
     #: pulse watchdog judges the node by it from then on, also while it sets up.
     reporting: bool = False
     task: asyncio.Task[None] | None = None
-    #: Digests of the jobs' own files written on this connection (`send_jobs`).
+    #: Digests of the jobs' own files written on this connection (`send_jobs`),
+    #: and how many jobs sent on it, not ended yet, need each (`_job_files_ended`).
     files_sent: set[str] = dataclasses.field(default_factory=set)
+    file_uses: collections.Counter[str] = dataclasses.field(
+        default_factory=collections.Counter
+    )
 
 
 class SharedComputation:
@@ -408,6 +415,7 @@ class SharedComputation:
                 job.started = True
         node = upstream.node
         done = self.node_done.setdefault(node.name, [0, 0.0])
+        ended_files: list[str] = []  # the own files of the jobs that ended here
         for index, item in enumerate(message.results):
             entry, _streamed = ResultEntry.from_wire(item)
             job = self.running.get(entry.key)
@@ -415,6 +423,7 @@ class SharedComputation:
                 continue
             del self.running[entry.key]
             self.server.job_left(self, node)
+            ended_files.extend(_released_files(job.item))
             run_time = entry.end_time - entry.start_time
             if entry.start_time > 0.0:
                 node.mean = update_mean(node.mean, run_time)
@@ -427,6 +436,8 @@ class SharedComputation:
             else:
                 done[0] += 1
                 done[1] += max(run_time, 0.0) if entry.start_time > 0.0 else 0.0
+        if ended_files:
+            self._job_files_ended(upstream, ended_files)
         if returned:
             results = [r for i, r in enumerate(message.results) if i not in returned]
             message = dataclasses.replace(message, results=results)
@@ -592,6 +603,22 @@ class SharedComputation:
         except DispynbError as exc:
             logger.debug("%s: cannot send jobs: %s", self.name, exc)
 
+    def _job_files_ended(self, upstream: Upstream, digests: list[str]) -> None:
+        """Jobs that needed these files ended on ``upstream``'s node: let the node
+        go of those no job sent there needs any more (as a client connected to it
+        directly does); they are sent again before a later job that needs them."""
+        uses = upstream.file_uses
+        released = []
+        for digest in digests:
+            uses[digest] -= 1
+            if uses[digest] <= 0:
+                del uses[digest]
+                upstream.files_sent.discard(digest)
+                released.append(digest)
+        if released and upstream.conn is not None:
+            with contextlib.suppress(DispynbError):  # its reader settles the node
+                self.server.write(upstream, FileRelease(digests=released))
+
     def _send_job_files(self, upstream: Upstream, jobs: list[QueuedJob]) -> None:
         """Write the files of ``jobs`` (a job's own ``depends``, `JobCluster.put`'s
         objects) that ``upstream``'s node has not had on this connection, before the
@@ -604,6 +631,7 @@ class SharedComputation:
             item = job.item
             if len(item) < 4 or not item[3]:
                 continue
+            upstream.file_uses.update(_released_files(item))
             for _relative, digest in item[3]:
                 if digest in sent:
                     continue
@@ -614,6 +642,23 @@ class SharedComputation:
                 self.server.write(
                     upstream, FilePut(digest=digest, size=data.nbytes), [data]
                 )
+
+
+def _released_files(item: list[Any]) -> list[str]:
+    """The digests of a job's own files (a job-submit item's fourth part) that a
+    node lets go when the job ends: not the objects put in the cluster (they stay
+    for the cluster's life, sent once)."""
+    if len(item) < 4 or not isinstance(item[3], list):
+        return []
+    return [
+        entry[1]
+        for entry in item[3]
+        if isinstance(entry, list)
+        and len(entry) == 2
+        and isinstance(entry[0], str)
+        and isinstance(entry[1], str)
+        and not is_object_file(entry[0])
+    ]
 
 
 __all__ = ["QueuedJob", "SharedComputation", "Upstream"]

@@ -6,9 +6,10 @@ join later), so it keeps them while the computation lives; it keeps them in its
 private spill directory (`SpillStore`: files 0600 with random names, unlinked at
 once), never in memory. A file is sent from a read-only memory map of its spill
 file (page cache, not the scheduler's heap). Each file is claimed by the
-computations whose setup lists it and, if none did yet, by the session that
+computations whose setup lists it and, if none did yet, by the sessions that
 uploaded it; it is released when the last of them ends (the computation closes,
-its client becomes a zombie or is revoked, the session ends).
+its client becomes a zombie or is revoked, the session ends) or lets it go (a
+client releases a job's own file once no job of its needs it: `release_some`).
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ class ClientFiles:
         #: digest -> what claims it; holder -> the digests it claims.
         self._claims: dict[str, set[object]] = {}
         self._held: dict[object, set[str]] = {}
+        #: Digests claimed by the sessions that uploaded them (no computation lists
+        #: them): every session that uploads one claims it.
+        self._uploaded: set[str] = set()
 
     def __contains__(self, digest: str) -> bool:
         return digest in self._files
@@ -92,6 +96,25 @@ class ClientFiles:
                 del self._claims[digest]
                 self._drop(digest)
 
+    def release_some(self, holder: object, digests: list[str]) -> None:
+        """``holder`` no longer needs these files (its jobs that did ended): drop
+        those that nothing else claims."""
+        held = self._held.get(holder)
+        if not held:
+            return
+        for digest in digests:
+            if digest not in held:
+                continue
+            held.discard(digest)
+            holders = self._claims.get(digest)
+            if holders is not None:
+                holders.discard(holder)
+                if not holders:
+                    del self._claims[digest]
+                    self._drop(digest)
+        if not held:
+            del self._held[holder]
+
     def put(self, digest: str, data: memoryview, uploader: object, user: str) -> str:
         """Keep ``data`` (checked against its digest by the caller) on disk; claimed
         by ``uploader`` if nothing claims it yet, in ``user``'s quota. Returns why
@@ -103,10 +126,12 @@ class ClientFiles:
             return (
                 f"file {digest[:16]}... refused: user {user!r} has {self.max_files} "
                 "files kept at the scheduler already, its quota (dispynb-scheduler "
-                "--max_files); they go when the computations that list them close"
+                "--max_files); they go when the computations that list them close, "
+                "and a job's own files when no job of its client needs them"
             )
-        if not self._claims.get(digest):
+        if not self._claims.get(digest) or digest in self._uploaded:
             self.claim(uploader, [digest])
+            self._uploaded.add(digest)
         if digest in self._files:
             return ""
         try:
@@ -148,8 +173,10 @@ class ClientFiles:
             self._drop(digest)
         self._claims.clear()
         self._held.clear()
+        self._uploaded.clear()
 
     def _drop(self, digest: str) -> None:
+        self._uploaded.discard(digest)
         kept = self._files.pop(digest, None)
         if kept is not None:
             os.close(kept[0])

@@ -33,6 +33,12 @@ class _FileRelay(_ServerState):
             self.write(upstream, message, buffers)
         return ""
 
+    def file_release(self, session: SchedulerSession, digests: list[str]) -> None:
+        """The client's jobs that needed these files ended: the files its session
+        uploaded go, unless a computation lists them or another session's uploaded
+        them too. The client sends a file again before a later job that needs it."""
+        self.files.release_some(session, digests)
+
     def _give_files(
         self, comp: SharedComputation, upstream: Upstream, digests: list[str]
     ) -> None:

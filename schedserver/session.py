@@ -24,6 +24,7 @@ from dispynb.protocol.messages import (
     Error,
     FilePlace,
     FilePut,
+    FileRelease,
     JobCancel,
     JobResults,
     JobSubmit,
@@ -367,6 +368,14 @@ class SchedulerSession:
             comp = self._comp(message.comp_id)
             if comp is not None and not comp.closing:
                 comp.close(message)
+        elif isinstance(message, FileRelease):
+            digests = message.digests
+            if not isinstance(digests, list) or not all(
+                isinstance(d, str) for d in digests
+            ):
+                self._refuse("malformed digests in file-release")
+            else:
+                server.file_release(self, digests)
         elif isinstance(message, FilePlace):
             comp = self._comp(message.comp_id)
             if comp is not None:

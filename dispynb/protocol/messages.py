@@ -466,6 +466,15 @@ class FilePut(WireMessage):
     size: int
 
 
+@message("file-release")
+class FileRelease(WireMessage):
+    """Client -> node (or shared scheduler): the jobs that needed these files (a
+    job's own ``depends``, sent with `FilePut`) have ended; the node may let them go.
+    The client sends a file again before a later job that needs it."""
+
+    digests: list[str]
+
+
 @message("file-place")
 class FilePlace(WireMessage):
     """Client -> node: put a sent file into the computation's directory."""

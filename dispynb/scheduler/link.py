@@ -56,6 +56,12 @@ class NodeLink:
     cpu_time: float = 0.0
     closed: asyncio.Future[None] | None = None
     sent: set[str] = field(default_factory=set)  # digests of files it has
+    #: Jobs' own files on this connection: the digests each job attempt sent here
+    #: needs, and how many of those attempts need each digest; the computation's
+    #: files (`setup_files`) are never let go. See `DriverOutbox._job_files_ended`.
+    job_files: dict[tuple[int, int], list[str]] = field(default_factory=dict)
+    file_uses: collections.Counter[str] = field(default_factory=collections.Counter)
+    setup_files: set[str] = field(default_factory=set)
     allocate: Allocator | None = None
     peer_ip: str = ""
     resetting: bool = False

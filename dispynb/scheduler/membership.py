@@ -116,6 +116,7 @@ class DriverNodes(DriverResults):
             raise SetupError(f"{link.node_id}: the node allocation rejected it")
         for ref in files:
             self._files[ref.digest] = ref
+        link.setup_files.update(ref.digest for ref in files)
         self._post(
             link,
             ComputationSetup(

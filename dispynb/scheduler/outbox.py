@@ -10,11 +10,13 @@ from typing import Any
 
 from dispynb.depends import FileRef
 from dispynb.errors import DispynbError
+from dispynb.objects import is_object_file
 from dispynb.protocol import shm
 from dispynb.protocol.framing import Buffer, buffers_size
 from dispynb.protocol.messages import (
     FilePlace,
     FilePut,
+    FileRelease,
     JobCancel,
     JobSubmit,
     Message,
@@ -96,6 +98,37 @@ class DriverOutbox:
         if link.outbox and not link.pumping:
             link.pumping = True
             self._spawn(self._pump(link))
+
+    def _job_files_sent(
+        self, link: NodeLink, key: int, attempt: int, files: list[FileRef]
+    ) -> None:
+        """Count the job's own files as needed on ``link`` until the attempt ends."""
+        needed = [
+            ref.digest
+            for ref in files
+            if ref.digest not in link.setup_files and not is_object_file(ref.relative)
+        ]
+        if needed and (key, attempt) not in link.job_files:
+            link.job_files[key, attempt] = needed
+            link.file_uses.update(needed)
+
+    def _job_files_ended(self, link: NodeLink, ended: list[tuple[int, int]]) -> None:
+        """These job attempts ended on ``link``: tell its node which of their files
+        no job sent there needs any more (so that a long computation's per-job
+        files do not pile up on the node, nor count in its transfer quota for
+        ever). They are sent again if a later job needs them."""
+        released = []
+        uses = link.file_uses
+        for job in ended:
+            for digest in link.job_files.pop(job, ()):
+                uses[digest] -= 1
+                if uses[digest] <= 0:
+                    del uses[digest]
+                    link.sent.discard(digest)
+                    released.append(digest)
+        if released and link.conn is not None and not link.conn.closed:
+            with contextlib.suppress(DispynbError):
+                self._post(link, FileRelease(digests=released))
 
     def _post(
         self, link: NodeLink, message: Message, buffers: list[Buffer] | None = None
@@ -237,6 +270,7 @@ class DriverOutbox:
                 self._send_files(link, pending.files)
                 files = [[ref.relative, ref.digest] for ref in pending.files]
                 entries.append([key, attempt, len(payload), files])
+                self._job_files_sent(link, key, attempt, pending.files)
             else:
                 entries.append([key, attempt, len(payload)])
             buffers.extend(payload)

@@ -64,6 +64,7 @@ class DriverResults(DriverOutbox):
         # last, once the jobs this frees are on their way: a result wakes the user's
         # thread, which then waits for this thread's GIL until it is done here.
         notices: list[tuple[Any, ...]] = []
+        files_ended: list[tuple[int, int]] = []  # attempts that had files here?
         for index, entry in enumerate(message.results):
             while next_start < len(starts) and starts[next_start][3] <= index:
                 self._on_start(link, starts[next_start], notices)
@@ -74,6 +75,8 @@ class DriverResults(DriverOutbox):
             )
             if self._segments:
                 self._release_segments(key, attempt, reuse=True)
+            if link.job_files:
+                files_ended.append((key, attempt))
             result_buffers: list[Any] | None
             if streamed:  # its buffers (and a large output) came in chunks
                 stdout, stderr, exception = take_output(
@@ -147,6 +150,8 @@ class DriverResults(DriverOutbox):
             )
         for start in starts[next_start:]:
             self._on_start(link, start, notices)
+        if files_ended:
+            self._job_files_ended(link, files_ended)
         instructions.extend(self.state.dispatch())
         for name in read:  # read (or dropped, stale): ours to free
             shm.unlink(name)

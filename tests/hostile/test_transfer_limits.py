@@ -64,24 +64,61 @@ def size_of(name: str) -> int:
     return os.path.getsize(name)
 
 
+def size_and_store(name: str, store: str) -> tuple[int, int]:
+    """The job's file's size, and how many files the node's store holds now."""
+    import os
+
+    return os.path.getsize(name), len(os.listdir(store))
+
+
 def test_a_job_whose_file_passed_the_quota_says_so(tmp_path, monkeypatch):
-    """Jobs' own files count in the quota too; a job whose file was refused fails
-    with the node's reason (the quota and its option), not 'was not sent'."""
+    """A job whose own files (together) pass the quota fails with the node's
+    reason (the quota and its option), not 'was not sent to this node'."""
     monkeypatch.chdir(tmp_path)
-    for i in range(4):
-        (tmp_path / f"j{i}.bin").write_bytes(bytes([i]) * (30 * KiB))
-    jobs = []
+    names = [f"j{i}.bin" for i in range(4)]
+    for i, name in enumerate(names):
+        (tmp_path / name).write_bytes(bytes([i]) * (30 * KiB))
     with (
         running_node(tmp_path / "node", "--transfer-quota", "100k") as node,
         JobCluster(size_of, nodes=[node.spec], secret=node.secret) as cluster,
     ):
-        for i in range(4):
-            job = cluster.submit(f"j{i}.bin", dispy_job_depends=[f"j{i}.bin"])
-            job()
-            jobs.append(job)
-    assert [job.result for job in jobs[:3]] == [30 * KiB] * 3
-    refused = jobs[3]
+        refused = cluster.submit("j0.bin", dispy_job_depends=names)
+        refused()
+        fits = cluster.submit("j0.bin", dispy_job_depends=names[:1])
+        assert fits() == 30 * KiB  # the refused job's files were let go
     assert refused.result is None
     assert "file 'j3.bin' was refused" in refused.exception, refused.exception
     assert "transfer quota of 102400 bytes" in refused.exception
     assert "--transfer-quota" in refused.exception
+
+
+def test_a_long_computation_sends_jobs_own_files_past_the_quota(tmp_path, monkeypatch):
+    """dispy's pattern: each job with its own data file (dispy_job_depends). The
+    quota bounds the files a computation has on the node at once, not all it ever
+    sent: a job's files are let go when it ends, so the node's store (with no
+    cache) holds the running job's file only, and a file needed again is sent
+    again. Jobs sharing one file at once all get it."""
+    monkeypatch.chdir(tmp_path)
+    names = [f"j{i}.bin" for i in range(8)]
+    for i, name in enumerate(names):
+        (tmp_path / name).write_bytes(bytes([i]) * (30 * KiB))
+    node_dir = tmp_path / "node"
+    store = str(node_dir / "dest" / ".store")
+    with (
+        running_node(
+            node_dir, "--transfer-quota", "100k", "--file-cache-size", "0", cpus=2
+        ) as node,
+        JobCluster(size_and_store, nodes=[node.spec], secret=node.secret) as cluster,
+    ):
+        seen = []
+        for name in [*names, names[0]]:
+            job = cluster.submit(name, store, dispy_job_depends=[name])
+            seen.append(job())
+            assert job.exception is None, job.exception
+        shared = [
+            cluster.submit(names[1], store, dispy_job_depends=[names[1]])
+            for _ in range(6)
+        ]
+        together = [job() for job in shared]
+    assert seen == [(30 * KiB, 1)] * 9, seen
+    assert [size for size, _count in together] == [30 * KiB] * 6

@@ -51,6 +51,7 @@ SAMPLES: list[WireMessage] = [
     m.Recovered(comp_id=1, found=True, running=False),
     m.FilesMissing(comp_id=1, digests=["ab" * 32]),
     m.FilePut(digest="ab" * 32, size=3),
+    m.FileRelease(digests=["ab" * 32]),
     m.FilePlace(comp_id=1, request=4, path="a/b.txt", digest="ab" * 32),
     m.FilePlaced(comp_id=1, request=4, error=""),
     m.FileFromNode(comp_id=1, key=2, path="out/r.txt"),

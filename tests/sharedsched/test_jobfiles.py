@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dispynb import SharedJobCluster
+from dispynb import LocalCluster, SharedJobCluster
 from tests.sharedsched.harness import SchedulerProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
@@ -57,3 +57,37 @@ def test_a_jobs_own_depends_reach_the_node_through_the_scheduler(
             for n in range(9)
         ]
         assert [job() for job in jobs] == [f"content {n % 3}" for n in range(9)]
+
+
+def test_a_long_computation_sends_jobs_own_files_past_the_files_quota(
+    nodes: LocalCluster,
+    users: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """dispy's pattern through the scheduler: each job with its own file. The
+    scheduler keeps a job's file while jobs need it, not until the cluster
+    closes: more files, one after the other, than its --max_files quota allows at
+    once all run, and a file needed again is sent again."""
+    monkeypatch.chdir(tmp_path)
+    names = [f"in-{n}.txt" for n in range(6)]
+    for n, name in enumerate(names):
+        (tmp_path / name).write_text(f"content {n}")
+    sched = SchedulerProcess(
+        tmp_path, nodes.node_specs(), nodes.secret, args=("--max_files", "2")
+    )
+    sched.start()
+    try:
+        with SharedJobCluster(
+            read_job_file,
+            scheduler_host=sched.address,
+            secret_file=str(users["alice"]),
+        ) as cluster:
+            results = []
+            for name in [*names, names[0]]:
+                job = cluster.submit(name, dispy_job_depends=[name])
+                results.append(job())
+                assert job.exception is None, job.exception
+    finally:
+        sched.stop()
+    assert results == [f"content {n}" for n in [*range(6), 0]]
