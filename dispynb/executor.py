@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import cloudpickle
 
 from dispynb._interruptible import start_thread
-from dispynb.errors import RemoteError
+from dispynb.errors import RemoteError, SerializationError
 from dispynb.futures import JobFuture
 from dispynb.futures import (
     cancel_futures as cancel_all,
@@ -272,7 +272,11 @@ class Executor(concurrent.futures.Executor):
         with self._lock:
             if self._shut:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            job = self.cluster.submit(key, blob, calls)
+            try:
+                job = self.cluster.submit(key, blob, calls)
+            except SerializationError as exc:
+                # Its message names the runner's argument (the list of calls).
+                raise SerializationError(_unpicklable_call(calls, exc)) from None
             future = job._attach(lambda job: _CallsFuture(job, self, single))
             assert isinstance(future, _CallsFuture)
             if not future.done():
@@ -307,9 +311,13 @@ class Executor(concurrent.futures.Executor):
         key, blob = _pickle(fn)
         chunks = _chunks(zip(*iterables, strict=False), chunksize)
         in_flight = itertools.islice(chunks, buffersize) if buffersize else chunks
-        futures = collections.deque(
-            self._submit(key, blob, chunk, single=False) for chunk in in_flight
-        )
+        futures: collections.deque[_CallsFuture] = collections.deque()
+        try:
+            for chunk in in_flight:
+                futures.append(self._submit(key, blob, chunk, single=False))
+        except BaseException:  # an argument that cannot be pickled, say
+            cancel_all(futures, wait=False)  # no orphan calls left running
+            raise
         more = chunks if buffersize else iter(())
         results = self._results(futures, more, key, blob, end)
         next(results)  # into its try: closing (or dropping) it now cancels the rest
@@ -399,6 +407,20 @@ def _pickle(fn: Callable[..., Any]) -> tuple[str, bytes]:
     serialize.ship_by_value(fn)
     blob = cloudpickle.dumps(fn)
     return hashlib.blake2b(blob, digest_size=16).hexdigest(), blob
+
+
+def _unpicklable_call(calls: list[Call], error: SerializationError) -> str:
+    """Name the argument of the call (of a ``map`` chunk) that cannot be pickled."""
+    for index, (args, kwargs) in enumerate(calls):
+        named = [(f"argument {i + 1}", value) for i, value in enumerate(args)]
+        named += [(f"keyword argument {k!r}", value) for k, value in kwargs.items()]
+        for name, value in named:
+            try:
+                serialize.dumps(value)
+            except SerializationError as exc:
+                where = f" (call {index + 1} of the chunk)" if len(calls) > 1 else ""
+                return f"{name}{where} cannot be sent to a node: {exc}"
+    return f"the call cannot be sent to a node: {error}"
 
 
 def _chunks(items: Iterator[tuple[Any, ...]], size: int) -> Iterator[list[Call]]:

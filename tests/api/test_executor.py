@@ -20,7 +20,7 @@ import pytest
 
 import dispynb
 from dispynb import LocalCluster
-from dispynb.errors import RemoteError, SetupError
+from dispynb.errors import RemoteError, SerializationError, SetupError
 from dispynb.executor import Executor
 from tests.jobs import WAIT, wait_for_path, wait_until
 
@@ -165,6 +165,26 @@ def test_exception_that_does_not_unpickle_becomes_remote_error(executor):
     assert next(results) == 0 and next(results) == 1
     with pytest.raises(RemoteError, match="NeedsTwo"):
         next(results)
+
+
+def test_an_argument_that_cannot_be_pickled_is_named_at_submit(executor, tmp_path):
+    """Raised at once (ProcessPoolExecutor raises at ``result()``), naming the
+    argument; a ``map`` that meets one leaves none of its calls running."""
+    with pytest.raises(SerializationError, match=r"^argument 2 cannot be sent.*lock"):
+        executor.submit(mul, 1, threading.Lock())
+    with pytest.raises(SerializationError, match=r"^keyword argument 'y' cannot"):
+        executor.submit(mul, 1, y=threading.Lock())
+    gate = Gate(tmp_path)
+    running = [gate.submit(executor, i) for i in range(2)]  # both CPUs busy
+    for future in running:
+        gate.started(future)
+    touched = [tmp_path / "a", tmp_path / "b"]
+    with pytest.raises(SerializationError, match=r"^argument 1 cannot be sent"):
+        executor.map(Path.touch, [*touched, threading.Lock()])
+    wait_until(lambda: executor.cluster.job_counts["Cancelled"] == 2)
+    gate.open()
+    assert [future.result(WAIT) for future in running] == [0, 1]
+    assert not any(path.exists() for path in touched)
 
 
 def test_result_and_exception_time_out(executor, tmp_path):
