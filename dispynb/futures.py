@@ -83,9 +83,13 @@ class JobFuture(concurrent.futures.Future[Any]):
     def cancel(self) -> bool:
         """Cancel the job if it will never run; return whether it is cancelled.
 
-        It may wait for the job's node to answer (see the class's description).
+        It may wait for the job's node to answer (see the class's description),
+        except in a thread running an asyncio loop (``asyncio.wrap_future``,
+        ``run_in_executor`` and ``wait_for`` cancel from there), which it must not
+        stall: there it returns at once, True only if the job is cancelled
+        already; the node's answer settles the future later.
         """
-        return cancel_futures([self])[0]
+        return cancel_futures([self], wait=not _in_event_loop())[0]
 
     def _notify_cancelled(self) -> bool:
         """Tell `concurrent.futures.wait` and ``as_completed`` (as an executor does
@@ -226,6 +230,15 @@ def _wait_answers(futures: list[JobFuture], timeout: float) -> None:
             )
         finally:
             _answer_waiters -= 1
+
+
+def _in_event_loop() -> bool:
+    """Whether this thread is running an asyncio event loop now."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def outcome_error(job: DispyJob) -> BaseException | None:

@@ -207,6 +207,29 @@ def test_await_a_future_in_asyncio_code(executor):
     assert asyncio.run(main()) == [9, 16]
 
 
+def test_cancelling_from_asyncio_does_not_stall_the_event_loop(executor, tmp_path):
+    """``wait_for`` on ``run_in_executor`` times out and cancels the call from the
+    loop's thread: that must not wait there for the node's answer (for a call sent
+    ahead to a busy worker, only once the running call ends)."""
+    send_ahead(executor)
+    gate = Gate(tmp_path)
+    running = [gate.submit(executor, i) for i in range(2)]
+    queued = executor.submit(Path.touch, tmp_path / "queued")  # ahead, behind one
+
+    async def give_up_waiting() -> None:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(asyncio.wrap_future(queued), 0.05)
+
+    for future in running:
+        gate.started(future)
+    asyncio.run(give_up_waiting())
+    assert ended(tmp_path) == []  # it did not wait for the running calls
+    gate.open()
+    assert [future.result(WAIT) for future in running] == [0, 1]
+    cf.wait([queued], WAIT)
+    assert queued.cancelled() or queued.result(0) is None
+
+
 def test_max_workers_must_be_positive():
     for bad in (0, -1):
         with pytest.raises(ValueError, match="max_workers"):
