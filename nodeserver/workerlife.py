@@ -80,6 +80,13 @@ class _WorkerLife(_ComputationState):
         except BaseException:
             parent_sock.close()
             raise
+        if self._closing:
+            # Closed while its process was being made (`close` found none to stop):
+            # nothing else would ever stop this one.
+            parent_sock.close()
+            self._process.kill()
+            await self._process.wait()
+            raise SetupError("the computation was closed during its setup")
         self._control = ControlChannel(
             parent_sock, self._on_control, self._on_control_closed, self._max_size
         )

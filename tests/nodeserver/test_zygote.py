@@ -19,7 +19,12 @@ import pytest
 
 from dispynb import DispyJob, JobCluster
 from dispynb.protocol import serialize
-from dispynb.protocol.messages import ComputationSetup
+from dispynb.protocol.messages import (
+    ComputationClose,
+    ComputationClosed,
+    ComputationSetup,
+)
+from dispynb.transport.connection import Connection
 from dispynb.transport.connector import connect
 from nodeserver.zygote import COMPUTE_NAME, ZYGOTE_NAME
 from tests.jobs import WAIT, computation_processes, mark_and_hold, square, wait_until
@@ -205,9 +210,13 @@ def test_no_zygote_is_left_after_the_node_stops(tmp_path: Path, how: str) -> Non
     assert report["left"] == []
 
 
-async def _set_up_and_leave(node: CliNode, dest: Path) -> None:
+async def _set_up_and_leave(
+    node: CliNode, dest: Path, zygote: psutil.Process | None = None
+) -> None:
     """Set a computation up on ``node`` and hang up once the node asked its zygote
-    for the computation's process (its directory is made just before)."""
+    for the computation's process (its directory is made just before). With
+    ``zygote``: close the computation first (its directory kept), then let the
+    zygote go on and wait for the end of the setup before hanging up."""
     conn, _ = await connect(
         "127.0.0.1",
         node.port,
@@ -215,14 +224,36 @@ async def _set_up_and_leave(node: CliNode, dest: Path) -> None:
         max_message_size=1 << 24,
         name="leaver",
     )
+    try:
+        await _set_up(conn, node, dest, zygote)
+    finally:
+        conn.close()
+
+
+async def _set_up(
+    conn: Connection, node: CliNode, dest: Path, zygote: psutil.Process | None
+) -> None:
     bundle = serialize.dumps({"func": square, "setup": None, "setup_args": ()})
-    conn.write(ComputationSetup(comp_id=1, name="left", workers=1), bundle)
+    # Kept when closed (cleanup=False): else its process ends at once, unable to
+    # enter it.
+    cleanup = zygote is None
+    setup = ComputationSetup(comp_id=1, name="left", workers=1, cleanup=cleanup)
+    conn.write(setup, bundle)
     await conn.flush()
     deadline = time.monotonic() + WAIT
     while not any(path.is_dir() for path in dest.rglob("left-1")):
         assert time.monotonic() < deadline, "the node did not start the setup"
         await asyncio.sleep(0.01)
-    conn.close()
+    if zygote is not None:
+        conn.write(ComputationClose(comp_id=1, terminate=True))
+        async with asyncio.timeout(WAIT):
+            while not isinstance((await conn.recv())[0], ComputationClosed):
+                pass
+        zygote.resume()
+        # "computation left failed to start: ..." or "... of ... ready with ...".
+        while "computation left " not in node.log_text():
+            assert time.monotonic() < deadline, "the node did not end the setup"
+            await asyncio.sleep(0.01)
 
 
 def test_a_client_leaving_during_a_setup_costs_no_other_computation(
@@ -252,3 +283,21 @@ def test_a_client_leaving_during_a_setup_costs_no_other_computation(
             job()
             assert job.status == DispyJob.Finished, job.exception
         assert "no pids limit" not in node.log_text()
+
+
+def test_a_computation_closed_while_its_process_is_made_leaves_none(
+    tmp_path: Path,
+) -> None:
+    """A computation closed while the zygote makes its process (the zygote held
+    up, as under load) must not leave that process and its workers running for
+    the node's life once its client has gone."""
+    with running_node(tmp_path / "node", cpus=2) as node:
+        zygote = zygote_of(node)
+        zygote.suspend()
+        try:
+            asyncio.run(_set_up_and_leave(node, tmp_path / "node" / "dest", zygote))
+        finally:
+            zygote.resume()
+        node_process = psutil.Process(node.proc.pid)
+        wait_until(lambda: not computation_processes(node_process))
+        assert "computation left of" not in node.log_text()  # never "ready"
