@@ -32,6 +32,11 @@ UseNode = Callable[[str, int, NodeAllocate], None]
 #: Where nodes without a secret answer pings: they listen on loopback only.
 LOCAL_NODES = "127.0.0.1"
 
+#: Seconds between pings of `LOCAL_NODES`: a node there announces nothing when it
+#: starts (it sends no datagram off loopback), so a client started before it finds it
+#: only by pinging again.
+LOCAL_PING_INTERVAL = 2.0
+
 #: Seconds without a usable node before the client says what may be wrong.
 NO_NODE_WARNING = 5.0
 
@@ -100,11 +105,27 @@ class NodeFinder:
             )
         if self._ping_interval:
             self._pinger = asyncio.get_running_loop().create_task(self._ping_forever())
+        self._ping_local_nodes(targets)
 
     def add(self, specs: list[NodeAllocate]) -> None:
         """More wildcard specs (``discover_nodes``): ping their networks now."""
         self.specs.extend(specs)
-        self._discovery.ping(self._targets(specs))
+        targets = self._targets(specs)
+        self._discovery.ping(targets)
+        self._ping_local_nodes(targets)
+
+    def _ping_local_nodes(self, targets: list[str]) -> None:
+        """Without ``ping_interval``, keep pinging 127.0.0.1 (if a target), so that
+        nodes started there later are found, as broadcasting nodes are."""
+        if LOCAL_NODES in targets and self._pinger is None:
+            self._pinger = asyncio.get_running_loop().create_task(
+                self._ping_local_forever()
+            )
+
+    async def _ping_local_forever(self) -> None:
+        while True:
+            await asyncio.sleep(LOCAL_PING_INTERVAL)
+            self._discovery.ping([LOCAL_NODES])
 
     def _targets(self, specs: list[NodeAllocate]) -> list[str]:
         return ping_targets(specs, multicast=self._multicast, local=self._local)

@@ -20,6 +20,7 @@ from tests.multihost.netns import (
     Network,
     run_client,
     start_client,
+    start_node,
     wait_for,
 )
 from tests.multihost.programs import (
@@ -256,3 +257,45 @@ def test_cluster_gives_jobs_to_a_late_node(
         client.stop()
     assert [j["status"] for j in jobs] == [FINISHED] * 12
     assert [j["result"] for j in jobs] == [n * n for n in range(12)]
+
+
+#: A dispy program without a secret that names no nodes; writes ``ready`` once its
+#: cluster has pinged (before any node runs), then runs one job.
+NO_SECRET_CLIENT = """
+import dispynb
+
+
+def compute(n):
+    return n * n
+
+
+def main(args):
+    cluster = dispynb.JobCluster(compute)
+    try:
+        open(args["ready"], "w").close()
+        job = cluster.submit(7)
+        return [job(), job.status]
+    finally:
+        cluster.close(timeout=10, terminate=True)
+"""
+
+
+def test_client_without_secret_finds_a_node_started_after_it(
+    network: Network, client_host: Host, tmp_path: Path
+) -> None:
+    """A node without a secret serves 127.0.0.1 only and announces nothing when it
+    starts: a client without one, started first, finds it by pinging there again
+    (as deploy-nodes.md says nodes that start later are used)."""
+    ready = tmp_path / "ready"
+    client = start_client(
+        network, client_host, tmp_path, NO_SECRET_CLIENT, {"ready": str(ready)}
+    )
+    node = None
+    try:
+        wait_for(ready.exists, 30, "the client's first pings")
+        node = start_node(network, client_host, tmp_path, None)
+        assert client.result(30) == [49, FINISHED]
+    finally:
+        client.stop()
+        if node is not None:
+            node.stop()
