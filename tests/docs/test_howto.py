@@ -1,0 +1,205 @@
+"""The pages a newcomer follows step by step (README, getting started, the how-tos)
+work as written: the options they give the programs and magics exist, their notebook
+cells run in IPython, and their self-contained Python samples run (no build needed)."""
+
+from __future__ import annotations
+
+import argparse
+import builtins
+import importlib
+import re
+import subprocess
+import symtable
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+#: The pages, in the order a newcomer reads them.
+PAGES = [
+    ROOT / "README.md",
+    ROOT / "docs" / "getting-started.md",
+    *sorted((ROOT / "docs" / "howto").glob("*.md")),
+    ROOT / "docs" / "security.md",
+    ROOT / "schedserver" / "README.md",
+]
+
+#: Each program named in the pages, and the module whose ``build_parser`` it runs.
+PROGRAMS = {
+    "dispynb-node": "nodeserver.cli",
+    "dispynb-scheduler": "schedserver.cli",
+}
+
+#: Seconds for one page's cells or one sample (each starts its own local nodes).
+SAMPLE_TIMEOUT = 90
+
+
+def _options(parser: argparse.ArgumentParser) -> set[str]:
+    found: set[str] = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found |= _options(sub)
+        found |= set(action.option_strings)
+    return found
+
+
+def _blocks(text: str, language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", text, re.S)
+
+
+def _ids(pages: list[Path]) -> list[str]:
+    return [str(page.relative_to(ROOT)) for page in pages]
+
+
+def _mentions(text: str, program: str) -> list[tuple[str, str]]:
+    """``(option, line)`` for each ``--option`` on a line after ``program``: in code
+    blocks, inline code and ``{option}`dispynb-node --x``` roles alike."""
+    found = []
+    for line in re.findall(rf"(?<![\w-]){re.escape(program)}(?![\w-])[^`\n]*", text):
+        for option in re.findall(r"(?<![\w-])(--[A-Za-z0-9][\w-]*)", line):
+            found.append((option, line.strip()))
+    return found
+
+
+@pytest.mark.parametrize("program", sorted(PROGRAMS))
+def test_pages_give_the_programs_only_options_they_have(program: str) -> None:
+    options = _options(importlib.import_module(PROGRAMS[program]).build_parser())
+    unknown = [
+        f"{page.relative_to(ROOT)}: {option} in {line!r}"
+        for page in PAGES
+        for option, line in _mentions(page.read_text(encoding="utf-8"), program)
+        if option not in options
+    ]
+    assert not unknown, "\n".join(unknown)
+
+
+def test_pages_give_the_magics_only_options_they_have() -> None:
+    from dispynb.jupyter.magics import DispyMagics
+
+    line_options = _options(DispyMagics.dispy.parser)
+    cell_options = _options(DispyMagics.cell_dispy.parser)
+    unknown = []
+    seen = 0
+    for page in PAGES:
+        text = page.read_text(encoding="utf-8")
+        for magic, line in re.findall(r"(?m)(%%?dispy)(?![\w-])([^`\n]*)", text):
+            known = cell_options if magic == "%%dispy" else line_options
+            for option in re.findall(r"(?<![\w-])(--[A-Za-z0-9][\w-]*)", line):
+                seen += 1
+                if option.split("=")[0] not in known:
+                    unknown.append(f"{page.relative_to(ROOT)}: {magic}{line}")
+    assert seen, "the pages show the magics' options"
+    assert not unknown, "\n".join(unknown)
+
+
+#: Runs a page's notebook cells, in order, in one IPython shell; exits 1 at the
+#: first cell that fails, naming it.
+CELLS_RUNNER = """
+import json
+import sys
+
+from IPython.testing.globalipapp import start_ipython
+
+shell = start_ipython()
+try:
+    for cell in json.load(sys.stdin):
+        outcome = shell.run_cell(cell)
+        if not outcome.success:
+            sys.exit(f"this cell failed:\\n{cell}")
+finally:
+    shell.run_cell("%dispy close")
+"""
+
+
+def _notebook_cells(page: Path) -> list[str]:
+    return [b for b in _blocks(page.read_text(encoding="utf-8"), "python") if "%" in b]
+
+
+NOTEBOOK_PAGES = [page for page in PAGES if _notebook_cells(page)]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(SAMPLE_TIMEOUT + 30)
+@pytest.mark.parametrize("page", NOTEBOOK_PAGES, ids=_ids(NOTEBOOK_PAGES))
+def test_notebook_cells_of_a_page_run(page: Path, tmp_path: Path) -> None:
+    """The cells a page shows (``%load_ext dispynb``, ``%dispy local``, a ``%%dispy``
+    cell) run in IPython as printed."""
+    import json
+
+    done = subprocess.run(
+        [sys.executable, "-c", CELLS_RUNNER],
+        input=json.dumps(_notebook_cells(page)),
+        capture_output=True,
+        text=True,
+        timeout=SAMPLE_TIMEOUT,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "%%dispy" in "".join(_notebook_cells(page))
+
+
+def _free_names(code: str) -> set[str]:
+    """Global names ``code`` reads but neither defines nor imports (builtins aside)."""
+    table = symtable.symtable(code, "<sample>", "exec")
+    defined = {
+        s.get_name()
+        for s in table.get_symbols()
+        if s.is_assigned() or s.is_imported() or s.is_namespace()
+    }
+    read: set[str] = set()
+    pending = [table]
+    while pending:
+        current = pending.pop()
+        pending += current.get_children()
+        for symbol in current.get_symbols():
+            top = current is table
+            if symbol.is_referenced() and (top or symbol.is_global()):
+                read.add(symbol.get_name())
+    return read - defined - set(dir(builtins))
+
+
+def _samples() -> list[tuple[Path, str]]:
+    """The Python samples that stand alone: no magic, no name left to the reader
+    (``compute``, ``cluster``, ...), no ``...`` to fill in, no remote host."""
+    samples = []
+    for page in PAGES:
+        for block in _blocks(page.read_text(encoding="utf-8"), "python"):
+            if "%" in block or re.search(r"^\s*\.\.\.$", block, re.M):
+                continue
+            if not _free_names(block):
+                samples.append((page, block))
+    return samples
+
+
+SAMPLES = _samples()
+
+
+def test_free_names_tell_a_sample_from_a_fragment() -> None:
+    assert (
+        _free_names("import os\ndef f(n):\n    return os.sep * n\nf(len([1]))") == set()
+    )
+    assert _free_names("cluster = JobCluster(compute)") == {"JobCluster", "compute"}
+    assert any(page.name == "futures.md" for page, _ in SAMPLES)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(SAMPLE_TIMEOUT + 30)
+@pytest.mark.parametrize(
+    "sample",
+    [block for _, block in SAMPLES],
+    ids=[f"{page.relative_to(ROOT)}-{i}" for i, (page, _) in enumerate(SAMPLES)],
+)
+def test_a_self_contained_sample_runs(sample: str, tmp_path: Path) -> None:
+    script = tmp_path / "sample.py"
+    script.write_text(sample, encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=SAMPLE_TIMEOUT,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
