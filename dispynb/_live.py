@@ -43,9 +43,13 @@ def register(cluster: JobCluster) -> int:
     cluster_id = next(_ids)
     _live[cluster_id] = weakref.ref(cluster)
     with _exit_hook:
-        if not _exit_hooked:
-            atexit.register(_close_at_exit)
-            _exit_hooked = True
+        # Last registered, first run: moved behind the exit hooks registered
+        # since (a LocalCluster started for this cluster closes its nodes at
+        # exit), the clusters close before their nodes go (no "node left").
+        if _exit_hooked:
+            atexit.unregister(_close_at_exit)
+        atexit.register(_close_at_exit)
+        _exit_hooked = True
     return cluster_id
 
 

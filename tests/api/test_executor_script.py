@@ -1,6 +1,7 @@
 """`dispynb.Executor` in a user's script, run as a terminal runs it: Ctrl-C (SIGINT
 to the script's whole process group) while ``map`` runs ends the script promptly
-and leaves no node or worker process behind, as ``ProcessPoolExecutor`` does."""
+and leaves no node or worker process behind, as ``ProcessPoolExecutor`` does; an
+executor left open ends quietly with the script."""
 
 from __future__ import annotations
 
@@ -73,3 +74,32 @@ def test_ctrl_c_during_map_ends_the_script_and_its_processes(tmp_path: Path) -> 
     assert err.rstrip().endswith("KeyboardInterrupt"), err
     _gone, alive = psutil.wait_procs(below, timeout=WAIT)
     assert alive == []
+
+
+LEFT_OPEN = textwrap.dedent(
+    """
+    from dispynb import Executor
+
+    if __name__ == "__main__":
+        with Executor(max_workers=1) as executor:
+            assert executor.submit(abs, -1).result() == 1
+        executor = Executor(max_workers=1)  # never shut down
+        print(executor.submit(abs, -3).result())
+    """
+)
+
+
+def test_an_executor_left_open_ends_quietly_with_the_script(tmp_path: Path) -> None:
+    """Its cluster closes at exit before its local nodes stop: before, the nodes
+    went first and the script ended on a warning per node ("node ... left")."""
+    script = tmp_path / "script.py"
+    script.write_text(LEFT_OPEN)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=PROMPTLY,
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (0, "3\n", "")
