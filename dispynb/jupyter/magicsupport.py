@@ -53,7 +53,8 @@ def cell_origin(shell: Any, cell: str) -> tuple[int | None, list[str]]:
 
 def parse_line(magic: Callable[..., Any], line: str) -> Any:
     """Parse ``line`` for ``magic``; an unknown option is named, with the likely
-    one (``unknown option --ovr; did you mean --over?``)."""
+    one (``unknown option --ovr; did you mean --over?``). A word that starts with
+    ``#`` (unquoted) begins a comment, which is ignored."""
     from IPython.utils.process import arg_split
 
     parser = magic.parser  # type: ignore[attr-defined]
@@ -62,6 +63,10 @@ def parse_line(magic: Callable[..., Any], line: str) -> Any:
         words = arg_split(line, strict=True)
     except ValueError as exc:
         raise UsageError(f"cannot parse {line!r}: {exc}") from None
+    for index, word in enumerate(words):
+        if word.startswith("#"):  # a comment, as %dispy?'s examples have
+            words = words[:index]
+            break
     for word in words:
         option = word.split("=", 1)[0]
         if not option.startswith("--") or option == "--":
@@ -71,7 +76,7 @@ def parse_line(magic: Callable[..., Any], line: str) -> Any:
         close = difflib.get_close_matches(option, known, n=1, cutoff=0.5)
         hint = f"; did you mean {close[0]}?" if close else ""
         raise UsageError(f"unknown option {option}{hint} (see %{parser.prog}?)")
-    return parser.parse_argstring(line)
+    return parser.parse_args(words)
 
 
 @contextlib.contextmanager

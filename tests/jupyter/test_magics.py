@@ -46,6 +46,20 @@ def cell(ip: InteractiveShell, line: str, body: str) -> tuple[object, str, str]:
     return result, captured.stdout, captured.stderr
 
 
+def test_a_comment_after_a_magic_line_is_ignored(ip):
+    """As in the examples of ``%dispy?`` (``%dispy status   # nodes and runs``); a
+    quoted ``#`` is no comment."""
+    with capture_output():
+        status = ip.run_line_magic("dispy", "status   # nodes and runs")
+    assert "local nodes" in repr(status)
+    cell(
+        ip,
+        "--over \"[len('#a')]\" --into commented   # one job",
+        "def f(x):\n    return x + 1\n",
+    )
+    assert ip.user_ns["commented"].results == [3]
+
+
 def test_magic_cell_runs_last_function_over_inputs_into_variable(ip):
     _, out, err = cell(
         ip,
