@@ -30,6 +30,8 @@ PAGES = [
 PROGRAMS = {
     "dispynb-node": "nodeserver.cli",
     "dispynb-scheduler": "schedserver.cli",
+    "dispynb demo": "dispynb.cli",
+    "dispynb secret": "dispynb.cli",
 }
 
 #: Seconds for one page's cells or one sample (each starts its own local nodes).
@@ -74,6 +76,18 @@ def test_pages_give_the_programs_only_options_they_have(program: str) -> None:
         if option not in options
     ]
     assert not unknown, "\n".join(unknown)
+
+
+def test_the_scheduler_page_names_only_options_of_its_programs() -> None:
+    """schedserver/README.md names options without the program before them: each
+    is one of dispynb-scheduler's or (for the nodes) dispynb-node's."""
+    options = set()
+    for module in ("schedserver.cli", "nodeserver.cli"):
+        options |= _options(importlib.import_module(module).build_parser())
+    text = (ROOT / "schedserver" / "README.md").read_text(encoding="utf-8")
+    named = set(re.findall(r"(?<![\w-])(--[A-Za-z0-9][\w-]*)", text))
+    assert "--max_cpus" in named
+    assert not named - options, sorted(named - options)
 
 
 def test_pages_give_the_magics_only_options_they_have() -> None:
