@@ -137,8 +137,10 @@ def test_given_executor_exceptions_and_n_jobs(local: LocalCluster):
                 joblib.delayed(fail_on)(x, -1) for x in range(5)
             ) == list(range(5))
             # Parallel's timeout terminates the batches still running.
+            # The batches the failure above stopped end first (asynchronously).
+            wait_until(lambda: not executor._pending)
             counts = executor.cluster.job_counts
-            before = counts["Terminated"]  # the failure above may have stopped some
+            before = counts["Terminated"]
             with pytest.raises(multiprocessing.TimeoutError):
                 joblib.Parallel(n_jobs=-1, timeout=0.5)(
                     joblib.delayed(time.sleep)(60) for _ in range(2)
