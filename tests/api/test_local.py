@@ -91,6 +91,18 @@ def test_local_cluster_two_nodes_both_run_jobs():
     assert {job.result for job in submitted} == {"local-0", "local-1"}
 
 
+def test_local_cluster_outlives_the_job_clusters_on_it():
+    """Its nodes stop when it closes, not with a `JobCluster` (choose-engine.md):
+    a second cluster runs on them."""
+    with LocalCluster(cpus=1) as local:
+        for n in (2, 3):
+            with JobCluster(jobs.square, nodes=local) as cluster:
+                assert cluster.submit(n)() == n * n
+            assert all(psutil.pid_exists(pid) for pid in local.pids)
+        pids = local.pids
+    assert not any(psutil.pid_exists(pid) for pid in pids)
+
+
 def test_local_cluster_close_twice_is_harmless():
     local = LocalCluster(cpus=1)
     pids = local.pids
