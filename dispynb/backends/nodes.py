@@ -478,7 +478,11 @@ class NodesBackend:
 
     def _cancel_on_loop(self, keys: list[int], unstarted: bool, held: bool) -> None:
         self.driver.drain()  # a job may still be waiting to be scheduled
-        for key in keys:
+        # Latest submitted first: those still wait on their nodes while the earlier
+        # ones run. A node may read each cancel apart; a CPU freed by a job it stops
+        # would start a waiting job that was to be cancelled next (it then ended
+        # terminated, not cancelled).
+        for key in sorted(keys, reverse=True):
             self.driver.cancel(key, unstarted, held)
 
     def node_load(self) -> dict[str, tuple[int, int]]:
