@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 from tests.jobs import WAIT, wait_for_path
+from tests.sigint import python_handles_sigint
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -51,14 +52,17 @@ def test_ctrl_c_during_map_ends_the_script_and_its_processes(tmp_path: Path) -> 
     script = tmp_path / "script.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.Popen(
-        [sys.executable, str(script), str(tmp_path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        start_new_session=True,  # its own process group, as a terminal's job
-    )
+    # As a terminal starts it: Python's SIGINT handler (a background job, as CI's
+    # test run, would pass SIGINT ignored on to the script, which then ignores it).
+    with python_handles_sigint():
+        proc = subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            start_new_session=True,  # its own process group, as a terminal's job
+        )
     try:
         for i in range(2):
             wait_for_path(tmp_path / str(i), timeout=60)
