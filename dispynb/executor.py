@@ -412,14 +412,11 @@ def _pickle(fn: Callable[..., Any]) -> tuple[str, bytes]:
 def _unpicklable_call(calls: list[Call], error: SerializationError) -> str:
     """Name the argument of the call (of a ``map`` chunk) that cannot be pickled."""
     for index, (args, kwargs) in enumerate(calls):
-        named = [(f"argument {i + 1}", value) for i, value in enumerate(args)]
-        named += [(f"keyword argument {k!r}", value) for k, value in kwargs.items()]
-        for name, value in named:
-            try:
-                serialize.dumps(value)
-            except SerializationError as exc:
-                where = f" (call {index + 1} of the chunk)" if len(calls) > 1 else ""
-                return f"{name}{where} cannot be sent to a node: {exc}"
+        found = serialize.unpicklable_argument(args, kwargs)
+        if found is not None:
+            name, exc = found
+            where = f" (call {index + 1} of the chunk)" if len(calls) > 1 else ""
+            return f"{name}{where} cannot be sent to a node: {exc}"
     return f"the call cannot be sent to a node: {error}"
 
 

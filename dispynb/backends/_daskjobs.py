@@ -342,14 +342,11 @@ class _Jobs(_DaskState):
 
 def _unpicklable(job: JobRequest, error: SerializationError) -> str:
     """Name the argument that cannot be pickled."""
-    named = [(f"argument {i + 1}", value) for i, value in enumerate(job.args)]
-    named += [(f"keyword argument {k!r}", v) for k, v in job.kwargs.items()]
-    for name, value in named:
-        try:
-            serialize.dumps(value)
-        except SerializationError as exc:
-            return f"job {name} cannot be sent to a Dask worker: {exc}"
-    return f"job arguments cannot be sent to a Dask worker: {error}"
+    found = serialize.unpicklable_argument(job.args, job.kwargs)
+    if found is None:
+        return f"job arguments cannot be sent to a Dask worker: {error}"
+    name, exc = found
+    return f"job {name} cannot be sent to a Dask worker: {exc}"
 
 
 async def _settled(future: Any) -> None:

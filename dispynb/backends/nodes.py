@@ -576,14 +576,11 @@ def _unpicklable_argument(
     args: tuple[Any, ...], kwargs: dict[str, Any], error: SerializationError
 ) -> str:
     """Name the argument that cannot be pickled (the error only names the tuple)."""
-    named = [(f"argument {i + 1}", value) for i, value in enumerate(args)]
-    named += [(f"keyword argument {key!r}", value) for key, value in kwargs.items()]
-    for name, value in named:
-        try:
-            serialize.dumps(value)
-        except SerializationError as exc:
-            return f"job {name} cannot be sent to a node: {exc}"
-    return f"job arguments cannot be sent to a node: {error}"
+    found = serialize.unpicklable_argument(args, kwargs)
+    if found is None:
+        return f"job arguments cannot be sent to a node: {error}"
+    name, exc = found
+    return f"job {name} cannot be sent to a node: {exc}"
 
 
 def _result_cap(opts: ClusterOptions) -> int:

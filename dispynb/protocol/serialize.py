@@ -83,6 +83,23 @@ def loads(
         ) from exc
 
 
+def unpicklable_argument(
+    args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[str, SerializationError] | None:
+    """The first argument of a call ``(args, kwargs)`` that cannot be pickled, as
+    ``("argument 2", error)`` or ``("keyword argument 'y'", error)``; None if each
+    pickles on its own. For error messages: `dumps` of the whole call names only
+    the type of the value that failed, not which argument holds it."""
+    named = [(f"argument {i + 1}", value) for i, value in enumerate(args)]
+    named += [(f"keyword argument {key!r}", value) for key, value in kwargs.items()]
+    for name, value in named:
+        try:
+            dumps(value)
+        except SerializationError as exc:
+            return name, exc
+    return None
+
+
 # --- Out-of-band bytes and bytearrays -------------------------------------------
 # Stock pickle writes bytes and bytearrays in-band even with protocol 5 and a
 # buffer_callback (only PickleBuffer objects, as NumPy arrays produce, go out-of-band),

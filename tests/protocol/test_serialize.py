@@ -135,6 +135,15 @@ def test_dumps_bare_lock_raises_naming_type():
         dumps(threading.Lock())
 
 
+def test_unpicklable_argument_names_the_first_one_that_does_not_pickle():
+    lock = threading.Lock()
+    name, error = serialize.unpicklable_argument((1, lock), {"y": lock})
+    assert name == "argument 2" and "lock" in str(error)
+    name, _ = serialize.unpicklable_argument((1,), {"x": 2, "y": lock})
+    assert name == "keyword argument 'y'"
+    assert serialize.unpicklable_argument((1, [2]), {"x": "3"}) is None
+
+
 def test_dumps_error_repr_is_truncated():
     with pytest.raises(SerializationError) as info:
         dumps([threading.Lock(), "x" * 1000])
