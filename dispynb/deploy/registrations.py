@@ -72,13 +72,22 @@ class _Registrations(_Scaling[Handle]):
                 self._changed.wait(min(0.2, max(0.0, deadline - time.monotonic())))
 
     def _not_registered(self, waiting: list[Launched[Handle]], timeout: float) -> str:
+        if not waiting:
+            return (
+                "no node is running or starting: start(n), scale(n) or adapt() "
+                "launches them"
+            )
+        where = format_address(self.register_host or "*", self.register_port)
         reasons = [f"{x.name}: {self._reason(x) or 'still starting'}" for x in waiting]
+        if all(self._reason(x) is not None for x in waiting):
+            what = f"exited before registering with {where}"
+        else:
+            what = f"did not register with {where} within {timeout:g} s"
         return (
-            f"{len(waiting)} launched node(s) did not register with "
-            f"{format_address(self.register_host or '*', self.register_port)} "
-            f"within {timeout:g} s ({'; '.join(reasons)}). Check the nodes' log "
-            "records above (logger dispynb.deploy), that dispynb is installed where "
-            "they run, and that they can reach this address (register_host=)"
+            f"{len(waiting)} launched node(s) {what} ({'; '.join(reasons)}). Check "
+            "the nodes' log records above (logger dispynb.deploy), that dispynb is "
+            "installed where they run, and that they can reach this address "
+            "(register_host=)"
         )
 
     def node_specs(self) -> list[str]:
@@ -102,7 +111,9 @@ class _Registrations(_Scaling[Handle]):
                 x.joining_until = time.monotonic() + JOIN_GRACE
         specs = [x.node.spec for x in given if x.node is not None]
         if not specs:
-            self.wait_for(1, timeout=0.0)  # raises, saying why
+            with self._changed:
+                waiting = [x for x in self._in_use() if x.node is None]
+            raise LaunchError(self._not_registered(waiting, self.wait))
         return specs
 
     def subscribe(

@@ -13,6 +13,7 @@ import contextlib
 import html
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -192,10 +193,13 @@ class Session:
         from dispynb.deploy import SSHNodes
 
         self.close()
-        with friendly_errors(
-            f"%dispy ssh could not start nodes on {' '.join(hosts)}",
-            hint="check that `ssh HOST` works without a prompt and that dispynb is "
-            "installed there for --python",
+        with (
+            self._closed_on_failure(),
+            friendly_errors(
+                f"%dispy ssh could not start nodes on {' '.join(hosts)}",
+                hint="check that `ssh HOST` works without a prompt and that dispynb "
+                "is installed there for --python",
+            ),
         ):
             self.local = SSHNodes(
                 hosts,
@@ -225,11 +229,14 @@ class Session:
         from dispynb.deploy import SlurmNodes
 
         self.close()
-        with friendly_errors(
-            "%dispy slurm could not start the nodes",
-            hint="check that sbatch works here (a SLURM login node), that the "
-            "partition and options are right, and that dispynb is installed for "
-            "--python on the compute nodes",
+        with (
+            self._closed_on_failure(),
+            friendly_errors(
+                "%dispy slurm could not start the nodes",
+                hint="check that sbatch works here (a SLURM login node), that the "
+                "partition and options are right, and that dispynb is installed for "
+                "--python on the compute nodes",
+            ),
         ):
             self.local = SlurmNodes(0 if adapt else count, **launcher)
             self.nodes = self.local
@@ -239,6 +246,17 @@ class Session:
             self._register_atexit()
             self.probe()
         self._show_in_use()
+
+    @contextlib.contextmanager
+    def _closed_on_failure(self) -> Iterator[None]:
+        """Starting nodes failed (or was interrupted): stop what did start, and keep
+        no nodes, so that ``%dispy status`` and the next cell say there are none
+        rather than tripping over a launcher whose nodes never came."""
+        try:
+            yield
+        except BaseException:
+            self.close()
+            raise
 
     def attach(self, specs: list[str], options: dict[str, Any]) -> None:
         """Use node servers started elsewhere, after checking that they answer."""
@@ -438,7 +456,16 @@ class SessionStatus:
             return f"{self.engine.name} engine: {self.engine_label}"
         if self.nodes is None:
             return "no nodes: use %dispy local or %dispy nodes HOST ..."
-        if hasattr(self.nodes, "node_specs"):
+        from dispynb.deploy.base import NodeLauncher
+
+        if isinstance(self.nodes, NodeLauncher):
+            # The nodes registered now (node_specs would wait for nodes starting,
+            # raise without any, and under adapt launch one).
+            specs = [node.spec for node in self.nodes.nodes]
+            if not specs:
+                return f"{self.nodes.kind} nodes: none registered"
+            return f"{self.nodes.kind} nodes {', '.join(specs)}"
+        if hasattr(self.nodes, "node_specs"):  # a LocalCluster
             kind = launcher_kind(self.nodes)
             return f"{kind} nodes {', '.join(self.nodes.node_specs())}"
         return f"nodes {', '.join(self.nodes)}"

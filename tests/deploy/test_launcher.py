@@ -95,7 +95,7 @@ def test_nodes_that_cannot_start_give_a_clear_error() -> None:
     with LocalProcesses(extra=("--no-such-option",)) as nodes:
         nodes.start(2)
         with pytest.raises(
-            LaunchError, match=r"did not register.*exited with status 2"
+            LaunchError, match=r"exited before registering.*exited with status 2"
         ):
             nodes.node_specs()
 

@@ -1,0 +1,109 @@
+"""`SSHNodes` and ``%dispy ssh`` as a user meets them, on this machine: a stand-in for
+the ``ssh`` command runs the remote command here (the real sshd runs in
+tests/multihost/test_ssh*.py)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from IPython.core.interactiveshell import InteractiveShell
+from IPython.utils.capture import capture_output
+from traitlets.config import Config
+
+from dispynb.deploy import LaunchError, SSHNodes
+from dispynb.jupyter.errors import MagicError
+from dispynb.jupyter.magics import DispyMagics
+from tests.nodeproc import ROOT
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
+
+#: ``ssh [options] -- HOST COMMAND`` runs COMMAND here; ``ssh -G HOST`` says the
+#: host is 127.0.0.1 (so the node registers over loopback).
+FAKE_SSH = f"""#!/bin/sh
+for last; do :; done
+case " $* " in *" -G "*) echo "hostname 127.0.0.1"; exit 0;; esac
+export PYTHONPATH={ROOT}
+exec /bin/sh -c "$last"
+"""
+
+
+@pytest.fixture
+def fake_ssh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An ``ssh`` first on PATH that runs the remote command on this machine."""
+    directory = tmp_path / "bin"
+    directory.mkdir()
+    ssh = directory / "ssh"
+    ssh.write_text(FAKE_SSH)
+    ssh.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{directory}:{Path('/usr/bin')}:{Path('/bin')}")
+    return ssh
+
+
+@pytest.fixture
+def ip() -> Iterator[InteractiveShell]:
+    config = Config()
+    config.HistoryManager.hist_file = ":memory:"
+    shell = InteractiveShell.instance(config=config)
+    shell.run_line_magic("load_ext", "dispynb")
+    yield shell
+    with capture_output():
+        shell.run_line_magic("dispy", "close")
+    shell.run_line_magic("unload_ext", "dispynb")
+
+
+def test_nodes_that_exit_at_once_are_reported_as_such(fake_ssh: Path) -> None:
+    """A wrong --python: the error names the host and what the shell said, and does
+    not claim a wait of 0 s (it said 'did not register ... within 0 s')."""
+    nodes = SSHNodes(["node1"], python="/nonexistent/python", wait=30)
+    with nodes, pytest.raises(LaunchError) as raised:
+        nodes.node_specs()
+    message = str(raised.value)
+    assert "exited before registering" in message, message
+    assert "within 0 s" not in message
+    assert "ssh to node1 exited with status 127" in message
+    assert "/nonexistent/python" in message
+
+
+def test_a_failed_dispy_ssh_leaves_no_nodes_behind(
+    ip: InteractiveShell, fake_ssh: Path
+) -> None:
+    """``%dispy ssh`` whose nodes cannot start says why, and leaves the notebook
+    without nodes: ``%dispy status`` says so (it raised the launcher's LaunchError,
+    shown as a traceback, the failed launcher kept as the session's nodes)."""
+    with capture_output(), pytest.raises(MagicError, match="/nonexistent/python"):
+        ip.run_line_magic("dispy", "ssh node1 --python /nonexistent/python")
+    session = ip.magics_manager.registry[DispyMagics.__name__].session
+    assert session.local is None and session.nodes is None
+    status = ip.run_line_magic("dispy", "status")
+    assert repr(status).startswith("no nodes"), repr(status)
+    assert "no nodes" in status._repr_html_()
+
+
+def test_dispy_status_of_ssh_nodes_lists_them(
+    ip: InteractiveShell, fake_ssh: Path
+) -> None:
+    with capture_output() as started:
+        ip.run_line_magic("dispy", f"ssh node1 --cpus 1 --python {sys.executable}")
+    assert started.stdout.startswith("dispynb: ssh nodes 127.0.0.1:"), started.stdout
+    status = repr(ip.run_line_magic("dispy", "status"))
+    assert status.startswith("ssh nodes 127.0.0.1:"), status
+
+
+def test_dispy_status_neither_waits_for_nor_launches_nodes(
+    ip: InteractiveShell, fake_ssh: Path
+) -> None:
+    """With no node running (scaled to 0, or adapt shrank them), ``%dispy status``
+    says so: it asked the launcher for nodes as a new cluster does, which raised
+    LaunchError (shown as a traceback), waited for nodes still starting, and under
+    adapt launched one."""
+    with capture_output():
+        ip.run_line_magic("dispy", f"ssh node1 --cpus 1 --python {sys.executable}")
+    nodes = ip.magics_manager.registry[DispyMagics.__name__].session.local
+    nodes.scale(0)
+    status = ip.run_line_magic("dispy", "status")
+    assert repr(status).startswith("ssh nodes: none registered"), repr(status)
+    assert "none registered" in status._repr_html_()
+    assert len(nodes.events) == 2 and nodes.events[-1].action == "drain"
