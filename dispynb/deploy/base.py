@@ -163,6 +163,7 @@ class NodeLauncher(_Registrations[Handle]):
         await asyncio.gather(
             *(self._stop(x.handle) for x in launched if x.handle is not None),
             *self._stopping,
+            self._registrar.wait_closed(),
             return_exceptions=True,
         )
 

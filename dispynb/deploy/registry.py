@@ -7,14 +7,20 @@ cluster then connects to it and authenticates it like a discovered node. Anybody
 gets a nonce and a closed connection: never a connection from the client.
 
 Hostile peers: at most `MAX_PENDING_PER_SOURCE` registrations per source address and
-`MAX_PENDING` in all are read at once (more are closed at once, so one address cannot
-crowd the nodes out), each must finish within ``timeout`` seconds and 512 bytes, and
-failures are logged once per source address.
+`MAX_PENDING` in all are read at once, each must finish within ``timeout`` seconds and
+512 bytes, and failures are logged once per source address (for the first
+`MAX_REMEMBERED` addresses; then at debug level). A new registration beyond a limit
+drops the oldest pending one of its address, or in all of the address with the most
+pending, rather than being refused: an attacker holding every slot (a few addresses
+suffice, or one on a node's own machine) would otherwise keep the nodes out for good,
+while now it must open connections faster than a node completes its exchange (a round
+trip) to keep one out.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -60,6 +66,16 @@ class RegisteredNode:
         return format_address(self.host, self.port)
 
 
+@dataclasses.dataclass(slots=True)
+class _Pending:
+    """A registration being read: its connection, and when it came (loop time)."""
+
+    writer: asyncio.StreamWriter
+    since: float
+    #: Dropped to make room for a newer registration (its connection aborted).
+    dropped: bool = False
+
+
 class Registrar:
     """Listens for node registrations (TCP) on the running event loop.
 
@@ -93,9 +109,12 @@ class Registrar:
         self.port = port
         self.timeout = timeout
         self._servers: list[asyncio.Server] = []
-        self._pending = 0
-        self._pending_by_source: dict[str, int] = {}
+        self._pending = 0  # registrations being read, in all
+        # ... by source address, oldest first (a source is dropped when it has none)
+        self._pending_by_source: dict[str, collections.deque[_Pending]] = {}
         self._warned: set[str] = set()
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._closed = False
         # The boot id last accepted per node address: a repeat of it is not news
         # (nodes register again while they have no session), a new one is (the
         # node restarted). One entry per address, however often nodes restart.
@@ -132,41 +151,94 @@ class Registrar:
         self._boots.pop((host, port), None)
 
     def close(self) -> None:
-        """Stop listening; idempotent."""
+        """Stop listening and drop the registrations being read; idempotent."""
+        self._closed = True
         servers, self._servers = self._servers, []
         for server in servers:
             server.close()
+        for ip, queue in list(self._pending_by_source.items()):
+            for _ in range(len(queue)):
+                self._drop_oldest(ip)
+
+    async def wait_closed(self) -> None:
+        """Wait (after `close`) until the registrations being read have ended."""
+        await asyncio.gather(*self._handlers, return_exceptions=True)
 
     async def _handle(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         peer = writer.get_extra_info("peername")
         ip = str(peer[0]) if peer else "?"
-        from_source = self._pending_by_source.get(ip, 0)
-        if self._pending >= MAX_PENDING or from_source >= MAX_PENDING_PER_SOURCE:
-            writer.close()
-            return
+        queue = self._pending_by_source.get(ip)
+        if queue is not None and len(queue) >= MAX_PENDING_PER_SOURCE:
+            self._drop_oldest(ip)
+        elif self._pending >= MAX_PENDING:
+            self._drop_oldest(self._most_pending())
+        entry = _Pending(writer, asyncio.get_running_loop().time())
+        self._pending_by_source.setdefault(ip, collections.deque()).append(entry)
         self._pending += 1
-        self._pending_by_source[ip] = from_source + 1
+        handler = asyncio.current_task()
+        if handler is not None:
+            self._handlers.add(handler)
+            handler.add_done_callback(self._handlers.discard)
         try:
-            await asyncio.wait_for(self._register(ip, reader, writer), self.timeout)
+            await asyncio.wait_for(
+                self._register(ip, entry, reader, writer), self.timeout
+            )
         except (TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
-            self._refuse(ip, f"no complete registration ({type(exc).__name__})")
+            if self._closed:
+                logger.debug("registration from %s dropped: listener closed", ip)
+            elif entry.dropped:
+                self._refuse(
+                    ip,
+                    f"dropped for a newer registration ({MAX_PENDING_PER_SOURCE} "
+                    f"pending from one address, or {MAX_PENDING} in all)",
+                )
+            else:
+                self._refuse(ip, f"no complete registration ({type(exc).__name__})")
         except RegistrationError as exc:
             self._refuse(ip, str(exc))
         finally:
-            self._pending -= 1
-            left = self._pending_by_source[ip] - 1
-            if left:
-                self._pending_by_source[ip] = left
-            else:
-                del self._pending_by_source[ip]
+            self._settle(ip, entry)
             writer.close()
             with contextlib.suppress(OSError, TimeoutError):
                 await asyncio.wait_for(writer.wait_closed(), 1.0)
 
+    def _most_pending(self) -> str:
+        """The source address with the most pending registrations (on a tie, the one
+        pending longest)."""
+        return max(
+            self._pending_by_source,
+            key=lambda ip: (
+                len(self._pending_by_source[ip]),
+                -self._pending_by_source[ip][0].since,
+            ),
+        )
+
+    def _drop_oldest(self, ip: str) -> None:
+        """Abort the oldest pending registration from ``ip`` (its handler then ends
+        and logs it), making room for a new one."""
+        entry = self._pending_by_source[ip][0]
+        self._settle(ip, entry)
+        entry.dropped = True
+        entry.writer.transport.abort()
+
+    def _settle(self, ip: str, entry: _Pending) -> None:
+        """``entry`` is no longer pending (done, failed or dropped); idempotent."""
+        queue = self._pending_by_source.get(ip)
+        if queue is None or entry not in queue:
+            return
+        queue.remove(entry)
+        self._pending -= 1
+        if not queue:
+            del self._pending_by_source[ip]
+
     async def _register(
-        self, ip: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        ip: str,
+        entry: _Pending,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
     ) -> None:
         challenge = new_challenge()
         writer.write(encode_challenge(challenge))
@@ -181,6 +253,7 @@ class Registrar:
             raise RegistrationError(
                 "wrong proof: the node does not have this cluster's secret"
             )
+        self._settle(ip, entry)  # proven: never dropped for another one now
         if reg.version != PROTOCOL_VERSION:
             writer.write(REJECTED)
             await writer.drain()
@@ -200,9 +273,16 @@ class Registrar:
             logger.exception("registration callback failed for %s", node.spec)
 
     def _refuse(self, ip: str, reason: str) -> None:
-        if ip in self._warned:
+        if ip in self._warned or len(self._warned) > MAX_REMEMBERED:
             logger.debug("registration from %s refused: %s", ip, reason)
             return
-        if len(self._warned) < MAX_REMEMBERED:
-            self._warned.add(ip)
+        self._warned.add(ip)
+        if len(self._warned) > MAX_REMEMBERED:
+            # Addresses without end (an IPv6 /64): the log must not follow them.
+            logger.warning(
+                "registrations refused from more than %d addresses: the next ones "
+                "are logged at debug level only",
+                MAX_REMEMBERED,
+            )
+            return
         logger.warning("registration from %s refused: %s", ip, reason)
