@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import dataclasses
 import logging
 from collections.abc import Iterator
@@ -21,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from dispynb.defaults import MAX_MESSAGE_SIZE
 from dispynb.errors import DispynbError, FramingError
-from dispynb.objects import is_object_file
 from dispynb.protocol.chunks import fit_message
+from dispynb.protocol.fileuses import FileUses
 from dispynb.protocol.framing import Frame, split_body
 from dispynb.protocol.handshake import peer_text
 from dispynb.protocol.messages import (
@@ -33,8 +32,6 @@ from dispynb.protocol.messages import (
     ComputationSetup,
     FileFromNode,
     FilePlaced,
-    FilePut,
-    FileRelease,
     JobCancel,
     JobProvisional,
     JobResults,
@@ -48,6 +45,7 @@ from dispynb.protocol.records import ResultEntry, SharedNodeEntry, is_start
 from dispynb.scheduler.policy import update_mean
 from dispynb.transport.connection import Connection
 from schedserver.fairshare import Account
+from schedserver.jobfiles import _JobFiles, own_files
 from schedserver.spill import KeptMessages
 
 if TYPE_CHECKING:
@@ -99,12 +97,10 @@ class Upstream:
     #: Digests of the jobs' own files written on this connection (`send_jobs`),
     #: and how many jobs sent on it, not ended yet, need each (`_job_files_ended`).
     files_sent: set[str] = dataclasses.field(default_factory=set)
-    file_uses: collections.Counter[str] = dataclasses.field(
-        default_factory=collections.Counter
-    )
+    file_uses: FileUses = dataclasses.field(default_factory=FileUses)
 
 
-class SharedComputation:
+class SharedComputation(_JobFiles):
     """One client computation on the scheduler's nodes."""
 
     def __init__(
@@ -423,7 +419,7 @@ class SharedComputation:
                 continue
             del self.running[entry.key]
             self.server.job_left(self, node)
-            ended_files.extend(_released_files(job.item))
+            ended_files.extend(own_files(job.item))
             run_time = entry.end_time - entry.start_time
             if entry.start_time > 0.0:
                 node.mean = update_mean(node.mean, run_time)
@@ -602,63 +598,6 @@ class SharedComputation:
                 )
         except DispynbError as exc:
             logger.debug("%s: cannot send jobs: %s", self.name, exc)
-
-    def _job_files_ended(self, upstream: Upstream, digests: list[str]) -> None:
-        """Jobs that needed these files ended on ``upstream``'s node: let the node
-        go of those no job sent there needs any more (as a client connected to it
-        directly does); they are sent again before a later job that needs them."""
-        uses = upstream.file_uses
-        released = []
-        for digest in digests:
-            uses[digest] -= 1
-            if uses[digest] <= 0:
-                del uses[digest]
-                upstream.files_sent.discard(digest)
-                released.append(digest)
-        if released and upstream.conn is not None:
-            with contextlib.suppress(DispynbError):  # its reader settles the node
-                self.server.write(upstream, FileRelease(digests=released))
-
-    def _send_job_files(self, upstream: Upstream, jobs: list[QueuedJob]) -> None:
-        """Write the files of ``jobs`` (a job's own ``depends``, `JobCluster.put`'s
-        objects) that ``upstream``'s node has not had on this connection, before the
-        jobs: a node places a job's files as it starts it and never asks for them (a
-        client connected to it directly sends them first in the same way). The
-        client sent each to the scheduler once (`_FileRelay.file_put`); one no longer
-        kept here fails its job on the node, saying the file never came."""
-        sent = upstream.files_sent
-        for job in jobs:
-            item = job.item
-            if len(item) < 4 or not item[3]:
-                continue
-            upstream.file_uses.update(_released_files(item))
-            for _relative, digest in item[3]:
-                if digest in sent:
-                    continue
-                data = self.server.files.get(digest)
-                if data is None:
-                    continue
-                sent.add(digest)
-                self.server.write(
-                    upstream, FilePut(digest=digest, size=data.nbytes), [data]
-                )
-
-
-def _released_files(item: list[Any]) -> list[str]:
-    """The digests of a job's own files (a job-submit item's fourth part) that a
-    node lets go when the job ends: not the objects put in the cluster (they stay
-    for the cluster's life, sent once)."""
-    if len(item) < 4 or not isinstance(item[3], list):
-        return []
-    return [
-        entry[1]
-        for entry in item[3]
-        if isinstance(entry, list)
-        and len(entry) == 2
-        and isinstance(entry[0], str)
-        and isinstance(entry[1], str)
-        and not is_object_file(entry[0])
-    ]
 
 
 __all__ = ["QueuedJob", "SharedComputation", "Upstream"]

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 from dispynb.depends import FileRef
 from dispynb.errors import DispynbError
 from dispynb.protocol import serialize
+from dispynb.protocol.fileuses import FileUses
 from dispynb.protocol.framing import Buffer
 from dispynb.protocol.messages import (
     Message,
@@ -60,7 +61,7 @@ class NodeLink:
     #: needs, and how many of those attempts need each digest; the computation's
     #: files (`setup_files`) are never let go. See `DriverOutbox._job_files_ended`.
     job_files: dict[tuple[int, int], list[str]] = field(default_factory=dict)
-    file_uses: collections.Counter[str] = field(default_factory=collections.Counter)
+    file_uses: FileUses = field(default_factory=FileUses)
     setup_files: set[str] = field(default_factory=set)
     allocate: Allocator | None = None
     peer_ip: str = ""

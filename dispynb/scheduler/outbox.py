@@ -110,22 +110,17 @@ class DriverOutbox:
         ]
         if needed and (key, attempt) not in link.job_files:
             link.job_files[key, attempt] = needed
-            link.file_uses.update(needed)
+            link.file_uses.need(needed)
 
     def _job_files_ended(self, link: NodeLink, ended: list[tuple[int, int]]) -> None:
         """These job attempts ended on ``link``: tell its node which of their files
         no job sent there needs any more (so that a long computation's per-job
         files do not pile up on the node, nor count in its transfer quota for
         ever). They are sent again if a later job needs them."""
-        released = []
-        uses = link.file_uses
-        for job in ended:
-            for digest in link.job_files.pop(job, ()):
-                uses[digest] -= 1
-                if uses[digest] <= 0:
-                    del uses[digest]
-                    link.sent.discard(digest)
-                    released.append(digest)
+        released = link.file_uses.done(
+            digest for job in ended for digest in link.job_files.pop(job, ())
+        )
+        link.sent.difference_update(released)
         if released and link.conn is not None and not link.conn.closed:
             with contextlib.suppress(DispynbError):
                 self._post(link, FileRelease(digests=released))
