@@ -34,6 +34,10 @@ MAX_MESSAGE_SIZE = 1024 * 1024 * 1024
 #: Seconds allowed for the whole handshake (connect excluded).
 HANDSHAKE_TIMEOUT = 5.0
 
+#: Shortest and longest interval (s) between a node's status reports to a client
+#: (dispy's ``pulse_interval``): a node holds a client's wish to this range.
+PULSE_RANGE = (0.1, 1000.0)
+
 #: Seconds allowed for a TCP connect.
 CONNECT_TIMEOUT = 10.0
 

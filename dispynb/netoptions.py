@@ -6,12 +6,13 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from dispynb.defaults import PULSE_RANGE
 from dispynb.errors import ConfigurationError
 
 #: Allowed ranges (seconds) of dispy's intervals.
 _INTERVAL_RANGES: dict[str, tuple[float, float]] = {
     "ping_interval": (1, 1000),
-    "pulse_interval": (0.1, 1000),
+    "pulse_interval": PULSE_RANGE,
     "poll_interval": (5, 1000),
 }
 

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import re
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from dispynb.defaults import PULSE_RANGE
 from dispynb.errors import (
     DispynbError,
     MessageError,
@@ -256,8 +258,17 @@ class ClientSession(_SessionFiles, _SessionRecovery):
         return computation
 
     def _start_status_reports(self, interval: float | None) -> None:
-        """Report the node's resources every ``interval`` s (the shortest asked for)."""
-        interval = interval or STATUS_INTERVAL
+        """Report the node's resources every ``interval`` s (the shortest asked for).
+
+        The client's wish is held to `PULSE_RANGE`, as `JobCluster` checks it: a
+        client asking for a pulse every microsecond would have the node spin."""
+        if (
+            not interval
+            or not isinstance(interval, int | float)
+            or math.isnan(interval)
+        ):
+            interval = STATUS_INTERVAL
+        interval = min(max(interval, PULSE_RANGE[0]), PULSE_RANGE[1])
         if self._status_interval is not None and self._status_interval <= interval:
             return
         self._status_interval = interval

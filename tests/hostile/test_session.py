@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 
 import pytest
 
+from dispynb.defaults import PULSE_RANGE
+from dispynb.protocol import serialize
 from dispynb.protocol.handshake import ClientHandshake
-from dispynb.protocol.messages import ComputationClose, Error
+from dispynb.protocol.messages import (
+    ComputationClose,
+    ComputationReady,
+    ComputationSetup,
+    Error,
+    NodeStatus,
+)
 from tests.hostile.tools import (
     RawSession,
     attacker_socket,
@@ -15,6 +25,7 @@ from tests.hostile.tools import (
     recv_unsigned,
     send_unsigned,
 )
+from tests.transport.util import RawClient
 
 pytestmark = pytest.mark.slow
 
@@ -91,3 +102,50 @@ def test_unknown_op_is_answered_and_the_session_goes_on(measure, tmp_path):
     assert codes == ["protocol"] * 3
     assert longest < 400
     assert not isinstance(after, Error) or "no-such-op" not in after.message
+
+
+def _status_reports_in(port: int, secret: bytes, interval: float, window: float) -> int:
+    """Set up a computation asking for a status report every ``interval`` s; count
+    the reports the node sends in the ``window`` s after it is ready."""
+
+    async def attack() -> int:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        client = RawClient(reader, writer)
+        try:
+            await client.handshake(secret)
+            bundle = serialize.dumps({"func": abs, "setup": None, "setup_args": ()})
+            setup = ComputationSetup(
+                comp_id=1, name="pulse", workers=1, pulse_interval=interval
+            )
+            writer.write(client.signed_frame(setup, bundle))
+            async with asyncio.timeout(20):
+                while not isinstance((await client.receive())[0], ComputationReady):
+                    pass
+            reports = 0
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(window):
+                    while True:
+                        message, _ = await client.receive()
+                        reports += isinstance(message, NodeStatus)
+            return reports
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError, TimeoutError):
+                await asyncio.wait_for(writer.wait_closed(), 10)
+
+    return asyncio.run(attack())
+
+
+@pytest.mark.attack(
+    id="pulse-flood",
+    title="A client asking for the node's status every microsecond "
+    "(ComputationSetup.pulse_interval 1e-6)",
+    goal=f"at most one report per {PULSE_RANGE[0]} s, as JobCluster allows (was a "
+    "node spinning a CPU, thousands of reports a second)",
+)
+def test_a_client_cannot_make_the_node_report_its_status_in_a_loop(measure, tmp_path):
+    window = 2.0
+    with limited_node(tmp_path / "node") as node:
+        reports = _status_reports_in(node.port, node.secret.encode(), 1e-6, window)
+    measure(f"{reports} status reports in {window} s")
+    assert reports <= window / PULSE_RANGE[0] + 1
