@@ -10,12 +10,14 @@ and returns every job of the journal, each once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
 import sqlite3
 import ssl
 import sys
+from collections.abc import AsyncIterator
 from typing import Any
 
 from dispynb._loop import LoopRunner
@@ -43,6 +45,7 @@ from dispynb.protocol.messages import (
     FINISHED,
     ComputationClosed,
     JobResults,
+    Ping,
     Recover,
     Recovered,
     ResultChunk,
@@ -51,10 +54,64 @@ from dispynb.protocol.records import ResultEntry
 from dispynb.secret import resolve_secret
 from dispynb.status import status_of
 from dispynb.transport.addressing import parse_address
+from dispynb.transport.connection import Connection
 from dispynb.transport.connector import connect
 from dispynb.transport.tls import client_context
 
 logger = logging.getLogger(__name__)
+
+#: While it waits for jobs still running, the client asks the node for a status
+#: report every RECOVERY_PULSE s and pings it as often (a node frees the sessions
+#: of silent clients); a node that sends nothing for RECOVERY_SILENCE s (stopped,
+#: hung, cut off) is given up by this call, its jobs left for the next one.
+RECOVERY_PULSE = 1.0
+RECOVERY_SILENCE = 10.0
+
+
+class _SilenceWatch:
+    """Pings a node and closes its connection once it fell silent (`run`)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        #: Seconds the node had sent nothing when it was given up (None: it was not).
+        self.silence: float | None = None
+
+    def reason(self, exc: DispynbError) -> str:
+        """Why the connection ended: the silence, or the connection's own error."""
+        if self.silence is None:
+            return str(exc)
+        return (
+            f"it sent nothing for {self.silence:.0f} s while its jobs ran (stopped "
+            "or hung?)"
+        )
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        conn = self.conn
+        reads, heard = conn.reads, loop.time()
+        while not conn.closed:
+            expected = loop.time() + RECOVERY_PULSE
+            await asyncio.sleep(RECOVERY_PULSE)
+            now = loop.time()
+            if conn.reads != reads or conn.unread_bytes() or now - expected > 1.0:
+                # Bytes came (or wait unread, or this loop was held up): alive.
+                reads, heard = conn.reads, now
+            elif now - heard > RECOVERY_SILENCE:
+                self.silence = now - heard
+                conn.close()
+                return
+            with contextlib.suppress(DispynbError):
+                conn.write(Ping())
+
+
+@contextlib.asynccontextmanager
+async def _watching(watch: _SilenceWatch) -> AsyncIterator[None]:
+    """``watch`` runs for the block."""
+    task = asyncio.get_running_loop().create_task(watch.run())
+    try:
+        yield
+    finally:
+        task.cancel()
 
 
 def recover_jobs(
@@ -82,7 +139,10 @@ def recover_jobs(
         nodes kept it, with ``id`` None and no arguments (as dispy's are).
     timeout:
         Seconds to wait for jobs still running on the nodes; None waits until they
-        end. Jobs still running then are returned with status ``Running``.
+        end. Jobs still running then are returned with status ``Running``. A node
+        that sends nothing for ``RECOVERY_SILENCE`` s (stopped, hung, cut off) is
+        given up: its jobs are returned ``Abandoned``, saying so, and the next
+        call asks it again.
     terminate_pending:
         Accepted for dispy compatibility; running jobs are always let finish.
     secret, secret_file, certfile, keyfile, cafile:
@@ -238,12 +298,19 @@ async def _recover_from(
         )
         return set()
     settled = set(pending)
+    watch = _SilenceWatch(conn)
     try:
         conn.write(
-            Recover(comp_id=1, recovery_id=recovery_id, max_message_size=limits.message)
+            Recover(
+                comp_id=1,
+                recovery_id=recovery_id,
+                max_message_size=limits.message,
+                pulse_interval=RECOVERY_PULSE,
+            )
         )
+        logger.debug("asked %s for the jobs of %s", node, recovery_id)
         streams: dict[tuple[int, int], Parts | None] = {}
-        async with asyncio.timeout(timeout):
+        async with _watching(watch), asyncio.timeout(timeout):
             while any(not job.done() for job in pending.values()):
                 message, buffers = await conn.recv()
                 if isinstance(message, ResultChunk):
@@ -264,8 +331,8 @@ async def _recover_from(
         settled = {k for k, job in pending.items() if job.done()}
         _abandon(
             pending,
-            f"lost node {node} while recovering: {exc}; call recover_jobs again "
-            "once it is back",
+            f"lost node {node} while recovering: {watch.reason(exc)}; call "
+            "recover_jobs again once it is back",
         )
     finally:
         conn.close()
@@ -297,12 +364,18 @@ async def _collect_from(
     except DispynbError as exc:
         logger.warning("cannot recover jobs from %s: %s", node, exc)
         return False
+    watch = _SilenceWatch(conn)
     try:
         conn.write(
-            Recover(comp_id=1, recovery_id=recovery_id, max_message_size=limits.message)
+            Recover(
+                comp_id=1,
+                recovery_id=recovery_id,
+                max_message_size=limits.message,
+                pulse_interval=RECOVERY_PULSE,
+            )
         )
         streams: dict[tuple[int, int], Parts | None] = {}
-        async with asyncio.timeout(timeout):
+        async with _watching(watch), asyncio.timeout(timeout):
             while True:
                 message, buffers = await conn.recv()
                 if isinstance(message, ResultChunk):
@@ -323,7 +396,7 @@ async def _collect_from(
     except TimeoutError:
         logger.info("jobs still running on %s after %s s", node, timeout)
     except DispynbError as exc:
-        logger.warning("lost node %s while recovering: %s", node, exc)
+        logger.warning("lost node %s while recovering: %s", node, watch.reason(exc))
     finally:
         conn.close()
     return False

@@ -5,7 +5,7 @@ client that reconnects (`Recover`) is sent what was kept for it."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dispynb.defaults import MAX_MESSAGE_SIZE, PRE_AUTH_MAX_FRAME
 from dispynb.errors import DispynbError
@@ -19,6 +19,10 @@ from nodeserver.sessionstate import HAND_BACK_TIMEOUT, _SessionState, logger
 class _SessionRecovery(_SessionState):
     """The session's part that keeps results for its client and sends them back
     (see the module docstring)."""
+
+    if TYPE_CHECKING:  # `ClientSession`'s
+
+        def _start_status_reports(self, interval: float | None) -> None: ...
 
     def _keep_results(
         self, message: ComputationSetup, computation: Computation
@@ -78,6 +82,8 @@ class _SessionRecovery(_SessionState):
         limit = message.max_message_size or MAX_MESSAGE_SIZE
         limit = max(limit, PRE_AUTH_MAX_FRAME)
         sender = KeptResultSender(self.conn, comp_id, limit)
+        if message.pulse_interval:  # its sign of life while jobs still run
+            self._start_status_reports(message.pulse_interval)
         claimed = self.server.keeper.claim(message.recovery_id, sender.deliver)
         self.outbox.flush()
         if claimed is None:

@@ -14,6 +14,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from dispynb.defaults import PULSE_RANGE
 from dispynb.errors import DispynbError
 from dispynb.protocol.framing import Frame
 from dispynb.protocol.handshake import peer_text
@@ -281,6 +282,16 @@ class SchedulerSession:
             self._last_status = now
             self.send(NodeStatus(avail=avail))
 
+    def _pulse_at(self, interval: float | None) -> None:
+        """The client asked for a status report every ``interval`` s (None or 0:
+        not asked): reports come at the shortest pulse its computations asked for."""
+        if not isinstance(interval, int | float) or not interval > 0:
+            return
+        every = min(self._status_every, max(PULSE_RANGE[0], interval))
+        if every < self._status_every:
+            self._status_every = every
+            self.server.pulse_changed()
+
     def _refuse(self, text: str) -> None:
         logger.warning("user %r: %s", self.user, text)
         self.send(Error(code="refused", message=text))
@@ -357,11 +368,7 @@ class SchedulerSession:
                 logger.warning("user %r: %s", self.user, refused)
                 self.send(ComputationFailed(comp_id=message.comp_id, message=refused))
             else:
-                if message.pulse_interval:
-                    every = min(self._status_every, max(0.1, message.pulse_interval))
-                    if every < self._status_every:
-                        self._status_every = every
-                        server.pulse_changed()
+                self._pulse_at(message.pulse_interval)
                 comp = server.new_computation(self, message, buffers)
                 self.computations[message.comp_id] = comp
         elif isinstance(message, ComputationClose):
@@ -381,6 +388,7 @@ class SchedulerSession:
             if comp is not None:
                 server.file_place(comp, message)
         elif isinstance(message, Recover):
+            self._pulse_at(message.pulse_interval)  # its sign of life while it waits
             server.recover(self, message)
         else:
             self._refuse(f"unexpected {message.op!r} from a client")

@@ -417,6 +417,9 @@ class Recover(WireMessage):
     #: The largest message the client accepts (0: not said, the default's): larger
     #: results come in chunks.
     max_message_size: int = 0
+    #: Seconds between the node's status reports while the client waits for jobs
+    #: still running (0: none): its sign of life, as a cluster's pulse.
+    pulse_interval: float = 0.0
 
 
 @message("recovered")

@@ -251,6 +251,68 @@ def test_recover_jobs_while_the_node_is_down_gets_its_jobs_once_it_is_back(tmp_p
     assert [job[3] for job in jobs] == [n * n for n in range(20)]
 
 
+#: CLIENT whose odd jobs run 8 s: still running while recover_jobs waits for them.
+LONG_CLIENT = CLIENT.replace("time.sleep(1.0 if", "time.sleep(8.0 if")
+
+#: recover_jobs as dispy's docs call it (no timeout: it waits for running jobs),
+#: logging when it asked the node.
+RECOVER_WAITING = """
+import json, logging, sys
+import dispynb as dispy
+logging.basicConfig(level=logging.WARNING)
+logging.getLogger("dispynb.recovery").setLevel(logging.DEBUG)
+jobs = dispy.recover_jobs(sys.argv[1], secret=sys.argv[2])
+print(json.dumps([[j.id, j._args[0], int(j.status), j.result, j.exception]
+                  for j in jobs]))
+"""
+
+
+def test_recover_jobs_gives_up_a_node_that_stops_answering_and_gets_its_jobs_later(
+    tmp_path,
+):
+    """The node is stopped (SIGSTOP) while recover_jobs, given no timeout, waits for
+    its running jobs: the call returns them Abandoned, saying the node fell silent,
+    instead of waiting for ever; once the node runs again, recover_jobs gets them."""
+    node = start_node(tmp_path / "node", cpus=20)
+    try:
+        journal = kill_client_mid_run(tmp_path, node, 20, client_script=LONG_CLIENT)
+        (tmp_path / "recover.py").write_text(RECOVER_WAITING)
+        log = tmp_path / "recover.log"
+        with open(log, "w") as stderr:
+            recovering = subprocess.Popen(
+                [sys.executable, "recover.py", str(journal), node.secret],
+                cwd=tmp_path,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+            )
+        with recovering:
+            try:
+                wait_until(lambda: "asked " in log.read_text())
+                node.proc.send_signal(signal.SIGSTOP)
+                try:
+                    out, _ = recovering.communicate(timeout=45)
+                finally:
+                    node.proc.send_signal(signal.SIGCONT)
+            finally:
+                recovering.kill()
+        assert recovering.returncode == 0, log.read_text()
+        jobs = json.loads(out)
+        waited = [job for job in jobs if job[2] != 11]
+        assert waited, jobs  # the odd ones were running
+        for job in waited:
+            assert job[2] == 10, jobs  # Abandoned
+            assert "sent nothing for" in job[4], job
+            assert "recover_jobs again" in job[4], job
+        done = recover_in_new_process(tmp_path, journal, node.secret)
+    finally:
+        node.stop()
+    assert done.returncode == 0, done.stderr
+    jobs = json.loads(done.stdout)
+    assert [job[2] for job in jobs] == [11] * 20, jobs
+    assert [job[3] for job in jobs] == [n * n for n in range(20)]
+
+
 def a_journal(path: Path) -> Path:
     """A journal of 20 jobs with 10 kB of arguments each (several SQLite pages)."""
     journal = Journal(str(path))

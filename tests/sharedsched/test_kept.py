@@ -375,3 +375,64 @@ def test_a_client_recovering_with_a_small_limit_gets_what_was_kept_within_it(
     log = scheduler.log_text()
     assert "file 'sent.bin' of job" in log and "provisional result of job" in log
     assert log.count("over the max_message_size of 1048576 bytes") == 2, log[-3000:]
+
+
+#: One job that runs 13 s (longer than a recovering client waits for a word from
+#: the scheduler, `RECOVERY_SILENCE`); marks a file once it started.
+LONG_JOB_CLIENT = """
+import sys, time
+from dispynb import SharedJobCluster
+
+def long(marks):
+    import os, time
+    open(os.path.join(marks, "started"), "w").close()
+    time.sleep(13)
+    return "done"
+
+address, credential, journal, marks = sys.argv[1:]
+cluster = SharedJobCluster(
+    long, scheduler_host=address, secret_file=credential, recover_file=journal
+)
+job = cluster.submit(marks)
+print("submitted", flush=True)
+time.sleep(300)
+"""
+
+
+@pytest.fixture
+def slow_pulse(
+    tmp_path: Path, nodes: LocalCluster, users: dict[str, Path]
+) -> Iterator[SchedulerProcess]:
+    """A scheduler that reports to its clients every 60 s unless they ask sooner."""
+    yield from _scheduler(tmp_path, nodes, "--pulse_interval", "60")
+
+
+def test_recover_jobs_waits_for_a_long_job_through_a_scheduler_with_a_slow_pulse(
+    slow_pulse: SchedulerProcess, users: dict[str, Path], tmp_path: Path
+) -> None:
+    """recover_jobs given no timeout waits for a job still running (dispy's
+    default) through a scheduler whose --pulse_interval is 60 s: the scheduler
+    reports at the recovering client's pulse, so the client does not take it for a
+    stopped one and give the job up."""
+    from dispynb.recovery import RECOVERY_SILENCE
+
+    assert RECOVERY_SILENCE < 13
+    journal = tmp_path / "long.journal"
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    proc = start_client(
+        LONG_JOB_CLIENT, slow_pulse.address, str(users["alice"]), str(journal),
+        str(marks), cwd=tmp_path, name="long",
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "submitted", proc.communicate()
+        wait_until(lambda: any(marks.iterdir()))
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=20)
+    slow_pulse.wait_for_log("client gone; its jobs go on")
+    jobs = recover_jobs(str(journal), secret_file=str(users["alice"]))
+    assert [(job.status, job.result, job.exception) for job in jobs] == [
+        (JobStatus.Finished, "done", None)
+    ]
