@@ -11,13 +11,15 @@ on one node share one copy safely. Other files nobody holds stay as a cache, so 
 a notebook run again does not send its data files again, but only up to
 ``cache_size`` bytes: the ones idle longest go first (also those a node left behind
 when it stopped), so a node that serves for months does not fill its disk with every
-file it was ever sent.
+file it was ever sent; and when the disk is full, they go before a file is refused.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import errno
+import logging
 import os
 import re
 import threading
@@ -27,10 +29,20 @@ from dispynb.protocol.files import digest_of, link_inside
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 
+logger = logging.getLogger(__name__)
+
 
 class CannotStore(ProtocolError):
     """The node cannot write a file (its disk is full, say): no fault of the client,
     which will not send it again."""
+
+
+class DiskFull(CannotStore):
+    """No space (or quota) left for a file: `FileStore.make_room` may free some."""
+
+
+#: Errors of a write that room on the disk may cure.
+_NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 class FileStore:
@@ -111,10 +123,35 @@ class FileStore:
         except OSError as exc:  # a full disk, a quota: this file is refused, saying so
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            raise CannotStore(
+            kind = DiskFull if exc.errno in _NO_ROOM else CannotStore
+            raise kind(
                 f"the node cannot store a file of {len(data)} bytes in {self.root}: "
                 f"{exc.strerror or exc}"
             ) from None
+
+    def make_room(self, size: int) -> bool:
+        """The disk is full: unlink cached files nobody holds, idle longest first,
+        until ``size`` bytes were freed (or none is left). Returns whether any was.
+
+        Called on the node's loop only (as `hold` and `release`), never while a
+        thread stores a file: a file being stored is held, never idle."""
+        freed = removed = 0
+        while self._idle and freed < size:
+            digest, idle_size = self._idle.popitem(last=False)
+            self._idle_bytes -= idle_size
+            with contextlib.suppress(OSError):
+                os.unlink(self.path(digest))
+                freed += idle_size
+                removed += 1
+        if removed:
+            logger.info(
+                "disk full: removed %d cached files nobody uses (%d bytes) to store "
+                "one of %d bytes",
+                removed,
+                freed,
+                size,
+            )
+        return freed > 0
 
     def place(self, digest: str, directory: str, relative: str) -> str:
         """Link the stored file to ``directory/relative``; return the path."""

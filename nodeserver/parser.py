@@ -173,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_size,
         default=DEFAULT_FILE_CACHE_SIZE,
         help="bytes of files no client uses any more kept so that they need not be "
-        "sent again (those idle longest go first); 0: none (default 1G)",
+        "sent again (those idle longest go first, also when the disk is full); "
+        "0: none (default 1G)",
     )
     add(
         "--max-message-size",

@@ -17,7 +17,7 @@ from dispynb.protocol.messages import (
     FilePut,
     FileRelease,
 )
-from nodeserver.filestore import CannotStore
+from nodeserver.filestore import CannotStore, DiskFull
 from nodeserver.sessionstate import _SessionState, logger
 
 #: Files of at least this many bytes are checked against their digest and written in
@@ -79,7 +79,12 @@ class _SessionFiles(_SessionState):
             if message.size >= HASH_OFF_LOOP_BYTES and not store.has(message.digest):
                 self._deferred_file = (message, buffers[0])  # `serve` stores it
                 return
-            store.put(message.digest, buffers[0])
+            try:
+                store.put(message.digest, buffers[0])
+            except DiskFull:
+                if not store.make_room(message.size):
+                    raise
+                store.put(message.digest, buffers[0])  # room made: once more
         except ProtocolError as exc:
             self._refuse_file(message.digest, exc)
             return
@@ -88,8 +93,14 @@ class _SessionFiles(_SessionState):
     async def _store_file_off_loop(self, message: FilePut, data: memoryview) -> None:
         """Check a large file's digest and write it in a thread (the loop, and so
         the node's pulses and other clients, go on meanwhile)."""
+        store = self.server.store
         try:
-            await asyncio.to_thread(self.server.store.put, message.digest, data)
+            try:
+                await asyncio.to_thread(store.put, message.digest, data)
+            except DiskFull:
+                if not store.make_room(message.size):
+                    raise
+                await asyncio.to_thread(store.put, message.digest, data)
         except ProtocolError as exc:
             self._refuse_file(message.digest, exc)
             return

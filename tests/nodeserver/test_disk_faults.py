@@ -176,3 +176,36 @@ def test_results_a_full_disk_cannot_keep_are_recovered_as_lost_saying_why(tmp_pa
     assert [job[0] for job in jobs] == [DispyJob.Abandoned] * 2, jobs
     assert all("could not keep its result" in job[1] for job in jobs), jobs
     assert "Traceback" not in node.log_text()
+
+
+def test_a_full_disk_makes_room_from_the_cached_files_nobody_uses(tmp_path):
+    """Files of closed clusters stay cached on the node (up to --file-cache-size,
+    1G by default); on a disk smaller than that, a new cluster's file that finds it
+    full takes their room, idle longest first, instead of failing the setup 'No
+    space left on device'. Both ways a node stores a file: in a thread (1 MiB and
+    more) and on its loop."""
+    MiB = 1 << 20
+    files = {}
+    for name, size in [("a1", 1.5), ("a2", 1.5), ("b", 1.5), ("c1", 0.9), ("c2", 0.5)]:
+        files[name] = tmp_path / f"{name}.bin"
+        files[name].write_bytes(os.urandom(int(size * MiB)))
+    node = tmpfs_node(tmp_path / "node", "4M")
+    store = Path(f"/proc/{node.proc.pid}/root{tmp_path / 'node' / 'dest' / '.store'}")
+    try:
+        for names in [("a1", "a2"), ("b",), ("c1", "c2")]:
+            with JobCluster(
+                square,
+                nodes=[node.spec],
+                secret=node.secret,
+                depends=[str(files[name]) for name in names],
+            ) as cluster:
+                assert cluster.submit(3)() == 9
+        kept = sorted(entry.stat().st_size for entry in store.iterdir())
+    finally:
+        node.stop()
+    log = node.log_text()
+    assert "Traceback" not in log
+    assert log.count("disk full: removed") == 2, log  # b (in a thread), c2 (loop)
+    # The newest files are cached; the oldest made room.
+    assert sum(kept) <= 4 * MiB
+    assert int(0.5 * MiB) in kept and int(0.9 * MiB) in kept

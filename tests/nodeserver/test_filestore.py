@@ -48,6 +48,23 @@ def test_files_nobody_holds_are_kept_up_to_the_cache_size_idle_longest_first(
     assert stored(root) == {a, d} and store.cached_bytes == 20 * KiB
 
 
+def test_a_full_disk_takes_room_from_idle_files_only_idle_longest_first(
+    tmp_path: Path,
+):
+    root = tmp_path / "store"
+    store = FileStore(str(root))
+    a, b, c, held = (put(store, bytes([i]) * (10 * KiB)) for i in range(4))
+    for digest in (a, b, c, held):
+        store.hold(digest)
+    for digest in (b, a, c):
+        store.release(digest)
+    assert store.make_room(15 * KiB)  # b then a, idle longest; c stays
+    assert stored(root) == {c, held} and store.cached_bytes == 10 * KiB
+    assert store.make_room(100 * KiB)  # all that is idle, never a held file
+    assert stored(root) == {held} and store.cached_bytes == 0
+    assert not store.make_room(KiB)  # nothing left to free
+
+
 def test_a_store_without_cache_removes_what_nobody_holds(tmp_path: Path):
     root = tmp_path / "store"
     store = FileStore(str(root), cache_size=0)
