@@ -339,14 +339,28 @@ async def serve(
     await stop.wait()
     if parent_pipe is not None:
         unwatch()
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await _cancel_all(tasks)
     if server.served_all.is_set():
         logger.info("served %d clients (--serve): shutting down", config.serve)
     else:
         logger.info("shutting down")
     await server.stop(0.0 if orphaned.is_set() else config.drain_timeout, now)
+
+
+async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel ``tasks`` and wait for them to end, cancelling again those that go on.
+
+    Python 3.11's `asyncio.wait_for` swallows a cancellation that comes as what it
+    awaits completes (fixed in 3.12): a node stopped as its registration was
+    accepted went on registering for ever, and stopped never (nor on SIGTERM)."""
+    pending = set(tasks)
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.5)
+    for task in tasks:  # what they raised was theirs to log; retrieved, as gather did
+        if not task.cancelled():
+            task.exception()
 
 
 async def _release_memory_when_idle(
