@@ -25,6 +25,7 @@ __all__ = [
     "HeldInterrupts",
     "acquire",
     "start_thread",
+    "unblock_in_child",
     "wait_event",
     "wait_for",
 ]
@@ -153,6 +154,15 @@ def start_thread(thread: threading.Thread) -> None:
 _c_signal: Any = getattr(signal, "_signal", signal)
 _getsignal: Callable[[int], Any] = _c_signal.getsignal
 _setsignal: Callable[[int, Any], Any] = _c_signal.signal
+
+
+def unblock_in_child() -> None:
+    """A ``preexec_fn`` for programs started from dispynb's threads: a child inherits
+    its thread's signal mask, and these block `HELD_SIGNALS` (`start_thread`), so
+    ``ssh`` would ignore the SIGTERM that stops it, and SIGHUP, SIGINT..., as would
+    what it runs. Runs in the child between fork and exec: one system call, no lock
+    (the C function, not `signal.pthread_sigmask`'s conversion to enums)."""
+    _c_signal.pthread_sigmask(signal.SIG_SETMASK, ())
 
 
 class HeldInterrupts:

@@ -25,9 +25,13 @@ import collections
 import contextlib
 import logging
 import shlex
+import signal
 from collections.abc import Mapping, Sequence
+from typing import Any
 
+from dispynb._interruptible import unblock_in_child
 from dispynb.deploy.base import REGISTER_WAIT, LaunchError, NodeLauncher, route_address
+from dispynb.deploy.registry import RegisteredNode
 from dispynb.errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
@@ -37,6 +41,10 @@ logger = logging.getLogger(__name__)
 STOP_WAIT = 15.0
 #: Lines of a node's output kept to explain why it ended.
 KEPT_LINES = 8
+#: ``ssh`` starts with no signal blocked (the I/O thread that starts it blocks some).
+_CHILD: dict[str, Any] = (
+    {"preexec_fn": unblock_in_child} if hasattr(signal, "pthread_sigmask") else {}
+)
 
 
 class SSHNode:
@@ -48,6 +56,8 @@ class SSHNode:
         self.proc = proc
         self.last_lines: collections.deque[str] = collections.deque(maxlen=KEPT_LINES)
         self.reader: asyncio.Task[None] | None = None
+        #: The node registered: stopping it waits for it to drain.
+        self.registered = False
 
     async def log_output(self) -> None:
         """Log each line the node (and ``ssh``) print, until they end."""
@@ -174,6 +184,7 @@ class SSHNodes(NodeLauncher[SSHNode]):
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
+            **_CHILD,
         )
         out, err = await proc.communicate()
         if proc.returncode != 0:
@@ -230,6 +241,7 @@ class SSHNodes(NodeLauncher[SSHNode]):
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,  # a notebook interrupt must not reach ssh
+            **_CHILD,
         )
         node = SSHNode(host, name, proc)
         node.reader = asyncio.get_running_loop().create_task(node.log_output())
@@ -239,20 +251,32 @@ class SSHNodes(NodeLauncher[SSHNode]):
             await proc.stdin.drain()
         return node
 
+    def _registered(self, node: RegisteredNode) -> None:
+        with self._changed:
+            launched = next((x for x in self._launched if x.name == node.name), None)
+        if launched is not None and launched.handle is not None:
+            launched.handle.registered = True
+        super()._registered(node)
+
     async def _stop(self, handle: SSHNode) -> None:
         proc = handle.proc
         if proc.stdin is not None and not proc.stdin.is_closing():
             proc.stdin.close()  # the node's --parent-pipe 0 ends: it stops
+        # A node that never registered has no job to drain, and its ssh may still
+        # be connecting to a host that does not answer (2 min without
+        # ConnectTimeout): end ssh now; a node it started sees its stdin close.
+        wait = STOP_WAIT if handle.registered else 0.0
         try:
-            await asyncio.wait_for(proc.wait(), STOP_WAIT)
+            await asyncio.wait_for(proc.wait(), wait)
         except TimeoutError:
-            logger.warning(
-                "node %s on %s did not stop within %g s of its stdin closing; "
-                "ending ssh",
-                handle.name,
-                handle.host,
-                STOP_WAIT,
-            )
+            if handle.registered:
+                logger.warning(
+                    "node %s on %s did not stop within %g s of its stdin closing; "
+                    "ending ssh",
+                    handle.name,
+                    handle.host,
+                    STOP_WAIT,
+                )
             with contextlib.suppress(ProcessLookupError):
                 proc.terminate()
             try:

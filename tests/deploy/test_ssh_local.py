@@ -5,6 +5,7 @@ tests/multihost/test_ssh*.py)."""
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 from traitlets.config import Config
 
+import dispynb.deploy.ssh as ssh_module
 from dispynb.deploy import LaunchError, SSHNodes
 from dispynb.jupyter.errors import MagicError
 from dispynb.jupyter.magics import DispyMagics
@@ -21,10 +23,12 @@ from tests.nodeproc import ROOT
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
 #: ``ssh [options] -- HOST COMMAND`` runs COMMAND here; ``ssh -G HOST`` says the
-#: host is 127.0.0.1 (so the node registers over loopback).
+#: host is 127.0.0.1 (so the node registers over loopback); host ``blackhole`` never
+#: answers (ssh waits for the TCP connection: 2 min without ConnectTimeout).
 FAKE_SSH = f"""#!/bin/sh
 for last; do :; done
 case " $* " in *" -G "*) echo "hostname 127.0.0.1"; exit 0;; esac
+case " $* " in *" -- blackhole "*) exec sleep 600;; esac  # still connecting
 export PYTHONPATH={ROOT}
 exec /bin/sh -c "$last"
 """
@@ -107,3 +111,44 @@ def test_dispy_status_neither_waits_for_nor_launches_nodes(
     assert repr(status).startswith("ssh nodes: none registered"), repr(status)
     assert "none registered" in status._repr_html_()
     assert len(nodes.events) == 2 and nodes.events[-1].action == "drain"
+
+
+def blocked_signals(pid: int) -> int:
+    """The signal mask of process ``pid`` (its main thread)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigBlk:"):
+            return int(line.split()[1], 16)
+    raise AssertionError(f"no SigBlk in /proc/{pid}/status")
+
+
+def test_ssh_runs_with_no_signal_blocked(fake_ssh: Path) -> None:
+    """``ssh`` is started by dispynb's I/O thread, which blocks SIGINT, SIGTERM,
+    SIGHUP... (the main thread takes a Ctrl-C); a child inherits that mask, so ssh
+    ignored the SIGTERM of a stop (ended by SIGKILL 5 s later), as did what it runs."""
+    with SSHNodes(["blackhole"], python=sys.executable, wait=30) as nodes:
+        (launched,) = nodes._launched
+        assert launched.handle is not None
+        assert blocked_signals(launched.handle.proc.pid) == 0
+
+
+def test_close_does_not_wait_for_a_node_that_never_registered(
+    fake_ssh: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host that does not answer (ssh still connecting): close() ends ssh at once.
+    It closed ssh's stdin and waited STOP_WAIT (15 s) for a node that was never
+    started, then 5 s more for the SIGTERM ssh blocked: a notebook's %dispy close
+    or a with block's end took 20 s."""
+    monkeypatch.setattr(ssh_module, "STOP_WAIT", 600.0)
+    nodes = SSHNodes(["blackhole", "node1"], python=sys.executable, wait=30)
+    try:
+        nodes.wait_for(1)
+        (waiting,) = [x for x in nodes._launched if x.node is None]
+        assert waiting.handle is not None
+        ssh = waiting.handle.proc
+        closing = threading.Thread(target=nodes.close, daemon=True)
+        closing.start()
+        closing.join(30)  # far below STOP_WAIT
+        assert not closing.is_alive(), "close() waited for the node that never came"
+        assert ssh.returncode is not None
+    finally:
+        nodes.close()
