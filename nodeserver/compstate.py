@@ -49,6 +49,9 @@ class NodeJob:
     buffers: list[memoryview]
     cancelled: bool = False
     skipping: bool = False  # sent ahead, then asked to skip if it has not started
+    #: Sent ahead to a worker whose running job is being stopped: the worker is
+    #: told to skip it, and it runs on another (the interrupted one is replaced).
+    moving: bool = False
     reported: bool = False  # its outcome already went to the client
     files: list[tuple[str, str]] = field(default_factory=list)  # (path, digest)
     placed: bool = False  # its files are in the computation's directory

@@ -390,7 +390,15 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
         if done.outcome != CANCELLED:  # a skipped job says nothing about durations
             mean = self._mean
             self._mean = duration if mean is None else 0.8 * mean + 0.2 * duration
-        if job.cancelled and done.outcome == CANCELLED:
+        if job.moving and done.outcome == CANCELLED and not job.cancelled:
+            # Skipped as the job before it was stopped: it runs on another worker
+            # (unless the client cancelled it meanwhile, if it had not started).
+            if job.skipping:
+                reason = "job cancelled at the client's request before it started"
+                self._finish_unrun(job, reason)
+            else:
+                self._requeue_or_fail(job)
+        elif job.cancelled and done.outcome == CANCELLED:
             # Skipped by the worker (a cancel that came as it became the head, after
             # it was told to skip it): it never ran, so not reported terminated.
             if not job.reported:
@@ -463,6 +471,7 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
 
     def _requeue_or_fail(self, job: NodeJob) -> None:
         """Put a job that did not complete back at the head of the queue."""
+        job.moving = False
         if job.buffers:
             self._queue.appendleft(job)
             return

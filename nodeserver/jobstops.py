@@ -39,7 +39,10 @@ class _JobStops(_ComputationState):
         for worker in self._workers.values():
             for position, job in enumerate(worker.assigned):
                 if job.key == key and job.attempt == attempt:
-                    if job.cancelled or (position == 0 and unstarted):
+                    # A job moving away from an interrupted worker (told to skip
+                    # it) has not started, even once it is that worker's head.
+                    started = position == 0 and not job.moving
+                    if job.cancelled or (started and unstarted):
                         # Stopping already (cancelled, or over its timeout); or
                         # running, and only a job not started was to be dropped.
                         return
@@ -53,7 +56,7 @@ class _JobStops(_ComputationState):
                                 worker.conn.write(Skip(key=key))
                         return
                     job.cancelled = True
-                    if position == 0:
+                    if started:
                         self._interrupt(worker, job)
                     else:
                         # Sent ahead, not started: settle it now, and tell the worker
@@ -85,8 +88,8 @@ class _JobStops(_ComputationState):
         dropped = list(self._queue)
         self._queue.clear()
         for worker in self._workers.values():
-            for job in list(worker.assigned)[1:]:
-                if not job.reported:
+            for position, job in enumerate(list(worker.assigned)):
+                if (position > 0 or job.moving) and not job.reported:
                     job.cancelled = True
                     dropped.append(job)
                     with contextlib.suppress(DispynbError):
@@ -98,7 +101,20 @@ class _JobStops(_ComputationState):
     def _interrupt(
         self, worker: Worker, job: NodeJob, grace: float = CANCEL_GRACE
     ) -> None:
-        """Cancel a running job as dispy does: KeyboardInterrupt, then kill."""
+        """Cancel a running job as dispy does: KeyboardInterrupt, then kill.
+
+        The jobs sent ahead to the worker move first: it is told to skip them
+        (before the signal, so that it reads this before it would start the next
+        one), and they run on another worker (`Computation._on_done`). Else the
+        next one would start as the interrupted job ends, on a worker about to be
+        replaced: killed with it (and run again), or taken for a running job by a
+        cancel that follows (terminated, not cancelled)."""
+        for behind in list(worker.assigned)[1:]:
+            if not (behind.reported or behind.cancelled or behind.moving):
+                behind.moving = True
+                if not behind.skipping:  # else told already
+                    with contextlib.suppress(DispynbError):
+                        worker.conn.write(Skip(key=behind.key))
         worker.interrupted = True
         self._launcher.interrupt(worker.pid)
         loop = asyncio.get_running_loop()
@@ -109,7 +125,8 @@ class _JobStops(_ComputationState):
         its time limit, if it has one."""
         job = worker.assigned[0]
         # A job the worker may skip is not reported started: its end says.
-        if self.on_start is not None and not job.cancelled and not job.skipping:
+        unsure = job.cancelled or job.skipping or job.moving
+        if self.on_start is not None and not unsure:
             self.on_start(job.key, job.attempt, time.time())
         if job.timeout is not None and job.timer is None and not job.cancelled:
             loop = asyncio.get_running_loop()

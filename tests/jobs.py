@@ -56,6 +56,16 @@ def mark_and_sleep(marker: str | None, seconds: float) -> int:
     return os.getpid()
 
 
+def log_and_sleep(log: str, seconds: float) -> int:
+    """Append this worker's pid to ``log`` (a line per start of the job), then
+    sleep; return the pid. ``log`` shows whether, how often and where it ran."""
+    with open(log, "a") as handle:
+        handle.write(f"{os.getpid()}\n")
+    if seconds:
+        time.sleep(seconds)
+    return os.getpid()
+
+
 def sleep_unless_interrupted(marker: str, seconds: float) -> str:
     """Write ``marker``, sleep; return "interrupted" on KeyboardInterrupt (cancel)."""
     # write then rename: a test polling for the file never reads it half-written
@@ -158,6 +168,15 @@ def wait_until(predicate: Callable[[], bool], timeout: float = WAIT) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         time.sleep(0.01)
+
+
+def logged_pids(log: str | os.PathLike[str]) -> list[int]:
+    """The pids `log_and_sleep` wrote to ``log`` (none if it never ran)."""
+    try:
+        text = Path(log).read_text()
+    except FileNotFoundError:
+        return []
+    return [int(line) for line in text.splitlines() if line]
 
 
 def read_pid(path: str | os.PathLike[str]) -> int:

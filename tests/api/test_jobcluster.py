@@ -28,7 +28,7 @@ from dispynb.errors import (
     TransportError,
 )
 from tests import jobs
-from tests.jobs import WAIT, read_pid, wait_for_path, wait_until
+from tests.jobs import WAIT, logged_pids, read_pid, wait_for_path, wait_until
 from tests.nodeproc import running_node
 from tests.transport.certs import make_cert
 
@@ -329,6 +329,96 @@ def test_cancel_job_sent_ahead_to_busy_worker_settles_promptly(local1, tmp_path)
             assert not long.done()
         finally:
             cluster.close(terminate=True)
+
+
+#: Rounds of the tests of a job sent ahead to a worker whose running job is
+#: cancelled: before the fix, that worker started the job as the other ended, or
+#: was killed first (the node replaces it), a race: each test runs it again.
+AHEAD_ROUNDS = 3
+
+
+def _long_job_and_one_sent_ahead(
+    cluster: JobCluster, path: Path, ahead_seconds: float
+) -> tuple[DispyJob, DispyJob, int]:
+    """On a 1-CPU node: a running 60 s job, and a job sent ahead to its worker
+    (the node sends jobs ahead once its jobs are seen to be short), logging to
+    ``path``/long and ``path``/ahead. Returns both and the running job's worker."""
+    path.mkdir()
+    warmup = [cluster.submit(os.devnull, 0) for _ in range(5)]
+    assert cluster.wait(timeout=WAIT)
+    assert {job.status for job in warmup} == {DispyJob.Finished}
+    long = cluster.submit(str(path / "long"), 60)
+    wait_until(lambda: len(logged_pids(path / "long")) == 1)
+    # Within the node's window: it reaches the node before any cancel that follows.
+    ahead = cluster.submit(str(path / "ahead"), ahead_seconds)
+    return long, ahead, logged_pids(path / "long")[0]
+
+
+def test_cancel_running_job_runs_the_job_sent_ahead_to_its_worker_once_elsewhere(
+    local1, tmp_path
+):
+    """The job sent ahead to a worker whose running job is cancelled is not
+    started by that worker as the interrupted job ends (the worker is replaced:
+    it was killed with it and run again), but once, on the next worker."""
+    for round_ in range(AHEAD_ROUNDS):
+        path = tmp_path / str(round_)
+        with JobCluster(jobs.log_and_sleep, nodes=local1) as cluster:
+            try:
+                long, ahead, interrupted = _long_job_and_one_sent_ahead(
+                    cluster, path, 0.5
+                )
+                assert cluster.cancel(long) == 0
+                assert long.wait(timeout=PROMPT)
+                assert long.status == DispyJob.Terminated
+                assert ahead.wait(timeout=WAIT)
+                assert ahead.status == DispyJob.Finished, ahead.exception
+                assert logged_pids(path / "ahead") == [ahead.result], "its runs"
+                assert ahead.result != interrupted
+            finally:
+                cluster.close(terminate=True)
+
+
+@pytest.mark.parametrize("order", ["ahead first", "running first", "after"])
+def test_cancel_running_job_and_the_job_sent_ahead_behind_it(local1, tmp_path, order):
+    """Both cancelled, the one sent ahead first, or just after the running one, or
+    once that one is reported terminated: the running job ends Terminated; the
+    one sent ahead never starts on the interrupted worker (as the interrupted job
+    ends, before its own cancel is read), nor after its cancel.
+
+    Cancelled first, it ends Cancelled. Cancelled after, it may have moved to the
+    replacement worker meanwhile: then it ends Cancelled if it had not started
+    there, Terminated if it had, or Finished if it was done (two cancels are two
+    requests: under load the second may come late)."""
+    for round_ in range(AHEAD_ROUNDS):
+        path = tmp_path / str(round_)
+        with JobCluster(jobs.log_and_sleep, nodes=local1) as cluster:
+            try:
+                long, ahead, interrupted = _long_job_and_one_sent_ahead(
+                    cluster, path, 60
+                )
+                if order == "ahead first":
+                    assert cluster.cancel(ahead) == 0
+                assert cluster.cancel(long) == 0
+                if order == "after":
+                    assert long.wait(timeout=PROMPT)
+                if order != "ahead first":
+                    cluster.cancel(ahead)
+                assert long.wait(timeout=PROMPT) and ahead.wait(timeout=PROMPT)
+                assert long.status == DispyJob.Terminated, long.exception
+                # The replacement worker runs the next job, and nothing before it.
+                assert cluster.submit(os.devnull, 0).wait(timeout=WAIT)
+                runs = logged_pids(path / "ahead")
+                assert interrupted not in runs
+                if order == "ahead first" or ahead.status == DispyJob.Cancelled:
+                    assert ahead.status == DispyJob.Cancelled, ahead.exception
+                    assert runs == []
+                elif ahead.status == DispyJob.Finished:
+                    assert runs == [ahead.result]
+                else:  # interrupted on the next worker, maybe before it began
+                    assert ahead.status == DispyJob.Terminated, ahead.exception
+                    assert len(runs) <= 1
+            finally:
+                cluster.close(terminate=True)
 
 
 def test_cancel_job_queued_on_client_ends_cancelled_and_never_runs(local1, tmp_path):

@@ -349,6 +349,47 @@ def test_a_job_to_skip_is_cancelled_not_rerun_when_its_worker_dies(tmp_path):
     run(main())
 
 
+def test_jobs_sent_ahead_to_a_worker_whose_job_is_cancelled_move_off_it(tmp_path):
+    """The jobs sent ahead to a worker whose running job is cancelled are told to
+    skip it (the worker is replaced) and run on the next worker; one cancelled
+    once it is the interrupted worker's head has not started: it ends cancelled,
+    not terminated, and never runs."""
+
+    async def main() -> None:
+        reports = Reports()
+        computation, launcher = make(tmp_path, reports, workers=1)
+        await computation.start(bundle(blocked))
+        quick = new_gate("quick")
+        open_gate(quick)
+        computation.submit([job(key, quick) for key in range(1, 6)])  # mean: short
+        await wait_until(lambda: len(reports.entries) == 5, "quick jobs done")
+        reports.starts.clear()
+        computation.submit([job(10, new_gate("head"))])
+        await wait_until(lambda: launcher.busy_workers(), "job 10 running")
+        computation.submit([job(11, new_gate("never")), job(12, quick)])
+        (worker,) = computation._workers.values()
+        assert [j.key for j in worker.assigned] == [10, 11, 12]
+        on_done = computation._on_done
+
+        def cancel_once_head(*args: Any) -> None:
+            on_done(*args)
+            if worker.assigned and worker.assigned[0].key == 11:
+                computation.cancel(11, 1)  # before the worker's word on it
+
+        computation._on_done = cancel_once_head  # type: ignore[method-assign]
+        computation.cancel(10, 1)
+        await wait_until(lambda: len(reports.entries) == 8, "all settled")
+        assert reports.outcome(10) == TERMINATED
+        assert reports.outcome(11) == CANCELLED
+        assert reports.values[12] == quick
+        assert reports.starts == [10, 12]
+        (replacement,) = computation._workers.values()
+        assert replacement is not worker and launcher.kills == [worker.pid]
+        await finish(computation, launcher)
+
+    run(main())
+
+
 def test_worker_killed_mid_job_reports_crash_and_is_replaced(tmp_path):
     async def main() -> None:
         reports = Reports()
