@@ -109,6 +109,10 @@ class _LauncherState(abc.ABC, Generic[Handle]):
     def _exit_reason(self, handle: Handle) -> str | None:
         """Why the launched node ended (for error messages), or None if it runs."""
 
+    def _starting(self, handle: Handle) -> str:
+        """What to say of a launched node that runs but has not registered yet."""
+        return "still starting"
+
     async def _register_to(self, index: int) -> str:
         """The address the ``index``-th node registers with (``register_host``, by
         default the loopback address; SSH finds the one routing to each host)."""

@@ -78,7 +78,7 @@ class _Registrations(_Scaling[Handle]):
                 "launches them"
             )
         where = format_address(self.register_host or "*", self.register_port)
-        reasons = [f"{x.name}: {self._reason(x) or 'still starting'}" for x in waiting]
+        reasons = [f"{x.name}: {self._reason(x) or self._still(x)}" for x in waiting]
         if all(self._reason(x) is not None for x in waiting):
             what = f"exited before registering with {where}"
         else:
@@ -89,6 +89,11 @@ class _Registrations(_Scaling[Handle]):
             "installed where they run, and that they can reach this address "
             "(register_host=)"
         )
+
+    def _still(self, launched: Launched[Handle]) -> str:
+        if launched.handle is None:
+            return "still starting"
+        return self._starting(launched.handle)
 
     def node_specs(self) -> list[str]:
         """``'host:port'`` of the nodes registered, after waiting for the first one

@@ -41,6 +41,10 @@ logger = logging.getLogger(__name__)
 STOP_WAIT = 15.0
 #: Lines of a node's output kept to explain why it ended.
 KEPT_LINES = 8
+#: Seconds ``ssh`` may take to connect (``ConnectTimeout``), unless the user's ssh
+#: configuration sets it: without one a host that does not answer takes the
+#: system's TCP timeout (over 2 minutes), beyond `REGISTER_WAIT`.
+CONNECT_TIMEOUT = 30.0
 #: ``ssh`` starts with no signal blocked (the I/O thread that starts it blocks some).
 _CHILD: dict[str, Any] = (
     {"preexec_fn": unblock_in_child} if hasattr(signal, "pthread_sigmask") else {}
@@ -130,6 +134,7 @@ class SSHNodes(NodeLauncher[SSHNode]):
         self.ssh_options = list(ssh_options)
         self.ssh = ssh
         self._host_of: dict[int, str] = {}
+        self._configs: dict[str, dict[str, str]] = {}
         super().__init__(
             secret=secret,
             register_host=register_host,
@@ -173,8 +178,11 @@ class SSHNodes(NodeLauncher[SSHNode]):
             argv = ["env", *(f"{k}={v}" for k, v in self.env.items()), *argv]
         return shlex.join(argv)
 
-    async def _ssh_hostname(self, host: str) -> str:
-        """``host``'s address as ``ssh -G`` resolves it (aliases, ``Hostname``)."""
+    async def _ssh_config(self, host: str) -> dict[str, str]:
+        """``host``'s ssh configuration as ``ssh -G`` resolves it (aliases,
+        ``Hostname``, ``ssh_options``...): option names in lower case."""
+        if host in self._configs:
+            return self._configs[host]
         proc = await asyncio.create_subprocess_exec(
             self.ssh,
             *self.ssh_options,
@@ -191,11 +199,28 @@ class SSHNodes(NodeLauncher[SSHNode]):
             raise LaunchError(
                 f"ssh -G {host} failed: {err.decode(errors='replace').strip()}"
             )
+        config: dict[str, str] = {}
         for line in out.decode(errors="replace").splitlines():
             key, _, value = line.partition(" ")
-            if key == "hostname" and value:
-                return value.strip()
-        return host.rpartition("@")[2]
+            config.setdefault(key.lower(), value.strip())
+        self._configs[host] = config
+        return config
+
+    async def _ssh_hostname(self, host: str) -> str:
+        """``host``'s address as ``ssh -G`` resolves it (aliases, ``Hostname``)."""
+        config = await self._ssh_config(host)
+        return config.get("hostname") or host.rpartition("@")[2]
+
+    async def _connect_timeout(self, host: str) -> list[str]:
+        """``-o ConnectTimeout=...`` unless the user's configuration sets one (or
+        ``ssh -G`` does not work: an old OpenSSH, a stand-in for ``ssh``)."""
+        try:
+            config = await self._ssh_config(host)
+        except (LaunchError, OSError):
+            return []
+        if config.get("connecttimeout", "none") != "none":
+            return []
+        return ["-o", f"ConnectTimeout={CONNECT_TIMEOUT:g}"]
 
     def _host_for(self, index: int) -> str:
         """The host of the ``index``-th node: the one running the fewest nodes now
@@ -230,6 +255,7 @@ class SSHNodes(NodeLauncher[SSHNode]):
             "-o",
             "BatchMode=yes",
             *self.ssh_options,
+            *await self._connect_timeout(host),
             "--",
             host,
             command,
@@ -288,6 +314,11 @@ class SSHNodes(NodeLauncher[SSHNode]):
         if handle.reader is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.wait_for(handle.reader, 5.0)
+
+    def _starting(self, handle: SSHNode) -> str:
+        if handle.last_lines:
+            return f"still starting on {handle.host}: {handle.last_lines[-1]}"
+        return f"still starting on {handle.host}: no output yet (ssh connecting?)"
 
     def _exit_reason(self, handle: SSHNode) -> str | None:
         code = handle.proc.returncode

@@ -24,10 +24,15 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
 #: ``ssh [options] -- HOST COMMAND`` runs COMMAND here; ``ssh -G HOST`` says the
 #: host is 127.0.0.1 (so the node registers over loopback); host ``blackhole`` never
-#: answers (ssh waits for the TCP connection: 2 min without ConnectTimeout).
+#: answers (ssh waits for the TCP connection: 2 min without ConnectTimeout). Each
+#: call is logged to $FAKE_SSH_LOG; ``ssh -G`` reports $FAKE_CONNECTTIMEOUT.
 FAKE_SSH = f"""#!/bin/sh
+echo "$*" >> "${{FAKE_SSH_LOG:-/dev/null}}"
 for last; do :; done
-case " $* " in *" -G "*) echo "hostname 127.0.0.1"; exit 0;; esac
+case " $* " in *" -G "*)
+  echo "hostname 127.0.0.1"; echo "connecttimeout ${{FAKE_CONNECTTIMEOUT:-none}}"
+  exit 0;;
+esac
 case " $* " in *" -- blackhole "*) exec sleep 600;; esac  # still connecting
 export PYTHONPATH={ROOT}
 exec /bin/sh -c "$last"
@@ -152,3 +157,39 @@ def test_close_does_not_wait_for_a_node_that_never_registered(
         assert ssh.returncode is not None
     finally:
         nodes.close()
+
+
+@pytest.mark.parametrize(("configured", "given"), [(None, "30"), ("5", None)])
+def test_ssh_gets_a_connect_timeout_unless_configured(
+    fake_ssh: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    configured: str | None,
+    given: str | None,
+) -> None:
+    """A host that does not answer: without ConnectTimeout ssh waits for TCP's
+    timeout (over 2 minutes, beyond the 60 s wait): the error then said 'still
+    starting' and gave no cause. SSHNodes now gives ssh ConnectTimeout=30 when the
+    user's ssh configuration (as ``ssh -G`` reports it) sets none."""
+    log = tmp_path / "ssh.log"
+    monkeypatch.setenv("FAKE_SSH_LOG", str(log))
+    if configured is not None:
+        monkeypatch.setenv("FAKE_CONNECTTIMEOUT", configured)
+    with SSHNodes(["node1"], python=sys.executable, wait=30) as nodes:
+        nodes.wait_for(1)
+    (launch,) = [
+        line for line in log.read_text().splitlines() if line.startswith("-T ")
+    ]
+    if given is None:
+        assert "ConnectTimeout" not in launch
+    else:
+        assert f"-o ConnectTimeout={given} -- node1 " in launch
+
+
+def test_a_node_still_starting_is_named_with_its_host(fake_ssh: Path) -> None:
+    nodes = SSHNodes(["blackhole"], python=sys.executable, wait=1)
+    with nodes, pytest.raises(LaunchError) as raised:
+        nodes.node_specs()
+    message = str(raised.value)
+    assert "did not register with *:" in message and "within 1 s" in message
+    assert "still starting on blackhole: no output yet (ssh connecting?)" in message
