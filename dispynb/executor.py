@@ -35,7 +35,7 @@ import cloudpickle
 
 from dispynb._interruptible import start_thread
 from dispynb.errors import RemoteError, SerializationError
-from dispynb.futures import JobFuture
+from dispynb.futures import JobFuture, outcome_error
 from dispynb.futures import (
     cancel_futures as cancel_all,
 )  # shutdown has an argument so named
@@ -132,23 +132,23 @@ def _unpack(outcome: Outcome) -> Any:
 
 
 class _CallsFuture(JobFuture):
-    """The future of an executor job: one call (``submit``) or a chunk (``map``)."""
+    """The future of a ``submit``: its job makes one call. (A ``map`` waits for
+    its jobs themselves: `_chunk_outcomes`.)"""
 
-    def __init__(self, job: DispyJob, executor: Executor, single: bool) -> None:
+    def __init__(self, job: DispyJob, executor: Executor) -> None:
         super().__init__(job)
         self._executor = executor
-        self._single = single
 
     def _settle(self) -> None:
         job = self.job
         try:
-            if job.status == job.Finished and self._single:
+            if job.status == job.Finished:
                 error = _error(job.result[0])
                 if error is None:
                     self._set(job.result[0][1], error=False)
                 else:
                     self._set(error, error=True)
-            else:  # a chunk's outcomes, or a failure of the whole job
+            else:  # a failure of the whole job
                 super()._settle()
         finally:
             self._executor._forget(self)
@@ -244,9 +244,16 @@ class Executor(concurrent.futures.Executor):
             if self._local is not None:
                 self._local.close()
             raise
-        # Reentrant: a future settled at once in _submit forgets itself.
+        # Held across each job's submission, so that shutdown sees every job
+        # submitted before it and none after.
         self._lock = threading.RLock()
+        # Held only to change `_pending`: the I/O thread forgets each future that
+        # settles, and waiting for `_lock` there would stall it for as long as a
+        # ``map`` submits (a job's whole submission, per job).
+        self._pending_lock = threading.Lock()
         self._pending: set[_CallsFuture] = set()
+        #: The jobs of the ``map`` calls whose outcomes were not read yet.
+        self._map_jobs: set[DispyJob] = set()
         self._shut = False
         self._terminate = False  # on close, terminate running jobs (an interrupt)
         self._closed = threading.Event()
@@ -264,27 +271,42 @@ class Executor(concurrent.futures.Executor):
         """Run ``fn(*args, **kwargs)`` on a node; return its future (a `JobFuture`:
         ``future.job`` is the `DispyJob`, with the job's output and node)."""
         key, blob = _pickle(fn)
-        return self._submit(key, blob, [(args, kwargs)], single=True)
-
-    def _submit(
-        self, key: str, blob: bytes, calls: list[Call], single: bool
-    ) -> _CallsFuture:
         with self._lock:
-            if self._shut:
-                raise RuntimeError("cannot schedule new futures after shutdown")
-            try:
-                job = self.cluster.submit(key, blob, calls)
-            except SerializationError as exc:
-                # Its message names the runner's argument (the list of calls).
-                raise SerializationError(_unpicklable_call(calls, exc)) from None
-            future = job._attach(lambda job: _CallsFuture(job, self, single))
+            job = self._new_job(key, blob, [(args, kwargs)])
+            future = job._attach(lambda job: _CallsFuture(job, self))
             assert isinstance(future, _CallsFuture)
-            if not future.done():
-                self._pending.add(future)
+            # A future settles, then forgets itself (`_forget`): seen not done
+            # here, it is added before it is forgotten.
+            with self._pending_lock:
+                if not future.done():
+                    self._pending.add(future)
         return future
 
-    def _forget(self, future: _CallsFuture) -> None:
+    def _new_job(self, key: str, blob: bytes, calls: list[Call]) -> DispyJob:
+        """Submit a job making ``calls``; the caller holds `_lock`."""
+        if self._shut:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        try:
+            return self.cluster.submit(key, blob, calls)
+        except SerializationError as exc:
+            # Its message names the runner's argument (the list of calls).
+            raise SerializationError(_unpicklable_call(calls, exc)) from None
+
+    def _submit_chunk(self, key: str, blob: bytes, calls: list[Call]) -> DispyJob:
+        """Submit a job of a ``map``: no future (one per job would cost the I/O
+        thread a third of its time per job, W8), the job itself is waited for."""
         with self._lock:
+            job = self._new_job(key, blob, calls)
+            with self._pending_lock:
+                self._map_jobs.add(job)
+        return job
+
+    def _forget_chunks(self, jobs: Iterable[DispyJob]) -> None:
+        with self._pending_lock:
+            self._map_jobs.difference_update(jobs)
+
+    def _forget(self, future: _CallsFuture) -> None:
+        with self._pending_lock:
             self._pending.discard(future)
 
     def map(
@@ -311,21 +333,21 @@ class Executor(concurrent.futures.Executor):
         key, blob = _pickle(fn)
         chunks = _chunks(zip(*iterables, strict=False), chunksize)
         in_flight = itertools.islice(chunks, buffersize) if buffersize else chunks
-        futures: collections.deque[_CallsFuture] = collections.deque()
+        jobs: collections.deque[DispyJob] = collections.deque()
         try:
             for chunk in in_flight:
-                futures.append(self._submit(key, blob, chunk, single=False))
+                jobs.append(self._submit_chunk(key, blob, chunk))
         except BaseException:  # an argument that cannot be pickled, say
-            cancel_all(futures, wait=False)  # no orphan calls left running
+            self._cancel_chunks(jobs)  # no orphan calls left running
             raise
         more = chunks if buffersize else iter(())
-        results = self._results(futures, more, key, blob, end)
+        results = self._results(jobs, more, key, blob, end)
         next(results)  # into its try: closing (or dropping) it now cancels the rest
         return results
 
     def _results(
         self,
-        futures: collections.deque[_CallsFuture],
+        jobs: collections.deque[DispyJob],
         more: Iterator[list[Call]],
         key: str,
         blob: bytes,
@@ -333,19 +355,24 @@ class Executor(concurrent.futures.Executor):
     ) -> Iterator[Any]:
         try:
             yield None  # map() primes the generator with this one
-            while futures:
+            while jobs:
                 wait = None if end is None else max(end - time.monotonic(), 0.0)
-                outcomes = futures[0].result(wait)
-                futures.popleft()
+                outcomes = _chunk_outcomes(jobs[0], wait)
+                self._forget_chunks((jobs.popleft(),))
                 for chunk in itertools.islice(more, 1):
-                    futures.append(self._submit(key, blob, chunk, single=False))
+                    jobs.append(self._submit_chunk(key, blob, chunk))
                 for outcome in outcomes:
                     yield _unpack(outcome)
         finally:
-            # Without waiting for the nodes' answers (a job sent ahead is answered
-            # for only when the job before it ends): a timeout or a ``break`` must
-            # not last as long as the running calls.
-            cancel_all(futures, wait=False)
+            self._cancel_chunks(jobs)
+
+    def _cancel_chunks(self, jobs: collections.deque[DispyJob]) -> None:
+        """Cancel the jobs of a ``map`` left early (a timeout, a ``break``, an
+        error), without waiting for the nodes' answers (a job sent ahead is
+        answered for only when the job before it ends): that must not last as
+        long as the running calls."""
+        self._forget_chunks(jobs)
+        cancel_all([job.future for job in jobs if not job.done()], wait=False)
 
     # -- shutting down ---------------------------------------------------------------
 
@@ -359,8 +386,11 @@ class Executor(concurrent.futures.Executor):
         with self._lock:
             first = not self._shut
             self._shut = True
-            pending = list(self._pending)
+            with self._pending_lock:
+                pending: list[concurrent.futures.Future[Any]] = list(self._pending)
+                chunks = list(self._map_jobs)
         if cancel_futures:
+            pending += [job.future for job in chunks if not job.done()]
             # Not waiting for the nodes' answers: a job sent ahead is answered for
             # when the job before it ends, and closing waits for every job anyway.
             cancel_all(pending, wait=False)
@@ -396,7 +426,9 @@ class Executor(concurrent.futures.Executor):
         self.shutdown(wait=True, cancel_futures=interrupted)
 
     def __repr__(self) -> str:
-        state = "shut down" if self._shut else f"pending={len(self._pending)}"
+        with self._pending_lock:
+            pending = len(self._pending) + sum(not j.done() for j in self._map_jobs)
+        state = "shut down" if self._shut else f"pending={pending}"
         return f"<dispynb.Executor nodes={len(self.cluster.status().nodes)} {state}>"
 
 
@@ -407,6 +439,23 @@ def _pickle(fn: Callable[..., Any]) -> tuple[str, bytes]:
     serialize.ship_by_value(fn)
     blob = cloudpickle.dumps(fn)
     return hashlib.blake2b(blob, digest_size=16).hexdigest(), blob
+
+
+def _chunk_outcomes(job: DispyJob, timeout: float | None) -> list[Outcome]:
+    """The outcomes of a ``map`` job's calls, or raise what its future's
+    ``result(timeout)`` would (`JobFuture`). Waiting on the job itself, the
+    waiting thread reads the nodes' answers in the I/O thread's place when that
+    one is idle (`dispynb._inplace`): no thread is woken per job."""
+    if not job.wait(timeout):
+        raise concurrent.futures.TimeoutError()
+    if job.status == job.Finished:
+        outcomes: list[Outcome] = job.result
+        return outcomes
+    if job.status == job.Cancelled:
+        raise concurrent.futures.CancelledError()
+    error = outcome_error(job)
+    assert error is not None
+    raise error
 
 
 def _unpicklable_call(calls: list[Call], error: SerializationError) -> str:
