@@ -475,6 +475,26 @@ def test_shutdown_cancel_futures_cancels_the_queued_ones(local, tmp_path):
         assert future.cancelled() or future.result(0) == i * 2
 
 
+def test_shutdown_cancel_futures_cancels_a_maps_queued_calls(local, tmp_path):
+    """A ``map``'s jobs have no futures of their own: shutdown cancels them too,
+    and reading the map raises `CancelledError` at the first call cancelled."""
+    executor = Executor(nodes=local)
+    gate = Gate(tmp_path)
+    running = [gate.submit(executor, i) for i in range(2)]  # both CPUs busy
+    for future in running:
+        gate.started(future)
+    touched = [tmp_path / f"mapped-{i}" for i in range(8)]
+    results = executor.map(Path.touch, touched)  # queued behind the gate
+    executor.shutdown(wait=False, cancel_futures=True)
+    wait_until(lambda: executor.cluster.job_counts["Cancelled"] == 8)
+    gate.open()
+    assert [future.result(WAIT) for future in running] == [0, 1]
+    assert executor._closed.wait(WAIT)
+    assert not any(path.exists() for path in touched)
+    with pytest.raises(cf.CancelledError):
+        next(results)
+
+
 def test_shutdown_without_wait_returns_at_once_and_finishes_the_work(local, tmp_path):
     executor = Executor(nodes=local)
     gate = Gate(tmp_path)
