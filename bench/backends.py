@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import multiprocessing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -67,7 +67,9 @@ class Backend(Protocol):
     only by the start-up workload), used by every selected workload, then closed.
     It may set ``release_wait``: seconds W4 waits, untimed, before each repetition
     (`workloads.Bandwidth`; the Ray rows, whose engine frees arguments
-    asynchronously).
+    asynchronously). A backend that is a ``concurrent.futures`` executor has
+    ``map_calls(fn, inputs)``: ``list(executor.map(fn, inputs))`` (W8,
+    `workloads.ExecutorMap`); the others lack it, or set it to None.
     """
 
     name: str
@@ -211,6 +213,10 @@ class ProcessPoolBackend:
     def round_trip(self, fn: Task, arg: Any) -> Any:
         return self._require_pool().submit(fn, arg).result()
 
+    def map_calls(self, fn: Task, inputs: Iterable[Any]) -> list[Any]:
+        """W8: the pool's own ``map`` (default ``chunksize``, 1)."""
+        return list(self._require_pool().map(fn, inputs))
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
@@ -250,6 +256,7 @@ class DispynbBackend:
         self._local: Any = None
         self._cluster: Any = None
         self._fn: Task | None = None
+        self._executor: Any = None
         import dispynb  # noqa: F401 - imported before the start-up clock starts
 
     def start(self) -> None:
@@ -269,6 +276,20 @@ class DispynbBackend:
     def round_trip(self, fn: Task, arg: Any) -> Any:
         return self._result(self._cluster_for(fn).submit(arg))
 
+    def map_calls(self, fn: Task, inputs: Iterable[Any]) -> list[Any]:
+        """W8: ``list(Executor(nodes=local).map(fn, inputs))``, default ``chunksize``
+        (1); one `dispynb.Executor` on the same node for the whole run, made on
+        first use (the warm-up), after closing the `JobCluster` of W1-W4."""
+        if self._executor is None:
+            from dispynb import Executor
+
+            self._cluster_stack.close()
+            self._cluster = self._fn = None
+            self._executor = self._stack.enter_context(
+                Executor(**self._cluster_options())
+            )
+        return list(self._executor.map(fn, inputs))
+
     def share(self, fn: Task, obj: Any) -> Any:
         """W7: ``JobCluster.put``; jobs get the handle. `Unsupported` where the
         engine refuses ``put`` (Dask's and Ray's lack ``job_depends``)."""
@@ -283,7 +304,7 @@ class DispynbBackend:
         self._cluster_stack.close()
         self._cluster = self._fn = None
         self._stack.close()
-        self._local = None
+        self._local = self._executor = None
 
     def describe(self) -> dict[str, Any]:
         import dispynb
@@ -334,6 +355,7 @@ class DispynbSocketBackend(DispynbBackend):
     """dispynb with ``DISPYNB_SHARED_MEMORY=0``: every argument over the socket."""
 
     name = "dispynb-socket"
+    map_calls = None  # W8 has no large arguments: the dispynb row's
 
     def __init__(self, workers: int) -> None:
         import os

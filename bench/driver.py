@@ -9,8 +9,9 @@ the ``out`` parameter; progress goes to stderr.
 Modes
 -----
 ``main``
-    Start the backend, record memory at rest, run W1-W4 (warm-up + R repetitions
-    each), record peak memory, try W6, close.
+    Start the backend, record memory at rest, run W1-W4 and W8 (warm-up + R
+    repetitions each; W8 where the backend is an executor), record peak memory,
+    try W6, close.
 ``cold``
     W4 cold, one repetition: start the backend, one tiny job of the W4 function,
     then fresh payloads timed once the CPUs are quiet (``Bandwidth.measure_cold``,
@@ -40,6 +41,7 @@ from workloads import (
     QUICK,
     Bandwidth,
     CpuBound,
+    ExecutorMap,
     Latency,
     SharedObject,
     Throughput,
@@ -88,7 +90,8 @@ def progress(line: str) -> None:
 
 
 def make_workloads(params: dict[str, Any]) -> list[Workload]:
-    """The selected W1-W4 workloads, sized for a normal or a ``--quick`` run."""
+    """The selected W1-W4 and W8 workloads, sized for a normal or a ``--quick``
+    run."""
     sizes = QUICK if params["quick"] else FULL
     workloads: dict[str, Workload] = {
         "throughput": Throughput(fn=inc, jobs=sizes.throughput_jobs),
@@ -99,6 +102,7 @@ def make_workloads(params: dict[str, Any]) -> list[Workload]:
         "bandwidth": Bandwidth(
             fn=size, jobs=sizes.bandwidth_jobs, size=sizes.bandwidth_bytes
         ),
+        "executor_map": ExecutorMap(fn=inc, calls=sizes.executor_map_calls),
     }
     return [w for name, w in workloads.items() if name in params["workloads"]]
 
@@ -130,7 +134,7 @@ def run_closure(backend: Backend, timeout: float) -> dict[str, Any]:
 
 
 def run_main(params: dict[str, Any]) -> dict[str, Any]:
-    """Mode ``main``: memory, W1-W4 and W6 on one started backend."""
+    """Mode ``main``: memory, W1-W4, W8 and W6 on one started backend."""
     from memory import snapshot
 
     name = params["backend"]
@@ -149,6 +153,8 @@ def run_main(params: dict[str, Any]) -> dict[str, Any]:
         # pages, which the RSS sum counts once per process.
         result["memory_rest"] = snapshot(pss=True)
         for workload in workloads:
+            if isinstance(workload, ExecutorMap) and not workload.supports(backend):
+                continue  # not an executor: W8 is left out (no cell)
             workload.warm_up(backend)
             for rep in range(1, params["repeat"] + 1):
                 values = workload.measure(backend)

@@ -21,6 +21,7 @@ class DispynbRayBackend(DispynbBackend):
     """dispynb's `JobCluster` on a local Ray instance (raw Ray's configuration)."""
 
     name = "dispynb-ray"
+    map_calls = None  # W8 is dispynb's node servers against ProcessPoolExecutor
     #: Seconds W4 waits before each timed repetition: Ray frees the previous one's
     #: arguments asynchronously (`workloads.Bandwidth`); the same for both Ray rows.
     release_wait = 1.0

@@ -21,6 +21,7 @@ class DispynbDaskBackend(DispynbBackend):
     """dispynb's `JobCluster` on a Dask ``LocalCluster`` (raw Dask's configuration)."""
 
     name = "dispynb-dask"
+    map_calls = None  # W8 is dispynb's node servers against ProcessPoolExecutor
 
     def __init__(self, workers: int) -> None:
         super().__init__(workers)

@@ -74,6 +74,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("bandwidth", "W4 bandwidth (10 MB arguments)", "MB/s", True),
     Metric("bandwidth_cold", "W4 cold (fresh payloads, new cluster)", "MB/s", True),
     Metric("shared_object", "W7 one 100 MB object, 200 jobs, 4 workers", "s", False),
+    Metric("executor_map", "W8 Executor.map of 100k small calls", "calls/s", True),
     Metric("start_first_result", "W5 start to first result", "s", False),
     Metric("start_close", "W5 close", "s", False),
     Metric("mem_nodes_rest", "nodes/workers at rest (RSS sum)", "MiB", False),

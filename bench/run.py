@@ -46,9 +46,17 @@ WORKLOAD_NAMES = (
     "startup",
     "closure",
     "shared_object",
+    "executor_map",
 )
 #: Workloads measured by the ``main`` driver (one started backend for all).
-MAIN_WORKLOADS = ("throughput", "latency", "cpu", "bandwidth", "closure")
+MAIN_WORKLOADS = (
+    "throughput",
+    "latency",
+    "cpu",
+    "bandwidth",
+    "closure",
+    "executor_map",
+)
 #: Seconds one driver process may take before it is killed (per mode).
 TIMEOUTS = {"main": 1800.0, "cold": 300.0, "startup": 180.0, "objects": 600.0}
 PR_SET_CHILD_SUBREAPER = 36

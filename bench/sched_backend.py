@@ -28,6 +28,7 @@ class DispynbSchedulerBackend(DispynbBackend):
     """dispynb's `SharedJobCluster` through ``dispynb-scheduler`` (one user)."""
 
     name = "dispynb-scheduler"
+    map_calls = None  # W8 is dispynb's own nodes against ProcessPoolExecutor
 
     def __init__(self, workers: int) -> None:
         super().__init__(workers)

@@ -7,7 +7,10 @@ Metric
 Workload
     The protocol of a workload: ``warm_up`` then repeated ``measure``.
 Throughput, Latency, CpuBound, Bandwidth
-    W1 to W4 of issue 7 (``Bandwidth.measure_cold``: W4 cold, issue 17). W5
+    W1 to W4 of issue 7 (``Bandwidth.measure_cold``: W4 cold, issue 17).
+ExecutorMap
+    W8: ``Executor.map`` of many small calls, for the backends that are a
+    ``concurrent.futures`` executor (dispynb's `Executor`, ProcessPoolExecutor). W5
     (start-up), W6 (closures) and memory are measured by
     ``driver.py`` because they need fresh backends or process inspection.
 Sizes, FULL, QUICK
@@ -39,6 +42,7 @@ __all__ = [
     "QUICK",
     "Bandwidth",
     "CpuBound",
+    "ExecutorMap",
     "Latency",
     "Metric",
     "SharedObject",
@@ -89,6 +93,7 @@ class Sizes:
     shared_object_jobs: int = 200
     shared_object_bytes: int = 100 * MB
     shared_object_workers: int = 4
+    executor_map_calls: int = 100_000
     #: Seconds W4 cold waits at most for quiet CPUs (`quiet.wait_until_quiet`).
     quiet_max_wait: float = QUIET_MAX_WAIT
 
@@ -110,6 +115,7 @@ QUICK = Sizes(
     bandwidth_bytes=2 * MB,
     shared_object_jobs=20,
     shared_object_bytes=10 * MB,
+    executor_map_calls=2_000,
     quiet_max_wait=1.0,  # a smoke run: the numbers are not read
 )
 
@@ -162,6 +168,49 @@ class Throughput:
         results = backend.submit_and_wait(self.fn, arglists)
         elapsed = time.perf_counter() - start
         if results != [i + 1 for i in range(jobs)]:
+            raise BenchmarkError(f"{backend.name}: wrong results for {self.name}")
+        return elapsed
+
+
+@dataclass(slots=True, kw_only=True)
+class ExecutorMap:
+    """W8: ``list(executor.map(fn, range(calls)))`` with the default ``chunksize``
+    (1), as a user replacing ProcessPoolExecutor writes it; calls/s until all
+    results are back. Only for backends with ``map_calls`` (`supports`)."""
+
+    fn: Callable[[int], int]
+    calls: int
+    name: str = "executor_map"
+    metrics: tuple[Metric, ...] = (
+        Metric(
+            key="executor_map",
+            label="Executor.map, small calls",
+            unit="calls/s",
+            higher_is_better=True,
+        ),
+    )
+
+    @staticmethod
+    def supports(backend: Backend) -> bool:
+        """Whether ``backend`` is an executor with a ``map`` (``map_calls``)."""
+        return getattr(backend, "map_calls", None) is not None
+
+    def describe(self) -> dict[str, Any]:
+        return {"calls": self.calls, "chunksize": 1, "function": "inc(x) -> x + 1"}
+
+    def warm_up(self, backend: Backend) -> None:
+        self._run(backend, self.calls)
+
+    def measure(self, backend: Backend) -> dict[str, float]:
+        return {"executor_map": self.calls / self._run(backend, self.calls)}
+
+    def _run(self, backend: Backend, calls: int) -> float:
+        """Map ``calls`` calls, check the results and return the elapsed seconds."""
+        map_calls = getattr(backend, "map_calls")  # noqa: B009 - not in Backend
+        start = time.perf_counter()
+        results = map_calls(self.fn, range(calls))
+        elapsed = time.perf_counter() - start
+        if results != [i + 1 for i in range(calls)]:
             raise BenchmarkError(f"{backend.name}: wrong results for {self.name}")
         return elapsed
 

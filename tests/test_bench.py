@@ -24,6 +24,7 @@ REPEATED = (
     "latency_p95",
     "cpu_efficiency",
     "bandwidth",
+    "executor_map",
     "start_first_result",
     "start_close",
 )
