@@ -41,11 +41,15 @@ class ComputationProcess(Protocol):
 class Launcher(Protocol):
     """Starts computation processes and signals their workers."""
 
-    async def start(self, control: socket.socket, cwd: str) -> ComputationProcess:
+    async def start(
+        self, control: socket.socket, cwd: str, timeout: float | None = None
+    ) -> ComputationProcess:
         """Start a computation process in directory ``cwd``, talking over ``control``.
 
         ``control`` is the process's end of the control socket pair; the launcher
-        owns it from now on (the caller keeps the other end).
+        owns it from now on (the caller keeps the other end). ``timeout``: the
+        seconds the computation's setup may take (``setup_timeout``), if bounded.
+        Raises `SetupError` if the process cannot be had.
         """
         ...
 
@@ -61,8 +65,11 @@ class Launcher(Protocol):
 class ProcessLauncher:
     """The node server's launcher: ``python -m nodeserver.compute --control-fd N``."""
 
-    async def start(self, control: socket.socket, cwd: str) -> ComputationProcess:
-        """Start the process with the control socket passed as fd ``N``."""
+    async def start(
+        self, control: socket.socket, cwd: str, timeout: float | None = None
+    ) -> ComputationProcess:
+        """Start the process with the control socket passed as fd ``N`` (at once:
+        nothing to wait for, ``timeout`` is not needed)."""
         env = dict(os.environ)
         root = os.path.dirname(os.path.dirname(os.path.abspath(nodeserver.__file__)))
         env["PYTHONPATH"] = os.pathsep.join(

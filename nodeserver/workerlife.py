@@ -74,9 +74,14 @@ class _WorkerLife(_ComputationState):
                 self._store.place(digest, self.path, relative)
         except (DispynbError, OSError) as exc:
             raise SetupError(f"cannot place the computation's files: {exc}") from exc
+        loop = asyncio.get_running_loop()
+        # setup_timeout bounds the whole setup: making the process included.
+        deadline = None if setup_timeout is None else loop.time() + setup_timeout
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self._process = await self._launcher.start(child_sock, self.path)
+            self._process = await self._launcher.start(
+                child_sock, self.path, setup_timeout
+            )
         except BaseException:
             parent_sock.close()
             raise
@@ -118,8 +123,9 @@ class _WorkerLife(_ComputationState):
             ),
             bundle,
         )
+        left = None if deadline is None else max(deadline - loop.time(), 0.0)
         try:
-            await asyncio.wait_for(asyncio.shield(self._loaded), setup_timeout)
+            await asyncio.wait_for(asyncio.shield(self._loaded), left)
         except TimeoutError:
             self._loaded.cancel()  # the process's exit must not report on it later
             if self._process is not None:

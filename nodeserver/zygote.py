@@ -28,7 +28,9 @@ signal dispositions, the standard input (``/dev/null``), the working directory a
 freshly seeded `random` of a new process, and its process name (``/proc/PID/comm``)
 is ``dispynb-compute``; the zygote's is ``dispynb-zygote``. Where no zygote can run
 (not Linux, no pidfd, ``DISPYNB_ZYGOTE=0``, or the zygote died), computations are
-started as new interpreters (`nodeserver.launcher.ProcessLauncher`).
+started as new interpreters (`nodeserver.launcher.ProcessLauncher`); so they are
+after a zygote did not answer in time (`ANSWER_TIMEOUT`): it is killed, and the
+computation whose setup waited for it fails with an error that says so.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ import struct
 import sys
 from typing import NoReturn
 
+from dispynb.errors import SetupError
 from nodeserver.containment import load_prctl
 from nodeserver.launcher import ComputationProcess, ProcessLauncher
 
@@ -72,6 +75,12 @@ _PR_SET_NAME = 15
 _PR_SET_PDEATHSIG = 1
 #: Seconds the zygote gets to exit at the end of its socket before it is killed.
 STOP_TIMEOUT = 5.0
+#: Seconds the node waits for the zygote's answer to a request (a fork takes
+#: milliseconds; under heavy load, a second or so). A zygote that does not answer
+#: in time (stopped, stuck) is killed and the setup fails; computations start as
+#: new interpreters after that. A shorter ``setup_timeout`` fails the setup
+#: sooner, without killing the zygote: one client's bound is not the node's.
+ANSWER_TIMEOUT = 10.0
 #: Longest request: a computation's directory (a path).
 _MAX_REQUEST = 65536
 
@@ -115,6 +124,10 @@ class ForkedProcess:
                 signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
 
 
+class _NoAnswer(Exception):
+    """The zygote did not answer within `ANSWER_TIMEOUT` seconds."""
+
+
 class ZygoteLauncher(ProcessLauncher):
     """The node server's launcher while its zygote lives; new interpreters after."""
 
@@ -124,22 +137,43 @@ class ZygoteLauncher(ProcessLauncher):
         self._lock: asyncio.Lock | None = None
         self._reaped = False  # waitpid has collected the zygote
 
-    async def start(self, control: socket.socket, cwd: str) -> ComputationProcess:
+    async def start(
+        self, control: socket.socket, cwd: str, timeout: float | None = None
+    ) -> ComputationProcess:
         """Have the zygote fork a computation process in ``cwd`` talking over
-        ``control`` (or start a new interpreter if the zygote is gone)."""
+        ``control`` (or start a new interpreter if the zygote is gone).
+
+        Raises `SetupError` if the zygote does not answer within ``timeout``
+        seconds (``setup_timeout``), or `ANSWER_TIMEOUT`: then it is killed.
+        """
         # The request reads its own answer even if this caller is cancelled (its
-        # client went away during the setup): an answer left unread would be the
-        # next request's, which would then follow, contain and kill another
-        # computation's process instead of its own.
+        # client went away during the setup) or gives up (its setup_timeout): an
+        # answer left unread would be the next request's, which would then follow,
+        # contain and kill another computation's process instead of its own.
         request = asyncio.ensure_future(self._request_in_turn(control, cwd))
         try:
-            pid = await asyncio.shield(request)
-        except asyncio.CancelledError:
+            if timeout is not None and timeout < ANSWER_TIMEOUT:
+                pid = await asyncio.wait_for(asyncio.shield(request), timeout)
+            else:
+                pid = await asyncio.shield(request)
+        except (asyncio.CancelledError, TimeoutError) as exc:
             # Not sent yet: it never is. Sent: the zygote has its own copy, and the
             # process exits at the end of its control socket (the caller's end).
             control.close()
             request.add_done_callback(_retrieve)
+            if isinstance(exc, TimeoutError):
+                raise SetupError(
+                    f"the node's process maker (its zygote, pid {self.pid}) did "
+                    f"not answer in {timeout:g} s (setup_timeout)"
+                ) from None
             raise
+        except _NoAnswer:
+            control.close()  # a process it made after all exits at its end
+            raise SetupError(
+                f"the node's process maker (its zygote, pid {self.pid}) did not "
+                f"answer in {ANSWER_TIMEOUT:g} s; the node stopped it and starts "
+                "computations as new processes from now on: try again"
+            ) from None
         if pid is None:
             return await super().start(control, cwd)
         control.close()  # the process has its own copy
@@ -159,9 +193,22 @@ class ZygoteLauncher(ProcessLauncher):
         sock = self._sock
         if sock is None:
             return None
+        loop = asyncio.get_running_loop()
         try:
             socket.send_fds(sock, [os.fsencode(cwd)], [control.fileno()])
-            answer = await asyncio.get_running_loop().sock_recv(sock, _PID.size)
+            answer = await asyncio.wait_for(
+                loop.sock_recv(sock, _PID.size), ANSWER_TIMEOUT
+            )
+        except TimeoutError:
+            # Its answer may never come, or come late: then it would be taken for
+            # the next request's. The requests waiting go to new interpreters.
+            logger.warning(
+                "the zygote process did not answer in %g s: killing it; "
+                "computations start as new processes",
+                ANSWER_TIMEOUT,
+            )
+            self._kill()
+            raise _NoAnswer from None
         except OSError as exc:
             answer = b""
             logger.debug("zygote request failed: %s", exc)
@@ -172,6 +219,27 @@ class ZygoteLauncher(ProcessLauncher):
             self.close()
             return None
         return int(_PID.unpack(answer)[0])
+
+    def _kill(self) -> None:
+        """Kill the zygote (stopped or stuck: it would not exit at the end of its
+        socket), and reap it once it is gone, without blocking the loop."""
+        self.close()
+        if self._reaped:
+            return
+        try:
+            pidfd = os.pidfd_open(self.pid)  # a child not reaped: still its pid
+        except ProcessLookupError:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        loop = asyncio.get_running_loop()
+
+        def reap() -> None:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+            self.close()
+
+        loop.add_reader(pidfd, reap)
 
     def close(self) -> None:
         """Let the zygote go (it exits at the end of its socket); reap it if it

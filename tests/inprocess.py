@@ -342,7 +342,9 @@ class ThreadLauncher:
         self.interrupts: list[int] = []
         self.kills: list[int] = []
 
-    async def start(self, control: socket.socket, cwd: str) -> ComputationProcess:
+    async def start(
+        self, control: socket.socket, cwd: str, timeout: float | None = None
+    ) -> ComputationProcess:
         process = ThreadProcess(control, cwd, self)
         self.processes.append(process)
         return process

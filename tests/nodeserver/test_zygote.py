@@ -18,6 +18,7 @@ import psutil
 import pytest
 
 from dispynb import DispyJob, JobCluster
+from dispynb.errors import SetupError
 from dispynb.protocol import serialize
 from dispynb.protocol.messages import (
     ComputationClose,
@@ -26,7 +27,7 @@ from dispynb.protocol.messages import (
 )
 from dispynb.transport.connection import Connection
 from dispynb.transport.connector import connect
-from nodeserver.zygote import COMPUTE_NAME, ZYGOTE_NAME
+from nodeserver.zygote import ANSWER_TIMEOUT, COMPUTE_NAME, ZYGOTE_NAME
 from tests.jobs import WAIT, computation_processes, mark_and_hold, square, wait_until
 from tests.nodeproc import CliNode, running_node, start_node
 
@@ -123,6 +124,32 @@ def test_a_dead_zygote_means_new_interpreters(tmp_path: Path) -> None:
         assert seen["computation_parent"] == node.proc.pid
         assert "the zygote process is gone" in node.log_text()
         assert not psutil.pid_exists(zygote.pid)  # and the node reaped it
+
+
+def test_a_zygote_that_does_not_answer_fails_the_setup_and_is_replaced(
+    tmp_path: Path,
+) -> None:
+    """A zygote that stops answering (stopped here; stuck under load or in the
+    kernel alike) no longer holds computations' setups for ever: one fails within
+    its setup_timeout with an error that says why; after `ANSWER_TIMEOUT` the
+    zygote is killed (and reaped), and the computations waiting for it, and the
+    next ones, start as new processes."""
+    with running_node(tmp_path / "node") as node:
+        zygote = zygote_of(node)
+        zygote.suspend()
+        with pytest.raises(SetupError) as raised:
+            JobCluster(square, nodes=[node.spec], secret=node.secret, setup_timeout=2)
+        assert str(raised.value) == (
+            f"{node.spec}: the node's process maker (its zygote, pid {zygote.pid}) "
+            "did not answer in 2 s (setup_timeout)"
+        )
+        # Its request still holds the zygote, until ANSWER_TIMEOUT.
+        seen = run_describe(node)
+        assert seen["computation_parent"] == node.proc.pid
+        wait_until(lambda: not psutil.pid_exists(zygote.pid))  # killed, reaped
+        text = node.log_text()
+        assert f"did not answer in {ANSWER_TIMEOUT:g} s: killing it" in text
+        assert run_describe(node)["computation_parent"] == node.proc.pid
 
 
 def test_zygote_and_computations_die_with_a_killed_node(tmp_path: Path) -> None:
