@@ -110,7 +110,9 @@ class _Nodes(_ClusterState):
         """Close the computation on ``node`` (running its cleanup) and release it.
 
         Its running jobs finish first (``terminate_pending`` terminates them); jobs
-        submitted to it with `submit_node` that have not started are cancelled. The
+        submitted to it with `submit_node` that have not started are cancelled, and
+        other jobs it held that had not started (sent ahead behind a running one) go
+        back to the queue, to run on another node, as in dispy. The
         node is not set up again for this cluster, not even when discovery finds it
         again, until `allocate_node` names it (or a pattern it matches). Returns 0,
         or -1 if ``node`` is not a node of this cluster.

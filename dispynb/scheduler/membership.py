@@ -233,8 +233,10 @@ class DriverNodes(DriverResults):
         """Close the computation on one node (after its jobs, unless ``terminate``).
 
         Jobs pinned to the node and not sent yet are cancelled here; the node
-        cancels the jobs it holds that have not started (as in dispy, where a node
-        holds only running jobs). With ``release`` the node then leaves the cluster
+        cancels the jobs it holds that have not started, and with ``release`` those
+        neither pinned nor cancelled by the user go back to the queue (as in dispy,
+        where a node holds only running jobs: `DriverResults._closed_unstarted`). With
+        ``release`` the node then leaves the cluster
         for good: the connection is closed and never made again (dispy's
         ``close_node``); `add_node` brings it back.
         """

@@ -11,6 +11,7 @@ from dispynb.protocol import serialize, shm
 from dispynb.protocol.chunks import TOO_LARGE, add_chunk, take_output, take_stream
 from dispynb.protocol.framing import Buffer
 from dispynb.protocol.messages import (
+    CANCELLED,
     CRASHED,
     FINISHED,
     RETURNED,
@@ -50,6 +51,14 @@ class DriverResults(DriverOutbox):
             logger.warning("provisional result of job %d dropped: %s", message.key, exc)
             return
         self.events.job_provisional(message.key, link, result)
+
+    def _closed_unstarted(self, link: NodeLink, key: int) -> bool:
+        """Whether a job the node reports cancelled was cancelled only because
+        `close_node` released the node before the job started there: a job merely
+        sent ahead, neither pinned to the node nor cancelled by the user. As in
+        dispy, where a node holds only running jobs, it then goes back to the queue
+        (a launcher's scale-down drains nodes this way)."""
+        return link.releasing and self.state.returnable(key)
 
     def _on_results(
         self, link: NodeLink, message: JobResults, buffers: list[memoryview]
@@ -100,6 +109,8 @@ class DriverResults(DriverOutbox):
             ):
                 in_memory = shm.reference_name(result_buffers[0])
                 read.append(in_memory)
+            if outcome == CANCELLED and self._closed_unstarted(link, key):
+                outcome = RETURNED  # close_node: a job sent ahead runs elsewhere
             if outcome == RETURNED:
                 # The node shuts down: no more jobs for it; this one runs elsewhere.
                 if not link.leaving:

@@ -237,6 +237,18 @@ class SchedulerState:
         job = self._jobs.get(key)
         return job is not None and job.node is None
 
+    def returnable(self, key: int) -> bool:
+        """Whether job ``key``, sent to a node, would go back to the queue if handed
+        back: neither pinned to that node nor asked to be cancelled."""
+        job = self._jobs.get(key)
+        return (
+            job is not None
+            and job.node is not None
+            and job.pin is None
+            and not job.cancel_requested
+            and not job.unstarted_cancel
+        )
+
     def pinned_keys(self, node: str) -> list[int]:
         """Keys of the jobs queued for ``node`` only, in submission order."""
         return list(self._pinned.get(node, ()))

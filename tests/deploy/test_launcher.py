@@ -13,7 +13,7 @@ import weakref
 
 import pytest
 
-from dispynb import JobCluster
+from dispynb import DispyJob, JobCluster
 from dispynb.deploy import LaunchError, NodeLauncher
 from tests.nodeproc import node_env
 
@@ -150,3 +150,34 @@ def test_unsubscribe_stops_the_callbacks_and_a_closed_cluster_unsubscribes() -> 
         del cluster
         gc.collect()
         assert ref() is None
+
+
+def slow_square(x: int) -> int:
+    time.sleep(1.0)
+    return x * x
+
+
+def test_scaling_down_loses_no_job_sent_ahead_to_the_node() -> None:
+    """scale(0) (adapt's scale-down alike) drains a node that runs a job and holds
+    the next one sent ahead behind it (its CPU busy): the running job finishes and
+    the held one goes back to the queue, to run on the next node. It was cancelled
+    (close_node had the node cancel what had not started): status Cancelled, result
+    None, where the docs promise that a drain loses no job."""
+    with LocalProcesses() as nodes:
+        nodes.start(1)
+        (spec,) = nodes.node_specs()
+        with JobCluster(slow_square, nodes=nodes) as cluster:
+            jobs = [cluster.submit(i) for i in range(2)]
+            deadline = time.monotonic() + 30
+            while True:  # the node has both: one running, one sent ahead
+                load = cluster.workload().nodes.get(spec)
+                running = jobs[0].status == DispyJob.Running
+                if running and load is not None and load.jobs == 2:
+                    break
+                assert time.monotonic() < deadline, cluster.workload()
+                time.sleep(0.01)
+            nodes.scale(0)
+            assert jobs[0]() == 0
+            nodes.scale(1)  # a new node runs the job the drained one held
+            assert jobs[1]() == 1, (jobs[1].status, jobs[1].exception)
+            assert [job.status for job in jobs] == [DispyJob.Finished] * 2
