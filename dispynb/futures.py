@@ -35,6 +35,7 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
+import time
 from collections.abc import Callable, Generator, Iterable
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, PENDING, RUNNING
 from typing import TYPE_CHECKING, Any
@@ -109,6 +110,30 @@ class JobFuture(concurrent.futures.Future[Any]):
         thread instead, so a slow or blocking callback cannot stall the I/O.
         """
         super().add_done_callback(lambda future: self._dispatch(fn))
+
+    def result(self, timeout: float | None = None) -> Any:
+        """As `concurrent.futures.Future.result`; the wait reads the job's answer in
+        the I/O thread's place when that one is idle (`_wait_job`)."""
+        return super().result(self._wait_job(timeout))
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """As `concurrent.futures.Future.exception`, waiting as `result` does."""
+        return super().exception(self._wait_job(timeout))
+
+    def _wait_job(self, timeout: float | None) -> float | None:
+        """Wait for the job to end, as ``job()`` does: when the I/O loop is idle,
+        this thread reads the nodes' answers itself (`dispynb._inplace`), so that
+        a quick job's answer wakes no other thread for the future. Returns the
+        time left of ``timeout`` for the future itself, which the thread that
+        ended the job settles right after (this one, when it read the answer)."""
+        if self._state not in (PENDING, RUNNING):  # done: nothing to wait for
+            return timeout
+        if timeout is None:
+            self.job.wait()
+            return None
+        end = time.monotonic() + timeout
+        self.job.wait(timeout)
+        return max(end - time.monotonic(), 0.0)
 
     def __await__(self) -> Generator[Any, None, Any]:
         """``await job.future``: the result, without blocking the running loop."""
