@@ -99,9 +99,13 @@ _WORD = re.compile(r"[^\s'\"\\;&|<>`$]+")
 class SlurmJob:
     """One batch job running (or waiting to run) a node server."""
 
-    def __init__(self, name: str, job_id: str) -> None:
+    def __init__(self, name: str, job_id: str, output: str | None = None) -> None:
         self.name = name
         self.job_id = job_id
+        #: The job's output file (its node's log), if known.
+        self.output = output
+        #: Its last line, read once the job ended (why a node could not start).
+        self.last_output = ""
         #: SLURM's last reported state (``PENDING``, ``RUNNING``, ``TIMEOUT``...).
         self.state = "PENDING"
         #: SLURM's reason for the state (``Resources``, ``None``...).
@@ -203,6 +207,11 @@ class SlurmNodes(NodeLauncher[SlurmJob]):
             )
         self.count = count
         self.exit_without_client = exit_without_client
+        self._log_directory = (
+            os.path.abspath(os.path.expanduser(log_directory))
+            if log_directory
+            else None
+        )
         self.directives = self._directives(
             cpus, memory, walltime, partition, account, log_directory, directives
         )
@@ -428,7 +437,17 @@ class SlurmNodes(NodeLauncher[SlurmJob]):
         self._live_ids.add(job_id)
         if self._poller is None:
             self._poller = asyncio.get_running_loop().create_task(self._follow())
-        return SlurmJob(name, job_id)
+        return SlurmJob(name, job_id, self._output_of(job_id))
+
+    def _output_of(self, job_id: str) -> str | None:
+        """Where SLURM writes the job's output: ``log_directory``, else SLURM's
+        default (``slurm-<jobid>.out`` in sbatch's working directory, this one's)
+        unless a directive chose another."""
+        if self._log_directory is not None:
+            return os.path.join(self._log_directory, f"dispynb-node-{job_id}.out")
+        if any(d.startswith(("--output", "-o")) for d in self.directives):
+            return None
+        return os.path.join(os.getcwd(), f"slurm-{job_id}.out")
 
     async def _stop(self, handle: SlurmJob) -> None:
         if not handle.ended:
@@ -453,7 +472,12 @@ class SlurmNodes(NodeLauncher[SlurmJob]):
         if not handle.ended:
             return None
         reason = f" ({handle.reason})" if handle.reason not in ("", "None") else ""
-        return f"SLURM job {handle.job_id} {handle.state}{reason}"
+        said = (
+            f"; {handle.output} ends: {handle.last_output}"
+            if handle.last_output
+            else ""
+        )
+        return f"SLURM job {handle.job_id} {handle.state}{reason}{said}"
 
     def _not_registered(self, waiting: list[Launched[SlurmJob]], timeout: float) -> str:
         message = super()._not_registered(waiting, timeout)
@@ -509,6 +533,8 @@ class SlurmNodes(NodeLauncher[SlurmJob]):
         for job in changed:
             if job.ended:
                 self._live_ids.discard(job.job_id)
+                if job.state != "CANCELLED":
+                    job.last_output = _last_line(job.output)
                 # a warning only for jobs SLURM ended by itself (walltime...)
                 expected = self._closed or job.name in stopped
                 log = logger.info if expected else logger.warning
@@ -534,6 +560,21 @@ class SlurmNodes(NodeLauncher[SlurmJob]):
     def __repr__(self) -> str:
         states = ", ".join(f"{job.job_id} {job.state}" for job in self.jobs)
         return f"<SlurmNodes: {len(self.nodes)} registered; jobs: {states or 'none'}>"
+
+
+def _last_line(path: str | None) -> str:
+    """The last line of a job's output file (what a node that could not start said,
+    a shell's 'not found'...), cut short; "" if it cannot be read."""
+    if path is None:
+        return ""
+    try:
+        with open(path, "rb") as file:
+            file.seek(max(0, os.fstat(file.fileno()).st_size - 4096))
+            tail = file.read().decode(errors="replace")
+    except OSError:
+        return ""
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    return lines[-1][:300] if lines else ""
 
 
 def _cancel_now(scancel: str, job_ids: set[str], env: dict[str, str]) -> None:

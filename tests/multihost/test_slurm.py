@@ -440,22 +440,34 @@ def main(args):
         messages.append(str(exc))
     finally:
         nodes.close()
+    nodes = SlurmNodes(1, python="/nonexistent/python", wait=60)
+    try:
+        nodes.node_specs()
+    except LaunchError as exc:
+        messages.append(str(exc))
+    finally:
+        nodes.close()
     return messages
 """
 
 
-def test_refused_and_queued_jobs_are_explained(
+def test_refused_queued_and_failed_jobs_are_explained(
     network: Network, cluster_env: slurm.SlurmSetup, tmp_path: Path
 ) -> None:
     messages = start_client(
         network, network.hosts[-1], tmp_path, ERRORS_CLIENT, {}
     ).result(60)
-    assert len(messages) == 2, messages
-    refused, queued = messages
+    assert len(messages) == 3, messages
+    refused, queued, failed = messages
     assert "sbatch refused node slurm-0-" in refused
     assert "invalid partition" in refused.lower(), refused
     assert "did not register" in queued and "(BeginTime)" in queued, queued
     assert "give wait= more seconds" in queued
+    # A node that cannot start: what its job printed (in slurm-<jobid>.out, in the
+    # client's directory), not only 'FAILED (NonZeroExitCode)'.
+    assert "exited before registering" in failed and "FAILED" in failed, failed
+    assert f"{tmp_path}/slurm-" in failed and ".out ends: " in failed, failed
+    assert "/nonexistent/python: not found" in failed, failed
 
 
 KILLED_CLIENT = """
