@@ -325,4 +325,11 @@ class SSHNodes(NodeLauncher[SSHNode]):
         if code is None:
             return None
         last = " | ".join(handle.last_lines) or "no output"
-        return f"ssh to {handle.host} exited with status {code} ({last})"
+        hint = ""
+        if code == 255:  # ssh's own failure: connection, authentication, host key
+            hint = (
+                f": ssh itself failed; check that `ssh {shlex.join(self.ssh_options)}"
+                f"{' ' if self.ssh_options else ''}{handle.host} true` works here "
+                "without a prompt (keys or an agent, a known host key)"
+            )
+        return f"ssh to {handle.host} exited with status {code} ({last}){hint}"

@@ -25,7 +25,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 #: ``ssh [options] -- HOST COMMAND`` runs COMMAND here; ``ssh -G HOST`` says the
 #: host is 127.0.0.1 (so the node registers over loopback); host ``blackhole`` never
 #: answers (ssh waits for the TCP connection: 2 min without ConnectTimeout). Each
-#: call is logged to $FAKE_SSH_LOG; ``ssh -G`` reports $FAKE_CONNECTTIMEOUT.
+#: call is logged to $FAKE_SSH_LOG; ``ssh -G`` reports $FAKE_CONNECTTIMEOUT; host
+#: ``denied`` refuses the key.
 FAKE_SSH = f"""#!/bin/sh
 echo "$*" >> "${{FAKE_SSH_LOG:-/dev/null}}"
 for last; do :; done
@@ -34,6 +35,8 @@ case " $* " in *" -G "*)
   exit 0;;
 esac
 case " $* " in *" -- blackhole "*) exec sleep 600;; esac  # still connecting
+case " $* " in *" -- denied "*) echo "Permission denied (publickey)." >&2; exit 255;;
+esac
 export PYTHONPATH={ROOT}
 exec /bin/sh -c "$last"
 """
@@ -193,3 +196,16 @@ def test_a_node_still_starting_is_named_with_its_host(fake_ssh: Path) -> None:
     message = str(raised.value)
     assert "did not register with *:" in message and "within 1 s" in message
     assert "still starting on blackhole: no output yet (ssh connecting?)" in message
+
+
+def test_an_ssh_failure_says_how_to_check_it(fake_ssh: Path) -> None:
+    """ssh's own failure (status 255: refused key, unknown host key, no route) ends
+    with what to try, not with 'check that dispynb is installed'."""
+    nodes = SSHNodes(["denied"], python=sys.executable, ssh_options=["-p", "2222"])
+    with nodes, pytest.raises(LaunchError) as raised:
+        nodes.node_specs()
+    message = str(raised.value)
+    assert "ssh to denied exited with status 255 (Permission denied" in message
+    assert "check that `ssh -p 2222 denied true` works here without a prompt" in (
+        message
+    )
