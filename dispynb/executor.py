@@ -247,9 +247,9 @@ class Executor(concurrent.futures.Executor):
         # Held across each job's submission, so that shutdown sees every job
         # submitted before it and none after.
         self._lock = threading.RLock()
-        # Held only to change `_pending`: the I/O thread forgets each future that
-        # settles, and waiting for `_lock` there would stall it for as long as a
-        # ``map`` submits (a job's whole submission, per job).
+        # Held only to change `_pending` and `_map_jobs`: the I/O thread forgets
+        # each future of a ``submit`` that settles, and waiting for `_lock` there
+        # would stall it while another thread submits (a whole submission per job).
         self._pending_lock = threading.Lock()
         self._pending: set[_CallsFuture] = set()
         #: The jobs of the ``map`` calls whose outcomes were not read yet.
