@@ -7,9 +7,10 @@ whole result or none. The recovery id itself is never written: a directory is fo
 by hashing the id a client presents. A ``meta`` file says how long the results are
 kept, and when they expire once the computation has ended.
 
-The total size of all spooled results is bounded (``--kept-results-size``): a result
+The disk space of all spooled results is bounded (``--kept-results-size``): a result
 that does not fit is not kept (the connected client still gets it) and a warning says
-which option to raise.
+which option to raise. Each file counts as the whole blocks it takes on disk, not its
+length: a tiny result (about 150 bytes) fills a 4 KiB block.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class SpoolDir:
 
     @property
     def size(self) -> int:
-        """Bytes of results spooled here."""
+        """Bytes of disk the results spooled here take."""
         return sum(size for _, size in self.files)
 
 
@@ -64,7 +65,7 @@ class ResultSpool:
     root:
         The spool directory (inside the node's ``dest_path``); made mode 0700.
     max_bytes:
-        Largest total size of spooled results; 0 keeps none on disk.
+        Most disk space spooled results may take; 0 keeps none on disk.
     """
 
     def __init__(self, root: str, max_bytes: int) -> None:
@@ -72,6 +73,11 @@ class ResultSpool:
         self.max_bytes = max_bytes
         self.used = 0
         self._seq = 0
+        self._block = _block_size(root)
+
+    def _on_disk(self, length: int) -> int:
+        """Disk space a file of ``length`` bytes takes: whole blocks."""
+        return -(-length // self._block) * self._block
 
     @staticmethod
     def key(recovery_id: str) -> str:
@@ -123,7 +129,7 @@ class ResultSpool:
             use_bin_type=True,
         )
         size = len(MAGIC) + _HEADER_SIZE.size + len(header)
-        size += sum(b.nbytes for b in buffers)
+        size = self._on_disk(size + sum(b.nbytes for b in buffers))
         if self.used + size > self.max_bytes:
             spool.dropped += 1
             if not spool.full_warned:
@@ -220,7 +226,8 @@ class ResultSpool:
             for name in sorted(os.listdir(path)):
                 if name.startswith("r"):
                     full = os.path.join(path, name)
-                    spool.files.append((full, os.path.getsize(full)))
+                    size = self._on_disk(os.path.getsize(full))
+                    spool.files.append((full, size))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             logger.warning("spool directory %s is unreadable, removed: %s", path, exc)
             return None
@@ -241,6 +248,17 @@ class ResultSpool:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+
+
+def _block_size(path: str) -> int:
+    """The allocation unit of the file system ``path`` is (or will be) on; 4 KiB if
+    it cannot be told."""
+    while not os.path.isdir(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    try:
+        return max(os.statvfs(path).f_frsize, 512)
+    except OSError:
+        return 4096
 
 
 def _parse_header(

@@ -74,15 +74,36 @@ def test_a_result_is_read_back_mapped_with_its_buffer_kinds(tmp_path: Path):
 def test_total_size_is_bounded_with_one_clear_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ):
-    spool = ResultSpool(str(tmp_path), 2000)
+    spool = ResultSpool(str(tmp_path), 12288)
     directory = spool.create(RID, "comp")
     with caplog.at_level(logging.WARNING, "nodeserver.spool"):
-        assert spool.write(directory, *result(1, 1000))
-        assert not spool.write(directory, *result(2, 1000))
-        assert not spool.write(directory, *result(3, 1000))
+        assert spool.write(directory, *result(1, 7000))
+        assert not spool.write(directory, *result(2, 7000))
+        assert not spool.write(directory, *result(3, 7000))
     warnings = [r.message for r in caplog.records]
     assert len(warnings) == 1 and "raise --kept-results-size" in warnings[0]
     assert directory.dropped == 2 and len(directory.files) == 1
+
+
+def test_the_bound_counts_the_disk_space_of_many_small_results(tmp_path: Path):
+    """--kept-results-size is disk space: each result file takes whole blocks, so a
+    million tiny results (about 150 bytes each, a 4 KiB block each on disk) must not
+    be counted as 150 MB while they fill 4 GB of disk and a million inodes."""
+    bound = 64 * 4096
+    spool = ResultSpool(str(tmp_path), bound)
+    directory = spool.create(RID, "comp")
+    written = 0
+    while written < 10_000 and spool.write(directory, *result(written)):
+        written += 1
+    assert written > 0 and directory.dropped == 1
+    on_disk = sum(
+        os.stat(path).st_blocks * 512 for path in Path(directory.path).glob("r*")
+    )
+    assert on_disk <= bound, f"{written} results take {on_disk} bytes of disk"
+    assert spool.used >= on_disk
+    again = ResultSpool(str(tmp_path), bound)  # a restarted node counts the same
+    again.load()
+    assert again.used == spool.used
 
 
 def test_load_keeps_live_spools_and_deletes_expired_and_broken_ones(
