@@ -20,9 +20,11 @@ that will never run. A job still held by the client is cancelled at once. A job
 already sent ahead to a node (waiting there behind others) is cancelled there, and
 ``cancel()`` waits for the node's answer: True once the node dropped it, False if it
 had started meanwhile (it then runs to its end). For a job the node sent ahead to a
-busy worker, the answer comes when that worker's running job ends. That wait is bounded
-(`CANCEL_WAIT`; a node that stops answering is declared dead much sooner, and the
-job ends ``Abandoned``). `cancel_futures` cancels many with one wait.
+busy worker, the node answers at once while that worker's running job goes on (the
+worker reads the cancel before it gets to the job); only if that job has just ended
+(its result on its way) does the answer wait for the worker's own word. That wait is
+bounded (`CANCEL_WAIT`; a node that stops answering is declared dead much sooner,
+and the job ends ``Abandoned``). `cancel_futures` cancels many with one wait.
 
 Callbacks given to ``add_done_callback`` never run on the I/O thread: when the
 job ends there, they run on the cluster's callback thread, in order, after the
@@ -192,9 +194,10 @@ def cancel_futures(
 
     ``wait=False`` sends the cancels and returns at once: the jobs waiting on a
     node end cancelled (or run) later, and the list says only which futures are
-    cancelled already. A node answers for a job sent ahead to a busy worker only
-    once that worker's running job ends, so callers that must not block (a map's
-    timeout, ``shutdown(wait=False)``, an interrupt) do not wait.
+    cancelled already. A node may answer for a job sent ahead to a busy worker
+    only once that worker's running job ends (if it has just ended), so callers
+    that must not block (a map's timeout, ``shutdown(wait=False)``, an interrupt)
+    do not wait.
     Futures of other kinds are cancelled as they cancel themselves.
     """
     futures = list(futures)

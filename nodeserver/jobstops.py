@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import sys
+import termios
 import time
 
 from dispynb.errors import DispynbError
@@ -23,6 +26,29 @@ CANCEL_GRACE = 3.0
 #: Seconds a job over its time limit gets to end after its KeyboardInterrupt before
 #: its worker is killed (shorter than a cancel's: it already had its time).
 TIMEOUT_GRACE = 2.0
+
+
+#: Why a job sent ahead, cancelled unless started, did not run.
+_SKIPPED = "job cancelled at the client's request before it started"
+
+
+def _before_its_turn(worker: Worker) -> bool:
+    """Whether the worker is sure to read what was written to it before it starts
+    its second job: everything written is in its socket, and nothing it sent waits
+    to be read here or in the kernel. It starts that job only after it sent the
+    `Done` of the first (a worker reads what it was sent before each job sent
+    ahead); not seen yet, that `Done` was not sent yet."""
+    conn = worker.conn
+    if worker.returncode is not None or worker.stream_closed or not conn.all_sent:
+        return False
+    if conn.holds_received:
+        return False
+    waiting = bytearray(4)
+    try:
+        fcntl.ioctl(worker.sock.fileno(), termios.FIONREAD, waiting)
+    except OSError:
+        return False
+    return int.from_bytes(waiting, sys.byteorder) == 0
 
 
 class _JobStops(_ComputationState):
@@ -54,6 +80,11 @@ class _JobStops(_ComputationState):
                             job.skipping = True
                             with contextlib.suppress(DispynbError):
                                 worker.conn.write(Skip(key=key))
+                        if position > 0 and _before_its_turn(worker):
+                            # Sure to be skipped: settled now, not once the jobs
+                            # before it end (Future.cancel() waits for this).
+                            job.cancelled = True
+                            self._finish_unrun(job, _SKIPPED)
                         return
                     job.cancelled = True
                     if started:

@@ -317,6 +317,11 @@ class FrameDecoder:
             self._start = self._end = 0
         return frames
 
+    @property
+    def holding(self) -> bool:
+        """Whether bytes of a frame not complete yet are held here."""
+        return self.big is not None or self._end > self._start
+
     def partial(self) -> tuple[bytes, Body, int] | None:
         """The large frame being filled: ``(prefix, body, bytes_filled)``, or None.
 

@@ -445,6 +445,13 @@ class Connection:
         return self._link is not None and self._link.all_sent
 
     @property
+    def holds_received(self) -> bool:
+        """Whether bytes received from the peer wait here, read from the socket but
+        not handled yet: a message, or part of one (what is still in the socket is
+        the kernel's to say)."""
+        return bool(self._inbox) or self._partial is not None or self.decoder.holding
+
+    @property
     def messages_waiting(self) -> int:
         """Messages received and not handled yet: inside a `dispatch` handler, the
         ones that came with the current one (a relay gathers what it passes on)."""

@@ -263,6 +263,35 @@ def test_cancel_a_job_waiting_on_its_node(cluster, tmp_path):
 
 
 @pytest.mark.slow
+def test_cancel_a_job_sent_ahead_to_a_busy_worker_answers_while_that_one_runs(
+    cluster, tmp_path
+):
+    """cancel() of a job the node sent ahead to its busy worker (it does so once
+    jobs are seen to be short) answers True while the job before it still runs:
+    the worker has not ended that one (the node has nothing from it), so it reads
+    the Skip before it would start this one. It used to wait for the worker's own
+    word, given once the running job ended: CANCEL_WAIT (30 s), then False."""
+    warmup = [
+        cluster.submit(str(tmp_path / f"quick{i}"), str(tmp_path)) for i in range(5)
+    ]
+    assert cluster.wait(timeout=WAIT)
+    assert {job.status for job in warmup} == {JobStatus.Finished}
+    release = str(tmp_path / "release")
+    running = cluster.submit(str(tmp_path / "started"), release, 60)
+    wait_for_path(tmp_path / "started")
+    queued = cluster.submit(str(tmp_path / "never"), release)
+    state = scheduler_state(cluster)
+    wait_until(lambda: state.is_known(queued._key) and not state.is_queued(queued._key))
+    assert queued.cancel() is True
+    assert queued.status == JobStatus.Cancelled and queued.future.cancelled()
+    assert not running.done()
+    open(release, "w").close()
+    assert running.future.result(WAIT) > 0
+    assert cluster.wait(timeout=WAIT)
+    assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.slow
 def test_cancel_a_job_started_on_its_node_before_the_client_heard(cluster, tmp_path):
     """The job runs on the node, its start maybe not yet reported: cancel() asks
     the node, which lets it run, and answers False; the job ends with its result."""
