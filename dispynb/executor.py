@@ -368,9 +368,9 @@ class Executor(concurrent.futures.Executor):
 
     def _cancel_chunks(self, jobs: collections.deque[DispyJob]) -> None:
         """Cancel the jobs of a ``map`` left early (a timeout, a ``break``, an
-        error), without waiting for the nodes' answers (a job sent ahead is
-        answered for only when the job before it ends): that must not last as
-        long as the running calls."""
+        error), without waiting for the nodes' answers (a job sent ahead to a
+        worker whose job has just ended is answered for only by that worker):
+        leaving must not wait on the calls still running."""
         self._forget_chunks(jobs)
         cancel_all([job.future for job in jobs if not job.done()], wait=False)
 
@@ -391,8 +391,8 @@ class Executor(concurrent.futures.Executor):
                 chunks = list(self._map_jobs)
         if cancel_futures:
             pending += [job.future for job in chunks if not job.done()]
-            # Not waiting for the nodes' answers: a job sent ahead is answered for
-            # when the job before it ends, and closing waits for every job anyway.
+            # Not waiting for the nodes' answers (a job sent ahead may be answered
+            # for only by its worker): closing waits for every job anyway.
             cancel_all(pending, wait=False)
         if first:
             if wait:
