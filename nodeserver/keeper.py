@@ -13,6 +13,7 @@ stops are lost with it.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import logging
 import time
@@ -29,15 +30,41 @@ from nodeserver.spool import ResultSpool, SpoolDir
 logger = logging.getLogger(__name__)
 
 
-def _not_kept(entry: list[Any]) -> list[Any]:
+_NOT_KEPT_REASON = (
+    "the node ran the job but could not keep its result for recovery (its "
+    "kept-results spool was full or could not be written: see the node's log; "
+    "dispynb-node --kept-results-size)"
+)
+
+
+def _not_kept(key: int, attempt: int, start: float, end: float) -> list[Any]:
     """A job's end in place of its result entry, which could not be kept."""
-    key, attempt, _outcome, start, end = entry[:5]
-    reason = (
-        "the node ran the job but could not keep its result for recovery (its "
-        "kept-results spool was full or could not be written: see the node's log; "
-        "dispynb-node --kept-results-size)"
-    )
-    return [key, attempt, ABANDONED, start, end, "", "", reason, 0]
+    return [key, attempt, ABANDONED, start, end, "", "", _NOT_KEPT_REASON, 0]
+
+
+@dataclass(eq=False)
+class NotKept:
+    """The jobs whose results could not be kept (the spool full): key, attempt,
+    start and end time each, in arrays, about 32 bytes a job. A computation that
+    runs on once the spool is full ends a job after another without a result to
+    keep; a `KeptResult` and entry list each cost ~380 bytes, which grew a node's
+    memory with every job while the computation lived."""
+
+    keys: array.array[int] = field(default_factory=lambda: array.array("q"))
+    times: array.array[float] = field(default_factory=lambda: array.array("d"))
+
+    def add(self, entry: list[Any]) -> None:
+        key, attempt, _outcome, start, end = entry[:5]
+        self.keys.extend((key, attempt))
+        self.times.extend((start or 0.0, end or 0.0))
+
+    def results(self) -> list[KeptResult]:
+        """Each job's end, saying why its result was not kept."""
+        keys, times = self.keys, self.times
+        return [
+            KeptResult(None, _not_kept(keys[i], keys[i + 1], times[i], times[i + 1]))
+            for i in range(0, len(keys), 2)
+        ]
 
 
 @dataclass(eq=False)
@@ -68,6 +95,8 @@ class Kept:
     spool: SpoolDir | None = None
     owner: ResultSpool | None = None
     results: list[KeptResult] = field(default_factory=list)
+    #: Jobs that ended with no result kept (compactly: there may be millions).
+    not_kept: NotKept = field(default_factory=NotKept)
     deliver: Deliver | None = None  # a recovering client's session
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     adopted: bool = False  # its client is gone; the keeper closes it
@@ -159,7 +188,7 @@ class ResultKeeper:
         elif kept.deliver is None:
             # Not on disk (the spool is full, or the disk): the job's end is kept
             # without its result, so recovery says so, not that it never ran.
-            kept.results.append(KeptResult(None, _not_kept(entry)))
+            kept.not_kept.add(entry)
         if kept.deliver is not None:
             kept.deliver(result)
 
@@ -208,7 +237,7 @@ class ResultKeeper:
         kept = self._kept.get(self._key(recovery_id))
         if kept is None:
             return None
-        recorded = list(kept.results)
+        recorded = list(kept.results) + kept.not_kept.results()
         if kept.spool is not None:
             recorded[:0] = [KeptResult(path) for path, _size in kept.spool.files]
         kept.deliver = deliver

@@ -8,11 +8,13 @@ import os
 import stat
 import struct
 import time
+import tracemalloc
 from pathlib import Path
 
 import msgpack
 import pytest
 
+from dispynb.protocol.messages import ABANDONED
 from nodeserver.keeper import ResultKeeper
 from nodeserver.spool import MAGIC, ResultSpool
 
@@ -186,3 +188,37 @@ def test_keeper_drops_results_when_they_expire(tmp_path: Path):
         await keeper.close()
 
     asyncio.run(main())
+
+
+def test_results_not_kept_cost_the_node_a_few_bytes_each_and_still_say_why(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """With the spool full, a computation that runs on (a long recover_file run)
+    records each job's end without its result: that record must stay small, else
+    the node's memory grows with every job for as long as the computation lives
+    (~380 bytes a job before). Recovery still gets each job's end and the reason."""
+    keeper = ResultKeeper(ResultSpool(str(tmp_path), 0))  # nothing fits on disk
+    kept = keeper.register(RID, FakeComputation())  # type: ignore[arg-type]
+    per_round = 2000
+    grown = []
+    with caplog.at_level(logging.ERROR, "nodeserver.spool"):
+        tracemalloc.start()
+        try:
+            for round_ in range(3):
+                before = tracemalloc.get_traced_memory()[0]
+                for key in range(round_ * per_round, (round_ + 1) * per_round):
+                    entry, buffers = result(key)
+                    entry[3:5] = [1000.0 + key, 2000.0 + key]
+                    ResultKeeper.record(kept, entry, buffers)
+                grown.append(tracemalloc.get_traced_memory()[0] - before)
+        finally:
+            tracemalloc.stop()
+    assert all(size < 64 * per_round for size in grown), grown
+    claimed = keeper.claim(RID, lambda result: None)
+    assert claimed is not None
+    _kept, recorded = claimed
+    entries = [r.entry for r in recorded]
+    assert [e[:5] for e in entries] == [
+        [key, 1, ABANDONED, 1000.0 + key, 2000.0 + key] for key in range(3 * per_round)
+    ]
+    assert all("--kept-results-size" in e[7] for e in entries)
