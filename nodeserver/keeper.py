@@ -52,19 +52,29 @@ class NotKept:
 
     keys: array.array[int] = field(default_factory=lambda: array.array("q"))
     times: array.array[float] = field(default_factory=lambda: array.array("d"))
+    #: Those whose key or attempt a 64-bit array cannot hold (a client's own
+    #: numbers: any msgpack integer), kept as they are.
+    others: list[list[Any]] = field(default_factory=list)
 
     def add(self, entry: list[Any]) -> None:
         key, attempt, _outcome, start, end = entry[:5]
-        self.keys.extend((key, attempt))
-        self.times.extend((start or 0.0, end or 0.0))
+        if _INT64_MIN <= key <= _INT64_MAX and _INT64_MIN <= attempt <= _INT64_MAX:
+            self.keys.extend((key, attempt))
+            self.times.extend((float(start or 0.0), float(end or 0.0)))
+        else:
+            self.others.append(_not_kept(key, attempt, start, end))
 
     def results(self) -> list[KeptResult]:
         """Each job's end, saying why its result was not kept."""
         keys, times = self.keys, self.times
-        return [
+        ends = [
             KeptResult(None, _not_kept(keys[i], keys[i + 1], times[i], times[i + 1]))
             for i in range(0, len(keys), 2)
         ]
+        return ends + [KeptResult(None, entry) for entry in self.others]
+
+
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 @dataclass(eq=False)

@@ -222,3 +222,14 @@ def test_results_not_kept_cost_the_node_a_few_bytes_each_and_still_say_why(
         [key, 1, ABANDONED, 1000.0 + key, 2000.0 + key] for key in range(3 * per_round)
     ]
     assert all("--kept-results-size" in e[7] for e in entries)
+
+
+def test_a_result_not_kept_of_a_key_over_64_bits_is_still_recorded(tmp_path: Path):
+    """Job keys and attempts are the client's numbers (any msgpack integer)."""
+    keeper = ResultKeeper(ResultSpool(str(tmp_path), 0))
+    kept = keeper.register(RID, FakeComputation())  # type: ignore[arg-type]
+    for key in (1, 1 << 63, 2):
+        ResultKeeper.record(kept, *result(key))
+    claimed = keeper.claim(RID, lambda result: None)
+    assert claimed is not None
+    assert sorted(r.entry[0] for r in claimed[1]) == [1, 2, 1 << 63]
