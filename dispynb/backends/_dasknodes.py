@@ -12,6 +12,7 @@ from dispynb.backends._daskselect import _host_port
 from dispynb.backends._daskstate import (
     CLOSE_TIMEOUT,
     CONNECT_TIMEOUT,
+    HANDSHAKE_TIMEOUT,
     MAX_SENT_FILE,
     SETUP_WAIT,
     _as_bytes,
@@ -39,19 +40,34 @@ class _Nodes(_DaskState):
         from dispynb.backends._daskworker import ComputationPlugin
 
         self._ready_seen = asyncio.Event()
+        make_client: Any = distributed.Client  # untyped constructor
+        client = make_client(
+            self.engine.address,
+            asynchronous=True,
+            security=self.engine.security,
+            set_as_default=False,
+            timeout=CONNECT_TIMEOUT,
+            name=f"dispynb-{self.config.name}",
+        )
         try:
-            make_client: Any = distributed.Client  # untyped constructor
-            self.client = await make_client(
-                self.engine.address,
-                asynchronous=True,
-                security=self.engine.security,
-                set_as_default=False,
-                timeout=CONNECT_TIMEOUT,
-                name=f"dispynb-{self.config.name}",
-            )
-        except (OSError, TimeoutError) as exc:
+            # Dask's timeout covers the TCP connect only: a server that accepts
+            # but never speaks Dask's protocol (the dashboard's port 8787, a Ray
+            # head...) would keep the client waiting for its handshake for ever.
+            async with asyncio.timeout(HANDSHAKE_TIMEOUT) as deadline:
+                self.client = await client
+        except OSError as exc:  # TimeoutError included
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.close(), CLOSE_TIMEOUT)
+            if not deadline.expired():
+                raise TransportError(
+                    f"cannot connect to the Dask scheduler at "
+                    f"{self.engine.address}: {exc}"
+                ) from exc
             raise TransportError(
-                f"cannot connect to the Dask scheduler at {self.engine.address}: {exc}"
+                f"no Dask scheduler answered at {self.engine.address} within "
+                f"{HANDSHAKE_TIMEOUT:g} s: something listens there but does not "
+                f"speak Dask's protocol (the scheduler's port is 8786 by default; "
+                f"8787 is its dashboard)"
             ) from exc
         self.client.subscribe_topic(self.client.id, self._on_event)
         self.client.subscribe_topic("all", self._on_scheduler_event)

@@ -26,6 +26,9 @@ logger = logging.getLogger("dispynb.backends.dask")
 #: Seconds to connect to the scheduler.
 CONNECT_TIMEOUT = 10.0
 
+#: Seconds the connection to the scheduler may take, its handshake included.
+HANDSHAKE_TIMEOUT = 2 * CONNECT_TIMEOUT
+
 #: Seconds `open` waits for the workers present to report their setup (a longer
 #: setup goes on; jobs wait for it on that worker).
 SETUP_WAIT = 15.0

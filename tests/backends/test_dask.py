@@ -377,6 +377,50 @@ def test_the_executor_runs_on_dask(net: Network, tmp_path: Path) -> None:
     assert out == {"map": [x * x for x in range(8)], "submit": 144}
 
 
+WRONG_PORT_PROGRAM = """
+import socket
+
+import dispynb.backends._dasknodes as dasknodes
+
+
+def compute(n):
+    return n
+
+
+def main(args):
+    dasknodes.HANDSHAKE_TIMEOUT = 3.0  # the test's patience, not the user's 20 s
+    with socket.socket() as server:  # like the dashboard's port: no Dask there
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        address = "127.0.0.1:%d" % server.getsockname()[1]
+        start = time.monotonic()
+        try:
+            dispynb.JobCluster(compute, engine=DaskEngine(address))
+            return {"error": None}
+        except dispynb.errors.DispynbError as exc:
+            return {
+                "error": [type(exc).__name__, str(exc)],
+                "seconds": time.monotonic() - start,
+            }
+"""
+
+
+def test_an_address_where_no_scheduler_answers_is_a_clear_error(
+    net: Network, tmp_path: Path
+) -> None:
+    """``DaskEngine("host:8787")`` (the dashboard's port, or any server that is not
+    a Dask scheduler): the connection opens but no handshake comes. Dask's client
+    waited for it for ever and so did `JobCluster`; now it gives up within its
+    bound with a `TransportError` that says what is likely wrong."""
+    out = run(net, tmp_path, WRONG_PORT_PROGRAM)
+    assert out["error"] is not None, out
+    kind, text = out["error"]
+    assert kind == "TransportError"
+    assert "no Dask scheduler answered at tcp://127.0.0.1:" in text
+    assert "8786" in text and "dashboard" in text
+    assert out["seconds"] < 30
+
+
 def test_import_dispynb_loads_no_dask() -> None:
     """Dask stays an optional extra: ``import dispynb`` (and its engine seam) does
     not import it."""
