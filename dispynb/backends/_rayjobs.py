@@ -379,9 +379,7 @@ class _Jobs(_RayState):
             for key, _ in live:
                 self._remove(slot, key)
                 self._forget(key)
-                self._events.job_done(
-                    key, slot.node.info, _terminated(f"{_reason(exc)}\n")
-                )
+                self._events.job_done(key, slot.node.info, _terminated(_failed(exc)))
             return
         replies_by_key = {
             key: reply for (key, _), reply in zip(calls, replies, strict=True)
@@ -417,11 +415,7 @@ class _Jobs(_RayState):
         except Exception as exc:  # the call failed in Ray (a result Ray cannot pickle)
             self._remove(slot, key)
             self._forget(key)
-            self._events.job_done(
-                key,
-                slot.node.info,
-                _terminated(f"{_reason(exc)}\n"),
-            )
+            self._events.job_done(key, slot.node.info, _terminated(_failed(exc)))
             return
         self._remove(slot, key)
         self._settle(slot, key, attempt, reply)
@@ -630,6 +624,15 @@ def _small(value: Any) -> bool:
     if kind is str or kind is bytes:
         return len(value) <= SMALL_ARG
     return False
+
+
+def _failed(exc: BaseException) -> str:
+    """The exception text of a job whose call failed in Ray, not in the job (which
+    the actor reports itself)."""
+    return (
+        "Ray could not send the job's result back or load its arguments on the "
+        f"worker: {_reason(exc)}\n"
+    )
 
 
 def _batchable(job: JobRequest) -> bool:

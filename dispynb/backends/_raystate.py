@@ -11,6 +11,7 @@ import concurrent.futures
 import contextlib
 import threading
 import time
+import traceback
 import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -198,7 +199,14 @@ def _terminated(why: str) -> Outcome:
 
 
 def _reason(exc: BaseException) -> str:
-    """A one-paragraph reason from a Ray error (its first lines)."""
+    """A one-paragraph reason from a Ray error (its first lines); of a call that
+    failed in Ray (``RayTaskError``: a result it could not pickle...), the exception
+    that failed it: Ray's own text starts with its frames and terminal colours and
+    ends with that exception, past the lines kept."""
+    from ray.exceptions import RayTaskError
+
+    if isinstance(exc, RayTaskError) and isinstance(exc.cause, BaseException):
+        return "".join(traceback.format_exception_only(exc.cause)).strip()
     text = str(exc).strip() or type(exc).__name__
     lines = text.splitlines()
     if len(lines) > 12:

@@ -86,6 +86,10 @@ def fails(n: int) -> int:
     raise ValueError(f"bad input {n}")
 
 
+def returns_a_lock(n: int) -> Any:
+    return threading.Lock()
+
+
 def record_setup(folder: str) -> int:
     global STATE
     STATE = f"set up in {os.getpid()}"
@@ -218,6 +222,21 @@ def test_remote_traceback(engine: RayEngine) -> None:
     assert job.status is JobStatus.Terminated
     assert "ValueError: bad input 7" in job.exception
     assert "in fails" in job.exception  # the remote frame, not the engine's
+
+
+def test_a_result_that_cannot_be_pickled_says_why(engine: RayEngine) -> None:
+    """A job whose result Ray cannot pickle ends Terminated with the reason: the
+    user saw the first lines of Ray's traceback instead (its terminal colours and
+    carets), the error itself cut off after them."""
+    with JobCluster(returns_a_lock, engine=engine) as cluster:
+        job = cluster.submit(1)
+        assert job() is None
+    assert job.status is JobStatus.Terminated
+    assert job.exception.endswith(
+        "result back or load its arguments on the worker: "
+        "TypeError: cannot pickle '_thread.lock' object\n"
+    ), job.exception
+    assert "\x1b[" not in job.exception
 
 
 def test_setup_and_cleanup_run_once_per_worker(
