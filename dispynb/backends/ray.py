@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import socket
 import threading
 from typing import Any
 
@@ -87,6 +88,23 @@ def _ray() -> Any:
         raise ConfigurationError(
             f"the Ray engine needs the ray package ({exc}): pip install 'dispynb[ray]'"
         ) from exc
+
+
+#: Seconds to open a TCP connection to the Ray head before ``ray.init``.
+CONNECT_TIMEOUT = 10.0
+
+
+def _reachable(address: str | None) -> None:
+    """Raise `OSError` if nothing accepts connections at ``address``
+    (``"host:port"`` or ``"ray://host:port"``; others are left to Ray): ``ray.init``
+    retries a closed port for many minutes (20 attempts of about 40 s each)."""
+    if address is None or address == "auto" or "://" in address.removeprefix("ray://"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    with socket.create_connection((host.strip("[]"), int(port)), CONNECT_TIMEOUT):
+        pass
 
 
 class RayEngine:
@@ -149,9 +167,10 @@ class RayEngine:
             options.pop("include_dashboard")  # only for a Ray started here
         options.update(self.init_options)
         try:
+            _reachable(self.address)
             ray.init(address=self.address, **options)
             self._connected = True
-        except (ConnectionError, RuntimeError, ValueError) as exc:
+        except (OSError, RuntimeError, ValueError) as exc:
             where = self.address or "a local Ray"
             raise TransportError(
                 f"cannot connect to the Ray cluster at {where}: {exc} (is "

@@ -105,3 +105,44 @@ def test_nodes_on_ray_is_one_clear_error() -> None:
     for error in errors:
         assert "is not supported on the 'ray' engine" in error
         assert "submit_node" in error and "RayEngine(address, cpus=N)" in error
+
+
+#: A command prefix: what follows runs in a new network namespace with only loopback.
+LOOPBACK_ONLY = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh"]
+
+
+@pytest.mark.timeout(120)
+def test_an_address_where_no_ray_head_listens_is_a_quick_clear_error() -> None:
+    """``RayEngine("host:6380")`` with nothing listening there (a typo, a head not
+    started): ``ray.init`` retried for many minutes (20 attempts of ~40 s) while
+    `JobCluster` waited; now a `TransportError` says so at once. Run under
+    ``unshare -n``: ``ray.init`` probes an outside address for this host's IP."""
+    reason = _cannot_unshare()
+    if reason is not None:
+        pytest.skip(reason)
+    code = (
+        "import socket, time\n"
+        "import dispynb\n"
+        "from dispynb.backends.ray import RayEngine\n"
+        "from dispynb.errors import TransportError\n"
+        "closed = socket.socket()\n"  # bound, not listening: connections refused
+        "closed.bind(('127.0.0.1', 0))\n"
+        "address = '127.0.0.1:%d' % closed.getsockname()[1]\n"
+        "start = time.monotonic()\n"
+        "try:\n"
+        "    dispynb.JobCluster(abs, engine=RayEngine(address))\n"
+        "except TransportError as exc:\n"
+        "    print(round(time.monotonic() - start, 1), exc)\n"
+    )
+    proc = subprocess.run(
+        [*LOOPBACK_ONLY, sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"},
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert proc.returncode == 0, proc.stderr
+    seconds, _, text = proc.stdout.strip().partition(" ")
+    assert text.startswith("cannot connect to the Ray cluster at 127.0.0.1:"), text
+    assert "Connection refused" in text and "ray start --head" in text
+    assert float(seconds) < 30
