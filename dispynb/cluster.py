@@ -73,7 +73,11 @@ class JobCluster(_Events, _Jobs, _Nodes, _ClusterState):
         Extra dependencies (functions, classes and modules travel by value).
     job_status:
         ``f(job)``, called on a dedicated thread for each final and provisional
-        result.
+        result. Like all of dispynb's threads it blocks SIGINT, SIGTERM, SIGHUP and
+        the other signals Python handles, so that they reach the main thread; a
+        program a callback starts inherits that mask (and would ignore SIGTERM):
+        start it with ``preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_SETMASK,
+        [])``, or from the main thread.
     cluster_status:
         ``f(status, node, job)``, called on the same thread for node and job events.
     engine:
