@@ -9,6 +9,7 @@ import asyncio
 import concurrent.futures
 import importlib
 import logging
+import time
 from typing import Any
 
 from dispynb.backends._raystate import _Node, _RayState, _reason, _Slot, _terminated
@@ -228,29 +229,7 @@ class _Actors(_RayState):
             idle = list(self._slots)
             self._closed = True
         ray = self._ray
-        cleanups = {}
-        for slot in idle:
-            try:
-                cleanups[slot.handle.cleanup.remote()] = slot
-            except Exception as exc:
-                logger.warning("cleanup not started on a Ray actor: %s", exc)
-        if cleanups:
-            done, pending = ray.wait(
-                list(cleanups), num_returns=len(cleanups), timeout=CLOSE_WAIT
-            )
-            for ref in done:
-                try:
-                    error = ray.get(ref)
-                except Exception as exc:
-                    error = _reason(exc)
-                if error:
-                    logger.warning("cleanup failed on a Ray worker: %s", error)
-            if pending:
-                logger.warning(
-                    "cleanup did not finish within %s s on %d Ray workers",
-                    CLOSE_WAIT,
-                    len(pending),
-                )
+        self._cleanup(idle)
         for slot in self._slots:
             try:
                 ray.kill(slot.handle, no_restart=True)
@@ -261,6 +240,45 @@ class _Actors(_RayState):
                 self._inbox.drop.remote(self._token)
             except Exception as exc:
                 logger.debug("the Ray inbox is gone: %s", exc)
+
+    def _cleanup(self, slots: list[_Slot]) -> None:
+        """Run cleanup in the actors of ``slots`` (within `CLOSE_WAIT`). An actor
+        Ray is restarting (its job was stopped just before) refuses calls until
+        its setup has run again: its cleanup is asked again until then."""
+        ray = self._ray
+        deadline = time.monotonic() + CLOSE_WAIT
+        while slots:
+            cleanups = {}
+            for slot in slots:
+                try:
+                    cleanups[slot.handle.cleanup.remote()] = slot
+                except Exception as exc:
+                    logger.warning("cleanup not started on a Ray actor: %s", exc)
+            left = max(0.0, deadline - time.monotonic())
+            done, pending = ray.wait(
+                list(cleanups), num_returns=len(cleanups), timeout=left
+            )
+            slots = []
+            for ref in done:
+                try:
+                    error = ray.get(ref)
+                except ray.exceptions.ActorUnavailableError as exc:
+                    if time.monotonic() + RETRY < deadline:
+                        slots.append(cleanups[ref])
+                        continue
+                    error = _reason(exc)
+                except Exception as exc:
+                    error = _reason(exc)
+                if error:
+                    logger.warning("cleanup failed on a Ray worker: %s", error)
+            if pending:
+                logger.warning(
+                    "cleanup did not finish within %s s on %d Ray workers",
+                    CLOSE_WAIT,
+                    len(pending),
+                )
+            if slots:
+                time.sleep(RETRY)  # the restarting actors' setup takes a moment
 
     async def _close_on_loop(self, terminate: bool) -> list[_Slot]:
         """Settle every job (none may be left), report the nodes released; the

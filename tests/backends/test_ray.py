@@ -7,6 +7,7 @@ Ray cluster for the module, its address given to ``RayEngine`` as a user would.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import sys
 import threading
@@ -430,6 +431,40 @@ def test_cancel_stops_running_and_queued_jobs(
             wait_for(lambda pid=pid: not psutil.pid_exists(pid), f"process {pid} gone")
         again = cluster.submit(folder, 0)
         assert again() not in pids and again.status is JobStatus.Finished
+
+
+def test_cleanup_runs_in_the_actors_restarted_after_a_stop(
+    engine: RayEngine, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Stop both running jobs, then close at once: Ray is restarting their actors
+    (setup runs again there), which refused the cleanup call; the user saw
+    "cleanup failed on a Ray worker: ... The actor is restarting" and cleanup never
+    ran after that second setup. Now it runs in each restarted actor."""
+    folder = str(tmp_path)
+    cluster = JobCluster(
+        sleeper,
+        setup=lambda: record_setup(folder),
+        cleanup=lambda: record_cleanup(folder),
+        engine=engine,
+    )
+    with caplog.at_level(logging.WARNING, logger="dispynb.backends.ray"):
+        try:
+            jobs = [cluster.submit(folder, 600) for _ in range(2)]
+            wait_for(lambda: len(list(tmp_path.glob("running-*"))) == 2, "2 jobs")
+            killed = {p.name.split("-")[1] for p in tmp_path.glob("running-*")}
+            for job in jobs:
+                cluster.cancel(job)
+            for job in jobs:
+                job()
+            for pid in killed:
+                wait_for(lambda pid=pid: not psutil.pid_exists(int(pid)), "the kill")
+        finally:
+            cluster.close()
+    assert [job.status for job in jobs] == [JobStatus.Terminated] * 2
+    setups = {p.name.split("-")[1] for p in tmp_path.glob("setup-*")}
+    cleanups = {p.name.split("-")[1] for p in tmp_path.glob("cleanup-*")}
+    assert len(setups - killed) == 2 and cleanups == setups - killed
+    assert "cleanup failed" not in caplog.text
 
 
 def test_worker_death_resubmits_reentrant_jobs(
