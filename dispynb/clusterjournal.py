@@ -120,8 +120,7 @@ class ClusterJournal:
 
     def sent(self, keys: list[int], node_id: str) -> None:
         if self._journal is not None and self.jobs:
-            for key in keys:
-                self._journal.sent(self.recovery_id, key, node_id)
+            self._journal.sent(self.recovery_id, keys, node_id)
 
     def submitted(self, key: int, job: DispyJob) -> None:
         if self._journal is not None and self.jobs:

@@ -33,3 +33,16 @@ def test_a_loose_existing_journal_is_tightened(tmp_path):
     os.chmod(path, 0o644)
     Journal(str(path)).close()
     assert _mode(str(path)) == 0o600
+
+
+def test_jobs_sent_together_are_recorded_together(tmp_path):
+    """A node's message of jobs is one transaction: each is recorded sent to it."""
+    journal = Journal(str(tmp_path / "recover.db"))
+    journal.computation("rid", "compute")
+    for key in range(4):
+        journal.submitted("rid", key, DispyJob(key, (key,), {}))
+    journal.sent("rid", [0, 2, 3], "10.0.0.1:9711")
+    recorded = {key: node for key, _job, node in journal.jobs("rid")}
+    journal.close()
+    node = "10.0.0.1:9711"
+    assert recorded == {0: node, 1: None, 2: node, 3: node}

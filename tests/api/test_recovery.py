@@ -366,9 +366,10 @@ from dispynb.journal import Journal
 
 sent_by_me = {}
 journal_sent = Journal.sent
-def sent(self, recovery_id, key, node):
-    sent_by_me[key] = threading.current_thread() is threading.main_thread()
-    journal_sent(self, recovery_id, key, node)
+def sent(self, recovery_id, keys, node):
+    for key in keys:
+        sent_by_me[key] = threading.current_thread() is threading.main_thread()
+    journal_sent(self, recovery_id, keys, node)
 Journal.sent = sent
 
 def compute(n, go):

@@ -67,7 +67,7 @@ def _journal(path: Path, node: str) -> None:
     journal.computation("r" * 32, "compute")
     journal.node("r" * 32, node)
     journal.submitted("r" * 32, KEY, DispyJob("job", (1,), {}))
-    journal.sent("r" * 32, KEY, node)
+    journal.sent("r" * 32, [KEY], node)
     journal.close(remove=False)
 
 
