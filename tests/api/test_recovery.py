@@ -217,10 +217,7 @@ def test_recover_jobs_with_another_secret_is_a_clear_error_that_loses_nothing(
             assert said in last and node.spec in last and "unchanged" in last
             assert "During handling" not in refused.stderr  # one error, not a chain
         done = recover_in_new_process(tmp_path, journal, node.secret)
-    assert done.returncode == 0, done.stderr
-    jobs = json.loads(done.stdout)
-    assert [job[2] for job in jobs] == [11] * 20, jobs
-    assert [job[3] for job in jobs] == [n * n for n in range(20)]
+    assert_every_job_recovered(done)
 
 
 def test_recover_jobs_while_the_node_is_down_gets_its_jobs_once_it_is_back(tmp_path):
@@ -245,10 +242,7 @@ def test_recover_jobs_while_the_node_is_down_gets_its_jobs_once_it_is_back(tmp_p
         done = recover_in_new_process(tmp_path, journal, node.secret)
     finally:
         node.stop()
-    assert done.returncode == 0, done.stderr
-    jobs = json.loads(done.stdout)
-    assert [job[2] for job in jobs] == [11] * 20, jobs
-    assert [job[3] for job in jobs] == [n * n for n in range(20)]
+    assert_every_job_recovered(done)
 
 
 #: CLIENT whose odd jobs run 8 s: still running while recover_jobs waits for them.
@@ -307,6 +301,11 @@ def test_recover_jobs_gives_up_a_node_that_stops_answering_and_gets_its_jobs_lat
         done = recover_in_new_process(tmp_path, journal, node.secret)
     finally:
         node.stop()
+    assert_every_job_recovered(done)
+
+
+def assert_every_job_recovered(done: subprocess.CompletedProcess[str]) -> None:
+    """``done`` (a RECOVER script's run) got all 20 of CLIENT's jobs, Finished."""
     assert done.returncode == 0, done.stderr
     jobs = json.loads(done.stdout)
     assert [job[2] for job in jobs] == [11] * 20, jobs
