@@ -186,7 +186,7 @@ class JobCluster(_Events, _Jobs, _Nodes, _ClusterState):
         # cluster's variable in them (cluster_status calling cluster.submit_node).
         self._callbacks = CallbackDispatcher(held=True)
         self._runner = LoopRunner.acquire()
-        self._journal.computation(self.name)
+        self._journal.computation(self.name, self._sources)
         self._id = _live.register(self)
         config = ClusterConfig(
             name=self.name,

@@ -15,6 +15,7 @@ from typing import Any
 
 from dispynb.job import DispyJob
 from dispynb.journal import Journal
+from dispynb.tracebacks import LazySourceMap
 
 logger = logging.getLogger("dispynb.recovery")
 
@@ -110,9 +111,19 @@ class ClusterJournal:
         #: The id nodes keep the computation's results under ('': none).
         self.recovery_id = secrets.token_hex(16) if self._journal is not None else ""
 
-    def computation(self, name: str) -> None:
-        if self._journal is not None:
-            self._journal.computation(self.recovery_id, name)
+    def computation(self, name: str, sources: LazySourceMap) -> None:
+        """The computation starts: its name, and where its code comes from (so that
+        ``recover_jobs`` shows the tracebacks of jobs that failed while the client
+        was gone at the script's lines, as the cluster shows them)."""
+        if self._journal is None:
+            return
+        self._journal.computation(self.recovery_id, name)
+        try:
+            source_map = sources.built().to_json()
+        except Exception as exc:  # only the tracebacks' lines are lost
+            logger.debug("no source map for the recovery file: %s", exc)
+            return
+        self._journal.sources(self.recovery_id, source_map)
 
     def node(self, node_id: str) -> None:
         if self._journal is not None:

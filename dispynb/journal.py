@@ -1,9 +1,10 @@
 """`Journal`: a client's durable record of its jobs, for ``recover_jobs``.
 
-An SQLite database (WAL) at ``recover_file``: each computation (its recovery id, name
-and nodes) and each job (id, arguments, node, status and, once known, its result,
-output and traceback). It never holds a secret. A job's row is written before the
-job is sent, so a client killed at any point can recover every job it submitted.
+An SQLite database (WAL) at ``recover_file``: each computation (its recovery id, name,
+nodes and where its code came from, to map tracebacks) and each job (id, arguments,
+node, status and, once known, its result, output and traceback). It never holds a
+secret. A job's row is written before the job is sent, so a client killed at any
+point can recover every job it submitted.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     status INTEGER, node TEXT, result BLOB, stdout BLOB, stderr BLOB,
     exception TEXT, start_time REAL, end_time REAL,
     PRIMARY KEY (recovery_id, key));
+CREATE TABLE IF NOT EXISTS sources (recovery_id TEXT PRIMARY KEY, map TEXT);
 """
 
 
@@ -97,6 +99,25 @@ class Journal:
             "INSERT OR REPLACE INTO computations VALUES (?, ?, ?)",
             (recovery_id, name, time.time()),
         )
+
+    def sources(self, recovery_id: str, source_map: str) -> None:
+        """Where the computation's code comes from (`SourceMap.to_json`), to map
+        the tracebacks of jobs recovered after a crash to the script's lines."""
+        self._run(
+            "INSERT OR REPLACE INTO sources VALUES (?, ?)", (recovery_id, source_map)
+        )
+
+    def sources_of(self, recovery_id: str) -> str | None:
+        """What `sources` recorded for the computation; None if nothing (or the
+        journal is from a version that did not record it)."""
+        with self._lock:
+            try:
+                row = self._db.execute(
+                    "SELECT map FROM sources WHERE recovery_id = ?", (recovery_id,)
+                ).fetchone()
+            except sqlite3.OperationalError:  # no such table: an older journal
+                return None
+        return row[0] if row else None
 
     def node(self, recovery_id: str, address: str) -> None:
         """The computation is set up on a node."""
@@ -218,7 +239,7 @@ class Journal:
 
     def forget(self, recovery_id: str) -> None:
         """A computation closed cleanly: nothing of it is left to recover."""
-        for table in ("jobs", "nodes", "computations"):
+        for table in ("jobs", "nodes", "sources", "computations"):
             self._run(f"DELETE FROM {table} WHERE recovery_id = ?", (recovery_id,))
 
     def close(self, remove: bool = False) -> None:

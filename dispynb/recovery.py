@@ -17,7 +17,7 @@ import os
 import sqlite3
 import ssl
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 from dispynb._loop import LoopRunner
@@ -53,6 +53,7 @@ from dispynb.protocol.messages import (
 from dispynb.protocol.records import ResultEntry
 from dispynb.secret import resolve_secret
 from dispynb.status import status_of
+from dispynb.tracebacks import SourceMap
 from dispynb.transport.addressing import parse_address
 from dispynb.transport.connection import Connection
 from dispynb.transport.connector import connect
@@ -217,9 +218,11 @@ def _recover(
     try:
         jobs: list[DispyJob] = []
         for recovery_id, _name, nodes in journal.computations():
+            sources = _source_map(journal, recovery_id)
             recorded = journal.jobs(recovery_id)
             if not recorded:  # jobs not journaled (default file): take what nodes kept
                 for address in nodes:
+                    first = len(jobs)
                     complete &= runner.run_sync(
                         _collect_from,
                         address,
@@ -230,6 +233,7 @@ def _recover(
                         jobs,
                         limits,
                     )
+                    _map_tracebacks(jobs[first:], sources)
                 continue
             waiting: dict[str, dict[int, DispyJob]] = {}
             for job_key, job, node in recorded:
@@ -257,6 +261,7 @@ def _recover(
                     timeout,
                     limits,
                 )
+                _map_tracebacks(pending.values(), sources)
                 for job_key, job in pending.items():
                     if job.done() and job_key in settled:
                         journal.done(recovery_id, job_key, job)
@@ -265,6 +270,28 @@ def _recover(
         return jobs, complete
     finally:
         runner.release()
+
+
+def _source_map(journal: Journal, recovery_id: str) -> SourceMap | None:
+    """Where the computation's code came from, as its cluster recorded it."""
+    text = journal.sources_of(recovery_id)
+    if text is None:
+        return None
+    try:
+        return SourceMap.from_json(text)
+    except (ValueError, KeyError, TypeError) as exc:  # only the lines are lost
+        logger.debug("source map of %s unreadable: %s", recovery_id, exc)
+        return None
+
+
+def _map_tracebacks(jobs: Iterable[DispyJob], sources: SourceMap | None) -> None:
+    """Point the recovered jobs' remote tracebacks at the script's lines, as the
+    cluster does for the jobs it sees end (`dispynb.tracebacks`)."""
+    if sources is None:
+        return
+    for job in jobs:
+        if job.exception and isinstance(job.exception, str):
+            job.exception = sources.rerender(job.exception)
 
 
 async def _recover_from(

@@ -22,6 +22,7 @@ keeps its own `SourceMap`, taken when the run starts.
 
 from __future__ import annotations
 
+import json
 import linecache
 import re
 import sys
@@ -81,6 +82,35 @@ class SourceMap:
 
     def __len__(self) -> int:
         return sum(len(places) for places in self._places.values())
+
+    def to_json(self) -> str:
+        """The map as JSON, for a recovery journal: its places, labels and sources,
+        so that another process (``recover_jobs`` after a crash) can map the
+        tracebacks of jobs that ended while the client was gone."""
+        return json.dumps(
+            {
+                "places": {
+                    name: [[filename, sorted(numbers)] for filename, numbers in places]
+                    for name, places in self._places.items()
+                },
+                "sources": self._sources,
+                "labels": self._labels,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> SourceMap:
+        """The map `to_json` wrote (labels as they were then: ``Cell In[3]`` stays
+        so outside the notebook)."""
+        state = json.loads(text)
+        sources = cls()
+        sources._places = {
+            name: [(filename, frozenset(numbers)) for filename, numbers in places]
+            for name, places in state["places"].items()
+        }
+        sources._sources = state["sources"]
+        sources._labels = state["labels"]
+        return sources
 
     def locate(self, name: str, line: int) -> tuple[str, str] | None:
         """``(label, source line)`` of the one place where function ``name`` has line
@@ -142,11 +172,16 @@ class LazySourceMap:
         if not text or DYNAMIC_CODE not in text or not self._roots:
             return text
         try:
-            if self._map is None:
-                self._map = SourceMap.of(*self._roots)
-            return self._map.rerender(text)
+            return self.built().rerender(text)
         except Exception:  # never cost a job its result: the raw text is still right
             return text
+
+    def built(self) -> SourceMap:
+        """The map, built now if no traceback needed it yet (a recovery journal
+        keeps it from the start: the jobs may end after this process)."""
+        if self._map is None:
+            self._map = SourceMap.of(*self._roots)
+        return self._map
 
 
 def rerender_traceback(text: str | None, *roots: Any) -> str:
