@@ -192,10 +192,34 @@ class _Events(_ClusterState):
             job._complete(JobStatus.Cancelled, exception="cancelled before it ran")
             self._finished(job, None)
 
+    def batch(self) -> _Batch:
+        """The events reported inside ``with events.batch():`` came together (the
+        results of one message from a node): the jobs that end there are journaled
+        in one transaction as it exits, then announced (`JobEvents.batch`)."""
+        return self._batch
+
     def _finished(self, job: DispyJob, node: DispyNode | None) -> None:
-        opts = self._options
         if self._journal.jobs and job._key is not None:
+            if self._batch_depth:
+                self._ending.append((job._key, job, node))
+                return
             self._journal.done(job._key, job)
+        self._announce(job, node)
+
+    def _end_batch(self) -> None:
+        """Journal the jobs that ended in a batch (one transaction), then tell of
+        them: a callback, ``wait()`` or a monitor hears of a job once it is
+        journaled, as when it is journaled alone."""
+        ending, self._ending = self._ending, []
+        try:
+            self._journal.done_many([(key, job) for key, job, _node in ending])
+        finally:  # a journal that failed (a full disk) raises: wait() must not hang
+            for _key, job, node in ending:
+                self._announce(job, node)
+
+    def _announce(self, job: DispyJob, node: DispyNode | None) -> None:
+        """Tell callbacks, monitors and waiters that ``job`` ended."""
+        opts = self._options
         if opts.job_status is not None:
             self._callbacks.post(opts.job_status, copy.copy(job))
         if opts.cluster_status is not None:
@@ -209,3 +233,21 @@ class _Events(_ClusterState):
             if self._outstanding == 0:
                 self.end_time = time.time()
                 self._done.notify_all()
+
+
+class _Batch:
+    """`_Events.batch`'s context (one per cluster; batches may nest)."""
+
+    __slots__ = ("_events",)
+
+    def __init__(self, events: _Events) -> None:
+        self._events = events
+
+    def __enter__(self) -> None:
+        self._events._batch_depth += 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        events = self._events
+        events._batch_depth -= 1
+        if not events._batch_depth and events._ending:
+            events._end_batch()

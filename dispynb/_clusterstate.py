@@ -9,7 +9,7 @@ import logging
 import threading
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dispynb._callbacks import CallbackDispatcher
 from dispynb._loop import LoopRunner
@@ -20,6 +20,9 @@ from dispynb.job import DispyJob
 from dispynb.node import DispyNode, split_address
 from dispynb.options import ClusterOptions
 from dispynb.tracebacks import LazySourceMap
+
+if TYPE_CHECKING:
+    from dispynb._clusterevents import _Batch
 
 logger = logging.getLogger("dispynb.cluster")
 
@@ -61,6 +64,11 @@ class _ClusterState:
     _node_cpus: dict[str, int]
     _resetting: dict[str, DispyNode]
     _executing: dict[int, DispyNode]
+    # Jobs ended in the current `_Events.batch` (nested ``_batch_depth`` deep),
+    # journaled and announced as it ends: ``(key, job, node)``.
+    _batch: _Batch
+    _batch_depth: int
+    _ending: list[tuple[int, DispyJob, DispyNode | None]]
     _closed: bool
     _backend: Backend | None
     _sources: LazySourceMap

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from dispynb import _interruptible, _live, objects
 from dispynb._callbacks import CallbackDispatcher
-from dispynb._clusterevents import _Events
+from dispynb._clusterevents import _Batch, _Events
 from dispynb._clusterjobs import _Jobs
 from dispynb._clusternodes import _Nodes
 from dispynb._clusterstate import Listener, _ClusterState
@@ -173,6 +173,10 @@ class JobCluster(_Events, _Jobs, _Nodes, _ClusterState):
         # Jobs executing now (the node reported their start), by the node counting them
         # in its ``busy``.
         self._executing: dict[int, DispyNode] = {}
+        # Results that arrive together are journaled together (`_Events.batch`).
+        self._batch = _Batch(self)
+        self._batch_depth = 0
+        self._ending: list[tuple[int, DispyJob, DispyNode | None]] = []
         self._closed = False
         self._backend: Backend | None = None
         #: Epoch seconds the cluster was created, and the last time every job

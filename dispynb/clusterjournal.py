@@ -141,6 +141,11 @@ class ClusterJournal:
         if self._journal is not None and self.jobs:
             self._journal.done(self.recovery_id, key, job)
 
+    def done_many(self, jobs: list[tuple[int, DispyJob]]) -> None:
+        """Jobs ended together (``(key, job)`` each): one transaction."""
+        if self._journal is not None and self.jobs:
+            self._journal.done_many(self.recovery_id, jobs)
+
     def renamed(self, key: int, job: DispyJob) -> None:
         if self._journal is not None and self.jobs:
             self._journal.renamed(self.recovery_id, key, job)

@@ -63,6 +63,7 @@ provisional results sent by jobs, status, close) every engine must provide.
 from __future__ import annotations
 
 import enum
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
@@ -317,6 +318,14 @@ class JobEvents(Protocol):
 
     def job_requeued(self, key: int) -> None:
         """A job's node was lost; the job waits to run elsewhere (``reentrant``)."""
+
+    def batch(self) -> AbstractContextManager[None]:
+        """``with events.batch():`` around events that came together (the results
+        of one message from a node): the façade journals the jobs that end inside
+        in one transaction as it exits (``recover_file``), and tells callbacks,
+        ``wait()`` and monitors of them then. Optional for a backend; batches may
+        nest."""
+        ...
 
 
 class Backend(Protocol):

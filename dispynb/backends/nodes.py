@@ -19,6 +19,7 @@ import os
 import socket
 import sys
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 from dispynb._loop import Coalescer
@@ -419,6 +420,9 @@ class NodesBackend:
 
     def job_requeued(self, key: int) -> None:
         self._events.job_requeued(key)
+
+    def batch(self) -> AbstractContextManager[None]:
+        return self._events.batch()
 
     # -- the Backend (called by the façade) --------------------------------------------
 

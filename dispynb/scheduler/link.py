@@ -7,6 +7,7 @@ import asyncio
 import collections
 import ssl
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -140,6 +141,11 @@ class JobEvents(Protocol):
 
     def job_requeued(self, key: int) -> None:
         """A job's node was lost; the job waits to run elsewhere (reentrant)."""
+
+    def batch(self) -> AbstractContextManager[None]:
+        """``with events.batch():`` around the starts and ends of one message from
+        a node (the cluster journals those ends in one transaction)."""
+        ...
 
     def node_ready(self, node: NodeLink) -> None:
         """The computation is set up on ``node``."""

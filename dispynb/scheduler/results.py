@@ -168,11 +168,12 @@ class DriverResults(DriverOutbox):
             shm.unlink(name)
         self._apply(instructions)
         events = self.events
-        for notice in notices:
-            if len(notice) == 2:
-                events.job_done(notice[0], link, notice[1])
-            else:
-                events.job_running(notice[0], link, notice[2])
+        with events.batch():  # the ends journaled in one transaction
+            for notice in notices:
+                if len(notice) == 2:
+                    events.job_done(notice[0], link, notice[1])
+                else:
+                    events.job_running(notice[0], link, notice[2])
 
     def _load_result(self, buffers: list[Buffer]) -> Any:
         return serialize.loads(buffers, self.config.result_types)

@@ -1,12 +1,18 @@
-"""The recovery journal is private to its owner: 0600 for the file, -wal and -shm."""
+"""The recovery journal: private to its owner (0600 for the file, -wal and -shm),
+and what arrives together is recorded together."""
 
 from __future__ import annotations
 
 import os
 import stat
+import time
 
-from dispynb.job import DispyJob
+from dispynb import JobCluster
+from dispynb.backends import base
+from dispynb.backends.base import ClusterConfig, JobEvents, JobRequest
+from dispynb.job import DispyJob, JobStatus
 from dispynb.journal import Journal
+from tests.engines import ThreadBackend, ThreadEngine
 
 
 def _mode(path: str) -> int:
@@ -46,3 +52,70 @@ def test_jobs_sent_together_are_recorded_together(tmp_path):
     journal.close()
     node = "10.0.0.1:9711"
     assert recorded == {0: node, 1: None, 2: node, 3: node}
+
+
+class _PairsBackend(ThreadBackend):
+    """Ends every two jobs submitted together, in one `JobEvents.batch`: as the
+    results of one message from a node reach the cluster."""
+
+    def __init__(self, events: JobEvents, config: ClusterConfig) -> None:
+        super().__init__(events, config)
+        self._waiting: list[JobRequest] = []
+
+    def submit(self, job: JobRequest) -> None:
+        self._waiting.append(job)
+        if len(self._waiting) == 2:
+            pair, self._waiting = self._waiting, []
+            self._report(self._end_together, pair)
+
+    def _end_together(self, pair: list[JobRequest]) -> None:
+        assert callable(self._func)
+        with self._events.batch():
+            for job in pair:
+                result = self._func(*job.args, **job.kwargs)
+                now = time.time()
+                outcome = base.Outcome(
+                    JobStatus.Finished, result, "", "", None, now, now
+                )
+                self._events.job_done(job.key, self.node, outcome)
+
+
+class _PairsEngine(ThreadEngine):
+    features = frozenset({base.RECOVERY})
+
+    def open(self, events: JobEvents, config: ClusterConfig) -> ThreadBackend:
+        return _PairsBackend(events, config)
+
+
+def _double(x: int) -> int:
+    return 2 * x
+
+
+def test_results_that_arrive_together_are_journaled_together(tmp_path):
+    """The ends of one batch are one transaction, and each job's callback runs once
+    its end is journaled (what a crashed client's recover_jobs then returns)."""
+    path = str(tmp_path / "recover.db")
+    journaled_at_callback: dict[int, JobStatus] = {}
+
+    def job_status(job: DispyJob) -> None:
+        reader = Journal.open_existing(path)
+        assert reader is not None
+        ((recovery_id, _name, _nodes),) = reader.computations()
+        recorded = {j.id: j.status for _key, j, _node in reader.jobs(recovery_id)}
+        reader._db.close()
+        journaled_at_callback[job.id] = recorded[job.id]
+
+    statements: list[str] = []
+    with JobCluster(
+        _double, engine=_PairsEngine(), recover_file=path, job_status=job_status
+    ) as cluster:
+        db = cluster._journal._journal._db
+        db.set_trace_callback(statements.append)
+        jobs = [cluster.submit(i) for i in range(4)]
+        assert [job() for job in jobs] == [0, 2, 4, 6]
+        cluster.wait(timeout=10)
+        db.set_trace_callback(None)
+    assert journaled_at_callback == {job.id: JobStatus.Finished for job in jobs}
+    done = [s for s in statements if s.startswith("UPDATE jobs SET job_id")]
+    assert len(done) == 4
+    assert statements.count("COMMIT") == 2  # two pairs: two transactions

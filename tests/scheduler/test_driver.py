@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,9 @@ class Events:
         # `state` to the driver's SchedulerState to record it).
         self.state: SchedulerState | None = None
         self.max_node_in_flight = 0
+        self.batches = 0  # `batch` blocks entered
+        self.depth = 0  # inside this many now
+        self.done_in_batch: dict[int, int] = {}  # job key: the batch it ended in
 
     def jobs_sent(self, keys: list[int], node: NodeLink) -> None:
         self.log.append(("sent", keys))
@@ -92,6 +95,8 @@ class Events:
         self.in_flight -= 1
         self.done[key] = outcome
         self.done_on[key] = node.node_id if node is not None else ""
+        if self.depth:
+            self.done_in_batch[key] = self.batches
 
     def job_provisional(self, key: int, node: NodeLink, result: Any) -> None:
         self.log.append(("provisional", key))
@@ -112,6 +117,15 @@ class Events:
     def job_requeued(self, key: int) -> None:
         self.in_flight -= 1
         self.requeued.append(key)
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        self.batches += 1
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
 
     def node_ready(self, node: NodeLink) -> None:
         self.ready.append(node.node_id)
@@ -189,6 +203,23 @@ def test_submit_and_results(tmp_path: Path) -> None:
             for key in range(1, 42):
                 assert ev.log.index(("running", key)) < ev.log.index(("done", key))
             assert link.jobs_done == 41
+
+    run(main())
+
+
+def test_the_results_of_one_message_end_in_one_batch(tmp_path: Path) -> None:
+    """Each job ends inside a `JobEvents.batch`, one per results message (the
+    cluster journals a batch's ends in one transaction)."""
+
+    async def main() -> None:
+        async with in_process_node(tmp_path, cpus=2) as node, driving() as (d, ev):
+            d.add_node("127.0.0.1", node.port, allocate_for(square))
+            await wait_until(lambda: ev.ready, "node ready")
+            for key in range(1, 41):
+                submit(d, key, key)
+            await wait_until(lambda: len(ev.done) == 40, "all results")
+            assert set(ev.done_in_batch) == set(range(1, 41))
+            assert ev.depth == 0
 
     run(main())
 
