@@ -17,7 +17,8 @@ computation's directory as the working directory. Over that control channel
    (another `WorkerStarted`), until `Shutdown` (or SIGTERM/SIGINT): then it stops the
    workers (SIGTERM, SIGKILL after `STOP_GRACE` seconds), reports them, runs
    ``cleanup(*setup_args)`` and exits 0. At EOF of the control channel (node server
-   gone) it kills the workers and exits 1.
+   gone) it kills the workers and exits 1; so it does when the node server dies
+   while nothing reads that channel (a long setup): see `containment.watch_node`.
 
 Workers are forked after setup, so whatever setup put in the computation's globals
 (large data, ``multiprocessing`` shared values) is visible to jobs. A worker runs
@@ -49,6 +50,7 @@ from dispynb.protocol import serialize
 from dispynb.protocol.records import ComputationBundle
 from nodeserver.channel import MessageSocket
 from nodeserver.containment import (
+    NodeGone,
     become_group_leader,
     descendants,
     find_pids_root,
@@ -58,6 +60,7 @@ from nodeserver.containment import (
     move_to_cgroup,
     remove_cgroup,
     set_pids_max,
+    watch_node,
 )
 from nodeserver.ipc import (
     IpcMessage,
@@ -90,7 +93,10 @@ COUNT_INTERVAL = 0.5
 
 _PR_SET_PDEATHSIG = 1
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-_HANDLED_SIGNALS = (signal.SIGCHLD, *_STOP_SIGNALS)
+#: Held while a worker is forked, reset in it; SIGHUP is the parent's death
+#: (`containment.PARENT_DEATH_SIGNAL`), whose handler `watch_node` installed.
+_HANDLED_SIGNALS = (signal.SIGCHLD, signal.SIGHUP, *_STOP_SIGNALS)
+_WAKING_SIGNALS = (signal.SIGCHLD, *_STOP_SIGNALS)
 
 
 class LoadFailure(Exception):
@@ -408,7 +414,7 @@ class ComputationProcess:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
-        for signum in _HANDLED_SIGNALS:
+        for signum in _WAKING_SIGNALS:
             signal.signal(signum, _wake)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
 
@@ -526,6 +532,8 @@ def run_setup(setup: Callable[..., Any], setup_args: tuple[Any, ...]) -> None:
     """Call setup; raise `LoadFailure` unless it returns None, 0, 1 or 2."""
     try:
         result = setup(*setup_args)
+    except NodeGone:
+        raise
     except BaseException as exc:  # user code: any exit of setup is a failed setup
         # From setup's own frame on: the person's code, not this function.
         frames = exc.__traceback__.tb_next if exc.__traceback__ else None
@@ -579,7 +587,15 @@ def main(argv: list[str] | None = None) -> int:
         description="A dispynb computation process (started by the node server).",
     )
     parser.add_argument("--control-fd", type=int, required=True)
+    parser.add_argument(
+        "--node-pid", type=int, help="the node server (default: the parent)"
+    )
+    parser.add_argument(
+        "--parent-pid", type=int, help="the zygote that forked this process, if any"
+    )
     args = parser.parse_args(argv)
+    if not watch_node(args.node_pid or os.getppid(), args.parent_pid):
+        return 1
     keep_freed_memory()  # before any large message; workers inherit it
     control = MessageSocket(socket.socket(fileno=args.control_fd))
     try:
@@ -592,6 +608,9 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return computation.serve()
     except ConnectionClosedError:
+        return 1
+    except NodeGone:
+        logger.warning("computation process: node server gone; stopping")
         return 1
     finally:
         control.close()

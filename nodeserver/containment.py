@@ -43,7 +43,12 @@ from collections.abc import Callable
 
 logger = logging.getLogger(__name__)
 
+_PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
+
+#: What a computation process is sent when its parent dies (``PR_SET_PDEATHSIG``):
+#: it then ends unless the node server adopted it (`watch_node`).
+PARENT_DEATH_SIGNAL = signal.SIGHUP
 
 #: Rounds of listing and killing a job's leftovers before giving up (a fork bomb
 #: without a pids cgroup may outrun one round).
@@ -78,6 +83,53 @@ def become_group_leader() -> None:
         prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
+def become_subreaper() -> bool:
+    """In the node server: adopt the orphaned descendants (a dead zygote's
+    computation processes) instead of init; False where that is not possible."""
+    prctl = load_prctl()
+    return prctl is not None and prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+
+
+class NodeGone(BaseException):
+    """Raised in a computation process whose node server died (`watch_node`); a
+    BaseException, so that the job code or setup it interrupts does not take it."""
+
+
+#: The processes a computation process may have as parent while its node lives.
+_node_parents: tuple[int, ...] = ()
+
+
+def watch_node(node: int, parent: int | None = None) -> bool:
+    """In a computation process: end (`NodeGone`) when node server ``node`` dies.
+
+    Its parent is the node or, forked from the zygote, ``parent``; the parent's
+    death signals this process (`PARENT_DEATH_SIGNAL`, also during a long setup,
+    when nothing reads the control channel's end). A dead zygote's computation
+    process is adopted by the node (its subreaper) and goes on; after the node's
+    own death its parent is init or whoever adopts it, and it ends. Checking the
+    parent, not only the signal, also covers the signal's firing on the death of
+    the parent *thread* that forked it. False if the node is gone already.
+    """
+    global _node_parents
+    _node_parents = (node,) if parent is None else (node, parent)
+    prctl = load_prctl()
+    if prctl is None:
+        return True
+    signal.signal(PARENT_DEATH_SIGNAL, _on_parent_death)
+    prctl(_PR_SET_PDEATHSIG, PARENT_DEATH_SIGNAL, 0, 0, 0)
+    return node_lives()  # a death before the prctl is seen here
+
+
+def node_lives() -> bool:
+    """Whether this computation process's parent is still the node (or zygote)."""
+    return not _node_parents or os.getppid() in _node_parents
+
+
+def _on_parent_death(signum: int, frame: object) -> None:
+    if not node_lives():
+        raise NodeGone
+
+
 def end_leftovers() -> int:
     """Kill and reap every process the job left behind; how many there were.
 
@@ -106,6 +158,22 @@ def end_leftovers() -> int:
         if not pids and not descendants(os.getpid()):
             break
     return len(killed)
+
+
+def children(pid: int) -> list[int]:
+    """The children of process ``pid`` (of all its threads)."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for task in tasks:
+        with (
+            contextlib.suppress(OSError, ValueError),
+            open(f"/proc/{pid}/task/{task}/children") as handle,
+        ):
+            found.extend(int(c) for c in handle.read().split())
+    return found
 
 
 def descendants(pid: int) -> list[int]:

@@ -82,6 +82,8 @@ class ProcessLauncher:
                 "nodeserver.compute",
                 "--control-fd",
                 str(control.fileno()),
+                "--node-pid",
+                str(os.getpid()),
                 pass_fds=(control.fileno(),),
                 cwd=cwd,
                 env=env,

@@ -18,7 +18,11 @@ new process's pid. The node follows the process with a pidfd (`os.pidfd_open`, L
 5.3+), which is readable once it exits and is what `ForkedProcess.kill` signals, so a
 reused pid is never hit. The zygote reaps its children; they are not the node's, so
 their exit status is not known there (nothing uses it: the control channel's end
-says that a computation process is gone).
+says that a computation process is gone). Should the zygote die (kill -9, the OOM
+killer), the node adopts its computation processes (it is a subreaper): they go on
+with their jobs and the node reaps them (`ZygoteLauncher.reap_adopted`). A
+computation process ends when the node dies, even in a long setup
+(`containment.watch_node`).
 
 The zygote dies with the node (``PR_SET_PDEATHSIG``, and end of file on its socket),
 the node reaps it before it exits (`ZygoteLauncher.stop`: no zombie is left to
@@ -49,7 +53,7 @@ import sys
 from typing import NoReturn
 
 from dispynb.errors import SetupError
-from nodeserver.containment import load_prctl
+from nodeserver.containment import become_subreaper, children, load_prctl
 from nodeserver.launcher import ComputationProcess, ProcessLauncher
 
 __all__ = [
@@ -131,11 +135,20 @@ class _NoAnswer(Exception):
 class ZygoteLauncher(ProcessLauncher):
     """The node server's launcher while its zygote lives; new interpreters after."""
 
-    def __init__(self, sock: socket.socket, pid: int) -> None:
+    def __init__(self, sock: socket.socket, pid: int, adopting: bool = False) -> None:
         self.pid = pid
         self._sock: socket.socket | None = sock
         self._lock: asyncio.Lock | None = None
         self._reaped = False  # waitpid has collected the zygote
+        #: The node is a subreaper: a dead zygote's computation processes (and
+        #: whatever else is orphaned below the node) come back to it, and are
+        #: reaped by `reap_adopted` on SIGCHLD.
+        self.adopting = adopting
+        self._watching = False  # the SIGCHLD handler is installed
+        #: New interpreters started (the zygote gone), reaped by asyncio's watcher.
+        self._own: set[int] = set()
+        self._launching = 0  # new interpreters being started: their pids not known
+        self._waits: set[asyncio.Future[int]] = set()
 
     async def start(
         self, control: socket.socket, cwd: str, timeout: float | None = None
@@ -150,6 +163,7 @@ class ZygoteLauncher(ProcessLauncher):
         # client went away during the setup) or gives up (its setup_timeout): an
         # answer left unread would be the next request's, which would then follow,
         # contain and kill another computation's process instead of its own.
+        self._watch_orphans()
         request = asyncio.ensure_future(self._request_in_turn(control, cwd))
         try:
             if timeout is not None and timeout < ANSWER_TIMEOUT:
@@ -175,9 +189,56 @@ class ZygoteLauncher(ProcessLauncher):
                 "computations as new processes from now on: try again"
             ) from None
         if pid is None:
-            return await super().start(control, cwd)
+            return await self._start_interpreter(control, cwd)
         control.close()  # the process has its own copy
         return ForkedProcess(pid)
+
+    async def _start_interpreter(
+        self, control: socket.socket, cwd: str
+    ) -> ComputationProcess:
+        """A new interpreter (the zygote is gone), known to `reap_adopted` as one
+        asyncio's child watcher reaps, from its start to its end."""
+        self._launching += 1
+        try:
+            process = await super().start(control, cwd)
+        finally:
+            self._launching -= 1
+        pid = process.pid
+        self._own.add(pid)
+        waited = asyncio.ensure_future(process.wait())
+        self._waits.add(waited)
+
+        def forget(_: object) -> None:
+            self._waits.discard(waited)
+            self._own.discard(pid)
+
+        waited.add_done_callback(forget)
+        self.reap_adopted()  # what was left for the end of this start
+        return process
+
+    def _watch_orphans(self) -> None:
+        """Reap adopted processes as they exit (SIGCHLD on the node's loop)."""
+        if self.adopting and not self._watching:
+            self._watching = True
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(signal.SIGCHLD, self.reap_adopted)
+
+    def reap_adopted(self) -> int:
+        """Reap the node's exited children other than the zygote and the new
+        interpreters asyncio follows: the processes it adopted (a dead zygote's
+        computation processes once they end, and whatever is orphaned below the
+        node); how many. Each is looked at by pid (a ``waitpid(-1)`` would take
+        the others' exit statuses)."""
+        if self._launching:
+            return 0  # a new interpreter's pid is not known yet: after its start
+        reaped = 0
+        for pid in children(os.getpid()):
+            if pid == self.pid or pid in self._own or not _exited(pid):
+                continue
+            with contextlib.suppress(ChildProcessError):
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    reaped += 1
+        return reaped
 
     async def _request_in_turn(self, control: socket.socket, cwd: str) -> int | None:
         """`_request`, one at a time (answers come in order); None, without a
@@ -257,6 +318,8 @@ class ZygoteLauncher(ProcessLauncher):
         zombie of whichever process adopts it (a subreaper such as a benchmark
         driver, or an init that does not reap), seen as a leftover process."""
         self.close()
+        if self.adopting:
+            self.reap_adopted()  # those that ended after the node's loop did
         if self._reaped:
             return
         try:
@@ -274,6 +337,16 @@ class ZygoteLauncher(ProcessLauncher):
         with contextlib.suppress(ChildProcessError):
             os.waitpid(self.pid, 0)
         self._reaped = True
+
+
+def _exited(pid: int) -> bool:
+    """Whether process ``pid`` is a zombie (exited, not reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            stat = handle.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] == b"Z"
 
 
 def _retrieve(request: asyncio.Future[int | None]) -> None:
@@ -317,7 +390,9 @@ def start_zygote() -> ZygoteLauncher | None:
         _serve(zygote, os.getppid())
     zygote.close()
     node.setblocking(False)
-    return ZygoteLauncher(node, pid)
+    # Adopt the zygote's computation processes should it die (killed, OOM): they
+    # go on serving their jobs, and end with the node (`containment.watch_node`).
+    return ZygoteLauncher(node, pid, adopting=become_subreaper())
 
 
 def _serve(sock: socket.socket, node_pid: int) -> NoReturn:
@@ -341,7 +416,9 @@ def _serve(sock: socket.socket, node_pid: int) -> NoReturn:
                 with contextlib.suppress(BlockingIOError):
                     os.read(wake_r, 512)
                 _reap()
-            if sock.fileno() in ready and not _fork_one(sock, (wake_r, wake_w)):
+            if sock.fileno() in ready and not _fork_one(
+                sock, (wake_r, wake_w), node_pid
+            ):
                 code = 0
                 break
     except BaseException:  # never return into the node's code
@@ -363,7 +440,7 @@ def _reap() -> None:
             return
 
 
-def _fork_one(sock: socket.socket, pipe: tuple[int, int]) -> bool:
+def _fork_one(sock: socket.socket, pipe: tuple[int, int], node_pid: int) -> bool:
     """Serve one request; False at the end of the node's socket."""
     request, fds, _flags, _addr = socket.recv_fds(sock, _MAX_REQUEST, 1)
     if not request and not fds:
@@ -375,16 +452,22 @@ def _fork_one(sock: socket.socket, pipe: tuple[int, int]) -> bool:
         return True
     control = fds[0]
     _flush_std()
+    zygote = os.getpid()
     pid = os.fork()
     if pid == 0:
-        _become_computation(sock, pipe, control, os.fsdecode(request))
+        parents = ["--node-pid", str(node_pid), "--parent-pid", str(zygote)]
+        _become_computation(sock, pipe, control, os.fsdecode(request), parents)
     os.close(control)
     sock.send(_PID.pack(pid))
     return True
 
 
 def _become_computation(
-    sock: socket.socket, pipe: tuple[int, int], control: int, cwd: str
+    sock: socket.socket,
+    pipe: tuple[int, int],
+    control: int,
+    cwd: str,
+    parents: list[str],
 ) -> NoReturn:
     """In the forked child: look like a new process, then run the computation."""
     code = 1
@@ -411,7 +494,7 @@ def _become_computation(
             random.seed()
         from nodeserver import compute
 
-        argv = ["--control-fd", str(control)]
+        argv = ["--control-fd", str(control), *parents]
         sys.argv = [compute.__file__, *argv]
         code = compute.main(argv)
     except SystemExit as exc:

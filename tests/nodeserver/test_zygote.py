@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -172,6 +174,105 @@ def test_zygote_and_computations_die_with_a_killed_node(tmp_path: Path) -> None:
             cluster.close(terminate=True)
     finally:
         node.stop()
+
+
+def test_a_killed_zygotes_computations_are_adopted_by_the_node(
+    tmp_path: Path,
+) -> None:
+    """The zygote killed (kill -9, the OOM killer) while a job runs: its computation
+    process and workers are not left to init; the node adopts them (it is their
+    subreaper), the job finishes, and the node reaps the process once it ends."""
+    marker, release = tmp_path / "started", tmp_path / "release"
+    with running_node(tmp_path / "node", cpus=2) as node:
+        node_process = psutil.Process(node.proc.pid)
+        with JobCluster(mark_and_hold, nodes=[node.spec], secret=node.secret) as held:
+            job = held.submit(str(marker), str(release))
+            wait_until(marker.exists)
+            computation = psutil.Process(int(marker.read_text())).parent()
+            zygote = zygote_of(node)
+            assert computation.ppid() == zygote.pid
+            zygote.kill()
+            wait_until(lambda: computation.ppid() == node.proc.pid)
+            release.touch()
+            job()
+            assert job.status == DispyJob.Finished, job.exception
+        # Ended with its cluster, and reaped by the node: not a zombie.
+        wait_until(lambda: not psutil.pid_exists(computation.pid))
+        assert not computation_processes(node_process)
+
+
+def test_an_adopted_computation_ends_with_a_killed_node(tmp_path: Path) -> None:
+    """After the zygote's death its computation process is the node's child; the
+    node's own death (kill -9) still ends it and its workers."""
+    marker = tmp_path / "marker"
+    node = start_node(tmp_path / "node", cpus=2)
+    try:
+        cluster = JobCluster(_sleep_marked, nodes=[node.spec], secret=node.secret)
+        try:
+            cluster.submit(str(marker))
+            wait_until(marker.exists)
+            zygote = zygote_of(node)
+            zygote.kill()
+            wait_until(lambda: zygote.status() == psutil.STATUS_ZOMBIE)
+            below = computation_processes(psutil.Process(node.proc.pid))
+            assert len(below) >= 2
+            node.proc.send_signal(signal.SIGKILL)
+            node.proc.wait(WAIT)
+            _gone, alive = psutil.wait_procs(below, timeout=WAIT)
+            assert alive == []
+        finally:
+            cluster.close(terminate=True)
+    finally:
+        node.stop()
+
+
+def test_a_computation_in_its_setup_ends_with_a_killed_node(tmp_path: Path) -> None:
+    """kill -9 of the node while a computation's setup runs: nothing reads the
+    computation's control channel then, so its end was not seen; the process
+    went on until its setup ended (here 60 s). Its parent's death ends it."""
+    marker, release = tmp_path / "marker", tmp_path / "release"
+    node = start_node(tmp_path / "node")
+    failed: list[BaseException] = []
+
+    def set_up() -> None:
+        try:
+            JobCluster(
+                square,
+                nodes=[node.spec],
+                secret=node.secret,
+                setup=functools.partial(_hold_setup, str(marker), str(release)),
+            ).close()
+        except Exception as exc:  # the node is gone: how is not this test's point
+            failed.append(exc)
+
+    setting_up = threading.Thread(target=set_up, daemon=True)
+    setting_up.start()
+    try:
+        wait_until(marker.exists)
+        computation = psutil.Process(int(marker.read_text()))
+        node.proc.send_signal(signal.SIGKILL)
+        node.proc.wait(WAIT)
+        _gone, alive = psutil.wait_procs([computation], timeout=WAIT)
+        assert alive == []
+    finally:
+        release.touch()
+        node.stop()
+        setting_up.join(WAIT)
+    assert failed, "the cluster was made on a killed node"
+
+
+def _hold_setup(marker: str, release: str) -> int:
+    """A setup that writes its pid to ``marker`` and waits (60 s at most) for
+    ``release``."""
+    import os
+    import pathlib
+    import time
+
+    pathlib.Path(marker).write_text(str(os.getpid()))
+    deadline = time.monotonic() + 60
+    while not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return 0
 
 
 def _sleep_marked(path: str) -> None:
