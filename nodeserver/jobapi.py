@@ -31,6 +31,8 @@ class JobContext:
         self.key = 0
         self.attempt = 0
         self.running = False  # True only while user code of a job runs
+        #: An interrupt came while no job code ran: the next job starts with it.
+        self.interrupted = False
         self.job_path = ""
         self.max_file_size = 0
         self.max_output: int | None = None  # characters of stdout/stderr kept
@@ -134,10 +136,17 @@ def interrupt_job(signum: int, frame: FrameType | None) -> None:
     """SIGINT handler of workers: interrupt the job's code, never the worker loop.
 
     The node sends SIGINT to cancel a running job, as dispy does: the job gets a
-    KeyboardInterrupt (and may catch it and return a value).
+    KeyboardInterrupt (and may catch it and return a value). One that lands before
+    the job's code runs (its arguments still arriving or being unpickled) is kept
+    for it: the job then ends with a KeyboardInterrupt as it starts, as if the
+    signal had come at its first instruction, instead of running until the node
+    kills it (`run_job`). Not meant for a job whose code ended just before: the
+    node retires a worker once an interrupted job ended, and tells it to skip the
+    jobs sent ahead before it signals it.
     """
     if CONTEXT.running:
         raise KeyboardInterrupt
+    CONTEXT.interrupted = True
 
 
 def install_interrupt_handler() -> None:

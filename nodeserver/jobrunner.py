@@ -125,6 +125,9 @@ def run_job(
             lifted = limit_memory(mem_limit) if mem_limit is not None else None
             CONTEXT.running = True
             try:
+                if CONTEXT.interrupted:  # came before the job's code: takes effect now
+                    CONTEXT.interrupted = False
+                    raise KeyboardInterrupt
                 result = func(*args, **kwargs)
             except BaseException as exc:  # reported to the client, never fatal
                 CONTEXT.running = False

@@ -1,0 +1,98 @@
+"""A cancel's interrupt (SIGINT to the worker) that lands before the job's code runs.
+
+Real ``python -m nodeserver`` processes and a real client: the job's arguments take
+a while to unpickle on the worker (their reconstruction waits for a file), so the
+client's cancel comes while the worker has taken the job but not started it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dispynb import DispyJob, JobCluster
+from tests.jobs import wait_until
+from tests.nodeproc import running_node
+
+pytestmark = pytest.mark.slow
+
+
+def _held_load(marker: str) -> str:
+    """Unpickled on the worker: write ``marker``, then wait (10 s at most) for the
+    worker's SIGINT, which is handed to the worker's own handler."""
+    import os
+    import pathlib
+    import signal
+    import time
+
+    received: list[int] = []
+    worker_handler = signal.getsignal(signal.SIGINT)
+
+    def note(signum: int, frame: object) -> None:
+        received.append(signum)
+        if callable(worker_handler):
+            worker_handler(signum, frame)
+
+    signal.signal(signal.SIGINT, note)
+    try:
+        pathlib.Path(marker).write_text(str(os.getpid()))
+        deadline = time.monotonic() + 10
+        while not received and time.monotonic() < deadline:
+            time.sleep(0.005)
+    finally:
+        signal.signal(signal.SIGINT, worker_handler)
+    return "loaded"
+
+
+class HeldArgument:
+    """An argument whose unpickling on the node lasts until the worker's SIGINT."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (_held_load, (self.marker,))
+
+
+def mark_and_sleep(_argument: str, ran: str) -> str:
+    """Write ``ran``, then sleep; a KeyboardInterrupt is caught (as dispy allows)."""
+    import pathlib
+    import time
+
+    pathlib.Path(ran).write_text("ran")
+    try:
+        time.sleep(30)
+    except KeyboardInterrupt:
+        return "interrupted"
+    return "slept"
+
+
+def test_a_cancel_before_the_job_code_starts_stops_it_as_it_starts(
+    tmp_path: Path,
+) -> None:
+    """The worker ignored the SIGINT then (no job code ran): the job ran anyway
+    until the node killed its worker 3 s later. Now the interrupt is kept for it:
+    the job's code never runs, and the job ends Terminated at once, as one
+    interrupted at its first instruction does."""
+    marker, ran = tmp_path / "loading", tmp_path / "ran"
+    with (
+        running_node(tmp_path / "node") as node,
+        JobCluster(mark_and_sleep, nodes=[node.spec], secret=node.secret) as cluster,
+    ):
+        job = cluster.submit(HeldArgument(str(marker)), str(ran))
+        wait_until(marker.exists)  # taken by the worker, its code not started
+        wait_until(lambda: job.status == DispyJob.Running)
+        cluster.cancel(job)
+        job()
+        assert job.status == DispyJob.Terminated, (job.status, job.result)
+        assert "terminated at the client's request" in (job.exception or "")
+        assert not ran.exists(), "the job's code ran after its cancel"
+        # The next job runs as usual (on the worker that replaced that one), and
+        # an interrupt during its code is its to catch.
+        ran2 = tmp_path / "ran2"
+        follow = cluster.submit("x", str(ran2))
+        wait_until(ran2.exists)
+        cluster.cancel(follow)
+        assert follow() == "interrupted"
+        assert follow.status == DispyJob.Finished
