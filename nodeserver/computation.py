@@ -257,11 +257,21 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
                 continue
             batch: list[NodeJob] = []
             while queue and ahead < target:
-                if ahead and (queue[0].files or not _small(queue[0].buffers)):
-                    break  # large arguments or files: one ahead, as for long jobs
+                if ahead and queue[0].files:
+                    break  # files: one ahead, as for long jobs
+                if not _small(queue[0].buffers) and (
+                    ahead or segments(queue[0].buffers) is None
+                ):
+                    # Large arguments: one ahead, and only if they go as shared
+                    # memory. Through the worker's socket they would sit in this
+                    # node's write buffer until the running job ends: a cancel
+                    # unless started could not be answered before that (the Skip
+                    # waits behind them), nor a Skip for another job be sent.
+                    break
                 batch.append(queue.popleft())
                 ahead += 1
-            self._send_many(worker, batch)
+            if batch:
+                self._send_many(worker, batch)
 
     def _send(self, worker: Worker, job: NodeJob) -> None:
         self._send_many(worker, [job])

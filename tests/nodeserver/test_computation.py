@@ -284,6 +284,38 @@ def test_short_jobs_wait_several_deep_in_a_busy_worker_and_cancel_skips_them(
     run(main())
 
 
+def test_a_large_job_that_would_go_through_the_socket_is_not_sent_ahead(tmp_path):
+    """Large arguments that are not in shared memory (a node without memfd, or
+    whose pool could not make one) went ahead to a busy worker: most of them then
+    sat in the node's write buffer until the running job ended, and so did the
+    Skip of a cancel unless started, whose answer waited that long (29 s measured
+    with 200 MB behind a 30 s job). Now such a job waits in the queue: cancelled
+    at once, and the worker's socket is free for what follows."""
+
+    async def main() -> None:
+        reports = Reports()
+        computation, launcher = make(tmp_path, reports, workers=1)
+        await computation.start(bundle(blocked))
+        quick = new_gate("quick")
+        open_gate(quick)
+        computation.submit([job(key, quick) for key in range(1, 6)])  # mean: short
+        await wait_until(lambda: len(reports.entries) == 5, "quick jobs done")
+        head = new_gate("head")
+        computation.submit([job(10, head)])
+        await wait_until(lambda: launcher.busy_workers(), "job 10 running")
+        computation.submit([job(11, quick, b"x" * (16 << 20))])
+        (worker,) = computation._workers.values()
+        assert [j.key for j in worker.assigned] == [10]
+        computation.cancel(11, 1, unstarted=True)
+        assert reports.outcome(11) == CANCELLED
+        open_gate(head)
+        await wait_until(lambda: 10 in reports.entries, "job 10 done")
+        assert reports.values[10] == head
+        await finish(computation, launcher)
+
+    run(main())
+
+
 def test_a_job_being_skipped_stays_cancelled_when_cancelled_again_as_head(tmp_path):
     """A job sent ahead and cancelled if unstarted (the worker is told to skip it),
     then cancelled outright once the job before it ended (an Executor's interrupt:
