@@ -29,6 +29,9 @@ from __future__ import annotations
 import contextlib
 import importlib
 import multiprocessing
+import os
+import tempfile
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -69,7 +72,9 @@ class Backend(Protocol):
     (`workloads.Bandwidth`; the Ray rows, whose engine frees arguments
     asynchronously). A backend that is a ``concurrent.futures`` executor has
     ``map_calls(fn, inputs)``: ``list(executor.map(fn, inputs))`` (W8,
-    `workloads.ExecutorMap`); the others lack it, or set it to None.
+    `workloads.ExecutorMap`); the others lack it, or set it to None. One that
+    journals jobs for recovery has ``journal_round(fn, arglists, journaled)`` (W9,
+    `workloads.RecoverFile`): dispynb's node servers only.
     """
 
     name: str
@@ -290,6 +295,30 @@ class DispynbBackend:
             )
         return list(self._executor.map(fn, inputs))
 
+    def journal_round(
+        self, fn: Task, arglists: Sequence[tuple[Any, ...]], journaled: bool
+    ) -> tuple[float, list[Any]]:
+        """W9: ``(seconds, results)`` of the jobs submitted at once and waited for,
+        on a new `JobCluster` of ``fn`` on the run's nodes, with ``recover_file``
+        (a new file in a temporary directory) if ``journaled``. Made, warmed up
+        with 20 jobs and closed untimed, after closing the cluster of W1-W4."""
+        from dispynb import JobCluster
+
+        self._cluster_stack.close()
+        self._cluster = self._fn = None
+        with contextlib.ExitStack() as stack:
+            options = self._cluster_options()
+            if journaled:
+                folder = stack.enter_context(tempfile.TemporaryDirectory())
+                options["recover_file"] = os.path.join(folder, "recover.db")
+            cluster = stack.enter_context(JobCluster(fn, **options))
+            for job in [cluster.submit(*arglists[0]) for _ in range(20)]:
+                self._result(job)
+            start = time.perf_counter()
+            jobs = [cluster.submit(*args) for args in arglists]
+            results = [self._result(job) for job in jobs]
+            return time.perf_counter() - start, results
+
     def share(self, fn: Task, obj: Any) -> Any:
         """W7: ``JobCluster.put``; jobs get the handle. `Unsupported` where the
         engine refuses ``put`` (Dask's and Ray's lack ``job_depends``)."""
@@ -356,6 +385,7 @@ class DispynbSocketBackend(DispynbBackend):
 
     name = "dispynb-socket"
     map_calls = None  # W8 has no large arguments: the dispynb row's
+    journal_round = None  # nor W9
 
     def __init__(self, workers: int) -> None:
         import os

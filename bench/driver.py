@@ -9,8 +9,9 @@ the ``out`` parameter; progress goes to stderr.
 Modes
 -----
 ``main``
-    Start the backend, record memory at rest, run W1-W4 and W8 (warm-up + R
-    repetitions each; W8 where the backend is an executor), record peak memory,
+    Start the backend, record memory at rest, run W1-W4, W9 and W8 (warm-up + R
+    repetitions each; W8 where the backend is an executor, W9 where it journals
+    jobs for recovery), record peak memory,
     try W6, close.
 ``cold``
     W4 cold, one repetition: start the backend, one tiny job of the W4 function,
@@ -43,6 +44,7 @@ from workloads import (
     CpuBound,
     ExecutorMap,
     Latency,
+    RecoverFile,
     SharedObject,
     Throughput,
     Workload,
@@ -90,7 +92,7 @@ def progress(line: str) -> None:
 
 
 def make_workloads(params: dict[str, Any]) -> list[Workload]:
-    """The selected W1-W4 and W8 workloads, sized for a normal or a ``--quick``
+    """The selected W1-W4, W9 and W8 workloads, sized for a normal or a ``--quick``
     run."""
     sizes = QUICK if params["quick"] else FULL
     workloads: dict[str, Workload] = {
@@ -102,6 +104,7 @@ def make_workloads(params: dict[str, Any]) -> list[Workload]:
         "bandwidth": Bandwidth(
             fn=size, jobs=sizes.bandwidth_jobs, size=sizes.bandwidth_bytes
         ),
+        "recover_file": RecoverFile(fn=inc, jobs=sizes.recover_file_jobs),
         "executor_map": ExecutorMap(fn=inc, calls=sizes.executor_map_calls),
     }
     return [w for name, w in workloads.items() if name in params["workloads"]]
@@ -134,7 +137,7 @@ def run_closure(backend: Backend, timeout: float) -> dict[str, Any]:
 
 
 def run_main(params: dict[str, Any]) -> dict[str, Any]:
-    """Mode ``main``: memory, W1-W4, W8 and W6 on one started backend."""
+    """Mode ``main``: memory, W1-W4, W8, W9 and W6 on one started backend."""
     from memory import snapshot
 
     name = params["backend"]
@@ -153,8 +156,10 @@ def run_main(params: dict[str, Any]) -> dict[str, Any]:
         # pages, which the RSS sum counts once per process.
         result["memory_rest"] = snapshot(pss=True)
         for workload in workloads:
-            if isinstance(workload, ExecutorMap) and not workload.supports(backend):
-                continue  # not an executor: W8 is left out (no cell)
+            if isinstance(workload, ExecutorMap | RecoverFile) and not (
+                workload.supports(backend)
+            ):
+                continue  # not an executor (W8), or no journal (W9): no cell
             workload.warm_up(backend)
             for rep in range(1, params["repeat"] + 1):
                 values = workload.measure(backend)

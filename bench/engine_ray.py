@@ -22,6 +22,7 @@ class DispynbRayBackend(DispynbBackend):
 
     name = "dispynb-ray"
     map_calls = None  # W8 is dispynb's node servers against ProcessPoolExecutor
+    journal_round = None  # W9 is dispynb's own nodes, with and without it
     #: Seconds W4 waits before each timed repetition: Ray frees the previous one's
     #: arguments asynchronously (`workloads.Bandwidth`); the same for both Ray rows.
     release_wait = 1.0

@@ -22,6 +22,7 @@ class DispynbDaskBackend(DispynbBackend):
 
     name = "dispynb-dask"
     map_calls = None  # W8 is dispynb's node servers against ProcessPoolExecutor
+    journal_round = None  # W9 is dispynb's own nodes, with and without it
 
     def __init__(self, workers: int) -> None:
         super().__init__(workers)

@@ -75,6 +75,11 @@ METRICS: tuple[Metric, ...] = (
     Metric("bandwidth_cold", "W4 cold (fresh payloads, new cluster)", "MB/s", True),
     Metric("shared_object", "W7 one 100 MB object, 200 jobs, 4 workers", "s", False),
     Metric("executor_map", "W8 Executor.map of 100k small calls", "calls/s", True),
+    Metric(
+        "recover_file_off", "W9 tiny jobs (as W1), no recover_file", "us/job", False
+    ),
+    Metric("recover_file_on", "W9 the same jobs, recover_file", "us/job", False),
+    Metric("recover_file_ratio", "W9 recover_file cost (with/without)", "ratio", False),
     Metric("start_first_result", "W5 start to first result", "s", False),
     Metric("start_close", "W5 close", "s", False),
     Metric("mem_nodes_rest", "nodes/workers at rest (RSS sum)", "MiB", False),

@@ -47,6 +47,7 @@ WORKLOAD_NAMES = (
     "closure",
     "shared_object",
     "executor_map",
+    "recover_file",
 )
 #: Workloads measured by the ``main`` driver (one started backend for all).
 MAIN_WORKLOADS = (
@@ -56,6 +57,7 @@ MAIN_WORKLOADS = (
     "bandwidth",
     "closure",
     "executor_map",
+    "recover_file",
 )
 #: Seconds one driver process may take before it is killed (per mode).
 TIMEOUTS = {"main": 1800.0, "cold": 300.0, "startup": 180.0, "objects": 600.0}

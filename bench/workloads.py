@@ -13,6 +13,9 @@ ExecutorMap
     ``concurrent.futures`` executor (dispynb's `Executor`, ProcessPoolExecutor). W5
     (start-up), W6 (closures) and memory are measured by
     ``driver.py`` because they need fresh backends or process inspection.
+RecoverFile
+    W9: what ``recover_file=`` costs tiny jobs, as a ratio to the same jobs without
+    it, for the backends that journal (dispynb's `JobCluster`).
 Sizes, FULL, QUICK
     Job counts and payload sizes for a normal run and for ``--quick``.
 
@@ -45,6 +48,7 @@ __all__ = [
     "ExecutorMap",
     "Latency",
     "Metric",
+    "RecoverFile",
     "SharedObject",
     "Sizes",
     "Throughput",
@@ -94,6 +98,7 @@ class Sizes:
     shared_object_bytes: int = 100 * MB
     shared_object_workers: int = 4
     executor_map_calls: int = 100_000
+    recover_file_jobs: int = 2_000
     #: Seconds W4 cold waits at most for quiet CPUs (`quiet.wait_until_quiet`).
     quiet_max_wait: float = QUIET_MAX_WAIT
 
@@ -116,6 +121,7 @@ QUICK = Sizes(
     shared_object_jobs=20,
     shared_object_bytes=10 * MB,
     executor_map_calls=2_000,
+    recover_file_jobs=200,
     quiet_max_wait=1.0,  # a smoke run: the numbers are not read
 )
 
@@ -213,6 +219,67 @@ class ExecutorMap:
         if results != [i + 1 for i in range(calls)]:
             raise BenchmarkError(f"{backend.name}: wrong results for {self.name}")
         return elapsed
+
+
+@dataclass(slots=True, kw_only=True)
+class RecoverFile:
+    """W9: ``jobs`` trivial jobs submitted at once, as in W1, on a cluster without
+    ``recover_file`` and on the same kind of cluster with one, one after the other
+    in each repetition (the machine's noise falls on both); microseconds per job
+    each, and their ratio. Only for backends with ``journal_round`` (`supports`)."""
+
+    fn: Callable[[int], int]
+    jobs: int
+    name: str = "recover_file"
+    metrics: tuple[Metric, ...] = (
+        Metric(
+            key="recover_file_off",
+            label="tiny jobs",
+            unit="us/job",
+            higher_is_better=False,
+        ),
+        Metric(
+            key="recover_file_on",
+            label="tiny jobs, recover_file",
+            unit="us/job",
+            higher_is_better=False,
+        ),
+        Metric(
+            key="recover_file_ratio",
+            label="recover_file cost",
+            unit="ratio",
+            higher_is_better=False,
+        ),
+    )
+
+    @staticmethod
+    def supports(backend: Backend) -> bool:
+        """Whether ``backend`` journals jobs (``journal_round``)."""
+        return getattr(backend, "journal_round", None) is not None
+
+    def describe(self) -> dict[str, Any]:
+        return {"jobs": self.jobs, "function": "inc(x) -> x + 1"}
+
+    def warm_up(self, backend: Backend) -> None:
+        self.measure(backend)
+
+    def measure(self, backend: Backend) -> dict[str, float]:
+        off = self._run(backend, journaled=False) / self.jobs * 1e6
+        on = self._run(backend, journaled=True) / self.jobs * 1e6
+        return {
+            "recover_file_off": off,
+            "recover_file_on": on,
+            "recover_file_ratio": on / off,
+        }
+
+    def _run(self, backend: Backend, journaled: bool) -> float:
+        """One round; check the results and return the elapsed seconds."""
+        arglists = [(i,) for i in range(self.jobs)]
+        journal_round = getattr(backend, "journal_round")  # noqa: B009
+        elapsed, results = journal_round(self.fn, arglists, journaled)
+        if results != [i + 1 for i in range(self.jobs)]:
+            raise BenchmarkError(f"{backend.name}: wrong results for {self.name}")
+        return float(elapsed)
 
 
 @dataclass(slots=True, kw_only=True)

@@ -114,6 +114,36 @@ def test_bench_quick_dispynb_and_process_pool(tmp_path: Path) -> None:
     assert statuses["latency_median"] == "n/a"  # no peer ran
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_bench_quick_recover_file_on_dispynb(tmp_path: Path) -> None:
+    """W9 alone: dispynb's tiny jobs without and with recover_file, and the ratio,
+    in the JSON and the table (the peers and the other workloads not run)."""
+    if not _can_unshare_net():
+        pytest.skip(
+            "needs `unshare -n` (root or user namespaces) to isolate the network"
+        )
+    command = [sys.executable, str(RUN), "--quick", "--results-dir", str(tmp_path)]
+    proc = subprocess.run(
+        [*command, "--only", "recover_file", "--backends", "dispynb"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=50,
+        check=False,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    (path,) = tmp_path.glob("*.json")
+    metrics = json.loads(path.read_text(encoding="utf-8"))["metrics"]
+    off = metrics["recover_file_off"]["results"]["dispynb"]["median"]
+    on = metrics["recover_file_on"]["results"]["dispynb"]["median"]
+    ratio = metrics["recover_file_ratio"]["results"]["dispynb"]["median"]
+    assert off > 0 and on > 0
+    assert ratio == pytest.approx(on / off)
+    assert "W9 recover_file cost (with/without)" in proc.stdout
+    assert "throughput" not in metrics
+
+
 def _fake_result(scale: float, *, closure: bool = True) -> dict[str, Any]:
     """A driver result whose numbers are all proportional to ``scale``."""
     snap = {
