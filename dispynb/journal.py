@@ -301,9 +301,32 @@ def _create_private(path: str) -> None:
             os.chmod(path + suffix, 0o600)
 
 
+#: Types `pickle` writes by value, as cloudpickle does (exactly these types, not
+#: subclasses, which may be classes of ``__main__``).
+_PLAIN = frozenset({int, float, complex, str, bytes, bool, type(None)})
+
+
+def _plain(value: Any, depth: int = 0) -> bool:
+    """Whether ``value`` is plain data: a `_PLAIN` value, or a small tuple, list or
+    dict (string keys) of them, two levels deep at most (a job's ``(args,
+    kwargs)``)."""
+    kind = type(value)
+    if kind in _PLAIN:
+        return True
+    if kind not in (tuple, list, dict) or depth >= 2 or len(value) > 16:
+        return False
+    if kind is dict:
+        return all(type(k) is str and _plain(v, depth + 1) for k, v in value.items())
+    return all(_plain(item, depth + 1) for item in value)
+
+
 def _dump(value: Any) -> bytes | None:
     if value is None:
         return None
+    if _plain(value):
+        # pickle itself: cloudpickle's Pickler costs some 2 us to make, per value,
+        # and a job's record has up to four (its id, result, stdout, stderr).
+        return pickle.dumps(value, protocol=5)
     data: bytes = cloudpickle.dumps(value, protocol=5)  # by value, like the jobs
     return data
 

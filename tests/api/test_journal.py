@@ -119,3 +119,36 @@ def test_results_that_arrive_together_are_journaled_together(tmp_path):
     done = [s for s in statements if s.startswith("UPDATE jobs SET job_id")]
     assert len(done) == 4
     assert statements.count("COMMIT") == 2  # two pairs: two transactions
+
+
+def test_a_jobs_values_load_back_as_they_were_plain_or_not(tmp_path):
+    """Plain data (written by pickle itself) and the rest (cloudpickle: by value,
+    as a class no module has) are read back alike by recover_jobs."""
+
+    class Point:  # not importable anywhere: pickle alone cannot write it
+        def __init__(self, x: int) -> None:
+            self.x = x
+
+    class Count(int):  # an int subclass: by value, not as a plain int
+        pass
+
+    journal = Journal(str(tmp_path / "recover.db"))
+    journal.computation("rid", "compute")
+    cases = {
+        1: ((1, "a", [2.5, None, True]), {"k": b"x", "c": 1j}),
+        2: ((Point(3),), {}),
+        3: ((Count(4), {5: "int key"}), {"deep": [[[1]]]}),
+    }
+    for key, (args, kwargs) in cases.items():
+        job = DispyJob(f"job{key}", args, kwargs)
+        journal.submitted("rid", key, job)
+        job._complete(JobStatus.Finished, result=args[0], stdout="out", stderr="")
+        journal.done("rid", key, job)
+    loaded = {key: job for key, job, _node in journal.jobs("rid")}
+    journal.close()
+    assert loaded[1]._args == cases[1][0] and loaded[1]._kwargs == cases[1][1]
+    assert loaded[1].result == 1 and loaded[1].stdout == "out"
+    assert type(loaded[2].result).__name__ == "Point" and loaded[2].result.x == 3
+    assert type(loaded[3].result).__name__ == "Count" and loaded[3].result == 4
+    assert loaded[3]._args[1] == {5: "int key"}
+    assert loaded[3]._kwargs == {"deep": [[[1]]]}
