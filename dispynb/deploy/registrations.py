@@ -31,9 +31,10 @@ class _Registrations(_Scaling[Handle]):
 
     @property
     def nodes(self) -> list[RegisteredNode]:
-        """The nodes that registered so far (and are not being drained or stopped)."""
+        """The nodes that registered and still run (not being drained or stopped,
+        and not ended: a node that died is in `exited`, not here)."""
         with self._changed:
-            return [x.node for x in self._in_use() if x.node is not None]
+            return [x.node for x in self._active() if x.node is not None]
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -111,7 +112,7 @@ class _Registrations(_Scaling[Handle]):
         with contextlib.suppress(LaunchError):
             self.wait_for(timeout=self.wait)
         with self._changed:
-            given = [x for x in self._in_use() if x.node is not None]
+            given = [x for x in self._active() if x.node is not None]
             for x in given:  # a cluster starts on them: not idle while it sets up
                 x.joining_until = time.monotonic() + JOIN_GRACE
         specs = [x.node.spec for x in given if x.node is not None]

@@ -4,8 +4,11 @@ tests/multihost/test_ssh*.py)."""
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -209,3 +212,36 @@ def test_an_ssh_failure_says_how_to_check_it(fake_ssh: Path) -> None:
     assert "check that `ssh -p 2222 denied true` works here without a prompt" in (
         message
     )
+
+
+def test_a_node_that_died_leaves_the_launchers_nodes(fake_ssh: Path) -> None:
+    """A launched node killed (its host rebooted, kill -9) stayed in ``nodes`` for
+    the launcher's life, registered but gone; now ``nodes`` lists the nodes that
+    run, and ``exited()`` says why the dead one ended."""
+    with SSHNodes(["node1", "node1"], python=sys.executable, wait=30) as nodes:
+        nodes.wait_for(2)
+        assert len(nodes.nodes) == 2
+        dead, alive = nodes._launched
+        node_pid = _node_process(dead.handle.proc.pid)
+        os.kill(node_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while dead.handle.proc.returncode is None:
+            assert time.monotonic() < deadline, "the dead node's ssh did not exit"
+            time.sleep(0.01)
+        assert nodes.nodes == [alive.node]
+        (why,) = nodes.exited()
+        assert why.startswith(f"{dead.name}: ssh to node1 exited with status")
+
+
+def _node_process(ssh_pid: int) -> int:
+    """The node server run by the stand-in ``ssh`` process ``ssh_pid``."""
+    import psutil
+
+    ssh = psutil.Process(ssh_pid)
+    found = [
+        p
+        for p in [ssh, *ssh.children(recursive=True)]
+        if "nodeserver" in " ".join(p.cmdline())
+    ]
+    assert found, "no node server below the ssh process"
+    return found[0].pid
