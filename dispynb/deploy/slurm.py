@@ -74,6 +74,13 @@ STOP_WAIT = 60.0
 EXIT_WITHOUT_CLIENT = 120.0
 #: Seconds a SLURM command may take.
 COMMAND_TIMEOUT = 60.0
+#: Seconds `close` (and the cancel at interpreter exit) gives ``scancel``, and each
+#: ``squeue`` that follows it. A controller that answers does so in well under a
+#: second; one that is down makes SLURM's commands retry for about its
+#: ``MessageTimeout`` (10 s by default; measured: 9 s each with slurmctld killed),
+#: and an unreachable one would take `COMMAND_TIMEOUT`. The jobs left then end by
+#: themselves (``--exit-without-client``).
+CLOSE_TIMEOUT = 10.0
 #: Job states after which a job runs no more (``squeue --states=all``).
 ENDED = frozenset(
     {
@@ -234,6 +241,8 @@ class SlurmNodes(NodeLauncher[SlurmJob]):
         # Jobs still to cancel if this launcher is dropped or the interpreter exits
         # without close() (a notebook kernel being shut down).
         self._live_ids: set[str] = set()
+        #: The jobs `close` cancels, with one ``scancel`` (`_stop` while closing).
+        self._closing_jobs: list[SlurmJob] = []
         super().__init__(
             secret=secret,
             register_host=register_host,
@@ -359,9 +368,17 @@ class SlurmNodes(NodeLauncher[SlurmJob]):
         return env
 
     async def _run(
-        self, name: str, *args: str, stdin: bytes | None = None, secret: bool = False
+        self,
+        name: str,
+        *args: str,
+        stdin: bytes | None = None,
+        secret: bool = False,
+        timeout: float = COMMAND_TIMEOUT,
     ) -> tuple[int, str, str]:
-        """Run a SLURM command; return its status, output and error output."""
+        """Run a SLURM command; return its status, output and error output.
+
+        Raises `LaunchError` if it did not end within ``timeout`` seconds (it is
+        killed then, and if its caller is cancelled)."""
         env = self._environment()
         if secret and not self.secret_file:
             env[SECRET_VARIABLE] = self.secret.decode()
@@ -381,13 +398,17 @@ class SlurmNodes(NodeLauncher[SlurmJob]):
                 f"node? give {name}= the command's path)"
             ) from exc
         try:
-            out, err = await asyncio.wait_for(proc.communicate(stdin), COMMAND_TIMEOUT)
+            out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
         except TimeoutError:
             proc.kill()
             await proc.wait()
             raise LaunchError(
-                f"{name} did not answer within {COMMAND_TIMEOUT:g} s (slurmctld down?)"
+                f"{name} did not answer within {timeout:g} s (slurmctld down?)"
             ) from None
+        except asyncio.CancelledError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()  # not left retrying a controller that is down
+            raise
         code = proc.returncode
         assert code is not None
         return code, out.decode(errors="replace"), err.decode(errors="replace").strip()
@@ -450,6 +471,9 @@ class SlurmNodes(NodeLauncher[SlurmJob]):
         return os.path.join(os.getcwd(), f"slurm-{job_id}.out")
 
     async def _stop(self, handle: SlurmJob) -> None:
+        if self._closed:
+            self._closing_jobs.append(handle)  # `_close` cancels them together
+            return
         if not handle.ended:
             code, out, err = await self._run("scancel", handle.job_id)
             if code != 0:
@@ -506,14 +530,14 @@ class SlurmNodes(NodeLauncher[SlurmJob]):
             if self._closed and not self._live_ids:
                 return
 
-    async def _refresh(self) -> None:
+    async def _refresh(self, timeout: float = COMMAND_TIMEOUT) -> None:
         """Read the states of the jobs that have not ended (``squeue``)."""
         live = {job.job_id: job for job in self.jobs if not job.ended}
         if not live:
             return
         code, out, err = await self._run(
             "squeue", "--noheader", "--states=all", f"--jobs={','.join(live)}",
-            "--format=%i|%T|%r",
+            "--format=%i|%T|%r", timeout=timeout,
         )  # fmt: skip
         seen: dict[str, tuple[str, str]] = {}
         for line in out.splitlines():
@@ -556,6 +580,60 @@ class SlurmNodes(NodeLauncher[SlurmJob]):
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
+        await self._cancel_at_close([j for j in self._closing_jobs if not j.ended])
+
+    async def _cancel_at_close(self, jobs: list[SlurmJob]) -> None:
+        """Cancel the nodes' jobs with one ``scancel`` and wait (`STOP_WAIT`) for
+        SLURM to end them; a controller that does not answer (`CLOSE_TIMEOUT`)
+        leaves them to end by themselves, with one warning that says so."""
+        if not jobs:
+            return
+        ids = [job.job_id for job in jobs]
+        try:
+            code, out, err = await self._run("scancel", *ids, timeout=CLOSE_TIMEOUT)
+        except LaunchError as exc:
+            code, out, err = -1, "", str(exc)
+        if code != 0:
+            self._left_running(ids, f"scancel failed: {err or out or code}")
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + STOP_WAIT
+        while any(not job.ended for job in jobs) and loop.time() < deadline:
+            try:
+                await self._refresh(min(CLOSE_TIMEOUT, deadline - loop.time()))
+            except LaunchError as exc:
+                live = [job.job_id for job in jobs if not job.ended]
+                self._left_running(live, f"after scancel, {exc}")
+                return
+            if any(not job.ended for job in jobs):
+                await asyncio.sleep(0.5)
+        for job in jobs:
+            if not job.ended:
+                logger.warning(
+                    "SLURM job %s (node %s) still %s %g s after scancel",
+                    job.job_id,
+                    job.name,
+                    job.state,
+                    STOP_WAIT,
+                )
+
+    def _left_running(self, ids: list[str], why: str) -> None:
+        """Warn that the jobs ``ids`` may still run after `close`, and until when."""
+        if self.exit_without_client is not None:
+            until = (
+                f"each node ends its job once no client has been connected to it "
+                f"for {self.exit_without_client:g} s (exit_without_client)"
+            )
+        else:
+            until = "they hold their allocation until their walltime"
+        logger.warning(
+            "SlurmNodes closed without cancelling SLURM job(s) %s (%s): %s; "
+            "or cancel them with `scancel %s` once slurmctld answers",
+            ", ".join(ids),
+            why,
+            until,
+            " ".join(ids),
+        )
 
     def __repr__(self) -> str:
         states = ", ".join(f"{job.job_id} {job.state}" for job in self.jobs)
@@ -584,7 +662,7 @@ def _cancel_now(scancel: str, job_ids: set[str], env: dict[str, str]) -> None:
             subprocess.run(
                 [scancel, *sorted(job_ids)],
                 env=env,
-                timeout=COMMAND_TIMEOUT,
+                timeout=CLOSE_TIMEOUT,
                 check=False,
                 capture_output=True,
             )
