@@ -1,22 +1,21 @@
-"""dispynb on a real Ray cluster (``ray start --head``), through dispy's API.
+"""dispynb on a real Ray cluster (``ray start --head``), through dispy's API: jobs,
+their outcomes and output, setup and cleanup, files, provisional results, the
+Executor and the magics.
 
 Runs only inside the private namespace of `test_ray_netns.py` (see conftest.py): one
-Ray cluster for the module, its address given to ``RayEngine`` as a user would.
+Ray cluster for the run (conftest.py's ``head``), its address given to ``RayEngine``
+as a user would.
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import sys
 import threading
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 
 import dispynb
@@ -25,53 +24,20 @@ from dispynb.backends.ray import RayEngine
 from dispynb.errors import NotSupportedError, SetupError
 from dispynb.job import DispyJob, JobStatus
 from tests.backends.rayhead import RayHead
+from tests.backends.raywork import (
+    WAIT,
+    record_cleanup,
+    record_setup,
+    uses_setup,
+    wait_for,
+)
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
-
-#: Seconds any wait of these tests may take (Ray is slow on a loaded machine).
-WAIT = 90.0
-
-
-@pytest.fixture(scope="module")
-def head() -> Iterator[RayHead]:
-    head = RayHead.start(cpus=2)
-    saved = {name: os.environ.get(name) for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
-    # The client needs the cluster's token, as a user's would (Ray's token auth).
-    os.environ["RAY_AUTH_MODE"] = head.env["RAY_AUTH_MODE"]
-    os.environ["RAY_AUTH_TOKEN"] = head.env["RAY_AUTH_TOKEN"]
-    # This process stays connected for the module (Ray's driver threads and
-    # sockets belong to it, not to a test), as a notebook's kernel would.
-    RayEngine(head.address).connect()
-    try:
-        yield head
-    finally:
-        import ray
-
-        ray.shutdown()
-        head.stop()
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-@pytest.fixture(autouse=True)
-def _ray_driver_keeps_worker_connections(allow_engine_sockets: None) -> None:
-    """Ray's driver keeps its connections to the actors' workers (its cache)."""
-
-
-@pytest.fixture
-def engine(head: RayHead) -> RayEngine:
-    return RayEngine(head.address)
-
-
-def wait_for(condition: Any, what: str, timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+#: Ray's driver keeps its connections to the actors' workers (its cache).
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.timeout(600),
+    pytest.mark.usefixtures("allow_engine_sockets"),
+]
 
 
 # -- computations (by value, as from a notebook) ------------------------------------
@@ -91,27 +57,6 @@ def returns_a_lock(n: int) -> Any:
     return threading.Lock()
 
 
-def record_setup(folder: str) -> int:
-    global STATE
-    STATE = f"set up in {os.getpid()}"
-    Path(folder, f"setup-{os.getpid()}").touch()
-    return 0
-
-
-def record_cleanup(folder: str) -> None:
-    Path(folder, f"cleanup-{os.getpid()}").touch()
-
-
-def uses_setup(n: int) -> tuple[int, str]:
-    return n, STATE
-
-
-def sleeper(folder: str, seconds: float) -> int:
-    Path(folder, f"running-{os.getpid()}").touch()
-    time.sleep(seconds)
-    return os.getpid()
-
-
 def progress(count: int) -> str:
     for index in range(count):
         dispy_provisional_result(index)  # noqa: F821 (dispy's name on the node)
@@ -124,39 +69,8 @@ def sends_file(name: str) -> int:
     return dispy_send_file(name)  # noqa: F821 (dispy's name on the node)
 
 
-def dies_once(folder: str) -> str:
-    marker = Path(folder, "died")
-    if not marker.exists():
-        marker.touch()
-        os.kill(os.getpid(), 9)  # the worker crashes under the job
-    return f"ran in {os.getpid()}"
-
-
 def reads_file(name: str) -> str:
     return Path(name).read_text()
-
-
-def short(n: int) -> int:
-    """A job of microseconds (batched once the engine has seen a few)."""
-    if n % 50 == 7:
-        raise ValueError(f"bad input {n}")
-    print(n)
-    return n + 1
-
-
-def hangs_at(n: int, stuck: int) -> int:
-    if n == stuck:
-        time.sleep(600)
-    return n
-
-
-def gated(folder: str, n: int) -> int:
-    """Job 0 waits for the file ``gate`` in ``folder``; the others take microseconds."""
-    if n == 0:
-        Path(folder, "running").touch()
-        while not Path(folder, "gate").exists():
-            time.sleep(0.02)
-    return n
 
 
 def digest(value: Any) -> tuple[str, str, Any]:
@@ -173,9 +87,6 @@ def flat_bytes(value: Any) -> bytes:
     if isinstance(value, dict):
         return b"".join(flat_bytes(value[key]) for key in sorted(value))
     return bytes(memoryview(value).cast("B"))
-
-
-STATE = ""
 
 
 # -- tests ----------------------------------------------------------------------------
@@ -408,86 +319,6 @@ def test_large_arguments_and_results_of_several_types_arrive_intact(
         assert type(back) is type(value)
 
 
-def test_cancel_stops_running_and_queued_jobs(
-    engine: RayEngine, tmp_path: Path
-) -> None:
-    """Stop: queued jobs end Cancelled, running ones Terminated, and the processes
-    that ran them are gone; the cluster goes on with new jobs."""
-    folder = str(tmp_path)
-    with JobCluster(sleeper, engine=engine) as cluster:
-        jobs = [cluster.submit(folder, 600) for _ in range(6)]
-        wait_for(lambda: len(list(tmp_path.glob("running-*"))) == 2, "2 running jobs")
-        pids = [int(p.name.split("-")[1]) for p in tmp_path.glob("running-*")]
-        # node_jobs: the two running now, on the head (the node of 127.0.0.1).
-        assert len(cluster.node_jobs("127.0.0.1")) == 2
-        started = time.monotonic()
-        for job in jobs:
-            cluster.cancel(job)
-        wait_for(lambda: all(job.done() for job in jobs), "the cancels")
-        assert time.monotonic() - started < 60
-        statuses = sorted(job.status.name for job in jobs)
-        assert statuses == ["Cancelled"] * 4 + ["Terminated"] * 2
-        for pid in pids:
-            wait_for(lambda pid=pid: not psutil.pid_exists(pid), f"process {pid} gone")
-        again = cluster.submit(folder, 0)
-        assert again() not in pids and again.status is JobStatus.Finished
-
-
-def test_cleanup_runs_in_the_actors_restarted_after_a_stop(
-    engine: RayEngine, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """Stop both running jobs, then close at once: Ray is restarting their actors
-    (setup runs again there), which refused the cleanup call; the user saw
-    "cleanup failed on a Ray worker: ... The actor is restarting" and cleanup never
-    ran after that second setup. Now it runs in each restarted actor."""
-    folder = str(tmp_path)
-    cluster = JobCluster(
-        sleeper,
-        setup=lambda: record_setup(folder),
-        cleanup=lambda: record_cleanup(folder),
-        engine=engine,
-    )
-    with caplog.at_level(logging.WARNING, logger="dispynb.backends.ray"):
-        try:
-            jobs = [cluster.submit(folder, 600) for _ in range(2)]
-            wait_for(lambda: len(list(tmp_path.glob("running-*"))) == 2, "2 jobs")
-            killed = {p.name.split("-")[1] for p in tmp_path.glob("running-*")}
-            for job in jobs:
-                cluster.cancel(job)
-            for job in jobs:
-                job()
-            for pid in killed:
-                wait_for(lambda pid=pid: not psutil.pid_exists(int(pid)), "the kill")
-        finally:
-            cluster.close()
-    assert [job.status for job in jobs] == [JobStatus.Terminated] * 2
-    setups = {p.name.split("-")[1] for p in tmp_path.glob("setup-*")}
-    cleanups = {p.name.split("-")[1] for p in tmp_path.glob("cleanup-*")}
-    assert len(setups - killed) == 2 and cleanups == setups - killed
-    assert "cleanup failed" not in caplog.text
-
-
-def test_worker_death_resubmits_reentrant_jobs(
-    engine: RayEngine, tmp_path: Path
-) -> None:
-    with JobCluster(dies_once, reentrant=True, engine=engine) as cluster:
-        job = cluster.submit(str(tmp_path))
-        result = job()
-    assert job.status is JobStatus.Finished, job.exception
-    assert result.startswith("ran in ")
-
-
-def test_worker_death_abandons_other_jobs(engine: RayEngine, tmp_path: Path) -> None:
-    """Like dispy's jobs of a lost node: not reentrant, the job is Abandoned."""
-    with JobCluster(dies_once, engine=engine) as cluster:
-        job = cluster.submit(str(tmp_path))
-        assert job() is None
-        assert job.status is JobStatus.Abandoned
-        assert "died" in str(job.exception)
-        again = cluster.submit(str(tmp_path))  # the marker exists: it runs
-        assert again().startswith("ran in ")
-
-
 def test_executor_on_ray(engine: RayEngine) -> None:
     with dispynb.Executor(engine=engine) as executor:
         assert list(executor.map(compute, range(8))) == [n * n for n in range(8)]
@@ -532,282 +363,3 @@ def test_magics_run_a_cell_on_ray(head: RayHead) -> None:
             shell.run_line_magic("dispy", "close")
         shell.run_line_magic("unload_ext", "dispynb")
         InteractiveShell.clear_instance()
-
-
-def node_of(n: int) -> tuple[int, str]:
-    import ray
-
-    return n, str(ray.get_runtime_context().get_node_id())
-
-
-def eats_memory(megabytes: int) -> int:
-    """0: the address space the worker has now; else the size of what it took."""
-    if not megabytes:
-        return int(psutil.Process().memory_info().vms)
-    return len(bytearray(megabytes * 1024 * 1024))
-
-
-def test_job_timeout_terminates_the_job_and_its_worker_comes_back(
-    engine: RayEngine, tmp_path: Path
-) -> None:
-    """``job_timeout`` / ``dispy_job_timeout``: the running job ends Terminated
-    (its actor is killed), the next one runs in the restarted worker."""
-    folder = str(tmp_path)
-    with JobCluster(sleeper, job_timeout=600, engine=engine) as cluster:
-        job = cluster.submit(folder, 600, dispy_job_timeout=1.0)
-        assert job() is None
-        assert job.status is JobStatus.Terminated
-        assert "job_timeout" in str(job.exception)
-        killed = int(next(tmp_path.glob("running-*")).name.split("-")[1])
-        wait_for(lambda: not psutil.pid_exists(killed), "the killed worker gone")
-        again = cluster.submit(folder, 0)
-        assert again() != killed and again.status is JobStatus.Finished
-
-
-def test_mem_limit_stops_a_job_that_takes_too_much(engine: RayEngine) -> None:
-    """``mem_limit`` / ``dispy_job_mem_limit``: a job over its limit gets a
-    MemoryError that names the limit; the worker goes on. (The limit is the
-    worker's address space, as on dispynb's nodes: a Ray worker maps much already.)"""
-    with JobCluster(eats_memory, mem_limit=64 * 2**30, engine=engine) as cluster:
-        vms = cluster.submit(0)()
-        limit = vms + 256 * 2**20
-        job = cluster.submit(1024, dispy_job_mem_limit=limit)
-        assert job() is None
-        assert job.status is JobStatus.Terminated
-        assert "MemoryError" in str(job.exception)
-        assert "mem_limit" in str(job.exception)
-        small = cluster.submit(1)
-        assert small() == 2**20, small.exception
-
-
-def start_node(head: RayHead, alive: int) -> Any:
-    """Add a one-CPU Ray node; wait until ``alive`` nodes are up."""
-    import ray
-
-    def up() -> int:
-        return sum(1 for n in ray.nodes() if n["Alive"])
-
-    for _ in range(3):  # its raylet may abort on a loaded machine: start it again
-        node = head.add_node(cpus=1)
-        deadline = time.monotonic() + WAIT
-        while up() < alive and node.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if up() == alive:
-            return node
-        head.kill_node(node)
-    raise AssertionError("the second Ray node did not start")
-
-
-def stop_node(head: RayHead, node: Any, alive: int) -> None:
-    """Kill a node of `start_node`; wait until Ray counts ``alive`` nodes."""
-    import ray
-
-    head.kill_node(node)
-    wait_for(
-        lambda: sum(1 for n in ray.nodes() if n["Alive"]) == alive,
-        "Ray to see the node gone",
-    )
-
-
-def test_node_that_joins_later_is_set_up_and_takes_submit_node_jobs(
-    head: RayHead, tmp_path: Path
-) -> None:
-    """A Ray node started after the JobCluster opened gets the computation's setup
-    (DispyNode.Initialized) and jobs; ``submit_node`` runs jobs only on the node
-    chosen (the new one, then the head)."""
-    import ray
-
-    ready: list[Any] = []
-
-    def cluster_status(status: int, node: Any, job: Any) -> None:
-        if status == dispynb.DispyNode.Initialized:
-            ready.append(node)
-
-    folder = str(tmp_path)
-    head_id = ray.get_runtime_context().get_node_id()
-    cluster = JobCluster(
-        node_of,
-        setup=lambda: record_setup(folder),
-        cluster_status=cluster_status,
-        engine=RayEngine(head.address),
-    )
-    node = None
-    try:
-        wait_for(lambda: len(ready) == 1, "the head set up")
-        node = start_node(head, alive=2)
-        wait_for(lambda: len(ready) == 2, "the joined node set up")
-        assert len(list(tmp_path.glob("setup-*"))) == 3  # 2 actors + the new one
-        joined = ready[1]
-        pinned = [cluster.submit_node(joined, n) for n in range(6)]
-        results = [job() for job in pinned]
-        assert [n for n, _ in results] == list(range(6))
-        joined_ids = {where for _, where in results}
-        assert len(joined_ids) == 1 and joined_ids != {head_id}
-        on_head = [cluster.submit_node(ready[0], n) for n in range(6)]
-        assert {job()[1] for job in on_head} == {head_id}
-        anywhere = [cluster.submit(n) for n in range(30)]
-        assert [job()[0] for job in anywhere] == list(range(30))
-    finally:
-        cluster.close()
-        if node is not None:
-            stop_node(head, node, alive=1)
-
-
-def waits_for(folder: str, name: str) -> str:
-    import ray
-
-    Path(folder, f"running-{os.getpid()}").touch()
-    while not Path(folder, name).exists():
-        time.sleep(0.05)
-    return str(ray.get_runtime_context().get_node_id())
-
-
-def test_lost_node_closes_and_its_jobs_run_elsewhere(
-    head: RayHead, tmp_path: Path
-) -> None:
-    """A Ray node dies (SIGKILL to its raylet and workers): it leaves the cluster
-    (DispyNode.Closed), its running job is run again on the other node (reentrant).
-    Last in the module: it adds a node to the shared Ray cluster."""
-    node = start_node(head, alive=2)
-    closed: list[Any] = []
-
-    def cluster_status(status: int, node: Any, job: Any) -> None:
-        if status == dispynb.DispyNode.Closed:
-            closed.append(node)
-
-    folder = str(tmp_path)
-    cluster = JobCluster(
-        waits_for,
-        reentrant=True,
-        cluster_status=cluster_status,
-        engine=RayEngine(head.address),
-    )
-    try:
-        jobs = [cluster.submit(folder, "release") for _ in range(3)]
-        wait_for(lambda: len(list(tmp_path.glob("running-*"))) == 3, "3 running jobs")
-        head.kill_node(node)
-        wait_for(lambda: len(closed) == 1, "the lost node's Closed event")
-        Path(folder, "release").touch()
-        node_ids = [job() for job in jobs]
-        assert [job.status for job in jobs] == [JobStatus.Finished] * 3
-        assert len(set(node_ids)) == 1  # all on the head now
-    finally:
-        cluster.close()
-
-
-def test_short_jobs_share_ray_calls_and_keep_their_own_outcomes(
-    engine: RayEngine,
-) -> None:
-    """Jobs of microseconds go to the actors several per Ray call (a batch): each
-    still reports Running before its own outcome (result, stdout, exception), and
-    cancelling queued ones ends them without touching the others."""
-    seen: dict[int, list[str]] = {}
-    lock = threading.Lock()
-
-    def record(status: int, node: Any, job: DispyJob | None) -> None:
-        if job is not None:
-            with lock:
-                seen.setdefault(job.id, []).append(JobStatus(status).name)
-
-    with JobCluster(short, engine=engine, cluster_status=record) as cluster:
-        for n, job in [(n, cluster.submit(n)) for n in range(110, 130)]:
-            assert job() == n + 1  # the engine sees how long the jobs take
-        jobs = [cluster.submit_job_id(n, n) for n in range(400)]
-        for job in jobs[300:]:
-            cluster.cancel(job)
-        wait_for(lambda: all(job.done() for job in jobs), "the 400 jobs")
-        backend: Any = cluster._backend
-        assert backend._batches_sent > 0, "no batch was sent"
-    for n, job in enumerate(jobs[:300]):
-        if n % 50 == 7:
-            assert job.status is JobStatus.Terminated, (n, job.status)
-            assert f"bad input {n}" in (job.exception or "")
-        else:
-            assert job.status is JobStatus.Finished, (n, job.status, job.exception)
-            assert job.result == n + 1 and job.stdout == f"{n}\n"
-        assert job.start_time is not None and job.end_time is not None
-        assert job.start_time <= job.end_time
-        names = seen[n]
-        assert "Running" in names, (n, names)
-        assert names.index("Running") < names.index(job.status.name), (n, names)
-    # A cancel reaches a queued job (Cancelled) or comes after it ran (its outcome).
-    for job in jobs[300:]:
-        assert job.status in (
-            JobStatus.Cancelled,
-            JobStatus.Finished,
-            JobStatus.Terminated,
-        ), (job.id, job.status)
-
-
-def test_a_batched_job_that_hangs_is_stopped_and_its_batch_runs_again(
-    engine: RayEngine,
-) -> None:
-    """A job sent in a batch (its neighbours took microseconds) that hangs: cancel
-    ends it Terminated (its actor is killed after a short wait) and, the cluster
-    being reentrant, the other jobs of its batch run again and finish."""
-    with JobCluster(hangs_at, engine=engine, reentrant=True) as cluster:
-        for n, job in [(n, cluster.submit(n, -1)) for n in range(40)]:
-            assert job() == n  # the engine sees how long the jobs take
-        jobs = [cluster.submit(n, 25) for n in range(200)]
-        stuck = jobs[25]
-        wait_for(
-            lambda: sum(job.done() for job in jobs) >= 150,
-            "the jobs that are not behind the stuck one",
-        )
-        assert not stuck.done()
-        started = time.monotonic()
-        cluster.cancel(stuck)
-        wait_for(lambda: all(job.done() for job in jobs), "the cancel")
-        assert time.monotonic() - started < 60
-        assert stuck.status is JobStatus.Terminated
-        others = [job for job in jobs if job is not stuck]
-        assert [job.status for job in others] == [JobStatus.Finished] * 199
-        assert [job.result for job in others] == [n for n in range(200) if n != 25]
-
-
-def test_short_jobs_queued_behind_a_long_one_are_not_cancelled_off_their_actor(
-    engine: RayEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Short jobs wait in a deep queue behind a job that runs long, while another
-    actor has nothing left to do: the engine leaves them there (no ``ray.cancel``
-    of a queued actor call) and every job ends with its own result.
-
-    Ray 2.60 can stall an actor whose queued call was cancelled while more calls
-    were queued behind it: the actor waits 30 s for the cancelled call's sequence
-    number, then fails all its queued calls with ``ActorUnavailableError``, and the
-    engine counted its running job lost (Abandoned, result None: the job of a
-    batch that came back None in the CI run after a node joined)."""
-    import ray
-
-    cancelled: list[Any] = []
-    real_cancel = ray.cancel
-
-    def cancel(ref: Any, *args: Any, **kwargs: Any) -> Any:
-        cancelled.append(ref)
-        return real_cancel(ref, *args, **kwargs)
-
-    monkeypatch.setattr(ray, "cancel", cancel)
-    folder = str(tmp_path)
-    with JobCluster(gated, engine=engine) as cluster:
-        warm = [cluster.submit(folder, n) for n in range(1, 41)]
-        assert [job() for job in warm] == list(range(1, 41))  # jobs of microseconds
-        jobs = [cluster.submit(folder, n) for n in range(120)]
-        backend: Any = cluster._backend
-
-        async def idle_and_deep() -> bool:
-            slots = [s for s in backend._slots if s.ready]
-            return any(not s.inflight for s in slots) and any(
-                len(s.inflight) > 2 for s in slots
-            )
-
-        # The other actor ran all it had; the long job's actor holds the rest.
-        wait_for(
-            lambda: backend._runner.run_sync(idle_and_deep, timeout=30),
-            "an idle actor while jobs wait behind the long one",
-        )
-        assert not jobs[0].done()
-        Path(folder, "gate").touch()
-        wait_for(lambda: all(job.done() for job in jobs), "the 120 jobs")
-    assert [job.status for job in jobs] == [JobStatus.Finished] * 120
-    assert [job.result for job in jobs] == list(range(120))
-    assert cancelled == [], "a queued call was cancelled off a deep actor queue"

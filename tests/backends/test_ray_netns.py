@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.backends.conftest import IN_NETNS
 from tests.nodeproc import inner_pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,12 +34,13 @@ def _cannot_unshare() -> str | None:
 @pytest.mark.multihost
 @pytest.mark.timeout(1200)
 def test_ray_in_private_network() -> None:
-    """Run tests/backends/test_ray.py where only loopback exists; it must pass."""
+    """Run the Ray tests (tests/backends/test_ray*.py, conftest's `IN_NETNS`) where
+    only loopback exists; they must pass."""
     reason = _cannot_unshare()
     if reason is not None:
         pytest.skip(reason)
-    here = Path(__file__).with_name("test_ray.py").relative_to(ROOT)
-    inner = inner_pytest(str(here))
+    here = Path(__file__).parent.relative_to(ROOT)
+    inner = inner_pytest(*(str(here / name) for name in IN_NETNS))
     # sh stays PID 1 of the namespace (no exec), so Ray's daemons are its orphans,
     # not the inner pytest's children; they all end with the namespace.
     script = 'ip link set lo up && "$@"; exit $?'

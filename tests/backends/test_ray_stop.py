@@ -1,0 +1,164 @@
+"""dispynb on a real Ray cluster: jobs stopped (cancel, job_timeout, mem_limit) and
+workers lost under their jobs. Runs as test_ray.py does (see its docstring)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from dispynb import JobCluster
+from dispynb.backends.ray import RayEngine
+from dispynb.job import JobStatus
+from tests.backends.raywork import record_cleanup, record_setup, wait_for
+
+#: Ray's driver keeps its connections to the actors' workers (its cache).
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.timeout(600),
+    pytest.mark.usefixtures("allow_engine_sockets"),
+]
+
+
+# -- computations (by value, as from a notebook) ------------------------------------
+
+
+def sleeper(folder: str, seconds: float) -> int:
+    Path(folder, f"running-{os.getpid()}").touch()
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def dies_once(folder: str) -> str:
+    marker = Path(folder, "died")
+    if not marker.exists():
+        marker.touch()
+        os.kill(os.getpid(), 9)  # the worker crashes under the job
+    return f"ran in {os.getpid()}"
+
+
+def eats_memory(megabytes: int) -> int:
+    """0: the address space the worker has now; else the size of what it took."""
+    if not megabytes:
+        return int(psutil.Process().memory_info().vms)
+    return len(bytearray(megabytes * 1024 * 1024))
+
+
+# -- tests ----------------------------------------------------------------------------
+
+
+def test_cancel_stops_running_and_queued_jobs(
+    engine: RayEngine, tmp_path: Path
+) -> None:
+    """Stop: queued jobs end Cancelled, running ones Terminated, and the processes
+    that ran them are gone; the cluster goes on with new jobs."""
+    folder = str(tmp_path)
+    with JobCluster(sleeper, engine=engine) as cluster:
+        jobs = [cluster.submit(folder, 600) for _ in range(6)]
+        wait_for(lambda: len(list(tmp_path.glob("running-*"))) == 2, "2 running jobs")
+        pids = [int(p.name.split("-")[1]) for p in tmp_path.glob("running-*")]
+        # node_jobs: the two running now, on the head (the node of 127.0.0.1).
+        assert len(cluster.node_jobs("127.0.0.1")) == 2
+        started = time.monotonic()
+        for job in jobs:
+            cluster.cancel(job)
+        wait_for(lambda: all(job.done() for job in jobs), "the cancels")
+        assert time.monotonic() - started < 60
+        statuses = sorted(job.status.name for job in jobs)
+        assert statuses == ["Cancelled"] * 4 + ["Terminated"] * 2
+        for pid in pids:
+            wait_for(lambda pid=pid: not psutil.pid_exists(pid), f"process {pid} gone")
+        again = cluster.submit(folder, 0)
+        assert again() not in pids and again.status is JobStatus.Finished
+
+
+def test_cleanup_runs_in_the_actors_restarted_after_a_stop(
+    engine: RayEngine, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Stop both running jobs, then close at once: Ray is restarting their actors
+    (setup runs again there), which refused the cleanup call; the user saw
+    "cleanup failed on a Ray worker: ... The actor is restarting" and cleanup never
+    ran after that second setup. Now it runs in each restarted actor."""
+    folder = str(tmp_path)
+    cluster = JobCluster(
+        sleeper,
+        setup=lambda: record_setup(folder),
+        cleanup=lambda: record_cleanup(folder),
+        engine=engine,
+    )
+    with caplog.at_level(logging.WARNING, logger="dispynb.backends.ray"):
+        try:
+            jobs = [cluster.submit(folder, 600) for _ in range(2)]
+            wait_for(lambda: len(list(tmp_path.glob("running-*"))) == 2, "2 jobs")
+            killed = {p.name.split("-")[1] for p in tmp_path.glob("running-*")}
+            for job in jobs:
+                cluster.cancel(job)
+            for job in jobs:
+                job()
+            for pid in killed:
+                wait_for(lambda pid=pid: not psutil.pid_exists(int(pid)), "the kill")
+        finally:
+            cluster.close()
+    assert [job.status for job in jobs] == [JobStatus.Terminated] * 2
+    setups = {p.name.split("-")[1] for p in tmp_path.glob("setup-*")}
+    cleanups = {p.name.split("-")[1] for p in tmp_path.glob("cleanup-*")}
+    assert len(setups - killed) == 2 and cleanups == setups - killed
+    assert "cleanup failed" not in caplog.text
+
+
+def test_worker_death_resubmits_reentrant_jobs(
+    engine: RayEngine, tmp_path: Path
+) -> None:
+    with JobCluster(dies_once, reentrant=True, engine=engine) as cluster:
+        job = cluster.submit(str(tmp_path))
+        result = job()
+    assert job.status is JobStatus.Finished, job.exception
+    assert result.startswith("ran in ")
+
+
+def test_worker_death_abandons_other_jobs(engine: RayEngine, tmp_path: Path) -> None:
+    """Like dispy's jobs of a lost node: not reentrant, the job is Abandoned."""
+    with JobCluster(dies_once, engine=engine) as cluster:
+        job = cluster.submit(str(tmp_path))
+        assert job() is None
+        assert job.status is JobStatus.Abandoned
+        assert "died" in str(job.exception)
+        again = cluster.submit(str(tmp_path))  # the marker exists: it runs
+        assert again().startswith("ran in ")
+
+
+def test_job_timeout_terminates_the_job_and_its_worker_comes_back(
+    engine: RayEngine, tmp_path: Path
+) -> None:
+    """``job_timeout`` / ``dispy_job_timeout``: the running job ends Terminated
+    (its actor is killed), the next one runs in the restarted worker."""
+    folder = str(tmp_path)
+    with JobCluster(sleeper, job_timeout=600, engine=engine) as cluster:
+        job = cluster.submit(folder, 600, dispy_job_timeout=1.0)
+        assert job() is None
+        assert job.status is JobStatus.Terminated
+        assert "job_timeout" in str(job.exception)
+        killed = int(next(tmp_path.glob("running-*")).name.split("-")[1])
+        wait_for(lambda: not psutil.pid_exists(killed), "the killed worker gone")
+        again = cluster.submit(folder, 0)
+        assert again() != killed and again.status is JobStatus.Finished
+
+
+def test_mem_limit_stops_a_job_that_takes_too_much(engine: RayEngine) -> None:
+    """``mem_limit`` / ``dispy_job_mem_limit``: a job over its limit gets a
+    MemoryError that names the limit; the worker goes on. (The limit is the
+    worker's address space, as on dispynb's nodes: a Ray worker maps much already.)"""
+    with JobCluster(eats_memory, mem_limit=64 * 2**30, engine=engine) as cluster:
+        vms = cluster.submit(0)()
+        limit = vms + 256 * 2**20
+        job = cluster.submit(1024, dispy_job_mem_limit=limit)
+        assert job() is None
+        assert job.status is JobStatus.Terminated
+        assert "MemoryError" in str(job.exception)
+        assert "mem_limit" in str(job.exception)
+        small = cluster.submit(1)
+        assert small() == 2**20, small.exception
