@@ -66,11 +66,12 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import socket
 import threading
 from typing import Any
 
-from dispynb.backends import base
+from dispynb.backends import _probe, base
 from dispynb.backends._rayactors import _Actors
 from dispynb.backends._rayinbox import _InboxReader
 from dispynb.backends._rayjobs import _Jobs
@@ -90,21 +91,36 @@ def _ray() -> Any:
         ) from exc
 
 
-#: Seconds to open a TCP connection to the Ray head before ``ray.init``.
+#: Seconds to open a TCP connection to the Ray head, and for it to answer as a gRPC
+#: server does, before ``ray.init``.
 CONNECT_TIMEOUT = 10.0
 
 
-def _reachable(address: str | None) -> None:
-    """Raise `OSError` if nothing accepts connections at ``address``
-    (``"host:port"`` or ``"ray://host:port"``; others are left to Ray): ``ray.init``
-    retries a closed port for many minutes (20 attempts of about 40 s each)."""
+def _check_head(address: str | None) -> None:
+    """Check that a Ray head (a gRPC server) answers at ``address`` (``"host:port"``
+    or ``"ray://host:port"``; others are left to Ray) before ``ray.init``, which
+    retries for many minutes (20 attempts of about 40 s each) both an address where
+    nothing listens and one where another server does (a dashboard's port).
+
+    Raises `OSError` if no connection opens, `TransportError` saying what answered
+    if it is not a gRPC server."""
     if address is None or address == "auto" or "://" in address.removeprefix("ray://"):
         return
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
         return
-    with socket.create_connection((host.strip("[]"), int(port)), CONNECT_TIMEOUT):
-        pass
+    if os.environ.get("RAY_USE_TLS", "0").lower() not in ("0", "false", ""):
+        # The head speaks TLS first: connecting is all this can check.
+        with socket.create_connection((host.strip("[]"), int(port)), CONNECT_TIMEOUT):
+            return
+    answer = _probe.probe(host.strip("[]"), int(port), CONNECT_TIMEOUT)
+    if not answer.http2:
+        raise TransportError(
+            f"no Ray head answered at {address}: something listens there but it is "
+            f"not Ray: {answer.found}. Give the address of the head's GCS (port "
+            "6379 by default, `ray start --head --port=PORT`) or Ray Client's "
+            "ray://HOST:10001; 8265 is Ray's dashboard"
+        )
 
 
 class RayEngine:
@@ -167,7 +183,7 @@ class RayEngine:
             options.pop("include_dashboard")  # only for a Ray started here
         options.update(self.init_options)
         try:
-            _reachable(self.address)
+            _check_head(self.address)
             ray.init(address=self.address, **options)
             self._connected = True
         except (OSError, RuntimeError, ValueError) as exc:

@@ -148,3 +148,70 @@ def test_an_address_where_no_ray_head_listens_is_a_quick_clear_error() -> None:
     assert text.startswith("cannot connect to the Ray cluster at 127.0.0.1:"), text
     assert "Connection refused" in text and "ray start --head" in text
     assert float(seconds) < 30
+
+
+#: A program that starts a server that is not Ray (argv[1]: "silent" accepts and
+#: says nothing, "http" answers as an HTTP server does) and opens a `JobCluster` on
+#: its address; it prints the seconds that took and the error.
+NOT_RAY_PROGRAM = """
+import socket, sys, threading, time
+import dispynb
+from dispynb.backends.ray import RayEngine
+from dispynb.errors import TransportError
+
+server = socket.socket()
+server.bind(("127.0.0.1", 0))
+server.listen()
+held = []
+
+
+def serve():
+    while True:
+        conn, _ = server.accept()
+        held.append(conn)
+        if sys.argv[1] == "http":
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 400 Bad Request\\r\\nContent-Length: 0\\r\\n\\r\\n")
+
+
+threading.Thread(target=serve, daemon=True).start()
+address = "127.0.0.1:%d" % server.getsockname()[1]
+start = time.monotonic()
+try:
+    dispynb.JobCluster(abs, engine=RayEngine(address))
+except TransportError as exc:
+    print(round(time.monotonic() - start, 1), exc)
+"""
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize(
+    ("server", "found"),
+    [
+        ("silent", "it accepted the connection but sent nothing within 10 s"),
+        ("http", "an HTTP server (it answered 'HTTP/1.1 400 Bad Request')"),
+    ],
+)
+def test_an_address_where_something_else_listens_is_a_quick_clear_error(
+    server: str, found: str
+) -> None:
+    """``RayEngine("host:8265")`` (Ray's dashboard) or any port where a server that
+    is not Ray listens: ``ray.init`` retried for many minutes, its gRPC connection
+    never made, while `JobCluster` waited; now a `TransportError` says what answered
+    there and which ports Ray's are. Under ``unshare -n`` as the test above."""
+    reason = _cannot_unshare()
+    if reason is not None:
+        pytest.skip(reason)
+    proc = subprocess.run(
+        [*LOOPBACK_ONLY, sys.executable, "-c", NOT_RAY_PROGRAM, server],
+        env={**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    seconds, _, text = proc.stdout.strip().partition(" ")
+    assert text.startswith("no Ray head answered at 127.0.0.1:"), text
+    assert f"it is not Ray: {found}." in text, text
+    assert "6379" in text and "ray://HOST:10001" in text and "8265" in text
+    assert float(seconds) < 30
