@@ -8,12 +8,14 @@ import asyncio
 import contextlib
 from typing import TYPE_CHECKING, Any
 
+from dispynb.backends import _probe
 from dispynb.backends._daskselect import _host_port
 from dispynb.backends._daskstate import (
     CLOSE_TIMEOUT,
     CONNECT_TIMEOUT,
     HANDSHAKE_TIMEOUT,
     MAX_SENT_FILE,
+    PROBE_TIMEOUT,
     SETUP_WAIT,
     _as_bytes,
     _DaskState,
@@ -55,20 +57,17 @@ class _Nodes(_DaskState):
             # head...) would keep the client waiting for its handshake for ever.
             async with asyncio.timeout(HANDSHAKE_TIMEOUT) as deadline:
                 self.client = await client
-        except OSError as exc:  # TimeoutError included
+        except Exception as exc:  # OSError, TimeoutError, a stranger's bytes...
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(client.close(), CLOSE_TIMEOUT)
-            if not deadline.expired():
+            if deadline.expired():
                 raise TransportError(
-                    f"cannot connect to the Dask scheduler at "
-                    f"{self.engine.address}: {exc}"
+                    f"no Dask scheduler answered at {self.engine.address} within "
+                    f"{HANDSHAKE_TIMEOUT:g} s: something listens there but does "
+                    f"not speak Dask's protocol (the scheduler's port is 8786 by "
+                    f"default; 8787 is its dashboard)"
                 ) from exc
-            raise TransportError(
-                f"no Dask scheduler answered at {self.engine.address} within "
-                f"{HANDSHAKE_TIMEOUT:g} s: something listens there but does not "
-                f"speak Dask's protocol (the scheduler's port is 8786 by default; "
-                f"8787 is its dashboard)"
-            ) from exc
+            raise await self._connect_error(exc) from exc
         self.client.subscribe_topic(self.client.id, self._on_event)
         self.client.subscribe_topic("all", self._on_scheduler_event)
         import cloudpickle
@@ -111,6 +110,31 @@ class _Nodes(_DaskState):
             ) from exc
         await self._check_wanted()
         await self._await_setup(set(responses))
+
+    async def _connect_error(self, exc: Exception) -> TransportError:
+        """The error for a connection to the scheduler that failed with ``exc``
+        before its deadline: nothing listens there, or a server that is not Dask's
+        answered (Dask's client read its bytes as frames: an HTTP answer is a
+        ``MemoryError`` "Unable to allocate 3.07 EiB"), which a probe names."""
+        address = self.engine.address
+        host, port = _host_port(address)
+        answer = None
+        if address.startswith("tcp://") or "://" not in address:
+            with contextlib.suppress(OSError):
+                answer = await asyncio.to_thread(
+                    _probe.probe, host, port, PROBE_TIMEOUT
+                )
+        if answer is None:
+            if not isinstance(exc, OSError):
+                raise exc  # not the connection's fault: Dask's own error
+            return TransportError(
+                f"cannot connect to the Dask scheduler at {address}: {exc}"
+            )
+        return TransportError(
+            f"no Dask scheduler answered at {address}: something listens there but "
+            f"it is not a Dask scheduler: {answer.found} (the scheduler's port is "
+            f"8786 by default; 8787 is its dashboard)"
+        )
 
     async def _check_wanted(self) -> None:
         """Raise `ConfigurationError` if ``nodes=`` names no worker of the cluster

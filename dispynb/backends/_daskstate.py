@@ -29,6 +29,9 @@ CONNECT_TIMEOUT = 10.0
 #: Seconds the connection to the scheduler may take, its handshake included.
 HANDSHAKE_TIMEOUT = 2 * CONNECT_TIMEOUT
 
+#: Seconds to find out what answered at an address where Dask's handshake failed.
+PROBE_TIMEOUT = 5.0
+
 #: Seconds `open` waits for the workers present to report their setup (a longer
 #: setup goes on; jobs wait for it on that worker).
 SETUP_WAIT = 15.0

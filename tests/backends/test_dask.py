@@ -379,6 +379,7 @@ def test_the_executor_runs_on_dask(net: Network, tmp_path: Path) -> None:
 
 WRONG_PORT_PROGRAM = """
 import socket
+import threading
 
 import dispynb.backends._dasknodes as dasknodes
 
@@ -387,17 +388,30 @@ def compute(n):
     return n
 
 
+def serve(server, http):
+    held = []
+    while True:
+        conn, _ = server.accept()
+        held.append(conn)
+        if http:  # an HTTP server answers what Dask sends with an error status
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 400 Bad Request\\r\\nContent-Length: 0\\r\\n\\r\\n")
+
+
 def main(args):
     dasknodes.HANDSHAKE_TIMEOUT = 3.0  # the test's patience, not the user's 20 s
     with socket.socket() as server:  # like the dashboard's port: no Dask there
         server.bind(("127.0.0.1", 0))
         server.listen()
+        threading.Thread(
+            target=serve, args=(server, args["server"] == "http"), daemon=True
+        ).start()
         address = "127.0.0.1:%d" % server.getsockname()[1]
         start = time.monotonic()
         try:
             dispynb.JobCluster(compute, engine=DaskEngine(address))
             return {"error": None}
-        except dispynb.errors.DispynbError as exc:
+        except Exception as exc:
             return {
                 "error": [type(exc).__name__, str(exc)],
                 "seconds": time.monotonic() - start,
@@ -405,18 +419,33 @@ def main(args):
 """
 
 
+@pytest.mark.parametrize(
+    ("server", "found"),
+    [
+        ("silent", "within 3 s: something listens there but does not speak Dask's"),
+        (
+            "http",
+            ": something listens there but it is not a Dask scheduler: an HTTP "
+            "server (it answered 'HTTP/1.1 400 Bad Request')",
+        ),
+    ],
+)
 def test_an_address_where_no_scheduler_answers_is_a_clear_error(
-    net: Network, tmp_path: Path
+    net: Network, tmp_path: Path, server: str, found: str
 ) -> None:
     """``DaskEngine("host:8787")`` (the dashboard's port, or any server that is not
     a Dask scheduler): the connection opens but no handshake comes. Dask's client
     waited for it for ever and so did `JobCluster`; now it gives up within its
-    bound with a `TransportError` that says what is likely wrong."""
-    out = run(net, tmp_path, WRONG_PORT_PROGRAM)
+    bound with a `TransportError` that says what is likely wrong. A server that
+    answers (an HTTP server) made Dask's client fail with ``MemoryError: Unable to
+    allocate 3.07 EiB`` (the answer's first bytes read as a frame count); now the
+    error names what answered."""
+    out = run(net, tmp_path, WRONG_PORT_PROGRAM, server=server)
     assert out["error"] is not None, out
     kind, text = out["error"]
-    assert kind == "TransportError"
-    assert "no Dask scheduler answered at tcp://127.0.0.1:" in text
+    assert kind == "TransportError", text
+    assert text.startswith("no Dask scheduler answered at tcp://127.0.0.1:"), text
+    assert found in text, text
     assert "8786" in text and "dashboard" in text
     assert out["seconds"] < 30
 
