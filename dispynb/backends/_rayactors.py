@@ -51,11 +51,13 @@ class _Actors(_RayState):
         # Pickled by dispynb (functions of the user's own modules by value), once.
         buffers = [bytes(memoryview(b)) for b in serialize.dumps(bundle)]
         files = {ref.relative: ref.read() for ref in self._config.depends.files}
-        # Kept for the cluster's life: Ray restarts actors with these arguments.
+        # Owned here for the cluster's life: actors Ray restarts get them again.
         self._args_refs = (ray.put(buffers), ray.put(files))
         max_output = opts.max_output_size
         strategy = importlib.import_module("ray.util.scheduling_strategies")
-        self._inbox = self._engine.inbox(ray)
+        self._inbox, self._inbox_name = self._engine.inbox(ray)
+        # The actors get them from the inbox (see `_rayworker.JobActor`).
+        self._inbox.keep.remote(self._token, list(self._args_refs))
         self._actor_class = ray.remote(_rayworker.JobActor)
         self._strategy = strategy.NodeAffinitySchedulingStrategy
         self._max_output = max_output
@@ -91,14 +93,13 @@ class _Actors(_RayState):
             int(entry.get("NodeManagerPort", 0)),
         )
         self._nodes[node.ray_id] = node
-        bundle_ref, files_ref = self._args_refs
         for _ in range(cpus):
             handle = self._actor_class.options(
                 num_cpus=1,
                 max_restarts=-1,
                 max_task_retries=0,
                 scheduling_strategy=self._strategy(node.ray_id, soft=False),
-            ).remote(bundle_ref, files_ref, self._inbox, self._max_output, self._token)
+            ).remote(self._inbox_name, self._max_output, self._token)
             slot = _Slot(handle, node)
             node.slots.append(slot)
             self._slots.append(slot)

@@ -111,6 +111,7 @@ class _RayState:
         self._startup: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._setup_errors: list[str] = []
         self._inbox: Any = None  # the engine's, shared by its clusters
+        self._inbox_name = ""  # its name (for the actors: not a handle)
         #: This cluster's in the shared inbox (its jobs' messages carry it).
         self._token = uuid.uuid4().hex
         self._actor_class: Any = None

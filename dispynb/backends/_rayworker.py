@@ -57,6 +57,10 @@ _PLAIN = frozenset({int, float, str, bytes, bool, type(None), complex})
 #: Items an `Inbox` holds at most; a job that sends more waits (back-pressure).
 INBOX_LIMIT = 10_000
 
+#: Seconds an actor waits for its cluster's computation to reach the inbox (the
+#: client's `Inbox.keep` and the actor's ask come from two processes, in any order).
+KEEP_WAIT = 120.0
+
 
 class SetupFailed(Exception):
     """The computation could not be set up in this worker (the message says why)."""
@@ -130,27 +134,34 @@ class JobActor:
 
     Parameters
     ----------
-    bundle:
-        ``serialize.dumps`` of ``{"func", "setup", "cleanup", "setup_args",
-        "names"}`` (the computation, by value).
-    files:
-        ``{relative path: content}`` of the ``depends`` files.
     inbox:
-        The engine's `Inbox` actor.
+        The name of the engine's `Inbox` actor, which also holds the cluster's
+        computation (``serialize.dumps`` of ``{"func", "setup", "cleanup",
+        "setup_args", "names"}``, by value) and ``depends`` files (``{relative path:
+        content}``) as refs to Ray objects the client owns, for the cluster's life.
+        The actor gets them there as it starts and as Ray restarts it: none of its
+        arguments is an object ref or an actor handle, for which Ray logs an error
+        in each program (they might be gone when an actor restarts; ray-project/
+        ray#53727).
     max_output:
         Characters of a job's stdout (and of its stderr) kept; None: all.
     token:
         The cluster's, in the messages its jobs put in the shared inbox.
     """
 
-    def __init__(
-        self,
-        bundle: list[Any],
-        files: dict[str, bytes],
-        inbox: Any,
-        max_output: int | None,
-        token: str = "",
-    ) -> None:
+    def __init__(self, inbox: str, max_output: int | None, token: str) -> None:
+        ray = importlib.import_module("ray")
+        try:
+            handle = ray.get_actor(inbox)
+            stored = ray.get(handle.computation.remote(token))
+            if stored is None:
+                raise LookupError(f"its cluster closed, or sent none in {KEEP_WAIT} s")
+            bundle, files = ray.get(stored)
+        except Exception as exc:
+            raise SetupFailed(
+                f"cannot get the computation from the client's Ray inbox: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
         self.path = tempfile.mkdtemp(prefix="dispynb-ray-")
         os.chdir(self.path)
         for relative, data in files.items():
@@ -173,7 +184,7 @@ class JobActor:
         self.cleanup_func: Callable[..., Any] | None = loaded.get("cleanup")
         self.setup_args = tuple(loaded.get("setup_args") or ())
         self.max_output = max_output
-        _CURRENT.inbox, _CURRENT.token = inbox, token
+        _CURRENT.inbox, _CURRENT.token = handle, token
         names: dict[str, Any] = dict(loaded.get("names") or {})
         names.update(self._dispy_names())
         inject_names((self.func, loaded.get("setup"), self.cleanup_func), names)
@@ -334,10 +345,15 @@ class Inbox:
 
     One per `RayEngine`, shared by its clusters (no worker process of its own per
     cluster): each message starts with its cluster's token, and each cluster takes
-    only its own (`take`) and drops what is left of them as it closes (`drop`).
+    only its own (`take`) and drops what is left of them as it closes (`drop`). It
+    also holds each open cluster's computation for its actors (`keep`).
     """
 
     def __init__(self) -> None:
+        #: Refs to each open cluster's computation and depends files, by token.
+        self.computations: dict[str, list[Any]] = {}
+        #: Set when a cluster's computation is kept (or the cluster dropped).
+        self.kept: dict[str, asyncio.Event] = {}
         self.items: dict[str, list[Any]] = {}
         self.events: dict[str, asyncio.Event] = {}
         #: Tokens of closed clusters: their late messages are discarded.
@@ -348,6 +364,23 @@ class Inbox:
         if event is None:
             event = self.events[token] = asyncio.Event()
         return event
+
+    async def keep(self, token: str, stored: list[Any]) -> None:
+        """Hold cluster ``token``'s computation (refs) for its actors until `drop`."""
+        if token in self.dropped:
+            return
+        self.computations[token] = stored
+        self.kept.setdefault(token, asyncio.Event()).set()
+
+    async def computation(self, token: str) -> list[Any] | None:
+        """What `keep` holds for ``token``, once it does (within `KEEP_WAIT`); None
+        if the cluster closed."""
+        if token in self.dropped:
+            return None
+        kept = self.kept.setdefault(token, asyncio.Event())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(kept.wait(), KEEP_WAIT)
+        return self.computations.get(token)
 
     async def put(self, item: Any) -> None:
         """Keep ``item`` (``(token, ...)``) for its cluster's next `take`."""
@@ -375,8 +408,13 @@ class Inbox:
         return items
 
     async def drop(self, token: str) -> None:
-        """Cluster ``token`` closed: forget its messages, now and to come."""
+        """Cluster ``token`` closed: forget its computation and its messages, now
+        and to come."""
+        self.computations.pop(token, None)
         self.dropped.add(token)
+        kept = self.kept.pop(token, None)
+        if kept is not None:
+            kept.set()
         self.items.pop(token, None)
         event = self.events.pop(token, None)
         if event is not None:

@@ -69,6 +69,7 @@ import logging
 import os
 import socket
 import threading
+import uuid
 from typing import Any
 
 from dispynb.backends import _probe, base
@@ -167,6 +168,7 @@ class RayEngine:
         self._lock = threading.Lock()
         #: The clusters' shared inbox and the Ray job (connection) it belongs to.
         self._inbox: Any = None
+        self._inbox_name = ""
         self._inbox_job: Any = None
 
     def connect(self) -> Any:
@@ -196,11 +198,12 @@ class RayEngine:
             ) from exc
         return ray
 
-    def inbox(self, ray: Any) -> Any:
+    def inbox(self, ray: Any) -> tuple[Any, str]:
         """The `_rayworker.Inbox` actor of this engine's clusters (made by the first
-        cluster of each Ray connection): a cluster that opens needs no worker
-        process of its own for it, and the actor holds no CPU (``num_cpus=0``). It
-        lives until `close` or the end of this process's Ray connection."""
+        cluster of each Ray connection) and its name: a cluster that opens needs no
+        worker process of its own for it, and the actor holds no CPU (``num_cpus=0``).
+        It lives until `close` or the end of this process's Ray connection. The
+        clusters' actors find it by its name."""
         from dispynb.backends import _rayworker
 
         context = ray.get_runtime_context()
@@ -211,9 +214,11 @@ class RayEngine:
                 # On this process's node if it is one (a lost worker node loses
                 # no message).
                 here = context.get_node_id()
+                self._inbox_name = f"dispynb-inbox-{uuid.uuid4().hex}"
                 self._inbox = (
                     ray.remote(_rayworker.Inbox)
                     .options(
+                        name=self._inbox_name,
                         num_cpus=0,
                         max_concurrency=64,
                         scheduling_strategy=strategy.NodeAffinitySchedulingStrategy(
@@ -223,7 +228,7 @@ class RayEngine:
                     .remote()
                 )
                 self._inbox_job = job
-            return self._inbox
+            return self._inbox, self._inbox_name
 
     def close(self) -> None:
         """Disconnect this process from Ray if this engine connected it (``%dispy

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -363,3 +364,40 @@ def test_magics_run_a_cell_on_ray(head: RayHead) -> None:
             shell.run_line_magic("dispy", "close")
         shell.run_line_magic("unload_ext", "dispynb")
         InteractiveShell.clear_instance()
+
+
+#: A new program (its own Ray driver) that opens two clusters on the Ray cluster at
+#: argv[1], one after the other, and runs a job on each.
+TWO_CLUSTERS = """
+import sys
+import dispynb
+from dispynb.backends.ray import RayEngine
+
+engine = RayEngine(sys.argv[1])
+for n in (3, 4):
+    with dispynb.JobCluster(abs, engine=engine) as cluster:
+        print(cluster.submit(-n)())
+engine.close()
+"""
+
+
+@pytest.mark.timeout(300)
+def test_opening_clusters_logs_no_ray_error_about_actor_arguments(
+    head: RayHead,
+) -> None:
+    """A program that opens clusters on Ray printed an error line of Ray's, "E ...
+    core_worker.cc: Actor with class name: 'JobActor' ... has constructor arguments
+    in the object store and max_restarts > 0 ..." (Ray warns that a restarted actor
+    may find them gone; dispynb keeps them for the cluster's life)."""
+    root = Path(__file__).resolve().parents[2]
+    env = {**head.env, "PYTHONPATH": str(root), "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.run(
+        [sys.executable, "-c", TWO_CLUSTERS, head.address],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=WAIT * 2,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["3", "4"], proc.stdout
+    assert "constructor arguments in the object store" not in proc.stderr, proc.stderr
