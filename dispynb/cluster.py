@@ -287,7 +287,9 @@ class JobCluster(_Events, _Jobs, _Nodes, _ClusterState):
         self._update_traffic()
         if wall_time is None:
             wall_time = time.time() - self._start_time
-        print(format_status(list(self._nodes.values()), wall_time, self._outstanding))
+        nodes = list(self._nodes.values())
+        traffic = base.TRAFFIC in self._features
+        print(format_status(nodes, wall_time, self._outstanding, traffic=traffic))
 
     stats = print_status
 

@@ -52,10 +52,15 @@ class Workload:
 
 
 def format_status(
-    nodes: list[DispyNode], wall_time: float, jobs_pending: int = 0
+    nodes: list[DispyNode],
+    wall_time: float,
+    jobs_pending: int = 0,
+    traffic: bool = True,
 ) -> str:
     """dispy's ``print_status`` text: a row per node, the jobs still pending (if any)
-    and the totals, between blank lines."""
+    and the totals, between blank lines. ``traffic``: the nodes' bytes sent and
+    received are counted; if not (an engine that does not count them, as Ray), the
+    Sent and Rcvd columns show "-" rather than a false 0 B."""
     heading = (
         f"{'Node':>30s} | {'CPUs':>5s} | {'Jobs':>7s} | {'Sec/Job':>8s} | "
         f"{'Node Time Sec':>13s} | {'Sent':>9s} | {'Rcvd':>9s}"
@@ -69,7 +74,8 @@ def format_status(
         lines.append(
             f"{name[:30]:>30s} | {node.cpus:5d} | {node.jobs_done:7d} | "
             f"{per_job:8.3f} | {node.cpu_time:13.3f} | "
-            f"{_human(node.tx):>9s} | {_human(node.rx):>9s}"
+            f"{_human(node.tx) if traffic else '-':>9s} | "
+            f"{_human(node.rx) if traffic else '-':>9s}"
         )
     speedup = total_time / wall_time if wall_time > 0 else 0.0
     lines.append("")

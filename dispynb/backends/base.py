@@ -102,6 +102,9 @@ RECOVERY: Final = "recovery"
 NODE_JOBS: Final = "node_jobs"
 #: ``nodes=`` names the engine's workers a cluster's jobs run on (``%%dispy --on``).
 SELECT_NODES: Final = "select_nodes"
+#: The bytes sent to and received from each node are counted (``DispyNode.tx`` and
+#: ``rx``, `Backend.traffic`); without it ``print_status`` shows "-" for them.
+TRAFFIC: Final = "traffic"
 
 #: Every feature name an engine may declare.
 ALL_FEATURES: Final[frozenset[str]] = frozenset(
@@ -116,6 +119,7 @@ ALL_FEATURES: Final[frozenset[str]] = frozenset(
         RECOVERY,
         NODE_JOBS,
         SELECT_NODES,
+        TRAFFIC,
     }
 )
 
@@ -269,7 +273,8 @@ class EngineManagedNodes:
         )
 
     def traffic(self, node_id: str) -> tuple[int, int]:
-        """The engine does not count bytes per worker for this client: ``(0, 0)``."""
+        """The engine does not count bytes per worker for this client (it lacks the
+        ``traffic`` feature): ``(0, 0)``."""
         return (0, 0)
 
 
@@ -502,6 +507,7 @@ __all__ = [
     "SEND_FILE",
     "SETUP",
     "SUBMIT_NODE",
+    "TRAFFIC",
     "Backend",
     "ClusterConfig",
     "Departure",

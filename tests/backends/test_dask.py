@@ -96,6 +96,9 @@ def compute(n):
 
 
 def main(args):
+    import contextlib
+    import io
+
     global OUT
     OUT = args["out"]
     statuses, provisional = [], []
@@ -121,6 +124,9 @@ def main(args):
             jobs = [cluster.submit_job_id(n, n) for n in range(5)]
             cluster.wait()
             nodes = sorted(node.ip_addr for node in cluster.status().nodes)
+            table = io.StringIO()
+            with contextlib.redirect_stdout(table):
+                cluster.print_status()
         return {
             "jobs": [
                 [j.id, int(j.status), j.result, j.stdout, j.stderr, j.exception,
@@ -130,6 +136,7 @@ def main(args):
             "statuses": statuses,
             "provisional": sorted(map(list, provisional)),
             "nodes": nodes,
+            "print_status": table.getvalue(),
         }
 """
 
@@ -156,6 +163,12 @@ def test_a_dispy_program_runs_unchanged_on_dask(net: Network, tmp_path: Path) ->
         assert seen[:2] == [CREATED, RUNNING]
         assert seen[-1] == (TERMINATED if n == 3 else FINISHED)
     assert out["nodes"] == ["127.0.0.1", "127.0.0.1"]
+    # dispy's table; Dask does not count each worker's bytes for dispynb: "-" for
+    # Sent and Rcvd, not "0 B" (which print_status showed).
+    rows = [line for line in out["print_status"].splitlines() if "127.0.0.1" in line]
+    assert len(rows) == 2, out["print_status"]
+    assert all(row.endswith(" |         - |         -") for row in rows), rows
+    assert "|      Sent |      Rcvd" in out["print_status"]  # dispy's heading
     cleanups = list(tmp_path.glob("cleanup-*"))
     assert len(cleanups) == 2 and all(p.read_text() == "100" for p in cleanups)
 

@@ -93,9 +93,12 @@ def flat_bytes(value: Any) -> bytes:
 # -- tests ----------------------------------------------------------------------------
 
 
-def test_dispy_program_runs_on_ray(engine: RayEngine) -> None:
+def test_dispy_program_runs_on_ray(
+    engine: RayEngine, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A dispy program as written, with engine= added: results, stdout, stderr,
-    callbacks, statuses, the node."""
+    callbacks, statuses, the node, print_status (Ray does not count each worker's
+    bytes: "-" for Sent and Rcvd, not "0 B")."""
     statuses: list[tuple[int, Any]] = []
     done: list[DispyJob] = []
 
@@ -112,8 +115,13 @@ def test_dispy_program_runs_on_ray(engine: RayEngine) -> None:
         jobs = [cluster.submit(n) for n in range(10)]
         assert [job() for job in jobs] == [n * n for n in range(10)]
         cluster.wait()
+        capsys.readouterr()
+        cluster.print_status()
+        table = capsys.readouterr().out
     finally:
         cluster.close()
+    rows = [line for line in table.splitlines() if "127.0.0.1" in line]
+    assert len(rows) == 1 and rows[0].endswith(" |         - |         -"), table
     for n, job in enumerate(jobs):
         assert job.status is JobStatus.Finished
         assert job.stdout == f"computing {n}\n"
