@@ -76,6 +76,11 @@ class NotKept:
 
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 
+#: Bytes of results one kept computation holds in memory while its client has not
+#: acknowledged them as journaled (a round trip and a commit, normally); the
+#: others are written to the spool at once, as without acknowledgements.
+PENDING_BYTES = 16 << 20
+
 
 @dataclass(eq=False)
 class KeptResult:
@@ -110,6 +115,17 @@ class Kept:
     deliver: Deliver | None = None  # a recovering client's session
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     adopted: bool = False  # its client is gone; the keeper closes it
+    #: Its connected client says which results it journaled (`ResultsJournaled`):
+    #: those need not be kept. Until it does, a result waits in ``pending`` (in
+    #: memory, ``PENDING_BYTES`` at most, by ``(key, attempt)``), written to the
+    #: spool only if its client goes away first (`ResultKeeper.adopt`), another
+    #: claims it, the node closes, or ``pending`` is full.
+    acked: bool = False
+    pending: dict[tuple[Any, Any], KeptResult] = field(default_factory=dict)
+    pending_bytes: int = 0
+    #: With ``acked``: the spool file of each result written there, to remove
+    #: once it is acknowledged.
+    spooled: dict[tuple[Any, Any], str] = field(default_factory=dict)
 
     def open(self, result: KeptResult) -> tuple[list[Any], list[memoryview], str]:
         """``(entry, buffers, kinds)`` of a kept result: a spooled one's buffers map
@@ -165,6 +181,10 @@ class ResultKeeper:
             )
         return len(self._kept)
 
+    def kept(self, recovery_id: str) -> Kept | None:
+        """The kept computation of ``recovery_id``, if any."""
+        return self._kept.get(self._key(recovery_id))
+
     def register(self, recovery_id: str, computation: Computation) -> Kept:
         """A recoverable computation starts."""
         kept = Kept(computation)
@@ -189,12 +209,31 @@ class ResultKeeper:
         its buffers' kinds (`nodeserver.ipc.Done.kinds`), if known."""
         if len(buffers) == 1 and shm.is_reference(buffers):
             entry, buffers = _from_shared_memory(entry, buffers, kept.adopted)
+        if kept.acked and not kept.adopted and kept.deliver is None:
+            size = sum(b.nbytes for b in buffers)
+            if kept.pending_bytes + size <= PENDING_BYTES:
+                # Copied: the buffers are the worker's message's, reused after.
+                copies = [memoryview(bytes(b)) for b in buffers]
+                kept.pending[(entry[0], entry[1])] = KeptResult(
+                    None, entry, copies, kinds
+                )
+                kept.pending_bytes += size
+                return
+        ResultKeeper._keep(kept, entry, buffers, kinds)
+
+    @staticmethod
+    def _keep(
+        kept: Kept, entry: list[Any], buffers: list[memoryview], kinds: str
+    ) -> None:
+        """Keep a result for good: in the spool (or in memory without one)."""
         result = KeptResult(None, entry, buffers, kinds)
         if kept.spool is None or kept.owner is None:
             kept.results.append(result)
         elif kept.owner.write(kept.spool, entry, buffers, kinds):
             # A recovering client reads it from the file when its turn comes.
             result = KeptResult(kept.spool.files[-1][0])
+            if kept.acked:
+                kept.spooled[(entry[0], entry[1])] = kept.spool.files[-1][0]
         elif kept.deliver is None:
             # Not on disk (the spool is full, or the disk): the job's end is kept
             # without its result, so recovery says so, not that it never ran.
@@ -202,12 +241,39 @@ class ResultKeeper:
         if kept.deliver is not None:
             kept.deliver(result)
 
+    def journaled(self, recovery_id: str, jobs: list[tuple[Any, Any]]) -> None:
+        """Its client has these results (``(key, attempt)``) in its journal: they
+        are no longer kept (a pending one is dropped, a spooled one removed)."""
+        kept = self._kept.get(self._key(recovery_id))
+        if kept is None or not kept.acked:
+            return
+        written: list[str] = []
+        for job in jobs:
+            result = kept.pending.pop(job, None)
+            if result is not None:
+                kept.pending_bytes -= sum(b.nbytes for b in result.buffers)
+            elif (path := kept.spooled.pop(job, None)) is not None:
+                written.append(path)
+        # Not while another client collects them (`claim`): it reads those files.
+        if written and kept.deliver is None and kept.owner is not None:
+            assert kept.spool is not None
+            kept.owner.discard(kept.spool, written)
+
+    @staticmethod
+    def _write_pending(kept: Kept) -> None:
+        """Keep for good what its client has not acknowledged (in their order)."""
+        pending, kept.pending, kept.pending_bytes = kept.pending, {}, 0
+        for result in pending.values():
+            ResultKeeper._keep(kept, result.entry, result.buffers, result.kinds)
+
     def adopt(self, recovery_id: str, keep: float) -> None:
-        """Its client's connection is lost: let the jobs finish, keep the results."""
+        """Its client's connection is lost: let the jobs finish, keep the results
+        (those it had not acknowledged as journaled too)."""
         key = self._key(recovery_id)
         kept = self._kept.get(key)
         if kept is None or kept.computation is None:
             return
+        self._write_pending(kept)
         logger.info(
             "client of computation %s gone: its jobs go on, results kept %.0f s",
             kept.computation.name,
@@ -247,6 +313,7 @@ class ResultKeeper:
         kept = self._kept.get(self._key(recovery_id))
         if kept is None:
             return None
+        self._write_pending(kept)
         recorded = list(kept.results) + kept.not_kept.results()
         if kept.spool is not None:
             recorded[:0] = [KeptResult(path) for path, _size in kept.spool.files]
@@ -282,6 +349,7 @@ class ResultKeeper:
         kept, self._kept = list(self._kept.values()), {}
         now = time.time()
         for entry in kept:
+            self._write_pending(entry)  # its client may be connected still
             spool, owner = entry.spool, entry.owner
             if spool is not None and owner is not None and spool.expires is None:
                 spool.expires = now + spool.keep

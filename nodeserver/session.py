@@ -46,6 +46,7 @@ from dispynb.protocol.messages import (
     NodeStatus,
     Ping,
     Recover,
+    ResultsJournaled,
 )
 from dispynb.protocol.records import ResultEntry
 from dispynb.transport.connection import BadMessageError, Connection
@@ -87,6 +88,7 @@ class ClientSession(_SessionFiles, _SessionRecovery):
             FileRelease: self._on_file_release,
             Ping: self._on_ping,
             Recover: self._on_recover,
+            ResultsJournaled: self._on_journaled,
         }
 
     async def serve(self) -> None:
@@ -334,7 +336,11 @@ class ClientSession(_SessionFiles, _SessionRecovery):
             workers,
         )
         self.outbox.write(
-            ComputationReady(comp_id=computation.comp_id, workers=workers)
+            ComputationReady(
+                comp_id=computation.comp_id,
+                workers=workers,
+                acks_journaled=self._acks_journaled(computation.comp_id),
+            )
         )
 
     def _on_submit(self, message: JobSubmit, buffers: list[memoryview]) -> None:

@@ -8,8 +8,13 @@ import asyncio
 from typing import TYPE_CHECKING, Any
 
 from dispynb.defaults import MAX_MESSAGE_SIZE, PRE_AUTH_MAX_FRAME
-from dispynb.errors import DispynbError
-from dispynb.protocol.messages import ComputationSetup, Recover, Recovered
+from dispynb.errors import DispynbError, MessageError
+from dispynb.protocol.messages import (
+    ComputationSetup,
+    Recover,
+    Recovered,
+    ResultsJournaled,
+)
 from nodeserver.computation import Computation
 from nodeserver.keeper import Kept, KeptResult, ResultKeeper
 from nodeserver.recovering import KeptResultSender
@@ -37,6 +42,7 @@ class _SessionRecovery(_SessionState):
         if not message.keep_sent:
             self._crash_only.add(message.comp_id)
         keep_sent = message.keep_sent
+        kept.acked = keep_sent and message.ack_journaled
 
         def record(entry: list[Any], buffers: list[memoryview]) -> None:
             # With keep_sent every result, else only what ends once the client
@@ -46,6 +52,30 @@ class _SessionRecovery(_SessionState):
                 ResultKeeper.record(kept, entry, buffers, kinds.get(key, ""))
 
         computation.also_report(record)
+
+    def _acks_journaled(self, comp_id: int) -> bool:
+        """Whether the node takes `ResultsJournaled` for this computation (it
+        keeps its results, and its client asked to acknowledge them)."""
+        recovery = self._recovery.get(comp_id)
+        if recovery is None:
+            return False
+        kept = self.server.keeper.kept(recovery[0])
+        return kept is not None and kept.acked
+
+    def _on_journaled(
+        self, message: ResultsJournaled, buffers: list[memoryview]
+    ) -> None:
+        """The client journaled these results: they need not be kept."""
+        jobs = []
+        for job in message.jobs:
+            if not (isinstance(job, list) and len(job) == 2) or not all(
+                isinstance(part, int) for part in job
+            ):
+                raise MessageError("malformed job in results-journaled")
+            jobs.append((job[0], job[1]))
+        recovery = self._recovery.get(message.comp_id)
+        if recovery is not None:  # else closed, or not kept: nothing to drop
+            self.server.keeper.journaled(recovery[0], jobs)
 
     def _recovers(self, comp_id: int) -> bool:
         """Whether the client comes back for this computation's jobs (not only

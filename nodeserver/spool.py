@@ -185,6 +185,20 @@ class ResultSpool:
             offset += part
         return entry, buffers, kinds
 
+    def discard(self, spool: SpoolDir, paths: list[str]) -> None:
+        """Delete some of ``spool``'s results (their client journaled them)."""
+        gone = set(paths)
+        for path in paths:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        kept = []
+        for path, size in spool.files:
+            if path in gone:
+                self.used -= size
+            else:
+                kept.append((path, size))
+        spool.files = kept
+
     def remove(self, spool: SpoolDir) -> None:
         """Delete a spool directory and its results."""
         self.used -= spool.size

@@ -312,6 +312,10 @@ class ComputationSetup(WireMessage):
     #: Keep (for recovery) the results sent while the client is connected too;
     #: False keeps only those that end after it is gone (dispy's default recovery).
     keep_sent: bool = True
+    #: With ``keep_sent``: the client says which results it has journaled
+    #: (`ResultsJournaled`) if the node's `ComputationReady` offers it
+    #: (``acks_journaled``); the node then needs not keep those.
+    ack_journaled: bool = False
     #: Per job: characters of stdout and of stderr kept (None: all), bytes of the
     #: pickled result (None: as the node's message cap allows), tasks its processes
     #: may have (None: no limit); ``fresh_process``: one worker process per job.
@@ -330,10 +334,16 @@ class ComputationSetup(WireMessage):
 
 @message("computation-ready")
 class ComputationReady(WireMessage):
-    """Node -> client: the computation is set up and has ``workers`` processes."""
+    """Node -> client: the computation is set up and has ``workers`` processes.
+
+    ``acks_journaled``: the node keeps this computation's results for recovery and
+    takes `ResultsJournaled` for it (asked for with ``ack_journaled``; never from a
+    node that predates it, which a client must then send none).
+    """
 
     comp_id: int
     workers: int
+    acks_journaled: bool = False
 
 
 @message("computation-failed")
@@ -396,6 +406,17 @@ class JobCancel(WireMessage):
     key: int
     attempt: int
     unstarted: bool = False
+
+
+@message("results-journaled")
+class ResultsJournaled(WireMessage):
+    """Client -> node: the client has these results of ``comp_id`` in its
+    recovery journal (committed), ``[key, attempt]`` each: the node needs not keep
+    them for its recovery. Sent only where `ComputationReady` said
+    ``acks_journaled``; a result not acknowledged stays kept."""
+
+    comp_id: int
+    jobs: list[list[int]]
 
 
 @message("ping")

@@ -207,6 +207,7 @@ class Driver(DriverNodes):
         link.ready = True
         link.last_seen = asyncio.get_running_loop().time()
         link.cpus = message.workers
+        link.acks_journaled = message.acks_journaled
         self.events.node_ready(link)
         if self._large and link.shared_memory:
             cap = SHM_JOBS_PER_CPU * max(1, link.cpus)

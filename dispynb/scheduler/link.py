@@ -53,6 +53,9 @@ class NodeLink:
     welcome: Welcome | None = None
     cpus: int = 0
     ready: bool = False
+    #: The node takes `ResultsJournaled` for the computation (its
+    #: `ComputationReady` said so): the results journaled are acknowledged.
+    acks_journaled: bool = False
     setting_up: bool = False
     jobs_done: int = 0
     cpu_time: float = 0.0

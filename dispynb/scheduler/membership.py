@@ -131,6 +131,8 @@ class DriverNodes(DriverResults):
                 recovery_id=config.recovery_id,
                 keep_results=config.keep_results,
                 keep_sent=config.keep_sent,
+                # The cluster journals every job: it says which results it has.
+                ack_journaled=bool(config.recovery_id) and config.keep_sent,
                 max_output=config.max_output,
                 max_result=config.max_result,
                 max_pids=config.max_pids,

@@ -18,6 +18,7 @@ from dispynb.protocol.messages import (
     JobProvisional,
     JobResults,
     ResultChunk,
+    ResultsJournaled,
 )
 from dispynb.protocol.records import ResultEntry
 from dispynb.scheduler.events import (
@@ -74,6 +75,7 @@ class DriverResults(DriverOutbox):
         # thread, which then waits for this thread's GIL until it is done here.
         notices: list[tuple[Any, ...]] = []
         files_ended: list[tuple[int, int]] = []  # attempts that had files here?
+        acked: list[list[int]] = []  # [key, attempt] of the jobs ended here
         for index, entry in enumerate(message.results):
             while next_start < len(starts) and starts[next_start][3] <= index:
                 self._on_start(link, starts[next_start], notices)
@@ -131,6 +133,7 @@ class DriverResults(DriverOutbox):
                 continue  # stale: an old attempt or a node we already gave up on
             instructions.extend(accepted[1:])
             self._jobs.pop(key, None)
+            acked.append([key, attempt])
             result = None
             if outcome == FINISHED and result_buffers is None:
                 outcome, exception = CRASHED, "the result arrived incomplete"
@@ -174,6 +177,10 @@ class DriverResults(DriverOutbox):
                     events.job_done(notice[0], link, notice[1])
                 else:
                     events.job_running(notice[0], link, notice[2])
+        if acked and link.acks_journaled:
+            # Journaled (committed as the batch ended; a failure raised above):
+            # the node needs not keep them for this client's recovery any more.
+            self._post(link, ResultsJournaled(comp_id=self.config.comp_id, jobs=acked))
 
     def _load_result(self, buffers: list[Buffer]) -> Any:
         return serialize.loads(buffers, self.config.result_types)

@@ -15,6 +15,7 @@ import msgpack
 import pytest
 
 from dispynb.protocol.messages import ABANDONED
+from nodeserver import keeper as keeper_module
 from nodeserver.keeper import ResultKeeper
 from nodeserver.spool import MAGIC, ResultSpool
 
@@ -168,6 +169,41 @@ def test_keeper_spools_delivers_and_survives_a_restart(tmp_path: Path):
         restarted.release(RID)  # collected: the files go
         assert os.listdir(tmp_path) == []
         await restarted.close()
+
+    asyncio.run(main())
+
+
+def test_keeper_keeps_what_an_acknowledging_client_has_not_journaled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """With acknowledgements: results wait in memory, journaled ones are dropped
+    (also one written to disk for want of room), the rest go to disk when the
+    client is lost, in their order."""
+    monkeypatch.setattr(keeper_module, "PENDING_BYTES", 30)
+
+    async def main() -> None:
+        keeper = ResultKeeper(ResultSpool(str(tmp_path), 1 << 20))
+        kept = keeper.register(RID, FakeComputation())  # type: ignore[arg-type]
+        kept.acked = True
+        for key in range(4):  # 10 bytes each: the fourth has no room in memory
+            ResultKeeper.record(kept, *result(key))
+        assert sorted(kept.pending) == [(0, 1), (1, 1), (2, 1)]
+        assert len(kept.spool.files) == 1  # type: ignore[union-attr]
+        keeper.journaled(RID, [(1, 1), (3, 1), (9, 9)])  # 9: unknown, ignored
+        assert sorted(kept.pending) == [(0, 1), (2, 1)]
+        assert kept.spool.files == []  # type: ignore[union-attr]
+        assert keeper._spool.used == 0  # type: ignore[union-attr]
+        keeper.adopt(RID, 60)  # its client is gone: the rest go to disk
+        assert kept.pending == {}
+        await asyncio.wait_for(kept.finished.wait(), 5)
+        claimed = keeper.claim(RID, lambda result: None)
+        assert claimed is not None
+        got = [claimed[0].open(r) for r in claimed[1]]
+        assert [(e[0], [bytes(b) for b in bufs]) for e, bufs, _kinds in got] == [
+            (0, [bytes([0]) * 10]),
+            (2, [bytes([2]) * 10]),
+        ]
+        await keeper.close()
 
     asyncio.run(main())
 

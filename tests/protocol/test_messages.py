@@ -47,6 +47,7 @@ SAMPLES: list[WireMessage] = [
         nodes=[["10.0.0.2:9711", "n2", "10.0.0.2", 9711, 4, 7, 1.5, [9, 12], 1, []]],
     ),
     m.Ping(),
+    m.ResultsJournaled(comp_id=1, jobs=[[3, 1], [4, 2]]),
     m.Recover(comp_id=1, recovery_id="ab" * 16),
     m.Recovered(comp_id=1, found=True, running=False),
     m.FilesMissing(comp_id=1, digests=["ab" * 32]),

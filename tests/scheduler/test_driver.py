@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from dispynb.defaults import MAX_JOBS_PER_CPU, MAX_MESSAGE_SIZE, MIN_JOBS_PER_CPU
 from dispynb.depends import FileRef
 from dispynb.errors import AuthenticationError, DispynbError, SetupError
@@ -30,12 +32,14 @@ from dispynb.protocol.messages import (
     JobResults,
     JobSubmit,
     ResultChunk,
+    ResultsJournaled,
     Welcome,
 )
 from dispynb.scheduler.driver import Driver, DriverConfig, NodeLink, Outcome
 from dispynb.scheduler.state import SchedulerState
 from dispynb.transport.connection import Connection
 from dispynb.transport.listener import Listener
+from nodeserver.sessionrecovery import _SessionRecovery
 from tests.asyncutil import run
 from tests.inprocess import SECRET, gate, in_process_node, wait_gate, wait_until
 
@@ -220,6 +224,41 @@ def test_the_results_of_one_message_end_in_one_batch(tmp_path: Path) -> None:
             await wait_until(lambda: len(ev.done) == 40, "all results")
             assert set(ev.done_in_batch) == set(range(1, 41))
             assert ev.depth == 0
+
+    run(main())
+
+
+@pytest.mark.parametrize("offered", [True, False])
+def test_journaled_results_are_acknowledged_only_to_a_node_that_offers_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, offered: bool
+) -> None:
+    """A cluster journaling its jobs says which results it journaled, after each
+    results message, to a node whose `ComputationReady` offered it; to a node that
+    predates it (no offer), nothing: it would refuse the message."""
+    heard: list[list[int]] = []
+
+    def on_journaled(session: Any, message: ResultsJournaled, buffers: Any) -> None:
+        heard.extend(message.jobs)
+
+    monkeypatch.setattr(_SessionRecovery, "_on_journaled", on_journaled)
+    if not offered:
+        monkeypatch.setattr(_SessionRecovery, "_acks_journaled", lambda s, c: False)
+
+    async def main() -> None:
+        async with (
+            in_process_node(tmp_path, cpus=2) as node,
+            driving(recovery_id="rid", keep_results=60.0, keep_sent=True) as (d, ev),
+        ):
+            d.add_node("127.0.0.1", node.port, allocate_for(square))
+            await wait_until(lambda: ev.ready, "node ready")
+            for key in range(1, 21):
+                submit(d, key, key)
+            await wait_until(lambda: len(ev.done) == 20, "all results")
+        # Closed: the node has handled every message sent before the close.
+        if offered:
+            assert sorted(key for key, _attempt in heard) == list(range(1, 21))
+        else:
+            assert heard == []
 
     run(main())
 
