@@ -101,6 +101,12 @@ def _small(buffers: list[memoryview]) -> bool:
     return True
 
 
+def _mark_retrieved(future: asyncio.Future[None]) -> None:
+    """Read a done future's exception (asyncio logs one nobody read)."""
+    if not future.cancelled():
+        future.exception()
+
+
 def _was_interrupted(done: Done) -> bool:
     return done.outcome != FINISHED and "KeyboardInterrupt" in (done.exception or "")
 
@@ -159,6 +165,9 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
         self._process: ComputationProcess | None = None
         self._control: ControlChannel | None = None
         self._loaded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # A start that failed before awaiting it (closed during setup) leaves the
+        # process's answer unread: not worth asyncio's "never retrieved" error.
+        self._loaded.add_done_callback(_mark_retrieved)
         self._control_closed = asyncio.Event()
         self._progress: asyncio.Future[None] | None = None
         self._ready = False

@@ -318,7 +318,9 @@ class ClientSession(_SessionFiles, _SessionRecovery):
         try:
             workers = await computation.start(bundle, files, setup_timeout)
         except SetupError as exc:
-            logger.warning("computation %s failed to start: %s", computation.name, exc)
+            # Closed meanwhile: its client went away (or the node stops), no fault.
+            log = logger.info if computation.closing else logger.warning
+            log("computation %s failed to start: %s", computation.name, exc)
             self._computations.pop(computation.comp_id, None)
             await computation.close(terminate=True)
             self.outbox.write(

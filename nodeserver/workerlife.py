@@ -14,7 +14,7 @@ import signal
 import socket
 from collections.abc import Sequence
 
-from dispynb.errors import DispynbError, SetupError
+from dispynb.errors import ConnectionClosedError, DispynbError, SetupError
 from dispynb.protocol.messages import CRASHED
 from dispynb.transport.connection import Connection
 from nodeserver.compstate import NodeJob, Worker, _ComputationState
@@ -37,6 +37,9 @@ logger = logging.getLogger("nodeserver.computation")
 #: Bytes of a worker's message that are neither the result nor the output (header,
 #: framing); a result may use the rest of the channel's message size cap.
 RESULT_HEADROOM = 1024 * 1024
+
+#: Why `start` failed when its computation was closed meanwhile (its client left).
+CLOSED_DURING_SETUP = "the computation was closed during its setup"
 
 #: Seconds to wait for a computation process to exit after Shutdown.
 SHUTDOWN_GRACE = 10.0
@@ -91,7 +94,7 @@ class _WorkerLife(_ComputationState):
             parent_sock.close()
             self._process.kill()
             await self._process.wait()
-            raise SetupError("the computation was closed during its setup")
+            raise SetupError(CLOSED_DURING_SETUP)
         self._control = ControlChannel(
             parent_sock, self._on_control, self._on_control_closed, self._max_size
         )
@@ -106,23 +109,38 @@ class _WorkerLife(_ComputationState):
                 self._process.pid,
                 self.limits.max_pids,
             )
-        await self._control.send(
-            Load(
-                name=self.name,
-                workers=self._n_workers,
-                node_name=self._node_name,
-                node_address=self._node_address,
-                job_path=self.path,
-                max_file_size=self._file_cap(),
-                max_output=self.limits.max_output,
-                max_result=self._result_cap(),
-                max_pids=self.limits.max_pids,
-                fresh_process=self.limits.fresh_process,
-                pids_root=pids_root or "",
-                first_cgroup=self._first_cgroup,
-            ),
-            bundle,
-        )
+        if self._closing:
+            # Closed while the process was placed (its client went away): close()
+            # sent it Shutdown and closed the channel; no Load can follow. close()
+            # found no cgroup to remove then.
+            if self._first_cgroup is not None:
+                with contextlib.suppress(OSError):
+                    os.rmdir(self._first_cgroup)
+            raise SetupError(CLOSED_DURING_SETUP)
+        try:
+            await self._control.send(
+                Load(
+                    name=self.name,
+                    workers=self._n_workers,
+                    node_name=self._node_name,
+                    node_address=self._node_address,
+                    job_path=self.path,
+                    max_file_size=self._file_cap(),
+                    max_output=self.limits.max_output,
+                    max_result=self._result_cap(),
+                    max_pids=self.limits.max_pids,
+                    fresh_process=self.limits.fresh_process,
+                    pids_root=pids_root or "",
+                    first_cgroup=self._first_cgroup,
+                ),
+                bundle,
+            )
+        except ConnectionClosedError:
+            if self._closing:
+                raise SetupError(CLOSED_DURING_SETUP) from None
+            raise SetupError(
+                "the computation's process on the node exited during setup"
+            ) from None
         left = None if deadline is None else max(deadline - loop.time(), 0.0)
         try:
             await asyncio.wait_for(asyncio.shield(self._loaded), left)
@@ -156,6 +174,11 @@ class _WorkerLife(_ComputationState):
         room = max(self._max_size - headroom, 0)
         cap = self.limits.max_result
         return room if cap is None else min(cap, room)
+
+    @property
+    def closing(self) -> bool:
+        """`close` was called (it may still be running)."""
+        return self._closing
 
     async def close(self, terminate: bool) -> None:
         """Let jobs finish (or kill them), run cleanup, end the process."""

@@ -8,6 +8,8 @@ stand-ins speaking the real control and worker channels. No subprocess.
 from __future__ import annotations
 
 import asyncio
+import gc
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +26,13 @@ from dispynb.protocol.messages import (
     RETURNED,
     TERMINATED,
 )
+from nodeserver import workerlife
 from nodeserver.budget import CpuBudget
+from nodeserver.compstate import JobLimits
 from nodeserver.computation import Computation, NodeJob
 from nodeserver.filestore import FileStore
 from tests.asyncutil import run
-from tests.inprocess import ThreadLauncher, gate, wait_gate, wait_until
+from tests.inprocess import WAIT, ThreadLauncher, gate, wait_gate, wait_until
 
 
 def square(x: int) -> int:
@@ -524,3 +528,57 @@ def test_job_over_its_time_limit_is_stopped_and_says_why(tmp_path):
         await finish(computation, launcher)
 
     run(main())
+
+
+def test_a_computation_closed_while_it_starts_says_so_quietly(tmp_path, monkeypatch):
+    """The client goes away while its computation starts (a notebook's Stop just
+    after a %%dispy cell began): the node closes the computation between making its
+    process and sending it the computation (here: while the process is put in its
+    cgroup). start() then raises SetupError ('closed during its setup'), not a
+    ConnectionClosedError from sending on the closed channel, which the node's
+    session left unhandled ('Task exception was never retrieved' with a traceback,
+    and 'Future exception was never retrieved: expected a 'load' message first, got
+    'shutdown'' for the process's answer to the Shutdown: a %dispy local node
+    printed both in the notebook's cell). A real computation process."""
+    placing, release = threading.Event(), threading.Event()
+
+    def held_placement(root: str, pid: int, max_pids: int) -> str | None:
+        placing.set()
+        release.wait(WAIT)
+        return None
+
+    monkeypatch.setattr(workerlife, "node_pids_root", lambda: str(tmp_path))
+    monkeypatch.setattr(workerlife, "place_in_new_cgroup", held_placement)
+    unretrieved: list[str] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _l, ctx: unretrieved.append(ctx["message"]))
+        computation = Computation(
+            comp_id=1,
+            name="test",
+            workers=1,
+            path=str(tmp_path / "comp"),
+            budget=CpuBudget(1),
+            report=Reports().report,
+            report_provisional=lambda key, attempt, buffers: None,
+            report_file=lambda key, path, buffers: None,
+            store=FileStore(str(tmp_path / "store"), 0),
+            node_name="node",
+            node_address="127.0.0.1",
+            max_message_size=MAX_MESSAGE_SIZE,
+            remove_path=True,
+            limits=JobLimits(max_pids=16),
+        )
+        start = asyncio.create_task(computation.start(bundle(square)))
+        await wait_until(placing.is_set, "the process being placed")
+        await computation.close(terminate=True)  # the process got Shutdown, exited
+        release.set()
+        with pytest.raises(SetupError, match="closed during its setup"):
+            await start
+        del start
+        gc.collect()  # an unretrieved future's exception is reported when freed
+        await asyncio.sleep(0)
+
+    run(main(), timeout=30)
+    assert unretrieved == []
