@@ -483,7 +483,13 @@ def _become_computation(
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
         os.close(devnull)
-        os.chdir(cwd)
+        try:
+            os.chdir(cwd)
+        except FileNotFoundError:
+            # The node closed the computation (its client left: a notebook's Stop)
+            # and removed its directory while this process waited to be made;
+            # nobody waits for it now: end quietly.
+            raise SystemExit(1) from None
         # As ``python -m nodeserver.compute`` started there: the computation's
         # directory first on the path, so the modules a client sent (``depends``)
         # import; the node's first entry is its own start directory.
