@@ -55,6 +55,7 @@ class _Jobs(_DaskState):
             if key not in self.started:
                 self.started[key] = (node, event[0])
                 self.events.job_running(key, node, event[0])
+            self.received[address] += len(data)
             self.events.job_provisional(key, node, result)
         elif kind == "done":  # a small outcome, before Dask's task-finished
             _, dask_key, data = message
@@ -66,6 +67,9 @@ class _Jobs(_DaskState):
             _, dask_key, path, data = message
             key = self._key_of(dask_key)
             if key is not None:
+                seen = self.started.get(key)
+                if seen is not None:
+                    self.received[seen[0].node_id] += len(data)
                 save_job_file(self.files_dir, key, path, data, logger=logger)
 
     # -- jobs ---------------------------------------------------------------------
@@ -103,11 +107,12 @@ class _Jobs(_DaskState):
         if getattr(job, "payload", None) is None:
             self.prepare(job)
         limits = (job.timeout, job.mem_limit)
+        size = self.sizes[job.key] = sum(len(b) for b in job.payload)
         if self.runner.in_loop_thread():
             self._take_handed()  # after the jobs other threads handed over
             self._submit(job.key, job.payload, job.node_id, limits)
             return
-        if sum(len(b) for b in job.payload) <= SMALL_PAYLOAD:
+        if size <= SMALL_PAYLOAD:
             self.handed.append((job.key, job.payload, job.node_id, limits))
         else:
             try:
@@ -182,6 +187,7 @@ class _Jobs(_DaskState):
             if future is not None and self.client is not None:
                 cancel = self.client.cancel([future], reason="dispynb: closed")
                 asyncio.ensure_future(cancel).add_done_callback(_log_failure)
+            self.sizes.pop(key, None)
             self.events.job_cancelled(key)
             return
         self.futures[key] = future
@@ -190,6 +196,7 @@ class _Jobs(_DaskState):
 
     def _not_sent(self, key: int, error: Exception) -> None:
         """Dask refused the task (its client closed under the job): abandoned."""
+        self.sizes.pop(key, None)
         if self.closed:
             self.events.job_cancelled(key)
             return
@@ -262,6 +269,10 @@ class _Jobs(_DaskState):
             return
         meta, result_buffers, address = value
         outcome, start, end, stdout, stderr, exception = meta
+        self.sent[address] += self.sizes.pop(key, 0)
+        self.received[address] += sum(memoryview(b).nbytes for b in result_buffers)
+        for text in (stdout, stderr, exception):
+            self.received[address] += len(text) if text else 0
         node = self._node(address)
         seen = self.started.pop(key, None)
         self.running[address].discard(key)
@@ -286,6 +297,12 @@ class _Jobs(_DaskState):
             node,
             Outcome(status, result, stdout, stderr, exception, start, end),
         )
+
+    def traffic(self, node_id: str) -> tuple[int, int]:
+        """Bytes sent to and received from the worker ``node_id``: the jobs' pickled
+        arguments and the files sent; the jobs' results, output (characters),
+        provisional results and files. Dask's own messages are not counted."""
+        return self.sent.get(node_id, 0), self.received.get(node_id, 0)
 
     def cancel(
         self, keys: list[int], unstarted: bool = False, held: bool = False
@@ -314,11 +331,13 @@ class _Jobs(_DaskState):
             futures.append(future)
             seen = self.started.pop(key, None)
             self.lost.pop(key, None)
+            size = self.sizes.pop(key, 0)
             if seen is None:
                 self.events.job_cancelled(key)
                 continue
             node, start = seen
             self.running[node.node_id].discard(key)
+            self.sent[node.node_id] += size
             outcome = Outcome(
                 JobStatus.Terminated,
                 exception="terminated: cancelled while it ran",

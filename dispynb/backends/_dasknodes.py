@@ -210,6 +210,7 @@ class _Nodes(_DaskState):
                 continue
             self.futures.pop(key, None)  # the fence cancels it on the scheduler
             self.lost.pop(key, None)
+            self.sizes.pop(key, None)
             why = "not reentrant" if not self.reentrant else "max_attempts reached"
             reason = f"its Dask worker {address} was lost while it ran ({why})"
             self.events.job_abandoned(key, node, reason)
@@ -239,6 +240,8 @@ class _Nodes(_DaskState):
             replies = await self.client.run(
                 receive_file, self.plugin_name, ref.relative, data, workers=[node_id]
             )
+            if node_id in replies:
+                self.sent[node_id] += len(data)
             return str(replies.get(node_id, f"no Dask worker {node_id}"))
 
         try:

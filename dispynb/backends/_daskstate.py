@@ -70,6 +70,14 @@ class _DaskState:
         self.started: dict[int, tuple[NodeInfo, float]] = {}
         self.running: defaultdict[str, set[int]] = defaultdict(set)
         self.lost: dict[int, int] = {}
+        #: Bytes of each submitted job's pickled arguments, until it is reported.
+        self.sizes: dict[int, int] = {}
+        #: Bytes sent to and received from each worker, by address (`traffic`): the
+        #: jobs' pickled arguments and files sent; the jobs' results, output,
+        #: provisional results and files. Not Dask's own messages, nor the
+        #: computation (a plugin the scheduler gives every worker).
+        self.sent: defaultdict[str, int] = defaultdict(int)
+        self.received: defaultdict[str, int] = defaultdict(int)
         self.attempts = itertools.count(1)
         self.finished: list[tuple[int, Any]] = []
         #: Outcomes the workers sent as events (small ones), by Dask key, until
@@ -120,6 +128,7 @@ class _DaskState:
         if seen is not None:
             self.running[seen[0].node_id].discard(key)
         self.lost.pop(key, None)
+        self.sizes.pop(key, None)
 
     # -- the parts' methods, declared for the others --
 

@@ -65,6 +65,7 @@ from dispynb.backends.base import (
     SEND_FILE,
     SETUP,
     SUBMIT_NODE,
+    TRAFFIC,
     ClusterConfig,
     EngineManagedNodes,
     JobEvents,
@@ -100,7 +101,16 @@ class DaskEngine:
 
     name = "dask"
     features = frozenset(
-        {SETUP, SUBMIT_NODE, JOB_LIMITS, NODE_JOBS, PROGRAM, SELECT_NODES, SEND_FILE}
+        {
+            SETUP,
+            SUBMIT_NODE,
+            JOB_LIMITS,
+            NODE_JOBS,
+            PROGRAM,
+            SELECT_NODES,
+            SEND_FILE,
+            TRAFFIC,
+        }
     )
 
     def __init__(self, cluster: Any, *, security: Any = None) -> None:

@@ -127,6 +127,13 @@ def main(args):
             table = io.StringIO()
             with contextlib.redirect_stdout(table):
                 cluster.print_status()
+            sent = sum(node.tx for node in cluster.status().nodes)
+            received = sum(node.rx for node in cluster.status().nodes)
+        # What the client pickled for the jobs, and what came back as text alone.
+        from dispynb.protocol import serialize
+
+        arguments = sum(len(b) for n in range(5) for b in serialize.dumps(((n,), {})))
+        output = sum(len(j.stdout) + len(j.stderr) for j in jobs)
         return {
             "jobs": [
                 [j.id, int(j.status), j.result, j.stdout, j.stderr, j.exception,
@@ -137,6 +144,7 @@ def main(args):
             "provisional": sorted(map(list, provisional)),
             "nodes": nodes,
             "print_status": table.getvalue(),
+            "traffic": [sent, received, arguments, output],
         }
 """
 
@@ -163,11 +171,13 @@ def test_a_dispy_program_runs_unchanged_on_dask(net: Network, tmp_path: Path) ->
         assert seen[:2] == [CREATED, RUNNING]
         assert seen[-1] == (TERMINATED if n == 3 else FINISHED)
     assert out["nodes"] == ["127.0.0.1", "127.0.0.1"]
-    # dispy's table; Dask does not count each worker's bytes for dispynb: "-" for
-    # Sent and Rcvd, not "0 B" (which print_status showed).
+    # dispy's table, with the bytes of the jobs' arguments sent and of their
+    # results and output received (print_status showed 0 B).
     rows = [line for line in out["print_status"].splitlines() if "127.0.0.1" in line]
     assert len(rows) == 2, out["print_status"]
-    assert all(row.endswith(" |         - |         -") for row in rows), rows
+    sent, received, arguments, output = out["traffic"]
+    assert sent == arguments and received > output, out["traffic"]
+    assert all(row.endswith((" B", " K")) for row in rows), rows  # counted: no "-"
     assert "|      Sent |      Rcvd" in out["print_status"]  # dispy's heading
     cleanups = list(tmp_path.glob("cleanup-*"))
     assert len(cleanups) == 2 and all(p.read_text() == "100" for p in cleanups)
