@@ -16,6 +16,7 @@ from __future__ import annotations
 import array
 import asyncio
 import logging
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -80,6 +81,24 @@ _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 #: acknowledged them as journaled (a round trip and a commit, normally); the
 #: others are written to the spool at once, as without acknowledgements.
 PENDING_BYTES = 16 << 20
+#: The same for all the node's computations together (one client may set up many).
+PENDING_NODE_BYTES = 64 << 20
+#: What a held result costs besides its buffers and output (its entry, copies).
+_HELD_OVERHEAD = 512
+
+
+def _held_size(entry: list[Any], buffers: list[memoryview]) -> int:
+    """Bytes of memory a held result takes: its buffers and its output (stdout,
+    stderr, traceback: all of it, without ``max_output``) count."""
+    size = _HELD_OVERHEAD + sum(b.nbytes for b in buffers)
+    return size + sum(sys.getsizeof(text) for text in entry[5:8] if text)
+
+
+@dataclass(eq=False)
+class PendingBudget:
+    """Bytes held for clients that have not acknowledged them yet, node-wide."""
+
+    used: int = 0
 
 
 @dataclass(eq=False)
@@ -123,6 +142,8 @@ class Kept:
     acked: bool = False
     pending: dict[tuple[Any, Any], KeptResult] = field(default_factory=dict)
     pending_bytes: int = 0
+    #: The node's (shared by its computations), set by `ResultKeeper.register`.
+    budget: PendingBudget = field(default_factory=PendingBudget)
     #: With ``acked``: the spool file of each result written there, to remove
     #: once it is acknowledged.
     spooled: dict[tuple[Any, Any], str] = field(default_factory=dict)
@@ -156,6 +177,7 @@ class ResultKeeper:
         self._spool = spool
         self._kept: dict[str, Kept] = {}  # by spool key (a digest of the id)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._budget = PendingBudget()
 
     def _key(self, recovery_id: str) -> str:
         return ResultSpool.key(recovery_id)
@@ -187,7 +209,10 @@ class ResultKeeper:
 
     def register(self, recovery_id: str, computation: Computation) -> Kept:
         """A recoverable computation starts."""
-        kept = Kept(computation)
+        replaced = self._kept.get(self._key(recovery_id))
+        if replaced is not None:  # the same id again: the first is not recoverable
+            self._forget_pending(replaced)
+        kept = Kept(computation, budget=self._budget)
         if self._spool is not None:
             try:
                 kept.spool = self._spool.create(recovery_id, computation.name)
@@ -210,14 +235,18 @@ class ResultKeeper:
         if len(buffers) == 1 and shm.is_reference(buffers):
             entry, buffers = _from_shared_memory(entry, buffers, kept.adopted)
         if kept.acked and not kept.adopted and kept.deliver is None:
-            size = sum(b.nbytes for b in buffers)
-            if kept.pending_bytes + size <= PENDING_BYTES:
+            size = _held_size(entry, buffers)
+            job = (entry[0], entry[1])
+            if (
+                kept.pending_bytes + size <= PENDING_BYTES
+                and kept.budget.used + size <= PENDING_NODE_BYTES
+                and job not in kept.pending  # a client's duplicate: kept for good
+            ):
                 # Copied: the buffers are the worker's message's, reused after.
                 copies = [memoryview(bytes(b)) for b in buffers]
-                kept.pending[(entry[0], entry[1])] = KeptResult(
-                    None, entry, copies, kinds
-                )
+                kept.pending[job] = KeptResult(None, entry, copies, kinds)
                 kept.pending_bytes += size
+                kept.budget.used += size
                 return
         ResultKeeper._keep(kept, entry, buffers, kinds)
 
@@ -251,7 +280,9 @@ class ResultKeeper:
         for job in jobs:
             result = kept.pending.pop(job, None)
             if result is not None:
-                kept.pending_bytes -= sum(b.nbytes for b in result.buffers)
+                size = _held_size(result.entry, result.buffers)
+                kept.pending_bytes -= size
+                kept.budget.used -= size
             elif (path := kept.spooled.pop(job, None)) is not None:
                 written.append(path)
         # Not while another client collects them (`claim`): it reads those files.
@@ -262,9 +293,17 @@ class ResultKeeper:
     @staticmethod
     def _write_pending(kept: Kept) -> None:
         """Keep for good what its client has not acknowledged (in their order)."""
+        kept.budget.used -= kept.pending_bytes
         pending, kept.pending, kept.pending_bytes = kept.pending, {}, 0
         for result in pending.values():
             ResultKeeper._keep(kept, result.entry, result.buffers, result.kinds)
+
+    @staticmethod
+    def _forget_pending(kept: Kept) -> None:
+        """A computation no longer kept: what it held goes, and it holds no more
+        (results it still records are kept, or not, as without acknowledgements)."""
+        kept.budget.used -= kept.pending_bytes
+        kept.pending, kept.pending_bytes, kept.acked = {}, 0, False
 
     def adopt(self, recovery_id: str, keep: float) -> None:
         """Its client's connection is lost: let the jobs finish, keep the results
@@ -326,6 +365,8 @@ class ResultKeeper:
 
     def _drop(self, key: str) -> None:
         kept = self._kept.pop(key, None)
+        if kept is not None:
+            self._forget_pending(kept)
         if kept is not None and kept.spool is not None and kept.owner is not None:
             kept.owner.remove(kept.spool)
 

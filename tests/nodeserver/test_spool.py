@@ -30,6 +30,11 @@ def result(key: int, size: int = 10) -> tuple[list[object], list[memoryview]]:
     return entry(key), [memoryview(bytes([key % 256]) * size)]
 
 
+def held(key: int) -> int:
+    """Bytes a node counts for holding ``result(key)`` in memory."""
+    return keeper_module._held_size(*result(key))
+
+
 def mode(path: str | Path) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)
 
@@ -179,13 +184,13 @@ def test_keeper_keeps_what_an_acknowledging_client_has_not_journaled(
     """With acknowledgements: results wait in memory, journaled ones are dropped
     (also one written to disk for want of room), the rest go to disk when the
     client is lost, in their order."""
-    monkeypatch.setattr(keeper_module, "PENDING_BYTES", 30)
+    monkeypatch.setattr(keeper_module, "PENDING_BYTES", 3 * held(0))
 
     async def main() -> None:
         keeper = ResultKeeper(ResultSpool(str(tmp_path), 1 << 20))
         kept = keeper.register(RID, FakeComputation())  # type: ignore[arg-type]
         kept.acked = True
-        for key in range(4):  # 10 bytes each: the fourth has no room in memory
+        for key in range(4):  # the fourth has no room in memory
             ResultKeeper.record(kept, *result(key))
         assert sorted(kept.pending) == [(0, 1), (1, 1), (2, 1)]
         assert len(kept.spool.files) == 1  # type: ignore[union-attr]
@@ -203,6 +208,41 @@ def test_keeper_keeps_what_an_acknowledging_client_has_not_journaled(
             (0, [bytes([0]) * 10]),
             (2, [bytes([2]) * 10]),
         ]
+        await keeper.close()
+
+    asyncio.run(main())
+
+
+def test_what_clients_have_not_acknowledged_is_bounded_on_the_node(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The node holds 16 MiB per computation and 64 MiB in all (here three
+    results and five); a result's output counts; what one computation held is
+    given back as it is acknowledged, written to disk or released."""
+    monkeypatch.setattr(keeper_module, "PENDING_BYTES", 3 * held(0))
+    monkeypatch.setattr(keeper_module, "PENDING_NODE_BYTES", 5 * held(0))
+
+    async def main() -> None:
+        keeper = ResultKeeper(ResultSpool(str(tmp_path), 1 << 20))
+        first = keeper.register(RID, FakeComputation())  # type: ignore[arg-type]
+        second = keeper.register("s" * 32, FakeComputation())  # type: ignore[arg-type]
+        first.acked = second.acked = True
+        entry, buffers = result(0)
+        entry[5] = "x" * 3 * held(0)  # its output counts
+        ResultKeeper.record(first, entry, buffers)
+        assert first.pending == {} and len(first.spool.files) == 1  # type: ignore[union-attr]
+        for key in range(1, 4):
+            ResultKeeper.record(first, *result(key))
+            ResultKeeper.record(second, *result(key))
+        # Three in the first, two in the second: the node's five; one on disk.
+        assert len(first.pending) == 3 and len(second.pending) == 2
+        assert len(second.spool.files) == 1  # type: ignore[union-attr]
+        keeper.journaled(RID, [(1, 1)])
+        ResultKeeper.record(second, *result(4))
+        assert len(second.pending) == 3
+        keeper.release("s" * 32)
+        keeper.adopt(RID, 60)
+        assert first.budget.used == 0
         await keeper.close()
 
     asyncio.run(main())
