@@ -447,8 +447,14 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
             self._report(entry.to_wire(), buffers if finished else [])
             if done.kinds:
                 self.result_kinds.pop(job.key, None)
-        if job.cancelled and done.outcome != CANCELLED and not worker.retiring:
+        if (
+            job.cancelled
+            and (done.outcome != CANCELLED or worker.interrupted)
+            and not worker.retiring
+        ):
             # An interrupted worker may hold broken state (locks, half-done work).
+            # One interrupted for a job it skipped (slow to say so: SKIP_GRACE)
+            # keeps that SIGINT for its next job (`jobapi.interrupt_job`).
             self._retire(worker)
         elif worker.assigned and worker.assigned[0].cancelled:
             # It should skip that job; if it had started it already, interrupt it.

@@ -96,3 +96,58 @@ def test_a_cancel_before_the_job_code_starts_stops_it_as_it_starts(
         cluster.cancel(follow)
         assert follow() == "interrupted"
         assert follow.status == DispyJob.Finished
+
+
+def slow_skip_then_wait(n: int, go: str) -> int:
+    """Job 0: make this worker slow to skip a job (1.5 s, as a worker descheduled
+    on a loaded machine would be, past the node's SKIP_GRACE), then wait for
+    ``go``. The others return ``n`` at once."""
+    if n == 0:
+        import os
+        import time
+
+        from nodeserver import jobrunner
+
+        skipped = jobrunner._skipped
+
+        def slowly(run: object) -> object:
+            time.sleep(1.5)
+            return skipped(run)
+
+        jobrunner._skipped = slowly
+        deadline = time.monotonic() + 30
+        while not os.path.exists(go) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.3)  # a long job: the next ones are not sent ahead of others
+    return n
+
+
+def test_an_interrupt_for_a_job_the_worker_skipped_hits_no_later_job(
+    tmp_path: Path,
+) -> None:
+    """A job sent ahead and cancelled is skipped by its worker; if that worker is
+    slow to say so (SKIP_GRACE), the node interrupts it, and the SIGINT, kept for
+    the next job (1a3921b), stopped the next job the worker got as it started:
+    that one came back Crashed ('its arguments are gone'). Now the node replaces
+    a worker it interrupted that skipped the job instead: the next job runs."""
+    go = tmp_path / "go"
+    with (
+        running_node(tmp_path / "node", cpus=1) as node,
+        JobCluster(slow_skip_then_wait, nodes=[node.spec], secret=node.secret) as c,
+    ):
+        # Short jobs first: the node then sends jobs ahead to its busy worker.
+        assert [c.submit(n, str(go))() for n in range(1, 6)] == [1, 2, 3, 4, 5]
+        slow = c.submit(0, str(go))
+        wait_until(lambda: slow.status == DispyJob.Running)
+        ahead = c.submit(6, str(go))  # sent ahead to the one worker, behind it
+        # On its way to the node: the cancel follows it there.
+        wait_until(lambda: sum(n.jobs for n in c.workload().nodes.values()) == 2)
+        c.cancel(ahead)
+        go.touch()
+        assert slow() == 0
+        ahead()
+        assert ahead.status == DispyJob.Cancelled, (ahead.status, ahead.exception)
+        after = [c.submit(n, str(go)) for n in (7, 8)]
+        assert [job() for job in after] == [7, 8], [
+            (job.status, job.exception) for job in after
+        ]
