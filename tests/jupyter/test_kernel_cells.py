@@ -52,11 +52,25 @@ def test_local_error_in_the_cell_body_names_the_editor_line(k):
     assert f"Cell In[{out.execution_count}], line 4" in out.error_text, out.text
 
 
-def test_run_all_stops_at_a_cell_whose_own_code_raised(k):
+def test_run_all_stops_at_a_cell_whose_own_code_raised(k, tmp_path):
     """Run All queues the cells; a failed cell must abort the rest (an ``ok`` reply
     let them run on, on an earlier cell's run or on nothing)."""
-    failing = k.submit('%%dispy --over "[1]" --into never\ndef f(x):\n    x\nnope\n')
+    # ipykernel aborts the requests queued when a cell fails: the cell's code waits
+    # until the next one is sent, as Run All has sent it (under load, a cell failing
+    # at once could otherwise beat the kernel's own reading of the next request).
+    sent = tmp_path / "sent"
+    failing = k.submit(
+        '%%dispy --over "[1]" --into never\n'
+        "import os, time\n"
+        "def f(x):\n"
+        "    x\n"
+        "deadline = time.monotonic() + 30\n"
+        f"while not os.path.exists({str(sent)!r}) and time.monotonic() < deadline:\n"
+        "    time.sleep(0.01)\n"
+        "nope\n"
+    )
     after = k.submit("ran_after = True")
+    sent.touch()
     out = k.collect(failing)
     assert out.status == "error" and out.ename == "NameError", out.text
     assert "dispynb: no jobs were submitted: the cell's code raised" in out.text
