@@ -29,6 +29,12 @@ export type LinkStatus =
 
 const REQUEST_TIMEOUT_MS = 30_000;
 
+/** After this long without an answer from the kernel, say why it may be waiting. */
+const BUSY_HINT_MS = 3_000;
+export const BUSY_KERNEL =
+  'Waiting for the kernel: a running cell holds it; the panel connects when the ' +
+  'cell ends (the run goes on meanwhile).';
+
 interface IPending {
   resolve: (value: any) => void;
   reject: (reason: Error) => void;
@@ -166,6 +172,14 @@ export class KernelLink {
       return;
     }
     this._setStatus('connecting');
+    // A page opened while a cell runs (a long %%dispy): the kernel answers on its
+    // main shell (kernel_info, the bootstrap) only when the cell ends, and JupyterLab
+    // learns of its subshells from kernel_info. Say so rather than "Connecting".
+    const slow = window.setTimeout(() => {
+      if (generation === this._generation && this._status === 'connecting') {
+        this._setStatus('connecting', BUSY_KERNEL);
+      }
+    }, BUSY_HINT_MS);
     try {
       const info = await kernel.info;
       if (generation !== this._generation) {
@@ -229,6 +243,8 @@ export class KernelLink {
       if (generation === this._generation) {
         this._setStatus('error', String(reason));
       }
+    } finally {
+      window.clearTimeout(slow);
     }
   }
 

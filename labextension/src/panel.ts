@@ -247,7 +247,7 @@ export class DispynbPanel extends Widget {
     } else if (link.status === 'no-kernel') {
       message = 'This notebook has no kernel: select one to use dispynb.';
     } else if (link.status === 'connecting') {
-      message = 'Connecting to the kernel…';
+      message = link.error || 'Connecting to the kernel…';
     } else if (link.status !== 'ready') {
       message = link.error;
     }

@@ -15,6 +15,7 @@ import pytest
 INNER = (
     "test_lab_browser.py::test_lab_panel",
     "test_lab_browser.py::test_lab_stop",
+    "test_lab_browser.py::test_lab_page_opened_while_a_cell_runs",
     "test_lab_browser.py::test_lab_dask",
     "test_lab_browser.py::test_lab_ray",
 )

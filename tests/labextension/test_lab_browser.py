@@ -70,6 +70,10 @@ STOP_CELLS = [
 ]
 
 
+#: A cell that holds the kernel's main shell until Stop (as a long %%dispy does).
+BUSY_CELL = "import time\nfor _ in range(1200):\n    time.sleep(0.1)"
+
+
 #: The same journey on the Dask engine: a Dask LocalCluster of two one-thread workers
 #: (``%dispy local --engine dask``), a %%dispy run the sidebar follows, then Stop.
 DASK_CELLS = [
@@ -119,7 +123,11 @@ def test_lab_panel_in_private_network() -> None:
         "pip install -e .) to build and install it"
     )
     here = Path(__file__).relative_to(ROOT)
-    tests = [f"{here}::test_lab_panel", f"{here}::test_lab_stop"]
+    tests = [
+        f"{here}::test_lab_panel",
+        f"{here}::test_lab_stop",
+        f"{here}::test_lab_page_opened_while_a_cell_runs",
+    ]
     if importlib.util.find_spec("distributed") is not None:
         tests.append(f"{here}::test_lab_dask")
     inner = inner_pytest(*tests)
@@ -198,6 +206,8 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
     nbformat.write(nb, root / "lab.ipynb")
     nb.cells = [nbformat.v4.new_code_cell(cell) for cell in STOP_CELLS]
     nbformat.write(nb, root / "stop.ipynb")
+    nb.cells = [nbformat.v4.new_code_cell(BUSY_CELL)]
+    nbformat.write(nb, root / "busy.ipynb")
     nb.cells = [nbformat.v4.new_code_cell(cell) for cell in DASK_CELLS]
     nbformat.write(nb, root / "dask.ipynb")
     # A kernel in which dispynb cannot be imported, as if it were not installed.
@@ -579,6 +589,39 @@ def test_lab_stop(lab: Lab) -> None:  # collected only in the namespace: conftes
                 break
             page.wait_for_timeout(100)
         assert sorted(names) == want, names
+
+
+@pytest.mark.timeout(200)
+def test_lab_page_opened_while_a_cell_runs(lab: Lab) -> None:  # in the namespace
+    """A page opened (here: reloaded) while a cell holds the kernel, as a person
+    closes the tab during a long %%dispy and comes back: the kernel answers nothing
+    on its main shell until the cell ends (JupyterLab learns of its subshells from
+    kernel_info, which waits there too), so the panel cannot connect yet; it must
+    say why instead of 'Connecting to the kernel…' for the rest of the run, then
+    connect once the cell ends (here: Stop)."""
+    from playwright.sync_api import expect
+
+    with chromium_page(
+        viewport={"width": 1400, "height": 850}, timeout_ms=60_000
+    ) as page:
+        _open_notebook(page, lab, "busy.ipynb", "Python 3 (ipykernel)")
+        page.wait_for_selector(f'{PANEL}[data-ready="true"]')
+        _run_cell(page, 0)
+        page.wait_for_function(
+            """() => [...document.querySelectorAll('.jp-StatusBar-TextItem')]
+                .some(e => e.textContent.trim().endsWith('| Busy'))"""
+        )
+        page.reload()
+        page.locator(TAB).wait_for()
+        if not page.locator(PANEL).is_visible():
+            page.locator(TAB).click()
+        status = page.locator(f"{PANEL} .dispynb-status-text")
+        expect(status).to_contain_text("a running cell holds it")
+        page.locator(
+            '.jp-NotebookPanel-toolbar [data-jp-item-name="interrupt"]'
+        ).click()
+        page.wait_for_selector(f'{PANEL}[data-ready="true"]')
+        assert not page.locator(f"{PANEL} .dispynb-status").is_visible()
 
 
 @pytest.mark.timeout(300)
