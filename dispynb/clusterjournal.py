@@ -157,7 +157,12 @@ class ClusterJournal:
         if journal is None:
             return
         if self.jobs:
-            journal.close(remove=clean)
+            # The file may hold another cluster's computation too (the same
+            # recover_file given to two): then only this one's records go.
+            shared = clean and journal.shared(self.recovery_id)
+            if shared:
+                journal.forget(self.recovery_id)
+            journal.close(remove=clean and not shared)
         else:
             release_default_journal(journal, self.recovery_id, clean=clean)
 

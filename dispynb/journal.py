@@ -238,6 +238,16 @@ class Journal:
             jobs.append((key, job, node))
         return jobs
 
+    def shared(self, recovery_id: str) -> bool:
+        """Whether the file records computations other than ``recovery_id`` (of
+        another cluster, maybe in another process, given the same file)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM computations WHERE recovery_id != ? LIMIT 1",
+                (recovery_id,),
+            ).fetchone()
+        return row is not None
+
     def forget(self, recovery_id: str) -> None:
         """A computation closed cleanly: nothing of it is left to recover."""
         for table in ("jobs", "nodes", "sources", "computations"):
