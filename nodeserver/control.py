@@ -63,6 +63,10 @@ class ControlChannel:
             )
         except (BlockingIOError, InterruptedError):
             return
+        except ConnectionResetError:
+            # The process exited with a message of ours unread (a Shutdown sent as
+            # its setup failed): its end, as EOF.
+            data, fds = b"", []
         except OSError as exc:
             logger.warning("control channel read failed: %s", exc)
             data, fds = b"", []
