@@ -140,6 +140,9 @@ class Kept:
     #: spool only if its client goes away first (`ResultKeeper.adopt`), another
     #: claims it, the node closes, or ``pending`` is full.
     acked: bool = False
+    #: No longer kept (its client closed it, collected its results, or used its
+    #: recovery id again): what it still records is not kept, only delivered.
+    dropped: bool = False
     pending: dict[tuple[Any, Any], KeptResult] = field(default_factory=dict)
     pending_bytes: int = 0
     #: The node's (shared by its computations), set by `ResultKeeper.register`.
@@ -211,7 +214,7 @@ class ResultKeeper:
         """A recoverable computation starts."""
         replaced = self._kept.get(self._key(recovery_id))
         if replaced is not None:  # the same id again: the first is not recoverable
-            self._forget_pending(replaced)
+            self._forget(replaced)
         kept = Kept(computation, budget=self._budget)
         if self._spool is not None:
             try:
@@ -232,6 +235,8 @@ class ResultKeeper:
     ) -> None:
         """One of its results (also sent to the client, if connected); ``kinds``:
         its buffers' kinds (`nodeserver.ipc.Done.kinds`), if known."""
+        if kept.dropped and kept.deliver is None:
+            return  # nobody can claim it any more
         if len(buffers) == 1 and shm.is_reference(buffers):
             entry, buffers = _from_shared_memory(entry, buffers, kept.adopted)
         if kept.acked and not kept.adopted and kept.deliver is None:
@@ -299,11 +304,11 @@ class ResultKeeper:
             ResultKeeper._keep(kept, result.entry, result.buffers, result.kinds)
 
     @staticmethod
-    def _forget_pending(kept: Kept) -> None:
-        """A computation no longer kept: what it held goes, and it holds no more
-        (results it still records are kept, or not, as without acknowledgements)."""
+    def _forget(kept: Kept) -> None:
+        """A computation no longer kept: what it held goes, and it holds no more."""
+        kept.dropped = True
         kept.budget.used -= kept.pending_bytes
-        kept.pending, kept.pending_bytes, kept.acked = {}, 0, False
+        kept.pending, kept.pending_bytes = {}, 0
 
     def adopt(self, recovery_id: str, keep: float) -> None:
         """Its client's connection is lost: let the jobs finish, keep the results
@@ -366,7 +371,7 @@ class ResultKeeper:
     def _drop(self, key: str) -> None:
         kept = self._kept.pop(key, None)
         if kept is not None:
-            self._forget_pending(kept)
+            self._forget(kept)
         if kept is not None and kept.spool is not None and kept.owner is not None:
             kept.owner.remove(kept.spool)
 

@@ -214,7 +214,7 @@ def test_keeper_keeps_what_an_acknowledging_client_has_not_journaled(
 
 
 def test_what_clients_have_not_acknowledged_is_bounded_on_the_node(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ):
     """The node holds 16 MiB per computation and 64 MiB in all (here three
     results and five); a result's output counts; what one computation held is
@@ -240,7 +240,10 @@ def test_what_clients_have_not_acknowledged_is_bounded_on_the_node(
         keeper.journaled(RID, [(1, 1)])
         ResultKeeper.record(second, *result(4))
         assert len(second.pending) == 3
-        keeper.release("s" * 32)
+        keeper.release("s" * 32)  # closed by its client: nothing of it is kept
+        ResultKeeper.record(second, *result(5))
+        assert second.pending == {} and not os.path.exists(second.spool.path)  # type: ignore[union-attr]
+        assert not [r for r in caplog.records if "cannot spool" in r.message]
         keeper.adopt(RID, 60)
         assert first.budget.used == 0
         await keeper.close()
