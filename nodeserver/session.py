@@ -318,8 +318,12 @@ class ClientSession(_SessionFiles, _SessionRecovery):
         try:
             workers = await computation.start(bundle, files, setup_timeout)
         except SetupError as exc:
-            # Closed meanwhile: its client went away (or the node stops), no fault.
-            log = logger.info if computation.closing else logger.warning
+            # Closed meanwhile (its client went away, the node stops), or the
+            # client's own code failed here (its setup raised, its computation does
+            # not load: a traceback): the client is told; not the node's fault, and
+            # a %dispy local node's warning would repeat it in the notebook's cell.
+            quiet = computation.closing or bool(exc.remote_traceback)
+            log = logger.info if quiet else logger.warning
             log("computation %s failed to start: %s", computation.name, exc)
             self._computations.pop(computation.comp_id, None)
             await computation.close(terminate=True)

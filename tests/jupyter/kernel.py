@@ -62,6 +62,10 @@ class Kernel:
     def __init__(self, cwd: Path) -> None:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         env.pop("JPY_PARENT_PID", None)
+        # ipykernel forwards what the kernel's processes write to its fds (a %dispy
+        # local node's log lines) into the running cell, except under pytest: let
+        # the cells show it, as they do in JupyterLab.
+        env.pop("PYTEST_CURRENT_TEST", None)
         self.manager = KernelManager(kernel_name="python3")
         self.manager.start_kernel(env=env, cwd=str(cwd))
         self.client = self.manager.client()

@@ -195,6 +195,9 @@ def test_a_failing_setup_shows_its_traceback_not_a_nodes_hint(k):
     assert f"Cell In[{made.execution_count}], line 3, in load" in out.text, out.text
     assert "%dispy local" not in out.text  # the nodes are fine: the setup is not
     assert "nodeserver/" not in out.text, out.text  # the node's own frames
+    # Nor the %dispy local node's log lines repeating it ('nodeserver.session
+    # WARNING computation f failed to start: ...', 'control channel read failed').
+    assert "WARNING" not in out.text and "nodeserver." not in out.text, out.text
 
 
 def test_running_a_helper_the_cell_defines_last_is_said(k):
