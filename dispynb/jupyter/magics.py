@@ -22,7 +22,7 @@ from IPython.display import display
 
 from dispynb.jupyter.cellrun import LAST_RUN, NODES_HINT, CellRunner
 from dispynb.jupyter.errors import MagicInterrupted
-from dispynb.jupyter.magicsupport import adapt_bounds, parse_line
+from dispynb.jupyter.magicsupport import adapt_bounds, malformed_node, parse_line
 from dispynb.jupyter.progress import KINDS
 from dispynb.jupyter.session import Session, SessionStatus, launcher_kind
 
@@ -298,6 +298,10 @@ class DispyMagics(Magics):
         if args.action == "nodes":
             if not args.hosts:
                 raise UsageError("%dispy nodes needs at least one HOST[:PORT]")
+            for host in args.hosts:  # before the nodes in use are replaced
+                problem = malformed_node(host)
+                if problem:
+                    raise UsageError(f"%dispy nodes {host}: {problem}")
             options = {
                 key: os.path.expanduser(value)
                 for key, value in (

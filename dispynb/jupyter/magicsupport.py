@@ -13,12 +13,18 @@ import ast
 import contextlib
 import difflib
 import logging
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from IPython.core.error import UsageError
 
-from dispynb.errors import DispynbError, SerializationError, SetupError
+from dispynb.errors import (
+    ConfigurationError,
+    DispynbError,
+    SerializationError,
+    SetupError,
+)
 from dispynb.jupyter.errors import MagicError
 from dispynb.jupyter.tracebacks import SourceMap
 
@@ -197,3 +203,14 @@ def callers_of(source: str, name: str) -> list[str]:
         ):
             found.append(node.name)
     return found
+
+
+def malformed_node(host: str) -> str:
+    """What is wrong with a ``%dispy nodes`` address (``HOST[:PORT]``), or ""."""
+    from dispynb.node import parse_node_specs
+
+    try:
+        parse_node_specs(host)
+    except ConfigurationError as exc:
+        return re.sub(r"^nodes\[\d+\]: ", "", str(exc))
+    return ""

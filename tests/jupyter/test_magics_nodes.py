@@ -149,3 +149,25 @@ def test_run_submit_node_pins_jobs_and_names_the_nodes_when_unknown(ip):
     assert "local-0 (127.0.0.1:" in str(error.value)
     assert run.results == ["local-1"] * 4
     assert len(run.jobs) == 4
+
+
+@pytest.mark.parametrize(
+    ("host", "says"),
+    [
+        ("127.0.0.1:notaport", "node port must be an integer from 1 to 65535"),
+        ("127.0.0.1:99999", "node port must be an integer from 1 to 65535"),
+        (":9711", "has no host before the port"),
+    ],
+)
+def test_a_malformed_node_address_is_a_usage_error_that_keeps_the_nodes(ip, host, says):
+    """A typo in `%dispy nodes HOST:PORT` says what is wrong with the address, not
+    'cannot use ... nodes[0]: ...' with a hint to check that dispynb-node runs
+    there; and it does not first stop the nodes in use (it stopped them: the next
+    cell then started new local nodes)."""
+    before = addresses(ip)
+    with pytest.raises(UsageError) as raised:
+        ip.run_line_magic("dispy", f"nodes 127.0.0.2:9711 {host}")
+    message = str(raised.value)
+    assert message.startswith(f"%dispy nodes {host}: ") and says in message, message
+    assert "nodes[" not in message, message
+    assert addresses(ip) == before and session(ip).nodes is session(ip).local
