@@ -172,7 +172,11 @@ class CellRunner:
             # executed in CI) stops here instead of running on without results.
             kinds = ", ".join(sorted({exception_kind(j.exception) for j in failures}))
             which = f"all {len(failures)} jobs" if len(failures) > 1 else "the job"
-            shown = "" if args.quiet else "the traceback is above; "
+            # The first failure of each kind is shown above: with a traceback, or
+            # only its reason (a worker that died, a result that could not be sent).
+            traced = any("Traceback" in str(job.exception) for job in failures)
+            what = "traceback" if traced else "reason"
+            shown = "" if args.quiet else f"the {what} is above; "
             raise MagicError(
                 f"{which} of run {label!r} failed ({kinds}): {shown}"
                 f"{run.ref}.failures has {'them' if len(failures) > 1 else 'it'}"

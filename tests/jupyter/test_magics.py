@@ -257,6 +257,23 @@ def test_magic_cell_whose_jobs_all_failed_fails_the_cell(ip):
     assert len(run.failures) == 3
 
 
+def test_jobs_that_failed_without_a_traceback_point_at_the_reason(ip):
+    """A job whose worker died (os._exit) has no traceback: the cell's last line
+    points at the reason shown above it, not at a traceback that is not there."""
+    with capture_output() as captured, pytest.raises(MagicError) as raised:
+        ip.run_cell_magic(
+            "dispy",
+            '--over "[1]" --into died',
+            "def die(x):\n    import os\n    os._exit(1)\n",
+        )
+
+    assert str(raised.value).endswith(
+        "failed (the job's worker process exited with status 1 (os._exit() or a "
+        "fatal error in an extension)): the reason is above; died.failures has it"
+    ), str(raised.value)
+    assert "Traceback" not in captured.stderr + captured.stdout
+
+
 def test_magic_cell_with_some_jobs_failed_succeeds(ip):
     """Some jobs failed: the cell shows them but succeeds (the others' results
     are there to use)."""
