@@ -100,6 +100,13 @@ class Upstream:
     file_uses: FileUses = dataclasses.field(default_factory=FileUses)
 
 
+def acks_journaled(setup: ComputationSetup) -> bool:
+    """Whether the scheduler takes `ResultsJournaled` for this computation: it
+    keeps every result for its client's recovery, and the client asked to say
+    which it journaled (an older client never asks, and is never offered it)."""
+    return bool(setup.recovery_id) and setup.keep_sent and setup.ack_journaled
+
+
 class SharedComputation(_JobFiles):
     """One client computation on the scheduler's nodes."""
 
@@ -133,6 +140,9 @@ class SharedComputation(_JobFiles):
         self.recovering = False
         #: Messages for the client while it is away (or all, to resend: keep_sent).
         self.kept = KeptMessages(server.spill, self.name, server.config.max_kept)
+        # Its client journals every job and says which (`ResultsJournaled`): what
+        # it journaled is dropped from what is kept (`KeptMessages.journaled`).
+        self.kept.tracking = acks_journaled(setup)
         #: The client came back: what was kept is on its way to it (in order).
         self.replaying = False
         #: The largest message its client takes, when it said so (`Recover`): results

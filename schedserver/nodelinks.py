@@ -218,7 +218,9 @@ class _NodeLinks(_ServerState):
                 comp.ready_sent = True
                 comp.to_client(
                     ComputationReady(
-                        comp_id=comp.comp_id, workers=max(1, self.total_cpus())
+                        comp_id=comp.comp_id,
+                        workers=max(1, self.total_cpus()),
+                        acks_journaled=comp.kept.tracking,
                     )
                 )
             comp.report_nodes()

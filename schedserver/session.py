@@ -33,6 +33,7 @@ from dispynb.protocol.messages import (
     NodeStatus,
     Ping,
     Recover,
+    ResultsJournaled,
 )
 from dispynb.transport.connection import BadMessageError, Connection
 from schedserver.spill import KeptMessages
@@ -333,6 +334,23 @@ class SchedulerSession:
                 return refused
         return ""
 
+    def _on_journaled(self, message: ResultsJournaled) -> None:
+        """The client journaled these results of its computation: what was kept
+        of them for its recovery goes (only its own computation's; nothing if it
+        did not ask for acknowledgements, which it was then not offered)."""
+        jobs = message.jobs
+        if not isinstance(jobs, list) or not all(
+            isinstance(job, list)
+            and len(job) == 2
+            and all(type(part) is int for part in job)
+            for job in jobs
+        ):
+            self._refuse("malformed jobs in results-journaled")
+            return
+        comp = self._comp(message.comp_id)
+        if comp is not None and comp.kept.tracking:
+            comp.kept.journaled(jobs)
+
     def _on_message(self, message: Message, buffers: list[memoryview]) -> bool:
         self.last_heard = self._clock()
         server = self.server
@@ -390,6 +408,8 @@ class SchedulerSession:
         elif isinstance(message, Recover):
             self._pulse_at(message.pulse_interval)  # its sign of life while it waits
             server.recover(self, message)
+        elif isinstance(message, ResultsJournaled):
+            self._on_journaled(message)
         else:
             self._refuse(f"unexpected {message.op!r} from a client")
         return False

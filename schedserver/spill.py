@@ -14,13 +14,20 @@ kept: its job's entry says so instead (an error the client sees, the job ends
 ``Terminated``; exactly one entry per job still), provisional results and files a job
 sends are dropped (a warning is logged), and the computation gets no more CPUs while
 its client is away (its queued jobs wait, nothing more is lost).
+
+A client that journals its results (``ComputationSetup.ack_journaled``) says which
+it has committed (`ResultsJournaled`): a kept message is dropped once every job it
+concerns (its results and starts, a chunk's or a provisional result's job) is
+acknowledged (`KeptMessages.journaled`), its memory given back, and the spill
+file closed (its space freed) once nothing kept is on disk. What is not
+acknowledged stays kept, as without acknowledgements.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
+import itertools
 import logging
 import os
 import secrets
@@ -36,13 +43,32 @@ from dispynb.protocol.messages import (
     Message,
     ResultChunk,
 )
-from dispynb.protocol.records import ResultEntry
+from dispynb.protocol.records import ResultEntry, is_start
 
 logger = logging.getLogger(__name__)
 
 #: A kept message: the message, its payload in memory (or None), and where on disk
 #: the payload is (``(offset, size)`` per buffer; None while in memory).
 _Kept = tuple[Message, list[memoryview] | None, list[tuple[int, int]] | None]
+
+
+def _jobs_of(message: Message) -> set[tuple[int, int]]:
+    """The jobs ``(key, attempt)`` a kept message concerns (empty: it is never
+    dropped by acknowledgements; so a file a job sent, which names no attempt)."""
+    if isinstance(message, JobResults):
+        jobs = {
+            (item[0], item[1])
+            for item in message.results
+            if isinstance(item, list)
+            and len(item) > 1
+            and type(item[0]) is int
+            and type(item[1]) is int
+        }
+        jobs.update((s[0], s[1]) for s in message.started if is_start(s))
+        return jobs
+    if isinstance(message, ResultChunk | JobProvisional):
+        return {(message.key, message.attempt)}
+    return set()
 
 
 class SpillStore:
@@ -111,11 +137,20 @@ class KeptMessages:
         self.size = 0
         #: Results, provisional results and files not kept (over the quota).
         self.dropped = 0
-        self._items: collections.deque[_Kept] = collections.deque()
+        #: Kept messages by their number, oldest first (one may leave from the
+        #: middle: `journaled`).
+        self._items: dict[int, _Kept] = {}
+        self._numbers = itertools.count()
         self._fd: int | None = None
         self._end = 0  # where the next payload goes in the file
         self._in_memory = 0
         self._dropped_streams: set[tuple[int, int]] = set()
+        #: With acknowledgements (`track`): per job ``(key, attempt)`` the kept
+        #: messages that concern it, and per message how many of its jobs are not
+        #: acknowledged yet.
+        self.tracking = False
+        self._waiting: dict[tuple[int, int], list[int]] = {}
+        self._unacked: dict[int, int] = {}
 
     def __len__(self) -> int:
         return len(self._items)
@@ -142,16 +177,62 @@ class KeptMessages:
             size = sum(b.nbytes for b in buffers)
         self.size += size
         store = self.store
+        number = next(self._numbers)
         if not buffers or store.in_memory + size <= store.memory:
             store.in_memory += size
             self._in_memory += size
-            self._items.append((message, list(buffers), None))
-            return
-        self._items.append((message, None, self._write(buffers)))
+            self._items[number] = (message, list(buffers), None)
+        else:
+            self._items[number] = (message, None, self._write(buffers))
+        if self.tracking:
+            jobs = _jobs_of(message)
+            if jobs:
+                self._unacked[number] = len(jobs)
+                for job in jobs:
+                    self._waiting.setdefault(job, []).append(number)
+
+    def journaled(self, jobs: list[Any]) -> int:
+        """The client journaled these jobs (``[key, attempt]`` each): drop the
+        kept messages that concern only jobs it journaled; how many were dropped.
+        Anything else (a job not kept, garbage) is ignored."""
+        dropped = 0
+        for item in jobs:
+            if not (
+                isinstance(item, list)
+                and len(item) == 2
+                and all(type(n) is int for n in item)
+            ):
+                continue
+            for number in self._waiting.pop((item[0], item[1]), ()):
+                left = self._unacked.get(number)
+                if left is None:
+                    continue  # sent to a recovering client already
+                if left > 1:
+                    self._unacked[number] = left - 1
+                    continue
+                del self._unacked[number]
+                self._drop(number)
+                dropped += 1
+        if dropped and self._fd is not None and self.size == self._in_memory:
+            self._close_file()  # nothing kept on disk any more: its space freed
+        return dropped
+
+    def _drop(self, number: int) -> None:
+        _message, buffers, places = self._items.pop(number)
+        if buffers is not None:
+            size = sum(b.nbytes for b in buffers)
+            self._in_memory -= size
+            self.store.in_memory -= size
+        else:
+            assert places is not None
+            size = sum(length for _offset, length in places)
+        self.size -= size
 
     def pop(self) -> tuple[Message, list[memoryview]]:
         """The oldest kept message and its payload (read back from disk if there)."""
-        message, buffers, places = self._items.popleft()
+        number = next(iter(self._items))
+        message, buffers, places = self._items.pop(number)
+        self._unacked.pop(number, None)
         if buffers is None:
             assert places is not None and self._fd is not None
             buffers = [self._read(offset, size) for offset, size in places]
@@ -175,6 +256,11 @@ class KeptMessages:
         self._in_memory = 0
         self.dropped = 0
         self._dropped_streams.clear()
+        self._waiting.clear()
+        self._unacked.clear()
+        self._close_file()
+
+    def _close_file(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

@@ -410,10 +410,10 @@ class JobCancel(WireMessage):
 
 @message("results-journaled")
 class ResultsJournaled(WireMessage):
-    """Client -> node: the client has these results of ``comp_id`` in its
-    recovery journal (committed), ``[key, attempt]`` each: the node needs not keep
-    them for its recovery. Sent only where `ComputationReady` said
-    ``acks_journaled``; a result not acknowledged stays kept."""
+    """Client -> node (or ``dispynb-scheduler``): the client has these results of
+    ``comp_id`` in its recovery journal (committed), ``[key, attempt]`` each: the
+    node needs not keep them for its recovery. Sent only where `ComputationReady`
+    said ``acks_journaled``; a result not acknowledged stays kept."""
 
     comp_id: int
     jobs: list[list[int]]
