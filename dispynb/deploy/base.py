@@ -140,7 +140,8 @@ class NodeLauncher(_Registrations[Handle]):
         if self._closed:
             raise LaunchError("this launcher is closed")
         count = self.default_count if count is None else count
-        self._runner.run_sync(self._start, count)
+        for name in self._runner.run_sync(self._start, count):
+            self._event("launch", name, "start")
 
     def close(self) -> None:
         """Stop every launched node and the registration listener; idempotent."""
@@ -159,6 +160,8 @@ class NodeLauncher(_Registrations[Handle]):
         with self._changed:
             launched = list(self._launched)
             for x in launched:
+                if not x.stopped and self._reason(x) is None:
+                    self._event("stopped", x.name, "closed")
                 x.stopped = True  # on purpose: not reported by exited()
         await asyncio.gather(
             *(self._stop(x.handle) for x in launched if x.handle is not None),

@@ -121,7 +121,22 @@ def test_dispy_status_neither_waits_for_nor_launches_nodes(
     status = ip.run_line_magic("dispy", "status")
     assert repr(status).startswith("ssh nodes: none registered"), repr(status)
     assert "none registered" in status._repr_html_()
-    assert len(nodes.events) == 2 and nodes.events[-1].action == "drain"
+    assert len(nodes.events) == 3 and nodes.events[-1].action == "drain"
+
+
+def test_events_hold_the_launches_of_start_and_the_stops_of_close(
+    fake_ssh: Path,
+) -> None:
+    """``nodes.events`` keeps every launch, registration, drain and stop (as the
+    deploying guide says): the nodes `start` launched and `close` stopped were
+    missing (only ``adapt``'s and ``scale``'s were kept)."""
+    nodes = SSHNodes(["node1"], python=sys.executable, node_args=["--cpus", "1"])
+    with nodes:
+        assert len(nodes.node_specs()) == 1
+    actions = [(e.action, e.detail) for e in nodes.events]
+    assert [a for a, _ in actions] == ["launch", "registered", "stopped"], actions
+    assert actions[0][1] == "start" and actions[2][1] == "closed", actions
+    assert len({e.node for e in nodes.events}) == 1
 
 
 def blocked_signals(pid: int) -> int:
