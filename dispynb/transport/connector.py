@@ -25,6 +25,7 @@ from dispynb.transport import localsockets
 from dispynb.transport.addressing import format_address
 from dispynb.transport.connection import Connection
 from dispynb.transport.handshake import client_handshake
+from dispynb.transport.tls import handshake_refusal
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +151,12 @@ async def _connect_once(
     except (ProtocolError, AuthenticationError, NodeBusyError) as exc:
         conn.abort()
         raise type(exc)(f"{peer}: {exc}") from exc
+    except TransportError as exc:
+        conn.abort()
+        if ssl_context is None:
+            raise
+        # A TLS node refusing our certificate (or its absence) hangs up here.
+        raise handshake_refusal(peer, ssl_context, exc) from exc
     except BaseException:
         conn.abort()
         raise

@@ -4,8 +4,20 @@ from __future__ import annotations
 
 import os
 import ssl
+import weakref
 
-from dispynb.errors import ConfigurationError
+from dispynb.errors import ConfigurationError, DispynbError, TransportError
+
+#: The certificate file of each client context that has one, for error messages
+#: (an SSLContext does not say which certificate it holds).
+_CLIENT_CERTS: weakref.WeakKeyDictionary[ssl.SSLContext, str] = (
+    weakref.WeakKeyDictionary()
+)
+
+#: Alerts (as OpenSSL names them) a node sends when it refuses a client's
+#: certificate, and those when the client gave none.
+_REFUSED_CERT_ALERTS = ("UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_UNKNOWN")
+_MISSING_CERT_ALERTS = ("CERTIFICATE_REQUIRED", "HANDSHAKE_FAILURE")
 
 
 def _check_file(path: str, what: str) -> None:
@@ -62,4 +74,40 @@ def client_context(
             raise ConfigurationError(
                 f"cannot load certificate {certfile!r} / key {keyfile!r}: {exc}"
             ) from exc
+        _CLIENT_CERTS[context] = certfile
     return context
+
+
+def handshake_refusal(
+    peer: str, context: ssl.SSLContext, exc: DispynbError
+) -> TransportError:
+    """What a client tells its user when a TLS node hangs up before the dispynb
+    handshake is done, as a node refusing the client's certificate does.
+
+    With TLS 1.3 the client's handshake completes before the node has checked the
+    client's certificate, so the refusal arrives at the first read: as an alert
+    naming the reason, or (a dispynb node) as a bare close or reset.
+    """
+    certfile = _CLIENT_CERTS.get(context)
+    text = str(exc)
+    if certfile:
+        fix = (
+            f"the node's --cafile must hold the CA that signed the client's "
+            f"certificate {certfile!r}"
+        )
+        known = any(alert in text for alert in _REFUSED_CERT_ALERTS)
+        reason = "it does not trust" if known else "it may not trust"
+        reason += f" this client's certificate: {fix}"
+    else:
+        fix = (
+            "give the client certfile= and keyfile=, a certificate signed by a CA "
+            "in the node's --cafile"
+        )
+        known = any(alert in text for alert in _MISSING_CERT_ALERTS)
+        reason = "it requires" if known else "it may require"
+        reason += f" a client certificate: {fix}"
+    if not known:
+        reason += " (the node's log says why)"
+    return TransportError(
+        f"node {peer} closed the TLS connection during the handshake: {reason} [{text}]"
+    )

@@ -721,6 +721,34 @@ def test_jobcluster_tls_client_rejects_node_cert_from_other_ca(tmp_path, no_secr
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("client_cert", ["none", "from another CA"])
+def test_jobcluster_mutual_tls_node_refusing_the_client_says_why(
+    tmp_path, no_secret_env, client_cert
+):
+    cert, key = make_cert(tmp_path, "node")
+    client_ca, _ = make_cert(tmp_path, "client")  # the only CA the node trusts
+    other, other_key = make_cert(tmp_path, "other")
+    given = {"certfile": other, "keyfile": other_key} if client_cert != "none" else {}
+    args = ("--certfile", cert, "--keyfile", key, "--cafile", client_ca)
+    with (
+        running_node(tmp_path / "node", *args) as node,
+        pytest.raises(TransportError) as info,
+    ):
+        JobCluster(
+            jobs.square, nodes=[node.spec], secret=node.secret, cafile=cert, **given
+        )
+    message = str(info.value)
+    assert f"node {node.spec} closed the TLS connection during the handshake" in message
+    if given:
+        assert "may not trust this client's certificate: the node's --cafile" in message
+        assert f"signed the client's certificate {other!r}" in message
+    else:
+        assert (
+            "may require a client certificate: give the client certfile= and keyfile="
+            in message
+        )
+
+
 # --- context manager, isolation, large data -----------------------------------
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import ssl
@@ -23,6 +24,7 @@ from dispynb.transport.connection import Connection
 from dispynb.transport.connector import open_socket
 from dispynb.transport.tls import client_context, server_context
 from tests.asyncutil import run
+from tests.transport.certs import make_cert
 from tests.transport.util import WAIT, client, echo_round_trip, serving, wait_until
 
 
@@ -338,3 +340,87 @@ def test_a_tls_link_closing_as_its_loop_stops_leaves_no_socket_open(cert):
         thread.join(WAIT)
         listener.close()
     assert not still_open(socket_fd)
+
+
+def _refusing_tls_server(context: ssl.SSLContext) -> tuple[int, threading.Thread]:
+    """A plain OpenSSL server on 127.0.0.1 that accepts one connection and runs its
+    TLS handshake: it sends the alert that says why it refuses a client's
+    certificate (a dispynb node only closes). Returns its port and thread."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(WAIT)
+
+    def serve() -> None:
+        with listener:
+            sock, _ = listener.accept()
+            sock.settimeout(WAIT)
+            raw = sock.dup()
+            try:
+                with context.wrap_socket(sock, server_side=True) as tls:
+                    tls.recv(1)
+            except (ssl.SSLError, OSError):
+                pass  # the refusal: the alert is sent
+            # Read what the client sent until it hangs up: closing with unread data
+            # would reset the connection, and the client might lose the alert.
+            with raw, contextlib.suppress(OSError):
+                while raw.recv(65536):
+                    pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return listener.getsockname()[1], thread
+
+
+@pytest.mark.parametrize("with_cert", [False, True])
+def test_tls_alert_refusing_the_client_cert_is_named_with_the_fix(
+    cert, other_cert, tmp_path, with_cert
+):
+    certfile, keyfile = cert
+    ca, _ = make_cert(tmp_path, "ca")  # the node trusts only this CA
+    port, thread = _refusing_tls_server(server_context(certfile, keyfile, cafile=ca))
+    given = other_cert if with_cert else (None, None)
+
+    async def main():
+        with pytest.raises(TransportError) as info:
+            async with client(
+                port,
+                ssl_context=client_context(*given, cafile=certfile),
+                handshake_timeout=WAIT,
+            ):
+                pass
+        return str(info.value)
+
+    message = run(main())
+    thread.join(WAIT)
+    assert f"node 127.0.0.1:{port} closed the TLS connection" in message
+    if with_cert:
+        assert "it does not trust this client's certificate" in message
+        assert (
+            "--cafile must hold the CA that signed the client's certificate "
+            f"{other_cert[0]!r}" in message
+        )
+    else:
+        assert "it requires a client certificate: give the client certfile=" in message
+    assert "may" not in message  # the alert said why: no guess
+
+
+def test_tls_node_closing_on_a_client_without_cert_says_it_may_require_one(cert):
+    certfile, keyfile = cert
+
+    async def main():
+        context = server_context(certfile, keyfile, cafile=certfile)
+        async with serving(ssl_context=context) as (listener, echo):
+            with pytest.raises(TransportError) as info:
+                async with client(
+                    listener.port,
+                    ssl_context=client_context(cafile=certfile),
+                    handshake_timeout=WAIT,
+                ):
+                    pass
+            assert echo.names == []
+            return listener.port, str(info.value)
+
+    port, message = run(main())
+    assert message.startswith(
+        f"node 127.0.0.1:{port} closed the TLS connection during the handshake: "
+        "it may require a client certificate: give the client certfile= and keyfile="
+    )
