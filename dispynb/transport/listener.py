@@ -260,6 +260,14 @@ class Listener:
                 )
         except TimeoutError:
             failure = f"handshake timed out after {self._handshake_timeout:g} s"
+        except ConnectionClosedError as exc:
+            if source == localsockets.UNIX_PEER:
+                # Only this user's own client reaches the Unix socket: a hang-up
+                # there is that client closing while it connects, not an attack.
+                logger.debug("%s hung up in the handshake: %s", peer, exc)
+                _abort(conn, sock)
+                return  # (the finally clause releases its admission)
+            failure = peer_text(describe_error(exc))
         except DispynbError as exc:
             failure = peer_text(describe_error(exc))
         except BaseException:

@@ -4,7 +4,9 @@ same authentication as over TCP; a socket that is not there means TCP, as before
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,3 +88,36 @@ def test_without_its_unix_socket_a_registered_node_is_reached_over_tcp(
             assert echo.names == ["over-tcp"]
 
     run(main())
+
+
+@pytest.mark.parametrize("hello", [b"", b"\x00"], ids=["nothing sent", "partial"])
+def test_a_client_hanging_up_in_the_handshake_over_the_unix_socket_is_no_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, hello: bytes
+) -> None:
+    """Only the user's own client reaches the socket: a hang-up there (a cluster
+    closing while it connects, e.g. at a script's exit) is not a rejected
+    connection. The same over TCP still is (anyone may connect there)."""
+    path = str(tmp_path / "node.sock")
+    caplog.set_level(logging.DEBUG, logger="dispynb.transport.listener")
+
+    def seen() -> int:  # hang-ups the listener has handled: quietly, or warning
+        messages = [r.getMessage() for r in caplog.records]
+        quiet = sum("hung up in the handshake" in text for text in messages)
+        return quiet + len(warnings_from(caplog, "from unix-socket"))
+
+    async def main() -> None:
+        async with serving() as (listener, echo):
+            listener.listen_unix(path)
+            sock = await localsockets.open_unix(path)
+            if hello:
+                sock.send(hello)
+            sock.close()
+            await wait_until(lambda: seen() == 1)
+            tcp = socket.create_connection((HOST, listener.port))
+            tcp.close()
+            await wait_until(lambda: warnings_from(caplog, "rejected connections"))
+            assert echo.names == []
+
+    run(main())
+    rejected = warnings_from(caplog, "rejected connections")
+    assert rejected and all("unix-socket" not in text for text in rejected)
