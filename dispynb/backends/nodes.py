@@ -520,7 +520,13 @@ class NodesBackend:
 
     def _add_node(self, spec: NodeAllocate, port: int, node_id: str) -> None:
         link = self.driver.nodes.get(node_id)
-        if link is not None:  # known: all its CPUs again (after deallocate_node)
+        if link is not None and link.releasing:
+            # close_node still under way: once the node has closed the computation,
+            # set it up again (as resetup_node) instead of letting it leave; had it
+            # got jobs now, it would refuse them ("not set up on this node").
+            link.releasing = False
+            link.resetting = True
+        elif link is not None:  # known: all its CPUs again (after deallocate_node)
             self.driver.set_cpus(node_id, link.cpus)
         else:
             self.driver.add_node(spec.host, port, self._allocator(spec))

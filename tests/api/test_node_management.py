@@ -183,6 +183,27 @@ def test_close_node_releases_node_for_good_until_allocated_again(two, tmp_path):
     assert closed_events[0] == "local-0"
 
 
+def test_allocate_node_at_once_after_close_node_sets_the_node_up_again(two):
+    """allocate_node while close_node is still under way (the node has not yet
+    closed the computation): the node is set up again, and new jobs run there (they
+    ended Terminated, 'the computation is not set up on this node', sent to the
+    node while it closed the computation)."""
+    first, _ = two.node_specs()
+    with JobCluster(node_name, nodes=[first], secret=two.secret) as cluster:
+        assert run_all(cluster, 2) == {"local-0"}
+        node = by_name(cluster, "local-0")
+        assert cluster.close_node(node) == 0
+        assert cluster.allocate_node(first) == 0
+        job = cluster.submit(0)
+        assert job.wait(timeout=WAIT)
+        assert (job.status, job.result, job.exception) == (
+            DispyJob.Finished,
+            "local-0",
+            None,
+        )
+        assert run_all(cluster, 4) == {"local-0"}
+
+
 def test_close_node_cancels_jobs_pinned_to_it_that_did_not_start(two, tmp_path):
     with JobCluster(jobs.mark_and_hold, nodes=two) as cluster:
         node = by_name(all_ready(cluster), "local-0")
