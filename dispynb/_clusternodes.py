@@ -114,8 +114,9 @@ class _Nodes(_ClusterState):
         other jobs it held that had not started (sent ahead behind a running one) go
         back to the queue, to run on another node, as in dispy. The
         node is not set up again for this cluster, not even when discovery finds it
-        again, until `allocate_node` names it (or a pattern it matches). Returns 0,
-        or -1 if ``node`` is not a node of this cluster.
+        again, until `allocate_node` names it (or a pattern it matches); meanwhile
+        jobs no other node can run wait in the queue, as in dispy. Returns 0, or -1
+        if ``node`` is not a node of this cluster.
         """
         managed = self._managed(node, "close_node")
         if managed is None:

@@ -129,8 +129,6 @@ class NodesBackend:
         tls = bool(opts.certfile or opts.cafile) or bool(getattr(nodes, "tls", False))
         # Ready nodes as the façade knows them, by node id.
         self._info: dict[str, NodeInfo] = {}
-        # Node ids released by close_node: discovery does not bring them back.
-        self._released: set[str] = set()
         self._finder: NodeFinder | None = None
         self._launcher: Any = None  # a launcher (dispynb.deploy) it subscribed to
         self._closed = False
@@ -166,6 +164,9 @@ class NodesBackend:
             ),
             self,
         )
+        # Node ids released by close_node: discovery does not bring them back, and
+        # while there is one, queued jobs wait for allocate_node (the driver's set).
+        self._released = self.driver.released
         self._drain = Coalescer(self._runner, self.driver.drain)
 
     # -- start-up ----------------------------------------------------------------------
@@ -501,24 +502,30 @@ class NodesBackend:
         """Use these nodes too (``allocate_node``)."""
         wildcards = [spec for spec in specs if is_wildcard(spec)]
         if wildcards:
-            # Nodes released by close_node that these specs match may come back.
-            self._released = {
-                node_id
-                for node_id in self._released
-                if not any(
-                    spec.matches(parse_address(node_id)[0]) for spec in wildcards
-                )
-            }
-            self._runner.run_sync(self._discover, wildcards)
+            self._runner.run_sync(self._rediscover, wildcards)
         for spec in specs:
             if is_wildcard(spec):
                 continue
             port = spec.port or NODE_PORT
             node_id = format_address(spec.host, port)
-            self._released.discard(node_id)
             self._on_loop(self._add_node, spec, port, node_id)
 
+    async def _rediscover(self, wildcards: list[NodeAllocate]) -> None:
+        """Discover ``wildcards``; nodes released by close_node that they match may
+        come back. Released nodes are forgotten on the loop once discovery is on,
+        so that queued jobs, which wait while a node is released, never see a
+        moment with neither (they would end Abandoned)."""
+        await self._discover(wildcards)
+        self._released.difference_update(
+            node_id
+            for node_id in list(self._released)
+            if any(spec.matches(parse_address(node_id)[0]) for spec in wildcards)
+        )
+
     def _add_node(self, spec: NodeAllocate, port: int, node_id: str) -> None:
+        # Not released any more; here on the loop, with the node connecting (or set
+        # up again) in the same step, so that queued jobs keep waiting.
+        self._released.discard(node_id)
         link = self.driver.nodes.get(node_id)
         if link is not None and link.releasing:
             # close_node still under way: once the node has closed the computation,

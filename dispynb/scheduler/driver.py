@@ -112,6 +112,9 @@ class Driver(DriverNodes):
         self._connecting = 0
         self._reconnecting = 0
         self.discovering = False  # nodes may still appear: queued jobs wait for them
+        # Nodes released by close_node (until allocate_node names them): as in dispy,
+        # queued jobs wait for allocate_node rather than end Abandoned.
+        self.released: set[str] = set()
         self._watchdog: asyncio.Task[None] | None = None
         self.pulse = config.pulse_interval or DEFAULT_PULSE
         self.last_error: DispynbError | None = None
@@ -279,6 +282,7 @@ class Driver(DriverNodes):
             and self._connecting == 0
             and self._reconnecting == 0
             and not self.discovering
+            and not self.released
         ):
             while incoming:
                 key = incoming.popleft()[0]

@@ -387,6 +387,8 @@ class DriverNodes(DriverResults):
         """With no node left (and none coming), queued jobs can never run."""
         if self._connecting > 0 or self._reconnecting > 0 or self.discovering:
             return
+        if self.released:  # allocate_node may bring one back: wait, as dispy
+            return
         if any(n.ready for n in self.nodes.values()):
             return
         for key in list(self._jobs):

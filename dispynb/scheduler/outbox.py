@@ -75,6 +75,7 @@ class DriverOutbox:
     _connecting: int
     _reconnecting: int
     discovering: bool
+    released: set[str]
     _watchdog: asyncio.Task[None] | None
     pulse: float
     last_error: DispynbError | None

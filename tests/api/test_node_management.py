@@ -204,6 +204,37 @@ def test_allocate_node_at_once_after_close_node_sets_the_node_up_again(two):
         assert run_all(cluster, 4) == {"local-0"}
 
 
+def test_jobs_submitted_after_close_node_of_the_only_node_wait_for_allocate_node(two):
+    """As in dispy: with its only node released by close_node, a cluster queues new
+    jobs until allocate_node brings a node (they ended Abandoned at once, 'no node is
+    available to run the job')."""
+    first, _ = two.node_specs()
+    with JobCluster(node_name, nodes=[first], secret=two.secret) as cluster:
+        assert run_all(cluster, 2) == {"local-0"}
+        assert cluster.close_node(by_name(cluster, "local-0")) == 0
+        wait_until(lambda: not cluster.status().nodes)
+        waiting = [cluster.submit(i) for i in range(3)]
+        assert all(job.status == DispyJob.Created for job in waiting)
+        assert cluster.allocate_node(first) == 0
+        assert cluster.wait(timeout=WAIT)
+        assert [(job.status, job.result) for job in waiting] == [
+            (DispyJob.Finished, "local-0")
+        ] * 3
+
+
+def test_jobs_waiting_for_a_released_node_are_cancelled_by_close(two):
+    first, _ = two.node_specs()
+    cluster = JobCluster(node_name, nodes=[first], secret=two.secret)
+    try:
+        assert run_all(cluster, 1) == {"local-0"}
+        assert cluster.close_node(by_name(cluster, "local-0")) == 0
+        wait_until(lambda: not cluster.status().nodes)
+        waiting = cluster.submit(0)
+    finally:
+        cluster.close(timeout=WAIT, terminate=True)
+    assert waiting.status == DispyJob.Cancelled
+
+
 def test_close_node_cancels_jobs_pinned_to_it_that_did_not_start(two, tmp_path):
     with JobCluster(jobs.mark_and_hold, nodes=two) as cluster:
         node = by_name(all_ready(cluster), "local-0")
