@@ -78,13 +78,18 @@ def run_describe(node: CliNode) -> dict[str, Any]:
 
 
 def zygote_of(node: CliNode) -> psutil.Process:
-    found = [
-        child
-        for child in psutil.Process(node.proc.pid).children()
-        if child.name() == ZYGOTE_NAME
-    ]
-    assert len(found) == 1, found
-    return found[0]
+    """The node's zygote, once it has named itself: the node forks it before it
+    listens, but a loaded machine may not have run the child far enough yet."""
+
+    def named() -> list[psutil.Process]:
+        return [
+            child
+            for child in psutil.Process(node.proc.pid).children()
+            if child.name() == ZYGOTE_NAME
+        ]
+
+    wait_until(lambda: len(named()) == 1)
+    return named()[0]
 
 
 def test_computation_processes_are_forked_from_the_zygote(tmp_path: Path) -> None:
