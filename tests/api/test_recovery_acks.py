@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 from dispynb import DispyJob, JobCluster
-from tests.api.test_recovery import kept_files, recover_in_new_process
+from tests.api.test_recovery import recover_in_new_process
+from tests.api.test_recovery_kept import kept_files
 from tests.jobs import wait_until
 from tests.nodeproc import running_node
 
