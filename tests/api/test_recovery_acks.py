@@ -46,10 +46,11 @@ def test_results_the_client_journaled_are_not_kept_on_the_node(tmp_path: Path) -
             assert kept_files(tmp_path / "node") == []
 
 
-#: A client that receives its results but never journals them (as if killed right
-#: before its journal's commit): it prints "received" at the first, then hangs.
-#: Each job marks that it runs, then waits for the test's "go" file.
-UNJOURNALED_CLIENT = """
+#: The start of a client that receives its results but never journals them (as if
+#: killed right before its journal's commit): it prints "received" at the first,
+#: then hangs. Each job marks that it runs, then waits for the test's "go" file.
+#: The client's cluster follows (here and in tests/sharedsched/test_kept_acks.py).
+NEVER_JOURNALING = """
 import sys, time
 import dispynb as dispy
 import dispynb.journal
@@ -67,12 +68,17 @@ def compute(n, folder):
     while not os.path.exists(go) and time.monotonic() < deadline:
         time.sleep(0.01)
     return n * n
+"""
 
+UNJOURNALED_CLIENT = (
+    NEVER_JOURNALING
+    + """
 cluster = dispy.JobCluster(compute, nodes=[sys.argv[1]], secret=sys.argv[2],
                            recover_file=sys.argv[3])
 jobs = [cluster.submit(n, sys.argv[4]) for n in range(10)]
 time.sleep(60)  # killed before it gets further
 """
+)
 
 
 def test_a_client_killed_before_journaling_its_results_recovers_them(

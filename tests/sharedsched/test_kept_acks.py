@@ -17,6 +17,7 @@ from dispynb import LocalCluster, SharedJobCluster, recover_jobs
 from dispynb.job import JobStatus
 from dispynb.protocol.messages import JobResults, ResultChunk
 from schedserver.spill import KeptMessages, SpillStore
+from tests.api.test_recovery_acks import NEVER_JOURNALING
 from tests.jobs import wait_until
 from tests.sharedsched.harness import SchedulerProcess, start_client
 from tests.sharedsched.test_kept import _scheduler, _spill_files
@@ -64,33 +65,17 @@ def test_results_the_client_journaled_are_not_kept_by_the_scheduler(
         wait_until(lambda: _spill_files(pid, tmp_path / "spill") == [], timeout=30)
 
 
-#: A client that receives its results but never journals them (as if killed right
-#: before its journal's commit): it prints "received" at the first, then hangs.
-#: Each job marks that it runs, then waits for the test's "go" file.
-UNJOURNALED_CLIENT = """
-import sys, time
-import dispynb.journal
-from dispynb import SharedJobCluster
-
-def stuck(self, recovery_id, *job):
-    print("received", flush=True)
-    time.sleep(600)
-
-dispynb.journal.Journal.done = dispynb.journal.Journal.done_many = stuck
-
-def compute(n, folder):
-    import os, time
-    open(os.path.join(folder, "marks", str(n)), "w").close()
-    go, deadline = os.path.join(folder, "go"), time.monotonic() + 30
-    while not os.path.exists(go) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return n * n
-
-cluster = SharedJobCluster(compute, scheduler_host=sys.argv[1],
-                           secret_file=sys.argv[2], recover_file=sys.argv[3])
+#: A client that receives its results but never journals them, as in
+#: tests/api/test_recovery_acks.py, through the scheduler.
+UNJOURNALED_CLIENT = (
+    NEVER_JOURNALING
+    + """
+cluster = dispy.SharedJobCluster(compute, scheduler_host=sys.argv[1],
+                                 secret_file=sys.argv[2], recover_file=sys.argv[3])
 jobs = [cluster.submit(n, sys.argv[4]) for n in range(4)]
 time.sleep(60)  # killed before it gets further
 """
+)
 
 
 def kill_unjournaled_client(
