@@ -105,9 +105,13 @@ def friendly_errors(
     except (MagicError, UsageError):
         raise
     except (DispynbError, OSError) as exc:
+        # The error is the first node's: when several nodes could not be reached,
+        # name every one (a failing setup or pickling fails alike on each).
+        every = [r for r in held.records if str(r.msg).startswith(_NO_NODE)]
         held.records.clear()
-        message = f"{what}: {exc}"
+        message = f"{what}: {every[-1].getMessage() if every else exc}"
         if isinstance(exc, SerializationError | SetupError):
+            message = f"{what}: {exc}"
             hint = ""  # the code, what it captures or its setup: not the nodes
         if isinstance(exc, SetupError) and exc.remote_traceback:
             remote = exc.remote_traceback.rstrip()
@@ -122,7 +126,8 @@ def friendly_errors(
 
 #: Loggers that report unusable nodes, and how those messages start.
 _HELD_LOGGERS = ("dispynb.scheduler.driver", "dispynb.backends.nodes")
-_HELD_MESSAGES = ("node %s cannot be used", "no node could be used")
+_NO_NODE = "no node could be used"
+_HELD_MESSAGES = ("node %s cannot be used", _NO_NODE)
 
 
 class _HoldRecords(logging.Filter):

@@ -13,7 +13,7 @@ import contextlib
 import html
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -69,17 +69,19 @@ class Session:
         ends the error when the check fails. The session closes the engine (its
         ``close()``, if it has one) when it lets it go.
         """
-        self.close()
-        self.engine, self.engine_label = engine, label
-        self.options = dict(options or {})
+        options = dict(options or {})
         try:
             with friendly_errors(
-                f"%dispy: cannot use the {engine.name} engine ({label})", hint=hint
+                f"%dispy: cannot use the {engine.name} engine ({label})",
+                hint=self._kept(hint),
             ):
-                self.probe()
+                replay = self._probe(None, engine, options)
         except BaseException:
-            self.close()
+            _close_engine(engine)
             raise
+        self.close()  # the new engine works: only now give up the current nodes
+        self.engine, self.engine_label, self.options = engine, label, options
+        replay()
         self._show_in_use()
 
     def start_local(
@@ -259,21 +261,28 @@ class Session:
             raise
 
     def attach(self, specs: list[str], options: dict[str, Any]) -> None:
-        """Use node servers started elsewhere, after checking that they answer."""
+        """Use node servers started elsewhere, after checking that they answer.
+
+        The nodes in use are given up only then: if none of ``specs`` answers, the
+        error names them and the notebook keeps its nodes (and runs)."""
+        with friendly_errors(
+            f"%dispy nodes: cannot use {' '.join(specs)}",
+            hint=self._kept(
+                "check that dispynb-node runs there with the same secret "
+                "(and TLS options), or start nodes here with %dispy local"
+            ),
+        ):
+            replay = self._probe(specs, None, options)
         self.close()
-        self.nodes = specs
-        self.options = options
-        try:
-            with friendly_errors(
-                f"%dispy nodes: cannot use {' '.join(specs)}",
-                hint="check that dispynb-node runs there with the same secret "
-                "(and TLS options), or start nodes here with %dispy local",
-            ):
-                self.probe()
-        except BaseException:
-            self.nodes, self.options = None, {}
-            raise
+        self.nodes, self.options = specs, options
+        replay()
         self._show_in_use()
+
+    def _kept(self, hint: str) -> str:
+        """``hint``, then what stays in use when new nodes cannot be used."""
+        if not self.attached:
+            return hint
+        return f"{hint}\nstill in use: {self.status()._where()}"
 
     def _show_in_use(self) -> None:
         """The panel keeps the nodes in use; others show as gone, then go."""
@@ -289,12 +298,27 @@ class Session:
     def probe(self) -> None:
         """Connect to every node once (authenticating), to fill the node panel and
         report errors now rather than at the first run."""
+        self._probe(self.nodes, self.engine, self.options)()
+
+    def _probe(
+        self, nodes: Any, engine: Engine | None, options: dict[str, Any]
+    ) -> Callable[[], None]:
+        """Probe ``nodes`` (or ``engine``) without touching the session: return
+        what shows the nodes it met in the panel, to call once they are in use
+        (the nodes in use until then stay as they are)."""
+        events: list[tuple[Any, ...]] = []
         cluster = self.cluster_factory(
-            _dispynb_node_probe, nodes=self.nodes, engine=self.engine,
-            cluster_status=self.panel.cluster_status,
-            **{**self.options, "recover_file": False},  # a probe leaves no journal
+            _dispynb_node_probe, nodes=nodes, engine=engine,
+            cluster_status=lambda *event: events.append(event),
+            **{**options, "recover_file": False},  # a probe leaves no journal
         )  # fmt: skip
         cluster.close()
+
+        def replay() -> None:
+            for event in events:
+                self.panel.cluster_status(*event)
+
+        return replay
 
     def known_nodes(self) -> list[tuple[str, str, str]]:
         """``(host, "host:port", name)`` of each node in use (name "" if unknown)."""
@@ -414,9 +438,7 @@ class Session:
         self.local = None
         self.nodes = None
         engine, self.engine, self.engine_label = self.engine, None, ""
-        close_engine = getattr(engine, "close", None)
-        if callable(close_engine):
-            close_engine()
+        _close_engine(engine)
         self.options = {}
         self.panel.in_use([])
         if self._atexit:
@@ -488,6 +510,13 @@ class SessionStatus:
         parts.append(templates.nodes_html(self.rows))
         parts += [templates.progress_html(r.counts(), r.name) for r in self.runs]
         return f"<div class='dispynb-status'>{''.join(parts)}</div>"
+
+
+def _close_engine(engine: Engine | None) -> None:
+    """Close ``engine`` if it has a ``close()`` (engines need not)."""
+    close = getattr(engine, "close", None)
+    if callable(close):
+        close()
 
 
 def _dispynb_node_probe(x: Any) -> Any:

@@ -107,3 +107,25 @@ def test_engine_that_cannot_set_up_is_not_kept(ip: InteractiveShell) -> None:
     with pytest.raises(MagicError, match="this engine is down"):
         session.use_engine(engine, "nowhere")
     assert session.engine is None and not session.attached and engine.closed
+
+
+def test_an_engine_that_cannot_set_up_keeps_the_one_in_use(
+    ip: InteractiveShell,
+) -> None:
+    """Switching to an engine that fails its check keeps the working one (it was
+    closed first, leaving the notebook with nothing to run on), and says so."""
+
+    class Broken(ThreadEngine):
+        def open(self, events: Any, config: Any) -> Any:
+            raise NotSupportedError("this engine is down")
+
+    working, broken = ThreadEngine(), Broken()
+    session = session_of(ip)
+    session.use_engine(working, "this process")
+    with pytest.raises(MagicError) as raised:
+        session.use_engine(broken, "nowhere")
+    assert "still in use: threads engine: this process" in str(raised.value)
+    assert session.engine is working and not working.closed and broken.closed
+    with capture_output():
+        ip.run_line_magic("dispy", "close")
+    assert working.closed

@@ -297,6 +297,37 @@ def test_stop_while_nodes_do_not_answer_is_one_line(tmp_path: Path):
         assert "no nodes" in k.run_ok("%dispy status").text
 
 
+def test_nodes_elsewhere_replace_the_notebooks_only_once_they_answer(tmp_path: Path):
+    """`%dispy nodes HOST` where nothing answers keeps the local nodes (it stopped
+    them first, and the notebook was left with none); nodes that answer replace
+    them: the old ones stop, and show as gone."""
+    secret = tmp_path / "secret"
+    with kernel(tmp_path) as k, LocalCluster(cpus=1) as elsewhere:
+        secret.write_text(elsewhere.secret)
+        secret.chmod(0o600)
+        k.run_ok("%load_ext dispynb\n%dispy local --cpus 1")
+        pids = node_pids(k)
+        first = k.value(f"[a for _, a, _ in {SESSION}.known_nodes()]")
+        port = _closed_port()
+
+        out = k.execute(f"%dispy nodes 127.0.0.1:{port} --secret-file {secret}")
+
+        assert out.ename == "MagicError", out.text
+        _short(out.text)
+        assert f"cannot connect to 127.0.0.1:{port}" in out.text
+        assert f"still in use: local nodes {first[0]}" in out.text
+        ran = k.run_ok('%%dispy --over "range(2)" --into r\ndef f(x):\n    return x\n')
+        assert k.value("r.results") == [0, 1], ran.text
+        assert node_pids(k) == pids
+
+        spec = elsewhere.node_specs()[0]
+        k.run_ok(f"%dispy nodes {spec} --secret-file {secret}")
+        status = k.run_ok("%dispy status").text
+        state = {line.split()[1]: line.split()[2] for line in _node_lines(status)}
+        assert state == {first[0]: "gone", spec: "idle"}, status
+        assert wait_gone(pids, 10) == []
+
+
 def test_replaced_and_dead_nodes_show_as_gone_not_idle(tmp_path: Path):
     with kernel(tmp_path) as k:
         k.run_ok("%load_ext dispynb\n%dispy local --cpus 1")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 
 import pytest
@@ -11,6 +12,7 @@ from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 from traitlets.config import Config
 
+from dispynb.jupyter.errors import MagicError
 from dispynb.jupyter.magics import DispyMagics
 from tests import jobs
 
@@ -171,3 +173,31 @@ def test_a_malformed_node_address_is_a_usage_error_that_keeps_the_nodes(ip, host
     assert message.startswith(f"%dispy nodes {host}: ") and says in message, message
     assert "nodes[" not in message, message
     assert addresses(ip) == before and session(ip).nodes is session(ip).local
+
+
+def _closed_port() -> int:
+    """A port of 127.0.0.1 where nothing listens."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_nodes_that_do_not_answer_keep_the_nodes_in_use(ip):
+    """`%dispy nodes HOST ...` where no node answers names every host that failed
+    and the fix, and keeps the notebook's nodes, which the next cell runs on (it
+    stopped them first, leaving the notebook with no nodes at all)."""
+    before = addresses(ip)
+    ports = [_closed_port(), _closed_port()]
+
+    with pytest.raises(MagicError) as raised:
+        ip.run_line_magic("dispy", f"nodes 127.0.0.1:{ports[0]} 127.0.0.1:{ports[1]}")
+
+    message = str(raised.value)
+    for port in ports:
+        assert f"cannot connect to 127.0.0.1:{port}" in message, message
+    assert "start nodes here with %dispy local" in message, message
+    assert f"still in use: local nodes {', '.join(before)}" in message, message
+    assert session(ip).nodes is session(ip).local
+    assert addresses(ip) == before and not session(ip).local.exited()
+    placed = run_where(ip, "", 4)
+    assert len(placed) == 4 and set(placed) <= {"local-0", "local-1"}, placed
