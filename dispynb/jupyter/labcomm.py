@@ -32,6 +32,7 @@ from dispynb._interruptible import start_thread
 from dispynb._loop import LoopRunner
 from dispynb._version import __version__
 from dispynb.errors import ConfigurationError
+from dispynb.jupyter.runstop import run_of
 from dispynb.monitoring import ClusterMonitor, live_clusters
 
 __all__ = ["PROTOCOL", "TARGET", "ClusterTracker", "LabLink", "discover", "register"]
@@ -177,6 +178,9 @@ class ClusterTracker:
             monitors = list(self._monitors.values())
         for monitor in monitors:
             if monitor.cluster.uid == cluster_id:
+                run = run_of(monitor.cluster)
+                if run is not None:  # its running jobs are cancelled, not failed
+                    run.cancelling()
                 return monitor.cancel_all()
         raise ConfigurationError(
             f"no live cluster {_shown(cluster_id)} in this kernel (it has closed); "

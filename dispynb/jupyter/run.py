@@ -92,7 +92,7 @@ class Run(_RunEvents):
         self.name = name
         #: How the person reaches this run, in the messages that point at it.
         self.ref = "run"
-        self.cluster = cluster
+        self._follow(cluster)
         self.jobs: list[DispyJob] = []
         self.inputs: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
         self.owns_cluster = owns_cluster
@@ -265,7 +265,7 @@ class Run(_RunEvents):
 
     def attach(self, cluster: JobCluster) -> None:
         """Submit to ``cluster``, which was created with this run's `callbacks`."""
-        self.cluster = cluster
+        self._follow(cluster)
 
     def add_listener(self, listener: ClusterStatusCallback) -> None:
         """Also pass every ``cluster_status`` event to ``listener``."""

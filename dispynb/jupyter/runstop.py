@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import collections
 import time
+import weakref
+from typing import Any
 
 from dispynb.job import DispyJob, JobStatus
 from dispynb.jupyter.runoutput import _print_writer, _RunOutput
@@ -14,8 +16,25 @@ from dispynb.jupyter.runstate import _TICK
 CANCEL_WAIT = 10.0
 
 
+#: The run submitting to each cluster, by ``id(cluster)``: a Cancel from elsewhere (the
+#: lab panel's) tells the run, so that its running jobs count as cancelled, not failed.
+_RUNS: weakref.WeakValueDictionary[int, _RunStop] = weakref.WeakValueDictionary()
+
+
+def run_of(cluster: Any) -> _RunStop | None:
+    """The run whose jobs go to ``cluster`` (None if no run follows it)."""
+    run = _RUNS.get(id(cluster))
+    return run if run is not None and run.cluster is cluster else None
+
+
 class _RunStop(_RunOutput):
     """Cancelling, stopping and closing."""
+
+    def _follow(self, cluster: Any) -> None:
+        """Submit to ``cluster`` (see `run_of`)."""
+        self.cluster = cluster
+        if cluster is not None:
+            _RUNS[id(cluster)] = self
 
     def cancel(self) -> int:
         """Cancel every unfinished job on the nodes; return how many were cancelled.
@@ -26,10 +45,15 @@ class _RunStop(_RunOutput):
         cluster = self.cluster
         if cluster is None:
             return 0
+        return len(cluster._cancel_all(self.cancelling()))
+
+    def cancelling(self) -> list[DispyJob]:
+        """The unfinished jobs, which are being cancelled: when they end (running
+        ones ``Terminated``) they count as cancelled, not as failures."""
         unfinished = [job for job in list(self.jobs) if not job.done()]
         with self._lock:
             self._cancelled.update(job.id for job in unfinished)
-        return len(cluster._cancel_all(unfinished))
+        return unfinished
 
     def stop(
         self, reason: str = "Stopped", echo: bool = True, quiet: bool = False

@@ -20,6 +20,7 @@ import pytest
 
 from dispynb import JobCluster, LocalCluster
 from dispynb.errors import ConfigurationError
+from dispynb.job import JobStatus
 from dispynb.jupyter import labcomm
 from dispynb.jupyter.labcomm import ClusterTracker, Discovered, LabLink, discover
 from dispynb.protocol.discovery import Announce, Ping, decode, encode, new_boot_id
@@ -266,6 +267,34 @@ def test_cancel_ends_every_unfinished_job(
         )
         snap = next(c for c in ended["clusters"] if c["id"] == cluster.uid)
         assert snap["counts"]["running"] == snap["counts"]["pending"] == 0
+
+
+def test_cancel_of_a_runs_cluster_counts_its_jobs_cancelled_not_failed(
+    local: LocalCluster, tmp_path: Path, link_of: Any
+) -> None:
+    """The panel's Cancel on the cluster of a run (a %%dispy cell's): its running
+    jobs end Terminated, and the run counts them as cancelled, as after Stop (it
+    counted them as failures, and printed them as failed jobs)."""
+    from dispynb.jupyter.run import Run
+
+    gate = tmp_path / "never"
+    run = Run(name="gated")
+    with JobCluster(wait_then_return, nodes=local, **run.callbacks()) as cluster:
+        run.attach(cluster)
+        link, comm, _ = link_of(lambda: [cluster])
+        for i in range(5):
+            run.submit(str(gate), i)
+        comm.wait_for(state_of(cluster, lambda c: c["counts"]["running"] >= 2))
+        link.on_message(
+            {"type": "request", "id": 7, "action": "cancel", "cluster": cluster.uid}
+        )
+        assert comm.reply(7)["ok"]
+        assert run.wait(timeout=30, echo=False)
+
+    counts = run.counts()
+    assert counts.failed == 0 and counts.cancelled == 5, counts
+    assert run.failures == []
+    assert {job.status for job in run.jobs} >= {JobStatus.Terminated}
 
 
 def test_bad_requests_get_clear_errors(link_of: Any) -> None:
