@@ -29,11 +29,19 @@ export type LinkStatus =
 
 const REQUEST_TIMEOUT_MS = 30_000;
 
-/** After this long without an answer from the kernel, say why it may be waiting. */
+/**
+ * After this long without kernel_info from the kernel, say why it may be waiting,
+ * and connect beside the running cell if the kernel has subshells.
+ */
 const BUSY_HINT_MS = 3_000;
 export const BUSY_KERNEL =
   'Waiting for the kernel: a running cell holds it; the panel connects when the ' +
   'cell ends (the run goes on meanwhile).';
+export const BUSY_KERNEL_BESIDE =
+  'A running cell holds the kernel: connecting beside it (a kernel subshell)…';
+
+/** How long a control request (answered by the kernel's control thread) may take. */
+const CONTROL_TIMEOUT_MS = 10_000;
 
 interface IPending {
   resolve: (value: any) => void;
@@ -59,6 +67,58 @@ async function subshellReady(kernel: Kernel.IKernelConnection, comm: Kernel.ICom
     new Promise<void>(resolve => (timer = window.setTimeout(resolve, 5000)))
   ]);
   window.clearTimeout(timer);
+}
+
+/**
+ * Send a control-channel request and resolve with its reply's content. ipykernel
+ * answers the control channel on a thread of its own, even while a cell holds the
+ * main shell (where kernel_info waits until the cell ends).
+ */
+function controlRequest(
+  kernel: Kernel.IKernelConnection,
+  msgType: string,
+  content: object
+): Promise<any> {
+  const msg = KernelMessage.createMessage({
+    msgType: msgType as any,
+    channel: 'control',
+    session: kernel.clientId,
+    username: kernel.username,
+    content: content as any
+  });
+  const future = kernel.sendControlMessage(msg as any, true, true);
+  return new Promise((resolve, reject) => {
+    const timer = window.setTimeout(() => {
+      future.dispose();
+      reject(new Error(`the kernel did not answer ${msgType}`));
+    }, CONTROL_TIMEOUT_MS);
+    future.onReply = reply => {
+      window.clearTimeout(timer);
+      resolve(reply.content);
+    };
+  });
+}
+
+/** Stop a connection opened on a subshell, and delete the subshell if still there. */
+function closeBeside(side: Kernel.IKernelConnection, kernelAlive: boolean): void {
+  if (side.isDisposed) {
+    return;
+  }
+  if (!kernelAlive) {
+    side.subshellId = null; // gone with the kernel: nothing to delete, no reply
+  }
+  try {
+    side.dispose(); // deletes its subshell first (waiting for the reply)
+  } catch {
+    side.subshellId = null;
+    side.dispose();
+  }
+  window.setTimeout(() => {
+    if (!side.isDisposed) {
+      side.subshellId = null; // no reply: close the websocket anyway
+      side.dispose();
+    }
+  }, CONTROL_TIMEOUT_MS);
 }
 
 export class KernelLink {
@@ -127,7 +187,7 @@ export class KernelLink {
   private _onStatus(_: ISessionContext, status: Kernel.Status): void {
     if (status === 'restarting' || status === 'autorestarting' || status === 'dead') {
       // The kernel-side comm and target are gone; connect again once it is back.
-      this._drop();
+      this._drop(false);
       this._needsConnect = true;
       if (status === 'dead') {
         this._setStatus('error', 'The kernel died: restart it to see its clusters.');
@@ -140,11 +200,13 @@ export class KernelLink {
   }
 
   /** Forget the comm and the state (kernel gone, restarted or switched). */
-  private _drop(): void {
+  private _drop(kernelAlive = true): void {
     this._generation++;
     const comm = this._comm;
     this._comm = null;
     this._state = null;
+    const side = this._beside;
+    this._beside = null;
     if (comm && !comm.isDisposed) {
       try {
         comm.close();
@@ -157,6 +219,9 @@ export class KernelLink {
       pending.reject(new Error('the kernel connection was reset'));
     }
     this._pending.clear();
+    if (side) {
+      closeBeside(side, kernelAlive);
+    }
   }
 
   private async _connect(): Promise<void> {
@@ -174,71 +239,27 @@ export class KernelLink {
     this._setStatus('connecting');
     // A page opened while a cell runs (a long %%dispy): the kernel answers on its
     // main shell (kernel_info, the bootstrap) only when the cell ends, and JupyterLab
-    // learns of its subshells from kernel_info. Say so rather than "Connecting".
+    // learns of its subshells from kernel_info. Ask on the control channel instead,
+    // and connect on a subshell of our own; else say why the panel waits.
+    let beside: Promise<boolean> | null = null;
     const slow = window.setTimeout(() => {
       if (generation === this._generation && this._status === 'connecting') {
-        this._setStatus('connecting', BUSY_KERNEL);
+        beside = this._connectBeside(kernel, generation);
       }
     }, BUSY_HINT_MS);
     try {
       const info = await kernel.info;
+      window.clearTimeout(slow);
       if (generation !== this._generation) {
         return;
       }
-      if (info.language_info.name !== 'python') {
-        this._setStatus(
-          'not-python',
-          `this kernel runs ${info.language_info.name}; dispynb needs a Python kernel`
-        );
-        return;
+      if (beside !== null && (await beside)) {
+        return; // connected on a subshell meanwhile (or said why not)
       }
-      const future = kernel.requestExecute({
-        code: BOOTSTRAP,
-        silent: true,
-        store_history: false
-      });
-      const reply = (await future.done) as KernelMessage.IExecuteReplyMsg;
       if (generation !== this._generation) {
         return;
       }
-      const content = reply.content;
-      if (content.status === 'error') {
-        if (content.ename === 'ModuleNotFoundError' || content.ename === 'ImportError') {
-          this._setStatus(
-            'missing',
-            `dispynb is not installed in this kernel's environment (${content.evalue}). ` +
-              "Install it there (pip install 'dispynb[jupyter]'), restart the kernel, " +
-              'then press Retry.'
-          );
-        } else {
-          this._setStatus('error', `${content.ename}: ${content.evalue}`);
-        }
-        return;
-      }
-      if (content.status !== 'ok') {
-        this._setStatus('error', `the kernel answered ${content.status}`);
-        return;
-      }
-      const comm = kernel.createComm(COMM_TARGET);
-      await subshellReady(kernel, comm);
-      if (generation !== this._generation) {
-        comm.dispose();
-        return;
-      }
-      this._comm = comm;
-      comm.onMsg = msg => {
-        if (generation === this._generation) {
-          this._onMessage(msg.content.data as unknown as KernelMsg);
-        }
-      };
-      comm.onClose = () => {
-        if (generation === this._generation) {
-          this._comm = null;
-          this._state = null;
-          this._setStatus('error', 'the kernel closed the connection; press Retry');
-        }
-      };
-      await comm.open({ protocol: PROTOCOL }).done;
+      await this._open(kernel, info.language_info.name, generation);
     } catch (reason) {
       if (generation === this._generation) {
         this._setStatus('error', String(reason));
@@ -246,6 +267,115 @@ export class KernelLink {
     } finally {
       window.clearTimeout(slow);
     }
+  }
+
+  /**
+   * Connect while the main shell is busy: kernel_info on the control channel, then
+   * (if the kernel has subshells) a subshell and a connection of our own on it,
+   * which bootstraps and opens the comm there. Resolves true once the link is
+   * ready or has said what is wrong, false to let the main shell's path go on.
+   */
+  private async _connectBeside(
+    kernel: Kernel.IKernelConnection,
+    generation: number
+  ): Promise<boolean> {
+    this._setStatus('connecting', BUSY_KERNEL);
+    try {
+      const info = await controlRequest(kernel, 'kernel_info_request', {});
+      const features: string[] = info.supported_features ?? [];
+      if (generation !== this._generation || !features.includes('kernel subshells')) {
+        return false;
+      }
+      this._setStatus('connecting', BUSY_KERNEL_BESIDE);
+      const created = await controlRequest(kernel, 'create_subshell_request', {});
+      if (generation !== this._generation || created.status !== 'ok') {
+        return false;
+      }
+      // Every message of this connection (kernel_info, execute, comm) carries the
+      // subshell's id: its thread answers while the main shell runs the cell.
+      const side = kernel.clone({
+        handleComms: true,
+        subshellId: created.subshell_id
+      } as any);
+      if (generation !== this._generation) {
+        closeBeside(side, true);
+        return false;
+      }
+      this._beside = side;
+      const sideInfo = await side.info;
+      if (generation !== this._generation) {
+        return false;
+      }
+      await this._open(side, sideInfo.language_info.name, generation);
+      return generation === this._generation;
+    } catch {
+      if (generation === this._generation) {
+        this._setStatus('connecting', BUSY_KERNEL);
+      }
+      return false;
+    }
+  }
+
+  /** Bootstrap the kernel side over ``kernel`` and open the comm on it. */
+  private async _open(
+    kernel: Kernel.IKernelConnection,
+    language: string,
+    generation: number
+  ): Promise<void> {
+    if (language !== 'python') {
+      this._setStatus(
+        'not-python',
+        `this kernel runs ${language}; dispynb needs a Python kernel`
+      );
+      return;
+    }
+    const future = kernel.requestExecute({
+      code: BOOTSTRAP,
+      silent: true,
+      store_history: false
+    });
+    const reply = (await future.done) as KernelMessage.IExecuteReplyMsg;
+    if (generation !== this._generation) {
+      return;
+    }
+    const content = reply.content;
+    if (content.status === 'error') {
+      if (content.ename === 'ModuleNotFoundError' || content.ename === 'ImportError') {
+        this._setStatus(
+          'missing',
+          `dispynb is not installed in this kernel's environment (${content.evalue}). ` +
+            "Install it there (pip install 'dispynb[jupyter]'), restart the kernel, " +
+            'then press Retry.'
+        );
+      } else {
+        this._setStatus('error', `${content.ename}: ${content.evalue}`);
+      }
+      return;
+    }
+    if (content.status !== 'ok') {
+      this._setStatus('error', `the kernel answered ${content.status}`);
+      return;
+    }
+    const comm = kernel.createComm(COMM_TARGET);
+    await subshellReady(kernel, comm);
+    if (generation !== this._generation) {
+      comm.dispose();
+      return;
+    }
+    this._comm = comm;
+    comm.onMsg = msg => {
+      if (generation === this._generation) {
+        this._onMessage(msg.content.data as unknown as KernelMsg);
+      }
+    };
+    comm.onClose = () => {
+      if (generation === this._generation) {
+        this._comm = null;
+        this._state = null;
+        this._setStatus('error', 'the kernel closed the connection; press Retry');
+      }
+    };
+    await comm.open({ protocol: PROTOCOL }).done;
   }
 
   private _onMessage(msg: KernelMsg): void {
@@ -290,6 +420,7 @@ export class KernelLink {
   private _error = '';
   private _state: IStateMsg | null = null;
   private _comm: Kernel.IComm | null = null;
+  private _beside: Kernel.IKernelConnection | null = null; // on a subshell of ours
   private _generation = 0;
   private _needsConnect = false;
   private _lastId = 0;

@@ -70,8 +70,17 @@ STOP_CELLS = [
 ]
 
 
-#: A cell that holds the kernel's main shell until Stop (as a long %%dispy does).
-BUSY_CELL = "import time\nfor _ in range(1200):\n    time.sleep(0.1)"
+#: A long %%dispy run, during which the page is reloaded; then a cell after it.
+REOPEN_CELLS = [
+    "%load_ext dispynb\n%dispy local --cpus 2",
+    '%%dispy --over "range(60)" --into slow\n'
+    "def slow(i):\n"
+    "    import time\n"
+    "    time.sleep(1)\n"
+    "    return i",
+    '%%dispy --over "range(4)" --into after\ndef square(x):\n    return x * x',
+    "c = slow.counts()\nprint(after.results, c.finished + c.cancelled, c.failed)",
+]
 
 
 #: The same journey on the Dask engine: a Dask LocalCluster of two one-thread workers
@@ -206,8 +215,8 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
     nbformat.write(nb, root / "lab.ipynb")
     nb.cells = [nbformat.v4.new_code_cell(cell) for cell in STOP_CELLS]
     nbformat.write(nb, root / "stop.ipynb")
-    nb.cells = [nbformat.v4.new_code_cell(BUSY_CELL)]
-    nbformat.write(nb, root / "busy.ipynb")
+    nb.cells = [nbformat.v4.new_code_cell(cell) for cell in REOPEN_CELLS]
+    nbformat.write(nb, root / "reopen.ipynb")
     nb.cells = [nbformat.v4.new_code_cell(cell) for cell in DASK_CELLS]
     nbformat.write(nb, root / "dask.ipynb")
     # A kernel in which dispynb cannot be imported, as if it were not installed.
@@ -516,6 +525,16 @@ def _wait_prompt(page: Page, index: int, text: str) -> None:
     )
 
 
+def _run_the_next_cells(page: Page) -> str:
+    """Run cells 2 and 3 (prompts [3] and [4]); what cell 3 printed."""
+    _run_cell(page, 2)
+    _wait_prompt(page, 2, "[3]:")
+    _run_cell(page, 3)
+    _wait_prompt(page, 3, "[4]:")
+    cells = page.locator(".jp-NotebookPanel .jp-Cell")
+    return str(cells.nth(3).locator(".jp-OutputArea").inner_text())
+
+
 @pytest.mark.timeout(300)
 def test_lab_stop(lab: Lab) -> None:  # collected only in the namespace: conftest.py
     """Stop (the toolbar button) in a %%dispy cell: the cell returns at once, its jobs
@@ -573,11 +592,7 @@ def test_lab_stop(lab: Lab) -> None:  # collected only in the namespace: conftes
             page.screenshot(path=str(ROOT / "docs/lab-stop.png"))
 
         # The next cells run on the same nodes.
-        _run_cell(page, 2)
-        _wait_prompt(page, 2, "[3]:")
-        _run_cell(page, 3)
-        _wait_prompt(page, 3, "[4]:")
-        printed = cells.nth(3).locator(".jp-OutputArea").inner_text()
+        printed = _run_the_next_cells(page)
         assert "[0, 1, 4, 9] 0 40" in printed, printed
         # The panel is pushed at most 4 times a second: wait for the square card.
         want = ["slow (closed)", "square (closed)"]
@@ -593,35 +608,42 @@ def test_lab_stop(lab: Lab) -> None:  # collected only in the namespace: conftes
 
 @pytest.mark.timeout(200)
 def test_lab_page_opened_while_a_cell_runs(lab: Lab) -> None:  # in the namespace
-    """A page opened (here: reloaded) while a cell holds the kernel, as a person
-    closes the tab during a long %%dispy and comes back: the kernel answers nothing
-    on its main shell until the cell ends (JupyterLab learns of its subshells from
-    kernel_info, which waits there too), so the panel cannot connect yet; it must
-    say why instead of 'Connecting to the kernel…' for the rest of the run, then
-    connect once the cell ends (here: Stop)."""
-    from playwright.sync_api import expect
-
+    """A page opened (here: reloaded) while a long %%dispy cell runs, as a person
+    closes the tab and comes back: the kernel answers nothing on its main shell
+    until the cell ends (JupyterLab's kernel_info waits there too), so the panel
+    said 'a running cell holds it' for the rest of the run. It now asks on the
+    control channel and connects on a kernel subshell: the run's card shows while
+    the cell runs, and its Cancel ends the run; the next cells work."""
     with chromium_page(
         viewport={"width": 1400, "height": 850}, timeout_ms=60_000
     ) as page:
-        _open_notebook(page, lab, "busy.ipynb", "Python 3 (ipykernel)")
+        _open_notebook(page, lab, "reopen.ipynb", "Python 3 (ipykernel)")
         page.wait_for_selector(f'{PANEL}[data-ready="true"]')
         _run_cell(page, 0)
-        page.wait_for_function(
-            """() => [...document.querySelectorAll('.jp-StatusBar-TextItem')]
-                .some(e => e.textContent.trim().endsWith('| Busy'))"""
-        )
+        _wait_prompt(page, 0, "[1]:")
+        _run_cell(page, 1)
+        page.locator(f"{PANEL} .dispynb-cluster").first.wait_for()
+        _wait_counts(page, "c.running === 2")
+
         page.reload()
         page.locator(TAB).wait_for()
         if not page.locator(PANEL).is_visible():
             page.locator(TAB).click()
-        status = page.locator(f"{PANEL} .dispynb-status-text")
-        expect(status).to_contain_text("a running cell holds it")
-        page.locator(
-            '.jp-NotebookPanel-toolbar [data-jp-item-name="interrupt"]'
-        ).click()
         page.wait_for_selector(f'{PANEL}[data-ready="true"]')
-        assert not page.locator(f"{PANEL} .dispynb-status").is_visible()
+        card = page.locator(f'{PANEL} .dispynb-cluster[data-closed="false"]')
+        card.wait_for()
+        assert card.locator(".dispynb-cluster-name").inner_text() == "slow"
+        _wait_counts(page, "c.total === 60 && c.running > 0")
+        assert _counts(page)["done"] < 60  # connected while the cell runs
+
+        card.locator(".dispynb-cancel").click()
+        page.locator(f"{PANEL} .dispynb-message").filter(
+            has_text="cancelled"
+        ).wait_for()
+        _wait_counts(page, "!c.running && !c.pending && c.done === 60")
+        # The cell has returned: the next cells run, on the same nodes.
+        printed = _run_the_next_cells(page)
+        assert "[0, 1, 4, 9] 60 0" in printed, printed
 
 
 @pytest.mark.timeout(300)
