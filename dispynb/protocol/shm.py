@@ -28,9 +28,10 @@ and unlinks it. The node unlinks every result object of a computation it closes 
 the client's session ends (`unlink_results`: a client killed before it read them).
 
 `same_machine` decides whether a node may be sent references; when it says no, or
-below `MIN_SIZE`, arguments go over the socket as before. Linux only (``/dev/shm``).
-Setting the environment variable ``DISPYNB_SHARED_MEMORY=0`` in the client turns it
-off (`enabled`): for comparisons, or where ``/dev/shm`` is small.
+below `MIN_SIZE`, or when ``/dev/shm`` cannot hold them, arguments and results go
+over the socket as before. Linux only (``/dev/shm``). Setting the environment variable
+``DISPYNB_SHARED_MEMORY=0`` in the client turns it off (`enabled`): for comparisons,
+or where ``/dev/shm`` is small.
 """
 
 from __future__ import annotations

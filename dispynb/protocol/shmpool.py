@@ -51,7 +51,9 @@ class _Segment:
     #: Mapped at its first reuse (its first job's arguments are written with
     #: ``pwrite``, which allocates its pages without faulting or zeroing them).
     mapped: mmap.mmap | None = None
-    written: bool = False
+    #: Bytes from the start whose pages the file system gave (written or
+    #: allocated); the rest of ``capacity`` is a hole.
+    allocated: int = 0
 
 
 def _pwrite(fd: int, views: Sequence[memoryview]) -> None:
@@ -92,30 +94,40 @@ class SegmentPool:
     def write(self, buffers: Sequence[Buffer]) -> tuple[str, bytes]:
         """Copy ``buffers`` into a segment under a new name; the name and reference.
 
-        Raises `OSError` if ``/dev/shm`` cannot hold them (nothing is left behind).
+        Raises `OSError` if ``/dev/shm`` cannot hold them: nothing is left behind,
+        and the idle segments are unlinked too (their room is wanted).
         """
         views = [memoryview(b).cast("B") for b in buffers]
         total = sum(v.nbytes for v in views)
         segment = self._take(total)
         try:
-            if segment.written:
-                self._copy(segment, views)
+            if segment.allocated:
+                self._copy(segment, views, total)
             else:
                 _pwrite(segment.fd, views)
-                segment.written = True
+            segment.allocated = max(segment.allocated, total)
             name = _new_name()
             os.rename(segment.name, name, src_dir_fd=self._dir, dst_dir_fd=self._dir)
             segment.name = name
-        except BaseException:
+        except BaseException as exc:
             self._destroy(segment)
+            if isinstance(exc, OSError):
+                self._drop_idle()
             raise
         self._busy[name] = segment
         return name, make_reference(name, views)
 
     @staticmethod
-    def _copy(segment: _Segment, views: Sequence[memoryview]) -> None:
+    def _copy(segment: _Segment, views: Sequence[memoryview], total: int) -> None:
         """Rewrite a segment's pages, mapped once (a copy in memory costs a quarter
-        of a ``pwrite`` into pages that exist; mapping them costs about one)."""
+        of a ``pwrite`` into pages that exist; mapping them costs about one).
+
+        Pages past the ones written before are allocated first: through the mapping,
+        a page a full tmpfs cannot give is SIGBUS, the end of the client; here it is
+        `OSError` (ENOSPC).
+        """
+        if total > segment.allocated:
+            os.posix_fallocate(segment.fd, segment.allocated, total - segment.allocated)
         if segment.mapped is None:
             flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
             segment.mapped = mmap.mmap(segment.fd, segment.capacity, flags=flags)
@@ -155,6 +167,12 @@ class SegmentPool:
     def names(self) -> list[str]:
         """The current names of all segments (idle ones included)."""
         return [s.name for s in [*self._idle, *self._busy.values()]]
+
+    def _drop_idle(self) -> None:
+        """Unlink the idle segments (``/dev/shm`` is short of room)."""
+        for segment in self._idle:
+            self._destroy(segment)
+        self._idle.clear()
 
     def _keep(self, segment: _Segment) -> bool:
         if len(self._idle) >= self.max_idle:

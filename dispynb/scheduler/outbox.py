@@ -289,10 +289,13 @@ class DriverOutbox:
         except OSError as exc:  # /dev/shm full, say: this node's jobs use the socket
             link.shared_memory = False
             logger.warning(
-                "cannot write arguments to shared memory for node %s (%s);"
-                " sending them over the connection instead",
+                "cannot write a job's arguments to shared memory (%s) for node %s:"
+                " %s; its jobs go over the connection instead. Give %s more room"
+                " (docker run --shm-size=1g, say) or set DISPYNB_SHARED_MEMORY=0",
+                shm.SHM_DIR,
                 link.node_id,
-                exc,
+                exc.strerror or exc,
+                shm.SHM_DIR,
             )
             return payload
         self._segments.setdefault(key, {})[attempt] = name

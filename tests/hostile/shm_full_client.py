@@ -1,0 +1,79 @@
+"""A client whose /dev/shm is too small, or filled by another program, for its jobs.
+
+``python -m tests.hostile.shm_full_client small|filled``, run in a mount namespace
+whose /dev/shm is a small tmpfs (`tests.hostile.test_shm_full`), runs jobs with 10
+MB arguments and results on a LocalCluster and prints one JSON line: per job whether
+it finished with the right result, its size and the bytes the client received
+while it ran.
+
+- ``small``: /dev/shm cannot hold one job's arguments (nor its result).
+- ``filled``: a first job's arguments (9.6 MB) fit, and leave an idle segment of 10
+  MiB whose last pages were never allocated; another program then fills /dev/shm;
+  the next job's arguments (10.4 MB) go into that segment (through its mapping, where
+  a page the tmpfs cannot give is SIGBUS); then a new cluster's job whose arguments
+  (2 MB) fit and whose result (12 MB) does not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+from dispynb import DispyJob, JobCluster, LocalCluster
+
+FILLER = Path("/dev/shm/filler")
+
+
+def times(data: bytes, n: int) -> bytes:
+    return data * n
+
+
+def fill() -> None:
+    """Another program takes what is left of /dev/shm (to the last page)."""
+    with open(FILLER, "ab", buffering=0) as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 65536)
+        except OSError:
+            pass  # full
+
+
+def run(cluster: JobCluster, size: int, n: int) -> dict[str, object]:
+    """One job: ``size`` random bytes in, ``n`` times them out."""
+    data = os.urandom(size)
+    before = sum(node.rx for node in cluster.status().nodes)
+    job = cluster.submit(data, n)
+    result = job()
+    return {
+        "result": size * n,
+        "finished": job.status == DispyJob.Finished,
+        "exception": job.exception,
+        "right": isinstance(result, bytes)
+        and hashlib.sha256(result).digest() == hashlib.sha256(data * n).digest(),
+        "received": sum(node.rx for node in cluster.status().nodes) - before,
+    }
+
+
+def main() -> None:
+    mode = sys.argv[1]
+    jobs = []
+    with LocalCluster(cpus=1) as local:
+        with JobCluster(times, nodes=local) as cluster:
+            if mode == "small":
+                jobs += [run(cluster, 10_000_000, 1) for _ in range(3)]
+            else:
+                jobs.append(run(cluster, 9_600_000, 0))
+                fill()
+                jobs.append(run(cluster, 10_400_000, 1))
+        if mode == "filled":
+            with JobCluster(times, nodes=local) as cluster:
+                jobs.append(run(cluster, 2_000_000, 6))
+    FILLER.unlink(missing_ok=True)
+    print(json.dumps(jobs), flush=True)
+
+
+if __name__ == "__main__":
+    main()
