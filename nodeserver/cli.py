@@ -32,7 +32,7 @@ from nodeserver.register import (
 from nodeserver.server import NodeServer
 from nodeserver.service import Phase, ServiceWindow, keep_window
 from nodeserver.sharedbody import BODIES
-from nodeserver.zygote import start_zygote
+from nodeserver.zygote import ZygoteLauncher, start_zygote
 
 __all__ = ["build_parser", "config_from_args", "main", "parse_args", "parse_size"]
 
@@ -282,6 +282,8 @@ async def serve(
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal)
+    if isinstance(launcher, ZygoteLauncher):
+        launcher.watch()  # a killed zygote is reaped (and logged) at once
     window = config.service_window
     serving = True
     if window is not None:

@@ -19,10 +19,13 @@ new process's pid. The node follows the process with a pidfd (`os.pidfd_open`, L
 reused pid is never hit. The zygote reaps its children; they are not the node's, so
 their exit status is not known there (nothing uses it: the control channel's end
 says that a computation process is gone). Should the zygote die (kill -9, the OOM
-killer), the node adopts its computation processes (it is a subreaper): they go on
-with their jobs and the node reaps them (`ZygoteLauncher.reap_adopted`). A
-computation process ends when the node dies, even in a long setup
-(`containment.watch_node`).
+killer), the node notices at once (`ZygoteLauncher.watch`: its pidfd on the node's
+loop), reaps it and logs how it died; it adopts the zygote's computation processes
+(it is a subreaper): they go on with their jobs and the node reaps them
+(`ZygoteLauncher.reap_adopted`). A computation process ends when the node dies, even
+in a long setup (`containment.watch_node`). A dead zygote is not made again: the
+node would fork it while it holds its secret and runs threads; computations start
+as new interpreters instead, and a client sees no difference but a slower setup.
 
 The zygote dies with the node (``PR_SET_PDEATHSIG``, and end of file on its socket),
 the node reaps it before it exits (`ZygoteLauncher.stop`: no zombie is left to
@@ -140,6 +143,9 @@ class ZygoteLauncher(ProcessLauncher):
         self._sock: socket.socket | None = sock
         self._lock: asyncio.Lock | None = None
         self._reaped = False  # waitpid has collected the zygote
+        #: Readable once the zygote has exited, while `watch` follows it.
+        self._pidfd: int | None = None
+        self._said_gone = False  # its end is in the log
         #: The node is a subreaper: a dead zygote's computation processes (and
         #: whatever else is orphaned below the node) come back to it, and are
         #: reaped by `reap_adopted` on SIGCHLD.
@@ -216,6 +222,53 @@ class ZygoteLauncher(ProcessLauncher):
         self.reap_adopted()  # what was left for the end of this start
         return process
 
+    def watch(self) -> None:
+        """On the node's running loop: reap the zygote as soon as it exits (killed
+        from outside, the OOM killer) and log how it ended, rather than leave a
+        zombie until the next computation's request; reap adopted processes as
+        they exit too."""
+        self._watch_orphans()
+        self._follow()
+
+    def _follow(self) -> None:
+        """Reap the zygote once its pidfd is readable (it exited)."""
+        if self._reaped or self._pidfd is not None:
+            return
+        try:
+            self._pidfd = os.pidfd_open(self.pid)  # a child not reaped: its pid
+        except ProcessLookupError:
+            return
+        asyncio.get_running_loop().add_reader(self._pidfd, self._on_exit)
+
+    def _on_exit(self) -> None:
+        self._unfollow()
+        status = 0
+        with contextlib.suppress(ChildProcessError):
+            status = os.waitpid(self.pid, 0)[1]  # it has exited: no wait
+        self._reaped = True
+        if self._sock is not None:  # not let go by this node: killed
+            # Its socket stays open: a request waiting for an answer reads its
+            # end (closing it under that read would leave the read waiting).
+            self._gone(_exit_text(status))
+
+    def _unfollow(self) -> None:
+        if self._pidfd is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed
+                asyncio.get_running_loop().remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+
+    def _gone(self, how: str) -> None:
+        """Log, once, that the zygote ended and what that changes."""
+        if not self._said_gone:
+            self._said_gone = True
+            logger.warning(
+                "the zygote process (pid %d) %s: computations start as new "
+                "processes from now on",
+                self.pid,
+                how,
+            )
+
     def _watch_orphans(self) -> None:
         """Reap adopted processes as they exit (SIGCHLD on the node's loop)."""
         if self.adopting and not self._watching:
@@ -274,9 +327,7 @@ class ZygoteLauncher(ProcessLauncher):
             answer = b""
             logger.debug("zygote request failed: %s", exc)
         if len(answer) != _PID.size:
-            logger.warning(
-                "the zygote process is gone: computations start as new processes"
-            )
+            self._gone("is gone")
             self.close()
             return None
         return int(_PID.unpack(answer)[0])
@@ -285,22 +336,10 @@ class ZygoteLauncher(ProcessLauncher):
         """Kill the zygote (stopped or stuck: it would not exit at the end of its
         socket), and reap it once it is gone, without blocking the loop."""
         self.close()
-        if self._reaped:
-            return
-        try:
-            pidfd = os.pidfd_open(self.pid)  # a child not reaped: still its pid
-        except ProcessLookupError:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-        loop = asyncio.get_running_loop()
-
-        def reap() -> None:
-            loop.remove_reader(pidfd)
-            os.close(pidfd)
-            self.close()
-
-        loop.add_reader(pidfd, reap)
+        self._follow()  # reaped by `_on_exit` once gone
+        if self._pidfd is not None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
 
     def close(self) -> None:
         """Let the zygote go (it exits at the end of its socket); reap it if it
@@ -317,6 +356,7 @@ class ZygoteLauncher(ProcessLauncher):
         ``timeout`` seconds): an exited child the node leaves unreaped stays a
         zombie of whichever process adopts it (a subreaper such as a benchmark
         driver, or an init that does not reap), seen as a leftover process."""
+        self._unfollow()
         self.close()
         if self.adopting:
             self.reap_adopted()  # those that ended after the node's loop did
@@ -337,6 +377,18 @@ class ZygoteLauncher(ProcessLauncher):
         with contextlib.suppress(ChildProcessError):
             os.waitpid(self.pid, 0)
         self._reaped = True
+
+
+def _exit_text(status: int) -> str:
+    """How a process with wait status ``status`` ended, in words."""
+    code = os.waitstatus_to_exitcode(status)
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"was killed by {name}"
+    return f"exited with status {code}"
 
 
 def _exited(pid: int) -> bool:
