@@ -29,6 +29,7 @@ from dispynb.errors import (
     MessageError,
     NodeBusyError,
     ProtocolVersionError,
+    TransportError,
 )
 from dispynb.protocol import auth
 from dispynb.protocol.messages import (
@@ -73,7 +74,13 @@ def _expect(message: WireMessage, kind: type[_M]) -> _M:
 
 def error_to_exception(
     error: Error,
-) -> AuthenticationError | ProtocolVersionError | MessageError | NodeBusyError:
+) -> (
+    AuthenticationError
+    | ProtocolVersionError
+    | MessageError
+    | NodeBusyError
+    | TransportError
+):
     """The local exception for an `Error` the peer sent (its text made safe)."""
     text = peer_text(error.message)
     if error.code == "auth":
@@ -82,6 +89,8 @@ def error_to_exception(
         return ProtocolVersionError(text)
     if error.code == "busy":
         return NodeBusyError(f"node refused the connection for now: {text}")
+    if error.code == "tls":
+        return TransportError(f"the node uses TLS, this client does not: {text}")
     return MessageError(f"peer refused the connection: {text}")
 
 

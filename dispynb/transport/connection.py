@@ -49,6 +49,7 @@ from dispynb.protocol.framing import (
 )
 from dispynb.protocol.messages import Message, WireMessage, pack_header, unpack_header
 from dispynb.transport.links import FrameProtocol, Link, SocketLink, TransportLink
+from dispynb.transport.tlsaccept import accept_tls
 
 logger = logging.getLogger(__name__)
 
@@ -186,8 +187,8 @@ class Connection:
         protocol = FrameProtocol(conn)
         try:
             if server_side:
-                transport, _ = await loop.connect_accepted_socket(
-                    lambda: protocol, sock, ssl=context
+                transport: asyncio.BaseTransport = await accept_tls(
+                    sock, protocol, context
                 )
             else:
                 transport, _ = await loop.create_connection(

@@ -154,7 +154,9 @@ async def _connect_once(
     except TransportError as exc:
         conn.abort()
         if ssl_context is None:
-            raise
+            if isinstance(exc, ConnectionClosedError):
+                raise
+            raise TransportError(f"{peer}: {exc}") from exc  # a TLS node said so
         # A TLS node refusing our certificate (or its absence) hangs up here.
         raise handshake_refusal(peer, ssl_context, exc) from exc
     except BaseException:

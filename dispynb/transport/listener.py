@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from dispynb.defaults import HANDSHAKE_TIMEOUT
-from dispynb.errors import ConnectionClosedError, DispynbError
+from dispynb.errors import ConnectionClosedError, DispynbError, TransportError
 from dispynb.protocol.framing import encode_frames
 from dispynb.protocol.handshake import SecretSource, peer_text
 from dispynb.protocol.messages import Error, Welcome, pack_header
@@ -34,6 +34,7 @@ from dispynb.transport.admission import (
 )
 from dispynb.transport.connection import Connection, describe_error
 from dispynb.transport.handshake import node_handshake
+from dispynb.transport.tlsaccept import starts_tls
 
 __all__ = ["MAX_PENDING_HANDSHAKES", "MAX_PENDING_PER_SOURCE", "Handler", "Listener"]
 
@@ -252,6 +253,7 @@ class Listener:
                 if self._ssl_context is None:
                     conn = Connection.over_socket(sock, peer)
                 else:
+                    await _expect_tls(sock)
                     conn = await Connection.over_tls(
                         sock, peer, self._ssl_context, server_side=True
                     )
@@ -293,10 +295,30 @@ class Listener:
             conn.close()
 
 
-def _refuse(sock: socket.socket, reason: str) -> None:
-    """Tell a peer refused at accept why (best effort, never blocks), then close."""
+#: What a TLS node tells a client that does not speak TLS (in its own protocol).
+TLS_REQUIRED = (
+    "give the client cafile= (the CA that signed the node's certificate), and "
+    "certfile= and keyfile= if the node checks clients' certificates (--cafile)"
+)
+
+
+async def _expect_tls(sock: socket.socket) -> None:
+    """Before a TLS node's handshake: a client whose first bytes are no TLS is told
+    that this node uses TLS (a TLS alert would mean nothing to it); raises
+    `TransportError` then, `ConnectionClosedError` if it hung up at once."""
+    tls = await starts_tls(sock)
+    if tls is None:
+        raise ConnectionClosedError("closed before its first message")
+    if not tls:
+        _refuse(sock, TLS_REQUIRED, code="tls")
+        raise TransportError("a client without TLS (this node uses TLS): told so")
+
+
+def _refuse(sock: socket.socket, reason: str, code: str = "busy") -> None:
+    """Tell a peer refused at accept (or for want of TLS) why (best effort, never
+    blocks), then close."""
     head, parts = encode_frames(
-        [pack_header(Error(code="busy", message=reason).to_header())]
+        [pack_header(Error(code=code, message=reason).to_header())]
     )
     with contextlib.suppress(OSError):
         sock.setblocking(False)

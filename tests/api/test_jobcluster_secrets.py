@@ -120,7 +120,7 @@ def test_jobcluster_plain_client_to_tls_node_fails_cleanly(tmp_path, no_secret_e
     args = ("--certfile", cert, "--keyfile", key)
     with running_node(tmp_path / "node", *args) as node:
         started = time.monotonic()
-        with pytest.raises(TransportError):
+        with pytest.raises(TransportError) as info:
             JobCluster(
                 jobs.square,
                 nodes=[node.spec],
@@ -128,6 +128,13 @@ def test_jobcluster_plain_client_to_tls_node_fails_cleanly(tmp_path, no_secret_e
                 setup=marker_setup(marker),
             )
         assert time.monotonic() - started < PROMPT
+        # Told so by the node, in dispynb's protocol: not a guess.
+        assert str(info.value) == (
+            f"{node.spec}: the node uses TLS, this client does not: give the "
+            "client cafile= (the CA that signed the node's certificate), and "
+            "certfile= and keyfile= if the node checks clients' certificates "
+            "(--cafile)"
+        )
         # The node keeps serving proper clients.
         with JobCluster(
             jobs.square, nodes=[node.spec], secret=node.secret, cafile=cert
@@ -173,11 +180,17 @@ def test_jobcluster_mutual_tls_node_refusing_the_client_says_why(
         )
     message = str(info.value)
     assert f"node {node.spec} closed the TLS connection during the handshake" in message
+    # The node's TLS alert said why: no guess.
     if given:
-        assert "may not trust this client's certificate: the node's --cafile" in message
+        assert "it does not trust this client's certificate: the node's --cafile" in (
+            message
+        )
         assert f"signed the client's certificate {other!r}" in message
+        assert "UNKNOWN_CA" in message
     else:
         assert (
-            "may require a client certificate: give the client certfile= and keyfile="
-            in message
+            "it requires a client certificate: give the client certfile= and "
+            "keyfile=" in message
         )
+        assert "CERTIFICATE_REQUIRED" in message
+    assert "may" not in message
