@@ -16,9 +16,10 @@ computation's directory as the working directory. Over that control channel
 3. it reports every worker's death with `WorkerExited` and forks a replacement
    (another `WorkerStarted`), until `Shutdown` (or SIGTERM/SIGINT): then it stops the
    workers (SIGTERM, SIGKILL after `STOP_GRACE` seconds), reports them, runs
-   ``cleanup(*setup_args)`` and exits 0. At EOF of the control channel (node server
-   gone) it kills the workers and exits 1; so it does when the node server dies
-   while nothing reads that channel (a long setup): see `containment.watch_node`.
+   ``cleanup(*setup_args)`` and exits 0. At EOF of the control channel, or when the
+   node server dies (also while setup or cleanup runs, whatever signal handlers
+   they install: see `containment.NodeWatch`), it kills the workers and every
+   process it or its setup started, and exits 1.
 
 Workers are forked after setup, so whatever setup put in the computation's globals
 (large data, ``multiprocessing`` shared values) is visible to jobs. A worker runs
@@ -51,16 +52,19 @@ from dispynb.protocol.records import ComputationBundle
 from nodeserver.channel import MessageSocket
 from nodeserver.containment import (
     NodeGone,
+    NodeWatch,
     become_group_leader,
     descendants,
+    end_leftovers,
     find_pids_root,
     join_new_cgroup,
     kill_group,
+    kill_pinned,
     load_prctl,
     move_to_cgroup,
+    pin,
     remove_cgroup,
     set_pids_max,
-    watch_node,
 )
 from nodeserver.ipc import (
     IpcMessage,
@@ -93,9 +97,8 @@ COUNT_INTERVAL = 0.5
 
 _PR_SET_PDEATHSIG = 1
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-#: Held while a worker is forked, reset in it; SIGHUP is the parent's death
-#: (`containment.PARENT_DEATH_SIGNAL`), whose handler `watch_node` installed.
-_HANDLED_SIGNALS = (signal.SIGCHLD, signal.SIGHUP, *_STOP_SIGNALS)
+#: Held while a worker is forked, reset in it.
+_HANDLED_SIGNALS = (signal.SIGCHLD, *_STOP_SIGNALS)
 _WAKING_SIGNALS = (signal.SIGCHLD, *_STOP_SIGNALS)
 
 
@@ -164,9 +167,16 @@ class ComputationProcess:
         self._prctl = load_prctl()
         self._wake_r = self._wake_w = -1
         self._selector = selectors.DefaultSelector()
+        self._node: NodeWatch | None = None
 
-    def serve(self) -> int:
-        """Announce `Loaded`, start the workers and supervise them; the exit code."""
+    def serve(self, node: NodeWatch | None = None) -> int:
+        """Announce `Loaded`, start the workers and supervise them; the exit code.
+
+        Raises `NodeGone` once ``node`` (the node server) has died, or
+        `ConnectionClosedError` at the end of the control channel: the workers
+        have been killed then.
+        """
+        self._node = node
         self._install_signals()
         try:
             self.control.send(Loaded(pid=self._pid))
@@ -177,15 +187,14 @@ class ComputationProcess:
             for _ in range(self.size * 2 if self._fresh else self.size):
                 self._start_worker()
             return self._loop()
-        except ConnectionClosedError:
-            logger.warning("computation %r: node server gone; stopping", self.name)
-            return 1
         finally:
             self._kill_workers()  # never leave orphans, whatever happened
 
     def _loop(self) -> int:
         self._selector.register(self.control.fileno(), selectors.EVENT_READ)
         self._selector.register(self._wake_r, selectors.EVENT_READ)
+        if self._node is not None and self._node.fd is not None:
+            self._selector.register(self._node.fd, selectors.EVENT_READ)
         while True:
             # A message read ahead with an earlier one never wakes the selector.
             while self.control.buffered:
@@ -199,6 +208,8 @@ class ComputationProcess:
                         return self._shutdown()
                     self._reap()
                     continue
+                if self._node is not None and key.fd == self._node.fd:
+                    raise NodeGone
                 if self._is_shutdown(self.control.recv()[0]):
                     return self._shutdown()
 
@@ -216,9 +227,6 @@ class ComputationProcess:
                     "it and all its processes were killed"
                 )
                 kill_group(pid, None)
-                for child in descendants(pid):
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(child, signal.SIGKILL)
         return []
 
     @staticmethod
@@ -233,8 +241,10 @@ class ComputationProcess:
         self._stop_workers()
         if callable(self.cleanup):
             CONTEXT.begin(self.control, 0, 0)  # for dispynode_shutdown() in cleanup
+            guard = self._node.guard() if self._node else contextlib.nullcontext()
             try:
-                self.cleanup(*self.setup_args)
+                with guard:
+                    self.cleanup(*self.setup_args)
             except BaseException:  # user code: report it and still exit cleanly
                 # With no logging configured this prints the traceback to stderr.
                 logger.error(
@@ -310,6 +320,8 @@ class ComputationProcess:
             os.close(self._wake_r)
             os.close(self._wake_w)
             self.control.close()
+            if self._node is not None:
+                self._node.close()
             if self._prctl is not None:
                 self._prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
             if os.getppid() != self._pid:  # the parent died before prctl
@@ -375,7 +387,13 @@ class ComputationProcess:
                 self._start_worker()
 
     def _stop_workers(self) -> None:
-        """SIGTERM the workers' groups, SIGKILL them after `STOP_GRACE`; reap all."""
+        """SIGTERM the workers' groups, SIGKILL them after `STOP_GRACE`; reap all.
+
+        What the jobs started that left their worker's group (``setsid``, then
+        adopted by the worker) is found now, while the workers live: a worker
+        that ends at the SIGTERM hands those to init, beyond any later kill.
+        """
+        detached = pin([pid for w in self.workers for pid in descendants(w)])
         _signal_groups(self.workers, signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE
         waiter = select.poll()
@@ -387,15 +405,16 @@ class ComputationProcess:
                 break
             if waiter.poll(remaining * 1000):
                 self._drain_wakeups()
-        _signal_groups(self.workers, signal.SIGKILL)
+        self._kill_trees()
         self._reap(block=True)
+        kill_pinned(detached)
 
     def _kill_workers(self) -> None:
         """SIGKILL and reap every worker; report them if the node server listens."""
         if not self.workers:
             return
         self.stopping = True
-        _signal_groups(self.workers, signal.SIGKILL)
+        self._kill_trees()
         try:
             self._reap(block=True)
         except ConnectionClosedError:
@@ -407,6 +426,11 @@ class ComputationProcess:
         for cgroup in self._cgroups.values():
             remove_cgroup(cgroup)
         self._cgroups.clear()
+
+    def _kill_trees(self) -> None:
+        """SIGKILL every worker with all its processes (`containment.kill_group`)."""
+        for pid in self.workers:
+            kill_group(pid, self._cgroups.get(pid))
 
     # --- signals -------------------------------------------------------------------
 
@@ -532,8 +556,6 @@ def run_setup(setup: Callable[..., Any], setup_args: tuple[Any, ...]) -> None:
     """Call setup; raise `LoadFailure` unless it returns None, 0, 1 or 2."""
     try:
         result = setup(*setup_args)
-    except NodeGone:
-        raise
     except BaseException as exc:  # user code: any exit of setup is a failed setup
         # From setup's own frame on: the person's code, not this function.
         frames = exc.__traceback__.tb_next if exc.__traceback__ else None
@@ -594,26 +616,29 @@ def main(argv: list[str] | None = None) -> int:
         "--parent-pid", type=int, help="the zygote that forked this process, if any"
     )
     args = parser.parse_args(argv)
-    if not watch_node(args.node_pid or os.getppid(), args.parent_pid):
+    node = NodeWatch(args.node_pid or os.getppid(), args.parent_pid)
+    if not node.lives():
         return 1
     keep_freed_memory()  # before any large message; workers inherit it
     control = MessageSocket(socket.socket(fileno=args.control_fd))
     try:
         try:
-            computation = load_computation(control)
+            with node.guard():  # the user's setup runs: the node is watched
+                computation = load_computation(control)
         except LoadFailure as failure:
             control.send(
                 LoadFailed(message=failure.message, traceback=failure.traceback)
             )
             return 1
-        return computation.serve()
-    except ConnectionClosedError:
-        return 1
-    except NodeGone:
+        return computation.serve(node)
+    except (ConnectionClosedError, NodeGone):
+        # Nobody will ask for cleanup: what setup started must not outlive us.
         logger.warning("computation process: node server gone; stopping")
+        end_leftovers()
         return 1
     finally:
         control.close()
+        node.close()
 
 
 if __name__ == "__main__":

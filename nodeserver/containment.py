@@ -35,20 +35,17 @@ import functools
 import logging
 import os
 import re
+import select
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 logger = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
-
-#: What a computation process is sent when its parent dies (``PR_SET_PDEATHSIG``):
-#: it then ends unless the node server adopted it (`watch_node`).
-PARENT_DEATH_SIGNAL = signal.SIGHUP
 
 #: Rounds of listing and killing a job's leftovers before giving up (a fork bomb
 #: without a pids cgroup may outrun one round).
@@ -91,43 +88,80 @@ def become_subreaper() -> bool:
 
 
 class NodeGone(BaseException):
-    """Raised in a computation process whose node server died (`watch_node`); a
+    """Raised in a computation process whose node server died (`NodeWatch`); a
     BaseException, so that the job code or setup it interrupts does not take it."""
 
 
-#: The processes a computation process may have as parent while its node lives.
-_node_parents: tuple[int, ...] = ()
+#: Seconds between looks at the parent where the node cannot be followed by pidfd.
+_PARENT_POLL = 0.5
 
 
-def watch_node(node: int, parent: int | None = None) -> bool:
-    """In a computation process: end (`NodeGone`) when node server ``node`` dies.
+class NodeWatch:
+    """In a computation process: its node server's life, followed without signals.
 
-    Its parent is the node or, forked from the zygote, ``parent``; the parent's
-    death signals this process (`PARENT_DEATH_SIGNAL`, also during a long setup,
-    when nothing reads the control channel's end). A dead zygote's computation
-    process is adopted by the node (its subreaper) and goes on; after the node's
-    own death its parent is init or whoever adopts it, and it ends. Checking the
-    parent, not only the signal, also covers the signal's firing on the death of
-    the parent *thread* that forked it. False if the node is gone already.
+    The node's death is seen through a pidfd of the node (readable once it exited;
+    Linux 5.3+) or, without one, by the parent changing: never through a signal,
+    whose disposition the user's setup or job may change (``nohup``-style code
+    ignores SIGHUP). While the computation's own code runs in this process (setup,
+    cleanup: `guard`), a thread follows the node and, once it is gone, kills every
+    descendant of this process and exits; between them, the supervisor's loop
+    selects on `fd`. A dead zygote's computation process is adopted by the node
+    (its subreaper) and goes on: it is the node that is followed, not the parent.
     """
-    global _node_parents
-    _node_parents = (node,) if parent is None else (node, parent)
-    prctl = load_prctl()
-    if prctl is None:
-        return True
-    signal.signal(PARENT_DEATH_SIGNAL, _on_parent_death)
-    prctl(_PR_SET_PDEATHSIG, PARENT_DEATH_SIGNAL, 0, 0, 0)
-    return node_lives()  # a death before the prctl is seen here
 
+    def __init__(self, node: int, parent: int | None = None) -> None:
+        self.node = node
+        self._parents = (node,) if parent is None else (node, parent)
+        try:
+            self.fd: int | None = os.pidfd_open(node)
+        except (AttributeError, OSError):  # no pidfd here, or the node is gone
+            self.fd = None
+        self._stop_r, self._stop_w = os.pipe()
 
-def node_lives() -> bool:
-    """Whether this computation process's parent is still the node (or zygote)."""
-    return not _node_parents or os.getppid() in _node_parents
+    def lives(self) -> bool:
+        """Whether the node server still runs (and is this process's parent, or
+        its zygote is: then the pidfd is the node's, not a reused pid's)."""
+        if os.getppid() not in self._parents:
+            return False
+        return self.fd is None or not select.select([self.fd], [], [], 0)[0]
 
+    def _wait(self) -> bool:
+        """Block until the node dies (True) or `guard` ends (False)."""
+        fds = [self._stop_r] if self.fd is None else [self._stop_r, self.fd]
+        timeout = _PARENT_POLL if self.fd is None else None
+        while True:
+            ready = select.select(fds, [], [], timeout)[0]
+            if self._stop_r in ready:
+                os.read(self._stop_r, 1)
+                return False
+            if ready or not self.lives():
+                return True
 
-def _on_parent_death(signum: int, frame: object) -> None:
-    if not node_lives():
-        raise NodeGone
+    @contextlib.contextmanager
+    def guard(self) -> Iterator[None]:
+        """While the body runs (the user's code: setup, cleanup), end this process
+        and all its descendants as soon as the node dies."""
+        thread = threading.Thread(target=self._follow, name="node-watch", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            os.write(self._stop_w, b"x")
+            thread.join()
+
+    def _follow(self) -> None:
+        if self._wait():
+            logger.warning("computation process: node server gone; stopping")
+            end_leftovers()
+            os._exit(1)
+
+    def close(self) -> None:
+        """Release the descriptors (before the process exits, or in a worker)."""
+        for fd in (self.fd, self._stop_r, self._stop_w):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.fd = None
 
 
 def end_leftovers() -> int:
@@ -198,13 +232,41 @@ def descendants(pid: int) -> list[int]:
 
 
 def kill_group(pgid: int, cgroup: str | None) -> None:
-    """SIGKILL process group ``pgid`` and every task of ``cgroup`` (if any)."""
+    """SIGKILL worker ``pgid``'s descendants, its process group and every task of
+    ``cgroup`` (if any).
+
+    The descendants are read first, while the worker lives: they include what its
+    job started that left the group (``setsid``) and that the worker adopted as
+    their subreaper; once the worker is dead they belong to init, and without a
+    cgroup nothing would find them again.
+    """
+    for pid in descendants(pgid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
     if cgroup is not None:
         for pid in cgroup_pids(cgroup):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def pin(pids: list[int]) -> list[int]:
+    """Pidfds of those of ``pids`` still running: `kill_pinned` kills them later
+    without hitting a process that reused a pid meanwhile."""
+    fds = []
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fds.append(os.pidfd_open(pid))
+    return fds
+
+
+def kill_pinned(fds: list[int]) -> None:
+    """SIGKILL the processes `pin` found (those still running) and close the fds."""
+    for fd in fds:
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+        os.close(fd)
 
 
 # --- pids cgroups ------------------------------------------------------------------

@@ -21,6 +21,7 @@ import sys
 from typing import Protocol
 
 import nodeserver
+from nodeserver import containment
 
 
 class ComputationProcess(Protocol):
@@ -98,9 +99,9 @@ class ProcessLauncher:
             os.kill(pid, signal.SIGINT)
 
     def kill_group(self, pid: int) -> None:
-        """SIGKILL to the worker's process group (a worker leads its own group)."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGKILL)
+        """SIGKILL to the worker's process group (a worker leads its own group) and
+        to all its descendants, those that left the group too."""
+        containment.kill_group(pid, None)
 
 
 #: The launcher node servers use unless told otherwise.
