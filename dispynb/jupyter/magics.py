@@ -199,8 +199,8 @@ class DispyMagics(Magics):
             %dispy panel                             # live table of the nodes
             %dispy close                             # cancel runs, stop local nodes
 
-        Starting or attaching replaces the current nodes (and cancels their runs);
-        attaching (nodes, dask, ray, scheduler) does so only once the new ones answer.
+        Starting or attaching replaces the current nodes (and cancels their runs),
+        once the new ones answer (slurm: before submitting them).
         The panel shows each node's CPUs, busy workers, jobs done, and its load (CPU
         used, memory free) as last reported: when a run connects, then every
         ``--pulse`` seconds while runs use it.

@@ -108,15 +108,12 @@ class Session:
                 f"{LOCAL_ENGINE_ENV}={engine}: use 'nodes' (dispynb's node servers) "
                 "or 'dask'"
             )
-        self.close()
-        with friendly_errors("%dispy local could not start the nodes", hint=""):
-            self.local = LocalCluster(nodes=count, cpus=cpus)
-        self.nodes = self.local
-        self.options = dict(options or {})
-        self._register_atexit()
-        with friendly_errors("the local nodes did not answer", hint=""):
-            self.probe()
-        self._show_in_use()
+        self._start_then_replace(
+            lambda: LocalCluster(nodes=count, cpus=cpus),
+            dict(options or {}),
+            "%dispy local could not start the nodes",
+            hint="",
+        )
 
     def start_local_dask(self, count: int, cpus: int | None) -> None:
         """A Dask cluster on 127.0.0.1 (``LocalCluster(engine="dask")``: workers
@@ -194,28 +191,46 @@ class Session:
         with ``adapt``, as many as the runs' jobs need instead."""
         from dispynb.deploy import SSHNodes
 
-        self.close()
-        with (
-            self._closed_on_failure(),
-            friendly_errors(
-                f"%dispy ssh could not start nodes on {' '.join(hosts)}",
-                hint="check that `ssh HOST` works without a prompt and that dispynb "
-                "is installed there for --python",
-            ),
-        ):
-            self.local = SSHNodes(
+        def start() -> Any:
+            launcher = SSHNodes(
                 hosts,
                 python=python,
                 node_args=node_args,
                 ssh_options=ssh_options,
                 start=adapt is None,
             )
-            self.nodes = self.local
             if adapt is not None:
-                self.local.adapt(*adapt[:2], idle_timeout=adapt[2])
-            self.options = dict(options)
-            self._register_atexit()
-            self.probe()
+                launcher.adapt(*adapt[:2], idle_timeout=adapt[2])
+            return launcher
+
+        self._start_then_replace(
+            start,
+            options,
+            f"%dispy ssh could not start nodes on {' '.join(hosts)}",
+            hint="check that `ssh HOST` works without a prompt and that dispynb "
+            "is installed there for --python",
+        )
+
+    def _start_then_replace(
+        self, start: Callable[[], Any], options: dict[str, Any], what: str, hint: str
+    ) -> None:
+        """Start new nodes with ``start()`` (a launcher) and check that they answer,
+        then give up the current nodes for them. If starting fails, or is
+        interrupted, stop what did start and keep the current nodes."""
+        launcher = None
+        try:
+            with friendly_errors(what, hint=self._kept(hint)):
+                launcher = start()
+                replay = self._probe(launcher, None, options)
+        except BaseException:
+            if launcher is not None:
+                launcher.close()
+            raise
+        self.close()
+        self.local = self.nodes = launcher
+        self.options = options
+        self._register_atexit()
+        replay()
         self._show_in_use()
 
     def start_slurm(
@@ -227,7 +242,10 @@ class Session:
     ) -> None:
         """Submit ``count`` node servers as SLURM batch jobs (replacing the current
         nodes), or with ``adapt`` as many as the runs' jobs need; ``launcher`` are
-        `SlurmNodes`' options."""
+        `SlurmNodes`' options.
+
+        Unlike the other launchers, the current nodes stop first: their allocation
+        may be what the new batch jobs wait for (a user's job or CPU limit)."""
         from dispynb.deploy import SlurmNodes
 
         self.close()
@@ -282,7 +300,8 @@ class Session:
         """``hint``, then what stays in use when new nodes cannot be used."""
         if not self.attached:
             return hint
-        return f"{hint}\nstill in use: {self.status()._where()}"
+        kept = f"still in use: {self.status()._where()}"
+        return f"{hint}\n{kept}" if hint else kept
 
     def _show_in_use(self) -> None:
         """The panel keeps the nodes in use; others show as gone, then go."""

@@ -97,6 +97,22 @@ def test_a_failed_dispy_ssh_leaves_no_nodes_behind(
     assert "no nodes" in status._repr_html_()
 
 
+def test_a_failed_dispy_ssh_keeps_the_nodes_in_use(
+    ip: InteractiveShell, fake_ssh: Path
+) -> None:
+    """``%dispy ssh`` whose nodes cannot start keeps the notebook's nodes, and says
+    so (it stopped them first, leaving the notebook with none)."""
+    with capture_output():
+        ip.run_line_magic("dispy", "local --cpus 1")
+    session = ip.magics_manager.registry[DispyMagics.__name__].session
+    local = session.local
+    with capture_output(), pytest.raises(MagicError) as raised:
+        ip.run_line_magic("dispy", "ssh node1 --python /nonexistent/python")
+    spec = local.node_specs()[0]
+    assert f"still in use: local nodes {spec}" in str(raised.value)
+    assert session.local is local and session.nodes is local and not local.exited()
+
+
 def test_dispy_status_of_ssh_nodes_lists_them(
     ip: InteractiveShell, fake_ssh: Path
 ) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
+from typing import Any
 
+import psutil
 import pytest
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
@@ -198,6 +200,35 @@ def test_nodes_that_do_not_answer_keep_the_nodes_in_use(ip):
     assert "start nodes here with %dispy local" in message, message
     assert f"still in use: local nodes {', '.join(before)}" in message, message
     assert session(ip).nodes is session(ip).local
+    assert addresses(ip) == before and not session(ip).local.exited()
+    placed = run_where(ip, "", 4)
+    assert len(placed) == 4 and set(placed) <= {"local-0", "local-1"}, placed
+
+
+def test_stop_while_new_local_nodes_start_keeps_the_nodes_in_use(ip, monkeypatch):
+    """Stop while `%dispy local` checks its new nodes (the probe waits for them):
+    the new nodes stop, the notebook keeps the nodes it had and says so (it had
+    stopped them first: 'did not finish; no nodes')."""
+    from dispynb.jupyter.errors import MagicInterrupted
+    from dispynb.local import LocalCluster
+
+    before = addresses(ip)
+    started: list[int] = []
+
+    def stopped_while_probing(computation: Any, nodes: Any, **options: Any) -> Any:
+        assert isinstance(nodes, LocalCluster)
+        started.extend(nodes.pids)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(session(ip), "cluster_factory", stopped_while_probing)
+    with pytest.raises(MagicInterrupted) as raised:
+        ip.run_line_magic("dispy", "local --nodes 1 --cpus 1")
+    monkeypatch.undo()
+
+    assert str(raised.value) == (
+        f"Interrupted: %dispy local did not finish; local nodes {', '.join(before)}"
+    )
+    assert started and not any(psutil.pid_exists(pid) for pid in started)
     assert addresses(ip) == before and not session(ip).local.exited()
     placed = run_where(ip, "", 4)
     assert len(placed) == 4 and set(placed) <= {"local-0", "local-1"}, placed
