@@ -11,6 +11,7 @@ from typing import Any
 
 from dispynb._clusterstate import _ClusterState
 from dispynb.backends.base import Departure, NodeInfo, Outcome
+from dispynb.errors import JournalError
 from dispynb.job import DispyJob, JobStatus
 from dispynb.node import DispyNode, DispyNodeAvailInfo
 
@@ -195,7 +196,8 @@ class _Events(_ClusterState):
     def batch(self) -> _Batch:
         """The events reported inside ``with events.batch():`` came together (the
         results of one message from a node): the jobs that end there are journaled
-        in one transaction as it exits, then announced (`JobEvents.batch`)."""
+        in one transaction as it exits, then announced (`JobEvents.batch`); if
+        they could not be journaled (a full disk), it then raises `JournalError`."""
         return self._batch
 
     def _finished(self, job: DispyJob, node: DispyNode | None) -> None:
@@ -211,11 +213,17 @@ class _Events(_ClusterState):
         them: a callback, ``wait()`` or a monitor hears of a job once it is
         journaled, as when it is journaled alone."""
         ending, self._ending = self._ending, []
+        journaled = False
         try:
-            self._journal.done_many([(key, job) for key, job, _node in ending])
-        finally:  # a journal that failed (a full disk) raises: wait() must not hang
+            journaled = self._journal.done_many([(k, job) for k, job, _ in ending])
+        finally:
             for _key, job, node in ending:
                 self._announce(job, node)
+        if not journaled:  # logged by the journal; the backend acknowledges none
+            raise JournalError(
+                f"the ends of {len(ending)} jobs could not be written to the "
+                "recovery file"
+            )
 
     def _announce(self, job: DispyJob, node: DispyNode | None) -> None:
         """Tell callbacks, monitors and waiters that ``job`` ended."""

@@ -11,8 +11,10 @@ import sqlite3
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
+from dispynb.errors import ConfigurationError
 from dispynb.job import DispyJob
 from dispynb.journal import Journal
 from dispynb.tracebacks import LazySourceMap
@@ -80,7 +82,12 @@ def release_default_journal(journal: Journal, recovery_id: str, clean: bool) -> 
     global _default, _default_users
     with _default_lock:
         if clean:
-            journal.forget(recovery_id)
+            try:
+                journal.forget(recovery_id)
+            except (OSError, sqlite3.Error) as exc:  # a full disk: recovers nothing
+                logger.warning(
+                    "cannot update the recovery file %s: %s", journal.path, exc
+                )
         _default_users -= 1
         if _default_users > 0 or journal is not _default:
             return
@@ -95,7 +102,10 @@ class ClusterJournal:
     default (None): in scripts (`default_recovery_applies`), the computation and its
     nodes go to the process's shared ``_dispy_*`` file. ``False``, or an engine that
     cannot keep results for a client that went away (``can_recover`` False): nothing.
-    Methods do nothing when nothing is journaled.
+    Methods do nothing when nothing is journaled. A write that fails (a full disk)
+    never fails the cluster: it is logged, once until writes work again, and what
+    it recorded cannot be recovered (`done_many` says so, for the results a node
+    keeps until they are journaled).
     """
 
     def __init__(
@@ -104,8 +114,17 @@ class ClusterJournal:
         #: Whether every job is journaled (``recover_file=PATH``).
         self.jobs = isinstance(recover_file, str)
         self._journal: Journal | None = None
+        self._failures = 0  # writes that failed (the first one logged)
+        #: Jobs whose submission could not be written: their ends have no row.
+        self._unrecorded: set[int] = set()
         if isinstance(recover_file, str):
-            self._journal = Journal(recover_file)
+            try:
+                self._journal = Journal(recover_file)
+            except (OSError, sqlite3.Error) as exc:
+                raise ConfigurationError(
+                    f"recover_file {recover_file!r} cannot be written: {exc}; give "
+                    "one on a disk with room, or recover_file=False"
+                ) from None
         elif recover_file is None and can_recover and default_recovery_applies(nodes):
             self._journal = acquire_default_journal()
         #: The id nodes keep the computation's results under ('': none).
@@ -117,54 +136,97 @@ class ClusterJournal:
         was gone at the script's lines, as the cluster shows them)."""
         if self._journal is None:
             return
-        self._journal.computation(self.recovery_id, name)
+        self._write(self._journal.computation, self.recovery_id, name)
         try:
             source_map = sources.built().to_json()
         except Exception as exc:  # only the tracebacks' lines are lost
             logger.debug("no source map for the recovery file: %s", exc)
             return
-        self._journal.sources(self.recovery_id, source_map)
+        self._write(self._journal.sources, self.recovery_id, source_map)
 
     def node(self, node_id: str) -> None:
         if self._journal is not None:
-            self._journal.node(self.recovery_id, node_id)
+            self._write(self._journal.node, self.recovery_id, node_id)
 
     def sent(self, keys: list[int], node_id: str) -> None:
         if self._journal is not None and self.jobs:
-            self._journal.sent(self.recovery_id, keys, node_id)
+            self._write(self._journal.sent, self.recovery_id, keys, node_id)
 
     def submitted(self, key: int, job: DispyJob) -> None:
-        if self._journal is not None and self.jobs:
-            self._journal.submitted(self.recovery_id, key, job)
+        journal = self._journal
+        if (
+            journal is not None
+            and self.jobs
+            and not self._write(journal.submitted, self.recovery_id, key, job)
+        ):
+            self._unrecorded.add(key)
 
     def done(self, key: int, job: DispyJob) -> None:
         if self._journal is not None and self.jobs:
-            self._journal.done(self.recovery_id, key, job)
+            self._unrecorded.discard(key)
+            self._write(self._journal.done, self.recovery_id, key, job)
 
-    def done_many(self, jobs: list[tuple[int, DispyJob]]) -> None:
-        """Jobs ended together (``(key, job)`` each): one transaction."""
+    def done_many(self, jobs: list[tuple[int, DispyJob]]) -> bool:
+        """Jobs ended together (``(key, job)`` each): one transaction. False if it
+        failed (logged), or some of them were never recorded: not all journaled."""
         if self._journal is not None and self.jobs:
-            self._journal.done_many(self.recovery_id, jobs)
+            written = self._write(self._journal.done_many, self.recovery_id, jobs)
+            if self._unrecorded:
+                keys = {key for key, _job in jobs}
+                if keys & self._unrecorded:
+                    self._unrecorded -= keys
+                    return False
+            return written
+        return True
 
     def renamed(self, key: int, job: DispyJob) -> None:
         if self._journal is not None and self.jobs:
-            self._journal.renamed(self.recovery_id, key, job)
+            self._write(self._journal.renamed, self.recovery_id, key, job)
+
+    def _write(self, record: Callable[..., None], *args: Any) -> bool:
+        """``record(*args)``; False if the file could not be written (the first
+        failure is logged, the count of them at `close`: a disk that is nearly
+        full fails some writes and not others)."""
+        try:
+            record(*args)
+        except (OSError, sqlite3.Error) as exc:
+            self._failures += 1
+            log = logger.warning if self._failures == 1 else logger.debug
+            log(
+                "cannot write the recovery file %s (%s): while this lasts, "
+                "recover_jobs() after a crash misses what is not written (the "
+                "results still come back here, and nodes keep them until they are); "
+                "free room on its disk",
+                self._journal.path if self._journal is not None else "",
+                exc,
+            )
+            return False
+        return True
 
     def close(self, clean: bool) -> None:
         """The cluster closed; ``clean``: every job was done (nothing to recover,
         so its records are removed, as dispy removes its file)."""
-        journal, self._journal = self._journal, None
+        journal = self._journal
         if journal is None:
             return
-        if self.jobs:
-            # The file may hold another cluster's computation too (the same
-            # recover_file given to two): then only this one's records go.
-            shared = clean and journal.shared(self.recovery_id)
-            if shared:
-                journal.forget(self.recovery_id)
-            journal.close(remove=clean and not shared)
-        else:
-            release_default_journal(journal, self.recovery_id, clean=clean)
+        if self._failures > 1:
+            logger.warning(
+                "%d writes to the recovery file %s failed in all",
+                self._failures,
+                journal.path,
+            )
+        try:
+            if self.jobs:
+                # The file may hold another cluster's computation too (the same
+                # recover_file given to two): then only this one's records go.
+                shared = clean and journal.shared(self.recovery_id)
+                if shared:
+                    self._write(journal.forget, self.recovery_id)
+                journal.close(remove=clean and not shared)
+            else:
+                release_default_journal(journal, self.recovery_id, clean=clean)
+        finally:
+            self._journal = None
 
 
 def latest_recover_file(directory: str = ".") -> str | None:

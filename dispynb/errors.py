@@ -17,6 +17,7 @@
      |    +-- NoNodesError
      |    +-- NodeLostError
      |    +-- SetupError          a computation could not be set up on a node
+     |    +-- JournalError        the recover_file could not be written (a full disk)
      +-- JobError
      |    +-- SerializationError  arguments or results that cannot be (un)pickled
      |    +-- ResultTooLarge      a result over max_result_size
@@ -102,6 +103,12 @@ class SetupError(ClusterError):
     def __init__(self, message: str, remote_traceback: str = "") -> None:
         super().__init__(message)
         self.remote_traceback = remote_traceback
+
+
+class JournalError(ClusterError):
+    """The recovery file (``recover_file``) could not be written, a full disk say:
+    the jobs it misses cannot be recovered after a crash (their results still come
+    back to the running client). The message names the file and the cause."""
 
 
 class JobError(DispynbError):

@@ -278,10 +278,12 @@ class Journal:
             self._db.execute("BEGIN")
             try:
                 self._db.executemany(sql, rows)
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # SQLite may have rolled back already (a full disk: SQLITE_FULL).
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
 
 
 def unreadable(path: str, exc: BaseException) -> ConfigurationError:

@@ -328,8 +328,9 @@ class JobEvents(Protocol):
         """``with events.batch():`` around events that came together (the results
         of one message from a node): the façade journals the jobs that end inside
         in one transaction as it exits (``recover_file``), and tells callbacks,
-        ``wait()`` and monitors of them then. Optional for a backend; batches may
-        nest."""
+        ``wait()`` and monitors of them then, and raises `JournalError` if they
+        could not be journaled (a full disk: the backend must not tell the node they
+        were). Optional for a backend; batches may nest."""
         ...
 
 

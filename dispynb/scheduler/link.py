@@ -147,7 +147,8 @@ class JobEvents(Protocol):
 
     def batch(self) -> AbstractContextManager[None]:
         """``with events.batch():`` around the starts and ends of one message from
-        a node (the cluster journals those ends in one transaction)."""
+        a node (the cluster journals those ends in one transaction, and raises
+        `JournalError` as it exits if it could not)."""
         ...
 
     def node_ready(self, node: NodeLink) -> None:

@@ -6,7 +6,7 @@ import logging
 import sys
 from typing import Any
 
-from dispynb.errors import SerializationError
+from dispynb.errors import JournalError, SerializationError
 from dispynb.protocol import serialize, shm
 from dispynb.protocol.chunks import TOO_LARGE, add_chunk, take_output, take_stream
 from dispynb.protocol.framing import Buffer
@@ -171,15 +171,18 @@ class DriverResults(DriverOutbox):
             shm.unlink(name)
         self._apply(instructions)
         events = self.events
-        with events.batch():  # the ends journaled in one transaction
-            for notice in notices:
-                if len(notice) == 2:
-                    events.job_done(notice[0], link, notice[1])
-                else:
-                    events.job_running(notice[0], link, notice[2])
+        try:
+            with events.batch():  # the ends journaled in one transaction
+                for notice in notices:
+                    if len(notice) == 2:
+                        events.job_done(notice[0], link, notice[1])
+                    else:
+                        events.job_running(notice[0], link, notice[2])
+        except JournalError:  # a full disk (logged): the node keeps the results
+            return
         if acked and link.acks_journaled:
-            # Journaled (committed as the batch ended; a failure raised above):
-            # the node needs not keep them for this client's recovery any more.
+            # Journaled (committed as the batch ended): the node needs not keep
+            # them for this client's recovery any more.
             self._post(link, ResultsJournaled(comp_id=self.config.comp_id, jobs=acked))
 
     def _load_result(self, buffers: list[Buffer]) -> Any:

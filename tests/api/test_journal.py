@@ -4,6 +4,7 @@ and what arrives together is recorded together."""
 from __future__ import annotations
 
 import os
+import sqlite3
 import stat
 import time
 
@@ -152,3 +153,29 @@ def test_a_jobs_values_load_back_as_they_were_plain_or_not(tmp_path):
     assert type(loaded[3].result).__name__ == "Count" and loaded[3].result == 4
     assert loaded[3]._args[1] == {5: "int key"}
     assert loaded[3]._kwargs == {"deep": [[[1]]]}
+
+
+def test_the_end_of_a_job_whose_submission_was_not_written_is_not_journaled(
+    tmp_path, monkeypatch, caplog
+):
+    """A disk nearly full fails some writes and not others: a job whose row was
+    never written has its end's update change nothing, so its end must not count
+    as journaled (the node would drop a result no journal holds)."""
+    from dispynb.clusterjournal import ClusterJournal
+
+    journal = ClusterJournal(str(tmp_path / "recover.db"), None, can_recover=True)
+    first, second = DispyJob(None, (1,), {}), DispyJob(None, (2,), {})
+    journal.submitted(1, first)
+    real = Journal.submitted
+
+    def full(self: Journal, *args: object) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(Journal, "submitted", full)
+    journal.submitted(2, second)
+    monkeypatch.setattr(Journal, "submitted", real)
+    assert journal.done_many([(1, first)])
+    assert not journal.done_many([(1, first), (2, second)])
+    warnings = [r for r in caplog.records if "recovery file" in r.getMessage()]
+    assert len(warnings) == 1 and "disk is full" in warnings[0].getMessage()
+    journal.close(clean=False)
