@@ -477,17 +477,7 @@ def test_lab_panel(lab: Lab) -> None:  # collected only in the namespace: confte
         session.filter(has_text=f"%dispy uses nodes {spec}").wait_for()
 
         # A kernel restart: the panel reconnects to the new kernel (no clusters).
-        page.locator('.jp-NotebookPanel-toolbar [data-jp-item-name="restart"]').click()
-        page.locator(".jp-Dialog .jp-mod-accept").click()
-        page.wait_for_function(
-            """() => {
-                const p = document.querySelector('#dispynb-sidebar');
-                return p.dataset.ready === 'true'
-                    && !p.querySelector('.dispynb-cluster')
-                    && p.querySelector('.dispynb-clusters').textContent
-                        .includes('No clusters');
-            }"""
-        )
+        _restart_kernel(page)
         assert not session.is_visible()  # the new kernel has not run %dispy
 
         # A kernel without dispynb: a clear message and a Retry button.
@@ -501,6 +491,28 @@ def test_lab_panel(lab: Lab) -> None:  # collected only in the namespace: confte
         page.locator(".lm-MenuBar-item", has_text="Kernel").click()
         page.locator('.lm-Menu-item[data-command="kernelmenu:shutdown"]').click()
         status.filter(has_text="This notebook has no kernel").wait_for()
+
+
+def _kernel_connections(lab: Lab) -> list[int]:
+    """How many websockets each running kernel has (Jupyter's REST API)."""
+    with urllib.request.urlopen(f"{lab.url}/api/kernels?token={lab.token}") as r:
+        return [int(k["connections"]) for k in json.load(r)]
+
+
+def _restart_kernel(page: Page) -> None:
+    """Restart the kernel (toolbar); wait until the panel shows the new one's (no
+    clusters)."""
+    page.locator('.jp-NotebookPanel-toolbar [data-jp-item-name="restart"]').click()
+    page.locator(".jp-Dialog .jp-mod-accept").click()
+    page.wait_for_function(
+        """() => {
+            const p = document.querySelector('#dispynb-sidebar');
+            return p.dataset.ready === 'true'
+                && !p.querySelector('.dispynb-cluster')
+                && p.querySelector('.dispynb-clusters').textContent
+                    .includes('No clusters');
+        }"""
+    )
 
 
 def _prompt(page: Page, index: int) -> str:
@@ -644,6 +656,14 @@ def test_lab_page_opened_while_a_cell_runs(lab: Lab) -> None:  # in the namespac
         # The cell has returned: the next cells run, on the same nodes.
         printed = _run_the_next_cells(page)
         assert "[0, 1, 4, 9] 60 0" in printed, printed
+
+        # A kernel restart drops the subshell's connection; the panel reconnects.
+        assert _kernel_connections(lab) == [2]  # the page's, and the panel's
+        _restart_kernel(page)
+        deadline = time.monotonic() + 20
+        while _kernel_connections(lab) != [1] and time.monotonic() < deadline:
+            page.wait_for_timeout(100)
+        assert _kernel_connections(lab) == [1]
 
 
 @pytest.mark.timeout(300)
