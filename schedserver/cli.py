@@ -285,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help="quota: bytes of results one computation may have kept while its "
         "client is away (default 1G); past it a job's result is replaced by an "
-        "error saying so and its other jobs wait for the client",
+        "error saying so and its other jobs wait for the client, or until the "
+        "client's acknowledgements bring it back under the quota",
     )
     parser.add_argument(
         *_both("max_file_size"),

@@ -175,6 +175,7 @@ class SharedComputation(_JobFiles):
         frame: Frame | None = None,
         sent: bool = False,
         size: int | None = None,
+        job: tuple[int, int] | None = None,
     ) -> None:
         """Send ``message`` (for this computation) to its client, or keep it;
         ``gather``: results that the session may hold to join with the next ones
@@ -183,13 +184,14 @@ class SharedComputation(_JobFiles):
         changes for the client; ``sent``: it went already (`pass_on`), it is only
         kept; ``size``: its size as a node sent it (`Connection.last_size`): only
         results of a known size are joined with others, up to the client's
-        ``max_message_size``."""
+        ``max_message_size``; ``job``: the job ``(key, attempt)`` a message that
+        does not name it concerns (`job_file`)."""
         if self.client_comp_id != self.comp_id and hasattr(message, "comp_id"):
             message = dataclasses.replace(message, comp_id=self.client_comp_id)  # type: ignore[type-var]
         session = self.session
         if self.setup.recovery_id is not None and isinstance(message, _KEPT_KINDS):
             if session is None or self.replaying or self.setup.keep_sent:
-                self.kept.add(message, buffers or [])
+                self.kept.add(message, buffers or [], job)
             if self.replaying:
                 return  # the replay sends it after what was kept before it
         if session is None or sent:
@@ -203,6 +205,22 @@ class SharedComputation(_JobFiles):
             session.relay(frame, message, buffers or [], size, self.client_max)
         else:
             session.send(message, buffers or [], size, self.client_max)
+
+    def job_file(
+        self, upstream: Upstream, message: FileFromNode, buffers: list[memoryview]
+    ) -> None:
+        """A file a job sent (``dispy_send_file``), for the client: kept with the
+        attempt of the job running on ``upstream``'s node, so that the client's
+        acknowledgement of that attempt drops it too (the client had the file
+        before that attempt's result: they come on one connection, in order). A
+        file naming no job running there stays kept until collected."""
+        running = self.running.get(message.key)
+        job = (
+            (running.key, running.attempt)
+            if running is not None and running.node == upstream.node.name
+            else None
+        )
+        self.to_client(message, buffers, job=job)
 
     @property
     def client_max(self) -> int:

@@ -202,7 +202,9 @@ class _NodeLinks(_ServerState):
     ) -> bool:
         if isinstance(message, JobResults):
             comp.on_results(upstream, message, buffers)
-        elif isinstance(message, ResultChunk | JobProvisional | FileFromNode):
+        elif isinstance(message, FileFromNode):
+            comp.job_file(upstream, message, buffers)
+        elif isinstance(message, ResultChunk | JobProvisional):
             comp.to_client(message, buffers)
         elif isinstance(message, NodeStatus):
             upstream.node.avail = list(message.avail)

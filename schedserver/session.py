@@ -349,7 +349,10 @@ class SchedulerSession:
             return
         comp = self._comp(message.comp_id)
         if comp is not None and comp.kept.tracking:
+            held = comp.kept.full
             comp.kept.journaled(jobs)
+            if held and not comp.kept.full:
+                self.server.schedule()  # back under its quota: CPUs for it again
 
     def _on_message(self, message: Message, buffers: list[memoryview]) -> bool:
         self.last_heard = self._clock()

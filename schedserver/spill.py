@@ -18,15 +18,22 @@ its client is away (its queued jobs wait, nothing more is lost).
 A client that journals its results (``ComputationSetup.ack_journaled``) says which
 it has committed (`ResultsJournaled`): a kept message is dropped once every job it
 concerns (its results and starts, a chunk's or a provisional result's job) is
-acknowledged (`KeptMessages.journaled`), its memory given back, and the spill
-file closed (its space freed) once nothing kept is on disk. What is not
-acknowledged stays kept, as without acknowledgements.
+acknowledged (`KeptMessages.journaled`; a file a job sent goes with the attempt
+that sent it: it reached the client before that attempt's result), its memory given
+back, and its disk space freed at once (`SpillFile`: a hole punched in the spill
+file), so that a long computation whose client acknowledges as it goes keeps on disk
+only what is not acknowledged. On a file system without holes (logged once) the
+space comes back when nothing kept is on disk any more, as the spill file is then
+closed. What is not acknowledged stays kept, as without acknowledgements. A
+computation held over its quota gets CPUs again once acknowledgements bring what it
+keeps back under it (logged).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import itertools
 import logging
 import os
@@ -44,17 +51,19 @@ from dispynb.protocol.messages import (
     ResultChunk,
 )
 from dispynb.protocol.records import ResultEntry, is_start
+from schedserver.spillfile import Place, SpillFile
 
 logger = logging.getLogger(__name__)
 
 #: A kept message: the message, its payload in memory (or None), and where on disk
 #: the payload is (``(offset, size)`` per buffer; None while in memory).
-_Kept = tuple[Message, list[memoryview] | None, list[tuple[int, int]] | None]
+_Kept = tuple[Message, list[memoryview] | None, list[Place] | None]
 
 
 def _jobs_of(message: Message) -> set[tuple[int, int]]:
     """The jobs ``(key, attempt)`` a kept message concerns (empty: it is never
-    dropped by acknowledgements; so a file a job sent, which names no attempt)."""
+    dropped by acknowledgements; so a file a job sent, which names no attempt,
+    unless its attempt is given to `KeptMessages.add`)."""
     if isinstance(message, JobResults):
         jobs = {
             (item[0], item[1])
@@ -80,6 +89,8 @@ class SpillStore:
         self.memory = memory
         self.in_memory = 0
         self._dir: str | None = None
+        #: Holes are punched in spill files (`SpillFile.free`): none failed yet.
+        self.holes = True
 
     def clean(self) -> int:
         """Remove the spill directories left by schedulers that were killed (their
@@ -109,6 +120,24 @@ class SpillStore:
         fd = os.open(path, flags, 0o600)
         os.unlink(path)  # only its descriptor reaches it: gone with the process
         return fd
+
+    def hole_failed(self, code: int) -> None:
+        """Punching a hole in a spill file gave ``code`` (0: it did not fail):
+        past a failure, none is tried again (each would fail the same), and the
+        space of what is not kept comes back as its spill file closes."""
+        if not code:
+            return
+        self.holes = False
+        logger.warning(
+            "cannot free parts of spill files under %s (%s): the disk space of "
+            "acknowledged results comes back only once nothing kept for their "
+            "computation is on disk%s",
+            self.prefix,
+            os.strerror(code),
+            "; give --dest_path_prefix on ext4, xfs, btrfs or tmpfs"
+            if code in (errno.EOPNOTSUPP, errno.ENOSYS)
+            else "",
+        )
 
     def close(self) -> None:
         """Remove the spill directory."""
@@ -141,10 +170,12 @@ class KeptMessages:
         #: middle: `journaled`).
         self._items: dict[int, _Kept] = {}
         self._numbers = itertools.count()
-        self._fd: int | None = None
-        self._end = 0  # where the next payload goes in the file
+        self._file: SpillFile | None = None
         self._in_memory = 0
         self._dropped_streams: set[tuple[int, int]] = set()
+        # Something was not kept (`_warn`), and acknowledgements have not brought
+        # what it keeps back under its quota since.
+        self._over = False
         #: With acknowledgements (`track`): per job ``(key, attempt)`` the kept
         #: messages that concern it, and per message how many of its jobs are not
         #: acknowledged yet.
@@ -162,14 +193,27 @@ class KeptMessages:
 
     @property
     def full(self) -> bool:
-        """Something was not kept since the client last collected."""
-        return bool(self._dropped_streams) or self.dropped > 0
+        """Something was not kept (over the quota) since the client last collected,
+        and acknowledgements have not brought what is kept back under it since."""
+        return self._over
 
-    def add(self, message: Message, buffers: list[memoryview]) -> None:
-        """Keep ``message`` (its payload in memory, or on disk) within the quota."""
+    def add(
+        self,
+        message: Message,
+        buffers: list[memoryview],
+        job: tuple[int, int] | None = None,
+    ) -> None:
+        """Keep ``message`` (its payload in memory, or on disk) within the quota;
+        ``job``: the job ``(key, attempt)`` it concerns, for a message that does not
+        name it (a file a job sent), to drop it with that job's acknowledgement."""
         size = sum(b.nbytes for b in buffers)
-        if self.size + size > self.quota or (
-            isinstance(message, JobResults) and self._dropped_streams
+        if (
+            self.size + size > self.quota
+            or (isinstance(message, JobResults) and self._dropped_streams)
+            or (
+                isinstance(message, ResultChunk)
+                and (message.key, message.attempt) in self._dropped_streams
+            )
         ):
             message, buffers = self._over_quota(message, buffers)
             if message is None:
@@ -183,13 +227,15 @@ class KeptMessages:
             self._in_memory += size
             self._items[number] = (message, list(buffers), None)
         else:
-            self._items[number] = (message, None, self._write(buffers))
+            if self._file is None:
+                self._file = SpillFile(store, self.name)
+            self._items[number] = (message, None, self._file.write(buffers))
         if self.tracking:
-            jobs = _jobs_of(message)
+            jobs = _jobs_of(message) if job is None else {job}
             if jobs:
                 self._unacked[number] = len(jobs)
-                for job in jobs:
-                    self._waiting.setdefault(job, []).append(number)
+                for one in jobs:
+                    self._waiting.setdefault(one, []).append(number)
 
     def journaled(self, jobs: list[Any]) -> int:
         """The client journaled these jobs (``[key, attempt]`` each): drop the
@@ -213,8 +259,16 @@ class KeptMessages:
                 del self._unacked[number]
                 self._drop(number)
                 dropped += 1
-        if dropped and self._fd is not None and self.size == self._in_memory:
+        if dropped and self._file is not None and self.size == self._in_memory:
             self._close_file()  # nothing kept on disk any more: its space freed
+        if dropped and self._over and self.size < self.quota:
+            self._over = False
+            logger.info(
+                "%s: back under its --max_kept quota (%.1f MiB kept once its client "
+                "acknowledged results): its jobs run again while its client is away",
+                self.name,
+                self.size / 2**20,
+            )
         return dropped
 
     def _drop(self, number: int) -> None:
@@ -224,8 +278,9 @@ class KeptMessages:
             self._in_memory -= size
             self.store.in_memory -= size
         else:
-            assert places is not None
+            assert places is not None and self._file is not None
             size = sum(length for _offset, length in places)
+            self._file.free(places)
         self.size -= size
 
     def pop(self) -> tuple[Message, list[memoryview]]:
@@ -234,8 +289,9 @@ class KeptMessages:
         message, buffers, places = self._items.pop(number)
         self._unacked.pop(number, None)
         if buffers is None:
-            assert places is not None and self._fd is not None
-            buffers = [self._read(offset, size) for offset, size in places]
+            assert places is not None and self._file is not None
+            buffers = [self._file.read(offset, size) for offset, size in places]
+            self._file.free(places)  # in memory now, on its way out
         size = sum(b.nbytes for b in buffers)
         self.size -= size
         if places is None:
@@ -255,40 +311,16 @@ class KeptMessages:
         self.store.in_memory -= self._in_memory
         self._in_memory = 0
         self.dropped = 0
+        self._over = False
         self._dropped_streams.clear()
         self._waiting.clear()
         self._unacked.clear()
         self._close_file()
 
     def _close_file(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-            self._end = 0
-
-    def _write(self, buffers: list[memoryview]) -> list[tuple[int, int]]:
-        if self._fd is None:
-            self._fd = self.store.new_file()
-        places = []
-        for buffer in buffers:
-            offset, view = self._end, buffer.cast("B") if buffer.ndim != 1 else buffer
-            written = 0
-            while written < view.nbytes:
-                written += os.pwrite(self._fd, view[written:], offset + written)
-            places.append((offset, view.nbytes))
-            self._end += view.nbytes
-        return places
-
-    def _read(self, offset: int, size: int) -> memoryview:
-        data = bytearray(size)
-        view = memoryview(data)
-        done = 0
-        while done < size:
-            count = os.preadv(self._fd, [view[done:]], offset + done)  # type: ignore[arg-type]
-            if count <= 0:
-                raise OSError(f"spill file of {self.name} ended early")
-            done += count
-        return view
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
     def _over_quota(
         self, message: Message, buffers: list[memoryview]
@@ -296,8 +328,10 @@ class KeptMessages:
         """What is kept of a message that does not fit: results become an error
         entry each, other payloads are dropped (None)."""
         if isinstance(message, ResultChunk):
-            self._warn("a large result")
-            self._dropped_streams.add((message.key, message.attempt))
+            stream = (message.key, message.attempt)
+            if stream not in self._dropped_streams:  # the rest of one follows it
+                self._warn("a large result")
+                self._dropped_streams.add(stream)
             return None, []
         if isinstance(message, JobProvisional | FileFromNode):
             self._warn("a provisional result or a file a job sent")
@@ -321,8 +355,10 @@ class KeptMessages:
                 kept.extend(own)
                 room -= size
                 continue
-            self._warn("a result")
-            self._dropped_streams.discard(stream)
+            if stream in self._dropped_streams:  # its chunks were not kept: nor is it
+                self._dropped_streams.discard(stream)
+            else:
+                self._warn("a result")
             self.dropped += 1
             reason = (
                 "its result was not kept: the scheduler keeps at most "
@@ -337,7 +373,8 @@ class KeptMessages:
         return dataclasses.replace(message, results=results), kept
 
     def _warn(self, what: str) -> None:
-        if not self.full:
+        if not self._over:
+            self._over = True
             logger.warning(
                 "%s: %s was not kept for its client: it keeps %.1f MiB already "
                 "(--max_kept); its queued jobs wait for the client",

@@ -6,9 +6,10 @@ them still recovers every one through the scheduler."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,22 @@ def on_disk(
     yield from _scheduler(tmp_path, nodes, "--kept_memory", "0")
 
 
+def journaling(
+    func: Callable[..., object],
+    sched: SchedulerProcess,
+    credential: Path,
+    tmp_path: Path,
+) -> SharedJobCluster:
+    """A cluster of ``func`` on ``sched`` journaling to ``tmp_path``/journal.db
+    (and saying what it journaled)."""
+    return SharedJobCluster(
+        func,
+        scheduler_host=sched.address,
+        secret_file=str(credential),
+        recover_file=str(tmp_path / "journal.db"),
+    )
+
+
 def test_results_the_client_journaled_are_not_kept_by_the_scheduler(
     on_disk: SchedulerProcess, users: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -50,12 +67,7 @@ def test_results_the_client_journaled_are_not_kept_by_the_scheduler(
     it closed)."""
     assert on_disk.proc is not None
     pid = on_disk.proc.pid
-    cluster = SharedJobCluster(
-        bytes_of,
-        scheduler_host=on_disk.address,
-        secret_file=str(users["alice"]),
-        recover_file=str(tmp_path / "journal.db"),
-    )
+    cluster = journaling(bytes_of, on_disk, users["alice"], tmp_path)
     with cluster:
         jobs = [cluster.submit(n) for n in range(JOBS)]
         assert [job() for job in jobs] == [bytes_of(n) for n in range(JOBS)]
@@ -158,9 +170,9 @@ def _acknowledge(kept: KeptMessages, store: SpillStore) -> None:
     assert kept.journaled([[2, 0]]) == 1  # both of the first message's jobs
     assert (len(kept), kept.size, store.in_memory) == (3, 2 * KiB, 0)
     assert kept.journaled([[3, 0], [3, 0]]) == 2  # the chunk (on disk) and its entry
-    assert kept._fd is not None  # job 4's payload is still on disk
+    assert kept._file is not None  # job 4's payload is still on disk
     assert kept.journaled([[4, 0]]) == 1
-    assert (len(kept), kept.size, kept._fd) == (0, 0, None)
+    assert (len(kept), kept.size, kept._file) == (0, 0, None)
     # What was not acknowledged is collected in order, as without acknowledgements.
     kept.add(_results((5, 0)), [page])
     kept.add(_results((6, 0)), [page])
@@ -168,3 +180,240 @@ def _acknowledge(kept: KeptMessages, store: SpillStore) -> None:
     assert kept.journaled([[6, 0]]) == 1
     assert [kept.pop()[0].results[0][0] for _ in range(2)] == [5, 7]
     assert (len(kept), kept.size, store.in_memory) == (0, 0, 0)
+
+
+def spill_disk(pid: int, prefix: Path) -> list[int]:
+    """Bytes of disk each spill file ``pid`` has open under ``prefix`` takes
+    (``st_blocks``: what the file system gave it, not its size)."""
+    used = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        link = f"/proc/{pid}/fd/{fd}"
+        try:
+            if os.readlink(link).startswith(str(prefix)):
+                used.append(os.stat(link).st_blocks * 512)
+        except FileNotFoundError:
+            continue
+    return used
+
+
+def pinned_or_bytes(n: int, go: str) -> bytes:
+    """Job ``n`` >= 0: `bytes_of` it; job -1: send a file of as many bytes (kept
+    until the client acknowledges the job: once it ended), then wait for ``go``."""
+    import os
+    import time
+
+    if n >= 0:
+        return bytes_of(n)
+    with open("pin.bin", "wb") as handle:
+        handle.write(bytes_of(0))
+    dispy_send_file("pin.bin")  # type: ignore[name-defined]  # noqa: F821
+    while not os.path.exists(go):
+        time.sleep(0.02)
+    return b""
+
+
+@pytest.fixture
+def on_disk_paced(
+    tmp_path: Path, nodes: LocalCluster, users: dict[str, Path]
+) -> Iterator[SchedulerProcess]:
+    """`on_disk`, sending a node no more jobs than it has CPUs: none waits there
+    behind a job that runs until the test says."""
+    yield from _scheduler(tmp_path, nodes, "--kept_memory", "0", "--jobs_per_cpu", "1")
+
+
+def test_acknowledged_results_give_their_disk_space_back_while_others_stay_kept(
+    on_disk_paced: SchedulerProcess,
+    users: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A running job's file stays kept (on disk) until the job ends; the results
+    of 40 other jobs, acknowledged as they come, leave no space taken on disk
+    (before: the spill file kept all 41 payloads' 2.6 MiB while one was kept)."""
+    assert on_disk_paced.proc is not None
+    pid, spill = on_disk_paced.proc.pid, tmp_path / "spill"
+    go = tmp_path / "go"
+    (tmp_path / "got").mkdir()
+    monkeypatch.chdir(tmp_path / "got")  # where the client saves the file
+    cluster = journaling(pinned_or_bytes, on_disk_paced, users["alice"], tmp_path)
+    with cluster:
+        pin = cluster.submit(-1, str(go))
+        wait_until(lambda: (tmp_path / "got" / "pin.bin").exists())  # kept before
+        jobs = [cluster.submit(n, str(go)) for n in range(JOBS)]
+        assert [job() for job in jobs] == [bytes_of(n) for n in range(JOBS)]
+        # What stays on disk: the file (64 KiB), not the 40 results acknowledged
+        # (the last acknowledgement follows the last result).
+        wait_until(lambda: sum(spill_disk(pid, spill)) <= 2 * RESULT, timeout=30)
+        assert len(spill_disk(pid, spill)) == 1  # kept still: the spill file is open
+        go.touch()
+        assert pin() == b""
+        wait_until(lambda: spill_disk(pid, spill) == [], timeout=30)
+
+
+def test_freed_blocks_are_only_those_no_kept_payload_shares(tmp_path: Path) -> None:
+    """In-process: payloads of any size share the spill file's blocks; a block is
+    given back once no kept payload is in it, so that however many small payloads
+    come and go, the file takes the blocks of those kept only."""
+    store = SpillStore(str(tmp_path / "spill"), memory=0)
+    kept = KeptMessages(store, "alice/c", quota=1 << 30)
+    kept.tracking = True
+    try:
+        for key in range(2000):  # 100 bytes each: 40 share a 4-KiB block
+            kept.add(_results((key, 0)), [memoryview(b"s" * 100)])
+        kept.add(_results((2000, 0)), [memoryview(b"b" * 100_003)])
+        for key in range(3000, 3300):
+            kept.add(_results((key, 0)), [memoryview(b"s" * 100)])
+        (used,) = spill_disk(os.getpid(), tmp_path / "spill")
+        assert used >= 2300 * 100 + 100_003
+        assert kept.journaled([[key, 0] for key in range(2000)]) == 2000
+        assert kept.journaled([[key, 0] for key in range(3000, 3299)]) == 299
+        # Left: the large payload (its 25 blocks) and the last small one (one).
+        (used,) = spill_disk(os.getpid(), tmp_path / "spill")
+        assert 100_003 <= used <= 100_003 + 3 * 4096, used
+        assert [len(buffers[0]) for _m, buffers in (kept.pop(), kept.pop())] == [
+            100_003,
+            100,
+        ]
+        assert spill_disk(os.getpid(), tmp_path / "spill") == []
+    finally:
+        kept.clear()
+        store.close()
+
+
+def send_bytes(n: int) -> int:
+    """Send `bytes_of` ``n`` as file ``sent-n.bin`` (``dispy_send_file``)."""
+    name = f"sent-{n}.bin"
+    with open(name, "wb") as handle:
+        handle.write(bytes_of(n))
+    dispy_send_file(name)  # type: ignore[name-defined]  # noqa: F821
+    return n
+
+
+def test_files_jobs_sent_go_with_their_jobs_acknowledgement(
+    on_disk: SchedulerProcess,
+    users: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The files 40 jobs sent reach the client, and the scheduler keeps none of
+    them once the client acknowledged their jobs (before: all 40, 2.5 MiB on disk,
+    until the cluster closed)."""
+    assert on_disk.proc is not None
+    pid = on_disk.proc.pid
+    (tmp_path / "got").mkdir()
+    monkeypatch.chdir(tmp_path / "got")  # where the client saves them
+    cluster = journaling(send_bytes, on_disk, users["alice"], tmp_path)
+    with cluster:
+        jobs = [cluster.submit(n) for n in range(JOBS)]
+        assert [job() for job in jobs] == list(range(JOBS))
+        wait_until(lambda: _spill_files(pid, tmp_path / "spill") == [], timeout=30)
+    for n in range(JOBS):
+        assert (tmp_path / "got" / f"sent-{n}.bin").read_bytes() == bytes_of(n)
+
+
+#: A client with a recover_file: one job's 2-MiB result (over the scheduler's 1-MiB
+#: --max_kept: not kept for it), journaled and acknowledged; then 8 jobs that mark
+#: that they run and wait for a "go" file; it says so, then waits to be killed.
+OVER_ONCE_CLIENT = """
+import os, sys, time
+from dispynb import SharedJobCluster
+
+def job(n, size, marks):
+    import os, time
+    if size:
+        return b"b" * size
+    open(os.path.join(marks, str(n)), "w").close()
+    while not os.path.exists(os.path.join(marks, os.pardir, "go")):
+        time.sleep(0.02)
+    return n
+
+address, credential, journal, marks = sys.argv[1:]
+cluster = SharedJobCluster(
+    job, scheduler_host=address, secret_file=credential, recover_file=journal
+)
+assert len(cluster.submit(0, 2 << 20, marks)()) == 2 << 20
+jobs = [cluster.submit(n, 0, marks) for n in range(1, 9)]
+print("submitted", flush=True)
+time.sleep(300)
+"""
+
+
+@pytest.fixture
+def small_quota(
+    tmp_path: Path, nodes: LocalCluster, users: dict[str, Path]
+) -> Iterator[SchedulerProcess]:
+    """A scheduler that keeps 1 MiB per computation at most, and sends a node no
+    more jobs than it has CPUs (those of a client queue at the scheduler)."""
+    yield from _scheduler(tmp_path, nodes, "--max_kept", "1M", "--jobs_per_cpu", "1")
+
+
+def test_a_computation_back_under_its_quota_runs_while_its_client_is_away(
+    small_quota: SchedulerProcess, users: dict[str, Path], tmp_path: Path
+) -> None:
+    """A result over --max_kept is not kept, but the client journaled it and said
+    so: the computation is back under its quota (logged), and the jobs queued at
+    the scheduler when the client is killed run (before: they waited for the
+    client: "no job of it runs, 4 wait")."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    proc = start_client(
+        OVER_ONCE_CLIENT, small_quota.address, str(users["alice"]),
+        str(tmp_path / "journal.db"), str(marks), cwd=tmp_path, name="over",
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "submitted", proc.communicate()
+        wait_until(lambda: len(list(marks.iterdir())) == 4)  # one per node CPU
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=20)
+    small_quota.wait_for_log("client gone; its jobs go on")
+    (tmp_path / "go").touch()
+    small_quota.wait_for_log("no job of it runs, ", timeout=60)
+    log = small_quota.log_text()
+    assert "was not kept for its client" in log
+    assert "back under its --max_kept quota" in log
+    assert "no job of it runs, 0 wait" in log
+    assert len(list(marks.iterdir())) > 4  # jobs queued at the scheduler ran
+
+
+def test_acknowledgements_bring_a_computation_back_under_its_quota(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """In-process: over its quota a computation is held (`full`) until
+    acknowledgements bring what it keeps back under it (logged); the rest of a
+    large result whose first chunk was not kept is not kept either, and does not
+    hold it again."""
+    caplog.set_level(logging.INFO, "schedserver.spill")
+    store = SpillStore(str(tmp_path / "spill"), memory=1 << 20)
+    kept = KeptMessages(store, "alice/c", quota=4 * KiB)
+    kept.tracking = True
+    page = memoryview(b"x" * 2 * KiB)
+    try:
+        kept.add(_results((1, 0)), [page])
+        kept.add(_results((2, 0)), [page])  # 4 KiB: the quota
+        kept.add(_results((4, 0)), [page])  # over: an error entry kept instead
+        kept.add(
+            ResultChunk(comp_id=1, key=3, attempt=0, index=0, offset=0, size=2),
+            [page],
+        )
+        assert kept.full and kept.size == 4 * KiB
+        assert kept.journaled([[4, 0]]) == 1  # its error entry: at the quota still
+        assert kept.full
+        assert kept.journaled([[1, 0]]) == 1
+        assert not kept.full and kept.size == 2 * KiB
+        assert "alice/c: back under its --max_kept quota" in caplog.text
+        chunk = memoryview(b"y" * KiB)  # fits, but its stream lost its start
+        kept.add(
+            ResultChunk(comp_id=1, key=3, attempt=0, index=1, offset=3, size=2),
+            [chunk],
+        )
+        streamed = [3, 0, "finished", 0.0, 0.0, "", "", "", 1, True]
+        kept.add(JobResults(comp_id=1, results=[streamed]), [])
+        assert not kept.full and kept.size == 2 * KiB
+        assert kept.journaled([[2, 0]]) == 1
+        message, _buffers = kept.pop()
+        assert message.results[0][0] == 3 and "--max_kept" in message.results[0][7]
+    finally:
+        kept.clear()
+        store.close()
