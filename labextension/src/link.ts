@@ -207,6 +207,7 @@ export class KernelLink {
     this._state = null;
     const side = this._beside;
     this._beside = null;
+    this._claimed = false;
     if (comm && !comm.isDisposed) {
       try {
         comm.close();
@@ -247,9 +248,11 @@ export class KernelLink {
         beside = this._connectBeside(kernel, generation);
       }
     }, BUSY_HINT_MS);
+    // The timer runs on through the bootstrap: it may wait behind cells that
+    // started after kernel_info (Run All). Whichever path gets there first opens
+    // the comm (`_claimed`).
     try {
       const info = await kernel.info;
-      window.clearTimeout(slow);
       if (generation !== this._generation) {
         return;
       }
@@ -280,15 +283,21 @@ export class KernelLink {
     generation: number
   ): Promise<boolean> {
     this._setStatus('connecting', BUSY_KERNEL);
+    const busy = () => generation === this._generation && !this._claimed;
     try {
       const info = await controlRequest(kernel, 'kernel_info_request', {});
       const features: string[] = info.supported_features ?? [];
-      if (generation !== this._generation || !features.includes('kernel subshells')) {
+      if (!busy() || !features.includes('kernel subshells')) {
         return false;
       }
       this._setStatus('connecting', BUSY_KERNEL_BESIDE);
       const created = await controlRequest(kernel, 'create_subshell_request', {});
-      if (generation !== this._generation || created.status !== 'ok') {
+      if (!busy() || created.status !== 'ok') {
+        if (created.status === 'ok') {
+          void controlRequest(kernel, 'delete_subshell_request', {
+            subshell_id: created.subshell_id
+          }).catch(() => undefined);
+        }
         return false;
       }
       // Every message of this connection (kernel_info, execute, comm) carries the
@@ -297,37 +306,48 @@ export class KernelLink {
         handleComms: true,
         subshellId: created.subshell_id
       } as any);
-      if (generation !== this._generation) {
-        closeBeside(side, true);
-        return false;
-      }
       this._beside = side;
       const sideInfo = await side.info;
-      if (generation !== this._generation) {
-        return false;
+      if (!busy()) {
+        return this._leaveBeside(side);
       }
-      await this._open(side, sideInfo.language_info.name, generation);
-      return generation === this._generation;
+      if (await this._open(side, sideInfo.language_info.name, generation)) {
+        return true;
+      }
+      return this._leaveBeside(side);
     } catch {
-      if (generation === this._generation) {
+      if (busy()) {
         this._setStatus('connecting', BUSY_KERNEL);
       }
       return false;
     }
   }
 
-  /** Bootstrap the kernel side over ``kernel`` and open the comm on it. */
+  /** The main shell's path opened the comm first: close the subshell's link. */
+  private _leaveBeside(side: Kernel.IKernelConnection): false {
+    if (this._beside === side) {
+      this._beside = null;
+      closeBeside(side, true);
+    }
+    return false;
+  }
+
+  /**
+   * Bootstrap the kernel side over ``kernel`` and open the comm on it. Resolves
+   * false if the other path (main shell, subshell) got there first.
+   */
   private async _open(
     kernel: Kernel.IKernelConnection,
     language: string,
     generation: number
-  ): Promise<void> {
+  ): Promise<boolean> {
     if (language !== 'python') {
+      this._claimed = true;
       this._setStatus(
         'not-python',
         `this kernel runs ${language}; dispynb needs a Python kernel`
       );
-      return;
+      return true;
     }
     const future = kernel.requestExecute({
       code: BOOTSTRAP,
@@ -335,9 +355,10 @@ export class KernelLink {
       store_history: false
     });
     const reply = (await future.done) as KernelMessage.IExecuteReplyMsg;
-    if (generation !== this._generation) {
-      return;
+    if (generation !== this._generation || this._claimed) {
+      return false;
     }
+    this._claimed = true;
     const content = reply.content;
     if (content.status === 'error') {
       if (content.ename === 'ModuleNotFoundError' || content.ename === 'ImportError') {
@@ -350,17 +371,17 @@ export class KernelLink {
       } else {
         this._setStatus('error', `${content.ename}: ${content.evalue}`);
       }
-      return;
+      return true;
     }
     if (content.status !== 'ok') {
       this._setStatus('error', `the kernel answered ${content.status}`);
-      return;
+      return true;
     }
     const comm = kernel.createComm(COMM_TARGET);
     await subshellReady(kernel, comm);
     if (generation !== this._generation) {
       comm.dispose();
-      return;
+      return true;
     }
     this._comm = comm;
     comm.onMsg = msg => {
@@ -376,6 +397,7 @@ export class KernelLink {
       }
     };
     await comm.open({ protocol: PROTOCOL }).done;
+    return true;
   }
 
   private _onMessage(msg: KernelMsg): void {
@@ -421,6 +443,7 @@ export class KernelLink {
   private _state: IStateMsg | null = null;
   private _comm: Kernel.IComm | null = null;
   private _beside: Kernel.IKernelConnection | null = null; // on a subshell of ours
+  private _claimed = false; // a path (main shell or subshell) opens the comm
   private _generation = 0;
   private _needsConnect = false;
   private _lastId = 0;
