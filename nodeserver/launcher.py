@@ -62,6 +62,11 @@ class Launcher(Protocol):
         """Kill worker ``pid`` and every process of its group (SIGKILL)."""
         ...
 
+    def sweep_orphans(self) -> int:
+        """Kill what a dead worker or computation process left to the node (how
+        many): called when one of them has died."""
+        ...
+
 
 class ProcessLauncher:
     """The node server's launcher: ``python -m nodeserver.compute --control-fd N``."""
@@ -102,6 +107,10 @@ class ProcessLauncher:
         """SIGKILL to the worker's process group (a worker leads its own group) and
         to all its descendants, those that left the group too."""
         containment.kill_group(pid, None)
+
+    def sweep_orphans(self) -> int:
+        """Nothing: a node without a zygote is no subreaper; orphans go to init."""
+        return 0
 
 
 #: The launcher node servers use unless told otherwise.

@@ -256,6 +256,9 @@ class _WorkerLife(_ComputationState):
                 with contextlib.suppress(OSError):
                     worker.sock.shutdown(socket.SHUT_RD)
                 self._maybe_lost(worker)
+            # What its job left that its worker no longer holds: adopted by the
+            # node (a daemon, once the worker died abruptly, without a cgroup).
+            self._launcher.sweep_orphans()
         elif isinstance(message, Loaded):
             if not self._loaded.done():
                 self._loaded.set_result(None)
@@ -365,6 +368,7 @@ class _WorkerLife(_ComputationState):
 
     def _on_control_closed(self) -> None:
         self._control_closed.set()
+        self._launcher.sweep_orphans()  # what setup started, if the process died
         if not self._loaded.done():
             self._loaded.set_exception(
                 SetupError("the computation's process on the node exited during setup")

@@ -153,6 +153,8 @@ class ZygoteLauncher(ProcessLauncher):
         self._watching = False  # the SIGCHLD handler is installed
         #: New interpreters started (the zygote gone), reaped by asyncio's watcher.
         self._own: set[int] = set()
+        #: The computation processes the zygote made (the node's once adopted).
+        self._forked: set[int] = set()
         self._launching = 0  # new interpreters being started: their pids not known
         self._waits: set[asyncio.Future[int]] = set()
 
@@ -291,7 +293,32 @@ class ZygoteLauncher(ProcessLauncher):
             with contextlib.suppress(ChildProcessError):
                 if os.waitpid(pid, os.WNOHANG)[0] == pid:
                     reaped += 1
+                    self._forked.discard(pid)
+        self.sweep_orphans()  # an orphan's own children come here once it is gone
         return reaped
+
+    def sweep_orphans(self) -> int:
+        """Kill the node's children that are no computation process: what a dead
+        worker or computation process left to the node, their subreaper (a job's
+        ``setsid()`` daemon whose worker died abruptly, where no pids cgroup
+        holds it; what a dead computation's setup started). How many."""
+        if not self.adopting or self._launching or (self._lock and self._lock.locked()):
+            return 0  # a process being made may not be known yet
+        self._forked = {pid for pid in self._forked if os.path.exists(f"/proc/{pid}")}
+        known = {self.pid, *self._own, *self._forked}
+        killed = 0
+        for pid in children(os.getpid()):
+            if pid in known or _exited(pid):
+                continue
+            # Not reaped: its pid cannot have been reused.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+        if killed:
+            logger.info(
+                "killed %d process(es) left by dead workers or computations", killed
+            )
+        return killed
 
     async def _request_in_turn(self, control: socket.socket, cwd: str) -> int | None:
         """`_request`, one at a time (answers come in order); None, without a
@@ -330,7 +357,9 @@ class ZygoteLauncher(ProcessLauncher):
             self._gone("is gone")
             self.close()
             return None
-        return int(_PID.unpack(answer)[0])
+        pid = int(_PID.unpack(answer)[0])
+        self._forked.add(pid)  # under the lock: `sweep_orphans` knows it from now
+        return pid
 
     def _kill(self) -> None:
         """Kill the zygote (stopped or stuck: it would not exit at the end of its

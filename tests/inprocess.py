@@ -361,6 +361,9 @@ class ThreadLauncher:
         if found is not None:
             found[0].kill_worker(found[1])
 
+    def sweep_orphans(self) -> int:
+        return 0  # threads leave no processes
+
     def busy_workers(self) -> list[int]:
         """Pids of the workers running a job now."""
         return [pid for pid, (_p, w) in list(self.workers.items()) if w.in_job]

@@ -12,6 +12,7 @@ started.
 from __future__ import annotations
 
 import contextlib
+import functools
 import signal
 import subprocess
 import time
@@ -22,7 +23,7 @@ import pytest
 
 from dispynb import DispyJob, JobCluster
 from dispynb.reprs import status_name
-from tests.jobs import WAIT, wait_until
+from tests.jobs import WAIT, square, wait_until
 from tests.nodeproc import CliNode, running_node
 
 pytestmark = pytest.mark.slow
@@ -62,7 +63,51 @@ def daemonize_and_hold(directory: str, hold_on: str) -> str:
     return node
 
 
+def daemonize_and_crash(directory: str) -> None:
+    """Double-fork a ``setsid()``'d sleeper, write its pid, and end the worker
+    abruptly (``os._exit``: as a segfault or the OOM killer would)."""
+    import os
+    import pathlib
+    import time
+
+    first = os.fork()
+    if first == 0:
+        os.setsid()
+        daemon = os.fork()
+        if daemon == 0:
+            time.sleep(120)
+            os._exit(0)
+        pathlib.Path(directory, "daemon").write_text(str(daemon))
+        os._exit(0)
+    os.waitpid(first, 0)
+    os._exit(3)
+
+
+def start_a_sleeper(record: str) -> int:
+    """A setup that starts a child (kept in the computation's globals) and writes
+    the pids of its process and of that child."""
+    import os
+    import pathlib
+    import subprocess
+
+    _kept.append(subprocess.Popen(["sleep", "120"]))
+    pathlib.Path(record).write_text(f"{os.getpid()} {_kept[-1].pid}")
+    return 0
+
+
+_kept: list[subprocess.Popen[bytes]] = []
+
+
 # --- helpers --------------------------------------------------------------------
+
+
+def _written(markers: Path) -> dict[int, str]:
+    """The jobs' markers written so far (renamed into place): pid -> node name."""
+    return {
+        int(path.name): path.read_text()
+        for path in markers.iterdir()
+        if path.name.isdigit()
+    }
 
 
 def _tree(node: CliNode) -> list[psutil.Process]:
@@ -116,10 +161,10 @@ def _run_held_jobs(
     ):
         wait_until(lambda: len(cluster.status().nodes) == 2)
         jobs = [cluster.submit(str(markers), "a") for _ in range(4)]
-        wait_until(lambda: [p.read_text() for p in markers.iterdir()].count("a") == 2)
-        for marker in markers.iterdir():
-            if marker.read_text() == "a":  # the job's worker adopted the sleeper
-                assert len(psutil.Process(int(marker.name)).children()) == 1
+        wait_until(lambda: list(_written(markers).values()).count("a") == 2)
+        for pid, name in _written(markers).items():
+            if name == "a":  # the job's worker adopted the sleeper
+                assert len(psutil.Process(pid).children()) == 1
         tree = _tree(a)  # the sleepers included
         if stop_node_a == "systemd":
             # systemd's stop: SIGTERM to every process of the unit, SIGKILL to what
@@ -173,8 +218,8 @@ def test_a_timed_out_jobs_daemon_ends_with_it(tmp_path: Path, measure) -> None:
         JobCluster(daemonize_and_hold, nodes=[a.spec], secret=a.secret) as cluster,
     ):
         job = cluster.submit(str(markers), "a", dispy_job_timeout=2)
-        wait_until(lambda: any(p.suffix == "" for p in markers.iterdir()))
-        worker = psutil.Process(int(next(markers.glob("[0-9]*")).name))
+        wait_until(lambda: bool(_written(markers)))
+        worker = psutil.Process(next(iter(_written(markers))))
         sleeper = worker.children()[0]
         job()
         left = _left([worker, sleeper])
@@ -230,3 +275,57 @@ def test_a_stopped_worker_is_cancelled_and_leaves_nothing(
             assert held.status == DispyJob.Abandoned, held.exception
             assert "node" in str(held.exception)
         assert _left(tree) == []
+
+
+@pytest.mark.attack(
+    id="crashing-daemonizing-job",
+    title="A job double-forks a setsid() daemon and ends its worker with os._exit "
+    "(a segfault, the OOM killer alike; no pids cgroups)",
+    goal="the daemon does not outlive the worker; the job ends saying how",
+)
+def test_a_crashed_workers_daemon_is_killed(tmp_path: Path, measure) -> None:
+    with (
+        running_node(tmp_path / "a", launcher=NO_CGROUPS) as a,
+        JobCluster(daemonize_and_crash, nodes=[a.spec], secret=a.secret) as cluster,
+    ):
+        job = cluster.submit(str(tmp_path))
+        job()
+        daemon = int((tmp_path / "daemon").read_text())
+        left = _left([psutil.Process(daemon)]) if psutil.pid_exists(daemon) else []
+        measure(f"job {status_name(job.status)}; {len(left)} daemon left")
+        assert job.status == DispyJob.Terminated
+        assert "exited with status 3" in str(job.exception)
+        assert left == []
+
+
+@pytest.mark.attack(
+    id="killed-computation",
+    title="A computation process is killed (kill -9, as the OOM killer) while its "
+    "setup's child and its jobs' setsid() daemons run (no pids cgroups)",
+    goal="none of them left; its jobs end saying the process died; the node serves on",
+)
+def test_a_killed_computation_leaves_nothing(tmp_path: Path, measure) -> None:
+    markers, record = tmp_path / "markers", tmp_path / "record"
+    markers.mkdir()
+    with running_node(tmp_path / "a", name="a", cpus=2, launcher=NO_CGROUPS) as a:
+        setup = functools.partial(start_a_sleeper, str(record))
+        with JobCluster(
+            daemonize_and_hold, nodes=[a.spec], secret=a.secret, setup=setup
+        ) as cluster:
+            jobs = [cluster.submit(str(markers), "a") for _ in range(2)]
+            wait_until(lambda: len(_written(markers)) == 2)
+            computation, child = (int(pid) for pid in record.read_text().split())
+            below = psutil.Process(computation).children(recursive=True)
+            psutil.Process(computation).kill()
+            for job in jobs:
+                job()
+            left = _left(below)
+            measure(f"{len(left)} processes left; jobs {status_name(jobs[0].status)}")
+            assert left == []
+            assert child in [process.pid for process in below]
+            assert [job.status for job in jobs] == [DispyJob.Abandoned] * 2
+            assert "the computation's process on the node died" in str(
+                jobs[0].exception
+            )
+        with JobCluster(square, nodes=[a.spec], secret=a.secret) as other:
+            assert other.submit(4)() == 16
