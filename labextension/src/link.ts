@@ -126,6 +126,9 @@ export class KernelLink {
     sessionContext.kernelChanged.connect(this._onKernelChanged, this);
     sessionContext.statusChanged.connect(this._onStatus, this);
     void sessionContext.ready.then(() => this._connect());
+    // A page closed or reloaded: the kernel keeps a subshell until told to delete
+    // it (a thread each), so delete ours while the connection is still open.
+    window.addEventListener('pagehide', this._onPageHide);
   }
 
   get changed(): ISignal<this, void> {
@@ -175,9 +178,22 @@ export class KernelLink {
       return;
     }
     this._disposed = true;
+    window.removeEventListener('pagehide', this._onPageHide);
     this._drop();
     Signal.clearData(this);
   }
+
+  private _onPageHide = (): void => {
+    const side = this._beside;
+    this._beside = null;
+    if (side && !side.isDisposed) {
+      try {
+        side.dispose(); // sends delete_subshell_request first
+      } catch {
+        // the kernel connection may already be gone
+      }
+    }
+  };
 
   private _onKernelChanged(): void {
     this._drop();

@@ -190,6 +190,7 @@ class Lab:
     root: Path
     node_port: int  # TCP port of a node server answering discovery on 127.0.0.1
     secret_file: Path  # that node's secret
+    runtime: Path  # JUPYTER_RUNTIME_DIR: the kernels' connection files
 
 
 def _free_port() -> int:
@@ -307,7 +308,7 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
                         + (jdir / "jupyter.log").read_text()
                     ) from None
                 time.sleep(0.2)
-        yield Lab(url, token, root, int(port_file.read_text()), secret)
+        yield Lab(url, token, root, int(port_file.read_text()), secret, jdir / "rt")
     finally:
         for proc in (server, node):  # the server shuts its kernels down first
             proc.terminate()
@@ -493,6 +494,29 @@ def test_lab_panel(lab: Lab) -> None:  # collected only in the namespace: confte
         status.filter(has_text="This notebook has no kernel").wait_for()
 
 
+def _subshells(lab: Lab) -> list[str]:
+    """The subshells of the (only) kernel, asked on its control channel, which
+    answers while a cell runs."""
+    from jupyter_client import BlockingKernelClient
+
+    with urllib.request.urlopen(f"{lab.url}/api/kernels?token={lab.token}") as r:
+        (kernel,) = json.load(r)
+    client = BlockingKernelClient(
+        connection_file=str(lab.runtime / f"kernel-{kernel['id']}.json")
+    )
+    client.load_connection_file()
+    client.start_channels(shell=False, iopub=False, stdin=False, hb=False)
+    try:
+        msg = client.session.msg("list_subshell_request", {})
+        client.control_channel.send(msg)
+        while True:
+            reply = client.control_channel.get_msg(timeout=10)
+            if reply["parent_header"].get("msg_id") == msg["header"]["msg_id"]:
+                return list(reply["content"]["subshell_id"])
+    finally:
+        client.stop_channels()
+
+
 def _kernel_connections(lab: Lab) -> list[int]:
     """How many websockets each running kernel has (Jupyter's REST API)."""
     with urllib.request.urlopen(f"{lab.url}/api/kernels?token={lab.token}") as r:
@@ -636,6 +660,7 @@ def test_lab_page_opened_while_a_cell_runs(lab: Lab) -> None:  # in the namespac
         _run_cell(page, 1)
         page.locator(f"{PANEL} .dispynb-cluster").first.wait_for()
         _wait_counts(page, "c.running === 2")
+        before = set(_subshells(lab))  # JupyterLab's own, for the comms
 
         page.reload()
         page.locator(TAB).wait_for()
@@ -647,6 +672,19 @@ def test_lab_page_opened_while_a_cell_runs(lab: Lab) -> None:  # in the namespac
         assert card.locator(".dispynb-cluster-name").inner_text() == "slow"
         _wait_counts(page, "c.total === 60 && c.running > 0")
         assert _counts(page)["done"] < 60  # connected while the cell runs
+
+        # Reloaded again: the page deletes its subshell as it goes, and the new page
+        # makes one of its own (the kernel kept one per page: a thread each).
+        (first,) = set(_subshells(lab)) - before  # the panel's
+        page.reload()
+        page.locator(TAB).wait_for()
+        if not page.locator(PANEL).is_visible():
+            page.locator(TAB).click()
+        page.wait_for_selector(f'{PANEL}[data-ready="true"]')
+        card.wait_for()
+        _wait_counts(page, "c.total === 60 && c.running > 0")
+        again = set(_subshells(lab)) - before
+        assert len(again) == 1 and first not in again, (first, again)
 
         card.locator(".dispynb-cancel").click()
         page.locator(f"{PANEL} .dispynb-message").filter(
