@@ -130,6 +130,12 @@ async def _connect_once(
             raise ConnectionClosedError(
                 f"cannot connect to {peer}: {exc}; is dispynb-node running there?"
             ) from exc
+        if _PLAIN_ANSWER in str(exc):  # bytes that are no TLS: a plain node's
+            raise TransportError(
+                f"node {peer} answered without TLS: it does not use TLS; connect "
+                "without cafile=, certfile= and keyfile=, or start the node with "
+                f"--certfile and --keyfile [{exc}]"
+            ) from exc
         # A failed TLS handshake is a TLS failure, not "nothing there".
         raise TransportError(
             f"{exc}; does the node use TLS, with a certificate that this client "
@@ -163,6 +169,10 @@ async def _connect_once(
         conn.abort()
         raise
     return conn, welcome
+
+
+#: What OpenSSL says of an answer to its ClientHello that is no TLS record.
+_PLAIN_ANSWER = "WRONG_VERSION_NUMBER"
 
 
 async def _open_local(host: str, port: int) -> socket.socket | None:

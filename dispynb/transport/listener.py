@@ -251,6 +251,8 @@ class Listener:
         try:
             async with asyncio.timeout(self._handshake_timeout):
                 if self._ssl_context is None:
+                    if source != localsockets.UNIX_PEER:
+                        await _expect_plain(sock)
                     conn = Connection.over_socket(sock, peer)
                 else:
                     await _expect_tls(sock)
@@ -312,6 +314,22 @@ async def _expect_tls(sock: socket.socket) -> None:
     if not tls:
         _refuse(sock, TLS_REQUIRED, code="tls")
         raise TransportError("a client without TLS (this node uses TLS): told so")
+
+
+#: What a node without TLS tells a TLS client (which reads it as no TLS at all).
+TLS_UNEXPECTED = (
+    "this node does not use TLS: connect without cafile=, certfile= and keyfile=, "
+    "or start the node with --certfile and --keyfile"
+)
+
+
+async def _expect_plain(sock: socket.socket) -> None:
+    """Before a node's handshake without TLS: a client opening a TLS handshake is
+    refused (it reads a reply that is no TLS, which its TLS library names) and
+    logged as such, not as a frame of 369 MB; raises `TransportError` then."""
+    if await starts_tls(sock):
+        _refuse(sock, TLS_UNEXPECTED, code="tls")
+        raise TransportError("a TLS client (this node does not use TLS): told so")
 
 
 def _refuse(sock: socket.socket, reason: str, code: str = "busy") -> None:

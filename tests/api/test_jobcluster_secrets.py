@@ -143,6 +143,23 @@ def test_jobcluster_plain_client_to_tls_node_fails_cleanly(tmp_path, no_secret_e
     assert not marker.exists()
 
 
+def test_jobcluster_tls_client_to_plain_node_says_the_node_has_no_tls(
+    tmp_path, no_secret_env
+):
+    cert, _key = make_cert(tmp_path)
+    with running_node(tmp_path / "node") as node:
+        with pytest.raises(TransportError) as info:
+            JobCluster(jobs.square, nodes=[node.spec], secret=node.secret, cafile=cert)
+        # It read "connection ... failed: ; is dispynb-node running there?".
+        assert str(info.value).startswith(
+            f"node {node.spec} answered without TLS: it does not use TLS; connect "
+            "without cafile=, certfile= and keyfile=, or start the node with "
+            "--certfile and --keyfile"
+        )
+        with JobCluster(jobs.square, nodes=[node.spec], secret=node.secret) as cluster:
+            assert cluster.submit(3)() == 9
+
+
 def test_jobcluster_tls_client_rejects_node_cert_from_other_ca(tmp_path, no_secret_env):
     cert, key = make_cert(tmp_path, "node")
     other, _ = make_cert(tmp_path, "other")

@@ -118,7 +118,7 @@ def test_tls_client_to_plain_node_fails_cleanly(cert, caplog):
 
     async def main():
         async with serving() as (listener, echo):
-            with pytest.raises(TransportError):
+            with pytest.raises(TransportError) as info:
                 async with client(
                     listener.port,
                     ssl_context=client_context(cafile=certfile),
@@ -126,6 +126,11 @@ def test_tls_client_to_plain_node_fails_cleanly(cert, caplog):
                     handshake_timeout=2,
                 ):
                     pass
+            assert str(info.value).startswith(
+                f"node 127.0.0.1:{listener.port} answered without TLS: it does not "
+                "use TLS; connect without cafile=, certfile= and keyfile=, or start "
+                "the node with --certfile and --keyfile"
+            )
             assert echo.names == []
             await echo_round_trip(listener.port)
 

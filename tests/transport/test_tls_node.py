@@ -79,3 +79,26 @@ def test_a_tls_node_tells_a_client_without_tls_in_plain_text(tmp_path: Path) -> 
     assert b"give the client cafile= (the CA that signed the node's certificate)" in (
         answer
     )
+
+
+def test_a_node_without_tls_answers_a_tls_client_in_plain_text(tmp_path: Path) -> None:
+    """A TLS client's ClientHello was read as a frame of 369 MB: the node closed,
+    and the client read the end of its TLS handshake ('is dispynb-node running
+    there?'). It is answered in plain text now, which TLS names as such."""
+    node_cert, _key, _trusted = _mutual_tls_node(tmp_path)
+    context = ssl.create_default_context(cafile=node_cert)
+    with running_node(tmp_path / "node") as node:
+        with (
+            socket.create_connection(("127.0.0.1", node.port), timeout=WAIT) as raw,
+            pytest.raises(ssl.SSLError) as raised,
+        ):
+            context.wrap_socket(raw, server_hostname="127.0.0.1")
+        with socket.create_connection(("127.0.0.1", node.port), timeout=WAIT) as raw:
+            raw.sendall(b"\x16\x03\x01\x00\x05hello")  # a TLS record's head
+            answer = b""
+            while chunk := raw.recv(4096):
+                answer += chunk
+        wait_until(lambda: "a TLS client" in node.log_text())
+        assert "a TLS client (this node does not use TLS)" in node.log_text()
+    assert raised.value.reason == "WRONG_VERSION_NUMBER"
+    assert b"this node does not use TLS: connect without cafile=" in answer
