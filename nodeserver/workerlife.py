@@ -41,6 +41,12 @@ RESULT_HEADROOM = 1024 * 1024
 #: Why `start` failed when its computation was closed meanwhile (its client left).
 CLOSED_DURING_SETUP = "the computation was closed during its setup"
 
+#: Why `start` failed when the node stopped during the setup (SIGTERM, systemd).
+NODE_STOPPED_DURING_SETUP = (
+    "the node shut down during the setup (it was stopped: SIGTERM, a service "
+    "manager, or a shutdown request)"
+)
+
 #: Seconds to wait for a computation process to exit after Shutdown.
 SHUTDOWN_GRACE = 10.0
 
@@ -144,6 +150,10 @@ class _WorkerLife(_ComputationState):
         left = None if deadline is None else max(deadline - loop.time(), 0.0)
         try:
             await asyncio.wait_for(asyncio.shield(self._loaded), left)
+        except SetupError as exc:
+            if self._closing and self._node_stopping():
+                raise SetupError(NODE_STOPPED_DURING_SETUP) from exc
+            raise
         except TimeoutError:
             self._loaded.cancel()  # the process's exit must not report on it later
             if self._process is not None:

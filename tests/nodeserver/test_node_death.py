@@ -147,3 +147,39 @@ def test_jobs_of_a_setup_ignoring_sighup_end_with_a_killed_node(
     finally:
         cluster.close(terminate=True)
         node.stop()
+
+
+def test_a_node_stopped_during_a_setup_says_so_and_leaves_nothing(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM (systemctl stop) to a node while a setup that started a child runs:
+    the client is told that the node shut down (it read 'the computation's process
+    on the node exited during setup'), and the setup's child does not outlive the
+    node (the computation process, killed as it could not stop in its setup, left
+    it to the node)."""
+    record, release = tmp_path / "record", tmp_path / "release"
+    node = start_node(tmp_path / "node")
+    failed: list[BaseException] = []
+
+    def set_up() -> None:
+        setup = functools.partial(_ignore_sighup_and_hold, str(record), str(release))
+        try:
+            JobCluster(square, nodes=[node.spec], secret=node.secret, setup=setup)
+        except Exception as exc:
+            failed.append(exc)
+
+    setting_up = threading.Thread(target=set_up, daemon=True)
+    setting_up.start()
+    try:
+        wait_until(record.exists)
+        processes = _pids(record)
+        assert node.stop() == 0
+        assert _left(processes) == []
+        setting_up.join(WAIT)
+    finally:
+        release.touch()
+        node.stop()
+    assert [str(exc) for exc in failed] == [
+        f"{node.spec}: the node shut down during the setup (it was stopped: SIGTERM, "
+        "a service manager, or a shutdown request)"
+    ]
