@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dispynb.errors import ConnectionClosedError, DispynbError
 from dispynb.protocol.framing import Buffer, FrameDecoder, encode_frames
 from dispynb.protocol.messages import pack_header, unpack_header
+from nodeserver import descriptors
 from nodeserver.ipc import IpcMessage, WorkerStarted
 
 logger = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ class ControlChannel:
 
     def _readable(self) -> None:
         try:
-            data, fds, _flags, _addr = socket.recv_fds(
+            data, fds, flags, _addr = socket.recv_fds(
                 self._sock, 1 << 16, 16, socket.MSG_CMSG_CLOEXEC
             )
         except (BlockingIOError, InterruptedError):
@@ -72,6 +73,16 @@ class ControlChannel:
             data, fds = b"", []
         self._fds.extend(fds)
         if not data:
+            self.close()
+            return
+        if flags & socket.MSG_CTRUNC:
+            # The kernel dropped the worker sockets passed: no descriptor to put
+            # them in. The process cannot be served; it ends (its jobs fail).
+            logger.warning(
+                "a computation process's worker sockets were lost, the node being "
+                "out of file descriptors (limit %s): ending it",
+                descriptors.limit(),
+            )
             self.close()
             return
         try:

@@ -21,6 +21,7 @@ from dispynb.transport.udp import is_wildcard_host
 from nodeserver.announce import Announcer
 from nodeserver.budget import CpuBudget
 from nodeserver.config import NodeConfig
+from nodeserver.descriptors import Admission
 from nodeserver.filestore import FileStore
 from nodeserver.keeper import ResultKeeper
 from nodeserver.launcher import PROCESS_LAUNCHER, Launcher
@@ -50,6 +51,8 @@ class NodeServer:
         #: Starts each computation's process (`nodeserver.launcher`).
         self.launcher = launcher
         self.budget = CpuBudget(config.cpus)
+        #: Computations refused for want of file descriptors (`nodeserver.descriptors`).
+        self.descriptors = Admission()
         self.keeper = ResultKeeper(
             ResultSpool(
                 os.path.join(config.dest_path, ".kept"), config.kept_results_size

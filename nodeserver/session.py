@@ -50,6 +50,7 @@ from dispynb.protocol.messages import (
 )
 from dispynb.protocol.records import ResultEntry
 from dispynb.transport.connection import BadMessageError, Connection
+from nodeserver import descriptors
 from nodeserver.computation import Computation, JobLimits, NodeJob
 from nodeserver.monitor import avail_info
 from nodeserver.sessionfiles import _SessionFiles
@@ -171,6 +172,10 @@ class ClientSession(_SessionFiles, _SessionRecovery):
         if message.comp_id in self._computations:
             self.outbox.send_error("protocol", f"computation {message.comp_id} exists")
             return
+        short = self.server.descriptors.refuse(message.name, self._workers(message))
+        if short is not None:  # refused before it takes any (see descriptors)
+            self.outbox.write(ComputationFailed(comp_id=message.comp_id, message=short))
+            return
         computation = self._new_computation(message)
         self.outbox.client_limit(message.comp_id, message.max_message_size)
         self._keep_results(message, computation)
@@ -208,13 +213,16 @@ class ClientSession(_SessionFiles, _SessionRecovery):
             FilesMissing(comp_id=message.comp_id, digests=sorted(missing))
         )
 
+    def _workers(self, message: ComputationSetup) -> int:
+        """The workers the computation ``message`` sets up gets here."""
+        cpus = self.server.config.cpus
+        return cpus if message.workers <= 0 else min(message.workers, cpus)
+
     def _new_computation(self, message: ComputationSetup) -> Computation:
         """The computation ``message`` sets up, in its own directory, reporting to
         this session."""
         config = self.server.config
-        workers = (
-            config.cpus if message.workers <= 0 else min(message.workers, config.cpus)
-        )
+        workers = self._workers(message)
         client_dir = (
             f"{safe_name(self.client_name or 'client')}-{os.getpid()}-{self.session_id}"
         )
@@ -316,7 +324,11 @@ class ClientSession(_SessionFiles, _SessionRecovery):
         setup_timeout: float | None,
     ) -> None:
         try:
-            workers = await computation.start(bundle, files, setup_timeout)
+            try:
+                workers = await computation.start(bundle, files, setup_timeout)
+            except OSError as exc:  # no descriptor, no process to be had
+                what = "cannot start the computation's process"
+                raise SetupError(descriptors.explain(exc, what)) from exc
         except SetupError as exc:
             # Closed meanwhile (its client went away, the node stops), or the
             # client's own code failed here (its setup raised, its computation does

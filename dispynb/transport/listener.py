@@ -274,6 +274,8 @@ class Listener:
             failure = peer_text(describe_error(exc))
         except DispynbError as exc:
             failure = peer_text(describe_error(exc))
+        except OSError as exc:  # the node's own (no descriptor for its Welcome)
+            failure = f"the node could not answer: {exc}"
         except BaseException:
             _abort(conn, sock)
             raise
