@@ -66,10 +66,22 @@ SEND_HIGH = 32 * 1024 * 1024
 BACKLOG_UNSENT = 8 * 1024 * 1024
 
 
+#: Jobs a client's `ResultsJournaled` may name beyond those kept for it.
+ACKS_SLACK = 1024
+
+#: The largest header of a client's message the scheduler decodes: decoding holds
+#: its loop (about 2 s for 16 MiB) and the header's objects take up to 64 times its
+#: bytes. A job takes about 8 bytes of a `JobSubmit`'s (100 more per file of its
+#: own): 16 MiB is over a hundred times the jobs a client sends at once to 1,000
+#: CPUs. Arguments, files and results travel in payload buffers, not capped so.
+CLIENT_MAX_HEADER = 16 * 1024 * 1024
+
+
 class SchedulerSession:
     """A client's connection: its computations, by the client's ids."""
 
     def __init__(self, conn: Connection, server: SchedulerServer, user: str) -> None:
+        conn.max_header = CLIENT_MAX_HEADER  # one user's message cannot fill memory
         self.conn = conn
         self.server = server
         self.user = user
@@ -337,9 +349,25 @@ class SchedulerSession:
     def _on_journaled(self, message: ResultsJournaled) -> None:
         """The client journaled these results of its computation: what was kept
         of them for its recovery goes (only its own computation's; nothing if it
-        did not ask for acknowledgements, which it was then not offered)."""
+        did not ask for acknowledgements, which it was then not offered). It names
+        at most the jobs kept for it (and `ACKS_SLACK` more): checking a longer
+        list would hold the loop for nothing."""
         jobs = message.jobs
-        if not isinstance(jobs, list) or not all(
+        if not isinstance(jobs, list):
+            self._refuse("malformed jobs in results-journaled")
+            return
+        comp = self._comp(message.comp_id)
+        if comp is None or not comp.kept.tracking:
+            return
+        most = comp.kept.tracked + ACKS_SLACK
+        if len(jobs) > most:
+            self._refuse(
+                f"results-journaled names {len(jobs)} jobs; computation "
+                f"{message.comp_id} has {comp.kept.tracked} kept: at most {most} "
+                "at once"
+            )
+            return
+        if not all(
             isinstance(job, list)
             and len(job) == 2
             and all(type(part) is int for part in job)
@@ -347,12 +375,10 @@ class SchedulerSession:
         ):
             self._refuse("malformed jobs in results-journaled")
             return
-        comp = self._comp(message.comp_id)
-        if comp is not None and comp.kept.tracking:
-            held = comp.kept.full
-            comp.kept.journaled(jobs)
-            if held and not comp.kept.full:
-                self.server.schedule()  # back under its quota: CPUs for it again
+        held = comp.kept.full
+        comp.kept.journaled(jobs)
+        if held and not comp.kept.full:
+            self.server.schedule()  # back under its quota: CPUs for it again
 
     def _on_message(self, message: Message, buffers: list[memoryview]) -> bool:
         self.last_heard = self._clock()

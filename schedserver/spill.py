@@ -192,6 +192,11 @@ class KeptMessages:
         return self.size - self._in_memory
 
     @property
+    def tracked(self) -> int:
+        """Jobs whose acknowledgement drops a kept message (with `tracking`)."""
+        return len(self._waiting)
+
+    @property
     def full(self) -> bool:
         """Something was not kept (over the quota) since the client last collected,
         and acknowledgements have not brought what is kept back under it since."""

@@ -150,6 +150,11 @@ class Connection:
         #: frame after the 8-byte prefix, MAC included): what a relay that joins
         #: messages adds up.
         self.last_size = 0
+        #: The largest header (bytes) decoded from the authenticated peer (None: as
+        #: large as its frames): a header's objects take up to 64 times its bytes
+        #: in memory, and decoding it holds the loop, where its payload buffers
+        #: cost neither. A larger one is a `BadMessageError`, not decoded.
+        self.max_header: int | None = None
         #: Reads from the link so far, complete frames or not: a peer whose big
         #: message is still arriving on a slow link is alive (the pulse watchdog).
         self.reads = 0
@@ -505,6 +510,12 @@ class Connection:
             # It arrived before signing started: only a peer that does not wait for
             # the end of the handshake sends that. Check it now, in turn.
             verifier.check_frame(prefix, signed, mac)
+        if self.max_header is not None and len(buffers[0]) > self.max_header:
+            raise BadMessageError(
+                f"message header of {len(buffers[0])} bytes, over the "
+                f"{self.max_header}-byte cap of this side for its peers' headers "
+                "(arguments and results go in payload buffers, not capped so)"
+            )
         try:
             header = unpack_header(buffers[0], trusted=True)
             return self.family.from_header(header), buffers[1:]
