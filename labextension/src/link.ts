@@ -99,6 +99,72 @@ function controlRequest(
   });
 }
 
+/**
+ * JupyterLab shows the status the kernel last sent from any subshell: once the
+ * panel's subshell has answered, it would read Idle while the main shell still runs
+ * the cell. Until JupyterLab's kernel_info (queued behind that cell) is answered,
+ * show busy again after such an idle; then idle (a cell that runs next says busy).
+ */
+function keepBusyUntilInfo(
+  kernel: Kernel.IKernelConnection,
+  current: () => boolean
+): void {
+  const update = (kernel as any)._updateStatus; // no public way to set it
+  if (typeof update !== 'function') {
+    return;
+  }
+  let waiting = true;
+  let forced = false;
+  const onStatus = (_: unknown, status: Kernel.Status): void => {
+    if (waiting && current() && status === 'idle') {
+      forced = true;
+      update.call(kernel, 'busy');
+    }
+  };
+  kernel.statusChanged.connect(onStatus);
+  const done = (): void => {
+    waiting = false;
+    kernel.statusChanged.disconnect(onStatus);
+    if (forced && current() && kernel.status === 'busy') {
+      update.call(kernel, 'idle');
+    }
+  };
+  kernel.info.then(done, done);
+}
+
+/**
+ * The subshells this browser tab created in a kernel, kept in sessionStorage (it
+ * outlives a reload): deleting one as the page goes (pagehide) may not reach the
+ * kernel, so the tab's next page deletes what is left.
+ */
+const STALE_KEY = 'dispynb-subshells:';
+
+function rememberSubshell(kernelId: string, subshellId: string): void {
+  try {
+    const key = STALE_KEY + kernelId;
+    const ids: string[] = JSON.parse(window.sessionStorage.getItem(key) ?? '[]');
+    window.sessionStorage.setItem(key, JSON.stringify([...ids, subshellId]));
+  } catch {
+    // no storage (private mode, quota): the pagehide deletion stays
+  }
+}
+
+function deleteStaleSubshells(kernel: Kernel.IKernelConnection): void {
+  const key = STALE_KEY + kernel.id;
+  let ids: string[] = [];
+  try {
+    ids = JSON.parse(window.sessionStorage.getItem(key) ?? '[]');
+    window.sessionStorage.removeItem(key);
+  } catch {
+    return;
+  }
+  for (const id of ids) {
+    void controlRequest(kernel, 'delete_subshell_request', { subshell_id: id }).catch(
+      () => undefined // gone already (deleted, or the kernel restarted)
+    );
+  }
+}
+
 /** Stop a connection opened on a subshell, and delete the subshell if still there. */
 function closeBeside(side: Kernel.IKernelConnection, kernelAlive: boolean): void {
   if (side.isDisposed) {
@@ -254,6 +320,7 @@ export class KernelLink {
       return;
     }
     this._setStatus('connecting');
+    deleteStaleSubshells(kernel);
     // A page opened while a cell runs (a long %%dispy): the kernel answers on its
     // main shell (kernel_info, the bootstrap) only when the cell ends, and JupyterLab
     // learns of its subshells from kernel_info. Ask on the control channel instead,
@@ -307,6 +374,7 @@ export class KernelLink {
         return false;
       }
       this._setStatus('connecting', BUSY_KERNEL_BESIDE);
+      keepBusyUntilInfo(kernel, () => generation === this._generation);
       const created = await controlRequest(kernel, 'create_subshell_request', {});
       if (!busy() || created.status !== 'ok') {
         if (created.status === 'ok') {
@@ -323,6 +391,7 @@ export class KernelLink {
         subshellId: created.subshell_id
       } as any);
       this._beside = side;
+      rememberSubshell(kernel.id, created.subshell_id);
       const sideInfo = await side.info;
       if (!busy()) {
         return this._leaveBeside(side);

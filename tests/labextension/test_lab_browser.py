@@ -517,6 +517,14 @@ def _subshells(lab: Lab) -> list[str]:
         client.stop_channels()
 
 
+def _kernel_status(page: Page) -> str:
+    """The status bar's kernel item, as ``'Python 3 (ipykernel) | Busy'``."""
+    texts = page.eval_on_selector_all(
+        ".jp-StatusBar-TextItem", "es => es.map(e => e.textContent.trim())"
+    )
+    return next((t for t in texts if " | " in t), "")
+
+
 def _kernel_connections(lab: Lab) -> list[int]:
     """How many websockets each running kernel has (Jupyter's REST API)."""
     with urllib.request.urlopen(f"{lab.url}/api/kernels?token={lab.token}") as r:
@@ -685,12 +693,18 @@ def test_lab_page_opened_while_a_cell_runs(lab: Lab) -> None:  # in the namespac
         _wait_counts(page, "c.total === 60 && c.running > 0")
         again = set(_subshells(lab)) - before
         assert len(again) == 1 and first not in again, (first, again)
+        # The subshell's answers do not make the kernel look idle meanwhile.
+        assert _kernel_status(page) == "Python 3 (ipykernel) | Busy"
 
         card.locator(".dispynb-cancel").click()
         page.locator(f"{PANEL} .dispynb-message").filter(
             has_text="cancelled"
         ).wait_for()
         _wait_counts(page, "!c.running && !c.pending && c.done === 60")
+        page.wait_for_function(
+            """() => [...document.querySelectorAll('.jp-StatusBar-TextItem')]
+                .some(e => e.textContent.trim().endsWith('| Idle'))"""
+        )
         # The cell has returned: the next cells run, on the same nodes.
         printed = _run_the_next_cells(page)
         assert "[0, 1, 4, 9] 60 0" in printed, printed
