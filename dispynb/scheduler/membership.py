@@ -33,7 +33,7 @@ from dispynb.scheduler.link import (
 from dispynb.scheduler.results import DriverResults
 from dispynb.transport.addressing import format_address
 from dispynb.transport.connection import Connection, describe_error
-from dispynb.transport.connector import connect
+from dispynb.transport.connector import connect, out_of_descriptors
 
 #: The driver's logger (one name for all its parts, as users configure it).
 logger = logging.getLogger("dispynb.scheduler.driver")
@@ -78,11 +78,23 @@ class DriverNodes(DriverResults):
         )
 
     async def _join(self, link: NodeLink, allocate: Allocator) -> None:
-        try:
-            conn, welcome = await self._connect(link.host, link.port)
-        except DispynbError as exc:
-            self._fail_node(link, exc)
-            return
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + RECONNECT_FOR
+        delay = RECONNECT_DELAY
+        while True:
+            try:
+                conn, welcome = await self._connect(link.host, link.port)
+                break
+            except DispynbError as exc:
+                # Out of descriptors: the node is fine, this process is full; it
+                # tries again as other connections (or files) free theirs.
+                if not out_of_descriptors(exc) or loop.time() + delay > give_up:
+                    self._fail_node(link, exc)
+                    return
+                log = logger.warning if delay == RECONNECT_DELAY else logger.debug
+                log("node %s not connected yet: %s", link.node_id, describe_error(exc))
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RECONNECT_DELAY_MAX)
         await self._attach(link, allocate, conn, welcome)
 
     async def _attach(

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
 import random
+import resource
 import socket
 import ssl
 
@@ -96,6 +98,21 @@ async def connect(
             delay = min(delay * 2, RETRY_MAX)
 
 
+def out_of_descriptors(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or the error it was raised from) is this process's (or the
+    system's) descriptor limit: a connection worth trying again later."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+            return True
+        exc = exc.__cause__
+    return False
+
+
+def _nofile() -> int | str:
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return "none" if soft == resource.RLIM_INFINITY else soft
+
+
 async def _connect_once(
     host: str,
     port: int,
@@ -142,6 +159,12 @@ async def _connect_once(
             "trusts (cafile)?"
         ) from exc
     except OSError as exc:
+        if out_of_descriptors(exc):
+            raise ConnectionClosedError(
+                f"cannot connect to {peer}: this client is out of file descriptors "
+                f"({exc.strerror}, limit {_nofile()}): it tries again as they free; "
+                "raise the limit (ulimit -n) or give fewer nodes"
+            ) from exc
         raise ConnectionClosedError(
             f"cannot connect to {peer}: {exc}; is dispynb-node running there?"
         ) from exc

@@ -8,13 +8,17 @@ clients (clusters of this process), every wait bounded.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 
 from dispynb import DispyJob, JobCluster
 from dispynb.errors import SetupError
 from tests.hostile.tools import count_lines, cpu_percent, limited_node
+from tests.nodeproc import ROOT, node_env, start_node
 
 pytestmark = pytest.mark.slow
 
@@ -76,3 +80,83 @@ def test_a_node_out_of_descriptors_refuses_computations_saying_so(tmp_path, meas
     assert cpu < 5
     assert after == 4
     assert "Traceback" not in log and " ERROR " not in log, log
+
+
+NODES = 12
+
+#: A client that takes every descriptor but ``ROOM`` (as other files and sockets of
+#: its program would), sets a cluster up on all the nodes, waits, then frees them.
+CLIENT = """
+import json, os, sys, time
+import dispynb as dispy
+
+def square(n):
+    return n * n
+
+secret, specs, room = sys.argv[1], sys.argv[2].split(","), int(sys.argv[3])
+ballast = []
+while True:
+    try:
+        ballast.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError:
+        break
+for _ in range(room):
+    os.close(ballast.pop())
+cluster = dispy.JobCluster(square, nodes=specs, secret=secret)
+first = len(cluster.status().nodes)
+cpu = time.process_time()
+time.sleep(3)  # the nodes it could not connect wait: no busy loop meanwhile
+cpu = time.process_time() - cpu
+stuck = len(cluster.status().nodes)
+for fd in ballast:
+    os.close(fd)
+deadline = time.monotonic() + 30
+while len(cluster.status().nodes) < len(specs) and time.monotonic() < deadline:
+    time.sleep(0.1)
+jobs = [cluster.submit(n) for n in range(4 * len(specs))]
+right = sum(1 for n, job in enumerate(jobs) if job() == n * n)
+print(json.dumps([first, stuck, len(cluster.status().nodes), cpu, right]))
+cluster.close()
+"""
+
+
+@pytest.mark.attack(
+    id="client-nofile",
+    title=f"A client whose program holds all its descriptors but 8 sets a cluster up "
+    f"on {NODES} nodes, then frees them",
+    goal="the nodes it cannot connect are said to wait for descriptors (not 'is "
+    "dispynb-node running there?'), one warning each; no busy loop; all join once "
+    "descriptors free (was: dropped for good)",
+)
+@pytest.mark.timeout(180)
+def test_a_client_out_of_descriptors_connects_its_nodes_once_they_free(
+    tmp_path, measure
+):
+    secret = "s" * 32
+    nodes = []
+    try:
+        for index in range(NODES):
+            nodes.append(
+                start_node(tmp_path / str(index), secret=secret, name=f"n{index}")
+            )
+        done = subprocess.run(
+            [sys.executable, "-c", CLIENT, secret, ",".join(n.spec for n in nodes),
+             "8"],
+            capture_output=True, text=True, cwd=ROOT, env=node_env(), timeout=150,
+        )  # fmt: skip
+    finally:
+        for node in nodes:
+            node.stop()
+    assert done.returncode == 0, done.stderr
+    first, stuck, joined, cpu, right = json.loads(done.stdout)
+    waiting = done.stderr.count("out of file descriptors")
+    measure(
+        f"{first} node(s) at first, {stuck} after 3 s (client CPU {cpu:.2f} s "
+        f"meanwhile), {joined} once freed, {right}/{4 * NODES} jobs right; "
+        f"{waiting} warning(s)"
+    )
+    assert 1 <= stuck < NODES
+    assert cpu < 0.5
+    assert joined == NODES and right == 4 * NODES
+    assert 1 <= waiting <= NODES - first, done.stderr
+    assert "is dispynb-node running there" not in done.stderr
