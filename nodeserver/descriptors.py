@@ -1,4 +1,5 @@
-"""The node server's file descriptors: whether a new computation fits in what is left.
+"""The node server's file descriptors: whether a new computation fits in what is left
+(and what to say when a descriptor or a process cannot be had, `explain`).
 
 A computation costs the node server a descriptor for its process's control socket,
 one per worker socket, and a few more while it starts (the socket pair, the process's
@@ -93,10 +94,20 @@ class Admission:
 
 
 def explain(exc: OSError, what: str) -> str:
-    """``what`` failed with ``exc``: the message, with the remedy when it is the
-    descriptor limit (EMFILE, or ENFILE: the whole system's)."""
+    """``what`` failed with ``exc``: the message, with the remedy when it is a
+    limit: descriptors (EMFILE, or ENFILE: the whole system's) or processes (a
+    fork's EAGAIN: the user's ``RLIMIT_NPROC``, or the system's)."""
     if exc.errno == errno.EMFILE:
         return f"{what}: the node is out of file descriptors (limit {limit()}): {_FIX}"
     if exc.errno == errno.ENFILE:
         return f"{what}: the system is out of file descriptors (fs.file-max)"
+    if exc.errno == errno.EAGAIN:
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NPROC)
+        nproc = "none" if soft == resource.RLIM_INFINITY else soft
+        return (
+            f"{what}: the node's user cannot have another process (its limit "
+            f"{nproc}, ulimit -u, or the system's kernel.pid_max / threads-max): "
+            "jobs may hold them (processes they started); try again once they "
+            "end, or raise the limit"
+        )
     return f"{what}: {exc}"

@@ -45,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import gc
 import logging
 import os
@@ -165,7 +166,8 @@ class ZygoteLauncher(ProcessLauncher):
         ``control`` (or start a new interpreter if the zygote is gone).
 
         Raises `SetupError` if the zygote does not answer within ``timeout``
-        seconds (``setup_timeout``), or `ANSWER_TIMEOUT`: then it is killed.
+        seconds (``setup_timeout``), or `ANSWER_TIMEOUT`: then it is killed;
+        `OSError` if it could not fork (the user's process limit, say).
         """
         # The request reads its own answer even if this caller is cancelled (its
         # client went away during the setup) or gives up (its setup_timeout): an
@@ -188,6 +190,9 @@ class ZygoteLauncher(ProcessLauncher):
                     f"the node's process maker (its zygote, pid {self.pid}) did "
                     f"not answer in {timeout:g} s (setup_timeout)"
                 ) from None
+            raise
+        except OSError:  # it could not fork (the process limit): nothing made
+            control.close()
             raise
         except _NoAnswer:
             control.close()  # a process it made after all exits at its end
@@ -358,6 +363,8 @@ class ZygoteLauncher(ProcessLauncher):
             self.close()
             return None
         pid = int(_PID.unpack(answer)[0])
+        if pid < 0:  # it could not fork (-errno): this computation fails
+            raise OSError(-pid, os.strerror(-pid))
         self._forked.add(pid)  # under the lock: `sweep_orphans` knows it from now
         return pid
 
@@ -534,7 +541,12 @@ def _fork_one(sock: socket.socket, pipe: tuple[int, int], node_pid: int) -> bool
     control = fds[0]
     _flush_std()
     zygote = os.getpid()
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError as exc:  # the user's process limit, say: this request fails,
+        os.close(control)  # the zygote serves on (answered with -errno)
+        sock.send(_PID.pack(-(exc.errno or errno.EAGAIN)))
+        return True
     if pid == 0:
         parents = ["--node-pid", str(node_pid), "--parent-pid", str(zygote)]
         _become_computation(sock, pipe, control, os.fsdecode(request), parents)
