@@ -275,18 +275,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_size,
         default=SchedulerConfig.kept_memory,
         metavar="SIZE",
-        help="bytes of kept results held in memory in all (the rest spill to disk; "
-        "default 32M)",
+        help="bytes of kept results, their output included, held in memory in "
+        "all (the rest spill to disk; default 32M)",
     )
     parser.add_argument(
         *_both("max_kept"),
         type=parse_size,
         default=SchedulerConfig.max_kept,
         metavar="SIZE",
-        help="quota: bytes of results one computation may have kept while its "
-        "client is away (default 1G); past it a job's result is replaced by an "
-        "error saying so and its other jobs wait for the client, or until the "
-        "client's acknowledgements bring it back under the quota",
+        help="quota: bytes of results (output included) one computation may have "
+        "kept while its client is away (default 1G); past it a job's result is "
+        "replaced by an error saying so and its other jobs wait for the client, or "
+        "until the client's acknowledgements bring it back under the quota",
     )
     parser.add_argument(
         *_both("max_file_size"),

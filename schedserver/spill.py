@@ -2,12 +2,13 @@
 
 A computation with a recovery id (its client keeps a ``recover_file``) has the messages
 meant for its client kept (`KeptMessages`) while the client is away (and, with
-``keep_sent``, also those it was sent), for `recover_jobs`. Their payloads stay in
-memory only while all computations together keep fewer than ``--kept_memory`` bytes
-there (`SpillStore`); the rest go to one file per computation in the scheduler's
-private spill directory (``mkdtemp`` under ``--dest_path_prefix``: mode 0700, files
-0600 with random names, removed when the scheduler stops), read back one message at a
-time as the client collects them.
+``keep_sent``, also those it was sent), for `recover_jobs`. Their payloads (and what
+their jobs printed, in their headers: counted as payload) stay in memory only while
+all computations together keep fewer than ``--kept_memory`` bytes there
+(`SpillStore`); the rest, messages and payloads, go to one file per computation in
+the scheduler's private spill directory (``mkdtemp`` under ``--dest_path_prefix``:
+mode 0700, files 0600 with random names, removed when the scheduler stops), read
+back one message at a time as the client collects them.
 
 Each computation may keep ``--max_kept`` bytes at most. Past that, a result is not
 kept: its job's entry says so instead (an error the client sees, the job ends
@@ -49,15 +50,42 @@ from dispynb.protocol.messages import (
     JobResults,
     Message,
     ResultChunk,
+    WireMessage,
+    pack_header,
+    unpack_header,
 )
 from dispynb.protocol.records import ResultEntry, is_start
 from schedserver.spillfile import Place, SpillFile
 
 logger = logging.getLogger(__name__)
 
-#: A kept message: the message, its payload in memory (or None), and where on disk
-#: the payload is (``(offset, size)`` per buffer; None while in memory).
-_Kept = tuple[Message, list[memoryview] | None, list[Place] | None]
+#: A kept message: the message (None while on disk), its payload in memory (or
+#: None), where on disk they are (``(offset, size)``: the message's header, then
+#: each buffer; None while in memory), and the bytes it counts.
+_Kept = tuple[Message | None, list[memoryview] | None, list[Place] | None, int]
+
+
+def _text_size(text: Any) -> int:
+    """Length of a str or bytes field (0 for anything else)."""
+    return len(text) if isinstance(text, str | bytes) else 0
+
+
+def _entry_size(item: Any) -> int:
+    """What a result entry holds beyond its fixed fields: its output and error."""
+    if not isinstance(item, list):
+        return 0
+    return sum(_text_size(part) for part in item[5:8])
+
+
+def _header_size(message: Message) -> int:
+    """What a kept message's header holds beyond its fixed fields (what jobs
+    printed, their errors, a file's path), counted as kept bytes with its payload:
+    a job printing megabytes is kept within the bounds as one returning them."""
+    if isinstance(message, JobResults):
+        return sum(_entry_size(item) for item in message.results)
+    if isinstance(message, FileFromNode):
+        return _text_size(message.path)
+    return 0
 
 
 def _jobs_of(message: Message) -> set[tuple[int, int]]:
@@ -211,7 +239,7 @@ class KeptMessages:
         """Keep ``message`` (its payload in memory, or on disk) within the quota;
         ``job``: the job ``(key, attempt)`` it concerns, for a message that does not
         name it (a file a job sent), to drop it with that job's acknowledgement."""
-        size = sum(b.nbytes for b in buffers)
+        size = sum(b.nbytes for b in buffers) + _header_size(message)
         if (
             self.size + size > self.quota
             or (isinstance(message, JobResults) and self._dropped_streams)
@@ -223,18 +251,21 @@ class KeptMessages:
             message, buffers = self._over_quota(message, buffers)
             if message is None:
                 return
-            size = sum(b.nbytes for b in buffers)
-        self.size += size
+            size = sum(b.nbytes for b in buffers) + _header_size(message)
         store = self.store
         number = next(self._numbers)
-        if not buffers or store.in_memory + size <= store.memory:
+        if not size or store.in_memory + size <= store.memory:
             store.in_memory += size
             self._in_memory += size
-            self._items[number] = (message, list(buffers), None)
-        else:
+            self._items[number] = (message, list(buffers), None, size)
+        else:  # the message too: what jobs printed is not held in memory either
             if self._file is None:
                 self._file = SpillFile(store, self.name)
-            self._items[number] = (message, None, self._file.write(buffers))
+            header = memoryview(pack_header(message.to_header()))
+            places = self._file.write([header, *buffers])
+            size = sum(length for _offset, length in places)
+            self._items[number] = (None, None, places, size)
+        self.size += size
         if self.tracking:
             jobs = _jobs_of(message) if job is None else {job}
             if jobs:
@@ -277,31 +308,30 @@ class KeptMessages:
         return dropped
 
     def _drop(self, number: int) -> None:
-        _message, buffers, places = self._items.pop(number)
-        if buffers is not None:
-            size = sum(b.nbytes for b in buffers)
+        _message, _buffers, places, size = self._items.pop(number)
+        if places is None:
             self._in_memory -= size
             self.store.in_memory -= size
         else:
-            assert places is not None and self._file is not None
-            size = sum(length for _offset, length in places)
+            assert self._file is not None
             self._file.free(places)
         self.size -= size
 
     def pop(self) -> tuple[Message, list[memoryview]]:
         """The oldest kept message and its payload (read back from disk if there)."""
         number = next(iter(self._items))
-        message, buffers, places = self._items.pop(number)
+        message, buffers, places, size = self._items.pop(number)
         self._unacked.pop(number, None)
-        if buffers is None:
-            assert places is not None and self._file is not None
-            buffers = [self._file.read(offset, size) for offset, size in places]
-            self._file.free(places)  # in memory now, on its way out
-        size = sum(b.nbytes for b in buffers)
         self.size -= size
         if places is None:
             self._in_memory -= size
             self.store.in_memory -= size
+        else:
+            assert self._file is not None
+            header, *buffers = [self._file.read(offset, n) for offset, n in places]
+            self._file.free(places)  # in memory now, on its way out
+            message = WireMessage.from_header(unpack_header(header, trusted=True))
+        assert message is not None and buffers is not None
         if not self._items:
             self._reset()
         return message, buffers
@@ -353,7 +383,7 @@ class KeptMessages:
             count = 0 if streamed else entry.buffer_count
             own = buffers[offset : offset + count]
             offset += count
-            size = sum(b.nbytes for b in own)
+            size = sum(b.nbytes for b in own) + _entry_size(item)
             stream = (entry.key, entry.attempt)
             if stream not in self._dropped_streams and size <= room:
                 results.append(item)
@@ -372,7 +402,11 @@ class KeptMessages:
             )
             results.append(
                 entry._replace(
-                    outcome=CRASHED, exception=reason, buffer_count=0
+                    outcome=CRASHED,
+                    exception=reason,
+                    buffer_count=0,
+                    stdout=entry.stdout[:0],  # (str or bytes) not kept either
+                    stderr=entry.stderr[:0],
                 ).to_wire()
             )
         return dataclasses.replace(message, results=results), kept
