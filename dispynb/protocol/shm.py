@@ -29,14 +29,18 @@ the client's session ends (`unlink_results`: a client killed before it read them
 
 `same_machine` decides whether a node may be sent references; when it says no, or
 below `MIN_SIZE`, or when ``/dev/shm`` cannot hold them, arguments and results go
-over the socket as before. Linux only (``/dev/shm``). Setting the environment variable
-``DISPYNB_SHARED_MEMORY=0`` in the client turns it off (`enabled`): for comparisons,
-or where ``/dev/shm`` is small.
+over the socket as before. dispynb never fills ``/dev/shm``: a write that would leave
+it less than `ROOM_KEPT_SHARE` of its size free (`check_room`) goes over the socket
+too, since another program writing through a mapping there (PyTorch's DataLoader,
+say) dies of SIGBUS when the file system is full. Linux only (``/dev/shm``). Setting
+the environment variable ``DISPYNB_SHARED_MEMORY=0`` in the client turns it off
+(`enabled`): for comparisons, or where ``/dev/shm`` is small.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import functools
 import hashlib
@@ -59,6 +63,7 @@ __all__ = [
     "MIN_SIZE",
     "SHM_DIR",
     "boot_id",
+    "check_room",
     "enabled",
     "is_reference",
     "load_reference",
@@ -75,6 +80,10 @@ __all__ = [
 SHM_DIR = Path("/dev/shm")
 #: Payloads (all buffers of one job) from this size on use shared memory.
 MIN_SIZE = 1024 * 1024
+#: What dispynb leaves free of /dev/shm: this fraction of its size (docker's 64 MB:
+#: 8 MiB), at most `ROOM_KEPT_MAX`; the rest of its jobs go over the socket.
+ROOM_KEPT_SHARE = 1 / 8
+ROOM_KEPT_MAX = 64 * 1024 * 1024
 #: First bytes of a reference; a pickle never starts with them (it starts with 0x80).
 MAGIC = b"dispynb-shm-1\n"
 #: Longest reference accepted (a name and a few sizes).
@@ -298,6 +307,22 @@ def load_reference(reference: Buffer, loads: Callable[[list[Buffer]], Any]) -> A
     return loads(list(read_reference(reference)))
 
 
+def check_room(size: int) -> None:
+    """Raise `OSError` (ENOSPC) if writing ``size`` more bytes to /dev/shm would leave
+    it less than its share kept free for other programs (`ROOM_KEPT_SHARE`)."""
+    stats = os.statvfs(SHM_DIR)
+    free = stats.f_bavail * stats.f_frsize
+    kept = min(int(stats.f_blocks * stats.f_frsize * ROOM_KEPT_SHARE), ROOM_KEPT_MAX)
+    if free - size < kept:
+        mib = 1024 * 1024
+        raise OSError(
+            errno.ENOSPC,
+            f"{SHM_DIR} has {free / mib:.1f} MiB free, too little for "
+            f"{size / mib:.1f} MiB more while leaving {kept / mib:.1f} MiB to other "
+            "programs",
+        )
+
+
 def result_prefix(job_path: str) -> str:
     """The first 16 hex digits of the names of one computation's result objects
     (from its directory, which its node server and its workers both know)."""
@@ -313,6 +338,7 @@ def write_result(buffers: Sequence[Buffer], prefix: str) -> tuple[str, bytes]:
     the computation closes (a client that died first, a result never reported).
     """
     views = [memoryview(b).cast("B") for b in buffers]
+    check_room(sum(v.nbytes for v in views))
     name = f"dnr-{prefix}{secrets.token_hex(8)}"
     path = SHM_DIR / name
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dispynb.protocol.framing import Buffer
-from dispynb.protocol.shm import SHM_DIR, make_reference
+from dispynb.protocol.shm import SHM_DIR, check_room, make_reference
 
 __all__ = ["MAX_IDLE", "MAX_IDLE_BYTES", "SegmentPool"]
 
@@ -94,13 +94,16 @@ class SegmentPool:
     def write(self, buffers: Sequence[Buffer]) -> tuple[str, bytes]:
         """Copy ``buffers`` into a segment under a new name; the name and reference.
 
-        Raises `OSError` if ``/dev/shm`` cannot hold them: nothing is left behind,
-        and the idle segments are unlinked too (their room is wanted).
+        Raises `OSError` if ``/dev/shm`` cannot hold them with room to spare for other
+        programs (`check_room`): nothing is left behind, and the idle segments are
+        unlinked too (their room is wanted).
         """
         views = [memoryview(b).cast("B") for b in buffers]
         total = sum(v.nbytes for v in views)
         segment = self._take(total)
         try:
+            if total > segment.allocated:
+                check_room(total - segment.allocated)
             if segment.allocated:
                 self._copy(segment, views, total)
             else:

@@ -12,6 +12,10 @@ while it ran.
   the next job's arguments (10.4 MB) go into that segment (through its mapping, where
   a page the tmpfs cannot give is SIGBUS); then a new cluster's job whose arguments
   (2 MB) fit and whose result (12 MB) does not.
+- ``neighbour``: another program holds half of a 32 MiB /dev/shm; a job's 13 MB
+  arguments and result would fit, but leave less than dispynb keeps free for others
+  (`dispynb.protocol.shm.check_room`: a full tmpfs is SIGBUS for whoever writes
+  through a mapping next).
 """
 
 from __future__ import annotations
@@ -29,6 +33,12 @@ FILLER = Path("/dev/shm/filler")
 
 def times(data: bytes, n: int) -> bytes:
     return data * n
+
+
+def hold(size: int) -> None:
+    """Another program keeps ``size`` bytes of /dev/shm."""
+    with open(FILLER, "wb", buffering=0) as handle:
+        handle.write(b"\0" * size)
 
 
 def fill() -> None:
@@ -64,6 +74,9 @@ def main() -> None:
         with JobCluster(times, nodes=local) as cluster:
             if mode == "small":
                 jobs += [run(cluster, 10_000_000, 1) for _ in range(3)]
+            elif mode == "neighbour":
+                hold(16 * 1024 * 1024)
+                jobs += [run(cluster, 13_000_000, 1) for _ in range(2)]
             else:
                 jobs.append(run(cluster, 9_600_000, 0))
                 fill()
