@@ -70,22 +70,33 @@ def _text_size(text: Any) -> int:
     return len(text) if isinstance(text, str | bytes) else 0
 
 
+#: Bytes a kept message counts besides its payload and texts (its objects and its
+#: bookkeeping, in memory also while it is on disk), and each job's entry or start
+#: in it: so that many small messages are bounded as a few large ones are.
+MESSAGE_COST = 256
+ENTRY_COST = 64
+
+
 def _entry_size(item: Any) -> int:
-    """What a result entry holds beyond its fixed fields: its output and error."""
+    """What a result entry counts: its cost, what its job printed, its error."""
     if not isinstance(item, list):
-        return 0
-    return sum(_text_size(part) for part in item[5:8])
+        return ENTRY_COST
+    return ENTRY_COST + sum(_text_size(part) for part in item[5:8])
 
 
 def _header_size(message: Message) -> int:
-    """What a kept message's header holds beyond its fixed fields (what jobs
-    printed, their errors, a file's path), counted as kept bytes with its payload:
-    a job printing megabytes is kept within the bounds as one returning them."""
+    """What a kept message counts besides its payload: its cost and its header's
+    texts (what jobs printed, their errors, a file's path), so that a job printing
+    megabytes is kept within the bounds as one returning them."""
     if isinstance(message, JobResults):
-        return sum(_entry_size(item) for item in message.results)
+        return (
+            MESSAGE_COST
+            + sum(_entry_size(item) for item in message.results)
+            + ENTRY_COST * len(message.started)
+        )
     if isinstance(message, FileFromNode):
-        return _text_size(message.path)
-    return 0
+        return MESSAGE_COST + _text_size(message.path)
+    return MESSAGE_COST
 
 
 def _jobs_of(message: Message) -> set[tuple[int, int]]:
@@ -216,7 +227,7 @@ class KeptMessages:
 
     @property
     def on_disk(self) -> int:
-        """Payload bytes kept on disk."""
+        """Bytes counted for what is kept on disk (messages, payloads, their cost)."""
         return self.size - self._in_memory
 
     @property
@@ -254,7 +265,7 @@ class KeptMessages:
             size = sum(b.nbytes for b in buffers) + _header_size(message)
         store = self.store
         number = next(self._numbers)
-        if not size or store.in_memory + size <= store.memory:
+        if store.in_memory + size <= store.memory:
             store.in_memory += size
             self._in_memory += size
             self._items[number] = (message, list(buffers), None, size)
@@ -263,7 +274,7 @@ class KeptMessages:
                 self._file = SpillFile(store, self.name)
             header = memoryview(pack_header(message.to_header()))
             places = self._file.write([header, *buffers])
-            size = sum(length for _offset, length in places)
+            size = MESSAGE_COST + sum(length for _offset, length in places)
             self._items[number] = (None, None, places, size)
         self.size += size
         if self.tracking:
@@ -374,6 +385,9 @@ class KeptMessages:
             return None, []
         if not isinstance(message, JobResults):
             return message, buffers
+        if not message.results:  # starts only: what matters is the results after
+            self._warn("the start of a job")
+            return None, []
         results: list[Any] = []
         kept: list[memoryview] = []
         offset = 0

@@ -17,7 +17,7 @@ import pytest
 from dispynb import LocalCluster, SharedJobCluster, recover_jobs
 from dispynb.job import JobStatus
 from dispynb.protocol.messages import JobResults, ResultChunk
-from schedserver.spill import KeptMessages, SpillStore
+from schedserver.spill import ENTRY_COST, MESSAGE_COST, KeptMessages, SpillStore
 from tests.api.test_recovery_acks import NEVER_JOURNALING
 from tests.jobs import wait_until
 from tests.sharedsched.harness import SchedulerProcess, start_client
@@ -142,7 +142,7 @@ def test_a_kept_message_goes_once_all_its_jobs_are_acknowledged(tmp_path: Path) 
     """In-process: a message is dropped once every job it holds is journaled (not
     before), a chunk with its job, its memory given back; the spill file is closed
     once nothing on disk is kept; an unknown job or garbage changes nothing."""
-    store = SpillStore(str(tmp_path / "spill"), memory=2 * KiB)
+    store = SpillStore(str(tmp_path / "spill"), memory=3 * KiB)
     kept = KeptMessages(store, "alice/c", quota=1 << 30)
     try:
         _acknowledge(kept, store)
@@ -160,12 +160,18 @@ def _acknowledge(kept: KeptMessages, store: SpillStore) -> None:
     )
     kept.add(_results((3, 0)), [])
     kept.add(_results((4, 0)), [page])  # on disk
-    on_disk = kept.on_disk  # two payloads and their messages' headers
-    assert (len(kept), store.in_memory, kept.size) == (4, 2 * KiB, 2 * KiB + on_disk)
+    # Each message counts its payload, MESSAGE_COST and ENTRY_COST per job in it.
+    first, third = 2 * KiB + MESSAGE_COST + 2 * ENTRY_COST, MESSAGE_COST + ENTRY_COST
+    on_disk = kept.on_disk  # the second and fourth, their headers with them
+    assert (len(kept), store.in_memory, kept.size) == (
+        4,
+        first + third,
+        first + third + on_disk,
+    )
     assert on_disk > 2 * KiB
     assert kept.journaled([[1, 0], [9, 9], [4, 1], "x", [1], ["a", "b"]]) == 0
     assert kept.journaled([[2, 0]]) == 1  # both of the first message's jobs
-    assert (len(kept), kept.size, store.in_memory) == (3, on_disk, 0)
+    assert (len(kept), kept.size, store.in_memory) == (3, third + on_disk, third)
     assert kept.journaled([[3, 0], [3, 0]]) == 2  # the chunk (on disk) and its entry
     assert kept._file is not None  # job 4's payload is still on disk
     assert kept.journaled([[4, 0]]) == 1
@@ -383,22 +389,23 @@ def test_acknowledgements_bring_a_computation_back_under_its_quota(
     hold it again."""
     caplog.set_level(logging.INFO, "schedserver.spill")
     store = SpillStore(str(tmp_path / "spill"), memory=1 << 20)
-    kept = KeptMessages(store, "alice/c", quota=4 * KiB)
+    one = 2 * KiB + MESSAGE_COST + ENTRY_COST  # a result of 2 KiB, as counted
+    kept = KeptMessages(store, "alice/c", quota=2 * one)
     kept.tracking = True
     page = memoryview(b"x" * 2 * KiB)
     try:
         kept.add(_results((1, 0)), [page])
-        kept.add(_results((2, 0)), [page])  # 4 KiB: the quota
+        kept.add(_results((2, 0)), [page])  # the quota
         kept.add(_results((4, 0)), [page])  # over: an error entry kept instead
         kept.add(
             ResultChunk(comp_id=1, key=3, attempt=0, index=0, offset=0, size=2),
             [page],
         )
-        assert kept.full and 4 * KiB < kept.size < 4 * KiB + 512  # the error's text
+        assert kept.full and 2 * one < kept.size < 2 * one + 1024  # the error
         assert kept.journaled([[4, 0]]) == 1  # its error entry: at the quota still
-        assert kept.full and kept.size == 4 * KiB
+        assert kept.full and kept.size == 2 * one
         assert kept.journaled([[1, 0]]) == 1
-        assert not kept.full and kept.size == 2 * KiB
+        assert not kept.full and kept.size == one
         assert "alice/c: back under its --max_kept quota" in caplog.text
         chunk = memoryview(b"y" * KiB)  # fits, but its stream lost its start
         kept.add(
@@ -407,7 +414,7 @@ def test_acknowledgements_bring_a_computation_back_under_its_quota(
         )
         streamed = [3, 0, "finished", 0.0, 0.0, "", "", "", 1, True]
         kept.add(JobResults(comp_id=1, results=[streamed]), [])
-        assert not kept.full and 2 * KiB < kept.size < 2 * KiB + 512
+        assert not kept.full and one < kept.size < one + 1024
         assert kept.journaled([[2, 0]]) == 1
         message, _buffers = kept.pop()
         assert message.results[0][0] == 3 and "--max_kept" in message.results[0][7]

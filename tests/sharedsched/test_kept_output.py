@@ -1,6 +1,7 @@
-"""What jobs print counts as what is kept for a client that went away: within
-``--kept_memory`` in memory (the rest spilled to disk with the results' own
-entries) and within ``--max_kept``; a client that comes back gets it whole."""
+"""What jobs print, and what each kept message costs, count as what is kept for a
+client that went away: within ``--kept_memory`` in memory (the rest spilled to disk
+with the results' own entries) and within ``--max_kept``; a client that comes back
+gets it whole."""
 
 from __future__ import annotations
 
@@ -119,6 +120,29 @@ def test_output_counts_against_the_quota(tmp_path: Path) -> None:
         assert isinstance(first, JobResults) and isinstance(second, JobResults)
         assert first.results[0][5] == "x" * 3000
         assert second.results[0][5] == "" and "--max_kept" in second.results[0][7]
+    finally:
+        kept.clear()
+        store.close()
+
+
+def test_many_small_messages_are_bounded_as_large_ones(tmp_path: Path) -> None:
+    """In-process: 4,000 jobs' starts and ends of no payload and nothing printed
+    count what they cost: within --kept_memory in memory, the rest on disk, and
+    past --max_kept the computation is held (before: they counted nothing, all
+    held in memory, never over the quota)."""
+    store = SpillStore(str(tmp_path / "spill"), memory=64 * 1024)
+    kept = KeptMessages(store, "alice/c", quota=1 << 20)
+    try:
+        for key in range(4000):
+            kept.add(JobResults(comp_id=1, results=[], started=[[key, 0, 0.0, 0]]), [])
+            kept.add(_printed(key, ""), [])
+        assert 0 < store.in_memory <= 64 * 1024 and kept.on_disk > 0
+        assert kept.full
+        popped = [kept.pop()[0] for _ in range(len(kept))]
+        ends = [
+            m.results[0][0] for m in popped if isinstance(m, JobResults) and m.results
+        ]
+        assert ends == list(range(4000))  # each job's end kept still, in order
     finally:
         kept.clear()
         store.close()
