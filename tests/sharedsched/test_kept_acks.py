@@ -421,3 +421,31 @@ def test_acknowledgements_bring_a_computation_back_under_its_quota(
     finally:
         kept.clear()
         store.close()
+
+
+def test_acknowledgements_racing_with_a_replay_drop_each_message_once(
+    tmp_path: Path,
+) -> None:
+    """In-process: acknowledgements that come while what was kept is replayed to a
+    recovering client (`pop`, messages kept meanwhile as they come) drop only what
+    is not sent yet; each message leaves once, in order, and nothing is left
+    counted (memory, disk) once the replay is done."""
+    store = SpillStore(str(tmp_path / "spill"), memory=3 * KiB)
+    kept = KeptMessages(store, "alice/c", quota=1 << 30)
+    kept.tracking = True
+    page = memoryview(b"x" * KiB)
+    try:
+        for key in (1, 2, 3):  # the third on disk
+            kept.add(_results((key, 0)), [page])
+        assert kept.pop()[0].results[0][0] == 1
+        assert kept.journaled([[1, 0], [2, 0], [1, 0]]) == 1  # 1 went already
+        kept.add(_results((4, 0)), [page])  # a job that ends during the replay
+        assert kept.journaled([[4, 0]]) == 1
+        kept.add(_results((5, 0)), [page])
+        left = [kept.pop()[0].results[0][0] for _ in range(len(kept))]
+        assert left == [3, 5]
+        assert kept.journaled([[3, 0], [5, 0]]) == 0  # sent: nothing to drop
+        assert (len(kept), kept.size, store.in_memory, kept._file) == (0, 0, 0, None)
+    finally:
+        kept.clear()
+        store.close()
