@@ -458,8 +458,8 @@ class ComputationProcess:
 # --- loading -----------------------------------------------------------------------
 
 
-def load_computation(control: MessageSocket) -> ComputationProcess:
-    """Receive `Load`, enter the job directory, unpickle the bundle and run setup.
+def receive_load(control: MessageSocket) -> tuple[Load, list[memoryview]]:
+    """Receive `Load`, the node's first message (and its only one until `Loaded`).
 
     Raises `LoadFailure` (to be sent as `LoadFailed`), or `ConnectionClosedError`.
     """
@@ -470,6 +470,16 @@ def load_computation(control: MessageSocket) -> ComputationProcess:
         raise LoadFailure(
             f"a computation needs at least 1 worker, not {message.workers}"
         )
+    return message, buffers
+
+
+def load_computation(
+    control: MessageSocket, message: Load, buffers: list[memoryview]
+) -> ComputationProcess:
+    """Enter the job directory, unpickle the bundle and run setup.
+
+    Raises `LoadFailure` (to be sent as `LoadFailed`).
+    """
     try:
         os.chdir(message.job_path)
     except OSError as exc:
@@ -623,8 +633,13 @@ def main(argv: list[str] | None = None) -> int:
     control = MessageSocket(socket.socket(fileno=args.control_fd))
     try:
         try:
-            with node.guard():  # the user's setup runs: the node is watched
-                computation = load_computation(control)
+            load = receive_load(control)
+            if control.buffered:  # its Shutdown came with Load: closed at once
+                return 0
+            # The user's setup runs: the node is watched, and anything it sends
+            # (Shutdown) or its hang-up closes the computation during the setup.
+            with node.guard(stop=control.fileno()):
+                computation = load_computation(control, *load)
         except LoadFailure as failure:
             control.send(
                 LoadFailed(message=failure.message, traceback=failure.traceback)

@@ -125,23 +125,32 @@ class NodeWatch:
             return False
         return self.fd is None or not select.select([self.fd], [], [], 0)[0]
 
-    def _wait(self) -> bool:
-        """Block until the node dies (True) or `guard` ends (False)."""
+    def _wait(self, stop: int | None) -> bool | None:
+        """Block until the node dies (True), ``stop`` is readable (None) or `guard`
+        ends (False)."""
         fds = [self._stop_r] if self.fd is None else [self._stop_r, self.fd]
+        if stop is not None:
+            fds.append(stop)
         timeout = _PARENT_POLL if self.fd is None else None
         while True:
             ready = select.select(fds, [], [], timeout)[0]
             if self._stop_r in ready:
                 os.read(self._stop_r, 1)
                 return False
+            if stop is not None and stop in ready:
+                return None
             if ready or not self.lives():
                 return True
 
     @contextlib.contextmanager
-    def guard(self) -> Iterator[None]:
+    def guard(self, stop: int | None = None) -> Iterator[None]:
         """While the body runs (the user's code: setup, cleanup), end this process
-        and all its descendants as soon as the node dies."""
-        thread = threading.Thread(target=self._follow, name="node-watch", daemon=True)
+        and all its descendants as soon as the node dies, or once descriptor
+        ``stop`` is readable: the control channel during setup, where the node
+        writes (`Shutdown`) or hangs up only to close the computation."""
+        thread = threading.Thread(
+            target=self._follow, args=(stop,), name="node-watch", daemon=True
+        )
         thread.start()
         try:
             yield
@@ -149,11 +158,16 @@ class NodeWatch:
             os.write(self._stop_w, b"x")
             thread.join()
 
-    def _follow(self) -> None:
-        if self._wait():
+    def _follow(self, stop: int | None) -> None:
+        gone = self._wait(stop)
+        if gone is False:
+            return
+        if gone:
             logger.warning("computation process: node server gone; stopping")
-            end_leftovers()
-            os._exit(1)
+        else:  # the user's code does not read the channel: it could run for hours
+            logger.info("computation process: closed by the node; stopping")
+        end_leftovers()
+        os._exit(1 if gone else 0)  # closed: as after a Shutdown
 
     def close(self) -> None:
         """Release the descriptors (before the process exits, or in a worker)."""

@@ -337,8 +337,11 @@ class ClientSession(_SessionFiles, _SessionRecovery):
             quiet = computation.closing or bool(exc.remote_traceback)
             log = logger.info if quiet else logger.warning
             log("computation %s failed to start: %s", computation.name, exc)
+            closed = computation.comp_id not in self._computations  # by _on_close
             self._computations.pop(computation.comp_id, None)
             await computation.close(terminate=True)
+            if closed and computation.closing and not self.server.draining:
+                return  # its client closed it: `_close` answers ComputationClosed
             self.outbox.write(
                 ComputationFailed(
                     comp_id=computation.comp_id,

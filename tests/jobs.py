@@ -90,6 +90,33 @@ def mark_and_hold(marker: str, release: str, limit: float = WAIT) -> float:
     return started
 
 
+def hold_with_a_child(record: str, release: str, limit: float = 60.0) -> int:
+    """A slow setup (a model loading): start a child process, write this process's
+    pid and the child's to ``record``, and wait until ``release`` exists (at most
+    ``limit`` s)."""
+    import subprocess
+
+    child = subprocess.Popen(["sleep", "120"])
+    Path(f"{record}.tmp").write_text(f"{os.getpid()} {child.pid}")
+    os.replace(f"{record}.tmp", record)
+    deadline = time.monotonic() + limit
+    while not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return 0
+
+
+def still_running(pids: list[int]) -> list[int]:
+    """Those of ``pids`` that still run now (a zombie has ended)."""
+    import psutil
+
+    running = []
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                running.append(pid)
+    return running
+
+
 def provisional_then(n: int) -> int:
     """Send three provisional results, then return ``n * 10``."""
     for i in range(3):

@@ -3,6 +3,8 @@ interrupts cancelling remote work, and the callbacks of a user's own cluster."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 
 from dispynb import JobCluster
@@ -198,6 +200,26 @@ def test_run_interrupted_wait_cancels_remote_jobs(local1, tmp_path, capsys):
     assert message.startswith("Interrupted: run 'long' stopped, 1 running terminated")
     assert message.endswith("(0 of 3 jobs done)")
     assert not run.failures and run.counts().cancelled == 3
+
+
+@slow
+def test_stop_during_setup_ends_it_and_the_next_run_goes_at_once(local1, tmp_path):
+    """Stop while the run's setup still runs on the node (a model loading): the
+    setup's process and its child are gone once the KeyboardInterrupt arrives
+    (before, the close waited 5 s for the node, and the setup ran on with its
+    child), and the next run on the node works at once."""
+    record, release = tmp_path / "record", tmp_path / "release"
+    setup = functools.partial(jobs.hold_with_a_child, str(record), str(release))
+    try:
+        with sigint_when(record.exists), pytest.raises(KeyboardInterrupt):
+            Run.map(jobs.square, range(4), nodes=local1, setup=setup, progress="none")
+        pids = [int(pid) for pid in record.read_text().split()]
+        assert jobs.still_running(pids) == []
+    finally:
+        release.touch()
+    run = Run.map(jobs.square, range(4), nodes=local1, progress="none", wait=False)
+    assert run.wait(timeout=WAIT)
+    assert run.results == [0, 1, 4, 9]
 
 
 @slow
