@@ -10,12 +10,18 @@ of the stream, before the close; the client names the reason and the fix
 
 A client that speaks no TLS at all to a TLS node is told so in its own protocol
 (`starts_tls`, then the listener's refusal), not with a TLS alert it cannot read.
+
+The alert relies on asyncio's private ``SSLProtocol`` (3.11 to 3.13 alike): on a
+Python whose protocol does not fit (another constructor, no ``_app_transport``),
+the handshake runs through the public `loop.connect_accepted_socket`, without the
+alert, as before.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import socket
 import ssl
@@ -32,13 +38,18 @@ TLS_HANDSHAKE_RECORD = 0x16
 #: unread data sends a reset, which can overtake the alert.
 _DRAIN = 64 * 1024
 
+logger = logging.getLogger(__name__)
+
 
 class _AlertingProtocol(sslproto.SSLProtocol):
     """asyncio's TLS protocol, sending a failed handshake's alert before closing."""
 
     def _on_handshake_complete(self, handshake_exc: BaseException | None) -> None:
         if handshake_exc is not None:
-            _send_alert(self)
+            try:
+                _send_alert(self)
+            except Exception:  # private state of another Python: no alert, then
+                logger.debug("no TLS alert sent", exc_info=True)
         super()._on_handshake_complete(handshake_exc)
 
 
@@ -72,14 +83,25 @@ async def accept_tls(
     peer has been sent the alert that says why."""
     loop = asyncio.get_running_loop()
     handshake: asyncio.Future[None] = loop.create_future()
-    tls = _AlertingProtocol(loop, protocol, context, handshake, server_side=True)
-    raw, _ = await loop.connect_accepted_socket(lambda: tls, sock)
+    try:
+        tls = _AlertingProtocol(loop, protocol, context, handshake, server_side=True)
+    except TypeError:  # another Python's private constructor
+        tls = None
+    # Made for `protocol` with the TLS protocol, as asyncio's own path returns it.
+    app = getattr(tls, "_app_transport", None)
+    if tls is None or not isinstance(app, asyncio.Transport):
+        transport, _ = await loop.connect_accepted_socket(
+            lambda: protocol, sock, ssl=context
+        )
+        return transport
+    alerting = tls
+    raw, _ = await loop.connect_accepted_socket(lambda: alerting, sock)
     try:
         await handshake
     except BaseException:
         raw.abort()
         raise
-    return tls._app_transport  # made for `protocol` once the handshake completed
+    return app
 
 
 async def starts_tls(sock: socket.socket) -> bool | None:

@@ -8,6 +8,7 @@ import os
 import socket
 import ssl
 import threading
+from asyncio import sslproto
 
 import pytest
 
@@ -19,6 +20,7 @@ from dispynb.errors import (
     TransportError,
 )
 from dispynb.protocol.messages import JobCancel
+from dispynb.transport import tlsaccept
 from dispynb.transport.connection import Connection
 from dispynb.transport.connector import open_socket
 from dispynb.transport.tls import client_context, server_context
@@ -434,3 +436,50 @@ def test_tls_node_refusing_a_client_without_cert_says_it_requires_one(cert):
         "it requires a client certificate: give the client certfile= and keyfile="
     )
     assert "CERTIFICATE_REQUIRED" in message
+
+
+class _NewConstructor(sslproto.SSLProtocol):
+    """asyncio's TLS protocol as a later Python might make it: another signature."""
+
+    def __init__(self, loop, app_protocol, sslcontext, waiter, *, server_side, mode):
+        raise AssertionError("not called with these arguments")
+
+
+class _RenamedState:
+    """A TLS protocol that keeps its state under other names than 3.11-3.13's."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        self._app_transport_v2 = None
+
+
+@pytest.mark.parametrize("protocol", [_NewConstructor, _RenamedState])
+def test_a_tls_node_serves_when_asyncios_private_tls_protocol_differs(
+    cert, monkeypatch, protocol
+):
+    """The listener's TLS alert relies on asyncio's private SSLProtocol: on a
+    Python where it differs, the node serves TLS as asyncio does, without the
+    alert (before: every TLS client failed, TypeError or AttributeError)."""
+    certfile, keyfile = cert
+    monkeypatch.setattr(tlsaccept, "_AlertingProtocol", protocol)
+
+    async def main():
+        async with serving(ssl_context=server_context(certfile, keyfile)) as (
+            listener,
+            echo,
+        ):
+            await echo_round_trip(
+                listener.port, ssl_context=client_context(cafile=certfile)
+            )
+            assert len(echo.names) == 1
+        context = server_context(certfile, keyfile, cafile=certfile)
+        async with serving(ssl_context=context) as (listener, echo):
+            with pytest.raises(TransportError, match="client certificate"):
+                async with client(
+                    listener.port,
+                    ssl_context=client_context(cafile=certfile),
+                    handshake_timeout=WAIT,
+                ):
+                    pass
+            assert echo.names == []
+
+    run(main())
