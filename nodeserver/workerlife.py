@@ -51,6 +51,11 @@ NODE_STOPPED_DURING_SETUP = (
 SHUTDOWN_GRACE = 10.0
 
 
+#: Seconds a setup past its setup_timeout has to end its process tree after
+#: Shutdown (its node watch does so at once) before it is killed.
+SETUP_STOP_GRACE = 5.0
+
+
 #: Seconds a job whose worker died of SIGTERM (or whose computation process died)
 #: waits before being reported failed: if the node received the same signal
 #: meanwhile, the job is lost with the node.
@@ -156,14 +161,32 @@ class _WorkerLife(_ComputationState):
             raise
         except TimeoutError:
             self._loaded.cancel()  # the process's exit must not report on it later
-            if self._process is not None:
-                self._process.kill()
+            await self._stop_setup()
             raise SetupError(
                 f"setup did not finish within {setup_timeout} s (setup_timeout)"
             ) from None
         self._ready = True
         self._budget.wait(id(self), self._pump)
         return self._n_workers
+
+    async def _stop_setup(self) -> None:
+        """End a setup that ran out of time, with what it started.
+
+        `Shutdown` first: the process's node watch ends every descendant (a
+        ``subprocess`` the setup started) before it exits. A kill alone ends only
+        the process; without a zygote its children would go on under init. The
+        kill stays the fallback for a process that does not stop.
+        """
+        if self._process is None:
+            return
+        if self._control is not None:
+            with contextlib.suppress(DispynbError):
+                await self._control.send(Shutdown())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._process.wait(), SETUP_STOP_GRACE)
+                return
+        logger.warning("computation %s did not stop its setup; killing it", self.name)
+        self._process.kill()
 
     def _file_cap(self) -> int:
         """Bytes a file a job sends may have (0: no limit): the node's

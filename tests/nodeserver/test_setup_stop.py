@@ -25,6 +25,7 @@ from dispynb.protocol.messages import (
     FINISHED,
     ComputationClose,
     ComputationClosed,
+    ComputationFailed,
     ComputationReady,
     ComputationSetup,
     JobResults,
@@ -137,3 +138,45 @@ def test_cluster_close_during_setup_returns_once_the_node_stopped_it(
             cluster.close(terminate=True)
         with JobCluster(square, nodes=[node.spec], secret=node.secret) as again:
             assert again.submit(5)() == 25
+
+
+async def _setup_timeout_expires(node: CliNode, tmp_path: Path) -> str:
+    record, release = tmp_path / "record", tmp_path / "release"
+    conn, _ = await connect(
+        "127.0.0.1",
+        node.port,
+        secret=node.secret.encode(),
+        max_message_size=1 << 24,
+        name="timer",
+    )
+    try:
+        setup = functools.partial(hold_with_a_child, str(record), str(release))
+        bundle = {"func": square, "setup": setup, "setup_args": ()}
+        conn.write(
+            ComputationSetup(comp_id=1, name="slow", workers=1, setup_timeout=3.0),
+            serialize.dumps(bundle),
+        )
+        await conn.flush()
+        failed, _ = await _next(conn)
+        assert isinstance(failed, ComputationFailed), failed
+        # The setup wrote its record before the timeout (it holds for a minute).
+        pids = [int(pid) for pid in record.read_text().split()]
+        assert still_running(pids) == []
+        return failed.message
+    finally:
+        release.touch()
+        conn.close()
+
+
+@pytest.mark.parametrize("zygote", ["1", "0"], ids=["zygote", "no-zygote"])
+def test_a_setup_past_its_timeout_ends_with_what_it_started(
+    tmp_path: Path, zygote: str
+) -> None:
+    """setup_timeout expires while the setup holds a child process: the node
+    reports the timeout once the setup's process and its child are gone. Before,
+    it killed the process alone: without a zygote (nothing sweeps orphans) the
+    child ran on under init."""
+    launcher = ["env", f"DISPYNB_ZYGOTE={zygote}"]
+    with running_node(tmp_path / "node", launcher=launcher) as node:
+        message = asyncio.run(_setup_timeout_expires(node, tmp_path))
+        assert "setup_timeout" in message, message
