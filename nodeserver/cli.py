@@ -19,8 +19,8 @@ from dispynb.protocol.framing import large_frames_taken, release_spares
 from dispynb.secret import resolve_secret, write_new_secret
 from dispynb.transport.addressing import is_loopback
 from nodeserver.config import NodeConfig
-from nodeserver.containment import probe_in_background
-from nodeserver.launcher import PROCESS_LAUNCHER, Launcher
+from nodeserver.containment import become_subreaper, probe_in_background
+from nodeserver.launcher import PROCESS_LAUNCHER, AdoptingLauncher, Launcher
 from nodeserver.memory import keep_freed_memory, release_freed_memory
 from nodeserver.parser import build_parser, parse_args, parse_size
 from nodeserver.register import (
@@ -32,7 +32,7 @@ from nodeserver.register import (
 from nodeserver.server import NodeServer
 from nodeserver.service import Phase, ServiceWindow, keep_window
 from nodeserver.sharedbody import BODIES
-from nodeserver.zygote import ZygoteLauncher, start_zygote
+from nodeserver.zygote import start_zygote
 
 __all__ = ["build_parser", "config_from_args", "main", "parse_args", "parse_size"]
 
@@ -282,8 +282,9 @@ async def serve(
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal)
-    if isinstance(launcher, ZygoteLauncher):
-        launcher.watch()  # a killed zygote is reaped (and logged) at once
+    if isinstance(launcher, AdoptingLauncher):
+        # Orphans are reaped as they exit; a killed zygote at once (and logged).
+        launcher.watch()
     window = config.service_window
     serving = True
     if window is not None:
@@ -469,6 +470,11 @@ def main(argv: list[str] | None = None) -> int:
     # this module's imports: the node's modules are shared with the zygote too (a
     # zygote forked before them held 2 MB more of its own once the node ran).
     zygote = start_zygote() if args.serve != 0 else None
+    # Without a zygote, the node adopts orphans all the same (what a dead worker
+    # or computation process left running comes back to it, to be swept).
+    launcher = zygote or AdoptingLauncher(
+        adopting=args.serve != 0 and become_subreaper()
+    )
     setup_logging(args.debug, args.loglevel)
 
     def run() -> int:
@@ -490,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.exit_with_parent,
                 args.parent_pipe,
                 args.register,
-                zygote or PROCESS_LAUNCHER,
+                launcher,
                 # A scheduler's node waits for it (started later, or restarting);
                 # a launcher's client is there first: 30 s, then the node stops.
                 None if args.scheduler_host else REGISTER_PATIENCE,
@@ -501,5 +507,4 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run_daemon("dispynb-node", run)
     finally:
-        if zygote is not None:
-            zygote.stop()  # reaped here: never a zombie left to whoever adopts it
+        launcher.stop()  # reaped here: never a zombie left to whoever adopts it

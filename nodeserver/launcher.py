@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -22,6 +23,8 @@ from typing import Protocol
 
 import nodeserver
 from nodeserver import containment
+
+logger = logging.getLogger(__name__)
 
 
 class ComputationProcess(Protocol):
@@ -109,9 +112,141 @@ class ProcessLauncher:
         containment.kill_group(pid, None)
 
     def sweep_orphans(self) -> int:
-        """Nothing: a node without a zygote is no subreaper; orphans go to init."""
+        """Nothing: this process is no subreaper (`AdoptingLauncher` is)."""
         return 0
 
 
-#: The launcher node servers use unless told otherwise.
+#: The launcher in-process node servers use unless told otherwise.
 PROCESS_LAUNCHER = ProcessLauncher()
+
+
+class AdoptingLauncher(ProcessLauncher):
+    """New interpreters, started by a node server that is a child subreaper.
+
+    What a dead worker or computation process leaves running (a ``setsid()``
+    daemon, what a killed setup started) comes back to the node instead of init:
+    `sweep_orphans` kills it and `reap_adopted` reaps it (on SIGCHLD, once
+    `watch` ran on the node's loop). ``dispynb-node`` uses it without a zygote
+    (``DISPYNB_ZYGOTE=0``, not Linux) and, through `ZygoteLauncher`, once its
+    zygote is gone. ``adopting`` False (no ``PR_SET_CHILD_SUBREAPER`` here): it
+    is a plain `ProcessLauncher`.
+    """
+
+    def __init__(self, adopting: bool = False) -> None:
+        self.adopting = adopting
+        self._watching = False  # the SIGCHLD handler is installed
+        #: New interpreters started, reaped by asyncio's child watcher.
+        self._own: set[int] = set()
+        self._launching = 0  # new interpreters being started: their pids not known
+        self._waits: set[asyncio.Future[int]] = set()
+
+    async def start(
+        self, control: socket.socket, cwd: str, timeout: float | None = None
+    ) -> ComputationProcess:
+        """`ProcessLauncher.start`, the process known to `reap_adopted`."""
+        self._watch_orphans()
+        return await self._start_interpreter(control, cwd)
+
+    async def _start_interpreter(
+        self, control: socket.socket, cwd: str
+    ) -> ComputationProcess:
+        """A new interpreter, known to `reap_adopted` as one asyncio's child
+        watcher reaps, from its start to its end."""
+        self._launching += 1
+        try:
+            process = await super().start(control, cwd)
+        finally:
+            self._launching -= 1
+        pid = process.pid
+        self._own.add(pid)
+        waited = asyncio.ensure_future(process.wait())
+        self._waits.add(waited)
+
+        def forget(_: object) -> None:
+            self._waits.discard(waited)
+            self._own.discard(pid)
+
+        waited.add_done_callback(forget)
+        self.reap_adopted()  # what was left for the end of this start
+        return process
+
+    def watch(self) -> None:
+        """On the node's running loop: reap adopted processes as they exit."""
+        self._watch_orphans()
+
+    def _watch_orphans(self) -> None:
+        """Reap adopted processes as they exit (SIGCHLD on the node's loop)."""
+        if self.adopting and not self._watching:
+            self._watching = True
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(signal.SIGCHLD, self.reap_adopted)
+
+    def _reaped_elsewhere(self) -> set[int]:
+        """The node's children that others reap (asyncio's child watcher)."""
+        return set(self._own)
+
+    def _known(self) -> set[int]:
+        """The node's children that are computation processes: no orphans."""
+        return set(self._own)
+
+    def _busy(self) -> bool:
+        """A process is being made whose pid may not be known yet."""
+        return self._launching > 0
+
+    def _forget(self, pid: int) -> None:
+        """Child ``pid`` was reaped by `reap_adopted`."""
+
+    def reap_adopted(self) -> int:
+        """Reap the node's exited children other than those asyncio's watcher
+        follows: the processes it adopted; how many. Each is looked at by pid
+        (a ``waitpid(-1)`` would take the others' exit statuses)."""
+        if self._busy():
+            return 0  # a new interpreter's pid is not known yet: after its start
+        reaped = 0
+        elsewhere = self._reaped_elsewhere()
+        for pid in containment.children(os.getpid()):
+            if pid in elsewhere or not zombie(pid):
+                continue
+            with contextlib.suppress(ChildProcessError):
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    reaped += 1
+                    self._forget(pid)
+        self.sweep_orphans()  # an orphan's own children come here once it is gone
+        return reaped
+
+    def sweep_orphans(self) -> int:
+        """Kill the node's children that are no computation process: what a dead
+        worker or computation process left to the node, their subreaper (a job's
+        ``setsid()`` daemon whose worker died abruptly, where no pids cgroup
+        holds it; what a dead computation's setup started). How many."""
+        if not self.adopting or self._busy():
+            return 0  # a process being made may not be known yet
+        known = self._known()
+        killed = 0
+        for pid in containment.children(os.getpid()):
+            if pid in known or zombie(pid):
+                continue
+            # Not reaped: its pid cannot have been reused.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+        if killed:
+            logger.info(
+                "killed %d process(es) left by dead workers or computations", killed
+            )
+        return killed
+
+    def stop(self) -> None:
+        """Before the node exits: reap what ended after its loop did."""
+        if self.adopting:
+            self.reap_adopted()
+
+
+def zombie(pid: int) -> bool:
+    """Whether process ``pid`` is a zombie (exited, not reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            stat = handle.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] == b"Z"

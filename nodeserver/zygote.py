@@ -35,7 +35,7 @@ signal dispositions, the standard input (``/dev/null``), the working directory a
 freshly seeded `random` of a new process, and its process name (``/proc/PID/comm``)
 is ``dispynb-compute``; the zygote's is ``dispynb-zygote``. Where no zygote can run
 (not Linux, no pidfd, ``DISPYNB_ZYGOTE=0``, or the zygote died), computations are
-started as new interpreters (`nodeserver.launcher.ProcessLauncher`); so they are
+started as new interpreters (`nodeserver.launcher.AdoptingLauncher`); so they are
 after a zygote did not answer in time (`ANSWER_TIMEOUT`): it is killed, and the
 computation whose setup waited for it fails with an error that says so.
 """
@@ -57,8 +57,8 @@ import sys
 from typing import NoReturn
 
 from dispynb.errors import SetupError
-from nodeserver.containment import become_subreaper, children, load_prctl
-from nodeserver.launcher import ComputationProcess, ProcessLauncher
+from nodeserver.containment import become_subreaper, load_prctl
+from nodeserver.launcher import AdoptingLauncher, ComputationProcess
 
 __all__ = [
     "COMPUTE_NAME",
@@ -136,7 +136,7 @@ class _NoAnswer(Exception):
     """The zygote did not answer within `ANSWER_TIMEOUT` seconds."""
 
 
-class ZygoteLauncher(ProcessLauncher):
+class ZygoteLauncher(AdoptingLauncher):
     """The node server's launcher while its zygote lives; new interpreters after."""
 
     def __init__(self, sock: socket.socket, pid: int, adopting: bool = False) -> None:
@@ -150,14 +150,9 @@ class ZygoteLauncher(ProcessLauncher):
         #: The node is a subreaper: a dead zygote's computation processes (and
         #: whatever else is orphaned below the node) come back to it, and are
         #: reaped by `reap_adopted` on SIGCHLD.
-        self.adopting = adopting
-        self._watching = False  # the SIGCHLD handler is installed
-        #: New interpreters started (the zygote gone), reaped by asyncio's watcher.
-        self._own: set[int] = set()
+        super().__init__(adopting)
         #: The computation processes the zygote made (the node's once adopted).
         self._forked: set[int] = set()
-        self._launching = 0  # new interpreters being started: their pids not known
-        self._waits: set[asyncio.Future[int]] = set()
 
     async def start(
         self, control: socket.socket, cwd: str, timeout: float | None = None
@@ -206,29 +201,6 @@ class ZygoteLauncher(ProcessLauncher):
         control.close()  # the process has its own copy
         return ForkedProcess(pid)
 
-    async def _start_interpreter(
-        self, control: socket.socket, cwd: str
-    ) -> ComputationProcess:
-        """A new interpreter (the zygote is gone), known to `reap_adopted` as one
-        asyncio's child watcher reaps, from its start to its end."""
-        self._launching += 1
-        try:
-            process = await super().start(control, cwd)
-        finally:
-            self._launching -= 1
-        pid = process.pid
-        self._own.add(pid)
-        waited = asyncio.ensure_future(process.wait())
-        self._waits.add(waited)
-
-        def forget(_: object) -> None:
-            self._waits.discard(waited)
-            self._own.discard(pid)
-
-        waited.add_done_callback(forget)
-        self.reap_adopted()  # what was left for the end of this start
-        return process
-
     def watch(self) -> None:
         """On the node's running loop: reap the zygote as soon as it exits (killed
         from outside, the OOM killer) and log how it ended, rather than leave a
@@ -276,54 +248,19 @@ class ZygoteLauncher(ProcessLauncher):
                 how,
             )
 
-    def _watch_orphans(self) -> None:
-        """Reap adopted processes as they exit (SIGCHLD on the node's loop)."""
-        if self.adopting and not self._watching:
-            self._watching = True
-            loop = asyncio.get_running_loop()
-            loop.add_signal_handler(signal.SIGCHLD, self.reap_adopted)
+    def _reaped_elsewhere(self) -> set[int]:
+        """The zygote (`_on_exit`) and the new interpreters (asyncio's watcher)."""
+        return {self.pid, *self._own}
 
-    def reap_adopted(self) -> int:
-        """Reap the node's exited children other than the zygote and the new
-        interpreters asyncio follows: the processes it adopted (a dead zygote's
-        computation processes once they end, and whatever is orphaned below the
-        node); how many. Each is looked at by pid (a ``waitpid(-1)`` would take
-        the others' exit statuses)."""
-        if self._launching:
-            return 0  # a new interpreter's pid is not known yet: after its start
-        reaped = 0
-        for pid in children(os.getpid()):
-            if pid == self.pid or pid in self._own or not _exited(pid):
-                continue
-            with contextlib.suppress(ChildProcessError):
-                if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                    reaped += 1
-                    self._forked.discard(pid)
-        self.sweep_orphans()  # an orphan's own children come here once it is gone
-        return reaped
-
-    def sweep_orphans(self) -> int:
-        """Kill the node's children that are no computation process: what a dead
-        worker or computation process left to the node, their subreaper (a job's
-        ``setsid()`` daemon whose worker died abruptly, where no pids cgroup
-        holds it; what a dead computation's setup started). How many."""
-        if not self.adopting or self._launching or (self._lock and self._lock.locked()):
-            return 0  # a process being made may not be known yet
+    def _known(self) -> set[int]:
         self._forked = {pid for pid in self._forked if os.path.exists(f"/proc/{pid}")}
-        known = {self.pid, *self._own, *self._forked}
-        killed = 0
-        for pid in children(os.getpid()):
-            if pid in known or _exited(pid):
-                continue
-            # Not reaped: its pid cannot have been reused.
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-                killed += 1
-        if killed:
-            logger.info(
-                "killed %d process(es) left by dead workers or computations", killed
-            )
-        return killed
+        return {self.pid, *self._own, *self._forked}
+
+    def _busy(self) -> bool:
+        return super()._busy() or (self._lock is not None and self._lock.locked())
+
+    def _forget(self, pid: int) -> None:
+        self._forked.discard(pid)
 
     async def _request_in_turn(self, control: socket.socket, cwd: str) -> int | None:
         """`_request`, one at a time (answers come in order); None, without a
@@ -394,8 +331,7 @@ class ZygoteLauncher(ProcessLauncher):
         driver, or an init that does not reap), seen as a leftover process."""
         self._unfollow()
         self.close()
-        if self.adopting:
-            self.reap_adopted()  # those that ended after the node's loop did
+        super().stop()  # those that ended after the node's loop did
         if self._reaped:
             return
         try:
@@ -425,16 +361,6 @@ def _exit_text(status: int) -> str:
             name = f"signal {-code}"
         return f"was killed by {name}"
     return f"exited with status {code}"
-
-
-def _exited(pid: int) -> bool:
-    """Whether process ``pid`` is a zombie (exited, not reaped)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            stat = handle.read()
-    except OSError:
-        return False
-    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] == b"Z"
 
 
 def _retrieve(request: asyncio.Future[int | None]) -> None:

@@ -301,13 +301,18 @@ def test_a_crashed_workers_daemon_is_killed(tmp_path: Path, measure) -> None:
 @pytest.mark.attack(
     id="killed-computation",
     title="A computation process is killed (kill -9, as the OOM killer) while its "
-    "setup's child and its jobs' setsid() daemons run (no pids cgroups)",
+    "setup's child and its jobs' setsid() daemons run (no pids cgroups; with the "
+    "node's zygote, and without: DISPYNB_ZYGOTE=0)",
     goal="none of them left; its jobs end saying the process died; the node serves on",
 )
-def test_a_killed_computation_leaves_nothing(tmp_path: Path, measure) -> None:
+@pytest.mark.parametrize("zygote", ["1", "0"], ids=["zygote", "no-zygote"])
+def test_a_killed_computation_leaves_nothing(
+    tmp_path: Path, measure, zygote: str
+) -> None:
     markers, record = tmp_path / "markers", tmp_path / "record"
     markers.mkdir()
-    with running_node(tmp_path / "a", name="a", cpus=2, launcher=NO_CGROUPS) as a:
+    launcher = [*NO_CGROUPS, f"DISPYNB_ZYGOTE={zygote}"]
+    with running_node(tmp_path / "a", name="a", cpus=2, launcher=launcher) as a:
         setup = functools.partial(start_a_sleeper, str(record))
         with JobCluster(
             daemonize_and_hold, nodes=[a.spec], secret=a.secret, setup=setup
@@ -320,7 +325,10 @@ def test_a_killed_computation_leaves_nothing(tmp_path: Path, measure) -> None:
             for job in jobs:
                 job()
             left = _left(below)
-            measure(f"{len(left)} processes left; jobs {status_name(jobs[0].status)}")
+            measure(
+                f"zygote {'on' if zygote == '1' else 'off'}: {len(left)} processes "
+                f"left; jobs {status_name(jobs[0].status)}"
+            )
             assert left == []
             assert child in [process.pid for process in below]
             assert [job.status for job in jobs] == [DispyJob.Abandoned] * 2
