@@ -328,8 +328,12 @@ TLS_UNEXPECTED = (
 async def _expect_plain(sock: socket.socket) -> None:
     """Before a node's handshake without TLS: a client opening a TLS handshake is
     refused (it reads a reply that is no TLS, which its TLS library names) and
-    logged as such, not as a frame of 369 MB; raises `TransportError` then."""
-    if await starts_tls(sock):
+    logged as such, not as a frame of 369 MB; raises `TransportError` then,
+    `ConnectionClosedError` if it hung up at once."""
+    tls = await starts_tls(sock)
+    if tls is None:
+        raise ConnectionClosedError("closed before its first message")
+    if tls:
         _refuse(sock, TLS_UNEXPECTED, code="tls")
         raise TransportError("a TLS client (this node does not use TLS): told so")
 

@@ -106,7 +106,8 @@ async def accept_tls(
 
 async def starts_tls(sock: socket.socket) -> bool | None:
     """Whether the peer's first byte on ``sock`` opens a TLS handshake (None: it
-    closed without sending anything). The byte is left to be read."""
+    closed, or reset the connection, without sending anything). The byte is left
+    to be read."""
     loop = asyncio.get_running_loop()
     readable: asyncio.Future[None] = loop.create_future()
 
@@ -127,6 +128,8 @@ async def starts_tls(sock: socket.socket) -> bool | None:
         except (BlockingIOError, InterruptedError):
             readable = loop.create_future()
             continue
+        except ConnectionError:  # reset before a byte: closed, as far as we care
+            return None
         if not first:
             return None
         return first[0] == TLS_HANDSHAKE_RECORD

@@ -7,6 +7,7 @@ import contextlib
 import os
 import socket
 import ssl
+import struct
 import threading
 from asyncio import sslproto
 
@@ -26,7 +27,14 @@ from dispynb.transport.connector import open_socket
 from dispynb.transport.tls import client_context, server_context
 from tests.asyncutil import run
 from tests.transport.certs import make_cert
-from tests.transport.util import WAIT, client, echo_round_trip, serving, wait_until
+from tests.transport.util import (
+    WAIT,
+    client,
+    echo_round_trip,
+    serving,
+    wait_until,
+    warnings_from,
+)
 
 
 def test_tls_verified_client_round_trips(cert):
@@ -483,3 +491,31 @@ def test_a_tls_node_serves_when_asyncios_private_tls_protocol_differs(
             assert echo.names == []
 
     run(main())
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_a_client_resetting_before_its_first_byte_is_no_failure_of_the_node(
+    cert, caplog, tls
+):
+    """A peer that connects and resets without a byte (a port scanner, a client
+    killed as it connects) is logged as a peer that closed; before, the node's
+    wait for its first byte (plain or TLS) said "the node could not answer"."""
+    certfile, keyfile = cert
+    context = server_context(certfile, keyfile) if tls else None
+
+    async def main():
+        async with serving(ssl_context=context) as (listener, echo):
+            sock = socket.create_connection(("127.0.0.1", listener.port))
+            sock.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+            )
+            sock.close()  # a reset, nothing sent
+            await wait_until(lambda: warnings_from(caplog, "rejected connections"))
+            kw = {"ssl_context": client_context(cafile=certfile)} if tls else {}
+            await echo_round_trip(listener.port, **kw)
+            assert len(echo.names) == 1
+
+    run(main())
+    [warning] = warnings_from(caplog, "rejected connections")
+    assert "could not answer" not in warning
+    assert "closed" in warning or "reset" in warning
