@@ -153,9 +153,14 @@ class CellRunner:
                     f"{error}"
                 ) from None
             raise error.with_traceback(frames) from None
-        except KeyboardInterrupt:
-            # Stop while connecting or submitting: Run.map cancelled what it sent.
-            message = f"Interrupted: run {label!r} stopped before it started"
+        except KeyboardInterrupt as exc:
+            # Stop while connecting or submitting: Run.map cancelled what it sent
+            # (and says so), or the nodes were still starting.
+            message = (
+                str(exc)
+                if isinstance(exc, RunInterrupted)
+                else f"Interrupted: run {label!r} stopped before it started"
+            )
             self._keep(Run.failed(label, message), args.into)
             raise RunInterrupted(message) from None
         session.runs.append(run)

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from dispynb.job import DispyJob, JobStatus
 from dispynb.jupyter import display as templates
 from dispynb.jupyter import shipping
+from dispynb.jupyter.errors import RunInterrupted
 from dispynb.jupyter.progress import NullProgressBar, ProgressBar, make_progress
 from dispynb.jupyter.runevents import _RunEvents
 from dispynb.jupyter.runstate import ClusterStatusCallback as ClusterStatusCallback
@@ -194,8 +195,10 @@ class Run(_RunEvents):
 
         Raises
         ------
-        KeyboardInterrupt
-            When interrupted while waiting, after cancelling the unfinished jobs.
+        RunInterrupted
+            A `KeyboardInterrupt`, when interrupted (after cancelling the unfinished
+            jobs, or closing the cluster that was starting); its message says what
+            was stopped.
         """
         from dispynb.cluster import new_cluster
 
@@ -229,8 +232,8 @@ class Run(_RunEvents):
         # A run belongs to its kernel: when the kernel dies its jobs should free the
         # nodes, not wait an hour for a recover_jobs() that never comes.
         options.setdefault("recover_file", False)
-        run.attach(
-            (cluster_factory or new_cluster)(
+        try:
+            cluster = (cluster_factory or new_cluster)(
                 computation,
                 nodes=nodes,
                 engine=engine,
@@ -238,9 +241,19 @@ class Run(_RunEvents):
                 cluster_status=run._on_cluster_status,
                 **options,
             )
-        )
+        except KeyboardInterrupt:
+            # The cluster closed itself on the way out (its setup ended on the
+            # nodes with what it started); no job was sent.
+            raise RunInterrupted(
+                f"Interrupted: run {label!r} stopped before it started (its cluster "
+                "was starting); no job was sent and nothing is left running"
+            ) from None
+        run.attach(cluster)
         try:
             run.submit_all(inputs, unpack=unpack)
+        except KeyboardInterrupt:
+            summary = run.stop("Interrupted while submitting", echo=False, quiet=True)
+            raise RunInterrupted(summary) from None
         except BaseException:
             run.close(terminate=True)
             raise

@@ -166,7 +166,9 @@ def test_stop_while_the_run_submits_is_one_line_too(tmp_path):
         k.stop_button()
         out = k.collect(msg_id)
         assert out.ename == "RunInterrupted", out.text
-        assert "stopped before it started" in out.text
+        # What was sent (one job) is counted: Run.map says so.
+        assert "Interrupted while submitting: run 'early' stopped" in out.text
+        assert "of 1 jobs done)" in out.text
         assert "Traceback" not in out.text and "dispynb/" not in out.text, out.text
         assert "not started" in k.value("repr(early)")
         again = k.run_ok(

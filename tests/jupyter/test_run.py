@@ -223,6 +223,26 @@ def test_stop_during_setup_ends_it_and_the_next_run_goes_at_once(local1, tmp_pat
 
 
 @slow
+def test_stop_while_the_run_starts_says_what_happened(local1, tmp_path):
+    """Stop while Run.map still starts its cluster (its setup runs): the
+    KeyboardInterrupt says that the run stopped before it started and that
+    nothing is left running (before, its message was empty), and it is so."""
+    record, release = tmp_path / "record", tmp_path / "release"
+    setup = functools.partial(jobs.hold_with_a_child, str(record), str(release))
+    try:
+        with sigint_when(record.exists), pytest.raises(KeyboardInterrupt) as caught:
+            Run.map(jobs.square, range(4), nodes=local1, setup=setup, progress="none")
+        assert str(caught.value) == (
+            "Interrupted: run 'square' stopped before it started (its cluster was "
+            "starting); no job was sent and nothing is left running"
+        )
+        pids = [int(pid) for pid in record.read_text().split()]
+        assert jobs.still_running(pids) == []
+    finally:
+        release.touch()
+
+
+@slow
 def test_stopping_a_run_cancels_its_jobs_in_one_request(local1, tmp_path):
     """Stop cancels every unfinished job of the run in one request: cancelled one
     by one, a queued job could start on the worker freed by the previous cancel
