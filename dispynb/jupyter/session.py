@@ -290,11 +290,60 @@ class Session:
                 "(and TLS options), or start nodes here with %dispy local"
             ),
         ):
-            replay = self._probe(specs, None, options)
+            usable, failed, replay = self._probe_each(specs, options)
         self.close()
-        self.nodes, self.options = specs, options
+        self.nodes, self.options = usable, options
         replay()
         self._show_in_use()
+        if failed:
+            # Said once, here: a node left in the list would fail (and be logged)
+            # again at every cell, and show as in use.
+            print(
+                f"dispynb: not using {', '.join(failed)}: "
+                f"{'; '.join(failed.values())}\n"
+                "check that dispynb-node runs there with the same secret (and TLS "
+                f"options), then %dispy nodes {' '.join(specs)} again",
+                file=sys.stderr,
+            )
+
+    def _probe_each(
+        self, specs: list[str], options: dict[str, Any]
+    ) -> tuple[list[str], dict[str, str], Callable[[], None]]:
+        """Probe each of ``specs`` on its own (at once, in threads): those that
+        answered, why each other one did not, and what shows the nodes met in
+        the panel. Raises the error if none answered. Wildcards (discovery) and
+        a single spec are probed together, as one cluster."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from dispynb.errors import DispynbError
+        from dispynb.node import is_wildcard, parse_node_specs
+
+        if len(specs) < 2 or any(is_wildcard(s) for s in parse_node_specs(specs)):
+            return specs, {}, self._probe(specs, None, options)
+        with ThreadPoolExecutor(len(specs), "dispynb-probe") as pool:
+            probes = [pool.submit(self._probe, [spec], None, options) for spec in specs]
+        replays, usable, failed = [], [], {}
+        errors: list[BaseException] = []
+        for spec, probe in zip(specs, probes, strict=True):
+            error = probe.exception()
+            if error is None:
+                usable.append(spec)
+                replays.append(probe.result())
+            elif isinstance(error, DispynbError | OSError):
+                failed[spec] = str(error)
+                errors.append(error)
+            else:  # an interrupt, a bug: not the node's
+                raise error
+        if not usable:
+            if len(errors) == 1:
+                raise errors[0]
+            raise DispynbError("; ".join(str(error) for error in errors))
+
+        def replay() -> None:
+            for each in replays:
+                each()
+
+        return usable, failed, replay
 
     def _kept(self, hint: str) -> str:
         """``hint``, then what stays in use when new nodes cannot be used."""

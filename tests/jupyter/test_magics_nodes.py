@@ -232,3 +232,33 @@ def test_stop_while_new_local_nodes_start_keeps_the_nodes_in_use(ip, monkeypatch
     assert addresses(ip) == before and not session(ip).local.exited()
     placed = run_where(ip, "", 4)
     assert len(placed) == 4 and set(placed) <= {"local-0", "local-1"}, placed
+
+
+def test_nodes_with_an_unreachable_host_use_the_others_and_say_it_once(
+    ip, tmp_path, caplog
+):
+    """`%dispy nodes GOOD BAD`, BAD not answering: the notebook uses GOOD, says
+    once which host failed and how to fix it, and does not list BAD as in use;
+    later cells run on GOOD without logging BAD again (before, BAD was kept:
+    listed as in use, and every cell logged 'node ... cannot be used')."""
+    state = session(ip)
+    local = state.local
+    secret = tmp_path / "secret"
+    secret.write_text(local.secret)
+    secret.chmod(0o600)
+    good, bad = addresses(ip)[0], f"127.0.0.1:{_closed_port()}"
+    try:
+        state.local = None  # keep the local nodes: attach to one by address
+        with capture_output() as captured:
+            ip.run_line_magic("dispy", f"nodes {good} {bad} --secret-file {secret}")
+        assert captured.stdout == f"dispynb: nodes {good}\n"
+        assert f"not using {bad}: cannot connect to {bad}" in captured.stderr
+        assert "check that dispynb-node runs there" in captured.stderr
+        assert bad not in repr(state.status())
+        caplog.clear()
+        placed = run_where(ip, "", 4)
+        assert placed == ["local-0"] * 4
+        assert not [r for r in caplog.records if bad in r.getMessage()], caplog.text
+    finally:
+        state.local = local
+        state.nodes = local
