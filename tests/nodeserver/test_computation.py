@@ -582,3 +582,84 @@ def test_a_computation_closed_while_it_starts_says_so_quietly(tmp_path, monkeypa
 
     run(main(), timeout=30)
     assert unretrieved == []
+
+
+def where(name: str) -> int:
+    """A job body: wait for gate ``name``; return the worker (thread) it ran in."""
+    wait_gate(name)
+    return threading.get_ident()
+
+
+async def _long_job_with_short_ones_ahead(
+    computation: Computation, reports: Reports, long: str
+) -> Any:
+    """After 8 quick jobs (the mean: short), submit job 100 (waits for ``long``)
+    and 40 quick ones at once; return the worker running job 100, which holds some
+    of them ahead."""
+    await computation.start(bundle(where))
+    quick = new_gate("quick")
+    open_gate(quick)
+    computation.submit([job(key, quick) for key in range(1, 9)])
+    await wait_until(lambda: len(reports.entries) == 8, "quick jobs done")
+    reports.starts.clear()
+    computation.submit([job(100, long), *(job(key, quick) for key in range(101, 141))])
+    (holder,) = [w for w in computation._workers.values() if w.assigned[0].key == 100]
+    assert len(holder.assigned) > 1, "no job went ahead behind the long one"
+    return holder
+
+
+def test_jobs_waiting_behind_a_long_job_run_on_the_idle_worker(tmp_path):
+    """Short jobs go ahead to a busy worker; when its job turns out long while the
+    other worker is idle with nothing queued, they are taken back (the busy worker
+    is sure to skip them) and run on the idle one, each once, before the long job
+    ends. Before, they waited for it."""
+
+    async def main() -> None:
+        reports = Reports()
+        computation, launcher = make(tmp_path, reports, workers=2)
+        long = new_gate("long")
+        holder = await _long_job_with_short_ones_ahead(computation, reports, long)
+        quick_keys = range(101, 141)
+        await wait_until(
+            lambda: all(key in reports.entries for key in quick_keys),
+            "the quick jobs, while the long one runs",
+        )
+        assert 100 not in reports.entries
+        open_gate(long)
+        await wait_until(lambda: 100 in reports.entries, "the long job")
+        assert reports.order[-1] == 100
+        # None ran in the long job's worker; each started once (Reports: and
+        # was reported once).
+        assert all(reports.values[key] != reports.values[100] for key in quick_keys)
+        assert sorted(reports.starts) == [100, *quick_keys]
+        await wait_until(lambda: not holder.taken_back, "the skipped jobs' word")
+        assert computation.idle and not holder.stalled
+        await finish(computation, launcher)
+
+    run(main())
+
+
+def test_jobs_not_sure_to_be_skipped_move_only_once_skipped(tmp_path, monkeypatch):
+    """A busy worker that may be starting its next job just as it is told to skip
+    the ones ahead (its running job's end may be on its way) keeps them until it
+    says: skipped, they run elsewhere; each runs once either way."""
+    monkeypatch.setattr("nodeserver.computation._before_its_turn", lambda worker: False)
+
+    async def main() -> None:
+        reports = Reports()
+        computation, launcher = make(tmp_path, reports, workers=2)
+        long = new_gate("long")
+        holder = await _long_job_with_short_ones_ahead(computation, reports, long)
+        ahead = [j.key for j in list(holder.assigned)[1:]]
+        await wait_until(
+            lambda: all(j.moving for j in list(holder.assigned)[1:]), "told to skip"
+        )
+        assert [j.key for j in list(holder.assigned)[1:]] == ahead  # kept there
+        open_gate(long)
+        await wait_until(lambda: len(reports.entries) == 49, "all jobs")
+        assert sorted(reports.starts) == list(range(100, 141))
+        assert all(reports.outcome(key) == FINISHED for key in range(100, 141))
+        assert computation.idle and not holder.taken_back
+        await finish(computation, launcher)
+
+    run(main())
