@@ -28,6 +28,7 @@ from dispynb.transport.addressing import format_address
 from dispynb.transport.connection import Connection
 from dispynb.transport.handshake import client_handshake
 from dispynb.transport.tls import handshake_refusal
+from dispynb.transport.tlsaccept import BUSY_ALERT
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +147,11 @@ async def _connect_once(
         if isinstance(exc, ConnectionClosedError):
             raise ConnectionClosedError(
                 f"cannot connect to {peer}: {exc}; is dispynb-node running there?"
+            ) from exc
+        if BUSY_ALERT in str(exc):  # a TLS node refusing it at accept, for now
+            raise NodeBusyError(
+                f"node {peer} refused the connection for now: too many connections "
+                "are in their handshake, or too many failed from this address"
             ) from exc
         if _PLAIN_ANSWER in str(exc):  # bytes that are no TLS: a plain node's
             raise TransportError(

@@ -34,7 +34,11 @@ from dispynb.transport.admission import (
 )
 from dispynb.transport.connection import Connection, describe_error
 from dispynb.transport.handshake import node_handshake
-from dispynb.transport.tlsaccept import starts_tls
+from dispynb.transport.tlsaccept import (
+    BUSY_ALERT_RECORD,
+    TLS_HANDSHAKE_RECORD,
+    starts_tls,
+)
 
 __all__ = ["MAX_PENDING_HANDSHAKES", "MAX_PENDING_PER_SOURCE", "Handler", "Listener"]
 
@@ -177,7 +181,10 @@ class Listener:
             refusal = self.admission.admit(source)
             if refusal is not None:
                 self._tally.event("refused connections", source, refusal)
-                _refuse(sock, refusal)
+                if self._ssl_context is not None and _tls_first(sock):
+                    _refuse_tls(sock)
+                else:
+                    _refuse(sock, refusal)
                 continue
             task = loop.create_task(self._serve(sock, address, source))
             self._tasks.add(task)
@@ -351,6 +358,30 @@ def _refuse(sock: socket.socket, reason: str, code: str = "busy") -> None:
         # Closing with unread bytes (the peer's hello) would send a reset, which can
         # overtake the refusal: read what has arrived first (a bounded amount).
         for _ in range(16):
+            if not sock.recv(4096):
+                break
+    with contextlib.suppress(OSError):
+        sock.close()
+
+
+def _tls_first(sock: socket.socket) -> bool:
+    """Whether the peer's first byte, if any has come, opens a TLS handshake (or
+    none has come yet: a TLS node's client is most likely a TLS client)."""
+    with contextlib.suppress(OSError):
+        sock.setblocking(False)
+        first = sock.recv(1, socket.MSG_PEEK)
+        return not first or first[0] == TLS_HANDSHAKE_RECORD
+    return True
+
+
+def _refuse_tls(sock: socket.socket) -> None:
+    """Refuse a TLS client at accept, as `_refuse` does a plain one, with the alert
+    that a dispynb client reads as 'busy' (`BUSY_ALERT`): a dispynb frame would be
+    no TLS to it ('the node does not use TLS')."""
+    with contextlib.suppress(OSError):
+        sock.send(BUSY_ALERT_RECORD)
+        sock.shutdown(socket.SHUT_WR)
+        for _ in range(16):  # no reset that could overtake the alert
             if not sock.recv(4096):
                 break
     with contextlib.suppress(OSError):

@@ -27,12 +27,27 @@ import socket
 import ssl
 from asyncio import sslproto
 
-__all__ = ["TLS_HANDSHAKE_RECORD", "accept_tls", "starts_tls"]
+__all__ = [
+    "BUSY_ALERT",
+    "BUSY_ALERT_RECORD",
+    "TLS_HANDSHAKE_RECORD",
+    "accept_tls",
+    "starts_tls",
+]
 
 #: The first byte of a TLS handshake record (a ClientHello). A dispynb frame starts
 #: with its length, whose first byte is 0 for any frame a node accepts before
 #: authentication.
 TLS_HANDSHAKE_RECORD = 0x16
+
+#: What a TLS node sends a TLS client it refuses at accept (too many handshakes
+#: pending or failed, `dispynb.transport.admission`): a fatal ``user_canceled``
+#: alert in a plaintext record, which no TLS library sends in a handshake of its
+#: own; a dispynb client reads it as "busy" (`BUSY_ALERT`) and tries again later.
+BUSY_ALERT_RECORD = bytes([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 90])
+
+#: How OpenSSL names that alert, at the client.
+BUSY_ALERT = "ALERT_USER_CANCELLED"
 
 #: Bytes of the refused client's unread data read before the close: closing with
 #: unread data sends a reset, which can overtake the alert.

@@ -22,6 +22,7 @@ from dispynb.errors import (
 )
 from dispynb.protocol.messages import JobCancel
 from dispynb.transport import tlsaccept
+from dispynb.transport.admission import Admission
 from dispynb.transport.connection import Connection
 from dispynb.transport.connector import open_socket
 from dispynb.transport.tls import client_context, server_context
@@ -519,3 +520,35 @@ def test_a_client_resetting_before_its_first_byte_is_no_failure_of_the_node(
     [warning] = warnings_from(caplog, "rejected connections")
     assert "could not answer" not in warning
     assert "closed" in warning or "reset" in warning
+
+
+def test_a_tls_client_refused_at_accept_by_a_busy_tls_node_retries(cert, caplog):
+    """A TLS node refusing a connection at accept (too many handshakes pending, or
+    failed, from its address) tells a TLS client in TLS (an alert), which it reads
+    as 'busy' and retries; before, the refusal was a dispynb frame, which the
+    client's TLS library read as no TLS: 'it does not use TLS; connect without
+    cafile=', and it gave up."""
+    certfile, keyfile = cert
+
+    async def main():
+        context = server_context(certfile, keyfile)
+        async with serving(ssl_context=context, admission=Admission(max_pending=1)) as (
+            listener,
+            echo,
+        ):
+            with socket.create_connection(("127.0.0.1", listener.port)) as hog:
+                await wait_until(lambda: listener.admission.pending == 1)
+                connecting = asyncio.ensure_future(
+                    echo_round_trip(
+                        listener.port,
+                        ssl_context=client_context(cafile=certfile),
+                        retry_for=WAIT,
+                    )
+                )
+                await wait_until(lambda: warnings_from(caplog, "refused connections"))
+                assert not connecting.done(), connecting.exception()
+                hog.close()  # its handshake fails: room for the client's retry
+            await asyncio.wait_for(connecting, WAIT)
+            assert len(echo.names) == 1
+
+    run(main())
