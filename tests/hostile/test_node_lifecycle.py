@@ -37,9 +37,11 @@ NO_CGROUPS = ["env", "DISPYNB_PIDS_CGROUP=off"]
 # --- run on nodes -------------------------------------------------------------
 
 
-def daemonize_and_hold(directory: str, hold_on: str) -> str:
+def daemonize_and_hold(directory: str, hold_on: str, together: int = 0) -> str:
     """Double-fork a ``setsid()``'d sleeper, write its pid and the job's to
-    ``directory``; on node ``hold_on`` hold for two minutes, else return."""
+    ``directory``; on node ``hold_on`` hold for two minutes, else return once
+    ``together`` jobs have written theirs (so that a fast node does not take the
+    jobs meant to start on ``hold_on``)."""
     import os
     import pathlib
     import time
@@ -60,6 +62,11 @@ def daemonize_and_hold(directory: str, hold_on: str) -> str:
     )
     if node == hold_on:
         time.sleep(120)
+    deadline = time.monotonic() + 60
+    while sum(p.name.isdigit() for p in pathlib.Path(directory).iterdir()) < together:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"fewer than {together} jobs started")
+        time.sleep(0.01)
     return node
 
 
@@ -160,7 +167,8 @@ def _run_held_jobs(
         ) as cluster,
     ):
         wait_until(lambda: len(cluster.status().nodes) == 2)
-        jobs = [cluster.submit(str(markers), "a") for _ in range(4)]
+        # Node b's first job returns once both of node a's CPUs run one each.
+        jobs = [cluster.submit(str(markers), "a", 3) for _ in range(4)]
         wait_until(lambda: list(_written(markers).values()).count("a") == 2)
         for pid, name in _written(markers).items():
             if name == "a":  # the job's worker adopted the sleeper
