@@ -82,6 +82,8 @@ class NodeLink:
     pumping: bool = False
     #: On this machine and our user: large arguments go through shared memory.
     shared_memory: bool = False
+    #: Shared memory refused a job's arguments once (the warning was given).
+    shared_memory_refused: bool = False
 
 
 #: ``allocate(welcome, peer_ip) -> (cpus, bundle, files)`` (see `Driver.add_node`).

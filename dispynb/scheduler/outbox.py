@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import logging
 from typing import Any
@@ -286,17 +287,24 @@ class DriverOutbox:
         (the arguments themselves if that fails: the socket still works)."""
         try:
             name, reference = self._segment_pool().write(payload)
-        except OSError as exc:  # /dev/shm full, say: this node's jobs use the socket
-            link.shared_memory = False
-            logger.warning(
-                "cannot write a job's arguments to shared memory (%s) for node %s:"
-                " %s; its jobs go over the connection instead. Give %s more room"
-                " (docker run --shm-size=1g, say) or set DISPYNB_SHARED_MEMORY=0",
-                shm.SHM_DIR,
-                link.node_id,
-                exc.strerror or exc,
-                shm.SHM_DIR,
-            )
+        except OSError as exc:
+            # No room (/dev/shm small or full): this job goes over the socket, later
+            # ones try again. Anything else: this node's jobs use the socket.
+            no_room = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            if not no_room:
+                link.shared_memory = False
+            if not link.shared_memory_refused:  # said once per node
+                link.shared_memory_refused = True
+                logger.warning(
+                    "cannot write a job's arguments to shared memory (%s) for node "
+                    "%s: %s; %s over the connection instead. Give %s more room"
+                    " (docker run --shm-size=1g, say) or set DISPYNB_SHARED_MEMORY=0",
+                    shm.SHM_DIR,
+                    link.node_id,
+                    exc.strerror or exc,
+                    "the jobs it cannot hold go" if no_room else "its jobs go",
+                    shm.SHM_DIR,
+                )
             return payload
         self._segments.setdefault(key, {})[attempt] = name
         return [reference]
