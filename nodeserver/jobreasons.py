@@ -49,13 +49,18 @@ def oom_note(peak_bytes: int) -> str:
     )
 
 
+def signal_name(number: int) -> str:
+    """``SIGKILL`` for 9; ``signal 64`` for a number Python has no name for."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
 def crash_reason(returncode: int) -> str:
     """Explain how a worker process ended, for the job that was running in it."""
     if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
+        name = signal_name(-returncode)
         return f"the job's worker process was killed by {name} ({-returncode})"
     return (
         f"the job's worker process exited with status {returncode} "

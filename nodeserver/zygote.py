@@ -58,6 +58,7 @@ from typing import NoReturn
 
 from dispynb.errors import SetupError
 from nodeserver.containment import become_subreaper, load_prctl
+from nodeserver.jobreasons import signal_name
 from nodeserver.launcher import AdoptingLauncher, ComputationProcess
 
 __all__ = [
@@ -355,11 +356,7 @@ def _exit_text(status: int) -> str:
     """How a process with wait status ``status`` ended, in words."""
     code = os.waitstatus_to_exitcode(status)
     if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        return f"was killed by {name}"
+        return f"was killed by {signal_name(-code)}"
     return f"exited with status {code}"
 
 

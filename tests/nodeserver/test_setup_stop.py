@@ -49,7 +49,11 @@ async def _next(conn: Connection) -> tuple[Message, list[memoryview]]:
                 return message, buffers
 
 
-async def _close_during_setup(node: CliNode, tmp_path: Path, terminate: bool) -> None:
+async def _set_up_held(
+    node: CliNode, tmp_path: Path, setup_timeout: float | None = None
+) -> tuple[Connection, Path, Path]:
+    """Connect to ``node`` and set up computation 1, whose setup holds with a child
+    (`hold_with_a_child`); the connection, the setup's record and its release."""
     record, release = tmp_path / "record", tmp_path / "release"
     conn, _ = await connect(
         "127.0.0.1",
@@ -58,14 +62,21 @@ async def _close_during_setup(node: CliNode, tmp_path: Path, terminate: bool) ->
         max_message_size=1 << 24,
         name="stopper",
     )
+    setup = functools.partial(hold_with_a_child, str(record), str(release))
+    bundle = {"func": square, "setup": setup, "setup_args": ()}
+    conn.write(
+        ComputationSetup(
+            comp_id=1, name="slow", workers=1, setup_timeout=setup_timeout
+        ),
+        serialize.dumps(bundle),
+    )
+    await conn.flush()
+    return conn, record, release
+
+
+async def _close_during_setup(node: CliNode, tmp_path: Path, terminate: bool) -> None:
+    conn, record, release = await _set_up_held(node, tmp_path)
     try:
-        setup = functools.partial(hold_with_a_child, str(record), str(release))
-        bundle = {"func": square, "setup": setup, "setup_args": ()}
-        conn.write(
-            ComputationSetup(comp_id=1, name="slow", workers=1),
-            serialize.dumps(bundle),
-        )
-        await conn.flush()
         async with asyncio.timeout(WAIT):
             while not record.exists():
                 await asyncio.sleep(0.01)
@@ -141,22 +152,8 @@ def test_cluster_close_during_setup_returns_once_the_node_stopped_it(
 
 
 async def _setup_timeout_expires(node: CliNode, tmp_path: Path) -> str:
-    record, release = tmp_path / "record", tmp_path / "release"
-    conn, _ = await connect(
-        "127.0.0.1",
-        node.port,
-        secret=node.secret.encode(),
-        max_message_size=1 << 24,
-        name="timer",
-    )
+    conn, record, release = await _set_up_held(node, tmp_path, setup_timeout=3.0)
     try:
-        setup = functools.partial(hold_with_a_child, str(record), str(release))
-        bundle = {"func": square, "setup": setup, "setup_args": ()}
-        conn.write(
-            ComputationSetup(comp_id=1, name="slow", workers=1, setup_timeout=3.0),
-            serialize.dumps(bundle),
-        )
-        await conn.flush()
         failed, _ = await _next(conn)
         assert isinstance(failed, ComputationFailed), failed
         # The setup wrote its record before the timeout (it holds for a minute).
