@@ -20,26 +20,40 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.browser import chromium_page, requires_chromium
+from tests.labextension.labpage import (
+    ACTIVE,
+    PANEL,
+    TAB,
+    Lab,
+    card_counts,
+    insert_and_check,
+    kernel_connections,
+    kernel_status,
+    open_notebook,
+    prompt,
+    restart_kernel,
+    run_cell,
+    run_the_next_cells,
+    subshells,
+    wait_counts,
+    wait_prompt,
+)
 from tests.nodeproc import inner_pytest
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Page
+    pass
 
 pytestmark = [pytest.mark.browser, requires_chromium]
 
 ROOT = Path(__file__).resolve().parents[2]
 IN_NETNS = os.environ.get("DISPYNB_IN_NETNS") == "1"
 LAB_EXTENSION = Path(sys.prefix, "share/jupyter/labextensions/dispynb-labextension")
-PANEL = "#dispynb-sidebar"
-ACTIVE = ".jp-NotebookPanel .jp-Cell.jp-mod-active"
-TAB = '.jp-SideBar.jp-mod-left li.lm-TabBar-tab[data-id="dispynb-sidebar"]'
 
 #: The notebook's first cell: local nodes, and slow-ish jobs it waits for.
 FIRST_CELL = """\
@@ -183,16 +197,6 @@ def test_lab_ray_in_private_network() -> None:
 # -- the inner half (in the namespace) -------------------------------------------------
 
 
-@dataclass
-class Lab:
-    url: str
-    token: str
-    root: Path
-    node_port: int  # TCP port of a node server answering discovery on 127.0.0.1
-    secret_file: Path  # that node's secret
-    runtime: Path  # JUPYTER_RUNTIME_DIR: the kernels' connection files
-
-
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -321,60 +325,6 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
         shutil.rmtree(jdir, ignore_errors=True)
 
 
-def _open_notebook(page: Page, lab: Lab, name: str, kernel: str) -> None:
-    """Open a notebook and wait until its kernel is really connected and idle."""
-    page.goto(f"{lab.url}/lab/tree/{name}?token={lab.token}")
-    page.wait_for_selector(".jp-NotebookPanel .jp-Cell .cm-content", state="visible")
-    page.wait_for_function(
-        """kernel => [...document.querySelectorAll('.jp-StatusBar-TextItem')]
-            .some(e => e.textContent.trim() === kernel + ' | Idle')""",
-        arg=kernel,
-    )
-    if not page.locator(PANEL).is_visible():
-        page.locator(TAB).click()
-
-
-def _insert_and_check(page: Page, expected: str) -> None:
-    """Press Insert connect code: a new active cell holding ``expected``."""
-    before = page.locator(".jp-NotebookPanel .jp-Cell").count()
-    page.locator(f"{PANEL} .dispynb-insert").click()
-    page.wait_for_function(
-        f"() => document.querySelectorAll('.jp-NotebookPanel .jp-Cell').length"
-        f" === {before + 1}"
-    )
-    active = page.locator(f"{ACTIVE} .cm-content")
-    text = active.inner_text()
-    assert text.startswith("%load_ext dispynb") and expected in text, text
-
-
-def _counts(page: Page) -> dict[str, int]:
-    """The counts the panel shows for the (only) cluster."""
-    return page.eval_on_selector(
-        f"{PANEL} .dispynb-cluster",
-        """e => {
-            const out = {done: +e.dataset.done, total: +e.dataset.total};
-            for (const c of e.querySelectorAll('.dispynb-count'))
-                out[c.dataset.status] = +c.dataset.count;
-            return out;
-        }""",
-    )
-
-
-def _wait_counts(page: Page, condition: str) -> None:
-    """Wait until the cluster card's counts satisfy a JS expression over ``c``."""
-    page.wait_for_function(
-        """cond => {
-            const e = document.querySelector('#dispynb-sidebar .dispynb-cluster');
-            if (!e) return false;
-            const c = {done: +e.dataset.done, total: +e.dataset.total};
-            for (const x of e.querySelectorAll('.dispynb-count'))
-                c[x.dataset.status] = +x.dataset.count;
-            return new Function('c', 'return ' + cond)(c);
-        }""",
-        arg=condition,
-    )
-
-
 @pytest.mark.timeout(180)
 def test_lab_panel(lab: Lab) -> None:  # collected only in the namespace: conftest.py
     with chromium_page(
@@ -418,15 +368,15 @@ def test_lab_panel(lab: Lab) -> None:  # collected only in the namespace: confte
         assert node.get_attribute("data-address").startswith("127.0.0.1:")
         assert node.get_attribute("data-cpus") == "2"
         assert "2 CPUs" in node.inner_text()
-        _wait_counts(page, "c.total === 200 && c.running > 0")
-        first = _counts(page)
-        _wait_counts(page, f"c.done >= {first['done'] + 2}")
-        second = _counts(page)
+        wait_counts(page, "c.total === 200 && c.running > 0")
+        first = card_counts(page)
+        wait_counts(page, f"c.done >= {first['done'] + 2}")
+        second = card_counts(page)
         assert second["done"] > first["done"] and second["finished"] >= 2
         width = card.locator(".dispynb-progress-bar").evaluate("e => e.style.width")
         assert 0 < float(width.rstrip("%")) < 100, width
         if os.environ.get("DISPYNB_SCREENSHOTS") == "1":
-            _wait_counts(page, "c.done >= 30")  # a bar worth looking at
+            wait_counts(page, "c.done >= 30")  # a bar worth looking at
             page.screenshot(path=str(ROOT / "docs/labextension.png"))
 
         # Cancel (while the cell still waits) ends every unfinished job; the counts
@@ -435,8 +385,8 @@ def test_lab_panel(lab: Lab) -> None:  # collected only in the namespace: confte
         card.locator(".dispynb-cancel").click()
         message = page.locator(f"{PANEL} .dispynb-message")
         message.filter(has_text="cancelled").wait_for()
-        _wait_counts(page, "!c.running && !c.pending && c.done === 200")
-        counts = _counts(page)
+        wait_counts(page, "!c.running && !c.pending && c.done === 200")
+        counts = card_counts(page)
         assert counts.get("cancelled", 0) + counts.get("terminated", 0) > 100, counts
         assert (
             counts["finished"]
@@ -455,7 +405,7 @@ def test_lab_panel(lab: Lab) -> None:  # collected only in the namespace: confte
         )
 
         # Insert connect code: local nodes while none was discovered ...
-        _insert_and_check(page, "%dispy local")
+        insert_and_check(page, "%dispy local")
 
         # ... Discover at an address: the node answers; then code that connects to it.
         page.locator(f"{PANEL} .dispynb-addresses").fill("127.0.0.1")
@@ -465,7 +415,7 @@ def test_lab_panel(lab: Lab) -> None:  # collected only in the namespace: confte
         spec = f"127.0.0.1:{lab.node_port}"
         assert found.first.locator("td").all_inner_texts() == ["found-node", spec, "1"]
         message.filter(has_text="discovery found 1 node").wait_for()
-        _insert_and_check(page, f"%dispy nodes {spec}")
+        insert_and_check(page, f"%dispy nodes {spec}")
         # ... and that code works (given the secret): run it; the panel shows the
         # nodes %dispy uses.
         page.locator(f"{ACTIVE} .cm-content").click()
@@ -478,11 +428,11 @@ def test_lab_panel(lab: Lab) -> None:  # collected only in the namespace: confte
         session.filter(has_text=f"%dispy uses nodes {spec}").wait_for()
 
         # A kernel restart: the panel reconnects to the new kernel (no clusters).
-        _restart_kernel(page)
+        restart_kernel(page)
         assert not session.is_visible()  # the new kernel has not run %dispy
 
         # A kernel without dispynb: a clear message and a Retry button.
-        _open_notebook(page, lab, "plain.ipynb", "No dispynb")
+        open_notebook(page, lab, "plain.ipynb", "No dispynb")
         page.wait_for_selector(f'{PANEL} .dispynb-status[data-status="missing"]')
         text = status.inner_text()
         assert "dispynb is not installed in this kernel's environment" in text, text
@@ -494,91 +444,6 @@ def test_lab_panel(lab: Lab) -> None:  # collected only in the namespace: confte
         status.filter(has_text="This notebook has no kernel").wait_for()
 
 
-def _subshells(lab: Lab) -> list[str]:
-    """The subshells of the (only) kernel, asked on its control channel, which
-    answers while a cell runs."""
-    from jupyter_client import BlockingKernelClient
-
-    with urllib.request.urlopen(f"{lab.url}/api/kernels?token={lab.token}") as r:
-        (kernel,) = json.load(r)
-    client = BlockingKernelClient(
-        connection_file=str(lab.runtime / f"kernel-{kernel['id']}.json")
-    )
-    client.load_connection_file()
-    client.start_channels(shell=False, iopub=False, stdin=False, hb=False)
-    try:
-        msg = client.session.msg("list_subshell_request", {})
-        client.control_channel.send(msg)
-        while True:
-            reply = client.control_channel.get_msg(timeout=10)
-            if reply["parent_header"].get("msg_id") == msg["header"]["msg_id"]:
-                return list(reply["content"]["subshell_id"])
-    finally:
-        client.stop_channels()
-
-
-def _kernel_status(page: Page) -> str:
-    """The status bar's kernel item, as ``'Python 3 (ipykernel) | Busy'``."""
-    texts = page.eval_on_selector_all(
-        ".jp-StatusBar-TextItem", "es => es.map(e => e.textContent.trim())"
-    )
-    return next((t for t in texts if " | " in t), "")
-
-
-def _kernel_connections(lab: Lab) -> list[int]:
-    """How many websockets each running kernel has (Jupyter's REST API)."""
-    with urllib.request.urlopen(f"{lab.url}/api/kernels?token={lab.token}") as r:
-        return [int(k["connections"]) for k in json.load(r)]
-
-
-def _restart_kernel(page: Page) -> None:
-    """Restart the kernel (toolbar); wait until the panel shows the new one's (no
-    clusters)."""
-    page.locator('.jp-NotebookPanel-toolbar [data-jp-item-name="restart"]').click()
-    page.locator(".jp-Dialog .jp-mod-accept").click()
-    page.wait_for_function(
-        """() => {
-            const p = document.querySelector('#dispynb-sidebar');
-            return p.dataset.ready === 'true'
-                && !p.querySelector('.dispynb-cluster')
-                && p.querySelector('.dispynb-clusters').textContent
-                    .includes('No clusters');
-        }"""
-    )
-
-
-def _prompt(page: Page, index: int) -> str:
-    return (
-        page.locator(".jp-NotebookPanel .jp-Cell .jp-InputPrompt")
-        .nth(index)
-        .inner_text()
-    )
-
-
-def _run_cell(page: Page, index: int) -> None:
-    """Click into cell ``index`` and run it (Shift+Enter)."""
-    page.locator(".jp-NotebookPanel .jp-Cell").nth(index).locator(".cm-content").click()
-    page.keyboard.press("Shift+Enter")
-
-
-def _wait_prompt(page: Page, index: int, text: str) -> None:
-    page.wait_for_function(
-        """([i, text]) => document.querySelectorAll('.jp-NotebookPanel .jp-Cell')[i]
-            .querySelector('.jp-InputPrompt').textContent.trim() === text""",
-        arg=[index, text],
-    )
-
-
-def _run_the_next_cells(page: Page) -> str:
-    """Run cells 2 and 3 (prompts [3] and [4]); what cell 3 printed."""
-    _run_cell(page, 2)
-    _wait_prompt(page, 2, "[3]:")
-    _run_cell(page, 3)
-    _wait_prompt(page, 3, "[4]:")
-    cells = page.locator(".jp-NotebookPanel .jp-Cell")
-    return str(cells.nth(3).locator(".jp-OutputArea").inner_text())
-
-
 @pytest.mark.timeout(300)
 def test_lab_stop(lab: Lab) -> None:  # collected only in the namespace: conftest.py
     """Stop (the toolbar button) in a %%dispy cell: the cell returns at once, its jobs
@@ -587,29 +452,29 @@ def test_lab_stop(lab: Lab) -> None:  # collected only in the namespace: conftes
     with chromium_page(
         viewport={"width": 1400, "height": 850}, timeout_ms=60_000
     ) as page:
-        _open_notebook(page, lab, "stop.ipynb", "Python 3 (ipykernel)")
+        open_notebook(page, lab, "stop.ipynb", "Python 3 (ipykernel)")
         page.wait_for_selector(f'{PANEL}[data-ready="true"]')
         cells = page.locator(".jp-NotebookPanel .jp-Cell")
-        _run_cell(page, 0)
-        _wait_prompt(page, 0, "[1]:")
+        run_cell(page, 0)
+        wait_prompt(page, 0, "[1]:")
         assert "dispynb: local nodes 127.0.0.1:" in cells.nth(0).inner_text()
         # %dispy local checked its node with a cluster of its own: never shown.
         session = page.locator(f"{PANEL} .dispynb-session")
         session.filter(has_text="%dispy uses local nodes").wait_for()
         assert "No clusters" in page.locator(f"{PANEL} .dispynb-clusters").inner_text()
 
-        _run_cell(page, 1)
+        run_cell(page, 1)
         card = page.locator(f"{PANEL} .dispynb-cluster")
         card.first.wait_for()
-        _wait_counts(page, "c.running === 2")  # executing, on a node of 2 CPUs
+        wait_counts(page, "c.running === 2")  # executing, on a node of 2 CPUs
         assert card.locator(".dispynb-cancel").is_enabled()
-        assert _prompt(page, 1).strip() == "[*]:"
+        assert prompt(page, 1).strip() == "[*]:"
 
         pressed = time.monotonic()
         page.locator(
             '.jp-NotebookPanel-toolbar [data-jp-item-name="interrupt"]'
         ).click()
-        _wait_prompt(page, 1, "[2]:")
+        wait_prompt(page, 1, "[2]:")
         returned = time.monotonic() - pressed
         output = cells.nth(1).locator(".jp-OutputArea").inner_text()
         assert "KeyboardInterrupt: Interrupted: run 'slow' stopped, 2 running " in (
@@ -636,7 +501,7 @@ def test_lab_stop(lab: Lab) -> None:  # collected only in the namespace: conftes
             page.screenshot(path=str(ROOT / "docs/lab-stop.png"))
 
         # The next cells run on the same nodes.
-        printed = _run_the_next_cells(page)
+        printed = run_the_next_cells(page)
         assert "[0, 1, 4, 9] 0 40" in printed, printed
         # The panel is pushed at most 4 times a second: wait for the square card.
         want = ["slow (closed)", "square (closed)"]
@@ -661,14 +526,14 @@ def test_lab_page_opened_while_a_cell_runs(lab: Lab) -> None:  # in the namespac
     with chromium_page(
         viewport={"width": 1400, "height": 850}, timeout_ms=60_000
     ) as page:
-        _open_notebook(page, lab, "reopen.ipynb", "Python 3 (ipykernel)")
+        open_notebook(page, lab, "reopen.ipynb", "Python 3 (ipykernel)")
         page.wait_for_selector(f'{PANEL}[data-ready="true"]')
-        _run_cell(page, 0)
-        _wait_prompt(page, 0, "[1]:")
-        _run_cell(page, 1)
+        run_cell(page, 0)
+        wait_prompt(page, 0, "[1]:")
+        run_cell(page, 1)
         page.locator(f"{PANEL} .dispynb-cluster").first.wait_for()
-        _wait_counts(page, "c.running === 2")
-        before = set(_subshells(lab))  # JupyterLab's own, for the comms
+        wait_counts(page, "c.running === 2")
+        before = set(subshells(lab))  # JupyterLab's own, for the comms
 
         page.reload()
         page.locator(TAB).wait_for()
@@ -678,44 +543,44 @@ def test_lab_page_opened_while_a_cell_runs(lab: Lab) -> None:  # in the namespac
         card = page.locator(f'{PANEL} .dispynb-cluster[data-closed="false"]')
         card.wait_for()
         assert card.locator(".dispynb-cluster-name").inner_text() == "slow"
-        _wait_counts(page, "c.total === 60 && c.running > 0")
-        assert _counts(page)["done"] < 60  # connected while the cell runs
+        wait_counts(page, "c.total === 60 && c.running > 0")
+        assert card_counts(page)["done"] < 60  # connected while the cell runs
 
         # Reloaded again: the page deletes its subshell as it goes, and the new page
         # makes one of its own (the kernel kept one per page: a thread each).
-        (first,) = set(_subshells(lab)) - before  # the panel's
+        (first,) = set(subshells(lab)) - before  # the panel's
         page.reload()
         page.locator(TAB).wait_for()
         if not page.locator(PANEL).is_visible():
             page.locator(TAB).click()
         page.wait_for_selector(f'{PANEL}[data-ready="true"]')
         card.wait_for()
-        _wait_counts(page, "c.total === 60 && c.running > 0")
-        again = set(_subshells(lab)) - before
+        wait_counts(page, "c.total === 60 && c.running > 0")
+        again = set(subshells(lab)) - before
         assert len(again) == 1 and first not in again, (first, again)
         # The subshell's answers do not make the kernel look idle meanwhile.
-        assert _kernel_status(page) == "Python 3 (ipykernel) | Busy"
+        assert kernel_status(page) == "Python 3 (ipykernel) | Busy"
 
         card.locator(".dispynb-cancel").click()
         page.locator(f"{PANEL} .dispynb-message").filter(
             has_text="cancelled"
         ).wait_for()
-        _wait_counts(page, "!c.running && !c.pending && c.done === 60")
+        wait_counts(page, "!c.running && !c.pending && c.done === 60")
         page.wait_for_function(
             """() => [...document.querySelectorAll('.jp-StatusBar-TextItem')]
                 .some(e => e.textContent.trim().endsWith('| Idle'))"""
         )
         # The cell has returned: the next cells run, on the same nodes.
-        printed = _run_the_next_cells(page)
+        printed = run_the_next_cells(page)
         assert "[0, 1, 4, 9] 60 0" in printed, printed
 
         # A kernel restart drops the subshell's connection; the panel reconnects.
-        assert _kernel_connections(lab) == [2]  # the page's, and the panel's
-        _restart_kernel(page)
+        assert kernel_connections(lab) == [2]  # the page's, and the panel's
+        restart_kernel(page)
         deadline = time.monotonic() + 20
-        while _kernel_connections(lab) != [1] and time.monotonic() < deadline:
+        while kernel_connections(lab) != [1] and time.monotonic() < deadline:
             page.wait_for_timeout(100)
-        assert _kernel_connections(lab) == [1]
+        assert kernel_connections(lab) == [1]
 
 
 @pytest.mark.timeout(300)
@@ -725,16 +590,16 @@ def test_lab_dask(lab: Lab) -> None:  # collected only in the namespace: conftes
     with chromium_page(
         viewport={"width": 1400, "height": 850}, timeout_ms=60_000
     ) as page:
-        _open_notebook(page, lab, "dask.ipynb", "Python 3 (ipykernel)")
+        open_notebook(page, lab, "dask.ipynb", "Python 3 (ipykernel)")
         page.wait_for_selector(f'{PANEL}[data-ready="true"]')
         cells = page.locator(".jp-NotebookPanel .jp-Cell")
-        _run_cell(page, 0)
-        _wait_prompt(page, 0, "[1]:")
+        run_cell(page, 0)
+        wait_prompt(page, 0, "[1]:")
         assert "dispynb: dask engine: local Dask cluster tcp://127.0.0.1:" in (
             cells.nth(0).inner_text()
         )
 
-        _run_cell(page, 1)
+        run_cell(page, 1)
         card = page.locator(f"{PANEL} .dispynb-cluster")
         card.first.wait_for()
         assert card.locator(".dispynb-cluster-name").inner_text() == "slow"
@@ -747,14 +612,14 @@ def test_lab_dask(lab: Lab) -> None:  # collected only in the namespace: conftes
             address = nodes.nth(i).get_attribute("data-address") or ""
             assert address.startswith("tcp://127.0.0.1:"), address  # a Dask worker
             assert nodes.nth(i).get_attribute("data-cpus") == "1"
-        _wait_counts(page, "c.total === 30 && c.running === 2")
-        first = _counts(page)
-        _wait_counts(page, f"c.done >= {first['done'] + 2}")
+        wait_counts(page, "c.total === 30 && c.running === 2")
+        first = card_counts(page)
+        wait_counts(page, f"c.done >= {first['done'] + 2}")
 
         page.locator(
             '.jp-NotebookPanel-toolbar [data-jp-item-name="interrupt"]'
         ).click()
-        _wait_prompt(page, 1, "[2]:")
+        wait_prompt(page, 1, "[2]:")
         output = cells.nth(1).locator(".jp-OutputArea").inner_text()
         assert "Interrupted: run 'slow' stopped" in output, output
         closed = page.locator(f'{PANEL} .dispynb-cluster[data-closed="true"]')
@@ -806,16 +671,16 @@ def test_lab_ray(ray_head: str, lab: Lab) -> None:  # only in the namespace: con
     with chromium_page(
         viewport={"width": 1400, "height": 850}, timeout_ms=120_000
     ) as page:
-        _open_notebook(page, lab, "ray.ipynb", "Python 3 (ipykernel)")
+        open_notebook(page, lab, "ray.ipynb", "Python 3 (ipykernel)")
         page.wait_for_selector(f'{PANEL}[data-ready="true"]')
         cells = page.locator(".jp-NotebookPanel .jp-Cell")
-        _run_cell(page, 0)
-        _wait_prompt(page, 0, "[1]:")
+        run_cell(page, 0)
+        wait_prompt(page, 0, "[1]:")
         assert f"dispynb: ray engine: {ray_head}" in cells.nth(0).inner_text(), (
             cells.nth(0).inner_text()
         )
 
-        _run_cell(page, 1)
+        run_cell(page, 1)
         card = page.locator(f"{PANEL} .dispynb-cluster")
         card.first.wait_for()
         assert card.locator(".dispynb-cluster-name").inner_text() == "slow"
@@ -823,14 +688,14 @@ def test_lab_ray(ray_head: str, lab: Lab) -> None:  # only in the namespace: con
         node.first.wait_for()
         assert node.count() == 1  # the head, the one Ray node
         assert node.first.get_attribute("data-cpus") == "2"
-        _wait_counts(page, "c.total === 30 && c.running === 2")
-        first = _counts(page)
-        _wait_counts(page, f"c.done >= {first['done'] + 2}")
+        wait_counts(page, "c.total === 30 && c.running === 2")
+        first = card_counts(page)
+        wait_counts(page, f"c.done >= {first['done'] + 2}")
 
         page.locator(
             '.jp-NotebookPanel-toolbar [data-jp-item-name="interrupt"]'
         ).click()
-        _wait_prompt(page, 1, "[2]:")
+        wait_prompt(page, 1, "[2]:")
         output = cells.nth(1).locator(".jp-OutputArea").inner_text()
         assert "Interrupted: run 'slow' stopped" in output, output
         closed = page.locator(f'{PANEL} .dispynb-cluster[data-closed="true"]')
