@@ -78,12 +78,6 @@ class Worker:
     holds_cpu: bool = False
     interrupted: bool = False  # sent SIGINT to cancel its running job
     retiring: bool = False  # killed on purpose: its unfinished jobs run elsewhere
-    #: Its jobs sent ahead were taken back (its running job outlasted the others'):
-    #: none go ahead to it until that job ends.
-    stalled: bool = False
-    #: ``(key, attempt)`` of the jobs taken back from it once it was sure to skip
-    #: them (`Computation._take_back`): its word that it skipped each is dropped.
-    taken_back: list[tuple[int, int]] = field(default_factory=list)
 
 
 class _ComputationState:
