@@ -4,6 +4,7 @@ user may give do (the engines' own tests check the errors users see)."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -60,10 +61,15 @@ def serve() -> Iterator[Callable[[Callable[[socket.socket], None]], int]]:
         return int(server.getsockname()[1])
 
     yield start
-    for sock in [*held, *servers]:
-        sock.close()
+    # Wake a handler still reading (the probe may have hung up first) before closing
+    # its socket: closed under its recv, it raised EBADF in its thread.
+    for sock in held:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
     for thread in threads:
         thread.join(timeout=5)
+    for sock in [*held, *servers]:
+        sock.close()
 
 
 @pytest.mark.parametrize(
