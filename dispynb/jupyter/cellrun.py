@@ -97,7 +97,7 @@ class CellRunner:
                 depends = [depends]  # one file, module or function
         session = self.session
         label = args.into or name
-        runs: list[Run] = []  # the run, once Run.map returns it (for the panel)
+        runs: list[Run] = []  # the run, once its cluster is up (for the panel)
         # A cell run again: its earlier run would keep the CPUs and lose its name.
         session.stop_runs(label)
         try:
@@ -127,9 +127,9 @@ class CellRunner:
                     progress="none" if args.nowait else args.progress,
                     name=label,
                     listeners=[_panel_listener(session.panel, runs)],
+                    started=runs.append,
                     **options,
                 )
-                runs.append(run)
             run.ref = args.into or LAST_RUN
         except MagicError as exc:
             # Nodes that died as the run started: that is the news, not the refusal.
@@ -137,7 +137,7 @@ class CellRunner:
             if exited is None or str(exited) == str(exc):
                 exited = None
             # The names still say what happened: no stale run from an earlier cell.
-            self._keep(Run.failed(label, str(exited or exc)), args.into)
+            self._keep(_unfinished(runs, label, str(exited or exc)), args.into)
             if exited is None:
                 raise
             raise exited from None
@@ -145,7 +145,7 @@ class CellRunner:
             # --over's iterator raised: Run.map cancelled what it sent.
             error = failed.error
             message = f"--over raised {type(error).__name__}: {error}"
-            self._keep(Run.failed(label, message), args.into)
+            self._keep(_unfinished(runs, label, message), args.into)
             frames = _own_frames(error.__traceback__)
             if frames is None:  # not iterable: no line of the person's to show
                 raise UsageError(
@@ -161,7 +161,7 @@ class CellRunner:
                 if isinstance(exc, RunInterrupted)
                 else f"Interrupted: run {label!r} stopped before it started"
             )
-            self._keep(Run.failed(label, message), args.into)
+            self._keep(_unfinished(runs, label, message, "Interrupted"), args.into)
             raise RunInterrupted(message) from None
         session.runs.append(run)
         self._keep(run, args.into)
@@ -252,6 +252,17 @@ class CellRunner:
         run.live(bar, log)
 
 
+def _unfinished(runs: list[Run], label: str, why: str, cut: str = "") -> Run:
+    """What the cell's names keep when its run did not start (``why``), or
+    stopped while submitting (``cut``, default ``why``): that run, with the jobs
+    it did submit (cancelled), or a run that says it could not start."""
+    if runs and runs[0].jobs:
+        run = runs[0]
+        run.cut_short = cut or why
+        return run
+    return Run.failed(label, why)
+
+
 def _panel_listener(panel: NodePanel, runs: list[Run]) -> Callable[..., None]:
     """Feed ``panel`` a run's events, telling a node that left while the run's
     cluster was open (it died or shut down) from one released at its close."""
@@ -284,6 +295,13 @@ class _Inputs:
 
     def __init__(self, items: Any) -> None:
         self._items = items
+
+    def __length_hint__(self) -> Any:
+        """How many items there are, if ``--over`` says (``len``)."""
+        try:
+            return len(self._items)
+        except Exception:  # no len(), or one that raises: unknown
+            return NotImplemented
 
     def __iter__(self) -> Iterator[Any]:
         try:

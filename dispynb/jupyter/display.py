@@ -108,6 +108,11 @@ def run_html(run: Run) -> str:
         )
     counts = run.counts()
     parts = [progress_html(counts, title=f"Run {run.name}")]
+    if run.cut_short is not None:
+        parts.append(
+            f"<div>stopped while submitting, {html.escape(run.submitted())}: "
+            f"<pre>{html.escape(run.cut_short)}</pre></div>"
+        )
     nodes = sorted({job.ip_addr for job in run.jobs if job.ip_addr})
     if nodes:
         parts.append(

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import operator
 import os
 import threading
 import time
@@ -130,6 +131,11 @@ class Run(_RunEvents):
         self._closed = False
         #: Why the run could not start (e.g. no node answered); None if it started.
         self.error: str | None = None
+        #: Why submitting stopped before every input was (Stop, an error of the
+        #: inputs or of a submit); None if every input was submitted.
+        self.cut_short: str | None = None
+        #: How many inputs there were to submit, if they said (`len`); else None.
+        self.planned: int | None = None
 
     # -- construction ----------------------------------------------------------------
 
@@ -149,6 +155,7 @@ class Run(_RunEvents):
         job_status: Callable[[DispyJob], Any] | None = None,
         cluster_status: ClusterStatusCallback | None = None,
         listeners: Iterable[ClusterStatusCallback] = (),
+        started: Callable[[Run], Any] | None = None,
         **options: Any,
     ) -> Run:
         """Run ``computation`` once per item of ``inputs`` on a new cluster.
@@ -183,6 +190,10 @@ class Run(_RunEvents):
             Your own callbacks, chained after the run's.
         listeners:
             More ``cluster_status``-style callables (e.g. ``NodePanel.cluster_status``).
+        started:
+            Called with the run once its cluster is up, before the first job is
+            submitted: a caller keeps the run (and its jobs) even when submitting
+            stops with an error or an interrupt.
         **options:
             Passed to `JobCluster` (``setup``, ``depends``, ``secret``, ``cafile``,
             ``pulse_interval``, ...).
@@ -249,12 +260,17 @@ class Run(_RunEvents):
                 "was starting); no job was sent and nothing is left running"
             ) from None
         run.attach(cluster)
+        run.planned = _planned(inputs)
+        if started is not None:
+            started(run)
         try:
             run.submit_all(inputs, unpack=unpack)
         except KeyboardInterrupt:
             summary = run.stop("Interrupted while submitting", echo=False, quiet=True)
+            run.cut_short = "Interrupted"
             raise RunInterrupted(summary) from None
-        except BaseException:
+        except BaseException as exc:
+            run.cut_short = f"{type(exc).__name__}: {exc}"
             run.close(terminate=True)
             raise
         if wait:
@@ -360,10 +376,33 @@ class Run(_RunEvents):
     def _repr_html_(self) -> str:
         return templates.run_html(self)
 
+    def submitted(self) -> str:
+        """``'3 of 10 jobs submitted'`` (``'3 jobs submitted'`` if the inputs did
+        not say how many they were)."""
+        count = len(self.jobs)
+        of = f" of {self.planned}" if self.planned is not None else ""
+        return f"{count}{of} job{'s' * (count != 1 or bool(of))} submitted"
+
     def __repr__(self) -> str:
         if self.error is not None:
             return f"<Run {self.name!r} not started: {self.error.splitlines()[0]}>"
-        return f"<Run {self.name!r} {templates.format_counts(self.counts())}>"
+        counts = templates.format_counts(self.counts())
+        if self.cut_short is not None:
+            why = self.cut_short.splitlines()[0] if self.cut_short else "stopped"
+            return (
+                f"<Run {self.name!r} stopped while submitting, {self.submitted()} "
+                f"({why}): {counts}>"
+            )
+        return f"<Run {self.name!r} {counts}>"
+
+
+def _planned(inputs: Iterable[Any]) -> int | None:
+    """How many items ``inputs`` has, if it says (``len``); None if unknown."""
+    try:
+        hint = operator.length_hint(inputs, -1)
+    except Exception:  # a len() that raises: unknown
+        return None
+    return hint if hint >= 0 else None
 
 
 def _require_job(cluster: Any, node: Any, job: DispyJob | None) -> DispyJob:

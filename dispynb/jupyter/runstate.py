@@ -71,6 +71,8 @@ class _RunState:
     _close_lock: threading.Lock
     _closed: bool
     error: str | None
+    cut_short: str | None
+    planned: int | None
 
     # -- what the run knows ------------------------------------------------------------
 

@@ -170,7 +170,9 @@ def test_stop_while_the_run_submits_is_one_line_too(tmp_path):
         assert "Interrupted while submitting: run 'early' stopped" in out.text
         assert "of 1 jobs done)" in out.text
         assert "Traceback" not in out.text and "dispynb/" not in out.text, out.text
-        assert "not started" in k.value("repr(early)")
+        # The run that sent it is kept, and says so (it did start).
+        early = k.value("repr(early)")
+        assert "stopped while submitting, 1 job submitted (Interrupted)" in early
         again = k.run_ok(
             '%%dispy --over "[3]" --into later\ndef g(x):\n    return -x\n'
         )

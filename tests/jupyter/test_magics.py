@@ -237,6 +237,66 @@ def test_magic_cell_error_in_cell_submits_nothing(ip):
     assert "ZeroDivisionError" in repr(ip.user_ns["broken"])
 
 
+def test_stop_while_submitting_keeps_the_run_saying_how_many_were_submitted(
+    ip, tmp_path
+):
+    """Stop after 3 of the inputs were submitted (a real SIGINT while --over
+    produces the fourth): the names hold that run, which says so, not "not
+    started"; its 3 jobs were cancelled."""
+    mark = tmp_path / "three"
+    ip.user_ns.pop("cut", None)
+    ip.user_ns["mark"] = str(mark)
+    ip.run_cell(
+        "def inputs():\n"
+        "    import time\n"
+        "    yield from (30, 30, 30)\n"
+        "    open(mark, 'w').close()\n"
+        "    time.sleep(60)\n"
+        "    yield 30\n"
+    )
+    with (
+        sigint_when(mark.exists),
+        capture_output(),
+        pytest.raises(KeyboardInterrupt, match="Interrupted while submitting"),
+    ):
+        ip.run_cell_magic(
+            "dispy",
+            '--over "inputs()" --into cut',
+            "def nap(s):\n    import time\n    time.sleep(s)\n    return s\n",
+        )
+
+    run = ip.user_ns["cut"]
+    assert run is ip.user_ns["_dispy"] and len(run.jobs) == 3
+    assert all(job.done() for job in run.jobs) and run.counts().cancelled == 3
+    text = repr(run)
+    assert "not started" not in text, text
+    assert "stopped while submitting, 3 jobs submitted (Interrupted): " in text, text
+    assert "3 jobs submitted" in run._repr_html_()
+
+
+def test_inputs_that_fail_midway_leave_a_run_saying_n_of_m_submitted(ip):
+    ip.user_ns.pop("cut", None)
+    ip.run_cell(
+        "class Ten:\n"
+        "    def __len__(self):\n        return 10\n"
+        "    def __getitem__(self, i):\n"
+        "        if i == 3:\n            raise ValueError('no 3')\n"
+        "        return i\n"
+    )
+    with capture_output(), pytest.raises(ValueError, match="no 3"):
+        ip.run_cell_magic(
+            "dispy", '--over "Ten()" --into cut', "def f(x):\n    return x\n"
+        )
+
+    run = ip.user_ns["cut"]
+    assert len(run.jobs) == 3
+    text = repr(run)
+    assert (
+        "stopped while submitting, 3 of 10 jobs submitted (--over raised "
+        "ValueError: no 3)" in text
+    ), text
+
+
 def test_magic_cell_whose_jobs_all_failed_fails_the_cell(ip):
     """Every job raised: the cell fails (Run All and a notebook run in CI stop
     there), after showing the remote traceback, and the run is kept to look at."""
