@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from dispynb.protocol.records import ResultEntry
 from dispynb.transport.connection import Connection
 from nodeserver.budget import CpuBudget
+from nodeserver.containment import HeldWorker
 from nodeserver.control import ControlChannel
 from nodeserver.filestore import FileStore
 from nodeserver.launcher import ComputationProcess, Launcher
@@ -71,6 +72,8 @@ class Worker:
     pid: int
     conn: Connection
     sock: socket.socket
+    #: Signalled through this, never by pid (which may be reused once it exited).
+    process: HeldWorker
     assigned: collections.deque[NodeJob] = field(default_factory=collections.deque)
     returncode: int | None = None
     exit_reason: str = ""  # why the computation process killed it, if it did

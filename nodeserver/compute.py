@@ -12,7 +12,8 @@ computation's directory as the working directory. Over that control channel
 1. it receives `Load`, unpickles the bundle and runs ``setup(*setup_args)``; on failure
    it sends `LoadFailed` and exits 1;
 2. it sends `Loaded`, then forks ``workers`` worker processes, sending `WorkerStarted`
-   for each with the node server's end of that worker's socket (SCM_RIGHTS);
+   for each with the node server's end of that worker's socket and a pidfd of the
+   worker (SCM_RIGHTS);
 3. it reports every worker's death with `WorkerExited` and forks a replacement
    (another `WorkerStarted`), until `Shutdown` (or SIGTERM/SIGINT): then it stops the
    workers (SIGTERM, SIGKILL after `STOP_GRACE` seconds), reports them, runs
@@ -62,6 +63,7 @@ from nodeserver.containment import (
     kill_pinned,
     load_prctl,
     move_to_cgroup,
+    open_pidfd,
     pin,
     remove_cgroup,
     set_pids_max,
@@ -277,10 +279,16 @@ class ComputationProcess:
             self._cgroups[pid] = inherited
         elif self._pids_root is not None:
             self._cgroups[pid] = self._cgroup_path(pid)
+        # Opened before the worker can be reaped: the node signals it through this
+        # (`containment.HeldWorker`), never by a pid that may be reused.
+        pid_fd = open_pidfd(pid)
+        fds = [server_end.fileno()] if pid_fd is None else [server_end.fileno(), pid_fd]
         try:
-            self.control.send(WorkerStarted(pid=pid), fds=[server_end.fileno()])
+            self.control.send(WorkerStarted(pid=pid, pidfd=pid_fd is not None), fds=fds)
         finally:
             server_end.close()
+            if pid_fd is not None:
+                os.close(pid_fd)
         if inherited is not None:
             # The worker already runs in that cgroup: this process leaves it (while
             # the worker takes its first job), and it becomes the worker's alone.

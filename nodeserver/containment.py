@@ -8,7 +8,9 @@ rather than to init. Then:
 - when a job ends, the worker kills what it left running (`end_leftovers`: one
   ``waitid`` system call when the job started nothing, the usual case);
 - when a worker is killed (timeout, cancel) or stopped (cluster close), the computation
-  process kills its whole group, and its cgroup (`kill_group`);
+  process kills its whole group, and its cgroup (`kill_group`); the node server,
+  which did not fork it, kills it (timeout, cancel) only through a pidfd of it
+  (`HeldWorker`), never by a pid that may have come round to another process;
 - where a pids cgroup can be created (cgroup v1's ``pids`` hierarchy, or a cgroup v2
   tree with the ``pids`` controller delegated: we check, we never assume), each worker
   gets its own with ``pids.max`` set: a fork bomb stops at the limit. The cgroup is
@@ -249,6 +251,9 @@ def kill_group(pgid: int, cgroup: str | None) -> None:
     """SIGKILL worker ``pgid``'s descendants, its process group and every task of
     ``cgroup`` (if any).
 
+    Only for the worker's parent, before it reaps the worker: until then the pid
+    cannot be another process's. Anyone else holds the worker (`HeldWorker`).
+
     The descendants are read first, while the worker lives: they include what its
     job started that left the group (``setsid``) and that the worker adopted as
     their subreaper; once the worker is dead they belong to init, and without a
@@ -281,6 +286,105 @@ def kill_pinned(fds: list[int]) -> None:
         with contextlib.suppress(ProcessLookupError):
             signal.pidfd_send_signal(fd, signal.SIGKILL)
         os.close(fd)
+
+
+def open_pidfd(pid: int) -> int | None:
+    """A pidfd of process ``pid``, or None where there is none (no pidfd_open: a
+    kernel before 5.3, not Linux; or the process is gone)."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
+#: ``pidfd_send_signal``'s flag for the process group whose id is the pidfd's pid,
+#: the kernel's own record of it, not a number (Linux 6.9+; EINVAL before).
+_PIDFD_SIGNAL_PROCESS_GROUP = 1 << 2
+
+
+class HeldWorker:
+    """A worker seen from the node server, which did not fork it (its computation
+    process did), held by a pidfd that process opened before it could reap it.
+
+    The node signals the worker only through the pidfd: by the time it acts (a
+    cancel's grace, a paused or busy node) the worker may have died, been reaped
+    and its pid come round to an unrelated process, and a kill by number would hit
+    that process, its children and its group. A worker that has exited is left to
+    its computation process, which kills its group before reaping it
+    (`kill_group`). Without a pidfd (``pid_fd`` None: a kernel before 5.3) the
+    worker is signalled by pid, as before.
+    """
+
+    def __init__(self, pid: int, pid_fd: int | None) -> None:
+        self.pid = pid
+        self._fd = pid_fd
+        self._closed = False
+
+    def exited(self) -> bool:
+        """Whether the worker has exited (then its pid may be another process's)."""
+        if self._closed:
+            return True
+        if self._fd is None:
+            return False  # cannot tell
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        return bool(poller.poll(0))
+
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` to the worker (nothing if it has exited)."""
+        if self._closed:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            if self._fd is None:
+                os.kill(self.pid, signum)
+            else:
+                signal.pidfd_send_signal(self._fd, signum)
+
+    def kill_tree(self) -> bool:
+        """SIGKILL the worker, its descendants and its process group; False, and
+        nothing signalled, if it had exited already."""
+        if self._closed:
+            return False
+        if self._fd is None:
+            kill_group(self.pid, None)
+            return True
+        pinned = pin(descendants(self.pid))
+        if self.exited():
+            for fd in pinned:
+                os.close(fd)
+            logger.info(
+                "worker %d had exited: not signalled by its pid, which may be "
+                "another process's now (its computation process ends its group)",
+                self.pid,
+            )
+            return False
+        # It lived after its descendants were read: they were its own.
+        self._kill_group()
+        self.signal(signal.SIGKILL)
+        kill_pinned(pinned)
+        return True
+
+    def _kill_group(self) -> None:
+        assert self._fd is not None
+        try:
+            signal.pidfd_send_signal(
+                self._fd, signal.SIGKILL, None, _PIDFD_SIGNAL_PROCESS_GROUP
+            )
+            return
+        except ProcessLookupError:
+            return  # nobody left in the group
+        except OSError:  # EINVAL: a kernel before 6.9; by number, checked just now
+            pass
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+
+    def close(self) -> None:
+        """Release the pidfd (the worker is gone from the node's view); later
+        signals do nothing."""
+        self._closed = True
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 # --- pids cgroups ------------------------------------------------------------------

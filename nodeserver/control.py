@@ -21,13 +21,15 @@ from nodeserver.ipc import IpcMessage, WorkerStarted
 
 logger = logging.getLogger(__name__)
 
-OnMessage = Callable[[IpcMessage, list[memoryview], int | None], None]
+OnMessage = Callable[[IpcMessage, list[memoryview], list[int]], None]
 
 
 class ControlChannel:
     """Reads messages (and passed fds) from a computation process; sends it messages.
 
-    ``on_message(message, buffers, fd)`` gets the fd for `WorkerStarted`, else None;
+    ``on_message(message, buffers, fds)`` gets the fds passed with `WorkerStarted`
+    (the worker's socket, and its pidfd if the message says so), else none; it
+    owns them;
     ``on_close()`` runs once at EOF or on a protocol error.
     """
 
@@ -89,8 +91,13 @@ class ControlChannel:
             for _prefix, buffers, _signed, _mac in self._decoder.feed(data):
                 header = unpack_header(buffers[0], trusted=True)
                 message = IpcMessage.from_header(header)
-                fd = self._fds.popleft() if isinstance(message, WorkerStarted) else None
-                self._on_message(message, buffers[1:], fd)
+                passed: list[int] = []
+                if isinstance(message, WorkerStarted):
+                    count = 2 if message.pidfd else 1
+                    if len(self._fds) < count:
+                        raise IndexError("fewer descriptors than WorkerStarted says")
+                    passed = [self._fds.popleft() for _ in range(count)]
+                self._on_message(message, buffers[1:], passed)
         except (DispynbError, IndexError) as exc:
             logger.error("bad message from a computation process: %s", exc)
             self.close()

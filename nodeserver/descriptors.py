@@ -2,13 +2,13 @@
 (and what to say when a descriptor or a process cannot be had, `explain`).
 
 A computation costs the node server a descriptor for its process's control socket,
-one per worker socket, and a few more while it starts (the socket pair, the process's
-pidfd and pipes). At the descriptor limit (``RLIMIT_NOFILE``, 1024 by default, less
-under ``prlimit`` or systemd's ``LimitNOFILE=``) the kernel drops the worker sockets
-a computation process passes (SCM_RIGHTS, ``MSG_CTRUNC``) and the process's start
-fails half way; so a computation that would not fit is refused before it starts,
-with a message that says how to make room (`shortage`), and computations already
-running keep theirs.
+two per worker (its socket, and the pidfd the node signals it through), and a few
+more while it starts (the socket pair, the process's pidfd and pipes). At the
+descriptor limit (``RLIMIT_NOFILE``, 1024 by default, less under ``prlimit`` or
+systemd's ``LimitNOFILE=``) the kernel drops the worker sockets a computation
+process passes (SCM_RIGHTS, ``MSG_CTRUNC``) and the process's start fails half way;
+so a computation that would not fit is refused before it starts, with a message that
+says how to make room (`shortage`), and computations already running keep theirs.
 """
 
 from __future__ import annotations
@@ -24,8 +24,12 @@ logger = logging.getLogger("nodeserver.descriptors")
 #: the file store, reading ``/proc``.
 RESERVE = 16
 
-#: Descriptors a computation takes beyond one per worker (control socket, process).
+#: Descriptors a computation takes beyond `PER_WORKER` per worker (control socket,
+#: process).
 PER_COMPUTATION = 4
+
+#: Descriptors each worker takes: its socket and its pidfd.
+PER_WORKER = 2
 
 _FIX = (
     "close other clusters on it, or raise the node's limit (ulimit -n before "
@@ -58,7 +62,7 @@ def shortage(workers: int) -> str | None:
     used = open_count()
     if soft is None or used is None:
         return None
-    need = workers + PER_COMPUTATION
+    need = workers * PER_WORKER + PER_COMPUTATION
     if used + need + RESERVE <= soft:
         return None
     return (

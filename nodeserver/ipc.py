@@ -78,9 +78,11 @@ class LoadFailed(IpcMessage):
 
 @message("worker-started")
 class WorkerStarted(IpcMessage):
-    """A worker was forked; its socket travels with this message (SCM_RIGHTS)."""
+    """A worker was forked; its socket travels with this message (SCM_RIGHTS), and
+    a pidfd of it after the socket if ``pidfd`` (none where pidfd_open fails)."""
 
     pid: int
+    pidfd: bool = False
 
 
 @message("worker-exited")

@@ -147,7 +147,7 @@ class _JobStops(_ComputationState):
                     with contextlib.suppress(DispynbError):
                         worker.conn.write(Skip(key=behind.key))
         worker.interrupted = True
-        self._launcher.interrupt(worker.pid)
+        self._launcher.interrupt(worker.process)
         loop = asyncio.get_running_loop()
         loop.call_later(grace, self._escalate, worker, job)
 
@@ -191,7 +191,7 @@ class _JobStops(_ComputationState):
         """Kill a worker and its job's processes (its group) on purpose; the
         computation process starts a new one."""
         worker.retiring = True
-        self._launcher.kill_group(worker.pid)
+        self._launcher.kill_group(worker.process)
 
     def _finish_unrun(self, job: NodeJob, reason: str) -> None:
         """Report a job that never started."""

@@ -23,6 +23,7 @@ from typing import Protocol
 
 import nodeserver
 from nodeserver import containment
+from nodeserver.containment import HeldWorker
 
 logger = logging.getLogger(__name__)
 
@@ -57,12 +58,12 @@ class Launcher(Protocol):
         """
         ...
 
-    def interrupt(self, pid: int) -> None:
-        """Interrupt the job running in worker ``pid`` (SIGINT: KeyboardInterrupt)."""
+    def interrupt(self, worker: HeldWorker) -> None:
+        """Interrupt the job running in ``worker`` (SIGINT: KeyboardInterrupt)."""
         ...
 
-    def kill_group(self, pid: int) -> None:
-        """Kill worker ``pid`` and every process of its group (SIGKILL)."""
+    def kill_group(self, worker: HeldWorker) -> None:
+        """Kill ``worker`` and every process of its group (SIGKILL)."""
         ...
 
     def sweep_orphans(self) -> int:
@@ -101,15 +102,15 @@ class ProcessLauncher:
         finally:
             control.close()  # the process has its own copy
 
-    def interrupt(self, pid: int) -> None:
+    def interrupt(self, worker: HeldWorker) -> None:
         """SIGINT to the worker; it may have ended already."""
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGINT)
+        worker.signal(signal.SIGINT)
 
-    def kill_group(self, pid: int) -> None:
+    def kill_group(self, worker: HeldWorker) -> None:
         """SIGKILL to the worker's process group (a worker leads its own group) and
-        to all its descendants, those that left the group too."""
-        containment.kill_group(pid, None)
+        to all its descendants, those that left the group too; nothing once it
+        has exited (`HeldWorker.kill_tree`)."""
+        worker.kill_tree()
 
     def sweep_orphans(self) -> int:
         """Nothing: this process is no subreaper (`AdoptingLauncher` is)."""

@@ -18,7 +18,7 @@ from dispynb.errors import ConnectionClosedError, DispynbError, SetupError
 from dispynb.protocol.messages import CRASHED
 from dispynb.transport.connection import Connection
 from nodeserver.compstate import NodeJob, Worker, _ComputationState
-from nodeserver.containment import node_pids_root, place_in_new_cgroup
+from nodeserver.containment import HeldWorker, node_pids_root, place_in_new_cgroup
 from nodeserver.control import ControlChannel
 from nodeserver.ipc import (
     IpcMessage,
@@ -275,10 +275,10 @@ class _WorkerLife(_ComputationState):
     # -- messages from the computation process ------------------------------------
 
     def _on_control(
-        self, message: IpcMessage, buffers: list[memoryview], fd: int | None
+        self, message: IpcMessage, buffers: list[memoryview], fds: list[int]
     ) -> None:
-        if isinstance(message, WorkerStarted) and fd is not None:
-            self._add_worker(message.pid, fd)
+        if isinstance(message, WorkerStarted) and fds:
+            self._add_worker(message.pid, fds[0], fds[1] if len(fds) > 1 else None)
         elif isinstance(message, WorkerExited):
             worker = self._workers.get(message.pid)
             if worker is not None:
@@ -304,7 +304,7 @@ class _WorkerLife(_ComputationState):
         if self.on_shutdown_request is not None:
             self.on_shutdown_request()
 
-    def _add_worker(self, pid: int, fd: int) -> None:
+    def _add_worker(self, pid: int, fd: int, pid_fd: int | None) -> None:
         sock = socket.socket(fileno=fd)
         conn = Connection.over_socket(
             sock,
@@ -312,7 +312,7 @@ class _WorkerLife(_ComputationState):
             IpcMessage,
             trusted_max_size=self._max_size,
         )
-        worker = Worker(pid=pid, conn=conn, sock=sock)
+        worker = Worker(pid=pid, conn=conn, sock=sock, process=HeldWorker(pid, pid_fd))
         if self._held:
             conn.hold_reading(True)
         self._workers[pid] = worker
@@ -331,6 +331,7 @@ class _WorkerLife(_ComputationState):
     def _lose_worker(self, worker: Worker) -> None:
         if self._workers.pop(worker.pid, None) is None:
             return
+        worker.process.close()
         returncode = worker.returncode
         requeue: list[NodeJob] = []
         for position, job in enumerate(worker.assigned):

@@ -50,6 +50,7 @@ from dispynb.transport.connection import Connection
 from dispynb.transport.connector import connect
 from nodeserver.channel import MessageSocket
 from nodeserver.config import NodeConfig
+from nodeserver.containment import HeldWorker
 from nodeserver.ipc import (
     Done,
     Load,
@@ -349,14 +350,18 @@ class ThreadLauncher:
         self.processes.append(process)
         return process
 
-    def interrupt(self, pid: int) -> None:
-        self.interrupts.append(pid)
-        found = self.workers.get(pid)
+    def interrupt(self, worker: HeldWorker) -> None:
+        self.interrupts.append(worker.pid)
+        found = self.workers.get(worker.pid)
         if found is not None:
             found[0].interrupt(found[1])
 
-    def kill_group(self, pid: int) -> None:
-        self.kills.append(pid)
+    def kill_group(self, worker: HeldWorker) -> None:
+        self.kills.append(worker.pid)
+        self.kill_worker(worker.pid)
+
+    def kill_worker(self, pid: int) -> None:
+        """Worker ``pid`` dies (as of SIGKILL)."""
         found = self.workers.get(pid)
         if found is not None:
             found[0].kill_worker(found[1])

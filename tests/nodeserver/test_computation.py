@@ -378,7 +378,7 @@ def test_a_job_to_skip_is_cancelled_not_rerun_when_its_worker_dies(tmp_path):
         (worker,) = computation._workers.values()
         assert [j.key for j in worker.assigned] == [10, 11, 12]
         computation.cancel(11, 1, unstarted=True)  # the worker is told to skip it
-        launcher.kill_group(worker.pid)
+        launcher.kill_worker(worker.pid)
         await wait_until(lambda: len(reports.entries) == 8, "all settled")
         assert reports.outcome(10) == CRASHED
         assert reports.outcome(11) == CANCELLED and 11 not in reports.starts
@@ -437,7 +437,7 @@ def test_worker_killed_mid_job_reports_crash_and_is_replaced(tmp_path):
         computation.submit([job(1, new_gate("crash"))])
         await wait_until(lambda: launcher.busy_workers(), "job 1 running")
         # The worker dies (as by the OOM killer): the computation process reports it.
-        launcher.kill_group(launcher.busy_workers()[0])
+        launcher.kill_worker(launcher.busy_workers()[0])
         await wait_until(lambda: 1 in reports.entries, "job 1 settled")
         assert reports.outcome(1) == CRASHED
         assert "killed by SIGKILL (9)" in reports.reason(1)

@@ -236,7 +236,11 @@ class FakeNodeServer:
         message, buffers, fds = self.control.recv_with_fds()
         assert buffers == []
         if isinstance(message, WorkerStarted):
-            assert len(fds) == 1
+            assert message.pidfd and len(fds) == 2
+            # The pidfd the node signals the worker through is that worker's.
+            with open(f"/proc/self/fdinfo/{fds[1]}") as handle:
+                assert f"Pid:\t{message.pid}\n" in handle.read()
+            os.close(fds[1])
             sock = socket.socket(fileno=fds[0])
             sock.settimeout(TIMEOUT)
             self.workers[message.pid] = MessageSocket(sock)
