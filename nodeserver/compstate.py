@@ -24,8 +24,10 @@ Report = Callable[[list[object], list[memoryview]], None]
 #: ``report_provisional(key, attempt, buffers)``: a provisional result of a job.
 ReportProvisional = Callable[[int, int, list[memoryview]], None]
 
-#: ``report_file(key, path, buffers)``: a file a job sends to its client.
-ReportFile = Callable[[int, str, list[memoryview]], None]
+#: ``report_file(key, path, buffers, request)``: a file a job sends to its client,
+#: which answers ``request`` (not 0) with `Computation.file_saved`; returns why it
+#: could not be sent ("" once it is on its way).
+ReportFile = Callable[[int, str, list[memoryview], int], str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +133,9 @@ class _ComputationState:
     # -- the parts' methods, declared for the others --
 
     def _pump(self) -> None:
+        raise NotImplementedError
+
+    def client_lost(self, reason: str) -> None:
         raise NotImplementedError
 
     async def _read_worker(self, worker: Worker) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import logging
 import operator
 import os
@@ -37,6 +38,7 @@ from nodeserver.control import ControlChannel
 from nodeserver.filestore import FileStore
 from nodeserver.ipc import (
     Done,
+    FileAnswer,
     NodeShutdown,
     Provisional,
     Run,
@@ -144,6 +146,10 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
         self._report = report
         self._report_provisional = report_provisional
         self._report_file = report_file
+        #: Files sent to the client, awaiting its answer: request -> the worker
+        #: waiting and its own number for the file (`nodeserver.ipc.SendFile`).
+        self._file_requests: dict[int, tuple[Worker, int]] = {}
+        self._file_request_ids = itertools.count(1)
         self._store = store
         # Why the session refused a file (its quota, say): a job that needs it
         # says so, not that the file never came.
@@ -380,13 +386,44 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
     ) -> None:
         head = worker.assigned[0] if worker.assigned else None
         if head is None or head.key != message.key or head.reported:
-            return
-        try:
-            path = safe_relative_path(message.path)
-        except DispynbError as exc:
-            logger.warning("job %d sent a file with a bad name: %s", message.key, exc)
-            return
-        self._report_file(message.key, path, buffers)
+            error = "its job was cancelled or has ended"
+        else:
+            try:
+                path = safe_relative_path(message.path)
+            except DispynbError as exc:
+                logger.warning(
+                    "job %d sent a file with a bad name: %s", message.key, exc
+                )
+                error = str(exc)
+            else:
+                request = 0
+                if message.request:
+                    request = next(self._file_request_ids)
+                    self._file_requests[request] = (worker, message.request)
+                error = self._report_file(message.key, path, buffers, request)
+                if not error or not request:
+                    return
+                del self._file_requests[request]
+        if message.request:
+            self._answer_file(worker, message.request, error)
+
+    def file_saved(self, request: int, error: str) -> None:
+        """The client's answer to file ``request`` ("" once written): the job that
+        sent it is waiting for it (its ``dispy_send_file`` returns)."""
+        waiting = self._file_requests.pop(request, None)
+        if waiting is not None:
+            self._answer_file(*waiting, error)
+
+    def client_lost(self, reason: str) -> None:
+        """The client's connection ended: no answer will come for the files sent."""
+        for request in list(self._file_requests):
+            self.file_saved(request, reason)
+
+    @staticmethod
+    def _answer_file(worker: Worker, request: int, error: str) -> None:
+        if not worker.stream_closed:
+            with contextlib.suppress(DispynbError):
+                worker.conn.write(FileAnswer(request=request, error=error))
 
     def _on_done(self, worker: Worker, done: Done, buffers: list[memoryview]) -> None:
         if not worker.assigned or worker.assigned[0].key != done.key:

@@ -134,11 +134,22 @@ class Provisional(IpcMessage):
 
 @message("send-file")
 class SendFile(IpcMessage):
-    """A job sends a file to its client (one buffer: the content)."""
+    """A job sends a file to its client (one buffer: the content); the worker
+    waits for the `FileAnswer` with its ``request``."""
 
     key: int
     attempt: int
     path: str
+    request: int = 0
+
+
+@message("file-answer")
+class FileAnswer(IpcMessage):
+    """Node server -> worker: whether its client wrote the file of `SendFile`
+    ``request`` (``error`` empty) or why not."""
+
+    request: int
+    error: str = ""
 
 
 @message("node-shutdown")

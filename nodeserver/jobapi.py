@@ -8,17 +8,21 @@ that the worker loop sets for the job it is running.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import signal
+import sys
 import threading
+import time
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
 from dispynb.errors import DispynbError
 from dispynb.protocol import serialize
 from nodeserver.channel import MessageSocket
-from nodeserver.ipc import NodeShutdown, Provisional, SendFile
+from nodeserver.ipc import FileAnswer, IpcMessage, NodeShutdown, Provisional, SendFile
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +43,13 @@ class JobContext:
         self.max_result: int | None = None  # bytes of a pickled result
         self.names: dict[str, Any] = {}  # dispy's names, for a job's own functions
         self.lock = threading.Lock()  # a job's threads may send too
+        #: Held by a thread waiting for its client's answer to a file (`send_file`):
+        #: one reader of the socket at a time.
+        self.answer_lock = threading.Lock()
+        self._requests = itertools.count(1)
+        #: ``stash(received)``: a message the worker loop would have read (a job
+        #: sent ahead, a skip) that a thread waiting for a file's answer read first.
+        self.stash: Callable[[tuple[IpcMessage, list[Any]]], None] | None = None
 
     def begin(self, sock: MessageSocket, key: int, attempt: int) -> None:
         """A job starts on this worker."""
@@ -50,6 +61,38 @@ class JobContext:
             raise RuntimeError("no job is running in this process")
         with self.lock:
             self.sock.send(message, buffers)
+
+    def send_file(self, path: str, data: bytes, timeout: float | None) -> str:
+        """Send a file for the current job and wait for the client's answer: ""
+        once it wrote the file, else why it did not (or no answer in ``timeout``
+        seconds; None waits: the node answers for a client it lost)."""
+        sock = self.sock
+        if sock is None:
+            raise RuntimeError("no job is running in this process")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.answer_lock:
+            request = next(self._requests)
+            message = SendFile(
+                key=self.key, attempt=self.attempt, path=path, request=request
+            )
+            self.send(message, [data])
+            while True:
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not sock.wait(left):
+                        return (
+                            f"the client did not confirm it within {timeout} s "
+                            "(it may still arrive): give dispy_send_file a longer "
+                            "timeout, or None to wait for the answer"
+                        )
+                received = sock.recv()
+                answer = received[0]
+                if type(answer) is FileAnswer:
+                    if answer.request == request:
+                        return answer.error
+                    continue  # a late answer to a call that stopped waiting
+                if self.stash is not None:  # for the worker loop, after this job
+                    self.stash(received)
 
 
 #: The context of this worker process (each worker runs one job at a time).
@@ -86,8 +129,12 @@ def dispy_send_file(path: str, relay: bool = False, timeout: Any = None) -> int:
     folder for received files (its working directory by default).
 
     ``path`` is relative to the job's directory (or absolute, inside it; a file
-    elsewhere is sent under its base name). Returns 0, or -1 if it was not sent (too
-    large for the node's limit, unreadable; the reason is logged).
+    elsewhere is sent under its base name). Returns 0 once the client wrote the
+    file, -1 if it did not (too large for the node's limit, unreadable, the
+    client's disk full or its folder not writable, the client gone; the reason is
+    printed on the job's stderr). ``timeout``: seconds to wait for the client's
+    answer (None, the default, waits for it); ``relay`` is accepted for dispy
+    compatibility.
     """
     try:
         name = _name_for_client(path)
@@ -95,16 +142,27 @@ def dispy_send_file(path: str, relay: bool = False, timeout: Any = None) -> int:
             data = handle.read()
         if CONTEXT.max_file_size and len(data) > CONTEXT.max_file_size:
             raise OSError(
-                f"{path!r} has {len(data)} bytes, over the {CONTEXT.max_file_size} "
+                f"it has {len(data)} bytes, over the {CONTEXT.max_file_size} "
                 "a job may send (the node's --max-file-size, or the client's "
                 "max_message_size less a header's room)"
             )
-        message = SendFile(key=CONTEXT.key, attempt=CONTEXT.attempt, path=name)
-        CONTEXT.send(message, [data])
-    except (DispynbError, RuntimeError, OSError) as exc:
-        logger.warning("file not sent: %s", exc)
+        error = CONTEXT.send_file(name, data, _seconds(timeout))
+    except (DispynbError, RuntimeError, OSError, ValueError) as exc:
+        error = str(exc)
+    if error:
+        print(f"dispy_send_file: {path!r} not sent: {error}", file=sys.stderr)
         return -1
     return 0
+
+
+def _seconds(timeout: Any) -> float | None:
+    """dispy_send_file's ``timeout`` as seconds (None: no limit)."""
+    if timeout is None:
+        return None
+    seconds = float(timeout)
+    if seconds != seconds or seconds < 0:
+        raise ValueError(f"timeout must be None or seconds >= 0, not {timeout!r}")
+    return seconds
 
 
 def dispynode_shutdown() -> int:

@@ -27,7 +27,7 @@ from dispynb.protocol.framing import Buffer, large_frames_taken, release_spares
 from dispynb.protocol.messages import CANCELLED, FINISHED, RAISED
 from nodeserver.channel import MessageSocket
 from nodeserver.containment import end_leftovers
-from nodeserver.ipc import Done, IpcMessage, Run, Skip
+from nodeserver.ipc import Done, FileAnswer, IpcMessage, Run, Skip
 from nodeserver.jobapi import CONTEXT, install_interrupt_handler
 from nodeserver.memory import release_freed_memory
 from nodeserver.program import ProgramOutput
@@ -284,6 +284,8 @@ def worker_loop(
     install_interrupt_handler()
     inbox: collections.deque[_Inbound] = collections.deque()
     skipped: set[int] = set()
+    # What a job waiting for a file's answer reads meanwhile is this loop's.
+    CONTEXT.stash = functools.partial(_take, sock, inbox=inbox, skipped=skipped)
     release = False  # a job may have left much freed memory behind
     large = large_frames_taken()  # or a large message (whose body is kept for reuse)
     try:
@@ -388,7 +390,7 @@ def _take(
         inbox.append((message, views, mapping))
     elif type(message) is Skip:
         skipped.add(message.key)
-    else:
+    elif type(message) is not FileAnswer:  # one a job stopped waiting for: late
         logger.warning("worker ignores unexpected %r message", message.op)
 
 

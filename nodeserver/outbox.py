@@ -55,6 +55,13 @@ STREAM_OUTPUT = STREAM_BYTES // 4
 OUT_HIGH = 32 * 1024 * 1024
 
 
+#: Why a job's file did not reach its client (`ResultOutbox.file_reporter`).
+CLIENT_GONE = (
+    "the client's connection to the node ended before it confirmed the file "
+    "(the client stopped or was cut off); the file was not saved"
+)
+
+
 class ResultOutbox:
     """One client connection's outgoing messages (see the module docstring).
 
@@ -117,12 +124,16 @@ class ResultOutbox:
 
     def file_reporter(
         self, comp_id: int
-    ) -> Callable[[int, str, list[memoryview]], None]:
-        """Send the files a computation's jobs send (`dispy_send_file`)."""
+    ) -> Callable[[int, str, list[memoryview], int], str]:
+        """Send the files a computation's jobs send (`dispy_send_file`); the
+        reporter returns why one could not be sent ("" once it is on its way)."""
 
-        def report(key: int, path: str, buffers: list[memoryview]) -> None:
+        def report(key: int, path: str, buffers: list[memoryview], request: int) -> str:
+            if self.conn.closed:
+                return CLIENT_GONE
             self.flush()  # the job's earlier results first
-            self.write(FileFromNode(comp_id=comp_id, key=key, path=path), buffers)
+            message = FileFromNode(comp_id=comp_id, key=key, path=path, request=request)
+            return "" if self.write(message, buffers) else CLIENT_GONE
 
         return report
 
@@ -248,15 +259,16 @@ class ResultOutbox:
         for part, part_buffers in fit_message(message, buffers, limit):
             self.write(part, part_buffers)
 
-    def write(self, message: Message, buffers: list[memoryview] | None = None) -> None:
-        """Send ``message`` (a connection that ended is logged, not raised)."""
+    def write(self, message: Message, buffers: list[memoryview] | None = None) -> bool:
+        """Send ``message``; False if the connection ended (logged, not raised)."""
         try:
             self.conn.write(message, buffers or ())
         except DispynbError as exc:
             logger.info("cannot send %s to %s: %s", message.op, self.conn.peer, exc)
-            return
+            return False
         if not self.held and self.conn.unsent > OUT_HIGH:
             self._hold_workers()
+        return True
 
     def send_error(self, code: str, text: str) -> None:
         """Tell the client something went wrong (the session goes on)."""

@@ -39,6 +39,7 @@ from dispynb.protocol.messages import (
     FilePlace,
     FilePut,
     FileRelease,
+    FileSaved,
     FilesMissing,
     JobCancel,
     JobSubmit,
@@ -53,6 +54,7 @@ from dispynb.transport.connection import BadMessageError, Connection
 from nodeserver import descriptors
 from nodeserver.computation import Computation, JobLimits, NodeJob
 from nodeserver.monitor import avail_info
+from nodeserver.outbox import CLIENT_GONE
 from nodeserver.sessionfiles import _SessionFiles
 from nodeserver.sessionrecovery import _SessionRecovery
 from nodeserver.sessionstate import HAND_BACK_TIMEOUT, logger
@@ -87,6 +89,7 @@ class ClientSession(_SessionFiles, _SessionRecovery):
             FilePut: self._on_file_put,
             FilePlace: self._on_file_place,
             FileRelease: self._on_file_release,
+            FileSaved: self._on_file_saved,
             Ping: self._on_ping,
             Recover: self._on_recover,
             ResultsJournaled: self._on_journaled,
@@ -116,6 +119,8 @@ class ClientSession(_SessionFiles, _SessionRecovery):
         """The connection ended: the keeper adopts the computations their client
         may come back to; the others close; what they held is freed."""
         self._end_claims()
+        for computation in self._computations.values():
+            computation.client_lost(CLIENT_GONE)  # its jobs' files get no answer
         closing = [
             computation
             for comp_id, computation in self._computations.items()
@@ -409,6 +414,11 @@ class ClientSession(_SessionFiles, _SessionRecovery):
                 )
             return
         computation.submit(jobs)
+
+    def _on_file_saved(self, message: FileSaved, buffers: list[memoryview]) -> None:
+        computation = self._computations.get(message.comp_id)
+        if computation is not None:
+            computation.file_saved(message.request, peer_text(message.error, 2000))
 
     def _on_cancel(self, message: JobCancel, buffers: list[memoryview]) -> None:
         computation = self._computations.get(message.comp_id)

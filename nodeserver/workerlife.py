@@ -218,6 +218,8 @@ class _WorkerLife(_ComputationState):
         if self._closing:
             return
         self._closing = True
+        # Its client takes no more of its files: the jobs waiting are told.
+        self.client_lost("the computation was closed before its client saved the file")
         if self._handed_back:
             # The node shuts down: its client sees it leave and settles (or, if
             # reentrant, resubmits elsewhere) the jobs still running; a crash report

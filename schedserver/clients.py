@@ -69,6 +69,7 @@ class _Clients(_ServerState):
             if comp.session is not session:
                 continue
             comp.session = None
+            comp.client_gone()
             if comp.closed or comp.closing:
                 continue
             if comp.setup.recovery_id is not None and not self.stopping:

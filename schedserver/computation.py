@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import itertools
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from dispynb.protocol.messages import (
     ComputationSetup,
     FileFromNode,
     FilePlaced,
+    FileSaved,
     JobCancel,
     JobProvisional,
     JobResults,
@@ -56,6 +58,12 @@ logger = logging.getLogger(__name__)
 
 #: Messages kept for a client that went away: what recovery resends.
 _KEPT_KINDS = (JobResults, ResultChunk, JobProvisional, FileFromNode)
+
+#: What a job that sends a file while its client is away is told.
+_CLIENT_AWAY = (
+    "the client is away (its connection to the scheduler ended): the file was "
+    "not saved; the scheduler keeps it for the client's recovery"
+)
 
 #: Room for a message's header (a file's path at most a few KiB), lengths and MAC.
 _HEADER_ROOM = 64 * 1024
@@ -151,6 +159,10 @@ class SharedComputation(_JobFiles):
         self.expiry: asyncio.TimerHandle | None = None
         #: ``send_file`` requests: request -> [nodes yet to answer, errors].
         self.placements: dict[int, list[Any]] = {}
+        #: Files jobs sent that wait for the client's answer: request -> the node,
+        #: the job and the node's number for the file.
+        self.file_requests: dict[int, tuple[Upstream, int, int]] = {}
+        self._file_request_ids = itertools.count(1)
         #: Per node name: [jobs ended there, their run time]; and the node list
         #: last sent to the client (`report_nodes`).
         self.node_done: dict[str, list[float]] = {}
@@ -220,7 +232,41 @@ class SharedComputation(_JobFiles):
             if running is not None and running.node == upstream.node.name
             else None
         )
+        if message.request:
+            message = self._file_question(upstream, message)
         self.to_client(message, buffers, job=job)
+
+    def _file_question(self, upstream: Upstream, message: FileFromNode) -> FileFromNode:
+        """The job that sent this file waits for its client's answer: the file goes
+        with a number of the scheduler's (two nodes' may be the same), or, the
+        client away, the node is answered now."""
+        if self.session is None:
+            self._answer_file(upstream, message.key, message.request, _CLIENT_AWAY)
+            return dataclasses.replace(message, request=0)
+        request = next(self._file_request_ids)
+        self.file_requests[request] = (upstream, message.key, message.request)
+        return dataclasses.replace(message, request=request)
+
+    def file_saved(self, message: FileSaved) -> None:
+        """The client's answer about a file: to the node whose job waits for it."""
+        waiting = self.file_requests.pop(message.request, None)
+        if waiting is not None:
+            self._answer_file(*waiting, peer_text(message.error, 2000))
+
+    def client_gone(self) -> None:
+        """Its client went away: the files it did not answer for never will be."""
+        for request in list(self.file_requests):
+            upstream, key, asked = self.file_requests.pop(request)
+            self._answer_file(upstream, key, asked, _CLIENT_AWAY)
+
+    def _answer_file(
+        self, upstream: Upstream, key: int, request: int, error: str
+    ) -> None:
+        if not upstream.closed:
+            answer = FileSaved(
+                comp_id=self.comp_id, key=key, request=request, error=error
+            )
+            self.server.write(upstream, answer)
 
     @property
     def client_max(self) -> int:

@@ -26,6 +26,7 @@ from dispynb.protocol.messages import (
     FilePlace,
     FilePut,
     FileRelease,
+    FileSaved,
     JobCancel,
     JobResults,
     JobSubmit,
@@ -434,6 +435,10 @@ class SchedulerSession:
             comp = self._comp(message.comp_id)
             if comp is not None:
                 server.file_place(comp, message)
+        elif isinstance(message, FileSaved):
+            comp = self._comp(message.comp_id)
+            if comp is not None:
+                comp.file_saved(message)
         elif isinstance(message, Recover):
             self._pulse_at(message.pulse_interval)  # its sign of life while it waits
             server.recover(self, message)

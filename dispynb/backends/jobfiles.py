@@ -3,11 +3,42 @@ hands them over whole (Dask, Ray): saved under the cluster's ``files_dir``."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 
 from dispynb.errors import DispynbError
 from dispynb.protocol.files import write_inside
+
+#: Why a write failed, as the job that sent the file is told: what to do about it.
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+_DENIED = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def unsaved_file(base_dir: str, path: str, exc: Exception) -> str:
+    """Why the client could not save a job's file ``path`` under ``base_dir``, and
+    what to do about it (for the job's ``dispy_send_file`` and the client's log)."""
+    where = f"{path!r} under {base_dir}"
+    if not isinstance(exc, OSError):
+        return f"the client did not save {where}: {exc}"
+    reason = exc.strerror or str(exc)
+    if exc.errno in _FULL:
+        return (
+            f"the client's disk is full ({reason}) writing {where}: free space "
+            "there, or give the cluster a files_dir on a disk with room"
+        )
+    if exc.errno == errno.EFBIG:
+        return (
+            f"the client may not write a file that large ({reason}: its file size "
+            f"limit, ulimit -f) writing {where}: raise the client's limit, or "
+            "send smaller files"
+        )
+    if exc.errno in _DENIED:
+        return (
+            f"the client cannot write {where} ({reason}): make the folder "
+            "writable, or give the cluster a writable files_dir"
+        )
+    return f"the client could not write {where}: {reason}"
 
 
 def save_job_file(
@@ -25,6 +56,8 @@ def save_job_file(
     try:
         saved = write_inside(base_dir, path, memoryview(data))
     except (DispynbError, OSError) as exc:
-        logger.warning("file %r from job %d not saved: %s", path, key, exc)
+        logger.warning(
+            "file from job %d not saved: %s", key, unsaved_file(base_dir, path, exc)
+        )
         return
     logger.info("saved %s from job %d", saved, key)

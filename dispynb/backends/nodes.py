@@ -26,6 +26,7 @@ from dispynb._loop import Coalescer
 from dispynb.backends import base
 from dispynb.backends.base import ClusterConfig, Departure, JobEvents, NodeInfo
 from dispynb.backends.finder import NodeFinder
+from dispynb.backends.jobfiles import unsaved_file
 from dispynb.captures import check_shippable
 from dispynb.defaults import MAX_MESSAGE_SIZE, NODE_PORT
 from dispynb.depends import FileRef, collect
@@ -373,17 +374,20 @@ class NodesBackend:
 
     def job_file(
         self, key: int, link: NodeLink, path: str, data: list[memoryview]
-    ) -> None:
-        """A job sent a file (``dispy_send_file``): save it under ``files_dir``."""
+    ) -> str:
+        """A job sent a file (``dispy_send_file``): save it under ``files_dir``;
+        return why it was not saved ("" once it was), for the job."""
         base_dir = self._options.files_dir or os.getcwd()
         try:
             if len(data) != 1:
                 raise ProtocolError("a file from a node comes in one buffer")
             saved = write_inside(base_dir, path, data[0])
         except (DispynbError, OSError) as exc:
-            logger.warning("file %r from job %d not saved: %s", path, key, exc)
-            return
+            error = unsaved_file(base_dir, path, exc)
+            logger.warning("file from job %d not saved: %s", key, error)
+            return error
         logger.info("saved %s from node %s", saved, link.node_id)
+        return ""
 
     def job_done(
         self, key: int, link: NodeLink | None, outcome: driver.Outcome

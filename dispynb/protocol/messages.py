@@ -520,11 +520,27 @@ class FilePlaced(WireMessage):
 
 @message("file-from-node")
 class FileFromNode(WireMessage):
-    """Node -> client: a file a job sent with ``dispy_send_file`` (one buffer)."""
+    """Node -> client: a file a job sent with ``dispy_send_file`` (one buffer).
+
+    ``request`` (not 0): the job waits for the client's `FileSaved` with it, to
+    learn whether the file was written (dispy's return value of 0 or -1).
+    """
 
     comp_id: int
     key: int
     path: str
+    request: int = 0
+
+
+@message("file-saved")
+class FileSaved(WireMessage):
+    """Client -> node: answer to a `FileFromNode` that asked for one; ``error`` is
+    empty once the file is written, else why it was not (the job is told)."""
+
+    comp_id: int
+    key: int
+    request: int
+    error: str = ""
 
 
 @message("job-provisional")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import logging
 from typing import Any
@@ -32,6 +33,7 @@ from dispynb.protocol.messages import (
     Error,
     FileFromNode,
     FilePlaced,
+    FileSaved,
     FilesMissing,
     JobProvisional,
     JobResults,
@@ -165,14 +167,24 @@ class Driver(DriverNodes):
         self, link: NodeLink, message: FileFromNode, buffers: list[memoryview]
     ) -> None:
         if self.state.runs_on(message.key, link.node_id):
-            self.events.job_file(message.key, link, message.path, buffers)
+            error = self.events.job_file(message.key, link, message.path, buffers)
         else:  # a job this node was not given (or no longer runs)
+            error = f"the client does not run job {message.key} on this node"
             logger.warning(
                 "node %s sent file %r for job %d, which it does not run: not saved",
                 link.node_id,
                 message.path[:200],
                 message.key,
             )
+        if message.request:  # the job waits to learn whether it was written
+            answer = FileSaved(
+                comp_id=message.comp_id,
+                key=message.key,
+                request=message.request,
+                error=error or "",
+            )
+            with contextlib.suppress(DispynbError):
+                self._post(link, answer)
 
     def _on_placed(
         self, link: NodeLink, message: FilePlaced, buffers: list[memoryview]

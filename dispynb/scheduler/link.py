@@ -133,8 +133,9 @@ class JobEvents(Protocol):
 
     def job_file(
         self, key: int, node: NodeLink, path: str, data: list[memoryview]
-    ) -> None:
-        """A running job sent a file (``path`` is relative and checked)."""
+    ) -> str | None:
+        """A running job sent a file (``path`` is relative and checked); return
+        why it was not saved (None or "" once it was: the job is told)."""
 
     def job_abandoned(
         self, key: int, node: NodeLink | None, reason: str, node_id: str = ""

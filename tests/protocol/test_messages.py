@@ -56,6 +56,7 @@ SAMPLES: list[WireMessage] = [
     m.FilePlace(comp_id=1, request=4, path="a/b.txt", digest="ab" * 32),
     m.FilePlaced(comp_id=1, request=4, error=""),
     m.FileFromNode(comp_id=1, key=2, path="out/r.txt"),
+    m.FileSaved(comp_id=1, key=2, request=3, error="disk full"),
     m.ResultChunk(comp_id=1, key=2, attempt=1, index=1, offset=0, size=100),
     m.JobResults(
         comp_id=1,

@@ -311,8 +311,12 @@ JOB_GLOBALS = [
     ),
     Name(
         "dispy_send_file",
-        differs="Saved under the client's ``files_dir`` "
-        "(default: its current directory), never outside it.",
+        differs="Saved under the client's ``files_dir`` (default: its current "
+        "directory), never outside it. On dispynb's nodes (directly or through a "
+        "scheduler) it returns 0 once the client wrote the file, -1 if it did not "
+        "(its disk full, the folder not writable, the client gone), the reason on "
+        "the job's stderr; ``timeout`` bounds the wait for the client's answer "
+        "(None, the default, waits).",
     ),
     Name(
         "dispynode_logger",

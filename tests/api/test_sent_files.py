@@ -1,0 +1,125 @@
+"""``dispy_send_file`` tells the job the truth: 0 once the client wrote the file, -1
+(and why, on the job's stderr and in the client's log) when the client's disk
+refuses it. Real nodes; the client whose disk refuses is a real process under a
+file size limit (RLIMIT_FSIZE, as ``ulimit -f`` sets), which binds root too."""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dispynb import DispyJob, JobCluster, LocalCluster
+from tests.jobs import WAIT
+from tests.nodeproc import node_env, running_node
+
+pytestmark = pytest.mark.slow
+
+#: Bytes the refusing client may write to a file.
+FSIZE = 64 * 1024
+
+
+def send(name: str, size: int) -> tuple[int, int]:
+    """Write ``size`` bytes to ``name`` and send it; (what dispy_send_file returned,
+    its size)."""
+    with open(name, "wb") as handle:
+        handle.write(bytes(range(256)) * (size // 256))
+    return dispy_send_file(name), size  # type: ignore[name-defined]  # noqa: F821
+
+
+#: A client (its own process) that runs `send` for a small and a large file on the
+#: node, and prints each job's result and stderr as JSON.
+CLIENT = """
+import json, sys
+import dispynb as dispy
+from tests.api.test_sent_files import send
+
+node, secret, files_dir = sys.argv[1:4]
+with dispy.JobCluster(send, nodes=[node], secret=secret, files_dir=files_dir) as c:
+    jobs = [c.submit("small.bin", 4096), c.submit("large.bin", 1024 * 1024)]
+    c.wait(timeout=60)
+print(json.dumps([[j.status, j.result, j.stderr, j.exception] for j in jobs]))
+"""
+
+
+def _limit_file_size() -> None:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (FSIZE, FSIZE))
+
+
+def test_a_file_the_clients_disk_refuses_returns_minus_one_and_says_why(
+    tmp_path: Path,
+) -> None:
+    received = tmp_path / "received"
+    received.mkdir()
+    with running_node(tmp_path / "node") as node:
+        # The node runs without the limit: only the client's writes are refused.
+        proc = subprocess.run(
+            [sys.executable, "-c", CLIENT, node.spec, node.secret, str(received)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=node_env(),
+            cwd=tmp_path,  # its recovery journal goes there
+            preexec_fn=_limit_file_size,
+        )
+    assert proc.returncode == 0, proc.stderr
+    (small, large) = json.loads(proc.stdout.splitlines()[-1])
+    assert small[:2] == [int(DispyJob.Finished), [0, 4096]], small
+    assert (received / "small.bin").read_bytes() == bytes(range(256)) * 16
+    assert large[:2] == [int(DispyJob.Finished), [-1, 1024 * 1024]], large
+    # The job says why, and how to fix it; so does the client's log.
+    assert "'large.bin' not sent" in large[2]
+    assert "File too large" in large[2] and "ulimit -f" in large[2], large[2]
+    assert "File too large" in proc.stderr and "large.bin" in proc.stderr
+    assert not (received / "large.bin").exists()
+    assert not [p for p in received.iterdir() if p.name not in {"small.bin"}]
+
+
+def test_a_destination_that_cannot_be_written_returns_minus_one(
+    local: LocalCluster, tmp_path: Path
+) -> None:
+    """The file goes to ``sub/out.bin`` where the client's ``sub`` is a file."""
+    (tmp_path / "sub").write_text("a file where the job's folder should be")
+
+    def nested(size: int) -> tuple[int, int]:
+        import os
+
+        os.makedirs("sub", exist_ok=True)
+        with open("sub/out.bin", "wb") as handle:
+            handle.write(b"x" * size)
+        return dispy_send_file("sub/out.bin"), size  # type: ignore[name-defined]  # noqa: F821
+
+    with JobCluster(nested, nodes=local, files_dir=str(tmp_path)) as cluster:
+        job = cluster.submit(1024)
+        assert job.wait(timeout=WAIT)
+    assert job.result == (-1, 1024), (job.status, job.exception)
+    assert "'sub/out.bin' not sent" in job.stderr, job.stderr
+    assert "is not a directory" in job.stderr, job.stderr
+
+
+def test_a_job_that_stops_waiting_gets_minus_one_and_its_next_file_goes(
+    local: LocalCluster, tmp_path: Path
+) -> None:
+    """timeout=0 gives up before the client could answer; the late answer does
+    not confuse the next call, which waits for its own."""
+
+    def twice(size: int) -> tuple[int, int, str]:
+        with open("a.bin", "wb") as handle:
+            handle.write(b"a" * size)
+        first = dispy_send_file("a.bin", timeout=0)  # type: ignore[name-defined]  # noqa: F821
+        with open("b.bin", "wb") as handle:
+            handle.write(b"b" * size)
+        second = dispy_send_file("b.bin")  # type: ignore[name-defined]  # noqa: F821
+        return first, second, "done"
+
+    with JobCluster(twice, nodes=local, files_dir=str(tmp_path)) as cluster:
+        jobs = [cluster.submit(1000) for _ in range(4)]
+        assert cluster.wait(timeout=WAIT)
+    for job in jobs:
+        assert job.result == (-1, 0, "done"), (job.status, job.exception)
+        assert "did not confirm it within 0" in job.stderr
+    assert (tmp_path / "b.bin").read_bytes() == b"b" * 1000
