@@ -67,7 +67,10 @@ SEND_HIGH = 32 * 1024 * 1024
 BACKLOG_UNSENT = 8 * 1024 * 1024
 
 
-#: Jobs a client's `ResultsJournaled` may name beyond those kept for it.
+#: Jobs a client's `ResultsJournaled` may name beyond those kept for it. A client
+#: never needs it: every result sent to a client that acknowledges is kept, and
+#: counted, until it names it, so one naming all it was sent at once is within the
+#: count (tests/sharedsched/test_acks_bound.py); it is a margin.
 ACKS_SLACK = 1024
 
 #: The largest header of a client's message the scheduler decodes: decoding holds
@@ -365,7 +368,8 @@ class SchedulerSession:
             self._refuse(
                 f"results-journaled names {len(jobs)} jobs; computation "
                 f"{message.comp_id} has {comp.kept.tracked} kept: at most {most} "
-                "at once"
+                "at once (a client names only results it was sent, each kept until "
+                "it names it); refused, nothing dropped"
             )
             return
         if not all(
