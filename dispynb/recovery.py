@@ -22,6 +22,7 @@ from typing import Any
 
 from dispynb._loop import LoopRunner
 from dispynb.clusterjournal import DEFAULT_PREFIX, latest_recover_file
+from dispynb.codeoptions import _check_files_dir
 from dispynb.defaults import MAX_MESSAGE_SIZE, PRE_AUTH_MAX_FRAME
 from dispynb.errors import (
     AuthenticationError,
@@ -51,6 +52,7 @@ from dispynb.protocol.messages import (
     ResultChunk,
 )
 from dispynb.protocol.records import ResultEntry
+from dispynb.recoverysent import SentWhileAway
 from dispynb.secret import resolve_secret
 from dispynb.status import status_of
 from dispynb.tracebacks import SourceMap
@@ -127,6 +129,7 @@ def recover_jobs(
     cafile: str | None = None,
     max_message_size: int = MAX_MESSAGE_SIZE,
     max_result_size: int | str | None = None,
+    files_dir: str | None = None,
 ) -> list[DispyJob]:
     """Recover the jobs of a client that crashed (dispy's function).
 
@@ -157,6 +160,12 @@ def recover_jobs(
         Bytes a recovered result may have (int, or a size such as ``"4G"``); a
         larger one ends ``Crashed`` ('the result arrived incomplete'). Default
         None: any result the node kept, up to this machine's memory.
+    files_dir:
+        Folder where the files jobs sent with ``dispy_send_file`` that their node
+        (or scheduler) kept for this client are saved, at the paths the jobs sent
+        them to, as the crashed cluster's ``files_dir`` (default: the current
+        directory). A job that has not ended when this returns shows its latest
+        provisional result (status ``ProvisionalResult``), if it sent one.
 
     Returns
     -------
@@ -179,7 +188,7 @@ def recover_jobs(
             return []
     elif not os.path.exists(recover_file):
         raise ConfigurationError(f"recover_file {recover_file!r} does not exist")
-    limits = _limits(max_message_size, max_result_size)
+    limits = _limits(max_message_size, max_result_size, files_dir)
     key = resolve_secret(secret, secret_file)
     tls = client_context(certfile, keyfile, cafile) if (certfile or cafile) else None
     journal = Journal.open_existing(recover_file)
@@ -337,9 +346,12 @@ async def _recover_from(
         )
         logger.debug("asked %s for the jobs of %s", node, recovery_id)
         streams: dict[tuple[int, int], Parts | None] = {}
+        sent = SentWhileAway(limits.files_dir)
         async with _watching(watch), asyncio.timeout(timeout):
             while any(not job.done() for job in pending.values()):
                 message, buffers = await conn.recv()
+                if sent.take(message, buffers, pending, node):
+                    continue
                 if isinstance(message, ResultChunk):
                     _add_chunk(streams, message, buffers, node, limits.result)
                 elif isinstance(message, JobResults):
@@ -402,9 +414,12 @@ async def _collect_from(
             )
         )
         streams: dict[tuple[int, int], Parts | None] = {}
+        sent = SentWhileAway(limits.files_dir)
         async with _watching(watch), asyncio.timeout(timeout):
             while True:
                 message, buffers = await conn.recv()
+                if sent.take(message, buffers, {}, node):
+                    continue  # files are saved; no job here is still running
                 if isinstance(message, ResultChunk):
                     _add_chunk(streams, message, buffers, node, limits.result)
                 elif isinstance(message, JobResults):
@@ -501,10 +516,13 @@ class _Limits:
 
     message: int
     result: int
+    #: Where files jobs sent are saved (`SentWhileAway`).
+    files_dir: str
 
 
-def _limits(max_message_size: Any, max_result_size: Any) -> _Limits:
-    """Check `recover_jobs`'s size arguments (as `JobCluster` checks its own)."""
+def _limits(max_message_size: Any, max_result_size: Any, files_dir: Any) -> _Limits:
+    """Check `recover_jobs`'s size arguments (as `JobCluster` checks its own) and
+    its ``files_dir``."""
     message = check_size(max_message_size, "max_message_size")
     if message is None or message < PRE_AUTH_MAX_FRAME:
         raise ConfigurationError(
@@ -517,7 +535,7 @@ def _limits(max_message_size: Any, max_result_size: Any) -> _Limits:
             result = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         except (AttributeError, ValueError, OSError):
             result = sys.maxsize
-    return _Limits(message, result)
+    return _Limits(message, result, _check_files_dir(files_dir))
 
 
 def _refused(

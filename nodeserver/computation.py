@@ -228,6 +228,30 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
 
         self._report = both
 
+    def also_keep(
+        self,
+        provisional: ReportProvisional,
+        keep_file: Callable[[int, str, list[memoryview]], str | None],
+    ) -> None:
+        """Give every later provisional result to ``provisional`` too, and a file
+        its client cannot take to ``keep_file`` (kept for recovery), which says
+        what the job is told instead (None: not kept)."""
+        report, report_file = self._report_provisional, self._report_file
+
+        def both(key: int, attempt: int, buffers: list[memoryview]) -> None:
+            report(key, attempt, buffers)
+            provisional(key, attempt, buffers)
+
+        def sent_or_kept(
+            key: int, path: str, buffers: list[memoryview], request: int
+        ) -> str:
+            error = report_file(key, path, buffers, request)
+            if error:
+                return keep_file(key, path, buffers) or error
+            return error
+
+        self._report_provisional, self._report_file = both, sent_or_kept
+
     def _pump(self) -> None:
         """Give queued jobs to workers: idle ones first (taking a CPU), then ahead."""
         # Closing without terminate still runs what is queued (a kept computation

@@ -116,6 +116,19 @@ class KeptResult:
 #: ``deliver(result)``: hand one kept result to the recovering client.
 Deliver = Callable[[KeptResult], None]
 
+#: First item of the entry of a kept file a job sent (``[FILE, key, path]``) and of
+#: a kept provisional result (``[PROVISIONAL, key, attempt]``): a result's entry
+#: starts with its job's key, an integer.
+FILE = "file"
+PROVISIONAL = "provisional"
+
+#: What a job that sends a file once its client is gone is told (-1: the client
+#: did not write it; `recover_jobs` will).
+FILE_KEPT = (
+    "the client's connection to the node ended (the client stopped or was cut off): "
+    "the file was not saved; the node keeps it for the client's recover_jobs"
+)
+
 
 @dataclass(eq=False)
 class Kept:
@@ -150,6 +163,10 @@ class Kept:
     #: With ``acked``: the spool file of each result written there, to remove
     #: once it is acknowledged.
     spooled: dict[tuple[Any, Any], str] = field(default_factory=dict)
+    #: The latest provisional result of each job still running (by key), in
+    #: memory (`PENDING_BYTES` at most): a recovering client gets it.
+    provisional: dict[Any, KeptResult] = field(default_factory=dict)
+    provisional_bytes: int = 0
 
     def open(self, result: KeptResult) -> tuple[list[Any], list[memoryview], str]:
         """``(entry, buffers, kinds)`` of a kept result: a spooled one's buffers map
@@ -235,6 +252,8 @@ class ResultKeeper:
     ) -> None:
         """One of its results (also sent to the client, if connected); ``kinds``:
         its buffers' kinds (`nodeserver.ipc.Done.kinds`), if known."""
+        if kept.provisional:
+            ResultKeeper._drop_provisional(kept, entry[0])  # superseded
         if kept.dropped and kept.deliver is None:
             return  # nobody can claim it any more
         if len(buffers) == 1 and shm.is_reference(buffers):
@@ -275,6 +294,50 @@ class ResultKeeper:
         if kept.deliver is not None:
             kept.deliver(result)
 
+    @staticmethod
+    def keep_provisional(
+        kept: Kept, key: int, attempt: int, buffers: list[memoryview]
+    ) -> None:
+        """A provisional result of a running job: the latest is kept (a copy)."""
+        if kept.dropped and kept.deliver is None:
+            return
+        ResultKeeper._drop_provisional(kept, key)
+        size = sum(b.nbytes for b in buffers)
+        if kept.provisional_bytes + size > PENDING_BYTES:
+            logger.info("provisional result of job %d not kept: too large", key)
+            return
+        copies = [memoryview(bytes(b)) for b in buffers]
+        result = KeptResult(None, [PROVISIONAL, key, attempt], copies)
+        kept.provisional[key] = result
+        kept.provisional_bytes += size
+        if kept.deliver is not None:
+            kept.deliver(result)
+
+    @staticmethod
+    def _drop_provisional(kept: Kept, key: Any) -> None:
+        old = kept.provisional.pop(key, None)
+        if old is not None:
+            kept.provisional_bytes -= sum(b.nbytes for b in old.buffers)
+
+    @staticmethod
+    def keep_file(kept: Kept, key: int, path: str, buffers: list[memoryview]) -> bool:
+        """A file a job sent once its client was gone: kept for a recovering
+        client (in the spool, or in memory without one); False if it was not (the
+        spool full: logged)."""
+        if kept.dropped and kept.deliver is None:
+            return False
+        entry: list[Any] = [FILE, key, path]
+        if kept.spool is None or kept.owner is None:
+            result = KeptResult(None, entry, [memoryview(bytes(b)) for b in buffers])
+            kept.results.append(result)
+        elif kept.owner.write(kept.spool, entry, buffers):
+            result = KeptResult(kept.spool.files[-1][0])
+        else:
+            return False
+        if kept.deliver is not None:
+            kept.deliver(result)
+        return True
+
     def journaled(self, recovery_id: str, jobs: list[tuple[Any, Any]]) -> None:
         """Its client has these results (``(key, attempt)``) in its journal: they
         are no longer kept (a pending one is dropped, a spooled one removed)."""
@@ -309,6 +372,7 @@ class ResultKeeper:
         kept.dropped = True
         kept.budget.used -= kept.pending_bytes
         kept.pending, kept.pending_bytes = {}, 0
+        kept.provisional, kept.provisional_bytes = {}, 0
 
     def adopt(self, recovery_id: str, keep: float) -> None:
         """Its client's connection is lost: let the jobs finish, keep the results
@@ -359,6 +423,7 @@ class ResultKeeper:
             return None
         self._write_pending(kept)
         recorded = list(kept.results) + kept.not_kept.results()
+        recorded += kept.provisional.values()  # of jobs still running
         if kept.spool is not None:
             recorded[:0] = [KeptResult(path) for path, _size in kept.spool.files]
         kept.deliver = deliver

@@ -19,15 +19,24 @@ import logging
 from typing import Any
 
 from dispynb.protocol.chunks import chunk_bytes_for, entry_text_bytes, split_entry
-from dispynb.protocol.messages import ComputationClosed, JobResults, Recovered
+from dispynb.protocol.messages import (
+    ComputationClosed,
+    FileFromNode,
+    JobProvisional,
+    JobResults,
+    Recovered,
+)
 from dispynb.transport.connection import Connection
 from nodeserver.computation import STREAM_BYTES
-from nodeserver.keeper import Kept, KeptResult
+from nodeserver.keeper import FILE, PROVISIONAL, Kept, KeptResult
 
 logger = logging.getLogger(__name__)
 
 #: Largest chunk of a streamed kept result (as a live result's chunks).
 CHUNK_BYTES = 16 * 1024 * 1024
+
+#: Room for the header of a kept file's message (its path: a few KiB at most).
+_HEADER_ROOM = 64 * 1024
 
 
 class KeptResultSender:
@@ -42,6 +51,7 @@ class KeptResultSender:
     def __init__(self, conn: Connection, comp_id: int, max_message_size: int) -> None:
         self.conn = conn
         self.comp_id = comp_id
+        self.max_message_size = max_message_size
         # A result this large (its buffers and output) is streamed, in chunks small
         # enough to leave room for the message's header in the client's limit.
         self.stream_bytes = min(STREAM_BYTES, chunk_bytes_for(max_message_size))
@@ -100,6 +110,9 @@ class KeptResultSender:
         except OSError as exc:
             logger.warning("a kept result is lost: %s", exc)
             return
+        if entry and entry[0] in (FILE, PROVISIONAL):
+            await self._send_sent(entry, buffers)
+            return
         size = sum(b.nbytes for b in buffers) + entry_text_bytes(entry)
         if size < self.stream_bytes:
             self._write(JobResults(comp_id=self.comp_id, results=[entry]), buffers)
@@ -113,6 +126,28 @@ class KeptResultSender:
             self._write(chunk, [part])
             await self._drained()
         self._write(JobResults(comp_id=self.comp_id, results=[streamed]))
+        await self._drained()
+
+    async def _send_sent(self, entry: list[Any], buffers: list[memoryview]) -> None:
+        """A kept file a job sent, or a provisional result: in one message (neither
+        is cut in parts), left out (logged) if over the client's limit."""
+        what, key, detail = entry[:3]
+        message: Any = (
+            FileFromNode(comp_id=self.comp_id, key=key, path=detail)
+            if what == FILE
+            else JobProvisional(comp_id=self.comp_id, key=key, attempt=detail)
+        )
+        size = sum(b.nbytes for b in buffers)
+        if size + _HEADER_ROOM > self.max_message_size:
+            logger.warning(
+                "%s of job %s (%d bytes) not sent to the recovering client: over its "
+                "max_message_size",
+                "file" if what == FILE else "provisional result",
+                key,
+                size,
+            )
+            return
+        self._write(message, buffers)
         await self._drained()
 
     def _write(self, message: Any, buffers: list[memoryview] | None = None) -> None:

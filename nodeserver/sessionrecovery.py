@@ -16,7 +16,7 @@ from dispynb.protocol.messages import (
     ResultsJournaled,
 )
 from nodeserver.computation import Computation
-from nodeserver.keeper import Kept, KeptResult, ResultKeeper
+from nodeserver.keeper import FILE_KEPT, Kept, KeptResult, ResultKeeper
 from nodeserver.recovering import KeptResultSender
 from nodeserver.sessionstate import HAND_BACK_TIMEOUT, _SessionState, logger
 
@@ -52,6 +52,18 @@ class _SessionRecovery(_SessionState):
                 ResultKeeper.record(kept, entry, buffers, kinds.get(key, ""))
 
         computation.also_report(record)
+
+        def provisional(key: int, attempt: int, buffers: list[memoryview]) -> None:
+            if keep_sent or kept.adopted:  # as results: its job may still run then
+                ResultKeeper.keep_provisional(kept, key, attempt, buffers)
+
+        def keep_file(key: int, path: str, buffers: list[memoryview]) -> str | None:
+            # Its client is gone (or going): the file waits for it.
+            if ResultKeeper.keep_file(kept, key, path, buffers):
+                return FILE_KEPT
+            return None
+
+        computation.also_keep(provisional, keep_file)
 
     def _acks_journaled(self, comp_id: int) -> bool:
         """Whether the node takes `ResultsJournaled` for this computation (it

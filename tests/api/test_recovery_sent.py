@@ -1,0 +1,117 @@
+"""Files and provisional results that jobs send once their client was killed
+(``kill -9``) are kept by the node, and `recover_jobs` in a new process gets them:
+the files saved under its ``files_dir``, a job still running showing its latest
+provisional result, as the crashed cluster's job would. The jobs learned that the
+client did not write their files. A real node process; real client processes."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dispynb.job import JobStatus
+from tests.jobs import WAIT, wait_until
+from tests.nodeproc import node_env, running_node
+
+pytestmark = pytest.mark.slow
+
+#: Two jobs that start, wait for ``go`` (made once their client is killed), send a
+#: file and a provisional result, note what dispy_send_file returned and said;
+#: job 1 then runs until ``release`` exists.
+CLIENT = """
+import sys, time
+import dispynb as dispy
+
+def job(n, marks, go, release):
+    import contextlib, io, os, time
+    open(os.path.join(marks, "started-%d" % n), "w").close()
+    while not os.path.exists(go):
+        time.sleep(0.02)
+    with open("out-%d.txt" % n, "w") as handle:
+        handle.write("file of job %d" % n)
+    said = io.StringIO()
+    with contextlib.redirect_stderr(said):
+        sent = dispy_send_file("out-%d.txt" % n)
+    dispy_provisional_result("half of %d" % n)
+    with open(os.path.join(marks, "sent-%d" % n), "w") as handle:
+        handle.write("%d %s" % (sent, said.getvalue()))
+    while n == 1 and not os.path.exists(release):
+        time.sleep(0.02)
+    return n * 10
+
+node, secret, journal, marks, go, release = sys.argv[1:]
+cluster = dispy.JobCluster(job, nodes=[node], secret=secret, recover_file=journal)
+jobs = [cluster.submit(n, marks, go, release) for n in range(2)]
+print("submitted", flush=True)
+time.sleep(300)  # killed before it gets further
+"""
+
+#: Recovers, saving files under argv[3]; prints each job's status and result.
+RECOVER = """
+import json, sys
+import dispynb as dispy
+jobs = dispy.recover_jobs(sys.argv[1], secret=sys.argv[2], files_dir=sys.argv[3],
+                          timeout=float(sys.argv[4]))
+print(json.dumps([[int(job.status), job.result] for job in jobs]))
+"""
+
+
+def _recover(tmp_path: Path, secret: str, received: Path, timeout: float) -> list:
+    proc = subprocess.run(
+        [sys.executable, "recover.py", str(tmp_path / "journal.db"), secret,
+         str(received), str(timeout)],
+        cwd=tmp_path, env=node_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def test_files_and_provisional_results_sent_after_a_crash_are_recovered(
+    tmp_path: Path,
+) -> None:
+    marks, received = tmp_path / "marks", tmp_path / "received"
+    go, release = tmp_path / "go", tmp_path / "release"
+    marks.mkdir()
+    received.mkdir()
+    (tmp_path / "client.py").write_text(CLIENT)
+    (tmp_path / "recover.py").write_text(RECOVER)
+    with running_node(tmp_path / "node", cpus=2) as node:
+        client = subprocess.Popen(
+            [sys.executable, "client.py", node.spec, node.secret,
+             str(tmp_path / "journal.db"), str(marks), str(go), str(release)],
+            cwd=tmp_path, env=node_env(), stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert client.stdout is not None
+            assert client.stdout.readline().strip() == "submitted"
+            wait_until(lambda: len(list(marks.glob("started-*"))) == 2)
+            client.send_signal(signal.SIGKILL)
+            client.wait(WAIT)
+        finally:
+            client.kill()
+            client.stdout.close()  # type: ignore[union-attr]
+        wait_until(lambda: "gone: its jobs go on" in node.log_text())
+        go.touch()
+        try:
+            wait_until(lambda: len(list(marks.glob("sent-*"))) == 2)
+            for n in range(2):
+                sent, said = (marks / f"sent-{n}").read_text().split(" ", 1)
+                assert sent == "-1", said  # the client did not write it (yet)
+                assert "the node keeps it for the client's recover_jobs" in said
+            first = _recover(tmp_path, node.secret, received, 3.0)
+        finally:
+            release.touch()
+        # Job 1 still ran: its latest provisional result; job 0 its result.
+        assert first == [
+            [int(JobStatus.Finished), 0],
+            [int(JobStatus.ProvisionalResult), "half of 1"],
+        ]
+        for n in range(2):
+            assert (received / f"out-{n}.txt").read_text() == f"file of job {n}"
+        again = _recover(tmp_path, node.secret, received, 60.0)
+    assert again == [[int(JobStatus.Finished), 0], [int(JobStatus.Finished), 10]]

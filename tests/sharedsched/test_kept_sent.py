@@ -1,0 +1,106 @@
+"""Files and provisional results that jobs send while their client is away (killed)
+are kept by the scheduler, and `recover_jobs` in a new process gets them: the files
+saved under its ``files_dir``, a job still running showing its latest provisional
+result. The jobs themselves learned that the client did not write their files."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from dispynb import recover_jobs
+from dispynb.job import JobStatus
+from tests.jobs import wait_until
+from tests.sharedsched.harness import SchedulerProcess, start_client
+
+pytestmark = pytest.mark.slow
+
+#: Two jobs that start, wait for ``go`` (made once their client is killed), send a
+#: file and a provisional result, note what dispy_send_file returned and said;
+#: job 1 then runs until ``release`` exists.
+CLIENT = """
+import sys, time
+from dispynb import SharedJobCluster
+
+def job(n, marks, go, release):
+    import contextlib, io, os, time
+    open(os.path.join(marks, "started-%d" % n), "w").close()
+    while not os.path.exists(go):
+        time.sleep(0.02)
+    with open("out-%d.txt" % n, "w") as handle:
+        handle.write("file of job %d" % n)
+    said = io.StringIO()
+    with contextlib.redirect_stderr(said):
+        sent = dispy_send_file("out-%d.txt" % n)
+    dispy_provisional_result("half of %d" % n)
+    with open(os.path.join(marks, "sent-%d" % n), "w") as handle:
+        handle.write("%d %s" % (sent, said.getvalue()))
+    while n == 1 and not os.path.exists(release):
+        time.sleep(0.02)
+    return n * 10
+
+address, credential, journal, marks, go, release = sys.argv[1:]
+cluster = SharedJobCluster(
+    job, scheduler_host=address, secret_file=credential, recover_file=journal
+)
+jobs = [cluster.submit(n, marks, go, release) for n in range(2)]
+print("submitted", flush=True)
+time.sleep(300)
+"""
+
+
+def test_files_and_provisional_results_sent_while_away_are_recovered(
+    scheduler: SchedulerProcess, users: dict[str, Path], tmp_path: Path
+) -> None:
+    journal, marks, received = (
+        tmp_path / "j.journal",
+        tmp_path / "marks",
+        tmp_path / "in",
+    )
+    go, release = tmp_path / "go", tmp_path / "release"
+    marks.mkdir()
+    received.mkdir()
+    credential = str(users["alice"])
+    proc = start_client(
+        CLIENT, scheduler.address, credential, str(journal), str(marks), str(go),
+        str(release), cwd=tmp_path, name="away",
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "submitted", proc.communicate()
+        wait_until(lambda: len(list(marks.glob("started-*"))) == 2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=20)
+    scheduler.wait_for_log("client gone", timeout=60)
+    go.touch()
+    try:
+        wait_until(lambda: len(list(marks.glob("sent-*"))) == 2)
+        for n in range(2):
+            sent, said = (marks / f"sent-{n}").read_text().split(" ", 1)
+            assert sent == "-1", said  # the client did not write it (yet)
+            assert "the client is away" in said and "recovery" in said, said
+        jobs = recover_jobs(
+            str(journal), secret_file=credential, timeout=3, files_dir=str(received)
+        )
+    finally:
+        release.touch()
+    assert [job.status for job in jobs] == [
+        JobStatus.Finished,
+        JobStatus.ProvisionalResult,
+    ], [job.exception for job in jobs]
+    assert jobs[0].result == 0
+    assert jobs[1].result == "half of 1"  # still running: its latest provisional
+    for n in range(2):
+        assert (received / f"out-{n}.txt").read_text() == f"file of job {n}"
+    # The rest comes with the next call, once job 1 ended.
+    again = recover_jobs(
+        str(journal), secret_file=credential, timeout=60, files_dir=str(received)
+    )
+    assert [(job.status, job.result) for job in again] == [
+        (JobStatus.Finished, 0),
+        (JobStatus.Finished, 10),
+    ]
