@@ -282,7 +282,9 @@ def _hold_setup(marker: str, release: str) -> int:
     import pathlib
     import time
 
-    pathlib.Path(marker).write_text(str(os.getpid()))
+    # Renamed into place: the test reads it once it exists.
+    pathlib.Path(f"{marker}.tmp").write_text(str(os.getpid()))
+    os.replace(f"{marker}.tmp", marker)
     deadline = time.monotonic() + 60
     while not os.path.exists(release) and time.monotonic() < deadline:
         time.sleep(0.01)
