@@ -139,6 +139,9 @@ class AdoptingLauncher(ProcessLauncher):
         #: New interpreters started, reaped by asyncio's child watcher.
         self._own: set[int] = set()
         self._launching = 0  # new interpreters being started: their pids not known
+        #: A sweep or reap was put off while a process was being made: done as
+        #: soon as none is (`_launched`).
+        self._put_off = False
         self._waits: set[asyncio.Future[int]] = set()
 
     async def start(
@@ -156,8 +159,11 @@ class AdoptingLauncher(ProcessLauncher):
         self._launching += 1
         try:
             process = await super().start(control, cwd)
-        finally:
+        except BaseException:
             self._launching -= 1
+            self._launched()
+            raise
+        self._launching -= 1
         pid = process.pid
         self._own.add(pid)
         waited = asyncio.ensure_future(process.wait())
@@ -168,7 +174,7 @@ class AdoptingLauncher(ProcessLauncher):
             self._own.discard(pid)
 
         waited.add_done_callback(forget)
-        self.reap_adopted()  # what was left for the end of this start
+        self._launched()
         return process
 
     def watch(self) -> None:
@@ -194,6 +200,13 @@ class AdoptingLauncher(ProcessLauncher):
         """A process is being made whose pid may not be known yet."""
         return self._launching > 0
 
+    def _launched(self) -> None:
+        """A process was made (or could not be): what was put off meanwhile (an
+        orphan adopted during the launch, a child that exited), now, unless
+        another is being made (then at its end)."""
+        if self._put_off and not self._busy():
+            self.reap_adopted()
+
     def _forget(self, pid: int) -> None:
         """Child ``pid`` was reaped by `reap_adopted`."""
 
@@ -202,7 +215,8 @@ class AdoptingLauncher(ProcessLauncher):
         follows: the processes it adopted; how many. Each is looked at by pid
         (a ``waitpid(-1)`` would take the others' exit statuses)."""
         if self._busy():
-            return 0  # a new interpreter's pid is not known yet: after its start
+            self._put_off = True  # a new process's pid is not known yet
+            return 0
         reaped = 0
         elsewhere = self._reaped_elsewhere()
         for pid in containment.children(os.getpid()):
@@ -220,8 +234,14 @@ class AdoptingLauncher(ProcessLauncher):
         worker or computation process left to the node, their subreaper (a job's
         ``setsid()`` daemon whose worker died abruptly, where no pids cgroup
         holds it; what a dead computation's setup started). How many."""
-        if not self.adopting or self._busy():
-            return 0  # a process being made may not be known yet
+        if not self.adopting:
+            return 0
+        if self._busy():
+            # A process being made may not be known yet: swept once it is
+            # (`_launched`), not at the next death, which may be long in coming.
+            self._put_off = True
+            return 0
+        self._put_off = False
         known = self._known()
         killed = 0
         for pid in containment.children(os.getpid()):

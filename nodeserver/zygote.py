@@ -268,10 +268,13 @@ class ZygoteLauncher(AdoptingLauncher):
         request, if its caller went away while it waited for its turn."""
         if self._lock is None:
             self._lock = asyncio.Lock()
-        async with self._lock:
-            if control.fileno() == -1:
-                return None
-            return await self._request(control, cwd)
+        try:
+            async with self._lock:
+                if control.fileno() == -1:
+                    return None
+                return await self._request(control, cwd)
+        finally:
+            self._launched()  # the lock is free: what was put off meanwhile
 
     async def _request(self, control: socket.socket, cwd: str) -> int | None:
         sock = self._sock

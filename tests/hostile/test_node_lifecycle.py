@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import shutil
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -90,6 +92,21 @@ def daemonize_and_crash(directory: str) -> None:
     os._exit(3)
 
 
+def daemonize_and_crash_when_told(directory: str) -> None:
+    """Write ``ready``, wait for ``go`` in ``directory``, then
+    `daemonize_and_crash`."""
+    import pathlib
+    import time
+
+    pathlib.Path(directory, "ready").touch()
+    deadline = time.monotonic() + 60
+    while not pathlib.Path(directory, "go").exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError("never told to go")
+        time.sleep(0.01)
+    daemonize_and_crash(directory)
+
+
 def start_a_sleeper(record: str) -> int:
     """A setup that starts a child (kept in the computation's globals) and writes
     the pids of its process and of that child."""
@@ -132,6 +149,25 @@ def _left(processes: list[psutil.Process]) -> list[str]:
             if process.status() != psutil.STATUS_ZOMBIE:
                 left.append(f"{process.pid} {process.name()}")
     return left
+
+
+def _zygote(node: CliNode) -> psutil.Process:
+    """The node's zygote (its process maker)."""
+    children = psutil.Process(node.proc.pid).children()
+    return next(child for child in children if child.name() == "dispynb-zygote")
+
+
+def _request_waiting(pid: int) -> bool:
+    """Whether a socket of process ``pid`` holds a message it has not read (a
+    request of its node, for a stopped zygote), as ``ss`` reports it."""
+    listed = subprocess.run(
+        ["ss", "-x", "-a", "-n", "-p"], capture_output=True, text=True, timeout=WAIT
+    ).stdout
+    for line in listed.splitlines():
+        fields = line.split()  # Netid State Recv-Q ...
+        if f"pid={pid}," in line and fields[2].isdigit() and int(fields[2]) > 0:
+            return True
+    return False
 
 
 def _signal_all(processes: list[psutil.Process], signum: int) -> None:
@@ -348,3 +384,60 @@ def test_a_killed_computation_leaves_nothing(
             )
         with JobCluster(square, nodes=[a.spec], secret=a.secret) as other:
             assert other.submit(4)() == 16
+
+
+@pytest.mark.attack(
+    id="orphan-during-launch",
+    title="A job's worker dies leaving a setsid() daemon while another cluster's "
+    "computation process is being made (its zygote slow: stopped; no pids cgroups)",
+    goal="the daemon is killed as soon as that process is made, not at some later "
+    "death",
+)
+def test_a_daemon_left_during_a_launch_is_killed_once_it_ends(
+    tmp_path: Path, measure
+) -> None:
+    if shutil.which("ss") is None:
+        pytest.skip("needs ss (iproute2) to see the zygote's pending request")
+    ready, release = threading.Event(), threading.Event()
+
+    def another_cluster(node: CliNode) -> None:
+        """A second cluster on the node, held open until told."""
+        try:
+            with JobCluster(square, nodes=[node.spec], secret=node.secret) as other:
+                assert other.submit(3)() == 9  # its process was made
+                ready.set()
+                release.wait(WAIT)
+        finally:
+            ready.set()
+
+    with (
+        running_node(tmp_path / "a", cpus=2, launcher=NO_CGROUPS) as a,
+        JobCluster(
+            daemonize_and_crash_when_told, nodes=[a.spec], secret=a.secret
+        ) as cluster,
+    ):
+        job = cluster.submit(str(tmp_path))
+        wait_until((tmp_path / "ready").exists)
+        zygote = _zygote(a)
+        other = threading.Thread(target=another_cluster, args=(a,), daemon=True)
+        zygote.suspend()
+        try:
+            other.start()
+            wait_until(lambda: _request_waiting(zygote.pid))  # a launch under way
+            (tmp_path / "go").touch()
+            job()  # its worker died, its daemon went to the node, mid-launch
+            daemon = psutil.Process(int((tmp_path / "daemon").read_text()))
+            assert daemon.status() != psutil.STATUS_ZOMBIE  # put off, not missed
+        finally:
+            zygote.resume()
+        resumed = time.monotonic()
+        try:
+            assert ready.wait(WAIT), "the other cluster's process was not made"
+            left = _left([daemon])
+            took = time.monotonic() - resumed
+        finally:
+            release.set()
+            other.join(WAIT)
+    measure(f"job {status_name(job.status)}; daemon left: {len(left)}, {took:.2f} s")
+    assert job.status == DispyJob.Terminated
+    assert left == []
