@@ -121,7 +121,11 @@ class DispyNode:
     update_time:
         Epoch seconds of the last news from the node.
     avail_info:
-        A `DispyNodeAvailInfo`, or ``None`` until the node reports one.
+        A `DispyNodeAvailInfo`, or ``None`` until the node reports one, and while
+        it cannot read one of its figures (a node out of file descriptors cannot
+        read ``/proc``): unknown, as dispy says of a node without psutil, never
+        zeros a scheduler would take for a full node. When set, its four figures
+        are numbers.
     """
 
     Initialized: ClassVar[NodeStatus] = NodeStatus.Initialized

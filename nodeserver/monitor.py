@@ -2,27 +2,37 @@
 
 from __future__ import annotations
 
-import contextlib
+from collections.abc import Callable
 
 import psutil
 
 
-def avail_info(path: str) -> list[float]:
+def avail_info(path: str) -> list[float | None]:
     """``[cpu %, memory bytes, disk bytes, swap %]`` available now.
 
     CPU availability is measured since the previous call (the first call after start
     compares with process start), so calling this periodically costs nothing.
     Each figure that cannot be read now (no descriptor left to open ``/proc``
-    with) is 0: a node short of descriptors still answers and pulses.
+    with) is None, unknown: a node short of descriptors still answers and pulses,
+    and is not taken for a full node (0% CPU, no memory free). A client shows a
+    node with an unknown figure as not reported (``DispyNode.avail_info`` None).
     """
-    cpu = memory = disk = swap_free = 0.0
-    with contextlib.suppress(OSError):
-        cpu = max(0.0, 100.0 - psutil.cpu_percent(interval=None))
-    with contextlib.suppress(OSError):
-        memory = float(psutil.virtual_memory().available)
-    with contextlib.suppress(OSError):
-        disk = float(psutil.disk_usage(path).free)
-    with contextlib.suppress(OSError):
-        swap = psutil.swap_memory()
-        swap_free = 100.0 - swap.percent if swap.total else 0.0
-    return [cpu, memory, disk, swap_free]
+    return [
+        _read(lambda: max(0.0, 100.0 - psutil.cpu_percent(interval=None))),
+        _read(lambda: float(psutil.virtual_memory().available)),
+        _read(lambda: float(psutil.disk_usage(path).free)),
+        _read(_swap_free),
+    ]
+
+
+def _swap_free() -> float:
+    swap = psutil.swap_memory()
+    return 100.0 - swap.percent if swap.total else 0.0
+
+
+def _read(figure: Callable[[], float]) -> float | None:
+    """``figure()``, or None if it cannot be read now."""
+    try:
+        return figure()
+    except OSError:
+        return None

@@ -153,15 +153,20 @@ class _Pulse(_ServerState):
                 logger.warning("user %r was revoked: ending its session", session.user)
                 session.end()
 
-    def _avail(self) -> list[float]:
-        """The nodes' resources, summed (CPU % averaged)."""
+    def _avail(self) -> list[float | None]:
+        """The nodes' resources, summed (CPU % averaged); a figure that a node
+        cannot read now (None) makes the sum's unknown too, not smaller."""
         reports = [n.avail for n in self.nodes if n.alive and len(n.avail) >= 4]
         if not reports:
             return []
-        count = len(reports)
-        return [
-            sum(r[0] for r in reports) / count,
-            sum(r[1] for r in reports),
-            sum(r[2] for r in reports),
-            sum(r[3] for r in reports) / count,
-        ]
+        columns = zip(*(r[:4] for r in reports), strict=True)
+        means = (True, False, False, True)
+        return [combined_figure(c, m) for c, m in zip(columns, means, strict=True)]
+
+
+def combined_figure(values: tuple[float | None, ...], mean: bool) -> float | None:
+    """The nodes' figure summed (or averaged); unknown if one node's is."""
+    known = [v for v in values if v is not None]
+    if len(known) < len(values):
+        return None
+    return sum(known) / len(known) if mean else sum(known)

@@ -290,7 +290,7 @@ class SchedulerSession:
         scheduler's)."""
         return self._status_every
 
-    def report(self, avail: list[float]) -> None:
+    def report(self, avail: list[float | None]) -> None:
         """Status for the client, at its computations' pulse (a node's heartbeat)."""
         now = asyncio.get_running_loop().time()
         if self.backlog is not None:

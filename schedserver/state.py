@@ -43,7 +43,8 @@ class NodeState:
     cpus: int = 0
     alive: bool = False
     in_flight: int = 0
-    avail: list[float] = field(default_factory=list)
+    #: As the node reports it (`Welcome.avail`: None for a figure it cannot read).
+    avail: list[float | None] = field(default_factory=list)
     conn: Connection | None = None
     #: The host name the node reports ("" until it is up).
     hostname: str = ""

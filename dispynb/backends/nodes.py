@@ -354,7 +354,7 @@ class NodesBackend:
             departure = Departure.LOST
         self._events.node_closed(info, reason, departure)
 
-    def node_status(self, link: NodeLink, avail: list[float]) -> None:
+    def node_status(self, link: NodeLink, avail: list[float | None]) -> None:
         info = self._info.get(link.node_id)
         if info is not None:
             self._events.node_status(info, _avail_info(avail))
@@ -586,10 +586,15 @@ class NodesBackend:
         return self._runner.run_sync(call)
 
 
-def _avail_info(avail: list[float]) -> DispyNodeAvailInfo | None:
+def _avail_info(avail: list[float | None]) -> DispyNodeAvailInfo | None:
+    """A node's report as dispy's `DispyNodeAvailInfo`; None (not reported, as
+    dispy says of a node without psutil) unless all four figures are known, so
+    that a program reading ``avail_info.cpu`` never gets anything but a number."""
     if len(avail) != 4:
         return None
     cpu, memory, disk, swap = avail
+    if cpu is None or memory is None or disk is None or swap is None:
+        return None
     return DispyNodeAvailInfo(cpu, int(memory), int(disk), swap)
 
 

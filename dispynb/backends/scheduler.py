@@ -123,7 +123,7 @@ class SchedulerBackend(NodesBackend):
         self._behind.clear()
         self._running.clear()
 
-    def node_status(self, link: NodeLink, avail: list[float]) -> None:
+    def node_status(self, link: NodeLink, avail: list[float | None]) -> None:
         """The scheduler's sum over its nodes: each node's comes in the reports."""
 
     def scheduler_nodes(self, link: NodeLink, entries: list[list[Any]]) -> None:

@@ -110,6 +110,8 @@ class NodeTable:
             info = node.avail_info
             if info is not None:
                 self._load[address] = (float(info.cpu), int(info.memory), time.time())
+            elif status == NodeStatus.AvailInfo:  # the node cannot read them now
+                self._load.pop(address, None)
             live = self._live.setdefault(address, {})
             if status == NodeStatus.Closed:
                 gone = live.pop(id(node), None)

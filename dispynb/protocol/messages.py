@@ -271,8 +271,9 @@ class Welcome(WireMessage):
     address: str
     max_message_size: int
     pid: int
-    #: ``[cpu %, memory bytes, disk bytes, swap %]`` available, if the node knows.
-    avail: list[float] = dataclasses.field(default_factory=list)
+    #: ``[cpu %, memory bytes, disk bytes, swap %]`` available, if the node knows
+    #: (``[]``: it does not report them; None for a figure it cannot read now).
+    avail: list[float | None] = dataclasses.field(default_factory=list)
     #: The node's machine's boot id ("" if unknown): with a loopback connection and
     #: ``pid``, it tells the client the node shares its memory (`protocol.shm`).
     boot_id: str = ""
@@ -456,7 +457,7 @@ class Recovered(WireMessage):
 class NodeStatus(WireMessage):
     """Node -> client, periodically: resources available (as in `Welcome.avail`)."""
 
-    avail: list[float]
+    avail: list[float | None]
 
 
 @message("scheduler-nodes")

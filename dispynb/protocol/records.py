@@ -98,8 +98,9 @@ class SharedNodeEntry(NamedTuple):
     running: list[int]
     #: How many of them have started executing.
     busy: int
-    #: ``[cpu %, memory bytes, disk bytes, swap %]`` available ([] if unknown).
-    avail: list[float]
+    #: ``[cpu %, memory bytes, disk bytes, swap %]`` available ([] if unknown; None
+    #: for a figure the node cannot read now).
+    avail: list[float | None]
 
     def to_wire(self) -> list[Any]:
         """The array sent in `SchedulerNodes.nodes`."""
@@ -127,13 +128,13 @@ class SharedNodeEntry(NamedTuple):
             and isinstance(entry.running, list | tuple)
             and all(type(key) is int for key in entry.running)
             and isinstance(entry.avail, list | tuple)
-            and all(isinstance(v, numbers) for v in entry.avail)
+            and all(v is None or isinstance(v, numbers) for v in entry.avail)
         ):
             raise MessageError("malformed node entry in scheduler-nodes")
         return entry._replace(
             cpu_time=float(entry.cpu_time),
             running=list(entry.running),
-            avail=[float(v) for v in entry.avail],
+            avail=[None if v is None else float(v) for v in entry.avail],
         )
 
 

@@ -164,7 +164,7 @@ class JobEvents(Protocol):
         """``node`` left the cluster (for a while only if ``node.resetting``: it is
         set up again, `resetup_node`)."""
 
-    def node_status(self, node: NodeLink, avail: list[float]) -> None:
+    def node_status(self, node: NodeLink, avail: list[float | None]) -> None:
         """``node`` reported the resources it has available."""
 
     def scheduler_nodes(self, node: NodeLink, entries: list[list[Any]]) -> None:

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
 
 import pytest
 
-from dispynb import DispyJob, JobCluster
+from dispynb import DispyJob, DispyNodeAvailInfo, JobCluster
 from dispynb.errors import SetupError
-from tests.hostile.tools import count_lines, cpu_percent, limited_node
+from tests.hostile.tools import count_lines, cpu_percent, limited_node, wait_for
 from tests.nodeproc import ROOT, node_env, start_node
 
 pytestmark = pytest.mark.slow
@@ -160,3 +161,54 @@ def test_a_client_out_of_descriptors_connects_its_nodes_once_they_free(
     assert joined == NODES and right == 4 * NODES
     assert 1 <= waiting <= NODES - first, done.stderr
     assert "is dispynb-node running there" not in done.stderr
+
+
+def _lowest_free_descriptor(pid: int) -> int:
+    """The number the next descriptor process ``pid`` opens would get."""
+    taken = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+    return min(set(range(len(taken) + 1)) - taken)
+
+
+def _avail(cluster: JobCluster) -> DispyNodeAvailInfo | None:
+    return cluster.status().nodes[0].avail_info
+
+
+@pytest.mark.attack(
+    id="node-nofile-load",
+    title="A node's descriptors all taken (prlimit(2) on it: its soft limit at its "
+    "lowest free descriptor) while a client's cluster is on it",
+    goal="its pulses say its load is unknown (avail_info None), not 0% CPU free "
+    "and no memory (a full node); the figures back once descriptors free",
+)
+def test_a_node_out_of_descriptors_reports_its_load_unknown(tmp_path, measure):
+    with (
+        limited_node(tmp_path / "node") as node,
+        JobCluster(
+            length, nodes=[node.spec], secret=node.secret, pulse_interval=0.2
+        ) as cluster,
+    ):
+        assert cluster.submit(b"up")() == 2
+        pid = node.proc.pid
+        soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        before = _avail(cluster)
+        assert before is not None and before.memory > 0
+        resource.prlimit(
+            pid, resource.RLIMIT_NOFILE, (_lowest_free_descriptor(pid), hard)
+        )
+        try:
+            # The first pulse after: unknown, or (as before) zeros.
+            wait_for(
+                lambda: (info := _avail(cluster)) is None or info.memory == 0,
+                "a pulse from the squeezed node",
+            )
+            squeezed = _avail(cluster)
+        finally:
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+        wait_for(
+            lambda: (info := _avail(cluster)) is not None and info.memory > 0,
+            "the figures back",
+        )
+        after = _avail(cluster)
+    measure(f"while squeezed: {squeezed!r}; once freed: {after!r}")
+    assert squeezed is None
+    assert after is not None and after.memory > 0

@@ -122,6 +122,14 @@ def test_panel_load_from_avail_info_events():
     assert ">37%<" in panel._repr_html_()
     assert "cpu_used=37% memory_free=3.0 GB" in repr(panel)
 
+    # The node cannot read its figures now (out of descriptors): unknown, not
+    # the last ones it could read.
+    seen.avail_info = None
+    panel.cluster_status(NodeStatus.AvailInfo, seen, None)
+    [row] = panel.rows()
+    assert (row.cpu_free, row.memory_free, row.load_time) == (None, None, None)
+    assert "cpu_used=- memory_free=-" in repr(panel)
+
 
 @pytest.mark.slow
 def test_panel_shows_node_load_after_avail_info_events(local):

@@ -42,6 +42,7 @@ SAMPLES: list[WireMessage] = [
     m.JobCancel(comp_id=1, key=2, attempt=1),
     m.JobProvisional(comp_id=1, key=2, attempt=1),
     m.NodeStatus(avail=[50.0, 1e9, 1e10, 100.0]),
+    m.NodeStatus(avail=[None, None, 1e10, None]),  # figures it cannot read now
     m.SchedulerNodes(
         comp_id=3,
         nodes=[["10.0.0.2:9711", "n2", "10.0.0.2", 9711, 4, 7, 1.5, [9, 12], 1, []]],

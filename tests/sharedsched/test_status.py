@@ -20,6 +20,7 @@ from dispynb.httpd import DispyHTTPServer
 from dispynb.job import JobStatus
 from dispynb.protocol.messages import SchedulerNodes, WireMessage
 from dispynb.protocol.records import SharedNodeEntry
+from schedserver.pulse import combined_figure
 from tests.httpd.client import MonitorClient
 from tests.sharedsched.harness import SchedulerProcess
 
@@ -180,3 +181,15 @@ def test_the_report_is_a_named_message_that_checks_its_entries() -> None:
     for bad in (["x"], [*entry.to_wire()[:9], "many"], [1, *entry.to_wire()[1:]]):
         with pytest.raises(MessageError):
             SharedNodeEntry.from_wire(bad)
+    # A node that cannot read a figure now (out of descriptors) says None.
+    unknown = entry._replace(avail=[None, None, 1e10, None])
+    assert SharedNodeEntry.from_wire(unknown.to_wire()) == unknown
+    with pytest.raises(MessageError):
+        SharedNodeEntry.from_wire(entry._replace(avail=["full"]).to_wire())
+
+
+def test_the_schedulers_sum_of_its_nodes_figures_is_unknown_if_one_is() -> None:
+    assert combined_figure((40.0, 60.0), mean=True) == 50.0
+    assert combined_figure((1e9, 2e9), mean=False) == 3e9
+    # Not the sum of those that know, which would say less is free than is.
+    assert combined_figure((1e9, None), mean=False) is None
