@@ -1,13 +1,20 @@
 """The kernel side of the JupyterLab panel (``labextension/``): a comm target.
 
 The panel runs ``register()`` silently in the notebook's kernel, then opens a comm
-to `TARGET`. For each open comm a `LabLink` pushes the kernel's state whenever it
-changes, at most 4 times a second, from a background thread (ipykernel's IOPub
-socket is thread-safe): the clusters of this process (`live_clusters`, each as a
+to `TARGET`. For each open comm a `LabLink` pushes the kernel's state when what
+the panel shows of it changes, from a background thread (ipykernel's IOPub socket
+is thread-safe): the clusters of this process (`live_clusters`, each as a
 `ClusterMonitor` snapshot without its job list, plus the last few that closed), the
 nodes found by the panel's Discover action, and the nodes ``%dispy`` uses. It
 answers the panel's requests: ``cancel`` (every unfinished job of a cluster),
 ``discover`` (UDP discovery, of given addresses or by broadcast) and ``nodes``.
+
+A page closed without closing its comm leaves the link pushing, and the Jupyter
+server keeps what a kernel sends for a closed tab until it is opened again: so a
+change is pushed within `PUSH_INTERVAL` seconds, then at most every
+`PUSH_SPACING` seconds (longer for a large state: `SendBudget`), and new load
+figures alone at most every `LOAD_INTERVAL` seconds (nodes report them every
+second); an unchanged state is never pushed again.
 
 Messages (JSON; see ``labextension/src/protocol.ts``)::
 
@@ -20,8 +27,10 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import json
 import logging
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable
@@ -33,6 +42,7 @@ from dispynb._loop import LoopRunner
 from dispynb._version import __version__
 from dispynb.errors import ConfigurationError
 from dispynb.jupyter.runstop import run_of
+from dispynb.jupyter.widgets import LOAD_INTERVAL, SendBudget
 from dispynb.monitoring import ClusterMonitor, live_clusters
 
 __all__ = ["PROTOCOL", "TARGET", "ClusterTracker", "LabLink", "discover", "register"]
@@ -43,8 +53,10 @@ logger = logging.getLogger(__name__)
 TARGET = "dispynb.lab"
 #: Bumped on incompatible message changes; the panel checks it.
 PROTOCOL = 1
-#: Seconds between two state pushes at most (4 per second).
+#: Seconds between two looks at the state (a change is pushed this soon).
 PUSH_INTERVAL = 0.25
+#: Seconds between two pushes at least (while the state keeps changing).
+PUSH_SPACING = 1.0
 #: Closed clusters still shown (their final snapshot), most recent first.
 RECENT_CLOSED = 5
 #: Seconds the Discover action listens for answers.
@@ -172,6 +184,12 @@ class ClusterTracker:
                         self._nodes[key] = snap["nodes"]
         return live + closed
 
+    def pulses(self) -> list[float | None]:
+        """The ``pulse_interval`` each followed cluster asked of its nodes."""
+        with self._lock:
+            clusters = [monitor.cluster for monitor in self._monitors.values()]
+        return [getattr(cluster, "pulse_interval", None) for cluster in clusters]
+
     def cancel(self, cluster_id: str) -> int:
         """Cancel every unfinished job of the cluster; return how many."""
         with self._lock:
@@ -183,7 +201,7 @@ class ClusterTracker:
                     run.cancelling()
                 return monitor.cancel_all()
         raise ConfigurationError(
-            f"no live cluster {_shown(cluster_id)} in this kernel (it has closed); "
+            f"no live cluster {_quoted(cluster_id)} in this kernel (it has closed); "
             "nothing to cancel"
         )
 
@@ -298,6 +316,7 @@ class LabLink:
         discoverer: Callable[[list[str]], list[dict[str, Any]]] = discover,
         session: Callable[[], dict[str, Any]] | None = None,
         interval: float = PUSH_INTERVAL,
+        spacing: float = PUSH_SPACING,
     ) -> None:
         self._send = send
         self._tracker = tracker
@@ -305,6 +324,7 @@ class LabLink:
         self._discoverer = discoverer
         self._session = session or _magics_session
         self._interval = interval
+        self._spacing = spacing
         self._wake = threading.Event()
         self._closed = threading.Event()
         # ipykernel sends a comm's messages with the parent request of the calling
@@ -350,16 +370,36 @@ class LabLink:
     # -- pushing (own thread) ----------------------------------------------------------
 
     def _push_loop(self) -> None:
-        last: Any = None
+        last: Any = None  # the versions last looked at
+        sent: tuple[str, str] | None = None  # what the panel was last sent
+        due = float("inf")  # when a change not pushed yet may go
+        allowed = float("-inf")  # no push before (spacing)
+        budget = SendBudget()
+        load_sent = float("-inf")  # when new load figures last went
         failing = False
         while not self._closed.is_set():
             try:
                 session = self._session()
                 key = (self._tracker.refresh(), self._discovered.version, session)
-                if key != last or self._wake.is_set():
+                forced = self._wake.is_set()
+                now = time.monotonic()
+                if key != last or forced or now >= due:
                     self._wake.clear()
-                    self._safe_send(self.state())
-                    last = key
+                    last, due = key, float("inf")
+                    state = self.state()
+                    shown = _shown(state)
+                    allowed = max(allowed, now + budget.wait(now))
+                    if forced or sent is None or shown[0] != sent[0]:
+                        due = allowed  # a change: as soon as the spacing allows
+                    elif shown[1] != sent[1]:  # only load figures
+                        due = max(allowed, load_sent + self._load_interval())
+                    if forced or now >= due:
+                        self._safe_send(state)
+                        if sent is None or shown[1] != sent[1]:
+                            load_sent = now
+                        sent, due = shown, float("inf")
+                        budget.spend(len(shown[0]) + len(shown[1]), now)
+                        allowed = now + self._spacing
                 failing = False
             except Exception:
                 if not failing:  # once per failure streak, not 4 times a second
@@ -367,6 +407,13 @@ class LabLink:
                 failing = True
             # Polling the versions is cheap; this also throttles the pushes.
             self._closed.wait(self._interval)
+
+    def _load_interval(self) -> float:
+        """Seconds between pushes of new load figures alone: `LOAD_INTERVAL`, or
+        the shortest ``pulse_interval`` a followed cluster asked its nodes for."""
+        return min(
+            [LOAD_INTERVAL, *(p for p in self._tracker.pulses() if p)],
+        )
 
     def _safe_send(self, data: dict[str, Any]) -> None:
         if self._closed.is_set():
@@ -390,17 +437,17 @@ class LabLink:
         try:
             if not isinstance(data, dict) or data.get("type") != "request":
                 raise ConfigurationError(
-                    f"not a request: {_shown(data)}; send "
+                    f"not a request: {_quoted(data)}; send "
                     '{"type": "request", "id": ..., "action": ...}'
                 )
             self._serve(request_id, action, data)
         except ConfigurationError as exc:
             self._reply(request_id, error=str(exc))
         except Exception as exc:  # a bug: say so to the panel, keep serving
-            logger.exception("dispynb panel: request %s failed", _shown(action))
+            logger.exception("dispynb panel: request %s failed", _quoted(action))
             self._reply(
                 request_id,
-                error=f"{_shown(action)} failed in the kernel: "
+                error=f"{_quoted(action)} failed in the kernel: "
                 f"{type(exc).__name__}: {_cut(str(exc))}",
             )
 
@@ -426,7 +473,7 @@ class LabLink:
             )
         else:
             raise ConfigurationError(
-                f"unknown request {_shown(action)}: this kernel's dispynb "
+                f"unknown request {_quoted(action)}: this kernel's dispynb "
                 f"{__version__} knows cancel, discover and nodes"
             )
 
@@ -438,6 +485,7 @@ class LabLink:
                 f"{MAX_DISCOVERIES} discoveries are running already: "
                 "ask again when one has answered"
             )
+        self.push_now()  # the panel shows it is discovering: at once
 
         def run() -> None:
             try:
@@ -470,7 +518,33 @@ class LabLink:
         self._safe_send(message)
 
 
-def _shown(value: Any) -> str:
+#: What of a cluster's snapshot the panel does not show, and changes all the time.
+_UNSHOWN = ("now", "version")
+#: What of a node's record changes at every report, of which the panel shows
+#: the load (``avail``).
+_LOAD = ("avail", "cpu_time", "tx", "rx", "update_time")
+
+
+def _shown(state: dict[str, Any]) -> tuple[str, str]:
+    """What the panel shows of ``state`` (as JSON): all but the load figures, and
+    the load figures."""
+    rest, load = [], []
+    for cluster in state["clusters"]:
+        brief = {k: v for k, v in cluster.items() if k not in _UNSHOWN}
+        brief["nodes"] = [
+            {k: v for k, v in node.items() if k not in _LOAD}
+            for node in cluster.get("nodes", [])
+        ]
+        rest.append(brief)
+        load.append([[node.get(k) for k in _LOAD] for node in cluster["nodes"]])
+    others = {k: v for k, v in state.items() if k != "clusters"}
+    return (
+        json.dumps([others, rest], sort_keys=True, default=str),
+        json.dumps(load, default=str),
+    )
+
+
+def _quoted(value: Any) -> str:
     """``repr(value)`` cut to `SHOWN` characters, to quote a panel's value back."""
     return _cut(repr(value))
 

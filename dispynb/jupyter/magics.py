@@ -176,8 +176,9 @@ class DispyMagics(Magics):
         "--pulse",
         type=float,
         metavar="SECONDS",
-        help="local, nodes: how often nodes report their load (CPU, memory) to "
-        "the node panel while runs use them (default: every 10 s)",
+        help="local, nodes: how often nodes report their load (CPU, memory) and "
+        "the node panels show it while runs use them (default: reported every "
+        "second, shown every 10 s)",
     )
     @line_magic
     def dispy(self, line: str) -> Any:

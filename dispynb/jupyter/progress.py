@@ -3,7 +3,11 @@
 `ProgressCounts` is a snapshot (pure data). Bars draw snapshots and share one base
 class, `ProgressBar`, whose `~ProgressBar.update` is throttled (one redraw per
 ``interval`` seconds at most, plus a trailing redraw so the last state always shows)
-and safe to call from the cluster's callback thread:
+and safe to call from the cluster's callback thread. A bar redraws when the counts
+change; when only time passes (the rate and ETA drift) at most every
+`CLOCK_INTERVAL` seconds: a kernel's output is kept by the Jupyter server for a
+notebook whose tab is closed, so a long run must not send a steady stream of
+redraws that say nothing new.
 
 - `WidgetProgressBar`: an ipywidgets bar and label inside a kernel; its display also
   carries a static ``text/html`` snapshot, refreshed when the run ends, for front ends
@@ -46,6 +50,10 @@ __all__ = [
 PROGRESS_ENV = "DISPYNB_PROGRESS"
 
 KINDS = ("auto", "widget", "html", "text", "none")
+
+#: Seconds between two redraws when only the elapsed time changed (the rate and
+#: ETA it moves): a run whose jobs all run long redraws this rarely.
+CLOCK_INTERVAL = 10.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +145,7 @@ class ProgressBar(abc.ABC):
         self.closed = False
         self._lock = threading.RLock()
         self._last_draw = float("-inf")
+        self._shown: ProgressCounts | None = None  # what the last draw showed
         self._timer: threading.Timer | None = None
 
     def show(self) -> None:  # noqa: B027 (optional hook: a no-op by default)
@@ -146,12 +155,15 @@ class ProgressBar(abc.ABC):
         """Called before other text is written where the bar draws (text bars)."""
 
     def update(self, counts: ProgressCounts, force: bool = False) -> None:
-        """Record ``counts``; redraw now, or within ``interval`` seconds."""
+        """Record ``counts``; redraw now, or within ``interval`` seconds (if only
+        the elapsed time changed: once `CLOCK_INTERVAL` seconds have passed)."""
         with self._lock:
             if self.closed:
                 return
             self.counts = counts
             now = time.monotonic()
+            if not force and not self._changed(counts, now):
+                return
             wait = self._last_draw + self.interval - now
             if force or wait <= 0:
                 self._draw_now()
@@ -170,6 +182,16 @@ class ProgressBar(abc.ABC):
             self._cancel_timer()
             self._draw_done(counts)
 
+    def _changed(self, counts: ProgressCounts, now: float) -> bool:
+        """Whether ``counts`` is worth a redraw: a count changed, or only time
+        passed and the last draw is `CLOCK_INTERVAL` seconds old."""
+        drawn = self._shown
+        if drawn is None or counts != dataclasses.replace(
+            drawn, elapsed=counts.elapsed
+        ):
+            return True
+        return now - self._last_draw >= CLOCK_INTERVAL
+
     def _trailing(self) -> None:
         with self._lock:
             self._timer = None
@@ -179,6 +201,7 @@ class ProgressBar(abc.ABC):
     def _draw_now(self) -> None:
         self._cancel_timer()
         self._last_draw = time.monotonic()
+        self._shown = self.counts
         self._draw_bar(self.counts)
 
     def _cancel_timer(self) -> None:
@@ -293,7 +316,7 @@ class WidgetProgressBar(ProgressBar):
     and ``label.value`` (the counts as text).
     """
 
-    def __init__(self, title: str = "", interval: float = 0.2) -> None:
+    def __init__(self, title: str = "", interval: float = 0.5) -> None:
         super().__init__(title, interval)
         import ipywidgets
 
@@ -309,8 +332,9 @@ class WidgetProgressBar(ProgressBar):
             self._handle = display(_WidgetWithSnapshot(self), display_id=True)
 
     def _draw_bar(self, counts: ProgressCounts) -> None:
-        self.bar.max = max(counts.total, 1)
-        self.bar.value = counts.ended
+        with self.bar.hold_sync():  # max and value in one message
+            self.bar.max = max(counts.total, 1)
+            self.bar.value = counts.ended
         self.label.value = templates.format_counts(counts)
 
     def _draw_done(self, counts: ProgressCounts) -> None:

@@ -25,7 +25,7 @@ from dispynb.jupyter import display as templates
 from dispynb.jupyter.errors import MagicError
 from dispynb.jupyter.magicsupport import Adapt, friendly_errors
 from dispynb.jupyter.run import Run
-from dispynb.jupyter.widgets import NodePanel
+from dispynb.jupyter.widgets import LOAD_INTERVAL, NodePanel
 
 __all__ = ["Session", "SessionStatus", "launcher_kind"]
 
@@ -353,7 +353,9 @@ class Session:
         return f"{hint}\n{kept}" if hint else kept
 
     def _show_in_use(self) -> None:
-        """The panel keeps the nodes in use; others show as gone, then go."""
+        """The panel keeps the nodes in use; others show as gone, then go. It
+        shows their load as often as ``--pulse`` asked them to report it."""
+        self.panel.load_interval = self.options.get("pulse_interval") or LOAD_INTERVAL
         self.panel.in_use([address for _, address, _ in self.known_nodes()])
 
     def rows(self) -> list[Any]:

@@ -25,10 +25,27 @@ from dispynb.job import DispyJob, JobStatus
 from dispynb.jupyter import display as templates
 from dispynb.node import DispyNode, NodeStatus
 
-__all__ = ["GONE_SHOWN", "NodePanel", "NodeRow", "NodeTable"]
+__all__ = [
+    "BYTE_BURST",
+    "BYTE_RATE",
+    "GONE_SHOWN",
+    "LOAD_INTERVAL",
+    "NodePanel",
+    "NodeRow",
+    "NodeTable",
+]
 
 #: Seconds a node that left (or was replaced) stays in the table, greyed as gone.
 GONE_SHOWN = 30.0
+#: Seconds between two redraws of a live display (the node panel, the lab panel)
+#: that only bring new load figures (nodes report them every second), unless the
+#: nodes were asked to report less often (``pulse_interval``, ``%dispy --pulse``).
+LOAD_INTERVAL = 10.0
+#: Bytes a second a live table of nodes sends at most on average (its redraws
+#: are spaced by their size): a few MB an hour however many nodes it shows...
+BYTE_RATE = 1000.0
+#: ... after a first burst of this many bytes.
+BYTE_BURST = 20_000.0
 
 
 @dataclasses.dataclass
@@ -61,6 +78,32 @@ class NodeRow:
         if self.gone:
             return "gone"
         return "in use" if self.connected else "idle"
+
+
+class SendBudget:
+    """The bytes a live display may send: `BYTE_RATE` a second on average, after
+    a burst of `BYTE_BURST` (a token bucket). Not thread-safe: its display's lock
+    guards it."""
+
+    def __init__(self, rate: float = BYTE_RATE, burst: float = BYTE_BURST) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._left = burst
+        self._at = time.monotonic()
+
+    def wait(self, now: float) -> float:
+        """Seconds until the display may send again (0.0: now)."""
+        self._refill(now)
+        return 0.0 if self._left >= 0 else -self._left / self.rate
+
+    def spend(self, size: int, now: float) -> None:
+        """``size`` bytes were sent at ``now``."""
+        self._refill(now)
+        self._left -= size
+
+    def _refill(self, now: float) -> None:
+        self._left = min(self.burst, self._left + (now - self._at) * self.rate)
+        self._at = max(self._at, now)
 
 
 class NodeTable:
@@ -190,25 +233,52 @@ class NodePanel:
 
     Pass `cluster_status` (or `chain`) as a cluster's ``cluster_status`` callback.
     Inside a kernel with ipywidgets, ``panel.widget`` is an ``ipywidgets.HTML`` whose
-    ``value`` is redrawn at most every ``interval`` seconds; elsewhere only the model
+    ``value`` is redrawn as the table changes; elsewhere only the model
     (``panel.rows()``) and the static ``_repr_html_`` are kept up to date.
+
+    What it sends stays small, for a Jupyter server keeps a kernel's messages for a
+    notebook whose tab is closed: the widget is made when the panel is first shown
+    (one never shown sends nothing), a redraw comes only when what it shows
+    changed, at most every ``interval`` seconds and `BYTE_RATE` bytes a second
+    (`SendBudget`),
+    and new load figures alone (nodes report theirs every second) at most every
+    ``load_interval`` seconds.
     """
 
-    def __init__(self, interval: float = 0.5, widget: bool | None = None) -> None:
+    def __init__(
+        self,
+        interval: float = 1.0,
+        widget: bool | None = None,
+        load_interval: float = LOAD_INTERVAL,
+    ) -> None:
         self.table = NodeTable()
         self.interval = interval
-        self.widget: Any = None
-        if widget is None or widget:
-            try:
-                import ipywidgets
-            except ImportError:
-                if widget:
-                    raise
-            else:
-                self.widget = ipywidgets.HTML(value=templates.nodes_html([]))
-        self._lock = threading.Lock()
-        self._last = float("-inf")
+        self.load_interval = load_interval
+        self._wanted = widget is None or widget
+        if widget:
+            import ipywidgets  # noqa: F401 (asked for: fail now without it)
+        self._widget: Any = None
+        self._lock = threading.RLock()
+        self._next = float("-inf")  # no redraw before (time.monotonic())
+        self._budget = SendBudget()
+        self._load_shown = float("-inf")  # when load figures last changed on it
+        self._shown: tuple[Any, Any] | None = None  # what it shows: (rest, load)
         self._timer: threading.Timer | None = None
+
+    @property
+    def widget(self) -> Any:
+        """The ``ipywidgets.HTML`` table, made when first asked for (to display
+        it); None without ipywidgets or with ``widget=False``."""
+        with self._lock:
+            if self._widget is None and self._wanted:
+                try:
+                    import ipywidgets
+                except ImportError:
+                    self._wanted = False
+                    return None
+                self._widget = ipywidgets.HTML()
+                self._draw(force=True)
+            return self._widget
 
     def rows(self) -> list[NodeRow]:
         return self.table.rows()
@@ -246,25 +316,61 @@ class NodePanel:
         return chained
 
     def redraw(self) -> None:
-        """Redraw the widget now."""
+        """Redraw the widget now (if it was made)."""
         with self._lock:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-            self._last = time.monotonic()
-            if self.widget is not None:
-                self.widget.value = templates.nodes_html(self.rows())
+            self._draw(force=True)
 
     def _request_draw(self) -> None:
         with self._lock:
-            wait = self._last + self.interval - time.monotonic()
+            if self._widget is None:
+                return  # never shown: nothing to send
+            now = time.monotonic()
+            wait = max(self._next - now, self._budget.wait(now))
             if wait > 0:
-                if self._timer is None:
-                    self._timer = threading.Timer(wait, self.redraw)
-                    self._timer.daemon = True
-                    start_thread(self._timer)
+                self._draw_in(wait)
+            else:
+                self._draw()
+
+    def _draw(self, force: bool = False) -> None:
+        """Redraw if the table shows something new (with the lock held); new load
+        figures alone wait for ``load_interval`` seconds after the last ones."""
+        self._cancel_timer()
+        if self._widget is None:
+            return
+        rows = self.rows()
+        shown = _shown(rows)
+        now = time.monotonic()
+        last = self._shown
+        if not force and last is not None and shown[0] == last[0]:
+            if shown[1] == last[1]:
                 return
-        self.redraw()
+            wait = self._load_shown + self.load_interval - now
+            if wait > 0:
+                self._draw_in(wait)
+                return
+        value = templates.nodes_html(rows)
+        self._widget.value = value
+        if last is None or shown[1] != last[1]:
+            self._load_shown = now
+        self._shown = shown
+        self._next = now + self.interval
+        self._budget.spend(len(value), now)
+
+    def _draw_in(self, wait: float) -> None:
+        if self._timer is None:
+            self._timer = threading.Timer(wait, self._timed_draw)
+            self._timer.daemon = True
+            start_thread(self._timer)
+
+    def _timed_draw(self) -> None:
+        with self._lock:
+            self._timer = None
+            self._draw()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _repr_html_(self) -> str:
         return templates.nodes_html(self.rows())
@@ -288,3 +394,17 @@ class NodePanel:
             for r in rows
         ]
         return "\n".join(lines)
+
+
+def _shown(rows: list[NodeRow]) -> tuple[Any, Any]:
+    """What the table shows of ``rows``: everything but the load figures, and the
+    load figures (as shown; whether a node has reported any is in the first)."""
+    rest = tuple(
+        (r.address, r.name, r.cpus, r.busy, r.jobs_done, r.state, r.cpu_free is None)
+        for r in rows
+    )
+    load = tuple(
+        (templates.format_load(r.cpu_free), templates.format_bytes(r.memory_free))
+        for r in rows
+    )
+    return rest, load

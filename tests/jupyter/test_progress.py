@@ -181,3 +181,19 @@ def test_make_progress_kinds():
     assert isinstance(make_progress("html"), HTMLProgressBar)
     assert isinstance(make_progress("text"), TextProgressBar)
     assert isinstance(make_progress("none"), NullProgressBar)
+
+
+def test_bar_redraws_when_counts_change_and_when_only_time_passes_rarely(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A run whose jobs all run long: the time alone (its rate and ETA) redraws
+    every CLOCK_INTERVAL seconds, not at every update (4 a second while waiting)."""
+    now = [1000.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
+    bar = Recorder(interval=0)
+    for second in range(30):
+        now[0] = 1000.0 + second
+        bar.update(ProgressCounts(total=4, finished=2, running=2, elapsed=second))
+    assert [c.elapsed for c in bar.drawn] == [0, 10, 20]
+    bar.update(ProgressCounts(total=4, finished=3, running=1, elapsed=29.5))
+    assert bar.drawn[-1].finished == 3
