@@ -61,9 +61,9 @@ _KEPT_KINDS = (JobResults, ResultChunk, JobProvisional, FileFromNode)
 
 #: What a job that sends a file while its client is away is told.
 _CLIENT_AWAY = (
-    "the client is away (its connection to the scheduler ended): the file was "
-    "not saved; the scheduler keeps it for the client's recovery"
+    "the client is away (its connection to the scheduler ended): the file was not saved"
 )
+_KEPT = "; the scheduler keeps it for the client's recover_jobs"
 
 #: Room for a message's header (a file's path at most a few KiB), lengths and MAC.
 _HEADER_ROOM = 64 * 1024
@@ -232,20 +232,20 @@ class SharedComputation(_JobFiles):
             if running is not None and running.node == upstream.node.name
             else None
         )
-        if message.request:
-            message = self._file_question(upstream, message)
-        self.to_client(message, buffers, job=job)
-
-    def _file_question(self, upstream: Upstream, message: FileFromNode) -> FileFromNode:
-        """The job that sent this file waits for its client's answer: the file goes
-        with a number of the scheduler's (two nodes' may be the same), or, the
-        client away, the node is answered now."""
-        if self.session is None:
-            self._answer_file(upstream, message.key, message.request, _CLIENT_AWAY)
-            return dataclasses.replace(message, request=0)
-        request = next(self._file_request_ids)
-        self.file_requests[request] = (upstream, message.key, message.request)
-        return dataclasses.replace(message, request=request)
+        if not message.request:
+            self.to_client(message, buffers, job=job)
+        elif self.session is None:
+            # The job waits: told now whether the file is kept for the client.
+            dropped = self.kept.dropped
+            self.to_client(dataclasses.replace(message, request=0), buffers, job=job)
+            kept = self.setup.recovery_id is not None and self.kept.dropped == dropped
+            reason = _CLIENT_AWAY + (_KEPT if kept else "")
+            self._answer_file(upstream, message.key, message.request, reason)
+        else:  # under a number of the scheduler's (two nodes' may be the same)
+            request = next(self._file_request_ids)
+            self.file_requests[request] = (upstream, message.key, message.request)
+            message = dataclasses.replace(message, request=request)
+            self.to_client(message, buffers, job=job)
 
     def file_saved(self, message: FileSaved) -> None:
         """The client's answer about a file: to the node whose job waits for it."""
@@ -255,9 +255,13 @@ class SharedComputation(_JobFiles):
 
     def client_gone(self) -> None:
         """Its client went away: the files it did not answer for never will be."""
+        # Those it was sent are kept for its recovery with everything it was sent.
+        kept = self.setup.recovery_id is not None and self.setup.keep_sent
         for request in list(self.file_requests):
             upstream, key, asked = self.file_requests.pop(request)
-            self._answer_file(upstream, key, asked, _CLIENT_AWAY)
+            self._answer_file(
+                upstream, key, asked, _CLIENT_AWAY + (_KEPT if kept else "")
+            )
 
     def _answer_file(
         self, upstream: Upstream, key: int, request: int, error: str

@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from dispynb import recover_jobs
+from dispynb import LocalCluster, recover_jobs
 from dispynb.job import JobStatus
 from tests.jobs import wait_until
 from tests.sharedsched.harness import SchedulerProcess, start_client
+from tests.sharedsched.test_kept import _scheduler
 
 pytestmark = pytest.mark.slow
 
@@ -82,7 +84,8 @@ def test_files_and_provisional_results_sent_while_away_are_recovered(
         for n in range(2):
             sent, said = (marks / f"sent-{n}").read_text().split(" ", 1)
             assert sent == "-1", said  # the client did not write it (yet)
-            assert "the client is away" in said and "recovery" in said, said
+            assert "the client is away" in said, said
+            assert "the scheduler keeps it for the client's recover_jobs" in said
         jobs = recover_jobs(
             str(journal), secret_file=credential, timeout=3, files_dir=str(received)
         )
@@ -104,3 +107,65 @@ def test_files_and_provisional_results_sent_while_away_are_recovered(
         (JobStatus.Finished, 0),
         (JobStatus.Finished, 10),
     ]
+
+
+#: One job that waits for ``go``, sends a 2 MiB file and notes what
+#: dispy_send_file returned and said.
+LARGE_CLIENT = """
+import sys, time
+from dispynb import SharedJobCluster
+
+def job(marks, go):
+    import contextlib, io, os, time
+    open(os.path.join(marks, "started"), "w").close()
+    while not os.path.exists(go):
+        time.sleep(0.02)
+    with open("large.bin", "wb") as handle:
+        handle.write(b"x" * (2 << 20))
+    said = io.StringIO()
+    with contextlib.redirect_stderr(said):
+        sent = dispy_send_file("large.bin")
+    with open(os.path.join(marks, "sent"), "w") as handle:
+        handle.write("%d %s" % (sent, said.getvalue()))
+    return sent
+
+address, credential, journal, marks, go = sys.argv[1:]
+cluster = SharedJobCluster(
+    job, scheduler_host=address, secret_file=credential, recover_file=journal
+)
+cluster.submit(marks, go)
+print("submitted", flush=True)
+time.sleep(300)
+"""
+
+
+@pytest.fixture
+def small_quota(
+    tmp_path: Path, nodes: LocalCluster, users: dict[str, Path]
+) -> Iterator[SchedulerProcess]:
+    """A scheduler that keeps 1 MiB per computation at most."""
+    yield from _scheduler(tmp_path, nodes, "--max_kept", "1M")
+
+
+def test_a_file_over_the_kept_quota_is_not_said_to_be_kept(
+    small_quota: SchedulerProcess, users: dict[str, Path], tmp_path: Path
+) -> None:
+    marks, go = tmp_path / "marks", tmp_path / "go"
+    marks.mkdir()
+    proc = start_client(
+        LARGE_CLIENT, small_quota.address, str(users["alice"]),
+        str(tmp_path / "j.journal"), str(marks), str(go), cwd=tmp_path, name="large",
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "submitted", proc.communicate()
+        wait_until(lambda: (marks / "started").exists())
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=20)
+    small_quota.wait_for_log("client gone", timeout=60)
+    go.touch()
+    wait_until(lambda: (marks / "sent").exists())
+    sent, said = (marks / "sent").read_text().split(" ", 1)
+    assert sent == "-1" and "the client is away" in said, said
+    assert "keeps it" not in said, said  # over --max_kept: it was not kept
