@@ -70,6 +70,9 @@ class _Clients(_ServerState):
                 continue
             comp.session = None
             comp.client_gone()
+            # A recovering client that left before the jobs ended (its timeout):
+            # what they return is kept for the next, not dropped as they end.
+            comp.recovering = False
             if comp.closed or comp.closing:
                 continue
             if comp.setup.recovery_id is not None and not self.stopping:

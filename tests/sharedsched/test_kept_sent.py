@@ -90,6 +90,7 @@ def test_files_and_provisional_results_sent_while_away_are_recovered(
             str(journal), secret_file=credential, timeout=3, files_dir=str(received)
         )
     finally:
+        since = len(scheduler.log_text())
         release.touch()
     assert [job.status for job in jobs] == [
         JobStatus.Finished,
@@ -99,14 +100,16 @@ def test_files_and_provisional_results_sent_while_away_are_recovered(
     assert jobs[1].result == "half of 1"  # still running: its latest provisional
     for n in range(2):
         assert (received / f"out-{n}.txt").read_text() == f"file of job {n}"
-    # The rest comes with the next call, once job 1 ended.
+    # The rest comes with the next call, once job 1 ended: kept, though the
+    # client that came back for its computation went away before that.
+    scheduler.wait_for_log("no job of it runs, 0 wait", timeout=60, since=since)
     again = recover_jobs(
         str(journal), secret_file=credential, timeout=60, files_dir=str(received)
     )
     assert [(job.status, job.result) for job in again] == [
         (JobStatus.Finished, 0),
         (JobStatus.Finished, 10),
-    ]
+    ], [job.exception for job in again]
 
 
 #: One job that waits for ``go``, sends a 2 MiB file and notes what
