@@ -346,7 +346,7 @@ async def _recover_from(
         )
         logger.debug("asked %s for the jobs of %s", node, recovery_id)
         streams: dict[tuple[int, int], Parts | None] = {}
-        sent = SentWhileAway(limits.files_dir)
+        sent = SentWhileAway(limits.files_dir, conn.write)
         async with _watching(watch), asyncio.timeout(timeout):
             while any(not job.done() for job in pending.values()):
                 message, buffers = await conn.recv()
@@ -414,7 +414,7 @@ async def _collect_from(
             )
         )
         streams: dict[tuple[int, int], Parts | None] = {}
-        sent = SentWhileAway(limits.files_dir)
+        sent = SentWhileAway(limits.files_dir, conn.write)
         async with _watching(watch), asyncio.timeout(timeout):
             while True:
                 message, buffers = await conn.recv()

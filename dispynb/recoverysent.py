@@ -6,30 +6,35 @@ A file is saved under the ``files_dir`` given to `recover_jobs` (the current
 directory by default), at the path the job sent it to, as the crashed cluster would
 have saved it. A provisional result shows on a job that has not ended when
 `recover_jobs` returns (status ``ProvisionalResult``, ``job.result`` the latest one),
-as it would on the crashed cluster's job; a job's final result replaces it.
+as it would on the crashed cluster's job; a job's final result replaces it. A job
+that sends a file while `recover_jobs` is attached (through a scheduler) waits for
+the answer (its ``dispy_send_file`` returns 0 or -1): it is given, as a cluster
+gives it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from dispynb.backends.jobfiles import unsaved_file
 from dispynb.errors import DispynbError, SerializationError
 from dispynb.job import DispyJob
 from dispynb.protocol import serialize
 from dispynb.protocol.files import write_inside
-from dispynb.protocol.messages import FileFromNode, JobProvisional, Message
+from dispynb.protocol.messages import FileFromNode, FileSaved, JobProvisional, Message
 
 logger = logging.getLogger("dispynb.recovery")
 
 
 class SentWhileAway:
-    """Takes the kept files and provisional results of one recovery (`take`)."""
+    """Takes the kept files and provisional results of one recovery (`take`);
+    ``reply`` sends the answer a job waits for (`FileSaved`) to the peer."""
 
-    def __init__(self, files_dir: str | None) -> None:
+    def __init__(self, files_dir: str | None, reply: Callable[[Message], None]) -> None:
         self.files_dir = files_dir or os.getcwd()
+        self._reply = reply
         #: Files saved, and not saved (the reason logged).
         self.saved = 0
         self.unsaved = 0
@@ -44,7 +49,15 @@ class SentWhileAway:
         """Handle ``message`` if it is a kept file or provisional result (of one of
         ``jobs``, by key, for a provisional result); False if it is neither."""
         if isinstance(message, FileFromNode):
-            self._save(message, buffers, node)
+            error = self._save(message, buffers, node)
+            if message.request:  # a job still running waits to know
+                answer = FileSaved(
+                    comp_id=message.comp_id,
+                    key=message.key,
+                    request=message.request,
+                    error=error,
+                )
+                self._reply(answer)
             return True
         if isinstance(message, JobProvisional):
             job = jobs.get(message.key)
@@ -61,9 +74,8 @@ class SentWhileAway:
             return True
         return False
 
-    def _save(
-        self, message: FileFromNode, buffers: list[memoryview], node: str
-    ) -> None:
+    def _save(self, message: FileFromNode, buffers: list[memoryview], node: str) -> str:
+        """Write the file; why it was not written ("" once it was)."""
         try:
             if len(buffers) != 1:
                 raise DispynbError("a file from a node comes in one buffer")
@@ -72,6 +84,7 @@ class SentWhileAway:
             self.unsaved += 1
             reason = unsaved_file(self.files_dir, str(message.path)[:200], exc)
             logger.warning("file a job sent, kept by %s, not saved: %s", node, reason)
-            return
+            return reason
         self.saved += 1
         logger.info("saved %s (sent by job %d, kept by %s)", saved, message.key, node)
+        return ""
