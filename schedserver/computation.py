@@ -249,9 +249,12 @@ class SharedComputation(_JobFiles):
 
     def file_saved(self, message: FileSaved) -> None:
         """The client's answer about a file: to the node whose job waits for it."""
-        waiting = self.file_requests.pop(message.request, None)
+        self._answer_request(message.request, peer_text(message.error, 2000))
+
+    def _answer_request(self, request: int, error: str) -> None:
+        waiting = self.file_requests.pop(request, None)
         if waiting is not None:
-            self._answer_file(*waiting, peer_text(message.error, 2000))
+            self._answer_file(*waiting, error)
 
     def client_gone(self) -> None:
         """Its client went away: the files it did not answer for never will be."""
@@ -293,15 +296,13 @@ class SharedComputation(_JobFiles):
                     if isinstance(message, FileFromNode)
                     else "provisional result"
                 )
-                logger.warning(
-                    "%s: %s of job %d (%d bytes) not sent: over the "
-                    "max_message_size of %d bytes its recovering client gave",
-                    self.name,
-                    what,
-                    message.key,
-                    size,
-                    limit,
+                reason = (
+                    f"{what} of job {message.key} ({size} bytes) not sent: over the "
+                    f"max_message_size of {limit} bytes its recovering client gave"
                 )
+                logger.warning("%s: %s", self.name, reason)
+                if isinstance(message, FileFromNode) and message.request:
+                    self._answer_request(message.request, reason)  # the job waits
                 return
         yield from fit_message(message, buffers, limit)
 

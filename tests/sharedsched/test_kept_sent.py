@@ -172,3 +172,84 @@ def test_a_file_over_the_kept_quota_is_not_said_to_be_kept(
     sent, said = (marks / "sent").read_text().split(" ", 1)
     assert sent == "-1" and "the client is away" in said, said
     assert "keeps it" not in said, said  # over --max_kept: it was not kept
+
+
+#: Job 0 sends a file once its client is gone (the scheduler keeps it); job 1 waits
+#: until `recover_jobs` saved that one (so it is attached), then sends its own and
+#: returns what dispy_send_file returned.
+LIVE = """
+import sys, time
+from dispynb import SharedJobCluster
+
+def job(n, marks, go, received, size):
+    import os, time
+    open(os.path.join(marks, "started-%d" % n), "w").close()
+    wait_for = go if n == 0 else os.path.join(received, "out-0.txt")
+    while not os.path.exists(wait_for):
+        time.sleep(0.02)
+    with open("out-%d.txt" % n, "w") as handle:
+        handle.write(("file of job %d" % n).ljust(size if n else 0, "."))
+    sent = dispy_send_file("out-%d.txt" % n)
+    open(os.path.join(marks, "sent-%d" % n), "w").close()
+    return sent
+
+address, credential, journal, marks, go, received, size = sys.argv[1:]
+cluster = SharedJobCluster(
+    job, scheduler_host=address, secret_file=credential, recover_file=journal
+)
+jobs = [cluster.submit(n, marks, go, received, int(size)) for n in range(2)]
+print("submitted", flush=True)
+time.sleep(300)
+"""
+
+
+@pytest.mark.parametrize("size", [0, 256 * 1024])
+def test_a_file_sent_while_recover_jobs_waits_is_answered(
+    scheduler: SchedulerProcess, users: dict[str, Path], tmp_path: Path, size: int
+) -> None:
+    """A job that sends a file while `recover_jobs` is attached (waiting for it to
+    end) is answered: recover_jobs saves the file and says so, the job's
+    dispy_send_file returns 0 and the job ends; a file over recover_jobs's
+    max_message_size is left out, and the job told (-1). recover_jobs never
+    answered, nor the scheduler for a file it left out: the job waited for it and
+    recover_jobs for the job, until its timeout."""
+    journal, marks, received = (
+        tmp_path / "j.journal",
+        tmp_path / "marks",
+        tmp_path / "in",
+    )
+    go = tmp_path / "go"
+    marks.mkdir()
+    received.mkdir()
+    credential = str(users["alice"])
+    proc = start_client(
+        LIVE, scheduler.address, credential, str(journal), str(marks), str(go),
+        str(received), str(size), cwd=tmp_path, name="away",
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "submitted", proc.communicate()
+        wait_until(lambda: len(list(marks.glob("started-*"))) == 2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=20)
+    scheduler.wait_for_log("client gone", timeout=60)
+    go.touch()
+    wait_until(lambda: (marks / "sent-0").exists())
+    jobs = recover_jobs(
+        str(journal),
+        secret_file=credential,
+        timeout=30,
+        files_dir=str(received),
+        max_message_size=128 * 1024,
+    )
+    assert [(job.status, job.result) for job in jobs] == [
+        (JobStatus.Finished, -1),  # sent while nobody could save it: kept
+        (JobStatus.Finished, -1 if size else 0),
+    ], [job.exception for job in jobs]
+    assert (received / "out-0.txt").read_text() == "file of job 0"
+    if size:
+        assert not (received / "out-1.txt").exists()
+        assert "over the max_message_size" in jobs[1].stderr, jobs[1].stderr
+    else:
+        assert (received / "out-1.txt").read_text() == "file of job 1"
