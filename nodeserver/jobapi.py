@@ -79,12 +79,14 @@ class JobContext:
             while True:
                 if deadline is not None:
                     left = deadline - time.monotonic()
-                    if left <= 0 or not sock.wait(left):
+                    if left <= 0:
                         return (
                             f"the client did not confirm it within {timeout} s "
                             "(it may still arrive): give dispy_send_file a longer "
                             "timeout, or None to wait for the answer"
                         )
+                    if not sock.wait(min(left, _LONGEST_POLL)):
+                        continue
                 received = sock.recv()
                 answer = received[0]
                 if type(answer) is FileAnswer:
@@ -93,6 +95,11 @@ class JobContext:
                     continue  # a late answer to a call that stopped waiting
                 if self.stash is not None:  # for the worker loop, after this job
                     self.stash(received)
+
+
+#: Longest single wait for a file's answer: poll takes milliseconds in a C int (24.8
+#: days), so a longer timeout (infinity, too) waits in turns.
+_LONGEST_POLL = 86400.0
 
 
 #: The context of this worker process (each worker runs one job at a time).

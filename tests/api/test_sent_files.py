@@ -123,3 +123,24 @@ def test_a_job_that_stops_waiting_gets_minus_one_and_its_next_file_goes(
         assert job.result == (-1, 0, "done"), (job.status, job.exception)
         assert "did not confirm it within 0" in job.stderr
     assert (tmp_path / "b.bin").read_bytes() == b"b" * 1000
+
+
+def test_a_long_timeout_waits_for_the_answer(
+    local: LocalCluster, tmp_path: Path
+) -> None:
+    """A timeout longer than a poll can wait at once (about 24.8 days in ms, or
+    infinity) waits for the client's answer like None, instead of raising
+    OverflowError out of dispy_send_file."""
+
+    def patient(timeout: float) -> int:
+        with open("p.bin", "wb") as handle:
+            handle.write(b"p" * 100)
+        return dispy_send_file("p.bin", timeout=timeout)  # type: ignore[name-defined]  # noqa: F821
+
+    with JobCluster(patient, nodes=local, files_dir=str(tmp_path)) as cluster:
+        jobs = [cluster.submit(t) for t in (30 * 86400, 1e300, float("inf"))]
+        assert cluster.wait(timeout=WAIT)
+    assert [(job.status, job.result) for job in jobs] == [(DispyJob.Finished, 0)] * 3, [
+        job.exception for job in jobs
+    ]
+    assert (tmp_path / "p.bin").read_bytes() == b"p" * 100
