@@ -83,6 +83,11 @@ class LoopRunner:
         # creates until they finish.
         self._tasks: set[asyncio.Future[Any]] = set()
         self._released: bool = False
+        # The run_sync call each thread waits in (by thread ident), for `interrupt`,
+        # and the calls interrupted.
+        self._waits_lock = threading.Lock()
+        self._waits: dict[int, tuple[concurrent.futures.Future[Any], Any]] = {}
+        self._interrupted: set[concurrent.futures.Future[Any]] = set()
 
     @classmethod
     def acquire(cls) -> LoopRunner:
@@ -265,9 +270,20 @@ class LoopRunner:
             if task is not None:
                 task.cancel()
 
+        ident = threading.get_ident()
+        with self._waits_lock:
+            self._waits[ident] = (future, cancel)
         self._loop.call_soon_threadsafe(start)
         try:
             return future.result(timeout)
+        except concurrent.futures.CancelledError:
+            with self._waits_lock:
+                interrupted = future in self._interrupted
+            if interrupted:
+                raise KeyboardInterrupt(
+                    f"{_name(coro_fn)} was interrupted from another thread"
+                ) from None
+            raise
         except concurrent.futures.TimeoutError:
             self._abandon(future, cancel)
             raise TimeoutError(
@@ -278,6 +294,29 @@ class LoopRunner:
             if not future.done():
                 self._abandon(future, cancel)
             raise
+        finally:
+            with self._waits_lock:
+                if self._waits.get(ident, (None, None))[0] is future:
+                    del self._waits[ident]
+                self._interrupted.discard(future)
+
+    def interrupt(self, ident: int) -> bool:
+        """Interrupt the `run_sync` call that thread ``ident`` waits in, as Ctrl-C
+        interrupts the main thread's: its work is cancelled and the call raises
+        `KeyboardInterrupt` in that thread (whose cleanup then runs as usual).
+
+        For a thread that makes a cluster for another (a probe of ``%dispy
+        nodes``) when that one is interrupted. Returns False if the thread waits
+        in no call now (nothing was done).
+        """
+        with self._waits_lock:
+            entry = self._waits.pop(ident, None)
+            if entry is None:
+                return False
+            future, cancel = entry
+            self._interrupted.add(future)
+        self._abandon(future, cancel)
+        return True
 
     def _abandon(
         self, future: concurrent.futures.Future[Any], cancel: Callable[[], None]

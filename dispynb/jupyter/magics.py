@@ -23,6 +23,7 @@ from IPython.display import display
 from dispynb.jupyter.cellrun import LAST_RUN, NODES_HINT, CellRunner
 from dispynb.jupyter.errors import MagicInterrupted
 from dispynb.jupyter.magicsupport import adapt_bounds, malformed_node, parse_line
+from dispynb.jupyter.probing import ProbesInterrupted
 from dispynb.jupyter.progress import KINDS
 from dispynb.jupyter.session import Session, SessionStatus, launcher_kind
 
@@ -209,11 +210,12 @@ class DispyMagics(Magics):
         args = parse_line(self.dispy, line)
         try:
             return self._act(args)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             # Stop while nodes start or do not answer: what is in use now, in a line.
             where = self.session.status()._where()
+            what = f" ({exc})" if isinstance(exc, ProbesInterrupted) else ""
             raise MagicInterrupted(
-                f"Interrupted: %dispy {args.action} did not finish; {where}"
+                f"Interrupted: %dispy {args.action} did not finish{what}; {where}"
             ) from None
 
     def _act(self, args: argparse.Namespace) -> Any:

@@ -14,6 +14,7 @@ import html
 import os
 import sys
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -24,6 +25,7 @@ from dispynb.defaults import LOCAL_ENGINE_ENV
 from dispynb.jupyter import display as templates
 from dispynb.jupyter.errors import MagicError
 from dispynb.jupyter.magicsupport import Adapt, friendly_errors
+from dispynb.jupyter.probing import ParallelProbes
 from dispynb.jupyter.run import Run
 from dispynb.jupyter.widgets import LOAD_INTERVAL, NodePanel
 
@@ -312,23 +314,22 @@ class Session:
         """Probe each of ``specs`` on its own (at once, in threads): those that
         answered, why each other one did not, and what shows the nodes met in
         the panel. Raises the error if none answered. Wildcards (discovery) and
-        a single spec are probed together, as one cluster."""
-        from concurrent.futures import ThreadPoolExecutor
-
+        a single spec are probed together, as one cluster. Interrupted, the
+        probes end at once (`ParallelProbes`)."""
         from dispynb.errors import DispynbError
         from dispynb.node import is_wildcard, parse_node_specs
 
         if len(specs) < 2 or any(is_wildcard(s) for s in parse_node_specs(specs)):
             return specs, {}, self._probe(specs, None, options)
-        with ThreadPoolExecutor(len(specs), "dispynb-probe") as pool:
-            probes = [pool.submit(self._probe, [spec], None, options) for spec in specs]
+        outcomes = ParallelProbes(
+            lambda spec, guard: self._probe([spec], None, options, guard), specs
+        ).run()
         replays, usable, failed = [], [], {}
         errors: list[BaseException] = []
-        for spec, probe in zip(specs, probes, strict=True):
-            error = probe.exception()
+        for spec, replay, error in outcomes:
             if error is None:
                 usable.append(spec)
-                replays.append(probe.result())
+                replays.append(replay)
             elif isinstance(error, DispynbError | OSError):
                 failed[spec] = str(error)
                 errors.append(error)
@@ -339,11 +340,11 @@ class Session:
                 raise errors[0]
             raise DispynbError("; ".join(str(error) for error in errors))
 
-        def replay() -> None:
+        def replay_all() -> None:
             for each in replays:
                 each()
 
-        return usable, failed, replay
+        return usable, failed, replay_all
 
     def _kept(self, hint: str) -> str:
         """``hint``, then what stays in use when new nodes cannot be used."""
@@ -371,17 +372,23 @@ class Session:
         self._probe(self.nodes, self.engine, self.options)()
 
     def _probe(
-        self, nodes: Any, engine: Engine | None, options: dict[str, Any]
+        self,
+        nodes: Any,
+        engine: Engine | None,
+        options: dict[str, Any],
+        guard: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext,
     ) -> Callable[[], None]:
         """Probe ``nodes`` (or ``engine``) without touching the session: return
         what shows the nodes it met in the panel, to call once they are in use
-        (the nodes in use until then stay as they are)."""
+        (the nodes in use until then stay as they are). The cluster is made
+        inside ``with guard():`` (see `ParallelProbes`)."""
         events: list[tuple[Any, ...]] = []
-        cluster = self.cluster_factory(
-            _dispynb_node_probe, nodes=nodes, engine=engine,
-            cluster_status=lambda *event: events.append(event),
-            **{**options, "recover_file": False},  # a probe leaves no journal
-        )  # fmt: skip
+        with guard():
+            cluster = self.cluster_factory(
+                _dispynb_node_probe, nodes=nodes, engine=engine,
+                cluster_status=lambda *event: events.append(event),
+                **{**options, "recover_file": False},  # a probe leaves no journal
+            )  # fmt: skip
         cluster.close()
 
         def replay() -> None:

@@ -331,3 +331,37 @@ def test_a_callback_scheduled_by_the_thread_that_entered_runs_once_it_leaves(run
         runner.leave()
     assert ran.wait(WAIT)
     assert timer.wait(WAIT)
+
+
+def test_interrupt_ends_another_threads_wait_as_ctrl_c_ends_the_main_ones(runner):
+    """`interrupt` cancels the call a thread waits in, which raises
+    KeyboardInterrupt there; its next calls (cleanup) run as usual."""
+    started = threading.Event()
+    cancelled = threading.Event()
+    outcome: list[object] = []
+
+    async def forever() -> None:
+        started.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    def waiter() -> None:
+        try:
+            runner.run_sync(forever)
+        except KeyboardInterrupt as exc:
+            outcome.append(exc)
+            outcome.append(runner.run_sync(add, 1, 2))  # cleanup still runs
+
+    thread = threading.Thread(target=waiter)
+    assert not runner.interrupt(threading.get_ident())  # waits in no call
+    thread.start()
+    assert started.wait(WAIT)
+    assert thread.ident is not None and runner.interrupt(thread.ident)
+    thread.join(WAIT)
+    assert not thread.is_alive()
+    assert cancelled.is_set()
+    assert isinstance(outcome[0], KeyboardInterrupt) and outcome[1] == 3
+    assert not runner.interrupt(thread.ident)

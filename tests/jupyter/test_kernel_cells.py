@@ -297,6 +297,53 @@ def test_stop_while_nodes_do_not_answer_is_one_line(tmp_path: Path):
         assert "no nodes" in k.run_ok("%dispy status").text
 
 
+def test_stop_while_each_host_is_probed_ends_the_probes_and_keeps_the_nodes(
+    tmp_path: Path,
+):
+    """``%dispy nodes a b`` probes each host on its own, in threads; two hosts
+    accept and never answer (a slow link: dispy's MsgTimeout, so the probes would
+    wait for them 15 s), and the person presses Stop: the probes end with the
+    magic (their connections closed, no probe thread left), which says so in a
+    line; the local nodes stay in use."""
+    secret = tmp_path / "secret"
+    secret.write_text("s" * 32)
+    secret.chmod(0o600)
+    with kernel(tmp_path) as k, socket.socket() as a, socket.socket() as b:
+        k.run_ok("%load_ext dispynb\n%dispy local --cpus 1")
+        k.run_ok(
+            "import dispynb.config as c; c.MsgTimeout = c.DEFAULT_MSG_TIMEOUT * 12"
+        )
+        pids = node_pids(k)
+        for silent in (a, b):
+            silent.bind(("127.0.0.1", 0))
+            silent.listen()
+            silent.settimeout(30)
+        hosts = [f"127.0.0.1:{s.getsockname()[1]}" for s in (a, b)]
+        msg_id = k.submit(f"%dispy nodes {' '.join(hosts)} --secret-file {secret}")
+        peer_a, _ = a.accept()  # both probes are connecting now
+        peer_b, _ = b.accept()
+        with peer_a, peer_b:
+            k.stop_button()
+            out = k.collect(msg_id)
+            # Before: both probes went on (for 15 s) after the magic returned.
+            k.run_ok("import threading")
+            alive = "[t.name for t in threading.enumerate()]"
+            assert not [n for n in k.value(alive) if n.startswith("dispynb-probe")]
+            for peer in (peer_a, peer_b):  # their connections are closed
+                peer.settimeout(10)
+                while peer.recv(1024):  # the probe's hello, then the end
+                    pass
+        assert out.ename == "MagicInterrupted", out.text
+        _short(out.text)
+        assert (
+            f"Interrupted: %dispy nodes did not finish (stopped probing "
+            f"{', '.join(hosts)}); local nodes" in out.text
+        ), out.text
+        ran = k.run_ok('%%dispy --over "range(2)" --into r\ndef f(x):\n    return x\n')
+        assert k.value("r.results") == [0, 1], ran.text
+        assert node_pids(k) == pids
+
+
 def test_nodes_elsewhere_replace_the_notebooks_only_once_they_answer(tmp_path: Path):
     """`%dispy nodes HOST` where nothing answers keeps the local nodes (it stopped
     them first, and the notebook was left with none); nodes that answer replace
