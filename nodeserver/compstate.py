@@ -56,6 +56,9 @@ class NodeJob:
     #: told to skip it, and it runs on another (the interrupted one is replaced).
     moving: bool = False
     reported: bool = False  # its outcome already went to the client
+    #: Its start was not reported when it became its worker's head (it might be
+    #: skipped: cancelled, skipping, moving): reported with its end if it ran.
+    start_held: bool = False
     files: list[tuple[str, str]] = field(default_factory=list)  # (path, digest)
     placed: bool = False  # its files are in the computation's directory
     timeout: float | None = None  # seconds it may run (job_timeout)
@@ -83,6 +86,12 @@ class Worker:
     holds_cpu: bool = False
     interrupted: bool = False  # sent SIGINT to cancel its running job
     retiring: bool = False  # killed on purpose: its unfinished jobs run elsewhere
+    #: Its jobs sent ahead were taken back (its running job outlasted the others'):
+    #: none go ahead to it until that job ends.
+    stalled: bool = False
+    #: ``(key, attempt)`` of the jobs taken back from it once it was sure to skip
+    #: them (`Computation._take_back`): its word that it skipped each is dropped.
+    taken_back: list[tuple[int, int]] = field(default_factory=list)
 
 
 class _ComputationState:

@@ -43,11 +43,12 @@ from nodeserver.ipc import (
     Provisional,
     Run,
     SendFile,
+    Skip,
 )
 from nodeserver.jobreasons import crash_reason as crash_reason
 from nodeserver.jobreasons import mem_limit_note as mem_limit_note
 from nodeserver.jobreasons import timeout_reason as timeout_reason
-from nodeserver.jobstops import _JobStops
+from nodeserver.jobstops import _before_its_turn, _JobStops
 from nodeserver.launcher import PROCESS_LAUNCHER, ComputationProcess, Launcher
 from nodeserver.sharedbody import BODIES, segments
 from nodeserver.workerlife import _WorkerLife
@@ -71,6 +72,14 @@ MAX_AHEAD = 8
 #: Only jobs with arguments under this size go ahead beyond the first: a worker's
 #: socket and memory should not fill with large arguments waiting for their turn.
 AHEAD_BYTES = 64 * 1024
+
+#: Seconds after a worker went idle with nothing queued at which the jobs still
+#: waiting ahead in a busy worker are taken back and run on the idle ones: the job
+#: they wait behind takes far longer than the others (short on average, else none
+#: would have gone ahead). Work stealing, checked once per such lull (again while
+#: the busy worker's answers wait to be read): jobs that are all short never pay a
+#: message for it.
+STEAL_AFTER = 0.01
 
 #: Seconds a worker gets to skip a cancelled job sent ahead to it, before the job is
 #: taken to have started and is interrupted.
@@ -183,6 +192,7 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
         self._handed_back = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._held = False  # workers are not read (the client is not reading)
+        self._steal_timer: asyncio.TimerHandle | None = None  # see STEAL_AFTER
         #: Buffer kinds of the result being reported (key -> `Done.kinds`), for
         #: whoever sends it in chunks (the session, the kept results' spool).
         self.result_kinds: dict[int, str] = {}
@@ -292,6 +302,7 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
                 or ahead > target // 2
                 or worker.stream_closed
                 or worker.retiring
+                or worker.stalled
             ):
                 continue
             batch: list[NodeJob] = []
@@ -450,12 +461,15 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
                 worker.conn.write(FileAnswer(request=request, error=error))
 
     def _on_done(self, worker: Worker, done: Done, buffers: list[memoryview]) -> None:
+        if worker.taken_back and self._skipped_taken_back(worker, done):
+            return
         if not worker.assigned or worker.assigned[0].key != done.key:
             logger.error(
                 "worker %d reported an unexpected job %d", worker.pid, done.key
             )
             return
         job = worker.assigned.popleft()
+        worker.stalled = False
         if done.kept and job.lease is not None:
             BODIES.forget(job.lease)  # the worker's objects still use its memory
         if self.limits.fresh_process:
@@ -489,6 +503,10 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
             # SIGINT meant for the job before it (which ended just then) hit this one.
             self._requeue_or_fail(job)
         elif not job.reported:
+            if job.start_held and self.on_start is not None:
+                # It ran after all: its worker started it before it read the Skip
+                # (the job before it ended just as the Skip was sent).
+                self.on_start(job.key, job.attempt, done.start_time)
             if done.kinds:  # read while it is reported (session, kept results)
                 self.result_kinds[job.key] = done.kinds
             # A cancelled job that caught its KeyboardInterrupt and returned ends
@@ -524,7 +542,105 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
         if not worker.assigned:
             self._release_cpu(worker)
         self._pump()
+        if not worker.assigned and not self._queue and self._steal_timer is None:
+            self._steal_later()
         self._note_progress()
+
+    # -- work stealing -------------------------------------------------------------
+
+    def _steal_later(self) -> None:
+        """A worker is idle with nothing queued: if another holds jobs ahead, look
+        again in `STEAL_AFTER` whether they still wait there."""
+        for other in self._workers.values():
+            if len(other.assigned) > 1:
+                loop = asyncio.get_running_loop()
+                self._steal_timer = loop.call_later(STEAL_AFTER, self._steal)
+                return
+
+    def _steal(self) -> None:
+        """Give the jobs still waiting ahead in busy workers to idle ones."""
+        self._steal_timer = None
+        if self._queue or self.limits.fresh_process or self._handed_back:
+            return
+        if not any(
+            not w.assigned
+            and w.returncode is None
+            and not w.stream_closed
+            and not w.retiring
+            for w in self._workers.values()
+        ):
+            return
+        taken: list[NodeJob] = []
+        behind_the_news = False
+        for worker in self._workers.values():
+            if len(worker.assigned) > 1:
+                back = self._take_back(worker)
+                if back is None:
+                    behind_the_news = True
+                else:
+                    taken += back
+        if taken:
+            self._queue.extendleft(reversed(taken))
+            self._pump()
+        if behind_the_news and self._steal_timer is None:
+            loop = asyncio.get_running_loop()
+            self._steal_timer = loop.call_later(STEAL_AFTER, self._steal)
+
+    def _take_back(self, worker: Worker) -> list[NodeJob] | None:
+        """Tell a busy worker to skip the jobs waiting ahead in it; return those it
+        is sure to skip (`_before_its_turn`), to run elsewhere now. The others (its
+        job ended just as it was told) move off it only if it says it skipped them,
+        as those of an interrupted worker do (`NodeJob.moving`). None: what it sent
+        waits to be read, so the jobs ahead may have run already; not now."""
+        if (
+            worker.interrupted
+            or worker.retiring
+            or worker.stream_closed
+            or worker.returncode is not None
+        ):
+            return []
+        behind = [
+            job
+            for job in itertools.islice(worker.assigned, 1, None)
+            if not (job.reported or job.cancelled or job.skipping or job.moving)
+            and job.lease is None  # its shared body may be mapped there
+            and job.buffers
+        ]
+        if not behind:
+            return []
+        if not _before_its_turn(worker):
+            # Its results wait here (its jobs ahead may be done, or running): once
+            # read, the jobs still ahead of it are known. Told to skip jobs it ran,
+            # it would only be believed on their ends (their starts held till then).
+            return None
+        worker.stalled = True
+        # The Skips first, then the check again: written before the worker has sent
+        # the end of its running job, they are read before it starts another.
+        with contextlib.suppress(DispynbError):
+            for job in behind:
+                worker.conn.write(Skip(key=job.key))
+        if not _before_its_turn(worker):
+            for job in behind:
+                job.moving = True
+            return []
+        for job in behind:
+            worker.assigned.remove(job)
+            worker.taken_back.append((job.key, job.attempt))
+            self._release_job_files(job)  # placed again when it is sent
+        return behind
+
+    def _skipped_taken_back(self, worker: Worker, done: Done) -> bool:
+        """Whether ``done`` is the worker's word on a job taken back from it (its
+        first after the Skip: the job's next run there, if any, ends after it)."""
+        ident = (done.key, done.attempt)
+        if ident not in worker.taken_back:
+            return False
+        worker.taken_back.remove(ident)
+        if done.outcome != CANCELLED:
+            logger.error(
+                "worker %d started job %d it was sure to skip", worker.pid, done.key
+            )
+        return True
 
     def _place_job_files(self, job: NodeJob) -> None:
         for relative, digest in job.files:

@@ -157,6 +157,7 @@ class _JobStops(_ComputationState):
         job = worker.assigned[0]
         # A job the worker may skip is not reported started: its end says.
         unsure = job.cancelled or job.skipping or job.moving
+        job.start_held = unsure
         if self.on_start is not None and not unsure:
             self.on_start(job.key, job.attempt, time.time())
         if job.timeout is not None and job.timer is None and not job.cancelled:

@@ -66,6 +66,18 @@ def log_and_sleep(log: str, seconds: float) -> int:
     return os.getpid()
 
 
+def log_or_wait(log: str, x: int, flag: str) -> int:
+    """Append ``x`` and this worker's pid to ``log`` (a line per run of the job);
+    job 0 then waits for the file ``flag`` (30 s at most): a long job among quick
+    ones. Returns the pid."""
+    with open(log, "a") as handle:
+        handle.write(f"{x} {os.getpid()}\n")
+    deadline = time.monotonic() + 30.0
+    while x == 0 and not os.path.exists(flag) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return os.getpid()
+
+
 def sleep_unless_interrupted(marker: str, seconds: float) -> str:
     """Write ``marker``, sleep; return "interrupted" on KeyboardInterrupt (cancel)."""
     # write then rename: a test polling for the file never reads it half-written
