@@ -64,6 +64,10 @@ _CLIENT_AWAY = (
     "the client is away (its connection to the scheduler ended): the file was not saved"
 )
 _KEPT = "; the scheduler keeps it for the client's recover_jobs"
+_NOT_READ = (
+    "the client does not read what is sent to it and the scheduler holds no more "
+    "for it (--max_kept): the file was not sent"
+)
 
 #: Room for a message's header (a file's path at most a few KiB), lengths and MAC.
 _HEADER_ROOM = 64 * 1024
@@ -244,8 +248,15 @@ class SharedComputation(_JobFiles):
         else:  # under a number of the scheduler's (two nodes' may be the same)
             request = next(self._file_request_ids)
             self.file_requests[request] = (upstream, message.key, message.request)
-            message = dataclasses.replace(message, request=request)
-            self.to_client(message, buffers, job=job)
+            backlog = self.session.backlog
+            dropped = backlog.dropped if backlog is not None else 0
+            self.to_client(
+                dataclasses.replace(message, request=request), buffers, job=job
+            )
+            if backlog is not None and backlog.dropped != dropped:
+                # Over --max_kept for a client that does not read: no answer comes.
+                del self.file_requests[request]
+                self._answer_file(upstream, message.key, message.request, _NOT_READ)
 
     def file_saved(self, message: FileSaved) -> None:
         """The client's answer about a file: to the node whose job waits for it."""

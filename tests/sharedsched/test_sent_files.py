@@ -3,12 +3,25 @@ client wrote the file, -1 and why when the client could not."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from dispynb import SharedJobCluster
+from dispynb import LocalCluster, SharedJobCluster
+from dispynb.protocol import serialize
+from dispynb.protocol.messages import (
+    ComputationReady,
+    ComputationSetup,
+    JobResults,
+    JobSubmit,
+)
+from dispynb.secret import read_secret_file
+from dispynb.transport.connector import connect
+from tests.jobs import wait_until
 from tests.sharedsched.harness import SchedulerProcess
+from tests.sharedsched.test_kept import _scheduler
 
 pytestmark = pytest.mark.slow
 
@@ -43,3 +56,84 @@ def test_the_clients_answer_reaches_the_job_through_the_scheduler(
     assert (tmp_path / "open" / "out.bin").read_bytes() == b"x" * 1024
     assert "'blocked/out.bin' not sent" in jobs[1].stderr
     assert "is not a directory" in jobs[1].stderr, jobs[1].stderr
+
+
+def hoard(i: int, go: str, mark: str) -> object:
+    """Jobs 0-3 return 16 MiB each (their client does not read them); job 4 then
+    sends a 10 MiB file and notes what dispy_send_file returned and said."""
+    import contextlib
+    import io
+    import os
+    import time
+
+    if i < 4:
+        return bytes([i]) * (16 << 20)
+    while not os.path.exists(go):
+        time.sleep(0.02)
+    with open("big.bin", "wb") as handle:
+        handle.write(b"f" * (10 << 20))
+    said = io.StringIO()
+    with contextlib.redirect_stderr(said):
+        sent = dispy_send_file("big.bin")  # type: ignore[name-defined]  # noqa: F821
+    with open(mark, "w") as handle:
+        handle.write(f"{sent} {said.getvalue()}")
+    return sent
+
+
+@pytest.fixture
+def small_quota(
+    tmp_path: Path, nodes: LocalCluster, users: dict[str, Path]
+) -> Iterator[SchedulerProcess]:
+    """A scheduler that holds 8 MiB at most for a client that does not read."""
+    yield from _scheduler(tmp_path, nodes, "--max_kept", "8M")
+
+
+async def _not_reading(
+    sched: SchedulerProcess, credential: Path, go: Path, mark: Path
+) -> int:
+    """A raw client that submits `hoard`'s 5 jobs and does not read until job 4
+    has its answer (made to send once the scheduler holds a backlog for it);
+    then it reads: how many results it got."""
+    conn, _ = await connect(
+        "127.0.0.1", sched.port, secret=read_secret_file(credential),
+        max_message_size=1 << 30,
+    )  # fmt: skip
+    try:
+        bundle = serialize.dumps({"func": hoard, "setup": None, "setup_args": ()})
+        conn.write(ComputationSetup(comp_id=1, name="hoard", workers=4), bundle)
+        async with asyncio.timeout(30):
+            while not isinstance((await conn.recv())[0], ComputationReady):
+                pass
+        buffers = []
+        for i in range(5):
+            buffers.extend(serialize.dumps(((i, str(go), str(mark)), {})))
+        conn.write(JobSubmit(comp_id=1, jobs=[[i, 1, 1] for i in range(5)]), buffers)
+        await asyncio.to_thread(
+            sched.wait_for_log, "does not read what is sent to it", timeout=60
+        )
+        go.touch()
+        await asyncio.to_thread(wait_until, mark.exists, 60)
+        got = 0
+        async with asyncio.timeout(60):
+            while got < 5:
+                message, _ = await conn.recv()
+                if isinstance(message, JobResults):
+                    got += len(message.results)
+        return got
+    finally:
+        conn.close()
+
+
+@pytest.mark.timeout(180)
+def test_a_file_for_a_client_that_does_not_read_over_the_quota_is_answered(
+    small_quota: SchedulerProcess, users: dict[str, Path], tmp_path: Path
+) -> None:
+    """The file does not fit in what the scheduler holds for a client that does not
+    read (--max_kept): it is dropped, and the job hears so at once, instead of
+    waiting for an answer that never comes while the client stays connected."""
+    go, mark = tmp_path / "go", tmp_path / "mark"
+    got = asyncio.run(_not_reading(small_quota, users["alice"], go, mark))
+    sent, said = mark.read_text().split(" ", 1)
+    assert sent == "-1" and "does not read what is sent to it" in said, said
+    assert "--max_kept" in said
+    assert got == 5
