@@ -38,6 +38,13 @@ async function revoke(name) {
   refresh();
 }
 
+/** A node's CPU % available: "" if it reports none, "unknown" while it cannot
+ * read the figure (null: a node out of file descriptors). */
+function cpuAvail(avail) {
+  if (!avail.length) return "";
+  return avail[0] === null ? "unknown" : avail[0].toFixed(0) + " %";
+}
+
 function render(snap) {
   document.getElementById("sched-name").textContent = snap.name;
   document.getElementById("cpus").textContent = `${snap.cpus} CPUs up`;
@@ -47,7 +54,7 @@ function render(snap) {
     cell(row, node.alive ? "up" : "down");
     cell(row, node.cpus, "num");
     cell(row, node.jobs, "num");
-    cell(row, node.avail.length ? node.avail[0].toFixed(0) + " %" : "", "num");
+    cell(row, cpuAvail(node.avail), "num");
   });
   fill(document.querySelector("#users tbody"), snap.users, (row, user) => {
     cell(row, user.name + (user.revoked ? " (revoked)" : ""));

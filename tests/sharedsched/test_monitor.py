@@ -7,7 +7,9 @@ refused; revoking a user from it ends the user's session and jobs."""
 
 from __future__ import annotations
 
+import os
 import re
+import resource
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -209,3 +211,65 @@ def test_the_page_in_a_browser_shows_the_scheduler_and_revokes(
         cluster.cancel(job)
     listed = scheduler_cli("user", "list", "--users", str(sched.directory / "users"))
     assert listed.stdout.split() == ["alice"]
+
+
+def _lowest_free_descriptor(pid: int) -> int:
+    """The number the next descriptor process ``pid`` opens would get."""
+    taken = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+    return min(set(range(len(taken) + 1)) - taken)
+
+
+@pytest.mark.browser
+@requires_chromium
+def test_the_page_shows_a_node_whose_load_is_unknown(
+    tmp_path: Path, nodes: LocalCluster, users: dict[str, Path]
+) -> None:
+    """A node out of descriptors reports its figures unknown (None): the page
+    still renders every node, saying the unknown CPU figure is unknown. It threw
+    (``null.toFixed``) and showed nothing more from then on."""
+    from playwright.sync_api import expect
+
+    sched = SchedulerProcess(
+        tmp_path,
+        nodes.node_specs(),
+        nodes.secret,
+        args=("--httpd", "--httpd_port", "0", "--pulse_interval", "0.2"),
+    )
+    sched.start()
+    pid = nodes.pids[0]
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    try:
+        sched.wait_for_log("web monitor at")
+        match = URL.search(sched.log_text())
+        assert match, sched.log_text()
+        client = MonitorClient(Site(int(match[1]), match[2]))  # type: ignore[arg-type]
+
+        def snapshot() -> dict[str, Any]:
+            return client.get("/api/scheduler").json()  # type: ignore[no-any-return]
+
+        with SharedJobCluster(
+            nap, scheduler_host=sched.address, secret_file=str(users["alice"])
+        ) as cluster:
+            # Its computation on the nodes has them report their figures: one
+            # job for each of the 4 CPUs puts it on both.
+            jobs = [cluster.submit(0.5) for _ in range(4)]
+            assert [job() for job in jobs] == [0.5] * 4
+            wait_for(snapshot, lambda s: all(n["avail"] for n in s["nodes"]))
+            resource.prlimit(
+                pid, resource.RLIMIT_NOFILE, (_lowest_free_descriptor(pid), hard)
+            )
+            wait_for(snapshot, lambda s: any(n["avail"][0] is None for n in s["nodes"]))
+            with chromium_page() as page:
+                problems: list[str] = []
+                page.on("pageerror", lambda exc: problems.append(f"error: {exc}"))
+                port, token = client.server.port, client.server.token
+                page.goto(f"http://127.0.0.1:{port}/?token={token}")
+                expect(page.locator("#connection")).to_have_text("live")
+                expect(page.locator("#nodes tbody tr")).to_have_count(2)
+                expect(page.locator("#users tbody tr")).to_have_count(2)
+                unknown = page.locator("#nodes td", has_text="unknown")
+                expect(unknown).to_have_count(1)
+                assert not problems, problems
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+        sched.stop()
