@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -10,6 +12,7 @@ import time
 import pytest
 
 from nodeserver.containment import (
+    HeldWorker,
     descendants,
     end_leftovers,
     find_pids_root,
@@ -86,3 +89,81 @@ def test_stale_worker_cgroups_of_dead_computations_are_swept():
         for path in (stale, live):
             if os.path.exists(path):
                 os.rmdir(path)
+
+
+#: A worker as its computation process forks one: it leads its own group and adopts
+#: orphans, with a child in the group and an orphan that left it (setsid); prints
+#: the three pids.
+_WORKER = (
+    "import os, sys, time\n"
+    "from nodeserver.containment import become_group_leader\n"
+    "become_group_leader()\n"
+    "child = os.fork()\n"
+    "if child == 0:\n"
+    "    time.sleep(60)\n"
+    "    os._exit(0)\n"
+    "read, write = os.pipe()\n"
+    "if os.fork() == 0:\n"
+    "    os.setsid()\n"
+    "    if os.fork() == 0:\n"
+    "        os.write(write, b'%d' % os.getpid())\n"
+    "        time.sleep(60)\n"
+    "    os._exit(0)\n"
+    "away = int(os.read(read, 32))\n"
+    "print(os.getpid(), child, away, flush=True)\n"
+    "time.sleep(60)\n"
+)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("kernel", ["group-flag", "no-group-flag", "no-pidfd"])
+def test_a_held_worker_is_killed_with_its_group_and_descendants(kernel, monkeypatch):
+    """`HeldWorker.kill_tree` on each kernel it meets: with
+    PIDFD_SIGNAL_PROCESS_GROUP (Linux 6.9+), without it (EINVAL: by the group's
+    number, checked just before) and without pidfds (before 5.3: by pid)."""
+    if kernel == "no-group-flag":
+        real = signal.pidfd_send_signal
+
+        def old_kernel(fd: int, sig: int, siginfo: object = None, flags: int = 0):
+            if flags:
+                raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+            return real(fd, sig)
+
+        monkeypatch.setattr(signal, "pidfd_send_signal", old_kernel)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WORKER],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=node_env(),
+    )
+    try:
+        assert proc.stdout is not None
+        worker, child, away = map(int, proc.stdout.readline().split())
+        held = HeldWorker(
+            worker, None if kernel == "no-pidfd" else os.pidfd_open(worker)
+        )
+        try:
+            assert not held.exited()
+            assert held.kill_tree()
+            proc.wait(timeout=10)
+            deadline = time.monotonic() + 10
+            while (_alive(child) or _alive(away)) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert (_alive(child), _alive(away)) == (False, False)
+            if kernel != "no-pidfd":
+                assert held.exited()
+                assert not held.kill_tree()  # exited: nothing signalled by pid
+        finally:
+            held.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()  # type: ignore[union-attr]
