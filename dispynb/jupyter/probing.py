@@ -1,5 +1,7 @@
-"""Probing several node specs at once, one thread each, and ending the probes at
-once when ``%dispy nodes a b`` is interrupted.
+"""Probing nodes before a `Session` uses them: connecting to them once (and
+authenticating) to report errors at once and fill the node panel (`_SessionProbes`);
+several specs at once, one thread each, ending the probes at once when ``%dispy
+nodes a b`` is interrupted (`ParallelProbes`).
 
 A probe makes a cluster (connecting to its node and authenticating) in a thread
 of its own; the interrupt (the notebook's Stop: SIGINT) reaches the main thread
@@ -16,11 +18,15 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from typing import Any
 
 from dispynb import _interruptible
 from dispynb._interruptible import start_thread
 from dispynb._loop import LoopRunner
+from dispynb.backends.base import Engine
+from dispynb.cluster import ClusterFactory
+from dispynb.jupyter.widgets import NodePanel
 
 __all__ = ["STOP_WAIT", "ParallelProbes", "ProbesInterrupted"]
 
@@ -115,3 +121,89 @@ class ParallelProbes:
                 alive[0].join(_RETRY)
         finally:
             runner.release()
+
+
+class _SessionProbes:
+    """A `Session`'s probes of nodes (see `dispynb.jupyter.session`)."""
+
+    # Set by `Session.__init__` (see there).
+    nodes: Any
+    engine: Engine | None
+    options: dict[str, Any]
+    cluster_factory: ClusterFactory
+    panel: NodePanel
+
+    def _probe_each(
+        self, specs: list[str], options: dict[str, Any]
+    ) -> tuple[list[str], dict[str, str], Callable[[], None]]:
+        """Probe each of ``specs`` on its own (at once, in threads): those that
+        answered, why each other one did not, and what shows the nodes met in
+        the panel. Raises the error if none answered. Wildcards (discovery) and
+        a single spec are probed together, as one cluster. Interrupted, the
+        probes end at once (`ParallelProbes`)."""
+        from dispynb.errors import DispynbError
+        from dispynb.node import is_wildcard, parse_node_specs
+
+        if len(specs) < 2 or any(is_wildcard(s) for s in parse_node_specs(specs)):
+            return specs, {}, self._probe(specs, None, options)
+        outcomes = ParallelProbes(
+            lambda spec, guard: self._probe([spec], None, options, guard), specs
+        ).run()
+        replays, usable, failed = [], [], {}
+        errors: list[BaseException] = []
+        for spec, replay, error in outcomes:
+            if error is None:
+                usable.append(spec)
+                replays.append(replay)
+            elif isinstance(error, DispynbError | OSError):
+                failed[spec] = str(error)
+                errors.append(error)
+            else:  # an interrupt, a bug: not the node's
+                raise error
+        if not usable:
+            if len(errors) == 1:
+                raise errors[0]
+            raise DispynbError("; ".join(str(error) for error in errors))
+
+        def replay_all() -> None:
+            for each in replays:
+                each()
+
+        return usable, failed, replay_all
+
+    def probe(self) -> None:
+        """Connect to every node once (authenticating), to fill the node panel and
+        report errors now rather than at the first run."""
+        self._probe(self.nodes, self.engine, self.options)()
+
+    def _probe(
+        self,
+        nodes: Any,
+        engine: Engine | None,
+        options: dict[str, Any],
+        guard: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext,
+    ) -> Callable[[], None]:
+        """Probe ``nodes`` (or ``engine``) without touching the session: return
+        what shows the nodes it met in the panel, to call once they are in use
+        (the nodes in use until then stay as they are). The cluster is made
+        inside ``with guard():`` (see `ParallelProbes`)."""
+        events: list[tuple[Any, ...]] = []
+        with guard():
+            cluster = self.cluster_factory(
+                _dispynb_node_probe, nodes=nodes, engine=engine,
+                cluster_status=lambda *event: events.append(event),
+                **{**options, "recover_file": False},  # a probe leaves no journal
+            )  # fmt: skip
+        cluster.close()
+
+        def replay() -> None:
+            for event in events:
+                self.panel.cluster_status(*event)
+
+        return replay
+
+
+def _dispynb_node_probe(x: Any) -> Any:
+    """The computation of the clusters that only check that the nodes answer (the
+    lab panel does not show them: `dispynb.jupyter.labcomm.INTERNAL`)."""
+    return x

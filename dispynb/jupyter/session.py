@@ -4,35 +4,39 @@ A `Session` (one per IPython shell) remembers the nodes (local ones it started, 
 ones it attached to), the engine, every run and a node panel; ``%dispy status``
 shows its `SessionStatus`. The magics (`dispynb.jupyter.magics`) parse what a person
 typed and call it.
+
+This module is the session's life: starting nodes or attaching to them (replacing
+the ones in use only once the new ones answer), its runs, closing. Its parts:
+`dispynb.jupyter.probing` (checking that nodes answer before using them),
+`dispynb.jupyter.sessionnodes` (the nodes in use, and choosing among them) and
+`dispynb.jupyter.sessionstatus` (what ``%dispy status`` shows).
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import html
 import os
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
 from typing import Any
 
 from IPython.core.error import UsageError
 
-from dispynb.backends.base import SELECT_NODES, Engine
+from dispynb.backends.base import Engine
 from dispynb.cluster import ClusterFactory, new_cluster
 from dispynb.defaults import LOCAL_ENGINE_ENV
-from dispynb.jupyter import display as templates
-from dispynb.jupyter.errors import MagicError
 from dispynb.jupyter.magicsupport import Adapt, friendly_errors
-from dispynb.jupyter.probing import ParallelProbes
+from dispynb.jupyter.probing import _SessionProbes
 from dispynb.jupyter.run import Run
-from dispynb.jupyter.widgets import LOAD_INTERVAL, NodePanel
+from dispynb.jupyter.sessionnodes import _SessionNodes
+from dispynb.jupyter.sessionstatus import SessionStatus, launcher_kind
+from dispynb.jupyter.widgets import NodePanel
 
 __all__ = ["Session", "SessionStatus", "launcher_kind"]
 
 
-class Session:
+class Session(_SessionProbes, _SessionNodes):
     """The nodes a notebook uses, the runs it started and their node panel.
 
     Its runs' clusters come from ``cluster_factory`` (`dispynb.cluster.new_cluster`)
@@ -308,159 +312,12 @@ class Session:
                 file=sys.stderr,
             )
 
-    def _probe_each(
-        self, specs: list[str], options: dict[str, Any]
-    ) -> tuple[list[str], dict[str, str], Callable[[], None]]:
-        """Probe each of ``specs`` on its own (at once, in threads): those that
-        answered, why each other one did not, and what shows the nodes met in
-        the panel. Raises the error if none answered. Wildcards (discovery) and
-        a single spec are probed together, as one cluster. Interrupted, the
-        probes end at once (`ParallelProbes`)."""
-        from dispynb.errors import DispynbError
-        from dispynb.node import is_wildcard, parse_node_specs
-
-        if len(specs) < 2 or any(is_wildcard(s) for s in parse_node_specs(specs)):
-            return specs, {}, self._probe(specs, None, options)
-        outcomes = ParallelProbes(
-            lambda spec, guard: self._probe([spec], None, options, guard), specs
-        ).run()
-        replays, usable, failed = [], [], {}
-        errors: list[BaseException] = []
-        for spec, replay, error in outcomes:
-            if error is None:
-                usable.append(spec)
-                replays.append(replay)
-            elif isinstance(error, DispynbError | OSError):
-                failed[spec] = str(error)
-                errors.append(error)
-            else:  # an interrupt, a bug: not the node's
-                raise error
-        if not usable:
-            if len(errors) == 1:
-                raise errors[0]
-            raise DispynbError("; ".join(str(error) for error in errors))
-
-        def replay_all() -> None:
-            for each in replays:
-                each()
-
-        return usable, failed, replay_all
-
     def _kept(self, hint: str) -> str:
         """``hint``, then what stays in use when new nodes cannot be used."""
         if not self.attached:
             return hint
         kept = f"still in use: {self.status()._where()}"
         return f"{hint}\n{kept}" if hint else kept
-
-    def _show_in_use(self) -> None:
-        """The panel keeps the nodes in use; others show as gone, then go. It
-        shows their load as often as ``--pulse`` asked them to report it."""
-        self.panel.load_interval = self.options.get("pulse_interval") or LOAD_INTERVAL
-        self.panel.in_use([address for _, address, _ in self.known_nodes()])
-
-    def rows(self) -> list[Any]:
-        """The panel's rows, local nodes whose process exited marked gone."""
-        if self.local is not None and self.nodes is self.local:
-            exited = [item.split(" ", 1)[0] for item in self.local.exited()]
-            self.panel.table.mark_gone(exited)
-        return self.panel.rows()
-
-    def probe(self) -> None:
-        """Connect to every node once (authenticating), to fill the node panel and
-        report errors now rather than at the first run."""
-        self._probe(self.nodes, self.engine, self.options)()
-
-    def _probe(
-        self,
-        nodes: Any,
-        engine: Engine | None,
-        options: dict[str, Any],
-        guard: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext,
-    ) -> Callable[[], None]:
-        """Probe ``nodes`` (or ``engine``) without touching the session: return
-        what shows the nodes it met in the panel, to call once they are in use
-        (the nodes in use until then stay as they are). The cluster is made
-        inside ``with guard():`` (see `ParallelProbes`)."""
-        events: list[tuple[Any, ...]] = []
-        with guard():
-            cluster = self.cluster_factory(
-                _dispynb_node_probe, nodes=nodes, engine=engine,
-                cluster_status=lambda *event: events.append(event),
-                **{**options, "recover_file": False},  # a probe leaves no journal
-            )  # fmt: skip
-        cluster.close()
-
-        def replay() -> None:
-            for event in events:
-                self.panel.cluster_status(*event)
-
-        return replay
-
-    def known_nodes(self) -> list[tuple[str, str, str]]:
-        """``(host, "host:port", name)`` of each node in use (name "" if unknown)."""
-        from dispynb.defaults import NODE_PORT
-        from dispynb.node import parse_node_specs
-
-        if self.engine is not None:  # its workers, as the panel saw them
-            return [
-                (row.address.rsplit(":", 1)[0], row.address, row.name)
-                for row in self.panel.rows()
-            ]
-        if self.nodes is None:
-            return []
-        if self.local is not None and self.nodes is self.local:
-            pairs = list(self.local.addresses)
-        else:
-            pairs = [
-                (spec.host, spec.port or NODE_PORT)
-                for spec in parse_node_specs(self.nodes)
-            ]
-        names = {row.address: row.name for row in self.panel.rows()}
-        return [
-            (host, f"{host}:{port}", names.get(f"{host}:{port}", ""))
-            for host, port in pairs
-        ]
-
-    def select_nodes(self, wanted: list[str]) -> tuple[list[str], dict[str, Any]]:
-        """The node specs and cluster options for running on ``wanted`` only.
-
-        Each item is a node's ``HOST:PORT``, its host, or its name, and must match
-        exactly one node in use. Raises `UsageError` naming the nodes in use.
-        """
-        if self.engine is not None and SELECT_NODES not in self.engine.features:
-            raise UsageError(
-                f"--on is for dispynb's node servers and engines that select "
-                f"workers: the {self.engine.name} engine uses every worker of its "
-                "cluster"
-            )
-        known = self.known_nodes()
-        listing = ", ".join(
-            f"{name} ({address})" if name else address for _, address, name in known
-        )
-        specs = {address: _spec(host, address) for host, address, _ in known}
-        chosen: list[str] = []
-        for item in wanted:
-            item = item.strip()
-            matches = [a for _, a, _ in known if a == item or a == _bracketless(item)]
-            if not matches:
-                matches = [a for host, a, name in known if item in (host, name)]
-            if not matches:
-                raise UsageError(
-                    f"--on {item}: not a node in use; the nodes are: "
-                    f"{listing or 'none'}"
-                )
-            if len(matches) > 1:
-                raise UsageError(
-                    f"--on {item} matches {len(matches)} nodes ({', '.join(matches)}):"
-                    f" give HOST:PORT or the node's name; the nodes are: {listing}"
-                )
-            if specs[matches[0]] not in chosen:
-                chosen.append(specs[matches[0]])
-        options = dict(self.options)
-        if self.local is not None and self.nodes is self.local and self.local.secret:
-            options.setdefault("secret", self.local.secret)
-        return chosen, options
 
     def ensure_nodes(self) -> bool:
         """Start local nodes if none were chosen; return whether it did.
@@ -474,20 +331,6 @@ class Session:
             return False
         self.start_local(1, None)
         return True
-
-    def exited_error(self) -> MagicError | None:
-        """The error saying which of the nodes this session started have exited
-        (None while they all run, or if it started none)."""
-        if self.local is None or self.nodes is not self.local:
-            return None
-        gone = self.local.exited()
-        if not gone:
-            return None
-        kind = launcher_kind(self.local)
-        return MagicError(
-            f"the {kind} nodes have exited: {', '.join(gone)}; "
-            f"start new ones with %dispy {kind}"
-        )
 
     def stop_runs(self, name: str) -> None:
         """Stop the unfinished runs named ``name`` (a ``--nowait`` cell executed
@@ -535,81 +378,8 @@ class Session:
         return SessionStatus(self)
 
 
-def launcher_kind(nodes: Any) -> str:
-    """``'local'``, ``'ssh'``, ``'slurm'``: what started a session's nodes."""
-    return str(getattr(nodes, "kind", "local"))
-
-
-class SessionStatus:
-    """What ``%dispy status`` returns: the nodes and the runs, as text or HTML."""
-
-    def __init__(self, session: Session) -> None:
-        self.nodes = session.nodes
-        self.engine = session.engine
-        self.engine_label = session.engine_label
-        self.rows = session.rows()
-        self.runs = list(session.runs)
-
-    def _where(self) -> str:
-        if self.engine is not None:
-            return f"{self.engine.name} engine: {self.engine_label}"
-        if self.nodes is None:
-            return "no nodes: use %dispy local or %dispy nodes HOST ..."
-        from dispynb.deploy.base import NodeLauncher
-
-        if isinstance(self.nodes, NodeLauncher):
-            # The nodes registered now (node_specs would wait for nodes starting,
-            # raise without any, and under adapt launch one).
-            specs = [node.spec for node in self.nodes.nodes]
-            if not specs:
-                return f"{self.nodes.kind} nodes: none registered"
-            return f"{self.nodes.kind} nodes {', '.join(specs)}"
-        if hasattr(self.nodes, "node_specs"):  # a LocalCluster
-            kind = launcher_kind(self.nodes)
-            return f"{kind} nodes {', '.join(self.nodes.node_specs())}"
-        return f"nodes {', '.join(self.nodes)}"
-
-    def __repr__(self) -> str:
-        lines = [self._where()]
-        for row in self.rows:
-            lines.append(
-                f"  {row.name or '?'} {row.address} {row.state} cpus={row.cpus} "
-                f"busy={row.busy} jobs_done={row.jobs_done} "
-                f"cpu_used={templates.format_load(row.cpu_free)} "
-                f"memory_free={templates.format_bytes(row.memory_free)}"
-            )
-        lines.append(f"{len(self.runs)} runs")
-        lines += [f"  {run!r}" for run in self.runs]
-        return "\n".join(lines)
-
-    def _repr_html_(self) -> str:
-        parts = [f"<div>{html.escape(self._where())}</div>"]
-        parts.append(templates.nodes_html(self.rows))
-        parts += [templates.progress_html(r.counts(), r.name) for r in self.runs]
-        return f"<div class='dispynb-status'>{''.join(parts)}</div>"
-
-
 def _close_engine(engine: Engine | None) -> None:
     """Close ``engine`` if it has a ``close()`` (engines need not)."""
     close = getattr(engine, "close", None)
     if callable(close):
         close()
-
-
-def _dispynb_node_probe(x: Any) -> Any:
-    """The computation of the clusters that only check that the nodes answer (the
-    lab panel does not show them: `dispynb.jupyter.labcomm.INTERNAL`)."""
-    return x
-
-
-def _spec(host: str, address: str) -> str:
-    """The node spec for ``address`` (``host:port``), bracketing IPv6 hosts."""
-    return f"[{host}]{address[len(host) :]}" if ":" in host else address
-
-
-def _bracketless(address: str) -> str:
-    """``'::1:9711'`` for ``'[::1]:9711'`` (the panel's form of IPv6 addresses)."""
-    if address.startswith("[") and "]:" in address:
-        host, port = address[1:].split("]:", 1)
-        return f"{host}:{port}"
-    return address

@@ -1,0 +1,130 @@
+"""The nodes a `Session` uses: which they are (`known_nodes`), their rows in the
+node panel, whether the local ones it started still run (`exited_error`), and
+choosing some of them for a run (``%%dispy --on``: `select_nodes`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from IPython.core.error import UsageError
+
+from dispynb.backends.base import SELECT_NODES, Engine
+from dispynb.jupyter.errors import MagicError
+from dispynb.jupyter.sessionstatus import launcher_kind
+from dispynb.jupyter.widgets import LOAD_INTERVAL, NodePanel
+
+
+class _SessionNodes:
+    """A `Session`'s nodes in use (see `dispynb.jupyter.session`)."""
+
+    # Set by `Session.__init__` (see there).
+    local: Any
+    nodes: Any
+    engine: Engine | None
+    options: dict[str, Any]
+    panel: NodePanel
+
+    def _show_in_use(self) -> None:
+        """The panel keeps the nodes in use; others show as gone, then go. It
+        shows their load as often as ``--pulse`` asked them to report it."""
+        self.panel.load_interval = self.options.get("pulse_interval") or LOAD_INTERVAL
+        self.panel.in_use([address for _, address, _ in self.known_nodes()])
+
+    def rows(self) -> list[Any]:
+        """The panel's rows, local nodes whose process exited marked gone."""
+        if self.local is not None and self.nodes is self.local:
+            exited = [item.split(" ", 1)[0] for item in self.local.exited()]
+            self.panel.table.mark_gone(exited)
+        return self.panel.rows()
+
+    def known_nodes(self) -> list[tuple[str, str, str]]:
+        """``(host, "host:port", name)`` of each node in use (name "" if unknown)."""
+        from dispynb.defaults import NODE_PORT
+        from dispynb.node import parse_node_specs
+
+        if self.engine is not None:  # its workers, as the panel saw them
+            return [
+                (row.address.rsplit(":", 1)[0], row.address, row.name)
+                for row in self.panel.rows()
+            ]
+        if self.nodes is None:
+            return []
+        if self.local is not None and self.nodes is self.local:
+            pairs = list(self.local.addresses)
+        else:
+            pairs = [
+                (spec.host, spec.port or NODE_PORT)
+                for spec in parse_node_specs(self.nodes)
+            ]
+        names = {row.address: row.name for row in self.panel.rows()}
+        return [
+            (host, f"{host}:{port}", names.get(f"{host}:{port}", ""))
+            for host, port in pairs
+        ]
+
+    def select_nodes(self, wanted: list[str]) -> tuple[list[str], dict[str, Any]]:
+        """The node specs and cluster options for running on ``wanted`` only.
+
+        Each item is a node's ``HOST:PORT``, its host, or its name, and must match
+        exactly one node in use. Raises `UsageError` naming the nodes in use.
+        """
+        if self.engine is not None and SELECT_NODES not in self.engine.features:
+            raise UsageError(
+                f"--on is for dispynb's node servers and engines that select "
+                f"workers: the {self.engine.name} engine uses every worker of its "
+                "cluster"
+            )
+        known = self.known_nodes()
+        listing = ", ".join(
+            f"{name} ({address})" if name else address for _, address, name in known
+        )
+        specs = {address: _spec(host, address) for host, address, _ in known}
+        chosen: list[str] = []
+        for item in wanted:
+            item = item.strip()
+            matches = [a for _, a, _ in known if a == item or a == _bracketless(item)]
+            if not matches:
+                matches = [a for host, a, name in known if item in (host, name)]
+            if not matches:
+                raise UsageError(
+                    f"--on {item}: not a node in use; the nodes are: "
+                    f"{listing or 'none'}"
+                )
+            if len(matches) > 1:
+                raise UsageError(
+                    f"--on {item} matches {len(matches)} nodes ({', '.join(matches)}):"
+                    f" give HOST:PORT or the node's name; the nodes are: {listing}"
+                )
+            if specs[matches[0]] not in chosen:
+                chosen.append(specs[matches[0]])
+        options = dict(self.options)
+        if self.local is not None and self.nodes is self.local and self.local.secret:
+            options.setdefault("secret", self.local.secret)
+        return chosen, options
+
+    def exited_error(self) -> MagicError | None:
+        """The error saying which of the nodes this session started have exited
+        (None while they all run, or if it started none)."""
+        if self.local is None or self.nodes is not self.local:
+            return None
+        gone = self.local.exited()
+        if not gone:
+            return None
+        kind = launcher_kind(self.local)
+        return MagicError(
+            f"the {kind} nodes have exited: {', '.join(gone)}; "
+            f"start new ones with %dispy {kind}"
+        )
+
+
+def _spec(host: str, address: str) -> str:
+    """The node spec for ``address`` (``host:port``), bracketing IPv6 hosts."""
+    return f"[{host}]{address[len(host) :]}" if ":" in host else address
+
+
+def _bracketless(address: str) -> str:
+    """``'::1:9711'`` for ``'[::1]:9711'`` (the panel's form of IPv6 addresses)."""
+    if address.startswith("[") and "]:" in address:
+        host, port = address[1:].split("]:", 1)
+        return f"{host}:{port}"
+    return address
