@@ -164,7 +164,8 @@ class Kept:
     #: once it is acknowledged.
     spooled: dict[tuple[Any, Any], str] = field(default_factory=dict)
     #: The latest provisional result of each job still running (by key), in
-    #: memory (`PENDING_BYTES` at most): a recovering client gets it.
+    #: memory (`PENDING_BYTES` at most, and counted in ``budget``): a recovering
+    #: client gets it.
     provisional: dict[Any, KeptResult] = field(default_factory=dict)
     provisional_bytes: int = 0
 
@@ -303,13 +304,17 @@ class ResultKeeper:
             return
         ResultKeeper._drop_provisional(kept, key)
         size = sum(b.nbytes for b in buffers)
-        if kept.provisional_bytes + size > PENDING_BYTES:
+        if (
+            kept.provisional_bytes + size > PENDING_BYTES
+            or kept.budget.used + size > PENDING_NODE_BYTES
+        ):
             logger.info("provisional result of job %d not kept: too large", key)
             return
         copies = [memoryview(bytes(b)) for b in buffers]
         result = KeptResult(None, [PROVISIONAL, key, attempt], copies)
         kept.provisional[key] = result
         kept.provisional_bytes += size
+        kept.budget.used += size  # the node's, with the results held
         if kept.deliver is not None:
             kept.deliver(result)
 
@@ -317,7 +322,9 @@ class ResultKeeper:
     def _drop_provisional(kept: Kept, key: Any) -> None:
         old = kept.provisional.pop(key, None)
         if old is not None:
-            kept.provisional_bytes -= sum(b.nbytes for b in old.buffers)
+            size = sum(b.nbytes for b in old.buffers)
+            kept.provisional_bytes -= size
+            kept.budget.used -= size
 
     @staticmethod
     def keep_file(kept: Kept, key: int, path: str, buffers: list[memoryview]) -> bool:
@@ -370,7 +377,7 @@ class ResultKeeper:
     def _forget(kept: Kept) -> None:
         """A computation no longer kept: what it held goes, and it holds no more."""
         kept.dropped = True
-        kept.budget.used -= kept.pending_bytes
+        kept.budget.used -= kept.pending_bytes + kept.provisional_bytes
         kept.pending, kept.pending_bytes = {}, 0
         kept.provisional, kept.provisional_bytes = {}, 0
 

@@ -251,6 +251,40 @@ def test_what_clients_have_not_acknowledged_is_bounded_on_the_node(
     asyncio.run(main())
 
 
+def test_provisional_results_kept_are_bounded_on_the_node(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The latest provisional result of each running job is held in memory, as
+    unacknowledged results are: within `PENDING_BYTES` per computation and
+    `PENDING_NODE_BYTES` for all of them (every journaled cluster keeps them, and
+    a client may set up many); given back as a job ends or its computation goes.
+    Each computation held its own 16 MiB, however many there were."""
+    monkeypatch.setattr(keeper_module, "PENDING_BYTES", 300)
+    monkeypatch.setattr(keeper_module, "PENDING_NODE_BYTES", 500)
+
+    async def main() -> None:
+        keeper = ResultKeeper(ResultSpool(str(tmp_path), 1 << 20))
+        kept = [
+            keeper.register(f"{n}" * 32, FakeComputation())  # type: ignore[arg-type]
+            for n in range(3)
+        ]
+        for each in kept:
+            for key in range(2):
+                ResultKeeper.keep_provisional(each, key, 1, [memoryview(b"p" * 100)])
+        # 200 bytes each would be 600: the third computation holds only 100.
+        assert [len(each.provisional) for each in kept] == [2, 2, 1]
+        assert kept[0].budget.used == 500
+        ResultKeeper.record(kept[0], *result(0))  # job 0 ended: its goes
+        assert kept[0].budget.used == 400
+        ResultKeeper.keep_provisional(kept[2], 1, 1, [memoryview(b"p" * 100)])
+        assert len(kept[2].provisional) == 2
+        keeper.release("1" * 32)  # closed by its client
+        assert kept[0].budget.used == 300
+        await keeper.close()
+
+    asyncio.run(main())
+
+
 def test_keeper_drops_results_when_they_expire(tmp_path: Path):
     async def main() -> None:
         keeper = ResultKeeper(ResultSpool(str(tmp_path), 1 << 20))
