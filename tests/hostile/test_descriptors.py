@@ -18,7 +18,13 @@ import pytest
 
 from dispynb import DispyJob, DispyNodeAvailInfo, JobCluster
 from dispynb.errors import SetupError
-from tests.hostile.tools import count_lines, cpu_percent, limited_node, wait_for
+from tests.hostile.tools import (
+    count_lines,
+    cpu_percent,
+    limited_node,
+    lowest_free_descriptor,
+    wait_for,
+)
 from tests.nodeproc import ROOT, node_env, start_node
 
 pytestmark = pytest.mark.slow
@@ -163,12 +169,6 @@ def test_a_client_out_of_descriptors_connects_its_nodes_once_they_free(
     assert "is dispynb-node running there" not in done.stderr
 
 
-def _lowest_free_descriptor(pid: int) -> int:
-    """The number the next descriptor process ``pid`` opens would get."""
-    taken = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
-    return min(set(range(len(taken) + 1)) - taken)
-
-
 def _avail(cluster: JobCluster) -> DispyNodeAvailInfo | None:
     return cluster.status().nodes[0].avail_info
 
@@ -193,7 +193,7 @@ def test_a_node_out_of_descriptors_reports_its_load_unknown(tmp_path, measure):
         before = _avail(cluster)
         assert before is not None and before.memory > 0
         resource.prlimit(
-            pid, resource.RLIMIT_NOFILE, (_lowest_free_descriptor(pid), hard)
+            pid, resource.RLIMIT_NOFILE, (lowest_free_descriptor(pid), hard)
         )
         try:
             # The first pulse after: unknown, or (as before) zeros.

@@ -7,6 +7,7 @@ Everything is bounded in time. Attackers on loopback bind to their own source ad
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import secrets
 import socket
@@ -33,6 +34,13 @@ ATTACKER = "127.0.0.2"
 
 #: Seconds any wait of an attack test allows before it fails.
 WAIT = 20.0
+
+
+def lowest_free_descriptor(pid: int) -> int:
+    """The number the next descriptor process ``pid`` opens would get (a soft
+    ``RLIMIT_NOFILE`` of it leaves the process none to open)."""
+    taken = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+    return min(set(range(len(taken) + 1)) - taken)
 
 
 def strong_secret() -> str:

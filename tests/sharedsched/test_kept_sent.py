@@ -54,6 +54,31 @@ time.sleep(300)
 """
 
 
+def run_and_kill(
+    scheduler: SchedulerProcess,
+    script: str,
+    credential: str,
+    *args: str,
+    cwd: Path,
+    jobs: int = 2,
+) -> None:
+    """Run client ``script`` until it submitted its ``jobs`` and each started (a
+    ``started*`` mark in folder ``args[1]``), kill it (SIGKILL), wait until the
+    scheduler knows."""
+    marks = Path(args[1])
+    proc = start_client(
+        script, scheduler.address, credential, *args, cwd=cwd, name="away"
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "submitted", proc.communicate()
+        wait_until(lambda: len(list(marks.glob("started*"))) == jobs)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=20)
+    scheduler.wait_for_log("client gone", timeout=60)
+
+
 def test_files_and_provisional_results_sent_while_away_are_recovered(
     scheduler: SchedulerProcess, users: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -66,18 +91,10 @@ def test_files_and_provisional_results_sent_while_away_are_recovered(
     marks.mkdir()
     received.mkdir()
     credential = str(users["alice"])
-    proc = start_client(
-        CLIENT, scheduler.address, credential, str(journal), str(marks), str(go),
-        str(release), cwd=tmp_path, name="away",
+    run_and_kill(
+        scheduler, CLIENT, credential, str(journal), str(marks), str(go),
+        str(release), cwd=tmp_path,
     )  # fmt: skip
-    try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "submitted", proc.communicate()
-        wait_until(lambda: len(list(marks.glob("started-*"))) == 2)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate(timeout=20)
-    scheduler.wait_for_log("client gone", timeout=60)
     go.touch()
     try:
         wait_until(lambda: len(list(marks.glob("sent-*"))) == 2)
@@ -155,18 +172,10 @@ def test_a_file_over_the_kept_quota_is_not_said_to_be_kept(
 ) -> None:
     marks, go = tmp_path / "marks", tmp_path / "go"
     marks.mkdir()
-    proc = start_client(
-        LARGE_CLIENT, small_quota.address, str(users["alice"]),
-        str(tmp_path / "j.journal"), str(marks), str(go), cwd=tmp_path, name="large",
+    run_and_kill(
+        small_quota, LARGE_CLIENT, str(users["alice"]), str(tmp_path / "j.journal"),
+        str(marks), str(go), cwd=tmp_path, jobs=1,
     )  # fmt: skip
-    try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "submitted", proc.communicate()
-        wait_until(lambda: (marks / "started").exists())
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate(timeout=20)
-    small_quota.wait_for_log("client gone", timeout=60)
     go.touch()
     wait_until(lambda: (marks / "sent").exists())
     sent, said = (marks / "sent").read_text().split(" ", 1)
@@ -222,18 +231,10 @@ def test_a_file_sent_while_recover_jobs_waits_is_answered(
     marks.mkdir()
     received.mkdir()
     credential = str(users["alice"])
-    proc = start_client(
-        LIVE, scheduler.address, credential, str(journal), str(marks), str(go),
-        str(received), str(size), cwd=tmp_path, name="away",
+    run_and_kill(
+        scheduler, LIVE, credential, str(journal), str(marks), str(go),
+        str(received), str(size), cwd=tmp_path,
     )  # fmt: skip
-    try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "submitted", proc.communicate()
-        wait_until(lambda: len(list(marks.glob("started-*"))) == 2)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate(timeout=20)
-    scheduler.wait_for_log("client gone", timeout=60)
     go.touch()
     wait_until(lambda: (marks / "sent-0").exists())
     jobs = recover_jobs(

@@ -7,11 +7,11 @@ refused; revoking a user from it ends the user's session and jobs."""
 
 from __future__ import annotations
 
-import os
 import re
 import resource
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ import pytest
 from dispynb import LocalCluster, SharedJobCluster
 from dispynb.job import JobStatus
 from tests.browser import chromium_page, requires_chromium
+from tests.hostile.tools import lowest_free_descriptor
 from tests.httpd.client import MonitorClient
 from tests.sharedsched.harness import SchedulerProcess, scheduler_cli
 
@@ -45,15 +46,17 @@ class Site:
     token: str
 
 
-@pytest.fixture
-def monitored(
-    tmp_path: Path, nodes: LocalCluster, users: dict[str, Path]
+@contextmanager
+def monitor(
+    tmp_path: Path, nodes: LocalCluster, *args: str
 ) -> Iterator[tuple[SchedulerProcess, MonitorClient]]:
+    """A scheduler of ``nodes`` with its web monitor (and ``args``), and a client
+    of the monitor."""
     sched = SchedulerProcess(
         tmp_path,
         nodes.node_specs(),
         nodes.secret,
-        args=("--httpd", "--httpd_port", "0", "--max_queued", "50"),
+        args=("--httpd", "--httpd_port", "0", *args),
     )
     sched.start()
     try:
@@ -63,6 +66,14 @@ def monitored(
         yield sched, MonitorClient(Site(int(match[1]), match[2]))  # type: ignore[arg-type]
     finally:
         sched.stop()
+
+
+@pytest.fixture
+def monitored(
+    tmp_path: Path, nodes: LocalCluster, users: dict[str, Path]
+) -> Iterator[tuple[SchedulerProcess, MonitorClient]]:
+    with monitor(tmp_path, nodes, "--max_queued", "50") as both:
+        yield both
 
 
 def wait_for(fetch: Callable[[], Any], check: Callable[[Any], bool]) -> Any:
@@ -213,10 +224,16 @@ def test_the_page_in_a_browser_shows_the_scheduler_and_revokes(
     assert listed.stdout.split() == ["alice"]
 
 
-def _lowest_free_descriptor(pid: int) -> int:
-    """The number the next descriptor process ``pid`` opens would get."""
-    taken = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
-    return min(set(range(len(taken) + 1)) - taken)
+@contextmanager
+def squeezed(pid: int) -> Iterator[None]:
+    """Process ``pid`` may open no more descriptors (prlimit(2): its soft limit at
+    its lowest free one) until the block ends."""
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free_descriptor(pid), hard))
+    try:
+        yield
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
 
 
 @pytest.mark.browser
@@ -229,47 +246,29 @@ def test_the_page_shows_a_node_whose_load_is_unknown(
     (``null.toFixed``) and showed nothing more from then on."""
     from playwright.sync_api import expect
 
-    sched = SchedulerProcess(
-        tmp_path,
-        nodes.node_specs(),
-        nodes.secret,
-        args=("--httpd", "--httpd_port", "0", "--pulse_interval", "0.2"),
-    )
-    sched.start()
-    pid = nodes.pids[0]
-    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
-    try:
-        sched.wait_for_log("web monitor at")
-        match = URL.search(sched.log_text())
-        assert match, sched.log_text()
-        client = MonitorClient(Site(int(match[1]), match[2]))  # type: ignore[arg-type]
+    with (
+        monitor(tmp_path, nodes, "--pulse_interval", "0.2") as (sched, client),
+        SharedJobCluster(
+            nap, scheduler_host=sched.address, secret_file=str(users["alice"])
+        ) as cluster,
+    ):
 
         def snapshot() -> dict[str, Any]:
             return client.get("/api/scheduler").json()  # type: ignore[no-any-return]
 
-        with SharedJobCluster(
-            nap, scheduler_host=sched.address, secret_file=str(users["alice"])
-        ) as cluster:
-            # Its computation on the nodes has them report their figures: one
-            # job for each of the 4 CPUs puts it on both.
-            jobs = [cluster.submit(0.5) for _ in range(4)]
-            assert [job() for job in jobs] == [0.5] * 4
-            wait_for(snapshot, lambda s: all(n["avail"] for n in s["nodes"]))
-            resource.prlimit(
-                pid, resource.RLIMIT_NOFILE, (_lowest_free_descriptor(pid), hard)
-            )
+        # Its computation on the nodes has them report their figures: one job for
+        # each of the 4 CPUs puts it on both.
+        jobs = [cluster.submit(0.5) for _ in range(4)]
+        assert [job() for job in jobs] == [0.5] * 4
+        wait_for(snapshot, lambda s: all(n["avail"] for n in s["nodes"]))
+        with squeezed(nodes.pids[0]), chromium_page() as page:
             wait_for(snapshot, lambda s: any(n["avail"][0] is None for n in s["nodes"]))
-            with chromium_page() as page:
-                problems: list[str] = []
-                page.on("pageerror", lambda exc: problems.append(f"error: {exc}"))
-                port, token = client.server.port, client.server.token
-                page.goto(f"http://127.0.0.1:{port}/?token={token}")
-                expect(page.locator("#connection")).to_have_text("live")
-                expect(page.locator("#nodes tbody tr")).to_have_count(2)
-                expect(page.locator("#users tbody tr")).to_have_count(2)
-                unknown = page.locator("#nodes td", has_text="unknown")
-                expect(unknown).to_have_count(1)
-                assert not problems, problems
-    finally:
-        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
-        sched.stop()
+            problems: list[str] = []
+            page.on("pageerror", lambda exc: problems.append(f"error: {exc}"))
+            port, token = client.server.port, client.server.token
+            page.goto(f"http://127.0.0.1:{port}/?token={token}")
+            expect(page.locator("#connection")).to_have_text("live")
+            expect(page.locator("#nodes tbody tr")).to_have_count(2)
+            expect(page.locator("#users tbody tr")).to_have_count(2)
+            expect(page.locator("#nodes td", has_text="unknown")).to_have_count(1)
+            assert not problems, problems
