@@ -32,6 +32,7 @@ class JobContext:
 
     def __init__(self) -> None:
         self.sock: MessageSocket | None = None
+        self.pid = 0  # the worker's: a process a job forks reads no answers
         self.key = 0
         self.attempt = 0
         self.running = False  # True only while user code of a job runs
@@ -54,6 +55,7 @@ class JobContext:
     def begin(self, sock: MessageSocket, key: int, attempt: int) -> None:
         """A job starts on this worker."""
         self.sock, self.key, self.attempt = sock, key, attempt
+        self.pid = os.getpid()
 
     def send(self, message: Any, buffers: list[Any]) -> None:
         """Send a message for the current job (thread-safe)."""
@@ -62,13 +64,18 @@ class JobContext:
         with self.lock:
             self.sock.send(message, buffers)
 
-    def send_file(self, path: str, data: bytes, timeout: float | None) -> str:
+    def send_file(self, path: str, data: bytes, timeout: float | None) -> str | None:
         """Send a file for the current job and wait for the client's answer: ""
         once it wrote the file, else why it did not (or no answer in ``timeout``
-        seconds; None waits: the node answers for a client it lost)."""
+        seconds; None waits: the node answers for a client it lost). From a
+        process the job started, None: sent, but the answer comes to the worker,
+        whose messages that process must not read (jobs sent ahead among them)."""
         sock = self.sock
         if sock is None:
             raise RuntimeError("no job is running in this process")
+        if os.getpid() != self.pid:
+            self.send(SendFile(key=self.key, attempt=self.attempt, path=path), [data])
+            return None
         deadline = None if timeout is None else time.monotonic() + timeout
         with self.answer_lock:
             request = next(self._requests)
@@ -141,7 +148,9 @@ def dispy_send_file(path: str, relay: bool = False, timeout: Any = None) -> int:
     client's disk full or its folder not writable, the client gone; the reason is
     printed on the job's stderr). ``timeout``: seconds to wait for the client's
     answer (None, the default, waits for it); ``relay`` is accepted for dispy
-    compatibility.
+    compatibility. Called in a process the job started (``multiprocessing``), it
+    sends the file and returns 0 without the client's answer, which only the job's
+    own process can wait for.
     """
     try:
         name = _name_for_client(path)
@@ -156,7 +165,14 @@ def dispy_send_file(path: str, relay: bool = False, timeout: Any = None) -> int:
         error = CONTEXT.send_file(name, data, _seconds(timeout))
     except (DispynbError, RuntimeError, OSError, ValueError) as exc:
         error = str(exc)
-    if error:
+    if error is None:
+        print(
+            f"dispy_send_file: {path!r} sent from a process the job started: "
+            "whether the client wrote it is not known here (call dispy_send_file "
+            "in the job's own process to learn it)",
+            file=sys.stderr,
+        )
+    elif error:
         print(f"dispy_send_file: {path!r} not sent: {error}", file=sys.stderr)
         return -1
     return 0

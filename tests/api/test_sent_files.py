@@ -9,12 +9,13 @@ import json
 import resource
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from dispynb import DispyJob, JobCluster, LocalCluster
-from tests.jobs import WAIT
+from tests.jobs import WAIT, wait_until
 from tests.nodeproc import node_env, running_node
 
 pytestmark = pytest.mark.slow
@@ -144,3 +145,54 @@ def test_a_long_timeout_waits_for_the_answer(
         job.exception for job in jobs
     ]
     assert (tmp_path / "p.bin").read_bytes() == b"p" * 100
+
+
+def send_from_a_child(n: int, marks: str) -> tuple[int, int]:
+    """Job `FORKING` says it started, waits for ``go``, then forks a process that
+    sends ``child.txt``: (n, its exit code); the others return at once."""
+    import multiprocessing
+    import os
+    import time
+
+    if n != FORKING:
+        return n, 0
+    open(os.path.join(marks, "started"), "w").close()
+    while not os.path.exists(os.path.join(marks, "go")):
+        time.sleep(0.01)
+
+    def child() -> None:
+        with open("child.txt", "w") as handle:
+            handle.write("from the child of a job")
+        os._exit(dispy_send_file("child.txt") + 10)  # type: ignore[name-defined]  # noqa: F821
+
+    process = multiprocessing.get_context("fork").Process(target=child)
+    process.start()
+    process.join()
+    return n, process.exitcode or 0
+
+
+#: The job of `send_from_a_child` that forks.
+FORKING = 20
+
+
+def test_a_process_a_job_started_sends_a_file_and_reads_no_messages_of_its_worker(
+    local1: LocalCluster, tmp_path: Path
+) -> None:
+    """The child gets 0 without the client's answer: only the worker may read its
+    messages. (A child that did took the jobs sent ahead to the worker while the
+    job ran, and they were lost: the wait below lets them reach its socket.)"""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    with JobCluster(
+        send_from_a_child, nodes=local1, files_dir=str(tmp_path)
+    ) as cluster:
+        jobs = [cluster.submit(n, str(marks)) for n in range(FORKING + 1)]
+        wait_until(lambda: (marks / "started").exists())
+        jobs += [cluster.submit(n, str(marks)) for n in range(FORKING + 1, 40)]
+        time.sleep(0.5)  # not for the outcome: only to let the failure show
+        (marks / "go").touch()
+        assert cluster.wait(timeout=WAIT), [job.status for job in jobs]
+    assert [job.result for job in jobs] == [
+        (n, 10 if n == FORKING else 0) for n in range(40)
+    ]
+    assert (tmp_path / "child.txt").read_text() == "from the child of a job"
