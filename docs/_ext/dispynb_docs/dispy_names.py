@@ -316,7 +316,8 @@ JOB_GLOBALS = [
         "scheduler) it returns 0 once the client wrote the file, -1 if it did not "
         "(its disk full, the folder not writable, the client gone), the reason on "
         "the job's stderr; ``timeout`` bounds the wait for the client's answer "
-        "(None, the default, waits).",
+        "(None, the default, waits). From a process the job started "
+        "(``multiprocessing``) it returns 0 once the file is sent, unconfirmed.",
     ),
     Name(
         "dispynode_logger",
