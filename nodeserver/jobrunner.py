@@ -268,7 +268,8 @@ def worker_loop(
 
     Before starting a job sent ahead (`Run.ahead`), the worker reads what else has
     arrived, so that a `Skip` for it, cancelled meanwhile, stops it from ever
-    starting. After each job, the processes it left running are killed. A worker
+    starting (a Skip for a job not waiting here, started already, is dropped).
+    After each job, the processes it left running are killed. A worker
     idle for `RELEASE_AFTER_IDLE` seconds after a large message or a job that took
     `RELEASE_CHECK_AFTER` or more gives the memory it freed or kept for reuse back
     to the system. Returns at EOF, or after the first
@@ -389,7 +390,13 @@ def _take(
             return
         inbox.append((message, views, mapping))
     elif type(message) is Skip:
-        skipped.add(message.key)
+        # Only for a job still waiting here: the node sends a job's Run before any
+        # Skip for it, so a Skip for one not in the inbox came once it had started
+        # (the node could not tell). Kept, it would skip a later run of that key
+        # here (the job queued again); dropped, the set holds only waiting jobs.
+        key = message.key
+        if any(waiting[0].key == key for waiting in inbox):
+            skipped.add(key)
     elif type(message) is not FileAnswer:  # one a job stopped waiting for: late
         logger.warning("worker ignores unexpected %r message", message.op)
 

@@ -267,7 +267,9 @@ class ThreadProcess:
                             assert fd is not None, "a shared body came without its fd"
                             _, buffers = map_segments(fd, message.shared)
                         inbox.append((message, buffers))
-                    elif isinstance(message, Skip):
+                    elif isinstance(message, Skip) and any(
+                        run.key == message.key for run, _ in inbox
+                    ):  # as the real worker: only for a job still waiting here
                         skipped.add(message.key)
                     continue
                 run, buffers = inbox.pop(0)

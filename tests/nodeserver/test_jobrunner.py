@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import socket
@@ -218,6 +219,36 @@ def test_worker_loop_runs_jobs_until_eof():
     worker.close()
 
 
+def test_a_skip_for_a_job_that_started_is_dropped_not_kept_for_its_key():
+    # The node tells a worker to skip a job it may not have started (sent ahead,
+    # then cancelled unless started, or taken back): the worker had started it
+    # (a Skip always comes after its Run). Kept, that Skip skipped the next run of
+    # the same key there (the job queued again, attempt 2): reported cancelled,
+    # never run.
+    server, worker = socket.socketpair()
+    server.settimeout(10)
+    client = MessageSocket(server)
+    thread = threading.Thread(
+        target=worker_loop, args=(MessageSocket(worker), lambda x: x * 2)
+    )
+    thread.start()
+    try:
+        client.send(Run(key=5, attempt=1), serialize.dumps(((1,), {})))
+        client.send(Skip(key=5))  # read once job 5 ran: too late, dropped
+        client.send(Run(key=5, attempt=2), serialize.dumps(((2,), {})))
+        replies = [client.recv() for _ in range(2)]
+    finally:
+        client.close()
+        thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert [(d.key, d.attempt, d.outcome) for d, _ in replies] == [
+        (5, 1, FINISHED),
+        (5, 2, FINISHED),
+    ]
+    assert [serialize.loads(buffers) for _, buffers in replies] == [2, 4]
+    worker.close()
+
+
 #: A worker process of its own: one thread, so that its context switches are its
 #: waits (in process, the GIL's hand-overs would count too).
 _WORKER = """
@@ -404,8 +435,14 @@ class _Keeps:
 
 _KEPT: list[object] = []
 
+#: Opened by the test: `_keep` of "wait" returns then.
+_RELEASE = threading.Event()
+
 
 def _keep(value: object) -> int:
+    if value == "wait":  # a job running while the next ones arrive
+        _RELEASE.wait(10)
+        return 0
     _KEPT.append(value)
     return 1
 
@@ -433,10 +470,16 @@ def test_worker_loop_runs_shared_arguments_and_says_which_it_keeps():
         done, _ = client.recv()
         assert (done.outcome, done.kept) == (FINISHED, True)  # still mapped
         assert bytes(_KEPT.pop().view) == data
-        client.send(Skip(key=3))  # skipped before it arrives: never runs
+        # Job 3 goes ahead of job 10, which runs, and is told to skip: never runs.
+        _RELEASE.clear()
+        client.send(Run(key=10, attempt=0), serialize.dumps((("wait",), {})))
         run, fd, body = _shared_run(3, (data,))
         bodies.append(body)
-        client.send(run, fds=[fd])
+        client.send(dataclasses.replace(run, ahead=True), fds=[fd])
+        client.send(Skip(key=3))
+        _RELEASE.set()
+        done, _ = client.recv()
+        assert (done.key, done.outcome) == (10, FINISHED)
         done, _ = client.recv()
         assert (done.key, done.outcome, done.kept) == (3, CANCELLED, False)
         assert _KEPT == []
