@@ -26,7 +26,7 @@ from dispynb.backends.base import ClusterConfig, Departure, JobEvents, NodeInfo
 from dispynb.backends.nodes import NodeEngine, NodesBackend, _avail_info
 from dispynb.depends import FileRef
 from dispynb.errors import ConfigurationError, MessageError
-from dispynb.node import parse_node_specs
+from dispynb.node import DispyNodeAvailInfo, parse_node_specs
 from dispynb.protocol.records import SharedNodeEntry
 from dispynb.scheduler.driver import NodeLink
 from dispynb.secret import split_credential
@@ -155,7 +155,7 @@ class SchedulerBackend(NodesBackend):
             self._running[entry.node_id] = entry.running
             if known is None or known.cpus != entry.cpus:
                 events.node_ready(info)
-            elif known.avail != avail:
+            elif _figures(known.avail) != _figures(avail):
                 events.node_status(info, avail)
             events.node_counts(info, entry.jobs_done, entry.busy, entry.cpu_time)
         if self._startup is not None and not self._startup.done():
@@ -171,6 +171,14 @@ class SchedulerBackend(NodesBackend):
         if node_id in self._behind:
             node_id = self._scheduler
         return super().send_file(node_id, ref)
+
+
+def _figures(avail: DispyNodeAvailInfo | None) -> tuple[float, ...] | None:
+    """What a node's `DispyNodeAvailInfo` says, to compare two reports by (it has
+    no ``__eq__``: dispy's has none, and users may key dicts on it); None: unknown."""
+    if avail is None:
+        return None
+    return (avail.cpu, avail.memory, avail.disk, avail.swap)
 
 
 __all__ = ["SchedulerBackend", "SchedulerEngine"]

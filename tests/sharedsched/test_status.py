@@ -5,6 +5,7 @@ list."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import threading
@@ -193,3 +194,59 @@ def test_the_schedulers_sum_of_its_nodes_figures_is_unknown_if_one_is() -> None:
     assert combined_figure((1e9, 2e9), mean=False) == 3e9
     # Not the sum of those that know, which would say less is free than is.
     assert combined_figure((1e9, None), mean=False) is None
+
+
+def test_a_node_status_event_comes_only_when_its_figures_change(
+    tmp_path: Path, nodes: LocalCluster, users: dict[str, Path]
+) -> None:
+    """Each report of the scheduler carries every node's figures; one that comes
+    because counts changed (a job ended) carries the figures as they were. Before,
+    the client told of a new status (cluster_status, DispyNode.AvailInfo) on every
+    report: it compared the figures' DispyNodeAvailInfo objects by identity. The
+    nodes report their figures every 600 s here (the scheduler's pulse), the client
+    asks for a report every 0.1 s (its own pulse)."""
+    sched = SchedulerProcess(
+        tmp_path, nodes.node_specs(), nodes.secret, args=("--pulse_interval", "600")
+    )
+    sched.start()
+    seen: dict[str, list[tuple[float, ...] | None]] = {}
+    lock = threading.Lock()
+
+    def cluster_status(status: int, node: DispyNode | None, job: object) -> None:
+        if node is None or status not in (DispyNode.Initialized, DispyNode.AvailInfo):
+            return
+        avail = node.avail_info
+        figures = None
+        if avail is not None:
+            figures = (avail.cpu, avail.memory, avail.disk, avail.swap)
+        with lock:
+            seen.setdefault(f"{node.ip_addr}:{node.port}", []).append(figures)
+
+    try:
+        with SharedJobCluster(
+            nap,
+            scheduler_host=sched.address,
+            secret_file=str(users["alice"]),
+            cluster_status=cluster_status,
+            pulse_interval=0.1,
+        ) as cluster:
+            addresses = sorted(nodes.node_specs())
+            wait_for(lambda: sorted(by_address(cluster)) == addresses, "both nodes")
+            for done in range(1, 11):  # a report of new counts after each job
+                job = cluster.submit(0.0)
+                assert job.finish.wait(WAIT) and job.result == 0.0
+                wait_for(
+                    lambda done=done: (
+                        sum(n.jobs_done for n in cluster.status().nodes) == done
+                    ),
+                    f"the report that {done} jobs are done",
+                )
+            assert all(n.avail_info is not None for n in cluster.status().nodes)
+    finally:
+        sched.stop()
+    with lock:
+        assert sorted(seen) == addresses
+        for address, figures in seen.items():
+            # Each event told of figures other than those known before it.
+            repeated = [a for a, b in itertools.pairwise(figures) if a == b]
+            assert not repeated, (address, len(figures), figures)
