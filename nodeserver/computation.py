@@ -17,6 +17,7 @@ import itertools
 import logging
 import operator
 import os
+import time
 from collections.abc import Callable, Mapping
 
 from dispynb.errors import DispynbError, ProtocolError
@@ -414,6 +415,8 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
         head = worker.assigned[0] if worker.assigned else None
         if head is None or head.key != message.key or head.reported:
             return  # from a job already settled (cancelled): drop it
+        if head.start_held:
+            self._runs_after_all(head, time.time())
         self._report_provisional(message.key, message.attempt, buffers)
 
     def _on_send_file(
@@ -423,6 +426,8 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
         if head is None or head.key != message.key or head.reported:
             error = "its job was cancelled or has ended"
         else:
+            if head.start_held:
+                self._runs_after_all(head, time.time())
             try:
                 path = safe_relative_path(message.path)
             except DispynbError as exc:
@@ -503,10 +508,8 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
             # SIGINT meant for the job before it (which ended just then) hit this one.
             self._requeue_or_fail(job)
         elif not job.reported:
-            if job.start_held and self.on_start is not None:
-                # It ran after all: its worker started it before it read the Skip
-                # (the job before it ended just as the Skip was sent).
-                self.on_start(job.key, job.attempt, done.start_time)
+            if job.start_held:
+                self._runs_after_all(job, done.start_time)
             if done.kinds:  # read while it is reported (session, kept results)
                 self.result_kinds[job.key] = done.kinds
             # A cancelled job that caught its KeyboardInterrupt and returned ends
@@ -545,6 +548,17 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
         if not worker.assigned and not self._queue and self._steal_timer is None:
             self._steal_later()
         self._note_progress()
+
+    def _runs_after_all(self, job: NodeJob, start_time: float) -> None:
+        """A head job whose start was held (`_start_clock`: it might be skipped)
+        shows it runs: its end, a provisional result or a file it sends. Its worker
+        started it before it read the Skip (the job before it ended just as the
+        Skip was sent). Its start goes to the client now, before what showed it:
+        a client never sees a provisional result of a job not started."""
+        job.start_held = False
+        job.moving = False  # it runs here: it cannot move any more (a cancel stops it)
+        if self.on_start is not None:
+            self.on_start(job.key, job.attempt, start_time)
 
     # -- work stealing -------------------------------------------------------------
 

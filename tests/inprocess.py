@@ -56,7 +56,9 @@ from nodeserver.ipc import (
     Load,
     Loaded,
     LoadFailed,
+    Provisional,
     Run,
+    SendFile,
     Shutdown,
     Skip,
     WorkerExited,
@@ -92,6 +94,26 @@ def wait_gate(name: str, timeout: float = 30.0) -> str:
         if time.monotonic() > deadline:
             raise TimeoutError(f"gate {name!r} never opened")
     return name
+
+
+#: The job a stand-in worker thread runs: its channel and `Run`.
+_RUNNING = threading.local()
+
+
+def send_provisional(value: Any) -> None:
+    """In a job body: send ``value`` as its provisional result (the stand-in's
+    ``dispy_provisional_result``)."""
+    run = _RUNNING.run
+    message = Provisional(key=run.key, attempt=run.attempt)
+    _RUNNING.channel.send(message, serialize.dumps(value))
+
+
+def send_file(path: str, data: bytes) -> None:
+    """In a job body: send ``data`` as file ``path`` to the client, not waiting for
+    its answer (the stand-in's ``dispy_send_file``)."""
+    run = _RUNNING.run
+    message = SendFile(key=run.key, attempt=run.attempt, path=path)
+    _RUNNING.channel.send(message, [data])
 
 
 class _Killed(BaseException):
@@ -288,6 +310,7 @@ class ThreadProcess:
                     )
                     channel.send(done)
                     continue
+                _RUNNING.channel, _RUNNING.run = channel, run
                 done, result = self._run(worker, run, buffers)
                 channel.send(done, result)
                 worker.jobs_run += 1  # after the send: its result is in the socket

@@ -18,7 +18,7 @@ from dispynb.protocol.messages import FINISHED
 from nodeserver.compstate import Worker
 from nodeserver.computation import Computation
 from tests.asyncutil import run
-from tests.inprocess import gate, wait_gate, wait_until
+from tests.inprocess import gate, send_file, send_provisional, wait_gate, wait_until
 from tests.nodeserver.test_computation import (
     Reports,
     bundle,
@@ -33,10 +33,14 @@ from tests.nodeserver.test_computation import (
 RUNS: list[int] = []
 
 
-def ran_here(key: int, name: str, entered: str = "") -> int:
-    """A job body: note a run of job ``key``, open gate ``entered`` (if any), wait
-    for gate ``name``; return the worker (thread) it ran in."""
+def ran_here(key: int, name: str, entered: str = "", tell: bool = False) -> int:
+    """A job body: note a run of job ``key``, with ``tell`` send a provisional
+    result and a file, open gate ``entered`` (if any), wait for gate ``name``;
+    return the worker (thread) it ran in."""
     RUNS.append(key)
+    if tell:
+        send_provisional(key)
+        send_file(f"out-{key}", b"data")
     if entered:
         gate(entered).set()
     wait_gate(name)
@@ -92,12 +96,13 @@ HOLDER_SEEN = (0, 4)
 
 
 async def _ran_ahead_unread(
-    computation: Computation, reports: Reports, long: str
+    computation: Computation, reports: Reports, long: str, tell: bool = False
 ) -> tuple[Worker, Worker]:
     """Jobs 100, 102, 103 and 104 go to one worker (the holder: 102-104 ahead),
     101 to the other; neither's answers are read. The holder runs 100, 102 and 103
-    and starts 104 (which waits for ``long``). Then the other's answer is read: it
-    is idle, nothing queued, while the node still sees 102-104 waiting ahead in the
+    and starts 104 (which waits for ``long``; with ``tell``, after it sent a
+    provisional result and a file). Then the other's answer is read: it is idle,
+    nothing queued, while the node still sees 102-104 waiting ahead in the
     holder. Returns (holder, other)."""
     quick = await _warm(computation, reports)
     computation.hold_workers(True)
@@ -105,7 +110,7 @@ async def _ran_ahead_unread(
     computation.submit(
         [
             *(job(key, key, quick) for key in range(100, 104)),
-            job(104, 104, long, entered),
+            job(104, 104, long, entered, tell),
         ]
     )
     (holder,) = [w for w in computation._workers.values() if w.assigned[0].key == 100]
@@ -255,6 +260,58 @@ def test_jobs_run_as_their_worker_was_told_to_skip_them_report_their_start(
         assert all(j.moving for j in list(holder.assigned)[1:])
         computation.hold_workers(False)
         await wait_until(lambda: 103 in reports.entries, "jobs 100-103")
+        open_gate(long)
+        await wait_until(lambda: 104 in reports.entries, "job 104")
+        _starts_once(reports, range(100, 105))
+        assert computation.idle and not holder.taken_back
+        await finish(computation, launcher)
+
+    run(main())
+
+
+def test_a_job_whose_start_was_held_is_reported_started_before_what_it_sends(
+    tmp_path, monkeypatch
+):
+    """A job the node told its worker to skip, not sure it would (its start held:
+    `_start_clock`), runs after all and sends a provisional result and a file
+    before it ends. Its start goes to the client first, once; before, the client
+    had its provisional result and file while it was not started (its start came
+    with its end). Known to run, it no longer moves (a cancel would stop it)."""
+    monkeypatch.setattr("nodeserver.computation._before_its_turn", _not_sure_once_told)
+    steals = _count_steals(monkeypatch)
+
+    async def main() -> None:
+        reports = Reports()
+        computation, launcher = make(tmp_path, reports, workers=2)
+        _starts_before_ends(computation, reports)
+        told: list[tuple[str, int]] = []
+        note_start = computation.on_start
+        assert note_start is not None
+
+        def started(key: int, attempt: int, when: float) -> None:
+            told.append(("start", key))
+            note_start(key, attempt, when)
+
+        def provisional(key: int, attempt: int, buffers: list[memoryview]) -> None:
+            told.append(("provisional", key))
+
+        def sent_file(
+            key: int, path: str, buffers: list[memoryview], request: int
+        ) -> str:
+            told.append(("file", key))
+            return ""
+
+        computation.on_start = started
+        computation._report_provisional = provisional
+        computation._report_file = sent_file
+        long = new_gate("long")
+        holder, _other = await _ran_ahead_unread(computation, reports, long, True)
+        await wait_until(lambda: HOLDER_SEEN in steals, "a look at the holder")
+        assert all(j.moving for j in list(holder.assigned)[1:])
+        computation.hold_workers(False)
+        await wait_until(lambda: ("file", 104) in told, "job 104's file")
+        assert told[-3:] == [("start", 104), ("provisional", 104), ("file", 104)]
+        assert holder.assigned[0].key == 104 and not holder.assigned[0].moving
         open_gate(long)
         await wait_until(lambda: 104 in reports.entries, "job 104")
         _starts_once(reports, range(100, 105))
