@@ -164,8 +164,9 @@ class SharedComputation(_JobFiles):
         #: ``send_file`` requests: request -> [nodes yet to answer, errors].
         self.placements: dict[int, list[Any]] = {}
         #: Files jobs sent that wait for the client's answer: request -> the node,
-        #: the job and the node's number for the file.
-        self.file_requests: dict[int, tuple[Upstream, int, int]] = {}
+        #: the job, the node's number for the file, and whether it was kept for
+        #: the client's recovery (keep_sent, within --max_kept).
+        self.file_requests: dict[int, tuple[Upstream, int, int, bool]] = {}
         self._file_request_ids = itertools.count(1)
         #: Per node name: [jobs ended there, their run time]; and the node list
         #: last sent to the client (`report_nodes`).
@@ -247,16 +248,22 @@ class SharedComputation(_JobFiles):
             self._answer_file(upstream, message.key, message.request, reason)
         else:  # under a number of the scheduler's (two nodes' may be the same)
             request = next(self._file_request_ids)
-            self.file_requests[request] = (upstream, message.key, message.request)
+            # Kept with all it sends its client (keep_sent), unless over --max_kept
+            # (to_client may answer it already: a file over a client's limit).
+            kept = self.setup.recovery_id is not None and self.setup.keep_sent
+            waiting = (upstream, message.key, message.request, kept)
+            self.file_requests[request] = waiting
             backlog = self.session.backlog
             dropped = backlog.dropped if backlog is not None else 0
+            kept_dropped = self.kept.dropped
             self.to_client(
                 dataclasses.replace(message, request=request), buffers, job=job
             )
             if backlog is not None and backlog.dropped != dropped:
                 # Over --max_kept for a client that does not read: no answer comes.
-                del self.file_requests[request]
-                self._answer_file(upstream, message.key, message.request, _NOT_READ)
+                self._answer_request(request, _NOT_READ)
+            elif self.kept.dropped != kept_dropped and request in self.file_requests:
+                self.file_requests[request] = (*waiting[:3], False)  # --max_kept
 
     def file_saved(self, message: FileSaved) -> None:
         """The client's answer about a file: to the node whose job waits for it."""
@@ -265,14 +272,13 @@ class SharedComputation(_JobFiles):
     def _answer_request(self, request: int, error: str) -> None:
         waiting = self.file_requests.pop(request, None)
         if waiting is not None:
-            self._answer_file(*waiting, error)
+            self._answer_file(*waiting[:3], error)
 
     def client_gone(self) -> None:
-        """Its client went away: the files it did not answer for never will be."""
-        # Those it was sent are kept for its recovery with everything it was sent.
-        kept = self.setup.recovery_id is not None and self.setup.keep_sent
+        """Its client went away: the files it did not answer for never will be;
+        their jobs are told whether the scheduler kept them for its recovery."""
         for request in list(self.file_requests):
-            upstream, key, asked = self.file_requests.pop(request)
+            upstream, key, asked, kept = self.file_requests.pop(request)
             self._answer_file(
                 upstream, key, asked, _CLIENT_AWAY + (_KEPT if kept else "")
             )

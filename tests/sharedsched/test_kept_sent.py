@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -61,10 +61,12 @@ def run_and_kill(
     *args: str,
     cwd: Path,
     jobs: int = 2,
+    stopped: Callable[[], None] | None = None,
 ) -> None:
     """Run client ``script`` until it submitted its ``jobs`` and each started (a
     ``started*`` mark in folder ``args[1]``), kill it (SIGKILL), wait until the
-    scheduler knows."""
+    scheduler knows. With ``stopped``: the client is stopped (SIGSTOP, it reads
+    nothing more) and ``stopped()`` called before it is killed."""
     marks = Path(args[1])
     proc = start_client(
         script, scheduler.address, credential, *args, cwd=cwd, name="away"
@@ -73,6 +75,9 @@ def run_and_kill(
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "submitted", proc.communicate()
         wait_until(lambda: len(list(marks.glob("started*"))) == jobs)
+        if stopped is not None:
+            os.killpg(proc.pid, signal.SIGSTOP)
+            stopped()
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate(timeout=20)
@@ -181,6 +186,29 @@ def test_a_file_over_the_kept_quota_is_not_said_to_be_kept(
     sent, said = (marks / "sent").read_text().split(" ", 1)
     assert sent == "-1" and "the client is away" in said, said
     assert "keeps it" not in said, said  # over --max_kept: it was not kept
+
+
+def test_a_file_the_client_got_but_over_the_kept_quota_is_not_said_to_be_kept(
+    small_quota: SchedulerProcess, users: dict[str, Path], tmp_path: Path
+) -> None:
+    """The 2 MiB file reaches the client (stopped: it never answers), which then
+    dies: the file was not kept (over --max_kept 1M, logged), and its job is told
+    so (before: 'the scheduler keeps it', as for a file within the quota)."""
+    marks, go = tmp_path / "marks", tmp_path / "go"
+    marks.mkdir()
+
+    def send_while_stopped() -> None:
+        go.touch()
+        small_quota.wait_for_log("a file a job sent was not kept", timeout=60)
+
+    run_and_kill(
+        small_quota, LARGE_CLIENT, str(users["alice"]), str(tmp_path / "j.journal"),
+        str(marks), str(go), cwd=tmp_path, jobs=1, stopped=send_while_stopped,
+    )  # fmt: skip
+    wait_until(lambda: (marks / "sent").exists())
+    sent, said = (marks / "sent").read_text().split(" ", 1)
+    assert sent == "-1" and "the client is away" in said, said
+    assert "keeps it" not in said, said
 
 
 #: Job 0 sends a file once its client is gone (the scheduler keeps it); job 1 waits
