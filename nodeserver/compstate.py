@@ -29,6 +29,13 @@ ReportProvisional = Callable[[int, int, list[memoryview]], None]
 #: could not be sent ("" once it is on its way).
 ReportFile = Callable[[int, str, list[memoryview], int], str]
 
+#: ``keep_file(key, path, buffers)``: keep a file its client cannot take for its
+#: recovery; what the job is told (None: not kept).
+KeepFile = Callable[[int, str, list[memoryview]], str | None]
+
+#: A file sent to the client that the node may still keep: ``(key, path, buffers)``.
+KeepableFile = tuple[int, str, list[memoryview]]
+
 
 @dataclass(frozen=True, slots=True)
 class JobLimits:
@@ -144,7 +151,7 @@ class _ComputationState:
     def _pump(self) -> None:
         raise NotImplementedError
 
-    def client_lost(self, reason: str) -> None:
+    def client_lost(self, reason: str, keep: bool = False) -> None:
         raise NotImplementedError
 
     async def _read_worker(self, worker: Worker) -> None:

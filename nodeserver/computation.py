@@ -27,14 +27,16 @@ from dispynb.protocol.messages import CANCELLED, CRASHED, FINISHED, Message
 from dispynb.protocol.records import ResultEntry
 from nodeserver.budget import CpuBudget
 from nodeserver.compstate import JobLimits as JobLimits
-from nodeserver.compstate import NodeJob as NodeJob
 from nodeserver.compstate import (
+    KeepableFile,
+    KeepFile,
     Report,
     ReportFile,
     ReportProvisional,
     Worker,
     _ComputationState,
 )
+from nodeserver.compstate import NodeJob as NodeJob
 from nodeserver.control import ControlChannel
 from nodeserver.filestore import FileStore
 from nodeserver.ipc import (
@@ -157,8 +159,11 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
         self._report_provisional = report_provisional
         self._report_file = report_file
         #: Files sent to the client, awaiting its answer: request -> the worker
-        #: waiting and its own number for the file (`nodeserver.ipc.SendFile`).
-        self._file_requests: dict[int, tuple[Worker, int]] = {}
+        #: waiting, its own number for the file (`nodeserver.ipc.SendFile`) and,
+        #: for a computation kept for recovery, the file (`KeepableFile`).
+        self._file_requests: dict[int, tuple[Worker, int, KeepableFile | None]] = {}
+        #: Keeps a file its client cannot take for recovery (`also_keep`).
+        self._keep_file: KeepFile | None = None
         self._file_request_ids = itertools.count(1)
         self._store = store
         # Why the session refused a file (its quota, say): a job that needs it
@@ -242,7 +247,7 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
     def also_keep(
         self,
         provisional: ReportProvisional,
-        keep_file: Callable[[int, str, list[memoryview]], str | None],
+        keep_file: KeepFile,
     ) -> None:
         """Give every later provisional result to ``provisional`` too, and a file
         its client cannot take to ``keep_file`` (kept for recovery), which says
@@ -262,6 +267,7 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
             return error
 
         self._report_provisional, self._report_file = both, sent_or_kept
+        self._keep_file = keep_file
 
     def _pump(self) -> None:
         """Give queued jobs to workers: idle ones first (taking a CPU), then ahead."""
@@ -439,7 +445,9 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
                 request = 0
                 if message.request:
                     request = next(self._file_request_ids)
-                    self._file_requests[request] = (worker, message.request)
+                    # Held until answered: the client may go before it answers.
+                    keepable = (message.key, path, buffers) if self._keep_file else None
+                    self._file_requests[request] = (worker, message.request, keepable)
                 error = self._report_file(message.key, path, buffers, request)
                 if not error or not request:
                     return
@@ -452,12 +460,19 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
         sent it is waiting for it (its ``dispy_send_file`` returns)."""
         waiting = self._file_requests.pop(request, None)
         if waiting is not None:
-            self._answer_file(*waiting, error)
+            self._answer_file(waiting[0], waiting[1], error)
 
-    def client_lost(self, reason: str) -> None:
-        """The client's connection ended: no answer will come for the files sent."""
+    def client_lost(self, reason: str, keep: bool = False) -> None:
+        """The client's connection ended: no answer will come for the files sent.
+        With ``keep`` (the keeper adopted the computation), those still waiting
+        are kept for its recovery as a file sent later would be: the node still
+        has them, and the client may not have written them."""
         for request in list(self._file_requests):
-            self.file_saved(request, reason)
+            worker, asked, keepable = self._file_requests.pop(request)
+            told = None
+            if keep and keepable is not None and self._keep_file is not None:
+                told = self._keep_file(*keepable)
+            self._answer_file(worker, asked, told or reason)
 
     @staticmethod
     def _answer_file(worker: Worker, request: int, error: str) -> None:

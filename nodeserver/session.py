@@ -119,14 +119,15 @@ class ClientSession(_SessionFiles, _SessionRecovery):
         """The connection ended: the keeper adopts the computations their client
         may come back to; the others close; what they held is freed."""
         self._end_claims()
-        for computation in self._computations.values():
-            computation.client_lost(CLIENT_GONE)  # its jobs' files get no answer
         closing = [
             computation
             for comp_id, computation in self._computations.items()
             if not self._keeper_adopts(comp_id, computation)
         ]
         adopted = set(self._computations) - {c.comp_id for c in closing}
+        for comp_id, computation in self._computations.items():
+            # Its jobs' files get no answer; an adopted one keeps them for recovery.
+            computation.client_lost(CLIENT_GONE, keep=comp_id in adopted)
         self._computations.clear()
         await asyncio.gather(
             *(c.close(terminate=True) for c in closing), return_exceptions=True

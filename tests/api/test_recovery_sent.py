@@ -115,3 +115,91 @@ def test_files_and_provisional_results_sent_after_a_crash_are_recovered(
             assert (received / f"out-{n}.txt").read_text() == f"file of job {n}"
         again = _recover(tmp_path, node.secret, received, 60.0)
     assert again == [[int(JobStatus.Finished), 0], [int(JobStatus.Finished), 10]]
+
+
+#: One job that waits for ``go``, sends a file of ``size`` bytes and notes what
+#: dispy_send_file returned and said.
+IN_FLIGHT = """
+import sys, time
+import dispynb as dispy
+
+def job(marks, go, size):
+    import contextlib, io, os, time
+    open(os.path.join(marks, "started"), "w").close()
+    while not os.path.exists(go):
+        time.sleep(0.02)
+    with open("large.bin", "wb") as handle:
+        handle.write(bytes(range(256)) * (size // 256))
+    said = io.StringIO()
+    with contextlib.redirect_stderr(said):
+        sent = dispy_send_file("large.bin")
+    with open(os.path.join(marks, "sent"), "w") as handle:
+        handle.write("%d %s" % (sent, said.getvalue()))
+    return sent
+
+node, secret, journal, marks, go, size = sys.argv[1:]
+cluster = dispy.JobCluster(job, nodes=[node], secret=secret, recover_file=journal)
+cluster.submit(marks, go, int(size))
+print("submitted", flush=True)
+time.sleep(300)  # killed before it gets further
+"""
+
+
+def _queued(port: int) -> int:
+    """Bytes waiting in this host's TCP queues of connections to or from ``port``
+    (sent and not taken, received and not read)."""
+    total = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as handle:
+            rows = handle.read().splitlines()[1:]
+        for row in rows:
+            fields = row.split()
+            ports = {int(fields[1].rsplit(":", 1)[1], 16)}
+            ports.add(int(fields[2].rsplit(":", 1)[1], 16))
+            if port in ports:
+                tx, rx = fields[4].split(":")
+                total += int(tx, 16) + int(rx, 16)
+    return total
+
+
+def test_a_file_in_flight_when_the_client_dies_is_kept_for_recovery(
+    tmp_path: Path,
+) -> None:
+    """The client is stopped (SIGSTOP: it reads nothing, answers nothing) while its
+    job sends a 16 MiB file, then killed (SIGKILL) with the file on its way: the
+    node keeps the file as it keeps one sent a moment later, the job is told so,
+    and `recover_jobs` in a new process saves it (before: not kept, the job told
+    the file was not saved)."""
+    marks, received, go = tmp_path / "marks", tmp_path / "received", tmp_path / "go"
+    size = 16 << 20
+    marks.mkdir()
+    received.mkdir()
+    (tmp_path / "client.py").write_text(IN_FLIGHT)
+    (tmp_path / "recover.py").write_text(RECOVER)
+    with running_node(tmp_path / "node", cpus=1) as node:
+        client = subprocess.Popen(
+            [sys.executable, "client.py", node.spec, node.secret,
+             str(tmp_path / "journal.db"), str(marks), str(go), str(size)],
+            cwd=tmp_path, env=node_env(), stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert client.stdout is not None
+            assert client.stdout.readline().strip() == "submitted"
+            wait_until(lambda: (marks / "started").exists())
+            client.send_signal(signal.SIGSTOP)
+            go.touch()
+            # The file is on its way: megabytes the client does not read.
+            wait_until(lambda: _queued(node.port) > 1 << 20)
+            client.send_signal(signal.SIGKILL)
+            client.wait(WAIT)
+        finally:
+            client.kill()
+            client.stdout.close()  # type: ignore[union-attr]
+        wait_until(lambda: (marks / "sent").exists())
+        sent, said = (marks / "sent").read_text().split(" ", 1)
+        assert sent == "-1", said  # the client did not write it
+        assert "the node keeps it for the client's recover_jobs" in said, said
+        jobs = _recover(tmp_path, node.secret, received, 60.0)
+    assert jobs == [[int(JobStatus.Finished), -1]]
+    data = (received / "large.bin").read_bytes()
+    assert data == bytes(range(256)) * (size // 256)
