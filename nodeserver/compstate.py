@@ -99,6 +99,10 @@ class Worker:
     #: ``(key, attempt)`` of the jobs taken back from it once it was sure to skip
     #: them (`Computation._take_back`): its word that it skipped each is dropped.
     taken_back: list[tuple[int, int]] = field(default_factory=list)
+    #: The node looks at its jobs ahead again once it read a message from it, or
+    #: once its Runs are all written (`Computation._look_again`).
+    look_on_read: bool = False
+    drain_watched: bool = False
 
 
 class _ComputationState:

@@ -79,9 +79,11 @@ AHEAD_BYTES = 64 * 1024
 #: Seconds after a worker went idle with nothing queued at which the jobs still
 #: waiting ahead in a busy worker are taken back and run on the idle ones: the job
 #: they wait behind takes far longer than the others (short on average, else none
-#: would have gone ahead). Work stealing, checked once per such lull (again while
-#: the busy worker's answers wait to be read): jobs that are all short never pay a
-#: message for it.
+#: would have gone ahead). Work stealing, checked once per such lull: jobs that are
+#: all short never pay a message for it. A busy worker the node cannot be sure of
+#: then (its Runs not all written, its answers not read) is looked at again when
+#: that changes (`Computation._look_again`), not every STEAL_AFTER: its job may run
+#: for hours, and a held client may not read for as long.
 STEAL_AFTER = 0.01
 
 #: Seconds a worker gets to skip a cancelled job sent ahead to it, before the job is
@@ -198,7 +200,7 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
         self._handed_back = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._held = False  # workers are not read (the client is not reading)
-        self._steal_timer: asyncio.TimerHandle | None = None  # see STEAL_AFTER
+        self._steal_timer: asyncio.Handle | None = None  # see STEAL_AFTER
         #: Buffer kinds of the result being reported (key -> `Done.kinds`), for
         #: whoever sends it in chunks (the session, the kept results' spool).
         self.result_kinds: dict[int, str] = {}
@@ -404,6 +406,9 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
                 self._on_send_file(worker, message, buffers)
             elif isinstance(message, NodeShutdown):
                 self._shutdown_requested()
+            if worker.look_on_read:  # its answers were waiting: see `_look_again`
+                worker.look_on_read = False
+                self._steal_soon()
 
         try:
             # Messages are handled in the socket's read callback: no task switch.
@@ -600,27 +605,53 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
         ):
             return
         taken: list[NodeJob] = []
-        behind_the_news = False
         for worker in self._workers.values():
             if len(worker.assigned) > 1:
                 back = self._take_back(worker)
                 if back is None:
-                    behind_the_news = True
+                    self._look_again(worker)
                 else:
                     taken += back
         if taken:
             self._queue.extendleft(reversed(taken))
             self._pump()
-        if behind_the_news and self._steal_timer is None:
-            loop = asyncio.get_running_loop()
-            self._steal_timer = loop.call_later(STEAL_AFTER, self._steal)
+
+    def _steal_soon(self) -> None:
+        """`_steal` once the callback running now returns (the messages read with
+        the one handled now are handled first)."""
+        if self._steal_timer is None:
+            self._steal_timer = asyncio.get_running_loop().call_soon(self._steal)
+
+    def _look_again(self, worker: Worker) -> None:
+        """Steal again once the node can be sure of ``worker`` (`_take_back` was
+        not): once its Runs are all written, or a message from it is read (what it
+        sent waited). Not polled: that would wake the node every `STEAL_AFTER` for
+        as long as the worker's job runs (its Runs wait for it to read them) or
+        its client does not read (its answers wait)."""
+        if worker.conn.all_sent:
+            worker.look_on_read = True
+        elif not worker.drain_watched:
+            worker.drain_watched = True
+            task = asyncio.get_running_loop().create_task(self._look_once_sent(worker))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _look_once_sent(self, worker: Worker) -> None:
+        try:
+            await worker.conn.flush()
+        except DispynbError:
+            return  # the worker is gone: its jobs are settled with it
+        finally:
+            worker.drain_watched = False
+        self._steal_soon()
 
     def _take_back(self, worker: Worker) -> list[NodeJob] | None:
         """Tell a busy worker to skip the jobs waiting ahead in it; return those it
         is sure to skip (`_before_its_turn`), to run elsewhere now. The others (its
         job ended just as it was told) move off it only if it says it skipped them,
         as those of an interrupted worker do (`NodeJob.moving`). None: what it sent
-        waits to be read, so the jobs ahead may have run already; not now."""
+        waits to be read, so the jobs ahead may have run already, or its Runs are
+        not all written; not now (`_look_again`)."""
         if (
             worker.interrupted
             or worker.retiring

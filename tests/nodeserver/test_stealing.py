@@ -10,13 +10,14 @@ them or the client is not reading), the worker's connection is held
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import threading
 from typing import Any
 
 from dispynb.protocol.messages import FINISHED
 from nodeserver.compstate import Worker
-from nodeserver.computation import Computation
+from nodeserver.computation import STEAL_AFTER, Computation
 from tests.asyncutil import run
 from tests.inprocess import gate, send_file, send_provisional, wait_gate, wait_until
 from tests.nodeserver.test_computation import (
@@ -33,10 +34,12 @@ from tests.nodeserver.test_computation import (
 RUNS: list[int] = []
 
 
-def ran_here(key: int, name: str, entered: str = "", tell: bool = False) -> int:
+def ran_here(
+    key: int, name: str, entered: str = "", tell: bool = False, ballast: bytes = b""
+) -> int:
     """A job body: note a run of job ``key``, with ``tell`` send a provisional
     result and a file, open gate ``entered`` (if any), wait for gate ``name``;
-    return the worker (thread) it ran in."""
+    return the worker (thread) it ran in. ``ballast``: arguments of some size."""
     RUNS.append(key)
     if tell:
         send_provisional(key)
@@ -315,6 +318,88 @@ def test_a_job_whose_start_was_held_is_reported_started_before_what_it_sends(
         open_gate(long)
         await wait_until(lambda: 104 in reports.entries, "job 104")
         _starts_once(reports, range(100, 105))
+        assert computation.idle and not holder.taken_back
+        await finish(computation, launcher)
+
+    run(main())
+
+
+#: Seconds a test watches the node's looks at a busy worker (`_count_steals`):
+#: polled, it would look every STEAL_AFTER.
+WATCH = 50 * STEAL_AFTER
+
+
+def test_a_worker_whose_answers_wait_unread_is_looked_at_again_once_read(
+    tmp_path, monkeypatch
+):
+    """The node is not sure of a busy worker whose answers wait unread (here its
+    client does not read): it looks again once it reads them, not every
+    STEAL_AFTER for as long as they wait (before: about once per STEAL_AFTER)."""
+    steals = _count_steals(monkeypatch)
+
+    async def main() -> None:
+        reports = Reports()
+        computation, launcher = make(tmp_path, reports, workers=2)
+        _starts_before_ends(computation, reports)
+        long = new_gate("long")
+        holder, _other = await _ran_ahead_unread(computation, reports, long)
+        await wait_until(lambda: HOLDER_SEEN in steals, "a look at the holder")
+        await asyncio.sleep(WATCH)  # the client still does not read
+        assert steals.count(HOLDER_SEEN) == 1, steals
+        looks = len(steals)
+        computation.hold_workers(False)
+        await wait_until(lambda: 103 in reports.entries, "jobs 100-103")
+        await wait_until(lambda: len(steals) > looks, "a look once answers are read")
+        open_gate(long)
+        await wait_until(lambda: 104 in reports.entries, "job 104")
+        _starts_once(reports, range(100, 105))
+        assert computation.idle and not holder.taken_back
+        await finish(computation, launcher)
+
+    run(main())
+
+
+def test_a_worker_whose_runs_wait_unwritten_is_looked_at_again_once_written(
+    tmp_path, monkeypatch
+):
+    """Jobs with arguments of 60 kB go ahead to a worker whose job is long: their
+    Runs wait in the node, more than its socket takes, until it reads them (after
+    that job). The node, not sure of that worker, looks again once they are all
+    written, not every STEAL_AFTER for as long as the job runs (before: about once
+    per STEAL_AFTER). Each job runs once."""
+    steals = _count_steals(monkeypatch)
+
+    async def main() -> None:
+        reports = Reports()
+        computation, launcher = make(tmp_path, reports, workers=2)
+        _starts_before_ends(computation, reports)
+        quick = await _warm(computation, reports)
+        long, entered = new_gate("long"), new_gate("entered")
+        computation.submit([job(100, 100, long, entered)])
+        await wait_until(gate(entered).is_set, "job 100 running")
+        (holder,) = [w for w in computation._workers.values() if w.assigned]
+        ballast = bytes(60_000)
+        computation.submit(
+            [job(key, key, quick, "", False, ballast) for key in range(101, 141)]
+        )
+        assert len(holder.assigned) > 1, "no job went ahead behind the long one"
+        # The other worker ran the rest; idle, nothing queued, it has the node look
+        # (a look of the warm-up may come first: the other worker was busy then).
+        ahead = len(holder.assigned) - 1
+
+        def looks() -> int:
+            return steals.count((0, ahead + 1))
+
+        await wait_until(looks, "a look at the holder")
+        assert len(reports.entries) == 8 + 40 - ahead
+        assert not holder.conn.all_sent  # its Runs wait for it: not taken back
+        await asyncio.sleep(WATCH)
+        assert looks() == 1, steals
+        before = len(steals)
+        open_gate(long)
+        await wait_until(lambda: len(steals) > before, "a look once Runs are written")
+        await wait_until(lambda: len(reports.entries) == 49, "all jobs")
+        _starts_once(reports, range(100, 141))
         assert computation.idle and not holder.taken_back
         await finish(computation, launcher)
 
