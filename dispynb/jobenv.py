@@ -6,7 +6,8 @@ modules dispy's node put in its globals (`DISPY_MODULES`), dispy's names added t
 the globals without replacing the user's own (`inject_names`), dispy's rule for a
 successful ``setup`` (`setup_failure`), the ``dispynode_logger`` (`node_logger`),
 the job's traceback without the runner's frame (`format_job_exception`) and the
-per-job ``mem_limit`` (`limit_memory`). Standard library only: it is imported by
+per-job ``mem_limit`` (`limit_memory`), what ``dispy_send_file`` returns and says
+(`file_sent`). Standard library only: it is imported by
 node processes and engines' workers, which must start light.
 """
 
@@ -134,13 +135,53 @@ def limit_memory(mem_limit: int) -> tuple[int, int]:
     return saved
 
 
+def send_file_timeout(timeout: Any) -> float | None:
+    """``dispy_send_file``'s ``timeout``: seconds to wait for the client's answer
+    (None: no limit)."""
+    if timeout is None:
+        return None
+    seconds = float(timeout)
+    if seconds != seconds or seconds < 0:
+        raise ValueError(f"timeout must be None or seconds >= 0, not {timeout!r}")
+    return seconds
+
+
+def unconfirmed(timeout: float | None) -> str:
+    """Why ``dispy_send_file`` returns -1 when the client's answer did not come in
+    ``timeout`` seconds."""
+    return (
+        f"the client did not confirm it within {timeout} s (it may still arrive): "
+        "give dispy_send_file a longer timeout, or None to wait for the answer"
+    )
+
+
+def file_sent(path: str, error: str | None) -> int:
+    """``dispy_send_file``'s return value, its reason on the job's stderr: 0 once
+    the client wrote ``path`` (``error`` empty), -1 if not (``error`` says why);
+    ``error`` None: sent from a process the job started, which gets no answer."""
+    if error is None:
+        print(
+            f"dispy_send_file: {path!r} sent from a process the job started: "
+            "whether the client wrote it is not known here (call dispy_send_file "
+            "in the job's own process to learn it)",
+            file=sys.stderr,
+        )
+    elif error:
+        print(f"dispy_send_file: {path!r} not sent: {error}", file=sys.stderr)
+        return -1
+    return 0
+
+
 __all__ = [
     "DISPY_MODULES",
     "SETUP_SUCCESS",
+    "file_sent",
     "format_job_exception",
     "implicit_modules",
     "inject_names",
     "limit_memory",
     "node_logger",
+    "send_file_timeout",
     "setup_failure",
+    "unconfirmed",
 ]

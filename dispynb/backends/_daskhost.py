@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import io
+import itertools
 import os
 import pickle
 import resource
@@ -46,18 +47,25 @@ from typing import Any
 
 from dispynb.backends._daskpipe import recv_buffers, send_buffers
 from dispynb.jobenv import (
+    file_sent,
     format_job_exception,
     implicit_modules,
     inject_names,
     limit_memory,
     name_for_client,
+    send_file_timeout,
     setup_failure,
+    unconfirmed,
 )
 from dispynb.programs import ProgramOutput, ProgramRunner, install_program
 from dispynb.protocol import serialize
 from dispynb.protocol.framing import Buffer
 
 _PR_SET_PDEATHSIG = 1
+
+#: First item of the worker's message to a runner with the client's answer about
+#: a file its job sent: ``(FILE_ANSWER, request, error)`` (`_daskworker.answer_file`).
+FILE_ANSWER = "file-answer"
 
 
 class _Job:
@@ -66,6 +74,10 @@ class _Job:
     conn: Connection | None = None
     lock = threading.Lock()  # a job's threads may send too
     max_file: int | None = None  # bytes a file sent by a job may have
+    pid = 0  # the runner's: a process the job forks reads no answers
+    #: Held by a thread waiting for the client's answer to a file: one reader.
+    answer_lock = threading.Lock()
+    requests = itertools.count(1)
 
 
 def dispy_provisional_result(
@@ -94,31 +106,60 @@ def dispy_send_file(path: str, relay: bool = False, timeout: Any = None) -> int:
     folder for received files (its working directory by default).
 
     ``path`` is relative to the job's directory (or absolute, inside it; a file
-    elsewhere is sent under its base name). Returns 0, or -1 if it was not sent (too
-    large, unreadable; the reason is printed to the job's stderr). ``relay`` and
-    ``timeout`` are accepted for dispy compatibility.
+    elsewhere is sent under its base name). Returns 0 once the client wrote the
+    file, -1 if it did not (too large, unreadable, the client's disk full or its
+    folder not writable; the reason is printed on the job's stderr). ``timeout``:
+    seconds to wait for the client's answer (None, the default, waits for it: a
+    client that goes away cancels the job); ``relay`` is accepted for dispy
+    compatibility. Called in a process the job started, it sends the file and
+    returns 0 without the client's answer, which only the job's own process reads.
     """
     conn = _Job.conn
     try:
         if conn is None:
             raise OSError("no job is running")
+        seconds = send_file_timeout(timeout)
         name = name_for_client(path)
         limit = _Job.max_file
         with open(path, "rb") as handle:
             data = handle.read(-1 if limit is None else limit + 1)
         if limit is not None and len(data) > limit:
             raise OSError(
-                f"{path!r} has over {limit} bytes, the most a job on the Dask "
-                "engine may send (files travel through the Dask scheduler): return "
-                "the data in the result, or write it to storage the client reads"
+                f"it has over {limit} bytes, the most a job on the Dask engine may "
+                "send (files travel through the Dask scheduler): return the data in "
+                "the result, or write it to storage the client reads"
             )
-        message = pickle.dumps(("file", name, data), protocol=5)
+        error = _send_file(conn, name, data, seconds)
+    except (OSError, ValueError) as exc:
+        error = str(exc)
+    return file_sent(path, error)
+
+
+def _send_file(
+    conn: Connection, name: str, data: bytes, timeout: float | None
+) -> str | None:
+    """Send a file and wait for the client's answer (`dispy_send_file`): "" once
+    it wrote the file, else why not; None from a process the job started."""
+    if os.getpid() != _Job.pid:
         with _Job.lock:
-            conn.send_bytes(message)
-    except OSError as exc:
-        print(f"dispy_send_file: file not sent: {exc}", file=sys.stderr)
-        return -1
-    return 0
+            conn.send_bytes(pickle.dumps(("file", name, data, 0), protocol=5))
+        return None
+    with _Job.answer_lock:
+        request = next(_Job.requests)
+        with _Job.lock:
+            conn.send_bytes(pickle.dumps(("file", name, data, request), protocol=5))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and (left <= 0 or not conn.poll(left)):
+                return unconfirmed(timeout)
+            try:
+                answer = pickle.loads(conn.recv_bytes())
+            except EOFError:
+                return "the Dask worker stopped before the client answered"
+            if answer[0] == FILE_ANSWER and answer[1] == request:
+                return str(answer[2])
+            # else a late answer to a call that stopped waiting
 
 
 def dispy_names(node_name: str, node_ip: str, job_path: str) -> dict[str, Any]:
@@ -216,9 +257,13 @@ def runner_loop(
 ) -> None:
     """A runner: jobs in, outcomes out, until EOF. ``conn`` carries the messages,
     ``sock`` (the same socket) the buffers after them (`_daskpipe`)."""
+    _Job.pid = os.getpid()
     while True:
         try:
-            sizes, mem_limit = pickle.loads(conn.recv_bytes())
+            message = pickle.loads(conn.recv_bytes())
+            if message[0] == FILE_ANSWER:
+                continue  # to a file whose job stopped waiting (its timeout)
+            sizes, mem_limit = message
             buffers: list[Buffer] = list(recv_buffers(sock, sizes))
         except (EOFError, OSError):
             return

@@ -64,13 +64,29 @@ class _Jobs(_DaskState):
             if future is not None and future.key == dask_key:
                 self.pushed[dask_key] = data
         elif kind == "file":
-            _, dask_key, path, data = message
-            key = self._key_of(dask_key)
-            if key is not None:
-                seen = self.started.get(key)
-                if seen is not None:
-                    self.received[seen[0].node_id] += len(data)
-                save_job_file(self.files_dir, key, path, data, logger=logger)
+            self._job_file(*message[1:])
+
+    def _job_file(
+        self, dask_key: str, path: str, data: bytes, address: str, request: int
+    ) -> None:
+        """A job sent a file: save it, and answer the job that waits for it
+        (``request`` not 0) on its worker (`_daskworker.answer_file`)."""
+        key = self._key_of(dask_key)
+        if key is None:
+            error = "the client no longer runs its job"
+        else:
+            seen = self.started.get(key)
+            if seen is not None:
+                self.received[seen[0].node_id] += len(data)
+            error = save_job_file(self.files_dir, key, path, data, logger=logger)
+        if request and self.client is not None:
+            from dispynb.backends._daskworker import answer_file
+
+            answer = self.client.run(
+                answer_file, self.plugin_name, dask_key, request, error,
+                workers=[address],
+            )  # fmt: skip
+            asyncio.ensure_future(answer).add_done_callback(_unanswered)
 
     # -- jobs ---------------------------------------------------------------------
 
@@ -372,6 +388,12 @@ async def _settled(future: Any) -> None:
     """Wait until a Dask future is no longer pending, without fetching its result
     (what ``distributed.wait`` awaits; it needs a default client, we have none)."""
     await future._state.wait()
+
+
+def _unanswered(task: asyncio.Future[Any]) -> None:
+    # The worker left (its job with it), or the client closed: nobody waits.
+    if not task.cancelled() and task.exception() is not None:
+        logger.info("a job's file not answered: %s", task.exception())
 
 
 def _log_failure(task: asyncio.Future[Any]) -> None:

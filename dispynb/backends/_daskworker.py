@@ -13,7 +13,8 @@ idle runner and waits for the outcome (a small one also goes to the client as a
 structured event, so the client need not gather it), passing provisional results
 on as Dask structured events (``Worker.log_event`` on the computation's topic; the
 client subscribes with ``Client.subscribe_topic``), files the job sends
-(``dispy_send_file``) the same way, and announcing the start of jobs that
+(``dispy_send_file``) the same way (the client answers each with `answer_file`,
+which the job waits for), and announcing the start of jobs that
 run longer than `START_REPORT` the same way.
 """
 
@@ -35,7 +36,7 @@ from typing import Any
 
 from distributed import WorkerPlugin, get_worker
 
-from dispynb.backends._daskhost import kill_group
+from dispynb.backends._daskhost import FILE_ANSWER, kill_group
 from dispynb.backends._daskpipe import recv_buffers, send_buffers
 
 #: Seconds a job runs before its start is announced to the client (quicker jobs
@@ -59,6 +60,9 @@ class Runner:
         self.sock = sock  # the buffers (`_daskpipe`); ``conn`` the messages
         self.conn = Connection(os.dup(sock.fileno()))
         self.killed = False
+        #: Held while writing to it: a job (message and buffers, from a task
+        #: thread) and the client's answer about a file (from the loop) never mix.
+        self.lock = threading.Lock()
 
     def kill(self) -> None:
         """SIGKILL the runner and its job's subprocesses (its process group)."""
@@ -236,8 +240,9 @@ class ComputationPlugin(WorkerPlugin):
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             sizes = [memoryview(buffer).nbytes for buffer in buffers]
-            conn.send_bytes(pickle.dumps((sizes, mem_limit)))
-            send_buffers(runner.sock, buffers)
+            with runner.lock:
+                conn.send_bytes(pickle.dumps((sizes, mem_limit)))
+                send_buffers(runner.sock, buffers)
             while True:
                 wait = START_REPORT if not announced else 1.0
                 if deadline is not None:
@@ -261,8 +266,11 @@ class ComputationPlugin(WorkerPlugin):
                     self.worker.log_event(self.topic, event)
                     continue
                 if message[0] == "file":  # before the result, on the same stream
-                    _, name, data = message
-                    self.worker.log_event(self.topic, ["file", dask_key, name, data])
+                    # The client answers a request (not 0) with `answer_file`.
+                    _, name, data, request = message
+                    address = self.worker.address
+                    event = ["file", dask_key, name, data, address, request]
+                    self.worker.log_event(self.topic, event)
                     continue
                 _, meta, sizes = message
                 return meta, recv_buffers(runner.sock, sizes)
@@ -296,6 +304,21 @@ def receive_file(
     except (DispynbError, OSError) as exc:
         return f"{relative!r} not written on the worker: {exc}"
     return ""
+
+
+def answer_file(
+    plugin_name: str, dask_key: str, request: int, error: str, dask_worker: Any = None
+) -> None:
+    """Run on a worker by ``Client.run`` (on its event loop): the client's answer
+    about file ``request`` of the job of ``dask_key`` ("" once it wrote it), to
+    the job's runner, where ``dispy_send_file`` waits for it. An answer for a job
+    that ended is dropped."""
+    plugin = dask_worker.plugins.get(plugin_name) if dask_worker else None
+    runner = getattr(plugin, "running", {}).get(dask_key)
+    if runner is None:
+        return
+    with contextlib.suppress(OSError), runner.lock:
+        runner.conn.send_bytes(pickle.dumps((FILE_ANSWER, request, error)))
 
 
 def run_job(

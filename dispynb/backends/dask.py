@@ -27,6 +27,9 @@ on Dask's scheduler and workers. How each dispy feature maps onto Dask:
 * **dispy_send_file** in a job: the file's bytes (at most `MAX_SENT_FILE`) travel as a
   structured event on this client's topic, before the job's result, and are saved
   under ``files_dir`` (the working directory by default), as dispynb's nodes do.
+  The client answers with ``Client.run`` on that worker
+  (`_daskworker.answer_file`), which hands the answer to the job's runner: the
+  call returns 0 once the client wrote the file, -1 if it did not.
 * **provisional results** and the **start** of jobs running longer than
   `_daskworker.START_REPORT` are Dask structured events: the worker calls
   ``Worker.log_event`` on this client's topic (its id, so the scheduler drops them

@@ -48,16 +48,17 @@ def save_job_file(
     data: bytes,
     *,
     logger: logging.Logger,
-) -> None:
+) -> str:
     """Save the file job ``key`` sent as ``path`` under ``files_dir`` (the working
-    directory if None). A file that cannot be saved (a path leaving the folder, a full
-    disk) is logged on the engine's ``logger``, never raised: the job goes on."""
+    directory if None); return why it was not saved ("" once it was), for the job.
+    A file that cannot be saved (a path leaving the folder, a full disk) is logged
+    on the engine's ``logger``, never raised: the job goes on."""
     base_dir = files_dir or os.getcwd()
     try:
         saved = write_inside(base_dir, path, memoryview(data))
     except (DispynbError, OSError) as exc:
-        logger.warning(
-            "file from job %d not saved: %s", key, unsaved_file(base_dir, path, exc)
-        )
-        return
+        error = unsaved_file(base_dir, path, exc)
+        logger.warning("file from job %d not saved: %s", key, error)
+        return error
     logger.info("saved %s from job %d", saved, key)
+    return ""

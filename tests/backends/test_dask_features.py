@@ -279,3 +279,47 @@ def test_files_between_the_client_and_dask_workers(
         ["local-1", "from the client"],
     ]
     assert out["big_here"] == []
+
+
+REFUSED = """
+def nested(n):
+    os.makedirs("sub", exist_ok=True)
+    with open("sub/out.txt", "w") as out:
+        out.write("nested")
+    refused = dispy_send_file("sub/out.txt")
+    with open("flat.txt", "w") as out:
+        out.write("flat")
+    gave_up = dispy_send_file("flat.txt", timeout=0)
+    sent = dispy_send_file("flat.txt")
+    return [refused, gave_up, sent]
+
+
+def main(args):
+    received = os.path.join(args["dir"], "received")
+    os.mkdir(received)
+    with open(os.path.join(received, "sub"), "w") as out:
+        out.write("a file where the job's folder should be")
+    with LocalCluster(nodes=1, cpus=1, engine="dask") as local:
+        with JobCluster(nested, nodes=local, files_dir=received) as cluster:
+            job = cluster.submit(0)
+            job()
+    with open(os.path.join(received, "flat.txt")) as handle:
+        flat = handle.read()
+    return {"result": job.result, "stderr": job.stderr, "flat": flat}
+"""
+
+
+def test_dispy_send_file_on_dask_returns_0_only_once_the_client_wrote_it(
+    net: Network, tmp_path: Path
+) -> None:
+    """The client answers each file a job sends on Dask, as on dispynb's nodes: -1
+    (and why, on the job's stderr) for a file the client cannot write (its
+    ``sub`` is a file) or whose answer the job stopped waiting for (timeout=0),
+    0 once written; the late answer does not confuse the next call (before: 0
+    for all three)."""
+    out = run(net, tmp_path, REFUSED, dir=str(tmp_path))
+    assert out["result"] == [-1, -1, 0], out
+    assert "'sub/out.txt' not sent" in out["stderr"], out["stderr"]
+    assert "is not a directory" in out["stderr"], out["stderr"]
+    assert "did not confirm it within 0" in out["stderr"], out["stderr"]
+    assert out["flat"] == "flat"
