@@ -40,6 +40,7 @@ class _InboxReader(_RayState):
             return
         for key, attempt, number, kind, value in items:
             if self._attempts.get(key) != attempt:
+                self._not_saved(key, attempt, number, kind, value)
                 continue
             early = self._early.setdefault(key, {})
             early[number] = (kind, value)
@@ -58,17 +59,31 @@ class _InboxReader(_RayState):
         slot = self._where.get(key)
         held = self._held.get(key)
         node = slot.node if slot is not None else held[0] if held else None
+        number = self._sent.get(key, 0)
+        attempt = self._attempts.get(key, 0)
         if node is None:
+            self._not_saved(key, attempt, number, kind, value)
             return False
-        self._sent[key] = self._sent.get(key, 0) + 1
+        self._sent[key] = number + 1
         if kind == "provisional":
             self._events.job_provisional(key, self._view(node), value)
         elif kind == "file":
-            path, data = value
-            save_job_file(self._files_dir, key, path, data, logger=logger)
+            path, data, *waits = value
+            error = save_job_file(self._files_dir, key, path, data, logger=logger)
+            if waits and waits[0]:  # its job waits for the answer
+                self._inbox.answer.remote(self._token, (key, attempt, number), error)
         if held is not None and self._sent[key] >= held[2]:
             self._release(key)
         return True
+
+    def _not_saved(
+        self, key: int, attempt: int, number: int, kind: str, value: Any
+    ) -> None:
+        """A file of a job no longer run here (cancelled, or run again) is not
+        saved: a job still waiting for its answer is told so."""
+        if kind == "file" and len(value) > 2 and value[2]:
+            error = "its job was cancelled or has ended"
+            self._inbox.answer.remote(self._token, (key, attempt, number), error)
 
     def _release(self, key: int) -> None:
         held = self._held.pop(key, None)

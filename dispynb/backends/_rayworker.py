@@ -32,18 +32,23 @@ import shutil
 import socket
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
 from typing import Any
 
 from dispynb.jobenv import (
+    file_sent,
     format_job_exception,
     implicit_modules,
     inject_names,
     limit_memory,
+    name_for_client,
     node_logger,
+    send_file_timeout,
     setup_failure,
+    unconfirmed,
 )
 from dispynb.protocol import serialize
 
@@ -66,6 +71,14 @@ class SetupFailed(Exception):
     """The computation could not be set up in this worker (the message says why)."""
 
 
+#: The `Inbox`'s concurrency group of the calls that wait for the client's answer
+#: to a file (`Inbox.wait_answer`): they do not hold the calls that carry messages.
+ANSWERS = "answers"
+
+#: What a job waiting for its file's answer is told when its cluster closes.
+_CLOSED = "the cluster closed before its client saved the file"
+
+
 class _Job:
     """The job a `JobActor` runs now, for the functions a job may call."""
 
@@ -74,6 +87,7 @@ class _Job:
     sent = 0  # provisional results and files sent to the inbox by this job
     inbox: Any = None
     token = ""  # the cluster's, in its messages to the shared inbox
+    pid = 0  # the actor's: a process the job forks waits for no answer
 
 
 _CURRENT = _Job()
@@ -91,23 +105,46 @@ def dispy_provisional_result(
 
 
 def dispy_send_file(path: str, relay: bool = False, timeout: Any = None) -> int:
-    """Send a file to the client, which saves it under the same relative path.
+    """Send a file to the client, which saves it under the same relative path in
+    its folder for received files (``files_dir``, its working directory by default).
 
-    Returns 0, or -1 if it could not be sent (the reason is logged).
+    Returns 0 once the client wrote the file, -1 if it did not (unreadable, the
+    client's disk full or its folder not writable, the cluster closed; the reason
+    is printed on the job's stderr). ``timeout``: seconds to wait for the client's
+    answer (None, the default, waits for it); ``relay`` is accepted for dispy
+    compatibility. Called in a process the job started, it sends the file and
+    returns 0 without the client's answer.
     """
     try:
-        full = os.path.abspath(path)
-        base = os.path.realpath(os.getcwd())
-        if full.startswith(base.rstrip(os.sep) + os.sep):
-            name = os.path.relpath(full, base).replace(os.sep, "/")
-        else:
-            name = os.path.basename(full)
+        seconds = send_file_timeout(timeout)
+        name = name_for_client(path)
         with open(path, "rb") as handle:
             data = handle.read()
-    except OSError as exc:
-        logging.getLogger("dispynode").warning("file not sent: %s", exc)
-        return -1
-    return _send("file", (name, data))
+        error = _send_file(name, data, seconds)
+    except (OSError, ValueError) as exc:
+        error = str(exc)
+    return file_sent(path, error)
+
+
+def _send_file(name: str, data: bytes, timeout: float | None) -> str | None:
+    """Send a file through the inbox and wait for the client's answer there: ""
+    once it wrote the file, else why not; None from a process the job started."""
+    job = _CURRENT
+    waits = os.getpid() == job.pid
+    if _send("file", (name, data, waits)):
+        raise OSError("it could not be put in the client's Ray inbox (logged)")
+    if not waits:
+        return None
+    ident = (job.key, job.attempt, job.sent - 1)
+    call = job.inbox.wait_answer.options(concurrency_group=ANSWERS)
+    ray = importlib.import_module("ray")
+    try:
+        return str(ray.get(call.remote(job.token, ident, timeout)))
+    except Exception as exc:  # the inbox is gone: so is its client
+        return (
+            f"the client's Ray inbox did not answer ({type(exc).__name__}: {exc}): "
+            "the client is gone"
+        )
 
 
 def _send(kind: str, value: Any) -> int:
@@ -185,6 +222,7 @@ class JobActor:
         self.setup_args = tuple(loaded.get("setup_args") or ())
         self.max_output = max_output
         _CURRENT.inbox, _CURRENT.token = handle, token
+        _CURRENT.pid = os.getpid()
         names: dict[str, Any] = dict(loaded.get("names") or {})
         names.update(self._dispy_names())
         inject_names((self.func, loaded.get("setup"), self.cleanup_func), names)
@@ -358,6 +396,11 @@ class Inbox:
         self.events: dict[str, asyncio.Event] = {}
         #: Tokens of closed clusters: their late messages are discarded.
         self.dropped: set[str] = set()
+        #: The client's answers about files, by ``(token, key, attempt, number)``:
+        #: the answer, or the future a job's `wait_answer` awaits (whose loop may
+        #: be another thread's: its concurrency group's).
+        self.answers: dict[tuple[Any, ...], Any] = {}
+        self.answers_lock = threading.Lock()
 
     def _event(self, token: str) -> asyncio.Event:
         event = self.events.get(token)
@@ -407,11 +450,51 @@ class Inbox:
             del self.events[token]  # an idle cluster holds nothing here
         return items
 
+    async def answer(self, token: str, ident: tuple[Any, ...], error: str) -> None:
+        """The client's answer about the file ``ident`` (``(key, attempt,
+        number)``) of cluster ``token``: "" once it wrote it, else why not."""
+        self._answer((token, *ident), error)
+
+    def _answer(self, key: tuple[Any, ...], error: str) -> None:
+        with self.answers_lock:
+            waiting = self.answers.pop(key, None)
+            if waiting is None:  # before the job asked for it
+                self.answers[key] = error
+        if isinstance(waiting, asyncio.Future):
+            waiting.get_loop().call_soon_threadsafe(_settle, waiting, error)
+
+    async def wait_answer(
+        self, token: str, ident: tuple[Any, ...], timeout: float | None
+    ) -> str:
+        """The client's answer about a file a job sent (see `answer`), within
+        ``timeout`` seconds (None: no limit). Called in the `ANSWERS` group."""
+        key = (token, *ident)
+        with self.answers_lock:
+            if token in self.dropped:
+                return _CLOSED
+            answered = self.answers.pop(key, None)
+            if answered is not None:
+                return str(answered)
+            waiting = asyncio.get_running_loop().create_future()
+            self.answers[key] = waiting
+        try:
+            return str(await asyncio.wait_for(waiting, timeout))
+        except TimeoutError:
+            return unconfirmed(timeout)
+        finally:
+            with self.answers_lock:
+                if self.answers.get(key) is waiting:
+                    del self.answers[key]
+
     async def drop(self, token: str) -> None:
         """Cluster ``token`` closed: forget its computation and its messages, now
-        and to come."""
+        and to come; the jobs waiting for their files' answers are told."""
         self.computations.pop(token, None)
-        self.dropped.add(token)
+        with self.answers_lock:
+            self.dropped.add(token)
+            closed = [key for key in self.answers if key[0] == token]
+        for key in closed:  # a job's waiting future, or an answer nobody awaits
+            self._answer(key, _CLOSED)
         kept = self.kept.pop(token, None)
         if kept is not None:
             kept.set()
@@ -419,3 +502,8 @@ class Inbox:
         event = self.events.pop(token, None)
         if event is not None:
             event.set()
+
+
+def _settle(future: asyncio.Future[str], error: str) -> None:
+    if not future.done():
+        future.set_result(error)

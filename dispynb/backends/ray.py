@@ -43,7 +43,9 @@ How dispy's features map onto Ray's own mechanisms
   the engine (`_rayworker.Inbox`, shared by the engine's clusters: a cluster that
   opens needs no worker process for it) that each cluster long-polls for its own;
   each job's outcome says how many it sent, so they all reach the job before its
-  final result.
+  final result. The client answers each file there (`Inbox.answer`), where the
+  job's ``dispy_send_file`` waits for it (`Inbox.wait_answer`, in a concurrency
+  group of its own): 0 once the client wrote the file, -1 if it did not.
 * **stdout/stderr** of a job are captured in the actor for that job (as on
   dispynb's own nodes) and come back with its outcome.
 
@@ -216,7 +218,11 @@ class RayEngine:
                 here = context.get_node_id()
                 self._inbox_name = f"dispynb-inbox-{uuid.uuid4().hex}"
                 self._inbox = (
-                    ray.remote(_rayworker.Inbox)
+                    # Jobs waiting for their files' answers: as many as CPUs,
+                    # without holding the calls that carry messages.
+                    ray.remote(concurrency_groups={_rayworker.ANSWERS: 100_000})(
+                        _rayworker.Inbox
+                    )
                     .options(
                         name=self._inbox_name,
                         num_cpus=0,

@@ -70,6 +70,16 @@ def sends_file(name: str) -> int:
     return dispy_send_file(name)  # noqa: F821 (dispy's name on the node)
 
 
+def sends_nested_then_flat(name: str) -> list[int]:
+    os.makedirs("sub", exist_ok=True)
+    with open("sub/out.txt", "w") as handle:
+        handle.write("nested")
+    refused = dispy_send_file("sub/out.txt")  # noqa: F821
+    with open(name, "w") as handle:
+        handle.write("flat")
+    return [refused, dispy_send_file(name)]  # noqa: F821
+
+
 def reads_file(name: str) -> str:
     return Path(name).read_text()
 
@@ -212,6 +222,25 @@ def test_dispy_send_file_saves_the_file_under_files_dir(
         assert (received / "report.txt").read_text() == (
             "written by the job for report.txt"
         )
+
+
+def test_dispy_send_file_returns_0_only_once_the_client_wrote_it(
+    engine: RayEngine, tmp_path: Path
+) -> None:
+    """The client answers each file a job sends, as dispynb's nodes relay it: -1
+    (and why, on the job's stderr) for a file it cannot write (its ``sub`` is a
+    file), 0 once written (before: 0 for both)."""
+    received = tmp_path / "received"
+    received.mkdir()
+    (received / "sub").write_text("a file where the job's folder should be")
+    with JobCluster(
+        sends_nested_then_flat, engine=engine, files_dir=str(received)
+    ) as cluster:
+        job = cluster.submit("flat.txt")
+        assert job() == [-1, 0], (job.exception, job.stderr)
+    assert "'sub/out.txt' not sent" in job.stderr, job.stderr
+    assert "is not a directory" in job.stderr, job.stderr
+    assert (received / "flat.txt").read_text() == "flat"
 
 
 def test_provisional_results_arrive_in_order_before_the_result(
