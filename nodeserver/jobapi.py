@@ -78,12 +78,19 @@ class JobContext:
             return None
         deadline = None if timeout is None else time.monotonic() + timeout
         with self.answer_lock:
+            # The worker loop reads the socket once its job's code has returned
+            # (after taking this lock): a thread the job left must not read too.
+            if not self.running:
+                return JOB_ENDED
             request = next(self._requests)
             message = SendFile(
                 key=self.key, attempt=self.attempt, path=path, request=request
             )
             self.send(message, [data])
             while True:
+                if not self.running:  # its job returned while this thread waited
+                    return JOB_ENDED
+                wait = _ANSWER_SLICE
                 if deadline is not None:
                     left = deadline - time.monotonic()
                     if left <= 0:
@@ -92,8 +99,9 @@ class JobContext:
                             "(it may still arrive): give dispy_send_file a longer "
                             "timeout, or None to wait for the answer"
                         )
-                    if not sock.wait(min(left, _LONGEST_POLL)):
-                        continue
+                    wait = min(left, wait)
+                if not sock.wait(wait):
+                    continue
                 received = sock.recv()
                 answer = received[0]
                 if type(answer) is FileAnswer:
@@ -104,9 +112,17 @@ class JobContext:
                     self.stash(received)
 
 
-#: Longest single wait for a file's answer: poll takes milliseconds in a C int (24.8
-#: days), so a longer timeout (infinity, too) waits in turns.
-_LONGEST_POLL = 86400.0
+#: Longest single wait for a file's answer: then whether its job still runs is
+#: checked (a thread it started may be the one waiting). Poll takes milliseconds in
+#: a C int (24.8 days): a longer timeout (infinity, too) waits in turns anyway.
+_ANSWER_SLICE = 0.05
+
+#: What a thread of a job that has returned is told (its worker's messages are the
+#: worker loop's again, maybe the next job's).
+JOB_ENDED = (
+    "the job that sent it had returned before the client confirmed it (the file "
+    "may still arrive): wait for the threads that send files before returning"
+)
 
 
 #: The context of this worker process (each worker runs one job at a time).

@@ -279,6 +279,7 @@ def worker_loop(
     """
     send = CONTEXT.send
     begin = CONTEXT.begin
+    answer_lock = CONTEXT.answer_lock
     clock = time.perf_counter
     home = os.path.realpath(CONTEXT.job_path) if CONTEXT.job_path else os.getcwd()
     _go_home(home)
@@ -341,6 +342,10 @@ def worker_loop(
                 end_leftovers()
             send(done, result_buffers)
             del result_buffers  # do not keep a large result alive until the next job
+            # A thread the job left waiting for a file's answer reads the socket
+            # until it sees the job returned: this loop reads it only after.
+            answer_lock.acquire()
+            answer_lock.release()
             if once:
                 return
             # Workers are reused: a job that changed directory must not move the next

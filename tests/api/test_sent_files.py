@@ -196,3 +196,41 @@ def test_a_process_a_job_started_sends_a_file_and_reads_no_messages_of_its_worke
         (n, 10 if n == FORKING else 0) for n in range(40)
     ]
     assert (tmp_path / "child.txt").read_text() == "from the child of a job"
+
+
+def test_a_thread_left_waiting_by_its_job_does_not_stall_the_worker(
+    local1: LocalCluster, tmp_path: Path
+) -> None:
+    """A job starts a thread that sends a file, and returns while the thread waits
+    for the client's answer. The thread read the worker's socket on, with the
+    worker loop: when the loop took the answer, the thread took the next job's
+    Run, and that job never started (on one CPU, within a few rounds). Now the
+    thread gives up once its job has returned, and the loop reads alone."""
+
+    def leave_a_sender(n: int) -> str:
+        import os
+        import threading
+        import time
+
+        if n % 2:
+            return f"plain {n}"
+        with open(f"big-{n}.bin", "wb") as handle:
+            handle.write(b"x" * (8 << 20))
+
+        def send(name: str) -> None:
+            os.setpriority(os.PRIO_PROCESS, 0, 19)  # this thread: slow to wake
+            dispy_send_file(name)  # type: ignore[name-defined]  # noqa: F821
+
+        threading.Thread(target=send, args=(f"big-{n}.bin",)).start()
+        time.sleep(0.005)  # the thread is sending: it waits once this returned
+        return f"sender {n}"
+
+    with JobCluster(leave_a_sender, nodes=local1, files_dir=str(tmp_path)) as cluster:
+        for n in range(0, 40, 2):
+            sender = cluster.submit(n)
+            assert sender.wait(timeout=WAIT), sender.status
+            time.sleep(0.1)  # the answer comes while the worker waits for work
+            plain = cluster.submit(n + 1)
+            assert plain.wait(timeout=WAIT), f"job {n + 1} never ran ({plain.status})"
+            assert plain.result == f"plain {n + 1}", plain.exception
+    assert len(list(tmp_path.glob("big-*.bin"))) == 20

@@ -317,7 +317,9 @@ JOB_GLOBALS = [
         "(its disk full, the folder not writable, the client gone), the reason on "
         "the job's stderr; ``timeout`` bounds the wait for the client's answer "
         "(None, the default, waits). From a process the job started "
-        "(``multiprocessing``) it returns 0 once the file is sent, unconfirmed.",
+        "(``multiprocessing``) it returns 0 once the file is sent, unconfirmed; "
+        "from a thread the job started, -1 once the job has returned (the file "
+        "may still arrive).",
     ),
     Name(
         "dispynode_logger",
