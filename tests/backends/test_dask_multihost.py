@@ -10,6 +10,7 @@ a lost node's jobs, and is never run a second time.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -343,3 +344,66 @@ def test_the_scheduler_dies(net: Network, cluster: DaskCluster, tmp_path: Path) 
     for status, exception in out["jobs"]:
         assert status == int(JobStatus.Abandoned)
         assert f"Dask scheduler at {cluster.address} was lost" in exception
+
+
+WAITS_FOR_ITS_FILE = """
+import os
+import time
+
+import dispynb
+from dispynb.backends.dask import DaskEngine
+
+
+def sends(marks, go):
+    with open(os.path.join(marks, "pid"), "w") as handle:
+        handle.write(str(os.getpid()))
+    while not os.path.exists(go):
+        time.sleep(0.02)
+    with open("out.txt", "w") as handle:
+        handle.write("for a client that never answers")
+    open(os.path.join(marks, "sending"), "w").close()
+    sent = dispy_send_file("out.txt")
+    with open(os.path.join(marks, "returned"), "w") as handle:
+        handle.write(str(sent))
+    return sent
+
+
+def main(args):
+    engine = DaskEngine(args["scheduler"])
+    with dispynb.JobCluster(sends, engine=engine) as cluster:
+        cluster.submit(args["marks"], args["go"])
+        time.sleep(300)  # killed before it gets further
+"""
+
+
+def test_a_job_waiting_for_its_file_stops_when_its_client_dies(
+    net: Network, cluster: DaskCluster, tmp_path: Path
+) -> None:
+    """The client is stopped (SIGSTOP: it answers nothing) while its job sends a
+    file, then killed (SIGKILL): Dask drops the dead client's tasks, so the job,
+    waiting in dispy_send_file for an answer that cannot come, is stopped (its
+    runner killed) rather than left waiting: what choose-engine.md says."""
+    marks, go = tmp_path / "marks", tmp_path / "go"
+    marks.mkdir()
+    args = {"scheduler": cluster.address, "marks": str(marks), "go": str(go)}
+    client = start_client(net, net.hosts[3], tmp_path, WAITS_FOR_ITS_FILE, args)
+    try:
+        wait_for(lambda: (marks / "pid").exists(), 60, "the job starting")
+        runner = int((marks / "pid").read_text())
+        client.proc.send_signal(signal.SIGSTOP)
+        go.touch()
+        wait_for(lambda: (marks / "sending").exists(), 30, "the job sending")
+        client.proc.send_signal(signal.SIGKILL)
+        client.proc.communicate(timeout=30)
+        wait_for(lambda: not _alive(runner), 60, "the job's runner stopping")
+    finally:
+        client.stop()
+    assert not (marks / "returned").exists()  # stopped while it waited
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
