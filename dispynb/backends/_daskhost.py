@@ -67,6 +67,17 @@ _PR_SET_PDEATHSIG = 1
 #: a file its job sent: ``(FILE_ANSWER, request, error)`` (`_daskworker.answer_file`).
 FILE_ANSWER = "file-answer"
 
+#: Longest single wait for a file's answer: then whether its job still runs is
+#: checked (a thread it started may be the one waiting).
+_ANSWER_SLICE = 0.05
+
+#: What a thread of a job that has returned is told (the runner's messages are
+#: its loop's again, maybe the next job's).
+_JOB_ENDED = (
+    "the job that sent it had returned before the client confirmed it (the file "
+    "may still arrive): wait for the threads that send files before returning"
+)
+
 
 class _Job:
     """The job a runner is running: where its provisional results go."""
@@ -145,14 +156,24 @@ def _send_file(
             conn.send_bytes(pickle.dumps(("file", name, data, 0), protocol=5))
         return None
     with _Job.answer_lock:
+        # The runner reads its socket again once the job has returned (after
+        # taking this lock): a thread the job left must not read it too.
+        if _Job.conn is not conn:
+            raise OSError("no job is running")
         request = next(_Job.requests)
         with _Job.lock:
             conn.send_bytes(pickle.dumps(("file", name, data, request), protocol=5))
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
+            if _Job.conn is not conn:  # its job returned while this thread waited
+                return _JOB_ENDED
             left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and (left <= 0 or not conn.poll(left)):
+            if left is not None and left <= 0:
                 return unconfirmed(timeout)
+            if not conn.poll(
+                _ANSWER_SLICE if left is None else min(left, _ANSWER_SLICE)
+            ):
+                continue
             try:
                 answer = pickle.loads(conn.recv_bytes())
             except EOFError:
@@ -273,6 +294,11 @@ def runner_loop(
         finally:
             if lifted is not None:
                 resource.setrlimit(resource.RLIMIT_AS, lifted)
+        # A thread the job left waiting for a file's answer reads the socket until
+        # it sees the job returned: the job's end goes (and with it the next job
+        # comes) only after, and this loop is its only reader again.
+        with _Job.answer_lock:
+            pass
         if lifted is not None and meta[5] and "MemoryError" in meta[5]:
             hint = f"(the job's mem_limit is {mem_limit} bytes of address space)\n"
             meta = (*meta[:5], meta[5] + hint)

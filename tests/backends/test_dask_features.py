@@ -309,6 +309,38 @@ def main(args):
 """
 
 
+LEFT_WAITING = """
+def leaves_a_sender(n):
+    import threading
+
+    with open(f"out-{n}.bin", "wb") as out:
+        out.write(b"x" * (8 << 20))
+    threading.Thread(target=dispy_send_file, args=(f"out-{n}.bin",)).start()
+    return n
+
+
+def main(args):
+    os.chdir(args["dir"])
+    with LocalCluster(nodes=1, cpus=1, engine="dask") as local:
+        with JobCluster(leaves_a_sender, nodes=local) as cluster:
+            jobs = [cluster.submit(n) for n in range(20)]
+            done = cluster.wait(timeout=60)
+    return {"done": done, "results": [job.result for job in jobs]}
+"""
+
+
+def test_a_thread_left_waiting_for_its_file_does_not_take_the_next_job(
+    net: Network, tmp_path: Path
+) -> None:
+    """Jobs whose thread sends 8 MiB and waits for the answer return at once, one
+    runner: the thread gives up once its job returned, and the runner reads the
+    next job only then (before: the thread took the next job's message for a late
+    answer, and that job never ran)."""
+    out = run(net, tmp_path, LEFT_WAITING, dir=str(tmp_path))
+    assert out["done"] is True, out
+    assert out["results"] == list(range(20))
+
+
 def test_dispy_send_file_on_dask_returns_0_only_once_the_client_wrote_it(
     net: Network, tmp_path: Path
 ) -> None:
