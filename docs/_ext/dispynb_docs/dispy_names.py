@@ -313,13 +313,14 @@ JOB_GLOBALS = [
         "dispy_send_file",
         differs="Saved under the client's ``files_dir`` (default: its current "
         "directory), never outside it. On dispynb's nodes (directly or through a "
-        "scheduler) it returns 0 once the client wrote the file, -1 if it did not "
-        "(its disk full, the folder not writable, the client gone), the reason on "
+        "scheduler) and on the Dask and Ray engines it returns 0 once the client "
+        "wrote the file, -1 if it did not (its disk full, the folder not "
+        "writable, the client gone), the reason on "
         "the job's stderr; ``timeout`` bounds the wait for the client's answer "
         "(None, the default, waits). From a process the job started "
         "(``multiprocessing``) it returns 0 once the file is sent, unconfirmed; "
         "from a thread the job started, -1 once the job has returned (the file "
-        "may still arrive).",
+        "may still arrive; on Ray the thread still gets its answer).",
     ),
     Name(
         "dispynode_logger",
