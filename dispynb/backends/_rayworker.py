@@ -400,6 +400,9 @@ class Inbox:
         #: the answer, or the future a job's `wait_answer` awaits (whose loop may
         #: be another thread's: its concurrency group's).
         self.answers: dict[tuple[Any, ...], Any] = {}
+        #: Files whose job stopped waiting (its timeout): their late answers are
+        #: dropped, not kept for a wait that never comes.
+        self.gave_up: set[tuple[Any, ...]] = set()
         self.answers_lock = threading.Lock()
 
     def _event(self, token: str) -> asyncio.Event:
@@ -457,6 +460,9 @@ class Inbox:
 
     def _answer(self, key: tuple[Any, ...], error: str) -> None:
         with self.answers_lock:
+            if key in self.gave_up:
+                self.gave_up.discard(key)
+                return
             waiting = self.answers.pop(key, None)
             if waiting is None:  # before the job asked for it
                 self.answers[key] = error
@@ -480,6 +486,9 @@ class Inbox:
         try:
             return str(await asyncio.wait_for(waiting, timeout))
         except TimeoutError:
+            with self.answers_lock:
+                if token not in self.dropped:
+                    self.gave_up.add(key)
             return unconfirmed(timeout)
         finally:
             with self.answers_lock:
@@ -493,6 +502,7 @@ class Inbox:
         with self.answers_lock:
             self.dropped.add(token)
             closed = [key for key in self.answers if key[0] == token]
+            self.gave_up = {key for key in self.gave_up if key[0] != token}
         for key in closed:  # a job's waiting future, or an answer nobody awaits
             self._answer(key, _CLOSED)
         kept = self.kept.pop(token, None)
