@@ -146,6 +146,20 @@ def send_file_timeout(timeout: Any) -> float | None:
     return seconds
 
 
+#: Longest single wait for a file's answer (`dispy_send_file`): then whether the
+#: job that sent it still runs is checked (a thread it started may be the one
+#: waiting). A poll takes milliseconds in a C int (24.8 days): a longer timeout
+#: (infinity, too) waits in turns anyway.
+ANSWER_SLICE = 0.05
+
+#: What a thread of a job that has returned is told by ``dispy_send_file``: the
+#: job's channel is its runner's again (maybe the next job's), which alone reads it.
+JOB_ENDED = (
+    "the job that sent it had returned before the client confirmed it (the file "
+    "may still arrive): wait for the threads that send files before returning"
+)
+
+
 def unconfirmed(timeout: float | None) -> str:
     """Why ``dispy_send_file`` returns -1 when the client's answer did not come in
     ``timeout`` seconds."""

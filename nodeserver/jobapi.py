@@ -20,6 +20,7 @@ from types import FrameType
 from typing import Any
 
 from dispynb.errors import DispynbError
+from dispynb.jobenv import ANSWER_SLICE, JOB_ENDED
 from dispynb.protocol import serialize
 from nodeserver.channel import MessageSocket
 from nodeserver.ipc import FileAnswer, IpcMessage, NodeShutdown, Provisional, SendFile
@@ -90,7 +91,7 @@ class JobContext:
             while True:
                 if not self.running:  # its job returned while this thread waited
                     return JOB_ENDED
-                wait = _ANSWER_SLICE
+                wait = ANSWER_SLICE
                 if deadline is not None:
                     left = deadline - time.monotonic()
                     if left <= 0:
@@ -110,19 +111,6 @@ class JobContext:
                     continue  # a late answer to a call that stopped waiting
                 if self.stash is not None:  # for the worker loop, after this job
                     self.stash(received)
-
-
-#: Longest single wait for a file's answer: then whether its job still runs is
-#: checked (a thread it started may be the one waiting). Poll takes milliseconds in
-#: a C int (24.8 days): a longer timeout (infinity, too) waits in turns anyway.
-_ANSWER_SLICE = 0.05
-
-#: What a thread of a job that has returned is told (its worker's messages are the
-#: worker loop's again, maybe the next job's).
-JOB_ENDED = (
-    "the job that sent it had returned before the client confirmed it (the file "
-    "may still arrive): wait for the threads that send files before returning"
-)
 
 
 #: The context of this worker process (each worker runs one job at a time).

@@ -47,6 +47,8 @@ from typing import Any
 
 from dispynb.backends._daskpipe import recv_buffers, send_buffers
 from dispynb.jobenv import (
+    ANSWER_SLICE,
+    JOB_ENDED,
     file_sent,
     format_job_exception,
     implicit_modules,
@@ -66,17 +68,6 @@ _PR_SET_PDEATHSIG = 1
 #: First item of the worker's message to a runner with the client's answer about
 #: a file its job sent: ``(FILE_ANSWER, request, error)`` (`_daskworker.answer_file`).
 FILE_ANSWER = "file-answer"
-
-#: Longest single wait for a file's answer: then whether its job still runs is
-#: checked (a thread it started may be the one waiting).
-_ANSWER_SLICE = 0.05
-
-#: What a thread of a job that has returned is told (the runner's messages are
-#: its loop's again, maybe the next job's).
-_JOB_ENDED = (
-    "the job that sent it had returned before the client confirmed it (the file "
-    "may still arrive): wait for the threads that send files before returning"
-)
 
 
 class _Job:
@@ -166,13 +157,11 @@ def _send_file(
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if _Job.conn is not conn:  # its job returned while this thread waited
-                return _JOB_ENDED
+                return JOB_ENDED
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return unconfirmed(timeout)
-            if not conn.poll(
-                _ANSWER_SLICE if left is None else min(left, _ANSWER_SLICE)
-            ):
+            if not conn.poll(ANSWER_SLICE if left is None else min(left, ANSWER_SLICE)):
                 continue
             try:
                 answer = pickle.loads(conn.recv_bytes())

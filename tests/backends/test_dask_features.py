@@ -355,3 +355,30 @@ def test_dispy_send_file_on_dask_returns_0_only_once_the_client_wrote_it(
     assert "is not a directory" in out["stderr"], out["stderr"]
     assert "did not confirm it within 0" in out["stderr"], out["stderr"]
     assert out["flat"] == "flat"
+
+
+PATIENT = """
+def patient(timeout):
+    with open("p.bin", "wb") as out:
+        out.write(b"p" * 100)
+    return dispy_send_file("p.bin", timeout=timeout)
+
+
+def main(args):
+    received = os.path.join(args["dir"], "received")
+    os.mkdir(received)
+    with LocalCluster(nodes=1, cpus=1, engine="dask") as local:
+        with JobCluster(patient, nodes=local, files_dir=received) as cluster:
+            jobs = [cluster.submit(t) for t in (30 * 86400, 1e300, float("inf"))]
+            cluster.wait(timeout=60)
+            return [[j.status, j.result, j.exception] for j in jobs]
+"""
+
+
+def test_dispy_send_file_on_dask_waits_as_long_as_it_is_told(
+    net: Network, tmp_path: Path
+) -> None:
+    """A timeout longer than a poll can wait at once (30 days, 1e300, infinity)
+    waits for the answer: 0 (OverflowError from the job, b516cf3)."""
+    out = run(net, tmp_path, PATIENT, dir=str(tmp_path))
+    assert out == [[FINISHED, 0, None]] * 3, out
