@@ -12,7 +12,6 @@ import itertools
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -20,7 +19,13 @@ from types import FrameType
 from typing import Any
 
 from dispynb.errors import DispynbError
-from dispynb.jobenv import ANSWER_SLICE, JOB_ENDED
+from dispynb.jobenv import (
+    ANSWER_SLICE,
+    JOB_ENDED,
+    file_sent,
+    send_file_timeout,
+    unconfirmed,
+)
 from dispynb.protocol import serialize
 from nodeserver.channel import MessageSocket
 from nodeserver.ipc import FileAnswer, IpcMessage, NodeShutdown, Provisional, SendFile
@@ -95,11 +100,7 @@ class JobContext:
                 if deadline is not None:
                     left = deadline - time.monotonic()
                     if left <= 0:
-                        return (
-                            f"the client did not confirm it within {timeout} s "
-                            "(it may still arrive): give dispy_send_file a longer "
-                            "timeout, or None to wait for the answer"
-                        )
+                        return unconfirmed(timeout)
                     wait = min(left, wait)
                 if not sock.wait(wait):
                     continue
@@ -166,30 +167,10 @@ def dispy_send_file(path: str, relay: bool = False, timeout: Any = None) -> int:
                 "a job may send (the node's --max-file-size, or the client's "
                 "max_message_size less a header's room)"
             )
-        error = CONTEXT.send_file(name, data, _seconds(timeout))
+        error = CONTEXT.send_file(name, data, send_file_timeout(timeout))
     except (DispynbError, RuntimeError, OSError, ValueError) as exc:
         error = str(exc)
-    if error is None:
-        print(
-            f"dispy_send_file: {path!r} sent from a process the job started: "
-            "whether the client wrote it is not known here (call dispy_send_file "
-            "in the job's own process to learn it)",
-            file=sys.stderr,
-        )
-    elif error:
-        print(f"dispy_send_file: {path!r} not sent: {error}", file=sys.stderr)
-        return -1
-    return 0
-
-
-def _seconds(timeout: Any) -> float | None:
-    """dispy_send_file's ``timeout`` as seconds (None: no limit)."""
-    if timeout is None:
-        return None
-    seconds = float(timeout)
-    if seconds != seconds or seconds < 0:
-        raise ValueError(f"timeout must be None or seconds >= 0, not {timeout!r}")
-    return seconds
+    return file_sent(path, error)
 
 
 def dispynode_shutdown() -> int:
