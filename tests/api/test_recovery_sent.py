@@ -16,7 +16,7 @@ import pytest
 
 from dispynb.job import JobStatus
 from tests.jobs import WAIT, wait_until
-from tests.nodeproc import node_env, running_node
+from tests.nodeproc import CliNode, node_env, running_node
 
 pytestmark = pytest.mark.slow
 
@@ -61,6 +61,27 @@ print(json.dumps([[int(job.status), job.result] for job in jobs]))
 """
 
 
+def _submitted(
+    tmp_path: Path, script: str, node: CliNode, *args: str
+) -> subprocess.Popen[str]:
+    """Start client ``script`` (its node, secret and journal, then ``args``) in
+    its own process, once it has submitted its jobs; write `RECOVER` beside it."""
+    (tmp_path / "client.py").write_text(script)
+    (tmp_path / "recover.py").write_text(RECOVER)
+    client = subprocess.Popen(
+        [sys.executable, "client.py", node.spec, node.secret,
+         str(tmp_path / "journal.db"), *args],
+        cwd=tmp_path, env=node_env(), stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert client.stdout is not None
+    if client.stdout.readline().strip() != "submitted":
+        client.kill()
+        client.wait(WAIT)
+        client.stdout.close()
+        raise AssertionError("the client did not submit its jobs")
+    return client
+
+
 def _recover(tmp_path: Path, secret: str, received: Path, timeout: float) -> list:
     proc = subprocess.run(
         [sys.executable, "recover.py", str(tmp_path / "journal.db"), secret,
@@ -78,17 +99,9 @@ def test_files_and_provisional_results_sent_after_a_crash_are_recovered(
     go, release = tmp_path / "go", tmp_path / "release"
     marks.mkdir()
     received.mkdir()
-    (tmp_path / "client.py").write_text(CLIENT)
-    (tmp_path / "recover.py").write_text(RECOVER)
     with running_node(tmp_path / "node", cpus=2) as node:
-        client = subprocess.Popen(
-            [sys.executable, "client.py", node.spec, node.secret,
-             str(tmp_path / "journal.db"), str(marks), str(go), str(release)],
-            cwd=tmp_path, env=node_env(), stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
+        client = _submitted(tmp_path, CLIENT, node, str(marks), str(go), str(release))
         try:
-            assert client.stdout is not None
-            assert client.stdout.readline().strip() == "submitted"
             wait_until(lambda: len(list(marks.glob("started-*"))) == 2)
             client.send_signal(signal.SIGKILL)
             client.wait(WAIT)
@@ -174,17 +187,9 @@ def test_a_file_in_flight_when_the_client_dies_is_kept_for_recovery(
     size = 16 << 20
     marks.mkdir()
     received.mkdir()
-    (tmp_path / "client.py").write_text(IN_FLIGHT)
-    (tmp_path / "recover.py").write_text(RECOVER)
     with running_node(tmp_path / "node", cpus=1) as node:
-        client = subprocess.Popen(
-            [sys.executable, "client.py", node.spec, node.secret,
-             str(tmp_path / "journal.db"), str(marks), str(go), str(size)],
-            cwd=tmp_path, env=node_env(), stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
+        client = _submitted(tmp_path, IN_FLIGHT, node, str(marks), str(go), str(size))
         try:
-            assert client.stdout is not None
-            assert client.stdout.readline().strip() == "submitted"
             wait_until(lambda: (marks / "started").exists())
             client.send_signal(signal.SIGSTOP)
             go.touch()
