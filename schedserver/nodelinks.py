@@ -7,9 +7,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+from typing import Any
 
 from dispynb.defaults import CONNECT_RETRY
-from dispynb.errors import DispynbError
+from dispynb.errors import DispynbError, MessageError
 from dispynb.protocol.messages import (
     ComputationClosed,
     ComputationFailed,
@@ -25,6 +26,7 @@ from dispynb.protocol.messages import (
     ResultChunk,
     Welcome,
 )
+from dispynb.protocol.records import avail_figures
 from dispynb.transport.connection import Connection, describe_error
 from dispynb.transport.connector import connect
 from schedserver.computation import SharedComputation, Upstream
@@ -33,6 +35,24 @@ from schedserver.state import NodeState, _ServerState, logger
 #: Seconds between attempts to reach a node that is down (doubling up to the max).
 RECONNECT_FIRST = 0.2
 RECONNECT_MAX = 5.0
+
+
+def reported_avail(node: NodeState, avail: Any) -> list[float | None]:
+    """The figures of ``node``'s resource report; a malformed one (only a node
+    holding the secret can send it) is unknown ([]), said once per node: summed
+    with the others' it would break the scheduler's report to every client."""
+    try:
+        return avail_figures(avail)
+    except MessageError as exc:
+        if not node.avail_malformed:
+            node.avail_malformed = True
+            logger.warning(
+                "node %s: %s; its resources count as unknown (is it dispynb's node "
+                "server, of this version?)",
+                node.name,
+                exc,
+            )
+        return []
 
 
 class _NodeLinks(_ServerState):
@@ -65,7 +85,7 @@ class _NodeLinks(_ServerState):
             node.dead_reason = ""
             cap = self.config.cpus
             node.cpus = min(welcome.cpus, cap) if cap else welcome.cpus
-            node.avail = list(welcome.avail)
+            node.avail = reported_avail(node, welcome.avail)
             node.hostname = welcome.name
             node.alive = True
             logger.info("node %s is up with %d CPUs", node.name, node.cpus)
@@ -78,7 +98,7 @@ class _NodeLinks(_ServerState):
 
             def on_control(message: Message, buffers: list[memoryview]) -> bool:
                 if isinstance(message, NodeStatus):
-                    node.avail = list(message.avail)
+                    node.avail = reported_avail(node, message.avail)
                 return False
 
             try:
@@ -207,7 +227,7 @@ class _NodeLinks(_ServerState):
         elif isinstance(message, ResultChunk | JobProvisional):
             comp.to_client(message, buffers)
         elif isinstance(message, NodeStatus):
-            upstream.node.avail = list(message.avail)
+            upstream.node.avail = reported_avail(upstream.node, message.avail)
             upstream.reporting = True
         elif isinstance(message, FilesMissing):
             self._give_files(comp, upstream, message.digests)

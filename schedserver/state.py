@@ -45,6 +45,8 @@ class NodeState:
     in_flight: int = 0
     #: As the node reports it (`Welcome.avail`: None for a figure it cannot read).
     avail: list[float | None] = field(default_factory=list)
+    #: It sent a malformed resource report (`reported_avail` said so once).
+    avail_malformed: bool = False
     conn: Connection | None = None
     #: The host name the node reports ("" until it is up).
     hostname: str = ""

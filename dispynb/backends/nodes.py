@@ -34,6 +34,7 @@ from dispynb.errors import (
     AuthenticationError,
     ConfigurationError,
     DispynbError,
+    MessageError,
     ProtocolError,
     SerializationError,
     TransportError,
@@ -45,7 +46,7 @@ from dispynb.protocol import serialize
 from dispynb.protocol.files import write_inside
 from dispynb.protocol.framing import Buffer, buffers_size
 from dispynb.protocol.messages import ABANDONED, Welcome
-from dispynb.protocol.records import ComputationBundle, ProgramFile
+from dispynb.protocol.records import ComputationBundle, ProgramFile, avail_figures
 from dispynb.scheduler import driver
 from dispynb.scheduler.driver import Allocator, Driver, DriverConfig, NodeLink
 from dispynb.status import status_of
@@ -130,6 +131,7 @@ class NodesBackend:
         tls = bool(opts.certfile or opts.cafile) or bool(getattr(nodes, "tls", False))
         # Ready nodes as the façade knows them, by node id.
         self._info: dict[str, NodeInfo] = {}
+        self._malformed_avail: set[str] = set()  # nodes warned of (`_reported_avail`)
         self._finder: NodeFinder | None = None
         self._launcher: Any = None  # a launcher (dispynb.deploy) it subscribed to
         self._closed = False
@@ -267,7 +269,7 @@ class NodesBackend:
                     peer_ip,
                     welcome.name,
                     welcome.cpus,
-                    avail_info=_avail_info(welcome.avail),
+                    avail_info=self._reported_avail(peer_ip, welcome.avail),
                     platform=welcome.platform,
                 )
                 # allocate() may set per-node depends and setup_args (dispy examples do)
@@ -318,7 +320,7 @@ class NodesBackend:
             welcome.name if welcome else "",
             link.cpus,
             welcome.platform if welcome else "",
-            _avail_info(welcome.avail) if welcome else None,
+            self._reported_avail(link.node_id, welcome.avail) if welcome else None,
         )
         self._info[link.node_id] = info
         self._events.node_ready(info)
@@ -357,7 +359,23 @@ class NodesBackend:
     def node_status(self, link: NodeLink, avail: list[float | None]) -> None:
         info = self._info.get(link.node_id)
         if info is not None:
-            self._events.node_status(info, _avail_info(avail))
+            self._events.node_status(info, self._reported_avail(link.node_id, avail))
+
+    def _reported_avail(self, node: str, avail: Any) -> DispyNodeAvailInfo | None:
+        """A node's resource report as `_avail_info`; a malformed one (only a
+        node holding the secret can send it) is unknown, said once per node."""
+        try:
+            return _avail_info(avail_figures(avail))
+        except MessageError as exc:
+            if node not in self._malformed_avail:
+                self._malformed_avail.add(node)
+                logger.warning(
+                    "node %s: %s; its resources are shown as unknown (is it "
+                    "dispynb's node server, of this version?)",
+                    node,
+                    exc,
+                )
+            return None
 
     def scheduler_nodes(self, link: NodeLink, entries: list[list[Any]]) -> None:
         """Only a shared scheduler reports nodes behind it (`SchedulerBackend`)."""

@@ -7,12 +7,35 @@ buffers. Code on both sides builds and reads them by name.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple, TypedDict
 
 from dispynb.errors import MessageError
 
 _new_tuple = tuple.__new__
+
+
+def avail_figures(avail: Any) -> list[float | None]:
+    """A node's ``[cpu %, memory bytes, disk bytes, swap %]`` report (`Welcome.avail`,
+    `NodeStatus.avail`), each figure a finite number or None (unknown).
+
+    The message's schema checks only that it is a list; a figure of any other kind
+    (a string, a list, NaN, a bool) from a node holding the secret would reach
+    arithmetic in the client's callbacks and the shared scheduler's sum over its
+    nodes. Raises `MessageError` for such a report; ``[]`` (not reported) stays.
+    """
+    if not isinstance(avail, list | tuple) or len(avail) not in (0, 4):
+        raise MessageError(f"malformed resource report from a node: {avail!r:.80}")
+    figures: list[float | None] = []
+    for value in avail:
+        if value is None:
+            figures.append(None)
+        elif type(value) in (int, float) and math.isfinite(value):
+            figures.append(float(value))
+        else:
+            raise MessageError(f"malformed resource report from a node: {avail!r:.80}")
+    return figures
 
 
 class ResultEntry(NamedTuple):
@@ -127,14 +150,12 @@ class SharedNodeEntry(NamedTuple):
             and isinstance(entry.cpu_time, numbers)
             and isinstance(entry.running, list | tuple)
             and all(type(key) is int for key in entry.running)
-            and isinstance(entry.avail, list | tuple)
-            and all(v is None or isinstance(v, numbers) for v in entry.avail)
         ):
             raise MessageError("malformed node entry in scheduler-nodes")
         return entry._replace(
             cpu_time=float(entry.cpu_time),
             running=list(entry.running),
-            avail=[None if v is None else float(v) for v in entry.avail],
+            avail=avail_figures(entry.avail),
         )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from dispynb.errors import MessageError
@@ -12,7 +14,7 @@ from dispynb.protocol.messages import (
     pack_header,
     unpack_header,
 )
-from dispynb.protocol.records import ResultEntry
+from dispynb.protocol.records import ResultEntry, avail_figures
 
 
 def wire_bytes(results: list[list[object]]) -> bytes:
@@ -57,3 +59,27 @@ def test_malformed_result_entry_is_a_message_error(item):
 def test_a_tenth_item_other_than_true_is_not_streamed():
     item = [1, 2, FINISHED, 0.0, 0.0, "", "", None, 1, 1]
     assert ResultEntry.from_wire(item)[1] is False
+
+
+def test_avail_figures_keeps_numbers_and_unknowns():
+    assert avail_figures([]) == []
+    assert avail_figures([50, 1024, 2.5, None]) == [50.0, 1024.0, 2.5, None]
+    assert all(type(v) is float for v in avail_figures((1, 2, 3, 4)))
+
+
+@pytest.mark.parametrize(
+    "avail",
+    [
+        ["x", 1, 2, 3],
+        [[1], {}, None, 1],
+        [math.nan, 1, 2, 3],
+        [math.inf, 1, 2, 3],
+        [True, 1, 2, 3],
+        [1, 2, 3],
+        "1234",
+        None,
+    ],
+)
+def test_avail_figures_refuses_what_is_not_a_report(avail):
+    with pytest.raises(MessageError, match="malformed resource report"):
+        avail_figures(avail)
