@@ -221,8 +221,16 @@ def test_a_thread_left_waiting_by_its_job_does_not_stall_the_worker(
             os.setpriority(os.PRIO_PROCESS, 0, 19)  # this thread: slow to wake
             dispy_send_file(name)  # type: ignore[name-defined]  # noqa: F821
 
+        from nodeserver.jobapi import CONTEXT
+
         threading.Thread(target=send, args=(f"big-{n}.bin",)).start()
-        time.sleep(0.005)  # the thread is sending: it waits once this returned
+        # Return once the thread is in the call (it holds the answer lock from its
+        # check that the job runs to its wait for the answer): the file goes, and
+        # the thread waits on after this returned. A fixed sleep let a loaded
+        # machine return first, the thread then giving up unsent.
+        deadline = time.monotonic() + 30
+        while not CONTEXT.answer_lock.locked() and time.monotonic() < deadline:
+            time.sleep(0.001)
         return f"sender {n}"
 
     with JobCluster(leave_a_sender, nodes=local1, files_dir=str(tmp_path)) as cluster:
