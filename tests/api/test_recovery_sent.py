@@ -22,11 +22,8 @@ pytestmark = pytest.mark.slow
 
 #: Two jobs that start, wait for ``go`` (made once their client is killed), send a
 #: file and a provisional result, note what dispy_send_file returned and said;
-#: job 1 then runs until ``release`` exists.
-CLIENT = """
-import sys, time
-import dispynb as dispy
-
+#: job 1 then runs until ``release`` exists (also tests/sharedsched/test_kept_sent).
+SENDING_JOB = """
 def job(n, marks, go, release):
     import contextlib, io, os, time
     open(os.path.join(marks, "started-%d" % n), "w").close()
@@ -43,13 +40,24 @@ def job(n, marks, go, release):
     while n == 1 and not os.path.exists(release):
         time.sleep(0.02)
     return n * 10
+"""
 
+#: A client of `SENDING_JOB` on a node, with a journal.
+CLIENT = (
+    """
+import sys, time
+import dispynb as dispy
+
+"""
+    + SENDING_JOB
+    + """
 node, secret, journal, marks, go, release = sys.argv[1:]
 cluster = dispy.JobCluster(job, nodes=[node], secret=secret, recover_file=journal)
 jobs = [cluster.submit(n, marks, go, release) for n in range(2)]
 print("submitted", flush=True)
 time.sleep(300)  # killed before it gets further
 """
+)
 
 #: Recovers, saving files under argv[3]; prints each job's status and result.
 RECOVER = """

@@ -14,36 +14,23 @@ import pytest
 
 from dispynb import LocalCluster, recover_jobs
 from dispynb.job import JobStatus
+from tests.api.test_recovery_sent import SENDING_JOB
 from tests.jobs import wait_until
 from tests.sharedsched.harness import SchedulerProcess, start_client
 from tests.sharedsched.test_kept import _scheduler
 
 pytestmark = pytest.mark.slow
 
-#: Two jobs that start, wait for ``go`` (made once their client is killed), send a
-#: file and a provisional result, note what dispy_send_file returned and said;
-#: job 1 then runs until ``release`` exists.
-CLIENT = """
+#: A client of `SENDING_JOB` (two jobs that send a file and a provisional result
+#: once their client is killed) through a scheduler, with a journal.
+CLIENT = (
+    """
 import sys, time
 from dispynb import SharedJobCluster
 
-def job(n, marks, go, release):
-    import contextlib, io, os, time
-    open(os.path.join(marks, "started-%d" % n), "w").close()
-    while not os.path.exists(go):
-        time.sleep(0.02)
-    with open("out-%d.txt" % n, "w") as handle:
-        handle.write("file of job %d" % n)
-    said = io.StringIO()
-    with contextlib.redirect_stderr(said):
-        sent = dispy_send_file("out-%d.txt" % n)
-    dispy_provisional_result("half of %d" % n)
-    with open(os.path.join(marks, "sent-%d" % n), "w") as handle:
-        handle.write("%d %s" % (sent, said.getvalue()))
-    while n == 1 and not os.path.exists(release):
-        time.sleep(0.02)
-    return n * 10
-
+"""
+    + SENDING_JOB
+    + """
 address, credential, journal, marks, go, release = sys.argv[1:]
 cluster = SharedJobCluster(
     job, scheduler_host=address, secret_file=credential, recover_file=journal
@@ -52,6 +39,7 @@ jobs = [cluster.submit(n, marks, go, release) for n in range(2)]
 print("submitted", flush=True)
 time.sleep(300)
 """
+)
 
 
 def run_and_kill(
