@@ -123,6 +123,7 @@ class _Clients(_ServerState):
             comp.expiry = None
         if comp.session is not None and comp.session is not session:
             comp.session.computations.pop(comp.client_comp_id, None)
+            comp.client_replaced()  # a zombie's files it will not answer for
         comp.session = session
         comp.client_comp_id = message.comp_id
         # What the nodes sent and send it was sized for the client that set it up:

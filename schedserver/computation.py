@@ -64,6 +64,11 @@ _CLIENT_AWAY = (
     "the client is away (its connection to the scheduler ended): the file was not saved"
 )
 _KEPT = "; the scheduler keeps it for the client's recover_jobs"
+_REPLACED = (
+    "the client it was sent to did not answer before recover_jobs took its "
+    "computation, and the scheduler did not keep it (--max_kept): the file was not "
+    "saved"
+)
 _NOT_READ = (
     "the client does not read what is sent to it and the scheduler holds no more "
     "for it (--max_kept): the file was not sent"
@@ -282,6 +287,17 @@ class SharedComputation(_JobFiles):
             self._answer_file(
                 upstream, key, asked, _CLIENT_AWAY + (_KEPT if kept else "")
             )
+
+    def client_replaced(self) -> None:
+        """`recover_jobs` took it from a client still connected (a zombie): the
+        files that client was sent and did not answer for never will be. A kept one
+        goes to the new client with what was kept, which writes it and answers (its
+        request stays open); the others were not kept (--max_kept): their jobs are
+        told now."""
+        for request, (upstream, key, asked, kept) in list(self.file_requests.items()):
+            if not kept:
+                del self.file_requests[request]
+                self._answer_file(upstream, key, asked, _REPLACED)
 
     def _answer_file(
         self, upstream: Upstream, key: int, request: int, error: str

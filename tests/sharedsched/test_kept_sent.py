@@ -270,3 +270,38 @@ def test_a_file_sent_while_recover_jobs_waits_is_answered(
         assert "over the max_message_size" in jobs[1].stderr, jobs[1].stderr
     else:
         assert (received / "out-1.txt").read_text() == "file of job 1"
+
+
+def test_a_file_a_zombie_client_never_answered_is_answered_when_recover_jobs_takes_over(
+    small_quota: SchedulerProcess, users: dict[str, Path], tmp_path: Path
+) -> None:
+    """The 2 MiB file reaches the client, which is stopped (SIGSTOP: connected but
+    silent, a zombie) and never answers; the scheduler did not keep it (over
+    --max_kept 1M). `recover_jobs` in another process takes the computation from the
+    zombie: the job is told at once that the file was not saved, nor kept, and
+    ends (before: it waited in dispy_send_file, and recover_jobs for it)."""
+    journal, marks, go = tmp_path / "j.journal", tmp_path / "marks", tmp_path / "go"
+    marks.mkdir()
+    credential = str(users["alice"])
+    proc = start_client(
+        LARGE_CLIENT, small_quota.address, credential, str(journal), str(marks),
+        str(go), cwd=tmp_path, name="zombie",
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "submitted", proc.communicate()
+        wait_until(lambda: (marks / "started").exists())
+        os.killpg(proc.pid, signal.SIGSTOP)
+        go.touch()
+        small_quota.wait_for_log("a file a job sent was not kept", timeout=60)
+        jobs = recover_jobs(str(journal), secret_file=credential, timeout=30)
+        assert proc.poll() is None  # the zombie was connected all along
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=20)
+    assert [(job.status, job.result) for job in jobs] == [(JobStatus.Finished, -1)], [
+        job.exception for job in jobs
+    ]
+    sent, said = (marks / "sent").read_text().split(" ", 1)
+    assert sent == "-1" and "recover_jobs" in said, said
+    assert "keeps it" not in said, said
