@@ -9,7 +9,7 @@ import os
 import queue
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,8 @@ class CellOutput:
     evalue: str = ""
     traceback: list[str] = dataclasses.field(default_factory=list)
     data: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    #: What its displays were updated to (a progress bar's counts), in order.
+    updates: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     idle_at: float = 0.0  # time.monotonic() when the kernel went idle
     pager: str = ""  # what the pager shows (``%%dispy?``)
 
@@ -81,14 +83,40 @@ class Kernel:
         """Send ``code`` for execution (as a notebook cell); return the message id."""
         return str(self.client.execute(code, store_history=True, allow_stdin=False))
 
-    def collect(self, msg_id: str, timeout: float = CELL_TIMEOUT) -> CellOutput:
-        """Gather the outputs of ``msg_id`` until the kernel is idle again."""
-        out = CellOutput()
+    def collect(
+        self,
+        msg_id: str,
+        timeout: float = CELL_TIMEOUT,
+        out: CellOutput | None = None,
+    ) -> CellOutput:
+        """Gather the outputs of ``msg_id`` until the kernel is idle again (added to
+        ``out``: what `follow` gathered of it so far)."""
+        out = out if out is not None else CellOutput()
+        self.follow(msg_id, out, lambda _: False, timeout)
+        while True:  # wait_for_ready may have left kernel_info replies behind
+            reply = self.client.get_shell_msg(timeout=CELL_TIMEOUT)
+            if reply["parent_header"].get("msg_id") == msg_id:
+                break
+        out.status = reply["content"]["status"]
+        for payload in reply["content"].get("payload", []):
+            if payload.get("source") == "page":
+                out.pager += strip_ansi(payload["data"].get("text/plain", ""))
+        return out
+
+    def follow(
+        self,
+        msg_id: str,
+        out: CellOutput,
+        until: Callable[[CellOutput], bool],
+        timeout: float = CELL_TIMEOUT,
+    ) -> None:
+        """Gather the outputs of running cell ``msg_id`` into ``out`` until
+        ``until(out)`` holds or the kernel is idle (``out.idle_at`` set)."""
         deadline = time.monotonic() + timeout
-        while True:
+        while not (out.idle_at or until(out)):
             left = deadline - time.monotonic()
             if left <= 0:
-                raise AssertionError(f"cell did not finish in {timeout} s: {out}")
+                raise AssertionError(f"cell did not get there in {timeout} s: {out}")
             try:
                 msg = self.client.get_iopub_msg(timeout=left)
             except queue.Empty:
@@ -105,20 +133,13 @@ class Kernel:
                 out.traceback += list(content["traceback"])
             elif kind in ("execute_result", "display_data"):
                 out.data.append(content["data"])
+            elif kind == "update_display_data":
+                out.updates.append(content["data"])
             elif kind == "execute_input":
                 out.execution_count = content["execution_count"]
             elif kind == "status" and content["execution_state"] == "idle":
                 out.idle_at = time.monotonic()
-                break
-        while True:  # wait_for_ready may have left kernel_info replies behind
-            reply = self.client.get_shell_msg(timeout=CELL_TIMEOUT)
-            if reply["parent_header"].get("msg_id") == msg_id:
-                break
-        out.status = reply["content"]["status"]
-        for payload in reply["content"].get("payload", []):
-            if payload.get("source") == "page":
-                out.pager += strip_ansi(payload["data"].get("text/plain", ""))
-        return out
+                return
 
     def execute(self, code: str, timeout: float = CELL_TIMEOUT) -> CellOutput:
         return self.collect(self.submit(code), timeout)
