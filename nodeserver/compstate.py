@@ -9,6 +9,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from dispynb.protocol.messages import CRASHED
 from dispynb.protocol.records import ResultEntry
 from dispynb.transport.connection import Connection
 from nodeserver.budget import CpuBudget
@@ -149,6 +150,17 @@ class _ComputationState:
         """Report a job that ended without a result (``reason`` says why)."""
         entry = ResultEntry.unrun(job.key, job.attempt, outcome, reason)
         self._report(entry.to_wire(), [])
+
+    def _report_stopped_by_node(self, job: NodeJob) -> None:
+        """Report a job known to have started (its client was told) that the node
+        stopped to replace its worker after cancelling the job before it: crashed,
+        as a job whose worker died (its client decides whether to run it again)."""
+        job.reported = True
+        reason = (
+            "its worker was stopped by the node: the job before it there was "
+            "cancelled as this one started"
+        )
+        self._report_unrun(job, CRASHED, reason)
 
     # -- the parts' methods, declared for the others --
 

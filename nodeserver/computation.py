@@ -311,6 +311,7 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
                 or ahead > target // 2
                 or worker.stream_closed
                 or worker.retiring
+                or worker.interrupted  # replaced once its job ends: it would die there
                 or worker.stalled
             ):
                 continue
@@ -525,8 +526,12 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
         elif job.cancelled and (done.outcome != FINISHED or job.timed_out):
             self._finish_killed(job)
         elif worker.interrupted and not job.cancelled and _was_interrupted(done):
-            # SIGINT meant for the job before it (which ended just then) hit this one.
-            self._requeue_or_fail(job)
+            # SIGINT meant for the job before it (which ended just then) hit this one:
+            # run again, unless its start was reported (not under the same attempt).
+            if job.start_held:
+                self._requeue_or_fail(job)
+            else:
+                self._report_stopped_by_node(job)
         elif not job.reported:
             if job.start_held:
                 self._runs_after_all(job, done.start_time)

@@ -381,8 +381,12 @@ class _WorkerLife(_ComputationState):
                     reason += mem_limit_note(job.mem_limit)
                 job.reported = True
                 self._report_unrun(job, CRASHED, reason)
+            elif position == 0 and not job.start_held:
+                # Reported started, on a worker the node killed (`_retire`): run
+                # again, it would run twice under one attempt, Running twice.
+                self._report_stopped_by_node(job)
             else:
-                requeue.append(job)  # never started, or stopped by us: run it again
+                requeue.append(job)  # never started (or not said to): run it again
         worker.assigned.clear()
         for job in reversed(requeue):
             self._requeue_or_fail(job)
