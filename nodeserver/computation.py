@@ -524,6 +524,8 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
             if not job.reported:
                 self._finish_unrun(job, "job cancelled at the client's request")
         elif job.cancelled and (done.outcome != FINISHED or job.timed_out):
+            if job.start_held and not job.reported:  # it ran: started first
+                self._runs_after_all(job, done.start_time)
             self._finish_killed(job)
         elif worker.interrupted and not job.cancelled and _was_interrupted(done):
             # SIGINT meant for the job before it (which ended just then) hit this one:

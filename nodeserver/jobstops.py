@@ -65,8 +65,9 @@ class _JobStops(_ComputationState):
         for worker in self._workers.values():
             for position, job in enumerate(worker.assigned):
                 if job.key == key and job.attempt == attempt:
-                    # A job moving away from an interrupted worker (told to skip
-                    # it) has not started, even once it is that worker's head.
+                    # A job moving away from a worker (told to skip it) may have
+                    # started once it is that worker's head: the worker read the
+                    # Skip too late. Only its answer tells (`_on_done`).
                     started = position == 0 and not job.moving
                     if job.cancelled or (started and unstarted):
                         # Stopping already (cancelled, or over its timeout); or
@@ -87,7 +88,9 @@ class _JobStops(_ComputationState):
                             self._finish_unrun(job, _SKIPPED)
                         return
                     job.cancelled = True
-                    if started:
+                    if position == 0:
+                        # Running, or perhaps (moving): interrupted. Skipped after
+                        # all, it ends cancelled; it ran, terminated.
                         self._interrupt(worker, job)
                     else:
                         # Sent ahead, not started: settle it now, and tell the worker

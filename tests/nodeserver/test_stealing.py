@@ -15,7 +15,7 @@ import collections
 import threading
 from typing import Any
 
-from dispynb.protocol.messages import FINISHED
+from dispynb.protocol.messages import FINISHED, TERMINATED
 from nodeserver.compstate import Worker
 from nodeserver.computation import STEAL_AFTER, Computation
 from tests.asyncutil import run
@@ -401,6 +401,40 @@ def test_a_worker_whose_runs_wait_unwritten_is_looked_at_again_once_written(
         await wait_until(lambda: len(reports.entries) == 49, "all jobs")
         _starts_once(reports, range(100, 141))
         assert computation.idle and not holder.taken_back
+        await finish(computation, launcher)
+
+    run(main())
+
+
+def test_a_moving_head_job_that_runs_is_cancelled_as_a_running_one(
+    tmp_path, monkeypatch
+):
+    """Job 104 was told to skip (the node not sure the worker would: moving) but
+    runs: it became its worker's head. Cancelled now, it may be running, so it is
+    interrupted and ends terminated, its start reported first. Before, it was
+    taken for a job not started: reported cancelled before it started while it
+    ran on (its worker retired only once it ended)."""
+    monkeypatch.setattr("nodeserver.computation._before_its_turn", _not_sure_once_told)
+    steals = _count_steals(monkeypatch)
+
+    async def main() -> None:
+        reports = Reports()
+        computation, launcher = make(tmp_path, reports, workers=2)
+        _starts_before_ends(computation, reports)
+        long = new_gate("long")
+        holder, _other = await _ran_ahead_unread(computation, reports, long)
+        await wait_until(lambda: HOLDER_SEEN in steals, "a look at the holder")
+        computation.hold_workers(False)
+        await wait_until(lambda: 103 in reports.entries, "jobs 100-103")
+        (head,) = holder.assigned
+        assert head.key == 104 and head.moving and head.start_held
+        computation.cancel(104, 1)
+        await wait_until(lambda: 104 in reports.entries, "job 104 settled")
+        assert reports.outcome(104) == TERMINATED, reports.reason(104)
+        await wait_until(lambda: holder.pid not in computation._workers, "retired")
+        assert not launcher.busy_workers()  # 104 no longer runs
+        assert reports.starts.count(104) == 1
+        assert RUNS.count(104) == 1
         await finish(computation, launcher)
 
     run(main())
