@@ -94,6 +94,13 @@ def _held_size(entry: list[Any], buffers: list[memoryview]) -> int:
     return size + sum(sys.getsizeof(text) for text in entry[5:8] if text)
 
 
+def memory_cap(spool_bytes: int) -> int:
+    """Bytes of memory a node whose spool holds ``spool_bytes`` at most
+    (``--kept-results-size``) keeps for clients that may come back, when it cannot
+    write them to its spool: as much, within `PENDING_NODE_BYTES`."""
+    return min(spool_bytes, PENDING_NODE_BYTES)
+
+
 @dataclass(eq=False)
 class PendingBudget:
     """Bytes held for clients that have not acknowledged them yet, node-wide."""
@@ -127,6 +134,12 @@ PROVISIONAL = "provisional"
 FILE_KEPT = (
     "the client's connection to the node ended (the client stopped or was cut off): "
     "the file was not saved; the node keeps it for the client's recover_jobs"
+)
+#: What it is told when the node could not keep it (no room: see the node's log).
+FILE_NOT_KEPT = (
+    "the client's connection to the node ended (the client stopped or was cut off): "
+    "the file was not saved, and the node could not keep it for the client's "
+    "recover_jobs (no room; see the node's log, dispynb-node --kept-results-size)"
 )
 
 
@@ -168,6 +181,10 @@ class Kept:
     #: client gets it.
     provisional: dict[Any, KeptResult] = field(default_factory=dict)
     provisional_bytes: int = 0
+    #: Bytes of the files kept in ``results`` for want of a spool (counted in
+    #: ``budget``), and the most ``budget`` may hold with them (`memory_cap`).
+    memory_bytes: int = 0
+    memory_cap: int = PENDING_NODE_BYTES
 
     def open(self, result: KeptResult) -> tuple[list[Any], list[memoryview], str]:
         """``(entry, buffers, kinds)`` of a kept result: a spooled one's buffers map
@@ -235,6 +252,7 @@ class ResultKeeper:
             self._forget(replaced)
         kept = Kept(computation, budget=self._budget)
         if self._spool is not None:
+            kept.memory_cap = memory_cap(self._spool.max_bytes)
             try:
                 kept.spool = self._spool.create(recovery_id, computation.name)
                 kept.owner = self._spool
@@ -327,23 +345,40 @@ class ResultKeeper:
             kept.budget.used -= size
 
     @staticmethod
-    def keep_file(kept: Kept, key: int, path: str, buffers: list[memoryview]) -> bool:
+    def keep_file(
+        kept: Kept, key: int, path: str, buffers: list[memoryview]
+    ) -> str | None:
         """A file a job sent once its client was gone: kept for a recovering
-        client (in the spool, or in memory without one); False if it was not (the
-        spool full: logged)."""
+        client (in the spool, or in memory without one, within `Kept.memory_cap`).
+        What its job is told: `FILE_KEPT`, or `FILE_NOT_KEPT` (no room: logged);
+        None if nobody can claim it any more."""
         if kept.dropped and kept.deliver is None:
-            return False
+            return None
         entry: list[Any] = [FILE, key, path]
         if kept.spool is None or kept.owner is None:
+            size = _HELD_OVERHEAD + sum(b.nbytes for b in buffers)
+            if kept.budget.used + size > kept.memory_cap:
+                logger.warning(
+                    "file %r of job %d not kept: the node has no spool for it and "
+                    "keeps %.0f MiB at most in memory (--kept-results-size, at "
+                    "most %d MiB)",
+                    path,
+                    key,
+                    kept.memory_cap / 2**20,
+                    PENDING_NODE_BYTES >> 20,
+                )
+                return FILE_NOT_KEPT
             result = KeptResult(None, entry, [memoryview(bytes(b)) for b in buffers])
             kept.results.append(result)
+            kept.memory_bytes += size
+            kept.budget.used += size
         elif kept.owner.write(kept.spool, entry, buffers):
             result = KeptResult(kept.spool.files[-1][0])
         else:
-            return False
+            return FILE_NOT_KEPT  # the spool full, or its disk: logged
         if kept.deliver is not None:
             kept.deliver(result)
-        return True
+        return FILE_KEPT
 
     def journaled(self, recovery_id: str, jobs: list[tuple[Any, Any]]) -> None:
         """Its client has these results (``(key, attempt)``) in its journal: they
@@ -378,8 +413,10 @@ class ResultKeeper:
         """A computation no longer kept: what it held goes, and it holds no more."""
         kept.dropped = True
         kept.budget.used -= kept.pending_bytes + kept.provisional_bytes
+        kept.budget.used -= kept.memory_bytes
         kept.pending, kept.pending_bytes = {}, 0
         kept.provisional, kept.provisional_bytes = {}, 0
+        kept.memory_bytes = 0
 
     def adopt(self, recovery_id: str, keep: float) -> None:
         """Its client's connection is lost: let the jobs finish, keep the results

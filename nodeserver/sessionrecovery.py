@@ -16,7 +16,7 @@ from dispynb.protocol.messages import (
     ResultsJournaled,
 )
 from nodeserver.computation import Computation
-from nodeserver.keeper import FILE_KEPT, Kept, KeptResult, ResultKeeper
+from nodeserver.keeper import Kept, KeptResult, ResultKeeper
 from nodeserver.recovering import KeptResultSender
 from nodeserver.sessionstate import HAND_BACK_TIMEOUT, _SessionState, logger
 
@@ -59,9 +59,7 @@ class _SessionRecovery(_SessionState):
 
         def keep_file(key: int, path: str, buffers: list[memoryview]) -> str | None:
             # Its client is gone (or going): the file waits for it.
-            if ResultKeeper.keep_file(kept, key, path, buffers):
-                return FILE_KEPT
-            return None
+            return ResultKeeper.keep_file(kept, key, path, buffers)
 
         computation.also_keep(provisional, keep_file)
 

@@ -216,3 +216,71 @@ def test_a_file_in_flight_when_the_client_dies_is_kept_for_recovery(
     assert jobs == [[int(JobStatus.Finished), -1]]
     data = (received / "large.bin").read_bytes()
     assert data == bytes(range(256)) * (size // 256)
+
+
+#: One job that waits for ``go``, sends 3 files of 400 kB and notes what each
+#: dispy_send_file returned and said.
+THREE_FILES = """
+import sys, time
+import dispynb as dispy
+
+def job(marks, go):
+    import contextlib, io, os, time
+    open(os.path.join(marks, "started"), "w").close()
+    while not os.path.exists(go):
+        time.sleep(0.02)
+    for n in range(3):
+        with open("out-%d.bin" % n, "wb") as handle:
+            handle.write(bytes([n]) * 400_000)
+        said = io.StringIO()
+        with contextlib.redirect_stderr(said):
+            sent = dispy_send_file("out-%d.bin" % n)
+        with open(os.path.join(marks, "sent-%d" % n), "w") as handle:
+            handle.write("%d %s" % (sent, said.getvalue()))
+    return 0
+
+node, secret, journal, marks, go = sys.argv[1:]
+cluster = dispy.JobCluster(job, nodes=[node], secret=secret, recover_file=journal)
+cluster.submit(marks, go)
+print("submitted", flush=True)
+time.sleep(300)  # killed before it gets further
+"""
+
+
+def test_files_kept_in_memory_without_a_spool_stay_within_its_size(
+    tmp_path: Path,
+) -> None:
+    """A node that cannot make its spool (``.kept`` is a file) keeps the files a
+    job sends once its client was killed in memory, within --kept-results-size
+    (1 MiB here): two of 400 kB are kept, the third is not, the node says so
+    and its job is told (-1: the node could not keep it); `recover_jobs` saves
+    the two. Before, every file was kept in memory, without a bound."""
+    marks, received, go = tmp_path / "marks", tmp_path / "received", tmp_path / "go"
+    marks.mkdir()
+    received.mkdir()
+    (tmp_path / "node" / "dest").mkdir(parents=True)
+    (tmp_path / "node" / "dest" / ".kept").write_text("not a directory")
+    with running_node(tmp_path / "node", "--kept-results-size", "1M") as node:
+        client = _submitted(tmp_path, THREE_FILES, node, str(marks), str(go))
+        try:
+            wait_until(lambda: (marks / "started").exists())
+            client.send_signal(signal.SIGKILL)
+            client.wait(WAIT)
+        finally:
+            client.kill()
+            client.stdout.close()  # type: ignore[union-attr]
+        wait_until(lambda: "gone: its jobs go on" in node.log_text())
+        assert "cannot spool results" in node.log_text()
+        go.touch()
+        wait_until(lambda: (marks / "sent-2").exists())
+        told = [(marks / f"sent-{n}").read_text().split(" ", 1) for n in range(3)]
+        assert all(sent == "-1" for sent, _said in told), told
+        for _sent, said in told[:2]:
+            assert "the node keeps it for the client's recover_jobs" in said, said
+        assert "the node could not keep it" in told[2][1], told[2][1]
+        assert "file 'out-2.bin' of job" in node.log_text()
+        jobs = _recover(tmp_path, node.secret, received, 60.0)
+    assert jobs == [[int(JobStatus.Finished), 0]]
+    for n in range(2):
+        assert (received / f"out-{n}.bin").read_bytes() == bytes([n]) * 400_000
+    assert not (received / "out-2.bin").exists()
