@@ -10,10 +10,11 @@ import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from dispynb import LocalCluster, recover_jobs
-from dispynb.job import JobStatus
+from dispynb.job import DispyJob, JobStatus
 from tests.api.test_recovery_sent import SENDING_JOB
 from tests.jobs import wait_until
 from tests.sharedsched.harness import SchedulerProcess, start_client
@@ -272,19 +273,21 @@ def test_a_file_sent_while_recover_jobs_waits_is_answered(
         assert (received / "out-1.txt").read_text() == "file of job 1"
 
 
-def test_a_file_a_zombie_client_never_answered_is_answered_when_recover_jobs_takes_over(
-    small_quota: SchedulerProcess, users: dict[str, Path], tmp_path: Path
-) -> None:
-    """The 2 MiB file reaches the client, which is stopped (SIGSTOP: connected but
-    silent, a zombie) and never answers; the scheduler did not keep it (over
-    --max_kept 1M). `recover_jobs` in another process takes the computation from the
-    zombie: the job is told at once that the file was not saved, nor kept, and
-    ends (before: it waited in dispy_send_file, and recover_jobs for it)."""
+def _recovered_from_zombie(
+    scheduler: SchedulerProcess,
+    credential: str,
+    tmp_path: Path,
+    sent: Callable[[int], None],
+) -> list[DispyJob]:
+    """Run `LARGE_CLIENT` until its job started, stop it (SIGSTOP: connected but
+    silent, a zombie), let its job send its file, ``sent(pid)`` until the file
+    reached the scheduler; then `recover_jobs` (files under ``tmp_path / 'in'``)
+    takes the computation from the zombie, and the zombie is killed."""
     journal, marks, go = tmp_path / "j.journal", tmp_path / "marks", tmp_path / "go"
     marks.mkdir()
-    credential = str(users["alice"])
+    (tmp_path / "in").mkdir()
     proc = start_client(
-        LARGE_CLIENT, small_quota.address, credential, str(journal), str(marks),
+        LARGE_CLIENT, scheduler.address, credential, str(journal), str(marks),
         str(go), cwd=tmp_path, name="zombie",
     )  # fmt: skip
     try:
@@ -293,15 +296,78 @@ def test_a_file_a_zombie_client_never_answered_is_answered_when_recover_jobs_tak
         wait_until(lambda: (marks / "started").exists())
         os.killpg(proc.pid, signal.SIGSTOP)
         go.touch()
-        small_quota.wait_for_log("a file a job sent was not kept", timeout=60)
-        jobs = recover_jobs(str(journal), secret_file=credential, timeout=30)
+        sent(proc.pid)
+        jobs = recover_jobs(
+            str(journal),
+            secret_file=credential,
+            timeout=30,
+            files_dir=str(tmp_path / "in"),
+        )
         assert proc.poll() is None  # the zombie was connected all along
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate(timeout=20)
+    return jobs
+
+
+def test_a_file_a_zombie_client_never_answered_is_answered_when_recover_jobs_takes_over(
+    small_quota: SchedulerProcess, users: dict[str, Path], tmp_path: Path
+) -> None:
+    """The 2 MiB file reaches the client, a zombie that never answers; the
+    scheduler did not keep it (over --max_kept 1M). `recover_jobs` in another
+    process takes the computation from the zombie: the job is told at once that
+    the file was not saved, nor kept, and ends (before: it waited in
+    dispy_send_file, and recover_jobs for it)."""
+    jobs = _recovered_from_zombie(
+        small_quota,
+        str(users["alice"]),
+        tmp_path,
+        lambda _: small_quota.wait_for_log("a file a job sent was not kept", 1, 60),
+    )
     assert [(job.status, job.result) for job in jobs] == [(JobStatus.Finished, -1)], [
         job.exception for job in jobs
     ]
-    sent, said = (marks / "sent").read_text().split(" ", 1)
+    sent, said = (tmp_path / "marks" / "sent").read_text().split(" ", 1)
     assert sent == "-1" and "recover_jobs" in said, said
     assert "keeps it" not in said, said
+
+
+def _queued_towards(pid: int) -> int:
+    """Bytes on their way to process ``pid`` over TCP: sent to it and not read yet
+    (its peers' send queues and its own receive queues, from /proc/net/tcp)."""
+    ports = {
+        conn.laddr.port for conn in psutil.Process(pid).net_connections(kind="tcp")
+    }
+    queued = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as lines:
+            for line in list(lines)[1:]:
+                local, remote, _state, queues = line.split()[1:5]
+                tx, rx = (int(q, 16) for q in queues.split(":"))
+                if int(local.rsplit(":", 1)[1], 16) in ports:
+                    queued += rx
+                elif int(remote.rsplit(":", 1)[1], 16) in ports:
+                    queued += tx
+    return queued
+
+
+def test_a_file_a_zombie_client_never_answered_goes_to_recover_jobs_that_takes_over(
+    scheduler: SchedulerProcess, users: dict[str, Path], tmp_path: Path
+) -> None:
+    """The 2 MiB file reaches the zombie and is kept by the scheduler (within
+    --max_kept): `recover_jobs` in another process takes the computation, gets the
+    file with what was kept, writes it and answers the job, whose dispy_send_file
+    returns 0."""
+
+    def sent_to_zombie(pid: int) -> None:
+        # Over 1 MiB on its way to the zombie: nothing else sent to it is as large.
+        wait_until(lambda: _queued_towards(pid) > 1 << 20)
+
+    jobs = _recovered_from_zombie(
+        scheduler, str(users["alice"]), tmp_path, sent_to_zombie
+    )
+    assert [(job.status, job.result) for job in jobs] == [(JobStatus.Finished, 0)], [
+        job.exception for job in jobs
+    ]
+    assert (tmp_path / "in" / "large.bin").stat().st_size == 2 << 20
+    assert (tmp_path / "marks" / "sent").read_text() == "0 "
