@@ -10,34 +10,17 @@ from __future__ import annotations
 import collections
 
 from dispynb.protocol.messages import CRASHED, FINISHED, TERMINATED
-from nodeserver.computation import Computation
 from tests.asyncutil import run
 from tests.inprocess import gate, wait_until
 from tests.nodeserver.test_computation import (
     Reports,
-    bundle,
     finish,
     job,
     make,
     new_gate,
     open_gate,
 )
-from tests.nodeserver.test_stealing import RUNS, ran_here
-
-
-async def _one_quick_worker(computation: Computation, reports: Reports) -> str:
-    """Start the computation with its worker, run quick jobs so that the node sends
-    jobs ahead; return the open gate quick jobs pass."""
-    await computation.start(bundle(ran_here))
-    await wait_until(lambda: len(computation._workers) == 1, "the worker")
-    quick = new_gate("quick")
-    open_gate(quick)
-    computation.submit([job(key, key, quick) for key in range(1, 6)])
-    await wait_until(lambda: len(reports.entries) == 5, "quick jobs done")
-    computation._mean = 1e-6
-    reports.starts.clear()
-    RUNS.clear()
-    return quick
+from tests.nodeserver.test_stealing import RUNS, warm
 
 
 def test_a_job_submitted_as_a_running_job_is_cancelled_does_not_go_to_its_worker(
@@ -52,7 +35,7 @@ def test_a_job_submitted_as_a_running_job_is_cancelled_does_not_go_to_its_worker
     async def main() -> None:
         reports = Reports()
         computation, launcher = make(tmp_path, reports, workers=1)
-        await _one_quick_worker(computation, reports)
+        await warm(computation, reports, workers=1, jobs=5)
         long, entered = new_gate("long"), new_gate("entered")
         computation.submit([job(100, 100, new_gate("never"), entered)])
         await wait_until(gate(entered).is_set, "job 100 running")
@@ -89,7 +72,7 @@ def test_a_job_known_to_run_on_a_retired_worker_is_not_run_again_as_the_same_att
         reports = Reports()
         computation, launcher = make(tmp_path, reports, workers=1)
         computation._report_file = lambda key, path, buffers, request: ""
-        quick = await _one_quick_worker(computation, reports)
+        quick = await warm(computation, reports, workers=1, jobs=5)
         long, entered = new_gate("long"), new_gate("entered")
         computation.hold_workers(True)  # what the worker says waits unread
         computation.submit([job(100, 100, quick), job(101, 101, long, entered, True)])

@@ -50,16 +50,19 @@ def ran_here(
     return threading.get_ident()
 
 
-async def _warm(computation: Computation, reports: Reports) -> str:
-    """Start the computation, wait for its 2 workers and run 8 quick jobs; return
-    the open gate quick jobs pass. The mean job time is then known to be short
-    (whatever the machine's load), so that several jobs go ahead."""
+async def warm(
+    computation: Computation, reports: Reports, workers: int = 2, jobs: int = 8
+) -> str:
+    """Start the computation, wait for its ``workers`` and run ``jobs`` quick jobs
+    (keys 1 on); return the open gate quick jobs pass. The mean job time is then
+    known to be short (whatever the machine's load), so that several jobs go ahead
+    (also tests/nodeserver/test_retired_workers.py)."""
     await computation.start(bundle(ran_here))
-    await wait_until(lambda: len(computation._workers) == 2, "both workers")
+    await wait_until(lambda: len(computation._workers) == workers, "the workers")
     quick = new_gate("quick")
     open_gate(quick)
-    computation.submit([job(key, key, quick) for key in range(1, 9)])
-    await wait_until(lambda: len(reports.entries) == 8, "quick jobs done")
+    computation.submit([job(key, key, quick) for key in range(1, jobs + 1)])
+    await wait_until(lambda: len(reports.entries) == jobs, "quick jobs done")
     computation._mean = 1e-6
     reports.starts.clear()
     RUNS.clear()
@@ -71,7 +74,7 @@ async def _long_job_with_short_ones_ahead(
 ) -> Worker:
     """After 8 quick jobs, submit job 100 (waits for ``long``) and 40 quick ones at
     once; return the worker running job 100, which holds some of them ahead."""
-    quick = await _warm(computation, reports)
+    quick = await warm(computation, reports)
     computation.submit(
         [job(100, 100, long), *(job(key, key, quick) for key in range(101, 141))]
     )
@@ -107,7 +110,7 @@ async def _ran_ahead_unread(
     provisional result and a file). Then the other's answer is read: it is idle,
     nothing queued, while the node still sees 102-104 waiting ahead in the
     holder. Returns (holder, other)."""
-    quick = await _warm(computation, reports)
+    quick = await warm(computation, reports)
     computation.hold_workers(True)
     entered = new_gate("entered")
     computation.submit(
@@ -373,7 +376,7 @@ def test_a_worker_whose_runs_wait_unwritten_is_looked_at_again_once_written(
         reports = Reports()
         computation, launcher = make(tmp_path, reports, workers=2)
         _starts_before_ends(computation, reports)
-        quick = await _warm(computation, reports)
+        quick = await warm(computation, reports)
         long, entered = new_gate("long"), new_gate("entered")
         computation.submit([job(100, 100, long, entered)])
         await wait_until(gate(entered).is_set, "job 100 running")
