@@ -155,20 +155,30 @@ class CellRunner:
             raise error.with_traceback(frames) from None
         except KeyboardInterrupt as exc:
             # Stop while connecting or submitting: Run.map cancelled what it sent
-            # (and says so), or the nodes were still starting.
-            message = (
-                str(exc)
-                if isinstance(exc, RunInterrupted)
-                else f"Interrupted: run {label!r} stopped before it started"
-            )
+            # (and says so), or the nodes were still starting; or just after it
+            # returned: its jobs are stopped here.
+            if isinstance(exc, RunInterrupted):
+                message = str(exc)
+            elif runs and runs[0].jobs:
+                message = runs[0].stop("Interrupted", quiet=True)
+            else:
+                message = f"Interrupted: run {label!r} stopped before it started"
             self._keep(_unfinished(runs, label, message, "Interrupted"), args.into)
             raise RunInterrupted(message) from None
-        session.runs.append(run)
-        self._keep(run, args.into)
-        if args.nowait:
-            self._go_live(run, args.progress)
-            return None
-        if not run.wait(timeout=args.timeout, echo=not args.quiet):
+        try:
+            session.runs.append(run)
+            self._keep(run, args.into)
+            if args.nowait:
+                self._go_live(run, args.progress)
+                return None
+            finished = run.wait(timeout=args.timeout, echo=not args.quiet)
+        except RunInterrupted:
+            raise
+        except KeyboardInterrupt:
+            # Stop before the wait began (as the run was kept, or shown live): the
+            # run is stopped all the same, not left running with nobody waiting.
+            raise RunInterrupted(run.stop("Interrupted", quiet=True)) from None
+        if not finished:
             run.stop(f"Timed out after {args.timeout} s")
             return None
         failures = run.failures

@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from dispynb._interruptible import HeldInterrupts
 from dispynb.job import DispyJob, JobStatus
 from dispynb.jupyter import display as templates
 from dispynb.jupyter import shipping
@@ -259,17 +260,19 @@ class Run(_RunEvents):
                 f"Interrupted: run {label!r} stopped before it started (its cluster "
                 "was starting); no job was sent and nothing is left running"
             ) from None
-        run.attach(cluster)
-        run.planned = _planned(inputs)
-        if started is not None:
-            started(run)
         try:
+            run.attach(cluster)
+            run.planned = _planned(inputs)
+            if started is not None:
+                started(run)
             run.submit_all(inputs, unpack=unpack)
         except KeyboardInterrupt:
+            run._follow(cluster)  # interrupted before attach: still closed below
             summary = run.stop("Interrupted while submitting", echo=False, quiet=True)
             run.cut_short = "Interrupted"
             raise RunInterrupted(summary) from None
         except BaseException as exc:
+            run._follow(cluster)
             run.cut_short = f"{type(exc).__name__}: {exc}"
             run.close(terminate=True)
             raise
@@ -319,7 +322,19 @@ class Run(_RunEvents):
         with self._lock:
             if self._start is None:
                 self._start = time.monotonic()
-        job = submit()
+        # A Stop between the cluster's taking the job and the run's counting it
+        # would leave a job the run does not know (not cancelled, not counted):
+        # held until the job is counted, then raised.
+        with HeldInterrupts():
+            job = submit()
+            self._record(job, args, kwargs)
+        self._notify()
+        return job
+
+    def _record(
+        self, job: DispyJob, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        """Count ``job`` (submitted with these arguments) as the run's."""
         with self._lock:
             key = job.id
             self._index[key] = len(self.jobs)
@@ -332,8 +347,6 @@ class Run(_RunEvents):
             early = self._early_final.pop(key, None)
             if early is not None:
                 self._end_job(key, early)
-        self._notify()
-        return job
 
     def submit_node(self, node: Any, *args: Any, **kwargs: Any) -> DispyJob:
         """Submit one job to run on ``node`` only (a `DispyNode`, ``"host:port"``,

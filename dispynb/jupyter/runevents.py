@@ -147,10 +147,13 @@ class _RunEvents(_RunStop):
         deadline = None if timeout is None else time.monotonic() + timeout
         # Output goes where the run sends it: its output widget when live, else here.
         writer = (self._log or _print_writer) if echo else None
-        if not self._live:
-            self.bar.show()
         self._waiting = True
+        # Stop at any point until the cluster is closed (as the bar shows, as the
+        # last output is written, as the cluster closes) stops the run: nothing is
+        # left running, open or unsaid.
         try:
+            if not self._live:
+                self.bar.show()
             while True:
                 self._changed.clear()
                 finished = self.done()
@@ -163,17 +166,17 @@ class _RunEvents(_RunStop):
                     if tick <= 0:
                         return False
                 self._changed.wait(tick)
+            self.bar.finish(self.counts())
+            if writer is not None:
+                self._summary(writer)
+            if self.owns_cluster:
+                self.close()
         except KeyboardInterrupt:
             self._waiting = False
             summary = self.stop("Interrupted", echo=echo, quiet=True)
             raise RunInterrupted(summary) from None
         finally:
             self._waiting = False
-        self.bar.finish(self.counts())
-        if writer is not None:
-            self._summary(writer)
-        if self.owns_cluster:
-            self.close()
         return True
 
     __call__ = wait

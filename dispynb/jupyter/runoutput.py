@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 
+from dispynb._interruptible import HeldInterrupts
 from dispynb.job import DispyJob
 from dispynb.jupyter.runstate import _FAILED, Writer, _RunState
 
@@ -32,13 +33,16 @@ class _RunOutput(_RunState):
         """Draw the bar and write the output of jobs that ended since the last call."""
         self.bar.update(self.counts())
         while True:
-            try:
-                job = self._outputs.popleft()
-            except IndexError:
-                break
-            if writer is not None:
-                self.bar.before_output()
-                self._write_job(job, writer)
+            # A job taken off the queue is written whole even if Stop comes
+            # meanwhile (its output and traceback would be lost, never shown).
+            with HeldInterrupts():
+                try:
+                    job = self._outputs.popleft()
+                except IndexError:
+                    break
+                if writer is not None:
+                    self.bar.before_output()
+                    self._write_job(job, writer)
 
     def _write_job(self, job: DispyJob, writer: Writer) -> None:
         label = f"[job {job.id}] "

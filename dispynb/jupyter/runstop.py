@@ -8,6 +8,7 @@ import time
 import weakref
 from typing import Any
 
+from dispynb._interruptible import HeldInterrupts
 from dispynb.job import DispyJob, JobStatus
 from dispynb.jupyter.runoutput import _print_writer, _RunOutput
 from dispynb.jupyter.runstate import _TICK
@@ -69,10 +70,16 @@ class _RunStop(_RunOutput):
         """
         self._interrupted = True
         writer = _print_writer if echo else None
-        mine = [job for job in list(self.jobs) if not job.done()]
-        self.cancel()
-        deadline = time.monotonic() + CANCEL_WAIT
+        mine: list[DispyJob] = []
+        cancelled = False
         try:
+            # Stop pressed twice: the second press must not cut the cancellation
+            # short (the jobs would run on), only the wait for its confirmation.
+            with HeldInterrupts():
+                mine = [job for job in list(self.jobs) if not job.done()]
+                self.cancel()
+                cancelled = True
+            deadline = time.monotonic() + CANCEL_WAIT
             while time.monotonic() < deadline:
                 self._changed.clear()
                 if self.done():
@@ -83,8 +90,12 @@ class _RunStop(_RunOutput):
             if self.owns_cluster:
                 self.close(terminate=True)
         except KeyboardInterrupt:
+            if not cancelled:  # raised as the step began: nothing sent yet
+                mine = [job for job in list(self.jobs) if not job.done()]
+                self.cancel()
             if self.owns_cluster:
                 self.close(terminate=True)
+            self.bar.finish(self.counts())
         summary = self._stop_summary(reason, mine)
         if not quiet:
             self.bar.before_output()
@@ -117,8 +128,12 @@ class _RunStop(_RunOutput):
                 return
             try:
                 self.cluster.close(terminate=terminate)
-            finally:
+            except KeyboardInterrupt:
+                raise  # not closed: Stop's close(terminate=True) closes it
+            except BaseException:
                 self._closed = True
+                raise
+            self._closed = True
 
     @property
     def closed(self) -> bool:
