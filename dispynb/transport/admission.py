@@ -1,7 +1,11 @@
 """Who may start a handshake: pending shares, failure throttling, tallied logs.
 
 A node has a global limit of connections in their handshake; one source address may
-hold only a share of it, so a single peer cannot lock everybody else out. A source whose
+hold only a share of it, so a single peer cannot lock everybody else out. When all
+slots are taken (peers on many addresses), a new connection takes the slot of the
+oldest handshake of the address holding the most (`crowded_out`), so that holding
+every slot locks nobody out: an attacker would have to open connections faster than a
+client finishes its handshake. A source whose
 handshakes keep failing (wrong secret, garbage, timeouts) is throttled: its new
 connections are refused at accept until its failure budget refills, which bounds online
 guessing of the secret. Refusals and failures are logged as counts per source and
@@ -15,7 +19,7 @@ import ipaddress
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 #: Connections allowed in their handshake at once, from all sources together.
@@ -61,8 +65,10 @@ class _Bucket:
 class Admission:
     """Decides at accept whether a connection may start its handshake.
 
-    Call `admit` for each accepted connection; when it returns None, call `release`
-    once its handshake ends, and `failed` if the handshake failed.
+    Call `admit` for each accepted connection, with a key of its own (its socket);
+    when it returns None, call `release` once its handshake ends, and `failed` if
+    the handshake failed. When `admit` would refuse it only because every slot is
+    taken, `crowded_out` names the handshake to drop (release it) to make room.
     """
 
     def __init__(
@@ -78,32 +84,58 @@ class Admission:
         self.failure_burst = failure_burst
         self.failure_rate = failure_rate
         self._clock = clock
-        self.pending = 0
+        self._pending: OrderedDict[Hashable, str] = OrderedDict()  # oldest first
         self._pending_by_source: dict[str, int] = {}
         self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
 
-    def admit(self, source: str) -> str | None:
-        """None if ``source`` may start a handshake now (counted as pending), else why
-        not (a sentence for the peer and the log)."""
+    @property
+    def pending(self) -> int:
+        """Connections in their handshake now."""
+        return len(self._pending)
+
+    def admit(self, source: str, key: Hashable) -> str | None:
+        """None if ``source`` may start a handshake now (``key`` counted as pending),
+        else why not (a sentence for the peer and the log)."""
         if self._throttled(source):
             return (
                 "too many failed handshakes from your address: wait, then check "
                 "that client and node use the same secret"
             )
-        if self.pending >= self.max_pending:
-            return "too many connections are in their handshake: retry shortly"
         if self._pending_by_source.get(source, 0) >= self.max_pending_per_source:
             return (
                 "too many connections from your address are in their handshake: "
                 "retry shortly"
             )
-        self.pending += 1
+        if self.pending >= self.max_pending:
+            return "too many connections are in their handshake: retry shortly"
+        self._pending[key] = source
         self._pending_by_source[source] = self._pending_by_source.get(source, 0) + 1
         return None
 
-    def release(self, source: str) -> None:
-        """The handshake of an admitted connection from ``source`` ended."""
-        self.pending -= 1
+    def crowded_out(self, source: str) -> Hashable | None:
+        """The pending handshake to drop so that a connection from ``source`` can
+        start its own, or None: there is room, or ``source`` is refused anyway
+        (throttled, or over its share).
+
+        Every slot taken: the oldest handshake of the source holding the most (an
+        attacker holding slots from many addresses loses its oldest first).
+        """
+        if self.pending < self.max_pending or self._throttled(source):
+            return None
+        if self._pending_by_source.get(source, 0) >= self.max_pending_per_source:
+            return None
+        most = max(self._pending_by_source.values())
+        return next(
+            key
+            for key, holder in self._pending.items()
+            if self._pending_by_source[holder] == most
+        )
+
+    def release(self, key: Hashable) -> None:
+        """The handshake ``key`` ended (or was dropped); nothing if already released."""
+        source = self._pending.pop(key, None)
+        if source is None:
+            return
         left = self._pending_by_source[source] - 1
         if left:
             self._pending_by_source[source] = left

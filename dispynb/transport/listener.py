@@ -96,6 +96,10 @@ class Listener:
         self.admission = admission or Admission()
         self._tally = Tally(logger, log_period)
         self._tasks: set[asyncio.Task[None]] = set()
+        # Deadlines of the handshakes under way (None until started), by socket;
+        # the sockets of those dropped to make room for newer ones.
+        self._deadlines: dict[socket.socket, asyncio.Timeout | None] = {}
+        self._dropped: set[socket.socket] = set()
         self._sockets: list[socket.socket] = []
         self._unix_paths: list[str] = []  # removed by stop
         self.port = 0
@@ -178,7 +182,10 @@ class Listener:
             if not isinstance(address, tuple):  # a Unix socket's peer has no name
                 address = (localsockets.UNIX_PEER, 0)
             source = source_of(address)
-            refusal = self.admission.admit(source)
+            crowded = self.admission.crowded_out(source)
+            if isinstance(crowded, socket.socket):
+                self._drop_handshake(crowded)
+            refusal = self.admission.admit(source, sock)
             if refusal is not None:
                 self._tally.event("refused connections", source, refusal)
                 if self._ssl_context is not None and _tls_first(sock):
@@ -186,9 +193,19 @@ class Listener:
                 else:
                     _refuse(sock, refusal)
                 continue
+            self._deadlines[sock] = None
             task = loop.create_task(self._serve(sock, address, source))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def _drop_handshake(self, sock: socket.socket) -> None:
+        """End the pending handshake on ``sock`` now, to make room for a newer one:
+        its slot is free at once, its task ends it as timed out."""
+        self.admission.release(sock)
+        self._dropped.add(sock)
+        deadline = self._deadlines.get(sock)
+        if deadline is not None:  # else its task sees it dropped when it starts
+            deadline.reschedule(asyncio.get_running_loop().time())
 
     def _pause(self, exc: OSError) -> None:
         """Out of descriptors: stop accepting; retry after a delay that grows."""
@@ -256,7 +273,10 @@ class Listener:
         conn: Connection | None = None
         failure = ""
         try:
-            async with asyncio.timeout(self._handshake_timeout):
+            async with asyncio.timeout(self._handshake_timeout) as deadline:
+                self._deadlines[sock] = deadline
+                if sock in self._dropped:
+                    raise TimeoutError
                 if self._ssl_context is None:
                     if source != localsockets.UNIX_PEER:
                         await _expect_plain(sock)
@@ -270,7 +290,14 @@ class Listener:
                     conn, self._secret, self._max_message_size, self._make_welcome
                 )
         except TimeoutError:
-            failure = f"handshake timed out after {self._handshake_timeout:g} s"
+            if sock in self._dropped:
+                failure = (
+                    f"handshake dropped unfinished: all {self.admission.max_pending} "
+                    "handshake slots were taken and it was the oldest of the address "
+                    "holding the most"
+                )
+            else:
+                failure = f"handshake timed out after {self._handshake_timeout:g} s"
         except ConnectionClosedError as exc:
             if source == localsockets.UNIX_PEER:
                 # Only this user's own client reaches the Unix socket: a hang-up
@@ -287,7 +314,9 @@ class Listener:
             _abort(conn, sock)
             raise
         finally:
-            self.admission.release(source)
+            self.admission.release(sock)
+            self._deadlines.pop(sock, None)
+            self._dropped.discard(sock)
         if failure:
             self.admission.failed(source)
             self._tally.event("rejected connections", source, failure)

@@ -191,3 +191,64 @@ def test_one_peer_cannot_lock_out_the_others(measure, tmp_path):
         f"served while the attacker's were cut and reopened {reopened} times"
     )
     assert served == 50
+
+
+def served_within(port: int, secret: str, retry_for: float) -> bool:
+    """Whether a client retrying busy or cut handshakes for ``retry_for`` seconds
+    (as dispynb's clients do) gets an authenticated session."""
+    deadline = time.monotonic() + retry_for
+    while True:
+        try:
+            RawSession.open(port, secret, timeout=2).close()
+            return True
+        except (OSError, NodeBusyError):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+
+
+SOURCES = 40
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.attack(
+    id="handshake-slot-crowding",
+    title=f"Peers on {SOURCES} addresses hold 8 idle connections each (every handshake "
+    "slot), reopening each one as it is cut",
+    goal="a new JobCluster runs a job, 10 of 10 clients retrying as dispynb's do get "
+    "in (was: refused as busy until they gave up)",
+)
+def test_peers_on_many_addresses_cannot_hold_every_handshake_slot(measure, tmp_path):
+    with limited_node(tmp_path / "node") as node:
+        attackers = [
+            Reopener(node.port, 8, f"127.0.0.{10 + i}") for i in range(SOURCES)
+        ]
+        for attacker in attackers:
+            attacker.start()
+        try:
+            # Every slot held, sources throttled and reopening: steady state.
+            wait_for(
+                lambda: sum(a.reopened for a in attackers) > 8 * SOURCES,
+                "attackers' connections cut",
+                timeout=60,
+            )
+            start = time.monotonic()
+            try:
+                with JobCluster(
+                    jobs.square, nodes=[node.spec], secret=node.secret
+                ) as cluster:
+                    result = cluster.submit(7)()
+                ran = f"ran a job in {time.monotonic() - start:.1f} s: {result}"
+            except Exception as exc:  # what the user saw
+                ran = f"failed after {time.monotonic() - start:.1f} s: {exc}"[:160]
+            served = sum(served_within(node.port, node.secret, 10) for _ in range(10))
+        finally:
+            for attacker in attackers:
+                attacker.stop()
+        reopened = sum(a.reopened for a in attackers)
+    measure(
+        f"JobCluster {ran}; {served} of 10 clients got in; the attackers' "
+        f"connections were cut and reopened {reopened} times"
+    )
+    assert ran.endswith(": 49")
+    assert served == 10

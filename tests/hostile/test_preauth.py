@@ -312,10 +312,13 @@ def test_one_source_gets_only_its_share_of_pending_handshakes(caplog):
 
 
 def test_a_busy_node_is_retried_until_a_slot_frees(caplog):
+    """A client refused as busy (its address's share held: the idle connections come
+    from its own address, or they would give way to it) retries until one frees."""
+
     async def main():
         admission = Admission(max_pending=2, max_pending_per_source=2)
         async with serving(admission=admission) as (listener, _):
-            idle = [attacker_socket(listener.port) for _ in range(2)]
+            idle = [attacker_socket(listener.port, "127.0.0.1") for _ in range(2)]
             await wait_until(lambda: listener._pending == 2)
             asyncio.get_running_loop().call_later(
                 0.3, lambda: [s.close() for s in idle]
@@ -324,7 +327,7 @@ def test_a_busy_node_is_retried_until_a_slot_frees(caplog):
             await echo_round_trip(listener.port)
             assert time.monotonic() - start >= 0.25
             with pytest.raises(NodeBusyError, match=r"retrying for 0\.2 s"):
-                idle = [attacker_socket(listener.port) for _ in range(2)]
+                idle = [attacker_socket(listener.port, "127.0.0.1") for _ in range(2)]
                 await wait_until(lambda: listener._pending == 2)
                 try:
                     await echo_round_trip(listener.port, retry_for=0.2)

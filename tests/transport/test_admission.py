@@ -31,28 +31,46 @@ def test_source_of_groups_ipv6_by_64(address, source):
 
 def test_one_source_gets_its_share_and_others_still_get_in():
     admission = Admission(max_pending=4, max_pending_per_source=2)
-    assert admission.admit("a") is None
-    assert admission.admit("a") is None
-    assert "from your address" in (admission.admit("a") or "")
-    assert admission.admit("b") is None
-    assert admission.admit("c") is None
-    assert "too many connections" in (admission.admit("d") or "")
-    admission.release("a")
-    assert admission.admit("a") is None
+    assert admission.admit("a", 1) is None
+    assert admission.admit("a", 2) is None
+    assert "from your address" in (admission.admit("a", 3) or "")
+    assert admission.crowded_out("a") is None  # its share is full, not the slots
+    assert admission.admit("b", 4) is None
+    assert admission.admit("c", 5) is None
+    assert "too many connections" in (admission.admit("d", 6) or "")
+    admission.release(1)
+    admission.release(1)  # released once only
+    assert admission.admit("a", 3) is None
     assert admission.pending == 4
+
+
+def test_a_new_source_crowds_out_the_oldest_handshake_of_the_source_holding_most():
+    """All slots taken by peers of many addresses: a newcomer takes the slot of the
+    oldest handshake of the address holding the most, ties to the oldest."""
+    admission = Admission(max_pending=4, max_pending_per_source=2)
+    for key, source in [(1, "b"), (2, "a"), (3, "c"), (4, "a")]:
+        assert admission.admit(source, key) is None
+    assert admission.crowded_out("d") == 2  # "a" holds two: its oldest
+    admission.release(2)
+    assert admission.admit("d", 5) is None
+    assert admission.crowded_out("e") == 1  # one each now: the oldest of all
+    assert admission.crowded_out("d") == 1
+    admission.release(1)
+    assert admission.admit("d", 6) is None
+    assert admission.crowded_out("d") is None  # "d" holds its share of 2
 
 
 def test_failures_throttle_a_source_until_its_budget_refills():
     now = [0.0]
     admission = Admission(failure_burst=3, failure_rate=0.5, clock=lambda: now[0])
-    for _ in range(3):
-        assert admission.admit("a") is None
-        admission.release("a")
+    for key in range(3):
+        assert admission.admit("a", key) is None
+        admission.release(key)
         admission.failed("a")
-    assert "failed handshakes" in (admission.admit("a") or "")
-    assert admission.admit("b") is None  # others are not affected
+    assert "failed handshakes" in (admission.admit("a", 3) or "")
+    assert admission.admit("b", 4) is None  # others are not affected
     now[0] += 2.0  # one token back
-    assert admission.admit("a") is None
+    assert admission.admit("a", 5) is None
 
 
 class _Lines(logging.Handler):

@@ -532,7 +532,10 @@ def test_a_tls_client_refused_at_accept_by_a_busy_tls_node_retries(cert, caplog)
 
     async def main():
         context = server_context(certfile, keyfile)
-        async with serving(ssl_context=context, admission=Admission(max_pending=1)) as (
+        async with serving(
+            ssl_context=context,
+            admission=Admission(max_pending=1, max_pending_per_source=1),
+        ) as (
             listener,
             echo,
         ):
