@@ -394,6 +394,7 @@ class _GuestLoop(asyncio.SelectorEventLoop):
 
     def __init__(self, selector: selectors.BaseSelector) -> None:
         super().__init__(selector)
+        self.set_default_executor(_ExitProofExecutor(thread_name_prefix="dispynb-pool"))
         self.guest = False  # another thread has the loop (`LoopRunner.enter`)
         self.stray = False  # ... and scheduled a callback meanwhile
 
@@ -414,6 +415,31 @@ class _GuestLoop(asyncio.SelectorEventLoop):
         if self.guest:
             self.stray = True
         return super().call_at(when, callback, *args, context=context)
+
+
+class _ExitProofExecutor(concurrent.futures.ThreadPoolExecutor):
+    """The loop's default executor (files read for nodes, host names looked up),
+    still there while the interpreter exits.
+
+    Python shuts every `ThreadPoolExecutor` down before it runs the atexit
+    functions, which may still use a cluster: a job submitted at exit (from an
+    atexit function, or by a callback as the main thread ends, as dispy's
+    job_scheduler.py does) never had its files read: it was never sent, and its
+    job() never returned. Then the call runs in the calling thread (the loop's).
+    """
+
+    def submit(
+        self, fn: Callable[..., T], /, *args: Any, **kwargs: Any
+    ) -> concurrent.futures.Future[T]:
+        try:
+            return super().submit(fn, *args, **kwargs)
+        except RuntimeError:  # "cannot schedule new futures after shutdown"
+            done: concurrent.futures.Future[T] = concurrent.futures.Future()
+            try:
+                done.set_result(fn(*args, **kwargs))
+            except BaseException as exc:  # handed to the awaiting coroutine
+                done.set_exception(exc)
+            return done
 
 
 class _IdleSelector(selectors.DefaultSelector):

@@ -51,6 +51,8 @@ class Expect:
     stderr: tuple[re.Pattern[str], ...] = ()
     #: Files the program must leave in its working directory: path -> content pattern.
     outputs: dict[str, re.Pattern[str]] = field(default_factory=dict)
+    #: Texts that must not be found in stderr.
+    not_in_stderr: tuple[str, ...] = ()
 
 
 def status_table(nodes: int, pending: int = 0) -> list[re.Pattern[str]]:
@@ -402,6 +404,16 @@ EXPECTED: dict[str, Expect] = {
         # shown without any logging set up: the monitor needs its token
         stderr=(R(r"web monitor of 'compute' at http://127\.0\.0\.1:\d+/\?token=\S+"),),
     ),
+    "exit_jobs": Expect(
+        [
+            "before exit: 'data before exit', status 11",
+            "at exit: 'data sent at exit', status 11",
+            "send_file at exit: 0",
+            "at exit: 'file sent at exit', status 11",
+        ],
+        # a file read for a node as the interpreter exits: no traceback
+        not_in_stderr=("Traceback", "never retrieved"),
+    ),
     "fixed_bugs": Expect(
         [
             "unpicklable result: status 9, exception names the type: True",
@@ -510,6 +522,7 @@ def test_program(name: str, local: LocalCluster, tmp_path: Path) -> None:
         for pattern in expect.stderr
         if not pattern.search(err)
     ]
+    problems += [f"stderr has {text!r}" for text in expect.not_in_stderr if text in err]
     for path, pattern in expect.outputs.items():
         target = tmp_path / path
         if not target.is_file():
