@@ -7,6 +7,7 @@ gives a short, stable name for it instead.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import math
@@ -15,6 +16,7 @@ import secrets
 import stat
 import string
 from collections import Counter
+from collections.abc import Mapping
 
 from dispynb.defaults import SECRET_ENV, SECRET_FILE_ENV
 from dispynb.errors import ConfigurationError
@@ -37,6 +39,7 @@ _OTHER_BYTES = 256 - 95  # control characters and non-ASCII bytes
 def resolve_secret(
     secret: str | bytes | None,
     secret_file: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> bytes | None:
     """Return the shared secret from the first source that gives one.
 
@@ -51,6 +54,8 @@ def resolve_secret(
     secret_file:
         Path of a file holding the secret. It must not be readable or writable
         by group or others; one trailing newline is ignored.
+    env:
+        Where to read the two variables (default: ``os.environ``).
 
     Returns
     -------
@@ -66,7 +71,9 @@ def resolve_secret(
         return secret.encode() if isinstance(secret, str) else bytes(secret)
     if secret_file is not None:
         return read_secret_file(secret_file)
-    env_secret = os.environ.get(SECRET_ENV)
+    if env is None:
+        env = os.environ
+    env_secret = env.get(SECRET_ENV)
     if env_secret is not None:
         if not env_secret:
             raise ConfigurationError(
@@ -75,10 +82,44 @@ def resolve_secret(
             )
         logger.debug("Using the secret from %s", SECRET_ENV)
         return env_secret.encode()
-    env_file = os.environ.get(SECRET_FILE_ENV)
+    env_file = env.get(SECRET_FILE_ENV)
     if env_file:
         return read_secret_file(env_file)
     return None
+
+
+def withdraw_secret_env() -> dict[str, str]:
+    """Take ``DISPYNB_SECRET`` out of this process's environment; return it as an
+    ``env`` for `resolve_secret` (empty if it was not set).
+
+    For a node, whose processes run jobs: they inherit its environment, so a job
+    printing its environment (or a shared scheduler's user, who is not to know the
+    node secret) would find the secret there, and in ``/proc/PID/environ`` of the
+    node, which shows the environment the process started with: the value is
+    overwritten there with zero bytes too. Call it before the node forks anything.
+    """
+    value = os.environ.get(SECRET_ENV)
+    if value is None:
+        return {}
+    _zero_c_environ_value(SECRET_ENV)
+    del os.environ[SECRET_ENV]  # unsetenv: gone for the processes started from now
+    return {SECRET_ENV: value}
+
+
+def _zero_c_environ_value(name: str) -> None:
+    """Overwrite the value of ``name`` in the C environment with zero bytes, where
+    it lies (for a variable the process started with: the block that
+    ``/proc/PID/environ`` reads). Best effort: nothing on a system without libc."""
+    try:
+        libc = ctypes.CDLL(None)
+        getenv = libc.getenv
+    except (OSError, AttributeError):
+        return
+    getenv.restype = ctypes.c_void_p
+    getenv.argtypes = [ctypes.c_char_p]
+    where = getenv(os.fsencode(name))
+    if where:
+        ctypes.memset(where, 0, len(ctypes.string_at(where)))
 
 
 #: How a shared scheduler's user credential starts: ``dispynb-user:NAME:TOKEN``

@@ -16,7 +16,7 @@ from dispynb.daemon import run_daemon, setup_logging
 from dispynb.errors import ConfigurationError, DispynbError
 from dispynb.protocol.discovery import new_boot_id
 from dispynb.protocol.framing import large_frames_taken, release_spares
-from dispynb.secret import resolve_secret, write_new_secret
+from dispynb.secret import resolve_secret, withdraw_secret_env, write_new_secret
 from dispynb.transport.addressing import is_loopback
 from nodeserver.config import NodeConfig
 from nodeserver.containment import become_subreaper, probe_in_background
@@ -97,7 +97,9 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
                 "--secret-stdin reads the secret: drop --secret / --secret-file"
             )
         args.secret = _read_secret_line(0)
-    secret = resolve_secret(args.secret, args.secret_file)
+    # main() took DISPYNB_SECRET out of the environment that jobs inherit.
+    env = {**os.environ, **getattr(args, "secret_env", {})}
+    secret = resolve_secret(args.secret, args.secret_file, env)
     hosts = _default_hosts(args, secret)
     orphan_timeout = args.orphan_timeout
     if args.zombie_interval is not None:
@@ -466,6 +468,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``dispynb-node`` and ``python -m nodeserver``."""
     args = parse_args(argv)
     keep_freed_memory()
+    # Before anything is forked (the zygote): the processes that run jobs must not
+    # inherit the secret (a scheduler's users are not to know the node secret).
+    args.secret_env = withdraw_secret_env()
     # Before the secret is read, logging is set up or any thread runs, and after
     # this module's imports: the node's modules are shared with the zygote too (a
     # zygote forked before them held 2 MB more of its own once the node ran).

@@ -91,8 +91,11 @@ def start_node(
     name: str = "cli-node",
     cpus: int = 1,
     launcher: Sequence[str] = (),
+    secret_in_env: bool = False,
 ) -> CliNode:
     """Start a node in ``directory`` with a 0600 secret file; wait until it listens.
+
+    ``secret_in_env``: the node gets the secret in ``DISPYNB_SECRET`` instead.
 
     ``launcher`` is put before the command, e.g. ``["prlimit", "--nofile=256"]``
     (a program that execs the rest, so ``proc.pid`` stays the node's pid).
@@ -105,17 +108,20 @@ def start_node(
         "--host", "127.0.0.1",  # loopback: no discovery, nothing leaves the machine
         "--port", "0",
         "--port-file", str(port_file),
-        "--secret-file", str(secret_file),
+        *([] if secret_in_env else ["--secret-file", str(secret_file)]),
         "--cpus", str(cpus),
         "--name", name,
         "--dest-path", str(directory / "dest"),
         "--loglevel", "info",
         *args,
     )]  # fmt: skip
+    env = node_env()
+    if secret_in_env:
+        env["DISPYNB_SECRET"] = secret
     with open(log, "wb") as handle:
         proc = subprocess.Popen(
             command,
-            env=node_env(),
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=handle,
             stderr=subprocess.STDOUT,

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from dispynb import JobCluster
+from dispynb import DispyJob, JobCluster
 from dispynb.errors import DispynbError
 from tests import jobs
 from tests.hostile.tools import limited_node, strong_secret
@@ -41,3 +41,50 @@ def test_secret_never_appears_in_logs_errors_or_files(measure, tmp_path, caplog)
     leaks = [where for where, text in texts.items() if secret in text or guess in text]
     measure(f"searched {len(texts)} logs, errors and files: {len(leaks)} leaks")
     assert leaks == []
+
+
+def _look_for(secret: str) -> list[str]:
+    """Where a job finds ``secret``: its environment, a child's, its ancestors'
+    /proc/PID/environ (the environment each started with)."""
+    import os
+    import subprocess
+
+    where = []
+    if secret in str(os.environ):
+        where.append("os.environ")
+    env = subprocess.run(["env"], capture_output=True, text=True, check=False)
+    if secret in env.stdout:
+        where.append("the env command's output")
+    pid = os.getpid()
+    while pid > 1:
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as handle:
+                if secret.encode() in handle.read():
+                    where.append(f"/proc/{pid}/environ")
+        except OSError:
+            pass
+        with open(f"/proc/{pid}/stat") as handle:
+            pid = int(handle.read().rsplit(")", 1)[1].split()[1])
+    return where
+
+
+@pytest.mark.attack(
+    id="secret-in-job-environment",
+    title="A job of a node given its secret in DISPYNB_SECRET looks for it in its "
+    "environment, a child's and its ancestors' /proc/PID/environ",
+    goal="found nowhere (was: in os.environ, env's output and the /proc environ of "
+    "the worker, its computation process, the zygote and the node)",
+)
+def test_a_job_does_not_find_the_node_secret_in_its_environment(measure, tmp_path):
+    # The test's own process does not have the secret in its environment: only the
+    # node was given it.
+    secret = strong_secret()
+    with (
+        limited_node(tmp_path / "node", secret=secret, secret_in_env=True) as node,
+        JobCluster(_look_for, nodes=[node.spec], secret=secret) as cluster,
+    ):
+        job = cluster.submit(secret)
+        found = job()
+    measure(f"found in {found or 'nothing'}")
+    assert job.status == DispyJob.Finished, job.exception
+    assert found == []
