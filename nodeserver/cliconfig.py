@@ -15,7 +15,8 @@ import configparser
 import datetime
 import os
 import re
-from typing import Any
+import sys
+from typing import Any, TextIO
 
 #: dispynode option -> why dispynb refuses it and what to use instead.
 REFUSED: dict[str, tuple[int, str]] = {
@@ -170,7 +171,8 @@ def _long_option(action: argparse.Action) -> str:
 def save_config(
     parser: argparse.ArgumentParser, args: argparse.Namespace, path: str
 ) -> list[str]:
-    """Write the options that differ from their defaults to ``path`` (mode 600).
+    """Write the options that differ from their defaults to ``path`` (mode 600;
+    ``'-'``: standard output).
 
     Returns the names of what was left out (a secret given on the command line).
     """
@@ -188,11 +190,19 @@ def save_config(
         if value is None or value == action.default:
             continue
         writer["DEFAULT"][dest] = _to_text(value)
+    if path == "-":
+        _write_config(writer, sys.stdout)
+        sys.stdout.flush()
+        return left_out
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write("# dispynb-node options (dispynb-node --config FILE)\n")
-        writer.write(handle)
+        _write_config(writer, handle)
     return left_out
+
+
+def _write_config(writer: configparser.ConfigParser, handle: TextIO) -> None:
+    handle.write("# dispynb-node options (dispynb-node --config FILE)\n")
+    writer.write(handle)
 
 
 def _to_text(value: Any) -> str:

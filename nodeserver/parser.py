@@ -63,8 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--save_config",
         "--save-config",
         dest="save_config",
+        nargs="?",
+        const="-",
         metavar="FILE",
-        help="write the options given to FILE (mode 600; never a --secret) and exit",
+        help="write the options given to FILE (mode 600; never a --secret), or to "
+        "standard output without FILE, and exit",
     )
     add(
         "-c",
@@ -408,6 +411,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.save_config:
         left_out = save_config(parser, args, args.save_config)
         note = " (not the secret: use DISPYNB_SECRET or --secret-file)"
-        print(f"saved to {args.save_config}{note if left_out else ''}")
+        if args.save_config == "-":  # the configuration is standard output
+            if left_out:
+                print(f"dispynb-node: saved{note}", file=sys.stderr)
+        else:
+            print(f"saved to {args.save_config}{note if left_out else ''}")
         raise SystemExit(0)
     return args

@@ -273,6 +273,28 @@ def test_save_config_then_config_round_trip_without_the_secret(
     check_config_node(tmp_path, saved)
 
 
+def test_save_config_without_a_file_writes_the_configuration_to_stdout(
+    tmp_path: Path,
+) -> None:
+    """dispynode's documentation: "If file is not given, the configuration is
+    written to stdout" (``dispynode.py ... --save_config > node.cfg``)."""
+    done = run_node(
+        "-d",
+        "--zombie_interval", "2",
+        "--max_file_size", "1k",
+        "--secret", "never-written-to-stdout-0123456789",
+        "--save_config",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "never-written" not in done.stdout
+    assert done.stdout.startswith("# dispynb-node options"), done.stdout
+    assert "zombie_interval = 2.0" in done.stdout
+    assert "not the secret" in done.stderr  # the note stays out of the configuration
+    saved = tmp_path / "node.cfg"
+    saved.write_text(done.stdout)
+    check_config_node(tmp_path, saved)
+
+
 def _hhmm(delta_hours: int) -> str:
     moment = datetime.datetime.now() + datetime.timedelta(hours=delta_hours)
     return moment.strftime("%H:%M")

@@ -359,8 +359,9 @@ NODE_OPTIONS = [
     Name(
         "--save_config",
         sample=("--save_config", "{dir}/saved.ini"),
-        meaning="write the options to a file and exit",
-        note="Writes the options given (mode 600), never the secret, and exits.",
+        meaning="write the options to a file (standard output without one) and exit",
+        note="Writes the options given (mode 600), never the secret, and exits; "
+        "without a file, to standard output.",
         missing="No config files (see ``--config``).",
     ),
     Name("-c", sample=("-c", "1"), meaning="CPUs to serve; negative: all but N"),
