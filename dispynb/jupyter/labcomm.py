@@ -123,7 +123,7 @@ class ClusterTracker:
             for key, monitor in self._monitors.items():
                 nodes = monitor.nodes()
                 if nodes:
-                    self._nodes[key] = nodes
+                    self._nodes[key] = [_brief_node(node) for node in nodes]
             for key in [k for k in self._monitors if k not in live]:
                 monitor = self._monitors.pop(key)
                 self._end(key, monitor.cluster, monitor)
@@ -216,10 +216,28 @@ class ClusterTracker:
             monitor.close()
 
 
+#: What the panel reads of a cluster's snapshot, of a node's record and of its load
+#: figures (``ICluster``, ``INode``, ``INodeAvail`` in labextension/src/protocol.ts):
+#: all it is sent, for a page closed without closing its comm has each push kept.
+CLUSTER_FIELDS = ("id", "name", "closed", "counts", "nodes")
+NODE_FIELDS = ("id", "name", "cpus", "busy", "jobs_done", "avail")
+AVAIL_FIELDS = ("cpu", "memory")
+
+
 def _brief(snapshot: dict[str, Any]) -> dict[str, Any]:
-    """A snapshot without its job list: the panel shows counts and nodes only."""
-    snapshot.pop("jobs", None)
-    return snapshot
+    """A cluster's snapshot as the panel reads it: counts and nodes, no job list."""
+    brief = {key: snapshot[key] for key in CLUSTER_FIELDS}
+    brief["nodes"] = [_brief_node(node) for node in snapshot["nodes"]]
+    return brief
+
+
+def _brief_node(record: dict[str, Any]) -> dict[str, Any]:
+    """A node's record (`dispynb.monitoring`) as the panel reads it."""
+    brief = {key: record[key] for key in NODE_FIELDS}
+    avail = record["avail"]
+    if avail is not None:
+        brief["avail"] = {key: avail[key] for key in AVAIL_FIELDS}
+    return brief
 
 
 class Discovered:
@@ -518,25 +536,17 @@ class LabLink:
         self._safe_send(message)
 
 
-#: What of a cluster's snapshot the panel does not show, and changes all the time.
-_UNSHOWN = ("now", "version")
-#: What of a node's record changes at every report, of which the panel shows
-#: the load (``avail``).
-_LOAD = ("avail", "cpu_time", "tx", "rx", "update_time")
-
-
 def _shown(state: dict[str, Any]) -> tuple[str, str]:
-    """What the panel shows of ``state`` (as JSON): all but the load figures, and
-    the load figures."""
+    """What the panel shows of ``state`` (as JSON): all but the nodes' load figures
+    (which change at every report), and the load figures."""
     rest, load = [], []
     for cluster in state["clusters"]:
-        brief = {k: v for k, v in cluster.items() if k not in _UNSHOWN}
+        brief = dict(cluster)
         brief["nodes"] = [
-            {k: v for k, v in node.items() if k not in _LOAD}
-            for node in cluster.get("nodes", [])
+            {k: v for k, v in node.items() if k != "avail"} for node in cluster["nodes"]
         ]
         rest.append(brief)
-        load.append([[node.get(k) for k in _LOAD] for node in cluster["nodes"]])
+        load.append([node["avail"] for node in cluster["nodes"]])
     others = {k: v for k, v in state.items() if k != "clusters"}
     return (
         json.dumps([others, rest], sort_keys=True, default=str),

@@ -490,7 +490,8 @@ export class KernelLink {
       if (msg.protocol !== PROTOCOL) {
         this._setStatus(
           'error',
-          `the kernel's dispynb speaks panel protocol ${msg.protocol}, this panel ` +
+          `the kernel's dispynb ${msg.version} speaks panel protocol ` +
+            `${msg.protocol}, this panel ` +
             `${PROTOCOL}: install the same dispynb in the kernel and in JupyterLab`
         );
         return;

@@ -51,13 +51,20 @@ function formatBytes(n: number): string {
   return `${n.toFixed(i ? 1 : 0)} ${units[i]}`;
 }
 
-/** CPU used (the node reports the percentage available) and memory free. */
+/** CPU used (the node reports the percentage available) and memory free. A node
+ * reports its load when it connects and with each pulse: none means it does not
+ * report it (a figure it cannot read now, or an engine that reports none), not
+ * that it will. */
 function load(node: INode): string {
   if (!node.avail) {
-    return 'load not reported yet';
+    return 'load unknown';
   }
   const used = Math.min(Math.max(100 - node.avail.cpu, 0), 100);
   return `${used.toFixed(0)}% CPU used · ${formatBytes(node.avail.memory)} free`;
+}
+
+function cpus(node: INode): string {
+  return `${node.cpus} CPU${node.cpus === 1 ? '' : 's'}`;
 }
 
 /** A node in two lines: name and address; CPUs, busy and load. */
@@ -77,8 +84,8 @@ function nodeView(node: INode): HTMLElement {
     'div',
     'dispynb-node-info',
     node.released
-      ? `${node.cpus} CPUs · ${node.jobs_done} done · released`
-      : `${node.cpus} CPUs · ${node.busy} busy · ${node.jobs_done} done · ${load(node)}`
+      ? `${cpus(node)} · ${node.jobs_done} done · released`
+      : `${cpus(node)} · ${node.busy} busy · ${node.jobs_done} done · ${load(node)}`
   );
   view.append(head, info);
   return view;

@@ -24,22 +24,26 @@ export interface ICounts {
   total: number;
 }
 
+/**
+ * The node's latest load report: percent of CPU available, bytes of memory free.
+ * The kernel sends what the panel reads, nothing more (a closed page's pushes are
+ * kept by the server): labcomm.py's CLUSTER_FIELDS, NODE_FIELDS and AVAIL_FIELDS
+ * list these interfaces' fields, and tests/jupyter/test_labcomm.py checks both.
+ */
 export interface INodeAvail {
   cpu: number;
   memory: number;
-  disk: number;
-  swap: number;
 }
 
 export interface INode {
+  /** Its address, host:port. */
   id: string;
   name: string;
-  ip_addr: string;
-  port: number;
   cpus: number;
-  avail_cpus: number;
   busy: number;
   jobs_done: number;
+  /** Null when the node does not report its load (a figure it cannot read now, an
+   * engine whose workers report none). */
   avail: INodeAvail | null;
   /** The node's cluster closed: the figures are its last ones. */
   released?: boolean;
@@ -49,8 +53,6 @@ export interface ICluster {
   id: string;
   name: string;
   closed: boolean;
-  start_time: number;
-  now: number;
   counts: ICounts;
   nodes: INode[];
 }
@@ -72,6 +74,7 @@ export interface ISession {
 export interface IStateMsg {
   type: 'state';
   protocol: number;
+  /** The kernel's dispynb version (said when the protocols differ). */
   version: string;
   clusters: ICluster[];
   discovered: IDiscovered[];

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextvars
 import itertools
 import logging
+import re
 import socket
 import threading
 import time
@@ -27,6 +28,7 @@ from dispynb.protocol.discovery import Announce, Ping, decode, encode, new_boot_
 from tests.jupyter.helpers import wait_then_return
 
 INTERVAL = 0.05
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class FakeComm:
@@ -156,9 +158,21 @@ def test_state_shows_progress_nodes_and_throttles(
     assert min(gaps) >= INTERVAL * 0.8, gaps  # throttled: one push per poll at most
 
 
-def test_closed_cluster_keeps_its_final_counts(
+def _panel_fields(interface: str) -> set[str]:
+    """The fields of ``interface`` in labextension/src/protocol.ts: what the panel
+    reads of the kernel's state."""
+    source = (ROOT / "labextension/src/protocol.ts").read_text()
+    found = re.search(rf"export interface {interface} {{(.*?)\n}}", source, re.S)
+    assert found, f"no interface {interface} in protocol.ts"
+    body = re.sub(r"/\*.*?\*/", "", found.group(1), flags=re.S)
+    return set(re.findall(r"^\s*(\w+)\??:", body, re.M))
+
+
+def _one_job_then_closed(
     local: LocalCluster, link_of: Any
-) -> None:
+) -> tuple[JobCluster, dict[str, Any], dict[str, Any]]:
+    """A cluster the panel follows runs one job and closes: the state once the panel
+    saw the job finished on a node that reported its load, and once it is closed."""
     live: list[JobCluster] = []
     _, comm, _ = link_of(lambda: list(live))
     cluster = JobCluster(abs, nodes=local)
@@ -167,11 +181,41 @@ def test_closed_cluster_keeps_its_final_counts(
         cluster.submit(-3)
         cluster.wait()
         # the panel saw it alive (the final counts come from its monitor)
-        comm.wait_for(state_of(cluster, lambda c: c["counts"]["finished"] == 1))
+        alive = comm.wait_for(
+            state_of(
+                cluster,
+                lambda c: c["counts"]["finished"] == 1 and c["nodes"][0]["avail"],
+            )
+        )
     finally:
         cluster.close()
         live.clear()
-    final = comm.wait_for(state_of(cluster, lambda c: c["closed"]))
+    return cluster, alive, comm.wait_for(state_of(cluster, lambda c: c["closed"]))
+
+
+def test_the_state_carries_what_the_panel_reads_and_nothing_more(
+    local: LocalCluster, link_of: Any
+) -> None:
+    """A page closed without closing its comm has each push kept by the server:
+    the state holds the fields of protocol.ts's interfaces, no others (before: a
+    node's address twice, its traffic, CPU time and platform; a cluster's clock)."""
+    cluster, state, final = _one_job_then_closed(local, link_of)
+    assert set(state) == _panel_fields("IStateMsg")
+    assert set(state["session"]) == _panel_fields("ISession")
+    for shown in (state, final):
+        (snap,) = [c for c in shown["clusters"] if c["id"] == cluster.uid]
+        assert set(snap) == _panel_fields("ICluster")
+        assert set(snap["counts"]) == _panel_fields("ICounts")
+        (node,) = snap["nodes"]
+        fields = _panel_fields("INode") - ({"released"} if shown is state else set())
+        assert set(node) == fields
+        assert set(node["avail"]) == _panel_fields("INodeAvail")
+
+
+def test_closed_cluster_keeps_its_final_counts(
+    local: LocalCluster, link_of: Any
+) -> None:
+    cluster, _, final = _one_job_then_closed(local, link_of)
     snap = next(c for c in final["clusters"] if c["id"] == cluster.uid)
     assert snap["counts"]["finished"] == 1 and snap["counts"]["total"] == 1
     # Where it ran, not "no nodes connected yet": its nodes, released.

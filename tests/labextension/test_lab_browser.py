@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -368,6 +369,9 @@ def test_lab_panel(lab: Lab) -> None:  # collected only in the namespace: confte
         assert node.get_attribute("data-address").startswith("127.0.0.1:")
         assert node.get_attribute("data-cpus") == "2"
         assert "2 CPUs" in node.inner_text()
+        # Its load, as it reported it (a dispynb node does, from its first word).
+        info = node.locator(".dispynb-node-info").inner_text()
+        assert re.search(r"\d+% CPU used · [\d.]+ [KMG]?B free$", info), info
         wait_counts(page, "c.total === 200 && c.running > 0")
         first = card_counts(page)
         wait_counts(page, f"c.done >= {first['done'] + 2}")
@@ -612,6 +616,10 @@ def test_lab_dask(lab: Lab) -> None:  # collected only in the namespace: conftes
             address = nodes.nth(i).get_attribute("data-address") or ""
             assert address.startswith("tcp://127.0.0.1:"), address  # a Dask worker
             assert nodes.nth(i).get_attribute("data-cpus") == "1"
+            # Dask's workers report no load: unknown, not 'not reported yet'
+            # (as if it would come).
+            info = nodes.nth(i).locator(".dispynb-node-info").inner_text()
+            assert info.startswith("1 CPU · ") and info.endswith("· load unknown"), info
         wait_counts(page, "c.total === 30 && c.running === 2")
         first = card_counts(page)
         wait_counts(page, f"c.done >= {first['done'] + 2}")
