@@ -48,15 +48,27 @@ MEMORY_RELEASE_INTERVAL = 2.0
 CLIENT_CHECK_PATIENCE = 10.0
 
 
+def _me() -> str:
+    """This process's user, for messages."""
+    try:
+        import pwd  # POSIX only, as nodes are
+
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except (ImportError, KeyError):
+        return f"uid {os.geteuid()}"
+
+
 def _default_hosts(args: argparse.Namespace, secret: bytes | None) -> list[str]:
     if args.hosts:
         return list(dict.fromkeys(args.hosts))
-    if secret or args.certfile:
+    if secret or args.cafile:
         return ["0.0.0.0"]
     logger.warning(
-        "no secret or TLS: serving this machine only (127.0.0.1). dispynode would "
-        "serve anyone on the network unauthenticated; dispynb does not. To serve "
-        "other machines set DISPYNB_SECRET (or --secret-file, or --certfile)"
+        "no secret (or client certificates): serving this machine only (127.0.0.1), "
+        "and of its users %s only. dispynode would serve anyone on the network "
+        "unauthenticated; dispynb does not. To serve other machines or users set "
+        "DISPYNB_SECRET (or --secret-file, or --cafile with --certfile)",
+        _me(),
     )
     return ["127.0.0.1"]
 
@@ -107,7 +119,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
             raise ConfigurationError("--zombie_interval must be 0 (never) or positive")
         orphan_timeout = args.zombie_interval * 60
     discovery = args.discovery
-    if discovery is None and not (secret or args.certfile):
+    if discovery is None and not (secret or args.cafile):
         # Only this machine can reach a node without a secret (it listens on
         # loopback): answering pings sent to 127.0.0.1 costs nothing and lets a
         # client here without a secret (dispy's default) find it, as dispy's does.

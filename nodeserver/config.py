@@ -171,12 +171,14 @@ class NodeConfig:
         if self.announce_interval < 0:
             raise ConfigurationError("ping interval must be 0 (off) or positive")
         public = [host for host in self.hosts if not is_loopback(host)]
-        if not self.secret and not self.certfile and public:
+        if not self.secret and not self.cafile and public:
             raise ConfigurationError(
-                f"refusing to listen on {public[0]!r} without a secret or TLS: anyone "
-                "who can reach the port could run code as this user. Give a secret "
-                "(--secret-file FILE with mode 600, or DISPYNB_SECRET) and/or TLS "
-                "(--certfile/--keyfile), or listen on 127.0.0.1"
+                f"refusing to listen on {public[0]!r} without a secret or client "
+                "certificates: anyone who can reach the port could run code as this "
+                "user (--certfile alone proves the node to its clients, not them to "
+                "it). Give a secret (--secret-file FILE with mode 600, or "
+                "DISPYNB_SECRET), or --cafile with the CA of the clients' "
+                "certificates, or listen on 127.0.0.1"
             )
         if self.secret and public:
             check_strength(self.secret, f"for a node listening on {public[0]!r}")

@@ -124,6 +124,9 @@ class NodeServer:
             max_message_size=config.max_message_size,
             ssl_context=ssl_context,
             handshake_timeout=config.handshake_timeout,
+            # Without a secret (nor client certificates) anyone passes the
+            # handshake: only the node's own user may run code here.
+            own_user_only=not config.secret and not config.cafile,
         )
         try:
             for host in config.hosts:
@@ -148,7 +151,9 @@ class NodeServer:
             config.cpus,
             ", ".join(format_address(host, self.port) for host in config.hosts),
             " with TLS" if ssl_context else "",
-            "" if config.secret else " WITHOUT a secret (loopback only)",
+            ""
+            if config.secret or config.cafile
+            else " WITHOUT a secret (loopback only)",
         )
         return self.port
 

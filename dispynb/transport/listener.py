@@ -14,7 +14,12 @@ import time
 from collections.abc import Awaitable, Callable
 
 from dispynb.defaults import HANDSHAKE_TIMEOUT
-from dispynb.errors import ConnectionClosedError, DispynbError, TransportError
+from dispynb.errors import (
+    AuthenticationError,
+    ConnectionClosedError,
+    DispynbError,
+    TransportError,
+)
 from dispynb.protocol.framing import encode_frames
 from dispynb.protocol.handshake import SecretSource, peer_text
 from dispynb.protocol.messages import Error, Welcome, pack_header
@@ -34,6 +39,7 @@ from dispynb.transport.admission import (
 )
 from dispynb.transport.connection import Connection, describe_error
 from dispynb.transport.handshake import node_handshake
+from dispynb.transport.peeruser import peer_uid
 from dispynb.transport.tlsaccept import (
     BUSY_ALERT_RECORD,
     TLS_HANDSHAKE_RECORD,
@@ -68,6 +74,10 @@ Handler = Callable[[Connection, str], Awaitable[None]]
 class Listener:
     """Accepts connections; runs the handshake; calls ``handler(conn, client_name)``.
 
+    ``own_user_only`` (a node without a secret, whose handshake anyone passes):
+    connections from other users of this machine, or from users it cannot tell,
+    are refused before the handshake (`dispynb.transport.peeruser`).
+
     A failed or slow handshake (over ``handshake_timeout``) closes that connection
     only; such failures are logged as counts per source address (`Tally`). The
     handler's own errors are logged and close only its connection. When accept fails
@@ -86,6 +96,7 @@ class Listener:
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         admission: Admission | None = None,
         log_period: float = LOG_PERIOD,
+        own_user_only: bool = False,
     ) -> None:
         self._ssl_context = ssl_context
         self._handler = handler
@@ -93,6 +104,7 @@ class Listener:
         self._make_welcome = make_welcome
         self._max_message_size = max_message_size
         self._handshake_timeout = handshake_timeout
+        self._own_user_only = own_user_only
         self.admission = admission or Admission()
         self._tally = Tally(logger, log_period)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -272,6 +284,7 @@ class Listener:
         )
         conn: Connection | None = None
         failure = ""
+        stranger = self._own_user_only and _stranger(sock)
         try:
             async with asyncio.timeout(self._handshake_timeout) as deadline:
                 self._deadlines[sock] = deadline
@@ -286,6 +299,8 @@ class Listener:
                     conn = await Connection.over_tls(
                         sock, peer, self._ssl_context, server_side=True
                     )
+                if stranger:
+                    await _refuse_stranger(conn, stranger)
                 name = await node_handshake(
                     conn, self._secret, self._max_message_size, self._make_welcome
                 )
@@ -333,6 +348,40 @@ class Listener:
             logger.exception("error serving %s", peer)
         finally:
             conn.close()
+
+
+def _stranger(sock: socket.socket) -> str:
+    """Why a node without a secret refuses the connection on ``sock``: it comes
+    from another user than the node's, or from one it cannot tell; "" if from its
+    own user. (Peers see 200 characters of it.)"""
+    uid = peer_uid(sock)
+    own = os.geteuid()
+    if uid == own:
+        return ""
+    who = "a user it cannot tell" if uid is None else _user_name(uid)
+    return (
+        f"this node has no secret: it serves only its own user {_user_name(own)}, "
+        f"not {who}; give node and client the same secret (DISPYNB_SECRET, or "
+        "--secret-file / secret_file=)"
+    )
+
+
+def _user_name(uid: int) -> str:
+    try:
+        import pwd  # POSIX only, as nodes are
+
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except (ImportError, KeyError):
+        return f"uid {uid}"
+
+
+async def _refuse_stranger(conn: Connection, reason: str) -> None:
+    """Answer the client's hello with an 'auth' error saying ``reason``; raise
+    `AuthenticationError` (the caller closes)."""
+    with contextlib.suppress(DispynbError):
+        await conn.recv_unsigned_single()
+        await conn.send(Error(code="auth", message=reason))
+    raise AuthenticationError(reason)
 
 
 #: What a TLS node tells a client that does not speak TLS (in its own protocol).
