@@ -118,6 +118,10 @@ class SchedulerServer(
             ping_interval=config.ping_interval,
             ready=lambda: any(node.alive for node in self.nodes),
             name_them="dispynb-scheduler -n host1 -n host2",
+            # Without a node secret or TLS the scheduler can use only nodes without
+            # either, which serve this machine's loopback alone: ping it too, as a
+            # client without a secret does.
+            local=not (config.node_secret or config.node_ssl),
         )
         try:
             await finder.start()

@@ -403,6 +403,60 @@ def test_scheduler_discovers_nodes_without_being_told(
             node.stop()
 
 
+def test_one_machine_without_a_secret_the_scheduler_finds_its_node(
+    network: Network, tmp_path: Path
+) -> None:
+    """dispy's first steps with a shared scheduler, on one machine: ``dispynb-node``
+    with no option and no secret (it serves 127.0.0.1 only), ``dispynb-scheduler``
+    with only its users file, and dispy's sample with ``SharedJobCluster(compute,
+    scheduler_host='127.0.0.1')``. The scheduler pings 127.0.0.1 as well as the
+    networks, as a client without a secret does, and finds the node."""
+    host = network.hosts[0]
+    node = start_node(network, host, tmp_path, None, "--cpus", "2")  # no secret
+    credential = add_user(tmp_path, "erin")
+    log = tmp_path / "scheduler.log"
+    argv = [sys.executable, "-m", "schedserver", "--users", str(tmp_path / "users")]
+    with open(log, "wb") as handle:
+        scheduler = network.popen(
+            host, argv, env=env_for(), stdout=handle, stderr=subprocess.STDOUT
+        )
+    try:
+        deadline = time.monotonic() + 20
+        while "dispynb-scheduler serving" not in log.read_text():
+            assert scheduler.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.02)
+        proc = run_in(
+            network,
+            host,
+            [sys.executable, str(PROGRAMS / "shared_sample.py")],
+            env_for(
+                DISPYNB_TEST_SCHEDULER="127.0.0.1",
+                DISPYNB_SECRET_FILE=str(credential),
+            ),
+            tmp_path,
+        )
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            pytest.fail(f"the sample did not end:\n{out}{err}\n{log.read_text()}")
+        assert proc.returncode == 0, out + err
+        lines = [line for line in out.splitlines() if " executed job " in line]
+        assert len(lines) == 10
+        assert {line.split()[0] for line in lines} == {node.name}
+        assert "no node found" not in log.read_text()
+    finally:
+        scheduler.terminate()
+        try:
+            scheduler.wait(20)
+        except subprocess.TimeoutExpired:
+            scheduler.kill()
+            scheduler.wait()
+        node.stop()
+
+
 #: Bob's client: one job that says it runs (a file in STARTED) and waits for
 #: RELEASE; prints its computation and job numbers, then its result and status.
 VICTIM_CLIENT = """
