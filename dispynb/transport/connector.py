@@ -127,6 +127,8 @@ async def _connect_once(
     handshake_timeout: float,
 ) -> tuple[Connection, Welcome]:
     peer = format_address(host, port)
+    # Only a shared scheduler is proved a user's credential.
+    server = "dispynb-scheduler" if user else "dispynb-node"
     try:
         async with asyncio.timeout(timeout):
             sock = await _open_local(host, port) if ssl_context is None else None
@@ -146,7 +148,7 @@ async def _connect_once(
     except TransportError as exc:
         if isinstance(exc, ConnectionClosedError):
             raise ConnectionClosedError(
-                f"cannot connect to {peer}: {exc}; is dispynb-node running there?"
+                f"cannot connect to {peer}: {exc}; is {server} running there?"
             ) from exc
         if BUSY_ALERT in str(exc):  # a TLS node refusing it at accept, for now
             raise NodeBusyError(
@@ -172,7 +174,7 @@ async def _connect_once(
                 "raise the limit (ulimit -n) or give fewer nodes"
             ) from exc
         raise ConnectionClosedError(
-            f"cannot connect to {peer}: {exc}; is dispynb-node running there?"
+            f"cannot connect to {peer}: {exc}; is {server} running there?"
         ) from exc
     try:
         async with asyncio.timeout(handshake_timeout):

@@ -4,6 +4,7 @@ several client processes (users) at once, per-user credentials and revocation.""
 from __future__ import annotations
 
 import os
+import socket
 import stat
 import time
 from pathlib import Path
@@ -11,7 +12,11 @@ from pathlib import Path
 import pytest
 
 from dispynb import JobCluster, LocalCluster, SharedJobCluster
-from dispynb.errors import AuthenticationError, ConfigurationError
+from dispynb.errors import (
+    AuthenticationError,
+    ConfigurationError,
+    ConnectionClosedError,
+)
 from dispynb.job import JobStatus
 from dispynb.protocol.messages import Error, JobCancel, JobResults
 from dispynb.secret import read_secret_file
@@ -196,6 +201,27 @@ def test_dispys_older_scheduler_node_keyword_names_the_scheduler(
             scheduler_host="127.0.0.2",
             secret_file=str(users["alice"]),
         )
+
+
+def test_no_scheduler_listening_is_named_as_the_scheduler(
+    users: dict[str, Path],
+) -> None:
+    """A SharedJobCluster started before its dispynb-scheduler (dispy's first
+    step is often that one): the error asks whether the scheduler runs there, not
+    a node (before: "is dispynb-node running there?")."""
+    with socket.socket() as taken:  # a port that nothing listens on
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        with pytest.raises(ConnectionClosedError) as raised:
+            SharedJobCluster(
+                compute,
+                scheduler_host="127.0.0.1",
+                scheduler_port=port,
+                secret_file=str(users["alice"]),
+            )
+    message = str(raised.value)
+    assert message.startswith(f"cannot connect to 127.0.0.1:{port}"), message
+    assert message.endswith("is dispynb-scheduler running there?"), message
 
 
 @pytest.mark.usefixtures("allow_error_logs")  # the nodes' refusal is logged
