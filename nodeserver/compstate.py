@@ -73,6 +73,9 @@ class NodeJob:
     mem_limit: int | None = None  # bytes of address space (mem_limit)
     timer: asyncio.TimerHandle | None = None  # ends it at its timeout
     timed_out: bool = False  # stopped for running over its timeout
+    #: The number of its `Run` on its worker's channel (`Worker.runs`): what the
+    #: worker's interrupt page names when the node interrupts it.
+    run: int = 0
     #: The shared body its arguments were sent to a worker in: held until the job
     #: ends (the worker may still be reading it), then free for another frame.
     lease: SharedBody | None = None
@@ -87,6 +90,11 @@ class Worker:
     sock: socket.socket
     #: Signalled through this, never by pid (which may be reused once it exited).
     process: HeldWorker
+    #: Its interrupt page (`nodeserver.ipc.InterruptPage`) and the memfd it was
+    #: sent as (held until the worker is lost), or None where none could be made.
+    page: memoryview | None = None
+    page_fd: int | None = None
+    runs: int = 0  # Runs written to it
     assigned: collections.deque[NodeJob] = field(default_factory=collections.deque)
     returncode: int | None = None
     exit_reason: str = ""  # why the computation process killed it, if it did

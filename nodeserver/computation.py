@@ -351,6 +351,8 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
                     self._pump_soon()
                     continue
             worker.assigned.append(job)
+            worker.runs += 1
+            job.run = worker.runs
             ahead = len(worker.assigned) > 1  # behind another: a Skip may follow it
             # Arguments received in shared memory go as the memfd and where they lie
             # in it; the worker maps them (no copy through its socket).
@@ -527,9 +529,15 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
             if job.start_held and not job.reported:  # it ran: started first
                 self._runs_after_all(job, done.start_time)
             self._finish_killed(job)
-        elif worker.interrupted and not job.cancelled and _was_interrupted(done):
-            # SIGINT meant for the job before it (which ended just then) hit this one:
-            # run again, unless its start was reported (not under the same attempt).
+        elif (
+            worker.interrupted
+            and worker.page is None
+            and not job.cancelled
+            and _was_interrupted(done)
+        ):
+            # Without an interrupt page, the SIGINT meant for the job before it
+            # (which ended just then) hit this one: run again, unless its start
+            # was reported (not under the same attempt).
             if job.start_held:
                 self._requeue_or_fail(job)
             else:
@@ -556,14 +564,10 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
             self._report(entry.to_wire(), buffers if finished else [])
             if done.kinds:
                 self.result_kinds.pop(job.key, None)
-        if (
-            job.cancelled
-            and (done.outcome != CANCELLED or worker.interrupted)
-            and not worker.retiring
-        ):
-            # An interrupted worker may hold broken state (locks, half-done work).
-            # One interrupted for a job it skipped (slow to say so: SKIP_GRACE)
-            # keeps that SIGINT for its next job (`jobapi.interrupt_job`).
+        if worker.interrupted and not worker.assigned and not worker.retiring:
+            # An interrupted worker may hold broken state (locks, half-done work):
+            # replaced, once the jobs it started before it read their Skips (the
+            # job interrupted ended just as it was signalled) ran to their end.
             self._retire(worker)
         elif worker.assigned and worker.assigned[0].cancelled:
             # It should skip that job; if it had started it already, interrupt it.

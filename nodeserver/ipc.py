@@ -117,6 +117,15 @@ class Run(IpcMessage):
     ahead: bool = False
 
 
+@message("interrupt-page")
+class InterruptPage(IpcMessage):
+    """The worker's interrupt page: a memfd sent with this message (before any
+    `Run`) whose first 8 bytes the node sets, before it sends the worker SIGINT, to
+    the number of the `Run` whose job it interrupts (the Runs on this channel
+    counted from 1). A SIGINT that finds another job running, or none, is not
+    for it: the job it was meant for ended just as the node signalled."""
+
+
 @message("skip")
 class Skip(IpcMessage):
     """Do not start job ``key`` (sent ahead to this worker, then cancelled)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import mmap
 import os
 import signal
 import threading
@@ -42,8 +43,11 @@ class JobContext:
         self.key = 0
         self.attempt = 0
         self.running = False  # True only while user code of a job runs
-        #: An interrupt came while no job code ran: the next job starts with it.
-        self.interrupted = False
+        #: The number of the job's `Run` on the worker's channel (counted from 1).
+        self.run = 0
+        #: The node's interrupt page (`nodeserver.ipc.InterruptPage`): the number
+        #: of the Run whose job its SIGINT is for. None until the node sent it.
+        self.target: memoryview | None = None
         self.job_path = ""
         self.max_file_size = 0
         self.max_output: int | None = None  # characters of stdout/stderr kept
@@ -58,10 +62,16 @@ class JobContext:
         #: sent ahead, a skip) that a thread waiting for a file's answer read first.
         self.stash: Callable[[tuple[IpcMessage, list[Any]]], None] | None = None
 
-    def begin(self, sock: MessageSocket, key: int, attempt: int) -> None:
-        """A job starts on this worker."""
-        self.sock, self.key, self.attempt = sock, key, attempt
+    def begin(self, sock: MessageSocket, key: int, attempt: int, run: int = 0) -> None:
+        """A job starts on this worker (``run``: the number of its `Run`)."""
+        self.sock, self.key, self.attempt, self.run = sock, key, attempt, run
         self.pid = os.getpid()
+
+    def interrupt_for_this_job(self) -> bool:
+        """Whether the node interrupted the job begun (`begin`): its SIGINT, sent
+        once it set its page, may have come before the job's code ran."""
+        target = self.target
+        return target is not None and target[0] == self.run
 
     def send(self, message: Any, buffers: list[Any]) -> None:
         """Send a message for the current job (thread-safe)."""
@@ -202,17 +212,30 @@ def interrupt_job(signum: int, frame: FrameType | None) -> None:
     """SIGINT handler of workers: interrupt the job's code, never the worker loop.
 
     The node sends SIGINT to cancel a running job, as dispy does: the job gets a
-    KeyboardInterrupt (and may catch it and return a value). One that lands before
-    the job's code runs (its arguments still arriving or being unpickled) is kept
-    for it: the job then ends with a KeyboardInterrupt as it starts, as if the
-    signal had come at its first instruction, instead of running until the node
-    kills it (`run_job`). Not meant for a job whose code ended just before: the
-    node retires a worker once an interrupted job ended, and tells it to skip the
-    jobs sent ahead before it signals it.
+    KeyboardInterrupt (and may catch it and return a value). The node names the
+    job first in the worker's interrupt page (`nodeserver.ipc.InterruptPage`): a
+    SIGINT that finds another job running is ignored, as it was meant for the job
+    before it, which ended just as the node signalled (the next job, sent ahead,
+    runs on). One that lands before its job's code runs (its arguments still
+    arriving or being unpickled) takes effect as that code starts (`run_job`), as
+    if it had come at its first instruction. Without a page (none sent), a SIGINT
+    interrupts whatever job code runs.
     """
-    if CONTEXT.running:
+    if CONTEXT.running and (CONTEXT.target is None or CONTEXT.interrupt_for_this_job()):
         raise KeyboardInterrupt
-    CONTEXT.interrupted = True
+
+
+def map_interrupt_page(fd: int) -> memoryview | None:
+    """The worker's view of the node's interrupt page ``fd`` (closed here), or None
+    if it cannot be mapped (then every SIGINT interrupts the job running)."""
+    try:
+        page = mmap.mmap(fd, 8)
+    except (OSError, ValueError) as exc:
+        logger.warning("interrupt page not mapped: %s", exc)
+        return None
+    finally:
+        os.close(fd)
+    return memoryview(page).cast("q")
 
 
 def install_interrupt_handler() -> None:

@@ -11,13 +11,14 @@ import collections
 import dataclasses
 import functools
 import io
+import itertools
 import logging
 import mmap
 import os
 import resource
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from dispynb.errors import ConnectionClosedError
@@ -27,8 +28,8 @@ from dispynb.protocol.framing import Buffer, large_frames_taken, release_spares
 from dispynb.protocol.messages import CANCELLED, FINISHED, RAISED
 from nodeserver.channel import MessageSocket
 from nodeserver.containment import end_leftovers
-from nodeserver.ipc import Done, FileAnswer, IpcMessage, Run, Skip
-from nodeserver.jobapi import CONTEXT, install_interrupt_handler
+from nodeserver.ipc import Done, FileAnswer, InterruptPage, IpcMessage, Run, Skip
+from nodeserver.jobapi import CONTEXT, install_interrupt_handler, map_interrupt_page
 from nodeserver.memory import release_freed_memory
 from nodeserver.program import ProgramOutput
 from nodeserver.sharedbody import MAPPINGS, map_segments, seal, unmap
@@ -123,10 +124,10 @@ def run_job(
             mem_limit = run.mem_limit
             # Only under a limit: no system call per job otherwise.
             lifted = limit_memory(mem_limit) if mem_limit is not None else None
-            CONTEXT.running = True
             try:
-                if CONTEXT.interrupted:  # came before the job's code: takes effect now
-                    CONTEXT.interrupted = False
+                CONTEXT.running = True  # a SIGINT from now on raises in here
+                # One that came before its code (for this job) takes effect now.
+                if CONTEXT.interrupt_for_this_job():
                     raise KeyboardInterrupt
                 result = func(*args, **kwargs)
             except BaseException as exc:  # reported to the client, never fatal
@@ -256,9 +257,9 @@ def _add_names(func: Callable[..., Any], names: dict[str, Any]) -> Callable[[], 
     return restore
 
 
-#: A job received: its `Run`, its buffers, and the mapping of its shared body (or,
-#: if that could not be had, why).
-_Inbound = tuple[Run, list[memoryview], mmap.mmap | str | None]
+#: A job received: its `Run`, its buffers, the mapping of its shared body (or, if
+#: that could not be had, why), and the Run's number on the channel (from 1).
+_Inbound = tuple[Run, list[memoryview], mmap.mmap | str | None, int]
 
 
 def worker_loop(
@@ -286,8 +287,11 @@ def worker_loop(
     install_interrupt_handler()
     inbox: collections.deque[_Inbound] = collections.deque()
     skipped: set[int] = set()
+    runs = itertools.count(1)  # the number of each Run, as the node counts them
     # What a job waiting for a file's answer reads meanwhile is this loop's.
-    CONTEXT.stash = functools.partial(_take, sock, inbox=inbox, skipped=skipped)
+    CONTEXT.stash = functools.partial(
+        _take, sock, inbox=inbox, skipped=skipped, runs=runs
+    )
     release = False  # a job may have left much freed memory behind
     large = large_frames_taken()  # or a large message (whose body is kept for reuse)
     try:
@@ -302,15 +306,15 @@ def worker_loop(
                     release_freed_memory()
                     release, large = False, large_frames_taken()
                     continue
-                _take(sock, sock.recv(), inbox, skipped)
+                _take(sock, sock.recv(), inbox, skipped, runs)
                 continue
             # Only a job sent ahead can be skipped (the node interrupts a job it
             # sent to an idle worker): one sent to this worker idle starts without
             # a read that would find nothing (a system call per round trip, W2).
             if inbox[0][0].ahead:
                 while sock.poll():
-                    _take(sock, sock.recv(), inbox, skipped)
-            run, buffers, shared = inbox.popleft()
+                    _take(sock, sock.recv(), inbox, skipped, runs)
+            run, buffers, shared, number = inbox.popleft()
             if run.key in skipped:
                 skipped.discard(run.key)
                 del buffers
@@ -318,7 +322,7 @@ def worker_loop(
                     unmap(shared)
                 send(_skipped(run), _NO_BUFFERS)
                 continue
-            begin(sock, run.key, run.attempt)
+            begin(sock, run.key, run.attempt, number)
             started = clock()
             if isinstance(shared, str):
                 done, result_buffers = _unreadable(run, shared), _NO_BUFFERS
@@ -375,25 +379,27 @@ def _take(
     received: tuple[IpcMessage, list[memoryview]],
     inbox: collections.deque[_Inbound],
     skipped: set[int],
+    runs: Iterator[int],
 ) -> None:
     message, buffers = received
     if type(message) is Run:
+        number = next(runs)
         if message.shared is None:
-            inbox.append((message, buffers, None))
+            inbox.append((message, buffers, None, number))
             return
         fd = sock.take_fd()
         if fd is None:
             reason = "its shared memory did not reach the worker"
             if sock.fds_lost:
                 reason += " (the worker could not receive more file descriptors)"
-            inbox.append((message, [], reason))
+            inbox.append((message, [], reason, number))
             return
         try:
             mapping, views = map_segments(fd, message.shared)
         except (OSError, ValueError) as exc:
-            inbox.append((message, [], f"{type(exc).__name__}: {exc}"))
+            inbox.append((message, [], f"{type(exc).__name__}: {exc}", number))
             return
-        inbox.append((message, views, mapping))
+        inbox.append((message, views, mapping, number))
     elif type(message) is Skip:
         # Only for a job still waiting here: the node sends a job's Run before any
         # Skip for it, so a Skip for one not in the inbox came once it had started
@@ -402,6 +408,10 @@ def _take(
         key = message.key
         if any(waiting[0].key == key for waiting in inbox):
             skipped.add(key)
+    elif type(message) is InterruptPage:
+        fd = sock.take_fd()
+        if fd is not None:
+            CONTEXT.target = map_interrupt_page(fd)
     elif type(message) is not FileAnswer:  # one a job stopped waiting for: late
         logger.warning("worker ignores unexpected %r message", message.op)
 

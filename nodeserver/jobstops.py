@@ -8,6 +8,8 @@ import asyncio
 import contextlib
 import fcntl
 import logging
+import mmap
+import os
 import sys
 import termios
 import time
@@ -15,7 +17,7 @@ import time
 from dispynb.errors import DispynbError
 from dispynb.protocol.messages import CANCELLED, RETURNED, TERMINATED
 from nodeserver.compstate import NodeJob, Worker, _ComputationState
-from nodeserver.ipc import Skip
+from nodeserver.ipc import InterruptPage, Skip
 from nodeserver.jobreasons import timeout_reason
 
 logger = logging.getLogger("nodeserver.computation")
@@ -30,6 +32,28 @@ TIMEOUT_GRACE = 2.0
 
 #: Why a job sent ahead, cancelled unless started, did not run.
 _SKIPPED = "job cancelled at the client's request before it started"
+
+
+def give_interrupt_page(worker: Worker) -> None:
+    """Send a new worker its interrupt page (`nodeserver.ipc.InterruptPage`), first
+    on its channel: the node names there the job each SIGINT is for. Without one
+    (no memfd here), a SIGINT interrupts whatever job the worker runs."""
+    try:
+        fd = os.memfd_create("dispynb-interrupt", os.MFD_CLOEXEC)
+    except (AttributeError, OSError) as exc:
+        logger.debug("no interrupt page for worker %d: %s", worker.pid, exc)
+        return
+    try:
+        os.ftruncate(fd, mmap.PAGESIZE)
+        page = mmap.mmap(fd, 8)
+    except OSError as exc:
+        logger.debug("no interrupt page for worker %d: %s", worker.pid, exc)
+        os.close(fd)
+        return
+    # Held until the worker is lost: it must stay open until the message is sent.
+    worker.page_fd, worker.page = fd, memoryview(page).cast("q")
+    with contextlib.suppress(DispynbError):  # a worker gone: lost with it
+        worker.conn.write(InterruptPage(), (), (fd,))
 
 
 def _before_its_turn(worker: Worker) -> bool:
@@ -150,6 +174,10 @@ class _JobStops(_ComputationState):
                     with contextlib.suppress(DispynbError):
                         worker.conn.write(Skip(key=behind.key))
         worker.interrupted = True
+        if worker.page is not None:
+            # Named first: if the job ends as the signal is sent, the worker's
+            # next job (started before it read the Skip) ignores the SIGINT.
+            worker.page[0] = job.run
         self._launcher.interrupt(worker.process)
         loop = asyncio.get_running_loop()
         loop.call_later(grace, self._escalate, worker, job)

@@ -31,6 +31,7 @@ from nodeserver.ipc import (
     WorkerStarted,
 )
 from nodeserver.jobreasons import crash_reason, mem_limit_note
+from nodeserver.jobstops import give_interrupt_page
 
 logger = logging.getLogger("nodeserver.computation")
 
@@ -317,6 +318,7 @@ class _WorkerLife(_ComputationState):
         worker = Worker(pid=pid, conn=conn, sock=sock, process=HeldWorker(pid, pid_fd))
         if self._held:
             conn.hold_reading(True)
+        give_interrupt_page(worker)
         self._workers[pid] = worker
         task = asyncio.get_running_loop().create_task(self._read_worker(worker))
         self._tasks.add(task)
@@ -334,6 +336,9 @@ class _WorkerLife(_ComputationState):
         if self._workers.pop(worker.pid, None) is None:
             return
         worker.process.close()
+        if worker.page_fd is not None:
+            os.close(worker.page_fd)
+            worker.page_fd = None
         returncode = worker.returncode
         requeue: list[NodeJob] = []
         for position, job in enumerate(worker.assigned):

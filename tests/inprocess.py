@@ -17,6 +17,8 @@ What the stand-in does, and how it differs from the real computation process
 - a worker runs a job with the same payload and result encoding as
   `nodeserver.jobrunner` (no stdout capture: threads share ``sys.stdout``);
 - ``interrupt(pid)`` raises KeyboardInterrupt in that worker's job (as SIGINT does),
+  if the worker's interrupt page names it (else the job ignores it, as a real
+  worker does; one named before its code starts is raised as it starts),
   ``kill_group(pid)`` ends the worker (its socket closes, ``worker-exited`` -9) and
   starts a replacement, as the computation process does after a SIGKILL.
 
@@ -53,6 +55,7 @@ from nodeserver.config import NodeConfig
 from nodeserver.containment import HeldWorker
 from nodeserver.ipc import (
     Done,
+    InterruptPage,
     Load,
     Loaded,
     LoadFailed,
@@ -64,6 +67,7 @@ from nodeserver.ipc import (
     WorkerExited,
     WorkerStarted,
 )
+from nodeserver.jobapi import map_interrupt_page
 from nodeserver.launcher import ComputationProcess
 from nodeserver.server import NodeServer
 from nodeserver.sharedbody import map_segments
@@ -138,6 +142,14 @@ class _Worker:
     in_job: bool = False
     dead: bool = False
     jobs_run: int = 0
+    #: The node's interrupt page (`nodeserver.ipc.InterruptPage`), and the number
+    #: of the Run whose job runs now (the Runs counted from 1, as the node does).
+    page: memoryview | None = None
+    run: int = 0
+
+    def interrupt_is_for_its_job(self) -> bool:
+        """Whether a SIGINT now is for the job it runs (as `jobapi.interrupt_job`)."""
+        return self.page is None or self.page[0] == self.run
 
 
 class ThreadProcess:
@@ -176,7 +188,7 @@ class ThreadProcess:
 
     def interrupt(self, worker: _Worker) -> None:
         with worker.lock:
-            if worker.in_job and not worker.dead:
+            if worker.in_job and not worker.dead and worker.interrupt_is_for_its_job():
                 _raise_in(worker.thread, KeyboardInterrupt)
 
     def kill_worker(self, worker: _Worker) -> None:
@@ -277,8 +289,9 @@ class ThreadProcess:
     def _work(self, worker: _Worker) -> None:
         worker.thread = threading.current_thread()
         channel = MessageSocket(worker.sock, fds=True)
-        inbox: list[tuple[Run, list[memoryview]]] = []
+        inbox: list[tuple[Run, list[memoryview], int]] = []
         skipped: set[int] = set()
+        runs = itertools.count(1)
         try:
             while not worker.dead:
                 if not inbox or channel.poll():
@@ -288,13 +301,17 @@ class ThreadProcess:
                             fd = channel.take_fd()
                             assert fd is not None, "a shared body came without its fd"
                             _, buffers = map_segments(fd, message.shared)
-                        inbox.append((message, buffers))
+                        inbox.append((message, buffers, next(runs)))
                     elif isinstance(message, Skip) and any(
-                        run.key == message.key for run, _ in inbox
+                        run.key == message.key for run, _, _ in inbox
                     ):  # as the real worker: only for a job still waiting here
                         skipped.add(message.key)
+                    elif isinstance(message, InterruptPage):
+                        fd = channel.take_fd()
+                        assert fd is not None, "the interrupt page came without its fd"
+                        worker.page = map_interrupt_page(fd)
                     continue
-                run, buffers = inbox.pop(0)
+                run, buffers, worker.run = inbox.pop(0)
                 if run.key in skipped:
                     skipped.discard(run.key)
                     now = time.time()
@@ -332,7 +349,10 @@ class ThreadProcess:
             args, kwargs = payload[0], payload[1]
             with worker.lock:
                 worker.in_job = True
+                named = worker.page is not None and worker.page[0] == worker.run
             try:
+                if named:  # interrupted before its code ran: as it starts
+                    raise KeyboardInterrupt
                 value = self._func(*args, **kwargs)
             finally:
                 with worker.lock:

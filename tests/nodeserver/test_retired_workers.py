@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import collections
 
-from dispynb.protocol.messages import CRASHED, FINISHED, TERMINATED
+from dispynb.protocol.messages import FINISHED, TERMINATED
 from tests.asyncutil import run
 from tests.inprocess import gate, wait_until
 from tests.nodeserver.test_computation import (
@@ -58,15 +58,16 @@ def test_a_job_submitted_as_a_running_job_is_cancelled_does_not_go_to_its_worker
     run(main())
 
 
-def test_a_job_known_to_run_on_a_retired_worker_is_not_run_again_as_the_same_attempt(
+def test_a_job_started_as_the_one_before_it_is_interrupted_runs_to_its_end(
     tmp_path,
 ):
     """Job 100 ends as it is cancelled, and its worker starts job 101 (sent ahead)
-    before it reads the Skip: the node's SIGINT meant for 100 hits 101, and the
-    worker is retired once 100's end is read. 101 showed it runs (a provisional
-    result: reported Running); run again under the same attempt it would be
-    reported Running twice. It ends as a job whose worker the node killed does:
-    crashed, with the node's reason; it ran once."""
+    before it reads the Skip: the node's SIGINT meant for 100 reaches the worker
+    as 101 runs. The worker's interrupt page names 100's Run: 101 ignores it and
+    runs to its end (it showed it runs, a provisional result: reported Running
+    once), and the worker, interrupted, is replaced only then. Before the page,
+    101 was hit by that SIGINT (or died with its worker, retired as 100's end was
+    read) and ended crashed."""
 
     async def main() -> None:
         reports = Reports()
@@ -80,17 +81,19 @@ def test_a_job_known_to_run_on_a_retired_worker_is_not_run_again_as_the_same_att
         assert [j.key for j in worker.assigned] == [100, 101]
         await wait_until(gate(entered).is_set, "job 101 running after 100's end")
         computation.cancel(100, 1)  # the node still sees 100 running
+        assert launcher.interrupts == [worker.pid]
         computation.hold_workers(False)
+        await wait_until(lambda: 100 in reports.entries, "job 100 settled")
+        assert worker.pid in computation._workers, "retired with 101 running"
+        open_gate(long)
+        await wait_until(lambda: 101 in reports.entries, "job 101 settled")
+        assert reports.outcome(100) == FINISHED
+        assert reports.outcome(101) == FINISHED, reports.reason(101)
+        assert collections.Counter(reports.starts) == {100: 1, 101: 1}
+        assert RUNS == [100, 101]
         await wait_until(
             lambda: worker.pid not in computation._workers, "its worker retired"
         )
-        open_gate(long)  # were 101 run again, it would end now
-        await wait_until(lambda: 101 in reports.entries, "job 101 settled")
-        assert reports.outcome(100) == FINISHED
-        assert reports.outcome(101) == CRASHED
-        assert "cancelled" in reports.reason(101), reports.reason(101)
-        assert collections.Counter(reports.starts) == {100: 1, 101: 1}
-        assert RUNS == [100, 101]
         await finish(computation, launcher)
 
     run(main())
