@@ -181,8 +181,9 @@ class Kept:
     #: client gets it.
     provisional: dict[Any, KeptResult] = field(default_factory=dict)
     provisional_bytes: int = 0
-    #: Bytes of the files kept in ``results`` for want of a spool (counted in
-    #: ``budget``), and the most ``budget`` may hold with them (`memory_cap`).
+    #: Bytes of the results and files kept in ``results`` for want of a spool
+    #: (counted in ``budget``), and the most ``budget`` may hold with them
+    #: (`memory_cap`).
     memory_bytes: int = 0
     memory_cap: int = PENDING_NODE_BYTES
 
@@ -297,10 +298,28 @@ class ResultKeeper:
     def _keep(
         kept: Kept, entry: list[Any], buffers: list[memoryview], kinds: str
     ) -> None:
-        """Keep a result for good: in the spool (or in memory without one)."""
+        """Keep a result for good: in the spool (or in memory without one, within
+        `Kept.memory_cap`)."""
         result = KeptResult(None, entry, buffers, kinds)
         if kept.spool is None or kept.owner is None:
-            kept.results.append(result)
+            size = _held_size(entry, buffers)
+            if kept.budget.used + size <= kept.memory_cap:
+                # Copied: the buffers are the worker's message's, reused after.
+                copies = [memoryview(bytes(b)) for b in buffers]
+                result = KeptResult(None, entry, copies, kinds)
+                kept.results.append(result)
+                kept.memory_bytes += size
+                kept.budget.used += size
+            elif kept.deliver is None:
+                logger.warning(
+                    "result of job %d not kept: the node has no spool for it and "
+                    "keeps %.0f MiB at most in memory (--kept-results-size, at "
+                    "most %d MiB)",
+                    entry[0],
+                    kept.memory_cap / 2**20,
+                    PENDING_NODE_BYTES >> 20,
+                )
+                kept.not_kept.add(entry)  # recovery says so, not that it never ran
         elif kept.owner.write(kept.spool, entry, buffers, kinds):
             # A recovering client reads it from the file when its turn comes.
             result = KeptResult(kept.spool.files[-1][0])

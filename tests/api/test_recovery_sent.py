@@ -7,6 +7,7 @@ client did not write their files. A real node process; real client processes."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -284,3 +285,80 @@ def test_files_kept_in_memory_without_a_spool_stay_within_its_size(
     for n in range(2):
         assert (received / f"out-{n}.bin").read_bytes() == bytes([n]) * 400_000
     assert not (received / "out-2.bin").exists()
+
+
+#: Three jobs (three CPUs: all on the node) that wait for ``go`` and return 400 kB.
+THREE_RESULTS = """
+import sys, time
+import dispynb as dispy
+
+def job(n, marks, go):
+    import os, time
+    open(os.path.join(marks, "started-%d" % n), "w").close()
+    while not os.path.exists(go):
+        time.sleep(0.02)
+    return bytes([n]) * 400_000
+
+node, secret, journal, marks, go = sys.argv[1:]
+cluster = dispy.JobCluster(job, nodes=[node], secret=secret, recover_file=journal)
+for n in range(3):
+    cluster.submit(n, marks, go)
+print("submitted", flush=True)
+time.sleep(300)  # killed before it gets further
+"""
+
+#: Recovers; prints each job's status, its result's first byte and size (or
+#: None), and its exception, in the order of the results' first bytes.
+RECOVER_RESULTS = """
+import json, sys
+import dispynb as dispy
+jobs = dispy.recover_jobs(sys.argv[1], secret=sys.argv[2], timeout=float(sys.argv[3]))
+rows = [
+    [int(job.status), [job.result[0], len(job.result)] if job.result else None,
+     job.exception or ""]
+    for job in jobs
+]
+print(json.dumps(sorted(rows, key=lambda row: row[1] or [255])))
+"""
+
+
+def test_results_kept_in_memory_without_a_spool_stay_within_its_size(
+    tmp_path: Path,
+) -> None:
+    """A node that cannot make its spool (``.kept`` is a file) keeps the results of
+    a client that was killed in memory, within --kept-results-size (1 MiB here),
+    as the files such jobs send: two of 400 kB are kept, the third to end is not
+    (the node says so, naming its job) and `recover_jobs` reports that job ended
+    without its result (Abandoned, the node could not keep it). Before, every
+    result was kept in memory, without a bound."""
+    marks, go = tmp_path / "marks", tmp_path / "go"
+    marks.mkdir()
+    (tmp_path / "node" / "dest").mkdir(parents=True)
+    (tmp_path / "node" / "dest" / ".kept").write_text("not a directory")
+    with running_node(tmp_path / "node", "--kept-results-size", "1M", cpus=3) as node:
+        client = _submitted(tmp_path, THREE_RESULTS, node, str(marks), str(go))
+        try:
+            wait_until(lambda: len(list(marks.glob("started-*"))) == 3)
+            client.send_signal(signal.SIGKILL)
+            client.wait(WAIT)
+        finally:
+            client.kill()
+            client.stdout.close()  # type: ignore[union-attr]
+        wait_until(lambda: "gone: its jobs go on" in node.log_text())
+        assert "cannot spool results" in node.log_text()
+        go.touch()
+        (tmp_path / "recover-results.py").write_text(RECOVER_RESULTS)
+        proc = subprocess.run(
+            [sys.executable, "recover-results.py", str(tmp_path / "journal.db"),
+             node.secret, "60"],
+            cwd=tmp_path, env=node_env(), capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        log = node.log_text()
+    jobs = json.loads(proc.stdout.splitlines()[-1])
+    kept, dropped = jobs[:2], jobs[2]
+    assert [status for status, _result, _exc in kept] == [int(JobStatus.Finished)] * 2
+    assert all(result[1] == 400_000 for _status, result, _exc in kept), kept
+    assert dropped[:2] == [int(JobStatus.Abandoned), None], dropped
+    assert "could not keep its result" in dropped[2], dropped
+    assert re.search(r"result of job \d+ not kept: the node has no spool", log), log
