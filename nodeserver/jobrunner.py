@@ -280,6 +280,7 @@ def worker_loop(
     """
     send = CONTEXT.send
     begin = CONTEXT.begin
+    end = CONTEXT.end
     answer_lock = CONTEXT.answer_lock
     clock = time.perf_counter
     home = os.path.realpath(CONTEXT.job_path) if CONTEXT.job_path else os.getcwd()
@@ -334,6 +335,7 @@ def worker_loop(
                 del loaded
             else:
                 done, result_buffers = run_job(func, run, buffers)
+            end()  # the threads it left are its own, not the next job's
             del buffers
             if isinstance(shared, mmap.mmap) and not unmap(shared):
                 done = dataclasses.replace(done, kept=True)

@@ -242,3 +242,73 @@ def test_a_thread_left_waiting_by_its_job_does_not_stall_the_worker(
             assert plain.wait(timeout=WAIT), f"job {n + 1} never ran ({plain.status})"
             assert plain.result == f"plain {n + 1}", plain.exception
     assert len(list(tmp_path.glob("big-*.bin"))) == 20
+
+
+def leave_a_late_sender(n: int, marks: str) -> str:
+    """Job 0 starts a thread and returns at once; the thread waits until job 1
+    runs (on the same worker: one CPU), then sends a file and a provisional
+    result and notes what each call returned. Job 1 waits for that note."""
+    import json
+    import os
+    import pathlib
+    import threading
+    import time
+
+    here = pathlib.Path(marks)
+    if n == 0:
+
+        def late() -> None:
+            deadline = time.monotonic() + 30
+            while not (here / "job-1-runs").exists() and time.monotonic() < deadline:
+                time.sleep(0.005)
+            with open("late.txt", "w") as handle:
+                handle.write("from a thread of job 0")
+            sent = dispy_send_file("late.txt")  # type: ignore[name-defined]  # noqa: F821
+            told = dispy_provisional_result("from a thread of job 0")  # type: ignore[name-defined]  # noqa: F821
+            (here / "noted.tmp").write_text(json.dumps([sent, told]))
+            os.rename(here / "noted.tmp", here / "noted")
+
+        threading.Thread(target=late, daemon=True).start()
+        return "job 0"
+    (here / "job-1-runs").touch()
+    deadline = time.monotonic() + 30
+    while not (here / "noted").exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return "job 1"
+
+
+def test_a_thread_of_a_job_that_returned_sends_nothing_as_the_next_job(
+    tmp_path: Path,
+) -> None:
+    """A thread that job 0 left running sends a file and a provisional result
+    while its worker runs job 1. Both went out as job 1's (the worker's running
+    job): the file saved by the client, the provisional result shown as job 1's.
+    Now the worker knows the thread is job 0's, which has returned: neither is
+    sent, and both calls return -1."""
+    marks, received = tmp_path / "marks", tmp_path / "received"
+    marks.mkdir()
+    received.mkdir()
+    provisional: list[object] = []
+
+    def job_status(job: DispyJob) -> None:
+        if job.status == DispyJob.ProvisionalResult:
+            provisional.append(job.result)
+
+    with (
+        running_node(tmp_path / "node", cpus=1) as node,
+        JobCluster(
+            leave_a_late_sender,
+            nodes=[node.spec],
+            secret=node.secret,
+            files_dir=str(received),
+            job_status=job_status,
+        ) as cluster,
+    ):
+        first = cluster.submit(0, str(marks))
+        assert first() == "job 0", (first.status, first.exception)
+        second = cluster.submit(1, str(marks))
+        assert second() == "job 1", (second.status, second.exception)
+        noted = json.loads((marks / "noted").read_text())
+    assert noted == [-1, -1], noted
+    assert provisional == []
+    assert not (received / "late.txt").exists()
