@@ -64,6 +64,9 @@ class NodeJob:
     #: told to skip it, and it runs on another (the interrupted one is replaced).
     moving: bool = False
     reported: bool = False  # its outcome already went to the client
+    #: Dropped (close_node, the node's shutdown) while its worker may have started
+    #: it: ``(outcome, reason)`` it is reported with if the worker skips it.
+    dropped: tuple[str, str] | None = None
     #: Its start was not reported when it became its worker's head (it might be
     #: skipped: cancelled, skipping, moving): reported with its end if it ran.
     start_held: bool = False

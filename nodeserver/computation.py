@@ -512,12 +512,20 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
         if done.outcome != CANCELLED:  # a skipped job says nothing about durations
             mean = self._mean
             self._mean = duration if mean is None else 0.8 * mean + 0.2 * duration
-        if job.moving and done.outcome == CANCELLED and not job.cancelled:
+        if (
+            (job.moving or job.dropped is not None)
+            and done.outcome == CANCELLED
+            and not job.cancelled
+        ):
             # Skipped as the job before it was stopped: it runs on another worker
-            # (unless the client cancelled it meanwhile, if it had not started).
+            # (unless the client cancelled it meanwhile, if it had not started,
+            # or the node dropped the jobs not started: `_drop_waiting`).
             if job.skipping:
                 reason = "job cancelled at the client's request before it started"
                 self._finish_unrun(job, reason)
+            elif job.dropped is not None:
+                job.reported = True
+                self._report_unrun(job, *job.dropped)
             else:
                 self._requeue_or_fail(job)
         elif job.cancelled and done.outcome == CANCELLED:
@@ -674,6 +682,7 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
             job
             for job in itertools.islice(worker.assigned, 1, None)
             if not (job.reported or job.cancelled or job.skipping or job.moving)
+            and job.dropped is None  # told to skip already: its answer settles it
             and job.lease is None  # its shared body may be mapped there
             and job.buffers
         ]

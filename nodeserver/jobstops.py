@@ -142,16 +142,36 @@ class _JobStops(_ComputationState):
         )
 
     def _drop_waiting(self, outcome: str, reason: str) -> None:
-        """Report every job that has not started as ``outcome`` (never run)."""
+        """Report every job that has not started as ``outcome`` (never run).
+
+        A job sent ahead is told to skip; it is reported now only if its worker
+        is sure to read that before it starts it (`_before_its_turn`). Else, as
+        for a head job moving away (the worker may have read its Skip too late),
+        the worker's answer says: skipped, it is reported ``outcome`` then
+        (`NodeJob.dropped`); started, it runs to its end, reported as it ends.
+        """
         dropped = list(self._queue)
         self._queue.clear()
         for worker in self._workers.values():
-            for position, job in enumerate(list(worker.assigned)):
-                if (position > 0 or job.moving) and not job.reported:
+            waiting = [
+                job
+                for position, job in enumerate(worker.assigned)
+                if (position > 0 or job.moving)
+                and not (job.reported or job.cancelled or job.dropped)
+            ]
+            if not waiting:
+                continue
+            with contextlib.suppress(DispynbError):
+                for job in waiting:
+                    worker.conn.write(Skip(key=job.key))
+            # Checked once the Skips are written: the worker reads them first.
+            sure = _before_its_turn(worker)
+            for job in waiting:
+                if sure and job is not worker.assigned[0]:
                     job.cancelled = True
                     dropped.append(job)
-                    with contextlib.suppress(DispynbError):
-                        worker.conn.write(Skip(key=job.key))
+                else:
+                    job.dropped = (outcome, reason)
         for job in dropped:
             job.reported = True
             self._report_unrun(job, outcome, reason)
@@ -187,7 +207,7 @@ class _JobStops(_ComputationState):
         its time limit, if it has one."""
         job = worker.assigned[0]
         # A job the worker may skip is not reported started: its end says.
-        unsure = job.cancelled or job.skipping or job.moving
+        unsure = job.cancelled or job.skipping or job.moving or job.dropped is not None
         job.start_held = unsure
         if self.on_start is not None and not unsure:
             self.on_start(job.key, job.attempt, time.time())

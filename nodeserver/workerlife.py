@@ -390,6 +390,10 @@ class _WorkerLife(_ComputationState):
                 # Reported started, on a worker the node killed (`_retire`): run
                 # again, it would run twice under one attempt, Running twice.
                 self._report_stopped_by_node(job)
+            elif job.dropped is not None:
+                # Not started (or not said to), and no longer to run here.
+                job.reported = True
+                self._report_unrun(job, *job.dropped)
             else:
                 requeue.append(job)  # never started (or not said to): run it again
         worker.assigned.clear()

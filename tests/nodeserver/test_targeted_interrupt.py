@@ -230,3 +230,68 @@ def test_cancels_as_jobs_end_stop_only_the_jobs_cancelled(tmp_path: Path) -> Non
     for job in chosen.values():
         outcomes.setdefault(job.status, []).append(job)
     print(rounds, {status: len(jobs) for status, jobs in outcomes.items()})
+
+
+def _moving_job_that_runs(
+    node: CliNode, folder: Path, stop: str
+) -> tuple[DispyJob | None, JobCluster]:
+    """A cluster on ``node`` whose job 2 started as job 1 ended and was cancelled,
+    the node having read the cancel first (its SIGINT for job 1 reached job 2's
+    worker): to the node, job 2 moves away (told to skip) and may have started.
+    Then ``stop`` (the cluster's ``close_node``, or ``"sigterm"`` for the node).
+    Returns job 2 (None if the node read job 1's end first: try again) and the
+    cluster, to close."""
+    cluster = JobCluster(act, nodes=[node.spec], secret=node.secret)
+    quick = [cluster.submit(n, "quick", "") for n in range(5)]
+    assert [job() for job in quick] == list(range(5))
+    ending, noting, started = _cancel_as_it_ends(cluster, node, folder, 1)
+    assert ending() == 1, (ending.status, ending.exception)
+    if started:
+        deadline = time.monotonic() + 2
+        while not (folder / "sigint-2").exists() and time.monotonic() < deadline:
+            time.sleep(0.005)
+    if not (folder / "sigint-2").exists():
+        (folder / "end-2").touch()
+        noting()
+        return None, cluster
+    if stop == "sigterm":
+        node.proc.send_signal(signal.SIGTERM)  # the node drains: jobs may end
+        wait_until(lambda: "draining:" in node.log_text())  # it handed back
+    else:
+        assert cluster.close_node(node.spec) == 0
+        # Time for the node to drop the jobs not started with job 2 running: a
+        # shorter wait makes the test weaker, never wrong.
+        time.sleep(0.2)
+    (folder / "end-2").touch()
+    return noting, cluster
+
+
+@pytest.mark.parametrize("stop", ["close_node", "sigterm"])
+def test_a_job_moving_away_that_runs_is_not_dropped_as_not_started(
+    tmp_path: Path, stop: str
+) -> None:
+    """A job that started as the one before it was cancelled (to the node: told to
+    skip, moving away, perhaps started) when the node drops the jobs that have not
+    started (close_node, or the node's shutdown): it was reported not started
+    (Cancelled, or handed back) while it ran on, and its client ran it again
+    elsewhere or waited for it forever. Now the worker's answer says: it runs to
+    its end, and finishes once, with its value."""
+    noting = None
+    for attempt in range(5):
+        with running_node(tmp_path / f"node-{attempt}", cpus=1) as node:
+            folder = tmp_path / f"try-{attempt}"
+            noting, cluster = _moving_job_that_runs(node, folder, stop)
+            try:
+                if noting is not None:
+                    assert noting.wait(timeout=20), noting.status
+                    assert noting.status == DispyJob.Finished, (
+                        noting.status,
+                        noting.exception,
+                    )
+                    assert noting.result == 2
+                    starts = (folder / "starts-2").read_text().splitlines()
+                    assert len(starts) == 1, f"job 2 ran {len(starts)} times"
+                    break
+            finally:
+                cluster.close(terminate=True)
+    assert noting is not None, "job 2 never moved away as it ran"
