@@ -18,7 +18,9 @@ import logging
 import os
 import resource
 import sys
+import threading
 import traceback
+import weakref
 from collections.abc import Iterable
 from types import ModuleType
 from typing import Any
@@ -160,6 +162,60 @@ JOB_ENDED = (
 )
 
 
+#: Why a file or provisional result from a thread whose job has returned is not
+#: sent (`JobThreads`): whatever job runs now, it is not that job's.
+FROM_AN_ENDED_JOB = (
+    "the job that sent it had returned (it was sent by a thread the job left "
+    "running): not sent; wait for the threads that send files or provisional "
+    "results before the job returns"
+)
+
+
+class JobThreads:
+    """The job each thread belongs to, in a process that runs jobs one after
+    another: a thread a job started may run on once it returned, and call
+    ``dispy_send_file`` or ``dispy_provisional_result`` while the process runs
+    another job, which what it sends is not.
+
+    `begin` and `end` bracket each job (on the thread that runs it); each thread
+    that appeared meanwhile is that job's. Threads older than the first job
+    (setup's) count as any job's. A job alone in its process (the usual case)
+    costs a thread count at each end.
+    """
+
+    def __init__(self) -> None:
+        self._job = 0  # the job running or last run, numbered from 1
+        self._owners: weakref.WeakKeyDictionary[threading.Thread, int] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._before: set[threading.Thread] | None = None  # None: the main alone
+
+    def begin(self) -> None:
+        """A job starts."""
+        self._job += 1
+        if threading.active_count() > 1:
+            self._before = set(threading.enumerate())
+        else:
+            self._before = None
+
+    def end(self) -> None:
+        """The job begun returned: the threads it started are its own."""
+        if threading.active_count() > 1:
+            before = self._before or ()
+            main = threading.main_thread()
+            for thread in threading.enumerate():
+                if thread not in before and thread is not main:
+                    self._owners.setdefault(thread, self._job)
+
+    def of_this_job(self) -> bool:
+        """Whether the calling thread is the job's begun last (not one an earlier
+        job started)."""
+        if not self._owners:
+            return True
+        owner = self._owners.get(threading.current_thread())
+        return owner is None or owner == self._job
+
+
 def unconfirmed(timeout: float | None) -> str:
     """Why ``dispy_send_file`` returns -1 when the client's answer did not come in
     ``timeout`` seconds."""
@@ -188,7 +244,9 @@ def file_sent(path: str, error: str | None) -> int:
 
 __all__ = [
     "DISPY_MODULES",
+    "FROM_AN_ENDED_JOB",
     "SETUP_SUCCESS",
+    "JobThreads",
     "file_sent",
     "format_job_exception",
     "implicit_modules",

@@ -15,7 +15,6 @@ import os
 import signal
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
@@ -23,7 +22,9 @@ from typing import Any
 from dispynb.errors import DispynbError
 from dispynb.jobenv import (
     ANSWER_SLICE,
+    FROM_AN_ENDED_JOB,
     JOB_ENDED,
+    JobThreads,
     file_sent,
     send_file_timeout,
     unconfirmed,
@@ -54,14 +55,8 @@ class JobContext:
         self.max_output: int | None = None  # characters of stdout/stderr kept
         self.max_result: int | None = None  # bytes of a pickled result
         self.names: dict[str, Any] = {}  # dispy's names, for a job's own functions
-        #: The Run number of the job each thread started while a job ran belongs
-        #: to (noted as that job ends): such a thread may run on, and call
-        #: dispy_send_file, once the worker runs another job.
-        self.owners: weakref.WeakKeyDictionary[threading.Thread, int] = (
-            weakref.WeakKeyDictionary()
-        )
-        #: The threads alive as the job began (None: the main thread alone).
-        self._threads_before: set[threading.Thread] | None = None
+        #: Which job the threads that jobs started belong to.
+        self.threads = JobThreads()
         self.lock = threading.Lock()  # a job's threads may send too
         #: Held by a thread waiting for its client's answer to a file (`send_file`):
         #: one reader of the socket at a time.
@@ -75,29 +70,16 @@ class JobContext:
         """A job starts on this worker (``run``: the number of its `Run`)."""
         self.sock, self.key, self.attempt, self.run = sock, key, attempt, run
         self.pid = os.getpid()
-        # One call when the job runs alone (the usual case): no thread to tell.
-        if threading.active_count() > 1:
-            self._threads_before = set(threading.enumerate())
-        else:
-            self._threads_before = None
+        self.threads.begin()
 
     def end(self) -> None:
         """The job begun (`begin`) returned: the threads it started are its own."""
-        if threading.active_count() > 1:
-            before = self._threads_before or ()
-            main = threading.main_thread()
-            for thread in threading.enumerate():
-                if thread not in before and thread is not main:
-                    self.owners.setdefault(thread, self.run)
+        self.threads.end()
 
     def sent_by_its_job(self) -> bool:
         """Whether the calling thread is the running job's: not one an earlier job
-        started, running on once that job returned (threads there before the
-        first job, setup's, count as any job's)."""
-        if not self.running:
-            return False
-        owner = self.owners.get(threading.current_thread()) if self.owners else None
-        return owner is None or owner == self.run
+        started, running on once that job returned (`JobThreads`)."""
+        return self.running and self.threads.of_this_job()
 
     def interrupt_for_this_job(self) -> bool:
         """Whether the node interrupted the job begun (`begin`): its SIGINT, sent
@@ -158,14 +140,6 @@ class JobContext:
 
 #: The context of this worker process (each worker runs one job at a time).
 CONTEXT = JobContext()
-
-#: Why a file or provisional result from a thread whose job has returned is not
-#: sent (whatever job the worker runs now: it is not that job's).
-FROM_AN_ENDED_JOB = (
-    "the job that sent it had returned (it was sent by a thread the job left "
-    "running): not sent; wait for the threads that send files or provisional "
-    "results before the job returns"
-)
 
 
 def dispy_provisional_result(

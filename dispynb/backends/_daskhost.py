@@ -48,7 +48,9 @@ from typing import Any
 from dispynb.backends._daskpipe import recv_buffers, send_buffers
 from dispynb.jobenv import (
     ANSWER_SLICE,
+    FROM_AN_ENDED_JOB,
     JOB_ENDED,
+    JobThreads,
     file_sent,
     format_job_exception,
     implicit_modules,
@@ -80,6 +82,9 @@ class _Job:
     #: Held by a thread waiting for the client's answer to a file: one reader.
     answer_lock = threading.Lock()
     requests = itertools.count(1)
+    #: Which job the threads jobs started belong to: one a job left running
+    #: sends nothing as the next job.
+    threads = JobThreads()
 
 
 def dispy_provisional_result(
@@ -92,6 +97,9 @@ def dispy_provisional_result(
     """
     conn = _Job.conn
     if conn is None:
+        return -1
+    if not _Job.threads.of_this_job():
+        print(f"provisional result not sent: {FROM_AN_ENDED_JOB}", file=sys.__stderr__)
         return -1
     try:
         data = pickle.dumps(("provisional", serialize.dumps(result)), protocol=5)
@@ -120,6 +128,8 @@ def dispy_send_file(path: str, relay: bool = False, timeout: Any = None) -> int:
     try:
         if conn is None:
             raise OSError("no job is running")
+        if not _Job.threads.of_this_job():
+            raise OSError(FROM_AN_ENDED_JOB)
         seconds = send_file_timeout(timeout)
         name = name_for_client(path)
         limit = _Job.max_file
@@ -227,6 +237,7 @@ def run_one(
     outcome, exception = "raised", None
     start = end = time.time()
     _Job.conn = conn
+    _Job.threads.begin()
     try:
         try:
             args, kwargs = serialize.loads(buffers)
@@ -249,6 +260,7 @@ def run_one(
                 except Exception as exc:
                     exception = f"the job's result cannot be pickled: {exc}\n"
     finally:
+        _Job.threads.end()
         _Job.conn = None
         sys.stdout, sys.stderr = saved
     stdout: str | bytes = out.text()

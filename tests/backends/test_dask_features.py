@@ -382,3 +382,66 @@ def test_dispy_send_file_on_dask_waits_as_long_as_it_is_told(
     waits for the answer: 0 (OverflowError from the job, b516cf3)."""
     out = run(net, tmp_path, PATIENT, dir=str(tmp_path))
     assert out == [[FINISHED, 0, None]] * 3, out
+
+
+LATE_SENDER = """
+def late_sender(n, marks):
+    import json, threading
+
+    if n == 0:
+        def late():
+            wait_for(lambda: os.path.exists(os.path.join(marks, "job-1-runs")))
+            with open("late.txt", "w") as out:
+                out.write("from a thread of job 0")
+            sent = dispy_send_file("late.txt")
+            told = dispy_provisional_result("from a thread of job 0")
+            with open(os.path.join(marks, "noted.tmp"), "w") as out:
+                json.dump([sent, told], out)
+            os.rename(os.path.join(marks, "noted.tmp"), os.path.join(marks, "noted"))
+
+        threading.Thread(target=late, daemon=True).start()
+        return "job 0"
+    open(os.path.join(marks, "job-1-runs"), "w").close()
+    wait_for(lambda: os.path.exists(os.path.join(marks, "noted")))
+    return "job 1"
+
+
+def main(args):
+    import json
+
+    marks, received = (os.path.join(args["dir"], d) for d in ("marks", "received"))
+    os.mkdir(marks)
+    os.mkdir(received)
+    provisional = []
+
+    def status(job):
+        if job.status == dispynb.DispyJob.ProvisionalResult:
+            provisional.append(job.result)
+
+    with LocalCluster(nodes=1, cpus=1, engine="dask") as local:
+        with JobCluster(
+            late_sender, nodes=local, files_dir=received, job_status=status
+        ) as cluster:
+            results = [cluster.submit(n, marks)() for n in range(2)]
+    with open(os.path.join(marks, "noted")) as noted:
+        return {
+            "results": results,
+            "noted": json.load(noted),
+            "provisional": provisional,
+            "received": os.listdir(received),
+        }
+"""
+
+
+def test_a_thread_of_a_job_that_returned_sends_nothing_as_the_next_job_on_dask(
+    net: Network, tmp_path: Path
+) -> None:
+    """A thread job 0 left running sends a file and a provisional result while
+    its runner runs job 1: both went out as job 1's (the file saved, the value
+    shown as job 1's). Now neither is sent, and both calls return -1 (as on
+    dispynb's nodes, tests/api/test_sent_files.py)."""
+    out = run(net, tmp_path, LATE_SENDER, dir=str(tmp_path))
+    assert out["results"] == ["job 0", "job 1"], out
+    assert out["noted"] == [-1, -1], out
+    assert out["provisional"] == [], out
+    assert out["received"] == [], out
