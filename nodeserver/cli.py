@@ -503,6 +503,13 @@ def main(argv: list[str] | None = None) -> int:
             logger.info("--serve 0: nothing to serve")
             return 0
         if args.register and not config.secret:
+            if args.scheduler_host:
+                raise ConfigurationError(
+                    f"{args.scheduler_option} needs a secret (--secret-file or "
+                    "DISPYNB_SECRET, the scheduler's --node_secret_file): the "
+                    "registration proves it. On one machine without a secret, leave "
+                    "it out: the scheduler finds this node by discovery"
+                )
             raise ConfigurationError(
                 "--register needs a secret (--secret-stdin, --secret-file or "
                 "DISPYNB_SECRET): the registration proves it"

@@ -392,6 +392,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         first.config and args.secret and args.secret != first.secret
     )
     if args.scheduler_host:
+        # Its messages name the spelling given (dispynode's older docs wrote
+        # --scheduler_node).
+        args.scheduler_option = next(
+            (
+                word.split("=")[0]
+                for word in reversed(given)
+                if word.split("=")[0] in ("--scheduler_host", "--scheduler_node")
+            ),
+            "--scheduler_host",
+        )
         try:
             host, port = parse_address(args.scheduler_host, SCHEDULER_REGISTER_PORT)
         except ConfigurationError as exc:

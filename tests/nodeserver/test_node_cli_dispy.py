@@ -295,6 +295,19 @@ def test_save_config_without_a_file_writes_the_configuration_to_stdout(
     check_config_node(tmp_path, saved)
 
 
+@pytest.mark.parametrize("option", ["--scheduler_host", "--scheduler_node"])
+def test_scheduler_host_without_a_secret_names_the_option_given(option: str) -> None:
+    """dispynode's ``--scheduler_host`` (``--scheduler_node`` in its older
+    documentation) on a node without a secret: the refusal names that option, not
+    ``--register`` (which the user never typed), and says that on one machine the
+    scheduler finds the node without it."""
+    done = run_node(option, "127.0.0.1")
+    assert done.returncode == 2, done.stderr
+    assert f"{option} needs a secret" in done.stderr, done.stderr
+    assert "--register" not in done.stderr
+    assert "finds this node by discovery" in done.stderr
+
+
 def _hhmm(delta_hours: int) -> str:
     moment = datetime.datetime.now() + datetime.timedelta(hours=delta_hours)
     return moment.strftime("%H:%M")
