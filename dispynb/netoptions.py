@@ -32,13 +32,18 @@ def _check_hosts(value: Any, name: str) -> str | list[str] | None:
     )
 
 
-def _check_port(value: Any) -> int | None:
+def _check_port(value: Any, name: str = "dispy_port", lowest: int = 1) -> int | None:
     if value is None:
         return None
-    if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 65536:
+    if (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and lowest <= value < 65536
+    ):
         return value
     raise ConfigurationError(
-        f"dispy_port must be a TCP port number from 1 to 65535, or None; got {value!r}"
+        f"{name} must be a TCP port number from {lowest} to 65535, or None; got "
+        f"{value!r}"
     )
 
 

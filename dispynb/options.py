@@ -78,6 +78,12 @@ class ClusterOptions:
         A new list of dependencies: files, modules, functions, classes, instances.
     job_status, cluster_status:
         Callbacks ``f(job)`` and ``f(status, node, job)``, or None.
+    node_port:
+        dispy's keyword up to 4.10: the TCP port of the nodes named without one
+        (default: dispynb-node's port, 9711). Discovered nodes say their port.
+    port:
+        dispy's keyword up to 4.10 for the client's port: accepted for dispy
+        programs and unused (nodes never connect to the client), as ``dispy_port``.
     host, ext_host:
         ``host``: the client address discovery pings are sent from (IPv4 or IPv6),
         or None for every interface. ``ext_host``: accepted for dispy programs and
@@ -176,6 +182,8 @@ class ClusterOptions:
     cluster_status: Callable[[Any, Any, Any], Any] | None = None
     host: str | list[str] | None = None
     dispy_port: int | None = None
+    node_port: int | None = None
+    port: int | None = None
     ext_host: str | list[str] | None = None
     ipv4_udp_multicast: bool = False
     dest_path: str | None = None
@@ -253,6 +261,8 @@ class ClusterOptions:
         self.host = _check_hosts(self.host, "host")
         self.ext_host = _check_hosts(self.ext_host, "ext_host")
         self.dispy_port = _check_port(self.dispy_port)
+        self.node_port = _check_port(self.node_port, "node_port")
+        self.port = _check_port(self.port, "port", lowest=0)  # 0: any, in dispy
         self.ipv4_udp_multicast = bool(self.ipv4_udp_multicast)
         self.dest_path = _check_dest_path(self.dest_path)
         self.loglevel = _check_loglevel(self.loglevel)

@@ -114,6 +114,8 @@ class NodesBackend:
         self._config = config
         self._runner = config.runner
         opts = self._options = config.options
+        # The port of nodes named without one (dispy's node_port, up to 4.10).
+        self._node_port = opts.node_port or NODE_PORT
         self._program: ProgramFile | None = None
         if isinstance(opts.computation, str):
             self._program = read_program(opts.computation)
@@ -196,7 +198,7 @@ class NodesBackend:
         explicit = [spec for spec in self._specs if not is_wildcard(spec)]
         for spec in explicit:
             self.driver.add_node(
-                spec.host, spec.port or NODE_PORT, self._allocator(spec)
+                spec.host, spec.port or self._node_port, self._allocator(spec)
             )
         wildcards = [spec for spec in self._specs if is_wildcard(spec)]
         wait = STARTUP_WAIT
@@ -528,7 +530,7 @@ class NodesBackend:
         for spec in specs:
             if is_wildcard(spec):
                 continue
-            port = spec.port or NODE_PORT
+            port = spec.port or self._node_port
             node_id = format_address(spec.host, port)
             self._on_loop(self._add_node, spec, port, node_id)
 

@@ -414,6 +414,14 @@ EXPECTED: dict[str, Expect] = {
         # a file read for a node as the interpreter exits: no traceback
         not_in_stderr=("Traceback", "never retrieved"),
     ),
+    "old_keywords": Expect(
+        [
+            "job: local-0, 9",
+            "close_node: 0",
+            "allocate_node: 0",
+            "job after allocate_node: local-0, 16",
+        ]
+    ),
     "fixed_bugs": Expect(
         [
             "unpicklable result: status 9, exception names the type: True",

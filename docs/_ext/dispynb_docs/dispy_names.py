@@ -129,6 +129,16 @@ JOBCLUSTER = [
     ),
     Name("ip_addr", note="Deprecated alias of ``host`` (logs a warning), as in dispy."),
     Name("ext_ip_addr", note="Deprecated alias of ``ext_host``, as in dispy."),
+    Name(
+        "node_port",
+        note="dispy's keyword up to 4.10: the port of the nodes named without one "
+        "(dispynb's default 9711).",
+    ),
+    Name(
+        "port",
+        differs="dispy's keyword up to 4.10 for the client's port: accepted and "
+        "unused, nodes never connect to the client.",
+    ),
     Name("ipv4_udp_multicast"),
     Name(
         "dest_path",
