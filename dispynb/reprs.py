@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "COLORS",
+    "TABLE_STYLE",
     "cluster_html",
     "details_html",
     "format_bytes",
@@ -48,6 +49,11 @@ _STATUS_COLORS = {
 }
 _TABLE = 'style="border-collapse:collapse;font-size:90%"'
 _CELL = 'style="padding:1px 8px;text-align:left"'
+#: The style of the cells of a table made without ``cell_style`` (`table_html`).
+TABLE_STYLE = (
+    "<style>.dispynb-table th,.dispynb-table td"
+    "{padding:1px 8px;text-align:left}</style>"
+)
 _MAX_TEXT = 4000
 
 
@@ -147,16 +153,24 @@ def table_html(
     head: Sequence[str] | None,
     rows: Sequence[Sequence[str]],
     greyed: Sequence[int] = (),
+    cell_style: bool = True,
 ) -> str:
     """A compact table of HTML cells (escaped by the caller); rows whose index is
-    in ``greyed`` are faded (gone nodes)."""
-    lines = [f"<table {_TABLE}>"]
+    in ``greyed`` are faded (gone nodes). Without ``cell_style`` no cell carries
+    its own style: the table's ``dispynb-table`` class is styled by `TABLE_STYLE`,
+    given once before it (a live widget redrawn every second: a third of the
+    bytes), which front ends that strip ``<style>`` (saved notebooks on GitHub)
+    do not apply."""
+    cell = f" {_CELL}" if cell_style else ""
+    lines = [
+        f"<table {_TABLE}>" if cell_style else f"<table class='dispynb-table' {_TABLE}>"
+    ]
     if head is not None:
-        cells = "".join(f"<th {_CELL}>{h}</th>" for h in head)
+        cells = "".join(f"<th{cell}>{h}</th>" for h in head)
         lines.append(f"<thead><tr>{cells}</tr></thead>")
     lines.append("<tbody>")
     for index, row in enumerate(rows):
-        cells = "".join(f"<td {_CELL}>{c}</td>" for c in row)
+        cells = "".join(f"<td{cell}>{c}</td>" for c in row)
         grey = " class='dispynb-gone' style='opacity:0.45'" if index in greyed else ""
         lines.append(f"<tr{grey}>{cells}</tr>")
     lines.append("</tbody></table>")

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from dispynb.reprs import (
     COLORS,
+    TABLE_STYLE,
     cluster_html,
     details_html,
     format_bytes,
@@ -156,9 +157,10 @@ def provisional_html(
     return f"<details open><summary>{html.escape(summary)}</summary>{table}</details>"
 
 
-def nodes_html(rows: Iterable[NodeRow]) -> str:
+def nodes_html(rows: Iterable[NodeRow], live: bool = False) -> str:
     """The node panel's table (see `dispynb.jupyter.widgets.NodePanel`); nodes
-    gone (left or replaced) are greyed."""
+    gone (left or replaced) are greyed. ``live``: for the panel's widget, redrawn
+    as the nodes change, its cells styled once (`table_html`'s ``cell_style``)."""
     rows = list(rows)
     header = (
         "name", "address", "CPUs", "busy", "jobs done", "CPU used", "memory free",
@@ -180,4 +182,6 @@ def nodes_html(rows: Iterable[NodeRow]) -> str:
     if not body:
         return "<div class='dispynb-nodes'><i>no nodes yet</i></div>"
     greyed = [i for i, row in enumerate(rows) if row.gone]
-    return f"<div class='dispynb-nodes'>{table_html(header, body, greyed)}</div>"
+    table = table_html(header, body, greyed, cell_style=not live)
+    style = TABLE_STYLE if live else ""
+    return f"<div class='dispynb-nodes'>{style}{table}</div>"

@@ -55,6 +55,11 @@ KINDS = ("auto", "widget", "html", "text", "none")
 #: ETA it moves): a run whose jobs all run long redraws this rarely.
 CLOCK_INTERVAL = 10.0
 
+#: Positions of the widget's bar. A move of less than one (under a pixel however
+#: wide a notebook draws it) is not sent: 35 jobs of 100,000 ended between two
+#: redraws would send a message that changes nothing on the screen.
+BAR_STEPS = 500
+
 
 @dataclasses.dataclass(frozen=True)
 class ProgressCounts:
@@ -310,10 +315,12 @@ class HTMLProgressBar(ProgressBar):
 class WidgetProgressBar(ProgressBar):
     """An ipywidgets bar (``IntProgress``) and label (``HTML``) in an ``HBox``.
 
-    The model state is the API tests and front ends see: ``bar.value`` (jobs ended),
-    ``bar.max`` (jobs submitted), ``bar.bar_style`` (``""`` while running, then
-    ``"success"``, ``"danger"`` if any failed or ``"warning"`` if any was cancelled),
-    and ``label.value`` (the counts as text).
+    The model state is the API tests and front ends see: ``bar.value`` (jobs ended,
+    kept to `BAR_STEPS` positions while the run goes on: it moves when the bar
+    would move on the screen; exact once it ends), ``bar.max`` (jobs submitted),
+    ``bar.bar_style`` (``""`` while running, then ``"success"``, ``"danger"`` if
+    any failed or ``"warning"`` if any was cancelled), and ``label.value`` (the
+    counts as text, exact at every redraw).
     """
 
     def __init__(self, title: str = "", interval: float = 0.5) -> None:
@@ -331,14 +338,20 @@ class WidgetProgressBar(ProgressBar):
         if self._handle is None:
             self._handle = display(_WidgetWithSnapshot(self), display_id=True)
 
-    def _draw_bar(self, counts: ProgressCounts) -> None:
-        with self.bar.hold_sync():  # max and value in one message
-            self.bar.max = max(counts.total, 1)
-            self.bar.value = counts.ended
+    def _draw_bar(self, counts: ProgressCounts, exact: bool = False) -> None:
+        bar, total = self.bar, max(counts.total, 1)
+        if (
+            exact
+            or total != bar.max
+            or _step(counts.ended, total) != _step(bar.value, total)
+        ):
+            with bar.hold_sync():  # max and value in one message
+                bar.max = total
+                bar.value = counts.ended
         self.label.value = templates.format_counts(counts)
 
     def _draw_done(self, counts: ProgressCounts) -> None:
-        self._draw_bar(counts)
+        self._draw_bar(counts, exact=True)
         if counts.failed:
             self.bar.bar_style = "danger"
         elif counts.cancelled:
@@ -348,6 +361,11 @@ class WidgetProgressBar(ProgressBar):
         if self._handle is not None:
             # Refresh the static snapshot saved with the notebook.
             self._handle.update(_WidgetWithSnapshot(self))
+
+
+def _step(value: int, total: int) -> int:
+    """The position of the widget's bar at ``value`` of ``total`` (`BAR_STEPS`)."""
+    return value * BAR_STEPS // total
 
 
 class _WidgetWithSnapshot:

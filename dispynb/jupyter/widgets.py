@@ -348,7 +348,7 @@ class NodePanel:
             if wait > 0:
                 self._draw_in(wait)
                 return
-        value = templates.nodes_html(rows)
+        value = templates.nodes_html(rows, live=True)
         self._widget.value = value
         if last is None or shown[1] != last[1]:
             self._load_shown = now

@@ -66,16 +66,43 @@ def _wait_for_label(k: Kernel, text: str) -> None:
             continue
 
 
-def _count(k: Kernel, seconds: float) -> collections.Counter[str]:
-    """The IOPub messages the kernel sends in the next ``seconds``, by kind
-    (widget updates by the widget's comm, the panel's by its message type)."""
-    counts: collections.Counter[str] = collections.Counter()
+def _messages(k: Kernel, seconds: float) -> list[dict[str, Any]]:
+    """The IOPub messages the kernel sends in the next ``seconds``."""
+    messages = []
     deadline = time.monotonic() + seconds
     while (left := deadline - time.monotonic()) > 0:
         try:
-            msg = k.client.get_iopub_msg(timeout=left)
+            messages.append(k.client.get_iopub_msg(timeout=left))
         except queue.Empty:
             break
+    return messages
+
+
+def _busy(tmp_path: Path, jobs: int) -> list[dict[str, Any]]:
+    """The IOPub messages a busy run of ``jobs`` jobs sends over `WINDOW` seconds,
+    once it shows two running; then stopped."""
+    with kernel(tmp_path) as k:
+        _as_a_closed_tab_leaves_it(k)
+        k.run_ok(f"WORK = [(None, i) for i in range({jobs})]")
+        msg_id = k.submit(HELD_CELL)
+        _wait_for_label(k, "done, 2 running")
+        messages = _messages(k, WINDOW)
+        k.stop_button()
+        out = k.collect(msg_id)
+    assert out.ename == "RunInterrupted", out.text
+    return messages
+
+
+def _count(k: Kernel, seconds: float) -> collections.Counter[str]:
+    """The IOPub messages the kernel sends in the next ``seconds``, by kind."""
+    return _kinds(_messages(k, seconds))
+
+
+def _kinds(messages: list[dict[str, Any]]) -> collections.Counter[str]:
+    """``messages`` by kind (widget updates by the widget's comm, the panel's by
+    its message type)."""
+    counts: collections.Counter[str] = collections.Counter()
+    for msg in messages:
         data = msg["content"].get("data", {}) if msg["msg_type"] == "comm_msg" else {}
         if "state" in data:
             counts[f"widget {msg['content']['comm_id'][:6]}"] += 1
@@ -112,17 +139,36 @@ def test_a_cell_whose_jobs_all_run_long_sends_next_to_nothing(tmp_path: Path) ->
 def test_a_busy_cell_sends_at_a_bounded_rate(tmp_path: Path) -> None:
     """Jobs ending all the time: the progress bar redraws at most twice a second,
     each panel at most once a second."""
-    with kernel(tmp_path) as k:
-        _as_a_closed_tab_leaves_it(k)
-        k.run_ok("WORK = [(None, i) for i in range(5_000)]")  # 50 s at least
-        msg_id = k.submit(HELD_CELL)
-        _wait_for_label(k, "done, 2 running")
-        counts = _count(k, WINDOW)
-        k.stop_button()
-        out = k.collect(msg_id)
-
-    assert out.ename == "RunInterrupted", out.text
+    counts = _kinds(_busy(tmp_path, 5_000))  # 50 s at least
     print(f"a busy run sent in {WINDOW} s: {dict(counts)}")
     # Two widgets (bar, label) at 2 draws a second, two panels at 1: 6 a second,
     # and a few more (a trailing draw, the first of each). Before: about 15.
     assert sum(counts.values()) <= 6 * WINDOW + 10, counts
+
+
+@pytest.mark.timeout(120)
+def test_a_long_busy_cell_sends_no_redraw_that_changes_nothing_on_screen(
+    tmp_path: Path,
+) -> None:
+    """100,000 jobs, about 70 ending a second: between two redraws the bar moves by
+    a 3000th of its width, less than a pixel. Its widget is sent a new position
+    only when the bar moves a whole step (`BAR_STEPS`), and the node panel's
+    table is sent without a style on each of its cells. Before: every redraw
+    moved the bar (30 messages in 15 s that changed nothing on the screen), and
+    each table was 1.4 kB for one node."""
+    from dispynb.jupyter.progress import BAR_STEPS
+
+    values = [
+        msg["content"]["data"]["state"]["value"]
+        for msg in _busy(tmp_path, 100_000)
+        if msg["msg_type"] == "comm_msg"
+        and "value" in msg["content"]["data"].get("state", {})
+    ]
+    tables = [v for v in values if isinstance(v, str) and "dispynb-nodes" in v]
+    labels = [v for v in values if isinstance(v, str) and v not in tables]
+    positions = [v for v in values if isinstance(v, int)]
+    assert len(labels) >= 10, values  # the run went on, its counts shown
+    steps = [position * BAR_STEPS // 100_000 for position in positions]
+    assert len(set(steps)) == len(steps), positions  # each one moved the bar
+    assert tables and max(len(table) for table in tables) < 800, tables[-1]
+    print(f"in {WINDOW} s: {len(labels)} labels, bar moved {len(positions)} times")

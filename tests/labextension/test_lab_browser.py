@@ -82,6 +82,7 @@ STOP_CELLS = [
     '%%dispy --over "range(4)" --into after\ndef square(x):\n    return x * x',
     "c = slow.counts()\n"
     "print(after.results, len(slow.failures), c.finished + c.cancelled)",
+    "%dispy panel",
 ]
 
 
@@ -517,6 +518,14 @@ def test_lab_stop(lab: Lab) -> None:  # collected only in the namespace: conftes
                 break
             page.wait_for_timeout(100)
         assert sorted(names) == want, names
+
+        # The node panel's widget: its cells styled once for the table (a redraw a
+        # second sends a third of the bytes), as the saved snapshot styles each.
+        run_cell(page, 4)
+        cell = cells.nth(4).locator(".widget-html-content .dispynb-nodes td").first
+        cell.wait_for()
+        padding = cell.evaluate("e => getComputedStyle(e).padding")
+        assert padding == "1px 8px", padding
 
 
 @pytest.mark.timeout(200)
