@@ -226,9 +226,10 @@ def unconfirmed(timeout: float | None) -> str:
 
 
 def file_sent(path: str, error: str | None) -> int:
-    """``dispy_send_file``'s return value, its reason on the job's stderr: 0 once
-    the client wrote ``path`` (``error`` empty), -1 if not (``error`` says why);
-    ``error`` None: sent from a process the job started, which gets no answer."""
+    """``dispy_send_file``'s return value, its reason on the job's stderr (the
+    process's own for a thread of a job that returned): 0 once the client wrote
+    ``path`` (``error`` empty), -1 if not (``error`` says why); ``error`` None:
+    sent from a process the job started, which gets no answer."""
     if error is None:
         print(
             f"dispy_send_file: {path!r} sent from a process the job started: "
@@ -237,7 +238,11 @@ def file_sent(path: str, error: str | None) -> int:
             file=sys.stderr,
         )
     elif error:
-        print(f"dispy_send_file: {path!r} not sent: {error}", file=sys.stderr)
+        # From a thread of a job that returned, the captured stderr is the next
+        # job's: the process's own takes it instead.
+        stream = sys.__stderr__ if error == FROM_AN_ENDED_JOB else sys.stderr
+        if stream is not None:
+            print(f"dispy_send_file: {path!r} not sent: {error}", file=stream)
         return -1
     return 0
 

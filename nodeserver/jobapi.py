@@ -13,6 +13,7 @@ import logging
 import mmap
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -161,7 +162,13 @@ def dispy_provisional_result(
                 "(max_result_size, within the client's max_message_size)"
             )
         if not CONTEXT.sent_by_its_job():
-            raise OSError(FROM_AN_ENDED_JOB)
+            # The captured stderr (a log handler's too) is the next job's now.
+            if sys.__stderr__ is not None:
+                print(
+                    f"provisional result not sent: {FROM_AN_ENDED_JOB}",
+                    file=sys.__stderr__,
+                )
+            return -1
         CONTEXT.send(Provisional(key=CONTEXT.key, attempt=CONTEXT.attempt), buffers)
     except (DispynbError, RuntimeError, OSError) as exc:
         logger.warning("provisional result not sent: %s", exc)

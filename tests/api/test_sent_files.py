@@ -284,7 +284,7 @@ def test_a_thread_of_a_job_that_returned_sends_nothing_as_the_next_job(
     while its worker runs job 1. Both went out as job 1's (the worker's running
     job): the file saved by the client, the provisional result shown as job 1's.
     Now the worker knows the thread is job 0's, which has returned: neither is
-    sent, and both calls return -1."""
+    sent, both calls return -1, and job 1's stderr does not say so."""
     marks, received = tmp_path / "marks", tmp_path / "received"
     marks.mkdir()
     received.mkdir()
@@ -312,3 +312,4 @@ def test_a_thread_of_a_job_that_returned_sends_nothing_as_the_next_job(
     assert noted == [-1, -1], noted
     assert provisional == []
     assert not (received / "late.txt").exists()
+    assert "not sent" not in second.stderr, second.stderr  # not job 1's to say

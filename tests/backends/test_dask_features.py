@@ -422,13 +422,15 @@ def main(args):
         with JobCluster(
             late_sender, nodes=local, files_dir=received, job_status=status
         ) as cluster:
-            results = [cluster.submit(n, marks)() for n in range(2)]
+            jobs = [cluster.submit(n, marks) for n in range(2)]
+            results = [job() for job in jobs]
     with open(os.path.join(marks, "noted")) as noted:
         return {
             "results": results,
             "noted": json.load(noted),
             "provisional": provisional,
             "received": os.listdir(received),
+            "stderr": jobs[1].stderr,
         }
 """
 
@@ -445,3 +447,4 @@ def test_a_thread_of_a_job_that_returned_sends_nothing_as_the_next_job_on_dask(
     assert out["noted"] == [-1, -1], out
     assert out["provisional"] == [], out
     assert out["received"] == [], out
+    assert "not sent" not in out["stderr"], out  # not job 1's to say
