@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import functools
 import itertools
 import logging
 from collections.abc import Iterator
@@ -48,6 +49,7 @@ from dispynb.scheduler.policy import update_mean
 from dispynb.transport.connection import Connection
 from schedserver.fairshare import Account
 from schedserver.jobfiles import _JobFiles, own_files
+from schedserver.nodeclaims import all_own, only_own
 from schedserver.spill import KeptMessages
 
 if TYPE_CHECKING:
@@ -148,6 +150,8 @@ class SharedComputation(_JobFiles):
         self.queue: collections.deque[QueuedJob] = collections.deque()
         self.running: dict[int, QueuedJob] = {}
         self.upstream: dict[str, Upstream] = {}
+        #: Nodes said to send messages about jobs they do not run (said once each).
+        self.foreign_senders: set[str] = set()
         self.ready_sent = False
         self.closing = False
         self.closed = False
@@ -235,13 +239,20 @@ class SharedComputation(_JobFiles):
         attempt of the job running on ``upstream``'s node, so that the client's
         acknowledgement of that attempt drops it too (the client had the file
         before that attempt's result: they come on one connection, in order). A
-        file naming no job running there stays kept until collected."""
+        file naming no job running there is dropped (`schedserver.nodeclaims`), its
+        job told if it waits."""
         running = self.running.get(message.key)
         job = (
             (running.key, running.attempt)
             if running is not None and running.node == upstream.node.name
             else None
         )
+        if job is None:  # not a job of this node's (a client drops it as well)
+            self.foreign(upstream, 1)
+            if message.request:
+                reason = f"job {message.key} does not run on this node"
+                self._answer_file(upstream, message.key, message.request, reason)
+            return
         if not message.request:
             self.to_client(message, buffers, job=job)
         elif self.session is None:
@@ -456,6 +467,42 @@ class SharedComputation(_JobFiles):
 
     # -- from the nodes ----------------------------------------------------------------
 
+    def runs_on(self, upstream: Upstream, key: int, attempt: int) -> bool:
+        """Whether that attempt of job ``key`` runs on ``upstream``'s node."""
+        job = self.running.get(key)
+        return (
+            job is not None
+            and job.attempt == attempt
+            and job.node == upstream.node.name
+        )
+
+    def foreign(self, upstream: Upstream, count: int) -> None:
+        """``upstream``'s node sent ``count`` messages (or parts) about jobs it does
+        not run: dropped (`schedserver.nodeclaims`); said once per node."""
+        name = upstream.node.name
+        if name not in self.foreign_senders:
+            self.foreign_senders.add(name)
+            logger.warning(
+                "%s: node %s sent results or files for jobs it does not run (%d so "
+                "far): dropped, and said once",
+                self.name,
+                name,
+                count,
+            )
+
+    def from_node(
+        self,
+        upstream: Upstream,
+        message: ResultChunk | JobProvisional,
+        buffers: list[memoryview],
+    ) -> None:
+        """A chunk of a large result, or a provisional result, for the client, if
+        its job runs on ``upstream``'s node."""
+        if self.runs_on(upstream, message.key, message.attempt):
+            self.to_client(message, buffers)
+        else:
+            self.foreign(upstream, 1)
+
     def pass_on(self, upstream: Upstream, frame: Frame, waiting: int) -> None:
         """A node's message before it is decoded (`Connection.dispatch`'s early
         handler): results that the client gets unchanged go to it now, and are
@@ -483,6 +530,8 @@ class SharedComputation(_JobFiles):
         # (the last of two equal keys wins).
         if not header.endswith(_RESULTS_OP) or _RETURNED in header:
             return
+        if not all_own(header, functools.partial(self.runs_on, upstream)):
+            return  # what is not its node's is taken out first (on_results)
         upstream.passed = True
         try:
             session.conn.relay(frame)
@@ -493,13 +542,18 @@ class SharedComputation(_JobFiles):
         self, upstream: Upstream, message: JobResults, buffers: list[memoryview]
     ) -> None:
         """Jobs ended on a node: pass the results on, free their slots."""
+        message, buffers, foreign = only_own(
+            message, buffers, functools.partial(self.runs_on, upstream)
+        )
+        if foreign:
+            self.foreign(upstream, foreign)
         # More of the node's messages were read with this one (a burst of short
         # jobs): its results are gathered into one message to the client, and the
         # slots they free go out together, once the last of them is handled.
         passed, upstream.passed = upstream.passed, False
         conn = upstream.conn
         more = conn is not None and conn.messages_waiting > 0
-        size = None if conn is None else conn.last_size
+        size = None if conn is None or foreign else conn.last_size
         # The client waits for them (W2): forwarded first, before the bookkeeping,
         # unless a job came back unrun (it runs elsewhere: not for the client); a
         # message not gathered goes as the node sent it (not encoded again).
@@ -509,7 +563,7 @@ class SharedComputation(_JobFiles):
                 if isinstance(item, list) and item[2:3] == [RETURNED]:
                     break  # it goes after the bookkeeping, without that job
             else:
-                frame = None if more or conn is None else conn.last_frame
+                frame = None if more or conn is None or foreign else conn.last_frame
                 self.to_client(
                     message, buffers, gather=more, frame=frame, sent=passed, size=size
                 )

@@ -225,7 +225,7 @@ class _NodeLinks(_ServerState):
         elif isinstance(message, FileFromNode):
             comp.job_file(upstream, message, buffers)
         elif isinstance(message, ResultChunk | JobProvisional):
-            comp.to_client(message, buffers)
+            comp.from_node(upstream, message, buffers)
         elif isinstance(message, NodeStatus):
             upstream.node.avail = reported_avail(upstream.node, message.avail)
             upstream.reporting = True
