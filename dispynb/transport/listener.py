@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import logging
 import os
 import socket
@@ -194,6 +195,13 @@ class Listener:
             if not isinstance(address, tuple):  # a Unix socket's peer has no name
                 address = (localsockets.UNIX_PEER, 0)
             source = source_of(address)
+            uid = _local_uid(sock, source)
+            if uid is not None and uid != os.geteuid():
+                # Another user of this machine: all its loopback addresses (a
+                # /8 of them) count as one source, or it would pick a fresh one
+                # for every few guesses of the secret (and could not be told
+                # from the node's own user's clients on 127.0.0.1).
+                source = f"local user {uid}"
             crowded = self.admission.crowded_out(source)
             if isinstance(crowded, socket.socket):
                 self._drop_handshake(crowded)
@@ -206,7 +214,7 @@ class Listener:
                     _refuse(sock, refusal)
                 continue
             self._deadlines[sock] = None
-            task = loop.create_task(self._serve(sock, address, source))
+            task = loop.create_task(self._serve(sock, address, source, uid))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -274,7 +282,11 @@ class Listener:
         self._paused_since = None
 
     async def _serve(
-        self, sock: socket.socket, address: tuple[str, int], source: str
+        self,
+        sock: socket.socket,
+        address: tuple[str, int],
+        source: str,
+        uid: int | None,
     ) -> None:
         """Handshake, then run the handler for one connection."""
         peer = (
@@ -284,7 +296,7 @@ class Listener:
         )
         conn: Connection | None = None
         failure = ""
-        stranger = self._own_user_only and _stranger(sock)
+        stranger = self._own_user_only and _stranger(uid)
         try:
             async with asyncio.timeout(self._handshake_timeout) as deadline:
                 self._deadlines[sock] = deadline
@@ -350,11 +362,22 @@ class Listener:
             conn.close()
 
 
-def _stranger(sock: socket.socket) -> str:
-    """Why a node without a secret refuses the connection on ``sock``: it comes
-    from another user than the node's, or from one it cannot tell; "" if from its
-    own user. (Peers see 200 characters of it.)"""
-    uid = peer_uid(sock)
+def _local_uid(sock: socket.socket, source: str) -> int | None:
+    """The user of this machine a connection comes from (loopback or Unix socket),
+    or None: from another machine, or it cannot be told."""
+    if source != localsockets.UNIX_PEER:
+        try:
+            if not ipaddress.ip_address(source).is_loopback:
+                return None
+        except ValueError:  # an IPv6 /64: not loopback
+            return None
+    return peer_uid(sock)
+
+
+def _stranger(uid: int | None) -> str:
+    """Why a node without a secret refuses a connection of local user ``uid``
+    (None: it cannot tell), or "" if it is its own user. (Peers see 200
+    characters of it.)"""
     own = os.geteuid()
     if uid == own:
         return ""

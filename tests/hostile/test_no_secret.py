@@ -19,16 +19,11 @@ from pathlib import Path
 import pytest
 
 from dispynb import DispyJob, JobCluster
+from tests.hostile.tools import AS_NOBODY
 from tests.nodeproc import NODE_WAIT, node_command, node_env
 from tests.transport.certs import make_cert
 
 pytestmark = pytest.mark.slow
-
-#: A client run as nobody (reading the code and interpreter root's files may hold).
-AS_NOBODY = [
-    "setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
-    "--inh-caps=+dac_override", "--ambient-caps=+dac_override",
-]  # fmt: skip
 
 CLIENT = """
 import sys

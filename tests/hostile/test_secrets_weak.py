@@ -4,6 +4,8 @@ and an impostor node collecting proofs."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -15,6 +17,8 @@ from dispynb.protocol.handshake import ClientHandshake
 from dispynb.protocol.messages import Auth, Challenge, Error
 from dispynb.secret import estimate_bits
 from tests.hostile.tools import (
+    AS_NOBODY,
+    RawSession,
     attacker_socket,
     count_lines,
     limited_node,
@@ -22,7 +26,13 @@ from tests.hostile.tools import (
     send_unsigned,
     strong_secret,
 )
-from tests.nodeproc import NODE_WAIT, node_command, node_env, write_secret_file
+from tests.nodeproc import (
+    NODE_WAIT,
+    ROOT,
+    node_command,
+    node_env,
+    write_secret_file,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -240,3 +250,81 @@ def test_client_never_proves_a_weak_secret_to_a_remote_node(measure):
     assert "auth" not in weak_sent
     assert out["strong"].startswith("AuthenticationError")
     assert "does not know our shared secret" in out["strong"]
+
+
+ROTATING_GUESSER = """
+import json, socket, sys, time
+sys.path.insert(0, {root!r})
+from dispynb.protocol.handshake import ClientHandshake
+from dispynb.protocol.messages import Auth, Error
+from tests.hostile.tools import attacker_socket, recv_unsigned, send_unsigned
+
+port, words = int(sys.argv[1]), json.loads(sys.argv[2])
+verdicts = busy = 0
+cracked = None
+source = 2
+start = time.monotonic()
+for word in words:
+    if time.monotonic() - start > 5:
+        break
+    # A fresh loopback address every 9 guesses: each a source with a full budget,
+    # were sources only addresses.
+    address = f"127.0.{{source // 250}}.{{2 + source % 250}}"
+    with attacker_socket(port, address) as sock:
+        handshake = ClientHandshake(word.encode())
+        send_unsigned(sock, handshake.hello())
+        reply = recv_unsigned(sock)
+        if isinstance(reply, Error):
+            busy += 1
+            source += 1
+            continue
+        send_unsigned(sock, handshake.on_challenge(reply))
+        answer = recv_unsigned(sock)
+        verdicts += 1
+        if verdicts % 9 == 0:
+            source += 1
+        if isinstance(answer, Auth):
+            cracked = word
+            break
+print(json.dumps([verdicts, busy, cracked, time.monotonic() - start]))
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.attack(
+    id="throttle-address-rotation",
+    title="Another user of the machine (nobody) guesses a loopback node's weak secret "
+    "from a fresh 127.x.y.z address every 9 guesses",
+    goal="its guesses throttled as one source (10, then 1 per 2 s), whatever its "
+    "addresses; the secret not reached (was: cracked, 'dragon' being guess 101)",
+)
+def test_another_user_cannot_escape_the_throttle_by_its_addresses(measure, tmp_path):
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("a peer of another user needs root and setpriv")
+    script = tmp_path / "guesser.py"
+    script.write_text(ROTATING_GUESSER.format(root=str(ROOT)))
+    with limited_node(tmp_path / "node", secret="dragon") as node:
+        done = subprocess.run(
+            [
+                *AS_NOBODY,
+                sys.executable,
+                str(script),
+                str(node.port),
+                json.dumps(WORDS),
+            ],
+            env={**node_env(), "HOME": str(tmp_path)},
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        verdicts, busy, cracked, elapsed = json.loads(done.stdout)
+        # The node's own user is not locked out by it (another source).
+        RawSession.open(node.port, "dragon").close()
+    measure(
+        f"{verdicts} guesses answered, {busy} refused as busy in {elapsed:.1f} s; "
+        f"cracked: {cracked or 'no'}; the node's own client then served"
+    )
+    assert cracked is None
+    assert verdicts <= 10 + elapsed * 0.5 + 1

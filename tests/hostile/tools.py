@@ -36,6 +36,14 @@ ATTACKER = "127.0.0.2"
 WAIT = 20.0
 
 
+#: A command prefix that runs a program as nobody (another user of the machine),
+#: still able to read root's files (the code and its interpreter). Needs root.
+AS_NOBODY = [
+    "setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+    "--inh-caps=+dac_override", "--ambient-caps=+dac_override",
+]  # fmt: skip
+
+
 def lowest_free_descriptor(pid: int) -> int:
     """The number the next descriptor process ``pid`` opens would get (a soft
     ``RLIMIT_NOFILE`` of it leaves the process none to open)."""

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from dispynb.transport import peeruser
 from dispynb.transport.peeruser import peer_uid
 
 pytestmark = pytest.mark.skipif(
@@ -32,7 +33,12 @@ def test_a_loopback_peer_is_found_as_this_user(family, listen_on, connect_to):
         with socket.create_connection((connect_to, port)):
             accepted, _ = listening.accept()
             with accepted:
-                assert peer_uid(accepted) == os.geteuid()
+                assert peer_uid(accepted) == os.geteuid()  # by sock_diag
+                peer = peeruser._address(accepted.getpeername())
+                ours = peeruser._address(accepted.getsockname())
+                # ... and where netlink is refused: /proc/net/tcp
+                assert peeruser._table_uid(peer, ours) == os.geteuid()
+                assert peeruser._diag_uid((peer[0], 1), ours) is None  # no such
 
 
 def test_a_unix_peer_is_found_as_this_user():
