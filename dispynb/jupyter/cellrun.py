@@ -166,7 +166,7 @@ class CellRunner:
             self._keep(_unfinished(runs, label, message, "Interrupted"), args.into)
             raise RunInterrupted(message) from None
         try:
-            session.runs.append(run)
+            session.add_run(run)
             self._keep(run, args.into)
             if args.nowait:
                 self._go_live(run, args.progress)

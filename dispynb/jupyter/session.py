@@ -18,6 +18,7 @@ import atexit
 import contextlib
 import os
 import sys
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -51,9 +52,31 @@ class Session(_SessionProbes, _SessionNodes):
         self.engine_label = ""  # where the engine runs, for %dispy status
         self.options: dict[str, Any] = {}
         self.cluster_factory: ClusterFactory = new_cluster
-        self.runs: list[Run] = []
+        # Runs not done, and weak references to the done ones (`runs`).
+        self._runs: list[Run | weakref.ref[Run]] = []
         self.panel = NodePanel()
         self._atexit = False
+
+    @property
+    def runs(self) -> list[Run]:
+        """The runs this session started, oldest first: those not done, and those
+        done that the notebook still holds (in a variable). A done run nobody
+        holds (its cell was run again under the same name) lets go of its jobs and
+        results: a notebook that runs a cell a hundred times keeps one result."""
+        runs, kept = [], []
+        for entry in self._runs:
+            run = entry() if isinstance(entry, weakref.ref) else entry
+            if run is None:
+                continue
+            runs.append(run)
+            kept.append(weakref.ref(run) if run.done() else run)
+        self._runs = kept
+        return runs
+
+    def add_run(self, run: Run) -> None:
+        """Follow ``run`` (see `runs`)."""
+        self.runs  # noqa: B018 (drops the runs let go of, weakens the done ones)
+        self._runs.append(run)
 
     @property
     def attached(self) -> bool:
@@ -352,7 +375,7 @@ class Session(_SessionProbes, _SessionNodes):
             run.close(terminate=True)
             if unfinished:
                 stopped.append(run._stop_summary("dispynb", unfinished))
-        self.runs = []
+        self._runs = []
         if self.local is not None:
             self.local.close()
         self.local = None

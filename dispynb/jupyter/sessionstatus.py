@@ -58,7 +58,7 @@ class SessionStatus:
                 f"cpu_used={templates.format_load(row.cpu_free)} "
                 f"memory_free={templates.format_bytes(row.memory_free)}"
             )
-        lines.append(f"{len(self.runs)} runs")
+        lines.append(f"{len(self.runs)} run{'s' * (len(self.runs) != 1)}")
         lines += [f"  {run!r}" for run in self.runs]
         return "\n".join(lines)
 
