@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
+import fcntl
 import logging
 import os
 import shutil
@@ -165,6 +167,49 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         config.dest_path = os.path.abspath(args.dest_path)
     config.validate()
     return config
+
+
+#: The file in the destination directory that every node using it holds a shared
+#: lock on while it runs (``--clean`` needs it exclusive).
+DEST_LOCK = ".node-lock"
+
+
+def _use_dest_path(path: str, clean: bool, serving: bool) -> None:
+    """Empty ``path`` first with ``clean``; if ``serving``, hold a shared lock on
+    its `DEST_LOCK` until this process exits.
+
+    dispynode's ``--clean`` removes what a node that did not exit cleanly left;
+    a node still running there would lose its computations' files, so ``clean``
+    is refused while another node holds the lock. A directory the node cannot
+    write to is left to the server, which says what it cannot do there.
+    """
+    if clean and os.path.isdir(path):
+        fd = _open_lock(path)
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ConfigurationError(
+                    f"--clean: another dispynb-node is using {path}: stop it first, "
+                    "or give this node a directory of its own (--dest_path_prefix)"
+                ) from None
+            finally:
+                os.close(fd)  # the directory goes, the lock with it
+        shutil.rmtree(path, ignore_errors=True)
+        logger.info("--clean: removed %s", path)
+    if serving:
+        with contextlib.suppress(OSError):
+            os.makedirs(path, mode=0o700, exist_ok=True)
+        fd = _open_lock(path)
+        if fd is not None:  # released when this process (the node) exits
+            fcntl.flock(fd, fcntl.LOCK_SH)
+
+
+def _open_lock(path: str) -> int | None:
+    try:
+        return os.open(os.path.join(path, DEST_LOCK), os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        return None
 
 
 def _read_secret_line(fd: int) -> bytes:
@@ -496,9 +541,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         config = config_from_args(args)
-        if config.clean and os.path.isdir(config.dest_path):
-            shutil.rmtree(config.dest_path, ignore_errors=True)
-            logger.info("--clean: removed %s", config.dest_path)
+        _use_dest_path(config.dest_path, config.clean, serving=config.serve != 0)
         if config.serve == 0:
             logger.info("--serve 0: nothing to serve")
             return 0

@@ -142,7 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="directory for computations' files (default: <tmp>/dispynb)",
     )
-    add("--clean", action="store_true", help="empty the destination directory at start")
+    add(
+        "--clean",
+        action="store_true",
+        help="empty the destination directory at start (refused while another node "
+        "runs on it)",
+    )
     add(
         "--force_cleanup",
         "--force-cleanup",

@@ -130,6 +130,38 @@ def test_serve_0_with_clean_empties_the_prefix_and_exits(tmp_path: Path) -> None
     assert not prefix.exists()
 
 
+def test_clean_refuses_to_empty_the_directory_of_a_running_node(
+    tmp_path: Path,
+) -> None:
+    """dispynode's ``--clean`` is for what a node that did not exit cleanly left
+    (dispynode refused to start a second node on a prefix in use). A second
+    ``dispynb-node --clean`` on the directory of a running node stops with a line
+    saying so, and leaves that node's files alone (before: it emptied them, the
+    running node's jobs losing their files); once that node stopped, --clean
+    empties it."""
+    node = start_node(tmp_path / "node")
+    dest = tmp_path / "node" / "dest"
+    try:
+        cluster = JobCluster(write_in_cwd, nodes=[node.spec], secret=node.secret)
+        try:
+            job = cluster.submit("x")
+            assert job.wait(timeout=WAIT) and job.status == DispyJob.Finished
+            before = sorted(p.name for p in dest.iterdir())
+            done = run_node("--serve", "0", "--clean", "--dest_path_prefix", str(dest))
+            assert done.returncode == 2, done.stderr
+            assert "another dispynb-node is using" in done.stderr, done.stderr
+            assert str(dest) in done.stderr
+            assert sorted(p.name for p in dest.iterdir()) == before
+            assert cluster.submit("y")() == job.result  # its directory is still there
+        finally:
+            cluster.close()
+    finally:
+        assert node.stop() == 0
+    done = run_node("--serve", "0", "--clean", "--dest_path_prefix", str(dest))
+    assert done.returncode == 0, done.stderr
+    assert not dest.exists()
+
+
 @pytest.mark.parametrize("force", [False, True], ids=["kept", "force_cleanup"])
 def test_force_cleanup_removes_files_a_client_kept(tmp_path: Path, force: bool) -> None:
     args = ["--force_cleanup"] if force else []

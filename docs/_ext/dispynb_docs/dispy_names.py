@@ -552,8 +552,9 @@ NODE_OPTIONS = [
         "--clean",
         sample=("--clean",),
         meaning="kill a previous node's processes and wipe the prefix",
-        differs="Empties the destination directory at start; there are no PID files "
-        "to kill: a node's processes die with it.",
+        differs="Empties the destination directory at start, unless another node "
+        "runs on it (then it stops, saying so); there are no PID files to kill: a "
+        "node's processes die with it.",
     ),
     Name(
         "--unsafe_setup",
