@@ -78,12 +78,16 @@ class ClusterOptions:
         A new list of dependencies: files, modules, functions, classes, instances.
     job_status, cluster_status:
         Callbacks ``f(job)`` and ``f(status, node, job)``, or None.
+    dispy_port:
+        The TCP port of the nodes named without one, as ``dispynb-node -p PORT``
+        pairs with it (dispy's ``dispynode.py -p P`` and ``dispy_port=P``: the
+        client on P, nodes on P + 1). Discovered nodes say their port.
     node_port:
         dispy's keyword up to 4.10: the TCP port of the nodes named without one
-        (default: dispynb-node's port, 9711). Discovered nodes say their port.
+        (default: ``dispy_port``, else dispynb-node's port, 9711).
     port:
         dispy's keyword up to 4.10 for the client's port: accepted for dispy
-        programs and unused (nodes never connect to the client), as ``dispy_port``.
+        programs and unused (nodes never connect to the client).
     host, ext_host:
         ``host``: the client address discovery pings are sent from (IPv4 or IPv6),
         or None for every interface. ``ext_host``: accepted for dispy programs and

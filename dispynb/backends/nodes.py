@@ -114,8 +114,9 @@ class NodesBackend:
         self._config = config
         self._runner = config.runner
         opts = self._options = config.options
-        # The port of nodes named without one (dispy's node_port, up to 4.10).
-        self._node_port = opts.node_port or NODE_PORT
+        # The port of nodes named without one: dispy's node_port (up to 4.10), or
+        # its dispy_port, which pairs with the node's -p.
+        self._node_port = opts.node_port or opts.dispy_port or NODE_PORT
         self._program: ProgramFile | None = None
         if isinstance(opts.computation, str):
             self._program = read_program(opts.computation)

@@ -420,6 +420,7 @@ EXPECTED: dict[str, Expect] = {
             "close_node: 0",
             "allocate_node: 0",
             "job after allocate_node: local-0, 16",
+            "dispy_port job: local-0, 25",
         ]
     ),
     "fixed_bugs": Expect(

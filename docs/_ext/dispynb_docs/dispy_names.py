@@ -119,8 +119,9 @@ JOBCLUSTER = [
     ),
     Name(
         "dispy_port",
-        differs="Accepted for dispy programs: nodes have their own "
-        "ports (``nodes=['host:port']``).",
+        differs="The port of the nodes named without one, as ``dispynb-node -p "
+        "PORT`` pairs with it (dispy: the client on the port, nodes on the next); "
+        "discovered nodes say theirs.",
     ),
     Name(
         "ext_host",
@@ -132,7 +133,7 @@ JOBCLUSTER = [
     Name(
         "node_port",
         note="dispy's keyword up to 4.10: the port of the nodes named without one "
-        "(dispynb's default 9711).",
+        "(default ``dispy_port``, else 9711).",
     ),
     Name(
         "port",
