@@ -82,10 +82,11 @@ def setup_failure(result: Any) -> str | None:
     return f"setup returned {text}; success is None, 0, 1 or 2"
 
 
-def node_logger() -> logging.Logger:
+def node_logger(debug: bool = False) -> logging.Logger:
     """dispy's ``dispynode_logger``: the ``dispynode`` logger, writing to the node's
     own stderr (``sys.__stderr__``: a job's ``sys.stderr`` is its captured output),
-    level INFO; a job may change its level."""
+    level INFO, DEBUG with ``debug`` (the node runs with ``-d``); a job may change
+    its level."""
     log = logging.getLogger("dispynode")
     if not log.handlers:
         handler = logging.StreamHandler(sys.__stderr__)
@@ -95,6 +96,8 @@ def node_logger() -> logging.Logger:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
+    if debug:
+        log.setLevel(logging.DEBUG)
     return log
 
 

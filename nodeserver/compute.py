@@ -562,7 +562,7 @@ def dispy_names(load: Load, modules: bool = True) -> dict[str, Any]:
         "dispy_job_path": load.job_path,
         "dispy_provisional_result": dispy_provisional_result,
         "dispy_send_file": dispy_send_file,
-        "dispynode_logger": node_logger(),
+        "dispynode_logger": node_logger(load.node_debug),
         "dispynode_shutdown": dispynode_shutdown,
     }
     if modules:

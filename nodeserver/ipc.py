@@ -51,6 +51,9 @@ class Load(IpcMessage):
     #: The pids cgroup the node server moved the computation process into at its
     #: start, for its first worker (`containment.place_in_new_cgroup`), or None.
     first_cgroup: str | None = None
+    #: The node server logs at debug level (``-d``): ``dispynode_logger`` in jobs
+    #: too, as dispy's (the node's own logger).
+    node_debug: bool = False
 
 
 @message("shutdown")

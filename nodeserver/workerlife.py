@@ -144,6 +144,7 @@ class _WorkerLife(_ComputationState):
                     fresh_process=self.limits.fresh_process,
                     pids_root=pids_root or "",
                     first_cgroup=self._first_cgroup,
+                    node_debug=logger.isEnabledFor(logging.DEBUG),
                 ),
                 bundle,
             )

@@ -95,6 +95,34 @@ def test_dispynode_spellings_work(tmp_path: Path) -> None:
     assert " DEBUG " in node.log_text()
 
 
+def log_on_node(marker: str) -> str:
+    """A job: log ``marker`` with dispynode_logger at debug and info level."""
+    dispynode_logger.debug("debug %s", marker)  # type: ignore[name-defined]  # noqa: F821
+    dispynode_logger.info("info %s", marker)  # type: ignore[name-defined]  # noqa: F821
+    return marker
+
+
+@pytest.mark.parametrize("debug", [True, False], ids=["-d", "default"])
+def test_dispynode_logger_logs_debug_lines_on_a_node_started_with_d(
+    tmp_path: Path, debug: bool
+) -> None:
+    """dispynode's ``-d`` shows the debug lines jobs log with ``dispynode_logger``
+    (dispy's is the node's own logger); without it, its info lines only (before:
+    the debug lines never showed)."""
+    node = start_node(tmp_path / "node", *(["-d"] if debug else []))
+    try:
+        cluster = JobCluster(log_on_node, nodes=[node.spec], secret=node.secret)
+        try:
+            assert cluster.submit("marker-7f3a")() == "marker-7f3a"
+        finally:
+            cluster.close()
+    finally:
+        assert node.stop() == 0
+    text = node.log_text()
+    assert "info marker-7f3a" in text
+    assert ("debug marker-7f3a" in text) == debug, text
+
+
 def test_msg_timeout_bounds_an_unauthenticated_connection(tmp_path: Path) -> None:
     node = start_node(tmp_path / "node", "--msg_timeout", "0.5")
     try:

@@ -335,7 +335,8 @@ JOB_GLOBALS = [
     ),
     Name(
         "dispynode_logger",
-        note="Records go to the node's console or log, not to the job's stderr.",
+        note="Records go to the node's console or log, not to the job's stderr; "
+        "debug ones too when the node runs with ``-d``.",
         missing="Use `logging` or ``print``: a job's output "
         "comes back in ``job.stdout``/``job.stderr``.",
     ),
