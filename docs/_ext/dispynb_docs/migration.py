@@ -191,7 +191,9 @@ def node_allocate_rows() -> list[Row]:
 def job_global_rows() -> list[Row]:
     """What a computation finds in its globals: the names the node injects."""
     compute = importlib.import_module("nodeserver.compute")
-    load = SimpleNamespace(node_name="n", node_address="127.0.0.1", job_path=".")
+    load = SimpleNamespace(
+        node_name="n", node_address="127.0.0.1", job_path=".", node_debug=False
+    )
     injected = set(compute.dispy_names(load, modules=False))
     return [_row(e, e.name in injected) for e in names.JOB_GLOBALS]
 
