@@ -154,7 +154,7 @@ class ClusterTracker:
         if monitor is None:  # never followed: its counts are the cluster's own
             monitor = ClusterMonitor(cluster, history=0)
         try:
-            final = _brief(monitor.snapshot(max_jobs=0))
+            final = _brief(monitor.snapshot(max_jobs=0), cluster)
         finally:
             monitor.close()
         if not final["counts"]["total"]:
@@ -174,7 +174,7 @@ class ClusterTracker:
             closed = list(self._closed)
         live = []
         for key, monitor in monitors:
-            snap = _brief(monitor.snapshot(max_jobs=0))
+            snap = _brief(monitor.snapshot(max_jobs=0), monitor.cluster)
             live.append(snap)
             if snap["nodes"]:
                 # The nodes a panel was shown are the ones a closed card keeps,
@@ -224,9 +224,14 @@ NODE_FIELDS = ("id", "name", "cpus", "busy", "jobs_done", "avail")
 AVAIL_FIELDS = ("cpu", "memory")
 
 
-def _brief(snapshot: dict[str, Any]) -> dict[str, Any]:
-    """A cluster's snapshot as the panel reads it: counts and nodes, no job list."""
+def _brief(snapshot: dict[str, Any], cluster: Any) -> dict[str, Any]:
+    """A cluster's snapshot as the panel reads it: counts and nodes, no job list;
+    named as the notebook names its run (``%%dispy --into NAME``), not after the
+    function, which two cells may share."""
     brief = {key: snapshot[key] for key in CLUSTER_FIELDS}
+    run = run_of(cluster)
+    if run is not None:
+        brief["name"] = run.name
     brief["nodes"] = [_brief_node(node) for node in snapshot["nodes"]]
     return brief
 

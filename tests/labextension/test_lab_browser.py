@@ -508,8 +508,9 @@ def test_lab_stop(lab: Lab) -> None:  # collected only in the namespace: conftes
         # The next cells run on the same nodes.
         printed = run_the_next_cells(page)
         assert "[0, 1, 4, 9] 0 40" in printed, printed
-        # The panel is pushed at most 4 times a second: wait for the square card.
-        want = ["slow (closed)", "square (closed)"]
+        # The panel is pushed at most 4 times a second: wait for the card of the
+        # run 'after' (named as the notebook names it, not after its function).
+        want = ["after (closed)", "slow (closed)"]
         names: list[str] = []
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
