@@ -166,7 +166,23 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
     if args.dest_path:
         config.dest_path = os.path.abspath(args.dest_path)
     config.validate()
+    _warn_beyond_the_machine(args.cpus, config.cpus)
     return config
+
+
+def _warn_beyond_the_machine(asked: int, cpus: int) -> None:
+    """dispynode refuses ``-c`` over the machine's CPUs (or leaving none); say
+    what dispynb-node does instead (at INFO: a LocalCluster asked for more CPUs
+    than the machine has, at level WARNING, says nothing)."""
+    available = os.cpu_count() or 1
+    if asked > available or asked <= -available:
+        logger.info(
+            "--cpus %d: this machine has %d CPUs; this node runs up to %d jobs at "
+            "once (dispynode refuses it)",
+            asked,
+            available,
+            cpus,
+        )
 
 
 #: The file in the destination directory that every node using it holds a shared

@@ -150,6 +150,23 @@ def test_serve_n_exits_after_n_clients(tmp_path: Path) -> None:
     assert "served 1 clients (--serve)" in node.log_text()
 
 
+@pytest.mark.parametrize("extra", [8, -8], ids=["more", "all-but-more"])
+def test_cpus_beyond_the_machine_are_named_in_the_log(extra: int) -> None:
+    """dispynode refuses ``-c N`` over the machine's CPUs, and ``-c -N`` leaving
+    none. dispynb-node takes them (more jobs than CPUs suit jobs that wait on
+    I/O; all but N leaving none serves 1) and says so in its log (before:
+    nothing)."""
+    available = os.cpu_count() or 1
+    cpus = available + extra if extra > 0 else -(available + 8)
+    done = run_node("-c", str(cpus), "--serve", "0")
+    assert done.returncode == 0, done.stderr
+    serves = cpus if extra > 0 else 1
+    assert f"--cpus {cpus}: this machine has {available} CPUs" in done.stderr, (
+        done.stderr
+    )
+    assert f"up to {serves} jobs at once" in done.stderr
+
+
 def test_serve_0_with_clean_empties_the_prefix_and_exits(tmp_path: Path) -> None:
     prefix = tmp_path / "prefix"
     (prefix / "leftover").mkdir(parents=True)
