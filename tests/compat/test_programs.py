@@ -5,7 +5,9 @@ only change, plus a two-line preamble that reads the nodes this test started fro
 ``DISPYNB_TEST_NODES`` (the secret comes from ``DISPYNB_SECRET``). It runs as a
 subprocess in a fresh directory holding the data files it needs, and its output is
 checked against what dispy's reference (../shared/reference/dispy.md, sections 2-4)
-says a dispy program sees.
+says a dispy program sees. Each program runs twice: against nodes LocalCluster
+started, and against ``dispynb-node`` processes started with dispynode's own options
+only, as dispy's documentation starts dispynode (`dispynodes`).
 
 Expected output: every non-blank line of stdout, in order. A `str` must equal the
 line; a compiled pattern must match the whole line.
@@ -16,17 +18,21 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 
 from dispynb import LocalCluster
 from dispynb.defaults import SECRET_ENV, SECRET_FILE_ENV
+from tests.nodeproc import NODE_WAIT, node_command, node_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -446,7 +452,87 @@ def local() -> Iterator[LocalCluster]:
         yield cluster
 
 
-def run_program(name: str, local: LocalCluster, cwd: Path) -> tuple[int, str, str]:
+class Nodes(Protocol):
+    """What a program needs of its nodes: their specs and their secret."""
+
+    secret: str
+
+    def node_specs(self) -> list[str]: ...
+
+
+@dataclass
+class DispynodeCommandLines:
+    """Two ``dispynb-node`` processes started with dispynode's own options only."""
+
+    secret: str
+    procs: list[subprocess.Popen[bytes]]
+    ports: list[int]
+
+    def node_specs(self) -> list[str]:
+        return [f"127.0.0.1:{port}" for port in self.ports]
+
+
+#: The node's log line once it listens: "... serving 2 CPUs on 127.0.0.1:PORT ...".
+SERVING = re.compile(r"serving \d+ CPUs on 127\.0\.0\.1:(\d+)")
+
+
+@pytest.fixture(scope="module")
+def dispynodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nodes]:
+    """local-0 and local-1 as dispy's documentation starts dispynode: ``-i``,
+    ``--node_port`` (0: a free one), ``--name``, ``-c``, ``-s``, ``-d``,
+    ``--dest_path_prefix``, ``--clean``, ``--zombie_interval``, ``--msg_timeout``,
+    ``--max_file_size``, ``--daemon``; nothing of dispynb's own."""
+    directory = tmp_path_factory.mktemp("dispynodes")
+    secret = secrets.token_urlsafe(32)
+    procs: list[subprocess.Popen[bytes]] = []
+    logs = []
+    try:
+        for index in range(2):
+            log = directory / f"node-{index}.log"
+            argv = node_command(
+                "-i", "127.0.0.1", "--node_port", "0",
+                "--name", f"local-{index}", "-c", "2", "-s", secret, "-d",
+                "--dest_path_prefix", str(directory / f"dest-{index}"), "--clean",
+                "--zombie_interval", "10", "--msg_timeout", "10",
+                "--max_file_size", "100m", "--daemon",
+            )  # fmt: skip
+            with open(log, "wb") as handle:
+                procs.append(
+                    subprocess.Popen(
+                        argv,
+                        env=node_env(),
+                        stdin=subprocess.DEVNULL,
+                        stdout=handle,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                )
+            logs.append(log)
+        ports = [
+            _wait_serving(proc, log) for proc, log in zip(procs, logs, strict=True)
+        ]
+        yield DispynodeCommandLines(secret, procs, ports)
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(NODE_WAIT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _wait_serving(proc: subprocess.Popen[bytes], log: Path) -> int:
+    deadline = time.monotonic() + NODE_WAIT
+    while (match := SERVING.search(log.read_text(errors="replace"))) is None:
+        assert proc.poll() is None, log.read_text(errors="replace")
+        assert time.monotonic() < deadline, log.read_text(errors="replace")
+        time.sleep(0.02)
+    return int(match.group(1))
+
+
+def run_program(name: str, local: Nodes, cwd: Path) -> tuple[int, str, str]:
     """Run programs/<name>.py in ``cwd`` against ``local``: (exit code, out, err)."""
     shutil.copy2(PROGRAMS / f"{name}.py", cwd)
     for data in EXPECTED[name].files:
@@ -520,6 +606,20 @@ def check_stdout(out: str, expected: list[str | re.Pattern[str]]) -> list[str]:
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_program(name: str, local: LocalCluster, tmp_path: Path) -> None:
+    check_program(name, local, tmp_path)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_program_on_dispynode_command_lines(
+    name: str, dispynodes: Nodes, tmp_path: Path
+) -> None:
+    """The same program, its nodes started as dispy's documentation starts
+    dispynode (`dispynodes`), not by LocalCluster."""
+    check_program(name, dispynodes, tmp_path)
+
+
+def check_program(name: str, local: Nodes, tmp_path: Path) -> None:
+    """Run programs/<name>.py against ``local`` and compare with `EXPECTED`."""
     expect = EXPECTED[name]
     code, out, err = run_program(name, local, tmp_path)
     problems = []
