@@ -54,9 +54,26 @@ class CellRunner:
     def __init__(self, shell: Any, session: Session) -> None:
         self.shell = shell
         self.session = session
+        self._begun = False  # the cell's run is starting: its Stop is handled
 
     def run(self, args: Any, cell: str) -> None:
         """Run ``cell`` as the magic line's ``args`` (parsed) say."""
+        __tracebackhide__ = True
+        self._begun = False
+        try:
+            self._run(args, cell)
+        except KeyboardInterrupt as exc:
+            if isinstance(exc, RunInterrupted) or self._begun:
+                raise
+            # Stop as the cell's code ran or --over was read: one line too, and
+            # the cell's names do not keep an earlier cell's run.
+            message = (
+                "Interrupted: %%dispy stopped before its run began; no job was sent"
+            )
+            self._keep(Run.failed(args.into or "run", message), args.into)
+            raise RunInterrupted(message) from None
+
+    def _run(self, args: Any, cell: str) -> None:
         # IPython hides the frames that say so: an error in the person's code (the
         # cell, --over and what it iterates) shows their lines, not dispynb's.
         __tracebackhide__ = True
@@ -100,6 +117,7 @@ class CellRunner:
         runs: list[Run] = []  # the run, once its cluster is up (for the panel)
         # A cell run again: its earlier run would keep the CPUs and lose its name.
         session.stop_runs(label)
+        self._begun = True  # from here a Stop says what it stopped (below)
         try:
             if session.ensure_nodes():
                 print(f"dispynb: started {session.status()._where()}", file=sys.stderr)

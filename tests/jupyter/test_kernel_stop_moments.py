@@ -168,3 +168,22 @@ def test_stop_as_the_run_closes_its_cluster_closes_it(tmp_path):
         out, statuses = _stopped(k, nodes)
     assert statuses == ["Finished"] * 4, out.text
     assert "(4 of 4 jobs done)" in out.text, out.text
+
+
+@pytest.mark.timeout(120)
+def test_stop_before_the_run_begins_is_one_line(tmp_path):
+    """Stop as the magic reads its cell (here: as it looks the function up), a few
+    milliseconds after Run was pressed. Before: a bare KeyboardInterrupt with
+    dispynb's frames, and ``victim`` still the run of an earlier cell."""
+    with kernel(tmp_path) as k:
+        _start(k, tmp_path, quick=4)
+        k.run_ok(CELL)
+        k.run_ok(
+            "from dispynb.jupyter.cellrun import CellRunner\n"
+            "stop_at(CellRunner, '_lookup')"
+        )
+        out = k.execute(CELL, timeout=STOPPED_WITHIN)
+        assert out.ename == "RunInterrupted", out.text
+        assert "Traceback" not in out.error_text and "dispynb/" not in out.error_text
+        assert "before its run began; no job was sent" in out.text, out.text
+        assert "not started" in k.value("repr(victim)")
