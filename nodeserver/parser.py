@@ -356,6 +356,14 @@ def build_parser() -> argparse.ArgumentParser:
         "stopping after 30 s",
     )
     add(
+        "--scheduler_port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="dispynode's up to 4.10: the port of --scheduler_host (here the "
+        "scheduler's --register_port)",
+    )
+    add(
         "--exit-without-client",
         type=float,
         default=0.0,
@@ -396,6 +404,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.secret_in_config = bool(
         first.config and args.secret and args.secret != first.secret
     )
+    if args.scheduler_port is not None:
+        if not args.scheduler_host:
+            parser.error(
+                "--scheduler_port needs --scheduler_host (or --scheduler_node): the "
+                "scheduler to register with"
+            )
+        try:
+            host, port = parse_address(args.scheduler_host, args.scheduler_port)
+        except ConfigurationError as exc:
+            parser.error(f"--scheduler_host: {exc}")
+        if port != args.scheduler_port:
+            parser.error(
+                f"--scheduler_host {args.scheduler_host} and --scheduler_port "
+                f"{args.scheduler_port} name two ports: give one"
+            )
+        args.scheduler_host = format_address(host, port)
     if args.scheduler_host:
         # Its messages name the spelling given (dispynode's older docs wrote
         # --scheduler_node).

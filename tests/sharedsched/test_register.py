@@ -133,6 +133,24 @@ def test_dispynodes_scheduler_host_registers_on_the_default_port() -> None:
     assert parse_args(["--scheduler_node", "sched:9800"]).register == "sched:9800"
 
 
+def test_dispynodes_older_scheduler_port_is_the_port_of_its_scheduler(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """dispynode up to 4.10: ``--scheduler_node HOST --scheduler_port PORT`` (before:
+    "unrecognized arguments: --scheduler_port")."""
+    args = ["--scheduler_node", "sched", "--scheduler_port", "9800"]
+    assert parse_args(args).register == "sched:9800"
+    assert parse_args(["--scheduler_port", "9800", "--scheduler_host", "sched:9800"])
+    for wrong, says in (
+        (["--scheduler_port", "9800"], "--scheduler_port needs --scheduler_host"),
+        (["--scheduler_host", "sched:9801", "--scheduler_port", "9800"], "9801"),
+    ):
+        with pytest.raises(SystemExit) as exited:
+            parse_args(wrong)
+        assert exited.value.code == 2
+        assert says in capsys.readouterr().err
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

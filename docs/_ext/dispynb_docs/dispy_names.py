@@ -460,6 +460,14 @@ NODE_OPTIONS = [
         "``-n``; nodes announce themselves to no scheduler.",
     ),
     Name(
+        "--scheduler_port",
+        sample=("--scheduler_host", "127.0.0.1", "--scheduler_port", "9800"),
+        meaning="the port of ``--scheduler_node`` (dispynode up to 4.10)",
+        note="The port the scheduler takes registrations on (its "
+        "``--register_port``); the same as ``--scheduler_host HOST:PORT``.",
+        missing="Give ``--scheduler_host HOST:PORT``.",
+    ),
+    Name(
         "--max_file_size",
         sample=("--max_file_size", "10M"),
         meaning="largest file, with k/m/g/t suffixes",
