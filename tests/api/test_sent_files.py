@@ -210,7 +210,6 @@ def test_a_thread_left_waiting_by_its_job_does_not_stall_the_worker(
     def leave_a_sender(n: int) -> str:
         import os
         import threading
-        import time
 
         if n % 2:
             return f"plain {n}"
@@ -223,14 +222,23 @@ def test_a_thread_left_waiting_by_its_job_does_not_stall_the_worker(
 
         from nodeserver.jobapi import CONTEXT
 
-        threading.Thread(target=send, args=(f"big-{n}.bin",)).start()
-        # Return once the thread is in the call (it holds the answer lock from its
-        # check that the job runs to its wait for the answer): the file goes, and
-        # the thread waits on after this returned. A fixed sleep let a loaded
-        # machine return first, the thread then giving up unsent.
-        deadline = time.monotonic() + 30
-        while not CONTEXT.answer_lock.locked() and time.monotonic() < deadline:
-            time.sleep(0.001)
+        # Return once the thread sent the file (past its check that its job runs):
+        # the thread then waits for the answer after this returned. Returning as
+        # soon as it held the answer lock let a loaded machine return before that
+        # check, the thread then giving up unsent (by design).
+        sent = threading.Event()
+        send_now = CONTEXT.send
+
+        def send_and_tell(message: object, buffers: list[object]) -> None:
+            send_now(message, buffers)
+            sent.set()
+
+        CONTEXT.send = send_and_tell  # type: ignore[method-assign]
+        try:
+            threading.Thread(target=send, args=(f"big-{n}.bin",)).start()
+            assert sent.wait(30), "the thread did not send its file"
+        finally:
+            del CONTEXT.send  # the method again
         return f"sender {n}"
 
     with JobCluster(leave_a_sender, nodes=local1, files_dir=str(tmp_path)) as cluster:
