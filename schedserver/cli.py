@@ -322,6 +322,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="accepted for dispy: the scheduler never reads stdin",
     )
     parser.add_argument(
+        *_both("poll_interval"),
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="accepted for dispyscheduler up to 4.10, which polled nodes behind NAT "
+        "for results: this scheduler keeps a connection to each node, nothing to poll",
+    )
+    parser.add_argument(
         "--clean",
         action="store_true",
         help="remove what a killed scheduler left under --dest_path_prefix",

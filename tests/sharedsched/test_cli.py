@@ -42,6 +42,17 @@ def test_dispyscheduler_options_that_apply_are_taken(tmp_path: Path) -> None:
     assert (config.max_cpus, config.max_queued) == (4, 100)
 
 
+def test_dispyschedulers_older_poll_interval_is_taken(tmp_path: Path) -> None:
+    """dispyscheduler up to 4.10 polled nodes behind NAT for results
+    (``--poll_interval``); the scheduler here keeps a connection to each node, so
+    there is nothing to poll: it is accepted and unused, as JobCluster's (before:
+    "unrecognized arguments: --poll_interval")."""
+    args = build_parser().parse_args(
+        ["-n", "10.0.0.1", "--users", "u", "--poll_interval", "10"]
+    )
+    assert config_from_args(args).nodes == [("10.0.0.1", 9711)]
+
+
 def test_missing_users_file_is_refused(tmp_path: Path) -> None:
     done = scheduler_cli("-n", "127.0.0.1")
     assert done.returncode == 2 and "--users" in done.stderr
