@@ -143,8 +143,11 @@ JOBCLUSTER = [
     Name("ipv4_udp_multicast"),
     Name(
         "dest_path",
-        differs="Relative to the node's directory; ``..`` and "
-        "absolute paths are refused.",
+        differs="Relative to the computation's own directory on the node; ``..`` "
+        "and absolute paths are refused. dispy's was shared by a client's "
+        "computations (under the client's address): what one left with "
+        "``cleanup=False`` the next one found. Here each computation has its own "
+        "(files sent again come from the node's cache).",
     ),
     Name("loglevel", differs="A `logging` level; None leaves logging alone."),
     Name("callback", note="Deprecated alias of ``job_status``, as in dispy."),
