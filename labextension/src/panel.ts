@@ -132,7 +132,9 @@ class ClusterView {
     this.node.classList.toggle('dispynb-cluster-closed', cluster.closed);
     this.node.dataset.closed = String(cluster.closed);
     this._bar.style.width = `${pct.toFixed(1)}%`;
-    this._text.textContent = `${done}/${c.total} done`;
+    // As the notebook's progress bar says it: done is finished (a run stopped
+    // or failing is not '40/40 done'); the bar fills with every job that ended.
+    this._text.textContent = `${c.finished}/${c.total} done`;
     this.node.dataset.done = String(done);
     this.node.dataset.total = String(c.total);
     this._counts.replaceChildren(

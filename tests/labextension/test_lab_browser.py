@@ -502,6 +502,10 @@ def test_lab_stop(lab: Lab) -> None:  # collected only in the namespace: conftes
             "es => es.map(e => e.dataset.status)"
         )
         assert "abandoned" not in statuses and "cancelled" in statuses, statuses
+        # Done as the cell's bar says it: the jobs that finished, not all that ended.
+        finished = card_counts(page).get("finished", 0)
+        text = closed.locator(".dispynb-progress-text").inner_text()
+        assert text == f"{finished}/40 done", text
         if os.environ.get("DISPYNB_SCREENSHOTS") == "1":
             page.screenshot(path=str(ROOT / "docs/lab-stop.png"))
 
