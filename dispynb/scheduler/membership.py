@@ -31,6 +31,7 @@ from dispynb.scheduler.link import (
     NodeLink,
 )
 from dispynb.scheduler.results import DriverResults
+from dispynb.secret import CREDENTIAL_PREFIX
 from dispynb.transport.addressing import format_address
 from dispynb.transport.connection import Connection, describe_error
 from dispynb.transport.connector import connect, out_of_descriptors
@@ -166,7 +167,15 @@ class DriverNodes(DriverResults):
         self._settle(link)
         if link.conn is not None:
             link.conn.close()
-        logger.warning("node %s cannot be used: %s", link.node_id, describe_error(exc))
+        # A user's credential is proved to a shared scheduler, the cluster's only
+        # "node" then.
+        shared = (self.config.secret or b"").startswith(CREDENTIAL_PREFIX)
+        logger.warning(
+            "%s %s cannot be used: %s",
+            "scheduler" if shared else "node",
+            link.node_id,
+            describe_error(exc),
+        )
         self.last_error = exc
         self.nodes.pop(link.node_id, None)
         self.events.node_failed(link, exc)

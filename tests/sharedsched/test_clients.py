@@ -204,7 +204,7 @@ def test_dispys_older_scheduler_node_keyword_names_the_scheduler(
 
 
 def test_no_scheduler_listening_is_named_as_the_scheduler(
-    users: dict[str, Path],
+    users: dict[str, Path], caplog: pytest.LogCaptureFixture
 ) -> None:
     """A SharedJobCluster started before its dispynb-scheduler (dispy's first
     step is often that one): the error asks whether the scheduler runs there, not
@@ -222,6 +222,8 @@ def test_no_scheduler_listening_is_named_as_the_scheduler(
     message = str(raised.value)
     assert message.startswith(f"cannot connect to 127.0.0.1:{port}"), message
     assert message.endswith("is dispynb-scheduler running there?"), message
+    warned = [r.getMessage() for r in caplog.records if "cannot be used" in r.message]
+    assert warned == [f"scheduler 127.0.0.1:{port} cannot be used: {message}"]
 
 
 @pytest.mark.usefixtures("allow_error_logs")  # the nodes' refusal is logged
