@@ -26,6 +26,15 @@ class CpuBudget:
             return True
         return False
 
+    def free(self) -> bool:
+        """Whether a CPU is free now (nothing taken)."""
+        return self.busy < self.cpus
+
+    def take(self) -> None:
+        """Take a CPU back that was lent, even if none is free (busy may exceed
+        the count for a while: no CPU is offered until it is under again)."""
+        self.busy += 1
+
     def release(self) -> None:
         """Give a CPU back and offer it to the waiting computations."""
         self.busy -= 1

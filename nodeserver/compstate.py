@@ -103,6 +103,9 @@ class Worker:
     exit_reason: str = ""  # why the computation process killed it, if it did
     stream_closed: bool = False
     holds_cpu: bool = False
+    #: Its CPU lent to other computations while its client is not reading
+    #: (`Computation.hold_workers`); taken back when it reads again.
+    lent_cpu: bool = False
     interrupted: bool = False  # sent SIGINT to cancel its running job
     retiring: bool = False  # killed on purpose: its unfinished jobs run elsewhere
     #: Its jobs sent ahead were taken back (its running job outlasted the others'):

@@ -231,10 +231,27 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
 
     def hold_workers(self, hold: bool) -> None:
         """Stop (``hold``) or resume reading from the workers: back-pressure from a
-        client that does not read. A held worker blocks once its socket is full."""
+        client that does not read. A held worker blocks once its socket is full.
+
+        Held, its busy workers lend their CPUs to the other computations (a job it
+        starts on a free CPU lends it at once): blocked on what its client does not
+        take, they would keep them for as long as it does not read (a client
+        stopped, or on a slow link), and every other client's jobs would wait.
+        Back, they take them again, over the count if need be, until they end."""
         self._held = hold
         for worker in self._workers.values():
             worker.conn.hold_reading(hold)
+            if hold and worker.holds_cpu:
+                worker.holds_cpu = False
+                worker.lent_cpu = True
+                self._budget.release()
+            elif not hold and worker.lent_cpu:
+                worker.lent_cpu = False
+                if worker.assigned and worker.returncode is None:
+                    worker.holds_cpu = True
+                    self._budget.take()
+        if not hold:
+            self._pump_soon()
 
     def also_report(self, record: Report) -> None:
         """Give every later job result to ``record`` too (kept for recovery)."""
@@ -287,9 +304,14 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
                 return
             if not worker.assigned and not worker.stream_closed and not worker.retiring:
                 room -= 1
-                if not self._budget.try_acquire():
+                if self._held:  # a CPU that is free, lent at once (hold_workers)
+                    if not self._budget.free():
+                        break
+                    worker.lent_cpu = True
+                elif not self._budget.try_acquire():
                     break
-                worker.holds_cpu = True
+                else:
+                    worker.holds_cpu = True
                 self._send(worker, self._queue.popleft())
         if self._mean is None or self._mean >= PREFETCH_BELOW:
             return  # unknown or long jobs: never make a job wait behind another
@@ -762,6 +784,7 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
         self._report_unrun(job, CRASHED, reason)
 
     def _release_cpu(self, worker: Worker) -> None:
+        worker.lent_cpu = False  # (lent: released already)
         if worker.holds_cpu:
             worker.holds_cpu = False
             self._budget.release()
