@@ -157,11 +157,14 @@ def send_file_timeout(timeout: Any) -> float | None:
 #: (infinity, too) waits in turns anyway.
 ANSWER_SLICE = 0.05
 
-#: What a thread of a job that has returned is told by ``dispy_send_file``: the
-#: job's channel is its runner's again (maybe the next job's), which alone reads it.
+#: Why ``dispy_send_file`` returns -1 in a thread whose job returned while it
+#: waited for the client's answer: the file went out, but the job's channel is
+#: its runner's again (maybe the next job's), which alone reads it. Shown as
+#: "not confirmed" (`file_sent`): whether the client wrote the file is not known.
 JOB_ENDED = (
-    "the job that sent it had returned before the client confirmed it (the file "
-    "may still arrive): wait for the threads that send files before returning"
+    "the job returned while a thread it started waited for the client's answer, "
+    "so whether the client wrote the file is not known: have the job wait for "
+    "(join) the threads that send files before it returns"
 )
 
 
@@ -243,8 +246,8 @@ def unconfirmed(timeout: float | None) -> str:
 def file_sent(path: str, error: str | None) -> int:
     """``dispy_send_file``'s return value, its reason on the job's stderr (the
     process's own for a thread of a job that returned): 0 once the client wrote
-    ``path`` (``error`` empty), -1 if not (``error`` says why); ``error`` None:
-    sent from a process the job started, which gets no answer."""
+    ``path`` (``error`` empty), -1 if not or not known (``error`` says why);
+    ``error`` None: sent from a process the job started, which gets no answer."""
     if error is None:
         print(
             f"dispy_send_file: {path!r} sent from a process the job started: "
@@ -256,8 +259,9 @@ def file_sent(path: str, error: str | None) -> int:
         # From a thread of a job that returned, the captured stderr is the next
         # job's: the process's own takes it instead.
         stream = sys.__stderr__ if error == FROM_AN_ENDED_JOB else sys.stderr
+        what = "not confirmed" if error == JOB_ENDED else "not sent"  # it went out
         if stream is not None:
-            print(f"dispy_send_file: {path!r} not sent: {error}", file=stream)
+            print(f"dispy_send_file: {path!r} {what}: {error}", file=stream)
         return -1
     return 0
 
@@ -265,6 +269,7 @@ def file_sent(path: str, error: str | None) -> int:
 __all__ = [
     "DISPY_MODULES",
     "FROM_AN_ENDED_JOB",
+    "JOB_ENDED",
     "SETUP_SUCCESS",
     "JobThreads",
     "file_sent",

@@ -9,6 +9,8 @@ import pytest
 
 from dispynb.jobenv import (
     DISPY_MODULES,
+    JOB_ENDED,
+    file_sent,
     format_job_exception,
     implicit_modules,
     setup_failure,
@@ -78,3 +80,17 @@ def test_limit_memory_applies_and_restores() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["limited", str(256 * 2**20)]
+
+
+def test_a_file_whose_job_returned_before_its_answer_is_not_confirmed(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A thread whose job returned while it waited for the client's answer sent
+    the file: the line said 'not sent' and then that the file may still arrive.
+    It says the file is not confirmed, why, and what to do."""
+    assert file_sent("late.txt", JOB_ENDED) == -1
+    line = capsys.readouterr().err
+    assert line.startswith("dispy_send_file: 'late.txt' not confirmed: "), line
+    assert "not sent" not in line and "may still arrive" not in line, line
+    assert "the job returned while a thread it started waited" in line, line
+    assert "wait for (join) the threads that send files" in line, line
