@@ -14,6 +14,7 @@ node processes and engines' workers, which must start light.
 from __future__ import annotations
 
 import importlib
+import io
 import logging
 import os
 import resource
@@ -23,7 +24,7 @@ import traceback
 import weakref
 from collections.abc import Iterable
 from types import ModuleType
-from typing import Any
+from typing import Any, TextIO, cast
 
 #: Standard modules dispy computations use without importing them (dispy exec'd the
 #: computation into its node's module globals; see reference/dispy.md section 3.10).
@@ -192,8 +193,8 @@ _ACTIVE: dict[int, threading.Thread] | None = getattr(threading, "_active", None
 class JobThreads:
     """The job each thread belongs to, in a process that runs jobs one after
     another: a thread a job started may run on once it returned, and call
-    ``dispy_send_file`` or ``dispy_provisional_result`` while the process runs
-    another job, which what it sends is not.
+    ``dispy_send_file`` or ``dispy_provisional_result``, or print, while the
+    process runs another job, which what it sends or prints is not.
 
     `begin` and `end` bracket each job (on the thread that runs it); each thread
     that appeared meanwhile is that job's. Threads older than the first job
@@ -207,14 +208,19 @@ class JobThreads:
             weakref.WeakKeyDictionary()
         )
         self._before: set[threading.Thread] | None = None  # None: the main alone
+        #: A thread an earlier job started runs as this job begins (`begin`).
+        self.left = False
 
     def begin(self) -> None:
         """A job starts."""
         self._job += 1
         if _threads() > 1:
             self._before = set(threading.enumerate())
+            owners = self._owners
+            self.left = bool(owners) and any(t in owners for t in self._before)
         else:
             self._before = None
+            self.left = False
 
     def end(self) -> None:
         """The job begun returned: the threads it started are its own."""
@@ -225,6 +231,18 @@ class JobThreads:
                 if thread not in before and thread is not main:
                     self._owners.setdefault(thread, self._job)
 
+    def streams(self, out: TextIO, err: TextIO) -> tuple[TextIO, TextIO]:
+        """The ``sys.stdout`` and ``sys.stderr`` of the job begun, which captures
+        its output in ``out`` and ``err``: these, or, while a thread an earlier
+        job started still runs (`left`), a `JobOutput` around each that sends that
+        thread's output to the process's own streams (``sys.stdout`` and
+        ``sys.stderr`` at the call)."""
+        if not self.left:
+            return out, err
+        # TextIOBases, which print() and sys take: typing's TextIO in all but name.
+        wrapped = JobOutput(out, sys.stdout, self), JobOutput(err, sys.stderr, self)
+        return cast(tuple[TextIO, TextIO], wrapped)
+
     def of_this_job(self) -> bool:
         """Whether the calling thread is the job's begun last (not one an earlier
         job started)."""
@@ -232,6 +250,40 @@ class JobThreads:
             return True
         owner = self._owners.get(threading.current_thread())
         return owner is None or owner == self._job
+
+
+class JobOutput(io.TextIOBase):
+    """A job's ``sys.stdout`` or ``sys.stderr`` while a thread an earlier job left
+    running runs too (`JobThreads.left`): what the job's threads write goes to
+    ``capture`` (the job's output), what that thread writes to ``elsewhere``, the
+    process's own stream, where it goes too when no job runs. Used only then
+    (`JobThreads.streams`): otherwise a job's stream is its capture itself, with
+    no check per write."""
+
+    def __init__(
+        self, capture: TextIO, elsewhere: TextIO | None, threads: JobThreads
+    ) -> None:
+        super().__init__()
+        self.capture = capture
+        self.elsewhere = elsewhere
+        self._threads = threads
+
+    def _stream(self) -> TextIO | None:
+        return self.capture if self._threads.of_this_job() else self.elsewhere
+
+    def write(self, text: str) -> int:
+        stream = self._stream()
+        if stream is None:  # the process has no stream of its own (None)
+            return len(text)
+        return stream.write(text)
+
+    def flush(self) -> None:
+        stream = self._stream()
+        if stream is not None:
+            stream.flush()
+
+    def writable(self) -> bool:
+        return True
 
 
 def unconfirmed(timeout: float | None) -> str:
@@ -271,6 +323,7 @@ __all__ = [
     "FROM_AN_ENDED_JOB",
     "JOB_ENDED",
     "SETUP_SUCCESS",
+    "JobOutput",
     "JobThreads",
     "file_sent",
     "format_job_exception",

@@ -83,7 +83,9 @@ def run_job(
         ``done.outcome`` is ``FINISHED`` (``result_buffers`` hold the pickled result)
         or ``RAISED`` (``done.exception`` holds the traceback text and
         ``result_buffers`` is empty). ``sys.stdout`` and ``sys.stderr`` are captured
-        for the job into ``done.stdout`` / ``done.stderr`` and restored afterwards.
+        for the job into ``done.stdout`` / ``done.stderr`` and restored afterwards;
+        what a thread an earlier job left running writes meanwhile goes to the
+        worker's own streams (`dispynb.jobenv.JobOutput`).
 
     Notes
     -----
@@ -99,7 +101,10 @@ def run_job(
         err: io.StringIO = io.StringIO()
     else:
         out, err = _Stdout(), _Stderr()
-    sys.stdout, sys.stderr = out, err
+    if CONTEXT.threads.left:  # a thread an earlier job left may print meanwhile
+        sys.stdout, sys.stderr = CONTEXT.threads.streams(out, err)
+    else:
+        sys.stdout, sys.stderr = out, err
     outcome = RAISED
     exception = None
     result_buffers = _NO_BUFFERS

@@ -231,13 +231,16 @@ def run_one(
     saved = sys.stdout, sys.stderr
     out, err = _Output(), _Output()
     out.limit = err.limit = max_output
-    sys.stdout, sys.stderr = out, err
+    _Job.threads.begin()
+    if _Job.threads.left:  # a thread an earlier job left may print meanwhile
+        sys.stdout, sys.stderr = _Job.threads.streams(out, err)
+    else:
+        sys.stdout, sys.stderr = out, err
     result_buffers: list[Any] = []
     program: ProgramOutput | None = None
     outcome, exception = "raised", None
     start = end = time.time()
     _Job.conn = conn
-    _Job.threads.begin()
     try:
         try:
             args, kwargs = serialize.loads(buffers)

@@ -448,3 +448,61 @@ def test_a_thread_of_a_job_that_returned_sends_nothing_as_the_next_job_on_dask(
     assert out["provisional"] == [], out
     assert out["received"] == [], out
     assert "not sent" not in out["stderr"], out  # not job 1's to say
+
+
+LATE_PRINTER = """
+def late_printer(n, marks):
+    import threading
+
+    if n == 0:
+        def late():
+            wait_for(lambda: os.path.exists(os.path.join(marks, "job-1-runs")))
+            print("late out from a thread of job 0")
+            print("late err from a thread of job 0", file=sys.stderr)
+            printed = os.path.join(marks, "printed")
+            open(printed + ".tmp", "w").close()
+            os.rename(printed + ".tmp", printed)
+
+        print("job 0 out")
+        threading.Thread(target=late, daemon=True).start()
+        return "job 0"
+    print("job 1 out")
+    open(os.path.join(marks, "job-1-runs"), "w").close()
+    own = threading.Thread(
+        target=print, args=("job 1 err from its thread",), kwargs={"file": sys.stderr}
+    )
+    own.start()
+    own.join()
+    wait_for(lambda: os.path.exists(os.path.join(marks, "printed")))
+    return "job 1"
+
+
+def main(args):
+    marks = os.path.join(args["dir"], "marks")
+    os.mkdir(marks)
+    with LocalCluster(nodes=1, cpus=1, engine="dask") as local:
+        with JobCluster(late_printer, nodes=local) as cluster:
+            jobs = [cluster.submit(n, marks) for n in range(2)]
+            results = [job() for job in jobs]
+    return {
+        "results": results,
+        "printed": os.path.exists(os.path.join(marks, "printed")),
+        "output": [[job.stdout, job.stderr] for job in jobs],
+    }
+"""
+
+
+def test_a_thread_of_a_job_that_returned_prints_into_no_later_job_on_dask(
+    net: Network, tmp_path: Path
+) -> None:
+    """A thread job 0 left running prints while its runner runs job 1: the lines
+    were in job 1's stdout and stderr. Now job 1's output is its own (its thread's
+    line included); the late lines go to the runner's own streams (as on dispynb's
+    nodes, tests/nodeserver/test_thread_output.py)."""
+    out = run(net, tmp_path, LATE_PRINTER, dir=str(tmp_path))
+    assert out["results"] == ["job 0", "job 1"], out
+    assert out["printed"], out
+    assert out["output"] == [
+        ["job 0 out\n", ""],
+        ["job 1 out\n", "job 1 err from its thread\n"],
+    ], out

@@ -247,7 +247,13 @@ SUBMIT_KEYWORDS = [
 JOB = [
     Name("id"),
     Name("result"),
-    Name("stdout"),
+    Name(
+        "stdout",
+        note="What the job and the threads it started printed while it ran. On "
+        "dispynb's nodes and the Dask engine, what a thread it left running prints "
+        "once it returned goes to the node's own stdout and stderr (the Dask "
+        "runner's), never into another job's.",
+    ),
     Name("stderr"),
     Name("exception"),
     Name("submit_time"),
