@@ -2,7 +2,8 @@
 
 `JobCluster` registers itself here when it is created and unregisters when it
 closes; `live_clusters` lists the others (`dispynb.monitoring`, the lab panel). At
-interpreter exit the clusters a program did not close are closed, as dispy does.
+interpreter exit the clusters a program did not close are closed, as dispy does: a
+script's wait for their jobs first, as dispy's ``close()`` at exit does.
 
 Monitors that poll `live_clusters` never see a cluster whose whole life falls
 between two polls (a few quick jobs): `add_close_observer` calls them when a cluster
@@ -14,6 +15,7 @@ from __future__ import annotations
 import atexit
 import itertools
 import logging
+import sys
 import threading
 import weakref
 from collections.abc import Callable
@@ -24,7 +26,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: Seconds a cluster left open waits at interpreter exit for its cancelled jobs.
+#: Seconds a cluster left open waits at interpreter exit for the jobs it cancelled
+#: (interrupted, interactive or `JobCluster.terminate_at_exit`).
 EXIT_WAIT = 10.0
 
 _ids = itertools.count(1)
@@ -88,14 +91,37 @@ def live_clusters() -> list[JobCluster]:
 
 
 def _close_at_exit() -> None:
-    # Jobs still pending have nobody left to read them: terminate them (dispy waited
-    # for them), release the nodes and remove the default recovery file. Bounded:
-    # an exit never hangs on a node that does not answer.
+    # A script's clusters wait for their jobs, as dispy's do at exit: a program
+    # whose callbacks take the results (and may submit more) ends once they are
+    # done. Ctrl-C during that wait, an interactive session (a notebook kernel
+    # shutting down, a REPL: the user has left) and a cluster that asked for it
+    # (`Executor`) terminate them instead, within `EXIT_WAIT` (an exit never hangs
+    # on a node that does not answer). Then the nodes are released and the default
+    # recovery file is removed.
+    try:
+        if not _interactive():
+            for cluster in reversed(live_clusters()):
+                if not cluster.terminate_at_exit:
+                    # Again while callbacks (run by wait()) submitted more jobs.
+                    while cluster.wait() and cluster._outstanding:
+                        pass
+    except KeyboardInterrupt:
+        logger.warning("interrupted at exit: the jobs not done are terminated")
     for cluster in reversed(live_clusters()):
         try:
             cluster.close(timeout=EXIT_WAIT, terminate=True)
         except Exception:
             logger.warning("closing cluster %r at exit failed", cluster.name)
+
+
+def _interactive() -> bool:
+    """Whether this process is an interactive session (an IPython shell or kernel,
+    a REPL), whose clusters' jobs nobody waits for once it exits."""
+    if hasattr(sys, "ps1") or sys.flags.interactive:
+        return True
+    ipython = sys.modules.get("IPython")
+    get_ipython = getattr(ipython, "get_ipython", None)
+    return get_ipython is not None and get_ipython() is not None
 
 
 __all__ = [

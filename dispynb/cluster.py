@@ -178,6 +178,10 @@ class JobCluster(_Events, _Jobs, _Nodes, _ClusterState):
         self._batch_depth = 0
         self._ending: list[tuple[int, DispyJob, DispyNode | None]] = []
         self._closed = False
+        #: At interpreter exit, terminate the jobs not done instead of waiting for
+        #: them as dispy does (`dispynb._live`; an `Executor`'s cluster: as
+        #: documented there).
+        self.terminate_at_exit = False
         self._backend: Backend | None = None
         #: Epoch seconds the cluster was created, and the last time every job
         #: submitted had ended (None while jobs are pending), as in dispy.

@@ -240,6 +240,8 @@ class Executor(concurrent.futures.Executor):
         make = cluster_factory or new_cluster
         try:
             self.cluster = make(dispynb_executor, nodes=nodes, engine=engine, **options)
+            # Never shut down: its pending calls end with the script (documented).
+            self.cluster.terminate_at_exit = True
         except BaseException:
             if self._local is not None:
                 self._local.close()

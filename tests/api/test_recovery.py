@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import signal
 import sqlite3
@@ -562,42 +563,82 @@ def test_recover_jobs_without_arguments_and_no_file_returns_nothing(
 
 
 EXITING = """
-import os, sys, time
+import atexit, os, sys
 import dispynb as dispy
 
-def compute(marker):
-    import time
-    open(marker, "w").close()
-    time.sleep(60)
+def compute(n, release):
+    import os, time
+    deadline = time.monotonic() + 60
+    while not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return n * n
 
-cluster = dispy.JobCluster(compute, nodes=[sys.argv[1]], secret=sys.argv[2])
-job = cluster.submit(sys.argv[3])
-while not os.path.exists(sys.argv[3]):
-    time.sleep(0.01)
-print("exiting without close()", flush=True)
+def job_status(job):  # as dispy's job_scheduler.py: each result submits the next
+    print("job %d: %s %r" % (job.id, job.status, job.result), flush=True)
+    if job.id < 2 and job.status == dispy.DispyJob.Finished:
+        cluster.submit(job.id + 1, release).id = job.id + 1
+
+release = sys.argv[3]
+cluster = dispy.JobCluster(
+    compute, nodes=[sys.argv[1]], secret=sys.argv[2], job_status=job_status
+)
+cluster.submit(0, release).id = 0
+# Runs before the cluster's own exit hook (registered when it was created).
+atexit.register(print, "exiting without close()", flush=True)
 """
 
 
-def test_cluster_left_open_is_closed_at_exit(tmp_path):
-    """A script that ends without close(): its running job is terminated, the node
-    released and the default recovery file removed, as at a clean close."""
+def _exiting_client(tmp_path: Path, node: Any) -> subprocess.Popen[str]:
+    """The script above, its first line ("exiting ...") read: it is in its exit."""
+    proc = subprocess.Popen(
+        [sys.executable, "client.py", node.spec, node.secret, str(tmp_path / "go")],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own group, as a terminal's foreground job
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == "exiting without close()\n"
+    return proc
+
+
+def test_a_script_left_open_waits_at_exit_for_its_jobs_as_dispy(tmp_path):
+    """A script that ends without wait() or close() while its jobs run: as dispy's
+    exit (its close() waits for them), the jobs and those their callbacks submit
+    finish, then the node is released and the default recovery file removed.
+    Before, they were terminated at once."""
     (tmp_path / "client.py").write_text(EXITING)
     with running_node(tmp_path / "node") as node:
-        done = subprocess.run(
-            [
-                sys.executable,
-                "client.py",
-                node.spec,
-                node.secret,
-                str(tmp_path / "started"),
-            ],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert done.returncode == 0, done.stderr
-        assert done.stdout == "exiting without close()\n"
+        proc = _exiting_client(tmp_path, node)
+        try:
+            (tmp_path / "go").touch()
+            out, err = proc.communicate(timeout=WAIT)
+        finally:
+            proc.kill()
+        assert proc.returncode == 0, err
+        assert out.splitlines() == [f"job {n}: 11 {n * n}" for n in range(3)], err
         wait_until(lambda: "disconnected" in node.log_text())
         assert "results kept" not in node.log_text()  # closed, not kept
+    assert default_files(tmp_path, sidecars=True) == []
+
+
+def test_ctrl_c_while_a_script_waits_at_exit_terminates_its_jobs(tmp_path):
+    """Ctrl-C (SIGINT to the script's process group, as a terminal sends it) while
+    the exit waits for the jobs: they are terminated, their callbacks told, and
+    the script ends with the cluster closed, the node released."""
+    (tmp_path / "client.py").write_text(EXITING)
+    with running_node(tmp_path / "node") as node:
+        proc = _exiting_client(tmp_path, node)
+        try:
+            os.killpg(proc.pid, signal.SIGINT)
+            out, err = proc.communicate(timeout=WAIT)
+        finally:
+            proc.kill()
+        assert proc.returncode == 0, err
+        # Terminated (9) if it had started, Cancelled (8) if still on its way.
+        assert out.splitlines() in (["job 0: 9 None"], ["job 0: 8 None"]), err
+        assert "interrupted at exit: the jobs not done are terminated" in err
+        wait_until(lambda: "disconnected" in node.log_text())
+        assert "results kept" not in node.log_text()
     assert default_files(tmp_path, sidecars=True) == []
