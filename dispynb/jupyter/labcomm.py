@@ -227,11 +227,18 @@ AVAIL_FIELDS = ("cpu", "memory")
 def _brief(snapshot: dict[str, Any], cluster: Any) -> dict[str, Any]:
     """A cluster's snapshot as the panel reads it: counts and nodes, no job list;
     named as the notebook names its run (``%%dispy --into NAME``), not after the
-    function, which two cells may share."""
+    function, which two cells may share, and a run's jobs counted as its cell counts
+    them (`run_of`)."""
     brief = {key: snapshot[key] for key in CLUSTER_FIELDS}
     run = run_of(cluster)
     if run is not None:
         brief["name"] = run.name
+        # The jobs the run cancelled while they ran end Terminated: the cell counts
+        # them cancelled, not failed, and so does the panel.
+        counts = brief["counts"] = dict(brief["counts"])
+        stopped = min(run.stopped(), counts["terminated"])
+        counts["terminated"] -= stopped
+        counts["cancelled"] += stopped
     brief["nodes"] = [_brief_node(node) for node in snapshot["nodes"]]
     return brief
 

@@ -56,6 +56,16 @@ class _RunStop(_RunOutput):
             self._cancelled.update(job.id for job in unfinished)
         return unfinished
 
+    def stopped(self) -> int:
+        """How many of its jobs ended ``Terminated`` because the run cancelled them
+        (`cancelling`): failures in the cluster's counts, cancelled in the run's."""
+        with self._lock:
+            return sum(
+                self.jobs[self._index[key]].status is JobStatus.Terminated
+                for key in self._cancelled
+                if key in self._index
+            )
+
     def stop(
         self, reason: str = "Stopped", echo: bool = True, quiet: bool = False
     ) -> str:

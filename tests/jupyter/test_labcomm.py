@@ -318,7 +318,7 @@ def test_cancel_of_a_runs_cluster_counts_its_jobs_cancelled_not_failed(
 ) -> None:
     """The panel's Cancel on the cluster of a run (a %%dispy cell's): its running
     jobs end Terminated, and the run counts them as cancelled, as after Stop (it
-    counted them as failures, and printed them as failed jobs)."""
+    counted them as failures, and printed them as failed jobs); so does the panel."""
     from dispynb.jupyter.run import Run
 
     gate = tmp_path / "never"
@@ -334,6 +334,16 @@ def test_cancel_of_a_runs_cluster_counts_its_jobs_cancelled_not_failed(
         )
         assert comm.reply(7)["ok"]
         assert run.wait(timeout=30, echo=False)
+        # The panel counts them as the cell does: cancelled, none failed (it said
+        # 'terminated' of the running ones the Cancel ended).
+        comm.wait_for(
+            state_of(
+                cluster,
+                lambda c: (
+                    c["counts"]["cancelled"] == 5 and c["counts"]["terminated"] == 0
+                ),
+            )
+        )
 
     counts = run.counts()
     assert counts.failed == 0 and counts.cancelled == 5, counts
