@@ -15,14 +15,15 @@ import { connectCode, nodeSpec } from './connect';
 import { KernelLink } from './link';
 import { ICluster, ICounts, IDiscovered, INode } from './protocol';
 
-const DONE: (keyof ICounts)[] = ['finished', 'terminated', 'cancelled', 'abandoned'];
-const SHOWN: (keyof ICounts)[] = [
-  'running',
-  'pending',
-  'finished',
-  'terminated',
-  'cancelled',
-  'abandoned'
+/** The outcomes as the cell's progress line names them (dispynb/jupyter/display.py's
+ * format_counts), in its order: done is finished; failed, the jobs that raised,
+ * crashed or were given up (a run's cancelled jobs come as cancelled: labcomm.py). */
+const OUTCOMES: [string, (c: ICounts) => number][] = [
+  ['done', c => c.finished],
+  ['failed', c => c.terminated + c.abandoned],
+  ['cancelled', c => c.cancelled],
+  ['running', c => c.running],
+  ['queued', c => c.pending]
 ];
 
 function el<K extends keyof HTMLElementTagNameMap>(
@@ -80,12 +81,16 @@ function nodeView(node: INode): HTMLElement {
     el('span', 'dispynb-node-name', node.name || '?'),
     el('span', 'dispynb-node-address', node.id)
   );
+  // jobs_done is dispy's: every job that ended on the node (cancelled and failed
+  // too), not what the card and the cell call done (finished).
+  view.dataset.ended = String(node.jobs_done);
+  const ended = `${node.jobs_done} ended`;
   const info = el(
     'div',
     'dispynb-node-info',
     node.released
-      ? `${cpus(node)} · ${node.jobs_done} done · released`
-      : `${cpus(node)} · ${node.busy} busy · ${node.jobs_done} done · ${load(node)}`
+      ? `${cpus(node)} · ${ended} · released`
+      : `${cpus(node)} · ${node.busy} busy · ${ended} · ${load(node)}`
   );
   view.append(head, info);
   return view;
@@ -126,8 +131,8 @@ class ClusterView {
 
   update(cluster: ICluster): void {
     const c = cluster.counts;
-    const done = DONE.reduce((sum, k) => sum + c[k], 0);
-    const pct = c.total ? (100 * done) / c.total : 0;
+    const ended = c.finished + c.terminated + c.cancelled + c.abandoned;
+    const pct = c.total ? (100 * ended) / c.total : 0;
     this._title.textContent = cluster.name + (cluster.closed ? ' (closed)' : '');
     this.node.classList.toggle('dispynb-cluster-closed', cluster.closed);
     this.node.dataset.closed = String(cluster.closed);
@@ -135,15 +140,17 @@ class ClusterView {
     // As the notebook's progress bar says it: done is finished (a run stopped
     // or failing is not '40/40 done'); the bar fills with every job that ended.
     this._text.textContent = `${c.finished}/${c.total} done`;
-    this.node.dataset.done = String(done);
+    this.node.dataset.ended = String(ended);
     this.node.dataset.total = String(c.total);
     this._counts.replaceChildren(
-      ...SHOWN.filter(k => c[k] > 0).map(k => {
-        const span = el('span', `dispynb-count dispynb-count-${k}`, `${k} ${c[k]}`);
-        span.dataset.status = k;
-        span.dataset.count = String(c[k]);
-        return span;
-      })
+      ...OUTCOMES.map(([word, count]) => [word, count(c)] as const)
+        .filter(([, n]) => n > 0)
+        .map(([word, n]) => {
+          const span = el('span', `dispynb-count dispynb-count-${word}`, `${n} ${word}`);
+          span.dataset.status = word;
+          span.dataset.count = String(n);
+          return span;
+        })
     );
     const unfinished = c.pending + c.running;
     // A closed cluster has nothing to cancel: no button at all.

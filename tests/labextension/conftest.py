@@ -16,6 +16,7 @@ INNER = (
     "test_lab_browser.py::test_lab_panel",
     "test_lab_browser.py::test_lab_stop",
     "test_lab_browser.py::test_lab_page_opened_while_a_cell_runs",
+    "test_lab_browser.py::test_lab_outcomes_as_the_cell_says",
     "test_lab_browser.py::test_lab_dask",
     "test_lab_browser.py::test_lab_ray",
 )

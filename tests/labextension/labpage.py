@@ -54,11 +54,14 @@ def insert_and_check(page: Page, expected: str) -> None:
 
 
 def card_counts(page: Page) -> dict[str, int]:
-    """The counts the panel shows for the (only) cluster."""
+    """The counts the panel shows for the (only) cluster: ``ended`` (every job in a
+    final status, what fills its bar), ``total``, and each chip by its word, as the
+    cell's progress line says it (``done``, ``failed``, ``cancelled``, ``running``,
+    ``queued``)."""
     return page.eval_on_selector(
         f"{PANEL} .dispynb-cluster",
         """e => {
-            const out = {done: +e.dataset.done, total: +e.dataset.total};
+            const out = {ended: +e.dataset.ended, total: +e.dataset.total};
             for (const c of e.querySelectorAll('.dispynb-count'))
                 out[c.dataset.status] = +c.dataset.count;
             return out;
@@ -67,12 +70,13 @@ def card_counts(page: Page) -> dict[str, int]:
 
 
 def wait_counts(page: Page, condition: str) -> None:
-    """Wait until the cluster card's counts satisfy a JS expression over ``c``."""
+    """Wait until the cluster card's counts satisfy a JS expression over ``c`` (as
+    `card_counts`)."""
     page.wait_for_function(
         """cond => {
             const e = document.querySelector('#dispynb-sidebar .dispynb-cluster');
             if (!e) return false;
-            const c = {done: +e.dataset.done, total: +e.dataset.total};
+            const c = {ended: +e.dataset.ended, total: +e.dataset.total};
             for (const x of e.querySelectorAll('.dispynb-count'))
                 c[x.dataset.status] = +x.dataset.count;
             return new Function('c', 'return ' + cond)(c);

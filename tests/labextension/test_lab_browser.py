@@ -86,6 +86,21 @@ STOP_CELLS = [
 ]
 
 
+#: A %%dispy run whose jobs end every way: 4 finish, 2 raise, then the panel's Cancel
+#: ends 2 running (terminated) and 4 queued ones.
+OUTCOME_CELLS = [
+    "%load_ext dispynb\n%dispy local --cpus 2",
+    '%%dispy --over "range(12)" --into mixed\n'
+    "def mixed(i):\n"
+    "    import time\n"
+    "    if i in (1, 4):\n"
+    "        raise ValueError(i)\n"
+    "    if i >= 6:\n"
+    "        time.sleep(600)\n"
+    "    return i",
+]
+
+
 #: A long %%dispy run, during which the page is reloaded; then a cell after it.
 REOPEN_CELLS = [
     "%load_ext dispynb\n%dispy local --cpus 2",
@@ -152,6 +167,7 @@ def test_lab_panel_in_private_network() -> None:
         f"{here}::test_lab_panel",
         f"{here}::test_lab_stop",
         f"{here}::test_lab_page_opened_while_a_cell_runs",
+        f"{here}::test_lab_outcomes_as_the_cell_says",
     ]
     if importlib.util.find_spec("distributed") is not None:
         tests.append(f"{here}::test_lab_dask")
@@ -224,6 +240,8 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
     nbformat.write(nb, root / "stop.ipynb")
     nb.cells = [nbformat.v4.new_code_cell(cell) for cell in REOPEN_CELLS]
     nbformat.write(nb, root / "reopen.ipynb")
+    nb.cells = [nbformat.v4.new_code_cell(cell) for cell in OUTCOME_CELLS]
+    nbformat.write(nb, root / "outcomes.ipynb")
     nb.cells = [nbformat.v4.new_code_cell(cell) for cell in DASK_CELLS]
     nbformat.write(nb, root / "dask.ipynb")
     # A kernel in which dispynb cannot be imported, as if it were not installed.
@@ -375,13 +393,13 @@ def test_lab_panel(lab: Lab) -> None:  # collected only in the namespace: confte
         assert re.search(r"\d+% CPU used · [\d.]+ [KMG]?B free$", info), info
         wait_counts(page, "c.total === 200 && c.running > 0")
         first = card_counts(page)
-        wait_counts(page, f"c.done >= {first['done'] + 2}")
+        wait_counts(page, f"c.ended >= {first['ended'] + 2}")
         second = card_counts(page)
-        assert second["done"] > first["done"] and second["finished"] >= 2
+        assert second["ended"] > first["ended"] and second.get("done", 0) >= 2
         width = card.locator(".dispynb-progress-bar").evaluate("e => e.style.width")
         assert 0 < float(width.rstrip("%")) < 100, width
         if os.environ.get("DISPYNB_SCREENSHOTS") == "1":
-            wait_counts(page, "c.done >= 30")  # a bar worth looking at
+            wait_counts(page, "c.ended >= 30")  # a bar worth looking at
             page.screenshot(path=str(ROOT / "docs/labextension.png"))
 
         # Cancel (while the cell still waits) ends every unfinished job; the counts
@@ -390,14 +408,12 @@ def test_lab_panel(lab: Lab) -> None:  # collected only in the namespace: confte
         card.locator(".dispynb-cancel").click()
         message = page.locator(f"{PANEL} .dispynb-message")
         message.filter(has_text="cancelled").wait_for()
-        wait_counts(page, "!c.running && !c.pending && c.done === 200")
+        wait_counts(page, "!c.running && !c.queued && c.ended === 200")
+        # (A cluster of no run: its running jobs, terminated, count as failed.)
         counts = card_counts(page)
-        assert counts.get("cancelled", 0) + counts.get("terminated", 0) > 100, counts
+        assert counts.get("cancelled", 0) + counts.get("failed", 0) > 100, counts
         assert (
-            counts["finished"]
-            + counts.get("cancelled", 0)
-            + counts.get("terminated", 0)
-            == 200
+            counts["done"] + counts.get("cancelled", 0) + counts.get("failed", 0) == 200
         ), counts
         cancel = card.locator(".dispynb-cancel")
         assert cancel.is_disabled()
@@ -490,7 +506,8 @@ def test_lab_stop(lab: Lab) -> None:  # collected only in the namespace: conftes
         assert returned < 10, returned
 
         # The closed card: no Cancel button, the node it ran on (released), not
-        # "no nodes connected yet"; counts: cancelled, nothing failed.
+        # "no nodes connected yet"; counts: cancelled, nothing failed (the running
+        # jobs it stopped too, as the cell counts them).
         closed = page.locator(f'{PANEL} .dispynb-cluster[data-closed="true"]')
         closed.first.wait_for()
         assert closed.locator(".dispynb-cluster-name").inner_text() == "slow (closed)"
@@ -501,9 +518,9 @@ def test_lab_stop(lab: Lab) -> None:  # collected only in the namespace: conftes
         statuses = closed.locator(".dispynb-count").evaluate_all(
             "es => es.map(e => e.dataset.status)"
         )
-        assert "abandoned" not in statuses and "cancelled" in statuses, statuses
+        assert "failed" not in statuses and "cancelled" in statuses, statuses
         # Done as the cell's bar says it: the jobs that finished, not all that ended.
-        finished = card_counts(page).get("finished", 0)
+        finished = card_counts(page).get("done", 0)
         text = closed.locator(".dispynb-progress-text").inner_text()
         assert text == f"{finished}/40 done", text
         if os.environ.get("DISPYNB_SCREENSHOTS") == "1":
@@ -562,7 +579,7 @@ def test_lab_page_opened_while_a_cell_runs(lab: Lab) -> None:  # in the namespac
         card.wait_for()
         assert card.locator(".dispynb-cluster-name").inner_text() == "slow"
         wait_counts(page, "c.total === 60 && c.running > 0")
-        assert card_counts(page)["done"] < 60  # connected while the cell runs
+        assert card_counts(page)["ended"] < 60  # connected while the cell runs
 
         # Reloaded again: the page deletes its subshell as it goes, and the new page
         # makes one of its own (the kernel kept one per page: a thread each).
@@ -583,7 +600,7 @@ def test_lab_page_opened_while_a_cell_runs(lab: Lab) -> None:  # in the namespac
         page.locator(f"{PANEL} .dispynb-message").filter(
             has_text="cancelled"
         ).wait_for()
-        wait_counts(page, "!c.running && !c.pending && c.done === 60")
+        wait_counts(page, "!c.running && !c.queued && c.ended === 60")
         page.wait_for_function(
             """() => [...document.querySelectorAll('.jp-StatusBar-TextItem')]
                 .some(e => e.textContent.trim().endsWith('| Idle'))"""
@@ -599,6 +616,59 @@ def test_lab_page_opened_while_a_cell_runs(lab: Lab) -> None:  # in the namespac
         while kernel_connections(lab) != [1] and time.monotonic() < deadline:
             page.wait_for_timeout(100)
         assert kernel_connections(lab) == [1]
+
+
+@pytest.mark.timeout(300)
+def test_lab_outcomes_as_the_cell_says(lab: Lab) -> None:  # in the namespace
+    """A run with finished, failed and cancelled jobs: the card's chips name and
+    count them as the cell's summary line does, its progress says done as the cell,
+    and the node's line says how many jobs ended on it (not 'done': cancelled and
+    failed ones are among them)."""
+    with chromium_page(
+        viewport={"width": 1400, "height": 850}, timeout_ms=60_000
+    ) as page:
+        open_notebook(page, lab, "outcomes.ipynb", "Python 3 (ipykernel)")
+        page.wait_for_selector(f'{PANEL}[data-ready="true"]')
+        cells = page.locator(".jp-NotebookPanel .jp-Cell")
+        run_cell(page, 0)
+        wait_prompt(page, 0, "[1]:")
+        run_cell(page, 1)
+        card = page.locator(f"{PANEL} .dispynb-cluster")
+        card.first.wait_for()
+        # Jobs 0-5 ended (2 raised), 6 and 7 sleep on the node's 2 CPUs, 4 queued.
+        wait_counts(page, "c.running === 2 && c.ended === 6 && c.queued === 4")
+        card.locator(".dispynb-cancel").click()
+        wait_prompt(page, 1, "[2]:")
+
+        output = cells.nth(1).locator(".jp-OutputArea").inner_text()
+        line = re.search(r"(\d+)/12 done, (\d+) failed, (\d+) cancelled", output)
+        assert line, output
+        said = dict(
+            zip(("done", "failed", "cancelled"), map(int, line.groups()), strict=True)
+        )
+        assert said == {"done": 4, "failed": 2, "cancelled": 6}, output
+
+        closed = page.locator(f'{PANEL} .dispynb-cluster[data-closed="true"]')
+        closed.wait_for()
+        chips = closed.locator(".dispynb-count")
+        shown = dict(
+            zip(
+                chips.evaluate_all("es => es.map(e => e.dataset.status)"),
+                chips.evaluate_all("es => es.map(e => +e.dataset.count)"),
+                strict=True,
+            )
+        )
+        assert shown == said, (shown, output)
+        assert chips.all_inner_texts() == ["4 done", "2 failed", "6 cancelled"]
+        assert closed.locator(".dispynb-progress-text").inner_text() == "4/12 done"
+        assert closed.get_attribute("data-ended") == "12"
+        # Every job was sent to the one node (the queued ones wait in its queue) and
+        # ended there: 12 ended, not '12 done' beside the card's '4/12 done'.
+        node = closed.locator(".dispynb-node")
+        assert node.count() == 1
+        info = node.locator(".dispynb-node-info").inner_text()
+        assert node.get_attribute("data-ended") == "12", info
+        assert "12 ended" in info and "done" not in info, info
 
 
 @pytest.mark.timeout(300)
@@ -636,7 +706,7 @@ def test_lab_dask(lab: Lab) -> None:  # collected only in the namespace: conftes
             assert info.startswith("1 CPU · ") and info.endswith("· load unknown"), info
         wait_counts(page, "c.total === 30 && c.running === 2")
         first = card_counts(page)
-        wait_counts(page, f"c.done >= {first['done'] + 2}")
+        wait_counts(page, f"c.ended >= {first['ended'] + 2}")
 
         page.locator(
             '.jp-NotebookPanel-toolbar [data-jp-item-name="interrupt"]'
@@ -649,7 +719,7 @@ def test_lab_dask(lab: Lab) -> None:  # collected only in the namespace: conftes
         statuses = closed.locator(".dispynb-count").evaluate_all(
             "es => es.map(e => e.dataset.status)"
         )
-        assert "cancelled" in statuses and "abandoned" not in statuses, statuses
+        assert "cancelled" in statuses and "failed" not in statuses, statuses
 
 
 @pytest.fixture
@@ -712,7 +782,7 @@ def test_lab_ray(ray_head: str, lab: Lab) -> None:  # only in the namespace: con
         assert node.first.get_attribute("data-cpus") == "2"
         wait_counts(page, "c.total === 30 && c.running === 2")
         first = card_counts(page)
-        wait_counts(page, f"c.done >= {first['done'] + 2}")
+        wait_counts(page, f"c.ended >= {first['ended'] + 2}")
 
         page.locator(
             '.jp-NotebookPanel-toolbar [data-jp-item-name="interrupt"]'
@@ -725,4 +795,4 @@ def test_lab_ray(ray_head: str, lab: Lab) -> None:  # only in the namespace: con
         statuses = closed.locator(".dispynb-count").evaluate_all(
             "es => es.map(e => e.dataset.status)"
         )
-        assert "cancelled" in statuses and "abandoned" not in statuses, statuses
+        assert "cancelled" in statuses and "failed" not in statuses, statuses
