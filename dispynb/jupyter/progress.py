@@ -74,7 +74,8 @@ class ProgressCounts:
     failed:
         Jobs that raised or crashed (``Terminated``) or were given up (``Abandoned``).
     cancelled:
-        Jobs cancelled before they ran (``Cancelled``).
+        Jobs cancelled before they ran (``Cancelled``), and running jobs a run's Stop
+        or Cancel ended (``Terminated``: not failures).
     running:
         Jobs started on a node and not ended.
     elapsed:

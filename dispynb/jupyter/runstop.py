@@ -71,8 +71,8 @@ class _RunStop(_RunOutput):
     ) -> str:
         """Cancel the unfinished jobs, wait (at most `CANCEL_WAIT` seconds) for the
         nodes to confirm, close the cluster if owned, and return (and print, unless
-        ``quiet``) a one-line account: how many running jobs were terminated, how
-        many queued ones cancelled.
+        ``quiet``) a one-line account in the progress line's words: how many jobs
+        were cancelled (how many of them while running).
 
         What an interrupted `wait` does before raising `RunInterrupted` (a
         `KeyboardInterrupt`) with that line; a second interrupt stops waiting for the
@@ -113,15 +113,27 @@ class _RunStop(_RunOutput):
         return summary
 
     def _stop_summary(self, reason: str, stopped: list[DispyJob]) -> str:
-        ends = collections.Counter(job.status for job in stopped)
+        """The Stop line, in its progress line's words: the jobs the Stop ended are
+        cancelled, whether they were running (``Terminated``) or queued."""
+        with self._lock:  # a job that raised before the Stop cancelled it failed
+            ends = collections.Counter(
+                "running"
+                if job.status is JobStatus.Terminated and job.id in self._cancelled
+                else job.status
+                for job in stopped
+            )
         after = self.counts()
-        parts = [
-            f"{ends[JobStatus.Terminated]} running terminated",
-            f"{ends[JobStatus.Cancelled]} queued cancelled",
-        ]
+        running = ends["running"]
+        cancelled = ends[JobStatus.Cancelled] + running
+        parts = [f"{cancelled} cancelled"]
+        if running:
+            parts.append(f"{running} of them while running")
         finished = ends[JobStatus.Finished]
         if finished:
             parts.append(f"{finished} finished meanwhile")
+        failed = ends[JobStatus.Terminated] + ends[JobStatus.Abandoned]
+        if failed:
+            parts.append(f"{failed} failed meanwhile")
         unconfirmed = sum(not job.done() for job in stopped)
         if unconfirmed:
             parts.append(f"{unconfirmed} not confirmed by the nodes")

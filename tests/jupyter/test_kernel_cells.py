@@ -423,7 +423,7 @@ def test_new_nodes_say_which_unfinished_runs_they_stopped(tmp_path: Path):
         wait_until(mark.exists)
         out = k.run_ok("%dispy local --cpus 1")
         assert (
-            "dispynb: run 'long' stopped, 1 running terminated, 1 queued cancelled "
+            "dispynb: run 'long' stopped, 2 cancelled, 1 of them while running "
             "(0 of 2 jobs done)"
         ) in out.stderr, out.text
         assert k.value("[j.status.name for j in long.jobs]") == [
@@ -453,7 +453,7 @@ def test_rerunning_a_nowait_cell_stops_the_run_it_started_before(tmp_path: Path)
         long_mark.unlink()
         out = k.run_ok(long_cell + sleeper.format("long"))
         assert (
-            "dispynb: run 'long' stopped, 1 running terminated, 1 queued cancelled "
+            "dispynb: run 'long' stopped, 2 cancelled, 1 of them while running "
             "(0 of 2 jobs done)"
         ) in out.stderr, out.text
         assert "'other'" not in out.text, out.text

@@ -75,7 +75,7 @@ def test_stop_cancels_the_cell_and_keeps_the_local_nodes(tmp_path):
         msg_id = k.submit(LONG_CELL)
         wait_for(lambda: len(list(marks.glob("job?"))) == 2)  # 2 run, 2 queued
         # Stopped once all 4 are submitted, as its bar shows (else, loaded, Stop
-        # could come before the last submit: 0 queued cancelled).
+        # could come before the last submit: fewer cancelled).
         out = CellOutput()
         k.follow(msg_id, out, lambda out: any(_counts(out, "/4 done")))
         pressed = time.monotonic()
@@ -87,7 +87,17 @@ def test_stop_cancels_the_cell_and_keeps_the_local_nodes(tmp_path):
         assert out.status == "error" and out.ename == "RunInterrupted", out.text
         # One or two lines, no internal frames.
         assert "Traceback" not in out.error_text and "dispynb/" not in out.error_text
-        assert "2 running terminated, 2 queued cancelled" in out.text, out.text
+        # The Stop line in its progress line's words: the 4 jobs it ended are
+        # cancelled, running or queued (before: '2 running terminated, 2 queued
+        # cancelled' beside the bar's '0/4 done, 4 cancelled').
+        bar = _counts(out, "/4 done")[-1]
+        assert "0/4 done, 4 cancelled," in bar, bar
+        stop_line = out.evalue  # the line the cell ends with, as Stop printed it
+        assert stop_line.endswith(
+            "run 'victim' stopped, 4 cancelled, 2 of them while running "
+            "(0 of 4 jobs done)"
+        ), stop_line
+        assert "terminated" not in stop_line and "queued" not in stop_line, stop_line
         assert all(psutil.pid_exists(pid) for pid in nodes)
         counts = k.value("(victim.counts().cancelled, victim.counts().failed)")
         assert counts == (4, 0), out.text

@@ -223,7 +223,10 @@ def test_magic_cell_timeout_cancels_unfinished_jobs(ip):
         JobStatus.Finished,
         JobStatus.Terminated,
     ]
-    assert "Timed out after 0.5 s: run 'slow' stopped, 1 running terminated" in err
+    assert (
+        "Timed out after 0.5 s: run 'slow' stopped, 1 cancelled, 1 of them while "
+        "running"
+    ) in err
 
 
 def test_magic_cell_error_in_cell_submits_nothing(ip):

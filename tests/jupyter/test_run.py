@@ -197,7 +197,9 @@ def test_run_interrupted_wait_cancels_remote_jobs(local1, tmp_path, capsys):
     assert run.closed
     assert not finished.exists()
     message = str(stopped.value)
-    assert message.startswith("Interrupted: run 'long' stopped, 1 running terminated")
+    assert message.startswith(
+        "Interrupted: run 'long' stopped, 3 cancelled, 1 of them while running"
+    )
     assert message.endswith("(0 of 3 jobs done)")
     assert not run.failures and run.counts().cancelled == 3
 
@@ -246,7 +248,7 @@ def test_stop_while_the_run_starts_says_what_happened(local1, tmp_path):
 def test_stopping_a_run_cancels_its_jobs_in_one_request(local1, tmp_path):
     """Stop cancels every unfinished job of the run in one request: cancelled one
     by one, a queued job could start on the worker freed by the previous cancel
-    and end Terminated (seen in the JupyterLab Stop test: "3 running terminated"
+    and end Terminated (seen in the JupyterLab Stop test: 3 jobs Terminated
     on a node of 2 CPUs)."""
     started = tmp_path / "started"
     run = Run.map(
@@ -274,7 +276,7 @@ def test_stopping_a_run_cancels_its_jobs_in_one_request(local1, tmp_path):
     assert [job.status for job in run.jobs] == [JobStatus.Terminated] + [
         JobStatus.Cancelled
     ] * 5
-    assert "1 running terminated, 5 queued cancelled" in summary
+    assert "6 cancelled, 1 of them while running (0 of 6 jobs done)" in summary
 
 
 @slow
