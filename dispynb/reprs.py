@@ -95,7 +95,7 @@ def cluster_html(cluster: JobCluster) -> str:
         f"{len(status.nodes)} nodes, {status.jobs_pending} jobs pending"
     )
     header = (
-        "name", "address", "CPUs", "busy", "jobs done", "CPU time", "CPU used",
+        "name", "address", "CPUs", "busy", "jobs ended", "CPU time", "CPU used",
         "memory free",
     )  # fmt: skip
     rows = [

@@ -163,7 +163,7 @@ def nodes_html(rows: Iterable[NodeRow], live: bool = False) -> str:
     as the nodes change, its cells styled once (`table_html`'s ``cell_style``)."""
     rows = list(rows)
     header = (
-        "name", "address", "CPUs", "busy", "jobs done", "CPU used", "memory free",
+        "name", "address", "CPUs", "busy", "jobs ended", "CPU used", "memory free",
         "state",
     )  # fmt: skip
     body = [

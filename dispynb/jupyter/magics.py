@@ -203,9 +203,9 @@ class DispyMagics(Magics):
 
         Starting or attaching replaces the current nodes (and cancels their runs),
         once the new ones answer (slurm: before submitting them).
-        The panel shows each node's CPUs, busy workers, jobs done, and its load (CPU
-        used, memory free) as last reported: when a run connects, then every
-        ``--pulse`` seconds while runs use it.
+        The panel shows each node's CPUs, busy workers, jobs ended on it (cancelled
+        ones too), and its load (CPU used, memory free) as last reported: when a run
+        connects, then every ``--pulse`` seconds while runs use it.
         """
         args = parse_line(self.dispy, line)
         try:

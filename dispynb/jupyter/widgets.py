@@ -228,7 +228,7 @@ class NodeTable:
 
 
 class NodePanel:
-    """A live table of nodes (name, address, CPUs, busy, jobs done, CPU used, memory
+    """A live table of nodes (name, address, CPUs, busy, jobs ended, CPU used, memory
     free, state).
 
     Pass `cluster_status` (or `chain`) as a cluster's ``cluster_status`` callback.

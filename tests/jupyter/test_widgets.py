@@ -103,6 +103,20 @@ def test_nodes_html_escapes_names():
     assert "&lt;b&gt;" in nodes_html(panel.rows())
 
 
+def test_nodes_html_names_jobs_done_as_the_lab_panel_does():
+    """The column of `DispyNode.jobs_done` (every job that ended on the node,
+    cancelled ones too) says 'jobs ended', as the lab panel's 'N ended' does,
+    not 'jobs done' beside a run's '0/40 done'."""
+    panel = NodePanel(interval=0, widget=False)
+    seen = node()
+    seen.jobs_done = 3
+    panel.cluster_status(NodeStatus.Initialized, seen, None)
+
+    table = nodes_html(panel.rows())
+    assert ">jobs ended<" in table and "jobs done" not in table, table
+    assert ">3<" in table
+
+
 def test_panel_load_from_avail_info_events():
     panel = NodePanel(interval=0)
     seen = node()
