@@ -168,14 +168,13 @@ class DriverNodes(DriverResults):
         if link.conn is not None:
             link.conn.close()
         # A user's credential is proved to a shared scheduler, the cluster's only
-        # "node" then.
-        shared = (self.config.secret or b"").startswith(CREDENTIAL_PREFIX)
-        logger.warning(
-            "%s %s cannot be used: %s",
-            "scheduler" if shared else "node",
-            link.node_id,
-            describe_error(exc),
-        )
+        # "node" then. Each message is its own literal: the notebook holds those
+        # about nodes back by their format (`dispynb.jupyter.magicsupport`).
+        if (self.config.secret or b"").startswith(CREDENTIAL_PREFIX):
+            message = "scheduler %s cannot be used: %s"
+        else:
+            message = "node %s cannot be used: %s"
+        logger.warning(message, link.node_id, describe_error(exc))
         self.last_error = exc
         self.nodes.pop(link.node_id, None)
         self.events.node_failed(link, exc)
