@@ -22,9 +22,9 @@ import sys
 import threading
 import traceback
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import ModuleType
-from typing import Any, TextIO, cast
+from typing import Any, TextIO
 
 #: Standard modules dispy computations use without importing them (dispy exec'd the
 #: computation into its node's module globals; see reference/dispy.md section 3.10).
@@ -231,18 +231,6 @@ class JobThreads:
                 if thread not in before and thread is not main:
                     self._owners.setdefault(thread, self._job)
 
-    def streams(self, out: TextIO, err: TextIO) -> tuple[TextIO, TextIO]:
-        """The ``sys.stdout`` and ``sys.stderr`` of the job begun, which captures
-        its output in ``out`` and ``err``: these, or, while a thread an earlier
-        job started still runs (`left`), a `JobOutput` around each that sends that
-        thread's output to the process's own streams (``sys.stdout`` and
-        ``sys.stderr`` at the call)."""
-        if not self.left:
-            return out, err
-        # TextIOBases, which print() and sys take: typing's TextIO in all but name.
-        wrapped = JobOutput(out, sys.stdout, self), JobOutput(err, sys.stderr, self)
-        return cast(tuple[TextIO, TextIO], wrapped)
-
     def of_this_job(self) -> bool:
         """Whether the calling thread is the job's begun last (not one an earlier
         job started)."""
@@ -252,38 +240,105 @@ class JobThreads:
         return owner is None or owner == self._job
 
 
-class JobOutput(io.TextIOBase):
-    """A job's ``sys.stdout`` or ``sys.stderr`` while a thread an earlier job left
-    running runs too (`JobThreads.left`): what the job's threads write goes to
-    ``capture`` (the job's output), what that thread writes to ``elsewhere``, the
-    process's own stream, where it goes too when no job runs. Used only then
-    (`JobThreads.streams`): otherwise a job's stream is its capture itself, with
-    no check per write."""
+class JobStream(io.TextIOBase):
+    """One of the ``sys.stdout`` and ``sys.stderr`` of a process that runs jobs one
+    after another: the same object for every job (`JobStreams`), so that what kept
+    it (a log handler ``logging.basicConfig()`` made in a job, a library that took
+    ``sys.stdout`` at import) writes into the output of the job running then, as
+    in dispy, where each job has a process of its own. What is written while no
+    job runs goes to `own`, the process's own stream, and so does what a thread
+    an earlier job left running writes (`JobThreads.left`).
 
-    def __init__(
-        self, capture: TextIO, elsewhere: TextIO | None, threads: JobThreads
-    ) -> None:
+    ``write`` is set per job (`JobStreams`) to the target's own method: no check
+    per write, unless a thread an earlier job left runs.
+    """
+
+    def __init__(self, threads: JobThreads | None) -> None:
         super().__init__()
-        self.capture = capture
-        self.elsewhere = elsewhere
+        #: The process's stream (None if it has none): the one ``sys`` had as a
+        #: job began (`JobStreams.begin`).
+        self.own: TextIO | None = None
+        self.own_write: Callable[[str], int] = len  # nowhere to write: dropped
+        #: The running job's output, None between jobs.
+        self.capture: TextIO | None = None
         self._threads = threads
+        # An instance attribute, found before the class's method: print() and
+        # logging call the capture's (C) write directly.
+        self.write = self.own_write  # type: ignore[method-assign]
 
-    def _stream(self) -> TextIO | None:
-        return self.capture if self._threads.of_this_job() else self.elsewhere
+    def adopt(self, own: TextIO | None) -> None:
+        """``own`` is the process's stream now."""
+        self.own = own
+        self.own_write = len if own is None else own.write
 
-    def write(self, text: str) -> int:
-        stream = self._stream()
-        if stream is None:  # the process has no stream of its own (None)
-            return len(text)
-        return stream.write(text)
+    def _target(self) -> TextIO | None:
+        capture = self.capture
+        threads = self._threads
+        if capture is None or (threads is not None and not threads.of_this_job()):
+            return self.own
+        return capture
+
+    def write_routed(self, text: str) -> int:
+        """`write` while a thread an earlier job left runs: the running job's
+        threads write into its output, that thread to `own`."""
+        stream = self._target()
+        return len(text) if stream is None else stream.write(text)
 
     def flush(self) -> None:
-        stream = self._stream()
+        stream = self._target()
         if stream is not None:
             stream.flush()
 
     def writable(self) -> bool:
         return True
+
+    def close(self) -> None:
+        """Nothing: a job does not close the streams of the jobs after it."""
+
+
+class JobStreams:
+    """A process's `JobStream` ``stdout`` and ``stderr``, made once, that are its
+    ``sys.stdout`` and ``sys.stderr`` while a job runs (`begin` to `end`).
+
+    ``threads`` (if the process tracks them) tells which thread is the running
+    job's: what a thread an earlier job left running writes goes to the process's
+    own streams, not into the running job's output.
+    """
+
+    def __init__(self, threads: JobThreads | None = None) -> None:
+        self.stdout = JobStream(threads)
+        self.stderr = JobStream(threads)
+        self._threads = threads
+
+    def begin(self, out: TextIO, err: TextIO) -> None:
+        """A job starts (after ``threads.begin()``): what is written goes to ``out``
+        and ``err``. The streams ``sys`` has are the process's own: `end` puts
+        them back."""
+        stdout, stderr = self.stdout, self.stderr
+        found_out, found_err = sys.stdout, sys.stderr
+        # Else a job began and did not end, or the same as last job's: kept.
+        if found_out is not stdout and found_out is not stdout.own:
+            stdout.adopt(found_out)
+        if found_err is not stderr and found_err is not stderr.own:
+            stderr.adopt(found_err)
+        stdout.capture, stderr.capture = out, err
+        threads = self._threads
+        if threads is not None and threads.left:
+            stdout.write = stdout.write_routed  # type: ignore[method-assign]
+            stderr.write = stderr.write_routed  # type: ignore[method-assign]
+        else:
+            stdout.write = out.write  # type: ignore[method-assign]
+            stderr.write = err.write  # type: ignore[method-assign]
+        sys.stdout, sys.stderr = stdout, stderr
+
+    def end(self) -> None:
+        """The job returned: the process's own streams are ``sys``'s again (even
+        if the job replaced them), and what kept ours writes to them."""
+        stdout, stderr = self.stdout, self.stderr
+        stdout.capture = stderr.capture = None
+        stdout.write = stdout.own_write  # type: ignore[method-assign]
+        stderr.write = stderr.own_write  # type: ignore[method-assign]
+        sys.stdout, sys.stderr = stdout.own, stderr.own
 
 
 def unconfirmed(timeout: float | None) -> str:
@@ -323,7 +378,8 @@ __all__ = [
     "FROM_AN_ENDED_JOB",
     "JOB_ENDED",
     "SETUP_SUCCESS",
-    "JobOutput",
+    "JobStream",
+    "JobStreams",
     "JobThreads",
     "file_sent",
     "format_job_exception",

@@ -25,6 +25,7 @@ from dispynb.jobenv import (
     ANSWER_SLICE,
     FROM_AN_ENDED_JOB,
     JOB_ENDED,
+    JobStreams,
     JobThreads,
     file_sent,
     send_file_timeout,
@@ -58,6 +59,8 @@ class JobContext:
         self.names: dict[str, Any] = {}  # dispy's names, for a job's own functions
         #: Which job the threads that jobs started belong to.
         self.threads = JobThreads()
+        #: The worker's sys.stdout and sys.stderr while a job runs (`run_job`).
+        self.streams = JobStreams(self.threads)
         self.lock = threading.Lock()  # a job's threads may send too
         #: Held by a thread waiting for its client's answer to a file (`send_file`):
         #: one reader of the socket at a time.

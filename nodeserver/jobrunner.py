@@ -16,7 +16,6 @@ import logging
 import mmap
 import os
 import resource
-import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -83,9 +82,11 @@ def run_job(
         ``done.outcome`` is ``FINISHED`` (``result_buffers`` hold the pickled result)
         or ``RAISED`` (``done.exception`` holds the traceback text and
         ``result_buffers`` is empty). ``sys.stdout`` and ``sys.stderr`` are captured
-        for the job into ``done.stdout`` / ``done.stderr`` and restored afterwards;
-        what a thread an earlier job left running writes meanwhile goes to the
-        worker's own streams (`dispynb.jobenv.JobOutput`).
+        for the job into ``done.stdout`` / ``done.stderr`` and restored afterwards,
+        by the worker's `dispynb.jobenv.JobStreams`: the same objects for every
+        job, so a stream an earlier job kept (its log handler's) writes into this
+        job's output; what a thread an earlier job left running writes meanwhile
+        goes to the worker's own streams.
 
     Notes
     -----
@@ -93,7 +94,6 @@ def run_job(
     included: a job must not end its worker. Arguments that cannot be unpickled and a
     result that cannot be pickled are reported as ``RAISED`` too.
     """
-    saved = sys.stdout, sys.stderr
     program_output: ProgramOutput | None = None
     bounded = CONTEXT.max_output is not None
     if not bounded:
@@ -101,10 +101,8 @@ def run_job(
         err: io.StringIO = io.StringIO()
     else:
         out, err = _Stdout(), _Stderr()
-    if CONTEXT.threads.left:  # a thread an earlier job left may print meanwhile
-        sys.stdout, sys.stderr = CONTEXT.threads.streams(out, err)
-    else:
-        sys.stdout, sys.stderr = out, err
+    streams = CONTEXT.streams
+    streams.begin(out, err)
     outcome = RAISED
     exception = None
     result_buffers = _NO_BUFFERS
@@ -173,7 +171,7 @@ def run_job(
                     else:
                         result_buffers = _NO_BUFFERS
     finally:
-        sys.stdout, sys.stderr = saved
+        streams.end()
     stdout: str | bytes
     stderr: str | bytes
     if program_output is not None:

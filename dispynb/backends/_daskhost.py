@@ -50,6 +50,7 @@ from dispynb.jobenv import (
     ANSWER_SLICE,
     FROM_AN_ENDED_JOB,
     JOB_ENDED,
+    JobStreams,
     JobThreads,
     file_sent,
     format_job_exception,
@@ -85,6 +86,10 @@ class _Job:
     #: Which job the threads jobs started belong to: one a job left running
     #: sends nothing as the next job.
     threads = JobThreads()
+    #: The runner's sys.stdout and sys.stderr while a job runs, the same for all
+    #: its jobs: a stream a job kept (its log handler's) writes into the running
+    #: job's output.
+    streams = JobStreams(threads)
 
 
 def dispy_provisional_result(
@@ -228,14 +233,10 @@ def run_one(
     ``meta`` is ``(outcome, start, end, stdout, stderr, exception)`` with outcome
     ``"finished"`` (result in the buffers) or ``"raised"`` (traceback text).
     """
-    saved = sys.stdout, sys.stderr
     out, err = _Output(), _Output()
     out.limit = err.limit = max_output
     _Job.threads.begin()
-    if _Job.threads.left:  # a thread an earlier job left may print meanwhile
-        sys.stdout, sys.stderr = _Job.threads.streams(out, err)
-    else:
-        sys.stdout, sys.stderr = out, err
+    _Job.streams.begin(out, err)
     result_buffers: list[Any] = []
     program: ProgramOutput | None = None
     outcome, exception = "raised", None
@@ -265,7 +266,7 @@ def run_one(
     finally:
         _Job.threads.end()
         _Job.conn = None
-        sys.stdout, sys.stderr = saved
+        _Job.streams.end()
     stdout: str | bytes = out.text()
     stderr: str | bytes = err.text()
     if program is not None:  # the program's own output, as bytes (dispy's)

@@ -506,3 +506,35 @@ def test_a_thread_of_a_job_that_returned_prints_into_no_later_job_on_dask(
         ["job 0 out\n", ""],
         ["job 1 out\n", "job 1 err from its thread\n"],
     ], out
+
+
+LOGGER = """
+def log_a_line(n):
+    import logging
+
+    if n == 0:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("job").info("job %d logs", n)
+    return n
+
+
+def main(args):
+    with LocalCluster(nodes=1, cpus=1, engine="dask") as local:
+        with JobCluster(log_a_line, nodes=local) as cluster:
+            jobs = []
+            for n in range(3):  # one after the other, on the one runner
+                job = cluster.submit(n)
+                job()
+                jobs.append(job)
+    return [[job.result, job.stderr] for job in jobs]
+"""
+
+
+def test_a_log_handler_set_up_by_an_earlier_job_logs_into_each_jobs_stderr_on_dask(
+    net: Network, tmp_path: Path
+) -> None:
+    """Job 0 calls ``logging.basicConfig()``: its handler kept job 0's stderr, so
+    the lines jobs 1 and 2 logged in that runner were lost. Now they are in each
+    job's stderr (as on dispynb's nodes, tests/nodeserver/test_thread_output.py)."""
+    out = run(net, tmp_path, LOGGER)
+    assert out == [[n, f"job {n} logs\n"] for n in range(3)], out

@@ -87,3 +87,40 @@ def test_a_thread_of_a_job_that_returned_prints_on_the_nodes_streams(
     # Not lost: the worker's own stdout and stderr are the node's.
     assert "late out from a thread of job 0" in log, log
     assert "late err from a thread of job 0" in log, log
+
+
+def log_a_line(n: int) -> int:
+    """Job 0 sets up logging as a script does (its handler keeps the stderr it
+    finds: job 0's); every job logs a line."""
+    import logging
+
+    if n == 0:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("job").info("job %d logs", n)
+    return n
+
+
+@pytest.mark.parametrize("max_output", [DEFAULT_MAX_OUTPUT, None])
+def test_a_log_handler_set_up_by_an_earlier_job_logs_into_each_jobs_stderr(
+    tmp_path: Path, max_output: int | None
+) -> None:
+    """Job 0 calls ``logging.basicConfig()``: its StreamHandler kept job 0's stderr,
+    a capture no later job's was, so the lines jobs 1 and 2 logged on that worker
+    were lost (dispy runs each job in its own process: each logs into its own
+    stderr). Now a worker's sys.stderr is one object for all its jobs, writing into
+    the running job's output."""
+    with (
+        running_node(tmp_path / "node", cpus=1) as node,
+        JobCluster(
+            log_a_line,
+            nodes=[node.spec],
+            secret=node.secret,
+            max_output_size=max_output,
+        ) as cluster,
+    ):
+        jobs = []
+        for n in range(3):  # one after the other, on the node's one worker
+            job = cluster.submit(n)
+            assert job() == n, (job.status, job.exception)
+            jobs.append(job)
+    assert [job.stderr for job in jobs] == [f"job {n} logs\n" for n in range(3)]

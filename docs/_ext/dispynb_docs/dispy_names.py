@@ -252,7 +252,9 @@ JOB = [
         note="What the job and the threads it started printed while it ran. On "
         "dispynb's nodes and the Dask engine, what a thread it left running prints "
         "once it returned goes to the node's own stdout and stderr (the Dask "
-        "runner's), never into another job's.",
+        "runner's), never into another job's. A log handler an earlier job made "
+        "(``logging.basicConfig()``) logs into the stderr of the job running, as in "
+        "dispy, where each job has a process of its own.",
     ),
     Name("stderr"),
     Name("exception"),
