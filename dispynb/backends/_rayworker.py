@@ -39,6 +39,7 @@ from collections.abc import Callable
 from typing import Any
 
 from dispynb.jobenv import (
+    JobStreams,
     file_sent,
     format_job_exception,
     implicit_modules,
@@ -91,6 +92,10 @@ class _Job:
 
 
 _CURRENT = _Job()
+#: The actor's sys.stdout and sys.stderr while a job runs, the same for all its
+#: jobs: a stream a job kept (its log handler's) writes into the running job's
+#: output.
+_STREAMS = JobStreams()
 
 
 def dispy_provisional_result(
@@ -276,9 +281,8 @@ class JobActor:
                     bytearray(arg) if index in head[4] else arg
                     for index, arg in enumerate(args)
                 )
-        saved = sys.stdout, sys.stderr
         out, err = io.StringIO(), io.StringIO()
-        sys.stdout, sys.stderr = out, err
+        _STREAMS.begin(out, err)
         job = _CURRENT
         job.key, job.attempt, job.sent = key, attempt, 0
         result: Any = None
@@ -301,7 +305,7 @@ class JobActor:
             end = time.time()
             if lifted is not None:
                 resource.setrlimit(resource.RLIMIT_AS, lifted)
-            sys.stdout, sys.stderr = saved
+            _STREAMS.end()
             job.key = 0
             if os.getcwd() != self.path:
                 os.chdir(self.path)  # the next job starts where every job does

@@ -80,6 +80,19 @@ def sends_nested_then_flat(name: str) -> list[int]:
     return [refused, dispy_send_file(name)]  # noqa: F821
 
 
+def log_a_line(n: int) -> int:
+    """Sets up logging as a script does, once per actor (its handler keeps the
+    stderr it finds: that job's), and logs a line."""
+    import logging
+
+    root = logging.getLogger()
+    if not getattr(root, "set_up_by_a_job", False):
+        logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
+        root.set_up_by_a_job = True  # type: ignore[attr-defined]
+    logging.getLogger("job").info("job %d logs", n)
+    return n
+
+
 def reads_file(name: str) -> str:
     return Path(name).read_text()
 
@@ -438,3 +451,20 @@ def test_opening_clusters_logs_no_ray_error_about_actor_arguments(
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["3", "4"], proc.stdout
     assert "constructor arguments in the object store" not in proc.stderr, proc.stderr
+
+
+def test_a_log_handler_set_up_by_an_earlier_job_logs_into_each_jobs_stderr(
+    engine: RayEngine,
+) -> None:
+    """The first job on each actor calls ``logging.basicConfig()``: its handler
+    kept that job's stderr, so the lines the later jobs on that actor logged were
+    lost. Now each job's stderr holds its own (as on dispynb's nodes,
+    tests/nodeserver/test_thread_output.py). Six jobs one after the other on the
+    cluster's two CPUs: at least four follow another on their actor."""
+    with JobCluster(log_a_line, engine=engine) as cluster:
+        jobs = []
+        for n in range(6):
+            job = cluster.submit(n)
+            assert job() == n, (job.status, job.exception)
+            jobs.append(job)
+    assert [job.stderr for job in jobs] == [f"job {n} logs\n" for n in range(6)]
