@@ -9,7 +9,7 @@ import time
 import pytest
 
 from dispynb import DispyJob, JobCluster
-from tests.jobs import WAIT, wait_for_path
+from tests.jobs import WAIT, wait_for_path, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -75,6 +75,8 @@ def test_program_cancel_running_program_stops_it(local1, tmp_path):
     with JobCluster(str(program), nodes=local1) as cluster:
         job = cluster.submit()
         wait_for_path(marker)
+        # The shell creates the file, then writes the pid: wait for the line.
+        wait_until(lambda: marker.read_text().endswith("\n"))
         child = int(marker.read_text())
         started = time.monotonic()
         assert cluster.cancel(job) == 0
