@@ -36,8 +36,11 @@ def job(n, marks, go, release):
     with contextlib.redirect_stderr(said):
         sent = dispy_send_file("out-%d.txt" % n)
     dispy_provisional_result("half of %d" % n)
-    with open(os.path.join(marks, "sent-%d" % n), "w") as handle:
+    # Written whole, then renamed: the test reads it once it exists.
+    mark = "sent-%d" % n
+    with open(os.path.join(marks, "~" + mark), "w") as handle:
         handle.write("%d %s" % (sent, said.getvalue()))
+    os.replace(os.path.join(marks, "~" + mark), os.path.join(marks, mark))
     while n == 1 and not os.path.exists(release):
         time.sleep(0.02)
     return n * 10
@@ -155,8 +158,11 @@ def job(marks, go, size):
     said = io.StringIO()
     with contextlib.redirect_stderr(said):
         sent = dispy_send_file("large.bin")
-    with open(os.path.join(marks, "sent"), "w") as handle:
+    # Written whole, then renamed: the test reads it once it exists.
+    mark = "sent"
+    with open(os.path.join(marks, "~" + mark), "w") as handle:
         handle.write("%d %s" % (sent, said.getvalue()))
+    os.replace(os.path.join(marks, "~" + mark), os.path.join(marks, mark))
     return sent
 
 node, secret, journal, marks, go, size = sys.argv[1:]
@@ -236,8 +242,11 @@ def job(marks, go):
         said = io.StringIO()
         with contextlib.redirect_stderr(said):
             sent = dispy_send_file("out-%d.bin" % n)
-        with open(os.path.join(marks, "sent-%d" % n), "w") as handle:
+        # Written whole, then renamed: the test reads it once it exists.
+        mark = "sent-%d" % n
+        with open(os.path.join(marks, "~" + mark), "w") as handle:
             handle.write("%d %s" % (sent, said.getvalue()))
+        os.replace(os.path.join(marks, "~" + mark), os.path.join(marks, mark))
     return 0
 
 node, secret, journal, marks, go = sys.argv[1:]

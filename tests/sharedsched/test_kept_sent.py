@@ -139,8 +139,11 @@ def job(marks, go):
     said = io.StringIO()
     with contextlib.redirect_stderr(said):
         sent = dispy_send_file("large.bin")
-    with open(os.path.join(marks, "sent"), "w") as handle:
+    # Written whole, then renamed: the test reads it once it exists.
+    mark = "sent"
+    with open(os.path.join(marks, "~" + mark), "w") as handle:
         handle.write("%d %s" % (sent, said.getvalue()))
+    os.replace(os.path.join(marks, "~" + mark), os.path.join(marks, mark))
     return sent
 
 address, credential, journal, marks, go = sys.argv[1:]
