@@ -487,6 +487,7 @@ def _apply(
         else:
             result_buffers = [*buffers[offset : offset + count]]
             offset += count
+            streams.pop((key, attempt), None)  # chunks sent for it: of no use now
         job = pending.get(key)
         if job is None or job.done():
             continue  # delivered twice (before the crash, and now): once is enough

@@ -25,8 +25,8 @@ from dispynb.protocol.records import ResultEntry, is_start
 
 #: A stream id, as the caller names its streams.
 K = TypeVar("K", bound=Hashable)
-#: Buffer index -> ``[place, bytes filled, size, kind]`` (None: the stream was
-#: refused).
+#: Buffer index -> ``[place, bytes filled, announced size, kind]`` (None: the
+#: stream was refused).
 Parts = dict[int, list[Any]]
 
 #: `ResultChunk.index` of a streamed result's stdout and stderr.
@@ -202,17 +202,19 @@ def add_chunk(
     cap: int,
     output_cap: int | None = None,
 ) -> str | None:
-    """Copy a chunk into its place (each buffer allocated once, at most ``cap``
-    bytes in all; stdout and stderr at most ``output_cap`` bytes each, default
-    ``cap``); return None, or `TOO_LARGE` / `MALFORMED` when this chunk made the
-    stream refused (`take_stream` then gives None)."""
+    """Append a chunk to its buffer (at most ``cap`` bytes announced in all; stdout
+    and stderr at most ``output_cap`` bytes each, default ``cap``); return None, or
+    `TOO_LARGE` / `MALFORMED` when this chunk made the stream refused (`take_stream`
+    then gives None). Each buffer's chunks come in order (as every sender cuts
+    them), and a buffer holds only what arrived: a peer that announces a size and
+    never sends it costs nothing (a buffer allocated at its announced size did)."""
     parts = streams.setdefault(stream_id, {})
     if parts is None:
         return None  # refused already
     target = parts.get(message.index)
     if target is None:
         index = message.index
-        if index < 0:  # stdout or stderr: grows as it arrives, bounded apart
+        if index < 0:  # stdout or stderr: bounded apart
             total = message.size
             bound = cap if output_cap is None else output_cap
         else:
@@ -225,22 +227,20 @@ def add_chunk(
         ):
             streams[stream_id] = None
             return TOO_LARGE
-        # A bytes buffer grows in a BytesIO, whose getvalue() then hands over
-        # its memory: one copy, as for a bytearray filled in place.
-        grows = message.kind == "b" or index < 0
-        place = io.BytesIO() if grows else bytearray(message.size)
+        # Both grow as chunks arrive, copied once: a bytearray's memory is
+        # reallocated in place (mremap, for large ones), and a BytesIO's
+        # getvalue() hands over its memory as the bytes a "b" buffer becomes.
+        place = io.BytesIO() if message.kind == "b" or index < 0 else bytearray()
         target = parts[message.index] = [place, 0, message.size, message.kind]
     data = buffers[0] if len(buffers) == 1 else memoryview(b"")
     place, filled, size = target[:3]
-    end = message.offset + data.nbytes
-    in_order = message.offset == filled or not isinstance(place, io.BytesIO)
-    if message.offset < 0 or end > size or not data.nbytes or not in_order:
+    if message.offset != filled or filled + data.nbytes > size or not data.nbytes:
         streams[stream_id] = None
         return MALFORMED
     if isinstance(place, io.BytesIO):
         place.write(data)
     else:
-        place[message.offset : end] = data
+        place += data
     target[1] += data.nbytes
     return None
 

@@ -101,6 +101,8 @@ class DriverResults(DriverOutbox):
             else:
                 result_buffers = buffers[offset : offset + count]
                 offset += count
+                if self._streams:  # chunks a node sent for it are of no use now
+                    self._streams.pop((link.node_id, key, attempt), None)
             in_memory = None  # the worker's result object, if it wrote one
             if (
                 link.shared_memory
@@ -200,7 +202,7 @@ class DriverResults(DriverOutbox):
     def _on_chunk(
         self, link: NodeLink, message: ResultChunk, buffers: list[memoryview]
     ) -> None:
-        """Copy a chunk of a large result into its place (allocated once)."""
+        """Append a chunk of a large result to its buffer (`add_chunk`)."""
         if not self.state.is_running(message.key, message.attempt, link.node_id):
             return  # not this node's job (or an attempt we gave up on): dropped
         stream_id = (link.node_id, message.key, message.attempt)

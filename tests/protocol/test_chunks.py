@@ -28,15 +28,26 @@ def chunk(index: int, offset: int, size: int, kind: str = "") -> ResultChunk:
     )
 
 
-def test_buffers_are_assembled_whatever_the_order_of_a_bytearray_chunks() -> None:
+def test_buffers_are_assembled_in_order() -> None:
     streams: dict[Any, Parts | None] = {}
     assert (
         add_chunk(streams, "s", chunk(0, 0, 3, "b"), [memoryview(b"abc")], 100) is None
     )
-    assert add_chunk(streams, "s", chunk(1, 4, 6), [memoryview(b"ef")], 100) is None
     assert add_chunk(streams, "s", chunk(1, 0, 6), [memoryview(b"abcd")], 100) is None
+    assert add_chunk(streams, "s", chunk(1, 4, 6), [memoryview(b"ef")], 100) is None
     assert take_stream(streams, "s", 2) == [b"abc", bytearray(b"abcdef")]
     assert streams == {}  # taken: forgotten
+
+
+def test_an_announced_size_is_not_allocated_before_it_arrives() -> None:
+    """A TiB announced (under a larger cap), one byte sent: the buffer holds the
+    byte (allocated at the announced size, it was a MemoryError)."""
+    streams: dict[Any, Parts | None] = {}
+    huge = chunk(0, 0, 1 << 40)
+    assert add_chunk(streams, "s", huge, [memoryview(b"x")], 1 << 41) is None
+    parts = streams["s"]
+    assert parts is not None and parts[0][0] == bytearray(b"x")
+    assert take_stream(streams, "s", 1) is None  # the rest never came
 
 
 def test_a_result_over_the_cap_is_refused_and_never_taken() -> None:
@@ -58,6 +69,7 @@ def test_malformed_chunks_refuse_the_stream() -> None:
         (chunk(0, -1, 4), b"a"),  # before its start
         (chunk(0, 0, 4), b""),  # empty
         (chunk(0, 1, 4, "b"), b"a"),  # bytes out of order
+        (chunk(0, 1, 4), b"a"),  # a bytearray's too
     ]:
         streams: dict[Any, Parts | None] = {}
         assert add_chunk(streams, "s", bad, [memoryview(data)], 100) == MALFORMED
