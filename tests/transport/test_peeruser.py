@@ -23,6 +23,7 @@ pytestmark = pytest.mark.skipif(
         (socket.AF_INET, "127.0.0.1", "127.0.0.1"),
         (socket.AF_INET6, "::1", "::1"),
         (socket.AF_INET6, "::", "127.0.0.1"),  # dual stack: an IPv4-mapped peer
+        (socket.AF_INET6, "::", "::ffff:127.0.0.1"),  # ... an IPv6 socket's too
     ],
 )
 def test_a_loopback_peer_is_found_as_this_user(family, listen_on, connect_to):
