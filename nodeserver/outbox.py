@@ -89,6 +89,9 @@ class ResultOutbox:
         self._fit: dict[int, int] = {}
         #: Workers are not read: the client is not reading.
         self.held = False
+        #: Messages not sent because the connection had ended: the first is
+        #: logged, the others counted (`report_lost`), not a line each.
+        self.lost = 0
         self._loop: asyncio.AbstractEventLoop | None = None  # see `_running_loop`
 
     def _running_loop(self) -> asyncio.AbstractEventLoop:
@@ -260,15 +263,30 @@ class ResultOutbox:
             self.write(part, part_buffers)
 
     def write(self, message: Message, buffers: list[memoryview] | None = None) -> bool:
-        """Send ``message``; False if the connection ended (logged, not raised)."""
+        """Send ``message``; False if the connection ended (the first such message
+        logged, the others counted: see `report_lost`; never raised)."""
         try:
             self.conn.write(message, buffers or ())
         except DispynbError as exc:
-            logger.info("cannot send %s to %s: %s", message.op, self.conn.peer, exc)
+            if not self.lost:
+                # A client gone while thousands of results were on their way (its
+                # jobs, cancelled as its computation closes) made a line each.
+                logger.info("cannot send %s to %s: %s", message.op, self.conn.peer, exc)
+            self.lost += 1
             return False
         if not self.held and self.conn.unsent > OUT_HIGH:
             self._hold_workers()
         return True
+
+    def report_lost(self) -> None:
+        """The session is over (call once): log how many messages after the first
+        logged one could not be sent, if any."""
+        if self.lost > 1:
+            logger.info(
+                "%d more messages to %s not sent: the connection had ended",
+                self.lost - 1,
+                self.conn.peer,
+            )
 
     def send_error(self, code: str, text: str) -> None:
         """Tell the client something went wrong (the session goes on)."""

@@ -134,6 +134,7 @@ class ClientSession(_SessionFiles, _SessionRecovery):
         )
         self.memory.release(closing, adopted)
         self._end_files()
+        self.outbox.report_lost()  # the closed computations' results included
         for task in self._tasks:
             task.cancel()
 

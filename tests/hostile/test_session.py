@@ -5,6 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import re
+import socket
+import struct
+import time
 
 import pytest
 
@@ -16,14 +20,21 @@ from dispynb.protocol.messages import (
     ComputationReady,
     ComputationSetup,
     Error,
+    JobResults,
+    JobSubmit,
     NodeStatus,
 )
+from dispynb.transport.connector import connect
+from dispynb.transport.links import SocketLink
 from tests.hostile.tools import (
+    WAIT,
     RawSession,
     attacker_socket,
+    count_lines,
     limited_node,
     recv_unsigned,
     send_unsigned,
+    wait_for,
 )
 from tests.transport.util import RawClient
 
@@ -149,3 +160,70 @@ def test_a_client_cannot_make_the_node_report_its_status_in_a_loop(measure, tmp_
         reports = _status_reports_in(node.port, node.secret.encode(), 1e-6, window)
     measure(f"{reports} status reports in {window} s")
     assert reports <= window / PULSE_RANGE[0] + 1
+
+
+#: A client limit under `nodeserver.outbox.FIT_BELOW`: the node sends it one message
+#: per result when a batch is larger than half of it.
+SMALL_MESSAGES = 1 << 20
+
+
+def _vanish_with_jobs_queued(port: int, secret: bytes, jobs: int) -> None:
+    """Set up a computation of ``jobs`` jobs of a minute each on 2 workers, wait
+    until the first ones run, then vanish (a reset, as the socket of a killed
+    process with data unread gives)."""
+
+    async def attack() -> None:
+        conn, _ = await connect(
+            "127.0.0.1", port, secret=secret, max_message_size=SMALL_MESSAGES
+        )
+        try:
+            bundle = serialize.dumps(
+                {"func": time.sleep, "setup": None, "cleanup": None, "setup_args": ()}
+            )
+            setup = ComputationSetup(
+                comp_id=1, name="vanish", workers=2, max_message_size=SMALL_MESSAGES
+            )
+            conn.write(setup, list(bundle))
+            payload = serialize.dumps(((60,), {}))
+            entries = [[key, 1, len(payload)] for key in range(jobs)]
+            async with asyncio.timeout(WAIT):
+                while not isinstance((await conn.recv())[0], ComputationReady):
+                    pass
+                conn.write(JobSubmit(comp_id=1, jobs=entries), payload * jobs)
+                while True:  # until the node reports its first jobs started
+                    message, _ = await conn.recv()
+                    if isinstance(message, JobResults) and message.started:
+                        break
+        finally:
+            link = conn._link
+            assert isinstance(link, SocketLink)
+            link._sock.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+            )
+            conn.close()
+
+    asyncio.run(attack())
+
+
+@pytest.mark.attack(
+    id="vanishing-client-log",
+    title="A client vanishes (connection reset) with 4,000 jobs queued on a node, "
+    "having asked for messages of 1 MiB at most (one message per result)",
+    goal="one log line for the results the node cannot send, and one with their "
+    "count when the session ends (was a line per message: 3,998)",
+)
+def test_a_vanished_client_costs_the_node_log_two_lines(measure, tmp_path):
+    jobs = 4000
+    with limited_node(tmp_path / "node", cpus=2) as node:
+        _vanish_with_jobs_queued(node.port, node.secret.encode(), jobs)
+        wait_for(lambda: "disconnected" in node.log_text(), "the session's end")
+        log = node.log_text()
+    lines = count_lines(node.log, "cannot send|not sent")
+    counted = re.search(r"(\d+) more messages to \S+ not sent", log)
+    told = int(counted.group(1)) + 1 if counted else 0
+    measure(
+        f"{lines} log lines about the results not sent; the messages not sent "
+        f"counted in them: {told}"
+    )
+    assert lines <= 2
+    assert told >= 0.9 * jobs  # a message per result (or two: the running jobs')
