@@ -109,7 +109,7 @@ def _close_at_exit() -> None:
         logger.warning("interrupted at exit: the jobs not done are terminated")
     for cluster in reversed(live_clusters()):
         try:
-            cluster.close(timeout=EXIT_WAIT, terminate=True)
+            cluster._terminate(EXIT_WAIT)
         except Exception:
             logger.warning("closing cluster %r at exit failed", cluster.name)
 

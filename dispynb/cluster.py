@@ -45,8 +45,8 @@ from dispynb.tracebacks import LazySourceMap
 
 logger = logging.getLogger(__name__)
 
-#: Seconds ``close(terminate=True)`` without a timeout waits for the jobs it
-#: cancelled to end: well past the 3 s a node gives a job before it kills it
+#: Seconds ``close(terminate=True)`` waits for the jobs it cancelled to end: well
+#: past the 3 s a node gives a job before it kills it
 #: (nodeserver.jobstops.CANCEL_GRACE), so only a node that does not answer
 #: makes it give up.
 TERMINATE_WAIT = 10.0
@@ -307,31 +307,44 @@ class JobCluster(_Events, _Jobs, _Nodes, _ClusterState):
     # -- shutdown ----------------------------------------------------------------------
 
     def close(self, timeout: float | None = None, terminate: bool = False) -> bool:
-        """Wait for the jobs (or cancel them: ``terminate``), then release the nodes.
+        """Close the cluster once its jobs are done, as dispy's; True once closed.
 
-        As dispy's: without ``terminate`` it waits for every job, at most
-        ``timeout`` seconds if given; with ``terminate`` the jobs not done are
-        cancelled (queued ones dropped, running ones terminated by their nodes)
-        and it waits for them to end at most ``timeout`` seconds, or
-        `TERMINATE_WAIT` if None: a node that does not answer (stopped, cut off
-        one way, declared dead only after 3 of a long ``pulse_interval``) no
-        longer holds ``close`` for ever. Jobs still not done then are abandoned,
-        named in one warning, and the nodes are closed.
+        Without ``terminate`` it waits for every job. If ``timeout`` seconds pass
+        first it returns False and the cluster stays open, its jobs going on, as
+        dispy's: wait again (``wait``, another ``close``), or ``close(terminate=True)``.
 
-        Returns True if every job was done before the computation was closed.
+        With ``terminate`` the jobs get ``timeout`` seconds to finish, as in dispy
+        (none if None: dispy's would wait for them all, against its own docstring);
+        then the jobs not done are cancelled (queued ones dropped, running ones
+        terminated by their nodes) and `_terminate` closes the cluster, bounded:
+        it returns True.
         """
         if self._closed:
             return True
-        if terminate and self._backend is not None:
+        if not terminate:
+            if not self.wait(timeout):
+                return False
+            self._shutdown(terminate=False)
+            return True
+        if timeout is not None and self.wait(timeout):
+            self._shutdown(terminate=False)
+            return True
+        self._terminate(TERMINATE_WAIT)
+        return True
+
+    def _terminate(self, wait: float) -> None:
+        """Cancel the jobs not done, wait at most ``wait`` seconds for them to end,
+        then close the nodes: a node that does not answer (stopped, cut off one
+        way, declared dead only after 3 of a long ``pulse_interval``) holds it no
+        longer. Jobs still not done then are abandoned, named in one warning."""
+        if self._closed:
+            return
+        if self._backend is not None:
             keys = [key for key, job in list(self._jobs.items()) if not job.done()]
             self._backend.cancel(keys)
-            if timeout is None:
-                timeout = TERMINATE_WAIT
-        done = self.wait(timeout)
-        if not done:
-            self._warn_abandoned(timeout)
-        self._shutdown(terminate=terminate or not done)
-        return done
+        if not self.wait(wait):
+            self._warn_abandoned(wait)
+        self._shutdown(terminate=True)
 
     def _warn_abandoned(self, waited: float | None) -> None:
         """One warning naming the jobs `close` gives up on (ten at most)."""

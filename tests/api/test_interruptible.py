@@ -130,7 +130,7 @@ def test_job_call_and_cluster_wait_end_on_an_interrupt(
             cluster.wait()
         assert not job.done()  # interrupted waits, not the job
     finally:
-        cluster.close(timeout=jobs.WAIT, terminate=True)
+        cluster.close(terminate=True)
 
 
 @pytest.mark.parametrize("how", ["signal", "flag"])

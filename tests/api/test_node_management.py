@@ -231,7 +231,7 @@ def test_jobs_waiting_for_a_released_node_are_cancelled_by_close(two):
         wait_until(lambda: not cluster.status().nodes)
         waiting = cluster.submit(0)
     finally:
-        cluster.close(timeout=WAIT, terminate=True)
+        cluster.close(terminate=True)
     assert waiting.status == DispyJob.Cancelled
 
 

@@ -84,7 +84,7 @@ def main(args):
     try:
         return submit_all(cluster, args)
     finally:
-        cluster.close(timeout=10, terminate=True)
+        cluster.close(terminate=True)
 """
 )
 
@@ -108,7 +108,7 @@ def main(args):
             open(args["ready"], "w").close()
         return submit_all(cluster, args)
     finally:
-        cluster.close(timeout=10, terminate=True)
+        cluster.close(terminate=True)
 """
 )
 

@@ -276,7 +276,7 @@ def main(args):
         job = cluster.submit(7)
         return [job(), job.status]
     finally:
-        cluster.close(timeout=10, terminate=True)
+        cluster.close(terminate=True)
 """
 
 

@@ -77,7 +77,7 @@ def main(args):
             out["events"] = list(events)
         return out
     finally:
-        cluster.close(timeout=10, terminate=True)
+        cluster.close(terminate=True)
 """
 )
 

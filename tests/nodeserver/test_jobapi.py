@@ -65,7 +65,7 @@ def test_dispynode_shutdown_from_a_job_stops_a_client_shutdown_node(
             assert (job.status, job.result) == (DispyJob.Finished, 0)
             assert node.proc.wait(NODE_WAIT) == 0
         finally:
-            cluster.close(timeout=WAIT, terminate=True)
+            cluster.close(terminate=True)
         assert "the node stops (--client_shutdown)" in node.log_text()
     finally:
         node.stop()

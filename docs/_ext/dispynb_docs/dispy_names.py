@@ -227,7 +227,11 @@ METHODS = [
     Name("stats"),
     Name("wait"),
     Name("__call__", missing="Call ``cluster.wait()``."),
-    Name("close"),
+    Name(
+        "close",
+        differs="``close(terminate=True)`` without a timeout cancels the jobs at once, "
+        "as dispy's docstring says (its code waits for them all).",
+    ),
     Name("shutdown"),
     Name("__enter__"),
     Name(
