@@ -57,25 +57,27 @@ def format_status(
     jobs_pending: int = 0,
     traffic: bool = True,
 ) -> str:
-    """dispy's ``print_status`` text: a row per node, the jobs still pending (if any)
-    and the totals, between blank lines. ``traffic``: the nodes' bytes sent and
+    """dispy's ``print_status`` text, in dispy's layout: a blank line, the heading
+    and its rule, a row per node (its name, or its address if it has none, cut to 15
+    characters; times to 0.1 s), a blank line, the jobs still pending (if any), the
+    totals (to 1 ms) and a blank line. ``traffic``: the nodes' bytes sent and
     received are counted; if not (an engine that does not count them, as Ray), the
     Sent and Rcvd columns show "-" rather than a false 0 B."""
     heading = (
-        f"{'Node':>30s} | {'CPUs':>5s} | {'Jobs':>7s} | {'Sec/Job':>8s} | "
-        f"{'Node Time Sec':>13s} | {'Sent':>9s} | {'Rcvd':>9s}"
+        f" {'Node':>15} | {'CPUs':>5} | {'Jobs':>7} | {'Sec/Job':>8} | "
+        f"{'Node Time Sec':>13} | {'Sent':>7} | {'Rcvd':>7}"
     )
     lines = ["", heading, "-" * len(heading)]
     total_time = 0.0
     for node in nodes:
-        name = f"{node.ip_addr} ({node.name})" if node.name else node.ip_addr
-        per_job = node.cpu_time / node.jobs_done if node.jobs_done else 0.0
+        name = node.name or node.ip_addr
+        per_job = node.cpu_time / node.jobs_done if node.jobs_done > 0 else 0.0
         total_time += node.cpu_time
+        sent = _byte_size(node.tx) if traffic else "-"
+        received = _byte_size(node.rx) if traffic else "-"
         lines.append(
-            f"{name[:30]:>30s} | {node.cpus:5d} | {node.jobs_done:7d} | "
-            f"{per_job:8.3f} | {node.cpu_time:13.3f} | "
-            f"{_human(node.tx) if traffic else '-':>9s} | "
-            f"{_human(node.rx) if traffic else '-':>9s}"
+            f" {name:>15.15} | {node.cpus:>5} | {node.jobs_done:>7} | "
+            f"{per_job:8.1f} | {node.cpu_time:13.1f} | {sent:>7} | {received:>7}"
         )
     speedup = total_time / wall_time if wall_time > 0 else 0.0
     lines.append("")
@@ -89,9 +91,14 @@ def format_status(
     return "\n".join(lines)
 
 
-def _human(count: float) -> str:
-    for unit in ("B", "K", "M", "G"):
-        if count < 1024:
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return f"{count:.1f} T"
+#: Units of `_byte_size`, largest first.
+_UNITS = (("T", 1024**4), ("G", 1024**3), ("M", 1024**2), ("K", 1024))
+
+
+def _byte_size(count: float) -> str:
+    """A byte count as dispy's table shows it: "512 B", "1024 B", "1.5 K", "2.0 M"
+    (a unit once the count is above it)."""
+    for unit, size in _UNITS:
+        if count > size:
+            return f"{count / size:.1f} {unit}"
+    return f"{int(count)} B"

@@ -61,24 +61,27 @@ class Expect:
     not_in_stderr: tuple[str, ...] = ()
 
 
-def status_table(nodes: int, pending: int = 0) -> list[re.Pattern[str]]:
-    """dispy's print_status: heading, rule, one row per node, the pending jobs (if
-    any), total line."""
-    size = r"\d+(\.\d)? [BKMGT]"
+def status_table(nodes: int, pending: int = 0) -> list[str | re.Pattern[str]]:
+    """dispy's print_status, in its layout: heading, rule, one row per node (name or
+    address cut to 15, CPUs, jobs, times to 0.1 s, bytes sent and received), the
+    pending jobs (if any), total line."""
+    size = r"[ \d.]{5} [BKMGT]"  # %7s of "512 B", "1.5 K"
     row = (
-        rf"\s*\S.*\|\s*\d+ \|\s*\d+ \|\s*\d+\.\d+ \|\s*\d+\.\d+ \|\s*{size} \|\s*{size}"
+        r" .{15} \| [ \d]{5} \| [ \d]{7} \| [ \d]{5}\d\.\d \| [ \d]{10}\d\.\d \| "
+        rf"{size} \| {size}"
+    )
+    heading = (
+        "            Node |  CPUs |    Jobs |"
+        "  Sec/Job | Node Time Sec |    Sent |    Rcvd"
     )
     return [
-        R(
-            r"\s*Node \|\s*CPUs \|\s*Jobs \|\s*Sec/Job \|\s*Node Time Sec \|"
-            r"\s*Sent \|\s*Rcvd"
-        ),
-        R(r"-+"),
+        heading,
+        "-" * len(heading),
         *[R(row)] * nodes,
         *([f"Jobs pending: {pending}"] if pending else []),
         R(
             r"Total job time: \d+\.\d{3} sec, wall time: \d+\.\d{3} sec, "
-            r"speedup: [\d.]+"
+            r"speedup: \d+\.\d{3}"
         ),
     ]
 

@@ -96,8 +96,8 @@ def test_status_print_status_and_monitor_list_the_nodes_behind_the_scheduler(
 
         alice.print_status()
         table = capsys.readouterr().out
-        for address in addresses:
-            assert address.split(":")[0] in table
+        for node in alice.status().nodes:  # dispy's rows: the name, or the address
+            assert f" {(node.name or node.ip_addr)[:15]:>15} | " in table
         assert scheduler.address not in table
 
         monitor = DispyHTTPServer(alice, port=0, poll_sec=1)
