@@ -5,6 +5,8 @@ what to use instead. `config_argv` turns a ``--config`` file (dispynode's format
 INI ``[DEFAULT]`` section, option names as keys) into command-line arguments; lists such
 as ``hosts = ['10.0.0.5']`` are read with `ast.literal_eval`, never ``eval``.
 `save_config` writes the options given (never a secret) to such a file.
+`read_config`, `option_argv` and `save_config` serve ``dispynb-scheduler`` too
+(`schedserver.cliconfig`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import datetime
 import os
 import re
 import sys
-from typing import Any, TextIO
+from typing import Any
 
 #: dispynode option -> why dispynb refuses it and what to use instead.
 REFUSED: dict[str, tuple[int, str]] = {
@@ -95,16 +97,9 @@ def config_argv(parser: argparse.ArgumentParser, path: str) -> list[str]:
 
     Raises `ValueError` with the key at fault.
     """
-    reader = configparser.ConfigParser(interpolation=None)
-    try:
-        with open(path, encoding="utf-8") as handle:
-            reader.read_file(handle)
-    except (OSError, configparser.Error) as exc:
-        raise ValueError(f"cannot read config file {path!r}: {exc}") from None
     actions = {action.dest: action for action in parser._actions}
     argv: list[str] = []
-    for key, text in reader.defaults().items():
-        key = key.strip()
+    for key, text in read_config(path).items():
         if key in ("config", "save_config"):
             continue
         if key == "safe_setup":  # dispynode's --unsafe_setup stores safe_setup=False
@@ -117,14 +112,31 @@ def config_argv(parser: argparse.ArgumentParser, path: str) -> list[str]:
                 argv += [refused] + ([text] if REFUSED[refused][0] else [])
             continue
         dest = _KEY_ALIASES.get(key, key.replace("-", "_"))
-        action = actions.get(dest)
-        if action is None or not action.option_strings:
-            raise ValueError(f"config file {path!r}: unknown option {key!r}")
-        argv += _as_argv(action, text, key, path)
+        argv += option_argv(actions, dest, text, key, path)
     return argv
 
 
-def _as_argv(action: argparse.Action, text: str, key: str, path: str) -> list[str]:
+def read_config(path: str) -> dict[str, str]:
+    """The ``[DEFAULT]`` section of the INI file at ``path`` (dispy's config files),
+    its keys stripped. Raises `ValueError` if it cannot be read."""
+    reader = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            reader.read_file(handle)
+    except (OSError, configparser.Error) as exc:
+        raise ValueError(f"cannot read config file {path!r}: {exc}") from None
+    return {key.strip(): text for key, text in reader.defaults().items()}
+
+
+def option_argv(
+    actions: dict[str, argparse.Action], dest: str, text: str, key: str, path: str
+) -> list[str]:
+    """The command-line words giving the option of destination ``dest`` the value
+    ``text`` (read for ``key`` in the config file ``path``): a flag if true, each
+    item of a list, or the value. Raises `ValueError` if no option has ``dest``."""
+    action = actions.get(dest)
+    if action is None or not action.option_strings:
+        raise ValueError(f"config file {path!r}: unknown option {key!r}")
     option = _long_option(action)
     value = text.strip()
     if action.nargs == 0:  # a flag
@@ -169,12 +181,17 @@ def _long_option(action: argparse.Action) -> str:
 
 
 def save_config(
-    parser: argparse.ArgumentParser, args: argparse.Namespace, path: str
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    path: str,
+    not_saved: frozenset[str] = frozenset(),
 ) -> list[str]:
     """Write the options that differ from their defaults to ``path`` (mode 600;
-    ``'-'``: standard output).
+    ``'-'``: standard output), as an INI ``[DEFAULT]`` section keyed by their
+    destinations, under a comment naming the program (``parser.prog``).
 
-    Returns the names of what was left out (a secret given on the command line).
+    Secrets are never written (``secret`` and the destinations in ``not_saved``);
+    returns the names of those left out that were given.
     """
     writer = configparser.ConfigParser(interpolation=None)
     left_out = []
@@ -183,26 +200,24 @@ def save_config(
         if not action.option_strings or isinstance(action, Refuse):
             continue
         value = getattr(args, dest, None)
-        if dest in _NOT_SAVED:
-            if dest == "secret" and value:
-                left_out.append("secret")
+        if dest in _NOT_SAVED or dest in not_saved:
+            if (dest == "secret" or dest in not_saved) and value:
+                left_out.append(dest)
             continue
         if value is None or value == action.default:
             continue
         writer["DEFAULT"][dest] = _to_text(value)
+    header = f"# {parser.prog} options ({parser.prog} --config FILE)\n"
     if path == "-":
-        _write_config(writer, sys.stdout)
+        sys.stdout.write(header)
+        writer.write(sys.stdout)
         sys.stdout.flush()
         return left_out
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        _write_config(writer, handle)
+        handle.write(header)
+        writer.write(handle)
     return left_out
-
-
-def _write_config(writer: configparser.ConfigParser, handle: TextIO) -> None:
-    handle.write("# dispynb-node options (dispynb-node --config FILE)\n")
-    writer.write(handle)
 
 
 def _to_text(value: Any) -> str:

@@ -4,8 +4,9 @@
 ``-n '*'`` or another pattern, it discovers nodes as dispyscheduler does);
 ``dispynb-scheduler user add NAME --users FILE`` issues a credential, ``user revoke
 NAME`` withdraws it. The options of dispy's ``dispyscheduler`` are accepted under
-their names (and their older ones: ``--ip_addr``, ``--nodes``...); those that have no
-meaning here are refused with one line that says why.
+their names (and their older ones: ``--ip_addr``, ``--nodes``...), its configuration
+files too (``--config``, ``--save_config``: `schedserver.cliconfig`); those that have
+no meaning here are refused with one line that says why.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from dispynb.node import is_wildcard, parse_node_specs
 from dispynb.secret import resolve_secret
 from dispynb.transport.addressing import parse_address
 from dispynb.transport.tls import client_context, server_context
+from nodeserver.cliconfig import save_config
 from nodeserver.parser import parse_size
+from schedserver.cliconfig import config_argv
 from schedserver.config import SchedulerConfig
 from schedserver.server import SchedulerServer
 from schedserver.users import UsersFile, write_credential
@@ -42,8 +45,6 @@ REFUSED = {
     "connects to its nodes: it has no address to advertise",
     "cluster_secret": "each user proves a credential of its own ('dispynb-scheduler "
     "user add NAME'): there is no secret shared by all clients",
-    "config": "no configuration file: give the options on the command line",
-    "save_config": "no configuration file: give the options on the command line",
 }
 
 
@@ -61,6 +62,20 @@ def build_parser() -> argparse.ArgumentParser:
         "fair share of CPUs between users, per-user credentials, jobs kept for "
         "clients that come back. 'dispynb-scheduler user add NAME' issues a "
         "credential.",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="read options from an INI file ([DEFAULT]): one --save_config wrote, "
+        "or dispyscheduler's (options on the command line win)",
+    )
+    parser.add_argument(
+        *_both("save_config"),
+        nargs="?",
+        const="-",
+        metavar="FILE",
+        help="write the options given to FILE (mode 600; never --node_secret), or to "
+        "standard output without FILE, and exit",
     )
     parser.add_argument(
         "-n",
@@ -382,12 +397,44 @@ def _user_command(argv: list[str]) -> int:
     return 0
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv`` after the options of its ``--config`` file (``argv`` wins);
+    with ``--save_config``, write them and exit."""
+    parser = build_parser()
+    first, _ = parser.parse_known_args(argv)
+    given = list(argv)
+    if first.config:
+        try:
+            given = config_argv(parser, first.config) + given
+        except ValueError as exc:
+            parser.exit(2, f"dispynb-scheduler: {exc}\n")
+    args = parser.parse_args(given)
+    # A secret read from the config file is not in the process list.
+    args.node_secret_in_config = bool(
+        args.node_secret and args.node_secret != first.node_secret
+    )
+    if args.save_config:
+        left_out = save_config(parser, args, args.save_config, _NOT_SAVED)
+        note = " (not --node_secret: use --node_secret_file or DISPYNB_SECRET)"
+        if args.save_config == "-":  # the configuration is standard output
+            if left_out:
+                print(f"dispynb-scheduler: saved{note}", file=sys.stderr)
+        else:
+            print(f"saved to {args.save_config}{note if left_out else ''}")
+        raise SystemExit(0)
+    return args
+
+
+#: Options ``--save_config`` never writes.
+_NOT_SAVED = frozenset({"node_secret"})
+
+
 def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
     """Turn parsed options into a validated `SchedulerConfig`."""
     for name, why in REFUSED.items():
         if getattr(args, name) is not None:
             raise ConfigurationError(f"--{name} is not supported: {why}")
-    if args.node_secret:
+    if args.node_secret and not getattr(args, "node_secret_in_config", False):
         logger.warning(
             "--node_secret is visible in the process list; prefer "
             "--node_secret_file or DISPYNB_SECRET"
@@ -480,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> int:
         if argv[:1] == ["user"]:
             return _user_command(argv[1:])
-        args = build_parser().parse_args(argv)
+        args = parse_args(argv)
         setup_logging(args.debug, args.loglevel)
         asyncio.run(serve(config_from_args(args)))
         return 0
@@ -488,4 +535,4 @@ def main(argv: list[str] | None = None) -> int:
     return run_daemon("dispynb-scheduler", run)
 
 
-__all__ = ["build_parser", "config_from_args", "main"]
+__all__ = ["build_parser", "config_from_args", "main", "parse_args"]
