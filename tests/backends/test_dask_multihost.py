@@ -355,8 +355,9 @@ from dispynb.backends.dask import DaskEngine
 
 
 def sends(marks, go):
-    with open(os.path.join(marks, "pid"), "w") as handle:
+    with open(os.path.join(marks, "pid.tmp"), "w") as handle:
         handle.write(str(os.getpid()))
+    os.replace(os.path.join(marks, "pid.tmp"), os.path.join(marks, "pid"))
     while not os.path.exists(go):
         time.sleep(0.02)
     with open("out.txt", "w") as handle:

@@ -277,7 +277,9 @@ def _hold(marker: str) -> None:
     import pathlib
     import time
 
-    pathlib.Path(marker).write_text(str(os.getpid()))
+    # Renamed into place: the test reads it as soon as it exists.
+    pathlib.Path(f"{marker}.tmp").write_text(str(os.getpid()))
+    os.replace(f"{marker}.tmp", marker)
     time.sleep(120)
 
 

@@ -39,7 +39,9 @@ def _ignore_sighup_and_hold(record: str, release: str) -> int:
 
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     child = subprocess.Popen(["sleep", "120"])
-    pathlib.Path(record).write_text(f"{os.getpid()} {child.pid}")
+    # Renamed into place: the test reads it as soon as it exists.
+    pathlib.Path(f"{record}.tmp").write_text(f"{os.getpid()} {child.pid}")
+    os.replace(f"{record}.tmp", record)
     deadline = time.monotonic() + 60
     while not os.path.exists(release) and time.monotonic() < deadline:
         time.sleep(0.01)
