@@ -98,12 +98,15 @@ class _Events(_ClusterState):
         # was replaced (it runs again from the start).
         if job is None or job.status is not JobStatus.Created:
             return
-        if not job._set_running(info.host, start_time):
-            return
+        # Counted busy before its status says Running: another thread that sees
+        # it Running (a monitor, the lab panel) sees it counted too.
         node = self._nodes.get(info.node_id)
         if node is not None:
             node.busy += 1
             self._executing[key] = node
+        if not job._set_running(info.host, start_time):
+            self._not_executing(key)  # it ended meanwhile (cancelled)
+            return
         if self._options.cluster_status is not None:
             self._notify_cluster(JobStatus.Running, node, copy.copy(job))
         if self._listeners:  # tested here: no call per job without monitors

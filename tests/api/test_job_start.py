@@ -11,6 +11,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from dispynb import DispyJob, DispyNode, JobCluster
 from tests import jobs
 from tests.jobs import WAIT, wait_for_path, wait_until
@@ -94,3 +96,24 @@ def test_many_tiny_jobs_all_start_and_finish(local) -> None:
         assert all(j.start_time <= j.end_time for j in submitted)
         assert cluster.status().nodes[0].busy == 0
     assert sorted(starts) == list(range(300))
+
+
+def test_a_job_seen_running_is_counted_in_its_nodes_busy(
+    local1, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another thread that sees a job Running (a monitor, the lab panel, a test)
+    sees it counted in its node's busy: a start is counted before the job's status
+    says so. Looked at on the I/O thread right as each status turns Running (before,
+    busy was counted just after: a panel could show 2 running and 1 busy)."""
+    busy_then: list[int] = []
+    set_running = DispyJob._set_running
+
+    def looking(job: DispyJob, ip_addr: str, start_time: float | None = None) -> bool:
+        started = set_running(job, ip_addr, start_time)
+        busy_then.append(sum(node.busy for node in cluster.status().nodes))
+        return started
+
+    monkeypatch.setattr(DispyJob, "_set_running", looking)
+    with JobCluster(jobs.square, nodes=local1) as cluster:
+        assert [job() for job in [cluster.submit(i) for i in range(3)]] == [0, 1, 4]
+    assert len(busy_then) == 3 and all(busy >= 1 for busy in busy_then), busy_then
