@@ -50,7 +50,8 @@ def test_running_jobs_come_first_and_cancel_by_key(
         running = cluster.submit(marker, 30)
         queued = cluster.submit(None, 30)
         wait_for_path(marker)
-        wait_until(lambda: running.status == JobStatus.Running)
+        # The monitor hears of the start (and where) just after the status changes.
+        wait_until(lambda: any(job["node"] for job in monitor.snapshot()["jobs"]))
         snap = monitor.snapshot()
         # the second job may be sent ahead to the busy node (then it is Running too)
         assert snap["counts"]["running"] + snap["counts"]["pending"] == 2
@@ -64,6 +65,7 @@ def test_running_jobs_come_first_and_cancel_by_key(
         assert monitor.cancel(12345) is False  # no such job
         assert monitor.cancel_all() == 1
         assert running.wait(WAIT) and running.status == JobStatus.Terminated
+        assert cluster.wait(WAIT)  # counted: a job's waiters wake before that
         counts = monitor.snapshot()["counts"]
         assert (counts["cancelled"], counts["terminated"]) == (1, 1)
 
