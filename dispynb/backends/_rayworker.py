@@ -39,7 +39,9 @@ from collections.abc import Callable
 from typing import Any
 
 from dispynb.jobenv import (
+    FROM_AN_ENDED_JOB,
     JobStreams,
+    JobThreads,
     file_sent,
     format_job_exception,
     implicit_modules,
@@ -92,10 +94,13 @@ class _Job:
 
 
 _CURRENT = _Job()
+#: Which job the threads jobs started belong to: one a job left running sends
+#: nothing, and prints nothing, as the actor's next job.
+_THREADS = JobThreads()
 #: The actor's sys.stdout and sys.stderr while a job runs, the same for all its
 #: jobs: a stream a job kept (its log handler's) writes into the running job's
-#: output.
-_STREAMS = JobStreams()
+#: output; a thread an earlier job left running writes to the actor's own.
+_STREAMS = JobStreams(_THREADS)
 
 
 def dispy_provisional_result(
@@ -121,6 +126,8 @@ def dispy_send_file(path: str, relay: bool = False, timeout: Any = None) -> int:
     returns 0 without the client's answer.
     """
     try:
+        if not _THREADS.of_this_job():
+            raise OSError(FROM_AN_ENDED_JOB)
         seconds = send_file_timeout(timeout)
         name = name_for_client(path)
         with open(path, "rb") as handle:
@@ -156,6 +163,11 @@ def _send(kind: str, value: Any) -> int:
     job = _CURRENT
     if job.inbox is None or not job.key:
         logging.getLogger("dispynode").warning("%s not sent: no job is running", kind)
+        return -1
+    if not _THREADS.of_this_job():
+        logging.getLogger("dispynode").warning(
+            "%s not sent: %s", kind, FROM_AN_ENDED_JOB
+        )
         return -1
     try:
         job.inbox.put.remote((job.token, job.key, job.attempt, job.sent, kind, value))
@@ -282,6 +294,7 @@ class JobActor:
                     for index, arg in enumerate(args)
                 )
         out, err = io.StringIO(), io.StringIO()
+        _THREADS.begin()
         _STREAMS.begin(out, err)
         job = _CURRENT
         job.key, job.attempt, job.sent = key, attempt, 0
@@ -305,6 +318,7 @@ class JobActor:
             end = time.time()
             if lifted is not None:
                 resource.setrlimit(resource.RLIMIT_AS, lifted)
+            _THREADS.end()
             _STREAMS.end()
             job.key = 0
             if os.getcwd() != self.path:

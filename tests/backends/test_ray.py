@@ -93,6 +93,42 @@ def log_a_line(n: int) -> int:
     return n
 
 
+def leave_a_printer(n: int, marks: str) -> tuple[int, int, bool]:
+    """The first job on an actor starts a thread and returns; the thread waits for
+    a later job on its actor, then prints, tries to send a provisional result and
+    notes what that returned. A later job prints, says it runs and returns once
+    the note is there. Returns ``(n, pid, whether a later job)``."""
+    import os
+    import pathlib
+    import threading
+    import time
+
+    here, pid = pathlib.Path(marks), os.getpid()
+
+    def wait_for(name: str) -> None:
+        deadline = time.monotonic() + 30
+        while not (here / name).exists() and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+    if not (here / f"printer-{pid}").exists():
+
+        def late() -> None:
+            wait_for(f"runs-{pid}")
+            print(f"late out from a thread of job {n}")
+            sent = dispy_provisional_result("late")  # noqa: F821
+            (here / f"printed-{pid}.tmp").write_text(str(sent))
+            os.rename(here / f"printed-{pid}.tmp", here / f"printed-{pid}")
+
+        threading.Thread(target=late, daemon=True).start()
+        (here / f"printer-{pid}").touch()
+        print(f"job {n} out")
+        return n, pid, False
+    print(f"job {n} out")
+    (here / f"runs-{pid}").touch()
+    wait_for(f"printed-{pid}")
+    return n, pid, True
+
+
 def reads_file(name: str) -> str:
     return Path(name).read_text()
 
@@ -468,3 +504,37 @@ def test_a_log_handler_set_up_by_an_earlier_job_logs_into_each_jobs_stderr(
             assert job() == n, (job.status, job.exception)
             jobs.append(job)
     assert [job.stderr for job in jobs] == [f"job {n} logs\n" for n in range(6)]
+
+
+def test_a_thread_of_a_job_that_returned_prints_and_sends_nothing_as_a_later_job(
+    engine: RayEngine, tmp_path: Path
+) -> None:
+    """A thread the first job on an actor left running prints while a later job
+    runs on that actor: its line was in that job's stdout, and its provisional
+    result was sent as that job's. Now, as on dispynb's nodes
+    (tests/nodeserver/test_thread_output.py), the line goes to the actor's own
+    stdout and the send is refused (-1)."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    seen: list[tuple[JobStatus, Any]] = []
+    lock = threading.Lock()
+
+    def job_status(job: DispyJob) -> None:
+        with lock:
+            seen.append((job.status, job.result))
+
+    jobs = []
+    with JobCluster(leave_a_printer, job_status=job_status, engine=engine) as cluster:
+        for n in range(6):  # two actors: a third job at the latest follows another
+            job = cluster.submit(n, str(marks))
+            outcome = job()
+            assert outcome is not None, (job.status, job.exception)
+            jobs.append(job)
+            if outcome[2]:
+                break
+        else:
+            raise AssertionError(f"no job followed another on its actor: {jobs}")
+        wait_for(lambda: len(seen) >= len(jobs), "the callbacks")
+    assert [job.stdout for job in jobs] == [f"job {n} out\n" for n in range(len(jobs))]
+    assert (marks / f"printed-{outcome[1]}").read_text() == "-1"
+    assert {status for status, _ in seen} == {JobStatus.Finished}
