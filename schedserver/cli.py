@@ -35,8 +35,8 @@ logger = logging.getLogger("schedserver")
 
 #: dispyscheduler options dispynb-scheduler does not offer, and why (one line each).
 REFUSED = {
-    "fair_cluster_scheduler": "scheduling is always fair share between users",
-    "early_cluster_scheduler": "scheduling is always fair share between users",
+    "early_cluster_scheduler": "scheduling is always fair share between users "
+    "(--fair_cluster_scheduler), never the earliest cluster first",
     "cooperative": "clients cannot change nodes' CPUs; use --cpus or --max_cpus",
     "cleanup_nodes": "each computation's own cleanup applies on the nodes",
     "ext_host": "clients connect to the addresses given with -i, and the scheduler "
@@ -343,6 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="accepted for dispyscheduler up to 4.10, which polled nodes behind NAT "
         "for results: this scheduler keeps a connection to each node, nothing to poll",
+    )
+    parser.add_argument(
+        *_both("fair_cluster_scheduler"),
+        action="store_true",
+        help="dispyscheduler's choice of its fair scheduler: accepted, this "
+        "scheduler always shares the nodes' CPUs fairly between users",
     )
     parser.add_argument(
         "--clean",

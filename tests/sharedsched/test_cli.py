@@ -31,7 +31,7 @@ def test_dispyscheduler_options_that_apply_are_taken(tmp_path: Path) -> None:
             "-n", "10.0.0.1", "-n", "10.0.0.2:9000", "--users", "u", "--cpus", "3",
             "--pulse_interval", "2", "--zombie_interval", "5", "--msg_timeout", "20",
             "--max_cpus", "4", "--max_queued", "100", "-i", "127.0.0.1", "-p", "0",
-            "--daemon", "--clean",
+            "--daemon", "--clean", "--fair_cluster_scheduler",
         ]
     )  # fmt: skip
     config = config_from_args(args)

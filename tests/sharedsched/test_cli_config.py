@@ -121,6 +121,21 @@ def test_the_command_line_wins_over_the_file(tmp_path: Path) -> None:
     assert config_from_args(args).pulse_interval == 2.0
 
 
+def test_dispyschedulers_fair_cluster_scheduler_is_accepted(tmp_path: Path) -> None:
+    """``--fair_cluster_scheduler`` (saved as ``scheduler_alg = fair_cluster``) asks
+    for what this scheduler always does: taken, from a file and from the command
+    line (it was refused: 'not supported')."""
+    config = tmp_path / "dispyscheduler.conf"
+    config.write_text(
+        dispyscheduler_config(nodes="['10.0.0.1']", scheduler_alg="fair_cluster")
+    )
+    from_file = config_from_args(parse_args(["--config", str(config), "--users", "u"]))
+    given = config_from_args(
+        parse_args(["-n", "10.0.0.1", "--users", "u", "--fair_cluster_scheduler"])
+    )
+    assert from_file.nodes == given.nodes == [("10.0.0.1", 9711)]
+
+
 @pytest.mark.parametrize(
     ("key", "value", "option"),
     [

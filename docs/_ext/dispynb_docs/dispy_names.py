@@ -641,7 +641,9 @@ PROGRAMS = [
         alias_of="dispynb-scheduler",
         differs="Nodes are named with ``-n`` or discovered (``-n '*'``, the "
         "default); each user has a credential (``dispynb-scheduler user add "
-        "NAME``); fair share between users; ``--httpd`` needs its token. "
+        "NAME``); fair share between users (``--fair_cluster_scheduler`` is "
+        "accepted, ``--early_cluster_scheduler`` refused); ``--httpd`` needs its "
+        "token. "
         "``--config`` reads dispyscheduler's files (its keys at dispy's defaults "
         "count as not given); ``-p`` is the scheduler's own port (dispy's base "
         "port: its scheduler listens on it + 2).",
