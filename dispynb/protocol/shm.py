@@ -115,7 +115,9 @@ def same_machine(peer_ip: str, node_boot_id: str, node_pid: int) -> bool:
     namespace or on another host has another address), the node reports this
     machine's boot id (a loopback tunnel to another machine does not), its process
     is visible here and belongs to our user (it can open our 0600 objects), and its
-    ``/dev/shm`` (seen through ``/proc/<pid>/root``) is ours, not a private one.
+    ``/dev/shm`` is ours, not a private one (`_mount_of`: what its
+    ``/proc/<pid>/mountinfo`` says, which a node's user reads although the node is
+    not dumpable, unlike its ``/proc/<pid>/root``).
     """
     try:
         if not ipaddress.ip_address(peer_ip.split("%", 1)[0]).is_loopback:
@@ -126,17 +128,45 @@ def same_machine(peer_ip: str, node_boot_id: str, node_pid: int) -> bool:
     if not mine or node_boot_id != mine or node_pid <= 0:
         return False
     try:
-        owner = os.stat(f"/proc/{node_pid}").st_uid
-        # The node's view of /dev/shm (its mount namespace) is the very directory
-        # we write to: the same device and inode.
-        theirs = os.stat(f"/proc/{node_pid}/root{SHM_DIR}")
-        ours = os.stat(SHM_DIR)
-    except OSError:
+        with open(f"/proc/{node_pid}/status") as status:
+            uids = next(line for line in status if line.startswith("Uid:"))
+    except (OSError, StopIteration):
         return False
-    return owner == os.geteuid() and (theirs.st_dev, theirs.st_ino) == (
-        ours.st_dev,
-        ours.st_ino,
-    )
+    if int(uids.split()[2]) != os.geteuid():  # its effective uid
+        return False
+    # The node's view of /dev/shm (its mount namespace) is the very directory we
+    # write to.
+    ours = _mount_of("self", SHM_DIR)
+    return ours is not None and _mount_of(node_pid, SHM_DIR) == ours
+
+
+def _mount_of(pid: int | str, path: Path) -> tuple[str, str, str] | None:
+    """Where ``path`` is as process ``pid`` sees it, by its /proc/PID/mountinfo:
+    the device of the mount that holds it (``major:minor``, one per tmpfs), the
+    directory of that device mounted there, and ``path`` below the mount point;
+    None if that cannot be read. Two processes that see the same are in the same
+    directory."""
+    try:
+        lines = Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    target = str(path)
+    found: tuple[str, str, str] | None = None
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 5:
+            continue
+        point = fields[4].replace("\\040", " ").rstrip("/")
+        if target != point and not target.startswith(point + "/"):
+            continue
+        # The deepest mount point holds it; of two on one point, the later hides
+        # the earlier.
+        if found is None or len(point) >= len(found[2]):
+            found = (fields[2], fields[3], point)
+    if found is None:
+        return None
+    device, root, point = found
+    return device, root, target[len(point) :]
 
 
 def is_reference(buffers: Sequence[Buffer]) -> bool:

@@ -216,6 +216,40 @@ def test_same_machine_refuses_a_node_with_a_private_dev_shm(tmp_path: Path) -> N
         proc.stdout.close()  # type: ignore[union-attr]
 
 
+@pytest.mark.slow
+def test_same_machine_sees_a_node_of_its_user_that_is_not_dumpable(
+    tmp_path: Path,
+) -> None:
+    """A node is not dumpable (its user's processes cannot read its /proc/PID/root):
+    a client of its user still finds it shares its /dev/shm. Both run as nobody
+    (root reads any process's /proc)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.hostile.tools import AS_NOBODY
+    from tests.nodeproc import ROOT, node_env, start_node
+
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("running a node as another user needs root and setpriv")
+    os.chmod(tmp_path, 0o777)
+    node = start_node(tmp_path / "node", launcher=AS_NOBODY)
+    try:
+        check = (
+            "from dispynb.protocol import shm; "
+            f"print(shm.same_machine('127.0.0.1', shm.boot_id(), {node.proc.pid}))"
+        )
+        # setpriv without the capabilities AS_NOBODY keeps: a plain user.
+        plain = AS_NOBODY[: AS_NOBODY.index("--clear-groups") + 1]
+        seen = subprocess.run(
+            [*plain, sys.executable, "-c", check],
+            capture_output=True, text=True, cwd=ROOT, env=node_env(), timeout=30,
+        )  # fmt: skip
+    finally:
+        node.stop()
+    assert seen.stdout.strip() == "True", seen.stderr
+
+
 def test_unlink_ignores_gone_and_foreign_names(names: list[str]) -> None:
     shm.unlink("dnb-" + "0" * 32)
     shm.unlink("../../tmp/x")  # never outside dispynb's names
