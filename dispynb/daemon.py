@@ -1,14 +1,17 @@
-"""What dispynb's daemons share on their command line: logging and exit codes.
+"""What dispynb's daemons share on their command line: logging, exit codes and
+their memory kept from their user's other processes.
 
 ``dispynb-node`` (`nodeserver.cli`) and ``dispynb-scheduler`` (`schedserver.cli`)
 set their logging up alike and end alike: a setting that cannot work exits 2 and
 any other dispynb error or a socket that cannot be opened exits 1, each with one
-line on stderr naming the program. (The client library never imports the
-daemons; they import this.)
+line on stderr naming the program. Both hold secrets while code of others runs as
+their user (a node's jobs), so both make themselves non-dumpable (`set_dumpable`).
+(The client library never imports the daemons; they import this.)
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import sys
 from collections.abc import Callable
@@ -17,6 +20,9 @@ from dispynb.errors import ConfigurationError, DispynbError
 
 #: Log line layout of the daemons.
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+
+#: prctl(2) option (linux/prctl.h).
+_PR_SET_DUMPABLE = 4
 
 
 def setup_logging(debug: bool, level: str) -> None:
@@ -39,4 +45,30 @@ def run_daemon(prog: str, run: Callable[[], int]) -> int:
         return 1
 
 
-__all__ = ["LOG_FORMAT", "run_daemon", "setup_logging"]
+def set_dumpable(dumpable: bool) -> bool:
+    """Whether the other processes of this user may read this process's memory
+    and environment through /proc (``mem``, ``environ``, ``maps``, ``fd``...) or
+    trace it (py-spy, gdb), and whether it dumps core (Linux's
+    ``prctl(PR_SET_DUMPABLE)``). A daemon that holds a secret while code of others
+    runs as its user (a node's jobs) sets False: a job could read the node secret
+    from the node's memory. Root (``CAP_SYS_PTRACE``) still can. A fork inherits
+    it, an exec sets True again. False where it cannot be set (not Linux)."""
+    prctl = load_prctl()
+    return prctl is not None and prctl(_PR_SET_DUMPABLE, int(dumpable), 0, 0, 0) == 0
+
+
+def load_prctl() -> Callable[..., int] | None:
+    """libc's prctl on Linux (``PR_SET_DUMPABLE``, and the node's
+    ``PR_SET_PDEATHSIG``, ``PR_SET_CHILD_SUBREAPER``...); None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, *[ctypes.c_ulong] * 4]
+    prctl.restype = ctypes.c_int
+    return prctl
+
+
+__all__ = ["LOG_FORMAT", "load_prctl", "run_daemon", "set_dumpable", "setup_logging"]

@@ -7,6 +7,7 @@ gives a short, stable name for it instead.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -15,6 +16,7 @@ import os
 import secrets
 import stat
 import string
+import sys
 from collections import Counter
 from collections.abc import Mapping
 
@@ -96,14 +98,31 @@ def withdraw_secret_env() -> dict[str, str]:
     printing its environment (or a shared scheduler's user, who is not to know the
     node secret) would find the secret there, and in ``/proc/PID/environ`` of the
     node, which shows the environment the process started with: the value is
-    overwritten there with zero bytes too. Call it before the node forks anything.
+    overwritten there with zero bytes too (`forget_secret_env`). Call it before the
+    node starts anything, and after it forked what must not hold the secret (the
+    returned copy is in this process's memory).
     """
     value = os.environ.get(SECRET_ENV)
     if value is None:
         return {}
-    _zero_c_environ_value(SECRET_ENV)
-    del os.environ[SECRET_ENV]  # unsetenv: gone for the processes started from now
+    forget_secret_env()
     return {SECRET_ENV: value}
+
+
+def forget_secret_env() -> None:
+    """Take ``DISPYNB_SECRET`` out of this process leaving no copy in its memory:
+    its value is overwritten with zero bytes in the C environment and in the bytes
+    object ``os.environ`` holds (never decoded here), then the variable is unset.
+
+    For a process forked from a node before it withdrew its secret (the zygote,
+    which forks the processes that run jobs: they would find it in their memory).
+    """
+    raw = getattr(os.environ, "_data", {}).get(os.fsencode(SECRET_ENV))
+    _zero_c_environ_value(SECRET_ENV)
+    if isinstance(raw, bytes):
+        _zero_bytes(raw)
+    with contextlib.suppress(KeyError):
+        del os.environ[SECRET_ENV]  # unsetenv: gone for the processes started now
 
 
 def _zero_c_environ_value(name: str) -> None:
@@ -120,6 +139,14 @@ def _zero_c_environ_value(name: str) -> None:
     where = getenv(os.fsencode(name))
     if where:
         ctypes.memset(where, 0, len(ctypes.string_at(where)))
+
+
+def _zero_bytes(raw: bytes) -> None:
+    """Overwrite a bytes object's content with zero bytes, in place, as it is about
+    to be dropped (CPython's layout: the bytes follow a fixed header). Not a bytes
+    object of one byte or none: CPython shares those."""
+    if len(raw) > 1 and sys.implementation.name == "cpython":
+        ctypes.memset(id(raw) + bytes.__basicsize__ - 1, 0, len(raw))
 
 
 #: How a shared scheduler's user credential starts: ``dispynb-user:NAME:TOKEN``

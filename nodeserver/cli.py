@@ -14,7 +14,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 
-from dispynb.daemon import run_daemon, setup_logging
+from dispynb.daemon import run_daemon, set_dumpable, setup_logging
 from dispynb.errors import ConfigurationError, DispynbError
 from dispynb.protocol.discovery import new_boot_id
 from dispynb.protocol.framing import large_frames_taken, release_spares
@@ -541,13 +541,18 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``dispynb-node`` and ``python -m nodeserver``."""
     args = parse_args(argv)
     keep_freed_memory()
-    # Before anything is forked (the zygote): the processes that run jobs must not
-    # inherit the secret (a scheduler's users are not to know the node secret).
-    args.secret_env = withdraw_secret_env()
+    # Jobs run as this user: they are not to read the secret in this process's
+    # memory (/proc/PID/mem, environ) nor trace it. The zygote inherits it.
+    set_dumpable(False)
     # Before the secret is read, logging is set up or any thread runs, and after
     # this module's imports: the node's modules are shared with the zygote too (a
-    # zygote forked before them held 2 MB more of its own once the node ran).
+    # zygote forked before them held 2 MB more of its own once the node ran). The
+    # zygote forgets DISPYNB_SECRET itself (`forget_secret_env`): the processes it
+    # forks run jobs, which are not to find the secret in their memory (a
+    # scheduler's users are not to know the node secret).
     zygote = start_zygote() if args.serve != 0 else None
+    # Before anything else is started: they must not inherit it either.
+    args.secret_env = withdraw_secret_env()
     # Without a zygote, the node adopts orphans all the same (what a dead worker
     # or computation process left running comes back to it, to be swept).
     launcher = zygote or AdoptingLauncher(

@@ -46,6 +46,7 @@ from collections.abc import Callable, Iterable
 from types import FrameType
 from typing import Any, NoReturn
 
+from dispynb.daemon import load_prctl
 from dispynb.errors import ConnectionClosedError
 from dispynb.jobenv import implicit_modules, inject_names, node_logger, setup_failure
 from dispynb.protocol import serialize
@@ -61,7 +62,6 @@ from nodeserver.containment import (
     join_new_cgroup,
     kill_group,
     kill_pinned,
-    load_prctl,
     move_to_cgroup,
     open_pidfd,
     pin,

@@ -32,17 +32,17 @@ subreaper at the job's end, and through the cgroup where there is one.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import logging
 import os
 import re
 import select
 import signal
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+
+from dispynb.daemon import load_prctl
 
 logger = logging.getLogger(__name__)
 
@@ -58,19 +58,6 @@ NO_CGROUP_ENV = "DISPYNB_PIDS_CGROUP"
 
 #: Seconds `remove_cgroup` waits for killed tasks to leave a cgroup.
 _CGROUP_EMPTY_WAIT = 2.0
-
-
-def load_prctl() -> Callable[..., int] | None:
-    """libc's prctl on Linux (``PR_SET_PDEATHSIG``, ``PR_SET_CHILD_SUBREAPER``)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    prctl.argtypes = [ctypes.c_int, *[ctypes.c_ulong] * 4]
-    prctl.restype = ctypes.c_int
-    return prctl
 
 
 def become_group_leader() -> None:

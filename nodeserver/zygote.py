@@ -33,7 +33,11 @@ whoever adopts it), and it ignores SIGINT and SIGTERM (a terminal's Ctrl-C reach
 the node's whole process group; the node decides). A computation process gets the
 signal dispositions, the standard input (``/dev/null``), the working directory and a
 freshly seeded `random` of a new process, and its process name (``/proc/PID/comm``)
-is ``dispynb-compute``; the zygote's is ``dispynb-zygote``. Where no zygote can run
+is ``dispynb-compute``; the zygote's is ``dispynb-zygote``. The zygote overwrites
+and drops a ``DISPYNB_SECRET`` it inherited (`dispynb.secret.forget_secret_env`)
+before it forks anything, and is non-dumpable as the node is (its user's processes,
+jobs among them, cannot read its memory); a computation process holds no secret
+and is dumpable again, as a new process is. Where no zygote can run
 (not Linux, no pidfd, ``DISPYNB_ZYGOTE=0``, or the zygote died), computations are
 started as new interpreters (`nodeserver.launcher.AdoptingLauncher`); so they are
 after a zygote did not answer in time (`ANSWER_TIMEOUT`): it is killed, and the
@@ -56,8 +60,10 @@ import struct
 import sys
 from typing import NoReturn
 
+from dispynb.daemon import load_prctl, set_dumpable
 from dispynb.errors import SetupError
-from nodeserver.containment import become_subreaper, load_prctl
+from dispynb.secret import forget_secret_env
+from nodeserver.containment import become_subreaper
 from nodeserver.jobreasons import signal_name
 from nodeserver.launcher import AdoptingLauncher, ComputationProcess
 
@@ -413,6 +419,8 @@ def _serve(sock: socket.socket, node_pid: int) -> NoReturn:
     """The zygote: fork a computation process per request until the node is gone."""
     code = 1
     try:
+        # Forked before the node withdrew DISPYNB_SECRET: what it forks runs jobs.
+        forget_secret_env()
         prctl = load_prctl()
         if prctl is not None:
             prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
@@ -499,6 +507,10 @@ def _become_computation(
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         _set_name(COMPUTE_NAME)
+        # It holds no secret: dumpable again, as a new process (the flag came
+        # from the node through the zygote), so that its jobs can be profiled
+        # and dump core, and its workers read their own /proc/self/pagemap.
+        set_dumpable(True)
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
         os.close(devnull)

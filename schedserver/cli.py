@@ -17,7 +17,7 @@ import logging
 import signal
 import sys
 
-from dispynb.daemon import run_daemon, setup_logging
+from dispynb.daemon import run_daemon, set_dumpable, setup_logging
 from dispynb.defaults import NODE_PORT, SCHEDULER_PORT, SCHEDULER_REGISTER_PORT
 from dispynb.errors import ConfigurationError
 from dispynb.node import is_wildcard, parse_node_specs
@@ -534,6 +534,9 @@ def main(argv: list[str] | None = None) -> int:
         if argv[:1] == ["user"]:
             return _user_command(argv[1:])
         args = parse_args(argv)
+        # It holds the node secret and its users' credentials: other processes
+        # of its user (a node's jobs, on this machine) are not to read them.
+        set_dumpable(False)
         setup_logging(args.debug, args.loglevel)
         asyncio.run(serve(config_from_args(args)))
         return 0

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 
 import pytest
 
 from dispynb import DispyJob, JobCluster
 from dispynb.errors import DispynbError
 from tests import jobs
-from tests.hostile.tools import limited_node, strong_secret
+from tests.hostile.tools import AS_NOBODY, limited_node, strong_secret
+from tests.nodeproc import start_node
 
 pytestmark = pytest.mark.slow
 
@@ -88,3 +91,97 @@ def test_a_job_does_not_find_the_node_secret_in_its_environment(measure, tmp_pat
     measure(f"found in {found or 'nothing'}")
     assert job.status == DispyJob.Finished, job.exception
     assert found == []
+
+
+def _read_memory_of(reversed_secret: str) -> dict[str, str]:
+    """What a job finds of its node's secret (given reversed, so that the processes
+    it travels through do not hold it) in the memory and /proc/PID/environ of each
+    of its ancestors of its own user (its computation process, the zygote, the node)
+    and in its own Python frames: per place, "found", "absent" or why it could not
+    be read."""
+    import os
+    import sys
+
+    secret = reversed_secret[::-1].encode()
+    found: dict[str, str] = {}
+    frame = sys._getframe(1)  # the worker's frames, down to how it was forked
+    while frame is not None:
+        if any(secret.decode() in repr(v) for v in frame.f_locals.values()):
+            found[f"frame {frame.f_code.co_name}"] = "found"
+        frame = frame.f_back
+
+    def environ_holds(pid: int) -> bool:
+        with open(f"/proc/{pid}/environ", "rb") as environ:
+            return secret in environ.read()
+
+    def memory_holds(pid: int) -> bool:
+        with (
+            open(f"/proc/{pid}/maps") as maps,
+            open(f"/proc/{pid}/mem", "rb", buffering=0) as mem,
+        ):
+            for line in maps:
+                fields = line.split()
+                if "r" not in fields[1] or fields[-1] in ("[vvar]", "[vsyscall]"):
+                    continue
+                low, high = (int(x, 16) for x in fields[0].split("-"))
+                try:
+                    mem.seek(low)
+                    if secret in mem.read(high - low):
+                        return True
+                except OSError:  # a region that cannot be read (a guard page)
+                    continue
+        return False
+
+    pid, me = os.getppid(), os.getuid()
+    for role in ("computation process", "zygote", "node"):
+        # A non-dumpable process's /proc files belong to root: its user is read
+        # from its status (real uid).
+        with open(f"/proc/{pid}/status") as handle:
+            uid = next(int(ln.split()[1]) for ln in handle if ln.startswith("Uid:"))
+        if uid != me:
+            break
+        for what, look in (("environ", environ_holds), ("memory", memory_holds)):
+            try:
+                found[f"{role} {what}"] = "found" if look(pid) else "absent"
+            except OSError as exc:
+                found[f"{role} {what}"] = exc.strerror or type(exc).__name__
+        with open(f"/proc/{pid}/stat") as handle:
+            pid = int(handle.read().rsplit(")", 1)[1].split()[1])
+    return found
+
+
+@pytest.mark.attack(
+    id="secret-in-node-memory",
+    title="A job of a node run as nobody reads the memory and /proc/PID/environ of "
+    "its computation process, the zygote and the node, and its own inherited "
+    "frames, for the secret (given in DISPYNB_SECRET, or in --secret-file)",
+    goal="found nowhere: the node's and the zygote's memory and environ refused "
+    "(was: read from the node's memory; from DISPYNB_SECRET also in the zygote's, "
+    "the computation process's and the job's own frames)",
+)
+@pytest.mark.parametrize("source", ["env", "file"])
+@pytest.mark.timeout(120)
+def test_a_job_cannot_read_the_secret_from_its_node(source, measure, tmp_path):
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("running a node as another user needs root and setpriv")
+    os.chmod(tmp_path, 0o777)
+    secret = strong_secret()
+    node = start_node(
+        tmp_path / "node", secret=secret, secret_in_env=source == "env",
+        launcher=AS_NOBODY,
+    )  # fmt: skip
+    try:
+        with JobCluster(_read_memory_of, nodes=[node.spec], secret=secret) as cluster:
+            job = cluster.submit(secret[::-1])
+            places = job()
+    finally:
+        node.stop()
+    assert job.status == DispyJob.Finished, job.exception
+    found = sorted(place for place, what in places.items() if what == "found")
+    refused = sorted(p for p, what in places.items() if what not in ("found", "absent"))
+    measure(
+        f"{source}: found in {found or 'nothing'}; refused: "
+        f"{', '.join(refused) or 'nothing'} ({len(places)} places looked at)"
+    )
+    assert found == []
+    assert {"node memory", "node environ", "zygote memory"} <= set(refused)
