@@ -68,7 +68,9 @@ class Recorder(ProgressBar):
 
 
 def test_bar_update_throttled_then_trailing_draw_shows_last_state():
-    bar = Recorder(interval=0.05)
+    # An interval far longer than the 50 updates take, even on a loaded machine
+    # (at 0.05 s the trailing draw once came in the middle of them, in CI).
+    bar = Recorder(interval=1.0)
     for finished in range(1, 51):
         bar.update(ProgressCounts(total=50, finished=finished))
 
