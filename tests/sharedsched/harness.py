@@ -240,6 +240,18 @@ def busy_within(times: list[list[float]], start: float, end: float) -> float:
     return sum(max(0.0, min(e, end) - max(s, start)) for s, e in times)
 
 
+def shared_window(outs: list[dict[str, Any]]) -> tuple[float, float]:
+    """Where `TIMED_CLIENT` runs (``outs``: their JSON) compete for the CPUs: from
+    the last one's first job start plus the longest job (no job is preempted: the
+    clients there first hold the CPUs until the jobs they run then have ended, a
+    job's length on a loaded machine) to the first one's last job end."""
+    longest = max(e - s for out in outs for s, e in out["times"])
+    start = max(min(s for s, _e in out["times"]) for out in outs) + longest
+    end = min(max(e for _s, e in out["times"]) for out in outs)
+    assert end - start > 1.0, "the clients barely overlapped"
+    return start, end
+
+
 def raw_reply(
     port: int,
     credential: Path,

@@ -24,6 +24,7 @@ from tests.sharedsched.harness import (
     busy_within,
     finish_client,
     raw_reply,
+    shared_window,
     start_client,
 )
 
@@ -79,11 +80,7 @@ def test_equal_load_gets_equal_shares(
     outs = [finish_client(proc, timeout=50) for proc in procs]
     for out in outs:
         assert out["results"] == list(range(40))
-    # The window where both were served: from the later first start to the
-    # earlier last end.
-    start = max(min(s for s, _e in out["times"]) for out in outs)
-    end = min(max(e for _s, e in out["times"]) for out in outs)
-    assert end - start > 1.0, "the clients barely overlapped"
+    start, end = shared_window(outs)
     shares = [busy_within(out["times"], start, end) for out in outs]
     assert abs(shares[0] - shares[1]) <= 0.1 * (sum(shares) / 2), shares
 
