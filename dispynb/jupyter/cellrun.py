@@ -28,7 +28,12 @@ from dispynb.jupyter.magicsupport import (
     last_function,
     unquote,
 )
-from dispynb.jupyter.progress import make_progress, resolve_kind
+from dispynb.jupyter.progress import (
+    WidgetOutput,
+    WidgetProgressBar,
+    make_progress,
+    resolve_kind,
+)
 from dispynb.jupyter.run import Run
 from dispynb.jupyter.runoutput import exception_kind
 from dispynb.jupyter.session import Session
@@ -259,25 +264,16 @@ class CellRunner:
         return value
 
     def _go_live(self, run: Run, kind: str) -> None:
-        kind = resolve_kind(kind)
-        bar = make_progress(kind if kind == "widget" else "none", title=run.name)
-        log = None
-        if kind == "widget":
-            import ipywidgets
-
-            out = ipywidgets.Output()
+        if resolve_kind(kind) == "widget":
+            bar = WidgetProgressBar(run.name)
+            out = WidgetOutput()  # made static with the bar when the run ends
+            bar.outputs.append(out)
             bar.show()
-            display(out)
-
-            def log(stream: str, text: str) -> None:
-                if stream == "stdout":
-                    out.append_stdout(text)
-                else:
-                    out.append_stderr(text)
-
+            out.show()
+            run.live(bar, out.write)
         else:
             display(run)
-        run.live(bar, log)
+            run.live(make_progress("none", title=run.name))
 
 
 def _unfinished(runs: list[Run], label: str, why: str, cut: str = "") -> Run:

@@ -93,7 +93,7 @@ def progress_html(counts: ProgressCounts, title: str = "") -> str:
     label = html.escape(format_counts(counts))
     heading = f"<b>{html.escape(title)}</b> " if title else ""
     return (
-        '<div class="dispynb-progress" style="max-width:40em">'
+        '<div class="dispynb-run-progress" style="max-width:40em">'
         f"<div>{heading}{label}</div>"
         '<div style="display:flex;height:0.8em;background:#e0e0e0;'
         f'border-radius:3px;overflow:hidden">{"".join(segments)}</div></div>'

@@ -10,8 +10,11 @@ notebook whose tab is closed, so a long run must not send a steady stream of
 redraws that say nothing new.
 
 - `WidgetProgressBar`: an ipywidgets bar and label inside a kernel; its display also
-  carries a static ``text/html`` snapshot, refreshed when the run ends, for front ends
-  without widgets (nbviewer, GitHub, saved notebooks);
+  carries a static ``text/html`` snapshot for front ends without widgets (nbviewer,
+  GitHub), and becomes that snapshot alone when the run ends: a notebook saved and
+  opened again has no widget models (JupyterLab said "Error displaying widget: model
+  not found" in place of every bar); `WidgetOutput` does the same for a ``--nowait``
+  run's output;
 - `HTMLProgressBar`: only the ``text/html`` snapshot, updated in place (``display_id``);
 - `TextProgressBar`: one line rewritten with ``\\r`` on a stream (a terminal);
 - `NullProgressBar`: draws nothing.
@@ -42,6 +45,7 @@ __all__ = [
     "ProgressBar",
     "ProgressCounts",
     "TextProgressBar",
+    "WidgetOutput",
     "WidgetProgressBar",
     "make_progress",
 ]
@@ -331,6 +335,8 @@ class WidgetProgressBar(ProgressBar):
         self.bar = ipywidgets.IntProgress(value=0, min=0, max=1, description=title)
         self.label = ipywidgets.HTML(value="")
         self.widget = ipywidgets.HBox([self.bar, self.label])
+        #: Output areas made static with the bar when the run ends.
+        self.outputs: list[WidgetOutput] = []
         self._handle: Any = None
 
     def show(self) -> None:
@@ -360,13 +366,105 @@ class WidgetProgressBar(ProgressBar):
         else:
             self.bar.bar_style = "success"
         if self._handle is not None:
-            # Refresh the static snapshot saved with the notebook.
-            self._handle.update(_WidgetWithSnapshot(self))
+            # The final state as the static snapshot alone: saved with the notebook,
+            # it shows when the notebook is opened again (the widget's model is
+            # gone then). The widgets are closed: nothing will redraw them.
+            self._handle.update(self._snapshot(), raw=True)
+            self.widget.close()
+        for output in self.outputs:
+            output.freeze()
+
+    def _snapshot(self) -> dict[str, str]:
+        return {"text/html": self._repr_html_(), "text/plain": self.text()}
 
 
 def _step(value: int, total: int) -> int:
     """The position of the widget's bar at ``value`` of ``total`` (`BAR_STEPS`)."""
     return value * BAR_STEPS // total
+
+
+class WidgetOutput:
+    """What a run's jobs print, shown under its bar while the kernel runs other cells
+    (a ``--nowait`` run): an ``ipywidgets.Output`` until `freeze`, then a static
+    snapshot of the same text (``<pre>`` blocks, stderr shaded as the notebook
+    shades it), which a saved notebook keeps: the widget's model is not saved with
+    it, and its tracebacks were lost once the notebook was opened again."""
+
+    def __init__(self) -> None:
+        import ipywidgets
+
+        self.widget = ipywidgets.Output()
+        self._parts: list[tuple[str, str]] = []  # (stream, text) as written
+        self._lock = threading.Lock()
+        self._handle: Any = None
+        self._frozen = False
+
+    def show(self) -> None:
+        from IPython.display import display
+
+        if self._handle is None:
+            self._handle = display(self.widget, display_id=True)
+
+    def write(self, stream: str, text: str) -> None:
+        """Add ``text`` to ``stream`` (``"stdout"`` or ``"stderr"``)."""
+        with self._lock:
+            self._parts.append((stream, text))
+            if self._frozen:  # written after the run ended (a later wait())
+                self._update()
+                return
+        if stream == "stdout":
+            self.widget.append_stdout(text)
+        else:
+            self.widget.append_stderr(text)
+
+    def freeze(self) -> None:
+        """Show what was written as a static snapshot, in place of the widget."""
+        with self._lock:
+            if self._frozen:
+                return
+            self._frozen = True
+            self._update()
+        self.widget.close()
+
+    def _update(self) -> None:
+        if self._handle is not None:
+            self._handle.update(self.snapshot(), raw=True)
+
+    def snapshot(self) -> dict[str, str]:
+        """What was written, as ``text/plain`` and (up to `SNAPSHOT_HTML` characters)
+        ``text/html``."""
+        plain = "".join(text for _, text in self._parts)
+        if not plain or len(plain) > SNAPSHOT_HTML:
+            return {"text/plain": plain}
+        blocks: list[tuple[str, str]] = []  # consecutive writes of a stream joined
+        for stream, text in self._parts:
+            if blocks and blocks[-1][0] == stream:
+                blocks[-1] = (stream, blocks[-1][1] + text)
+            else:
+                blocks.append((stream, text))
+        return {
+            "text/html": "".join(_pre(*block) for block in blocks),
+            "text/plain": plain,
+        }
+
+
+#: Characters of output above which `WidgetOutput`'s snapshot is plain text only (its
+#: HTML would double the size of the one message that carries it).
+SNAPSHOT_HTML = 200_000
+
+
+def _pre(stream: str, text: str) -> str:
+    import html
+
+    shade = (
+        "background:var(--jp-rendermime-error-background,#fdd);"
+        if stream == "stderr"
+        else ""
+    )
+    return (
+        f'<pre class="dispynb-{stream}" style="{shade}margin:0;padding:1px 4px">'
+        f"{html.escape(text)}</pre>"
+    )
 
 
 class _WidgetWithSnapshot:

@@ -66,4 +66,4 @@ class SessionStatus:
         parts = [f"<div>{html.escape(self._where())}</div>"]
         parts.append(templates.nodes_html(self.rows))
         parts += [templates.progress_html(r.counts(), r.name) for r in self.runs]
-        return f"<div class='dispynb-status'>{''.join(parts)}</div>"
+        return f"<div class='dispynb-session-status'>{''.join(parts)}</div>"

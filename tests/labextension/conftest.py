@@ -19,6 +19,7 @@ INNER = (
     "test_lab_browser.py::test_lab_outcomes_as_the_cell_says",
     "test_lab_browser.py::test_lab_dask",
     "test_lab_browser.py::test_lab_ray",
+    "test_lab_saved.py::test_lab_saved_notebook_opened_again",
 )
 
 

@@ -168,6 +168,7 @@ def test_lab_panel_in_private_network() -> None:
         f"{here}::test_lab_stop",
         f"{here}::test_lab_page_opened_while_a_cell_runs",
         f"{here}::test_lab_outcomes_as_the_cell_says",
+        f"{here.parent / 'test_lab_saved.py'}::test_lab_saved_notebook_opened_again",
     ]
     if importlib.util.find_spec("distributed") is not None:
         tests.append(f"{here}::test_lab_dask")

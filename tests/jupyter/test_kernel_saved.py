@@ -1,0 +1,94 @@
+"""What a notebook keeps of its runs once they ended, in a real kernel: a saved
+notebook has no widget models (JupyterLab does not save them), so a display that
+is still a widget then reads "Error displaying widget: model not found". A run's
+bar and a ``--nowait`` run's output become static snapshots when the run ends."""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.jupyter.kernel import CELL_TIMEOUT, Kernel, kernel
+
+pytestmark = pytest.mark.slow
+
+WIDGET = "application/vnd.jupyter.widget-view+json"
+
+
+@pytest.fixture(scope="module")
+def k(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kernel]:
+    with kernel(tmp_path_factory.mktemp("kernel")) as started:
+        started.run_ok("%load_ext dispynb\n%dispy local --cpus 2")
+        yield started
+
+
+def displays(k: Kernel, code: str, until: int = 0) -> dict[str, dict[str, Any]]:
+    """Run ``code``; each display it made (by display id) as it stands once the
+    kernel is idle and, if ``until``, that many displays' final updates (those
+    without a widget) came, from whatever cell they were sent under."""
+    msg_id = k.submit(code)
+    shown: dict[str, dict[str, Any]] = {}
+    idle = False
+    deadline = time.monotonic() + CELL_TIMEOUT
+    while not idle or sum(WIDGET not in d for d in shown.values()) < until:
+        assert time.monotonic() < deadline, shown
+        try:
+            msg = k.client.get_iopub_msg(timeout=1)
+        except queue.Empty:
+            continue
+        kind, content = msg["msg_type"], msg["content"]
+        display_id = content.get("transient", {}).get("display_id")
+        if kind == "display_data" and display_id:
+            if msg["parent_header"].get("msg_id") == msg_id:
+                shown[display_id] = content["data"]
+        elif kind == "update_display_data" and display_id in shown:
+            shown[display_id] = content["data"]
+        elif kind == "status" and content["execution_state"] == "idle":
+            idle = idle or msg["parent_header"].get("msg_id") == msg_id
+    k.client.get_shell_msg(timeout=CELL_TIMEOUT)  # the cell's reply
+    return shown
+
+
+def test_a_finished_runs_bar_is_a_static_snapshot_a_saved_notebook_shows(k):
+    (bar,) = displays(
+        k,
+        '%%dispy --over "range(4)" --into mixed\n'
+        "def mixed(i):\n"
+        "    if i == 3:\n"
+        "        raise ValueError(i)\n"
+        "    return i",
+    ).values()
+    # Before: the widget stayed in the display (with the snapshot beside it), and a
+    # notebook saved then opened again said "Error displaying widget".
+    assert WIDGET not in bar, bar
+    assert "3/4 done, 1 failed" in bar["text/html"], bar
+    assert bar["text/plain"].startswith("mixed: 3/4 done, 1 failed"), bar
+
+
+def test_a_nowait_runs_output_is_kept_as_text_once_it_ends(k):
+    shown = displays(
+        k,
+        '%%dispy --over "range(2)" --into later --nowait\n'
+        "def later(i):\n"
+        "    import time\n"
+        "    time.sleep(0.5)\n"
+        "    print('hello from', i)\n"
+        "    if i == 1:\n"
+        "        raise KeyError('missing')\n"
+        "    return i",
+        until=2,
+    )
+    bar, output = shown.values()
+    assert "1/2 done, 1 failed" in bar["text/plain"], bar
+    # Before: an ipywidgets Output, its printed lines and traceback only in the
+    # widget's model (lost with it).
+    assert WIDGET not in output, output
+    for text in (output["text/plain"], output["text/html"]):
+        assert "hello from 0" in text and "hello from 1" in text, output
+        assert "KeyError: &#x27;missing&#x27;" in text or "KeyError: 'missing'" in text
+    assert 'class="dispynb-stderr"' in output["text/html"], output
+
