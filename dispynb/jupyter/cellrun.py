@@ -125,7 +125,7 @@ class CellRunner:
         self._begun = True  # from here a Stop says what it stopped (below)
         try:
             if session.ensure_nodes():
-                print(f"dispynb: started {session.status()._where()}", file=sys.stderr)
+                print(f"dispynb: started {session.where()}", file=sys.stderr)
             nodes = session.nodes
             options = dict(session.options)
             if args.on:

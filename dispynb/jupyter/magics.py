@@ -212,7 +212,7 @@ class DispyMagics(Magics):
             return self._act(args)
         except KeyboardInterrupt as exc:
             # Stop while nodes start or do not answer: what is in use now, in a line.
-            where = self.session.status()._where()
+            where = self.session.where()
             what = f" ({exc})" if isinstance(exc, ProbesInterrupted) else ""
             raise MagicInterrupted(
                 f"Interrupted: %dispy {args.action} did not finish{what}; {where}"
@@ -243,7 +243,7 @@ class DispyMagics(Magics):
             if args.count < 1 or (args.cpus is not None and args.cpus < 1):
                 raise UsageError("--nodes and --cpus must be at least 1")
             session.start_local(args.count, args.cpus, pulse, args.engine)
-            print(f"dispynb: {session.status()._where()}")
+            print(f"dispynb: {session.where()}")
             return None
         if args.action == "ssh":
             if not args.hosts:
@@ -262,7 +262,7 @@ class DispyMagics(Magics):
                 pulse,
                 adapt,
             )
-            print(f"dispynb: {session.status()._where()}")
+            print(f"dispynb: {session.where()}")
             return None
         if args.action == "slurm":
             if args.count < 1 or (args.cpus is not None and args.cpus < 1):
@@ -278,26 +278,26 @@ class DispyMagics(Magics):
             if args.python:
                 launcher["python"] = args.python
             session.start_slurm(args.count, pulse, adapt, **launcher)
-            print(f"dispynb: {session.status()._where()}")
+            print(f"dispynb: {session.where()}")
             return None
         if args.action == "dask":
             if len(args.hosts) != 1:
                 raise UsageError("%dispy dask needs the scheduler's ADDRESS only")
             session.use_dask(args.hosts[0])
-            print(f"dispynb: {session.status()._where()}")
+            print(f"dispynb: {session.where()}")
             return None
         if args.action == "scheduler":
             if len(args.hosts) != 1:
                 raise UsageError("%dispy scheduler needs the scheduler's HOST[:PORT]")
             credential = args.secret_file and os.path.expanduser(args.secret_file)
             session.use_scheduler(args.hosts[0], credential)
-            print(f"dispynb: {session.status()._where()}")
+            print(f"dispynb: {session.where()}")
             return None
         if args.action == "ray":
             if len(args.hosts) != 1:
                 raise UsageError("%dispy ray needs the Ray cluster's ADDRESS only")
             session.use_ray(args.hosts[0])
-            print(f"dispynb: {session.status()._where()}")
+            print(f"dispynb: {session.where()}")
             return None
         if args.action == "nodes":
             if not args.hosts:
@@ -317,7 +317,7 @@ class DispyMagics(Magics):
                 if value
             }
             session.attach(list(args.hosts), {**options, **pulse})
-            print(f"dispynb: {session.status()._where()}")
+            print(f"dispynb: {session.where()}")
             return None
         if args.action == "status":
             return session.status()

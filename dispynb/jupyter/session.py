@@ -31,7 +31,7 @@ from dispynb.jupyter.magicsupport import Adapt, friendly_errors
 from dispynb.jupyter.probing import _SessionProbes
 from dispynb.jupyter.run import Run
 from dispynb.jupyter.sessionnodes import _SessionNodes
-from dispynb.jupyter.sessionstatus import SessionStatus, launcher_kind
+from dispynb.jupyter.sessionstatus import SessionStatus, launcher_kind, where_line
 from dispynb.jupyter.widgets import NodePanel
 
 __all__ = ["Session", "SessionStatus", "launcher_kind"]
@@ -339,7 +339,7 @@ class Session(_SessionProbes, _SessionNodes):
         """``hint``, then what stays in use when new nodes cannot be used."""
         if not self.attached:
             return hint
-        kept = f"still in use: {self.status()._where()}"
+        kept = f"still in use: {self.where()}"
         return f"{hint}\n{kept}" if hint else kept
 
     def ensure_nodes(self) -> bool:
@@ -399,6 +399,10 @@ class Session(_SessionProbes, _SessionNodes):
 
     def status(self) -> SessionStatus:
         return SessionStatus(self)
+
+    def where(self) -> str:
+        """The nodes (or engine) in use, in a line (``local nodes 127.0.0.1:9711``)."""
+        return where_line(self)
 
 
 def _close_engine(engine: Engine | None) -> None:

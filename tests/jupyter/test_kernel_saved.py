@@ -92,3 +92,16 @@ def test_a_nowait_runs_output_is_kept_as_text_once_it_ends(k):
         assert "KeyError: &#x27;missing&#x27;" in text or "KeyError: 'missing'" in text
     assert 'class="dispynb-stderr"' in output["text/html"], output
 
+
+def test_a_status_shown_keeps_no_run_a_cell_run_again_let_go(k):
+    """The notebook keeps ``%dispy status``'s value (``Out``); it held the runs it
+    listed, so the earlier run of a cell run again stayed in memory with its results
+    (20 MB here) and in every later status: two 'big' runs."""
+    cell = '%%dispy --over "range(2)" --into big\ndef big(i):\n    return bytes(10**7)'
+    k.run_ok(cell)
+    k.run_ok("import gc, weakref\nearlier = weakref.ref(big)")
+    shown = k.run_ok("%dispy status")
+    assert "<Run 'big' 2/2 done" in shown.text, shown.text
+    k.run_ok(cell)
+    assert k.value("gc.collect() >= 0 and earlier() is None") is True
+    assert k.run_ok("%dispy status").text.count("<Run 'big' 2/2 done") == 1
