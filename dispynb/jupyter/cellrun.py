@@ -10,8 +10,10 @@ namespace.
 
 from __future__ import annotations
 
+import inspect
 import linecache
 import os
+import reprlib
 import sys
 from collections.abc import Callable, Iterator
 from types import TracebackType
@@ -112,6 +114,10 @@ class CellRunner:
             )
         setup = self._lookup(args.setup, "--setup") if args.setup else None
         inputs = _Inputs(self._evaluate("--over", args.over))
+        problem = _call_problem(func, inputs.items, args.unpack)
+        if problem is not None:  # every job would fail alike: say so, send none
+            self._keep(Run.failed(args.into or name, problem), args.into)
+            raise UsageError(problem)
         depends = None
         if args.depends is not None:
             depends = self._evaluate("--depends", args.depends)
@@ -318,18 +324,18 @@ class _Inputs:
     """``--over``'s items; an error while producing one becomes `_InputFailed`."""
 
     def __init__(self, items: Any) -> None:
-        self._items = items
+        self.items = items
 
     def __length_hint__(self) -> Any:
         """How many items there are, if ``--over`` says (``len``)."""
         try:
-            return len(self._items)
+            return len(self.items)
         except Exception:  # no len(), or one that raises: unknown
             return NotImplemented
 
     def __iter__(self) -> Iterator[Any]:
         try:
-            iterator = iter(self._items)
+            iterator = iter(self.items)
         except TypeError as exc:  # --over 5
             raise _InputFailed(exc) from None
         while True:
@@ -340,6 +346,46 @@ class _Inputs:
             except Exception as exc:
                 raise _InputFailed(exc) from None
             yield item
+
+
+def _call_problem(func: Callable[..., Any], items: Any, unpack: bool) -> str | None:
+    """Why ``func`` cannot take the first of ``items`` (a list, tuple or range) as
+    its arguments, as `Run.submit_all` passes them, with the fix; None if it can
+    (or that cannot be told before it runs: an iterator, no signature)."""
+    if not isinstance(items, list | tuple | range) or not items:
+        return None
+    try:
+        signature = inspect.signature(func)
+    except (TypeError, ValueError):
+        return None
+    first = items[0]
+
+    def binds(spread: bool) -> str | None:
+        try:
+            if spread and isinstance(first, dict):
+                signature.bind(**first)
+            elif spread and isinstance(first, tuple | list):
+                signature.bind(*first)
+            else:
+                signature.bind(first)
+        except TypeError as exc:
+            return str(exc)
+        return None
+
+    error = binds(unpack)
+    if error is None:
+        return None
+    name = getattr(func, "__name__", "the function")
+    problem = (
+        f"{name}{signature} cannot take --over's first input, "
+        f"{reprlib.repr(first)}{', unpacked' if unpack else ''}: {error}"
+    )
+    if not unpack and isinstance(first, tuple | list | dict) and binds(True) is None:
+        kind = "keys and values" if isinstance(first, dict) else "items"
+        problem += f"; add --unpack to pass its {kind} as the arguments"
+    elif unpack and binds(False) is None:
+        problem += "; without --unpack each input is the one argument"
+    return problem + " (no job was sent)"
 
 
 def _own_frames(tb: TracebackType | None) -> TracebackType | None:

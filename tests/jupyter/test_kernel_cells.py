@@ -118,6 +118,28 @@ def test_an_error_in_the_inputs_shows_the_users_lines_not_dispynbs(k):
     assert "RuntimeError: no 2" in k.value("repr(partial)")
 
 
+def test_inputs_the_function_cannot_take_say_to_unpack_and_send_no_job(k):
+    """Pairs over a function of two arguments: each pair is its one argument, so
+    every job failed on the node with 'missing 1 required positional argument',
+    nothing saying --unpack. Now the cell says so at once and sends no job."""
+    cell = (
+        '%%dispy --over "[(1, 2), (3, 4)]" --into pairs{}\n'
+        "def add(x, y):\n"
+        "    return x + y"
+    )
+    out = k.execute(cell.format(""))
+    said = (
+        "add(x, y) cannot take --over's first input, (1, 2): missing a required "
+        "argument: 'y'; add --unpack to pass its items as the arguments (no job "
+        "was sent)"
+    )
+    assert out.status == "error" and out.text.strip() == f"UsageError: {said}", out
+    assert k.value("pairs.jobs") == []
+    assert k.value("pairs.error") == said  # the name says why, not a stale run
+    k.run_ok(cell.format(" --unpack"))
+    assert k.value("pairs.results") == [3, 7]
+
+
 def test_a_cell_run_again_lets_go_of_its_earlier_run_and_results(k):
     """A notebook keeps the results its variables hold: a cell run again (its
     name now the new run's) lets go of the earlier run, 20 MB of results here.
