@@ -86,7 +86,7 @@ class _RunOutput(_RunState):
                 writer(
                     "stderr",
                     f"{kind}: {len(jobs)} jobs (first: job {jobs[0].id}); "
-                    f"see {self.ref}.failures or .df.exception\n",
+                    f"see {self.ref}.failures or {self.ref}.df.exception\n",
                 )
 
 

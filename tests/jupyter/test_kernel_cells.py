@@ -87,6 +87,11 @@ def test_run_all_stops_at_a_cell_whose_jobs_all_failed(k):
     out = k.collect(failing)
     assert out.status == "error", out.text
     assert "ZeroDivisionError: division by zero" in out.stderr
+    # Where they all are, each name whole (it said 'none.failures or .df.exception').
+    assert (
+        "ZeroDivisionError: 2 jobs (first: job " in out.stderr
+        and "see none.failures or none.df.exception\n" in out.stderr
+    ), out.stderr
     assert out.error_text.strip() == (
         "dispynb: all 2 jobs of run 'none' failed (ZeroDivisionError): the "
         "traceback is above; none.failures has them"
