@@ -104,6 +104,13 @@ def bind_listening(host: str, port: int) -> list[socket.socket]:
                 sock.close()
                 if exc.errno == errno.EADDRNOTAVAIL and address[0] == "::1":
                     continue  # no IPv6 on this machine's loopback
+                if exc.errno == errno.EADDRINUSE:  # the OS names no address, no fix
+                    taken = format_address(str(address[0]), chosen)
+                    raise OSError(
+                        exc.errno,
+                        f"{taken} is already in use (by a node or scheduler already "
+                        "running, or another program): stop it, or choose another port",
+                    ) from None
                 raise
             chosen = sock.getsockname()[1]
             sock.listen(LISTEN_BACKLOG)

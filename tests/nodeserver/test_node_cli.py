@@ -18,6 +18,7 @@ from tests.nodeproc import (
     NODE_WAIT,
     node_command,
     node_env,
+    running_node,
     start_node,
     write_secret_file,
 )
@@ -46,6 +47,19 @@ def test_node_cli_public_host_without_secret_or_tls_exits_2_with_fix(tmp_path):
     assert "--certfile" in done.stderr
     assert "127.0.0.1" in done.stderr
     assert not port_file.exists()  # it never listened
+
+
+def test_node_cli_port_in_use_exits_1_naming_the_address_and_the_fix(tmp_path):
+    """A second node on the port of a running one (the first-hour mistake of
+    starting a node twice) says which address is taken and what to do."""
+    with running_node(tmp_path / "first") as first:
+        done = run_node(
+            "--host", "127.0.0.1", "--port", str(first.port),
+            "--dest-path", str(tmp_path / "d"),
+        )  # fmt: skip
+    assert done.returncode == 1
+    assert f"127.0.0.1:{first.port} is already in use" in done.stderr, done.stderr
+    assert "choose another port" in done.stderr  # how to fix it
 
 
 def test_node_cli_without_secret_serves_although_its_discovery_port_is_taken(
