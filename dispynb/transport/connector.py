@@ -173,6 +173,11 @@ async def _connect_once(
                 f"({exc.strerror}, limit {_nofile()}): it tries again as they free; "
                 "raise the limit (ulimit -n) or give fewer nodes"
             ) from exc
+        if isinstance(exc, socket.gaierror):  # nothing to ask of a server there
+            raise ConnectionClosedError(
+                f"cannot connect to {peer}: cannot resolve host name {host!r} "
+                f"({exc.strerror}): check its spelling, or give its IP address"
+            ) from exc
         raise ConnectionClosedError(
             f"cannot connect to {peer}: {exc}; is {server} running there?"
         ) from exc

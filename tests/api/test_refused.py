@@ -90,3 +90,41 @@ def test_no_node_listening_stops_the_script_with_a_short_traceback(
     )
     assert traceback[-1].endswith("is dispynb-node running there?")
     assert_short(traceback)
+
+
+#: Run before the client script: answers a lookup of a name under ``.invalid`` (RFC
+#: 6761: never resolves) as the resolver does, without asking DNS off the machine.
+NO_DNS = """
+import socket
+_getaddrinfo = socket.getaddrinfo
+def getaddrinfo(host, *args, **kwargs):
+    if str(host).endswith(".invalid"):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    return _getaddrinfo(host, *args, **kwargs)
+socket.getaddrinfo = getaddrinfo
+"""
+
+
+@pytest.mark.timeout(90)
+def test_a_host_name_that_does_not_resolve_says_so_not_is_a_node_running(
+    tmp_path: Path,
+) -> None:
+    """A typo'd host name is no node that is down: the message says the name does
+    not resolve and how to fix it (before: "...; is dispynb-node running there?")."""
+    script = tmp_path / "client.py"
+    script.write_text(NO_DNS + SCRIPT)
+    done = subprocess.run(
+        [sys.executable, str(script), "nodee1.invalid", "the-nodes-secret-4f9c2a7e1b"],
+        env=node_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    traceback = traceback_of(done.stderr)
+    assert traceback[-1] == (
+        "dispynb.errors.ConnectionClosedError: cannot connect to nodee1.invalid:9711: "
+        "cannot resolve host name 'nodee1.invalid' (Name or service not known): "
+        "check its spelling, or give its IP address"
+    ), traceback[-1]
+    assert_short(traceback)
