@@ -35,7 +35,7 @@ from dispynb.backends import base
 from dispynb.backends.base import Backend, ClusterConfig, Engine
 from dispynb.clusterjournal import ClusterJournal
 from dispynb.depends import collect
-from dispynb.errors import DispynbError, NoNodesError
+from dispynb.errors import DispynbError, NoNodesError, SetupError
 from dispynb.job import DispyJob
 from dispynb.log import set_level
 from dispynb.node import DispyNode
@@ -207,9 +207,14 @@ class JobCluster(_Events, _Jobs, _Nodes, _ClusterState):
         )
         try:
             self._backend = self.engine.open(self, config)
-        except BaseException:
+        except BaseException as exc:
             self._callbacks.release()
             self._shutdown(terminate=True)
+            if isinstance(exc, SetupError) and exc.remote_traceback.startswith(
+                "Traceback"
+            ):  # the user's setup failed there: show its frames, as a local one
+                shown = self._sources.rerender(exc.remote_traceback) or ""
+                exc.add_note(f"\nThe node's traceback:\n{shown.rstrip()}")
             raise
         self._callbacks.release()
 

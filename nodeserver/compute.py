@@ -500,7 +500,8 @@ def load_computation(
             f"cannot load computation {message.name!r} on the node: "
             f"{type(cause).__name__}: {cause} (is a module it needs missing on the "
             "node? install it there, or send it with depends)",
-            traceback.format_exc(),
+            # The error without the frames of the unpickler (dispynb's, cloudpickle's).
+            "".join(traceback.format_exception_only(cause)),
         ) from exc
     del buffers
     CONTEXT.job_path, CONTEXT.max_file_size = message.job_path, message.max_file_size

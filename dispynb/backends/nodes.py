@@ -37,6 +37,7 @@ from dispynb.errors import (
     MessageError,
     ProtocolError,
     SerializationError,
+    SetupError,
     TransportError,
 )
 from dispynb.node import DispyNodeAvailInfo, NodeAllocate, is_wildcard, parse_node_specs
@@ -181,8 +182,9 @@ class NodesBackend:
         """Connect to the nodes; return once one is ready (or a short wait passed)."""
         try:
             self._runner.run_sync(self._start)
-        except (AuthenticationError, TransportError, ProtocolError) as exc:
-            # The message names the node, what failed and the remedy; the I/O
+        except (AuthenticationError, TransportError, ProtocolError, SetupError) as exc:
+            # The message names the node, what failed and the remedy (a failed
+            # setup: with the node's traceback, `JobCluster` shows it); the I/O
             # thread's frames and the chain of wrapped errors would only bury it.
             raise exc.with_traceback(None) from None
         nodes = self._options.nodes

@@ -128,3 +128,85 @@ def test_a_host_name_that_does_not_resolve_says_so_not_is_a_node_running(
         "check its spelling, or give its IP address"
     ), traceback[-1]
     assert_short(traceback)
+
+
+SETUP_SCRIPT = """
+import sys
+import dispynb as dispy
+
+def read_data():
+    raise FileNotFoundError("data.csv")
+
+def double(x):
+    return 2 * x
+
+cluster = dispy.JobCluster(
+    double, nodes=[sys.argv[1]], secret=sys.argv[2], setup=read_data
+)
+"""
+
+
+@pytest.mark.timeout(90)
+def test_a_failing_setup_shows_its_own_traceback_not_the_clients_internals(
+    tmp_path: Path,
+) -> None:
+    """The node's traceback of the user's setup is shown (its file, line and
+    source, as a local traceback), not the I/O thread's frames and asyncio's."""
+    script = tmp_path / "client.py"
+    script.write_text(SETUP_SCRIPT)
+    with running_node(tmp_path / "node", secret="the-nodes-secret-4f9c2a7e1b") as node:
+        done = subprocess.run(
+            [sys.executable, str(script), node.spec, node.secret],
+            env=node_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 1, done.stdout + done.stderr
+    lines = done.stderr.splitlines()
+    error = (
+        f"dispynb.errors.SetupError: {node.spec}: setup raised FileNotFoundError: "
+        "data.csv"
+    )
+    assert error in lines, done.stderr
+    mine = lines.index(error)
+    assert_short(lines[:mine])
+    assert lines[mine + 1 :] == [
+        "",
+        "The node's traceback:",
+        "Traceback (most recent call last):",
+        f'  File "{script}", line 6, in read_data',
+        '    raise FileNotFoundError("data.csv")',
+        "FileNotFoundError: data.csv",
+    ], done.stderr
+
+
+@pytest.mark.timeout(90)
+def test_a_module_missing_on_the_node_names_it_and_depends_in_a_short_traceback(
+    tmp_path: Path,
+) -> None:
+    """A module beside the script, used by the computation, is not on the node:
+    the message says which and how to send it, without the unpickler's frames."""
+    (tmp_path / "mymodel.py").write_text("def scale(x):\n    return 3 * x\n")
+    script = tmp_path / "client.py"
+    script.write_text(
+        SCRIPT.replace("return 2 * x", "return mymodel.scale(x)").replace(
+            "import dispynb as dispy", "import dispynb as dispy\nimport mymodel"
+        )
+    )
+    with running_node(tmp_path / "node", secret="the-nodes-secret-4f9c2a7e1b") as node:
+        done = subprocess.run(
+            [sys.executable, str(script), node.spec, node.secret],
+            env=node_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 1, done.stdout + done.stderr
+    traceback = traceback_of(done.stderr)
+    assert traceback[-1] == (
+        f"dispynb.errors.SetupError: {node.spec}: cannot load computation 'double' "
+        "on the node: ModuleNotFoundError: No module named 'mymodel' (is a module "
+        "it needs missing on the node? install it there, or send it with depends)"
+    ), done.stderr
+    assert_short(traceback)
