@@ -26,6 +26,7 @@ def cluster(local: LocalCluster) -> Iterator[JobCluster]:
         # Run jobs first: the node starts its computation processes now, not during
         # a test (whose leftover-process check would see them).
         assert all(job() is not None for job in [jc.submit(None, 0) for _ in range(4)])
+        assert jc.wait(timeout=jobs.WAIT)  # counted too: a test's counts start here
         jobs.wait_for_computation_processes(1 + 2)  # the computation and 2 workers
         yield jc
 

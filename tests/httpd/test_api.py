@@ -38,6 +38,8 @@ def test_snapshot_shows_nodes_jobs_and_counts(client, cluster):
     before = ok(client.get("/api/cluster"))["counts"]
     job = cluster.submit(None, 0)
     assert job() is not None
+    # Counted and listed: a job's own waiters wake before the monitor hears of it.
+    assert cluster.wait(timeout=WAIT)
     snap = ok(client.get("/api/cluster"))
     assert snap["name"] == cluster.name
     assert snap["closed"] is False
@@ -58,6 +60,7 @@ def test_show_job_args_shows_a_short_repr(cluster):
     try:
         job = cluster.submit(None, 0.001)
         job()
+        assert cluster.wait(timeout=WAIT)  # listed (after the job's own waiters)
         jobs = ok(MonitorClient(server).get("/api/cluster"))["jobs"]
         (record,) = [j for j in jobs if j["key"] == job._key]
         assert record["args"] == "None, 0.001"
@@ -68,6 +71,7 @@ def test_show_job_args_shows_a_short_repr(cluster):
 def test_max_jobs_limits_the_list_and_bad_values_are_400(client, cluster):
     for job in [cluster.submit(None, 0) for _ in range(3)]:
         job()
+    assert cluster.wait(timeout=WAIT)  # listed (after the jobs' own waiters)
     assert len(ok(client.get("/api/cluster?max_jobs=2"))["jobs"]) == 2
     for bad in ("0", "x", "99999999", "-1"):
         reply = client.get(f"/api/cluster?max_jobs={bad}")
