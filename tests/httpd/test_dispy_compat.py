@@ -71,6 +71,7 @@ def test_add_cluster_and_del_cluster(
     assert server.clusters == [cluster, second]
     job = second.submit(7)
     assert job.wait(timeout=WAIT) and job.status == DispyJob.Finished
+    assert second.wait(timeout=WAIT)  # counted (after the job's own waiters)
     shown = ok(client.get("/api/cluster?cluster=square"))
     assert shown["name"] == "square" and shown["key"] == "square"
     assert shown["counts"]["finished"] == 1
