@@ -77,6 +77,17 @@ class Session(_SessionProbes, _SessionNodes):
         """Follow ``run`` (see `runs`)."""
         self.runs  # noqa: B018 (drops the runs let go of, weakens the done ones)
         self._runs.append(run)
+        # Last registered, first run: at exit (the kernel shut down or restarted)
+        # the runs still going are cancelled before the clusters' own exit hook
+        # ends their jobs (dispynb._live), so they count as cancelled, as on Stop,
+        # not as failed ("job terminated at the client's request").
+        atexit.unregister(self._cancel_runs)
+        atexit.register(self._cancel_runs)
+
+    def _cancel_runs(self) -> None:
+        for run in self.runs:
+            if not run.done():
+                run.cancel()
 
     @property
     def attached(self) -> bool:
@@ -384,6 +395,7 @@ class Session(_SessionProbes, _SessionNodes):
         _close_engine(engine)
         self.options = {}
         self.panel.in_use([])
+        atexit.unregister(self._cancel_runs)
         if self._atexit:
             atexit.unregister(self.close)
             self._atexit = False

@@ -105,3 +105,39 @@ def test_a_status_shown_keeps_no_run_a_cell_run_again_let_go(k):
     k.run_ok(cell)
     assert k.value("gc.collect() >= 0 and earlier() is None") is True
     assert k.run_ok("%dispy status").text.count("<Run 'big' 2/2 done") == 1
+
+
+def test_a_run_going_on_as_the_kernel_shuts_down_ends_cancelled_not_failed(tmp_path):
+    """Restart or shut down the kernel during a ``--nowait`` run: its bar (kept
+    in the saved notebook) said '2 failed', and its output 'job 1 (input 0) failed:
+    job terminated at the client's request', for the jobs the exit ended."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    with kernel(tmp_path) as started:
+        started.run_ok("%load_ext dispynb\n%dispy local --cpus 2")
+        shown = displays(
+            started,
+            f'%%dispy --over "range(4)" --into long --nowait\n'
+            "def long(i):\n"
+            "    import time\n"
+            f"    open({str(marks)!r} + f'/{{i}}', 'w').close()\n"
+            "    time.sleep(600)",
+        )
+        deadline = time.monotonic() + CELL_TIMEOUT
+        while len(list(marks.iterdir())) < 2:  # 2 run, 2 queued
+            assert time.monotonic() < deadline, "the jobs did not start"
+            time.sleep(0.05)
+        started.manager.shutdown_kernel(now=False)  # as JupyterLab's restart does
+        while True:  # what the kernel sent on its way out
+            try:
+                msg = started.client.get_iopub_msg(timeout=2)
+            except queue.Empty:
+                break
+            content = msg["content"]
+            display_id = content.get("transient", {}).get("display_id")
+            if msg["msg_type"] == "update_display_data" and display_id in shown:
+                shown[display_id] = content["data"]
+    bar, output = shown.values()
+    assert WIDGET not in bar, bar
+    assert "0/4 done, 4 cancelled" in bar["text/plain"], bar
+    assert "failed" not in bar["text/plain"] + output.get("text/plain", ""), shown
