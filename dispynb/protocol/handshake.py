@@ -44,6 +44,9 @@ from dispynb.protocol.messages import (
 CLIENT = "client"
 NODE = "node"
 
+#: How a node without a secret refuses a client's proof made with one.
+NODE_WITHOUT_SECRET = "it uses a secret and this node has none"
+
 #: Characters of a peer's text (error message, name) kept in logs and errors.
 PEER_TEXT_LIMIT = 200
 
@@ -148,9 +151,8 @@ class ClientHandshake:
         if not self._node_nonce or self._node_verified:
             raise MessageError("node's proof out of turn")
         if isinstance(message, Error) and message.code == "auth":
-            raise AuthenticationError(
-                f"{peer_text(message.message)}; {self._refused_remedy()}"
-            )
+            refused = peer_text(message.message)
+            raise AuthenticationError(f"{refused}; {self._refused_remedy(refused)}")
         confirm = _expect(message, Auth)
         expected = auth.proof(
             self._secret, NODE, PROTOCOL_VERSION, self._nonce, self._node_nonce
@@ -159,13 +161,24 @@ class ClientHandshake:
             raise _wrong_node_proof()
         self._node_verified = True
 
-    def _refused_remedy(self) -> str:
-        """How to fix a secret the node (or scheduler) refused."""
+    def _refused_remedy(self, refused: str) -> str:
+        """How to fix a secret the node (or scheduler) refused (``refused``: the
+        node's words)."""
         if self._user:
             return (
                 f"use the credential file that 'dispynb-scheduler user add "
                 f"{self._user}' wrote (secret_file=), and check that the user was "
                 "not revoked"
+            )
+        if refused.endswith(NODE_WITHOUT_SECRET):
+            return (
+                "connect without a secret, or start the node with this one "
+                "(DISPYNB_SECRET or --secret-file)"
+            )
+        if not self._secret:  # a shell without DISPYNB_SECRET, say
+            return (
+                "this client has no secret: give it the secret the node was started "
+                "with (secret=, DISPYNB_SECRET or DISPYNB_SECRET_FILE)"
             )
         return (
             "give this client the secret the node was started with (secret=, "
@@ -235,6 +248,10 @@ class NodeHandshake:
                 raise AuthenticationError(
                     "the client's proof is wrong: it does not hold the credential "
                     f"this server has for user {self.client_name!r}"
+                )
+            if not self._secret:  # a node for its own user on loopback
+                raise AuthenticationError(
+                    f"the client's proof is wrong: {NODE_WITHOUT_SECRET}"
                 )
             raise AuthenticationError(
                 "the client's proof is wrong: it uses another secret than this node"

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.nodeproc import node_env, running_node
+from tests.jobs import wait_until
+from tests.nodeproc import NODE_WAIT, node_command, node_env, running_node
 
 pytestmark = pytest.mark.slow
 
@@ -210,3 +211,54 @@ def test_a_module_missing_on_the_node_names_it_and_depends_in_a_short_traceback(
         "it needs missing on the node? install it there, or send it with depends)"
     ), done.stderr
     assert_short(traceback)
+
+
+@pytest.mark.timeout(90)
+def test_a_client_without_a_secret_is_told_it_has_none(tmp_path: Path) -> None:
+    """The first-hour mistake of a shell without DISPYNB_SECRET: the message says
+    this client has no secret, not only that it uses another."""
+    with running_node(tmp_path / "node", secret="the-nodes-secret-4f9c2a7e1b") as node:
+        done = run_script(tmp_path, node.spec, "")
+    assert done.returncode == 1, done.stdout + done.stderr
+    traceback = traceback_of(done.stderr)
+    assert traceback[-1] == (
+        f"dispynb.errors.AuthenticationError: {node.spec}: the client's proof is "
+        "wrong: it uses another secret than this node; this client has no secret: "
+        "give it the secret the node was started with (secret=, DISPYNB_SECRET or "
+        "DISPYNB_SECRET_FILE)"
+    ), traceback[-1]
+    assert_short(traceback)
+
+
+@pytest.mark.timeout(90)
+def test_a_client_with_a_secret_is_told_the_node_has_none(tmp_path: Path) -> None:
+    """A node started without a secret (loopback, its own user only) and a client
+    given one: the message says the node has none and the two ways to fix it."""
+    port_file = tmp_path / "port"
+    node = subprocess.Popen(
+        node_command(
+            "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
+            "--dest-path", str(tmp_path / "dest"),
+        ),
+        env=node_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: port_file.exists() or node.poll() is not None)
+        assert node.poll() is None, "the node without a secret did not start"
+        spec = f"127.0.0.1:{port_file.read_text().strip()}"
+        done = run_script(tmp_path, spec, "the-clients-secret-4f9c2a7e1b")
+    finally:
+        node.terminate()
+        node.wait(NODE_WAIT)
+    assert done.returncode == 1, done.stdout + done.stderr
+    traceback = traceback_of(done.stderr)
+    assert traceback[-1] == (
+        f"dispynb.errors.AuthenticationError: {spec}: the client's proof is "
+        "wrong: it uses a secret and this node has none; connect without a secret, "
+        "or start the node with this one (DISPYNB_SECRET or --secret-file)"
+    ), traceback[-1]
+    assert_short(traceback)
+    assert "the-clients-secret" not in done.stderr
