@@ -14,6 +14,7 @@ from dispynb.backends.base import Departure, NodeInfo, Outcome
 from dispynb.errors import JournalError
 from dispynb.job import DispyJob, JobStatus
 from dispynb.node import DispyNode, DispyNodeAvailInfo
+from dispynb.tracebacks import explain_missing_module
 
 logger = logging.getLogger("dispynb.cluster")
 
@@ -154,7 +155,7 @@ class _Events(_ClusterState):
         self.cpu_time += run_time
         exception = outcome.exception
         if exception is not None:  # a failure: no call per successful job
-            exception = self._sources.rerender(exception)
+            exception = explain_missing_module(self._sources.rerender(exception) or "")
         job._complete(
             outcome.status,
             result=outcome.result,

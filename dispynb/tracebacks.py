@@ -22,6 +22,7 @@ keeps its own `SourceMap`, taken when the run starts.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import linecache
 import re
@@ -31,10 +32,21 @@ from typing import Any
 
 from dispynb.captures import code_objects, reachable
 
-__all__ = ["DYNAMIC_CODE", "LazySourceMap", "SourceMap", "rerender_traceback"]
+__all__ = [
+    "DYNAMIC_CODE",
+    "LazySourceMap",
+    "SourceMap",
+    "explain_missing_module",
+    "rerender_traceback",
+]
 
 #: The file name cloudpickle gives code it sends by value.
 DYNAMIC_CODE = "<dynamic-code>"
+
+#: The last line of a job that imported a module the node does not have.
+_MISSING_MODULE = re.compile(
+    r"^ModuleNotFoundError: No module named '(?P<name>[\w.]+)'$"
+)
 
 _FRAME = re.compile(
     r'^(?P<indent>[ \t]*)File "<dynamic-code>", line (?P<line>\d+), in (?P<name>.+?)$'
@@ -182,6 +194,29 @@ class LazySourceMap:
         if self._map is None:
             self._map = SourceMap.of(*self._roots)
         return self._map
+
+
+def explain_missing_module(text: str) -> str:
+    """``text``, a job's traceback, with how to fix its last line when that is a
+    module the node lacks but this process imports (a module beside the script):
+    send it with ``depends``, or install it on the node. Other text is returned as
+    it is (a module missing here too is no dispynb matter)."""
+    lines = text.rstrip("\n").rsplit("\n", 1)
+    match = _MISSING_MODULE.match(lines[-1])
+    if match is None:
+        return text
+    top = match["name"].split(".")[0]
+    try:  # the top package only: finding it imports nothing
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return text
+    if spec is None:
+        return text
+    where = f" from {spec.origin}" if spec.has_location and spec.origin else ""
+    return (
+        f"{text.rstrip()}\n(this client imports {top!r}{where}, the node cannot: send "
+        f"it with JobCluster(..., depends=[{top}]), or install it on the node)\n"
+    )
 
 
 def rerender_traceback(text: str | None, *roots: Any) -> str:

@@ -74,3 +74,58 @@ def test_a_scripts_remote_traceback_shows_its_file_and_lines(
         "    return 10 / x\n"
         "ZeroDivisionError: division by zero\n"
     ), proc.stdout
+
+
+MISSING_MODULE_SCRIPT = """\
+import dispynb as dispy
+from os import environ
+
+
+def compute(n):
+    import mymodel
+    return mymodel.scale(n)
+
+
+if __name__ == "__main__":
+    cluster = dispy.JobCluster(compute, nodes=environ["NODES"].split(","))
+    jobs = [cluster.submit(1), cluster.submit(2)]
+    cluster.wait()
+    print(jobs[0].status == dispy.DispyJob.Terminated, jobs[1].status)
+    print(jobs[0].exception, end="")
+    cluster.close()
+"""
+
+
+def test_a_module_beside_the_script_missing_on_the_node_says_to_send_it(
+    local: LocalCluster, tmp_path: Path
+):
+    """A job importing a module the script's directory has and the node has not (a
+    first-hour mistake): its traceback ends with how to send it, ``depends``."""
+    (tmp_path / "script.py").write_text(MISSING_MODULE_SCRIPT)
+    (tmp_path / "mymodel.py").write_text("def scale(x):\n    return 3 * x\n")
+    env = {
+        k: v for k, v in os.environ.items() if k not in (SECRET_ENV, SECRET_FILE_ENV)
+    }
+    env[SECRET_ENV] = local.secret
+    env["NODES"] = ",".join(local.node_specs())
+    proc = subprocess.run(
+        [sys.executable, "script.py"],
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    script = tmp_path / "script.py"
+    assert proc.stdout == (
+        "True 9\n"
+        "Traceback (most recent call last):\n"
+        f'  File "{script}", line 6, in compute\n'
+        "    import mymodel\n"
+        "ModuleNotFoundError: No module named 'mymodel'\n"
+        f"(this client imports 'mymodel' from {tmp_path / 'mymodel.py'}, the node "
+        "cannot: send it with JobCluster(..., depends=[mymodel]), or install it on "
+        "the node)\n"
+    ), proc.stdout
