@@ -15,7 +15,7 @@ from dispynb._interruptible import HeldInterrupts
 from dispynb.backends import base
 from dispynb.backends.base import JobRequest
 from dispynb.depends import Dependencies, collect
-from dispynb.errors import ClusterError
+from dispynb.errors import ClusterError, SerializationError
 from dispynb.job import DispyJob, JobStatus
 from dispynb.options import check_job_timeout, check_mem_limit
 
@@ -129,7 +129,10 @@ class _Jobs(_ClusterState):
         timeout, mem_limit = self._job_limits(kwargs)
         request = JobRequest(0, args, kwargs, node_id, job_deps, timeout, mem_limit)
         with objects.collecting() as refs:
-            backend.prepare(request)  # raises SerializationError: nothing registered
+            try:
+                backend.prepare(request)  # nothing registered yet
+            except SerializationError as exc:  # its message says all: not where
+                raise exc.with_traceback(None) from exc.__cause__
         if refs:
             self._add_object_files(request, refs)
         job = DispyJob(job_id, args, kwargs)

@@ -462,7 +462,9 @@ class NodesBackend:
         try:
             buffers = serialize.dumps(payload)
         except SerializationError as exc:
-            raise SerializationError(_unpicklable_argument(args, kwargs, exc)) from exc
+            # The message names the argument and the pickler's error; the chain
+            # would only repeat it about the tuple of every argument.
+            raise SerializationError(_unpicklable_argument(args, kwargs, exc)) from None
         size = buffers_size(buffers)
         if size > self._max_job_size - _JOB_OVERHEAD:
             raise SerializationError(
@@ -629,7 +631,11 @@ def _unpicklable_argument(
     if found is None:
         return f"job arguments cannot be sent to a node: {error}"
     name, exc = found
-    return f"job {name} cannot be sent to a node: {exc}"
+    return (
+        f"job {name} cannot be sent to a node: {exc}; send what it is made from "
+        "instead (a file's path, not the open file; a list, not a generator) and "
+        "make it in the job"
+    )
 
 
 def _result_cap(opts: ClusterOptions) -> int:

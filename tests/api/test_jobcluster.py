@@ -15,6 +15,7 @@ import re
 import signal
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import psutil
@@ -240,6 +241,37 @@ def test_jobcluster_submit_from_many_threads_at_once_runs_every_job_once(local):
         # Nothing left pending: counted once each job's own waiters woke.
         assert cluster.wait(timeout=WAIT)
         assert sum(node.jobs_done for node in cluster.status().nodes) == 600
+
+
+@pytest.mark.parametrize(
+    "argument, kind",
+    [
+        (threading.Lock(), "lock"),
+        ((i for i in range(3)), "generator"),
+    ],
+)
+def test_jobcluster_submit_unpicklable_argument_says_which_and_what_to_send(
+    local, argument, kind
+):
+    """The message names the argument, its type and what to send instead, and the
+    traceback ends at submit: no chained error about the tuple of all arguments,
+    no frames of the backend that pickled them."""
+    with JobCluster(jobs.square, nodes=local) as cluster:
+        with pytest.raises(SerializationError) as raised:
+            cluster.submit(argument)
+        assert cluster.submit(4)() == 16  # nothing lost
+    message = str(raised.value)
+    assert message.startswith(
+        f"job argument 1 cannot be sent to a node: cannot pickle object of type "
+        f"'{kind}'"
+    ), message
+    assert message.endswith(
+        "send what it is made from instead (a file's path, not the open file; a "
+        "list, not a generator) and make it in the job"
+    ), message
+    assert raised.value.__cause__ is None and raised.value.__suppress_context__
+    frames = [frame.name for frame in traceback.extract_tb(raised.tb)]
+    assert "prepare" not in frames, frames
 
 
 def test_jobcluster_submit_unpicklable_argument_raises_and_sends_nothing(local, capsys):
