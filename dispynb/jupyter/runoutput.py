@@ -85,7 +85,7 @@ class _RunOutput(_RunState):
             if len(jobs) > 1:
                 writer(
                     "stderr",
-                    f"{kind}: {len(jobs)} jobs (first: job {jobs[0].id}); "
+                    f"{len(jobs)} jobs failed ({kind}), job {jobs[0].id} shown above; "
                     f"see {self.ref}.failures or {self.ref}.df.exception\n",
                 )
 

@@ -116,7 +116,7 @@ def test_run_wait_prints_remote_output_and_first_traceback_of_each_kind(local, c
     assert {f"[job {ids[i]}] err {i}" for i in range(3)} <= set(err.splitlines())
     assert err.count("Traceback (most recent call last)") == 1
     assert "ValueError: bad" in err
-    assert "ValueError: 2 jobs" in err  # the second one is counted, not repeated
+    assert "2 jobs failed (ValueError)" in err  # the second is counted, not repeated
     assert [run.jobs.index(job) for job in run.failures] == [1, 2]
     assert list(run.df["stdout"]) == ["out 0\n", "out 1\n", "out 2\n"]
 
