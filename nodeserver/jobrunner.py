@@ -524,7 +524,11 @@ def _unpicklable(result: Any, exc: Exception) -> str:
     where = ""
     if path != "result":
         where = f"; {path} is a {type(culprit).__qualname__!r} that cannot be pickled"
-    return _describe(exc, f"result of type {kind!r} cannot be pickled{where}")
+    what = _describe(exc, f"result of type {kind!r} cannot be pickled{where}")
+    return (
+        f"{what.rstrip()}; return what it is made from instead (a list, not a "
+        "generator; a file's path, not the open file)\n"
+    )
 
 
 def _find_unpicklable(value: Any, path: str, depth: int) -> tuple[str, Any]:

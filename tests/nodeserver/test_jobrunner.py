@@ -103,6 +103,10 @@ def test_run_job_unpicklable_result_names_its_type(make, kind):
     assert buffers == []
     assert done.exception.startswith(f"result of type {kind!r} cannot be pickled: ")
     assert "TypeError" in done.exception
+    assert done.exception.endswith(  # how to fix it
+        "; return what it is made from instead (a list, not a generator; a file's "
+        "path, not the open file)\n"
+    ), done.exception
 
 
 def test_run_job_unpicklable_arguments_are_reported():
