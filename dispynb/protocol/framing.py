@@ -85,12 +85,30 @@ def parse_prefix(prefix: Buffer, max_size: int, mac_size: int = 0) -> tuple[int,
     if body > max_size:
         raise FramingError(
             f"peer announced a {body}-byte message, over the {max_size}-byte cap"
+            f"{_foreign_protocol(bytes(prefix))}"
         )
     if not 1 <= count <= MAX_BUFFERS:
         raise FramingError(f"invalid buffer count {count} in frame prefix")
     if body < 4 * count + mac_size:
         raise FramingError(f"frame of {body} bytes is too short for {count} buffers")
     return body, count
+
+
+#: How requests of other protocols begin (their first bytes read as a huge size).
+_HTTP_METHODS = (b"GET ", b"POST", b"HEAD", b"PUT ", b"DELE", b"OPTI", b"CONN", b"PATC")
+
+
+def _foreign_protocol(prefix: bytes) -> str:
+    """What a peer whose first bytes are no dispynb frame speaks, if that is clear:
+    someone pointed a browser or curl at a port of dispynb's (a TLS client is told
+    apart before, by `dispynb.transport.listener`)."""
+    if prefix.startswith(_HTTP_METHODS):
+        return (
+            f": it sent HTTP ({prefix[:4].decode().strip()}), and this port speaks "
+            "dispynb's protocol (a browser or curl pointed at it? the web monitor "
+            "has a port of its own)"
+        )
+    return ""
 
 
 def split_body(

@@ -218,3 +218,17 @@ def test_node_cli_parent_pipe_eof_stops_the_node(tmp_path, when):
             proc.wait()
     assert proc.returncode == 0, err
     assert "the process that started this node exited; stopping" in err
+
+
+def test_node_log_says_a_browser_speaks_another_protocol(tmp_path):
+    """A browser (or curl) pointed at a node's port: the node's log says the peer
+    spoke HTTP, not only that its first bytes announced a message of a gigabyte."""
+    with running_node(tmp_path / "node") as node:
+        with socket.create_connection(("127.0.0.1", node.port), timeout=WAIT) as peer:
+            peer.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            peer.settimeout(WAIT)
+            while peer.recv(65536):  # an error message, perhaps; then closed
+                pass
+        said = "it sent HTTP (GET), and this port speaks dispynb's protocol"
+        wait_until(lambda: said in node.log_text())
+    assert "rejected connections from 127.0.0.1: peer announced a" in node.log_text()
