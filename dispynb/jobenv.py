@@ -116,6 +116,44 @@ def format_job_exception(exc: BaseException) -> str:
     return "".join(traceback.format_exception(type(exc), exc, tb))
 
 
+def call_mismatch(
+    func: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    exc: BaseException,
+) -> str:
+    """A line saying how a job was called, when its ``TypeError`` is the call's
+    (the arguments given to ``submit`` do not fit the function); else ``""``.
+
+    Python's message names what is missing or extra, not what the job was given:
+    this shows the call and the function's parameters, as a local traceback shows
+    the line that called it."""
+    tb = exc.__traceback__
+    if not isinstance(exc, TypeError) or (tb is not None and tb.tb_next is not None):
+        return ""  # raised inside the function: its own traceback says where
+    import inspect  # only now: node processes start without it
+    import reprlib
+
+    try:
+        signature = inspect.signature(func)
+        signature.bind(*args, **kwargs)
+    except TypeError:  # the call does not fit: the mistake this explains
+        pass
+    except ValueError:  # a callable without a signature (some builtins)
+        return ""
+    else:
+        return ""
+    shown = reprlib.Repr()  # no keywords before Python 3.12
+    shown.maxlevel, shown.maxstring, shown.maxother = 2, 40, 40
+    given = [shown.repr(arg) for arg in args]
+    given += [f"{key}={shown.repr(value)}" for key, value in kwargs.items()]
+    name = getattr(func, "__name__", type(func).__name__)
+    return (
+        f"(the job called {name}({', '.join(given)}); {name} takes {signature}: "
+        "give submit() the function's arguments)\n"
+    )
+
+
 def name_for_client(path: str, job_dir: str | None = None) -> str:
     """The name under which the client saves a file a job sends
     (``dispy_send_file``): its path relative to the job's directory (``job_dir``,
@@ -381,6 +419,7 @@ __all__ = [
     "JobStream",
     "JobStreams",
     "JobThreads",
+    "call_mismatch",
     "file_sent",
     "format_job_exception",
     "implicit_modules",

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from dispynb.errors import ConnectionClosedError
-from dispynb.jobenv import format_job_exception, limit_memory
+from dispynb.jobenv import call_mismatch, format_job_exception, limit_memory
 from dispynb.protocol import serialize, shm
 from dispynb.protocol.framing import Buffer, large_frames_taken, release_spares
 from dispynb.protocol.messages import CANCELLED, FINISHED, RAISED
@@ -141,6 +141,7 @@ def run_job(
                     restore()
                 end_time = time.time()
                 exception = format_job_exception(exc)
+                exception += call_mismatch(func, args, kwargs, exc)
                 if mem_limit is not None and isinstance(exc, MemoryError):
                     exception += _mem_limit_hint(mem_limit)
             else:

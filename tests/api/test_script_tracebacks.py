@@ -129,3 +129,52 @@ def test_a_module_beside_the_script_missing_on_the_node_says_to_send_it(
         "cannot: send it with JobCluster(..., depends=[mymodel]), or install it on "
         "the node)\n"
     ), proc.stdout
+
+
+WRONG_CALL_SCRIPT = """\
+import dispynb as dispy
+from os import environ
+
+
+def area(width, height):
+    return width * height
+
+
+if __name__ == "__main__":
+    cluster = dispy.JobCluster(area, nodes=environ["NODES"].split(","))
+    jobs = [cluster.submit(3), cluster.submit(3, 4)]
+    cluster.wait()
+    print(jobs[1].result)
+    print(jobs[0].exception, end="")
+    cluster.close()
+"""
+
+
+def test_a_job_submitted_with_the_wrong_arguments_shows_the_call(
+    local: LocalCluster, tmp_path: Path
+):
+    """``submit(3)`` for ``area(width, height)``: the job's error shows what the job
+    was called with and what the function takes, as a local traceback shows the
+    calling line; the other job is unaffected."""
+    (tmp_path / "script.py").write_text(WRONG_CALL_SCRIPT)
+    env = {
+        k: v for k, v in os.environ.items() if k not in (SECRET_ENV, SECRET_FILE_ENV)
+    }
+    env[SECRET_ENV] = local.secret
+    env["NODES"] = ",".join(local.node_specs())
+    proc = subprocess.run(
+        [sys.executable, "script.py"],
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == (
+        "12\n"
+        "TypeError: area() missing 1 required positional argument: 'height'\n"
+        "(the job called area(3); area takes (width, height): give submit() the "
+        "function's arguments)\n"
+    ), proc.stdout

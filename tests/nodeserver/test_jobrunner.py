@@ -497,3 +497,28 @@ def test_worker_loop_runs_shared_arguments_and_says_which_it_keeps():
         thread.join(timeout=10)
     assert not thread.is_alive()
     worker.close()
+
+
+def test_run_job_wrong_arguments_show_the_call_and_the_parameters():
+    def area(width, height):
+        return width * height
+
+    done, _ = call(area, 3, depth=[1, 2])
+
+    assert done.outcome == RAISED
+    assert done.exception == (
+        f"TypeError: {area.__qualname__}() got an unexpected keyword argument "
+        "'depth'\n(the job called area(3, depth=[1, 2]); area takes (width, "
+        "height): give submit() the function's arguments)\n"
+    )
+
+
+def test_run_job_type_error_inside_the_function_is_left_as_it_is():
+    def join(parts):
+        return "".join(parts)
+
+    done, _ = call(join, [1, 2])
+
+    assert done.outcome == RAISED
+    assert "(the job called" not in done.exception
+    assert done.exception.startswith("Traceback (most recent call last):")
