@@ -11,7 +11,7 @@ import pytest
 
 from dispynb import LocalCluster, SharedJobCluster
 from dispynb.job import DispyJob, JobStatus
-from tests.sharedsched.harness import SchedulerProcess
+from tests.sharedsched.harness import WAIT, SchedulerProcess
 
 pytestmark = pytest.mark.slow
 
@@ -115,6 +115,7 @@ def test_web_monitor_shows_a_shared_clusters_jobs(
         try:
             job = cluster.submit(0.01)
             job()
+            assert cluster.wait(timeout=WAIT)  # listed (after the job's own waiters)
             reply = MonitorClient(server).get("/api/cluster")
             assert reply.status == 200
             snap = reply.json()
