@@ -5,11 +5,12 @@ nodes named where the example discovers them (the changes are listed in each fil
 header, marked ``# dispynb:``); a few long sleeps are shortened. They run against two
 ``dispynb-node`` processes started with dispynode's own options (`dispynodes`, shared
 with test_programs.py), in a fresh directory, and the test does what their user does:
-types ``quit``, opens the web monitor.
+types ``quit`` or presses Ctrl-C, opens the web monitor.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -23,6 +24,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 
 from dispynb.defaults import SECRET_ENV, SECRET_FILE_ENV
@@ -33,6 +35,7 @@ from tests.compat.test_programs import (
     dispynodes,
     status_table,
 )
+from tests.jobs import is_computation_process, wait_until
 
 __all__ = ["dispynodes"]  # the fixture, shared with test_programs.py
 
@@ -240,6 +243,54 @@ def test_job_scheduler(dispynodes: Nodes, tmp_path: Path) -> None:
     assert len(found) == 6, out
     assert {m.group(1): m.group(2) for m in found if m.lastindex} == sums, out
     assert_lines(rest, status_table(2))
+
+
+def jobs_sleeping() -> int:
+    """How many of the nodes' computation workers (below this test process) sleep in
+    ``time.sleep``, as a job of longrun.py does in its loop once it runs (an idle
+    worker waits for its next job instead): the kernel's wait channel of each."""
+    count = 0
+    for proc in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess, OSError):
+            if is_computation_process(proc) and any(
+                (task / "wchan").read_text() == "hrtimer_nanosleep"
+                for task in Path(f"/proc/{proc.pid}/task").iterdir()
+            ):
+                count += 1
+    return count
+
+
+@pytest.mark.parametrize("how", ["quit", "Ctrl-C"])
+def test_longrun(how: str, dispynodes: Nodes, tmp_path: Path) -> None:
+    """Jobs that run until cancelled, submitted by ``cluster_status`` as each node
+    is set up: ``quit`` (or Ctrl-C at the prompt) cancels them, each catches
+    KeyboardInterrupt and returns its best value, which the program prints."""
+    if all(
+        Path(f"/proc/{proc.pid}/wchan").read_text() == "0"
+        for proc in psutil.Process().children(recursive=True)
+    ):  # the nodes wait for clients: "0" means hidden, not running
+        pytest.skip("this kernel hides wait channels (/proc/PID/wchan)")
+    with Example("longrun", dispynodes, tmp_path) as example:
+        example.wait_for(R(r"node 127\.0\.0\.1 initialized with 2 cpus"), count=2)
+        # its user waits for the jobs to run: quit before the callback has added them
+        # all to the set the program then goes through fails in dispy too
+        wait_until(lambda: jobs_sleeping() == 4, PROGRAM_TIMEOUT)
+        if how == "quit":
+            example.type("quit\n")
+        else:  # the terminal sends SIGINT to the foreground process group
+            os.killpg(example.proc.pid, signal.SIGINT)
+        out, _ = example.finish()
+    prompt = 'Enter "quit" or "exit" or Ctrl-C to terminate: '
+    assert out.count(prompt) == 1, out  # input()'s prompt, a callback's line after it
+    found, rest = split_lines(
+        out.replace(prompt, ""),
+        R(rf"Allocate node for compute: 127\.0\.0\.1 / {NODE} / 2"),
+        R(r"node 127\.0\.0\.1 initialized with 2 cpus"),
+        R(r"job at 127\.0\.0\.1 computed (0\.\d+|1\.0)"),
+    )
+    results = [float(m.group(1)) for m in found if m.lastindex]
+    assert (len(found), len(results)) == (8, 4), out
+    assert_lines(rest, [f"best estimate: {max(results)}", *status_table(2)])
 
 
 def test_replace_inmem(dispynodes: Nodes, tmp_path: Path) -> None:
