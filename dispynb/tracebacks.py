@@ -198,9 +198,9 @@ class LazySourceMap:
 
 def explain_missing_module(text: str) -> str:
     """``text``, a job's traceback, with how to fix its last line when that is a
-    module the node lacks but this process imports (a module beside the script):
-    send it with ``depends``, or install it on the node. Other text is returned as
-    it is (a module missing here too is no dispynb matter)."""
+    module the node lacks but this process imports: a module of one file (beside
+    the script) is sent with ``depends``, a package is installed on the node. Other
+    text is returned as it is (a module missing here too is no dispynb matter)."""
     lines = text.rstrip("\n").rsplit("\n", 1)
     match = _MISSING_MODULE.match(lines[-1])
     if match is None:
@@ -213,10 +213,15 @@ def explain_missing_module(text: str) -> str:
     if spec is None:
         return text
     where = f" from {spec.origin}" if spec.has_location and spec.origin else ""
-    return (
-        f"{text.rstrip()}\n(this client imports {top!r}{where}, the node cannot: send "
-        f"it with JobCluster(..., depends=[{top}]), or install it on the node)\n"
-    )
+    found = f"{text.rstrip()}\n(this client imports {top!r}{where}, the node cannot"
+    if spec.submodule_search_locations is None and where.endswith(".py"):
+        # One source file: depends sends it (a package's or an extension's would
+        # arrive without the rest of it).
+        return (
+            f"{found}: send it with JobCluster(..., depends=[{top}]), or install "
+            "it on the node)\n"
+        )
+    return f"{found}: install it on the node)\n"
 
 
 def rerender_traceback(text: str | None, *roots: Any) -> str:

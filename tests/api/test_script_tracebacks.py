@@ -14,6 +14,7 @@ import pytest
 
 from dispynb import LocalCluster
 from dispynb.defaults import SECRET_ENV, SECRET_FILE_ENV
+from dispynb.tracebacks import explain_missing_module
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -178,3 +179,27 @@ def test_a_job_submitted_with_the_wrong_arguments_shows_the_call(
         "(the job called area(3); area takes (width, height): give submit() the "
         "function's arguments)\n"
     ), proc.stdout
+
+
+def test_a_package_missing_on_the_node_is_to_be_installed_not_sent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """``depends`` sends one file: for a package (or an extension module) the node
+    lacks, the advice is to install it there."""
+    (tmp_path / "mypkg").mkdir()
+    (tmp_path / "mypkg" / "__init__.py").write_text("")
+    (tmp_path / "single.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    package = explain_missing_module(
+        "Traceback (most recent call last):\n"
+        '  File "x.py", line 1, in f\n'
+        "ModuleNotFoundError: No module named 'mypkg.sub'\n"
+    )
+    assert package.endswith(
+        f"(this client imports 'mypkg' from {tmp_path / 'mypkg' / '__init__.py'}, "
+        "the node cannot: install it on the node)\n"
+    ), package
+    single = explain_missing_module("ModuleNotFoundError: No module named 'single'\n")
+    assert single.endswith("depends=[single]), or install it on the node)\n"), single
+    missing = "ModuleNotFoundError: No module named 'not_here_either_9f2'\n"
+    assert explain_missing_module(missing) == missing
