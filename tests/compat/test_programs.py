@@ -486,7 +486,8 @@ def dispynodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nodes]:
     ``--dest_path_prefix``, ``--clean``, ``--zombie_interval``, ``--msg_timeout``,
     ``--max_file_size``, ``--daemon``; nothing of dispynb's own."""
     directory = tmp_path_factory.mktemp("dispynodes")
-    secret = secrets.token_urlsafe(32)
+    # hex: a urlsafe secret can begin with '-', and `-s -xyz` is then refused
+    secret = secrets.token_hex(32)
     procs: list[subprocess.Popen[bytes]] = []
     logs = []
     try:
