@@ -35,7 +35,12 @@ from dispynb.backends import base
 from dispynb.backends.base import Backend, ClusterConfig, Engine
 from dispynb.clusterjournal import ClusterJournal
 from dispynb.depends import collect
-from dispynb.errors import DispynbError, NoNodesError, SetupError
+from dispynb.errors import (
+    DispynbError,
+    NoNodesError,
+    SerializationError,
+    SetupError,
+)
 from dispynb.job import DispyJob
 from dispynb.log import set_level
 from dispynb.node import DispyNode
@@ -215,6 +220,8 @@ class JobCluster(_Events, _Jobs, _Nodes, _ClusterState):
             ):  # the user's setup failed there: show its frames, as a local one
                 shown = self._sources.rerender(exc.remote_traceback) or ""
                 exc.add_note(f"\nThe node's traceback:\n{shown.rstrip()}")
+            if isinstance(exc, SerializationError):  # names the culprit and the fix;
+                raise exc.with_traceback(None) from exc.__cause__  # not where found
             raise
         self._callbacks.release()
 

@@ -304,6 +304,10 @@ def test_jobcluster_computation_using_an_unpicklable_global_names_it(local):
     assert message.startswith("computation guarded cannot be sent to the nodes: ")
     assert "it uses _LOCK (global, a _thread.lock)" in message, message
     assert "'dict'" not in message  # not the internal bundle
+    # The message says it all: the traceback ends at JobCluster(), without the
+    # frames of the backend that pickled the computation.
+    frames = [frame.name for frame in traceback.extract_tb(raised.tb)]
+    assert "check_shippable" not in frames and "open" not in frames, frames
 
 
 # --- cancel -------------------------------------------------------------------
