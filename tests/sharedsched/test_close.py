@@ -54,7 +54,9 @@ def test_close_terminate_gives_up_on_a_stopped_node_behind_the_scheduler(
             )
         finally:
             node.proc.send_signal(signal.SIGCONT)
-        assert done is False, f"close(terminate=True) still waiting after {took:.0f} s"
+        # True once closed, as dispy's (73c0a29), after TERMINATE_WAIT, not minutes.
+        assert done is True, f"close(terminate=True) returned {done} after {took:.0f} s"
+        assert took >= TERMINATE_WAIT - 1
         assert job.finish.wait(WAIT)
         assert job.status == DispyJob.Abandoned
         # The scheduler lost nothing: the next client's job runs.
