@@ -48,7 +48,9 @@ def test_a_node_whose_directory_is_removed_under_running_jobs_serves_on(tmp_path
         ) as cluster:
             first = cluster.submit(0, str(go))
             wait_until(lambda: first.status == DispyJob.Running)
-            shutil.rmtree(tmp_path / "node" / "dest")
+            # Until it is gone: the node may write in it meanwhile ('Directory
+            # not empty' once), as a cleaner meets it and tries again.
+            wait_until(lambda: _removed(tmp_path / "node" / "dest"))
             go.touch()
             assert first() == 0
             later = [cluster.submit(n, str(go)) for n in range(1, 7)]
@@ -60,6 +62,11 @@ def test_a_node_whose_directory_is_removed_under_running_jobs_serves_on(tmp_path
         ) as again:
             assert again.submit(3, str(go))() == 9
     assert "Traceback" not in node.log_text()
+
+
+def _removed(path: Path) -> bool:
+    shutil.rmtree(path, ignore_errors=True)
+    return not path.exists()
 
 
 def tmpfs_node(directory: Path, size: str, cpus: int = 1) -> CliNode:
