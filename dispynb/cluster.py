@@ -224,6 +224,9 @@ class JobCluster(_Events, _Jobs, _Nodes, _ClusterState):
                 raise exc.with_traceback(None) from exc.__cause__  # not where found
             raise
         self._callbacks.release()
+        serving = getattr(nodes, "serving", None)  # a LocalCluster: it closes us first
+        if serving is not None:
+            serving(self)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until every submitted job is done; False if ``timeout`` passed first."""

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +55,9 @@ LOCAL_ENGINES = ("nodes", "dask")
 
 if TYPE_CHECKING:
     from dispynb.backends.base import Engine
+    from dispynb.cluster import JobCluster
+
+logger = logging.getLogger(__name__)
 
 
 def local_engine(engine: str | None) -> str:
@@ -129,6 +134,8 @@ class LocalCluster:
         self._procs: list[subprocess.Popen[bytes]] = []
         self._pipes: list[int] = []  # write ends: the nodes stop when they close
         self.addresses: list[tuple[str, int]] = []
+        # The clusters given nodes=self (`serving`), closed first by `close`.
+        self._clusters: weakref.WeakSet[JobCluster] = weakref.WeakSet()
         atexit.register(self.close)
         try:
             for index in range(nodes):
@@ -223,8 +230,33 @@ class LocalCluster:
             if (code := _exit_status(proc)) is not None
         ]
 
+    def serving(self, cluster: JobCluster) -> None:
+        """Note a cluster that runs on these nodes (`JobCluster` calls this when
+        given ``nodes=`` this): `close` closes it first if it is still open."""
+        self._clusters.add(cluster)
+
     def close(self) -> None:
-        """Stop the nodes (SIGTERM, then SIGKILL if they linger); idempotent."""
+        """Stop the nodes (SIGTERM, then SIGKILL if they linger); idempotent.
+
+        A cluster still open on them is closed first, its jobs not done cancelled:
+        else they would wait for ever for nodes that never come back.
+        """
+        from dispynb._live import live_clusters
+
+        for cluster in list(self._clusters):
+            if cluster in live_clusters():
+                logger.warning(
+                    "LocalCluster closed before cluster %r, which ran on it: the "
+                    "cluster is closed now and its jobs not done are cancelled "
+                    "(close the cluster first, or nest its 'with' inside the "
+                    "LocalCluster's)",
+                    cluster.name,
+                )
+                try:
+                    cluster.close(terminate=True)
+                except Exception:  # the nodes stop anyway; its jobs end abandoned
+                    logger.exception("closing cluster %r failed", cluster.name)
+        self._clusters = weakref.WeakSet()
         for proc in self._procs:
             if proc.poll() is None:
                 proc.terminate()

@@ -103,6 +103,32 @@ def test_local_cluster_outlives_the_job_clusters_on_it():
     assert not any(psutil.pid_exists(pid) for pid in pids)
 
 
+def test_closing_the_local_cluster_first_ends_the_jobs_of_a_cluster_on_it(
+    tmp_path, caplog
+):
+    """A LocalCluster closed while a cluster still runs jobs on it (closed out of
+    order) closes that cluster first: its running job is terminated, its queued
+    ones cancelled, and one warning says so. Before, the nodes were stopped under
+    it and job() of a queued job waited for ever (Created: no node would come)."""
+    local = LocalCluster(cpus=1)
+    cluster = JobCluster(jobs.mark_and_sleep, nodes=local)
+    running = cluster.submit(str(tmp_path / "started"), 60)
+    queued = [cluster.submit(None, 60) for _ in range(2)]
+    jobs.wait_for_path(tmp_path / "started")
+    local.close()
+    assert running.finish.wait(WAIT) and running.status == DispyJob.Terminated
+    for job in queued:
+        assert job.finish.wait(WAIT) and job.status == DispyJob.Cancelled
+    with pytest.raises(ClusterError, match="closed"):
+        cluster.submit(None, 0)
+    warnings = [
+        r.getMessage() for r in caplog.records if "LocalCluster" in r.getMessage()
+    ]
+    assert (
+        len(warnings) == 1 and "closed before cluster 'mark_and_sleep'" in warnings[0]
+    )
+
+
 def test_local_cluster_close_twice_is_harmless():
     local = LocalCluster(cpus=1)
     pids = local.pids
