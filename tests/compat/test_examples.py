@@ -17,11 +17,13 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -245,19 +247,27 @@ def test_job_scheduler(dispynodes: Nodes, tmp_path: Path) -> None:
     assert_lines(rest, status_table(2))
 
 
-def jobs_sleeping() -> int:
-    """How many of the nodes' computation workers (below this test process) sleep in
-    ``time.sleep``, as a job of longrun.py does in its loop once it runs (an idle
-    worker waits for its next job instead): the kernel's wait channel of each."""
-    count = 0
+def jobs_sleeping(earlier: set[int]) -> int:
+    """How many of the nodes' computation workers (below this test process, not in
+    ``earlier``: other programs') sleep in ``time.sleep``, as a job of longrun.py
+    does in its loop once it runs (an idle worker waits for its next job instead):
+    the kernel's wait channel of each."""
+    return sum(
+        "hrtimer_nanosleep" in channels
+        for pid, channels in wait_channels().items()
+        if pid not in earlier
+    )
+
+
+def wait_channels() -> dict[int, list[str]]:
+    """The wait channel of each thread of the computation processes, by pid."""
+    channels = {}
     for proc in psutil.Process().children(recursive=True):
         with contextlib.suppress(psutil.NoSuchProcess, OSError):
-            if is_computation_process(proc) and any(
-                (task / "wchan").read_text() == "hrtimer_nanosleep"
-                for task in Path(f"/proc/{proc.pid}/task").iterdir()
-            ):
-                count += 1
-    return count
+            if is_computation_process(proc):
+                tasks = Path(f"/proc/{proc.pid}/task").iterdir()
+                channels[proc.pid] = [(task / "wchan").read_text() for task in tasks]
+    return channels
 
 
 @pytest.mark.parametrize("how", ["quit", "Ctrl-C"])
@@ -270,11 +280,15 @@ def test_longrun(how: str, dispynodes: Nodes, tmp_path: Path) -> None:
         for proc in psutil.Process().children(recursive=True)
     ):  # the nodes wait for clients: "0" means hidden, not running
         pytest.skip("this kernel hides wait channels (/proc/PID/wchan)")
+    earlier = set(wait_channels())
     with Example("longrun", dispynodes, tmp_path) as example:
         example.wait_for(R(r"node 127\.0\.0\.1 initialized with 2 cpus"), count=2)
         # its user waits for the jobs to run: quit before the callback has added them
         # all to the set the program then goes through fails in dispy too
-        wait_until(lambda: jobs_sleeping() == 4, PROGRAM_TIMEOUT)
+        try:
+            wait_until(lambda: jobs_sleeping(earlier) == 4, PROGRAM_TIMEOUT)
+        except AssertionError:
+            example.fail(f"jobs never all ran: wait channels {wait_channels()}")
         if how == "quit":
             example.type("quit\n")
         else:  # the terminal sends SIGINT to the foreground process group
@@ -334,11 +348,77 @@ def test_node_update(dispynodes: Nodes, tmp_path: Path) -> None:
     assert_lines(rest, status_table(2))
 
 
+class PortForward:
+    """What ``ssh -L PORT:127.0.0.1:NODE_PORT`` does on this host, without ssh: a
+    port of 127.0.0.1 whose connections are relayed to the node's."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.sockets: list[socket.socket] = []
+        self.threads = [threading.Thread(target=self._accept)]
+        self.threads[0].start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:  # closed
+                return
+            node = socket.create_connection(("127.0.0.1", self.target))
+            self.sockets += [client, node]
+            for pair in ((client, node), (node, client)):
+                thread = threading.Thread(target=self._relay, args=pair)
+                self.threads.append(thread)
+                thread.start()
+
+    @staticmethod
+    def _relay(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.server.shutdown(socket.SHUT_RDWR)
+        self.server.close()
+        for sock in self.sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        for thread in self.threads:
+            thread.join(PROGRAM_TIMEOUT)
+        for sock in self.sockets:
+            sock.close()
+
+
+@dataclass
+class Forwarded:
+    """The test's first node, named by a port forwarded to it."""
+
+    secret: str
+    port: int
+
+    def node_specs(self) -> list[str]:
+        return [f"127.0.0.1:{self.port}"]
+
+
 def test_sshportfw(dispynodes: Nodes, tmp_path: Path) -> None:
-    """A node named by address, ``ip_addr=`` for the client (dispy's deprecated
-    keyword, logged as such); jobs use ``time``, which dispy's nodes let them use
-    without importing it."""
-    with Example("sshportfw", dispynodes, tmp_path) as example:
-        out, err = example.finish()
+    """A node reached through a forwarded port (the migration guide's ``ssh -L``
+    in place of the example's ``ssh -R``), ``ip_addr=`` for the client (dispy's
+    deprecated keyword, logged as such); jobs use ``time``, which dispy's nodes
+    let them use without importing it."""
+    node_port = int(dispynodes.node_specs()[0].rsplit(":", 1)[1])
+    forward = PortForward(node_port)
+    try:
+        with Example(
+            "sshportfw", Forwarded(dispynodes.secret, forward.port), tmp_path
+        ) as example:
+            out, err = example.finish()
+    finally:
+        forward.close()
+    assert forward.sockets, "the program did not connect through the forwarded port"
     assert_lines(out.splitlines(), [f"result: {n}" for n in range(1, 7)])
     assert "'ip_addr' is deprecated: use 'host' instead" in err
