@@ -1,11 +1,12 @@
-"""dispy's own example programs (tests/compat/examples/), run as a dispy user runs them.
+"""Programs written the way dispy's example programs use its API (one per example:
+tests/compat/examples/, our own code after the idea of each, never dispy's text),
+run as a dispy user runs them.
 
-Each is dispy's file with ``import dispy`` made ``import dispynb as dispy`` and the
-nodes named where the example discovers them (the changes are listed in each file's
-header, marked ``# dispynb:``); a few long sleeps are shortened. They run against two
-``dispynb-node`` processes started with dispynode's own options (`dispynodes`, shared
-with test_programs.py), in a fresh directory, and the test does what their user does:
-types ``quit`` or presses Ctrl-C, opens the web monitor.
+Each does what its dispy example does with ``import dispynb as dispy``, its nodes
+named where the example discovers them (``DISPYNB_TEST_NODES``), its sleeps short.
+They run against two ``dispynb-node`` processes started with dispynode's own options
+(`dispynodes`, shared with test_programs.py), in a fresh directory, and the test does
+what their user does: types ``quit`` or presses Ctrl-C, opens the web monitor.
 """
 
 from __future__ import annotations
@@ -234,13 +235,13 @@ def test_job_scheduler(dispynodes: Nodes, tmp_path: Path) -> None:
         (tmp_path / f"data{i:03d}").write_bytes(data)
         sums[f"data{i:03d}"] = hashlib.sha1(data).hexdigest()
     with Example("job_scheduler", dispynodes, tmp_path) as example:
-        example.wait_for(R(r"^sha1sum for "), count=4)
+        example.wait_for(R(r"^data\d{3} sha1 "), count=4)
         example.type("quit\n")
         out, _ = example.finish()
     found, rest = split_lines(
         out,
-        R(r"node 127\.0\.0\.1 with 2 CPUs available"),
-        R(r"sha1sum for (data\d{3}): ([0-9a-f]{40})"),
+        R(r"node 127\.0\.0\.1 ready: 2 CPUs"),
+        R(r"(data\d{3}) sha1 ([0-9a-f]{40})"),
     )
     assert len(found) == 6, out
     assert {m.group(1): m.group(2) for m in found if m.lastindex} == sums, out
@@ -282,7 +283,7 @@ def test_longrun(how: str, dispynodes: Nodes, tmp_path: Path) -> None:
         pytest.skip("this kernel hides wait channels (/proc/PID/wchan)")
     earlier = set(wait_channels())
     with Example("longrun", dispynodes, tmp_path) as example:
-        example.wait_for(R(r"node 127\.0\.0\.1 initialized with 2 cpus"), count=2)
+        example.wait_for(R(r"node 127\.0\.0\.1 set up with 2 CPUs"), count=2)
         # its user waits for the jobs to run: quit before the callback has added them
         # all to the set the program then goes through fails in dispy too
         try:
@@ -294,17 +295,17 @@ def test_longrun(how: str, dispynodes: Nodes, tmp_path: Path) -> None:
         else:  # the terminal sends SIGINT to the foreground process group
             os.killpg(example.proc.pid, signal.SIGINT)
         out, _ = example.finish()
-    prompt = 'Enter "quit" or "exit" or Ctrl-C to terminate: '
+    prompt = "Type quit (or exit, or press Ctrl-C) to stop: "
     assert out.count(prompt) == 1, out  # input()'s prompt, a callback's line after it
     found, rest = split_lines(
         out.replace(prompt, ""),
-        R(rf"Allocate node for compute: 127\.0\.0\.1 / {NODE} / 2"),
-        R(r"node 127\.0\.0\.1 initialized with 2 cpus"),
-        R(r"job at 127\.0\.0\.1 computed (0\.\d+|1\.0)"),
+        R(rf"allocating compute on 127\.0\.0\.1 \({NODE}\), 2 CPUs"),
+        R(r"node 127\.0\.0\.1 set up with 2 CPUs"),
+        R(r"job on 127\.0\.0\.1 returned (0\.\d+|1\.0)"),
     )
     results = [float(m.group(1)) for m in found if m.lastindex]
     assert (len(found), len(results)) == (8, 4), out
-    assert_lines(rest, [f"best estimate: {max(results)}", *status_table(2)])
+    assert_lines(rest, [f"best value found: {max(results)}", *status_table(2)])
 
 
 def test_replace_inmem(dispynodes: Nodes, tmp_path: Path) -> None:
@@ -316,10 +317,10 @@ def test_replace_inmem(dispynodes: Nodes, tmp_path: Path) -> None:
     found, rest = split_lines(
         out,
         R(
-            rf'Node 127\.0\.0\.1 \({NODE}\) processes "{re.escape(str(tmp_path))}/'
+            rf'node 127\.0\.0\.1 \({NODE}\) holds "{re.escape(str(tmp_path))}/'
             r'replace_inmem\.py"'
         ),
-        R(r"job (\d+) finished by 127\.0\.0\.1, (\w+) of replace_inmem\.py is (\w+)"),
+        R(r"job (\d+) on 127\.0\.0\.1: (\w+) of replace_inmem\.py = (\w+)"),
     )
     jobs = {int(m.group(1)): (m.group(2), m.group(3)) for m in found if m.lastindex}
     assert sorted(jobs) == list(range(1, 13)), out
@@ -340,8 +341,8 @@ def test_node_update(dispynodes: Nodes, tmp_path: Path) -> None:
         out, _ = example.finish()
     found, rest = split_lines(
         out,
-        R(r"Node 127\.0\.0\.1 with 2 CPUs available"),
-        R(r"Node 127\.0\.0\.1 finished with (\w{3} \w{3} [ \d]\d [\d:]{8} \d{4})"),
+        R(r"node 127\.0\.0\.1 ready: 2 CPUs"),
+        R(r"node 127\.0\.0\.1 updated at (\w{3} \w{3} [ \d]\d [\d:]{8} \d{4})"),
     )
     assert len(found) == 4, out
     assert len([m for m in found if m.lastindex]) == 2, out

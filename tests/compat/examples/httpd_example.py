@@ -1,55 +1,44 @@
-# dispy's py3/examples/httpd_example.py (github.com/pgiri/dispy at 5e136ee, Copyright (c) 2012
-# Giridhar Pemmasani, Apache License 2.0: http://www.apache.org/licenses/LICENSE-2.0),
-# run by tests/compat/test_examples.py. Changed as a dispy user would, each change
-# marked "# dispynb:" below:
-# - `import dispy` became `import dispynb as dispy`
-# - `import dispy.httpd` became `import dispynb.httpd` (the migration guide's line)
-# - nodes=NODES: the test's nodes on 127.0.0.1 (DISPYNB_TEST_NODES), where dispy's
-#   example discovers its nodes (the test runs no discovery on a shared host)
-# - port=0 (a free port; dispy's 8181 may be taken where the test runs)
-# - jobs sleep 1-2 s, not 5-20 s (the test's time)
+"""A cluster watched in a browser while its jobs run, written for dispynb's tests
+after the idea of dispy's httpd_example (not its code): ``dispy.httpd``'s
+``DispyHTTPServer(cluster)`` serves the web monitor, the jobs' arguments are
+objects of a class defined here (shown by their ``__str__`` there), and
+``shutdown()`` ends the server once the jobs are done.
+"""
 
-#!/usr/bin/env python
+import os
+import random
 
-# example to create http server so cluster can be monitored / managed
-# with a web browser
+import dispynb as dispy  # a dispy program would say: import dispy
+import dispynb.httpd  # ... and: import dispy.httpd
 
-# program sends object instances in local program as arguments to
-# distributed computation
-class C(object):
-    def __init__(self, s, i):
-        self.s = s
-        self.i = i
-    # provide __str__ so instances of C are shown with useful info
-    # when monitoring jobs in 'Node' page
+
+class Reading:
+    """A named measurement; its ``__str__`` is what the monitor shows of it."""
+
+    def __init__(self, name, value):
+        self.name = name
+        self.value = value
+
     def __str__(self):
-        return 'C(%s, %.4f)' % (self.s, self.i)
+        return "Reading(%s, %.3f)" % (self.name, self.value)
 
-def compute(obj, n=5):
-    # obj is an instance of C
+
+def compute(reading, seconds=1):
     import time
-    time.sleep(n)
-    return n * obj.i
 
-if __name__ == '__main__':
-    import dispynb as dispy, random  # dispynb: the import
-    NODES = __import__("os").environ["DISPYNB_TEST_NODES"].split(",")  # dispynb: the test's nodes
+    time.sleep(seconds)
+    return seconds * reading.value
 
-    # create cluster
-    cluster = dispy.JobCluster(compute, depends=[C], nodes=NODES)
 
-    # import dispy's httpd module, create http server
-    import dispynb.httpd  # dispynb: was `import dispy.httpd`
-    http_server = dispy.httpd.DispyHTTPServer(cluster, port=0)  # dispynb: port
-
-    # cluster can now be monitored / managed in web browser at
-    # http://<host>:8181 where <host> is name or IP address of
-    # computer running this program
-
-    for i in range(8):
-        c = C(str(i), random.uniform(1, 9))
-        job = cluster.submit(c, n=random.randint(1, 2))  # dispynb: was 5-20 s
-
-    cluster.wait() # wait for all jobs to finish
-    http_server.shutdown() # this waits until browser gets all updates
+if __name__ == "__main__":
+    nodes = os.environ["DISPYNB_TEST_NODES"].split(",")  # the test's nodes
+    cluster = dispy.JobCluster(compute, depends=[Reading], nodes=nodes)
+    # port=0: any free port (its address is logged); dispy's default is 8181.
+    monitor = dispy.httpd.DispyHTTPServer(cluster, port=0)
+    for n in range(8):
+        cluster.submit(
+            Reading("r%d" % n, random.uniform(1, 9)), seconds=random.randint(1, 2)
+        )
+    cluster.wait()
+    monitor.shutdown()
     cluster.close()

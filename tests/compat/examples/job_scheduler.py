@@ -1,66 +1,61 @@
-# dispy's py3/examples/job_scheduler.py (github.com/pgiri/dispy at 5e136ee, Copyright (c) 2012
-# Giridhar Pemmasani, Apache License 2.0: http://www.apache.org/licenses/LICENSE-2.0),
-# run by tests/compat/test_examples.py. Changed as a dispy user would, each change
-# marked "# dispynb:" below:
-# - `import dispy` became `import dispynb as dispy`
-# - nodes=NODES: the test's nodes on 127.0.0.1 (DISPYNB_TEST_NODES), where dispy's
-#   example discovers its nodes (the test runs no discovery on a shared host)
-# - jobs sleep 0.5 s, not 5 s (the test's time)
+"""Jobs scheduled by the program itself, one at a time per node, written for
+dispynb's tests after the idea of dispy's job_scheduler example (not its code).
 
-# This program registers 'cluster_status' which schedules
-# computations when a processor is available.
+Its ``cluster_status`` callback hears of each node set up and each job's end, and
+gives that node the next data file (``data000``, ``data001``...) with
+``submit_node`` and ``dispy_job_depends``; the node hashes it. Type ``quit`` (or
+``exit``) to let the jobs finish and see the status table.
+"""
 
-# job computation runs at dispynode servers
+import os
+import sys
+
+import dispynb as dispy  # a dispy program would say: import dispy
+
+next_file = 0
+
+
 def compute(path):
-    import hashlib, time, os
-    csum = hashlib.sha1()
-    with open(os.path.basename(path), 'rb') as fd:
-        while True:
-            data = fd.read(1024000)
-            if not data:
-                break
-            csum.update(data)
-    time.sleep(0.5)  # dispynb: was 5 s
-    return csum.hexdigest()
+    import hashlib
+    import os
+    import time
+
+    digest = hashlib.sha1()
+    with open(os.path.basename(path), "rb") as data:  # sent beside the job
+        for block in iter(lambda: data.read(1 << 20), b""):
+            digest.update(block)
+    time.sleep(0.5)  # the work a real job would do
+    return digest.hexdigest()
 
 
-# 'cluster_status' notification function. It is executed by dispy
-# to indicate node / job status changes. Here node iniitialization and
-# job done status are used to schedule jobs, so at most one job is
-# running on a node (even if a node has more than one processor). Data
-# files are assumed to be 'data000', 'data001' etc.
 def cluster_status(status, node, job):
-    if status == dispy.DispyJob.Finished:
-        print('sha1sum for %s: %s' % (job.id, job.result))
+    global next_file
+    if status == dispy.DispyNode.Initialized:
+        print("node %s ready: %s CPUs" % (node.ip_addr, node.avail_cpus))
+    elif status == dispy.DispyJob.Finished:
+        print("%s sha1 %s" % (job.id, job.result))
     elif status == dispy.DispyJob.Terminated:
-        print('sha1sum for %s failed: %s' % (job.id, job.exception))
-    elif status == dispy.DispyNode.Initialized:
-        print('node %s with %s CPUs available' % (node.ip_addr, node.avail_cpus))
+        print("%s not hashed: %s" % (job.id, job.exception))
     else:
         return
+    name = "data%03d" % next_file
+    if os.path.isfile(name):
+        next_file += 1
+        # submit_node takes the node, dispy_job_depends the files the job needs;
+        # compute gets only the path.
+        job = cluster.submit_node(node, name, dispy_job_depends=[name])
+        job.id = name
 
-    global submitted
-    data_file = 'data%03d' % submitted
-    if os.path.isfile(data_file):
-        submitted += 1
-        # 'node' and 'dispy_job_depends' are consumed by dispy;
-        # 'compute' is called with only 'data_file' as argument(s)
-        job = cluster.submit_node(node, data_file, dispy_job_depends=[data_file])
-        job.id = data_file
-            
 
-if __name__ == '__main__':
-    import dispynb as dispy, sys, os  # dispynb: the import
-    NODES = __import__("os").environ["DISPYNB_TEST_NODES"].split(",")  # dispynb: the test's nodes
-    cluster = dispy.JobCluster(compute, cluster_status=cluster_status, nodes=NODES)
-    submitted = 0
-    while True:
-        try:
-            cmd = sys.stdin.readline().strip().lower()
-        except KeyboardInterrupt:
-            break
-        if cmd == 'quit' or cmd == 'exit':
-            break
-
+if __name__ == "__main__":
+    nodes = os.environ["DISPYNB_TEST_NODES"].split(",")  # the test's nodes
+    cluster = dispy.JobCluster(compute, cluster_status=cluster_status, nodes=nodes)
+    try:
+        for line in sys.stdin:
+            if line.strip().lower() in ("quit", "exit"):
+                break
+    except KeyboardInterrupt:
+        pass
     cluster.wait()
     cluster.print_status()
+    cluster.close()

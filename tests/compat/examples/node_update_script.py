@@ -1,7 +1,10 @@
-#!/usr/bin/python3
+"""The update node_update.py runs on each node: here it only takes a moment and
+says when it ran."""
 
-import time, sys, random
+import random
+import sys
+import time
 
-time.sleep(random.uniform(2, 4))
+time.sleep(random.uniform(0.5, 1.0))
 print(time.asctime())
-exit(0)
+sys.exit(0)

@@ -1,99 +1,105 @@
-# dispy's py3/examples/replace_inmem.py (github.com/pgiri/dispy at 5e136ee, Copyright (c) 2012
-# Giridhar Pemmasani, Apache License 2.0: http://www.apache.org/licenses/LICENSE-2.0),
-# run by tests/compat/test_examples.py. Changed as a dispy user would, each change
-# marked "# dispynb:" below:
-# - `import dispy` became `import dispynb as dispy`
-# - nodes: one NodeAllocate(host='127.0.0.1', port=...) per node of the test (dispy's
-#   example discovers them with NodeAllocate(host='*'))
-# - jobs sleep 0.2-0.5 s, not 2-5 s (the test's time)
+"""Data held in the nodes' memory and replaced between batches of jobs, written for
+dispynb's tests after the idea of dispy's replace_inmem example (not its code).
 
-# In this example, which is a variation of 'node_setup.py',
-# dispy's "resetup_node" method is used to replace in-memory data to illustrate
-# how to change working dataset. Although "resetup_node" feature can be used
-# with any platform, this example doesn't work with Windows, as in-memory
-# feature doesn't work with Windows.
+A ``NodeAllocate`` subclass gives each node (two at most) a file of its own, sent
+with ``depends`` and named in ``setup_args``; ``setup`` reads it into a global and
+deletes it, jobs hash that data with one of hashlib's algorithms, ``cleanup`` drops
+it. After a first batch, ``resetup_node`` sets each node up again with the next file,
+and a second batch hashes that.
+"""
 
-# this function is executed by a node to initialize for computation; in this case, this function
-# loads data in given file into global variable, which is available for computation jobs
-# (as read-only data)
-def setup(data_file, n):
-    global data, algorithms, hashlib, file_name
+import glob
+import os
+import random
+import sys
 
-    import hashlib, os, sys
-    data = open(data_file, 'rb').read()  # read data in file to global variable
-    os.remove(data_file)  # data_file can now be deleted
-    file_name = data_file
-    if sys.version_info.major > 2:
-        algorithms = list(hashlib.algorithms_guaranteed)
-    else:
-        algorithms = hashlib.algorithms
-    algorithms = [alg for alg in algorithms if (not alg.startswith('shake'))]
+import dispynb as dispy  # a dispy program would say: import dispy
+
+files = sorted(
+    glob.glob(os.path.join(os.path.dirname(os.path.abspath(sys.argv[0])), "*.py"))
+)
+given = {}  # node address -> the file it holds now
+handed = 0  # files given out so far
+
+
+def setup(name, generation):
+    global payload, source, algorithms, hashlib
+    import hashlib
+    import os
+
+    with open(name, "rb") as data:
+        payload = data.read()
+    os.remove(name)  # in memory now
+    source = name
+    algorithms = sorted(
+        a for a in hashlib.algorithms_guaranteed if not a.startswith("shake")
+    )
     return 0
 
-# this function is executed by node when closing for computation (after all jobs are finished);
-# in this case, the function removes global variables initialized with 'setup'
-def cleanup(data_file, n):
-    global data, algorithms, hashlib, file_name
-    del data, algorithms, file_name
 
-# this function is executed by each computation job; in this case, the function uses
-# global variables (in memory) initialized in 'setup'.
-def compute(i, n):
-    # 'hashlib', 'data' and 'algorithms' global variables are initialized in 'setup'
-    alg = algorithms[i % len(algorithms)]
-    csum = getattr(hashlib, alg)()
-    csum.update(data)
-    time.sleep(n)
-    return (dispy_node_ip_addr, file_name, alg, csum.hexdigest())
+def cleanup(name, generation):
+    global payload, source, algorithms
+    del payload, source, algorithms
 
-# this function is executed at client (this program) when a job's status has changed
+
+def compute(n, seconds):
+    import time
+
+    algorithm = algorithms[n % len(algorithms)]
+    digest = hashlib.new(algorithm, payload).hexdigest()
+    time.sleep(seconds)
+    return dispy_node_ip_addr, source, algorithm, digest
+
+
 def job_status(job):
     if job.status == dispy.DispyJob.Finished:
-        print('\njob %s finished by %s, %s of %s is %s' % (job.id, job.result[0], job.result[2],
-                                                           job.result[1], job.result[3]))
+        address, name, algorithm, digest = job.result
+        print(
+            "job %s on %s: %s of %s = %s" % (job.id, address, algorithm, name, digest)
+        )
     else:
-        print('\njob %s failed: %s' % (job.id, job.exception))
+        print("job %s did not finish: %s" % (job.id, job.exception))
 
-if __name__ == '__main__':
-    import dispynb as dispy, sys, os, glob, random  # dispynb: the import
-    NODES = __import__("os").environ["DISPYNB_TEST_NODES"].split(",")  # dispynb: the test's nodes
-    data_files = glob.glob(os.path.join(os.path.abspath(os.path.dirname(sys.argv[0])), '*.py'))
-    file_id = 0
-    nodes = {}
 
-    class NodeAllocate(dispy.NodeAllocate):
-        def allocate(self, cluster, ip_addr, name, cpus, avail_info=None, platform='*'):
-            global file_id
-            if len(nodes) == 2:
-                # use at most 2 nodes, to illustrate this example
-                return 0
-            if platform.startswith('Windows'):
-                # In-memory is not supported with Windows
-                print('Ignoring node %s as in-memory data is not supported with Windows' % ip_addr)
-                return 0
-            data_file = data_files[file_id % len(data_files)]
-            file_id += 1
-            nodes[ip_addr] = data_file  # keep track of which node processes which file
-            print('Node %s (%s) processes "%s"' % (ip_addr, name, data_file))
-            # files are saved at server under computation's directory so send just basename
-            self.setup_args = (os.path.basename(data_file), file_id)
-            self.depends = [data_file]
-            return max(2, cpus)  # use at most 2 cpus (for illustration)
+class OwnFile(dispy.NodeAllocate):
+    """Each node gets the next file in memory (two nodes at most, 2 CPUs each)."""
 
-    cluster = dispy.JobCluster(compute, nodes=[NodeAllocate(host=node.split(':')[0], port=int(node.split(':')[1])) for node in NODES],
-                               setup=setup, cleanup=cleanup, job_status=job_status,
-                               loglevel=dispy.logger.DEBUG)
-    for i in range(1, 7):  # submit 7 jobs
-        job = cluster.submit(i, random.uniform(0.2, 0.5))  # dispynb: was 2-5 s
-        job.id = i
-    cluster.wait()  # alternately, job_status above can decide when to call resetup_node
-    # call 'resetup_node' on nodes to process more files
-    for ip_addr in list(nodes.keys()):
-        cluster.resetup_node(ip_addr)
-    for i in range(i+1, i+7):  # submit 7 more jobs
-        job = cluster.submit(i, random.uniform(0.2, 0.5))  # dispynb: was 2-5 s
-        job.id = i
+    def allocate(self, cluster, ip_addr, name, cpus, avail_info=None, platform="*"):
+        global handed
+        if len(given) == 2 and ip_addr not in given:
+            return 0
+        path = files[handed % len(files)]
+        handed += 1
+        given[ip_addr] = path
+        print('node %s (%s) holds "%s"' % (ip_addr, name, path))
+        self.setup_args = (os.path.basename(path), handed)  # saved beside the job
+        self.depends = [path]
+        return min(cpus, 2)
+
+
+def batch(first, count):
+    for n in range(first, first + count):
+        job = cluster.submit(n, random.uniform(0.2, 0.5))
+        job.id = n
     cluster.wait()
 
+
+if __name__ == "__main__":
+    nodes = [  # the test's nodes
+        OwnFile(host=spec.rsplit(":", 1)[0], port=int(spec.rsplit(":", 1)[1]))
+        for spec in os.environ["DISPYNB_TEST_NODES"].split(",")
+    ]
+    cluster = dispy.JobCluster(
+        compute,
+        nodes=nodes,
+        setup=setup,
+        cleanup=cleanup,
+        job_status=job_status,
+        loglevel=dispy.logger.DEBUG,  # dispy's logger and its levels
+    )
+    batch(1, 6)
+    for address in list(given):
+        cluster.resetup_node(address)  # the next file, in place of the first
+    batch(7, 6)
     cluster.print_status()
     cluster.close()

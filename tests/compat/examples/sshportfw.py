@@ -1,31 +1,26 @@
-# dispy's py3/examples/sshportfw.py (github.com/pgiri/dispy at 5e136ee, Copyright (c) 2012
-# Giridhar Pemmasani, Apache License 2.0: http://www.apache.org/licenses/LICENSE-2.0),
-# run by tests/compat/test_examples.py. Changed as a dispy user would, each change
-# marked "# dispynb:" below:
-# - `import dispy` became `import dispynb as dispy`
-# - nodes: the test's node on 127.0.0.1, where the example names its EC2 node; the test
-#   relays a port to the node as `ssh -L` would, where dispy needs `ssh -R` (dispynb's
-#   nodes never connect back to the client: see the migration guide)
-# - jobs sleep n/10 s, not n s (the test's time)
+"""A node reached through a forwarded port, written for dispynb's tests after the
+idea of dispy's sshportfw example (not its code). dispy's client needed its own
+port forwarded back from each node (``ssh -R``) and gave its address with
+``ip_addr=``; dispynb's nodes never connect back, so only the node's port needs
+forwarding (see the migration guide). ``ip_addr`` is still accepted (deprecated:
+``host``). Jobs use ``time`` without importing it, as dispy's nodes allow.
+"""
 
-def compute(n): # function sent to remote nodes for execution
-    time.sleep(n / 10)  # dispynb: was n s
+import os
+
+import dispynb as dispy  # a dispy program would say: import dispy
+
+
+def compute(n):
+    time.sleep(n / 10)  # noqa: F821 (the node provides time, as dispy's nodes do)
     return n
 
-if __name__ == '__main__':
-    import dispynb as dispy  # dispynb: the import
-    # list remote nodes (here Amazon EC2 instance with external IP 54.172.166.83)
-    nodes = ['54.172.166.83']
-    nodes = __import__("os").environ["DISPYNB_TEST_NODES"].split(",")  # dispynb: the forwarded port
-    # use ssh to forward port 61590 for each node; e.g.,
-    # 'ssh -R 61590:localhost:61590 54.172.166.83'
 
-    # start dispynode with 'dispynode.py --ext_host 54.172.166.83' (so dispynode
-    # uses external IP address instead of default local IP address); do this for all nodes
-    cluster = dispy.JobCluster(compute, nodes=nodes, ip_addr='127.0.0.1')
-    jobs = []
-    for i in range(1, 7):
-        job = cluster.submit(i)
-        jobs.append(job)
+if __name__ == "__main__":
+    # The node's port as forwarded to this machine (ssh -L): the test's relay.
+    nodes = os.environ["DISPYNB_TEST_NODES"].split(",")
+    cluster = dispy.JobCluster(compute, nodes=nodes, ip_addr="127.0.0.1")
+    jobs = [cluster.submit(n) for n in range(1, 7)]
     for job in jobs:
-        print('result: %s' % job())
+        print("result: %s" % job())
+    cluster.close()
