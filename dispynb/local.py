@@ -235,15 +235,13 @@ class LocalCluster:
         given ``nodes=`` this): `close` closes it first if it is still open."""
         self._clusters.add(cluster)
 
-    def close(self) -> None:
-        """Stop the nodes (SIGTERM, then SIGKILL if they linger); idempotent.
-
-        A cluster still open on them is closed first, its jobs not done cancelled:
-        else they would wait for ever for nodes that never come back.
-        """
+    def _close_clusters(self) -> None:
+        """Close the clusters still open on these nodes (`serving`), their jobs not
+        done cancelled: else they would wait for ever for nodes that never come
+        back."""
         from dispynb._live import live_clusters
 
-        for cluster in list(self._clusters):
+        for cluster in list(getattr(self, "_clusters", ())):  # (a failed start)
             if cluster in live_clusters():
                 logger.warning(
                     "LocalCluster closed before cluster %r, which ran on it: the "
@@ -257,6 +255,14 @@ class LocalCluster:
                 except Exception:  # the nodes stop anyway; its jobs end abandoned
                     logger.exception("closing cluster %r failed", cluster.name)
         self._clusters = weakref.WeakSet()
+
+    def close(self) -> None:
+        """Stop the nodes (SIGTERM, then SIGKILL if they linger); idempotent.
+
+        A cluster still open on them is closed first, its jobs not done cancelled:
+        else they would wait for ever for nodes that never come back.
+        """
+        self._close_clusters()
         for proc in self._procs:
             if proc.poll() is None:
                 proc.terminate()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import weakref
 from typing import Any
 
 from dispynb.backends._daskselect import _host_port
@@ -66,6 +67,7 @@ class DaskLocalCluster(LocalCluster):
         self.cpus = cpus
         self.tls = False
         self.addresses = []
+        self._clusters = weakref.WeakSet()  # closed first by close (`serving`)
         self._names = [f"local-{index}" for index in range(nodes)]
         level = getattr(logging, loglevel.upper(), logging.WARNING)
         worker = {
@@ -143,7 +145,9 @@ class DaskLocalCluster(LocalCluster):
         ]
 
     def close(self) -> None:
-        """Stop the workers and the scheduler; idempotent."""
+        """Stop the workers and the scheduler (the clusters still open on them
+        first, as `LocalCluster.close`); idempotent."""
+        self._close_clusters()
         cluster = getattr(self, "cluster", None)
         self.cluster = None
         if cluster is not None:

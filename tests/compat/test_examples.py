@@ -39,6 +39,7 @@ from tests.compat.test_programs import (
     status_table,
 )
 from tests.jobs import is_computation_process, wait_until
+from tests.sigint import python_handles_sigint
 
 __all__ = ["dispynodes"]  # the fixture, shared with test_programs.py
 
@@ -73,16 +74,19 @@ class Example:
         env[SECRET_ENV] = nodes.secret
         env["DISPYNB_TEST_NODES"] = ",".join(nodes.node_specs())
         env["PYTHONUNBUFFERED"] = "1"
-        self.proc = subprocess.Popen(
-            [sys.executable, f"{name}.py", *args],
-            cwd=cwd,
-            env=env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,  # its own process group, as at a terminal
-        )
+        # Python's SIGINT handler in it, as in a terminal's foreground job (a
+        # shell's background job, CI's run, inherits SIGINT ignored).
+        with python_handles_sigint():  # exec turns the handler into SIG_DFL
+            self.proc = subprocess.Popen(
+                [sys.executable, f"{name}.py", *args],
+                cwd=cwd,
+                env=env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,  # its own process group, as at a terminal
+            )
         self._changed = threading.Condition()
         self.out: list[str] = []
         self.err: list[str] = []
