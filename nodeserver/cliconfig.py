@@ -18,7 +18,7 @@ import datetime
 import os
 import re
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 #: dispynode option -> why dispynb refuses it and what to use instead.
 REFUSED: dict[str, tuple[int, str]] = {
@@ -178,6 +178,24 @@ _PLAIN = re.compile(r"[\w.:%*-]+")
 def _long_option(action: argparse.Action) -> str:
     longs = [o for o in action.option_strings if o.startswith("--")]
     return longs[0] if longs else action.option_strings[0]
+
+
+def save_config_and_exit(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    secret_note: str,
+    not_saved: frozenset[str] = frozenset(),
+) -> NoReturn:
+    """``--save_config``: write the options given (`save_config`), say where (or, to
+    standard output, nothing but what was left out: ``secret_note``), and exit 0."""
+    left_out = save_config(parser, args, args.save_config, not_saved)
+    note = f" ({secret_note})"
+    if args.save_config == "-":  # the configuration is standard output
+        if left_out:
+            print(f"{parser.prog}: saved{note}", file=sys.stderr)
+    else:
+        print(f"saved to {args.save_config}{note if left_out else ''}")
+    raise SystemExit(0)
 
 
 def save_config(

@@ -18,7 +18,7 @@ from dispynb.defaults import (
 )
 from dispynb.errors import ConfigurationError
 from dispynb.transport.addressing import format_address, parse_address
-from nodeserver.cliconfig import add_refused, config_argv, save_config
+from nodeserver.cliconfig import add_refused, config_argv, save_config_and_exit
 from nodeserver.config import (
     DEFAULT_FILE_CACHE_SIZE,
     DEFAULT_MAX_FILE_SIZE,
@@ -448,12 +448,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             "(dispynb secret FILE) and save --secret-file FILE"
         )
     if args.save_config:
-        left_out = save_config(parser, args, args.save_config)
-        note = " (not the secret: use DISPYNB_SECRET or --secret-file)"
-        if args.save_config == "-":  # the configuration is standard output
-            if left_out:
-                print(f"dispynb-node: saved{note}", file=sys.stderr)
-        else:
-            print(f"saved to {args.save_config}{note if left_out else ''}")
-        raise SystemExit(0)
+        save_config_and_exit(
+            parser, args, "not the secret: use DISPYNB_SECRET or --secret-file"
+        )
     return args

@@ -24,7 +24,7 @@ from dispynb.node import is_wildcard, parse_node_specs
 from dispynb.secret import resolve_secret
 from dispynb.transport.addressing import parse_address
 from dispynb.transport.tls import client_context, server_context
-from nodeserver.cliconfig import save_config
+from nodeserver.cliconfig import save_config_and_exit
 from nodeserver.parser import parse_size
 from schedserver.cliconfig import config_argv
 from schedserver.config import SchedulerConfig
@@ -420,14 +420,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.node_secret and args.node_secret != first.node_secret
     )
     if args.save_config:
-        left_out = save_config(parser, args, args.save_config, _NOT_SAVED)
-        note = " (not --node_secret: use --node_secret_file or DISPYNB_SECRET)"
-        if args.save_config == "-":  # the configuration is standard output
-            if left_out:
-                print(f"dispynb-scheduler: saved{note}", file=sys.stderr)
-        else:
-            print(f"saved to {args.save_config}{note if left_out else ''}")
-        raise SystemExit(0)
+        save_config_and_exit(
+            parser,
+            args,
+            "not --node_secret: use --node_secret_file or DISPYNB_SECRET",
+            _NOT_SAVED,
+        )
     return args
 
 
