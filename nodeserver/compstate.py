@@ -144,6 +144,7 @@ class _ComputationState:
     _node_name: str
     _node_address: str
     _remove_path: bool
+    _home: str | None
     _objects: set[str]
     _process: ComputationProcess | None
     _control: ControlChannel | None

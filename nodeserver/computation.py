@@ -147,6 +147,7 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
         node_address: str,
         max_message_size: int,
         remove_path: bool,
+        home: str | None = None,
         limits: JobLimits | None = None,
         node_stopping: Callable[[], bool] | None = None,
         launcher: Launcher = PROCESS_LAUNCHER,
@@ -179,6 +180,9 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
         self._node_address = node_address
         self._max_size = max_message_size
         self._remove_path = remove_path
+        #: The directory above ``path`` made for its client's session: it and the
+        #: directories between go once empty, as the computation closes.
+        self._home = home
         self.limits = limits or JobLimits()
         self._queue: collections.deque[NodeJob] = collections.deque()
         self._workers: dict[int, Worker] = {}

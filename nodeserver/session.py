@@ -240,11 +240,12 @@ class ClientSession(_SessionFiles, _SessionRecovery):
             comp_dir = os.path.join(*parts) if parts else "default"
         else:
             comp_dir = f"{safe_name(message.name)}-{message.comp_id}"
+        home = os.path.join(config.dest_path, client_dir)
         computation = Computation(
             comp_id=message.comp_id,
             name=message.name,
             workers=workers,
-            path=os.path.join(config.dest_path, client_dir, comp_dir),
+            path=os.path.join(home, comp_dir),
             budget=self.server.budget,
             report=self._reporter(message.comp_id),
             report_provisional=self.outbox.provisional_reporter(message.comp_id),
@@ -255,6 +256,7 @@ class ClientSession(_SessionFiles, _SessionRecovery):
             node_address=self._local_ip(),
             max_message_size=config.max_message_size,
             remove_path=message.cleanup or config.force_cleanup,
+            home=home,
             limits=JobLimits(
                 max_output=message.max_output,
                 max_result=message.max_result,

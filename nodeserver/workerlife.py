@@ -254,6 +254,8 @@ class _WorkerLife(_ComputationState):
             self._lose_worker(worker)
         if self._remove_path:
             shutil.rmtree(self.path, ignore_errors=True)
+        if self._home is not None:
+            remove_empty_parents(self.path, self._home)
         for digest in self._objects:  # put in a cluster (JobCluster.put)
             self._store.release(digest)
         self._objects.clear()
@@ -453,3 +455,17 @@ class _WorkerLife(_ComputationState):
     def _note_progress(self) -> None:
         if self._progress is not None and not self._progress.done():
             self._progress.set_result(None)
+
+
+def remove_empty_parents(path: str, home: str) -> None:
+    """Remove the directories above ``path`` that are empty, up to ``home`` (a
+    directory above it) included: a node that serves clients for months does not
+    keep one empty directory per session it ever had."""
+    home = os.path.normpath(home)
+    parent = os.path.dirname(os.path.normpath(path))
+    while parent.startswith(home + os.sep) or parent == home:
+        try:
+            os.rmdir(parent)
+        except OSError:
+            return  # not empty (another computation, files kept), or gone
+        parent = os.path.dirname(parent)

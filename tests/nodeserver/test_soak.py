@@ -1,0 +1,102 @@
+"""A node that serves clients for weeks: what each client leaves on it must go.
+
+Soak tests: a real ``python -m nodeserver`` serves many clients in turn (clusters
+of this process closed normally, clients killed with SIGKILL while their jobs run),
+and what the node holds afterwards (its directories, the results it keeps) is
+back to what it held before, within a bounded wait: nothing grows with the number
+of clients served.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from dispynb import JobCluster
+from tests.jobs import square, wait_for_path
+from tests.nodeproc import CliNode, node_env, running_node
+
+pytestmark = pytest.mark.slow
+
+#: A client killed while its jobs run: ``SPEC SECRET MARKER``; its 2 jobs sleep
+#: 0.5 s, the first writes MARKER when it starts.
+KILLED_CLIENT = """
+import sys, time
+from dispynb import JobCluster
+
+def job(marker, seconds):
+    import os, time
+    if marker:
+        open(marker, "w").close()
+    time.sleep(seconds)
+    return os.getpid()
+
+spec, secret, marker = sys.argv[1:4]
+cluster = JobCluster(job, nodes=[spec], secret=secret)
+cluster.submit(marker, 0.5)
+cluster.submit("", 0.5)
+time.sleep(60)  # killed here
+"""
+
+
+def _dest(node: CliNode) -> Path:
+    return node.log.parent / "dest"
+
+
+def _session_dirs(node: CliNode) -> list[str]:
+    """What the node's sessions made in its dest_path (its own entries start with
+    a dot: the lock, the file store, the kept results)."""
+    return sorted(p.name for p in _dest(node).iterdir() if not p.name.startswith("."))
+
+
+def _kept(node: CliNode) -> list[str]:
+    """The computations whose results the node keeps (a directory each)."""
+    return sorted(p.name for p in (_dest(node) / ".kept").iterdir())
+
+
+def _settled(probe: Callable[[], list[str]], timeout: float) -> list[str]:
+    """What ``probe`` lists once it lists nothing, or still lists after ``timeout``
+    seconds (for the assertion's message)."""
+    deadline = time.monotonic() + timeout
+    while (left := probe()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
+def _kill_a_client_while_its_jobs_run(node: CliNode, tmp_path: Path, n: int) -> None:
+    marker = tmp_path / f"started-{n}"
+    with subprocess.Popen(
+        [sys.executable, "-c", KILLED_CLIENT, node.spec, node.secret, str(marker)],
+        cwd=tmp_path,  # its recovery journal goes there
+        env=node_env(),
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    ) as client:
+        try:
+            wait_for_path(marker, timeout=30)
+        finally:
+            os.killpg(client.pid, signal.SIGKILL)
+
+
+@pytest.mark.timeout(120)
+def test_sessions_leave_no_directory_in_the_nodes_dest_path(tmp_path: Path) -> None:
+    """30 clusters closed and 3 clients killed while their jobs ran: once those
+    jobs ended, the node's dest_path holds no directory of any of them (before:
+    one empty ``<client>-<pid>-<session>`` directory per session, for as long as
+    the node ran); a killed client's results stay kept for its recover_jobs."""
+    with running_node(tmp_path / "node", cpus=2) as node:
+        for n in range(30):
+            with JobCluster(square, nodes=[node.spec], secret=node.secret) as cluster:
+                assert cluster.submit(n)() == n * n
+        for n in range(3):
+            _kill_a_client_while_its_jobs_run(node, tmp_path, n)
+        # Their jobs end (the node lets them finish), then their computations close.
+        assert _settled(lambda: _session_dirs(node), 30) == []
+        assert len(_kept(node)) == 3  # kept an hour for recover_jobs, as designed
