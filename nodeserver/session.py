@@ -129,6 +129,7 @@ class ClientSession(_SessionFiles, _SessionRecovery):
             # Its jobs' files get no answer; an adopted one keeps them for recovery.
             computation.client_lost(CLIENT_GONE, keep=comp_id in adopted)
         self._computations.clear()
+        self._keeper_adopts_the_dead()
         await asyncio.gather(
             *(c.close(terminate=True) for c in closing), return_exceptions=True
         )
@@ -192,10 +193,7 @@ class ClientSession(_SessionFiles, _SessionRecovery):
         try:
             files = self._check_files(message.files)
         except ProtocolError as exc:
-            self._computations.pop(message.comp_id, None)
-            self.outbox.write(
-                ComputationFailed(comp_id=message.comp_id, message=str(exc))
-            )
+            self._setup_refused(message.comp_id, str(exc))
             return
         missing = {digest for _, digest in files if not self.server.store.has(digest)}
         for _, digest in files:
@@ -205,10 +203,7 @@ class ClientSession(_SessionFiles, _SessionRecovery):
             sizes = {e[1]: e[2] for e in message.files if e[1] in missing}
             self._check_quota(sum(sizes.values()), "the computation's files")
         except ProtocolError as exc:
-            self._computations.pop(message.comp_id, None)
-            self.outbox.write(
-                ComputationFailed(comp_id=message.comp_id, message=str(exc))
-            )
+            self._setup_refused(message.comp_id, str(exc))
             return
         start = self._start(computation, buffers, files, message.setup_timeout)
         self._start_status_reports(message.pulse_interval)
@@ -219,6 +214,12 @@ class ClientSession(_SessionFiles, _SessionRecovery):
         self.outbox.write(
             FilesMissing(comp_id=message.comp_id, digests=sorted(missing))
         )
+
+    def _setup_refused(self, comp_id: int, why: str) -> None:
+        """A computation set up is refused before it starts: nothing of it stays."""
+        self._computations.pop(comp_id, None)
+        self._forget_results(comp_id)
+        self.outbox.write(ComputationFailed(comp_id=comp_id, message=why))
 
     def _workers(self, message: ComputationSetup) -> int:
         """The workers the computation ``message`` sets up gets here."""
@@ -348,6 +349,9 @@ class ClientSession(_SessionFiles, _SessionRecovery):
             log("computation %s failed to start: %s", computation.name, exc)
             closed = computation.comp_id not in self._computations  # by _on_close
             self._computations.pop(computation.comp_id, None)
+            # It never ran a job: no result to keep (were it kept, the keeper
+            # would hold it, and its spool directory, for as long as the node runs).
+            self._forget_results(computation.comp_id)
             await computation.close(terminate=True)
             if closed and computation.closing and not self.server.draining:
                 return  # its client closed it: `_close` answers ComputationClosed

@@ -101,13 +101,25 @@ class _SessionRecovery(_SessionState):
     def _keeper_adopts(self, comp_id: int, computation: Computation) -> bool:
         """The session ended: the keeper adopts ``computation`` if its client may
         come back for the results (True); else it is to be closed (False)."""
-        recovery = self._recovery.pop(comp_id, None)
-        if recovery is not None and self._orphaned and comp_id in self._crash_only:
-            self.server.keeper.release(recovery[0])
-            recovery = None
-        if recovery is None:
+        if comp_id not in self._recovery or not self._keeper_takes(comp_id):
             return False
         computation.hold_workers(False)  # the keeper takes its results
+        return True
+
+    def _keeper_adopts_the_dead(self) -> None:
+        """The session ended (after `_keeper_adopts`): the results recorded for
+        computations whose process died meanwhile are kept ``keep`` seconds too, as
+        those of a client gone; before, nothing dropped them while the node ran."""
+        for comp_id in list(self._recovery):
+            self._keeper_takes(comp_id)
+
+    def _keeper_takes(self, comp_id: int) -> bool:
+        """The keeper adopts the kept results of ``comp_id``, or, if it was kept
+        only for a crash and its client went silent, drops them: False then."""
+        recovery = self._recovery.pop(comp_id)
+        if self._orphaned and comp_id in self._crash_only:
+            self.server.keeper.release(recovery[0])
+            return False
         self.server.keeper.adopt(*recovery)
         return True
 

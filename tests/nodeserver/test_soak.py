@@ -1,10 +1,10 @@
 """A node that serves clients for weeks: what each client leaves on it must go.
 
 Soak tests: a real ``python -m nodeserver`` serves many clients in turn (clusters
-of this process closed normally, clients killed with SIGKILL while their jobs run),
-and what the node holds afterwards (its directories, the results it keeps) is
-back to what it held before, within a bounded wait: nothing grows with the number
-of clients served.
+of this process closed normally, clients killed with SIGKILL while their jobs run,
+setups that fail), and what the node holds afterwards (its directories, the
+results it keeps, its descriptors) is back to what it held before, within a
+bounded wait: nothing grows with the number of clients served.
 """
 
 from __future__ import annotations
@@ -17,10 +17,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import pytest
 
 from dispynb import JobCluster
-from tests.jobs import square, wait_for_path
+from dispynb.backends import nodes as node_backend
+from dispynb.errors import SetupError
+from tests.jobs import WAIT, mark_and_sleep, square, wait_for_path
 from tests.nodeproc import CliNode, node_env, running_node
 
 pytestmark = pytest.mark.slow
@@ -44,6 +47,10 @@ cluster.submit(marker, 0.5)
 cluster.submit("", 0.5)
 time.sleep(60)  # killed here
 """
+
+
+def _failing_setup() -> int:
+    raise RuntimeError("this setup fails")
 
 
 def _dest(node: CliNode) -> Path:
@@ -100,3 +107,50 @@ def test_sessions_leave_no_directory_in_the_nodes_dest_path(tmp_path: Path) -> N
         # Their jobs end (the node lets them finish), then their computations close.
         assert _settled(lambda: _session_dirs(node), 30) == []
         assert len(_kept(node)) == 3  # kept an hour for recover_jobs, as designed
+
+
+@pytest.mark.timeout(90)
+def test_failed_setups_leave_no_kept_results(tmp_path: Path) -> None:
+    """20 clusters whose setup raises: the node keeps nothing of them (before:
+    each left its kept-results directory and its computation in the node's
+    memory for as long as the node ran, never expiring)."""
+    with running_node(tmp_path / "node", cpus=2) as node:
+        for _ in range(20):
+            with pytest.raises(SetupError, match="this setup fails"):
+                JobCluster(
+                    square,
+                    nodes=[node.spec],
+                    secret=node.secret,
+                    setup=_failing_setup,
+                )
+        assert _kept(node) == []
+        assert _session_dirs(node) == []
+
+
+def _computation_processes(node: CliNode) -> list[psutil.Process]:
+    tree = psutil.Process(node.proc.pid).children(recursive=True)
+    return [p for p in tree if p.name() == "dispynb-compute"]
+
+
+@pytest.mark.timeout(90)
+def test_results_of_a_computation_that_died_expire(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A computation whose process dies (the OOM killer, kill -9) while its client
+    is connected: once its client leaves, what the node recorded for it expires
+    as a gone client's results do (here after 1 s; before: never)."""
+    monkeypatch.setattr(node_backend, "RECOVERY_KEEP", 1.0)
+    with running_node(tmp_path / "node", cpus=2) as node:
+        for n in range(3):
+            marker = tmp_path / f"started-{n}"
+            with JobCluster(
+                mark_and_sleep, nodes=[node.spec], secret=node.secret
+            ) as cluster:
+                job = cluster.submit(str(marker), 30)
+                wait_for_path(marker, timeout=WAIT)
+                assert _kept(node)  # its results are kept from its setup on
+                for process in _computation_processes(node):
+                    process.kill()
+                job()  # it ends with its computation
+        assert _settled(lambda: _kept(node), WAIT) == []
+        assert _session_dirs(node) == []
