@@ -135,23 +135,16 @@ class _CallsFuture(JobFuture):
     """The future of a ``submit``: its job makes one call. (A ``map`` waits for
     its jobs themselves: `_chunk_outcomes`.)"""
 
-    def __init__(self, job: DispyJob, executor: Executor) -> None:
-        super().__init__(job)
-        self._executor = executor
-
     def _settle(self) -> None:
         job = self.job
-        try:
-            if job.status == job.Finished:
-                error = _error(job.result[0])
-                if error is None:
-                    self._set(job.result[0][1], error=False)
-                else:
-                    self._set(error, error=True)
-            else:  # a failure of the whole job
-                super()._settle()
-        finally:
-            self._executor._forget(self)
+        if job.status == job.Finished:
+            error = _error(job.result[0])
+            if error is None:
+                self._set(job.result[0][1], error=False)
+            else:
+                self._set(error, error=True)
+        else:  # a failure of the whole job
+            super()._settle()
 
     def _set(self, value: Any, error: bool) -> None:
         try:
@@ -247,15 +240,11 @@ class Executor(concurrent.futures.Executor):
                 self._local.close()
             raise
         # Held across each job's submission, so that shutdown sees every job
-        # submitted before it and none after.
+        # submitted before it and none after. The jobs not done are the cluster's
+        # (`_live_jobs`): the executor keeps no list of its own, so a ``map``
+        # dropped unread (its calls run, as in the standard library) holds
+        # nothing once its jobs end.
         self._lock = threading.RLock()
-        # Held only to change `_pending` and `_map_jobs`: the I/O thread forgets
-        # each future of a ``submit`` that settles, and waiting for `_lock` there
-        # would stall it while another thread submits (a whole submission per job).
-        self._pending_lock = threading.Lock()
-        self._pending: set[_CallsFuture] = set()
-        #: The jobs of the ``map`` calls whose outcomes were not read yet.
-        self._map_jobs: set[DispyJob] = set()
         self._shut = False
         self._terminate = False  # on close, terminate running jobs (an interrupt)
         self._closed = threading.Event()
@@ -275,14 +264,7 @@ class Executor(concurrent.futures.Executor):
         key, blob = _pickle(fn)
         with self._lock:
             job = self._new_job(key, blob, [(args, kwargs)])
-            future = job._attach(lambda job: _CallsFuture(job, self))
-            assert isinstance(future, _CallsFuture)
-            # A future settles, then forgets itself (`_forget`): seen not done
-            # here, it is added before it is forgotten.
-            with self._pending_lock:
-                if not future.done():
-                    self._pending.add(future)
-        return future
+        return job._attach(_CallsFuture)
 
     def _new_job(self, key: str, blob: bytes, calls: list[Call]) -> DispyJob:
         """Submit a job making ``calls``; the caller holds `_lock`."""
@@ -298,18 +280,11 @@ class Executor(concurrent.futures.Executor):
         """Submit a job of a ``map``: no future (one per job would cost the I/O
         thread a third of its time per job, W8), the job itself is waited for."""
         with self._lock:
-            job = self._new_job(key, blob, calls)
-            with self._pending_lock:
-                self._map_jobs.add(job)
-        return job
+            return self._new_job(key, blob, calls)
 
-    def _forget_chunks(self, jobs: Iterable[DispyJob]) -> None:
-        with self._pending_lock:
-            self._map_jobs.difference_update(jobs)
-
-    def _forget(self, future: _CallsFuture) -> None:
-        with self._pending_lock:
-            self._pending.discard(future)
+    def _live_jobs(self) -> list[DispyJob]:
+        """The jobs submitted and not done (of ``submit`` and ``map`` alike)."""
+        return [job for job in list(self.cluster._jobs.values()) if not job.done()]
 
     def map(
         self,
@@ -323,9 +298,12 @@ class Executor(concurrent.futures.Executor):
 
         Results come in the order of the inputs; a call that raised raises when its
         value is reached, and ``TimeoutError`` if a value is not there ``timeout``
-        seconds after this call. Closing the iterator early cancels the jobs not
-        yet started. ``buffersize`` (as in Python 3.14) reads the inputs lazily,
-        keeping at most that many chunks in flight, so they may be endless.
+        seconds after this call. Leaving the iteration early (``break``, an
+        exception, closing the iterator) cancels the jobs not yet started; a map
+        never iterated runs all its calls, as in the standard library
+        (``executor.map(save, items)`` for the calls' effects). ``buffersize`` (as
+        in Python 3.14) reads the inputs lazily, keeping at most that many chunks
+        in flight, so they may be endless.
         """
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
@@ -343,9 +321,10 @@ class Executor(concurrent.futures.Executor):
             self._cancel_chunks(jobs)  # no orphan calls left running
             raise
         more = chunks if buffersize else iter(())
-        results = self._results(jobs, more, key, blob, end)
-        next(results)  # into its try: closing (or dropping) it now cancels the rest
-        return results
+        # A generator not started runs no ``finally`` when it is closed or
+        # dropped: the calls of a map never iterated all run (as the standard
+        # library's), those of a map left after its first value are cancelled.
+        return self._results(jobs, more, key, blob, end)
 
     def _results(
         self,
@@ -356,11 +335,10 @@ class Executor(concurrent.futures.Executor):
         end: float | None,
     ) -> Iterator[Any]:
         try:
-            yield None  # map() primes the generator with this one
             while jobs:
                 wait = None if end is None else max(end - time.monotonic(), 0.0)
                 outcomes = _chunk_outcomes(jobs[0], wait)
-                self._forget_chunks((jobs.popleft(),))
+                jobs.popleft()
                 for chunk in itertools.islice(more, 1):
                     jobs.append(self._submit_chunk(key, blob, chunk))
                 for outcome in outcomes:
@@ -373,7 +351,6 @@ class Executor(concurrent.futures.Executor):
         error), without waiting for the nodes' answers (a job sent ahead to a
         worker whose job has just ended is answered for only by that worker):
         leaving must not wait on the calls still running."""
-        self._forget_chunks(jobs)
         cancel_all([job.future for job in jobs if not job.done()], wait=False)
 
     # -- shutting down ---------------------------------------------------------------
@@ -388,14 +365,10 @@ class Executor(concurrent.futures.Executor):
         with self._lock:
             first = not self._shut
             self._shut = True
-            with self._pending_lock:
-                pending: list[concurrent.futures.Future[Any]] = list(self._pending)
-                chunks = list(self._map_jobs)
         if cancel_futures:
-            pending += [job.future for job in chunks if not job.done()]
             # Not waiting for the nodes' answers (a job sent ahead may be answered
             # for only by its worker): closing waits for every job anyway.
-            cancel_all(pending, wait=False)
+            cancel_all([job.future for job in self._live_jobs()], wait=False)
         if first:
             if wait:
                 self._close()
@@ -428,9 +401,7 @@ class Executor(concurrent.futures.Executor):
         self.shutdown(wait=True, cancel_futures=interrupted)
 
     def __repr__(self) -> str:
-        with self._pending_lock:
-            pending = len(self._pending) + sum(not j.done() for j in self._map_jobs)
-        state = "shut down" if self._shut else f"pending={pending}"
+        state = "shut down" if self._shut else f"pending={len(self._live_jobs())}"
         return f"<dispynb.Executor nodes={len(self.cluster.status().nodes)} {state}>"
 
 

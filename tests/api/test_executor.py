@@ -352,15 +352,41 @@ def test_map_reads_endless_input_lazily_with_buffersize(executor):
 
 
 def test_closing_a_map_early_cancels_its_queued_jobs(executor, tmp_path):
+    """Left after its first value: the calls not started are cancelled (as the
+    standard library's map cancels the futures it did not reach)."""
     gate = Gate(tmp_path)
-    blockers = [gate.submit(executor, i) for i in range(2)]  # both CPUs busy
-    for future in blockers:
-        gate.started(future)
-    results = executor.map(mul, range(8), range(8))
-    results.close()  # never iterated: every job is queued behind the blockers
-    wait_until(lambda: executor.cluster.job_counts["Cancelled"] == 8)
+    blocker = gate.submit(executor)  # one CPU busy
+    gate.started(blocker)
+    markers = [str(tmp_path / f"m{i}") for i in range(8)]
+    quick = str(tmp_path / "open")
+    Path(quick).touch()
+    # The first call returns, the second holds the other CPU, six are queued.
+    results = executor.map(hold, markers, [quick] + [gate.release] * 7, range(8))
+    assert next(results) == 0
+    wait_for_path(markers[1])
+    results.close()
+    wait_until(lambda: executor.cluster.job_counts["Cancelled"] == 6)
     gate.open()
-    assert [future.result(WAIT) for future in blockers] == [0, 1]
+    assert blocker.result(WAIT) is None
+    assert [os.path.exists(m) for m in markers] == [True] * 2 + [False] * 6
+
+
+def test_a_map_never_iterated_runs_all_its_calls(local, tmp_path):
+    """``executor.map(save, items)`` for the calls' effects, its iterator dropped
+    or closed unread: as with ProcessPoolExecutor, every call runs (they were all
+    cancelled, silently)."""
+    with Executor(nodes=local) as executor:
+        gate = Gate(tmp_path)
+        blockers = [gate.submit(executor, i) for i in range(2)]  # both CPUs busy
+        for future in blockers:
+            gate.started(future)
+        dropped = [tmp_path / f"dropped-{i}" for i in range(4)]
+        closed = [tmp_path / f"closed-{i}" for i in range(4)]
+        executor.map(Path.touch, dropped)  # queued behind the blockers
+        executor.map(Path.touch, closed, chunksize=2).close()
+        gate.open()
+    assert [path.exists() for path in dropped + closed] == [True] * 8
+    assert executor.cluster.job_counts["Cancelled"] == 0
 
 
 # -- wait, as_completed, cancel, callbacks --------------------------------------------

@@ -138,7 +138,7 @@ def test_given_executor_exceptions_and_n_jobs(local: LocalCluster):
             ) == list(range(5))
             # Parallel's timeout terminates the batches still running.
             # The batches the failure above stopped end first (asynchronously).
-            wait_until(lambda: not executor._pending)
+            wait_until(lambda: not executor._live_jobs())
             counts = executor.cluster.job_counts
             before = counts["Terminated"]
             with pytest.raises(multiprocessing.TimeoutError):
