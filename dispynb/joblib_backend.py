@@ -14,7 +14,12 @@ of this machine's CPUs), started at first use and stopped at exit or by `shutdow
 `Executor` on named nodes, say), which it never shuts down. ``n_jobs=-1`` means every
 CPU of the executor's nodes. joblib sends batches of calls: each batch is one job,
 and joblib sizes the batches (0.2 to 1 s of work each) as it does for its own
-process backends. Nodes need joblib, and the libraries the calls use, installed.
+process backends. As loky does, a batch runs with the thread pools of OpenMP,
+BLAS and the like (``OMP_NUM_THREADS``, ...) limited to the nodes' CPUs divided by
+``n_jobs`` (at least 1), or to ``parallel_config(inner_max_num_threads=...)``: the
+CPUs are not oversubscribed. Nodes need joblib, and the libraries the calls use,
+installed (`threadpoolctl`, which scikit-learn brings, for the libraries loaded
+already).
 
 `import dispynb` never imports joblib; this module does.
 """
@@ -23,9 +28,11 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import contextlib
+import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from joblib.parallel import (
@@ -67,9 +74,37 @@ def shutdown() -> None:
         executor.shutdown(wait=True, cancel_futures=True)
 
 
-def _run_batch(batch: Callable[[], Any]) -> Any:
-    """Run one joblib batch of calls on a node."""
-    return batch()
+def _run_batch(batch: Callable[[], Any], threads: int) -> Any:
+    """Run one joblib batch of calls on a node, its thread pools limited to
+    ``threads``."""
+    with _thread_limits(threads):
+        return batch()
+
+
+@contextlib.contextmanager
+def _thread_limits(threads: int) -> Iterator[None]:
+    """Limit the thread pools of OpenMP, BLAS ... to ``threads`` meanwhile: the
+    environment variables loky sets in its workers, for libraries loaded now, and
+    threadpoolctl (if installed) for those loaded already (a worker runs many
+    batches)."""
+    names = [*ParallelBackendBase.MAX_NUM_THREADS_VARS]
+    before = {name: os.environ.get(name) for name in names}
+    os.environ.update(dict.fromkeys(names, str(threads)))
+    try:
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:
+            limits: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+        else:
+            limits = threadpool_limits(limits=threads)
+        with limits:
+            yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 # joblib ships no type information: its base classes are Any to mypy.
@@ -86,6 +121,7 @@ class DispynbBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[mi
     """
 
     supports_retrieve_callback = True
+    supports_inner_max_num_threads = True
     default_n_jobs = -1
     MIN_IDEAL_BATCH_DURATION = 0.2
     MAX_IDEAL_BATCH_DURATION = 1.0
@@ -107,6 +143,7 @@ class DispynbBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[mi
         self._wait_for_nodes = wait_for_nodes
         self._futures: set[concurrent.futures.Future[Any]] = set()
         self._futures_lock = threading.Lock()
+        self._threads = 1  # per batch: set by `configure`
 
     @property
     def executor(self) -> Executor:
@@ -145,7 +182,12 @@ class DispynbBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[mi
     ) -> int:
         """Start a ``Parallel`` call; return how many batches may run at once."""
         self.parallel = parallel
-        return self.effective_n_jobs(n_jobs)
+        n_jobs = self.effective_n_jobs(n_jobs)
+        # As loky's workers: the CPUs shared among the batches running at once.
+        self._threads = self.inner_max_num_threads or max(
+            self.executor.cpus // n_jobs, 1
+        )
+        return n_jobs
 
     def submit(
         self, func: Callable[[], Any], callback: Callable[[Any], Any] | None = None
@@ -153,7 +195,7 @@ class DispynbBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[mi
         """Run one batch as a job; ``callback(future)`` is called when it ends."""
         for item in getattr(func, "items", ()):  # (function, args, kwargs)
             serialize.ship_by_value(item[0])  # a script's own functions by value
-        future = self.executor.submit(_run_batch, func)
+        future = self.executor.submit(_run_batch, func, self._threads)
         with self._futures_lock:
             self._futures.add(future)
         future.add_done_callback(self._forget)

@@ -188,3 +188,42 @@ def test_n_jobs_on_an_executor_without_nodes_is_a_clear_error(local: LocalCluste
             pytest.raises(NoNodesError, match=r"no node after 0\.2 s"),
         ):
             joblib.Parallel(n_jobs=-1)(joblib.delayed(abs)(-1) for _ in range(2))
+
+
+def thread_limits(_: int) -> tuple[int, str | None]:
+    """The BLAS thread pool's size in this batch, and its OMP_NUM_THREADS."""
+    import numpy  # noqa: F401  (loads the BLAS library)
+    from threadpoolctl import threadpool_info
+
+    sizes = {pool["num_threads"] for pool in threadpool_info()}
+    assert len(sizes) == 1, threadpool_info()
+    return sizes.pop(), os.environ.get("OMP_NUM_THREADS")
+
+
+def test_thread_pools_share_the_cpus_among_the_batches(local: LocalCluster):
+    """As loky's workers: each batch's OpenMP and BLAS threads are the CPUs divided
+    by n_jobs, or ``inner_max_num_threads`` (before, each batch of n_jobs=-1 used
+    every CPU: CPUs squared threads)."""
+    pytest.importorskip("threadpoolctl")
+    pytest.importorskip("numpy")
+    with (
+        Executor(nodes=local) as executor,
+        joblib.parallel_config(backend="dispynb", executor=executor),
+    ):
+        assert (
+            joblib.Parallel(n_jobs=2)(
+                joblib.delayed(thread_limits)(i) for i in range(4)
+            )
+            == [(1, "1")] * 4
+        )
+        with joblib.parallel_config(
+            backend="dispynb", executor=executor, inner_max_num_threads=2
+        ):
+            assert (
+                joblib.Parallel(n_jobs=2)(
+                    joblib.delayed(thread_limits)(i) for i in range(4)
+                )
+                == [(2, "2")] * 4
+            )
+        # A plain call afterwards: the worker's environment is as it was.
+        assert executor.submit(os.environ.get, "OMP_NUM_THREADS").result(WAIT) is None
