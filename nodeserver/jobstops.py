@@ -56,6 +56,23 @@ def give_interrupt_page(worker: Worker) -> None:
         worker.conn.write(InterruptPage(), (), (fd,))
 
 
+def drop_interrupt_page(worker: Worker) -> None:
+    """The worker is lost: close its interrupt page's memfd and mapping now. The
+    mapping holds a descriptor of its own (`mmap` duplicates the memfd's), which
+    went only when a garbage collection found the lost worker: dozens per closed
+    computation meanwhile, counted against the node's descriptor limit when it
+    admits computations (`nodeserver.descriptors`)."""
+    if worker.page_fd is not None:
+        os.close(worker.page_fd)
+        worker.page_fd = None
+    page, worker.page = worker.page, None
+    if page is not None:
+        mapping = page.obj
+        page.release()
+        if isinstance(mapping, mmap.mmap):
+            mapping.close()
+
+
 def _before_its_turn(worker: Worker) -> bool:
     """Whether the worker is sure to read what was written to it before it starts
     its second job: everything written is in its socket, and nothing it sent waits

@@ -31,7 +31,7 @@ from nodeserver.ipc import (
     WorkerStarted,
 )
 from nodeserver.jobreasons import crash_reason, mem_limit_note
-from nodeserver.jobstops import give_interrupt_page
+from nodeserver.jobstops import drop_interrupt_page, give_interrupt_page
 
 logger = logging.getLogger("nodeserver.computation")
 
@@ -339,9 +339,7 @@ class _WorkerLife(_ComputationState):
         if self._workers.pop(worker.pid, None) is None:
             return
         worker.process.close()
-        if worker.page_fd is not None:
-            os.close(worker.page_fd)
-            worker.page_fd = None
+        drop_interrupt_page(worker)
         returncode = worker.returncode
         requeue: list[NodeJob] = []
         for position, job in enumerate(worker.assigned):

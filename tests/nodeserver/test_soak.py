@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import psutil
 import pytest
@@ -27,6 +28,8 @@ from tests.jobs import WAIT, mark_and_sleep, square, wait_for_path
 from tests.nodeproc import CliNode, node_env, running_node
 
 pytestmark = pytest.mark.slow
+
+_T = TypeVar("_T")
 
 #: A client killed while its jobs run: ``SPEC SECRET MARKER``; its 2 jobs sleep
 #: 0.5 s, the first writes MARKER when it starts.
@@ -68,7 +71,7 @@ def _kept(node: CliNode) -> list[str]:
     return sorted(p.name for p in (_dest(node) / ".kept").iterdir())
 
 
-def _settled(probe: Callable[[], list[str]], timeout: float) -> list[str]:
+def _settled(probe: Callable[[], list[_T]], timeout: float) -> list[_T]:
     """What ``probe`` lists once it lists nothing, or still lists after ``timeout``
     seconds (for the assertion's message)."""
     deadline = time.monotonic() + timeout
@@ -129,7 +132,14 @@ def test_failed_setups_leave_no_kept_results(tmp_path: Path) -> None:
 
 def _computation_processes(node: CliNode) -> list[psutil.Process]:
     tree = psutil.Process(node.proc.pid).children(recursive=True)
-    return [p for p in tree if p.name() == "dispynb-compute"]
+    return [p for p in tree if _name(p) == "dispynb-compute"]
+
+
+def _name(process: psutil.Process) -> str:
+    try:
+        return process.name()
+    except psutil.NoSuchProcess:
+        return ""
 
 
 @pytest.mark.timeout(90)
@@ -154,3 +164,38 @@ def test_results_of_a_computation_that_died_expire(
                 job()  # it ends with its computation
         assert _settled(lambda: _kept(node), WAIT) == []
         assert _session_dirs(node) == []
+
+
+def _interrupt_pages(node: CliNode) -> list[str]:
+    """The node's descriptors of its workers' interrupt pages (memfds)."""
+    fds = Path(f"/proc/{node.proc.pid}/fd")
+    pages = []
+    for fd in fds.iterdir():
+        try:
+            if "dispynb-interrupt" in os.readlink(fd):
+                pages.append(fd.name)
+        except FileNotFoundError:
+            continue  # closed meanwhile
+    return pages
+
+
+@pytest.mark.timeout(90)
+def test_closed_computations_leave_no_descriptor_open_on_the_node(
+    tmp_path: Path,
+) -> None:
+    """10 clusters of 4 workers, each closed: after each, the node holds none of
+    its workers' interrupt pages (before: their memfds stayed open, mapped, until
+    a garbage collection happened to find the lost workers, 4 more per cluster
+    meanwhile, counted against the node's descriptor limit as it admits
+    computations) and no more descriptors than after the first."""
+    with running_node(tmp_path / "node", cpus=4) as node:
+        baseline = 0
+        for n in range(10):
+            with JobCluster(square, nodes=[node.spec], secret=node.secret) as cluster:
+                jobs = [cluster.submit(i) for i in range(8)]
+                assert [job() for job in jobs] == [i * i for i in range(8)]
+            assert _settled(lambda: _computation_processes(node), WAIT) == []
+            assert _settled(lambda: _interrupt_pages(node), WAIT) == []
+            opened = len(os.listdir(f"/proc/{node.proc.pid}/fd"))
+            baseline = baseline or opened
+            assert opened <= baseline, f"cluster {n}"
