@@ -5,8 +5,9 @@ engine's actors all give a dispy computation the same surroundings: the standard
 modules dispy's node put in its globals (`DISPY_MODULES`), dispy's names added to
 the globals without replacing the user's own (`inject_names`), dispy's rule for a
 successful ``setup`` (`setup_failure`), the ``dispynode_logger`` (`node_logger`),
-the job's traceback without the runner's frame (`format_job_exception`) and the
-per-job ``mem_limit`` (`limit_memory`), what ``dispy_send_file`` returns and says
+the job's traceback without the runner's frame (`format_job_exception`), with the
+call and the limit that failed it (`describe_failure`), the per-job ``mem_limit``
+(`limit_memory`), what ``dispy_send_file`` returns and says
 (`file_sent`). Standard library only: it is imported by
 node processes and engines' workers, which must start light.
 """
@@ -152,6 +153,26 @@ def call_mismatch(
         f"(the job called {name}({', '.join(given)}); {name} takes {signature}: "
         "give submit() the function's arguments)\n"
     )
+
+
+def describe_failure(
+    func: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    exc: BaseException,
+    mem_limit: int | None = None,
+) -> str:
+    """The text a job that raised ``exc`` reports, the same on every engine: its
+    traceback (`format_job_exception`), the call when it did not fit the function
+    (`call_mismatch`), and the job's ``mem_limit`` when it ran out of memory under
+    one."""
+    text = format_job_exception(exc) + call_mismatch(func, args, kwargs, exc)
+    if mem_limit is not None and isinstance(exc, MemoryError):
+        text += (
+            f"(the job ran with a mem_limit of {mem_limit} bytes of address space: "
+            "mem_limit / dispy_job_mem_limit; give a larger limit, or None for none)\n"
+        )
+    return text
 
 
 def name_for_client(path: str, job_dir: str | None = None) -> str:
@@ -420,6 +441,7 @@ __all__ = [
     "JobStreams",
     "JobThreads",
     "call_mismatch",
+    "describe_failure",
     "file_sent",
     "format_job_exception",
     "implicit_modules",

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from dispynb.errors import ConnectionClosedError
-from dispynb.jobenv import call_mismatch, format_job_exception, limit_memory
+from dispynb.jobenv import describe_failure, limit_memory
 from dispynb.protocol import serialize, shm
 from dispynb.protocol.framing import Buffer, large_frames_taken, release_spares
 from dispynb.protocol.messages import CANCELLED, FINISHED, RAISED
@@ -140,10 +140,7 @@ def run_job(
                 if restore is not None:
                     restore()
                 end_time = time.time()
-                exception = format_job_exception(exc)
-                exception += call_mismatch(func, args, kwargs, exc)
-                if mem_limit is not None and isinstance(exc, MemoryError):
-                    exception += _mem_limit_hint(mem_limit)
+                exception = describe_failure(func, args, kwargs, exc, mem_limit)
             else:
                 CONTEXT.running = False
                 if lifted is not None:
@@ -193,13 +190,6 @@ def run_job(
         kinds="".join(kinds) if outcome == FINISHED else "",
     )
     return done, result_buffers
-
-
-def _mem_limit_hint(mem_limit: int) -> str:
-    return (
-        f"(the job ran with a mem_limit of {mem_limit} bytes of address space: "
-        "mem_limit / dispy_job_mem_limit; give a larger limit, or None for none)\n"
-    )
 
 
 def _unpack_payload(

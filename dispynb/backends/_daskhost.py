@@ -52,6 +52,7 @@ from dispynb.jobenv import (
     JOB_ENDED,
     JobStreams,
     JobThreads,
+    describe_failure,
     file_sent,
     format_job_exception,
     implicit_modules,
@@ -227,8 +228,10 @@ def run_one(
     buffers: list[Buffer],
     conn: Connection,
     max_output: int | None,
+    mem_limit: int | None = None,
 ) -> tuple[tuple[Any, ...], list[Any]]:
-    """Run one job; return ``(meta, result_buffers)``.
+    """Run one job (under ``mem_limit``, which the caller set); return ``(meta,
+    result_buffers)``.
 
     ``meta`` is ``(outcome, start, end, stdout, stderr, exception)`` with outcome
     ``"finished"`` (result in the buffers) or ``"raised"`` (traceback text).
@@ -253,7 +256,7 @@ def run_one(
                 result = func(*args, **kwargs)
             except BaseException as exc:  # reported to the client, never fatal
                 end = time.time()
-                exception = format_job_exception(exc)
+                exception = describe_failure(func, args, kwargs, exc, mem_limit)
             else:
                 end = time.time()
                 if type(result) is ProgramOutput:
@@ -295,7 +298,7 @@ def runner_loop(
             return
         lifted = limit_memory(mem_limit) if mem_limit else None
         try:
-            meta, result = run_one(func, buffers, conn, max_output)
+            meta, result = run_one(func, buffers, conn, max_output, mem_limit or None)
         finally:
             if lifted is not None:
                 resource.setrlimit(resource.RLIMIT_AS, lifted)
@@ -304,9 +307,6 @@ def runner_loop(
         # comes) only after, and this loop is its only reader again.
         with _Job.answer_lock:
             pass
-        if lifted is not None and meta[5] and "MemoryError" in meta[5]:
-            hint = f"(the job's mem_limit is {mem_limit} bytes of address space)\n"
-            meta = (*meta[:5], meta[5] + hint)
         sizes = [memoryview(buffer).nbytes for buffer in result]
         with _Job.lock:
             conn.send_bytes(pickle.dumps(("done", meta, sizes), protocol=5))

@@ -42,8 +42,8 @@ from dispynb.jobenv import (
     FROM_AN_ENDED_JOB,
     JobStreams,
     JobThreads,
+    describe_failure,
     file_sent,
-    format_job_exception,
     implicit_modules,
     inject_names,
     limit_memory,
@@ -307,13 +307,7 @@ class JobActor:
             result = self.func(*args, **kwargs)
             outcome = FINISHED
         except BaseException as exc:  # reported to the client, never fatal
-            exception = format_job_exception(exc)
-            if mem_limit is not None and isinstance(exc, MemoryError):
-                exception += (
-                    f"(the job ran with a mem_limit of {mem_limit} bytes of address "
-                    "space: mem_limit / dispy_job_mem_limit; give a larger limit, or "
-                    "None for none)\n"
-                )
+            exception = describe_failure(self.func, args, kwargs, exc, mem_limit)
         finally:
             end = time.time()
             if lifted is not None:

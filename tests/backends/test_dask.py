@@ -183,6 +183,60 @@ def test_a_dispy_program_runs_unchanged_on_dask(net: Network, tmp_path: Path) ->
     assert len(cleanups) == 2 and all(p.read_text() == "100" for p in cleanups)
 
 
+FAILING_CALLS_PROGRAM = """
+def area(width, height):
+    return width * height
+
+
+def eats_memory(megabytes):
+    if not megabytes:  # the address space the runner has now
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    return len(bytearray(megabytes * 1024 * 1024))
+
+
+def main(args):
+    with local_cluster(workers=1) as dask_cluster:
+        engine = DaskEngine(dask_cluster)
+        with dispynb.JobCluster(area, engine=engine) as cluster:
+            good, bad = cluster.submit(3, 4), cluster.submit(3)
+            good(), bad()
+        with dispynb.JobCluster(eats_memory, engine=engine) as cluster:
+            limit = cluster.submit(0)() + 256 * 2**20
+            big = cluster.submit(1024, dispy_job_mem_limit=limit)
+            big()
+        return {
+            "good": [int(good.status), good.result],
+            "bad": [int(bad.status), bad.exception],
+            "big": [int(big.status), big.exception],
+            "limit": limit,
+        }
+"""
+
+
+def test_a_failing_call_is_reported_as_on_dispynb_nodes(
+    net: Network, tmp_path: Path
+) -> None:
+    """``submit(3)`` for ``area(width, height)`` shows the call and the function's
+    parameters, and a job out of memory under its ``mem_limit`` names the limit and
+    how to change it, in the words dispynb's nodes use (Dask's runner gave Python's
+    message alone, and its own shorter note on the limit)."""
+    out = run(net, tmp_path, FAILING_CALLS_PROGRAM)
+    assert out["good"] == [FINISHED, 12]
+    assert out["bad"] == [
+        TERMINATED,
+        "TypeError: area() missing 1 required positional argument: 'height'\n"
+        "(the job called area(3); area takes (width, height): give submit() the "
+        "function's arguments)\n",
+    ]
+    status, exception = out["big"]
+    assert status == TERMINATED and "MemoryError" in exception, exception
+    assert exception.endswith(
+        f"(the job ran with a mem_limit of {out['limit']} bytes of address space: "
+        "mem_limit / dispy_job_mem_limit; give a larger limit, or None for none)\n"
+    ), exception
+
+
 STOP_PROGRAM = """
 def pids(path):
     try:

@@ -54,6 +54,10 @@ def fails(n: int) -> int:
     raise ValueError(f"bad input {n}")
 
 
+def area(width, height):  # no annotations: its signature is in the text asserted
+    return width * height
+
+
 def returns_a_lock(n: int) -> Any:
     return threading.Lock()
 
@@ -202,6 +206,24 @@ def test_remote_traceback(engine: RayEngine) -> None:
     assert job.status is JobStatus.Terminated
     assert "ValueError: bad input 7" in job.exception
     assert "in fails" in job.exception  # the remote frame, not the engine's
+
+
+def test_a_job_submitted_with_the_wrong_arguments_shows_the_call(
+    engine: RayEngine,
+) -> None:
+    """``submit(3)`` for ``area(width, height)``: the job's error shows the call and
+    the function's parameters, as on dispynb's nodes (Ray's actor gave Python's
+    message alone); the job with the right arguments is unaffected."""
+    with JobCluster(area, engine=engine) as cluster:
+        good, bad = cluster.submit(3, 4), cluster.submit(3)
+        assert good() == 12, good.exception
+        assert bad() is None
+    assert bad.status is JobStatus.Terminated
+    assert bad.exception == (
+        "TypeError: area() missing 1 required positional argument: 'height'\n"
+        "(the job called area(3); area takes (width, height): give submit() the "
+        "function's arguments)\n"
+    ), bad.exception
 
 
 def test_a_result_that_cannot_be_pickled_says_why(engine: RayEngine) -> None:
