@@ -41,6 +41,7 @@ from dispynb.futures import (
 )  # shutdown has an argument so named
 from dispynb.job import DispyJob
 from dispynb.protocol import serialize
+from dispynb.tracebacks import LazySourceMap
 
 if TYPE_CHECKING:
     from dispynb.backends.base import Engine
@@ -108,24 +109,26 @@ def _initialize(initializer: Callable[..., Any], initargs: tuple[Any, ...]) -> i
     return 0
 
 
-def _error(outcome: Outcome) -> BaseException | None:
-    """The exception of one call (its cause: the remote traceback); None if the
+def _error(outcome: Outcome, *sources: Any) -> BaseException | None:
+    """The exception of one call (its cause: the remote traceback, its frames in
+    the code of ``sources`` pointing at their file or cell again, with their source
+    lines, as a local traceback and ProcessPoolExecutor's show them); None if the
     call returned. Never raised here, so no frame of this module is in its
     traceback."""
     if outcome[0]:
         return None
     _ok, carried, text, name, message = outcome
     exc: BaseException | None = carried
-    remote = RemoteError(name, message, text)
+    remote = RemoteError(name, message, LazySourceMap(*sources).rerender(text) or text)
     if not isinstance(exc, BaseException):  # None: it did not unpickle here
         return remote
     exc.__cause__ = remote
     return exc
 
 
-def _unpack(outcome: Outcome) -> Any:
-    """The value of one call, or raise its exception."""
-    error = _error(outcome)
+def _unpack(outcome: Outcome, fn: Callable[..., Any]) -> Any:
+    """The value of one call of ``fn``, or raise its exception."""
+    error = _error(outcome, fn)
     if error is not None:
         raise error
     return outcome[1]
@@ -135,10 +138,14 @@ class _CallsFuture(JobFuture):
     """The future of a ``submit``: its job makes one call. (A ``map`` waits for
     its jobs themselves: `_chunk_outcomes`.)"""
 
+    def __init__(self, job: DispyJob, sources: tuple[Any, ...]) -> None:
+        super().__init__(job)
+        self._sources = sources  # the code its traceback's frames come from
+
     def _settle(self) -> None:
         job = self.job
         if job.status == job.Finished:
-            error = _error(job.result[0])
+            error = _error(job.result[0], *self._sources)
             if error is None:
                 self._set(job.result[0][1], error=False)
             else:
@@ -261,10 +268,23 @@ class Executor(concurrent.futures.Executor):
     ) -> concurrent.futures.Future[Any]:
         """Run ``fn(*args, **kwargs)`` on a node; return its future (a `JobFuture`:
         ``future.job`` is the `DispyJob`, with the job's output and node)."""
+        return self._submit_call(fn, args, kwargs, (fn,))
+
+    def _submit_call(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        sources: tuple[Any, ...],
+    ) -> _CallsFuture:
+        """`submit`; the call's traceback shows the code of ``sources`` (the
+        functions it runs) by file and line."""
         key, blob = _pickle(fn)
         with self._lock:
             job = self._new_job(key, blob, [(args, kwargs)])
-        return job._attach(_CallsFuture)
+        future = job._attach(lambda job: _CallsFuture(job, sources))
+        assert isinstance(future, _CallsFuture)
+        return future
 
     def _new_job(self, key: str, blob: bytes, calls: list[Call]) -> DispyJob:
         """Submit a job making ``calls``; the caller holds `_lock`."""
@@ -324,12 +344,13 @@ class Executor(concurrent.futures.Executor):
         # A generator not started runs no ``finally`` when it is closed or
         # dropped: the calls of a map never iterated all run (as the standard
         # library's), those of a map left after its first value are cancelled.
-        return self._results(jobs, more, key, blob, end)
+        return self._results(jobs, more, fn, key, blob, end)
 
     def _results(
         self,
         jobs: collections.deque[DispyJob],
         more: Iterator[list[Call]],
+        fn: Callable[..., Any],
         key: str,
         blob: bytes,
         end: float | None,
@@ -342,7 +363,7 @@ class Executor(concurrent.futures.Executor):
                 for chunk in itertools.islice(more, 1):
                     jobs.append(self._submit_chunk(key, blob, chunk))
                 for outcome in outcomes:
-                    yield _unpack(outcome)
+                    yield _unpack(outcome, fn)
         finally:
             self._cancel_chunks(jobs)
 

@@ -193,9 +193,12 @@ class DispynbBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[mi
         self, func: Callable[[], Any], callback: Callable[[Any], Any] | None = None
     ) -> concurrent.futures.Future[Any]:
         """Run one batch as a job; ``callback(future)`` is called when it ends."""
-        for item in getattr(func, "items", ()):  # (function, args, kwargs)
-            serialize.ship_by_value(item[0])  # a script's own functions by value
-        future = self.executor.submit(_run_batch, func, self._threads)
+        functions = [item[0] for item in getattr(func, "items", ())]
+        serialize.ship_by_value(*functions)  # a script's own functions by value
+        # Tracebacks show the lines of the calls' functions, as loky's do.
+        future = self.executor._submit_call(
+            _run_batch, (func, self._threads), {}, (_run_batch, *functions)
+        )
         with self._futures_lock:
             self._futures.add(future)
         future.add_done_callback(self._forget)

@@ -146,6 +146,29 @@ def test_exception_is_the_remote_one_with_the_remote_traceback(executor):
     assert future.job.status == dispynb.DispyJob.Finished  # the call raised, not it
 
 
+def fail_loudly(x: int) -> int:
+    if x == 2:
+        raise LookupError(f"no entry {x}")
+    return x
+
+
+def test_remote_tracebacks_show_the_file_and_source_lines(executor):
+    """As ProcessPoolExecutor's and a local traceback: code sent by value reads
+    ``File "<dynamic-code>"`` on the node, without its source line."""
+    where = f'File "{__file__}", line '
+    source = '    raise LookupError(f"no entry {x}")\n'
+    with pytest.raises(LookupError) as info:
+        executor.submit(fail_loudly, 2).result(WAIT)
+    text = info.value.__cause__.traceback
+    assert where in text and source in text and "<dynamic-code>" not in text, text
+    results = executor.map(fail_loudly, range(4), chunksize=2)
+    assert next(results) == 0 and next(results) == 1
+    with pytest.raises(LookupError) as info:
+        next(results)
+    text = info.value.__cause__.traceback
+    assert where in text and source in text and "<dynamic-code>" not in text, text
+
+
 def test_unpicklable_exception_becomes_remote_error(executor):
     future = executor.submit(raise_unpicklable)
     with pytest.raises(RemoteError) as info:

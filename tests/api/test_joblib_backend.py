@@ -227,3 +227,18 @@ def test_thread_pools_share_the_cpus_among_the_batches(local: LocalCluster):
             )
         # A plain call afterwards: the worker's environment is as it was.
         assert executor.submit(os.environ.get, "OMP_NUM_THREADS").result(WAIT) is None
+
+
+def test_a_failing_calls_traceback_shows_its_source_lines(local: LocalCluster):
+    """As loky's: the remote traceback names this file and shows the line that
+    raised (the node sees code sent by value as ``<dynamic-code>``, no source)."""
+    with (
+        Executor(nodes=local) as executor,
+        joblib.parallel_config(backend="dispynb", executor=executor),
+        pytest.raises(ValueError, match="bad input 3") as info,
+    ):
+        joblib.Parallel(n_jobs=2)(joblib.delayed(fail_on)(x, 3) for x in range(4))
+    text = info.value.__cause__.traceback
+    assert "<dynamic-code>" not in text, text
+    assert f'File "{__file__}", line ' in text, text
+    assert '    raise ValueError(f"bad input {x}")\n' in text, text
