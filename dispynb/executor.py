@@ -22,6 +22,7 @@ import collections
 import concurrent.futures
 import functools
 import hashlib
+import inspect
 import itertools
 import os
 import pickle
@@ -218,6 +219,7 @@ class Executor(concurrent.futures.Executor):
 
         if max_workers is not None and max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
+        _check_options(options, cluster_factory)
         if max_tasks_per_child is not None:
             if max_tasks_per_child != 1:
                 raise ValueError(
@@ -424,6 +426,24 @@ class Executor(concurrent.futures.Executor):
     def __repr__(self) -> str:
         state = "shut down" if self._shut else f"pending={len(self._live_jobs())}"
         return f"<dispynb.Executor nodes={len(self.cluster.status().nodes)} {state}>"
+
+
+def _check_options(options: dict[str, Any], factory: Any) -> None:
+    """Raise `TypeError` for a keyword that is neither the executor's nor a
+    `JobCluster` option (another ``cluster_factory`` may take others), before
+    any local node starts."""
+    from dispynb.options import ClusterOptions
+
+    if "mp_context" in options:
+        raise TypeError(
+            "Executor() takes no mp_context (ProcessPoolExecutor's): the calls run "
+            "in worker processes the nodes start, never forked from this one, so "
+            "each call's function and arguments are sent (as with 'spawn'); drop "
+            "the argument"
+        )
+    if factory is None:
+        own = inspect.signature(Executor).parameters
+        ClusterOptions.check_keywords(options, "Executor", own)
 
 
 def _pickle(fn: Callable[..., Any]) -> tuple[str, bytes]:

@@ -237,10 +237,7 @@ class ClusterOptions:
         ConfigurationError
             For an invalid value; the message says what is expected.
         """
-        accepted = {f.name for f in fields(cls)} | {"secret_file"} | set(_ALIASES)
-        unknown = sorted(set(kwargs) - accepted)
-        if unknown:
-            raise TypeError(_unknown_keywords_message(unknown, accepted))
+        cls.check_keywords(kwargs)
         for old, new in _ALIASES.items():
             value = kwargs.pop(old, None)
             if value is None:
@@ -253,6 +250,19 @@ class ClusterOptions:
             logger.warning("%r is deprecated: use %r instead", old, new)
             kwargs[new] = value
         return cls(computation=computation, **kwargs)
+
+    @classmethod
+    def check_keywords(
+        cls, kwargs: dict[str, Any], caller: str = "JobCluster", own: Any = ()
+    ) -> None:
+        """Raise `TypeError` naming the keywords of ``kwargs`` that are neither
+        options nor ``own`` (the caller's parameters), with close matches."""
+        accepted = (
+            {f.name for f in fields(cls)} | {"secret_file"} | set(_ALIASES) | set(own)
+        )
+        unknown = sorted(set(kwargs) - accepted)
+        if unknown:
+            raise TypeError(_unknown_keywords_message(unknown, accepted, caller))
 
     def __post_init__(self, secret_file: str | None) -> None:
         """Validate and normalise every field."""
@@ -314,7 +324,9 @@ class ClusterOptions:
         self.secret = resolve_secret(self.secret, secret_file)
 
 
-def _unknown_keywords_message(unknown: list[str], accepted: set[str]) -> str:
+def _unknown_keywords_message(
+    unknown: list[str], accepted: set[str], caller: str = "JobCluster"
+) -> str:
     """Name the unknown keywords, with close matches among the accepted ones."""
     parts = []
     for name in unknown:
@@ -329,7 +341,7 @@ def _unknown_keywords_message(unknown: list[str], accepted: set[str]) -> str:
         noun = "an unexpected keyword argument"
     else:
         noun = "unexpected keyword arguments"
-    return f"JobCluster() got {noun} {', '.join(parts)}"
+    return f"{caller}() got {noun} {', '.join(parts)}"
 
 
 def _check_loglevel(value: Any) -> int | None:

@@ -590,3 +590,26 @@ def test_default_executor_starts_and_stops_its_own_local_nodes():
         assert list(executor.map(mul, [1, 2], [3, 4])) == [3, 8]
         nodes = [psutil.Process(proc.pid) for proc in executor._local._procs]
     assert not any(proc.is_running() for proc in nodes)
+
+
+def test_an_unknown_keyword_is_the_executors_error_before_any_node_starts(
+    monkeypatch,
+):
+    """ProcessPoolExecutor's mp_context, or a typo: the error names Executor() (not
+    JobCluster(), which the user never called) and the close match, and comes
+    before the executor starts its local nodes."""
+    started: list[object] = []
+    monkeypatch.setattr(
+        LocalCluster, "__init__", lambda self, *args, **kw: started.append(self)
+    )
+    with pytest.raises(TypeError, match=r"^Executor\(\) takes no mp_context"):
+        Executor(mp_context=object())
+    with pytest.raises(
+        TypeError,
+        match=r"^Executor\(\) got an unexpected keyword argument 'max_worker' "
+        r"\(did you mean 'max_workers'",
+    ):
+        Executor(max_worker=2)
+    with pytest.raises(TypeError, match=r"'job_timeut' \(did you mean 'job_timeout'"):
+        Executor(job_timeut=3)
+    assert started == []
