@@ -91,12 +91,29 @@ class _Clients(_ServerState):
                     keep,
                 )
                 comp.expiry = loop.call_later(keep, self._expire, comp)
+                self.leave_the_nodes(comp)
             else:
                 comp.close(
                     ComputationClose(
                         comp_id=comp.comp_id, terminate=True, cancel_waiting=True
                     )
                 )
+
+    def leave_the_nodes(self, comp: SharedComputation) -> None:
+        """``comp``'s client is gone and none of its jobs waits or runs: it is
+        closed on the nodes (its processes, workers and connections there go), and
+        only what was kept waits for its client, until it expires. Before, each
+        killed client's computation held them, idle, for --keep_results."""
+        if comp.released or comp.closing or comp.session is not None:
+            return
+        if comp.queue or comp.running:
+            return  # its jobs go on (held ones wait for its client)
+        comp.released = True
+        logger.info("%s: no job left: closed on the nodes", comp.name)
+        close = ComputationClose(comp_id=comp.comp_id)
+        for upstream in comp.upstream.values():
+            if upstream.conn is not None and not upstream.closed:
+                self.write(upstream, close)
 
     def _expire(self, comp: SharedComputation) -> None:
         if comp.session is None and not comp.closing:

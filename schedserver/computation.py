@@ -159,6 +159,8 @@ class SharedComputation(_JobFiles):
         self.failure_traceback = ""
         #: The client came back for it (`Recover`): it closes once its jobs ended.
         self.recovering = False
+        #: Closed on the nodes, its client gone and no job left (`leave_the_nodes`).
+        self.released = False
         #: Messages for the client while it is away (or all, to resend: keep_sent).
         self.kept = KeptMessages(server.spill, self.name, server.config.max_kept)
         # Its client journals every job and says which (`ResultsJournaled`): what
@@ -622,6 +624,7 @@ class SharedComputation(_JobFiles):
                 kept.size / 2**20,
                 kept.on_disk / 2**20,
             )
+            self.server.leave_the_nodes(self)
         if self.recovering:
             self.finish_if_done()
         if more:

@@ -91,8 +91,14 @@ class _NodeLinks(_ServerState):
             logger.info("node %s is up with %d CPUs", node.name, node.cpus)
             for comp in self.computations:
                 upstream = comp.upstream.get(node.name)
-                if not comp.closing and (
-                    upstream is None or upstream.task is None or upstream.task.done()
+                if (
+                    not comp.closing
+                    and not comp.released
+                    and (
+                        upstream is None
+                        or upstream.task is None
+                        or upstream.task.done()
+                    )
                 ):
                     self._attach(comp, node)
 
