@@ -107,6 +107,10 @@ class ClientSession(_SessionFiles, _SessionRecovery):
                 if deferred is None:
                     break
                 await self._store_file_off_loop(*deferred)
+                # Not held by this frame any more: a session ended by its client's
+                # death keeps its frame alive (its computation kept for recovery, an
+                # hour), and with it the file's whole message body.
+                deferred = None
         except MessageError as exc:
             # A message whose parts disagree cannot be trusted (nor what follows
             # it): say why before the connection ends, so the client can report it.

@@ -168,15 +168,19 @@ def test_results_of_a_computation_that_died_expire(
 
 def _interrupt_pages(node: CliNode) -> list[str]:
     """The node's descriptors of its workers' interrupt pages (memfds)."""
-    fds = Path(f"/proc/{node.proc.pid}/fd")
-    pages = []
-    for fd in fds.iterdir():
+    return _descriptors(node, "dispynb-interrupt")
+
+
+def _descriptors(node: CliNode, memfd: str) -> list[str]:
+    """The node's descriptors of memfds named ``memfd``."""
+    found = []
+    for fd in Path(f"/proc/{node.proc.pid}/fd").iterdir():
         try:
-            if "dispynb-interrupt" in os.readlink(fd):
-                pages.append(fd.name)
+            if memfd in os.readlink(fd):
+                found.append(fd.name)
         except FileNotFoundError:
             continue  # closed meanwhile
-    return pages
+    return found
 
 
 @pytest.mark.timeout(90)
@@ -199,3 +203,55 @@ def test_closed_computations_leave_no_descriptor_open_on_the_node(
             opened = len(os.listdir(f"/proc/{node.proc.pid}/fd"))
             baseline = baseline or opened
             assert opened <= baseline, f"cluster {n}"
+
+
+#: A client killed while its job runs, after sending a large file with its
+#: computation: ``SPEC SECRET FILE MARKER``.
+KILLED_WITH_A_FILE = """
+import sys, time
+from dispynb import JobCluster
+
+def job(marker):
+    import time
+    open(marker, "w").close()
+    time.sleep(0.5)
+
+spec, secret, path, marker = sys.argv[1:5]
+cluster = JobCluster(job, nodes=[spec], secret=secret, depends=[path])
+cluster.submit(marker)
+time.sleep(60)  # killed here
+"""
+
+
+def _message_bodies(node: CliNode) -> list[str]:
+    """The node's shared memory bodies of large messages (memfds)."""
+    return _descriptors(node, "dispynb-body")
+
+
+@pytest.mark.timeout(90)
+def test_a_file_sent_by_a_killed_client_does_not_stay_in_the_nodes_memory(
+    tmp_path: Path,
+) -> None:
+    """3 clients killed while their jobs run, each having sent a 16 MiB file with
+    its computation: once their jobs ended, the node holds none of the messages'
+    bodies (before: the last file's body stayed mapped, 16 MiB of shared memory
+    per client, for as long as the node kept its results: an hour)."""
+    data = tmp_path / "data.bin"
+    with running_node(tmp_path / "node", cpus=2) as node:
+        for n in range(3):
+            data.write_bytes(os.urandom(16 << 20))  # sent anew each time
+            marker = tmp_path / f"started-{n}"
+            command = [sys.executable, "-c", KILLED_WITH_A_FILE, node.spec]
+            with subprocess.Popen(
+                [*command, node.secret, str(data), str(marker)],
+                cwd=tmp_path,
+                env=node_env(),
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            ) as client:
+                try:
+                    wait_for_path(marker, timeout=30)
+                finally:
+                    os.killpg(client.pid, signal.SIGKILL)
+        assert _settled(lambda: _session_dirs(node), 30) == []
+        assert _settled(lambda: _message_bodies(node), WAIT) == []
