@@ -6,7 +6,8 @@ INI ``[DEFAULT]`` section, option names as keys) into command-line arguments; li
 as ``hosts = ['10.0.0.5']`` are read with `ast.literal_eval`, never ``eval``.
 `save_config` writes the options given (never a secret) to such a file.
 `read_config`, `option_argv` and `save_config` serve ``dispynb-scheduler`` too
-(`schedserver.cliconfig`).
+(`schedserver.cliconfig`), and so does `CommandParser`, which says how to give an
+option a value beginning with ``-``.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ import argparse
 import ast
 import configparser
 import datetime
+import gettext
 import os
 import re
 import sys
+from collections.abc import Sequence
 from typing import Any, NoReturn
 
 #: dispynode option -> why dispynb refuses it and what to use instead.
@@ -64,6 +67,52 @@ _UNSET = {"", "none", "false", "[]", "0", "-1"}
 
 #: Destinations never written by ``--save_config``.
 _NOT_SAVED = {"config", "save_config", "secret", "help", "version"}
+
+
+class CommandParser(argparse.ArgumentParser):
+    """An `argparse.ArgumentParser` that says how to give an option a value beginning
+    with ``-`` (a secret may): argparse takes ``--secret -xyz`` for two options and
+    said only "expected one argument". It exits on errors as argparse does."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(exit_on_error=False, **kwargs)
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: Any = None
+    ) -> tuple[Any, list[str]]:
+        words = sys.argv[1:] if args is None else list(args)
+        try:
+            return super().parse_known_args(words, namespace)
+        except argparse.ArgumentError as exc:
+            self.error(f"{exc}{self._dash_value_hint(exc, words)}")
+
+    def _dash_value_hint(self, exc: argparse.ArgumentError, words: list[str]) -> str:
+        # argparse's own words for a missing value (gettext: as argparse says them)
+        if exc.message != gettext.gettext("expected one argument"):
+            return ""
+        for action in self._actions:
+            names = action.option_strings
+            if "/".join(names) != exc.argument_name:
+                continue
+            given = [i for i, word in enumerate(words[:-1]) if _names(word, names)]
+            if any(words[i + 1].startswith("-") for i in given):
+                return (
+                    f" (a value beginning with '-' goes after '=': "
+                    f"{_long_option(action)}=VALUE)"
+                )
+        return ""
+
+
+def _names(word: str, names: Sequence[str]) -> bool:
+    """Whether ``word`` is one of the option strings ``names``, or a long one cut
+    short (argparse takes ``--sec`` for ``--secret``)."""
+    if word in names:
+        return True
+    return (
+        len(word) > 2
+        and word.startswith("--")
+        and any(name.startswith(word) for name in names)
+    )
 
 
 class Refuse(argparse.Action):
@@ -149,8 +198,8 @@ def option_argv(
         return []
     if isinstance(action, argparse._AppendAction):
         items = _literal_list(value, key, path)
-        return [part for item in items for part in (option, str(item))]
-    return [option, value]
+        return [f"{option}={item}" for item in items]
+    return [f"{option}={value}"]  # one word: a value may begin with '-' (a secret)
 
 
 def _truth(value: str) -> bool:

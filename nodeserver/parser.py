@@ -18,7 +18,12 @@ from dispynb.defaults import (
 )
 from dispynb.errors import ConfigurationError
 from dispynb.transport.addressing import format_address, parse_address
-from nodeserver.cliconfig import add_refused, config_argv, save_config_and_exit
+from nodeserver.cliconfig import (
+    CommandParser,
+    add_refused,
+    config_argv,
+    save_config_and_exit,
+)
 from nodeserver.config import (
     DEFAULT_FILE_CACHE_SIZE,
     DEFAULT_MAX_FILE_SIZE,
@@ -51,7 +56,7 @@ def _time_of_day(text: str) -> datetime.time:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface of ``dispynb-node`` (dispynode's spellings too)."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="dispynb-node",
         description="Run jobs of authenticated dispynb clients on this machine. "
         "dispynode's options are accepted; those dispynb does not support stop with "

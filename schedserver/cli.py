@@ -24,7 +24,7 @@ from dispynb.node import is_wildcard, parse_node_specs
 from dispynb.secret import resolve_secret
 from dispynb.transport.addressing import parse_address
 from dispynb.transport.tls import client_context, server_context
-from nodeserver.cliconfig import save_config_and_exit
+from nodeserver.cliconfig import CommandParser, save_config_and_exit
 from nodeserver.parser import parse_size
 from schedserver.cliconfig import config_argv
 from schedserver.config import SchedulerConfig
@@ -56,7 +56,7 @@ def _both(name: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``dispynb-scheduler``."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="dispynb-scheduler",
         description="Share dispynb nodes between many clients (SharedJobCluster): "
         "fair share of CPUs between users, per-user credentials, jobs kept for "

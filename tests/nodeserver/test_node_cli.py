@@ -114,6 +114,33 @@ def test_node_cli_missing_secret_file_refused(tmp_path):
     assert "does not exist" in done.stderr
 
 
+@pytest.mark.parametrize("words", [["-s", "-Zx"], ["--secret", "-Zx"]])
+def test_node_cli_secret_beginning_with_a_dash_is_refused_saying_how_to_give_it(
+    words,
+):
+    """argparse takes ``-s -Zx`` for two options: the node said only "argument
+    -s/--secret: expected one argument", nothing of the '-' or of the way out."""
+    done = run_node(*words, "--port", "0")
+    assert done.returncode == 2
+    assert done.stderr.endswith(
+        "dispynb-node: error: argument -s/--secret: expected one argument (a value "
+        "beginning with '-' goes after '=': --secret=VALUE)\n"
+    ), done.stderr
+
+
+@pytest.mark.parametrize("option", ["--secret", "-s"])
+def test_node_cli_secret_beginning_with_a_dash_after_an_equals_sign_is_the_secret(
+    tmp_path, option
+):
+    """What the refusal above says works: the node takes ``--secret=-...`` (and
+    ``-s=-...``) over its secret file, and a client with that secret runs jobs."""
+    secret = "-begins-with-a-dash-0123456789abcdef"
+    with running_node(tmp_path / "node", f"{option}={secret}") as node:
+        assert node.secret != secret  # the file's, which the option overrides
+        with JobCluster(jobs.square, nodes=[node.spec], secret=secret) as cluster:
+            assert cluster.submit(4)() == 16
+
+
 @pytest.mark.parametrize(
     ("signum", "drain"),
     [(signal.SIGTERM, "0"), (signal.SIGINT, "0"), (signal.SIGINT, "60")],

@@ -308,6 +308,24 @@ def test_a_secret_from_a_dispynode_config_file_is_not_said_to_be_in_the_process_
     assert "--secret is visible to other users in the process list" in done.stderr
 
 
+def test_a_secret_beginning_with_a_dash_in_a_dispynode_config_file_is_read(
+    tmp_path: Path,
+) -> None:
+    """``secret = -...`` in dispynode's config file: the file's options went to
+    argparse as two words (``--secret -...``), refused as "expected one argument"."""
+    config = tmp_path / "node.ini"
+    config.write_text("[DEFAULT]\nsecret = -begins-with-a-dash-0123456789\n")
+    node = start_node(tmp_path / "node", "--config", str(config))
+    try:
+        with JobCluster(
+            write_in_cwd, nodes=[node.spec], secret="-begins-with-a-dash-0123456789"
+        ) as cluster:
+            job = cluster.submit("x")
+            assert job.wait(timeout=WAIT) and job.status == DispyJob.Finished
+    finally:
+        assert node.stop() == 0
+
+
 def test_config_file_naming_an_unsupported_option_is_refused(tmp_path: Path) -> None:
     config = tmp_path / "node.ini"
     # dispynode saves --init as node_init, --unsafe_setup as safe_setup = False

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from schedserver.cli import REFUSED, build_parser, config_from_args
+from schedserver.cli import REFUSED, build_parser, config_from_args, parse_args
 from tests.sharedsched.harness import SchedulerProcess, scheduler_cli
 
 
@@ -108,6 +108,31 @@ def test_bad_node_options_are_refused_in_one_line(
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and says in lines[0], lines
+
+
+def test_a_node_secret_beginning_with_a_dash_is_refused_saying_how_to_give_it(
+    tmp_path: Path,
+) -> None:
+    """``--node_secret -Zx``: argparse takes ``-Zx`` for an option; the scheduler
+    said only "expected one argument". The way it names is taken (``--save_config``:
+    the options given are read, the secret is left out of what it writes)."""
+    users = str(tmp_path / "users")
+    for option in ("--node_secret", "--node-secret"):
+        done = scheduler_cli("-n", "127.0.0.1:1", "--users", users, option, "-Zx")
+        assert done.returncode == 2
+        assert done.stderr.endswith(
+            "dispynb-scheduler: error: argument --node_secret/--node-secret: "
+            "expected one argument (a value beginning with '-' goes after '=': "
+            "--node_secret=VALUE)\n"
+        ), done.stderr
+    done = scheduler_cli(
+        "-n", "127.0.0.1:1", "--users", users, "--node_secret=-Zx", "--save_config"
+    )
+    assert done.returncode == 0, done.stderr
+    assert "not --node_secret" in done.stderr and "-Zx" not in done.stdout
+    config = tmp_path / "dispyscheduler.conf"
+    config.write_text("[DEFAULT]\nnode_secret = -Zx\n")  # as dispyscheduler saves it
+    assert parse_args(["--config", str(config), "--users", users]).node_secret == "-Zx"
 
 
 @pytest.mark.usefixtures("users")
