@@ -108,15 +108,22 @@ def _processes(snap: Mapping[str, Any] | None, key: str) -> str:
         return "none"
     counts: Counter[str] = Counter()
     sizes: dict[str, list[float]] = {}
+    unread: set[str] = set()  # labels of processes whose size could not be read
     for proc in snap["nodes"]:
         if key not in proc:  # a result from before the benchmark measured it
             return "-"
         counts[proc["label"]] += 1
-        sizes.setdefault(proc["label"], []).append(proc[key] / MIB)
+        if proc[key] is None:
+            unread.add(proc["label"])
+        else:
+            sizes.setdefault(proc["label"], []).append(proc[key] / MIB)
     parts = []
     for label, count in counts.most_common():
-        mean = sum(sizes[label]) / count
         prefix = f"{count} x " if count > 1 else ""
+        if label in unread:  # not a mean of the others'
+            parts.append(f"{prefix}`{label}` {snap.get(f'{key}_unavailable', '-')}")
+            continue
+        mean = sum(sizes[label]) / count
         parts.append(f"{prefix}`{label}` {mean:.1f}")
     return "; ".join(parts)
 

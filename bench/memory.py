@@ -9,7 +9,9 @@ from one parent share most of their pages, which RSS counts once per process. Th
 PSS of a group of processes adds up to the memory they take together; the USS of
 one process is what ending it would free.
 A process that has already exited (a dispy job's forked process, a replaced worker) is
-not counted.
+not counted. A PSS that may not be read is `PSS_UNAVAILABLE`, never 0:
+``smaps_rollup`` of a process that is not dumpable (dispynb's node server and zygote
+turn dumping off, ``PR_SET_DUMPABLE`` 0) opens only with ``CAP_SYS_PTRACE`` (root).
 """
 
 from __future__ import annotations
@@ -19,9 +21,12 @@ from typing import Any
 
 import psutil
 
-__all__ = ["MIB", "process_memory", "proportional_size", "snapshot"]
+__all__ = ["MIB", "PSS_UNAVAILABLE", "process_memory", "proportional_size", "snapshot"]
 
 MIB = 1024 * 1024
+
+#: What a snapshot says of a PSS it may not read (``pss_unavailable``).
+PSS_UNAVAILABLE = "unavailable (needs root)"
 
 
 def process_memory(pid: int) -> dict[str, int]:
@@ -60,12 +65,15 @@ def _label(proc: psutil.Process) -> str:
     return " ".join(words)[:60]
 
 
-def _rollup(pid: int) -> dict[str, int]:
+def _rollup(pid: int) -> dict[str, int] | None:
     """The sizes of ``/proc/<pid>/smaps_rollup`` in bytes, from one read (empty if
-    the process is gone, or on a system without it)."""
+    the process is gone, or on a system without it; None if this process may not
+    read it: see `PSS_UNAVAILABLE`)."""
     try:
         with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as fh:
             lines = fh.read().splitlines()[1:]  # after the [rollup] line
+    except PermissionError:
+        return None
     except OSError:
         return {}
     sizes = {}
@@ -84,8 +92,20 @@ def proportional_size(pid: int) -> tuple[int, int]:
 
     Unlike RSS, the PSS of a node server and of workers forked from one parent adds
     up to the memory they really take together (``/proc/<pid>/smaps_rollup``).
+
+    Raises
+    ------
+    PermissionError
+        If this process may not read it (a process that is not dumpable, read
+        without root).
     """
     sizes = _rollup(pid)
+    if sizes is None:
+        raise PermissionError(
+            f"the PSS of process {pid} is {PSS_UNAVAILABLE}: it is not dumpable "
+            f"(PR_SET_DUMPABLE 0), so /proc/{pid}/smaps_rollup opens only for root "
+            "(CAP_SYS_PTRACE)"
+        )
     return sizes.get("Pss", 0), _private(sizes)
 
 
@@ -104,7 +124,9 @@ def snapshot(root: int | None = None, pss: bool = False) -> dict[str, Any]:
         ``client``: ``{"rss", "hwm"}`` of ``root``; ``nodes``: one entry per live
         descendant with ``pid``, ``label``, ``rss``, ``hwm`` (and ``pss``, ``uss``
         with ``pss=True``); ``nodes_rss``, ``nodes_hwm`` (and ``nodes_pss``,
-        ``nodes_uss``): their sums (bytes).
+        ``nodes_uss``): their sums (bytes). A PSS and USS this process may not read
+        are None, and so are their sums, with ``pss_unavailable``:
+        `PSS_UNAVAILABLE`.
     """
     pid = os.getpid() if root is None else root
     nodes = []
@@ -121,21 +143,34 @@ def snapshot(root: int | None = None, pss: bool = False) -> dict[str, Any]:
             # RSS, PSS and USS from one read: a process still growing (starting up)
             # would otherwise show a PSS read later above an RSS read earlier.
             sizes = _rollup(child.pid)
-            if sizes:
-                entry["rss"] = sizes.get("Rss", 0)
-            entry["pss"], entry["uss"] = sizes.get("Pss", 0), _private(sizes)
+            if sizes is None:
+                entry["pss"] = entry["uss"] = None
+            else:
+                if sizes:
+                    entry["rss"] = sizes.get("Rss", 0)
+                entry["pss"], entry["uss"] = sizes.get("Pss", 0), _private(sizes)
         nodes.append(entry)
-    return {
+    result: dict[str, Any] = {
         "client": process_memory(pid),
         "nodes": nodes,
         "nodes_rss": sum(n["rss"] for n in nodes),
         "nodes_hwm": sum(n["hwm"] for n in nodes),
-        **(
-            {
-                "nodes_pss": sum(n["pss"] for n in nodes),
-                "nodes_uss": sum(n["uss"] for n in nodes),
-            }
-            if pss
-            else {}
-        ),
+    }
+    if pss:
+        result.update(_pss_sums(nodes))
+    return result
+
+
+def _pss_sums(nodes: list[dict[str, Any]]) -> dict[str, Any]:
+    """``nodes_pss`` and ``nodes_uss``; None with ``pss_unavailable`` if a process's
+    could not be read (a sum without it would pass for the whole)."""
+    if any(n["pss"] is None for n in nodes):
+        return {
+            "nodes_pss": None,
+            "nodes_uss": None,
+            "pss_unavailable": PSS_UNAVAILABLE,
+        }
+    return {
+        "nodes_pss": sum(n["pss"] for n in nodes),
+        "nodes_uss": sum(n["uss"] for n in nodes),
     }

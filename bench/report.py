@@ -160,13 +160,33 @@ def _raw_values(result: Mapping[str, Any]) -> dict[str, list[float]]:
             client_key = "rss" if phase == "rest" else "hwm"
             values[f"mem_nodes_{phase}"] = [snap[nodes_key] / MIB]
             values[f"mem_client_{phase}"] = [snap["client"][client_key] / MIB]
-    rest = result.get("memory_rest")
-    if rest and "nodes_pss" in rest:
-        values["mem_nodes_pss_rest"] = [rest["nodes_pss"] / MIB]
-    after_w1 = result.get("memory_after_w1")
-    if after_w1 and "nodes_pss" in after_w1:
-        values["mem_nodes_pss_w1"] = [after_w1["nodes_pss"] / MIB]
+    for key, snap in _pss_snapshots(result):
+        if snap.get("nodes_pss") is not None:  # None: unreadable (`_unavailable`)
+            values[key] = [snap["nodes_pss"] / MIB]
     return values
+
+
+def _pss_snapshots(result: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    """``(metric, snapshot)`` of the PSS sums one backend's driver measured."""
+    pairs = (
+        ("mem_nodes_pss_rest", "memory_rest"),
+        ("mem_nodes_pss_w1", "memory_after_w1"),
+    )
+    return [
+        (key, snap)
+        for key, phase in pairs
+        if (snap := result.get(phase)) and "nodes_pss" in snap
+    ]
+
+
+def _unavailable(result: Mapping[str, Any]) -> dict[str, str]:
+    """Metric -> why it has no value for this backend (a PSS that could not be read:
+    the report says so where the number would be, rather than a wrong 0)."""
+    return {
+        key: snap.get("pss_unavailable", "unavailable")
+        for key, snap in _pss_snapshots(result)
+        if snap["nodes_pss"] is None
+    }
 
 
 def build_report(
@@ -220,6 +240,8 @@ def build_report(
             details["cold_start"] = result["cold_start"]
         if result.get("unsupported"):
             details["unsupported"] = dict(result["unsupported"])
+        if unavailable := _unavailable(result):
+            details["unavailable"] = unavailable
         document["backends"][name] = details
         if "runs" in result:
             per_backend[name] = _raw_values(result)
@@ -237,7 +259,10 @@ def build_report(
             for name, values in per_backend.items()
             if values.get(metric.key)
         }
-        if found:
+        if found or any(
+            metric.key in details.get("unavailable", {})
+            for details in document["backends"].values()
+        ):
             document["metrics"][metric.key] = {
                 "label": metric.label,
                 "unit": metric.unit,
@@ -415,15 +440,20 @@ def cell(result: Mapping[str, Any] | None, unit: str) -> str:
 
 def table_rows(document: Mapping[str, Any]) -> list[list[str]]:
     """Header plus one row per metric (and W6), cells as ``median [min-max]``."""
-    names = list(document["backends"])
-    rows = [["metric", "unit", *(document["backends"][n]["label"] for n in names)]]
-    for entry in document["metrics"].values():
+    backends = document["backends"]
+    names = list(backends)
+    rows = [["metric", "unit", *(backends[n]["label"] for n in names)]]
+    for key, entry in document["metrics"].items():
         unit = entry["unit"]
         rows.append(
             [
                 entry["label"],
                 unit,
-                *(cell(entry["results"].get(n), unit) for n in names),
+                *(
+                    backends[n].get("unavailable", {}).get(key)
+                    or cell(entry["results"].get(n), unit)
+                    for n in names
+                ),
             ]
         )
     if document["closure"]:

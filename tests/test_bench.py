@@ -275,6 +275,63 @@ def test_memory_snapshot_sums_the_pss_of_the_descendants() -> None:
     assert memory.proportional_size(child.pid) == (0, 0)  # gone
 
 
+def test_a_pss_that_cannot_be_read_is_unavailable_not_0(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As non-root, ``smaps_rollup`` of dispynb's node server and zygote (not
+    dumpable) refuses to open: their PSS read 0, and the report's sums passed for
+    the nodes' memory. The snapshot says unavailable, and so does the report where
+    the number would be."""
+    import builtins
+
+    import memory
+
+    def open_but_rollups(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if str(path).endswith("/smaps_rollup"):  # what a non-dumpable one does
+            raise PermissionError(13, "Permission denied", str(path))
+        return builtins.open(path, *args, **kwargs)
+
+    monkeypatch.setattr(memory, "open", open_but_rollups, raising=False)
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                             stdin=subprocess.PIPE)  # fmt: skip
+    try:
+        snap = memory.snapshot(pss=True)
+        with pytest.raises(PermissionError, match=r"unavailable \(needs root\)"):
+            memory.proportional_size(child.pid)
+    finally:
+        child.communicate(b"")
+    [node] = snap["nodes"]
+    assert (node["pss"], node["uss"]) == (None, None) and node["rss"] > 0
+    assert (snap["nodes_pss"], snap["nodes_uss"]) == (None, None)
+    assert snap["pss_unavailable"] == "unavailable (needs root)"
+
+    result = _fake_result(2.0)
+    for phase in ("memory_rest", "memory_after_w1"):
+        result[phase] = {
+            **result[phase],
+            "nodes": [{**n, "pss": None, "uss": None} for n in snap["nodes"]],
+            "nodes_pss": None,
+            "pss_unavailable": snap["pss_unavailable"],
+        }
+    document = report.build_report(
+        results={"dispynb": result, "dispy": _fake_result(0.5)},
+        config={"workers": 2, "repeat": 3, "command": "x", "wall_seconds": 1},
+        machine={"nproc": 2, "python": "3.11", "platform": "Linux", "commit": "abc"},
+    )
+    assert "dispynb" not in document["metrics"]["mem_nodes_pss_w1"]["results"]
+    rows = {row[0]: row[2:] for row in report.table_rows(document)}
+    for label in (
+        "nodes/workers at rest (PSS sum)",
+        "nodes/workers after W1 (PSS sum)",
+    ):
+        assert rows[label][0] == "unavailable (needs root)", rows[label]
+        assert rows[label][1] != "unavailable (needs root)"  # dispy's was read
+    targets = {t["target"]: t for t in document["targets"]}
+    assert targets["node PSS after W1 <= dispy's"]["status"] == "n/a"
+    text = markdown.render_markdown(document, {})
+    assert f"| `{node['label']}` unavailable (needs root) |" in text
+
+
 def test_report_table_and_markdown() -> None:
     """The text table and the markdown show every framework, the targets, W6."""
     document = _document()
