@@ -2,8 +2,11 @@
 
 A `JobCluster` ships one computation; an executor runs whatever function it is given.
 So its cluster's computation is one generic runner, `dispynb_executor`, and each job
-carries the function (pickled by value with cloudpickle, closures and all) and a list
-of calls to make with it: one for ``submit``, ``chunksize`` for ``map``.
+carries the function (pickled by value with cloudpickle, closures and all) and the
+calls to make with it: one for ``submit``, ``chunksize`` for ``map``. A map's
+chunk travels as columns (one sequence per argument position) and comes back as a
+list of values and a dict of the calls that raised: flat lists of plain values
+pickle in one pass, without a tuple and a dict per call.
 
 - The client pickles a function once per ``submit`` and once per ``map`` (all its
   chunks share the bytes), so a function that reads a global sees its value at
@@ -29,7 +32,7 @@ import pickle
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import cloudpickle
@@ -50,12 +53,16 @@ if TYPE_CHECKING:
 
 __all__ = ["Executor", "dispynb_executor"]
 
-#: One call: positional and keyword arguments.
-Call = tuple[tuple[Any, ...], dict[str, Any]]
+#: One call's positional arguments.
+Args = tuple[Any, ...]
 
-#: What a node sends back per call: ``(True, value)`` or
-#: ``(False, exception or None if it cannot be pickled, traceback, name, message)``.
-Outcome = tuple[Any, ...]
+#: A call that raised: ``(exception or None if it cannot be pickled, traceback,
+#: name, message)``.
+Failure = tuple[BaseException | None, str, str, str]
+
+#: What a node sends back for a job's calls: their values (None for a call that
+#: raised) and the failures by the index of their call.
+Outcomes = tuple[list[Any], dict[int, Failure]]
 
 #: Functions a node worker keeps unpickled (by digest), and the largest kept.
 _CACHE_ENTRIES = 32
@@ -63,10 +70,17 @@ _CACHE_MAX_BYTES = 1 << 20
 _fn_cache: collections.OrderedDict[str, Callable[..., Any]] = collections.OrderedDict()
 
 
-def dispynb_executor(key: str, blob: bytes, calls: list[Call]) -> list[Outcome]:
-    """The computation of every executor (runs on the nodes): make ``calls`` with
-    the function pickled in ``blob`` (``key`` is its digest) and return one outcome
-    per call; a call that raises does not stop the next ones."""
+def dispynb_executor(
+    key: str,
+    blob: bytes,
+    count: int,
+    columns: tuple[Sequence[Any], ...],
+    kwargs: dict[str, Any] | None = None,
+) -> Outcomes:
+    """The computation of every executor (runs on the nodes): make ``count`` calls
+    ``fn(*args, **kwargs)`` of the function pickled in ``blob`` (``key`` is its
+    digest), ``args`` read across ``columns`` (none: no arguments); a call that
+    raises does not stop the next ones."""
     fn = _fn_cache.get(key)
     if fn is None:
         fn = cloudpickle.loads(blob)
@@ -76,10 +90,13 @@ def dispynb_executor(key: str, blob: bytes, calls: list[Call]) -> list[Outcome]:
                 _fn_cache.popitem(last=False)
     else:
         _fn_cache.move_to_end(key)
-    outcomes: list[Outcome] = []
-    for args, kwargs in calls:
+    values: list[Any] = []
+    failures: dict[int, Failure] = {}
+    calls = zip(*columns, strict=True) if columns else itertools.repeat((), count)
+    named = kwargs or {}
+    for index, args in enumerate(calls):
         try:
-            outcomes.append((True, fn(*args, **kwargs)))
+            values.append(fn(*args, **named))
         except KeyboardInterrupt:
             raise  # the node stopping the job (cancel, job_timeout): it ends here
         except BaseException as exc:  # the caller's to see (SystemExit too)
@@ -89,8 +106,9 @@ def dispynb_executor(key: str, blob: bytes, calls: list[Call]) -> list[Outcome]:
             text = "".join(traceback.format_exception(type(exc), exc, tb))
             exc.__traceback__ = None
             carried = exc if _round_trips(exc) else None  # None: RemoteError alone
-            outcomes.append((False, carried, text, type(exc).__name__, str(exc)))
-    return outcomes
+            values.append(None)
+            failures[index] = (carried, text, type(exc).__name__, str(exc))
+    return values, failures
 
 
 def _round_trips(exc: BaseException) -> bool:
@@ -110,29 +128,17 @@ def _initialize(initializer: Callable[..., Any], initargs: tuple[Any, ...]) -> i
     return 0
 
 
-def _error(outcome: Outcome, *sources: Any) -> BaseException | None:
-    """The exception of one call (its cause: the remote traceback, its frames in
-    the code of ``sources`` pointing at their file or cell again, with their source
-    lines, as a local traceback and ProcessPoolExecutor's show them); None if the
-    call returned. Never raised here, so no frame of this module is in its
-    traceback."""
-    if outcome[0]:
-        return None
-    _ok, carried, text, name, message = outcome
-    exc: BaseException | None = carried
+def _error(failure: Failure, *sources: Any) -> BaseException:
+    """The exception of a call that raised (its cause: the remote traceback, its
+    frames in the code of ``sources`` pointing at their file or cell again, with
+    their source lines, as a local traceback and ProcessPoolExecutor's show them).
+    Never raised here, so no frame of this module is in its traceback."""
+    exc, text, name, message = failure
     remote = RemoteError(name, message, LazySourceMap(*sources).rerender(text) or text)
     if not isinstance(exc, BaseException):  # None: it did not unpickle here
         return remote
     exc.__cause__ = remote
     return exc
-
-
-def _unpack(outcome: Outcome, fn: Callable[..., Any]) -> Any:
-    """The value of one call of ``fn``, or raise its exception."""
-    error = _error(outcome, fn)
-    if error is not None:
-        raise error
-    return outcome[1]
 
 
 class _CallsFuture(JobFuture):
@@ -146,11 +152,11 @@ class _CallsFuture(JobFuture):
     def _settle(self) -> None:
         job = self.job
         if job.status == job.Finished:
-            error = _error(job.result[0], *self._sources)
-            if error is None:
-                self._set(job.result[0][1], error=False)
+            values, failures = job.result
+            if failures:
+                self._set(_error(failures[0], *self._sources), error=True)
             else:
-                self._set(error, error=True)
+                self._set(values[0], error=False)
         else:  # a failure of the whole job
             super()._settle()
 
@@ -283,22 +289,31 @@ class Executor(concurrent.futures.Executor):
         functions it runs) by file and line."""
         key, blob = _pickle(fn)
         with self._lock:
-            job = self._new_job(key, blob, [(args, kwargs)])
+            job = self._new_job(key, blob, [args], kwargs)
         future = job._attach(lambda job: _CallsFuture(job, sources))
         assert isinstance(future, _CallsFuture)
         return future
 
-    def _new_job(self, key: str, blob: bytes, calls: list[Call]) -> DispyJob:
-        """Submit a job making ``calls``; the caller holds `_lock`."""
+    def _new_job(
+        self,
+        key: str,
+        blob: bytes,
+        calls: list[Args],
+        kwargs: dict[str, Any] | None = None,
+    ) -> DispyJob:
+        """Submit a job making ``calls`` (each with ``kwargs``); the caller holds
+        `_lock`."""
         if self._shut:
             raise RuntimeError("cannot schedule new futures after shutdown")
+        columns = tuple(zip(*calls, strict=True))
         try:
-            return self.cluster.submit(key, blob, calls)
+            return self.cluster.submit(key, blob, len(calls), columns, kwargs or None)
         except SerializationError as exc:
-            # Its message names the runner's argument (the list of calls).
-            raise SerializationError(_unpicklable_call(calls, exc)) from None
+            # Its message names the runner's arguments (the columns of calls).
+            message = _unpicklable_call(calls, kwargs or {}, exc)
+            raise SerializationError(message) from None
 
-    def _submit_chunk(self, key: str, blob: bytes, calls: list[Call]) -> DispyJob:
+    def _submit_chunk(self, key: str, blob: bytes, calls: list[Args]) -> DispyJob:
         """Submit a job of a ``map``: no future (one per job would cost the I/O
         thread a third of its time per job, W8), the job itself is waited for."""
         with self._lock:
@@ -351,7 +366,7 @@ class Executor(concurrent.futures.Executor):
     def _results(
         self,
         jobs: collections.deque[DispyJob],
-        more: Iterator[list[Call]],
+        more: Iterator[list[Args]],
         fn: Callable[..., Any],
         key: str,
         blob: bytes,
@@ -360,12 +375,18 @@ class Executor(concurrent.futures.Executor):
         try:
             while jobs:
                 wait = None if end is None else max(end - time.monotonic(), 0.0)
-                outcomes = _chunk_outcomes(jobs[0], wait)
+                values, failures = _chunk_outcomes(jobs[0], wait)
                 jobs.popleft()
                 for chunk in itertools.islice(more, 1):
                     jobs.append(self._submit_chunk(key, blob, chunk))
-                for outcome in outcomes:
-                    yield _unpack(outcome, fn)
+                if not failures:
+                    yield from values
+                    continue
+                for index, value in enumerate(values):
+                    failure = failures.get(index)
+                    if failure is not None:
+                        raise _error(failure, fn)
+                    yield value
         finally:
             self._cancel_chunks(jobs)
 
@@ -455,7 +476,7 @@ def _pickle(fn: Callable[..., Any]) -> tuple[str, bytes]:
     return hashlib.blake2b(blob, digest_size=16).hexdigest(), blob
 
 
-def _chunk_outcomes(job: DispyJob, timeout: float | None) -> list[Outcome]:
+def _chunk_outcomes(job: DispyJob, timeout: float | None) -> Outcomes:
     """The outcomes of a ``map`` job's calls, or raise what its future's
     ``result(timeout)`` would (`JobFuture`). Waiting on the job itself, the
     waiting thread reads the nodes' answers in the I/O thread's place when that
@@ -463,7 +484,7 @@ def _chunk_outcomes(job: DispyJob, timeout: float | None) -> list[Outcome]:
     if not job.wait(timeout):
         raise concurrent.futures.TimeoutError()
     if job.status == job.Finished:
-        outcomes: list[Outcome] = job.result
+        outcomes: Outcomes = job.result
         return outcomes
     if job.status == job.Cancelled:
         raise concurrent.futures.CancelledError()
@@ -472,9 +493,11 @@ def _chunk_outcomes(job: DispyJob, timeout: float | None) -> list[Outcome]:
     raise error
 
 
-def _unpicklable_call(calls: list[Call], error: SerializationError) -> str:
+def _unpicklable_call(
+    calls: list[Args], kwargs: dict[str, Any], error: SerializationError
+) -> str:
     """Name the argument of the call (of a ``map`` chunk) that cannot be pickled."""
-    for index, (args, kwargs) in enumerate(calls):
+    for index, args in enumerate(calls):
         found = serialize.unpicklable_argument(args, kwargs)
         if found is not None:
             name, exc = found
@@ -483,10 +506,10 @@ def _unpicklable_call(calls: list[Call], error: SerializationError) -> str:
     return f"the call cannot be sent to a node: {error}"
 
 
-def _chunks(items: Iterator[tuple[Any, ...]], size: int) -> Iterator[list[Call]]:
+def _chunks(items: Iterator[Args], size: int) -> Iterator[list[Args]]:
     """Lists of up to ``size`` calls, read lazily from ``items``."""
     while True:
-        chunk: list[Call] = [(args, {}) for args in itertools.islice(items, size)]
+        chunk = list(itertools.islice(items, size))
         if not chunk:
             return
         yield chunk
