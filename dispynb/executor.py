@@ -29,6 +29,7 @@ import inspect
 import itertools
 import os
 import pickle
+import re
 import threading
 import time
 import traceback
@@ -158,6 +159,7 @@ class _CallsFuture(JobFuture):
             else:
                 self._set(values[0], error=False)
         else:  # a failure of the whole job
+            _name_unpicklable_value(job)
             super()._settle()
 
     def _set(self, value: Any, error: bool) -> None:
@@ -488,9 +490,38 @@ def _chunk_outcomes(job: DispyJob, timeout: float | None) -> Outcomes:
         return outcomes
     if job.status == job.Cancelled:
         raise concurrent.futures.CancelledError()
+    _name_unpicklable_value(job)
     error = outcome_error(job)
     assert error is not None
     raise error
+
+
+#: How a node names a value its runner returned that does not pickle: by its
+#: place in the runner's `Outcomes` (``result[0][index]``, then inside it).
+_UNPICKLABLE_VALUE = re.compile(
+    r"result of type 'tuple' cannot be pickled; "
+    r"result\[0\]\[(?P<index>\d+)\](?P<inside>\S*) is a"
+)
+
+
+def _name_unpicklable_value(job: DispyJob) -> None:
+    """A call returned a value that cannot be pickled: say which call, not where
+    it sat in the runner's outcomes (a 'tuple' the user never returned)."""
+    text = job.exception
+    if not isinstance(text, str) or "result of type 'tuple'" not in text:
+        return
+    count = job._args[2]
+
+    def name(match: re.Match[str]) -> str:
+        who = (
+            "the call" if count == 1 else f"call {int(match['index']) + 1} of its chunk"
+        )
+        inside = match["inside"]
+        return f"the value returned by {who}" + (
+            f" has {inside}, a" if inside else " is a"
+        )
+
+    job.exception = _UNPICKLABLE_VALUE.sub(name, text, count=1)
 
 
 def _unpicklable_call(

@@ -169,6 +169,35 @@ def test_remote_tracebacks_show_the_file_and_source_lines(executor):
     assert where in text and source in text and "<dynamic-code>" not in text, text
 
 
+def make_generator() -> object:
+    return (i for i in range(3))
+
+
+def lock_on_2(x: int) -> object:
+    return {"lock": threading.Lock()} if x == 2 else x
+
+
+def test_a_value_that_cannot_be_sent_back_names_its_call(executor):
+    """As ProcessPoolExecutor, a RemoteError from result(); its message names the
+    call and the value, not their places in the executor's own outcomes (it
+    said "result of type 'tuple' cannot be pickled; result[0][0] is a ...")."""
+    with pytest.raises(RemoteError) as info:
+        executor.submit(make_generator).result(WAIT)
+    assert (
+        "the value returned by the call is a 'generator' that cannot be pickled"
+        in str(info.value)
+    )
+    assert "tuple" not in str(info.value)
+    results = executor.map(lock_on_2, range(4), chunksize=4)  # the chunk fails
+    with pytest.raises(RemoteError) as info:
+        next(results)
+    assert (
+        "the value returned by call 3 of its chunk has ['lock'], a 'lock' that "
+        "cannot be pickled"
+    ) in str(info.value)
+    assert executor.submit(lock_on_2, 1).result(WAIT) == 1  # the executor goes on
+
+
 def test_unpicklable_exception_becomes_remote_error(executor):
     future = executor.submit(raise_unpicklable)
     with pytest.raises(RemoteError) as info:
