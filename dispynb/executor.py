@@ -159,7 +159,7 @@ class _CallsFuture(JobFuture):
             else:
                 self._set(values[0], error=False)
         else:  # a failure of the whole job
-            _name_unpicklable_value(job)
+            _explain_failure(job, self._sources)
             super()._settle()
 
     def _set(self, value: Any, error: bool) -> None:
@@ -377,7 +377,7 @@ class Executor(concurrent.futures.Executor):
         try:
             while jobs:
                 wait = None if end is None else max(end - time.monotonic(), 0.0)
-                values, failures = _chunk_outcomes(jobs[0], wait)
+                values, failures = _chunk_outcomes(jobs[0], wait, fn)
                 jobs.popleft()
                 for chunk in itertools.islice(more, 1):
                     jobs.append(self._submit_chunk(key, blob, chunk))
@@ -478,7 +478,9 @@ def _pickle(fn: Callable[..., Any]) -> tuple[str, bytes]:
     return hashlib.blake2b(blob, digest_size=16).hexdigest(), blob
 
 
-def _chunk_outcomes(job: DispyJob, timeout: float | None) -> Outcomes:
+def _chunk_outcomes(
+    job: DispyJob, timeout: float | None, fn: Callable[..., Any]
+) -> Outcomes:
     """The outcomes of a ``map`` job's calls, or raise what its future's
     ``result(timeout)`` would (`JobFuture`). Waiting on the job itself, the
     waiting thread reads the nodes' answers in the I/O thread's place when that
@@ -490,7 +492,7 @@ def _chunk_outcomes(job: DispyJob, timeout: float | None) -> Outcomes:
         return outcomes
     if job.status == job.Cancelled:
         raise concurrent.futures.CancelledError()
-    _name_unpicklable_value(job)
+    _explain_failure(job, (fn,))
     error = outcome_error(job)
     assert error is not None
     raise error
@@ -504,11 +506,16 @@ _UNPICKLABLE_VALUE = re.compile(
 )
 
 
-def _name_unpicklable_value(job: DispyJob) -> None:
-    """A call returned a value that cannot be pickled: say which call, not where
-    it sat in the runner's outcomes (a 'tuple' the user never returned)."""
+def _explain_failure(job: DispyJob, sources: tuple[Any, ...]) -> None:
+    """``job`` failed as a whole (it did not return the calls' outcomes): its
+    traceback's frames in the code of ``sources`` (the calls' functions) point
+    at their file or cell, as a call's own exception's do (the cluster knows
+    only the runner's code); a value that cannot be pickled is named by its call."""
     text = job.exception
-    if not isinstance(text, str) or "result of type 'tuple'" not in text:
+    if not isinstance(text, str):
+        return
+    text = job.exception = LazySourceMap(*sources).rerender(text) or text
+    if "result of type 'tuple'" not in text:
         return
     count = job._args[2]
 

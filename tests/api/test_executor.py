@@ -198,6 +198,25 @@ def test_a_value_that_cannot_be_sent_back_names_its_call(executor):
     assert executor.submit(lock_on_2, 1).result(WAIT) == 1  # the executor goes on
 
 
+def interrupt(x: int) -> None:
+    raise KeyboardInterrupt(f"stop {x}")
+
+
+def test_a_call_that_ends_its_job_shows_its_source_lines_too(executor):
+    """KeyboardInterrupt ends the call's job (RemoteError, documented): its
+    traceback names this file and line too, for submit and map alike."""
+    where = f'File "{__file__}", line '
+    source = '    raise KeyboardInterrupt(f"stop {x}")\n'
+    for call in (
+        lambda: executor.submit(interrupt, 1).result(WAIT),
+        lambda: next(executor.map(interrupt, [1])),
+    ):
+        with pytest.raises(RemoteError, match="KeyboardInterrupt: stop 1") as info:
+            call()
+        text = info.value.traceback
+        assert where in text and source in text and "<dynamic-code>" not in text
+
+
 def test_unpicklable_exception_becomes_remote_error(executor):
     future = executor.submit(raise_unpicklable)
     with pytest.raises(RemoteError) as info:
