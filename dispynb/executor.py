@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import cloudpickle
 
 from dispynb._interruptible import start_thread
+from dispynb.captures import check_shippable
 from dispynb.errors import RemoteError, SerializationError
 from dispynb.futures import JobFuture, outcome_error
 from dispynb.futures import (
@@ -470,11 +471,17 @@ def _check_options(options: dict[str, Any], factory: Any) -> None:
 
 
 def _pickle(fn: Callable[..., Any]) -> tuple[str, bytes]:
-    """``fn`` pickled by value, and the digest nodes cache it by."""
+    """``fn`` pickled by value, and the digest nodes cache it by; a function
+    that cannot be is a `SerializationError` naming what it captures that cannot
+    (pickle's own message names only a type)."""
     if not callable(fn):
         raise TypeError(f"{fn!r} is not callable")
     serialize.ship_by_value(fn)
-    blob = cloudpickle.dumps(fn)
+    try:
+        blob = cloudpickle.dumps(fn)
+    except Exception:
+        check_shippable(fn, "function")
+        raise
     return hashlib.blake2b(blob, digest_size=16).hexdigest(), blob
 
 

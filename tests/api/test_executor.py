@@ -258,6 +258,19 @@ def test_an_argument_that_cannot_be_pickled_is_named_at_submit(executor, tmp_pat
     assert not any(path.exists() for path in touched)
 
 
+def test_a_function_that_cannot_be_pickled_names_what_it_captures(executor):
+    """The bare pickle message named only a type ("cannot pickle '_thread.lock'
+    object"); ProcessPoolExecutor's says no more, from result()."""
+    lock = threading.Lock()
+    message = (
+        r"^function .*<lambda> cannot be sent to the nodes: it uses lock \(closure"
+    )
+    with pytest.raises(SerializationError, match=message):
+        executor.submit(lambda: lock.locked())
+    with pytest.raises(SerializationError, match=message):
+        executor.map(lambda x: lock.locked(), [1])
+
+
 def test_result_and_exception_time_out(executor, tmp_path):
     gate = Gate(tmp_path)
     future = gate.submit(executor, "late")
