@@ -9,6 +9,7 @@ bounded wait: nothing grows with the number of clients served.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -160,10 +161,11 @@ def test_results_of_a_computation_that_died_expire(
                 wait_for_path(marker, timeout=WAIT)
                 assert _kept(node)  # its results are kept from its setup on
                 for process in _computation_processes(node):
-                    process.kill()
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        process.kill()  # (its workers die with it)
                 job()  # it ends with its computation
         assert _settled(lambda: _kept(node), WAIT) == []
-        assert _session_dirs(node) == []
+        assert _settled(lambda: _session_dirs(node), WAIT) == []
 
 
 def _interrupt_pages(node: CliNode) -> list[str]:
