@@ -147,8 +147,9 @@ FILE_NOT_KEPT = (
 class Kept:
     """One kept computation and its undelivered results.
 
-    ``computation`` is None for results a previous node process kept (its jobs are
-    gone); ``results`` holds only what could not be spooled (a disk error).
+    ``computation`` is None for results a previous node process kept, and once its
+    jobs ended (they are gone); ``results`` holds only what could not be spooled (a
+    disk error).
     """
 
     computation: Computation | None
@@ -463,6 +464,10 @@ class ResultKeeper:
         except TimeoutError:
             await kept.computation.close(terminate=True)
         kept.finished.set()
+        # Its jobs are over: what is kept is its results. The computation holds its
+        # client's ended session (connection, outbox, tasks' frames): freed now,
+        # not when the results expire (an hour by default).
+        kept.computation = None
         if kept.spool is not None and kept.owner is not None:
             kept.spool.expires = time.time() + keep
             kept.owner.write_meta(kept.spool)

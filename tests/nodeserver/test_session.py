@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -457,5 +459,46 @@ def test_a_large_file_is_digested_off_the_loop(
             assert await results(conn, 1) == {1: (FINISHED, len(data))}
             other.close()
             conn.close()
+
+    run(main())
+
+
+def test_a_gone_clients_session_is_freed_once_its_kept_jobs_end(
+    tmp_path: Path,
+) -> None:
+    """A client killed while its job runs, its results kept for recovery an hour:
+    once its job ended, nothing holds its session (its connection, outbox and
+    tasks); before, the kept computation held it until the results expired. The
+    result is still kept."""
+
+    async def main() -> None:
+        async with in_process_node(tmp_path, cpus=1) as node:
+            conn = await node.client()
+            recovery_id = "soak" * 8
+            conn.write(
+                ComputationSetup(
+                    comp_id=1,
+                    name="test",
+                    workers=0,
+                    recovery_id=recovery_id,
+                    keep_results=3600.0,
+                ),
+                bundle(blocked),
+            )
+            await expect(conn, ComputationReady)
+            (session,) = node.server.sessions
+            freed = weakref.ref(session)
+            del session
+            name = f"session-kept-{id(conn)}"
+            submit(conn, (1, (name,)))
+            await wait_until(lambda: node.launcher.busy_workers(), "job running")
+            conn.abort()  # the client is killed
+            await wait_until(lambda: not node.server.sessions, "session ended")
+            gate(name).set()
+            kept = node.server.keeper.kept(recovery_id)
+            assert kept is not None
+            await wait_until(kept.finished.is_set, "kept job ended")
+            await wait_until(lambda: gc.collect() >= 0 and freed() is None, "freed")
+            assert kept.spool is not None and len(kept.spool.files) == 1
 
     run(main())
