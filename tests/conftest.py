@@ -15,6 +15,8 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
+from tests.ports import PortHolder, held_ports
+
 #: Seconds a test's threads and descriptors get to go away after it (a thread that
 #: is being joined, a socket closed by a callback still queued): a bounded wait for a
 #: condition, never a sleep for correctness.
@@ -128,6 +130,15 @@ def fds_left_open(
         time.sleep(0.05)  # polling a condition with a deadline
         left = _left_open(before, allow_engine)
     return left
+
+
+@pytest.fixture
+def held_port() -> Iterator[PortHolder]:
+    """Call it for a port of 127.0.0.1 that no other test gets while this one
+    runs, where nothing listens until a server of the test binds it
+    (`tests.ports`); let go after the test."""
+    with held_ports() as holder:
+        yield holder
 
 
 @pytest.fixture

@@ -169,10 +169,8 @@ def test_timed_blackhole_heals_by_itself(echo):
     assert 0.45 <= elapsed < 3.0, elapsed
 
 
-def test_upstream_gone_closes_client_side():
-    unused = socket.create_server(("127.0.0.1", 0))
-    port = unused.getsockname()[1]
-    unused.close()
+def test_upstream_gone_closes_client_side(held_port):
+    port = held_port()  # nothing listens there
     with ToxicProxy(port) as proxy, connect(proxy) as sock:
         assert sock.recv(1) == b""
 

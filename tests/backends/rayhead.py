@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,10 @@ PRIORITY = -10 if os.geteuid() == 0 else 0
 
 
 def free_port() -> int:
+    """A port nothing had bound a moment ago. Another process may take it before
+    Ray's head binds it (Ray is given the port and checks and binds it its own way:
+    not held as `tests.ports` holds ports for dispynb's servers): `_start` tries
+    again on another."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -69,19 +74,21 @@ class RayHead:
         }
         # Short: Ray's Unix socket paths live under it.
         temp_dir = tempfile.mkdtemp(prefix="r", dir="/tmp")
-        port = free_port()
-        command = [
-            RAY,
-            "start",
-            "--head",
-            f"--port={port}",
-            f"--num-cpus={cpus}",
-            "--include-dashboard=false",
-            "--node-ip-address=127.0.0.1",
-            "--disable-usage-stats",
-            f"--temp-dir={temp_dir}",
-        ]
-        _start(command, env)
+
+        def command(port: int) -> list[str]:
+            return [
+                RAY,
+                "start",
+                "--head",
+                f"--port={port}",
+                f"--num-cpus={cpus}",
+                "--include-dashboard=false",
+                "--node-ip-address=127.0.0.1",
+                "--disable-usage-stats",
+                f"--temp-dir={temp_dir}",
+            ]
+
+        port = _start(command, env)
         return cls(f"127.0.0.1:{port}", env, temp_dir)
 
     def add_node(self, cpus: int) -> subprocess.Popen[bytes]:
@@ -141,22 +148,25 @@ class RayHead:
 _WARM = "import ray.dashboard.agent, ray._private.runtime_env.agent.main"
 
 
-def _start(command: list[str], env: dict[str, str]) -> None:
+def _start(command: Callable[[int], list[str]], env: dict[str, str]) -> int:
+    """Run ``ray start`` (``command(port)``) until it starts; return its port, a
+    fresh one at each attempt (the last one's may have been taken meanwhile)."""
     for attempt in (1, 2, 3):
+        port = free_port()
         subprocess.run(
             [sys.executable, "-c", _WARM], env=env, capture_output=True, timeout=120
         )
         # Ray's processes get ahead of the machine's other work (root may raise a
         # priority), so that the agents start within the raylet's fixed 15 s.
         proc = subprocess.run(
-            ["nice", "-n", str(PRIORITY), *command],
+            ["nice", "-n", str(PRIORITY), *command(port)],
             env=env,
             capture_output=True,
             text=True,
             timeout=START_TIMEOUT,
         )
         if proc.returncode == 0:
-            return
+            return port
         subprocess.run(
             [RAY, "stop", "--force"], env=env, capture_output=True, timeout=60
         )

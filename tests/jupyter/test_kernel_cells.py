@@ -16,6 +16,7 @@ import pytest
 from dispynb import LocalCluster
 from tests.jobs import wait_until
 from tests.jupyter.kernel import Kernel, kernel, node_pids, wait_gone
+from tests.ports import PortHolder
 
 pytestmark = pytest.mark.slow
 
@@ -269,22 +270,18 @@ def test_help_shows_the_cell_magic_and_a_misspelt_option_is_named(k):
     assert "unknown option --ovr; did you mean --over?" in out.text
 
 
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _short(text: str) -> None:
     lines = [line for line in text.splitlines() if line.strip()]
     assert len(lines) <= 3, text
     assert "Traceback" not in text and "dispynb/" not in text, text
 
 
-def test_unreachable_nodes_say_so_in_two_lines_with_the_fix(tmp_path: Path):
+def test_unreachable_nodes_say_so_in_two_lines_with_the_fix(
+    tmp_path: Path, held_port: PortHolder
+):
     with kernel(tmp_path) as k:
         k.run_ok("%load_ext dispynb")
-        ports = (_closed_port(), _closed_port())
+        ports = (held_port(), held_port())  # nothing listens there
         out = k.execute(f"%dispy nodes 127.0.0.1:{ports[0]} 127.0.0.1:{ports[1]}")
         assert out.ename == "MagicError", out.text
         _short(out.text)
@@ -387,7 +384,9 @@ def test_stop_while_each_host_is_probed_ends_the_probes_and_keeps_the_nodes(
         assert node_pids(k) == pids
 
 
-def test_nodes_elsewhere_replace_the_notebooks_only_once_they_answer(tmp_path: Path):
+def test_nodes_elsewhere_replace_the_notebooks_only_once_they_answer(
+    tmp_path: Path, held_port: PortHolder
+):
     """`%dispy nodes HOST` where nothing answers keeps the local nodes (it stopped
     them first, and the notebook was left with none); nodes that answer replace
     them: the old ones stop, and show as gone."""
@@ -398,7 +397,7 @@ def test_nodes_elsewhere_replace_the_notebooks_only_once_they_answer(tmp_path: P
         k.run_ok("%load_ext dispynb\n%dispy local --cpus 1")
         pids = node_pids(k)
         first = k.value(f"[a for _, a, _ in {SESSION}.known_nodes()]")
-        port = _closed_port()
+        port = held_port()  # nothing listens there
 
         out = k.execute(f"%dispy nodes 127.0.0.1:{port} --secret-file {secret}")
 

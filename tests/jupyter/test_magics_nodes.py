@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -177,19 +176,12 @@ def test_a_malformed_node_address_is_a_usage_error_that_keeps_the_nodes(ip, host
     assert addresses(ip) == before and session(ip).nodes is session(ip).local
 
 
-def _closed_port() -> int:
-    """A port of 127.0.0.1 where nothing listens."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def test_nodes_that_do_not_answer_keep_the_nodes_in_use(ip):
+def test_nodes_that_do_not_answer_keep_the_nodes_in_use(ip, held_port):
     """`%dispy nodes HOST ...` where no node answers names every host that failed
     and the fix, and keeps the notebook's nodes, which the next cell runs on (it
     stopped them first, leaving the notebook with no nodes at all)."""
     before = addresses(ip)
-    ports = [_closed_port(), _closed_port()]
+    ports = [held_port(), held_port()]  # nothing listens there
 
     with pytest.raises(MagicError) as raised:
         ip.run_line_magic("dispy", f"nodes 127.0.0.1:{ports[0]} 127.0.0.1:{ports[1]}")
@@ -235,7 +227,7 @@ def test_stop_while_new_local_nodes_start_keeps_the_nodes_in_use(ip, monkeypatch
 
 
 def test_nodes_with_an_unreachable_host_use_the_others_and_say_it_once(
-    ip, tmp_path, caplog
+    ip, tmp_path, caplog, held_port
 ):
     """`%dispy nodes GOOD BAD`, BAD not answering: the notebook uses GOOD, says
     once which host failed and how to fix it, and does not list BAD as in use;
@@ -246,7 +238,7 @@ def test_nodes_with_an_unreachable_host_use_the_others_and_say_it_once(
     secret = tmp_path / "secret"
     secret.write_text(local.secret)
     secret.chmod(0o600)
-    good, bad = addresses(ip)[0], f"127.0.0.1:{_closed_port()}"
+    good, bad = addresses(ip)[0], f"127.0.0.1:{held_port()}"
     try:
         state.local = None  # keep the local nodes: attach to one by address
         with capture_output() as captured:

@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,6 +45,7 @@ from tests.labextension.labpage import (
     wait_prompt,
 )
 from tests.nodeproc import inner_pytest
+from tests.ports import PortHolder
 
 if TYPE_CHECKING:
     pass
@@ -216,14 +216,8 @@ def test_lab_ray_in_private_network() -> None:
 # -- the inner half (in the namespace) -------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
-def lab(tmp_path: Path) -> Iterator[Lab]:
+def lab(tmp_path: Path, held_port: PortHolder) -> Iterator[Lab]:
     """A `jupyter lab` server on 127.0.0.1 with isolated config, data and runtime."""
     import nbformat
 
@@ -294,7 +288,9 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
             "--dest-path", str(jdir / "node"), "--loglevel", "warning",
         ],
     )  # fmt: skip
-    port, token = _free_port(), "dispynb-test-token"
+    # Held until the end: Jupyter binds it with SO_REUSEADDR (tornado's), twice
+    # (it checks the port first), and nothing else gets it between (tests.ports).
+    port, token = held_port(), "dispynb-test-token"
     env = {
         **os.environ,
         "JUPYTER_CONFIG_DIR": str(jdir / "cfg"),

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import pytest
 
 from dispynb import LocalCluster, SharedJobCluster
 from dispynb.errors import DispynbError
+from tests.ports import PortHolder
 from tests.procmem import private_memory
 from tests.sharedsched.harness import (
     WAIT,
@@ -66,13 +66,6 @@ print(json.dumps({"results": results}))
 """
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def spill_files(pid: int, spill: Path) -> list[int]:
     """Sizes of the files under ``spill`` the process holds open."""
     sizes = []
@@ -108,11 +101,14 @@ def first_node() -> Iterator[LocalCluster]:
 
 
 def test_depends_kept_on_disk_for_a_late_node_and_released_at_close(
-    tmp_path: Path, first_node: LocalCluster, users: dict[str, Path]
+    tmp_path: Path,
+    first_node: LocalCluster,
+    users: dict[str, Path],
+    held_port: PortHolder,
 ) -> None:
     credential = users["alice"]
     spill = tmp_path / "spill"
-    late_port = free_port()
+    late_port = held_port()  # the late node's, once it starts
     sched = SchedulerProcess(
         tmp_path,
         first_node.node_specs(),

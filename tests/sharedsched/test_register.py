@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
-import socket
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from nodeserver.parser import parse_args
 from nodeserver.register import register
 from schedserver.config import SchedulerConfig
 from tests.nodeproc import NODE_WAIT, CliNode, running_node, start_node
+from tests.ports import PortHolder
 from tests.sharedsched.harness import (
     TIMED_CLIENT,
     WAIT,
@@ -151,12 +151,6 @@ def test_dispynodes_older_scheduler_port_is_the_port_of_its_scheduler(
         assert says in capsys.readouterr().err
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def wait_for_node_log(node: CliNode, text: str, count: int = 1) -> None:
     deadline = time.monotonic() + WAIT
     while node.log_text().count(text) < count:
@@ -167,9 +161,9 @@ def wait_for_node_log(node: CliNode, text: str, count: int = 1) -> None:
 
 
 def test_a_node_waits_for_a_scheduler_started_after_it(
-    tmp_path: Path, users: dict[str, Path]
+    tmp_path: Path, users: dict[str, Path], held_port: PortHolder
 ) -> None:
-    port = free_port()
+    port = held_port()  # the scheduler's, once it starts
     with running_node(
         tmp_path / "node", "--scheduler_host", f"127.0.0.1:{port}", "-d",
         "--ping_interval", "0.5", secret=SECRET, cpus=2,
@@ -246,13 +240,13 @@ def test_a_killed_registered_node_is_forgotten_and_its_restart_elsewhere_taken(
 
 
 def test_a_forgotten_node_registering_again_from_the_same_boot_is_taken_again(
-    tmp_path: Path,
+    tmp_path: Path, held_port: PortHolder
 ) -> None:
     """Forgetting a node also forgets its boot: a node unreachable for a while (cut
     off, stopped) that registers again, not restarted, is taken again."""
     sched, address = registering_scheduler(tmp_path, "--forget_registered", "1")
     try:
-        port = free_port()  # nobody listens there: the node is unreachable
+        port = held_port()  # nobody listens there: the node is unreachable
         boot = new_boot_id()
 
         async def registers() -> None:

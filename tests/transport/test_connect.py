@@ -3,8 +3,6 @@ authentication (right, wrong or no secret), the signed Welcome, nothing listenin
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 
 from dispynb.errors import (
@@ -83,10 +81,8 @@ def test_connect_both_without_secret_succeeds():
     run(main())
 
 
-def test_connect_nothing_listening_raises_connection_closed():
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        port = sock.getsockname()[1]  # bound but not listening: refused
+def test_connect_nothing_listening_raises_connection_closed(held_port):
+    port = held_port()  # bound but not listening: refused
 
     async def main():
         with pytest.raises(ConnectionClosedError, match="cannot connect"):
