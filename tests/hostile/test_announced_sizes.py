@@ -14,24 +14,19 @@ import asyncio
 import pickle
 import threading
 from collections.abc import Iterator
-from typing import Any
 
 import psutil
 import pytest
 
 from dispynb import DispyJob, JobCluster
-from dispynb.errors import ConnectionClosedError
 from dispynb.protocol.messages import (
-    ComputationClose,
-    ComputationClosed,
-    ComputationReady,
-    ComputationSetup,
     JobProvisional,
     JobResults,
     JobSubmit,
     ResultChunk,
 )
 from dispynb.transport.connection import Connection
+from tests.hostile.scripted import ScriptedNode, finished
 from tests.hostile.tools import wait_for
 from tests.transport.util import SECRET, serving_in_thread
 
@@ -48,34 +43,19 @@ def square(x: int) -> int:
     return x * x
 
 
-class AnnouncingNode:
+class AnnouncingNode(ScriptedNode):
     """For its job: a chunk announcing `ANNOUNCED` bytes with one byte of them and
     a provisional result; once ``go_on`` is set, `SENT` more bytes of that buffer
     and a result that is not streamed."""
 
     def __init__(self) -> None:
-        self.connections: list[Connection] = []
-        self.active = 0
+        super().__init__()
         self.go_on = threading.Event()
         self.data = memoryview(bytearray(SENT))  # made before the client measures
 
-    async def __call__(self, conn: Connection, name: str) -> None:
-        self.connections.append(conn)
-        self.active += 1
-        try:
-            while True:
-                message, _buffers = await conn.recv()
-                if isinstance(message, ComputationSetup):
-                    conn.write(ComputationReady(comp_id=message.comp_id, workers=1))
-                elif isinstance(message, JobSubmit):
-                    for key, attempt, *_rest in message.jobs:
-                        await self._announce(conn, message.comp_id, key, attempt)
-                elif isinstance(message, ComputationClose):
-                    conn.write(ComputationClosed(comp_id=message.comp_id))
-        except ConnectionClosedError:
-            return
-        finally:
-            self.active -= 1
+    async def jobs(self, conn: Connection, message: JobSubmit) -> None:
+        for key, attempt, *_rest in message.jobs:
+            await self._announce(conn, message.comp_id, key, attempt)
 
     async def _announce(
         self, conn: Connection, comp_id: int, key: int, attempt: int
@@ -97,7 +77,7 @@ class AnnouncingNode:
         )
         await asyncio.to_thread(self.go_on.wait, WAIT)
         conn.write(chunk(1), [self.data])
-        entry: list[Any] = [key, attempt, "finished", 1.0, 2.0, "", "", None, 1]
+        entry = finished(key, attempt)
         conn.write(JobResults(comp_id=comp_id, results=[entry]), [pickle.dumps(49)])
 
 

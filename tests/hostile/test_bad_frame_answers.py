@@ -23,14 +23,11 @@ from dispynb.errors import ConnectionClosedError
 from dispynb.protocol.auth import MAC_SIZE
 from dispynb.protocol.framing import encode_frames
 from dispynb.protocol.messages import (
-    ComputationClose,
-    ComputationClosed,
-    ComputationReady,
-    ComputationSetup,
     JobSubmit,
 )
 from dispynb.transport.connection import Connection
 from dispynb.transport.links import SocketLink
+from tests.hostile.scripted import ScriptedNode
 from tests.transport.util import SECRET, serving_in_thread
 
 WAIT = 10.0
@@ -49,33 +46,20 @@ def _bad_bytes(kind: str) -> bytes:
     return b"\xff" * 64  # no frame at all
 
 
-class BadNode:
+class BadNode(ScriptedNode):
     """Sets the computation up, then answers the first job with ``kind``'s bytes."""
 
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
-        self.connections: list[Connection] = []
-        self.active = 0
+    ENDS = (ConnectionClosedError, OSError)  # it writes to the socket itself
 
-    async def __call__(self, conn: Connection, name: str) -> None:
-        self.connections.append(conn)
-        self.active += 1
-        try:
-            while True:
-                message, _buffers = await conn.recv()
-                if isinstance(message, ComputationSetup):
-                    conn.write(ComputationReady(comp_id=message.comp_id, workers=1))
-                elif isinstance(message, JobSubmit):
-                    await asyncio.sleep(0.003)  # the user's thread waits by now
-                    link = conn._link
-                    assert isinstance(link, SocketLink)
-                    link._sock.sendall(_bad_bytes(self.kind))
-                elif isinstance(message, ComputationClose):
-                    conn.write(ComputationClosed(comp_id=message.comp_id))
-        except (ConnectionClosedError, OSError):
-            return
-        finally:
-            self.active -= 1
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+
+    async def jobs(self, conn: Connection, message: JobSubmit) -> None:
+        await asyncio.sleep(0.003)  # the user's thread waits by now
+        link = conn._link
+        assert isinstance(link, SocketLink)
+        link._sock.sendall(_bad_bytes(self.kind))
 
 
 @pytest.fixture

@@ -17,11 +17,7 @@ from typing import Any
 import pytest
 
 from dispynb import DispyJob, JobCluster
-from dispynb.errors import ConnectionClosedError
 from dispynb.protocol.messages import (
-    ComputationClose,
-    ComputationClosed,
-    ComputationReady,
     ComputationSetup,
     FileFromNode,
     FilePut,
@@ -31,6 +27,7 @@ from dispynb.protocol.messages import (
     ResultChunk,
 )
 from dispynb.transport.connection import Connection
+from tests.hostile.scripted import ScriptedNode, finished
 from tests.transport.util import SECRET, serving_in_thread
 
 
@@ -48,45 +45,26 @@ class _RunsCode:
         return os.mkdir, (self.path,)
 
 
-def _finished(key: int, attempt: int, pickled: bytes) -> tuple[list[Any], bytes]:
-    return [key, attempt, "finished", 1.0, 2.0, "", "", None, 1], pickled
-
-
-class LyingNode:
+class LyingNode(ScriptedNode):
     """Answers a computation's jobs with foreign files and results, then ``reply``."""
 
     def __init__(self, marker: Path, reply: Any) -> None:
+        super().__init__()
         self.marker = marker
         self.reply = reply
-        self.connections: list[Connection] = []
-        self.active = 0
         self.ask_for: list[str] = []  # digests to ask for before the setup is done
         self.files_put: list[str] = []  # digests of the files the client sent
 
-    async def __call__(self, conn: Connection, name: str) -> None:
-        self.connections.append(conn)
-        self.active += 1
-        try:
-            while True:
-                message, _buffers = await conn.recv()
-                if isinstance(message, ComputationSetup):
-                    if self.ask_for:
-                        conn.write(
-                            FilesMissing(comp_id=message.comp_id, digests=self.ask_for)
-                        )
-                    conn.write(ComputationReady(comp_id=message.comp_id, workers=1))
-                elif isinstance(message, FilePut):
-                    self.files_put.append(message.digest)
-                elif isinstance(message, JobSubmit):
-                    self._lie(conn, message)
-                elif isinstance(message, ComputationClose):
-                    conn.write(ComputationClosed(comp_id=message.comp_id))
-        except ConnectionClosedError:
-            return
-        finally:
-            self.active -= 1
+    def setup(self, conn: Connection, message: ComputationSetup) -> None:
+        if self.ask_for:
+            conn.write(FilesMissing(comp_id=message.comp_id, digests=self.ask_for))
+        super().setup(conn, message)
 
-    def _lie(self, conn: Connection, message: JobSubmit) -> None:
+    def other(self, conn: Connection, message: Any) -> None:
+        if isinstance(message, FilePut):
+            self.files_put.append(message.digest)
+
+    async def jobs(self, conn: Connection, message: JobSubmit) -> None:
         comp_id = message.comp_id
         for key, attempt, *_rest in message.jobs:
             foreign = key + 1000  # never given to this node
@@ -100,10 +78,13 @@ class LyingNode:
             )
             conn.write(chunk, [b"x"])
             evil = pickle.dumps(_RunsCode(str(self.marker)))
-            entry, data = _finished(foreign, 1, evil)
-            conn.write(JobResults(comp_id=comp_id, results=[entry]), [data])
-            entry, data = _finished(key, attempt, pickle.dumps(self.reply))
-            conn.write(JobResults(comp_id=comp_id, results=[entry]), [data])
+            conn.write(
+                JobResults(comp_id=comp_id, results=[finished(foreign, 1)]), [evil]
+            )
+            conn.write(
+                JobResults(comp_id=comp_id, results=[finished(key, attempt)]),
+                [pickle.dumps(self.reply)],
+            )
 
 
 @pytest.fixture

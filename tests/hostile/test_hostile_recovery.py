@@ -10,48 +10,39 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import dispynb
-from dispynb.errors import ConnectionClosedError
 from dispynb.job import DispyJob, JobStatus
 from dispynb.journal import Journal
 from dispynb.protocol.messages import JobResults, Recover, ResultChunk
 from dispynb.transport.connection import Connection
+from tests.hostile.scripted import ScriptedNode, finished
 from tests.transport.util import SECRET, serving_in_thread
 
 KEY = 3
 
 
-class LyingRecovery:
+class LyingRecovery(ScriptedNode):
     """Answers a Recover with ``chunks`` (sizes and data), then the job's streamed
     entry (one buffer)."""
 
     def __init__(self, chunks: list[tuple[int, bytes]]) -> None:
+        super().__init__()
         self.chunks = chunks
-        self.connections: list[Connection] = []
-        self.active = 0
 
-    async def __call__(self, conn: Connection, name: str) -> None:
-        self.connections.append(conn)
-        self.active += 1
-        try:
-            while True:
-                message, _buffers = await conn.recv()
-                if isinstance(message, Recover):
-                    for size, data in self.chunks:
-                        chunk = ResultChunk(
-                            comp_id=message.comp_id, key=KEY, attempt=1, index=0,
-                            offset=0, size=size,
-                        )  # fmt: skip
-                        conn.write(chunk, [data])
-                    entry = [KEY, 1, "finished", 1.0, 2.0, "", "", None, 1, True]
-                    conn.write(JobResults(comp_id=message.comp_id, results=[entry]))
-        except ConnectionClosedError:
-            return
-        finally:
-            self.active -= 1
+    def other(self, conn: Connection, message: Any) -> None:
+        if isinstance(message, Recover):
+            for size, data in self.chunks:
+                chunk = ResultChunk(
+                    comp_id=message.comp_id, key=KEY, attempt=1, index=0,
+                    offset=0, size=size,
+                )  # fmt: skip
+                conn.write(chunk, [data])
+            entry = [*finished(KEY, 1), True]  # streamed
+            conn.write(JobResults(comp_id=message.comp_id, results=[entry]))
 
 
 @pytest.fixture

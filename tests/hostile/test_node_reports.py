@@ -15,22 +15,19 @@ import math
 import pickle
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from dispynb import JobCluster, SharedJobCluster
-from dispynb.errors import ConnectionClosedError
 from dispynb.protocol.messages import (
-    ComputationClose,
-    ComputationClosed,
-    ComputationReady,
-    ComputationSetup,
     JobResults,
     JobSubmit,
     NodeStatus,
     Ping,
 )
 from dispynb.transport.connection import Connection
+from tests.hostile.scripted import ScriptedNode, finished
 from tests.hostile.tools import wait_for
 from tests.sharedsched.harness import SchedulerProcess, add_user
 from tests.transport.util import SECRET, serving_in_thread
@@ -45,13 +42,12 @@ def square(x: int) -> int:
     return x * x
 
 
-class MisreportingNode:
+class MisreportingNode(ScriptedNode):
     """Answers every job with 49; reports malformed resources on each connection,
     before each result and every 0.1 s."""
 
     def __init__(self) -> None:
-        self.connections: list[Connection] = []
-        self.active = 0
+        super().__init__()
         self.pings = 0  # the pulse of whoever is connected (a scheduler's, each 0.5 s)
 
     def _report(self, conn: Connection) -> None:
@@ -63,32 +59,24 @@ class MisreportingNode:
             self._report(conn)
             await asyncio.sleep(0.1)
 
-    async def __call__(self, conn: Connection, name: str) -> None:
-        self.connections.append(conn)
-        self.active += 1
+    async def serve(self, conn: Connection) -> None:
         pulse = asyncio.create_task(self._pulse(conn))
         try:
-            while True:
-                message, _buffers = await conn.recv()
-                if isinstance(message, ComputationSetup):
-                    conn.write(ComputationReady(comp_id=message.comp_id, workers=1))
-                elif isinstance(message, JobSubmit):
-                    self._report(conn)
-                    for key, attempt, *_rest in message.jobs:
-                        entry = [key, attempt, "finished", 1.0, 2.0, "", "", None, 1]
-                        conn.write(
-                            JobResults(comp_id=message.comp_id, results=[entry]),
-                            [pickle.dumps(49)],
-                        )
-                elif isinstance(message, Ping):
-                    self.pings += 1
-                elif isinstance(message, ComputationClose):
-                    conn.write(ComputationClosed(comp_id=message.comp_id))
-        except ConnectionClosedError:
-            return
+            await super().serve(conn)
         finally:
             pulse.cancel()
-            self.active -= 1
+
+    async def jobs(self, conn: Connection, message: JobSubmit) -> None:
+        self._report(conn)
+        for key, attempt, *_rest in message.jobs:
+            conn.write(
+                JobResults(comp_id=message.comp_id, results=[finished(key, attempt)]),
+                [pickle.dumps(49)],
+            )
+
+    def other(self, conn: Connection, message: Any) -> None:
+        if isinstance(message, Ping):
+            self.pings += 1
 
 
 @pytest.fixture

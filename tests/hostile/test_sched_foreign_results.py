@@ -18,12 +18,7 @@ from pathlib import Path
 import pytest
 
 from dispynb import DispyJob, SharedJobCluster
-from dispynb.errors import ConnectionClosedError
 from dispynb.protocol.messages import (
-    ComputationClose,
-    ComputationClosed,
-    ComputationReady,
-    ComputationSetup,
     FileFromNode,
     JobProvisional,
     JobResults,
@@ -31,6 +26,7 @@ from dispynb.protocol.messages import (
     ResultChunk,
 )
 from dispynb.transport.connection import Connection
+from tests.hostile.scripted import ScriptedNode, finished
 from tests.hostile.tools import limited_node, wait_for
 from tests.sharedsched.harness import SchedulerProcess, add_user
 from tests.transport.util import SECRET, serving_in_thread
@@ -51,16 +47,15 @@ def gated(n: int, gate: str) -> int:
     return n * n
 
 
-class ForgingNode:
+class ForgingNode(ScriptedNode):
     """Takes jobs and never ends them; a second after the first, for the keys around
     them that it was not given (same attempt), sends a provisional result, a file,
     a result chunk and a result saying `FORGED`."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.given: list[int] = []
         self.forged = 0
-        self.connections: list[Connection] = []
-        self.active = 0
 
     def _forge(self, conn: Connection, comp_id: int, attempt: int) -> None:
         data = pickle.dumps(FORGED)
@@ -83,33 +78,19 @@ class ForgingNode:
                 ),
                 [data],
             )  # fmt: skip
-            entry = [other, attempt, "finished", 1.0, 2.0, "", "", None, 1]
+            entry = finished(other, attempt)
             conn.write(JobResults(comp_id=comp_id, results=[entry]), [data])
             self.forged += 1
 
-    async def __call__(self, conn: Connection, name: str) -> None:
-        self.connections.append(conn)
-        self.active += 1
-        try:
-            while True:
-                message, _buffers = await conn.recv()
-                if isinstance(message, ComputationSetup):
-                    conn.write(ComputationReady(comp_id=message.comp_id, workers=1))
-                elif isinstance(message, JobSubmit):
-                    first = not self.given
-                    for key, _attempt, *_rest in message.jobs:
-                        self.given.append(key)
-                    if first:  # once every job went out: for those it was not given
-                        attempt = message.jobs[0][1]
-                        asyncio.get_running_loop().call_later(
-                            1.0, self._forge, conn, message.comp_id, attempt
-                        )
-                elif isinstance(message, ComputationClose):
-                    conn.write(ComputationClosed(comp_id=message.comp_id))
-        except ConnectionClosedError:
-            return
-        finally:
-            self.active -= 1
+    async def jobs(self, conn: Connection, message: JobSubmit) -> None:
+        first = not self.given
+        for key, _attempt, *_rest in message.jobs:
+            self.given.append(key)
+        if first:  # once every job went out: for those it was not given
+            attempt = message.jobs[0][1]
+            asyncio.get_running_loop().call_later(
+                1.0, self._forge, conn, message.comp_id, attempt
+            )
 
 
 @pytest.fixture
