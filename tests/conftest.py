@@ -7,6 +7,7 @@ import gc
 import glob
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -204,17 +205,48 @@ def _no_ipython_shell_outlives_its_module() -> Iterator[None]:
             delattr(sys, name)
 
 
+#: The pid in the name of a default recovery file (``-wal``/``-shm`` may follow).
+_RECOVERY_PID = re.compile(r"_dispy_\d{14}_(\d+)")
+
+#: This pytest run, in the environment of every process it starts (one whose parent
+#: is gone included), unless a test gives one an environment of its own.
+RUN_VARIABLE = "PYTEST_DISPYNB_RUN"
+os.environ[RUN_VARIABLE] = f"{os.getpid()}-{time.time_ns()}"
+
+
+def another_runs(path: str) -> bool:
+    """Whether the recovery file ``path`` belongs to another pytest run in the same
+    directory: the process named in it lives, is neither this one nor one it
+    started, and has not this run's `RUN_VARIABLE`. One whose process is gone
+    cannot be told apart: it counts as this run's (a leftover either way)."""
+    found = _RECOVERY_PID.match(os.path.basename(path))
+    if found is None or int(found.group(1)) == os.getpid():
+        return False
+    try:
+        process = psutil.Process(int(found.group(1)))
+        if any(ancestor.pid == os.getpid() for ancestor in process.parents()):
+            return False
+        return process.environ().get(RUN_VARIABLE) != os.environ[RUN_VARIABLE]
+    except psutil.Error:  # gone, or its environment unreadable: no telling
+        return False
+
+
 @pytest.fixture(autouse=True)
 def _no_recovery_file_left_in_the_cwd(request: pytest.FixtureRequest) -> Iterator[None]:
     """A test must not leave dispy's default recovery file (``_dispy_<time>_<pid>``
     and its ``-shm``/``-wal``) in the current directory, the checkout: a client
     program started with no ``cwd`` that was killed, or a cluster of pytest's own
     process given node specs that did not close cleanly. Run such clients with their
-    cwd in ``tmp_path``, or give the cluster a ``recover_file`` in ``tmp_path``."""
+    cwd in ``tmp_path``, or give the cluster a ``recover_file`` in ``tmp_path``.
+
+    Another pytest run from the same checkout (its clusters make such files there
+    all the time) is left alone: its files are neither counted nor removed
+    (`another_runs`)."""
     cwd = os.getcwd()
     before = set(glob.glob(os.path.join(cwd, "_dispy_*")))
     yield
-    left = sorted(set(glob.glob(os.path.join(cwd, "_dispy_*"))) - before)
+    new = set(glob.glob(os.path.join(cwd, "_dispy_*"))) - before
+    left = sorted(path for path in new if not another_runs(path))
     for path in left:
         os.unlink(path)  # the checkout stays clean; the test fails, naming them
     if left:
