@@ -365,7 +365,8 @@ class DriverNodes(DriverResults):
             self._watchdog = self._spawn(self._watch_pulses())
 
     async def _watch_pulses(self) -> None:
-        """Ping the nodes every pulse; a node silent for DEAD_AFTER pulses is dead."""
+        """Ping the nodes every half pulse, and look at them as often: a node silent
+        for DEAD_AFTER pulses is dead (found within half a pulse of it)."""
         loop = asyncio.get_running_loop()
         pulse = self.pulse
         while not self._closing:
