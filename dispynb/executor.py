@@ -513,6 +513,13 @@ _UNPICKLABLE_VALUE = re.compile(
 )
 
 
+#: A node's advice for a job over its time limit, given to `JobCluster` users.
+_TIMEOUT_ADVICE = re.compile(
+    r"\(job_timeout / dispy_job_timeout\)(?P<middle>.*?)"
+    r"submit\(\.\.\., dispy_job_timeout=(?P<value>[^)]+)\)"
+)
+
+
 def _explain_failure(job: DispyJob, sources: tuple[Any, ...]) -> None:
     """``job`` failed as a whole (it did not return the calls' outcomes): its
     traceback's frames in the code of ``sources`` (the calls' functions) point
@@ -521,7 +528,13 @@ def _explain_failure(job: DispyJob, sources: tuple[Any, ...]) -> None:
     text = job.exception
     if not isinstance(text, str):
         return
-    text = job.exception = LazySourceMap(*sources).rerender(text) or text
+    text = LazySourceMap(*sources).rerender(text) or text
+    # A call cannot pass dispy_job_timeout (it would go to the function).
+    text = job.exception = _TIMEOUT_ADVICE.sub(
+        r"(the executor's job_timeout)\g<middle>Executor(..., job_timeout=\g<value>)",
+        text,
+        count=1,
+    )
     if "result of type 'tuple'" not in text:
         return
     count = job._args[2]
