@@ -2,8 +2,10 @@
 
 `NodeTable` is the model (pure, thread-safe): it folds ``cluster_status(status, node,
 job)`` events from any number of clusters into one row per node address. `NodePanel`
-shows it as an ipywidgets ``HTML`` table redrawn (throttled) as events arrive; its
-``_repr_html_`` is the static snapshot for front ends without widgets.
+shows it as an HTML table redrawn in place (``update_display_data``, throttled) as
+events arrive: what the notebook saves is the table as it last stood, readable
+once the notebook is opened again, in nbviewer or on GitHub (a widget's model is
+not saved with a notebook: it read "Error displaying widget: model not found").
 
 Feed a panel from your own cluster by chaining its callback::
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -232,17 +235,20 @@ class NodePanel:
     free, state).
 
     Pass `cluster_status` (or `chain`) as a cluster's ``cluster_status`` callback.
-    Inside a kernel with ipywidgets, ``panel.widget`` is an ``ipywidgets.HTML`` whose
-    ``value`` is redrawn as the table changes; elsewhere only the model
-    (``panel.rows()``) and the static ``_repr_html_`` are kept up to date.
+    Shown in a kernel (``display(panel)``, or ``panel`` last in a cell), it is an
+    HTML table with a ``display_id``, redrawn in place as the table changes and
+    saved with the notebook as it last stood, stamped with the time it was drawn
+    (a widget would read "Error displaying widget" once the notebook is opened
+    again). ``panel.widget``, an ``ipywidgets.HTML`` redrawn the same way, is there
+    to place the table in a layout of your own widgets (as every widget, it is not
+    saved with the notebook). Elsewhere only the model (``panel.rows()``) and the
+    static ``_repr_html_`` are kept up to date.
 
     What it sends stays small, for a Jupyter server keeps a kernel's messages for a
-    notebook whose tab is closed: the widget is made when the panel is first shown
-    (one never shown sends nothing), a redraw comes only when what it shows
-    changed, at most every ``interval`` seconds and `BYTE_RATE` bytes a second
-    (`SendBudget`),
-    and new load figures alone (nodes report theirs every second) at most every
-    ``load_interval`` seconds.
+    notebook whose tab is closed: a panel never shown sends nothing, a redraw comes
+    only when what it shows changed, at most every ``interval`` seconds and
+    `BYTE_RATE` bytes a second (`SendBudget`), and new load figures alone (nodes
+    report theirs every second) at most every ``load_interval`` seconds.
     """
 
     def __init__(
@@ -258,6 +264,7 @@ class NodePanel:
         if widget:
             import ipywidgets  # noqa: F401 (asked for: fail now without it)
         self._widget: Any = None
+        self._display_id: str | None = None  # once shown in a kernel
         self._lock = threading.RLock()
         self._next = float("-inf")  # no redraw before (time.monotonic())
         self._budget = SendBudget()
@@ -267,8 +274,9 @@ class NodePanel:
 
     @property
     def widget(self) -> Any:
-        """The ``ipywidgets.HTML`` table, made when first asked for (to display
-        it); None without ipywidgets or with ``widget=False``."""
+        """The table as an ``ipywidgets.HTML``, made when first asked for (to
+        place it in a layout of widgets; ``display(panel)`` needs none); None
+        without ipywidgets or with ``widget=False``."""
         with self._lock:
             if self._widget is None and self._wanted:
                 try:
@@ -322,7 +330,7 @@ class NodePanel:
 
     def _request_draw(self) -> None:
         with self._lock:
-            if self._widget is None:
+            if not self._drawn():
                 return  # never shown: nothing to send
             now = time.monotonic()
             wait = max(self._next - now, self._budget.wait(now))
@@ -335,7 +343,7 @@ class NodePanel:
         """Redraw if the table shows something new (with the lock held); new load
         figures alone wait for ``load_interval`` seconds after the last ones."""
         self._cancel_timer()
-        if self._widget is None:
+        if not self._drawn():
             return
         rows = self.rows()
         shown = _shown(rows)
@@ -348,13 +356,26 @@ class NodePanel:
             if wait > 0:
                 self._draw_in(wait)
                 return
-        value = templates.nodes_html(rows, live=True)
-        self._widget.value = value
+        size = 0
+        if self._widget is not None:
+            value = templates.nodes_html(rows, live=True)
+            self._widget.value = value
+            size += len(value)
+        if self._display_id is not None:
+            from IPython.display import update_display
+
+            bundle = self._bundle(rows, live=True)
+            update_display(bundle, raw=True, display_id=self._display_id)
+            size += sum(len(part) for part in bundle.values())
         if last is None or shown[1] != last[1]:
             self._load_shown = now
         self._shown = shown
         self._next = now + self.interval
-        self._budget.spend(len(value), now)
+        self._budget.spend(size, now)
+
+    def _drawn(self) -> bool:
+        """Whether the panel is shown anywhere (its widget made, or displayed)."""
+        return self._widget is not None or self._display_id is not None
 
     def _draw_in(self, wait: float) -> None:
         if self._timer is None:
@@ -372,28 +393,59 @@ class NodePanel:
             self._timer.cancel()
             self._timer = None
 
+    def _ipython_display_(self) -> None:
+        """Show the table in a kernel: a display redrawn in place as the table
+        changes (each display of a panel shows the same table); elsewhere (a
+        terminal) the table as it stands."""
+        from IPython.display import display
+
+        from dispynb.jupyter.progress import in_kernel
+
+        if not in_kernel():
+            display(self._bundle(self.rows()), raw=True)
+            return
+        with self._lock:
+            if self._display_id is None:
+                self._display_id = uuid.uuid4().hex
+            display(
+                self._bundle(self.rows(), live=True),
+                raw=True,
+                display_id=self._display_id,
+            )
+
+    def _bundle(self, rows: list[NodeRow], live: bool = False) -> dict[str, str]:
+        """``rows`` as HTML (``live``: stamped with the time, its cells styled
+        once) and as text."""
+        table = templates.nodes_html(rows, live=live)
+        if live:
+            at = time.strftime("%H:%M:%S")
+            table += (
+                "<div class='dispynb-nodes-time' style='font-size:80%;"
+                f"color:#757575'>nodes as of {at}</div>"
+            )
+        return {"text/html": table, "text/plain": _text(rows)}
+
     def _repr_html_(self) -> str:
         return templates.nodes_html(self.rows())
 
     def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
-        bundle: dict[str, Any] = {}
-        if self.widget is not None:
-            bundle.update(self.widget._repr_mimebundle_(**kwargs) or {})
-        bundle["text/html"] = self._repr_html_()
-        bundle["text/plain"] = repr(self)
-        return bundle
+        return self._bundle(self.rows())
 
     def __repr__(self) -> str:
-        rows = self.rows()
-        lines = [f"<NodePanel {len(rows)} nodes>"]
-        lines += [
-            f"  {r.name or '?'} {r.address} cpus={r.cpus} busy={r.busy} "
-            f"jobs_done={r.jobs_done} cpu_used={templates.format_load(r.cpu_free)} "
-            f"memory_free={templates.format_bytes(r.memory_free)} "
-            f"{r.state}"
-            for r in rows
-        ]
-        return "\n".join(lines)
+        return _text(self.rows())
+
+
+def _text(rows: list[NodeRow]) -> str:
+    """The panel's text: a line per node."""
+    lines = [f"<NodePanel {len(rows)} nodes>"]
+    lines += [
+        f"  {r.name or '?'} {r.address} cpus={r.cpus} busy={r.busy} "
+        f"jobs_done={r.jobs_done} cpu_used={templates.format_load(r.cpu_free)} "
+        f"memory_free={templates.format_bytes(r.memory_free)} "
+        f"{r.state}"
+        for r in rows
+    ]
+    return "\n".join(lines)
 
 
 def _shown(rows: list[NodeRow]) -> tuple[Any, Any]:

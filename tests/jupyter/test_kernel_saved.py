@@ -1,11 +1,13 @@
 """What a notebook keeps of its runs once they ended, in a real kernel: a saved
 notebook has no widget models (JupyterLab does not save them), so a display that
 is still a widget then reads "Error displaying widget: model not found". A run's
-bar and a ``--nowait`` run's output become static snapshots when the run ends."""
+bar and a ``--nowait`` run's output become static snapshots when the run ends; the
+node panel is HTML redrawn in place, which the notebook saves as it last stood."""
 
 from __future__ import annotations
 
 import queue
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -91,6 +93,55 @@ def test_a_nowait_runs_output_is_kept_as_text_once_it_ends(k):
         assert "hello from 0" in text and "hello from 1" in text, output
         assert "KeyError: &#x27;missing&#x27;" in text or "KeyError: 'missing'" in text
     assert 'class="dispynb-stderr"' in output["text/html"], output
+
+
+def panel_updates(k: Kernel, display_id: str, code: str, until: str) -> list[str]:
+    """Run ``code``; the text of each update of display ``display_id`` (sent under
+    any cell) until the kernel is idle and one has ``until``."""
+    msg_id = k.submit(code)
+    texts: list[str] = []
+    idle = False
+    deadline = time.monotonic() + CELL_TIMEOUT
+    while not (idle and any(until in text for text in texts)):
+        assert time.monotonic() < deadline, texts
+        try:
+            msg = k.client.get_iopub_msg(timeout=1)
+        except queue.Empty:
+            continue
+        content = msg["content"]
+        if (
+            msg["msg_type"] == "update_display_data"
+            and content["transient"].get("display_id") == display_id
+        ):
+            assert WIDGET not in content["data"], content["data"]
+            assert "nodes as of" in content["data"]["text/html"], content["data"]
+            texts.append(content["data"]["text/plain"])
+        elif msg["msg_type"] == "status" and content["execution_state"] == "idle":
+            idle = idle or msg["parent_header"].get("msg_id") == msg_id
+    k.client.get_shell_msg(timeout=CELL_TIMEOUT)  # the cell's reply
+    return texts
+
+
+def test_the_node_panel_is_html_redrawn_in_place_as_a_saved_notebook_keeps_it(k):
+    """``%dispy panel`` was a live widget: a notebook saved and opened again (or
+    shown by nbviewer) read "Error displaying widget: model not found" in its
+    place. It is an HTML table redrawn in place (each redraw what the notebook
+    saves), stamped with the time it shows."""
+    ((display_id, panel),) = displays(k, "%dispy panel").items()
+    assert WIDGET not in panel, panel
+    assert "nodes as of" in panel["text/html"], panel
+    done = re.search(
+        r"local-0 \S+ cpus=2 busy=\d+ jobs_done=(\d+)", panel["text/plain"]
+    )
+    assert done, panel["text/plain"]
+    after = int(done.group(1)) + 3
+    texts = panel_updates(
+        k,
+        display_id,
+        '%%dispy --over "range(3)" --into three\ndef three(i):\n    return i',
+        f"jobs_done={after} ",
+    )
+    assert texts, "the panel was not redrawn"
 
 
 def test_a_status_shown_keeps_no_run_a_cell_run_again_let_go(k):

@@ -537,10 +537,11 @@ def test_lab_stop(lab: Lab) -> None:  # collected only in the namespace: conftes
             page.wait_for_timeout(100)
         assert sorted(names) == want, names
 
-        # The node panel's widget: its cells styled once for the table (a redraw a
-        # second sends a third of the bytes), as the saved snapshot styles each.
+        # The node panel, redrawn in place: its cells styled once for the table (a
+        # redraw a second sends a third of the bytes), where a static snapshot
+        # styles each.
         run_cell(page, 4)
-        cell = cells.nth(4).locator(".widget-html-content .dispynb-nodes td").first
+        cell = cells.nth(4).locator(".jp-OutputArea .dispynb-nodes td").first
         cell.wait_for()
         padding = cell.evaluate("e => getComputedStyle(e).padding")
         assert padding == "1px 8px", padding
