@@ -657,7 +657,11 @@ def main(argv: list[str] | None = None) -> int:
         return computation.serve(node)
     except (ConnectionClosedError, NodeGone):
         # Nobody will ask for cleanup: what setup started must not outlive us.
-        logger.warning("computation process: node server gone; stopping")
+        # Not a warning: the node's death is its clients' to report (a notebook's
+        # cell says which node left), and this process shares the node's stderr,
+        # which a %dispy local node shares with the kernel: the line came into the
+        # running cell once per computation, bare, after the client's own.
+        logger.info("computation process: node server gone; stopping")
         end_leftovers()
         return 1
     finally:

@@ -151,8 +151,9 @@ class NodeWatch:
         gone = self._wait(stop)
         if gone is False:
             return
+        # The node's death is its clients' to report (see compute.main).
         if gone:
-            logger.warning("computation process: node server gone; stopping")
+            logger.info("computation process: node server gone; stopping")
         else:  # the user's code does not read the channel: it could run for hours
             logger.info("computation process: closed by the node; stopping")
         end_leftovers()
