@@ -288,11 +288,13 @@ class TextProgressBar(ProgressBar):
 
     def _draw_bar(self, counts: ProgressCounts) -> None:
         line = self.line(counts)
-        self._write("\r" + line)
+        # Padded over the line drawn before: ``\r`` only moves back (a terminal,
+        # and a notebook's stream alike, keep the end of a longer line).
+        self._write("\r" + line.ljust(self._drawn))
         self._drawn = len(line)
 
     def _draw_done(self, counts: ProgressCounts) -> None:
-        self._write("\r" + self.line(counts) + "\n")
+        self._write("\r" + self.line(counts).ljust(self._drawn) + "\n")
         self._drawn = 0
 
 

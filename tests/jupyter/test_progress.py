@@ -110,6 +110,33 @@ def test_text_bar_rewrites_one_line_and_ends_it():
     )
 
 
+def _as_shown(text: str) -> list[str]:
+    """``text``'s lines as a terminal (or a notebook's stream) shows them: ``\r``
+    moves back to the line's start, and what follows overwrites it."""
+    lines = []
+    for raw in text.split("\n"):
+        shown = ""
+        for part in raw.split("\r"):
+            shown = part + shown[len(part) :]
+        lines.append(shown.rstrip())
+    return lines
+
+
+def test_text_bar_leaves_nothing_of_a_longer_line_drawn_before():
+    """The last line was shorter than the one before ('ETA 0:01' then 'in 0:00'):
+    it showed 'in 0:000', the end of the longer one left behind."""
+    stream = io.StringIO()
+    bar = TextProgressBar("sq", interval=0, stream=stream, width=10)
+
+    bar.update(ProgressCounts(total=40, finished=1, running=2, elapsed=1.0))
+    bar.finish(ProgressCounts(total=4, finished=4, elapsed=0.2))
+
+    assert _as_shown(stream.getvalue()) == [
+        "sq [##########] 4/4 done, 0 running, 0 queued, 20 jobs/s, in 0:00",
+        "",
+    ]
+
+
 def test_widget_bar_model_state_follows_counts():
     bar = WidgetProgressBar("run")
 
