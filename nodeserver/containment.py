@@ -32,6 +32,7 @@ subreaper at the job's end, and through the cgroup where there is one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import logging
 import os
@@ -514,7 +515,11 @@ def join_new_cgroup(
         set_pids_max(path, max_pids)
         move_to_cgroup(path, os.getpid() if pid is None else pid)
     except OSError as exc:
-        logger.warning("no pids limit for this worker: %s", exc)
+        # ESRCH: the process ended before the move (a computation closed as it
+        # started: %dispy local's probes'), nothing to contain; a warning went to
+        # the node's stderr, a %dispy local node's into the notebook's cell.
+        log = logger.debug if exc.errno == errno.ESRCH else logger.warning
+        log("no pids limit for this worker: %s", exc)
         with contextlib.suppress(OSError):
             os.rmdir(path)
         return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from nodeserver.containment import (
     descendants,
     end_leftovers,
     find_pids_root,
+    place_in_new_cgroup,
     sweep_stale_cgroups,
 )
 from tests.nodeproc import node_env
@@ -89,6 +91,27 @@ def test_stale_worker_cgroups_of_dead_computations_are_swept():
         for path in (stale, live):
             if os.path.exists(path):
                 os.rmdir(path)
+
+
+def test_a_process_ended_before_its_cgroup_move_is_no_warning(caplog):
+    """A computation process that ends as it starts (%dispy local's probes close
+    theirs at once) is gone when the node moves it into its cgroup: nothing to
+    contain. The node warned 'no pids limit for this worker: [Errno 3] No such
+    process', which a %dispy local node's stderr put into the notebook's cell."""
+    root = find_pids_root()
+    if root is None:
+        pytest.skip("no pids cgroup can be created here")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    if os.path.exists(f"/proc/{dead.pid}"):
+        pytest.skip("the dead process's number was reused")
+    caplog.set_level(logging.DEBUG, logger="nodeserver.containment")
+    assert place_in_new_cgroup(root, dead.pid, 4) is None
+    assert not os.path.exists(os.path.join(root, f"dispynb-{dead.pid}-first"))
+    said = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert said == [
+        (logging.DEBUG, "no pids limit for this worker: [Errno 3] No such process")
+    ], said
 
 
 #: A worker as its computation process forks one: it leads its own group and adopts
