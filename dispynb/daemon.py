@@ -27,7 +27,13 @@ _PR_SET_DUMPABLE = 4
 
 def setup_logging(debug: bool, level: str) -> None:
     """Log to stderr at ``level`` (``-d``: DEBUG)."""
-    logging.basicConfig(level="DEBUG" if debug else level.upper(), format=LOG_FORMAT)
+    logging.basicConfig(level=log_level(debug, level), format=LOG_FORMAT)
+
+
+def log_level(debug: bool, level: str) -> str:
+    """The level name `setup_logging` logs at: what a daemon passes on to the
+    processes it starts, so that they log as it does."""
+    return "DEBUG" if debug else level.upper()
 
 
 def run_daemon(prog: str, run: Callable[[], int]) -> int:
@@ -71,4 +77,11 @@ def load_prctl() -> Callable[..., int] | None:
     return prctl
 
 
-__all__ = ["LOG_FORMAT", "load_prctl", "run_daemon", "set_dumpable", "setup_logging"]
+__all__ = [
+    "LOG_FORMAT",
+    "load_prctl",
+    "log_level",
+    "run_daemon",
+    "set_dumpable",
+    "setup_logging",
+]

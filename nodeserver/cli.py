@@ -14,7 +14,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 
-from dispynb.daemon import run_daemon, set_dumpable, setup_logging
+from dispynb.daemon import log_level, run_daemon, set_dumpable, setup_logging
 from dispynb.errors import ConfigurationError, DispynbError
 from dispynb.protocol.discovery import new_boot_id
 from dispynb.protocol.framing import large_frames_taken, release_spares
@@ -550,13 +550,16 @@ def main(argv: list[str] | None = None) -> int:
     # zygote forgets DISPYNB_SECRET itself (`forget_secret_env`): the processes it
     # forks run jobs, which are not to find the secret in their memory (a
     # scheduler's users are not to know the node secret).
-    zygote = start_zygote() if args.serve != 0 else None
+    # Computation processes log as the node does (the zygote's are forked before
+    # the node configures its logging).
+    level = log_level(args.debug, args.loglevel)
+    zygote = start_zygote(level) if args.serve != 0 else None
     # Before anything else is started: they must not inherit it either.
     args.secret_env = withdraw_secret_env()
     # Without a zygote, the node adopts orphans all the same (what a dead worker
     # or computation process left running comes back to it, to be swept).
     launcher = zygote or AdoptingLauncher(
-        adopting=args.serve != 0 and become_subreaper()
+        adopting=args.serve != 0 and become_subreaper(), log_level=level
     )
     setup_logging(args.debug, args.loglevel)
 

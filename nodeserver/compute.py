@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterable
 from types import FrameType
 from typing import Any, NoReturn
 
-from dispynb.daemon import load_prctl
+from dispynb.daemon import load_prctl, setup_logging
 from dispynb.errors import ConnectionClosedError
 from dispynb.jobenv import implicit_modules, inject_names, node_logger, setup_failure
 from dispynb.protocol import serialize
@@ -88,7 +88,8 @@ from nodeserver.jobrunner import worker_loop
 from nodeserver.memory import keep_freed_memory
 from nodeserver.program import ProgramRunner, install_program
 
-logger = logging.getLogger(__name__)
+# Named, not __name__: run as ``python -m nodeserver.compute`` it is "__main__".
+logger = logging.getLogger("nodeserver.compute")
 
 #: Seconds workers get to exit after SIGTERM at shutdown, before SIGKILL.
 STOP_GRACE = 2.0
@@ -634,7 +635,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--parent-pid", type=int, help="the zygote that forked this process, if any"
     )
+    parser.add_argument(
+        "--loglevel", help="log to stderr at this level, as the node does"
+    )
     args = parser.parse_args(argv)
+    if args.loglevel is not None:
+        setup_logging(False, args.loglevel)
     node = NodeWatch(args.node_pid or os.getppid(), args.parent_pid)
     if not node.lives():
         return 1

@@ -73,7 +73,15 @@ class Launcher(Protocol):
 
 
 class ProcessLauncher:
-    """The node server's launcher: ``python -m nodeserver.compute --control-fd N``."""
+    """The node server's launcher: ``python -m nodeserver.compute --control-fd N``.
+
+    ``log_level`` (a level name, as ``dispynb-node --loglevel``): the computation
+    processes log to stderr at it, in the node's format; None leaves their logging
+    unconfigured (an in-process node server: its program decides).
+    """
+
+    def __init__(self, log_level: str | None = None) -> None:
+        self.log_level = log_level
 
     async def start(
         self, control: socket.socket, cwd: str, timeout: float | None = None
@@ -94,6 +102,7 @@ class ProcessLauncher:
                 str(control.fileno()),
                 "--node-pid",
                 str(os.getpid()),
+                *compute_log_option(self.log_level),
                 pass_fds=(control.fileno(),),
                 cwd=cwd,
                 env=env,
@@ -117,6 +126,11 @@ class ProcessLauncher:
         return 0
 
 
+def compute_log_option(log_level: str | None) -> list[str]:
+    """The option that has a computation process log at ``log_level``."""
+    return [] if log_level is None else ["--loglevel", log_level]
+
+
 #: The launcher in-process node servers use unless told otherwise.
 PROCESS_LAUNCHER = ProcessLauncher()
 
@@ -133,7 +147,8 @@ class AdoptingLauncher(ProcessLauncher):
     is a plain `ProcessLauncher`.
     """
 
-    def __init__(self, adopting: bool = False) -> None:
+    def __init__(self, adopting: bool = False, log_level: str | None = None) -> None:
+        super().__init__(log_level)
         self.adopting = adopting
         self._watching = False  # the SIGCHLD handler is installed
         #: New interpreters started, reaped by asyncio's child watcher.

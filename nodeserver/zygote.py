@@ -65,7 +65,11 @@ from dispynb.errors import SetupError
 from dispynb.secret import forget_secret_env
 from nodeserver.containment import become_subreaper
 from nodeserver.jobreasons import signal_name
-from nodeserver.launcher import AdoptingLauncher, ComputationProcess
+from nodeserver.launcher import (
+    AdoptingLauncher,
+    ComputationProcess,
+    compute_log_option,
+)
 
 __all__ = [
     "COMPUTE_NAME",
@@ -146,7 +150,13 @@ class _NoAnswer(Exception):
 class ZygoteLauncher(AdoptingLauncher):
     """The node server's launcher while its zygote lives; new interpreters after."""
 
-    def __init__(self, sock: socket.socket, pid: int, adopting: bool = False) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        pid: int,
+        adopting: bool = False,
+        log_level: str | None = None,
+    ) -> None:
         self.pid = pid
         self._sock: socket.socket | None = sock
         self._lock: asyncio.Lock | None = None
@@ -157,7 +167,7 @@ class ZygoteLauncher(AdoptingLauncher):
         #: The node is a subreaper: a dead zygote's computation processes (and
         #: whatever else is orphaned below the node) come back to it, and are
         #: reaped by `reap_adopted` on SIGCHLD.
-        super().__init__(adopting)
+        super().__init__(adopting, log_level)
         #: The computation processes the zygote made (the node's once adopted).
         self._forked: set[int] = set()
 
@@ -376,11 +386,13 @@ def _retrieve(request: asyncio.Future[int | None]) -> None:
         logger.debug("zygote request failed: %s", request.exception())
 
 
-def start_zygote() -> ZygoteLauncher | None:
+def start_zygote(log_level: str | None = None) -> ZygoteLauncher | None:
     """Import what a computation process runs, then fork the zygote; its launcher.
 
     Call it early, while this process has one thread and nothing secret in memory.
     None where no zygote can run (then computations start as new interpreters).
+    ``log_level``: the node's (`ProcessLauncher`), which the computation processes
+    log at; the zygote is forked before the node configures its logging.
     """
     if (
         not sys.platform.startswith("linux")
@@ -407,16 +419,17 @@ def start_zygote() -> ZygoteLauncher | None:
         return None
     if pid == 0:
         node.close()
-        _serve(zygote, os.getppid())
+        _serve(zygote, os.getppid(), compute_log_option(log_level))
     zygote.close()
     node.setblocking(False)
     # Adopt the zygote's computation processes should it die (killed, OOM): they
     # go on serving their jobs, and end with the node (`containment.watch_node`).
-    return ZygoteLauncher(node, pid, adopting=become_subreaper())
+    return ZygoteLauncher(node, pid, adopting=become_subreaper(), log_level=log_level)
 
 
-def _serve(sock: socket.socket, node_pid: int) -> NoReturn:
-    """The zygote: fork a computation process per request until the node is gone."""
+def _serve(sock: socket.socket, node_pid: int, options: list[str]) -> NoReturn:
+    """The zygote: fork a computation process per request until the node is gone;
+    ``options`` are added to each one's command line (its logging)."""
     code = 1
     try:
         # Forked before the node withdrew DISPYNB_SECRET: what it forks runs jobs.
@@ -439,7 +452,7 @@ def _serve(sock: socket.socket, node_pid: int) -> NoReturn:
                     os.read(wake_r, 512)
                 _reap()
             if sock.fileno() in ready and not _fork_one(
-                sock, (wake_r, wake_w), node_pid
+                sock, (wake_r, wake_w), node_pid, options
             ):
                 code = 0
                 break
@@ -462,7 +475,9 @@ def _reap() -> None:
             return
 
 
-def _fork_one(sock: socket.socket, pipe: tuple[int, int], node_pid: int) -> bool:
+def _fork_one(
+    sock: socket.socket, pipe: tuple[int, int], node_pid: int, options: list[str]
+) -> bool:
     """Serve one request; False at the end of the node's socket."""
     request, fds, _flags, _addr = socket.recv_fds(sock, _MAX_REQUEST, 1)
     if not request and not fds:
@@ -483,7 +498,9 @@ def _fork_one(sock: socket.socket, pipe: tuple[int, int], node_pid: int) -> bool
         return True
     if pid == 0:
         parents = ["--node-pid", str(node_pid), "--parent-pid", str(zygote)]
-        _become_computation(sock, pipe, control, os.fsdecode(request), parents)
+        _become_computation(
+            sock, pipe, control, os.fsdecode(request), [*parents, *options]
+        )
     os.close(control)
     sock.send(_PID.pack(pid))
     return True
@@ -494,7 +511,7 @@ def _become_computation(
     pipe: tuple[int, int],
     control: int,
     cwd: str,
-    parents: list[str],
+    options: list[str],
 ) -> NoReturn:
     """In the forked child: look like a new process, then run the computation."""
     code = 1
@@ -531,7 +548,7 @@ def _become_computation(
             random.seed()
         from nodeserver import compute
 
-        argv = ["--control-fd", str(control), *parents]
+        argv = ["--control-fd", str(control), *options]
         sys.argv = [compute.__file__, *argv]
         code = compute.main(argv)
     except SystemExit as exc:

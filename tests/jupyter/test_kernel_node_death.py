@@ -84,10 +84,11 @@ def _streams_until_shut_down(k: Kernel) -> str:
 def test_a_killed_nodes_computation_processes_print_nothing(tmp_path: Path) -> None:
     """What the cell got through the stderr it shares with the node, made sure of:
     the computation processes of a node killed while one runs a job and another
-    its setup print nothing there (before: the line above, once each)."""
+    its setup print nothing there (before: the line above, once each). The node
+    logs at warning, as a %dispy local node does: the processes log as it does."""
     from dispynb import JobCluster
 
-    with running_node(tmp_path / "node", cpus=2) as node:
+    with running_node(tmp_path / "node", "--loglevel", "warning", cpus=2) as node:
         job, setup = tmp_path / "job", tmp_path / "setup"
         running = JobCluster(mark_and_sleep, nodes=[node.spec], secret=node.secret)
         starting = JobCluster(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -20,7 +21,14 @@ import psutil
 import pytest
 
 from dispynb import JobCluster
-from tests.jobs import WAIT, square, wait_until
+from tests.jobs import (
+    WAIT,
+    computation_processes,
+    mark_and_sleep,
+    square,
+    wait_for_path,
+    wait_until,
+)
 from tests.nodeproc import start_node
 
 pytestmark = pytest.mark.slow
@@ -185,3 +193,46 @@ def test_a_node_stopped_during_a_setup_says_so_and_leaves_nothing(
         f"{node.spec}: the node shut down during the setup (it was stopped: SIGTERM, "
         "a service manager, or a shutdown request)"
     ]
+
+
+@pytest.mark.parametrize(
+    ("level", "zygote"), [("info", "1"), ("warning", "1"), ("info", "0")]
+)
+def test_a_computation_process_logs_as_its_node_does(
+    tmp_path: Path, level: str, zygote: str
+) -> None:
+    """A computation process left by a killed node logs its end as the node logs:
+    in the node's format, at info but not under ``--loglevel warning``; forked by
+    the zygote or (``DISPYNB_ZYGOTE=0``) started as a new interpreter. Before, the
+    zygote's processes had no logging configured: the line came bare, whatever
+    the level."""
+    node = start_node(
+        tmp_path / "node",
+        "--loglevel",
+        level,
+        launcher=["env", f"DISPYNB_ZYGOTE={zygote}"],
+    )
+    marker = tmp_path / "job"
+    cluster = JobCluster(mark_and_sleep, nodes=[node.spec], secret=node.secret)
+    try:
+        cluster.submit(str(marker), 600)
+        wait_for_path(marker)
+        computations = computation_processes(psutil.Process(node.proc.pid))
+        names = [p.name() for p in computations]  # workers: their process's name
+        assert ("dispynb-compute" in names) == (zygote == "1"), names
+        node.stop(signal.SIGKILL)
+        assert psutil.wait_procs(computations, timeout=WAIT)[1] == []
+    finally:
+        cluster.close(terminate=True, timeout=5)
+        node.stop()
+    log = node.log_text()
+    lines = [line for line in log.splitlines() if "node server gone" in line]
+    if level == "warning":
+        assert lines == [], log
+    else:
+        assert len(lines) == 1, log
+        assert re.fullmatch(
+            r"\S+ \S+ nodeserver\.compute INFO computation process: node server "
+            r"gone; stopping",
+            lines[0],
+        ), log
