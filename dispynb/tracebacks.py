@@ -238,15 +238,23 @@ def _is_source_line(line: str, indent: str) -> bool:
 
 def _label(filename: str) -> str:
     """``'Cell In[3]'`` for an IPython cell, else ``'File "path"'``."""
-    if "IPython" in sys.modules:
-        try:
-            from IPython import get_ipython
+    return cell_name(filename) or f'File "{filename}"'
 
-            shell = get_ipython()
-            named = shell.compile.format_code_name(filename) if shell else None
-        except Exception:  # an old or unusual shell: fall back to the file name
-            named = None
-        if named:
-            kind, name = named
-            return f"{kind} {name}"
-    return f'File "{filename}"'
+
+def cell_name(filename: str) -> str | None:
+    """``'Cell In[3]'`` if ``filename`` is the code of an IPython cell (a file
+    such as ``/tmp/ipykernel_12/345.py``), as IPython's tracebacks name it; else
+    None."""
+    if "IPython" not in sys.modules:
+        return None
+    try:
+        from IPython import get_ipython
+
+        shell = get_ipython()
+        named = shell.compile.format_code_name(filename) if shell else None
+    except Exception:  # an old or unusual shell: fall back to the file name
+        return None
+    if not named:
+        return None
+    kind, name = named
+    return f"{kind} {name}"

@@ -17,6 +17,7 @@ to a file, pass it in ``depends`` and load it in a ``setup`` function.
 from __future__ import annotations
 
 import dataclasses
+import linecache
 import threading
 import types
 import warnings
@@ -24,6 +25,7 @@ from typing import Any
 
 from dispynb.captures import Reached, code_objects, reachable
 from dispynb.jupyter.display import format_bytes as format_size
+from dispynb.tracebacks import cell_name
 
 __all__ = [
     "LARGE_CAPTURE",
@@ -153,13 +155,27 @@ def warn_large_captures(
         warnings.warn_explicit(
             message,
             LargeCaptureWarning,
-            code.co_filename,
+            _source_name(code.co_filename),
             code.co_firstlineno,
             module=getattr(func, "__module__", None) or "__main__",
         )
     else:
         warnings.warn(message, LargeCaptureWarning, stacklevel=stacklevel + 1)
     return new
+
+
+def _source_name(filename: str) -> str:
+    """What a warning names the file ``filename``: ``Cell In[3]`` for a cell, as
+    IPython's tracebacks do (its file is ``/tmp/ipykernel_12/345.py``), else the
+    file. A cell's lines are kept under that name too: the warning shows its line."""
+    cell = cell_name(filename)
+    if cell is None:
+        return filename
+    lines = linecache.getlines(filename)
+    if lines and cell not in linecache.cache:
+        # No modification time: `linecache.checkcache` keeps it (no such file).
+        linecache.cache[cell] = (sum(map(len, lines)), None, lines, cell)
+    return cell
 
 
 def large_capture_message(

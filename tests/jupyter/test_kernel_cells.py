@@ -46,6 +46,22 @@ def test_remote_traceback_names_the_cell_prompt_and_editor_lines(k):
     assert "ZeroDivisionError: division by zero" in out.stderr
 
 
+def test_a_large_capture_warning_names_the_cell_not_its_temporary_file(k):
+    k.run_ok("samples = list(range(300_000))")
+    out = k.run_ok(
+        '%%dispy --over "[0, 5]" --into picked\n'
+        "def pick(i):\n"  # line 2
+        "    return samples[i]\n"
+    )
+    # Before: "/tmp/ipykernel_NNN/NNN.py:2: LargeCaptureWarning: ...".
+    assert (
+        f"Cell In[{out.execution_count}]:2: LargeCaptureWarning: pick (computation)"
+        in out.stderr
+    ), out.text
+    assert "\n  def pick(i):\n" in out.stderr, out.text  # and its line, as before
+    assert "ipykernel_" not in out.stderr, out.text
+
+
 def test_local_error_in_the_cell_body_names_the_editor_line(k):
     out = k.execute(
         '%%dispy --over "[1]"\ndef f(x):\n    return x\nundefined_name\n'  # line 4
