@@ -513,11 +513,38 @@ _UNPICKLABLE_VALUE = re.compile(
 )
 
 
-#: A node's advice for a job over its time limit, given to `JobCluster` users.
-_TIMEOUT_ADVICE = re.compile(
-    r"\(job_timeout / dispy_job_timeout\)(?P<middle>.*?)"
-    r"submit\(\.\.\., dispy_job_timeout=(?P<value>[^)]+)\)"
+#: A node's advice on a job's limits, given to `JobCluster` users (a submit's
+#: ``dispy_job_*`` keyword), and what an executor's user is told instead: a call
+#: cannot pass those (they would go to the function), the executor's options can.
+_LIMIT_ADVICE: tuple[
+    tuple[re.Pattern[str], str | Callable[[re.Match[str]], str]], ...
+] = (
+    (
+        re.compile(
+            r"\(job_timeout / dispy_job_timeout\)(?P<middle>.*?)"
+            r"submit\(\.\.\., dispy_job_timeout=(?P<value>[^)]+)\)"
+        ),
+        r"(the executor's job_timeout)\g<middle>Executor(..., job_timeout=\g<value>)",
+    ),
+    (
+        re.compile(
+            r"mem_limit of (?P<value>\d+) bytes \(mem_limit / dispy_job_mem_limit\): "
+            r"give a larger limit"
+        ),
+        lambda match: (
+            f"mem_limit of {match['value']} bytes (the executor's mem_limit): give a "
+            f"larger limit, e.g. Executor(..., mem_limit={2 * int(match['value'])})"
+        ),
+    ),
 )
+
+
+def _executor_advice(text: str) -> str:
+    """``text`` with the node's advice on limits (`_LIMIT_ADVICE`) as an
+    executor's user follows it."""
+    for advice, instead in _LIMIT_ADVICE:
+        text = advice.sub(instead, text, count=1)
+    return text
 
 
 def _explain_failure(job: DispyJob, sources: tuple[Any, ...]) -> None:
@@ -529,12 +556,7 @@ def _explain_failure(job: DispyJob, sources: tuple[Any, ...]) -> None:
     if not isinstance(text, str):
         return
     text = LazySourceMap(*sources).rerender(text) or text
-    # A call cannot pass dispy_job_timeout (it would go to the function).
-    text = job.exception = _TIMEOUT_ADVICE.sub(
-        r"(the executor's job_timeout)\g<middle>Executor(..., job_timeout=\g<value>)",
-        text,
-        count=1,
-    )
+    text = job.exception = _executor_advice(text)
     if "result of type 'tuple'" not in text:
         return
     count = job._args[2]

@@ -11,6 +11,7 @@ import asyncio
 import concurrent.futures as cf
 import itertools
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -363,6 +364,26 @@ def test_job_timeout_stops_a_call_with_a_remote_error(local):
     assert "limit of 0.5 s (the executor's job_timeout)" in str(info.value)
     assert "Executor(..., job_timeout=1)" in str(info.value), info.value
     assert "dispy_job_timeout" not in str(info.value)
+
+
+def _segfault() -> None:
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def test_mem_limit_says_to_give_the_executor_a_larger_limit(local):
+    """A call whose worker died under mem_limit: the advice names the executor's
+    option (a call cannot pass dispy_job_mem_limit)."""
+    with Executor(nodes=local, mem_limit="256M") as ex:
+        future = ex.submit(_segfault)
+        with pytest.raises(RemoteError) as info:
+            future.result(WAIT)
+    limit = 256 << 20
+    assert (
+        f"probably exceeded mem_limit of {limit} bytes (the executor's mem_limit)"
+        in (str(info.value))
+    ), info.value
+    assert f"Executor(..., mem_limit={2 * limit})" in str(info.value)
+    assert "dispy_job_mem_limit" not in str(info.value)
 
 
 # -- map -------------------------------------------------------------------------------
