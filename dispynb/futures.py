@@ -49,7 +49,10 @@ if TYPE_CHECKING:
 
 __all__ = ["CANCEL_WAIT", "JobFuture", "cancel_futures", "outcome_error"]
 
-logger = logging.getLogger(__name__)
+#: A done-callback's exception is logged where `concurrent.futures` logs its own
+#: futures' (and in its words): the logging a program set up for those covers a
+#: `JobFuture`, which is one of them.
+_callback_logger = logging.getLogger("concurrent.futures")
 
 #: Seconds ``cancel()`` waits at most for the nodes holding the jobs to say whether
 #: they dropped them (a node that falls silent is declared dead far sooner).
@@ -282,4 +285,4 @@ def _call_logged(fn: Callable[[Any], object], future: JobFuture) -> None:
     try:
         fn(future)
     except Exception:
-        logger.exception("exception calling callback for %r", future)
+        _callback_logger.exception("exception calling callback for %r", future)

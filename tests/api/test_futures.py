@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import logging
 import threading
 
 import pytest
@@ -141,6 +142,25 @@ def test_a_failing_callback_is_logged_and_the_next_runs(caplog, allow_error_logs
     job._complete(JobStatus.Finished, result=1)
     assert got == [job]
     assert any("callback" in r.getMessage() for r in allow_error_logs)
+
+
+def test_a_failing_callback_is_logged_as_concurrent_futures_logs_its_own(
+    caplog, allow_error_logs
+):
+    """Under the stdlib's logger, in its words: a program's logging set up for
+    `concurrent.futures` covers a JobFuture's callbacks too (before: under
+    'dispynb.futures')."""
+    job = make_job()
+    job.future.add_done_callback(lambda _future: 1 / 0)
+    job._complete(JobStatus.Finished, result=1)
+    plain: cf.Future[int] = cf.Future()
+    plain.add_done_callback(lambda _future: 1 / 0)
+    plain.set_result(1)
+    ours, theirs = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert ours.name == theirs.name == "concurrent.futures"
+    assert ours.getMessage() == f"exception calling callback for {job.future!r}"
+    assert theirs.getMessage() == f"exception calling callback for {plain!r}"
+    assert ours.exc_info is not None and ours.exc_info[0] is ZeroDivisionError
 
 
 def test_result_from_many_threads_at_once():
