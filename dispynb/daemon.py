@@ -30,6 +30,19 @@ def setup_logging(debug: bool, level: str) -> None:
     logging.basicConfig(level=log_level(debug, level), format=LOG_FORMAT)
 
 
+def setup_package_logging(package: str, level: str) -> None:
+    """Log ``package``'s loggers to stderr at ``level`` in `setup_logging`'s
+    format, and them only: the root logger stays unconfigured for the code this
+    process and its children run (a job's ``logging.basicConfig()`` works, and its
+    log lines go into its own output, not the daemon's)."""
+    handler = logging.StreamHandler()  # this stderr, whatever a job makes its own
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    log = logging.getLogger(package)
+    log.addHandler(handler)
+    log.setLevel(level)
+    log.propagate = False
+
+
 def log_level(debug: bool, level: str) -> str:
     """The level name `setup_logging` logs at: what a daemon passes on to the
     processes it starts, so that they log as it does."""
@@ -84,4 +97,5 @@ __all__ = [
     "run_daemon",
     "set_dumpable",
     "setup_logging",
+    "setup_package_logging",
 ]

@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterable
 from types import FrameType
 from typing import Any, NoReturn
 
-from dispynb.daemon import load_prctl, setup_logging
+from dispynb.daemon import load_prctl, setup_package_logging
 from dispynb.errors import ConnectionClosedError
 from dispynb.jobenv import implicit_modules, inject_names, node_logger, setup_failure
 from dispynb.protocol import serialize
@@ -640,7 +640,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.loglevel is not None:
-        setup_logging(False, args.loglevel)
+        # The node's own loggers only: the workers forked from here run jobs,
+        # which set up logging of their own (into their own output).
+        setup_package_logging("nodeserver", args.loglevel)
     node = NodeWatch(args.node_pid or os.getppid(), args.parent_pid)
     if not node.lives():
         return 1
