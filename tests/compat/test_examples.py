@@ -286,7 +286,9 @@ def test_longrun(how: str, dispynodes: Nodes, tmp_path: Path) -> None:
     ):  # the nodes wait for clients: "0" means hidden, not running
         pytest.skip("this kernel hides wait channels (/proc/PID/wchan)")
     earlier = set(wait_channels())
-    with Example("longrun", dispynodes, tmp_path) as example:
+    # Margin 0: a first provisional result over 0.99 (about 1 run in 25 with its
+    # 4 jobs) would otherwise stop the program itself before the test's quit.
+    with Example("longrun", dispynodes, tmp_path, args=("0",)) as example:
         example.wait_for(R(r"node 127\.0\.0\.1 set up with 2 CPUs"), count=2)
         # its user waits for the jobs to run: quit before the callback has added them
         # all to the set the program then goes through fails in dispy too

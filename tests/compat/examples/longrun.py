@@ -6,6 +6,8 @@ for dispynb's tests after the idea of dispy's longrun example (not its code).
 so far as a provisional result now and then, and stops when it is cancelled: the
 ``KeyboardInterrupt`` the node raises in it ends its loop and it returns its best.
 Type ``quit`` (or ``exit``, or press Ctrl-C) to cancel them and see the best value.
+A provisional result within the margin given as the argument (default 0.01) of 1.0
+stops the program as Ctrl-C does; 0 never does.
 """
 
 import os
@@ -14,6 +16,7 @@ import sys
 import dispynb as dispy  # a dispy program would say: import dispy
 
 running = set()
+close_enough = float(sys.argv[1]) if len(sys.argv) > 1 else 0.01
 
 
 def compute():
@@ -51,7 +54,7 @@ def cluster_status(status, node, job):
                 running.add(job)
             else:
                 print("no job could be submitted to %s" % node.ip_addr)
-    elif status == dispy.DispyJob.ProvisionalResult and 1.0 - job.result < 0.01:
+    elif status == dispy.DispyJob.ProvisionalResult and 1.0 - job.result < close_enough:
         import signal
 
         os.kill(os.getpid(), signal.SIGINT)  # close enough: stop as Ctrl-C does
