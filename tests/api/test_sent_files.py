@@ -108,22 +108,23 @@ def test_a_job_that_stops_waiting_gets_minus_one_and_its_next_file_goes(
     """timeout=0 gives up before the client could answer; the late answer does
     not confuse the next call, which waits for its own."""
 
-    def twice(size: int) -> tuple[int, int, str]:
-        with open("a.bin", "wb") as handle:
+    def twice(n: int, size: int) -> tuple[int, int, str]:
+        # Jobs share their directory (as in dispy): each writes its own names.
+        with open(f"a{n}.bin", "wb") as handle:
             handle.write(b"a" * size)
-        first = dispy_send_file("a.bin", timeout=0)  # type: ignore[name-defined]  # noqa: F821
-        with open("b.bin", "wb") as handle:
+        first = dispy_send_file(f"a{n}.bin", timeout=0)  # type: ignore[name-defined]  # noqa: F821
+        with open(f"b{n}.bin", "wb") as handle:
             handle.write(b"b" * size)
-        second = dispy_send_file("b.bin")  # type: ignore[name-defined]  # noqa: F821
+        second = dispy_send_file(f"b{n}.bin")  # type: ignore[name-defined]  # noqa: F821
         return first, second, "done"
 
     with JobCluster(twice, nodes=local, files_dir=str(tmp_path)) as cluster:
-        jobs = [cluster.submit(1000) for _ in range(4)]
+        jobs = [cluster.submit(n, 1000) for n in range(4)]
         assert cluster.wait(timeout=WAIT)
-    for job in jobs:
+    for n, job in enumerate(jobs):
         assert job.result == (-1, 0, "done"), (job.status, job.exception)
         assert "did not confirm it within 0" in job.stderr
-    assert (tmp_path / "b.bin").read_bytes() == b"b" * 1000
+        assert (tmp_path / f"b{n}.bin").read_bytes() == b"b" * 1000
 
 
 def test_a_long_timeout_waits_for_the_answer(
@@ -133,18 +134,21 @@ def test_a_long_timeout_waits_for_the_answer(
     infinity) waits for the client's answer like None, instead of raising
     OverflowError out of dispy_send_file."""
 
-    def patient(timeout: float) -> int:
-        with open("p.bin", "wb") as handle:
+    def patient(n: int, timeout: float) -> int:
+        # Jobs share their directory (as in dispy): each writes its own name.
+        with open(f"p{n}.bin", "wb") as handle:
             handle.write(b"p" * 100)
-        return dispy_send_file("p.bin", timeout=timeout)  # type: ignore[name-defined]  # noqa: F821
+        return dispy_send_file(f"p{n}.bin", timeout=timeout)  # type: ignore[name-defined]  # noqa: F821
 
+    timeouts = (30 * 86400, 1e300, float("inf"))
     with JobCluster(patient, nodes=local, files_dir=str(tmp_path)) as cluster:
-        jobs = [cluster.submit(t) for t in (30 * 86400, 1e300, float("inf"))]
+        jobs = [cluster.submit(n, t) for n, t in enumerate(timeouts)]
         assert cluster.wait(timeout=WAIT)
     assert [(job.status, job.result) for job in jobs] == [(DispyJob.Finished, 0)] * 3, [
         job.exception for job in jobs
     ]
-    assert (tmp_path / "p.bin").read_bytes() == b"p" * 100
+    for n in range(len(timeouts)):
+        assert (tmp_path / f"p{n}.bin").read_bytes() == b"p" * 100
 
 
 def send_from_a_child(n: int, marks: str) -> tuple[int, int]:
