@@ -151,10 +151,10 @@ def _can_unshare() -> str | None:
     return None
 
 
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(600)
 @pytest.mark.skipif(IN_NETNS, reason="the outer half runs outside the namespace")
 def test_lab_panel_in_private_network() -> None:
-    """Run `test_lab_panel` in a private network namespace; it must pass there."""
+    """Run the lab tests in private network and PID namespaces; they must pass."""
     reason = _can_unshare()
     if reason is not None:
         pytest.skip(reason)
@@ -173,13 +173,19 @@ def test_lab_panel_in_private_network() -> None:
     if importlib.util.find_spec("distributed") is not None:
         tests.append(f"{here}::test_lab_dask")
     inner = inner_pytest(*tests)
+    # A PID namespace too, with sh as its PID 1 (no exec): if the inner pytest is
+    # killed (this timeout, an interrupted run), its node, Jupyter server, kernels
+    # and browser end with the namespace instead of running on as orphans.
     proc = subprocess.run(
-        ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *inner],
+        [
+            "unshare", "-n", "-p", "-f", "--kill-child", "--mount-proc",
+            "sh", "-c", 'ip link set lo up && "$@"; exit $?', "sh", *inner,
+        ],
         env={**os.environ, "DISPYNB_IN_NETNS": "1"},
         capture_output=True,
         text=True,
-        timeout=380,
-    )
+        timeout=560,
+    )  # fmt: skip
     assert proc.returncode == 0, f"inner run failed:\n{proc.stdout}\n{proc.stderr}"
     assert f"{len(tests)} passed" in proc.stdout, proc.stdout
 
