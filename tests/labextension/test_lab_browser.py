@@ -151,6 +151,21 @@ def _can_unshare() -> str | None:
     return None
 
 
+def _sources_newer_than(built: Path) -> Path | None:
+    """A source of the extension changed after ``built`` was installed, if any (the
+    rule ./dev follows to rebuild it)."""
+    since = built.stat().st_mtime
+    sources = ROOT / "labextension"
+    for path in (
+        sources / "package.json",
+        *sources.glob("src/**/*"),
+        *sources.glob("style/**/*"),
+    ):
+        if path.is_file() and path.stat().st_mtime > since:
+            return path.relative_to(ROOT)
+    return None
+
+
 @pytest.mark.timeout(600)
 @pytest.mark.skipif(IN_NETNS, reason="the outer half runs outside the namespace")
 def test_lab_panel_in_private_network() -> None:
@@ -161,6 +176,12 @@ def test_lab_panel_in_private_network() -> None:
     assert LAB_EXTENSION.joinpath("package.json").exists(), (
         f"the extension is not installed in {LAB_EXTENSION}: run ./dev test (or "
         "pip install -e .) to build and install it"
+    )
+    newer = _sources_newer_than(LAB_EXTENSION / "package.json")
+    assert not newer, (
+        f"{newer} changed after the extension in {LAB_EXTENSION} was built: the "
+        "browser would run the old panel; run ./dev test (it rebuilds) or "
+        "pip install -e ."
     )
     here = Path(__file__).relative_to(ROOT)
     tests = [
