@@ -87,6 +87,7 @@ from nodeserver.jobreasons import crash_reason, oom_kills, oom_note
 from nodeserver.jobrunner import worker_loop
 from nodeserver.memory import keep_freed_memory
 from nodeserver.program import ProgramRunner, install_program
+from nodeserver.strays import Strays
 
 # Named, not __name__: run as ``python -m nodeserver.compute`` it is "__main__".
 logger = logging.getLogger("nodeserver.compute")
@@ -95,7 +96,8 @@ logger = logging.getLogger("nodeserver.compute")
 STOP_GRACE = 2.0
 
 #: Seconds between counts of each worker's processes, where no pids cgroup can
-#: enforce max_pids.
+#: enforce max_pids, and between looks for processes a job made outside its
+#: worker (`nodeserver.strays`).
 COUNT_INTERVAL = 0.5
 
 _PR_SET_PDEATHSIG = 1
@@ -171,6 +173,7 @@ class ComputationProcess:
         self._wake_r = self._wake_w = -1
         self._selector = selectors.DefaultSelector()
         self._node: NodeWatch | None = None
+        self._strays: Strays | None = None
 
     def serve(self, node: NodeWatch | None = None) -> int:
         """Announce `Loaded`, start the workers and supervise them; the exit code.
@@ -184,6 +187,9 @@ class ComputationProcess:
         try:
             self.control.send(Loaded(pid=self._pid))
             gc.freeze()  # keep setup's objects out of collections: pages stay shared
+            # Setup's children are noted before the first worker: any other child
+            # that is not a worker is a job's, made outside its worker.
+            self._strays = Strays(self._pid, self.name)
             # With fresh_process, as many spare workers wait, forked ahead: a job
             # need not wait for the fork of a new process (the node runs at most
             # `size` at once).
@@ -192,6 +198,7 @@ class ComputationProcess:
             return self._loop()
         finally:
             self._kill_workers()  # never leave orphans, whatever happened
+            self._end_strays()
 
     def _loop(self) -> int:
         self._selector.register(self.control.fileno(), selectors.EVENT_READ)
@@ -203,8 +210,7 @@ class ComputationProcess:
             while self.control.buffered:
                 if self._is_shutdown(self.control.recv()[0]):
                     return self._shutdown()
-            timeout = COUNT_INTERVAL if self._count_pids else None
-            for key, _ in self._selector.select(timeout) or self._count_all():
+            for key, _ in self._selector.select(COUNT_INTERVAL) or self._count_all():
                 if key.fd == self._wake_r:
                     signals = self._drain_wakeups()
                     if any(signum in signals for signum in _STOP_SIGNALS):
@@ -217,8 +223,12 @@ class ComputationProcess:
                     return self._shutdown()
 
     def _count_all(self) -> list[tuple[Any, int]]:
-        """Kill each worker whose job has more than max_pids processes (the count
-        fallback of a pids cgroup); nothing to dispatch."""
+        """End the processes jobs made outside their workers; kill each worker
+        whose job has more than max_pids processes (the count fallback of a pids
+        cgroup); nothing to dispatch."""
+        self._end_strays()
+        if not self._count_pids:
+            return []
         limit = self._max_pids or 0
         for pid in list(self.workers):
             if pid in self._kill_reasons:
@@ -394,6 +404,12 @@ class ComputationProcess:
             self.control.send(WorkerExited(pid=pid, returncode=code, reason=reason))
             if not self.stopping:
                 self._start_worker()
+        self._end_strays()  # a SIGCHLD may be a stray's: it is reaped too
+
+    def _end_strays(self) -> None:
+        """End what jobs started outside their workers (`nodeserver.strays`)."""
+        if self._strays is not None:
+            self._strays.end(self.workers)
 
     def _stop_workers(self) -> None:
         """SIGTERM the workers' groups, SIGKILL them after `STOP_GRACE`; reap all.

@@ -1,0 +1,110 @@
+"""Processes a job made its worker's siblings: children of the computation process
+that it did not fork.
+
+``clone(CLONE_PARENT)`` gives the new process the caller's parent: called from a
+job (by ``ctypes``, one system call), it makes a child of the computation process,
+outside the worker's tree, which the worker's subreaper never sees, and after
+``setsid`` outside its process group too. Such a process outlived its job, every
+kill but the cgroup's, and where no pids cgroup holds it, max_pids: its own forks
+were counted under no worker (a job on a node without cgroups left 100 processes
+running under max_pids=32).
+
+The computation process forks nothing but its workers once its setup has run, so
+every child it gains after that which is not a worker is a job's: `Strays` finds
+them (from ``/proc``, at each of the supervisor's wake-ups: twice a second and at
+every SIGCHLD) and ends each with its descendants. The children setup started are
+noted when the supervisor starts and left alone (a process that took the pid of
+one of them after it ended is told apart by its start time).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Collection
+
+from nodeserver.containment import children, descendants, kill_pinned, pin
+
+logger = logging.getLogger("nodeserver.compute")
+
+#: Rounds of stopping a stray's descendants before they are killed (one that forks
+#: as fast as it can may outrun one round).
+_STOP_ROUNDS = 50
+
+
+def start_time(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks after boot); None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            stat = handle.read()
+    except OSError:
+        return None
+    # Fields after the command name, which may hold spaces and parentheses.
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    try:
+        return int(fields[19])  # field 22 of proc(5)
+    except (IndexError, ValueError):
+        return None
+
+
+def end_tree(pid: int) -> int:
+    """SIGKILL child ``pid`` and its descendants, stopped first so that none forks
+    past the kill, and reap ``pid``; how many processes were ended.
+
+    ``pid`` is this process's child: its number is not reused before it is
+    reaped here. Its descendants are held by pidfds from the moment they are seen.
+    """
+    seen: set[int] = set()
+    held: list[int] = []
+    for _ in range(_STOP_ROUNDS):
+        new = [p for p in (pid, *descendants(pid)) if p not in seen]
+        if not new:
+            break
+        seen.update(new)
+        fds = pin(new)
+        for fd in fds:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(fd, signal.SIGSTOP)
+        held.extend(fds)
+    kill_pinned(held)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+    return len(seen)
+
+
+class Strays:
+    """The children of computation process ``parent`` that are neither its workers
+    nor there when it was made (its setup's): see the module."""
+
+    def __init__(self, parent: int, name: str) -> None:
+        self._parent = parent
+        self._name = name
+        self._known = {pid: start_time(pid) for pid in children(parent)}
+        #: Processes ended so far (strays and their descendants).
+        self.ended = 0
+
+    def end(self, workers: Collection[int]) -> int:
+        """End every stray (with its descendants) and reap it; how many strays."""
+        strays = [
+            pid
+            for pid in children(self._parent)
+            if pid not in workers
+            and (pid not in self._known or start_time(pid) != self._known[pid])
+        ]
+        for pid in strays:
+            ended = end_tree(pid)
+            (logger.debug if self.ended else logger.warning)(
+                "computation %r: a job started process %d outside its worker "
+                "(clone with CLONE_PARENT): killed with %d process(es) it started "
+                "(later ones are logged at debug level)",
+                self._name,
+                pid,
+                ended - 1,
+            )
+            self.ended += ended
+        return len(strays)
+
+
+__all__ = ["Strays", "end_tree", "start_time"]

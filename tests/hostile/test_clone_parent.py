@@ -1,0 +1,132 @@
+"""A job that makes a process outside its worker: ``clone(CLONE_PARENT)``.
+
+The new process's parent is the worker's parent (the computation process): it is
+not the worker's descendant, so neither the job's end (the worker's subreaper)
+nor, where there is no pids cgroup, max_pids's count of the worker's processes
+sees it; after ``setsid`` it is not in the worker's group either. One system call,
+through ``ctypes``, from any job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from dispynb import DispyJob, JobCluster, LocalCluster
+from tests.hostile.tools import wait_for
+
+pytestmark = pytest.mark.slow
+
+CLONE_PARENT = 0x00008000
+#: clone's system call number per machine (its first two arguments, flags and
+#: stack, are the same on both).
+CLONE_SYSCALL = {"x86_64": 56, "aarch64": 220}
+
+#: Processes the sibling starts at most (max_pids is 32: over it).
+FORKS = 40
+
+
+def sibling_with_children(marker: str, forks: int) -> tuple[int, int]:
+    """Make this worker a sibling (clone with CLONE_PARENT) that leaves the session
+    and forks sleepers until refused or ``forks``; once it wrote its pids to
+    ``marker`` (its parent first), return (its parent, this worker's parent)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    number = CLONE_SYSCALL[os.uname().machine]
+    pid = libc.syscall(number, CLONE_PARENT | signal.SIGCHLD, 0, 0, 0, 0)
+    if pid == 0:  # the sibling: never back into the worker's loop
+        try:
+            os.setsid()
+            pids = [os.getpid()]
+            with contextlib.suppress(OSError):  # refused at the cgroup's limit
+                for _ in range(forks):
+                    child = os.fork()
+                    if child == 0:
+                        time.sleep(60)
+                        os._exit(0)
+                    pids.append(child)
+            with open(f"{marker}.tmp", "w") as handle:
+                handle.write(" ".join(map(str, [os.getppid(), *pids])))
+            os.replace(f"{marker}.tmp", marker)
+            time.sleep(60)
+        finally:
+            os._exit(0)
+    assert pid > 0, f"clone failed: errno {ctypes.get_errno()}"
+    deadline = time.monotonic() + 10
+    while not os.path.exists(marker) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with open(marker) as handle:
+        parent = int(handle.read().split()[0])
+    return parent, os.getppid()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _escape(nodes: object, tmp_path: Path, secret: str | None = None) -> str:
+    """Run the job on ``nodes``; what was measured (asserting all ended while the
+    cluster is still open)."""
+    marker = str(tmp_path / "sibling")
+    with JobCluster(
+        sibling_with_children, nodes=nodes, secret=secret, max_pids=32
+    ) as cluster:
+        job = cluster.submit(marker, FORKS)
+        parent, computation = job()
+        ended = time.monotonic()
+        assert job.status == DispyJob.Finished, job.exception
+        with open(marker) as handle:
+            pids = [int(p) for p in handle.read().split()[1:]]
+        assert parent == computation, "the sibling was made outside the worker"
+        try:
+            took = wait_for(
+                lambda: not any(_alive(pid) for pid in pids),
+                "the sibling and its children killed",
+            )
+        finally:
+            for pid in pids:  # (before the fix: they would run for a minute)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        after = time.monotonic() - ended
+        again = cluster.submit(str(tmp_path / "again"), 0)
+        again()
+        assert again.status == DispyJob.Finished, again.exception
+    return f"{len(pids)} processes all ended {after:.1f} s after the job ({took:.1f} s)"
+
+
+@pytest.mark.skipif(
+    os.uname().machine not in CLONE_SYSCALL, reason="clone's number not known here"
+)
+@pytest.mark.attack(
+    id="clone-parent-escape",
+    title="A job makes its worker a sibling (clone with CLONE_PARENT, then setsid) "
+    f"that forks {FORKS} sleepers under max_pids=32, with and without pids cgroups",
+    goal="the sibling and all it started killed while the cluster runs on (its "
+    "computation process looks twice a second); was: all ran on after the job, "
+    "uncounted by max_pids without a cgroup",
+)
+@pytest.mark.parametrize("cgroups", [True, False], ids=["cgroups", "no-cgroup"])
+def test_a_process_made_outside_the_worker_is_ended(
+    cgroups: bool, tmp_path: Path, measure
+) -> None:
+    from tests.nodeproc import running_node
+
+    if cgroups:
+        with LocalCluster(cpus=1) as local:
+            figure = _escape(local, tmp_path)
+    else:
+        launcher = ["env", "DISPYNB_PIDS_CGROUP=off"]  # execs the node: same pid
+        with running_node(tmp_path / "node", launcher=launcher) as node:
+            figure = _escape([node.spec], tmp_path, node.secret)
+    measure(f"{'cgroups' if cgroups else 'no cgroup'}: {figure}")
