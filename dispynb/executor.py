@@ -46,6 +46,7 @@ from dispynb.futures import (
     cancel_futures as cancel_all,
 )  # shutdown has an argument so named
 from dispynb.job import DispyJob
+from dispynb.limits import check_mem_limit
 from dispynb.protocol import serialize
 from dispynb.tracebacks import LazySourceMap
 
@@ -130,16 +131,25 @@ def _initialize(initializer: Callable[..., Any], initargs: tuple[Any, ...]) -> i
     return 0
 
 
-def _error(failure: Failure, *sources: Any) -> BaseException:
+def _error(
+    failure: Failure, sources: tuple[Any, ...], mem_limit: int | None
+) -> BaseException:
     """The exception of a call that raised (its cause: the remote traceback, its
     frames in the code of ``sources`` pointing at their file or cell again, with
-    their source lines, as a local traceback and ProcessPoolExecutor's show them).
+    their source lines, as a local traceback and ProcessPoolExecutor's show them);
+    a MemoryError under the executor's ``mem_limit`` says how to allow more.
     Never raised here, so no frame of this module is in its traceback."""
     exc, text, name, message = failure
     remote = RemoteError(name, message, LazySourceMap(*sources).rerender(text) or text)
     if not isinstance(exc, BaseException):  # None: it did not unpickle here
         return remote
     exc.__cause__ = remote
+    if mem_limit is not None and isinstance(exc, MemoryError):
+        exc.add_note(
+            f"The call ran with a mem_limit of {mem_limit} bytes of address space "
+            "(the executor's mem_limit): give a larger limit, e.g. "
+            f"Executor(..., mem_limit={2 * mem_limit}), or None for none."
+        )
     return exc
 
 
@@ -147,16 +157,20 @@ class _CallsFuture(JobFuture):
     """The future of a ``submit``: its job makes one call. (A ``map`` waits for
     its jobs themselves: `_chunk_outcomes`.)"""
 
-    def __init__(self, job: DispyJob, sources: tuple[Any, ...]) -> None:
+    def __init__(
+        self, job: DispyJob, sources: tuple[Any, ...], mem_limit: int | None
+    ) -> None:
         super().__init__(job)
         self._sources = sources  # the code its traceback's frames come from
+        self._mem_limit = mem_limit
 
     def _settle(self) -> None:
         job = self.job
         if job.status == job.Finished:
             values, failures = job.result
             if failures:
-                self._set(_error(failures[0], *self._sources), error=True)
+                failure = _error(failures[0], self._sources, self._mem_limit)
+                self._set(failure, error=True)
             else:
                 self._set(values[0], error=False)
         else:  # a failure of the whole job
@@ -262,6 +276,8 @@ class Executor(concurrent.futures.Executor):
         # (`_live_jobs`): the executor keeps no list of its own, so a ``map``
         # dropped unread (its calls run, as in the standard library) holds
         # nothing once its jobs end.
+        # Checked by the cluster: for the advice on a call's MemoryError.
+        self._mem_limit = check_mem_limit(options.get("mem_limit"), "mem_limit")
         self._lock = threading.RLock()
         self._shut = False
         self._terminate = False  # on close, terminate running jobs (an interrupt)
@@ -293,7 +309,7 @@ class Executor(concurrent.futures.Executor):
         key, blob = _pickle(fn)
         with self._lock:
             job = self._new_job(key, blob, [args], kwargs)
-        future = job._attach(lambda job: _CallsFuture(job, sources))
+        future = job._attach(lambda job: _CallsFuture(job, sources, self._mem_limit))
         assert isinstance(future, _CallsFuture)
         return future
 
@@ -388,7 +404,7 @@ class Executor(concurrent.futures.Executor):
                 for index, value in enumerate(values):
                     failure = failures.get(index)
                     if failure is not None:
-                        raise _error(failure, fn)
+                        raise _error(failure, (fn,), self._mem_limit)
                     yield value
         finally:
             self._cancel_chunks(jobs)

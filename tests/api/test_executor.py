@@ -386,6 +386,38 @@ def test_mem_limit_says_to_give_the_executor_a_larger_limit(local):
     assert "dispy_job_mem_limit" not in str(info.value)
 
 
+def _allocate(size: int) -> int:
+    return len(bytearray(size))
+
+
+def test_a_memory_error_under_mem_limit_says_how_to_allow_more(local):
+    """A call that raised MemoryError under the executor's mem_limit: the caller
+    gets the MemoryError itself (as from a local pool) with a note naming the
+    executor's option and a larger value, by submit and by map."""
+    limit = 256 << 20
+    with Executor(nodes=local, mem_limit="256M") as ex:
+        future = ex.submit(_allocate, 1 << 30)
+        with pytest.raises(MemoryError) as info:
+            future.result(WAIT)
+        with pytest.raises(MemoryError) as mapped:
+            list(ex.map(_allocate, [10, 1 << 30], timeout=WAIT))
+        assert ex.submit(_allocate, 10).result(WAIT) == 10  # the worker lives on
+    for error in (info.value, mapped.value):
+        notes = "\n".join(getattr(error, "__notes__", []))
+        assert f"mem_limit of {limit} bytes" in notes, notes
+        assert f"Executor(..., mem_limit={2 * limit})" in notes, notes
+        assert isinstance(error.__cause__, RemoteError)
+    with Executor(nodes=local) as ex:  # no limit: no advice about one
+        future = ex.submit(_raise_memory_error)
+        with pytest.raises(MemoryError) as plain:
+            future.result(WAIT)
+    assert not getattr(plain.value, "__notes__", None)
+
+
+def _raise_memory_error() -> None:
+    raise MemoryError("simulated")
+
+
 # -- map -------------------------------------------------------------------------------
 
 
