@@ -143,8 +143,9 @@ def _send_file(name: str, data: bytes, timeout: float | None) -> str | None:
     once it wrote the file, else why not; None from a process the job started."""
     job = _CURRENT
     waits = os.getpid() == job.pid
-    if _send("file", (name, data, waits)):
-        raise OSError("it could not be put in the client's Ray inbox (logged)")
+    error = _put("file", (name, data, waits))
+    if error:
+        raise OSError(f"it could not be put in the client's Ray inbox: {error}")
     if not waits:
         return None
     ident = (job.key, job.attempt, job.sent - 1)
@@ -160,22 +161,27 @@ def _send_file(name: str, data: bytes, timeout: float | None) -> str | None:
 
 
 def _send(kind: str, value: Any) -> int:
+    """Put a message of the running job in the inbox: 0, or -1 (why is logged)."""
+    error = _put(kind, value)
+    if error:
+        logging.getLogger("dispynode").warning("%s not sent: %s", kind, error)
+        return -1
+    return 0
+
+
+def _put(kind: str, value: Any) -> str:
+    """Put a message of the running job in the inbox: "", or why it was not."""
     job = _CURRENT
     if job.inbox is None or not job.key:
-        logging.getLogger("dispynode").warning("%s not sent: no job is running", kind)
-        return -1
+        return "no job is running"
     if not _THREADS.of_this_job():
-        logging.getLogger("dispynode").warning(
-            "%s not sent: %s", kind, FROM_AN_ENDED_JOB
-        )
-        return -1
+        return FROM_AN_ENDED_JOB
     try:
         job.inbox.put.remote((job.token, job.key, job.attempt, job.sent, kind, value))
     except Exception as exc:  # unpicklable value, inbox gone: the job goes on
-        logging.getLogger("dispynode").warning("%s not sent: %s", kind, exc)
-        return -1
+        return f"{type(exc).__name__}: {exc}"
     job.sent += 1
-    return 0
+    return ""
 
 
 def _not_on_ray() -> int:
@@ -221,8 +227,8 @@ class JobActor:
         for relative, data in files.items():
             target = os.path.join(self.path, relative)
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            with open(target, "wb") as handle:
-                handle.write(data)
+            with open(target, "wb") as file:
+                file.write(data)
         if self.path not in sys.path:
             sys.path.insert(0, self.path)  # depends' modules import from here
         try:

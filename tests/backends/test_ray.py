@@ -280,6 +280,44 @@ def test_depends_files_are_next_to_the_jobs(engine: RayEngine, tmp_path: Path) -
         assert job() == "the data", job.exception
 
 
+def reports_on_file(name: str) -> int:
+    """Reads a ``depends`` file, sends its text as a provisional result and a copy
+    of it as a file."""
+    text = Path(name).read_text()
+    dispy_provisional_result(text)  # noqa: F821 (dispy's name on the node)
+    Path(f"copy-{name}").write_text(text)
+    return dispy_send_file(f"copy-{name}")  # noqa: F821
+
+
+def test_a_cluster_with_depends_files_gets_its_jobs_messages(
+    engine: RayEngine, tmp_path: Path
+) -> None:
+    """With ``depends`` files, a job's provisional results and files still reach
+    the client (before, the actor kept the last file it wrote instead of the
+    inbox: every message was lost, ``dispy_send_file`` returned -1)."""
+    data = tmp_path / "input.txt"
+    data.write_text("the data")
+    received = tmp_path / "received"
+    received.mkdir()
+    provisional: list[Any] = []
+
+    def job_status(job: DispyJob) -> None:
+        if job.status == JobStatus.ProvisionalResult:
+            provisional.append(job.result)
+
+    with JobCluster(
+        reports_on_file,
+        depends=[str(data)],
+        job_status=job_status,
+        files_dir=str(received),
+        engine=engine,
+    ) as cluster:
+        job = cluster.submit("input.txt")
+        assert job() == 0, (job.exception, job.stderr)
+    assert provisional == ["the data"]
+    assert (received / "copy-input.txt").read_text() == "the data"
+
+
 def test_dispy_send_file_saves_the_file_under_files_dir(
     engine: RayEngine, tmp_path: Path
 ) -> None:
