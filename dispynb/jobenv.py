@@ -103,6 +103,18 @@ def node_logger(debug: bool = False) -> logging.Logger:
     return log
 
 
+def refused_shutdown(worker: str) -> Callable[[], int]:
+    """dispy's ``dispynode_shutdown`` for a job on another engine's ``worker`` (``'a
+    Dask worker'``...): it logs that the worker is not dispynb's to stop, and
+    returns -1, as a node that does not allow it does."""
+
+    def dispynode_shutdown() -> int:
+        node_logger().warning("dispynode_shutdown: %s is not dispynb's to stop", worker)
+        return -1
+
+    return dispynode_shutdown
+
+
 def format_job_exception(exc: BaseException) -> str:
     """Traceback text of a job's exception, without the runner's own frame (the
     outermost); ``sys.exit`` in a job is named as such."""
@@ -448,6 +460,7 @@ __all__ = [
     "inject_names",
     "limit_memory",
     "node_logger",
+    "refused_shutdown",
     "send_file_timeout",
     "setup_failure",
     "unconfirmed",

@@ -59,6 +59,8 @@ from dispynb.jobenv import (
     inject_names,
     limit_memory,
     name_for_client,
+    node_logger,
+    refused_shutdown,
     send_file_timeout,
     setup_failure,
     unconfirmed,
@@ -196,6 +198,8 @@ def dispy_names(node_name: str, node_ip: str, job_path: str) -> dict[str, Any]:
         "dispy_job_path": job_path,
         "dispy_provisional_result": dispy_provisional_result,
         "dispy_send_file": dispy_send_file,
+        "dispynode_logger": node_logger(),
+        "dispynode_shutdown": refused_shutdown("a Dask worker"),
     }
     names.update(implicit_modules())
     return names

@@ -49,6 +49,7 @@ from dispynb.jobenv import (
     limit_memory,
     name_for_client,
     node_logger,
+    refused_shutdown,
     send_file_timeout,
     setup_failure,
     unconfirmed,
@@ -184,11 +185,6 @@ def _put(kind: str, value: Any) -> str:
     return ""
 
 
-def _not_on_ray() -> int:
-    node_logger().warning("dispynode_shutdown: a Ray worker is not dispynb's to stop")
-    return -1
-
-
 class JobActor:
     """One worker of a dispynb computation on Ray (made into an actor by the client).
 
@@ -266,7 +262,7 @@ class JobActor:
             "dispy_provisional_result": dispy_provisional_result,
             "dispy_send_file": dispy_send_file,
             "dispynode_logger": node_logger(),
-            "dispynode_shutdown": _not_on_ray,
+            "dispynode_shutdown": refused_shutdown("a Ray worker"),
         }
         names.update(implicit_modules())
         return names

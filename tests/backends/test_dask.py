@@ -72,12 +72,13 @@ OUT = None
 def setup():
     global offset
     offset = 100
+    dispynode_logger.info("set up")  # dispy's names for setup and cleanup too
     return 0
 
 
 def cleanup():
     with open(os.path.join(OUT, f"cleanup-{os.getpid()}"), "w") as handle:
-        handle.write(str(offset))
+        handle.write(f"{offset} {dispynode_shutdown()}")
 
 
 def helper(x):
@@ -152,7 +153,9 @@ def main(args):
 def test_a_dispy_program_runs_unchanged_on_dask(net: Network, tmp_path: Path) -> None:
     """setup's globals, depends (a function and a file), results, stdout/stderr, the
     remote traceback, provisional results and every status reach the program;
-    cleanup runs once on each worker at close."""
+    cleanup runs once on each worker at close. dispy's ``dispynode_logger`` and
+    ``dispynode_shutdown`` (-1: a Dask worker is not dispynb's to stop) are there
+    as on a node (a NameError before)."""
     out = run(net, tmp_path, DISPY_PROGRAM, out=str(tmp_path))
     by_id = {job[0]: job for job in out["jobs"]}
     for n in (0, 1, 2, 4):
@@ -180,7 +183,7 @@ def test_a_dispy_program_runs_unchanged_on_dask(net: Network, tmp_path: Path) ->
     assert all(row.endswith((" B", " K")) for row in rows), rows  # counted: no "-"
     assert "|    Sent |    Rcvd" in out["print_status"]  # dispy's heading
     cleanups = list(tmp_path.glob("cleanup-*"))
-    assert len(cleanups) == 2 and all(p.read_text() == "100" for p in cleanups)
+    assert len(cleanups) == 2 and all(p.read_text() == "100 -1" for p in cleanups)
 
 
 FAILING_CALLS_PROGRAM = """
