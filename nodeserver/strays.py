@@ -14,7 +14,9 @@ every child it gains after that which is not a worker is a job's: `Strays` finds
 them (from ``/proc``, at each of the supervisor's wake-ups: twice a second and at
 every SIGCHLD) and ends each with its descendants. The children setup started are
 noted when the supervisor starts and left alone (a process that took the pid of
-one of them after it ended is told apart by its start time).
+one of them after it ended is told apart by its start time). From then on the
+computation process is a child subreaper, so that what a stray leaves orphaned
+comes to it as another stray, not to the node.
 """
 
 from __future__ import annotations
@@ -25,7 +27,13 @@ import os
 import signal
 from collections.abc import Collection
 
-from nodeserver.containment import children, descendants, kill_pinned, pin
+from nodeserver.containment import (
+    become_subreaper,
+    children,
+    descendants,
+    kill_pinned,
+    pin,
+)
 
 logger = logging.getLogger("nodeserver.compute")
 
@@ -81,6 +89,10 @@ class Strays:
     def __init__(self, parent: int, name: str) -> None:
         self._parent = parent
         self._name = name
+        # A stray that forks and exits at once hands its children to the nearest
+        # subreaper: this process from now on, so they are strays here too (they
+        # went to the node, which kills its orphans only at its next SIGCHLD).
+        become_subreaper()
         self._known = {pid: start_time(pid) for pid in children(parent)}
         #: Processes ended so far (strays and their descendants).
         self.ended = 0

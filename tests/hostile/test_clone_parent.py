@@ -32,11 +32,17 @@ CLONE_SYSCALL = {"x86_64": 56, "aarch64": 220}
 FORKS = 40
 
 
-def sibling_with_children(marker: str, forks: int) -> tuple[int, int]:
+def sibling_with_children(marker: str, forks: int, leave: bool) -> tuple[int, int]:
     """Make this worker a sibling (clone with CLONE_PARENT) that leaves the session
-    and forks sleepers until refused or ``forks``; once it wrote its pids to
-    ``marker`` (its parent first), return (its parent, this worker's parent)."""
+    and forks sleepers until refused or ``forks``, then exits at once with
+    ``leave`` (orphaning them), else sleeps. The sibling writes to ``marker`` its
+    parent and its pid, then each child's pid as it goes, then ``done``. Return
+    (its parent, this worker's parent) once it is done, or killed."""
     import ctypes
+
+    def note(text: str) -> None:
+        with open(marker, "a") as handle:
+            handle.write(f"{text}\n")
 
     libc = ctypes.CDLL(None, use_errno=True)
     libc.syscall.restype = ctypes.c_long
@@ -44,28 +50,30 @@ def sibling_with_children(marker: str, forks: int) -> tuple[int, int]:
     pid = libc.syscall(number, CLONE_PARENT | signal.SIGCHLD, 0, 0, 0, 0)
     if pid == 0:  # the sibling: never back into the worker's loop
         try:
+            note(f"{os.getppid()} {os.getpid()}")
             os.setsid()
-            pids = [os.getpid()]
             with contextlib.suppress(OSError):  # refused at the cgroup's limit
                 for _ in range(forks):
                     child = os.fork()
                     if child == 0:
                         time.sleep(60)
                         os._exit(0)
-                    pids.append(child)
-            with open(f"{marker}.tmp", "w") as handle:
-                handle.write(" ".join(map(str, [os.getppid(), *pids])))
-            os.replace(f"{marker}.tmp", marker)
-            time.sleep(60)
+                    note(str(child))
+            note("done")
+            if not leave:
+                time.sleep(60)
         finally:
             os._exit(0)
     assert pid > 0, f"clone failed: errno {ctypes.get_errno()}"
     deadline = time.monotonic() + 10
-    while not os.path.exists(marker) and time.monotonic() < deadline:
+    lines: list[str] = []
+    while time.monotonic() < deadline:
+        with contextlib.suppress(FileNotFoundError), open(marker) as handle:
+            lines = handle.read().split("\n")[:-1]  # whole lines
+        if "done" in lines or (lines and not os.path.exists(f"/proc/{pid}")):
+            break  # (gone: killed, and reaped by its parent)
         time.sleep(0.01)
-    with open(marker) as handle:
-        parent = int(handle.read().split()[0])
-    return parent, os.getppid()
+    return int(lines[0].split()[0]), os.getppid()
 
 
 def _alive(pid: int) -> bool:
@@ -75,19 +83,21 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _escape(nodes: object, tmp_path: Path, secret: str | None = None) -> str:
+def _escape(
+    nodes: object, tmp_path: Path, leave: bool, secret: str | None = None
+) -> str:
     """Run the job on ``nodes``; what was measured (asserting all ended while the
     cluster is still open)."""
     marker = str(tmp_path / "sibling")
     with JobCluster(
         sibling_with_children, nodes=nodes, secret=secret, max_pids=32
     ) as cluster:
-        job = cluster.submit(marker, FORKS)
+        job = cluster.submit(marker, FORKS, leave)
         parent, computation = job()
         ended = time.monotonic()
         assert job.status == DispyJob.Finished, job.exception
         with open(marker) as handle:
-            pids = [int(p) for p in handle.read().split()[1:]]
+            pids = [int(p) for p in handle.read().split()[1:] if p.isdigit()]
         assert parent == computation, "the sibling was made outside the worker"
         try:
             took = wait_for(
@@ -99,7 +109,7 @@ def _escape(nodes: object, tmp_path: Path, secret: str | None = None) -> str:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         after = time.monotonic() - ended
-        again = cluster.submit(str(tmp_path / "again"), 0)
+        again = cluster.submit(str(tmp_path / "again"), 0, False)
         again()
         assert again.status == DispyJob.Finished, again.exception
     return f"{len(pids)} processes all ended {after:.1f} s after the job ({took:.1f} s)"
@@ -111,22 +121,25 @@ def _escape(nodes: object, tmp_path: Path, secret: str | None = None) -> str:
 @pytest.mark.attack(
     id="clone-parent-escape",
     title="A job makes its worker a sibling (clone with CLONE_PARENT, then setsid) "
-    f"that forks {FORKS} sleepers under max_pids=32, with and without pids cgroups",
+    f"that forks {FORKS} sleepers under max_pids=32 and stays, or exits at once "
+    "orphaning them; with and without pids cgroups",
     goal="the sibling and all it started killed while the cluster runs on (its "
     "computation process looks twice a second); was: all ran on after the job, "
     "uncounted by max_pids without a cgroup",
 )
+@pytest.mark.parametrize("leave", [False, True], ids=["stays", "leaves"])
 @pytest.mark.parametrize("cgroups", [True, False], ids=["cgroups", "no-cgroup"])
 def test_a_process_made_outside_the_worker_is_ended(
-    cgroups: bool, tmp_path: Path, measure
+    cgroups: bool, leave: bool, tmp_path: Path, measure
 ) -> None:
     from tests.nodeproc import running_node
 
     if cgroups:
         with LocalCluster(cpus=1) as local:
-            figure = _escape(local, tmp_path)
+            figure = _escape(local, tmp_path, leave)
     else:
         launcher = ["env", "DISPYNB_PIDS_CGROUP=off"]  # execs the node: same pid
         with running_node(tmp_path / "node", launcher=launcher) as node:
-            figure = _escape([node.spec], tmp_path, node.secret)
-    measure(f"{'cgroups' if cgroups else 'no cgroup'}: {figure}")
+            figure = _escape([node.spec], tmp_path, leave, node.secret)
+    how = "the sibling exits, orphaning them" if leave else "the sibling stays"
+    measure(f"{'cgroups' if cgroups else 'no cgroup'}, {how}: {figure}")
