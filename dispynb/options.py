@@ -98,7 +98,10 @@ class ClusterOptions:
     loglevel:
         A numeric logging level, or None to leave logging alone.
     ping_interval, pulse_interval, poll_interval:
-        Seconds, within dispy's ranges, or None.
+        Seconds, within dispy's ranges, or None. With ``ping_interval``, discovery
+        pings go out that often, and named nodes that are away (not started yet,
+        or lost) are tried again that often for as long as the cluster is open:
+        `JobCluster` waits for them, as dispy's, rather than stop when none is up.
     secret:
         The shared secret as bytes, or None.
     keyfile, certfile, cafile:

@@ -156,6 +156,7 @@ class NodesBackend:
                 reentrant=opts.reentrant,
                 max_attempts=opts.max_attempts,
                 pulse_interval=opts.pulse_interval,
+                ping_interval=opts.ping_interval,
                 setup_timeout=opts.setup_timeout,
                 recovery_id=config.recovery_id,
                 keep_results=RECOVERY_KEEP if config.recovery_id else 0.0,
@@ -339,6 +340,9 @@ class NodesBackend:
             startup is not None
             and not startup.done()
             and not self.driver.connecting
+            # With ping_interval the named nodes not up yet are waited for, as
+            # dispy's; otherwise no node listening stops JobCluster() at once.
+            and not (self._options.ping_interval and self.driver.reconnecting)
             and not any(link.ready for link in self.driver.nodes.values())
         ):
             first = self._node_errors[0]

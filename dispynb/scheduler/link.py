@@ -202,6 +202,10 @@ class DriverConfig:
     max_attempts: int = 3
     client_name: str = ""
     pulse_interval: float | None = None
+    #: dispy's ``ping_interval``: a named node that is away (not started yet, or
+    #: lost) is tried again this often for as long as the cluster is open, not only
+    #: for RECONNECT_FOR seconds.
+    ping_interval: float | None = None
     setup_timeout: float | None = None
     recovery_id: str | None = None
     keep_results: float = 0.0

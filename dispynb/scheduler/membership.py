@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 
 from dispynb import config as dispy_config
 from dispynb.defaults import CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT
@@ -34,7 +35,7 @@ from dispynb.scheduler.results import DriverResults
 from dispynb.secret import CREDENTIAL_PREFIX
 from dispynb.transport.addressing import format_address
 from dispynb.transport.connection import Connection, describe_error
-from dispynb.transport.connector import connect, out_of_descriptors
+from dispynb.transport.connector import connect, not_listening, out_of_descriptors
 
 #: The driver's logger (one name for all its parts, as users configure it).
 logger = logging.getLogger("dispynb.scheduler.driver")
@@ -90,6 +91,12 @@ class DriverNodes(DriverResults):
                 # Out of descriptors: the node is fine, this process is full; it
                 # tries again as other connections (or files) free theirs.
                 if not out_of_descriptors(exc) or loop.time() + delay > give_up:
+                    if not_listening(exc) and not self._closing:
+                        # Not started yet, perhaps (dispy used a node that started
+                        # after its client): tried again in the background, as a
+                        # lost node is. Counted before the failure, so that queued
+                        # jobs wait for it rather than end Abandoned.
+                        self._start_reconnecting(link.host, link.port, allocate)
                     self._fail_node(link, exc)
                     return
                 log = logger.warning if delay == RECONNECT_DELAY else logger.debug
@@ -323,24 +330,37 @@ class DriverNodes(DriverResults):
             and link.allocate is not None
         ):
             # It may come back (restarted, link healed): try again for a while.
-            self._reconnecting += 1
-            self._spawn(self._reconnect(link.host, link.port, link.allocate))
+            self._start_reconnecting(link.host, link.port, link.allocate, back=True)
         self._abandon_if_no_nodes()
 
-    async def _reconnect(self, host: str, port: int, allocate: Allocator) -> None:
-        """Connect again to a lost node, with backoff, for up to RECONNECT_FOR s.
+    def _start_reconnecting(
+        self, host: str, port: int, allocate: Allocator, back: bool = False
+    ) -> None:
+        self._reconnecting += 1
+        self._spawn(self._reconnect(host, port, allocate, back))
+
+    async def _reconnect(
+        self, host: str, port: int, allocate: Allocator, back: bool = True
+    ) -> None:
+        """Connect to a node that is away (lost if ``back``, else never reached),
+        with backoff, for up to RECONNECT_FOR s; with ``ping_interval``, every
+        ``ping_interval`` s at most, for as long as the cluster is open (dispy pinged
+        its named nodes so).
 
         A node that comes back authenticates anew and gets a fresh computation; what
         it may still send for the old one was on the old, closed connection.
         """
         loop = asyncio.get_running_loop()
-        delay, deadline = RECONNECT_DELAY, loop.time() + RECONNECT_FOR
+        every = self.config.ping_interval
+        delay_max = min(RECONNECT_DELAY_MAX, every) if every else RECONNECT_DELAY_MAX
+        deadline = math.inf if every else loop.time() + RECONNECT_FOR
+        delay = min(RECONNECT_DELAY, delay_max)
         conn: Connection | None = None
         welcome: Welcome | None = None
         try:
             while not self._closing and loop.time() < deadline:
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, RECONNECT_DELAY_MAX)
+                delay = min(delay * 2, delay_max)
                 if self._closing or format_address(host, port) in self.nodes:
                     return
                 try:
@@ -355,7 +375,9 @@ class DriverNodes(DriverResults):
                 conn.close()
             self._abandon_if_no_nodes()
             return
-        logger.info("node %s is back", format_address(host, port))
+        logger.info(
+            "node %s is %s", format_address(host, port), "back" if back else "up now"
+        )
         link = self._new_link(host, port)
         await self._attach(link, allocate, conn, welcome)
 
@@ -427,3 +449,8 @@ class DriverNodes(DriverResults):
     def connecting(self) -> bool:
         """True while some node is still connecting or being set up."""
         return self._connecting > 0
+
+    @property
+    def reconnecting(self) -> bool:
+        """True while some node that is away is being tried again."""
+        return self._reconnecting > 0

@@ -109,6 +109,27 @@ def out_of_descriptors(exc: BaseException | None) -> bool:
     return False
 
 
+#: Errors of a connection to a machine where no node listens yet (or any more):
+#: refused (the machine is up, the node not yet), or no route to it (booting).
+_NOT_LISTENING = (
+    errno.ECONNREFUSED,
+    errno.EHOSTUNREACH,
+    errno.EHOSTDOWN,
+    errno.ENETUNREACH,
+)
+
+
+def not_listening(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or the error it was raised from) says nothing listens at
+    the address: a node that may be starting, worth trying again later (a name
+    that does not resolve, a wrong secret or TLS are not)."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in _NOT_LISTENING:
+            return True
+        exc = exc.__cause__
+    return False
+
+
 def _nofile() -> int | str:
     soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     return "none" if soft == resource.RLIM_INFINITY else soft

@@ -157,7 +157,12 @@ JOBCLUSTER = [
         "from the process that ran it, as in dispy.",
     ),
     Name("cleanup"),
-    Name("ping_interval"),
+    Name(
+        "ping_interval",
+        note="Also tries named nodes that are away (not started yet, or lost) "
+        "again that often, for as long as the cluster is open; ``JobCluster()`` "
+        "then waits for them.",
+    ),
     Name(
         "pulse_interval",
         differs="Nodes pulse every second by default; a node "
