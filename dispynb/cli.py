@@ -1,4 +1,4 @@
-"""The ``dispynb`` command line: ``dispynb demo``, ``secret`` and ``version``.
+"""The ``dispynb`` command line: ``dispynb demo``, ``run``, ``secret`` and ``version``.
 
 Importing this module loads only the standard library (argparse and a few small
 modules); the cluster machinery is imported when a command runs. That matters twice:
@@ -13,6 +13,8 @@ estimate_pi
     The demo's computation: one Monte Carlo estimate of pi.
 ProgressLine
     A live progress line on stderr, fed by ``job_status`` callbacks.
+run_command
+    Run a command's body, saying dispynb's errors and Ctrl-C in one line.
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ import math
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
-__all__ = ["ProgressLine", "estimate_pi", "main"]
+__all__ = ["ProgressLine", "estimate_pi", "main", "run_command"]
 
 # dispy's final job statuses (DispyJob.Cancelled, Terminated, Abandoned, Finished) as
 # plain numbers, so that this module need not import dispynb.job.
@@ -234,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     secret.add_argument("file", nargs="?", default=None, help="file to create")
     secret.set_defaults(handler=_secret)
 
+    from dispynb.runcommand import add_parser as add_run
+
+    add_run(commands)  # dispy's dispy_cmd.py
+
     version = commands.add_parser("version", help="print the version and exit")
     version.set_defaults(handler=_version)
     return parser
@@ -279,21 +285,27 @@ def _demo(args: argparse.Namespace) -> int:
     import logging
     import os
 
-    from dispynb.errors import DispynbError
-
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     cpus = args.cpus or max(1, (os.cpu_count() or 1) // args.nodes)
     print(
         f"Starting {args.nodes} local node(s) with {cpus} CPU(s) each;"
         f" {args.jobs} jobs of {args.samples:,} samples."
     )
+    return run_command("demo", lambda: _run_demo(args, cpus))
+
+
+def run_command(name: str, body: Callable[[], int]) -> int:
+    """``body()``'s exit status; dispynb's errors and Ctrl-C said in one line on
+    stderr (exit status 1 and 130), without a traceback."""
+    from dispynb.errors import DispynbError
+
     try:
-        return _run_demo(args, cpus)
+        return body()
     except DispynbError as exc:
-        print(f"dispynb demo: error: {exc}", file=sys.stderr)
+        print(f"dispynb {name}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("\ndispynb demo: interrupted", file=sys.stderr)
+        print(f"\ndispynb {name}: interrupted", file=sys.stderr)
         return 130
 
 

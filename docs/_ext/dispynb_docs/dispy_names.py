@@ -660,6 +660,12 @@ PROGRAMS = [
     ),
     Name(
         "dispy_cmd.py",
+        alias_of="dispynb run",
+        differs="Takes dispy_cmd.py's options (``-a``, ``-f``, ``-n``, ``-c``, "
+        "``-d``, ``--secret``, ``--certfile``, ``--keyfile``, ``--ip_addr``, "
+        "``--scheduler_node``) and ``--secret-file``; without ``-a`` the program "
+        "runs once (dispy_cmd.py ran nothing); it prints each run's exit code and "
+        "output as text, and exits 1 if a run could not run.",
         missing="Run a program with ``JobCluster('program')`` or "
         "``Run.map('program', ...)``.",
     ),

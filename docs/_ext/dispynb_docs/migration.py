@@ -219,12 +219,26 @@ def program_rows() -> list[Row]:
     }
     rows = []
     for entry in names.PROGRAMS:
-        present = bool(entry.alias_of) and entry.alias_of in scripts
+        script, _, command = entry.alias_of.partition(" ")
+        present = bool(script) and script in scripts
+        if present and command:  # a command of the ``dispynb`` script
+            present = command in _dispynb_commands()
         row = _row(entry, present)
         if present:
             row = Row(row.name, row.status, f"``{entry.alias_of}``. {row.note}")
         rows.append(row)
     return rows
+
+
+def _dispynb_commands() -> set[str]:
+    """The commands of the ``dispynb`` script (``dispynb run``...)."""
+    parser = importlib.import_module("dispynb.cli").build_parser()
+    commands = next(
+        action
+        for action in parser._actions
+        if isinstance(action, argparse._SubParsersAction)
+    )
+    return set(commands.choices)
 
 
 # -- dispynode options: asked of dispynb-node's own parser ---------------------------
