@@ -218,7 +218,23 @@ class JobActor:
                 f"cannot get the computation from the client's Ray inbox: "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
-        self.path = tempfile.mkdtemp(prefix="dispynb-ray-")
+        self.path = _actor_directory(ray)
+        try:
+            self._set_up(bundle, files, max_output, handle, token)
+        except BaseException:
+            os.chdir(tempfile.gettempdir())
+            shutil.rmtree(self.path, ignore_errors=True)
+            raise
+
+    def _set_up(
+        self,
+        bundle: Any,
+        files: dict[str, bytes],
+        max_output: int | None,
+        handle: Any,
+        token: str,
+    ) -> None:
+        """Write the depends files, load the computation, run setup."""
         os.chdir(self.path)
         for relative, data in files.items():
             target = os.path.join(self.path, relative)
@@ -378,6 +394,30 @@ class JobActor:
         os.chdir(tempfile.gettempdir())
         shutil.rmtree(self.path, ignore_errors=True)
         return error
+
+
+def _actor_directory(ray: Any) -> str:
+    """A new directory for this actor's files (depends, what its jobs write).
+
+    Ray restarts an actor killed under its job (Stop, ``job_timeout``) without
+    running its cleanup: the directories of its earlier lives (named after the
+    actor's id, which a restart keeps) are removed here, else each stopped job
+    would leave one in the worker's temporary folder. Only directories of this
+    user are removed, never through a symbolic link.
+    """
+    prefix = f"dispynb-ray-{ray.get_runtime_context().get_actor_id()}-"
+    base = tempfile.gettempdir()
+    with os.scandir(base) as entries:
+        for entry in entries:
+            if not entry.name.startswith(prefix):
+                continue
+            with contextlib.suppress(OSError):
+                if (
+                    entry.is_dir(follow_symlinks=False)
+                    and entry.stat(follow_symlinks=False).st_uid == os.getuid()
+                ):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=prefix, dir=base)
 
 
 def _run_setup(setup: Callable[..., Any], setup_args: tuple[Any, ...]) -> None:

@@ -33,6 +33,13 @@ def sleeper(folder: str, seconds: float) -> int:
     return os.getpid()
 
 
+def sleeps_in_its_directory(folder: str, seconds: float) -> int:
+    """Tells where it runs (its actor's directory), then sleeps."""
+    Path(folder, f"path-{os.getpid()}").write_text(dispy_job_path)  # noqa: F821
+    time.sleep(seconds)
+    return os.getpid()
+
+
 def dies_once(folder: str) -> str:
     marker = Path(folder, "died")
     if not marker.exists():
@@ -74,6 +81,34 @@ def test_cancel_stops_running_and_queued_jobs(
             wait_for(lambda pid=pid: not psutil.pid_exists(pid), f"process {pid} gone")
         again = cluster.submit(folder, 0)
         assert again() not in pids and again.status is JobStatus.Finished
+
+
+def test_a_stopped_jobs_actor_leaves_no_directory_behind(
+    engine: RayEngine, tmp_path: Path
+) -> None:
+    """The actor killed under a stopped job (Ray restarts it) and the actors closed
+    with the cluster leave none of their directories (depends files, what the jobs
+    wrote) in the worker's temporary folder. Before, each stopped job left its
+    actor's directory there for good."""
+    folder = tmp_path / "jobs"
+    folder.mkdir()
+    data = tmp_path / "input.txt"
+    data.write_text("the data")
+    with JobCluster(
+        sleeps_in_its_directory, depends=[str(data)], engine=engine
+    ) as cluster:
+        stopped = cluster.submit(str(folder), 600)
+        wait_for(lambda: list(folder.glob("path-*")), "the job running")
+        (written,) = folder.glob("path-*")
+        directory = Path(written.read_text())
+        assert (directory / "input.txt").read_text() == "the data"
+        cluster.cancel(stopped)
+        assert stopped() is None and stopped.status is JobStatus.Terminated
+        for job in [cluster.submit(str(folder), 0) for _ in range(4)]:
+            assert job() is not None, job.exception
+    paths = {Path(p.read_text()) for p in folder.glob("path-*")}
+    assert directory in paths and len(paths) >= 2, paths
+    assert [path for path in paths if path.exists()] == []
 
 
 def test_cleanup_runs_in_the_actors_restarted_after_a_stop(
