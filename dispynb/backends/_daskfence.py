@@ -9,6 +9,12 @@ task, so that the job never starts again: it counts, per dispynb task, the worke
 lost while it was processing there, and cancels (``stimulus_cancel``) the tasks that
 reached their limit.
 
+It also keeps the scheduler from holding on to what the cluster's jobs send its
+client: their provisional results and files (up to 32 MiB each) travel as events on
+the client's topic, which the scheduler stores (the last 1000 per topic, for an hour
+after the client left) besides sending them on. `Fence.log_event` drops them from
+that store as soon as they are sent.
+
 This module is shipped to the scheduler by value (``cloudpickle``), so the scheduler
 needs no dispynb: it imports only ``distributed``.
 """
@@ -21,7 +27,8 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 
 
 class Fence(SchedulerPlugin):
-    """Cancel a cluster's tasks once ``limit`` of their workers died under them."""
+    """Cancel a cluster's tasks once ``limit`` of their workers died under them;
+    keep no event of the cluster's client on the scheduler."""
 
     def __init__(self, prefix: str, limit: int, client_id: str) -> None:
         self.prefix = prefix
@@ -54,6 +61,15 @@ class Fence(SchedulerPlugin):
                     self.due.append(key)
         if finish in ("memory", "erred", "forgotten"):
             self.lost.pop(key, None)
+
+    def log_event(self, topic: str, msg: Any) -> None:
+        """An event was logged and sent to the subscribers: one on this client's
+        topic (a job's provisional result or file, a worker's state) is forgotten,
+        never to be asked again (the client subscribed before its first)."""
+        if topic == self.client_id and self.scheduler is not None:
+            broker = getattr(self.scheduler, "_broker", None)
+            if broker is not None:  # else an older distributed: kept as before
+                broker.truncate(topic)
 
     def remove_worker(self, scheduler: Any, worker: str, **kw: Any) -> None:
         if not self.due:

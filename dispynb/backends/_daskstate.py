@@ -40,8 +40,8 @@ SETUP_WAIT = 15.0
 CLOSE_TIMEOUT = 60.0
 
 #: Largest file a job may send back with ``dispy_send_file`` on Dask (bytes): it
-#: travels through the Dask scheduler, which keeps the client's events until the
-#: client leaves.
+#: travels through the Dask scheduler as an event (which `_daskfence.Fence` keeps
+#: the scheduler from storing).
 MAX_SENT_FILE = 32 << 20
 
 

@@ -32,8 +32,9 @@ on Dask's scheduler and workers. How each dispy feature maps onto Dask:
   call returns 0 once the client wrote the file, -1 if it did not.
 * **provisional results** and the **start** of jobs running longer than
   `_daskworker.START_REPORT` are Dask structured events: the worker calls
-  ``Worker.log_event`` on this client's topic (its id, so the scheduler drops them
-  when the client leaves), the client listens with ``Client.subscribe_topic``.
+  ``Worker.log_event`` on this client's topic (its id), the client listens with
+  ``Client.subscribe_topic``; the scheduler plugin `_daskfence.Fence` keeps the
+  scheduler from storing them (it keeps a topic's last 1000 events otherwise).
 * **lost workers**: the scheduler's ``remove-worker`` event (topic ``"all"``) says
   which tasks were running there. Reentrant jobs are requeued (Dask reschedules them)
   up to ``max_attempts``; the others are abandoned, as dispy does with a lost node's

@@ -281,6 +281,56 @@ def test_files_between_the_client_and_dask_workers(
     assert out["big_here"] == []
 
 
+HELD = """
+def sends(n):
+    name = f"out-{n}.bin"
+    with open(name, "wb") as handle:
+        handle.write(os.urandom(1 << 20))
+    dispy_provisional_result(b"p" * (1 << 20))
+    return dispy_send_file(name)
+
+
+def main(args):
+    import pickle
+
+    from distributed import Client
+
+    def held(watcher):
+        # What the scheduler keeps of each topic's events, in bytes (over 64 KiB).
+        sizes = {
+            topic: len(pickle.dumps(events))
+            for topic, events in watcher.get_events().items()
+        }
+        return {topic: size for topic, size in sizes.items() if size > 1 << 16}
+
+    os.chdir(args["dir"])
+    out = {}
+    with LocalCluster(nodes=2, cpus=1, engine="dask") as local:
+        with Client(local.engine.address, timeout=30) as watcher:
+            with JobCluster(sends, engine=local.engine) as cluster:
+                out["results"] = [j() for j in [cluster.submit(n) for n in range(4)]]
+                out["open"] = held(watcher)
+            out["closed"] = held(watcher)
+    out["received"] = sorted(
+        name for name in os.listdir(".") if name.startswith("out-")
+    )
+    return out
+"""
+
+
+def test_the_scheduler_keeps_none_of_what_jobs_sent(
+    net: Network, tmp_path: Path
+) -> None:
+    """Provisional results and files sent by jobs reach the client, and the Dask
+    scheduler keeps none of them, while the cluster is open or after it closed
+    (before, it stored the last 1000 of each cluster's, for an hour after: here
+    4 MiB; up to 32 GiB for files of 32 MiB)."""
+    out = run(net, tmp_path, HELD, dir=str(tmp_path))
+    assert out["results"] == [0] * 4
+    assert out["received"] == [f"out-{n}.bin" for n in range(4)]
+    assert out["open"] == {} and out["closed"] == {}
+
+
 REFUSED = """
 def nested(n):
     os.makedirs("sub", exist_ok=True)
