@@ -81,11 +81,14 @@ def _settled(probe: Callable[[], list[_T]], timeout: float) -> list[_T]:
     return left
 
 
-def _kill_a_client_while_its_jobs_run(node: CliNode, tmp_path: Path, n: int) -> None:
-    marker = tmp_path / f"started-{n}"
+def _kill_a_client_once_marked(
+    script: str, args: list[str], marker: Path, cwd: Path
+) -> None:
+    """Run client ``script`` (``python -c``) with ``args`` then ``marker``; SIGKILL
+    its process group once it creates ``marker`` (its jobs are running)."""
     with subprocess.Popen(
-        [sys.executable, "-c", KILLED_CLIENT, node.spec, node.secret, str(marker)],
-        cwd=tmp_path,  # its recovery journal goes there
+        [sys.executable, "-c", script, *args, str(marker)],
+        cwd=cwd,  # its recovery journal goes there
         env=node_env(),
         stdin=subprocess.DEVNULL,
         start_new_session=True,
@@ -94,6 +97,11 @@ def _kill_a_client_while_its_jobs_run(node: CliNode, tmp_path: Path, n: int) -> 
             wait_for_path(marker, timeout=30)
         finally:
             os.killpg(client.pid, signal.SIGKILL)
+
+
+def _kill_a_client_while_its_jobs_run(node: CliNode, tmp_path: Path, n: int) -> None:
+    args = [node.spec, node.secret]
+    _kill_a_client_once_marked(KILLED_CLIENT, args, tmp_path / f"started-{n}", tmp_path)
 
 
 @pytest.mark.timeout(120)
@@ -242,18 +250,8 @@ def test_a_file_sent_by_a_killed_client_does_not_stay_in_the_nodes_memory(
     with running_node(tmp_path / "node", cpus=2) as node:
         for n in range(3):
             data.write_bytes(os.urandom(16 << 20))  # sent anew each time
+            args = [node.spec, node.secret, str(data)]
             marker = tmp_path / f"started-{n}"
-            command = [sys.executable, "-c", KILLED_WITH_A_FILE, node.spec]
-            with subprocess.Popen(
-                [*command, node.secret, str(data), str(marker)],
-                cwd=tmp_path,
-                env=node_env(),
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            ) as client:
-                try:
-                    wait_for_path(marker, timeout=30)
-                finally:
-                    os.killpg(client.pid, signal.SIGKILL)
+            _kill_a_client_once_marked(KILLED_WITH_A_FILE, args, marker, tmp_path)
         assert _settled(lambda: _session_dirs(node), 30) == []
         assert _settled(lambda: _message_bodies(node), WAIT) == []

@@ -235,6 +235,23 @@ time.sleep(120)
 """
 
 
+def kill_doomed_client(
+    address: str, credential: Path, journal: Path, cwd: Path
+) -> None:
+    """Run `DOOMED_CLIENT` (its recover_file ``journal``) and SIGKILL its process
+    group once its first job is done: the rest of its jobs are queued or running."""
+    proc = start_client(
+        DOOMED_CLIENT, address, str(credential), str(journal), cwd=cwd,
+        name=journal.stem,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "first done"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+
+
 def busy_within(times: list[list[float]], start: float, end: float) -> float:
     """Seconds of job time inside ``[start, end]``."""
     return sum(max(0.0, min(e, end) - max(s, start)) for s, e in times)

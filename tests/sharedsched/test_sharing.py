@@ -18,11 +18,11 @@ from dispynb.job import JobStatus
 from dispynb.journal import Journal
 from dispynb.protocol.messages import Recover, Recovered
 from tests.sharedsched.harness import (
-    DOOMED_CLIENT,
     TIMED_CLIENT,
     SchedulerProcess,
     busy_within,
     finish_client,
+    kill_doomed_client,
     raw_reply,
     shared_window,
     start_client,
@@ -150,16 +150,7 @@ def test_killed_client_reattaches_and_collects_every_result_once(
     scheduler: SchedulerProcess, users: dict[str, Path], tmp_path: Path
 ) -> None:
     journal = tmp_path / "client.journal"
-    proc = start_client(
-        DOOMED_CLIENT, scheduler.address, str(users["alice"]), str(journal),
-        cwd=tmp_path, name="doomed",
-    )  # fmt: skip
-    try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "first done"
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+    kill_doomed_client(scheduler.address, users["alice"], journal, tmp_path)
     scheduler.wait_for_log("client gone; its jobs go on")
     jobs = recover_jobs(str(journal), secret_file=str(users["alice"]), timeout=30)
     assert sorted(job.result for job in jobs) == [n * 10 for n in range(6)]

@@ -3,8 +3,6 @@ nodes must go once its jobs have ended (its results stay kept for recover_jobs).
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 from pathlib import Path
 
@@ -13,7 +11,7 @@ import pytest
 
 from dispynb import LocalCluster, recover_jobs
 from dispynb.job import JobStatus
-from tests.sharedsched.harness import DOOMED_CLIENT, SchedulerProcess, start_client
+from tests.sharedsched.harness import SchedulerProcess, kill_doomed_client
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -32,21 +30,6 @@ def _computation_processes(nodes: LocalCluster) -> list[int]:
     return found
 
 
-def _kill_a_client_after_its_first_result(
-    scheduler: SchedulerProcess, credential: Path, journal: Path, tmp_path: Path
-) -> None:
-    proc = start_client(
-        DOOMED_CLIENT, scheduler.address, str(credential), str(journal),
-        cwd=tmp_path, name=journal.stem,
-    )  # fmt: skip
-    try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "first done"
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-
-
 def test_a_killed_clients_computation_leaves_the_nodes_once_its_jobs_end(
     scheduler: SchedulerProcess,
     nodes: LocalCluster,
@@ -60,9 +43,7 @@ def test_a_killed_clients_computation_leaves_the_nodes_once_its_jobs_end(
     each client's results are still collected once by recover_jobs."""
     journals = [tmp_path / f"client{n}.journal" for n in range(3)]
     for journal in journals:
-        _kill_a_client_after_its_first_result(
-            scheduler, users["alice"], journal, tmp_path
-        )
+        kill_doomed_client(scheduler.address, users["alice"], journal, tmp_path)
     scheduler.wait_for_log("client gone; its jobs go on", count=3)
     deadline = time.monotonic() + 30
     while (left := _computation_processes(nodes)) and time.monotonic() < deadline:
