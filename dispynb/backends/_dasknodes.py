@@ -103,10 +103,12 @@ class _Nodes(_DaskState):
         )
         try:
             responses = await self.client.register_plugin(plugin, name=self.plugin_name)
-        except (ImportError, AttributeError) as exc:
+        except Exception as exc:
+            if not _cannot_import(exc):
+                raise
             raise SetupError(
-                f"the Dask workers cannot load dispynb ({exc}): install dispynb on "
-                "them (pip install dispynb) with the same version as here"
+                f"the Dask workers cannot load dispynb ({_unwrapped(exc)}): install "
+                "dispynb on them (pip install dispynb) with the same version as here"
             ) from exc
         await self._check_wanted()
         await self._await_setup(set(responses))
@@ -302,3 +304,26 @@ class _Nodes(_DaskState):
         with contextlib.suppress(Exception):
             await client.close()
         self.client = None
+
+
+#: How a worker that cannot unpickle dispynb's plugin says so: Dask hands the client
+#: the worker's exception as is, or rebuilt as a bare ``Exception`` of its repr
+#: (``Exception("ModuleNotFoundError('No module named dispynb')")``).
+_IMPORT_FAILURES = ("ModuleNotFoundError(", "ImportError(", "AttributeError(")
+
+
+def _cannot_import(exc: BaseException) -> bool:
+    """Whether the workers failed to load the plugin's classes (no dispynb there, or
+    another version of it)."""
+    if isinstance(exc, (ImportError, AttributeError)):
+        return True
+    return type(exc) is Exception and str(exc).startswith(_IMPORT_FAILURES)
+
+
+def _unwrapped(exc: BaseException) -> str:
+    """The worker's error in words (``ModuleNotFoundError: No module named ...``)."""
+    text = str(exc)
+    if type(exc) is Exception and text.endswith(")"):
+        name, _, rest = text.partition("(")
+        return f"{name}: {rest[:-1].strip(chr(34) + chr(39))}"
+    return f"{type(exc).__name__}: {text}"

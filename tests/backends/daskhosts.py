@@ -145,11 +145,22 @@ class DaskCluster:
 
 
 def _start(
-    net: Network, host: Host, argv: Sequence[str], log: Path, ready: str
+    net: Network,
+    host: Host,
+    argv: Sequence[str],
+    log: Path,
+    ready: str,
+    env: dict[str, str] | None = None,
 ) -> DaskProcess:
+    more = {} if env is None else {"env": env}
     with open(log, "wb") as out:
         proc = net.popen(
-            host, argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            host,
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            **more,
         )
     process = DaskProcess(host, proc, log)
     deadline = time.monotonic() + START_WAIT
@@ -163,16 +174,22 @@ def _start(
 
 
 def start_worker(
-    net: Network, host: Host, scheduler: str, directory: Path, *args: str
+    net: Network,
+    host: Host,
+    scheduler: str,
+    directory: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
 ) -> DaskProcess:
-    """``dask worker SCHEDULER --host IP`` (one process, one thread: ``args`` more)."""
+    """``dask worker SCHEDULER --host IP`` (one process, one thread: ``args`` more;
+    ``env``: its environment, else the nodes')."""
     log = directory / f"worker-h{host.index}-{time.monotonic_ns()}.log"
     argv = [
         DASK, "worker", scheduler, "--host", host.ip, "--nthreads", "1",
         "--no-dashboard", "--local-directory", str(directory / f"w{host.index}"),
         *args,
     ]  # fmt: skip
-    worker = _start(net, host, argv, log, "Starting established connection")
+    worker = _start(net, host, argv, log, "Starting established connection", env)
     match = _WORKER_UP.search(worker.log_text())
     worker.address = match.group(1) if match else ""
     return worker

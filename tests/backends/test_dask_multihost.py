@@ -10,6 +10,7 @@ a lost node's jobs, and is never run a second time.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
@@ -22,11 +23,13 @@ from dispynb.job import JobStatus
 from tests.backends.daskhosts import DaskCluster, dask_cluster, start_worker
 from tests.multihost.netns import (
     Network,
+    run_client,
     start_client,
     sweep_stale,
     unavailable_reason,
     wait_for,
 )
+from tests.nodeproc import node_env
 
 pytestmark = [pytest.mark.multihost, pytest.mark.slow, pytest.mark.timeout(150)]
 
@@ -408,3 +411,42 @@ def _alive(pid: int) -> bool:
             return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+NO_DISPYNB = """
+import dispynb
+import dispynb.errors
+from dispynb.backends.dask import DaskEngine
+
+
+def main(args):
+    try:
+        dispynb.JobCluster(abs, engine=DaskEngine(args["scheduler"])).close()
+    except Exception as exc:
+        return [type(exc).__name__, str(exc)]
+    return None
+"""
+
+
+def test_a_worker_without_dispynb_is_one_clear_error(
+    net: Network, tmp_path: Path
+) -> None:
+    """A Dask worker where dispynb cannot be imported: the cluster does not open,
+    with a `SetupError` saying to install dispynb on the workers (a bare
+    ``Exception: ModuleNotFoundError('No module named dispynb')`` before)."""
+    hidden = tmp_path / "no-dispynb"
+    hidden.mkdir()
+    (hidden / "dispynb.py").write_text(
+        "raise ModuleNotFoundError('No module named dispynb', name='dispynb')\n"
+    )
+    env = node_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(hidden), env.get("PYTHONPATH", "")])
+    with dask_cluster(net, net.hosts[0], [], tmp_path / "dask") as cluster:
+        cluster.workers.append(
+            start_worker(net, net.hosts[1], cluster.address, tmp_path / "dask", env=env)
+        )
+        args = {"scheduler": cluster.address}
+        out = run_client(net, net.hosts[3], tmp_path, NO_DISPYNB, args, timeout=90)
+    assert out is not None and out[0] == "SetupError", out
+    assert "cannot load dispynb (ModuleNotFoundError: No module named" in out[1]
+    assert "install dispynb on them" in out[1]
