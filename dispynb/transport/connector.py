@@ -6,6 +6,7 @@ import asyncio
 import errno
 import ipaddress
 import logging
+import os
 import random
 import resource
 import socket
@@ -22,11 +23,17 @@ from dispynb.errors import (
     TransportError,
 )
 from dispynb.protocol.messages import Welcome
-from dispynb.secret import check_strength, split_credential
+from dispynb.secret import (
+    MIN_SECRET_BITS,
+    check_strength,
+    estimate_bits,
+    split_credential,
+)
 from dispynb.transport import localsockets
 from dispynb.transport.addressing import format_address
 from dispynb.transport.connection import Connection
 from dispynb.transport.handshake import client_handshake
+from dispynb.transport.peeruser import peer_uid
 from dispynb.transport.tls import handshake_refusal
 from dispynb.transport.tlsaccept import BUSY_ALERT
 
@@ -248,14 +255,32 @@ async def _open_local(host: str, port: int) -> socket.socket | None:
 
 
 def _check_secret_for(sock: socket.socket, secret: bytes | None, peer: str) -> None:
-    """Refuse to prove a weak secret to a node that is not on this host."""
+    """Refuse to prove a weak secret where a stranger may listen: a node on another
+    host, or a loopback port that another user of this machine listens on.
+
+    A proof is a verifier of the secret it was made with: whoever receives one can
+    test guesses against it offline. On loopback, any user of the machine can
+    listen on a port a node is not using (yet, or any more), so a weak secret is
+    proved there only to a process of this user (or root), as the node's own
+    clients on its own host are.
+    """
     if not secret or sock.family == getattr(socket, "AF_UNIX", None):
-        return  # a Unix socket: on this host
+        return  # a Unix socket: the path's permissions choose who listens
     address = sock.getpeername()[0]
+    where = f"to prove to {peer}, on another host"
     if ipaddress.ip_address(address.split("%", 1)[0]).is_loopback:
-        return
+        if estimate_bits(secret) >= MIN_SECRET_BITS:
+            return
+        owner = peer_uid(sock)
+        if owner in (os.geteuid(), 0):
+            return
+        who = "a user it cannot tell" if owner is None else f"uid {owner}"
+        where = (
+            f"to prove to {peer}, which another user of this machine ({who}) listens "
+            "on, not this user: a proof lets it test guesses of the secret offline"
+        )
     try:
-        check_strength(secret, f"to prove to {peer}, on another host")
+        check_strength(secret, where)
     except ConfigurationError as exc:
         sock.close()
         raise AuthenticationError(str(exc)) from None

@@ -15,6 +15,7 @@ import pytest
 
 from dispynb import DispyJob, JobCluster
 from dispynb.errors import SetupError
+from tests.hostile.tools import strong_secret
 from tests.jobs import wait_for_path
 from tests.nodeproc import start_node
 
@@ -69,7 +70,10 @@ def test_a_node_at_its_process_limit_says_so_and_serves_on(tmp_path, measure):
         pytest.skip("running a node as another user needs root and setpriv")
     os.chmod(tmp_path, 0o777)
     marker, release = str(tmp_path / "hogging"), str(tmp_path / "release")
-    node = start_node(tmp_path / "node", cpus=2, launcher=AS_NOBODY)
+    # A strong secret: a client proves a weak one only to a port of its own user.
+    node = start_node(
+        tmp_path / "node", cpus=2, launcher=AS_NOBODY, secret=strong_secret()
+    )
     try:
         with JobCluster(work, nodes=[node.spec], secret=node.secret) as cluster:
             hog = cluster.submit("hog", marker, release)
