@@ -6,6 +6,7 @@ import asyncio
 import ipaddress
 import logging
 import os
+import platform
 import socket
 import time
 from typing import Any
@@ -259,6 +260,7 @@ class NodeServer:
             pid=os.getpid(),
             avail=avail_info(self.config.dest_path),
             boot_id=shm.boot_id(),
+            python=platform.python_version(),
         )
 
     async def _serve(self, conn: Connection, client_name: str) -> None:

@@ -265,10 +265,12 @@ class NodesBackend:
     def _allocator(self, spec: NodeAllocate) -> Allocator:
         opts = self._options
         deps = self._config.depends
+        compiled = _compiled_code(opts, deps.names)
 
         def allocate(
             welcome: Welcome, peer_ip: str
         ) -> tuple[int, list[Buffer], list[FileRef]]:
+            _check_python(welcome, peer_ip, compiled)
             try:
                 cpus = spec.allocate(
                     self._config.cluster,
@@ -613,6 +615,46 @@ class NodesBackend:
             return fn(*args)
 
         return self._runner.run_sync(call)
+
+
+def _compiled_code(opts: ClusterOptions, names: dict[str, Any]) -> str:
+    """What of a computation travels as compiled code (cloudpickle by value), as
+    words for a message; "" if nothing does (a program, installed functions)."""
+    named = [
+        ("the computation", opts.computation),
+        ("the setup function", opts.setup),
+        ("the cleanup function", opts.cleanup),
+        *((f"{name} (depends)", obj) for name, obj in names.items()),
+    ]
+    found = [
+        f"{what} {getattr(obj, '__name__', '')}".rstrip()
+        if what.startswith("the ")
+        else what
+        for what, obj in named
+        if obj is not None
+        and not isinstance(obj, (str, bool))
+        and serialize.travels_by_value(obj)
+    ]
+    return ", ".join(found)
+
+
+def _check_python(welcome: Welcome, peer_ip: str, compiled: str) -> None:
+    """Refuse a node whose Python (major.minor) is not this client's when
+    ``compiled`` names code that travels compiled: other versions cannot run it
+    (dispy sent source text, which they could)."""
+    if not compiled or not welcome.python:
+        return
+    theirs = ".".join(welcome.python.split(".")[:2])
+    ours = "{}.{}".format(*sys.version_info[:2])
+    if theirs == ours:
+        return
+    raise SetupError(
+        f"node {welcome.name!r} ({peer_ip}) runs Python {welcome.python} and this "
+        f"client Python {ours}: {compiled}, defined in this program, travels as "
+        f"compiled code, which only Python {ours} runs (dispy sent source text). "
+        f"Run the client and the nodes with the same Python version (start "
+        f"dispynb-node with a Python {ours}, or run this program with Python {theirs})"
+    )
 
 
 def _avail_info(avail: list[float | None]) -> DispyNodeAvailInfo | None:

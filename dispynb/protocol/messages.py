@@ -277,6 +277,10 @@ class Welcome(WireMessage):
     #: The node's machine's boot id ("" if unknown): with a loopback connection and
     #: ``pid``, it tells the client the node shares its memory (`protocol.shm`).
     boot_id: str = ""
+    #: The Python version jobs run with (``platform.python_version()``; "" if not
+    #: said, as a scheduler does): a function sent by value is compiled code, which
+    #: only runs on the Python version (major.minor) that compiled it.
+    python: str = ""
 
 
 @message("error")

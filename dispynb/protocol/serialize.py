@@ -262,6 +262,21 @@ def ship_by_value(*objs: Any) -> None:
             continue
 
 
+def travels_by_value(obj: Any) -> bool:
+    """Whether cloudpickle sends ``obj`` (a function, class or `functools.partial`)
+    as compiled code rather than by name: defined in ``__main__`` or in a module of
+    the script's (`ship_by_value`), not in the standard library or an installed
+    package that the node imports."""
+    obj = getattr(obj, "func", obj)  # functools.partial: its function
+    if not callable(obj):
+        return False
+    name = getattr(obj, "__module__", None)
+    module = sys.modules.get(name or "")
+    if module is None:
+        return name is not None  # a module of its own no node can import
+    return module.__name__ == "__main__" or not _is_installed(module)
+
+
 def _is_installed(module: types.ModuleType) -> bool:
     path: str | None = getattr(module, "__file__", None)
     if path is None:
