@@ -218,13 +218,17 @@ def test_httpd_example(dispynodes: Nodes, tmp_path: Path) -> None:
             assert page.status == 200
             assert page.headers.get_content_type() == "text/html"
             assert "<html" in page.read().decode().lower()
-        # the page's script then asks for the cluster with the token
+        # the page's script then asks for the cluster with the token, as it polls
         api = urllib.request.Request(
             f"{base}api/cluster", headers={"Authorization": f"Token {token}"}
         )
-        with browser.open(api, timeout=10) as reply:
-            state = json.load(reply)
-        assert sorted(node["name"] for node in state["nodes"]) == ["local-0", "local-1"]
+
+        def names() -> list[str]:
+            with browser.open(api, timeout=10) as reply:
+                return sorted(node["name"] for node in json.load(reply)["nodes"])
+
+        # JobCluster() returned once a first node was set up: the other may follow
+        wait_until(lambda: names() == ["local-0", "local-1"], PROGRAM_TIMEOUT)
         out, _ = example.finish()
     assert out == ""
 
