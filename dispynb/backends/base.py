@@ -102,6 +102,9 @@ RECOVERY: Final = "recovery"
 NODE_JOBS: Final = "node_jobs"
 #: ``nodes=`` names the engine's workers a cluster's jobs run on (``%%dispy --on``).
 SELECT_NODES: Final = "select_nodes"
+#: ``max_result_size=``: a result over it is not sent, its job ends ``Terminated``
+#: with ``ResultTooLarge``.
+RESULT_LIMIT: Final = "result_limit"
 #: The bytes sent to and received from each node are counted (``DispyNode.tx`` and
 #: ``rx``, `Backend.traffic`); without it ``print_status`` shows "-" for them.
 TRAFFIC: Final = "traffic"
@@ -119,6 +122,7 @@ ALL_FEATURES: Final[frozenset[str]] = frozenset(
         RECOVERY,
         NODE_JOBS,
         SELECT_NODES,
+        RESULT_LIMIT,
         TRAFFIC,
     }
 )
@@ -494,6 +498,8 @@ def check_options(engine: Engine, opts: ClusterOptions) -> None:
         require(engine, JOB_LIMITS, "mem_limit=")
     if isinstance(opts.recover_file, str):
         require(engine, RECOVERY, "recover_file=")
+    if opts.max_result_size is not None:
+        require(engine, RESULT_LIMIT, "max_result_size=")
 
 
 __all__ = [
@@ -504,6 +510,7 @@ __all__ = [
     "NODE_MANAGEMENT",
     "PROGRAM",
     "RECOVERY",
+    "RESULT_LIMIT",
     "SELECT_NODES",
     "SEND_FILE",
     "SETUP",

@@ -30,3 +30,22 @@ def test_require_names_engine_feature_and_way_out() -> None:
     assert "setup=" in message and "'toy'" in message and "'setup'" in message
     assert "engine=None" in message
     assert isinstance(raised.value, ConfigurationError)
+
+
+def test_max_result_size_on_an_engine_without_it_is_one_clear_error() -> None:
+    """``max_result_size=`` on Dask or Ray, which do not enforce it: refused before
+    anything connects, naming the option and what to do (before, it was ignored:
+    a result over it came back whole, ``Finished``)."""
+    from dispynb import JobCluster
+    from dispynb.backends.dask import DaskEngine
+    from dispynb.backends.ray import RayEngine
+
+    # Nothing listens at these: they must not be reached.
+    for engine in (DaskEngine("127.0.0.1:1"), RayEngine("127.0.0.1:1")):
+        with pytest.raises(NotSupportedError) as raised:
+            JobCluster(abs, engine=engine, max_result_size=1000)
+        message = str(raised.value)
+        assert message.startswith(
+            f"max_result_size= is not supported on the {engine.name!r} engine"
+        )
+        assert "engine=None" in message
