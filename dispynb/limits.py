@@ -21,9 +21,14 @@ def _check_setup_timeout(value: Any) -> float | None:
     """Seconds the setup function may take on a node; None (default) for no limit."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 0 < value < float("inf")
+    ):
         raise ConfigurationError(
-            f"setup_timeout must be a positive number of seconds or None, not {value!r}"
+            f"setup_timeout must be a positive number of seconds, or None for no "
+            f"limit; got {value!r}"
         )
     return float(value)
 

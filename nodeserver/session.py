@@ -184,6 +184,9 @@ class ClientSession(_SessionFiles, _SessionRecovery):
         if message.comp_id in self._computations:
             self.outbox.send_error("protocol", f"computation {message.comp_id} exists")
             return
+        if (bad := message.bad_seconds()) is not None:
+            self.outbox.write(ComputationFailed(comp_id=message.comp_id, message=bad))
+            return
         short = self.server.descriptors.refuse(message.name, self._workers(message))
         if short is not None:  # refused before it takes any (see descriptors)
             self.outbox.write(ComputationFailed(comp_id=message.comp_id, message=short))

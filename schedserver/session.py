@@ -416,7 +416,7 @@ class SchedulerSession:
                 )
                 self._computations_refused = True
                 self.send(ComputationFailed(comp_id=message.comp_id, message=refused))
-            elif refused := self._files_too_large(message):
+            elif refused := (message.bad_seconds() or self._files_too_large(message)):
                 logger.warning("user %r: %s", self.user, refused)
                 self.send(ComputationFailed(comp_id=message.comp_id, message=refused))
             else:

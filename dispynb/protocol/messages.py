@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import math
 import operator
 import threading
 import types
@@ -335,6 +336,25 @@ class ComputationSetup(WireMessage):
     #: The largest message the client accepts (0: not said, the default's): a node
     #: sends this computation's results, and their output, within it (in chunks).
     max_message_size: int = 0
+
+    def bad_seconds(self) -> str | None:
+        """Why a field in seconds cannot be used (NaN, infinite, negative; zero for
+        ``setup_timeout``), for the refusal; None if all can. `JobCluster` never
+        sends such values: a raw client could, and a NaN timer breaks the
+        order of asyncio's timers (others, other clients' too, fire late)."""
+        for name, value, zero in (
+            ("setup_timeout", self.setup_timeout, False),
+            ("keep_results", self.keep_results, True),
+            ("pulse_interval", self.pulse_interval, True),
+        ):
+            if value is None or 0 < value < math.inf or (zero and value == 0):
+                continue
+            least = "0 or more" if zero else "over 0, or None"
+            return (
+                f"computation-setup field {name!r} is {value!r}: it must be a "
+                f"finite number of seconds, {least}"
+            )
+        return None
 
 
 @message("computation-ready")

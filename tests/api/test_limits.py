@@ -255,6 +255,12 @@ def test_bad_job_timeout_is_a_configuration_error(value):
         ClusterOptions.from_kwargs(square, job_timeout=value)
 
 
+@pytest.mark.parametrize("value", [0, -1, "5", True, float("inf"), float("nan")])
+def test_bad_setup_timeout_is_a_configuration_error(value):
+    with pytest.raises(ConfigurationError, match="setup_timeout must be a positive"):
+        ClusterOptions.from_kwargs(square, setup_timeout=value)
+
+
 def test_job_timeout_default_is_none_and_numbers_become_floats():
     assert ClusterOptions.from_kwargs(square).job_timeout is None
     assert ClusterOptions.from_kwargs(square).mem_limit is None

@@ -371,6 +371,28 @@ def test_a_computation_name_cannot_forge_scheduler_log_lines(
     assert forged == 0 and escaped >= 2 and "\x1b" not in log
 
 
+def test_the_scheduler_refuses_seconds_no_timer_can_use(
+    tmp_path: Path, people: dict[str, Path]
+) -> None:
+    """`nan-seconds` (tests/hostile/test_session.py) against the shared scheduler:
+    a kept computation's keep_results of NaN would be its expiry timer, in the
+    event loop that serves every user."""
+    with shared_nodes(tmp_path, people) as sched:
+        setup = ComputationSetup(
+            comp_id=1, name="nan", workers=1, recovery_id="r" * 32,
+            keep_results=float("nan"),
+        )  # fmt: skip
+        answer = raw_reply(
+            sched.port,
+            people["mallory"],
+            setup,
+            serialize.dumps({"func": abs, "setup": None, "setup_args": ()}),
+            until=ComputationFailed,
+            never=(ComputationReady,),
+        )
+    assert "field 'keep_results' is nan" in answer.message, answer.message
+
+
 # -- computations held at once ---------------------------------------------------------
 
 QUOTA = 4

@@ -9,6 +9,7 @@ import re
 import socket
 import struct
 import time
+from typing import Any
 
 import pytest
 
@@ -17,6 +18,7 @@ from dispynb.protocol import serialize
 from dispynb.protocol.handshake import ClientHandshake
 from dispynb.protocol.messages import (
     ComputationClose,
+    ComputationFailed,
     ComputationReady,
     ComputationSetup,
     Error,
@@ -160,6 +162,70 @@ def test_a_client_cannot_make_the_node_report_its_status_in_a_loop(measure, tmp_
         reports = _status_reports_in(node.port, node.secret.encode(), 1e-6, window)
     measure(f"{reports} status reports in {window} s")
     assert reports <= window / PULSE_RANGE[0] + 1
+
+
+#: Setups a raw client may send that `JobCluster` never does: seconds that no
+#: timer can use.
+BAD_SECONDS = (
+    {"setup_timeout": float("nan")},
+    {"setup_timeout": float("inf")},
+    {"keep_results": float("nan"), "recovery_id": "r" * 32},
+    {"keep_results": -5.0, "recovery_id": "r" * 32},
+    {"pulse_interval": float("inf")},
+)
+
+
+def _setups_answered(port: int, secret: bytes) -> list[Any]:
+    """Send each of `BAD_SECONDS`, then a sound setup; the node's answers."""
+
+    async def attack() -> list[Any]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        client = RawClient(reader, writer)
+        try:
+            await client.handshake(secret)
+            bundle = serialize.dumps({"func": abs, "setup": None, "setup_args": ()})
+            fields: list[dict[str, Any]] = [*BAD_SECONDS, {}]
+            for comp_id, extra in enumerate(fields, 1):
+                setup = ComputationSetup(
+                    comp_id=comp_id, name="nan", workers=1, **extra
+                )
+                writer.write(client.signed_frame(setup, bundle))
+            answers: list[Any] = []
+            async with asyncio.timeout(WAIT):
+                while len(answers) < len(fields):
+                    message, _ = await client.receive()
+                    if isinstance(message, ComputationFailed | ComputationReady):
+                        answers.append(message)
+            return answers
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError, TimeoutError):
+                await asyncio.wait_for(writer.wait_closed(), 10)
+
+    return asyncio.run(attack())
+
+
+@pytest.mark.attack(
+    id="nan-seconds",
+    title="A setup whose setup_timeout, keep_results or pulse_interval is NaN, "
+    "infinite or negative (a timer no event loop can order)",
+    goal="each refused, naming the field; the session goes on (was: accepted; a "
+    "NaN timer breaks the order of the node's event loop timers, so that others, "
+    "other clients' too, fire late)",
+)
+def test_seconds_no_timer_can_use_are_refused(measure, tmp_path):
+    with limited_node(tmp_path / "node") as node:
+        answers = _setups_answered(node.port, node.secret.encode())
+    *refused, last = answers
+    measure(
+        f"{sum(isinstance(a, ComputationFailed) for a in refused)} of "
+        f"{len(BAD_SECONDS)} refused ({refused[0].message!r}); then {last.op!r}"
+    )
+    assert [type(a) for a in refused] == [ComputationFailed] * len(BAD_SECONDS)
+    for answer, fields in zip(refused, BAD_SECONDS, strict=True):
+        name = next(iter(fields))
+        assert f"field {name!r} is" in answer.message, answer.message
+    assert isinstance(last, ComputationReady)
 
 
 #: A client limit under `nodeserver.outbox.FIT_BELOW`: the node sends it one message
