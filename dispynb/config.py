@@ -6,9 +6,12 @@ keeps the names; what each one means here:
 
 DispyPort
     dispy's base port; a dispynb node listens on ``DispyPort + 1`` = `NodePort` by
-    default (9711: a dispy node on the same machine keeps its 9701).
+    default (9711: a dispy node on the same machine keeps its 9701). A program that
+    sets it has given ``dispy_port=`` (dispy's keyword did nothing else): nodes named
+    without a port are on it, as nodes started with ``dispynb-node -p DispyPort``.
 NodePort
-    TCP port of node servers when a node spec names none.
+    TCP port of node servers when a node spec names none (and `DispyPort` is not
+    set).
 ClientPort
     dispy clients listened on it for results; dispynb clients open no port (nodes
     answer over the client's own connection). Kept for programs that print it.

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
+from dispynb import config as dispy_config
 from dispynb._loop import Coalescer
 from dispynb.backends import base
 from dispynb.backends.base import ClusterConfig, Departure, JobEvents, NodeInfo
@@ -40,6 +41,7 @@ from dispynb.errors import (
     SetupError,
     TransportError,
 )
+from dispynb.netoptions import _check_port
 from dispynb.node import DispyNodeAvailInfo, NodeAllocate, is_wildcard, parse_node_specs
 from dispynb.options import ClusterOptions
 from dispynb.programs import read_program
@@ -116,8 +118,8 @@ class NodesBackend:
         self._runner = config.runner
         opts = self._options = config.options
         # The port of nodes named without one: dispy's node_port (up to 4.10), or
-        # its dispy_port, which pairs with the node's -p.
-        self._node_port = opts.node_port or opts.dispy_port or NODE_PORT
+        # its dispy_port, which pairs with the node's -p (or dispy.config's).
+        self._node_port = opts.node_port or opts.dispy_port or _configured_port()
         self._program: ProgramFile | None = None
         if isinstance(opts.computation, str):
             self._program = read_program(opts.computation)
@@ -615,6 +617,18 @@ class NodesBackend:
             return fn(*args)
 
         return self._runner.run_sync(call)
+
+
+def _configured_port() -> int:
+    """The port of nodes named without one, from `dispynb.config`: a program that
+    sets ``dispy.config.DispyPort = P`` has given ``dispy_port=P`` (dispy's keyword
+    only sets it), which pairs with nodes started with ``-p P``; else ``NodePort``."""
+    if dispy_config.DispyPort != NODE_PORT - 1:
+        port = _check_port(dispy_config.DispyPort, "dispy.config.DispyPort")
+    else:
+        port = _check_port(dispy_config.NodePort, "dispy.config.NodePort")
+    assert port is not None
+    return port
 
 
 def _compiled_code(opts: ClusterOptions, names: dict[str, Any]) -> str:

@@ -17,6 +17,7 @@ from dispynb import DispyJob, DispyNode, JobCluster
 from dispynb.errors import DispynbError
 from tests import jobs
 from tests.jobs import WAIT, wait_for_path, wait_until
+from tests.nodeproc import running_node
 
 
 def test_module_has_dispy_config_and_msg_timeout() -> None:
@@ -151,3 +152,23 @@ def test_a_job_cancelled_while_running_counts_its_run_time(local1, tmp_path) -> 
         assert node.jobs_done == 1
         assert node.cpu_time == pytest.approx(ran)
         assert cluster.cpu_time == pytest.approx(ran)
+
+
+def node_name() -> str:
+    return dispy_node_name  # type: ignore[name-defined]  # noqa: F821
+
+
+@pytest.mark.slow
+def test_dispy_port_set_in_dispy_config_names_the_port_of_the_nodes(
+    monkeypatch, tmp_path: Path
+) -> None:
+    """dispy's ``dispy_port=P`` only set ``dispy.config.DispyPort = P``: a program that
+    sets it itself names the port of nodes given without one, as ``dispy_port=P``
+    does (a node started with ``-p P``); before, it was ignored (port 9711)."""
+    with running_node(tmp_path / "node", name="on-p") as node:
+        monkeypatch.setattr(dispy.config, "DispyPort", node.port)
+        with JobCluster(node_name, nodes=["127.0.0.1"], secret=node.secret) as cluster:
+            assert cluster.submit()() == "on-p"
+    monkeypatch.setattr(dispy.config, "DispyPort", "9700")
+    with pytest.raises(DispynbError, match=r"dispy\.config\.DispyPort must be a TCP"):
+        JobCluster(node_name, nodes=["127.0.0.1"])

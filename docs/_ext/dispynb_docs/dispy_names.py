@@ -76,6 +76,10 @@ MODULE = [
     ),
     Name(
         "config",
+        differs="``MsgTimeout`` scales the connect and handshake timeouts; "
+        "``DispyPort`` set by the program is the port of nodes named without one, "
+        "as ``dispy_port=`` (whose only effect in dispy was to set it); the other "
+        "values are dispynb's ports, for programs that print them.",
         missing="dispy's port and timeout constants "
         "(``dispy.config.DispyPort``, ``MsgTimeout``...) have no equivalent: ports "
         "are per node (``dispynb-node --port``, default 9711) and timeouts are "
