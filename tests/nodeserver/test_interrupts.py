@@ -56,12 +56,13 @@ class HeldArgument:
 
 
 def mark_and_sleep(_argument: str, ran: str) -> str:
-    """Write ``ran``, then sleep; a KeyboardInterrupt is caught (as dispy allows)."""
+    """Write ``ran``, then sleep; a KeyboardInterrupt is caught (as dispy allows),
+    from the moment ``ran`` can exist: the test cancels once it sees it."""
     import pathlib
     import time
 
-    pathlib.Path(ran).write_text("ran")
     try:
+        pathlib.Path(ran).write_text("ran")
         time.sleep(30)
     except KeyboardInterrupt:
         return "interrupted"
