@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from dispynb.defaults import PULSE_RANGE
+from dispynb.defaults import MAX_MESSAGE_SIZE, PULSE_RANGE
 from dispynb.protocol import serialize
 from dispynb.protocol.handshake import ClientHandshake
 from dispynb.protocol.messages import (
@@ -179,28 +179,26 @@ def _setups_answered(port: int, secret: bytes) -> list[Any]:
     """Send each of `BAD_SECONDS`, then a sound setup; the node's answers."""
 
     async def attack() -> list[Any]:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        client = RawClient(reader, writer)
+        conn, _ = await connect(
+            "127.0.0.1", port, secret=secret, max_message_size=MAX_MESSAGE_SIZE
+        )
         try:
-            await client.handshake(secret)
             bundle = serialize.dumps({"func": abs, "setup": None, "setup_args": ()})
             fields: list[dict[str, Any]] = [*BAD_SECONDS, {}]
             for comp_id, extra in enumerate(fields, 1):
                 setup = ComputationSetup(
                     comp_id=comp_id, name="nan", workers=1, **extra
                 )
-                writer.write(client.signed_frame(setup, bundle))
+                conn.write(setup, bundle)
             answers: list[Any] = []
             async with asyncio.timeout(WAIT):
                 while len(answers) < len(fields):
-                    message, _ = await client.receive()
+                    message, _ = await conn.recv()
                     if isinstance(message, ComputationFailed | ComputationReady):
                         answers.append(message)
             return answers
         finally:
-            writer.close()
-            with contextlib.suppress(OSError, TimeoutError):
-                await asyncio.wait_for(writer.wait_closed(), 10)
+            conn.close()
 
     return asyncio.run(attack())
 
