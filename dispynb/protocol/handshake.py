@@ -75,6 +75,10 @@ def _expect(message: WireMessage, kind: type[_M]) -> _M:
     return message
 
 
+#: How a refusal for want of TLS begins (the server's reason follows).
+TLS_REFUSED = "the node uses TLS, this client does not"
+
+
 def error_to_exception(
     error: Error,
 ) -> (
@@ -93,7 +97,7 @@ def error_to_exception(
     if error.code == "busy":
         return NodeBusyError(f"node refused the connection for now: {text}")
     if error.code == "tls":
-        return TransportError(f"the node uses TLS, this client does not: {text}")
+        return TransportError(f"{TLS_REFUSED}: {text}")
     return MessageError(f"peer refused the connection: {text}")
 
 

@@ -22,6 +22,7 @@ from dispynb.errors import (
     ProtocolError,
     TransportError,
 )
+from dispynb.protocol.handshake import TLS_REFUSED
 from dispynb.protocol.messages import Welcome
 from dispynb.secret import (
     MIN_SECRET_BITS,
@@ -183,16 +184,19 @@ async def _connect_once(
                 f"node {peer} refused the connection for now: too many connections "
                 "are in their handshake, or too many failed from this address"
             ) from exc
-        if _PLAIN_ANSWER in str(exc):  # bytes that are no TLS: a plain node's
+        if _PLAIN_ANSWER in str(exc):  # bytes that are no TLS: a plain server's
+            who = "node" if server == "dispynb-node" else server
             raise TransportError(
-                f"node {peer} answered without TLS: it does not use TLS; connect "
-                "without cafile=, certfile= and keyfile=, or start the node with "
-                f"--certfile and --keyfile [{exc}]"
+                f"{who} {peer} answered without TLS: it does not use TLS; connect "
+                f"without cafile=, certfile= and keyfile=, or start {_TLS[server]} "
+                f"[{exc}]"
             ) from exc
         # A failed TLS handshake is a TLS failure, not "nothing there".
+        uses = "the node use TLS"
+        if server == "dispynb-scheduler":
+            uses = "dispynb-scheduler use TLS (--cluster_certfile)"
         raise TransportError(
-            f"{exc}; does the node use TLS, with a certificate that this client "
-            "trusts (cafile)?"
+            f"{exc}; does {uses}, with a certificate that this client trusts (cafile)?"
         ) from exc
     except OSError as exc:
         if out_of_descriptors(exc):
@@ -226,6 +230,13 @@ async def _connect_once(
         if ssl_context is None:
             if isinstance(exc, ConnectionClosedError):
                 raise
+            if server == "dispynb-scheduler" and str(exc).startswith(TLS_REFUSED):
+                # The listener's words are a node's; a scheduler's TLS is its own.
+                raise TransportError(
+                    f"{peer}: dispynb-scheduler uses TLS (--cluster_certfile), this "
+                    "client does not: give the client cafile= (the CA that signed "
+                    "the scheduler's certificate)"
+                ) from exc
             raise TransportError(f"{peer}: {exc}") from exc  # a TLS node said so
         # A TLS node refusing our certificate (or its absence) hangs up here.
         raise handshake_refusal(peer, ssl_context, exc) from exc
@@ -237,6 +248,13 @@ async def _connect_once(
 
 #: What OpenSSL says of an answer to its ClientHello that is no TLS record.
 _PLAIN_ANSWER = "WRONG_VERSION_NUMBER"
+
+#: How each server is started with TLS, for a client that expected it.
+_TLS = {
+    "dispynb-node": "the node with --certfile and --keyfile",
+    "dispynb-scheduler": "dispynb-scheduler with --cluster_certfile and "
+    "--cluster_keyfile",
+}
 
 
 async def _open_local(host: str, port: int) -> socket.socket | None:

@@ -75,3 +75,56 @@ def test_the_scheduler_reaches_mutual_tls_nodes_with_its_own_certificate(
                 assert cluster.submit(-4)() == 4
         finally:
             sched.stop()
+
+
+def test_a_tls_mismatch_names_the_schedulers_options_not_a_nodes(
+    tmp_path: Path, nodes: LocalCluster, users: dict[str, Path]
+) -> None:
+    """A user who forgets ``cafile=`` for a TLS scheduler, or gives it for a plain
+    one, or the wrong CA, is told what the scheduler does and which of its options
+    and the client's set it right: not a node's ``--certfile``."""
+    cert, key = make_cert(tmp_path, "scheduler")
+    other, _key = make_cert(tmp_path, "other")
+
+    def refusal(sched: SchedulerProcess, **tls: str) -> str:
+        with pytest.raises(DispynbError) as caught:
+            SharedJobCluster(
+                abs,
+                scheduler_host=sched.address,
+                secret_file=str(users["alice"]),
+                **tls,
+            )
+        return str(caught.value)
+
+    with_tls = SchedulerProcess(
+        tmp_path,
+        nodes.node_specs(),
+        nodes.secret,
+        args=("--cluster_certfile", cert, "--cluster_keyfile", key),
+    ).start()
+    try:
+        plain_client = refusal(with_tls)
+        wrong_ca = refusal(with_tls, cafile=other)
+    finally:
+        with_tls.stop()
+    plain = SchedulerProcess(tmp_path, nodes.node_specs(), nodes.secret).start()
+    try:
+        tls_client = refusal(plain, cafile=cert)
+    finally:
+        plain.stop()
+    for text in (plain_client, wrong_ca, tls_client):
+        assert "node" not in text.replace("dispynb-node", ""), text
+    assert (
+        f"{with_tls.address}: dispynb-scheduler uses TLS (--cluster_certfile), "
+        "this client does not: give the client cafile= (the CA that signed the "
+        "scheduler's certificate)" in plain_client
+    ), plain_client
+    assert (
+        "does dispynb-scheduler use TLS (--cluster_certfile), with a certificate "
+        "that this client trusts (cafile)?" in wrong_ca
+    ), wrong_ca
+    assert (
+        f"dispynb-scheduler {plain.address} answered without TLS: it does not use "
+        "TLS; connect without cafile=, certfile= and keyfile=, or start "
+        "dispynb-scheduler with --cluster_certfile and --cluster_keyfile"
+    ) in tls_client, tls_client
