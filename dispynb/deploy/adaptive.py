@@ -101,7 +101,8 @@ class ScaleEvent:
 
     #: Epoch seconds.
     time: float
-    #: ``'launch'``, ``'registered'``, ``'drain'``, ``'stopped'`` or ``'failed'``.
+    #: ``'launch'``, ``'registered'``, ``'drain'``, ``'stopped'``, ``'failed'`` or
+    #: ``'requeued'`` (SLURM put its batch job back in the queue).
     action: str
     #: The node's name.
     node: str

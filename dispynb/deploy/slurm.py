@@ -48,9 +48,11 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 import weakref
 from collections.abc import Mapping, Sequence
 
+from dispynb.deploy.adaptive import ScaleEvent
 from dispynb.deploy.base import (
     REGISTER_WAIT,
     Launched,
@@ -98,6 +100,10 @@ ENDED = frozenset(
     }
 )
 
+#: Job states of a job SLURM put back in the queue (``scontrol requeue``,
+#: preemption with ``PreemptMode=REQUEUE``, a failed compute node): it runs again.
+QUEUED = frozenset({"PENDING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD"})
+
 _SIZE = re.compile(r"[0-9]+[KMGT]?", re.IGNORECASE)
 _TIME = re.compile(r"[0-9]+(?:-[0-9]+)?(?::[0-9]+){0,2}|INFINITE|UNLIMITED")
 _WORD = re.compile(r"[^\s'\"\\;&|<>`$]+")
@@ -117,6 +123,9 @@ class SlurmJob:
         self.state = "PENDING"
         #: SLURM's reason for the state (``Resources``, ``None``...).
         self.reason = ""
+        #: Monotonic seconds its node last registered (None: not since it was
+        #: queued).
+        self.registered_at: float | None = None
 
     @property
     def ended(self) -> bool:
@@ -535,6 +544,7 @@ class SlurmNodes(NodeLauncher[SlurmJob]):
         live = {job.job_id: job for job in self.jobs if not job.ended}
         if not live:
             return
+        asked = time.monotonic()
         code, out, err = await self._run(
             "squeue", "--noheader", "--states=all", f"--jobs={','.join(live)}",
             "--format=%i|%T|%r", timeout=timeout,
@@ -555,6 +565,12 @@ class SlurmNodes(NodeLauncher[SlurmJob]):
         with self._changed:
             stopped = {x.name for x in self._launched if x.stopped or x.draining}
         for job in changed:
+            if (
+                job.state in QUEUED
+                and job.registered_at is not None
+                and job.registered_at < asked  # not a registration squeue missed
+            ):
+                self._requeued(job)
             if job.ended:
                 self._live_ids.discard(job.job_id)
                 if job.state != "CANCELLED":
@@ -569,9 +585,32 @@ class SlurmNodes(NodeLauncher[SlurmJob]):
 
     def _registered(self, node: RegisteredNode) -> None:
         job = next((j for j in self.jobs if j.name == node.name), None)
-        if job is not None and job.state == "PENDING":
-            job.state, job.reason = "RUNNING", "None"  # before squeue says so
+        if job is not None:
+            job.registered_at = time.monotonic()
+            if job.state in QUEUED:
+                job.state, job.reason = "RUNNING", "None"  # before squeue says so
         super()._registered(node)
+
+    def _requeued(self, job: SlurmJob) -> None:
+        """SLURM put the job of a registered node back in its queue: the node was
+        stopped (SIGTERM, as at a walltime); it is no longer one of `nodes` until
+        the job runs again and its new node registers."""
+        job.registered_at = None
+        with self._changed:
+            launched = next((x for x in self._launched if x.name == job.name), None)
+            if launched is None or launched.node is None:
+                return
+            launched.node = None
+            self._changed.notify_all()
+        reason = f" ({job.reason})" if job.reason not in ("", "None") else ""
+        detail = f"SLURM job {job.job_id} requeued: {job.state}{reason}"
+        self.events.append(ScaleEvent(time.time(), "requeued", job.name, detail))
+        logger.warning(
+            "node %s left: %s; its node stopped, and a new one registers when "
+            "SLURM runs the job again",
+            job.name,
+            detail,
+        )
 
     async def _close(self) -> None:
         await super()._close()
