@@ -93,13 +93,17 @@ def live_clusters() -> list[JobCluster]:
 def _close_at_exit() -> None:
     # A script's clusters wait for their jobs, as dispy's do at exit: a program
     # whose callbacks take the results (and may submit more) ends once they are
-    # done. Ctrl-C during that wait, an interactive session (a notebook kernel
-    # shutting down, a REPL: the user has left) and a cluster that asked for it
-    # (`Executor`) terminate them instead, within `EXIT_WAIT` (an exit never hangs
-    # on a node that does not answer). Then the nodes are released and the default
-    # recovery file is removed.
+    # done. Ctrl-C (the one that ended the script, or one during that wait), an
+    # interactive session (a notebook kernel shutting down, a REPL: the user has
+    # left) and a cluster that asked for it (`Executor`) terminate them instead,
+    # within `EXIT_WAIT` (an exit never hangs on a node that does not answer).
+    # Then the nodes are released and the default recovery file is removed.
     try:
-        if not _interactive():
+        if isinstance(getattr(sys, "last_value", None), KeyboardInterrupt):
+            # Python printed the traceback and set it: the user stopped the script.
+            if any(c._outstanding for c in live_clusters()):
+                logger.warning("interrupted: the jobs not done are terminated")
+        elif not _interactive():
             for cluster in reversed(live_clusters()):
                 if not cluster.terminate_at_exit:
                     # Again while callbacks (run by wait()) submitted more jobs.

@@ -653,3 +653,68 @@ def test_ctrl_c_while_a_script_waits_at_exit_terminates_its_jobs(tmp_path):
         wait_until(lambda: "disconnected" in node.log_text())
         assert "results kept" not in node.log_text()
     assert default_files(tmp_path, sidecars=True) == []
+
+
+INTERRUPTED = """
+import sys
+import dispynb as dispy
+
+def compute(n, release):
+    import os, time
+    open("%s.started" % release, "w").close()
+    deadline = time.monotonic() + 60
+    while not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return n * n
+
+def job_status(job):
+    print("job %d: %s %r" % (job.id, job.status, job.result), flush=True)
+
+cluster = dispy.JobCluster(
+    compute, nodes=[sys.argv[1]], secret=sys.argv[2], job_status=job_status
+)
+job = cluster.submit(0, sys.argv[3])
+job.id = 0
+job()  # Ctrl-C here ends the script
+"""
+
+
+def test_a_script_ended_by_ctrl_c_terminates_its_jobs_at_exit(tmp_path):
+    """Ctrl-C while the script waits for a job ends it (KeyboardInterrupt): its
+    exit terminates the jobs not done, as a second Ctrl-C during the exit's wait
+    does, instead of waiting for them in silence (a job of an hour held the
+    script, its node's CPU, and a shared scheduler's, for that hour)."""
+    (tmp_path / "client.py").write_text(INTERRUPTED)
+    with running_node(tmp_path / "node") as node:
+        with python_handles_sigint():  # as in _exiting_client
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "client.py",
+                    node.spec,
+                    node.secret,
+                    str(tmp_path / "go"),
+                ],
+                cwd=tmp_path,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
+        try:
+            wait_until(lambda: (tmp_path / "go.started").exists())
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                out, err = proc.communicate(timeout=EXIT_WAIT + WAIT)
+            except subprocess.TimeoutExpired:
+                raise AssertionError("the script still waits for its job") from None
+        finally:
+            (tmp_path / "go").touch()  # the job may end (the node stops then)
+            proc.kill()
+            proc.communicate()
+        assert "KeyboardInterrupt" in err
+        assert out.splitlines() == ["job 0: 9 None"], err  # Terminated
+        assert "interrupted: the jobs not done are terminated" in err
+        wait_until(lambda: "disconnected" in node.log_text())
+        assert "results kept" not in node.log_text()
+    assert default_files(tmp_path, sidecars=True) == []
