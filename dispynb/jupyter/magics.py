@@ -170,7 +170,11 @@ class DispyMagics(Magics):
         help="nodes: file holding the nodes' shared secret (or set DISPYNB_SECRET or "
         "DISPYNB_SECRET_FILE in the environment); scheduler: your credential file",
     )
-    @argument("--cafile", metavar="FILE", help="nodes: use TLS, verify nodes with it")
+    @argument(
+        "--cafile",
+        metavar="FILE",
+        help="nodes, scheduler: use TLS, verify the nodes (the scheduler) with it",
+    )
     @argument("--certfile", metavar="FILE", help="nodes: TLS client certificate")
     @argument("--keyfile", metavar="FILE", help="nodes: key of --certfile")
     @argument(
@@ -290,7 +294,8 @@ class DispyMagics(Magics):
             if len(args.hosts) != 1:
                 raise UsageError("%dispy scheduler needs the scheduler's HOST[:PORT]")
             credential = args.secret_file and os.path.expanduser(args.secret_file)
-            session.use_scheduler(args.hosts[0], credential)
+            cafile = args.cafile and os.path.expanduser(args.cafile)
+            session.use_scheduler(args.hosts[0], credential, cafile)
             print(f"dispynb: {session.where()}")
             return None
         if args.action == "ray":

@@ -188,9 +188,12 @@ class Session(_SessionProbes, _SessionNodes):
             "its workers (pip install 'dispynb[dask]')",
         )
 
-    def use_scheduler(self, address: str, credential: str | None) -> None:
+    def use_scheduler(
+        self, address: str, credential: str | None, cafile: str | None = None
+    ) -> None:
         """Run on the nodes of a ``dispynb-scheduler``, as the user whose
-        credential file is ``credential`` (None: ``$DISPYNB_SECRET_FILE``)."""
+        credential file is ``credential`` (None: ``$DISPYNB_SECRET_FILE``); over
+        TLS, checking its certificate with ``cafile``, if given."""
         from dispynb import config as dispy_config
         from dispynb.backends.scheduler import SchedulerEngine
         from dispynb.transport.addressing import format_address, parse_address
@@ -200,7 +203,12 @@ class Session(_SessionProbes, _SessionNodes):
         self.use_engine(
             SchedulerEngine(where),
             where,
-            {"secret_file": credential} if credential else None,
+            {
+                key: value
+                for key, value in (("secret_file", credential), ("cafile", cafile))
+                if value
+            }
+            or None,
             hint="check the scheduler's address and your credential (the file "
             "'dispynb-scheduler user add NAME' wrote: --secret-file FILE)",
         )

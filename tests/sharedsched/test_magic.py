@@ -11,7 +11,9 @@ from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 from traitlets.config import Config
 
+from dispynb import LocalCluster
 from tests.sharedsched.harness import SchedulerProcess
+from tests.transport.certs import make_cert
 
 pytestmark = pytest.mark.slow
 
@@ -45,3 +47,34 @@ def test_dispy_scheduler_runs_cells_on_the_shared_nodes(
         )
     assert ip.user_ns["run"].results == [x * x for x in range(8)]
     scheduler.wait_for_log("user 'bob' connected")
+
+
+def test_dispy_scheduler_reaches_a_tls_scheduler_with_cafile(
+    ip: InteractiveShell,
+    tmp_path: Path,
+    nodes: LocalCluster,
+    users: dict[str, Path],
+) -> None:
+    """``%dispy scheduler HOST --secret-file C --cafile CA``: a scheduler started
+    with ``--cluster_certfile``. The magic dropped ``--cafile``, so the run was
+    refused for want of the cafile= it was given."""
+    cert, key = make_cert(tmp_path, "scheduler")
+    sched = SchedulerProcess(
+        tmp_path,
+        nodes.node_specs(),
+        nodes.secret,
+        args=("--cluster_certfile", cert, "--cluster_keyfile", key),
+    ).start()
+    try:
+        with capture_output():
+            ip.run_line_magic(
+                "dispy",
+                f"scheduler {sched.address} --secret-file {users['alice']} "
+                f"--cafile {cert}",
+            )
+            ip.run_cell_magic(
+                "dispy", '--over "range(4)" --into run', "def neg(x):\n    return -x\n"
+            )
+        assert ip.user_ns["run"].results == [0, -1, -2, -3]
+    finally:
+        sched.stop()
