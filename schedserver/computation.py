@@ -592,6 +592,9 @@ class SharedComputation(_JobFiles):
             if entry.start_time > 0.0:
                 node.mean = update_mean(node.mean, run_time)
             if entry.outcome == RETURNED and not self.closing:
+                if not node.leaving:  # it would hand back each job sent to it
+                    node.leaving = True
+                    logger.info("node %s shuts down: no more jobs for it", node.name)
                 job.node = ""  # the node shuts down: it runs elsewhere
                 job.started = False
                 self.queue.appendleft(job)

@@ -93,7 +93,7 @@ class _Dispatch(_ServerState):
         # Least loaded first (then in join order): jobs that arrive one at a time
         # (a client sends each as it is submitted when its loop is idle) spread
         # over the nodes as a burst's do, instead of all going to the first node.
-        nodes = [n for n in self.nodes if n.alive]
+        nodes = [n for n in self.nodes if n.alive and not n.leaving]
         if len(nodes) > 1:
             nodes.sort(key=_load)
         progress = True

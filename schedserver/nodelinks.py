@@ -83,6 +83,7 @@ class _NodeLinks(_ServerState):
             failing = False
             node.conn = conn
             node.dead_reason = ""
+            node.leaving = False
             cap = self.config.cpus
             node.cpus = min(welcome.cpus, cap) if cap else welcome.cpus
             node.avail = reported_avail(node, welcome.avail)

@@ -58,6 +58,9 @@ class NodeState:
     reads_seen: int = 0
     #: Why it was declared dead ("" while it is not): what its computations report.
     dead_reason: str = ""
+    #: It handed jobs back: it shuts down (draining), so no job goes to it until it
+    #: is up again.
+    leaving: bool = False
     #: It registered itself (``--register_port``): forgotten once unreachable for
     #: ``forget_registered`` s, since it registers again when it is back.
     registered: bool = False
