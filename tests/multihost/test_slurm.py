@@ -59,10 +59,11 @@ def wait_file(
     deadline = time.monotonic() + timeout
     while not (path.exists() and path.read_text().endswith("}")):
         if client.proc.poll() is not None or time.monotonic() > deadline:
-            client.stop()
+            if client.proc.poll() is None:
+                client.proc.kill()
+            _out, err = client.proc.communicate()  # (stop() would discard it)
             raise AssertionError(
-                f"{what}: not within {timeout} s\n{client.proc.stderr.read()}\n"
-                f"{setup.logs()}"
+                f"{what}: not within {timeout} s\n{err}\n{setup.logs()}"
             )
         time.sleep(0.05)
     data: dict[str, object] = json.loads(path.read_text())
