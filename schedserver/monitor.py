@@ -16,6 +16,7 @@ on the scheduler's own event loop and reads its state there (no locks needed).
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ from dispynb.httpd.connections import MonitorHTTPServer
 from dispynb.httpd.endpoint import Endpoint, open_endpoint
 from dispynb.httpd.security import CSRF_HEADER, NotFoundHandler, SecureHandler
 from dispynb.httpd.server import BODY_TIMEOUT, MAX_BODY_BYTES, log_request
+from dispynb.transport.addressing import format_address
 from schedserver.users import NAME_PATTERN
 
 if TYPE_CHECKING:
@@ -191,7 +193,24 @@ class SchedulerMonitor:
     ) -> SchedulerMonitor:
         """Listen on ``host``:``port`` (on the running loop); raises
         `ConfigurationError` as `open_endpoint` does."""
-        endpoint = open_endpoint(host, port, keyfile=keyfile, certfile=certfile)
+        try:
+            endpoint = open_endpoint(host, port, keyfile=keyfile, certfile=certfile)
+        except ConfigurationError as exc:
+            cause = exc.__cause__
+            if not isinstance(cause, OSError):
+                raise
+            # open_endpoint's advice is the Python API's (port=0): name the options.
+            fix = "give another --httpd_port (0 picks a free one; its URL is logged)"
+            if cause.errno == errno.EADDRINUSE:
+                where = format_address(host, port)
+                raise ConfigurationError(
+                    f"web monitor: {where} is already in use (by a node or scheduler "
+                    f"already running, or another program): stop it, or {fix}"
+                ) from cause
+            raise ConfigurationError(
+                f"web monitor: cannot listen on {host} port {port} ({cause.strerror}): "
+                f"check --httpd_host, or {fix}"
+            ) from cause
         monitor = cls(server, endpoint)
         monitor._http.add_sockets(endpoint.sockets)
         logger.info("web monitor at %s", endpoint.url)

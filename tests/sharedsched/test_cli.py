@@ -196,3 +196,24 @@ def test_msg_timeout_out_of_range_is_refused_in_one_line(
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert lines == ["dispynb-scheduler: --msg_timeout must be within 0.1-3600 s"]
+
+
+@pytest.mark.usefixtures("users")
+def test_a_monitor_port_in_use_names_the_option_to_change(tmp_path: Path) -> None:
+    """``--httpd`` on a port another program holds: one line naming the port and
+    ``--httpd_port``, not the Python API's ``port=0``."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = scheduler_cli(
+            "-n", "127.0.0.1:1", "--users", str(tmp_path / "users"), "-p", "0",
+            "--httpd", "--httpd_port", str(port),
+        )  # fmt: skip
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert lines[0] == (
+        f"dispynb-scheduler: web monitor: 127.0.0.1:{port} is already in use (by a "
+        "node or scheduler already running, or another program): stop it, or give "
+        "another --httpd_port (0 picks a free one; its URL is logged)"
+    )
