@@ -222,8 +222,8 @@ class _Jobs(_RayState):
 
     def _steal(self) -> None:
         """Nothing waits here but an actor is idle: take back a job waiting behind
-        another actor's running job (``ray.cancel`` drops it there; it is queued
-        again here when Ray confirms), so that it does not wait for that job."""
+        another actor's running job (its actor skips it, `_ask_skip`; it is queued
+        again here once the actor confirms), so that it does not wait for that job."""
         idle = sum(1 for s in self._slots if s.ready and not s.inflight)
         if not idle or self._depth() > DEPTH:
             return  # (short jobs: what waits on an actor is done in milliseconds)
@@ -232,16 +232,13 @@ class _Jobs(_RayState):
                 return
             if len(slot.inflight) < 2 or slot.inflight[-1][2] is slot.inflight[0][2]:
                 continue  # nothing waits behind its running call
-            if not _may_cancel_queued(slot):
-                continue
-            key, _, ref = slot.inflight[-1]
-            if key in self._stolen or key in self._cancelling:
+            key = slot.inflight[-1][0]
+            if key in self._skipping or key in self._cancelling:
                 continue
             job = self._jobs.get(key)
             if job is None or job.node_id is not None:  # it may run only there
                 continue
-            self._stolen.add(key)
-            self._ray.cancel(ref)
+            self._ask_skip(slot, key, "steal")
             idle -= 1
 
     def _send(self, slot: _Slot, job: JobRequest) -> None:
@@ -359,19 +356,6 @@ class _Jobs(_RayState):
         ray = self._ray
         try:
             replies = fut.result()
-        except ray.exceptions.TaskCancelledError:
-            requeue = []
-            for key, _ in live:
-                self._remove(slot, key)
-                if key in self._cancelling or key in self._unstarted_cancels:
-                    self._forget(key)
-                    self._events.job_cancelled(key)
-                else:  # taken back for an idle actor, or a neighbour's cancel
-                    self._stolen.discard(key)
-                    requeue.append(self._jobs[key])
-            for job in reversed(requeue):
-                self._enqueue(job, first=True)
-            return
         except ray.exceptions.RayActorError as exc:
             self._actor_lost(slot, _reason(exc))
             return
@@ -398,17 +382,6 @@ class _Jobs(_RayState):
         ray = self._ray
         try:
             reply = fut.result()
-        except ray.exceptions.TaskCancelledError:
-            self._remove(slot, key)
-            if key in self._stolen and not (
-                key in self._cancelling or key in self._unstarted_cancels
-            ):  # taken back for an idle actor
-                self._stolen.discard(key)
-                self._enqueue(self._jobs[key], first=True)
-                return
-            self._forget(key)
-            self._events.job_cancelled(key)
-            return
         except ray.exceptions.RayActorError as exc:
             self._actor_lost(slot, _reason(exc))
             return
@@ -423,7 +396,11 @@ class _Jobs(_RayState):
     def _settle(self, slot: _Slot, key: int, attempt: int, reply: Any) -> None:
         """Report the outcome of a job its actor ran (``JobActor.run``'s reply)."""
         code, result, stdout, stderr, exception, start, end, sent = reply
-        from dispynb.backends._rayworker import FINISHED
+        from dispynb.backends._rayworker import FINISHED, SKIPPED
+
+        if code == SKIPPED:  # (before the answer of its `_ask_skip`)
+            self._skipped(key)
+            return
 
         outcome = Outcome(
             JobStatus.Finished if code == FINISHED else JobStatus.Terminated,
@@ -468,16 +445,16 @@ class _Jobs(_RayState):
     def _started_running(self, slot: _Slot) -> None:
         """The first call of ``slot`` runs now: report it, enforce its limits."""
         key, attempt, ref = slot.inflight[0]
+        if key in self._skipping:
+            return  # it may not run: the answer of its skip says (`_skip_answered`)
         if len(slot.inflight) > 1 and slot.inflight[1][2] is ref:  # a batch
             for item_key, _, item_ref in slot.inflight:
                 if item_ref is ref and item_key in self._cancelling:
                     self._cancel_in_batch(slot, ref, item_key)
                     break
         elif key in self._cancelling:
-            self._kill(slot, key)  # its cancel came too late to drop it
+            self._kill(slot, key)  # its cancel came too late to skip it
             return
-        # (A key taken back stays so: Ray's answer to the cancel says whether it
-        # ran, its result or TaskCancelledError.)
         if self._started.get(key) != attempt:
             self._started[key] = attempt
             self._events.job_running(key, self._view(slot.node), time.time())
@@ -531,7 +508,7 @@ class _Jobs(_RayState):
         return keys.difference(found)
 
     def _cancel_sent(self, key: int, unstarted: bool) -> None:
-        """Cancel a job handed to an actor: drop it there if it has not started;
+        """Cancel a job handed to an actor: skip it there if it has not begun;
         kill its actor if it runs (unless ``unstarted``: then it runs on)."""
         slot = self._where.get(key)
         if slot is None or key not in self._jobs or key in self._held:
@@ -548,14 +525,69 @@ class _Jobs(_RayState):
                 else:
                     self._kill(slot, key)
             return
-        if not _may_cancel_queued(slot):
-            # Short jobs queued deep on the actor (see `_may_cancel_queued`): the
-            # job runs within milliseconds and reports its own outcome, as a
-            # cancel that came after it ran.
+        self._ask_skip(slot, key, "unstarted" if unstarted else "cancel")
+
+    def _ask_skip(self, slot: _Slot, key: int, why: str) -> None:
+        """Ask ``slot``'s actor to skip job ``key``, waiting there behind its
+        running call (``why``: see `_RayState._skipping`). ``ray.cancel`` does not
+        drop a call queued on a busy actor (Ray 2.60 runs it when its turn comes,
+        then discards its result), so the actor is told in its `CONTROL` group,
+        which runs beside the job; its answer says whether the job had begun."""
+        from dispynb.backends._rayworker import CONTROL
+
+        asked = key in self._skipping
+        if why != "steal" or not asked:  # a cancel outweighs a steal
+            self._skipping[key] = why
+        if asked:
             return
-        (self._unstarted_cancels if unstarted else self._cancelling).add(key)
-        # A pending actor task: Ray drops it (a batch's other jobs are queued again).
-        self._ray.cancel(ref)
+        attempt = self._attempts[key]
+        try:
+            ref = slot.handle.skip.options(concurrency_group=CONTROL).remote(
+                key, attempt
+            )
+        except Exception:  # (Ray is shutting down) as if the job had begun
+            del self._skipping[key]
+            return
+        ref.future().add_done_callback(
+            lambda fut: self._post(self._skip_answered, slot, key, attempt, fut)
+        )
+
+    def _skip_answered(
+        self, slot: _Slot, key: int, attempt: int, fut: concurrent.futures.Future[Any]
+    ) -> None:
+        """The actor's answer to `_ask_skip`: the job is skipped there (it ends
+        Cancelled, or is queued again here), or it had begun (a cancel then stops
+        it as a running job, when it runs)."""
+        if self._closed or key not in self._skipping:
+            return  # settled meanwhile: its call ended first (SKIPPED or not)
+        if self._where.get(key) is not slot or self._attempts.get(key) != attempt:
+            return
+        try:
+            skipped = bool(fut.result())
+        except Exception:  # the actor is lost: its calls fail (`_fail_inflight`)
+            return
+        if skipped:
+            self._remove(slot, key)  # its call replies SKIPPED, ignored then
+            self._skipped(key)
+            self._schedule()
+            return
+        why = self._skipping.pop(key)
+        if why == "cancel":
+            self._cancelling.add(key)
+        ref = next(r for k, _, r in slot.inflight if k == key)
+        if slot.inflight[0][0] == key:  # its start waited for this answer
+            self._started_running(slot)
+        elif why == "cancel" and slot.inflight[0][2] is ref:  # in a running batch
+            self._cancel_in_batch(slot, ref, key)
+
+    def _skipped(self, key: int) -> None:
+        """Job ``key``'s actor skipped it: it ends Cancelled, or is queued again."""
+        why = self._skipping.pop(key, None)
+        if why == "steal":
+            self._enqueue(self._jobs[key], first=True)
+        else:
+            self._forget(key)
+            self._events.job_cancelled(key)
 
     def _fail_inflight(self, slot: _Slot, reason: str) -> None:
         killed_for, slot.killed_for = slot.killed_for, None
@@ -571,6 +603,9 @@ class _Jobs(_RayState):
             job = self._jobs.get(key)
             if job is None:
                 continue
+            skip = self._skipping.pop(key, None)  # (asked, not answered)
+            if skip == "cancel":
+                self._cancelling.add(key)
             if index == 0 and (key == killed_for or key in self._cancelling):
                 timed_out = key in self._timed_out_keys
                 self._forget(key)
@@ -584,7 +619,7 @@ class _Jobs(_RayState):
                     slot.node.info,
                     _terminated(f"job terminated ({why}): its Ray actor was killed\n"),
                 )
-            elif index and (key in self._cancelling or key in self._unstarted_cancels):
+            elif index and (key in self._cancelling or skip == "unstarted"):
                 self._forget(key)
                 self._events.job_cancelled(key)
             elif index == 0 and not self._reentrant:
@@ -598,23 +633,9 @@ class _Jobs(_RayState):
             else:
                 if index == 0:
                     self._events.job_requeued(key)
-                self._stolen.discard(key)
                 requeue.append(job)
         for job in reversed(requeue):
             self._enqueue(job, first=True)
-
-
-def _may_cancel_queued(slot: _Slot) -> bool:
-    """Whether a call waiting on ``slot``'s actor may be dropped with ``ray.cancel``:
-    only while the actor holds at most `DEPTH` calls (the running one and the next).
-
-    Ray (2.60) runs an actor's calls in the order of their sequence numbers; a call
-    cancelled while several more are queued behind it can leave a gap at the actor,
-    which then waits for the missing number for 30 s and fails every queued call
-    with ``ActorUnavailableError`` (its running job then counts as lost: Abandoned
-    unless reentrant). Deep queues hold only jobs of milliseconds (`_depth`), so
-    they are left to run instead."""
-    return len(slot.inflight) <= DEPTH
 
 
 def _small(value: Any) -> bool:

@@ -89,11 +89,12 @@ class _RayState:
         self._jobs: dict[int, JobRequest] = {}  # queued or in flight
         self._where: dict[int, _Slot] = {}  # in flight
         self._attempts: dict[int, int] = {}
-        #: Keys to cancel, killing their actor if they run / only if not started.
+        #: Keys to cancel, killing their actor if they run.
         self._cancelling: set[int] = set()
-        self._unstarted_cancels: set[int] = set()
-        #: Keys taken back from an actor for an idle one (see `_steal`).
-        self._stolen: set[int] = set()
+        #: Keys waiting on an actor whose skip is asked (`JobActor.skip`), and why:
+        #: "cancel", "unstarted" (cancel it only if it has not begun), "steal"
+        #: (taken back for an idle actor, see `_steal`).
+        self._skipping: dict[int, str] = {}
         self._timed_out_keys: set[int] = set()
         self._to_cancel: collections.deque[tuple[list[int], bool]] = collections.deque()
         self._started: dict[int, int] = {}  # key: its attempt reported running
@@ -138,8 +139,7 @@ class _RayState:
         self._jobs.pop(key, None)
         self._attempts.pop(key, None)
         self._cancelling.discard(key)
-        self._unstarted_cancels.discard(key)
-        self._stolen.discard(key)
+        self._skipping.pop(key, None)
         self._timed_out_keys.discard(key)
         self._sent.pop(key, None)
         self._early.pop(key, None)

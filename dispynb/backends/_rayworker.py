@@ -21,6 +21,7 @@ level.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import importlib
 import io
@@ -56,9 +57,19 @@ from dispynb.jobenv import (
 )
 from dispynb.protocol import serialize
 
-#: Outcome codes of `JobActor.run` (the first item of its reply).
+#: Outcome codes of `JobActor.run` (the first item of its reply). SKIPPED: the
+#: job was not run, its skip recorded (`JobActor.skip`) before its call began.
 FINISHED = "finished"
 RAISED = "raised"
+SKIPPED = "skipped"
+
+#: The `JobActor`'s concurrency group of `JobActor.skip` (one thread of its own):
+#: it runs while a job runs in the default group, whose calls wait in order.
+CONTROL = "control"
+
+#: Jobs (``(key, attempt)``) a `JobActor` remembers having begun, for `JobActor.skip`
+#: (more than the calls the client keeps in flight per actor, batches included).
+BEGUN = 4096
 
 #: Result types sent back without a check that they pickle.
 _PLAIN = frozenset({int, float, str, bytes, bool, type(None), complex})
@@ -206,6 +217,10 @@ class JobActor:
     """
 
     def __init__(self, inbox: str, max_output: int | None, token: str) -> None:
+        #: Jobs to skip when their call comes (`skip`), jobs begun: ``(key, attempt)``.
+        self.skips: set[tuple[int, int]] = set()
+        self.begun: collections.deque[tuple[int, int]] = collections.deque(maxlen=BEGUN)
+        self.skips_lock = threading.Lock()
         ray = importlib.import_module("ray")
         try:
             handle = ray.get_actor(inbox)
@@ -287,13 +302,33 @@ class JobActor:
         """``(pid, host name, platform)``: the actor is set up."""
         return os.getpid(), socket.gethostname(), platform.platform()
 
+    def skip(self, key: int, attempt: int) -> bool:
+        """Called in the `CONTROL` group while another job runs: True if the call
+        of job ``key`` (its ``attempt``) will not run it (it replies `SKIPPED` when
+        its turn comes), False if it has begun already (it runs, or has run)."""
+        with self.skips_lock:
+            if (key, attempt) in self.begun:
+                return False
+            self.skips.add((key, attempt))
+            return True
+
+    def _begin(self, key: int, attempt: int) -> bool:
+        """Whether job ``key`` runs now: False if it is to be skipped."""
+        with self.skips_lock:
+            if (key, attempt) in self.skips:
+                self.skips.discard((key, attempt))
+                return False
+            self.begun.append((key, attempt))
+            return True
+
     def run(
         self,
         head: int | tuple[Any, ...],
         *args: Any,
     ) -> tuple[str, Any, str, str, str | None, float, float, int]:
         """Run one job; ``(outcome, result, stdout, stderr, exception, start, end,
-        number of messages it sent to the inbox)``.
+        number of messages it sent to the inbox)``; only `SKIPPED` (and empty
+        values) if it was skipped (`skip`).
 
         ``head`` is the job's key (its first attempt, no keyword arguments, no
         memory limit), or ``(key, attempt, mem_limit, kwargs[, bytearrays])``:
@@ -311,6 +346,8 @@ class JobActor:
                     bytearray(arg) if index in head[4] else arg
                     for index, arg in enumerate(args)
                 )
+        if not self._begin(key, attempt):
+            return SKIPPED, None, "", "", None, 0.0, 0.0, 0
         out, err = io.StringIO(), io.StringIO()
         _THREADS.begin()
         _STREAMS.begin(out, err)

@@ -20,20 +20,22 @@ How dispy's features map onto Ray's own mechanisms
   of plain types (numbers, short strings/bytes) and no ``job_timeout`` go several
   per Ray call (``run_batch``): Ray's cost per call, which dominates such jobs, is
   shared. Each job keeps its own outcome, stdout/stderr, start and end times; its
-  ``Running`` status arrives with its outcome. Cancelling a job of a waiting batch
-  drops the batch there and queues its other jobs again; a job of a running batch
+  ``Running`` status arrives with its outcome. A cancelled job of a waiting batch
+  is skipped there (the others run); a job of a running batch
   gets a moment to end (its batch holds milliseconds of work), then its actor is
   killed (then the batch's other jobs count as the running job of a lost worker:
   run again if ``reentrant``, else ``Abandoned``).
 * **Stop / cancel.** A job waiting here is dropped; one waiting on an actor is
-  cancelled with ``ray.cancel`` (Ray drops a pending actor task) while its actor
-  holds at most two calls; behind a deeper queue (jobs of milliseconds) it is left
-  to run and reports its own outcome, and no job is taken back from there for an
-  idle actor: Ray 2.60 can stall an actor whose queued call was cancelled with more
-  queued behind it (30 s, then all its queued calls fail). Ray cannot interrupt a
-  running actor task, so the running job's actor is killed with
+  skipped there: ``JobActor.skip`` (in the actor's ``control`` concurrency group,
+  which runs beside the job) records it, and its call returns without running it
+  when its turn comes (``ray.cancel`` does not drop a call queued on a busy actor:
+  Ray 2.60 runs it, then discards its result). It ends ``Cancelled`` as soon as the
+  actor confirms; one that had begun is stopped as a running job. Jobs taken back
+  for an idle actor are skipped the same way. Ray cannot interrupt a running actor
+  task, so the running job's actor is killed with
   ``ray.kill(actor, no_restart=False)``: the job ends ``Terminated`` and Ray
-  restarts the actor (``max_restarts=-1``), which runs ``setup`` again.
+  restarts the actor (``max_restarts=-1``), which runs ``setup`` again. (The jobs
+  run in the actor's thread for its default group, not its main thread.)
 * **Worker death.** When an actor dies (its process killed, its node lost), its
   calls fail with ``RayActorError``: the running job is run again elsewhere if the
   cluster is ``reentrant``, otherwise it ends ``Abandoned`` as dispy's jobs of a

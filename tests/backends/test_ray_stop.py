@@ -7,10 +7,12 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 
+import dispynb
 from dispynb import JobCluster
 from dispynb.backends.ray import RayEngine
 from dispynb.job import JobStatus
@@ -38,6 +40,15 @@ def sleeps_in_its_directory(folder: str, seconds: float) -> int:
     Path(folder, f"path-{os.getpid()}").write_text(dispy_job_path)  # noqa: F821
     time.sleep(seconds)
     return os.getpid()
+
+
+def gated(folder: str, n: int) -> int:
+    """Says it ran (the file ``ran-N``), then waits for the file ``gate``."""
+    Path(folder, f"ran-{n}").touch()
+    deadline = time.monotonic() + 300
+    while not Path(folder, "gate").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return n
 
 
 def dies_once(folder: str) -> str:
@@ -81,6 +92,50 @@ def test_cancel_stops_running_and_queued_jobs(
             wait_for(lambda pid=pid: not psutil.pid_exists(pid), f"process {pid} gone")
         again = cluster.submit(folder, 0)
         assert again() not in pids and again.status is JobStatus.Finished
+
+
+@pytest.mark.parametrize("how", ["cluster.cancel", "future.cancel"])
+def test_a_job_cancelled_while_it_waits_on_a_busy_actor_never_runs(
+    engine: RayEngine, tmp_path: Path, how: str
+) -> None:
+    """4 jobs on the 2 actors: 2 run, 2 wait on the actors behind them. The 2 that
+    wait are cancelled (Stop, ``cluster.cancel``; or ``Future.cancel``): they end
+    Cancelled at once, while the others still run, and never run (no ``ran-N``).
+    Before, ``ray.cancel`` did not drop a call queued on a busy actor: each ran
+    when its turn came and ended Cancelled only then (its file written)."""
+    folder = str(tmp_path)
+    executor = dispynb.Executor(engine=engine)
+    try:
+        cluster = executor.cluster
+        futures: list[Any] = [executor.submit(gated, folder, n) for n in range(4)]
+        backend: Any = cluster._backend
+
+        async def all_on_actors() -> bool:
+            return sum(len(slot.inflight) for slot in backend._slots) == 4
+
+        wait_for(lambda: len(list(tmp_path.glob("ran-*"))) == 2, "2 running jobs")
+        wait_for(
+            lambda: backend._runner.run_sync(all_on_actors, timeout=30),
+            "the 2 other jobs waiting on the actors",
+        )
+        running = {int(p.name.split("-")[1]) for p in tmp_path.glob("ran-*")}
+        waiting = [n for n in range(4) if n not in running]
+        if how == "cluster.cancel":
+            for n in waiting:
+                cluster.cancel(futures[n].job)
+        else:
+            assert [futures[n].cancel() for n in waiting] == [True, True]
+        # Settled without waiting for the running jobs (the gate is still shut).
+        wait_for(lambda: all(futures[n].done() for n in waiting), "the cancels")
+        assert not any(futures[n].done() for n in running)
+        Path(folder, "gate").touch()
+        for n in running:
+            assert futures[n].result(timeout=90) == n
+    finally:
+        Path(folder, "gate").touch()
+        executor.shutdown()
+    assert [futures[n].job.status for n in waiting] == [JobStatus.Cancelled] * 2
+    assert {p.name for p in tmp_path.glob("ran-*")} == {f"ran-{n}" for n in running}
 
 
 def test_a_stopped_jobs_actor_leaves_no_directory_behind(
