@@ -289,7 +289,11 @@ def _check_secret_for(sock: socket.socket, secret: bytes | None, peer: str) -> N
     if ipaddress.ip_address(address.split("%", 1)[0]).is_loopback:
         if estimate_bits(secret) >= MIN_SECRET_BITS:
             return
-        owner = peer_uid(sock)
+        try:
+            owner = peer_uid(sock)
+        except OSError:  # out of descriptors: tried again later, as a connect is
+            sock.close()
+            raise
         if owner in (os.geteuid(), 0):
             return
         who = "a user it cannot tell" if owner is None else f"uid {owner}"

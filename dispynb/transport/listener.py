@@ -364,14 +364,17 @@ class Listener:
 
 def _local_uid(sock: socket.socket, source: str) -> int | None:
     """The user of this machine a connection comes from (loopback or Unix socket),
-    or None: from another machine, or it cannot be told."""
+    or None: from another machine, or it cannot be told (now: out of descriptors)."""
     if source != localsockets.UNIX_PEER:
         try:
             if not ipaddress.ip_address(source).is_loopback:
                 return None
         except ValueError:  # an IPv6 /64: not loopback
             return None
-    return peer_uid(sock)
+    try:
+        return peer_uid(sock)
+    except OSError:  # no descriptor to ask with: refused as a stranger, for now
+        return None
 
 
 def _stranger(uid: int | None) -> str:

@@ -11,6 +11,7 @@ in ``/proc/net/tcp`` (as identd does). Linux only; elsewhere the user is unknown
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import socket
 import struct
@@ -36,10 +37,16 @@ _UID_AT = _HEADER.size + 64
 _Address = tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]
 
 
+#: This process (or the system) has no descriptor left to ask with: not "cannot be
+#: told", only "not now".
+_NO_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
+
+
 def peer_uid(sock: socket.socket) -> int | None:
     """The uid of the process owning the other end of ``sock`` (a connection
-    accepted on this machine), or None if it cannot be told (gone, another
-    machine's, no /proc)."""
+    on this machine), or None if it cannot be told (gone, another machine's, no
+    /proc). Raises OSError (EMFILE, ENFILE) when no descriptor is left to ask
+    with: the caller may ask again later."""
     if sock.family == socket.AF_UNIX:
         try:
             creds = sock.getsockopt(
@@ -56,7 +63,9 @@ def peer_uid(sock: socket.socket) -> int | None:
         return None
     try:
         return _diag_uid(peer, ours)
-    except OSError:
+    except OSError as exc:
+        if exc.errno in _NO_DESCRIPTORS:
+            raise
         return _table_uid(peer, ours)
 
 
@@ -72,7 +81,11 @@ def _table_uid(peer: _Address, ours: _Address) -> int | None:
                         continue
                     if _parse(fields[1]) == peer and _parse(fields[2]) == ours:
                         return int(fields[7])
-        except (OSError, ValueError):
+        except OSError as exc:
+            if exc.errno in _NO_DESCRIPTORS:
+                raise
+            continue
+        except ValueError:
             continue
     return None
 
