@@ -23,6 +23,7 @@ from typing import Any
 from dispynb.protocol.messages import Message
 from dispynb.secret import read_secret_file
 from dispynb.transport.connector import connect
+from tests.transport.certs import make_cert
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -250,6 +251,16 @@ def kill_doomed_client(
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
+
+
+def start_tls_scheduler(
+    directory: Path, nodes: list[str], node_secret: str
+) -> tuple[SchedulerProcess, str]:
+    """A scheduler that takes clients over TLS only (``--cluster_certfile``),
+    started; and its certificate, its clients' ``cafile=``."""
+    cert, key = make_cert(directory, "scheduler")
+    args = ("--cluster_certfile", cert, "--cluster_keyfile", key)
+    return SchedulerProcess(directory, nodes, node_secret, args=args).start(), cert
 
 
 def busy_within(times: list[list[float]], start: float, end: float) -> float:

@@ -12,8 +12,7 @@ from IPython.utils.capture import capture_output
 from traitlets.config import Config
 
 from dispynb import LocalCluster
-from tests.sharedsched.harness import SchedulerProcess
-from tests.transport.certs import make_cert
+from tests.sharedsched.harness import SchedulerProcess, start_tls_scheduler
 
 pytestmark = pytest.mark.slow
 
@@ -58,13 +57,7 @@ def test_dispy_scheduler_reaches_a_tls_scheduler_with_cafile(
     """``%dispy scheduler HOST --secret-file C --cafile CA``: a scheduler started
     with ``--cluster_certfile``. The magic dropped ``--cafile``, so the run was
     refused for want of the cafile= it was given."""
-    cert, key = make_cert(tmp_path, "scheduler")
-    sched = SchedulerProcess(
-        tmp_path,
-        nodes.node_specs(),
-        nodes.secret,
-        args=("--cluster_certfile", cert, "--cluster_keyfile", key),
-    ).start()
+    sched, cert = start_tls_scheduler(tmp_path, nodes.node_specs(), nodes.secret)
     try:
         with capture_output():
             ip.run_line_magic(

@@ -12,7 +12,7 @@ import pytest
 from dispynb import LocalCluster, SharedJobCluster
 from dispynb.errors import DispynbError
 from tests.nodeproc import running_node
-from tests.sharedsched.harness import SchedulerProcess
+from tests.sharedsched.harness import SchedulerProcess, start_tls_scheduler
 from tests.transport.certs import make_cert
 
 pytestmark = pytest.mark.slow
@@ -21,14 +21,7 @@ pytestmark = pytest.mark.slow
 def test_clients_reach_the_scheduler_over_tls(
     tmp_path: Path, nodes: LocalCluster, users: dict[str, Path]
 ) -> None:
-    cert, key = make_cert(tmp_path, "scheduler")
-    sched = SchedulerProcess(
-        tmp_path,
-        nodes.node_specs(),
-        nodes.secret,
-        args=("--cluster_certfile", cert, "--cluster_keyfile", key),
-    )
-    sched.start()
+    sched, cert = start_tls_scheduler(tmp_path, nodes.node_specs(), nodes.secret)
     try:
         with SharedJobCluster(
             abs,
@@ -83,7 +76,6 @@ def test_a_tls_mismatch_names_the_schedulers_options_not_a_nodes(
     """A user who forgets ``cafile=`` for a TLS scheduler, or gives it for a plain
     one, or the wrong CA, is told what the scheduler does and which of its options
     and the client's set it right: not a node's ``--certfile``."""
-    cert, key = make_cert(tmp_path, "scheduler")
     other, _key = make_cert(tmp_path, "other")
 
     def refusal(sched: SchedulerProcess, **tls: str) -> str:
@@ -96,12 +88,7 @@ def test_a_tls_mismatch_names_the_schedulers_options_not_a_nodes(
             )
         return str(caught.value)
 
-    with_tls = SchedulerProcess(
-        tmp_path,
-        nodes.node_specs(),
-        nodes.secret,
-        args=("--cluster_certfile", cert, "--cluster_keyfile", key),
-    ).start()
+    with_tls, cert = start_tls_scheduler(tmp_path, nodes.node_specs(), nodes.secret)
     try:
         plain_client = refusal(with_tls)
         wrong_ca = refusal(with_tls, cafile=other)
