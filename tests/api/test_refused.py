@@ -7,7 +7,6 @@ internal frames and chained errors.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 
 from tests.jobs import wait_until
 from tests.nodeproc import NODE_WAIT, node_command, node_env, running_node
+from tests.ports import PortHolder
 
 pytestmark = pytest.mark.slow
 
@@ -78,12 +78,10 @@ def test_a_wrong_secret_stops_the_script_with_the_fix_on_its_last_line(
 
 @pytest.mark.timeout(90)
 def test_no_node_listening_stops_the_script_with_a_short_traceback(
-    tmp_path: Path,
+    tmp_path: Path, held_port: PortHolder
 ) -> None:
-    with socket.socket() as taken:  # a port that nothing listens on
-        taken.bind(("127.0.0.1", 0))
-        spec = f"127.0.0.1:{taken.getsockname()[1]}"
-        done = run_script(tmp_path, spec, "the-nodes-secret-4f9c2a7e1b")
+    spec = f"127.0.0.1:{held_port()}"  # nothing listens there
+    done = run_script(tmp_path, spec, "the-nodes-secret-4f9c2a7e1b")
     assert done.returncode == 1, done.stdout + done.stderr
     traceback = traceback_of(done.stderr)
     assert traceback[-1].startswith(

@@ -8,7 +8,6 @@ report each run. The node is a ``dispynb-node`` process on 127.0.0.1.
 from __future__ import annotations
 
 import re
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.nodeproc import CliNode, node_env, running_node
+from tests.ports import PortHolder
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
 
@@ -82,12 +82,10 @@ def test_dispy_cmd_options_run_the_program_once_per_a(
 
 
 def test_a_node_that_is_not_there_is_said_in_one_line_with_exit_1(
-    tmp_path: Path,
+    tmp_path: Path, held_port: PortHolder
 ) -> None:
-    with socket.socket() as taken:  # a port that nothing listens on
-        taken.bind(("127.0.0.1", 0))
-        spec = f"127.0.0.1:{taken.getsockname()[1]}"
-        done = dispynb_run(tmp_path, "-n", spec, "-a", "x", "true")
+    spec = f"127.0.0.1:{held_port()}"  # nothing listens there
+    done = dispynb_run(tmp_path, "-n", spec, "-a", "x", "true")
     assert done.returncode == 1
     last = done.stderr.splitlines()[-1]
     assert last.startswith(f"dispynb run: error: cannot connect to {spec}"), last

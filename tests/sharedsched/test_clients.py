@@ -4,7 +4,6 @@ several client processes (users) at once, per-user credentials and revocation.""
 from __future__ import annotations
 
 import os
-import socket
 import stat
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from dispynb.errors import (
 from dispynb.job import JobStatus
 from dispynb.protocol.messages import Error, JobCancel, JobResults
 from dispynb.secret import read_secret_file
+from tests.ports import PortHolder
 from tests.sharedsched.harness import (
     TIMED_CLIENT,
     SchedulerProcess,
@@ -204,21 +204,21 @@ def test_dispys_older_scheduler_node_keyword_names_the_scheduler(
 
 
 def test_no_scheduler_listening_is_named_as_the_scheduler(
-    users: dict[str, Path], caplog: pytest.LogCaptureFixture
+    users: dict[str, Path],
+    caplog: pytest.LogCaptureFixture,
+    held_port: PortHolder,
 ) -> None:
     """A SharedJobCluster started before its dispynb-scheduler (dispy's first
     step is often that one): the error asks whether the scheduler runs there, not
     a node (before: "is dispynb-node running there?")."""
-    with socket.socket() as taken:  # a port that nothing listens on
-        taken.bind(("127.0.0.1", 0))
-        port = taken.getsockname()[1]
-        with pytest.raises(ConnectionClosedError) as raised:
-            SharedJobCluster(
-                compute,
-                scheduler_host="127.0.0.1",
-                scheduler_port=port,
-                secret_file=str(users["alice"]),
-            )
+    port = held_port()  # nothing listens there
+    with pytest.raises(ConnectionClosedError) as raised:
+        SharedJobCluster(
+            compute,
+            scheduler_host="127.0.0.1",
+            scheduler_port=port,
+            secret_file=str(users["alice"]),
+        )
     message = str(raised.value)
     assert message.startswith(f"cannot connect to 127.0.0.1:{port}"), message
     assert message.endswith("is dispynb-scheduler running there?"), message
