@@ -54,6 +54,7 @@ class SchedulerServer(
             max_message_size=config.max_message_size,
             ssl_context=config.client_ssl,
             handshake_timeout=config.handshake_timeout,
+            server="scheduler",
         )
         try:
             for host in config.hosts:

@@ -84,6 +84,8 @@ class Listener:
     handler's own errors are logged and close only its connection. When accept fails
     for lack of file descriptors, the listener stops accepting and retries with a
     growing delay (one warning when it starts, one line with the count when it ends).
+
+    ``server`` names what listens ("node", "scheduler") in the log's lines.
     """
 
     def __init__(
@@ -98,7 +100,9 @@ class Listener:
         admission: Admission | None = None,
         log_period: float = LOG_PERIOD,
         own_user_only: bool = False,
+        server: str = "node",
     ) -> None:
+        self._server = server
         self._ssl_context = ssl_context
         self._handler = handler
         self._secret = secret
@@ -304,10 +308,10 @@ class Listener:
                     raise TimeoutError
                 if self._ssl_context is None:
                     if source != localsockets.UNIX_PEER:
-                        await _expect_plain(sock)
+                        await _expect_plain(sock, self._server)
                     conn = Connection.over_socket(sock, peer)
                 else:
-                    await _expect_tls(sock)
+                    await _expect_tls(sock, self._server)
                     conn = await Connection.over_tls(
                         sock, peer, self._ssl_context, server_side=True
                     )
@@ -336,7 +340,7 @@ class Listener:
         except DispynbError as exc:
             failure = peer_text(describe_error(exc))
         except OSError as exc:  # the node's own (no descriptor for its Welcome)
-            failure = f"the node could not answer: {exc}"
+            failure = f"the {self._server} could not answer: {exc}"
         except BaseException:
             _abort(conn, sock)
             raise
@@ -417,16 +421,16 @@ TLS_REQUIRED = (
 )
 
 
-async def _expect_tls(sock: socket.socket) -> None:
-    """Before a TLS node's handshake: a client whose first bytes are no TLS is told
-    that this node uses TLS (a TLS alert would mean nothing to it); raises
+async def _expect_tls(sock: socket.socket, server: str) -> None:
+    """Before a TLS server's handshake: a client whose first bytes are no TLS is told
+    that this server uses TLS (a TLS alert would mean nothing to it); raises
     `TransportError` then, `ConnectionClosedError` if it hung up at once."""
     tls = await starts_tls(sock)
     if tls is None:
         raise ConnectionClosedError("closed before its first message")
     if not tls:
         _refuse(sock, TLS_REQUIRED, code="tls")
-        raise TransportError("a client without TLS (this node uses TLS): told so")
+        raise TransportError(f"a client without TLS (this {server} uses TLS): told so")
 
 
 #: What a node without TLS tells a TLS client (which reads it as no TLS at all).
@@ -436,8 +440,8 @@ TLS_UNEXPECTED = (
 )
 
 
-async def _expect_plain(sock: socket.socket) -> None:
-    """Before a node's handshake without TLS: a client opening a TLS handshake is
+async def _expect_plain(sock: socket.socket, server: str) -> None:
+    """Before a server's handshake without TLS: a client opening a TLS handshake is
     refused (it reads a reply that is no TLS, which its TLS library names) and
     logged as such, not as a frame of 369 MB; raises `TransportError` then,
     `ConnectionClosedError` if it hung up at once."""
@@ -446,7 +450,7 @@ async def _expect_plain(sock: socket.socket) -> None:
         raise ConnectionClosedError("closed before its first message")
     if tls:
         _refuse(sock, TLS_UNEXPECTED, code="tls")
-        raise TransportError("a TLS client (this node does not use TLS): told so")
+        raise TransportError(f"a TLS client (this {server} does not use TLS): told so")
 
 
 def _refuse(sock: socket.socket, reason: str, code: str = "busy") -> None:

@@ -99,6 +99,9 @@ def test_a_tls_mismatch_names_the_schedulers_options_not_a_nodes(
         tls_client = refusal(plain, cafile=cert)
     finally:
         plain.stop()
+    # The scheduler's own log names itself, not a node.
+    assert "a client without TLS (this scheduler uses TLS)" in with_tls.log_text()
+    assert "a TLS client (this scheduler does not use TLS)" in plain.log_text()
     for text in (plain_client, wrong_ca, tls_client):
         assert "node" not in text.replace("dispynb-node", ""), text
     assert (
