@@ -154,7 +154,7 @@ def run_job(
                 try:
                     result_buffers = serialize.dumps(result, kinds)
                 except Exception as exc:
-                    exception = _unpicklable(result, exc)
+                    exception = serialize.unpicklable_result(result, exc)
                 else:
                     cap = CONTEXT.max_result
                     # One buffer (the usual small result): one len() to check.
@@ -506,45 +506,3 @@ def _too_large(buffers: list[Buffer], cap: int) -> str | None:
         "data to a file and send it with dispy_send_file, or keep it on the node), "
         "or give the cluster a larger max_result_size\n"
     )
-
-
-def _unpicklable(result: Any, exc: Exception) -> str:
-    """Why the result cannot be pickled, naming where inside it the culprit is."""
-    kind = type(result).__qualname__
-    path, culprit = _find_unpicklable(result, "result", 0)
-    where = ""
-    if path != "result":
-        where = f"; {path} is a {type(culprit).__qualname__!r} that cannot be pickled"
-    what = _describe(exc, f"result of type {kind!r} cannot be pickled{where}")
-    return (
-        f"{what.rstrip()}; return what it is made from instead (a list, not a "
-        "generator; a file's path, not the open file)\n"
-    )
-
-
-def _find_unpicklable(value: Any, path: str, depth: int) -> tuple[str, Any]:
-    """The deepest part of ``value`` that does not pickle, and its path."""
-    if depth > 32:
-        return path, value
-    items: list[tuple[str, Any]]
-    if isinstance(value, dict):
-        items = []
-        for key, item in value.items():
-            items.append((f"{path} key {key!r}", key))
-            items.append((f"{path}[{key!r}]", item))
-    elif isinstance(value, list | tuple):
-        items = [(f"{path}[{i}]", item) for i, item in enumerate(value)]
-    elif isinstance(value, set | frozenset):
-        items = [(f"an element of {path}", item) for item in value]
-    elif isinstance(getattr(value, "__dict__", None), dict) and not isinstance(
-        value, type
-    ):
-        items = [(f"{path}.{name}", item) for name, item in vars(value).items()]
-    else:
-        return path, value
-    for sub_path, item in items:
-        try:
-            serialize.dumps(item)
-        except Exception:
-            return _find_unpicklable(item, sub_path, depth + 1)
-    return path, value

@@ -269,7 +269,7 @@ def run_one(
                     result_buffers = serialize.dumps(result)
                     outcome = "finished"
                 except Exception as exc:
-                    exception = f"the job's result cannot be pickled: {exc}\n"
+                    exception = serialize.unpicklable_result(result, exc)
     finally:
         _Job.threads.end()
         _Job.conn = None

@@ -372,6 +372,14 @@ class JobActor:
             job.key = 0
             if os.getcwd() != self.path:
                 os.chdir(self.path)  # the next job starts where every job does
+        if outcome == FINISHED and type(result) not in _PLAIN:
+            # Tried here, where the result can be searched for what fails: Ray's
+            # own error would come after the call, without the job's output.
+            try:
+                serialize.dumps(result)
+            except Exception as exc:
+                exception = serialize.unpicklable_result(result, exc)
+                outcome, result = RAISED, None
         return (
             outcome,
             result,
@@ -388,23 +396,8 @@ class JobActor:
     ) -> list[tuple[str, Any, str, str, str | None, float, float, int]]:
         """Run several short jobs, one after the other: ``(head, args)`` each (see
         `run`); their replies, in order. A result that cannot be pickled ends its
-        own job (the others' results still travel)."""
-        replies = []
-        for head, args in items:
-            reply = self.run(head, *args)
-            if type(reply[1]) not in _PLAIN:
-                try:
-                    serialize.dumps(reply[1])
-                except Exception as exc:
-                    reply = (
-                        RAISED,
-                        None,
-                        *reply[2:4],
-                        f"the job's result cannot be sent back: {exc}\n",
-                        *reply[5:],
-                    )
-            replies.append(reply)
-        return replies
+        own job (`run` checks it: the others' results still travel)."""
+        return [self.run(head, *args) for head, args in items]
 
     def _text(self, capture: io.StringIO, name: str) -> str:
         text = capture.getvalue()

@@ -100,6 +100,52 @@ def unpicklable_argument(
     return None
 
 
+def unpicklable_result(result: Any, exc: Exception) -> str:
+    """What a job whose ``result`` failed to pickle (``exc``) reports, the same on
+    dispynb's nodes and on every engine: the result's type, the part of it that
+    cannot be pickled (``result['guard'] is a 'lock' ...``), the error, and what
+    to return instead."""
+    kind = type(result).__qualname__
+    path, culprit = _find_unpicklable(result, "result", 0)
+    where = ""
+    if path != "result":
+        where = f"; {path} is a {type(culprit).__qualname__!r} that cannot be pickled"
+    cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
+    return (
+        f"result of type {kind!r} cannot be pickled{where}: "
+        f"{type(cause).__name__}: {str(cause).rstrip()}; return what it is made "
+        "from instead (a list, not a generator; a file's path, not the open file)\n"
+    )
+
+
+def _find_unpicklable(value: Any, path: str, depth: int) -> tuple[str, Any]:
+    """The deepest part of ``value`` that does not pickle, and its path."""
+    if depth > 32:
+        return path, value
+    items: list[tuple[str, Any]]
+    if isinstance(value, dict):
+        items = []
+        for key, item in value.items():
+            items.append((f"{path} key {key!r}", key))
+            items.append((f"{path}[{key!r}]", item))
+    elif isinstance(value, list | tuple):
+        items = [(f"{path}[{i}]", item) for i, item in enumerate(value)]
+    elif isinstance(value, set | frozenset):
+        items = [(f"an element of {path}", item) for item in value]
+    elif isinstance(getattr(value, "__dict__", None), dict) and not isinstance(
+        value, type
+    ):
+        items = [(f"{path}.{name}", item) for name, item in vars(value).items()]
+    else:
+        return path, value
+    for sub_path, item in items:
+        try:
+            dumps(item)
+        except Exception:
+            return _find_unpicklable(item, sub_path, depth + 1)
+    return path, value
+
+
 # --- Out-of-band bytes and bytearrays -------------------------------------------
 # Stock pickle writes bytes and bytearrays in-band even with protocol 5 and a
 # buffer_callback (only PickleBuffer objects, as NumPy arrays produce, go out-of-band),

@@ -198,12 +198,22 @@ def eats_memory(megabytes):
     return len(bytearray(megabytes * 1024 * 1024))
 
 
+def keeps_a_lock(n):
+    import threading
+
+    print("made it")
+    return {"n": n, "guard": threading.Lock()}
+
+
 def main(args):
     with local_cluster(workers=1) as dask_cluster:
         engine = DaskEngine(dask_cluster)
         with dispynb.JobCluster(area, engine=engine) as cluster:
             good, bad = cluster.submit(3, 4), cluster.submit(3)
             good(), bad()
+        with dispynb.JobCluster(keeps_a_lock, engine=engine) as cluster:
+            lock = cluster.submit(1)
+            lock()
         with dispynb.JobCluster(eats_memory, engine=engine) as cluster:
             limit = cluster.submit(0)() + 256 * 2**20
             big = cluster.submit(1024, dispy_job_mem_limit=limit)
@@ -211,6 +221,7 @@ def main(args):
         return {
             "good": [int(good.status), good.result],
             "bad": [int(bad.status), bad.exception],
+            "lock": [int(lock.status), lock.stdout, lock.exception],
             "big": [int(big.status), big.exception],
             "limit": limit,
         }
@@ -221,9 +232,12 @@ def test_a_failing_call_is_reported_as_on_dispynb_nodes(
     net: Network, tmp_path: Path
 ) -> None:
     """``submit(3)`` for ``area(width, height)`` shows the call and the function's
-    parameters, and a job out of memory under its ``mem_limit`` names the limit and
-    how to change it, in the words dispynb's nodes use (Dask's runner gave Python's
-    message alone, and its own shorter note on the limit)."""
+    parameters, a result that cannot be pickled is named down to the part that
+    cannot, and a job out of memory under its ``mem_limit`` names the limit and how
+    to change it, in the words dispynb's nodes use (Dask's runner gave Python's
+    message alone, and its own shorter note on the limit; for the result, "the
+    job's result cannot be pickled: cannot pickle object of type 'dict' ..." with
+    no part named and no way out)."""
     out = run(net, tmp_path, FAILING_CALLS_PROGRAM)
     assert out["good"] == [FINISHED, 12]
     assert out["bad"] == [
@@ -232,12 +246,22 @@ def test_a_failing_call_is_reported_as_on_dispynb_nodes(
         "(the job called area(3); area takes (width, height): give submit() the "
         "function's arguments)\n",
     ]
+    assert out["lock"] == [TERMINATED, "made it\n", UNPICKLABLE_LOCK]
     status, exception = out["big"]
     assert status == TERMINATED and "MemoryError" in exception, exception
     assert exception.endswith(
         f"(the job ran with a mem_limit of {out['limit']} bytes of address space: "
         "mem_limit / dispy_job_mem_limit; give a larger limit, or None for none)\n"
     ), exception
+
+
+#: What dispynb's nodes say of ``keeps_a_lock``'s result (the same on every engine).
+UNPICKLABLE_LOCK = (
+    "result of type 'dict' cannot be pickled; result['guard'] is a 'lock' that "
+    "cannot be pickled: TypeError: cannot pickle '_thread.lock' object; return what "
+    "it is made from instead (a list, not a generator; a file's path, not the open "
+    "file)\n"
+)
 
 
 STOP_PROGRAM = """

@@ -58,8 +58,18 @@ def area(width, height):  # no annotations: its signature is in the text asserte
     return width * height
 
 
-def returns_a_lock(n: int) -> Any:
-    return threading.Lock()
+def keeps_a_lock(n: int) -> Any:
+    print("made it")
+    return {"n": n, "guard": threading.Lock()}
+
+
+#: What dispynb's nodes say of ``keeps_a_lock``'s result (the same on every engine).
+UNPICKLABLE_LOCK = (
+    "result of type 'dict' cannot be pickled; result['guard'] is a 'lock' that "
+    "cannot be pickled: TypeError: cannot pickle '_thread.lock' object; return what "
+    "it is made from instead (a list, not a generator; a file's path, not the open "
+    "file)\n"
+)
 
 
 def progress(count: int) -> str:
@@ -227,18 +237,27 @@ def test_a_job_submitted_with_the_wrong_arguments_shows_the_call(
 
 
 def test_a_result_that_cannot_be_pickled_says_why(engine: RayEngine) -> None:
-    """A job whose result Ray cannot pickle ends Terminated with the reason: the
-    user saw the first lines of Ray's traceback instead (its terminal colours and
-    carets), the error itself cut off after them."""
-    with JobCluster(returns_a_lock, engine=engine) as cluster:
+    """A job whose result cannot be pickled ends Terminated with its output and the
+    words dispynb's nodes use: the part of the result that cannot be pickled and
+    what to return instead, whether it ran alone in its Ray call or in a batch of
+    short jobs. Alone, the user saw Ray's "could not send the result back or load
+    its arguments on the worker" and lost the job's output; in a batch, "the job's
+    result cannot be sent back: cannot pickle object of type 'dict'"."""
+    with JobCluster(keeps_a_lock, engine=engine) as cluster:
         job = cluster.submit(1)
         assert job() is None
-    assert job.status is JobStatus.Terminated
-    assert job.exception.endswith(
-        "result back or load its arguments on the worker: "
-        "TypeError: cannot pickle '_thread.lock' object\n"
-    ), job.exception
-    assert "\x1b[" not in job.exception
+        assert job.status is JobStatus.Terminated
+        assert (job.stdout, job.exception) == ("made it\n", UNPICKLABLE_LOCK)
+        for n, short in [(n, cluster.submit(n)) for n in range(2, 40)]:
+            short()  # jobs of microseconds: the next ones go in batches
+            assert short.exception == UNPICKLABLE_LOCK, (n, short.exception)
+        jobs = [cluster.submit(n) for n in range(100)]
+        wait_for(lambda: all(job.done() for job in jobs), "the 100 jobs")
+        backend: Any = cluster._backend
+        assert backend._batches_sent > 0, "no batch was sent"
+    for batched in jobs:
+        assert batched.status is JobStatus.Terminated
+        assert (batched.stdout, batched.exception) == ("made it\n", UNPICKLABLE_LOCK)
 
 
 def test_setup_and_cleanup_run_once_per_worker(
