@@ -161,7 +161,9 @@ class ClusterOptions:
         killed with all its processes and ends ``Terminated``, saying why).
         Default 1024; None for no limit. Whatever the limit, the processes a job
         starts end with it (its process group is killed at timeout, cancel and
-        close, and leftovers at the job's end).
+        close, and leftovers at the job's end). On dispynb's nodes only: on Dask
+        or Ray another value is a `NotSupportedError`, and the default is not
+        enforced there.
     fresh_process:
         True runs every job in a new process, forked from the computation's
         process after setup (as dispy does): nothing a job leaves in its globals

@@ -69,6 +69,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from dispynb.errors import ConfigurationError, NotSupportedError
 from dispynb.job import JobStatus
+from dispynb.limits import DEFAULT_MAX_PIDS
 from dispynb.node import DispyNodeAvailInfo
 
 if TYPE_CHECKING:
@@ -105,6 +106,10 @@ SELECT_NODES: Final = "select_nodes"
 #: ``max_result_size=``: a result over it is not sent, its job ends ``Terminated``
 #: with ``ResultTooLarge``.
 RESULT_LIMIT: Final = "result_limit"
+#: ``max_pids=``: a job's processes and threads are held to it (a pids cgroup per
+#: worker, or counting). Without it only the default (dispynb's nodes' safety net)
+#: and None are accepted: the engine's own limits apply.
+PIDS_LIMIT: Final = "pids_limit"
 #: The bytes sent to and received from each node are counted (``DispyNode.tx`` and
 #: ``rx``, `Backend.traffic`); without it ``print_status`` shows "-" for them.
 TRAFFIC: Final = "traffic"
@@ -123,6 +128,7 @@ ALL_FEATURES: Final[frozenset[str]] = frozenset(
         NODE_JOBS,
         SELECT_NODES,
         RESULT_LIMIT,
+        PIDS_LIMIT,
         TRAFFIC,
     }
 )
@@ -500,6 +506,8 @@ def check_options(engine: Engine, opts: ClusterOptions) -> None:
         require(engine, RECOVERY, "recover_file=")
     if opts.max_result_size is not None:
         require(engine, RESULT_LIMIT, "max_result_size=")
+    if opts.max_pids not in (None, DEFAULT_MAX_PIDS):
+        require(engine, PIDS_LIMIT, "max_pids=")
 
 
 __all__ = [
@@ -508,6 +516,7 @@ __all__ = [
     "JOB_LIMITS",
     "NODE_JOBS",
     "NODE_MANAGEMENT",
+    "PIDS_LIMIT",
     "PROGRAM",
     "RECOVERY",
     "RESULT_LIMIT",

@@ -49,3 +49,28 @@ def test_max_result_size_on_an_engine_without_it_is_one_clear_error() -> None:
             f"max_result_size= is not supported on the {engine.name!r} engine"
         )
         assert "engine=None" in message
+
+
+def test_max_pids_on_an_engine_without_it_is_one_clear_error() -> None:
+    """``max_pids=32`` on Dask or Ray, which do not enforce it, is refused before
+    anything connects (before, it was ignored: a job could fork past it). Its
+    default (the nodes' safety net) and None (no limit) are what these engines
+    give anyway, so they open as before."""
+    from dispynb import JobCluster
+    from dispynb.backends.dask import DaskEngine
+    from dispynb.backends.ray import RayEngine
+    from dispynb.limits import DEFAULT_MAX_PIDS
+    from dispynb.options import ClusterOptions
+
+    # Nothing listens at these: they must not be reached.
+    for engine in (DaskEngine("127.0.0.1:1"), RayEngine("127.0.0.1:1")):
+        with pytest.raises(NotSupportedError) as raised:
+            JobCluster(abs, engine=engine, max_pids=32)
+        message = str(raised.value)
+        assert message.startswith(
+            f"max_pids= is not supported on the {engine.name!r} engine"
+        ), message
+        assert "engine=None" in message
+        for unlimited in (DEFAULT_MAX_PIDS, None):
+            opts = ClusterOptions.from_kwargs(abs, max_pids=unlimited)
+            base.check_options(engine, opts)  # no error
