@@ -101,8 +101,9 @@ class ScaleEvent:
 
     #: Epoch seconds.
     time: float
-    #: ``'launch'``, ``'registered'``, ``'drain'``, ``'stopped'``, ``'failed'`` or
-    #: ``'requeued'`` (SLURM put its batch job back in the queue).
+    #: ``'launch'``, ``'registered'``, ``'drain'``, ``'stopped'``, ``'failed'``,
+    #: ``'requeued'`` (SLURM put its batch job back in the queue), ``'suspended'``
+    #: or ``'resumed'`` (SLURM stopped its batch job's processes, or let them go on).
     action: str
     #: The node's name.
     node: str

@@ -103,6 +103,8 @@ ENDED = frozenset(
 #: Job states of a job SLURM put back in the queue (``scontrol requeue``,
 #: preemption with ``PreemptMode=REQUEUE``, a failed compute node): it runs again.
 QUEUED = frozenset({"PENDING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD"})
+#: The state of a job whose processes SLURM stopped (SIGSTOP) until it resumes it.
+SUSPENDED = "SUSPENDED"
 
 _SIZE = re.compile(r"[0-9]+[KMGT]?", re.IGNORECASE)
 _TIME = re.compile(r"[0-9]+(?:-[0-9]+)?(?::[0-9]+){0,2}|INFINITE|UNLIMITED")
@@ -560,6 +562,8 @@ class SlurmNodes(NodeLauncher[SlurmJob]):
         for job_id, job in live.items():
             state, reason = seen.get(job_id, ("UNKNOWN", "no longer known to SLURM"))
             if (state, reason) != (job.state, job.reason):
+                if SUSPENDED in (state, job.state) and state != job.state:
+                    self._suspension(job, state, reason)
                 job.state, job.reason = state, reason
                 changed.append(job)
         with self._changed:
@@ -590,6 +594,27 @@ class SlurmNodes(NodeLauncher[SlurmJob]):
             if job.state in QUEUED:
                 job.state, job.reason = "RUNNING", "None"  # before squeue says so
         super()._registered(node)
+
+    def _suspension(self, job: SlurmJob, state: str, reason: str) -> None:
+        """SLURM suspended the node's job (``scontrol suspend``, gang scheduling,
+        ``PreemptMode=SUSPEND``: every process of it stopped), or let it go on.
+
+        Nothing else to do: the clusters find a stopped node silent and run its
+        reentrant jobs elsewhere, then connect to it again once it answers."""
+        detail = f"SLURM job {job.job_id} {state}"
+        if reason not in ("", "None"):
+            detail += f" ({reason})"
+        if state == SUSPENDED:
+            self.events.append(ScaleEvent(time.time(), "suspended", job.name, detail))
+            logger.warning(
+                "node %s suspended: %s; its jobs are stopped until SLURM resumes "
+                "it (clusters run its reentrant jobs elsewhere)",
+                job.name,
+                detail,
+            )
+        else:
+            self.events.append(ScaleEvent(time.time(), "resumed", job.name, detail))
+            logger.info("node %s resumed: %s", job.name, detail)
 
     def _requeued(self, job: SlurmJob) -> None:
         """SLURM put the job of a registered node back in its queue: the node was
