@@ -6,6 +6,9 @@ answer is the computation of the user with the fewest jobs in flight (ties: the
 user served least recently), within that user's quota, and respecting exclusive
 computations (dispy's ``SharedJobCluster(exclusive=True)``): while one is active it
 alone gets CPUs, and only once the others' jobs in flight have ended.
+
+It never preempts: a slot is given only when one is free, so a user's running jobs
+keep their CPUs whoever else waits (``max_cpus`` is the administrator's cap).
 """
 
 from __future__ import annotations
