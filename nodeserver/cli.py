@@ -23,6 +23,7 @@ from dispynb.transport.addressing import is_loopback
 from nodeserver.config import NodeConfig
 from nodeserver.containment import become_subreaper, probe_in_background
 from nodeserver.launcher import PROCESS_LAUNCHER, AdoptingLauncher, Launcher
+from nodeserver.leftovers import Removals
 from nodeserver.memory import keep_freed_memory, release_freed_memory
 from nodeserver.parser import build_parser, parse_args, parse_size
 from nodeserver.register import (
@@ -192,7 +193,8 @@ DEST_LOCK = ".node-lock"
 
 def _use_dest_path(path: str, clean: bool, serving: bool) -> None:
     """Empty ``path`` first with ``clean``; if ``serving``, hold a shared lock on
-    its `DEST_LOCK` until this process exits.
+    its `DEST_LOCK` until this process exits, after removing what nodes killed
+    there left (`nodeserver.leftovers`) if no other node runs there.
 
     dispynode's ``--clean`` removes what a node that did not exit cleanly left;
     a node still running there would lose its computations' files, so ``clean``
@@ -218,6 +220,12 @@ def _use_dest_path(path: str, clean: bool, serving: bool) -> None:
             os.makedirs(path, mode=0o700, exist_ok=True)
         fd = _open_lock(path)
         if fd is not None:  # released when this process (the node) exits
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pass  # another node runs here: what is noted may be its own
+            else:
+                Removals(path).sweep()
             fcntl.flock(fd, fcntl.LOCK_SH)
 
 

@@ -17,6 +17,7 @@ from nodeserver.containment import HeldWorker
 from nodeserver.control import ControlChannel
 from nodeserver.filestore import FileStore
 from nodeserver.launcher import ComputationProcess, Launcher
+from nodeserver.leftovers import Removals
 from nodeserver.sharedbody import SharedBody
 
 #: ``report(entry, buffers)``: one job-results entry (see `JobResults`) and its buffers.
@@ -145,6 +146,8 @@ class _ComputationState:
     _node_address: str
     _remove_path: bool
     _home: str | None
+    _removals: Removals | None
+    _removal_note: str | None
     _objects: set[str]
     _process: ComputationProcess | None
     _control: ControlChannel | None

@@ -53,6 +53,7 @@ from nodeserver.jobreasons import mem_limit_note as mem_limit_note
 from nodeserver.jobreasons import timeout_reason as timeout_reason
 from nodeserver.jobstops import _before_its_turn, _JobStops
 from nodeserver.launcher import PROCESS_LAUNCHER, ComputationProcess, Launcher
+from nodeserver.leftovers import Removals
 from nodeserver.sharedbody import BODIES, segments
 from nodeserver.workerlife import _WorkerLife
 
@@ -148,6 +149,7 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
         max_message_size: int,
         remove_path: bool,
         home: str | None = None,
+        removals: Removals | None = None,
         limits: JobLimits | None = None,
         node_stopping: Callable[[], bool] | None = None,
         launcher: Launcher = PROCESS_LAUNCHER,
@@ -183,6 +185,10 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
         #: The directory above ``path`` made for its client's session: it and the
         #: directories between go once empty, as the computation closes.
         self._home = home
+        #: Where ``path`` is noted while it exists, if it is to be removed: the
+        #: next node removes it if this one is killed first (`nodeserver.leftovers`).
+        self._removals = removals
+        self._removal_note: str | None = None
         self.limits = limits or JobLimits()
         self._queue: collections.deque[NodeJob] = collections.deque()
         self._workers: dict[int, Worker] = {}

@@ -150,8 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--clean",
         action="store_true",
-        help="empty the destination directory at start (refused while another node "
-        "runs on it)",
+        help="empty the destination directory at start, files computations kept "
+        "included (refused while another node runs on it); without it, a node "
+        "removes at start only what killed nodes left of computations whose files "
+        "were to go",
     )
     add(
         "--force_cleanup",

@@ -26,6 +26,7 @@ from nodeserver.descriptors import Admission
 from nodeserver.filestore import FileStore
 from nodeserver.keeper import ResultKeeper
 from nodeserver.launcher import PROCESS_LAUNCHER, Launcher
+from nodeserver.leftovers import Removals
 from nodeserver.monitor import avail_info
 from nodeserver.platforminfo import node_platform
 from nodeserver.session import ClientSession
@@ -64,6 +65,9 @@ class NodeServer:
             config.max_file_size,
             config.file_cache_size,
         )
+        #: Computation directories to remove, noted until they are
+        #: (`nodeserver.leftovers`: the next node removes them if this one is killed).
+        self.removals = Removals(config.dest_path)
         self.sessions: set[ClientSession] = set()
         self.address = ""
         self.port = 0

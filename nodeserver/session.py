@@ -265,6 +265,7 @@ class ClientSession(_SessionFiles, _SessionRecovery):
             max_message_size=config.max_message_size,
             remove_path=message.cleanup or config.force_cleanup,
             home=home,
+            removals=self.server.removals,
             limits=JobLimits(
                 max_output=message.max_output,
                 max_result=message.max_result,

@@ -32,6 +32,7 @@ from nodeserver.ipc import (
 )
 from nodeserver.jobreasons import crash_reason, mem_limit_note
 from nodeserver.jobstops import drop_interrupt_page, give_interrupt_page
+from nodeserver.leftovers import remove_empty_parents
 
 logger = logging.getLogger("nodeserver.computation")
 
@@ -83,6 +84,9 @@ class _WorkerLife(_ComputationState):
 
         Raises `SetupError` with the node's explanation and traceback on failure.
         """
+        if self._remove_path and self._removals is not None:
+            # Noted first: a node killed from now on leaves it to the next one.
+            self._removal_note = self._removals.note(self.path, self._home)
         os.makedirs(self.path, mode=0o700, exist_ok=True)
         try:
             for relative, digest in files:
@@ -256,6 +260,9 @@ class _WorkerLife(_ComputationState):
             shutil.rmtree(self.path, ignore_errors=True)
         if self._home is not None:
             remove_empty_parents(self.path, self._home)
+        if self._removal_note is not None and self._removals is not None:
+            self._removals.done(self._removal_note)
+            self._removal_note = None
         for digest in self._objects:  # put in a cluster (JobCluster.put)
             self._store.release(digest)
         self._objects.clear()
@@ -453,17 +460,3 @@ class _WorkerLife(_ComputationState):
     def _note_progress(self) -> None:
         if self._progress is not None and not self._progress.done():
             self._progress.set_result(None)
-
-
-def remove_empty_parents(path: str, home: str) -> None:
-    """Remove the directories above ``path`` that are empty, up to ``home`` (a
-    directory above it) included: a node that serves clients for months does not
-    keep one empty directory per session it ever had."""
-    home = os.path.normpath(home)
-    parent = os.path.dirname(os.path.normpath(path))
-    while parent.startswith(home + os.sep) or parent == home:
-        try:
-            os.rmdir(parent)
-        except OSError:
-            return  # not empty (another computation, files kept), or gone
-        parent = os.path.dirname(parent)

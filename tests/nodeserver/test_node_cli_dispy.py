@@ -8,6 +8,7 @@ tested across namespace hosts in ``tests/multihost/test_dropin.py``.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import signal
@@ -25,6 +26,7 @@ from nodeserver.cliconfig import REFUSED
 from tests.jobs import WAIT, computation_processes, wait_until
 from tests.nodeproc import (
     NODE_WAIT,
+    CliNode,
     node_command,
     node_env,
     start_node,
@@ -205,6 +207,59 @@ def test_clean_refuses_to_empty_the_directory_of_a_running_node(
     done = run_node("--serve", "0", "--clean", "--dest_path_prefix", str(dest))
     assert done.returncode == 0, done.stderr
     assert not dest.exists()
+
+
+def kill_node_and_its_processes(node: CliNode) -> None:
+    """SIGKILL the node and every process under it at once, as the out-of-memory
+    killer or a batch system ending its cgroup would: nothing of it cleans up."""
+    family = [psutil.Process(node.proc.pid)]
+    family += family[0].children(recursive=True)
+    for proc in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(family, timeout=NODE_WAIT)
+    node.proc.wait(NODE_WAIT)
+
+
+def test_a_killed_nodes_directories_go_when_the_next_node_starts_there(
+    tmp_path: Path,
+) -> None:
+    """A node killed with computations open left their directories, the jobs'
+    files and all, until someone ran ``--clean`` (which dispy also needs): a node
+    killed again and again filled its disk. The next node started on the directory
+    removes those of computations with ``cleanup`` (the default), before it serves,
+    and says so; one a client kept (``cleanup=False``) stays, as in dispy; and a
+    node started there while another runs removes nothing of the other's."""
+    node = start_node(tmp_path / "node")
+    dest = tmp_path / "node" / "dest"
+    removed = JobCluster(write_in_cwd, nodes=[node.spec], secret=node.secret)
+    kept = JobCluster(
+        write_in_cwd, nodes=[node.spec], secret=node.secret, cleanup=False
+    )
+    try:
+        gone = Path(removed.submit("a.txt")())
+        stays = Path(kept.submit("b.txt")())
+        assert (gone / "a.txt").exists() and (stays / "b.txt").exists()
+        beside = start_node(tmp_path / "beside", "--dest-path", str(dest))
+        assert beside.stop() == 0
+        assert (gone / "a.txt").exists()  # still in use: not removed
+        assert "left by a node" not in beside.log_text()
+        kill_node_and_its_processes(node)
+    finally:
+        removed.close()
+        kept.close()
+    assert (gone / "a.txt").exists()  # what the killed node left
+    again = start_node(tmp_path / "again", "--dest-path", str(dest))
+    try:
+        assert not gone.exists()
+        assert not gone.parent.exists()  # its client's session directory too
+        assert (stays / "b.txt").read_text() == "left by the job"
+        assert (
+            f"removed 1 directory left by a node that did not exit cleanly in {dest}"
+            in again.log_text()
+        ), again.log_text()
+    finally:
+        assert again.stop() == 0
 
 
 @pytest.mark.parametrize("force", [False, True], ids=["kept", "force_cleanup"])

@@ -1,0 +1,52 @@
+"""`nodeserver.leftovers`: what a note names is removed by a sweep only if it lies
+within the node's directory; a damaged note removes nothing and is dropped."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from nodeserver.leftovers import NOTES, Removals
+
+
+def test_a_sweep_removes_what_is_noted_and_forgets_what_is_done(tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    home = dest / "client-1-1"
+    noted, finished = home / "comp-1", home / "comp-2"
+    for path in (noted, finished):
+        (path / "sub").mkdir(parents=True)
+        (path / "sub" / "file").write_text("x")
+    removals = Removals(str(dest))
+    removals.note(str(noted), str(home))
+    removals.done(removals.note(str(finished), str(home)))
+    assert Removals(str(dest)).sweep() == 1
+    assert not noted.exists()
+    assert (finished / "sub" / "file").exists()  # its note was done: kept
+    assert list((dest / NOTES).iterdir()) == []
+
+
+def test_a_note_naming_a_place_outside_the_directory_removes_nothing(
+    tmp_path: Path,
+) -> None:
+    """Notes are files a job running as the node's user could write: one naming
+    the node's directory itself, a place outside it or through a symbolic link out
+    of it, or one that is no JSON, removes nothing (and is dropped)."""
+    dest = tmp_path / "dest"
+    outside = tmp_path / "outside"
+    (outside / "keep").mkdir(parents=True)
+    (dest / "link").parent.mkdir(parents=True)
+    (dest / "link").symlink_to(outside)
+    notes = dest / NOTES
+    notes.mkdir()
+    for name, path in [
+        ("a", str(outside)),
+        ("b", str(dest)),
+        ("c", str(dest / "link" / "keep")),
+        ("d", str(dest / ".." / "outside")),
+    ]:
+        (notes / name).write_text(json.dumps({"path": path, "home": str(tmp_path)}))
+    (notes / "e").write_text("not json")
+    (notes / "f").write_text(json.dumps(["no", "keys"]))
+    assert Removals(str(dest)).sweep() == 0
+    assert (outside / "keep").is_dir() and dest.is_dir()
+    assert list(notes.iterdir()) == []
