@@ -20,10 +20,10 @@ pytestmark = [pytest.mark.multihost, pytest.mark.slow, pytest.mark.timeout(240)]
 
 __all__ = ["cluster_env", "slurm_setup"]
 
-REQUEUE_CLIENT = """
+#: What both client programs start with: a job that sleeps and says where it ran.
+PREAMBLE = """
 import json
 import logging
-import os
 import sys
 import time
 
@@ -45,7 +45,11 @@ def wait(what, predicate, timeout):
     while not predicate():
         assert time.monotonic() < deadline, what
         time.sleep(0.05)
+"""
 
+REQUEUE_CLIENT = (
+    PREAMBLE
+    + """
 
 def main(args):
     nodes = SlurmNodes(2, cpus=1, walltime="10", log_directory=args["logs"])
@@ -73,6 +77,13 @@ def main(args):
         cluster.close()
     return {"gone": gone, "doomed": name, "moved": moved, "names": names}
 """
+)
+
+
+def scontrol(network: Network, setup: slurm.SlurmSetup, *args: str) -> None:
+    """Run ``scontrol ARGS`` (as SLURM's administrator) on the controller's host."""
+    done = slurm.slurm_command(network, network.hosts[-1], setup, "scontrol", *args)
+    assert done.returncode == 0, done.stderr
 
 
 def _wait_file(path: Path, client: Client, timeout: float) -> dict[str, object]:
@@ -88,12 +99,6 @@ def _wait_file(path: Path, client: Client, timeout: float) -> dict[str, object]:
 def test_a_requeued_job_leaves_the_nodes_and_its_next_run_registers(
     network: Network, cluster_env: slurm.SlurmSetup, tmp_path: Path
 ) -> None:
-    def scontrol(*args: str) -> None:
-        done = slurm.slurm_command(
-            network, network.hosts[-1], cluster_env, "scontrol", *args
-        )
-        assert done.returncode == 0, done.stderr
-
     ready, gone = tmp_path / "ready.json", tmp_path / "gone.json"
     client = start_client(
         network, network.hosts[-1], tmp_path, REQUEUE_CLIENT,
@@ -101,9 +106,11 @@ def test_a_requeued_job_leaves_the_nodes_and_its_next_run_registers(
     )  # fmt: skip
     try:
         job = str(_wait_file(ready, client, 90)["job"])
-        scontrol("requeue", job)
+        scontrol(network, cluster_env, "requeue", job)
         _wait_file(gone, client, 70)
-        scontrol("update", f"JobId={job}", "StartTime=now")  # no requeue delay
+        scontrol(
+            network, cluster_env, "update", f"JobId={job}", "StartTime=now"
+        )  # no requeue delay
         result = client.result(150)
     finally:
         client.stop()
@@ -118,31 +125,9 @@ def test_a_requeued_job_leaves_the_nodes_and_its_next_run_registers(
     assert doomed in result["names"] and len(result["names"]) == 2, result
 
 
-SUSPEND_CLIENT = """
-import json
-import logging
-import sys
-import time
-
-import dispynb
-from dispynb.deploy import SlurmNodes
-
-logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                    format="%(name)s %(levelname)s %(message)s")
-
-
-def where(x):
-    import time
-    time.sleep(x)
-    return dispy_node_name
-
-
-def wait(what, predicate, timeout):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
-
+SUSPEND_CLIENT = (
+    PREAMBLE
+    + """
 
 def said(nodes, action, name):
     return [e.detail for e in nodes.events if e.action == action and e.node == name]
@@ -177,6 +162,7 @@ def main(args):
     return {"held": held, "frozen": name, "moved": moved, "names": sorted(names),
             "resumed": said(nodes, "resumed", name)}
 """
+)
 
 
 def test_a_suspended_job_is_said_and_its_node_is_used_again_when_resumed(
@@ -187,12 +173,6 @@ def test_a_suspended_job_is_said_and_its_node_is_used_again_when_resumed(
     runs its reentrant job elsewhere, and the launcher says why (before: the node
     was only 'lost'); ``scontrol resume`` lets it go on and clusters use it again."""
 
-    def scontrol(*args: str) -> None:
-        done = slurm.slurm_command(
-            network, network.hosts[-1], cluster_env, "scontrol", *args
-        )
-        assert done.returncode == 0, done.stderr
-
     ready, held = tmp_path / "ready.json", tmp_path / "held.json"
     client = start_client(
         network, network.hosts[-1], tmp_path, SUSPEND_CLIENT,
@@ -200,9 +180,9 @@ def test_a_suspended_job_is_said_and_its_node_is_used_again_when_resumed(
     )  # fmt: skip
     try:
         job = str(_wait_file(ready, client, 90)["job"])
-        scontrol("suspend", job)
+        scontrol(network, cluster_env, "suspend", job)
         _wait_file(held, client, 70)
-        scontrol("resume", job)
+        scontrol(network, cluster_env, "resume", job)
         result = client.result(150)
     finally:
         client.stop()
