@@ -41,6 +41,11 @@ BATCH_UNDER = 0.002
 #: larger one travels alone, through Ray's object store.
 SMALL_ARG = 4096
 
+#: Seconds an actor's running call must have run, while the recent jobs were short
+#: (more than `DEPTH` calls in flight), before the calls waiting behind it are taken
+#: back for an idle actor (`_steal`): short jobs' queues empty by themselves.
+STALLED = 0.1
+
 #: Seconds a cancelled job in a running batch may take to end before its actor is
 #: killed (a batch holds only jobs expected to take milliseconds).
 BATCH_CANCEL_WAIT = 2.0
@@ -168,6 +173,9 @@ class _Jobs(_RayState):
             return
         depth = self._depth()
         slots = [s for s in self._slots if s.ready and len(s.inflight) < depth]
+        if depth > DEPTH:  # short jobs: none queued behind a call that runs long
+            stalled = time.monotonic() - STALLED
+            slots = [s for s in slots if not s.inflight or s.since > stalled]
         if not slots:
             return
         # Fill the emptiest actors first: one job each, then a second one each, but
@@ -221,25 +229,47 @@ class _Jobs(_RayState):
         return max(DEPTH, min(MAX_DEPTH, calls))
 
     def _steal(self) -> None:
-        """Nothing waits here but an actor is idle: take back a job waiting behind
-        another actor's running job (its actor skips it, `_ask_skip`; it is queued
-        again here once the actor confirms), so that it does not wait for that job."""
+        """Nothing waits here but an actor is idle: take back the jobs of a call
+        waiting behind another actor's running job (its actor skips them,
+        `_ask_skip`; they are queued again here once the actor confirms), so that
+        they do not wait for it: the last call of the actor holding the most, one
+        call per idle actor; or, from a batch whose jobs run long, the jobs after
+        its first (those that had begun run on)."""
         idle = sum(1 for s in self._slots if s.ready and not s.inflight)
-        if not idle or self._depth() > DEPTH:
-            return  # (short jobs: what waits on an actor is done in milliseconds)
-        for slot in self._slots:
+        if not idle:
+            return
+        stalled = time.monotonic() - STALLED if self._depth() > DEPTH else None
+        busy = sorted(self._slots, key=lambda s: len(s.inflight), reverse=True)
+        for slot in busy:
             if idle == 0:
                 return
-            if len(slot.inflight) < 2 or slot.inflight[-1][2] is slot.inflight[0][2]:
-                continue  # nothing waits behind its running call
-            key = slot.inflight[-1][0]
-            if key in self._skipping or key in self._cancelling:
-                continue
-            job = self._jobs.get(key)
-            if job is None or job.node_id is not None:  # it may run only there
-                continue
-            self._ask_skip(slot, key, "steal")
-            idle -= 1
+            inflight = slot.inflight
+            if len(inflight) < 2:
+                continue  # nothing waits behind its running job
+            if stalled is not None and slot.since > stalled:
+                if self._steal_timer is None:  # look again once it may be
+                    self._steal_timer = self._runner.loop.call_later(
+                        slot.since - stalled, self._look_again
+                    )
+                continue  # a short job's: the queue behind it empties soon
+            last = inflight[-1][2]
+            keys = [
+                key
+                for key, _, ref in list(inflight)[1:]
+                if ref is last
+                and key not in self._skipping
+                and key not in self._cancelling
+                and key not in self._begun_keys
+                and key in self._jobs
+                and self._jobs[key].node_id is None  # else it may run only there
+            ]
+            for key in keys:
+                self._ask_skip(slot, key, "steal")
+            idle -= 1 if keys else 0
+
+    def _look_again(self) -> None:
+        self._steal_timer = None
+        self._schedule()
 
     def _send(self, slot: _Slot, job: JobRequest) -> None:
         key = job.key
@@ -445,6 +475,7 @@ class _Jobs(_RayState):
     def _started_running(self, slot: _Slot) -> None:
         """The first call of ``slot`` runs now: report it, enforce its limits."""
         key, attempt, ref = slot.inflight[0]
+        slot.since = time.monotonic()
         if key in self._skipping:
             return  # it may not run: the answer of its skip says (`_skip_answered`)
         if len(slot.inflight) > 1 and slot.inflight[1][2] is ref:  # a batch
@@ -518,12 +549,12 @@ class _Jobs(_RayState):
         if ref is None:
             return
         if ref is running:
-            if not unstarted:
+            batch = len(slot.inflight) > 1 and slot.inflight[1][2] is ref
+            if batch:  # its turn in the batch may not have come: skip it then
+                self._ask_skip(slot, key, "unstarted" if unstarted else "cancel")
+            elif not unstarted:
                 self._cancelling.add(key)
-                if len(slot.inflight) > 1 and slot.inflight[1][2] is ref:
-                    self._cancel_in_batch(slot, ref, key)
-                else:
-                    self._kill(slot, key)
+                self._kill(slot, key)
             return
         self._ask_skip(slot, key, "unstarted" if unstarted else "cancel")
 
@@ -546,7 +577,7 @@ class _Jobs(_RayState):
                 key, attempt
             )
         except Exception:  # (Ray is shutting down) as if the job had begun
-            del self._skipping[key]
+            self._begun(slot, key)
             return
         ref.future().add_done_callback(
             lambda fut: self._post(self._skip_answered, slot, key, attempt, fut)
@@ -564,14 +595,30 @@ class _Jobs(_RayState):
             return
         try:
             skipped = bool(fut.result())
-        except Exception:  # the actor is lost: its calls fail (`_fail_inflight`)
+        except self._ray.exceptions.ActorUnavailableError:  # for now: it may be back
+            self._begun(slot, key, unanswered=True)
+            return
+        except self._ray.exceptions.RayActorError:
+            return  # the actor is lost: its calls fail (`_fail_inflight`)
+        except Exception:  # no answer: whether it had begun is not known
+            self._begun(slot, key, unanswered=True)
             return
         if skipped:
             self._remove(slot, key)  # its call replies SKIPPED, ignored then
             self._skipped(key)
             self._schedule()
             return
+        self._begun(slot, key)
+
+    def _begun(self, slot: _Slot, key: int, unanswered: bool = False) -> None:
+        """Job ``key`` runs (or ran) on ``slot`` though its skip was asked: a
+        cancel stops it as a running job; its start, held for the answer, is
+        reported. ``unanswered``: the skip got no answer, so its call may still
+        reply skipped (`_skipped` then knows why it was asked)."""
         why = self._skipping.pop(key)
+        self._begun_keys.add(key)
+        if unanswered:
+            self._unanswered[key] = why
         if why == "cancel":
             self._cancelling.add(key)
         ref = next(r for k, _, r in slot.inflight if k == key)
@@ -582,7 +629,7 @@ class _Jobs(_RayState):
 
     def _skipped(self, key: int) -> None:
         """Job ``key``'s actor skipped it: it ends Cancelled, or is queued again."""
-        why = self._skipping.pop(key, None)
+        why = self._skipping.pop(key, None) or self._unanswered.pop(key, None)
         if why == "steal":
             self._enqueue(self._jobs[key], first=True)
         else:
@@ -603,7 +650,8 @@ class _Jobs(_RayState):
             job = self._jobs.get(key)
             if job is None:
                 continue
-            skip = self._skipping.pop(key, None)  # (asked, not answered)
+            # (asked, not answered yet or ever)
+            skip = self._skipping.pop(key, None) or self._unanswered.pop(key, None)
             if skip == "cancel":
                 self._cancelling.add(key)
             if index == 0 and (key == killed_for or key in self._cancelling):

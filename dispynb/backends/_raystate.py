@@ -64,6 +64,8 @@ class _Slot:
     killed_for: int | None = None
     #: The running job's ``job_timeout`` timer.
     timer: Any = None
+    #: When its running call began (``time.monotonic``).
+    since: float = 0.0
 
 
 class _RayState:
@@ -95,6 +97,13 @@ class _RayState:
         #: "cancel", "unstarted" (cancel it only if it has not begun), "steal"
         #: (taken back for an idle actor, see `_steal`).
         self._skipping: dict[int, str] = {}
+        #: Keys whose skip got no answer (a Ray error other than a lost actor), and
+        #: why it was asked: taken as begun, unless their call replies skipped.
+        self._unanswered: dict[int, str] = {}
+        #: Keys an actor said had begun when asked to skip them: not asked again.
+        self._begun_keys: set[int] = set()
+        #: The timer that looks again for calls to take back (`_steal`), if set.
+        self._steal_timer: Any = None
         self._timed_out_keys: set[int] = set()
         self._to_cancel: collections.deque[tuple[list[int], bool]] = collections.deque()
         self._started: dict[int, int] = {}  # key: its attempt reported running
@@ -140,6 +149,8 @@ class _RayState:
         self._attempts.pop(key, None)
         self._cancelling.discard(key)
         self._skipping.pop(key, None)
+        self._unanswered.pop(key, None)
+        self._begun_keys.discard(key)
         self._timed_out_keys.discard(key)
         self._sent.pop(key, None)
         self._early.pop(key, None)

@@ -20,18 +20,22 @@ How dispy's features map onto Ray's own mechanisms
   of plain types (numbers, short strings/bytes) and no ``job_timeout`` go several
   per Ray call (``run_batch``): Ray's cost per call, which dominates such jobs, is
   shared. Each job keeps its own outcome, stdout/stderr, start and end times; its
-  ``Running`` status arrives with its outcome. A cancelled job of a waiting batch
-  is skipped there (the others run); a job of a running batch
-  gets a moment to end (its batch holds milliseconds of work), then its actor is
-  killed (then the batch's other jobs count as the running job of a lost worker:
-  run again if ``reentrant``, else ``Abandoned``).
+  ``Running`` status arrives with its outcome. A cancelled job of a batch is
+  skipped there if its turn has not come (the others run, waiting or running);
+  one that has begun gets a moment to end (its batch holds milliseconds of work),
+  then its actor is killed (then the batch's other jobs count as the running job
+  of a lost worker: run again if ``reentrant``, else ``Abandoned``).
 * **Stop / cancel.** A job waiting here is dropped; one waiting on an actor is
   skipped there: ``JobActor.skip`` (in the actor's ``control`` concurrency group,
   which runs beside the job) records it, and its call returns without running it
   when its turn comes (``ray.cancel`` does not drop a call queued on a busy actor:
   Ray 2.60 runs it, then discards its result). It ends ``Cancelled`` as soon as the
-  actor confirms; one that had begun is stopped as a running job. Jobs taken back
-  for an idle actor are skipped the same way. Ray cannot interrupt a running actor
+  actor confirms; one that had begun is stopped as a running job (so is one whose
+  skip got no answer, a Ray error other than a lost actor). Jobs taken back
+  for an idle actor are skipped the same way: when nothing waits here, an idle
+  actor takes the last call waiting on the busiest actor, or the jobs after the
+  first of its running batch (for short jobs, once that call has run 0.1 s; no
+  more short jobs are queued behind such a call). Ray cannot interrupt a running actor
   task, so the running job's actor is killed with
   ``ray.kill(actor, no_restart=False)``: the job ends ``Terminated`` and Ray
   restarts the actor (``max_restarts=-1``), which runs ``setup`` again. (The jobs

@@ -122,18 +122,19 @@ def test_a_batched_job_that_hangs_is_stopped_and_its_batch_runs_again(
         assert [job.result for job in others] == [n for n in range(200) if n != 25]
 
 
-def test_short_jobs_queued_behind_a_long_one_are_not_cancelled_off_their_actor(
+def test_short_jobs_queued_behind_a_long_one_run_on_the_idle_actor(
     engine: RayEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Short jobs wait in a deep queue behind a job that runs long, while another
-    actor has nothing left to do: the engine leaves them there (no ``ray.cancel``
-    of a queued actor call) and every job ends with its own result.
+    """Short jobs (batched, many calls in flight per actor) wait behind a job that
+    runs long, while the other actor has nothing left to do: the engine takes them
+    back (their actor skips them) and the idle actor runs them all while the long
+    one still runs; every job ends with its own result, and no queued actor call
+    is cancelled with ``ray.cancel``.
 
-    Ray 2.60 can stall an actor whose queued call was cancelled while more calls
-    were queued behind it: the actor waits 30 s for the cancelled call's sequence
-    number, then fails all its queued calls with ``ActorUnavailableError``, and the
-    engine counted its running job lost (Abandoned, result None: the job of a
-    batch that came back None in the CI run after a node joined)."""
+    Before, they waited for the long job: taking back was for long jobs only (two
+    calls per actor), as ``ray.cancel`` of a call in a deep queue could stall its
+    actor (Ray 2.60 waits 30 s for the cancelled call's sequence number, then fails
+    the calls queued behind it)."""
     import ray
 
     cancelled: list[Any] = []
@@ -150,21 +151,77 @@ def test_short_jobs_queued_behind_a_long_one_are_not_cancelled_off_their_actor(
         assert [job() for job in warm] == list(range(1, 41))  # jobs of microseconds
         jobs = [cluster.submit(folder, n) for n in range(120)]
         backend: Any = cluster._backend
-
-        async def idle_and_deep() -> bool:
-            slots = [s for s in backend._slots if s.ready]
-            return any(not s.inflight for s in slots) and any(
-                len(s.inflight) > 2 for s in slots
-            )
-
-        # The other actor ran all it had; the long job's actor holds the rest.
         wait_for(
-            lambda: backend._runner.run_sync(idle_and_deep, timeout=30),
-            "an idle actor while jobs wait behind the long one",
+            lambda: all(job.done() for job in jobs[1:]),
+            "the short jobs, while the long one runs",
+            timeout=60,
         )
         assert not jobs[0].done()
         Path(folder, "gate").touch()
-        wait_for(lambda: all(job.done() for job in jobs), "the 120 jobs")
+        assert jobs[0]() == 0
+        assert backend._batches_sent > 0, "no batch was sent"
     assert [job.status for job in jobs] == [JobStatus.Finished] * 120
     assert [job.result for job in jobs] == list(range(120))
-    assert cancelled == [], "a queued call was cancelled off a deep actor queue"
+    assert cancelled == [], "a queued call was cancelled with ray.cancel"
+
+
+def held(folder: str, n: int, name: str) -> int:
+    """A job of microseconds, or with a ``name``, one that says it runs (file
+    ``running-<name>``) and waits for the file ``gate`` in ``folder``."""
+    if name:
+        Path(folder, f"running-{name}").touch()
+        while not Path(folder, "gate").exists():
+            time.sleep(0.02)
+    return n
+
+
+def test_a_job_cancelled_in_a_running_batch_before_its_turn_is_skipped(
+    engine: RayEngine, tmp_path: Path
+) -> None:
+    """A job sent in a batch whose first job runs long, cancelled before its turn
+    came: it ends Cancelled at once, never runs, and the batch's running job is
+    untouched (it ends Finished once it returns). Before, the cancel waited 2 s for
+    the batch, then killed its actor: the cancelled job ended Terminated, and the
+    running job, another's, Abandoned with its actor's state (setup's globals)."""
+    folder = str(tmp_path)
+    with JobCluster(held, engine=engine) as cluster:
+        warm = [cluster.submit(folder, n, "") for n in range(1, 41)]
+        assert [job() for job in warm] == list(range(1, 41))  # jobs of microseconds
+        # One actor held by a job alone (a job_timeout: never in a batch), so that
+        # no actor is idle to take back the batch's waiting jobs; the other by the
+        # first job of a batch.
+        alone = cluster.submit(folder, -1, "alone", dispy_job_timeout=300)
+        jobs = [cluster.submit(folder, n, "" if n else "batch") for n in range(60)]
+        by_key = {job._key: job for job in jobs}
+        backend: Any = cluster._backend
+        for name in ("alone", "batch"):
+            wait_for(Path(folder, f"running-{name}").exists, f"the job {name!r}")
+
+        async def behind_the_long_one() -> list[int]:
+            for slot in backend._slots:
+                if slot.inflight and slot.inflight[0][0] == jobs[0]._key:
+                    ref = slot.inflight[0][2]
+                    return [k for k, _, r in list(slot.inflight)[1:] if r is ref]
+            return []
+
+        batch: list[int] = []
+
+        def in_a_batch() -> bool:
+            batch[:] = backend._runner.run_sync(behind_the_long_one, timeout=30)
+            return bool(batch)
+
+        wait_for(in_a_batch, "the long job's batch")
+        victim = by_key[batch[-1]]
+        cluster.cancel(victim)
+        wait_for(victim.done, "the cancel")
+        assert victim.status is JobStatus.Cancelled, (victim.status, victim.exception)
+        assert not jobs[0].done()
+        Path(folder, "gate").touch()
+        assert jobs[0]() == 0 and alone() == -1
+        others = [job for job in jobs if job is not victim]
+        wait_for(lambda: all(job.done() for job in others), "the other jobs")
+    assert [job.status for job in others] == [JobStatus.Finished] * 59
+    assert [job.result for job in others] == [
+        n for n, job in enumerate(jobs) if job is not victim
+    ]
+    assert victim.result is None

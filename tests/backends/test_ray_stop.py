@@ -51,6 +51,15 @@ def gated(folder: str, n: int) -> int:
     return n
 
 
+def gated_each(folder: str, n: int) -> int:
+    """Says it ran (the file ``ran-N``), then waits for the file ``gate-N``."""
+    Path(folder, f"ran-{n}").touch()
+    deadline = time.monotonic() + 300
+    while not Path(folder, f"gate-{n}").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return n
+
+
 def dies_once(folder: str) -> str:
     marker = Path(folder, "died")
     if not marker.exists():
@@ -136,6 +145,65 @@ def test_a_job_cancelled_while_it_waits_on_a_busy_actor_never_runs(
         executor.shutdown()
     assert [futures[n].job.status for n in waiting] == [JobStatus.Cancelled] * 2
     assert {p.name for p in tmp_path.glob("ran-*")} == {f"ran-{n}" for n in running}
+
+
+def test_a_cancel_whose_skip_gets_no_answer_still_stops_its_job(
+    engine: RayEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job waiting on a busy actor is cancelled, and its actor's skip fails with
+    a Ray error other than a lost actor (here a task that raises in its stead):
+    whether it had begun is not known, so it is taken as begun: stopped as a
+    running job when its turn comes (Terminated by the cancel), not run to its end.
+    Before, the cancel was lost: the job stayed "asked to skip" for good (its
+    Running report held), ran to its end and ended Finished."""
+    import ray
+
+    @ray.remote(num_cpus=0)  # the actors hold the CPUs
+    def no_answer(*args: Any) -> None:
+        raise RuntimeError("the skip got no answer (the test's)")
+
+    class FailingSkip:
+        def options(self, **options: Any) -> FailingSkip:
+            return self
+
+        def remote(self, *args: Any) -> Any:
+            return no_answer.remote()
+
+    folder = str(tmp_path)
+    with JobCluster(gated_each, engine=engine) as cluster:
+        jobs = [cluster.submit_job_id(n, folder, n) for n in range(4)]
+        backend: Any = cluster._backend
+
+        async def all_on_actors() -> bool:
+            return sum(len(slot.inflight) for slot in backend._slots) == 4
+
+        wait_for(lambda: len(list(tmp_path.glob("ran-*"))) == 2, "2 running jobs")
+        wait_for(
+            lambda: backend._runner.run_sync(all_on_actors, timeout=30),
+            "the 2 other jobs waiting on the actors",
+        )
+        running = {int(p.name.split("-")[1]) for p in tmp_path.glob("ran-*")}
+        victim = jobs[min(n for n in range(4) if n not in running)]
+        for slot in backend._slots:
+            monkeypatch.setattr(slot.handle, "skip", FailingSkip())
+        cluster.cancel(victim)
+
+        async def answered() -> bool:
+            return victim._key not in backend._skipping
+
+        wait_for(
+            lambda: backend._runner.run_sync(answered, timeout=30),
+            "the skip's failure",
+            timeout=30,
+        )
+        for n in running:  # the victim's turn comes: it would wait for its gate
+            Path(folder, f"gate-{n}").touch()
+        wait_for(victim.done, "the cancelled job")
+        for n in range(4):
+            Path(folder, f"gate-{n}").touch()
+        assert [jobs[n]() for n in running] == sorted(running)
+    assert victim.status is JobStatus.Terminated, (victim.status, victim.result)
+    assert "cancelled at the client's request" in (victim.exception or "")
 
 
 def test_a_stopped_jobs_actor_leaves_no_directory_behind(
