@@ -170,6 +170,20 @@ def _request_waiting(pid: int) -> bool:
     return False
 
 
+def _another_cluster(
+    node: CliNode, ready: threading.Event, release: threading.Event
+) -> None:
+    """A second cluster on ``node``: ``ready`` once its computation process was
+    made (or it failed), held open until ``release``."""
+    try:
+        with JobCluster(square, nodes=[node.spec], secret=node.secret) as other:
+            assert other.submit(3)() == 9  # its process was made
+            ready.set()
+            release.wait(WAIT)
+    finally:
+        ready.set()
+
+
 def _signal_all(processes: list[psutil.Process], signum: int) -> None:
     for process in processes:
         with contextlib.suppress(psutil.NoSuchProcess):
@@ -402,17 +416,6 @@ def test_a_daemon_left_during_a_launch_is_killed_once_it_ends(
     if shutil.which("ss") is None:
         pytest.skip("needs ss (iproute2) to see the zygote's pending request")
     ready, release = threading.Event(), threading.Event()
-
-    def another_cluster(node: CliNode) -> None:
-        """A second cluster on the node, held open until told."""
-        try:
-            with JobCluster(square, nodes=[node.spec], secret=node.secret) as other:
-                assert other.submit(3)() == 9  # its process was made
-                ready.set()
-                release.wait(WAIT)
-        finally:
-            ready.set()
-
     with (
         running_node(tmp_path / "a", cpus=2, launcher=NO_CGROUPS) as a,
         JobCluster(
@@ -422,7 +425,9 @@ def test_a_daemon_left_during_a_launch_is_killed_once_it_ends(
         job = cluster.submit(str(tmp_path))
         wait_until((tmp_path / "ready").exists)
         zygote = _zygote(a)
-        other = threading.Thread(target=another_cluster, args=(a,), daemon=True)
+        other = threading.Thread(
+            target=_another_cluster, args=(a, ready, release), daemon=True
+        )
         zygote.suspend()
         try:
             other.start()
@@ -448,4 +453,61 @@ def test_a_daemon_left_during_a_launch_is_killed_once_it_ends(
         "the job's end, the launch still held"
     )
     assert job.status == DispyJob.Terminated
+    assert left == []
+
+
+@pytest.mark.attack(
+    id="killed-computation-during-launch",
+    title="A computation process is killed (kill -9) while another cluster's "
+    "computation process is being made (its zygote slow: stopped; no pids "
+    "cgroups), leaving its setup's child and its jobs' setsid() daemons",
+    goal="they come to the node, which puts their killing off while the launch is "
+    "under way (the new process's pid is not known yet) and kills them as it "
+    "ends; the launch completes",
+)
+def test_what_a_computation_killed_during_a_launch_leaves_is_killed_as_it_ends(
+    tmp_path: Path, measure
+) -> None:
+    if shutil.which("ss") is None:
+        pytest.skip("needs ss (iproute2) to see the zygote's pending request")
+    markers, record = tmp_path / "markers", tmp_path / "record"
+    markers.mkdir()
+    ready, release = threading.Event(), threading.Event()
+    with running_node(tmp_path / "a", name="a", cpus=2, launcher=NO_CGROUPS) as a:
+        setup = functools.partial(start_a_sleeper, str(record))
+        with JobCluster(
+            daemonize_and_hold, nodes=[a.spec], secret=a.secret, setup=setup
+        ) as cluster:
+            jobs = [cluster.submit(str(markers), "a") for _ in range(2)]
+            wait_until(lambda: len(_written(markers)) == 2)
+            computation, child = (int(pid) for pid in record.read_text().split())
+            below = psutil.Process(computation).children(recursive=True)
+            zygote = _zygote(a)
+            other = threading.Thread(
+                target=_another_cluster, args=(a, ready, release), daemon=True
+            )
+            zygote.suspend()
+            try:
+                other.start()
+                wait_until(lambda: _request_waiting(zygote.pid))  # a launch under way
+                psutil.Process(computation).kill()
+                for job in jobs:
+                    job()
+                held = sum(process.is_running() for process in below)
+                assert _request_waiting(zygote.pid)  # still under way
+            finally:
+                zygote.resume()
+            try:
+                assert ready.wait(WAIT), "the other cluster's process was not made"
+                # Before that cluster closes: its process's end would sweep too.
+                left = _left(below)
+            finally:
+                release.set()
+                other.join(WAIT)
+    measure(
+        f"{len(below)} processes below the killed computation; {held} alive while "
+        f"the launch was held; {len(left)} left after it"
+    )
+    assert child in [process.pid for process in below]
+    assert [job.status for job in jobs] == [DispyJob.Abandoned] * 2
     assert left == []
