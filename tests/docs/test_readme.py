@@ -39,15 +39,19 @@ def test_readme_links_lead_to_files_of_the_repository() -> None:
     assert not broken, f"README links to missing files: {broken}"
 
 
+def readme_script() -> str:
+    """The README's script example (its Python block with ``__main__``)."""
+    text = README.read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    return next(b for b in blocks if "__main__" in b)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_readme_script_example_runs(tmp_path: Path) -> None:
     """The first Python block (the script example) runs and prints its results."""
-    text = README.read_text(encoding="utf-8")
-    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
-    script = next(b for b in blocks if "__main__" in b)
     path = tmp_path / "example.py"
-    path.write_text(script, encoding="utf-8")
+    path.write_text(readme_script(), encoding="utf-8")
     done = subprocess.run(
         [sys.executable, str(path)],
         capture_output=True,
