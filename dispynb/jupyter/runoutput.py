@@ -10,6 +10,7 @@ it; a browser slows to a crawl on megabytes of text in a cell anyway.
 
 from __future__ import annotations
 
+import re
 import sys
 
 from dispynb._interruptible import HeldInterrupts
@@ -151,9 +152,33 @@ def _as_drawn(line: str) -> str:
 
 
 def exception_kind(exception: str | None) -> str:
-    """``'ValueError'`` from a traceback's last line; the whole line if no colon."""
+    """``'ValueError'`` from a traceback's last line; for a reason that is no
+    exception's line, the reason up to its first ``": "``, without its details in
+    brackets: ``'node 10.0.0.7:9700 was lost'`` (a colon inside a node's address is
+    no separator: every lost node's jobs read ``'node 10.0.0.7'`` before)."""
     if not exception:
         return "failure"
     lines = [line for line in exception.strip().splitlines() if line.strip()]
-    last = lines[-1] if lines else exception
-    return last.split(":", 1)[0].strip() or "failure"
+    last = lines[-1].strip() if lines else exception
+    named = _EXCEPTION_LINE.match(last)
+    if named:
+        return named.group(1)
+    return _without_details(last.split(": ", 1)[0]) or "failure"
+
+
+#: A traceback's last line: ``ValueError: ...``, ``pkg.Error: ...``, ``KeyError``.
+_EXCEPTION_LINE = re.compile(r"([A-Za-z_][\w.]*)(?::\s|:?$)")
+
+
+def _without_details(reason: str) -> str:
+    """``reason`` without the details in brackets at its end: ``'... was lost (no
+    pulse for 3 s)'``, ``'... exited with status 3 (os._exit() or ...)'``."""
+    reason = reason.rstrip()
+    if not reason.endswith(")"):
+        return reason
+    depth = 0
+    for at in range(len(reason) - 1, -1, -1):
+        depth += {")": 1, "(": -1}.get(reason[at], 0)
+        if depth == 0:
+            return reason[:at].rstrip() or reason
+    return reason  # unbalanced: as it is

@@ -57,6 +57,10 @@ def test_local_nodes_killed_under_a_run_are_said_once_each(tmp_path: Path) -> No
     assert len(gone) == 2, after.text
     for address in gone:
         assert out.stderr.count(f"node {address} left") == 1, out.stderr
+        # Their failures are counted by the node they lost, named whole (before:
+        # '(node 127.0.0.1)', the reason cut at its address's colon).
+        assert f"node {address} was lost" in out.error_text, out.error_text
+    assert "(node 127.0.0.1)" not in out.text, out.text
     # Before: "computation process: node server gone; stopping", once a node.
     assert "computation process" not in text and "server gone" not in text, text
 
