@@ -168,6 +168,7 @@ class LocalCluster:
             *self._unix_option(index),
             "--loglevel", loglevel,
             "--exit-with-parent",
+            "--remove-when-orphaned",  # a killed kernel leaves no files either
             "--drain-timeout", "0",  # close() means now: no draining
         ]  # fmt: skip
         # os.pipe() is close-on-exec: other children never inherit the write end.

@@ -339,8 +339,9 @@ async def serve(
     register_to: str | None = None,
     launcher: Launcher = PROCESS_LAUNCHER,
     register_patience: float | None = REGISTER_PATIENCE,
-) -> None:
-    """Run a node until SIGTERM or SIGINT (or its parent exits), then stop cleanly.
+) -> bool:
+    """Run a node until SIGTERM or SIGINT (or its parent exits), then stop cleanly;
+    return whether it stopped because its parent exited.
 
     The first signal drains (running jobs get ``config.drain_timeout`` seconds), a
     second one terminates the running jobs at once. A node whose parent exited stops
@@ -431,6 +432,7 @@ async def serve(
     else:
         logger.info("shutting down")
     await server.stop(0.0 if orphaned.is_set() else config.drain_timeout, now)
+    return orphaned.is_set()
 
 
 async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
@@ -571,6 +573,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     setup_logging(args.debug, args.loglevel)
 
+    left: list[NodeConfig] = []  # a node whose parent exited: its files to remove
+
     def run() -> int:
         config = config_from_args(args)
         _use_dest_path(config.dest_path, config.clean, serving=config.serve != 0)
@@ -589,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--register needs a secret (--secret-stdin, --secret-file or "
                 "DISPYNB_SECRET): the registration proves it"
             )
-        asyncio.run(
+        orphaned = asyncio.run(
             serve(
                 config,
                 args.exit_with_parent,
@@ -601,9 +605,28 @@ def main(argv: list[str] | None = None) -> int:
                 None if args.scheduler_host else REGISTER_PATIENCE,
             )
         )
+        if orphaned and args.remove_when_orphaned:
+            left.append(config)
         return 0
 
     try:
         return run_daemon("dispynb-node", run)
     finally:
         launcher.stop()  # reaped here: never a zombie left to whoever adopts it
+        for config in left:  # once nothing of the node's runs in its directory
+            _remove_files(config)
+
+
+def _remove_files(config: NodeConfig) -> None:
+    """Remove the node's directory, port file and Unix socket, then the directory
+    holding them if it is left empty (``--remove-when-orphaned``: its parent made
+    them for it, and is gone). Each node of a `LocalCluster` removes its own, so
+    the last one to go removes their common directory."""
+    shutil.rmtree(config.dest_path, ignore_errors=True)
+    paths = [p for p in (config.port_file, config.unix_socket) if p]
+    for path in paths:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    for parent in {os.path.dirname(p) for p in [config.dest_path, *paths]}:
+        with contextlib.suppress(OSError):  # not empty: another node's files
+            os.rmdir(parent)

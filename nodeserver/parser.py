@@ -343,6 +343,15 @@ def build_parser() -> argparse.ArgumentParser:
         "die with the notebook kernel although they are in their own session)",
     )
     add(
+        "--remove-when-orphaned",
+        action="store_true",
+        help="when the node stops because the process that started it exited "
+        "(--parent-pipe, --exit-with-parent), remove its --dest-path, --port-file "
+        "and --unix-socket, then the directory holding them if nothing else is "
+        "left in it (LocalCluster's private directory: a killed notebook kernel "
+        "leaves no files behind)",
+    )
+    add(
         "--register",
         metavar="HOST:PORT",
         default=None,

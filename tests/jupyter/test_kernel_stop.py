@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -117,11 +118,25 @@ def test_stop_cancels_the_cell_and_keeps_the_local_nodes(tmp_path):
 
 
 def test_killed_kernel_takes_its_local_nodes_along(tmp_path):
+    """A killed kernel (a restart that waited too long, the OOM killer) leaves no
+    node, worker or file: the nodes remove their private directory as they go
+    (before, its nodes' directories, the files sent with --depends among them,
+    stayed in the temporary directory for good)."""
     marks = tmp_path / "marks"
     marks.mkdir()
+    data = tmp_path / "data.txt"
+    data.write_text("sent to the nodes once")
     with kernel(tmp_path) as k:
         k.run_ok("%load_ext dispynb\n%dispy local --nodes 2 --cpus 1")
         k.run_ok(work(tmp_path))
+        k.run_ok(
+            f'%%dispy --over "range(2)" --depends "[{str(data)!r}]"\n'
+            "def read(i):\n    return open('data.txt').read()"
+        )
+        private = k.value(
+            "get_ipython().magics_manager.registry['DispyMagics'].session.local._dir"
+        )
+        assert os.path.isdir(private)
         nodes = node_pids(k)
         k.submit(LONG_CELL.replace("--into victim", "--nowait"))
         wait_for(lambda: len(list(marks.glob("job?"))) == 2)
@@ -130,6 +145,8 @@ def test_killed_kernel_takes_its_local_nodes_along(tmp_path):
             everything += [p.pid for p in psutil.Process(pid).children(recursive=True)]
         k.kill()  # a restart: SIGKILL to the kernel's group; nodes are not in it
         assert wait_gone(everything, ORPHAN_WAIT) == []
+        left = sorted(str(p) for p in Path(private).rglob("*"))
+        assert not os.path.exists(private), left
 
 
 def test_shutdown_and_restart_stop_the_local_nodes(tmp_path):
