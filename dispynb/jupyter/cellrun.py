@@ -114,7 +114,9 @@ class CellRunner:
             )
         setup = self._lookup(args.setup, "--setup") if args.setup else None
         inputs = _Inputs(self._evaluate("--over", args.over))
-        problem = _call_problem(func, inputs.items, args.unpack)
+        problem = _frame_problem(inputs.items, unquote(args.over)) or _call_problem(
+            func, inputs.items, args.unpack
+        )
         if problem is not None:  # every job would fail alike: say so, send none
             self._keep(Run.failed(args.into or name, problem), args.into)
             raise UsageError(problem)
@@ -346,6 +348,21 @@ class _Inputs:
             except Exception as exc:
                 raise _InputFailed(exc) from None
             yield item
+
+
+def _frame_problem(items: Any, text: str) -> str | None:
+    """What to write instead when ``--over`` (``text``) is a pandas DataFrame: going
+    over one gives its column names, never its rows; None for anything else."""
+    pandas = sys.modules.get("pandas")  # not loaded: it cannot be a DataFrame
+    if pandas is None or not isinstance(items, pandas.DataFrame):
+        return None
+    names = reprlib.repr(tuple(items.columns))
+    return (
+        f"--over {text} is a DataFrame: going over it gives its column names "
+        f"{names}, one job each; for one job per row, use --over "
+        f"\"{text}.to_dict('records')\" --unpack (a row's columns as keyword "
+        f'arguments) or --over "{text}.itertuples()" (no job was sent)'
+    )
 
 
 def _call_problem(func: Callable[..., Any], items: Any, unpack: bool) -> str | None:

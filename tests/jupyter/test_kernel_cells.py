@@ -166,6 +166,31 @@ def test_inputs_the_function_cannot_take_say_to_unpack_and_send_no_job(k):
     assert k.value("pairs.results") == [3, 7]
 
 
+def test_a_dataframe_over_says_how_to_go_over_its_rows_and_sends_no_job(k):
+    """``--over params``, a DataFrame of parameters: iterating it gives its column
+    names, so the jobs ran on 'lr' and 'depth' (and failed there, or returned
+    nonsense). The cell says how to go over its rows instead, and sends no job."""
+    k.run_ok(
+        "import pandas as pd\n"
+        "params = pd.DataFrame({'lr': [0.1, 0.01], 'depth': [3, 5]})"
+    )
+    cell = (
+        '%%dispy --over "{}" --into fits{}\ndef fit(lr, depth):\n    return lr * depth'
+    )
+    out = k.execute(cell.format("params", ""))
+    said = (
+        "--over params is a DataFrame: going over it gives its column names "
+        "('lr', 'depth'), one job each; for one job per row, use --over "
+        "\"params.to_dict('records')\" --unpack (a row's columns as keyword "
+        'arguments) or --over "params.itertuples()" (no job was sent)'
+    )
+    assert out.status == "error" and out.text.strip() == f"UsageError: {said}", out
+    assert k.value("fits.jobs") == []
+    assert k.value("fits.error") == said
+    k.run_ok(cell.format("params.to_dict('records')", " --unpack"))
+    assert k.value("fits.results") == [0.1 * 3, 0.01 * 5]
+
+
 def test_a_cell_run_again_lets_go_of_its_earlier_run_and_results(k):
     """A notebook keeps the results its variables hold: a cell run again (its
     name now the new run's) lets go of the earlier run, 20 MB of results here.
