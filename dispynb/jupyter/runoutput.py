@@ -10,6 +10,7 @@ it; a browser slows to a crawl on megabytes of text in a cell anyway.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 
@@ -78,7 +79,7 @@ class _RunOutput(_RunState):
                 writer(
                     "stderr",
                     f"job {job.id} (input {index}){where} failed:\n"
-                    f"{self.traceback(job).rstrip()}\n",
+                    f"{self.traceback(job).rstrip()}\n{_missing_file_hint(job)}",
                 )
 
     def _summary(self, writer: Writer) -> None:
@@ -89,6 +90,26 @@ class _RunOutput(_RunState):
                     f"{len(jobs)} jobs failed ({kind}), job {jobs[0].id} shown above; "
                     f"see {self.ref}.failures or {self.ref}.df.exception\n",
                 )
+
+
+#: A traceback's last line for a file a job did not find: the path it gave.
+_NOT_FOUND = re.compile(r"^FileNotFoundError: .*No such file or directory: '(.+)'$")
+
+
+def _missing_file_hint(job: DispyJob) -> str:
+    """A line saying where a job looked for a file it did not find by a relative
+    path, and how to send it; ``""`` for any other failure."""
+    lines = (job.exception or "").strip().splitlines()
+    found = _NOT_FOUND.match(lines[-1].strip()) if lines else None
+    if found is None or os.path.isabs(found.group(1)):
+        return ""
+    path = found.group(1)
+    return (
+        f"dispynb: a job looks for {path!r} in a directory of its own on its node, "
+        f"not in the notebook's: send the file with the run (%%dispy --depends "
+        f'"[{path!r}]"), or open it by its absolute path on nodes that share this '
+        "machine's files\n"
+    )
 
 
 def _print_writer(stream: str, text: str) -> None:

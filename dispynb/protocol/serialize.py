@@ -8,6 +8,7 @@ Only ever call `loads` on data from an authenticated peer.
 
 from __future__ import annotations
 
+import builtins
 import io
 import pickle
 import sys
@@ -169,6 +170,15 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle is unt
         self._kinds = kinds
         self._kind = "p"  # of the next buffer: set by persistent_id for its own
         self._seen: dict[int, int] = {}
+        self._notebook_open = _notebook_open()
+
+    def reducer_override(self, obj: Any) -> Any:
+        if obj is self._notebook_open and obj is not None:
+            # Python's own open on the node: IPython's wrapper (which only refuses
+            # file descriptors 0-2) would travel by value with a function of the
+            # notebook, and show in its tracebacks as a frame of IPython's.
+            return getattr, (builtins, "open")
+        return super().reducer_override(obj)
 
     def _buffer(self, buf: pickle.PickleBuffer) -> bool:
         kind, self._kind = self._kind, "p"
@@ -189,6 +199,12 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle is unt
         self._seen[id(obj)] = len(self._seen)
         self._kind = kind
         return kind, pickle.PickleBuffer(obj)
+
+
+def _notebook_open() -> Any:
+    """The ``open`` IPython puts in a notebook's namespace, if IPython is loaded."""
+    shell = sys.modules.get("IPython.core.interactiveshell")
+    return getattr(shell, "_modified_open", None)
 
 
 class _Unpickler(pickle.Unpickler):

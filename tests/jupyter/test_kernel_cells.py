@@ -191,6 +191,34 @@ def test_a_dataframe_over_says_how_to_go_over_its_rows_and_sends_no_job(k):
     assert k.value("fits.results") == [0.1 * 3, 0.01 * 5]
 
 
+def test_a_file_the_notebook_sees_but_not_the_job_says_to_send_it(k):
+    """A job opens 'data.csv', there beside the notebook: it runs in a directory of
+    its own on the node, where the file is not. The traceback ends at the cell's
+    line (before: a frame of IPython's own open() too, the kernel's wrapper of it
+    travelling with the function), and a line says how to send the file."""
+    k.run_ok("open('data.csv', 'w').write('x,y')")
+    cell = (
+        '%%dispy --over "range(2)" --into reads{}\n'
+        "def head(i):\n"
+        "    with open('data.csv') as table:\n"
+        "        return table.read()"
+    )
+    out = k.execute(cell.format(""))
+    assert out.status == "error", out.text
+    shown = out.stderr
+    assert "FileNotFoundError: [Errno 2] No such file or directory: 'data.csv'" in shown
+    assert "interactiveshell" not in shown and "io_open" not in shown, shown
+    assert shown.count("Cell In[") == 1, shown
+    assert (
+        "dispynb: a job looks for 'data.csv' in a directory of its own on its node, "
+        "not in the notebook's: send the file with the run (%%dispy --depends "
+        "\"['data.csv']\"), or open it by its absolute path on nodes that share "
+        "this machine's files\n"
+    ) in shown, shown
+    k.run_ok(cell.format(" --depends \"['data.csv']\""))
+    assert k.value("reads.results") == ["x,y", "x,y"]
+
+
 def test_a_cell_run_again_lets_go_of_its_earlier_run_and_results(k):
     """A notebook keeps the results its variables hold: a cell run again (its
     name now the new run's) lets go of the earlier run, 20 MB of results here.
