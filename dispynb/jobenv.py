@@ -6,7 +6,8 @@ modules dispy's node put in its globals (`DISPY_MODULES`), dispy's names added t
 the globals without replacing the user's own (`inject_names`), dispy's rule for a
 successful ``setup`` (`setup_failure`), the ``dispynode_logger`` (`node_logger`),
 the job's traceback without the runner's frame (`format_job_exception`), with the
-call and the limit that failed it (`describe_failure`), the per-job ``mem_limit``
+call and the limit that failed it (`describe_failure`), why a job was stopped
+(`timeout_reason`, `TERMINATED_AT_REQUEST`), the per-job ``mem_limit``
 (`limit_memory`), what ``dispy_send_file`` returns and says
 (`file_sent`). Standard library only: it is imported by
 node processes and engines' workers, which must start light.
@@ -185,6 +186,19 @@ def describe_failure(
             "mem_limit / dispy_job_mem_limit; give a larger limit, or None for none)\n"
         )
     return text
+
+
+#: Why a running job a cancel stopped ended ``Terminated``.
+TERMINATED_AT_REQUEST = "job terminated at the client's request"
+
+
+def timeout_reason(timeout: float) -> str:
+    """Why a job that ran over its time limit was terminated, and how to allow more."""
+    return (
+        f"the job ran over its time limit of {timeout:g} s (job_timeout / "
+        "dispy_job_timeout) and was terminated; give a larger limit, e.g. "
+        f"submit(..., dispy_job_timeout={max(timeout * 2, 1):g}), or None for none"
+    )
 
 
 def name_for_client(path: str, job_dir: str | None = None) -> str:
@@ -449,6 +463,7 @@ __all__ = [
     "FROM_AN_ENDED_JOB",
     "JOB_ENDED",
     "SETUP_SUCCESS",
+    "TERMINATED_AT_REQUEST",
     "JobStream",
     "JobStreams",
     "JobThreads",
@@ -463,5 +478,6 @@ __all__ = [
     "refused_shutdown",
     "send_file_timeout",
     "setup_failure",
+    "timeout_reason",
     "unconfirmed",
 ]

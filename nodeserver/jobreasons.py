@@ -5,14 +5,7 @@ from __future__ import annotations
 
 import signal
 
-
-def timeout_reason(timeout: float) -> str:
-    """Why a job that ran over its time limit was terminated, and how to allow more."""
-    return (
-        f"the job ran over its time limit of {timeout:g} s (job_timeout / "
-        "dispy_job_timeout) and was terminated; give a larger limit, e.g. "
-        f"submit(..., dispy_job_timeout={max(timeout * 2, 1):g}), or None for none"
-    )
+from dispynb.jobenv import timeout_reason as timeout_reason  # the same on engines
 
 
 def mem_limit_note(mem_limit: int) -> str:

@@ -14,6 +14,7 @@ from dispynb.backends.base import JobRequest, Outcome
 from dispynb.backends.jobfiles import save_job_file
 from dispynb.errors import DispynbError, NotSupportedError, SerializationError
 from dispynb.job import JobStatus
+from dispynb.jobenv import TERMINATED_AT_REQUEST
 from dispynb.protocol import serialize
 
 #: Bytes of pickled arguments up to which a job submitted from another thread is
@@ -356,7 +357,7 @@ class _Jobs(_DaskState):
             self.sent[node.node_id] += size
             outcome = Outcome(
                 JobStatus.Terminated,
-                exception="terminated: cancelled while it ran",
+                exception=TERMINATED_AT_REQUEST,
                 start_time=start,
             )
             self.events.job_done(key, node, outcome)

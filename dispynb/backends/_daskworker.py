@@ -38,6 +38,7 @@ from distributed import WorkerPlugin, get_worker
 
 from dispynb.backends._daskhost import FILE_ANSWER, kill_group
 from dispynb.backends._daskpipe import recv_buffers, send_buffers
+from dispynb.jobenv import timeout_reason
 
 #: Seconds a job runs before its start is announced to the client (quicker jobs
 #: report their start with their outcome: one event less on the hot path).
@@ -248,9 +249,13 @@ class ComputationPlugin(WorkerPlugin):
                 if deadline is not None:
                     wait = min(wait, max(deadline - time.monotonic(), 0.0))
                 if not conn.poll(wait):
-                    if deadline is not None and time.monotonic() >= deadline:
+                    if (
+                        timeout is not None
+                        and deadline is not None
+                        and time.monotonic() >= deadline
+                    ):
                         runner.kill()
-                        text = f"the job ran longer than its timeout of {timeout} s\n"
+                        text = timeout_reason(timeout) + "\n"
                         return ("timeout", started, time.time(), "", "", text), []
                     if not announced:
                         announced = True

@@ -19,6 +19,7 @@ from dispynb.backends._raystate import (
 from dispynb.backends.base import JobRequest, Outcome
 from dispynb.errors import NotSupportedError
 from dispynb.job import JobStatus
+from dispynb.jobenv import TERMINATED_AT_REQUEST, timeout_reason
 
 #: Calls of ``run`` in flight per actor at least: the running job and the next one.
 DEPTH = 2
@@ -658,14 +659,17 @@ class _Jobs(_RayState):
                 timed_out = key in self._timed_out_keys
                 self._forget(key)
                 why = (
-                    "job_timeout: the job ran longer than its limit"
-                    if timed_out
-                    else "cancelled at the client's request"
+                    timeout_reason(job.timeout)
+                    if timed_out and job.timeout is not None
+                    else TERMINATED_AT_REQUEST
                 )
                 self._events.job_done(
                     key,
                     slot.node.info,
-                    _terminated(f"job terminated ({why}): its Ray actor was killed\n"),
+                    _terminated(
+                        f"{why} (its Ray actor was killed: Ray restarts it, and "
+                        "setup runs again)\n"
+                    ),
                 )
             elif index and (key in self._cancelling or skip == "unstarted"):
                 self._forget(key)

@@ -318,7 +318,8 @@ def test_stop_kills_the_running_job_and_drops_the_queued_one(
     it started (Terminated); a queued one never starts (Cancelled); the worker goes
     on with a fresh runner."""
     out = run(net, tmp_path, STOP_PROGRAM, out=str(tmp_path))
-    assert out["running"][0] == TERMINATED and "cancelled" in out["running"][1]
+    # dispynb's nodes' words (Dask's were "terminated: cancelled while it ran").
+    assert out["running"] == [TERMINATED, "job terminated at the client's request"]
     assert out["queued"][0] == CANCELLED and not out["queued_ran"]
     assert out["after"] == [FINISHED, 0]
     job_pid, child_pid = out["pids"]
@@ -381,7 +382,14 @@ def test_timeouts_setup_failures_and_what_dask_cannot_do(
     """job_timeout ends a job Terminated; a failing setup raises SetupError with the
     worker's traceback; dispy features Dask lacks raise one NotSupportedError."""
     out = run(net, tmp_path, LIMITS_PROGRAM)
-    assert out["slow"][0] == TERMINATED and "timeout of 0.5 s" in out["slow"][1]
+    # dispynb's nodes' words, with the way out (Dask's were "the job ran longer
+    # than its timeout of 0.5 s").
+    assert out["slow"] == [
+        TERMINATED,
+        "the job ran over its time limit of 0.5 s (job_timeout / dispy_job_timeout) "
+        "and was terminated; give a larger limit, e.g. submit(..., "
+        "dispy_job_timeout=1), or None for none\n",
+    ]
     assert out["quick"] == [FINISHED, 0]
     errors = out["errors"]
     assert errors["setup"][0] == "SetupError"

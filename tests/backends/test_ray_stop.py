@@ -75,14 +75,24 @@ def eats_memory(megabytes: int) -> int:
     return len(bytearray(megabytes * 1024 * 1024))
 
 
+#: What a running job stopped by a cancel says: dispynb's nodes' words, then Ray's
+#: part (it said "job terminated (cancelled at the client's request): its Ray actor
+#: was killed").
+STOPPED = (
+    "job terminated at the client's request (its Ray actor was killed: Ray restarts "
+    "it, and setup runs again)\n"
+)
+
+
 # -- tests ----------------------------------------------------------------------------
 
 
 def test_cancel_stops_running_and_queued_jobs(
     engine: RayEngine, tmp_path: Path
 ) -> None:
-    """Stop: queued jobs end Cancelled, running ones Terminated, and the processes
-    that ran them are gone; the cluster goes on with new jobs."""
+    """Stop: queued jobs end Cancelled, running ones Terminated (saying so in the
+    words of dispynb's nodes, and what it costs on Ray), and the processes that
+    ran them are gone; the cluster goes on with new jobs."""
     folder = str(tmp_path)
     with JobCluster(sleeper, engine=engine) as cluster:
         jobs = [cluster.submit(folder, 600) for _ in range(6)]
@@ -97,6 +107,8 @@ def test_cancel_stops_running_and_queued_jobs(
         assert time.monotonic() - started < 60
         statuses = sorted(job.status.name for job in jobs)
         assert statuses == ["Cancelled"] * 4 + ["Terminated"] * 2
+        stopped = [job.exception for job in jobs if job.status.name == "Terminated"]
+        assert stopped == [STOPPED] * 2
         for pid in pids:
             wait_for(lambda pid=pid: not psutil.pid_exists(pid), f"process {pid} gone")
         again = cluster.submit(folder, 0)
@@ -203,7 +215,7 @@ def test_a_cancel_whose_skip_gets_no_answer_still_stops_its_job(
             Path(folder, f"gate-{n}").touch()
         assert [jobs[n]() for n in running] == sorted(running)
     assert victim.status is JobStatus.Terminated, (victim.status, victim.result)
-    assert "cancelled at the client's request" in (victim.exception or "")
+    assert victim.exception == STOPPED, victim.exception
 
 
 def test_a_stopped_jobs_actor_leaves_no_directory_behind(
@@ -299,7 +311,12 @@ def test_job_timeout_terminates_the_job_and_its_worker_comes_back(
         job = cluster.submit(folder, 600, dispy_job_timeout=1.0)
         assert job() is None
         assert job.status is JobStatus.Terminated
-        assert "job_timeout" in str(job.exception)
+        assert job.exception == (  # dispynb's nodes' words, then Ray's part
+            "the job ran over its time limit of 1 s (job_timeout / dispy_job_timeout) "
+            "and was terminated; give a larger limit, e.g. submit(..., "
+            "dispy_job_timeout=2), or None for none (its Ray actor was killed: Ray "
+            "restarts it, and setup runs again)\n"
+        ), job.exception
         killed = int(next(tmp_path.glob("running-*")).name.split("-")[1])
         wait_for(lambda: not psutil.pid_exists(killed), "the killed worker gone")
         again = cluster.submit(folder, 0)
