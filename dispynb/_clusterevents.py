@@ -240,11 +240,23 @@ class _Events(_ClusterState):
         self.job_counts[status._name_] += 1  # not .name: an enum property per job
         if self._listeners:
             self._emit(status, node, job)
+        if self._cancel_asked and job._key in self._cancel_asked:
+            self._forget_cancel(job._key)
         with self._done:
             self._outstanding -= 1
             if self._outstanding == 0:
                 self.end_time = time.time()
                 self._done.notify_all()
+
+    def _forget_cancel(self, key: int) -> None:
+        """Forget that a cancel was asked for job ``key`` (`_cancel_requested`)
+        once what follows the cluster has heard of its end: its listeners have,
+        its callbacks run in order on their thread."""
+        opts = self._options
+        if opts.job_status is None and opts.cluster_status is None:
+            self._cancel_asked.discard(key)
+        else:
+            self._callbacks.post(self._cancel_asked.discard, key)
 
 
 class _Batch:

@@ -220,8 +220,17 @@ class _Jobs(_ClusterState):
             if not job.done() and job._key is not None and job._key in self._jobs
         ]
         if live and self._backend is not None:
-            self._backend.cancel([job._key for job in live if job._key is not None])
+            keys = [job._key for job in live if job._key is not None]
+            self._cancel_asked.update(keys)
+            self._backend.cancel(keys)
         return live
+
+    def _cancel_requested(self, job: DispyJob) -> bool:
+        """Whether ``job``, not yet announced ended, ends because a cancel was asked
+        for it (`cancel`, `_cancel_all`): ``Terminated`` then is no failure. For
+        the cluster's listeners and callbacks, which hear of its end before the
+        cluster forgets it (`_forget_cancel`)."""
+        return job._key in self._cancel_asked
 
     def _cancel_unstarted(self, jobs: list[DispyJob]) -> bool:
         """Cancel ``jobs`` unless they have started (`dispynb.futures.JobFuture`).

@@ -64,6 +64,7 @@ class _ClusterState:
     _node_cpus: dict[str, int]
     _resetting: dict[str, DispyNode]
     _executing: dict[int, DispyNode]
+    _cancel_asked: set[int]
     # Jobs ended in the current `_Events.batch` (nested ``_batch_depth`` deep),
     # journaled and announced as it ends: ``(key, job, node)``.
     _batch: _Batch

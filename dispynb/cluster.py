@@ -178,6 +178,9 @@ class JobCluster(_Events, _Jobs, _Nodes, _ClusterState):
         # Jobs executing now (the node reported their start), by the node counting them
         # in its ``busy``.
         self._executing: dict[int, DispyNode] = {}
+        # Jobs a cancel was asked for and not yet announced ended: a listener (a
+        # notebook's run) tells a job terminated on request from one that failed.
+        self._cancel_asked: set[int] = set()
         # Results that arrive together are journaled together (`_Events.batch`).
         self._batch = _Batch(self)
         self._batch_depth = 0

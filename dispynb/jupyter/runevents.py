@@ -75,6 +75,9 @@ class _RunEvents(_RunStop):
             return
         self._ended[key] = status
         self._running.discard(key)
+        job = self.jobs[self._index[key]]
+        if status is JobStatus.Terminated and self._cancelled_elsewhere(job):
+            self._cancelled.add(key)  # by cluster.cancel(job), the web monitor...
         stopped = status is JobStatus.Terminated and key in self._cancelled
         if status is JobStatus.Finished:
             self._tally["finished"] += 1
@@ -82,11 +85,16 @@ class _RunEvents(_RunStop):
             self._tally["cancelled"] += 1
         else:
             self._tally["failed"] += 1
-        job = self.jobs[self._index[key]]
         if job.stdout or job.stderr or (status in _FAILED and not stopped):
             self._outputs.append(job)
         if len(self._ended) >= len(self.jobs):
             self._stop = time.monotonic()
+
+    def _cancelled_elsewhere(self, job: DispyJob) -> bool:
+        """Whether ``job`` was cancelled through the run's cluster, not the run
+        (``cluster.cancel(job)``, the web monitor's Cancel)."""
+        asked = getattr(self.cluster, "_cancel_requested", None)
+        return asked is not None and bool(asked(job))
 
     def _notify(self) -> None:
         self._changed.set()

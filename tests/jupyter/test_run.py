@@ -205,6 +205,38 @@ def test_run_interrupted_wait_cancels_remote_jobs(local1, tmp_path, capsys):
 
 
 @slow
+def test_a_job_its_cluster_cancels_as_it_runs_counts_as_cancelled(
+    local1, tmp_path, capsys
+):
+    """One job of a run cancelled while it runs through the run's cluster (dispy's
+    ``cluster.cancel(job)``; the web monitor's Cancel of one job does the same):
+    the run counted it failed, listed it in ``run.failures`` and printed 'job 1
+    (input 0) failed: job terminated at the client's request'."""
+    started, finished = tmp_path / "started", tmp_path / "finished"
+    run = Run.map(
+        mark_sleep_mark,
+        [(str(started), 30, str(finished)), (None, 0, None)],
+        nodes=local1,
+        unpack=True,
+        wait=False,
+        progress="none",
+        name="one",
+    )
+    jobs.wait_for_path(started)
+    assert run.cluster is not None
+    assert run.cluster.cancel(run.jobs[0]) == 0
+
+    assert run.wait(timeout=WAIT)
+    assert run.jobs[0].status == JobStatus.Terminated
+    assert run.jobs[1].status == JobStatus.Finished
+    counts = run.counts()
+    assert (counts.finished, counts.cancelled, counts.failed) == (1, 1, 0), counts
+    assert run.failures == []
+    assert "failed" not in capsys.readouterr().err
+    assert not finished.exists()
+
+
+@slow
 def test_stop_during_setup_ends_it_and_the_next_run_goes_at_once(local1, tmp_path):
     """Stop while the run's setup still runs on the node (a model loading): the
     setup's process and its child are gone once the KeyboardInterrupt arrives
