@@ -31,6 +31,8 @@ from dispynb.jupyter.magicsupport import (
     unquote,
 )
 from dispynb.jupyter.progress import (
+    HTMLOutput,
+    HTMLProgressBar,
     WidgetOutput,
     WidgetProgressBar,
     make_progress,
@@ -272,14 +274,22 @@ class CellRunner:
         return value
 
     def _go_live(self, run: Run, kind: str) -> None:
-        if resolve_kind(kind) == "widget":
+        kind = resolve_kind(kind)
+        if kind == "widget":
             bar = WidgetProgressBar(run.name)
             out = WidgetOutput()  # made static with the bar when the run ends
             bar.outputs.append(out)
             bar.show()
             out.show()
             run.live(bar, out.write)
-        else:
+        elif kind == "html":  # no widgets: displays of this cell redrawn in place
+            html_bar = HTMLProgressBar(run.name)
+            html_out = HTMLOutput()
+            html_bar.outputs.append(html_out)
+            html_bar.show()
+            html_out.show()
+            run.live(html_bar, html_out.write)
+        else:  # a terminal: nothing written under the prompt later
             display(run)
             run.live(make_progress("none", title=run.name))
 

@@ -361,7 +361,8 @@ class DispyMagics(Magics):
     @argument(
         "--nowait",
         action="store_true",
-        help="return at once; progress and output update live in the cell's widgets",
+        help="return at once; progress and output update live in the cell (its "
+        "widgets, or HTML redrawn in place with --progress html)",
     )
     @argument(
         "--unpack",

@@ -40,6 +40,7 @@ from dispynb._interruptible import start_thread
 from dispynb.jupyter import display as templates
 
 __all__ = [
+    "HTMLOutput",
     "HTMLProgressBar",
     "NullProgressBar",
     "ProgressBar",
@@ -304,6 +305,8 @@ class HTMLProgressBar(ProgressBar):
     def __init__(self, title: str = "", interval: float = 0.5) -> None:
         super().__init__(title, interval)
         self._handle: Any = None
+        #: Output areas given their final state with the bar's.
+        self.outputs: list[HTMLOutput] = []
 
     def show(self) -> None:
         from IPython.display import display
@@ -317,6 +320,11 @@ class HTMLProgressBar(ProgressBar):
     def _draw_bar(self, counts: ProgressCounts) -> None:
         if self._handle is not None:
             self._handle.update(self._bundle(), raw=True)
+
+    def _draw_done(self, counts: ProgressCounts) -> None:
+        self._draw_bar(counts)
+        for output in self.outputs:
+            output.freeze()
 
 
 class WidgetProgressBar(ProgressBar):
@@ -385,7 +393,91 @@ def _step(value: int, total: int) -> int:
     return value * BAR_STEPS // total
 
 
-class WidgetOutput:
+class _WrittenOutput:
+    """What a run's jobs printed, as written, and its static snapshot."""
+
+    def __init__(self) -> None:
+        self._parts: list[tuple[str, str]] = []  # (stream, text) as written
+        self._lock = threading.Lock()
+        self._handle: Any = None
+        self._frozen = False
+
+    def _update(self) -> None:
+        if self._handle is not None:
+            self._handle.update(self.snapshot(), raw=True)
+
+    def snapshot(self) -> dict[str, str]:
+        """What was written, as ``text/plain`` and (up to `SNAPSHOT_HTML` characters)
+        ``text/html``."""
+        plain = "".join(text for _, text in self._parts)
+        if not plain or len(plain) > SNAPSHOT_HTML:
+            return {"text/plain": plain}
+        blocks: list[tuple[str, str]] = []  # consecutive writes of a stream joined
+        for stream, text in self._parts:
+            if blocks and blocks[-1][0] == stream:
+                blocks[-1] = (stream, blocks[-1][1] + text)
+            else:
+                blocks.append((stream, text))
+        return {
+            "text/html": "".join(_pre(*block) for block in blocks),
+            "text/plain": plain,
+        }
+
+
+class HTMLOutput(_WrittenOutput):
+    """What a ``--nowait`` run's jobs print, shown under its `HTMLProgressBar` (no
+    widgets: ``--progress html``, a kernel without ipywidgets): a display made in
+    the run's cell and redrawn in place with everything written so far, at most
+    every ``interval`` seconds, and once more when the run ends (`freeze`)."""
+
+    def __init__(self, interval: float = 1.0) -> None:
+        super().__init__()
+        self.interval = interval
+        self._last = float("-inf")
+        self._timer: threading.Timer | None = None
+
+    def show(self) -> None:
+        """Make the display, empty, in the current cell: later writes come from
+        another thread, when another cell may be running."""
+        from IPython.display import display
+
+        if self._handle is None:
+            self._handle = display({"text/plain": ""}, raw=True, display_id=True)
+
+    def write(self, stream: str, text: str) -> None:
+        """Add ``text`` to ``stream`` (``"stdout"`` or ``"stderr"``)."""
+        with self._lock:
+            self._parts.append((stream, text))
+            wait = self._last + self.interval - time.monotonic()
+            if self._frozen or wait <= 0:
+                self._redraw()
+            elif self._timer is None:
+                self._timer = threading.Timer(wait, self._trailing)
+                self._timer.daemon = True
+                start_thread(self._timer)
+
+    def freeze(self) -> None:
+        """Show everything written now (the run ended); later writes show at once."""
+        with self._lock:
+            if not self._frozen:
+                self._frozen = True
+                self._redraw()
+
+    def _trailing(self) -> None:
+        with self._lock:
+            self._timer = None
+            if not self._frozen:
+                self._redraw()
+
+    def _redraw(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._last = time.monotonic()
+        self._update()
+
+
+class WidgetOutput(_WrittenOutput):
     """What a run's jobs print, shown under its bar while the kernel runs other cells
     (a ``--nowait`` run): an ``ipywidgets.Output`` until `freeze`, then a static
     snapshot of the same text (``<pre>`` blocks, stderr shaded as the notebook
@@ -395,11 +487,8 @@ class WidgetOutput:
     def __init__(self) -> None:
         import ipywidgets
 
+        super().__init__()
         self.widget = ipywidgets.Output()
-        self._parts: list[tuple[str, str]] = []  # (stream, text) as written
-        self._lock = threading.Lock()
-        self._handle: Any = None
-        self._frozen = False
 
     def show(self) -> None:
         from IPython.display import display
@@ -427,27 +516,6 @@ class WidgetOutput:
             self._frozen = True
             self._update()
         self.widget.close()
-
-    def _update(self) -> None:
-        if self._handle is not None:
-            self._handle.update(self.snapshot(), raw=True)
-
-    def snapshot(self) -> dict[str, str]:
-        """What was written, as ``text/plain`` and (up to `SNAPSHOT_HTML` characters)
-        ``text/html``."""
-        plain = "".join(text for _, text in self._parts)
-        if not plain or len(plain) > SNAPSHOT_HTML:
-            return {"text/plain": plain}
-        blocks: list[tuple[str, str]] = []  # consecutive writes of a stream joined
-        for stream, text in self._parts:
-            if blocks and blocks[-1][0] == stream:
-                blocks[-1] = (stream, blocks[-1][1] + text)
-            else:
-                blocks.append((stream, text))
-        return {
-            "text/html": "".join(_pre(*block) for block in blocks),
-            "text/plain": plain,
-        }
 
 
 #: Characters of output above which `WidgetOutput`'s snapshot is plain text only (its

@@ -28,15 +28,24 @@ def k(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kernel]:
         yield started
 
 
-def displays(k: Kernel, code: str, until: int = 0) -> dict[str, dict[str, Any]]:
+def displays(
+    k: Kernel, code: str, until: int = 0, ended: tuple[str, ...] = ()
+) -> dict[str, dict[str, Any]]:
     """Run ``code``; each display it made (by display id) as it stands once the
     kernel is idle and, if ``until``, that many displays' final updates (those
-    without a widget) came, from whatever cell they were sent under."""
+    without a widget) came, from whatever cell they were sent under, and they say
+    each of ``ended``."""
     msg_id = k.submit(code)
     shown: dict[str, dict[str, Any]] = {}
     idle = False
     deadline = time.monotonic() + CELL_TIMEOUT
-    while not idle or sum(WIDGET not in d for d in shown.values()) < until:
+
+    def waiting() -> bool:
+        final = [d.get("text/plain", "") for d in shown.values() if WIDGET not in d]
+        said = all(any(text in plain for plain in final) for text in ended)
+        return not idle or len(final) < until or not said
+
+    while waiting():
         assert time.monotonic() < deadline, shown
         try:
             msg = k.client.get_iopub_msg(timeout=1)
@@ -89,6 +98,33 @@ def test_a_nowait_runs_output_is_kept_as_text_once_it_ends(k):
     # Before: an ipywidgets Output, its printed lines and traceback only in the
     # widget's model (lost with it).
     assert WIDGET not in output, output
+    for text in (output["text/plain"], output["text/html"]):
+        assert "hello from 0" in text and "hello from 1" in text, output
+        assert "KeyError: &#x27;missing&#x27;" in text or "KeyError: 'missing'" in text
+    assert 'class="dispynb-stderr"' in output["text/html"], output
+
+
+def test_a_nowait_run_without_widgets_updates_its_bar_and_shows_its_output(k):
+    """``--nowait`` with HTML progress (``--progress html``, and any run in a kernel
+    without ipywidgets): the cell showed the run as it was submitted, '0/2 done, 2
+    queued', for good, and nothing its jobs printed or raised. Its bar and output
+    are now HTML displays updated in place, as the widgets are."""
+    shown = displays(
+        k,
+        '%%dispy --over "range(2)" --into later --nowait --progress html\n'
+        "def later(i):\n"
+        "    import time\n"
+        "    time.sleep(0.5)\n"
+        "    print('hello from', i)\n"
+        "    if i == 1:\n"
+        "        raise KeyError('missing')\n"
+        "    return i",
+        until=2,
+        ended=("1/2 done, 1 failed", "KeyError: 'missing'"),
+    )
+    bar, output = shown.values()
+    assert bar["text/plain"].startswith("later: 1/2 done, 1 failed"), bar
+    assert "1/2 done, 1 failed" in bar["text/html"], bar
     for text in (output["text/plain"], output["text/html"]):
         assert "hello from 0" in text and "hello from 1" in text, output
         assert "KeyError: &#x27;missing&#x27;" in text or "KeyError: 'missing'" in text
