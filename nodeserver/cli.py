@@ -26,6 +26,7 @@ from nodeserver.launcher import PROCESS_LAUNCHER, AdoptingLauncher, Launcher
 from nodeserver.leftovers import Removals
 from nodeserver.memory import keep_freed_memory, release_freed_memory
 from nodeserver.parser import build_parser, parse_args, parse_size
+from nodeserver.privatedir import private_dir
 from nodeserver.register import (
     REGISTER_PATIENCE,
     REREGISTER_INTERVAL,
@@ -202,6 +203,7 @@ def _use_dest_path(path: str, clean: bool, serving: bool) -> None:
     write to is left to the server, which says what it cannot do there.
     """
     if clean and os.path.isdir(path):
+        private_dir(path)  # not another user's, to open a lock in and remove
         fd = _open_lock(path)
         if fd is not None:
             try:
@@ -217,7 +219,7 @@ def _use_dest_path(path: str, clean: bool, serving: bool) -> None:
         logger.info("--clean: removed %s", path)
     if serving:
         with contextlib.suppress(OSError):
-            os.makedirs(path, mode=0o700, exist_ok=True)
+            private_dir(path)  # before its lock is opened there
         fd = _open_lock(path)
         if fd is not None:  # released when this process (the node) exits
             try:

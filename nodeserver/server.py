@@ -29,6 +29,7 @@ from nodeserver.launcher import PROCESS_LAUNCHER, Launcher
 from nodeserver.leftovers import Removals
 from nodeserver.monitor import avail_info
 from nodeserver.platforminfo import node_platform
+from nodeserver.privatedir import private_dir
 from nodeserver.session import ClientSession
 from nodeserver.sharedbody import BODIES
 from nodeserver.spool import ResultSpool
@@ -55,6 +56,7 @@ class NodeServer:
         self.budget = CpuBudget(config.cpus)
         #: Computations refused for want of file descriptors (`nodeserver.descriptors`).
         self.descriptors = Admission()
+        private_dir(config.dest_path)  # before anything is kept there
         self.keeper = ResultKeeper(
             ResultSpool(
                 os.path.join(config.dest_path, ".kept"), config.kept_results_size
@@ -103,7 +105,7 @@ class NodeServer:
         service window starts later); the port is then 0.
         """
         config = self.config
-        os.makedirs(config.dest_path, mode=0o700, exist_ok=True)
+        private_dir(config.dest_path)  # made again if removed since
         self.keeper.load()  # results an earlier process kept for crashed clients
         if not listen:
             return 0

@@ -68,7 +68,8 @@ def work(kind: str, marker: str, release: str) -> int:
 def test_a_node_at_its_process_limit_says_so_and_serves_on(tmp_path, measure):
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
         pytest.skip("running a node as another user needs root and setpriv")
-    os.chmod(tmp_path, 0o777)
+    # Sticky, as /tmp: a node refuses a --dest-path under one anyone may rename.
+    os.chmod(tmp_path, 0o1777)
     marker, release = str(tmp_path / "hogging"), str(tmp_path / "release")
     # A strong secret: a client proves a weak one only to a port of its own user.
     node = start_node(

@@ -164,7 +164,8 @@ def _read_memory_of(reversed_secret: str) -> dict[str, str]:
 def test_a_job_cannot_read_the_secret_from_its_node(source, measure, tmp_path):
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
         pytest.skip("running a node as another user needs root and setpriv")
-    os.chmod(tmp_path, 0o777)
+    # Sticky, as /tmp: a node refuses a --dest-path under one anyone may rename.
+    os.chmod(tmp_path, 0o1777)
     secret = strong_secret()
     node = start_node(
         tmp_path / "node", secret=secret, secret_in_env=source == "env",

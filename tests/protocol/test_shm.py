@@ -232,7 +232,8 @@ def test_same_machine_sees_a_node_of_its_user_that_is_not_dumpable(
 
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
         pytest.skip("running a node as another user needs root and setpriv")
-    os.chmod(tmp_path, 0o777)
+    # Sticky, as /tmp: a node refuses a --dest-path under one anyone may rename.
+    os.chmod(tmp_path, 0o1777)
     node = start_node(tmp_path / "node", launcher=AS_NOBODY)
     try:
         check = (

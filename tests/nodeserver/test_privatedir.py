@@ -1,0 +1,59 @@
+"""`nodeserver.privatedir.private_dir`: the node's directory, safe from other users."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from dispynb.errors import ConfigurationError
+from nodeserver.privatedir import private_dir
+
+
+def test_a_missing_directory_is_made_private(tmp_path: Path) -> None:
+    shared = tmp_path / "tmp"
+    shared.mkdir()
+    shared.chmod(0o1777)  # like /tmp: others add names, cannot rename ours
+    private_dir(str(shared / "dispynb" / "inner"))
+    assert (shared / "dispynb" / "inner").stat().st_mode & 0o777 == 0o700
+
+
+def test_an_own_directory_others_can_write_is_made_private(tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    dest.chmod(0o1777)  # as a tmpfs mounted there
+    private_dir(str(dest))
+    assert dest.stat().st_mode & 0o7777 == 0o700
+
+
+def test_a_name_another_user_put_in_it_is_refused_saying_how_to_fix_it(
+    tmp_path: Path,
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("a file of another user needs root")
+    dest = tmp_path / "dest"
+    (dest / ".store").mkdir(parents=True)
+    os.chown(dest / ".store", 65534, 65534)
+    with pytest.raises(ConfigurationError) as caught:
+        private_dir(str(dest))
+    assert ".store in it belongs to" in str(caught.value)
+    assert "a directory of your own" in str(caught.value)
+
+
+def test_a_directory_under_one_others_can_write_is_refused(tmp_path: Path) -> None:
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    loose.chmod(0o777)  # not sticky: anyone may rename what is in it
+    with pytest.raises(ConfigurationError, match=f"{loose} is writable by others"):
+        private_dir(str(loose / "dest"))
+
+
+def test_a_symlink_is_checked_where_it_leads(tmp_path: Path) -> None:
+    loose = tmp_path / "loose"
+    (loose / "target").mkdir(parents=True)
+    loose.chmod(0o777)
+    link = tmp_path / "link"
+    os.symlink(loose / "target", link)
+    with pytest.raises(ConfigurationError, match=f"{loose} is writable by others"):
+        private_dir(str(link))
