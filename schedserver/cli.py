@@ -321,6 +321,15 @@ def build_parser() -> argparse.ArgumentParser:
         "limit)",
     )
     parser.add_argument(
+        *_both("max_sessions"),
+        type=int,
+        default=SchedulerConfig.max_sessions,
+        metavar="N",
+        help="quota: sessions (client connections: a cluster holds one) one user "
+        "may have open at once (each holds one of the scheduler's descriptors; "
+        "default 32, 0: no limit)",
+    )
+    parser.add_argument(
         *_both("max_files"),
         type=int,
         default=SchedulerConfig.max_files,
@@ -499,6 +508,7 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         max_file_size=args.max_file_size,
         max_files=args.max_files,
         max_computations=args.max_computations,
+        max_sessions=args.max_sessions,
         clean=args.clean,
     )
     if args.msg_timeout is not None:

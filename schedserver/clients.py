@@ -12,6 +12,7 @@ from dispynb.errors import DispynbError
 from dispynb.protocol.messages import (
     ComputationClose,
     ComputationSetup,
+    Error,
     Recover,
     Recovered,
 )
@@ -32,6 +33,11 @@ class _Clients(_ServerState):
     """Clients' sessions and their computations' recovery."""
 
     async def _serve(self, conn: Connection, user: str) -> None:
+        refusal = self._over_sessions(user)
+        if refusal:  # each session holds a descriptor: one user cannot take all
+            self._session_refusals.event("refused sessions", user, refusal)
+            await conn.send(Error(code="quota", message=refusal))
+            return
         # a part of SchedulerServer: the session is the whole server's
         session = SchedulerSession(conn, cast("SchedulerServer", self), user)
         self.sessions.add(session)
@@ -42,6 +48,17 @@ class _Clients(_ServerState):
             self.sessions.discard(session)
             self._session_ended(session)
             logger.info("user %r (%s) disconnected", user, conn.peer)
+
+    def _over_sessions(self, user: str) -> str:
+        """Why one more session of ``user`` is refused ("" if it is not)."""
+        quota = self.config.max_sessions
+        have = sum(1 for session in self.sessions if session.user == user)
+        if not quota or have < quota:
+            return ""
+        return (
+            f"refused: user {user!r} has {have} sessions open at the scheduler, its "
+            f"quota (dispynb-scheduler --max_sessions {quota}); close a cluster first"
+        )
 
     def new_computation(
         self,

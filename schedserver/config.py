@@ -77,6 +77,9 @@ class SchedulerConfig:
     #: Computations one user may have at once (each holds a connection and worker
     #: processes on every node); 0: no limit.
     max_computations: int = 16
+    #: Sessions (client connections) one user may have at once (each holds one of
+    #: the scheduler's descriptors); 0: no limit.
+    max_sessions: int = 32
     #: Remove the spill directories killed schedulers left in ``dest_path_prefix``.
     clean: bool = False
     max_message_size: int = MAX_MESSAGE_SIZE
@@ -141,10 +144,11 @@ class SchedulerConfig:
             or self.max_file_size < 0
             or self.max_files < 0
             or self.max_computations < 0
+            or self.max_sessions < 0
         ):
             raise ConfigurationError(
-                "--kept_memory, --max_kept, --max_file_size, --max_files and "
-                "--max_computations cannot be negative"
+                "--kept_memory, --max_kept, --max_file_size, --max_files, "
+                "--max_computations and --max_sessions cannot be negative"
             )
         if (
             self.httpd

@@ -205,6 +205,7 @@ class SchedulerServer(
                 node.conn.close()
         self.files.close()
         self.spill.close()
+        self._session_refusals.close()
 
     def _welcome(self) -> Welcome:
         return Welcome(

@@ -13,7 +13,7 @@ from dispynb.backends.finder import NodeFinder
 from dispynb.deploy.registry import Registrar
 from dispynb.protocol.messages import Message
 from dispynb.transport.addressing import format_address
-from dispynb.transport.admission import MAX_PENDING_PER_SOURCE
+from dispynb.transport.admission import MAX_PENDING_PER_SOURCE, Tally
 from dispynb.transport.connection import Connection
 from dispynb.transport.listener import Listener
 from schedserver.computation import SharedComputation, Upstream
@@ -101,6 +101,8 @@ class _ServerState:
         self._finder: NodeFinder | None = None
         self._registrars: list[Registrar] = []
         self.monitor: SchedulerMonitor | None = None
+        #: Sessions refused over --max_sessions, logged as counts per user.
+        self._session_refusals = Tally(logger)
         self.port = 0
         self.stopping = False
         #: A dispatch is due at the loop's next turn (`_Dispatch.schedule_soon`).

@@ -212,8 +212,14 @@ class Driver(DriverNodes):
 
     def _on_error(
         self, link: NodeLink, message: Error, buffers: list[memoryview]
-    ) -> None:
+    ) -> _Stop | None:
+        if message.code == "quota" and link.setting_up:
+            # A shared scheduler refusing this session (--max_sessions): it closes
+            # the connection next; its reason is the cluster's, not a reset's.
+            self._fail_node(link, SetupError(f"{link.node_id}: {message.message}"))
+            return _Stop(None)
         logger.warning("node %s reports: %s", link.node_id, message.message)
+        return None
 
     def _on_ready(
         self, link: NodeLink, message: ComputationReady, buffers: list[memoryview]

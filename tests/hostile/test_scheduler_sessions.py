@@ -1,0 +1,120 @@
+"""One user of a shared scheduler opens session after session.
+
+Each session a user opens holds one of the scheduler's descriptors (its connection)
+for as long as the user likes, whether it sets anything up or not. The scheduler
+bounds what one user holds (CPUs, queued jobs, computations, files), but sessions
+were not: one user who opened as many as the scheduler could hold left the others
+no descriptor, so they could not even connect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from dispynb.errors import DispynbError
+from dispynb.protocol.messages import Error
+from dispynb.secret import read_secret_file
+from dispynb.transport.connection import Connection
+from dispynb.transport.connector import connect
+from tests.hostile.test_scheduler import _alices_jobs, people, shared_nodes
+
+pytestmark = pytest.mark.slow
+
+__all__ = ["people"]  # the fixture
+
+#: The scheduler's descriptor limit, and the sessions the attacker opens.
+NOFILE = 256
+SESSIONS = 300
+#: The scheduler's limit of sessions per user, in this test.
+QUOTA = 8
+#: Seconds a connection may take (the scheduler out of descriptors never answers).
+CONNECT = 5.0
+
+
+async def _open_sessions(port: int, credential: Path) -> tuple[list[Connection], str]:
+    """Open `SESSIONS` authenticated sessions, 8 at a time; return those held and
+    the first refusal (an error the scheduler sent, or why connecting failed)."""
+    secret = read_secret_file(credential)
+    refusals: list[str] = []
+    gate = asyncio.Semaphore(8)  # the listener's handshakes per source at once
+
+    async def one() -> Connection | None:
+        async with gate:
+            try:
+                async with asyncio.timeout(CONNECT):
+                    conn, _ = await connect(
+                        "127.0.0.1", port, secret=secret, max_message_size=1 << 20
+                    )
+            except (DispynbError, OSError) as exc:  # TimeoutError too
+                refusals.append(f"{type(exc).__name__}: {exc}")
+                return None
+        try:  # a session the scheduler refuses gets an error, then its end
+            async with asyncio.timeout(0.5):
+                message, _ = await conn.recv()
+        except TimeoutError:
+            return conn  # held open: a session the scheduler serves
+        except DispynbError as exc:
+            refusals.append(f"{type(exc).__name__}: {exc}")
+        else:
+            if not isinstance(message, Error):
+                return conn
+            refusals.append(message.message)
+        conn.close()
+        return None
+
+    opened = await asyncio.gather(*(one() for _ in range(SESSIONS)))
+    return [conn for conn in opened if conn is not None], (refusals or [""])[0]
+
+
+async def _attack(
+    port: int, address: str, people: dict[str, Path]
+) -> tuple[int, str, list[int] | str, str]:
+    held, refusal = await _open_sessions(port, people["mallory"])
+    try:
+        try:
+            alices: list[int] | str = await asyncio.wait_for(
+                asyncio.to_thread(_alices_jobs, address, people["alice"]), 60
+            )
+        except Exception as exc:  # what alice meets
+            alices = f"{type(exc).__name__}: {exc}"[:200]
+        try:  # mallory's own cluster, one session over her quota
+            await asyncio.wait_for(
+                asyncio.to_thread(_alices_jobs, address, people["mallory"]), 60
+            )
+            cluster = "ran"
+        except Exception as exc:
+            cluster = f"{type(exc).__name__}: {exc}"
+        return len(held), refusal, alices, cluster
+    finally:
+        for conn in held:
+            conn.close()
+
+
+@pytest.mark.attack(
+    id="sched-session-hoard",
+    title=f"One user of a scheduler at {NOFILE} descriptors opens {SESSIONS} "
+    f"sessions and holds them (--max_sessions {QUOTA})",
+    goal=f"{QUOTA} held, the others refused saying the limit and the option; "
+    "another user's jobs run (was: 247 held, every descriptor taken, the other "
+    "user's connect timed out)",
+)
+@pytest.mark.timeout(180)
+def test_one_user_cannot_hold_every_session(
+    tmp_path: Path, people: dict[str, Path], measure
+) -> None:
+    with shared_nodes(
+        tmp_path, people, "--max_sessions", str(QUOTA), nofile=NOFILE
+    ) as sched:
+        held, refusal, alices, cluster = asyncio.run(
+            _attack(sched.port, sched.address, people)
+        )
+    measure(
+        f"{held} sessions held, {SESSIONS - held} refused ({refusal[:90]!r}); "
+        f"her cluster then: {cluster[:60]}...; alice's jobs: {alices}"
+    )
+    assert alices == [0, 1, 4, 9]
+    assert held == QUOTA and "--max_sessions" in refusal
+    assert cluster.startswith("SetupError") and "--max_sessions" in cluster
