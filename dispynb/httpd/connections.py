@@ -9,9 +9,10 @@ the monitor's loop then spun on EMFILE logging a traceback per try (238,000
 tracebacks, 146 MB of log, in 40 s). Here:
 
 - at most `MAX_CONNECTIONS` are held: a new connection past that closes the one
-  that has waited longest for a request (a request being answered, such as a
-  browser's long-poll, is never closed), so idle or slow clients cannot lock the
-  user out;
+  that has waited longest for a request, or for its peer to read its answer (a
+  request still being answered, such as a browser's long-poll, is never closed), so
+  idle, slow or never-reading clients cannot lock the user out (a peer that
+  pipelines requests and reads no answer kept each of its connections busy);
 - an accept that fails for lack of descriptors closes that longest-waiting
   connection and, if none can go, pauses accepting with a growing delay (one
   warning, then one line when it ends).
@@ -57,8 +58,9 @@ class MonitorHTTPServer(tornado.httpserver.HTTPServer):
     ) -> None:
         super().initialize(*args, **kwargs)
         self.max_connections = max_connections
-        # Connection -> when it began to wait for a request; None while one is
-        # being received or answered. Insertion order is irrelevant (min by time).
+        # Connection -> when it began to wait for a request (or for its peer to
+        # read an answer complete but not yet sent); None while a request is being
+        # received or answered. Insertion order is irrelevant (min by time).
         self._waiting_since: dict[object, float | None] = {}
         self._listening: list[socket.socket] = []
         self._retry_delay = _RETRY_FIRST
@@ -173,13 +175,19 @@ class MonitorHTTPServer(tornado.httpserver.HTTPServer):
         conn = server_conn
         if conn in self._waiting_since:
             self._waiting_since[conn] = time.monotonic()
-        delegate = super().start_request(server_conn, request_conn)
+        answering = _Answering(request_conn, lambda: self._answered(conn))
+        delegate = super().start_request(server_conn, answering)
         stream = server_conn.stream  # type: ignore[attr-defined]
         return _Received(delegate, lambda: self._busy(conn), stream)
 
     def _busy(self, conn: object) -> None:
         if conn in self._waiting_since:
             self._waiting_since[conn] = None
+
+    def _answered(self, conn: object) -> None:
+        """The answer is complete: what is left is its peer's to read."""
+        if conn in self._waiting_since:
+            self._waiting_since[conn] = time.monotonic()
 
     async def close_all_connections(self) -> None:
         """Close every connection at once, then wait for each to end. tornado's
@@ -193,6 +201,30 @@ class MonitorHTTPServer(tornado.httpserver.HTTPServer):
         """tornado's bookkeeping, and ours."""
         self._waiting_since.pop(server_conn, None)
         super().on_close(server_conn)
+
+
+class _Answering(tornado.httputil.HTTPConnection):
+    """A request's connection (as its handler sees it) that calls ``on_answered``
+    once the handler has finished its answer, whether or not the peer reads it."""
+
+    def __init__(
+        self, inner: tornado.httputil.HTTPConnection, on_answered: Any
+    ) -> None:
+        self._inner = inner
+        self._on_answered = on_answered
+
+    def write_headers(self, *args: Any, **kwargs: Any) -> Any:
+        return self._inner.write_headers(*args, **kwargs)
+
+    def write(self, *args: Any, **kwargs: Any) -> Any:
+        return self._inner.write(*args, **kwargs)
+
+    def finish(self) -> None:
+        self._inner.finish()
+        self._on_answered()
+
+    def __getattr__(self, name: str) -> Any:  # context, set_close_callback...
+        return getattr(self._inner, name)
 
 
 class _Received(tornado.httputil.HTTPMessageDelegate):
