@@ -15,6 +15,7 @@ out-of-band buffers) are written and MAC'd without being joined into one copy.
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 import sys
@@ -181,9 +182,10 @@ class _Spares:
         #: Large bodies taken so far: unchanged for a while means none arrived.
         self.taken = 0
 
-    def take(self, size: int) -> bytearray:
+    def take(self, size: int) -> Body:
         """A buffer of ``size`` bytes: a free spare cut to size, or a new one (kept
-        as a spare if its size qualifies)."""
+        as a spare if its size qualifies; over `SPARE_MAX`, a mapping of memory
+        that is committed only as it is written)."""
         self.taken += 1
         with self._lock:
             bodies = self._bodies
@@ -195,6 +197,12 @@ class _Spares:
                     self._bodies = [body for body in bodies if body is not spare]
                     self._bodies.append(spare)
                     return spare
+        if size > SPARE_MAX:
+            # Anonymous memory, whose pages are committed as the body arrives: a
+            # bytearray is zero-filled at once, so a peer that announced a large
+            # frame and sent none of it held that much of our memory (an
+            # authenticated user of a shared scheduler: 1 GiB per 8-byte prefix).
+            return memoryview(mmap.mmap(-1, size))
         body = bytearray(size)
         if SPARE_MIN <= size <= SPARE_MAX:
             with self._lock:
