@@ -33,6 +33,8 @@ from dispynb.httpd.connections import MonitorHTTPServer
 from dispynb.httpd.endpoint import open_endpoint
 from dispynb.httpd.feed import ChangeFeed
 from dispynb.httpd.security import NotFoundHandler
+from dispynb.protocol.handshake import peer_text
+from dispynb.transport.admission import Tally
 
 if TYPE_CHECKING:
     from dispynb.cluster import JobCluster
@@ -340,14 +342,28 @@ def _check_options(cluster: object, poll_sec: float, document_root: object) -> N
 
 
 def log_request(handler: tornado.web.RequestHandler) -> None:
-    """tornado's request log, without the query string (it may hold the token)."""
+    """tornado's request log, without the query string (it may hold the token).
+
+    Refused requests (4xx) are counted per client address (`Tally`: 3 lines at
+    once, then one a minute), as the node's refused connections are: anyone on the
+    machine may send them, and a line each let them grow the log at will.
+    """
     status = handler.get_status()
-    level = logging.DEBUG if status < 400 else logging.INFO
-    logging.getLogger("dispynb.httpd.access").log(
-        level,
+    request = handler.request
+    log = logging.getLogger("dispynb.httpd.access")
+    if 400 <= status < 500:
+        settings = handler.application.settings
+        refusals = settings.get("refusal_tally")
+        if refusals is None:
+            refusals = settings["refusal_tally"] = Tally(log, level=logging.INFO)
+        what = f"{status} {request.method} {peer_text(request.path)}"
+        refusals.event("refused web requests", str(request.remote_ip), what)
+        return
+    log.log(
+        logging.DEBUG if status < 400 else logging.INFO,
         "%d %s %s (%.1f ms)",
         status,
-        handler.request.method,
-        handler.request.path,
-        1000 * handler.request.request_time(),
+        request.method,
+        request.path,
+        1000 * request.request_time(),
     )

@@ -175,14 +175,21 @@ class Tally:
     Per kind of event (``what``) and ``period``: the first `IMMEDIATE` events from
     distinct sources are logged at once, with their detail; the rest are counted, and
     one line at the end of the period says how many there were, from how many
-    sources, which source sent most, and the last detail.
+    sources, which source sent most, and the last detail. Lines are logged at
+    ``level``.
     """
 
     IMMEDIATE = 3
 
-    def __init__(self, log: logging.Logger, period: float = LOG_PERIOD) -> None:
+    def __init__(
+        self,
+        log: logging.Logger,
+        period: float = LOG_PERIOD,
+        level: int = logging.WARNING,
+    ) -> None:
         self._log = log
         self.period = period
+        self.level = level
         self._logged: dict[str, set[str]] = {}
         self._counted: dict[str, dict[str, int]] = {}
         self._last: dict[str, str] = {}
@@ -193,7 +200,9 @@ class Tally:
         logged = self._logged.setdefault(what, set())
         if source not in logged and len(logged) < self.IMMEDIATE:
             logged.add(source)
-            self._log.warning("%s from %s: %s", what, source, detail or "no detail")
+            self._log.log(
+                self.level, "%s from %s: %s", what, source, detail or "no detail"
+            )
         else:
             counted = self._counted.setdefault(what, {})
             if source in counted or len(counted) < _MAX_SOURCES:
@@ -211,7 +220,8 @@ class Tally:
         for what, counted in self._counted.items():
             total = sum(counted.values())
             top = max(counted, key=counted.__getitem__)
-            self._log.warning(
+            self._log.log(
+                self.level,
                 "%d more %s from %d source(s) in the last %g s (most from %s: %d; "
                 "last: %s)",
                 total,
