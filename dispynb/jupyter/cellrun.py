@@ -90,6 +90,10 @@ class CellRunner:
             raise UsageError(f"--into needs a variable name, not {args.into!r}")
         if args.function is not None and not args.function.isidentifier():
             raise UsageError(f"the function must be a name, not {args.function!r}")
+        try:
+            resolve_kind(args.progress)  # $DISPYNB_PROGRESS misspelt: said first
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
         ran = self._run_body(cell)
         if not ran.success:  # IPython showed the error; the cell must fail too
             error = ran.error_before_exec or ran.error_in_exec

@@ -22,7 +22,7 @@ redraws that say nothing new.
 `make_progress` picks one: ``"auto"`` is a widget in a kernel with ipywidgets, HTML in a
 kernel without, text on a terminal and nothing otherwise. The ``DISPYNB_PROGRESS``
 environment variable (``widget``, ``html``, ``text`` or ``none``) overrides ``"auto"``,
-e.g. for documentation builds.
+e.g. for documentation builds; another value is refused (`ValueError`), not ignored.
 """
 
 from __future__ import annotations
@@ -567,7 +567,12 @@ def resolve_kind(kind: str = "auto") -> str:
     if kind != "auto":
         return kind
     forced = os.environ.get(PROGRESS_ENV, "").strip().lower()
-    if forced in KINDS and forced != "auto":
+    if forced and forced not in KINDS:
+        raise ValueError(
+            f"{PROGRESS_ENV}={os.environ[PROGRESS_ENV]!r}: use one of "
+            f"{', '.join(KINDS[:-1])} or {KINDS[-1]} (or unset it)"
+        )
+    if forced and forced != "auto":
         return forced
     if in_kernel():
         try:

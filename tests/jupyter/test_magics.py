@@ -365,6 +365,20 @@ def test_magic_cell_usage_errors(ip, line, body, message):
         ip.run_cell_magic("dispy", line, body)
 
 
+def test_a_misspelt_progress_in_the_environment_is_one_line(ip, monkeypatch):
+    """``DISPYNB_PROGRESS=htm``: was ignored; now a usage error, not a traceback
+    through Run.map and make_progress, and nothing is sent."""
+    monkeypatch.setenv("DISPYNB_PROGRESS", "htm")
+    with pytest.raises(UsageError) as raised:
+        ip.run_cell_magic(
+            "dispy", '--over "[1]" --into typo', "def f(x):\n    return x"
+        )
+    assert str(raised.value) == (
+        "DISPYNB_PROGRESS='htm': use one of auto, widget, html, text or none "
+        "(or unset it)"
+    )
+
+
 @pytest.mark.parametrize(
     ("line", "message"),
     [

@@ -205,6 +205,21 @@ def test_resolve_kind_environment_overrides_auto(monkeypatch):
     assert resolve_kind("text") == "text"
 
 
+def test_a_misspelt_environment_kind_is_named_not_ignored(monkeypatch):
+    """``DISPYNB_PROGRESS=htm`` was ignored without a word: every run drew widgets
+    (or nothing), and nothing said why the setting did not take."""
+    monkeypatch.setenv(progress.PROGRESS_ENV, "htm")
+    with pytest.raises(ValueError) as raised:
+        resolve_kind("auto")
+    assert str(raised.value) == (
+        "DISPYNB_PROGRESS='htm': use one of auto, widget, html, text or none "
+        "(or unset it)"
+    )
+    assert resolve_kind("text") == "text"  # only "auto" reads it
+    monkeypatch.setenv(progress.PROGRESS_ENV, " ")
+    assert resolve_kind("auto") in ("text", "none")
+
+
 def test_make_progress_kinds():
     assert isinstance(make_progress("widget"), WidgetProgressBar)
     assert isinstance(make_progress("html"), HTMLProgressBar)
