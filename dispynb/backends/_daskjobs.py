@@ -103,7 +103,11 @@ class _Jobs(_DaskState):
                 _as_bytes(b) for b in serialize.dumps((job.args, job.kwargs))
             ]
         except SerializationError as exc:
-            raise SerializationError(_unpicklable(job, exc)) from exc
+            raise SerializationError(
+                serialize.unsendable_arguments(
+                    job.args, job.kwargs, exc, "a Dask worker"
+                )
+            ) from exc
 
     def submit(self, job: JobRequest) -> None:
         """Queue a prepared job on Dask; never blocks.
@@ -374,15 +378,6 @@ class _Jobs(_DaskState):
         if futures and self.client is not None:
             cancel = self.client.cancel(futures, reason="dispynb: cancelled")
             asyncio.ensure_future(cancel).add_done_callback(_log_failure)
-
-
-def _unpicklable(job: JobRequest, error: SerializationError) -> str:
-    """Name the argument that cannot be pickled."""
-    found = serialize.unpicklable_argument(job.args, job.kwargs)
-    if found is None:
-        return f"job arguments cannot be sent to a Dask worker: {error}"
-    name, exc = found
-    return f"job {name} cannot be sent to a Dask worker: {exc}"
 
 
 async def _settled(future: Any) -> None:

@@ -66,7 +66,7 @@ class _Jobs(_RayState):
                 "cluster's depends, or pass the data as arguments"
             )
         for index, value in enumerate(job.args):
-            _check_picklable(value, f"argument {index}")
+            _check_picklable(value, f"argument {index + 1}")
         for name, value in job.kwargs.items():
             _check_picklable(value, f"keyword argument {name!r}")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import re
 import threading
 import time
 import traceback
@@ -200,7 +201,7 @@ def _check_picklable(value: Any, what: str) -> None:
         serialize.dumps(value)
     except SerializationError as exc:
         raise SerializationError(
-            f"{what} of the job cannot be sent to Ray: {exc}"
+            serialize.cannot_send_argument(what, exc, "a Ray worker")
         ) from exc
 
 
@@ -208,6 +209,26 @@ def _terminated(why: str) -> Outcome:
     """The outcome of a job ended now, not by itself (``why`` ends with a newline)."""
     now = time.time()
     return Outcome(JobStatus.Terminated, exception=why, start_time=now, end_time=now)
+
+
+#: What precedes the message of `_rayworker.SetupFailed` in Ray's text of the
+#: error that ended an actor's constructor.
+_SETUP_FAILED = "SetupFailed: "
+#: Ray's terminal colours, and the header of its own frames after our message.
+_COLOURS = re.compile(r"\x1b\[[0-9;]*m")
+_RAY_FRAMES = "ray::JobActor."
+
+
+def _setup_failure(text: str) -> str | None:
+    """Why the computation could not be set up, from Ray's text of the error of an
+    actor's constructor: the message of `SetupFailed` (setup's own traceback
+    included), without Ray's frames and colours around it; None if it is not one."""
+    at = text.find(_SETUP_FAILED)
+    if at < 0:
+        return None
+    message = _COLOURS.sub("", text[at + len(_SETUP_FAILED) :])
+    end = message.find(_RAY_FRAMES)
+    return (message[:end] if end >= 0 else message).strip() or None
 
 
 def _reason(exc: BaseException) -> str:
@@ -220,6 +241,10 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, RayTaskError) and isinstance(exc.cause, BaseException):
         return "".join(traceback.format_exception_only(exc.cause)).strip()
     text = str(exc).strip() or type(exc).__name__
+    if getattr(exc, "actor_init_failed", False):  # the actor's constructor raised
+        failure = _setup_failure(text)
+        if failure is not None:
+            return failure
     lines = text.splitlines()
     if len(lines) > 12:
         text = "\n".join([*lines[:12], "..."])

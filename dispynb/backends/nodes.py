@@ -472,7 +472,9 @@ class NodesBackend:
         except SerializationError as exc:
             # The message names the argument and the pickler's error; the chain
             # would only repeat it about the tuple of every argument.
-            raise SerializationError(_unpicklable_argument(args, kwargs, exc)) from None
+            raise SerializationError(
+                serialize.unsendable_arguments(args, kwargs, exc, "a node")
+            ) from None
         size = buffers_size(buffers)
         if size > self._max_job_size - _JOB_OVERHEAD:
             raise SerializationError(
@@ -681,21 +683,6 @@ def _avail_info(avail: list[float | None]) -> DispyNodeAvailInfo | None:
     if cpu is None or memory is None or disk is None or swap is None:
         return None
     return DispyNodeAvailInfo(cpu, int(memory), int(disk), swap)
-
-
-def _unpicklable_argument(
-    args: tuple[Any, ...], kwargs: dict[str, Any], error: SerializationError
-) -> str:
-    """Name the argument that cannot be pickled (the error only names the tuple)."""
-    found = serialize.unpicklable_argument(args, kwargs)
-    if found is None:
-        return f"job arguments cannot be sent to a node: {error}"
-    name, exc = found
-    return (
-        f"job {name} cannot be sent to a node: {exc}; send what it is made from "
-        "instead (a file's path, not the open file; a list, not a generator) and "
-        "make it in the job"
-    )
 
 
 def _result_cap(opts: ClusterOptions) -> int:

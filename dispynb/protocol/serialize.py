@@ -101,6 +101,28 @@ def unpicklable_argument(
     return None
 
 
+def unsendable_arguments(
+    args: tuple[Any, ...], kwargs: dict[str, Any], error: Exception, where: str
+) -> str:
+    """Why a job whose arguments failed to pickle (``error``) cannot be sent to
+    ``where`` ("a node", "a Dask worker"...), the same on every engine: the
+    argument that fails (`cannot_send_argument`)."""
+    found = unpicklable_argument(args, kwargs)
+    if found is None:
+        return f"job arguments cannot be sent to {where}: {error}"
+    return cannot_send_argument(*found, where)
+
+
+def cannot_send_argument(name: str, exc: Exception, where: str) -> str:
+    """Why job argument ``name`` (``"argument 2"``), which failed to pickle with
+    ``exc``, cannot be sent to ``where``, and what to send instead."""
+    return (
+        f"job {name} cannot be sent to {where}: {exc}; send what it is made from "
+        "instead (a file's path, not the open file; a list, not a generator) and "
+        "make it in the job"
+    )
+
+
 def unpicklable_result(result: Any, exc: Exception) -> str:
     """What a job whose ``result`` failed to pickle (``exc``) reports, the same on
     dispynb's nodes and on every engine: the result's type, the part of it that

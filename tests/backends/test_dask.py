@@ -214,6 +214,13 @@ def main(args):
         with dispynb.JobCluster(keeps_a_lock, engine=engine) as cluster:
             lock = cluster.submit(1)
             lock()
+            try:
+                import threading
+
+                cluster.submit(threading.Lock())
+                refused = None
+            except dispynb.errors.SerializationError as exc:
+                refused = str(exc)
         with dispynb.JobCluster(eats_memory, engine=engine) as cluster:
             limit = cluster.submit(0)() + 256 * 2**20
             big = cluster.submit(1024, dispy_job_mem_limit=limit)
@@ -222,6 +229,7 @@ def main(args):
             "good": [int(good.status), good.result],
             "bad": [int(bad.status), bad.exception],
             "lock": [int(lock.status), lock.stdout, lock.exception],
+            "refused": refused,
             "big": [int(big.status), big.exception],
             "limit": limit,
         }
@@ -247,6 +255,15 @@ def test_a_failing_call_is_reported_as_on_dispynb_nodes(
         "function's arguments)\n",
     ]
     assert out["lock"] == [TERMINATED, "made it\n", UNPICKLABLE_LOCK]
+    refused = out["refused"]  # its argument is named, and what to send instead
+    assert refused.startswith(
+        "job argument 1 cannot be sent to a Dask worker: cannot pickle object of "
+        "type 'lock' ("
+    ), refused
+    assert refused.endswith(
+        "; send what it is made from instead (a file's path, not the open file; a "
+        "list, not a generator) and make it in the job"
+    ), refused
     status, exception = out["big"]
     assert status == TERMINATED and "MemoryError" in exception, exception
     assert exception.endswith(
@@ -424,6 +441,8 @@ def main(args):
         with dispynb.JobCluster(digest, engine=DaskEngine(dask_cluster)) as cluster:
             jobs = [cluster.submit(*a, **k) for a, k in arguments]
             try:
+                import threading
+
                 cluster.submit(threading.Lock())
                 refused = None
             except dispynb.errors.SerializationError as exc:

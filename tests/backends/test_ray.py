@@ -22,7 +22,7 @@ import pytest
 import dispynb
 from dispynb import JobCluster
 from dispynb.backends.ray import RayEngine
-from dispynb.errors import NotSupportedError, SetupError
+from dispynb.errors import NotSupportedError, SerializationError, SetupError
 from dispynb.job import DispyJob, JobStatus
 from tests.backends.rayhead import RayHead
 from tests.backends.raywork import (
@@ -260,6 +260,29 @@ def test_a_result_that_cannot_be_pickled_says_why(engine: RayEngine) -> None:
         assert (batched.stdout, batched.exception) == ("made it\n", UNPICKLABLE_LOCK)
 
 
+def test_an_argument_that_cannot_be_pickled_is_named_as_on_dispynb_nodes(
+    engine: RayEngine,
+) -> None:
+    """submit() refuses an argument that cannot be pickled, naming it from 1 and
+    saying what to send instead, in the words of dispynb's nodes (it said
+    "argument 0 of the job cannot be sent to Ray: ...", no way out)."""
+    with (
+        JobCluster(compute, engine=engine) as cluster,
+        pytest.raises(SerializationError) as raised,
+    ):
+        cluster.submit(threading.Lock())
+    message = str(raised.value)
+    assert message.startswith(
+        "job argument 1 cannot be sent to a Ray worker: cannot pickle object of "
+        "type 'lock' ("
+    ), message
+    assert message.endswith(
+        "TypeError: cannot pickle '_thread.lock' object; send what it is made from "
+        "instead (a file's path, not the open file; a list, not a generator) and "
+        "make it in the job"
+    ), message
+
+
 def test_setup_and_cleanup_run_once_per_worker(
     engine: RayEngine, tmp_path: Path
 ) -> None:
@@ -284,11 +307,29 @@ def test_setup_and_cleanup_run_once_per_worker(
 
 
 def test_setup_failure_is_one_clear_error(engine: RayEngine) -> None:
+    """A setup that raises, or returns what is not success, is one SetupError that
+    says so in the words of dispynb's nodes (before, Ray's text came first: "The
+    actor died because of an error raised in its creation task", terminal
+    colours, the actor's frames and carets, with the reason at the end of them)."""
+
     def broken_setup() -> int:
         raise RuntimeError("no database here")
 
-    with pytest.raises(SetupError, match="no database here"):
+    def refusing_setup() -> int:
+        return 5
+
+    with pytest.raises(SetupError) as raised:
         JobCluster(compute, setup=broken_setup, engine=engine)
+    assert str(raised.value) == (
+        "the computation could not be set up on the Ray cluster: setup raised "
+        "RuntimeError: no database here"
+    )
+    with pytest.raises(SetupError) as raised:
+        JobCluster(compute, setup=refusing_setup, engine=engine)
+    assert str(raised.value) == (
+        "the computation could not be set up on the Ray cluster: setup returned 5; "
+        "success is None, 0, 1 or 2"
+    )
 
 
 def test_depends_files_are_next_to_the_jobs(engine: RayEngine, tmp_path: Path) -> None:
