@@ -51,6 +51,7 @@ from dispynb.protocol import serialize
 if TYPE_CHECKING:
     from dispynb.backends.base import Engine
     from dispynb.cluster import ClusterFactory, JobCluster
+    from dispynb.node import DispyNode
 
 __all__ = ["Run"]
 
@@ -112,6 +113,9 @@ class Run(_RunEvents):
         # Jobs this run cancelled: running ones end Terminated, and count as cancelled
         # (not failed) since they were stopped on purpose.
         self._cancelled: set[Any] = set()
+        # The node each failed job ended on (its name and port, which the job's
+        # ip_addr does not tell apart among nodes of one address: %dispy local).
+        self._failed_on: dict[Any, DispyNode] = {}
         self._provisional: dict[Any, Any] = {}  # job id -> latest provisional result
         self._provisional_count = 0
         self._latest: tuple[Any, Any] | None = None  # (job id, provisional result)

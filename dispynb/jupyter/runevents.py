@@ -34,6 +34,8 @@ class _RunEvents(_RunStop):
     ) -> None:
         try:
             if job is not None:
+                if node is not None and status in _FAILED:
+                    self._failed_on[job.id] = node
                 self._job_event(status, job)
             for listener in list(self._listeners):
                 listener(status, node, job)

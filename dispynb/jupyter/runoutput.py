@@ -17,6 +17,7 @@ import sys
 from dispynb._interruptible import HeldInterrupts
 from dispynb.job import DispyJob
 from dispynb.jupyter.runstate import _FAILED, Writer, _RunState
+from dispynb.transport.addressing import format_address
 
 #: Characters of one job's stdout (or stderr) shown: its first lines and its last.
 JOB_SHOWN = 10_000
@@ -74,13 +75,22 @@ class _RunOutput(_RunState):
             seen = self._failure_kinds.setdefault(kind, [])
             seen.append(job)
             if len(seen) == 1:
-                where = f" on {job.ip_addr}" if job.ip_addr else ""
+                where = self._where_failed(job)
                 index = self._index.get(job.id)
                 writer(
                     "stderr",
                     f"job {job.id} (input {index}){where} failed:\n"
                     f"{self.traceback(job).rstrip()}\n{_missing_file_hint(job)}",
                 )
+
+    def _where_failed(self, job: DispyJob) -> str:
+        """``" on local-1 (127.0.0.1:40331)"``: the node a failed job ended on;
+        its address alone if the run did not hear which node that was."""
+        node = self._failed_on.get(job.id)
+        if node is None:
+            return f" on {job.ip_addr}" if job.ip_addr else ""
+        address = format_address(node.ip_addr, node.port)
+        return f" on {node.name} ({address})" if node.name else f" on {address}"
 
     def _summary(self, writer: Writer) -> None:
         for kind, jobs in self._failure_kinds.items():

@@ -52,6 +52,7 @@ class _RunState:
     _early_final: dict[Any, JobStatus]
     _tally: dict[str, int]
     _cancelled: set[Any]
+    _failed_on: dict[Any, DispyNode]
     _provisional: dict[Any, Any]
     _provisional_count: int
     _latest: tuple[Any, Any] | None

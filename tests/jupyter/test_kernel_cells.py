@@ -486,6 +486,27 @@ def test_nodes_elsewhere_replace_the_notebooks_only_once_they_answer(
         assert wait_gone(pids, 10) == []
 
 
+def test_a_failure_names_the_node_it_ran_on_among_nodes_of_one_address(tmp_path):
+    """Two local nodes share 127.0.0.1: 'job 2 (input 1) on 127.0.0.1 failed' did
+    not say which of them; the line names the node and its port, as the panel and
+    %dispy status do."""
+    with kernel(tmp_path) as k:
+        k.run_ok("%load_ext dispynb\n%dispy local --nodes 2 --cpus 1")
+        out = k.execute(
+            '%%dispy --over "range(2)" --into where --on local-1\n'
+            "def where(i):\n"
+            "    if i == 1:\n"
+            "        raise ValueError(i)\n"
+            "    return i"
+        )
+        session = "get_ipython().magics_manager.registry['DispyMagics'].session"
+        port = k.value(f"{session}.local.addresses[1][1]")  # local-1's
+    assert out.status == "ok", out.text
+    found = re.search(r"job \d+ \(input 1\) on (.+) failed:", out.stderr)
+    assert found, out.stderr
+    assert found.group(1) == f"local-1 (127.0.0.1:{port})", out.stderr
+
+
 def test_replaced_and_dead_nodes_show_as_gone_not_idle(tmp_path: Path):
     with kernel(tmp_path) as k:
         k.run_ok("%load_ext dispynb\n%dispy local --cpus 1")
