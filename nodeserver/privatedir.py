@@ -48,9 +48,10 @@ def private_dir(path: str, option: str = "--dest-path") -> None:
             where, why = found
             what = "it" if where == path else where
             raise ConfigurationError(
-                f"{option} {path}: {what} {why}, so another user could replace the "
-                "node's files, and the code its jobs run; remove it (if it is not "
-                f"yours) or give {option} a directory of your own, writable by you only"
+                f"{option} {path}: {what} {why}, so another user could replace "
+                "what is kept there (files jobs run, results clients unpickle); "
+                f"remove it (if it is not yours) or give {option} a directory of "
+                "your own, writable by you only"
             )
     with os.scandir(path) as entries:  # made before it was private?
         for entry in entries:

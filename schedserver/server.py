@@ -22,6 +22,7 @@ from dispynb.node import NodeAllocate, parse_node_specs
 from dispynb.protocol.messages import ComputationClose, Welcome
 from dispynb.transport.addressing import format_address
 from dispynb.transport.listener import Listener
+from nodeserver.privatedir import private_dir
 from schedserver.clients import _Clients
 from schedserver.dispatch import _Dispatch
 from schedserver.filerelay import _FileRelay
@@ -45,6 +46,9 @@ class SchedulerServer(
         """Listen for clients and connect to the nodes; return the port."""
         config = self.config
         self.users.load()  # a users file readable by others is refused here
+        # Users' files and kept results spill there: another user's directory is
+        # refused (its default is in /tmp, where anyone may make it first).
+        private_dir(config.dest_path_prefix, "--dest_path_prefix")
         if config.clean:
             self.spill.clean()
         listener = Listener(

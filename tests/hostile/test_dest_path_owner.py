@@ -22,8 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from dispynb import DispyJob, JobCluster
+from dispynb import DispyJob, JobCluster, LocalCluster
 from tests.nodeproc import running_node, start_node
+from tests.sharedsched.harness import SchedulerProcess
 
 pytestmark = pytest.mark.slow
 
@@ -130,3 +131,36 @@ def test_a_directory_of_the_nodes_own_user_still_serves(
     mode = dest.stat().st_mode & 0o777
     measure(f"a directory the node made itself: mode {mode:o}, the job got {got!r}")
     assert got == "the client" and mode == 0o700
+
+
+@pytest.mark.attack(
+    id="sched-dest-path-squatting",
+    title="Another user of the machine (nobody) makes a scheduler's default spill "
+    "directory (/tmp/dispynb/scheduler) mode 777 before the scheduler starts",
+    goal="the scheduler refuses it at start, naming its owner and the fix (was: "
+    "it started and spilled users' files and results there)",
+)
+@pytest.mark.timeout(60)
+def test_a_spill_directory_another_user_made_is_refused(
+    tmp_path: Path, shared_tmp: Path, measure
+) -> None:
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("another user needs root and setpriv")
+    prefix = shared_tmp / "dispynb" / "scheduler"
+    _as_nobody(f"mkdir -m 777 {prefix.parent} {prefix}")
+    with LocalCluster(nodes=1, cpus=1) as nodes:
+        sched = SchedulerProcess(
+            tmp_path,
+            nodes.node_specs(),
+            nodes.secret,
+            ("--dest_path_prefix", str(prefix)),
+        )
+        try:
+            sched.start()
+            met = "started"
+        except AssertionError:  # it exited
+            met = sched.log_text().strip().splitlines()[-1]
+        finally:
+            sched.stop()
+    measure(f"scheduler: {met[:150]}")
+    assert "nobody" in met and "--dest_path_prefix" in met
