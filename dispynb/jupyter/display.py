@@ -125,7 +125,9 @@ def run_html(run: Run) -> str:
     failures = run.failures
     if failures:
         first = failures[0]
-        summary = f"{len(failures)} failed; first: job {first.id} on {first.ip_addr}"
+        summary = (
+            f"{len(failures)} failed; first: job {first.id}{run._where_failed(first)}"
+        )
         parts.append(details_html(summary, run.traceback(first)))
     parts.append(
         "<div style='font-size:80%;color:#757575'>results: <code>.results</code>, "

@@ -348,4 +348,7 @@ def test_run_repr_and_html(local):
     html = run._repr_html_()
     assert "Run bad" in html
     assert "1 failed; first: job" in html
+    # The node by name and port, as the cell's line says it (before: 127.0.0.1).
+    host, port = local.addresses[0]
+    assert f"on local-0 ({host}:{port})" in html, html
     assert "ValueError: bad value 1" in html
