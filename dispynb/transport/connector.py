@@ -218,9 +218,12 @@ async def _connect_once(
             welcome = await client_handshake(conn, secret, max_message_size, name, user)
     except TimeoutError:
         conn.abort()
+        # The kernel completed the TCP handshake: something listens there.
         raise ConnectTimeoutError(
-            f"{peer} did not complete the dispynb handshake in {handshake_timeout} s; "
-            "is it a dispynb node (with TLS if the node uses TLS)?"
+            f"{peer} accepted the connection but did not complete the dispynb "
+            f"handshake in {handshake_timeout} s: the process there is stopped "
+            "(SIGSTOP, Ctrl-Z, a suspended batch job), too busy to answer, or no "
+            f"{server} (with TLS if the {_ROLE[server]} uses TLS)"
         ) from None
     except (ProtocolError, AuthenticationError, NodeBusyError) as exc:
         conn.abort()
@@ -250,6 +253,9 @@ async def _connect_once(
 _PLAIN_ANSWER = "WRONG_VERSION_NUMBER"
 
 #: How each server is started with TLS, for a client that expected it.
+#: What each server is called in a sentence.
+_ROLE = {"dispynb-node": "node", "dispynb-scheduler": "scheduler"}
+
 _TLS = {
     "dispynb-node": "the node with --certfile and --keyfile",
     "dispynb-scheduler": "dispynb-scheduler with --cluster_certfile and "

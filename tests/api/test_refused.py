@@ -7,6 +7,7 @@ internal frames and chained errors.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +75,31 @@ def test_a_wrong_secret_stops_the_script_with_the_fix_on_its_last_line(
     )
     assert_short(traceback)
     assert "a-stale-secret" not in done.stderr
+
+
+@pytest.mark.timeout(90)
+def test_a_stopped_node_is_said_to_be_maybe_stopped_not_maybe_no_node(
+    tmp_path: Path,
+) -> None:
+    """A node whose process is stopped (Ctrl-Z, SIGSTOP, a suspended batch job)
+    still completes TCP connections (the kernel does) but never answers: the
+    script's last line says so (before, only 'is it a dispynb node?', which it is)."""
+    secret = "the-nodes-secret-4f9c2a7e1b"
+    with running_node(tmp_path / "node", secret=secret) as node:
+        node.proc.send_signal(signal.SIGSTOP)
+        try:
+            done = run_script(tmp_path, node.spec, secret)
+        finally:
+            node.proc.send_signal(signal.SIGCONT)
+    assert done.returncode == 1, done.stdout + done.stderr
+    traceback = traceback_of(done.stderr)
+    assert traceback[-1] == (
+        f"dispynb.errors.ConnectTimeoutError: {node.spec} accepted the connection "
+        "but did not complete the dispynb handshake in 5.0 s: the process there is "
+        "stopped (SIGSTOP, Ctrl-Z, a suspended batch job), too busy to answer, or "
+        "no dispynb-node (with TLS if the node uses TLS)"
+    )
+    assert_short(traceback)
 
 
 @pytest.mark.timeout(90)
