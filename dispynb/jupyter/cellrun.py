@@ -22,6 +22,7 @@ from typing import Any
 from IPython.core.error import UsageError
 from IPython.display import display
 
+from dispynb.job import JobStatus
 from dispynb.jupyter.errors import MagicError, RunInterrupted
 from dispynb.jupyter.magicsupport import (
     callers_of,
@@ -55,6 +56,10 @@ NODES_HINT = (
     "start nodes on this machine with %dispy local, or use running ones with "
     "%dispy nodes HOST[:PORT] ... (see %dispy?)"
 )
+
+
+#: How a job the run cancelled ends: before it ran, or stopped while running.
+_CANCELLED = frozenset({JobStatus.Cancelled, JobStatus.Terminated})
 
 
 class CellRunner:
@@ -217,6 +222,14 @@ class CellRunner:
             raise RunInterrupted(run.stop("Interrupted", quiet=True)) from None
         if not finished:
             run.stop(f"Timed out after {args.timeout} s")
+            if not any(job.status is JobStatus.Finished for job in run.jobs):
+                # Nothing to go on with, as when every job failed (below).
+                cancelled = sum(job.status in _CANCELLED for job in run.jobs)
+                raise MagicError(
+                    f"no job of run {label!r} finished within --timeout "
+                    f"{args.timeout:g} s ({cancelled} cancelled): give it more "
+                    f"seconds; {run.ref}.df has the jobs"
+                )
             return None
         failures = run.failures
         if failures and len(failures) == len(run.jobs):

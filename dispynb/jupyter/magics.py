@@ -406,7 +406,8 @@ class DispyMagics(Magics):
         "--timeout",
         type=float,
         metavar="SECONDS",
-        help="wait at most this long, then cancel the unfinished jobs",
+        help="wait at most this long, then cancel the unfinished jobs (the cell "
+        "fails if none finished)",
     )
     @_cell_magic_named("dispy")
     def cell_dispy(self, line: str, cell: str) -> None:

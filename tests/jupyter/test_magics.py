@@ -229,6 +229,26 @@ def test_magic_cell_timeout_cancels_unfinished_jobs(ip):
     ) in err
 
 
+def test_magic_cell_timeout_before_any_result_fails_the_cell(ip):
+    """Nothing finished within --timeout: nothing to go on with, so the cell fails
+    (Run All stops there), as when every job failed; before, it ended 'ok' and the
+    next cells ran on with ``None`` results."""
+    ip.user_ns.pop("none", None)
+    with capture_output(), pytest.raises(MagicError) as raised:
+        ip.run_cell_magic(
+            "dispy",
+            '--over "[30, 30]" --into none --timeout 0.5',
+            "def nap(s):\n    import time\n    time.sleep(s)\n    return s\n",
+        )
+    assert str(raised.value) == (
+        "no job of run 'none' finished within --timeout 0.5 s (2 cancelled): give "
+        "it more seconds; none.df has the jobs"
+    )
+    run = ip.user_ns["none"]
+    assert [job.status for job in run.jobs] == [JobStatus.Terminated] * 2
+    assert not run.failures  # cancelled, not failed
+
+
 def test_magic_cell_error_in_cell_submits_nothing(ip):
     ip.user_ns.pop("broken", None)
     with capture_output(), pytest.raises(MagicError, match="no jobs were submitted"):
