@@ -147,7 +147,8 @@ class _ComputationState:
     _remove_path: bool
     _home: str | None
     _removals: Removals | None
-    _removal_note: str | None
+    #: The note of ``path`` in `_removals`, while it is noted (`_WorkerLife.start`).
+    _removal_note: str | None = None
     _objects: set[str]
     _process: ComputationProcess | None
     _control: ControlChannel | None

@@ -185,10 +185,8 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
         #: The directory above ``path`` made for its client's session: it and the
         #: directories between go once empty, as the computation closes.
         self._home = home
-        #: Where ``path`` is noted while it exists, if it is to be removed: the
-        #: next node removes it if this one is killed first (`nodeserver.leftovers`).
+        #: Notes ``path`` while it exists if it is to go (`nodeserver.leftovers`).
         self._removals = removals
-        self._removal_note: str | None = None
         self.limits = limits or JobLimits()
         self._queue: collections.deque[NodeJob] = collections.deque()
         self._workers: dict[int, Worker] = {}
