@@ -18,6 +18,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -168,6 +169,26 @@ def _request_waiting(pid: int) -> bool:
         if f"pid={pid}," in line and fields[2].isdigit() and int(fields[2]) > 0:
             return True
     return False
+
+
+@contextlib.contextmanager
+def _held_computation(
+    node: CliNode, directory: Path, name: str = "a"
+) -> Iterator[tuple[list[DispyJob], int, int, list[psutil.Process]]]:
+    """A cluster on ``node`` (named ``name``) whose setup started a child and whose
+    two jobs each left a ``setsid()`` daemon and hold: its jobs, its computation
+    process's pid, the setup's child's pid, and every process below the latter."""
+    markers, record = directory / "markers", directory / "record"
+    markers.mkdir()
+    setup = functools.partial(start_a_sleeper, str(record))
+    with JobCluster(
+        daemonize_and_hold, nodes=[node.spec], secret=node.secret, setup=setup
+    ) as cluster:
+        jobs = [cluster.submit(str(markers), name) for _ in range(2)]
+        wait_until(lambda: len(_written(markers)) == 2)
+        computation, child = (int(pid) for pid in record.read_text().split())
+        below = psutil.Process(computation).children(recursive=True)
+        yield jobs, computation, child, below
 
 
 def _another_cluster(
@@ -372,18 +393,9 @@ def test_a_crashed_workers_daemon_is_killed(tmp_path: Path, measure) -> None:
 def test_a_killed_computation_leaves_nothing(
     tmp_path: Path, measure, zygote: str
 ) -> None:
-    markers, record = tmp_path / "markers", tmp_path / "record"
-    markers.mkdir()
     launcher = [*NO_CGROUPS, f"DISPYNB_ZYGOTE={zygote}"]
     with running_node(tmp_path / "a", name="a", cpus=2, launcher=launcher) as a:
-        setup = functools.partial(start_a_sleeper, str(record))
-        with JobCluster(
-            daemonize_and_hold, nodes=[a.spec], secret=a.secret, setup=setup
-        ) as cluster:
-            jobs = [cluster.submit(str(markers), "a") for _ in range(2)]
-            wait_until(lambda: len(_written(markers)) == 2)
-            computation, child = (int(pid) for pid in record.read_text().split())
-            below = psutil.Process(computation).children(recursive=True)
+        with _held_computation(a, tmp_path) as (jobs, computation, child, below):
             psutil.Process(computation).kill()
             for job in jobs:
                 job()
@@ -470,40 +482,33 @@ def test_what_a_computation_killed_during_a_launch_leaves_is_killed_as_it_ends(
 ) -> None:
     if shutil.which("ss") is None:
         pytest.skip("needs ss (iproute2) to see the zygote's pending request")
-    markers, record = tmp_path / "markers", tmp_path / "record"
-    markers.mkdir()
     ready, release = threading.Event(), threading.Event()
-    with running_node(tmp_path / "a", name="a", cpus=2, launcher=NO_CGROUPS) as a:
-        setup = functools.partial(start_a_sleeper, str(record))
-        with JobCluster(
-            daemonize_and_hold, nodes=[a.spec], secret=a.secret, setup=setup
-        ) as cluster:
-            jobs = [cluster.submit(str(markers), "a") for _ in range(2)]
-            wait_until(lambda: len(_written(markers)) == 2)
-            computation, child = (int(pid) for pid in record.read_text().split())
-            below = psutil.Process(computation).children(recursive=True)
-            zygote = _zygote(a)
-            other = threading.Thread(
-                target=_another_cluster, args=(a, ready, release), daemon=True
-            )
-            zygote.suspend()
-            try:
-                other.start()
-                wait_until(lambda: _request_waiting(zygote.pid))  # a launch under way
-                psutil.Process(computation).kill()
-                for job in jobs:
-                    job()
-                held = sum(process.is_running() for process in below)
-                assert _request_waiting(zygote.pid)  # still under way
-            finally:
-                zygote.resume()
-            try:
-                assert ready.wait(WAIT), "the other cluster's process was not made"
-                # Before that cluster closes: its process's end would sweep too.
-                left = _left(below)
-            finally:
-                release.set()
-                other.join(WAIT)
+    with (
+        running_node(tmp_path / "a", name="a", cpus=2, launcher=NO_CGROUPS) as a,
+        _held_computation(a, tmp_path) as (jobs, computation, child, below),
+    ):
+        zygote = _zygote(a)
+        other = threading.Thread(
+            target=_another_cluster, args=(a, ready, release), daemon=True
+        )
+        zygote.suspend()
+        try:
+            other.start()
+            wait_until(lambda: _request_waiting(zygote.pid))  # a launch under way
+            psutil.Process(computation).kill()
+            for job in jobs:
+                job()
+            held = sum(process.is_running() for process in below)
+            assert _request_waiting(zygote.pid)  # still under way
+        finally:
+            zygote.resume()
+        try:
+            assert ready.wait(WAIT), "the other cluster's process was not made"
+            # Before that cluster closes: its process's end would sweep too.
+            left = _left(below)
+        finally:
+            release.set()
+            other.join(WAIT)
     measure(
         f"{len(below)} processes below the killed computation; {held} alive while "
         f"the launch was held; {len(left)} left after it"
