@@ -202,10 +202,15 @@ class _Jobs(_ClusterState):
         return timeout, mem
 
     def cancel(self, job: DispyJob) -> int:
-        """Cancel a job: queued jobs end `Cancelled`, running ones `Terminated`.
+        """Cancel a job: queued jobs end `Cancelled`, running ones `Terminated`
+        (``Finished`` if the computation catches the KeyboardInterrupt and returns).
 
-        Returns 0, or -1 if the job had already finished.
+        As in dispy, ``job.status`` is ``Cancelled`` as soon as this returns, until
+        the job's end is reported; no callback reports the cancel itself. Returns 0,
+        or -1 if the job had already finished or was cancelled already.
         """
+        if job.done() or job._key not in self._jobs or not job._mark_cancelled():
+            return -1
         return 0 if self._cancel_all([job]) else -1
 
     def _cancel_all(self, jobs: list[DispyJob]) -> list[DispyJob]:

@@ -421,24 +421,35 @@ class DispyJob:
     def _set_running(self, ip_addr: str, start_time: float | None = None) -> bool:
         """Mark the job as executing on the node at ``ip_addr`` since ``start_time``
         (the node's clock; default now); ignored once done."""
-        if self._done:
-            return False
-        self.ip_addr = ip_addr
-        self.start_time = time.time() if start_time is None else start_time
-        self.status = JobStatus.Running
+        with _lock:  # against `_mark_cancelled` on a user's thread
+            if self._done or self.status is JobStatus.Cancelled:
+                return False
+            self.ip_addr = ip_addr
+            self.start_time = time.time() if start_time is None else start_time
+            self.status = JobStatus.Running
         if self._future is not None:
             self._future._mark_running()
         return True
 
     def _set_provisional(self, result: Any) -> bool:
         """Store a provisional result (``finish`` waits for the final status);
-        ignored once done."""
+        ignored once done or cancelled."""
         with _lock:
-            if self._done:
+            if self._done or self.status is JobStatus.Cancelled:
                 return False
             self.result = result
             self.status = JobStatus.ProvisionalResult
         return True
+
+    def _mark_cancelled(self) -> bool:
+        """Show the job ``Cancelled`` from the moment it is cancelled, as dispy does
+        (it still ends as its engine reports: ``Terminated`` once its node stops
+        it). Returns False if it is done or already cancelled."""
+        with _lock:
+            if self._done or self.status is JobStatus.Cancelled:
+                return False
+            self.status = JobStatus.Cancelled
+            return True
 
     def _requeue(self) -> bool:
         """Put a job back to ``Created`` to run it elsewhere (reentrant jobs)."""

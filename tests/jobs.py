@@ -90,6 +90,19 @@ def sleep_unless_interrupted(marker: str, seconds: float) -> str:
     return "slept"
 
 
+def hold_through_interrupt(marker: str, release: str, limit: float = WAIT) -> str:
+    """Write ``marker``, then wait until ``release`` exists (at most ``limit`` s),
+    ignoring KeyboardInterrupt (a cancel): a job the node must kill after its grace
+    period. Returns "released" or "held"."""
+    Path(f"{marker}.tmp").write_text(str(os.getpid()))
+    os.replace(f"{marker}.tmp", marker)
+    deadline = time.monotonic() + limit
+    while not os.path.exists(release) and time.monotonic() < deadline:
+        with contextlib.suppress(KeyboardInterrupt):
+            time.sleep(0.005)
+    return "released" if os.path.exists(release) else "held"
+
+
 def mark_and_hold(marker: str, release: str, limit: float = WAIT) -> float:
     """Write ``marker`` (the job has started), wait until ``release`` exists (at most
     ``limit`` s), and return when the job started (epoch seconds)."""

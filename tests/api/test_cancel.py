@@ -1,0 +1,86 @@
+"""dispy's ``cluster.cancel(job)`` as scripts see it, with real nodes on 127.0.0.1.
+
+dispy marks a job ``Cancelled`` the moment it is cancelled; a running one then ends
+as its node reports (``Terminated``, or ``Finished`` if it caught the interrupt and
+returned). A second cancel of it returns -1, and no callback reports the cancel
+itself, only the job's end.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from dispynb import DispyJob, JobCluster
+from tests import jobs
+from tests.jobs import WAIT, wait_for_path
+
+pytestmark = pytest.mark.slow
+
+
+def test_cancel_of_a_running_job_marks_it_cancelled_at_once_and_once(
+    local1, tmp_path
+):
+    marker, release = tmp_path / "started", tmp_path / "release"
+    seen: list[tuple[str, int]] = []
+    lock = threading.Lock()
+
+    def job_status(job: DispyJob) -> None:
+        with lock:
+            seen.append(("job", job.status))
+
+    def cluster_status(status: int, node: object, job: DispyJob | None) -> None:
+        if job is not None:
+            with lock:
+                seen.append(("cluster", status))
+
+    with JobCluster(
+        jobs.hold_through_interrupt,
+        nodes=local1,
+        job_status=job_status,
+        cluster_status=cluster_status,
+    ) as cluster:
+        job = cluster.submit(str(marker), str(release))
+        wait_for_path(marker)
+        jobs.wait_until(lambda: job.status == DispyJob.Running)
+        # The job ignores the interrupt: the node kills it only after its grace
+        # period, and until then it is still running there.
+        assert cluster.cancel(job) == 0
+        assert job.status == DispyJob.Cancelled
+        assert not job.done()
+        assert cluster.cancel(job) == -1
+        assert job.status == DispyJob.Cancelled
+        assert job.wait(timeout=WAIT)
+        assert job.status == DispyJob.Terminated
+        assert cluster.cancel(job) == -1
+        assert cluster.wait(timeout=WAIT)
+    # No callback for the cancel itself: Created, Running, then the end.
+    assert seen == [
+        ("cluster", DispyJob.Created),
+        ("cluster", DispyJob.Running),
+        ("job", DispyJob.Terminated),
+        ("cluster", DispyJob.Terminated),
+    ], seen
+
+
+def test_cancel_of_a_queued_job_marks_it_cancelled_at_once_and_once(
+    local1, tmp_path
+):
+    marker, release = tmp_path / "started", tmp_path / "release"
+    with JobCluster(jobs.mark_and_hold, nodes=local1) as cluster:
+        try:
+            running = cluster.submit(str(marker), str(release))
+            wait_for_path(marker)
+            queued = cluster.submit(str(tmp_path / "never"), str(release))
+            assert cluster.cancel(queued) == 0
+            assert queued.status == DispyJob.Cancelled
+            assert cluster.cancel(queued) == -1
+            assert queued.wait(timeout=WAIT)
+            assert queued.status == DispyJob.Cancelled
+            assert not (tmp_path / "never").exists()
+            release.touch()
+            assert running.wait(timeout=WAIT)
+            assert running.status == DispyJob.Finished
+        finally:
+            release.touch()
