@@ -19,9 +19,7 @@ from tests.jobs import WAIT, wait_for_path
 pytestmark = pytest.mark.slow
 
 
-def test_cancel_of_a_running_job_marks_it_cancelled_at_once_and_once(
-    local1, tmp_path
-):
+def test_cancel_of_a_running_job_marks_it_cancelled_at_once_and_once(local1, tmp_path):
     marker, release = tmp_path / "started", tmp_path / "release"
     seen: list[tuple[str, int]] = []
     lock = threading.Lock()
@@ -64,9 +62,7 @@ def test_cancel_of_a_running_job_marks_it_cancelled_at_once_and_once(
     ], seen
 
 
-def test_cancel_of_a_queued_job_marks_it_cancelled_at_once_and_once(
-    local1, tmp_path
-):
+def test_cancel_of_a_queued_job_marks_it_cancelled_at_once_and_once(local1, tmp_path):
     marker, release = tmp_path / "started", tmp_path / "release"
     with JobCluster(jobs.mark_and_hold, nodes=local1) as cluster:
         try:

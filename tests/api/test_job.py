@@ -77,6 +77,12 @@ def test_job_id_given_is_kept_without_consuming_counter():
     assert after.id == before.id + 1
 
 
+def test_job_id_zero_and_other_false_ids_are_kept():
+    """dispy replaced a false id with the next number (``submit_job_id(0, ...)``
+    in a ``range`` loop gave job 0 the id of another job); dispynb keeps it."""
+    assert [make_job(job_id).id for job_id in (0, "", False)] == [0, "", False]
+
+
 def test_job_new_is_created_with_fields_like_dispy():
     start = time.time()
     job = make_job()
@@ -234,6 +240,19 @@ def test_job_updates_after_completion_are_ignored():
     assert job.status is JobStatus.Finished
     assert job.result == "final"
     assert job.ip_addr == "10.0.0.1"
+
+
+def test_job_cancelled_while_running_ignores_later_starts_and_provisionals():
+    job = make_job()
+    job._set_running("10.0.0.1")
+    assert job._mark_cancelled()
+    assert not job._mark_cancelled()  # dispy: a second cancel is refused
+    assert not job._set_running("10.0.0.2")
+    assert not job._set_provisional("late")
+    assert job.status is JobStatus.Cancelled and not job.done()
+    assert job._complete(JobStatus.Terminated)  # as its node reports
+    assert job.status is JobStatus.Terminated
+    assert not job._mark_cancelled()
 
 
 def test_job_requeue_returns_running_job_to_created():
