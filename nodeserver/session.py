@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import math
 import os
+import platform
 import re
 import time
 from collections.abc import Callable
@@ -184,7 +185,8 @@ class ClientSession(_SessionFiles, _SessionRecovery):
         if message.comp_id in self._computations:
             self.outbox.send_error("protocol", f"computation {message.comp_id} exists")
             return
-        if (bad := message.bad_seconds()) is not None:
+        bad = message.bad_seconds() or _other_python(message, self.server.config.name)
+        if bad is not None:
             self.outbox.write(ComputationFailed(comp_id=message.comp_id, message=bad))
             return
         short = self.server.descriptors.refuse(message.name, self._workers(message))
@@ -532,3 +534,20 @@ def _apply_limits(jobs: list[NodeJob], limits: list[Any]) -> None:
             ):
                 raise MessageError("malformed job mem_limit in job-submit")
             job.mem_limit = mem_limit
+
+
+def _other_python(message: ComputationSetup, name: str) -> str | None:
+    """Why this node cannot run ``message``'s compiled code (a client on another
+    Python version, major.minor, says so in ``python``); None if it can. A client
+    connecting directly refuses such a node itself; one going through a shared
+    scheduler learns it from here, by way of the scheduler."""
+    ours = platform.python_version()
+    if not message.python or ours.startswith(f"{message.python}."):
+        return None
+    theirs = message.python
+    return (
+        f"node {name!r} runs Python {ours} and the client Python "
+        f"{theirs}: functions defined in the client's program travel as compiled "
+        f"code, which only Python {theirs} runs. Run the client and the nodes with "
+        f"the same Python version (start dispynb-node with a Python {theirs})"
+    )

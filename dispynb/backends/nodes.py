@@ -168,6 +168,8 @@ class NodesBackend:
                 max_result=_result_cap(opts),
                 max_pids=opts.max_pids,
                 fresh_process=opts.fresh_process,
+                # Nodes (a scheduler's too) on another version refuse compiled code.
+                python=_PYTHON if _compiled_code(opts, config.depends.names) else "",
                 result_types=None
                 if opts.result_types is None
                 else serialize.AllowList(opts.result_types),
@@ -633,6 +635,10 @@ def _configured_port() -> int:
     return port
 
 
+#: This client's Python version, major.minor: what compiled code needs.
+_PYTHON = "{}.{}".format(*sys.version_info[:2])
+
+
 def _compiled_code(opts: ClusterOptions, names: dict[str, Any]) -> str:
     """What of a computation travels as compiled code (cloudpickle by value), as
     words for a message; "" if nothing does (a program, installed functions)."""
@@ -661,7 +667,7 @@ def _check_python(welcome: Welcome, peer_ip: str, compiled: str) -> None:
     if not compiled or not welcome.python:
         return
     theirs = ".".join(welcome.python.split(".")[:2])
-    ours = "{}.{}".format(*sys.version_info[:2])
+    ours = _PYTHON
     if theirs == ours:
         return
     raise SetupError(

@@ -336,6 +336,11 @@ class ComputationSetup(WireMessage):
     #: The largest message the client accepts (0: not said, the default's): a node
     #: sends this computation's results, and their output, within it (in chunks).
     max_message_size: int = 0
+    #: The client's Python version (major.minor) if code of its program travels
+    #: compiled (functions sent by value), else "": a node on another version
+    #: refuses the computation, which it could not run (a shared scheduler then
+    #: uses only its nodes of that version).
+    python: str = ""
 
     def bad_seconds(self) -> str | None:
         """Why a field in seconds cannot be used (NaN, infinite, negative; zero for

@@ -216,5 +216,7 @@ class DriverConfig:
     fresh_process: bool = False
     #: For a shared scheduler: the computation wants the nodes to itself.
     exclusive: bool = False
+    #: `ComputationSetup.python`: this Python (major.minor) if code travels compiled.
+    python: str = ""
     #: Restricted unpickling of results (``result_types``); None: plain pickle.
     result_types: serialize.AllowList | None = None

@@ -160,6 +160,7 @@ class DriverNodes(DriverResults):
                 reentrant=config.reentrant,
                 exclusive=config.exclusive,
                 max_message_size=config.max_message_size,
+                python=config.python,
             ),
             bundle,
         )

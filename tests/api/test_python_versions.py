@@ -77,3 +77,25 @@ def test_what_travels_by_name_runs_on_a_node_on_another_python(
         assert job() == 120 and job.status == DispyJob.Finished
     finally:
         cluster.close()
+
+
+class Scale:
+    """A class of the program: an instance of it in ``depends`` sends the class,
+    compiled."""
+
+    def __init__(self, factor: int) -> None:
+        self.factor = factor
+
+
+def test_an_instance_of_a_program_class_in_depends_is_refused_by_another_python(
+    other_python: CliNode,
+) -> None:
+    with pytest.raises(SetupError) as raised:
+        JobCluster(
+            math.factorial,
+            depends=[Scale(2)],
+            nodes=[other_python.spec],
+            secret=other_python.secret,
+        )
+    assert "runs Python 3.99.0" in str(raised.value)
+    assert "Scale (depends), defined in this program" in str(raised.value)
