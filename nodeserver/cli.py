@@ -361,13 +361,17 @@ async def serve(
     now = asyncio.Event()
     loop = asyncio.get_running_loop()
 
-    def on_signal() -> None:
+    signalled: list[str] = []  # the first signal's name: clients are told
+
+    def on_signal(signum: signal.Signals) -> None:
         if stop.is_set():
             now.set()
+        elif not signalled:
+            signalled.append(signum.name)
         stop.set()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal)
+        loop.add_signal_handler(signum, on_signal, signum)
     if isinstance(launcher, AdoptingLauncher):
         # Orphans are reaped as they exit; a killed zygote at once (and logged).
         launcher.watch()
@@ -431,9 +435,19 @@ async def serve(
     await _cancel_all(tasks)
     if server.served_all.is_set():
         logger.info("served %d clients (--serve): shutting down", config.serve)
+        why = f"it served its {config.serve} clients (--serve)"
     else:
         logger.info("shutting down")
-    await server.stop(0.0 if orphaned.is_set() else config.drain_timeout, now)
+        why = (
+            f"{signalled[0]}"
+            if signalled
+            else "its parent process exited"
+            if orphaned.is_set()
+            else "a job called dispynode_shutdown()"
+            if server.shutdown_requested.is_set()
+            else ""
+        )
+    await server.stop(0.0 if orphaned.is_set() else config.drain_timeout, now, why)
     return orphaned.is_set()
 
 

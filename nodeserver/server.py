@@ -244,9 +244,10 @@ class NodeServer:
         """End every client's computations now: running jobs are terminated,
         unstarted ones handed back (``--service_end``)."""
         draining, self.draining = self.draining, True
+        why = f"node {self.config.name!r} ended its service window (--service_end)"
         try:
             await asyncio.gather(
-                *(session.hand_back() for session in list(self.sessions)),
+                *(session.hand_back(why) for session in list(self.sessions)),
                 return_exceptions=True,
             )
             for session in list(self.sessions):
@@ -296,19 +297,27 @@ class NodeServer:
                 self.served_all.set()
 
     async def stop(
-        self, drain_timeout: float = 0.0, now: asyncio.Event | None = None
+        self,
+        drain_timeout: float = 0.0,
+        now: asyncio.Event | None = None,
+        why: str = "",
     ) -> None:
         """Stop listening, hand back unstarted jobs, end every session.
 
         Running jobs may finish for up to ``drain_timeout`` seconds (0: they are
         terminated at once), or until ``now`` is set; sessions stay up meanwhile, so
-        clients still hear pulses and get the results.
+        clients still hear pulses and get the results. Clients are told the node
+        stops, and ``why`` (say, the signal).
         """
         self.pause()
         self.draining = True
+        leaving = f"node {self.config.name!r} is shutting down"
+        leaving += f" ({why})" if why else ""
+        if drain_timeout > 0:
+            leaving += f"; running jobs may finish within {drain_timeout:g} s"
         # Jobs that have not started go back to their clients, to run elsewhere.
         await asyncio.gather(
-            *(session.hand_back() for session in list(self.sessions)),
+            *(session.hand_back(leaving) for session in list(self.sessions)),
             return_exceptions=True,
         )
         if drain_timeout > 0 and (self.sessions or self.keeper.running):

@@ -443,9 +443,12 @@ class ClientSession(_SessionFiles, _SessionRecovery):
         if computation is not None:
             computation.cancel(message.key, message.attempt, message.unstarted)
 
-    async def hand_back(self) -> None:
-        """The node shuts down: hand back the jobs that have not started, and make
-        sure the client got that before the connection closes."""
+    async def hand_back(self, why: str) -> None:
+        """The node shuts down (``why``, for the client): say so, hand back the jobs
+        that have not started, and make sure the client got that before the
+        connection closes."""
+        avail = avail_info(self.server.config.dest_path)
+        self.outbox.write(NodeStatus(avail=avail, leaving=why))
         for comp_id, computation in self._computations.items():
             if not self._recovers(comp_id):
                 computation.hand_back()

@@ -484,9 +484,16 @@ class Recovered(WireMessage):
 
 @message("node-status")
 class NodeStatus(WireMessage):
-    """Node -> client, periodically: resources available (as in `Welcome.avail`)."""
+    """Node -> client, periodically: resources available (as in `Welcome.avail`).
+
+    Also sent once when the node starts to shut down, with ``leaving`` saying why
+    (and how long running jobs may go on): the client sends it no more jobs, runs a
+    reentrant computation's jobs elsewhere at once, and names the reason when the
+    jobs still running there end with the node. "" while it serves.
+    """
 
     avail: list[float | None]
+    leaving: str = ""
 
 
 @message("scheduler-nodes")

@@ -145,6 +145,10 @@ class Driver(DriverNodes):
     def _on_status(
         self, link: NodeLink, message: NodeStatus, buffers: list[memoryview]
     ) -> None:
+        if message.leaving and not link.stopping:
+            self._node_stopping(link, message.leaving)
+            if self.nodes.get(link.node_id) is not link:
+                return  # dropped: its jobs run elsewhere
         self.events.node_status(link, message.avail)
 
     def _on_scheduler_nodes(

@@ -80,6 +80,8 @@ class NodeLink:
     last_seen: float = 0.0  # loop time of the last message from it
     reads_seen: int = 0  # its connection's reads when the watchdog last looked
     leaving: bool = False  # it handed jobs back: it shuts down
+    #: Why it shuts down, as it said (`NodeStatus.leaving`); "" until it does.
+    stopping: str = ""
     releasing: bool = False  # close_node: once closed it leaves, not to come back
     # Files to send (read off the loop) and the messages that must follow them,
     # in wire order; `pumping` while `Driver._pump` works through them.

@@ -312,6 +312,30 @@ class DriverNodes(DriverResults):
         """Keys of the jobs running on a node."""
         return self.state.running_keys(node_id)
 
+    def _node_stopping(self, link: NodeLink, why: str) -> None:
+        """The node says it shuts down (``why``): it gets no more jobs. A reentrant
+        computation's jobs there run elsewhere now rather than at its end (the
+        node is dropped); others may finish there while it drains, and those that
+        do not end with the reason it gave."""
+        link.stopping = why
+        logger.info("node %s: %s", link.node_id, why)
+        if not link.leaving and link.ready:  # not before it joined
+            link.leaving = True
+            self._apply(self.state.handle(NodeJoined(link.node_id, 0)))
+        if self.config.reentrant and self.state.running_keys(link.node_id):
+            # Closed there first: else a node keeping computations for recovery
+            # would run the jobs on, orphaned, until its drain ends.
+            if link.conn is not None and not link.pumping:
+                with contextlib.suppress(DispynbError):
+                    link.conn.write(
+                        ComputationClose(
+                            comp_id=self.config.comp_id,
+                            terminate=True,
+                            cancel_waiting=True,
+                        )
+                    )
+            self._lose_node(link, why)
+
     def _lose_node(self, link: NodeLink, reason: str) -> None:
         for stream in [s for s in self._streams if s[0] == link.node_id]:
             del self._streams[stream]  # its results will not come
@@ -320,9 +344,15 @@ class DriverNodes(DriverResults):
         if self.nodes.pop(link.node_id, None) is None:
             return
         was_ready = link.ready
+        if link.stopping:  # what it said as it began to stop, not "closed"
+            reason = link.stopping
         if link.ready:
             link.ready = False
-            self._apply(self.state.handle(NodeLeft(link.node_id)), lost_reason=reason)
+            self._apply(
+                self.state.handle(NodeLeft(link.node_id)),
+                lost_reason=reason,
+                stopped=bool(link.stopping),
+            )
             self.events.node_closed(link, reason)
         if (
             was_ready

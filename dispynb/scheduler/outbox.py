@@ -204,8 +204,16 @@ class DriverOutbox:
         finally:
             self._placements.pop(request, None)
 
-    def _apply(self, instructions: list[Instruction], lost_reason: str = "") -> None:
-        """Carry out instructions; job batches are merged per node into one message."""
+    def _apply(
+        self,
+        instructions: list[Instruction],
+        lost_reason: str = "",
+        stopped: bool = False,
+    ) -> None:
+        """Carry out instructions; job batches are merged per node into one message.
+
+        A job abandoned with its node gets ``lost_reason``, as the node's own words
+        if it ``stopped`` (it said it shut down)."""
         batches: dict[str, list[tuple[int, int]]] = {}
         for instruction in instructions:
             if isinstance(instruction, SendJobs):
@@ -230,7 +238,12 @@ class DriverOutbox:
                 self._jobs.pop(instruction.key, None)
                 self._release_segments(instruction.key)
                 link = self.nodes.get(instruction.node)
-                reason = f"node {instruction.node} was lost ({lost_reason or 'left'})"
+                if stopped:
+                    reason = f"node {instruction.node} stopped: {lost_reason}"
+                else:
+                    reason = (
+                        f"node {instruction.node} was lost ({lost_reason or 'left'})"
+                    )
                 if instruction.lost_on:
                     reason = attempts_spent(instruction.lost_on, reason)
                 self.events.job_abandoned(
