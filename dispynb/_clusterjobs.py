@@ -209,6 +209,8 @@ class _Jobs(_ClusterState):
         the job's end is reported; no callback reports the cancel itself. Returns 0,
         or -1 if the job had already finished or was cancelled already.
         """
+        # The cluster's own job: a callback may cancel with the copy it was given.
+        job = self._jobs.get(job._key, job) if job._key is not None else job
         if job.done() or job._key not in self._jobs or not job._mark_cancelled():
             return -1
         return 0 if self._cancel_all([job]) else -1

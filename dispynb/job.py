@@ -433,9 +433,10 @@ class DispyJob:
 
     def _set_provisional(self, result: Any) -> bool:
         """Store a provisional result (``finish`` waits for the final status);
-        ignored once done or cancelled."""
+        ignored once done. A cancelled job still running may send one (from its
+        KeyboardInterrupt handler): as in dispy, it is ``ProvisionalResult`` again."""
         with _lock:
-            if self._done or self.status is JobStatus.Cancelled:
+            if self._done:
                 return False
             self.result = result
             self.status = JobStatus.ProvisionalResult
@@ -444,7 +445,8 @@ class DispyJob:
     def _mark_cancelled(self) -> bool:
         """Show the job ``Cancelled`` from the moment it is cancelled, as dispy does
         (it still ends as its engine reports: ``Terminated`` once its node stops
-        it). Returns False if it is done or already cancelled."""
+        it; a start reported later is ignored). Returns False if it is done or
+        already cancelled."""
         with _lock:
             if self._done or self.status is JobStatus.Cancelled:
                 return False

@@ -242,14 +242,16 @@ def test_job_updates_after_completion_are_ignored():
     assert job.ip_addr == "10.0.0.1"
 
 
-def test_job_cancelled_while_running_ignores_later_starts_and_provisionals():
+def test_job_cancelled_while_running_ignores_later_starts_not_provisionals():
     job = make_job()
     job._set_running("10.0.0.1")
     assert job._mark_cancelled()
     assert not job._mark_cancelled()  # dispy: a second cancel is refused
     assert not job._set_running("10.0.0.2")
-    assert not job._set_provisional("late")
     assert job.status is JobStatus.Cancelled and not job.done()
+    # Sent from its KeyboardInterrupt handler: dispy shows it, as this does.
+    assert job._set_provisional("best so far")
+    assert job.status is JobStatus.ProvisionalResult
     assert job._complete(JobStatus.Terminated)  # as its node reports
     assert job.status is JobStatus.Terminated
     assert not job._mark_cancelled()
