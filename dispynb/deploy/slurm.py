@@ -597,10 +597,12 @@ class SlurmNodes(NodeLauncher[SlurmJob]):
 
     def _suspension(self, job: SlurmJob, state: str, reason: str) -> None:
         """SLURM suspended the node's job (``scontrol suspend``, gang scheduling,
-        ``PreemptMode=SUSPEND``: every process of it stopped), or let it go on.
+        ``PreemptMode=SUSPEND``: every process of it stopped), or let it run again.
 
         Nothing else to do: the clusters find a stopped node silent and run its
-        reentrant jobs elsewhere, then connect to it again once it answers."""
+        reentrant jobs elsewhere, then connect to it again once it answers. A job
+        that leaves ``SUSPENDED`` other than for ``RUNNING`` is said by `_refresh`
+        (ended) or `_requeued`."""
         detail = f"SLURM job {job.job_id} {state}"
         if reason not in ("", "None"):
             detail += f" ({reason})"
@@ -612,9 +614,10 @@ class SlurmNodes(NodeLauncher[SlurmJob]):
                 job.name,
                 detail,
             )
-        else:
+        elif state == "RUNNING":
             self.events.append(ScaleEvent(time.time(), "resumed", job.name, detail))
             logger.info("node %s resumed: %s", job.name, detail)
+        # Otherwise it ended, or was requeued, while suspended: said as such.
 
     def _requeued(self, job: SlurmJob) -> None:
         """SLURM put the job of a registered node back in its queue: the node was

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 
@@ -114,3 +115,53 @@ def test_nodes_exit_without_a_client_by_default_and_as_told() -> None:
 def test_without_sbatch_the_error_says_so() -> None:
     with pytest.raises(LaunchError, match="SLURM login node"):
         SlurmNodes(1, sbatch="/nonexistent/sbatch", register_host="127.0.0.1")
+
+
+def test_a_suspension_is_said_once_and_its_end_as_an_end(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The states squeue reports in turn: a job suspended, resumed, suspended
+    again (the reason changing meanwhile), then cancelled while suspended. Events:
+    suspended, resumed, suspended; the cancel is said as the node's end, not as a
+    resumption."""
+    import asyncio
+
+    from dispynb.deploy.launcherstate import Launched
+    from dispynb.deploy.slurm import SlurmJob
+
+    reports = iter(
+        [
+            "7|RUNNING|None",
+            "7|SUSPENDED|None",
+            "7|RUNNING|None",
+            "7|SUSPENDED|None",
+            "7|SUSPENDED|Priority",
+            "7|CANCELLED|None",
+        ]
+    )
+
+    async def squeue(*args: object, **kwargs: object) -> tuple[int, str, str]:
+        return 0, next(reports) + "\n", ""
+
+    caplog.set_level(logging.INFO, logger="dispynb.deploy.slurm")
+    with SlurmNodes(0, secret=SECRET) as nodes:
+        job = SlurmJob("n1", "7")
+        with nodes._changed:
+            nodes._launched.append(Launched("n1", job))
+        monkeypatch.setattr(nodes, "_run", squeue)
+        for _ in range(6):
+            asyncio.run(nodes._refresh())
+        said = [(e.action, e.detail) for e in nodes.events if e.node == "n1"]
+    assert said == [
+        ("suspended", "SLURM job 7 SUSPENDED"),
+        ("resumed", "SLURM job 7 RUNNING"),
+        ("suspended", "SLURM job 7 SUSPENDED"),
+    ]
+    assert job.state == "CANCELLED" and job.ended
+    logged = [r.getMessage().split(";")[0] for r in caplog.records if "n1" in r.message]
+    assert logged == [
+        "node n1 suspended: SLURM job 7 SUSPENDED",
+        "node n1 resumed: SLURM job 7 RUNNING",
+        "node n1 suspended: SLURM job 7 SUSPENDED",
+        "node n1 ended: SLURM job 7 CANCELLED",
+    ], logged
