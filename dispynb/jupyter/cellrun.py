@@ -153,6 +153,8 @@ class CellRunner:
                 options["setup"] = setup
             if depends is not None:
                 options["depends"] = list(depends)
+            if args.reentrant:
+                options["reentrant"] = True
             with friendly_errors(
                 f"%%dispy could not start run {label!r}",
                 hint=NODES_HINT,

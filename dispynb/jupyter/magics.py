@@ -409,6 +409,13 @@ class DispyMagics(Magics):
         help="wait at most this long, then cancel the unfinished jobs (the cell "
         "fails if none finished)",
     )
+    @argument(
+        "--reentrant",
+        action="store_true",
+        help="a job whose node is lost (killed, cut off, stopped) runs again on "
+        "another node, as JobCluster(reentrant=True); without it such a job ends "
+        "Abandoned. For functions that may safely run twice",
+    )
     @_cell_magic_named("dispy")
     def cell_dispy(self, line: str, cell: str) -> None:
         """Run a function defined in this cell once per input, on the nodes.
@@ -439,6 +446,10 @@ class DispyMagics(Magics):
         latest value in the progress; ``run.provisional`` and the ``provisional``
         column of ``run.df`` hold each job's latest one. Files a job sends back
         with ``dispy_send_file(path)`` are saved under the notebook's directory.
+
+        A job running on a node that is lost (killed, cut off, stopped) ends
+        ``Abandoned``; with ``--reentrant`` it runs again on another node instead
+        (the function must be safe to run twice).
 
         Remote tracebacks point at the cell lines the failing code came from when
         that is unambiguous (``Cell In[3], line 4, in f`` and the line itself).

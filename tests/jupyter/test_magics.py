@@ -487,6 +487,7 @@ def test_magic_help_documents_every_option(ip):
         "--timeout",
         "--depends",
         "--on",
+        "--reentrant",
         "function",
     ):
         assert option in cell_doc, option
