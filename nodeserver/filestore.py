@@ -12,6 +12,16 @@ a notebook run again does not send its data files again, but only up to
 ``cache_size`` bytes: the ones idle longest go first (also those a node left behind
 when it stopped), so a node that serves for months does not fill its disk with every
 file it was ever sent; and when the disk is full, they go before a file is refused.
+
+A computation's file is a hard link to the stored one, so a job that writes to a file
+it was given (opens it to append, say) changes the stored copy. Every stored file is
+given a fixed modification time (`STORED_MTIME_NS`) that any write changes, and is
+used again only while it has it: one ``stat``, no hashing. A changed file is sent
+again (`has` and `put` take it for missing), never placed (`place` refuses it) and
+removed from the cache (`release`, and at start), so another computation, or the next
+run of the same one, gets the file as its client sent it; the job that changed it
+keeps its own changed copy. Computations that hold the same file at the same time
+share it (as jobs of one computation share their directory).
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ import logging
 import os
 import re
 import threading
+import time
 
 from dispynb.errors import ProtocolError
 from dispynb.protocol.files import digest_of, link_inside
@@ -40,6 +51,10 @@ class CannotStore(ProtocolError):
 class DiskFull(CannotStore):
     """No space (or quota) left for a file: `FileStore.make_room` may free some."""
 
+
+#: Modification time of every stored file (2000-01-01, whole seconds: any file
+#: system keeps it exactly); a write sets it to the time of the write.
+STORED_MTIME_NS = 946_684_800 * 1_000_000_000
 
 #: Errors of a write that room on the disk may cure.
 _NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -69,8 +84,8 @@ class FileStore:
         return self._idle_bytes
 
     def _adopt_leftovers(self) -> None:
-        """Files of an earlier run of the node are idle (oldest first); partial
-        writes it left are removed."""
+        """Files of an earlier run of the node are idle (used longest ago first);
+        partial writes it left, and files its jobs changed, are removed."""
         found = []
         with os.scandir(self.root) as entries:
             for entry in entries:
@@ -79,8 +94,11 @@ class FileStore:
                         os.unlink(entry.path)
                     elif _DIGEST.fullmatch(entry.name) and entry.is_file():
                         stat = entry.stat()
-                        found.append((stat.st_mtime, entry.name, stat.st_size))
-        for _mtime, digest, size in sorted(found):
+                        if stat.st_mtime_ns != STORED_MTIME_NS:
+                            os.unlink(entry.path)
+                            continue
+                        found.append((stat.st_atime_ns, entry.name, stat.st_size))
+        for _atime, digest, size in sorted(found):
             self._idle[digest] = size
             self._idle_bytes += size
         self._evict()
@@ -92,8 +110,19 @@ class FileStore:
         return os.path.join(self.root, digest)
 
     def has(self, digest: str) -> bool:
-        """Whether the store holds this file."""
-        return os.path.exists(self.path(digest))
+        """Whether the store holds this file as it was sent (one changed since, by
+        a job writing to it, is not)."""
+        return self._state(self.path(digest)) == "intact"
+
+    @staticmethod
+    def _state(path: str) -> str:
+        """``"intact"``, ``"changed"`` (written to since it was stored) or
+        ``"missing"``."""
+        try:
+            mtime = os.stat(path).st_mtime_ns
+        except FileNotFoundError:
+            return "missing"
+        return "intact" if mtime == STORED_MTIME_NS else "changed"
 
     def check_size(self, size: int, name: str = "a file") -> None:
         """Raise `ProtocolError` if ``size`` is over the node's limit."""
@@ -108,8 +137,8 @@ class FileStore:
         from a thread)."""
         self.check_size(len(data))
         path = self.path(digest)
-        if os.path.exists(path):
-            return
+        if self._state(path) == "intact":
+            return  # a changed one is replaced (its links keep their own copy)
         if digest_of(data) != digest:
             raise ProtocolError("a file's content does not match its digest")
         # Unique per thread too: sessions store large files in threads at once.
@@ -119,6 +148,8 @@ class FileStore:
             os.makedirs(self.root, mode=0o700, exist_ok=True)
             with open(tmp, "wb") as handle:
                 handle.write(data)
+            # Marked as stored (the access time orders the cache of a next run).
+            os.utime(tmp, ns=(time.time_ns(), STORED_MTIME_NS))
             os.replace(tmp, path)
         except OSError as exc:  # a full disk, a quota: this file is refused, saying so
             with contextlib.suppress(OSError):
@@ -156,8 +187,15 @@ class FileStore:
     def place(self, digest: str, directory: str, relative: str) -> str:
         """Link the stored file to ``directory/relative``; return the path."""
         path = self.path(digest)
-        if not os.path.exists(path):
+        state = self._state(path)
+        if state == "missing":
             raise ProtocolError(f"file {relative!r} was not sent to this node")
+        if state == "changed":
+            raise ProtocolError(
+                f"file {relative!r} was changed on this node since it was sent: a job "
+                "wrote to it (computations using one file share it on a node: a job "
+                "should write to a copy of it)"
+            )
         return link_inside(directory, relative, path)
 
     def hold(self, digest: str) -> None:
@@ -186,9 +224,16 @@ class FileStore:
                 os.unlink(self.path(digest))
             return
         try:
-            size = os.stat(self.path(digest)).st_size
+            info = os.stat(self.path(digest))
         except OSError:
             return  # gone already (its store was cleaned): nothing to keep
+        if info.st_mtime_ns != STORED_MTIME_NS:
+            # A job wrote to it: kept, the next user would get the changed file.
+            logger.info("removed file %s: a job changed it", digest[:12])
+            with contextlib.suppress(OSError):
+                os.unlink(self.path(digest))
+            return
+        size = info.st_size
         self._idle[digest] = size
         self._idle_bytes += size
         self._evict()

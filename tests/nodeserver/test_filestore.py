@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from dispynb import JobCluster
+from dispynb.errors import ProtocolError
 from dispynb.protocol.files import digest_of
-from nodeserver.filestore import FileStore
+from nodeserver.filestore import STORED_MTIME_NS, FileStore
 from tests.jobs import wait_until
 from tests.nodeproc import running_node
 
@@ -82,13 +83,47 @@ def test_files_left_by_an_earlier_run_count_in_the_cache(tmp_path: Path):
     first = FileStore(str(root))
     old = put(first, b"o" * (10 * KiB))
     new = put(first, b"n" * (10 * KiB))
-    os.utime(root / old, (1, 1))  # idle longer
+    os.utime(root / old, ns=(1, STORED_MTIME_NS))  # used longer ago
     (root / f"{new}.123.456.part").write_bytes(b"half a file")
 
     second = FileStore(str(root), cache_size=15 * KiB)
 
     assert stored(root) == {new}
     assert second.cached_bytes == 10 * KiB
+
+
+def test_a_stored_file_a_job_wrote_to_is_never_given_again(tmp_path: Path):
+    """A computation's file is a link to the stored one: once a job wrote to it, the
+    store takes it for missing (sent again), refuses to place it, and drops it from
+    its cache, now and in a next run; the job's own link keeps what it wrote."""
+    root, job_dir = tmp_path / "store", tmp_path / "job"
+    job_dir.mkdir()
+    store = FileStore(str(root))
+    digest = put(store, b"as sent\n")
+    store.hold(digest)
+    placed = Path(store.place(digest, str(job_dir), "data.txt"))
+    with open(placed, "a") as handle:  # what a job may do with a file it was given
+        handle.write("changed\n")
+
+    assert not store.has(digest)
+    with pytest.raises(ProtocolError, match=r"'again\.txt' was changed on this node"):
+        store.place(digest, str(job_dir), "again.txt")
+    store.put(digest, b"as sent\n")  # the client sends it again
+    assert store.has(digest)
+    assert Path(store.place(digest, str(job_dir), "again.txt")).read_bytes() == (
+        b"as sent\n"
+    )
+    assert placed.read_bytes() == b"as sent\nchanged\n"  # the job's own copy
+
+    (job_dir / "again.txt").write_bytes(b"overwritten")  # changed again, then idle
+    store.release(digest)
+    assert stored(root) == set() and store.cached_bytes == 0
+
+    other = put(store, b"other")
+    os.truncate(root / other, 1)  # by a job of an earlier run of the node
+    assert stored(root) == {other}
+    FileStore(str(root))
+    assert stored(root) == set()
 
 
 def size_of(name: str) -> int:
