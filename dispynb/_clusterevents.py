@@ -182,13 +182,15 @@ class _Events(_ClusterState):
     def job_requeued(self, key: int) -> None:
         job = self._jobs.get(key)
         if job is not None:
+            node = self._executing.get(key)  # the node it was lost with
             self._not_executing(key)
             started = job.status is not JobStatus.Created
             job._requeue()
             if started and self._options.cluster_status is not None:
-                # Back to Created, as at submit: else cluster_status saw the run
-                # elsewhere as a second Running with nothing between.
-                self._notify_cluster(JobStatus.Created, None, copy.copy(job))
+                # dispy's words (reschedule_jobs): Abandoned, on the node it ran on,
+                # the job's copy Created (it waits to run again); else
+                # cluster_status saw a second Running with nothing between.
+                self._notify_cluster(JobStatus.Abandoned, node, copy.copy(job))
             self._emit(JobStatus.Created, None, job)
 
     def job_cancelled(self, key: int) -> None:

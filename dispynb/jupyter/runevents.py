@@ -20,6 +20,13 @@ if TYPE_CHECKING:
     from dispynb.node import DispyNode
 
 
+def requeued(status: int, job: DispyJob) -> bool:
+    """Whether ``cluster_status(status, node, job)`` says that ``job`` was moved off
+    a lost node to run elsewhere (reentrant): as dispy says it, ``Abandoned`` with
+    the job's copy back to ``Created``."""
+    return status == JobStatus.Abandoned and job.status == JobStatus.Created
+
+
 class _RunEvents(_RunStop):
     """The cluster's events, live mode and waiting."""
 
@@ -33,7 +40,9 @@ class _RunEvents(_RunStop):
         self, status: int, node: DispyNode | None, job: DispyJob | None
     ) -> None:
         try:
-            if job is not None:
+            if job is not None and requeued(status, job):
+                self._job_requeued(job)
+            elif job is not None:
                 if node is not None and status in _FAILED:
                     self._failed_on[job.id] = node
                 self._job_event(status, job)
@@ -69,6 +78,15 @@ class _RunEvents(_RunStop):
                     self._early_running.add(key)
             else:
                 return
+        self._notify()
+
+    def _job_requeued(self, job: DispyJob) -> None:
+        """``job``'s node was lost and it waits to run elsewhere (reentrant)."""
+        with self._lock:
+            if job.id in self._ended:
+                return
+            self._running.discard(job.id)
+            self._early_running.discard(job.id)
         self._notify()
 
     def _end_job(self, key: Any, status: JobStatus) -> None:

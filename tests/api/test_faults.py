@@ -238,12 +238,13 @@ def test_losing_the_last_node_says_the_jobs_wait_and_they_finish_when_it_is_back
                 node.stop()
 
 
-def test_cluster_status_sees_a_job_moved_off_a_killed_node_go_back_to_created(
+def test_cluster_status_sees_a_job_moved_off_a_killed_node_as_dispy_says_it(
     tmp_path,
 ):
     """A reentrant job whose node is killed runs again elsewhere: cluster_status
-    sees Created, Running (on a), Created, Running (on b), Finished, each once
-    (before: Running twice in a row, nothing saying it was requeued)."""
+    sees Created, Running (on a), Abandoned (on a) with the job's copy Created, as
+    dispy's reschedule_jobs says it, then Running (on b), Finished, each once
+    (before: Created, as at submit; earlier: Running twice in a row)."""
     go = tmp_path / "go"
     seen: dict[object, list[tuple[int, str | None]]] = collections.defaultdict(list)
     lock = threading.Lock()
@@ -252,6 +253,8 @@ def test_cluster_status_sees_a_job_moved_off_a_killed_node_go_back_to_created(
         if isinstance(job, DispyJob):
             with lock:
                 seen[job.id].append((int(status), node.name if node else None))
+                if status == DispyJob.Abandoned:
+                    seen[job.id].append((int(job.status), job.ip_addr))
 
     with (
         running_node(tmp_path / "a", name="a", cpus=2) as a,
@@ -274,9 +277,10 @@ def test_cluster_status_sees_a_job_moved_off_a_killed_node_go_back_to_created(
         assert cluster.wait(timeout=30)
     assert [job.result for job in jobs] == [0, 1, 4, 9]
     created, running, finished = DispyJob.Created, DispyJob.Running, DispyJob.Finished
+    abandoned = DispyJob.Abandoned
     moved = [
-        [(created, None), (running, "a"), (created, None), (running, "b"),
-         (finished, "b")]
+        [(created, None), (running, "a"), (abandoned, "a"), (created, None),
+         (running, "b"), (finished, "b")]
     ]  # fmt: skip
     stayed = [[(created, None), (running, "b"), (finished, "b")]]
     with lock:

@@ -120,15 +120,15 @@ def test_a_killed_nodes_computation_processes_print_nothing(tmp_path: Path) -> N
 @pytest.mark.timeout(120)
 def test_reentrant_runs_a_lost_nodes_jobs_on_the_other_node(tmp_path: Path) -> None:
     """``%%dispy --reentrant``: the job of a killed local node runs again on the
-    other one and the cell ends ok with every result, as JobCluster(reentrant=True)
-    does (before: no such option; the cell could only lose the job, Abandoned)."""
+    other one; the run counts it once, finished, not failed (before: no such
+    option; the cell could only lose the job, Abandoned)."""
     marks, go = tmp_path / "marks", tmp_path / "go"
     marks.mkdir()
     with kernel(tmp_path) as k:
         k.run_ok("%load_ext dispynb\n%dispy local --nodes 2 --cpus 1")
         nodes = node_pids(k)
-        msg_id = k.submit(
-            '%%dispy --over "range(2)" --into moved --reentrant\n'
+        k.run_ok(
+            '%%dispy --over "range(2)" --into moved --reentrant --nowait\n'
             "def moved(i):\n"
             "    import os, time\n"
             f"    open({str(marks)!r} + f'/{{dispy_node_name}}-{{i}}', 'w').close()\n"
@@ -137,14 +137,15 @@ def test_reentrant_runs_a_lost_nodes_jobs_on_the_other_node(tmp_path: Path) -> N
             "    return dispy_node_name"
         )
         deadline = time.monotonic() + CELL_TIMEOUT
-        while len(list(marks.iterdir())) < 2:  # a job on each node
-            assert time.monotonic() < deadline, "the jobs did not start"
+        while not k.value("moved.counts().running"):  # the run saw a job start
+            assert time.monotonic() < deadline, "no job started"
             time.sleep(0.05)
-        doomed = _below(nodes[:1])
-        os.kill(nodes[0], signal.SIGKILL)  # local-0, under its job
+        lost = int(next(marks.iterdir()).name.split("-")[1])  # local-N runs it
+        doomed = _below(nodes[lost : lost + 1])
+        os.kill(nodes[lost], signal.SIGKILL)  # under its job
         assert wait_gone(doomed, 10) == []  # its job cannot see go and end there
         go.touch()
-        out = k.collect(msg_id)
+        out = k.run_ok("moved.wait()\nprint(moved.counts())")
         results = k.value("moved.results")
-    assert out.status == "ok", out.text
-    assert results == ["local-1", "local-1"], out.text
+    assert results == [f"local-{1 - lost}"] * 2, out.text
+    assert "finished=2, failed=0" in out.text, out.text
