@@ -140,13 +140,17 @@ class _Actors(_RayState):
         if self._closed or slot.dead:
             return
         try:
-            pid, hostname, platform = fut.result()
+            pid, hostname, platform, failure = fut.result()
         except self._ray.exceptions.ActorUnavailableError:
             # Restarting (after a kill or a crash): ask again once it may be up.
             self._runner.loop.call_later(RETRY, self._check_ready, slot)
             return
         except Exception as exc:
             self._slot_dead(slot, _reason(exc))
+            return
+        if failure is not None:  # its setup failed: it holds a CPU for nothing
+            self._end_actor(slot)
+            self._slot_dead(slot, *failure)
             return
         slot.ready, slot.pid = True, pid
         node = slot.node
@@ -164,19 +168,22 @@ class _Actors(_RayState):
             self._startup.set_result(None)
         self._schedule()
 
-    def _slot_dead(self, slot: _Slot, reason: str) -> None:
-        """An actor cannot be used any more (setup failed, its node is gone)."""
+    def _slot_dead(self, slot: _Slot, reason: str, remote_traceback: str = "") -> None:
+        """An actor cannot be used any more (setup failed, its node is gone);
+        ``remote_traceback``: setup's, if it raised."""
         slot.dead = True
         slot.ready = False
         self._fail_inflight(slot, reason)
         node = slot.node
         if not self._startup.done():
-            self._setup_errors.append(reason)
+            self._setup_errors.append((reason, remote_traceback))
             if all(s.dead for s in self._slots):
+                first, shown = self._setup_errors[0]
                 self._startup.set_exception(
                     SetupError(
                         "the computation could not be set up on the Ray cluster: "
-                        + self._setup_errors[0]
+                        + first,
+                        shown,
                     )
                 )
                 return
@@ -200,6 +207,13 @@ class _Actors(_RayState):
                     job.key, None, f"no Ray worker is left to run it: {reason}"
                 )
             self._queue.clear()
+
+    def _end_actor(self, slot: _Slot) -> None:
+        """End ``slot``'s actor for good (Ray does not restart it)."""
+        try:
+            self._ray.kill(slot.handle, no_restart=True)
+        except Exception as exc:
+            logger.debug("Ray actor already gone: %s", exc)
 
     def _kill(self, slot: _Slot, key: int, timed_out: bool = False) -> None:
         """Stop the job running on ``slot`` by killing its actor (Ray restarts it)."""
@@ -232,13 +246,9 @@ class _Actors(_RayState):
             logger.warning("closing the Ray cluster's jobs: %s", exc)
             idle = list(self._slots)
             self._closed = True
-        ray = self._ray
         self._cleanup(idle)
         for slot in self._slots:
-            try:
-                ray.kill(slot.handle, no_restart=True)
-            except Exception as exc:
-                logger.debug("Ray actor already gone: %s", exc)
+            self._end_actor(slot)
         if self._inbox is not None:  # the engine's: only this cluster's messages go
             try:
                 self._inbox.drop.remote(self._token)

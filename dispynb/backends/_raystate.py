@@ -9,7 +9,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
-import re
 import threading
 import time
 import traceback
@@ -120,7 +119,8 @@ class _RayState:
         self._pump = Coalescer(self._runner, self._schedule)
         self._closed = False
         self._startup: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._setup_errors: list[str] = []
+        #: Why actors could not be set up: (reason, setup's traceback or "").
+        self._setup_errors: list[tuple[str, str]] = []
         self._inbox: Any = None  # the engine's, shared by its clusters
         self._inbox_name = ""  # its name (for the actors: not a handle)
         #: This cluster's in the shared inbox (its jobs' messages carry it).
@@ -211,26 +211,6 @@ def _terminated(why: str) -> Outcome:
     return Outcome(JobStatus.Terminated, exception=why, start_time=now, end_time=now)
 
 
-#: What precedes the message of `_rayworker.SetupFailed` in Ray's text of the
-#: error that ended an actor's constructor.
-_SETUP_FAILED = "SetupFailed: "
-#: Ray's terminal colours, and the header of its own frames after our message.
-_COLOURS = re.compile(r"\x1b\[[0-9;]*m")
-_RAY_FRAMES = "ray::JobActor."
-
-
-def _setup_failure(text: str) -> str | None:
-    """Why the computation could not be set up, from Ray's text of the error of an
-    actor's constructor: the message of `SetupFailed` (setup's own traceback
-    included), without Ray's frames and colours around it; None if it is not one."""
-    at = text.find(_SETUP_FAILED)
-    if at < 0:
-        return None
-    message = _COLOURS.sub("", text[at + len(_SETUP_FAILED) :])
-    end = message.find(_RAY_FRAMES)
-    return (message[:end] if end >= 0 else message).strip() or None
-
-
 def _reason(exc: BaseException) -> str:
     """A one-paragraph reason from a Ray error (its first lines); of a call that
     failed in Ray (``RayTaskError``: a result it could not pickle...), the exception
@@ -241,10 +221,6 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, RayTaskError) and isinstance(exc.cause, BaseException):
         return "".join(traceback.format_exception_only(exc.cause)).strip()
     text = str(exc).strip() or type(exc).__name__
-    if getattr(exc, "actor_init_failed", False):  # the actor's constructor raised
-        failure = _setup_failure(text)
-        if failure is not None:
-            return failure
     lines = text.splitlines()
     if len(lines) > 12:
         text = "\n".join([*lines[:12], "..."])

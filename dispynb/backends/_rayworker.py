@@ -83,7 +83,12 @@ KEEP_WAIT = 120.0
 
 
 class SetupFailed(Exception):
-    """The computation could not be set up in this worker (the message says why)."""
+    """The computation could not be set up in this worker (the message says why;
+    ``remote_traceback``: setup's own traceback, when setup raised)."""
+
+    def __init__(self, message: str, remote_traceback: str = "") -> None:
+        super().__init__(message)
+        self.remote_traceback = remote_traceback
 
 
 #: The `Inbox`'s concurrency group of the calls that wait for the client's answer
@@ -221,6 +226,17 @@ class JobActor:
         self.skips: set[tuple[int, int]] = set()
         self.begun: collections.deque[tuple[int, int]] = collections.deque(maxlen=BEGUN)
         self.skips_lock = threading.Lock()
+        #: Why the computation could not be set up here (`ready` says it), if so:
+        #: not raised, since Ray's text of a constructor's error splices its own
+        #: lines into a message of several lines, and drops the exception.
+        self.failure: tuple[str, str] | None = None
+        try:
+            self._start(inbox, max_output, token)
+        except SetupFailed as exc:
+            self.failure = (str(exc), exc.remote_traceback)
+
+    def _start(self, inbox: str, max_output: int | None, token: str) -> None:
+        """Get the computation from the inbox, make the actor's directory, set up."""
         ray = importlib.import_module("ray")
         try:
             handle = ray.get_actor(inbox)
@@ -298,9 +314,10 @@ class JobActor:
         names.update(implicit_modules())
         return names
 
-    def ready(self) -> tuple[int, str, str]:
-        """``(pid, host name, platform)``: the actor is set up."""
-        return os.getpid(), socket.gethostname(), platform.platform()
+    def ready(self) -> tuple[int, str, str, tuple[str, str] | None]:
+        """``(pid, host name, platform, failure)``: the actor is set up if
+        ``failure`` is None, else it is ``(why, setup's traceback or "")``."""
+        return os.getpid(), socket.gethostname(), platform.platform(), self.failure
 
     def skip(self, key: int, attempt: int) -> bool:
         """Called in the `CONTROL` group while another job runs: True if the call
@@ -454,9 +471,10 @@ def _run_setup(setup: Callable[..., Any], setup_args: tuple[Any, ...]) -> None:
     try:
         result = setup(*setup_args)
     except BaseException as exc:  # user code: any exit of setup is a failed setup
-        raise SetupFailed(
-            f"setup raised {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
-        ) from None
+        # From setup's own frame on: the person's code, not this function.
+        frames = exc.__traceback__.tb_next if exc.__traceback__ else None
+        shown = "".join(traceback.format_exception(type(exc), exc, frames))
+        raise SetupFailed(f"setup raised {type(exc).__name__}: {exc}", shown) from None
     failure = setup_failure(result)
     if failure is not None:
         raise SetupFailed(failure)

@@ -310,10 +310,16 @@ def test_setup_failure_is_one_clear_error(engine: RayEngine) -> None:
     """A setup that raises, or returns what is not success, is one SetupError that
     says so in the words of dispynb's nodes (before, Ray's text came first: "The
     actor died because of an error raised in its creation task", terminal
-    colours, the actor's frames and carets, with the reason at the end of them)."""
+    colours, the actor's frames and carets, with the reason at the end of them).
+    Setup's traceback is the error's ``remote_traceback``, whole, as from a node
+    (before, none: Ray splices its own lines into a message of several lines)."""
+
+    def connect(where: str) -> None:
+        raise RuntimeError(f"no database {where}\ncheck the address")
 
     def broken_setup() -> int:
-        raise RuntimeError("no database here")
+        connect("here")
+        return 0
 
     def refusing_setup() -> int:
         return 5
@@ -322,8 +328,15 @@ def test_setup_failure_is_one_clear_error(engine: RayEngine) -> None:
         JobCluster(compute, setup=broken_setup, engine=engine)
     assert str(raised.value) == (
         "the computation could not be set up on the Ray cluster: setup raised "
-        "RuntimeError: no database here"
+        "RuntimeError: no database here\ncheck the address"
     )
+    shown = raised.value.remote_traceback
+    assert shown.startswith("Traceback (most recent call last):\n"), shown
+    assert "in broken_setup\n" in shown and "in connect\n" in shown, shown
+    assert shown.endswith("RuntimeError: no database here\ncheck the address\n")
+    assert "ray::" not in shown and "_rayworker" not in shown, shown
+    notes = "".join(getattr(raised.value, "__notes__", []))
+    assert "The node's traceback:" in notes and "in connect" in notes, notes
     with pytest.raises(SetupError) as raised:
         JobCluster(compute, setup=refusing_setup, engine=engine)
     assert str(raised.value) == (
