@@ -15,7 +15,11 @@ result       object               return value (``None`` if none yet; while the
 provisional  object               latest provisional result (``None`` if none,
                                   or if not known: only a `Run` records them)
 status       category             ``JobStatus`` name (`STATUS_DTYPE`)
-node         string               address of the node that ran it, or <NA>
+node         string               the node that ran it: ``HOST:PORT`` (the index of
+                                  `nodes_frame`) when known (a `Run`'s jobs), else
+                                  its address; <NA> if it did not run
+node_name    string               that node's name (``local-1``), or <NA> if not
+                                  known (only a `Run` records them)
 submit_time  datetime64[ns, UTC]  when the job was submitted
 start_time   datetime64[ns, UTC]  when it started on the node, or NaT
 end_time     datetime64[ns, UTC]  when it ended, or NaT
@@ -40,6 +44,7 @@ import numpy as np
 import pandas as pd
 
 from dispynb.job import DispyJob, JobStatus
+from dispynb.transport.addressing import format_address
 
 if TYPE_CHECKING:
     from dispynb.node import DispyNode
@@ -67,6 +72,7 @@ JOB_COLUMNS: dict[str, Any] = {
     "provisional": "object",
     "status": STATUS_DTYPE,
     "node": "string",
+    "node_name": "string",
     "submit_time": _TIME,
     "start_time": _TIME,
     "end_time": _TIME,
@@ -93,6 +99,7 @@ def jobs_frame(
     jobs: Iterable[DispyJob],
     expand: bool = False,
     provisional: Sequence[Any] | None = None,
+    nodes: Sequence[DispyNode | None] | None = None,
 ) -> pd.DataFrame:
     """One row per job; see the module docstring for the columns and dtypes.
 
@@ -106,6 +113,10 @@ def jobs_frame(
     provisional:
         The latest provisional result of each job, in the same order (`Run.df`
         gives them); default: ``None`` for all.
+    nodes:
+        The node each job ran on, in the same order, None where not known (`Run.df`
+        gives them): the ``node`` column then tells apart nodes of one address, and
+        ``node_name`` names them; default: the jobs' addresses only.
 
     Examples
     --------
@@ -121,15 +132,24 @@ def jobs_frame(
         raise ValueError(
             f"{len(provisional)} provisional results given for {len(jobs)} jobs"
         )
+    if nodes is None:
+        nodes = [None] * len(jobs)
+    elif len(nodes) != len(jobs):
+        raise ValueError(f"{len(nodes)} nodes given for {len(jobs)} jobs")
     columns["provisional"] = list(provisional)
-    for job in jobs:
+    for job, node in zip(jobs, nodes, strict=True):
         start, end = job.start_time, job.end_time
         columns["id"].append(job.id)
         columns["args"].append(getattr(job, "_args", ()))
         columns["kwargs"].append(getattr(job, "_kwargs", {}))
         columns["result"].append(job.result)
         columns["status"].append(_status_name(job.status))
-        columns["node"].append(job.ip_addr)
+        if node is None:
+            columns["node"].append(job.ip_addr)
+            columns["node_name"].append(None)
+        else:
+            columns["node"].append(format_address(node.ip_addr, node.port))
+            columns["node_name"].append(node.name or None)
         columns["submit_time"].append(job.submit_time)
         columns["start_time"].append(start)
         columns["end_time"].append(end)
@@ -175,7 +195,8 @@ def expand_results(frame: pd.DataFrame, column: str = "result") -> pd.DataFrame:
 
 
 def nodes_frame(nodes: Iterable[DispyNode]) -> pd.DataFrame:
-    """One row per node (`NODE_COLUMNS`), indexed by ``"address:port"``."""
+    """One row per node (`NODE_COLUMNS`), indexed by ``"address:port"`` (an IPv6
+    address in brackets), as `jobs_frame`'s ``node`` column names them."""
     rows = [
         (
             n.name,
@@ -192,7 +213,10 @@ def nodes_frame(nodes: Iterable[DispyNode]) -> pd.DataFrame:
     frame = pd.DataFrame(rows, columns=list(NODE_COLUMNS))
     frame = frame.astype(NODE_COLUMNS)
     frame.index = pd.Index(
-        [f"{a}:{p}" for a, p in zip(frame["address"], frame["port"], strict=True)],
+        [
+            format_address(a, p)
+            for a, p in zip(frame["address"], frame["port"], strict=True)
+        ],
         name="node",
     )
     return frame

@@ -113,9 +113,9 @@ class Run(_RunEvents):
         # Jobs this run cancelled: running ones end Terminated, and count as cancelled
         # (not failed) since they were stopped on purpose.
         self._cancelled: set[Any] = set()
-        # The node each failed job ended on (its name and port, which the job's
+        # The node each job ran on, last (its name and port, which the job's
         # ip_addr does not tell apart among nodes of one address: %dispy local).
-        self._failed_on: dict[Any, DispyNode] = {}
+        self._ran_on: dict[Any, DispyNode] = {}
         self._provisional: dict[Any, Any] = {}  # job id -> latest provisional result
         self._provisional_count = 0
         self._latest: tuple[Any, Any] | None = None  # (job id, provisional result)

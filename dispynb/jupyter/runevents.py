@@ -20,6 +20,10 @@ if TYPE_CHECKING:
     from dispynb.node import DispyNode
 
 
+#: The statuses whose ``cluster_status`` event names the node a job runs (ran) on.
+_RAN_ON = frozenset((JobStatus.Running, *FINAL_STATUSES))
+
+
 def requeued(status: int, job: DispyJob) -> bool:
     """Whether ``cluster_status(status, node, job)`` says that ``job`` was moved off
     a lost node to run elsewhere (reentrant): as dispy says it, ``Abandoned`` with
@@ -43,8 +47,8 @@ class _RunEvents(_RunStop):
             if job is not None and requeued(status, job):
                 self._job_requeued(job)
             elif job is not None:
-                if node is not None and status in _FAILED:
-                    self._failed_on[job.id] = node
+                if node is not None and status in _RAN_ON:
+                    self._ran_on[job.id] = node
                 self._job_event(status, job)
             for listener in list(self._listeners):
                 listener(status, node, job)

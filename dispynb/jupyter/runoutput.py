@@ -86,7 +86,7 @@ class _RunOutput(_RunState):
     def _where_failed(self, job: DispyJob) -> str:
         """``" on local-1 (127.0.0.1:40331)"``: the node a failed job ended on;
         its address alone if the run did not hear which node that was."""
-        node = self._failed_on.get(job.id)
+        node = self._ran_on.get(job.id)
         if node is None:
             return f" on {job.ip_addr}" if job.ip_addr else ""
         address = format_address(node.ip_addr, node.port)

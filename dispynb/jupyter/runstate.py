@@ -52,7 +52,7 @@ class _RunState:
     _early_final: dict[Any, JobStatus]
     _tally: dict[str, int]
     _cancelled: set[Any]
-    _failed_on: dict[Any, DispyNode]
+    _ran_on: dict[Any, DispyNode]
     _provisional: dict[Any, Any]
     _provisional_count: int
     _latest: tuple[Any, Any] | None
@@ -144,17 +144,21 @@ class _RunState:
     def frame(self, expand: bool = False) -> pd.DataFrame:
         """The jobs as a DataFrame; ``expand`` turns dict results into columns.
 
-        Its ``provisional`` column holds each job's latest provisional result.
+        Its ``provisional`` column holds each job's latest provisional result, its
+        ``node`` and ``node_name`` columns the node each job ran on (``HOST:PORT``,
+        its name), which tell apart nodes of one address (``%dispy local``).
         """
         from dispynb.jupyter.frames import jobs_frame
 
         with self._lock:
             jobs = list(self.jobs)
             latest = [self._provisional.get(job.id, _NONE) for job in jobs]
+            nodes = [self._ran_on.get(job.id) for job in jobs]
         return jobs_frame(
             jobs,
             expand=expand,
             provisional=[None if v is _NONE else v for v in latest],
+            nodes=nodes,
         )
 
     def traceback(self, job: DispyJob) -> str:

@@ -47,7 +47,7 @@ def test_jobs_frame_columns_and_dtypes_are_stable(jobs):
     for name in ("id", "args", "kwargs", "result", "provisional"):
         assert dtypes[name] == "object", name
     assert dtypes["status"] == STATUS_DTYPE
-    for name in ("node", "stdout", "stderr", "exception"):
+    for name in ("node", "node_name", "stdout", "stderr", "exception"):
         assert isinstance(dtypes[name], pd.StringDtype), name
     for name in ("submit_time", "start_time", "end_time"):
         assert dtypes[name] == pd.DatetimeTZDtype("ns", "UTC"), name
@@ -82,6 +82,23 @@ def test_jobs_frame_rows_hold_each_job(jobs):
     assert created["status"] == "Created"
     assert created["kwargs"] == {"scale": 2}
     assert pd.isna(created["node"]) and pd.isna(created["start_time"])
+
+
+def test_jobs_frame_nodes_given_name_each_jobs_node_by_address_port_and_name(jobs):
+    from dispynb.node import DispyNode
+
+    nodes = [DispyNode("127.0.0.1", "local-1", 1, port=40331), None, None, None]
+    frame = jobs_frame(jobs, nodes=nodes)
+
+    assert frame.loc[0, "node"] == "127.0.0.1:40331"
+    assert frame.loc[0, "node_name"] == "local-1"
+    assert frame.loc[1, "node"] == "127.0.0.1"  # not known: its address
+    assert pd.isna(frame.loc[1, "node_name"])
+    six = jobs_frame(jobs[:1], nodes=[DispyNode("::1", "", 1, port=9711)])
+    assert six.loc[0, "node"] == "[::1]:9711"  # as nodes_frame's index says it
+    assert pd.isna(six.loc[0, "node_name"])
+    with pytest.raises(ValueError, match="1 nodes given for 4 jobs"):
+        jobs_frame(jobs, nodes=nodes[:1])
 
 
 def test_jobs_frame_status_counts_include_every_status(jobs):

@@ -69,7 +69,7 @@ def test_run_map_results_and_frame(local):
     assert list(frame["result"]) == run.results
     assert list(frame["args"]) == [(i,) for i in range(6)]
     assert set(frame["status"]) == {"Finished"}
-    assert set(frame["node"]) == {"127.0.0.1"}
+    assert set(frame["node"]) == set(local.node_specs())
     assert (frame["duration"] >= 0).all()
     counts = run.counts()
     assert (counts.finished, counts.failed, counts.running, counts.queued) == (
@@ -78,6 +78,34 @@ def test_run_map_results_and_frame(local):
         0,
         0,
     )
+
+
+def node_name(_: int) -> str:
+    import time
+
+    time.sleep(0.05)  # both nodes get jobs
+    return dispy_node_name  # type: ignore[name-defined]  # noqa: F821
+
+
+@slow
+def test_run_frame_tells_apart_nodes_of_one_address():
+    """Two local nodes share 127.0.0.1: ``node`` names each job's node by address
+    and port (the index of nodes_frame) and ``node_name`` by name (before: every
+    row said 127.0.0.1, and no column said which node)."""
+    from dispynb import LocalCluster
+    from dispynb.jupyter.frames import nodes_frame
+
+    with LocalCluster(nodes=2, cpus=1) as two:
+        run = Run.map(node_name, range(8), nodes=two, progress="none")
+        specs = {f"local-{i}": spec for i, spec in enumerate(two.node_specs())}
+        with JobCluster(node_name, nodes=two) as cluster:
+            jobs.wait_until(lambda: len(cluster.status().nodes) == 2)
+            known = nodes_frame(cluster.status().nodes)
+    frame = run.df
+    assert set(run.results) == {"local-0", "local-1"}
+    assert list(frame["node_name"]) == run.results
+    assert list(frame["node"]) == [specs[name] for name in run.results]
+    assert set(frame["node"]) == set(known.index)
 
 
 @slow
