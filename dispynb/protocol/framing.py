@@ -157,7 +157,7 @@ SPARES = 2
 def _free_refs() -> int:
     """References to a spare body that nobody else holds, as `_Spares.take` sees
     them (the pool's, the loop variable's and getrefcount's)."""
-    pool = [bytearray(1)]
+    pool = [mmap.mmap(-1, 1)]
     for spare in pool:
         return sys.getrefcount(spare)
     raise AssertionError  # pragma: no cover
@@ -169,42 +169,42 @@ _FREE_REFS = _free_refs()
 class _Spares:
     """The bodies of recent large frames, filled again once nothing refers to them.
 
-    A new `bytearray` costs a memset of its whole size and, for fresh memory, a page
-    fault per page: both more than the receive's own copy. A body is free when no
-    frame and no memoryview of it is alive (a payload still queued or sent on, an
-    unpickled object keeping a view): its reference count, which every view holds,
-    says so exactly.
+    Fresh memory costs a page fault per page, more than the receive's own copy, so
+    a body is used again once free: when no frame and no memoryview of it is alive
+    (a payload still queued or sent on, an unpickled object keeping a view). Its
+    reference count, which every view holds through its buffer, says so exactly.
+
+    A new body is anonymous memory (`mmap`), whose pages are committed only as the
+    frame's bytes arrive: a zero-filled `bytearray` of the announced size held it
+    all as soon as the 8-byte prefix came, so a peer that announced large frames
+    on many connections and sent none of them held that much of our memory (an
+    authenticated user of a shared scheduler: 969 MiB for 30 prefixes of 32 MiB).
     """
 
     def __init__(self) -> None:
-        self._bodies: list[bytearray] = []
+        self._bodies: list[mmap.mmap] = []
         self._lock = threading.Lock()  # decoders of several threads share the pool
         #: Large bodies taken so far: unchanged for a while means none arrived.
         self.taken = 0
 
     def take(self, size: int) -> Body:
-        """A buffer of ``size`` bytes: a free spare cut to size, or a new one (kept
-        as a spare if its size qualifies; over `SPARE_MAX`, a mapping of memory
-        that is committed only as it is written)."""
+        """A buffer of ``size`` bytes: a view of a free spare, or of new memory
+        (kept as a spare if its size qualifies); under `SPARE_MIN`, a bytearray
+        (a few of those per connection are cheaper than mappings)."""
         self.taken += 1
+        if size < SPARE_MIN:
+            return bytearray(size)
         with self._lock:
             bodies = self._bodies
             for spare in bodies:
                 if len(spare) >= size and sys.getrefcount(spare) <= _FREE_REFS:
-                    if len(spare) > size:
-                        del spare[size:]
                     # Used last, kept longest (by identity: == compares contents).
                     self._bodies = [body for body in bodies if body is not spare]
                     self._bodies.append(spare)
-                    return spare
-        if size > SPARE_MAX:
-            # Anonymous memory, whose pages are committed as the body arrives: a
-            # bytearray is zero-filled at once, so a peer that announced a large
-            # frame and sent none of it held that much of our memory (an
-            # authenticated user of a shared scheduler: 1 GiB per 8-byte prefix).
-            return memoryview(mmap.mmap(-1, size))
-        body = bytearray(size)
-        if SPARE_MIN <= size <= SPARE_MAX:
+                    return memoryview(spare)[:size]
+        # Private: a forked child (a worker) writing to a body leaves ours alone.
+        body = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+        if size <= SPARE_MAX:
             with self._lock:
                 bodies = self._bodies
                 if len(bodies) == SPARES:
@@ -212,7 +212,7 @@ class _Spares:
                     # ages out, whatever its size, instead of taking a place for ever.
                     del bodies[0]
                 bodies.append(body)
-        return body
+        return memoryview(body)
 
     def clear(self) -> None:
         """Forget every spare (a forked child must not keep its parent's)."""

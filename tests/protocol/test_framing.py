@@ -6,6 +6,7 @@ import os
 import struct
 import tracemalloc
 
+import psutil
 import pytest
 
 from dispynb.errors import FramingError
@@ -259,6 +260,15 @@ def _big_frames(decoder: FrameDecoder, *payloads: bytes) -> list:
     return views
 
 
+def _memory(body) -> object:
+    """The object that holds a body's bytes (a spare, or a body's own memory)."""
+    return body.obj if isinstance(body, memoryview) else body
+
+
+def _spares() -> set[int]:
+    return {id(body) for body in framing._SPARES._bodies}
+
+
 def test_large_bodies_are_reused_once_nothing_refers_to_them():
     decoder = FrameDecoder(1 << 23, chunk=4096)
     first = bytes(range(256)) * 8192  # 2 MiB
@@ -267,16 +277,29 @@ def test_large_bodies_are_reused_once_nothing_refers_to_them():
     view.release()
     del view
     second = bytes(reversed(first))
-    data = frame([b"h", second])
-    tracemalloc.start()
-    try:
-        [(_, count, body)] = _fill(decoder, data, 1 << 20)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert peak < len(second) // 4  # no new zero-filled buffer, no fresh pages
-    assert id(body) == first_id
+    [(_, count, body)] = _fill(decoder, frame([b"h", second]), 1 << 20)
+    assert id(_memory(body)) == first_id  # no new memory, no fresh pages
     assert bytes(split_body(body, count)[0][1]) == second
+
+
+def test_an_announced_body_takes_memory_only_as_it_arrives():
+    """A peer that sends the prefixes of large frames and none of their bytes (on
+    many connections) makes the decoders hold no memory for them."""
+    process = psutil.Process()
+    framing.release_spares()
+    before = process.memory_info().rss
+    decoders = [FrameDecoder(64 << 20, chunk=4096) for _ in range(30)]
+    for decoder in decoders:
+        space = decoder.buffer()
+        space[:PREFIX_SIZE] = PREFIX.pack((32 << 20) - 64, 1)
+        assert decoder.filled(PREFIX_SIZE) == []
+        assert decoder.partial() is not None  # its body taken, waiting for bytes
+    grown = process.memory_info().rss - before
+    assert grown < 16 << 20  # was 30 x 32 MiB, zero-filled at once
+    # What arrives lands in that memory, and comes out whole.
+    data = frame([b"h", b"d" * ((2 << 20) - 64)])
+    [(_, count, body)] = _fill(FrameDecoder(64 << 20, chunk=4096), data, 1 << 16)
+    assert bytes(split_body(body, count)[0][1]) == b"d" * ((2 << 20) - 64)
 
 
 def test_a_body_still_referred_to_is_never_reused():
@@ -300,17 +323,14 @@ def _frames_of_spare_size(count: int) -> list:
     return [_big_frames(d, bytes([n]) * (2 << 20))[0] for n, d in enumerate(decoders)]
 
 
-def _refill_beyond_the_spares() -> tuple[int, int, list]:
-    """SPARES + 1 frames of 2 MiB kept alive: ``(frame size, traced peak, frames)``."""
+def _refill_beyond_the_spares() -> tuple[set[int], list]:
+    """SPARES + 1 frames of 2 MiB kept alive: ``(ids of the spares before, the
+    memory of each frame's body)``."""
     decoder = FrameDecoder(1 << 23, chunk=4096)
     data = frame([b"h", b"x" * (2 << 20)])
-    tracemalloc.start()
-    try:
-        kept = [_fill(decoder, data, 1 << 20)[0] for _ in range(SPARES + 1)]
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    return len(data), peak, kept
+    spares = _spares()
+    kept = [_fill(decoder, data, 1 << 20)[0][2] for _ in range(SPARES + 1)]
+    return spares, [_memory(body) for body in kept]
 
 
 def test_spares_are_shared_by_decoders_and_bounded():
@@ -319,20 +339,22 @@ def test_spares_are_shared_by_decoders_and_bounded():
     assert len(ids) == len(views)
     # However many connections received large frames, at most SPARES bodies are kept.
     del views
-    size, peak, kept = _refill_beyond_the_spares()
+    spares, kept = _refill_beyond_the_spares()
+    assert len(spares) == SPARES
     # SPARES frames reuse the kept bodies; only the one beyond them is allocated.
-    assert size < peak < 1.5 * size
-    assert len({id(body) for _, _, body in kept}) == SPARES + 1
+    assert {id(memory) for memory in kept[:SPARES]} == spares
+    assert id(kept[SPARES]) not in spares
 
 
 def test_a_larger_body_held_for_long_does_not_keep_the_spares_from_cycling():
     # A long job keeps its large argument's view: its body stays busy in the pool.
     held = _big_frames(FrameDecoder(1 << 24, chunk=4096), b"L" * (6 << 20))
     _frames_of_spare_size(SPARES + 2)  # received, then let go at once
-    size, peak, kept = _refill_beyond_the_spares()
+    spares, kept = _refill_beyond_the_spares()
     # The bodies freed last are reused, whatever the busy one's size.
-    assert size < peak < 1.5 * size
-    assert len({id(body) for _, _, body in kept}) == SPARES + 1
+    assert id(held[0].obj) not in spares
+    assert {id(memory) for memory in kept[:SPARES]} == spares
+    assert len({id(memory) for memory in kept}) == SPARES + 1
     assert bytes(held[0][:1]) == b"L"
 
 
@@ -359,9 +381,11 @@ def test_a_smaller_large_frame_reuses_a_larger_free_body_cut_to_size():
     decoder = FrameDecoder(1 << 23, chunk=4096)
     [view] = _big_frames(decoder, b"a" * (3 << 20))
     del view
-    [view] = _big_frames(decoder, b"b" * (2 << 20))
-    assert bytes(view) == b"b" * (2 << 20)
-    assert len(view.obj) == len(frame([b"h", b"b" * (2 << 20)])) - PREFIX_SIZE
+    spares = _spares()  # the 3 MiB body among them, free
+    [(_, count, body)] = _fill(decoder, frame([b"h", b"b" * (2 << 20)]), 1 << 20)
+    assert id(_memory(body)) in spares
+    assert len(body) == len(frame([b"h", b"b" * (2 << 20)])) - PREFIX_SIZE
+    assert bytes(split_body(body, count)[0][1]) == b"b" * (2 << 20)
 
 
 def test_frame_just_fitting_the_chunk_after_others_is_compacted_not_split():
