@@ -35,6 +35,10 @@ from dispynb.protocol.framing import Buffer, Frame, FrameDecoder, buffers_size
 #: Most iovecs one sendmsg call takes (Linux IOV_MAX).
 IOV_MAX = 1024
 
+#: Most reads of what a peer sent before a reset (`SocketLink._read_rest`): a
+#: receive buffer's worth (a few MiB) in pieces of at least a chunk.
+_REST_READS = 256
+
 #: A good `FrameSink.read_lowat` for a reader of large frames over TCP: it is woken
 #: once this many bytes of a large frame's body are queued, or all that is left of
 #: it (``SO_RCVLOWAT``), not for every few segments: fewer wake-ups, reads and MAC
@@ -351,6 +355,8 @@ class SocketLink:
     def _lose(self, exc: BaseException | None) -> None:
         if self.closed:
             return
+        if exc is not None and self._reading:
+            self._read_rest()
         self.closed = True
         self._dropped = bool(self._out)
         if self._reading:
@@ -362,6 +368,25 @@ class SocketLink:
         self._sock.close()
         self._drain_waiters.wake()
         self._sink.link_lost(exc)
+
+    def _read_rest(self) -> None:
+        """The link failed (a write met the peer's reset): deliver what the peer
+        sent before, still in the kernel's receive queue (Linux keeps it after a
+        reset). A peer that refuses a session says why and closes, and its close
+        resets the connection if our next message was arriving meanwhile: the
+        write that met that reset must not hide the reason (a scheduler's 'over
+        your --max_sessions' came out as 'Broken pipe')."""
+        decoder = self._sink.decoder
+        for _ in range(_REST_READS):
+            if decoder.error is not None:
+                return
+            try:
+                count = self._sock.recv_into(decoder.buffer())
+            except OSError:
+                return
+            if not count:
+                return
+            self._sink.frames_received(decoder.filled(count))
 
 
 class FrameProtocol(asyncio.BufferedProtocol):

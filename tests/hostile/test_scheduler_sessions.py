@@ -10,10 +10,13 @@ no descriptor, so they could not even connect.
 from __future__ import annotations
 
 import asyncio
+import collections
+import os
 from pathlib import Path
 
 import pytest
 
+from dispynb import SharedJobCluster
 from dispynb.errors import DispynbError
 from dispynb.protocol.messages import Error
 from dispynb.secret import read_secret_file
@@ -118,3 +121,58 @@ def test_one_user_cannot_hold_every_session(
     assert alices == [0, 1, 4, 9]
     assert held == QUOTA and "--max_sessions" in refusal
     assert cluster.startswith("SetupError") and "--max_sessions" in cluster
+
+
+#: Times the user over her quota sets up a computation of `LARGE` bytes.
+TRIES = 8
+LARGE = 20 << 20
+
+
+@pytest.mark.attack(
+    id="sched-session-refusal-reset",
+    title=f"A user at her --max_sessions sets up a computation of {LARGE >> 20} MB, "
+    f"{TRIES} times (the scheduler refuses the session and closes while it arrives)",
+    goal="each time SetupError naming --max_sessions (was: about half 'Broken pipe' "
+    "or 'Connection reset by peer')",
+)
+@pytest.mark.timeout(120)
+def test_a_refused_session_is_told_why_while_it_sends(
+    tmp_path: Path, people: dict[str, Path], measure
+) -> None:
+    blob = os.urandom(LARGE)
+
+    def compute(n: int) -> int:
+        return len(blob) + n
+
+    told: collections.Counter[str] = collections.Counter()
+    with shared_nodes(tmp_path, people, "--max_sessions", "1") as sched:
+
+        async def hold() -> Connection:
+            conn, _ = await connect(
+                "127.0.0.1",
+                sched.port,
+                secret=read_secret_file(people["mallory"]),
+                max_message_size=1 << 20,
+            )
+            return conn
+
+        loop = asyncio.new_event_loop()
+        held = loop.run_until_complete(hold())
+        try:
+            for _ in range(TRIES):
+                try:
+                    with SharedJobCluster(
+                        compute,
+                        scheduler_host=sched.address,
+                        secret_file=str(people["mallory"]),
+                    ) as cluster:
+                        cluster.submit(1)()
+                    told["ran"] += 1
+                except DispynbError as exc:
+                    said = "--max_sessions" if "--max_sessions" in str(exc) else exc
+                    told[f"{type(exc).__name__}: {said}"] += 1
+        finally:
+            held.close()
+            loop.close()
+    measure(", ".join(f"{count} x {what}" for what, count in told.items()))
+    assert told == {"SetupError: --max_sessions": TRIES}

@@ -5,16 +5,21 @@ kernel."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
+import time
 
 import pytest
 
 from dispynb.errors import (
     ConnectionClosedError,
 )
+from dispynb.protocol.framing import encode_frames
 from dispynb.protocol.messages import (
+    Error,
     JobCancel,
+    pack_header,
 )
 from dispynb.transport.connection import Connection
 from tests.asyncutil import run
@@ -140,3 +145,38 @@ def test_unread_bytes_counts_what_waits_in_the_kernel_until_the_loop_reads_it():
         assert conn.unread_bytes() == 0  # closed: nothing to ask
 
     run(body())
+
+
+def test_a_reason_sent_before_a_reset_is_read_when_a_write_meets_the_reset():
+    """A server that refuses a session says why and closes, with what the client
+    sent meanwhile unread: its kernel resets the connection. The client's next
+    write meets the reset; the reason, already received, still comes out of
+    `recv` (a scheduler's refusal 'over --max_sessions' came out as 'Broken pipe'
+    when the client was sending its computation)."""
+
+    async def main():
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            client = socket.create_connection(listener.getsockname())
+            server, _ = listener.accept()
+        conn = Connection.over_socket(client, "server")
+        job = JobCancel(comp_id=1, key=1, attempt=0)
+        conn.write(job, [b"x" * 1000])  # the server never reads it
+        head, parts = encode_frames(
+            [pack_header(Error(code="quota", message="over quota").to_header())]
+        )
+        server.sendall(b"".join([head, *parts]))
+        server.close()  # with unread bytes: a reset
+        # Writes (the loop not running, so nothing is read meanwhile) until one
+        # meets the reset.
+        deadline = time.monotonic() + 10
+        while not conn.closed:
+            assert time.monotonic() < deadline, "no write met the reset"
+            time.sleep(0.01)
+            with contextlib.suppress(ConnectionClosedError):
+                conn.write(job, [b"x" * 1000])
+        message, _ = await conn.recv()
+        assert isinstance(message, Error) and message.message == "over quota"
+        with pytest.raises(ConnectionClosedError):
+            await conn.recv()
+
+    run(main())
