@@ -21,6 +21,7 @@ _THREAD_NAME = "dispynb-callbacks"
 
 #: Queue item telling the worker thread to exit.
 _STOP: Final = object()
+_Lock: Final = type(threading.Lock())
 
 
 class CallbackDispatcher:
@@ -95,12 +96,13 @@ class CallbackDispatcher:
                 # Everything was queued before _STOP: the thread's end is the flush.
                 done = None
             else:
-                done = threading.Event()
+                done = threading.Lock()  # released by the thread once it gets there
+                done.acquire()
                 self._queue.put(done)
         if done is None:
             thread.join(timeout)
             return not thread.is_alive()
-        return _interruptible.wait_event(done, timeout)
+        return _interruptible.acquire(done, timeout)
 
     def close(self, timeout: float | None = None) -> bool:
         """Run the callbacks already posted, then stop the thread; idempotent.
@@ -147,8 +149,8 @@ class CallbackDispatcher:
             item = get()
             if item is _STOP:
                 return
-            if isinstance(item, threading.Event):
-                item.set()
+            if type(item) is _Lock:  # a flush waits on it (not an Event: `Sleepers`)
+                item.release()
                 continue
             fn, args = item
             try:

@@ -244,11 +244,13 @@ class _Events(_ClusterState):
             self._emit(status, node, job)
         if self._cancel_asked and job._key in self._cancel_asked:
             self._forget_cancel(job._key)
-        with self._done:
+        with self._outstanding_lock:
             self._outstanding -= 1
-            if self._outstanding == 0:
+            all_done = self._outstanding == 0
+            if all_done:
                 self.end_time = time.time()
-                self._done.notify_all()
+        if all_done:
+            self._all_done.wake_all()
 
     def _forget_cancel(self, key: int) -> None:
         """Forget that a cancel was asked for job ``key`` (`_cancel_requested`)

@@ -165,7 +165,7 @@ class _Jobs(_ClusterState):
         self._jobs[key] = job
         if self._journal.jobs:
             self._journal.submitted(key, job)
-        with self._done:
+        with self._outstanding_lock:
             self._outstanding += 1
             self.end_time = None
         if self._options.cluster_status is not None:

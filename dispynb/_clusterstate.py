@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from dispynb._callbacks import CallbackDispatcher
+from dispynb._interruptible import Sleepers
 from dispynb._loop import LoopRunner
 from dispynb.backends import base
 from dispynb.backends.base import Backend, Engine
@@ -59,7 +60,8 @@ class _ClusterState:
     job_counts: Counter[str]
     _listeners: list[Listener]
     _outstanding: int
-    _done: threading.Condition
+    _outstanding_lock: threading.Lock
+    _all_done: Sleepers
     _nodes: dict[str, DispyNode]
     _node_cpus: dict[str, int]
     _resetting: dict[str, DispyNode]

@@ -12,6 +12,7 @@ slice; other threads (nobody interrupts them) block in one call, without wake-up
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -23,11 +24,11 @@ from typing import Any, ClassVar, Protocol
 __all__ = [
     "SLICE",
     "HeldInterrupts",
+    "Sleepers",
     "acquire",
+    "set_event",
     "start_thread",
     "unblock_in_child",
-    "wait_event",
-    "wait_for",
 ]
 
 #: Seconds a main thread's wait blocks at most before Python checks for signals.
@@ -72,34 +73,73 @@ def acquire(lock: _Lock, timeout: float | None = None) -> bool:
             return True
 
 
-def wait_for(
-    condition: threading.Condition,
-    predicate: Callable[[], bool],
-    timeout: float | None = None,
-) -> bool:
-    """``condition.wait_for(predicate, timeout)``, with ``condition`` held."""
-    if not _in_main():
-        return condition.wait_for(predicate, timeout)
-    step = _slices(timeout)
-    while True:
-        left = step()
-        if left <= 0:
-            return predicate()
-        if condition.wait_for(predicate, left):
-            return True
+class Sleepers:
+    """Threads waiting for a state that other threads change, each asleep on a lock
+    of its own that `wake_all` releases: ``threading.Condition`` without its flaw.
+
+    A signal handler that raises (Ctrl-C) in a main thread inside
+    ``Condition.wait`` or ``Event.wait`` may leave that thread releasing the
+    condition's lock while another thread holds it: CPython lets the lock go before
+    the wait's ``try`` and takes it back in its ``finally``, both interruptible. The
+    other thread's ``notify`` or ``Event.set`` then raises ``RuntimeError('release
+    unlocked lock')`` -- on the I/O thread, in the middle of a node's results, which
+    cost the cluster that node. Here the only blocking call is the acquire of a lock
+    no other thread holds, which a signal interrupts cleanly; a sleeper left behind
+    by an interrupted wait is released later, harmlessly.
+    """
+
+    __slots__ = ("_lock", "_sleeping")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sleeping: list[threading.Lock] = []
+
+    def wait_for(self, ready: Callable[[], bool], timeout: float | None = None) -> bool:
+        """Block until ``ready()`` is true; False if ``timeout`` seconds pass first.
+
+        Whoever makes ``ready()`` true calls `wake_all` afterwards. On the main
+        thread the wait is `acquire`'s: Ctrl-C ends it promptly.
+        """
+        deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+        while not ready():
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            sleeper = threading.Lock()
+            sleeper.acquire()
+            with self._lock:
+                self._sleeping.append(sleeper)
+            try:
+                # Asked again once registered: a change made before is seen here,
+                # one made after releases the sleeper.
+                if ready():
+                    return True
+                acquire(sleeper, left)
+            finally:
+                with self._lock, contextlib.suppress(ValueError):  # woken already
+                    self._sleeping.remove(sleeper)
+        return True
+
+    def wake_all(self) -> None:
+        """Wake every thread waiting now, to ask its ``ready()`` again."""
+        if not self._sleeping:  # no waiter (one registering asks ready() after)
+            return
+        with self._lock:
+            sleeping, self._sleeping = self._sleeping, []
+        for sleeper in sleeping:
+            sleeper.release()
 
 
-def wait_event(event: threading.Event, timeout: float | None = None) -> bool:
-    """``event.wait(timeout)``: True if the event is set."""
-    if not _in_main():
-        return event.wait(timeout)
-    step = _slices(timeout)
-    while True:
-        left = step()
-        if left <= 0:
-            return event.is_set()
-        if event.wait(left):
-            return True
+def set_event(event: threading.Event) -> None:
+    """``event.set()`` from a library thread, for a user's event (dispy's
+    ``job.finish``) that a user's main thread may wait on: if a Ctrl-C there
+    released the event's lock meanwhile (see `Sleepers`), the first ``set`` raises
+    ``RuntimeError`` part way (the flag set, waiters maybe not woken); the second,
+    with the lock free again, wakes them."""
+    try:
+        event.set()
+    except RuntimeError:
+        event.set()
 
 
 #: Signals whose Python handlers `HeldInterrupts` holds: SIGINT (Ctrl-C, Stop) and

@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, TypeVar
 
 from dispynb._interruptible import HeldInterrupts, start_thread
+from dispynb._interruptible import acquire as acquire_interruptibly
 
 logger = logging.getLogger(__name__)
 
@@ -270,12 +271,19 @@ class LoopRunner:
             if task is not None:
                 task.cancel()
 
+        # Waited for on a lock of its own, not in future.result(): a Ctrl-C there
+        # may break the future's lock for the loop thread setting it (`Sleepers`).
+        finished = threading.Lock()
+        finished.acquire()
+        future.add_done_callback(lambda _future: finished.release())
         ident = threading.get_ident()
         with self._waits_lock:
             self._waits[ident] = (future, cancel)
         self._loop.call_soon_threadsafe(start)
         try:
-            return future.result(timeout)
+            if not acquire_interruptibly(finished, timeout):
+                raise concurrent.futures.TimeoutError
+            return future.result(0)
         except concurrent.futures.CancelledError:
             with self._waits_lock:
                 interrupted = future in self._interrupted

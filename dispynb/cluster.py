@@ -168,8 +168,9 @@ class JobCluster(_Events, _Jobs, _Nodes, _ClusterState):
         #: Jobs by final status (and "submitted"), for monitors.
         self.job_counts: Counter[str] = Counter()
         self._listeners: list[Listener] = []
-        self._outstanding = 0
-        self._done = threading.Condition()
+        self._outstanding = 0  # jobs submitted, not yet done
+        self._outstanding_lock = threading.Lock()
+        self._all_done = _interruptible.Sleepers()  # `wait`: woken as it reaches 0
         self._nodes: dict[str, DispyNode] = {}
         # CPUs set up on each node (what set_node_cpus counts from), by node id.
         self._node_cpus: dict[str, int] = {}
@@ -233,10 +234,7 @@ class JobCluster(_Events, _Jobs, _Nodes, _ClusterState):
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until every submitted job is done; False if ``timeout`` passed first."""
-        with self._done:  # in slices: Ctrl-C ends it promptly (`_interruptible`)
-            done = _interruptible.wait_for(
-                self._done, lambda: self._outstanding == 0, timeout
-            )
+        done = self._all_done.wait_for(lambda: self._outstanding == 0, timeout)
         if done and not self._callbacks.in_dispatcher_thread():
             self._callbacks.flush(timeout)
         return done

@@ -36,12 +36,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import threading
 import time
 from collections.abc import Callable, Generator, Iterable
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, PENDING, RUNNING
 from typing import TYPE_CHECKING, Any
 
+from dispynb._interruptible import Sleepers
 from dispynb.errors import NodeLostError, RemoteError
 
 if TYPE_CHECKING:
@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 
 __all__ = ["CANCEL_WAIT", "JobFuture", "cancel_futures", "outcome_error"]
 
+logger = logging.getLogger(__name__)
 #: A done-callback's exception is logged where `concurrent.futures` logs its own
 #: futures' (and in its words): the logging a program set up for those covers a
 #: `JobFuture`, which is one of them.
@@ -57,6 +58,9 @@ _callback_logger = logging.getLogger("concurrent.futures")
 #: Seconds ``cancel()`` waits at most for the nodes holding the jobs to say whether
 #: they dropped them (a node that falls silent is declared dead far sooner).
 CANCEL_WAIT = 30.0
+
+#: Seconds the I/O thread waits at most for a future's lock (`JobFuture._usable`).
+STRANDED_WAIT = 2.0
 
 
 class JobFuture(concurrent.futures.Future[Any]):
@@ -118,27 +122,31 @@ class JobFuture(concurrent.futures.Future[Any]):
 
     def result(self, timeout: float | None = None) -> Any:
         """As `concurrent.futures.Future.result`; the wait reads the job's answer in
-        the I/O thread's place when that one is idle (`_wait_job`)."""
-        return super().result(self._wait_job(timeout))
+        the I/O thread's place when that one is idle (`_wait_settled`)."""
+        self._wait_settled(timeout)
+        return super().result(0)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """As `concurrent.futures.Future.exception`, waiting as `result` does."""
-        return super().exception(self._wait_job(timeout))
+        self._wait_settled(timeout)
+        return super().exception(0)
 
-    def _wait_job(self, timeout: float | None) -> float | None:
+    def _wait_settled(self, timeout: float | None) -> None:
         """Wait for the job to end, as ``job()`` does: when the I/O loop is idle,
         this thread reads the nodes' answers itself (`dispynb._inplace`), so that
-        a quick job's answer wakes no other thread for the future. Returns the
-        time left of ``timeout`` for the future itself, which the thread that
-        ended the job settles right after (this one, when it read the answer)."""
+        a quick job's answer wakes no other thread for the future. Then wait for
+        the future, which the thread that ended the job settles right after (this
+        one, when it read the answer), on `Sleepers`: not on the future's condition,
+        whose wait a Ctrl-C may break for the I/O thread settling it.
+
+        Raises ``TimeoutError`` if ``timeout`` seconds pass first."""
         if self._state not in (PENDING, RUNNING):  # done: nothing to wait for
-            return timeout
-        if timeout is None:
-            self.job.wait()
-            return None
-        end = time.monotonic() + timeout
+            return
+        end = None if timeout is None else time.monotonic() + timeout
         self.job.wait(timeout)
-        return max(end - time.monotonic(), 0.0)
+        left = None if end is None else max(end - time.monotonic(), 0.0)
+        if not _answers.wait_for(lambda: self._state not in (PENDING, RUNNING), left):
+            raise concurrent.futures.TimeoutError()
 
     def __await__(self) -> Generator[Any, None, Any]:
         """``await job.future``: the result, without blocking the running loop."""
@@ -157,17 +165,37 @@ class JobFuture(concurrent.futures.Future[Any]):
 
     def _mark_running(self) -> None:
         """The job started on a node: ``cancel()`` no longer stops it."""
-        with self._condition:
-            if self._state == PENDING:
-                self._state = RUNNING
+        if self._usable():
+            with self._condition:
+                if self._state == PENDING:
+                    self._state = RUNNING
         _answered()
 
     def _end(self) -> None:
         """The job ended: settle the future, and wake a ``cancel()`` waiting."""
         try:
-            self._settle()
+            if self._usable():
+                self._settle()
         finally:
             _answered()
+
+    def _usable(self) -> bool:
+        """Whether the future's lock can be had: False (logged) if another thread
+        keeps it for `STRANDED_WAIT` seconds. Python's ``concurrent.futures.wait``
+        and ``as_completed``, when Ctrl-C lands as they take the locks of the
+        futures, keep those taken for ever; the I/O thread, which settles
+        futures, would then hang with every job of the cluster."""
+        if self._condition.acquire(timeout=STRANDED_WAIT):
+            self._condition.release()
+            return True
+        logger.error(
+            "the future of job %r is left unsettled: its lock has been held for "
+            "%s s (a concurrent.futures.wait or as_completed on it interrupted by "
+            "Ctrl-C keeps it for ever); job.result and job() still have its outcome",
+            self.job.id,
+            STRANDED_WAIT,
+        )
+        return False
 
     def _settle(self) -> None:
         """Give the future the job's final outcome (called once, when it ends)."""
@@ -187,6 +215,14 @@ class JobFuture(concurrent.futures.Future[Any]):
                 self.set_exception(error)
         except concurrent.futures.InvalidStateError:
             pass  # cancelled by the user while the job's end was on its way
+        except RuntimeError:
+            # A user's wait on the future (``concurrent.futures.wait``) broken by
+            # Ctrl-C let its event's lock go while set_result held it (see
+            # `Sleepers`): the outcome is set, but some waiters may not be woken,
+            # nor callbacks run.
+            with self._condition:
+                self._condition.notify_all()
+            self._invoke_callbacks()  # type: ignore[attr-defined]  # Future's own
 
 
 def cancel_futures(
@@ -234,33 +270,23 @@ def cancel_futures(
     ]
 
 
-# ``cancel()`` waits for the jobs it asked nodes about on one condition shared by
-# all futures (not each future's own: ``Future.result(timeout)`` gives up at its
-# first wake-up). Jobs notify it only while someone waits (the hot path pays a
-# read): a waiter counts itself before it checks the futures' states, a job sets
-# its state before it reads the count, so no wake-up is missed (GIL ordering).
-_answers = threading.Condition()
-_answer_waiters = 0
+# ``cancel()`` waits for the jobs it asked nodes about on sleepers shared by all
+# futures (not each future's own: ``Future.result(timeout)`` gives up at its first
+# wake-up, and a Condition's wait interrupted by Ctrl-C may break the I/O thread's
+# next notify, see `Sleepers`). Jobs wake them only while someone waits (the hot
+# path pays a read): a waiter registers before it checks the futures' states, a job
+# sets its state before it looks, so no wake-up is missed.
+_answers = Sleepers()
 
 
 def _answered() -> None:
     """A job started or ended: wake the ``cancel()`` calls waiting (if any)."""
-    if _answer_waiters:
-        with _answers:
-            _answers.notify_all()
+    _answers.wake_all()
 
 
 def _wait_answers(futures: list[JobFuture], timeout: float) -> None:
     """Wait until no future of ``futures`` is pending (or ``timeout`` passes)."""
-    global _answer_waiters
-    with _answers:
-        _answer_waiters += 1
-        try:
-            _answers.wait_for(
-                lambda: all(f._state != PENDING for f in futures), timeout
-            )
-        finally:
-            _answer_waiters -= 1
+    _answers.wait_for(lambda: all(f._state != PENDING for f in futures), timeout)
 
 
 def _in_event_loop() -> bool:

@@ -140,6 +140,7 @@ class DispyJob:
         "_id",
         "_key",
         "_kwargs",
+        "_original",
         "_seq",
         "_sleepers",
         "_waiters",
@@ -182,6 +183,8 @@ class DispyJob:
     # which `_complete` releases (what threading.Event does underneath, without its
     # Condition's Python layers on the hot path of every result).
     _sleepers: list[threading.Lock] | None
+    # A snapshot's job (`__copy__`), whose end ends the snapshot's waits; None in a job.
+    _original: DispyJob | None
     _cluster: Any
     _future: JobFuture | None
     _waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] | None
@@ -206,6 +209,7 @@ class DispyJob:
         self._seq = next(_submit_seq)
         self._done = False
         self._sleepers = None
+        self._original = None
         self._waiters = None
         self._cluster = None  # set by the cluster: job.cancel() asks it
         self._future = None
@@ -263,6 +267,9 @@ class DispyJob:
     @property
     def finish(self) -> threading.Event:
         """dispy's ``finish`` event: set when the job reaches its final status."""
+        original = self._original
+        if original is not None:  # a snapshot: its job's
+            return original.finish
         event = self._finish
         if event is None:
             with _lock:
@@ -274,12 +281,14 @@ class DispyJob:
         return event
 
     def __copy__(self) -> DispyJob:
-        """A snapshot (what callbacks get) sharing the job's ``finish`` event."""
-        self.finish  # noqa: B018 - made now, so that both see the same event
+        """A snapshot (what callbacks get): its ``finish`` and waits are the job's."""
         clone = DispyJob.__new__(DispyJob)
         for name in _SLOTS:
             with contextlib.suppress(AttributeError):  # an unset slot stays unset
                 setattr(clone, name, getattr(self, name))
+        # Its waits are the job's (`wait`): none of the job's waiters are its own.
+        clone._original = self._original or self
+        clone._sleepers = clone._waiters = None
         return clone
 
     def done(self) -> bool:
@@ -353,9 +362,9 @@ class DispyJob:
         bool
             ``True`` if the job is done, ``False`` if the timeout expired first.
         """
-        finish = self._finish
-        if finish is not None:  # made already (a snapshot shares its job's)
-            return _interruptible.wait_event(finish, timeout)
+        original = self._original
+        if original is not None:  # a snapshot: its job's end ends the wait
+            return original.wait(timeout)
         if self._done:
             return True
         cluster = self._cluster
@@ -378,8 +387,9 @@ class DispyJob:
             if self._sleepers is None:
                 self._sleepers = []
             self._sleepers.append(sleeper)
-        # Released by `_complete`; Ctrl-C interrupts this as it would Event.wait
-        # (`_interruptible`), and the sleeper left behind is released then, harmlessly.
+        # Released by `_complete`; Ctrl-C interrupts this cleanly (`_interruptible`:
+        # not so an Event's wait), and the sleeper left behind is released then,
+        # harmlessly.
         if _interruptible.acquire(sleeper, timeout):
             return True
         with _lock:
@@ -393,7 +403,10 @@ class DispyJob:
         Works from any asyncio loop in any thread: the cluster's thread wakes the
         waiter with ``loop.call_soon_threadsafe``.
         """
-        if not self._done:
+        original = self._original
+        if original is not None:  # a snapshot: its job's end ends the wait
+            yield from original.__await__()
+        elif not self._done:
             loop = asyncio.get_running_loop()
             future: asyncio.Future[None] = loop.create_future()
             waiter = (loop, future)
@@ -497,8 +510,8 @@ class DispyJob:
                 self.ip_addr = ip_addr
             # A JobStatus already (the usual case): no enum lookup per job.
             self.status = status if type(status) is JobStatus else JobStatus(status)
-            if self._finish is not None:
-                self._finish.set()
+            if self._finish is not None:  # a user's thread may wait on it
+                _interruptible.set_event(self._finish)
             sleepers, self._sleepers = self._sleepers, None
             waiters, self._waiters = self._waiters, None
             job_future, self._cluster = self._future, None

@@ -76,20 +76,14 @@ def test_every_kind_of_wait_ends_on_an_interrupt(how: str) -> None:
     send = SENDERS[how]
     held = threading.Lock()
     held.acquire()
-    never = threading.Condition()
+    sleepers = _interruptible.Sleepers()
     waits: list[tuple[str, Callable[[], object]]] = [
         ("acquire", lambda: _interruptible.acquire(held)),
-        ("wait_event", lambda: _interruptible.wait_event(threading.Event())),
-        ("wait_for", lambda: _wait_for_never(never)),
+        ("wait_for", lambda: sleepers.wait_for(lambda: False)),
     ]
     for name, wait in waits:
         with send(main_waits_in(name)), pytest.raises(KeyboardInterrupt):
             wait()
-
-
-def _wait_for_never(condition: threading.Condition) -> bool:
-    with condition:
-        return _interruptible.wait_for(condition, lambda: False)
 
 
 def test_timeouts_are_kept() -> None:
@@ -97,14 +91,162 @@ def test_timeouts_are_kept() -> None:
     held.acquire()
     assert not _interruptible.acquire(held, 0.6)  # longer than a slice
     assert not _interruptible.acquire(held, 0)
-    assert not _interruptible.wait_event(threading.Event(), 0.3)
-    condition = threading.Condition()
-    with condition:
-        assert not _interruptible.wait_for(condition, lambda: False, 0.3)
-        assert _interruptible.wait_for(condition, lambda: True, 0)
-    done = threading.Event()
-    done.set()
-    assert _interruptible.wait_event(done, 0)
+    sleepers = _interruptible.Sleepers()
+    assert not sleepers.wait_for(lambda: False, 0.3)
+    assert sleepers.wait_for(lambda: True, 0)
+    assert not sleepers.wait_for(lambda: False, 0)
+
+
+def test_sleepers_wake_a_waiter_whose_state_changed() -> None:
+    """`Sleepers.wait_for` returns once another thread changes the state and calls
+    `Sleepers.wake_all` (as the I/O thread does when a cluster's last job ends)."""
+    sleepers = _interruptible.Sleepers()
+    state: list[int] = []
+
+    def change() -> None:
+        jobs.wait_until(main_waits_in("acquire"))  # asleep, registered
+        state.append(1)
+        sleepers.wake_all()
+
+    changer = threading.Thread(target=change, name="test-changer", daemon=True)
+    changer.start()
+    assert sleepers.wait_for(lambda: bool(state), NEVER)
+    changer.join(NEVER)
+    assert sleepers._sleeping == []
+
+
+# A main thread waiting over and over (WAIT) while another thread ends what it waits
+# for (END) as fast as it can, and 3,000 SIGINTs land on the main thread wherever
+# its wait is: the ending thread must never fail. It did with threading's waits
+# (CPython's Condition.wait, interrupted between giving its lock back and taking it
+# again, releases the lock the other thread then holds): on the I/O thread that
+# was "error handling a 'job-results' message ... RuntimeError('release unlocked
+# lock')", the node dropped and cluster.wait() hung (CI of 2026-12-06).
+_STORM = """
+import asyncio, concurrent.futures, json, os, queue, signal, sys, threading, time
+from dispynb import _interruptible
+from dispynb.job import DispyJob, JobStatus
+import dispynb.futures  # job.future imports it: not under the storm (never done)
+
+sys.setswitchinterval(1e-6)  # threads take turns often: every window opens
+failures = []   # the ending thread's
+waits = queue.SimpleQueue()  # main -> ender: what to end next
+done = []
+SETUP
+
+def end_loop():
+    while True:
+        item = waits.get()
+        if item is None:
+            return
+        try:
+            END
+        except Exception as exc:
+            failures.append(repr(exc))
+
+def storm():
+    main = threading.main_thread().ident
+    for _ in range(3000):
+        time.sleep(0.0003)
+        signal.pthread_kill(main, signal.SIGINT)
+    done.append(True)
+
+ender = threading.Thread(target=end_loop, daemon=True)
+ender.start()
+# Ctrl-C raises only inside a wait: else one landing in this loop's own lines (an
+# except clause, the loop's jump) would end the program.
+waiting = [False]
+
+def interrupt(signum, frame):
+    if waiting[0]:
+        waiting[0] = False
+        raise KeyboardInterrupt
+
+signal.signal(signal.SIGINT, interrupt)
+interrupts = waited = broken = 0
+sender = threading.Thread(target=storm, daemon=True)
+sender.start()
+while not done:
+    try:
+        waiting[0] = True
+        WAIT
+        waiting[0] = False
+        waited += 1
+    except KeyboardInterrupt:
+        interrupts += 1
+    except RuntimeError:  # Python's own Event.wait, broken by the interrupt
+        waiting[0] = False
+        broken += 1
+waits.put(None)
+ender.join(10)
+report = {"failures": failures[:5], "broken": broken}
+print(json.dumps({**report, "interrupts": interrupts, "waited": waited}))
+"""
+
+_WAITS = {
+    # A cluster's wait(): the I/O thread wakes it as the last job ends.
+    "sleepers": (
+        "sleepers = _interruptible.Sleepers()\nstate = [0]",
+        "state[0] = item; sleepers.wake_all()",
+        "n = state[0] + 1; waits.put(n); sleepers.wait_for(lambda: state[0] >= n)",
+    ),
+    # job(): on a job with dispy's finish event (made for every job a callback
+    # gets a copy of), which the I/O thread sets.
+    "job": (
+        "",
+        "item._complete(JobStatus.Finished, result=1)",
+        "job = DispyJob(None, (), {}); job.finish; waits.put(job); job()",
+    ),
+    # job.future.result(): the future is settled by the ending thread.
+    "future": (
+        "",
+        "item._complete(JobStatus.Finished, result=1)",
+        "job = DispyJob(None, (), {}); f = job.future; waits.put(job); f.result()",
+    ),
+    # Every call that waits for the I/O loop (cluster creation, close, status...).
+    "run_sync": (
+        "from dispynb._loop import LoopRunner\nrunner = LoopRunner.acquire()",
+        "pass",
+        "runner.run_sync(asyncio.sleep, 0)",
+    ),
+    # A user's own waits: Python's Event.wait and concurrent.futures.wait, which a
+    # Ctrl-C may break; the I/O thread ending the job must not fail for that.
+    "finish": (
+        "",
+        "item._complete(JobStatus.Finished, result=1)",
+        "job = DispyJob(None, (), {}); waits.put(job); job.finish.wait()",
+    ),
+    "futures.wait": (
+        "",
+        "item._complete(JobStatus.Finished, result=1)",
+        "job = DispyJob(None, (), {}); f = job.future; waits.put(job); "
+        "concurrent.futures.wait([f])",
+    ),
+}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", sorted(_WAITS))
+def test_a_storm_of_ctrl_c_in_a_wait_never_fails_the_thread_that_ends_it(
+    kind: str,
+) -> None:
+    setup, end, wait = _WAITS[kind]
+    program = _STORM.replace("SETUP", setup).replace("END", end).replace("WAIT", wait)
+    with python_handles_sigint():  # exec turns the handler into SIG_DFL
+        proc = subprocess.run(
+            [sys.executable, "-c", program],
+            capture_output=True,
+            text=True,
+            timeout=90,
+            start_new_session=True,
+        )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["interrupts"] > 100 and report["waited"] > 0, report
+    assert report["failures"] == [], report
+    assert "Exception in callback" not in proc.stderr, proc.stderr[-3000:]
+    if kind not in ("finish", "futures.wait"):  # Python's own may break: not ours
+        assert report["broken"] == 0, report
 
 
 @pytest.mark.slow

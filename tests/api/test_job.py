@@ -142,6 +142,31 @@ def test_job_shallow_copy_keeps_fields():
     assert clone.finish is job.finish
 
 
+def test_a_snapshot_waits_for_its_job_however_it_is_waited_for():
+    """Callbacks get snapshots (copies) of a job: ``snapshot()``, ``wait()``,
+    ``await snapshot`` and ``finish`` end when the job ends. ``await`` on a
+    snapshot never ended before: it waited on a list of its own that nothing woke."""
+    job = make_job()
+    snapshot = copy.copy(job)
+    later = copy.copy(snapshot)  # a snapshot's snapshot: still the job's
+
+    async def snapshot_awaited() -> object:
+        return await later
+
+    async def awaited() -> None:
+        ender = threading.Timer(0.05, job._complete, (JobStatus.Finished, 7))
+        ender.start()
+        try:
+            await asyncio.wait_for(snapshot_awaited(), 10)
+        finally:
+            ender.join()
+
+    asyncio.run(awaited())
+    assert snapshot.wait(0) and later.wait(0) and snapshot.finish.is_set()
+    assert snapshot.finish is job.finish
+    assert job() == 7
+
+
 # -- state changes ---------------------------------------------------------------------
 
 
