@@ -11,6 +11,7 @@ from __future__ import annotations
 import builtins
 import io
 import pickle
+import signal
 import sys
 import sysconfig
 import types
@@ -49,10 +50,30 @@ def dumps(obj: Any, kinds: list[str] | None = None) -> list[Buffer]:
         else:
             main = _dumps_by_value(obj, buffers, kinds)
     except Exception as exc:
+        if _from_signal_handler(exc):
+            raise
         raise SerializationError(
             f"cannot pickle {_describe(obj)}: {type(exc).__name__}: {exc}"
         ) from exc
     return [main, *(memoryview(b).cast("B") for b in buffers)]
+
+
+def _from_signal_handler(exc: BaseException) -> bool:
+    """Whether ``exc`` came out of a Python signal handler that ran meanwhile (a
+    timeout by ``signal.alarm`` whose handler raises): the user's to catch as
+    raised, not a pickling error."""
+    handlers: set[types.CodeType] = set()
+    for signum in signal.valid_signals():
+        handler = signal.getsignal(signum)
+        code = getattr(getattr(handler, "__func__", handler), "__code__", None)
+        if code is not None:
+            handlers.add(code)
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code in handlers:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def loads(
@@ -71,6 +92,8 @@ def loads(
         except SerializationError:
             raise
         except Exception as exc:
+            if _from_signal_handler(exc):
+                raise
             raise SerializationError(
                 f"cannot unpickle data: {type(exc).__name__}: {exc}"
             ) from exc
@@ -79,6 +102,8 @@ def loads(
             return pickle.loads(buffers[0])  # authenticated peer only
         return _Unpickler(buffers[0], buffers[1:]).load()  # authenticated peer only
     except Exception as exc:
+        if _from_signal_handler(exc):
+            raise
         raise SerializationError(
             f"cannot unpickle data: {type(exc).__name__}: {exc}"
         ) from exc

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import signal
 import threading
 
 import pytest
@@ -133,6 +134,38 @@ def test_dumps_lock_raises_naming_type():
 def test_dumps_bare_lock_raises_naming_type():
     with pytest.raises(SerializationError, match="'lock'"):
         dumps(threading.Lock())
+
+
+class _Alarm(Exception):
+    """What a user's SIGALRM handler raises (a timeout by ``signal.alarm``)."""
+
+
+class _RingsWhilePickled:
+    """An object whose pickling is interrupted by a signal (raised here, at once)."""
+
+    def __reduce__(self):
+        signal.raise_signal(signal.SIGALRM)
+        return (_RingsWhilePickled, ())
+
+
+def test_dumps_lets_a_signal_handlers_exception_through():
+    """A raising signal handler that runs while arguments are pickled (a timeout by
+    alarm in the user's loop of submits) raises its own exception, which the user
+    catches, and not "cannot pickle ...: Alarm" (seen under a storm of alarms)."""
+
+    def on_alarm(signum, frame):
+        raise _Alarm("timed out")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        with pytest.raises(_Alarm, match="timed out"):
+            dumps([1, _RingsWhilePickled()])
+        with pytest.raises(_Alarm):
+            dumps(_RingsWhilePickled())
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    with pytest.raises(SerializationError, match="cannot pickle"):
+        dumps(threading.Lock())  # not a handler's: still a pickling error
 
 
 def test_unpicklable_argument_names_the_first_one_that_does_not_pickle():
