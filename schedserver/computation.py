@@ -707,13 +707,18 @@ class SharedComputation(_JobFiles):
                 self.queue.appendleft(job)
                 self.account.queued += 1
             else:
+                node = upstream.node
+                why = (
+                    f"node {node.name} stopped: {node.stopping},"
+                    if node.stopping
+                    else f"node {node.name} was lost ({reason})"
+                )
                 ended.append(
                     ResultEntry.unrun(
                         job.key,
                         job.attempt,
                         ABANDONED,
-                        f"node {upstream.node.name} was lost ({reason}) and the "
-                        "computation is not reentrant",
+                        f"{why} and the computation is not reentrant",
                     )
                 )
         self.end_jobs(ended)

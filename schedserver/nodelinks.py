@@ -5,13 +5,16 @@ and carries its jobs and results; what a node says about a computation."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 from typing import Any
 
 from dispynb.defaults import CONNECT_RETRY
 from dispynb.errors import DispynbError, MessageError
+from dispynb.protocol.handshake import peer_text
 from dispynb.protocol.messages import (
+    ComputationClose,
     ComputationClosed,
     ComputationFailed,
     ComputationReady,
@@ -84,6 +87,7 @@ class _NodeLinks(_ServerState):
             node.conn = conn
             node.dead_reason = ""
             node.leaving = False
+            node.stopping = ""
             cap = self.config.cpus
             node.cpus = min(welcome.cpus, cap) if cap else welcome.cpus
             node.avail = reported_avail(node, welcome.avail)
@@ -106,6 +110,8 @@ class _NodeLinks(_ServerState):
             def on_control(message: Message, buffers: list[memoryview]) -> bool:
                 if isinstance(message, NodeStatus):
                     node.avail = reported_avail(node, message.avail)
+                    if message.leaving:
+                        self._node_stopping(node, message.leaving)
                 return False
 
             try:
@@ -118,6 +124,38 @@ class _NodeLinks(_ServerState):
                 node.conn = None
                 node.alive = False
                 down_since = loop.time()
+
+    def _node_stopping(self, node: NodeState, why: Any) -> None:
+        """``node`` says it shuts down (``why``, its `NodeStatus.leaving`, said on
+        each of its connections): it gets no more jobs, and the jobs of reentrant
+        computations running there run elsewhere now, not when its drain ends
+        (their connections there are closed, the computation first: as a
+        `JobCluster` does). Others' jobs may finish there while it drains; those
+        that do not end in its words."""
+        if node.stopping or not node.alive:
+            return
+        node.stopping = peer_text(why, 500)
+        node.leaving = True
+        logger.info(
+            "node %s shuts down: no more jobs for it (%s)", node.name, node.stopping
+        )
+        for comp in self.computations:
+            upstream = comp.upstream.get(node.name)
+            if (
+                upstream is None
+                or upstream.conn is None
+                or comp.closing
+                or not comp.setup.reentrant
+                or not any(job.node == node.name for job in comp.running.values())
+            ):
+                continue
+            with contextlib.suppress(DispynbError):
+                upstream.conn.write(
+                    ComputationClose(
+                        comp_id=comp.comp_id, terminate=True, cancel_waiting=True
+                    )
+                )
+            upstream.conn.close()  # its jobs are requeued as it ends (node_lost)
 
     def _forget(self, node: NodeState, down_for: float) -> bool:
         """Forget a registered ``node`` unreachable for ``forget_registered`` s:
@@ -203,6 +241,8 @@ class _NodeLinks(_ServerState):
                 reason = "closed"
             elif node.dead_reason:
                 reason = node.dead_reason
+            elif node.stopping:
+                reason = node.stopping
             comp.node_lost(upstream, reason)
             self._check_failed(comp)
             self.schedule()
@@ -236,6 +276,8 @@ class _NodeLinks(_ServerState):
         elif isinstance(message, NodeStatus):
             upstream.node.avail = reported_avail(upstream.node, message.avail)
             upstream.reporting = True
+            if message.leaving:
+                self._node_stopping(upstream.node, message.leaving)
         elif isinstance(message, FilesMissing):
             self._give_files(comp, upstream, message.digests)
         elif isinstance(message, FilePlaced):

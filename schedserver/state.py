@@ -61,6 +61,8 @@ class NodeState:
     #: It handed jobs back: it shuts down (draining), so no job goes to it until it
     #: is up again.
     leaving: bool = False
+    #: Why it shuts down, as it said (`NodeStatus.leaving`); "" until it does.
+    stopping: str = ""
     #: It registered itself (``--register_port``): forgotten once unreachable for
     #: ``forget_registered`` s, since it registers again when it is back.
     registered: bool = False

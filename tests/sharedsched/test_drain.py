@@ -6,8 +6,10 @@ ended ``Abandoned`` ('node ... was lost') though they never ran."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ import pytest
 from dispynb import SharedJobCluster
 from dispynb.job import JobStatus
 from tests.jobs import wait_until
-from tests.nodeproc import start_node
+from tests.nodeproc import CliNode, start_node
 from tests.sharedsched.harness import SchedulerProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
@@ -48,15 +50,26 @@ def handed_back(sched: SchedulerProcess, timeout: float = 10.0) -> None:
         time.sleep(0.02)
 
 
+@contextlib.contextmanager
+def two_nodes(tmp_path: Path) -> Iterator[tuple[list[CliNode], SchedulerProcess]]:
+    """Nodes n0 and n1 of 2 CPUs each, owned by a started scheduler."""
+    nodes = [start_node(tmp_path / f"node{i}", cpus=2, name=f"n{i}") for i in (0, 1)]
+    sched = SchedulerProcess(tmp_path, [n.spec for n in nodes], nodes[0].secret)
+    try:
+        sched.start()
+        yield nodes, sched
+    finally:
+        sched.stop()
+        for node in nodes:
+            node.stop()
+
+
 def test_a_draining_node_gets_no_more_jobs_and_none_is_lost(
     tmp_path: Path, users: dict[str, Path]
 ) -> None:
     folder = tmp_path / "jobs"
     folder.mkdir()
-    nodes = [start_node(tmp_path / f"node{i}", cpus=2, name=f"n{i}") for i in (0, 1)]
-    sched = SchedulerProcess(tmp_path, [n.spec for n in nodes], nodes[0].secret)
-    try:
-        sched.start()
+    with two_nodes(tmp_path) as (nodes, sched):
         with SharedJobCluster(
             hold, scheduler_host=sched.address, secret_file=str(users["alice"])
         ) as cluster:  # not reentrant: a job lost with a node would be Abandoned
@@ -76,7 +89,66 @@ def test_a_draining_node_gets_no_more_jobs_and_none_is_lost(
             assert results == list(range(10))
         assert nodes[0].proc.wait(30) == 0
         assert "shuts down: no more jobs for it" in sched.log_text()
+
+
+def test_a_stopping_nodes_reentrant_jobs_run_elsewhere_at_once(
+    tmp_path: Path, users: dict[str, Path]
+) -> None:
+    """The node says it shuts down (NodeStatus.leaving) as it starts its 30 s drain:
+    the scheduler moves a reentrant computation's jobs running there to the other
+    node at once, as a direct JobCluster does (before: they ran on there until the
+    drain ended, 30 s, then ran again elsewhere)."""
+    folder = tmp_path / "jobs"
+    folder.mkdir()
+    with two_nodes(tmp_path) as (nodes, sched):
+        with SharedJobCluster(
+            hold,
+            scheduler_host=sched.address,
+            secret_file=str(users["alice"]),
+            reentrant=True,
+        ) as cluster:
+            jobs = [cluster.submit(n, str(folder)) for n in range(4)]
+            wait_until(lambda: len(list(folder.glob("started-*"))) == 4)
+            moved = sorted(p.name.split("-")[1] for p in folder.glob("started-*-n0"))
+            assert moved, "no job on n0"
+            nodes[0].proc.send_signal(signal.SIGTERM)  # drains for 30 s
+            for started in folder.glob("started-*-n1"):  # n1's CPUs free up
+                (folder / started.name.split("-")[1]).touch()
+            # Well within the drain: n0's jobs run on n1 now.
+            wait_until(
+                lambda: all((folder / f"started-{n}-n1").exists() for n in moved),
+                timeout=15,
+            )
+            (folder / "all").touch()
+            assert [job() for job in jobs] == list(range(4))
+            assert [job.status for job in jobs] == [JobStatus.Finished] * 4
+        log = sched.log_text()
+        assert "node 'n0' is shutting down (SIGTERM)" in log, log
+
+
+def test_a_job_that_ends_with_its_stopping_node_says_why(
+    tmp_path: Path, users: dict[str, Path]
+) -> None:
+    """Not reentrant, the job running on a node stopped with SIGTERM ends with the
+    node's drain: Abandoned, in the node's words (before: 'node ... was lost
+    (connection closed)')."""
+    folder = tmp_path / "jobs"
+    folder.mkdir()
+    node = start_node(tmp_path / "node", "--drain-timeout", "1", cpus=1, name="n0")
+    sched = SchedulerProcess(tmp_path, [node.spec], node.secret)
+    try:
+        sched.start()
+        with SharedJobCluster(
+            hold, scheduler_host=sched.address, secret_file=str(users["alice"])
+        ) as cluster:
+            job = cluster.submit(0, str(folder))
+            wait_until(lambda: any(folder.glob("started-*")))
+            node.proc.send_signal(signal.SIGTERM)
+            assert job() is None
+        assert job.status is JobStatus.Abandoned
+        assert f"node {node.spec} stopped: node 'n0' is shutting down (SIGTERM)" in (
+            job.exception or ""
+        ), job.exception
     finally:
         sched.stop()
-        for node in nodes:
-            node.stop()
+        node.stop()
