@@ -29,7 +29,12 @@ from dispynb.httpd.assets import AssetHandler, load_assets
 from dispynb.httpd.connections import MonitorHTTPServer
 from dispynb.httpd.endpoint import Endpoint, open_endpoint
 from dispynb.httpd.security import CSRF_HEADER, NotFoundHandler, SecureHandler
-from dispynb.httpd.server import BODY_TIMEOUT, MAX_BODY_BYTES, log_request
+from dispynb.httpd.server import (
+    BODY_TIMEOUT,
+    MAX_BODY_BYTES,
+    log_refusals_left,
+    log_request,
+)
 from dispynb.transport.addressing import format_address
 from schedserver.users import NAME_PATTERN
 
@@ -161,7 +166,7 @@ class SchedulerMonitor:
         assets = {**load_assets(), **load_assets(PAGE_DIR)}
         page = {"assets": assets}
         routes = {"server": server}
-        app = tornado.web.Application(
+        self._app = app = tornado.web.Application(
             [
                 (r"/", AssetHandler, page),
                 (r"/static/([^/]+)", AssetHandler, page),
@@ -225,6 +230,7 @@ class SchedulerMonitor:
         """Stop serving and close every connection."""
         self._http.stop()
         await self._http.close_all_connections()
+        log_refusals_left(self._app)
 
 
 __all__ = ["SchedulerMonitor", "snapshot"]

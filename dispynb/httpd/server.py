@@ -318,6 +318,7 @@ class DispyHTTPServer:
             while self._context.active and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
         await self._http.close_all_connections()
+        log_refusals_left(self._app)
 
 
 def cluster_key(name: str) -> str:
@@ -339,6 +340,14 @@ def _check_options(cluster: object, poll_sec: float, document_root: object) -> N
         raise ConfigurationError(
             f"poll_sec must be a positive number of seconds, not {poll_sec!r}"
         )
+
+
+def log_refusals_left(app: tornado.web.Application) -> None:
+    """A monitor stops: log the count of refused requests not logged yet (`Tally`
+    logs it once a minute; the rest of the last minute was lost)."""
+    refusals = app.settings.pop("refusal_tally", None)
+    if refusals is not None:
+        refusals.close()
 
 
 def log_request(handler: tornado.web.RequestHandler) -> None:

@@ -8,6 +8,7 @@ could send them.
 
 from __future__ import annotations
 
+import re
 import socket
 
 import pytest
@@ -46,8 +47,9 @@ def _refused_requests(port: int) -> int:
     id="webmon-log-flood",
     title=f"{CONNECTIONS * REQUESTS:,} requests without the token to a web monitor "
     "whose process logs at INFO",
-    goal="all refused; at most 3 log lines for them, then one line a minute (was: "
-    "2,000 lines)",
+    goal="all refused; at most 3 log lines for them, then one line a minute, and "
+    "one with the count left when the monitor stops (was: 2,000 lines; then the "
+    "count left was never logged)",
 )
 @pytest.mark.timeout(120)
 def test_refused_requests_cannot_flood_the_log(measure, tmp_path) -> None:
@@ -55,9 +57,11 @@ def test_refused_requests_cannot_flood_the_log(measure, tmp_path) -> None:
         refused = _refused_requests(monitor.port)
         status = monitor.get()
         lines = count_lines(monitor.log, "403")
+    counted = re.findall(r"(\d+) more refused web requests", monitor.log.read_text())
     measure(
         f"{refused} of {CONNECTIONS * REQUESTS} refused; {lines} log lines about "
-        f"them; the user's request: {status}"
+        f"them; the user's request: {status}; at the stop: {counted} more counted"
     )
     assert refused == CONNECTIONS * REQUESTS and status == 200
     assert lines <= 4  # 3 at once, then (past a minute) one with the count
+    assert lines + sum(map(int, counted)) == refused  # every one logged or counted

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import resource
+import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -168,6 +169,22 @@ def test_page_and_api_show_nodes_users_and_their_jobs(
     listed = scheduler_cli("user", "list", "--users", str(sched.directory / "users"))
     assert listed.stdout.split() == ["bob"]
     sched.wait_for_log("revoked from the web monitor")
+
+
+def test_refused_requests_not_logged_yet_are_counted_when_it_stops(
+    tmp_path: Path, nodes: LocalCluster, users: dict[str, Path]
+) -> None:
+    """Refused requests are logged as counts once a minute: those of the last
+    minute are logged when the scheduler stops, not lost."""
+    with monitor(tmp_path, nodes) as (sched, _client):
+        port = int(URL.search(sched.log_text())[1])  # type: ignore[index]
+        request = f"GET /api/scheduler HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n"
+        for _ in range(5):  # without the token
+            with socket.create_connection(("127.0.0.1", port), 10) as sock:
+                sock.sendall(request.encode())
+                assert sock.recv(1 << 16).startswith(b"HTTP/1.1 403")
+    # The first is logged at once, the other 4 counted.
+    assert "4 more refused web requests from 1 source(s)" in sched.log_text()
 
 
 def test_a_monitor_on_another_address_needs_https(
