@@ -286,6 +286,10 @@ class NodesBackend:
                 )
                 # allocate() may set per-node depends and setup_args (dispy examples do)
                 node_deps = collect(spec.depends, "NodeAllocate.depends")
+                if node_deps.names:  # compiled code of this node's own
+                    _check_python(
+                        welcome, peer_ip, _compiled_code(opts, node_deps.names)
+                    )
             except DispynbError:
                 raise
             except Exception as exc:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from dispynb import DispyJob, JobCluster
+from dispynb import DispyJob, JobCluster, NodeAllocate
 from dispynb.errors import SetupError
 from tests.nodeproc import CliNode, running_node
 
@@ -95,6 +95,32 @@ def test_an_instance_of_a_program_class_in_depends_is_refused_by_another_python(
             math.factorial,
             depends=[Scale(2)],
             nodes=[other_python.spec],
+            secret=other_python.secret,
+        )
+    assert "runs Python 3.99.0" in str(raised.value)
+    assert "Scale (depends), defined in this program" in str(raised.value)
+
+
+class ScalingNodes(NodeAllocate):
+    """Gives each node its own ``depends`` (as dispy's node_setup example does):
+    here an instance of a program class, which sends the class compiled."""
+
+    def allocate(self, cluster, ip_addr, name, cpus, avail_info=None, platform=""):  # type: ignore[no-untyped-def]
+        self.depends = [Scale(2)]
+        return cpus
+
+
+def test_per_node_depends_of_compiled_code_are_refused_by_another_python(
+    other_python: CliNode,
+) -> None:
+    """The computation travels by name, the node's own depends (set by allocate)
+    compiled: refused as the computation's depends are (before: sent, to fail
+    as a node really on another Python loaded them)."""
+    host, port = other_python.spec.rsplit(":", 1)
+    with pytest.raises(SetupError) as raised:
+        JobCluster(
+            math.factorial,
+            nodes=[ScalingNodes(host, port=int(port))],
             secret=other_python.secret,
         )
     assert "runs Python 3.99.0" in str(raised.value)
