@@ -127,6 +127,7 @@ class Run(_RunEvents):
         self._failure_kinds: dict[str, list[DispyJob]] = {}
         self._shown = 0  # characters of job output shown (see runoutput.RUN_SHOWN)
         self._muted = False  # the note that further output is not shown was written
+        self._told_reentrant = False  # the --reentrant hint was written
         self.bar: ProgressBar = NullProgressBar(name)
         self._live = False
         self._log: Writer | None = None

@@ -15,7 +15,7 @@ import re
 import sys
 
 from dispynb._interruptible import HeldInterrupts
-from dispynb.job import DispyJob
+from dispynb.job import DispyJob, JobStatus
 from dispynb.jupyter.runstate import _FAILED, Writer, _RunState
 from dispynb.transport.addressing import format_address
 
@@ -80,8 +80,28 @@ class _RunOutput(_RunState):
                 writer(
                     "stderr",
                     f"job {job.id} (input {index}){where} failed:\n"
-                    f"{self.traceback(job).rstrip()}\n{_missing_file_hint(job)}",
+                    f"{self.traceback(job).rstrip()}\n{_missing_file_hint(job)}"
+                    f"{self._reentrant_hint(job)}",
                 )
+
+    def _reentrant_hint(self, job: DispyJob) -> str:
+        """Once a run: a line saying that jobs lost with their node could run
+        again elsewhere, if ``job`` is one and the run's cluster is not reentrant;
+        ``""`` otherwise."""
+        if self._told_reentrant or job.status is not JobStatus.Abandoned:
+            return ""
+        reason = job.exception or ""
+        if " was lost" not in reason and " stopped: " not in reason:
+            return ""  # not a lost node's (no node left at all, say)
+        options = getattr(self.cluster, "_options", None)
+        if options is None or getattr(options, "reentrant", True):
+            return ""  # reentrant: it ran out of attempts
+        self._told_reentrant = True
+        return (
+            "dispynb: a job whose node is lost ends Abandoned; with %%dispy "
+            "--reentrant (reentrant=True) such jobs run again on another node (for "
+            "functions that may safely run twice)\n"
+        )
 
     def _where_failed(self, job: DispyJob) -> str:
         """``" on local-1 (127.0.0.1:40331)"``: the node a failed job ended on;

@@ -64,6 +64,7 @@ class _RunState:
     _failure_kinds: dict[str, list[DispyJob]]
     _shown: int
     _muted: bool
+    _told_reentrant: bool
     bar: ProgressBar
     _live: bool
     _log: Writer | None

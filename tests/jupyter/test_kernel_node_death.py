@@ -61,6 +61,8 @@ def test_local_nodes_killed_under_a_run_are_said_once_each(tmp_path: Path) -> No
         # '(node 127.0.0.1)', the reason cut at its address's colon).
         assert f"node {address} was lost" in out.error_text, out.error_text
     assert "(node 127.0.0.1)" not in out.text, out.text
+    # Once for the run, not per node: what would have kept the jobs.
+    assert out.stderr.count("with %%dispy --reentrant (reentrant=True)") == 1, out.text
     # Before: "computation process: node server gone; stopping", once a node.
     assert "computation process" not in text and "server gone" not in text, text
 
