@@ -307,18 +307,28 @@ import ctypes, json, os, signal, sys, time
 from pathlib import Path
 import psutil
 ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
-mode, directory = sys.argv[1], Path(sys.argv[2])
+mode, directory, zygote = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+
+def children_named(pid):
+    # The names of the node's children, once its zygote has its name (a zygote
+    # just forked is still "python" for a moment, longer on a loaded machine).
+    deadline = time.monotonic() + 10
+    while True:
+        names = [p.name() for p in psutil.Process(pid).children()]
+        if zygote in names or time.monotonic() > deadline:
+            return names
+        time.sleep(0.01)
 if mode == "local":
     from dispynb.local import LocalCluster
     cluster = LocalCluster(nodes=1, cpus=1)
     node_pid = cluster.pids[0]
-    names = [p.name() for p in psutil.Process(node_pid).children()]
+    names = children_named(node_pid)
     cluster.close()
 else:
     from tests.nodeproc import start_node
     node = start_node(directory)
     node_pid = node.proc.pid
-    names = [p.name() for p in psutil.Process(node_pid).children()]
+    names = children_named(node_pid)
     if mode == "killpg":  # Ctrl-C in a terminal: SIGINT to the foreground group
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # (this driver is in it too)
         os.killpg(os.getpgid(node_pid), signal.SIGINT)
@@ -341,7 +351,7 @@ def test_no_zygote_is_left_after_the_node_stops(tmp_path: Path, how: str) -> Non
     from tests.nodeproc import node_env
 
     run = subprocess.run(
-        [sys.executable, "-c", _REAPER, how, str(tmp_path / "node")],
+        [sys.executable, "-c", _REAPER, how, str(tmp_path / "node"), ZYGOTE_NAME],
         env=node_env(),
         capture_output=True,
         text=True,
