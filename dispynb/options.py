@@ -141,9 +141,10 @@ class ClusterOptions:
         it for one job. Default None: no limit. It counts the worker's whole
         address space, including what setup loaded and the libraries it maps.
     max_output_size:
-        Characters of ``stdout`` and of ``stderr`` kept per job (bytes for a
-        program computation), or a size such as ``"4M"``; what a job writes beyond
-        is dropped and a last line says how much. Default 4M (4 MiB); None keeps
+        Characters of ``stdout``, of ``stderr`` and of the traceback
+        (``exception``) kept per job (bytes for a program computation's output), or
+        a size such as ``"4M"``; what a job writes beyond is dropped and a last
+        line says how much. Default 4M (4 MiB); None keeps
         everything (a job printing in a loop can then fill the node's and the
         client's memory).
     max_result_size:

@@ -73,6 +73,37 @@ def test_200_mib_of_stdout_is_cut_to_max_output_size(local, measure):
     assert grown < 40 * MiB, f"node grew by {grown / MiB:.0f} MiB"
 
 
+def raise_huge(mib: int) -> None:
+    raise ValueError("x" * (mib * MiB))
+
+
+@pytest.mark.attack(
+    id="huge-traceback",
+    title="A job raises an exception whose message is 64 MiB",
+    goal="the traceback kept to max_output_size (4 MiB) with a marker, its exception "
+    "named; node growth bounded (was: all 64 MiB sent to the node and the client)",
+)
+def test_a_64_mib_exception_message_is_cut_to_max_output_size(local, measure):
+    node = local.pids[0]
+    with JobCluster(raise_huge, nodes=local) as cluster:
+        cluster.submit(0)()  # the worker exists: its start is not counted
+        before = _rss(node)
+        job = cluster.submit(64)
+        job()
+        grown = _rss(node) - before
+    measure(
+        f"delivered {len(job.exception) / MiB:.1f} MiB of traceback; node grew "
+        f"{grown / MiB:.0f} MiB"
+    )
+    assert job.status == DispyJob.Terminated
+    kept, marker = job.exception.rsplit("\n[dispynb: ", 1)
+    # the default max_output_size (4 MiB), and what the client adds to it
+    assert 4 * MiB <= len(kept) < 4 * MiB + 1024 and "ValueError: xxx" in kept
+    assert "characters of the traceback dropped" in marker
+    assert "max_output_size" in marker
+    assert grown < 40 * MiB, f"node grew by {grown / MiB:.0f} MiB"
+
+
 def test_max_output_size_is_configurable_and_none_keeps_all(local):
     with JobCluster(flood, nodes=local, max_output_size="1M") as cluster:
         job = cluster.submit(3)
@@ -176,9 +207,12 @@ def fail_loudly(size: int) -> None:
 
 
 def test_an_exception_over_the_client_message_size_arrives_whole(local):
-    """A client taking messages of 2 MiB at most: a job whose exception's text is
-    three times that gets it whole (in chunks), and the client keeps its node."""
-    with JobCluster(fail_loudly, nodes=local, max_message_size=2 * MiB) as cluster:
+    """A client taking messages of 2 MiB at most, keeping all output: a job whose
+    exception's text is three times that gets it whole (in chunks), and the client
+    keeps its node."""
+    with JobCluster(
+        fail_loudly, nodes=local, max_message_size=2 * MiB, max_output_size=None
+    ) as cluster:
         job = cluster.submit(6 * MiB)
         job()
         assert job.status == DispyJob.Terminated
