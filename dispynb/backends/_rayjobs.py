@@ -349,7 +349,9 @@ class _Jobs(_RayState):
         fut: concurrent.futures.Future[Any],
     ) -> None:
         """On a Ray thread: hand the completion of a call (its ``(key, attempt)``
-        jobs) to the loop, one wake-up for all that arrive meanwhile."""
+        jobs) to the loop, one wake-up for all that arrive meanwhile. Results the
+        actor pickled are loaded here, not on the loop."""
+        fut = _results_loaded(fut, batch)
         with self._completions_lock:
             wake = not self._completions
             self._completions.append((slot, calls, batch, fut))
@@ -688,6 +690,21 @@ class _Jobs(_RayState):
                 requeue.append(job)
         for job in reversed(requeue):
             self._enqueue(job, first=True)
+
+
+def _results_loaded(
+    fut: concurrent.futures.Future[Any], batch: bool
+) -> concurrent.futures.Future[Any]:
+    """``fut`` (a call's, done), with the results of its replies loaded
+    (`_rayworker.load_result`)."""
+    from dispynb.backends._rayworker import load_result
+
+    if fut.cancelled() or fut.exception() is not None:
+        return fut
+    reply = fut.result()
+    loaded: concurrent.futures.Future[Any] = concurrent.futures.Future()
+    loaded.set_result([load_result(r) for r in reply] if batch else load_result(reply))
+    return loaded
 
 
 def _small(value: Any) -> bool:

@@ -27,6 +27,7 @@ import importlib
 import io
 import logging
 import os
+import pickle
 import platform
 import resource
 import shutil
@@ -62,6 +63,10 @@ from dispynb.protocol import serialize
 FINISHED = "finished"
 RAISED = "raised"
 SKIPPED = "skipped"
+#: Finished, its result pickled here (``serialize.dumps``, its out-of-band buffers
+#: as `pickle.PickleBuffer`: Ray carries them out of band too), for the client's
+#: `load_result`: Ray then copies bytes instead of pickling the result again.
+PICKLED = "pickled"
 
 #: The `JobActor`'s concurrency group of `JobActor.skip` (one thread of its own):
 #: it runs while a job runs in the default group, whose calls wait in order.
@@ -390,13 +395,16 @@ class JobActor:
             if os.getcwd() != self.path:
                 os.chdir(self.path)  # the next job starts where every job does
         if outcome == FINISHED and type(result) not in _PLAIN:
-            # Tried here, where the result can be searched for what fails: Ray's
+            # Pickled here, where the result can be searched for what fails: Ray's
             # own error would come after the call, without the job's output.
             try:
-                serialize.dumps(result)
+                parts = serialize.dumps(result)
             except Exception as exc:
                 exception = serialize.unpicklable_result(result, exc)
                 outcome, result = RAISED, None
+            else:
+                outcome = PICKLED
+                result = [parts[0], *map(pickle.PickleBuffer, parts[1:])]
         return (
             outcome,
             result,
@@ -441,6 +449,19 @@ class JobActor:
         os.chdir(tempfile.gettempdir())
         shutil.rmtree(self.path, ignore_errors=True)
         return error
+
+
+def load_result(reply: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``JobActor.run``'s reply with its result loaded, if it came `PICKLED` (on
+    the client: a result that cannot be loaded here ends its job, saying why)."""
+    if reply[0] != PICKLED:
+        return reply
+    try:
+        result = serialize.loads(reply[1])
+    except Exception as exc:  # SerializationError names the missing module or class
+        why = f"the result cannot be unpickled here: {exc}\n"
+        return (RAISED, None, *reply[2:4], why, *reply[5:])
+    return (FINISHED, result, *reply[2:])
 
 
 def _actor_directory(ray: Any) -> str:

@@ -539,6 +539,59 @@ def test_large_arguments_and_results_of_several_types_arrive_intact(
         assert type(back) is type(value)
 
 
+class CountsPickles:
+    """A result that comes back as ``{"times": how many times it was pickled}``."""
+
+    pickled = 0  # in the process that made it
+
+    def __init__(self) -> None:
+        self.made_at = type(self).pickled
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        type(self).pickled += 1
+        return (dict, ([("times", type(self).pickled - self.made_at)],))
+
+
+class LoadsNowhere:
+    """A result that pickles, whose pickle cannot be loaded."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (int, ("not a number",))
+
+
+def returns_counted(kind: str) -> Any:
+    print("returning", kind)
+    if kind == "bad":
+        return LoadsNowhere()
+    return {"counted": CountsPickles()}
+
+
+def test_a_result_is_pickled_once_and_one_that_cannot_be_loaded_says_so(
+    engine: RayEngine,
+) -> None:
+    """The actor pickles a result (to say what in it cannot be pickled): Ray carries
+    those bytes, not the result pickled once more (before, twice: a result of
+    millions of objects cost twice the time), alone or in a batch. A result whose
+    pickle cannot be loaded here ends Terminated in the words of dispynb's nodes,
+    with the job's output."""
+    with JobCluster(returns_counted, engine=engine) as cluster:
+        job = cluster.submit("one")
+        assert job()["counted"] == {"times": 1}, job.exception
+        jobs = [cluster.submit("many") for _ in range(200)]
+        wait_for(lambda: all(job.done() for job in jobs), "the 200 jobs")
+        backend: Any = cluster._backend
+        assert backend._batches_sent > 0, "no batch was sent"
+        assert {job.result["counted"]["times"] for job in jobs} == {1}
+        bad = cluster.submit("bad")
+        assert bad() is None
+    assert bad.status is JobStatus.Terminated
+    assert bad.stdout == "returning bad\n"
+    assert bad.exception.startswith("the result cannot be unpickled here: "), (
+        bad.exception
+    )
+    assert "ValueError: invalid literal for int()" in bad.exception, bad.exception
+
+
 def test_executor_on_ray(engine: RayEngine) -> None:
     with dispynb.Executor(engine=engine) as executor:
         assert list(executor.map(compute, range(8))) == [n * n for n in range(8)]
