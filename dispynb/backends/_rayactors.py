@@ -327,6 +327,11 @@ class _Actors(_RayState):
             self._cancel_timer(slot)
         for key in list(self._held):
             self._release(key)
+        for key, (node, _) in list(self._dying.items()):
+            self._forget(key)
+            self._events.job_done(
+                key, node.info, _terminated("job terminated: the cluster was closed\n")
+            )
         self._where.clear()
         self._closed = True
         for node in self._nodes.values():

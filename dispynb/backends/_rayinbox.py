@@ -7,6 +7,7 @@ outcome waits for its messages."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 from typing import Any
 
@@ -37,7 +38,36 @@ class _InboxReader(_RayState):
             logger.warning("provisional results are lost: the inbox failed: %s", exc)
             for key in list(self._held):
                 self._release(key)
+            self._settle_dying(list(self._dying))
             return
+        self._take_items(items)
+        self._poll_inbox()
+
+    def _read_for_dying(self, keys: list[int]) -> None:
+        """The actor of jobs ``keys`` died while they ran: read the inbox once
+        more (a job's ``os._exit`` put its status there before it ended the
+        process), then settle them (`_settle_dying`)."""
+        try:
+            future = self._inbox.take.remote(self._token, 0.0).future()
+        except Exception:  # (Ray is shutting down)
+            self._settle_dying(keys)
+            return
+        future.add_done_callback(
+            lambda fut: self._post(self._read_for_dying_done, keys, fut)
+        )
+
+    def _read_for_dying_done(
+        self, keys: list[int], fut: concurrent.futures.Future[Any]
+    ) -> None:
+        if self._closed:
+            return
+        with contextlib.suppress(Exception):  # unread: the jobs are settled anyway
+            self._take_items(fut.result())
+        self._settle_dying(keys)
+        self._schedule()
+
+    def _take_items(self, items: list[Any]) -> None:
+        """Deliver the inbox's messages, in the order each job sent them."""
         for key, attempt, number, kind, value in items:
             if self._attempts.get(key) != attempt:
                 self._not_saved(key, attempt, number, kind, value)
@@ -51,11 +81,14 @@ class _InboxReader(_RayState):
                     break
             if not early:
                 self._early.pop(key, None)
-        self._poll_inbox()
 
     def _deliver(self, key: int, kind: str, value: Any) -> bool:
         """Report one message of a running (or just ended) job; False if the job
         is gone."""
+        if kind == "exited":  # its actor dies now: `_settle_dying` says so
+            self._sent[key] = self._sent.get(key, 0) + 1
+            self._exited[key] = int(value)
+            return True
         slot = self._where.get(key)
         held = self._held.get(key)
         node = slot.node if slot is not None else held[0] if held else None

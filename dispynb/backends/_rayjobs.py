@@ -645,6 +645,7 @@ class _Jobs(_RayState):
         calls = list(slot.inflight)
         slot.inflight.clear()
         requeue: list[JobRequest] = []
+        dying: list[int] = []
         running = calls[0][2] if calls else None
         for key, _, ref in calls:
             # "running": the actor's running call (a batch's jobs may all have run).
@@ -676,17 +677,43 @@ class _Jobs(_RayState):
             elif index and (key in self._cancelling or skip == "unstarted"):
                 self._forget(key)
                 self._events.job_cancelled(key)
-            elif index == 0 and not self._reentrant:
+            elif index == 0:  # did it end its process? the inbox may say
+                self._dying[key] = (slot.node, reason)
+                dying.append(key)
+            else:
+                requeue.append(job)
+        for job in reversed(requeue):
+            self._enqueue(job, first=True)
+        if dying:
+            self._read_for_dying(dying)
+
+    def _settle_dying(self, keys: list[int]) -> None:
+        """Jobs whose actor died under them (`_fail_inflight`), the inbox read since:
+        one that called ``os._exit`` ends Terminated saying so, as on dispynb's
+        nodes (not run again: it would end its process again); the others, whose
+        worker or node died, run again if the cluster is reentrant, else end
+        Abandoned."""
+        requeue: list[JobRequest] = []
+        for key in keys:
+            dying = self._dying.pop(key, None)
+            job = self._jobs.get(key)
+            if dying is None or job is None:
+                continue  # settled meanwhile (the cluster closed)
+            node, reason = dying
+            status = self._exited.get(key)
+            if status is not None:
+                self._forget(key)
+                self._events.job_done(key, node.info, _terminated(_exit_text(status)))
+            elif not self._reentrant:
                 self._forget(key)
                 self._events.job_abandoned(
                     key,
-                    self._view(slot.node),
+                    self._view(node),
                     f"its Ray worker died while it ran ({reason}); the cluster is "
                     "not reentrant, so the job is not run again",
                 )
             else:
-                if index == 0:
-                    self._events.job_requeued(key)
+                self._events.job_requeued(key)
                 requeue.append(job)
         for job in reversed(requeue):
             self._enqueue(job, first=True)
@@ -705,6 +732,15 @@ def _results_loaded(
     loaded: concurrent.futures.Future[Any] = concurrent.futures.Future()
     loaded.set_result([load_result(r) for r in reply] if batch else load_result(reply))
     return loaded
+
+
+def _exit_text(status: int) -> str:
+    """Why a job that called ``os._exit(status)`` ended (in the words of dispynb's
+    nodes for a worker process that exited)."""
+    return (
+        f"the job's worker process exited with status {status} (the job called "
+        "os._exit(); Ray restarts its actor, and setup runs again)\n"
+    )
 
 
 def _small(value: Any) -> bool:

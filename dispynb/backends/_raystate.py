@@ -109,6 +109,11 @@ class _RayState:
         self._started: dict[int, int] = {}  # key: its attempt reported running
         self._sent: dict[int, int] = {}  # inbox messages received per key
         self._held: dict[int, tuple[_Node, Outcome, int, Any]] = {}
+        #: Exit status a job's ``os._exit`` sent before its actor died, by key.
+        self._exited: dict[int, int] = {}
+        #: Jobs whose actor died while they ran, not killed by us: their node and
+        #: Ray's reason, until the inbox is read once more (`_settle_dying`).
+        self._dying: dict[int, tuple[_Node, str]] = {}
         self._nodes: dict[str, _Node] = {}
         self._slots: list[_Slot] = []
         #: Calls that ended: (actor, their (key, attempt) jobs, batch?, future).
@@ -156,6 +161,8 @@ class _RayState:
         self._sent.pop(key, None)
         self._early.pop(key, None)
         self._started.pop(key, None)
+        self._exited.pop(key, None)
+        self._dying.pop(key, None)
 
     def _view(self, node: _Node) -> NodeInfo:
         """``node``'s `NodeInfo`: the one reported, or one made up before that."""
@@ -187,6 +194,12 @@ class _RayState:
         raise NotImplementedError
 
     def _poll_inbox(self) -> None:
+        raise NotImplementedError
+
+    def _read_for_dying(self, keys: list[int]) -> None:
+        raise NotImplementedError
+
+    def _settle_dying(self, keys: list[int]) -> None:
         raise NotImplementedError
 
 

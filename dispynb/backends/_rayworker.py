@@ -38,7 +38,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from dispynb.jobenv import (
     FROM_AN_ENDED_JOB,
@@ -85,6 +85,13 @@ INBOX_LIMIT = 10_000
 #: Seconds an actor waits for its cluster's computation to reach the inbox (the
 #: client's `Inbox.keep` and the actor's ask come from two processes, in any order).
 KEEP_WAIT = 120.0
+
+
+#: Seconds a job's ``os._exit`` waits for the inbox to take its exit status.
+EXIT_WAIT = 5.0
+
+#: The process's own ``os._exit`` (an actor's is `_exit_told`).
+_EXIT = os._exit
 
 
 class SetupFailed(Exception):
@@ -191,6 +198,18 @@ def _send(kind: str, value: Any) -> int:
     return 0
 
 
+def _exit_told(status: int) -> NoReturn:
+    """``os._exit`` in an actor: the status of a job that ends its process goes to
+    the client's inbox first (all Ray says is that the actor's socket closed)."""
+    job = _CURRENT
+    if job.key and os.getpid() == job.pid and _THREADS.of_this_job():
+        with contextlib.suppress(Exception):  # the process ends whatever happens
+            item = (job.token, job.key, job.attempt, job.sent, "exited", int(status))
+            ray = importlib.import_module("ray")
+            ray.wait([job.inbox.put.remote(item)], timeout=EXIT_WAIT)
+    _EXIT(status)
+
+
 def _put(kind: str, value: Any) -> str:
     """Put a message of the running job in the inbox: "", or why it was not."""
     job = _CURRENT
@@ -294,6 +313,7 @@ class JobActor:
         self.max_output = max_output
         _CURRENT.inbox, _CURRENT.token = handle, token
         _CURRENT.pid = os.getpid()
+        os._exit = _exit_told
         names: dict[str, Any] = dict(loaded.get("names") or {})
         names.update(self._dispy_names())
         inject_names((self.func, loaded.get("setup"), self.cleanup_func), names)
@@ -565,7 +585,10 @@ class Inbox:
 
     async def take(self, token: str, timeout: float) -> list[Any]:
         """The messages of cluster ``token`` kept so far (without the token); waits
-        up to ``timeout`` seconds for a first one."""
+        up to ``timeout`` seconds for a first one (0: a look beside the client's
+        long poll, which keeps waiting)."""
+        if timeout <= 0:
+            return self.items.pop(token, [])
         event = self._event(token)
         if not self.items.get(token):
             with contextlib.suppress(TimeoutError):

@@ -15,8 +15,8 @@ import pytest
 import dispynb
 from dispynb import JobCluster
 from dispynb.backends.ray import RayEngine
-from dispynb.job import JobStatus
-from tests.backends.raywork import record_cleanup, record_setup, wait_for
+from dispynb.job import DispyJob, JobStatus
+from tests.backends.raywork import WAIT, record_cleanup, record_setup, wait_for
 
 #: Ray's driver keeps its connections to the actors' workers (its cache).
 pytestmark = [
@@ -65,6 +65,15 @@ def dies_once(folder: str) -> str:
     if not marker.exists():
         marker.touch()
         os.kill(os.getpid(), 9)  # the worker crashes under the job
+    return f"ran in {os.getpid()}"
+
+
+def exits(code: int) -> str:
+    """Ends its worker's process with status ``code`` (0: returns)."""
+    if code:
+        print("exiting")
+        dispy_provisional_result("before the exit")  # type: ignore[name-defined]  # noqa: F821
+        os._exit(code)
     return f"ran in {os.getpid()}"
 
 
@@ -299,6 +308,36 @@ def test_worker_death_abandons_other_jobs(engine: RayEngine, tmp_path: Path) -> 
         assert "died" in str(job.exception)
         again = cluster.submit(str(tmp_path))  # the marker exists: it runs
         assert again().startswith("ran in ")
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_job_that_calls_os_exit_ends_terminated_saying_so(
+    engine: RayEngine, reentrant: bool
+) -> None:
+    """A job that ends its process with os._exit(3) ends Terminated: "the job's
+    worker process exited with status 3", as on dispynb's nodes, and is not run
+    again. Before, Ray's words ("The actor ... is unavailable: ... RpcError: RPC
+    error: Socket closed ...") and Abandoned; reentrant, the job ran again in
+    each restarted actor, for ever. Its provisional result still arrives."""
+    seen: list[Any] = []
+
+    def status(job: DispyJob) -> None:
+        if job.status == DispyJob.ProvisionalResult:
+            seen.append(job.result)
+
+    with JobCluster(
+        exits, reentrant=reentrant, job_status=status, engine=engine
+    ) as cluster:
+        job = cluster.submit(3)
+        assert job.wait(timeout=WAIT), "the job did not end"
+        assert job.status is JobStatus.Terminated, (job.status, job.exception)
+        assert job.exception == (
+            "the job's worker process exited with status 3 (the job called "
+            "os._exit(); Ray restarts its actor, and setup runs again)\n"
+        )
+        wait_for(lambda: seen, "the provisional result")
+        assert seen == ["before the exit"]
+        assert cluster.submit(0)().startswith("ran in ")  # the actor is back
 
 
 def test_job_timeout_terminates_the_job_and_its_worker_comes_back(
