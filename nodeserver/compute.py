@@ -588,6 +588,11 @@ def dispy_names(load: Load, modules: bool = True) -> dict[str, Any]:
     return names
 
 
+#: Characters of a setup's exception said in its error's one line (its traceback has
+#: more, up to ``max_output``).
+_SAID = 1000
+
+
 def run_setup(setup: Callable[..., Any], setup_args: tuple[Any, ...]) -> None:
     """Call setup; raise `LoadFailure` unless it returns None, 0, 1 or 2."""
     try:
@@ -596,8 +601,12 @@ def run_setup(setup: Callable[..., Any], setup_args: tuple[Any, ...]) -> None:
         # From setup's own frame on: the person's code, not this function.
         frames = exc.__traceback__.tb_next if exc.__traceback__ else None
         shown = traceback.format_exception(type(exc), exc, frames)
+        said = str(exc)
+        if len(said) > _SAID:  # the error's one line (logged, shown); all of it below
+            said = f"{said[:_SAID]}... ({len(said) - _SAID} more characters)"
         raise LoadFailure(
-            f"setup raised {type(exc).__name__}: {exc}", "".join(shown)
+            f"setup raised {type(exc).__name__}: {said}",
+            CONTEXT.bounded("".join(shown)),
         ) from exc
     failure = setup_failure(result)
     if failure is not None:

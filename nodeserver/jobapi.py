@@ -54,7 +54,8 @@ class JobContext:
         self.target: memoryview | None = None
         self.job_path = ""
         self.max_file_size = 0
-        self.max_output: int | None = None  # characters of stdout/stderr kept
+        #: Characters of stdout, stderr and a traceback kept (None: all).
+        self.max_output: int | None = None
         self.max_result: int | None = None  # bytes of a pickled result
         self.names: dict[str, Any] = {}  # dispy's names, for a job's own functions
         #: Which job the threads that jobs started belong to.
@@ -69,6 +70,19 @@ class JobContext:
         #: ``stash(received)``: a message the worker loop would have read (a job
         #: sent ahead, a skip) that a thread waiting for a file's answer read first.
         self.stash: Callable[[tuple[IpcMessage, list[Any]]], None] | None = None
+
+    def bounded(self, text: str, what: str = "traceback") -> str:
+        """``text`` (a traceback, a setup's error) kept to `max_output` characters,
+        as a job's output is, with a last line saying how much was dropped: an
+        exception with a message of 300 MB reached the node server, and its client,
+        whole."""
+        limit = self.max_output
+        if limit is None or len(text) <= limit:
+            return text
+        return (
+            f"{text[:limit]}\n[dispynb: {len(text) - limit} more characters of the "
+            f"{what} dropped: a job keeps {limit} (max_output_size)]\n"
+        )
 
     def begin(self, sock: MessageSocket, key: int, attempt: int, run: int = 0) -> None:
         """A job starts on this worker (``run``: the number of its `Run`)."""

@@ -186,23 +186,10 @@ def run_job(
         end_time=end_time,
         stdout=stdout,
         stderr=stderr,
-        exception=_bounded_traceback(exception),
+        exception=None if exception is None else CONTEXT.bounded(exception),
         kinds="".join(kinds) if outcome == FINISHED else "",
     )
     return done, result_buffers
-
-
-def _bounded_traceback(text: str | None) -> str | None:
-    """A job's traceback, kept to ``max_output`` characters as its output is: a job
-    raising an exception with a message of 300 MB sent all of it to the node server
-    and on to the client (which held over 1 GB for it)."""
-    limit = CONTEXT.max_output
-    if text is None or limit is None or len(text) <= limit:
-        return text
-    return (
-        f"{text[:limit]}\n[dispynb: {len(text) - limit} more characters of the "
-        f"traceback dropped: a job keeps {limit} (max_output_size)]\n"
-    )
 
 
 def _unpack_payload(

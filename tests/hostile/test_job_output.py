@@ -9,6 +9,7 @@ import psutil
 import pytest
 
 from dispynb import DispyJob, JobCluster, LocalCluster
+from dispynb.errors import SetupError
 
 pytestmark = pytest.mark.slow
 
@@ -27,6 +28,10 @@ def flood(mib: int) -> int:
     return mib
 
 
+def size_of(data: bytes) -> int:
+    return len(data)
+
+
 def big_result(size: int) -> bytes:
     return bytes(size)
 
@@ -36,6 +41,15 @@ def unpicklable() -> object:
 
 
 # --- tests ----------------------------------------------------------------------
+
+#: One attack, tried on a job and on a setup.
+HUGE_TRACEBACK = pytest.mark.attack(
+    id="huge-traceback",
+    title="A job, or a setup, raises an exception whose message is 64 MiB",
+    goal="the traceback kept to max_output_size (4 MiB) with a marker, its exception "
+    "named, a setup's error line to 1,000 characters; node growth bounded (was: all "
+    "64 MiB sent to the node and the client)",
+)
 
 
 @pytest.fixture(scope="module")
@@ -77,12 +91,7 @@ def raise_huge(mib: int) -> None:
     raise ValueError("x" * (mib * MiB))
 
 
-@pytest.mark.attack(
-    id="huge-traceback",
-    title="A job raises an exception whose message is 64 MiB",
-    goal="the traceback kept to max_output_size (4 MiB) with a marker, its exception "
-    "named; node growth bounded (was: all 64 MiB sent to the node and the client)",
-)
+@HUGE_TRACEBACK
 def test_a_64_mib_exception_message_is_cut_to_max_output_size(local, measure):
     node = local.pids[0]
     with JobCluster(raise_huge, nodes=local) as cluster:
@@ -102,6 +111,26 @@ def test_a_64_mib_exception_message_is_cut_to_max_output_size(local, measure):
     assert "characters of the traceback dropped" in marker
     assert "max_output_size" in marker
     assert grown < 40 * MiB, f"node grew by {grown / MiB:.0f} MiB"
+
+
+def setup_raising_huge() -> None:
+    raise ValueError("x" * (64 * MiB))
+
+
+@HUGE_TRACEBACK
+def test_a_setup_s_64_mib_exception_message_is_cut(local, measure):
+    with (
+        pytest.raises(SetupError) as raised,
+        JobCluster(size_of, nodes=local, setup=setup_raising_huge) as cluster,
+    ):
+        cluster.submit(b"")()
+    said, shown = str(raised.value), raised.value.remote_traceback or ""
+    measure(f"setup: the error said {len(said)} characters, its traceback {len(shown)}")
+    assert len(said) < 2000 and "setup raised ValueError: xxx" in said
+    assert "more characters)" in said
+    kept, marker = shown.rsplit("\n[dispynb: ", 1)
+    assert len(kept) == 4 * MiB and "ValueError: xxx" in kept
+    assert "characters of the traceback dropped" in marker
 
 
 def test_max_output_size_is_configurable_and_none_keeps_all(local):
