@@ -23,6 +23,7 @@ from typing import Any, ClassVar, Protocol
 
 __all__ = [
     "SLICE",
+    "Flag",
     "HeldInterrupts",
     "Sleepers",
     "acquire",
@@ -128,6 +129,35 @@ class Sleepers:
             sleeping, self._sleeping = self._sleeping, []
         for sleeper in sleeping:
             sleeper.release()
+
+
+class Flag:
+    """``threading.Event``'s ``set``, ``clear``, ``is_set`` and ``wait``, on
+    `Sleepers`: a main thread may wait on it through any number of Ctrl-C (the
+    notebook's Stop) without breaking it for the thread that sets it."""
+
+    __slots__ = ("_set", "_sleepers")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._sleepers = Sleepers()
+
+    def set(self) -> None:
+        """Set the flag and wake every thread waiting for it."""
+        self._set = True
+        self._sleepers.wake_all()
+
+    def clear(self) -> None:
+        """Reset the flag."""
+        self._set = False
+
+    def is_set(self) -> bool:
+        """Whether the flag is set."""
+        return self._set
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the flag is set; False if ``timeout`` seconds pass first."""
+        return self._sleepers.wait_for(self.is_set, timeout)
 
 
 def set_event(event: threading.Event) -> None:

@@ -27,7 +27,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, TypeVar
 
-from dispynb._interruptible import HeldInterrupts, start_thread
+from dispynb._interruptible import Flag, HeldInterrupts, start_thread
 from dispynb._interruptible import acquire as acquire_interruptibly
 
 logger = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ class LoopRunner:
         self._thread: threading.Thread = threading.Thread(
             target=self._run, name=_THREAD_NAME, daemon=True
         )
-        self._started: threading.Event = threading.Event()
+        self._started = Flag()  # not an Event: see `Sleepers`
         # The loop thread's ident once it runs (Thread.ident is a property: asked
         # at every job sent or waited for).
         self._ident: int | None = None

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
-from dispynb._interruptible import start_thread
+from dispynb._interruptible import Flag, start_thread
 from dispynb.captures import check_shippable
 from dispynb.errors import RemoteError, SerializationError
 from dispynb.futures import JobFuture, outcome_error
@@ -281,7 +281,7 @@ class Executor(concurrent.futures.Executor):
         self._lock = threading.RLock()
         self._shut = False
         self._terminate = False  # on close, terminate running jobs (an interrupt)
-        self._closed = threading.Event()
+        self._closed = Flag()  # waited for on the main thread: not an Event
 
     @property
     def cpus(self) -> int:

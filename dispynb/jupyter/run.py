@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from dispynb._interruptible import HeldInterrupts
+from dispynb._interruptible import Flag, HeldInterrupts
 from dispynb.job import DispyJob, JobStatus
 from dispynb.jupyter import display as templates
 from dispynb.jupyter import shipping
@@ -123,7 +123,9 @@ class Run(_RunEvents):
         self._start: float | None = None
         self._stop: float | None = None
         self._outputs: collections.deque[DispyJob] = collections.deque()
-        self._changed = threading.Event()
+        # Waited on by the kernel's main thread, through the Stop button's
+        # interrupts: not an Event (`dispynb._interruptible.Sleepers`).
+        self._changed = Flag()
         self._failure_kinds: dict[str, list[DispyJob]] = {}
         self._shown = 0  # characters of job output shown (see runoutput.RUN_SHOWN)
         self._muted = False  # the note that further output is not shown was written

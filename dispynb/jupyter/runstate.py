@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from dispynb._interruptible import Flag
 from dispynb.job import DispyJob, JobStatus
 from dispynb.jupyter import display as templates
 from dispynb.jupyter.progress import ProgressBar, ProgressCounts
@@ -60,7 +61,7 @@ class _RunState:
     _start: float | None
     _stop: float | None
     _outputs: collections.deque[DispyJob]
-    _changed: threading.Event
+    _changed: Flag
     _failure_kinds: dict[str, list[DispyJob]]
     _shown: int
     _muted: bool

@@ -209,6 +209,13 @@ _WAITS = {
         "pass",
         "runner.run_sync(asyncio.sleep, 0)",
     ),
+    # A wait on a Flag: a notebook run's (the Stop button interrupts it), the
+    # executor's shutdown, the I/O loop's start.
+    "flag": (
+        "flag = _interruptible.Flag()",
+        "flag.set()",
+        "flag.clear(); waits.put(1); flag.wait()",
+    ),
     # A user's own waits: Python's Event.wait and concurrent.futures.wait, which a
     # Ctrl-C may break; the I/O thread ending the job must not fail for that.
     "finish": (
