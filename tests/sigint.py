@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -89,3 +91,23 @@ def _sending(predicate: Callable[[], bool], timeout: float) -> Iterator[Sent]:
             ) from None
     if failure:
         raise failure[0]
+
+
+def run_in_session(
+    program: str, timeout: float = 90
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -c program`` in a session of its own (a signal to its group
+    reaches nothing else), as a user's program: SIGINT with Python's handler, as
+    from a terminal or a kernel manager, even when pytest runs as a background job
+    (SIGINT ignored, inherited). Fails the test unless it exits with 0."""
+    with python_handles_sigint():  # exec turns the handler into SIG_DFL
+        proc = subprocess.run(
+            [sys.executable, "-c", program],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            start_new_session=True,
+            env={**os.environ, "PYTHONFAULTHANDLER": "1"},
+        )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc

@@ -9,7 +9,6 @@ import _thread
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -21,7 +20,7 @@ import pytest
 
 from dispynb import JobCluster, _interruptible
 from tests import jobs
-from tests.sigint import python_handles_sigint, sigint_when
+from tests.sigint import python_handles_sigint, run_in_session, sigint_when
 
 #: Longer than any wait here may take once interrupted.
 NEVER = 30.0
@@ -239,15 +238,7 @@ def test_a_storm_of_ctrl_c_in_a_wait_never_fails_the_thread_that_ends_it(
 ) -> None:
     setup, end, wait = _WAITS[kind]
     program = _STORM.replace("SETUP", setup).replace("END", end).replace("WAIT", wait)
-    with python_handles_sigint():  # exec turns the handler into SIG_DFL
-        proc = subprocess.run(
-            [sys.executable, "-c", program],
-            capture_output=True,
-            text=True,
-            timeout=90,
-            start_new_session=True,
-        )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_in_session(program)
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["interrupts"] > 100 and report["waited"] > 0, report
     assert report["failures"] == [], report
@@ -457,16 +448,7 @@ def test_a_ctrl_c_to_the_process_is_left_to_the_main_thread() -> None:
     main thread asleep in C (the user's ``time.sleep`` in a generator of
     ``%%dispy --over`` inputs) would raise it only when its sleep ended: a kernel
     Stop that took a minute (tests/jupyter/test_kernel_stop.py, seen in CI)."""
-    with python_handles_sigint():  # exec turns the handler into SIG_DFL
-        proc = subprocess.run(
-            [sys.executable, "-c", _MAIN_ONLY],
-            capture_output=True,
-            text=True,
-            timeout=90,
-            start_new_session=True,
-            env={**os.environ, "PYTHONFAULTHANDLER": "1"},
-        )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = run_in_session(_MAIN_ONLY)
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["masks"], report
     unblocked = [name for name, blocked in report["masks"].items() if not blocked]

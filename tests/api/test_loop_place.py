@@ -16,8 +16,6 @@ import json
 import logging
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -30,7 +28,7 @@ from dispynb import DispyJob, DispyNode, JobCluster, LocalCluster
 from dispynb._loop import LoopRunner
 from tests import jobs
 from tests.jobs import WAIT, read_pid, wait_for_path, wait_until
-from tests.sigint import python_handles_sigint
+from tests.sigint import python_handles_sigint, run_in_session
 
 pytestmark = pytest.mark.slow
 
@@ -103,22 +101,9 @@ _ARMS = {
 
 
 def _run(program: str, timeout: float = 90) -> tuple[dict[str, Any], str]:
-    """Run a user's program in a session of its own (the killpg reaches nothing
-    else): the JSON report of its last line, and its stderr.
-
-    It starts with SIGINT's default disposition, as from a terminal or a kernel
-    manager, even when pytest runs as a background job (SIGINT ignored, inherited).
-    """
-    with python_handles_sigint():  # exec turns the handler into SIG_DFL
-        proc = subprocess.run(
-            [sys.executable, "-c", program],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            start_new_session=True,
-            env={**os.environ, "PYTHONFAULTHANDLER": "1"},
-        )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    """Run a user's program in a session of its own (`run_in_session`: the
+    killpg reaches nothing else): the JSON report of its last line, its stderr."""
+    proc = run_in_session(program, timeout)
     lines = proc.stdout.strip().splitlines()
     assert lines, proc.stderr[-4000:]
     report: dict[str, Any] = json.loads(lines[-1])
