@@ -205,6 +205,53 @@ def _another_cluster(
         ready.set()
 
 
+class _HeldLaunch:
+    """Another cluster's computation process being made on a node whose zygote is
+    stopped (`_launch_held`)."""
+
+    def __init__(self, zygote: psutil.Process, ready: threading.Event) -> None:
+        self._zygote = zygote
+        self._ready = ready
+        self._resumed = False
+
+    def under_way(self) -> bool:
+        """Whether the node's request to its zygote still waits, unread."""
+        return _request_waiting(self._zygote.pid)
+
+    def complete(self) -> None:
+        """Let the zygote go on and wait until the other cluster's process is made
+        (the cluster stays open until the block ends)."""
+        self.resume()
+        assert self._ready.wait(WAIT), "the other cluster's process was not made"
+
+    def resume(self) -> None:
+        if not self._resumed:
+            self._resumed = True
+            self._zygote.resume()
+
+
+@contextlib.contextmanager
+def _launch_held(node: CliNode) -> Iterator[_HeldLaunch]:
+    """A launch under way on ``node`` for the block: its zygote stopped, another
+    cluster waits for its computation process (seen waiting as the block begins).
+    ``complete()`` lets it finish; the block's end closes that cluster."""
+    ready, release = threading.Event(), threading.Event()
+    zygote = _zygote(node)
+    other = threading.Thread(
+        target=_another_cluster, args=(node, ready, release), daemon=True
+    )
+    launch = _HeldLaunch(zygote, ready)
+    zygote.suspend()
+    try:
+        other.start()
+        wait_until(launch.under_way)
+        yield launch
+    finally:
+        launch.resume()
+        release.set()
+        other.join(WAIT)
+
+
 def _signal_all(processes: list[psutil.Process], signum: int) -> None:
     for process in processes:
         with contextlib.suppress(psutil.NoSuchProcess):
@@ -427,7 +474,6 @@ def test_a_daemon_left_during_a_launch_is_killed_once_it_ends(
 ) -> None:
     if shutil.which("ss") is None:
         pytest.skip("needs ss (iproute2) to see the zygote's pending request")
-    ready, release = threading.Event(), threading.Event()
     with (
         running_node(tmp_path / "a", cpus=2, launcher=NO_CGROUPS) as a,
         JobCluster(
@@ -436,14 +482,7 @@ def test_a_daemon_left_during_a_launch_is_killed_once_it_ends(
     ):
         job = cluster.submit(str(tmp_path))
         wait_until((tmp_path / "ready").exists)
-        zygote = _zygote(a)
-        other = threading.Thread(
-            target=_another_cluster, args=(a, ready, release), daemon=True
-        )
-        zygote.suspend()
-        try:
-            other.start()
-            wait_until(lambda: _request_waiting(zygote.pid))  # a launch under way
+        with _launch_held(a) as launch:
             (tmp_path / "go").touch()
             job()  # its worker died, its daemon went to the computation process
             ended = time.monotonic()
@@ -452,14 +491,8 @@ def test_a_daemon_left_during_a_launch_is_killed_once_it_ends(
             except psutil.NoSuchProcess:
                 left = []
             took = time.monotonic() - ended
-            assert _request_waiting(zygote.pid)  # the launch was under way throughout
-        finally:
-            zygote.resume()
-        try:
-            assert ready.wait(WAIT), "the other cluster's process was not made"
-        finally:
-            release.set()
-            other.join(WAIT)
+            assert launch.under_way()  # throughout
+            launch.complete()
     measure(
         f"job {status_name(job.status)}; daemon left: {len(left)}, {took:.2f} s after "
         "the job's end, the launch still held"
@@ -482,33 +515,19 @@ def test_what_a_computation_killed_during_a_launch_leaves_is_killed_as_it_ends(
 ) -> None:
     if shutil.which("ss") is None:
         pytest.skip("needs ss (iproute2) to see the zygote's pending request")
-    ready, release = threading.Event(), threading.Event()
     with (
         running_node(tmp_path / "a", name="a", cpus=2, launcher=NO_CGROUPS) as a,
         _held_computation(a, tmp_path) as (jobs, computation, child, below),
+        _launch_held(a) as launch,
     ):
-        zygote = _zygote(a)
-        other = threading.Thread(
-            target=_another_cluster, args=(a, ready, release), daemon=True
-        )
-        zygote.suspend()
-        try:
-            other.start()
-            wait_until(lambda: _request_waiting(zygote.pid))  # a launch under way
-            psutil.Process(computation).kill()
-            for job in jobs:
-                job()
-            held = sum(process.is_running() for process in below)
-            assert _request_waiting(zygote.pid)  # still under way
-        finally:
-            zygote.resume()
-        try:
-            assert ready.wait(WAIT), "the other cluster's process was not made"
-            # Before that cluster closes: its process's end would sweep too.
-            left = _left(below)
-        finally:
-            release.set()
-            other.join(WAIT)
+        psutil.Process(computation).kill()
+        for job in jobs:
+            job()
+        held = sum(process.is_running() for process in below)
+        assert launch.under_way()  # still
+        launch.complete()
+        # Before that cluster closes: its process's end would sweep too.
+        left = _left(below)
     measure(
         f"{len(below)} processes below the killed computation; {held} alive while "
         f"the launch was held; {len(left)} left after it"
