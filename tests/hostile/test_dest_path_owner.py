@@ -57,7 +57,8 @@ def _as_nobody(script: str) -> None:
     subprocess.run([*PLAIN_NOBODY, "sh", "-ec", script], check=True, timeout=20)
 
 
-@pytest.mark.attack(
+#: One attack, two tests: the refusal, and the node's own directory still serving.
+_SQUATTING = pytest.mark.attack(
     id="dest-path-squatting",
     title="Another user of the machine (nobody) makes a node's default directory "
     "(/tmp/dispynb) mode 777 before the node starts, and plants a module under the "
@@ -65,6 +66,9 @@ def _as_nobody(script: str) -> None:
     goal="the node refuses that directory at start, naming its owner and the fix "
     "(was: the job imported the planted module, as the node's user)",
 )
+
+
+@_SQUATTING
 @pytest.mark.timeout(60)
 def test_a_directory_another_user_made_is_refused(
     tmp_path: Path, shared_tmp: Path, measure
@@ -101,14 +105,7 @@ def test_a_directory_another_user_made_is_refused(
     assert "nobody" in started and "dest" in started.lower()
 
 
-@pytest.mark.attack(
-    id="dest-path-squatting",
-    title="Another user of the machine (nobody) makes a node's default directory "
-    "(/tmp/dispynb) mode 777 before the node starts, and plants a module under the "
-    "digest of one a client will send",
-    goal="the node refuses that directory at start, naming its owner and the fix "
-    "(was: the job imported the planted module, as the node's user)",
-)
+@_SQUATTING
 @pytest.mark.timeout(60)
 def test_a_directory_of_the_nodes_own_user_still_serves(
     tmp_path: Path, shared_tmp: Path, measure
