@@ -80,17 +80,31 @@ def test_a_finished_runs_bar_is_a_static_snapshot_a_saved_notebook_shows(k):
     assert bar["text/plain"].startswith("mixed: 3/4 done, 1 failed"), bar
 
 
+#: A ``--nowait`` run's function: two jobs that print, the second raises.
+_LATER = (
+    "def later(i):\n"
+    "    import time\n"
+    "    time.sleep(0.5)\n"
+    "    print('hello from', i)\n"
+    "    if i == 1:\n"
+    "        raise KeyError('missing')\n"
+    "    return i"
+)
+
+
+def _assert_later_output(output: dict[str, str]) -> None:
+    """`_LATER`'s output display: both jobs' lines and the error, as text and HTML,
+    its stderr styled."""
+    for text in (output["text/plain"], output["text/html"]):
+        assert "hello from 0" in text and "hello from 1" in text, output
+        assert "KeyError: &#x27;missing&#x27;" in text or "KeyError: 'missing'" in text
+    assert 'class="dispynb-stderr"' in output["text/html"], output
+
+
 def test_a_nowait_runs_output_is_kept_as_text_once_it_ends(k):
     shown = displays(
         k,
-        '%%dispy --over "range(2)" --into later --nowait\n'
-        "def later(i):\n"
-        "    import time\n"
-        "    time.sleep(0.5)\n"
-        "    print('hello from', i)\n"
-        "    if i == 1:\n"
-        "        raise KeyError('missing')\n"
-        "    return i",
+        '%%dispy --over "range(2)" --into later --nowait\n' + _LATER,
         until=2,
     )
     bar, output = shown.values()
@@ -98,10 +112,7 @@ def test_a_nowait_runs_output_is_kept_as_text_once_it_ends(k):
     # Before: an ipywidgets Output, its printed lines and traceback only in the
     # widget's model (lost with it).
     assert WIDGET not in output, output
-    for text in (output["text/plain"], output["text/html"]):
-        assert "hello from 0" in text and "hello from 1" in text, output
-        assert "KeyError: &#x27;missing&#x27;" in text or "KeyError: 'missing'" in text
-    assert 'class="dispynb-stderr"' in output["text/html"], output
+    _assert_later_output(output)
 
 
 def test_a_nowait_run_without_widgets_updates_its_bar_and_shows_its_output(k):
@@ -111,24 +122,14 @@ def test_a_nowait_run_without_widgets_updates_its_bar_and_shows_its_output(k):
     are now HTML displays updated in place, as the widgets are."""
     shown = displays(
         k,
-        '%%dispy --over "range(2)" --into later --nowait --progress html\n'
-        "def later(i):\n"
-        "    import time\n"
-        "    time.sleep(0.5)\n"
-        "    print('hello from', i)\n"
-        "    if i == 1:\n"
-        "        raise KeyError('missing')\n"
-        "    return i",
+        '%%dispy --over "range(2)" --into later --nowait --progress html\n' + _LATER,
         until=2,
         ended=("1/2 done, 1 failed", "KeyError: 'missing'"),
     )
     bar, output = shown.values()
     assert bar["text/plain"].startswith("later: 1/2 done, 1 failed"), bar
     assert "1/2 done, 1 failed" in bar["text/html"], bar
-    for text in (output["text/plain"], output["text/html"]):
-        assert "hello from 0" in text and "hello from 1" in text, output
-        assert "KeyError: &#x27;missing&#x27;" in text or "KeyError: 'missing'" in text
-    assert 'class="dispynb-stderr"' in output["text/html"], output
+    _assert_later_output(output)
 
 
 def panel_updates(k: Kernel, display_id: str, code: str, until: str) -> list[str]:
