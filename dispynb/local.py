@@ -60,6 +60,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+def node_name(index: int) -> str:
+    """The name of a LocalCluster's node ``index``."""
+    return f"local-{index}"
+
+
 def local_engine(engine: str | None) -> str:
     """``engine``, else ``$DISPYNB_LOCAL_ENGINE``, else ``'nodes'``; checked."""
     chosen = engine or os.environ.get(LOCAL_ENGINE_ENV) or "nodes"
@@ -162,7 +167,7 @@ class LocalCluster:
             "--host", "127.0.0.1",
             "--port", "0",
             "--cpus", str(cpus),
-            "--name", f"local-{index}",
+            "--name", node_name(index),
             "--dest-path", os.path.join(self._dir, f"node-{index}"),
             "--port-file", self._port_file(index),
             *self._unix_option(index),
@@ -216,6 +221,12 @@ class LocalCluster:
     def node_specs(self) -> list[str]:
         """Node specs for ``JobCluster(nodes=...)``."""
         return [f"{host}:{port}" for host, port in self.addresses]
+
+    @property
+    def names(self) -> list[str]:
+        """The node servers' names (``local-0``, ...), as `addresses` orders them:
+        known from the start, before any client has heard a node say it."""
+        return [node_name(index) for index in range(len(self.addresses))]
 
     @property
     def pids(self) -> list[int]:

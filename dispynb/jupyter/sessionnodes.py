@@ -49,8 +49,12 @@ class _SessionNodes:
             ]
         if self.nodes is None:
             return []
+        # The names the launcher gave its nodes (a LocalCluster's), for those not
+        # heard yet: the panel learns a node's name only once it answers.
+        given: dict[tuple[str, int], str] = {}
         if self.local is not None and self.nodes is self.local:
             pairs = list(self.local.addresses)
+            given = dict(zip(pairs, getattr(self.local, "names", ()), strict=False))
         else:
             pairs = [
                 (spec.host, spec.port or NODE_PORT)
@@ -58,7 +62,11 @@ class _SessionNodes:
             ]
         names = {row.address: row.name for row in self.panel.rows()}
         return [
-            (host, f"{host}:{port}", names.get(f"{host}:{port}", ""))
+            (
+                host,
+                f"{host}:{port}",
+                names.get(f"{host}:{port}") or given.get((host, port), ""),
+            )
             for host, port in pairs
         ]
 

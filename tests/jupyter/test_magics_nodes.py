@@ -72,6 +72,17 @@ def test_on_repeated_uses_both_nodes_and_the_run_knows_only_them(ip):
     assert len(results) == 8
 
 
+def test_on_a_local_nodes_name_before_the_node_was_heard(ip, monkeypatch):
+    """``%dispy local --nodes 2`` then at once ``--on local-1``: the panel learns a
+    node's name only once the node answers it (late on a loaded machine), and the
+    run was refused, "not a node in use; the nodes are: local-0 (...),
+    127.0.0.1:PORT" (seen in a helper's run). The names LocalCluster gave its
+    nodes serve until then."""
+    monkeypatch.setattr(session(ip).panel, "rows", lambda: [])  # none heard yet
+
+    assert run_where(ip, "--on local-1") == ["local-1"] * 6
+
+
 def test_on_unknown_node_fails_naming_the_known_nodes(ip):
     first, second = addresses(ip)
     ip.user_ns.pop("placed", None)
