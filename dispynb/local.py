@@ -1,8 +1,8 @@
 """`LocalCluster`: node servers on this machine (127.0.0.1) for a `JobCluster`.
 
-The embedded default: it starts ``python -m nodeserver`` processes bound to
-127.0.0.1 with a fresh random secret, and hands `JobCluster` their addresses and the
-secret through ``nodes=``. It never imports ``nodeserver`` itself.
+The embedded default: it starts dispynb's node server processes (`_NODE_MAIN`)
+bound to 127.0.0.1 with a fresh random secret, and hands `JobCluster` their
+addresses and the secret through ``nodes=``. It never imports ``nodeserver`` itself.
 
 Each node runs in its own session (process group), so that a signal sent to this
 process's group never reaches it: JupyterLab's Stop button interrupts the kernel with
@@ -36,6 +36,23 @@ from dispynb.defaults import LOCAL_ENGINE_ENV, SECRET_ENV, SECRET_FILE_ENV
 from dispynb.errors import ClusterError, ConfigurationError
 from dispynb.secret import random_secret
 from dispynb.transport import localsockets
+
+#: Runs dispynb's own node server (``python -c _NODE_MAIN ROOT ARGS``, ROOT the
+#: directory holding dispynb and nodeserver). ``python -m nodeserver`` imported a
+#: ``nodeserver`` package or module in the notebook's directory instead, that
+#: directory leading sys.path; ``-P`` would drop the directory, which ``-m`` keeps
+#: (as the full path) and this keeps too, once dispynb's packages are imported.
+_NODE_MAIN = """\
+import os, sys
+root = sys.argv.pop(1)
+sys.path.insert(0, root)
+import dispynb, nodeserver, nodeserver.cli
+sys.path.remove(root)
+if sys.path[0] == "":
+    sys.path[0] = os.getcwd()
+sys.argv[0] = "dispynb-node"
+sys.exit(nodeserver.cli.main())
+"""
 
 #: Seconds a node gets to start listening.
 START_TIMEOUT = 30.0
@@ -163,7 +180,7 @@ class LocalCluster:
             p for p in (root, env.get("PYTHONPATH")) if p
         )
         command = [
-            sys.executable, "-m", "nodeserver",
+            sys.executable, "-c", _NODE_MAIN, root,
             "--host", "127.0.0.1",
             "--port", "0",
             "--cpus", str(cpus),

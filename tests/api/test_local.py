@@ -32,7 +32,7 @@ def test_local_cluster_start_and_close_leaves_no_processes():
         nodes = [psutil.Process(pid) for pid in local.pids]
         assert len(nodes) == 1
         assert all(node.is_running() for node in nodes)
-        assert "nodeserver" in nodes[0].cmdline()
+        assert "nodeserver.cli.main()" in " ".join(nodes[0].cmdline())
         with JobCluster(jobs.mark_and_sleep, nodes=local) as cluster:
             # While a computation is set up: its process and 2 workers run.
             wait_until(lambda: len(jobs.computation_processes(nodes[0])) >= 3)
@@ -249,3 +249,21 @@ def test_local_cluster_falls_back_to_tcp_without_its_unix_socket():
         with JobCluster(jobs.square, nodes=local) as cluster:
             assert cluster.submit(7)() == 49
             assert _tcp_links_to(port) != []
+
+
+def test_local_cluster_runs_dispynbs_node_not_a_nodeserver_in_the_notebook_directory(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A notebook directory holding a ``nodeserver`` package of its own (a user's
+    project may): ``python -m nodeserver`` imported it first, the current directory
+    leading the node's sys.path, so the cluster ran the user's code and never
+    started. dispynb's node runs, and the directory's package is never imported."""
+    imported = tmp_path / "imported"
+    impostor = tmp_path / "nodeserver"
+    impostor.mkdir()
+    (impostor / "__init__.py").write_text(f"open({str(imported)!r}, 'w').close()\n")
+    (impostor / "__main__.py").write_text("raise SystemExit('not a node')\n")
+    monkeypatch.chdir(tmp_path)
+    with LocalCluster(cpus=1) as local, JobCluster(jobs.square, nodes=local) as cluster:
+        assert cluster.submit(7)() == 49
+    assert not imported.exists()
