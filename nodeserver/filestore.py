@@ -105,7 +105,7 @@ class FileStore:
 
     def path(self, digest: str) -> str:
         """Where the file with this digest is kept."""
-        if not _DIGEST.fullmatch(digest):
+        if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
             raise ProtocolError(f"bad file digest {digest!r}")
         return os.path.join(self.root, digest)
 

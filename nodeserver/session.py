@@ -391,7 +391,7 @@ class ClientSession(_SessionFiles, _SessionRecovery):
         jobs: list[NodeJob] = []
         offset = 0
         for entry in message.jobs:
-            if len(entry) not in (3, 4):
+            if not isinstance(entry, list) or len(entry) not in (3, 4):
                 raise MessageError("malformed job entry in job-submit")
             key, attempt, count = entry[0], entry[1], entry[2]
             if not (
@@ -515,7 +515,7 @@ def _apply_limits(jobs: list[NodeJob], limits: list[Any]) -> None:
     """Give jobs their ``[key, timeout, mem_limit]`` limits from a job-submit."""
     by_key = {job.key: job for job in jobs}
     for entry in limits:
-        if not isinstance(entry, list) or len(entry) != 3:
+        if not isinstance(entry, list) or len(entry) != 3 or type(entry[0]) is not int:
             raise MessageError("malformed job limits in job-submit")
         key, timeout, mem_limit = entry
         job = by_key.get(key)

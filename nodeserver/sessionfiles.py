@@ -134,7 +134,9 @@ class _SessionFiles(_SessionState):
         them go (the store keeps them as a cache, within its size), and they no
         longer count in its transfer quota. A job that needs one later gets it
         sent again first."""
-        if not isinstance(message.digests, list):
+        if not isinstance(message.digests, list) or not all(
+            isinstance(digest, str) for digest in message.digests
+        ):
             raise MessageError("malformed digests in file-release")
         store = self.server.store
         for digest in message.digests:

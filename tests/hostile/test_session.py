@@ -117,6 +117,47 @@ def test_unknown_op_is_answered_and_the_session_goes_on(measure, tmp_path):
     assert not isinstance(after, Error) or "no-such-op" not in after.message
 
 
+#: Messages whose fields have the right type but hold the wrong things (a fuzzer of
+#: authenticated messages found them: each ended its session with a TypeError,
+#: logged as an ERROR with its traceback).
+_MALFORMED_INSIDE: tuple[dict[str, object], ...] = (
+    {"op": "file-release", "digests": [[1]]},
+    {"op": "file-release", "digests": [b"x"]},
+    {"op": "job-submit", "comp_id": 1, "jobs": [7]},
+    {"op": "job-submit", "comp_id": 1, "jobs": [[1, 0, 1]], "limits": [[{}, 1, 1]]},
+)
+
+
+@pytest.mark.attack(
+    id="malformed-inside",
+    title="An authenticated client sends messages whose lists hold the wrong things "
+    "(a digest that is a list, a job entry that is a number, a limit's key a map)",
+    goal="each answered with an error saying what is malformed, then closed; no "
+    "traceback in the node's log (was: a TypeError traceback, logged as an ERROR)",
+)
+def test_malformed_entries_are_answered_not_tracebacks(measure, tmp_path):
+    answers = []
+    with limited_node(tmp_path / "node") as node:
+        for header in _MALFORMED_INSIDE:
+            session = RawSession.open(node.port, node.secret)
+            try:
+                session.send_header(header, (b"arguments",))
+                answers.append(session.recv())
+            except ConnectionError as exc:
+                answers.append(exc)
+            finally:
+                session.close()
+        log = node.log_text()
+    said = [a.message for a in answers if isinstance(a, Error)]
+    measure(
+        f"{len(said)} of {len(_MALFORMED_INSIDE)} answered ({said[0] if said else '-'}"
+        f"); {log.count('Traceback')} tracebacks in the log"
+    )
+    assert len(said) == len(_MALFORMED_INSIDE)
+    assert all("malformed" in text for text in said), said
+    assert "Traceback" not in log and " ERROR " not in log
+
+
 def _status_reports_in(port: int, secret: bytes, interval: float, window: float) -> int:
     """Set up a computation asking for a status report every ``interval`` s; count
     the reports the node sends in the ``window`` s after it is ready."""

@@ -176,9 +176,11 @@ class RawSession:
             raise
         return session
 
-    def send_header(self, header: dict[str, object]) -> None:
-        """Sign and send a message made of ``header`` (any map)."""
-        head, parts = encode_frames([pack_header(header)], MAC_SIZE)
+    def send_header(
+        self, header: dict[str, object], buffers: tuple[bytes, ...] = ()
+    ) -> None:
+        """Sign and send a message made of ``header`` (any map) and ``buffers``."""
+        head, parts = encode_frames([pack_header(header), *buffers], MAC_SIZE)
         mac = self.signer.sign([head, *parts])
         self.sock.sendall(b"".join([head, *parts, mac]))
 
