@@ -494,7 +494,7 @@ def _pickle(fn: Callable[..., Any]) -> tuple[str, bytes]:
         raise TypeError(f"{fn!r} is not callable")
     serialize.ship_by_value(fn)
     try:
-        blob = cloudpickle.dumps(fn)
+        blob = serialize.dumps_in_band(fn)
     except Exception:
         check_shippable(fn, "function")
         raise

@@ -208,15 +208,11 @@ _OOB_MIN = 64 * 1024
 _BINARY: dict[type, str] = {bytes: "b", bytearray: "a"}
 
 
-class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle is untyped
-    def __init__(
-        self, file: io.BytesIO, buffers: list[Buffer], kinds: list[str] | None
-    ) -> None:
-        super().__init__(file, protocol=5, buffer_callback=self._buffer)
-        self._out = buffers
-        self._kinds = kinds
-        self._kind = "p"  # of the next buffer: set by persistent_id for its own
-        self._seen: dict[int, int] = {}
+class _ByValuePickler(cloudpickle.Pickler):  # type: ignore[misc]  # untyped
+    """cloudpickle's pickler, sending Python's open for the notebook's."""
+
+    def __init__(self, file: io.BytesIO, **options: Any) -> None:
+        super().__init__(file, protocol=5, **options)
         self._notebook_open = _notebook_open()
 
     def reducer_override(self, obj: Any) -> Any:
@@ -226,6 +222,25 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle is unt
             # notebook, and show in its tracebacks as a frame of IPython's.
             return getattr, (builtins, "open")
         return super().reducer_override(obj)
+
+
+def dumps_in_band(obj: Any) -> bytes:
+    """``obj`` pickled by value in one ``bytes`` (no out-of-band buffers), as
+    `dumps` pickles it otherwise: for the Executor's functions, cached by digest."""
+    file = io.BytesIO()
+    _ByValuePickler(file).dump(obj)
+    return file.getvalue()
+
+
+class _Pickler(_ByValuePickler):
+    def __init__(
+        self, file: io.BytesIO, buffers: list[Buffer], kinds: list[str] | None
+    ) -> None:
+        super().__init__(file, buffer_callback=self._buffer)
+        self._out = buffers
+        self._kinds = kinds
+        self._kind = "p"  # of the next buffer: set by persistent_id for its own
+        self._seen: dict[int, int] = {}
 
     def _buffer(self, buf: pickle.PickleBuffer) -> bool:
         kind, self._kind = self._kind, "p"

@@ -33,3 +33,31 @@ def test_await_jobs_and_executor_futures_in_notebook_cells(tmp_path):
             assert "TypeError" in failed.error_text and "in square" in failed.error_text
         finally:
             k.run_ok("cluster.close(); executor.shutdown(); local.close()")
+
+
+def test_an_executor_call_opening_a_file_uses_pythons_open_not_ipythons(tmp_path):
+    """A notebook function given to the Executor calls open(): the open of the
+    notebook's namespace is IPython's wrapper, which travelled by value with the
+    function, so the node's traceback showed a frame of IPython's own code (as
+    %%dispy cells did before they sent Python's open in its place)."""
+    with kernel(tmp_path) as k:
+        k.run_ok(
+            "from dispynb import Executor, LocalCluster\n"
+            "local = LocalCluster(cpus=1)\n"
+            "executor = Executor(nodes=local)\n"
+            "def head(path):\n"
+            "    with open(path) as table:\n"
+            "        return table.read()"
+        )
+        try:
+            failed = k.execute("executor.submit(head, 'data.csv').result()")
+            assert failed.ename == "FileNotFoundError", failed.text
+            shown = failed.error_text
+            assert "in head" in shown, shown
+            assert "interactiveshell" not in shown and "io_open" not in shown, shown
+            k.run_ok(f"absolute = {str(tmp_path / 'data.csv')!r}")
+            k.run_ok("open(absolute, 'w').write('x,y')")
+            out = k.run_ok("list(executor.map(head, [absolute] * 2))")
+            assert out.data[-1]["text/plain"] == "['x,y', 'x,y']"
+        finally:
+            k.run_ok("executor.shutdown(); local.close()")
