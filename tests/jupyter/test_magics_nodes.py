@@ -78,7 +78,7 @@ def test_on_a_local_nodes_name_before_the_node_was_heard(ip, monkeypatch):
     run was refused, "not a node in use; the nodes are: local-0 (...),
     127.0.0.1:PORT" (seen in a helper's run). The names LocalCluster gave its
     nodes serve until then."""
-    monkeypatch.setattr(session(ip).panel, "rows", lambda: [])  # none heard yet
+    monkeypatch.setattr(session(ip).panel, "rows", list)  # none heard yet
 
     assert run_where(ip, "--on local-1") == ["local-1"] * 6
 
