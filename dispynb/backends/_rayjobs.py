@@ -566,52 +566,92 @@ class _Jobs(_RayState):
         running call (``why``: see `_RayState._skipping`). ``ray.cancel`` does not
         drop a call queued on a busy actor (Ray 2.60 runs it when its turn comes,
         then discards its result), so the actor is told in its `CONTROL` group,
-        which runs beside the job; its answer says whether the job had begun."""
-        from dispynb.backends._rayworker import CONTROL
-
+        which runs beside the job; its answer says whether the job had begun. The
+        skips asked in one turn of the loop (a cancel of many jobs) go to each
+        actor in one call (`_send_skips`)."""
         asked = key in self._skipping
         if why != "steal" or not asked:  # a cancel outweighs a steal
             self._skipping[key] = why
         if asked:
             return
-        attempt = self._attempts[key]
-        try:
-            ref = slot.handle.skip.options(concurrency_group=CONTROL).remote(
-                key, attempt
+        if not self._skip_asks:
+            self._runner.loop.call_soon(self._send_skips)
+        self._skip_asks.setdefault(slot, []).append((key, self._attempts[key]))
+
+    def _send_skips(self) -> None:
+        """Send the skips `_ask_skip` gathered: one call per actor."""
+        from dispynb.backends._rayworker import CONTROL
+
+        asks, self._skip_asks = self._skip_asks, {}
+        for slot, asked in asks.items():
+            jobs = [  # still waiting there to be skipped (not settled meanwhile)
+                (key, attempt)
+                for key, attempt in asked
+                if key in self._skipping
+                and self._where.get(key) is slot
+                and self._attempts.get(key) == attempt
+            ]
+            if self._closed or not jobs:
+                continue
+            try:
+                ref = slot.handle.skip.options(concurrency_group=CONTROL).remote(jobs)
+            except Exception:  # (Ray is shutting down) as if the jobs had begun
+                for key, _ in jobs:
+                    self._begun(slot, key)
+                continue
+            self._skip_calls += 1
+            ref.future().add_done_callback(
+                lambda fut, slot=slot, jobs=jobs: self._post(
+                    self._skips_answered, slot, jobs, fut
+                )
             )
-        except Exception:  # (Ray is shutting down) as if the job had begun
-            self._begun(slot, key)
-            return
-        ref.future().add_done_callback(
-            lambda fut: self._post(self._skip_answered, slot, key, attempt, fut)
-        )
+
+    def _skips_answered(
+        self,
+        slot: _Slot,
+        jobs: list[tuple[int, int]],
+        fut: concurrent.futures.Future[Any],
+    ) -> None:
+        """The actor's answers to `_send_skips`'s call for ``jobs``."""
+        skipped = [
+            self._skip_answered(slot, key, attempt, fut, index)
+            for index, (key, attempt) in enumerate(jobs)
+        ]
+        if any(skipped):
+            self._schedule()
 
     def _skip_answered(
-        self, slot: _Slot, key: int, attempt: int, fut: concurrent.futures.Future[Any]
-    ) -> None:
-        """The actor's answer to `_ask_skip`: the job is skipped there (it ends
-        Cancelled, or is queued again here), or it had begun (a cancel then stops
-        it as a running job, when it runs)."""
+        self,
+        slot: _Slot,
+        key: int,
+        attempt: int,
+        fut: concurrent.futures.Future[Any],
+        index: int,
+    ) -> bool:
+        """The actor's answer about job ``key`` (``index`` in its call's answers):
+        the job is skipped there (it ends Cancelled, or is queued again here:
+        True), or it had begun (a cancel then stops it as a running job, when it
+        runs)."""
         if self._closed or key not in self._skipping:
-            return  # settled meanwhile: its call ended first (SKIPPED or not)
+            return False  # settled meanwhile: its call ended first (SKIPPED or not)
         if self._where.get(key) is not slot or self._attempts.get(key) != attempt:
-            return
+            return False
         try:
-            skipped = bool(fut.result())
+            skipped = bool(fut.result()[index])
         except self._ray.exceptions.ActorUnavailableError:  # for now: it may be back
             self._begun(slot, key, unanswered=True)
-            return
+            return False
         except self._ray.exceptions.RayActorError:
-            return  # the actor is lost: its calls fail (`_fail_inflight`)
+            return False  # the actor is lost: its calls fail (`_fail_inflight`)
         except Exception:  # no answer: whether it had begun is not known
             self._begun(slot, key, unanswered=True)
-            return
+            return False
         if skipped:
             self._remove(slot, key)  # its call replies SKIPPED, ignored then
             self._skipped(key)
-            self._schedule()
-            return
+            return True
         self._begun(slot, key)
+        return False
 
     def _begun(self, slot: _Slot, key: int, unanswered: bool = False) -> None:
         """Job ``key`` runs (or ran) on ``slot`` though its skip was asked: a

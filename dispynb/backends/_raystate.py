@@ -100,6 +100,10 @@ class _RayState:
         #: Keys whose skip got no answer (a Ray error other than a lost actor), and
         #: why it was asked: taken as begun, unless their call replies skipped.
         self._unanswered: dict[int, str] = {}
+        #: Skips `_ask_skip` gathered for `_send_skips`: ``(key, attempt)`` by actor.
+        self._skip_asks: dict[_Slot, list[tuple[int, int]]] = {}
+        #: Ray calls that asked actors to skip jobs (`JobActor.skip`).
+        self._skip_calls = 0
         #: Keys an actor said had begun when asked to skip them: not asked again.
         self._begun_keys: set[int] = set()
         #: The timer that looks again for calls to take back (`_steal`), if set.

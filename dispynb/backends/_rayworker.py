@@ -344,15 +344,19 @@ class JobActor:
         ``failure`` is None, else it is ``(why, setup's traceback or "")``."""
         return os.getpid(), socket.gethostname(), platform.platform(), self.failure
 
-    def skip(self, key: int, attempt: int) -> bool:
-        """Called in the `CONTROL` group while another job runs: True if the call
-        of job ``key`` (its ``attempt``) will not run it (it replies `SKIPPED` when
-        its turn comes), False if it has begun already (it runs, or has run)."""
+    def skip(self, jobs: list[tuple[int, int]]) -> list[bool]:
+        """Called in the `CONTROL` group while another job runs, for ``(key,
+        attempt)`` jobs: for each, True if its call will not run it (it replies
+        `SKIPPED` when its turn comes), False if it has begun already (it runs, or
+        has run)."""
+        answers = []
         with self.skips_lock:
-            if (key, attempt) in self.begun:
-                return False
-            self.skips.add((key, attempt))
-            return True
+            for key, attempt in jobs:
+                begun = (key, attempt) in self.begun
+                if not begun:
+                    self.skips.add((key, attempt))
+                answers.append(not begun)
+        return answers
 
     def _begin(self, key: int, attempt: int) -> bool:
         """Whether job ``key`` runs now: False if it is to be skipped."""

@@ -134,7 +134,8 @@ def test_short_jobs_queued_behind_a_long_one_run_on_the_idle_actor(
     Before, they waited for the long job: taking back was for long jobs only (two
     calls per actor), as ``ray.cancel`` of a call in a deep queue could stall its
     actor (Ray 2.60 waits 30 s for the cancelled call's sequence number, then fails
-    the calls queued behind it)."""
+    the calls queued behind it). The jobs taken back together from an actor (a
+    batch's) are asked of it in one Ray call (before, one call per job)."""
     import ray
 
     cancelled: list[Any] = []
@@ -144,13 +145,31 @@ def test_short_jobs_queued_behind_a_long_one_run_on_the_idle_actor(
         cancelled.append(ref)
         return real_cancel(ref, *args, **kwargs)
 
+    skips: list[tuple[Any, ...]] = []  # the arguments of each skip call
+
+    class CountedSkip:
+        def __init__(self, method: Any) -> None:
+            self.method = method
+
+        def options(self, **options: Any) -> Any:
+            call = self.method.options(**options)
+
+            class Counted:
+                def remote(self, *args: Any) -> Any:
+                    skips.append(args)
+                    return call.remote(*args)
+
+            return Counted()
+
     monkeypatch.setattr(ray, "cancel", cancel)
     folder = str(tmp_path)
     with JobCluster(gated, engine=engine) as cluster:
+        backend: Any = cluster._backend
+        for slot in backend._slots:
+            monkeypatch.setattr(slot.handle, "skip", CountedSkip(slot.handle.skip))
         warm = [cluster.submit(folder, n) for n in range(1, 41)]
         assert [job() for job in warm] == list(range(1, 41))  # jobs of microseconds
         jobs = [cluster.submit(folder, n) for n in range(120)]
-        backend: Any = cluster._backend
         wait_for(
             lambda: all(job.done() for job in jobs[1:]),
             "the short jobs, while the long one runs",
@@ -163,6 +182,8 @@ def test_short_jobs_queued_behind_a_long_one_run_on_the_idle_actor(
     assert [job.status for job in jobs] == [JobStatus.Finished] * 120
     assert [job.result for job in jobs] == list(range(120))
     assert cancelled == [], "a queued call was cancelled with ray.cancel"
+    asked = sum(len(args[0]) if isinstance(args[0], list) else 1 for args in skips)
+    assert 0 < len(skips) < asked, skips
 
 
 def held(folder: str, n: int, name: str) -> int:
