@@ -166,15 +166,22 @@ class _Nodes(_DaskState):
                 logger.info("Dask workers are still setting up; jobs will wait")
                 return
         if self.failed and not self.workers:
-            address, error = next(iter(self.failed.items()))
-            message, _, remote = error.partition("\n")
+            address, (message, remote) = next(iter(self.failed.items()))
             raise SetupError(
                 f"setup failed on every Dask worker; on {address}: {message}", remote
             )
 
     def _worker_ready(
-        self, uid: str, address: str, nthreads: int, name: str, error: str
+        self,
+        uid: str,
+        address: str,
+        nthreads: int,
+        name: str,
+        error: str,
+        remote_traceback: str = "",
     ) -> None:
+        """A worker set the computation up, or could not (``error``, and setup's
+        traceback if it raised)."""
         if uid != self.uid or self.closed:
             return
         if not self._is_wanted(address, str(name)):
@@ -183,8 +190,9 @@ class _Nodes(_DaskState):
                 self._ready_seen.set()
             return
         if error:
-            self.failed[address] = error
-            logger.warning("setup failed on Dask worker %s: %s", address, error)
+            self.failed[address] = (error, remote_traceback)
+            shown = "\n".join(filter(None, (error, remote_traceback)))
+            logger.warning("setup failed on Dask worker %s: %s", address, shown)
         else:
             host, port = _host_port(address)
             node = NodeInfo(address, host, port, name, int(nthreads))

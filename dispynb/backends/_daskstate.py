@@ -64,7 +64,8 @@ class _DaskState:
         self.fence_name = f"dispynb-fence-{self.uid}"
         self.client: Any = None
         self.workers: dict[str, NodeInfo] = {}
-        self.failed: dict[str, str] = {}
+        #: Workers where setup failed: (why, setup's traceback or "").
+        self.failed: dict[str, tuple[str, str]] = {}
         self.unwanted: set[str] = set()  # set up, but not among nodes=
         self.futures: dict[int, Any] = {}
         self.started: dict[int, tuple[NodeInfo, float]] = {}

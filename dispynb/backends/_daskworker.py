@@ -106,11 +106,12 @@ class ComputationPlugin(WorkerPlugin):
         self.running: dict[str, Runner] = {}
         self.ctrl_lock = threading.Lock()
         self.error = ""
+        self.error_traceback = ""  # setup's, when it raised
         self.host: subprocess.Popen[bytes] | None = None
         await asyncio.to_thread(self._start, worker)
         nthreads = worker.state.nthreads
         ready = ["ready", self.uid, worker.address, nthreads, str(worker.name)]
-        worker.log_event(self.topic, [*ready, self.error])
+        worker.log_event(self.topic, [*ready, self.error, self.error_traceback])
 
     def transition(
         self, key: Any, start: str, finish: str, *args: Any, **kw: Any
@@ -168,7 +169,7 @@ class ComputationPlugin(WorkerPlugin):
         except (EOFError, OSError):
             reply = ("failed", "the computation's process on the worker exited", "")
         if reply[0] != "ok":
-            self.error = reply[1] + (f"\n{reply[2]}" if reply[2] else "")
+            self.error, self.error_traceback = reply[1], reply[2]
             self._stop()
             return
         for _ in range(max(int(worker.state.nthreads), 1)):
@@ -210,7 +211,8 @@ class ComputationPlugin(WorkerPlugin):
         limits: tuple[float | None, int | None],
     ) -> tuple[tuple[Any, ...], list[bytes]]:
         if self.error:
-            return ("setup", 0.0, 0.0, "", "", self.error), []
+            shown = "\n".join(filter(None, (self.error, self.error_traceback)))
+            return ("setup", 0.0, 0.0, "", "", shown), []
         runner = self.idle.get()
         self.running[dask_key] = runner
         try:

@@ -358,7 +358,7 @@ def compute(seconds):
 
 
 def fails():
-    raise RuntimeError("no data here")
+    raise RuntimeError("no data here\\ncheck the path")
 
 
 def main(args):
@@ -375,7 +375,9 @@ def main(args):
             try:
                 call().close()
             except dispynb.errors.DispynbError as exc:
-                errors[name] = [type(exc).__name__, str(exc)]
+                notes = "".join(getattr(exc, "__notes__", []))
+                remote = exc.remote_traceback
+                errors[name] = [type(exc).__name__, str(exc), remote, notes]
         with dispynb.JobCluster(compute, engine=engine) as cluster:
             for name, call in {
                 "allocate_node": lambda: cluster.allocate_node("10.0.0.1"),
@@ -397,7 +399,10 @@ def test_timeouts_setup_failures_and_what_dask_cannot_do(
     net: Network, tmp_path: Path
 ) -> None:
     """job_timeout ends a job Terminated; a failing setup raises SetupError with the
-    worker's traceback; dispy features Dask lacks raise one NotSupportedError."""
+    worker's traceback (its ``remote_traceback``, shown under the error), whole
+    even when the exception's message has several lines (before, the message was
+    cut at its first line and the rest put before the traceback, which then was
+    not shown); dispy features Dask lacks raise one NotSupportedError."""
     out = run(net, tmp_path, LIMITS_PROGRAM)
     # dispynb's nodes' words, with the way out (Dask's were "the job ran longer
     # than its timeout of 0.5 s").
@@ -409,8 +414,15 @@ def test_timeouts_setup_failures_and_what_dask_cannot_do(
     ]
     assert out["quick"] == [FINISHED, 0]
     errors = out["errors"]
-    assert errors["setup"][0] == "SetupError"
-    assert "RuntimeError: no data here" in errors["setup"][1]
+    kind, message, remote, notes = errors.pop("setup")
+    assert kind == "SetupError"
+    assert message.endswith(
+        ": setup raised RuntimeError: no data here\ncheck the path"
+    ), message
+    assert remote.startswith("Traceback (most recent call last):\n"), remote
+    assert "in fails" in remote, remote
+    assert remote.endswith("RuntimeError: no data here\ncheck the path\n"), remote
+    assert "The node's traceback:" in notes and "in fails" in notes, notes
     for name in ("allocate_node", "job_depends"):
         kind, text = errors[name]
         assert kind == "NotSupportedError", (name, errors[name])
