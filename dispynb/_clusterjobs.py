@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import tempfile
 from typing import Any
 
 from dispynb import objects
@@ -61,7 +60,7 @@ class _Jobs(_ClusterState):
             raise ClusterError("this cluster is closed: create a new JobCluster")
         self._require(base.JOB_DEPENDS, "put")
         if self._objects_dir is None:
-            self._objects_dir = tempfile.mkdtemp(prefix="dispynb-objects-")
+            self._objects_dir = objects.make_directory()
         ref = objects.write(obj, self._objects_dir)
         self._objects[ref.digest] = ref
         return ref

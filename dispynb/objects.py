@@ -9,7 +9,9 @@ machinery: the client sends a file to a node only once). On the node, each worke
 process loads it the first time a job needs it and keeps it for the computation's
 later jobs (`resolve`); large buffers (a NumPy array's memory) are mapped from the
 node's copy, not copied. The node removes its copy when the computation closes, and
-the client removes its file when the cluster closes.
+the client removes its file when the cluster closes; the files of a client killed
+first (SIGKILL, the out-of-memory killer) go at the next client's first put
+(`make_directory`).
 
 Only for the node backend (``JobCluster(nodes=...)``): other engines have their own
 object stores (``ray.put``, Dask's ``scatter``).
@@ -17,10 +19,14 @@ object stores (``ray.put``, Dask's ``scatter``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import mmap
 import os
+import shutil
+import stat
 import struct
+import tempfile
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -118,6 +124,52 @@ class collecting:
 
     def __exit__(self, *exc: object) -> None:
         _collector.refs = self._previous
+
+
+#: A client's directory of object files: ``dispynb-objects-PID-START-*`` in the
+#: temporary directory, PID and START (`_started`) the process's that made it.
+_DIR_PREFIX = "dispynb-objects-"
+
+
+def make_directory() -> str:
+    """A new directory for this process's object files, once those of clients
+    that ended without removing theirs are removed (a kernel killed: SIGKILL, the
+    out-of-memory killer; nothing else would remove them, large as they may be)."""
+    parent = tempfile.gettempdir()
+    with contextlib.suppress(OSError):
+        for name in os.listdir(parent):
+            if name.startswith(_DIR_PREFIX) and _maker_ended(name):
+                _remove_own(os.path.join(parent, name))
+    pid = os.getpid()
+    return tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{pid}-{_started(pid)}-")
+
+
+def _started(pid: int) -> int | None:
+    """When process ``pid`` started (1/100 s), None if there is none: with the pid,
+    it tells the process from a later one given the same pid."""
+    import psutil  # lazily: ``import dispynb`` stays light
+
+    try:
+        return round(psutil.Process(pid).create_time() * 100)
+    except psutil.Error:
+        return None
+
+
+def _maker_ended(name: str) -> bool:
+    """Whether the process that made the directory ``name`` has ended; False for a
+    name not of `make_directory`'s kind (an older dispynb's: its maker unknown)."""
+    fields = name[len(_DIR_PREFIX) :].split("-")
+    if len(fields) < 3 or not (fields[0].isdigit() and fields[1].isdigit()):
+        return False
+    return _started(int(fields[0])) != int(fields[1])
+
+
+def _remove_own(path: str) -> None:
+    """Remove the directory ``path`` if it is this user's (not a link to one)."""
+    with contextlib.suppress(OSError):
+        st = os.lstat(path)
+        if st.st_uid == os.getuid() and stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def write(obj: Any, directory: str) -> ObjectRef:

@@ -17,6 +17,7 @@ from dispynb import DispyJob, JobCluster, LocalCluster
 from dispynb.errors import ClusterError, SerializationError
 from dispynb.objects import ObjectRef
 from tests.jobs import wait_until
+from tests.nodeproc import ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -129,3 +130,44 @@ def test_two_clusters_putting_the_same_object_on_one_node_share_it_safely():
         finally:
             first.close()
         wait_until(lambda: not stored(local, ref1.digest))  # the last one freed it
+
+
+#: A client that puts an object, says where its file is, and waits to be killed.
+_PUTS_AND_WAITS = """
+import sys
+from dispynb import JobCluster
+cluster = JobCluster(len, nodes=[sys.argv[1]], secret=sys.argv[2])
+print(cluster.put(b"x" * 1000).file.path, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_the_files_of_a_killed_client_are_removed_by_the_next_put(local, tmp_path):
+    """A kernel killed (SIGKILL, the out-of-memory killer) never removed the files
+    of its put objects: they stayed in the temporary directory for ever, large
+    ones included. The next client's first put removes those of clients that are
+    no more; a running client's are kept."""
+    import signal
+    import subprocess
+    import sys
+
+    with JobCluster(identity, nodes=local) as running:
+        kept = os.path.dirname(running.put(b"kept").file.path)
+        child = subprocess.Popen(
+            [sys.executable, "-c", _PUTS_AND_WAITS, *local.node_specs(), local.secret],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            cwd=tmp_path,  # its recovery journal
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        assert child.stdout is not None and child.stdin is not None
+        left = os.path.dirname(child.stdout.readline().decode().strip())
+        child.kill()
+        assert child.wait(30) == -signal.SIGKILL
+        child.stdin.close()
+        child.stdout.close()
+        assert os.path.isdir(left) and os.listdir(left)
+        with JobCluster(identity, nodes=local) as later:
+            assert later.submit(later.put(b"later"))() == b"later"
+            assert not os.path.exists(left)
+            assert os.path.isdir(kept)
