@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import html
 import logging
 import re
 import sys
@@ -138,13 +139,30 @@ class DispyHTTPServer:
             target=self._run, name="dispynb-httpd", daemon=True
         )
         self._start()
-        message = f"web monitor of {getattr(cluster, 'name', cluster)!r} at {self.url}"
+        message = f"{self._title()} at {self.url}"
         logger.info("%s", message)
-        if not (logger.isEnabledFor(logging.INFO) and logger.hasHandlers()):
-            # dispy's monitor needed no token, so dispy programs set up no logging
-            # to learn its address: without a handler for INFO nobody would see the
-            # token, so say it on stderr, as Jupyter's server does.
+        # dispy's monitor needed no token, so dispy programs set up no logging to
+        # learn its address: without a handler for INFO nobody would see the token,
+        # so say it: a link in a notebook, else on stderr, as Jupyter's server does.
+        if not (
+            (logger.isEnabledFor(logging.INFO) and logger.hasHandlers())
+            or _display_in_notebook(
+                {"text/html": self._repr_html_(), "text/plain": f"dispynb {message}"}
+            )
+        ):
             print(f"dispynb {message}", file=sys.stderr, flush=True)
+
+    def _title(self) -> str:
+        """What the monitor shows: ``web monitor of 'NAME'``."""
+        return f"web monitor of {getattr(self._cluster, 'name', self._cluster)!r}"
+
+    def _repr_html_(self) -> str:
+        """A link to the page for a notebook (its URL carries the access token)."""
+        url = html.escape(self.url)
+        return (
+            f"dispynb {html.escape(self._title())} at "
+            f'<a href="{url}" target="_blank">{url}</a>'
+        )
 
     def _start(self) -> None:
         start_thread(self._thread)
@@ -319,6 +337,18 @@ class DispyHTTPServer:
                 await asyncio.sleep(0.02)
         await self._http.close_all_connections()
         log_refusals_left(self._app)
+
+
+def _display_in_notebook(bundle: dict[str, str]) -> bool:
+    """Show ``bundle`` in the cell's output if this process is a notebook's kernel
+    (not a terminal's IPython: it shows no HTML); whether it did."""
+    get_ipython = getattr(sys.modules.get("IPython"), "get_ipython", None)
+    if getattr(get_ipython and get_ipython(), "kernel", None) is None:
+        return False
+    from IPython.display import display
+
+    display(bundle, raw=True)
+    return True
 
 
 def cluster_key(name: str) -> str:

@@ -61,3 +61,29 @@ def test_an_executor_call_opening_a_file_uses_pythons_open_not_ipythons(tmp_path
             assert out.data[-1]["text/plain"] == "['x,y', 'x,y']"
         finally:
             k.run_ok("executor.shutdown(); local.close()")
+
+
+def test_the_web_monitor_shows_a_link_to_its_page_in_the_notebook(tmp_path):
+    """A notebook user starting the web monitor gets a link to click, as a notebook
+    shows one: its URL (token and all) came only as text on stderr, shown as if an
+    error, and the monitor itself showed as ``<DispyHTTPServer http://...>``."""
+    import html
+
+    with kernel(tmp_path) as k:
+        k.run_ok(
+            "from dispynb import JobCluster, LocalCluster\n"
+            "from dispynb.httpd import DispyHTTPServer\n"
+            "local = LocalCluster(cpus=1)\n"
+            "cluster = JobCluster(len, nodes=local)"
+        )
+        try:
+            started = k.run_ok("monitor = DispyHTTPServer(cluster, port=0)")
+            url = k.value("monitor.url")
+            link = f'<a href="{html.escape(url)}" target="_blank">'
+            shown = k.run_ok("monitor")
+            for out in (started, shown):
+                assert [d for d in out.data if link in d.get("text/html", "")], out
+            assert url in started.data[0]["text/plain"], started
+            assert url not in started.stderr, started.stderr
+        finally:
+            k.run_ok("monitor.shutdown(); cluster.close(); local.close()")
