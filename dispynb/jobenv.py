@@ -20,6 +20,7 @@ import io
 import logging
 import os
 import resource
+import signal
 import sys
 import threading
 import traceback
@@ -190,6 +191,25 @@ def describe_failure(
 
 #: Why a running job a cancel stopped ended ``Terminated``.
 TERMINATED_AT_REQUEST = "job terminated at the client's request"
+
+
+def signal_name(number: int) -> str:
+    """``SIGKILL`` for 9; ``signal 64`` for a number Python has no name for."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def crash_reason(returncode: int) -> str:
+    """Explain how a worker process ended, for the job that was running in it."""
+    if returncode < 0:
+        name = signal_name(-returncode)
+        return f"the job's worker process was killed by {name} ({-returncode})"
+    return (
+        f"the job's worker process exited with status {returncode} "
+        "(os._exit() or a fatal error in an extension)"
+    )
 
 
 def timeout_reason(timeout: float) -> str:

@@ -3,9 +3,10 @@ change: its time limit, its memory limit, how its worker process died."""
 
 from __future__ import annotations
 
-import signal
-
-from dispynb.jobenv import timeout_reason as timeout_reason  # the same on engines
+# The same on the engines (Dask, Ray):
+from dispynb.jobenv import crash_reason as crash_reason
+from dispynb.jobenv import signal_name as signal_name
+from dispynb.jobenv import timeout_reason as timeout_reason
 
 
 def mem_limit_note(mem_limit: int) -> str:
@@ -39,23 +40,4 @@ def oom_note(peak_bytes: int) -> str:
         f"ran out of memory (its worker's peak resident memory: {peak_bytes >> 20} "
         "MiB); give the node more memory or the job less data, or a mem_limit to get "
         "MemoryError instead"
-    )
-
-
-def signal_name(number: int) -> str:
-    """``SIGKILL`` for 9; ``signal 64`` for a number Python has no name for."""
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return f"signal {number}"
-
-
-def crash_reason(returncode: int) -> str:
-    """Explain how a worker process ended, for the job that was running in it."""
-    if returncode < 0:
-        name = signal_name(-returncode)
-        return f"the job's worker process was killed by {name} ({-returncode})"
-    return (
-        f"the job's worker process exited with status {returncode} "
-        "(os._exit() or a fatal error in an extension)"
     )

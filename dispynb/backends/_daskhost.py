@@ -317,6 +317,13 @@ def runner_loop(
             send_buffers(sock, result)
 
 
+#: Seconds `Host.exit_status` waits for a runner whose socket closed to end.
+EXIT_WAIT = 2.0
+
+#: Exit codes of ended runners a host keeps for `Host.exit_status`.
+KEPT_EXITS = 64
+
+
 class Host:
     """The host process's state: the loaded computation and its runners."""
 
@@ -325,6 +332,8 @@ class Host:
         self.conn = Connection(os.dup(ctrl.fileno()))
         self.bundle: dict[str, Any] = {}
         self.runners: set[int] = set()
+        #: Exit codes of runners that ended, for `exit_status` (the last ones).
+        self.exits: dict[int, int] = {}
         self.max_output: int | None = None
 
     def serve(self) -> int:
@@ -339,6 +348,9 @@ class Host:
                     self.conn.send_bytes(pickle.dumps(self.load(*message[1:])))
                 elif op == "fork":
                     self.fork()
+                elif op == "status":
+                    status = self.exit_status(message[1])
+                    self.conn.send_bytes(pickle.dumps(("status", status)))
                 elif op == "close":
                     self.conn.send_bytes(pickle.dumps(("closed", self.close())))
                     return 0
@@ -434,10 +446,29 @@ class Host:
     def reap(self) -> None:
         for pid in list(self.runners):
             with contextlib.suppress(ChildProcessError):
-                done, _ = os.waitpid(pid, os.WNOHANG)
+                done, status = os.waitpid(pid, os.WNOHANG)
                 if done == 0:
                     continue
+                self.exits[pid] = os.waitstatus_to_exitcode(status)
+                while len(self.exits) > KEPT_EXITS:  # (runners the worker killed)
+                    del self.exits[next(iter(self.exits))]
             self.runners.discard(pid)
+
+    def exit_status(self, pid: int) -> int | None:
+        """The exit code of runner ``pid``, whose socket the worker saw close
+        (negative: the signal that killed it); None if not known within
+        `EXIT_WAIT` seconds."""
+        if pid in self.exits:
+            return self.exits.pop(pid)
+        deadline = time.monotonic() + EXIT_WAIT
+        while pid in self.runners:
+            self.reap()
+            if pid in self.exits:
+                return self.exits.pop(pid)
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.005)
+        return None
 
     def kill_runners(self) -> None:
         for pid in self.runners:

@@ -38,7 +38,7 @@ from distributed import WorkerPlugin, get_worker
 
 from dispynb.backends._daskhost import FILE_ANSWER, kill_group
 from dispynb.backends._daskpipe import recv_buffers, send_buffers
-from dispynb.jobenv import timeout_reason
+from dispynb.jobenv import crash_reason, timeout_reason
 
 #: Seconds a job runs before its start is announced to the client (quicker jobs
 #: report their start with their outcome: one event less on the hot path).
@@ -51,6 +51,10 @@ PUSH_RESULT = 8 << 10
 
 #: Seconds the host gets to run cleanup and exit at teardown.
 CLOSE_WAIT = 30.0
+
+#: Seconds the host may take to say how a runner ended (it waits for that at most
+#: `_daskhost.EXIT_WAIT`).
+STATUS_WAIT = 30.0
 
 
 class Runner:
@@ -285,8 +289,23 @@ class ComputationPlugin(WorkerPlugin):
             runner.kill()  # dead already, or half-way: a fresh one replaces it
             if self._cancelled(dask_key):
                 return ("terminated", started, time.time(), "", "", None), []
-            text = "the job's process on the Dask worker died (killed or crashed)\n"
+            code = self._exit_status(runner.pid)
+            text = (
+                "the job's process on the Dask worker died (killed or crashed)\n"
+                if code is None
+                else crash_reason(code) + "\n"
+            )
             return ("crashed", started, time.time(), "", "", text), []
+
+    def _exit_status(self, pid: int) -> int | None:
+        """How the runner ``pid`` ended (its exit code), as its host process saw
+        it; None if the host does not say within `STATUS_WAIT` seconds."""
+        with contextlib.suppress(OSError, EOFError), self.ctrl_lock:
+            self.conn.send_bytes(pickle.dumps(("status", pid)))
+            if self.conn.poll(STATUS_WAIT):
+                status = pickle.loads(self.conn.recv_bytes())[1]
+                return None if status is None else int(status)
+        return None
 
     def _cancelled(self, dask_key: str) -> bool:
         task = self.worker.state.tasks.get(dask_key)

@@ -344,6 +344,50 @@ def test_stop_kills_the_running_job_and_drops_the_queued_one(
     assert not _alive(child_pid)  # the job's own subprocess went with it
 
 
+CRASH_PROGRAM = """
+import signal
+
+
+def crashes(how):
+    print("before the end", flush=True)
+    if how == "exit":
+        os._exit(3)
+    if how == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return how
+
+
+def main(args):
+    with local_cluster(workers=1) as dask_cluster:
+        engine = DaskEngine(dask_cluster)
+        with dispynb.JobCluster(crashes, engine=engine) as cluster:
+            jobs = [cluster.submit(how) for how in ("exit", "kill", "ok")]
+            for job in jobs:
+                job()
+        return [[int(job.status), job.exception, job.result] for job in jobs]
+"""
+
+
+def test_a_job_whose_process_ends_says_how_as_on_dispynb_nodes(
+    net: Network, tmp_path: Path
+) -> None:
+    """A job that calls os._exit(3), or is killed by a signal, ends Terminated in
+    the words of dispynb's nodes, its exit status or signal named (before: "the
+    job's process on the Dask worker died (killed or crashed)"); the next job runs
+    in a fresh runner."""
+    out = run(net, tmp_path, CRASH_PROGRAM)
+    assert out == [
+        [
+            TERMINATED,
+            "the job's worker process exited with status 3 (os._exit() or a fatal "
+            "error in an extension)\n",
+            None,
+        ],
+        [TERMINATED, "the job's worker process was killed by SIGKILL (9)\n", None],
+        [FINISHED, None, "ok"],
+    ]
+
+
 def _alive(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
