@@ -183,6 +183,8 @@ class SharedComputation(_JobFiles):
         #: last sent to the client (`report_nodes`).
         self.node_done: dict[str, list[float]] = {}
         self._reported: list[list[Any]] | None = None
+        #: Why the nodes that left since the last report did (`SchedulerNodes.left`).
+        self._left: dict[str, str] = {}
         #: The client's last job message (`submit`): ``(frame, first job, last job,
         #: jobs)``, while it may still be passed on as it came.
         self._as_sent: tuple[Frame, QueuedJob, QueuedJob, int] | None = None
@@ -664,9 +666,10 @@ class SharedComputation(_JobFiles):
                     list(node.avail),
                 ).to_wire()
             )
-        if force or nodes != self._reported:
+        if force or nodes != self._reported or self._left:
             self._reported = nodes
-            self.to_client(SchedulerNodes(comp_id=self.comp_id, nodes=nodes))
+            left, self._left = self._left, {}
+            self.to_client(SchedulerNodes(comp_id=self.comp_id, nodes=nodes, left=left))
 
     def finish_if_done(self) -> None:
         """A recovered computation closes once its last job ended."""
@@ -696,6 +699,10 @@ class SharedComputation(_JobFiles):
         upstream.ready = False
         upstream.ended = True
         self.account.nodes.discard(upstream.node.name)
+        stopping = upstream.node.stopping
+        self._left[upstream.node.name] = (
+            f"it stopped: {stopping}" if stopping else f"it was lost ({reason})"
+        )
         lost = [job for job in self.running.values() if job.node == upstream.node.name]
         ended: list[ResultEntry] = []
         for job in lost:

@@ -396,7 +396,9 @@ class NodesBackend:
                 )
             return None
 
-    def scheduler_nodes(self, link: NodeLink, entries: list[list[Any]]) -> None:
+    def scheduler_nodes(
+        self, link: NodeLink, entries: list[list[Any]], left: dict[str, str]
+    ) -> None:
         """Only a shared scheduler reports nodes behind it (`SchedulerBackend`)."""
         logger.debug("node %s sent a scheduler's node list: ignored", link.node_id)
 

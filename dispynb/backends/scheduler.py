@@ -27,6 +27,7 @@ from dispynb.backends.nodes import NodeEngine, NodesBackend, _avail_info
 from dispynb.depends import FileRef
 from dispynb.errors import ConfigurationError, MessageError
 from dispynb.node import DispyNodeAvailInfo, parse_node_specs
+from dispynb.protocol.handshake import peer_text
 from dispynb.protocol.records import SharedNodeEntry
 from dispynb.scheduler.driver import NodeLink
 from dispynb.secret import split_credential
@@ -126,8 +127,11 @@ class SchedulerBackend(NodesBackend):
     def node_status(self, link: NodeLink, avail: list[float | None]) -> None:
         """The scheduler's sum over its nodes: each node's comes in the reports."""
 
-    def scheduler_nodes(self, link: NodeLink, entries: list[list[Any]]) -> None:
-        """The scheduler's report: nodes that joined, left and their counts."""
+    def scheduler_nodes(
+        self, link: NodeLink, entries: list[list[Any]], left: dict[str, str]
+    ) -> None:
+        """The scheduler's report: nodes that joined, left (and why) and their
+        counts."""
         try:
             nodes = [SharedNodeEntry.from_wire(item) for item in entries]
         except MessageError as exc:
@@ -138,7 +142,10 @@ class SchedulerBackend(NodesBackend):
         for node_id in [n for n in self._behind if n not in seen]:
             info = self._behind.pop(node_id)
             self._running.pop(node_id, None)
-            events.node_closed(info, "it left the scheduler", Departure.LOST)
+            why = left.get(node_id)
+            if not isinstance(why, str):  # an older scheduler's, or garbage
+                why = "it left the scheduler"
+            events.node_closed(info, peer_text(why, 500), Departure.LOST)
         for entry in nodes:
             avail = _avail_info(entry.avail)
             known = self._behind.get(entry.node_id)

@@ -504,11 +504,13 @@ class SchedulerNodes(WireMessage):
     computation is set up now (a node no longer listed has left). Only the
     computation's own jobs are counted: a client learns nothing of other users'.
     Sent when that set changes and, while the counts change, at the pulse; a node
-    server never sends it.
+    server never sends it. ``left`` says why each node that left since the last
+    report did, in the node's words when it said them (its node id to the reason).
     """
 
     comp_id: int
     nodes: list[list[Any]]
+    left: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @message("files-missing")

@@ -176,9 +176,12 @@ class JobEvents(Protocol):
     def node_status(self, node: NodeLink, avail: list[float | None]) -> None:
         """``node`` reported the resources it has available."""
 
-    def scheduler_nodes(self, node: NodeLink, entries: list[list[Any]]) -> None:
+    def scheduler_nodes(
+        self, node: NodeLink, entries: list[list[Any]], left: dict[str, str]
+    ) -> None:
         """``node``, a shared scheduler, reported the nodes behind it
-        (`dispynb.protocol.records.SharedNodeEntry` arrays, unchecked)."""
+        (`dispynb.protocol.records.SharedNodeEntry` arrays, unchecked), and why
+        those that left did (unchecked)."""
 
 
 @dataclass(slots=True)

@@ -127,11 +127,12 @@ def test_a_stopping_nodes_reentrant_jobs_run_elsewhere_at_once(
 
 
 def test_a_job_that_ends_with_its_stopping_node_says_why(
-    tmp_path: Path, users: dict[str, Path]
+    tmp_path: Path, users: dict[str, Path], caplog: pytest.LogCaptureFixture
 ) -> None:
     """Not reentrant, the job running on a node stopped with SIGTERM ends with the
     node's drain: Abandoned, in the node's words (before: 'node ... was lost
-    (connection closed)')."""
+    (connection closed)'). The client's log says why the node left in the node's
+    words too (before: 'left: it left the scheduler')."""
     folder = tmp_path / "jobs"
     folder.mkdir()
     node = start_node(tmp_path / "node", "--drain-timeout", "1", cpus=1, name="n0")
@@ -145,6 +146,12 @@ def test_a_job_that_ends_with_its_stopping_node_says_why(
             wait_until(lambda: any(folder.glob("started-*")))
             node.proc.send_signal(signal.SIGTERM)
             assert job() is None
+            left = (
+                f"node {node.spec} left: it stopped: node 'n0' is shutting down "
+                "(SIGTERM)"
+            )
+            wait_until(lambda: "left: " in caplog.text)
+            assert left in caplog.text, caplog.text
         assert job.status is JobStatus.Abandoned
         assert f"node {node.spec} stopped: node 'n0' is shutting down (SIGTERM)" in (
             job.exception or ""
