@@ -344,8 +344,16 @@ class SchedulerSession:
 
     def _files_too_large(self, setup: ComputationSetup) -> str:
         """Why the files ``setup`` depends on are refused ("" if they are not)."""
-        for path, _digest, size in (entry[:3] for entry in setup.files):
-            refused = self.server.files.too_large(int(size), f"file {path!r}")
+        for entry in setup.files:
+            if not (
+                isinstance(entry, list)
+                and len(entry) >= 3
+                and all(isinstance(part, str) for part in entry[:2])
+                and type(entry[2]) is int
+            ):
+                return "malformed file entry in computation-setup"
+            path, size = entry[0], entry[2]
+            refused = self.server.files.too_large(size, f"file {path!r}")
             if refused:
                 return refused
         return ""
@@ -389,6 +397,10 @@ class SchedulerSession:
         self.last_heard = self._clock()
         server = self.server
         if isinstance(message, JobSubmit):
+            malformed = _malformed_submit(message, len(buffers))
+            if malformed:
+                self._refuse(f"{malformed} in job-submit; its jobs refused")
+                return False
             comp = self._comp(message.comp_id)
             if comp is not None and not comp.closing:
                 comp.submit(message, buffers, self.conn.last_frame)
@@ -451,6 +463,28 @@ class SchedulerSession:
         else:
             self._refuse(f"unexpected {message.op!r} from a client")
         return False
+
+
+def _malformed_submit(message: JobSubmit, buffers: int) -> str:
+    """What is malformed in a client's job-submit ("" if nothing): its entries are
+    used here before a node checks them (a limit whose key was a map ended the
+    session with a KeyError, logged as an error)."""
+    total = 0
+    for item in message.jobs:
+        if (
+            not isinstance(item, list)
+            or len(item) not in (3, 4)
+            or not all(type(part) is int for part in item[:3])
+            or item[2] < 1
+        ):
+            return "a malformed job entry"
+        total += item[2]
+    if total > buffers:
+        return "job entries counting more buffers than it carries"
+    for limit in message.limits:
+        if not isinstance(limit, list) or len(limit) != 3 or type(limit[0]) is not int:
+            return "a malformed job limit"
+    return ""
 
 
 __all__ = ["SchedulerSession"]

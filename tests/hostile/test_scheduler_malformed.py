@@ -1,0 +1,90 @@
+"""A scheduler user's messages whose fields hold the wrong things inside.
+
+Found by a fuzzer of authenticated messages (field types right, contents wrong): a
+job limit keyed by a map and a file entry whose size is a string ended the
+session with a KeyError or a ValueError, logged by the scheduler as an ERROR with
+its traceback; the user was told nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dispynb.protocol import serialize
+from dispynb.protocol.messages import (
+    ComputationClose,
+    ComputationSetup,
+    Error,
+    JobSubmit,
+    Message,
+)
+from dispynb.secret import read_secret_file
+from dispynb.transport.connector import connect
+from tests.hostile.test_scheduler import _alices_jobs, people, shared_nodes
+
+pytestmark = pytest.mark.slow
+
+__all__ = ["people"]  # the fixture
+
+#: What mallory sends once her computation 1 is set up, with its buffers.
+_MALFORMED: tuple[tuple[Message, list[bytes]], ...] = (
+    (JobSubmit(comp_id=1, jobs=[[1, 0, 1]], limits=[[{}, 1, 1]]), [b"args"]),
+    (JobSubmit(comp_id=1, jobs=[7]), []),  # type: ignore[list-item]
+    (
+        ComputationSetup(comp_id=2, name="m", workers=1, files=[["a", "0" * 64, "a"]]),
+        [],
+    ),
+)
+
+
+async def _send_malformed(port: int, credential: Path) -> list[Any]:
+    """Set computation 1 up, send each of `_MALFORMED`; return what came back for
+    each (then for a close of computation 1: the session went on)."""
+    conn, _ = await connect(
+        "127.0.0.1", port, secret=read_secret_file(credential), max_message_size=1 << 24
+    )
+    try:
+        bundle = serialize.dumps({"func": abs, "setup": None, "setup_args": ()})
+        conn.write(ComputationSetup(comp_id=1, name="fz", workers=1), bundle)
+        answers = []
+        for message, buffers in (*_MALFORMED, (ComputationClose(comp_id=1), [])):
+            try:
+                conn.write(message, buffers)
+                async with asyncio.timeout(10):
+                    while True:
+                        answer, _ = await conn.recv()
+                        if answer.op not in ("computation-ready", "status"):
+                            break
+            except Exception as exc:  # what the user meets
+                answer = exc
+            answers.append(answer)
+        return answers
+    finally:
+        conn.close()
+
+
+@pytest.mark.attack(
+    id="sched-malformed-inside",
+    title="A scheduler user sends a job limit keyed by a map, a job entry that is a "
+    "number, a file entry whose size is a string",
+    goal="each refused with a message saying what is malformed; the session goes on; "
+    "no traceback in the scheduler's log (was: KeyError, ValueError tracebacks "
+    "logged as errors, the session ended)",
+)
+@pytest.mark.timeout(120)
+def test_malformed_entries_are_refused_and_the_session_goes_on(
+    tmp_path: Path, people: dict[str, Path], measure
+) -> None:
+    with shared_nodes(tmp_path, people) as sched:
+        answers = asyncio.run(_send_malformed(sched.port, people["mallory"]))
+        alices = _alices_jobs(sched.address, people["alice"])
+        log = sched.log_text()
+    said = [getattr(a, "message", repr(a))[:80] for a in answers]
+    measure(f"answers: {said}; {log.count('Traceback')} tracebacks; alice: {alices}")
+    assert all("malformed" in text for text in said[:-1]), said
+    assert not isinstance(answers[-1], Error | Exception), said  # the close's answer
+    assert "Traceback" not in log and alices == [0, 1, 4, 9]
