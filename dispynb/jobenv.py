@@ -212,6 +212,20 @@ def crash_reason(returncode: int) -> str:
     )
 
 
+def with_dropped_note(text: str, dropped: int, name: str, limit: int) -> str:
+    """A job's ``text`` of ``name`` (``stdout``, ``stderr``) kept to ``limit``
+    characters (``max_output_size``), with the line that says how many were dropped
+    if any (the same words on dispynb's nodes and the engines)."""
+    if not dropped:
+        return text
+    if text and not text.endswith("\n"):
+        text += "\n"
+    return text + (
+        f"[dispynb: {dropped} more characters of {name} dropped: a job keeps "
+        f"{limit} (max_output_size)]\n"
+    )
+
+
 def timeout_reason(timeout: float) -> str:
     """Why a job that ran over its time limit was terminated, and how to allow more."""
     return (

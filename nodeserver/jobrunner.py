@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from dispynb.errors import ConnectionClosedError
-from dispynb.jobenv import describe_failure, limit_memory
+from dispynb.jobenv import describe_failure, limit_memory, with_dropped_note
 from dispynb.protocol import serialize, shm
 from dispynb.protocol.framing import Buffer, large_frames_taken, release_spares
 from dispynb.protocol.messages import CANCELLED, FINISHED, RAISED
@@ -486,12 +486,7 @@ class _Stderr(BoundedOutput):
 def _text(capture: io.StringIO) -> str:
     text = capture.getvalue()
     if isinstance(capture, BoundedOutput) and capture.dropped:
-        if text and not text.endswith("\n"):
-            text += "\n"
-        text += (
-            f"[dispynb: {capture.dropped} more characters of {capture.name} dropped: "
-            f"a job keeps {capture.limit} (max_output_size)]\n"
-        )
+        return with_dropped_note(text, capture.dropped, capture.name, capture.limit)
     return text
 
 

@@ -64,6 +64,7 @@ from dispynb.jobenv import (
     send_file_timeout,
     setup_failure,
     unconfirmed,
+    with_dropped_note,
 )
 from dispynb.programs import ProgramOutput, ProgramRunner, install_program
 from dispynb.protocol import serialize
@@ -210,6 +211,7 @@ class _Output(io.StringIO):
 
     limit: int | None = None
     dropped = 0
+    name = "output"  # stdout, stderr
 
     def write(self, text: str) -> int:
         room = None if self.limit is None else self.limit - self.tell()
@@ -221,10 +223,9 @@ class _Output(io.StringIO):
         return super().write(text)
 
     def text(self) -> str:
-        value = self.getvalue()
-        if self.dropped:
-            value += f"\n[dispynb: {self.dropped} more characters not kept]\n"
-        return value
+        return with_dropped_note(
+            self.getvalue(), self.dropped, self.name, self.limit or 0
+        )
 
 
 def run_one(
@@ -241,6 +242,7 @@ def run_one(
     ``"finished"`` (result in the buffers) or ``"raised"`` (traceback text).
     """
     out, err = _Output(), _Output()
+    out.name, err.name = "stdout", "stderr"
     out.limit = err.limit = max_output
     _Job.threads.begin()
     _Job.streams.begin(out, err)

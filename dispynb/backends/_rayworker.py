@@ -55,6 +55,7 @@ from dispynb.jobenv import (
     send_file_timeout,
     setup_failure,
     unconfirmed,
+    with_dropped_note,
 )
 from dispynb.protocol import serialize
 
@@ -453,14 +454,7 @@ class JobActor:
         limit = self.max_output
         if limit is None or len(text) <= limit:
             return text
-        dropped = len(text) - limit
-        text = text[:limit]
-        if not text.endswith("\n"):
-            text += "\n"
-        return text + (
-            f"[dispynb: {dropped} more characters of {name} dropped: a job keeps "
-            f"{limit} (max_output_size)]\n"
-        )
+        return with_dropped_note(text[:limit], len(text) - limit, name, limit)
 
     def cleanup(self) -> str | None:
         """Run dispy's ``cleanup``; None, or the traceback of its failure."""

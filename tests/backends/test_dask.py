@@ -388,6 +388,44 @@ def test_a_job_whose_process_ends_says_how_as_on_dispynb_nodes(
     ]
 
 
+OUTPUT_PROGRAM = """
+def loud(n):
+    print("x" * n)
+    print("y" * n, end="", file=sys.stderr)
+    return n
+
+
+def main(args):
+    with local_cluster(workers=1) as dask_cluster:
+        engine = DaskEngine(dask_cluster)
+        with dispynb.JobCluster(loud, engine=engine, max_output_size=10) as cluster:
+            jobs = [cluster.submit(n) for n in (25, 10)]
+            return [[job(), job.stdout, job.stderr] for job in jobs]
+"""
+
+
+def test_output_over_max_output_size_says_what_was_dropped_as_on_nodes(
+    net: Network, tmp_path: Path
+) -> None:
+    """A job's stdout and stderr are kept to ``max_output_size`` characters each,
+    with the line dispynb's nodes (and the Ray engine) add, naming the stream and
+    the option (before: "[dispynb: 16 more characters not kept]", after an empty
+    line when the text kept ended a line)."""
+    out = run(net, tmp_path, OUTPUT_PROGRAM)
+    note = (
+        "[dispynb: {} more characters of {} dropped: a job keeps 10 "
+        "(max_output_size)]\n"
+    )
+    assert out == [
+        [
+            25,
+            "x" * 10 + "\n" + note.format(16, "stdout"),
+            "y" * 10 + "\n" + note.format(15, "stderr"),
+        ],
+        [10, "x" * 10 + "\n" + note.format(1, "stdout"), "y" * 10],
+    ]
+
+
 def _alive(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
