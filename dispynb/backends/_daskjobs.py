@@ -312,7 +312,7 @@ class _Jobs(_DaskState):
                 result = serialize.loads(result_buffers, self.result_types)
                 status = JobStatus.Finished
             except DispynbError as exc:
-                exception = f"the job's result cannot be loaded here: {exc}\n"
+                exception = f"the result cannot be unpickled here: {exc}\n"
         self.events.job_done(
             key,
             node,

@@ -426,6 +426,40 @@ def test_output_over_max_output_size_says_what_was_dropped_as_on_nodes(
     ]
 
 
+REFUSED_RESULT_PROGRAM = """
+import ipaddress
+
+
+def third(n):
+    print("computing", n)
+    return ipaddress.IPv4Address(n)
+
+
+def main(args):
+    with local_cluster(workers=1) as dask_cluster:
+        engine = DaskEngine(dask_cluster)
+        with dispynb.JobCluster(third, engine=engine, result_types=[]) as cluster:
+            job = cluster.submit(1)
+            job()
+            return [int(job.status), job.stdout, job.exception]
+"""
+
+
+def test_a_result_refused_by_result_types_ends_terminated_in_the_nodes_words(
+    net: Network, tmp_path: Path
+) -> None:
+    """A result whose pickle needs a global ``result_types`` does not allow ends
+    Terminated with its output, "the result cannot be unpickled here: ..." naming
+    the global, as from dispynb's nodes (before: "the job's result cannot be
+    loaded here")."""
+    status, stdout, exception = run(net, tmp_path, REFUSED_RESULT_PROGRAM)
+    assert (status, stdout) == (TERMINATED, "computing 1\n")
+    assert exception.startswith(
+        "the result cannot be unpickled here: the result refers to "
+        "ipaddress.IPv4Address, which result_types does not allow"
+    ), exception
+
+
 def _alive(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
