@@ -185,6 +185,8 @@ class SharedComputation(_JobFiles):
         self._reported: list[list[Any]] | None = None
         #: Why the nodes that left since the last report did (`SchedulerNodes.left`).
         self._left: dict[str, str] = {}
+        #: Started jobs requeued since the last report (`SchedulerNodes.requeued`).
+        self._requeued: list[int] = []
         #: The client's last job message (`submit`): ``(frame, first job, last job,
         #: jobs)``, while it may still be passed on as it came.
         self._as_sent: tuple[Frame, QueuedJob, QueuedJob, int] | None = None
@@ -669,7 +671,12 @@ class SharedComputation(_JobFiles):
         if force or nodes != self._reported or self._left:
             self._reported = nodes
             left, self._left = self._left, {}
-            self.to_client(SchedulerNodes(comp_id=self.comp_id, nodes=nodes, left=left))
+            requeued, self._requeued = self._requeued, []
+            self.to_client(
+                SchedulerNodes(
+                    comp_id=self.comp_id, nodes=nodes, left=left, requeued=requeued
+                )
+            )
 
     def finish_if_done(self) -> None:
         """A recovered computation closes once its last job ended."""
@@ -709,6 +716,8 @@ class SharedComputation(_JobFiles):
             del self.running[job.key]
             self.server.job_left(self, upstream.node)
             if self.setup.reentrant and not self.closing:
+                if job.started:  # the client heard it Running: it hears it again
+                    self._requeued.append(job.key)
                 job.node = ""
                 job.started = False
                 self.queue.appendleft(job)

@@ -48,7 +48,7 @@ from dispynb.programs import read_program
 from dispynb.protocol import serialize
 from dispynb.protocol.files import write_inside
 from dispynb.protocol.framing import Buffer, buffers_size
-from dispynb.protocol.messages import ABANDONED, Welcome
+from dispynb.protocol.messages import ABANDONED, SchedulerNodes, Welcome
 from dispynb.protocol.records import ComputationBundle, ProgramFile, avail_figures
 from dispynb.scheduler import driver
 from dispynb.scheduler.driver import Allocator, Driver, DriverConfig, NodeLink
@@ -396,9 +396,7 @@ class NodesBackend:
                 )
             return None
 
-    def scheduler_nodes(
-        self, link: NodeLink, entries: list[list[Any]], left: dict[str, str]
-    ) -> None:
+    def scheduler_nodes(self, link: NodeLink, report: SchedulerNodes) -> None:
         """Only a shared scheduler reports nodes behind it (`SchedulerBackend`)."""
         logger.debug("node %s sent a scheduler's node list: ignored", link.node_id)
 

@@ -28,6 +28,7 @@ from dispynb.depends import FileRef
 from dispynb.errors import ConfigurationError, MessageError
 from dispynb.node import DispyNodeAvailInfo, parse_node_specs
 from dispynb.protocol.handshake import peer_text
+from dispynb.protocol.messages import SchedulerNodes
 from dispynb.protocol.records import SharedNodeEntry
 from dispynb.scheduler.driver import NodeLink
 from dispynb.secret import split_credential
@@ -127,17 +128,19 @@ class SchedulerBackend(NodesBackend):
     def node_status(self, link: NodeLink, avail: list[float | None]) -> None:
         """The scheduler's sum over its nodes: each node's comes in the reports."""
 
-    def scheduler_nodes(
-        self, link: NodeLink, entries: list[list[Any]], left: dict[str, str]
-    ) -> None:
-        """The scheduler's report: nodes that joined, left (and why) and their
-        counts."""
+    def scheduler_nodes(self, link: NodeLink, report: SchedulerNodes) -> None:
+        """The scheduler's report: nodes that joined, left (and why), their counts,
+        and the started jobs it requeued (their next start is a Running again)."""
+        left = report.left
         try:
-            nodes = [SharedNodeEntry.from_wire(item) for item in entries]
+            nodes = [SharedNodeEntry.from_wire(item) for item in report.nodes]
         except MessageError as exc:
             logger.warning("scheduler %s: %s: report ignored", link.node_id, exc)
             return
         events = self._events
+        for key in report.requeued:
+            if type(key) is int:
+                events.job_requeued(key)
         seen = {entry.node_id for entry in nodes}
         for node_id in [n for n in self._behind if n not in seen]:
             info = self._behind.pop(node_id)

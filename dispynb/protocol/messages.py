@@ -505,12 +505,15 @@ class SchedulerNodes(WireMessage):
     computation's own jobs are counted: a client learns nothing of other users'.
     Sent when that set changes and, while the counts change, at the pulse; a node
     server never sends it. ``left`` says why each node that left since the last
-    report did, in the node's words when it said them (its node id to the reason).
+    report did, in the node's words when it said them (its node id to the reason);
+    ``requeued`` the keys of the jobs that had started on them and wait to run
+    again elsewhere (``reentrant``): their next start is reported again.
     """
 
     comp_id: int
     nodes: list[list[Any]]
     left: dict[str, str] = dataclasses.field(default_factory=dict)
+    requeued: list[int] = dataclasses.field(default_factory=list)
 
 
 @message("files-missing")

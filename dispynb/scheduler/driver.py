@@ -155,7 +155,7 @@ class Driver(DriverNodes):
         self, link: NodeLink, message: SchedulerNodes, buffers: list[memoryview]
     ) -> None:
         if message.comp_id == self.config.comp_id:
-            self.events.scheduler_nodes(link, message.nodes, message.left)
+            self.events.scheduler_nodes(link, message)
 
     def _on_files_missing(
         self, link: NodeLink, message: FilesMissing, buffers: list[memoryview]

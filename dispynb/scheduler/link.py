@@ -18,6 +18,7 @@ from dispynb.protocol.fileuses import FileUses
 from dispynb.protocol.framing import Buffer
 from dispynb.protocol.messages import (
     Message,
+    SchedulerNodes,
     Welcome,
 )
 from dispynb.transport.connection import Connection
@@ -176,12 +177,10 @@ class JobEvents(Protocol):
     def node_status(self, node: NodeLink, avail: list[float | None]) -> None:
         """``node`` reported the resources it has available."""
 
-    def scheduler_nodes(
-        self, node: NodeLink, entries: list[list[Any]], left: dict[str, str]
-    ) -> None:
+    def scheduler_nodes(self, node: NodeLink, report: SchedulerNodes) -> None:
         """``node``, a shared scheduler, reported the nodes behind it
-        (`dispynb.protocol.records.SharedNodeEntry` arrays, unchecked), and why
-        those that left did (unchecked)."""
+        (`dispynb.protocol.records.SharedNodeEntry` arrays, unchecked), why those
+        that left did and the jobs requeued (unchecked)."""
 
 
 @dataclass(slots=True)

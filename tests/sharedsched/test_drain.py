@@ -97,17 +97,26 @@ def test_a_stopping_nodes_reentrant_jobs_run_elsewhere_at_once(
     """The node says it shuts down (NodeStatus.leaving) as it starts its 30 s drain:
     the scheduler moves a reentrant computation's jobs running there to the other
     node at once, as a direct JobCluster does (before: they ran on there until the
-    drain ended, 30 s, then ran again elsewhere)."""
+    drain ended, 30 s, then ran again elsewhere). cluster_status hears each moved
+    job Abandoned on the node it left, then Running again, as dispy's does (before:
+    Running once only, the client not told it was requeued)."""
     folder = tmp_path / "jobs"
     folder.mkdir()
+    heard: list[tuple[int, JobStatus]] = []
+
+    def status(what: object, node: object, job: object) -> None:
+        if job is not None and what != JobStatus.Created:
+            heard.append((job.id, JobStatus(what)))  # type: ignore[attr-defined]
+
     with two_nodes(tmp_path) as (nodes, sched):
         with SharedJobCluster(
             hold,
             scheduler_host=sched.address,
             secret_file=str(users["alice"]),
             reentrant=True,
+            cluster_status=status,
         ) as cluster:
-            jobs = [cluster.submit(n, str(folder)) for n in range(4)]
+            jobs = [cluster.submit_job_id(n, n, str(folder)) for n in range(4)]
             wait_until(lambda: len(list(folder.glob("started-*"))) == 4)
             moved = sorted(p.name.split("-")[1] for p in folder.glob("started-*-n0"))
             assert moved, "no job on n0"
@@ -122,6 +131,13 @@ def test_a_stopping_nodes_reentrant_jobs_run_elsewhere_at_once(
             (folder / "all").touch()
             assert [job() for job in jobs] == list(range(4))
             assert [job.status for job in jobs] == [JobStatus.Finished] * 4
+            wait_until(
+                lambda: len([h for h in heard if h[1] is JobStatus.Finished]) == 4
+            )
+        for n in range(4):
+            said = [what for key, what in heard if key == n]
+            again = [JobStatus.Running, JobStatus.Abandoned] if str(n) in moved else []
+            assert said == [*again, JobStatus.Running, JobStatus.Finished], (n, heard)
         log = sched.log_text()
         assert "node 'n0' is shutting down (SIGTERM)" in log, log
 
