@@ -22,7 +22,7 @@ import logging
 from typing import Any
 
 from dispynb.depends import FileRef
-from dispynb.errors import DispynbError, SetupError
+from dispynb.errors import DispynbError, MessageError, SetupError
 from dispynb.protocol import shm
 from dispynb.protocol.framing import Buffer
 from dispynb.protocol.messages import (
@@ -160,6 +160,8 @@ class Driver(DriverNodes):
     def _on_files_missing(
         self, link: NodeLink, message: FilesMissing, buffers: list[memoryview]
     ) -> None:
+        if not all(isinstance(digest, str) for digest in message.digests):
+            raise MessageError(f"node {link.node_id} sent malformed files-missing")
         known = [self._files[d] for d in message.digests if d in self._files]
         if len(known) < len(message.digests):
             logger.warning(
@@ -228,6 +230,10 @@ class Driver(DriverNodes):
     def _on_ready(
         self, link: NodeLink, message: ComputationReady, buffers: list[memoryview]
     ) -> None:
+        if type(message.workers) is not int or message.workers < 0:
+            raise MessageError(
+                f"node {link.node_id} is ready with {message.workers} workers"
+            )
         self._settle(link)
         link.ready = True
         link.last_seen = asyncio.get_running_loop().time()

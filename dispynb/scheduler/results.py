@@ -6,7 +6,7 @@ import logging
 import sys
 from typing import Any
 
-from dispynb.errors import JournalError, SerializationError
+from dispynb.errors import JournalError, MessageError, SerializationError
 from dispynb.protocol import serialize, shm
 from dispynb.protocol.chunks import TOO_LARGE, add_chunk, take_output, take_stream
 from dispynb.protocol.framing import Buffer
@@ -65,6 +65,8 @@ class DriverResults(DriverOutbox):
         self, link: NodeLink, message: JobResults, buffers: list[memoryview]
     ) -> None:
         starts = message.started
+        if not all(_well_formed_start(start) for start in starts):
+            raise MessageError(f"node {link.node_id} sent a malformed job start")
         next_start = 0  # starts are replayed in the node's order among the results
         offset = 0
         instructions: list[Instruction] = []
@@ -226,3 +228,15 @@ class DriverResults(DriverOutbox):
     ) -> list[bytes | bytearray] | None:
         """The buffers of a streamed result, or None if they are not all there."""
         return take_stream(self._streams, (link.node_id, key, attempt), count)
+
+
+def _well_formed_start(start: object) -> bool:
+    """Whether a `JobResults.started` entry is ``[key, attempt, time, before]``."""
+    return (
+        isinstance(start, list)
+        and len(start) >= 4
+        and type(start[0]) is int
+        and type(start[1]) is int
+        and type(start[2]) in (int, float)
+        and type(start[3]) is int
+    )

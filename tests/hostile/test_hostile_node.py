@@ -8,6 +8,7 @@ the client; and, for a job it was given, a result whose pickle would run code, w
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 from collections.abc import Iterator
@@ -17,7 +18,9 @@ from typing import Any
 import pytest
 
 from dispynb import DispyJob, JobCluster
+from dispynb.errors import DispynbError
 from dispynb.protocol.messages import (
+    ComputationReady,
     ComputationSetup,
     FileFromNode,
     FilePut,
@@ -28,6 +31,7 @@ from dispynb.protocol.messages import (
 )
 from dispynb.transport.connection import Connection
 from tests.hostile.scripted import ScriptedNode, finished
+from tests.hostile.tools import wait_for
 from tests.transport.util import SECRET, serving_in_thread
 
 
@@ -165,3 +169,61 @@ def test_files_never_offered_are_not_sent(lying_node, tmp_path, measure, caplog)
     )
     assert node.files_put == []
     assert job.status == DispyJob.Finished and warned
+
+
+class MalformedNode(ScriptedNode):
+    """Sends one message whose fields hold the wrong things inside (``bad``: its
+    place, "setup" or "results"), a fuzzer's find."""
+
+    def __init__(self, bad: str) -> None:
+        super().__init__()
+        self.bad = bad
+
+    def setup(self, conn: Connection, message: ComputationSetup) -> None:
+        if self.bad == "files-missing":
+            conn.write(FilesMissing(comp_id=message.comp_id, digests=[[1]]))  # type: ignore[list-item]
+        elif self.bad == "ready":
+            conn.write(ComputationReady(comp_id=message.comp_id, workers=-1))
+            return
+        super().setup(conn, message)
+
+    async def jobs(self, conn: Connection, message: JobSubmit) -> None:
+        key, attempt = message.jobs[0][0], message.jobs[0][1]
+        conn.write(
+            JobResults(
+                comp_id=message.comp_id,
+                results=[finished(key, attempt)],
+                started=[[{"a": 1}, attempt, 1.0, 0]],
+            ),
+            [pickle.dumps(key)],
+        )
+
+
+@pytest.mark.attack(
+    id="malformed-from-node",
+    title="A node holding the secret sends a files-missing whose digest is a list, a "
+    "computation-ready with -1 workers, a job start whose key is a map",
+    goal="the node dropped with a warning saying what is malformed; no traceback in "
+    "the client's log (was: a TypeError or ValueError logged as an ERROR)",
+)
+@pytest.mark.parametrize("bad", ["files-missing", "ready", "results"])
+def test_malformed_messages_from_a_node_drop_it_without_a_traceback(
+    bad, caplog, measure
+):
+    node = MalformedNode(bad)
+    with serving_in_thread(node) as port:
+        try:
+            cluster = JobCluster(square, nodes=[f"127.0.0.1:{port}"], secret=SECRET)
+        except DispynbError as exc:  # its only node failed the setup
+            said = str(exc)
+        else:
+            try:
+                cluster.submit(7)
+                wait_for(lambda: "left:" in caplog.text, "the node dropped")
+            finally:
+                cluster.close(terminate=True)
+            said = next(r.getMessage() for r in caplog.records if "left:" in r.message)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    measure(f"{bad}: {said[:100]}; {len(errors)} errors logged")
+    assert "malformed" in said or "-1 workers" in said, said
+    assert not errors, errors
