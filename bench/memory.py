@@ -55,6 +55,9 @@ def _label(proc: psutil.Process) -> str:
     if name.startswith("dispynb-"):  # a forked process that named itself (zygote...)
         return name
     words = [os.path.basename(cmdline[0])]
+    if cmdline[1:2] == ["-c"] and "nodeserver.cli" in cmdline[2]:
+        # LocalCluster's node bootstrap (dispynb.local): labelled as before it.
+        return f"{words[0]} -m nodeserver"
     for index, word in enumerate(cmdline[1:4], start=1):
         if word == "-m" and index + 1 < len(cmdline):
             words.append(f"-m {cmdline[index + 1]}")

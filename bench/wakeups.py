@@ -141,7 +141,11 @@ def _role(proc: psutil.Process) -> str:
     except psutil.Error:
         command = ""
     for module in ("schedserver", "nodeserver"):
-        if f"-m {module}" in command or f"dispynb-{module[:-6]}" in command:
+        if (
+            f"-m {module}" in command
+            or f"dispynb-{module[:-6]}" in command
+            or f"{module}.cli" in command  # LocalCluster's bootstrap (dispynb.local)
+        ):
             return module
     return proc.name()
 
