@@ -26,6 +26,7 @@ import os
 import shutil
 import stat
 import struct
+import sys
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -145,12 +146,27 @@ def make_directory() -> str:
 
 
 def _started(pid: int) -> int | None:
-    """When process ``pid`` started (1/100 s), None if there is none: with the pid,
-    it tells the process from a later one given the same pid."""
+    """When process ``pid`` started, None if there is none: with the pid, it tells
+    the process from a later one given the same pid.
+
+    In clock ticks since boot (``/proc/PID/stat``), not wall-clock time: a
+    process's wall-clock start moves when the clock is set (NTP, a virtual
+    machine resumed), and a running client's directory would then look like a
+    dead one's, and be removed. Elsewhere, whole seconds of psutil's start time.
+    """
+    if sys.platform == "linux":
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as stat_file:
+                # Field 22 (starttime), counted after the command's closing ")".
+                return int(stat_file.read().rpartition(b")")[2].split()[19])
+        except FileNotFoundError:
+            return None  # no such process
+        except (OSError, ValueError, IndexError):
+            pass  # psutil's, then
     import psutil  # lazily: ``import dispynb`` stays light
 
     try:
-        return round(psutil.Process(pid).create_time() * 100)
+        return round(psutil.Process(pid).create_time())
     except psutil.Error:
         return None
 

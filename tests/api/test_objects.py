@@ -13,7 +13,7 @@ import pickle
 
 import pytest
 
-from dispynb import DispyJob, JobCluster, LocalCluster
+from dispynb import DispyJob, JobCluster, LocalCluster, objects
 from dispynb.errors import ClusterError, SerializationError
 from dispynb.objects import ObjectRef
 from tests.jobs import wait_until
@@ -171,3 +171,25 @@ def test_the_files_of_a_killed_client_are_removed_by_the_next_put(local, tmp_pat
             assert later.submit(later.put(b"later"))() == b"later"
             assert not os.path.exists(left)
             assert os.path.isdir(kept)
+
+
+def test_a_running_clients_files_survive_a_change_of_the_clock(monkeypatch):
+    """The sweep told a running client from a dead one by its start time on the
+    wall clock, which moves when the clock is set (NTP, a virtual machine
+    resumed): a running client's object files would then be removed under it."""
+    import shutil
+
+    import psutil
+
+    mine = objects.make_directory()  # this process's: running
+    try:
+        wall_clock_start = psutil.Process.create_time
+        monkeypatch.setattr(
+            psutil.Process,
+            "create_time",
+            lambda self: wall_clock_start(self) + 5.0,  # the clock was set 5 s on
+        )
+        shutil.rmtree(objects.make_directory())  # another client's first put
+        assert os.path.isdir(mine)
+    finally:
+        shutil.rmtree(mine, ignore_errors=True)
