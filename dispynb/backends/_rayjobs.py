@@ -20,6 +20,7 @@ from dispynb.backends.base import JobRequest, Outcome
 from dispynb.errors import NotSupportedError
 from dispynb.job import JobStatus
 from dispynb.jobenv import TERMINATED_AT_REQUEST, timeout_reason
+from dispynb.scheduler.state import attempts_spent
 
 #: Calls of ``run`` in flight per actor at least: the running job and the next one.
 DEPTH = 2
@@ -731,8 +732,8 @@ class _Jobs(_RayState):
         """Jobs whose actor died under them (`_fail_inflight`), the inbox read since:
         one that called ``os._exit`` ends Terminated saying so, as on dispynb's
         nodes (not run again: it would end its process again); the others, whose
-        worker or node died, run again if the cluster is reentrant, else end
-        Abandoned."""
+        worker or node died, run again if the cluster is reentrant (at most
+        ``max_attempts`` in all), else end Abandoned."""
         requeue: list[JobRequest] = []
         for key in keys:
             dying = self._dying.pop(key, None)
@@ -753,6 +754,15 @@ class _Jobs(_RayState):
                     "not reentrant, so the job is not run again",
                 )
             else:
+                lost = self._lost_on.setdefault(key, [])
+                lost.append(node.host)
+                if len(lost) >= self._max_attempts:  # it may kill every worker
+                    self._forget(key)
+                    last = f"its Ray worker died while it ran ({reason})"
+                    self._events.job_abandoned(
+                        key, self._view(node), attempts_spent(tuple(lost), last)
+                    )
+                    continue
                 self._events.job_requeued(key)
                 requeue.append(job)
         for job in reversed(requeue):

@@ -118,6 +118,10 @@ class _RayState:
         #: Jobs whose actor died while they ran, not killed by us: their node and
         #: Ray's reason, until the inbox is read once more (`_settle_dying`).
         self._dying: dict[int, tuple[_Node, str]] = {}
+        #: Hosts of a reentrant job's attempts lost with their worker (at most
+        #: ``max_attempts``: a job that kills its worker each time is abandoned).
+        self._lost_on: dict[int, list[str]] = {}
+        self._max_attempts = int(opts.max_attempts)
         self._nodes: dict[str, _Node] = {}
         self._slots: list[_Slot] = []
         #: Calls that ended: (actor, their (key, attempt) jobs, batch?, future).
@@ -167,6 +171,7 @@ class _RayState:
         self._started.pop(key, None)
         self._exited.pop(key, None)
         self._dying.pop(key, None)
+        self._lost_on.pop(key, None)
 
     def _view(self, node: _Node) -> NodeInfo:
         """``node``'s `NodeInfo`: the one reported, or one made up before that."""

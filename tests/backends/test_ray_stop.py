@@ -299,6 +299,34 @@ def test_worker_death_resubmits_reentrant_jobs(
     assert result.startswith("ran in ")
 
 
+def kills_its_worker(n: int) -> int:
+    os.kill(os.getpid(), 9)
+    return n
+
+
+def test_a_reentrant_job_killing_its_worker_each_time_ends_after_max_attempts(
+    engine: RayEngine,
+) -> None:
+    """A reentrant job whose worker dies under it on every attempt (a "poison"
+    job) runs ``max_attempts`` times, then ends Abandoned saying so, in the words
+    of dispynb's nodes. Before, the Ray engine ignored max_attempts and ran it
+    again in each restarted actor, for ever."""
+    with JobCluster(
+        kills_its_worker, reentrant=True, max_attempts=2, engine=engine
+    ) as cluster:
+        job = cluster.submit(1)
+        assert job.wait(timeout=WAIT), "the job did not end"
+        assert job.status is JobStatus.Abandoned, (job.status, job.exception)
+        assert str(job.exception).startswith(
+            "abandoned after 2 attempts, each lost with its node (127.0.0.1, "
+            "127.0.0.1; last: its Ray worker died while it ran ("
+        ), job.exception
+        assert str(job.exception).endswith(
+            "if the job itself kills nodes, fix it; otherwise raise max_attempts "
+            "(now 2)"
+        ), job.exception
+
+
 def test_worker_death_abandons_other_jobs(engine: RayEngine, tmp_path: Path) -> None:
     """Like dispy's jobs of a lost node: not reentrant, the job is Abandoned."""
     with JobCluster(dies_once, engine=engine) as cluster:
