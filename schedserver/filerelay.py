@@ -9,7 +9,7 @@ from dispynb.protocol.files import digest_of
 from dispynb.protocol.messages import FilePlace, FilePlaced, FilePut, FilesMissing
 from schedserver.computation import SharedComputation, Upstream
 from schedserver.session import SchedulerSession
-from schedserver.state import _ServerState
+from schedserver.state import _ServerState, logger
 
 
 class _FileRelay(_ServerState):
@@ -43,6 +43,12 @@ class _FileRelay(_ServerState):
         self, comp: SharedComputation, upstream: Upstream, digests: list[str]
     ) -> None:
         missing = []
+        if not all(isinstance(digest, str) for digest in digests):
+            logger.warning(
+                "node %s asked for files by malformed digests: none sent",
+                upstream.node.name,
+            )
+            return
         for digest in digests:
             data = self.files.get(digest)
             if data is not None:

@@ -9,6 +9,7 @@ its traceback; the user was told nothing.
 from __future__ import annotations
 
 import asyncio
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +20,18 @@ from dispynb.protocol.messages import (
     ComputationClose,
     ComputationSetup,
     Error,
+    FilesMissing,
+    JobResults,
     JobSubmit,
     Message,
 )
 from dispynb.secret import read_secret_file
+from dispynb.transport.connection import Connection
 from dispynb.transport.connector import connect
+from tests.hostile.scripted import ScriptedNode, finished
 from tests.hostile.test_scheduler import _alices_jobs, people, shared_nodes
+from tests.sharedsched.harness import SchedulerProcess
+from tests.transport.util import SECRET, serving_in_thread
 
 pytestmark = pytest.mark.slow
 
@@ -88,3 +95,46 @@ def test_malformed_entries_are_refused_and_the_session_goes_on(
     assert all("malformed" in text for text in said[:-1]), said
     assert not isinstance(answers[-1], Error | Exception), said  # the close's answer
     assert "Traceback" not in log and alices == [0, 1, 4, 9]
+
+
+class _AsksByLists(ScriptedNode):
+    """A node (holding the secret) that asks for a computation's files by a digest
+    that is a list, then runs its jobs."""
+
+    def setup(self, conn: Connection, message: ComputationSetup) -> None:
+        conn.write(FilesMissing(comp_id=message.comp_id, digests=[[1]]))  # type: ignore[list-item]
+        super().setup(conn, message)
+
+    async def jobs(self, conn: Connection, message: JobSubmit) -> None:
+        for key, attempt, *_rest in message.jobs:
+            conn.write(
+                JobResults(comp_id=message.comp_id, results=[finished(key, attempt)]),
+                [pickle.dumps(key * key)],
+            )
+
+
+@pytest.mark.attack(
+    id="sched-node-malformed-digests",
+    title="A node holding the secret asks a scheduler for a computation's files by a "
+    "digest that is a list",
+    goal="a warning, nothing sent, the jobs run; no traceback in the scheduler's log "
+    "(was: a TypeError logged as an ERROR, the node's link to it ended)",
+)
+@pytest.mark.timeout(120)
+def test_a_node_asking_for_files_by_lists_is_warned_of(
+    tmp_path: Path, people: dict[str, Path], measure
+) -> None:
+    node = _AsksByLists()
+    with serving_in_thread(node) as port:
+        sched = SchedulerProcess(tmp_path, [f"127.0.0.1:{port}"], SECRET.decode())
+        sched.start()
+        try:
+            results = _alices_jobs(sched.address, people["alice"])
+        finally:
+            sched.stop()
+    log = sched.log_text()
+    warned = "malformed digests" in log
+    measure(f"jobs: {results}; warned: {warned}; {log.count('Traceback')} tracebacks")
+    # (the node answers each job with the square of its key, not of its argument)
+    assert len(results) == 4 and all(isinstance(r, int) for r in results)
+    assert warned and "Traceback" not in log
