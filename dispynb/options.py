@@ -182,7 +182,9 @@ class ClusterOptions:
         result's pickle, within limits: every allowed class or function can still
         be called with arguments of the node's choosing (allow only data types, not
         whole packages with functions that load files or pickles), and functions
-        or classes defined in a notebook (sent by value) cannot come back.
+        or classes defined in a notebook (sent by value) cannot come back. Not on
+        the Ray engine (`NotSupportedError`): a job runs in the process that returns
+        its result there, and Ray unpickles it.
     """
 
     computation: Callable[..., Any] | str

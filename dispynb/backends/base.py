@@ -110,6 +110,9 @@ RESULT_LIMIT: Final = "result_limit"
 #: worker, or counting). Without it only the default (dispynb's nodes' safety net)
 #: and None are accepted: the engine's own limits apply.
 PIDS_LIMIT: Final = "pids_limit"
+#: ``result_types=``: results are unpickled on the client by a restricted unpickler,
+#: out of the job's reach (the process that sends them back is not the job's).
+RESULT_TYPES: Final = "result_types"
 #: The bytes sent to and received from each node are counted (``DispyNode.tx`` and
 #: ``rx``, `Backend.traffic`); without it ``print_status`` shows "-" for them.
 TRAFFIC: Final = "traffic"
@@ -129,6 +132,7 @@ ALL_FEATURES: Final[frozenset[str]] = frozenset(
         SELECT_NODES,
         RESULT_LIMIT,
         PIDS_LIMIT,
+        RESULT_TYPES,
         TRAFFIC,
     }
 )
@@ -508,6 +512,8 @@ def check_options(engine: Engine, opts: ClusterOptions) -> None:
         require(engine, RESULT_LIMIT, "max_result_size=")
     if opts.max_pids not in (None, DEFAULT_MAX_PIDS):
         require(engine, PIDS_LIMIT, "max_pids=")
+    if opts.result_types is not None:
+        require(engine, RESULT_TYPES, "result_types=")
 
 
 __all__ = [
@@ -520,6 +526,7 @@ __all__ = [
     "PROGRAM",
     "RECOVERY",
     "RESULT_LIMIT",
+    "RESULT_TYPES",
     "SELECT_NODES",
     "SEND_FILE",
     "SETUP",

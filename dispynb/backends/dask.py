@@ -65,6 +65,7 @@ from dispynb.backends.base import (
     JOB_LIMITS,
     NODE_JOBS,
     PROGRAM,
+    RESULT_TYPES,
     SELECT_NODES,
     SEND_FILE,
     SETUP,
@@ -114,6 +115,7 @@ class DaskEngine:
             SELECT_NODES,
             SEND_FILE,
             TRAFFIC,
+            RESULT_TYPES,
         }
     )
 

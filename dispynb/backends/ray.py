@@ -156,6 +156,8 @@ class RayEngine:
     """
 
     name = "ray"
+    # Not RESULT_TYPES: a job runs in its actor's process, which sends the result
+    # back, and Ray unpickles what an actor returns as it likes.
     features: frozenset[str] = frozenset(
         {base.SETUP, base.JOB_LIMITS, base.SUBMIT_NODE, base.NODE_JOBS}
     )

@@ -74,3 +74,22 @@ def test_max_pids_on_an_engine_without_it_is_one_clear_error() -> None:
         for unlimited in (DEFAULT_MAX_PIDS, None):
             opts = ClusterOptions.from_kwargs(abs, max_pids=unlimited)
             base.check_options(engine, opts)  # no error
+
+
+def test_result_types_on_ray_is_one_clear_error() -> None:
+    """``result_types=`` on Ray, where a job runs in the process (its actor) that
+    returns its result and Ray unpickles that as it likes: the restriction could
+    not hold, and was silently ignored. Refused before anything connects; Dask
+    (a job's runner process apart from the worker) and the nodes keep it."""
+    from dispynb import JobCluster
+    from dispynb.backends.dask import DaskEngine
+    from dispynb.backends.ray import RayEngine
+    from dispynb.options import ClusterOptions
+
+    with pytest.raises(NotSupportedError) as raised:  # nothing listens there
+        JobCluster(abs, engine=RayEngine("127.0.0.1:1"), result_types=["builtins.*"])
+    message = str(raised.value)
+    assert message.startswith("result_types= is not supported on the 'ray' engine")
+    assert "engine=None" in message
+    opts = ClusterOptions.from_kwargs(abs, result_types=["builtins.*"])
+    base.check_options(DaskEngine("127.0.0.1:1"), opts)  # no error
