@@ -702,5 +702,19 @@ def main(argv: list[str] | None = None) -> int:
         node.close()
 
 
+def lead_path(directory: str) -> None:
+    """Put the computation's ``directory`` first on ``sys.path``, so the modules its
+    client sent (``depends``) import: in place of the node's start directory (which
+    ``python -m`` or a script put first), or before every entry where the
+    interpreter put none (``-P``, as the launchers start nodes and `ProcessLauncher`
+    this process: a user's ``dispynb.py`` or ``msgpack.py`` in that directory must
+    not shadow the modules this process imports first)."""
+    if sys.flags.safe_path:
+        sys.path.insert(0, directory)
+    else:
+        sys.path[:1] = [directory]
+
+
 if __name__ == "__main__":
+    lead_path(os.getcwd())
     sys.exit(main())

@@ -73,7 +73,7 @@ class Launcher(Protocol):
 
 
 class ProcessLauncher:
-    """The node server's launcher: ``python -m nodeserver.compute --control-fd N``.
+    """The node server's launcher: ``python -P -m nodeserver.compute --control-fd N``.
 
     ``log_level`` (a level name, as ``dispynb-node --loglevel``): the computation
     processes log to stderr at it, in the node's format; None leaves their logging
@@ -96,6 +96,10 @@ class ProcessLauncher:
         try:
             return await asyncio.create_subprocess_exec(
                 sys.executable,
+                # Not the computation's directory first on the path (``-m``
+                # would): a user's ``msgpack.py`` sent there would be imported
+                # for ours; `nodeserver.compute` adds it once its own are in.
+                "-P",
                 "-m",
                 "nodeserver.compute",
                 "--control-fd",

@@ -538,15 +538,14 @@ def _become_computation(
             # and removed its directory while this process waited to be made;
             # nobody waits for it now: end quietly.
             raise SystemExit(1) from None
-        # As ``python -m nodeserver.compute`` started there: the computation's
-        # directory first on the path, so the modules a client sent (``depends``)
-        # import; the node's first entry is its own start directory.
-        sys.path[:1] = [os.getcwd()]
+        from nodeserver import compute
+
+        # As ``python -P -m nodeserver.compute`` started there.
+        compute.lead_path(os.getcwd())
         if "random" in sys.modules:
             import random
 
             random.seed()
-        from nodeserver import compute
 
         argv = ["--control-fd", str(control), *options]
         sys.argv = [compute.__file__, *argv]

@@ -59,6 +59,12 @@ from dispynb.secret import resolve_secret
 if TYPE_CHECKING:
     from dispynb.deploy.adaptive import ScalableCluster
 
+#: What a launcher runs with the nodes' Python: ``-P`` keeps the directory the
+#: node starts in (the login directory over SSH, sbatch's directory on SLURM) off
+#: the front of its path, where ``-m`` alone puts it: a user's ``dispynb.py`` or
+#: ``msgpack.py`` there was imported for ours, and the node died at its start.
+NODE_MODULE = ("-P", "-m", "nodeserver")
+
 logger = logging.getLogger(__name__)
 
 

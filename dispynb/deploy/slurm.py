@@ -54,6 +54,7 @@ from collections.abc import Mapping, Sequence
 
 from dispynb.deploy.adaptive import ScaleEvent
 from dispynb.deploy.base import (
+    NODE_MODULE,
     REGISTER_WAIT,
     Launched,
     LaunchError,
@@ -344,7 +345,7 @@ class SlurmNodes(NodeLauncher[SlurmJob]):
             else '"${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-0}}"'
         )
         argv = [
-            self.python, "-m", "nodeserver",
+            self.python, *NODE_MODULE,
             "--register", register_to, "--name", name,
             "--port", "0", "--no-discovery",
         ]  # fmt: skip

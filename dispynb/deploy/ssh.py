@@ -30,7 +30,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from dispynb._interruptible import unblock_in_child
-from dispynb.deploy.base import REGISTER_WAIT, LaunchError, NodeLauncher, route_address
+from dispynb.deploy.base import (
+    NODE_MODULE,
+    REGISTER_WAIT,
+    LaunchError,
+    NodeLauncher,
+    route_address,
+)
 from dispynb.deploy.registry import RegisteredNode
 from dispynb.errors import ConfigurationError
 
@@ -160,8 +166,7 @@ class SSHNodes(NodeLauncher[SSHNode]):
         """The shell command run on a host (it holds no secret)."""
         argv = [
             self.python,
-            "-m",
-            "nodeserver",
+            *NODE_MODULE,
             "--secret-stdin",
             "--parent-pipe",
             "0",

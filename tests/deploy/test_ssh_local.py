@@ -276,3 +276,39 @@ def _node_process(ssh_pid: int) -> int:
     ]
     assert found, "no node server below the ssh process"
     return found[0].pid
+
+
+#: Modules a user may well have in the directory a node starts in (the login
+#: directory over SSH): each fails loudly if imported.
+SHADOWS = ("dispynb", "nodeserver", "msgpack", "cloudpickle")
+
+
+def _shadowing_files(directory: Path) -> None:
+    for module in SHADOWS:
+        (directory / f"{module}.py").write_text(
+            f"raise SystemExit('the user\\'s {module}.py was imported')\n"
+        )
+
+
+def _square(x: int) -> int:
+    return x * x
+
+
+def test_a_users_module_where_the_node_starts_shadows_none_of_ours(
+    fake_ssh: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``python -m nodeserver`` put its start directory first on the path: a
+    ``dispynb.py`` (or ``msgpack.py``...) of the user's there was imported instead
+    of ours, and the node exited before registering. ``-P`` keeps it off."""
+    import dispynb
+
+    home = tmp_path / "home"
+    home.mkdir()
+    _shadowing_files(home)
+    monkeypatch.chdir(home)  # where the stand-in ssh runs the node
+    with (
+        SSHNodes(["node1"], python=sys.executable, wait=30) as nodes,
+        dispynb.JobCluster(_square, nodes=nodes) as cluster,
+    ):
+        job = cluster.submit(7)
+        assert job() == 49, job.exception

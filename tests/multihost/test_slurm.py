@@ -526,3 +526,44 @@ def test_nodes_of_a_killed_client_end_their_jobs(
         assert "(--exit-without-client)" in log, log
     for host in network.hosts[:-1]:
         wait_for(lambda host=host: node_pids(host) == [], 30, f"no node on {host.ip}")
+
+
+SHADOWED_CLIENT = """
+import os
+
+import dispynb
+from dispynb.deploy import SlurmNodes
+
+
+def square(x):
+    return x * x
+
+
+def main(args):
+    os.chdir(args["cwd"])  # sbatch's directory: the batch job starts in it
+    with SlurmNodes(1, cpus=1, walltime="5") as nodes:
+        nodes.wait_for(1, 60)
+        with dispynb.JobCluster(square, nodes=nodes) as cluster:
+            return cluster.submit(9)()
+"""
+
+
+def test_a_users_module_in_the_submit_directory_shadows_none_of_ours(
+    network: Network, cluster_env: slurm.SlurmSetup, tmp_path: Path
+) -> None:
+    """The batch job starts in sbatch's directory; ``python -m nodeserver`` put it
+    first on the node's path, where a user's ``dispynb.py`` or ``msgpack.py`` was
+    imported instead of ours: the node exited before registering."""
+    work = tmp_path / "work"
+    work.mkdir()
+    for module in ("dispynb", "nodeserver", "msgpack"):
+        (work / f"{module}.py").write_text(
+            f"raise SystemExit('the user\\'s {module}.py was imported')\n"
+        )
+    client = start_client(
+        network, network.hosts[-1], tmp_path, SHADOWED_CLIENT, {"cwd": str(work)}
+    )
+    try:
+        assert client.result(120) == 81, client.stderr
+    finally:
+        client.stop()
