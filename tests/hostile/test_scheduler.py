@@ -39,12 +39,15 @@ from dispynb.protocol.messages import (
     Recover,
     Recovered,
 )
-from dispynb.secret import read_secret_file
 from dispynb.transport.connection import INBOX_HIGH, Connection
-from dispynb.transport.connector import connect
 from schedserver.session import SEND_HIGH
 from tests.hostile.tools import wait_for
-from tests.sharedsched.harness import SchedulerProcess, add_user, raw_reply
+from tests.sharedsched.harness import (
+    SchedulerProcess,
+    add_user,
+    raw_reply,
+    raw_scheduler_session,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -172,16 +175,26 @@ def _alices_jobs(address: str, credential: Path) -> list[int]:
         return [job() for job in [cluster.submit(n) for n in range(4)]]
 
 
+async def alices_jobs_meanwhile(
+    address: str, credential: Path, timeout: float = 60.0
+) -> list[int] | str:
+    """Run alice's jobs (`_alices_jobs`) off the loop, while an attack goes on in
+    it: their results, or what she met instead (the error, shortened)."""
+    try:
+        return await asyncio.wait_for(
+            asyncio.to_thread(_alices_jobs, address, credential), timeout
+        )
+    except Exception as exc:  # what alice meets
+        return f"{type(exc).__name__}: {exc}"[:200]
+
+
 async def _never_read(
     sched: SchedulerProcess, people: dict[str, Path]
 ) -> tuple[int, int, int, list[int]]:
     assert sched.proc is not None
     pid = sched.proc.pid
-    conn, _ = await connect(
-        "127.0.0.1",
-        sched.port,
-        secret=read_secret_file(people["mallory"]),
-        max_message_size=1 << 30,
+    conn = await raw_scheduler_session(
+        sched.port, people["mallory"], max_message_size=1 << 30
     )
     try:
         bundle = serialize.dumps({"func": sixteen_mib, "setup": None, "setup_args": ()})
@@ -293,22 +306,13 @@ async def _hoard_files(
     the refusals, the scheduler's descriptors and alice's results (or what she
     met)."""
     assert sched.proc is not None
-    conn, _ = await connect(
-        "127.0.0.1",
-        sched.port,
-        secret=read_secret_file(people["mallory"]),
-        max_message_size=MiB,
+    conn = await raw_scheduler_session(
+        sched.port, people["mallory"], max_message_size=MiB
     )
     try:
         refusals = await _send_files(conn, FILES)
         fds = _descriptors(sched.proc.pid)
-        alices: list[int] | str
-        try:
-            alices = await asyncio.to_thread(
-                _alices_jobs, sched.address, people["alice"]
-            )
-        except Exception as exc:  # what alice meets
-            alices = f"{type(exc).__name__}: {exc}"[:200]
+        alices = await alices_jobs_meanwhile(sched.address, people["alice"])
         return refusals, fds, alices
     finally:
         conn.close()
@@ -405,11 +409,8 @@ async def _many_computations(
     """Mallory sets up `SETUPS` computations at once and keeps them; alice runs
     jobs meanwhile. Return how many were ready, the refusals, the worker
     processes on the nodes, and alice's results (or what she met)."""
-    conn, _ = await connect(
-        "127.0.0.1",
-        sched.port,
-        secret=read_secret_file(people["mallory"]),
-        max_message_size=MiB,
+    conn = await raw_scheduler_session(
+        sched.port, people["mallory"], max_message_size=MiB
     )
     try:
         bundle = serialize.dumps({"func": square, "setup": None, "setup_args": ()})
@@ -426,13 +427,7 @@ async def _many_computations(
                 elif isinstance(message, ComputationFailed):
                     refusals.append(message.message)
         processes = len(psutil.Process().children(recursive=True))
-        alices: list[int] | str
-        try:
-            alices = await asyncio.to_thread(
-                _alices_jobs, sched.address, people["alice"]
-            )
-        except Exception as exc:  # what alice meets
-            alices = f"{type(exc).__name__}: {exc}"[:200]
+        alices = await alices_jobs_meanwhile(sched.address, people["alice"])
         return ready, refusals, processes, alices
     finally:
         conn.close()

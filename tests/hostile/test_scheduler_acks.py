@@ -29,10 +29,8 @@ from dispynb.protocol.messages import (
     ResultsJournaled,
     pack_header,
 )
-from dispynb.secret import read_secret_file
 from dispynb.transport.connection import Connection
-from dispynb.transport.connector import connect
-from tests.sharedsched.harness import SchedulerProcess, add_user
+from tests.sharedsched.harness import SchedulerProcess, add_user, raw_scheduler_session
 from tests.sharedsched.test_kept_acks import kill_unjournaled_client
 
 pytestmark = pytest.mark.slow
@@ -68,9 +66,7 @@ def shared(tmp_path: Path) -> Iterator[tuple[SchedulerProcess, dict[str, Path]]]
 
 async def _acknowledge_others(port: int, credential: Path) -> int:
     """Send `ATTACKS` from mallory's raw session; how many were refused."""
-    conn, _ = await connect(
-        "127.0.0.1", port, secret=read_secret_file(credential), max_message_size=1 << 20
-    )
+    conn = await raw_scheduler_session(port, credential)
     try:
         for message in ATTACKS:
             conn.write(message)
@@ -179,10 +175,7 @@ async def _bulk_acknowledgements(
     RSS growth after the second and the seconds it took to answer after it."""
     assert sched.proc is not None
     peak = _Peak(sched.proc.pid)
-    conn, _ = await connect(
-        "127.0.0.1", sched.port, secret=read_secret_file(credential),
-        max_message_size=MiB,
-    )  # fmt: skip
+    conn = await raw_scheduler_session(sched.port, credential, max_message_size=MiB)
     try:
         bundle = serialize.dumps({"func": square, "setup": None, "setup_args": ()})
         setup = ComputationSetup(

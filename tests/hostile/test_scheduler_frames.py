@@ -16,11 +16,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from dispynb.secret import read_secret_file
 from dispynb.transport.connection import Connection
-from dispynb.transport.connector import connect
-from tests.hostile.test_scheduler import _alices_jobs, people, shared_nodes
+from tests.hostile.test_scheduler import alices_jobs_meanwhile, people, shared_nodes
 from tests.hostile.tools import wait_for
+from tests.sharedsched.harness import raw_scheduler_session
 
 pytestmark = pytest.mark.slow
 
@@ -43,9 +42,7 @@ async def _announce(
     bytes, and nothing more."""
     held = []
     for _ in range(sessions):
-        conn, _ = await connect(
-            "127.0.0.1", port, secret=read_secret_file(credential), max_message_size=MiB
-        )
+        conn = await raw_scheduler_session(port, credential, max_message_size=MiB)
         sock = conn._link._sock  # type: ignore[union-attr]  # the raw socket
         sock.send(struct.pack("!II", size, 1))
         held.append(conn)
@@ -82,13 +79,7 @@ def _announced_frames(
                     ),
                     "mallory's sessions",
                 )
-                try:
-                    alices: list[int] | str = await asyncio.wait_for(
-                        asyncio.to_thread(_alices_jobs, sched.address, people["alice"]),
-                        60,
-                    )
-                except Exception as exc:  # what alice meets
-                    alices = f"{type(exc).__name__}: {exc}"[:200]
+                alices = await alices_jobs_meanwhile(sched.address, people["alice"])
                 return scheduler.memory_info().rss, alices
             finally:
                 for conn in held:

@@ -25,12 +25,10 @@ from dispynb.protocol.messages import (
     JobSubmit,
     Message,
 )
-from dispynb.secret import read_secret_file
 from dispynb.transport.connection import Connection
-from dispynb.transport.connector import connect
 from tests.hostile.scripted import ScriptedNode, finished
 from tests.hostile.test_scheduler import _alices_jobs, people, shared_nodes
-from tests.sharedsched.harness import SchedulerProcess
+from tests.sharedsched.harness import SchedulerProcess, raw_scheduler_session
 from tests.transport.util import SECRET, serving_in_thread
 
 pytestmark = pytest.mark.slow
@@ -51,9 +49,7 @@ _MALFORMED: tuple[tuple[Message, list[bytes]], ...] = (
 async def _send_malformed(port: int, credential: Path) -> list[Any]:
     """Set computation 1 up, send each of `_MALFORMED`; return what came back for
     each (then for a close of computation 1: the session went on)."""
-    conn, _ = await connect(
-        "127.0.0.1", port, secret=read_secret_file(credential), max_message_size=1 << 24
-    )
+    conn = await raw_scheduler_session(port, credential, max_message_size=1 << 24)
     try:
         bundle = serialize.dumps({"func": abs, "setup": None, "setup_args": ()})
         conn.write(ComputationSetup(comp_id=1, name="fz", workers=1), bundle)

@@ -19,10 +19,14 @@ import pytest
 from dispynb import SharedJobCluster
 from dispynb.errors import DispynbError
 from dispynb.protocol.messages import Error
-from dispynb.secret import read_secret_file
 from dispynb.transport.connection import Connection
-from dispynb.transport.connector import connect
-from tests.hostile.test_scheduler import _alices_jobs, people, shared_nodes
+from tests.hostile.test_scheduler import (
+    _alices_jobs,
+    alices_jobs_meanwhile,
+    people,
+    shared_nodes,
+)
+from tests.sharedsched.harness import raw_scheduler_session
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +44,6 @@ CONNECT = 5.0
 async def _open_sessions(port: int, credential: Path) -> tuple[list[Connection], str]:
     """Open `SESSIONS` authenticated sessions, 8 at a time; return those held and
     the first refusal (an error the scheduler sent, or why connecting failed)."""
-    secret = read_secret_file(credential)
     refusals: list[str] = []
     gate = asyncio.Semaphore(8)  # the listener's handshakes per source at once
 
@@ -48,9 +51,7 @@ async def _open_sessions(port: int, credential: Path) -> tuple[list[Connection],
         async with gate:
             try:
                 async with asyncio.timeout(CONNECT):
-                    conn, _ = await connect(
-                        "127.0.0.1", port, secret=secret, max_message_size=1 << 20
-                    )
+                    conn = await raw_scheduler_session(port, credential)
             except (DispynbError, OSError) as exc:  # TimeoutError too
                 refusals.append(f"{type(exc).__name__}: {exc}")
                 return None
@@ -77,12 +78,7 @@ async def _attack(
 ) -> tuple[int, str, list[int] | str, str]:
     held, refusal = await _open_sessions(port, people["mallory"])
     try:
-        try:
-            alices: list[int] | str = await asyncio.wait_for(
-                asyncio.to_thread(_alices_jobs, address, people["alice"]), 60
-            )
-        except Exception as exc:  # what alice meets
-            alices = f"{type(exc).__name__}: {exc}"[:200]
+        alices = await alices_jobs_meanwhile(address, people["alice"])
         try:  # mallory's own cluster, one session over her quota
             await asyncio.wait_for(
                 asyncio.to_thread(_alices_jobs, address, people["mallory"]), 60
@@ -146,18 +142,10 @@ def test_a_refused_session_is_told_why_while_it_sends(
 
     told: collections.Counter[str] = collections.Counter()
     with shared_nodes(tmp_path, people, "--max_sessions", "1") as sched:
-
-        async def hold() -> Connection:
-            conn, _ = await connect(
-                "127.0.0.1",
-                sched.port,
-                secret=read_secret_file(people["mallory"]),
-                max_message_size=1 << 20,
-            )
-            return conn
-
         loop = asyncio.new_event_loop()
-        held = loop.run_until_complete(hold())
+        held = loop.run_until_complete(
+            raw_scheduler_session(sched.port, people["mallory"])
+        )
         try:
             for _ in range(TRIES):
                 try:

@@ -3,8 +3,9 @@
 `SchedulerProcess` starts ``python -m schedserver`` as an operator would (nodes
 named with ``-n``, the node secret in the environment, a users file written by
 ``dispynb-scheduler user add``); `run_client` and `start_client` run a client
-program (`TIMED_CLIENT`, `DOOMED_CLIENT`) in its own process; `raw_reply` speaks
-the protocol as a user's own raw client (for attacks). Every wait is bounded.
+program (`TIMED_CLIENT`, `DOOMED_CLIENT`) in its own process; `raw_scheduler_session`
+and `raw_reply` speak the protocol as a user's own raw client (for attacks). Every
+wait is bounded.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from typing import Any
 
 from dispynb.protocol.messages import Message
 from dispynb.secret import read_secret_file
+from dispynb.transport.connection import Connection
 from dispynb.transport.connector import connect
+from dispynb.transport.tls import client_context
 from tests.transport.certs import make_cert
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -280,6 +283,26 @@ def shared_window(outs: list[dict[str, Any]]) -> tuple[float, float]:
     return start, end
 
 
+async def raw_scheduler_session(
+    port: int,
+    credential: Path,
+    *,
+    max_message_size: int = 1 << 20,
+    cafile: str | None = None,
+) -> Connection:
+    """An authenticated session at the scheduler on ``port`` of the user of
+    ``credential``, as that user's own raw client: it sends what the caller writes
+    (over TLS, trusting ``cafile``, when given). The caller closes it."""
+    conn, _ = await connect(
+        "127.0.0.1",
+        port,
+        secret=read_secret_file(credential),
+        max_message_size=max_message_size,
+        ssl_context=client_context(cafile=cafile) if cafile else None,
+    )
+    return conn
+
+
 def raw_reply(
     port: int,
     credential: Path,
@@ -293,12 +316,7 @@ def raw_reply(
     and return the first reply of type ``until`` (none of ``never`` may come first)."""
 
     async def exchange() -> Message:
-        conn, _ = await connect(
-            "127.0.0.1",
-            port,
-            secret=read_secret_file(credential),
-            max_message_size=1 << 20,
-        )
+        conn = await raw_scheduler_session(port, credential)
         try:
             conn.write(message, buffers or ())
             async with asyncio.timeout(WAIT):
