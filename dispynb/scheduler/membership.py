@@ -122,8 +122,12 @@ class DriverNodes(DriverResults):
         try:
             self._set_up(link)
         except DispynbError as exc:
-            self._fail_node(link, exc)
-            return
+            if not (conn.closed and conn.messages_waiting):
+                self._fail_node(link, exc)
+                return
+            # It ended after saying something: read that first. A scheduler that
+            # refuses a session says why and closes, which over TLS can all come
+            # in the read that brought its Welcome.
         await self._read(link)
 
     def _set_up(self, link: NodeLink) -> None:
