@@ -25,7 +25,10 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from dispynb._interruptible import Flag
 
 __all__ = ["ProgressLine", "estimate_pi", "main", "run_command"]
 
@@ -98,7 +101,9 @@ class ProgressLine:
     Attributes
     ----------
     finished:
-        Set once a final status has been seen for ``total`` jobs.
+        Set once a final status has been seen for ``total`` jobs (a
+        `dispynb._interruptible.Flag`: ``threading.Event``'s methods, and a wait
+        on it that Ctrl-C ends at once without breaking the callback thread).
     """
 
     def __init__(
@@ -113,7 +118,11 @@ class ProgressLine:
         self.stream: TextIO = stream if stream is not None else sys.stderr
         self.width: int = width
         self.interval: float = interval
-        self.finished: threading.Event = threading.Event()
+        # Imported here: importing this module loads no dispynb module (a node
+        # unpickling estimate_pi). Not an Event: the demo's main thread waits on it.
+        from dispynb._interruptible import Flag
+
+        self.finished: Flag = Flag()
         self._lock = threading.Lock()
         self._seen: set[Any] = set()
         self._failed: int = 0

@@ -5,11 +5,13 @@ deliver a real signal. Linux gives a process-directed signal to the main thread
 (unless it blocks it), where it interrupts a blocked lock acquire (EINTR) and
 Python's handler raises `KeyboardInterrupt` at once. ``_thread.interrupt_main()``
 only sets Python's pending-signal flag: a main thread blocked in C sees it only
-when its wait ends by itself, so it does not test what users meet.
+when its wait ends by itself, so it does not test what users meet (`flag_when`
+tests that case: IDEs, debuggers and embedding hosts interrupt that way).
 """
 
 from __future__ import annotations
 
+import _thread
 import os
 import signal
 import subprocess
@@ -111,3 +113,38 @@ def run_in_session(
         )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
+
+
+def main_waits_in_function(function: str, module: str) -> Callable[[], bool]:
+    """Whether the main thread is inside ``<module>.<function>`` now."""
+    main = threading.main_thread().ident
+
+    def check() -> bool:
+        frame = sys._current_frames().get(main or 0)
+        while frame is not None:
+            if (
+                frame.f_code.co_name == function
+                and frame.f_globals.get("__name__") == module
+            ):
+                return True
+            frame = frame.f_back
+        return False
+
+    return check
+
+
+@contextmanager
+def flag_when(predicate: Callable[[], bool]) -> Iterator[None]:
+    """Set Python's pending-interrupt flag (no signal) once ``predicate()`` holds."""
+
+    def body() -> None:
+        wait_until(predicate)
+        _thread.interrupt_main()
+
+    with python_handles_sigint():
+        thread = threading.Thread(target=body, name="test-interrupt-flag", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            thread.join(WAIT)

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,6 +15,7 @@ import pytest
 
 from dispynb import __version__
 from dispynb.cli import ProgressLine, estimate_pi, main
+from tests.sigint import flag_when
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,6 +97,29 @@ def test_progress_line_counts_each_final_job_once() -> None:
     progress.close()
     last = stream.getvalue().split("\r")[-1]
     assert re.fullmatch(r"\[#{30}\] 40/40 jobs  \d+\.\d jobs/s  4 failed\n", last)
+
+
+def test_ctrl_c_ends_the_demos_wait_for_its_progress_line_at_once() -> None:
+    """The demo's main thread waits for the progress line's last callback; an
+    interrupt that only sets Python's flag (an IDE's or a debugger's,
+    ``_thread.interrupt_main()``) ends that wait at once, as every wait of
+    dispynb's: it waited out its timeout (5 s in the demo) on a threading.Event."""
+    progress = ProgressLine(1, stream=io.StringIO())
+    main = threading.main_thread().ident
+
+    def waiting() -> bool:  # inside progress.finished.wait, whatever it is
+        frame = sys._current_frames().get(main or 0)
+        while frame is not None:
+            if frame.f_locals.get("self") is progress.finished:
+                return True
+            frame = frame.f_back
+        return False
+
+    started = time.monotonic()
+    with flag_when(waiting), pytest.raises(KeyboardInterrupt):
+        progress.finished.wait(timeout=30.0)
+    assert time.monotonic() - started < 5.0
+    assert not progress.finished.is_set()
 
 
 @pytest.mark.slow

@@ -9,10 +9,9 @@ import _thread
 import json
 import os
 import signal
-import sys
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,13 @@ import pytest
 
 from dispynb import JobCluster, _interruptible
 from tests import jobs
-from tests.sigint import python_handles_sigint, run_in_session, sigint_when
+from tests.sigint import (
+    flag_when,
+    main_waits_in_function,
+    python_handles_sigint,
+    run_in_session,
+    sigint_when,
+)
 
 #: Longer than any wait here may take once interrupted.
 NEVER = 30.0
@@ -29,41 +34,6 @@ NEVER = 30.0
 def main_waits_in(function: str) -> Callable[[], bool]:
     """Whether the main thread is inside ``dispynb._interruptible.<function>`` now."""
     return main_waits_in_function(function, "dispynb._interruptible")
-
-
-def main_waits_in_function(function: str, module: str) -> Callable[[], bool]:
-    """Whether the main thread is inside ``<module>.<function>`` now."""
-    main = threading.main_thread().ident
-
-    def check() -> bool:
-        frame = sys._current_frames().get(main or 0)
-        while frame is not None:
-            if (
-                frame.f_code.co_name == function
-                and frame.f_globals.get("__name__") == module
-            ):
-                return True
-            frame = frame.f_back
-        return False
-
-    return check
-
-
-@contextmanager
-def flag_when(predicate: Callable[[], bool]) -> Iterator[None]:
-    """Set Python's pending-interrupt flag (no signal) once ``predicate()`` holds."""
-
-    def body() -> None:
-        jobs.wait_until(predicate)
-        _thread.interrupt_main()
-
-    with python_handles_sigint():
-        thread = threading.Thread(target=body, name="test-interrupt-flag", daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            thread.join(NEVER)
 
 
 Sender = Callable[[Callable[[], bool]], AbstractContextManager[Any]]
