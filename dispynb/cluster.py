@@ -16,7 +16,6 @@ import itertools
 import logging
 import os
 import secrets
-import shutil
 import threading
 import time
 from collections import Counter
@@ -410,7 +409,7 @@ class JobCluster(_Events, _Jobs, _Nodes, _ClusterState):
             for ref in self._objects.values():
                 objects.forget(ref)
             if self._objects_dir is not None:
-                shutil.rmtree(self._objects_dir, ignore_errors=True)
+                objects.remove_directory(self._objects_dir)
 
     def __enter__(self) -> JobCluster:
         return self

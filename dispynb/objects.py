@@ -11,7 +11,7 @@ later jobs (`resolve`); large buffers (a NumPy array's memory) are mapped from t
 node's copy, not copied. The node removes its copy when the computation closes, and
 the client removes its file when the cluster closes; the files of a client killed
 first (SIGKILL, the out-of-memory killer) go at the next client's first put
-(`make_directory`).
+(`make_directory`), told by the ``flock`` a live client holds on its directory.
 
 Only for the node backend (``JobCluster(nodes=...)``): other engines have their own
 object stores (``ray.put``, Dask's ``scatter``).
@@ -20,13 +20,12 @@ object stores (``ray.put``, Dask's ``scatter``).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import mmap
 import os
 import shutil
-import stat
 import struct
-import sys
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -127,65 +126,73 @@ class collecting:
         _collector.refs = self._previous
 
 
-#: A client's directory of object files: ``dispynb-objects-PID-START-*`` in the
-#: temporary directory, PID and START (`_started`) the process's that made it.
-_DIR_PREFIX = "dispynb-objects-"
+#: A client's directory of object files: ``dispynb-objects-flock-*`` in the
+#: temporary directory, ``flock``-ed by the process that made it for as long as it
+#: uses it (`_held`). Older names (``dispynb-objects-PID-START-*``) are left alone.
+_DIR_PREFIX = "dispynb-objects-flock-"
+
+#: This process's directories and the descriptor holding each one's lock.
+_held: dict[str, int] = {}
+_held_lock = threading.Lock()
 
 
 def make_directory() -> str:
     """A new directory for this process's object files, once those of clients
     that ended without removing theirs are removed (a kernel killed: SIGKILL, the
-    out-of-memory killer; nothing else would remove them, large as they may be)."""
+    out-of-memory killer; nothing else would remove them, large as they may be).
+    `remove_directory` removes it.
+
+    Whether a client ended is told by the lock it holds on its directory, which the
+    kernel lets go when it ends: not by its pid, which in another pid namespace (a
+    client in a container sharing the temporary directory) names another process or
+    none, nor by its start time.
+    """
     parent = tempfile.gettempdir()
     with contextlib.suppress(OSError):
         for name in os.listdir(parent):
-            if name.startswith(_DIR_PREFIX) and _maker_ended(name):
-                _remove_own(os.path.join(parent, name))
-    pid = os.getpid()
-    return tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{pid}-{_started(pid)}-")
-
-
-def _started(pid: int) -> int | None:
-    """When process ``pid`` started, None if there is none: with the pid, it tells
-    the process from a later one given the same pid.
-
-    In clock ticks since boot (``/proc/PID/stat``), not wall-clock time: a
-    process's wall-clock start moves when the clock is set (NTP, a virtual
-    machine resumed), and a running client's directory would then look like a
-    dead one's, and be removed. Elsewhere, whole seconds of psutil's start time.
-    """
-    if sys.platform == "linux":
+            if name.startswith(_DIR_PREFIX):
+                _remove_if_unlocked(os.path.join(parent, name))
+    for _ in range(8):
+        path = tempfile.mkdtemp(prefix=_DIR_PREFIX)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            with open(f"/proc/{pid}/stat", "rb") as stat_file:
-                # Field 22 (starttime), counted after the command's closing ")".
-                return int(stat_file.read().rpartition(b")")[2].split()[19])
-        except FileNotFoundError:
-            return None  # no such process
-        except (OSError, ValueError, IndexError):
-            pass  # psutil's, then
-    import psutil  # lazily: ``import dispynb`` stays light
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # Another client's sweep may have found it before it was locked, and
+            # removed it: then make another.
+            if os.path.samestat(os.stat(path), os.fstat(fd)):
+                with _held_lock:
+                    _held[path] = fd
+                return path
+        except OSError:
+            pass
+        os.close(fd)
+    raise OSError(f"cannot make a directory for object files in {parent}")
 
+
+def remove_directory(path: str) -> None:
+    """Remove a directory of `make_directory`'s, and let its lock go."""
+    shutil.rmtree(path, ignore_errors=True)
+    with _held_lock:
+        fd = _held.pop(path, None)
+    if fd is not None:
+        os.close(fd)
+
+
+def _remove_if_unlocked(path: str) -> None:
+    """Remove the directory ``path`` if it is this user's (not a link to one) and
+    no process holds its lock (the client that made it has ended)."""
     try:
-        return round(psutil.Process(pid).create_time())
-    except psutil.Error:
-        return None
-
-
-def _maker_ended(name: str) -> bool:
-    """Whether the process that made the directory ``name`` has ended; False for a
-    name not of `make_directory`'s kind (an older dispynb's: its maker unknown)."""
-    fields = name[len(_DIR_PREFIX) :].split("-")
-    if len(fields) < 3 or not (fields[0].isdigit() and fields[1].isdigit()):
-        return False
-    return _started(int(fields[0])) != int(fields[1])
-
-
-def _remove_own(path: str) -> None:
-    """Remove the directory ``path`` if it is this user's (not a link to one)."""
-    with contextlib.suppress(OSError):
-        st = os.lstat(path)
-        if st.st_uid == os.getuid() and stat.S_ISDIR(st.st_mode):
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return
+    try:
+        if os.fstat(fd).st_uid == os.getuid():
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             shutil.rmtree(path, ignore_errors=True)
+    except OSError:  # locked: its client runs
+        pass
+    finally:
+        os.close(fd)
 
 
 def write(obj: Any, directory: str) -> ObjectRef:

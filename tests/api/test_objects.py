@@ -177,8 +177,6 @@ def test_a_running_clients_files_survive_a_change_of_the_clock(monkeypatch):
     """The sweep told a running client from a dead one by its start time on the
     wall clock, which moves when the clock is set (NTP, a virtual machine
     resumed): a running client's object files would then be removed under it."""
-    import shutil
-
     import psutil
 
     mine = objects.make_directory()  # this process's: running
@@ -189,7 +187,79 @@ def test_a_running_clients_files_survive_a_change_of_the_clock(monkeypatch):
             "create_time",
             lambda self: wall_clock_start(self) + 5.0,  # the clock was set 5 s on
         )
-        shutil.rmtree(objects.make_directory())  # another client's first put
+        objects.remove_directory(objects.make_directory())  # another's first put
         assert os.path.isdir(mine)
     finally:
-        shutil.rmtree(mine, ignore_errors=True)
+        objects.remove_directory(mine)
+
+
+#: A client in a pid namespace of its own (a container sharing the temporary
+#: directory): its first put, then it waits for a line on stdin.
+_CLIENT_IN_NAMESPACE = """
+import sys
+import tempfile
+
+tempfile.tempdir = sys.argv[1]
+from dispynb import objects
+
+path = objects.make_directory()
+objects.write(b"theirs", path)
+print(path, flush=True)
+sys.stdin.readline()
+"""
+
+
+def _pid_namespaces() -> bool:
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return False
+    done = subprocess.run(["unshare", "-p", "-f", "--mount-proc", "true"], check=False)
+    return done.returncode == 0
+
+
+def test_clients_in_other_pid_namespaces_keep_their_files(tmp_path, monkeypatch):
+    """The sweep told a dead client by its pid, which means another process (or
+    none) in another pid namespace: a running client's object files were removed
+    by the first put of a client in a container sharing the temporary directory,
+    and by this side's. A live client's files are kept whatever namespace it is in;
+    a killed one's still go at the next put."""
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    if not _pid_namespaces():
+        pytest.skip("needs root and unshare for a pid namespace")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # no other client's
+    mine = objects.make_directory()
+    objects.write(b"mine", mine)
+    client = subprocess.Popen(
+        [
+            "unshare", "-p", "-f", "--mount-proc", "--kill-child",
+            sys.executable, "-c", _CLIENT_IN_NAMESPACE, str(tmp_path),
+        ],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    try:
+        assert client.stdout is not None and client.stdin is not None
+        theirs = client.stdout.readline().decode().strip()
+        assert os.path.isdir(theirs), "the client in the namespace put"
+        assert os.path.isdir(mine), "its put removed this running client's files"
+        objects.remove_directory(objects.make_directory())  # this side's next put
+        assert os.path.isdir(theirs), "a put here removed the running client's files"
+        with open(f"/proc/{client.pid}/task/{client.pid}/children") as children:
+            (inside,) = (int(pid) for pid in children.read().split())
+        os.kill(inside, signal.SIGKILL)
+        assert client.wait(30) != 0  # unshare ends once it reaped it
+        objects.remove_directory(objects.make_directory())
+        assert not os.path.exists(theirs), "the killed client's files were kept"
+    finally:
+        client.kill()
+        client.wait(30)
+        for pipe in (client.stdin, client.stdout):
+            if pipe is not None:
+                pipe.close()
+        objects.remove_directory(mine)
