@@ -192,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--httpd",
         action="store_true",
         help="start the operator's web monitor (nodes, clients, jobs; revoking a "
-        "user); its URL with the access token is logged",
+        "user); its URL with the access token is printed on the terminal (never "
+        "logged), or the token is in --httpd_token_file",
     )
     parser.add_argument(
         *_both("httpd_host"),
@@ -218,6 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="FILE",
         help="key of --httpd_certfile (if not in that file)",
+    )
+    parser.add_argument(
+        *_both("httpd_token_file"),
+        default=None,
+        metavar="FILE",
+        help="the web monitor's access token: read from FILE (mode 600), or a new "
+        "one written there if it does not exist (default: a new one each start)",
     )
     parser.add_argument(
         "--cpus", type=int, default=None, help="use at most this many CPUs of each node"
@@ -493,6 +501,7 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         httpd_port=args.httpd_port,
         httpd_certfile=args.httpd_certfile,
         httpd_keyfile=args.httpd_keyfile,
+        httpd_token_file=args.httpd_token_file,
         users_file=args.users,
         cpus=args.cpus,
         jobs_per_cpu=args.jobs_per_cpu,

@@ -94,6 +94,9 @@ class SchedulerConfig:
     httpd_port: int = 8181  # dispy's HTTPServerPort
     httpd_certfile: str | None = None
     httpd_keyfile: str | None = None
+    #: Where its access token is kept (read, or written if missing); None: a new
+    #: one, printed on a terminal only (never logged).
+    httpd_token_file: str | None = None
 
     @property
     def connect_timeout(self) -> float:

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,13 +30,20 @@ from dispynb.errors import ConfigurationError
 from dispynb.httpd.assets import AssetHandler, load_assets
 from dispynb.httpd.connections import MonitorHTTPServer
 from dispynb.httpd.endpoint import Endpoint, open_endpoint
-from dispynb.httpd.security import CSRF_HEADER, NotFoundHandler, SecureHandler
+from dispynb.httpd.security import (
+    CSRF_HEADER,
+    NotFoundHandler,
+    SecureHandler,
+    check_token,
+    new_token,
+)
 from dispynb.httpd.server import (
     BODY_TIMEOUT,
     MAX_BODY_BYTES,
     log_refusals_left,
     log_request,
 )
+from dispynb.secret import read_secret_file
 from dispynb.transport.addressing import format_address
 from schedserver.users import NAME_PATTERN
 
@@ -195,11 +204,16 @@ class SchedulerMonitor:
         *,
         keyfile: str | None = None,
         certfile: str | None = None,
+        token_file: str | None = None,
     ) -> SchedulerMonitor:
-        """Listen on ``host``:``port`` (on the running loop); raises
+        """Listen on ``host``:``port`` (on the running loop), the access token read
+        from ``token_file`` (or written there: `file_token`) if given; raises
         `ConfigurationError` as `open_endpoint` does."""
+        token = file_token(token_file) if token_file else None
         try:
-            endpoint = open_endpoint(host, port, keyfile=keyfile, certfile=certfile)
+            endpoint = open_endpoint(
+                host, port, keyfile=keyfile, certfile=certfile, token=token
+            )
         except ConfigurationError as exc:
             cause = exc.__cause__
             if not isinstance(cause, OSError):
@@ -218,7 +232,7 @@ class SchedulerMonitor:
             ) from cause
         monitor = cls(server, endpoint)
         monitor._http.add_sockets(endpoint.sockets)
-        logger.info("web monitor at %s", endpoint.url)
+        announce(endpoint, token_file)
         return monitor
 
     @property
@@ -233,4 +247,52 @@ class SchedulerMonitor:
         log_refusals_left(self._app)
 
 
-__all__ = ["SchedulerMonitor", "snapshot"]
+def file_token(path: str) -> str:
+    """The access token in ``path`` (a file only its owner may read, as a secret
+    file), or a new one written there (mode 600) if it does not exist: the same URL
+    across restarts, read by whoever may read the file."""
+    path = os.path.expanduser(path)
+    token = new_token()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        token = read_secret_file(path).decode(errors="replace").strip()
+        try:
+            return check_token(token)
+        except ConfigurationError:
+            raise ConfigurationError(
+                f"--httpd_token_file {path}: not a token (16 to 256 characters from "
+                "A-Z a-z 0-9 . _ ~ -): remove the file to have a new one written"
+            ) from None
+    except OSError as exc:
+        raise ConfigurationError(
+            f"--httpd_token_file: cannot create {path!r}: {exc.strerror}"
+        ) from None
+    try:
+        os.fchmod(fd, 0o600)  # whatever the umask
+        os.write(fd, f"{token}\n".encode())
+    finally:
+        os.close(fd)
+    return token
+
+
+def announce(endpoint: Endpoint, token_file: str | None) -> None:
+    """Say where the monitor is. Its token never goes to the log (a service's log
+    is read by others: the journal, a shared log file): the URL with the token is
+    printed once on a terminal, as Jupyter does, or is in ``token_file``."""
+    where = endpoint.url.partition("?")[0]
+    if token_file:
+        logger.info("web monitor at %s (its token is in %s)", where, token_file)
+    elif sys.stderr.isatty():
+        print(f"web monitor: open {endpoint.url}", file=sys.stderr, flush=True)
+        logger.info("web monitor at %s (the URL with its token: above)", where)
+    else:
+        logger.warning(
+            "web monitor at %s: its access token is not logged; give "
+            "--httpd_token_file FILE to have it written there (mode 600), or start "
+            "the scheduler on a terminal, which gets the URL with the token",
+            where,
+        )
+
+
+__all__ = ["SchedulerMonitor", "announce", "file_token", "snapshot"]

@@ -80,6 +80,7 @@ class SchedulerServer(
                 config.httpd_port,
                 keyfile=config.httpd_keyfile,
                 certfile=config.httpd_certfile,
+                token_file=config.httpd_token_file,
             )
         self._spawn(self._pulse())
         if config.port_file:

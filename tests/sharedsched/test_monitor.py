@@ -1,9 +1,10 @@
 """``dispynb-scheduler --httpd``: the operator's web monitor, for real.
 
 A scheduler process started with ``--httpd``; its page and JSON API fetched over
-HTTP with the token it logged: nodes, users (CPU share, queued, running, quota) and
-each user's jobs; a wrong token, Host or Origin, and a POST without the CSRF token,
-refused; revoking a user from it ends the user's session and jobs."""
+HTTP with the token of its ``--httpd_token_file``: nodes, users (CPU share,
+queued, running, quota) and each user's jobs; a wrong token, Host or Origin, and
+a POST without the CSRF token, refused; revoking a user from it ends the user's
+session and jobs."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from tests.sharedsched.harness import SchedulerProcess, scheduler_cli
 pytestmark = pytest.mark.slow
 
 WAIT = 20.0
-URL = re.compile(r"web monitor at http://127\.0\.0\.1:(\d+)/\?token=([A-Za-z0-9_-]+)")
+URL = re.compile(r"web monitor at http://127\.0\.0\.1:(\d+)/ ")
 
 
 def nap(seconds: float) -> float:
@@ -53,18 +54,23 @@ def monitor(
 ) -> Iterator[tuple[SchedulerProcess, MonitorClient]]:
     """A scheduler of ``nodes`` with its web monitor (and ``args``), and a client
     of the monitor."""
+    token_file = tmp_path / "monitor.token"
     sched = SchedulerProcess(
         tmp_path,
         nodes.node_specs(),
         nodes.secret,
-        args=("--httpd", "--httpd_port", "0", *args),
-    )
+        args=(
+            "--httpd", "--httpd_port", "0", "--httpd_token_file", str(token_file),
+            *args,
+        ),
+    )  # fmt: skip
     sched.start()
     try:
         sched.wait_for_log("web monitor at")
         match = URL.search(sched.log_text())
         assert match, sched.log_text()
-        yield sched, MonitorClient(Site(int(match[1]), match[2]))  # type: ignore[arg-type]
+        token = token_file.read_text().strip()
+        yield sched, MonitorClient(Site(int(match[1]), token))  # type: ignore[arg-type]
     finally:
         sched.stop()
 
@@ -185,6 +191,103 @@ def test_refused_requests_not_logged_yet_are_counted_when_it_stops(
                 assert sock.recv(1 << 16).startswith(b"HTTP/1.1 403")
     # The first is logged at once, the other 4 counted.
     assert "4 more refused web requests from 1 source(s)" in sched.log_text()
+
+
+def test_the_token_is_never_logged_and_kept_in_its_file(
+    tmp_path: Path, nodes: LocalCluster, users: dict[str, Path]
+) -> None:
+    """The URL with its token was logged at INFO, into the service's journal or
+    shared log file, readable by others. Now the token goes only to
+    ``--httpd_token_file`` (mode 600, kept across restarts); without it (and no
+    terminal) the log says how to get one."""
+    with monitor(tmp_path, nodes) as (sched, client):
+        token_file = tmp_path / "monitor.token"
+        token = client.server.token
+        assert token_file.stat().st_mode & 0o777 == 0o600
+        assert client.get("/api/scheduler").status == 200
+        sched.stop()
+        sched.start()  # a restart reads it again: the same URL works
+        sched.wait_for_log("web monitor at", 2)
+        assert token_file.read_text().strip() == token
+        port = int(URL.findall(sched.log_text())[-1])
+        assert MonitorClient(Site(port, token)).get("/api/scheduler").status == 200  # type: ignore[arg-type]
+    log = sched.log_text()
+    assert token not in log and "token=" not in log, log
+    assert f"(its token is in {token_file})" in log
+    plain = SchedulerProcess(
+        tmp_path / "plain", nodes.node_specs(), nodes.secret,
+        args=("--httpd", "--httpd_port", "0"),
+    )  # fmt: skip
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "users").write_bytes((tmp_path / "users").read_bytes())
+    (tmp_path / "plain" / "users").chmod(0o600)
+    plain.start()
+    try:
+        plain.wait_for_log("web monitor at")
+    finally:
+        plain.stop()
+    assert "token=" not in plain.log_text()
+    assert "give --httpd_token_file FILE" in plain.log_text()
+
+
+def test_a_terminal_gets_the_url_with_its_token_once(
+    tmp_path: Path, nodes: LocalCluster, users: dict[str, Path]
+) -> None:
+    """Started on a terminal, as Jupyter is: the URL with the token is printed
+    there, once, and the log line names the address only."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    from tests.sharedsched.harness import env_for
+
+    main, side = pty.openpty()
+    command = [
+        sys.executable, "-m", "schedserver", "--users", str(tmp_path / "users"),
+        "-p", "0", "--httpd", "--httpd_port", "0", "-n", nodes.node_specs()[0],
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        command,
+        env=env_for(DISPYNB_SECRET=nodes.secret),
+        stdin=subprocess.DEVNULL,
+        stdout=side,
+        stderr=side,
+    )
+    os.close(side)
+    seen = b""
+    try:
+        deadline = time.monotonic() + WAIT
+        while b"serving" not in seen:
+            assert time.monotonic() < deadline, seen
+            try:
+                seen += os.read(main, 1 << 16)
+            except OSError:  # the process ended: its side closed
+                raise AssertionError(seen) from None
+    finally:
+        proc.terminate()
+        proc.wait(WAIT)
+        os.close(main)
+    text = seen.decode(errors="replace")
+    printed = re.findall(
+        r"web monitor: open (http://127\.0\.0\.1:\d+/\?token=\S+)", text
+    )
+    assert len(printed) == 1, text
+    assert text.count("token=") == 1, text
+
+
+def test_a_token_file_others_may_read_is_refused(
+    tmp_path: Path, users: dict[str, Path]
+) -> None:
+    token_file = tmp_path / "monitor.token"
+    token_file.write_text("a-token-others-have-read-0123\n")
+    token_file.chmod(0o644)
+    done = scheduler_cli(
+        "-n", "127.0.0.1:1", "--users", str(tmp_path / "users"), "-p", "0",
+        "--httpd", "--httpd_port", "0", "--httpd_token_file", str(token_file),
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert f"chmod 600 {token_file}" in done.stderr
 
 
 def test_a_monitor_on_another_address_needs_https(
