@@ -183,12 +183,22 @@ class SSHNodes(NodeLauncher[SSHNode]):
             argv = ["env", *(f"{k}={v}" for k, v in self.env.items()), *argv]
         return shlex.join(argv)
 
+    async def _exec(self, *argv: str, **options: Any) -> asyncio.subprocess.Process:
+        """Start ``ssh``; `LaunchError` saying what to do if it cannot be run."""
+        try:
+            return await asyncio.create_subprocess_exec(*argv, **options)
+        except OSError as exc:
+            raise LaunchError(
+                f"cannot run {self.ssh!r}: {exc.strerror} (install the OpenSSH "
+                "client, or give ssh= the command's path)"
+            ) from exc
+
     async def _ssh_config(self, host: str) -> dict[str, str]:
         """``host``'s ssh configuration as ``ssh -G`` resolves it (aliases,
         ``Hostname``, ``ssh_options``...): option names in lower case."""
         if host in self._configs:
             return self._configs[host]
-        proc = await asyncio.create_subprocess_exec(
+        proc = await self._exec(
             self.ssh,
             *self.ssh_options,
             "-G",
@@ -266,7 +276,7 @@ class SSHNodes(NodeLauncher[SSHNode]):
             command,
         ]
         logger.info("starting node %s on %s: %s", name, host, command)
-        proc = await asyncio.create_subprocess_exec(
+        proc = await self._exec(
             *argv,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,

@@ -6,7 +6,7 @@ import shlex
 
 import pytest
 
-from dispynb.deploy import SSHNodes
+from dispynb.deploy import LaunchError, SSHNodes
 from dispynb.errors import ConfigurationError
 
 
@@ -69,3 +69,12 @@ def test_new_nodes_go_to_the_hosts_running_fewest() -> None:
         assert nodes._host_for(4) == "a"  # an ended node runs nothing
     finally:
         nodes.close()
+
+
+def test_without_ssh_the_error_says_so(tmp_path: object) -> None:
+    """No ``ssh`` command: the error said only 'No such file or directory'."""
+    with pytest.raises(LaunchError) as raised:
+        SSHNodes(["h1"], ssh=f"{tmp_path}/ssh", wait=5)
+    message = str(raised.value)
+    assert f"cannot run '{tmp_path}/ssh': No such file or directory" in message
+    assert "install the OpenSSH client, or give ssh= the command's path" in message
