@@ -59,11 +59,22 @@ from dispynb.secret import resolve_secret
 if TYPE_CHECKING:
     from dispynb.deploy.adaptive import ScalableCluster
 
-#: What a launcher runs with the nodes' Python: ``-P`` keeps the directory the
-#: node starts in (the login directory over SSH, sbatch's directory on SLURM) off
-#: the front of its path, where ``-m`` alone puts it: a user's ``dispynb.py`` or
-#: ``msgpack.py`` there was imported for ours, and the node died at its start.
-NODE_MODULE = ("-P", "-m", "nodeserver")
+#: What a launcher runs with the nodes' Python (``python -c NODE_MAIN ARGS``): it
+#: becomes ``python -P -m nodeserver ARGS`` (the same process). ``-P`` keeps the
+#: directory the node starts in (the login directory over SSH, sbatch's directory
+#: on SLURM) off the front of its path, where ``-m`` alone puts it: a user's
+#: ``dispynb.py`` or ``msgpack.py`` there was imported for ours, and the node died
+#: at its start. A Python older than 3.11 (a lab machine's ``python3``) knows no
+#: ``-P``: it says what it is instead of 'Unknown option'. (Code that Python 2
+#: parses too; nothing it imports can be a user's file.)
+NODE_MAIN = (
+    "import os, sys; sys.version_info >= (3, 11) or sys.exit("
+    '"dispynb-node needs Python 3.11 or later; %s is Python %s: give the '
+    'launcher python= a newer one" % (sys.executable, sys.version.split()[0])); '
+    'os.execv(sys.executable, [sys.executable, "-P", "-m", "nodeserver"]'
+    " + sys.argv[1:])"
+)
+NODE_MODULE = ("-c", NODE_MAIN)
 
 logger = logging.getLogger(__name__)
 

@@ -44,7 +44,8 @@ def test_job_script_has_the_directives_and_no_secret() -> None:
         "#SBATCH --qos=low",
         "#SBATCH --gres=gpu:1",
     ]
-    assert "'/opt/my venv/bin/python' -P -m nodeserver --register 10.0.0.1:4000" in (
+    assert "'/opt/my venv/bin/python' -c 'import os, sys;" in script
+    assert '"-P", "-m", "nodeserver"] + sys.argv[1:])\' --register 10.0.0.1:4000' in (
         script
     )
     assert "--cpus 4 --drain-timeout 5 --secret-stdin" in script

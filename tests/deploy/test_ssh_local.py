@@ -312,3 +312,27 @@ def test_a_users_module_where_the_node_starts_shadows_none_of_ours(
     ):
         job = cluster.submit(7)
         assert job() == 49, job.exception
+
+
+def test_a_python_older_than_311_is_named_as_such(
+    fake_ssh: Path, tmp_path: Path
+) -> None:
+    """Ubuntu 22.04's ``python3`` is 3.10: ``python3 -P`` said 'Unknown option:
+    -P' then 'Try `python -h' for more information.'; now the error names the
+    Python, its version and what to give."""
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "sitecustomize.py").write_text(
+        "import sys\nsys.version_info = (3, 10, 12)\nsys.version = '3.10.12 (fake)'\n"
+    )
+    python = tmp_path / "python3.10"
+    python.write_text(f'#!/bin/sh\nPYTHONPATH={old} exec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    nodes = SSHNodes(["node1"], python=str(python), wait=30)
+    with nodes, pytest.raises(LaunchError) as raised:
+        nodes.node_specs()
+    message = str(raised.value)
+    assert (
+        f"dispynb-node needs Python 3.11 or later; {sys.executable} is Python 3.10.12: "
+        "give the launcher python= a newer one"
+    ) in message, message
