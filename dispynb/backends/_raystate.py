@@ -1,7 +1,8 @@
 """The Ray engine's state: its nodes and actors, and what the parts of `RayBackend`
 share (`_RayState`). ``RayBackend`` (`dispynb.backends.ray`) is made of the parts:
 `_rayactors` (the actors on the Ray nodes), `_rayjobs` (jobs: queue, dispatch,
-completion, cancel) and `_rayinbox` (what running jobs send before they end).
+completion, cancel), `_raydeaths` (jobs whose actor died under them) and `_rayinbox`
+(what running jobs send before they end).
 """
 
 from __future__ import annotations
@@ -188,6 +189,9 @@ class _RayState:
         raise NotImplementedError
 
     def _take_incoming(self) -> None:
+        raise NotImplementedError
+
+    def _enqueue(self, job: JobRequest, first: bool = False) -> None:
         raise NotImplementedError
 
     def _cancel_timer(self, slot: _Slot) -> None:
