@@ -58,7 +58,7 @@ class _Actors(_RayState):
         self._inbox, self._inbox_name = self._engine.inbox(ray)
         # The actors get them from the inbox (see `_rayworker.JobActor`).
         self._inbox.keep.remote(self._token, list(self._args_refs))
-        # CONTROL: `JobActor.skip` runs while a job runs (see `_rayjobs._ask_skip`).
+        # CONTROL: `JobActor.skip` runs while a job runs (see `_raycancels._ask_skip`).
         self._actor_class = ray.remote(concurrency_groups={_rayworker.CONTROL: 1})(
             _rayworker.JobActor
         )

@@ -1,8 +1,9 @@
 """The Ray engine's state: its nodes and actors, and what the parts of `RayBackend`
 share (`_RayState`). ``RayBackend`` (`dispynb.backends.ray`) is made of the parts:
 `_rayactors` (the actors on the Ray nodes), `_rayjobs` (jobs: queue, dispatch,
-completion, cancel), `_raydeaths` (jobs whose actor died under them) and `_rayinbox`
-(what running jobs send before they end).
+completion), `_raycancels` (cancels, skips of jobs waiting on an actor), `_raydeaths`
+(jobs whose actor died under them) and `_rayinbox` (what running jobs send before
+they end).
 """
 
 from __future__ import annotations
@@ -192,6 +193,27 @@ class _RayState:
         raise NotImplementedError
 
     def _enqueue(self, job: JobRequest, first: bool = False) -> None:
+        raise NotImplementedError
+
+    def _remove(self, slot: _Slot, key: int) -> None:
+        raise NotImplementedError
+
+    def _started_running(self, slot: _Slot) -> None:
+        raise NotImplementedError
+
+    def _cancel_queued(self, keys: set[int]) -> set[int]:
+        raise NotImplementedError
+
+    def _cancel_sent(self, key: int, unstarted: bool) -> None:
+        raise NotImplementedError
+
+    def _cancel_in_batch(self, slot: _Slot, ref: Any, key: int) -> None:
+        raise NotImplementedError
+
+    def _ask_skip(self, slot: _Slot, key: int, why: str) -> None:
+        raise NotImplementedError
+
+    def _skipped(self, key: int) -> None:
         raise NotImplementedError
 
     def _cancel_timer(self, slot: _Slot) -> None:

@@ -82,6 +82,7 @@ from typing import Any
 
 from dispynb.backends import _probe, base
 from dispynb.backends._rayactors import _Actors
+from dispynb.backends._raycancels import _Cancels
 from dispynb.backends._raydeaths import _Deaths
 from dispynb.backends._rayinbox import _InboxReader
 from dispynb.backends._rayjobs import _Jobs
@@ -296,14 +297,14 @@ def refuse_nodes(nodes: Any) -> None:
     )
 
 
-class RayBackend(_Actors, _Jobs, _Deaths, _InboxReader, EngineManagedNodes):
+class RayBackend(_Actors, _Jobs, _Cancels, _Deaths, _InboxReader, EngineManagedNodes):
     """One `JobCluster`'s computation on a Ray cluster (from `RayEngine.open`).
 
     All state lives on the façade's I/O loop: Ray's completion callbacks (on Ray's
     threads) and `submit`/`cancel` (any thread) hand over to it. Its parts:
-    `_rayactors` (actors and nodes), `_rayjobs` (jobs), `_raydeaths` (jobs whose
-    actor died), `_rayinbox` (provisional results and files); their shared state is
-    `_raystate._RayState`.
+    `_rayactors` (actors and nodes), `_rayjobs` (jobs), `_raycancels` (cancels),
+    `_raydeaths` (jobs whose actor died), `_rayinbox` (provisional results and
+    files); their shared state is `_raystate._RayState`.
     """
 
     engine_name = "ray"

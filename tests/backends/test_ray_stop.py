@@ -227,6 +227,11 @@ def test_a_cancel_whose_skip_gets_no_answer_still_stops_its_job(
     assert victim.exception == STOPPED, victim.exception
 
 
+def _written(folder: Path) -> list[Path]:
+    """The ``path-*`` files in ``folder`` that hold their path."""
+    return [path for path in folder.glob("path-*") if path.stat().st_size]
+
+
 def test_a_stopped_jobs_actor_leaves_no_directory_behind(
     engine: RayEngine, tmp_path: Path
 ) -> None:
@@ -242,8 +247,9 @@ def test_a_stopped_jobs_actor_leaves_no_directory_behind(
         sleeps_in_its_directory, depends=[str(data)], engine=engine
     ) as cluster:
         stopped = cluster.submit(str(folder), 600)
-        wait_for(lambda: list(folder.glob("path-*")), "the job running")
-        (written,) = folder.glob("path-*")
+        # (once written: the job creates the file, then writes it)
+        wait_for(lambda: _written(folder), "the job running")
+        (written,) = _written(folder)
         directory = Path(written.read_text())
         assert (directory / "input.txt").read_text() == "the data"
         cluster.cancel(stopped)
