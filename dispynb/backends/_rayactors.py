@@ -150,6 +150,8 @@ class _Actors(_RayState):
             return
         if failure is not None:  # its setup failed: it holds a CPU for nothing
             self._end_actor(slot)
+            if self._startup.done():  # (at the start, `JobCluster` raises it)
+                _warn_setup_failed(slot, *failure)
             self._slot_dead(slot, *failure)
             return
         slot.ready, slot.pid = True, pid
@@ -341,3 +343,16 @@ class _Actors(_RayState):
                     node.info, "cluster closed", Departure.RELEASED
                 )
         return idle
+
+
+def _warn_setup_failed(slot: _Slot, reason: str, remote_traceback: str) -> None:
+    """Say that setup failed in an actor Ray restarted (after a stopped job, or a
+    job that ended its process): it runs no more jobs, and the cluster has one CPU
+    less, which nothing else would tell."""
+    shown = "\n".join(filter(None, (reason, remote_traceback)))
+    logger.warning(
+        "setup failed on a Ray worker of node %s, restarted after its job was "
+        "stopped or ended its process; that worker runs no more jobs: %s",
+        slot.node.host,
+        shown,
+    )

@@ -410,3 +410,37 @@ def test_mem_limit_stops_a_job_that_takes_too_much(engine: RayEngine) -> None:
         assert "mem_limit" in str(job.exception)
         small = cluster.submit(1)
         assert small() == 2**20, small.exception
+
+
+def test_a_setup_that_fails_in_a_restarted_actor_says_so(
+    engine: RayEngine, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A job is stopped (its actor killed: Ray restarts it and setup runs again)
+    and setup now fails there: a warning says so, with setup's traceback, as a
+    Dask worker's or a node's failed setup does. Before, nothing: the cluster went
+    on with one worker less."""
+    folder = str(tmp_path)
+
+    def setup() -> int:
+        if Path(folder, "fail").exists():
+            raise RuntimeError("the license server is gone")
+        return 0
+
+    with (
+        caplog.at_level(logging.WARNING, logger="dispynb.backends.ray"),
+        JobCluster(sleeper, setup=setup, engine=engine) as cluster,
+    ):
+        # Both actors set up (each runs a job) before setup fails.
+        job, other = cluster.submit(folder, 600), cluster.submit(folder, 2)
+        wait_for(lambda: len(list(tmp_path.glob("running-*"))) == 2, "2 jobs")
+        Path(folder, "fail").touch()
+        cluster.cancel(job)
+        assert job() is None and job.status is JobStatus.Terminated
+        wait_for(lambda: "the license server is gone" in caplog.text, "the warning")
+        assert "setup failed on a Ray worker of node 127.0.0.1, restarted" in (
+            caplog.text
+        )
+        assert "Traceback (most recent call last)" in caplog.text
+        assert "in setup\n" in caplog.text
+        assert other() is not None, other.exception
+        assert cluster.submit(folder, 0)() is not None  # the other worker runs on
