@@ -6,7 +6,13 @@ from __future__ import annotations
 import dataclasses
 
 from dispynb.protocol.files import digest_of
-from dispynb.protocol.messages import FilePlace, FilePlaced, FilePut, FilesMissing
+from dispynb.protocol.messages import (
+    ComputationFailed,
+    FilePlace,
+    FilePlaced,
+    FilePut,
+    FilesMissing,
+)
 from schedserver.computation import SharedComputation, Upstream
 from schedserver.session import SchedulerSession
 from schedserver.state import _ServerState, logger
@@ -28,10 +34,24 @@ class _FileRelay(_ServerState):
             return f"file {message.digest[:16]}... does not match its digest: refused"
         refused = self.files.put(message.digest, buffers[0], session, session.user)
         if refused:
+            self._setups_refused(session, message.digest, refused)
             return refused
         for _comp, upstream in self._wanted.pop(message.digest, set()):
             self.write(upstream, message, buffers)
         return ""
+
+    def _setups_refused(
+        self, session: SchedulerSession, digest: str, refused: str
+    ) -> None:
+        """A file ``session`` sent was not kept: its computations being set up that
+        list it fail now, saying why (their nodes would wait for it for ever, and
+        so would the client)."""
+        for comp in session.computations.values():
+            if comp.ready_sent or comp.closing:
+                continue
+            if any(entry[1] == digest for entry in comp.setup.files):
+                comp.ready_sent = True  # answered: no ready after this
+                comp.to_client(ComputationFailed(comp_id=comp.comp_id, message=refused))
 
     def file_release(self, session: SchedulerSession, digests: list[str]) -> None:
         """The client's jobs that needed these files ended: the files its session

@@ -224,6 +224,40 @@ def test_depends_over_max_file_size_is_refused(
         sched.stop()
 
 
+@pytest.mark.timeout(60)
+def test_depends_over_the_users_max_files_fail_the_setup(
+    tmp_path: Path, first_node: LocalCluster, users: dict[str, Path]
+) -> None:
+    """A computation whose ``depends`` the scheduler does not keep (over the user's
+    --max_files, or its disk would fill) fails to set up, saying why: the node
+    waited for the file for ever, and the client too (a warning, then jobs that
+    never ran)."""
+    sched = SchedulerProcess(
+        tmp_path,
+        first_node.node_specs(),
+        first_node.secret,
+        args=("--max_files", "2"),
+    )
+    sched.start()
+    try:
+        depends = []
+        for index in range(3):
+            path = tmp_path / f"part{index}.bin"
+            path.write_bytes(os.urandom(1000))
+            depends.append(str(path))
+        started = time.monotonic()
+        with pytest.raises(DispynbError, match="--max_files"):
+            SharedJobCluster(
+                hashlib.sha256,
+                scheduler_host=sched.address,
+                secret_file=str(users["alice"]),
+                depends=depends,
+            )
+        assert time.monotonic() - started < 10
+    finally:
+        sched.stop()
+
+
 def file_digest(name: str) -> str:
     """A job: the sha256 of a file in its directory."""
     import hashlib
