@@ -35,6 +35,17 @@ def files_quota() -> int:
     return max(16, soft // 8)
 
 
+#: Bytes of free disk space the files kept never take (less on a small file
+#: system: `room_kept`).
+ROOM_KEPT = 1 << 30
+
+
+def room_kept(total: int) -> int:
+    """Bytes the files kept leave free on a file system of ``total`` bytes: 1 GiB,
+    or a twentieth of a smaller one's size."""
+    return min(ROOM_KEPT, total // 20)
+
+
 class ClientFiles:
     """Uploaded files by digest, on disk; ``max_file_size`` bytes each at most (0:
     no limit), ``max_files`` per user at once (0: no limit)."""
@@ -140,6 +151,11 @@ class ClientFiles:
             self.release(uploader)
             logger.warning("cannot keep file %s...: %s", digest[:16], exc)
             return f"the scheduler cannot keep file {digest[:16]}...: {exc}"
+        refused = self._no_room(fd, digest, data.nbytes)
+        if refused:
+            os.close(fd)
+            self.release_some(uploader, [digest])
+            return refused
         try:
             view = data.cast("B") if data.ndim != 1 or data.format != "B" else data
             written = 0
@@ -154,6 +170,27 @@ class ClientFiles:
         self._owner[digest] = user
         self._counts[user] += 1
         return ""
+
+    def _no_room(self, fd: int, digest: str, size: int) -> str:
+        """Why a file of ``size`` bytes is not written to ``fd`` ("" if it is): it
+        would leave less than `room_kept` free on the file system, which the
+        kept results of every user, and the machine's other programs (it is
+        ``/tmp`` by default), need as well."""
+        try:
+            stats = os.fstatvfs(fd)
+        except OSError:
+            return ""  # cannot tell: the write says
+        free = stats.f_bavail * stats.f_frsize
+        keep = room_kept(stats.f_blocks * stats.f_frsize)
+        if free - size >= keep:
+            return ""
+        return (
+            f"file {digest[:16]}... of {size} bytes refused: the scheduler keeps "
+            f"{keep} bytes free on the file system of {self.store.prefix} "
+            f"(--dest_path_prefix), which has {free}; the files kept take "
+            f"{self.size} bytes: they go when the computations that list them "
+            "close; or have --dest_path_prefix on a larger file system"
+        )
 
     def get(self, digest: str) -> memoryview | None:
         """The file's content, mapped read-only from disk (None: not here)."""
