@@ -739,10 +739,13 @@ class SharedComputation(_JobFiles):
                 )
         self.end_jobs(ended)
         if lost:
-            logger.warning(
-                "%s: node %s lost with %d of its jobs (%s)",
+            # A stopping node's reentrant jobs run elsewhere: nothing is lost.
+            moved = stopping and self.setup.reentrant
+            (logger.info if moved else logger.warning)(
+                "%s: node %s %s with %d of its jobs (%s)",
                 self.name,
                 upstream.node.name,
+                "stopped" if stopping else "lost",
                 len(lost),
                 "queued again" if self.setup.reentrant else "ended",
             )

@@ -65,6 +65,7 @@ class _NodeLinks(_ServerState):
         """Keep a control connection to ``node``: up, down, up again."""
         delay = RECONNECT_FIRST
         failing = False  # the operator heard of this outage already
+        stopped = False  # the node said it shut down: its operator stopped it
         loop = asyncio.get_running_loop()
         down_since = loop.time()
         while not self.stopping:
@@ -74,16 +75,21 @@ class _NodeLinks(_ServerState):
                 if node.registered and self._forget(node, loop.time() - down_since):
                     return
                 # Once per outage at warning level: a mistyped or unreachable
-                # node is visible without -d; each retry only with it.
-                (logger.debug if failing else logger.warning)(
-                    "node %s: %s (trying again)", node.name, describe_error(exc)
-                )
+                # node is visible without -d; each retry only with it. A node
+                # that was stopped (it said so) is no fault: said at info level.
+                (
+                    logger.debug
+                    if failing
+                    else logger.info
+                    if stopped
+                    else logger.warning
+                )("node %s: %s (trying again)", node.name, describe_error(exc))
                 failing = True
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RECONNECT_MAX)
                 continue
             delay = RECONNECT_FIRST
-            failing = False
+            failing = stopped = False
             node.conn = conn
             node.dead_reason = ""
             node.leaving = False
@@ -118,7 +124,11 @@ class _NodeLinks(_ServerState):
                 await conn.dispatch(on_control)
             except DispynbError as exc:
                 why = node.dead_reason or describe_error(exc)
-                logger.warning("node %s is down: %s", node.name, why)
+                stopped = bool(node.stopping)
+                if stopped:
+                    logger.info("node %s stopped: %s", node.name, node.stopping)
+                else:
+                    logger.warning("node %s is down: %s", node.name, why)
             finally:
                 conn.close()
                 node.conn = None

@@ -175,3 +175,47 @@ def test_a_job_that_ends_with_its_stopping_node_says_why(
     finally:
         sched.stop()
         node.stop()
+
+
+def test_a_node_its_operator_stops_is_said_without_warnings(
+    tmp_path: Path, users: dict[str, Path]
+) -> None:
+    """``systemctl stop`` of a node running reentrant jobs is no fault: the
+    scheduler said it at warning level three times (the node 'is down', each
+    computation's jobs 'lost', and 'cannot connect (trying again)'), which log
+    watchers alert on. A node that vanishes without saying so still warns."""
+    folder = tmp_path / "jobs"
+    folder.mkdir()
+    with (
+        two_nodes(tmp_path) as (nodes, sched),
+        SharedJobCluster(
+            hold,
+            scheduler_host=sched.address,
+            secret_file=str(users["alice"]),
+            reentrant=True,
+        ) as cluster,
+    ):
+        jobs = [cluster.submit(n, str(folder)) for n in range(4)]
+        wait_until(lambda: len(list(folder.glob("started-*"))) == 4)
+        nodes[0].proc.send_signal(signal.SIGTERM)
+        (folder / "all").touch()
+        assert [job() for job in jobs] == list(range(4))
+        assert nodes[0].proc.wait(30) == 0
+        stopped, vanished = nodes[0].spec, nodes[1].spec
+        wait_until(lambda: retried(sched, stopped))
+        nodes[1].proc.kill()  # vanishes: a fault
+        wait_until(lambda: retried(sched, vanished))
+    warnings = [line for line in sched.log_text().splitlines() if " WARNING " in line]
+    assert not [line for line in warnings if stopped in line], warnings
+    assert [line for line in warnings if f"node {vanished} is down" in line]
+    assert f"node {stopped} stopped: node 'n0' is shutting down (SIGTERM)" in (
+        sched.log_text()
+    )
+
+
+def retried(sched: SchedulerProcess, node: str) -> bool:
+    """Whether the scheduler tried to reach ``node`` again after it went."""
+    return any(
+        f"node {node}: " in line and "trying again" in line
+        for line in sched.log_text().splitlines()
+    )
