@@ -130,11 +130,23 @@ class ForkedProcess:
             loop.add_reader(pidfd, on_exit)
             try:
                 await exited
-            finally:
-                loop.remove_reader(pidfd)
+            except BaseException:
+                # Its waiter went (cancelled: a client left while its computation
+                # started; or a timed wait ran out): the pidfd is closed once the
+                # process exits, not never. A later kill or wait still has it.
+                loop.add_reader(pidfd, self._release)
+                raise
+            loop.remove_reader(pidfd)
         self._pidfd = None
         os.close(pidfd)
         return 0
+
+    def _release(self) -> None:
+        """The process exited with nobody waiting for it: close its pidfd."""
+        pidfd, self._pidfd = self._pidfd, None
+        if pidfd is not None:
+            asyncio.get_running_loop().remove_reader(pidfd)
+            os.close(pidfd)
 
     def kill(self) -> None:
         """SIGKILL the process now (its workers die with it)."""
