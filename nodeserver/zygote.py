@@ -545,15 +545,16 @@ def _become_computation(
         os.close(devnull)
         try:
             os.chdir(cwd)
+            here = os.getcwd()
         except FileNotFoundError:
             # The node closed the computation (its client left: a notebook's Stop)
-            # and removed its directory while this process waited to be made;
-            # nobody waits for it now: end quietly.
+            # and removed its directory while this process waited to be made (or
+            # just after it went there); nobody waits for it now: end quietly.
             raise SystemExit(1) from None
         from nodeserver import compute
 
         # As ``python -P -m nodeserver.compute`` started there.
-        compute.lead_path(os.getcwd())
+        compute.lead_path(here)
         if "random" in sys.modules:
             import random
 

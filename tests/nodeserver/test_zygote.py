@@ -514,3 +514,44 @@ def test_a_process_whose_wait_was_cancelled_leaves_no_pidfd() -> None:
             child.stdin.close()
 
     asyncio.run(main())
+
+
+def test_a_computation_whose_directory_goes_as_it_starts_ends_quietly(
+    tmp_path: Path,
+) -> None:
+    """The node removes a computation's directory when its client leaves during the
+    setup; removed just after the forked process went there, its ``getcwd``
+    raised, and the process's traceback landed in the node's log (found by
+    tests/fuzz/test_servers.py). It ends with status 1 and says nothing."""
+    import socket
+    import sys
+
+    from nodeserver import zygote
+
+    directory = tmp_path / "computation"
+    directory.mkdir()
+    stderr_read, stderr_write = os.pipe()
+    sock, other = socket.socketpair()
+    pipe = os.pipe()
+    control = os.dup(other.fileno())
+    pid = os.fork()
+    if pid == 0:  # the computation process, as the zygote forks it
+        os.dup2(stderr_write, 2)
+        sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115 (not pytest's capture)
+        real_chdir = os.chdir
+
+        def chdir_then_removed(path: str) -> None:
+            real_chdir(path)
+            os.rmdir(path)  # the node's close, just then
+
+        os.chdir = chdir_then_removed  # type: ignore[assignment]
+        zygote._become_computation(sock, pipe, control, str(directory), [])
+    for fd in (stderr_write, control, *pipe):
+        os.close(fd)
+    sock.close()
+    other.close()
+    _, status = os.waitpid(pid, 0)
+    with os.fdopen(stderr_read, "rb") as said:
+        stderr = said.read().decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 1, stderr
+    assert stderr == ""
