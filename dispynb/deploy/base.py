@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Self
 from dispynb._loop import LoopRunner
 from dispynb.deploy.adaptive import Adaptive, ScaleEvent
 from dispynb.deploy.launcherstate import JOIN_GRACE as JOIN_GRACE
-from dispynb.deploy.launcherstate import KEPT_EVENTS
+from dispynb.deploy.launcherstate import KEPT_EVENTS, Changes
 from dispynb.deploy.launcherstate import REGISTER_WAIT as REGISTER_WAIT
 from dispynb.deploy.launcherstate import Handle as Handle
 from dispynb.deploy.launcherstate import Launched as Launched
@@ -129,7 +129,7 @@ class NodeLauncher(_Registrations[Handle]):
         self.wait = wait
         self._launched: list[Launched[Handle]] = []
         self._subscribers: list[tuple[Subscriber, ScalableCluster | None]] = []
-        self._changed = threading.Condition()
+        self._changed = Changes()
         self._scaling = threading.RLock()  # held for each scaling decision
         self._closed = False
         self._adaptive: Adaptive | None = None

@@ -4,6 +4,7 @@ them, and `LaunchError`."""
 
 from __future__ import annotations
 
+import _thread
 import abc
 import asyncio
 import collections
@@ -15,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Generic, TypeVar
 
+from dispynb._interruptible import Sleepers
 from dispynb._loop import LoopRunner
 from dispynb.deploy.adaptive import Adaptive, ScaleEvent
 from dispynb.deploy.registry import RegisteredNode, Registrar
@@ -42,6 +44,37 @@ Subscriber = Callable[[str, int], None]
 
 class LaunchError(DispynbError):
     """Launched nodes could not be started or did not register."""
+
+
+class Changes(_thread.RLock):  # type: ignore[misc]  # final in typeshed only
+    """A launcher's lock (``_changed``), which also tells of changes to what it
+    guards: the thread that changed the state calls `notify_all`, and
+    `wait_unlocked` (`NodeLauncher.wait_for`) waits for that without the lock.
+
+    Not a ``threading.Condition``, for the main thread's sake: a Ctrl-C landing
+    as ``Condition.wait`` lets the lock go made the ``with`` around it raise
+    ``RuntimeError('cannot release un-acquired lock')`` instead of the
+    `KeyboardInterrupt`, and one landing in ``Condition.__enter__`` (Python code)
+    just after it acquired the lock left the lock held for ever, the I/O thread
+    hanging at the next registration. This lock's ``with`` is C code, and its
+    waits are `Sleepers`'.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: How many times `notify_all` was called (changes told of).
+        self.count = 0
+        self._sleepers = Sleepers()
+
+    def notify_all(self) -> None:
+        """The state changed: wake the threads in `wait_unlocked`."""
+        self.count += 1
+        self._sleepers.wake_all()
+
+    def wait_unlocked(self, seen: int, timeout: float) -> None:
+        """Without the lock: sleep until a change after the ``seen``-th, or for
+        ``timeout`` seconds (on the main thread, Ctrl-C ends it at once)."""
+        self._sleepers.wait_for(lambda: self.count != seen, timeout)
 
 
 @dataclasses.dataclass
@@ -80,7 +113,7 @@ class _LauncherState(abc.ABC, Generic[Handle]):
     events: collections.deque[ScaleEvent]
     _launched: list[Launched[Handle]]
     _subscribers: list[tuple[Subscriber, ScalableCluster | None]]
-    _changed: threading.Condition
+    _changed: Changes
     _scaling: threading.RLock
     _closed: bool
     _adaptive: Adaptive | None

@@ -59,8 +59,8 @@ class _Registrations(_Scaling[Handle]):
         """
         timeout = self.wait if timeout is None else timeout
         deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
+        while True:
+            with self._changed:
                 launched = self._in_use()
                 done = sum(1 for x in launched if x.node is not None)
                 want = len(launched) if count is None else count
@@ -70,7 +70,11 @@ class _Registrations(_Scaling[Handle]):
                 ended = [x for x in waiting if self._reason(x) is not None]
                 if len(ended) == len(waiting) or time.monotonic() >= deadline:
                     raise LaunchError(self._not_registered(waiting, timeout))
-                self._changed.wait(min(0.2, max(0.0, deadline - time.monotonic())))
+                seen = self._changed.count
+            # Asleep without the lock, not in Condition.wait (see `Changes`); a
+            # node's end is not announced: looked at every 0.2 s.
+            left = max(0.0, deadline - time.monotonic())
+            self._changed.wait_unlocked(seen, min(0.2, left))
 
     def _not_registered(self, waiting: list[Launched[Handle]], timeout: float) -> str:
         if not waiting:

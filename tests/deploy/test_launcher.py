@@ -6,16 +6,21 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
+import signal
 import subprocess
 import sys
+import threading
 import time
 import weakref
+from collections.abc import Callable
 
 import pytest
 
 from dispynb import DispyJob, JobCluster
 from dispynb.deploy import LaunchError, NodeLauncher
 from tests.nodeproc import node_env
+from tests.sigint import python_handles_sigint
 
 pytestmark = pytest.mark.slow
 
@@ -89,6 +94,65 @@ def test_cluster_uses_launched_nodes_and_later_ones() -> None:
             cluster.close()
     # close() stopped the nodes
     assert all(x.handle.returncode is not None for x in nodes._launched if x.handle)
+
+
+class Unregistered(NodeLauncher[str]):
+    """Nodes launched that have not registered yet (slow hosts, say)."""
+
+    async def _launch(self, index: int, name: str, register_to: str) -> str:
+        return name
+
+    async def _stop(self, handle: str) -> None:
+        pass
+
+    def _exit_reason(self, handle: str) -> str | None:
+        return None
+
+
+def sigint_at_c_return(point: int) -> Callable[[object, str, object], None]:
+    """A profile function sending a real SIGINT to this process as the
+    ``point``-th C call returns (where Python runs the handler, raising
+    `KeyboardInterrupt` there): a Ctrl-C landing at that point."""
+    returns = 0
+
+    def profile(frame: object, event: str, arg: object) -> None:
+        nonlocal returns
+        if event == "c_return":
+            returns += 1
+            if returns == point:
+                sys.setprofile(None)
+                signal.raise_signal(signal.SIGINT)
+
+    return profile
+
+
+def test_ctrl_c_anywhere_in_a_wait_for_nodes_is_a_keyboard_interrupt() -> None:
+    """A Ctrl-C after each C call ``wait_for`` makes in turn: each wait ends in
+    `KeyboardInterrupt`, and the launcher's lock is free for its other threads.
+    With a ``threading.Condition``, one landing as its ``wait`` let the lock go
+    raised RuntimeError('cannot release un-acquired lock'), and one landing in
+    its ``__enter__`` left the lock held for ever."""
+    outcomes: list[str] = []
+    with Unregistered(register_host="127.0.0.1") as nodes, python_handles_sigint():
+        nodes.start(1)
+        for point in itertools.count(1):
+            try:
+                sys.setprofile(sigint_at_c_return(point))
+                nodes.wait_for(timeout=0.05)
+            except KeyboardInterrupt:
+                outcomes.append("KeyboardInterrupt")
+            except LaunchError:  # not interrupted: past the wait's last C call
+                break
+            except RuntimeError as exc:
+                outcomes.append(repr(exc))
+            finally:
+                sys.setprofile(None)
+        other = threading.Thread(target=nodes.exited, daemon=True)  # takes the lock
+        other.start()
+        other.join(10)
+        assert not other.is_alive(), "the launcher's lock is held for ever"
+    assert len(outcomes) > 10  # each point in the wait was tried
+    assert set(outcomes) == {"KeyboardInterrupt"}, outcomes
 
 
 def test_nodes_that_cannot_start_give_a_clear_error() -> None:
