@@ -268,6 +268,7 @@ class NodeServer:
             avail=avail_info(self.config.dest_path),
             boot_id=shm.boot_id(),
             python=platform.python_version(),
+            pid_namespace=shm.pid_namespace(),
         )
 
     async def _serve(self, conn: Connection, client_name: str) -> None:

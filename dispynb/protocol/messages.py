@@ -282,6 +282,9 @@ class Welcome(WireMessage):
     #: said, as a scheduler does): a function sent by value is compiled code, which
     #: only runs on the Python version (major.minor) that compiled it.
     python: str = ""
+    #: The node's pid namespace (`protocol.shm.pid_namespace`; 0 if unknown): ``pid``
+    #: names the node only in that namespace.
+    pid_namespace: int = 0
 
 
 @message("error")

@@ -103,17 +103,31 @@ def boot_id() -> str:
         return ""
 
 
+@functools.cache
+def pid_namespace() -> int:
+    """This process's pid namespace (the inode of ``/proc/self/ns/pid``), 0 where it
+    cannot be told: a pid names the same process only inside one namespace."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
 def enabled() -> bool:
     """Whether the client may use shared memory (``DISPYNB_SHARED_MEMORY`` != "0")."""
     return os.environ.get("DISPYNB_SHARED_MEMORY", "1").strip() != "0"
 
 
-def same_machine(peer_ip: str, node_boot_id: str, node_pid: int) -> bool:
+def same_machine(
+    peer_ip: str, node_boot_id: str, node_pid: int, node_pid_namespace: int
+) -> bool:
     """Whether a node can be sent shared memory references.
 
     All must hold: the connection is over loopback (a node in another network
     namespace or on another host has another address), the node reports this
-    machine's boot id (a loopback tunnel to another machine does not), its process
+    machine's boot id (a loopback tunnel to another machine does not) and our pid
+    namespace (`pid_namespace`: its pid names another process here, or none, when it
+    runs in another, a container sharing the host's network), its process
     is visible here and belongs to our user (it can open our 0600 objects), and its
     ``/dev/shm`` is ours, not a private one (`_mount_of`: what its
     ``/proc/<pid>/mountinfo`` says, which a node's user reads although the node is
@@ -126,6 +140,8 @@ def same_machine(peer_ip: str, node_boot_id: str, node_pid: int) -> bool:
         return False
     mine = boot_id()
     if not mine or node_boot_id != mine or node_pid <= 0:
+        return False
+    if not node_pid_namespace or node_pid_namespace != pid_namespace():
         return False
     try:
         with open(f"/proc/{node_pid}/status") as status:

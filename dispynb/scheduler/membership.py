@@ -115,7 +115,7 @@ class DriverNodes(DriverResults):
         link.peer_ip = address[0] if address is not None else link.host
         link.allocate = allocate
         link.shared_memory = shm.enabled() and shm.same_machine(
-            link.peer_ip, welcome.boot_id, welcome.pid
+            link.peer_ip, welcome.boot_id, welcome.pid, welcome.pid_namespace
         )
         if link.shared_memory:
             self._segment_pool()

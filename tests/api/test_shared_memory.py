@@ -441,3 +441,34 @@ def test_a_large_result_kept_for_recovery_holds_its_bytes(tmp_path):
     expected = hashlib.sha256(bytes(range(256)) * 16000).hexdigest()
     assert json.loads(done.stdout) == [[n, DispyJob.Finished, expected] for n in (0, 1)]
     wait_until(lambda: not results_in_memory() - before)  # nothing left behind
+
+
+def _length(data: bytes) -> int:
+    return len(data)
+
+
+def test_a_node_in_another_pid_namespace_gets_arguments_over_its_socket(tmp_path):
+    """A node in a container sharing the host's network (its own pid namespace and
+    /dev/shm: ``docker run --network host``): the pid it reports named another
+    process on the client's side, which passed for the node, so its jobs' large
+    arguments went into shared memory it cannot see and every such job failed
+    ("cannot open the job's shared memory"). They go over its socket."""
+    import shutil
+
+    from tests.nodeproc import start_node
+
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare for pid and mount namespaces")
+    container = [
+        "unshare", "-p", "-f", "-m", "--mount-proc", "--kill-child",
+        "sh", "-c", 'mount -t tmpfs tmpfs /dev/shm && exec "$@"', "sh",
+    ]  # fmt: skip
+    node = start_node(tmp_path / "node", launcher=container)
+    try:
+        with JobCluster(_length, nodes=[node.spec], secret=node.secret) as cluster:
+            job = cluster.submit(b"x" * (4 * shm.MIN_SIZE))
+            result = job()
+            assert result == 4 * shm.MIN_SIZE, job.exception
+    finally:
+        node.proc.kill()  # unshare --kill-child: the node with it
+        node.proc.wait()

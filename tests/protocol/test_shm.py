@@ -176,18 +176,21 @@ def test_malformed_writability_is_refused(pool: SegmentPool) -> None:
 
 
 def test_same_machine() -> None:
-    boot = shm.boot_id()
-    assert boot
-    assert shm.same_machine("127.0.0.1", boot, os.getpid())
-    assert shm.same_machine("::1", boot, os.getpid())
+    boot, ns = shm.boot_id(), shm.pid_namespace()
+    assert boot and ns
+    assert shm.same_machine("127.0.0.1", boot, os.getpid(), ns)
+    assert shm.same_machine("::1", boot, os.getpid(), ns)
     # Another host (or network namespace) has another address: never.
-    assert not shm.same_machine("10.0.0.2", boot, os.getpid())
+    assert not shm.same_machine("10.0.0.2", boot, os.getpid(), ns)
     # A loopback tunnel to another machine: another boot id.
-    assert not shm.same_machine("127.0.0.1", "f" * 36, os.getpid())
-    assert not shm.same_machine("127.0.0.1", "", os.getpid())  # an older node
-    assert not shm.same_machine("127.0.0.1", boot, 0)
-    assert not shm.same_machine("not an address", boot, os.getpid())
-    assert not shm.same_machine("127.0.0.1", boot, 2**22 + 12345)  # no such process
+    assert not shm.same_machine("127.0.0.1", "f" * 36, os.getpid(), ns)
+    assert not shm.same_machine("127.0.0.1", "", os.getpid(), ns)  # an older node
+    assert not shm.same_machine("127.0.0.1", boot, 0, ns)
+    assert not shm.same_machine("not an address", boot, os.getpid(), ns)
+    assert not shm.same_machine("127.0.0.1", boot, 2**22 + 12345, ns)  # no such process
+    # An older node, or another pid namespace (where its pid is another process's).
+    assert not shm.same_machine("127.0.0.1", boot, os.getpid(), 0)
+    assert not shm.same_machine("127.0.0.1", boot, os.getpid(), ns + 1)
 
 
 def test_same_machine_refuses_a_node_with_a_private_dev_shm(tmp_path: Path) -> None:
@@ -208,7 +211,9 @@ def test_same_machine_refuses_a_node_with_a_private_dev_shm(tmp_path: Path) -> N
     try:
         assert proc.stdout is not None and proc.stdout.readline() == "ok\n"
         assert os.stat(f"/proc/{proc.pid}").st_uid == os.geteuid()
-        assert not shm.same_machine("127.0.0.1", shm.boot_id(), proc.pid)
+        assert not shm.same_machine(
+            "127.0.0.1", shm.boot_id(), proc.pid, shm.pid_namespace()
+        )
     finally:
         assert proc.stdin is not None
         proc.stdin.close()
@@ -238,7 +243,8 @@ def test_same_machine_sees_a_node_of_its_user_that_is_not_dumpable(
     try:
         check = (
             "from dispynb.protocol import shm; "
-            f"print(shm.same_machine('127.0.0.1', shm.boot_id(), {node.proc.pid}))"
+            "print(shm.same_machine('127.0.0.1', shm.boot_id(), "
+            f"{node.proc.pid}, shm.pid_namespace()))"
         )
         # setpriv without the capabilities AS_NOBODY keeps: a plain user.
         plain = AS_NOBODY[: AS_NOBODY.index("--clear-groups") + 1]
