@@ -10,21 +10,14 @@ found the tracebacks fixed in f47f3ed).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import pickle
-import random
 
 import psutil
 import pytest
 
 from dispynb import JobCluster
-from dispynb.errors import DispynbError
-from dispynb.protocol.messages import JobResults, JobSubmit
-from dispynb.transport.connection import Connection
-from tests.fuzz.wire import fuzzed_message
-from tests.hostile.scripted import ScriptedNode, finished
+from tests.fuzz.wire import FuzzingNode, HonestNode
 from tests.transport.util import SECRET, serving_in_thread
 
 pytestmark = pytest.mark.slow
@@ -44,34 +37,6 @@ def square(n: int) -> int:
     return n * n
 
 
-class _HonestNode(ScriptedNode):
-    """Each job's result: the square of its key (a cluster's keys are 1, 2...)."""
-
-    async def jobs(self, conn: Connection, message: JobSubmit) -> None:
-        for key, attempt, *_rest in message.jobs:
-            conn.write(
-                JobResults(comp_id=message.comp_id, results=[finished(key, attempt)]),
-                [pickle.dumps(key * key)],
-            )
-
-
-class _FuzzingNode(_HonestNode):
-    """Fuzzed messages naming each job (`PER_JOB`), then its result."""
-
-    def __init__(self, seed: int) -> None:
-        super().__init__()
-        self.rng = random.Random(seed)
-
-    async def jobs(self, conn: Connection, message: JobSubmit) -> None:
-        for key, _attempt, *_rest in message.jobs:
-            for _ in range(PER_JOB):
-                fuzzed = fuzzed_message(self.rng, message.comp_id, key)
-                buffers = [pickle.dumps(1)] * self.rng.randint(0, 2)
-                with contextlib.suppress(DispynbError):  # written after a drop
-                    conn.write(fuzzed, buffers)
-        await super().jobs(conn, message)
-
-
 def _fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
@@ -81,7 +46,7 @@ def test_a_client_survives_fuzzed_messages_of_a_node(caplog) -> None:
     caplog.set_level(logging.WARNING)
     before = _fds(), psutil.Process().memory_info().rss
     outcomes = []
-    with serving_in_thread(_FuzzingNode(SEED)) as port:
+    with serving_in_thread(FuzzingNode(SEED, PER_JOB)) as port:
         for _ in range(ROUNDS):
             with JobCluster(
                 square, nodes=[f"127.0.0.1:{port}"], secret=SECRET
@@ -92,7 +57,7 @@ def test_a_client_survives_fuzzed_messages_of_a_node(caplog) -> None:
                 outcomes.append(sorted({job.status.name for job in jobs}))
     fds, rss = _fds(), psutil.Process().memory_info().rss
     with (
-        serving_in_thread(_HonestNode()) as port,
+        serving_in_thread(HonestNode()) as port,
         JobCluster(square, nodes=[f"127.0.0.1:{port}"], secret=SECRET) as cluster,
     ):
         answered = [job() for job in [cluster.submit(n) for n in range(4)]]

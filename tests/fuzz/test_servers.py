@@ -11,16 +11,19 @@ handlers' tracebacks fixed in 1ec9403 (node) and 228b04f (scheduler).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from pathlib import Path
 
 import pytest
 
-from dispynb import JobCluster
+from dispynb import JobCluster, SharedJobCluster
 from dispynb.secret import read_secret_file
-from tests.fuzz.wire import footprint, fuzz_server
+from tests.fuzz.wire import FuzzingNode, footprint, fuzz_server
 from tests.hostile.test_scheduler import _alices_jobs, people, shared_nodes
 from tests.hostile.tools import limited_node, wait_for
+from tests.sharedsched.harness import SchedulerProcess
+from tests.transport.util import SECRET, serving_in_thread
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +37,26 @@ MEMORY = 32
 #: What a refusal logged as a warning says (a malformed field, message or entry).
 REFUSED = re.compile(r"WARNING.*(malformed|has type|unexpected|missing|not a|invalid)")
 
+#: Fuzzed messages a fake node sends before each job's result (to a scheduler).
+PER_JOB = 30
+
 MiB = 1 << 20
+
+
+def _square(n: int) -> int:
+    return n * n
+
+
+def _jobs_through(address: str, credential: Path) -> list[str]:
+    """Run 3 jobs through the scheduler at ``address``: how they ended."""
+    with SharedJobCluster(
+        _square, scheduler_host=address, secret_file=str(credential)
+    ) as cluster:
+        jobs = [cluster.submit(n) for n in range(3)]
+        for job in jobs:
+            with contextlib.suppress(Exception):  # what the node made of it
+                job.future.result(timeout=10)
+        return sorted({job.status.name for job in jobs})
 
 
 def _check(
@@ -44,10 +66,12 @@ def _check(
     tally: dict[str, int],
     answered: object,
     expected: object,
+    warned: re.Pattern[str] = REFUSED,
 ) -> None:
-    """The server survived, warned, answered, and let go of what the fuzzing took."""
+    """The server survived, warned (``warned``), answered, and let go of what the
+    fuzzing took."""
     fds, rss = footprint(pid)
-    warnings = [line for line in log.splitlines() if REFUSED.search(line)]
+    warnings = [line for line in log.splitlines() if warned.search(line)]
     grown = (rss - before[1]) / MiB
     summary = (
         f"{tally['sent']} sent over {tally['sessions']} sessions; {len(warnings)} "
@@ -101,3 +125,37 @@ def test_a_scheduler_survives_fuzzed_messages_of_a_user(
             "the scheduler's descriptors back",
         )
         _check(pid, before, sched.log_text(), tally, answered, [0, 1, 4, 9])
+
+
+@pytest.mark.timeout(120)
+def test_a_scheduler_survives_fuzzed_messages_of_a_node(
+    tmp_path: Path, people: dict[str, Path]
+) -> None:
+    node = FuzzingNode(SEED, PER_JOB)
+    with serving_in_thread(node) as port:
+        sched = SchedulerProcess(tmp_path, [f"127.0.0.1:{port}"], SECRET.decode())
+        sched.start()
+        try:
+            assert sched.proc is not None
+            pid = sched.proc.pid
+            before = footprint(pid)
+            outcomes = [_jobs_through(sched.address, people["alice"]) for _ in range(2)]
+            assert sched.proc.poll() is None, "the scheduler died"
+            node.fuzzing = False
+            wait_for(
+                lambda: footprint(pid)[0] <= before[0] + 2,
+                "the scheduler's descriptors back",
+            )
+            answered = _jobs_through(sched.address, people["alice"])
+            _check(
+                pid,
+                before,
+                sched.log_text(),
+                {"sent": PER_JOB * 3 * 2, "sessions": len(outcomes)},
+                answered,
+                ["Finished"],
+                # (why it dropped the node is the client's to hear, in its error)
+                re.compile(rf"WARNING.*node 127.0.0.1:{port} lost"),
+            )
+        finally:
+            sched.stop()

@@ -4,14 +4,17 @@ number goes, nested at random), sent by a peer that holds the secret.
 
 The pre-auth decoder has its own coverage-guided fuzzer (`fuzz_decoder.py`); this is
 what a peer past the handshake reaches: the handlers of a node, a scheduler or a
-client. Everything here is drawn from one `random.Random(seed)`: a run sends the
-same messages in the same order every time.
+client (`fuzz_server` as a client or user; `FuzzingNode` as a node). Everything
+here is drawn from one `random.Random(seed)`: a run sends the same messages in the
+same order every time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import pickle
 import random
 from typing import Any
 
@@ -21,12 +24,14 @@ from dispynb.errors import DispynbError
 from dispynb.protocol import serialize
 from dispynb.protocol.messages import (
     ComputationSetup,
+    JobResults,
     JobSubmit,
     Message,
     WireMessage,
 )
 from dispynb.transport.connection import Connection
 from dispynb.transport.connector import connect
+from tests.hostile.scripted import ScriptedNode, finished
 
 #: Leaf values: the edges of each type, paths out of a directory, digests' shapes.
 _LEAVES: tuple[Any, ...] = (
@@ -144,6 +149,37 @@ async def fuzz_server(
         if reader is not None:
             await reader
     return tally
+
+
+class HonestNode(ScriptedNode):
+    """Each job's result: the square of its key (a cluster's keys are 1, 2...)."""
+
+    async def jobs(self, conn: Connection, message: JobSubmit) -> None:
+        for key, attempt, *_rest in message.jobs:
+            conn.write(
+                JobResults(comp_id=message.comp_id, results=[finished(key, attempt)]),
+                [pickle.dumps(key * key)],
+            )
+
+
+class FuzzingNode(HonestNode):
+    """``per_job`` fuzzed messages naming each job (drawn from ``seed``), then its
+    result; as `HonestNode` once ``fuzzing`` is set False."""
+
+    def __init__(self, seed: int, per_job: int) -> None:
+        super().__init__()
+        self.rng = random.Random(seed)
+        self.per_job = per_job
+        self.fuzzing = True
+
+    async def jobs(self, conn: Connection, message: JobSubmit) -> None:
+        for key, _attempt, *_rest in message.jobs:
+            for _ in range(self.per_job if self.fuzzing else 0):
+                fuzzed = fuzzed_message(self.rng, message.comp_id, key)
+                buffers = [pickle.dumps(1)] * self.rng.randint(0, 2)
+                with contextlib.suppress(DispynbError):  # written after a drop
+                    conn.write(fuzzed, buffers)
+        await super().jobs(conn, message)
 
 
 def footprint(pid: int) -> tuple[int, int]:
