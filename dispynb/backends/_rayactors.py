@@ -176,6 +176,7 @@ class _Actors(_RayState):
         slot.dead = True
         slot.ready = False
         self._fail_inflight(slot, reason)
+        self._settle_lost_slot(slot)  # (its jobs of an earlier death)
         node = slot.node
         if not self._startup.done():
             self._setup_errors.append((reason, remote_traceback))
@@ -329,10 +330,12 @@ class _Actors(_RayState):
             self._cancel_timer(slot)
         for key in list(self._held):
             self._release(key)
-        for key, (node, _) in list(self._dying.items()):
+        for key, (dead, *_) in list(self._dying.items()):
             self._forget(key)
             self._events.job_done(
-                key, node.info, _terminated("job terminated: the cluster was closed\n")
+                key,
+                dead.node.info,
+                _terminated("job terminated: the cluster was closed\n"),
             )
         self._where.clear()
         self._closed = True

@@ -1,14 +1,27 @@
 """The Ray engine's jobs whose actor died under them: the calls of a lost actor are
-settled (`_Deaths._fail_inflight`); its running job, once the inbox is read once
-more, ends as its death says (`_Deaths._settle_dying`): Terminated if it ended its
-process itself, else run again (reentrant, up to ``max_attempts``) or Abandoned."""
+settled (`_Deaths._fail_inflight`); its running job ends as its death says
+(`_Deaths._settle_dying`), as on dispynb's nodes: Terminated if its process ended
+(``os._exit``, a fatal signal, SIGKILL) while its Ray node lives, which the actor's
+next life tells (`_rayworker.earlier_lives`: Ray restarts the actor there); else, its
+node lost, run again (reentrant, up to ``max_attempts``) or Abandoned."""
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
 from dispynb.backends._raystate import _RayState, _Slot, _terminated
-from dispynb.backends.base import JobRequest
-from dispynb.jobenv import TERMINATED_AT_REQUEST, timeout_reason
+from dispynb.backends.base import JobRequest, Outcome
+from dispynb.job import JobStatus
+from dispynb.jobenv import TERMINATED_AT_REQUEST, crash_reason, timeout_reason
 from dispynb.scheduler.state import attempts_spent
+
+#: Seconds a job whose actor died waits for the actor's next life to say how its
+#: process ended (Ray restarts it on the same node); none by then: its node is lost.
+LIFE_WAIT = 30.0
+
+#: Reports of earlier lives kept for a death not seen yet (its call failing).
+KEPT_LIVES = 256
 
 
 class _Deaths(_RayState):
@@ -53,33 +66,56 @@ class _Deaths(_RayState):
                 self._forget(key)
                 self._events.job_cancelled(key)
             elif index == 0:  # did it end its process? the inbox may say
-                self._dying[key] = (slot.node, reason)
                 dying.append(key)
             else:
                 requeue.append(job)
         for job in reversed(requeue):
             self._enqueue(job, first=True)
+        for key in dying:  # (several: a batch's jobs, which of them ended it unknown)
+            self._dying[key] = (slot, slot.pid, reason, len(dying) > 1)
         if dying:
             self._read_for_dying(dying)
 
-    def _settle_dying(self, keys: list[int]) -> None:
-        """Jobs whose actor died under them (`_fail_inflight`), the inbox read since:
-        one that called ``os._exit`` ends Terminated saying so, as on dispynb's
-        nodes (not run again: it would end its process again); the others, whose
-        worker or node died, run again if the cluster is reentrant (at most
-        ``max_attempts`` in all), else end Abandoned."""
+    def _settle_dying(self, keys: list[int], final: bool = False) -> None:
+        """Jobs whose actor died under them (`_fail_inflight`), the inbox read since.
+        One that called ``os._exit``, or whose process the actor's next life says
+        ended (a signal), ends Terminated saying so, as on dispynb's nodes (not run
+        again: it would end its process again). Until that life says (`LIFE_WAIT`,
+        unless ``final``) a job waits; then its node is taken as lost: it runs
+        again if the cluster is reentrant (at most ``max_attempts`` in all), else
+        ends Abandoned. A batch's jobs (which of them ended the process is not
+        known) are all taken as lost, the reason told."""
         requeue: list[JobRequest] = []
         for key in keys:
-            dying = self._dying.pop(key, None)
+            dying = self._dying.get(key)
             job = self._jobs.get(key)
             if dying is None or job is None:
+                self._dying.pop(key, None)
                 continue  # settled meanwhile (the cluster closed)
-            node, reason = dying
+            slot, pid, reason, batch = dying
+            node = slot.node
             status = self._exited.get(key)
+            life = None
+            if status is None:
+                life = self._lives.get((node.ray_id, pid))
+                if life is None and not final and not slot.dead:
+                    if key not in self._awaiting_life:
+                        self._awaiting_life.add(key)
+                        self._runner.loop.call_later(LIFE_WAIT, self._life_late, key)
+                    continue
+            self._dying.pop(key)
+            self._awaiting_life.discard(key)
             if status is not None:
                 self._forget(key)
                 self._events.job_done(key, node.info, _terminated(_exit_text(status)))
-            elif not self._reentrant:
+                continue
+            if life is not None and not batch:
+                self._forget(key)
+                self._events.job_done(key, node.info, _crashed(*life))
+                continue
+            if life is not None:
+                reason = "a job of its batch: " + _crash_text(life[0]).rstrip()
+            if not self._reentrant:
                 self._forget(key)
                 self._events.job_abandoned(
                     key,
@@ -102,6 +138,36 @@ class _Deaths(_RayState):
         for job in reversed(requeue):
             self._enqueue(job, first=True)
 
+    def _life_late(self, key: int) -> None:
+        """`LIFE_WAIT` passed: job ``key``'s actor said nothing of its death."""
+        if key in self._awaiting_life and not self._closed:
+            self._settle_dying([key], final=True)
+            self._schedule()
+
+    def _life_reported(self, value: Any) -> None:
+        """An actor's next life says how an earlier one ended (inbox message
+        ``(node id, pid, signal number or 0, faulthandler's report)``): settle the
+        job that was running in it."""
+        node_id, pid, signum, dump = value
+        self._lives[(str(node_id), int(pid))] = (int(signum), str(dump))
+        while len(self._lives) > KEPT_LIVES:
+            del self._lives[next(iter(self._lives))]
+        keys = [
+            key
+            for key, (slot, dead_pid, _, _) in self._dying.items()
+            if dead_pid == pid and slot.node.ray_id == node_id
+        ]
+        if keys:
+            self._settle_dying(keys)
+            self._schedule()
+
+    def _settle_lost_slot(self, slot: _Slot) -> None:
+        """``slot``'s actor cannot come back: its jobs waiting for its next life's
+        word are settled as those of a lost node."""
+        keys = [key for key, dying in self._dying.items() if dying[0] is slot]
+        if keys:
+            self._settle_dying(keys, final=True)
+
 
 def _exit_text(status: int) -> str:
     """Why a job that called ``os._exit(status)`` ended (in the words of dispynb's
@@ -109,4 +175,31 @@ def _exit_text(status: int) -> str:
     return (
         f"the job's worker process exited with status {status} (the job called "
         "os._exit(); Ray restarts its actor, and setup runs again)\n"
+    )
+
+
+def _crash_text(signum: int) -> str:
+    """Why a job whose process was killed by ``signum`` ended (dispynb's nodes'
+    words); 0: the process recorded no fatal signal (SIGKILL, most likely)."""
+    if signum:
+        return (
+            f"{crash_reason(-signum)} (Ray restarts its actor, and setup runs again)\n"
+        )
+    return (
+        f"{crash_reason(-9)}, or by another signal it does not catch (the "
+        "out-of-memory killer and kill -9 send SIGKILL; Ray restarts its actor, and "
+        "setup runs again)\n"
+    )
+
+
+def _crashed(signum: int, dump: str) -> Outcome:
+    """The outcome of a job whose process a signal ended; its stderr: what Python's
+    faulthandler wrote as it died (the job's frames), if anything."""
+    now = time.time()
+    return Outcome(
+        JobStatus.Terminated,
+        stderr=dump,
+        exception=_crash_text(signum),
+        start_time=now,
+        end_time=now,
     )

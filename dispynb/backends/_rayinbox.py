@@ -12,6 +12,7 @@ import logging
 from typing import Any
 
 from dispynb.backends._raystate import _RayState
+from dispynb.backends._rayworker import LIFE
 from dispynb.backends.jobfiles import save_job_file
 
 logger = logging.getLogger("dispynb.backends.ray")
@@ -38,7 +39,7 @@ class _InboxReader(_RayState):
             logger.warning("provisional results are lost: the inbox failed: %s", exc)
             for key in list(self._held):
                 self._release(key)
-            self._settle_dying(list(self._dying))
+            self._settle_dying(list(self._dying), final=True)
             return
         self._take_items(items)
         self._poll_inbox()
@@ -46,7 +47,8 @@ class _InboxReader(_RayState):
     def _read_for_dying(self, keys: list[int]) -> None:
         """The actor of jobs ``keys`` died while they ran: read the inbox once
         more (a job's ``os._exit`` put its status there before it ended the
-        process), then settle them (`_settle_dying`)."""
+        process), then settle them (`_settle_dying`; they may wait for the word of
+        their actor's next life)."""
         try:
             future = self._inbox.take.remote(self._token, 0.0).future()
         except Exception:  # (Ray is shutting down)
@@ -69,6 +71,9 @@ class _InboxReader(_RayState):
     def _take_items(self, items: list[Any]) -> None:
         """Deliver the inbox's messages, in the order each job sent them."""
         for key, attempt, number, kind, value in items:
+            if kind == LIFE:  # of no job: an actor's earlier life ended
+                self._life_reported(value)
+                continue
             if self._attempts.get(key) != attempt:
                 self._not_saved(key, attempt, number, kind, value)
                 continue

@@ -117,9 +117,15 @@ class _RayState:
         self._held: dict[int, tuple[_Node, Outcome, int, Any]] = {}
         #: Exit status a job's ``os._exit`` sent before its actor died, by key.
         self._exited: dict[int, int] = {}
-        #: Jobs whose actor died while they ran, not killed by us: their node and
-        #: Ray's reason, until the inbox is read once more (`_settle_dying`).
-        self._dying: dict[int, tuple[_Node, str]] = {}
+        #: Jobs whose actor died while they ran, not killed by us: its slot, the
+        #: pid of its process then, Ray's reason and whether they were a batch,
+        #: until they are settled (`_raydeaths._Deaths._settle_dying`).
+        self._dying: dict[int, tuple[_Slot, int, str, bool]] = {}
+        #: Keys of `_dying` waiting for the actor's next life to say how it died.
+        self._awaiting_life: set[int] = set()
+        #: How earlier lives of actors ended, as their next lives said: (signal
+        #: number or 0, faulthandler's report) by (Ray node id, pid).
+        self._lives: dict[tuple[str, int], tuple[int, str]] = {}
         #: Hosts of a reentrant job's attempts lost with their worker (at most
         #: ``max_attempts``: a job that kills its worker each time is abandoned).
         self._lost_on: dict[int, list[str]] = {}
@@ -173,6 +179,7 @@ class _RayState:
         self._started.pop(key, None)
         self._exited.pop(key, None)
         self._dying.pop(key, None)
+        self._awaiting_life.discard(key)
         self._lost_on.pop(key, None)
 
     def _view(self, node: _Node) -> NodeInfo:
@@ -234,7 +241,13 @@ class _RayState:
     def _read_for_dying(self, keys: list[int]) -> None:
         raise NotImplementedError
 
-    def _settle_dying(self, keys: list[int]) -> None:
+    def _settle_dying(self, keys: list[int], final: bool = False) -> None:
+        raise NotImplementedError
+
+    def _life_reported(self, value: Any) -> None:
+        raise NotImplementedError
+
+    def _settle_lost_slot(self, slot: _Slot) -> None:
         raise NotImplementedError
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import faulthandler
 import importlib
 import io
 import logging
@@ -31,6 +32,7 @@ import pickle
 import platform
 import resource
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -93,6 +95,21 @@ EXIT_WAIT = 5.0
 
 #: The process's own ``os._exit`` (an actor's is `_exit_told`).
 _EXIT = os._exit
+
+#: The file of an actor's directory that outlives its process: the process's pid,
+#: then what faulthandler writes there if a fatal signal ends it. The actor's next
+#: life (Ray restarts it) reads it (`earlier_lives`) and tells the client, in an
+#: inbox message of this kind, how the job running then ended.
+LIFE = ".dispynb-life"
+
+#: faulthandler's words for the fatal signals it reports.
+_FATAL = {
+    "Segmentation fault": signal.SIGSEGV,
+    "Floating point exception": signal.SIGFPE,
+    "Aborted": signal.SIGABRT,
+    "Bus error": signal.SIGBUS,
+    "Illegal instruction": signal.SIGILL,
+}
 
 
 class SetupFailed(Exception):
@@ -265,6 +282,7 @@ class JobActor:
         ray = importlib.import_module("ray")
         try:
             handle = ray.get_actor(inbox)
+            _tell_earlier_lives(ray, handle, token)
             stored = ray.get(handle.computation.remote(token))
             if stored is None:
                 raise LookupError(f"its cluster closed, or sent none in {KEEP_WAIT} s")
@@ -281,6 +299,11 @@ class JobActor:
             os.chdir(tempfile.gettempdir())
             shutil.rmtree(self.path, ignore_errors=True)
             raise
+        # Set up: from now on, how this process ends is told by its next life.
+        self.life = open(os.path.join(self.path, LIFE), "w")  # noqa: SIM115
+        self.life.write(f"{os.getpid()}\n")
+        self.life.flush()
+        faulthandler.enable(file=self.life, all_threads=False)
 
     def _set_up(
         self,
@@ -482,6 +505,40 @@ def load_result(reply: tuple[Any, ...]) -> tuple[Any, ...]:
     return (FINISHED, result, *reply[2:])
 
 
+def earlier_lives(ray: Any) -> list[tuple[int, int, str]]:
+    """How the earlier lives of this actor ended (its `LIFE` files, in the
+    directories `_actor_directory` removes next): ``(pid, fatal signal number or 0,
+    faulthandler's report)`` each."""
+    prefix = _directory_prefix(ray)
+    base = tempfile.gettempdir()
+    lives = []
+    with os.scandir(base) as entries:
+        for entry in entries:
+            if not entry.name.startswith(prefix):
+                continue
+            with contextlib.suppress(OSError, ValueError):
+                path = os.path.join(entry.path, LIFE)
+                if os.path.islink(path):
+                    continue
+                with open(path, errors="replace") as handle:
+                    pid = int(handle.readline())
+                    dump = handle.read()
+                fatal = dump.partition("Fatal Python error: ")[2].partition("\n")[0]
+                lives.append((pid, int(_FATAL.get(fatal.strip(), 0)), dump))
+    return lives
+
+
+def _tell_earlier_lives(ray: Any, inbox: Any, token: str) -> None:
+    """Tell the client how this actor's earlier lives ended (`earlier_lives`)."""
+    try:
+        lives = earlier_lives(ray)
+        node = ray.get_runtime_context().get_node_id()
+        for pid, signum, dump in lives:
+            inbox.put.remote((token, 0, 0, 0, LIFE, (node, pid, signum, dump)))
+    except Exception as exc:  # the client then takes its node as lost
+        logging.getLogger("dispynode").warning("earlier lives not told: %s", exc)
+
+
 def _actor_directory(ray: Any) -> str:
     """A new directory for this actor's files (depends, what its jobs write).
 
@@ -491,7 +548,7 @@ def _actor_directory(ray: Any) -> str:
     would leave one in the worker's temporary folder. Only directories of this
     user are removed, never through a symbolic link.
     """
-    prefix = f"dispynb-ray-{ray.get_runtime_context().get_actor_id()}-"
+    prefix = _directory_prefix(ray)
     base = tempfile.gettempdir()
     with os.scandir(base) as entries:
         for entry in entries:
@@ -504,6 +561,12 @@ def _actor_directory(ray: Any) -> str:
                 ):
                     shutil.rmtree(entry.path, ignore_errors=True)
     return tempfile.mkdtemp(prefix=prefix, dir=base)
+
+
+def _directory_prefix(ray: Any) -> str:
+    """The start of the names of this actor's directories (of each of its lives:
+    a restart keeps the actor's id)."""
+    return f"dispynb-ray-{ray.get_runtime_context().get_actor_id()}-"
 
 
 def _run_setup(setup: Callable[..., Any], setup_args: tuple[Any, ...]) -> None:

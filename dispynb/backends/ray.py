@@ -41,10 +41,15 @@ How dispy's features map onto Ray's own mechanisms
   restarts the actor (``max_restarts=-1``), which runs ``setup`` again. (The jobs
   run in the actor's thread for its default group, not its main thread.)
 * **Worker death.** When an actor dies (its process killed, its node lost), its
-  calls fail with ``RayActorError``: the running job is run again elsewhere if the
-  cluster is ``reentrant``, otherwise it ends ``Abandoned`` as dispy's jobs of a
-  lost node do; jobs that had not started are simply queued again. Ray restarts the
-  actor; a node whose actors all died for good (its node is gone) is closed.
+  calls fail with ``RayActorError``; jobs that had not started are simply queued
+  again. Ray restarts the actor on its node, and its next life tells the client
+  how the last one ended (`_rayworker.earlier_lives`: faulthandler's report of a
+  fatal signal, in a file of the actor's directory): the running job then ends
+  ``Terminated`` as on dispynb's nodes ("the job's worker process was killed by
+  SIGSEGV (11)"), not run again. If no life says so within 30 s (its node is
+  lost), the job is run again elsewhere if the cluster is ``reentrant``,
+  otherwise it ends ``Abandoned`` as dispy's jobs of a lost node do. A node whose
+  actors all died for good (its node is gone) is closed.
 * **Provisional results and files from jobs** go through an asynchronous actor of
   the engine (`_rayworker.Inbox`, shared by the engine's clusters: a cluster that
   opens needs no worker process for it) that each cluster long-polls for its own;

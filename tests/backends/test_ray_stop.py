@@ -60,11 +60,31 @@ def gated_each(folder: str, n: int) -> int:
     return n
 
 
+def _lose_the_worker() -> None:
+    """End the worker's process, leaving its actor's next life nothing to tell (its
+    `_rayworker.LIFE` file gone): for the client, as if its node were lost."""
+    os.remove(os.path.join(dispy_job_path, ".dispynb-life"))  # noqa: F821
+    os.kill(os.getpid(), 9)
+
+
 def dies_once(folder: str) -> str:
     marker = Path(folder, "died")
     if not marker.exists():
         marker.touch()
-        os.kill(os.getpid(), 9)  # the worker crashes under the job
+        _lose_the_worker()
+    return f"ran in {os.getpid()}"
+
+
+def crashes(folder: str, how: str) -> str:
+    """Ends its worker's process by a signal ("segv": a segmentation fault;
+    "kill": SIGKILL); "ok": returns. Each run leaves a file ``ran-HOW-N``."""
+    Path(folder, f"ran-{how}-{time.monotonic_ns()}").touch()
+    if how == "segv":
+        import ctypes
+
+        ctypes.string_at(0)
+    if how == "kill":
+        os.kill(os.getpid(), 9)
     return f"ran in {os.getpid()}"
 
 
@@ -295,9 +315,19 @@ def test_cleanup_runs_in_the_actors_restarted_after_a_stop(
     assert "cleanup failed" not in caplog.text
 
 
+@pytest.fixture
+def quick_loss(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker whose actor's next life says nothing of its death is taken as lost
+    after 1 s (not `_raydeaths.LIFE_WAIT`)."""
+    monkeypatch.setattr("dispynb.backends._raydeaths.LIFE_WAIT", 1.0)
+
+
+@pytest.mark.usefixtures("quick_loss")
 def test_worker_death_resubmits_reentrant_jobs(
     engine: RayEngine, tmp_path: Path
 ) -> None:
+    """A worker lost under its job (nothing says how it ended: as when its node is
+    lost): a reentrant job runs again."""
     with JobCluster(dies_once, reentrant=True, engine=engine) as cluster:
         job = cluster.submit(str(tmp_path))
         result = job()
@@ -306,14 +336,15 @@ def test_worker_death_resubmits_reentrant_jobs(
 
 
 def kills_its_worker(n: int) -> int:
-    os.kill(os.getpid(), 9)
+    _lose_the_worker()
     return n
 
 
+@pytest.mark.usefixtures("quick_loss")
 def test_a_reentrant_job_killing_its_worker_each_time_ends_after_max_attempts(
     engine: RayEngine,
 ) -> None:
-    """A reentrant job whose worker dies under it on every attempt (a "poison"
+    """A reentrant job whose worker is lost under it on every attempt (a "poison"
     job) runs ``max_attempts`` times, then ends Abandoned saying so, in the words
     of dispynb's nodes. Before, the Ray engine ignored max_attempts and ran it
     again in each restarted actor, for ever."""
@@ -333,6 +364,7 @@ def test_a_reentrant_job_killing_its_worker_each_time_ends_after_max_attempts(
         ), job.exception
 
 
+@pytest.mark.usefixtures("quick_loss")
 def test_worker_death_abandons_other_jobs(engine: RayEngine, tmp_path: Path) -> None:
     """Like dispy's jobs of a lost node: not reentrant, the job is Abandoned."""
     with JobCluster(dies_once, engine=engine) as cluster:
@@ -372,6 +404,47 @@ def test_a_job_that_calls_os_exit_ends_terminated_saying_so(
         wait_for(lambda: seen, "the provisional result")
         assert seen == ["before the exit"]
         assert cluster.submit(0)().startswith("ran in ")  # the actor is back
+
+
+@pytest.mark.parametrize(
+    ("how", "reentrant", "said"),
+    [
+        (
+            "segv",
+            False,
+            "the job's worker process was killed by SIGSEGV (11) (Ray restarts its "
+            "actor, and setup runs again)\n",
+        ),
+        (
+            "kill",
+            True,
+            "the job's worker process was killed by SIGKILL (9), or by another "
+            "signal it does not catch (the out-of-memory killer and kill -9 send "
+            "SIGKILL; Ray restarts its actor, and setup runs again)\n",
+        ),
+    ],
+)
+def test_a_job_killed_by_a_signal_ends_terminated_saying_so(
+    engine: RayEngine, tmp_path: Path, how: str, reentrant: bool, said: str
+) -> None:
+    """A job that crashes its worker (a segmentation fault in an extension) or
+    whose worker is SIGKILLed ends Terminated in dispynb's nodes' words ("the job's
+    worker process was killed by SIGSEGV (11)"), and is not run again, reentrant
+    or not, as on the nodes; a segfault's stderr holds the job's frames
+    (faulthandler's report). Before, Abandoned (reentrant: run again) with Ray's
+    words: "its Ray worker died while it ran (The actor ... is unavailable: The
+    actor is temporarily unavailable: RpcError: RPC error: Socket closed ...)"."""
+    with JobCluster(crashes, reentrant=reentrant, engine=engine) as cluster:
+        job = cluster.submit(str(tmp_path), how)
+        assert job.wait(timeout=WAIT), "the job did not end"
+        assert job.status is JobStatus.Terminated, (job.status, job.exception)
+        assert job.exception == said
+        if how == "segv":
+            assert "Fatal Python error: Segmentation fault" in job.stderr, job.stderr
+            assert "in crashes\n" in job.stderr, job.stderr
+        back = cluster.submit(str(tmp_path), "ok")()  # the actor is back
+        assert back is not None and back.startswith("ran in ")
+    assert len(list(tmp_path.glob(f"ran-{how}-*"))) == 1  # not run again
 
 
 def test_job_timeout_terminates_the_job_and_its_worker_comes_back(
