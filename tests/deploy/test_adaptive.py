@@ -190,7 +190,7 @@ def test_a_launcher_that_cannot_launch_backs_off(
     """``ssh`` missing: `start` raises `LaunchError`; adapt warns and backs off."""
     from dispynb.deploy import LaunchError, SSHNodes
 
-    with pytest.raises(LaunchError, match="cannot launch node ssh-0-"):
+    with pytest.raises(LaunchError, match="cannot run '/nonexistent/ssh'"):
         SSHNodes(["h1"], ssh="/nonexistent/ssh", register_host="127.0.0.1")
     nodes = SSHNodes(
         ["h1"], ssh="/nonexistent/ssh", register_host="127.0.0.1", start=False
