@@ -532,13 +532,28 @@ class SlurmNodes(NodeLauncher[SlurmJob]):
     # -- following the jobs ------------------------------------------------------------
 
     async def _follow(self) -> None:
-        """Poll the jobs' states until every one ended (or the launcher closed)."""
+        """Poll the jobs' states until every one ended (or the launcher closed).
+
+        A controller that does not answer (restarting, down) is said once, and
+        so is its return (each failed ``squeue`` was a warning: one every 11 s,
+        ``squeue`` retrying for 9 s)."""
+        failing = False
         while True:
             await asyncio.sleep(POLL_INTERVAL)
             try:
                 await self._refresh()
             except LaunchError as exc:
-                logger.warning("cannot follow the nodes' SLURM jobs: %s", exc)
+                (logger.debug if failing else logger.warning)(
+                    "cannot follow the nodes' SLURM jobs: %s (trying again every "
+                    "%g s; the nodes go on meanwhile)",
+                    exc,
+                    POLL_INTERVAL,
+                )
+                failing = True
+            else:
+                if failing:
+                    logger.info("following the nodes' SLURM jobs again")
+                failing = False
             if self._closed and not self._live_ids:
                 return
 

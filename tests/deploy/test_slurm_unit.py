@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -168,3 +169,57 @@ def test_a_suspension_is_said_once_and_its_end_as_an_end(
         "node n1 suspended: SLURM job 7 SUSPENDED",
         "node n1 ended: SLURM job 7 CANCELLED",
     ], logged
+
+
+def test_an_outage_of_slurmctld_is_said_once_and_its_end(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """slurmctld restarting or down: each squeue of the launcher's poll failed with
+    a warning (one every 11 s, squeue retrying for 9 s: dozens in a notebook's
+    cell for a few minutes' outage). Now one warning, and one line when it
+    answers again."""
+    import asyncio
+
+    import dispynb.deploy.slurm as slurm
+    from dispynb.deploy.launcherstate import Launched
+    from dispynb.deploy.slurm import SlurmJob
+
+    down = (1, "", "slurm_load_jobs error: Unable to contact slurm controller")
+    answers = [down] * 4 + [(0, "7|RUNNING|None\n", "")] * 2 + [down] * 2
+    calls = 0
+
+    async def run() -> None:
+        done = asyncio.Event()
+
+        async def squeue(*args: object, **kwargs: object) -> tuple[int, str, str]:
+            nonlocal calls
+            calls += 1
+            if calls == len(answers):
+                done.set()
+            return answers[min(calls, len(answers)) - 1]
+
+        monkeypatch.setattr(nodes, "_run", squeue)
+        follow = asyncio.ensure_future(nodes._follow())
+        await asyncio.wait_for(done.wait(), 30)
+        follow.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follow
+
+    monkeypatch.setattr(slurm, "POLL_INTERVAL", 0.001)
+    caplog.set_level(logging.INFO, logger="dispynb.deploy.slurm")
+    job = SlurmJob("n1", "7")
+    with SlurmNodes(0, secret=SECRET) as nodes:
+        with nodes._changed:
+            nodes._launched.append(Launched("n1", job))
+        asyncio.run(run())
+        job.state = "CANCELLED"  # nothing for close to cancel
+    said = [
+        (r.levelname, r.getMessage()[:48])
+        for r in caplog.records
+        if "follow" in r.getMessage()
+    ]
+    assert said == [
+        ("WARNING", "cannot follow the nodes' SLURM jobs: squeue fail"),
+        ("INFO", "following the nodes' SLURM jobs again"),
+        ("WARNING", "cannot follow the nodes' SLURM jobs: squeue fail"),
+    ], said
