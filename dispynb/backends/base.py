@@ -487,11 +487,35 @@ def resolve_engine(engine: Engine | None) -> Engine:
         getattr(engine, "features", None), frozenset
     ):
         raise ConfigurationError(
-            f"engine={engine!r} is not an engine (an object with ``features`` and "
-            "``open``, see dispynb.backends.base.Engine): give None for dispynb's "
-            "node servers, or an engine object"
+            f"engine={engine!r} is not an engine{_engine_hint(engine)}"
         )
     return engine
+
+
+def _engine_hint(engine: object) -> str:
+    """What to give instead of ``engine`` (not an engine): the engine class for a
+    Dask or Ray user's first try (``"dask"``, ``"ray"``, their own Dask client or
+    cluster object), else what an engine is."""
+    named = engine.lower() if isinstance(engine, str) else ""
+    package = type(engine).__module__.partition(".")[0]
+    if named == "dask" or package in ("dask", "distributed"):
+        return (
+            ": for Dask give engine=DaskEngine(ADDRESS) (from dispynb.backends.dask "
+            "import DaskEngine; ADDRESS: the scheduler's 'tcp://HOST:8786', or your "
+            "distributed.Client or Dask cluster object), or "
+            "nodes=LocalCluster(engine='dask') for Dask workers on this machine"
+        )
+    if named == "ray" or package == "ray":
+        return (
+            ": for Ray give engine=RayEngine(ADDRESS) (from dispynb.backends.ray "
+            "import RayEngine; ADDRESS: the head's 'HOST:6379', 'ray://HOST:10001', "
+            "'auto', or None to start Ray here)"
+        )
+    return (
+        " (an object with ``features`` and ``open``, see "
+        "dispynb.backends.base.Engine): give None for dispynb's node servers, or an "
+        "engine object such as DaskEngine(ADDRESS) or RayEngine(ADDRESS)"
+    )
 
 
 def check_options(engine: Engine, opts: ClusterOptions) -> None:

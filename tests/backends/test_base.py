@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from dispynb.backends import base
@@ -93,3 +96,49 @@ def test_result_types_on_ray_is_one_clear_error() -> None:
     assert "engine=None" in message
     opts = ClusterOptions.from_kwargs(abs, result_types=["builtins.*"])
     base.check_options(DaskEngine("127.0.0.1:1"), opts)  # no error
+
+
+def test_an_engine_named_or_a_dask_client_given_as_engine_says_what_to_write() -> None:
+    """``JobCluster(f, engine="dask")`` or ``engine="ray"`` (what a Dask or Ray user
+    tries first), or their own ``distributed`` cluster object: the error names the
+    engine class to give and how. Before: "engine='dask' is not an engine (an
+    object with ``features`` and ``open``, see dispynb.backends.base.Engine)"."""
+    from dispynb import JobCluster
+
+    with pytest.raises(ConfigurationError) as raised:
+        JobCluster(abs, engine="dask")
+    assert str(raised.value) == (
+        "engine='dask' is not an engine: for Dask give engine=DaskEngine(ADDRESS) "
+        "(from dispynb.backends.dask import DaskEngine; ADDRESS: the scheduler's "
+        "'tcp://HOST:8786', or your distributed.Client or Dask cluster object), "
+        "or nodes=LocalCluster(engine='dask') for Dask workers on this machine"
+    )
+    with pytest.raises(ConfigurationError) as raised:
+        JobCluster(abs, engine="Ray")
+    assert str(raised.value) == (
+        "engine='Ray' is not an engine: for Ray give engine=RayEngine(ADDRESS) "
+        "(from dispynb.backends.ray import RayEngine; ADDRESS: the head's "
+        "'HOST:6379', 'ray://HOST:10001', 'auto', or None to start Ray here)"
+    )
+    # The user's own Dask cluster object, in a process of its own (its loop thread
+    # stays for the process's life).
+    code = (
+        "import logging\n"
+        "from distributed import LocalCluster\n"
+        "from dispynb import JobCluster\n"
+        "from dispynb.errors import ConfigurationError\n"
+        "with LocalCluster(n_workers=0, processes=False, protocol='tcp://',\n"
+        "                  host='127.0.0.1',\n"
+        "                  dashboard_address=None, silence_logs=logging.ERROR) as c:\n"
+        "    try:\n"
+        "        JobCluster(abs, engine=c)\n"
+        "    except ConfigurationError as exc:\n"
+        "        print(exc)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "is not an engine: for Dask give engine=DaskEngine(ADDRESS)" in (proc.stdout)
+    with pytest.raises(ConfigurationError, match="give None for dispynb's node"):
+        JobCluster(abs, engine=42)
