@@ -98,6 +98,22 @@ def test_result_types_on_ray_is_one_clear_error() -> None:
     base.check_options(DaskEngine("127.0.0.1:1"), opts)  # no error
 
 
+#: A program that gives its own Dask cluster object as ``engine=`` and prints the
+#: error (in a process of its own: Dask's loop thread stays for the process's life).
+DASK_OBJECT_AS_ENGINE = """
+import logging
+from distributed import LocalCluster
+from dispynb import JobCluster
+from dispynb.errors import ConfigurationError
+with LocalCluster(n_workers=0, processes=False, protocol="tcp://", host="127.0.0.1",
+                  dashboard_address=None, silence_logs=logging.ERROR) as cluster:
+    try:
+        JobCluster(abs, engine=cluster)
+    except ConfigurationError as exc:
+        print(exc)
+"""
+
+
 def test_an_engine_named_or_a_dask_client_given_as_engine_says_what_to_write() -> None:
     """``JobCluster(f, engine="dask")`` or ``engine="ray"`` (what a Dask or Ray user
     tries first), or their own ``distributed`` cluster object: the error names the
@@ -105,40 +121,27 @@ def test_an_engine_named_or_a_dask_client_given_as_engine_says_what_to_write() -
     object with ``features`` and ``open``, see dispynb.backends.base.Engine)"."""
     from dispynb import JobCluster
 
-    with pytest.raises(ConfigurationError) as raised:
-        JobCluster(abs, engine="dask")
-    assert str(raised.value) == (
-        "engine='dask' is not an engine: for Dask give engine=DaskEngine(ADDRESS) "
-        "(from dispynb.backends.dask import DaskEngine; ADDRESS: the scheduler's "
-        "'tcp://HOST:8786', or your distributed.Client or Dask cluster object), "
-        "or nodes=LocalCluster(engine='dask') for Dask workers on this machine"
-    )
-    with pytest.raises(ConfigurationError) as raised:
-        JobCluster(abs, engine="Ray")
-    assert str(raised.value) == (
-        "engine='Ray' is not an engine: for Ray give engine=RayEngine(ADDRESS) "
+    expected = {
+        "dask": "engine='dask' is not an engine: for Dask give "
+        "engine=DaskEngine(ADDRESS) (from dispynb.backends.dask import DaskEngine; "
+        "ADDRESS: the scheduler's 'tcp://HOST:8786', or your distributed.Client or "
+        "Dask cluster object), or nodes=LocalCluster(engine='dask') for Dask "
+        "workers on this machine",
+        "Ray": "engine='Ray' is not an engine: for Ray give engine=RayEngine(ADDRESS) "
         "(from dispynb.backends.ray import RayEngine; ADDRESS: the head's "
-        "'HOST:6379', 'ray://HOST:10001', 'auto', or None to start Ray here)"
-    )
-    # The user's own Dask cluster object, in a process of its own (its loop thread
-    # stays for the process's life).
-    code = (
-        "import logging\n"
-        "from distributed import LocalCluster\n"
-        "from dispynb import JobCluster\n"
-        "from dispynb.errors import ConfigurationError\n"
-        "with LocalCluster(n_workers=0, processes=False, protocol='tcp://',\n"
-        "                  host='127.0.0.1',\n"
-        "                  dashboard_address=None, silence_logs=logging.ERROR) as c:\n"
-        "    try:\n"
-        "        JobCluster(abs, engine=c)\n"
-        "    except ConfigurationError as exc:\n"
-        "        print(exc)\n"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "is not an engine: for Dask give engine=DaskEngine(ADDRESS)" in (proc.stdout)
+        "'HOST:6379', 'ray://HOST:10001', 'auto', or None to start Ray here)",
+    }
+    for name, error in expected.items():
+        with pytest.raises(ConfigurationError) as raised:
+            JobCluster(abs, engine=name)
+        assert str(raised.value) == error
     with pytest.raises(ConfigurationError, match="give None for dispynb's node"):
         JobCluster(abs, engine=42)
+    proc = subprocess.run(
+        [sys.executable, "-c", DASK_OBJECT_AS_ENGINE],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert ") is not an engine: for Dask give engine=DaskEngine(" in proc.stdout
