@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import functools
 import hashlib
 import inspect
@@ -40,7 +41,7 @@ import cloudpickle
 
 from dispynb._interruptible import Flag, start_thread
 from dispynb.captures import check_shippable
-from dispynb.errors import RemoteError, SerializationError
+from dispynb.errors import DispynbError, RemoteError, SerializationError
 from dispynb.futures import JobFuture, outcome_error
 from dispynb.futures import (
     cancel_futures as cancel_all,
@@ -281,7 +282,9 @@ class Executor(concurrent.futures.Executor):
         self._lock = threading.RLock()
         self._shut = False
         self._terminate = False  # on close, terminate running jobs (an interrupt)
-        self._closed = Flag()  # waited for on the main thread: not an Event
+        self._closed = Flag()  # set once closed (a Flag: users may wait on it)
+        self._background = False  # shutdown(wait=False) started a closing thread
+        self._closing = threading.Lock()  # held by the thread closing
 
     @property
     def cpus(self) -> int:
@@ -423,34 +426,60 @@ class Executor(concurrent.futures.Executor):
         nodes) once the jobs submitted are done.
 
         ``cancel_futures`` cancels the jobs not yet started; ``wait=False``
-        returns at once and closes in the background.
+        returns at once and closes in the background. An interrupt (Ctrl-C, the
+        notebook's Stop) while it waits cancels the jobs not started and
+        terminates the running ones, then is raised, as one inside
+        ``with Executor() as ...`` does.
         """
         with self._lock:
-            first = not self._shut
             self._shut = True
+            background = not wait and not self._background
+            self._background = self._background or background
         if cancel_futures:
             # Not waiting for the nodes' answers (a job sent ahead may be answered
             # for only by its worker): closing waits for every job anyway.
             cancel_all([job.future for job in self._live_jobs()], wait=False)
-        if first:
-            if wait:
-                self._close()
-            else:
-                start_thread(
-                    threading.Thread(
-                        target=self._close, name="dispynb-executor-shutdown"
-                    )
-                )
+        if background:
+            closer = threading.Thread(
+                target=self._close, name="dispynb-executor-shutdown"
+            )
+            start_thread(closer)
         elif wait:
-            self._closed.wait()
+            self._close()
 
     def _close(self) -> None:
+        """Close the cluster once its jobs are done, then the executor's own local
+        nodes (idempotent; one thread at a time). An interrupt while it waits
+        stops the jobs instead (the queued cancelled, the running terminated),
+        then is raised."""
         try:
-            self.cluster.close(terminate=self._terminate)
-        finally:
-            if self._local is not None:
-                self._local.close()
-            self._closed.set()
+            # A lock's own ``with`` (C code): an interrupt cannot leave it held.
+            with self._closing:
+                if self._closed.is_set():
+                    return
+                try:
+                    self.cluster.close(terminate=self._terminate)
+                except BaseException:
+                    self._cancel_unstarted()
+                    self.cluster.close(terminate=True)
+                    raise
+                finally:
+                    if self._local is not None:
+                        self._local.close()
+                    self._closed.set()
+        except BaseException:
+            if not self._closed.is_set():  # waiting for a close in the background
+                self._cancel_unstarted()
+                with contextlib.suppress(DispynbError, RuntimeError):  # closed now
+                    self.cluster._cancel_all(self._live_jobs())  # terminates them
+            raise
+
+    def _cancel_unstarted(self) -> None:
+        """Cancel the jobs not started, before the running ones are terminated: a
+        worker whose running job is then terminated skips those sent ahead to
+        it instead of starting one before its cancel arrives."""
+        self._terminate = True
+        cancel_all([job.future for job in self._live_jobs()], wait=False)
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         """Shut down, waiting for the jobs; an interrupt (Ctrl-C, the notebook's

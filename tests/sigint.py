@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from types import FrameType
 
 from tests.jobs import WAIT, wait_until
 
@@ -148,3 +149,28 @@ def flag_when(predicate: Callable[[], bool]) -> Iterator[None]:
             yield
         finally:
             thread.join(WAIT)
+
+
+class SigintAtCReturn:
+    """A profile function (``sys.setprofile``) sending a real SIGINT to this
+    process as the ``point``-th C call returns (where Python runs the handler,
+    raising `KeyboardInterrupt` there): a Ctrl-C landing at that point. With
+    ``module``, only the calls made by that module's code count."""
+
+    def __init__(self, point: int, module: str | None = None) -> None:
+        self.point = point
+        self.module = module
+        self.returns = 0
+        #: Whether the SIGINT was sent (False: fewer C calls than ``point``).
+        self.sent = False
+
+    def __call__(self, frame: FrameType, event: str, arg: object) -> None:
+        if event != "c_return":
+            return
+        if self.module is not None and frame.f_globals.get("__name__") != self.module:
+            return
+        self.returns += 1
+        if self.returns == self.point:
+            sys.setprofile(None)
+            self.sent = True
+            signal.raise_signal(signal.SIGINT)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import contextlib
 import itertools
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -24,6 +26,12 @@ from dispynb import LocalCluster
 from dispynb.errors import RemoteError, SerializationError, SetupError
 from dispynb.executor import Executor
 from tests.jobs import WAIT, wait_for_path, wait_until
+from tests.sigint import (
+    SigintAtCReturn,
+    main_waits_in_function,
+    python_handles_sigint,
+    sigint_when,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -673,16 +681,30 @@ def test_shutdown_without_wait_returns_at_once_and_finishes_the_work(local, tmp_
     assert executor._closed.wait(WAIT)
 
 
-def test_an_interrupt_in_the_with_block_terminates_the_running_calls(local, tmp_path):
+@pytest.mark.parametrize("when", ["in the block", "as its end waits"])
+def test_an_interrupt_in_the_with_block_terminates_the_running_calls(
+    local, tmp_path, when
+):
+    """Ctrl-C inside ``with Executor()``, or as its end waits for the calls (a
+    real SIGINT): the queued calls are cancelled, the running ones terminated.
+    At its end, before, the interrupt left them running on the executor shut
+    down, its cluster open."""
     gate = Gate(tmp_path)  # never opened: the calls would hold for WAIT s
-    with pytest.raises(KeyboardInterrupt), Executor(nodes=local) as executor:
+    at_end = when == "as its end waits"
+    waiting = main_waits_in_function("wait_for", "dispynb._interruptible")
+    with (
+        pytest.raises(KeyboardInterrupt),
+        sigint_when(waiting) if at_end else contextlib.nullcontext(),
+        Executor(nodes=local) as executor,
+    ):
         send_ahead(executor)
         running = [gate.submit(executor, i) for i in range(2)]
         touched = [str(tmp_path / f"queued-{i}") for i in range(4)]
         queued = [executor.submit(Path.touch, Path(t)) for t in touched]  # ahead too
         for future in running:
             gate.started(future)
-        raise KeyboardInterrupt  # Ctrl-C, or the notebook's Stop
+        if not at_end:
+            raise KeyboardInterrupt  # Ctrl-C, or the notebook's Stop
     assert ended(tmp_path) == []
     assert not any(os.path.exists(t) for t in touched)
     assert all(future.cancelled() for future in queued)
@@ -690,6 +712,34 @@ def test_an_interrupt_in_the_with_block_terminates_the_running_calls(local, tmp_
         assert future.done()  # terminated, not waited for
         with pytest.raises(RemoteError):
             future.result(0)
+
+
+@pytest.mark.parametrize(
+    "how", [{}, {"cancel_futures": True}, {"wait": False, "cancel_futures": True}]
+)
+def test_ctrl_c_anywhere_in_the_executors_shutdown_leaves_one_that_ends(local, how):
+    """A Ctrl-C after each C call the executor's own ``shutdown`` code makes in
+    turn: then ``shutdown`` again closes the executor. One landing after it had
+    marked the executor shut, before it began to close it, made every later
+    ``shutdown`` wait for ever."""
+    for point in itertools.count(1):
+        executor = Executor(nodes=local)
+        assert executor.submit(mul, 2, 3).result(WAIT) == 6
+        sigint = SigintAtCReturn(point, "dispynb.executor")
+        with python_handles_sigint(), contextlib.suppress(KeyboardInterrupt):
+            try:
+                sys.setprofile(sigint)
+                executor.shutdown(**how)
+            finally:
+                sys.setprofile(None)
+        again = threading.Thread(target=executor.shutdown, daemon=True)
+        again.start()
+        again.join(WAIT)
+        assert not again.is_alive(), f"shutdown hangs after a Ctrl-C at {point}"
+        assert executor._closed.is_set()
+        if not sigint.sent:  # past the last C call of the executor's shutdown
+            break
+    assert point > 1  # the points were tried (the last sent no SIGINT)
 
 
 def test_executor_on_named_nodes_with_their_secret(local):

@@ -7,20 +7,18 @@ from __future__ import annotations
 import asyncio
 import gc
 import itertools
-import signal
 import subprocess
 import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable
 
 import pytest
 
 from dispynb import DispyJob, JobCluster
 from dispynb.deploy import LaunchError, NodeLauncher
 from tests.nodeproc import node_env
-from tests.sigint import python_handles_sigint
+from tests.sigint import SigintAtCReturn, python_handles_sigint
 
 pytestmark = pytest.mark.slow
 
@@ -109,23 +107,6 @@ class Unregistered(NodeLauncher[str]):
         return None
 
 
-def sigint_at_c_return(point: int) -> Callable[[object, str, object], None]:
-    """A profile function sending a real SIGINT to this process as the
-    ``point``-th C call returns (where Python runs the handler, raising
-    `KeyboardInterrupt` there): a Ctrl-C landing at that point."""
-    returns = 0
-
-    def profile(frame: object, event: str, arg: object) -> None:
-        nonlocal returns
-        if event == "c_return":
-            returns += 1
-            if returns == point:
-                sys.setprofile(None)
-                signal.raise_signal(signal.SIGINT)
-
-    return profile
-
-
 def test_ctrl_c_anywhere_in_a_wait_for_nodes_is_a_keyboard_interrupt() -> None:
     """A Ctrl-C after each C call ``wait_for`` makes in turn: each wait ends in
     `KeyboardInterrupt`, and the launcher's lock is free for its other threads.
@@ -136,13 +117,15 @@ def test_ctrl_c_anywhere_in_a_wait_for_nodes_is_a_keyboard_interrupt() -> None:
     with Unregistered(register_host="127.0.0.1") as nodes, python_handles_sigint():
         nodes.start(1)
         for point in itertools.count(1):
+            sigint = SigintAtCReturn(point)
             try:
-                sys.setprofile(sigint_at_c_return(point))
+                sys.setprofile(sigint)
                 nodes.wait_for(timeout=0.05)
             except KeyboardInterrupt:
                 outcomes.append("KeyboardInterrupt")
-            except LaunchError:  # not interrupted: past the wait's last C call
-                break
+            except LaunchError:  # not interrupted
+                if not sigint.sent:  # past the wait's last C call
+                    break
             except RuntimeError as exc:
                 outcomes.append(repr(exc))
             finally:
