@@ -148,7 +148,7 @@ class ClientFiles:
         try:
             fd = self.store.new_file()
         except OSError as exc:
-            self.release(uploader)
+            self.release_some(uploader, [digest])  # its other files stay
             logger.warning("cannot keep file %s...: %s", digest[:16], exc)
             return f"the scheduler cannot keep file {digest[:16]}...: {exc}"
         refused = self._no_room(fd, digest, data.nbytes)
@@ -163,7 +163,7 @@ class ClientFiles:
                 written += os.pwrite(fd, view[written:], written)
         except OSError as exc:
             os.close(fd)
-            self.release(uploader)
+            self.release_some(uploader, [digest])  # its other files stay
             logger.warning("cannot keep file %s...: %s", digest[:16], exc)
             return f"the scheduler cannot keep file {digest[:16]}...: {exc}"
         self._files[digest] = (fd, view.nbytes)

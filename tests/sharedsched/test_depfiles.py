@@ -403,3 +403,36 @@ def test_send_file_through_the_scheduler_is_released_with_the_session(
         )
     finally:
         sched.stop()
+
+
+def test_a_file_that_cannot_be_written_drops_no_other(tmp_path: Path) -> None:
+    """A file the scheduler cannot write (out of descriptors, a disk error) dropped
+    every file its client's session had sent (claimed by it alone: the files of
+    its queued jobs, its send_file files), whose jobs then failed ('not sent')."""
+    from schedserver.depfiles import ClientFiles
+    from schedserver.spill import SpillStore
+
+    class FailingStore(SpillStore):
+        fail = False
+
+        def new_file(self) -> int:
+            if self.fail:
+                raise OSError(24, "Too many open files")
+            return super().new_file()
+
+    store = FailingStore(str(tmp_path / "spill"), 0)
+    files = ClientFiles(store, 0)
+    session = object()
+    kept = memoryview(b"a job's file")
+    digest = hashlib.sha256(kept).hexdigest()
+    try:
+        assert files.put(digest, kept, session, "alice") == ""
+        store.fail = True
+        other = memoryview(b"another job's file")
+        refused = files.put(hashlib.sha256(other).hexdigest(), other, session, "alice")
+        assert "Too many open files" in refused
+        assert digest in files
+        assert bytes(files.get(digest) or b"") == b"a job's file"
+    finally:
+        files.close()
+        store.close()
