@@ -189,7 +189,8 @@ def read_secret_file(path: str | os.PathLike[str]) -> bytes:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         try:
             # Check the file we opened, not the path: it cannot be swapped between.
-            mode = os.fstat(fd).st_mode
+            info = os.fstat(fd)
+            mode = info.st_mode
             if not stat.S_ISREG(mode):
                 raise ConfigurationError(
                     f"secret file {path!r} is not a regular file: "
@@ -200,6 +201,13 @@ def read_secret_file(path: str | os.PathLike[str]) -> bytes:
                     f"secret file {path!r} is accessible by other users "
                     f"(mode {stat.S_IMODE(mode):04o}); "
                     f"restrict it with: chmod 600 {path}"
+                )
+            foreign = foreign_owner(info)
+            if foreign:
+                raise ConfigurationError(
+                    f"secret file {path!r} belongs to {foreign}, not to this user "
+                    "or root: its owner knows the secret and can change it; give a "
+                    f"file of your own (chown it, or write a new one)"
                 )
             data = _read_all(fd)
         finally:
@@ -223,6 +231,24 @@ def read_secret_file(path: str | os.PathLike[str]) -> bytes:
         )
     logger.debug("Using the secret from file %s", path)
     return data
+
+
+def foreign_owner(info: os.stat_result) -> str:
+    """The user owning a file of secrets (``info``: its stat) if that is neither the
+    reading user nor root, by name where known; "" if the file may be trusted.
+
+    Mode 600 keeps other users from reading a file, not its owner: a root process
+    given a file another user made (in ``/tmp``, or left in their home) would use the
+    secret that user chose, and run their code as root.
+    """
+    if os.name != "posix" or info.st_uid in (0, os.geteuid()):
+        return ""
+    try:
+        import pwd
+
+        return f"user {pwd.getpwuid(info.st_uid).pw_name!r} (uid {info.st_uid})"
+    except (ImportError, KeyError):
+        return f"uid {info.st_uid}"
 
 
 def _read_all(fd: int) -> bytes:

@@ -17,6 +17,7 @@ import stat
 from pathlib import Path
 
 from dispynb.errors import ConfigurationError
+from dispynb.secret import foreign_owner
 
 #: What a user name may be: it appears in logs and on the nodes.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -68,6 +69,12 @@ class UsersFile:
             raise ConfigurationError(
                 f"{self.path} is readable or writable by others: it holds every "
                 f"user's credential; run chmod 600 {self.path}"
+            )
+        foreign = foreign_owner(info)
+        if foreign:
+            raise ConfigurationError(
+                f"{self.path} belongs to {foreign}, not to the scheduler's user or "
+                "root: its owner can add users to it; chown it"
             )
         users: dict[str, bytes] = {}
         for number, line in enumerate(self.path.read_text().splitlines(), 1):

@@ -242,3 +242,16 @@ def test_dispynb_secret_command_prints_or_writes_a_secret(tmp_path, capsys):
     assert os.stat(path).st_mode & 0o777 == 0o600
     assert main(["secret", str(path)]) == 1
     assert "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown")
+def test_a_secret_file_of_another_user_is_refused_naming_its_owner(tmp_path):
+    """Mode 600 does not keep its owner out: root given another user's file would
+    use the secret that user chose (tests/hostile/test_secret_owner.py)."""
+    path = write_secret(tmp_path, SECRET)
+    os.chown(path, 65534, -1)
+    with pytest.raises(ConfigurationError, match=r"belongs to .*65534") as info:
+        resolve_secret(None, path)
+    assert SECRET not in str(info.value)
+    os.chown(path, 0, -1)  # root's: trusted
+    assert resolve_secret(None, path) == SECRET.encode()

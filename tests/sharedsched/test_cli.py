@@ -3,6 +3,7 @@ refused with one line; an unsafe users file is refused."""
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -217,3 +218,14 @@ def test_a_monitor_port_in_use_names_the_option_to_change(tmp_path: Path) -> Non
         "node or scheduler already running, or another program): stop it, or give "
         "another --httpd_port (0 picks a free one; its URL is logged)"
     )
+
+
+@pytest.mark.usefixtures("users")
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown")
+def test_users_file_of_another_user_is_refused(tmp_path: Path) -> None:
+    """Its owner could add users to it (mode 600 keeps out the others only)."""
+    os.chown(tmp_path / "users", 65534, -1)
+    done = scheduler_cli(
+        "-n", "127.0.0.1:1", "-p", "0", "--users", str(tmp_path / "users")
+    )
+    assert done.returncode == 2 and "belongs to" in done.stderr
