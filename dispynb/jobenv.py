@@ -212,6 +212,17 @@ def crash_reason(returncode: int) -> str:
     )
 
 
+def mem_limit_note(mem_limit: int | None) -> str:
+    """Appended to the crash reason of a job that ran under a memory limit ("" for
+    None: no limit)."""
+    if mem_limit is None:
+        return ""
+    return (
+        f"; it probably exceeded mem_limit of {mem_limit} bytes (mem_limit / "
+        "dispy_job_mem_limit): give a larger limit, or None for none"
+    )
+
+
 def with_dropped_note(text: str, dropped: int, name: str, limit: int) -> str:
     """A job's ``text`` of ``name`` (``stdout``, ``stderr``) kept to ``limit``
     characters (``max_output_size``), with the line that says how many were dropped
@@ -508,6 +519,7 @@ __all__ = [
     "implicit_modules",
     "inject_names",
     "limit_memory",
+    "mem_limit_note",
     "node_logger",
     "refused_shutdown",
     "send_file_timeout",

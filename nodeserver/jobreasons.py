@@ -5,16 +5,9 @@ from __future__ import annotations
 
 # The same on the engines (Dask, Ray):
 from dispynb.jobenv import crash_reason as crash_reason
+from dispynb.jobenv import mem_limit_note as mem_limit_note
 from dispynb.jobenv import signal_name as signal_name
 from dispynb.jobenv import timeout_reason as timeout_reason
-
-
-def mem_limit_note(mem_limit: int) -> str:
-    """Appended to the crash reason of a job that ran under a memory limit."""
-    return (
-        f"; it probably exceeded mem_limit of {mem_limit} bytes (mem_limit / "
-        "dispy_job_mem_limit): give a larger limit, or None for none"
-    )
 
 
 def oom_kills() -> int | None:

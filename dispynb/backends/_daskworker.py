@@ -38,7 +38,7 @@ from distributed import WorkerPlugin, get_worker
 
 from dispynb.backends._daskhost import FILE_ANSWER, kill_group
 from dispynb.backends._daskpipe import recv_buffers, send_buffers
-from dispynb.jobenv import crash_reason, timeout_reason
+from dispynb.jobenv import crash_reason, mem_limit_note, timeout_reason
 
 #: Seconds a job runs before its start is announced to the client (quicker jobs
 #: report their start with their outcome: one event less on the hot path).
@@ -293,7 +293,7 @@ class ComputationPlugin(WorkerPlugin):
             text = (
                 "the job's process on the Dask worker died (killed or crashed)\n"
                 if code is None
-                else crash_reason(code) + "\n"
+                else crash_reason(code) + mem_limit_note(mem_limit) + "\n"
             )
             return ("crashed", started, time.time(), "", "", text), []
 

@@ -13,7 +13,12 @@ from typing import Any
 from dispynb.backends._raystate import _RayState, _Slot, _terminated
 from dispynb.backends.base import JobRequest, Outcome
 from dispynb.job import JobStatus
-from dispynb.jobenv import TERMINATED_AT_REQUEST, crash_reason, timeout_reason
+from dispynb.jobenv import (
+    TERMINATED_AT_REQUEST,
+    crash_reason,
+    mem_limit_note,
+    timeout_reason,
+)
 from dispynb.scheduler.state import attempts_spent
 
 #: Seconds a job whose actor died waits for the actor's next life to say how its
@@ -107,14 +112,15 @@ class _Deaths(_RayState):
             self._awaiting_life.discard(key)
             if status is not None:
                 self._forget(key)
-                self._events.job_done(key, node.info, _terminated(_exit_text(status)))
+                why = _exit_text(status, job.mem_limit)
+                self._events.job_done(key, node.info, _terminated(why))
                 continue
             if life is not None and not batch:
                 self._forget(key)
-                self._events.job_done(key, node.info, _crashed(*life))
+                self._events.job_done(key, node.info, _crashed(*life, job.mem_limit))
                 continue
             if life is not None:
-                reason = "a job of its batch: " + _crash_text(life[0]).rstrip()
+                reason = "a job of its batch: " + _crash_text(life[0], None).rstrip()
             if not self._reentrant:
                 self._forget(key)
                 self._events.job_abandoned(
@@ -169,37 +175,40 @@ class _Deaths(_RayState):
             self._settle_dying(keys, final=True)
 
 
-def _exit_text(status: int) -> str:
+def _exit_text(status: int, mem_limit: int | None) -> str:
     """Why a job that called ``os._exit(status)`` ended (in the words of dispynb's
-    nodes for a worker process that exited)."""
+    nodes for a worker process that exited; ``mem_limit``: the job's)."""
     return (
         f"the job's worker process exited with status {status} (the job called "
-        "os._exit(); Ray restarts its actor, and setup runs again)\n"
+        f"os._exit(){mem_limit_note(mem_limit)}; Ray restarts its actor, and setup "
+        "runs again)\n"
     )
 
 
-def _crash_text(signum: int) -> str:
+def _crash_text(signum: int, mem_limit: int | None) -> str:
     """Why a job whose process was killed by ``signum`` ended (dispynb's nodes'
     words); 0: the process recorded no fatal signal (SIGKILL, most likely)."""
+    note = mem_limit_note(mem_limit)
     if signum:
         return (
-            f"{crash_reason(-signum)} (Ray restarts its actor, and setup runs again)\n"
+            f"{crash_reason(-signum)}{note} (Ray restarts its actor, and setup runs "
+            "again)\n"
         )
     return (
-        f"{crash_reason(-9)}, or by another signal it does not catch (the "
+        f"{crash_reason(-9)}, or by another signal it does not catch{note} (the "
         "out-of-memory killer and kill -9 send SIGKILL; Ray restarts its actor, and "
         "setup runs again)\n"
     )
 
 
-def _crashed(signum: int, dump: str) -> Outcome:
+def _crashed(signum: int, dump: str, mem_limit: int | None) -> Outcome:
     """The outcome of a job whose process a signal ended; its stderr: what Python's
     faulthandler wrote as it died (the job's frames), if anything."""
     now = time.time()
     return Outcome(
         JobStatus.Terminated,
         stderr=dump,
-        exception=_crash_text(signum),
+        exception=_crash_text(signum, mem_limit),
         start_time=now,
         end_time=now,
     )

@@ -361,7 +361,9 @@ def main(args):
     with local_cluster(workers=1) as dask_cluster:
         engine = DaskEngine(dask_cluster)
         with dispynb.JobCluster(crashes, engine=engine) as cluster:
-            jobs = [cluster.submit(how) for how in ("exit", "kill", "ok")]
+            jobs = [cluster.submit(how) for how in ("exit", "kill")]
+            jobs.append(cluster.submit("kill", dispy_job_mem_limit=2**40))
+            jobs.append(cluster.submit("ok"))
             for job in jobs:
                 job()
         return [[int(job.status), job.exception, job.result] for job in jobs]
@@ -373,8 +375,8 @@ def test_a_job_whose_process_ends_says_how_as_on_dispynb_nodes(
 ) -> None:
     """A job that calls os._exit(3), or is killed by a signal, ends Terminated in
     the words of dispynb's nodes, its exit status or signal named (before: "the
-    job's process on the Dask worker died (killed or crashed)"); the next job runs
-    in a fresh runner."""
+    job's process on the Dask worker died (killed or crashed)"), and its memory
+    limit if it had one (before: not); the next job runs in a fresh runner."""
     out = run(net, tmp_path, CRASH_PROGRAM)
     assert out == [
         [
@@ -384,6 +386,13 @@ def test_a_job_whose_process_ends_says_how_as_on_dispynb_nodes(
             None,
         ],
         [TERMINATED, "the job's worker process was killed by SIGKILL (9)\n", None],
+        [
+            TERMINATED,
+            "the job's worker process was killed by SIGKILL (9); it probably "
+            "exceeded mem_limit of 1099511627776 bytes (mem_limit / "
+            "dispy_job_mem_limit): give a larger limit, or None for none\n",
+            None,
+        ],
         [FINISHED, None, "ok"],
     ]
 

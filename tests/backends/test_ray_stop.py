@@ -407,35 +407,45 @@ def test_a_job_that_calls_os_exit_ends_terminated_saying_so(
 
 
 @pytest.mark.parametrize(
-    ("how", "reentrant", "said"),
+    ("how", "reentrant", "limits", "said"),
     [
         (
             "segv",
             False,
+            {},
             "the job's worker process was killed by SIGSEGV (11) (Ray restarts its "
             "actor, and setup runs again)\n",
         ),
         (
             "kill",
             True,
+            {"dispy_job_mem_limit": 2**40},
             "the job's worker process was killed by SIGKILL (9), or by another "
-            "signal it does not catch (the out-of-memory killer and kill -9 send "
+            "signal it does not catch; it probably exceeded mem_limit of "
+            "1099511627776 bytes (mem_limit / dispy_job_mem_limit): give a larger "
+            "limit, or None for none (the out-of-memory killer and kill -9 send "
             "SIGKILL; Ray restarts its actor, and setup runs again)\n",
         ),
     ],
 )
 def test_a_job_killed_by_a_signal_ends_terminated_saying_so(
-    engine: RayEngine, tmp_path: Path, how: str, reentrant: bool, said: str
+    engine: RayEngine,
+    tmp_path: Path,
+    how: str,
+    reentrant: bool,
+    limits: dict[str, int],
+    said: str,
 ) -> None:
     """A job that crashes its worker (a segmentation fault in an extension) or
     whose worker is SIGKILLed ends Terminated in dispynb's nodes' words ("the job's
     worker process was killed by SIGSEGV (11)"), and is not run again, reentrant
-    or not, as on the nodes; a segfault's stderr holds the job's frames
-    (faulthandler's report). Before, Abandoned (reentrant: run again) with Ray's
-    words: "its Ray worker died while it ran (The actor ... is unavailable: The
-    actor is temporarily unavailable: RpcError: RPC error: Socket closed ...)"."""
+    or not, as on the nodes (with its memory limit, if it had one); a segfault's
+    stderr holds the job's frames (faulthandler's report). Before, Abandoned
+    (reentrant: run again) with Ray's words: "its Ray worker died while it ran
+    (The actor ... is unavailable: The actor is temporarily unavailable: RpcError:
+    RPC error: Socket closed ...)"."""
     with JobCluster(crashes, reentrant=reentrant, engine=engine) as cluster:
-        job = cluster.submit(str(tmp_path), how)
+        job = cluster.submit(str(tmp_path), how, **limits)
         assert job.wait(timeout=WAIT), "the job did not end"
         assert job.status is JobStatus.Terminated, (job.status, job.exception)
         assert job.exception == said
