@@ -62,7 +62,7 @@ def acquire_default_journal() -> Journal | None:
             name = time.strftime(f"{DEFAULT_PREFIX}%Y%m%d%H%M%S") + f"_{os.getpid()}"
             try:
                 _default = Journal(os.path.abspath(name))
-            except (OSError, sqlite3.Error) as exc:
+            except (OSError, sqlite3.Error, ConfigurationError) as exc:
                 logger.warning(
                     "cannot write the recovery file %s in %s (%s): recover_jobs() "
                     "will not find this client's jobs; give recover_file=...",

@@ -22,6 +22,7 @@ import cloudpickle
 
 from dispynb.errors import ConfigurationError
 from dispynb.job import DispyJob, JobStatus
+from dispynb.secret import foreign_owner
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS computations (
@@ -68,7 +69,9 @@ class Journal:
                 "crashed cluster used"
             )
         try:
-            if os.path.getsize(path) == 0:
+            info = os.stat(path)
+            _refuse_foreign(path, info)
+            if info.st_size == 0:
                 return None
             uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=rw"
             journal._db = sqlite3.connect(
@@ -295,16 +298,33 @@ def unreadable(path: str, exc: BaseException) -> ConfigurationError:
     return ConfigurationError(f"recover_file {path!r} {what}: {exc}")
 
 
+def _refuse_foreign(path: str, info: os.stat_result) -> None:
+    """Raise `ConfigurationError` if the journal ``path`` (``info``: its stat) is
+    another user's: its owner would read the jobs' arguments and results, and could
+    put there what `recover_jobs` unpickles."""
+    foreign = foreign_owner(info)
+    if foreign:
+        raise ConfigurationError(
+            f"recover_file {path!r} belongs to {foreign}, who could read the jobs' "
+            "arguments and results and change what recover_jobs unpickles: give a "
+            "file of your own"
+        )
+
+
 def _create_private(path: str) -> None:
     """Create the journal file readable by its owner only (0600), from the start.
 
     It holds the jobs' arguments and results. SQLite creates the ``-wal`` and ``-shm``
     files with the mode of the database file, so they are 0600 too; a journal left
-    with looser permissions by an older version is tightened.
+    with looser permissions by an older version is tightened. A journal of another
+    user's (made first where the client writes its own: a shared directory), or a
+    symlink, is refused (`ConfigurationError`).
     """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
-        if os.fstat(fd).st_mode & 0o077:
+        info = os.fstat(fd)
+        _refuse_foreign(path, info)
+        if info.st_mode & 0o077:
             os.fchmod(fd, 0o600)
     finally:
         os.close(fd)

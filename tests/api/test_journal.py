@@ -8,9 +8,12 @@ import sqlite3
 import stat
 import time
 
+import pytest
+
 from dispynb import JobCluster
 from dispynb.backends import base
 from dispynb.backends.base import ClusterConfig, JobEvents, JobRequest
+from dispynb.errors import ConfigurationError
 from dispynb.job import DispyJob, JobStatus
 from dispynb.journal import Journal
 from tests.engines import ThreadBackend, ThreadEngine
@@ -179,3 +182,22 @@ def test_the_end_of_a_job_whose_submission_was_not_written_is_not_journaled(
     warnings = [r for r in caplog.records if "recovery file" in r.getMessage()]
     assert len(warnings) == 1 and "disk is full" in warnings[0].getMessage()
     journal.close(clean=False)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown")
+def test_a_journal_of_another_user_is_neither_written_nor_recovered(tmp_path):
+    """Made first where the client writes its journal (a shared directory), it was
+    used: its owner read the jobs' arguments and results, and could put there what
+    recover_jobs unpickles."""
+    from dispynb import recover_jobs
+
+    path = tmp_path / "recover.db"
+    Journal(str(path)).close()  # a real journal...
+    os.chown(path, 65534, -1)  # ...of another user's
+    with pytest.raises(ConfigurationError, match=r"belongs to .*65534"):
+        Journal(str(path))
+    with pytest.raises(ConfigurationError, match=r"belongs to .*65534"):
+        recover_jobs(str(path))
+    os.symlink(path, tmp_path / "link.db")
+    with pytest.raises(OSError):  # not followed, whoever's it names
+        Journal(str(tmp_path / "link.db"))
