@@ -258,13 +258,30 @@ class Executor(concurrent.futures.Executor):
                 raise ValueError("give initializer or setup, not both")
             serialize.ship_by_value(initializer)  # a script's own: by value
             options["setup"] = functools.partial(_initialize, initializer, initargs)
-        self._local: LocalCluster | None = None
-        if nodes is None and engine is None:
-            nodes = self._local = LocalCluster(cpus=max_workers or os.cpu_count() or 1)
         # dispy's default recovery file (_dispy_*) is for dispy programs.
         options.setdefault("recover_file", False)
         make = cluster_factory or new_cluster
+        # Checked by the cluster: for the advice on a call's MemoryError.
+        self._mem_limit = check_mem_limit(options.get("mem_limit"), "mem_limit")
+        # Held across each job's submission, so that shutdown sees every job
+        # submitted before it and none after. The jobs not done are the cluster's
+        # (`_live_jobs`): the executor keeps no list of its own, so a ``map``
+        # dropped unread (its calls run, as in the standard library) holds
+        # nothing once its jobs end.
+        self._lock = threading.RLock()
+        self._shut = False
+        self._terminate = False  # on close, terminate running jobs (an interrupt)
+        self._closed = Flag()  # set once closed (a Flag: users may wait on it)
+        self._background = False  # shutdown(wait=False) started a closing thread
+        self._closing = threading.Lock()  # held by the thread closing
+        self._local: LocalCluster | None = None
+        # Nothing after the nodes start but in this try: a Ctrl-C landing there
+        # must not leave them running, out of the user's reach.
         try:
+            if nodes is None and engine is None:
+                nodes = self._local = LocalCluster(
+                    cpus=max_workers or os.cpu_count() or 1
+                )
             self.cluster = make(dispynb_executor, nodes=nodes, engine=engine, **options)
             # Never shut down: its pending calls end with the script (documented).
             self.cluster.terminate_at_exit = True
@@ -272,19 +289,6 @@ class Executor(concurrent.futures.Executor):
             if self._local is not None:
                 self._local.close()
             raise
-        # Held across each job's submission, so that shutdown sees every job
-        # submitted before it and none after. The jobs not done are the cluster's
-        # (`_live_jobs`): the executor keeps no list of its own, so a ``map``
-        # dropped unread (its calls run, as in the standard library) holds
-        # nothing once its jobs end.
-        # Checked by the cluster: for the advice on a call's MemoryError.
-        self._mem_limit = check_mem_limit(options.get("mem_limit"), "mem_limit")
-        self._lock = threading.RLock()
-        self._shut = False
-        self._terminate = False  # on close, terminate running jobs (an interrupt)
-        self._closed = Flag()  # set once closed (a Flag: users may wait on it)
-        self._background = False  # shutdown(wait=False) started a closing thread
-        self._closing = threading.Lock()  # held by the thread closing
 
     @property
     def cpus(self) -> int:

@@ -742,6 +742,32 @@ def test_ctrl_c_anywhere_in_the_executors_shutdown_leaves_one_that_ends(local, h
     assert point > 1  # the points were tried (the last sent no SIGINT)
 
 
+def test_ctrl_c_anywhere_in_the_executors_start_leaves_no_node_running():
+    """A Ctrl-C after each C call the executor's own ``__init__`` code makes in
+    turn: no node it started is left running (the user has no executor to shut
+    down). Landing after its local nodes started and before the ``try`` that
+    closes them on errors, it left them running until the interpreter's exit."""
+    me = psutil.Process()
+    before = {child.pid for child in me.children(recursive=True)}
+    for point in itertools.count(1):
+        sigint = SigintAtCReturn(point, "dispynb.executor")
+        executor = None
+        with python_handles_sigint(), contextlib.suppress(KeyboardInterrupt):
+            try:
+                sys.setprofile(sigint)
+                executor = Executor(max_workers=1)
+            finally:
+                sys.setprofile(None)
+        if executor is not None:
+            executor.shutdown()
+        started = [c for c in me.children(recursive=True) if c.pid not in before]
+        _gone, alive = psutil.wait_procs(started, timeout=WAIT)
+        assert alive == [], f"nodes left running after a Ctrl-C at {point}"
+        if not sigint.sent:  # past the last C call of the executor's start
+            break
+    assert point > 1  # the points were tried (the last sent no SIGINT)
+
+
 def test_executor_on_named_nodes_with_their_secret(local):
     """As with nodes started by hand: name them and give the shared secret."""
     host, port = local.addresses[0]
