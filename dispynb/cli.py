@@ -35,6 +35,7 @@ __all__ = ["ProgressLine", "estimate_pi", "main", "run_command"]
 # dispy's final job statuses (DispyJob.Cancelled, Terminated, Abandoned, Finished) as
 # plain numbers, so that this module need not import dispynb.job.
 _FINAL_STATUSES = frozenset({8, 9, 10, 11})
+_CANCELLED = 8
 _FINISHED = 11
 
 #: Rows of the demo's results table; the summary line covers every job.
@@ -126,6 +127,7 @@ class ProgressLine:
         self._lock = threading.Lock()
         self._seen: set[Any] = set()
         self._failed: int = 0
+        self._cancelled: int = 0
         self._started: float = time.monotonic()
         self._last_draw: float = -math.inf
         self._drawn: int = -1  # jobs shown by the last draw
@@ -145,7 +147,9 @@ class ProgressLine:
             if job.id in self._seen:
                 return
             self._seen.add(job.id)
-            if job.status != _FINISHED:
+            if job.status == _CANCELLED:  # never ran (Ctrl-C cancels the queue)
+                self._cancelled += 1
+            elif job.status != _FINISHED:
                 self._failed += 1
             now = time.monotonic()
             if len(self._seen) >= self.total:
@@ -168,11 +172,12 @@ class ProgressLine:
             return
         done = len(self._seen)
         filled = self.width * done // max(self.total, 1)
-        rate = done / max(now - self._started, 1e-9)
+        rate = (done - self._cancelled) / max(now - self._started, 1e-9)
         failed = f"  {self._failed} failed" if self._failed else ""
+        cancelled = f"  {self._cancelled} cancelled" if self._cancelled else ""
         self.stream.write(
             f"\r[{'#' * filled}{'.' * (self.width - filled)}]"
-            f" {done}/{self.total} jobs  {rate:.1f} jobs/s{failed}"
+            f" {done}/{self.total} jobs  {rate:.1f} jobs/s{failed}{cancelled}"
         )
         self.stream.flush()
         self._last_draw = now

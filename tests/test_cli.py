@@ -99,6 +99,21 @@ def test_progress_line_counts_each_final_job_once() -> None:
     assert re.fullmatch(r"\[#{30}\] 40/40 jobs  \d+\.\d jobs/s  4 failed\n", last)
 
 
+def test_progress_line_says_cancelled_jobs_are_cancelled_not_failed() -> None:
+    """Ctrl-C in the demo cancels its queued jobs: the line drawn then said
+    them failed, and counted them in the rate as jobs run."""
+    stream = io.StringIO()
+    progress = ProgressLine(4, stream=stream, interval=0.0)
+    progress._started -= 1.0  # one second ago: the rate is the jobs that ran
+    for i, status in enumerate((11, 9, 8, 8)):  # finished, terminated, cancelled
+        progress.job_status(SimpleNamespace(id=i, status=status))
+    progress.close()
+    last = stream.getvalue().split("\r")[-1]
+    assert re.fullmatch(
+        r"\[#{30}\] 4/4 jobs  [12]\.\d jobs/s  1 failed  2 cancelled\n", last
+    ), last
+
+
 def test_ctrl_c_ends_the_demos_wait_for_its_progress_line_at_once() -> None:
     """The demo's main thread waits for the progress line's last callback; an
     interrupt that only sets Python's flag (an IDE's or a debugger's,
