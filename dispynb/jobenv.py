@@ -237,6 +237,33 @@ def with_dropped_note(text: str, dropped: int, name: str, limit: int) -> str:
     )
 
 
+class CappedOutput(io.StringIO):
+    """A job's stdout or stderr (``name``): keeps its first ``limit`` characters
+    (None: all) and counts the rest as they come, so that a job printing much holds
+    no more than that; `text` says how many were dropped, in the nodes' words."""
+
+    def __init__(self, name: str, limit: int | None) -> None:
+        super().__init__()
+        self.name = name
+        self.limit = limit
+        self.dropped = 0
+
+    def write(self, text: str) -> int:
+        room = None if self.limit is None else self.limit - self.tell()
+        if room is not None and len(text) > room:
+            self.dropped += len(text) - max(room, 0)
+            if room > 0:
+                super().write(text[:room])
+            return len(text)
+        return super().write(text)
+
+    def text(self) -> str:
+        """What was kept, with the line `with_dropped_note` adds if any was not."""
+        return with_dropped_note(
+            self.getvalue(), self.dropped, self.name, self.limit or 0
+        )
+
+
 def timeout_reason(timeout: float) -> str:
     """Why a job that ran over its time limit was terminated, and how to allow more."""
     return (
@@ -509,6 +536,7 @@ __all__ = [
     "JOB_ENDED",
     "SETUP_SUCCESS",
     "TERMINATED_AT_REQUEST",
+    "CappedOutput",
     "JobStream",
     "JobStreams",
     "JobThreads",

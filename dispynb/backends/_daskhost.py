@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import io
 import itertools
 import os
 import pickle
@@ -50,6 +49,7 @@ from dispynb.jobenv import (
     ANSWER_SLICE,
     FROM_AN_ENDED_JOB,
     JOB_ENDED,
+    CappedOutput,
     JobStreams,
     JobThreads,
     describe_failure,
@@ -64,7 +64,6 @@ from dispynb.jobenv import (
     send_file_timeout,
     setup_failure,
     unconfirmed,
-    with_dropped_note,
 )
 from dispynb.programs import ProgramOutput, ProgramRunner, install_program
 from dispynb.protocol import serialize
@@ -206,28 +205,6 @@ def dispy_names(node_name: str, node_ip: str, job_path: str) -> dict[str, Any]:
     return names
 
 
-class _Output(io.StringIO):
-    """A job's stdout/stderr: keeps the first ``limit`` characters, counts the rest."""
-
-    limit: int | None = None
-    dropped = 0
-    name = "output"  # stdout, stderr
-
-    def write(self, text: str) -> int:
-        room = None if self.limit is None else self.limit - self.tell()
-        if room is not None and len(text) > room:
-            self.dropped += len(text) - max(room, 0)
-            if room > 0:
-                super().write(text[:room])
-            return len(text)
-        return super().write(text)
-
-    def text(self) -> str:
-        return with_dropped_note(
-            self.getvalue(), self.dropped, self.name, self.limit or 0
-        )
-
-
 def run_one(
     func: Callable[..., Any],
     buffers: list[Buffer],
@@ -241,9 +218,7 @@ def run_one(
     ``meta`` is ``(outcome, start, end, stdout, stderr, exception)`` with outcome
     ``"finished"`` (result in the buffers) or ``"raised"`` (traceback text).
     """
-    out, err = _Output(), _Output()
-    out.name, err.name = "stdout", "stderr"
-    out.limit = err.limit = max_output
+    out, err = CappedOutput("stdout", max_output), CappedOutput("stderr", max_output)
     _Job.threads.begin()
     _Job.streams.begin(out, err)
     result_buffers: list[Any] = []

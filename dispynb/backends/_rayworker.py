@@ -25,7 +25,6 @@ import collections
 import contextlib
 import faulthandler
 import importlib
-import io
 import logging
 import os
 import pickle
@@ -44,6 +43,7 @@ from typing import Any, NoReturn
 
 from dispynb.jobenv import (
     FROM_AN_ENDED_JOB,
+    CappedOutput,
     JobStreams,
     JobThreads,
     describe_failure,
@@ -57,7 +57,6 @@ from dispynb.jobenv import (
     send_file_timeout,
     setup_failure,
     unconfirmed,
-    with_dropped_note,
 )
 from dispynb.protocol import serialize
 
@@ -418,7 +417,8 @@ class JobActor:
                 )
         if not self._begin(key, attempt):
             return SKIPPED, None, "", "", None, 0.0, 0.0, 0
-        out, err = io.StringIO(), io.StringIO()
+        limit = self.max_output
+        out, err = CappedOutput("stdout", limit), CappedOutput("stderr", limit)
         _THREADS.begin()
         _STREAMS.begin(out, err)
         job = _CURRENT
@@ -456,8 +456,8 @@ class JobActor:
         return (
             outcome,
             result,
-            self._text(out, "stdout"),
-            self._text(err, "stderr"),
+            out.text(),
+            err.text(),
             exception,
             start,
             end,
@@ -471,13 +471,6 @@ class JobActor:
         `run`); their replies, in order. A result that cannot be pickled ends its
         own job (`run` checks it: the others' results still travel)."""
         return [self.run(head, *args) for head, args in items]
-
-    def _text(self, capture: io.StringIO, name: str) -> str:
-        text = capture.getvalue()
-        limit = self.max_output
-        if limit is None or len(text) <= limit:
-            return text
-        return with_dropped_note(text[:limit], len(text) - limit, name, limit)
 
     def cleanup(self) -> str | None:
         """Run dispy's ``cleanup``; None, or the traceback of its failure."""

@@ -724,3 +724,33 @@ def test_a_thread_of_a_job_that_returned_prints_and_sends_nothing_as_a_later_job
     assert [job.stdout for job in jobs] == [f"job {n} out\n" for n in range(len(jobs))]
     assert (marks / f"printed-{outcome[1]}").read_text() == "-1"
     assert {status for status, _ in seen} == {JobStatus.Finished}
+
+
+def prints_a_lot(megabytes: int) -> int:
+    """Prints ``megabytes`` MiB in 1 MiB lines; the KiB its worker's peak resident
+    memory grew by meanwhile."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    line = "x" * (2**20 - 9)
+    for n in range(megabytes):
+        print(f"{n:08d}{line}")  # a new string each (not one kept many times)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+
+
+def test_a_job_printing_more_than_max_output_size_is_not_held_whole(
+    engine: RayEngine,
+) -> None:
+    """A job prints 256 MiB with max_output_size=1000: its actor keeps the first
+    1000 characters and counts the rest, as dispynb's nodes and the Dask runner do;
+    the job's stdout says how many were dropped. Before, the actor held all of it
+    until the job ended (its memory grew by 256 MiB and more), then cut it."""
+    with JobCluster(prints_a_lot, max_output_size=1000, engine=engine) as cluster:
+        job = cluster.submit(256)
+        grown = job()
+        assert job.status is JobStatus.Finished, job.exception
+    assert grown < 64 * 1024, f"the worker grew by {grown} KiB"
+    assert job.stdout == "00000000" + "x" * 992 + "\n" + (
+        f"[dispynb: {256 * 2**20 - 1000} more characters of stdout dropped: a job "
+        "keeps 1000 (max_output_size)]\n"
+    )
