@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import ssl
+import stat
 import weakref
 
 from dispynb.errors import ConfigurationError, DispynbError, TransportError
+from dispynb.secret import foreign_owner
 
 #: The certificate file of each client context that has one, for error messages
 #: (an SSLContext does not say which certificate it holds).
@@ -20,18 +22,54 @@ _REFUSED_CERT_ALERTS = ("UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_UNKNOWN")
 _MISSING_CERT_ALERTS = ("CERTIFICATE_REQUIRED", "HANDSHAKE_FAILURE")
 
 
-def _check_file(path: str, what: str) -> None:
+def _check_file(path: str, what: str, guard: str = "") -> None:
+    """Refuse a missing file; with ``guard``, one another user could use against us:
+    "key" (a private key: others may not read or write it), "trust" (a cafile,
+    which says whom to trust: others may not write it); either of another user's
+    (but root's), whatever its mode."""
     if not os.path.isfile(path):
         raise ConfigurationError(f"{what} {path!r} does not exist or is not a file")
+    if not guard or os.name != "posix":
+        return
+    info = os.stat(path)
+    if guard == "key" and info.st_mode & 0o006:
+        raise ConfigurationError(
+            f"{what} {path!r} holds a private key other users may read or write "
+            f"(mode {stat.S_IMODE(info.st_mode):04o}): run chmod o-rwx {path}"
+        )
+    if guard == "trust" and info.st_mode & 0o022:
+        raise ConfigurationError(
+            f"{what} {path!r} says whose certificates are trusted, and other users "
+            f"may write it (mode {stat.S_IMODE(info.st_mode):04o}): run chmod go-w "
+            f"{path}"
+        )
+    foreign = foreign_owner(info)
+    if foreign:
+        raise ConfigurationError(
+            f"{what} {path!r} belongs to {foreign}, not to this user or root: its "
+            "owner could change it; give a file of your own"
+        )
+
+
+def _key_guard(certfile: str, keyfile: str | None) -> str:
+    """`_check_file`'s guard for ``certfile``: "key" if it holds the private key
+    (no ``keyfile`` given, and a key in it), else none."""
+    if keyfile:
+        return ""
+    try:
+        with open(certfile, "rb") as handle:
+            return "key" if b"PRIVATE KEY" in handle.read(1 << 20) else ""
+    except OSError:
+        return ""  # `_check_file` says what is wrong with it
 
 
 def server_context(
     certfile: str, keyfile: str | None = None, cafile: str | None = None
 ) -> ssl.SSLContext:
     """Context for a node; client certificates are checked when ``cafile`` is given."""
-    _check_file(certfile, "certfile")
+    _check_file(certfile, "certfile", _key_guard(certfile, keyfile))
     if keyfile:
-        _check_file(keyfile, "keyfile")
+        _check_file(keyfile, "keyfile", "key")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
@@ -41,7 +79,7 @@ def server_context(
             f"cannot load certificate {certfile!r} / key {keyfile!r}: {exc}"
         ) from exc
     if cafile:
-        _check_file(cafile, "cafile")
+        _check_file(cafile, "cafile", "trust")
         context.load_verify_locations(cafile)
         context.verify_mode = ssl.CERT_REQUIRED
     return context
@@ -59,15 +97,15 @@ def client_context(
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if cafile:
-        _check_file(cafile, "cafile")
+        _check_file(cafile, "cafile", "trust")
         context.load_verify_locations(cafile)
     else:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     if certfile:
-        _check_file(certfile, "certfile")
+        _check_file(certfile, "certfile", _key_guard(certfile, keyfile))
         if keyfile:
-            _check_file(keyfile, "keyfile")
+            _check_file(keyfile, "keyfile", "key")
         try:
             context.load_cert_chain(certfile, keyfile)
         except (ssl.SSLError, OSError) as exc:

@@ -10,6 +10,7 @@ import ssl
 import struct
 import threading
 from asyncio import sslproto
+from pathlib import Path
 
 import pytest
 
@@ -555,3 +556,46 @@ def test_a_tls_client_refused_at_accept_by_a_busy_tls_node_retries(cert, caplog)
             assert len(echo.names) == 1
 
     run(main())
+
+
+def test_a_cafile_others_may_write_is_refused(cert, other_cert):
+    """A node's --cafile says whose client certificates it trusts (with no secret,
+    they are the whole authentication): another user able to write it added their
+    own CA and ran jobs on the node. So for a client's cafile (a node's identity)."""
+    certfile, keyfile = cert
+    os.chmod(other_cert[0], 0o666)
+    with pytest.raises(ConfigurationError, match="chmod go-w"):
+        server_context(certfile, keyfile, cafile=other_cert[0])
+    with pytest.raises(ConfigurationError, match="chmod go-w"):
+        client_context(cafile=other_cert[0])
+    os.chmod(other_cert[0], 0o644)  # readable by all: a certificate is public
+    server_context(certfile, keyfile, cafile=other_cert[0])
+
+
+def test_a_private_key_others_may_read_is_refused(cert, tmp_path):
+    """Whoever reads a node's key can pass for the node (or a client's, for the
+    client); in the certfile when no keyfile is given, the certfile is checked."""
+    certfile, keyfile = cert
+    os.chmod(keyfile, 0o644)
+    with pytest.raises(ConfigurationError, match="chmod o-rwx"):
+        server_context(certfile, keyfile)
+    with pytest.raises(ConfigurationError, match="chmod o-rwx"):
+        client_context(certfile, keyfile)
+    both = tmp_path / "both.pem"
+    both.write_bytes(Path(certfile).read_bytes() + Path(keyfile).read_bytes())
+    os.chmod(both, 0o644)
+    with pytest.raises(ConfigurationError, match="chmod o-rwx"):
+        server_context(str(both))
+    os.chmod(keyfile, 0o640)  # a group's (ssl-cert) may read it
+    server_context(certfile, keyfile)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown")
+def test_tls_files_of_another_user_are_refused(cert, other_cert):
+    certfile, keyfile = cert
+    os.chown(other_cert[0], 65534, -1)
+    with pytest.raises(ConfigurationError, match="belongs to"):
+        server_context(certfile, keyfile, cafile=other_cert[0])
+    os.chown(keyfile, 65534, -1)
+    with pytest.raises(ConfigurationError, match="belongs to"):
+        server_context(certfile, keyfile)
