@@ -246,9 +246,11 @@ def cancel_futures(
         if not isinstance(future, JobFuture):
             future.cancel()
             continue
-        with future._condition:
-            if future._state != PENDING:
-                continue
+        # Read without the future's lock (a Condition: a Ctrl-C landing in its
+        # Python __enter__ just after the acquire would keep the lock for ever,
+        # and the job's end could not settle the future); the nodes decide.
+        if future._state != PENDING:
+            continue
         job = future.job
         cluster = job._cluster
         if cluster is None:  # not submitted through a cluster: nothing runs it

@@ -590,6 +590,30 @@ def test_cancel_a_queued_future_but_not_a_running_one(executor, tmp_path):
     assert not running[0].cancel()  # done
 
 
+def test_ctrl_c_anywhere_in_cancel_leaves_a_future_that_settles(local1):
+    """A Ctrl-C after each C call ``cancel()`` makes in turn, on a call queued
+    behind a running one: the future still ends (cancelled, or with its
+    result). One landing just after cancel() took the future's lock (in
+    ``Condition.__enter__``, Python code) kept that lock for ever: the job's
+    end could not settle the future ("left unsettled")."""
+    with Executor(nodes=local1) as executor, python_handles_sigint():
+        for point in itertools.count(1):
+            running = executor.submit(time.sleep, 0.2)
+            queued = executor.submit(mul, 2, 3)
+            sigint = SigintAtCReturn(point)
+            with contextlib.suppress(KeyboardInterrupt):
+                try:
+                    sys.setprofile(sigint)
+                    queued.cancel()
+                finally:
+                    sys.setprofile(None)
+            running.result(WAIT)
+            assert queued.cancelled() or queued.result(WAIT) == 6, point
+            if not sigint.sent:  # past the last C call of cancel()
+                break
+    assert point > 10  # the points were tried (the last sent no SIGINT)
+
+
 def test_done_callbacks_run_once_off_the_io_thread(executor):
     calls: list[tuple[object, str]] = []
     done = threading.Event()
