@@ -11,9 +11,12 @@ their user (a node's jobs), so both make themselves non-dumpable (`set_dumpable`
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
+import os
 import sys
+import tempfile
 from collections.abc import Callable
 
 from dispynb.errors import ConfigurationError, DispynbError
@@ -99,3 +102,23 @@ __all__ = [
     "setup_logging",
     "setup_package_logging",
 ]
+
+
+def replace_file(path: str, text: str, mode: int = 0o644) -> None:
+    """Write ``text`` to ``path`` at once (a new file, then renamed over it).
+
+    The new file gets a name of its own (``O_EXCL``): one another user made first,
+    or a symlink they planted, under a fixed name next to ``path`` (a port file in
+    ``/tmp``) was written through, as the daemon's user (root: any file).
+    """
+    directory, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            os.fchmod(handle.fileno(), mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

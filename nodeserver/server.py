@@ -11,6 +11,7 @@ import socket
 import time
 from typing import Any
 
+from dispynb.daemon import replace_file
 from dispynb.errors import ConfigurationError
 from dispynb.protocol import shm
 from dispynb.protocol.messages import Welcome
@@ -148,10 +149,7 @@ class NodeServer:
         if config.discovery:
             await self._start_announcers()
         if config.port_file:
-            tmp = f"{config.port_file}.tmp"
-            with open(tmp, "w") as handle:
-                handle.write(f"{self.port}\n")
-            os.replace(tmp, config.port_file)
+            replace_file(config.port_file, f"{self.port}\n")
         logger.info(
             "dispynb node %r serving %d CPUs on %s%s%s",
             config.name,

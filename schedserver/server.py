@@ -15,6 +15,7 @@ import os
 import platform
 
 from dispynb.backends.finder import NodeFinder
+from dispynb.daemon import replace_file
 from dispynb.deploy.registry import RegisteredNode, Registrar
 from dispynb.errors import ConfigurationError
 from dispynb.httpd.security import is_loopback
@@ -84,10 +85,7 @@ class SchedulerServer(
             )
         self._spawn(self._pulse())
         if config.port_file:
-            tmp = f"{config.port_file}.tmp"
-            with open(tmp, "w") as handle:
-                handle.write(f"{self.port}\n")
-            os.replace(tmp, config.port_file)
+            replace_file(config.port_file, f"{self.port}\n")
         logger.info(
             "dispynb-scheduler serving %s on %s for the users in %s",
             ", ".join(

@@ -9,13 +9,13 @@ changes and ends that user's sessions.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import secrets
 import stat
 from pathlib import Path
 
+from dispynb.daemon import replace_file
 from dispynb.errors import ConfigurationError
 from dispynb.secret import foreign_owner
 
@@ -35,16 +35,7 @@ def check_name(name: str) -> str:
 
 def _write_private(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically, readable by its owner only."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    replace_file(str(path), text, 0o600)
 
 
 class UsersFile:
