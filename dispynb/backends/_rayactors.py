@@ -96,6 +96,7 @@ class _Actors(_RayState):
             int(entry.get("NodeManagerPort", 0)),
         )
         self._nodes[node.ray_id] = node
+        self._no_worker = None  # its actors may run the jobs
         for _ in range(cpus):
             handle = self._actor_class.options(
                 num_cpus=1,
@@ -201,15 +202,20 @@ class _Actors(_RayState):
                 logger.warning("Ray node %s left: %s", node.host, reason)
                 self._events.node_closed(node.info, reason, Departure.LOST)
         if all(s.dead for s in self._slots):
+            self._no_worker = f"no Ray worker is left to run it: {reason}"
             self._take_incoming()
-            pinned = [job for queue in self._pinned.values() for job in queue]
-            self._pinned.clear()
-            for job in [*self._queue, *pinned]:
-                self._jobs.pop(job.key, None)
-                self._events.job_abandoned(
-                    job.key, None, f"no Ray worker is left to run it: {reason}"
-                )
-            self._queue.clear()
+            self._abandon_waiting()
+
+    def _abandon_waiting(self) -> None:
+        """No actor is left (`_no_worker` says why): the jobs waiting here end
+        Abandoned, as those submitted later do (`_rayjobs._schedule`), until a Ray
+        node joins (`_add_node`)."""
+        pinned = [job for queue in self._pinned.values() for job in queue]
+        self._pinned.clear()
+        for job in [*self._queue, *pinned]:
+            self._forget(job.key)
+            self._events.job_abandoned(job.key, None, str(self._no_worker))
+        self._queue.clear()
 
     def _end_actor(self, slot: _Slot) -> None:
         """End ``slot``'s actor for good (Ray does not restart it)."""

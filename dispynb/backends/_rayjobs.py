@@ -158,6 +158,8 @@ class _Jobs(_RayState):
         if self._closed:
             return
         self._take_incoming()
+        if self._no_worker is not None:
+            self._abandon_waiting()
         while self._to_cancel:
             keys, unstarted = self._to_cancel.popleft()
             for key in self._cancel_queued(set(keys)):

@@ -132,6 +132,8 @@ class _RayState:
         self._max_attempts = int(opts.max_attempts)
         self._nodes: dict[str, _Node] = {}
         self._slots: list[_Slot] = []
+        #: Why no actor is left to run jobs (all died for good), until a node joins.
+        self._no_worker: str | None = None
         #: Calls that ended: (actor, their (key, attempt) jobs, batch?, future).
         self._completions: collections.deque[
             tuple[_Slot, tuple[tuple[int, int], ...], bool, Any]
@@ -200,6 +202,9 @@ class _RayState:
         raise NotImplementedError
 
     def _enqueue(self, job: JobRequest, first: bool = False) -> None:
+        raise NotImplementedError
+
+    def _abandon_waiting(self) -> None:
         raise NotImplementedError
 
     def _remove(self, slot: _Slot, key: int) -> None:

@@ -527,3 +527,35 @@ def test_a_setup_that_fails_in_a_restarted_actor_says_so(
         assert "in setup\n" in caplog.text
         assert other() is not None, other.exception
         assert cluster.submit(folder, 0)() is not None  # the other worker runs on
+
+
+def test_a_job_submitted_once_no_worker_is_left_is_abandoned_not_kept(
+    engine: RayEngine, tmp_path: Path
+) -> None:
+    """Both actors' setup fails after their jobs were stopped: the jobs waiting
+    then end Abandoned ("no Ray worker is left to run it: ..."), and so does one
+    submitted afterwards, at once, as on dispynb's nodes when none is left. Before,
+    that one waited for ever (job() never returned)."""
+    folder = str(tmp_path)
+
+    def setup() -> int:
+        if Path(folder, "fail").exists():
+            raise RuntimeError("the license server is gone")
+        return 0
+
+    with JobCluster(sleeper, setup=setup, engine=engine) as cluster:
+        jobs = [cluster.submit(folder, 600) for _ in range(2)]
+        wait_for(lambda: len(list(tmp_path.glob("running-*"))) == 2, "2 jobs")
+        queued = cluster.submit(folder, 0)
+        Path(folder, "fail").touch()
+        for job in jobs:
+            cluster.cancel(job)
+        assert queued.wait(timeout=WAIT), "the queued job did not end"
+        late = cluster.submit(folder, 0)
+        assert late.wait(timeout=WAIT), "the job submitted late did not end"
+    for job in (queued, late):
+        assert job.status is JobStatus.Abandoned, (job.status, job.exception)
+        assert str(job.exception) == (
+            "no Ray worker is left to run it: setup raised RuntimeError: the "
+            "license server is gone"
+        ), job.exception
