@@ -9,10 +9,13 @@ changes and ends that user's sessions.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
 import secrets
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 from dispynb.daemon import replace_file
@@ -94,29 +97,45 @@ class UsersFile:
         except (ConfigurationError, OSError):
             return set(self._users)
 
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[dict[str, bytes]]:
+        """The users, read afresh under an exclusive lock held until the block's
+        end: two ``user add``/``revoke`` at once would otherwise both rewrite the
+        file from what they read, and one of them would lose the other's change."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock = self.path.with_name(f".{self.path.name}.lock")
+        # Only locked, never written or followed (a symlink planted there by
+        # another user leads nowhere).
+        fd = os.open(lock, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._stamp = None  # another process may have changed it just now
+            yield dict(self.load())
+        finally:
+            os.close(fd)  # releases the lock
+
     def add(self, name: str) -> str:
         """Add user ``name`` with a new token; return its credential."""
         check_name(name)
-        users = dict(self.load())
-        if name in users:
-            raise ConfigurationError(
-                f"user {name!r} exists: revoke it first to issue a new credential"
-            )
-        users[name] = secrets.token_urlsafe(32).encode()
-        self._save(users)
+        with self._locked() as users:
+            if name in users:
+                raise ConfigurationError(
+                    f"user {name!r} exists: revoke it first to issue a new credential"
+                )
+            users[name] = secrets.token_urlsafe(32).encode()
+            self._save(users)
         return f"dispynb-user:{name}:{users[name].decode()}"
 
     def revoke(self, name: str) -> None:
         """Remove user ``name``: its credential no longer opens a session."""
-        users = dict(self.load())
-        if users.pop(name, None) is None:
-            raise ConfigurationError(f"no user {name[:80]!r} in {self.path}")
-        self._save(users)
+        with self._locked() as users:
+            if users.pop(name, None) is None:
+                raise ConfigurationError(f"no user {name[:80]!r} in {self.path}")
+            self._save(users)
 
     def _save(self, users: dict[str, bytes]) -> None:
         lines = ["# dispynb-scheduler users: NAME TOKEN (keep this file private)"]
         lines += [f"{name} {token.decode()}" for name, token in sorted(users.items())]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         _write_private(self.path, "\n".join(lines) + "\n")
         self._stamp = None
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from tests.sharedsched.harness import (
     TIMED_CLIENT,
     SchedulerProcess,
     add_user,
+    env_for,
     finish_client,
     raw_reply,
     scheduler_cli,
@@ -239,3 +242,49 @@ def test_a_users_credential_does_not_open_the_nodes(
         compute, scheduler_host=scheduler.address, secret_file=str(users["alice"])
     ) as cluster:
         assert cluster.submit(4)() == 16
+
+
+#: A ``dispynb-scheduler`` process that has imported everything and waits for a
+#: line on stdin before running its command: released together, they race.
+_READY_CLI = (
+    "import sys; from schedserver.cli import main; sys.stdin.readline(); "
+    "sys.exit(main(sys.argv[1:]))"
+)
+
+
+def _race(*commands: list[str]) -> None:
+    """Run ``dispynb-scheduler COMMAND`` for each command, released at once."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _READY_CLI, *command],
+            env=env_for(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for command in commands
+    ]
+    for proc in procs:
+        assert proc.stdin is not None
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+    for proc in procs:
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+
+
+def test_concurrent_user_adds_and_revokes_lose_nothing(tmp_path: Path) -> None:
+    """Two admins (or a script) running ``user add`` at once: no user is lost."""
+    users = str(tmp_path / "users")
+    for round_ in range(6):
+        names = [f"u{round_}-{n}" for n in range(4)]
+        _race(*(
+            ["user", "add", name, "--users", users, "-o", str(tmp_path / name)]
+            for name in names
+        ))  # fmt: skip
+        listed = scheduler_cli("user", "list", "--users", users).stdout.split()
+        assert set(names) <= set(listed), f"round {round_}: {listed}"
+    _race(*(["user", "revoke", f"u0-{n}", "--users", users] for n in range(4)))
+    listed = scheduler_cli("user", "list", "--users", users).stdout.split()
+    assert len(listed) == 5 * 4 and not [n for n in listed if n.startswith("u0-")]
