@@ -26,6 +26,7 @@ from dispynb.errors import (
     SetupError,
 )
 from dispynb.jupyter.errors import MagicError
+from dispynb.jupyter.ownmodules import own_module_hint
 from dispynb.jupyter.tracebacks import SourceMap
 
 __all__ = [
@@ -116,6 +117,9 @@ def friendly_errors(
         if isinstance(exc, SetupError) and exc.remote_traceback:
             remote = exc.remote_traceback.rstrip()
             message += "\n" + (sources.rerender(remote) if sources else remote)
+        own = own_module_hint(message)
+        if own:  # the nodes are fine: they lack a module of the person's
+            message, hint = f"{message}\n{own.rstrip()}", ""
         raise MagicError(f"{message}\n{hint}" if hint else message) from None
     finally:
         for name in _HELD_LOGGERS:

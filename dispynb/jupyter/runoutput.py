@@ -16,6 +16,7 @@ import sys
 
 from dispynb._interruptible import HeldInterrupts
 from dispynb.job import DispyJob, JobStatus
+from dispynb.jupyter.ownmodules import own_module_hint
 from dispynb.jupyter.runstate import _FAILED, Writer, _RunState
 from dispynb.transport.addressing import format_address
 
@@ -81,6 +82,7 @@ class _RunOutput(_RunState):
                     "stderr",
                     f"job {job.id} (input {index}){where} failed:\n"
                     f"{self.traceback(job).rstrip()}\n{_missing_file_hint(job)}"
+                    f"{own_module_hint(job.exception or '')}"
                     f"{self._reentrant_hint(job)}",
                 )
 

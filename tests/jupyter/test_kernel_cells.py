@@ -219,6 +219,38 @@ def test_a_file_the_notebook_sees_but_not_the_job_says_to_send_it(k):
     assert k.value("reads.results") == ["x,y", "x,y"]
 
 
+def test_a_module_beside_the_notebook_says_how_to_send_it(k):
+    """``from tools import scale`` works in the notebook (tools.py beside it); the
+    nodes cannot import it (their jobs run in a directory of their own). The cell
+    says so with the --depends that sends it, not that the nodes are the problem;
+    likewise for a job that imports such a module itself."""
+    k.run_ok(
+        "open('tools.py', 'w').write('def scale(x):\\n    return 10 * x\\n')\n"
+        "open('jobtools.py', 'w').write('TEN = 10\\n')\n"
+        "from tools import scale"
+    )
+    cell = '%%dispy --over "range(3)" --into scaled{}\ndef f(x):\n    return scale(x)'
+    out = k.execute(cell.format(""))
+    assert out.status == "error", out.text
+    assert "No module named 'tools'" in out.text, out.text
+    assert (
+        "dispynb: tools is your module (" in out.text
+        and "tools.py), which the nodes do not have: send it with the run "
+        "(%%dispy --depends \"['tools.py']\"), or install it on the nodes"
+        in out.text
+    ), out.text
+    assert "%dispy local" not in out.text, out.text  # the nodes are fine
+    k.run_ok(cell.format(" --depends \"['tools.py']\""))
+    assert k.value("scaled.results") == [0, 10, 20]
+    inside = "def g(x):\n    import jobtools\n    return jobtools.TEN * x"
+    out = k.execute(f'%%dispy --over "range(2)" --into inside\n{inside}')
+    assert "(%%dispy --depends \"['jobtools.py']\")" in out.stderr, out.text
+    out = k.execute(
+        '%%dispy --over "range(2)" --into third\ndef h(x):\n    import nosuch\n'
+    )
+    assert "No module named 'nosuch'" in out.text and "your module" not in out.text
+
+
 def test_a_cell_run_again_lets_go_of_its_earlier_run_and_results(k):
     """A notebook keeps the results its variables hold: a cell run again (its
     name now the new run's) lets go of the earlier run, 20 MB of results here.
