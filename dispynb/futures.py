@@ -38,7 +38,13 @@ import concurrent.futures
 import logging
 import time
 from collections.abc import Callable, Generator, Iterable
-from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, PENDING, RUNNING
+from concurrent.futures._base import (
+    CANCELLED,
+    CANCELLED_AND_NOTIFIED,
+    FINISHED,
+    PENDING,
+    RUNNING,
+)
 from typing import TYPE_CHECKING, Any
 
 from dispynb._interruptible import Sleepers
@@ -124,12 +130,21 @@ class JobFuture(concurrent.futures.Future[Any]):
         """As `concurrent.futures.Future.result`; the wait reads the job's answer in
         the I/O thread's place when that one is idle (`_wait_settled`)."""
         self._wait_settled(timeout)
-        return super().result(0)
+        self._raise_if_cancelled()
+        return self._Future__get_result()  # type: ignore[attr-defined]
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """As `concurrent.futures.Future.exception`, waiting as `result` does."""
         self._wait_settled(timeout)
-        return super().exception(0)
+        self._raise_if_cancelled()
+        return self._exception
+
+    def _raise_if_cancelled(self) -> None:
+        """The outcome is read without the future's lock (settled: it no longer
+        changes): ``Future.result`` takes it in ``Condition.__enter__``, Python
+        code, where a Ctrl-C landing just after the acquire keeps it for ever."""
+        if self._state != FINISHED:
+            raise concurrent.futures.CancelledError()
 
     def _wait_settled(self, timeout: float | None) -> None:
         """Wait for the job to end, as ``job()`` does: when the I/O loop is idle,

@@ -614,6 +614,43 @@ def test_ctrl_c_anywhere_in_cancel_leaves_a_future_that_settles(local1):
     assert point > 10  # the points were tried (the last sent no SIGINT)
 
 
+def boom() -> None:
+    raise ValueError("boom")
+
+
+@pytest.mark.parametrize("call", ["result", "exception"])
+@pytest.mark.parametrize("outcome", ["value", "error"])
+def test_ctrl_c_anywhere_in_reading_a_future_leaves_its_lock_free(
+    executor, call, outcome
+):
+    """A Ctrl-C after each C call ``result()`` / ``exception()`` makes in turn,
+    on a future done: other threads can still use the future (a done callback).
+    ``Future.result`` took its lock in ``Condition.__enter__`` (Python code): one
+    landing just after the acquire kept the lock for ever."""
+    future = executor.submit(boom) if outcome == "error" else executor.submit(abs, -1)
+    future.exception(WAIT)  # done
+    with python_handles_sigint():
+        for point in itertools.count(1):
+            sigint = SigintAtCReturn(point)
+            with contextlib.suppress(KeyboardInterrupt, ValueError):
+                try:
+                    sys.setprofile(sigint)
+                    getattr(future, call)()
+                finally:
+                    sys.setprofile(None)
+            seen = threading.Event()
+            other = threading.Thread(  # daemon: a thread blocked for ever fails
+                target=future.add_done_callback,
+                args=(lambda f, seen=seen: seen.set(),),
+                daemon=True,
+            )
+            other.start()
+            other.join(WAIT)
+            assert seen.is_set(), f"the future's lock is held after a Ctrl-C at {point}"
+            if not sigint.sent:  # past the last C call
+                break
+
+
 def test_done_callbacks_run_once_off_the_io_thread(executor):
     calls: list[tuple[object, str]] = []
     done = threading.Event()
