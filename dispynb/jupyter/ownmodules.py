@@ -11,7 +11,7 @@ import site
 import sys
 import sysconfig
 
-__all__ = ["own_module_hint"]
+__all__ = ["own_module_hint", "without_client_advice"]
 
 #: How an ImportError names the module it could not find.
 _NO_MODULE = re.compile(r"No module named '([\w.]+)'")
@@ -24,15 +24,13 @@ def own_module_hint(text: str) -> str:
     found = _NO_MODULE.findall(text)
     if not found:
         return ""
-    name = found[-1]
+    name = found[-1].split(".")[0]  # the top package: finding it imports nothing
     path = _source_of(name)
     if path is None or _installed(path):
         return ""
-    cwd = os.getcwd().rstrip(os.sep) + os.sep
-    if path.startswith(cwd) and "." not in name:
-        depends = f"\"['{os.path.relpath(path, cwd)}']\""
-        how = f"--depends {depends}"
-    else:  # sent as the module object: named by its dotted name on the node
+    if os.path.dirname(path) == os.getcwd():  # beside the notebook: by its name
+        how = f"--depends \"['{os.path.basename(path)}']\""
+    else:  # sent as the module object, it arrives where its name imports it
         how = f'--depends "[{name}]" (after import {name})'
     return (
         f"dispynb: {name} is your module ({path}), which the nodes do not have: "
@@ -52,7 +50,10 @@ def _source_of(name: str) -> str | None:
         except (ImportError, ValueError):
             return None
         path = spec.origin if spec is not None else None
+    # A package's __init__.py sent alone would not import the rest of it.
     if not isinstance(path, str) or not path.endswith(".py"):
+        return None
+    if os.path.basename(path) == "__init__.py":
         return None
     return os.path.abspath(path)
 
@@ -68,3 +69,14 @@ def _installed(path: str) -> bool:
         for root in roots
         if root
     )
+
+
+#: The advice `dispynb.tracebacks.explain_missing_module` adds to a job's traceback
+#: for a program's JobCluster; a cell gives its own, in %%dispy's words.
+_CLIENT_ADVICE = "(this client imports "
+
+
+def without_client_advice(traceback: str) -> str:
+    """``traceback`` without the JobCluster advice on its last line, if it has it."""
+    body, _, last = traceback.rstrip("\n").rpartition("\n")
+    return body if body and last.startswith(_CLIENT_ADVICE) else traceback

@@ -16,7 +16,7 @@ import sys
 
 from dispynb._interruptible import HeldInterrupts
 from dispynb.job import DispyJob, JobStatus
-from dispynb.jupyter.ownmodules import own_module_hint
+from dispynb.jupyter.ownmodules import own_module_hint, without_client_advice
 from dispynb.jupyter.runstate import _FAILED, Writer, _RunState
 from dispynb.transport.addressing import format_address
 
@@ -78,11 +78,14 @@ class _RunOutput(_RunState):
             if len(seen) == 1:
                 where = self._where_failed(job)
                 index = self._index.get(job.id)
+                shown = self.traceback(job).rstrip()
+                own = own_module_hint(job.exception or "")
+                if own:  # in %%dispy's words, not JobCluster's
+                    shown = without_client_advice(shown)
                 writer(
                     "stderr",
                     f"job {job.id} (input {index}){where} failed:\n"
-                    f"{self.traceback(job).rstrip()}\n{_missing_file_hint(job)}"
-                    f"{own_module_hint(job.exception or '')}"
+                    f"{shown}\n{_missing_file_hint(job)}{own}"
                     f"{self._reentrant_hint(job)}",
                 )
 
@@ -211,6 +214,7 @@ def exception_kind(exception: str | None) -> str:
     no separator: every lost node's jobs read ``'node 10.0.0.7'`` before)."""
     if not exception:
         return "failure"
+    exception = without_client_advice(exception)  # its last line is no exception's
     lines = [line for line in exception.strip().splitlines() if line.strip()]
     last = lines[-1].strip() if lines else exception
     named = _EXCEPTION_LINE.match(last)

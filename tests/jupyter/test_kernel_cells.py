@@ -245,6 +245,8 @@ def test_a_module_beside_the_notebook_says_how_to_send_it(k):
     inside = "def g(x):\n    import jobtools\n    return jobtools.TEN * x"
     out = k.execute(f'%%dispy --over "range(2)" --into inside\n{inside}')
     assert "(%%dispy --depends \"['jobtools.py']\")" in out.stderr, out.text
+    assert "JobCluster(" not in out.stderr, out.text  # said once, as %%dispy says it
+    assert "2 jobs failed (ModuleNotFoundError), job" in out.stderr, out.text
     out = k.execute(
         '%%dispy --over "range(2)" --into third\ndef h(x):\n    import nosuch\n'
     )
