@@ -124,7 +124,16 @@ class JobFuture(concurrent.futures.Future[Any]):
         A job ending on the I/O thread has ``fn`` run on the cluster's callback
         thread instead, so a slow or blocking callback cannot stall the I/O.
         """
-        super().add_done_callback(lambda future: self._dispatch(fn))
+        # As Future.add_done_callback, with the lock's own ``with`` (C code), not
+        # the Condition's (Python): a Ctrl-C landing there just after the acquire
+        # kept the lock for ever, and the job's end could not settle the future.
+        with self._condition._lock:  # type: ignore[attr-defined]
+            if self._state not in (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED):
+                self._done_callbacks.append(  # type: ignore[attr-defined]
+                    lambda future: self._dispatch(fn)
+                )
+                return
+        self._dispatch(fn)  # done: now (its exceptions are logged)
 
     def result(self, timeout: float | None = None) -> Any:
         """As `concurrent.futures.Future.result`; the wait reads the job's answer in

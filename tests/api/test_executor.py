@@ -651,6 +651,32 @@ def test_ctrl_c_anywhere_in_reading_a_future_leaves_its_lock_free(
                 break
 
 
+def test_ctrl_c_anywhere_in_add_done_callback_leaves_a_future_that_settles(local1):
+    """A Ctrl-C after each C call ``add_done_callback`` makes in turn, on a call
+    queued behind a running one: the future still settles, and the callbacks
+    given run. One landing just after it took the future's lock (in
+    ``Condition.__enter__``, Python code) kept that lock for ever: the job's end
+    could not settle the future ("left unsettled")."""
+    with Executor(nodes=local1) as executor, python_handles_sigint():
+        for point in itertools.count(1):
+            running = executor.submit(time.sleep, 0.1)
+            queued = executor.submit(mul, 2, 3)
+            called = threading.Event()
+            sigint = SigintAtCReturn(point)
+            with contextlib.suppress(KeyboardInterrupt):
+                try:
+                    sys.setprofile(sigint)
+                    queued.add_done_callback(lambda f, called=called: called.set())
+                finally:
+                    sys.setprofile(None)
+            running.result(WAIT)
+            assert queued.result(WAIT) == 6, point
+            if not sigint.sent:  # past the last C call: the callback was given
+                assert called.wait(WAIT)
+                break
+    assert point > 1  # the points were tried (the last sent no SIGINT)
+
+
 def test_done_callbacks_run_once_off_the_io_thread(executor):
     calls: list[tuple[object, str]] = []
     done = threading.Event()
