@@ -16,12 +16,14 @@ import sqlite3
 import threading
 import time
 import urllib.parse
+import weakref
 from typing import Any
 
 import cloudpickle
 
 from dispynb.errors import ConfigurationError
 from dispynb.job import DispyJob, JobStatus
+from dispynb.journalfile import pin, refuse_swapped
 from dispynb.secret import foreign_owner
 
 _SCHEMA = """
@@ -43,13 +45,24 @@ class Journal:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        _create_private(path)
+        checked = _create_private(path)
+        self._keep(checked)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._lock = threading.Lock()
+        try:
+            refuse_swapped(path, self._db, checked)
+        except BaseException:
+            self.close()
+            raise
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")  # survives a process crash
             self._db.executescript(_SCHEMA)
+
+    def _keep(self, checked: int) -> None:
+        """Keep ``checked``, the descriptor of the file checked, open as long as the
+        database (`dispynb.journalfile.pin`), even if the journal is never closed."""
+        self._checked = weakref.finalize(self, pin(checked))
 
     @classmethod
     def open_existing(cls, path: str) -> Journal | None:
@@ -69,26 +82,34 @@ class Journal:
                 "crashed cluster used"
             )
         try:
-            info = os.stat(path)
+            checked = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            journal._keep(checked)
+            info = os.fstat(checked)
             _refuse_foreign(path, info)
             if info.st_size == 0:
+                journal._checked()
                 return None
             uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=rw"
             journal._db = sqlite3.connect(
                 uri, uri=True, check_same_thread=False, isolation_level=None
             )
+            refuse_swapped(path, journal._db, checked)
             tables = {
                 name
                 for (name,) in journal._db.execute(
                     "SELECT name FROM sqlite_master WHERE type = 'table'"
                 )
             }
-        except (OSError, sqlite3.Error) as exc:
+        except (OSError, sqlite3.Error, ConfigurationError) as exc:
             if hasattr(journal, "_db"):
                 journal._db.close()
+            if hasattr(journal, "_checked"):
+                journal._checked()
+            if isinstance(exc, ConfigurationError):
+                raise
             raise unreadable(path, exc) from None
         if not {"computations", "nodes", "jobs"} <= tables:
-            journal._db.close()
+            journal.close()
             raise ConfigurationError(
                 f"recover_file {path!r} is not a dispynb recovery file (an SQLite "
                 "database without its tables): give the recover_file the crashed "
@@ -260,6 +281,7 @@ class Journal:
         """Close the database (and delete it, after a clean shutdown)."""
         with self._lock:
             self._db.close()
+            self._checked()  # after SQLite let its locks go
         if remove:
             for suffix in ("", "-wal", "-shm"):
                 with contextlib.suppress(FileNotFoundError):
@@ -311,8 +333,9 @@ def _refuse_foreign(path: str, info: os.stat_result) -> None:
         )
 
 
-def _create_private(path: str) -> None:
-    """Create the journal file readable by its owner only (0600), from the start.
+def _create_private(path: str) -> int:
+    """Create the journal file readable by its owner only (0600), from the start;
+    return a descriptor of it (the caller closes it).
 
     It holds the jobs' arguments and results. SQLite creates the ``-wal`` and ``-shm``
     files with the mode of the database file, so they are 0600 too; a journal left
@@ -326,11 +349,13 @@ def _create_private(path: str) -> None:
         _refuse_foreign(path, info)
         if info.st_mode & 0o077:
             os.fchmod(fd, 0o600)
-    finally:
+        for suffix in ("-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(path + suffix, 0o600)
+    except BaseException:
         os.close(fd)
-    for suffix in ("-wal", "-shm"):
-        with contextlib.suppress(FileNotFoundError):
-            os.chmod(path + suffix, 0o600)
+        raise
+    return fd
 
 
 #: Types `pickle` writes by value, as cloudpickle does (exactly these types, not

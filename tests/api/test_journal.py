@@ -201,3 +201,54 @@ def test_a_journal_of_another_user_is_neither_written_nor_recovered(tmp_path):
     os.symlink(path, tmp_path / "link.db")
     with pytest.raises(OSError):  # not followed, whoever's it names
         Journal(str(tmp_path / "link.db"))
+
+
+@pytest.mark.parametrize("opening", ["new", "existing"])
+def test_a_journal_swapped_for_a_symlink_as_sqlite_opens_it_is_refused(
+    tmp_path, monkeypatch, opening
+):
+    """The file was checked (ours, no symlink), then SQLite opened it again by path:
+    a symlink to another user's file put there in between, and taken away at once,
+    was followed (their file then held the jobs, and what recover_jobs unpickles)."""
+    import dispynb.journal as journal_module
+
+    path, theirs = tmp_path / "recover.db", tmp_path / "theirs.db"
+    Journal(str(path)).close()
+    Journal(str(theirs)).close()
+    before = theirs.read_bytes()
+    connect = sqlite3.connect
+
+    def swapping_connect(target, *args, **kwargs):
+        os.rename(path, tmp_path / "aside.db")
+        os.symlink(theirs, path)
+        try:
+            return connect(target, *args, **kwargs)
+        finally:  # there and back: the path names our file again
+            os.unlink(path)
+            os.rename(tmp_path / "aside.db", path)
+
+    monkeypatch.setattr(journal_module.sqlite3, "connect", swapping_connect)
+    with pytest.raises(ConfigurationError, match="was replaced"):
+        if opening == "new":
+            Journal(str(path)).computation("mine", "f")
+        else:
+            Journal.open_existing(str(path))
+    monkeypatch.undo()
+    assert theirs.read_bytes() == before
+    assert not os.path.exists(str(theirs) + "-wal")
+
+
+def test_a_journal_is_used_through_the_file_checked(tmp_path):
+    """The check does not refuse the journal itself, new or existing, nor its
+    recovery while the client that writes it still runs."""
+    path = str(tmp_path / "recover.db")
+    writer = Journal(path)
+    writer.computation("rid", "f")
+    for _ in range(2):  # a reader closing keeps the writer's locks (fcntl's)
+        reader = Journal.open_existing(path)
+        assert reader is not None and reader.computations()[0][:2] == ("rid", "f")
+        reader.close()
+    writer.close()
+    again = Journal(path)
+    assert again.computations()[0][0] == "rid"
+    again.close()
