@@ -10,6 +10,7 @@ changes and ends that user's sessions.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import re
@@ -17,6 +18,7 @@ import secrets
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
 
 from dispynb.daemon import replace_file
 from dispynb.errors import ConfigurationError
@@ -51,14 +53,34 @@ class UsersFile:
 
     def load(self) -> dict[str, bytes]:
         """Read the file (again, if it changed); return name -> token."""
+        # One descriptor, checked then read: by path, the file checked and the one
+        # read could differ (swapped in between, or a symlink to another file).
+        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
         try:
-            info = os.stat(self.path)
+            fd = os.open(self.path, flags)
         except FileNotFoundError:
             self._users, self._stamp = {}, None
             return self._users
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            raise ConfigurationError(
+                f"{self.path} is a symbolic link: the users file is read only as "
+                "itself (a link can be turned to another file); give the file's own "
+                "path"
+            ) from None
+        with open(fd, encoding="utf-8") as handle:
+            return self._read(handle, os.fstat(fd))
+
+    def _read(self, handle: TextIO, info: os.stat_result) -> dict[str, bytes]:
+        """The users in ``handle`` (the file, ``info`` its stat), once checked."""
         stamp = (info.st_mtime_ns, info.st_size)
         if stamp == self._stamp:
             return self._users
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigurationError(
+                f"{self.path} is not a regular file: give the users file itself"
+            )
         if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
             raise ConfigurationError(
                 f"{self.path} is readable or writable by others: it holds every "
@@ -71,7 +93,7 @@ class UsersFile:
                 "root: its owner can add users to it; chown it"
             )
         users: dict[str, bytes] = {}
-        for number, line in enumerate(self.path.read_text().splitlines(), 1):
+        for number, line in enumerate(handle.read().splitlines(), 1):
             fields = line.split()
             if not fields or fields[0].startswith("#"):
                 continue

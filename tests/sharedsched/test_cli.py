@@ -229,3 +229,36 @@ def test_users_file_of_another_user_is_refused(tmp_path: Path) -> None:
         "-n", "127.0.0.1:1", "-p", "0", "--users", str(tmp_path / "users")
     )
     assert done.returncode == 2 and "belongs to" in done.stderr
+
+
+def test_users_file_is_read_through_the_descriptor_it_was_checked_by(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checked by path, then read by path: a file swapped in between (of another
+    user's, or open to all) was read, with the users its writer put there."""
+    import schedserver.users as users_module
+
+    path = tmp_path / "users"
+    path.write_text("alice aaaa\n")
+    path.chmod(0o600)
+    planted = tmp_path / "planted"
+    planted.write_text("alice aaaa\nmallory mmmm\n")
+    planted.chmod(0o666)
+    checked = users_module.foreign_owner
+
+    def swap_after_the_check(info: os.stat_result) -> str | None:
+        os.replace(planted, path)  # between the check and the read
+        return checked(info)
+
+    monkeypatch.setattr(users_module, "foreign_owner", swap_after_the_check)
+    assert users_module.UsersFile(path).load() == {"alice": b"aaaa"}
+
+
+@pytest.mark.usefixtures("users")
+def test_users_file_given_as_a_symlink_is_refused(tmp_path: Path) -> None:
+    """A link can be turned to another file between checks and reads."""
+    os.symlink(tmp_path / "users", tmp_path / "link")
+    done = scheduler_cli(
+        "-n", "127.0.0.1:1", "-p", "0", "--users", str(tmp_path / "link")
+    )
+    assert done.returncode == 2 and "symbolic link" in done.stderr
