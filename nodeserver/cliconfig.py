@@ -17,11 +17,13 @@ import ast
 import configparser
 import datetime
 import gettext
-import os
+import io
 import re
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
+
+from dispynb.daemon import replace_file
 
 #: dispynode option -> why dispynb refuses it and what to use instead.
 REFUSED: dict[str, tuple[int, str]] = {
@@ -280,10 +282,12 @@ def save_config(
         writer.write(sys.stdout)
         sys.stdout.flush()
         return left_out
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(header)
-        writer.write(handle)
+    text = io.StringIO(header)
+    text.seek(0, io.SEEK_END)
+    writer.write(text)
+    # A new file, renamed over the old one: writing into the old one kept its mode
+    # (open to others, say) and went through a symlink planted in its place.
+    replace_file(path, text.getvalue(), 0o600)
     return left_out
 
 

@@ -423,6 +423,27 @@ def test_save_config_then_config_round_trip_without_the_secret(
     check_config_node(tmp_path, saved)
 
 
+def test_save_config_over_a_file_open_to_others_leaves_it_private(
+    tmp_path: Path,
+) -> None:
+    """Saved over an existing file, the configuration kept that file's mode (here
+    world-readable and writable: anyone could then change the node's options), and
+    was written through a symlink put in its place."""
+    saved, elsewhere = tmp_path / "saved.ini", tmp_path / "elsewhere"
+    saved.write_text("[DEFAULT]\n")
+    saved.chmod(0o666)
+    done = run_node("--save_config", str(saved), "--zombie_interval", "2", "-d")
+    assert done.returncode == 0, done.stderr
+    assert oct(saved.stat().st_mode & 0o777) == oct(0o600)
+    assert "zombie_interval = 2.0" in saved.read_text()
+    elsewhere.write_text("theirs\n")
+    saved.unlink()
+    saved.symlink_to(elsewhere)
+    done = run_node("--save_config", str(saved), "--zombie_interval", "2", "-d")
+    assert done.returncode == 0, done.stderr
+    assert elsewhere.read_text() == "theirs\n" and not saved.is_symlink()
+
+
 def test_save_config_without_a_file_writes_the_configuration_to_stdout(
     tmp_path: Path,
 ) -> None:
