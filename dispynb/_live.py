@@ -35,6 +35,7 @@ _ids = itertools.count(1)
 _live: dict[int, weakref.ref[JobCluster]] = {}
 _exit_hook = threading.Lock()
 _exit_hooked = False
+_terminating_at_exit = False  # set once the exit hooks close the clusters
 #: Called with each cluster that closes; replaced, never mutated (iterated unlocked).
 _close_observers: tuple[Callable[[JobCluster], None], ...] = ()
 _observers_lock = threading.Lock()
@@ -51,6 +52,8 @@ def register(cluster: JobCluster) -> int:
         # exit), the clusters close before their nodes go (no "node left").
         if _exit_hooked:
             atexit.unregister(_close_at_exit)
+            atexit.unregister(_close_left_at_exit)
+        atexit.register(_close_left_at_exit)  # runs right after _close_at_exit
         atexit.register(_close_at_exit)
         _exit_hooked = True
     return cluster_id
@@ -111,6 +114,27 @@ def _close_at_exit() -> None:
                         pass
     except KeyboardInterrupt:
         logger.warning("interrupted at exit: the jobs not done are terminated")
+    _terminate_open()
+
+
+def _close_left_at_exit() -> None:
+    # A Ctrl-C that arrived as `_close_at_exit` began (between two exit hooks:
+    # the user's last one returning) is raised as Python starts running it, before
+    # its first line: atexit prints it and goes on, and the clusters were neither
+    # waited for nor closed (their jobs ran on, kept for a client that was gone).
+    # Terminate whatever is still open, as for any Ctrl-C at exit.
+    left = live_clusters()
+    if _terminating_at_exit or not left:
+        return  # `_close_at_exit` got to it (a failure there was logged)
+    if any(c._outstanding for c in left):
+        logger.warning("interrupted at exit: the jobs not done are terminated")
+    _terminate_open()
+
+
+def _terminate_open() -> None:
+    """Terminate the open clusters' jobs (within `EXIT_WAIT`) and close them."""
+    global _terminating_at_exit
+    _terminating_at_exit = True
     for cluster in reversed(live_clusters()):
         try:
             cluster._terminate(EXIT_WAIT)
