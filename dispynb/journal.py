@@ -16,14 +16,12 @@ import sqlite3
 import threading
 import time
 import urllib.parse
-import weakref
 from typing import Any
 
 import cloudpickle
 
 from dispynb.errors import ConfigurationError
 from dispynb.job import DispyJob, JobStatus
-from dispynb.journalfile import pin, refuse_swapped
 from dispynb.secret import foreign_owner
 
 _SCHEMA = """
@@ -45,24 +43,13 @@ class Journal:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        checked = _create_private(path)
-        self._keep(checked)
+        _create_private(path)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._lock = threading.Lock()
-        try:
-            refuse_swapped(path, self._db, checked)
-        except BaseException:
-            self.close()
-            raise
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")  # survives a process crash
             self._db.executescript(_SCHEMA)
-
-    def _keep(self, checked: int) -> None:
-        """Keep ``checked``, the descriptor of the file checked, open as long as the
-        database (`dispynb.journalfile.pin`), even if the journal is never closed."""
-        self._checked = weakref.finalize(self, pin(checked))
 
     @classmethod
     def open_existing(cls, path: str) -> Journal | None:
@@ -82,34 +69,26 @@ class Journal:
                 "crashed cluster used"
             )
         try:
-            checked = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-            journal._keep(checked)
-            info = os.fstat(checked)
+            info = os.stat(path)
             _refuse_foreign(path, info)
             if info.st_size == 0:
-                journal._checked()
                 return None
             uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=rw"
             journal._db = sqlite3.connect(
                 uri, uri=True, check_same_thread=False, isolation_level=None
             )
-            refuse_swapped(path, journal._db, checked)
             tables = {
                 name
                 for (name,) in journal._db.execute(
                     "SELECT name FROM sqlite_master WHERE type = 'table'"
                 )
             }
-        except (OSError, sqlite3.Error, ConfigurationError) as exc:
+        except (OSError, sqlite3.Error) as exc:
             if hasattr(journal, "_db"):
                 journal._db.close()
-            if hasattr(journal, "_checked"):
-                journal._checked()
-            if isinstance(exc, ConfigurationError):
-                raise
             raise unreadable(path, exc) from None
         if not {"computations", "nodes", "jobs"} <= tables:
-            journal.close()
+            journal._db.close()
             raise ConfigurationError(
                 f"recover_file {path!r} is not a dispynb recovery file (an SQLite "
                 "database without its tables): give the recover_file the crashed "
@@ -281,7 +260,6 @@ class Journal:
         """Close the database (and delete it, after a clean shutdown)."""
         with self._lock:
             self._db.close()
-            self._checked()  # after SQLite let its locks go
         if remove:
             for suffix in ("", "-wal", "-shm"):
                 with contextlib.suppress(FileNotFoundError):
@@ -333,9 +311,8 @@ def _refuse_foreign(path: str, info: os.stat_result) -> None:
         )
 
 
-def _create_private(path: str) -> int:
-    """Create the journal file readable by its owner only (0600), from the start;
-    return a descriptor of it (the caller closes it).
+def _create_private(path: str) -> None:
+    """Create the journal file readable by its owner only (0600), from the start.
 
     It holds the jobs' arguments and results. SQLite creates the ``-wal`` and ``-shm``
     files with the mode of the database file, so they are 0600 too; a journal left
@@ -349,13 +326,11 @@ def _create_private(path: str) -> int:
         _refuse_foreign(path, info)
         if info.st_mode & 0o077:
             os.fchmod(fd, 0o600)
-        for suffix in ("-wal", "-shm"):
-            with contextlib.suppress(FileNotFoundError):
-                os.chmod(path + suffix, 0o600)
-    except BaseException:
+    finally:
         os.close(fd)
-        raise
-    return fd
+    for suffix in ("-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(path + suffix, 0o600)
 
 
 #: Types `pickle` writes by value, as cloudpickle does (exactly these types, not
