@@ -21,7 +21,7 @@ from dispynb._live import EXIT_WAIT
 from dispynb.errors import ConfigurationError
 from dispynb.journal import Journal
 from tests.jobs import WAIT, wait_until
-from tests.nodeproc import running_node, start_node
+from tests.nodeproc import CliNode, running_node, start_node
 from tests.sigint import python_handles_sigint
 
 pytestmark = pytest.mark.slow
@@ -642,17 +642,29 @@ def test_ctrl_c_while_a_script_waits_at_exit_terminates_its_jobs(tmp_path):
             # Once it runs: a job still on its way is another race (cancel/start).
             wait_until(lambda: (tmp_path / "go.started-0").exists())
             os.killpg(proc.pid, signal.SIGINT)
-            # Within the exit's own bound for the terminated jobs, and some.
-            out, err = proc.communicate(timeout=EXIT_WAIT + WAIT)
-        finally:
+        except BaseException:
             proc.kill()
             proc.communicate()
-        assert proc.returncode == 0, err
-        assert out.splitlines() == ["job 0: 9 None"], err  # Terminated
-        assert "interrupted at exit: the jobs not done are terminated" in err
-        wait_until(lambda: "disconnected" in node.log_text())
-        assert "results kept" not in node.log_text()
+            raise
+        _assert_exit_terminated(proc, node)
     assert default_files(tmp_path, sidecars=True) == []
+
+
+def _assert_exit_terminated(proc: subprocess.Popen[str], node: CliNode) -> None:
+    """EXITING's exit, interrupted, ends well: job 0 Terminated and its callback
+    told, the interruption said, the cluster closed (the node released, no results
+    kept for a client that is gone)."""
+    try:
+        # Within the exit's own bound for the terminated jobs, and some.
+        out, err = proc.communicate(timeout=EXIT_WAIT + WAIT)
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert proc.returncode == 0, err
+    assert out.splitlines() == ["job 0: 9 None"], err  # Terminated
+    assert "interrupted at exit: the jobs not done are terminated" in err
+    wait_until(lambda: "disconnected" in node.log_text())
+    assert "results kept" not in node.log_text()
 
 
 # EXITING, its exit interrupted just as the clusters' hook begins: a SIGINT raised
@@ -678,16 +690,7 @@ def test_ctrl_c_as_the_exit_begins_to_wait_terminates_the_jobs(tmp_path):
     (tmp_path / "client.py").write_text(EXIT_BEGINS_INTERRUPTED)
     with running_node(tmp_path / "node") as node:
         proc = _exiting_client(tmp_path, node)
-        try:
-            out, err = proc.communicate(timeout=EXIT_WAIT + WAIT)
-        finally:
-            proc.kill()
-            proc.communicate()
-        assert proc.returncode == 0, err
-        assert out.splitlines() == ["job 0: 9 None"], err  # Terminated
-        assert "interrupted at exit: the jobs not done are terminated" in err
-        wait_until(lambda: "disconnected" in node.log_text())
-        assert "results kept" not in node.log_text()
+        _assert_exit_terminated(proc, node)
     assert default_files(tmp_path, sidecars=True) == []
 
 
