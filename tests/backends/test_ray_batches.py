@@ -169,7 +169,22 @@ def test_short_jobs_queued_behind_a_long_one_run_on_the_idle_actor(
             monkeypatch.setattr(slot.handle, "skip", CountedSkip(slot.handle.skip))
         warm = [cluster.submit(folder, n) for n in range(1, 41)]
         assert [job() for job in warm] == list(range(1, 41))  # jobs of microseconds
-        jobs = [cluster.submit(folder, n) for n in range(120)]
+        # The jobs are queued while the loop is held, so that it schedules them all
+        # at once: job 0 heads a batch, short jobs are queued behind it on its
+        # actor. Submitted one by one as the loop runs, they could all go to the
+        # idle actor, leaving nothing behind the long job to take back.
+        holding, release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            holding.set()
+            release.wait(30)
+
+        backend._runner.call_soon(hold)
+        assert holding.wait(30), "the cluster's loop did not run"
+        try:
+            jobs = [cluster.submit(folder, n) for n in range(120)]
+        finally:
+            release.set()
         wait_for(
             lambda: all(job.done() for job in jobs[1:]),
             "the short jobs, while the long one runs",
