@@ -354,20 +354,31 @@ class Driver(DriverNodes):
                 continue
             if link.closed is not None:
                 waits.append(link.closed)
-        if waits:
-            # Terminating, a node answers once it killed its jobs (within its 3 s
-            # grace): one that does not is stopped or cut off, not worth 30 s.
-            await asyncio.wait(
-                waits, timeout=TERMINATE_CLOSE_TIMEOUT if terminate else CLOSE_TIMEOUT
-            )
+        try:
+            if waits:
+                # Terminating, a node answers once it killed its jobs (within its 3 s
+                # grace): one that does not is stopped or cut off, not worth 30 s.
+                await asyncio.wait(
+                    waits,
+                    timeout=TERMINATE_CLOSE_TIMEOUT if terminate else CLOSE_TIMEOUT,
+                )
+            self._disconnect()
+            if self._tasks:
+                await asyncio.wait(list(self._tasks), timeout=5)
+        finally:
+            # Also when cancelled (a Ctrl-C in close() stops waiting for the
+            # nodes): nothing outlives the cluster, its shared memory least of all
+            # (/dev/shm outlives the process).
+            self._disconnect()
+            for key in list(self._segments):
+                self._release_segments(key)
+            if self._pool is not None:
+                self._pool.close()
+
+    def _disconnect(self) -> None:
+        """Close the connections and cancel the tasks (again: nothing new)."""
         for link in list(self.nodes.values()):
             if link.conn is not None:
                 link.conn.close()
         for task in list(self._tasks):
             task.cancel()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=5)
-        for key in list(self._segments):
-            self._release_segments(key)
-        if self._pool is not None:
-            self._pool.close()

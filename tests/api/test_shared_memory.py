@@ -27,7 +27,9 @@ from dispynb import DispyJob, JobCluster
 from dispynb.protocol import shm
 from dispynb.protocol.shmpool import SegmentPool
 from tests.jobs import WAIT, wait_for_path, wait_until
+from tests.nodeproc import running_node
 from tests.shmtools import OpenWatch, live_inodes
+from tests.sigint import main_waits_in_function, sigint_when
 
 pytestmark = pytest.mark.slow
 
@@ -132,6 +134,27 @@ def test_cancelled_jobs_leave_nothing(local1, created, tmp_path):
             cluster.close(terminate=True)
     wait_until(lambda: all_gone(created))
     assert not (tmp_path / "q").exists()
+
+
+def test_a_ctrl_c_while_close_waits_for_the_nodes_leaves_nothing(created, tmp_path):
+    """Ctrl-C while close() waits for a node's acknowledgement (the node stopped):
+    close() raises KeyboardInterrupt and the pool's objects are still unlinked.
+    Before, the close was cancelled before its clean-up: they stayed in /dev/shm
+    for the rest of the process (a notebook's kernel), and beyond it until
+    another client's sweep."""
+    with running_node(tmp_path / "node") as node:
+        cluster = JobCluster(digest, nodes=[node.spec], secret=node.secret)
+        payload = os.urandom(2 * MB)
+        assert cluster.submit(payload)() == digest(payload)
+        assert len(created) == 1 and not all_gone(created)  # kept for reuse
+        os.kill(node.proc.pid, signal.SIGSTOP)
+        try:
+            closing = main_waits_in_function("close", "dispynb.backends.nodes")
+            with pytest.raises(KeyboardInterrupt), sigint_when(closing):
+                cluster.close()
+        finally:
+            os.kill(node.proc.pid, signal.SIGCONT)
+        wait_until(lambda: all_gone(created))
 
 
 CLIENT = textwrap.dedent(
