@@ -24,6 +24,7 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -259,6 +260,30 @@ class LocalCluster:
             if (code := _exit_status(proc)) is not None
         ]
 
+    def exit_reason(self, host: str, port: int) -> str | None:
+        """Why the node at ``host:port`` will not serve again: it is one of these
+        nodes and its process has exited (None while it runs, or if it is not
+        one of ours). Does not block: a client's I/O loop asks it."""
+        for index, (proc, address) in enumerate(
+            zip(self._procs, self.addresses, strict=False)
+        ):
+            if address != (host, port):
+                continue
+            code = proc.poll()
+            if code is None:
+                return None
+            how = (
+                f"killed by {_signal_name(-code)}"
+                if code < 0
+                else f"exit status {code}"
+            )
+            return (
+                f"local node {node_name(index)} ({host}:{port}) has exited ({how}): "
+                "its jobs cannot run there any more; start a new LocalCluster (an "
+                "Executor without nodes starts its own)"
+            )
+        return None
+
     def serving(self, cluster: JobCluster) -> None:
         """Note a cluster that runs on these nodes (`JobCluster` calls this when
         given ``nodes=`` this): `close` closes it first if it is still open."""
@@ -325,6 +350,13 @@ class LocalCluster:
 
     def __repr__(self) -> str:
         return f"<LocalCluster nodes={self.node_specs()} cpus={self.cpus}>"
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def _exit_status(proc: subprocess.Popen[bytes]) -> int | None:

@@ -173,6 +173,7 @@ class NodesBackend:
                 result_types=None
                 if opts.result_types is None
                 else serialize.AllowList(opts.result_types),
+                node_exited=getattr(nodes, "exit_reason", None),
             ),
             self,
         )

@@ -224,3 +224,7 @@ class DriverConfig:
     python: str = ""
     #: Restricted unpickling of results (``result_types``); None: plain pickle.
     result_types: serialize.AllowList | None = None
+    #: For nodes this process started (a `LocalCluster`'s ``exit_reason``): why the
+    #: node at ``(host, port)`` has exited for good, or None. A lost node that has
+    #: exited is not tried again (its queued jobs need not wait RECONNECT_FOR s).
+    node_exited: Callable[[str, int], str | None] | None = None

@@ -9,7 +9,7 @@ import math
 
 from dispynb import config as dispy_config
 from dispynb.defaults import CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT
-from dispynb.errors import ClusterError, DispynbError, SetupError
+from dispynb.errors import ClusterError, DispynbError, NodeLostError, SetupError
 from dispynb.protocol import shm
 from dispynb.protocol.messages import (
     ComputationClose,
@@ -389,6 +389,7 @@ class DriverNodes(DriverResults):
         every = self.config.ping_interval
         delay_max = min(RECONNECT_DELAY_MAX, every) if every else RECONNECT_DELAY_MAX
         deadline = math.inf if every else loop.time() + RECONNECT_FOR
+        exited = self.config.node_exited
         delay = min(RECONNECT_DELAY, delay_max)
         conn: Connection | None = None
         welcome: Welcome | None = None
@@ -398,6 +399,10 @@ class DriverNodes(DriverResults):
                 delay = min(delay * 2, delay_max)
                 if self._closing or format_address(host, port) in self.nodes:
                     return
+                if exited is not None and (why := exited(host, port)) is not None:
+                    logger.warning("not trying again: %s", why)
+                    self.last_error = NodeLostError(why)
+                    break
                 try:
                     conn, welcome = await self._connect(host, port)
                     break

@@ -267,3 +267,33 @@ def test_local_cluster_runs_dispynbs_node_not_a_nodeserver_in_the_notebook_direc
     with LocalCluster(cpus=1) as local, JobCluster(jobs.square, nodes=local) as cluster:
         assert cluster.submit(7)() == 49
     assert not imported.exists()
+
+
+def test_jobs_on_a_killed_local_node_end_at_once_saying_it_exited(tmp_path):
+    """The OOM killer's SIGKILL ends a LocalCluster's node server: its running job
+    is lost, and a job submitted then ends at once (Abandoned), saying which node
+    exited and how, with its other processes gone. Before, the client tried for
+    RECONNECT_FOR (60) s to reconnect to the process that had gone, and the job
+    waited for it, then said only that no node was available."""
+    with (
+        LocalCluster(cpus=1) as local,
+        JobCluster(jobs.mark_and_sleep, nodes=local) as cluster,
+    ):
+        running = cluster.submit(str(tmp_path / "started"), 60)
+        jobs.wait_for_path(tmp_path / "started")
+        node = psutil.Process(local.pids[0])
+        family = [node, *node.children(recursive=True)]
+        node.kill()
+        assert running.finish.wait(WAIT), running.status
+        assert running.status == DispyJob.Abandoned
+        later = cluster.submit(None, 0)
+        assert later.finish.wait(WAIT), "it waited for the node to come back"
+        assert later.status == DispyJob.Abandoned
+        expected = (
+            f"local node local-0 (127.0.0.1:{local.addresses[0][1]}) has exited "
+            "(killed by SIGKILL)"
+        )
+        assert expected in (later.exception or ""), later.exception
+        assert "start a new LocalCluster" in (later.exception or "")
+        _, alive = psutil.wait_procs(family, timeout=WAIT)
+        assert not alive, alive
