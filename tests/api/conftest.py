@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from dispynb import LocalCluster
+from dispynb.executor import Executor
 
 
 @pytest.fixture(scope="module")
@@ -26,3 +27,10 @@ def local1() -> Iterator[LocalCluster]:
     """One local node with 1 CPU: its jobs run one after the other."""
     with LocalCluster(cpus=1) as cluster:
         yield cluster
+
+
+@pytest.fixture
+def executor(local: LocalCluster) -> Iterator[Executor]:
+    """An executor on the module's 2-CPU node (its computation closes per test)."""
+    with Executor(nodes=local) as executor:
+        yield executor

@@ -408,7 +408,7 @@ def test_cancel_running_job_and_the_job_sent_ahead_behind_it(local1, tmp_path, o
     Cancelled first, it ends Cancelled; so it does if it was first cancelled
     unless started (its future's cancel), then the running one, then it (an
     Executor's interrupt whose cancels went in the order of submission: it ended
-    Terminated without running, the flake of test_executor.py's
+    Terminated without running, the flake of test_executor_shutdown.py's
     test_an_interrupt_in_the_with_block_terminates_the_running_calls).
 
     Cancelled after, it may have moved to the replacement worker meanwhile: then

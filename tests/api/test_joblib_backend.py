@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import psutil
 import pytest
@@ -19,6 +18,7 @@ joblib = pytest.importorskip("joblib")
 import dispynb.joblib_backend as backend  # noqa: E402  (registers "dispynb")
 from dispynb import Executor, LocalCluster  # noqa: E402
 from dispynb.errors import NoNodesError  # noqa: E402
+from tests.api.executorwork import hold  # noqa: E402
 from tests.jobs import WAIT, wait_for_path, wait_until  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
@@ -32,17 +32,6 @@ def fail_on(x: int, bad: int) -> int:
     if x == bad:
         raise ValueError(f"bad input {x}")
     return x
-
-
-def hold(marker: str, release: str) -> str:
-    """Write ``marker``, wait (at most WAIT s) for ``release``, then write
-    ``marker.ended`` (a terminated call never does)."""
-    Path(marker).touch()
-    deadline = time.monotonic() + WAIT
-    while not os.path.exists(release) and time.monotonic() < deadline:
-        time.sleep(0.005)
-    Path(f"{marker}.ended").touch()
-    return marker
 
 
 def fail_once_running(marker: str) -> None:
