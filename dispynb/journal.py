@@ -13,15 +13,16 @@ import contextlib
 import os
 import pickle
 import sqlite3
-import threading
 import time
 import urllib.parse
+import weakref
 from typing import Any
 
 import cloudpickle
 
 from dispynb.errors import ConfigurationError
 from dispynb.job import DispyJob, JobStatus
+from dispynb.journalfile import Shared, checked, release
 from dispynb.secret import foreign_owner
 
 _SCHEMA = """
@@ -42,14 +43,32 @@ class Journal:
     """The recovery journal of one client process (thread-safe)."""
 
     def __init__(self, path: str) -> None:
+        """The journal at ``path``, created readable by its owner only (0600) from
+        the start: it holds the jobs' arguments and results. A journal of another
+        user's (made first where the client writes its own: a shared directory), or
+        a symlink, is refused; one an older version left looser is tightened."""
         self.path = path
-        _create_private(path)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._lock = threading.Lock()
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")  # survives a process crash
-            self._db.executescript(_SCHEMA)
+        with checked(path, create=True) as file:
+            _refuse_foreign(path, file.info)
+            if file.info.st_mode & 0o077:
+                file.chmod(0o600)
+            _tighten_wal_and_shm(path)
+            self._use(file.connect(path, isolation_level=None))
+        try:
+            with self._lock:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")  # survives a crash
+                self._db.executescript(_SCHEMA)
+        except BaseException:
+            self._release()
+            raise
+
+    def _use(self, shared: Shared) -> None:
+        """Use ``shared``, the connection of the process's journals on the file,
+        until `close` (or until this journal is garbage)."""
+        self._db, self._lock = shared.db, shared.lock
+        self._release = weakref.finalize(self, release, shared)
+        self._release.atexit = False  # at exit, clusters still close their journals
 
     @classmethod
     def open_existing(cls, path: str) -> Journal | None:
@@ -58,37 +77,35 @@ class Journal:
 
         Never creates nor changes a file that is not a journal: any other file (a
         directory, another database, a damaged or truncated one) raises a
-        `ConfigurationError` naming it.
+        `ConfigurationError` naming it. So does a file replaced as it is opened.
         """
-        journal = cls.__new__(cls)
-        journal.path = path
-        journal._lock = threading.Lock()
         if os.path.isdir(path):
             raise ConfigurationError(
                 f"recover_file {path!r} is a directory: give the recover_file the "
                 "crashed cluster used"
             )
+        journal = cls.__new__(cls)
+        journal.path = path
         try:
-            info = os.stat(path)
-            _refuse_foreign(path, info)
-            if info.st_size == 0:
-                return None
-            uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=rw"
-            journal._db = sqlite3.connect(
-                uri, uri=True, check_same_thread=False, isolation_level=None
-            )
-            tables = {
-                name
-                for (name,) in journal._db.execute(
-                    "SELECT name FROM sqlite_master WHERE type = 'table'"
-                )
-            }
+            with checked(path, create=False) as file:
+                _refuse_foreign(path, file.info)
+                if file.info.st_size == 0:
+                    return None
+                uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=rw"
+                journal._use(file.connect(uri, uri=True, isolation_level=None))
+            with journal._lock:
+                tables = {
+                    name
+                    for (name,) in journal._db.execute(
+                        "SELECT name FROM sqlite_master WHERE type = 'table'"
+                    )
+                }
         except (OSError, sqlite3.Error) as exc:
-            if hasattr(journal, "_db"):
-                journal._db.close()
+            if hasattr(journal, "_release"):
+                journal._release()
             raise unreadable(path, exc) from None
         if not {"computations", "nodes", "jobs"} <= tables:
-            journal._db.close()
+            journal.close()
             raise ConfigurationError(
                 f"recover_file {path!r} is not a dispynb recovery file (an SQLite "
                 "database without its tables): give the recover_file the crashed "
@@ -257,9 +274,9 @@ class Journal:
             self._run(f"DELETE FROM {table} WHERE recovery_id = ?", (recovery_id,))
 
     def close(self, remove: bool = False) -> None:
-        """Close the database (and delete it, after a clean shutdown)."""
-        with self._lock:
-            self._db.close()
+        """Close the database (and delete it, after a clean shutdown). Another
+        journal of the process on the same file keeps their connection open."""
+        self._release()
         if remove:
             for suffix in ("", "-wal", "-shm"):
                 with contextlib.suppress(FileNotFoundError):
@@ -311,23 +328,10 @@ def _refuse_foreign(path: str, info: os.stat_result) -> None:
         )
 
 
-def _create_private(path: str) -> None:
-    """Create the journal file readable by its owner only (0600), from the start.
-
-    It holds the jobs' arguments and results. SQLite creates the ``-wal`` and ``-shm``
-    files with the mode of the database file, so they are 0600 too; a journal left
-    with looser permissions by an older version is tightened. A journal of another
-    user's (made first where the client writes its own: a shared directory), or a
-    symlink, is refused (`ConfigurationError`).
-    """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    try:
-        info = os.fstat(fd)
-        _refuse_foreign(path, info)
-        if info.st_mode & 0o077:
-            os.fchmod(fd, 0o600)
-    finally:
-        os.close(fd)
+def _tighten_wal_and_shm(path: str) -> None:
+    """The journal's ``-wal`` and ``-shm`` 0600, as SQLite makes them (with the mode
+    of the database file, created 0600 by `checked`): an older version's were
+    looser."""
     for suffix in ("-wal", "-shm"):
         with contextlib.suppress(FileNotFoundError):
             os.chmod(path + suffix, 0o600)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
+import subprocess
+import sys
 import time
 
 import pytest
@@ -106,7 +108,7 @@ def test_results_that_arrive_together_are_journaled_together(tmp_path):
         assert reader is not None
         ((recovery_id, _name, _nodes),) = reader.computations()
         recorded = {j.id: j.status for _key, j, _node in reader.jobs(recovery_id)}
-        reader._db.close()
+        reader.close()
         journaled_at_callback[job.id] = recorded[job.id]
 
     statements: list[str] = []
@@ -201,3 +203,91 @@ def test_a_journal_of_another_user_is_neither_written_nor_recovered(tmp_path):
     os.symlink(path, tmp_path / "link.db")
     with pytest.raises(OSError):  # not followed, whoever's it names
         Journal(str(tmp_path / "link.db"))
+
+
+@pytest.mark.parametrize("opening", ["new", "existing"])
+def test_a_journal_swapped_for_a_symlink_as_sqlite_opens_it_is_refused(
+    tmp_path, monkeypatch, opening
+):
+    """The file was checked (ours, no symlink), then SQLite opened it again by path:
+    a symlink to another user's file put there in between, and taken away at once,
+    was followed (their file then held the jobs, and what recover_jobs unpickles)."""
+    import dispynb.journal as journal_module
+
+    path, theirs = tmp_path / "recover.db", tmp_path / "theirs.db"
+    Journal(str(path)).close()
+    Journal(str(theirs)).close()
+    before = theirs.read_bytes()
+    connect = sqlite3.connect
+
+    def swapping_connect(target, *args, **kwargs):
+        os.rename(path, tmp_path / "aside.db")
+        os.symlink(theirs, path)
+        try:
+            return connect(target, *args, **kwargs)
+        finally:  # there and back: the path names our file again
+            os.unlink(path)
+            os.rename(tmp_path / "aside.db", path)
+
+    monkeypatch.setattr(journal_module.sqlite3, "connect", swapping_connect)
+    with pytest.raises(ConfigurationError, match="was replaced"):
+        if opening == "new":
+            Journal(str(path)).computation("mine", "f")
+        else:
+            Journal.open_existing(str(path))
+    monkeypatch.undo()
+    assert theirs.read_bytes() == before
+    assert not os.path.exists(str(theirs) + "-wal")
+
+
+def test_a_journal_is_used_through_the_file_checked(tmp_path):
+    """The check does not refuse the journal itself, new or existing, nor its
+    recovery while the client that writes it still runs."""
+    path = str(tmp_path / "recover.db")
+    writer = Journal(path)
+    writer.computation("rid", "f")
+    for _ in range(2):  # a reader closing keeps the writer's locks (fcntl's)
+        reader = Journal.open_existing(path)
+        assert reader is not None and reader.computations()[0][:2] == ("rid", "f")
+        reader.close()
+    writer.close()
+    again = Journal(path)
+    assert again.computations()[0][0] == "rid"
+    again.close()
+
+
+_COUNT_JOBS = """
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1])
+print(db.execute("SELECT count(*) FROM jobs").fetchone()[0])
+db.close()
+"""
+
+
+def _jobs_seen_by_another_process(path: str) -> int:
+    done = subprocess.run(
+        [sys.executable, "-c", _COUNT_JOBS, path],
+        capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    return int(done.stdout)
+
+
+@pytest.mark.parametrize("second", ["writer", "reader"])
+def test_a_second_journal_on_the_file_leaves_the_first_ones_records_to_recover(
+    tmp_path, second
+):
+    """Closing any descriptor of a file drops every fcntl lock the process holds on
+    it: a second journal of this process on the file (two clusters given one
+    recover_file, or recover_jobs while a cluster writes it) dropped the first's, so
+    another process reading the file took its WAL away as it closed, and what the
+    first recorded afterwards was lost to recover_jobs."""
+    path = str(tmp_path / "recover.db")
+    first = Journal(path)
+    first.computation("rid", "f")
+    other = Journal(path) if second == "writer" else Journal.open_existing(path)
+    assert other is not None
+    other.close()
+    assert _jobs_seen_by_another_process(path) == 0
+    first.submitted("rid", 1, DispyJob(None, (1,), {}))
+    assert _jobs_seen_by_another_process(path) == 1
+    first.close()

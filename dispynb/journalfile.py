@@ -1,0 +1,162 @@
+"""That SQLite uses the very journal file `dispynb.journal` checked.
+
+The journal's file is checked (ours, a regular file, not a symlink) through a
+descriptor, then SQLite opens it again by its path: in a directory others can write
+to, a symlink to a file of theirs put there in between (and taken away at once) was
+followed, and their file got the jobs' arguments and results, and what
+``recover_jobs`` unpickles. SQLite cannot be given a descriptor (nor a
+``/proc/self/fd`` path: it resolves it to a name, and names its ``-wal`` and ``-shm``
+after it), and the path's inode compared after the fact misses a swap there and
+back. So `Checked.connect` looks at the descriptors of the process once SQLite
+opened the file: one of them must be of the file checked.
+
+That holds only if no other descriptor of the process is of that file. Hence:
+
+- the check's own descriptor is ``O_PATH``, excluded from the look; closing it keeps
+  the fcntl locks the process holds on the file (closing any other descriptor of a
+  file drops them all, SQLite's included: the lock a WAL connection keeps while
+  open);
+- the journals of the process on one file share one SQLite connection (`Shared`),
+  so no second one of ours is open on it as SQLite opens the file; the last journal
+  to let go closes it;
+- files are checked and opened one at a time (a module lock).
+
+Another part of the program opening the journal file as SQLite opens it could still
+hide a swap; nothing of dispynb does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import sqlite3
+import stat
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from dispynb.errors import ConfigurationError
+
+#: A descriptor that names a file without opening it for I/O (Linux): closing it
+#: leaves the process's fcntl locks on the file alone.
+_O_PATH = getattr(os, "O_PATH", os.O_RDONLY)
+
+#: (st_dev, st_ino) -> the connection the journals of the process share on the file
+_shared: dict[tuple[int, int], Shared] = {}
+_shared_lock = threading.RLock()  # release() may come within checked()
+
+
+class Shared:
+    """One SQLite connection to a journal file, shared by the process's journals on
+    it (``lock`` serializes their use of it)."""
+
+    def __init__(self, key: tuple[int, int], db: sqlite3.Connection) -> None:
+        self.key = key
+        self.db = db
+        self.lock = threading.Lock()
+        self.users = 1
+
+
+def release(shared: Shared) -> None:
+    """A journal using ``shared`` closed: the last one closes the connection.
+    Call once per `Checked.connect`."""
+    with _shared_lock:
+        shared.users -= 1
+        if shared.users:
+            return
+        if _shared.get(shared.key) is shared:
+            del _shared[shared.key]
+    with shared.lock:
+        shared.db.close()
+
+
+class Checked:
+    """The file at ``path`` as `checked` found it: ``info`` (its stat), through
+    ``fd`` (an ``O_PATH`` descriptor, closed when the check ends)."""
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path = path
+        self.fd = fd
+        self.info = os.fstat(fd)
+
+    def chmod(self, mode: int) -> None:
+        """Change the mode of the file checked (not of what its path names now)."""
+        if _O_PATH == os.O_RDONLY:  # no O_PATH: fd is a file's descriptor
+            os.fchmod(self.fd, mode)
+        else:
+            os.chmod(f"/proc/self/fd/{self.fd}", mode)
+
+    def connect(self, target: str, **options: Any) -> Shared:
+        """The connection of the process on the file checked, or a new one SQLite
+        opens from ``target`` (the path, or a URI with ``uri=True`` in
+        ``options``); `ConfigurationError` if SQLite opened another file."""
+        key = _identity(self.info)
+        shared = _shared.get(key)
+        if shared is not None:
+            shared.users += 1
+            return shared
+        db = sqlite3.connect(target, check_same_thread=False, **options)
+        try:
+            if not self._opened_by_sqlite(key):
+                raise ConfigurationError(
+                    f"recover_file {self.path!r} was replaced (by a symlink?) as it "
+                    "was opened: someone who can write to its directory may be at "
+                    "it; give a recover_file in a directory of your own"
+                )
+        except BaseException:
+            db.close()
+            raise
+        shared = _shared[key] = Shared(key, db)
+        return shared
+
+    def _opened_by_sqlite(self, key: tuple[int, int]) -> bool:
+        """Whether a descriptor of the process, not ours, is of the file checked
+        (SQLite opens the database file as it connects)."""
+        if not os.path.isdir("/proc/self/fd"):  # not Linux: after the fact
+            return _identity(os.stat(self.path)) == key
+        for name in os.listdir("/proc/self/fd"):
+            if int(name) == self.fd:
+                continue
+            with contextlib.suppress(OSError):  # closed since (listdir's own, say)
+                if _identity(os.stat(f"/proc/self/fd/{name}")) == key:
+                    return True
+        return False
+
+
+@contextlib.contextmanager
+def checked(path: str, *, create: bool) -> Iterator[Checked]:
+    """The regular file at ``path`` to check, then `Checked.connect` to.
+
+    ``create``: made 0600 if absent, and a symlink is refused (`OSError`, ELOOP);
+    otherwise a symlink is followed (what it names is checked) and the file must
+    exist. Anything but a regular file raises `OSError`. Journals of the process are
+    checked and opened one at a time.
+    """
+    with _shared_lock:
+        if create:
+            new = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            with contextlib.suppress(FileExistsError):
+                # a new file: closing drops no lock of the process
+                os.close(os.open(path, new, 0o600))
+        flags = _O_PATH | os.O_CLOEXEC | (os.O_NOFOLLOW if create else 0)
+        fd = os.open(path, flags)
+        try:
+            file = Checked(path, fd)
+            mode = file.info.st_mode
+            if not stat.S_ISREG(mode):
+                code = (
+                    errno.ELOOP
+                    if stat.S_ISLNK(mode)
+                    else errno.EISDIR
+                    if stat.S_ISDIR(mode)
+                    else errno.EINVAL
+                )
+                raise OSError(code, f"{os.strerror(code)} (not a regular file)", path)
+            yield file
+        finally:
+            os.close(fd)
+
+
+def _identity(info: os.stat_result) -> tuple[int, int]:
+    return (info.st_dev, info.st_ino)
