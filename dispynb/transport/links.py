@@ -10,7 +10,9 @@ Two implementations of one small interface, both driven by the running asyncio l
     buffers); what the kernel does not take waits, uncopied, for the socket to drain.
 `TransportLink`
     Any asyncio transport (used for TLS, via asyncio's SSL support), fed through
-    `FrameProtocol`, a buffered protocol reading into the same decoder.
+    `FrameProtocol`, a buffered protocol reading into the same decoder. What it
+    writes waits here, uncopied and counted, and goes to the transport a slice at
+    a time as it takes it (`TLS_SLICE`).
 
 Both report to a `FrameSink` (the `Connection`): frames as they complete, a framing
 error (reading then stops), and the end of the link. Neither raises on write: a
@@ -25,7 +27,7 @@ import collections
 import contextlib
 import socket
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from dispynb.errors import FramingError
@@ -398,6 +400,8 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._paused = False
         self._drain_waiters = DrainWaiters()
         self.lost = False
+        #: Called when the transport takes more (`TransportLink` feeds it then).
+        self.on_writable: Callable[[], None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """asyncio callback."""
@@ -434,13 +438,39 @@ class FrameProtocol(asyncio.BufferedProtocol):
     def resume_writing(self) -> None:
         """asyncio callback: the transport's buffer drained below its low-water mark."""
         self._paused = False
+        if self.on_writable is not None:
+            self.on_writable()
         self._drain_waiters.wake()
+
+    @property
+    def paused(self) -> bool:
+        """Whether the transport is over its high-water mark."""
+        return self._paused
 
     async def drained(self) -> None:
         """Wait while the transport is paused (as ``StreamWriter.drain``)."""
         if not self._paused or self.lost:
             return
         await self._drain_waiters.wait()
+
+    def wake_writers(self) -> None:
+        """Wake the tasks waiting in `drained` or `writable` (the link closed)."""
+        self._drain_waiters.wake()
+
+    async def writable(self) -> None:
+        """Wait for the next `resume_writing` or the end of the connection."""
+        if not self.lost:
+            await self._drain_waiters.wait()
+
+
+#: Most bytes a `TransportLink` hands asyncio's TLS transport at a time. The
+#: transport encrypts whatever it is given at once, and moves it all to its socket's
+#: own buffer unless that is already full: a ciphertext copy of the whole message
+#: that the TLS transport no longer counts (a client that did not read TLS results
+#: grew a node by 227 MiB, its back-pressure blind). Fed in slices of this size, and
+#: only while the TLS transport holds nothing, asyncio holds at most about two
+#: slices and its socket's high-water mark; the rest waits here, uncopied, counted.
+TLS_SLICE = 256 * 1024
 
 
 #: Seconds a closed TLS link waits for the TLS shutdown to finish before its socket is
@@ -477,6 +507,14 @@ class TransportLink:
         self._protocol = protocol
         self._loop = asyncio.get_running_loop()
         self._cut: asyncio.TimerHandle | None = None
+        #: Bytes written but not handed to the transport yet (see `TLS_SLICE`).
+        self._out: collections.deque[memoryview] = collections.deque()
+        self._unsent = 0  # bytes of the views in _out
+        self._next: asyncio.TimerHandle | None = None  # `_pump`'s next turn
+        # Paused as soon as the transport holds anything (its socket's buffer is
+        # full), resumed once it holds nothing: then `_pump` gives it the next slice.
+        transport.set_write_buffer_limits(high=1, low=0)
+        protocol.on_writable = self._pump
 
     @property
     def closed(self) -> bool:
@@ -499,21 +537,67 @@ class TransportLink:
             for piece in pieces:
                 mac.update(piece)
             pieces = [*pieces, mac.digest()]
-        self._transport.writelines(pieces)
+        for piece in pieces:
+            view = memoryview(piece).cast("B")
+            if view.nbytes:
+                self._out.append(view)
+                self._unsent += view.nbytes
+        if self._next is None:
+            self._pump()
+
+    def _pump(self) -> None:
+        """Hand the transport the next slice of what waits, if it holds nothing.
+
+        One slice a turn of the loop: the transport sends a slice at once when its
+        socket's buffer is empty, and a send that meets the peer's reset ends the
+        link; the next slice waits for the loop's reads (a timer runs after them), so
+        that what the peer said before its reset (a refusal) is read first.
+        """
+        out = self._out
+        if not out or self._protocol.paused or self.closed:
+            return
+        batch: list[memoryview] = []
+        size = 0
+        while out and size < TLS_SLICE:
+            view = out[0]
+            if size + view.nbytes > TLS_SLICE:
+                view, out[0] = view[: TLS_SLICE - size], view[TLS_SLICE - size :]
+            else:
+                out.popleft()
+            batch.append(view)
+            size += view.nbytes
+        self._unsent -= size
+        self._transport.writelines(batch)
+        if not out:
+            self._protocol.wake_writers()
+        elif not self._protocol.paused and self._next is None and not self.closed:
+            self._next = self._loop.call_later(0, self._pump_later)
+
+    def _pump_later(self) -> None:
+        self._next = None
+        self._pump()
 
     async def drained(self) -> None:
-        """Wait until the transport's buffer is below its low-water mark."""
-        await self._protocol.drained()
+        """Wait until all written bytes are with the transport, and the transport's
+        own buffer is empty (or the link ended)."""
+        while (self._out or self._protocol.paused) and not self.closed:
+            await self._protocol.writable()
 
     @property
     def all_sent(self) -> bool:
         """Whether the transport holds nothing unsent (unknown once it ended)."""
-        return not self.closed and self._transport.get_write_buffer_size() == 0
+        return (
+            not self.closed
+            and not self._out
+            and self._transport.get_write_buffer_size() == 0
+        )
 
     @property
     def unsent(self) -> int:
-        """Bytes the transport holds unsent."""
-        return 0 if self.closed else self._transport.get_write_buffer_size()
+        """Bytes written that the transport has not sent yet."""
+        if self.closed:
+            return 0
+        return self._unsent + self._transport.get_write_buffer_size()
 
     def pause_reading(self) -> None:
         """Stop reading until `resume_reading`."""
@@ -534,7 +618,16 @@ class TransportLink:
 
         The socket is cut if the TLS shutdown has not ended `TLS_CLOSE_GRACE` s later.
         """
+        if self._out and not self.closed:
+            # Given to the transport as before, which sends it until the cut.
+            self._transport.writelines(self._out)
+        self._out.clear()
+        self._unsent = 0
+        if self._next is not None:
+            self._next.cancel()
+            self._next = None
         self._transport.close()
+        self._protocol.wake_writers()
         if self._cut is None and not (self._protocol.lost or self._loop.is_closed()):
             # The timer also keeps the transport alive until then.
             self._cut = self._loop.call_later(TLS_CLOSE_GRACE, self._cut_if_open)
