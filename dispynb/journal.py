@@ -22,7 +22,7 @@ import cloudpickle
 
 from dispynb.errors import ConfigurationError
 from dispynb.job import DispyJob, JobStatus
-from dispynb.journalfile import Shared, checked, release
+from dispynb.journalfile import Shared, checked, refuse_planted, release
 from dispynb.secret import foreign_owner
 
 _SCHEMA = """
@@ -52,13 +52,14 @@ class Journal:
             _refuse_foreign(path, file.info)
             if file.info.st_mode & 0o077:
                 file.chmod(0o600)
-            _tighten_wal_and_shm(path)
+            refuse_planted(os.path.realpath(path), tighten=True)
             self._use(file.connect(path, isolation_level=None))
         try:
             with self._lock:
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=NORMAL")  # survives a crash
                 self._db.executescript(_SCHEMA)
+                refuse_planted(self._db_file(), tighten=True)
         except BaseException:
             self._release()
             raise
@@ -70,6 +71,12 @@ class Journal:
         self._release = weakref.finalize(self, release, shared)
         self._release.atexit = False  # at exit, clusters still close their journals
 
+    def _db_file(self) -> str:
+        """The database file's name as SQLite has it (symlinks resolved): its
+        ``-wal`` and ``-shm`` are named after it."""
+        name: str = self._db.execute("PRAGMA database_list").fetchone()[2]
+        return name
+
     @classmethod
     def open_existing(cls, path: str) -> Journal | None:
         """The journal at ``path``, for ``recover_jobs``; None if the file is empty
@@ -77,7 +84,8 @@ class Journal:
 
         Never creates nor changes a file that is not a journal: any other file (a
         directory, another database, a damaged or truncated one) raises a
-        `ConfigurationError` naming it. So does a file replaced as it is opened.
+        `ConfigurationError` naming it. So does a file replaced as it is opened, or
+        another user's `-wal`, `-shm` or `-journal` beside it (`refuse_planted`).
         """
         if os.path.isdir(path):
             raise ConfigurationError(
@@ -91,6 +99,7 @@ class Journal:
                 _refuse_foreign(path, file.info)
                 if file.info.st_size == 0:
                     return None
+                refuse_planted(os.path.realpath(path), tighten=False)
                 uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=rw"
                 journal._use(file.connect(uri, uri=True, isolation_level=None))
             with journal._lock:
@@ -100,9 +109,12 @@ class Journal:
                         "SELECT name FROM sqlite_master WHERE type = 'table'"
                     )
                 }
-        except (OSError, sqlite3.Error) as exc:
+                refuse_planted(journal._db_file(), tighten=False)
+        except (OSError, sqlite3.Error, ConfigurationError) as exc:
             if hasattr(journal, "_release"):
                 journal._release()
+            if isinstance(exc, ConfigurationError):
+                raise
             raise unreadable(path, exc) from None
         if not {"computations", "nodes", "jobs"} <= tables:
             journal.close()
@@ -326,15 +338,6 @@ def _refuse_foreign(path: str, info: os.stat_result) -> None:
             "arguments and results and change what recover_jobs unpickles: give a "
             "file of your own"
         )
-
-
-def _tighten_wal_and_shm(path: str) -> None:
-    """The journal's ``-wal`` and ``-shm`` 0600, as SQLite makes them (with the mode
-    of the database file, created 0600 by `checked`): an older version's were
-    looser."""
-    for suffix in ("-wal", "-shm"):
-        with contextlib.suppress(FileNotFoundError):
-            os.chmod(path + suffix, 0o600)
 
 
 #: Types `pickle` writes by value, as cloudpickle does (exactly these types, not

@@ -37,6 +37,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from dispynb.errors import ConfigurationError
+from dispynb.secret import foreign_owner
 
 #: A descriptor that names a file without opening it for I/O (Linux): closing it
 #: leaves the process's fcntl locks on the file alone.
@@ -82,10 +83,7 @@ class Checked:
 
     def chmod(self, mode: int) -> None:
         """Change the mode of the file checked (not of what its path names now)."""
-        if _O_PATH == os.O_RDONLY:  # no O_PATH: fd is a file's descriptor
-            os.fchmod(self.fd, mode)
-        else:
-            os.chmod(f"/proc/self/fd/{self.fd}", mode)
+        _chmod(self.fd, mode)
 
     def connect(self, target: str, **options: Any) -> Shared:
         """The connection of the process on the file checked, or a new one SQLite
@@ -156,6 +154,66 @@ def checked(path: str, *, create: bool) -> Iterator[Checked]:
             yield file
         finally:
             os.close(fd)
+
+
+#: The files SQLite keeps beside a database, named after it.
+COMPANIONS = ("-wal", "-shm", "-journal")
+
+
+def refuse_planted(db_path: str, *, tighten: bool) -> None:
+    """Raise `ConfigurationError` if a file SQLite uses beside the database
+    ``db_path`` (`COMPANIONS`) is another user's, a symlink or not a regular file.
+
+    Put there first (where others can write: ``/tmp``, a shared directory), SQLite
+    used it with the journal: its owner read the jobs' arguments and results, and
+    a ``-journal`` of theirs was even rolled back into the journal as SQLite opened
+    it (what ``recover_jobs`` unpickles). SQLite refuses symlinks (O_NOFOLLOW) but
+    an ``os.chmod`` by name followed them. Call before SQLite opens the database
+    and again after its first statement: one planted in between is then seen (and
+    in a sticky directory, one of ours cannot be replaced); a ``-journal`` planted
+    in between is rolled back before. ``tighten``: ours are made 0600.
+    """
+    for suffix in COMPANIONS:
+        name = db_path + suffix
+        try:
+            fd = os.open(name, _O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:  # no O_PATH: a symlink fails to open
+                raise
+            what = "a symlink"
+        else:
+            try:
+                info = os.fstat(fd)
+                what = (
+                    "a symlink"
+                    if stat.S_ISLNK(info.st_mode)
+                    else "not a regular file"
+                    if not stat.S_ISREG(info.st_mode)
+                    else f"of {owner}"
+                    if (owner := foreign_owner(info))
+                    else ""
+                )
+                if not what and tighten and info.st_mode & 0o077:
+                    _chmod(fd, 0o600)  # an older version's
+            finally:
+                os.close(fd)
+        if what:
+            raise ConfigurationError(
+                f"recover_file {db_path!r} has {name!r} beside it, {what}, which "
+                "SQLite would use with it: someone who can write to its directory "
+                "may have put it there; remove it, or give a recover_file in a "
+                "directory of your own"
+            )
+
+
+def _chmod(fd: int, mode: int) -> None:
+    """Change the mode of the file of ``fd`` (an ``O_PATH`` descriptor)."""
+    if _O_PATH == os.O_RDONLY:  # no O_PATH: fd is a file's descriptor
+        os.fchmod(fd, mode)
+    else:
+        os.chmod(f"/proc/self/fd/{fd}", mode)
 
 
 def _identity(info: os.stat_result) -> tuple[int, int]:
