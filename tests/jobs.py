@@ -204,6 +204,16 @@ def evaluate(x: int) -> tuple[int, bool]:
 # --- test side ----------------------------------------------------------------
 
 
+def jobs_held(cluster: Any, node: Any) -> int:
+    """How many of ``cluster``'s jobs ``node`` holds: running, or sent ahead to
+    wait in its queue (`JobCluster.node_jobs` lists only the running ones)."""
+    node_id = cluster._node_id(node)
+    backend = cluster._backend
+    if node_id is None or backend is None:
+        return 0
+    return len(backend._on_loop(backend.driver.running_keys, node_id))
+
+
 def wait_for_path(path: str | os.PathLike[str], timeout: float = WAIT) -> None:
     """Poll until ``path`` exists; fail the test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

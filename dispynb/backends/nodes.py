@@ -144,6 +144,9 @@ class NodesBackend:
         self._max_job_size = MAX_MESSAGE_SIZE
         self._startup: asyncio.Future[None] | None = None
         self._node_errors: list[DispynbError] = []
+        #: Job key -> the node that reported it started (loop thread only): the
+        #: jobs running there, of those sent to it (`running_jobs`).
+        self._started: dict[int, str] = {}
         self.driver = Driver(
             DriverConfig(
                 comp_id=next(_comp_ids),
@@ -405,9 +408,11 @@ class NodesBackend:
         self._events.jobs_sent(keys, self._view(link))
 
     def job_running(self, key: int, link: NodeLink, start_time: float) -> None:
+        self._started[key] = link.node_id
         self._events.job_running(key, self._view(link), start_time)
 
     def job_provisional(self, key: int, link: NodeLink, result: Any) -> None:
+        self._started.setdefault(key, link.node_id)  # a start not reported
         self._events.job_provisional(key, self._view(link), result)
 
     def job_file(
@@ -430,6 +435,7 @@ class NodesBackend:
     def job_done(
         self, key: int, link: NodeLink | None, outcome: driver.Outcome
     ) -> None:
+        self._started.pop(key, None)
         if outcome.outcome == ABANDONED:  # a scheduler lost the node that ran it
             self.job_abandoned(key, link, outcome.exception or "its node was lost")
             return
@@ -450,6 +456,7 @@ class NodesBackend:
     def job_abandoned(
         self, key: int, link: NodeLink | None, reason: str, node_id: str = ""
     ) -> None:
+        self._started.pop(key, None)
         info: NodeInfo | None = None
         if link is not None:
             info = self._view(link)
@@ -459,9 +466,11 @@ class NodesBackend:
         self._events.job_abandoned(key, info, reason)
 
     def job_cancelled(self, key: int) -> None:
+        self._started.pop(key, None)
         self._events.job_cancelled(key)
 
     def job_requeued(self, key: int) -> None:
+        self._started.pop(key, None)
         self._events.job_requeued(key)
 
     def batch(self) -> AbstractContextManager[None]:
@@ -601,7 +610,17 @@ class NodesBackend:
         return str(self._runner.run_sync(self.driver.send_file, node_id, ref))
 
     def running_jobs(self, node_id: str) -> list[int]:
-        return list(self._on_loop(self.driver.running_keys, node_id))
+        """The jobs running on the node, as dispy's ``node_jobs`` lists them: those
+        it reported started, not those sent ahead to wait in its queue."""
+        return list(self._on_loop(self._running_keys, node_id))
+
+    def _running_keys(self, node_id: str) -> list[int]:
+        started = self._started
+        return [
+            key
+            for key in self.driver.running_keys(node_id)
+            if started.get(key) == node_id
+        ]
 
     def traffic(self, node_id: str) -> tuple[int, int]:
         link = self.driver.nodes.get(node_id)

@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from dispynb import DispyJob, DispyNode, JobCluster
-from tests.jobs import computation_processes, wait_until
+from tests.jobs import computation_processes, jobs_held, wait_until
 from tests.nodeproc import running_node, start_node
 
 pytestmark = pytest.mark.slow
@@ -338,7 +338,7 @@ def test_node_shutting_down_hands_back_jobs_that_did_not_start(tmp_path):
         wait_until(lambda: len(cluster.status().nodes) == 2)
         jobs = [cluster.submit(n) for n in range(16)]
         node_a = next(n for n in cluster.status().nodes if n.name == "a")
-        wait_until(lambda: len(cluster.node_jobs(node_a)) >= 2)  # some queued
+        wait_until(lambda: jobs_held(cluster, node_a) >= 2)  # some queued
         assert a.stop() == 0  # SIGTERM: a graceful shutdown
         assert cluster.wait(timeout=30)
     abandoned = [job for job in jobs if job.status == DispyJob.Abandoned]
@@ -385,7 +385,7 @@ def test_draining_node_finishes_running_jobs_and_gets_no_more(tmp_path):
         started.mkdir()
         jobs = [cluster.submit(n, 1.5, str(started)) for n in range(16)]
         node_a = next(n for n in cluster.status().nodes if n.name == "a")
-        wait_until(lambda: len(cluster.node_jobs(node_a)) >= 2)  # some queued
+        wait_until(lambda: jobs_held(cluster, node_a) >= 2)  # some queued
         # a job really runs on a (a 1.5 s job: it is still running at the signal)
         wait_until(lambda: any(p.name.startswith("a-") for p in started.iterdir()))
         signalled, signalled_mono = time.time(), time.monotonic()

@@ -136,10 +136,33 @@ def test_node_jobs_lists_running_job(local1, tmp_path):
         job = cluster.submit(str(marker), 30)
         wait_for_path(marker)
         node = cluster.status().nodes[0]
+        # Listed once the node told it started, as node.busy counts it.
+        wait_until(lambda: job.status == DispyJob.Running)
         assert cluster.node_jobs(node) == [job]
         cluster.cancel(job)
         assert job.wait(timeout=WAIT)
         assert cluster.node_jobs(node) == []
+
+
+def test_node_jobs_lists_the_running_jobs_not_those_queued_at_the_node(
+    local1, tmp_path
+):
+    """dispy's node_jobs: the jobs running on the node. A node is sent more jobs
+    than it has CPUs (to hide latency); before, those waiting in its queue were
+    listed too, Created, never started there."""
+    release = str(tmp_path / "release")
+    with JobCluster(jobs.mark_and_hold, nodes=local1) as cluster:
+        node = cluster.status().nodes[0]
+        running = cluster.submit(str(tmp_path / "first"), release)
+        wait_for_path(tmp_path / "first")
+        queued = cluster.submit(str(tmp_path / "second"), release)
+        wait_until(lambda: jobs.jobs_held(cluster, node) == 2)  # sent to the node
+        wait_until(lambda: running.status == DispyJob.Running)  # its start told
+        assert queued.status == DispyJob.Created
+        assert cluster.node_jobs(node) == [running]
+        assert node.busy == 1
+        open(release, "w").close()
+        assert cluster.wait(timeout=WAIT)
 
 
 def test_close_node_releases_node_for_good_until_allocated_again(two, tmp_path):

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from dispynb import DispyJob, DispyNode, JobCluster
-from tests.jobs import wait_until
+from tests.jobs import jobs_held, wait_until
 from tests.nodeproc import CliNode, node_env, running_node
 from tests.toxic import ToxicProxy, Toxics
 
@@ -170,7 +170,7 @@ def test_long_blackhole_declares_death_and_jobs_finish_elsewhere_once(node, tmp_
             wait_until(lambda: len(cluster.status().nodes) == 2)
             jobs = [cluster.submit(n, b"", 0.3) for n in range(24)]
             via_proxy = next(n for n in cluster.status().nodes if n.name == "a")
-            wait_until(lambda: len(cluster.node_jobs(via_proxy)) >= 2)
+            wait_until(lambda: jobs_held(cluster, via_proxy) >= 2)
             blackholed_at = time.monotonic()
             proxy.blackhole(6.0)
             wait_until(lambda: events.closed["a"] >= 1, timeout=15)

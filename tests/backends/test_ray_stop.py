@@ -128,7 +128,7 @@ def test_cancel_stops_running_and_queued_jobs(
         wait_for(lambda: len(list(tmp_path.glob("running-*"))) == 2, "2 running jobs")
         pids = [int(p.name.split("-")[1]) for p in tmp_path.glob("running-*")]
         # node_jobs: the two running now, on the head (the node of 127.0.0.1).
-        assert len(cluster.node_jobs("127.0.0.1")) == 2
+        wait_for(lambda: len(cluster.node_jobs("127.0.0.1")) == 2, "node_jobs")
         started = time.monotonic()
         for job in jobs:
             cluster.cancel(job)
