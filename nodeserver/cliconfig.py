@@ -238,8 +238,17 @@ def save_config_and_exit(
     not_saved: frozenset[str] = frozenset(),
 ) -> NoReturn:
     """``--save_config``: write the options given (`save_config`), say where (or, to
-    standard output, nothing but what was left out: ``secret_note``), and exit 0."""
-    left_out = save_config(parser, args, args.save_config, not_saved)
+    standard output, nothing but what was left out: ``secret_note``), and exit 0;
+    exit 2 saying why if it cannot be written (the file, if any, left as it was)."""
+    try:
+        left_out = save_config(parser, args, args.save_config, not_saved)
+    except OSError as exc:  # the message names the temporary file: not shown
+        parser.exit(
+            2,
+            f"{parser.prog}: cannot save the configuration to {args.save_config!r}: "
+            f"{exc.strerror or exc}; give a file in a directory that exists, you "
+            "can write to and has room (or - for standard output)\n",
+        )
     note = f" ({secret_note})"
     if args.save_config == "-":  # the configuration is standard output
         if left_out:
