@@ -54,7 +54,8 @@ class _Jobs(_ClusterState):
         itself. Each node receives it once, with the first job that needs it, and
         each worker process loads it once and keeps it for the computation's later
         jobs (so jobs should not modify it). Nodes and client drop it when the
-        cluster closes. Raises `SerializationError` if ``obj`` cannot be pickled.
+        cluster closes. Raises `SerializationError` if ``obj`` cannot be pickled,
+        `ClusterError` if its file cannot be written (a full disk).
         """
         if self._closed:
             raise ClusterError("this cluster is closed: create a new JobCluster")

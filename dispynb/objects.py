@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dispynb.depends import FileRef
-from dispynb.errors import SerializationError
+from dispynb.errors import ClusterError, SerializationError
 from dispynb.protocol import serialize
 
 __all__ = [
@@ -210,15 +210,36 @@ def write(obj: Any, directory: str) -> ObjectRef:
     path = os.path.join(directory, name)
     size = len(header) + sum(b.nbytes for b in buffers)
     if not os.path.exists(path):
-        fd = os.open(path + ".part", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with open(fd, "wb") as handle:
-            handle.write(header)
-            for buffer in buffers:
-                handle.write(buffer)
-        os.replace(path + ".part", path)
+        _write_file(path, [header, *buffers], size)
     _local[name] = obj
     relative = f"{OBJECTS_DIR}/{name}"
     return ObjectRef(_ObjectFile(path, relative, name, size))
+
+
+def _write_file(path: str, parts: list[bytes | memoryview], size: int) -> None:
+    """Write ``parts`` (``size`` bytes in all) to ``path`` whole, or raise
+    `ClusterError` saying why, leaving nothing.
+
+    Through a temporary file of this thread's: the file of a write that failed (a
+    full disk) stayed, keeping the disk full until the cluster closed, and two
+    threads putting one object wrote (truncated) one temporary file.
+    """
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.part"
+    try:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        with open(os.open(tmp, flags, 0o600), "wb") as handle:
+            for part in parts:
+                handle.write(part)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        directory = os.path.dirname(path)
+        raise ClusterError(
+            f"cannot put the object: its file of {size} bytes in {directory} cannot "
+            f"be written ({exc.strerror or exc}); free room on that disk, or set "
+            "TMPDIR to a directory on a disk with room"
+        ) from None
 
 
 def forget(ref: ObjectRef) -> None:
