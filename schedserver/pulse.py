@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 
 from dispynb.errors import DispynbError
-from dispynb.protocol.messages import ComputationClose, Ping
+from dispynb.protocol.messages import ComputationClose, Error, Ping
 from dispynb.scheduler.link import DEAD_AFTER
 from schedserver.session import SchedulerSession
 from schedserver.state import _ServerState, logger
@@ -137,7 +137,17 @@ class _Pulse(_ServerState):
         self._end_revoked(self.users.load())
 
     def _end_revoked(self, users: dict[str, bytes]) -> None:
-        """End the sessions and computations of users no longer in ``users``."""
+        """End the sessions and computations of users no longer in ``users``.
+
+        Each session is told why first (`Error` ``revoked``): its client ends its
+        jobs with that reason and does not try its refused credential again."""
+        revoked = [
+            session
+            for session in self.sessions
+            if session.user not in users and not session.conn.closed
+        ]
+        for session in revoked:
+            session.send(Error(code="revoked", message=revoked_text(session.user)))
         for comp in list(self.computations):
             if comp.user not in users and not comp.closing:
                 # A revoked user's jobs stop too, also those kept for a client that
@@ -148,10 +158,9 @@ class _Pulse(_ServerState):
                         comp_id=comp.comp_id, terminate=True, cancel_waiting=True
                     )
                 )
-        for session in list(self.sessions):
-            if session.user not in users and not session.conn.closed:
-                logger.warning("user %r was revoked: ending its session", session.user)
-                session.end()
+        for session in revoked:
+            logger.warning("user %r was revoked: ending its session", session.user)
+            session.end()
 
     def _avail(self) -> list[float | None]:
         """The nodes' resources, summed (CPU % averaged); a figure that a node
@@ -162,6 +171,15 @@ class _Pulse(_ServerState):
         columns = zip(*(r[:4] for r in reports), strict=True)
         means = (True, False, False, True)
         return [combined_figure(c, m) for c, m in zip(columns, means, strict=True)]
+
+
+def revoked_text(user: str) -> str:
+    """What a revoked user's clients are told."""
+    return (
+        f"user {user!r} was revoked at the scheduler by its operator: its jobs "
+        "were ended and its credential is refused from now on; ask the "
+        "scheduler's operator for a new one"
+    )
 
 
 def combined_figure(values: tuple[float | None, ...], mean: bool) -> float | None:

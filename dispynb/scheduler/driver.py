@@ -22,7 +22,7 @@ import logging
 from typing import Any
 
 from dispynb.depends import FileRef
-from dispynb.errors import DispynbError, MessageError, SetupError
+from dispynb.errors import ClusterError, DispynbError, MessageError, SetupError
 from dispynb.protocol import shm
 from dispynb.protocol.framing import Buffer
 from dispynb.protocol.messages import (
@@ -224,6 +224,12 @@ class Driver(DriverNodes):
             # the connection next; its reason is the cluster's, not a reset's.
             self._fail_node(link, SetupError(f"{link.node_id}: {message.message}"))
             return _Stop(None)
+        if message.code == "revoked":
+            # A shared scheduler revoked this user and closes the session next: its
+            # jobs end with the reason, and the refused credential is not tried again.
+            link.releasing = True
+            self.last_error = ClusterError(message.message)
+            return _Stop(message.message)
         logger.warning("node %s reports: %s", link.node_id, message.message)
         return None
 
