@@ -145,6 +145,7 @@ class _ComputationState:
     _node_name: str
     _node_address: str
     _remove_path: bool
+    _own_files: dict[str, str]
     _home: str | None
     _removals: Removals | None
     #: The note of ``path`` in `_removals`, while it is noted (`_WorkerLife.start`).

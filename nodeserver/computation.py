@@ -175,6 +175,9 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
         # says so, not that the file never came.
         self._refused_files = refused_files if refused_files is not None else {}
         self._job_files: collections.Counter[str] = collections.Counter()
+        #: The computation's own files (its ``depends``): relative path -> digest.
+        #: A job given one of them too (``dispy_job_depends``) leaves it in place.
+        self._own_files: dict[str, str] = {}
         # Digests of objects put in the cluster (dispynb.objects), held in the
         # store while the computation lives (removed once nobody else holds them).
         self._objects: set[str] = set()
@@ -754,7 +757,10 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
 
     def _place_job_files(self, job: NodeJob) -> None:
         for relative, digest in job.files:
-            if self._job_files[relative] == 0:
+            if (
+                self._job_files[relative] == 0
+                and self._own_files.get(relative) != digest
+            ):
                 refused = self._refused_files.get(digest)
                 if refused is not None:
                     raise ProtocolError(f"file {relative!r} was refused: {refused}")
@@ -771,12 +777,16 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
         if not job.placed:
             return
         job.placed = False
-        for relative, _digest in job.files:
+        for relative, digest in job.files:
             self._job_files[relative] -= 1
             if self._job_files[relative] <= 0:
                 del self._job_files[relative]
-                with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(self.path, relative))
+                own = self._own_files.get(relative)
+                with contextlib.suppress(OSError, DispynbError):
+                    if own is None:
+                        os.unlink(os.path.join(self.path, relative))
+                    elif own != digest:  # the job's own version: the computation's back
+                        self._store.place(own, self.path, relative)
 
     def _pump_soon(self) -> None:
         asyncio.get_running_loop().call_soon(self._pump)

@@ -91,6 +91,7 @@ class _WorkerLife(_ComputationState):
         try:
             for relative, digest in files:
                 self._store.place(digest, self.path, relative)
+                self._own_files[relative] = digest
         except (DispynbError, OSError) as exc:
             raise SetupError(f"cannot place the computation's files: {exc}") from exc
         loop = asyncio.get_running_loop()

@@ -100,6 +100,28 @@ def test_job_depends_file_present_for_its_job_only(local1, workdir):
     assert without.result is False
 
 
+def test_a_file_both_in_depends_and_a_jobs_depends(local1, workdir):
+    """A file the cluster's depends already placed, given again with a job's
+    dispy_job_depends (a veteran's habit): every such job runs, the job sees no
+    temporary file beside it, and the file stays for the cluster's later jobs, as
+    dispy counts a file's users. Before, placing it again left a hidden temporary
+    file that failed the next job with "File exists", and the job's end removed
+    the cluster's file."""
+    (workdir / "shared.txt").write_text("for every job")
+
+    def compute(_: int) -> tuple[str, list[str]]:
+        return read_file("shared.txt"), sorted(os.listdir("."))
+
+    with JobCluster(compute, nodes=local1, depends=["shared.txt", read_file]) as c:
+        again = [c.submit(n, dispy_job_depends=["shared.txt"]) for n in range(3)]
+        assert all(job.wait(timeout=WAIT) for job in again)
+        later = c.submit(3)
+        assert later.wait(timeout=WAIT)
+    for job in [*again, later]:
+        assert job.status == DispyJob.Finished, job.exception
+        assert job.result == ("for every job", ["shared.txt"])
+
+
 def test_job_depends_function_for_its_job_only(local1):
     def tool() -> str:
         return "tool"
