@@ -32,6 +32,13 @@ class _FileRelay(_ServerState):
         """
         if len(buffers) != 1 or digest_of(buffers[0]) != message.digest:
             return f"file {message.digest[:16]}... does not match its digest: refused"
+        if buffers[0].nbytes != message.size:
+            # Passed on as it came to the nodes waiting for it (other users'
+            # computations too), each of which would end its connection.
+            return (
+                f"file {message.digest[:16]}... announced {message.size!r} bytes "
+                f"and holds {buffers[0].nbytes}: refused"
+            )
         refused = self.files.put(message.digest, buffers[0], session, session.user)
         if refused:
             self._setups_refused(session, message.digest, refused)
