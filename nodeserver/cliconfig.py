@@ -18,12 +18,15 @@ import configparser
 import datetime
 import gettext
 import io
+import os
 import re
+import stat
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from dispynb.daemon import replace_file
+from dispynb.secret import foreign_owner
 
 #: dispynode option -> why dispynb refuses it and what to use instead.
 REFUSED: dict[str, tuple[int, str]] = {
@@ -169,14 +172,36 @@ def config_argv(parser: argparse.ArgumentParser, path: str) -> list[str]:
 
 def read_config(path: str) -> dict[str, str]:
     """The ``[DEFAULT]`` section of the INI file at ``path`` (dispy's config files),
-    its keys stripped. Raises `ValueError` if it cannot be read."""
+    its keys stripped. Raises `ValueError` if it cannot be read, or if another user
+    could change it (`_refuse_others`)."""
     reader = configparser.ConfigParser(interpolation=None)
     try:
         with open(path, encoding="utf-8") as handle:
+            _refuse_others(path, os.fstat(handle.fileno()))  # the file read
             reader.read_file(handle)
     except (OSError, configparser.Error) as exc:
         raise ValueError(f"cannot read config file {path!r}: {exc}") from None
     return {key.strip(): text for key, text in reader.defaults().items()}
+
+
+def _refuse_others(path: str, info: os.stat_result) -> None:
+    """Raise `ValueError` if a user other than this one (or root) owns the config
+    file, or may write to it: they would choose the program's options (its secret,
+    the directories it writes, the nodes it trusts), and a node run as root then
+    ran their code."""
+    foreign = foreign_owner(info)
+    if foreign:
+        raise ValueError(
+            f"config file {path!r} belongs to {foreign}, who could change this "
+            "program's options (its secret, the directories it writes): give a "
+            "file of your own"
+        )
+    if os.name == "posix" and info.st_mode & 0o022:
+        raise ValueError(
+            f"config file {path!r} is writable by other users (mode "
+            f"{stat.S_IMODE(info.st_mode):04o}), who could change this program's "
+            f"options (its secret, the directories it writes): chmod go-w {path}"
+        )
 
 
 def option_argv(
