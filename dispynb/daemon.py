@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import signal
 import sys
 import tempfile
 from collections.abc import Callable
@@ -67,6 +68,15 @@ def run_daemon(prog: str, run: Callable[[], int]) -> int:
         return 1
 
 
+def stop_signals() -> tuple[signal.Signals, ...]:
+    """The signals that stop a daemon cleanly (a node drains): SIGTERM, SIGINT
+    (Ctrl-C) and SIGHUP (the terminal or ``ssh`` session it was started from
+    closed; by default it would die at once, saying nothing), unless SIGHUP is
+    ignored, as ``nohup`` leaves it: it stays ignored."""
+    hangup = signal.getsignal(signal.SIGHUP) != signal.SIG_IGN
+    return (signal.SIGTERM, signal.SIGINT, *([signal.SIGHUP] if hangup else []))
+
+
 def set_dumpable(dumpable: bool) -> bool:
     """Whether the other processes of this user may read this process's memory
     and environment through /proc (``mem``, ``environ``, ``maps``, ``fd``...) or
@@ -101,6 +111,7 @@ __all__ = [
     "set_dumpable",
     "setup_logging",
     "setup_package_logging",
+    "stop_signals",
 ]
 
 

@@ -14,7 +14,13 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 
-from dispynb.daemon import log_level, run_daemon, set_dumpable, setup_logging
+from dispynb.daemon import (
+    log_level,
+    run_daemon,
+    set_dumpable,
+    setup_logging,
+    stop_signals,
+)
 from dispynb.errors import ConfigurationError, DispynbError
 from dispynb.protocol.discovery import new_boot_id
 from dispynb.protocol.framing import large_frames_taken, release_spares
@@ -370,7 +376,7 @@ async def serve(
             signalled.append(signum.name)
         stop.set()
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in stop_signals():
         loop.add_signal_handler(signum, on_signal, signum)
     if isinstance(launcher, AdoptingLauncher):
         # Orphans are reaped as they exit; a killed zygote at once (and logged).

@@ -235,8 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--drain-timeout",
         type=float,
         default=30.0,
-        help="on SIGTERM, seconds running jobs may finish before they are "
-        "terminated (default 30; 0: at once); a second SIGTERM/SIGINT terminates "
+        help="on SIGTERM (SIGINT, SIGHUP), seconds running jobs may finish before "
+        "they are terminated (default 30; 0: at once); a second signal terminates "
         "them at once. Jobs that did not start go back to their clients",
     )
     add(

@@ -17,7 +17,7 @@ import logging
 import signal
 import sys
 
-from dispynb.daemon import run_daemon, set_dumpable, setup_logging
+from dispynb.daemon import run_daemon, set_dumpable, setup_logging, stop_signals
 from dispynb.defaults import NODE_PORT, SCHEDULER_PORT, SCHEDULER_REGISTER_PORT
 from dispynb.errors import ConfigurationError
 from dispynb.node import is_wildcard, parse_node_specs
@@ -529,17 +529,23 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
 
 
 async def serve(config: SchedulerConfig) -> None:
-    """Run the scheduler until SIGTERM or SIGINT."""
+    """Run the scheduler until SIGTERM, SIGINT or SIGHUP (`stop_signals`)."""
     server = SchedulerServer(config)
     await server.start()
     stop = asyncio.Event()
+    signalled: list[str] = []
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+
+    def on_signal(sig: signal.Signals) -> None:
+        signalled.append(sig.name)
+        stop.set()
+
+    for sig in stop_signals():
+        loop.add_signal_handler(sig, on_signal, sig)
     try:
         await stop.wait()
     finally:
-        logger.info("stopping")
+        logger.info("stopping%s", f" ({signalled[0]})" if signalled else "")
         await server.stop()
 
 

@@ -1,7 +1,7 @@
-"""A ``dispynb-node`` that is stopped (SIGTERM, SIGINT) while it runs jobs tells its
-clients: a reentrant computation's jobs run elsewhere at once (not when the node's
-drain ends), and a job that ends with the node says that the node stopped, and why,
-instead of "lost". Real nodes on 127.0.0.1, real signals.
+"""A ``dispynb-node`` that is stopped (SIGTERM, SIGINT, SIGHUP) while it runs jobs
+tells its clients: a reentrant computation's jobs run elsewhere at once (not when
+the node's drain ends), and a job that ends with the node says that the node
+stopped, and why, instead of "lost". Real nodes on 127.0.0.1, real signals.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from tests.nodeproc import running_node
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_job_ended_by_a_stopping_node_says_the_node_stopped_and_why(
     tmp_path: Path, signum: signal.Signals
 ) -> None:
@@ -38,6 +38,15 @@ def test_a_job_ended_by_a_stopping_node_says_the_node_stopped_and_why(
     assert job.exception == (
         f"node {node.spec} stopped: node 'cli-node' is shutting down ({signum.name})"
     ), job.exception
+
+
+def test_a_node_started_under_nohup_goes_on_after_a_hangup(tmp_path: Path) -> None:
+    """``nohup dispynb-node``: SIGHUP stays ignored, the node serves on."""
+    with running_node(tmp_path / "node", launcher=["nohup"]) as node:
+        node.proc.send_signal(signal.SIGHUP)
+        with JobCluster(jobs.square, nodes=[node.spec], secret=node.secret) as cluster:
+            assert cluster.submit(3)() == 9
+        assert node.proc.poll() is None
 
 
 def test_a_stopping_node_moves_reentrant_jobs_elsewhere_at_once(tmp_path: Path) -> None:

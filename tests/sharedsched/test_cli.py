@@ -4,13 +4,14 @@ refused with one line; an unsafe users file is refused."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 from pathlib import Path
 
 import pytest
 
 from schedserver.cli import REFUSED, build_parser, config_from_args, parse_args
-from tests.sharedsched.harness import SchedulerProcess, scheduler_cli
+from tests.sharedsched.harness import SchedulerProcess, add_user, scheduler_cli
 
 
 @pytest.mark.parametrize("option", sorted(REFUSED))
@@ -262,3 +263,13 @@ def test_users_file_given_as_a_symlink_is_refused(tmp_path: Path) -> None:
         "-n", "127.0.0.1:1", "-p", "0", "--users", str(tmp_path / "link")
     )
     assert done.returncode == 2 and "symbolic link" in done.stderr
+
+
+def test_a_hangup_stops_the_scheduler_cleanly(tmp_path: Path) -> None:
+    """SIGHUP (the terminal or ssh session it ran in closed) stops the scheduler as
+    SIGTERM does, saying so, not at once without a word."""
+    add_user(tmp_path, "alice")
+    scheduler = SchedulerProcess(tmp_path, [], "node-secret").start()
+    scheduler.stop(signal.SIGHUP)
+    assert scheduler.proc is not None and scheduler.proc.returncode == 0
+    assert "stopping (SIGHUP)" in scheduler.log_text()
