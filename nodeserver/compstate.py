@@ -148,6 +148,9 @@ class _ComputationState:
     _own_files: dict[str, str]
     _home: str | None
     _removals: Removals | None
+    _path_users: collections.Counter[str] | None
+    #: ``path`` is counted in `_path_users` (`_WorkerLife.start` to its close).
+    _path_counted: bool = False
     #: The note of ``path`` in `_removals`, while it is noted (`_WorkerLife.start`).
     _removal_note: str | None = None
     _objects: set[str]

@@ -150,6 +150,7 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
         remove_path: bool,
         home: str | None = None,
         removals: Removals | None = None,
+        path_users: collections.Counter[str] | None = None,
         limits: JobLimits | None = None,
         node_stopping: Callable[[], bool] | None = None,
         launcher: Launcher = PROCESS_LAUNCHER,
@@ -190,6 +191,9 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
         self._home = home
         #: Notes ``path`` while it exists if it is to go (`nodeserver.leftovers`).
         self._removals = removals
+        #: The node's count of live computations in each directory: computations
+        #: given one ``dest_path`` share it, and it goes only with the last.
+        self._path_users = path_users
         self.limits = limits or JobLimits()
         self._queue: collections.deque[NodeJob] = collections.deque()
         self._workers: dict[int, Worker] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import ipaddress
 import logging
 import os
@@ -72,6 +73,8 @@ class NodeServer:
         #: (`nodeserver.leftovers`: the next node removes them if this one is killed).
         self.removals = Removals(config.dest_path)
         self.sessions: set[ClientSession] = set()
+        #: Live computations per directory (`Computation`'s ``path_users``).
+        self.path_users: collections.Counter[str] = collections.Counter()
         self.address = ""
         self.port = 0
         self._listener: Listener | None = None

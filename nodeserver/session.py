@@ -248,6 +248,12 @@ class ClientSession(_SessionFiles, _SessionRecovery):
                 safe_name(p) for p in message.dest_path.split("/") if p not in ("", ".")
             ]
             comp_dir = os.path.join(*parts) if parts else "default"
+            # As dispy's <prefix>/<client address>/<dest_path>: the same directory
+            # for every cluster of that client giving it, so that the files one
+            # leaves there (cleanup=False) are the next one's. (A Unix socket's
+            # client is on this host.)
+            peer = self.conn.peer_address
+            client_dir = safe_name(peer[0] if peer else "127.0.0.1")
         else:
             comp_dir = f"{safe_name(message.name)}-{message.comp_id}"
         home = os.path.join(config.dest_path, client_dir)
@@ -268,6 +274,7 @@ class ClientSession(_SessionFiles, _SessionRecovery):
             remove_path=message.cleanup or config.force_cleanup,
             home=home,
             removals=self.server.removals,
+            path_users=self.server.path_users,
             limits=JobLimits(
                 max_output=message.max_output,
                 max_result=message.max_result,

@@ -87,6 +87,9 @@ class _WorkerLife(_ComputationState):
         if self._remove_path and self._removals is not None:
             # Noted first: a node killed from now on leaves it to the next one.
             self._removal_note = self._removals.note(self.path, self._home)
+        if self._path_users is not None and not self._path_counted:
+            self._path_users[self.path] += 1
+            self._path_counted = True
         os.makedirs(self.path, mode=0o700, exist_ok=True)
         try:
             for relative, digest in files:
@@ -257,7 +260,8 @@ class _WorkerLife(_ComputationState):
         for worker in list(self._workers.values()):
             worker.conn.close()
             self._lose_worker(worker)
-        if self._remove_path:
+        shared = self._path_shared()
+        if self._remove_path and not shared:
             shutil.rmtree(self.path, ignore_errors=True)
         if self._home is not None:
             remove_empty_parents(self.path, self._home)
@@ -267,6 +271,19 @@ class _WorkerLife(_ComputationState):
         for digest in self._objects:  # put in a cluster (JobCluster.put)
             self._store.release(digest)
         self._objects.clear()
+
+    def _path_shared(self) -> bool:
+        """Stop counting this computation in ``path``; whether another live one
+        still uses it (the same ``dest_path``: its files stay, as in dispy)."""
+        users = self._path_users
+        if users is None or not self._path_counted:
+            return False
+        self._path_counted = False
+        users[self.path] -= 1
+        if users[self.path] > 0:
+            return True
+        del users[self.path]
+        return False
 
     async def wait_idle(self) -> None:
         """Wait until no job is queued or running here (or the process died)."""

@@ -89,6 +89,10 @@ def link_inside(base: str, relative: str, source: str) -> str:
             with contextlib.suppress(OSError):
                 os.unlink(tmp, dir_fd=parent)
             raise
+        # A rename between two links of one file does nothing (POSIX): placed
+        # there before, the file stays, and so would tmp.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=parent)
     finally:
         os.close(parent)
     return os.path.join(base, *relative.split("/"))

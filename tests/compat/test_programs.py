@@ -212,6 +212,17 @@ EXPECTED: dict[str, Expect] = {
     "job_depends": Expect(
         [*[f"data{i:03d}: ok" for i in range(8)], "job files left on nodes: []"]
     ),
+    "dest_path": Expect(
+        [
+            "run 1: BETA, cache built by this cluster: True, "
+            "files: ['cache.txt', 'words.txt']",
+            "run 2: GAMMA, cache built by this cluster: False, "
+            "files: ['cache.txt', 'words.txt']",
+            "two clusters at once: ALPHA, BETA",
+            "after one closed: GAMMA",
+            "after both closed: FileNotFoundError",
+        ]
+    ),
     "delegate": Expect(
         [
             # reference 3.10: dispy_node_name is in the globals of job functions too

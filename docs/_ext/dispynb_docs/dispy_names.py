@@ -147,11 +147,11 @@ JOBCLUSTER = [
     Name("ipv4_udp_multicast"),
     Name(
         "dest_path",
-        differs="Relative to the computation's own directory on the node; ``..`` "
-        "and absolute paths are refused. dispy's was shared by a client's "
-        "computations (under the client's address): what one left with "
-        "``cleanup=False`` the next one found. Here each computation has its own "
-        "(files sent again come from the node's cache).",
+        differs="As in dispy, a directory under the client's address on the node, "
+        "shared by the client's computations that give it: what one leaves there "
+        "with ``cleanup=False`` (its files, what its jobs or setup wrote) the next "
+        "one finds, and ``cleanup=True`` removes it once no computation uses it. "
+        "``..`` and absolute paths are refused (dispy stripped a leading ``/``).",
     ),
     Name("loglevel", differs="A `logging` level; None leaves logging alone."),
     Name("callback", note="Deprecated alias of ``job_status``, as in dispy."),
