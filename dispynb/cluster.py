@@ -45,7 +45,7 @@ from dispynb.log import set_level
 from dispynb.node import DispyNode
 from dispynb.options import ClusterOptions, check_callback
 from dispynb.status import ClusterStatus, NodeWork, Workload, format_status
-from dispynb.tracebacks import LazySourceMap
+from dispynb.tracebacks import LazySourceMap, missing_module_advice
 
 logger = logging.getLogger(__name__)
 
@@ -223,6 +223,10 @@ class JobCluster(_Events, _Jobs, _Nodes, _ClusterState):
             ):  # the user's setup failed there: show its frames, as a local one
                 shown = self._sources.rerender(exc.remote_traceback) or ""
                 exc.add_note(f"\nThe node's traceback:\n{shown.rstrip()}")
+            if isinstance(exc, SetupError) and (
+                advice := missing_module_advice(exc.remote_traceback)
+            ):  # a module of the script's, which the nodes lack: how to send it
+                exc.add_note(advice)
             if isinstance(exc, SerializationError):  # names the culprit and the fix;
                 raise exc.with_traceback(None) from exc.__cause__  # not where found
             raise

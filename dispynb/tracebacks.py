@@ -37,6 +37,7 @@ __all__ = [
     "LazySourceMap",
     "SourceMap",
     "explain_missing_module",
+    "missing_module_advice",
     "rerender_traceback",
 ]
 
@@ -198,30 +199,39 @@ class LazySourceMap:
 
 def explain_missing_module(text: str) -> str:
     """``text``, a job's traceback, with how to fix its last line when that is a
-    module the node lacks but this process imports: a module of one file (beside
-    the script) is sent with ``depends``, a package is installed on the node. Other
-    text is returned as it is (a module missing here too is no dispynb matter)."""
+    module the node lacks but this process imports (`missing_module_advice`).
+    Other text is returned as it is (a module missing here too is no dispynb
+    matter)."""
+    advice = missing_module_advice(text)
+    return f"{text.rstrip()}\n{advice}\n" if advice else text
+
+
+def missing_module_advice(text: str) -> str:
+    """How to fix the last line of ``text`` (a traceback, or an error's last line)
+    when it is a module the node lacks but this process imports: a module of one
+    file (beside the script) is sent with ``depends``, a package is installed on
+    the node; ``""`` for other text."""
     lines = text.rstrip("\n").rsplit("\n", 1)
     match = _MISSING_MODULE.match(lines[-1])
     if match is None:
-        return text
+        return ""
     top = match["name"].split(".")[0]
     try:  # the top package only: finding it imports nothing
         spec = importlib.util.find_spec(top)
     except (ImportError, ValueError):
-        return text
+        return ""
     if spec is None:
-        return text
+        return ""
     where = f" from {spec.origin}" if spec.has_location and spec.origin else ""
-    found = f"{text.rstrip()}\n(this client imports {top!r}{where}, the node cannot"
+    found = f"(this client imports {top!r}{where}, the node cannot"
     if spec.submodule_search_locations is None and where.endswith(".py"):
         # One source file: depends sends it (a package's or an extension's would
         # arrive without the rest of it).
         return (
             f"{found}: send it with JobCluster(..., depends=[{top}]), or install "
-            "it on the node)\n"
+            "it on the node)"
         )
-    return f"{found}: install it on the node)\n"
+    return f"{found}: install it on the node)"
 
 
 def rerender_traceback(text: str | None, *roots: Any) -> str:

@@ -47,17 +47,18 @@ def local() -> Iterator[LocalCluster]:
         yield cluster
 
 
-def test_a_scripts_remote_traceback_shows_its_file_and_lines(
+def _run_script(
     local: LocalCluster, tmp_path: Path
-):
-    (tmp_path / "script.py").write_text(SCRIPT)
+) -> subprocess.CompletedProcess[str]:
+    """Run ``tmp_path/script.py`` as a person runs it, from its directory, with the
+    local node's specs in ``$NODES`` and its secret in the environment."""
     env = {
         k: v for k, v in os.environ.items() if k not in (SECRET_ENV, SECRET_FILE_ENV)
     }
     env[SECRET_ENV] = local.secret
     env["NODES"] = ",".join(local.node_specs())
-    proc = subprocess.run(
-        [sys.executable, "script.py"],  # as a person runs it, from its directory
+    return subprocess.run(
+        [sys.executable, "script.py"],
         cwd=tmp_path,
         env=env,
         stdin=subprocess.DEVNULL,
@@ -65,6 +66,13 @@ def test_a_scripts_remote_traceback_shows_its_file_and_lines(
         text=True,
         timeout=60,
     )
+
+
+def test_a_scripts_remote_traceback_shows_its_file_and_lines(
+    local: LocalCluster, tmp_path: Path
+):
+    (tmp_path / "script.py").write_text(SCRIPT)
+    proc = _run_script(local, tmp_path)
     assert proc.returncode == 0, proc.stderr
     script = tmp_path / "script.py"
     assert proc.stdout == (
@@ -104,20 +112,7 @@ def test_a_module_beside_the_script_missing_on_the_node_says_to_send_it(
     first-hour mistake): its traceback ends with how to send it, ``depends``."""
     (tmp_path / "script.py").write_text(MISSING_MODULE_SCRIPT)
     (tmp_path / "mymodel.py").write_text("def scale(x):\n    return 3 * x\n")
-    env = {
-        k: v for k, v in os.environ.items() if k not in (SECRET_ENV, SECRET_FILE_ENV)
-    }
-    env[SECRET_ENV] = local.secret
-    env["NODES"] = ",".join(local.node_specs())
-    proc = subprocess.run(
-        [sys.executable, "script.py"],
-        cwd=tmp_path,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = _run_script(local, tmp_path)
     assert proc.returncode == 0, proc.stderr
     script = tmp_path / "script.py"
     assert proc.stdout == (
@@ -158,20 +153,7 @@ def test_a_job_submitted_with_the_wrong_arguments_shows_the_call(
     was called with and what the function takes, as a local traceback shows the
     calling line; the other job is unaffected."""
     (tmp_path / "script.py").write_text(WRONG_CALL_SCRIPT)
-    env = {
-        k: v for k, v in os.environ.items() if k not in (SECRET_ENV, SECRET_FILE_ENV)
-    }
-    env[SECRET_ENV] = local.secret
-    env["NODES"] = ",".join(local.node_specs())
-    proc = subprocess.run(
-        [sys.executable, "script.py"],
-        cwd=tmp_path,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = _run_script(local, tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == (
         "12\n"
@@ -203,3 +185,40 @@ def test_a_package_missing_on_the_node_is_to_be_installed_not_sent(
     assert single.endswith("depends=[single]), or install it on the node)\n"), single
     missing = "ModuleNotFoundError: No module named 'not_here_either_9f2'\n"
     assert explain_missing_module(missing) == missing
+
+
+OWN_MODULES_SCRIPT = """\
+import traceback
+from os import environ
+
+import dispynb as dispy
+from mylib import compute
+
+if __name__ == "__main__":
+    try:
+        dispy.JobCluster(compute, nodes=environ["NODES"].split(","))
+    except dispy.errors.SetupError as exc:
+        print("".join(traceback.format_exception_only(exc)), end="")
+"""
+
+
+def test_a_computation_whose_module_imports_another_of_the_scripts_says_to_send_it(
+    local: LocalCluster, tmp_path: Path
+):
+    """The computation comes from ``mylib.py`` beside the script (sent by value),
+    which imports ``helpers.py`` from there too (by name: the node cannot): the
+    cluster's SetupError ends with how to send it, as a job's traceback does.
+    Before, it said only "install it there, or send it with depends"."""
+    (tmp_path / "script.py").write_text(OWN_MODULES_SCRIPT)
+    (tmp_path / "mylib.py").write_text(
+        "import helpers\n\n\ndef compute(x):\n    return helpers.double(x)\n"
+    )
+    (tmp_path / "helpers.py").write_text("def double(x):\n    return 2 * x\n")
+    proc = _run_script(local, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "No module named 'helpers'" in proc.stdout, proc.stdout
+    assert proc.stdout.endswith(
+        f"(this client imports 'helpers' from {tmp_path / 'helpers.py'}, the node "
+        "cannot: send it with JobCluster(..., depends=[helpers]), or install it on "
+        "the node)\n"
+    ), proc.stdout
