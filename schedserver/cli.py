@@ -372,8 +372,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="remove what a killed scheduler left under --dest_path_prefix",
     )
-    parser.add_argument("-d", "--debug", action="store_true")
-    parser.add_argument("--loglevel", default="info")
+    parser.add_argument("-d", "--debug", action="store_true", help="log level debug")
+    parser.add_argument(
+        "--loglevel",
+        default="info",
+        type=str.lower,
+        choices=["debug", "info", "warning", "error"],
+        help="log level (default info)",
+    )
     for name in REFUSED:
         parser.add_argument(
             *_both(name),

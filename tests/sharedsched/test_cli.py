@@ -273,3 +273,12 @@ def test_a_hangup_stops_the_scheduler_cleanly(tmp_path: Path) -> None:
     scheduler.stop(signal.SIGHUP)
     assert scheduler.proc is not None and scheduler.proc.returncode == 0
     assert "stopping (SIGHUP)" in scheduler.log_text()
+
+
+def test_an_unknown_log_level_is_refused_in_one_line(tmp_path: Path) -> None:
+    """As the node's: the levels are named, no traceback."""
+    done = scheduler_cli("--users", str(tmp_path / "users"), "--loglevel", "verbose")
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "'verbose'" in done.stderr and "warning" in done.stderr, done.stderr
+    assert "--loglevel" in scheduler_cli("--help").stdout
