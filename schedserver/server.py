@@ -100,6 +100,16 @@ class SchedulerServer(
             ", ".join(format_address(h, self.port) for h in config.hosts),
             config.users_file,
         )
+        if not os.path.lexists(config.users_file):
+            # A typo, or the scheduler started before its first user: say it once
+            # here rather than only as each user's refused connection.
+            logger.warning(
+                "the users file %s does not exist: no user can connect until "
+                "'dispynb-scheduler user add NAME --users %s' makes it (read as it "
+                "changes)",
+                config.users_file,
+                config.users_file,
+            )
         return self.port
 
     async def _start_discovery(self) -> None:

@@ -288,3 +288,22 @@ def test_concurrent_user_adds_and_revokes_lose_nothing(tmp_path: Path) -> None:
     _race(*(["user", "revoke", f"u0-{n}", "--users", users] for n in range(4)))
     listed = scheduler_cli("user", "list", "--users", users).stdout.split()
     assert len(listed) == 5 * 4 and not [n for n in listed if n.startswith("u0-")]
+
+
+def test_a_scheduler_started_before_its_users_file_says_so_and_takes_it(
+    tmp_path: Path, nodes: LocalCluster
+) -> None:
+    """``--users FILE`` that does not exist yet (a typo, or no user added yet):
+    one warning naming the file and the command, and the users added after
+    connect."""
+    scheduler = SchedulerProcess(tmp_path, nodes.node_specs(), nodes.secret).start()
+    try:
+        scheduler.wait_for_log(f"the users file {tmp_path / 'users'} does not exist")
+        assert "dispynb-scheduler user add NAME" in scheduler.log_text()
+        credential = add_user(tmp_path, "carol")
+        with SharedJobCluster(
+            compute, scheduler_host=scheduler.address, secret_file=str(credential)
+        ) as cluster:
+            assert cluster.submit(4)() == 16
+    finally:
+        scheduler.stop()
