@@ -36,7 +36,7 @@ class _Nodes(_ClusterState):
         try:
             ref = file_ref(path, "send_file")
         except DispynbError as exc:
-            logger.warning("send_file: %s", exc)
+            logger.warning("%s", exc)  # it names send_file
             return -1
         error = self._backend.send_file(node_id, ref)
         if error:

@@ -210,6 +210,17 @@ def test_files_over_max_file_size_are_refused_both_ways(tmp_path, workdir):
             )
 
 
+def test_send_file_of_a_missing_file_returns_minus_one_saying_why_once(
+    local1, workdir, caplog
+):
+    """dispy's -1, and one warning naming the file, its words said once (before:
+    "send_file: send_file: 'nope.txt' is not a file")."""
+    with JobCluster(read_file, nodes=local1) as cluster:
+        assert cluster.send_file("nope.txt", cluster.status().nodes[0]) == -1
+    warnings = [r.getMessage() for r in caplog.records if "nope.txt" in r.getMessage()]
+    assert warnings == ["send_file: 'nope.txt' is not a file"]
+
+
 def file_sha256(name: str) -> str:
     import hashlib
 
