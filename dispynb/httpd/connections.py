@@ -15,11 +15,16 @@ tracebacks, 146 MB of log, in 40 s). Here:
   pipelines requests and reads no answer kept each of its connections busy);
 - an accept that fails for lack of descriptors closes that longest-waiting
   connection and, if none can go, pauses accepting with a growing delay (one
-  warning, then one line when it ends).
+  warning, then one line when it ends);
+- tornado's own line for each connection it drops (a malformed request, headers
+  over the limit, a body too slow, a failed TLS handshake), which anyone who can
+  connect could write as fast as they connect, is counted per address (`Tally`:
+  3 lines, then one a minute, and one with the count left at the stop).
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import socket
@@ -32,6 +37,9 @@ import tornado.httputil
 import tornado.iostream
 from tornado.http1connection import HTTP1ServerConnection
 from tornado.ioloop import IOLoop
+
+from dispynb.protocol.handshake import peer_text
+from dispynb.transport.admission import Tally
 
 logger = logging.getLogger("dispynb.httpd")
 
@@ -66,11 +74,16 @@ class MonitorHTTPServer(tornado.httpserver.HTTPServer):
         self._retry_delay = _RETRY_FIRST
         self._paused_since: float | None = None
         self._failed_accepts = 0
+        self._dropped_lines: _DroppedLines | None = None
 
     # -- accepting ---------------------------------------------------------------------
 
     def add_sockets(self, sockets: Iterable[socket.socket]) -> None:
         """Accept connections on ``sockets`` (on the current loop)."""
+        if self._dropped_lines is None:
+            loop = IOLoop.current().asyncio_loop  # type: ignore[attr-defined]
+            self._dropped_lines = _DroppedLines(loop)
+            _TORNADO_LOG.addFilter(self._dropped_lines)
         for sock in sockets:
             sock.setblocking(False)
             self._sockets[sock.fileno()] = sock
@@ -107,6 +120,10 @@ class MonitorHTTPServer(tornado.httpserver.HTTPServer):
         for sock in self._listening:
             self._handlers.setdefault(sock.fileno(), lambda: None)
         super().stop()
+        if self._dropped_lines is not None:
+            _TORNADO_LOG.removeFilter(self._dropped_lines)
+            self._dropped_lines.tally.close()
+            self._dropped_lines = None
 
     def _pause(self, exc: OSError) -> None:
         """Stop watching the sockets for a while instead of failing at once again."""
@@ -201,6 +218,38 @@ class MonitorHTTPServer(tornado.httpserver.HTTPServer):
         """tornado's bookkeeping, and ours."""
         self._waiting_since.pop(server_conn, None)
         super().on_close(server_conn)
+
+
+#: Where tornado logs the connections it drops (`_DroppedLines`).
+_TORNADO_LOG = logging.getLogger("tornado.general")
+
+
+class _DroppedLines(logging.Filter):
+    """Counts tornado's lines below ERROR logged on ``loop`` (a monitor's) instead
+    of letting each through: each says a peer's connection was dropped, and anyone
+    could write them at will (one per connection, before any token is checked)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self._loop = loop
+        self.tally = Tally(logger, level=logging.INFO)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """False (counted here) for the monitor's loop's lines below ERROR."""
+        if record.levelno >= logging.ERROR:
+            return True
+        try:
+            if asyncio.get_running_loop() is not self._loop:
+                return True  # another server's, in this process
+        except RuntimeError:
+            return True
+        args = record.args
+        source = "a peer"
+        if " from %s" in str(record.msg) and isinstance(args, tuple) and args:
+            source = str(getattr(args[0], "remote_ip", None) or args[0])
+        detail = peer_text(record.getMessage())
+        self.tally.event("web connections dropped", source, detail)
+        return False
 
 
 class _Answering(tornado.httputil.HTTPConnection):

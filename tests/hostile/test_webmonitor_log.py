@@ -65,3 +65,57 @@ def test_refused_requests_cannot_flood_the_log(measure, tmp_path) -> None:
     assert refused == CONNECTIONS * REQUESTS and status == 200
     assert lines <= 4  # 3 at once, then (past a minute) one with the count
     assert lines + sum(map(int, counted)) == refused  # every one logged or counted
+
+
+#: Requests tornado drops, each with a line of its own in the log (was).
+MALFORMED = {
+    "request line": b"GARBAGE\r\n\r\n",
+    "header": b"GET / HTTP/1.1\r\nHost 127.0.0.1\r\n\r\n",
+    "content length": b"POST / HTTP/1.1\r\nContent-Length: abc\r\n\r\n",
+    "headers over 64 KiB": b"GET / HTTP/1.1\r\nX: " + b"a" * (1 << 17) + b"\r\n\r\n",
+    "chunk size": b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+}
+#: Connections sending each kind.
+MALFORMED_EACH = 100
+
+
+def _send_malformed(port: int) -> int:
+    """Send each kind of `MALFORMED` request on connections of its own (their end
+    read); return how many the monitor closed."""
+    closed = 0
+    for request in MALFORMED.values():
+        for _ in range(MALFORMED_EACH):
+            with socket.create_connection(("127.0.0.1", port), 10) as sock:
+                try:
+                    sock.sendall(request)
+                    while sock.recv(1 << 16):
+                        pass
+                except ConnectionResetError:
+                    pass
+                closed += 1
+    return closed
+
+
+@pytest.mark.attack(
+    id="webmon-malformed-flood",
+    title=f"{len(MALFORMED) * MALFORMED_EACH} malformed requests (request line, "
+    "headers, lengths, headers over the limit) to a web monitor whose process logs "
+    "at INFO",
+    goal="at most 3 log lines for them, and one with the count left when the "
+    "monitor stops (was: a line each, from tornado); the user's request served",
+)
+@pytest.mark.timeout(120)
+def test_malformed_requests_cannot_flood_the_log(measure, tmp_path) -> None:
+    with started_monitor(tmp_path) as monitor:
+        closed = _send_malformed(monitor.port)
+        status = monitor.get()
+    lines = count_lines(monitor.log, "tornado|dropped")
+    counted = re.findall(r"(\d+) more web connections dropped", monitor.log.read_text())
+    measure(
+        f"{closed} connections closed; {lines} log lines about them, "
+        f"{sum(map(int, counted))} more counted at the stop; the user's request: "
+        f"{status}"
+    )
+    assert closed == len(MALFORMED) * MALFORMED_EACH and status == 200
+    assert lines <= 4  # 3 at once, the count at the stop
+    assert lines - len(counted) + sum(map(int, counted)) == closed
