@@ -157,7 +157,11 @@ class JobCluster(_Events, _Jobs, _Nodes, _ClusterState):
         # Remote tracebacks read <dynamic-code> for code sent by value: put the
         # script's file and lines back, as a local traceback shows them.
         self._sources = LazySourceMap(
-            opts.computation, opts.setup, opts.cleanup, *opts.depends
+            opts.computation,
+            opts.setup,
+            opts.cleanup,
+            *opts.depends,
+            files=[(ref.relative, ref.path) for ref in deps.files],
         )
         self._jobs: dict[int, DispyJob] = {}
         self._keys = itertools.count(1)

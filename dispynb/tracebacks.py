@@ -28,6 +28,7 @@ import linecache
 import re
 import sys
 import types
+from collections.abc import Sequence
 from typing import Any
 
 from dispynb.captures import code_objects, reachable
@@ -36,6 +37,7 @@ __all__ = [
     "DYNAMIC_CODE",
     "LazySourceMap",
     "SourceMap",
+    "client_file_names",
     "explain_missing_module",
     "missing_module_advice",
     "rerender_traceback",
@@ -53,6 +55,10 @@ _FRAME = re.compile(
     r'^(?P<indent>[ \t]*)File "<dynamic-code>", line (?P<line>\d+), in (?P<name>.+?)$'
 )
 _FRAME_START = re.compile(r'^[ \t]*(File "|Cell In\[)')
+#: Any file's frame, for the files a cluster sent (`LazySourceMap` ``files``).
+_FILE_FRAME = re.compile(
+    r'^(?P<indent>[ \t]*)File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<name>.+?)$'
+)
 
 
 class SourceMap:
@@ -175,13 +181,19 @@ class LazySourceMap:
     nothing, and the source lines are read when the failure is reported, as a local
     traceback reads them when it is printed."""
 
-    def __init__(self, *roots: Any) -> None:
+    def __init__(self, *roots: Any, files: Sequence[tuple[str, str]] = ()) -> None:
         self._roots = [root for root in roots if callable(root)]
         self._map: SourceMap | None = None
+        #: ``(relative path on the node, path here)`` of the Python files sent.
+        self._files = [(rel, path) for rel, path in files if rel.endswith(".py")]
 
     def rerender(self, text: str | None) -> str | None:
-        """``text`` with its frames put back (see `SourceMap.rerender`); None stays
-        None, and a map that cannot be built leaves the text as it is."""
+        """``text`` with its frames put back (see `SourceMap.rerender`), and the
+        frames of the files sent (``depends``) naming them here, not in the node's
+        directory; None stays None, and a map that cannot be built leaves the text
+        as it is."""
+        if text and self._files:
+            text = client_file_names(text, self._files)
         if not text or DYNAMIC_CODE not in text or not self._roots:
             return text
         try:
@@ -195,6 +207,31 @@ class LazySourceMap:
         if self._map is None:
             self._map = SourceMap.of(*self._roots)
         return self._map
+
+
+def client_file_names(text: str, files: Sequence[tuple[str, str]]) -> str:
+    """``text`` (a remote traceback) with each frame of a file sent to the node
+    (``files``: its relative path there, its path here) naming the file here, as a
+    local traceback does, where the source line the node printed is that line of
+    the file here (a file changed since is left as the node named it)."""
+    lines = text.splitlines(keepends=True)
+    for index, line in enumerate(lines):
+        match = _FILE_FRAME.match(line.rstrip("\r\n"))
+        if match is None or index + 1 >= len(lines):
+            continue
+        shown, indent = lines[index + 1], match["indent"]
+        if not _is_source_line(shown, indent):
+            continue
+        remote, number = match["file"], int(match["line"])
+        for relative, path in files:
+            if not remote.endswith("/" + relative):
+                continue
+            linecache.checkcache(path)  # as a local traceback: the file as it is now
+            if linecache.getline(path, number).strip() == shown.strip():
+                start = line.index('"') + 1
+                lines[index] = line[:start] + path + line[start + len(remote) :]
+            break
+    return "".join(lines)
 
 
 def explain_missing_module(text: str) -> str:

@@ -14,7 +14,7 @@ import pytest
 
 from dispynb import LocalCluster
 from dispynb.defaults import SECRET_ENV, SECRET_FILE_ENV
-from dispynb.tracebacks import explain_missing_module
+from dispynb.tracebacks import client_file_names, explain_missing_module
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -83,6 +83,71 @@ def test_a_scripts_remote_traceback_shows_its_file_and_lines(
         "    return 10 / x\n"
         "ZeroDivisionError: division by zero\n"
     ), proc.stdout
+
+
+DEPENDS_SCRIPT = """\
+import dispynb as dispy
+import units
+from os import environ
+
+
+def compute(n):
+    import helpers
+    return helpers.scale(n)
+
+
+if __name__ == "__main__":
+    cluster = dispy.JobCluster(
+        compute, nodes=environ["NODES"].split(","), depends=["helpers.py", units]
+    )
+    job = cluster.submit(-1)
+    job()
+    print(job.exception, end="")
+    cluster.close()
+"""
+
+
+def test_frames_of_the_files_sent_name_them_here_not_on_the_node(
+    local: LocalCluster, tmp_path: Path
+):
+    """A job failing in a module sent with ``depends`` (a file, a module): its
+    frames name the script's files, as a local traceback would, not their copies in
+    the node's directory (dispy showed the node's paths, which the user cannot open
+    here)."""
+    (tmp_path / "script.py").write_text(DEPENDS_SCRIPT)
+    (tmp_path / "helpers.py").write_text(
+        "import units\n\n\ndef scale(x):\n    return units.check(x) * 2\n"
+    )
+    (tmp_path / "units.py").write_text(
+        "def check(x):\n    if x < 0:\n        raise ValueError(x)\n    return x\n"
+    )
+    proc = _run_script(local, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    frames = [line for line in proc.stdout.splitlines() if "File " in line]
+    assert frames == [
+        f'  File "{tmp_path / "script.py"}", line 8, in compute',
+        f'  File "{tmp_path / "helpers.py"}", line 5, in scale',
+        f'  File "{tmp_path / "units.py"}", line 3, in check',
+    ], proc.stdout
+    assert "    raise ValueError(x)\nValueError: -1\n" in proc.stdout
+
+
+def test_a_file_changed_since_it_was_sent_keeps_the_nodes_name(tmp_path: Path):
+    """Only a frame whose source line is that line of the file here is renamed: a
+    file edited since it was sent is not shown with lines it no longer has."""
+    (tmp_path / "helpers.py").write_text("def scale(x):\n    return x * 3\n")
+    remote = (
+        "Traceback (most recent call last):\n"
+        '  File "/node/dest/c-1/helpers.py", line 2, in scale\n'
+        "    return x / 0\n"
+        "ZeroDivisionError: division by zero\n"
+    )
+    files = [("helpers.py", str(tmp_path / "helpers.py"))]
+    assert client_file_names(remote, files) == remote
+    renamed = remote.replace("x / 0", "x * 3")
+    assert client_file_names(renamed, files) == renamed.replace(
+        "/node/dest/c-1/helpers.py", str(tmp_path / "helpers.py")
+    )
 
 
 MISSING_MODULE_SCRIPT = """\
