@@ -99,6 +99,7 @@ def snapshot(server: SchedulerServer, max_jobs: int = MAX_JOBS) -> dict[str, Any
                 "port": node.port,
                 "cpus": node.cpus,
                 "alive": node.alive,
+                "down": "" if node.alive else node.down,
                 "jobs": node.in_flight,
                 "avail": list(node.avail),
             }

@@ -74,6 +74,9 @@ class _NodeLinks(_ServerState):
             except DispynbError as exc:
                 if node.registered and self._forget(node, loop.time() - down_since):
                     return
+                node.down = "; not back: ".join(
+                    filter(None, [node.went_down, describe_error(exc)])
+                )
                 # Once per outage at warning level: a mistyped or unreachable
                 # node is visible without -d; each retry only with it. A node
                 # that was stopped (it said so) is no fault: said at info level.
@@ -91,7 +94,7 @@ class _NodeLinks(_ServerState):
             delay = RECONNECT_FIRST
             failing = stopped = False
             node.conn = conn
-            node.dead_reason = ""
+            node.dead_reason = node.down = node.went_down = ""
             node.leaving = False
             node.stopping = ""
             cap = self.config.cpus
@@ -125,6 +128,7 @@ class _NodeLinks(_ServerState):
             except DispynbError as exc:
                 why = node.dead_reason or describe_error(exc)
                 stopped = bool(node.stopping)
+                node.down = node.went_down = node.stopping or why
                 if stopped:
                     logger.info("node %s stopped: %s", node.name, node.stopping)
                 else:

@@ -58,6 +58,10 @@ class NodeState:
     reads_seen: int = 0
     #: Why it was declared dead ("" while it is not): what its computations report.
     dead_reason: str = ""
+    #: Why it is not up now, for its operator (the web monitor): why it went down
+    #: (`went_down`), and why connecting to it again fails ("" while it is up).
+    down: str = ""
+    went_down: str = ""
     #: It handed jobs back: it shuts down (draining), so no job goes to it until it
     #: is up again.
     leaving: bool = False

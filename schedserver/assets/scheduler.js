@@ -51,7 +51,7 @@ function render(snap) {
   fill(document.querySelector("#nodes tbody"), snap.nodes, (row, node) => {
     cell(row, node.name || "?");
     cell(row, node.id);
-    cell(row, node.alive ? "up" : "down");
+    cell(row, node.alive ? "up" : node.down ? `down: ${node.down}` : "down");
     cell(row, node.cpus, "num");
     cell(row, node.jobs, "num");
     cell(row, cpuAvail(node.avail), "num");

@@ -25,6 +25,8 @@ from dispynb.job import JobStatus
 from tests.browser import chromium_page, requires_chromium
 from tests.hostile.tools import lowest_free_descriptor
 from tests.httpd.client import MonitorClient
+from tests.nodeproc import running_node
+from tests.ports import held_ports
 from tests.sharedsched.harness import SchedulerProcess, scheduler_cli
 
 pytestmark = pytest.mark.slow
@@ -392,3 +394,33 @@ def test_the_page_shows_a_node_whose_load_is_unknown(
             expect(page.locator("#users tbody tr")).to_have_count(2)
             expect(page.locator("#nodes td", has_text="unknown")).to_have_count(1)
             assert not problems, problems
+
+
+def test_the_api_says_why_a_node_is_down(
+    tmp_path: Path, nodes: LocalCluster, users: dict[str, Path]
+) -> None:
+    """A script watching the scheduler (``GET /api/scheduler`` with ``Authorization:
+    Token``) learns why a node is not up, not only that: one never reached, and one
+    stopped (and not back), each with its reason; the nodes up say nothing."""
+    with (
+        held_ports() as hold,
+        running_node(tmp_path / "n", secret=nodes.secret) as stopping,
+    ):
+        absent = f"127.0.0.1:{hold()}"
+        args = ("-n", absent, "-n", stopping.spec)
+        with monitor(tmp_path, nodes, *args) as (_, client):
+
+            def snapshot() -> dict[str, Any]:
+                snap = client.get("/api/scheduler").json()
+                return {node["id"]: node for node in snap["nodes"]}
+
+            wait_for(snapshot, lambda s: s[stopping.spec]["alive"])
+            assert stopping.stop() == 0
+            snap = wait_for(snapshot, lambda s: "not back" in s[stopping.spec]["down"])
+            down = snap[stopping.spec]["down"]
+            assert "is shutting down (SIGTERM)" in down, down
+            assert "is dispynb-node running there?" in down, down
+            assert "is dispynb-node running there?" in snap[absent]["down"], snap
+            assert not snap[absent]["alive"]
+            for spec in nodes.node_specs():
+                assert snap[spec]["alive"] and snap[spec]["down"] == "", snap[spec]
