@@ -1,5 +1,6 @@
 """The JupyterLab page of the browser tests (`test_lab_browser`): the `Lab` server
-a test runs against, and what a user does and reads on its page (Playwright)."""
+a test runs against (the `lab` fixture of conftest.py), the notebooks it writes
+there, and what a user does and reads on its page (Playwright)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,20 @@ class Lab:
     node_port: int  # TCP port of a node server answering discovery on 127.0.0.1
     secret_file: Path  # that node's secret
     runtime: Path  # JUPYTER_RUNTIME_DIR: the kernels' connection files
+
+
+def write_notebook(lab: Lab, name: str, cells: list[str]) -> None:
+    """Write notebook ``name`` of code ``cells`` (none run) for the Python kernel."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3 (ipykernel)",
+        "language": "python",
+    }
+    nb.cells = [nbformat.v4.new_code_cell(cell) for cell in cells]
+    nbformat.write(nb, lab.root / name)
 
 
 def open_notebook(page: Page, lab: Lab, name: str, kernel: str) -> None:

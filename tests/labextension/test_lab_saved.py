@@ -28,7 +28,6 @@ from tests.labextension.labpage import (
     run_cell,
     wait_prompt,
 )
-from tests.labextension.test_lab_browser import lab  # noqa: F401  # the fixture
 
 pytestmark = [pytest.mark.browser, requires_chromium]
 
@@ -114,7 +113,7 @@ PANEL_ROW = re.compile(r"local-0\s+127\.0\.0\.1:\d+\s+2\s+0\s+6\s")
 
 
 @pytest.mark.timeout(180)
-def test_lab_saved_notebook_opened_again(lab: Lab) -> None:  # noqa: F811
+def test_lab_saved_notebook_opened_again(lab: Lab) -> None:
     import nbformat
 
     nb = nbformat.v4.new_notebook()

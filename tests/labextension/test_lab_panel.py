@@ -1,0 +1,255 @@
+"""The lab extension's sidebar in JupyterLab and Chromium: its cluster card, node
+list, Cancel, discovery and connect code, kernels without dispynb, and a page
+reloaded while a cell runs (run in the private network namespace by
+`test_lab_browser.test_lab_panel_in_private_network`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.browser import chromium_page, requires_chromium
+from tests.labextension.labpage import (
+    ACTIVE,
+    PANEL,
+    TAB,
+    Lab,
+    card_counts,
+    insert_and_check,
+    kernel_connections,
+    kernel_status,
+    open_notebook,
+    restart_kernel,
+    run_cell,
+    run_the_next_cells,
+    subshells,
+    wait_counts,
+    wait_prompt,
+    write_notebook,
+)
+
+pytestmark = [pytest.mark.browser, requires_chromium]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+#: The notebook's first cell: local nodes, and slow-ish jobs it waits for.
+FIRST_CELL = """\
+from dispynb import JobCluster, LocalCluster
+
+def slow(i):
+    import time
+    time.sleep(0.3)
+    return i
+
+local = LocalCluster(nodes=1, cpus=2)
+cluster = JobCluster(slow, nodes=local)
+jobs = [cluster.submit(i) for i in range(200)]
+cluster.wait()  # the kernel stays busy: the panel must still update and cancel"""
+
+
+#: A long %%dispy run, during which the page is reloaded; then a cell after it.
+REOPEN_CELLS = [
+    "%load_ext dispynb\n%dispy local --cpus 2",
+    '%%dispy --over "range(60)" --into slow\n'
+    "def slow(i):\n"
+    "    import time\n"
+    "    time.sleep(1)\n"
+    "    return i",
+    '%%dispy --over "range(4)" --into after\ndef square(x):\n    return x * x',
+    "c = slow.counts()\nprint(after.results, c.finished + c.cancelled, c.failed)",
+]
+
+
+@pytest.mark.timeout(180)
+def test_lab_panel(lab: Lab) -> None:  # collected only in the namespace: conftest.py
+    write_notebook(lab, "lab.ipynb", [FIRST_CELL])
+    with chromium_page(
+        viewport={"width": 1400, "height": 850}, timeout_ms=60_000
+    ) as page:
+        page.goto(f"{lab.url}/lab?token={lab.token}")
+        page.wait_for_selector(".jp-Launcher", state="visible")
+
+        # No notebook yet: the panel says so.
+        page.locator(TAB).click()
+        status = page.locator(f"{PANEL} .dispynb-status-text")
+        assert "Open a notebook" in status.inner_text(timeout=30_000)
+
+        page.goto(f"{lab.url}/lab/tree/lab.ipynb?token={lab.token}")
+        page.wait_for_selector(
+            ".jp-NotebookPanel .jp-Cell .cm-content", state="visible"
+        )
+        page.wait_for_function(
+            """() => [...document.querySelectorAll('.jp-StatusBar-TextItem')]
+                .some(e => e.textContent.trim() === 'Python 3 (ipykernel) | Idle')"""
+        )
+        if not page.locator(PANEL).is_visible():
+            page.locator(TAB).click()
+        # The panel bootstrapped the kernel side silently: no output, no prompt number.
+        page.wait_for_selector(f'{PANEL}[data-ready="true"]')
+        assert "No clusters" in page.locator(f"{PANEL} .dispynb-clusters").inner_text()
+        prompt = page.locator(".jp-Cell .jp-InputPrompt").first
+        assert prompt.inner_text().strip() == "[ ]:"
+
+        page.locator(".jp-NotebookPanel .jp-Cell").first.locator(".cm-content").click()
+        page.keyboard.press("Shift+Enter")
+
+        # The cluster appears with its node, and its progress moves as jobs finish.
+        card = page.locator(f"{PANEL} .dispynb-cluster")
+        card.wait_for()
+        assert card.locator(".dispynb-cluster-name").inner_text() == "slow"
+        node = card.locator(".dispynb-node")
+        node.first.wait_for()
+        assert node.count() == 1
+        assert node.get_attribute("data-name") == "local-0"
+        assert node.get_attribute("data-address").startswith("127.0.0.1:")
+        assert node.get_attribute("data-cpus") == "2"
+        assert "2 CPUs" in node.inner_text()
+        # Its load, as it reported it (a dispynb node does, from its first word).
+        info = node.locator(".dispynb-node-info").inner_text()
+        assert re.search(r"\d+% CPU used · [\d.]+ [KMG]?B free$", info), info
+        wait_counts(page, "c.total === 200 && c.running > 0")
+        first = card_counts(page)
+        wait_counts(page, f"c.ended >= {first['ended'] + 2}")
+        second = card_counts(page)
+        assert second["ended"] > first["ended"] and second.get("done", 0) >= 2
+        width = card.locator(".dispynb-progress-bar").evaluate("e => e.style.width")
+        assert 0 < float(width.rstrip("%")) < 100, width
+        if os.environ.get("DISPYNB_SCREENSHOTS") == "1":
+            wait_counts(page, "c.ended >= 30")  # a bar worth looking at
+            page.screenshot(path=str(ROOT / "docs/labextension.png"))
+
+        # Cancel (while the cell still waits) ends every unfinished job; the counts
+        # say how they ended, and the cell returns.
+        assert prompt.inner_text().strip() == "[*]:"
+        card.locator(".dispynb-cancel").click()
+        message = page.locator(f"{PANEL} .dispynb-message")
+        message.filter(has_text="cancelled").wait_for()
+        wait_counts(page, "!c.running && !c.queued && c.ended === 200")
+        # (A cluster of no run: its running jobs, terminated, count as failed.)
+        counts = card_counts(page)
+        assert counts.get("cancelled", 0) + counts.get("failed", 0) > 100, counts
+        assert (
+            counts["done"] + counts.get("cancelled", 0) + counts.get("failed", 0) == 200
+        ), counts
+        cancel = card.locator(".dispynb-cancel")
+        assert cancel.is_disabled()
+        # ... and looks it: faded and grey, not the red of an active button.
+        assert float(cancel.evaluate("e => getComputedStyle(e).opacity")) < 0.6
+        assert "grayscale" in cancel.evaluate("e => getComputedStyle(e).filter")
+        page.wait_for_function(
+            """() => document.querySelector('.jp-Cell .jp-InputPrompt')
+                .textContent.trim() === '[1]:'"""
+        )
+
+        # Insert connect code: local nodes while none was discovered ...
+        insert_and_check(page, "%dispy local")
+
+        # ... Discover at an address: the node answers; then code that connects to it.
+        page.locator(f"{PANEL} .dispynb-addresses").fill("127.0.0.1")
+        page.locator(f"{PANEL} .dispynb-discover").click()
+        found = page.locator(f"{PANEL} .dispynb-discovered tbody tr")
+        found.first.wait_for()
+        spec = f"127.0.0.1:{lab.node_port}"
+        assert found.first.locator("td").all_inner_texts() == ["found-node", spec, "1"]
+        message.filter(has_text="discovery found 1 node").wait_for()
+        insert_and_check(page, f"%dispy nodes {spec}")
+        # ... and that code works (given the secret): run it; the panel shows the
+        # nodes %dispy uses.
+        page.locator(f"{ACTIVE} .cm-content").click()
+        page.keyboard.press("Control+End")
+        page.keyboard.type(f" --secret-file {lab.secret_file}")
+        page.keyboard.press("Shift+Enter")
+        output = page.locator(".jp-OutputArea-output")
+        output.filter(has_text=f"dispynb: nodes {spec}").wait_for()
+        session = page.locator(f"{PANEL} .dispynb-session")
+        session.filter(has_text=f"%dispy uses nodes {spec}").wait_for()
+
+        # A kernel restart: the panel reconnects to the new kernel (no clusters).
+        restart_kernel(page)
+        assert not session.is_visible()  # the new kernel has not run %dispy
+
+        # A kernel without dispynb: a clear message and a Retry button.
+        open_notebook(page, lab, "plain.ipynb", "No dispynb")
+        page.wait_for_selector(f'{PANEL} .dispynb-status[data-status="missing"]')
+        text = status.inner_text()
+        assert "dispynb is not installed in this kernel's environment" in text, text
+        assert page.locator(f"{PANEL} .dispynb-retry").is_visible()
+
+        # No kernel at all (shut down): the panel says to select one.
+        page.locator(".lm-MenuBar-item", has_text="Kernel").click()
+        page.locator('.lm-Menu-item[data-command="kernelmenu:shutdown"]').click()
+        status.filter(has_text="This notebook has no kernel").wait_for()
+
+
+@pytest.mark.timeout(200)
+def test_lab_page_opened_while_a_cell_runs(lab: Lab) -> None:  # in the namespace
+    """A page opened (here: reloaded) while a long %%dispy cell runs, as a person
+    closes the tab and comes back: the kernel answers nothing on its main shell
+    until the cell ends (JupyterLab's kernel_info waits there too), so the panel
+    said 'a running cell holds it' for the rest of the run. It now asks on the
+    control channel and connects on a kernel subshell: the run's card shows while
+    the cell runs, and its Cancel ends the run; the next cells work."""
+    write_notebook(lab, "reopen.ipynb", REOPEN_CELLS)
+    with chromium_page(
+        viewport={"width": 1400, "height": 850}, timeout_ms=60_000
+    ) as page:
+        open_notebook(page, lab, "reopen.ipynb", "Python 3 (ipykernel)")
+        page.wait_for_selector(f'{PANEL}[data-ready="true"]')
+        run_cell(page, 0)
+        wait_prompt(page, 0, "[1]:")
+        run_cell(page, 1)
+        page.locator(f"{PANEL} .dispynb-cluster").first.wait_for()
+        wait_counts(page, "c.running === 2")
+        before = set(subshells(lab))  # JupyterLab's own, for the comms
+
+        page.reload()
+        page.locator(TAB).wait_for()
+        if not page.locator(PANEL).is_visible():
+            page.locator(TAB).click()
+        page.wait_for_selector(f'{PANEL}[data-ready="true"]')
+        card = page.locator(f'{PANEL} .dispynb-cluster[data-closed="false"]')
+        card.wait_for()
+        assert card.locator(".dispynb-cluster-name").inner_text() == "slow"
+        wait_counts(page, "c.total === 60 && c.running > 0")
+        assert card_counts(page)["ended"] < 60  # connected while the cell runs
+
+        # Reloaded again: the page deletes its subshell as it goes, and the new page
+        # makes one of its own (the kernel kept one per page: a thread each).
+        (first,) = set(subshells(lab)) - before  # the panel's
+        page.reload()
+        page.locator(TAB).wait_for()
+        if not page.locator(PANEL).is_visible():
+            page.locator(TAB).click()
+        page.wait_for_selector(f'{PANEL}[data-ready="true"]')
+        card.wait_for()
+        wait_counts(page, "c.total === 60 && c.running > 0")
+        again = set(subshells(lab)) - before
+        assert len(again) == 1 and first not in again, (first, again)
+        # The subshell's answers do not make the kernel look idle meanwhile.
+        assert kernel_status(page) == "Python 3 (ipykernel) | Busy"
+
+        card.locator(".dispynb-cancel").click()
+        page.locator(f"{PANEL} .dispynb-message").filter(
+            has_text="cancelled"
+        ).wait_for()
+        wait_counts(page, "!c.running && !c.queued && c.ended === 60")
+        page.wait_for_function(
+            """() => [...document.querySelectorAll('.jp-StatusBar-TextItem')]
+                .some(e => e.textContent.trim().endsWith('| Idle'))"""
+        )
+        # The cell has returned: the next cells run, on the same nodes.
+        printed = run_the_next_cells(page)
+        assert "[0, 1, 4, 9] 60 0" in printed, printed
+
+        # A kernel restart drops the subshell's connection; the panel reconnects.
+        assert kernel_connections(lab) == [2]  # the page's, and the panel's
+        restart_kernel(page)
+        deadline = time.monotonic() + 20
+        while kernel_connections(lab) != [1] and time.monotonic() < deadline:
+            page.wait_for_timeout(100)
+        assert kernel_connections(lab) == [1]
