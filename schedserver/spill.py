@@ -14,7 +14,8 @@ Each computation may keep ``--max_kept`` bytes at most. Past that, a result is n
 kept: its job's entry says so instead (an error the client sees, the job ends
 ``Terminated``; exactly one entry per job still), provisional results and files a job
 sends are dropped (a warning is logged), and the computation gets no more CPUs while
-its client is away (its queued jobs wait, nothing more is lost).
+its client is away (its queued jobs wait, nothing more is lost). So it goes for a
+result the disk cannot hold (full): the entry says so, and nothing of it stays on disk.
 
 A client that journals its results (``ComputationSetup.ack_journaled``) says which
 it has committed (`ResultsJournaled`): a kept message is dropped once every job it
@@ -211,10 +212,13 @@ class KeptMessages:
         self._numbers = itertools.count()
         self._file: SpillFile | None = None
         self._in_memory = 0
-        self._dropped_streams: set[tuple[int, int]] = set()
+        #: Streamed results whose chunks were not kept: why (their entry says it).
+        self._dropped_streams: dict[tuple[int, int], str] = {}
         # Something was not kept (`_warn`), and acknowledgements have not brought
-        # what it keeps back under its quota since.
+        # what it keeps back under its quota since; ``_disk``: because the disk
+        # was full (not the quota).
         self._over = False
+        self._disk = False
         #: With acknowledgements (`track`): per job ``(key, attempt)`` the kept
         #: messages that concern it, and per message how many of its jobs are not
         #: acknowledged yet.
@@ -264,16 +268,22 @@ class KeptMessages:
                 return
             size = sum(b.nbytes for b in buffers) + _header_size(message)
         store = self.store
+        places = None
+        if store.in_memory + size > store.memory:
+            # The message too: what jobs printed is not held in memory either.
+            try:
+                places = self._spill(message, buffers)
+            except OSError as exc:  # a full disk: as over the quota, saying so
+                message, buffers = self._over_quota(message, buffers, exc)
+                if message is None:
+                    return
+                size = sum(b.nbytes for b in buffers) + _header_size(message)
         number = next(self._numbers)
-        if store.in_memory + size <= store.memory:
+        if places is None:
             store.in_memory += size
             self._in_memory += size
             self._items[number] = (message, list(buffers), None, size)
-        else:  # the message too: what jobs printed is not held in memory either
-            if self._file is None:
-                self._file = SpillFile(store, self.name)
-            header = memoryview(pack_header(message.to_header()))
-            places = self._file.write([header, *buffers])
+        else:
             size = MESSAGE_COST + sum(length for _offset, length in places)
             self._items[number] = (None, None, places, size)
         self.size += size
@@ -283,6 +293,14 @@ class KeptMessages:
                 self._unacked[number] = len(jobs)
                 for one in jobs:
                     self._waiting.setdefault(one, []).append(number)
+
+    def _spill(self, message: Message, buffers: list[memoryview]) -> list[Place]:
+        """Write ``message`` and its payload to the spill file; their places.
+        Raises OSError (nothing of them left on disk) if the disk is full."""
+        if self._file is None:
+            self._file = SpillFile(self.store, self.name)
+        header = memoryview(pack_header(message.to_header()))
+        return self._file.write([header, *buffers])
 
     def journaled(self, jobs: list[Any]) -> int:
         """The client journaled these jobs (``[key, attempt]`` each): drop the
@@ -311,9 +329,12 @@ class KeptMessages:
         if dropped and self._over and self.size < self.quota:
             self._over = False
             logger.info(
-                "%s: back under its --max_kept quota (%.1f MiB kept once its client "
-                "acknowledged results): its jobs run again while its client is away",
+                "%s: %s (%.1f MiB kept once its client acknowledged results): its "
+                "jobs run again while its client is away",
                 self.name,
+                "room freed on the disk"
+                if self._disk
+                else "back under its --max_kept quota",
                 self.size / 2**20,
             )
         return dropped
@@ -357,7 +378,7 @@ class KeptMessages:
         self.store.in_memory -= self._in_memory
         self._in_memory = 0
         self.dropped = 0
-        self._over = False
+        self._over = self._disk = False
         self._dropped_streams.clear()
         self._waiting.clear()
         self._unacked.clear()
@@ -369,29 +390,45 @@ class KeptMessages:
             self._file = None
 
     def _over_quota(
-        self, message: Message, buffers: list[memoryview]
+        self,
+        message: Message,
+        buffers: list[memoryview],
+        disk: OSError | None = None,
     ) -> tuple[Any, list[memoryview]]:
-        """What is kept of a message that does not fit: results become an error
-        entry each, other payloads are dropped (None)."""
+        """What is kept of a message that does not fit (``disk``: the disk is full,
+        nothing with a payload fits): results become an error entry each, other
+        payloads are dropped (None)."""
+        if disk is None:
+            reason = (
+                "its result was not kept: the scheduler keeps at most "
+                f"{self.quota / 2**20:.0f} MiB of results for {self.whose} "
+                "(--max_kept); collect them sooner, or have it raised"
+            )
+        else:
+            reason = (
+                f"its result was not kept for {self.whose}: the scheduler's disk "
+                f"is full ({disk.strerror or disk}); have room made under its "
+                "--dest_path_prefix, or collect results sooner"
+            )
         if isinstance(message, ResultChunk):
             stream = (message.key, message.attempt)
             if stream not in self._dropped_streams:  # the rest of one follows it
-                self._warn("a large result")
-                self._dropped_streams.add(stream)
+                self._warn("a large result", disk)
+                self._dropped_streams[stream] = reason
             return None, []
         if isinstance(message, JobProvisional | FileFromNode):
-            self._warn("a provisional result or a file a job sent")
+            self._warn("a provisional result or a file a job sent", disk)
             self.dropped += 1
             return None, []
         if not isinstance(message, JobResults):
             return message, buffers
         if not message.results:  # starts only: what matters is the results after
-            self._warn("the start of a job")
+            self._warn("the start of a job", disk)
             return None, []
         results: list[Any] = []
         kept: list[memoryview] = []
         offset = 0
-        room = self.quota - self.size
+        room = self.quota - self.size if disk is None else 0
         for item in message.results:
             entry, streamed = ResultEntry.from_wire(item)
             count = 0 if streamed else entry.buffer_count
@@ -404,20 +441,15 @@ class KeptMessages:
                 kept.extend(own)
                 room -= size
                 continue
-            if stream in self._dropped_streams:  # its chunks were not kept: nor is it
-                self._dropped_streams.discard(stream)
-            else:
-                self._warn("a result")
+            # Its chunks were not kept: nor is it, for the same reason.
+            why = self._dropped_streams.pop(stream, None)
+            if why is None:
+                self._warn("a result", disk)
             self.dropped += 1
-            reason = (
-                "its result was not kept: the scheduler keeps at most "
-                f"{self.quota / 2**20:.0f} MiB of results for {self.whose} "
-                "(--max_kept); collect them sooner, or have it raised"
-            )
             results.append(
                 entry._replace(
                     outcome=CRASHED,
-                    exception=reason,
+                    exception=why or reason,
                     buffer_count=0,
                     stdout=entry.stdout[:0],  # (str or bytes) not kept either
                     stderr=entry.stderr[:0],
@@ -425,15 +457,27 @@ class KeptMessages:
             )
         return dataclasses.replace(message, results=results), kept
 
-    def _warn(self, what: str) -> None:
-        if not self._over:
-            self._over = True
+    def _warn(self, what: str, disk: OSError | None = None) -> None:
+        if self._over:
+            return
+        self._over, self._disk = True, disk is not None
+        if disk is None:
             logger.warning(
                 "%s: %s was not kept for its client: it keeps %.1f MiB already "
                 "(--max_kept); its queued jobs wait for the client",
                 self.name,
                 what,
                 self.size / 2**20,
+            )
+        else:
+            logger.warning(
+                "%s: %s was not kept for its client: the disk under %s "
+                "(--dest_path_prefix) is full (%s); its queued jobs wait for the "
+                "client; make room there",
+                self.name,
+                what,
+                self.store.prefix,
+                disk.strerror or disk,
             )
 
 

@@ -11,6 +11,7 @@ sizes, without copying anything or moving what stays.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -77,16 +78,26 @@ class SpillFile:
         self._shared: dict[int, int] = {}
 
     def write(self, buffers: list[memoryview]) -> list[Place]:
-        """Append ``buffers``; their places."""
-        places = []
-        for buffer in buffers:
-            offset, view = self._end, buffer.cast("B") if buffer.ndim != 1 else buffer
-            written = 0
-            while written < view.nbytes:
-                written += os.pwrite(self.fd, view[written:], offset + written)
-            places.append((offset, view.nbytes))
-            self._end += view.nbytes
-            for block in self._partial(offset, view.nbytes):
+        """Append ``buffers``; their places. Raises OSError (a full disk) with
+        nothing of them left in the file."""
+        start, places = self._end, []
+        try:
+            for buffer in buffers:
+                offset = self._end
+                view = buffer.cast("B") if buffer.ndim != 1 else buffer
+                written = 0
+                while written < view.nbytes:
+                    written += os.pwrite(self.fd, view[written:], offset + written)
+                places.append((offset, view.nbytes))
+                self._end += view.nbytes
+        except OSError:
+            # Nothing kept lies past ``start``: what this write took goes.
+            self._end = start
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, start)
+            raise
+        for offset, size in places:
+            for block in self._partial(offset, size):
                 self._shared[block] = self._shared.get(block, 0) + 1
         return places
 

@@ -76,6 +76,8 @@ class SchedulerProcess:
     nodes: list[str]
     node_secret: str
     args: tuple[str, ...] = ()
+    #: Words before the command (``unshare ...``: a mount namespace of its own).
+    launcher: tuple[str, ...] = ()
     proc: subprocess.Popen[bytes] | None = None
     port: int = 0
     log: Path = field(init=False)
@@ -92,7 +94,7 @@ class SchedulerProcess:
         port_file.unlink(missing_ok=True)
         since = len(self.log_text())  # a restart appends to the log
         command = [
-            sys.executable, "-m", "schedserver",
+            *self.launcher, sys.executable, "-m", "schedserver",
             "--users", str(self.directory / "users"),
             "--port", str(self.port),
             "--port_file", str(port_file),

@@ -13,6 +13,7 @@ import signal
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -203,19 +204,26 @@ def test_over_its_quota_a_result_becomes_an_error_and_other_jobs_wait(
     held = re.search(r"no job of it runs, (\d+) wait", log)
     assert held is not None and int(held.group(1)) >= 1  # held, not run and lost
     jobs = recover_jobs(str(journal), secret_file=str(users["alice"]), timeout=60)
+    # One 24-MiB result fits in 40 MiB; those that ended later while the client
+    # was away did not; the held ones ran once it was back.
+    assert_recovered_once(jobs, kept=1, held=int(held.group(1)), why="--max_kept")
+    assert not _found_again(quota.port, users["alice"], journal)
+
+
+def assert_recovered_once(jobs: list[Any], kept: int, held: int, why: str) -> None:
+    """Each job once: finished with its own result, or (one at least) terminated
+    with none and an exception saying ``why``; ``kept`` of them finished while the
+    client was away, and the ``held`` ones once it was back."""
     assert len(jobs) == JOBS
     finished = [job for job in jobs if job.status == JobStatus.Finished]
     failed = [job for job in jobs if job.status == JobStatus.Terminated]
     assert len(finished) + len(failed) == JOBS, [j.status for j in jobs]
-    # One 24-MiB result fits in 40 MiB; those that ended later while the client
-    # was away did not; the held ones ran once it was back.
-    assert len(failed) >= 1 and len(finished) >= 1 + int(held.group(1))
+    assert len(failed) >= 1 and len(finished) >= kept + held
     for job in failed:
-        assert "--max_kept" in str(job.exception) and job.result is None
+        assert why in str(job.exception) and job.result is None
     results = {job.result for job in finished}
     assert len(results) == len(finished)
     assert results <= {expected(n) for n in range(JOBS)}
-    assert not _found_again(quota.port, users["alice"], journal)
 
 
 #: One job returning random bytes just over the node's streaming threshold (its
