@@ -18,6 +18,11 @@ from dispynb.tracebacks import explain_missing_module
 
 logger = logging.getLogger("dispynb.cluster")
 
+#: Seconds between the AvailInfo a ``cluster_status`` callback is told of a node when
+#: the cluster gave no ``pulse_interval``: dispy's nodes pulse every 10 minutes then
+#: (dispynb's every second, for liveness: too often for a user's callback).
+AVAIL_INFO_INTERVAL = 600.0
+
 
 class _Events(_ClusterState):
     """The engine's events, applied (`dispynb.backends.base.JobEvents`)."""
@@ -34,6 +39,7 @@ class _Events(_ClusterState):
         node.avail_info = info.avail
         self._nodes[info.node_id] = node
         self._node_cpus[info.node_id] = info.cpus
+        self._avail_told[info.node_id] = time.monotonic()
         self._journal.node(info.via or info.node_id)
         self._notify_cluster(DispyNode.Initialized, node, None)
         self._emit(DispyNode.Initialized, node, None)
@@ -67,8 +73,21 @@ class _Events(_ClusterState):
             return
         node.avail_info = avail
         node.update_time = time.time()
-        self._notify_cluster(DispyNode.AvailInfo, node, None)
+        if self._avail_due(info.node_id):
+            self._notify_cluster(DispyNode.AvailInfo, node, None)
         self._emit(DispyNode.AvailInfo, node, None)
+
+    def _avail_due(self, node_id: str) -> bool:
+        """Whether ``cluster_status`` hears of this node's resources now: at every
+        report if the cluster gave ``pulse_interval`` (its nodes report at that
+        pace), as dispy's nodes pulse; else once per `AVAIL_INFO_INTERVAL`."""
+        if self._options.pulse_interval:
+            return True
+        now = time.monotonic()
+        if now - self._avail_told.get(node_id, now) < AVAIL_INFO_INTERVAL:
+            return False
+        self._avail_told[node_id] = now
+        return True
 
     def node_counts(
         self, info: NodeInfo, jobs_done: int, busy: int, cpu_time: float

@@ -65,6 +65,7 @@ class _ClusterState:
     _nodes: dict[str, DispyNode]
     _node_cpus: dict[str, int]
     _resetting: dict[str, DispyNode]
+    _avail_told: dict[str, float]
     _executing: dict[int, DispyNode]
     _cancel_asked: set[int]
     # Jobs ended in the current `_Events.batch` (nested ``_batch_depth`` deep),

@@ -179,6 +179,8 @@ class JobCluster(_Events, _Jobs, _Nodes, _ClusterState):
         self._node_cpus: dict[str, int] = {}
         # Nodes being set up again (resetup_node), kept with their counts.
         self._resetting: dict[str, DispyNode] = {}
+        # When cluster_status was last told a node's AvailInfo (`_Events.node_status`).
+        self._avail_told: dict[str, float] = {}
         # Jobs executing now (the node reported their start), by the node counting them
         # in its ``busy``.
         self._executing: dict[int, DispyNode] = {}

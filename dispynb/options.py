@@ -77,7 +77,9 @@ class ClusterOptions:
     depends:
         A new list of dependencies: files, modules, functions, classes, instances.
     job_status, cluster_status:
-        Callbacks ``f(job)`` and ``f(status, node, job)``, or None.
+        Callbacks ``f(job)`` and ``f(status, node, job)``, or None. As in dispy,
+        ``cluster_status`` hears a node's ``AvailInfo`` at each pulse when
+        ``pulse_interval`` is given, else every 10 minutes.
     dispy_port:
         The TCP port of the nodes named without one, as ``dispynb-node -p PORT``
         pairs with it (dispy's ``dispynode.py -p P`` and ``dispy_port=P``: the

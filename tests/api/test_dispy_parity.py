@@ -14,7 +14,7 @@ import pytest
 import dispynb
 from dispynb import DispyJob, DispyNode, DispyNodeAvailInfo, JobCluster, NodeAllocate
 from dispynb.errors import ConfigurationError, SetupError
-from tests.jobs import WAIT
+from tests.jobs import WAIT, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -39,6 +39,27 @@ def test_node_avail_info_at_start_and_in_pulses(local):
         assert info.memory > 0 and info.disk > 0
         assert seen.wait(WAIT)
     assert isinstance(received[0].avail_info, DispyNodeAvailInfo)
+
+
+def test_without_pulse_interval_cluster_status_is_not_told_each_pulse(local):
+    """Without pulse_interval a dispy node pulses every 10 minutes, so its
+    cluster_status hears AvailInfo that often. dispynb's nodes report every second
+    (for liveness): before, each report reached the user's callback, 60 calls a
+    minute per node. The node's figures are kept fresh all the same."""
+    told: list[int] = []
+
+    def cluster_status(status: int, node: object, job: object) -> None:
+        told.append(status)
+
+    with JobCluster(abs, nodes=local, cluster_status=cluster_status) as cluster:
+        node = cluster.status().nodes[0]
+        first = node.update_time
+        wait_until(lambda: node.update_time > first)  # a report came
+        second = node.update_time
+        wait_until(lambda: node.update_time > second)  # and another
+    # (closed: the callbacks posted before have run)
+    assert DispyNode.AvailInfo not in told, told
+    assert told[0] == DispyNode.Initialized
 
 
 class OnlyWithMemory(NodeAllocate):

@@ -170,7 +170,9 @@ JOBCLUSTER = [
     Name(
         "pulse_interval",
         differs="Nodes pulse every second by default; a node "
-        "silent for 3 pulses is declared dead.",
+        "silent for 3 pulses is declared dead. As in dispy, ``cluster_status`` "
+        "hears ``AvailInfo`` at each pulse when ``pulse_interval`` is given, else "
+        "every 10 minutes.",
     ),
     Name(
         "poll_interval",
