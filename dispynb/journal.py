@@ -22,7 +22,7 @@ import cloudpickle
 
 from dispynb.errors import ConfigurationError
 from dispynb.job import DispyJob, JobStatus
-from dispynb.journalfile import Shared, checked, refuse_planted, release
+from dispynb.journalfile import Beside, Shared, checked, release
 from dispynb.secret import foreign_owner
 
 _SCHEMA = """
@@ -48,21 +48,26 @@ class Journal:
         user's (made first where the client writes its own: a shared directory), or
         a symlink, is refused; one an older version left looser is tightened."""
         self.path = path
-        with checked(path, create=True) as file:
-            _refuse_foreign(path, file.info)
-            if file.info.st_mode & 0o077:
-                file.chmod(0o600)
-            refuse_planted(os.path.realpath(path), tighten=True)
-            self._use(file.connect(path, isolation_level=None))
+        beside = None
         try:
+            with checked(path, create=True) as file:
+                _refuse_foreign(path, file.info)
+                if file.info.st_mode & 0o077:
+                    file.chmod(0o600)
+                beside = Beside(os.path.realpath(path), file.info, tighten=True)
+                self._use(file.connect(path, isolation_level=None))
             with self._lock:
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=NORMAL")  # survives a crash
                 self._db.executescript(_SCHEMA)
-                refuse_planted(self._db_file(), tighten=True)
+                beside.opened(self._db_file())
         except BaseException:
-            self._release()
+            if hasattr(self, "_release"):
+                self._release()
             raise
+        finally:
+            if beside is not None:
+                beside.close()
 
     def _use(self, shared: Shared) -> None:
         """Use ``shared``, the connection of the process's journals on the file,
@@ -85,7 +90,7 @@ class Journal:
         Never creates nor changes a file that is not a journal: any other file (a
         directory, another database, a damaged or truncated one) raises a
         `ConfigurationError` naming it. So does a file replaced as it is opened, or
-        another user's `-wal`, `-shm` or `-journal` beside it (`refuse_planted`).
+        another user's `-wal`, `-shm` or `-journal` beside it (`Beside`).
         """
         if os.path.isdir(path):
             raise ConfigurationError(
@@ -94,12 +99,13 @@ class Journal:
             )
         journal = cls.__new__(cls)
         journal.path = path
+        beside = None
         try:
             with checked(path, create=False) as file:
                 _refuse_foreign(path, file.info)
                 if file.info.st_size == 0:
                     return None
-                refuse_planted(os.path.realpath(path), tighten=False)
+                beside = Beside(os.path.realpath(path), file.info, tighten=False)
                 uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=rw"
                 journal._use(file.connect(uri, uri=True, isolation_level=None))
             with journal._lock:
@@ -109,13 +115,16 @@ class Journal:
                         "SELECT name FROM sqlite_master WHERE type = 'table'"
                     )
                 }
-                refuse_planted(journal._db_file(), tighten=False)
+                beside.opened(journal._db_file())
         except (OSError, sqlite3.Error, ConfigurationError) as exc:
             if hasattr(journal, "_release"):
                 journal._release()
             if isinstance(exc, ConfigurationError):
                 raise
             raise unreadable(path, exc) from None
+        finally:
+            if beside is not None:
+                beside.close()
         if not {"computations", "nodes", "jobs"} <= tables:
             journal.close()
             raise ConfigurationError(

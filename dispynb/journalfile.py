@@ -208,6 +208,56 @@ def refuse_planted(db_path: str, *, tighten: bool) -> None:
             )
 
 
+class Beside:
+    """The files SQLite keeps beside a journal's database (`COMPANIONS`), checked
+    (`refuse_planted`) before SQLite opens it and after its first statement
+    (`opened`), so that none is planted in between unseen.
+
+    A ``-journal`` planted in between would be rolled back into the database
+    before the second check: so beside a database with pages, an empty one of
+    ours is put first (SQLite ignores an empty one, and in a sticky directory
+    such as ``/tmp`` nobody else can replace it), and removed once SQLite opened
+    the database in WAL mode (it then never looks for one). `close` removes it
+    whatever happened.
+    """
+
+    def __init__(self, db_path: str, info: os.stat_result, *, tighten: bool) -> None:
+        self.tighten = tighten
+        self._guard: tuple[str, tuple[int, int]] | None = None
+        if info.st_size:
+            name = db_path + "-journal"
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            try:
+                fd = os.open(name, flags, 0o600)
+            except OSError:  # there is one (checked below), or no room to make it
+                pass
+            else:  # SQLite never locks a -journal: closing this drops no lock
+                try:
+                    self._guard = (name, _identity(os.fstat(fd)))
+                finally:
+                    os.close(fd)
+        refuse_planted(db_path, tighten=tighten)
+
+    def opened(self, db_file: str) -> None:
+        """SQLite ran its first statement on ``db_file`` (its name for the
+        database): check again, then remove the guard."""
+        try:
+            refuse_planted(db_file, tighten=self.tighten)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Remove the empty ``-journal`` put beside the database, if still there."""
+        if self._guard is None:
+            return
+        name, identity = self._guard
+        self._guard = None
+        with contextlib.suppress(OSError):
+            info = os.lstat(name)
+            if _identity(info) == identity and info.st_size == 0:
+                os.unlink(name)
+
+
 def _chmod(fd: int, mode: int) -> None:
     """Change the mode of the file of ``fd`` (an ``O_PATH`` descriptor)."""
     if _O_PATH == os.O_RDONLY:  # no O_PATH: fd is a file's descriptor

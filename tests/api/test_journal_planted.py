@@ -4,6 +4,7 @@ database it opens, whoever's they are (a ``-journal`` is even rolled back into i
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import stat
@@ -12,6 +13,7 @@ import sys
 
 import pytest
 
+import dispynb.journal as journal_module
 from dispynb.errors import ConfigurationError
 from dispynb.journal import Journal
 from tests.hostile.tools import AS_NOBODY
@@ -163,3 +165,69 @@ def test_a_wal_planted_as_sqlite_opens_the_journal_is_refused(tmp_path, opening)
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "-wal' beside it, of " in done.stdout and "1000" in done.stdout
+
+
+#: Another user: told (a line on its standard input), it moves its hot journal in
+#: as the victim's -journal, and says whether it could (argv: from, to).
+_ATTACKER = """
+import os, sys
+source, target = sys.argv[1:]
+sys.stdin.readline()
+try:
+    os.rename(source, target)
+    print("planted", flush=True)
+except OSError as exc:
+    print("refused", exc.errno, flush=True)
+"""
+
+#: uid 1000, reaching into the test's private folders (not past a sticky bit).
+AS_ANOTHER_USER = [
+    "setpriv", "--reuid=1000", "--regid=1000", "--clear-groups",
+    "--inh-caps=+dac_override", "--ambient-caps=+dac_override",
+]  # fmt: skip
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="another user needs root and setpriv",
+)
+def test_a_hot_journal_planted_as_sqlite_opens_the_journal_is_not_rolled_back(
+    tmp_path, monkeypatch
+):
+    """In a sticky directory (as /tmp), planted after the check, before SQLite looked
+    for one: it was rolled back into the journal before the second check could see
+    it, and recover_jobs unpickled what its owner chose. An empty -journal of the
+    client's is there first now, which nobody else may replace."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    path = str(shared / "recover.db")
+    journal = Journal(path)
+    journal.computation("ours", "f")
+    journal.close()
+    theirs = shared / "theirs"
+    theirs.write_bytes(_planted(tmp_path, "-journal"))
+    os.chown(theirs, 1000, 1000)
+    attacker = subprocess.Popen(
+        [*AS_ANOTHER_USER, sys.executable, "-c", _ATTACKER, str(theirs),
+         path + "-journal"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert attacker.stdin is not None and attacker.stdout is not None
+    said = []
+    connect = journal_module.sqlite3.connect
+
+    def racing_connect(*args, **kwargs):
+        attacker.stdin.write("now\n")
+        attacker.stdin.flush()
+        said.append(attacker.stdout.readline().strip())
+        return connect(*args, **kwargs)
+
+    monkeypatch.setattr(journal_module.sqlite3, "connect", racing_connect)
+    try:
+        assert _ours(path) == ["ours"]
+    finally:
+        monkeypatch.undo()
+        attacker.communicate(timeout=30)
+    assert said == [f"refused {errno.EPERM}"]
+    assert not os.path.exists(path + "-journal")  # the client's own, gone
