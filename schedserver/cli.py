@@ -552,7 +552,7 @@ async def serve(config: SchedulerConfig) -> None:
         await stop.wait()
     finally:
         logger.info("stopping%s", f" ({signalled[0]})" if signalled else "")
-        await server.stop()
+        await server.stop(signalled[0] if signalled else "")
 
 
 def main(argv: list[str] | None = None) -> int:

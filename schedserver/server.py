@@ -20,7 +20,7 @@ from dispynb.deploy.registry import RegisteredNode, Registrar
 from dispynb.errors import ConfigurationError
 from dispynb.httpd.security import is_loopback
 from dispynb.node import NodeAllocate, parse_node_specs
-from dispynb.protocol.messages import ComputationClose, Welcome
+from dispynb.protocol.messages import ComputationClose, NodeStatus, Welcome
 from dispynb.transport.addressing import format_address
 from dispynb.transport.listener import Listener
 from nodeserver.privatedir import private_dir
@@ -184,9 +184,17 @@ class SchedulerServer(
         self.nodes.append(node)
         self._spawn(self._keep_node(node))
 
-    async def stop(self) -> None:
-        """Stop: close every computation on the nodes (running jobs terminated)."""
+    async def stop(self, why: str = "") -> None:
+        """Stop: close every computation on the nodes (running jobs terminated).
+
+        ``why`` (the signal's name) is said to the clients first, as a stopping
+        node says it: their jobs that end with it say the scheduler stopped, and
+        why, not that a connection closed."""
         self.stopping = True
+        for session in list(self.sessions):
+            if why and not session.conn.closed:
+                leaving = f"the scheduler is shutting down ({why})"
+                session.send(NodeStatus(avail=[], leaving=leaving))
         if self._finder is not None:
             self._finder.close()
             self._finder = None

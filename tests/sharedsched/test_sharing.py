@@ -17,6 +17,7 @@ from dispynb.errors import NodeLostError
 from dispynb.job import JobStatus
 from dispynb.journal import Journal
 from dispynb.protocol.messages import Recover, Recovered
+from tests.jobs import wait_until
 from tests.sharedsched.harness import (
     TIMED_CLIENT,
     SchedulerProcess,
@@ -199,10 +200,7 @@ def test_non_reentrant_jobs_of_a_killed_node_end_abandoned(
         nap, scheduler_host=scheduler.address, secret_file=str(users["alice"])
     ) as cluster:
         jobs = [cluster.submit(i, 3.0) for i in range(4)]  # one per CPU of 2 nodes
-        deadline = time.monotonic() + 20
-        while not all(job.status == JobStatus.Running for job in jobs):
-            assert time.monotonic() < deadline, [job.status for job in jobs]
-            time.sleep(0.05)
+        wait_until(lambda: all(job.status == JobStatus.Running for job in jobs))
         os.kill(nodes.pids[0], signal.SIGKILL)
         assert cluster.wait(timeout=40)
         abandoned = [job for job in jobs if job.status == JobStatus.Abandoned]
@@ -218,18 +216,25 @@ def test_non_reentrant_jobs_of_a_killed_node_end_abandoned(
     assert "ended)" in scheduler.log_text()
 
 
+def alice_naps(
+    scheduler: SchedulerProcess, users: dict[str, Path], reentrant: bool = False
+) -> SharedJobCluster:
+    """Alice's cluster of `nap` at ``scheduler``."""
+    return SharedJobCluster(
+        nap,
+        scheduler_host=scheduler.address,
+        secret_file=str(users["alice"]),
+        reentrant=reentrant,
+    )
+
+
 def test_scheduler_restart_reentrant_jobs_run_again(
     scheduler: SchedulerProcess, users: dict[str, Path]
 ) -> None:
     """A scheduler killed and started again on its port: the client reconnects and
     its reentrant jobs run again (the scheduler itself keeps nothing on disk: the
     nodes terminated what ran for it)."""
-    with SharedJobCluster(
-        nap,
-        scheduler_host=scheduler.address,
-        secret_file=str(users["alice"]),
-        reentrant=True,
-    ) as cluster:
+    with alice_naps(scheduler, users, reentrant=True) as cluster:
         jobs = [cluster.submit(i, 0.5) for i in range(8)]
         jobs[0]()
         scheduler.stop(signal.SIGKILL)
@@ -244,17 +249,38 @@ def test_scheduler_killed_non_reentrant_running_jobs_are_abandoned(
 ) -> None:
     """What does not survive a scheduler's death: jobs that were running (not
     reentrant) end Abandoned, with the reason; new jobs run once it is back."""
-    with SharedJobCluster(
-        nap, scheduler_host=scheduler.address, secret_file=str(users["alice"])
-    ) as cluster:
+    with alice_naps(scheduler, users) as cluster:
         jobs = [cluster.submit(i, 2.0) for i in range(4)]
-        deadline = time.monotonic() + 20
-        while not all(job.status == JobStatus.Running for job in jobs):
-            assert time.monotonic() < deadline, [job.status for job in jobs]
-            time.sleep(0.05)
+        wait_until(lambda: all(job.status == JobStatus.Running for job in jobs))
         scheduler.stop(signal.SIGKILL)
         assert cluster.wait(timeout=30)
         assert {job.status for job in jobs} == {JobStatus.Abandoned}
         scheduler.start()
         later = cluster.submit(7, 0.0)
         assert later() == 7
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_stopped_scheduler_says_so_to_its_users(
+    scheduler: SchedulerProcess, users: dict[str, Path], reentrant: bool
+) -> None:
+    """``systemctl stop`` (SIGTERM) of the scheduler while jobs run: a job that
+    ends with it says the scheduler stopped, and why, not 'connection closed';
+    reentrant jobs wait for it and run once it is started again."""
+    with alice_naps(scheduler, users, reentrant=reentrant) as cluster:
+        jobs = [cluster.submit(i, 3.0) for i in range(4)]
+        wait_until(lambda: all(job.status == JobStatus.Running for job in jobs))
+        scheduler.stop(signal.SIGTERM)
+        assert scheduler.proc is not None and scheduler.proc.returncode == 0
+        if reentrant:
+            scheduler.start()
+            assert cluster.wait(timeout=45)
+            assert [job.result for job in jobs] == list(range(4))
+            return
+        assert cluster.wait(timeout=30)
+    for job in jobs:
+        assert job.status == JobStatus.Abandoned
+        assert job.exception == (
+            f"node {scheduler.address} stopped: the scheduler is shutting down "
+            "(SIGTERM)"
+        ), job.exception
