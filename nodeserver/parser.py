@@ -326,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--daemon",
         action="store_true",
-        help="accepted for dispynode scripts: dispynb-node never reads stdin",
+        help="accepted for dispynode scripts: dispynb-node takes no commands on stdin",
     )
     add(
         "--exit-with-parent",

@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=32,
         help="jobs in flight per node CPU at most while one user has jobs (fewer "
-        "for long jobs); always 1 while several users do (fairness)",
+        "for long jobs; default 32); always 1 while several users do (fairness)",
     )
     parser.add_argument(
         *_both("max_cpus"),
@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
         *_both("pulse_interval"),
         type=float,
         default=1.0,
-        help="seconds between pings to nodes and reports to clients",
+        help="seconds between pings to nodes and reports to clients (default 1)",
     )
     parser.add_argument(
         *_both("zombie_interval"),
@@ -283,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
         *_both("keep_results"),
         type=float,
         default=3600.0,
-        help="seconds results wait for a client that went away",
+        help="seconds results wait for a client that went away (default 3600)",
     )
     parser.add_argument(
         *_both("dest_path_prefix"),

@@ -3,6 +3,7 @@ refused with one line; an unsafe users file is refused."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import socket
@@ -282,3 +283,15 @@ def test_an_unknown_log_level_is_refused_in_one_line(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr
     assert "'verbose'" in done.stderr and "warning" in done.stderr, done.stderr
     assert "--loglevel" in scheduler_cli("--help").stdout
+
+
+def test_every_option_with_a_default_says_it_in_its_help() -> None:
+    """``dispynb-scheduler --help`` is what an operator reads: an option that has
+    a default says it (--pulse_interval, --keep_results, --jobs_per_cpu did not)."""
+    silent = [
+        action.option_strings[0]
+        for action in build_parser()._actions
+        if action.default not in (None, False, "", [], argparse.SUPPRESS)
+        and "default" not in (action.help or "")
+    ]
+    assert not silent, silent
