@@ -406,20 +406,34 @@ class JobCluster(_Events, _Jobs, _Nodes, _ClusterState):
         except (DispynbError, RuntimeError) as exc:
             logger.warning("closing the cluster: %s", exc)
         finally:
-            # What the nodes did not end, closed now, never ends: Abandoned (the
-            # engine's loop is idle, its connections closed), so no job() or
-            # wait() blocks for ever and the callbacks hear of them.
-            for key in [key for key, job in list(self._jobs.items()) if not job.done()]:
-                self.job_abandoned(
-                    key, None, "the cluster was closed before its node ended it"
-                )
-            self._callbacks.close()
+            try:
+                # What the nodes did not end, closed now, never ends: Abandoned (the
+                # engine's loop is idle, its connections closed), so no job() or
+                # wait() blocks for ever and the callbacks hear of them.
+                for key in [k for k, job in list(self._jobs.items()) if not job.done()]:
+                    self.job_abandoned(
+                        key, None, "the cluster was closed before its node ended it"
+                    )
+                # Waits for the callbacks still running (a cluster_status told of
+                # the nodes' Closed): a Ctrl-C there leaves the rest to do still.
+                self._callbacks.close()
+            finally:
+                self._release()
+
+    def _release(self) -> None:
+        """The last of `_shutdown`, each step done even if one before was
+        interrupted: the I/O loop, the recovery file (removed when no job was left
+        to recover), the objects put in the cluster."""
+        try:
             self._runner.release()
-            self._journal.close(clean=not self._jobs)
-            for ref in self._objects.values():
-                objects.forget(ref)
-            if self._objects_dir is not None:
-                objects.remove_directory(self._objects_dir)
+        finally:
+            try:
+                self._journal.close(clean=not self._jobs)
+            finally:
+                for ref in self._objects.values():
+                    objects.forget(ref)
+                if self._objects_dir is not None:
+                    objects.remove_directory(self._objects_dir)
 
     def __enter__(self) -> JobCluster:
         return self

@@ -23,11 +23,12 @@ from pathlib import Path
 
 import pytest
 
-from dispynb import DispyJob, JobCluster
+from dispynb import DispyJob, DispyNode, JobCluster
 from dispynb.cluster import TERMINATE_WAIT
 from dispynb.scheduler.link import TERMINATE_CLOSE_TIMEOUT
 from tests.jobs import WAIT, mark_and_hold, mark_and_sleep, wait_for_path
 from tests.nodeproc import CliNode, running_node
+from tests.sigint import main_waits_in_function, sigint_when
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -190,3 +191,37 @@ def test_close_terminate_waits_for_a_node_that_kills_a_stubborn_job(
     done, took = close_in_thread(cluster, TERMINATE_WAIT + CLOSING, terminate=True)
     assert done is True, f"close returned {done} after {took:.0f} s"
     assert job.status == DispyJob.Terminated
+
+
+def test_ctrl_c_while_close_waits_for_a_callback_still_closes_the_rest(
+    node: CliNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while close() waits for a cluster_status callback still running (told
+    of the node's Closed): close() raises KeyboardInterrupt, and the rest of the
+    close is done all the same: the recovery file of a cluster whose jobs all
+    ended is removed, the I/O loop released. Before, both were left (a later
+    recover_jobs() found that file)."""
+    monkeypatch.chdir(tmp_path)  # where the default recovery file goes
+    told = threading.Event()
+    release = threading.Event()
+
+    def cluster_status(status: int, node: object, job: object) -> None:
+        if status == DispyNode.Closed:
+            told.set()
+            release.wait(WAIT)
+
+    cluster = JobCluster(
+        abs, nodes=[node.spec], secret=node.secret, cluster_status=cluster_status
+    )
+    try:
+        assert cluster.submit(-2)() == 2
+        assert list(tmp_path.glob("_dispy_*"))
+        closing = main_waits_in_function("close", "dispynb._callbacks")
+        with (
+            pytest.raises(KeyboardInterrupt),
+            sigint_when(lambda: told.is_set() and closing()),
+        ):
+            cluster.close()
+    finally:
+        release.set()
+    assert not list(tmp_path.glob("_dispy_*"))
