@@ -102,7 +102,7 @@ class _Nodes(_ClusterState):
         used = backend.set_cpus(node_id, cpus)
         known = self._nodes.get(node_id)
         if known is not None and used >= 0:
-            known.cpus = known.avail_cpus = used
+            known.cpus = used  # avail_cpus stays what it offers, as dispy's
             self._emit(DispyNode.AvailInfo, known, None)
         return used
 

@@ -61,6 +61,19 @@ def test_set_node_cpus_zero_then_back(two):
         assert cluster.set_node_cpus("no-such-node", 1) == -1
 
 
+def test_set_node_cpus_leaves_avail_cpus_so_that_it_restores_them(local):
+    """dispy's DispyNode.avail_cpus stays what the node offers when set_node_cpus
+    changes ``cpus``: ``set_node_cpus(node, node.avail_cpus)`` gives them all back.
+    Before, avail_cpus followed cpus down, and that call restored nothing."""
+    with JobCluster(node_name, nodes=local) as cluster:
+        node = cluster.status().nodes[0]
+        assert (node.cpus, node.avail_cpus) == (2, 2)
+        assert cluster.set_node_cpus(node, 1) == 1
+        assert (node.cpus, node.avail_cpus) == (1, 2)
+        assert cluster.set_node_cpus(node, node.avail_cpus) == 2
+        assert (node.cpus, node.avail_cpus) == (2, 2)
+
+
 def test_allocate_node_adds_a_node_not_given_at_start(two):
     first, second = two.node_specs()
     with JobCluster(node_name, nodes=[first], secret=two.secret) as cluster:
