@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -433,6 +434,13 @@ class SchedulerSession:
                 self.send(ComputationFailed(comp_id=message.comp_id, message=refused))
             else:
                 self._pulse_at(message.pulse_interval)
+                if isinstance(message.dest_path, str) and message.dest_path.strip("/."):
+                    # A node keeps a dest_path under its client's address, shared
+                    # by that client's computations (as dispy's): here, under each
+                    # user's name, so that users' files do not meet.
+                    message = dataclasses.replace(
+                        message, dest_path=f"{self.user}/{message.dest_path}"
+                    )
                 comp = server.new_computation(self, message, buffers)
                 self.computations[message.comp_id] = comp
         elif isinstance(message, ComputationClose):

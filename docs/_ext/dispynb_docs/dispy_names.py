@@ -150,8 +150,9 @@ JOBCLUSTER = [
         differs="As in dispy, a directory under the client's address on the node, "
         "shared by the client's computations that give it: what one leaves there "
         "with ``cleanup=False`` (its files, what its jobs or setup wrote) the next "
-        "one finds, and ``cleanup=True`` removes it once no computation uses it. "
-        "``..`` and absolute paths are refused (dispy stripped a leading ``/``).",
+        "one finds, and ``cleanup=True`` removes it once no computation uses it "
+        "(through a shared scheduler: each user's own). ``..`` and absolute paths "
+        "are refused (dispy stripped a leading ``/``).",
     ),
     Name("loglevel", differs="A `logging` level; None leaves logging alone."),
     Name("callback", note="Deprecated alias of ``job_status``, as in dispy."),

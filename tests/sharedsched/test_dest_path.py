@@ -1,0 +1,61 @@
+"""dest_path through a shared scheduler: a node keeps it under its client's address
+(the scheduler's), shared by that client's computations as in dispy, so the
+scheduler gives each user a dest_path of their own."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dispynb import LocalCluster, SharedJobCluster
+from tests.jobs import WAIT
+from tests.sharedsched.harness import SchedulerProcess
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+
+
+def leave(name: str) -> list[str]:
+    import os
+
+    with open(name, "w") as handle:
+        handle.write(name)
+    return sorted(os.listdir("."))
+
+
+def look(_: int) -> list[str]:
+    import os
+
+    return sorted(os.listdir("."))
+
+
+def test_a_users_dest_path_files_are_found_by_that_user_only(
+    tmp_path: Path, nodes: LocalCluster, users: dict[str, Path]
+) -> None:
+    """alice leaves a file in dest_path 'data' (cleanup=False): her next cluster
+    finds it there, bob's cluster given the same dest_path does not (nor does its
+    close, cleanup=True, remove it). One node: each job runs where the file is."""
+    sched = SchedulerProcess(tmp_path, nodes.node_specs()[:1], nodes.secret)
+    sched.start()
+    try:
+
+        def cluster(function: object, user: str, **options: object) -> SharedJobCluster:
+            return SharedJobCluster(
+                function,
+                scheduler_host=sched.address,
+                secret_file=str(users[user]),
+                dest_path="data",
+                **options,
+            )
+
+        with cluster(leave, "alice", cleanup=False) as first:
+            job = first.submit("alice.txt")
+            assert job.finish.wait(WAIT) and job.result == ["alice.txt"], job.exception
+        with cluster(look, "bob") as other:
+            job = other.submit(0)
+            assert job.finish.wait(WAIT) and job.result == [], job.exception
+        with cluster(look, "alice") as again:
+            job = again.submit(0)
+            assert job.finish.wait(WAIT) and job.result == ["alice.txt"], job.exception
+    finally:
+        sched.stop()
