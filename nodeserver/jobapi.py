@@ -33,6 +33,7 @@ from dispynb.jobenv import (
 )
 from dispynb.protocol import serialize
 from nodeserver.channel import MessageSocket
+from nodeserver.fdoutput import FdOutput
 from nodeserver.ipc import FileAnswer, IpcMessage, NodeShutdown, Provisional, SendFile
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,9 @@ class JobContext:
         self.threads = JobThreads()
         #: The worker's sys.stdout and sys.stderr while a job runs (`run_job`).
         self.streams = JobStreams(self.threads)
+        #: The worker's descriptors 1 and 2 while a job runs (`worker_loop` sets
+        #: it): what the job writes below Python joins its output.
+        self.below: FdOutput | None = None
         self.lock = threading.Lock()  # a job's threads may send too
         #: Held by a thread waiting for its client's answer to a file (`send_file`):
         #: one reader of the socket at a time.

@@ -27,6 +27,7 @@ from dispynb.protocol.framing import Buffer, large_frames_taken, release_spares
 from dispynb.protocol.messages import CANCELLED, FINISHED, RAISED
 from nodeserver.channel import MessageSocket
 from nodeserver.containment import end_leftovers
+from nodeserver.fdoutput import FdMerged, FdOutput
 from nodeserver.ipc import Done, FileAnswer, InterruptPage, IpcMessage, Run, Skip
 from nodeserver.jobapi import CONTEXT, install_interrupt_handler, map_interrupt_page
 from nodeserver.memory import release_freed_memory
@@ -96,9 +97,16 @@ def run_job(
     """
     program_output: ProgramOutput | None = None
     bounded = CONTEXT.max_output is not None
-    if not bounded:
-        out: io.StringIO = io.StringIO()
-        err: io.StringIO = io.StringIO()
+    below = CONTEXT.below
+    if below is not None:  # the worker's: output below Python joins in order
+        if not bounded:
+            out: io.StringIO = _Merged()
+            err: io.StringIO = _Merged()
+        else:
+            out, err = _MergedStdout(), _MergedStderr()
+        below.begin(out, err)  # type: ignore[arg-type]
+    elif not bounded:
+        out, err = io.StringIO(), io.StringIO()
     else:
         out, err = _Stdout(), _Stderr()
     streams = CONTEXT.streams
@@ -170,6 +178,13 @@ def run_job(
                         result_buffers = _NO_BUFFERS
     finally:
         streams.end()
+    if below is not None:
+        # As for the processes a job left: one quicker than starting a process wrote
+        # nothing below Python but C's prints, which the next job's check takes in.
+        if end_time - start_time >= LEFTOVER_CHECK_AFTER:
+            below.end(out, err)  # type: ignore[arg-type]
+        else:
+            out.source = err.source = None  # type: ignore[attr-defined]
     stdout: str | bytes
     stderr: str | bytes
     if program_output is not None:
@@ -279,6 +294,10 @@ def worker_loop(
     clock = time.perf_counter
     home = os.path.realpath(CONTEXT.job_path) if CONTEXT.job_path else os.getcwd()
     _go_home(home)
+    # A computation's worker (not the node's rehearsal): files in its directory.
+    below = CONTEXT.below = (
+        FdOutput.open(CONTEXT.job_path) if CONTEXT.job_path else None
+    )
     install_interrupt_handler()
     inbox: collections.deque[_Inbound] = collections.deque()
     skipped: set[int] = set()
@@ -338,8 +357,12 @@ def worker_loop(
             # The job's processes end with it. Starting one takes far longer than
             # LEFTOVER_CHECK_AFTER, so the (one system call) check is skipped for
             # the tiny jobs that make up throughput workloads.
-            if done.end_time - done.start_time >= LEFTOVER_CHECK_AFTER:
-                end_leftovers()
+            if (
+                done.end_time - done.start_time >= LEFTOVER_CHECK_AFTER
+                and end_leftovers()
+                and below is not None
+            ):
+                below.pass_on()  # what they wrote once the job returned
             send(done, result_buffers)
             del result_buffers  # do not keep a large result alive until the next job
             # A thread the job left waiting for a file's answer reads the socket
@@ -355,6 +378,9 @@ def worker_loop(
         return
     finally:
         MAPPINGS.release()  # the bodies kept for the next jobs: there are none
+        if below is not None:
+            CONTEXT.below = None
+            below.close()
 
 
 def _go_home(home: str) -> None:
@@ -481,6 +507,18 @@ class _Stdout(BoundedOutput):
 
 class _Stderr(BoundedOutput):
     name = "stderr"
+
+
+class _Merged(FdMerged, io.StringIO):
+    pass
+
+
+class _MergedStdout(FdMerged, _Stdout):
+    pass
+
+
+class _MergedStderr(FdMerged, _Stderr):
+    pass
 
 
 def _text(capture: io.StringIO) -> str:

@@ -265,7 +265,10 @@ JOB = [
     Name("result"),
     Name(
         "stdout",
-        note="What the job and the threads it started printed while it ran. On "
+        note="What the job and the threads it started printed while it ran; on "
+        "dispynb's nodes also what they wrote below Python (``os.system``, "
+        "programs they started, C code), in order among the prints (dispy kept "
+        "only Python's prints, as the Dask and Ray engines do). On "
         "dispynb's nodes and the Dask engine, what a thread it left running prints "
         "once it returned goes to the node's own stdout and stderr (the Dask "
         "runner's), never into another job's. A log handler an earlier job made "

@@ -1,0 +1,317 @@
+"""What a job writes below Python: ``os.system``, a subprocess it does not capture, a
+C or Fortran library's ``printf``. It goes to the worker's file descriptors 1 and 2,
+not to ``sys.stdout``: it reached the node's own console (in a notebook using
+``%dispy local``, whatever cell ran then, unlabelled), never ``job.stdout``.
+
+A worker's descriptors 1 and 2 are two files of its own (`FdOutput`), and its own
+Python streams and log handlers write to the node's descriptors instead
+(`_OwnStreams`). What lands in the files joins the running job's captured
+``stdout`` and ``stderr`` in its place among the job's Python prints (a print that
+starts a line first takes in what the descriptor got since), and the rest when the
+job returns; the files are then emptied. A job that printed nothing below Python
+costs the worker three calls (``fflush``, two ``lseek``).
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import ctypes
+import io
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, TextIO
+
+logger = logging.getLogger(__name__)
+
+#: Bytes read from a descriptor's file at a time.
+_CHUNK = 1 << 16
+
+#: Bytes of what a job whose worker died wrote below Python that its report keeps
+#: (the last ones: a crash's last words).
+CRASH_OUTPUT = 64 * 1024
+
+
+def _load_fflush() -> Callable[[Any], int] | None:
+    """libc's ``fflush``: C's stdout is fully buffered into a file, so a job's
+    ``printf`` waits in it until flushed (into the next job's output, or never)."""
+    try:
+        fflush = ctypes.CDLL(None).fflush
+    except (OSError, AttributeError):
+        return None
+    fflush.argtypes = [ctypes.c_void_p]
+    fflush.restype = ctypes.c_int
+    return fflush
+
+
+def output_paths(directory: str, pid: int) -> tuple[str, str]:
+    """The files worker ``pid`` of a computation in ``directory`` has for its
+    descriptors 1 and 2."""
+    base = os.path.join(directory, f".dispynb-output-{pid}")
+    return f"{base}-1", f"{base}-2"
+
+
+def left_by(directory: str, pid: int) -> tuple[str, str]:
+    """What dead worker ``pid`` of a computation in ``directory`` wrote below Python
+    for its last job (its last `CRASH_OUTPUT` bytes each): a C library's last words
+    before it crashed, which went to the node's console before. Its files are
+    removed."""
+    texts = []
+    for path in output_paths(directory, pid):
+        text = ""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:  # it had none, or removed them
+            texts.append(text)
+            continue
+        try:
+            size = os.fstat(fd).st_size
+            start = max(0, size - CRASH_OUTPUT)
+            text = os.pread(fd, size - start, start).decode("utf-8", "replace")
+            if start:
+                text = (
+                    f"[dispynb: the first {start} bytes written below Python "
+                    f"dropped: the last {CRASH_OUTPUT} are kept]\n{text}"
+                )
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        texts.append(text)
+    return texts[0], texts[1]
+
+
+class _Descriptor:
+    """One of the worker's descriptors (1 or 2), pointed at a file of its own
+    (``path``, in its computation's directory) until `close`; ``taken`` bytes of
+    that file are in the running job's output."""
+
+    def __init__(self, fd: int, path: str) -> None:
+        self.fd = fd
+        self.path = path
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # a dead worker's whose number this one has
+        # O_APPEND: what the job's processes write once the file was emptied goes at
+        # its start, not at the offset they last wrote at.
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
+        self.file = os.open(path, flags, 0o600)
+        try:
+            self.saved = os.dup(fd)  # the node's: the worker's own streams go there
+        except OSError:
+            os.close(self.file)
+            os.unlink(path)
+            raise
+        self.taken = 0
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        os.dup2(self.file, fd)
+
+    def close(self) -> None:
+        os.dup2(self.saved, self.fd)
+        os.close(self.file)
+        os.close(self.saved)
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+
+    def size(self) -> int:
+        """Bytes in the file (one system call)."""
+        return os.lseek(self.file, 0, os.SEEK_END)
+
+    def empty(self) -> None:
+        os.ftruncate(self.file, 0)
+        self.taken = 0
+        self.decoder.reset()
+
+    def take(self, capture: FdMerged) -> None:
+        """Write what is pending into ``capture``, as text; once it is full (a
+        `BoundedOutput` at its ``limit``), count the rest as dropped, unread."""
+        size = self.size()
+        limit: int | None = getattr(capture, "limit", None)
+        while self.taken < size:
+            want = min(size - self.taken, _CHUNK)
+            if limit is not None:
+                room = limit - capture.kept  # type: ignore[attr-defined]
+                if room <= 0:
+                    capture.dropped += size - self.taken  # type: ignore[attr-defined]
+                    self.taken = size
+                    return
+                want = min(want, room * 4 + 4)  # room characters: 4 bytes or fewer
+            data = os.pread(self.file, want, self.taken)
+            if not data:
+                return
+            self.taken += len(data)
+            capture.write_below(self.decoder.decode(data))
+
+    def pass_on(self) -> None:
+        """What came with no job running (a process a job left, before it was
+        killed): to the node's descriptor, as it went before; then empty."""
+        size = self.size()
+        with contextlib.suppress(OSError):
+            while self.taken < size:
+                data = os.pread(self.file, min(size - self.taken, _CHUNK), self.taken)
+                if not data:
+                    break
+                self.taken += len(data)
+                os.write(self.saved, data)
+        self.empty()
+
+
+class FdOutput:
+    """A worker's descriptors 1 and 2, each job's output (`begin`, `end`)."""
+
+    def __init__(self, directory: str) -> None:
+        out_path, err_path = output_paths(directory, os.getpid())
+        self.stdout = _Descriptor(1, out_path)
+        try:
+            self.stderr = _Descriptor(2, err_path)
+        except OSError:
+            self.stdout.close()
+            raise
+        self._fflush = _load_fflush()
+        self._own = _OwnStreams(self.stdout.saved, self.stderr.saved)
+
+    @classmethod
+    def open(cls, directory: str) -> FdOutput | None:
+        """Files for a worker's descriptors in ``directory``, or None (logged) if
+        they cannot be made: its jobs' output below Python then goes where it went."""
+        _flush_streams()  # what the worker holds for the node's descriptors
+        try:
+            return cls(directory)
+        except OSError as exc:
+            logger.warning("job output below Python will not be captured: %s", exc)
+            return None
+
+    def close(self) -> None:
+        """Give the process its descriptors and streams back (a worker loop that
+        ran in a process that goes on: the tests')."""
+        self._own.restore()
+        if self._fflush is not None:
+            self._fflush(None)
+        self.stdout.close()
+        self.stderr.close()
+
+    def begin(self, out: FdMerged, err: FdMerged) -> None:
+        """A job starts, writing into ``out`` and ``err``."""
+        out.source, err.source = self.stdout, self.stderr
+
+    def end(self, out: FdMerged, err: FdMerged) -> None:
+        """The job returned: what its descriptors got since its last line joins
+        ``out`` and ``err``."""
+        if self._fflush is not None:
+            self._fflush(None)  # C's stdout into a file is fully buffered
+        for descriptor, capture in ((self.stdout, out), (self.stderr, err)):
+            if descriptor.size() > descriptor.taken:
+                descriptor.take(capture)
+            if descriptor.taken:
+                rest = descriptor.decoder.decode(b"", final=True)  # a cut character
+                if rest:
+                    capture.write_below(rest)
+                descriptor.empty()
+        out.source = err.source = None
+
+    def pass_on(self) -> None:
+        """Between jobs, after processes a job left were killed: what they wrote
+        since it returned goes to the node's descriptors, not the next job's."""
+        self.stdout.pass_on()
+        self.stderr.pass_on()
+
+
+def _flush_streams() -> None:
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        with contextlib.suppress(Exception):  # closed, say
+            if stream is not None:
+                stream.flush()
+
+
+class _OwnStreams:
+    """The worker's own Python streams (``sys.stdout``, ``sys.__stderr__``, ...) on
+    descriptor 1 or 2, and the log handlers writing to them, moved to the saved
+    descriptors: what the worker logs, and what a thread an earlier job left
+    prints (`dispynb.jobenv.JobStream.own`), stays out of the running job's output."""
+
+    def __init__(self, saved_out: int, saved_err: int) -> None:
+        self._moved: dict[int, tuple[TextIO, TextIO]] = {}  # id(old): (old, new)
+        self._names: list[tuple[str, TextIO]] = []
+        for name in ("stdout", "__stdout__", "stderr", "__stderr__"):
+            old = getattr(sys, name)
+            new = self._move(old, {1: saved_out, 2: saved_err})
+            if new is not None:
+                self._names.append((name, old))
+                setattr(sys, name, new)
+        self._handlers: list[tuple[logging.StreamHandler[TextIO], TextIO]] = []
+        for handler in _stream_handlers():
+            moved = self._moved.get(id(handler.stream))
+            if moved is not None:
+                self._handlers.append((handler, moved[0]))
+                handler.setStream(moved[1])
+
+    def _move(self, old: TextIO | None, saved: dict[int, int]) -> TextIO | None:
+        if old is None:
+            return None
+        if id(old) in self._moved:
+            return self._moved[id(old)][1]
+        try:
+            fd = old.fileno()
+        except (OSError, ValueError, AttributeError):  # no descriptor (a capture)
+            return None
+        if fd not in saved:
+            return None
+        with contextlib.suppress(Exception):
+            old.flush()
+        new = io.TextIOWrapper(
+            io.FileIO(saved[fd], "w", closefd=False),
+            encoding=getattr(old, "encoding", None) or "utf-8",
+            errors=getattr(old, "errors", None) or "backslashreplace",
+            line_buffering=True,
+        )
+        self._moved[id(old)] = (old, new)
+        return new
+
+    def restore(self) -> None:
+        for handler, old in self._handlers:
+            handler.setStream(old)
+        for name, old in self._names:
+            setattr(sys, name, old)
+        for _old, new in self._moved.values():
+            with contextlib.suppress(Exception):
+                new.flush()
+
+
+def _stream_handlers() -> list[logging.StreamHandler[TextIO]]:
+    loggers: list[logging.Logger] = [logging.getLogger()]
+    loggers += [
+        item
+        for item in logging.Logger.manager.loggerDict.values()
+        if isinstance(item, logging.Logger)
+    ]
+    return [
+        handler
+        for log in loggers
+        for handler in log.handlers
+        if isinstance(handler, logging.StreamHandler)
+    ]
+
+
+class FdMerged:
+    """Mixed into a job's ``sys.stdout``/``sys.stderr`` capture (a StringIO): a
+    write that starts a line first takes in what the descriptor `source` got, so
+    that output below Python keeps its place among the job's prints (a check, a
+    system call, per line printed)."""
+
+    source: _Descriptor | None = None
+    _at_line_start = True
+
+    def write(self, text: str) -> int:
+        source = self.source
+        if source is not None and self._at_line_start and source.size() > source.taken:
+            source.take(self)
+        if text:
+            self._at_line_start = text[-1] == "\n"
+        return super().write(text)  # type: ignore[misc, no-any-return]
+
+    def write_below(self, text: str) -> int:
+        """Write ``text`` that came from the descriptor."""
+        return super().write(text)  # type: ignore[misc, no-any-return]

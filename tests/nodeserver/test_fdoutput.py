@@ -1,0 +1,124 @@
+"""What a job writes below Python (``os.system``, a C library's ``printf``) is in its
+``stdout`` and ``stderr``, in its place among the job's prints, and nowhere else.
+
+Real ``python -m nodeserver`` processes and a real client; one CPU, so the jobs run
+on the same worker, one after the other.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dispynb import JobCluster
+from dispynb.limits import DEFAULT_MAX_OUTPUT
+from tests.nodeproc import running_node
+
+pytestmark = pytest.mark.slow
+
+
+def below_python(n: int) -> int:
+    """Print from Python, from a shell ``os.system`` starts (stdout and stderr), and
+    from C (``printf`` with no newline, left in C's buffer): in that order."""
+    import ctypes
+    import os
+    import sys
+
+    print(f"python {n}")
+    os.system(f"echo shell {n}; echo shell err {n} >&2")
+    print(f"python err {n}", file=sys.stderr)
+    ctypes.CDLL(None).printf(f"C {n}".encode())
+    print(f"\npython again {n}")
+    return n
+
+
+@pytest.mark.parametrize("max_output", [DEFAULT_MAX_OUTPUT, None])
+def test_output_below_python_is_the_jobs_in_order(
+    tmp_path: Path, max_output: int | None
+) -> None:
+    """It went to the node's own stdout and stderr (in a notebook using ``%dispy
+    local``, into whatever cell ran then, unlabelled): never in ``job.stdout``."""
+    with running_node(tmp_path / "node", cpus=1) as node:
+        with JobCluster(
+            below_python,
+            nodes=[node.spec],
+            secret=node.secret,
+            max_output_size=max_output,
+        ) as cluster:
+            jobs = []
+            for n in range(2):  # on the node's one worker, one after the other
+                job = cluster.submit(n)
+                assert job() == n, (job.status, job.exception)
+                jobs.append(job)
+        log = node.log_text()
+    for n, job in enumerate(jobs):
+        assert job.stdout == f"python {n}\nshell {n}\nC {n}\npython again {n}\n", (
+            job.stdout
+        )
+        assert job.stderr == f"shell err {n}\npython err {n}\n", job.stderr
+    assert "shell" not in log and "C 0" not in log, log
+
+
+def flood(size: int) -> str:
+    """Write ``size`` characters below Python, then print a line."""
+    import os
+
+    os.system(f"head -c {size} /dev/zero | tr '\\0' x")
+    print("after")
+    return "done"
+
+
+def test_output_below_python_is_kept_to_max_output(tmp_path: Path) -> None:
+    """A flood below Python is cut at ``max_output_size`` as a Python flood is,
+    with the line saying how much was dropped (not read into memory whole)."""
+    with (
+        running_node(tmp_path / "node", cpus=1) as node,
+        JobCluster(
+            flood, nodes=[node.spec], secret=node.secret, max_output_size=1000
+        ) as cluster,
+    ):
+        job = cluster.submit(5_000_000)
+        assert job() == "done", (job.status, job.exception)
+    kept, _, note = job.stdout.partition("\n")
+    assert kept == "x" * 1000, job.stdout[:2000]
+    assert note == (
+        "[dispynb: 4999006 more characters of stdout dropped: a job keeps 1000 "
+        "(max_output_size)]\n"
+    ), note
+
+
+def last_words(n: int) -> int:
+    """Write below Python, then crash the worker (job 0) or return (job 1)."""
+    import ctypes
+    import os
+
+    print("lost with the worker")
+    os.system(f"echo shell {n}; echo shell err {n} >&2")
+    os.write(1, f"last words {n}\n".encode())
+    if n == 0:
+        ctypes.string_at(0)  # SIGSEGV
+    return n
+
+
+def test_output_below_python_of_a_job_whose_worker_died_is_in_its_report(
+    tmp_path: Path,
+) -> None:
+    """A C library's last words before it crashed went to the node's console; in
+    a file of the worker's, they would go with it. The node reads them into the
+    report of the job, removes the worker's files, and the next job, on a new
+    worker, has only its own."""
+    with running_node(tmp_path / "node", cpus=1) as node:
+        with JobCluster(last_words, nodes=[node.spec], secret=node.secret) as cluster:
+            crashed = cluster.submit(0)
+            crashed()
+            after = cluster.submit(1)
+            assert after() == 1, (after.status, after.exception)
+        left = list((tmp_path / "node").rglob(".dispynb-output-*"))
+    assert "SIGSEGV" in str(crashed.exception), crashed.exception
+    assert crashed.stdout == "shell 0\nlast words 0\n", crashed.stdout
+    assert crashed.stderr == "shell err 0\n", crashed.stderr
+    assert after.stdout == ("lost with the worker\nshell 1\nlast words 1\n"), (
+        after.stdout
+    )
+    assert left == [], left
