@@ -22,6 +22,11 @@ removed from the cache (`release`, and at start), so another computation, or the
 run of the same one, gets the file as its client sent it; the job that changed it
 keeps its own changed copy. Computations that hold the same file at the same time
 share it (as jobs of one computation share their directory).
+
+Nodes may share a destination directory (its default, ``<tmp>/dispynb``, is every
+node's of a user on the machine), but not a store (`claim_store`): the holds are each
+node's own, so one node removed files another node's computations held (a disposable
+object it released, its cache), and its start removed the other's partial writes.
 """
 
 from __future__ import annotations
@@ -29,9 +34,12 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import re
+import shutil
+import tempfile
 import threading
 import time
 
@@ -247,3 +255,82 @@ class FileStore:
             self._idle_bytes -= size
             with contextlib.suppress(OSError):
                 os.unlink(self.path(digest))
+
+
+class StoreClaim:
+    """The file store a node uses in its destination directory (`claim_store`):
+    ``root``, its own (``private``) or the shared one, held by the ``flock`` of
+    ``fd`` for the node's life."""
+
+    def __init__(self, root: str, private: bool, fd: int) -> None:
+        self.root = root
+        self.private = private
+        self.fd: int | None = fd
+
+    def release(self) -> None:
+        """The node stops: a store of its own goes (the shared one stays, a cache
+        for the next node)."""
+        if self.fd is None:
+            return
+        if self.private:
+            shutil.rmtree(self.root, ignore_errors=True)
+        os.close(self.fd)
+        self.fd = None
+
+
+def claim_store(dest_path: str) -> StoreClaim:
+    """The file store of a node in ``dest_path``: the shared ``.store`` if no other
+    node holds it, else one of its own beside it (``.store-*``, removed when it
+    stops, or by the next node to start once it is gone)."""
+    shared = os.path.join(dest_path, ".store")
+    os.makedirs(shared, mode=0o700, exist_ok=True)
+    _remove_unlocked_stores(dest_path)
+    fd = _locked(shared)
+    if fd is not None:
+        return StoreClaim(shared, False, fd)
+    for _ in range(8):
+        # Another node's start may remove it before it is locked: then another.
+        root = tempfile.mkdtemp(prefix=".store-", dir=dest_path)
+        with contextlib.suppress(FileNotFoundError):
+            fd = _locked(root)
+            if fd is not None:
+                if os.path.samestat(os.fstat(fd), os.stat(root)):
+                    logger.info(
+                        "another node uses the file store %s: this node keeps its "
+                        "own in %s (removed when it stops)",
+                        shared,
+                        root,
+                    )
+                    return StoreClaim(root, True, fd)
+                os.close(fd)
+    raise OSError(f"cannot make a file store in {dest_path}")
+
+
+def _locked(directory: str) -> int | None:
+    """A descriptor of ``directory`` holding its exclusive ``flock``; None if
+    another process holds it."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(directory, flags)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _remove_unlocked_stores(directory: str) -> None:
+    """Remove the stores of their own (``.store-*``) that no live node holds."""
+    with contextlib.suppress(OSError), os.scandir(directory) as entries:
+        for entry in entries:
+            if not entry.name.startswith(".store-") or not entry.is_dir(
+                follow_symlinks=False
+            ):
+                continue
+            with contextlib.suppress(OSError):
+                fd = _locked(entry.path)
+                if fd is not None:
+                    try:
+                        shutil.rmtree(entry.path, ignore_errors=True)
+                    finally:
+                        os.close(fd)

@@ -25,7 +25,7 @@ from nodeserver.announce import Announcer
 from nodeserver.budget import CpuBudget
 from nodeserver.config import NodeConfig
 from nodeserver.descriptors import Admission
-from nodeserver.filestore import FileStore
+from nodeserver.filestore import FileStore, claim_store
 from nodeserver.keeper import ResultKeeper
 from nodeserver.launcher import PROCESS_LAUNCHER, Launcher
 from nodeserver.leftovers import Removals
@@ -64,10 +64,10 @@ class NodeServer:
                 os.path.join(config.dest_path, ".kept"), config.kept_results_size
             )
         )
+        #: Which store is this node's: nodes may share a dest_path, not a store.
+        self.store_claim = claim_store(config.dest_path)
         self.store = FileStore(
-            os.path.join(config.dest_path, ".store"),
-            config.max_file_size,
-            config.file_cache_size,
+            self.store_claim.root, config.max_file_size, config.file_cache_size
         )
         #: Computation directories to remove, noted until they are
         #: (`nodeserver.leftovers`: the next node removes them if this one is killed).
@@ -330,6 +330,7 @@ class NodeServer:
         if self._session_tasks:
             # Each session ends its computations (terminating jobs) as it winds down.
             await asyncio.wait(list(self._session_tasks), timeout=30)
+        self.store_claim.release()
 
     async def _drain(self, timeout: float, now: asyncio.Event | None) -> None:
         """Wait for running jobs to end, at most ``timeout`` s or until ``now``."""
