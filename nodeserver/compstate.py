@@ -169,18 +169,9 @@ class _ComputationState:
     _tasks: set[asyncio.Task[None]]
     _held: bool
 
-    def _report_unrun(
-        self,
-        job: NodeJob,
-        outcome: str,
-        reason: str,
-        output: tuple[str, str] = ("", ""),
-    ) -> None:
-        """Report a job that ended without a result (``reason`` says why; ``output``:
-        its stdout and stderr, what its dead worker wrote below Python)."""
+    def _report_unrun(self, job: NodeJob, outcome: str, reason: str) -> None:
+        """Report a job that ended without a result (``reason`` says why)."""
         entry = ResultEntry.unrun(job.key, job.attempt, outcome, reason)
-        if output[0] or output[1]:
-            entry = entry._replace(stdout=output[0], stderr=output[1])
         self._report(entry.to_wire(), [])
 
     def _report_stopped_by_node(self, job: NodeJob) -> None:

@@ -17,10 +17,12 @@ from __future__ import annotations
 import codecs
 import contextlib
 import ctypes
+import fcntl
 import io
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 from typing import Any, TextIO
 
@@ -28,10 +30,6 @@ logger = logging.getLogger(__name__)
 
 #: Bytes read from a descriptor's file at a time.
 _CHUNK = 1 << 16
-
-#: Bytes of what a job whose worker died wrote below Python that its report keeps
-#: (the last ones: a crash's last words).
-CRASH_OUTPUT = 64 * 1024
 
 
 def _load_fflush() -> Callable[[Any], int] | None:
@@ -46,64 +44,22 @@ def _load_fflush() -> Callable[[Any], int] | None:
     return fflush
 
 
-def output_paths(directory: str, pid: int) -> tuple[str, str]:
-    """The files worker ``pid`` of a computation in ``directory`` has for its
-    descriptors 1 and 2."""
-    base = os.path.join(directory, f".dispynb-output-{pid}")
-    return f"{base}-1", f"{base}-2"
-
-
-def left_by(directory: str, pid: int) -> tuple[str, str]:
-    """What dead worker ``pid`` of a computation in ``directory`` wrote below Python
-    for its last job (its last `CRASH_OUTPUT` bytes each): a C library's last words
-    before it crashed, which went to the node's console before. Its files are
-    removed."""
-    texts = []
-    for path in output_paths(directory, pid):
-        text = ""
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:  # it had none, or removed them
-            texts.append(text)
-            continue
-        try:
-            size = os.fstat(fd).st_size
-            start = max(0, size - CRASH_OUTPUT)
-            text = os.pread(fd, size - start, start).decode("utf-8", "replace")
-            if start:
-                text = (
-                    f"[dispynb: the first {start} bytes written below Python "
-                    f"dropped: the last {CRASH_OUTPUT} are kept]\n{text}"
-                )
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-        texts.append(text)
-    return texts[0], texts[1]
-
-
 class _Descriptor:
-    """One of the worker's descriptors (1 or 2), pointed at a file of its own
-    (``path``, in its computation's directory) until `close`; ``taken`` bytes of
-    that file are in the running job's output."""
+    """One of the worker's descriptors (1 or 2), pointed at a file of its own (in
+    its computation's directory, unlinked: a job listing it sees no such file)
+    until `close`; ``taken`` bytes of that file are in the running job's output."""
 
-    def __init__(self, fd: int, path: str) -> None:
+    def __init__(self, fd: int, directory: str) -> None:
         self.fd = fd
-        self.path = path
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)  # a dead worker's whose number this one has
+        self.file, path = tempfile.mkstemp(prefix=".dispynb-output-", dir=directory)
+        os.unlink(path)
         # O_APPEND: what the job's processes write once the file was emptied goes at
         # its start, not at the offset they last wrote at.
-        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
-        self.file = os.open(path, flags, 0o600)
+        fcntl.fcntl(self.file, fcntl.F_SETFL, os.O_APPEND)
         try:
             self.saved = os.dup(fd)  # the node's: the worker's own streams go there
         except OSError:
             os.close(self.file)
-            os.unlink(path)
             raise
         self.taken = 0
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
@@ -113,8 +69,6 @@ class _Descriptor:
         os.dup2(self.saved, self.fd)
         os.close(self.file)
         os.close(self.saved)
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
 
     def size(self) -> int:
         """Bytes in the file (one system call)."""
@@ -163,10 +117,9 @@ class FdOutput:
     """A worker's descriptors 1 and 2, each job's output (`begin`, `end`)."""
 
     def __init__(self, directory: str) -> None:
-        out_path, err_path = output_paths(directory, os.getpid())
-        self.stdout = _Descriptor(1, out_path)
+        self.stdout = _Descriptor(1, directory)
         try:
-            self.stderr = _Descriptor(2, err_path)
+            self.stderr = _Descriptor(2, directory)
         except OSError:
             self.stdout.close()
             raise

@@ -20,7 +20,6 @@ from dispynb.transport.connection import Connection
 from nodeserver.compstate import NodeJob, Worker, _ComputationState
 from nodeserver.containment import HeldWorker, node_pids_root, place_in_new_cgroup
 from nodeserver.control import ControlChannel
-from nodeserver.fdoutput import left_by
 from nodeserver.ipc import (
     IpcMessage,
     Load,
@@ -367,8 +366,6 @@ class _WorkerLife(_ComputationState):
         worker.process.close()
         drop_interrupt_page(worker)
         returncode = worker.returncode
-        # What it wrote below Python for its job, if it died running one.
-        output = left_by(self.path, worker.pid)
         requeue: list[NodeJob] = []
         for position, job in enumerate(worker.assigned):
             self._release_job_files(job)
@@ -404,7 +401,6 @@ class _WorkerLife(_ComputationState):
                     crash_reason(returncode)
                     if returncode is not None
                     else "the computation's process on the node died",
-                    output,
                 )
             elif position == 0 and not worker.retiring:
                 reason = (
@@ -415,7 +411,7 @@ class _WorkerLife(_ComputationState):
                 if job.mem_limit is not None:
                     reason += mem_limit_note(job.mem_limit)
                 job.reported = True
-                self._report_unrun(job, CRASHED, reason, output)
+                self._report_unrun(job, CRASHED, reason)
             elif position == 0 and not job.start_held:
                 # Reported started, on a worker the node killed (`_retire`): run
                 # again, it would run twice under one attempt, Running twice.
@@ -433,9 +429,7 @@ class _WorkerLife(_ComputationState):
         self._pump()
         self._note_progress()
 
-    def _report_unless_stopping(
-        self, job: NodeJob, reason: str, output: tuple[str, str]
-    ) -> None:
+    def _report_unless_stopping(self, job: NodeJob, reason: str) -> None:
         if self._node_stopping():
             logger.info(
                 "job %d was killed by the node's stop signal: left to its client "
@@ -445,7 +439,7 @@ class _WorkerLife(_ComputationState):
             return
         if job.mem_limit is not None:
             reason += mem_limit_note(job.mem_limit)
-        self._report_unrun(job, CRASHED, reason, output)
+        self._report_unrun(job, CRASHED, reason)
 
     def _on_control_closed(self) -> None:
         self._control_closed.set()
