@@ -95,6 +95,12 @@ class CellRunner:
             raise UsageError(f"--into needs a variable name, not {args.into!r}")
         if args.function is not None and not args.function.isidentifier():
             raise UsageError(f"the function must be a name, not {args.function!r}")
+        if args.timeout is not None and not args.timeout > 0:
+            # It ran the cell, sent every job and cancelled them all at once.
+            raise UsageError(
+                f"--timeout takes the seconds to wait, above 0, not {args.timeout:g}"
+                " (--nowait returns at once)"
+            )
         try:
             resolve_kind(args.progress)  # $DISPYNB_PROGRESS misspelt: said first
         except ValueError as exc:

@@ -378,6 +378,10 @@ def test_magic_cell_with_some_jobs_failed_succeeds(ip):
         ('nothing --over "[1]"', "def f(x):\n    return x\n", "'nothing' is not"),
         ("", "def f(x):\n    return x\n", "--over"),
         ('--over "[1]" --progress fancy', "def f(x):\n    return x\n", "invalid"),
+        # Ran the cell, sent the job and cancelled it: "no job finished within
+        # --timeout -5 s (1 cancelled): give it more seconds".
+        ('--over "[1]" --timeout -5', "def f(x):\n    return x\n", "above 0, not -5"),
+        ('--over "[1]" --timeout 0', "def f(x):\n    return x\n", "above 0, not 0 "),
     ],
 )
 def test_magic_cell_usage_errors(ip, line, body, message):
