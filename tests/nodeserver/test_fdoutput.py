@@ -87,3 +87,36 @@ def test_output_below_python_is_kept_to_max_output(tmp_path: Path) -> None:
         "[dispynb: 4999006 more characters of stdout dropped: a job keeps 1000 "
         "(max_output_size)]\n"
     ), note
+
+
+def quick_below_python(n: int) -> int:
+    """Jobs of microseconds: even ones write below Python (``os.write``), odd ones
+    print from Python."""
+    import os
+
+    if n % 2 == 0:
+        os.write(1, b"below %d\n" % n)
+    else:
+        print(f"python {n}")
+    return n
+
+
+def test_output_below_python_of_jobs_of_microseconds_is_their_own(
+    tmp_path: Path,
+) -> None:
+    """A burst of jobs too short for the check that the processes a job left are
+    gone: what each wrote below Python is in its own stdout. Before, a job under 50
+    us left it in the file, and the next job took it in (396 of 400 jobs had
+    another's output or none)."""
+    with (
+        running_node(tmp_path / "node", cpus=1) as node,
+        JobCluster(quick_below_python, nodes=[node.spec], secret=node.secret) as c,
+    ):
+        jobs = [(n, c.submit(n)) for n in range(200)]
+        c.wait()
+    wrong = [
+        (n, job.stdout)
+        for n, job in jobs
+        if job.stdout != (f"below {n}\n" if n % 2 == 0 else f"python {n}\n")
+    ]
+    assert not wrong, wrong[:6]
