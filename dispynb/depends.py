@@ -68,14 +68,34 @@ def collect(items: list[Any] | tuple[Any, ...], what: str = "depends") -> Depend
             deps.names[item.__name__] = item
         elif inspect.ismethod(item):
             deps.names[type(item.__self__).__name__] = type(item.__self__)
-        elif item is None or isinstance(item, int | float | bytes | bool):
-            raise ConfigurationError(
-                f"{where}: {item!r} is not a dependency; give files (paths), modules, "
-                "functions, classes or instances"
-            )
         else:  # an instance: dispy sends its class
+            _refuse_value(item, where)
             deps.names[type(item).__name__] = type(item)
     return deps
+
+
+def check(items: list[Any] | tuple[Any, ...], what: str = "depends") -> None:
+    """Raise `ConfigurationError` for the first of ``items`` that `collect` would
+    refuse (a path that is not a file, a number, a module without a source file),
+    reading no file: a mistake is said before anything starts."""
+    for index, item in enumerate(items):
+        where = f"{what}[{index}]"
+        if isinstance(item, str | os.PathLike):
+            if not os.path.isfile(item):
+                raise ConfigurationError(f"{where}: {os.fspath(item)!r} is not a file")
+        elif isinstance(item, types.ModuleType):
+            _module_path(item, where)
+        else:
+            _refuse_value(item, where)
+
+
+def _refuse_value(item: Any, where: str) -> None:
+    """Refuse what is no dependency (an instance of these sends no class)."""
+    if item is None or isinstance(item, int | float | bytes | bool):
+        raise ConfigurationError(
+            f"{where}: {item!r} is not a dependency; give files (paths), modules, "
+            "functions, classes or instances"
+        )
 
 
 def file_ref(path: str, where: str = "file") -> FileRef:
@@ -94,13 +114,18 @@ def file_ref(path: str, where: str = "file") -> FileRef:
     return FileRef(full, relative, digest, os.path.getsize(full))
 
 
-def _module_file(module: types.ModuleType, where: str) -> FileRef:
+def _module_path(module: types.ModuleType, where: str) -> str:
     path = getattr(module, "__file__", None)
     if not path or not path.endswith(".py"):
         raise ConfigurationError(
             f"{where}: module {module.__name__!r} has no Python source file to send; "
             "install it on the nodes instead"
         )
+    return str(path)
+
+
+def _module_file(module: types.ModuleType, where: str) -> FileRef:
+    path = _module_path(module, where)
     relative = module.__name__.replace(".", "/")
     relative += "/__init__.py" if os.path.basename(path) == "__init__.py" else ".py"
     ref = file_ref(path, where)

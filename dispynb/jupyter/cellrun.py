@@ -22,6 +22,8 @@ from typing import Any
 from IPython.core.error import UsageError
 from IPython.display import display
 
+from dispynb.depends import check as check_depends
+from dispynb.errors import ConfigurationError
 from dispynb.job import JobStatus
 from dispynb.jupyter.errors import MagicError, RunInterrupted
 from dispynb.jupyter.magicsupport import (
@@ -142,6 +144,14 @@ class CellRunner:
             depends = self._evaluate("--depends", args.depends)
             if not isinstance(depends, list | tuple):
                 depends = [depends]  # one file, module or function
+            try:  # before the nodes: the mistake is the cell's, not theirs
+                check_depends(depends, "--depends")
+            except ConfigurationError as exc:
+                problem = str(exc)
+                if " is not a file" in problem:
+                    problem += f" (a relative path starts in {os.getcwd()})"
+                self._keep(Run.failed(args.into or name, problem), args.into)
+                raise UsageError(problem) from None
         session = self.session
         label = args.into or name
         runs: list[Run] = []  # the run, once its cluster is up (for the panel)

@@ -389,6 +389,32 @@ def test_magic_cell_usage_errors(ip, line, body, message):
         ip.run_cell_magic("dispy", line, body)
 
 
+@pytest.mark.parametrize(
+    ("depends", "message"),
+    [
+        ("['missing.csv']", "--depends[0]: 'missing.csv' is not a file (a relative "),
+        ("[__file__, 5]", "--depends[1]: 5 is not a dependency; give files"),
+    ],
+)
+def test_a_depends_mistake_is_said_before_the_run_starts(ip, depends, message):
+    """It failed as the run's cluster started, with how to start nodes ("start
+    nodes on this machine with %dispy local, ...") though the nodes were fine."""
+    ip.user_ns["__file__"] = __file__
+    cell(ip, '--over "[1]" --into typo', "def f(x):\n    return x\n")
+    earlier = ip.user_ns["typo"]
+    with pytest.raises(UsageError) as raised:
+        ip.run_cell_magic(
+            "dispy",
+            f'--over "[1]" --into typo --depends "{depends}"',
+            "def f(x):\n    return x\n",
+        )
+    said = str(raised.value)
+    assert said.startswith(message), said
+    assert "%dispy" not in said, said
+    assert ip.user_ns["typo"] is not earlier  # the name says what happened
+    assert earlier.results == [1]
+
+
 def test_a_misspelt_progress_in_the_environment_is_one_line(ip, monkeypatch):
     """``DISPYNB_PROGRESS=htm``: was ignored; now a usage error, not a traceback
     through Run.map and make_progress, and nothing is sent."""
