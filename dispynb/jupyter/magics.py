@@ -43,6 +43,21 @@ _cell_magic_named = cast(
 )
 
 
+#: What ``%dispy`` does, its first word.
+ACTIONS = [
+    "local",
+    "nodes",
+    "ssh",
+    "slurm",
+    "dask",
+    "ray",
+    "scheduler",
+    "status",
+    "panel",
+    "close",
+]
+
+
 @magics_class
 class DispyMagics(Magics):
     """The ``%dispy`` line magic and the ``%%dispy`` cell magic."""
@@ -63,18 +78,7 @@ class DispyMagics(Magics):
     @magic_arguments()
     @argument(
         "action",
-        choices=[
-            "local",
-            "nodes",
-            "ssh",
-            "slurm",
-            "dask",
-            "ray",
-            "scheduler",
-            "status",
-            "panel",
-            "close",
-        ],
+        choices=ACTIONS,
         help=(
             "local: start node servers on this machine (127.0.0.1, random secret); "
             "nodes: use node servers started elsewhere (dispynb-node), given as "
@@ -211,6 +215,13 @@ class DispyMagics(Magics):
         ones too), and its load (CPU used, memory free) as last reported: when a run
         connects, then every ``--pulse`` seconds while runs use it.
         """
+        if not line.strip() or line.lstrip().startswith("#"):
+            # argparse said "the following arguments are required: action,
+            # HOST[:PORT]", though hosts are for some actions only.
+            raise UsageError(
+                f"%dispy needs what to do: {', '.join(ACTIONS[:-1])} or "
+                f"{ACTIONS[-1]} (see %dispy?)"
+            )
         args = parse_line(self.dispy, line)
         try:
             return self._act(args)

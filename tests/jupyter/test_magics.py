@@ -433,6 +433,9 @@ def test_a_misspelt_progress_in_the_environment_is_one_line(ip, monkeypatch):
     ("line", "message"),
     [
         ("bogus", "invalid choice"),
+        # Was: "the following arguments are required: action, HOST[:PORT]".
+        ("", "^%dispy needs what to do: local, nodes, .* panel or close"),
+        ("  # a comment", "^%dispy needs what to do"),
         ("nodes", "at least one"),
         ("status extra", "takes no hosts"),
         ("local --cpus 0", "at least 1"),
