@@ -3,6 +3,7 @@ process's default recovery file (dispy's ``_dispy_<timestamp>``)."""
 
 from __future__ import annotations
 
+import errno
 import glob
 import logging
 import os
@@ -123,7 +124,7 @@ class ClusterJournal:
             except (OSError, sqlite3.Error) as exc:
                 raise ConfigurationError(
                     f"recover_file {recover_file!r} cannot be written: {exc}; give "
-                    "one on a disk with room, or recover_file=False"
+                    f"one {_where(exc)}, or recover_file=False"
                 ) from None
         elif recover_file is None and can_recover and default_recovery_applies(nodes):
             self._journal = acquire_default_journal()
@@ -227,6 +228,24 @@ class ClusterJournal:
                 release_default_journal(journal, self.recovery_id, clean=clean)
         finally:
             self._journal = None
+
+
+#: Where a recover_file goes, by the error that kept one from being written.
+_WHERE = {
+    errno.ENOENT: "in a directory that exists",
+    errno.EISDIR: "that is a file, not a directory",
+    errno.EACCES: "in a directory you can write to",
+    errno.EPERM: "in a directory you can write to",
+    errno.EROFS: "on a disk you can write to",
+}
+
+
+def _where(exc: BaseException) -> str:
+    """Where to give a recover_file that ``exc`` kept from being written (a full
+    disk, SQLite's error, and any other: one with room)."""
+    if isinstance(exc, OSError) and exc.errno in _WHERE:
+        return _WHERE[exc.errno]
+    return "on a disk with room"
 
 
 def latest_recover_file(directory: str = ".") -> str | None:

@@ -291,3 +291,21 @@ def test_a_second_journal_on_the_file_leaves_the_first_ones_records_to_recover(
     first.submitted("rid", 1, DispyJob(None, (1,), {}))
     assert _jobs_seen_by_another_process(path) == 1
     first.close()
+
+
+@pytest.mark.parametrize(
+    ("where", "hint"),
+    [
+        ("missing/recover.db", "give one in a directory that exists"),
+        (".", "give one that is a file, not a directory"),
+    ],
+)
+def test_a_recover_file_that_cannot_be_made_says_what_to_give_instead(
+    tmp_path, where, hint
+):
+    """It said "give one on a disk with room" whatever kept it from being made."""
+    path = str(tmp_path / where)
+    with pytest.raises(ConfigurationError) as raised:
+        JobCluster(abs, nodes=["127.0.0.1:9"], secret="s" * 32, recover_file=path)
+    assert str(raised.value).startswith(f"recover_file {path!r} cannot be written: ")
+    assert str(raised.value).endswith(f"; {hint}, or recover_file=False")
