@@ -227,6 +227,7 @@ class SchedulerServer(
         self.files.close()
         self.spill.close()
         self._session_refusals.close()
+        self.message_refusals.close()
 
     def _welcome(self) -> Welcome:
         return Welcome(

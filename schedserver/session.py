@@ -311,8 +311,15 @@ class SchedulerSession:
             self.server.pulse_changed()
 
     def _refuse(self, text: str) -> None:
-        logger.warning("user %r: %s", self.user, text)
+        self._log_refusal(text)
         self.send(Error(code="refused", message=text))
+
+    def _log_refusal(self, text: str) -> None:
+        """Log that a message of the user was refused, as a count past the first
+        (a line each let any user grow the scheduler's log at will)."""
+        self.server.message_refusals.event(
+            "refused messages", f"user {self.user!r}", text
+        )
 
     def _on_bad(self, error: BadMessageError) -> None:
         self._refuse(f"message not understood: {peer_text(error)}")
@@ -430,7 +437,7 @@ class SchedulerSession:
                 self._computations_refused = True
                 self.send(ComputationFailed(comp_id=message.comp_id, message=refused))
             elif refused := (message.bad_seconds() or self._files_too_large(message)):
-                logger.warning("user %r: %s", self.user, refused)
+                self._log_refusal(refused)
                 self.send(ComputationFailed(comp_id=message.comp_id, message=refused))
             else:
                 self._pulse_at(message.pulse_interval)

@@ -109,6 +109,9 @@ class _ServerState:
         self.monitor: SchedulerMonitor | None = None
         #: Sessions refused over --max_sessions, logged as counts per user.
         self._session_refusals = Tally(logger)
+        #: Messages of its users refused (each user may send them at will), logged
+        #: as counts per user.
+        self.message_refusals = Tally(logger)
         self.port = 0
         self.stopping = False
         #: A dispatch is due at the loop's next turn (`_Dispatch.schedule_soon`).

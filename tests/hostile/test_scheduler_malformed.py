@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from dispynb.protocol.messages import (
     ComputationSetup,
     Error,
     FilesMissing,
+    JobCancel,
     JobResults,
     JobSubmit,
     Message,
@@ -134,3 +136,56 @@ def test_a_node_asking_for_files_by_lists_is_warned_of(
     # (the node answers each job with the square of its key, not of its argument)
     assert len(results) == 4 and all(isinstance(r, int) for r in results)
     assert warned and "Traceback" not in log
+
+
+#: Messages mallory sends that the scheduler refuses, each answered with an error.
+REFUSED = 300
+
+#: A log line about one of them (before: "user 'mallory': REASON", a line each).
+_ABOUT_THEM = (
+    r"WARNING (refused messages from )?user 'mallory': (no computation|job entries)"
+)
+
+
+async def _refused_messages(port: int, credential: Path) -> int:
+    """Send `REFUSED` messages naming a computation she does not have, and as many
+    job submissions whose entries count more buffers than they carry, reading the
+    answers; return how many were refused."""
+    conn = await raw_scheduler_session(port, credential)
+    try:
+        for _ in range(REFUSED):
+            conn.write(JobCancel(comp_id=99, key=1, attempt=1))
+            conn.write(JobSubmit(comp_id=1, jobs=[[1, 1, 1]]))
+        await conn.flush()
+        refused = 0
+        async with asyncio.timeout(30):
+            while refused < 2 * REFUSED:
+                message, _ = await conn.recv()
+                refused += isinstance(message, Error)
+        return refused
+    finally:
+        conn.close()
+
+
+@pytest.mark.attack(
+    id="sched-refused-messages-log",
+    title=f"A scheduler user sends {2 * REFUSED} messages the scheduler refuses "
+    "(a computation not hers, malformed job entries), reading the answers",
+    goal="each answered with the reason; at most 2 log lines about them, and one "
+    "with the count left when the scheduler stops (was: a WARNING line each)",
+)
+@pytest.mark.timeout(120)
+def test_refused_messages_cannot_flood_the_schedulers_log(
+    tmp_path: Path, people: dict[str, Path], measure
+) -> None:
+    with shared_nodes(tmp_path, people) as sched:
+        refused = asyncio.run(_refused_messages(sched.port, people["mallory"]))
+        during = len(re.findall(_ABOUT_THEM, sched.log_text()))
+    counted = re.findall(r"(\d+) more refused messages", sched.log_text())
+    measure(
+        f"{refused} refused; {during} log lines about them while the scheduler ran, "
+        f"{sum(map(int, counted))} more counted at its stop"
+    )
+    assert refused == 2 * REFUSED
+    assert during <= 2
+    assert during + sum(map(int, counted)) == refused
