@@ -1,4 +1,5 @@
-"""That SQLite uses the very journal file `dispynb.journal` checked.
+"""That SQLite uses the very journal file `dispynb.journal` checked, and no file
+another user planted beside it (`Beside`).
 
 The journal's file is checked (ours, a regular file, not a symlink) through a
 descriptor, then SQLite opens it again by its path: in a directory others can write
@@ -19,7 +20,8 @@ That holds only if no other descriptor of the process is of that file. Hence:
 - the journals of the process on one file share one SQLite connection (`Shared`),
   so no second one of ours is open on it as SQLite opens the file; the last journal
   to let go closes it;
-- files are checked and opened one at a time (a module lock).
+- files are checked and opened one at a time (a module lock);
+- a forked child shares none (SQLite's connections may not cross a fork).
 
 Another part of the program opening the journal file as SQLite opens it could still
 hide a swap; nothing of dispynb does.
@@ -46,6 +48,17 @@ _O_PATH = getattr(os, "O_PATH", os.O_RDONLY)
 #: (st_dev, st_ino) -> the connection the journals of the process share on the file
 _shared: dict[tuple[int, int], Shared] = {}
 _shared_lock = threading.RLock()  # release() may come within checked()
+
+
+def _forget_after_fork() -> None:
+    """A forked child opens connections of its own (SQLite's may not cross a
+    fork), under a lock no thread of the parent may have held as it forked."""
+    global _shared_lock
+    _shared.clear()
+    _shared_lock = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 class Shared:

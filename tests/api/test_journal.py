@@ -309,3 +309,32 @@ def test_a_recover_file_that_cannot_be_made_says_what_to_give_instead(
         JobCluster(abs, nodes=["127.0.0.1:9"], secret="s" * 32, recover_file=path)
     assert str(raised.value).startswith(f"recover_file {path!r} cannot be written: ")
     assert str(raised.value).endswith(f"; {hint}, or recover_file=False")
+
+
+def test_a_forked_child_opens_the_journal_with_a_connection_of_its_own(tmp_path):
+    """The journals of a process on one file share its SQLite connection: a child
+    forked from it (multiprocessing's default) got its parent's, which SQLite
+    forbids using across a fork."""
+    path = str(tmp_path / "recover.db")
+    parent = Journal(path)
+    parent.computation("rid", "f")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: says whether it has a connection of its own
+        try:
+            child = Journal(path)
+            own = child._db is not parent._db and child.computations()[0][0] == "rid"
+            child.close()
+            os.write(write, b"own" if own else b"parent's")
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        said = os.read(read, 64)
+    finally:
+        os.close(read)
+        os.waitpid(pid, 0)
+    assert said == b"own"
+    parent.computation("rid2", "g")  # the parent's goes on
+    assert [rid for rid, _name, _nodes in parent.computations()] == ["rid", "rid2"]
+    parent.close()
