@@ -49,7 +49,7 @@ class UsersFile:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self._users: dict[str, bytes] = {}
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: tuple[int, ...] | None = None
 
     def load(self) -> dict[str, bytes]:
         """Read the file (again, if it changed); return name -> token."""
@@ -74,7 +74,10 @@ class UsersFile:
 
     def _read(self, handle: TextIO, info: os.stat_result) -> dict[str, bytes]:
         """The users in ``handle`` (the file, ``info`` its stat), once checked."""
-        stamp = (info.st_mtime_ns, info.st_size)
+        # Its time and size alone would miss a file copied over with its time
+        # kept (rsync -a, cp -p) and a token replaced by one of the same length:
+        # that file is another inode, and any write or rename changes the ctime.
+        stamp = (info.st_ino, info.st_ctime_ns, info.st_mtime_ns, info.st_size)
         if stamp == self._stamp:
             return self._users
         if not stat.S_ISREG(info.st_mode):

@@ -1,14 +1,19 @@
 """A user revoked while its cluster runs (``dispynb-scheduler user revoke``, or the
 web monitor): its jobs end at once saying it was revoked, and its cluster neither
-waits for the scheduler to come back nor tries its refused credential again."""
+waits for the scheduler to come back nor tries its refused credential again. A
+credential replaced in the users file is refused at once, however the file was
+replaced."""
 
 from __future__ import annotations
 
+import os
+import secrets
 from pathlib import Path
 
 import pytest
 
 from dispynb import DispyJob, SharedJobCluster
+from dispynb.errors import AuthenticationError
 from tests.jobs import wait_until
 from tests.sharedsched.harness import SchedulerProcess, scheduler_cli
 
@@ -20,6 +25,10 @@ def _long(n: int) -> int:
 
     time.sleep(60)
     return n
+
+
+def _square(n: int) -> int:
+    return n * n
 
 
 def test_a_revoked_users_jobs_end_saying_so(
@@ -46,3 +55,40 @@ def test_a_revoked_users_jobs_end_saying_so(
     finally:
         cluster.close(timeout=20)
     assert "rejected connections" not in scheduler.log_text()
+
+
+def test_a_users_file_replaced_keeping_its_mtime_is_read_again(
+    scheduler: SchedulerProcess, users: dict[str, Path], tmp_path: Path
+) -> None:
+    """A users file copied over with its time kept (``rsync -a``, ``cp -p``, a
+    restored backup) where alice's token was replaced by one of the same length:
+    her old credential is refused and the new one taken (the file was taken as
+    unchanged by its time and size)."""
+    path = tmp_path / "users"
+    with SharedJobCluster(
+        _square, scheduler_host=scheduler.address, secret_file=str(users["alice"])
+    ) as cluster:
+        assert cluster.submit(3)() == 9
+    old = path.stat()
+    token = secrets.token_urlsafe(32)
+    lines = [
+        f"alice {token}" if line.startswith("alice ") else line
+        for line in path.read_text().splitlines()
+    ]
+    copy = tmp_path / "users.rsync"
+    copy.write_text("\n".join(lines) + "\n")
+    copy.chmod(0o600)
+    os.utime(copy, ns=(old.st_atime_ns, old.st_mtime_ns))
+    assert copy.stat().st_size == old.st_size
+    copy.replace(path)
+    with pytest.raises(AuthenticationError):
+        SharedJobCluster(
+            _square, scheduler_host=scheduler.address, secret_file=str(users["alice"])
+        )
+    renewed = tmp_path / "alice.renewed"
+    renewed.write_text(f"dispynb-user:alice:{token}\n")
+    renewed.chmod(0o600)
+    with SharedJobCluster(
+        _square, scheduler_host=scheduler.address, secret_file=str(renewed)
+    ) as cluster:
+        assert cluster.submit(4)() == 16
