@@ -15,6 +15,7 @@ node processes and engines' workers, which must start light.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import io
 import logging
@@ -181,7 +182,9 @@ def describe_failure(
     (`call_mismatch`), and the job's ``mem_limit`` when it ran out of memory under
     one."""
     text = format_job_exception(exc) + call_mismatch(func, args, kwargs, exc)
-    if mem_limit is not None and isinstance(exc, MemoryError):
+    # mmap and other system calls refused for the limit raise OSError(ENOMEM).
+    refused = isinstance(exc, OSError) and exc.errno == errno.ENOMEM
+    if mem_limit is not None and (isinstance(exc, MemoryError) or refused):
         text += (
             f"(the job ran with a mem_limit of {mem_limit} bytes of address space: "
             "mem_limit / dispy_job_mem_limit; give a larger limit, or None for none)\n"

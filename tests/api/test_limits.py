@@ -204,6 +204,23 @@ def test_mem_limit_gives_memory_error_and_node_memory_stays_flat(local1):
     assert big.result == warm.result  # the worker was reused, not replaced
 
 
+def map_memory(size: int) -> int:
+    """Map ``size`` bytes of anonymous memory (as a library's arena would)."""
+    import mmap
+
+    with mmap.mmap(-1, size) as block:
+        return len(block)
+
+
+def test_an_mmap_refused_under_mem_limit_names_the_limit(local1):
+    with JobCluster(map_memory, nodes=local1, mem_limit="512M") as cluster:
+        job = cluster.submit(4 * GiB)
+        assert job.wait(timeout=WAIT)
+    assert job.status == DispyJob.Terminated
+    assert "Cannot allocate memory" in job.exception  # OSError(ENOMEM)
+    assert f"mem_limit of {512 * MiB} bytes" in job.exception
+
+
 def test_mem_limit_is_lifted_for_the_next_job_of_a_reused_worker(local1):
     with JobCluster(address_space_limit, nodes=local1) as cluster:
         limited = cluster.submit(dispy_job_mem_limit=256 * MiB)
