@@ -229,11 +229,15 @@ def test_a_module_missing_on_the_node_names_it_and_depends_in_a_short_traceback(
         )
     assert done.returncode == 1, done.stdout + done.stderr
     traceback = traceback_of(done.stderr)
-    assert traceback[-1] == (
+    assert traceback[-2:] == [
         f"dispynb.errors.SetupError: {node.spec}: cannot load computation 'double' "
         "on the node: ModuleNotFoundError: No module named 'mymodel' (is a module "
-        "it needs missing on the node? install it there, or send it with depends)"
-    ), done.stderr
+        "it needs missing on the node? install it there, or send it with depends)",
+        # the module's file and the fix, as a job's traceback ends (9c297e0)
+        f"(this client imports 'mymodel' from {tmp_path / 'mymodel.py'}, the node "
+        "cannot: send it with JobCluster(..., depends=[mymodel]), or install it on "
+        "the node)",
+    ], done.stderr
     assert_short(traceback)
 
 
