@@ -40,6 +40,7 @@ class _Clients(_ServerState):
             return
         # a part of SchedulerServer: the session is the whole server's
         session = SchedulerSession(conn, cast("SchedulerServer", self), user)
+        session.token = self.users.lookup(user)  # the one just proved
         self.sessions.add(session)
         logger.info("user %r connected from %s", user, conn.peer)
         try:

@@ -56,7 +56,7 @@ class _Pulse(_ServerState):
             if users is not None:
                 self._end_revoked(users)
             for session in list(self.sessions):
-                if users is not None and session.user not in users:
+                if users is not None and users.get(session.user) != session.token:
                     pass  # its session ends (`_end_revoked`)
                 elif now - session.last_heard > zombie:
                     self._zombie(session, now - session.last_heard)
@@ -137,19 +137,22 @@ class _Pulse(_ServerState):
         self._end_revoked(self.users.load())
 
     def _end_revoked(self, users: dict[str, bytes]) -> None:
-        """End the sessions and computations of users no longer in ``users``.
+        """End the sessions and computations of users no longer in ``users``, and
+        the sessions (with their computations) of a credential replaced there.
 
         Each session is told why first (`Error` ``revoked``): its client ends its
         jobs with that reason and does not try its refused credential again."""
         revoked = [
             session
             for session in self.sessions
-            if session.user not in users and not session.conn.closed
+            if users.get(session.user) != session.token and not session.conn.closed
         ]
         for session in revoked:
             session.send(Error(code="revoked", message=revoked_text(session.user)))
         for comp in list(self.computations):
-            if comp.user not in users and not comp.closing:
+            if comp.closing:
+                continue
+            if comp.user not in users or comp.session in revoked:
                 # A revoked user's jobs stop too, also those kept for a client that
                 # went away (it could never collect them).
                 logger.warning("%s: its user was revoked: closed", comp.name)

@@ -90,6 +90,9 @@ class SchedulerSession:
         self.conn = conn
         self.server = server
         self.user = user
+        #: The token its client proved (set as it is served): once the users file
+        #: has another (or none), the session ends as a revoked user's.
+        self.token: bytes | None = None
         self.computations: dict[int, SharedComputation] = {}
         loop = asyncio.get_running_loop()
         # The default loop's clock is `time.monotonic` itself: one call less for

@@ -92,3 +92,36 @@ def test_a_users_file_replaced_keeping_its_mtime_is_read_again(
         _square, scheduler_host=scheduler.address, secret_file=str(renewed)
     ) as cluster:
         assert cluster.submit(4)() == 16
+
+
+def test_a_session_whose_token_was_replaced_ends(
+    scheduler: SchedulerProcess, users: dict[str, Path], tmp_path: Path
+) -> None:
+    """alice's token replaced in the users file (a leaked credential renewed by
+    hand) while her cluster runs: her session ends as a revoked user's; bob's goes
+    on."""
+    path = tmp_path / "users"
+    alice = SharedJobCluster(
+        _long, scheduler_host=scheduler.address, secret_file=str(users["alice"])
+    )
+    try:
+        with SharedJobCluster(
+            _square, scheduler_host=scheduler.address, secret_file=str(users["bob"])
+        ) as bob:
+            job = alice.submit(1)
+            wait_until(lambda: job.status == DispyJob.Running)
+            lines = [
+                f"alice {secrets.token_urlsafe(32)}"
+                if line.startswith("alice ")
+                else line
+                for line in path.read_text().splitlines()
+            ]
+            renewed = tmp_path / "users.new"
+            renewed.write_text("\n".join(lines) + "\n")
+            renewed.chmod(0o600)
+            renewed.replace(path)
+            assert alice.wait(timeout=20)
+            assert "user 'alice' was revoked" in (job.exception or ""), job.exception
+            assert bob.submit(5)() == 25
+    finally:
+        alice.close(timeout=20)
