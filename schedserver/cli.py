@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 
@@ -393,10 +394,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="dispynb-scheduler user")
-    parser.add_argument("action", choices=["add", "revoke", "list"])
-    parser.add_argument("name", nargs="?")
-    parser.add_argument("--users", required=True, metavar="FILE")
+    parser = argparse.ArgumentParser(
+        prog="dispynb-scheduler user",
+        description="Issue, revoke and list the users of a dispynb-scheduler; a "
+        "running scheduler reads the users file as it changes.",
+    )
+    parser.add_argument(
+        "action",
+        choices=["add", "revoke", "list"],
+        help="add NAME: issue a credential (the users file is made if it does not "
+        "exist); revoke NAME: refuse it, ending its sessions and jobs; list: the "
+        "users' names",
+    )
+    parser.add_argument("name", nargs="?", help="the user (add, revoke)")
+    parser.add_argument(
+        "--users", required=True, metavar="FILE", help="the scheduler's users file"
+    )
     parser.add_argument(
         "--credential-file",
         "-o",
@@ -407,6 +420,11 @@ def _user_command(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     users = UsersFile(args.users)
     if args.action == "list":
+        if not os.path.lexists(args.users):  # a typo: not "no users"
+            raise ConfigurationError(
+                f"no users file {args.users}: 'user add NAME --users "
+                f"{args.users}' makes it"
+            )
         for name in sorted(users.load()):
             print(name)
         return 0

@@ -295,3 +295,16 @@ def test_every_option_with_a_default_says_it_in_its_help() -> None:
         and "default" not in (action.help or "")
     ]
     assert not silent, silent
+
+
+def test_user_list_of_a_missing_users_file_says_so(tmp_path: Path) -> None:
+    """A mistyped --users path lists nobody silently no more; the user command's
+    help says what each action does."""
+    missing = tmp_path / "userz"
+    done = scheduler_cli("user", "list", "--users", str(missing))
+    assert done.returncode == 2 and f"no users file {missing}" in done.stderr
+    assert not done.stdout
+    add_user(tmp_path, "alice")
+    listed = scheduler_cli("user", "list", "--users", str(tmp_path / "users"))
+    assert listed.returncode == 0 and listed.stdout.split() == ["alice"]
+    assert "issue a credential" in scheduler_cli("user", "--help").stdout
