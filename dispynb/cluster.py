@@ -55,6 +55,10 @@ logger = logging.getLogger(__name__)
 #: makes it give up.
 TERMINATE_WAIT = 10.0
 
+#: Seconds `JobCluster.print_status` waits for a shared scheduler's report of the
+#: jobs ended (it reports every second by default, --pulse_interval).
+SETTLE_WAIT = 3.0
+
 
 class JobCluster(_Events, _Jobs, _Nodes, _ClusterState):
     """Run a computation over many inputs on a set of nodes (dispy-compatible).
@@ -313,6 +317,11 @@ class JobCluster(_Events, _Jobs, _Nodes, _ClusterState):
 
     def print_status(self, wall_time: float | None = None) -> None:
         """Print dispy's per-node table of jobs, times and traffic."""
+        settle = getattr(self._backend, "settle_counts", None)
+        if settle is not None and not self._outstanding:
+            # A shared scheduler's counts come in its reports, after the results:
+            # the table of a run that ended counts all its jobs, as dispy's.
+            settle(SETTLE_WAIT)
         self._update_traffic()
         if wall_time is None:
             wall_time = time.time() - self._start_time

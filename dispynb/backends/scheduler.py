@@ -19,6 +19,8 @@ the operator's, not a client's.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from typing import Any
 
 from dispynb.backends import base
@@ -30,6 +32,7 @@ from dispynb.node import DispyNodeAvailInfo, parse_node_specs
 from dispynb.protocol.handshake import peer_text
 from dispynb.protocol.messages import SchedulerNodes
 from dispynb.protocol.records import SharedNodeEntry
+from dispynb.scheduler import driver
 from dispynb.scheduler.driver import NodeLink
 from dispynb.secret import split_credential
 from dispynb.transport.addressing import format_address
@@ -102,6 +105,12 @@ class SchedulerBackend(NodesBackend):
         self._behind: dict[str, NodeInfo] = {}
         self._running: dict[str, list[int]] = {}
         self._scheduler = ""
+        #: When a job that ran last ended, and when the last report came
+        #: (``time.monotonic``), under `_reported`: `settle_counts` waits for a
+        #: report that counts the jobs ended.
+        self._ended_at = 0.0
+        self._reported_at = 0.0
+        self._reported = threading.Condition()
 
     def node_ready(self, link: NodeLink) -> None:
         """The computation is set up at the scheduler; its nodes come in a report."""
@@ -170,6 +179,26 @@ class SchedulerBackend(NodesBackend):
             events.node_counts(info, entry.jobs_done, entry.busy, entry.cpu_time)
         if self._startup is not None and not self._startup.done():
             self._startup.set_result(None)
+        with self._reported:
+            self._reported_at = time.monotonic()
+            self._reported.notify_all()
+
+    def job_done(
+        self, key: int, link: NodeLink | None, outcome: driver.Outcome
+    ) -> None:
+        if outcome.start_time:  # it ran on a node: the next report counts it
+            with self._reported:
+                self._ended_at = time.monotonic()
+        super().job_done(key, link, outcome)
+
+    def settle_counts(self, timeout: float) -> bool:
+        """Wait at most ``timeout`` s for the scheduler's report that counts the
+        jobs ended so far (it reports every pulse; the results come first): what
+        dispy's client counts itself as each result comes. False if none came."""
+        with self._reported:
+            return self._reported.wait_for(
+                lambda: self._reported_at >= self._ended_at, timeout
+            )
 
     def running_jobs(self, node_id: str) -> list[int]:
         """This cluster's jobs at a node behind the scheduler (its last report)."""

@@ -48,6 +48,26 @@ def by_address(cluster: SharedJobCluster) -> dict[str, DispyNode]:
     return {f"{n.ip_addr}:{n.port}": n for n in cluster.status().nodes}
 
 
+def test_print_status_at_the_end_of_a_run_counts_all_its_jobs(
+    scheduler: SchedulerProcess,
+    users: dict[str, Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """dispy's sample ends with print_status() once its jobs are done: the table
+    counts them all, as dispy's client counts each result. The counts come in the
+    scheduler's reports (every second), after the results: before, the table
+    printed at once left out the jobs of the last second (all of a short run)."""
+    with SharedJobCluster(
+        nap, scheduler_host=scheduler.address, secret_file=str(users["alice"])
+    ) as alice:
+        jobs = [alice.submit(0.0) for _ in range(8)]
+        assert alice.wait(timeout=WAIT)
+        assert {job.status for job in jobs} == {JobStatus.Finished}
+        alice.print_status()
+    rows = [line for line in capsys.readouterr().out.splitlines() if " | " in line]
+    assert sum(int(row.split("|")[2]) for row in rows[1:]) == 8, rows  # Jobs
+
+
 def test_status_print_status_and_monitor_list_the_nodes_behind_the_scheduler(
     scheduler: SchedulerProcess,
     nodes: LocalCluster,
