@@ -330,6 +330,11 @@ class ClientSession(_SessionFiles, _SessionRecovery):
                 self._orphaned = True
                 self.conn.close()  # serve() then terminates its computations
                 return
+            if self.conn.unsent:
+                # The client has not taken what was sent: it hears from the node
+                # once it reads; a pulse each time would pile up without end for
+                # a client that never reads.
+                continue
             avail = avail_info(self.server.config.dest_path)
             self.outbox.write(NodeStatus(avail=avail))
 

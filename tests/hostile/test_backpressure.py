@@ -23,6 +23,7 @@ from dispynb.protocol.messages import (
     ComputationSetup,
     JobResults,
     JobSubmit,
+    NodeStatus,
 )
 from nodeserver.outbox import OUT_HIGH
 from tests.hostile.tools import limited_node
@@ -146,3 +147,62 @@ def test_a_client_that_never_reads_cannot_grow_the_node(tmp_path, measure):
 def test_a_tls_client_that_never_reads_cannot_grow_the_node(tmp_path, measure):
     certfile, keyfile = make_cert(tmp_path, "node")
     _check(measure, tmp_path / "node", certfile, keyfile)
+
+
+# -- pulses for a client that does not read ----------------------------------------
+
+#: Seconds the client does not read, asking for a pulse every `PULSE` s.
+STALL = 3.0
+PULSE = 0.1
+
+
+def thirty_two_mib() -> bytes:
+    return bytes(32 << 20)
+
+
+async def _pulses_queued(port: int, secret: bytes) -> int:
+    """Pulses the node queued for its client while the client did not read (those
+    that came at once after the result it had not read)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    client = RawClient(reader, writer)
+    try:
+        await client.handshake(secret)
+        bundle = serialize.dumps({"func": thirty_two_mib, "setup": None})
+        setup = ComputationSetup(comp_id=1, name="p", workers=1, pulse_interval=PULSE)
+        writer.write(client.signed_frame(setup, bundle))
+        async with asyncio.timeout(20):
+            while not isinstance((await client.receive())[0], ComputationReady):
+                pass
+        submit = JobSubmit(comp_id=1, jobs=[[0, 1, 1]])
+        writer.write(client.signed_frame(submit, serialize.dumps(((), {}))))
+        await writer.drain()
+        await asyncio.sleep(STALL)  # the attack: not reading (its result waits)
+        async with asyncio.timeout(30):
+            while not isinstance((await client.receive())[0], JobResults):
+                pass
+        # What was queued behind the result arrives at once; later pulses come
+        # every PULSE s (at most 2 of them within this window).
+        queued = 0
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2 * PULSE):
+                while True:
+                    queued += isinstance((await client.receive())[0], NodeStatus)
+        return queued
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError, TimeoutError):
+            await asyncio.wait_for(writer.wait_closed(), 10)
+
+
+@pytest.mark.attack(
+    id="never-reading-pulses",
+    title=f"A client asks for a pulse every {PULSE} s, then does not read for "
+    f"{STALL:g} s while its 32 MiB result waits",
+    goal="no pulse piles up while the client does not take what was sent (was: one "
+    "each time, without end for a client that never reads)",
+)
+def test_pulses_do_not_pile_up_for_a_client_that_does_not_read(tmp_path, measure):
+    with limited_node(tmp_path, cpus=1) as node:
+        queued = asyncio.run(_pulses_queued(node.port, node.secret.encode()))
+    measure(f"{queued} pulses arrived at once after the result (stalled {STALL:g} s)")
+    assert queued <= 3
