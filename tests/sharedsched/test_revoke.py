@@ -31,13 +31,18 @@ def _square(n: int) -> int:
     return n * n
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
 def test_a_revoked_users_jobs_end_saying_so(
-    scheduler: SchedulerProcess, users: dict[str, Path], tmp_path: Path
+    scheduler: SchedulerProcess, users: dict[str, Path], tmp_path: Path, reentrant: bool
 ) -> None:
-    """Running and queued jobs end Abandoned with the reason, and so does one
-    submitted after; the cluster closes without waiting for them."""
+    """Running and queued jobs end Abandoned with the reason (reentrant ones too:
+    they have nowhere to run), and so does one submitted after; the cluster closes
+    without waiting for them."""
     cluster = SharedJobCluster(
-        _long, scheduler_host=scheduler.address, secret_file=str(users["bob"])
+        _long,
+        scheduler_host=scheduler.address,
+        secret_file=str(users["bob"]),
+        reentrant=reentrant,
     )
     try:
         jobs = [cluster.submit(n) for n in range(6)]  # 4 CPUs: 2 wait
