@@ -5,7 +5,10 @@ A recoverable computation's results (see `nodeserver.keeper`) are written to fil
 0700 directories, written to a temporary name and renamed, so a crash leaves either a
 whole result or none. The recovery id itself is never written: a directory is found
 by hashing the id a client presents. A ``meta`` file says how long the results are
-kept, and when they expire once the computation has ended.
+kept, and when they expire once the computation has ended; it is on the disk (synced,
+then its directory) before it is relied on, and one a power loss tore costs no
+result: they are kept for the default time. Results are not synced one by one (a
+disk's flush each: about 50 times the cost of writing a small one).
 
 The disk space of all spooled results is bounded (``--kept-results-size``): a result
 that does not fit is not kept (the connected client still gets it) and a warning says
@@ -92,7 +95,9 @@ class ResultSpool:
             self.remove(self._read_dir(path) or SpoolDir(path, name))
         os.mkdir(path, mode=0o700)
         spool = SpoolDir(path, name)
-        self._write_file(*self._meta(spool))  # raises: the results stay in memory
+        # Raises: the results stay in memory.
+        self._write_file(*self._meta(spool), durable=True)
+        sync_dir(self.root)  # the directory itself
         return spool
 
     def write_meta(self, spool: SpoolDir) -> bool:
@@ -102,7 +107,7 @@ class ResultSpool:
         results as long anyway, and its start, stop and clients go on.
         """
         try:
-            self._write_file(*self._meta(spool))
+            self._write_file(*self._meta(spool), durable=True)
         except OSError as exc:
             logger.warning(
                 "cannot record how long results of %s are kept: %s", spool.name, exc
@@ -216,7 +221,6 @@ class ResultSpool:
             path = os.path.join(self.root, key)
             spool = self._read_dir(path)
             if spool is None:
-                shutil.rmtree(path, ignore_errors=True)
                 continue
             self.used += spool.size
             if spool.expires is not None and spool.expires <= now:
@@ -226,7 +230,23 @@ class ResultSpool:
         return found
 
     def _read_dir(self, path: str) -> SpoolDir | None:
+        """The spool in ``path``; None if there is none (an empty or foreign one is
+        removed, an unreadable one left as it is: both logged).
+
+        A ``meta`` file torn by a crash (a power loss before the disk had it) does not
+        cost the results beside it: they are kept for the default time, under the
+        directory's name."""
         if os.path.islink(path) or not os.path.isdir(path):
+            return None  # not a spool's (left as it is)
+        try:
+            names = sorted(os.listdir(path))
+            files = []
+            for name in names:
+                if name.startswith("r"):
+                    full = os.path.join(path, name)
+                    files.append((full, self._on_disk(os.path.getsize(full))))
+        except OSError as exc:
+            logger.warning("spool directory %s cannot be read, left: %s", path, exc)
             return None
         try:
             with open(os.path.join(path, "meta"), "rb") as handle:
@@ -237,19 +257,30 @@ class ResultSpool:
                 float(meta["keep"]),
                 None if meta["expires"] is None else float(meta["expires"]),
             )
-            for name in sorted(os.listdir(path)):
-                if name.startswith("r"):
-                    full = os.path.join(path, name)
-                    size = self._on_disk(os.path.getsize(full))
-                    spool.files.append((full, size))
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            logger.warning("spool directory %s is unreadable, removed: %s", path, exc)
-            return None
+            if not files:
+                logger.warning(
+                    "spool directory %s is unreadable, removed: %s", path, exc
+                )
+                shutil.rmtree(path, ignore_errors=True)
+                return None
+            # Its expiry is unknown: the default from now (written again by the keeper).
+            spool = SpoolDir(path, os.path.basename(path))
+            logger.warning(
+                "spool directory %s: its meta file is damaged (%s; the node stopped "
+                "while writing it?): its %d kept results are offered %.0f s",
+                path,
+                exc,
+                len(files),
+                spool.keep,
+            )
+        spool.files = files
         return spool
 
     @staticmethod
-    def _write_file(path: str, parts: list[Any]) -> None:
-        """Write ``parts`` to ``path`` (mode 0600) via a temporary file and a rename."""
+    def _write_file(path: str, parts: list[Any], durable: bool = False) -> None:
+        """Write ``parts`` to ``path`` (mode 0600) via a temporary file and a rename;
+        ``durable``: on the disk (the file, then its name) before this returns."""
         tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.tmp"
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
         fd = os.open(tmp, flags, 0o600)
@@ -257,11 +288,25 @@ class ResultSpool:
             with os.fdopen(fd, "wb") as handle:
                 for part in parts:
                     handle.write(part)
+                handle.flush()
+                if durable:
+                    os.fsync(handle.fileno())
             os.replace(tmp, path)
+            if durable:
+                sync_dir(os.path.dirname(path))
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+
+
+def sync_dir(path: str) -> None:
+    """Put the names in directory ``path`` (a file renamed there) on the disk."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _block_size(path: str) -> int:

@@ -1,0 +1,79 @@
+"""Results a node keeps for crashed clients survive what its disk is left with after
+a crash: a ``meta`` file torn by a power loss, a node killed mid-write.
+
+Real ``dispynb-node`` processes, real clients, SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from nodeserver.spool import ResultSpool
+from tests.api.test_recovery import (
+    assert_every_job_recovered,
+    kill_client_mid_run,
+    recover_in_new_process,
+)
+from tests.nodeproc import start_node
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("torn", [b"", b'{"name": "compute", "ke'])
+def test_a_torn_meta_file_costs_no_kept_result(tmp_path: Path, torn: bytes) -> None:
+    """The node stops once its client's results are kept; its spool's
+    ``meta`` is left as a torn write leaves it (empty, or cut short): a node started
+    again on the directory offers the results all the same, and says why."""
+    node = start_node(tmp_path / "node", cpus=20)
+    try:
+        journal = kill_client_mid_run(tmp_path, node, started=20)
+        assert node.stop() == 0  # drains: the running jobs end, their results kept
+        metas = list((tmp_path / "node" / "dest" / ".kept").glob("*/meta"))
+        assert len(metas) == 1, metas
+        metas[0].write_bytes(torn)
+        (tmp_path / "node" / "port").unlink()
+        node = start_node(
+            tmp_path / "node", "--port", str(node.port), cpus=20, secret=node.secret
+        )
+        done = recover_in_new_process(tmp_path, journal, node.secret)
+    finally:
+        node.stop(signal.SIGKILL)
+    assert_every_job_recovered(done)
+    assert "meta file is damaged" in node.log_text()
+
+
+def synced(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """What ``os.fsync`` is called on from now: each descriptor's path."""
+    calls: list[str] = []
+    real = os.fsync
+
+    def spy(fd: int) -> None:
+        calls.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    return calls
+
+
+def test_how_long_results_are_kept_is_on_the_disk_before_it_is_relied_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A spool's ``meta`` (what says its results are kept, and how long) is synced
+    before it replaces the old one, then its directory; results are not, each
+    (a sync costs a disk's flush: milliseconds a result)."""
+    spool = ResultSpool(str(tmp_path / ".kept"), 1 << 20)
+    calls = synced(monkeypatch)
+    kept = spool.create("a-recovery-id", "compute")
+    meta = os.path.join(kept.path, ".meta.tmp")
+    assert calls == [meta, kept.path, spool.root]
+    calls.clear()
+    assert spool.write(
+        kept, [1, 1, "finished", 0.0, 1.0, "", "", None, 1], [memoryview(b"x")]
+    )
+    assert calls == []
+    kept.expires = 1.0
+    assert spool.write_meta(kept)
+    assert calls == [meta, kept.path]
