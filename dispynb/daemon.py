@@ -112,6 +112,7 @@ __all__ = [
     "setup_logging",
     "setup_package_logging",
     "stop_signals",
+    "sync_dir",
 ]
 
 
@@ -121,6 +122,10 @@ def replace_file(path: str, text: str, mode: int = 0o644) -> None:
     The new file gets a name of its own (``O_EXCL``): one another user made first,
     or a symlink they planted, under a fixed name next to ``path`` (a port file in
     ``/tmp``) was written through, as the daemon's user (root: any file).
+
+    It is on the disk before it replaces the old one, and its name after: a power
+    loss leaves the old file or the new one, never an empty or torn one (a
+    scheduler's users file, a node's saved configuration).
     """
     directory, name = os.path.split(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
@@ -128,8 +133,20 @@ def replace_file(path: str, text: str, mode: int = 0o644) -> None:
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
             os.fchmod(handle.fileno(), mode)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    sync_dir(directory)
+
+
+def sync_dir(path: str) -> None:
+    """Put the names in directory ``path`` (a file renamed there) on the disk."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

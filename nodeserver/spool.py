@@ -32,6 +32,8 @@ from typing import Any
 
 import msgpack
 
+from dispynb.daemon import sync_dir
+
 logger = logging.getLogger(__name__)
 
 #: First bytes of a spooled result file (format version 1).
@@ -298,15 +300,6 @@ class ResultSpool:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-
-
-def sync_dir(path: str) -> None:
-    """Put the names in directory ``path`` (a file renamed there) on the disk."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _block_size(path: str) -> int:

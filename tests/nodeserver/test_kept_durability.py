@@ -18,6 +18,7 @@ from tests.api.test_recovery import (
     recover_in_new_process,
 )
 from tests.nodeproc import start_node
+from tests.test_durable_files import synced
 
 pytestmark = pytest.mark.slow
 
@@ -43,19 +44,6 @@ def test_a_torn_meta_file_costs_no_kept_result(tmp_path: Path, torn: bytes) -> N
         node.stop(signal.SIGKILL)
     assert_every_job_recovered(done)
     assert "meta file is damaged" in node.log_text()
-
-
-def synced(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """What ``os.fsync`` is called on from now: each descriptor's path."""
-    calls: list[str] = []
-    real = os.fsync
-
-    def spy(fd: int) -> None:
-        calls.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real(fd)
-
-    monkeypatch.setattr(os, "fsync", spy)
-    return calls
 
 
 def test_how_long_results_are_kept_is_on_the_disk_before_it_is_relied_on(
