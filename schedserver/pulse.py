@@ -47,11 +47,7 @@ class _Pulse(_ServerState):
             for comp in self.computations:
                 for upstream in comp.upstream.values():
                     self.write(upstream, Ping())
-            try:
-                users = self.users.load()
-            except Exception as exc:  # a broken file keeps the users known before
-                logger.warning("cannot read the users file: %s", exc)
-                users = None
+            users = self._read_users()
             now = loop.time()
             if users is not None:
                 self._end_revoked(users)
@@ -65,6 +61,26 @@ class _Pulse(_ServerState):
             for comp in self.computations:
                 comp.report_nodes()
             interval = min([base, *(session.status_every for session in self.sessions)])
+
+    def _read_users(self) -> dict[str, bytes] | None:
+        """The users file now (None: it cannot be read: the users known before
+        are kept). Its trouble is a warning once, and its end one line: the
+        pulse reads it every second."""
+        try:
+            users = self.users.load()
+        except Exception as exc:  # a broken file keeps the users known before
+            trouble = str(exc)
+            if trouble != self._users_trouble:
+                logger.warning(
+                    "cannot read the users file (the users read before are kept): %s",
+                    trouble,
+                )
+                self._users_trouble = trouble
+            return None
+        if self._users_trouble:
+            logger.info("the users file is read again")
+            self._users_trouble = ""
+        return users
 
     def pulse_changed(self) -> None:
         """A client asked for a shorter pulse: the next one comes at its pace."""

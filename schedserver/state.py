@@ -91,6 +91,8 @@ class _ServerState:
         config.validate()
         self.config = config
         self.users = UsersFile(config.users_file)
+        #: Why the users file cannot be read now, as last warned ("": it can).
+        self._users_trouble = ""
         self.nodes = [NodeState(host, port) for host, port in config.nodes]
         self.sessions: set[SchedulerSession] = set()
         self.computations: list[SharedComputation] = []

@@ -6,6 +6,7 @@ replaced."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 from pathlib import Path
@@ -14,8 +15,14 @@ import pytest
 
 from dispynb import DispyJob, SharedJobCluster
 from dispynb.errors import AuthenticationError
+from dispynb.protocol.messages import NodeStatus
+from dispynb.transport.connection import Connection
 from tests.jobs import wait_until
-from tests.sharedsched.harness import SchedulerProcess, scheduler_cli
+from tests.sharedsched.harness import (
+    SchedulerProcess,
+    raw_scheduler_session,
+    scheduler_cli,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -130,3 +137,37 @@ def test_a_session_whose_token_was_replaced_ends(
             assert bob.submit(5)() == 25
     finally:
         alice.close(timeout=20)
+
+
+def test_a_users_file_that_cannot_be_read_is_one_warning_not_one_a_pulse(
+    scheduler: SchedulerProcess, users: dict[str, Path], tmp_path: Path
+) -> None:
+    """``chmod 644`` of the users file by mistake: one warning (the users read
+    before are kept), and one line once it is fixed, not a warning every pulse
+    (86,400 a day at the default pulse). Pulses are counted by the status reports
+    a user's session gets at each."""
+    path = tmp_path / "users"
+
+    async def watch() -> None:
+        conn = await raw_scheduler_session(scheduler.port, users["alice"])
+        try:
+            await _reports(conn, 1)
+            path.chmod(0o644)
+            await _reports(conn, 5)
+            path.chmod(0o600)
+            await _reports(conn, 3)
+        finally:
+            conn.close()
+
+    asyncio.run(watch())
+    log = scheduler.log_text()
+    assert log.count("cannot read the users file") == 1, log
+    assert log.count("the users file is read again") == 1, log
+
+
+async def _reports(conn: Connection, count: int) -> None:
+    """Wait for ``count`` status reports of the scheduler (one a pulse)."""
+    async with asyncio.timeout(20):
+        while count:
+            message, _ = await conn.recv()
+            count -= isinstance(message, NodeStatus)
