@@ -98,6 +98,8 @@ class Worker:
     #: sent as (held until the worker is lost), or None where none could be made.
     page: memoryview | None = None
     page_fd: int | None = None
+    #: The files of its descriptors 1 and 2 (`nodeserver.fdoutput`), or None.
+    output_fds: tuple[int, int] | None = None
     runs: int = 0  # Runs written to it
     assigned: collections.deque[NodeJob] = field(default_factory=collections.deque)
     returncode: int | None = None
@@ -169,9 +171,18 @@ class _ComputationState:
     _tasks: set[asyncio.Task[None]]
     _held: bool
 
-    def _report_unrun(self, job: NodeJob, outcome: str, reason: str) -> None:
-        """Report a job that ended without a result (``reason`` says why)."""
+    def _report_unrun(
+        self,
+        job: NodeJob,
+        outcome: str,
+        reason: str,
+        output: tuple[str, str] = ("", ""),
+    ) -> None:
+        """Report a job that ended without a result (``reason`` says why; ``output``:
+        its stdout and stderr, what its dead worker wrote below Python)."""
         entry = ResultEntry.unrun(job.key, job.attempt, outcome, reason)
+        if output[0] or output[1]:
+            entry = entry._replace(stdout=output[0], stderr=output[1])
         self._report(entry.to_wire(), [])
 
     def _report_stopped_by_node(self, job: NodeJob) -> None:

@@ -2,7 +2,8 @@
 (and what to say when a descriptor or a process cannot be had, `explain`).
 
 A computation costs the node server a descriptor for its process's control socket,
-two per worker (its socket, and the pidfd the node signals it through), and a few
+four per worker (its socket, the pidfd the node signals it through, and the two
+files of its output below Python, `nodeserver.fdoutput`), and a few
 more while it starts (the socket pair, the process's pidfd and pipes). At the
 descriptor limit (``RLIMIT_NOFILE``, 1024 by default, less under ``prlimit`` or
 systemd's ``LimitNOFILE=``) the kernel drops the worker sockets a computation
@@ -28,8 +29,8 @@ RESERVE = 16
 #: process).
 PER_COMPUTATION = 4
 
-#: Descriptors each worker takes: its socket and its pidfd.
-PER_WORKER = 2
+#: Descriptors each worker takes: its socket, its pidfd, its two output files.
+PER_WORKER = 4
 
 _FIX = (
     "close other clusters on it, or raise the node's limit (ulimit -n before "

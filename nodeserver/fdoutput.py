@@ -9,7 +9,9 @@ Python streams and log handlers write to the node's descriptors instead
 ``stdout`` and ``stderr`` in its place among the job's Python prints (a print that
 starts a line first takes in what the descriptor got since), and the rest when the
 job returns; the files are then emptied. A job that printed nothing below Python
-costs the worker three calls (``fflush``, two ``lseek``).
+costs the worker three calls (``fflush``, two ``lseek``). The node server makes the
+files and keeps them (`give_output_files`): a worker that dies leaves its job's
+last words there, which the node puts in the job's report (`take_output_files`).
 """
 
 from __future__ import annotations
@@ -24,12 +26,22 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+from dispynb.errors import DispynbError
+from nodeserver.ipc import OutputFiles
+
+if TYPE_CHECKING:
+    from nodeserver.compstate import Worker
 
 logger = logging.getLogger(__name__)
 
 #: Bytes read from a descriptor's file at a time.
 _CHUNK = 1 << 16
+
+#: Bytes of what a job whose worker died wrote below Python that its report keeps
+#: (the last ones: a crash's last words).
+CRASH_OUTPUT = 64 * 1024
 
 
 def _load_fflush() -> Callable[[Any], int] | None:
@@ -44,23 +56,72 @@ def _load_fflush() -> Callable[[Any], int] | None:
     return fflush
 
 
-class _Descriptor:
-    """One of the worker's descriptors (1 or 2), pointed at a file of its own (in
-    its computation's directory, unlinked: a job listing it sees no such file)
-    until `close`; ``taken`` bytes of that file are in the running job's output."""
+def _anonymous_file(directory: str) -> int:
+    """A new file in ``directory``, unlinked (a job listing it sees none), opened
+    O_APPEND: what the job's processes write once it was emptied goes at its start,
+    not at the offset they last wrote at."""
+    fd, path = tempfile.mkstemp(prefix=".dispynb-output-", dir=directory)
+    os.unlink(path)
+    fcntl.fcntl(fd, fcntl.F_SETFL, os.O_APPEND)
+    return fd
 
-    def __init__(self, fd: int, directory: str) -> None:
-        self.fd = fd
-        self.file, path = tempfile.mkstemp(prefix=".dispynb-output-", dir=directory)
-        os.unlink(path)
-        # O_APPEND: what the job's processes write once the file was emptied goes at
-        # its start, not at the offset they last wrote at.
-        fcntl.fcntl(self.file, fcntl.F_SETFL, os.O_APPEND)
+
+def give_output_files(worker: Worker, directory: str) -> None:
+    """Send a new worker the files of its descriptors 1 and 2 (`OutputFiles`) and
+    keep them (`take_output_files`); without them (no room in ``directory``) its
+    jobs' output below Python goes to the node's own descriptors."""
+    try:
+        out = _anonymous_file(directory)
+    except OSError as exc:
+        logger.warning("job output below Python will not be captured: %s", exc)
+        return
+    try:
+        err = _anonymous_file(directory)
+    except OSError as exc:
+        os.close(out)
+        logger.warning("job output below Python will not be captured: %s", exc)
+        return
+    worker.output_fds = (out, err)
+    with contextlib.suppress(DispynbError):  # a worker gone: lost with it
+        worker.conn.write(OutputFiles(), (), (out, err))
+
+
+def take_output_files(worker: Worker) -> tuple[str, str]:
+    """The worker is lost: what its files hold (the last `CRASH_OUTPUT` bytes of
+    each), what the job it ran wrote below Python (a C library's last words before
+    a crash, which went to the node's console before); the files are closed."""
+    fds, worker.output_fds = worker.output_fds, None
+    if fds is None:
+        return "", ""
+    texts = []
+    for fd in fds:
+        text = ""
         try:
-            self.saved = os.dup(fd)  # the node's: the worker's own streams go there
+            size = os.fstat(fd).st_size
+            start = max(0, size - CRASH_OUTPUT)
+            text = os.pread(fd, size - start, start).decode("utf-8", "replace")
+            if start:
+                text = (
+                    f"[dispynb: the first {start} bytes written below Python "
+                    f"dropped: the last {CRASH_OUTPUT} are kept]\n{text}"
+                )
         except OSError:
-            os.close(self.file)
-            raise
+            pass
+        finally:
+            os.close(fd)
+        texts.append(text)
+    return texts[0], texts[1]
+
+
+class _Descriptor:
+    """One of the worker's descriptors (1 or 2), pointed at its ``file`` (from the
+    node: `give_output_files`) until `close`; ``taken`` bytes of that file are in
+    the running job's output."""
+
+    def __init__(self, fd: int, file: int) -> None:
+        self.fd = fd
+        self.file = file
+        self.saved = os.dup(fd)  # the node's: the worker's own streams go there
         self.taken = 0
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
         os.dup2(self.file, fd)
@@ -116,10 +177,10 @@ class _Descriptor:
 class FdOutput:
     """A worker's descriptors 1 and 2, each job's output (`begin`, `end`)."""
 
-    def __init__(self, directory: str) -> None:
-        self.stdout = _Descriptor(1, directory)
+    def __init__(self, out: int, err: int) -> None:
+        self.stdout = _Descriptor(1, out)
         try:
-            self.stderr = _Descriptor(2, directory)
+            self.stderr = _Descriptor(2, err)
         except OSError:
             self.stdout.close()
             raise
@@ -127,13 +188,17 @@ class FdOutput:
         self._own = _OwnStreams(self.stdout.saved, self.stderr.saved)
 
     @classmethod
-    def open(cls, directory: str) -> FdOutput | None:
-        """Files for a worker's descriptors in ``directory``, or None (logged) if
-        they cannot be made: its jobs' output below Python then goes where it went."""
+    def adopt(cls, out: int, err: int) -> FdOutput | None:
+        """The worker's descriptors pointed at the files ``out`` and ``err`` the
+        node sent, or None (logged) if that fails: its jobs' output below Python
+        then goes where it went."""
         _flush_streams()  # what the worker holds for the node's descriptors
         try:
-            return cls(directory)
+            return cls(out, err)
         except OSError as exc:
+            for fd in (out, err):
+                with contextlib.suppress(OSError):  # closed already
+                    os.close(fd)
             logger.warning("job output below Python will not be captured: %s", exc)
             return None
 

@@ -129,6 +129,13 @@ class InterruptPage(IpcMessage):
     for it: the job it was meant for ended just as the node signalled."""
 
 
+@message("output-files")
+class OutputFiles(IpcMessage):
+    """The worker's files for its descriptors 1 and 2 (`nodeserver.fdoutput`): two
+    descriptors sent with this message, before any `Run`. The node keeps its own, to
+    read what a job wrote below Python if the worker dies running it."""
+
+
 @message("skip")
 class Skip(IpcMessage):
     """Do not start job ``key`` (sent ahead to this worker, then cancelled)."""

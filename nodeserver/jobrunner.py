@@ -28,7 +28,15 @@ from dispynb.protocol.messages import CANCELLED, FINISHED, RAISED
 from nodeserver.channel import MessageSocket
 from nodeserver.containment import end_leftovers
 from nodeserver.fdoutput import FdMerged, FdOutput
-from nodeserver.ipc import Done, FileAnswer, InterruptPage, IpcMessage, Run, Skip
+from nodeserver.ipc import (
+    Done,
+    FileAnswer,
+    InterruptPage,
+    IpcMessage,
+    OutputFiles,
+    Run,
+    Skip,
+)
 from nodeserver.jobapi import CONTEXT, install_interrupt_handler, map_interrupt_page
 from nodeserver.memory import release_freed_memory
 from nodeserver.program import ProgramOutput
@@ -291,10 +299,6 @@ def worker_loop(
     clock = time.perf_counter
     home = os.path.realpath(CONTEXT.job_path) if CONTEXT.job_path else os.getcwd()
     _go_home(home)
-    # A computation's worker (not the node's rehearsal): files in its directory.
-    below = CONTEXT.below = (
-        FdOutput.open(CONTEXT.job_path) if CONTEXT.job_path else None
-    )
     install_interrupt_handler()
     inbox: collections.deque[_Inbound] = collections.deque()
     skipped: set[int] = set()
@@ -357,9 +361,9 @@ def worker_loop(
             if (
                 done.end_time - done.start_time >= LEFTOVER_CHECK_AFTER
                 and end_leftovers()
-                and below is not None
+                and CONTEXT.below is not None
             ):
-                below.pass_on()  # what they wrote once the job returned
+                CONTEXT.below.pass_on()  # what they wrote once the job returned
             send(done, result_buffers)
             del result_buffers  # do not keep a large result alive until the next job
             # A thread the job left waiting for a file's answer reads the socket
@@ -375,8 +379,8 @@ def worker_loop(
         return
     finally:
         MAPPINGS.release()  # the bodies kept for the next jobs: there are none
+        below, CONTEXT.below = CONTEXT.below, None
         if below is not None:
-            CONTEXT.below = None
             below.close()
 
 
@@ -431,6 +435,14 @@ def _take(
         fd = sock.take_fd()
         if fd is not None:
             CONTEXT.target = map_interrupt_page(fd)
+    elif type(message) is OutputFiles:
+        out, err = sock.take_fd(), sock.take_fd()
+        if out is not None and err is not None and CONTEXT.below is None:
+            CONTEXT.below = FdOutput.adopt(out, err)
+        else:  # one lost (no room for descriptors), or sent twice
+            for fd in (out, err):
+                if fd is not None:
+                    os.close(fd)
     elif type(message) is not FileAnswer:  # one a job stopped waiting for: late
         logger.warning("worker ignores unexpected %r message", message.op)
 

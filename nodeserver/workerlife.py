@@ -20,6 +20,7 @@ from dispynb.transport.connection import Connection
 from nodeserver.compstate import NodeJob, Worker, _ComputationState
 from nodeserver.containment import HeldWorker, node_pids_root, place_in_new_cgroup
 from nodeserver.control import ControlChannel
+from nodeserver.fdoutput import give_output_files, take_output_files
 from nodeserver.ipc import (
     IpcMessage,
     Load,
@@ -347,6 +348,7 @@ class _WorkerLife(_ComputationState):
         if self._held:
             conn.hold_reading(True)
         give_interrupt_page(worker)
+        give_output_files(worker, self.path)
         self._workers[pid] = worker
         task = asyncio.get_running_loop().create_task(self._read_worker(worker))
         self._tasks.add(task)
@@ -366,6 +368,8 @@ class _WorkerLife(_ComputationState):
         worker.process.close()
         drop_interrupt_page(worker)
         returncode = worker.returncode
+        # What it wrote below Python for the job it ran, if it died running one.
+        output = take_output_files(worker)
         requeue: list[NodeJob] = []
         for position, job in enumerate(worker.assigned):
             self._release_job_files(job)
@@ -401,6 +405,7 @@ class _WorkerLife(_ComputationState):
                     crash_reason(returncode)
                     if returncode is not None
                     else "the computation's process on the node died",
+                    output,
                 )
             elif position == 0 and not worker.retiring:
                 reason = (
@@ -411,7 +416,7 @@ class _WorkerLife(_ComputationState):
                 if job.mem_limit is not None:
                     reason += mem_limit_note(job.mem_limit)
                 job.reported = True
-                self._report_unrun(job, CRASHED, reason)
+                self._report_unrun(job, CRASHED, reason, output)
             elif position == 0 and not job.start_held:
                 # Reported started, on a worker the node killed (`_retire`): run
                 # again, it would run twice under one attempt, Running twice.
@@ -429,7 +434,9 @@ class _WorkerLife(_ComputationState):
         self._pump()
         self._note_progress()
 
-    def _report_unless_stopping(self, job: NodeJob, reason: str) -> None:
+    def _report_unless_stopping(
+        self, job: NodeJob, reason: str, output: tuple[str, str]
+    ) -> None:
         if self._node_stopping():
             logger.info(
                 "job %d was killed by the node's stop signal: left to its client "
@@ -439,7 +446,7 @@ class _WorkerLife(_ComputationState):
             return
         if job.mem_limit is not None:
             reason += mem_limit_note(job.mem_limit)
-        self._report_unrun(job, CRASHED, reason)
+        self._report_unrun(job, CRASHED, reason, output)
 
     def _on_control_closed(self) -> None:
         self._control_closed.set()

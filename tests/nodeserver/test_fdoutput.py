@@ -120,3 +120,37 @@ def test_output_below_python_of_jobs_of_microseconds_is_their_own(
         if job.stdout != (f"below {n}\n" if n % 2 == 0 else f"python {n}\n")
     ]
     assert not wrong, wrong[:6]
+
+
+def last_words(n: int) -> int:
+    """Write below Python, then crash the worker (job 0) or return (job 1)."""
+    import ctypes
+    import os
+
+    print("lost with the worker")
+    os.system(f"echo shell {n}; echo shell err {n} >&2")
+    os.write(1, f"last words {n}\n".encode())
+    if n == 0:
+        ctypes.string_at(0)  # SIGSEGV
+    return n
+
+
+def test_output_below_python_of_a_job_whose_worker_died_is_in_its_report(
+    tmp_path: Path,
+) -> None:
+    """A C library's last words before it crashed went to the node's console; in
+    the worker's files, they went with it. The node holds the files too and puts
+    what they hold in the job's report; the next job, on a new worker, has only
+    its own."""
+    with (
+        running_node(tmp_path / "node", cpus=1) as node,
+        JobCluster(last_words, nodes=[node.spec], secret=node.secret) as cluster,
+    ):
+        crashed = cluster.submit(0)
+        crashed()
+        after = cluster.submit(1)
+        assert after() == 1, (after.status, after.exception)
+    assert "SIGSEGV" in str(crashed.exception), crashed.exception
+    assert crashed.stdout == "shell 0\nlast words 0\n", crashed.stdout
+    assert crashed.stderr == "shell err 0\n", crashed.stderr
+    assert after.stdout == "lost with the worker\nshell 1\nlast words 1\n", after.stdout
