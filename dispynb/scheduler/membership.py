@@ -463,6 +463,10 @@ class DriverNodes(DriverResults):
                     )
                     self._lose_node(link, f"no pulse for {silent:.1f} s")
                     continue
+                if link.conn.unsent:
+                    # The node has not taken what was sent: a ping each time would
+                    # pile up without end for a node that never reads.
+                    continue
                 with contextlib.suppress(DispynbError):
                     link.conn.write(Ping())
 
