@@ -9,6 +9,7 @@ Only ever call `loads` on data from an authenticated peer.
 from __future__ import annotations
 
 import builtins
+import functools
 import io
 import pickle
 import signal
@@ -209,7 +210,8 @@ _BINARY: dict[type, str] = {bytes: "b", bytearray: "a"}
 
 
 class _ByValuePickler(cloudpickle.Pickler):  # type: ignore[misc]  # untyped
-    """cloudpickle's pickler, sending Python's open for the notebook's."""
+    """cloudpickle's pickler, sending Python's open for the notebook's, and a
+    function of the notebook's cached with ``functools.lru_cache`` by value."""
 
     def __init__(self, file: io.BytesIO, **options: Any) -> None:
         super().__init__(file, protocol=5, **options)
@@ -221,7 +223,23 @@ class _ByValuePickler(cloudpickle.Pickler):  # type: ignore[misc]  # untyped
             # file descriptors 0-2) would travel by value with a function of the
             # notebook, and show in its tracebacks as a frame of IPython's.
             return getattr, (builtins, "open")
+        if type(obj) is _CACHED:
+            # Pickled by name (__main__.fib) it is found on no node: its function
+            # goes by value and is cached there anew, its cache left behind.
+            wrapped = getattr(obj, "__wrapped__", None)
+            if wrapped is not None and travels_by_value(wrapped):
+                params = obj.cache_parameters()
+                return _cache, (wrapped, params["maxsize"], params["typed"])
         return super().reducer_override(obj)
+
+
+#: The type of the functions ``functools.lru_cache`` and ``functools.cache`` make.
+_CACHED = type(functools.lru_cache(maxsize=None)(len))
+
+
+def _cache(func: Any, maxsize: int | None, typed: bool) -> Any:
+    """``func`` cached as on the client (`_ByValuePickler`)."""
+    return functools.lru_cache(maxsize=maxsize, typed=typed)(func)
 
 
 def dumps_in_band(obj: Any) -> bytes:

@@ -98,6 +98,28 @@ def test_magic_cell_named_function_expression_from_namespace_and_classes(ip):
     assert ip.user_ns["norms"].results == [5, 25]
 
 
+def test_a_cached_function_of_the_notebook_reaches_the_jobs(ip):
+    """A helper cached with functools.lru_cache (or cache) was pickled by its name
+    (``__main__.fib``): the run could not start, 'cannot load computation ... Can't
+    get attribute 'fib' on <module '__main__'>' and a hint to install a module on
+    the nodes. It travels by value, as functions do, and is cached on the node."""
+    ip.run_cell(
+        "import functools\n"
+        "@functools.lru_cache(maxsize=64)\n"
+        "def fib(n):\n"
+        "    return n if n < 2 else fib(n - 1) + fib(n - 2)\n"
+    )
+    cell(
+        ip,
+        '--over "[20, 30]" --into fibs',
+        "@functools.cache\n"
+        "def twice(n):\n"
+        "    return 2 * fib(n), fib.cache_info().maxsize\n",
+    )
+
+    assert ip.user_ns["fibs"].results == [(13530, 64), (1664080, 64)]
+
+
 def test_magic_cell_setup_function_globals_reach_jobs(ip):
     ip.run_cell(
         "def load():\n    global table\n    table = {'a': 1, 'b': 2}\n    return 0\n"
