@@ -230,6 +230,10 @@ class _ByValuePickler(cloudpickle.Pickler):  # type: ignore[misc]  # untyped
             if wrapped is not None and travels_by_value(wrapped):
                 params = obj.cache_parameters()
                 return _cache, (wrapped, params["maxsize"], params["typed"])
+        elif type(obj) is functools.cached_property and travels_by_value(obj.func):
+            # A class of the notebook's travels by value, its attributes with it:
+            # on Python 3.11 a cached_property holds a lock, which does not pickle.
+            return _cached_property, (obj.func, obj.attrname)
         return super().reducer_override(obj)
 
 
@@ -240,6 +244,14 @@ _CACHED = type(functools.lru_cache(maxsize=None)(len))
 def _cache(func: Any, maxsize: int | None, typed: bool) -> Any:
     """``func`` cached as on the client (`_ByValuePickler`)."""
     return functools.lru_cache(maxsize=maxsize, typed=typed)(func)
+
+
+def _cached_property(func: Any, name: str | None) -> Any:
+    """A ``functools.cached_property`` of ``func`` named ``name`` in its class (set
+    by its class statement, which the unpickled class does not run again)."""
+    made = functools.cached_property(func)
+    made.attrname = name
+    return made
 
 
 def dumps_in_band(obj: Any) -> bytes:

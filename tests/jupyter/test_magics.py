@@ -120,6 +120,30 @@ def test_a_cached_function_of_the_notebook_reaches_the_jobs(ip):
     assert ip.user_ns["fibs"].results == [(13530, 64), (1664080, 64)]
 
 
+def test_a_class_of_the_notebook_with_a_cached_property_reaches_the_jobs(ip):
+    """On Python 3.11 a functools.cached_property holds a lock: a class of the
+    notebook's with one could not be sent ('it uses Model.weights (class attribute
+    of Model, a functools.cached_property), which cannot be pickled')."""
+    ip.run_cell(
+        "import functools\n"
+        "class Model:\n"
+        "    def __init__(self, scale):\n"
+        "        self.scale = scale\n"
+        "    @functools.cached_property\n"
+        "    def weights(self):\n"
+        "        return [self.scale, 2 * self.scale]\n"
+    )
+    cell(
+        ip,
+        '--over "[1, 10]" --into weighed',
+        "def weigh(s):\n"
+        "    m = Model(s)\n"
+        "    return m.weights is m.weights, sum(m.weights), 'weights' in vars(m)\n",
+    )
+
+    assert ip.user_ns["weighed"].results == [(True, 3, True), (True, 30, True)]
+
+
 def test_magic_cell_setup_function_globals_reach_jobs(ip):
     ip.run_cell(
         "def load():\n    global table\n    table = {'a': 1, 'b': 2}\n    return 0\n"
