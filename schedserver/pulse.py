@@ -40,13 +40,16 @@ class _Pulse(_ServerState):
             # Held up past a node's pulse (starved of CPU, a long callback): the
             # nodes' pulses may be waiting unread, so no node is judged this round.
             self._watch_nodes(now, late=now - expected > self.config.pulse_interval)
+            # No ping for a node that has not taken what was sent: it hears from
+            # us as it reads, and pings would pile up for one that never reads.
             for node in self.nodes:
-                if node.conn is not None:
+                if node.conn is not None and not node.conn.unsent:
                     with contextlib.suppress(DispynbError):
                         node.conn.write(Ping())
             for comp in self.computations:
                 for upstream in comp.upstream.values():
-                    self.write(upstream, Ping())
+                    if upstream.conn is None or not upstream.conn.unsent:
+                        self.write(upstream, Ping())
             users = self._read_users()
             now = loop.time()
             if users is not None:
