@@ -230,6 +230,13 @@ class _ByValuePickler(cloudpickle.Pickler):  # type: ignore[misc]  # untyped
             if wrapped is not None and travels_by_value(wrapped):
                 params = obj.cache_parameters()
                 return _cache, (wrapped, params["maxsize"], params["typed"])
+        elif type(obj) is types.FunctionType and _dispatches(obj):
+            # functools.singledispatch: its cache (a WeakKeyDictionary in the
+            # function's closure) does not pickle; its registry goes, and the
+            # function is made again on the node.
+            registry = obj.registry.items()  # type: ignore[attr-defined]
+            ways = [(kind, impl) for kind, impl in registry if kind is not object]
+            return _singledispatch, (obj.__dict__["__wrapped__"], ways)
         elif type(obj) is functools.cached_property and travels_by_value(obj.func):
             # A class of the notebook's travels by value, its attributes with it:
             # on Python 3.11 a cached_property holds a lock, which does not pickle.
@@ -244,6 +251,27 @@ _CACHED = type(functools.lru_cache(maxsize=None)(len))
 def _cache(func: Any, maxsize: int | None, typed: bool) -> Any:
     """``func`` cached as on the client (`_ByValuePickler`)."""
     return functools.lru_cache(maxsize=maxsize, typed=typed)(func)
+
+
+def _dispatches(func: types.FunctionType) -> bool:
+    """Whether ``func`` is a ``functools.singledispatch`` function that travels by
+    value (its registry and its ``dispatch`` in its ``__dict__``)."""
+    names = func.__dict__
+    return (
+        "registry" in names
+        and "dispatch" in names
+        and isinstance(names["registry"], types.MappingProxyType)
+        and travels_by_value(names.get("__wrapped__"))
+    )
+
+
+def _singledispatch(func: Any, ways: list[tuple[type, Any]]) -> Any:
+    """``func`` dispatching as on the client (`_ByValuePickler`): its
+    implementation for each type of ``ways``."""
+    made = functools.singledispatch(func)
+    for kind, impl in ways:
+        made.register(kind, impl)
+    return made
 
 
 def _cached_property(func: Any, name: str | None) -> Any:

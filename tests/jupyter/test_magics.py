@@ -144,6 +144,28 @@ def test_a_class_of_the_notebook_with_a_cached_property_reaches_the_jobs(ip):
     assert ip.user_ns["weighed"].results == [(True, 3, True), (True, 30, True)]
 
 
+def test_a_singledispatch_function_of_the_notebook_reaches_the_jobs(ip):
+    """Its dispatch cache (a WeakKeyDictionary) could not be pickled: 'it uses
+    dispatch_cache (closure variable of singledispatch.<locals>.dispatch ...)'."""
+    ip.run_cell(
+        "import functools\n"
+        "class Square:\n"
+        "    side = 3\n"
+        "@functools.singledispatch\n"
+        "def area(shape):\n"
+        "    raise TypeError(shape)\n"
+        "@area.register\n"
+        "def _(shape: Square):\n"
+        "    return shape.side ** 2\n"
+        "@area.register(int)\n"
+        "def _(shape):\n"
+        "    return area(Square()) + shape\n"
+    )
+    cell(ip, '--over "[1, 2]" --into areas', "def measure(n):\n    return area(n)\n")
+
+    assert ip.user_ns["areas"].results == [10, 11]
+
+
 def test_magic_cell_setup_function_globals_reach_jobs(ip):
     ip.run_cell(
         "def load():\n    global table\n    table = {'a': 1, 'b': 2}\n    return 0\n"
