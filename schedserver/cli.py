@@ -555,7 +555,6 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
 async def serve(config: SchedulerConfig) -> None:
     """Run the scheduler until SIGTERM, SIGINT or SIGHUP (`stop_signals`)."""
     server = SchedulerServer(config)
-    await server.start()
     stop = asyncio.Event()
     signalled: list[str] = []
     loop = asyncio.get_running_loop()
@@ -564,8 +563,11 @@ async def serve(config: SchedulerConfig) -> None:
         signalled.append(sig.name)
         stop.set()
 
+    # Before it starts: a signal as soon as its port file is written (systemd's
+    # stop, a test) stops it cleanly, not by the signal's default action.
     for sig in stop_signals():
         loop.add_signal_handler(sig, on_signal, sig)
+    await server.start()
     try:
         await stop.wait()
     finally:
