@@ -133,8 +133,10 @@ class CellRunner:
             )
         setup = self._lookup(args.setup, "--setup") if args.setup else None
         inputs = _Inputs(self._evaluate("--over", args.over))
-        problem = _frame_problem(inputs.items, unquote(args.over)) or _call_problem(
-            func, inputs.items, args.unpack
+        problem = (
+            _kind_problem(func)
+            or _frame_problem(inputs.items, unquote(args.over))
+            or _call_problem(func, inputs.items, args.unpack)
         )
         if problem is not None:  # every job would fail alike: say so, send none
             self._keep(Run.failed(args.into or name, problem), args.into)
@@ -408,6 +410,26 @@ def _frame_problem(items: Any, text: str) -> str | None:
         f"\"{text}.to_dict('records')\" --unpack (a row's columns as keyword "
         f'arguments) or --over "{text}.itertuples()" (no job was sent)'
     )
+
+
+def _kind_problem(func: Callable[..., Any]) -> str | None:
+    """Why no job of ``func`` could return anything, if it is an ``async def`` or a
+    generator function: each job returned a coroutine or a generator, which failed
+    as 'cannot be pickled' (a coroutine with a 'never awaited' warning naming
+    dispynb's file), once per job."""
+    name = getattr(func, "__name__", "the function")
+    if inspect.iscoroutinefunction(func):
+        return (
+            f"{name} is an async def function: each job would return a coroutine, "
+            "which runs only when awaited; define it with def and run what it "
+            "awaits inside it (return asyncio.run(main(x)))"
+        )
+    if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+        return (
+            f"{name} yields: each job would return a generator, which cannot be "
+            "sent back; return a list instead (return list(...))"
+        )
+    return None
 
 
 def _call_problem(func: Callable[..., Any], items: Any, unpack: bool) -> str | None:

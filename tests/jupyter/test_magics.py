@@ -446,6 +446,14 @@ def test_magic_cell_with_some_jobs_failed_succeeds(ip):
         ('nothing --over "[1]"', "def f(x):\n    return x\n", "'nothing' is not"),
         ("", "def f(x):\n    return x\n", "--over"),
         ('--over "[1]" --progress fancy', "def f(x):\n    return x\n", "invalid"),
+        # Each job failed: 'result of type 'coroutine' cannot be pickled ... (a
+        # list, not a generator ...)' and "coroutine 'f' was never awaited".
+        (
+            '--over "[1]"',
+            "async def f(x):\n    return x\n",
+            r"^f is an async def function: .* \(return asyncio.run\(main\(x\)\)\)$",
+        ),
+        ('--over "[1]"', "def f(x):\n    yield x\n", "^f yields: each job would"),
         # Ran the cell, sent the job and cancelled it: "no job finished within
         # --timeout -5 s (1 cancelled): give it more seconds".
         ('--over "[1]" --timeout -5', "def f(x):\n    return x\n", "above 0, not -5"),
