@@ -60,9 +60,23 @@ def _anonymous_file(directory: str) -> int:
     """A new file in ``directory``, unlinked (a job listing it sees none), opened
     O_APPEND: what the job's processes write once it was emptied goes at its start,
     not at the offset they last wrote at."""
+    fd = _nameless_file(directory)
+    fcntl.fcntl(fd, fcntl.F_SETFL, os.O_APPEND)
+    return fd
+
+
+def _nameless_file(directory: str) -> int:
+    """A new file in ``directory`` that never has a name there (``O_TMPFILE``): a
+    job listing its directory while another worker starts sees no such file. Where
+    the file system cannot, a named file unlinked at once."""
+    flag = getattr(os, "O_TMPFILE", 0)
+    if flag:
+        try:
+            return os.open(directory, flag | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        except OSError:
+            pass  # not supported there (EOPNOTSUPP, EISDIR on old kernels)
     fd, path = tempfile.mkstemp(prefix=".dispynb-output-", dir=directory)
     os.unlink(path)
-    fcntl.fcntl(fd, fcntl.F_SETFL, os.O_APPEND)
     return fd
 
 

@@ -7,12 +7,15 @@ on the same worker, one after the other.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from dispynb import JobCluster
 from dispynb.limits import DEFAULT_MAX_OUTPUT
+from nodeserver.fdoutput import _anonymous_file
 from tests.nodeproc import running_node
 
 pytestmark = pytest.mark.slow
@@ -154,3 +157,27 @@ def test_output_below_python_of_a_job_whose_worker_died_is_in_its_report(
     assert crashed.stdout == "shell 0\nlast words 0\n", crashed.stdout
     assert crashed.stderr == "shell err 0\n", crashed.stderr
     assert after.stdout == "lost with the worker\nshell 1\nlast words 1\n", after.stdout
+
+
+def test_a_workers_output_file_never_has_a_name_in_the_jobs_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file is made in the computation's directory, where the jobs run: a job
+    listing it while another worker started saw '.dispynb-output-...' between its
+    creation and its unlink (tests/sharedsched/test_dest_path.py met it)."""
+    listings: list[list[str]] = []
+    real_unlink = os.unlink
+
+    def unlink(path: Any, *args: Any, **kwargs: Any) -> None:
+        listings.append(sorted(os.listdir(tmp_path)))
+        real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    fd = _anonymous_file(str(tmp_path))
+    try:
+        os.write(fd, b"below Python\n")
+        assert os.fstat(fd).st_size == len(b"below Python\n")
+        assert os.listdir(tmp_path) == []
+    finally:
+        os.close(fd)
+    assert all(listing == [] for listing in listings), listings
