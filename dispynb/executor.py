@@ -213,8 +213,10 @@ class Executor(concurrent.futures.Executor):
         environment variables or a seed, they inherit). If it raises, creating
         the executor raises `SetupError` with the node's traceback.
     max_tasks_per_child:
-        ``1`` runs each job in a fresh process (``fresh_process=True``); None
-        (default) reuses worker processes.
+        Any value (``N >= 1``) runs each job in a fresh process
+        (``fresh_process=True``: at most N calls per process, as asked; a
+        ``map`` job's ``chunksize`` calls count as one, as in
+        `ProcessPoolExecutor`); None (default) reuses worker processes.
     **options:
         `JobCluster` options: ``secret``, ``secret_file``, ``cafile``,
         ``job_timeout``, ``mem_limit``, ``depends``, ``setup`` ...
@@ -245,11 +247,12 @@ class Executor(concurrent.futures.Executor):
             raise ValueError("max_workers must be greater than 0")
         _check_options(options, cluster_factory)
         if max_tasks_per_child is not None:
-            if max_tasks_per_child != 1:
-                raise ValueError(
-                    "max_tasks_per_child must be None (reuse workers) or 1 (a fresh "
-                    "process per job): dispynb workers cannot count to other values"
-                )
+            # As ProcessPoolExecutor checks it. Workers cannot count jobs, so any
+            # bound is kept as 1: a fresh process per job (at most N, as asked).
+            if not isinstance(max_tasks_per_child, int):
+                raise TypeError("max_tasks_per_child must be an integer")
+            if max_tasks_per_child <= 0:
+                raise ValueError("max_tasks_per_child must be >= 1")
             options["fresh_process"] = True
         if initializer is not None:
             if not callable(initializer):

@@ -286,12 +286,19 @@ def test_failing_initializer_is_a_setup_error_with_the_node_traceback(local):
     assert "no such device" in str(info.value) + info.value.remote_traceback
 
 
-def test_max_tasks_per_child_one_is_a_fresh_process_per_call(local):
-    with Executor(nodes=local, max_tasks_per_child=1) as ex:
+@pytest.mark.parametrize("tasks", [1, 5])
+def test_max_tasks_per_child_is_kept_with_a_fresh_process_per_call(local, tasks):
+    """ProcessPoolExecutor code passing any bound (a leak workaround) runs: each
+    job in its own process keeps it."""
+    with Executor(nodes=local, max_tasks_per_child=tasks) as ex:
         pids = [f.result(WAIT) for f in [ex.submit(os.getpid) for _ in range(4)]]
     assert len(set(pids)) == 4
-    with pytest.raises(ValueError, match="max_tasks_per_child"):
-        Executor(nodes=local, max_tasks_per_child=5)
+
+
+def test_max_tasks_per_child_is_checked_as_process_pool_executor_does(local):
+    for bad, error in ((0, ValueError), (-1, ValueError), (2.5, TypeError)):
+        with pytest.raises(error, match="max_tasks_per_child must be"):
+            Executor(nodes=local, max_tasks_per_child=bad)
 
 
 def test_job_timeout_stops_a_call_with_a_remote_error(local):
