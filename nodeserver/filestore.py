@@ -285,14 +285,14 @@ def claim_store(dest_path: str) -> StoreClaim:
     shared = os.path.join(dest_path, ".store")
     os.makedirs(shared, mode=0o700, exist_ok=True)
     _remove_unlocked_stores(dest_path)
-    fd = _locked(shared)
+    fd = lock_dir(shared)
     if fd is not None:
         return StoreClaim(shared, False, fd)
     for _ in range(8):
         # Another node's start may remove it before it is locked: then another.
         root = tempfile.mkdtemp(prefix=".store-", dir=dest_path)
         with contextlib.suppress(FileNotFoundError):
-            fd = _locked(root)
+            fd = lock_dir(root)
             if fd is not None:
                 if os.path.samestat(os.fstat(fd), os.stat(root)):
                     logger.info(
@@ -306,7 +306,7 @@ def claim_store(dest_path: str) -> StoreClaim:
     raise OSError(f"cannot make a file store in {dest_path}")
 
 
-def _locked(directory: str) -> int | None:
+def lock_dir(directory: str) -> int | None:
     """A descriptor of ``directory`` holding its exclusive ``flock``; None if
     another process holds it."""
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -328,7 +328,7 @@ def _remove_unlocked_stores(directory: str) -> None:
             ):
                 continue
             with contextlib.suppress(OSError):
-                fd = _locked(entry.path)
+                fd = lock_dir(entry.path)
                 if fd is not None:
                     try:
                         shutil.rmtree(entry.path, ignore_errors=True)

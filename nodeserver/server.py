@@ -35,6 +35,7 @@ from nodeserver.privatedir import private_dir
 from nodeserver.session import ClientSession
 from nodeserver.sharedbody import BODIES
 from nodeserver.spool import ResultSpool
+from nodeserver.spoolclaim import claim_spool
 
 logger = logging.getLogger(__name__)
 
@@ -59,10 +60,11 @@ class NodeServer:
         #: Computations refused for want of file descriptors (`nodeserver.descriptors`).
         self.descriptors = Admission()
         private_dir(config.dest_path)  # before anything is kept there
+        #: Which kept-results spool is this node's: nodes may share a dest_path,
+        #: not a spool (`nodeserver.spoolclaim`).
+        self.spool_claim = claim_spool(config.dest_path, config.port)
         self.keeper = ResultKeeper(
-            ResultSpool(
-                os.path.join(config.dest_path, ".kept"), config.kept_results_size
-            )
+            ResultSpool(self.spool_claim.root, config.kept_results_size)
         )
         #: Which store is this node's: nodes may share a dest_path, not a store.
         self.store_claim = claim_store(config.dest_path)
@@ -331,6 +333,7 @@ class NodeServer:
             # Each session ends its computations (terminating jobs) as it winds down.
             await asyncio.wait(list(self._session_tasks), timeout=30)
         self.store_claim.release()
+        self.spool_claim.release()
 
     async def _drain(self, timeout: float, now: asyncio.Event | None) -> None:
         """Wait for running jobs to end, at most ``timeout`` s or until ``now``."""

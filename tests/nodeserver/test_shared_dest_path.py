@@ -1,16 +1,25 @@
 """Two nodes on one destination directory (its default, ``<tmp>/dispynb``, is every
-node's of a user on the machine): one's file store is not the other's.
+node's of a user on the machine): one's file store is not the other's, nor its
+kept results.
 
 Real ``dispynb-node`` processes, real clients."""
 
 from __future__ import annotations
 
+import json
 import signal
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from dispynb import DispyJob, JobCluster
+from tests.api.test_recovery import (
+    CLIENT,
+    assert_every_job_recovered,
+    kill_client_mid_run,
+    recover_in_new_process,
+)
 from tests.nodeproc import start_node
 
 pytestmark = pytest.mark.slow
@@ -66,3 +75,60 @@ def test_a_node_does_not_remove_the_files_another_nodes_jobs_use(tmp_path):
     finally:
         assert first.stop() == 0
     assert (dest / ".store").is_dir()  # the shared one stays
+
+
+#: test_recovery's CLIENT on the two nodes given (comma-separated), 10 jobs on each,
+#: waiting for a ``go`` file beside the marks.
+CLIENT_OF_NODES = (
+    CLIENT.replace("nodes=[sys.argv[1]]", 'nodes=sys.argv[1].split(",")')
+    .replace(
+        """jobs = [cluster.submit_job_id("job-%d" % n, n, sys.argv[4], all_slow)
+        for n in range(20)]""",
+        """for n in range(20):  # None until the cluster is connected to the node
+    node = sys.argv[1].split(",")[n // 10]
+    while cluster.submit_job_id_node("job-%d" % n, node, n, sys.argv[4], 0) is None:
+        time.sleep(0.05)""",
+    )
+    .replace(
+        "    time.sleep(1.0 if n % 2 or all_slow else 0.0)\n",
+        "    go = os.path.join(marks, os.pardir, 'go')\n"
+        "    deadline = time.monotonic() + 60\n"
+        "    while not os.path.exists(go) and time.monotonic() < deadline:\n"
+        "        time.sleep(0.01)\n",
+    )
+)
+
+
+def test_nodes_sharing_a_dest_path_keep_each_its_own_results_for_recover_jobs(
+    tmp_path: Path,
+) -> None:
+    """One client's computation on two nodes of one dest_path has the same recovery
+    id on both: they kept its results in one spool, each removing the other's (the
+    first node to hand its results to recover_jobs deleted the second's). Each now
+    keeps its own: b, stopped while recover_jobs collects a's results, gives its own
+    once started again on its port."""
+    dest = tmp_path / "dest"
+    first = start_node(tmp_path / "a", "--dest-path", str(dest), name="a", cpus=10)
+    second = start_node(tmp_path / "b", "--dest-path", str(dest), name="b", cpus=10)
+    try:
+        both = SimpleNamespace(spec=f"{first.spec},{second.spec}", secret=first.secret)
+        journal = kill_client_mid_run(
+            tmp_path, both, started=20, client_script=CLIENT_OF_NODES
+        )
+        (tmp_path / "go").touch()  # the jobs end, their client gone: results kept
+        assert second.stop() == 0  # drains: its jobs end, their results kept
+        down = recover_in_new_process(tmp_path, journal, first.secret)
+        assert down.returncode == 0, down.stderr
+        jobs = json.loads(down.stdout)
+        assert [job[2] for job in jobs].count(11) == 10, jobs  # b's: not reached
+        (tmp_path / "b" / "port").unlink()
+        second = start_node(
+            tmp_path / "b", "--dest-path", str(dest), "--port", str(second.port),
+            name="b", cpus=10,
+        )  # fmt: skip
+        done = recover_in_new_process(tmp_path, journal, first.secret)
+    finally:
+        second.stop()
+        first.stop()
+    assert_every_job_recovered(done)
+    assert "a kept result is lost" not in first.log_text() + second.log_text()

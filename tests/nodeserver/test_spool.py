@@ -18,6 +18,7 @@ from dispynb.protocol.messages import ABANDONED
 from nodeserver import keeper as keeper_module
 from nodeserver.keeper import ResultKeeper
 from nodeserver.spool import MAGIC, ResultSpool
+from nodeserver.spoolclaim import SpoolClaim, claim_spool
 
 RID = "5f3c0a9e1b2d4c6e8f00112233445566"
 
@@ -346,3 +347,33 @@ def test_a_result_not_kept_of_a_key_over_64_bits_is_still_recorded(tmp_path: Pat
     claimed = keeper.claim(RID, lambda result: None)
     assert claimed is not None
     assert sorted(r.entry[0] for r in claimed[1]) == [1, 2, 1 << 63]
+
+
+def test_a_node_of_a_fixed_port_takes_the_kept_results_spool_it_used_last(
+    tmp_path: Path,
+):
+    """Nodes sharing a dest_path each hold a spool of their own; started again (in
+    any order), a node with a fixed port gets its own back, and one without a port
+    takes a spool no fixed port claims."""
+    claims: list[SpoolClaim] = []
+
+    def claim(port: int) -> SpoolClaim:
+        claims.append(claim_spool(str(tmp_path), port))
+        return claims[-1]
+
+    try:
+        first, second = claim(9711), claim(9712)
+        assert first.root == str(tmp_path / ".kept")
+        assert os.path.dirname(second.root) == str(tmp_path) != second.root
+        first.release()
+        second.release()
+        again = claim(9712)  # first: .kept is free, but not its own
+        assert again.root == second.root
+        portless = claim(0)  # not the one 9711 used
+        assert portless.root not in (first.root, second.root)
+        assert claim(9711).root == first.root
+        portless.release()
+        assert claim(0).root == portless.root
+    finally:
+        for each in claims:
+            each.release()

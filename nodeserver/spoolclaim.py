@@ -1,0 +1,114 @@
+"""Which kept-results spool (`nodeserver.spool`) is a node's, when nodes share a
+destination directory (its default, ``<tmp>/dispynb``, is every node's of a user
+on the machine).
+
+One cluster gives the same recovery id to each of its nodes, and a spool names its
+directories by that id: two nodes sharing a spool removed each other's results as
+they set the computation up (`ResultSpool.create`), and the first to hand its
+results to ``recover_jobs`` deleted the other's; a node started again offered the
+other's results as its own. So each running node holds a spool of its own, by the
+``flock`` of its directory, as each holds a file store (`nodeserver.filestore`).
+
+Results must outlive the node process, so a spool is not removed when its node
+stops: the next node takes it. A client finds a node again by its address, so a
+node with a fixed ``--port`` takes the spool a node of that port used last; one
+with none (or whose port has none) takes ``.kept`` or another spool left by a node
+of no fixed port, and makes a new one (``.kept-*``) only when none is free.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+
+from dispynb.daemon import replace_file
+from nodeserver.filestore import lock_dir
+
+logger = logging.getLogger(__name__)
+
+#: The spool of the first node in a destination directory (older nodes' only one).
+SHARED = ".kept"
+#: File in a spool naming the port of the node that used it last (none: no port).
+_OWNER = ".port"
+
+
+class SpoolClaim:
+    """A node's spool directory ``root``, held by the ``flock`` of ``fd`` while the
+    node runs."""
+
+    def __init__(self, root: str, fd: int | None) -> None:
+        self.root = root
+        self.fd = fd
+
+    def release(self) -> None:
+        """The node stops: the spool stays (for the next node), unlocked."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def claim_spool(dest_path: str, port: int) -> SpoolClaim:
+    """The spool of a node whose configured port is ``port`` (0: none) in
+    ``dest_path`` (see the module's docstring). If none can be had (a directory
+    the node cannot write to), ``.kept``, unlocked: logged, and the spool says
+    what it cannot do there (its results are kept in memory)."""
+    try:
+        return _claim(dest_path, port)
+    except OSError as exc:
+        logger.warning("cannot claim a kept-results spool in %s: %s", dest_path, exc)
+        return SpoolClaim(os.path.join(dest_path, SHARED), None)
+
+
+def _claim(dest_path: str, port: int) -> SpoolClaim:
+    os.makedirs(os.path.join(dest_path, SHARED), mode=0o700, exist_ok=True)
+    spools = [(path, _owner(path)) for path in _spools(dest_path)]
+    mine = [path for path, owner in spools if port and owner == port]
+    for path in mine + [path for path, owner in spools if not owner]:
+        with contextlib.suppress(FileNotFoundError):
+            fd = lock_dir(path)
+            if fd is not None:
+                return _own(path, fd, port)
+    root = tempfile.mkdtemp(prefix=f"{SHARED}-", dir=dest_path)
+    fd = lock_dir(root)
+    if fd is None:
+        raise OSError(f"cannot lock the new kept-results spool {root}")
+    logger.info(
+        "other nodes use the kept-results spools in %s: this node keeps its own in %s",
+        dest_path,
+        root,
+    )
+    return _own(root, fd, port)
+
+
+def _spools(dest_path: str) -> list[str]:
+    """``.kept``, then the other spools (``.kept-*``) in ``dest_path``."""
+    others = []
+    with os.scandir(dest_path) as entries:
+        for entry in entries:
+            if entry.name.startswith(f"{SHARED}-") and entry.is_dir(
+                follow_symlinks=False
+            ):
+                others.append(entry.path)
+    return [os.path.join(dest_path, SHARED), *sorted(others)]
+
+
+def _owner(path: str) -> int:
+    """The port of the node that used spool ``path`` last; 0 if none (or unknown)."""
+    try:
+        with open(os.path.join(path, _OWNER), "rb") as handle:
+            return int(handle.read(16))
+    except (OSError, ValueError):
+        return 0
+
+
+def _own(path: str, fd: int, port: int) -> SpoolClaim:
+    """Spool ``path``, locked by ``fd``, is now the node's of ``port``."""
+    try:
+        if _owner(path) != port:
+            replace_file(os.path.join(path, _OWNER), f"{port}\n", 0o600)
+    except BaseException:
+        os.close(fd)
+        raise
+    return SpoolClaim(path, fd)
