@@ -25,6 +25,7 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -138,6 +139,8 @@ class _Descriptor:
         self.saved = os.dup(fd)  # the node's: the worker's own streams go there
         self.taken = 0
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        #: Held while taking: threads of a job printing at once take it once.
+        self.lock = threading.Lock()
         os.dup2(self.file, fd)
 
     def close(self) -> None:
@@ -157,6 +160,10 @@ class _Descriptor:
     def take(self, capture: FdMerged) -> None:
         """Write what is pending into ``capture``, as text; once it is full (a
         `BoundedOutput` at its ``limit``), count the rest as dropped, unread."""
+        with self.lock:
+            self._take(capture)
+
+    def _take(self, capture: FdMerged) -> None:
         size = self.size()
         limit: int | None = getattr(capture, "limit", None)
         while self.taken < size:

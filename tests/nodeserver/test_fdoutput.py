@@ -7,7 +7,9 @@ on the same worker, one after the other.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,9 @@ import pytest
 
 from dispynb import JobCluster
 from dispynb.limits import DEFAULT_MAX_OUTPUT
+from nodeserver import fdoutput
 from nodeserver.fdoutput import _anonymous_file
+from nodeserver.jobrunner import _Merged
 from tests.nodeproc import running_node
 
 pytestmark = pytest.mark.slow
@@ -181,3 +185,42 @@ def test_a_workers_output_file_never_has_a_name_in_the_jobs_directory(
     finally:
         os.close(fd)
     assert all(listing == [] for listing in listings), listings
+
+
+def test_threads_printing_at_once_take_what_is_pending_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two threads of a job start a line at once while output below Python waits:
+    each read it (os.pread lets the other run) before either counted it taken,
+    and it was in the job's output twice. In this process: its descriptors 1 and
+    2 are the files while the FdOutput lives."""
+    below = fdoutput.FdOutput.adopt(
+        _anonymous_file(str(tmp_path)), _anonymous_file(str(tmp_path))
+    )
+    assert below is not None
+    out, err = _Merged(), _Merged()
+    try:
+        below.begin(out, err)  # type: ignore[arg-type]
+        os.write(1, b"below\n")
+        both = threading.Barrier(2, timeout=2)
+        real = os.pread
+
+        def pread(fd: int, size: int, offset: int) -> bytes:
+            data = real(fd, size, offset)
+            with contextlib.suppress(threading.BrokenBarrierError):
+                both.wait()  # the other thread reads meanwhile, if it can
+            return data
+
+        monkeypatch.setattr(fdoutput.os, "pread", pread)
+        printers = [
+            threading.Thread(target=out.write, args=(f"line {n}\n",)) for n in (0, 1)
+        ]
+        for printer in printers:
+            printer.start()
+        for printer in printers:
+            printer.join()
+        monkeypatch.undo()
+        below.end(out, err)  # type: ignore[arg-type]
+    finally:
+        below.close()
+    assert out.getvalue().count("below\n") == 1, out.getvalue()
