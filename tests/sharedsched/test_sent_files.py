@@ -58,15 +58,23 @@ def test_the_clients_answer_reaches_the_job_through_the_scheduler(
     assert "is not a directory" in jobs[1].stderr, jobs[1].stderr
 
 
+#: Results of 16 MiB the raw client leaves unread: 96 MiB, of which its connection
+#: takes in about 40 (16 MiB of messages unread, a frame being read, the sockets'
+#: buffers) before it pauses, so that more than the 32 MiB after which the scheduler
+#: says it "does not read" wait there. With 4 (64 MiB) the scheduler was sometimes
+#: left with less than 32 MiB to hold, said nothing, and the test waited in vain.
+HOARDED = 6
+
+
 def hoard(i: int, go: str, mark: str) -> object:
-    """Jobs 0-3 return 16 MiB each (their client does not read them); job 4 then
+    """Jobs 0-5 return 16 MiB each (their client does not read them); job 6 then
     sends a 10 MiB file and notes what dispy_send_file returned and said."""
     import contextlib
     import io
     import os
     import time
 
-    if i < 4:
+    if i < HOARDED:
         return bytes([i]) * (16 << 20)
     while not os.path.exists(go):
         time.sleep(0.02)
@@ -91,7 +99,7 @@ def small_quota(
 async def _not_reading(
     sched: SchedulerProcess, credential: Path, go: Path, mark: Path
 ) -> int:
-    """A raw client that submits `hoard`'s 5 jobs and does not read until job 4
+    """A raw client that submits `hoard`'s jobs and does not read until the last one
     has its answer (made to send once the scheduler holds a backlog for it);
     then it reads: how many results it got."""
     conn, _ = await connect(
@@ -105,9 +113,11 @@ async def _not_reading(
             while not isinstance((await conn.recv())[0], ComputationReady):
                 pass
         buffers = []
-        for i in range(5):
+        for i in range(HOARDED + 1):
             buffers.extend(serialize.dumps(((i, str(go), str(mark)), {})))
-        conn.write(JobSubmit(comp_id=1, jobs=[[i, 1, 1] for i in range(5)]), buffers)
+        conn.write(
+            JobSubmit(comp_id=1, jobs=[[i, 1, 1] for i in range(HOARDED + 1)]), buffers
+        )
         await asyncio.to_thread(
             sched.wait_for_log, "does not read what is sent to it", timeout=60
         )
@@ -115,7 +125,7 @@ async def _not_reading(
         await asyncio.to_thread(wait_until, mark.exists, 60)
         got = 0
         async with asyncio.timeout(60):
-            while got < 5:
+            while got < HOARDED + 1:
                 message, _ = await conn.recv()
                 if isinstance(message, JobResults):
                     got += len(message.results)
@@ -136,4 +146,4 @@ def test_a_file_for_a_client_that_does_not_read_over_the_quota_is_answered(
     sent, said = mark.read_text().split(" ", 1)
     assert sent == "-1" and "does not read what is sent to it" in said, said
     assert "--max_kept" in said
-    assert got == 5
+    assert got == HOARDED + 1
