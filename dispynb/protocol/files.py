@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import os
 import posixpath
+import shutil
 import stat
 import threading
 
@@ -79,10 +80,8 @@ def link_inside(base: str, relative: str, source: str) -> str:
         tmp = _temp_name(name)
         try:
             os.link(source, tmp, dst_dir_fd=parent, follow_symlinks=False)
-        except OSError:
-            with open(source, "rb") as handle:
-                data = handle.read()
-            return write_inside(base, relative, data)
+        except OSError:  # no hard links there, or too many (EMLINK): a copy
+            _copy_to(source, tmp, parent)
         try:
             os.replace(tmp, name, src_dir_fd=parent, dst_dir_fd=parent)
         except BaseException:
@@ -97,6 +96,22 @@ def link_inside(base: str, relative: str, source: str) -> str:
         os.close(parent)
     return os.path.join(base, *relative.split("/"))
 
+
+def _copy_to(source: str, tmp: str, parent: int) -> None:
+    """Copy ``source`` to a new file ``tmp`` in directory ``parent``, a piece at a
+    time (a file of any size costs no memory)."""
+    fd = os.open(tmp, _CREATE_FLAGS, 0o600, dir_fd=parent)
+    try:
+        with open(source, "rb") as src, os.fdopen(fd, "wb") as dst:
+            shutil.copyfileobj(src, dst, _COPY_CHUNK)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=parent)
+        raise
+
+
+#: Bytes copied at a time by `_copy_to`.
+_COPY_CHUNK = 1 << 20
 
 #: Flags of a new file: never through a symlink, never over an existing file.
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC

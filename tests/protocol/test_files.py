@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import tracemalloc
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -206,3 +207,30 @@ def _plant(base: str, parts: list[str], target: str) -> None:
             os.mkdir(where)
     with contextlib.suppress(FileExistsError):
         os.symlink(target, os.path.join(where, parts[-1]))
+
+
+def test_a_file_that_cannot_be_linked_is_copied_a_piece_at_a_time(tmp_path):
+    """Linking fails across file systems (or past a file's most links, EMLINK): the
+    copy made instead held the whole file in memory (a depends file of several GiB
+    on a node)."""
+    size = 32 << 20
+    if os.stat("/dev/shm").st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm on a file system of its own")
+    with tempfile.NamedTemporaryFile(dir="/dev/shm") as source:  # another fs: EXDEV
+        data = os.urandom(1 << 20)
+        for _ in range(size >> 20):
+            source.write(data)
+        source.flush()
+        tracemalloc.start()
+        try:
+            path = link_inside(str(tmp_path), "data/big.bin", source.name)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert os.stat(path).st_ino != os.stat(source.name).st_ino  # a copy
+        assert os.path.getsize(path) == size
+        with open(path, "rb") as handle:
+            assert handle.read(1 << 20) == data
+    assert peak < 4 << 20, peak
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert os.listdir(tmp_path / "data") == ["big.bin"]
