@@ -25,6 +25,7 @@ from IPython.display import display
 from dispynb.depends import check as check_depends
 from dispynb.errors import ConfigurationError
 from dispynb.job import JobStatus
+from dispynb.jupyter import shipping
 from dispynb.jupyter.errors import MagicError, RunInterrupted
 from dispynb.jupyter.magicsupport import (
     callers_of,
@@ -134,7 +135,7 @@ class CellRunner:
         setup = self._lookup(args.setup, "--setup") if args.setup else None
         inputs = _Inputs(self._evaluate("--over", args.over))
         problem = (
-            _kind_problem(func)
+            shipping.return_problem(func)
             or _frame_problem(inputs.items, unquote(args.over))
             or _call_problem(func, inputs.items, args.unpack)
         )
@@ -410,26 +411,6 @@ def _frame_problem(items: Any, text: str) -> str | None:
         f"\"{text}.to_dict('records')\" --unpack (a row's columns as keyword "
         f'arguments) or --over "{text}.itertuples()" (no job was sent)'
     )
-
-
-def _kind_problem(func: Callable[..., Any]) -> str | None:
-    """Why no job of ``func`` could return anything, if it is an ``async def`` or a
-    generator function: each job returned a coroutine or a generator, which failed
-    as 'cannot be pickled' (a coroutine with a 'never awaited' warning naming
-    dispynb's file), once per job."""
-    name = getattr(func, "__name__", "the function")
-    if inspect.iscoroutinefunction(func):
-        return (
-            f"{name} is an async def function: each job would return a coroutine, "
-            "which runs only when awaited; define it with def and run what it "
-            "awaits inside it (return asyncio.run(main(x)))"
-        )
-    if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
-        return (
-            f"{name} yields: each job would return a generator, which cannot be "
-            "sent back; return a list instead (return list(...))"
-        )
-    return None
 
 
 def _call_problem(func: Callable[..., Any], items: Any, unpack: bool) -> str | None:

@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from dispynb._interruptible import Flag, HeldInterrupts
+from dispynb.errors import ConfigurationError
 from dispynb.job import DispyJob, JobStatus
 from dispynb.jupyter import display as templates
 from dispynb.jupyter import shipping
@@ -214,6 +215,9 @@ class Run(_RunEvents):
 
         Raises
         ------
+        ConfigurationError
+            ``computation`` is an ``async def`` or generator function: its jobs
+            would return coroutines or generators, which cannot be sent back.
         RunInterrupted
             A `KeyboardInterrupt`, when interrupted (after cancelling the unfinished
             jobs, or closing the cluster that was starting); its message says what
@@ -225,6 +229,9 @@ class Run(_RunEvents):
             label = name or os.path.basename(computation.rstrip("/")) or "run"
         else:
             label = name or str(getattr(computation, "__name__", "run"))
+            problem = shipping.return_problem(computation)
+            if problem is not None:  # every job would fail alike: none is sent
+                raise ConfigurationError(problem)
         run = cls(
             name=label,
             owns_cluster=True,

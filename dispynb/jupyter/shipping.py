@@ -17,10 +17,12 @@ to a file, pass it in ``depends`` and load it in a ``setup`` function.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import linecache
 import threading
 import types
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 from dispynb.captures import Reached, code_objects, reachable
@@ -36,6 +38,7 @@ __all__ = [
     "large_captures",
     "pickled_size",
     "reachable",
+    "return_problem",
     "warn_large_captures",
 ]
 
@@ -192,3 +195,23 @@ def large_capture_message(
         f"function (setup=..., %%dispy --setup) that the jobs use; or pass each job "
         f"only the part it needs, as an argument."
     )
+
+
+def return_problem(func: Callable[..., Any]) -> str | None:
+    """Why no job of ``func`` could send its result back, if it is an ``async def``
+    or a generator function: each job returned a coroutine or a generator, which
+    failed as 'cannot be pickled' (a coroutine with a 'never awaited' warning naming
+    dispynb's file), once per job. None for any other callable."""
+    name = getattr(func, "__name__", "the function")
+    if inspect.iscoroutinefunction(func):
+        return (
+            f"{name} is an async def function: each job would return a coroutine, "
+            "which runs only when awaited; define it with def and run what it "
+            "awaits inside it (return asyncio.run(main(x)))"
+        )
+    if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+        return (
+            f"{name} yields: each job would return a generator, which cannot be "
+            "sent back; return a list instead (return list(...))"
+        )
+    return None

@@ -8,6 +8,7 @@ import functools
 import pytest
 
 from dispynb import JobCluster
+from dispynb.errors import ConfigurationError
 from dispynb.job import DispyJob, JobStatus
 from dispynb.jupyter.progress import TextProgressBar, WidgetProgressBar
 from dispynb.jupyter.run import Run
@@ -106,6 +107,28 @@ def test_run_frame_tells_apart_nodes_of_one_address():
     assert list(frame["node_name"]) == run.results
     assert list(frame["node"]) == [specs[name] for name in run.results]
     assert set(frame["node"]) == set(known.index)
+
+
+async def _fetch(x: int) -> int:
+    return x
+
+
+def _each(x: int):  # type: ignore[no-untyped-def]
+    yield x
+
+
+@pytest.mark.parametrize(
+    ("computation", "said"),
+    [
+        (_fetch, "_fetch is an async def function: each job would return a coroutine"),
+        (_each, "_each yields: each job would return a generator, which cannot be"),
+    ],
+)
+def test_run_map_refuses_a_function_whose_jobs_could_return_nothing(computation, said):
+    """Each job returned a coroutine or a generator and failed, after a cluster
+    was made and every job sent. Now Run.map says why before any of it."""
+    with pytest.raises(ConfigurationError, match=said):
+        Run.map(computation, range(3), nodes=["127.0.0.1:1"], progress="none")
 
 
 @slow
