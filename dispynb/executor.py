@@ -282,8 +282,10 @@ class Executor(concurrent.futures.Executor):
         # must not leave them running, out of the user's reach.
         try:
             if nodes is None and engine is None:
+                # Its nodes send results as large as the client takes.
                 nodes = self._local = LocalCluster(
-                    cpus=max_workers or os.cpu_count() or 1
+                    cpus=max_workers or os.cpu_count() or 1,
+                    max_message_size=options.get("max_message_size"),
                 )
             self.cluster = make(dispynb_executor, nodes=nodes, engine=engine, **options)
             # Never shut down: its pending calls end with the script (documented).

@@ -123,6 +123,10 @@ class LocalCluster:
         ``"nodes"`` (dispynb's node servers) or ``"dask"`` (a Dask cluster on this
         machine, used through the Dask engine; see `dispynb.backends._dasklocal`).
         Default: ``$DISPYNB_LOCAL_ENGINE``, else ``"nodes"``.
+    max_message_size:
+        The largest message the nodes take, and so the largest result they send
+        (as the node's ``--max-message-size``); default 1 GiB. A client's own
+        ``max_message_size`` over it needs it raised too. Unused by Dask.
 
     Examples
     --------
@@ -148,8 +152,10 @@ class LocalCluster:
         secret: str | None = None,
         loglevel: str = "warning",
         engine: str | None = None,
+        max_message_size: int | None = None,
     ) -> None:
         cpus = cpus_per_node(nodes, cpus)
+        self._max_message_size = max_message_size
         self.secret = secret or random_secret()
         self.cpus = cpus
         self.tls = False
@@ -194,6 +200,8 @@ class LocalCluster:
             "--remove-when-orphaned",  # a killed kernel leaves no files either
             "--drain-timeout", "0",  # close() means now: no draining
         ]  # fmt: skip
+        if self._max_message_size is not None:
+            command += ["--max-message-size", str(self._max_message_size)]
         # os.pipe() is close-on-exec: other children never inherit the write end.
         read_end, write_end = os.pipe()
         self._pipes.append(write_end)

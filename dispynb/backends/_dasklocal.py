@@ -57,6 +57,7 @@ class DaskLocalCluster(LocalCluster):
         secret: str | None = None,
         loglevel: str = "warning",
         engine: str | None = None,
+        max_message_size: int | None = None,  # dispynb nodes' only
     ) -> None:
         cpus = cpus_per_node(nodes, cpus)
         try:

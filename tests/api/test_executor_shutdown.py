@@ -296,6 +296,19 @@ def test_default_executor_starts_and_stops_its_own_local_nodes():
     assert not any(proc.is_running() for proc in nodes)
 
 
+def test_own_local_nodes_send_results_as_large_as_max_message_size_allows():
+    """A result over 1 GiB (what ProcessPoolExecutor returns) needs the nodes'
+    limit raised with the client's: the executor starts its nodes with it. (A
+    real 1 GiB result costs seconds and GiBs of memory: the node's limit is read
+    from its command line; measured by hand: 1.2 GB came back in 8 s.)"""
+    size = 3 << 30
+    with Executor(max_workers=1, max_message_size=size) as executor:
+        assert executor.submit(mul, 6, 7).result(WAIT) == 42
+        (node,) = [psutil.Process(proc.pid) for proc in executor._local._procs]
+        line = node.cmdline()
+    assert line[line.index("--max-message-size") + 1] == str(size)
+
+
 def test_an_unknown_keyword_is_the_executors_error_before_any_node_starts(
     monkeypatch,
 ):
