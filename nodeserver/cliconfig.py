@@ -57,7 +57,6 @@ _KEY_ALIASES = {
     "ext_hosts": "ext_host",
     "dest_path_prefix": "dest_path",
     "ipv4_udp_multicast": "ipv4_multicast",
-    "loglevel": "debug",  # dispynode stores -d/--debug as loglevel=True/False
     "node_port": "port",
     "ip_addr": "hosts",
     "scheduler_node": "scheduler_host",  # dispynode's name for it before 4.11
@@ -165,9 +164,22 @@ def config_argv(parser: argparse.ArgumentParser, path: str) -> list[str]:
             if text.strip().lower() not in _UNSET and key != "dispy_port":
                 argv += [refused] + ([text] if REFUSED[refused][0] else [])
             continue
-        dest = _KEY_ALIASES.get(key, key.replace("-", "_"))
+        dest = config_dest(key, text, _KEY_ALIASES)
         argv += option_argv(actions, dest, text, key, path)
     return argv
+
+
+def config_dest(key: str, text: str, aliases: dict[str, str]) -> str:
+    """The destination of config ``key`` (value ``text``): ``aliases``' or its own.
+
+    ``loglevel`` is two things: dispynode and dispyscheduler store their ``-d`` as
+    ``loglevel = True``/``False``; dispynb's ``--save_config`` writes ``--loglevel``
+    as ``loglevel = warning`` (read as ``-d``, it was ignored).
+    """
+    if key == "loglevel":
+        value = text.strip().lower()
+        return "debug" if value in ("true", "false", "1", "0", "yes", "no") else key
+    return aliases.get(key, key.replace("-", "_"))
 
 
 def read_config(path: str) -> dict[str, str]:

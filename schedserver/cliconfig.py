@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 
-from nodeserver.cliconfig import option_argv, read_config
+from nodeserver.cliconfig import config_dest, option_argv, read_config
 
 #: dispyscheduler's config keys whose option here has another destination.
 _KEY_ALIASES = {
     "nodes": "node",
     "hosts": "host",
     "ext_hosts": "ext_host",
-    "loglevel": "debug",  # dispyscheduler stores -d as loglevel=True/False
     "http_server": "httpd",
     "dispy_port": "port",  # -p, as on the command line
 }
@@ -65,7 +64,7 @@ def config_argv(parser: argparse.ArgumentParser, path: str) -> list[str]:
                 )
             argv.append(_ALGORITHMS[text.strip()])
             continue
-        dest = _KEY_ALIASES.get(key, key.replace("-", "_"))
+        dest = config_dest(key, text, _KEY_ALIASES)
         argv += option_argv(actions, dest, text, key, path)
     return argv
 

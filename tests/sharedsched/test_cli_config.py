@@ -186,3 +186,15 @@ def test_save_config_writes_what_config_reads_without_the_secret(
     expected = config_from_args(parse_args([*given[:-2]]))
     again = config_from_args(parse_args(["--config", str(saved)]))
     assert again == expected
+
+
+def test_a_saved_loglevel_is_read_back_from_the_config(tmp_path: Path) -> None:
+    """``--loglevel warning`` saved is ``--loglevel warning`` read: it was read as
+    dispyscheduler's ``-d`` (``loglevel = True``/``False``) and ignored."""
+    saved = tmp_path / "scheduler.conf"
+    done = scheduler_cli(
+        "--users", "u", "--loglevel", "warning", "--save_config", str(saved)
+    )
+    assert done.returncode == 0, done.stderr
+    args = parse_args(["--config", str(saved)])
+    assert (args.loglevel, args.debug) == ("warning", False)
