@@ -6,11 +6,13 @@ import argparse
 import asyncio
 import contextlib
 import datetime
+import errno
 import fcntl
 import logging
 import os
 import shutil
 import signal
+import stat
 import time
 from collections.abc import Awaitable, Callable
 
@@ -238,10 +240,25 @@ def _use_dest_path(path: str, clean: bool, serving: bool) -> None:
 
 
 def _open_lock(path: str) -> int | None:
-    try:
-        return os.open(os.path.join(path, DEST_LOCK), os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError:
-        return None
+    """A descriptor of ``path``'s `DEST_LOCK` (made if missing); None if it cannot be
+    had. Never through a symlink: one planted there (a job runs as the node's user)
+    had the node create, or open and lock, the file it named."""
+    lock = os.path.join(path, DEST_LOCK)
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(2):
+        try:
+            fd = os.open(lock, flags, 0o600)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                return None
+        else:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                return fd
+            os.close(fd)
+        logger.warning("%s is not a file the node made (a symlink?): replaced", lock)
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+    return None
 
 
 def _read_secret_line(fd: int) -> bytes:

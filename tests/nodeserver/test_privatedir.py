@@ -9,6 +9,7 @@ import pytest
 
 from dispynb.errors import ConfigurationError
 from nodeserver.privatedir import private_dir
+from tests.nodeproc import start_node
 
 
 def test_a_missing_directory_is_made_private(tmp_path: Path) -> None:
@@ -57,3 +58,24 @@ def test_a_symlink_is_checked_where_it_leads(tmp_path: Path) -> None:
     os.symlink(loose / "target", link)
     with pytest.raises(ConfigurationError, match=f"{loose} is writable by others"):
         private_dir(str(link))
+
+
+@pytest.mark.slow
+def test_a_node_never_makes_its_lock_file_through_a_planted_symlink(
+    tmp_path: Path,
+) -> None:
+    """A symlink as ``.node-lock`` (a job runs as the node's user: it can put one
+    there) had the next node create the file it named (opened with O_CREAT,
+    following it), wherever it was, and lock it. A real node starts."""
+    dest = tmp_path / "node" / "dest"
+    dest.mkdir(parents=True, mode=0o700)
+    planted = tmp_path / "elsewhere"
+    (dest / ".node-lock").symlink_to(planted)
+    node = start_node(tmp_path / "node")
+    try:
+        assert not planted.exists() and not planted.is_symlink()
+        assert (dest / ".node-lock").is_file()
+        assert not (dest / ".node-lock").is_symlink()
+    finally:
+        assert node.stop() == 0
+    assert "a symlink?): replaced" in node.log_text()
