@@ -395,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--loglevel",
         default="info",
+        type=str.lower,  # WARNING as logging spells it, as the scheduler takes it
         choices=["debug", "info", "warning", "error"],
         help="log level (default info)",
     )

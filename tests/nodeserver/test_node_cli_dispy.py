@@ -586,20 +586,22 @@ def test_zombie_interval_frees_a_silent_clients_computation(tmp_path: Path) -> N
         assert node.stop() == 0
 
 
-@pytest.mark.parametrize("level", ["warning", "debug"])
+@pytest.mark.parametrize("level", ["warning", "debug", "WARNING"])
 def test_a_saved_loglevel_is_read_back_from_the_config(
     tmp_path: Path, level: str
 ) -> None:
     """``--save_config`` writes ``--loglevel warning`` as ``loglevel = warning``:
     ``--config`` gives it back. Before, it read the key as dispynode's ``-d``
-    (``loglevel = True``/``False``), and a node meant to be quiet logged INFO."""
+    (``loglevel = True``/``False``), and a node meant to be quiet logged INFO.
+    The level is taken in any case, as logging spells it (``WARNING``), as the
+    scheduler takes it: it was refused."""
     from nodeserver.parser import parse_args
 
     saved = tmp_path / "saved.ini"
     done = run_node("--save_config", str(saved), "--loglevel", level)
     assert done.returncode == 0, done.stderr
-    assert f"loglevel = {level}" in saved.read_text()
+    assert f"loglevel = {level.lower()}" in saved.read_text()
     args = parse_args(["--config", str(saved)])
-    assert (args.loglevel, args.debug) == (level, False)
+    assert (args.loglevel, args.debug) == (level.lower(), False)
     saved.write_text("[DEFAULT]\nloglevel = True\n")  # as dispynode -d wrote it
     assert parse_args(["--config", str(saved)]).debug is True
