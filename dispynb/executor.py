@@ -41,6 +41,7 @@ import cloudpickle
 
 from dispynb._interruptible import Flag, start_thread
 from dispynb.captures import check_shippable
+from dispynb.defaults import MAX_MESSAGE_SIZE
 from dispynb.errors import DispynbError, RemoteError, SerializationError
 from dispynb.futures import JobFuture, outcome_error
 from dispynb.futures import (
@@ -590,7 +591,29 @@ _LIMIT_ADVICE: tuple[
             f"larger limit, e.g. Executor(..., mem_limit={2 * int(match['value'])})"
         ),
     ),
+    (
+        re.compile(
+            r"pickles to (?P<size>\d+) bytes, over the limit of (?P<cap>\d+) bytes "
+            r"\(max_result_size\)(?P<middle>.*?)"
+            r"or give the cluster a larger max_result_size"
+        ),
+        lambda match: (
+            f"pickles to {match['size']} bytes, over the limit of {match['cap']} "
+            f"bytes (the executor's max_result_size, within its max_message_size)"
+            f"{match['middle']}or give a larger limit, e.g. "
+            f"{_larger_result_limit(2 * int(match['size']))}"
+        ),
+    ),
 )
+
+
+def _larger_result_limit(size: int) -> str:
+    """The executor's arguments letting results of ``size`` bytes come back
+    (beyond the default message size, the client's and its local nodes' limit
+    must grow too)."""
+    if size <= MAX_MESSAGE_SIZE:
+        return f"Executor(..., max_result_size={size})"
+    return f"Executor(..., max_message_size={size}, max_result_size={size})"
 
 
 def _executor_advice(text: str) -> str:

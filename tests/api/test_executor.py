@@ -19,7 +19,7 @@ import pytest
 
 import dispynb
 from dispynb.errors import RemoteError, SerializationError, SetupError
-from dispynb.executor import Executor
+from dispynb.executor import Executor, _executor_advice
 from tests.api.executorwork import Gate, ended, mul, send_ahead
 from tests.jobs import WAIT, wait_until
 
@@ -143,6 +143,28 @@ def test_a_value_that_cannot_be_sent_back_names_its_call(executor):
 
 def interrupt(x: int) -> None:
     raise KeyboardInterrupt(f"stop {x}")
+
+
+def test_a_result_over_max_result_size_says_how_to_allow_more(local):
+    """The node's advice names the executor's arguments, not a cluster's."""
+    with Executor(nodes=local, max_result_size=1000) as ex:
+        with pytest.raises(RemoteError) as info:
+            ex.submit(bytes, 5000).result(WAIT)
+        with pytest.raises(RemoteError) as mapped:
+            list(ex.map(bytes, [10, 5000], chunksize=2))
+    for error in (info.value, mapped.value):
+        text = str(error)
+        assert "ResultTooLarge" in text
+        assert "Executor(..., max_result_size=" in text
+        assert "give the cluster" not in text
+    # Over the default 1 GiB, the message size (the local nodes' too) must grow.
+    over = _executor_advice(
+        "pickles to 1200000000 bytes, over the limit of 1039138816 bytes "
+        "(max_result_size): return less, or give the cluster a larger max_result_size"
+    )
+    assert over.endswith(
+        "Executor(..., max_message_size=2400000000, max_result_size=2400000000)"
+    )
 
 
 def test_a_call_that_ends_its_job_shows_its_source_lines_too(executor):
