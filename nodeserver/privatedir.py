@@ -32,14 +32,23 @@ def private_dir(path: str, option: str = "--dest-path") -> None:
     (``option`` names the setting that chose it)."""
     os.makedirs(path, mode=0o700, exist_ok=True)
     path = os.path.abspath(path)
-    info = os.stat(path)
-    if info.st_uid == os.geteuid() and info.st_mode & 0o077:
-        # Ours but open to others (a tmpfs mounted there is 1777): made private,
-        # as makedirs would have made it, once nothing in it is another's (below).
-        os.chmod(path, 0o700)
-        logger.info(
-            "%s %s made private: mode 700 (was %o)", option, path, info.st_mode & 0o7777
-        )
+    # The directory checked is the one changed: by its descriptor, not its name
+    # (which may be made to lead elsewhere meanwhile).
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if info.st_uid == os.geteuid() and info.st_mode & 0o077:
+            # Ours but open to others (a tmpfs mounted there is 1777): made private,
+            # as makedirs would have made it, once nothing in it is another's (below).
+            os.fchmod(fd, 0o700)
+            logger.info(
+                "%s %s made private: mode 700 (was %o)",
+                option,
+                path,
+                info.st_mode & 0o7777,
+            )
+    finally:
+        os.close(fd)
     # The path as given (a symlink of another user could be replaced) and the
     # directories it leads to.
     for place in (path, os.path.realpath(path)):

@@ -79,3 +79,33 @@ def test_a_node_never_makes_its_lock_file_through_a_planted_symlink(
     finally:
         assert node.stop() == 0
     assert "a symlink?): replaced" in node.log_text()
+
+
+def test_the_directory_made_private_is_the_one_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The name is made to lead elsewhere (a symlink swapped in) between the check
+    and the change of mode: the directory checked is changed, not where the name
+    now leads (it was chmod by name)."""
+    dest, elsewhere = tmp_path / "dest", tmp_path / "elsewhere"
+    dest.mkdir(mode=0o755)
+    dest.chmod(0o755)
+    elsewhere.mkdir(mode=0o755)
+    elsewhere.chmod(0o755)
+
+    def swap() -> None:
+        dest.rename(tmp_path / "checked")
+        dest.symlink_to(elsewhere)
+
+    for name in ("chmod", "fchmod"):
+        real = getattr(os, name)
+
+        def swapped(*args: object, real: object = real, **kwargs: object) -> None:
+            if not dest.is_symlink():
+                swap()
+            real(*args, **kwargs)  # type: ignore[operator]
+
+        monkeypatch.setattr(os, name, swapped)
+    private_dir(str(dest))
+    assert (tmp_path / "checked").stat().st_mode & 0o7777 == 0o700
+    assert elsewhere.stat().st_mode & 0o7777 == 0o755
