@@ -502,6 +502,16 @@ class Executor(concurrent.futures.Executor):
         # ahead to it instead of starting one before its cancel arrives.
         self.shutdown(wait=True, cancel_futures=interrupted)
 
+    def __reduce__(self) -> Any:
+        """An executor captured by a call, or given to one, is refused saying why
+        (pickle's own error names a lock)."""
+        raise TypeError(
+            "a dispynb.Executor cannot be sent to its nodes: a call runs in a "
+            "node's process and cannot submit to the executor running it; submit "
+            "the next calls here, from the results (as_completed), or create an "
+            "Executor inside the call (it starts its own nodes there)"
+        )
+
     def __repr__(self) -> str:
         state = "shut down" if self._shut else f"pending={len(self._live_jobs())}"
         return f"<dispynb.Executor nodes={len(self.cluster.status().nodes)} {state}>"

@@ -236,6 +236,24 @@ def test_a_function_that_cannot_be_pickled_names_what_it_captures(executor):
         executor.map(lambda x: lock.locked(), [1])
 
 
+def test_a_call_given_its_executor_is_refused_saying_why(executor):
+    """Nested submission to the same executor cannot work (the call runs in a
+    node's process): the error says so and what to do, not pickle's lock."""
+
+    def submit_again() -> int:
+        return executor.submit(abs, -1).result()
+
+    for send in (
+        lambda: executor.submit(submit_again),
+        lambda: executor.submit(id, executor),
+        lambda: executor.map(id, [executor]),
+    ):
+        with pytest.raises(SerializationError) as info:
+            send()
+        assert "cannot submit to the executor running it" in str(info.value)
+        assert "RLock" not in str(info.value)
+
+
 def test_result_and_exception_time_out(executor, tmp_path):
     gate = Gate(tmp_path)
     future = gate.submit(executor, "late")
