@@ -537,6 +537,8 @@ class ResultKeeper:
             *(k.computation.close(terminate=True) for k in kept if k.computation),
             return_exceptions=True,
         )
+        if self._spool is not None:  # what was written since the last flush
+            await asyncio.to_thread(self._spool.sync)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -5,12 +5,15 @@ Real ``dispynb-node`` processes, real clients, SIGKILL."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+import threading
 from pathlib import Path
 
 import pytest
 
+from nodeserver import spool as spool_module
 from nodeserver.spool import ResultSpool
 from tests.api.test_recovery import (
     assert_every_job_recovered,
@@ -65,3 +68,33 @@ def test_how_long_results_are_kept_is_on_the_disk_before_it_is_relied_on(
     kept.expires = 1.0
     assert spool.write_meta(kept)
     assert calls == [meta, kept.path]
+
+
+def test_spooled_results_are_flushed_together_soon_after_they_are_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A burst of results spooled by a running node: one flush of the file system
+    for all of them, in a thread, within `SYNC_DELAY` (a flush of each costs ~50
+    times its write: 2.4 ms against 0.05 ms for a small result here)."""
+    flushed: list[str] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+
+        def spy(path: str) -> None:
+            assert threading.current_thread() is not threading.main_thread()
+            flushed.append(path)
+            loop.call_soon_threadsafe(done.set)
+
+        monkeypatch.setattr(spool_module, "syncfs", spy)
+        spool = ResultSpool(str(tmp_path / ".kept"), 1 << 20)
+        kept = spool.create("a-recovery-id", "compute")
+        for key in range(50):
+            entry = [key, 1, "finished", 0.0, 1.0, "", "", None, 1]
+            assert spool.write(kept, entry, [memoryview(b"x")])
+        assert flushed == []  # not one by one
+        await asyncio.wait_for(done.wait(), 30)
+
+    asyncio.run(main())
+    assert flushed == [str(tmp_path / ".kept")]
