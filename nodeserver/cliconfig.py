@@ -321,6 +321,9 @@ def save_config(
             continue
         if value is None or value == action.default:
             continue
+        if action.metavar in _PATHS:
+            # Read back by a service in another working directory (systemd's is /).
+            value = _absolute(value)
         writer["DEFAULT"][dest] = _to_text(value)
     header = f"# {parser.prog} options ({parser.prog} --config FILE)\n"
     if path == "-":
@@ -335,6 +338,19 @@ def save_config(
     # (open to others, say) and went through a symlink planted in its place.
     replace_file(path, text.getvalue(), 0o600)
     return left_out
+
+
+#: The metavars of options whose values are paths (saved absolute).
+_PATHS = {"FILE", "DIR"}
+
+
+def _absolute(value: Any) -> Any:
+    """``value`` (a path, or a list of them) made absolute; ``-`` stays."""
+    if isinstance(value, list):
+        return [_absolute(item) for item in value]
+    if isinstance(value, str) and value and value != "-":
+        return os.path.abspath(value)
+    return value
 
 
 def _to_text(value: Any) -> str:

@@ -120,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--secret_file",
         dest="secret_file",
         default=None,
+        metavar="FILE",
         help="file holding the shared secret (mode 600)",
     )
     add(
@@ -136,15 +137,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="write a new random secret (256 bits) to FILE, created with mode 600 "
         "(never overwritten), and use it; give clients the same file",
     )
-    add("--certfile", default=None, help="TLS certificate (PEM); enables TLS")
-    add("--keyfile", default=None, help="TLS private key (PEM), if not in --certfile")
-    add("--cafile", default=None, help="CA to verify client certificates (mutual TLS)")
+    add(
+        "--certfile",
+        default=None,
+        metavar="FILE",
+        help="TLS certificate (PEM); enables TLS",
+    )
+    add(
+        "--keyfile",
+        default=None,
+        metavar="FILE",
+        help="TLS private key (PEM), if not in --certfile",
+    )
+    add(
+        "--cafile",
+        default=None,
+        metavar="FILE",
+        help="CA to verify client certificates (mutual TLS)",
+    )
     add(
         "--dest-path",
         "--dest_path",
         "--dest_path_prefix",
         dest="dest_path",
         default=None,
+        metavar="DIR",
         help="directory for computations' files (default: <tmp>/dispynb)",
     )
     add(
@@ -208,11 +225,15 @@ def build_parser() -> argparse.ArgumentParser:
         "kept (default 1G)",
     )
     add(
-        "--port-file", default=None, help="write the bound port to this file when ready"
+        "--port-file",
+        default=None,
+        metavar="FILE",
+        help="write the bound port to this file when ready",
     )
     add(
         "--unix-socket",
         default=None,
+        metavar="FILE",
         help="also accept clients on this Unix socket; its directory must be private "
         "(0700): LocalCluster uses it, as loopback TCP costs more per message",
     )

@@ -605,3 +605,25 @@ def test_a_saved_loglevel_is_read_back_from_the_config(
     assert (args.loglevel, args.debug) == (level.lower(), False)
     saved.write_text("[DEFAULT]\nloglevel = True\n")  # as dispynode -d wrote it
     assert parse_args(["--config", str(saved)]).debug is True
+
+
+def test_save_config_writes_paths_given_relative_as_absolute(tmp_path: Path) -> None:
+    """A configuration saved in one directory and used by a service started in
+    another (systemd's working directory is /): its files are where they were
+    when it was saved. Before, ``secret_file = node.secret`` was looked for
+    under /."""
+    from nodeserver.parser import parse_args
+
+    saved = tmp_path / "saved.ini"
+    done = run_node(
+        "--save_config", str(saved),
+        "--secret-file", "node.secret",
+        "--dest-path", "work",
+        "--certfile", "tls/node.pem",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    args = parse_args(["--config", str(saved)])
+    assert args.secret_file == str(tmp_path / "node.secret")
+    assert args.dest_path == str(tmp_path / "work")
+    assert args.certfile == str(tmp_path / "tls" / "node.pem")

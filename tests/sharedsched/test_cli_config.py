@@ -175,7 +175,8 @@ def test_save_config_writes_what_config_reads_without_the_secret(
 ) -> None:
     saved = tmp_path / "scheduler.conf"
     given = [
-        "-n", "10.0.0.1", "-n", "10.0.0.2:9000", "--users", "u", "--max_cpus", "4",
+        "-n", "10.0.0.1", "-n", "10.0.0.2:9000", "--users", str(tmp_path / "u"),
+        "--max_cpus", "4",
         "--zombie_interval", "5", "-d", "--node_secret", "not-to-be-saved",
     ]  # fmt: skip
     done = scheduler_cli(*given, "--save_config", str(saved))
@@ -198,3 +199,12 @@ def test_a_saved_loglevel_is_read_back_from_the_config(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     args = parse_args(["--config", str(saved)])
     assert (args.loglevel, args.debug) == ("warning", False)
+
+
+def test_save_config_writes_paths_given_relative_as_absolute(tmp_path: Path) -> None:
+    """``--users users`` saved from the admin's directory is that file when a
+    service reads the configuration from / (it was looked for there)."""
+    saved = tmp_path / "scheduler.conf"
+    done = scheduler_cli("--users", "users", "--save_config", str(saved), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert parse_args(["--config", str(saved)]).users == str(tmp_path / "users")

@@ -403,7 +403,8 @@ NODE_OPTIONS = [
         sample=("--save_config", "{dir}/saved.ini"),
         meaning="write the options to a file (standard output without one) and exit",
         note="Writes the options given (mode 600), never the secret, and exits; "
-        "without a file, to standard output.",
+        "without a file, to standard output. Paths are written absolute, so that a "
+        "service started elsewhere finds the same files.",
         missing="No config files (see ``--config``).",
     ),
     Name("-c", sample=("-c", "1"), meaning="CPUs to serve; negative: all but N"),
