@@ -38,9 +38,24 @@ _NOT_KEPT_REASON = (
 )
 
 
-def _not_kept(key: int, attempt: int, start: float, end: float) -> list[Any]:
+#: Why a job's kept result is not sent: its file could not be read.
+LOST_REASON = (
+    "the node ran the job but its kept result was lost: its file could not be read "
+    "(the node's machine stopped while writing it?); see the node's log"
+)
+
+
+def _not_kept(
+    key: int, attempt: int, start: float, end: float, reason: str = _NOT_KEPT_REASON
+) -> list[Any]:
     """A job's end in place of its result entry, which could not be kept."""
-    return [key, attempt, ABANDONED, start, end, "", "", _NOT_KEPT_REASON, 0]
+    return [key, attempt, ABANDONED, start, end, "", "", reason, 0]
+
+
+def lost_entry(key: int, attempt: int) -> list[Any]:
+    """The end of a job whose kept result's file cannot be read: it ran (it must
+    not be taken for one that never did)."""
+    return _not_kept(key, attempt, 0.0, 0.0, LOST_REASON)
 
 
 @dataclass(eq=False)

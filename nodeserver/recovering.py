@@ -28,7 +28,8 @@ from dispynb.protocol.messages import (
 )
 from dispynb.transport.connection import Connection
 from nodeserver.computation import STREAM_BYTES
-from nodeserver.keeper import FILE, PROVISIONAL, Kept, KeptResult
+from nodeserver.keeper import FILE, PROVISIONAL, Kept, KeptResult, lost_entry
+from nodeserver.spool import job_of
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +110,12 @@ class KeptResultSender:
             entry, buffers, kinds = kept.open(result)
         except OSError as exc:
             logger.warning("a kept result is lost: %s", exc)
+            job = job_of(result.path) if result.path is not None else None
+            if job is not None:  # it ran: its client must not take it for unrun
+                self._write(
+                    JobResults(comp_id=self.comp_id, results=[lost_entry(*job)])
+                )
+                await self._drained()
             return
         if entry and entry[0] in (FILE, PROVISIONAL):
             await self._send_sent(entry, buffers)

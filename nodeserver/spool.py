@@ -158,7 +158,10 @@ class ResultSpool:
                 )
             return False
         self._seq += 1
-        path = os.path.join(spool.path, f"r{time.time_ns():020d}-{self._seq:08d}")
+        name = f"r{time.time_ns():020d}-{self._seq:08d}"
+        if _is_int(entry[0]) and _is_int(entry[1]):  # a job's result (not a file)
+            name += f"_{entry[0]}_{entry[1]}"  # its job, should the file be lost
+        path = os.path.join(spool.path, name)
         try:
             parts = [MAGIC, _HEADER_SIZE.pack(len(header)), header, *buffers]
             self._write_file(path, parts)
@@ -335,6 +338,23 @@ class ResultSpool:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def job_of(path: str) -> tuple[int, int] | None:
+    """The job (key, attempt) whose result spool file ``path`` holds, told by its
+    name (so that a file a crash tore still says whose it was); None if it does
+    not say (a file a job sent, or a file of an older node)."""
+    parts = os.path.basename(path).split("_")
+    if len(parts) != 3:
+        return None
+    try:
+        return int(parts[1]), int(parts[2])
+    except ValueError:
+        return None
 
 
 def syncfs(path: str) -> None:

@@ -6,6 +6,7 @@ Real ``dispynb-node`` processes, real clients, SIGKILL."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import threading
@@ -98,3 +99,33 @@ def test_spooled_results_are_flushed_together_soon_after_they_are_written(
 
     asyncio.run(main())
     assert flushed == [str(tmp_path / ".kept")]
+
+
+def test_a_kept_result_a_crash_tore_is_reported_as_run_and_lost(tmp_path: Path) -> None:
+    """A result file left empty (as a power loss leaves one written just before):
+    recover_jobs said its job "never reached the node: it did not run", though it
+    ran (a job that must not run twice would be run again). It says the node ran
+    the job and lost its result; the others come back."""
+    node = start_node(tmp_path / "node", cpus=20)
+    try:
+        journal = kill_client_mid_run(tmp_path, node, started=20)
+        assert node.stop() == 0  # drains: the running jobs end, their results kept
+        files = sorted((tmp_path / "node" / "dest" / ".kept").glob("*/r*"))
+        assert files
+        files[0].write_bytes(b"")
+        (tmp_path / "node" / "port").unlink()
+        node = start_node(
+            tmp_path / "node", "--port", str(node.port), cpus=20, secret=node.secret
+        )
+        done = recover_in_new_process(tmp_path, journal, node.secret)
+    finally:
+        node.stop(signal.SIGKILL)
+    assert done.returncode == 0, done.stderr
+    jobs = json.loads(done.stdout)
+    lost = [job for job in jobs if job[2] != 11]
+    assert len(lost) == 1, jobs
+    assert lost[0][2] == 10, lost  # Abandoned
+    assert "the node ran the job" in lost[0][4] and "did not run" not in lost[0][4]
+    assert [job[3] for job in jobs if job[2] == 11] == [
+        n * n for n in range(20) if f"job-{n}" != lost[0][0]
+    ]
