@@ -9,7 +9,9 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,18 +29,17 @@ from tests.test_durable_files import synced
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("torn", [b"", b'{"name": "compute", "ke'])
-def test_a_torn_meta_file_costs_no_kept_result(tmp_path: Path, torn: bytes) -> None:
-    """The node stops once its client's results are kept; its spool's
-    ``meta`` is left as a torn write leaves it (empty, or cut short): a node started
-    again on the directory offers the results all the same, and says why."""
+def recover_after_damage(
+    tmp_path: Path, damage: Callable[[Path], None]
+) -> tuple[subprocess.CompletedProcess[str], str]:
+    """A client killed mid-run, its node stopped once the results are kept (it
+    drains), ``damage(spool root)`` done to the files as a crash leaves them, the
+    node started again on the directory: recover_jobs's run and the node's log."""
     node = start_node(tmp_path / "node", cpus=20)
     try:
         journal = kill_client_mid_run(tmp_path, node, started=20)
         assert node.stop() == 0  # drains: the running jobs end, their results kept
-        metas = list((tmp_path / "node" / "dest" / ".kept").glob("*/meta"))
-        assert len(metas) == 1, metas
-        metas[0].write_bytes(torn)
+        damage(tmp_path / "node" / "dest" / ".kept")
         (tmp_path / "node" / "port").unlink()
         node = start_node(
             tmp_path / "node", "--port", str(node.port), cpus=20, secret=node.secret
@@ -46,8 +47,23 @@ def test_a_torn_meta_file_costs_no_kept_result(tmp_path: Path, torn: bytes) -> N
         done = recover_in_new_process(tmp_path, journal, node.secret)
     finally:
         node.stop(signal.SIGKILL)
+    return done, node.log_text()
+
+
+@pytest.mark.parametrize("torn", [b"", b'{"name": "compute", "ke'])
+def test_a_torn_meta_file_costs_no_kept_result(tmp_path: Path, torn: bytes) -> None:
+    """The node stops once its client's results are kept; its spool's
+    ``meta`` is left as a torn write leaves it (empty, or cut short): a node started
+    again on the directory offers the results all the same, and says why."""
+
+    def tear(root: Path) -> None:
+        metas = list(root.glob("*/meta"))
+        assert len(metas) == 1, metas
+        metas[0].write_bytes(torn)
+
+    done, log = recover_after_damage(tmp_path, tear)
     assert_every_job_recovered(done)
-    assert "meta file is damaged" in node.log_text()
+    assert "meta file is damaged" in log
 
 
 def test_how_long_results_are_kept_is_on_the_disk_before_it_is_relied_on(
@@ -106,20 +122,13 @@ def test_a_kept_result_a_crash_tore_is_reported_as_run_and_lost(tmp_path: Path) 
     recover_jobs said its job "never reached the node: it did not run", though it
     ran (a job that must not run twice would be run again). It says the node ran
     the job and lost its result; the others come back."""
-    node = start_node(tmp_path / "node", cpus=20)
-    try:
-        journal = kill_client_mid_run(tmp_path, node, started=20)
-        assert node.stop() == 0  # drains: the running jobs end, their results kept
-        files = sorted((tmp_path / "node" / "dest" / ".kept").glob("*/r*"))
+
+    def empty_one(root: Path) -> None:
+        files = sorted(root.glob("*/r*"))
         assert files
         files[0].write_bytes(b"")
-        (tmp_path / "node" / "port").unlink()
-        node = start_node(
-            tmp_path / "node", "--port", str(node.port), cpus=20, secret=node.secret
-        )
-        done = recover_in_new_process(tmp_path, journal, node.secret)
-    finally:
-        node.stop(signal.SIGKILL)
+
+    done, _log = recover_after_damage(tmp_path, empty_one)
     assert done.returncode == 0, done.stderr
     jobs = json.loads(done.stdout)
     lost = [job for job in jobs if job[2] != 11]
