@@ -9,6 +9,7 @@ Only ever call `loads` on data from an authenticated peer.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import functools
 import io
 import pickle
@@ -16,6 +17,7 @@ import signal
 import sys
 import sysconfig
 import types
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -432,16 +434,84 @@ def ship_by_value(*objs: Any) -> None:
     installed package) cannot be imported on a node, so its module is pickled by value,
     as ``__main__`` already is.
     """
+    seen: set[int] = set()
     for obj in objs:
+        try:
+            if obj in _SHIPPED:  # walked already (an executor's every submit)
+                continue
+            _SHIPPED.add(obj)
+        except TypeError:  # not weakly referenced, or not hashable: walk it
+            pass
+        _ship_with_helpers(obj, seen, top=True)
+
+
+#: The functions and classes `ship_by_value` has walked (with their helpers).
+_SHIPPED: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _ship_with_helpers(obj: Any, seen: set[int], top: bool = False) -> None:
+    """`ship_by_value` for ``obj``, then for the script's functions, classes and
+    modules its code names (a helper module beside the script, or in its
+    package, that no node can import either, as ProcessPoolExecutor's workers
+    can)."""
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    obj = getattr(obj, "__func__", obj)  # a bound method: its function
+    if isinstance(obj, functools.partial):
+        _ship_with_helpers(obj.func, seen, top)
+        return
+    if isinstance(obj, types.ModuleType):
+        module: types.ModuleType | None = obj
+    else:
         module = sys.modules.get(getattr(obj, "__module__", None) or "")
-        if module is None or module.__name__ == "__main__":
-            continue
-        if _is_installed(module):
-            continue
+    if module is None or _is_installed(module):
+        return
+    if not top and module.__name__.partition(".")[0] in _ON_EVERY_NODE:
+        return  # named by the script's code: imported on the node
+    if module.__name__ != "__main__":
         try:
             cloudpickle.register_pickle_by_value(module)
         except ValueError:  # a module cloudpickle cannot take by value (builtins)
-            continue
+            return
+    if isinstance(obj, types.ModuleType):
+        return  # its functions are looked up (and shipped) when a call is pickled
+    if isinstance(obj, type):
+        for value in list(vars(obj).values()):
+            _ship_with_helpers(getattr(value, "__func__", value), seen)
+        return
+    code = getattr(obj, "__code__", None)
+    names = getattr(obj, "__globals__", None)
+    if isinstance(code, types.CodeType) and isinstance(names, dict):
+        for name in _global_names(code):
+            if name in names and _may_be_helper(names[name]):
+                _ship_with_helpers(names[name], seen)
+        for cell in getattr(obj, "__closure__", None) or ():
+            with contextlib.suppress(ValueError):  # an empty cell
+                if _may_be_helper(cell.cell_contents):
+                    _ship_with_helpers(cell.cell_contents, seen)
+    elif callable(obj) and not isinstance(obj, types.BuiltinFunctionType):
+        _ship_with_helpers(type(obj), seen)  # an instance with __call__
+
+
+#: Packages every node has (however this client has them: a checkout too).
+_ON_EVERY_NODE = frozenset({"dispynb", "nodeserver"})
+
+
+def _may_be_helper(value: Any) -> bool:
+    """Whether ``value`` may be code of the script's to ship by value."""
+    return isinstance(
+        value, (types.FunctionType, types.ModuleType, type, functools.partial)
+    )
+
+
+def _global_names(code: types.CodeType) -> set[str]:
+    """The global names ``code`` (and the functions it defines) reads."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _global_names(const)
+    return names
 
 
 def travels_by_value(obj: Any) -> bool:

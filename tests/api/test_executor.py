@@ -236,6 +236,32 @@ def test_a_function_that_cannot_be_pickled_names_what_it_captures(executor):
         executor.map(lambda x: lock.locked(), [1])
 
 
+def test_a_scripts_helper_modules_travel_with_its_functions(
+    executor, tmp_path, monkeypatch
+):
+    """A function of the script's package (or beside it) calling helpers in
+    other modules of the script's, which ProcessPoolExecutor's workers import
+    as the script does and no node can: the helpers travel by value too."""
+    package = tmp_path / "scriptpkg_ship"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "helpers.py").write_text("def twice(x):\n    return 2 * x\n")
+    (package / "work.py").write_text(
+        "from scriptpkg_ship.helpers import twice\n"
+        "import script_sibling_ship\n"
+        "def work(x):\n"
+        "    return twice(x) + script_sibling_ship.thrice(x)\n"
+    )
+    (tmp_path / "script_sibling_ship.py").write_text(
+        "def thrice(x):\n    return 3 * x\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from scriptpkg_ship.work import work  # type: ignore[import-not-found]
+
+    assert executor.submit(work, 2).result(WAIT) == 10
+    assert list(executor.map(work, [1, 3])) == [5, 15]
+
+
 def test_a_call_given_its_executor_is_refused_saying_why(executor):
     """Nested submission to the same executor cannot work (the call runs in a
     node's process): the error says so and what to do, not pickle's lock."""

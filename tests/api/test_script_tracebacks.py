@@ -261,7 +261,11 @@ from mylib import compute
 
 if __name__ == "__main__":
     try:
-        dispy.JobCluster(compute, nodes=environ["NODES"].split(","))
+        cluster = dispy.JobCluster(compute, nodes=environ["NODES"].split(","))
+        job = cluster.submit(2)
+        result = job()
+        print(result if job.exception is None else job.exception, end="")
+        cluster.close()
     except dispy.errors.SetupError as exc:
         print("".join(traceback.format_exception_only(exc)), end="")
 """
@@ -271,12 +275,12 @@ def test_a_computation_whose_module_imports_another_of_the_scripts_says_to_send_
     local: LocalCluster, tmp_path: Path
 ):
     """The computation comes from ``mylib.py`` beside the script (sent by value),
-    which imports ``helpers.py`` from there too (by name: the node cannot): the
-    cluster's SetupError ends with how to send it, as a job's traceback does.
-    Before, it said only "install it there, or send it with depends"."""
+    which imports ``helpers.py`` from there too, in its function (by name when
+    the job runs: the node cannot): the job's error ends with how to send it.
+    (A module that ``mylib`` imports at its top travels by value with it.)"""
     (tmp_path / "script.py").write_text(OWN_MODULES_SCRIPT)
     (tmp_path / "mylib.py").write_text(
-        "import helpers\n\n\ndef compute(x):\n    return helpers.double(x)\n"
+        "def compute(x):\n    import helpers\n\n    return helpers.double(x)\n"
     )
     (tmp_path / "helpers.py").write_text("def double(x):\n    return 2 * x\n")
     proc = _run_script(local, tmp_path)
