@@ -47,6 +47,7 @@ from dispynb.errors import ProtocolError
 from dispynb.protocol.files import digest_of, link_inside
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
+_EMPTY_DIGEST = digest_of(b"")
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +103,11 @@ class FileStore:
                         os.unlink(entry.path)
                     elif _DIGEST.fullmatch(entry.name) and entry.is_file():
                         stat = entry.stat()
-                        if stat.st_mtime_ns != STORED_MTIME_NS:
+                        # Empty but for the empty file's digest: its data never
+                        # reached the disk (a power loss after the rename: stored
+                        # files are not synced, for speed), so not as sent.
+                        empty = stat.st_size == 0 and entry.name != _EMPTY_DIGEST
+                        if stat.st_mtime_ns != STORED_MTIME_NS or empty:
                             os.unlink(entry.path)
                             continue
                         found.append((stat.st_atime_ns, entry.name, stat.st_size))

@@ -171,3 +171,36 @@ def test_a_node_keeps_at_most_its_file_cache_and_never_a_file_in_use(
             assert run(names[1]) == 60 * KiB  # 120 KiB idle: only data1 is kept
             holds(1, 2)
             assert open_cluster.submit(names[2])() == 60 * KiB
+
+
+def first_line(path: str) -> str:
+    with open(path) as handle:
+        return handle.readline()
+
+
+@pytest.mark.slow
+def test_a_stored_file_a_power_loss_emptied_is_sent_again(tmp_path: Path):
+    """A stored file is renamed into place before the disk has its data (not
+    synced): a power loss leaves it empty, with its name and stored time. The node
+    started again took it for intact, so its client did not send it again and the
+    job read an empty file."""
+    data = tmp_path / "data.txt"
+    data.write_text("as sent\n")
+
+    def run() -> str:
+        with (
+            running_node(tmp_path / "node") as node,
+            JobCluster(
+                first_line, nodes=[node.spec], secret=node.secret,
+                depends=[str(data)], recover_file=False,
+            ) as cluster,
+        ):  # fmt: skip
+            return cluster.submit("data.txt")()
+
+    assert run() == "as sent\n"
+    store = tmp_path / "node" / "dest" / ".store"
+    (kept,) = (p for p in store.iterdir() if p.name == digest_of(data.read_bytes()))
+    os.truncate(kept, 0)  # as a power loss leaves it: named, dated, no data
+    os.utime(kept, ns=(STORED_MTIME_NS, STORED_MTIME_NS))
+    (tmp_path / "node" / "port").unlink()
+    assert run() == "as sent\n"
