@@ -50,7 +50,7 @@ from dispynb.futures import (
 from dispynb.job import DispyJob
 from dispynb.limits import check_mem_limit
 from dispynb.protocol import serialize
-from dispynb.tracebacks import LazySourceMap
+from dispynb.tracebacks import LazySourceMap, explain_missing_module
 
 if TYPE_CHECKING:
     from dispynb.backends.base import Engine
@@ -142,7 +142,9 @@ def _error(
     a MemoryError under the executor's ``mem_limit`` says how to allow more.
     Never raised here, so no frame of this module is in its traceback."""
     exc, text, name, message = failure
-    remote = RemoteError(name, message, LazySourceMap(*sources).rerender(text) or text)
+    text = LazySourceMap(*sources).rerender(text) or text
+    # A module the node lacks (imported in the call): how to send it, as for a job.
+    remote = RemoteError(name, message, _executor_advice(explain_missing_module(text)))
     if not isinstance(exc, BaseException):  # None: it did not unpickle here
         return remote
     exc.__cause__ = remote
@@ -580,7 +582,8 @@ _UNPICKLABLE_VALUE = re.compile(
 
 #: A node's advice on a job's limits, given to `JobCluster` users (a submit's
 #: ``dispy_job_*`` keyword), and what an executor's user is told instead: a call
-#: cannot pass those (they would go to the function), the executor's options can.
+#: cannot pass those (they would go to the function), the executor's options can
+#: (``depends`` too, for a module the node lacks).
 _LIMIT_ADVICE: tuple[
     tuple[re.Pattern[str], str | Callable[[re.Match[str]], str]], ...
 ] = (
@@ -614,6 +617,7 @@ _LIMIT_ADVICE: tuple[
             f"{_larger_result_limit(2 * int(match['size']))}"
         ),
     ),
+    (re.compile(r"JobCluster\(\.\.\., depends="), "Executor(..., depends="),
 )
 
 

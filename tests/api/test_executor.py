@@ -262,6 +262,30 @@ def test_a_scripts_helper_modules_travel_with_its_functions(
     assert list(executor.map(work, [1, 3])) == [5, 15]
 
 
+def import_in_call(name: str) -> int:
+    return __import__(name).VALUE
+
+
+def test_a_module_imported_in_a_call_that_the_node_lacks_says_how_to_send_it(
+    local, executor, tmp_path, monkeypatch
+):
+    """Imported by name on the node (no node has the script's directory, as
+    ProcessPoolExecutor's workers do): the error says how to send it, in the
+    executor's words, and doing so works."""
+    (tmp_path / "beside_script_mod.py").write_text("VALUE = 7\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModuleNotFoundError) as info:
+        executor.submit(import_in_call, "beside_script_mod").result(WAIT)
+    assert info.value.__cause__.traceback.endswith(
+        "the node cannot: send it with Executor(..., depends=[beside_script_mod]), "
+        "or install it on the node)\n"
+    )
+    import beside_script_mod  # type: ignore[import-not-found]
+
+    with Executor(nodes=local, depends=[beside_script_mod]) as ex:
+        assert ex.submit(import_in_call, "beside_script_mod").result(WAIT) == 7
+
+
 def test_a_call_given_its_executor_is_refused_saying_why(executor):
     """Nested submission to the same executor cannot work (the call runs in a
     node's process): the error says so and what to do, not pickle's lock."""
