@@ -144,9 +144,16 @@ def replace_file(path: str, text: str, mode: int = 0o644) -> None:
 
 
 def sync_dir(path: str) -> None:
-    """Put the names in directory ``path`` (a file renamed there) on the disk."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    """Put the names in directory ``path`` (a file renamed there) on the disk, where
+    that can be done: a directory that cannot be read, or a file system that cannot
+    sync one (EINVAL), is left as it is (the rename itself succeeded)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
     try:
         os.fsync(fd)
+    except OSError:
+        pass
     finally:
         os.close(fd)
