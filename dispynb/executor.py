@@ -31,6 +31,7 @@ import itertools
 import os
 import pickle
 import re
+import sys
 import threading
 import time
 import traceback
@@ -170,6 +171,7 @@ class _CallsFuture(JobFuture):
 
     def _settle(self) -> None:
         job = self.job
+        _echo(job)  # before the result: a waiting caller reads it first
         if job.status == job.Finished:
             values, failures = job.result
             if failures:
@@ -561,6 +563,7 @@ def _chunk_outcomes(
     one is idle (`dispynb._inplace`): no thread is woken per job."""
     if not job.wait(timeout):
         raise concurrent.futures.TimeoutError()
+    _echo(job)
     if job.status == job.Finished:
         outcomes: Outcomes = job.result
         return outcomes
@@ -570,6 +573,19 @@ def _chunk_outcomes(
     error = outcome_error(job)
     assert error is not None
     raise error
+
+
+def _echo(job: DispyJob) -> None:
+    """Write here what a job's calls printed (stdout, stderr, warnings), as
+    ProcessPoolExecutor's workers write to the terminal they share with the
+    script: once the job has ended, not as it runs (``future.job.stdout`` keeps
+    it too)."""
+    for text, stream in ((job.stdout, sys.stdout), (job.stderr, sys.stderr)):
+        if text and stream is not None:
+            if isinstance(text, bytes):
+                text = text.decode(errors="replace")
+            stream.write(text)
+            stream.flush()
 
 
 #: How a node names a value its runner returned that does not pickle: by its

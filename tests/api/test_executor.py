@@ -11,6 +11,7 @@ import asyncio
 import concurrent.futures as cf
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -260,6 +261,23 @@ def test_a_scripts_helper_modules_travel_with_its_functions(
 
     assert executor.submit(work, 2).result(WAIT) == 10
     assert list(executor.map(work, [1, 3])) == [5, 15]
+
+
+def chatty(x: int) -> int:
+    print(f"out {x}")
+    print(f"err {x}", file=sys.stderr)
+    return x
+
+
+def test_what_calls_print_is_written_here_before_their_results(executor, capsys):
+    """ProcessPoolExecutor's workers print to the script's terminal: so do the
+    calls, each job's output before its result is returned."""
+    assert executor.submit(chatty, 1).result(WAIT) == 1
+    first = capsys.readouterr()
+    assert (first.out, first.err) == ("out 1\n", "err 1\n")
+    assert list(executor.map(chatty, [2, 3], chunksize=2)) == [2, 3]
+    both = capsys.readouterr()
+    assert (both.out, both.err) == ("out 2\nout 3\n", "err 2\nerr 3\n")
 
 
 def import_in_call(name: str) -> int:
