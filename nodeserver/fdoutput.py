@@ -44,6 +44,13 @@ _CHUNK = 1 << 16
 #: (the last ones: a crash's last words).
 CRASH_OUTPUT = 64 * 1024
 
+#: Bytes a descriptor's file may hold before `_Spiller` takes them into the running
+#: job's output (which keeps ``max_output`` and counts the rest) and frees them,
+#: and seconds between its looks: a job printing without end below Python (``yes``,
+#: a chatty solver) must not fill the node's disk until it returns.
+SPILL_AT = 1 << 20
+SPILL_EVERY = 0.25
+
 
 def _load_fflush() -> Callable[[Any], int] | None:
     """libc's ``fflush``: C's stdout is fully buffered into a file, so a job's
@@ -55,6 +62,22 @@ def _load_fflush() -> Callable[[Any], int] | None:
     fflush.argtypes = [ctypes.c_void_p]
     fflush.restype = ctypes.c_int
     return fflush
+
+
+def _load_punch_hole() -> Callable[[int, int, int, int], int] | None:
+    """libc's ``fallocate``, to free a file's blocks already read (Linux)."""
+    try:
+        fallocate = ctypes.CDLL(None, use_errno=True).fallocate
+    except (OSError, AttributeError):
+        return None
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fallocate.restype = ctypes.c_int
+    return fallocate
+
+
+#: ``FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE``.
+_PUNCH_HOLE = 0x02 | 0x01
+_punch_hole = _load_punch_hole()
 
 
 def _anonymous_file(directory: str) -> int:
@@ -181,6 +204,23 @@ class _Descriptor:
             self.taken += len(data)
             capture.write_below(self.decoder.decode(data))
 
+    def spill(self, output: FdOutput, index: int) -> None:
+        """If the file holds over `SPILL_AT` bytes not taken: take them into the
+        running job's capture (``output.captures[index]``, looked at under the
+        lock: the job may have ended) and empty the file (O_APPEND: its writers go
+        on at its start)."""
+        if self.size() - self.taken <= SPILL_AT or _punch_hole is None:
+            return
+        with self.lock:
+            captures = output.captures
+            if captures is None:
+                return
+            self._take(captures[index])
+            # Its blocks freed, offsets kept: a truncation would lose what the job's
+            # processes append between the read and it.
+            if _punch_hole(self.file, _PUNCH_HOLE, 0, self.taken) != 0:
+                logger.debug("output below Python: no hole punched (%d)", self.file)
+
     def pass_on(self) -> None:
         """What came with no job running (a process a job left, before it was
         killed): to the node's descriptor, as it went before; then empty."""
@@ -207,6 +247,9 @@ class FdOutput:
             raise
         self._fflush = _load_fflush()
         self._own = _OwnStreams(self.stdout.saved, self.stderr.saved)
+        #: The running job's captures (`begin` to `end`), for `_Spiller`.
+        self.captures: tuple[FdMerged, FdMerged] | None = None
+        self._spiller = _Spiller(self)
 
     @classmethod
     def adopt(cls, out: int, err: int) -> FdOutput | None:
@@ -226,6 +269,7 @@ class FdOutput:
     def close(self) -> None:
         """Give the process its descriptors and streams back (a worker loop that
         ran in a process that goes on: the tests')."""
+        self._spiller.stop()
         self._own.restore()
         if self._fflush is not None:
             self._fflush(None)
@@ -235,10 +279,12 @@ class FdOutput:
     def begin(self, out: FdMerged, err: FdMerged) -> None:
         """A job starts, writing into ``out`` and ``err``."""
         out.source, err.source = self.stdout, self.stderr
+        self.captures = (out, err)
 
     def end(self, out: FdMerged, err: FdMerged) -> None:
         """The job returned: what its descriptors got since its last line joins
         ``out`` and ``err``."""
+        self.captures = None
         if self._fflush is not None:
             self._fflush(None)  # C's stdout into a file is fully buffered
         for descriptor, capture in ((self.stdout, out), (self.stderr, err)):
@@ -256,6 +302,31 @@ class FdOutput:
         since it returned goes to the node's descriptors, not the next job's."""
         self.stdout.pass_on()
         self.stderr.pass_on()
+
+
+class _Spiller(threading.Thread):
+    """Looks at the running job's files every `SPILL_EVERY` s (`_Descriptor.spill`),
+    so that what a job writes below Python without a Python print in between takes
+    `SPILL_AT` bytes of disk at most, not all it writes until it returns."""
+
+    def __init__(self, output: FdOutput) -> None:
+        super().__init__(name="dispynb-output-spill", daemon=True)
+        self._output = output
+        self._stopped = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        output = self._output
+        while not self._stopped.wait(SPILL_EVERY):
+            if output.captures is None:
+                continue
+            with contextlib.suppress(OSError):  # closed as the worker ends
+                output.stdout.spill(output, 0)
+                output.stderr.spill(output, 1)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self.join()
 
 
 def _flush_streams() -> None:

@@ -224,3 +224,48 @@ def test_threads_printing_at_once_take_what_is_pending_once(
     finally:
         below.close()
     assert out.getvalue().count("below\n") == 1, out.getvalue()
+
+
+def flood_below_python(megabytes: int) -> tuple[int, int]:
+    """Write ``megabytes`` MiB below Python with no Python print in between, then
+    wait (at most 20 s) until the file behind descriptor 1 takes under 8 MiB of
+    disk: ``(bytes written, bytes of disk it took at the end)``."""
+    import os
+    import time
+
+    def held() -> int:
+        return os.fstat(1).st_blocks * 512
+
+    os.system(f"head -c {megabytes << 20} /dev/zero | tr '\\0' x")
+    deadline = time.monotonic() + 20
+    while held() >= 8 << 20 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return megabytes << 20, held()
+
+
+def test_a_job_flooding_below_python_takes_little_of_the_nodes_disk(
+    tmp_path: Path,
+) -> None:
+    """``yes`` or a chatty solver in a job: its output below Python went to a file
+    of its worker until the job returned, 200 MiB of the node's disk for 200 MiB
+    written. The worker takes it into the job's output (kept to max_output, the
+    rest counted) once it passes 1 MiB, and frees the file's blocks, losing
+    none of it (a truncation lost what was appended meanwhile)."""
+    with (
+        running_node(tmp_path / "node", cpus=1) as node,
+        JobCluster(
+            flood_below_python,
+            nodes=[node.spec],
+            secret=node.secret,
+            max_output_size=1000,
+        ) as cluster,
+    ):
+        job = cluster.submit(200)
+        written, held = job()
+    assert held < 8 << 20, (written, held)
+    kept, _, note = job.stdout.partition("\n")
+    assert kept == "x" * 1000, job.stdout[:2000]
+    assert note == (
+        f"[dispynb: {written - 1000} more characters of stdout dropped: a job keeps "
+        "1000 (max_output_size)]\n"
+    ), note
