@@ -11,6 +11,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import functools
+import importlib
 import io
 import pickle
 import signal
@@ -239,6 +240,11 @@ class _ByValuePickler(cloudpickle.Pickler):  # type: ignore[misc]  # untyped
             registry = obj.registry.items()  # type: ignore[attr-defined]
             ways = [(kind, impl) for kind, impl in registry if kind is not object]
             return _singledispatch, (obj.__dict__["__wrapped__"], ways)
+        elif type(obj) is types.ModuleType and obj.__name__ in _HELPER_MODULES:
+            # A helper module named as a whole (``import helpers``) goes by name,
+            # as before it was shipped for its functions: by value, all its
+            # globals (data too) would travel with every job.
+            return importlib.import_module, (obj.__name__,)
         elif type(obj) is functools.cached_property and travels_by_value(obj.func):
             # A class of the notebook's travels by value, its attributes with it:
             # on Python 3.11 a cached_property holds a lock, which does not pickle.
@@ -450,10 +456,9 @@ _SHIPPED: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def _ship_with_helpers(obj: Any, seen: set[int], top: bool = False) -> None:
-    """`ship_by_value` for ``obj``, then for the script's functions, classes and
-    modules its code names (a helper module beside the script, or in its
-    package, that no node can import either, as ProcessPoolExecutor's workers
-    can)."""
+    """`ship_by_value` for ``obj``, then for the script's functions and classes
+    its code names (from a helper module beside the script, or in its package,
+    that no node can import either, as ProcessPoolExecutor's workers can)."""
     if id(obj) in seen:
         return
     seen.add(id(obj))
@@ -461,21 +466,20 @@ def _ship_with_helpers(obj: Any, seen: set[int], top: bool = False) -> None:
     if isinstance(obj, functools.partial):
         _ship_with_helpers(obj.func, seen, top)
         return
-    if isinstance(obj, types.ModuleType):
-        module: types.ModuleType | None = obj
-    else:
-        module = sys.modules.get(getattr(obj, "__module__", None) or "")
+    module = sys.modules.get(getattr(obj, "__module__", None) or "")
     if module is None or _is_installed(module):
         return
     if not top and module.__name__.partition(".")[0] in _ON_EVERY_NODE:
         return  # named by the script's code: imported on the node
     if module.__name__ != "__main__":
+        if top:
+            _HELPER_MODULES.discard(module.__name__)
+        elif module.__name__ not in cloudpickle.list_registry_pickle_by_value():
+            _HELPER_MODULES.add(module.__name__)
         try:
             cloudpickle.register_pickle_by_value(module)
         except ValueError:  # a module cloudpickle cannot take by value (builtins)
             return
-    if isinstance(obj, types.ModuleType):
-        return  # its functions are looked up (and shipped) when a call is pickled
     if isinstance(obj, type):
         for value in list(vars(obj).values()):
             _ship_with_helpers(getattr(value, "__func__", value), seen)
@@ -494,15 +498,19 @@ def _ship_with_helpers(obj: Any, seen: set[int], top: bool = False) -> None:
         _ship_with_helpers(type(obj), seen)  # an instance with __call__
 
 
+#: The modules shipped by value only for a function or class of theirs that
+#: another uses (`_ship_with_helpers`): the module object itself goes by name.
+_HELPER_MODULES: set[str] = set()
+
 #: Packages every node has (however this client has them: a checkout too).
 _ON_EVERY_NODE = frozenset({"dispynb", "nodeserver"})
 
 
 def _may_be_helper(value: Any) -> bool:
-    """Whether ``value`` may be code of the script's to ship by value."""
-    return isinstance(
-        value, (types.FunctionType, types.ModuleType, type, functools.partial)
-    )
+    """Whether ``value`` may be code of the script's to ship by value. Not a
+    module (``import helpers``): one shipped by value carries all its globals,
+    data too, in every job; it is imported on the node (``depends``)."""
+    return isinstance(value, (types.FunctionType, type, functools.partial))
 
 
 def _global_names(code: types.CodeType) -> set[str]:

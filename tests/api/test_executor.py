@@ -21,6 +21,7 @@ import pytest
 import dispynb
 from dispynb.errors import RemoteError, SerializationError, SetupError
 from dispynb.executor import Executor, _executor_advice
+from dispynb.protocol import serialize
 from tests.api.executorwork import Gate, ended, mul, send_ahead
 from tests.jobs import WAIT, wait_until
 
@@ -249,9 +250,9 @@ def test_a_scripts_helper_modules_travel_with_its_functions(
     (package / "helpers.py").write_text("def twice(x):\n    return 2 * x\n")
     (package / "work.py").write_text(
         "from scriptpkg_ship.helpers import twice\n"
-        "import script_sibling_ship\n"
+        "from script_sibling_ship import thrice\n"
         "def work(x):\n"
-        "    return twice(x) + script_sibling_ship.thrice(x)\n"
+        "    return twice(x) + thrice(x)\n"
     )
     (tmp_path / "script_sibling_ship.py").write_text(
         "def thrice(x):\n    return 3 * x\n"
@@ -261,6 +262,19 @@ def test_a_scripts_helper_modules_travel_with_its_functions(
 
     assert executor.submit(work, 2).result(WAIT) == 10
     assert list(executor.map(work, [1, 3])) == [5, 15]
+    # Shipped for its function, a module named whole still goes by name: by
+    # value, its data would travel with every job.
+    (tmp_path / "script_data_ship.py").write_text(
+        "DATA = b'x' * 1_000_000\ndef size():\n    return 7\n"
+    )
+    import script_data_ship  # type: ignore[import-not-found]
+
+    def both() -> int:
+        return size() + script_data_ship.size()
+
+    size = script_data_ship.size
+    serialize.ship_by_value(both)
+    assert len(serialize.dumps_in_band(both)) < 10_000
 
 
 def chatty(x: int) -> int:
