@@ -68,8 +68,11 @@ def _session_dirs(node: CliNode) -> list[str]:
 
 
 def _kept(node: CliNode) -> list[str]:
-    """The computations whose results the node keeps (a directory each)."""
-    return sorted(p.name for p in (_dest(node) / ".kept").iterdir())
+    """The computations whose results the node keeps (a directory each; the spool's
+    own entries start with a dot: the mark of its node's port)."""
+    return sorted(
+        p.name for p in (_dest(node) / ".kept").iterdir() if not p.name.startswith(".")
+    )
 
 
 def _settled(probe: Callable[[], list[_T]], timeout: float) -> list[_T]:
