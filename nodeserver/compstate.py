@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from dispynb.protocol.messages import CRASHED
@@ -125,7 +125,8 @@ class Worker:
 
 class _ComputationState:
     """A `Computation`'s state (its parts: `nodeserver.jobstops`, stopping jobs;
-    `nodeserver.workerlife`, the computation process's reports and lost workers).
+    `nodeserver.workerlife`, the computation process's reports and lost workers;
+    `nodeserver.jobfiles`, the jobs' files; `nodeserver.stealing`, work stealing).
     The methods declared here and raising `NotImplementedError` are the parts'
     own (one part calls another's)."""
 
@@ -170,6 +171,13 @@ class _ComputationState:
     _handed_back: bool
     _tasks: set[asyncio.Task[None]]
     _held: bool
+    _steal_timer: asyncio.Handle | None
+    _report_file: ReportFile
+    _file_requests: dict[int, tuple[Worker, int, KeepableFile | None]]
+    _keep_file: KeepFile | None
+    _file_request_ids: Iterator[int]
+    _refused_files: Mapping[str, str]
+    _job_files: collections.Counter[str]
 
     def _report_unrun(
         self,
@@ -220,4 +228,7 @@ class _ComputationState:
         raise NotImplementedError
 
     def _finish_unrun(self, job: NodeJob, reason: str) -> None:
+        raise NotImplementedError
+
+    def _runs_after_all(self, job: NodeJob, start_time: float) -> None:
         raise NotImplementedError

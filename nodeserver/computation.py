@@ -16,13 +16,10 @@ import contextlib
 import itertools
 import logging
 import operator
-import os
 import time
 from collections.abc import Callable, Mapping
 
-from dispynb.errors import DispynbError, ProtocolError
-from dispynb.objects import is_object_file
-from dispynb.protocol.files import safe_relative_path
+from dispynb.errors import DispynbError
 from dispynb.protocol.messages import CANCELLED, CRASHED, FINISHED, Message
 from dispynb.protocol.records import ResultEntry
 from nodeserver.budget import CpuBudget
@@ -41,20 +38,20 @@ from nodeserver.control import ControlChannel
 from nodeserver.filestore import FileStore
 from nodeserver.ipc import (
     Done,
-    FileAnswer,
     NodeShutdown,
     Provisional,
     Run,
     SendFile,
-    Skip,
 )
+from nodeserver.jobfiles import _JobFiles
 from nodeserver.jobreasons import crash_reason as crash_reason
 from nodeserver.jobreasons import mem_limit_note as mem_limit_note
 from nodeserver.jobreasons import timeout_reason as timeout_reason
-from nodeserver.jobstops import _before_its_turn, _JobStops
+from nodeserver.jobstops import _JobStops
 from nodeserver.launcher import PROCESS_LAUNCHER, ComputationProcess, Launcher
 from nodeserver.leftovers import Removals
 from nodeserver.sharedbody import BODIES, segments
+from nodeserver.stealing import _WorkStealing
 from nodeserver.workerlife import _WorkerLife
 
 logger = logging.getLogger(__name__)
@@ -76,16 +73,6 @@ MAX_AHEAD = 8
 #: Only jobs with arguments under this size go ahead beyond the first: a worker's
 #: socket and memory should not fill with large arguments waiting for their turn.
 AHEAD_BYTES = 64 * 1024
-
-#: Seconds after a worker went idle with nothing queued at which the jobs still
-#: waiting ahead in a busy worker are taken back and run on the idle ones: the job
-#: they wait behind takes far longer than the others (short on average, else none
-#: would have gone ahead). Work stealing, checked once per such lull: jobs that are
-#: all short never pay a message for it. A busy worker the node cannot be sure of
-#: then (its Runs not all written, its answers not read) is looked at again when
-#: that changes (`Computation._look_again`), not every STEAL_AFTER: its job may run
-#: for hours, and a held client may not read for as long.
-STEAL_AFTER = 0.01
 
 #: Seconds a worker gets to skip a cancelled job sent ahead to it, before the job is
 #: taken to have started and is interrupted.
@@ -128,7 +115,7 @@ def _was_interrupted(done: Done) -> bool:
     return done.outcome != FINISHED and "KeyboardInterrupt" in (done.exception or "")
 
 
-class Computation(_JobStops, _WorkerLife, _ComputationState):
+class Computation(_JobStops, _WorkerLife, _JobFiles, _WorkStealing, _ComputationState):
     """Runs one computation's jobs on this node's CPUs, within the node's budget."""
 
     def __init__(
@@ -215,7 +202,7 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
         self._handed_back = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._held = False  # workers are not read (the client is not reading)
-        self._steal_timer: asyncio.Handle | None = None  # see STEAL_AFTER
+        self._steal_timer: asyncio.Handle | None = None  # see nodeserver.stealing
         #: Buffer kinds of the result being reported (key -> `Done.kinds`), for
         #: whoever sends it in chunks (the session, the kept results' spool).
         self.result_kinds: dict[int, str] = {}
@@ -470,61 +457,6 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
             self._runs_after_all(head, time.time())
         self._report_provisional(message.key, message.attempt, buffers)
 
-    def _on_send_file(
-        self, worker: Worker, message: SendFile, buffers: list[memoryview]
-    ) -> None:
-        head = worker.assigned[0] if worker.assigned else None
-        if head is None or head.key != message.key or head.reported:
-            error = "its job was cancelled or has ended"
-        else:
-            if head.start_held:
-                self._runs_after_all(head, time.time())
-            try:
-                path = safe_relative_path(message.path)
-            except DispynbError as exc:
-                logger.warning(
-                    "job %d sent a file with a bad name: %s", message.key, exc
-                )
-                error = str(exc)
-            else:
-                request = 0
-                if message.request:
-                    request = next(self._file_request_ids)
-                    # Held until answered: the client may go before it answers.
-                    keepable = (message.key, path, buffers) if self._keep_file else None
-                    self._file_requests[request] = (worker, message.request, keepable)
-                error = self._report_file(message.key, path, buffers, request)
-                if not error or not request:
-                    return
-                del self._file_requests[request]
-        if message.request:
-            self._answer_file(worker, message.request, error)
-
-    def file_saved(self, request: int, error: str) -> None:
-        """The client's answer to file ``request`` ("" once written): the job that
-        sent it is waiting for it (its ``dispy_send_file`` returns)."""
-        waiting = self._file_requests.pop(request, None)
-        if waiting is not None:
-            self._answer_file(waiting[0], waiting[1], error)
-
-    def client_lost(self, reason: str, keep: bool = False) -> None:
-        """The client's connection ended: no answer will come for the files sent.
-        With ``keep`` (the keeper adopted the computation), those still waiting
-        are kept for its recovery as a file sent later would be: the node still
-        has them, and the client may not have written them."""
-        for request in list(self._file_requests):
-            worker, asked, keepable = self._file_requests.pop(request)
-            told = None
-            if keep and keepable is not None and self._keep_file is not None:
-                told = self._keep_file(*keepable)
-            self._answer_file(worker, asked, told or reason)
-
-    @staticmethod
-    def _answer_file(worker: Worker, request: int, error: str) -> None:
-        if not worker.stream_closed:
-            with contextlib.suppress(DispynbError):
-                worker.conn.write(FileAnswer(request=request, error=error))
-
     def _on_done(self, worker: Worker, done: Done, buffers: list[memoryview]) -> None:
         if worker.taken_back and self._skipped_taken_back(worker, done):
             return
@@ -635,162 +567,6 @@ class Computation(_JobStops, _WorkerLife, _ComputationState):
         job.moving = False  # it runs here: it cannot move any more (a cancel stops it)
         if self.on_start is not None:
             self.on_start(job.key, job.attempt, start_time)
-
-    # -- work stealing -------------------------------------------------------------
-
-    def _steal_later(self) -> None:
-        """A worker is idle with nothing queued: if another holds jobs ahead, look
-        again in `STEAL_AFTER` whether they still wait there."""
-        for other in self._workers.values():
-            if len(other.assigned) > 1:
-                loop = asyncio.get_running_loop()
-                self._steal_timer = loop.call_later(STEAL_AFTER, self._steal)
-                return
-
-    def _steal(self) -> None:
-        """Give the jobs still waiting ahead in busy workers to idle ones."""
-        self._steal_timer = None
-        if self._queue or self.limits.fresh_process or self._handed_back:
-            return
-        if not any(
-            not w.assigned
-            and w.returncode is None
-            and not w.stream_closed
-            and not w.retiring
-            for w in self._workers.values()
-        ):
-            return
-        taken: list[NodeJob] = []
-        for worker in self._workers.values():
-            if len(worker.assigned) > 1:
-                back = self._take_back(worker)
-                if back is None:
-                    self._look_again(worker)
-                else:
-                    taken += back
-        if taken:
-            self._queue.extendleft(reversed(taken))
-            self._pump()
-
-    def _steal_soon(self) -> None:
-        """`_steal` once the callback running now returns (the messages read with
-        the one handled now are handled first)."""
-        if self._steal_timer is None:
-            self._steal_timer = asyncio.get_running_loop().call_soon(self._steal)
-
-    def _look_again(self, worker: Worker) -> None:
-        """Steal again once the node can be sure of ``worker`` (`_take_back` was
-        not): once its Runs are all written, or a message from it is read (what it
-        sent waited). Not polled: that would wake the node every `STEAL_AFTER` for
-        as long as the worker's job runs (its Runs wait for it to read them) or
-        its client does not read (its answers wait)."""
-        if worker.conn.all_sent:
-            worker.look_on_read = True
-        elif not worker.drain_watched:
-            worker.drain_watched = True
-            task = asyncio.get_running_loop().create_task(self._look_once_sent(worker))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _look_once_sent(self, worker: Worker) -> None:
-        try:
-            await worker.conn.flush()
-        except DispynbError:
-            return  # the worker is gone: its jobs are settled with it
-        finally:
-            worker.drain_watched = False
-        self._steal_soon()
-
-    def _take_back(self, worker: Worker) -> list[NodeJob] | None:
-        """Tell a busy worker to skip the jobs waiting ahead in it; return those it
-        is sure to skip (`_before_its_turn`), to run elsewhere now. The others (its
-        job ended just as it was told) move off it only if it says it skipped them,
-        as those of an interrupted worker do (`NodeJob.moving`). None: what it sent
-        waits to be read, so the jobs ahead may have run already, or its Runs are
-        not all written; not now (`_look_again`)."""
-        if (
-            worker.interrupted
-            or worker.retiring
-            or worker.stream_closed
-            or worker.returncode is not None
-        ):
-            return []
-        behind = [
-            job
-            for job in itertools.islice(worker.assigned, 1, None)
-            if not (job.reported or job.cancelled or job.skipping or job.moving)
-            and job.dropped is None  # told to skip already: its answer settles it
-            and job.lease is None  # its shared body may be mapped there
-            and job.buffers
-        ]
-        if not behind:
-            return []
-        if not _before_its_turn(worker):
-            # Its results wait here (its jobs ahead may be done, or running): once
-            # read, the jobs still ahead of it are known. Told to skip jobs it ran,
-            # it would only be believed on their ends (their starts held till then).
-            return None
-        worker.stalled = True
-        # The Skips first, then the check again: written before the worker has sent
-        # the end of its running job, they are read before it starts another.
-        with contextlib.suppress(DispynbError):
-            for job in behind:
-                worker.conn.write(Skip(key=job.key))
-        if not _before_its_turn(worker):
-            for job in behind:
-                job.moving = True
-            return []
-        for job in behind:
-            worker.assigned.remove(job)
-            worker.taken_back.append((job.key, job.attempt))
-            self._release_job_files(job)  # placed again when it is sent
-        return behind
-
-    def _skipped_taken_back(self, worker: Worker, done: Done) -> bool:
-        """Whether ``done`` is the worker's word on a job taken back from it (its
-        first after the Skip: the job's next run there, if any, ends after it)."""
-        ident = (done.key, done.attempt)
-        if ident not in worker.taken_back:
-            return False
-        worker.taken_back.remove(ident)
-        if done.outcome != CANCELLED:
-            logger.error(
-                "worker %d started job %d it was sure to skip", worker.pid, done.key
-            )
-        return True
-
-    def _place_job_files(self, job: NodeJob) -> None:
-        for relative, digest in job.files:
-            if (
-                self._job_files[relative] == 0
-                and self._own_files.get(relative) != digest
-            ):
-                refused = self._refused_files.get(digest)
-                if refused is not None:
-                    raise ProtocolError(f"file {relative!r} was refused: {refused}")
-                self._store.place(digest, self.path, relative)
-                if is_object_file(relative) and digest not in self._objects:
-                    self._objects.add(digest)
-                    self._store.hold(digest)
-                    self._store.disposable(digest)
-            self._job_files[relative] += 1
-        job.placed = True
-
-    def _release_job_files(self, job: NodeJob) -> None:
-        """A job's own files leave the directory when no running job needs them."""
-        if not job.placed:
-            return
-        job.placed = False
-        for relative, digest in job.files:
-            self._job_files[relative] -= 1
-            if self._job_files[relative] <= 0:
-                del self._job_files[relative]
-                own = self._own_files.get(relative)
-                with contextlib.suppress(OSError, DispynbError):
-                    if own is None:
-                        os.unlink(os.path.join(self.path, relative))
-                    elif own != digest:  # the job's own version: the computation's back
-                        self._store.place(own, self.path, relative)
 
     def _pump_soon(self) -> None:
         asyncio.get_running_loop().call_soon(self._pump)

@@ -17,7 +17,8 @@ from typing import Any
 
 from dispynb.protocol.messages import FINISHED, TERMINATED
 from nodeserver.compstate import Worker
-from nodeserver.computation import STEAL_AFTER, Computation
+from nodeserver.computation import Computation
+from nodeserver.stealing import STEAL_AFTER
 from tests.asyncutil import run
 from tests.inprocess import gate, send_file, send_provisional, wait_gate, wait_until
 from tests.nodeserver.test_computation import (
@@ -188,7 +189,7 @@ def test_jobs_not_sure_to_be_skipped_move_only_once_skipped(tmp_path, monkeypatc
     """A busy worker whose running job may end just as it is told to skip the ones
     ahead keeps them until it says: skipped, they run elsewhere; each runs once and
     is reported started once."""
-    monkeypatch.setattr("nodeserver.computation._before_its_turn", _not_sure_once_told)
+    monkeypatch.setattr("nodeserver.stealing._before_its_turn", _not_sure_once_told)
 
     async def main() -> None:
         reports = Reports()
@@ -253,7 +254,7 @@ def test_jobs_run_as_their_worker_was_told_to_skip_them_report_their_start(
     ahead (its running job ends between the node's two looks): the jobs it ran
     before it read the Skips were marked moving, their starts held; each is
     reported started once, with its end. Before, never."""
-    monkeypatch.setattr("nodeserver.computation._before_its_turn", _not_sure_once_told)
+    monkeypatch.setattr("nodeserver.stealing._before_its_turn", _not_sure_once_told)
     steals = _count_steals(monkeypatch)
 
     async def main() -> None:
@@ -283,7 +284,7 @@ def test_a_job_whose_start_was_held_is_reported_started_before_what_it_sends(
     before it ends. Its start goes to the client first, once; before, the client
     had its provisional result and file while it was not started (its start came
     with its end). Known to run, it no longer moves (a cancel would stop it)."""
-    monkeypatch.setattr("nodeserver.computation._before_its_turn", _not_sure_once_told)
+    monkeypatch.setattr("nodeserver.stealing._before_its_turn", _not_sure_once_told)
     steals = _count_steals(monkeypatch)
 
     async def main() -> None:
@@ -417,7 +418,7 @@ def test_a_moving_head_job_that_runs_is_cancelled_as_a_running_one(
     interrupted and ends terminated, its start reported first. Before, it was
     taken for a job not started: reported cancelled before it started while it
     ran on (its worker retired only once it ended)."""
-    monkeypatch.setattr("nodeserver.computation._before_its_turn", _not_sure_once_told)
+    monkeypatch.setattr("nodeserver.stealing._before_its_turn", _not_sure_once_told)
     steals = _count_steals(monkeypatch)
 
     async def main() -> None:
