@@ -49,6 +49,7 @@ from dispynb.futures import (
     cancel_futures as cancel_all,
 )  # shutdown has an argument so named
 from dispynb.job import DispyJob
+from dispynb.jobenv import stopped_by_node
 from dispynb.limits import check_mem_limit
 from dispynb.protocol import serialize
 from dispynb.tracebacks import LazySourceMap, explain_missing_module
@@ -103,9 +104,11 @@ def dispynb_executor(
     for index, args in enumerate(calls):
         try:
             values.append(fn(*args, **named))
-        except KeyboardInterrupt:
-            raise  # the node stopping the job (cancel, job_timeout): it ends here
         except BaseException as exc:  # the caller's to see (SystemExit too)
+            if stopped_by_node(exc):  # a cancel, job_timeout: the job ends here
+                raise
+            # KeyboardInterrupt the call raised too: ProcessPoolExecutor's
+            # workers catch BaseException, its result() raises it.
             # Without this frame when there is another: from the user's function.
             tb = exc.__traceback__
             tb = tb.tb_next or tb if tb is not None else None

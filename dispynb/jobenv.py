@@ -7,7 +7,8 @@ the globals without replacing the user's own (`inject_names`), dispy's rule for 
 successful ``setup`` (`setup_failure`), the ``dispynode_logger`` (`node_logger`),
 the job's traceback without the runner's frame (`format_job_exception`), with the
 call and the limit that failed it (`describe_failure`), why a job was stopped
-(`timeout_reason`, `TERMINATED_AT_REQUEST`), the per-job ``mem_limit``
+(`timeout_reason`, `TERMINATED_AT_REQUEST`), the interrupt stopping it
+(`node_interrupt`), the per-job ``mem_limit``
 (`limit_memory`), what ``dispy_send_file`` returns and says
 (`file_sent`). Standard library only: it is imported by
 node processes and engines' workers, which must start light.
@@ -265,6 +266,26 @@ class CappedOutput(io.StringIO):
         return with_dropped_note(
             self.getvalue(), self.dropped, self.name, self.limit or 0
         )
+
+
+#: The attribute marking the KeyboardInterrupt a node raises in a job it stops.
+_NODE_STOP = "_dispynb_node_stop"
+
+
+def node_interrupt() -> KeyboardInterrupt:
+    """The KeyboardInterrupt a node raises in a job it stops (a cancel, its
+    job_timeout): marked, so that a runner of calls (the executor's) tells it
+    from one a call raises itself, which is that call's outcome
+    (`stopped_by_node`)."""
+    interrupt = KeyboardInterrupt()
+    setattr(interrupt, _NODE_STOP, True)
+    return interrupt
+
+
+def stopped_by_node(exc: BaseException) -> bool:
+    """Whether ``exc`` is the node's interrupt of the job (`node_interrupt`),
+    re-raised as it was or not."""
+    return getattr(exc, _NODE_STOP, False) is True
 
 
 def timeout_reason(timeout: float) -> str:

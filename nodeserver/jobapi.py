@@ -28,6 +28,7 @@ from dispynb.jobenv import (
     JobStreams,
     JobThreads,
     file_sent,
+    node_interrupt,
     send_file_timeout,
     unconfirmed,
 )
@@ -266,7 +267,7 @@ def interrupt_job(signum: int, frame: FrameType | None) -> None:
     interrupts whatever job code runs.
     """
     if CONTEXT.running and (CONTEXT.target is None or CONTEXT.interrupt_for_this_job()):
-        raise KeyboardInterrupt
+        raise node_interrupt()
 
 
 def map_interrupt_page(fd: int) -> memoryview | None:

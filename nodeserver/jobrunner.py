@@ -21,7 +21,12 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from dispynb.errors import ConnectionClosedError
-from dispynb.jobenv import describe_failure, limit_memory, with_dropped_note
+from dispynb.jobenv import (
+    describe_failure,
+    limit_memory,
+    node_interrupt,
+    with_dropped_note,
+)
 from dispynb.protocol import serialize, shm
 from dispynb.protocol.framing import Buffer, large_frames_taken, release_spares
 from dispynb.protocol.messages import CANCELLED, FINISHED, RAISED
@@ -147,7 +152,7 @@ def run_job(
                 CONTEXT.running = True  # a SIGINT from now on raises in here
                 # One that came before its code (for this job) takes effect now.
                 if CONTEXT.interrupt_for_this_job():
-                    raise KeyboardInterrupt
+                    raise node_interrupt()
                 result = func(*args, **kwargs)
             except BaseException as exc:  # reported to the client, never fatal
                 CONTEXT.running = False

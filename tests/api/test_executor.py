@@ -169,19 +169,29 @@ def test_a_result_over_max_result_size_says_how_to_allow_more(local):
     )
 
 
-def test_a_call_that_ends_its_job_shows_its_source_lines_too(executor):
-    """KeyboardInterrupt ends the call's job (RemoteError, documented): its
-    traceback names this file and line too, for submit and map alike."""
+def test_a_call_raising_keyboard_interrupt_raises_it_as_process_pools_do(executor):
+    """ProcessPoolExecutor's worker catches BaseException: ``result()`` raises the
+    call's KeyboardInterrupt itself (it came back as RemoteError, ending its job
+    and the other calls of its map chunk); its traceback names this file."""
     where = f'File "{__file__}", line '
     source = '    raise KeyboardInterrupt(f"stop {x}")\n'
-    for call in (
-        lambda: executor.submit(interrupt, 1).result(WAIT),
-        lambda: next(executor.map(interrupt, [1])),
-    ):
-        with pytest.raises(RemoteError, match="KeyboardInterrupt: stop 1") as info:
-            call()
-        text = info.value.traceback
-        assert where in text and source in text and "<dynamic-code>" not in text
+    future = executor.submit(interrupt, 1)
+    with pytest.raises(KeyboardInterrupt, match="stop 1") as info:
+        future.result(WAIT)
+    assert future.job.status == dispynb.DispyJob.Finished  # the call raised, not it
+    text = info.value.__cause__.traceback
+    assert where in text and source in text and "<dynamic-code>" not in text
+    results = executor.map(interrupt_on_2, range(4), chunksize=4)
+    assert next(results) == 0 and next(results) == 1
+    with pytest.raises(KeyboardInterrupt, match="stop 2"):
+        next(results)
+    assert executor.submit(mul, 2, 3).result(WAIT) == 6  # the executor goes on
+
+
+def interrupt_on_2(x: int) -> int:
+    if x == 2:
+        interrupt(x)
+    return x
 
 
 def test_unpicklable_exception_becomes_remote_error(executor):
