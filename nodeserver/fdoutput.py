@@ -280,6 +280,8 @@ class FdOutput:
         """A job starts, writing into ``out`` and ``err``."""
         out.source, err.source = self.stdout, self.stderr
         self.captures = (out, err)
+        if self._spiller.parked:
+            self._spiller.wake()
 
     def end(self, out: FdMerged, err: FdMerged) -> None:
         """The job returned: what its descriptors got since its last line joins
@@ -307,25 +309,47 @@ class FdOutput:
 class _Spiller(threading.Thread):
     """Looks at the running job's files every `SPILL_EVERY` s (`_Descriptor.spill`),
     so that what a job writes below Python without a Python print in between takes
-    `SPILL_AT` bytes of disk at most, not all it writes until it returns."""
+    `SPILL_AT` bytes of disk at most, not all it writes until it returns.
+
+    With no job running it parks (`parked`) until `FdOutput.begin` wakes it: an idle
+    worker's thread does not wake at all, and a job costs one attribute read unless
+    the thread is parked (at most one wake-up per `SPILL_EVERY`)."""
 
     def __init__(self, output: FdOutput) -> None:
         super().__init__(name="dispynb-output-spill", daemon=True)
         self._output = output
         self._stopped = threading.Event()
+        self._wake = threading.Event()
+        #: Waiting for a job to start (read by `FdOutput.begin`).
+        self.parked = False
         self.start()
 
     def run(self) -> None:
         output = self._output
-        while not self._stopped.wait(SPILL_EVERY):
+        while not self._stopped.is_set():
+            if output.captures is None:
+                # Cleared before parked is set, and captures read again after: a
+                # job that begins in between sees parked, or is seen here.
+                self._wake.clear()
+                self.parked = True
+                if output.captures is None:
+                    self._wake.wait()
+                self.parked = False
+                continue
+            if self._stopped.wait(SPILL_EVERY):
+                break
             if output.captures is None:
                 continue
             with contextlib.suppress(OSError):  # closed as the worker ends
                 output.stdout.spill(output, 0)
                 output.stderr.spill(output, 1)
 
+    def wake(self) -> None:
+        self._wake.set()
+
     def stop(self) -> None:
         self._stopped.set()
+        self._wake.set()
         self.join()
 
 

@@ -269,3 +269,48 @@ def test_a_job_flooding_below_python_takes_little_of_the_nodes_disk(
         f"[dispynb: {written - 1000} more characters of stdout dropped: a job keeps "
         "1000 (max_output_size)]\n"
     ), note
+
+
+def _wakeups(thread: threading.Thread) -> int:
+    """How many times ``thread`` went off its CPU of its own accord (waits ended)."""
+    status = Path(f"/proc/self/task/{thread.native_id}/status").read_text()
+    for line in status.splitlines():
+        if line.startswith("voluntary_ctxt_switches:"):
+            return int(line.split()[1])
+    raise AssertionError(status)
+
+
+def test_an_idle_workers_output_thread_does_not_wake(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The thread that spills a flooding job's output looked every SPILL_EVERY s,
+    job or not: 4 wake-ups a second for every idle worker of every node. It waits
+    for a job now, and still spills a job's output while the job runs. In this
+    process, looking every 10 ms: 20 looks in the 0.2 s watched before."""
+    monkeypatch.setattr(fdoutput, "SPILL_EVERY", 0.01)
+    monkeypatch.setattr(fdoutput, "SPILL_AT", 1024)
+    below = fdoutput.FdOutput.adopt(
+        _anonymous_file(str(tmp_path)), _anonymous_file(str(tmp_path))
+    )
+    assert below is not None
+    spiller = below._spiller
+    watch = threading.Event()
+    try:
+        assert watch.wait(0.05) is False  # the thread settles
+        before = _wakeups(spiller)
+        watch.wait(0.2)
+        idle = _wakeups(spiller) - before
+        out, err = _Merged(), _Merged()
+        below.begin(out, err)  # type: ignore[arg-type]
+        os.write(1, b"y" * 4096)
+        for _ in range(500):  # at most 5 s for the thread to take it
+            if os.fstat(1).st_blocks == 0:
+                break
+            watch.wait(0.01)
+        held = os.fstat(1).st_blocks
+        below.end(out, err)  # type: ignore[arg-type]
+    finally:
+        below.close()
+    assert idle <= 1, idle
+    assert held == 0
+    assert out.getvalue() == "y" * 4096
