@@ -14,7 +14,7 @@ from dispynb.backends.base import Departure, NodeInfo, Outcome
 from dispynb.errors import JournalError
 from dispynb.job import DispyJob, JobStatus
 from dispynb.node import DispyNode, DispyNodeAvailInfo
-from dispynb.tracebacks import explain_missing_module
+from dispynb.tracebacks import DYNAMIC_CODE, explain_missing_module
 
 logger = logging.getLogger("dispynb.cluster")
 
@@ -175,11 +175,14 @@ class _Events(_ClusterState):
         exception = outcome.exception
         if exception is not None:  # a failure: no call per successful job
             exception = explain_missing_module(self._sources.rerender(exception) or "")
+        stderr = outcome.stderr
+        if isinstance(stderr, str) and DYNAMIC_CODE in stderr:  # warnings, tracebacks
+            stderr = self._sources.rerender(stderr) or stderr
         job._complete(
             outcome.status,
             result=outcome.result,
             stdout=outcome.stdout,
-            stderr=outcome.stderr,
+            stderr=stderr,
             exception=exception,
             start_time=start or None,
             end_time=end or None,

@@ -52,7 +52,7 @@ from dispynb.job import DispyJob
 from dispynb.jobenv import stopped_by_node
 from dispynb.limits import check_mem_limit
 from dispynb.protocol import serialize
-from dispynb.tracebacks import LazySourceMap, explain_missing_module
+from dispynb.tracebacks import DYNAMIC_CODE, LazySourceMap, explain_missing_module
 
 if TYPE_CHECKING:
     from dispynb.backends.base import Engine
@@ -174,7 +174,7 @@ class _CallsFuture(JobFuture):
 
     def _settle(self) -> None:
         job = self.job
-        _echo(job)  # before the result: a waiting caller reads it first
+        _echo(job, self._sources)  # before the result: a waiting caller reads it first
         if job.status == job.Finished:
             values, failures = job.result
             if failures:
@@ -566,7 +566,7 @@ def _chunk_outcomes(
     one is idle (`dispynb._inplace`): no thread is woken per job."""
     if not job.wait(timeout):
         raise concurrent.futures.TimeoutError()
-    _echo(job)
+    _echo(job, (fn,))
     if job.status == job.Finished:
         outcomes: Outcomes = job.result
         return outcomes
@@ -578,11 +578,14 @@ def _chunk_outcomes(
     raise error
 
 
-def _echo(job: DispyJob) -> None:
+def _echo(job: DispyJob, sources: tuple[Any, ...]) -> None:
     """Write here what a job's calls printed (stdout, stderr, warnings), as
     ProcessPoolExecutor's workers write to the terminal they share with the
     script: once the job has ended, not as it runs (``future.job.stdout`` keeps
-    it too)."""
+    it too). Its warnings and tracebacks in the code of ``sources`` (the calls'
+    functions) name their file and line, as there."""
+    if isinstance(job.stderr, str) and DYNAMIC_CODE in job.stderr:
+        job.stderr = LazySourceMap(*sources).rerender(job.stderr)
     for text, stream in ((job.stdout, sys.stdout), (job.stderr, sys.stderr)):
         if text and stream is not None:
             if isinstance(text, bytes):

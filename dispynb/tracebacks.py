@@ -55,6 +55,8 @@ _FRAME = re.compile(
     r'^(?P<indent>[ \t]*)File "<dynamic-code>", line (?P<line>\d+), in (?P<name>.+?)$'
 )
 _FRAME_START = re.compile(r'^[ \t]*(File "|Cell In\[)')
+#: A warning that code sent by value gave (``warnings.formatwarning``'s first line).
+_WARNING = re.compile(r"^<dynamic-code>:(?P<line>\d+): (?P<rest>.+)$")
 #: Any file's frame, for the files a cluster sent (`LazySourceMap` ``files``).
 _FILE_FRAME = re.compile(
     r'^(?P<indent>[ \t]*)File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<name>.+?)$'
@@ -134,30 +136,53 @@ class SourceMap:
     def locate(self, name: str, line: int) -> tuple[str, str] | None:
         """``(label, source line)`` of the one place where function ``name`` has line
         ``line``; None if there is no such place, or more than one."""
+        places = self._places.get(name, ())
+        found = self._only_file(
+            {filename for filename, numbers in places if line in numbers}, line
+        )
+        return None if found is None else (self._labels[found[0]], found[1])
+
+    def locate_line(self, line: int) -> tuple[str, str] | None:
+        """``(file, source line)`` of the one file where a function known has line
+        ``line`` (a warning names no function); None if none or several do."""
         files = {
             filename
-            for filename, numbers in self._places.get(name, ())
+            for places in self._places.values()
+            for filename, numbers in places
             if line in numbers
         }
+        return self._only_file(files, line)
+
+    def _only_file(self, files: set[str], line: int) -> tuple[str, str] | None:
+        """``(file, its line ``line``)`` if ``files`` is one file and that line is
+        not blank."""
         if len(files) != 1:
             return None
         (filename,) = files
         lines = self._sources[filename]
-        if not 1 <= line <= len(lines):
-            return None
-        text = lines[line - 1].strip()
-        if not text:
-            return None
-        return self._labels[filename], text
+        text = lines[line - 1].strip() if 1 <= line <= len(lines) else ""
+        return (filename, text) if text else None
 
     def rerender(self, text: str | None) -> str:
-        """``text`` (a remote traceback) with the ``<dynamic-code>`` frames that can be
-        matched pointing at their cell or file, followed by their source line."""
+        """``text`` (a remote traceback, or a job's stderr) with the
+        ``<dynamic-code>`` frames that can be matched pointing at their cell or
+        file, followed by their source line; and its warnings naming their file
+        and line, followed by their source line, as Python prints them."""
         if not text or DYNAMIC_CODE not in text:
             return text or ""
         lines = text.splitlines(keepends=True)
         out: list[str] = []
         for index, line in enumerate(lines):
+            warned = _WARNING.match(line.rstrip("\r\n"))
+            found = warned and self.locate_line(int(warned["line"]))
+            if warned and found:
+                filename, source = found
+                ending = line[len(line.rstrip("\r\n")) :] or "\n"
+                out.append(f"{filename}:{warned['line']}: {warned['rest']}{ending}")
+                following = lines[index + 1] if index + 1 < len(lines) else ""
+                if not _is_source_line(following, ""):
+                    out.append(f"  {source}{ending}")
+                continue
             match = _FRAME.match(line.rstrip("\r\n"))
             place = None
             if match is not None:

@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -302,6 +303,28 @@ def test_what_calls_print_is_written_here_before_their_results(executor, capsys)
     assert list(executor.map(chatty, [2, 3], chunksize=2)) == [2, 3]
     both = capsys.readouterr()
     assert (both.out, both.err) == ("out 2\nout 3\n", "err 2\nerr 3\n")
+
+
+def warn_of(x: int) -> int:
+    warnings.warn(f"careful {x}", stacklevel=1)
+    return x
+
+
+def test_warnings_of_calls_name_their_file_and_line(executor, capsys):
+    """As a ProcessPoolExecutor's worker prints them: the file and line of the
+    call's code and its source line, not ``<dynamic-code>:N`` (code sent by
+    value), here and in ``future.job.stderr``."""
+    line = warn_of.__code__.co_firstlineno + 1
+    shown = (
+        f"{__file__}:{line}: UserWarning: careful 1\n"
+        '  warnings.warn(f"careful {x}", stacklevel=1)\n'
+    )
+    future = executor.submit(warn_of, 1)
+    assert future.result(WAIT) == 1
+    assert capsys.readouterr().err == shown
+    assert future.job.stderr == shown
+    assert list(executor.map(warn_of, [2], chunksize=1)) == [2]
+    assert capsys.readouterr().err == shown.replace("careful 1", "careful 2")
 
 
 def import_in_call(name: str) -> int:

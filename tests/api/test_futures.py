@@ -10,6 +10,7 @@ import asyncio
 import concurrent.futures as cf
 import logging
 import threading
+import warnings
 
 import pytest
 
@@ -228,6 +229,26 @@ def test_remote_exception_renders_the_remote_traceback(local1):
     assert "bad input" in info.value.evalue
     assert "raise_value_error" in info.value.traceback
     assert job.status == JobStatus.Terminated and "ValueError" in job.exception
+
+
+def warn_and_return(x: int) -> int:
+    warnings.warn(f"careful {x}", stacklevel=1)
+    return x
+
+
+@pytest.mark.slow
+def test_a_jobs_warnings_name_the_computations_file_and_line(local1):
+    """``job.stderr`` shows a warning as Python prints it here: the file, line
+    and source line of the computation (sent by value: ``<dynamic-code>:N``
+    on the node)."""
+    line = warn_and_return.__code__.co_firstlineno + 1
+    with JobCluster(warn_and_return, nodes=local1) as cluster:
+        job = cluster.submit(3)
+        assert job() == 3
+    assert job.stderr == (
+        f"{__file__}:{line}: UserWarning: careful 3\n"
+        '  warnings.warn(f"careful {x}", stacklevel=1)\n'
+    )
 
 
 def scheduler_state(cluster: JobCluster):  # type: ignore[no-untyped-def]
