@@ -13,6 +13,16 @@ a notebook run again does not send its data files again, but only up to
 when it stopped), so a node that serves for months does not fill its disk with every
 file it was ever sent; and when the disk is full, they go before a file is refused.
 
+Files are not synced one by one as they are stored (a flush of the disk each, on the
+node's loop for small ones): a power loss may leave a stored file empty or cut short
+under its name. So the store notes in ``.boot`` the machine's boot its files were
+written in (on the disk before any is stored), and that they all were on the disk
+when its node stopped (``synced``). A node that starts after the machine stopped
+without that (another boot id, not synced) checks the digest of each file left,
+within ``cache_size``, and removes those whose data was lost: sent again, never
+given to a job as they are. A node that died alone (the same boot) left its files
+whole in the machine's page cache.
+
 A computation's file is a hard link to the stored one, so a job that writes to a file
 it was given (opens it to append, say) changes the stored copy. Every stored file is
 given a fixed modification time (`STORED_MTIME_NS`) that any write changes, and is
@@ -35,6 +45,7 @@ import collections
 import contextlib
 import errno
 import fcntl
+import hashlib
 import logging
 import os
 import re
@@ -43,8 +54,11 @@ import tempfile
 import threading
 import time
 
+from dispynb.daemon import replace_file
 from dispynb.errors import ProtocolError
 from dispynb.protocol.files import digest_of, link_inside
+from dispynb.protocol.shm import boot_id
+from nodeserver.spool import syncfs
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 _EMPTY_DIGEST = digest_of(b"")
@@ -64,6 +78,10 @@ class DiskFull(CannotStore):
 #: Modification time of every stored file (2000-01-01, whole seconds: any file
 #: system keeps it exactly); a write sets it to the time of the write.
 STORED_MTIME_NS = 946_684_800 * 1_000_000_000
+
+#: File in the store: "<boot id> running" while its node runs, "<boot id> synced"
+#: once it stopped with every file on the disk.
+BOOT_MARK = ".boot"
 
 #: Errors of a write that room on the disk may cure.
 _NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -86,6 +104,11 @@ class FileStore:
         self._idle: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._idle_bytes = 0
         self._adopt_leftovers()
+        if self._idle and self._machine_stopped():
+            self._check_leftovers()
+        # On the disk before any file is stored here: a "synced" of an earlier run
+        # must not vouch for the files of this one.
+        self._mark("running")
 
     @property
     def cached_bytes(self) -> int:
@@ -99,7 +122,10 @@ class FileStore:
         with os.scandir(self.root) as entries:
             for entry in entries:
                 with contextlib.suppress(OSError):
-                    if entry.name.endswith(".part"):
+                    if entry.name.endswith(".part") or (
+                        entry.name.startswith(f"{BOOT_MARK}.")
+                        and entry.name.endswith(".tmp")
+                    ):
                         os.unlink(entry.path)
                     elif _DIGEST.fullmatch(entry.name) and entry.is_file():
                         stat = entry.stat()
@@ -115,6 +141,63 @@ class FileStore:
             self._idle[digest] = size
             self._idle_bytes += size
         self._evict()
+
+    def _machine_stopped(self) -> bool:
+        """Whether the machine may have stopped since the files left here were
+        written, before the disk had them all (see the module docstring)."""
+        try:
+            with open(os.path.join(self.root, BOOT_MARK), "rb") as handle:
+                boot, _, state = handle.read(200).decode().strip().partition(" ")
+        except (OSError, UnicodeDecodeError):
+            return True  # a store of an older node, or unreadable: unknown
+        return state != "synced" and (not boot or boot != boot_id())
+
+    def _check_leftovers(self) -> None:
+        """Remove the files left whose data does not match their digest (a power
+        loss cut them short): a client sends them again."""
+        start = time.monotonic()
+        checked = total = 0
+        lost = []
+        for digest, size in list(self._idle.items()):
+            checked += 1
+            total += size
+            try:
+                with open(self.path(digest), "rb") as handle:
+                    whole = hashlib.file_digest(handle, "sha256").hexdigest() == digest
+            except OSError:
+                whole = False
+            if not whole:
+                lost.append(digest)
+                del self._idle[digest]
+                self._idle_bytes -= size
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path(digest))
+        logger.info(
+            "the machine stopped since this node's files were stored: checked %d "
+            "(%d bytes) in %.2f s; %d lost data and were removed (sent again)",
+            checked,
+            total,
+            time.monotonic() - start,
+            len(lost),
+        )
+
+    def _mark(self, state: str) -> None:
+        try:
+            replace_file(
+                os.path.join(self.root, BOOT_MARK), f"{boot_id()} {state}\n", 0o600
+            )
+        except OSError as exc:  # no mark: the next start checks the files
+            logger.warning("cannot write %s in %s: %s", BOOT_MARK, self.root, exc)
+
+    def close(self) -> None:
+        """The node stops: its files are put on the disk, so that the next start
+        after the machine's stop need not check them (blocks: call in a thread)."""
+        try:
+            syncfs(self.root)
+        except OSError as exc:
+            logger.warning("cannot flush stored files in %s: %s", self.root, exc)
+            return
+        self._mark("synced")
 
     def path(self, digest: str) -> str:
         """Where the file with this digest is kept."""

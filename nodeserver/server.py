@@ -332,6 +332,8 @@ class NodeServer:
         if self._session_tasks:
             # Each session ends its computations (terminating jobs) as it winds down.
             await asyncio.wait(list(self._session_tasks), timeout=30)
+        # Its files on the disk: a next start after a reboot need not check them.
+        await asyncio.to_thread(self.store.close)
         self.store_claim.release()
         self.spool_claim.release()
 
