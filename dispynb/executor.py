@@ -631,6 +631,7 @@ _LIMIT_ADVICE: tuple[
             r"pickles to (?P<size>\d+) bytes, over the limit of (?P<cap>\d+) bytes "
             r"\(max_result_size\)(?P<middle>.*?)"
             r"or give the cluster a larger max_result_size"
+            r"(?: \(within its max_message_size\))?"
         ),
         lambda match: (
             f"pickles to {match['size']} bytes, over the limit of {match['cap']} "
@@ -638,6 +639,16 @@ _LIMIT_ADVICE: tuple[
             f"{match['middle']}or give a larger limit, e.g. "
             f"{_larger_result_limit(2 * int(match['size']))}"
         ),
+    ),
+    (
+        re.compile(
+            r"start the nodes with a larger one, e.g\. dispynb-node "
+            r"--max-message-size (?P<value>\d+) \(LocalCluster\(max_message_size="
+            r"\.\.\.\)\), and give the cluster as large a max_message_size"
+        ),
+        r"give a larger one, e.g. Executor(..., max_message_size=\g<value>) (the "
+        r"local nodes it starts take it too; nodes you started need "
+        r"dispynb-node --max-message-size \g<value>)",
     ),
     (re.compile(r"JobCluster\(\.\.\., depends="), "Executor(..., depends="),
 )

@@ -523,6 +523,8 @@ def load_computation(
     del buffers
     CONTEXT.job_path, CONTEXT.max_file_size = message.job_path, message.max_file_size
     CONTEXT.max_output, CONTEXT.max_result = message.max_output, message.max_result
+    CONTEXT.node_result_room = message.node_result_room
+    CONTEXT.node_max_message = message.node_max_message
     program = bundle.get("program")
     if program is not None:
         try:

@@ -40,6 +40,11 @@ class Load(IpcMessage):
     max_output: int | None = None
     #: Bytes of a job's pickled result (None: up to the message size cap).
     max_result: int | None = None
+    #: Bytes of a pickled result the node's own max message size leaves room for:
+    #: over it, only larger nodes' messages help.
+    node_result_room: int = 0
+    #: The node's max message size (0: not known, nor the room above).
+    node_max_message: int = 0
     #: Tasks (processes and threads) a job's worker may have, via its pids cgroup.
     max_pids: int | None = None
     #: Each job in a new worker process (which exits after it), as dispy.

@@ -59,6 +59,9 @@ class JobContext:
         #: Characters of stdout, stderr and a traceback kept (None: all).
         self.max_output: int | None = None
         self.max_result: int | None = None  # bytes of a pickled result
+        #: Of those, what the node's own max message size allows.
+        self.node_result_room = 0
+        self.node_max_message = 0  # the node's max message size (0: not known)
         self.names: dict[str, Any] = {}  # dispy's names, for a job's own functions
         #: Which job the threads that jobs started belong to.
         self.threads = JobThreads()

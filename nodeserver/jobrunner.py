@@ -543,13 +543,31 @@ def _text(capture: io.StringIO) -> str:
 
 
 def _too_large(buffers: list[Buffer], cap: int) -> str | None:
-    """The error text if the pickled result is over ``cap`` bytes."""
+    """The error text if the pickled result is over ``cap`` bytes: which limit
+    it is over, and how to allow more. A larger ``max_result_size`` cannot
+    help a result over what the node's own messages take (1 GiB by default)."""
     size = sum(memoryview(b).nbytes for b in buffers)
     if size <= cap:
         return None
-    return (
+    start = (
         f"dispynb.errors.ResultTooLarge: the job's result pickles to {size} bytes, "
-        f"over the limit of {cap} bytes (max_result_size): return less (write large "
-        "data to a file and send it with dispy_send_file, or keep it on the node), "
-        "or give the cluster a larger max_result_size\n"
+        f"over the limit of {cap} bytes"
+    )
+    less = (
+        "return less (write large data to a file and send it with dispy_send_file, "
+        "or keep it on the node)"
+    )
+    room = CONTEXT.node_result_room
+    if CONTEXT.node_max_message and size > room:  # 0 if the output takes it all
+        # Messages that big leave room for the result besides the job's output.
+        larger = 2 * size + max(CONTEXT.node_max_message - room, 0)
+        return (
+            f"{start} (the node's max message size, less room for the job's output): "
+            f"{less}, or start the nodes with a larger one, e.g. dispynb-node "
+            f"--max-message-size {larger} (LocalCluster(max_message_size=...)), "
+            "and give the cluster as large a max_message_size\n"
+        )
+    return (
+        f"{start} (max_result_size): {less}, or give the cluster a larger "
+        "max_result_size (within its max_message_size)\n"
     )

@@ -149,6 +149,8 @@ class _WorkerLife(_ComputationState):
                     max_file_size=self._file_cap(),
                     max_output=self.limits.max_output,
                     max_result=self._result_cap(),
+                    node_result_room=self._node_result_room(),
+                    node_max_message=self._max_size,
                     max_pids=self.limits.max_pids,
                     fresh_process=self.limits.fresh_process,
                     pids_root=pids_root or "",
@@ -213,11 +215,16 @@ class _WorkerLife(_ComputationState):
     def _result_cap(self) -> int:
         """Bytes a pickled result may have: the client's cap, within what the
         worker's channel to this node takes (with room for the message's header)."""
-        # Output is kept in characters: up to 4 bytes each in UTF-8, two streams.
-        headroom = RESULT_HEADROOM + 8 * (self.limits.max_output or 0)
-        room = max(self._max_size - headroom, 0)
+        room = self._node_result_room()
         cap = self.limits.max_result
         return room if cap is None else min(cap, room)
+
+    def _node_result_room(self) -> int:
+        """Bytes of a pickled result the worker's channel to this node takes,
+        with room for the message's header and the job's output."""
+        # Output is kept in characters: up to 4 bytes each in UTF-8, two streams.
+        headroom = RESULT_HEADROOM + 8 * (self.limits.max_output or 0)
+        return max(self._max_size - headroom, 0)
 
     @property
     def closing(self) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import os
+import re
 import signal
 import sys
 import threading
@@ -168,6 +169,26 @@ def test_a_result_over_max_result_size_says_how_to_allow_more(local):
     assert over.endswith(
         "Executor(..., max_message_size=2400000000, max_result_size=2400000000)"
     )
+
+
+def test_a_result_over_what_the_nodes_take_says_to_raise_their_message_size():
+    """A larger max_result_size cannot let a result over the nodes' own max
+    message size through (the advice was to give one): the advice given works."""
+    size = 3 << 19  # 1.5 MiB: over what 2 MiB messages leave for a result
+    small = 2 << 20
+    with (
+        Executor(max_workers=1, max_message_size=small, max_output_size="1K") as ex,
+        pytest.raises(RemoteError) as info,
+    ):
+        ex.submit(bytes, size).result(WAIT)
+    text = str(info.value)
+    assert "(the node's max message size, less room for the job's output)" in text
+    assert "max_result_size" not in text
+    found = re.search(r"Executor\(\.\.\., max_message_size=(\d+)\)", text)
+    assert found, text
+    larger = int(found[1])
+    with Executor(max_workers=1, max_message_size=larger, max_output_size="1K") as ex:
+        assert ex.submit(bytes, size).result(WAIT) == bytes(size)
 
 
 def test_a_call_raising_keyboard_interrupt_raises_it_as_process_pools_do(executor):

@@ -318,9 +318,9 @@ def test_a_waiting_worker_sleeps_once_per_job():
 def limits():
     from nodeserver.jobapi import CONTEXT
 
-    saved = CONTEXT.max_output, CONTEXT.max_result
+    saved = vars(CONTEXT).copy()
     yield CONTEXT
-    CONTEXT.max_output, CONTEXT.max_result = saved
+    vars(CONTEXT).update(saved)
 
 
 def _run(func, *args):
@@ -362,6 +362,29 @@ def test_result_over_max_result_is_not_sent(limits):
     assert "ResultTooLarge" in done.exception and "max_result_size" in done.exception
     done, buffers = _run(bytes, 500)
     assert done.outcome == FINISHED and serialize.loads(buffers) == bytes(500)
+
+
+def test_a_result_over_what_the_nodes_messages_take_says_to_raise_theirs(limits):
+    """Over the node's own max message size (1 GiB by default), a larger
+    max_result_size cannot help: the advice was to give one."""
+    limits.max_result = limits.node_result_room = 1000
+    limits.node_max_message = 1000 + 300  # room for output besides the result
+    done, _ = _run(bytes, 5000)
+    size = int(done.exception.split("pickles to ")[1].split()[0])
+    assert "(the node's max message size, less room for the job's output)" in (
+        done.exception
+    )
+    assert f"dispynb-node --max-message-size {2 * size + 300} " in done.exception
+    assert "give the cluster as large a max_message_size" in done.exception
+    assert "larger max_result_size" not in done.exception
+    limits.max_result = limits.node_result_room = 0  # the output takes it all
+    done, _ = _run(bytes, 5000)
+    assert "(the node's max message size, less room for" in done.exception
+    limits.node_result_room = 10_000  # the client's limit: max_result_size
+    done, _ = _run(bytes, 5000)
+    assert done.exception.endswith(
+        "give the cluster a larger max_result_size (within its max_message_size)\n"
+    )
 
 
 def _nested_unpicklable() -> object:
