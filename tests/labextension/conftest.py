@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.labextension.labpage import Lab
+from tests.labextension.labpage import Lab, write_notebook
 from tests.ports import PortHolder
 
 INNER = (
@@ -52,8 +52,6 @@ def lab(tmp_path: Path, held_port: PortHolder) -> Iterator[Lab]:
     """A `jupyter lab` server on 127.0.0.1 with isolated config, data and runtime
     (each test writes its notebooks into ``lab.root``: `write_notebook`), a node
     server answering discovery, and a kernel without dispynb (``plain.ipynb``)."""
-    import nbformat
-
     root, jdir = tmp_path / "root", Path(tempfile.mkdtemp(prefix="dispynb-jlab-"))
     root.mkdir()
     # A kernel in which dispynb cannot be imported, as if it were not installed.
@@ -76,13 +74,7 @@ def lab(tmp_path: Path, held_port: PortHolder) -> Iterator[Lab]:
             }
         )
     )
-    plain = nbformat.v4.new_notebook()
-    plain.metadata["kernelspec"] = {
-        "name": "nodispynb",
-        "display_name": "No dispynb",
-        "language": "python",
-    }
-    nbformat.write(plain, root / "plain.ipynb")
+    write_notebook(root, "plain.ipynb", [], kernel=("nodispynb", "No dispynb"))
     (jdir / "cfg/labconfig").mkdir(parents=True)
     (jdir / "cfg/labconfig/page_config.json").write_text(
         json.dumps(

@@ -6,13 +6,21 @@ from __future__ import annotations
 
 import json
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tests.browser import chromium_page
+
 if TYPE_CHECKING:
     from playwright.sync_api import Page
 
+#: The checkout (where DISPYNB_SCREENSHOTS=1 saves docs/*.png).
+ROOT = Path(__file__).resolve().parents[2]
+#: The kernel the test notebooks run on (the venv's ipykernel).
+KERNEL = "Python 3 (ipykernel)"
 PANEL = "#dispynb-sidebar"
 ACTIVE = ".jp-NotebookPanel .jp-Cell.jp-mod-active"
 TAB = '.jp-SideBar.jp-mod-left li.lm-TabBar-tab[data-id="dispynb-sidebar"]'
@@ -28,31 +36,77 @@ class Lab:
     runtime: Path  # JUPYTER_RUNTIME_DIR: the kernels' connection files
 
 
-def write_notebook(lab: Lab, name: str, cells: list[str]) -> None:
-    """Write notebook ``name`` of code ``cells`` (none run) for the Python kernel."""
+def write_notebook(
+    root: Path,
+    name: str,
+    cells: list[str],
+    kernel: tuple[str, str] = ("python3", KERNEL),
+) -> Path:
+    """Write notebook ``name`` of code ``cells`` (none run) into ``root``, for the
+    ``kernel`` (its name, its display name); its path."""
     import nbformat
 
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {
-        "name": "python3",
-        "display_name": "Python 3 (ipykernel)",
+        "name": kernel[0],
+        "display_name": kernel[1],
         "language": "python",
     }
     nb.cells = [nbformat.v4.new_code_cell(cell) for cell in cells]
-    nbformat.write(nb, lab.root / name)
+    nbformat.write(nb, root / name)
+    return root / name
 
 
-def open_notebook(page: Page, lab: Lab, name: str, kernel: str) -> None:
-    """Open a notebook and wait until its kernel is really connected and idle."""
-    page.goto(f"{lab.url}/lab/tree/{name}?token={lab.token}")
-    page.wait_for_selector(".jp-NotebookPanel .jp-Cell .cm-content", state="visible")
+def wait_kernel_idle(page: Page, kernel: str = KERNEL) -> None:
+    """Wait until the status bar says the notebook's ``kernel`` is idle."""
     page.wait_for_function(
         """kernel => [...document.querySelectorAll('.jp-StatusBar-TextItem')]
             .some(e => e.textContent.trim() === kernel + ' | Idle')""",
         arg=kernel,
     )
+
+
+def show_panel(page: Page) -> None:
+    """Open the dispynb sidebar (its tab) unless it shows already."""
+    page.locator(TAB).wait_for()
     if not page.locator(PANEL).is_visible():
         page.locator(TAB).click()
+
+
+def open_notebook(page: Page, lab: Lab, name: str, kernel: str = KERNEL) -> None:
+    """Open a notebook and wait until its kernel is really connected and idle."""
+    page.goto(f"{lab.url}/lab/tree/{name}?token={lab.token}")
+    page.wait_for_selector(".jp-NotebookPanel .jp-Cell .cm-content", state="visible")
+    wait_kernel_idle(page, kernel)
+    show_panel(page)
+
+
+def wait_panel_ready(page: Page) -> None:
+    """Wait until the sidebar is connected to the notebook's kernel."""
+    page.wait_for_selector(f'{PANEL}[data-ready="true"]')
+
+
+def reload_page(page: Page) -> None:
+    """Reload the page, as a person comes back to the tab; wait for the sidebar to
+    connect again."""
+    page.reload()
+    show_panel(page)
+    wait_panel_ready(page)
+
+
+@contextmanager
+def notebook_page(
+    lab: Lab, name: str, cells: list[str], timeout_ms: int = 60_000
+) -> Iterator[Page]:
+    """Write notebook ``name`` of ``cells``, open it in a fresh Chromium (1400x850)
+    and yield the page once the sidebar is connected to its kernel."""
+    write_notebook(lab.root, name, cells)
+    with chromium_page(
+        viewport={"width": 1400, "height": 850}, timeout_ms=timeout_ms
+    ) as page:
+        open_notebook(page, lab, name)
+        wait_panel_ready(page)
+        yield page
 
 
 def insert_and_check(page: Page, expected: str) -> None:
@@ -175,11 +229,47 @@ def wait_prompt(page: Page, index: int, text: str) -> None:
     )
 
 
+def output(page: Page, index: int) -> str:
+    """The text of cell ``index``'s output area."""
+    cell = page.locator(".jp-NotebookPanel .jp-Cell").nth(index)
+    return str(cell.locator(".jp-OutputArea").inner_text())
+
+
+def run_and_wait(page: Page, index: int) -> None:
+    """Run cell ``index`` and wait until it returned, as the ``index + 1``-th cell
+    run (its prompt)."""
+    run_cell(page, index)
+    wait_prompt(page, index, f"[{index + 1}]:")
+
+
 def run_the_next_cells(page: Page) -> str:
     """Run cells 2 and 3 (prompts [3] and [4]); what cell 3 printed."""
-    run_cell(page, 2)
-    wait_prompt(page, 2, "[3]:")
-    run_cell(page, 3)
-    wait_prompt(page, 3, "[4]:")
-    cells = page.locator(".jp-NotebookPanel .jp-Cell")
-    return str(cells.nth(3).locator(".jp-OutputArea").inner_text())
+    run_and_wait(page, 2)
+    run_and_wait(page, 3)
+    return output(page, 3)
+
+
+def start_run(page: Page) -> str:
+    """Run cell 0 (connect, up to prompt [1]), then start cell 1 (a %%dispy run)
+    and wait for its cluster card; what cell 0 printed."""
+    run_and_wait(page, 0)
+    printed = str(page.locator(".jp-NotebookPanel .jp-Cell").nth(0).inner_text())
+    run_cell(page, 1)
+    page.locator(f"{PANEL} .dispynb-cluster").first.wait_for()
+    return printed
+
+
+def stop_kernel(page: Page) -> None:
+    """Press the notebook toolbar's Stop (interrupt the kernel)."""
+    page.locator('.jp-NotebookPanel-toolbar [data-jp-item-name="interrupt"]').click()
+
+
+def closed_statuses(page: Page) -> list[str]:
+    """Wait for a closed cluster card; the statuses of its count chips."""
+    closed = page.locator(f'{PANEL} .dispynb-cluster[data-closed="true"]')
+    closed.first.wait_for()
+    return list(
+        closed.locator(".dispynb-count").evaluate_all(
+            "es => es.map(e => e.dataset.status)"
+        )
+    )

@@ -20,11 +20,12 @@ from pathlib import Path
 import pytest
 
 from tests.browser import requires_chromium
+from tests.labextension.conftest import INNER
+from tests.labextension.labpage import ROOT
 from tests.nodeproc import inner_pytest
 
 pytestmark = [pytest.mark.browser, requires_chromium]
 
-ROOT = Path(__file__).resolve().parents[2]
 IN_NETNS = os.environ.get("DISPYNB_IN_NETNS") == "1"
 LAB_EXTENSION = Path(sys.prefix, "share/jupyter/labextensions/dispynb-labextension")
 
@@ -75,15 +76,10 @@ def test_lab_panel_in_private_network() -> None:
         "pip install -e ."
     )
     here = Path(__file__).parent.relative_to(ROOT)
-    tests = [
-        f"{here / 'test_lab_panel.py'}::test_lab_panel",
-        f"{here / 'test_lab_stop.py'}::test_lab_stop",
-        f"{here / 'test_lab_panel.py'}::test_lab_page_opened_while_a_cell_runs",
-        f"{here / 'test_lab_stop.py'}::test_lab_outcomes_as_the_cell_says",
-        f"{here / 'test_lab_saved.py'}::test_lab_saved_notebook_opened_again",
-    ]
-    if importlib.util.find_spec("distributed") is not None:
-        tests.append(f"{here / 'test_lab_engines.py'}::test_lab_dask")
+    skip = {"test_lab_engines.py::test_lab_ray"}  # its own test, below
+    if importlib.util.find_spec("distributed") is None:
+        skip.add("test_lab_engines.py::test_lab_dask")
+    tests = [f"{here / test}" for test in INNER if test not in skip]
     inner = inner_pytest(*tests)
     # A PID namespace too, with sh as its PID 1 (no exec): if the inner pytest is
     # killed (this timeout, an interrupted run), its node, Jupyter server, kernels

@@ -7,20 +7,26 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.browser import chromium_page, requires_chromium
+from tests.browser import requires_chromium
 from tests.labextension.labpage import (
     PANEL,
     Lab,
     card_counts,
-    open_notebook,
-    run_cell,
+    closed_statuses,
+    notebook_page,
+    output,
+    start_run,
+    stop_kernel,
     wait_counts,
     wait_prompt,
-    write_notebook,
 )
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Page
 
 pytestmark = [pytest.mark.browser, requires_chromium]
 
@@ -52,22 +58,10 @@ RAY_CELLS = [
 def test_lab_dask(lab: Lab) -> None:  # collected only in the namespace: conftest.py
     """The sidebar follows a %%dispy run on the Dask engine: its cluster card shows
     the two Dask workers and the counts moving; Stop ends the run."""
-    write_notebook(lab, "dask.ipynb", DASK_CELLS)
-    with chromium_page(
-        viewport={"width": 1400, "height": 850}, timeout_ms=60_000
-    ) as page:
-        open_notebook(page, lab, "dask.ipynb", "Python 3 (ipykernel)")
-        page.wait_for_selector(f'{PANEL}[data-ready="true"]')
-        cells = page.locator(".jp-NotebookPanel .jp-Cell")
-        run_cell(page, 0)
-        wait_prompt(page, 0, "[1]:")
-        assert "dispynb: dask engine: local Dask cluster tcp://127.0.0.1:" in (
-            cells.nth(0).inner_text()
-        )
-
-        run_cell(page, 1)
+    with notebook_page(lab, "dask.ipynb", DASK_CELLS) as page:
+        printed = start_run(page)
+        assert "dispynb: dask engine: local Dask cluster tcp://127.0.0.1:" in printed
         card = page.locator(f"{PANEL} .dispynb-cluster")
-        card.first.wait_for()
         assert card.locator(".dispynb-cluster-name").inner_text() == "slow"
         nodes = card.locator(".dispynb-node")
         page.wait_for_function(
@@ -85,19 +79,18 @@ def test_lab_dask(lab: Lab) -> None:  # collected only in the namespace: conftes
         wait_counts(page, "c.total === 30 && c.running === 2")
         first = card_counts(page)
         wait_counts(page, f"c.ended >= {first['ended'] + 2}")
+        stop_and_check(page)
 
-        page.locator(
-            '.jp-NotebookPanel-toolbar [data-jp-item-name="interrupt"]'
-        ).click()
-        wait_prompt(page, 1, "[2]:")
-        output = cells.nth(1).locator(".jp-OutputArea").inner_text()
-        assert "Interrupted: run 'slow' stopped" in output, output
-        closed = page.locator(f'{PANEL} .dispynb-cluster[data-closed="true"]')
-        closed.first.wait_for()
-        statuses = closed.locator(".dispynb-count").evaluate_all(
-            "es => es.map(e => e.dataset.status)"
-        )
-        assert "cancelled" in statuses and "failed" not in statuses, statuses
+
+def stop_and_check(page: Page) -> None:
+    """Stop (the toolbar) the run of cell 1: its cell says so, its closed card
+    counts its jobs cancelled, none failed."""
+    stop_kernel(page)
+    wait_prompt(page, 1, "[2]:")
+    text = output(page, 1)
+    assert "Interrupted: run 'slow' stopped" in text, text
+    statuses = closed_statuses(page)
+    assert "cancelled" in statuses and "failed" not in statuses, statuses
 
 
 @pytest.fixture
@@ -126,22 +119,10 @@ def test_lab_ray(ray_head: str, lab: Lab) -> None:  # only in the namespace: con
     """The sidebar follows a %%dispy run on the Ray engine: its cluster card shows
     the Ray node with its 2 CPUs and the counts moving; Stop ends the run."""
     cells = [cell.replace("{address}", ray_head) for cell in RAY_CELLS]
-    write_notebook(lab, "ray.ipynb", cells)
-    with chromium_page(
-        viewport={"width": 1400, "height": 850}, timeout_ms=120_000
-    ) as page:
-        open_notebook(page, lab, "ray.ipynb", "Python 3 (ipykernel)")
-        page.wait_for_selector(f'{PANEL}[data-ready="true"]')
-        cells = page.locator(".jp-NotebookPanel .jp-Cell")
-        run_cell(page, 0)
-        wait_prompt(page, 0, "[1]:")
-        assert f"dispynb: ray engine: {ray_head}" in cells.nth(0).inner_text(), (
-            cells.nth(0).inner_text()
-        )
-
-        run_cell(page, 1)
+    with notebook_page(lab, "ray.ipynb", cells, timeout_ms=120_000) as page:
+        printed = start_run(page)
+        assert f"dispynb: ray engine: {ray_head}" in printed, printed
         card = page.locator(f"{PANEL} .dispynb-cluster")
-        card.first.wait_for()
         assert card.locator(".dispynb-cluster-name").inner_text() == "slow"
         node = card.locator(".dispynb-node")
         node.first.wait_for()
@@ -150,16 +131,4 @@ def test_lab_ray(ray_head: str, lab: Lab) -> None:  # only in the namespace: con
         wait_counts(page, "c.total === 30 && c.running === 2")
         first = card_counts(page)
         wait_counts(page, f"c.ended >= {first['ended'] + 2}")
-
-        page.locator(
-            '.jp-NotebookPanel-toolbar [data-jp-item-name="interrupt"]'
-        ).click()
-        wait_prompt(page, 1, "[2]:")
-        output = cells.nth(1).locator(".jp-OutputArea").inner_text()
-        assert "Interrupted: run 'slow' stopped" in output, output
-        closed = page.locator(f'{PANEL} .dispynb-cluster[data-closed="true"]')
-        closed.first.wait_for()
-        statuses = closed.locator(".dispynb-count").evaluate_all(
-            "es => es.map(e => e.dataset.status)"
-        )
-        assert "cancelled" in statuses and "failed" not in statuses, statuses
+        stop_and_check(page)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import time
-from pathlib import Path
 
 import pytest
 
@@ -17,25 +16,27 @@ from tests.browser import chromium_page, requires_chromium
 from tests.labextension.labpage import (
     ACTIVE,
     PANEL,
+    ROOT,
     TAB,
     Lab,
     card_counts,
     insert_and_check,
     kernel_connections,
     kernel_status,
+    notebook_page,
     open_notebook,
+    reload_page,
     restart_kernel,
     run_cell,
     run_the_next_cells,
+    start_run,
     subshells,
     wait_counts,
-    wait_prompt,
+    wait_panel_ready,
     write_notebook,
 )
 
 pytestmark = [pytest.mark.browser, requires_chromium]
-
-ROOT = Path(__file__).resolve().parents[2]
 
 #: The notebook's first cell: local nodes, and slow-ish jobs it waits for.
 FIRST_CELL = """\
@@ -67,7 +68,7 @@ REOPEN_CELLS = [
 
 @pytest.mark.timeout(180)
 def test_lab_panel(lab: Lab) -> None:  # collected only in the namespace: conftest.py
-    write_notebook(lab, "lab.ipynb", [FIRST_CELL])
+    write_notebook(lab.root, "lab.ipynb", [FIRST_CELL])
     with chromium_page(
         viewport={"width": 1400, "height": 850}, timeout_ms=60_000
     ) as page:
@@ -79,24 +80,14 @@ def test_lab_panel(lab: Lab) -> None:  # collected only in the namespace: confte
         status = page.locator(f"{PANEL} .dispynb-status-text")
         assert "Open a notebook" in status.inner_text(timeout=30_000)
 
-        page.goto(f"{lab.url}/lab/tree/lab.ipynb?token={lab.token}")
-        page.wait_for_selector(
-            ".jp-NotebookPanel .jp-Cell .cm-content", state="visible"
-        )
-        page.wait_for_function(
-            """() => [...document.querySelectorAll('.jp-StatusBar-TextItem')]
-                .some(e => e.textContent.trim() === 'Python 3 (ipykernel) | Idle')"""
-        )
-        if not page.locator(PANEL).is_visible():
-            page.locator(TAB).click()
+        open_notebook(page, lab, "lab.ipynb")
         # The panel bootstrapped the kernel side silently: no output, no prompt number.
-        page.wait_for_selector(f'{PANEL}[data-ready="true"]')
+        wait_panel_ready(page)
         assert "No clusters" in page.locator(f"{PANEL} .dispynb-clusters").inner_text()
         prompt = page.locator(".jp-Cell .jp-InputPrompt").first
         assert prompt.inner_text().strip() == "[ ]:"
 
-        page.locator(".jp-NotebookPanel .jp-Cell").first.locator(".cm-content").click()
-        page.keyboard.press("Shift+Enter")
+        run_cell(page, 0)
 
         # The cluster appears with its node, and its progress moves as jobs finish.
         card = page.locator(f"{PANEL} .dispynb-cluster")
@@ -194,24 +185,12 @@ def test_lab_page_opened_while_a_cell_runs(lab: Lab) -> None:  # in the namespac
     said 'a running cell holds it' for the rest of the run. It now asks on the
     control channel and connects on a kernel subshell: the run's card shows while
     the cell runs, and its Cancel ends the run; the next cells work."""
-    write_notebook(lab, "reopen.ipynb", REOPEN_CELLS)
-    with chromium_page(
-        viewport={"width": 1400, "height": 850}, timeout_ms=60_000
-    ) as page:
-        open_notebook(page, lab, "reopen.ipynb", "Python 3 (ipykernel)")
-        page.wait_for_selector(f'{PANEL}[data-ready="true"]')
-        run_cell(page, 0)
-        wait_prompt(page, 0, "[1]:")
-        run_cell(page, 1)
-        page.locator(f"{PANEL} .dispynb-cluster").first.wait_for()
+    with notebook_page(lab, "reopen.ipynb", REOPEN_CELLS) as page:
+        start_run(page)
         wait_counts(page, "c.running === 2")
         before = set(subshells(lab))  # JupyterLab's own, for the comms
 
-        page.reload()
-        page.locator(TAB).wait_for()
-        if not page.locator(PANEL).is_visible():
-            page.locator(TAB).click()
-        page.wait_for_selector(f'{PANEL}[data-ready="true"]')
+        reload_page(page)
         card = page.locator(f'{PANEL} .dispynb-cluster[data-closed="false"]')
         card.wait_for()
         assert card.locator(".dispynb-cluster-name").inner_text() == "slow"
@@ -221,11 +200,7 @@ def test_lab_page_opened_while_a_cell_runs(lab: Lab) -> None:  # in the namespac
         # Reloaded again: the page deletes its subshell as it goes, and the new page
         # makes one of its own (the kernel kept one per page: a thread each).
         (first,) = set(subshells(lab)) - before  # the panel's
-        page.reload()
-        page.locator(TAB).wait_for()
-        if not page.locator(PANEL).is_visible():
-            page.locator(TAB).click()
-        page.wait_for_selector(f'{PANEL}[data-ready="true"]')
+        reload_page(page)
         card.wait_for()
         wait_counts(page, "c.total === 60 && c.running > 0")
         again = set(subshells(lab)) - before

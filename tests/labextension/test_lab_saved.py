@@ -25,8 +25,8 @@ from tests.labextension.labpage import (
     Lab,
     open_notebook,
     restart_kernel,
-    run_cell,
-    wait_prompt,
+    run_and_wait,
+    write_notebook,
 )
 
 pytestmark = [pytest.mark.browser, requires_chromium]
@@ -114,23 +114,12 @@ PANEL_ROW = re.compile(r"local-0\s+127\.0\.0\.1:\d+\s+2\s+0\s+6\s")
 
 @pytest.mark.timeout(180)
 def test_lab_saved_notebook_opened_again(lab: Lab) -> None:
-    import nbformat
-
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {
-        "name": "python3",
-        "display_name": "Python 3 (ipykernel)",
-        "language": "python",
-    }
     cells_run = [*SAVED_CELLS, css_probe_cell()]
-    nb.cells = [nbformat.v4.new_code_cell(cell) for cell in cells_run]
-    path = lab.root / "saved.ipynb"
-    nbformat.write(nb, path)
+    path = write_notebook(lab.root, "saved.ipynb", cells_run)
     with chromium_page(viewport={"width": 1200, "height": 1400}) as page:
-        open_notebook(page, lab, "saved.ipynb", "Python 3 (ipykernel)")
+        open_notebook(page, lab, "saved.ipynb")
         for index in range(len(cells_run)):
-            run_cell(page, index)
-            wait_prompt(page, index, f"[{index + 1}]:")
+            run_and_wait(page, index)
         # Before: .dispynb-status, .dispynb-progress, .dispynb-cluster, ... were
         # restyled in any output (padding, background, borders, a 16 px height).
         diffs = page.evaluate(CSS_PROBE)

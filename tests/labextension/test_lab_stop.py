@@ -9,27 +9,28 @@ from __future__ import annotations
 import os
 import re
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.browser import chromium_page, requires_chromium
+from tests.browser import requires_chromium
 from tests.labextension.labpage import (
     PANEL,
+    ROOT,
     Lab,
     card_counts,
-    open_notebook,
+    closed_statuses,
+    notebook_page,
+    output,
     prompt,
     run_cell,
     run_the_next_cells,
+    start_run,
+    stop_kernel,
     wait_counts,
     wait_prompt,
-    write_notebook,
 )
 
 pytestmark = [pytest.mark.browser, requires_chromium]
-
-ROOT = Path(__file__).resolve().parents[2]
 
 #: The Stop journey: %dispy local, a long %%dispy cell stopped with the toolbar's
 #: Stop button, then the next cells on the same nodes.
@@ -67,12 +68,7 @@ def test_lab_stop(lab: Lab) -> None:  # collected only in the namespace: conftes
     """Stop (the toolbar button) in a %%dispy cell: the cell returns at once, its jobs
     are cancelled, the %dispy local nodes keep serving the next cells; the sidebar
     shows no phantom cluster and where the closed runs ran."""
-    write_notebook(lab, "stop.ipynb", STOP_CELLS)
-    with chromium_page(
-        viewport={"width": 1400, "height": 850}, timeout_ms=60_000
-    ) as page:
-        open_notebook(page, lab, "stop.ipynb", "Python 3 (ipykernel)")
-        page.wait_for_selector(f'{PANEL}[data-ready="true"]')
+    with notebook_page(lab, "stop.ipynb", STOP_CELLS) as page:
         cells = page.locator(".jp-NotebookPanel .jp-Cell")
         run_cell(page, 0)
         wait_prompt(page, 0, "[1]:")
@@ -90,31 +86,26 @@ def test_lab_stop(lab: Lab) -> None:  # collected only in the namespace: conftes
         assert prompt(page, 1).strip() == "[*]:"
 
         pressed = time.monotonic()
-        page.locator(
-            '.jp-NotebookPanel-toolbar [data-jp-item-name="interrupt"]'
-        ).click()
+        stop_kernel(page)
         wait_prompt(page, 1, "[2]:")
         returned = time.monotonic() - pressed
-        output = cells.nth(1).locator(".jp-OutputArea").inner_text()
+        text = output(page, 1)
         stopped = "KeyboardInterrupt: Interrupted: run 'slow' stopped, 40 cancelled, 2 "
-        assert stopped in output, output
-        assert "Traceback" not in output and "dispynb/" not in output, output
+        assert stopped in text, text
+        assert "Traceback" not in text and "dispynb/" not in text, text
         print(f"Stop click to prompt [2]: {returned:.2f} s")
         assert returned < 10, returned
 
         # The closed card: no Cancel button, the node it ran on (released), not
         # "no nodes connected yet"; counts: cancelled, nothing failed (the running
         # jobs it stopped too, as the cell counts them).
+        statuses = closed_statuses(page)
         closed = page.locator(f'{PANEL} .dispynb-cluster[data-closed="true"]')
-        closed.first.wait_for()
         assert closed.locator(".dispynb-cluster-name").inner_text() == "slow (closed)"
         assert not closed.locator(".dispynb-cancel").is_visible()
         node = closed.locator(".dispynb-node")
         assert node.count() == 1 and node.get_attribute("data-released") == "true"
         assert "no nodes connected yet" not in closed.inner_text()
-        statuses = closed.locator(".dispynb-count").evaluate_all(
-            "es => es.map(e => e.dataset.status)"
-        )
         assert "failed" not in statuses and "cancelled" in statuses, statuses
         # Done as the cell's bar says it: the jobs that finished, not all that ended.
         finished = card_counts(page).get("done", 0)
@@ -154,30 +145,21 @@ def test_lab_outcomes_as_the_cell_says(lab: Lab) -> None:  # in the namespace
     count them as the cell's summary line does, its progress says done as the cell,
     and the node's line says how many jobs ended on it (not 'done': cancelled and
     failed ones are among them)."""
-    write_notebook(lab, "outcomes.ipynb", OUTCOME_CELLS)
-    with chromium_page(
-        viewport={"width": 1400, "height": 850}, timeout_ms=60_000
-    ) as page:
-        open_notebook(page, lab, "outcomes.ipynb", "Python 3 (ipykernel)")
-        page.wait_for_selector(f'{PANEL}[data-ready="true"]')
-        cells = page.locator(".jp-NotebookPanel .jp-Cell")
-        run_cell(page, 0)
-        wait_prompt(page, 0, "[1]:")
-        run_cell(page, 1)
+    with notebook_page(lab, "outcomes.ipynb", OUTCOME_CELLS) as page:
+        start_run(page)
         card = page.locator(f"{PANEL} .dispynb-cluster")
-        card.first.wait_for()
         # Jobs 0-5 ended (2 raised), 6 and 7 sleep on the node's 2 CPUs, 4 queued.
         wait_counts(page, "c.running === 2 && c.ended === 6 && c.queued === 4")
         card.locator(".dispynb-cancel").click()
         wait_prompt(page, 1, "[2]:")
 
-        output = cells.nth(1).locator(".jp-OutputArea").inner_text()
-        line = re.search(r"(\d+)/12 done, (\d+) failed, (\d+) cancelled", output)
-        assert line, output
+        text = output(page, 1)
+        line = re.search(r"(\d+)/12 done, (\d+) failed, (\d+) cancelled", text)
+        assert line, text
         said = dict(
             zip(("done", "failed", "cancelled"), map(int, line.groups()), strict=True)
         )
-        assert said == {"done": 4, "failed": 2, "cancelled": 6}, output
+        assert said == {"done": 4, "failed": 2, "cancelled": 6}, text
 
         closed = page.locator(f'{PANEL} .dispynb-cluster[data-closed="true"]')
         closed.wait_for()
@@ -189,7 +171,7 @@ def test_lab_outcomes_as_the_cell_says(lab: Lab) -> None:  # in the namespace
                 strict=True,
             )
         )
-        assert shown == said, (shown, output)
+        assert shown == said, (shown, text)
         assert chips.all_inner_texts() == ["4 done", "2 failed", "6 cancelled"]
         assert closed.locator(".dispynb-progress-text").inner_text() == "4/12 done"
         assert closed.get_attribute("data-ended") == "12"
