@@ -202,7 +202,7 @@ class ClientSession(_SessionFiles, _SessionRecovery):
         try:
             files = self._check_files(message.files)
         except ProtocolError as exc:
-            self._setup_refused(message.comp_id, str(exc))
+            self._setup_refused(message, str(exc))
             return
         missing = {digest for _, digest in files if not self.server.store.has(digest)}
         for _, digest in files:
@@ -212,7 +212,7 @@ class ClientSession(_SessionFiles, _SessionRecovery):
             sizes = {e[1]: e[2] for e in message.files if e[1] in missing}
             self._check_quota(sum(sizes.values()), "the computation's files")
         except ProtocolError as exc:
-            self._setup_refused(message.comp_id, str(exc))
+            self._setup_refused(message, str(exc))
             return
         start = self._start(computation, buffers, files, message.setup_timeout)
         self._start_status_reports(message.pulse_interval)
@@ -224,8 +224,18 @@ class ClientSession(_SessionFiles, _SessionRecovery):
             FilesMissing(comp_id=message.comp_id, digests=sorted(missing))
         )
 
-    def _setup_refused(self, comp_id: int, why: str) -> None:
-        """A computation set up is refused before it starts: nothing of it stays."""
+    def _setup_refused(self, message: ComputationSetup, why: str) -> None:
+        """A computation set up is refused before it starts (a node limit): nothing
+        of it stays. Logged: the node's admin sees what its limits refuse, not only
+        the client."""
+        logger.warning(
+            "refused computation %r of client %r at %s: %s",
+            peer_text(message.name),
+            self.client_name,
+            self.conn.peer,
+            why,
+        )
+        comp_id = message.comp_id
         self._computations.pop(comp_id, None)
         self._forget_results(comp_id)
         self.outbox.write(ComputationFailed(comp_id=comp_id, message=why))
