@@ -4,7 +4,8 @@ The users file (mode 0600, one ``NAME TOKEN`` line per user) is the scheduler's;
 each user gets a credential ``dispynb-user:NAME:TOKEN`` (a file of mode 0600) that their
 `SharedJobCluster` proves in the handshake, as a node's clients prove the node
 secret. Revoking a user removes the line: the scheduler reloads the file when it
-changes and ends that user's sessions.
+changes and ends that user's sessions. A file removed once read is not "no users":
+the users read before are kept until it is back.
 """
 
 from __future__ import annotations
@@ -59,7 +60,16 @@ class UsersFile:
         try:
             fd = os.open(self.path, flags)
         except FileNotFoundError:
-            self._users, self._stamp = {}, None
+            if self._stamp is not None:
+                # Removed by mistake (or by a tool that writes it anew in two
+                # steps): every user's session would end at once. Revoking is
+                # explicit (`revoke`, or an empty file); a missing one is trouble.
+                raise ConfigurationError(
+                    f"{self.path} was removed: restore it (the users read before "
+                    "are kept meanwhile); to revoke every user, leave an empty file "
+                    "or run 'dispynb-scheduler user revoke NAME' for each"
+                ) from None
+            self._users = {}
             return self._users
         except OSError as exc:
             if exc.errno != errno.ELOOP:

@@ -171,3 +171,35 @@ async def _reports(conn: Connection, count: int) -> None:
         while count:
             message, _ = await conn.recv()
             count -= isinstance(message, NodeStatus)
+
+
+def test_a_removed_users_file_keeps_the_users_and_their_sessions(
+    scheduler: SchedulerProcess, users: dict[str, Path], tmp_path: Path
+) -> None:
+    """``rm`` of the users file (a mistake, or a tool writing it anew in two steps)
+    read as 'no users': every session ended at once, revoked. Now the users read
+    before are kept, sessions and new connections alike, with one warning saying
+    how to revoke everyone on purpose; the file put back is read again."""
+    path = tmp_path / "users"
+    saved = path.read_bytes()
+
+    async def watch() -> None:
+        conn = await raw_scheduler_session(scheduler.port, users["alice"])
+        try:
+            await _reports(conn, 1)
+            path.unlink()
+            await _reports(conn, 4)  # a revoked session gets an Error, then ends
+            other = await raw_scheduler_session(scheduler.port, users["bob"])
+            other.close()
+            path.write_bytes(saved)
+            path.chmod(0o600)
+            await _reports(conn, 3)
+        finally:
+            conn.close()
+
+    asyncio.run(watch())
+    log = scheduler.log_text()
+    assert log.count(f"{path} was removed") == 1, log
+    assert "leave an empty file" in log
+    assert "revoked" not in log, log
+    assert log.count("the users file is read again") == 1, log
