@@ -28,6 +28,7 @@ from dispynb.protocol.discovery import new_boot_id
 from dispynb.protocol.framing import large_frames_taken, release_spares
 from dispynb.secret import resolve_secret, withdraw_secret_env, write_new_secret
 from dispynb.transport.addressing import is_loopback
+from nodeserver.cliconfig import refuse_readable_secret
 from nodeserver.config import NodeConfig
 from nodeserver.containment import become_subreaper, probe_in_background
 from nodeserver.launcher import PROCESS_LAUNCHER, AdoptingLauncher, Launcher
@@ -88,11 +89,7 @@ def _default_hosts(args: argparse.Namespace, secret: bytes | None) -> list[str]:
 def config_from_args(args: argparse.Namespace) -> NodeConfig:
     """Turn parsed options into a validated `NodeConfig`."""
     if args.secret and getattr(args, "secret_in_config", False):
-        logger.warning(
-            "the secret is in the config file %s: keep that file private (mode "
-            "600), or prefer --secret-file or DISPYNB_SECRET",
-            args.config,
-        )
+        refuse_readable_secret(args.config, "secret")
     elif args.secret:
         logger.warning(
             "--secret is visible to other users in the process list; "

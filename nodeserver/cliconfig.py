@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from dispynb.daemon import replace_file
+from dispynb.errors import ConfigurationError
 from dispynb.secret import foreign_owner
 
 #: dispynode option -> why dispynb refuses it and what to use instead.
@@ -213,6 +214,25 @@ def _refuse_others(path: str, info: os.stat_result) -> None:
             f"config file {path!r} is writable by other users (mode "
             f"{stat.S_IMODE(info.st_mode):04o}), who could change this program's "
             f"options (its secret, the directories it writes): chmod go-w {path}"
+        )
+
+
+def refuse_readable_secret(path: str, key: str) -> None:
+    """Raise `ConfigurationError` if the config file at ``path``, which holds a
+    secret under ``key``, may be read by users other than its owner.
+
+    dispynode saves its ``--secret`` in its config file, whatever the file's mode; a
+    node with that file readable by others runs code for whoever reads it. Such a
+    file is refused as a ``--secret-file`` of the same mode is."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # it was read just now; what it held is what counts
+    if os.name == "posix" and mode & 0o077:
+        raise ConfigurationError(
+            f"config file {path!r} holds the secret ({key} = ...) and other users "
+            f"can read it (mode {stat.S_IMODE(mode):04o}): run chmod 600 {path}, or "
+            "move the secret to a file of mode 600 (--secret-file)"
         )
 
 

@@ -25,7 +25,11 @@ from dispynb.node import is_wildcard, parse_node_specs
 from dispynb.secret import resolve_secret
 from dispynb.transport.addressing import parse_address
 from dispynb.transport.tls import client_context, server_context
-from nodeserver.cliconfig import CommandParser, save_config_and_exit
+from nodeserver.cliconfig import (
+    CommandParser,
+    refuse_readable_secret,
+    save_config_and_exit,
+)
 from nodeserver.parser import parse_size
 from schedserver.cliconfig import config_argv
 from schedserver.config import SchedulerConfig
@@ -479,7 +483,9 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
     for name, why in REFUSED.items():
         if getattr(args, name) is not None:
             raise ConfigurationError(f"--{name} is not supported: {why}")
-    if args.node_secret and not getattr(args, "node_secret_in_config", False):
+    if args.node_secret and getattr(args, "node_secret_in_config", False):
+        refuse_readable_secret(args.config, "node_secret")
+    elif args.node_secret:
         logger.warning(
             "--node_secret is visible in the process list; prefer "
             "--node_secret_file or DISPYNB_SECRET"

@@ -350,17 +350,35 @@ def check_config_node(tmp_path: Path, config: Path) -> None:
 def test_a_secret_from_a_dispynode_config_file_is_not_said_to_be_in_the_process_list(
     tmp_path: Path,
 ) -> None:
-    """dispynode saves its ``--secret`` in the config file: the warning says where
-    the secret is, not that the process list shows it."""
+    """dispynode saves its ``--secret`` in the config file: a private one (mode 600)
+    is as good as a secret file, with no warning about the process list."""
     config = tmp_path / "node.ini"
     config.write_text("[DEFAULT]\nhosts = ['127.0.0.1']\nsecret = abc\n")
+    config.chmod(0o600)
     done = run_node("--config", str(config), "--serve", "0")
     assert done.returncode == 0, done.stderr
-    assert f"the secret is in the config file {config}" in done.stderr
-    assert "process list" not in done.stderr
+    assert "process list" not in done.stderr and "secret" not in done.stderr
     done = run_node("--config", str(config), "--secret", "def", "--serve", "0")
     assert done.returncode == 0, done.stderr
     assert "--secret is visible to other users in the process list" in done.stderr
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640])
+def test_a_config_file_holding_the_secret_that_others_can_read_is_refused(
+    tmp_path: Path, mode: int
+) -> None:
+    """A dispynode config file with ``secret =`` readable by the group or everyone
+    (dispynode writes it with the umask's mode) was only warned about, and the node
+    served: whoever could read the file could run code on it. Refused now, as a
+    --secret-file of that mode is, saying how to fix it."""
+    config = tmp_path / "node.ini"
+    config.write_text("[DEFAULT]\nhosts = ['127.0.0.1']\nsecret = abc\n")
+    config.chmod(mode)
+    done = run_node("--config", str(config), "--serve", "0")
+    assert done.returncode != 0
+    assert f"config file '{config}' holds the secret" in done.stderr, done.stderr
+    assert f"chmod 600 {config}" in done.stderr
+    assert "abc" not in done.stderr
 
 
 def test_a_secret_beginning_with_a_dash_in_a_dispynode_config_file_is_read(
@@ -370,6 +388,7 @@ def test_a_secret_beginning_with_a_dash_in_a_dispynode_config_file_is_read(
     argparse as two words (``--secret -...``), refused as "expected one argument"."""
     config = tmp_path / "node.ini"
     config.write_text("[DEFAULT]\nsecret = -begins-with-a-dash-0123456789\n")
+    config.chmod(0o600)
     node = start_node(tmp_path / "node", "--config", str(config))
     try:
         with JobCluster(

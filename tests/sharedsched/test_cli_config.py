@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from dispynb import LocalCluster, SharedJobCluster
+from dispynb.errors import ConfigurationError
 from dispynb.job import JobStatus
 from schedserver.cli import config_from_args, parse_args
 from tests.sharedsched.harness import SchedulerProcess, scheduler_cli
@@ -208,3 +209,26 @@ def test_save_config_writes_paths_given_relative_as_absolute(tmp_path: Path) -> 
     done = scheduler_cli("--users", "users", "--save_config", str(saved), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert parse_args(["--config", str(saved)]).users == str(tmp_path / "users")
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o600])
+def test_a_config_file_holding_the_node_secret_is_private_or_refused(
+    tmp_path: Path, mode: int
+) -> None:
+    """``node_secret =`` in a config file others can read (dispyscheduler writes it
+    with the umask's mode) was taken without a word: whoever read it could run code
+    on every node. Refused as a --node_secret_file of that mode is; a private file
+    is taken."""
+    config = tmp_path / "scheduler.conf"
+    config.write_text(
+        f"[DEFAULT]\nusers = {tmp_path / 'u'}\nnode_secret = s3cret-0123456789\n"
+    )
+    config.chmod(mode)
+    args = parse_args(["--config", str(config)])
+    if mode == 0o600:
+        assert config_from_args(args).node_secret == b"s3cret-0123456789"
+        return
+    with pytest.raises(ConfigurationError, match="holds the secret") as info:
+        config_from_args(args)
+    assert f"chmod 600 {config}" in str(info.value)
+    assert "s3cret" not in str(info.value)
