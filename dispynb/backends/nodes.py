@@ -177,6 +177,7 @@ class NodesBackend:
                 if opts.result_types is None
                 else serialize.AllowList(opts.result_types),
                 node_exited=getattr(nodes, "exit_reason", None),
+                nodes_expected=getattr(nodes, "expecting_nodes", None),
             ),
             self,
         )
@@ -200,8 +201,10 @@ class NodesBackend:
         subscribe = getattr(nodes, "subscribe", None)
         if callable(subscribe):
             # A launcher (`dispynb.deploy.NodeLauncher`): nodes that register later
-            # are used like discovered ones.
-            self._on_loop(setattr, self.driver, "discovering", True)
+            # are used like discovered ones (queued jobs wait for them while the
+            # launcher expects some: `DriverConfig.nodes_expected`).
+            if self.driver.config.nodes_expected is None:
+                self._on_loop(setattr, self.driver, "discovering", True)
             subscribe(self._use_registered_node, cluster=self._config.cluster)
             self._launcher = nodes
 

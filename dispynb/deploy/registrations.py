@@ -51,6 +51,35 @@ class _Registrations(_Scaling[Handle]):
             if not x.stopped and (why := self._reason(x))
         ]
 
+    def exit_reason(self, host: str, port: int) -> str | None:
+        """Why the node at ``host:port`` will not serve again: one this launcher
+        started whose process (ssh session, batch job...) has ended; None while it
+        runs, or if it is not one of ours. A cluster asks it before reconnecting to
+        a lost node (`DriverConfig.node_exited`), so that the jobs waiting for that
+        node end at once saying why. Does not block."""
+        spec = format_address(host, port)
+        with self._changed:
+            launched = [x for x in self._launched if x.node and x.node.spec == spec]
+        for x in reversed(launched):  # the latest node registered there
+            why = self._reason(x)
+            if why is None:
+                return None
+            return (
+                f"node {x.name} ({spec}) that {type(self).__name__} launched has "
+                f"ended: {why}"
+            )
+        return None
+
+    def expecting_nodes(self) -> bool:
+        """Whether a node may still register: one launched has not ended (it runs,
+        is starting, or waits in a batch queue, requeued), or `adapt` may launch
+        more. A cluster's queued jobs wait for them; without, they end (no node is
+        coming). Does not block."""
+        if self._adaptive is not None and self._adaptive.adapting:
+            return True
+        with self._changed:
+            return bool(self._active())
+
     def wait_for(self, count: int | None = None, timeout: float | None = None) -> None:
         """Block until ``count`` nodes (default: all launched) registered.
 

@@ -315,7 +315,7 @@ class Driver(DriverNodes):
             not self.nodes
             and self._connecting == 0
             and self._reconnecting == 0
-            and not self.discovering
+            and not self.nodes_may_come()
             and not self.released
         ):
             while incoming:

@@ -228,3 +228,6 @@ class DriverConfig:
     #: node at ``(host, port)`` has exited for good, or None. A lost node that has
     #: exited is not tried again (its queued jobs need not wait RECONNECT_FOR s).
     node_exited: Callable[[str, int], str | None] | None = None
+    #: For nodes a launcher starts (its ``expecting_nodes``): whether a node may
+    #: still come. Queued jobs wait while one may; without, they end Abandoned.
+    nodes_expected: Callable[[], bool] | None = None

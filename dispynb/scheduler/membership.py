@@ -470,9 +470,15 @@ class DriverNodes(DriverResults):
                 with contextlib.suppress(DispynbError):
                     link.conn.write(Ping())
 
+    def nodes_may_come(self) -> bool:
+        """Whether nodes may still appear (discovery, or a launcher expecting
+        some): queued jobs wait for them."""
+        expected = self.config.nodes_expected
+        return self.discovering or (expected is not None and expected())
+
     def _abandon_if_no_nodes(self) -> None:
         """With no node left (and none coming), queued jobs can never run."""
-        if self._connecting > 0 or self._reconnecting > 0 or self.discovering:
+        if self._connecting > 0 or self._reconnecting > 0 or self.nodes_may_come():
             return
         if self.released:  # allocate_node may bring one back: wait, as dispy
             return

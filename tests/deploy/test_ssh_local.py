@@ -264,18 +264,65 @@ def test_a_node_that_died_leaves_the_launchers_nodes(fake_ssh: Path) -> None:
         assert why.startswith(f"{dead.name}: ssh to node1 exited with status")
 
 
+def _mark_and_sleep(path: str, seconds: float) -> int:
+    import pathlib
+    import time
+
+    pathlib.Path(path).touch()
+    time.sleep(seconds)
+    return 0
+
+
+def test_jobs_on_a_launched_node_that_died_end_at_once_saying_why(
+    fake_ssh: Path, tmp_path: Path
+) -> None:
+    """The launcher knows when a node's ssh session (or batch job) ended, yet its
+    cluster tried to reconnect to the dead node for RECONNECT_FOR (60) s, and jobs
+    submitted then waited for ever for a node to register (none was coming), saying
+    nothing. The cluster now asks the launcher, as it asks a LocalCluster
+    (``exit_reason``, ``expecting_nodes``): the jobs end at once, Abandoned, naming
+    the node and how it ended."""
+    from dispynb import DispyJob, JobCluster
+
+    started = tmp_path / "started"
+    with (
+        SSHNodes(["node1"], python=sys.executable, wait=30) as nodes,
+        JobCluster(_mark_and_sleep, nodes=nodes) as cluster,
+    ):
+        running = cluster.submit(str(started), 60)
+        deadline = time.monotonic() + 20
+        while not started.exists():
+            assert time.monotonic() < deadline, running.status
+            time.sleep(0.01)
+        (launched,) = nodes._launched
+        os.kill(_node_process(launched.handle.proc.pid), signal.SIGKILL)
+        assert running.finish.wait(20), running.status
+        assert running.status == DispyJob.Abandoned
+        assert running.status == DispyJob.Abandoned
+        later = cluster.submit(str(started), 0)
+        assert later.finish.wait(20), "it waited for the dead node to come back"
+        assert later.status == DispyJob.Abandoned
+        expected = f"node {launched.name} ({launched.node.spec}) that SSHNodes launched"
+        assert expected in (later.exception or ""), later.exception
+        assert "ssh to node1 exited with status 137" in (later.exception or "")
+        assert not nodes.expecting_nodes()
+
+
 def _node_process(ssh_pid: int) -> int:
     """The node server run by the stand-in ``ssh`` process ``ssh_pid``."""
     import psutil
 
     ssh = psutil.Process(ssh_pid)
+    # The node server itself (python -P -m nodeserver), not the shell whose
+    # command line names it, nor its zygote (forked from it: the same command line).
     found = [
         p
         for p in [ssh, *ssh.children(recursive=True)]
-        if "nodeserver" in " ".join(p.cmdline())
+        if p.cmdline()[1:4] == ["-P", "-m", "nodeserver"]
     ]
-    assert found, "no node server below the ssh process"
-    return found[0].pid
+    top = [p for p in found if p.ppid() not in {q.pid for q in found}]
+    assert len(top) == 1, f"no node server below the ssh process: {found}"
+    return top[0].pid
 
 
 #: Modules a user may well have in the directory a node starts in (the login
