@@ -501,8 +501,14 @@ class Executor(concurrent.futures.Executor):
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         """Shut down, waiting for the jobs; an interrupt (Ctrl-C, the notebook's
         Stop) cancels the jobs not started and terminates the running ones instead
-        of waiting for them (as `JobCluster` does)."""
-        interrupted = exc_type is not None and not issubclass(exc_type, Exception)
+        of waiting for them (as `JobCluster` does). ``sys.exit()`` waits, as does
+        a call's own KeyboardInterrupt or SystemExit (``result()`` raised it), as
+        in `ProcessPoolExecutor`."""
+        interrupted = (
+            exc is not None
+            and not isinstance(exc, (Exception, SystemExit))
+            and not isinstance(exc.__cause__, RemoteError)  # a call's own
+        )
         self._terminate = self._terminate or interrupted
         # The cancels of the jobs not started reach the nodes before the terminating
         # close: a worker whose running job is interrupted then skips those sent

@@ -225,6 +225,40 @@ def test_an_interrupt_in_the_with_block_terminates_the_running_calls(
             future.result(0)
 
 
+def exit_call() -> None:
+    sys.exit(3)
+
+
+def interrupt_call() -> None:
+    raise KeyboardInterrupt("the call's own")
+
+
+@pytest.mark.parametrize(
+    "leaving", ["sys.exit()", "a call's KeyboardInterrupt", "a call's SystemExit"]
+)
+def test_leaving_the_with_block_otherwise_waits_for_the_calls(local, tmp_path, leaving):
+    """As ProcessPoolExecutor's ``with``: only an interrupt (Ctrl-C, the
+    notebook's Stop) terminates the running calls. ``sys.exit()`` in the block,
+    or a call's own KeyboardInterrupt or SystemExit re-raised by ``result()``,
+    waits for them: they were terminated."""
+    gate = Gate(tmp_path)
+    executor = Executor(nodes=local)
+    opener = threading.Thread(
+        target=lambda: (wait_until(lambda: executor._shut), gate.open())
+    )
+    with pytest.raises((SystemExit, KeyboardInterrupt)), executor:
+        running = gate.submit(executor, "ran")
+        gate.started(running)
+        opener.start()  # once the block's end waits
+        if leaving == "sys.exit()":
+            sys.exit(3)
+        call = interrupt_call if "Keyboard" in leaving else exit_call
+        executor.submit(call).result(WAIT)
+    opener.join(WAIT)
+    assert running.result(0) == "ran" and len(ended(tmp_path)) == 1
+    assert executor._closed.is_set()
+
+
 @pytest.mark.parametrize(
     "how", [{}, {"cancel_futures": True}, {"wait": False, "cancel_futures": True}]
 )
