@@ -5,11 +5,12 @@ A recoverable computation's results (see `nodeserver.keeper`) are written to fil
 0700 directories, written to a temporary name and renamed, so a crash leaves either a
 whole result or none. The recovery id itself is never written: a directory is found
 by hashing the id a client presents. A ``meta`` file says how long the results are
-kept, and when they expire once the computation has ended; it is on the disk (synced,
-then its directory) before it is relied on, and one a power loss tore costs no
-result: they are kept for the default time. Results are not synced one by one (a
-disk's flush each: about 50 times the cost of writing a small one) but flushed
-together within `SYNC_DELAY` of being written, in a thread.
+kept, and when they expire once the computation has ended; one a power loss tore
+costs no result: they are kept for the default time. Neither results nor ``meta``
+are synced one by one on the node's loop (a disk's flush each: about 50 times the
+cost of writing a small one, and on a slow disk a loop stalled for seconds, its
+pulses and every client with it) but flushed together within `SYNC_DELAY` of being
+written, in a thread.
 
 The disk space of all spooled results is bounded (``--kept-results-size``): a result
 that does not fit is not kept (the connected client still gets it) and a warning says
@@ -34,8 +35,6 @@ import time
 from typing import Any
 
 import msgpack
-
-from dispynb.daemon import sync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -105,8 +104,8 @@ class ResultSpool:
         os.mkdir(path, mode=0o700)
         spool = SpoolDir(path, name)
         # Raises: the results stay in memory.
-        self._write_file(*self._meta(spool), durable=True)
-        sync_dir(self.root)  # the directory itself
+        self._write_file(*self._meta(spool))
+        self._schedule_sync()  # the directory and its meta, with the results
         return spool
 
     def write_meta(self, spool: SpoolDir) -> bool:
@@ -116,12 +115,13 @@ class ResultSpool:
         results as long anyway, and its start, stop and clients go on.
         """
         try:
-            self._write_file(*self._meta(spool), durable=True)
+            self._write_file(*self._meta(spool))
         except OSError as exc:
             logger.warning(
                 "cannot record how long results of %s are kept: %s", spool.name, exc
             )
             return False
+        self._schedule_sync()
         return True
 
     @staticmethod
@@ -318,9 +318,9 @@ class ResultSpool:
         return spool
 
     @staticmethod
-    def _write_file(path: str, parts: list[Any], durable: bool = False) -> None:
-        """Write ``parts`` to ``path`` (mode 0600) via a temporary file and a rename;
-        ``durable``: on the disk (the file, then its name) before this returns."""
+    def _write_file(path: str, parts: list[Any]) -> None:
+        """Write ``parts`` to ``path`` (mode 0600) via a temporary file and a rename
+        (on the disk with the next `sync`)."""
         tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.tmp"
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
         fd = os.open(tmp, flags, 0o600)
@@ -328,12 +328,7 @@ class ResultSpool:
             with os.fdopen(fd, "wb") as handle:
                 for part in parts:
                     handle.write(part)
-                handle.flush()
-                if durable:
-                    os.fsync(handle.fileno())
             os.replace(tmp, path)
-            if durable:
-                sync_dir(os.path.dirname(path))
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
