@@ -114,21 +114,32 @@ def dispynb_executor(
             tb = tb.tb_next or tb if tb is not None else None
             text = "".join(traceback.format_exception(type(exc), exc, tb))
             exc.__traceback__ = None
-            carried = exc if _round_trips(exc) else None  # None: RemoteError alone
+            why = _why_not_sent(exc)
+            carried = exc if why is None else None  # None: RemoteError alone
+            if why is not None:
+                text += why
             values.append(None)
             failures[index] = (carried, text, type(exc).__name__, str(exc))
     return values, failures
 
 
-def _round_trips(exc: BaseException) -> bool:
-    """Whether ``exc`` pickles and unpickles. An exception class whose
+def _why_not_sent(exc: BaseException) -> str | None:
+    """None if ``exc`` pickles and unpickles, else the line saying why it cannot
+    come back as itself, and how to let it. An exception class whose
     ``__init__`` wants other arguments than its ``args`` pickles but does not
     unpickle; sent as it is, the client could not read any outcome of the job."""
     try:
         pickle.loads(cloudpickle.dumps(exc))
-    except Exception:
-        return False
-    return True
+    except Exception as error:
+        return (
+            f"[dispynb: the {type(exc).__name__} raised cannot come back as itself "
+            f"({type(error).__name__}: {error}), so it is raised as this "
+            "RemoteError: an exception travels as its class called with its args, "
+            "and its __dict__; give every argument of its __init__ to "
+            "super().__init__(), keep no attribute that cannot be pickled, or "
+            "define __reduce__]\n"
+        )
+    return None
 
 
 def _initialize(initializer: Callable[..., Any], initargs: tuple[Any, ...]) -> int:

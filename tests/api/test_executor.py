@@ -222,6 +222,14 @@ def test_unpicklable_exception_becomes_remote_error(executor):
         future.result(WAIT)
     assert info.value.ename == "Unpicklable" and "stays on the node" in str(info.value)
     assert "raise_unpicklable" in info.value.traceback
+    # Why not the exception itself (``except Unpicklable`` misses it), and the fix.
+    assert info.value.traceback.endswith(
+        "[dispynb: the Unpicklable raised cannot come back as itself (TypeError: "
+        "no pickling), so it is raised as this RemoteError: an exception travels "
+        "as its class called with its args, and its __dict__; give every "
+        "argument of its __init__ to super().__init__(), keep no attribute that "
+        "cannot be pickled, or define __reduce__]\n"
+    )
 
 
 def test_exception_that_does_not_unpickle_becomes_remote_error(executor):
@@ -231,6 +239,10 @@ def test_exception_that_does_not_unpickle_becomes_remote_error(executor):
     with pytest.raises(RemoteError, match="NeedsTwo: 2 and b") as failure:
         executor.submit(raise_needs_two_on_2, 2).result(WAIT)
     assert "raise_needs_two_on_2" in failure.value.traceback
+    assert (
+        "[dispynb: the NeedsTwo raised cannot come back as itself (TypeError: "
+        "NeedsTwo.__init__() missing 1 required positional argument: 'second')"
+    ) in failure.value.traceback
     results = executor.map(raise_needs_two_on_2, range(4), chunksize=4)
     assert next(results) == 0 and next(results) == 1
     with pytest.raises(RemoteError, match="NeedsTwo"):
