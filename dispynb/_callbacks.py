@@ -155,7 +155,7 @@ class CallbackDispatcher:
             fn, args = item
             try:
                 fn(*args)
-            except Exception:
+            except BaseException:  # sys.exit() too: it would end this thread
                 logger.exception("Callback %s raised an exception", _name(fn))
             # Drop references now: callbacks may hold large jobs or results.
             del item, fn, args

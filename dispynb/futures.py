@@ -181,7 +181,8 @@ class JobFuture(concurrent.futures.Future[Any]):
     def _dispatch(self, fn: Callable[[concurrent.futures.Future[Any]], object]) -> None:
         if self._post is not None and self._io_thread is not None and self._io_thread():
             try:
-                self._post(_call_logged, fn, self)
+                # There even sys.exit() is logged: it would end the callback thread.
+                self._post(_call_logged, fn, self, BaseException)
                 return
             except RuntimeError:
                 pass  # the cluster closed its callback thread: run it here
@@ -333,8 +334,14 @@ def outcome_error(job: DispyJob) -> BaseException | None:
     return RemoteError.from_text(job.exception or "", status=job.status.name)
 
 
-def _call_logged(fn: Callable[[Any], object], future: JobFuture) -> None:
+def _call_logged(
+    fn: Callable[[Any], object],
+    future: JobFuture,
+    logged: type[BaseException] = Exception,
+) -> None:
+    """``fn(future)``, its ``logged`` exceptions logged as `concurrent.futures`
+    logs a callback's (in the caller's thread, as there, a SystemExit goes on)."""
     try:
         fn(future)
-    except Exception:
+    except logged:
         _callback_logger.exception("exception calling callback for %r", future)

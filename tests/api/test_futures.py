@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import logging
+import sys
 import threading
 import warnings
 
@@ -205,6 +206,33 @@ def cluster(local1: LocalCluster):
 def squares(local1: LocalCluster):
     with JobCluster(square, nodes=local1) as cluster:
         yield cluster
+
+
+@pytest.mark.slow
+def test_a_callback_raising_system_exit_is_logged_and_the_next_run(
+    local1, allow_error_logs
+):
+    """A done callback or a job_status callback that calls sys.exit() (a
+    BaseException) on the callback thread is logged, as one that raises: it
+    ended that thread, so no later callback ran and closing the cluster hung."""
+    statuses: list[int] = []
+
+    def exit_on_finished(job: DispyJob) -> None:
+        statuses.append(job.status)
+        if job.status == JobStatus.Finished:
+            sys.exit(5)
+
+    with JobCluster(square, nodes=local1, job_status=exit_on_finished) as cluster:
+        first = cluster.submit(2)
+        first.future.add_done_callback(lambda _future: sys.exit(6))
+        assert first() == 4
+        second = cluster.submit(3)
+        ran = threading.Event()
+        second.future.add_done_callback(lambda _future: ran.set())
+        assert second() == 9 and ran.wait(WAIT)
+    assert statuses.count(JobStatus.Finished) == 2
+    logged = [r for r in allow_error_logs if r.exc_info and r.exc_info[0] is SystemExit]
+    assert len(logged) == 3, allow_error_logs
 
 
 @pytest.mark.slow
