@@ -294,7 +294,8 @@ class CellRunner:
 
     def _evaluate(self, option: str, text: str) -> Any:
         """``option``'s expression evaluated in the notebook's namespace; an error
-        shows its text (as ``<--over>``, line 1), not an anonymous string."""
+        shows its text (as ``<--over>``, line 1), not an anonymous string, and a
+        name the notebook lacks is a one-line `UsageError`."""
         __tracebackhide__ = True
         source = unquote(text)
         filename = f"<{option}>"
@@ -303,7 +304,20 @@ class CellRunner:
             code = compile(source, filename, "eval")
         except SyntaxError as exc:  # IPython would show every frame for it
             raise UsageError(f"{option} {source!r}: {exc.msg}") from None
-        return eval(code, self.shell.user_global_ns, self.shell.user_ns)
+        try:
+            return eval(code, self.shell.user_global_ns, self.shell.user_ns)
+        except NameError as exc:
+            last = exc.__traceback__
+            while last is not None and last.tb_next is not None:
+                last = last.tb_next
+            if last is None or last.tb_frame.f_code.co_filename != filename:
+                raise  # raised in a function it calls: its traceback says where
+            # A name the notebook lacks (a typo, a cell not run yet): one line,
+            # not the magic's call and hidden frames around <--over>.
+            raise UsageError(
+                f"{option} {source!r}: {exc} in the notebook: run the cell that "
+                "defines it first, or fix the name"
+            ) from None
 
     def _lookup(self, name: str, what: str) -> Any:
         value = self.shell.user_ns.get(name)

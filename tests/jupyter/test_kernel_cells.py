@@ -122,9 +122,23 @@ def test_run_all_stops_at_a_cell_whose_jobs_all_failed(k):
 
 
 def test_an_error_in_the_inputs_shows_the_users_lines_not_dispynbs(k):
+    # A name the notebook lacks (a typo, a cell not run yet): one line naming the
+    # expression and the fix, not a traceback of get_ipython().run_cell_magic(...)
+    # and hidden frames (before).
     out = k.execute('%%dispy --over "rang(4)" --into typo\ndef f(x):\n    return x\n')
+    assert (
+        "UsageError: --over 'rang(4)': name 'rang' is not defined in the notebook: "
+        "run the cell that defines it first, or fix the name" in out.text
+    ), out.text
+    _short(out.text)
+    assert "run_cell_magic" not in out.text, out.text
+    # A NameError inside a function the expression calls keeps its traceback.
+    made = k.run_ok("def inputs_of_typo():\n    return rang(4)\n")
+    out = k.execute(
+        '%%dispy --over "inputs_of_typo()" --into typo\ndef f(x):\n    return x\n'
+    )
     assert out.ename == "NameError", out.text
-    assert "----> 1 rang(4)" in out.error_text, out.error_text
+    assert f"Cell In[{made.execution_count}], line 2" in out.error_text
     assert "dispynb/" not in out.error_text and "Could not get source" not in out.text
     out = k.execute("%%dispy --over 5 --into typo\ndef f(x):\n    return x\n")
     assert "UsageError: --over '5' raised TypeError: 'int' object is not" in out.text
