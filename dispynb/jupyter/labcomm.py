@@ -42,7 +42,7 @@ from dispynb._loop import LoopRunner
 from dispynb._version import __version__
 from dispynb.errors import ConfigurationError
 from dispynb.jupyter.runstop import run_of
-from dispynb.jupyter.widgets import LOAD_INTERVAL, SendBudget
+from dispynb.jupyter.widgets import GONE_SHOWN, LOAD_INTERVAL, SendBudget
 from dispynb.monitoring import ClusterMonitor, live_clusters
 
 __all__ = ["PROTOCOL", "TARGET", "ClusterTracker", "LabLink", "discover", "register"]
@@ -89,7 +89,10 @@ class ClusterTracker:
     (`dispynb._live.add_close_observer`), so a cluster whose whole life fell between
     two refreshes (a few quick jobs) is shown too; otherwise it sees the closes at
     its refreshes. A cluster that closed without a job is not kept, and dispynb's
-    own (`INTERNAL`) are never followed. Call `close` when done.
+    own (`INTERNAL`) are never followed. A node that leaves a live cluster (it died,
+    was cut off or stopped) stays on its card for `GONE_SHOWN` seconds, its name
+    saying "(lost)", ``released`` (faded, no load), its figures frozen, as
+    ``%dispy panel`` shows it. Call `close` when done.
     """
 
     def __init__(self, clusters: Callable[[], list[Any]] = live_clusters) -> None:
@@ -99,6 +102,11 @@ class ClusterTracker:
         self._closed: deque[dict[str, Any]] = deque(maxlen=RECENT_CLOSED)
         self._closed_version = 0
         self._nodes: dict[int, list[dict[str, Any]]] = {}  # last nodes seen
+        # Per live cluster: its nodes at the last refresh, and those lost since
+        # (node id -> (last record, when it went)).
+        self._present: dict[int, dict[str, dict[str, Any]]] = {}
+        self._lost: dict[int, dict[str, tuple[dict[str, Any], float]]] = {}
+        self._lost_version = 0
         # Clusters whose final snapshot is taken: never followed or kept again.
         self._ended: weakref.WeakSet[Any] = weakref.WeakSet()
         self._every_cluster = clusters is live_clusters
@@ -124,13 +132,49 @@ class ClusterTracker:
                 nodes = monitor.nodes()
                 if nodes:
                     self._nodes[key] = [_brief_node(node) for node in nodes]
+                self._follow_lost(key, nodes)
             for key in [k for k in self._monitors if k not in live]:
                 monitor = self._monitors.pop(key)
                 self._end(key, monitor.cluster, monitor)
             return (
                 self._closed_version,
+                self._lost_version,
                 *((key, m.version) for key, m in self._monitors.items()),
             )
+
+    def _follow_lost(self, key: int, nodes: list[dict[str, Any]]) -> None:
+        """Note the nodes that left the live cluster ``key`` since the last
+        refresh, those back, and those lost longer than `GONE_SHOWN` ago (under
+        the lock)."""
+        now = time.monotonic()
+        present = {node["id"]: _brief_node(node) for node in nodes}
+        lost = self._lost.setdefault(key, {})
+        before = len(lost)
+        for node_id, node in self._present.get(key, {}).items():
+            if node_id not in present:
+                lost[node_id] = (node, now)
+        for node_id in present:
+            lost.pop(node_id, None)  # back (or a new node at that address)
+        expired = [i for i, (_, when) in lost.items() if now - when > GONE_SHOWN]
+        for node_id in expired:
+            del lost[node_id]
+        if expired or len(lost) != before:
+            self._lost_version += 1
+        self._present[key] = present
+
+    def _lost_nodes(self, key: int) -> list[dict[str, Any]]:
+        """The nodes the live cluster ``key`` lost lately, as its card shows them."""
+        with self._lock:
+            lost = list(self._lost.get(key, {}).values())
+        return [
+            {
+                **node,
+                "name": f"{node['name'] or '?'} (lost)",
+                "busy": 0,
+                "released": True,
+            }
+            for node, _ in lost
+        ]
 
     def _on_close(self, cluster: Any) -> None:
         """A cluster of the process closed (in the closing thread): keep its final
@@ -151,6 +195,8 @@ class ClusterTracker:
         """Keep the final snapshot of a cluster that closed (under the lock)."""
         self._ended.add(cluster)
         last = self._nodes.pop(key, [])
+        self._present.pop(key, None)
+        self._lost.pop(key, None)
         if monitor is None:  # never followed: its counts are the cluster's own
             monitor = ClusterMonitor(cluster, history=0)
         try:
@@ -176,12 +222,15 @@ class ClusterTracker:
         for key, monitor in monitors:
             snap = _brief(monitor.snapshot(max_jobs=0), monitor.cluster)
             live.append(snap)
+            lost = self._lost_nodes(key)
             if snap["nodes"]:
                 # The nodes a panel was shown are the ones a closed card keeps,
                 # even if the cluster got and released them between two refreshes.
                 with self._lock:
                     if self._monitors.get(key) is monitor:
                         self._nodes[key] = snap["nodes"]
+            present = {node["id"] for node in snap["nodes"]}
+            snap["nodes"] += [node for node in lost if node["id"] not in present]
         return live + closed
 
     def pulses(self) -> list[float | None]:

@@ -647,3 +647,41 @@ def test_pushes_and_replies_run_in_the_comm_handlers_context() -> None:
     assert seen[0] == "comm-open-on-subshell"  # the first push
     assert "discover-request" in seen  # the reply to the request
     assert "none" not in seen
+
+
+def test_a_node_lost_while_its_cluster_runs_stays_shown_as_lost(
+    link_of: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node killed under a run: the card keeps it for `GONE_SHOWN` seconds,
+    marked lost (as ``%dispy panel`` and dispy's monitor show a dead node), with
+    the jobs it ended, then drops it. Before, it vanished from the card at once,
+    and a run whose only node died read 'no nodes connected yet'."""
+    import os
+    import signal
+
+    monkeypatch.setattr(labcomm, "GONE_SHOWN", 3.0, raising=False)
+    with (
+        LocalCluster(nodes=2, cpus=1) as nodes,
+        JobCluster(pow, nodes=nodes) as cluster,
+    ):
+        _, comm, _ = link_of(lambda: [cluster])
+        assert [job() for job in [cluster.submit(2, i) for i in range(4)]]
+        comm.wait_for(state_of(cluster, lambda c: len(c["nodes"]) == 2))
+        os.kill(nodes.pids[1], signal.SIGKILL)
+        lost_name = f"{nodes.names[1]} (lost)"
+        state = comm.wait_for(
+            state_of(cluster, lambda c: any(n.get("released") for n in c["nodes"]))
+        )
+        snap = next(c for c in state["clusters"] if c["id"] == cluster.uid)
+        by_name = {node["name"]: node for node in snap["nodes"]}
+        assert set(by_name) == {nodes.names[0], lost_name}, snap["nodes"]
+        gone = by_name[lost_name]
+        assert gone["released"] and gone["busy"] == 0, gone
+        assert not by_name[nodes.names[0]].get("released"), snap["nodes"]
+        # ... for GONE_SHOWN seconds, then it is dropped.
+        comm.wait_for(
+            state_of(
+                cluster, lambda c: [n["name"] for n in c["nodes"]] == [nodes.names[0]]
+            ),
+            timeout=15,
+        )
