@@ -378,9 +378,10 @@ class WidgetProgressBar(ProgressBar):
         if self._handle is not None:
             # The final state as the static snapshot alone: saved with the notebook,
             # it shows when the notebook is opened again (the widget's model is
-            # gone then). The widgets are closed: nothing will redraw them.
+            # gone then). Only the page that ran the cell knows the display's id:
+            # the widgets stay open in their final state for a page reloaded
+            # meanwhile, which shows them again from the kernel.
             self._handle.update(self._snapshot(), raw=True)
-            self.widget.close()
         for output in self.outputs:
             output.freeze()
 
@@ -502,20 +503,21 @@ class WidgetOutput(_WrittenOutput):
             self._parts.append((stream, text))
             if self._frozen:  # written after the run ended (a later wait())
                 self._update()
-                return
+        # The widget too: a page reloaded during the run shows it (`freeze`).
         if stream == "stdout":
             self.widget.append_stdout(text)
         else:
             self.widget.append_stderr(text)
 
     def freeze(self) -> None:
-        """Show what was written as a static snapshot, in place of the widget."""
+        """Show what was written as a static snapshot, in place of the widget (in
+        the page that ran the cell, which alone knows the display's id; a page
+        reloaded since shows the widget, kept open, from the kernel)."""
         with self._lock:
             if self._frozen:
                 return
             self._frozen = True
             self._update()
-        self.widget.close()
 
 
 #: Characters of output above which `WidgetOutput`'s snapshot is plain text only (its

@@ -230,9 +230,9 @@ def wait_prompt(page: Page, index: int, text: str) -> None:
 
 
 def output(page: Page, index: int) -> str:
-    """The text of cell ``index``'s output area."""
+    """The text of cell ``index``'s output area (with any Output widget's in it)."""
     cell = page.locator(".jp-NotebookPanel .jp-Cell").nth(index)
-    return str(cell.locator(".jp-OutputArea").inner_text())
+    return str(cell.locator(".jp-OutputArea").first.inner_text())
 
 
 def run_and_wait(page: Page, index: int) -> None:

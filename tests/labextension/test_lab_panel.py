@@ -25,8 +25,10 @@ from tests.labextension.labpage import (
     kernel_status,
     notebook_page,
     open_notebook,
+    output,
     reload_page,
     restart_kernel,
+    run_and_wait,
     run_cell,
     run_the_next_cells,
     start_run,
@@ -228,3 +230,41 @@ def test_lab_page_opened_while_a_cell_runs(lab: Lab) -> None:  # in the namespac
         while kernel_connections(lab) != [1] and time.monotonic() < deadline:
             page.wait_for_timeout(100)
         assert kernel_connections(lab) == [1]
+
+
+#: A --nowait run that ends after the page is reloaded.
+NOWAIT_CELLS = [
+    "%load_ext dispynb\n%dispy local --cpus 2",
+    '%%dispy --over "range(6)" --into later --nowait\n'
+    "def later(i):\n"
+    "    import time\n"
+    "    time.sleep(3)\n"
+    "    print('hello from', i)\n"
+    "    return i",
+]
+
+
+@pytest.mark.timeout(180)
+def test_lab_page_reloaded_during_a_nowait_run(lab: Lab) -> None:  # in the namespace
+    """A page reloaded (saved first, as JupyterLab autosaves) while a ``--nowait``
+    run goes on: its bar and printed lines are shown again from the kernel's
+    widgets and end as the run ends. Before, the end closed those widgets (it
+    updated the display by its id, which only the page that ran the cell knows):
+    the reloaded page's bar and output vanished, leaving the cell blank."""
+    with notebook_page(lab, "nowait.ipynb", NOWAIT_CELLS) as page:
+        run_and_wait(page, 0)
+        run_and_wait(page, 1)  # --nowait: the cell returns at once
+        wait_counts(page, "c.running === 2")
+        page.keyboard.press("Control+s")
+        page.wait_for_function(
+            "() => !document.querySelector('.lm-TabBar-tab.jp-mod-dirty')"
+        )
+        reload_page(page)
+        bar = page.locator(".jp-NotebookPanel .jp-Cell").nth(1).locator(".widget-hbox")
+        bar.wait_for()  # restored from the kernel's widgets
+        page.locator(f'{PANEL} .dispynb-cluster[data-closed="true"]').wait_for()
+        deadline = time.monotonic() + 20
+        while "6/6 done" not in (text := output(page, 1)):
+            assert time.monotonic() < deadline, text
+            page.wait_for_timeout(100)
+        assert "hello from 5" in text, text
