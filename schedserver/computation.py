@@ -38,6 +38,7 @@ from dispynb.protocol.messages import (
     JobCancel,
     JobProvisional,
     JobResults,
+    JobsPlaced,
     JobSubmit,
     Message,
     ResultChunk,
@@ -765,6 +766,11 @@ class SharedComputation(_JobFiles):
             job.node = name
             running[job.key] = job
         as_sent = self._as_sent
+        # The client hears where they go before any of their results can come
+        # (one connection, in order): dispy's jobs name their node.
+        self.to_client(
+            JobsPlaced(comp_id=self.comp_id, node=name, keys=[j.key for j in jobs])
+        )
         try:
             self._send_job_files(upstream, jobs)
             if (

@@ -48,7 +48,7 @@ from dispynb.programs import read_program
 from dispynb.protocol import serialize
 from dispynb.protocol.files import write_inside
 from dispynb.protocol.framing import Buffer, buffers_size
-from dispynb.protocol.messages import ABANDONED, SchedulerNodes, Welcome
+from dispynb.protocol.messages import ABANDONED, JobsPlaced, SchedulerNodes, Welcome
 from dispynb.protocol.records import ComputationBundle, ProgramFile, avail_figures
 from dispynb.scheduler import driver
 from dispynb.scheduler.driver import Allocator, Driver, DriverConfig, NodeLink
@@ -407,16 +407,25 @@ class NodesBackend:
         """Only a shared scheduler reports nodes behind it (`SchedulerBackend`)."""
         logger.debug("node %s sent a scheduler's node list: ignored", link.node_id)
 
+    def jobs_placed(self, link: NodeLink, placed: JobsPlaced) -> None:
+        """Only a shared scheduler places jobs on nodes behind it."""
+        logger.debug("node %s sent a scheduler's job placement: ignored", link.node_id)
+
+    def _job_view(self, key: int, link: NodeLink) -> NodeInfo:
+        """The node the façade names for job ``key``, which ``link`` reported:
+        ``link``'s (a scheduler names the node behind it, `SchedulerBackend`)."""
+        return self._view(link)
+
     def jobs_sent(self, keys: list[int], link: NodeLink) -> None:
         self._events.jobs_sent(keys, self._view(link))
 
     def job_running(self, key: int, link: NodeLink, start_time: float) -> None:
         self._started[key] = link.node_id
-        self._events.job_running(key, self._view(link), start_time)
+        self._events.job_running(key, self._job_view(key, link), start_time)
 
     def job_provisional(self, key: int, link: NodeLink, result: Any) -> None:
         self._started.setdefault(key, link.node_id)  # a start not reported
-        self._events.job_provisional(key, self._view(link), result)
+        self._events.job_provisional(key, self._job_view(key, link), result)
 
     def job_file(
         self, key: int, link: NodeLink, path: str, data: list[memoryview]
@@ -444,7 +453,7 @@ class NodesBackend:
             return
         self._events.job_done(
             key,
-            self._view(link) if link is not None else None,
+            self._job_view(key, link) if link is not None else None,
             base.Outcome(
                 status_of(outcome.outcome),
                 outcome.result,
@@ -462,7 +471,7 @@ class NodesBackend:
         self._started.pop(key, None)
         info: NodeInfo | None = None
         if link is not None:
-            info = self._view(link)
+            info = self._job_view(key, link)
         elif node_id:  # the node it was sent to, gone now (dispy names it)
             host, port = parse_address(node_id)
             info = NodeInfo(node_id, host, port, "", 0)

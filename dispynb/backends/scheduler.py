@@ -30,7 +30,7 @@ from dispynb.depends import FileRef
 from dispynb.errors import ConfigurationError, MessageError
 from dispynb.node import DispyNodeAvailInfo, parse_node_specs
 from dispynb.protocol.handshake import peer_text
-from dispynb.protocol.messages import SchedulerNodes
+from dispynb.protocol.messages import JobsPlaced, SchedulerNodes
 from dispynb.protocol.records import SharedNodeEntry
 from dispynb.scheduler import driver
 from dispynb.scheduler.driver import NodeLink
@@ -105,6 +105,10 @@ class SchedulerBackend(NodesBackend):
         self._behind: dict[str, NodeInfo] = {}
         self._running: dict[str, list[int]] = {}
         self._scheduler = ""
+        #: The node behind the scheduler each job went to (`JobsPlaced`), and the
+        #: bytes of the results each node sent (dispy's ``rx``), by node id.
+        self._placed: dict[int, str] = {}
+        self._received: dict[str, int] = {}
         #: When a job that ran last ended, and when the last report came
         #: (``time.monotonic``), under `_reported`: `settle_counts` waits for a
         #: report that counts the jobs ended.
@@ -133,6 +137,7 @@ class SchedulerBackend(NodesBackend):
             self._events.node_closed(info, f"scheduler: {reason}", departure)
         self._behind.clear()
         self._running.clear()
+        self._placed.clear()
 
     def node_status(self, link: NodeLink, avail: list[float | None]) -> None:
         """The scheduler's sum over its nodes: each node's comes in the reports."""
@@ -172,6 +177,8 @@ class SchedulerBackend(NodesBackend):
             )
             self._behind[entry.node_id] = info
             self._running[entry.node_id] = entry.running
+            for key in entry.running:  # placed before this client came back
+                self._placed.setdefault(key, entry.node_id)
             if known is None or known.cpus != entry.cpus:
                 events.node_ready(info)
             elif _figures(known.avail) != _figures(avail):
@@ -183,13 +190,54 @@ class SchedulerBackend(NodesBackend):
             self._reported_at = time.monotonic()
             self._reported.notify_all()
 
+    def jobs_placed(self, link: NodeLink, placed: JobsPlaced) -> None:
+        """The scheduler sent jobs to a node behind it: they name that node."""
+        if not isinstance(placed.node, str) or not isinstance(placed.keys, list):
+            logger.warning("scheduler %s: malformed job placement", link.node_id)
+            return
+        for key in placed.keys:
+            if type(key) is int:
+                self._placed[key] = placed.node
+
+    def _job_view(self, key: int, link: NodeLink) -> NodeInfo:
+        """The node behind the scheduler that runs job ``key``, as dispy's
+        SharedJobCluster names it; the scheduler's if unknown."""
+        node_id = self._placed.get(key)
+        info = self._behind.get(node_id) if node_id is not None else None
+        return info if info is not None else self._view(link)
+
     def job_done(
         self, key: int, link: NodeLink | None, outcome: driver.Outcome
     ) -> None:
         if outcome.start_time:  # it ran on a node: the next report counts it
             with self._reported:
                 self._ended_at = time.monotonic()
+        node_id = self._placed.get(key)
+        if node_id is not None and outcome.size:
+            self._received[node_id] = self._received.get(node_id, 0) + outcome.size
         super().job_done(key, link, outcome)
+        self._placed.pop(key, None)
+
+    def job_abandoned(
+        self, key: int, link: NodeLink | None, reason: str, node_id: str = ""
+    ) -> None:
+        super().job_abandoned(key, link, reason, node_id)
+        self._placed.pop(key, None)
+
+    def job_cancelled(self, key: int) -> None:
+        super().job_cancelled(key)
+        self._placed.pop(key, None)
+
+    def job_requeued(self, key: int) -> None:
+        self._placed.pop(key, None)  # it goes elsewhere: placed again then
+        super().job_requeued(key)
+
+    def traffic(self, node_id: str) -> tuple[int, int]:
+        """A node behind the scheduler: the results it sent this client (as
+        dispy's SharedJobCluster counts them); its jobs went to the scheduler."""
+        if node_id in self._behind or node_id in self._received:
+            return 0, self._received.get(node_id, 0)
+        return super().traffic(node_id)
 
     def settle_counts(self, timeout: float) -> bool:
         """Wait at most ``timeout`` s for the scheduler's report that counts the
@@ -201,8 +249,18 @@ class SchedulerBackend(NodesBackend):
             )
 
     def running_jobs(self, node_id: str) -> list[int]:
-        """This cluster's jobs at a node behind the scheduler (its last report)."""
-        return list(self._running.get(node_id, ()))
+        """This cluster's jobs at a node behind the scheduler: those placed there
+        that started, or that its last report lists."""
+        return list(self._on_loop(self._running_behind, node_id))
+
+    def _running_behind(self, node_id: str) -> list[int]:
+        reported = set(self._running.get(node_id, ()))
+        started = self._started
+        return [
+            key
+            for key, placed in self._placed.items()
+            if placed == node_id and (key in started or key in reported)
+        ]
 
     def send_file(self, node_id: str, ref: FileRef) -> str:
         """Through the scheduler, which places the file on each node it set the

@@ -519,6 +519,19 @@ class SchedulerNodes(WireMessage):
     requeued: list[int] = dataclasses.field(default_factory=list)
 
 
+@message("jobs-placed")
+class JobsPlaced(WireMessage):
+    """Shared scheduler -> client: the jobs ``keys`` went to the node ``node`` (its
+    `dispynb.protocol.records.SharedNodeEntry` ``node_id``), sent before they do,
+    so that the client names the node a job runs on (dispy's ``DispyJob.ip_addr``
+    and the ``cluster_status`` node) from its start; a node server never sends it.
+    """
+
+    comp_id: int
+    node: str
+    keys: list[int]
+
+
 @message("files-missing")
 class FilesMissing(WireMessage):
     """Node -> client: send these files (by digest) before the computation starts."""

@@ -37,6 +37,7 @@ from dispynb.protocol.messages import (
     FilesMissing,
     JobProvisional,
     JobResults,
+    JobsPlaced,
     Message,
     NodeStatus,
     ResultChunk,
@@ -130,6 +131,7 @@ class Driver(DriverNodes):
             JobProvisional: self._on_provisional,
             NodeStatus: self._on_status,
             SchedulerNodes: self._on_scheduler_nodes,
+            JobsPlaced: self._on_jobs_placed,
             FilesMissing: self._on_files_missing,
             ResultChunk: self._on_chunk,
             FileFromNode: self._on_file,
@@ -156,6 +158,12 @@ class Driver(DriverNodes):
     ) -> None:
         if message.comp_id == self.config.comp_id:
             self.events.scheduler_nodes(link, message)
+
+    def _on_jobs_placed(
+        self, link: NodeLink, message: JobsPlaced, buffers: list[memoryview]
+    ) -> None:
+        if message.comp_id == self.config.comp_id:
+            self.events.jobs_placed(link, message)
 
     def _on_files_missing(
         self, link: NodeLink, message: FilesMissing, buffers: list[memoryview]

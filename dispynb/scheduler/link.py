@@ -17,6 +17,7 @@ from dispynb.protocol import serialize
 from dispynb.protocol.fileuses import FileUses
 from dispynb.protocol.framing import Buffer
 from dispynb.protocol.messages import (
+    JobsPlaced,
     Message,
     SchedulerNodes,
     Welcome,
@@ -124,6 +125,9 @@ class Outcome:
     exception: str | None
     start_time: float
     end_time: float
+    #: Bytes of the node's report of it: its result's buffers and its output
+    #: (dispy counts a node's replies in its ``rx``).
+    size: int = 0
 
 
 class JobEvents(Protocol):
@@ -181,6 +185,9 @@ class JobEvents(Protocol):
         """``node``, a shared scheduler, reported the nodes behind it
         (`dispynb.protocol.records.SharedNodeEntry` arrays, unchecked), why those
         that left did and the jobs requeued (unchecked)."""
+
+    def jobs_placed(self, node: NodeLink, placed: JobsPlaced) -> None:
+        """``node``, a shared scheduler, sent jobs to a node behind it (unchecked)."""
 
 
 @dataclass(slots=True)

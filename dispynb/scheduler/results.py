@@ -163,7 +163,16 @@ class DriverResults(DriverOutbox):
             notices.append(
                 (
                     key,
-                    Outcome(outcome, result, stdout, stderr, exception, began, ended),
+                    Outcome(
+                        outcome,
+                        result,
+                        stdout,
+                        stderr,
+                        exception,
+                        began,
+                        ended,
+                        _reported_size(result_buffers, stdout, stderr, exception),
+                    ),
                 )
             )
         for start in starts[next_start:]:
@@ -228,6 +237,20 @@ class DriverResults(DriverOutbox):
     ) -> list[bytes | bytearray] | None:
         """The buffers of a streamed result, or None if they are not all there."""
         return take_stream(self._streams, (link.node_id, key, attempt), count)
+
+
+def _reported_size(
+    buffers: list[Any] | None,
+    stdout: str | bytes,
+    stderr: str | bytes,
+    exception: str | None,
+) -> int:
+    """About the bytes a node's report of one job took: its result's buffers and
+    its output (characters for bytes: an estimate, as a count of traffic is)."""
+    size = len(stdout) + len(stderr) + len(exception or "")
+    for buffer in buffers or ():
+        size += memoryview(buffer).nbytes
+    return size
 
 
 def _well_formed_start(start: object) -> bool:

@@ -47,6 +47,7 @@ SAMPLES: list[WireMessage] = [
         comp_id=3,
         nodes=[["10.0.0.2:9711", "n2", "10.0.0.2", 9711, 4, 7, 1.5, [9, 12], 1, []]],
     ),
+    m.JobsPlaced(comp_id=3, node="10.0.0.2:9711", keys=[9, 12]),
     m.Ping(),
     m.ResultsJournaled(comp_id=1, jobs=[[3, 1], [4, 2]]),
     m.Recover(comp_id=1, recovery_id="ab" * 16),

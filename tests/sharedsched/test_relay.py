@@ -13,6 +13,7 @@ from dispynb.protocol.messages import (
     RETURNED,
     ComputationSetup,
     JobResults,
+    JobsPlaced,
     JobSubmit,
     Message,
     NodeStatus,
@@ -30,6 +31,8 @@ class RecordingConnection:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, Any]] = []
+        #: `JobsPlaced` messages to a client, apart: they name where jobs went.
+        self.placed: list[JobsPlaced] = []
         self.messages_waiting = 0
         self.last_frame: Any = FRAME
         self.last_size = 100  # of the last message read (a small one)
@@ -38,10 +41,14 @@ class RecordingConnection:
         self.calls.append(("relay", frame))
 
     def write(self, message: Message, buffers: Any = ()) -> None:
-        self.calls.append(("write", message))
+        if isinstance(message, JobsPlaced):
+            self.placed.append(message)
+        else:
+            self.calls.append(("write", message))
 
     def write_many(self, messages: Any) -> None:
-        self.calls.extend(("write", message) for message, _ in messages)
+        for message, buffers in messages:
+            self.write(message, buffers)
 
 
 def computation(
@@ -145,6 +152,8 @@ def test_a_recovered_computation_gets_its_messages_with_the_clients_id() -> None
         assert [kind for kind, _ in node.calls + client.calls] == ["write", "write"]
         assert node.calls[0][1].comp_id == 5
         assert client.calls[0][1].comp_id == 8
+        # Where the job went, told before it went, with the client's id too.
+        assert client.placed == [JobsPlaced(comp_id=8, node="127.0.0.1:9000", keys=[1])]
 
     asyncio.run(run())
 

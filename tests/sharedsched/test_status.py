@@ -154,6 +154,57 @@ def test_status_print_status_and_monitor_list_the_nodes_behind_the_scheduler(
         assert alice.wait(timeout=WAIT)
 
 
+def text(size: int) -> str:
+    return "x" * size
+
+
+def test_a_job_names_the_node_behind_the_scheduler_that_ran_it(
+    scheduler: SchedulerProcess,
+    nodes: LocalCluster,
+    users: dict[str, Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """As in dispy's SharedJobCluster: cluster_status hears Running and Finished
+    with the node that ran the job, and that node counts the results it sent
+    (Rcvd). Before, the client knew only the scheduler: the node was None, and
+    Rcvd 0."""
+    heard: list[tuple[int, str | None, int]] = []
+    lock = threading.Lock()
+
+    def cluster_status(status: int, node: DispyNode | None, job: object) -> None:
+        if status in (JobStatus.Running, JobStatus.Finished):
+            where = None if node is None else f"{node.ip_addr}:{node.port}"
+            with lock:
+                heard.append((status, where, getattr(job, "id", -1)))
+
+    addresses = set(nodes.node_specs())
+    with SharedJobCluster(
+        text,
+        scheduler_host=scheduler.address,
+        secret_file=str(users["alice"]),
+        cluster_status=cluster_status,
+    ) as cluster:
+        jobs = [cluster.submit_job_id(n, 1000) for n in range(6)]
+        assert cluster.wait(timeout=WAIT)
+        assert [job.result for job in jobs] == ["x" * 1000] * 6
+        cluster.print_status()
+        nodes_seen = cluster.status().nodes
+    with lock:
+        statuses = {(status, job) for status, _, job in heard}
+        where = {where for _, where, _ in heard}
+    assert statuses == {
+        (s, n) for s in (JobStatus.Running, JobStatus.Finished) for n in range(6)
+    }
+    assert where <= addresses, where  # never None, never the scheduler
+    rcvd = {f"{n.ip_addr}:{n.port}": n.rx for n in nodes_seen}
+    ran = {f"{n.ip_addr}:{n.port}": n.jobs_done for n in nodes_seen}
+    for address, received in rcvd.items():  # 1000 bytes and more per result
+        assert received >= 1000 * ran[address], (address, rcvd, ran)
+    assert sum(rcvd.values()) >= 6000
+    table = capsys.readouterr().out
+    assert "     0 B |     0 B" not in table, table
+
+
 def test_a_killed_node_leaves_the_list(
     scheduler: SchedulerProcess, nodes: LocalCluster, users: dict[str, Path]
 ) -> None:
