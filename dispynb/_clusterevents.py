@@ -160,6 +160,11 @@ class _Events(_ClusterState):
             return
         self._not_executing(key)
         start, end = outcome.start_time, outcome.end_time
+        if outcome.status is JobStatus.Cancelled and not start and not job.start_time:
+            # Sent ahead to a node, cancelled before it started: in dispy it
+            # was still queued, so it names no node and no node counts it.
+            job.ip_addr = None
+            info = None
         if not start and job.start_time is not None:
             # Stopped while it ran (cancel, crash): the node reports no times, and
             # the job ran from the start it reported. dispy counts this time too.

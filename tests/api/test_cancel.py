@@ -82,3 +82,40 @@ def test_cancel_of_a_queued_job_marks_it_cancelled_at_once_and_once(local1, tmp_
             assert running.status == DispyJob.Finished
         finally:
             release.touch()
+
+
+def test_a_cancelled_job_that_never_started_names_no_node(local1, tmp_path):
+    """dispy's cancel of a queued job tells ``cluster_status`` (Cancelled, None,
+    job) and the job has no ``ip_addr``: it never reached a node. dispynb sends a
+    job ahead to a busy node; cancelled there before it started, it used to name
+    that node (and count on it)."""
+    marker, release = tmp_path / "started", tmp_path / "release"
+    told: list[tuple[int, object, object]] = []
+    lock = threading.Lock()
+
+    def cluster_status(status: int, node: object, job: DispyJob | None) -> None:
+        if job is not None and status == DispyJob.Cancelled:
+            with lock:
+                told.append((status, node, job.ip_addr))
+
+    with JobCluster(
+        jobs.mark_and_hold, nodes=local1, cluster_status=cluster_status
+    ) as cluster:
+        try:
+            running = cluster.submit(str(marker), str(release))
+            wait_for_path(marker)
+            queued = cluster.submit(str(tmp_path / "never"), str(release))
+            # Wait until the node holds it (sent ahead), not just the client.
+            jobs.wait_until(lambda: queued.ip_addr is not None)
+            assert cluster.cancel(queued) == 0
+            assert queued.wait(timeout=WAIT)
+            assert queued.status == DispyJob.Cancelled
+            assert queued.ip_addr is None
+            release.touch()
+            assert running.wait(timeout=WAIT)
+            assert cluster.wait(timeout=WAIT)
+            node = cluster.status().nodes[0]
+            assert node.jobs_done == 1  # the one that ran
+        finally:
+            release.touch()
+    assert told == [(DispyJob.Cancelled, None, None)]
