@@ -34,8 +34,10 @@ class _Events(_ClusterState):
                 info.host, info.name, info.cpus, port=info.port, platform=info.platform
             )
         else:  # set up again (resetup_node): same node, its counts kept
-            node.cpus = node.avail_cpus = info.cpus
+            node.cpus = info.cpus
             node.update_time = time.time()
+        # What the node offers, of which it uses ``cpus`` (NodeAllocate), as dispy's.
+        node.avail_cpus = max(info.offered, info.cpus)
         node.avail_info = info.avail
         self._nodes[info.node_id] = node
         self._node_cpus[info.node_id] = info.cpus

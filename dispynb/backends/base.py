@@ -169,6 +169,9 @@ class NodeInfo:
     #: Where the computation lives for it, if not on the node itself: a shared
     #: scheduler's ``'host:port'`` (the address `recover_jobs` goes back to).
     via: str = ""
+    #: CPUs the node offers (dispy's ``DispyNode.avail_cpus``), of which the cluster
+    #: uses ``cpus`` (what `NodeAllocate.allocate` returned); 0: as many as it uses.
+    offered: int = 0
 
 
 @dataclass(slots=True)

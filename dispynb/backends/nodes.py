@@ -344,6 +344,7 @@ class NodesBackend:
             link.cpus,
             welcome.platform if welcome else "",
             self._reported_avail(link.node_id, welcome.avail) if welcome else None,
+            offered=welcome.cpus if welcome else 0,
         )
         self._info[link.node_id] = info
         self._events.node_ready(info)

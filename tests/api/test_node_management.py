@@ -307,3 +307,27 @@ def test_resetup_node_keeps_the_node_and_its_job_counts(local1):
         assert node.jobs_done == 5
         assert node.cpu_time >= cpu_time
         assert node.busy == 0
+
+
+def test_node_allocate_cpus_caps_cpus_not_the_cpus_the_node_offers(local):
+    """dispy's DispyNode: ``cpus`` is what NodeAllocate.allocate gave the cluster,
+    ``avail_cpus`` what the node has. NodeAllocate(cpus=1) on a 2-CPU node used to
+    show avail_cpus 1 too."""
+    (spec,) = local.node_specs()
+    host, port = spec.rsplit(":", 1)
+    seen: list[tuple[int, int]] = []
+
+    def cluster_status(status: int, node: DispyNode | None, job: object) -> None:
+        if status == DispyNode.Initialized and node is not None:
+            seen.append((node.cpus, node.avail_cpus))
+
+    with JobCluster(
+        node_name,
+        nodes=[NodeAllocate(host, int(port), cpus=1)],
+        secret=local.secret,
+        cluster_status=cluster_status,
+    ) as cluster:
+        (node,) = cluster.status().nodes
+        assert (node.cpus, node.avail_cpus) == (1, 2)
+        assert cluster.submit(0)() == node.name
+    assert seen == [(1, 2)]
