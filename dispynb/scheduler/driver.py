@@ -25,6 +25,7 @@ from dispynb.depends import FileRef
 from dispynb.errors import ClusterError, DispynbError, MessageError, SetupError
 from dispynb.protocol import shm
 from dispynb.protocol.framing import Buffer
+from dispynb.protocol.handshake import peer_text
 from dispynb.protocol.messages import (
     ComputationClose,
     ComputationClosed,
@@ -121,6 +122,9 @@ class Driver(DriverNodes):
         self._watchdog: asyncio.Task[None] | None = None
         self.pulse = config.pulse_interval or DEFAULT_PULSE
         self.last_error: DispynbError | None = None
+        #: Why a shared scheduler revoked this cluster's user ("" unless it did):
+        #: what every job that cannot run now ends with.
+        self.revoked = ""
         self._closing = False
         #: Set by `drain_direct` when the loop should run soon (see there).
         self.direct_wake = False
@@ -236,6 +240,7 @@ class Driver(DriverNodes):
             # A shared scheduler revoked this user and closes the session next: its
             # jobs end with the reason, and the refused credential is not tried again.
             link.releasing = True
+            self.revoked = peer_text(message.message, 500)
             self.last_error = ClusterError(message.message)
             return _Stop(message.message)
         logger.warning("node %s reports: %s", link.node_id, message.message)

@@ -490,6 +490,8 @@ class DriverNodes(DriverResults):
             self.events.job_abandoned(key, None, self._no_node_reason())
 
     def _no_node_reason(self) -> str:
+        if self.revoked:  # not a node's fault: the scheduler refuses this user
+            return self.revoked
         reason = "no node is available to run the job"
         if self.last_error is not None:
             reason += f" (last node error: {describe_error(self.last_error)})"

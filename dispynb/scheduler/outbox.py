@@ -80,6 +80,7 @@ class DriverOutbox:
     _watchdog: asyncio.Task[None] | None
     pulse: float
     last_error: DispynbError | None
+    revoked: str
     _closing: bool
     _tasks: set[asyncio.Task[Any]]
     _routes: dict[type[Message], _Handler]
@@ -238,7 +239,9 @@ class DriverOutbox:
                 self._jobs.pop(instruction.key, None)
                 self._release_segments(instruction.key)
                 link = self.nodes.get(instruction.node)
-                if stopped:
+                if self.revoked:  # the scheduler's words: no node was lost
+                    reason = self.revoked
+                elif stopped:
                     reason = f"node {instruction.node} stopped: {lost_reason}"
                 else:
                     reason = (
