@@ -15,9 +15,27 @@ from typing import Any
 from dispynb.errors import ConfigurationError
 
 
+def _refuse_async(value: Callable[..., Any], role: str) -> None:
+    """Refuse an ``async def`` (or async generator) function as ``role``: a node
+    calls it as dispy does, gets a coroutine instead of its result, and the job
+    would end with the coroutine's pickling error."""
+    call = getattr(value, "__call__", None)  # noqa: B004  # an async __call__ too
+    if any(
+        inspect.iscoroutinefunction(f) or inspect.isasyncgenfunction(f)
+        for f in (value, call)
+    ):
+        raise ConfigurationError(
+            f"{role} {_name(value)} is an async function: nodes call it as a plain "
+            "function and would get a coroutine, not its result. Define it with "
+            "'def'; to use asyncio inside, have it return asyncio.run(...) of your "
+            "coroutine"
+        )
+
+
 def _check_computation(value: object) -> Callable[..., Any] | str:
     """Accept any callable, or a program name or path (resolved to an absolute path)."""
     if callable(value):
+        _refuse_async(value, "computation")
         return value  # shipped by value with cloudpickle: partials and methods work
     if isinstance(value, str | os.PathLike):
         name = os.fspath(value)
@@ -56,6 +74,8 @@ def _check_depends(value: Any) -> list[Any]:
 
 
 def _check_setup(value: object) -> Callable[..., Any] | None:
+    if callable(value):
+        _refuse_async(value, "setup")
     if value is None or callable(value):
         return value
     raise ConfigurationError(
@@ -65,6 +85,8 @@ def _check_setup(value: object) -> Callable[..., Any] | None:
 
 
 def _check_cleanup(value: object) -> bool | Callable[..., Any]:
+    if callable(value):
+        _refuse_async(value, "cleanup")
     if isinstance(value, bool) or callable(value):
         return value
     raise ConfigurationError(

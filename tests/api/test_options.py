@@ -111,6 +111,42 @@ def test_options_computation_of_wrong_type_raises_configuration_error(computatio
         ClusterOptions.from_kwargs(computation)
 
 
+async def _async_compute(n: int) -> int:
+    return n
+
+
+async def _async_lines(n: int):  # type: ignore[no-untyped-def]
+    yield n
+
+
+class _AsyncCallable:
+    async def __call__(self, n: int) -> int:
+        return n
+
+
+@pytest.mark.parametrize(
+    "computation",
+    [
+        _async_compute,
+        functools.partial(_async_compute, 1),
+        _async_lines,
+        _AsyncCallable(),
+    ],
+)
+def test_an_async_computation_is_refused_saying_what_to_do(computation):
+    """Nodes call a computation as a plain function, as dispy's do: an async one
+    gave them a coroutine, and each job ended Terminated with "cannot pickle
+    'coroutine' object". Refused at once, naming the fix."""
+    from dispynb import JobCluster
+
+    with pytest.raises(ConfigurationError, match=r"async function.*asyncio\.run"):
+        JobCluster(computation, nodes=["127.0.0.1:1"])
+    with pytest.raises(ConfigurationError, match=r"setup .* is an async function"):
+        ClusterOptions.from_kwargs(len, setup=computation)
+    with pytest.raises(ConfigurationError, match=r"cleanup .* is an async function"):
+        ClusterOptions.from_kwargs(len, cleanup=computation)
+
+
 # names and aliases
 
 

@@ -102,7 +102,9 @@ JOBCLUSTER = [
     Name(
         "computation",
         differs="A callable travels by value; a program path "
-        "is sent and run as in dispy.",
+        "is sent and run as in dispy. An ``async def`` function (as computation, "
+        "setup or cleanup) is refused at once: nodes call it as a plain function; "
+        "return ``asyncio.run(...)`` of a coroutine from a ``def`` one instead.",
     ),
     Name(
         "nodes",
