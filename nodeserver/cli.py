@@ -27,7 +27,7 @@ from dispynb.errors import ConfigurationError, DispynbError
 from dispynb.protocol.discovery import new_boot_id
 from dispynb.protocol.framing import large_frames_taken, release_spares
 from dispynb.secret import resolve_secret, withdraw_secret_env, write_new_secret
-from dispynb.transport.addressing import is_loopback
+from dispynb.transport.addressing import format_address, is_loopback
 from nodeserver.cliconfig import refuse_readable_secret
 from nodeserver.config import NodeConfig
 from nodeserver.containment import become_subreaper, probe_in_background
@@ -586,6 +586,8 @@ async def _announce_every(server: NodeServer, config: NodeConfig) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``dispynb-node`` and ``python -m nodeserver``."""
     args = parse_args(argv)
+    if args.check is not None:
+        return _check(args)
     keep_freed_memory()
     # Jobs run as this user: they are not to read the secret in this process's
     # memory (/proc/PID/mem, environ) nor trace it. The zygote inherits it.
@@ -651,6 +653,39 @@ def main(argv: list[str] | None = None) -> int:
         launcher.stop()  # reaped here: never a zombie left to whoever adopts it
         for config in left:  # once nothing of the node's runs in its directory
             _remove_files(config)
+
+
+def _check(args: argparse.Namespace) -> int:
+    """``--check``: probe a running node (`nodeserver.health`), print one line."""
+    from dispynb.transport.tls import client_context  # the check only
+    from nodeserver.health import UNKNOWN, check
+
+    address = args.check
+    if not address:
+        hosts = [h for h in args.hosts or [] if h not in ("0.0.0.0", "::", "")]
+        address = format_address(hosts[0] if hosts else "127.0.0.1", args.port)
+    try:
+        secret = (
+            _read_secret_line(0)
+            if args.secret_stdin
+            else resolve_secret(args.secret, args.secret_file, dict(os.environ))
+        )
+        ssl_context = (
+            client_context(args.certfile, args.keyfile, args.cafile)
+            if args.certfile or args.cafile
+            else None
+        )
+    except (DispynbError, OSError) as exc:
+        print(f"UNKNOWN - cannot check {address}: {exc}")
+        return UNKNOWN
+    timeout = args.msg_timeout or None
+    status, line = (
+        check(address, secret=secret, ssl_context=ssl_context, timeout=timeout)
+        if timeout
+        else check(address, secret=secret, ssl_context=ssl_context)
+    )
+    print(line, flush=True)
+    return status
 
 
 def _remove_files(config: NodeConfig) -> None:

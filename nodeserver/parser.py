@@ -412,6 +412,19 @@ def build_parser() -> argparse.ArgumentParser:
         "accepts the node's registration again (default 0: never). Launchers "
         "(SlurmNodes) use it so that nodes whose client died end",
     )
+    add(
+        "--check",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="HOST[:PORT]",
+        help="do not serve: ask the node running at HOST[:PORT] (default: this "
+        "machine, on --port) how it is, as a monitoring check; it authenticates "
+        "with the same secret options (TLS: --cafile verifies the node, "
+        "--certfile/--keyfile are presented to it), prints one line and exits 0 "
+        "(it answered) or 2 (not reachable, refused, no answer). The node counts "
+        "it as no client",
+    )
     add("-d", "--debug", action="store_true", help="log level debug")
     add(
         "--loglevel",

@@ -26,6 +26,7 @@ from nodeserver.budget import CpuBudget
 from nodeserver.config import NodeConfig
 from nodeserver.descriptors import Admission
 from nodeserver.filestore import FileStore, claim_store
+from nodeserver.health import HEALTH_PROBE, health_of
 from nodeserver.keeper import ResultKeeper
 from nodeserver.launcher import PROCESS_LAUNCHER, Launcher
 from nodeserver.leftovers import Removals
@@ -54,6 +55,8 @@ class NodeServer:
     ) -> None:
         config.validate()
         self.config = config
+        #: `time.monotonic` when the node was made (its health probes' uptime).
+        self.started = time.monotonic()
         #: Starts each computation's process (`nodeserver.launcher`).
         self.launcher = launcher
         self.budget = CpuBudget(config.cpus)
@@ -275,6 +278,12 @@ class NodeServer:
         )
 
     async def _serve(self, conn: Connection, client_name: str) -> None:
+        if client_name == HEALTH_PROBE:
+            # Not a client (`nodeserver.health`): no session, and it counts for
+            # neither --serve nor --exit-without-client.
+            logger.debug("health probe from %s", conn.peer)
+            await conn.send(health_of(self))
+            return
         session = ClientSession(conn, self, client_name)
         self.sessions.add(session)
         task = asyncio.current_task()

@@ -72,6 +72,11 @@ class _SessionState:
         self._claims: list[Kept] = []
 
     @property
+    def computation_count(self) -> int:
+        """The client's computations on this node now."""
+        return len(self._computations)
+
+    @property
     def last_heard(self) -> float:
         """`time.monotonic` when the client's last message arrived."""
         return self._last_heard

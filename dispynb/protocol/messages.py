@@ -499,6 +499,30 @@ class NodeStatus(WireMessage):
     leaving: str = ""
 
 
+@message("node-health")
+class NodeHealth(WireMessage):
+    """Node -> health probe (``dispynb-node --check``), then the node closes: how
+    it is. A probe is no client: no session, nothing logged above debug level, and
+    it counts for neither ``--serve`` nor ``--exit-without-client``."""
+
+    name: str
+    #: The dispynb version the node runs.
+    version: str
+    pid: int
+    #: Seconds since the node started.
+    uptime: float
+    cpus: int
+    #: CPUs running jobs now.
+    busy: int
+    #: Client sessions, and their computations (kept ones of gone clients too).
+    clients: int
+    computations: int
+    #: Whether it accepts new clients (False outside its service window, or once
+    #: ``--serve`` clients came), and whether it is shutting down.
+    serving: bool
+    draining: bool
+
+
 @message("scheduler-nodes")
 class SchedulerNodes(WireMessage):
     """Shared scheduler -> client: the nodes behind it, as one computation sees them.

@@ -42,6 +42,18 @@ SAMPLES: list[WireMessage] = [
     m.JobCancel(comp_id=1, key=2, attempt=1),
     m.JobProvisional(comp_id=1, key=2, attempt=1),
     m.NodeStatus(avail=[50.0, 1e9, 1e10, 100.0]),
+    m.NodeHealth(
+        name="n1",
+        version="1.0",
+        pid=42,
+        uptime=3.5,
+        cpus=4,
+        busy=2,
+        clients=1,
+        computations=3,
+        serving=True,
+        draining=False,
+    ),
     m.NodeStatus(avail=[None, None, 1e10, None]),  # figures it cannot read now
     m.SchedulerNodes(
         comp_id=3,

@@ -1,0 +1,150 @@
+"""Health probes: ``dispynb-node --check HOST[:PORT]`` asks a running node how it is.
+
+A monitoring system (a Nagios or Icinga check, a systemd timer, a script) needs to know
+that a node is up and how busy it is without being one of its clients: a client's
+connection is a session the node logs at info level, counts for ``--serve N`` (a
+probe would use up the node's clients) and for ``--exit-without-client`` (a probe
+every minute would keep an idle batch node alive for ever).
+
+The probe authenticates as any client does (the node's secret, or TLS client
+certificates; a node without a secret admits its own user only), so what it learns is
+no more than a client may. Its hello names it `HEALTH_PROBE`; once authenticated, the
+node answers with one `NodeHealth` and closes, creating no session and logging the
+probe at debug level only. Anybody who knows the secret may claim the name: it gets
+that one answer and a closed connection, nothing a client could not get.
+
+The command prints one line in the monitoring-plugin format (``OK - ... | perfdata``)
+and exits 0 (it answered), 2 (CRITICAL: not reachable, refused, no answer) or 3
+(UNKNOWN: the check itself is misconfigured). A node that does not listen (outside
+its service window, draining after SIGTERM, after ``--serve``'s last client) refuses
+the probe's connection as it refuses clients': CRITICAL, naming the refusal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import ssl
+import time
+from typing import TYPE_CHECKING
+
+from dispynb._version import __version__
+from dispynb.defaults import MAX_MESSAGE_SIZE, NODE_PORT
+from dispynb.errors import DispynbError, MessageError
+from dispynb.protocol.messages import NodeHealth
+from dispynb.transport.addressing import format_address, parse_address
+
+if TYPE_CHECKING:
+    from nodeserver.server import NodeServer
+
+#: The client name a health probe gives in its hello.
+HEALTH_PROBE = "<dispynb-node --check>"
+
+#: Exit statuses, as monitoring plugins give them (1, WARNING, is not used).
+OK, CRITICAL, UNKNOWN = 0, 2, 3
+_STATUS = {OK: "OK", CRITICAL: "CRITICAL", UNKNOWN: "UNKNOWN"}
+
+#: Seconds the whole probe may take (connect, handshake, answer) by default.
+CHECK_TIMEOUT = 10.0
+
+
+def health_of(server: NodeServer) -> NodeHealth:
+    """How ``server`` is now."""
+    return NodeHealth(
+        name=server.config.name,
+        version=__version__,
+        pid=os.getpid(),
+        uptime=round(time.monotonic() - server.started, 3),
+        cpus=server.config.cpus,
+        busy=server.budget.busy,
+        clients=len(server.sessions),
+        computations=sum(s.computation_count for s in server.sessions),
+        serving=server.listening,
+        draining=server.draining,
+    )
+
+
+async def probe(
+    address: str,
+    *,
+    secret: bytes | None,
+    ssl_context: ssl.SSLContext | None = None,
+    timeout: float = CHECK_TIMEOUT,
+) -> NodeHealth:
+    """Ask the node at ``address`` (``HOST[:PORT]``) how it is.
+
+    Raises `DispynbError` (`ConnectTimeoutError`, `AuthenticationError`...) if it
+    cannot be asked, `TimeoutError` if it does not answer within ``timeout`` s.
+    """
+    from dispynb.transport.connector import connect  # not a serving node's import
+
+    host, port = parse_address(address, NODE_PORT)
+    async with asyncio.timeout(timeout):
+        conn, _welcome = await connect(
+            host,
+            port,
+            secret=secret,
+            max_message_size=MAX_MESSAGE_SIZE,
+            ssl_context=ssl_context,
+            name=HEALTH_PROBE,
+            timeout=timeout,
+            handshake_timeout=timeout,
+            retry_for=0.0,
+        )
+        try:
+            answer, _ = await conn.recv()
+        finally:
+            conn.close()
+    if not isinstance(answer, NodeHealth):
+        raise MessageError(
+            f"{format_address(host, port)} answered the probe with {answer.op!r}: "
+            "is it a dispynb-node of this version?"
+        )
+    return answer
+
+
+def report(address: str, health: NodeHealth) -> tuple[int, str]:
+    """The exit status and the line `check` prints for ``health``."""
+    # A node that does not listen (outside its service window, draining, after
+    # --serve's last client) cannot be asked: only the moment it stops is seen.
+    status, state = OK, "draining" if health.draining else "serving"
+    line = (
+        f"{_STATUS[status]} - node {health.name!r} at {address} {state}: "
+        f"{health.busy} of {health.cpus} CPUs busy, {health.clients} client(s), "
+        f"{health.computations} computation(s), up {_duration(health.uptime)}, "
+        f"dispynb {health.version}, pid {health.pid}"
+        f" | busy={health.busy};;;0;{health.cpus} clients={health.clients}"
+        f" computations={health.computations} uptime={health.uptime:.0f}s"
+    )
+    return status, line
+
+
+def check(
+    address: str,
+    *,
+    secret: bytes | None,
+    ssl_context: ssl.SSLContext | None = None,
+    timeout: float = CHECK_TIMEOUT,
+) -> tuple[int, str]:
+    """Probe the node at ``address``; return the exit status and the line to print."""
+    try:
+        health = asyncio.run(
+            probe(address, secret=secret, ssl_context=ssl_context, timeout=timeout)
+        )
+    except TimeoutError:
+        return CRITICAL, (
+            f"CRITICAL - node at {address} did not answer within {timeout:g} s"
+        )
+    except (DispynbError, OSError) as exc:
+        return CRITICAL, f"CRITICAL - node at {address}: {exc}"
+    return report(address, health)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"

@@ -1,0 +1,99 @@
+"""``dispynb-node --check``: an admin's monitoring asks a running node how it is,
+without being one of its clients (no session logged, none of --serve's clients, no
+client for --exit-without-client)."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from dispynb import JobCluster
+from tests import jobs
+from tests.nodeproc import NODE_WAIT, node_command, node_env, running_node, start_node
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
+
+
+def check(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        node_command("--check", *args),
+        env=node_env(),
+        capture_output=True,
+        text=True,
+        timeout=NODE_WAIT,
+    )
+
+
+def test_a_probe_is_no_client_and_says_how_busy_the_node_is(tmp_path: Path) -> None:
+    """Probes before, during and after a client's job: each says how busy the node
+    is; none is logged as a client or takes one of ``--serve 2``'s clients (two
+    clusters still get in, then the node stops)."""
+    with running_node(tmp_path / "node", "--serve", "2", cpus=2) as node:
+        secret = ("--secret-file", str(node.secret_file))
+        for _ in range(3):
+            idle = check(node.spec, *secret)
+            assert idle.returncode == 0, idle.stdout + idle.stderr
+        assert idle.stdout.startswith(
+            f"OK - node 'cli-node' at {node.spec} serving: 0 of 2 CPUs busy, "
+            "0 client(s), 0 computation(s), up "
+        ), idle.stdout
+        assert "| busy=0;;;0;2 clients=0 computations=0 uptime=" in idle.stdout
+        here = check("--port", str(node.port), *secret)  # this machine, on --port
+        assert here.returncode == 0, here.stdout + here.stderr
+        started = tmp_path / "started"
+        with JobCluster(
+            jobs.mark_and_sleep, nodes=[node.spec], secret=node.secret
+        ) as cluster:
+            job = cluster.submit(str(started), 60)
+            jobs.wait_for_path(started)
+            busy = check(node.spec, *secret)
+            assert busy.returncode == 0, busy.stdout + busy.stderr
+            assert "1 of 2 CPUs busy, 1 client(s), 1 computation(s)" in busy.stdout
+            cluster.cancel(job)
+            assert job.finish.wait(NODE_WAIT)
+        again = check(node.spec, *secret)
+        assert again.returncode == 0, again.stdout + again.stderr
+        with JobCluster(
+            jobs.mark_and_sleep, nodes=[node.spec], secret=node.secret
+        ) as cluster:
+            assert cluster.submit(None, 0)() > 0  # the worker's pid
+        # --serve 2: the two clusters were its two; it stops once they left.
+        assert node.proc.wait(NODE_WAIT) == 0
+    log = node.log_text()
+    assert log.count("connected from") == 2, log
+    assert "health probe" not in log  # debug level only
+
+
+def test_an_unreachable_or_refusing_node_is_critical(tmp_path: Path) -> None:
+    """A wrong secret and a port nobody listens on: exit 2, saying why (and never
+    the secret)."""
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not-the-secret\n")
+    wrong.chmod(0o600)
+    with running_node(tmp_path / "node") as node:
+        refused = check(node.spec, "--secret-file", str(wrong))
+        closed_port = node.port
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert refused.stdout.startswith(f"CRITICAL - node at {node.spec}: ")
+    assert "secret" in refused.stdout and "not-the-secret" not in refused.stdout
+    gone = check(f"127.0.0.1:{closed_port}", "--secret-file", str(wrong))
+    assert gone.returncode == 2, gone.stdout + gone.stderr
+    assert gone.stdout.startswith(f"CRITICAL - node at 127.0.0.1:{closed_port}: ")
+
+
+def test_probes_do_not_keep_an_idle_node_alive(tmp_path: Path) -> None:
+    """``--exit-without-client 2`` (a launcher's batch node) probed every half
+    second still exits once no client came for 2 s: a probe is no client."""
+    node = start_node(tmp_path / "node", "--exit-without-client", "2")
+    try:
+        deadline = time.monotonic() + NODE_WAIT
+        while node.proc.poll() is None:
+            assert time.monotonic() < deadline, "the probes kept the node alive"
+            check(node.spec, "--secret-file", str(node.secret_file))
+            time.sleep(0.5)
+        assert node.proc.returncode == 0
+    finally:
+        node.stop()
