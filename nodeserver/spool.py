@@ -32,6 +32,7 @@ import os
 import shutil
 import struct
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import msgpack
@@ -254,20 +255,44 @@ class ResultSpool:
         """Spool directories left by an earlier node process, by key (expired ones
         are deleted)."""
         found: dict[str, SpoolDir] = {}
-        if not os.path.isdir(self.root):
-            return found
         now = time.time()
-        for key in sorted(os.listdir(self.root)):
-            path = os.path.join(self.root, key)
-            spool = self._read_dir(path)
-            if spool is None:
-                continue
+        for key, spool in self._dirs():
             self.used += spool.size
             if spool.expires is not None and spool.expires <= now:
                 self.remove(spool)
                 continue
             found[key] = spool
         return found
+
+    def remove_expired(self) -> tuple[int, int]:
+        """In a spool no node holds: remove the computations whose results expired,
+        and those whose node died while their jobs ran (no expiry recorded) once
+        their ``keep`` has passed since their last write; return how many and
+        their bytes. A node that never returns (a fixed ``--port`` retired) left
+        them, and only a node of its port would have loaded its spool."""
+        removed = freed = 0
+        now = time.time()
+        for _key, spool in self._dirs():
+            expires = spool.expires
+            if expires is None:
+                try:
+                    expires = os.stat(spool.path).st_mtime + spool.keep
+                except OSError:
+                    continue
+            if expires <= now:
+                removed += 1
+                freed += spool.size
+                shutil.rmtree(spool.path, ignore_errors=True)
+        return removed, freed
+
+    def _dirs(self) -> Iterator[tuple[str, SpoolDir]]:
+        """The spool directories here, by key (see `_read_dir`)."""
+        if not os.path.isdir(self.root):
+            return
+        for key in sorted(os.listdir(self.root)):
+            spool = self._read_dir(os.path.join(self.root, key))
+            if spool is not None:
+                yield key, spool
 
     def _read_dir(self, path: str) -> SpoolDir | None:
         """The spool in ``path``; None if there is none (an empty or foreign one is

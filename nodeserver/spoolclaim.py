@@ -14,6 +14,11 @@ stops: the next node takes it. A client finds a node again by its address, so a
 node with a fixed ``--port`` takes the spool a node of that port used last; one
 with none (or whose port has none) takes ``.kept`` or another spool left by a node
 of no fixed port, and makes a new one (``.kept-*``) only when none is free.
+
+A spool no running node holds is read only by the next node of its port: one whose
+node never returns (its port retired, its machine's address changed) kept its
+results on the disk for ever. So a node that starts removes, from the spools no
+node holds, the results whose time to be kept is over (as their node would have).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import tempfile
 
 from dispynb.daemon import replace_file
 from nodeserver.filestore import lock_dir
+from nodeserver.spool import ResultSpool
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +61,12 @@ def claim_spool(dest_path: str, port: int) -> SpoolClaim:
     the node cannot write to), ``.kept``, unlocked: logged, and the spool says
     what it cannot do there (its results are kept in memory)."""
     try:
-        return _claim(dest_path, port)
+        claim = _claim(dest_path, port)
     except OSError as exc:
         logger.warning("cannot claim a kept-results spool in %s: %s", dest_path, exc)
         return SpoolClaim(os.path.join(dest_path, SHARED), None)
+    _remove_expired_unheld(dest_path, claim.root)
+    return claim
 
 
 def _claim(dest_path: str, port: int) -> SpoolClaim:
@@ -112,3 +120,31 @@ def _own(path: str, fd: int, port: int) -> SpoolClaim:
         os.close(fd)
         raise
     return SpoolClaim(path, fd)
+
+
+def _remove_expired_unheld(dest_path: str, mine: str) -> None:
+    """Remove the expired results of the spools no node holds (held meanwhile:
+    a node starting at once waits for nothing, it takes another spool)."""
+    removed = freed = 0
+    with contextlib.suppress(OSError):
+        for path in _spools(dest_path):
+            if path == mine:
+                continue
+            with contextlib.suppress(OSError):
+                fd = lock_dir(path)
+                if fd is None:
+                    continue  # a running node's
+                try:
+                    count, size = ResultSpool(path, 0).remove_expired()
+                finally:
+                    os.close(fd)
+                removed += count
+                freed += size
+    if removed:
+        logger.info(
+            "removed the expired results of %d computations (%.1f MiB) kept by "
+            "nodes no longer running in %s",
+            removed,
+            freed / 2**20,
+            dest_path,
+        )

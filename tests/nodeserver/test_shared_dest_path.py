@@ -7,7 +7,10 @@ Real ``dispynb-node`` processes, real clients."""
 from __future__ import annotations
 
 import json
+import os
 import signal
+import socket
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,6 +23,7 @@ from tests.api.test_recovery import (
     kill_client_mid_run,
     recover_in_new_process,
 )
+from tests.jobs import wait_until
 from tests.nodeproc import start_node
 
 pytestmark = pytest.mark.slow
@@ -132,3 +136,52 @@ def test_nodes_sharing_a_dest_path_keep_each_its_own_results_for_recover_jobs(
         first.stop()
     assert_every_job_recovered(done)
     assert "a kept result is lost" not in first.log_text() + second.log_text()
+
+
+def _kept_results(spool: Path) -> list[Path]:
+    return sorted(spool.glob("*/r*"))
+
+
+@pytest.mark.parametrize("end", ["stopped", "killed"])
+def test_results_kept_by_a_node_that_never_returns_go_once_expired(
+    tmp_path: Path, end: str
+) -> None:
+    """A node with a fixed --port keeps its crashed client's results, then stops
+    (or is killed while their jobs run) and never returns: only a node of its port
+    read its spool, so they stayed on the disk for ever. A node that starts in the
+    directory now removes them once their time is over (an hour from the node's
+    stop, or from their last write if it died), and not before."""
+    dest = tmp_path / "dest"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    gone = start_node(
+        tmp_path / "gone", "--dest-path", str(dest), "--port", str(port), cpus=20
+    )
+    try:
+        kill_client_mid_run(tmp_path, gone, started=20)
+        wait_until(lambda: len(_kept_results(dest / ".kept")) >= 1)
+    finally:
+        gone.stop(signal.SIGTERM if end == "stopped" else signal.SIGKILL)
+    kept = _kept_results(dest / ".kept")
+    (spool,) = {path.parent for path in kept}
+    meta = json.loads((spool / "meta").read_text())
+    assert (meta["expires"] is None) == (end == "killed"), meta
+
+    def start_other() -> str:
+        (tmp_path / "other" / "port").unlink(missing_ok=True)
+        other = start_node(tmp_path / "other", "--dest-path", str(dest))
+        other.stop()
+        return other.log_text()
+
+    start_other()
+    assert _kept_results(dest / ".kept") == kept  # their hour is not over
+    if end == "stopped":
+        meta["expires"] = time.time() - 1
+        (spool / "meta").write_text(json.dumps(meta))
+    else:
+        an_hour_ago = time.time() - meta["keep"] - 1
+        os.utime(spool, (an_hour_ago, an_hour_ago))
+    log = start_other()
+    assert _kept_results(dest / ".kept") == []
+    assert "removed the expired results of 1 computations" in log
