@@ -63,9 +63,11 @@ __all__ = ["Executor", "dispynb_executor"]
 #: One call's positional arguments.
 Args = tuple[Any, ...]
 
-#: A call that raised: ``(exception or None if it cannot be pickled, traceback,
-#: name, message)``.
-Failure = tuple[BaseException | None, str, str, str]
+#: A call that raised: ``(exception pickled, or None if it cannot be, traceback,
+#: name, message)``; pickled apart, so that one the client cannot unpickle (its
+#: class in a module only the node has) costs neither its traceback nor the
+#: other calls' values. (A node of an older dispynb sends the exception itself.)
+Failure = tuple[bytes | BaseException | None, str, str, str]
 
 #: What a node sends back for a job's calls: their values (None for a call that
 #: raised) and the failures by the index of their call.
@@ -114,24 +116,22 @@ def dispynb_executor(
             tb = tb.tb_next or tb if tb is not None else None
             text = "".join(traceback.format_exception(type(exc), exc, tb))
             exc.__traceback__ = None
-            why = _why_not_sent(exc)
-            carried = exc if why is None else None  # None: RemoteError alone
-            if why is not None:
-                text += why
+            carried, why = _pickled_exception(exc)  # None: RemoteError alone
             values.append(None)
-            failures[index] = (carried, text, type(exc).__name__, str(exc))
+            failures[index] = (carried, text + why, type(exc).__name__, str(exc))
     return values, failures
 
 
-def _why_not_sent(exc: BaseException) -> str | None:
-    """None if ``exc`` pickles and unpickles, else the line saying why it cannot
-    come back as itself, and how to let it. An exception class whose
-    ``__init__`` wants other arguments than its ``args`` pickles but does not
-    unpickle; sent as it is, the client could not read any outcome of the job."""
+def _pickled_exception(exc: BaseException) -> tuple[bytes | None, str]:
+    """``(exc pickled, "")`` if it pickles and unpickles here, else ``(None, the
+    line saying why it cannot come back as itself, and how to let it)``. An
+    exception class whose ``__init__`` wants other arguments than its ``args``
+    pickles but does not unpickle."""
     try:
-        pickle.loads(cloudpickle.dumps(exc))
+        blob = cloudpickle.dumps(exc)
+        pickle.loads(blob)
     except Exception as error:
-        return (
+        return None, (
             f"[dispynb: the {type(exc).__name__} raised cannot come back as itself "
             f"({type(error).__name__}: {error}), so it is raised as this "
             "RemoteError: an exception travels as its class called with its args, "
@@ -139,7 +139,7 @@ def _why_not_sent(exc: BaseException) -> str | None:
             "super().__init__(), keep no attribute that cannot be pickled, or "
             "define __reduce__]\n"
         )
-    return None
+    return blob, ""
 
 
 def _initialize(initializer: Callable[..., Any], initargs: tuple[Any, ...]) -> int:
@@ -149,14 +149,34 @@ def _initialize(initializer: Callable[..., Any], initargs: tuple[Any, ...]) -> i
 
 
 def _error(
-    failure: Failure, sources: tuple[Any, ...], mem_limit: int | None
+    failure: Failure,
+    sources: tuple[Any, ...],
+    mem_limit: int | None,
+    allowed: serialize.AllowList | None = None,
 ) -> BaseException:
     """The exception of a call that raised (its cause: the remote traceback, its
     frames in the code of ``sources`` pointing at their file or cell again, with
     their source lines, as a local traceback and ProcessPoolExecutor's show them);
     a MemoryError under the executor's ``mem_limit`` says how to allow more.
+    One that cannot be unpickled here (under ``allowed``, the cluster's
+    ``result_types``) is a `RemoteError` saying why.
     Never raised here, so no frame of this module is in its traceback."""
     exc, text, name, message = failure
+    if isinstance(exc, bytes):
+        try:
+            exc = serialize.loads([memoryview(exc)], allowed)
+        except Exception as error:
+            exc = None
+            # Refused by result_types, the error says how to allow it.
+            fix = (
+                ""
+                if allowed is not None and "result_types" in str(error)
+                else (": install here what it needs, as on the node")
+            )
+            text += (
+                f"[dispynb: the {name} raised cannot be unpickled here ({error}), "
+                f"so it is raised as this RemoteError{fix}]\n"
+            )
     text = LazySourceMap(*sources).rerender(text) or text
     # A module the node lacks (imported in the call): how to send it, as for a job.
     remote = RemoteError(name, message, _executor_advice(explain_missing_module(text)))
@@ -177,11 +197,16 @@ class _CallsFuture(JobFuture):
     its jobs themselves: `_chunk_outcomes`.)"""
 
     def __init__(
-        self, job: DispyJob, sources: tuple[Any, ...], mem_limit: int | None
+        self,
+        job: DispyJob,
+        sources: tuple[Any, ...],
+        mem_limit: int | None,
+        allowed: serialize.AllowList | None,
     ) -> None:
         super().__init__(job)
         self._sources = sources  # the code its traceback's frames come from
         self._mem_limit = mem_limit
+        self._allowed = allowed
 
     def _settle(self) -> None:
         job = self.job
@@ -189,7 +214,9 @@ class _CallsFuture(JobFuture):
         if job.status == job.Finished:
             values, failures = job.result
             if failures:
-                failure = _error(failures[0], self._sources, self._mem_limit)
+                failure = _error(
+                    failures[0], self._sources, self._mem_limit, self._allowed
+                )
                 self._set(failure, error=True)
             else:
                 self._set(values[0], error=False)
@@ -309,6 +336,11 @@ class Executor(concurrent.futures.Executor):
             self.cluster = make(dispynb_executor, nodes=nodes, engine=engine, **options)
             # Never shut down: its pending calls end with the script (documented).
             self.cluster.terminate_at_exit = True
+            # The calls' exceptions are unpickled as the cluster's results are.
+            types = getattr(
+                getattr(self.cluster, "_options", None), "result_types", None
+            )
+            self._allowed = None if types is None else serialize.AllowList(types)
         except BaseException:
             if self._local is not None:
                 self._local.close()
@@ -340,7 +372,9 @@ class Executor(concurrent.futures.Executor):
         key, blob = _pickle(fn)
         with self._lock:
             job = self._new_job(key, blob, [args], kwargs)
-        future = job._attach(lambda job: _CallsFuture(job, sources, self._mem_limit))
+        future = job._attach(
+            lambda job: _CallsFuture(job, sources, self._mem_limit, self._allowed)
+        )
         assert isinstance(future, _CallsFuture)
         return future
 
@@ -435,7 +469,7 @@ class Executor(concurrent.futures.Executor):
                 for index, value in enumerate(values):
                     failure = failures.get(index)
                     if failure is not None:
-                        raise _error(failure, (fn,), self._mem_limit)
+                        raise _error(failure, (fn,), self._mem_limit, self._allowed)
                     yield value
         finally:
             self._cancel_chunks(jobs)

@@ -249,6 +249,53 @@ def test_exception_that_does_not_unpickle_becomes_remote_error(executor):
         next(results)
 
 
+def raise_node_only_on_1(x: int, where: str) -> int:
+    """Raise, for x == 1, an exception of a module only this node imports."""
+    path = Path(where, "nodeonly_errors.py")
+    path.write_text("class NodeOnlyError(Exception):\n    pass\n")
+    sys.path.insert(0, where)
+    try:
+        module = __import__("nodeonly_errors")
+    finally:
+        sys.path.remove(where)
+    if x == 1:
+        raise module.NodeOnlyError(f"from a library of the node's {x}")
+    return x
+
+
+def test_an_exception_of_a_module_only_the_node_has_keeps_its_traceback(
+    executor, local, tmp_path
+):
+    """An exception whose class the client cannot import (a library installed
+    on the nodes only) is a RemoteError with its traceback, saying why; the
+    other calls of its chunk keep their values. Before, the job's outcomes
+    could not be read: 'the result cannot be unpickled here', nothing else."""
+    where = str(tmp_path)
+    with pytest.raises(RemoteError) as info:
+        executor.submit(raise_node_only_on_1, 1, where).result(WAIT)
+    text = info.value.traceback
+    assert "nodeonly_errors.NodeOnlyError: from a library of the node's 1" in text
+    assert "raise module.NodeOnlyError(" in text  # the call's own line
+    assert (
+        "[dispynb: the NodeOnlyError raised cannot be unpickled here (cannot "
+        "unpickle data: ModuleNotFoundError: No module named 'nodeonly_errors')"
+    ) in text
+    results = executor.map(raise_node_only_on_1, [0, 1, 2], [where] * 3, chunksize=3)
+    assert next(results) == 0
+    with pytest.raises(RemoteError, match="NodeOnlyError"):
+        next(results)
+    # One result_types refuses: its error says how to allow it.
+    with (
+        Executor(nodes=local, result_types=["builtins.int"]) as limited,
+        pytest.raises(RemoteError) as refused,
+    ):
+        limited.submit(divmod, 1, 0).result(WAIT)
+    assert refused.value.traceback.endswith(
+        "add 'builtins.ZeroDivisionError' (or 'builtins.*') to result_types if the "
+        "nodes may send it), so it is raised as this RemoteError]\n"
+    )
+
+
 def test_an_argument_that_cannot_be_pickled_is_named_at_submit(executor, tmp_path):
     """Raised at once (ProcessPoolExecutor raises at ``result()``), naming the
     argument; a ``map`` that meets one leaves none of its calls running."""
