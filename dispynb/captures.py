@@ -100,7 +100,9 @@ def reachable(*roots: Any) -> Reached:
                 if base is not object:
                     stack.append((base, owner))
             for key, value in vars(obj).items():
-                if key.startswith("__") and key.endswith("__"):
+                # Not __module__, __dict__ ...; but its __call__, __init__ ...
+                dunder = key.startswith("__") and key.endswith("__")
+                if dunder and not _is_code_carrier(value):
                     continue
                 name = f"{obj.__qualname__}.{key}"
                 visit(value, name, "class attribute", obj.__qualname__)

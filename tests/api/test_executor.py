@@ -116,6 +116,28 @@ def test_remote_tracebacks_show_the_file_and_source_lines(executor):
     assert where in text and source in text and "<dynamic-code>" not in text, text
 
 
+class Checker:
+    """A callable instance: the call runs its ``__call__``."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+
+    def __call__(self, x: int) -> int:
+        if x > self.limit:
+            raise OverflowError(f"{x} over {self.limit}")
+        return x
+
+
+def test_a_callable_instances_traceback_shows_its_file_and_lines(executor):
+    """Its ``__call__`` (any method named with dunders) was left out of the
+    code mapped back: its frame read ``File "<dynamic-code>"``."""
+    with pytest.raises(OverflowError) as info:
+        executor.submit(Checker(1), 2).result(WAIT)
+    text = info.value.__cause__.traceback
+    assert f'File "{__file__}", line ' in text and "<dynamic-code>" not in text
+    assert '    raise OverflowError(f"{x} over {self.limit}")\n' in text
+
+
 def make_generator() -> object:
     return (i for i in range(3))
 
