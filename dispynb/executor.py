@@ -118,8 +118,18 @@ def dispynb_executor(
             exc.__traceback__ = None
             carried, why = _pickled_exception(exc)  # None: RemoteError alone
             values.append(None)
-            failures[index] = (carried, text + why, type(exc).__name__, str(exc))
+            message = _message(exc)
+            failures[index] = (carried, text + why, type(exc).__name__, message)
     return values, failures
+
+
+def _message(exc: BaseException) -> str:
+    """``str(exc)``, or what a traceback shows when that raises (the runner
+    must go on to the next calls)."""
+    try:
+        return str(exc)
+    except Exception:
+        return "<exception str() failed>"
 
 
 def _pickled_exception(exc: BaseException) -> tuple[bytes | None, str]:

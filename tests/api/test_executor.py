@@ -318,6 +318,32 @@ def test_an_exception_of_a_module_only_the_node_has_keeps_its_traceback(
     )
 
 
+class BadStr(Exception):
+    """An exception whose message cannot be made."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("no message")
+
+
+def raise_bad_str_on_1(x: int) -> int:
+    if x == 1:
+        raise BadStr(x)
+    return x
+
+
+def test_an_exception_whose_str_fails_comes_back_as_itself(executor):
+    """As ProcessPoolExecutor's (traceback prints '<exception str() failed>').
+    Its str() raised in the executor's runner: the job failed as a whole, a
+    RemoteError of the runner's frames, the other calls of its chunk lost."""
+    with pytest.raises(BadStr) as info:
+        executor.submit(raise_bad_str_on_1, 1).result(WAIT)
+    assert info.value.__cause__.traceback.endswith("BadStr: <exception str() failed>\n")
+    results = executor.map(raise_bad_str_on_1, range(3), chunksize=3)
+    assert next(results) == 0
+    with pytest.raises(BadStr):
+        next(results)
+
+
 def test_an_argument_that_cannot_be_pickled_is_named_at_submit(executor, tmp_path):
     """Raised at once (ProcessPoolExecutor raises at ``result()``), naming the
     argument; a ``map`` that meets one leaves none of its calls running."""
