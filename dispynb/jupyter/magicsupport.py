@@ -78,6 +78,14 @@ def parse_line(magic: Callable[..., Any], line: str) -> Any:
         option = word.split("=", 1)[0]
         if not option.startswith("--") or option == "--":
             continue
+        if option == "--secret" and "--secret" not in known:
+            # dispy's secret=: argparse would take it for --secret-file, and a
+            # secret quoted back in an error is saved with the notebook.
+            raise UsageError(
+                "--secret: a secret on the magic line would be saved with the "
+                "notebook: write it to a file (chmod 600) and pass --secret-file "
+                "FILE, or set DISPYNB_SECRET in the kernel's environment"
+            )
         if option in known or len([k for k in known if k.startswith(option)]) == 1:
             continue  # exact, or an unambiguous abbreviation (argparse takes it)
         close = difflib.get_close_matches(option, known, n=1, cutoff=0.5)

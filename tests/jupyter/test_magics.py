@@ -528,6 +528,21 @@ def test_magic_line_usage_errors(ip, line, message):
         ip.run_line_magic("dispy", line)
 
 
+@pytest.mark.parametrize("given", ["--secret s3cr3t-xyz", "--secret=s3cr3t-xyz"])
+def test_a_secret_on_the_magic_line_is_refused_never_echoed(ip, given):
+    """dispy users pass ``secret=``: ``%dispy nodes HOST --secret VALUE`` was taken
+    as ``--secret-file`` (an abbreviation) and the error quoted the secret, saved
+    with the notebook ("secret file 's3cr3t-xyz' does not exist")."""
+    with pytest.raises(UsageError) as raised:
+        ip.run_line_magic("dispy", f"nodes 127.0.0.1:9 {given}")
+    message = str(raised.value)
+    assert "s3cr3t" not in message, message
+    assert message.startswith(
+        "--secret: a secret on the magic line would be saved with the notebook"
+    ), message
+    assert "--secret-file" in message and "DISPYNB_SECRET" in message, message
+
+
 def test_magic_line_status_lists_nodes_and_runs(ip):
     cell(ip, '--over "[1, 2]" --into counted', "def one(x):\n    return 1\n")
 
