@@ -20,12 +20,14 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 from IPython.display import display
 
+from dispynb.errors import ConfigurationError
 from dispynb.jupyter.cellrun import LAST_RUN, NODES_HINT, CellRunner
 from dispynb.jupyter.errors import MagicInterrupted
 from dispynb.jupyter.magicsupport import adapt_bounds, malformed_node, parse_line
 from dispynb.jupyter.probing import ProbesInterrupted
 from dispynb.jupyter.progress import KINDS
 from dispynb.jupyter.session import Session, SessionStatus, launcher_kind
+from dispynb.secret import read_secret_file
 
 __all__ = [
     "LAST_RUN",
@@ -332,6 +334,11 @@ class DispyMagics(Magics):
                 )
                 if value
             }
+            if "secret_file" in options:  # the notebook's mistake, not the nodes'
+                try:
+                    read_secret_file(options["secret_file"])
+                except ConfigurationError as exc:
+                    raise UsageError(f"--secret-file: {exc}") from None
             session.attach(list(args.hosts), {**options, **pulse})
             print(f"dispynb: {session.where()}")
             return None

@@ -543,6 +543,25 @@ def test_a_secret_on_the_magic_line_is_refused_never_echoed(ip, given):
     assert "--secret-file" in message and "DISPYNB_SECRET" in message, message
 
 
+def test_a_bad_secret_file_is_said_in_one_line_without_the_nodes_hint(ip, tmp_path):
+    """The file is the notebook's problem, not the nodes': before, the error went on
+    'check that dispynb-node runs there with the same secret (and TLS options), or
+    start nodes here with %dispy local'."""
+    missing = tmp_path / "nope"
+    with pytest.raises(UsageError) as raised:
+        ip.run_line_magic("dispy", f"nodes 127.0.0.1:9 --secret-file {missing}")
+    assert str(raised.value) == (
+        f"--secret-file: secret file '{missing}' does not exist: create it (mode "
+        "600) or fix the path"
+    )
+    loose = tmp_path / "loose"
+    loose.write_text("a-secret-of-the-lab-0123456789\n")
+    loose.chmod(0o644)
+    with pytest.raises(UsageError, match=f"restrict it with: chmod 600 {loose}$"):
+        ip.run_line_magic("dispy", f"nodes 127.0.0.1:9 --secret-file {loose}")
+    assert "local nodes" in repr(ip.run_line_magic("dispy", "status"))  # kept
+
+
 def test_magic_line_status_lists_nodes_and_runs(ip):
     cell(ip, '--over "[1, 2]" --into counted', "def one(x):\n    return 1\n")
 
