@@ -29,9 +29,55 @@ LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 _PR_SET_DUMPABLE = 4
 
 
+#: Log line layout when stderr is systemd's journal: it stamps the time itself.
+JOURNAL_FORMAT = "%(name)s %(levelname)s %(message)s"
+
+#: syslog priorities (sd-daemon(3) ``<N>`` line prefixes) of logging's levels.
+_PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4))
+
+
+class JournalFormatter(logging.Formatter):
+    """Lines that systemd's journal files at their level's priority: each line of
+    a record (a traceback's too) begins with ``<N>`` (sd-daemon(3)), so that
+    ``journalctl -p warning`` shows the warnings and errors, not every line at the
+    default priority (info)."""
+
+    def __init__(self) -> None:
+        super().__init__(JOURNAL_FORMAT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        """``record`` with its priority before each of its lines."""
+        priority = next((p for lv, p in _PRIORITIES if record.levelno >= lv), None)
+        if priority is None:
+            priority = 6 if record.levelno >= logging.INFO else 7
+        prefix = f"<{priority}>"
+        return "\n".join(prefix + line for line in super().format(record).split("\n"))
+
+
+def to_journal() -> bool:
+    """Whether stderr is systemd's journal: ``JOURNAL_STREAM`` (set by systemd for
+    a service's output) names stderr's device and inode (systemd.exec(5); a child
+    whose stderr was redirected elsewhere inherits the variable, not the match)."""
+    device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    if not (device.isdigit() and inode.isdigit()):
+        return False
+    try:
+        info = os.fstat(2)
+    except OSError:
+        return False
+    return (info.st_dev, info.st_ino) == (int(device), int(inode))
+
+
+def log_formatter() -> logging.Formatter:
+    """The daemons' formatter: `LOG_FORMAT`, or `JournalFormatter` under systemd."""
+    return JournalFormatter() if to_journal() else logging.Formatter(LOG_FORMAT)
+
+
 def setup_logging(debug: bool, level: str) -> None:
-    """Log to stderr at ``level`` (``-d``: DEBUG)."""
-    logging.basicConfig(level=log_level(debug, level), format=LOG_FORMAT)
+    """Log to stderr at ``level`` (``-d``: DEBUG), in `log_formatter`'s format."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(log_formatter())
+    logging.basicConfig(level=log_level(debug, level), handlers=[handler])
 
 
 def setup_package_logging(package: str, level: str) -> None:
@@ -40,7 +86,7 @@ def setup_package_logging(package: str, level: str) -> None:
     process and its children run (a job's ``logging.basicConfig()`` works, and its
     log lines go into its own output, not the daemon's)."""
     handler = logging.StreamHandler()  # this stderr, whatever a job makes its own
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setFormatter(log_formatter())
     log = logging.getLogger(package)
     log.addHandler(handler)
     log.setLevel(level)
@@ -55,16 +101,18 @@ def log_level(debug: bool, level: str) -> str:
 
 def run_daemon(prog: str, run: Callable[[], int]) -> int:
     """``run()``'s exit code, or the code and one stderr line for its error."""
+    # An error under systemd: the journal files it as one (sd-daemon(3)).
+    err = "<3>" if to_journal() else ""
     try:
         return run()
     except ConfigurationError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
+        print(f"{err}{prog}: {exc}", file=sys.stderr)
         return 2
     except DispynbError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
+        print(f"{err}{prog}: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
-        print(f"{prog}: cannot start: {exc}", file=sys.stderr)
+        print(f"{err}{prog}: cannot start: {exc}", file=sys.stderr)
         return 1
 
 
@@ -104,8 +152,11 @@ def load_prctl() -> Callable[..., int] | None:
 
 
 __all__ = [
+    "JOURNAL_FORMAT",
     "LOG_FORMAT",
+    "JournalFormatter",
     "load_prctl",
+    "log_formatter",
     "log_level",
     "run_daemon",
     "set_dumpable",
@@ -113,6 +164,7 @@ __all__ = [
     "setup_package_logging",
     "stop_signals",
     "sync_dir",
+    "to_journal",
 ]
 
 

@@ -1,12 +1,16 @@
-"""What a node's administrator reads in its log: its limits' refusals, named."""
+"""What a node's administrator reads in its log: its limits' refusals, named, and
+its lines' priorities under systemd."""
 
 from __future__ import annotations
+
+import os
+import subprocess
 
 import pytest
 
 from dispynb import JobCluster
 from dispynb.errors import SetupError
-from tests.nodeproc import running_node
+from tests.nodeproc import NODE_WAIT, node_command, node_env, running_node
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
@@ -43,3 +47,49 @@ def test_a_computation_refused_by_a_node_limit_is_logged_at_the_node(
     assert "'nothing'" in refused[0] and "--max-file-size" in refused[0]
     assert "'big.bin'" in refused[0] and "127.0.0.1" in refused[0]
     assert "--transfer-quota" in refused[1]
+
+
+def test_under_systemd_each_line_carries_its_priority_for_the_journal(tmp_path):
+    """A node run by systemd (stderr the journal, JOURNAL_STREAM naming it) wrote
+    every line at the journal's default priority, info: ``journalctl -p warning``
+    showed none of its warnings or errors, and each line had a second timestamp.
+    Lines now begin with their syslog priority (``<4>`` for a warning, sd-daemon(3))
+    and leave the time to the journal; with stderr elsewhere they are as before."""
+    log = tmp_path / "stderr"
+    with open(log, "wb") as handle:
+        info = os.fstat(handle.fileno())
+        env = {**node_env(), "JOURNAL_STREAM": f"{info.st_dev}:{info.st_ino}"}
+        done = subprocess.run(
+            node_command("--serve", "0", "--dest-path", str(tmp_path / "dest")),
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=handle,
+            stderr=handle,
+            timeout=NODE_WAIT,
+        )
+    assert done.returncode == 0
+    lines = log.read_text().splitlines()
+    assert any(line.startswith("<4>nodeserver WARNING no secret") for line in lines)
+    assert "<6>nodeserver INFO --serve 0: nothing to serve" in lines, lines
+    plain = subprocess.run(  # stderr not the journal: the variable is no match
+        node_command("--serve", "0", "--dest-path", str(tmp_path / "dest")),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=NODE_WAIT,
+    )
+    assert plain.returncode == 0
+    assert not any(line.startswith("<") for line in plain.stderr.splitlines())
+    assert " nodeserver INFO --serve 0: nothing to serve" in plain.stderr
+    with open(log, "wb") as handle:  # the one line of a node that cannot start
+        info = os.fstat(handle.fileno())
+        env["JOURNAL_STREAM"] = f"{info.st_dev}:{info.st_ino}"
+        failed = subprocess.run(
+            node_command("--secret-file", str(tmp_path / "missing"), "--serve", "0"),
+            env=env,
+            stdout=handle,
+            stderr=handle,
+            timeout=NODE_WAIT,
+        )
+    assert failed.returncode == 2
+    assert log.read_text().startswith("<3>dispynb-node: secret file "), log.read_text()
