@@ -95,19 +95,41 @@ class ServiceWindow:
         raise AssertionError("tomorrow always has events")  # pragma: no cover
 
 
+#: Seconds between attempts to listen again when the node's port is taken.
+RESUME_RETRY = 10.0
+
+
 async def keep_window(
     server: NodeServer,
     window: ServiceWindow,
     clock: Callable[[], datetime.datetime] = datetime.datetime.now,
 ) -> None:
-    """Open and close ``server`` along ``window`` until cancelled."""
+    """Open and close ``server`` along ``window`` until cancelled.
+
+    A port that cannot be listened on again (another program took it while the
+    node was closed) is an error logged once, tried again every `RESUME_RETRY` s:
+    the node had stopped following its window, closed for ever without a word."""
+    failing = ""
     while True:
         now = clock()
         phase, until = window.phase_at(now)
         at = until.strftime("%H:%M")
         if phase is Phase.SERVING:
             if not server.listening:
-                await server.resume()
+                try:
+                    await server.resume()
+                except OSError as exc:
+                    if str(exc) != failing:
+                        logger.error(
+                            "service window: cannot serve again (%s); trying every "
+                            "%g s",
+                            exc,
+                            RESUME_RETRY,
+                        )
+                        failing = str(exc)
+                    await asyncio.sleep(RESUME_RETRY)
+                    continue
+                failing = ""
                 logger.info("service window: serving until %s", at)
         else:
             if server.listening:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import logging
 import socket
 from pathlib import Path
 
 import pytest
 
 from dispynb.errors import ConfigurationError
+from nodeserver import service
 from nodeserver.config import NodeConfig
 from nodeserver.server import NodeServer
 from nodeserver.service import Phase, ServiceWindow, keep_window, parse_time
@@ -106,6 +108,60 @@ def test_keep_window_opens_and_closes_a_running_node(tmp_path: Path) -> None:
             assert server.port == port
             assert await asyncio.to_thread(port_open, port)
         finally:
+            task.cancel()
+            await server.stop()
+
+    run(main())
+
+
+def test_a_port_taken_while_closed_is_retried_not_given_up(
+    tmp_path: Path,
+    allow_error_logs: list[logging.LogRecord],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another program took the node's port during its closed hours: the window's
+    task died of the OSError at the next opening, and the node stayed closed for
+    ever without a word. Now it logs one error and listens once the port is free."""
+    window = ServiceWindow(at(8), at(17), at(18))
+    clock = [moment(17, 30)]
+    monkeypatch.setattr(service, "RESUME_RETRY", 0.05, raising=False)
+
+    async def main() -> None:
+        server = NodeServer(
+            NodeConfig(
+                host="127.0.0.1",
+                port=0,
+                secret=b"service-window-test-secret-0123456789",
+                dest_path=str(tmp_path / "dest"),
+            )
+        )
+        port = await server.start()
+        task = asyncio.create_task(keep_window(server, window, lambda: clock[0]))
+        blocker = socket.socket()
+        try:
+            async with asyncio.timeout(10):
+                while server.listening:
+                    await asyncio.sleep(0.01)
+                blocker.bind(("127.0.0.1", port))
+                blocker.listen()
+                clock[0] = moment(8, 1, days=1)
+                task.cancel()  # asleep until 18:00: a new one reads the clock now
+                task = asyncio.create_task(
+                    keep_window(server, window, lambda: clock[0])
+                )
+                while not allow_error_logs:
+                    assert not task.done(), task
+                    await asyncio.sleep(0.01)
+                await asyncio.sleep(0.2)  # a few attempts: one error only
+                blocker.close()
+                while not server.listening:
+                    assert not task.done(), task
+                    await asyncio.sleep(0.01)
+            assert server.port == port
+            assert len(allow_error_logs) == 1
+            assert "cannot serve again" in allow_error_logs[0].getMessage()
+        finally:
+            blocker.close()
             task.cancel()
             await server.stop()
 
