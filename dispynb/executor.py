@@ -34,7 +34,6 @@ import re
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -49,7 +48,7 @@ from dispynb.futures import (
     cancel_futures as cancel_all,
 )  # shutdown has an argument so named
 from dispynb.job import DispyJob
-from dispynb.jobenv import stopped_by_node
+from dispynb.jobenv import format_exception, stopped_by_node
 from dispynb.limits import check_mem_limit
 from dispynb.protocol import serialize
 from dispynb.tracebacks import DYNAMIC_CODE, LazySourceMap, explain_missing_module
@@ -114,7 +113,7 @@ def dispynb_executor(
             # Without this frame when there is another: from the user's function.
             tb = exc.__traceback__
             tb = tb.tb_next or tb if tb is not None else None
-            text = "".join(traceback.format_exception(type(exc), exc, tb))
+            text = format_exception(exc, tb)
             exc.__traceback__ = None
             carried, why = _pickled_exception(exc)  # None: RemoteError alone
             values.append(None)

@@ -28,7 +28,7 @@ import threading
 import traceback
 import weakref
 from collections.abc import Callable, Iterable
-from types import ModuleType
+from types import ModuleType, TracebackType
 from typing import Any, TextIO
 
 #: Standard modules dispy computations use without importing them (dispy exec'd the
@@ -130,7 +130,26 @@ def format_job_exception(exc: BaseException) -> str:
             lines = ["Traceback (most recent call last):\n", *traceback.format_tb(tb)]
         lines.append(f"SystemExit: the job called sys.exit({exc.code!r})\n")
         return "".join(lines)
-    return "".join(traceback.format_exception(type(exc), exc, tb))
+    return format_exception(exc, tb)
+
+
+def format_exception(exc: BaseException, tb: TracebackType | None) -> str:
+    """``traceback.format_exception`` of ``exc`` from ``tb``; if that raises
+    (the exception's ``__getattr__`` raising other than AttributeError for
+    ``__notes__``, say), its frames and a line naming it: formatting a job's
+    exception must not end the worker reporting it."""
+    try:
+        return "".join(traceback.format_exception(type(exc), exc, tb))
+    except Exception as error:
+        frames = traceback.format_tb(tb) if tb is not None else []
+        head = ["Traceback (most recent call last):\n", *frames] if frames else []
+        name = type(exc).__module__ + "." + type(exc).__qualname__
+        if type(exc).__module__ == "builtins":
+            name = type(exc).__qualname__
+        return "".join(head) + (
+            f"{name}: <the exception cannot be formatted: "
+            f"{type(error).__name__}: {error}>\n"
+        )
 
 
 def call_mismatch(
@@ -284,8 +303,9 @@ def node_interrupt() -> KeyboardInterrupt:
 
 def stopped_by_node(exc: BaseException) -> bool:
     """Whether ``exc`` is the node's interrupt of the job (`node_interrupt`),
-    re-raised as it was or not."""
-    return getattr(exc, _NODE_STOP, False) is True
+    re-raised as it was or not. (Read from its ``__dict__``: any exception a
+    job raises comes here, its ``__getattr__`` raising what it likes.)"""
+    return isinstance(exc, KeyboardInterrupt) and vars(exc).get(_NODE_STOP) is True
 
 
 def timeout_reason(timeout: float) -> str:

@@ -344,6 +344,30 @@ def test_an_exception_whose_str_fails_comes_back_as_itself(executor):
         next(results)
 
 
+class Lazy(Exception):
+    """An exception whose missing attributes raise another error than
+    AttributeError (``traceback`` looks up ``__notes__``)."""
+
+    def __getattr__(self, name: str) -> object:
+        raise LookupError(name)
+
+
+def raise_lazy() -> None:
+    raise Lazy("lazy")
+
+
+def test_an_exception_that_traceback_cannot_format_comes_back_as_itself(executor):
+    """ProcessPoolExecutor's worker breaks the pool on it; formatting it ended
+    the node's worker (the call: 'exited with status 1')."""
+    error = executor.submit(raise_lazy).exception(WAIT)  # pytest.raises reads
+    assert type(error) is Lazy and error.args == ("lazy",)  # __notes__ too
+    text = error.__cause__.traceback
+    assert 'raise Lazy("lazy")' in text
+    assert text.endswith(
+        "Lazy: <the exception cannot be formatted: LookupError: __notes__>\n"
+    )
+
+
 def test_an_argument_that_cannot_be_pickled_is_named_at_submit(executor, tmp_path):
     """Raised at once (ProcessPoolExecutor raises at ``result()``), naming the
     argument; a ``map`` that meets one leaves none of its calls running."""

@@ -50,6 +50,27 @@ def test_run_job_large_result_travels_out_of_band():
     assert bytes(serialize.loads(buffers)) == bytes(payload)
 
 
+class _Lazy(Exception):
+    def __getattr__(self, name: str) -> object:
+        raise LookupError(name)  # traceback looks up __notes__
+
+
+def test_an_exception_traceback_cannot_format_is_reported_not_fatal():
+    """Formatting it raised out of run_job: the worker ended ('exited with
+    status 1'), the job's own traceback lost."""
+
+    def fail():
+        raise _Lazy("lazy")
+
+    done, _ = call(fail)
+    assert done.outcome == RAISED
+    assert 'raise _Lazy("lazy")' in done.exception
+    assert done.exception.endswith(
+        f"{__name__}._Lazy: <the exception cannot be formatted: "
+        "LookupError: __notes__>\n"
+    )
+
+
 def test_run_job_exception_gives_traceback_without_runner_frame():
     def fail(x):
         raise ValueError(f"bad {x}")
