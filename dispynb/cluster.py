@@ -44,7 +44,13 @@ from dispynb.job import DispyJob
 from dispynb.log import set_level
 from dispynb.node import DispyNode
 from dispynb.options import ClusterOptions, check_callback
-from dispynb.status import ClusterStatus, NodeWork, Workload, format_status
+from dispynb.status import (
+    ClusterStatus,
+    ComputationName,
+    NodeWork,
+    Workload,
+    format_status,
+)
 from dispynb.tracebacks import LazySourceMap, missing_module_advice
 
 logger = logging.getLogger(__name__)
@@ -146,9 +152,10 @@ class JobCluster(_Events, _Jobs, _Nodes, _ClusterState):
             opts.recover_file, nodes, base.RECOVERY in self._features
         )
         if isinstance(opts.computation, str):
-            self.name = os.path.basename(opts.computation)
+            name = os.path.basename(opts.computation)
         else:
-            self.name = getattr(computation, "__name__", type(computation).__name__)
+            name = getattr(computation, "__name__", type(computation).__name__)
+        self.name = ComputationName(name)  # also dispy's name() method
         local_secret = getattr(nodes, "secret", None)  # a LocalCluster's own
         if local_secret and not (options.get("secret") or options.get("secret_file")):
             # Its nodes know only that secret: DISPYNB_SECRET(_FILE) is for others.
@@ -212,10 +219,10 @@ class JobCluster(_Events, _Jobs, _Nodes, _ClusterState):
         # cluster's variable in them (cluster_status calling cluster.submit_node).
         self._callbacks = CallbackDispatcher(held=True)
         self._runner = LoopRunner.acquire()
-        self._journal.computation(self.name, self._sources)
+        self._journal.computation(name, self._sources)
         self._id = _live.register(self)
         config = ClusterConfig(
-            name=self.name,
+            name=name,
             options=opts,
             depends=deps,
             runner=self._runner,

@@ -17,6 +17,18 @@ _STATUS_OF_OUTCOME = {
 }
 
 
+class ComputationName(str):
+    """A cluster's ``name``: the computation's name (a function's ``__name__``, a
+    program's file name), a string, and callable as dispy's ``cluster.name()``
+    method, which returns it."""
+
+    __slots__ = ()
+
+    def __call__(self) -> str:
+        """The name, as dispy's ``JobCluster.name()``."""
+        return str(self)
+
+
 def status_of(outcome: str) -> JobStatus:
     """dispy's status for a job outcome a node reported."""
     return _STATUS_OF_OUTCOME.get(outcome, JobStatus.Terminated)

@@ -107,6 +107,9 @@ def test_cluster_attributes_as_in_dispy(local1, tmp_path: Path) -> None:
         assert cluster.end_time is not None
         assert cluster.start_time <= cluster.end_time <= time.time()
         assert cluster.cpu_time == pytest.approx(job.end_time - job.start_time)
+        # dispy's name() is a method (programs call it); a string here as well.
+        assert cluster.name() == "mark_and_hold" == cluster.name
+        assert type(cluster.name()) is str
 
 
 def test_print_status_has_dispys_pending_line_and_totals(local1, tmp_path, capsys):
