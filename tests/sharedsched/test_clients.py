@@ -274,6 +274,9 @@ def _race(*commands: list[str]) -> None:
         assert proc.returncode == 0, err
 
 
+# 7 races of 4 CLI processes and 7 listings: 35 Pythons importing the scheduler's
+# CLI (about 0.4 s of CPU each), 35 to 63 s on 2 busy CPUs: over the 60 s default.
+@pytest.mark.timeout(180)
 def test_concurrent_user_adds_and_revokes_lose_nothing(tmp_path: Path) -> None:
     """Two admins (or a script) running ``user add`` at once: no user is lost."""
     users = str(tmp_path / "users")
