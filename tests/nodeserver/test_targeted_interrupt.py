@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from dispynb import DispyJob, JobCluster
+from dispynb.scheduler.link import DEAD_AFTER
 from tests.jobs import wait_until
 from tests.nodeproc import CliNode, running_node
 
@@ -23,6 +24,16 @@ pytestmark = pytest.mark.slow
 
 #: Seconds a test job waits for the file that ends it, at most.
 JOB_WAIT = 30.0
+
+#: Seconds a test keeps its node stopped, at most: under the time its client takes
+#: to declare a silent node dead (DEAD_AFTER pulses of 1 s).
+STOPPED_AT_MOST = DEAD_AFTER - 1.0
+
+#: Quick jobs run before a test's race: the node sends a job ahead to a busy worker
+#: only while its mean job time (an average weighing each new job 0.2) is under
+#: 10 ms, and a worker's first job (loading the function) may take 50 ms or more
+#: on a loaded machine: 5 left the mean over 10 ms (0.8**4 x 50), 20 do not.
+WARM_UP = 20
 
 
 def act(n: int, role: str, folder: str) -> int:
@@ -89,11 +100,15 @@ def _cancel_as_it_ends(
     wait_until(lambda: sum(n.jobs for n in cluster.workload().nodes.values()) == 2)
     unread = _received_unread(node.port)
     os.kill(node.proc.pid, signal.SIGSTOP)
+    # Stopped for less than its client takes to declare it dead: if the node had
+    # not sent `key + 1` ahead, its worker never starts it, and the race was not set
+    # up (the caller tries again); a node declared dead would end this attempt's jobs.
+    deadline = time.monotonic() + STOPPED_AT_MOST
     try:
         cluster.cancel(ending)
-        wait_until(lambda: _received_unread(node.port) > unread)
+        while _received_unread(node.port) <= unread and time.monotonic() < deadline:
+            time.sleep(0.005)
         (folder / f"end-{key}").touch()
-        deadline = time.monotonic() + 5
         while not (folder / f"starts-{key + 1}").exists():
             if time.monotonic() > deadline:
                 break
@@ -120,8 +135,8 @@ def test_a_job_started_as_the_one_before_it_is_cancelled_runs_to_its_end(
     ):
         for attempt in range(5):
             # Short jobs first: the node then sends jobs ahead to its busy worker.
-            quick = [cluster.submit(n, "quick", "") for n in range(5)]
-            assert [job() for job in quick] == list(range(5))
+            quick = [cluster.submit(n, "quick", "") for n in range(WARM_UP)]
+            assert [job() for job in quick] == list(range(WARM_UP))
             folder = tmp_path / f"try-{attempt}"
             key = 100 * (attempt + 1)
             ending, noting, started = _cancel_as_it_ends(cluster, node, folder, key)
@@ -244,8 +259,21 @@ def _moving_job_that_runs(
     Returns job 2 (None if the node read job 1's end first: try again) and the
     cluster, to close."""
     cluster = JobCluster(act, nodes=[node.spec], secret=node.secret)
-    quick = [cluster.submit(n, "quick", "") for n in range(5)]
-    assert [job() for job in quick] == list(range(5))
+    try:
+        return _move_job_that_runs(cluster, node, folder, stop), cluster
+    except BaseException:
+        # Its jobs end (the node waits for none of them as it stops), and the
+        # failure shows, not a node that did not stop.
+        cluster.close(terminate=True)
+        raise
+
+
+def _move_job_that_runs(
+    cluster: JobCluster, node: CliNode, folder: Path, stop: str
+) -> DispyJob | None:
+    """`_moving_job_that_runs` on ``cluster``."""
+    quick = [cluster.submit(n, "quick", "") for n in range(WARM_UP)]
+    assert [job() for job in quick] == list(range(WARM_UP))
     ending, noting, started = _cancel_as_it_ends(cluster, node, folder, 1)
     assert ending() == 1, (ending.status, ending.exception)
     if started:
@@ -255,7 +283,7 @@ def _moving_job_that_runs(
     if not (folder / "sigint-2").exists():
         (folder / "end-2").touch()
         noting()
-        return None, cluster
+        return None
     if stop == "sigterm":
         node.proc.send_signal(signal.SIGTERM)  # the node drains: jobs may end
         wait_until(lambda: "draining:" in node.log_text())  # it handed back
@@ -265,7 +293,7 @@ def _moving_job_that_runs(
         # shorter wait makes the test weaker, never wrong.
         time.sleep(0.2)
     (folder / "end-2").touch()
-    return noting, cluster
+    return noting
 
 
 @pytest.mark.parametrize("stop", ["close_node", "sigterm"])
