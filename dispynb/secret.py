@@ -356,3 +356,74 @@ def write_new_secret(path: str | os.PathLike[str]) -> str:
     finally:
         os.close(fd)
     return secret
+
+
+#: Options whose value is a secret, on the command lines of dispynb's programs.
+SECRET_OPTIONS = ("-s", "--secret")
+
+
+def hide_secret_argv(options: tuple[str, ...] = SECRET_OPTIONS) -> bool:
+    """Mask the value of a secret option given on this program's command line
+    (``--secret VALUE``, ``--secret=VALUE``, ``-sVALUE``) with ``*``, in place: in
+    the block ``/proc/PID/cmdline`` reads (``ps``, for every user of the machine,
+    and the jobs of a node, whose processes it forks inherit it) and in
+    ``sys.argv`` and ``sys.orig_argv``. Call it once the options are parsed (the
+    parsed value is another reference, kept), before anything is forked.
+
+    The value is seen in the process list from the program's start until then (a
+    fraction of a second): a secret file or ``DISPYNB_SECRET`` is never seen.
+    Returns whether a value was masked. Best effort: nothing where ``/proc`` or
+    libc is missing."""
+    program = len(sys.argv) - 1  # its own arguments: the last ones of cmdline
+    try:
+        with open("/proc/self/cmdline", "rb") as handle:
+            cmdline = handle.read()
+        with open("/proc/self/stat", "rb") as handle:
+            arg_start = int(handle.read().rsplit(b")", 1)[1].split()[45])
+    except (OSError, ValueError, IndexError):
+        return False
+    words = cmdline.split(b"\0")[:-1]
+    spans = _secret_spans(words[len(words) - program :] if program > 0 else [], options)
+    if not spans or not arg_start:
+        return False
+    first = sum(len(word) + 1 for word in words[: len(words) - program])
+    offsets = [first]
+    for word in words[len(words) - program :]:
+        offsets.append(offsets[-1] + len(word) + 1)
+    if ctypes.string_at(arg_start, len(cmdline)) != cmdline:
+        return False  # not where /proc says (moved by setproctitle?): left
+    for index, start, length in spans:
+        ctypes.memset(arg_start + offsets[index] + start, ord("*"), length)
+    for name in ("argv", "orig_argv"):
+        values = getattr(sys, name, None)
+        if isinstance(values, list):
+            tail = len(values) - program
+            for index, start, _length in spans:
+                if 0 <= tail + index < len(values):
+                    word = values[tail + index]
+                    values[tail + index] = word[:start] + "*" * (len(word) - start)
+    return True
+
+
+def _secret_spans(
+    words: list[bytes], options: tuple[str, ...]
+) -> list[tuple[int, int, int]]:
+    """``(word, offset, length)`` of each secret value in a program's arguments."""
+    names = [option.encode() for option in options]
+    spans = []
+    index = 0
+    while index < len(words):
+        word = words[index]
+        if word == b"--":
+            break  # what follows is not options
+        if word in names and index + 1 < len(words):
+            spans.append((index + 1, 0, len(words[index + 1])))
+            index += 2
+            continue
+        for name in names:
+            if name.startswith(b"--") and word.startswith(name + b"="):
+                spans.append((index, len(name) + 1, len(word) - len(name) - 1))
+            elif not name.startswith(b"--") and word.startswith(name) and word != name:
+                spans.append((index, len(name), len(word) - len(name)))
+        index += 1
+    return spans

@@ -26,7 +26,12 @@ from dispynb.daemon import (
 from dispynb.errors import ConfigurationError, DispynbError
 from dispynb.protocol.discovery import new_boot_id
 from dispynb.protocol.framing import large_frames_taken, release_spares
-from dispynb.secret import resolve_secret, withdraw_secret_env, write_new_secret
+from dispynb.secret import (
+    hide_secret_argv,
+    resolve_secret,
+    withdraw_secret_env,
+    write_new_secret,
+)
 from dispynb.transport.addressing import format_address, is_loopback
 from nodeserver.cliconfig import refuse_readable_secret
 from nodeserver.config import NodeConfig
@@ -92,8 +97,8 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         refuse_readable_secret(args.config, "secret")
     elif args.secret:
         logger.warning(
-            "--secret is visible to other users in the process list; "
-            "prefer --secret-file or DISPYNB_SECRET"
+            "--secret was visible to other users in the process list while the "
+            "node started (it shows *** now); prefer --secret-file or DISPYNB_SECRET"
         )
     if args.ext_host and len(args.ext_host) > 1:
         raise ConfigurationError(
@@ -586,6 +591,9 @@ async def _announce_every(server: NodeServer, config: NodeConfig) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``dispynb-node`` and ``python -m nodeserver``."""
     args = parse_args(argv)
+    if argv is None and args.secret:
+        # Out of the process list and of what the zygote and jobs inherit.
+        hide_secret_argv()
     if args.check is not None:
         return _check(args)
     keep_freed_memory()

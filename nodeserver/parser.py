@@ -112,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
         "-s",
         "--secret",
         default=None,
-        help="shared secret (visible in the process list: prefer DISPYNB_SECRET or "
-        "--secret-file)",
+        help="shared secret (in the process list until the node masks it, as it "
+        "starts: prefer DISPYNB_SECRET or --secret-file)",
     )
     add(
         "--secret-file",

@@ -46,24 +46,26 @@ def test_secret_never_appears_in_logs_errors_or_files(measure, tmp_path, caplog)
     assert leaks == []
 
 
-def _look_for(secret: str) -> list[str]:
+def _look_for(secret: str, proc_file: str = "environ") -> list[str]:
     """Where a job finds ``secret``: its environment, a child's, its ancestors'
-    /proc/PID/environ (the environment each started with)."""
+    /proc/PID/environ (the environment each started with), or with ``proc_file``
+    ``"cmdline"`` only their command lines."""
     import os
     import subprocess
 
     where = []
-    if secret in str(os.environ):
+    if proc_file == "environ" and secret in str(os.environ):
         where.append("os.environ")
-    env = subprocess.run(["env"], capture_output=True, text=True, check=False)
-    if secret in env.stdout:
-        where.append("the env command's output")
+    if proc_file == "environ":
+        env = subprocess.run(["env"], capture_output=True, text=True, check=False)
+        if secret in env.stdout:
+            where.append("the env command's output")
     pid = os.getpid()
     while pid > 1:
         try:
-            with open(f"/proc/{pid}/environ", "rb") as handle:
+            with open(f"/proc/{pid}/{proc_file}", "rb") as handle:
                 if secret.encode() in handle.read():
-                    where.append(f"/proc/{pid}/environ")
+                    where.append(f"/proc/{pid}/{proc_file}")
         except OSError:
             pass
         with open(f"/proc/{pid}/stat") as handle:
@@ -186,3 +188,42 @@ def test_a_job_cannot_read_the_secret_from_its_node(source, measure, tmp_path):
     )
     assert found == []
     assert {"node memory", "node environ", "zygote memory"} <= set(refused)
+
+
+def _look_in_command_lines(secret: str) -> list[str]:
+    """Where a job finds ``secret``: the command lines (/proc/PID/cmdline) of its
+    worker and its ancestors, and the worker's ``sys.argv`` and ``sys.orig_argv``."""
+    import sys
+
+    where = [
+        name for name in ("argv", "orig_argv") if secret in str(getattr(sys, name))
+    ]
+    return where + _look_for(secret, "cmdline")
+
+
+@pytest.mark.attack(
+    id="secret-in-command-line",
+    title="A node started as dispy's are, with -s/--secret on its command line: "
+    "another user reads the process list, a job its own and its ancestors' "
+    "command lines and sys.orig_argv",
+    goal="the secret shown as *** once the node has started (was: in every "
+    "command line of the node, its zygote, computation processes and workers)",
+)
+@pytest.mark.parametrize("form", ["--secret", "--secret=", "-s"])
+def test_a_secret_on_the_command_line_is_masked(measure, tmp_path, form):
+    secret = strong_secret()
+    given = [form + secret] if form != "--secret" else [form, secret]
+    node = start_node(tmp_path / "node", *given, secret_in_env=True)
+    try:
+        with open(f"/proc/{node.proc.pid}/cmdline", "rb") as handle:
+            shown = handle.read().replace(b"\0", b" ").decode()
+        with JobCluster(_look_in_command_lines, nodes=[node.spec], secret=secret) as c:
+            job = c.submit(secret)
+            found = job()
+    finally:
+        node.stop()
+    listed = [f"the node's /proc/{node.proc.pid}/cmdline"] if secret in shown else []
+    measure(f"{form}: process list shows '{shown.split('nodeserver ')[-1][:70]}...'; "
+            f"the job found it in {found or 'nothing'}")  # fmt: skip
+    assert job.status == DispyJob.Finished, job.exception
+    assert listed + found == []

@@ -360,7 +360,7 @@ def test_a_secret_from_a_dispynode_config_file_is_not_said_to_be_in_the_process_
     assert "process list" not in done.stderr and "secret" not in done.stderr
     done = run_node("--config", str(config), "--secret", "def", "--serve", "0")
     assert done.returncode == 0, done.stderr
-    assert "--secret is visible to other users in the process list" in done.stderr
+    assert "--secret was visible to other users in the process list" in done.stderr
 
 
 @pytest.mark.parametrize("mode", [0o644, 0o640])
