@@ -39,6 +39,7 @@ import logging
 import time
 from collections.abc import Callable, Generator, Iterable
 from concurrent.futures._base import (
+    _STATE_TO_DESCRIPTION_MAP,
     CANCELLED,
     CANCELLED_AND_NOTIFIED,
     FINISHED,
@@ -94,7 +95,19 @@ class JobFuture(concurrent.futures.Future[Any]):
         )
 
     def __repr__(self) -> str:
-        return f"<JobFuture of {self.job!r} state={self._state}>"
+        """As `concurrent.futures.Future`'s, naming the job. (The state is read
+        without the future's lock, as in `_raise_if_cancelled`.)"""
+        state = self._state
+        shown = _STATE_TO_DESCRIPTION_MAP.get(state, state)
+        if state == FINISHED:
+            raised = self._exception
+            shown += (
+                f" raised {type(raised).__name__}"
+                if raised is not None
+                else f" returned {type(self._result).__name__}"
+            )
+        name = type(self).__name__
+        return f"<{name} at {id(self):#x} state={shown} job={self.job.id!r}>"
 
     def cancel(self) -> bool:
         """Cancel the job if it will never run; return whether it is cancelled.

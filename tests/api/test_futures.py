@@ -52,6 +52,20 @@ def test_finished_job_gives_its_result_and_dispy_attributes_stay():
     assert job.future is future
 
 
+def test_repr_says_what_a_futures_does_and_names_the_job():
+    """As `concurrent.futures.Future`'s repr (in its callbacks' error logs, say):
+    the state in its words, what it returned or raised; it showed the internal
+    state constant ('state=FINISHED') and neither."""
+    job = make_job()
+    start = f"<JobFuture at {id(job.future):#x} state="
+    assert repr(job.future) == f"{start}pending job={job.id!r}>"
+    job._complete(JobStatus.Finished, result=42)
+    assert repr(job.future) == f"{start}finished returned int job={job.id!r}>"
+    failed = make_job()
+    failed._complete(JobStatus.Terminated, exception=TRACEBACK)
+    assert "state=finished raised RemoteError" in repr(failed.future)
+
+
 def test_raised_job_result_raises_remote_error_with_the_remote_traceback():
     job = make_job()
     job._complete(JobStatus.Terminated, exception=TRACEBACK)  # future made after
