@@ -64,6 +64,10 @@ CLOCK_INTERVAL = 10.0
 #: wide a notebook draws it) is not sent: 35 jobs of 100,000 ended between two
 #: redraws would send a message that changes nothing on the screen.
 BAR_STEPS = 500
+#: Finished runs whose widgets stay open for a page reloaded meanwhile
+#: (`WidgetProgressBar`); older ones are closed, so that a page's load does not fetch
+#: every widget the kernel ever drew (runs in a loop).
+KEPT_OPEN = 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -384,9 +388,26 @@ class WidgetProgressBar(ProgressBar):
             self._handle.update(self._snapshot(), raw=True)
         for output in self.outputs:
             output.freeze()
+        with _kept_lock:
+            _kept.append(self)
+            old = _kept[: max(0, len(_kept) - KEPT_OPEN)]
+            del _kept[: len(old)]
+        for bar in old:
+            bar.close()
+
+    def close(self) -> None:
+        """Close the bar's widgets and its outputs' (a page shows them no more)."""
+        for widget in (self.widget, self.bar, self.label):  # (a box leaves its own)
+            widget.close()
+        for output in self.outputs:
+            output.widget.close()
 
     def _snapshot(self) -> dict[str, str]:
         return {"text/html": self._repr_html_(), "text/plain": self.text()}
+
+
+_kept: list[WidgetProgressBar] = []  # finished, widgets open, oldest first
+_kept_lock = threading.Lock()
 
 
 def _step(value: int, total: int) -> int:

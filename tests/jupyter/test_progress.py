@@ -165,6 +165,24 @@ def test_widget_bar_final_style(counts, style):
     assert bar.bar.bar_style == style
 
 
+def test_finished_bars_keep_their_widgets_open_for_the_last_runs_only(monkeypatch):
+    """A finished run's widgets stay open (a page reloaded meanwhile shows them from
+    the kernel), those of the last `KEPT_OPEN` runs only: a page's load fetches
+    every open widget, and runs in a loop would pile them up."""
+    monkeypatch.setattr(progress, "KEPT_OPEN", 3, raising=False)
+    monkeypatch.setattr(progress, "_kept", [], raising=False)
+    bars = []
+    for _ in range(5):
+        bar = WidgetProgressBar("run")
+        bar.outputs.append(progress.WidgetOutput())
+        bar.finish(ProgressCounts(total=1, finished=1))
+        bars.append(bar)
+    opened = [bar.widget.comm is not None for bar in bars]
+    outputs = [bar.outputs[0].widget.comm is not None for bar in bars]
+    assert opened == outputs == [False, False, True, True, True]
+    assert bars[-1].bar.comm is not None and bars[0].bar.comm is None
+
+
 def test_widget_bar_display_bundle_has_widget_and_static_html():
     bar = WidgetProgressBar("run")
     bar.update(ProgressCounts(total=2, finished=1), force=True)
