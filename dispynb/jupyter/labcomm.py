@@ -132,7 +132,9 @@ class ClusterTracker:
                 nodes = monitor.nodes()
                 if nodes:
                     self._nodes[key] = [_brief_node(node) for node in nodes]
-                self._follow_lost(key, nodes)
+                # Closing releases the nodes (after setting _closed): not lost.
+                if not getattr(monitor.cluster, "_closed", False):
+                    self._follow_lost(key, nodes)
             for key in [k for k in self._monitors if k not in live]:
                 monitor = self._monitors.pop(key)
                 self._end(key, monitor.cluster, monitor)
@@ -166,15 +168,7 @@ class ClusterTracker:
         """The nodes the live cluster ``key`` lost lately, as its card shows them."""
         with self._lock:
             lost = list(self._lost.get(key, {}).values())
-        return [
-            {
-                **node,
-                "name": f"{node['name'] or '?'} (lost)",
-                "busy": 0,
-                "released": True,
-            }
-            for node, _ in lost
-        ]
+        return [_as_lost(node) for node, _ in lost]
 
     def _on_close(self, cluster: Any) -> None:
         """A cluster of the process closed (in the closing thread): keep its final
@@ -196,7 +190,7 @@ class ClusterTracker:
         self._ended.add(cluster)
         last = self._nodes.pop(key, [])
         self._present.pop(key, None)
-        self._lost.pop(key, None)
+        lost = self._lost.pop(key, {})
         if monitor is None:  # never followed: its counts are the cluster's own
             monitor = ClusterMonitor(cluster, history=0)
         try:
@@ -206,10 +200,11 @@ class ClusterTracker:
         if not final["counts"]["total"]:
             return  # nothing ran: nothing to show
         if not final["nodes"]:
-            final["nodes"] = last
+            final["nodes"] = [node for node in last if node["id"] not in lost]
+        present = {node["id"] for node in final["nodes"]}
         final["nodes"] = [
             {**node, "busy": 0, "released": True} for node in final["nodes"]
-        ]
+        ] + [_as_lost(node) for node, _ in lost.values() if node["id"] not in present]
         self._closed.appendleft(final)
         self._closed_version += 1
 
@@ -230,7 +225,10 @@ class ClusterTracker:
                     if self._monitors.get(key) is monitor:
                         self._nodes[key] = snap["nodes"]
             present = {node["id"] for node in snap["nodes"]}
-            snap["nodes"] += [node for node in lost if node["id"] not in present]
+            # (A new list: the one kept in _nodes holds the nodes the cluster has.)
+            snap["nodes"] = snap["nodes"] + [
+                node for node in lost if node["id"] not in present
+            ]
         return live + closed
 
     def pulses(self) -> list[float | None]:
@@ -290,6 +288,17 @@ def _brief(snapshot: dict[str, Any], cluster: Any) -> dict[str, Any]:
         counts["cancelled"] += stopped
     brief["nodes"] = [_brief_node(node) for node in snapshot["nodes"]]
     return brief
+
+
+def _as_lost(node: dict[str, Any]) -> dict[str, Any]:
+    """A node a cluster lost, as its card shows it: greyed as released, its name
+    saying so (the panel has no word of its own for it)."""
+    return {
+        **node,
+        "name": f"{node['name'] or '?'} (lost)",
+        "busy": 0,
+        "released": True,
+    }
 
 
 def _brief_node(record: dict[str, Any]) -> dict[str, Any]:

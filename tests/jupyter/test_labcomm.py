@@ -685,3 +685,47 @@ def test_a_node_lost_while_its_cluster_runs_stays_shown_as_lost(
             ),
             timeout=15,
         )
+
+
+def test_a_closed_card_keeps_the_node_its_cluster_lost(link_of: Any) -> None:
+    """Where a closed run ran includes a node that died under it, marked lost;
+    before, the closed card listed only the nodes the cluster still had."""
+    import os
+    import signal
+
+    with LocalCluster(nodes=2, cpus=1) as nodes:
+        cluster = JobCluster(pow, nodes=nodes)
+        try:
+            _, comm, _ = link_of(lambda: [] if cluster._closed else [cluster])
+            assert [job() for job in [cluster.submit(2, i) for i in range(4)]]
+            comm.wait_for(state_of(cluster, lambda c: len(c["nodes"]) == 2))
+            os.kill(nodes.pids[1], signal.SIGKILL)
+            comm.wait_for(
+                state_of(cluster, lambda c: any(n.get("released") for n in c["nodes"]))
+            )
+        finally:
+            cluster.close()
+        final = comm.wait_for(state_of(cluster, lambda c: c["closed"]))
+    snap = next(c for c in final["clusters"] if c["id"] == cluster.uid)
+    names = sorted(node["name"] for node in snap["nodes"])
+    assert names == [nodes.names[0], f"{nodes.names[1]} (lost)"], snap["nodes"]
+    assert all(node["released"] for node in snap["nodes"]), snap["nodes"]
+
+
+def test_the_nodes_a_closing_cluster_releases_are_not_lost(local: LocalCluster) -> None:
+    """A cluster seen by a refresh while it closes (its nodes released, not yet
+    gone from the live list): its nodes were marked '(lost)' on its card."""
+    cluster = JobCluster(pow, nodes=local)
+    tracker = ClusterTracker(lambda: [cluster])
+    try:
+        assert cluster.submit(2, 3)() == 8
+        tracker.refresh()
+        (snap,) = tracker.snapshots()
+        assert [node["name"] for node in snap["nodes"]] == ["local-0"]
+        cluster.close()
+        tracker.refresh()  # still listed: the close not seen yet
+        (snap,) = tracker.snapshots()
+        assert not any("(lost)" in node["name"] for node in snap["nodes"]), snap
+    finally:
+        cluster.close()
+        tracker.close()
