@@ -81,7 +81,16 @@ def bind_listening(host: str, port: int) -> list[socket.socket]:
     """
     flags = socket.AI_PASSIVE
     family = socket.AF_UNSPEC if socket.has_ipv6 else socket.AF_INET
-    found = socket.getaddrinfo(host or None, port, family, socket.SOCK_STREAM, 0, flags)
+    try:
+        found = socket.getaddrinfo(
+            host or None, port, family, socket.SOCK_STREAM, 0, flags
+        )
+    except socket.gaierror as exc:  # the OS names no host
+        raise OSError(
+            exc.errno,
+            f"cannot listen on {host!r}: the name does not resolve "
+            f"({exc.strerror or exc}); give one of this machine's addresses or names",
+        ) from None
     sockets: list[socket.socket] = []
     chosen = port
     try:
@@ -110,6 +119,14 @@ def bind_listening(host: str, port: int) -> list[socket.socket]:
                         exc.errno,
                         f"{taken} is already in use (by a node or scheduler already "
                         "running, or another program): stop it, or choose another port",
+                    ) from None
+                if exc.errno == errno.EADDRNOTAVAIL:  # nor here
+                    raise OSError(
+                        exc.errno,
+                        f"cannot listen on {format_address(str(address[0]), chosen)}: "
+                        "no interface of this machine has that address (not up yet? "
+                        "under systemd start after network-online.target); give one "
+                        "of its addresses, or 0.0.0.0 for all",
                     ) from None
                 raise
             chosen = sock.getsockname()[1]

@@ -4,12 +4,14 @@ its lines' priorities under systemd."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 
 import pytest
 
 from dispynb import JobCluster
 from dispynb.errors import SetupError
+from dispynb.transport.addressing import bind_listening
 from tests.nodeproc import NODE_WAIT, node_command, node_env, running_node
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
@@ -93,3 +95,46 @@ def test_under_systemd_each_line_carries_its_priority_for_the_journal(tmp_path):
         )
     assert failed.returncode == 2
     assert log.read_text().startswith("<3>dispynb-node: secret file "), log.read_text()
+
+
+def test_an_address_the_machine_lacks_is_named_with_the_fix(tmp_path, secret_file):
+    """``-i`` an address no interface has (a typo, or the network not up yet at
+    boot) stopped the node with the OS's words alone: 'cannot start: [Errno 99]
+    Cannot assign requested address', naming neither the address nor a fix."""
+    done = subprocess.run(
+        node_command(
+            "-i", "192.0.2.1",  # TEST-NET-1: on no interface here; bind sends nothing
+            "--secret-file", str(secret_file),
+            "--no-discovery",
+            "--dest-path", str(tmp_path / "dest"),
+        ),
+        env=node_env(),
+        capture_output=True,
+        text=True,
+        timeout=NODE_WAIT,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "cannot listen on 192.0.2.1:9711: no interface of this machine" in (
+        done.stderr
+    ), done.stderr
+    assert "network-online.target" in done.stderr
+
+
+def test_a_host_name_that_does_not_resolve_is_named(monkeypatch):
+    """The same for a name the resolver does not know (looked up here without the
+    network: the resolver's answer is given)."""
+
+    def unknown(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", unknown)
+    with pytest.raises(OSError, match=r"cannot listen on 'node7\.lab': the name does"):
+        bind_listening("node7.lab", 0)
+
+
+@pytest.fixture
+def secret_file(tmp_path):
+    path = tmp_path / "secret"
+    path.write_text("a-secret-long-enough-for-a-network-address-0123456789\n")
+    path.chmod(0o600)
+    return path
