@@ -37,6 +37,7 @@ from nodeserver.session import ClientSession
 from nodeserver.sharedbody import BODIES
 from nodeserver.spool import ResultSpool
 from nodeserver.spoolclaim import claim_spool
+from nodeserver.workerlife import STOP_SIGNAL_GRACE, advise_kill_mode
 
 logger = logging.getLogger(__name__)
 
@@ -322,6 +323,7 @@ class NodeServer:
         clients still hear pulses and get the results. Clients are told the node
         stops, and ``why`` (say, the signal).
         """
+        stopping_since = time.monotonic() - STOP_SIGNAL_GRACE  # its workers' too
         self.pause()
         self.draining = True
         leaving = f"node {self.config.name!r} is shutting down"
@@ -335,6 +337,7 @@ class NodeServer:
         )
         if drain_timeout > 0 and (self.sessions or self.keeper.running):
             await self._drain(drain_timeout, now)
+        advise_kill_mode(stopping_since)
         await self.keeper.close()
         for session in list(self.sessions):
             session.conn.close()

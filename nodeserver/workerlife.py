@@ -6,12 +6,14 @@ done or failed, its own end), and the jobs of a worker or process lost."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
 import shutil
 import signal
 import socket
+import time
 from collections.abc import Sequence
 
 from dispynb.errors import ConnectionClosedError, DispynbError, SetupError
@@ -63,6 +65,35 @@ SETUP_STOP_GRACE = 5.0
 #: waits before being reported failed: if the node received the same signal
 #: meanwhile, the job is lost with the node.
 STOP_SIGNAL_GRACE = 1.0
+
+
+#: `time.monotonic` when a running job's worker was last found dead of SIGTERM:
+#: `advise_kill_mode` tells whether the node's own stop signal killed it.
+_stop_signal_deaths: collections.deque[float] = collections.deque(maxlen=1)
+#: Whether `advise_kill_mode` has said its piece (once per node process).
+_kill_mode_advised = False
+
+
+def advise_kill_mode(since: float) -> None:
+    """Running jobs died of SIGTERM since ``since`` (`time.monotonic`; the node's
+    own stop signal came then): under systemd, the unit's KillMode sent it to every
+    process of the unit, so they could not drain. Say once how to fix that (a batch
+    system signals a job step whole by design: nothing to say there)."""
+    global _kill_mode_advised
+    if (
+        _kill_mode_advised
+        or not os.environ.get("INVOCATION_ID")  # not a systemd unit
+        or not _stop_signal_deaths
+        or _stop_signal_deaths[-1] < since
+    ):
+        return
+    _kill_mode_advised = True
+    logger.warning(
+        "running jobs got the stop signal too and ended instead of draining: "
+        "systemd signals every process of the unit (KillMode=control-group); set "
+        "KillMode=mixed in the unit's [Service] section so that they may finish "
+        "within --drain-timeout"
+    )
 
 
 def _discard(entry: list[object], buffers: list[memoryview]) -> None:
@@ -405,6 +436,7 @@ class _WorkerLife(_ComputationState):
                 # again if reentrant), not failed. Decide once the node has handled
                 # its own signal.
                 job.reported = True
+                _stop_signal_deaths.append(time.monotonic())
                 asyncio.get_running_loop().call_later(
                     STOP_SIGNAL_GRACE,
                     self._report_unless_stopping,

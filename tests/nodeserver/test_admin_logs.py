@@ -3,7 +3,9 @@ its lines' priorities under systemd."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 
@@ -12,7 +14,8 @@ import pytest
 from dispynb import JobCluster
 from dispynb.errors import SetupError
 from dispynb.transport.addressing import bind_listening
-from tests.nodeproc import NODE_WAIT, node_command, node_env, running_node
+from tests import jobs
+from tests.nodeproc import NODE_WAIT, node_command, node_env, running_node, start_node
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
@@ -138,3 +141,36 @@ def secret_file(tmp_path):
     path.write_text("a-secret-long-enough-for-a-network-address-0123456789\n")
     path.chmod(0o600)
     return path
+
+
+def test_jobs_killed_with_a_systemd_unit_say_how_to_let_them_drain(
+    tmp_path, monkeypatch
+):
+    """``systemctl stop`` of a unit without KillMode=mixed signals every process
+    of it: the running jobs die with the node instead of draining, and the log
+    said only that they were left to their clients. A node run by systemd
+    (INVOCATION_ID) now says once how to fix the unit."""
+    import psutil
+
+    monkeypatch.setenv("INVOCATION_ID", "0123456789abcdef0123456789abcdef")
+    node = start_node(tmp_path / "node", "--drain-timeout", "30", cpus=2)
+    try:
+        with JobCluster(
+            jobs.mark_and_sleep, nodes=[node.spec], secret=node.secret
+        ) as cluster:
+            running = [
+                cluster.submit(str(tmp_path / f"started{i}"), 60) for i in range(2)
+            ]
+            for i in range(2):
+                jobs.wait_for_path(tmp_path / f"started{i}")
+            unit = psutil.Process(node.proc.pid)
+            for process in [unit, *unit.children(recursive=True)]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.send_signal(signal.SIGTERM)  # as systemd does
+            assert node.proc.wait(NODE_WAIT) == 0
+            for job in running:
+                assert job.finish.wait(NODE_WAIT), job.status
+    finally:
+        node.stop()
+    log = node.log_text()
+    assert log.count("set KillMode=mixed") == 1, log
