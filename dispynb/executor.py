@@ -432,11 +432,13 @@ class Executor(concurrent.futures.Executor):
         exception, closing the iterator) cancels the jobs not yet started; a map
         never iterated runs all its calls, as in the standard library
         (``executor.map(save, items)`` for the calls' effects). ``buffersize`` (as
-        in Python 3.14) reads the inputs lazily, keeping at most that many chunks
-        in flight, so they may be endless.
+        in Python 3.14) reads the inputs lazily, so they may be endless: that
+        many chunks are submitted, and one more each time a value is asked for.
         """
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
+        if buffersize is not None and not isinstance(buffersize, int):
+            raise TypeError("buffersize must be an integer or None")
         if buffersize is not None and buffersize < 1:
             raise ValueError("buffersize must be None or > 0.")
         end = None if timeout is None else time.monotonic() + timeout
@@ -467,11 +469,13 @@ class Executor(concurrent.futures.Executor):
     ) -> Iterator[Any]:
         try:
             while jobs:
+                # As Python 3.14's: the next input goes before the wait, so that
+                # buffersize calls run while a value is awaited, the next queued.
+                for chunk in itertools.islice(more, 1):
+                    jobs.append(self._submit_chunk(key, blob, chunk))
                 wait = None if end is None else max(end - time.monotonic(), 0.0)
                 values, failures = _chunk_outcomes(jobs[0], wait, fn)
                 jobs.popleft()
-                for chunk in itertools.islice(more, 1):
-                    jobs.append(self._submit_chunk(key, blob, chunk))
                 if not failures:
                     yield from values
                     continue

@@ -91,6 +91,29 @@ def test_map_reads_endless_input_lazily_with_buffersize(executor):
     results.close()
 
 
+def test_buffersize_submits_the_next_input_before_waiting_as_python_3_14(
+    executor, tmp_path
+):
+    """Python 3.14's map submits the next input as each value is asked for,
+    then waits: with ``buffersize=1`` two calls run while the first value is
+    awaited. It waited first: one call at a time."""
+    markers = [str(tmp_path / f"m{i}") for i in range(3)]
+    release = str(tmp_path / "release")
+    results = executor.map(hold, markers, [release] * 3, range(3), buffersize=1)
+    first = threading.Thread(target=next, args=(results,))
+    first.start()
+    try:
+        wait_for_path(markers[0])
+        wait_until(lambda: os.path.exists(markers[1]), timeout=5)
+        assert not os.path.exists(markers[2])
+    finally:
+        Path(release).touch()
+        first.join(WAIT)
+    assert list(results) == [1, 2]
+    with pytest.raises(TypeError, match="buffersize must be an integer or None"):
+        executor.map(mul, [1], [2], buffersize=1.5)
+
+
 def test_closing_a_map_early_cancels_its_queued_jobs(executor, tmp_path):
     """Left after its first value: the calls not started are cancelled (as the
     standard library's map cancels the futures it did not reach)."""
