@@ -334,8 +334,9 @@ class Session(_SessionProbes, _SessionNodes):
         with friendly_errors(
             f"%dispy nodes: cannot use {' '.join(specs)}",
             hint=self._kept(
-                "check that dispynb-node runs there with the same secret "
-                "(and TLS options), or start nodes here with %dispy local"
+                "check that dispynb-node runs there with the same secret (a copy "
+                "of its file, given with --secret-file FILE) and TLS options, or "
+                "start nodes here with %dispy local"
             ),
         ):
             usable, failed, replay = self._probe_each(specs, options)

@@ -594,6 +594,30 @@ def test_magic_line_nodes_attaches_with_secret_file(ip, tmp_path):
         magics.session.nodes = local
 
 
+def test_nodes_without_a_secret_say_how_a_notebook_gives_it(ip, tmp_path):
+    """The node's answer names secret= and DISPYNB_SECRET, a program's ways, and
+    the magic's hint only 'the same secret': it now says how the line gives it,
+    --secret-file FILE."""
+    with (
+        running_node(tmp_path, secret="a-node-secret-0123456789abcdef") as node,
+        pytest.raises(MagicError) as raised,
+    ):
+        ip.run_line_magic("dispy", f"nodes 127.0.0.1:{node.port}")
+    message = str(raised.value)
+    assert (
+        "\ncheck that dispynb-node runs there with the same secret (a copy of its "
+        "file, given with --secret-file FILE) and TLS options, or start nodes "
+        "here with %dispy local\n"
+    ) in message, message
+    assert message.endswith("still in use: local nodes " + local_spec(ip)), message
+
+
+def local_spec(ip: InteractiveShell) -> str:
+    return ip.magics_manager.registry[DispyMagics.__name__].session.local.node_specs()[
+        0
+    ]
+
+
 @pytest.mark.slow
 def test_magic_line_nodes_attaches_over_tls(ip, tmp_path):
     magics = ip.magics_manager.registry[DispyMagics.__name__]
