@@ -34,6 +34,7 @@ import re
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +57,7 @@ from dispynb.tracebacks import DYNAMIC_CODE, LazySourceMap, explain_missing_modu
 if TYPE_CHECKING:
     from dispynb.backends.base import Engine
     from dispynb.cluster import ClusterFactory
+    from dispynb.local import LocalCluster
 
 __all__ = ["Executor", "dispynb_executor"]
 
@@ -350,6 +352,11 @@ class Executor(concurrent.futures.Executor):
                 getattr(self.cluster, "_options", None), "result_types", None
             )
             self._allowed = None if types is None else serialize.AllowList(types)
+            # Dropped unshut, as a ProcessPoolExecutor garbage collected: its calls
+            # end, then its cluster and own nodes close (at exit: terminated).
+            weakref.finalize(
+                self, _close_dropped, self.cluster, self._local, self._closed
+            ).atexit = False
         except BaseException:
             if self._local is not None:
                 self._local.close()
@@ -586,6 +593,24 @@ class Executor(concurrent.futures.Executor):
     def __repr__(self) -> str:
         state = "shut down" if self._shut else f"pending={len(self._live_jobs())}"
         return f"<dispynb.Executor nodes={len(self.cluster.status().nodes)} {state}>"
+
+
+def _close_dropped(cluster: Any, local: LocalCluster | None, closed: Flag) -> None:
+    """Close the cluster of an executor dropped without `shutdown`, once its jobs
+    are done, then its own local nodes: in a thread, as the collection that
+    dropped it may run on any thread (the I/O thread's included)."""
+    if closed.is_set():
+        return
+
+    def close() -> None:
+        try:
+            cluster.close()
+        finally:
+            if local is not None:
+                local.close()
+            closed.set()
+
+    start_thread(threading.Thread(target=close, name="dispynb-executor-dropped"))
 
 
 def _check_options(options: dict[str, Any], factory: Any) -> None:

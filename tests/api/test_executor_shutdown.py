@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import gc
 import itertools
 import os
 import sys
@@ -223,6 +224,25 @@ def test_an_interrupt_in_the_with_block_terminates_the_running_calls(
         assert future.done()  # terminated, not waited for
         with pytest.raises(RemoteError):
             future.result(0)
+
+
+def test_an_executor_dropped_unshut_finishes_its_calls_then_stops_its_nodes(
+    tmp_path,
+):
+    """As a ProcessPoolExecutor garbage collected: its pending calls run to
+    their end, then its processes stop. Its local nodes ran until the
+    interpreter exited (an executor made again in a loop or a notebook cell
+    kept every earlier one's nodes)."""
+    gate = Gate(tmp_path)
+    executor = Executor(max_workers=1)
+    pids = executor._local.pids
+    running = gate.submit(executor, "ran")
+    gate.started(running)
+    del executor
+    gc.collect()
+    gate.open()
+    assert running.result(WAIT) == "ran"
+    wait_until(lambda: not any(psutil.pid_exists(pid) for pid in pids))
 
 
 def exit_call() -> None:
