@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from dispynb.defaults import PULSE_RANGE
 from dispynb.errors import (
     DispynbError,
+    FramingError,
     MessageError,
     ProtocolError,
     SetupError,
@@ -112,9 +113,11 @@ class ClientSession(_SessionFiles, _SessionRecovery):
                 # death keeps its frame alive (its computation kept for recovery, an
                 # hour), and with it the file's whole message body.
                 deferred = None
-        except MessageError as exc:
+        except (MessageError, FramingError) as exc:
             # A message whose parts disagree cannot be trusted (nor what follows
-            # it): say why before the connection ends, so the client can report it.
+            # it), a frame this node cannot take (out of memory) leaves the stream
+            # unusable: say why before the connection ends, so the client can
+            # report it.
             await self._refuse(exc)
             raise
         finally:
@@ -144,7 +147,7 @@ class ClientSession(_SessionFiles, _SessionRecovery):
         for task in self._tasks:
             task.cancel()
 
-    async def _refuse(self, exc: MessageError) -> None:
+    async def _refuse(self, exc: ProtocolError) -> None:
         """Tell the client why its connection ends (best effort, bounded)."""
         if self.conn.closed:
             return

@@ -231,6 +231,16 @@ if hasattr(os, "register_at_fork"):  # not on Windows
     os.register_at_fork(after_in_child=_SPARES.clear)
 
 
+def out_of_memory(size: int, exc: BaseException) -> str:
+    """Why a frame of ``size`` bytes cannot be received (``exc``: the allocation's)."""
+    why = getattr(exc, "strerror", None) or "MemoryError"
+    return (
+        f"a message of {size} bytes cannot be received: this process is out of "
+        f"memory for it ({why}); send less at once (smaller jobs, files), or give "
+        "the receiving process more memory (its ulimit -v, the machine's)"
+    )
+
+
 def large_frames_taken() -> int:
     """How many frames this process has received into a buffer of their own (a
     counter: unchanged between two looks means no large frame arrived)."""
@@ -331,7 +341,13 @@ class FrameDecoder:
             if PREFIX_SIZE + size > len(chunk):
                 # Too big for the chunk: it gets its own buffer, filled in place.
                 have = self._end - start - PREFIX_SIZE
-                self.big = big = self.take_body(size)
+                try:
+                    self.big = big = self.take_body(size)
+                except (MemoryError, OSError) as exc:
+                    # An address space limit, strict overcommit: this frame has
+                    # nowhere to go, and the stream is unusable after it.
+                    self.error = FramingError(out_of_memory(size, exc))
+                    break
                 big[:have] = view[start + PREFIX_SIZE : self._end]
                 self._big_view = memoryview(big)
                 self._big_got, self._big_prefix, self._big_count = have, prefix, count
