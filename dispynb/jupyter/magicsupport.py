@@ -124,7 +124,11 @@ def friendly_errors(
             hint = ""  # the code, what it captures or its setup: not the nodes
         if isinstance(exc, SetupError) and exc.remote_traceback:
             remote = exc.remote_traceback.rstrip()
-            message += "\n" + (sources.rerender(remote) if sources else remote)
+            shown = (sources.rerender(remote) if sources else remote).strip()
+            # No frame of the person's left (a load that failed in dispynb's own
+            # code): its last line says what the message says already.
+            if "\n" in shown or shown not in message:
+                message += "\n" + shown
         own = own_module_hint(message)
         if own:  # the nodes are fine: they lack a module of the person's
             message, hint = f"{message}\n{own.rstrip()}", ""

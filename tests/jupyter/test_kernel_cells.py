@@ -247,6 +247,9 @@ def test_a_module_beside_the_notebook_says_how_to_send_it(k):
     out = k.execute(cell.format(""))
     assert out.status == "error", out.text
     assert "No module named 'tools'" in out.text, out.text
+    # Said once: the node's remote traceback, its frames all dispynb's, added a
+    # second line 'ModuleNotFoundError: No module named 'tools''.
+    assert out.text.count("No module named 'tools'") == 1, out.text
     assert (
         "dispynb: tools is your module (" in out.text
         and "tools.py), which the nodes do not have: send it with the run "
