@@ -43,7 +43,7 @@ from dispynb.jupyter.progress import (
     resolve_kind,
 )
 from dispynb.jupyter.run import Run
-from dispynb.jupyter.runoutput import exception_kind
+from dispynb.jupyter.runoutput import _print_writer, exception_kind
 from dispynb.jupyter.session import Session
 from dispynb.jupyter.tracebacks import SourceMap
 from dispynb.jupyter.widgets import NodePanel
@@ -242,8 +242,11 @@ class CellRunner:
             # run is stopped all the same, not left running with nobody waiting.
             raise RunInterrupted(run.stop("Interrupted", quiet=True)) from None
         if not finished:
-            run.stop(f"Timed out after {args.timeout} s")
-            if not any(job.status is JobStatus.Finished for job in run.jobs):
+            summary = run.stop(f"Timed out after {args.timeout} s", quiet=True)
+            if any(job.status is JobStatus.Finished for job in run.jobs):
+                run.bar.before_output()
+                _print_writer("stderr", summary + "\n")
+            else:
                 # Nothing to go on with, as when every job failed (below).
                 cancelled = sum(job.status in _CANCELLED for job in run.jobs)
                 raise MagicError(
