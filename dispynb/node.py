@@ -74,7 +74,7 @@ class DispyNodeAvailInfo:
     disk:
         Bytes free on the disk holding the node's working directory.
     swap:
-        Percentage of swap available.
+        Percentage of swap available (100 on a node without swap, as in dispy).
     """
 
     def __init__(self, cpu: float, memory: int, disk: int, swap: float) -> None:

@@ -26,8 +26,9 @@ def avail_info(path: str) -> list[float | None]:
 
 
 def _swap_free() -> float:
-    swap = psutil.swap_memory()
-    return 100.0 - swap.percent if swap.total else 0.0
+    # As dispy's nodes: a node without swap reports 100 (psutil's percent is 0),
+    # not 0, which allocate() checks written for dispy read as swap used up.
+    return 100.0 - psutil.swap_memory().percent
 
 
 def _read(figure: Callable[[], float]) -> float | None:

@@ -331,3 +331,16 @@ def test_node_allocate_cpus_caps_cpus_not_the_cpus_the_node_offers(local):
         assert (node.cpus, node.avail_cpus) == (1, 2)
         assert cluster.submit(0)() == node.name
     assert seen == [(1, 2)]
+
+
+def test_a_node_without_swap_reports_all_of_it_available_as_dispys(local):
+    """dispy's nodes report ``100 - psutil.swap_memory().percent``: 100 where there
+    is no swap. dispynb's reported 0 there, so an allocate() written for dispy that
+    skips nodes low on swap skipped every swapless node."""
+    import psutil
+
+    expected = 100.0 - psutil.swap_memory().percent
+    with JobCluster(node_name, nodes=local, secret=local.secret) as cluster:
+        avail = cluster.status().nodes[0].avail_info
+        assert avail is not None
+        assert avail.swap == pytest.approx(expected, abs=5.0)
