@@ -213,11 +213,13 @@ class _CallsFuture(JobFuture):
         sources: tuple[Any, ...],
         mem_limit: int | None,
         allowed: serialize.AllowList | None,
+        batch: str = "",
     ) -> None:
         super().__init__(job)
         self._sources = sources  # the code its traceback's frames come from
         self._mem_limit = mem_limit
         self._allowed = allowed
+        self._batch = batch  # what the call returns the values of (`_submit_call`)
 
     def _settle(self) -> None:
         job = self.job
@@ -232,7 +234,7 @@ class _CallsFuture(JobFuture):
             else:
                 self._set(values[0], error=False)
         else:  # a failure of the whole job
-            _explain_failure(job, self._sources)
+            _explain_failure(job, self._sources, self._batch)
             super()._settle()
 
     def _set(self, value: Any, error: bool) -> None:
@@ -382,14 +384,19 @@ class Executor(concurrent.futures.Executor):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         sources: tuple[Any, ...],
+        batch: str = "",
     ) -> _CallsFuture:
         """`submit`; the call's traceback shows the code of ``sources`` (the
-        functions it runs) by file and line."""
+        functions it runs) by file and line. ``batch`` names what the call is
+        when it runs others and returns their values in a list (``"joblib
+        batch"``): a value that cannot be sent back is named by its place there."""
         key, blob = _pickle(fn)
         with self._lock:
             job = self._new_job(key, blob, [args], kwargs)
         future = job._attach(
-            lambda job: _CallsFuture(job, sources, self._mem_limit, self._allowed)
+            lambda job: _CallsFuture(
+                job, sources, self._mem_limit, self._allowed, batch
+            )
         )
         assert isinstance(future, _CallsFuture)
         return future
@@ -760,11 +767,12 @@ def _executor_advice(text: str) -> str:
     return text
 
 
-def _explain_failure(job: DispyJob, sources: tuple[Any, ...]) -> None:
+def _explain_failure(job: DispyJob, sources: tuple[Any, ...], batch: str = "") -> None:
     """``job`` failed as a whole (it did not return the calls' outcomes): its
     traceback's frames in the code of ``sources`` (the calls' functions) point
     at their file or cell, as a call's own exception's do (the cluster knows
-    only the runner's code); a value that cannot be pickled is named by its call."""
+    only the runner's code); a value that cannot be pickled is named by its call
+    (in its ``batch``, see `Executor._submit_call`)."""
     text = job.exception
     if not isinstance(text, str):
         return
@@ -779,6 +787,10 @@ def _explain_failure(job: DispyJob, sources: tuple[Any, ...]) -> None:
             "the call" if count == 1 else f"call {int(match['index']) + 1} of its chunk"
         )
         inside = match["inside"]
+        place = re.match(r"\[(\d+)\]", inside) if batch and count == 1 else None
+        if place is not None:  # the batch's list: the place of the batch's call
+            who = f"call {int(place[1]) + 1} of its {batch}"
+            inside = inside[place.end() :]
         return f"the value returned by {who}" + (
             f" has {inside}, a" if inside else " is a"
         )

@@ -197,7 +197,11 @@ class DispynbBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[mi
         serialize.ship_by_value(*functions)  # a script's own functions by value
         # Tracebacks show the lines of the calls' functions, as loky's do.
         future = self.executor._submit_call(
-            _run_batch, (func, self._threads), {}, (_run_batch, *functions)
+            _run_batch,
+            (func, self._threads),
+            {},
+            (_run_batch, *functions),
+            batch="joblib batch",
         )
         with self._futures_lock:
             self._futures.add(future)

@@ -17,7 +17,7 @@ joblib = pytest.importorskip("joblib")
 
 import dispynb.joblib_backend as backend  # noqa: E402  (registers "dispynb")
 from dispynb import Executor, LocalCluster  # noqa: E402
-from dispynb.errors import NoNodesError  # noqa: E402
+from dispynb.errors import NoNodesError, RemoteError  # noqa: E402
 from tests.api.executorwork import hold  # noqa: E402
 from tests.jobs import WAIT, wait_for_path, wait_until  # noqa: E402
 
@@ -239,3 +239,26 @@ def test_a_failing_calls_traceback_shows_its_source_lines(local: LocalCluster):
     assert "<dynamic-code>" not in text, text
     assert f'File "{__file__}", line ' in text, text
     assert '    raise ValueError(f"bad input {x}")\n' in text, text
+
+
+def generator_on(x: int, bad: int) -> object:
+    return (i for i in range(x)) if x == bad else x
+
+
+def test_a_value_that_cannot_be_sent_back_names_its_call_in_the_batch(
+    local: LocalCluster,
+):
+    """The runner's view named it: 'the value returned by the call has [1], a
+    'generator'', the call being the batch and [1] its place in it."""
+    with (
+        Executor(nodes=local) as executor,
+        joblib.parallel_config(backend="dispynb", executor=executor),
+        pytest.raises(RemoteError) as info,
+    ):
+        joblib.Parallel(n_jobs=2, batch_size=2)(
+            joblib.delayed(generator_on)(x, 1) for x in range(4)
+        )
+    assert (
+        "the value returned by call 2 of its joblib batch is a 'generator' that "
+        "cannot be pickled"
+    ) in str(info.value)
