@@ -163,10 +163,18 @@ def unpicklable_result(result: Any, exc: Exception) -> str:
     if path != "result":
         where = f"; {path} is a {type(culprit).__qualname__!r} that cannot be pickled"
     cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
+    instead = (
+        "return what it is made from instead (a list, not a generator; a file's "
+        "path, not the open file)"
+    )
+    if isinstance(culprit, types.CoroutineType | types.AsyncGeneratorType):
+        instead = (
+            "it comes from calling an async function: submit a function that runs "
+            "it where it is made (return asyncio.run(...))"
+        )
     return (
         f"result of type {kind!r} cannot be pickled{where}: "
-        f"{type(cause).__name__}: {str(cause).rstrip()}; return what it is made "
-        "from instead (a list, not a generator; a file's path, not the open file)\n"
+        f"{type(cause).__name__}: {str(cause).rstrip()}; {instead}\n"
     )
 
 

@@ -142,6 +142,24 @@ def make_generator() -> object:
     return (i for i in range(3))
 
 
+async def fetch(x: int) -> int:
+    return x
+
+
+def test_an_async_functions_call_says_to_run_its_coroutine(executor):
+    """ProcessPoolExecutor fails the same ('cannot pickle 'coroutine''): the
+    advice was to return a list, not a generator."""
+    with pytest.raises(RemoteError) as info:
+        executor.submit(fetch, 1).result(WAIT)
+    assert (
+        "the value returned by the call is a 'coroutine' that cannot be pickled"
+    ) in str(info.value)
+    assert (
+        "; it comes from calling an async function: submit a function that runs it "
+        "where it is made (return asyncio.run(...))\n"
+    ) in str(info.value)
+
+
 def lock_on_2(x: int) -> object:
     return {"lock": threading.Lock()} if x == 2 else x
 
