@@ -92,6 +92,12 @@ class JobContext:
             f"{what} dropped: a job keeps {limit} (max_output_size)]\n"
         )
 
+    def over_node_room(self, size: int) -> bool:
+        """Whether a result of ``size`` bytes is over what the node's own max
+        message size leaves room for (then a larger max_result_size cannot
+        help); 0 bytes of room if the job's output takes it all."""
+        return bool(self.node_max_message) and size > self.node_result_room
+
     def begin(self, sock: MessageSocket, key: int, attempt: int, run: int = 0) -> None:
         """A job starts on this worker (``run``: the number of its `Run`)."""
         self.sock, self.key, self.attempt, self.run = sock, key, attempt, run
@@ -182,9 +188,13 @@ def dispy_provisional_result(
         cap = CONTEXT.max_result  # as for its final result: the client takes no more
         size = sum(memoryview(b).nbytes for b in buffers)
         if cap is not None and size > cap:
+            limit = (
+                "the node's max message size, less room for the job's output"
+                if CONTEXT.over_node_room(size)
+                else "max_result_size, within the client's max_message_size"
+            )
             raise OSError(
-                f"it pickles to {size} bytes, over the limit of {cap} bytes "
-                "(max_result_size, within the client's max_message_size)"
+                f"it pickles to {size} bytes, over the limit of {cap} bytes ({limit})"
             )
         if not CONTEXT.sent_by_its_job():
             # The captured stderr (a log handler's too) is the next job's now.

@@ -557,10 +557,9 @@ def _too_large(buffers: list[Buffer], cap: int) -> str | None:
         "return less (write large data to a file and send it with dispy_send_file, "
         "or keep it on the node)"
     )
-    room = CONTEXT.node_result_room
-    if CONTEXT.node_max_message and size > room:  # 0 if the output takes it all
+    if CONTEXT.over_node_room(size):
         # Messages that big leave room for the result besides the job's output.
-        larger = 2 * size + max(CONTEXT.node_max_message - room, 0)
+        larger = 2 * size + max(CONTEXT.node_max_message - CONTEXT.node_result_room, 0)
         return (
             f"{start} (the node's max message size, less room for the job's output): "
             f"{less}, or start the nodes with a larger one, e.g. dispynb-node "

@@ -385,6 +385,22 @@ def test_result_over_max_result_is_not_sent(limits):
     assert done.outcome == FINISHED and serialize.loads(buffers) == bytes(500)
 
 
+def test_a_provisional_result_over_what_the_nodes_take_names_their_limit(
+    limits, caplog
+):
+    """As a final result's: it named max_result_size alone."""
+    from nodeserver.jobapi import dispy_provisional_result
+
+    limits.max_result = limits.node_result_room = 1000
+    limits.node_max_message = 1300
+    assert dispy_provisional_result(bytes(5000)) == -1
+    (record,) = [r for r in caplog.records if "not sent" in r.getMessage()]
+    assert record.getMessage().endswith(
+        "over the limit of 1000 bytes (the node's max message size, less room for "
+        "the job's output)"
+    )
+
+
 def test_a_result_over_what_the_nodes_messages_take_says_to_raise_theirs(limits):
     """Over the node's own max message size (1 GiB by default), a larger
     max_result_size cannot help: the advice was to give one."""
