@@ -194,6 +194,19 @@ class CellRunner:
                     **options,
                 )
             run.ref = args.into or LAST_RUN
+            if not run.jobs:  # else 'f: 0/0 done' reads like a run that worked
+                used = iter(inputs.items) is inputs.items  # (an iterator: no error)
+                print(
+                    f"dispynb: --over {unquote(args.over)!r} gave no inputs: no job "
+                    "was sent"
+                    + (
+                        " (an iterator, used up by an earlier run? make it again, "
+                        "or give a list)"
+                        if used
+                        else ""
+                    ),
+                    file=sys.stderr,
+                )
         except MagicError as exc:
             # Nodes that died as the run started: that is the news, not the refusal.
             exited = session.exited_error()

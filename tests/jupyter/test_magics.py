@@ -320,6 +320,22 @@ def test_magic_cell_timeout_before_any_result_fails_the_cell(ip):
     assert not run.failures  # cancelled, not failed
 
 
+def test_inputs_that_give_nothing_say_no_job_was_sent(ip):
+    """A generator used up by an earlier cell (or an empty list) ran nothing and
+    said nothing: 'gen: 0/0 done' read like a run that worked."""
+    gen = (x for x in range(3))
+    assert list(gen) == [0, 1, 2]  # an earlier cell used it up
+    ip.user_ns["gen"] = gen
+    _, _, err = cell(ip, '--over "gen" --into none', "def f(x):\n    return x\n")
+    assert ip.user_ns["none"].results == []
+    assert (
+        "dispynb: --over 'gen' gave no inputs: no job was sent (an iterator, used "
+        "up by an earlier run? make it again, or give a list)"
+    ) in err, err
+    _, _, err = cell(ip, '--over "[]" --into none', "def f(x):\n    return x\n")
+    assert "dispynb: --over '[]' gave no inputs: no job was sent\n" in err, err
+
+
 def test_magic_cell_error_in_cell_submits_nothing(ip):
     ip.user_ns.pop("broken", None)
     with capture_output(), pytest.raises(MagicError, match="no jobs were submitted"):
