@@ -188,7 +188,11 @@ class ClientSession(_SessionFiles, _SessionRecovery):
         if message.comp_id in self._computations:
             self.outbox.send_error("protocol", f"computation {message.comp_id} exists")
             return
-        bad = message.bad_seconds() or _other_python(message, self.server.config.name)
+        bad = (
+            message.bad_seconds()
+            or _bad_dest_path(message.dest_path)
+            or _other_python(message, self.server.config.name)
+        )
         if bad is not None:
             self.outbox.write(ComputationFailed(comp_id=message.comp_id, message=bad))
             return
@@ -257,9 +261,7 @@ class ClientSession(_SessionFiles, _SessionRecovery):
             f"{safe_name(self.client_name or 'client')}-{os.getpid()}-{self.session_id}"
         )
         if message.dest_path:
-            parts = [
-                safe_name(p) for p in message.dest_path.split("/") if p not in ("", ".")
-            ]
+            parts = [safe_name(p) for p in _dest_path_parts(message.dest_path)]
             comp_dir = os.path.join(*parts) if parts else "default"
             # As dispy's <prefix>/<client address>/<dest_path>: the same directory
             # for every cluster of that client giving it, so that the files one
@@ -374,6 +376,13 @@ class ClientSession(_SessionFiles, _SessionRecovery):
             except OSError as exc:  # no descriptor, no process to be had
                 what = "cannot start the computation's process"
                 raise SetupError(descriptors.explain(exc, what)) from exc
+            except SetupError:
+                raise
+            except Exception as exc:  # a fault of the node's: its client must hear
+                logger.exception("computation %s failed to start", computation.name)
+                raise SetupError(
+                    f"the node failed to start the computation: {exc!r}"[:500]
+                ) from exc
         except SetupError as exc:
             # Closed meanwhile (its client went away, the node stops), or the
             # client's own code failed here (its setup raised, its computation does
@@ -562,6 +571,32 @@ def _apply_limits(jobs: list[NodeJob], limits: list[Any]) -> None:
             ):
                 raise MessageError("malformed job mem_limit in job-submit")
             job.mem_limit = mem_limit
+
+
+#: Most directories a client's ``dest_path`` may name under the node's
+#: ``--dest-path`` (each cut to 64 characters).
+MAX_DEST_PATH_PARTS = 32
+
+
+def _dest_path_parts(dest_path: str) -> list[str]:
+    return [part for part in dest_path.split("/") if part not in ("", ".")]
+
+
+def _bad_dest_path(dest_path: object) -> str | None:
+    """Why a computation's ``dest_path`` is refused; None if it is not: one of
+    thousands of directories made the node's ``os.makedirs`` recurse too deep,
+    its start died unseen and its client waited for ever."""
+    if dest_path is None or dest_path == "":
+        return None
+    if not isinstance(dest_path, str):
+        return "computation-setup field 'dest_path' must be a string"
+    parts = len(_dest_path_parts(dest_path))
+    if parts <= MAX_DEST_PATH_PARTS:
+        return None
+    return (
+        f"dest_path {dest_path[:40]!r}... names {parts} directories: at most "
+        f"{MAX_DEST_PATH_PARTS} (a directory under the node's own) are taken"
+    )
 
 
 def _other_python(message: ComputationSetup, name: str) -> str | None:
