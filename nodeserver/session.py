@@ -196,7 +196,8 @@ class ClientSession(_SessionFiles, _SessionRecovery):
         if bad is not None:
             self.outbox.write(ComputationFailed(comp_id=message.comp_id, message=bad))
             return
-        short = self.server.descriptors.refuse(message.name, self._workers(message))
+        name = peer_text(message.name)
+        short = self.server.descriptors.refuse(name, self._workers(message))
         if short is not None:  # refused before it takes any (see descriptors)
             self.outbox.write(ComputationFailed(comp_id=message.comp_id, message=short))
             return
@@ -274,7 +275,9 @@ class ClientSession(_SessionFiles, _SessionRecovery):
         home = os.path.join(config.dest_path, client_dir)
         computation = Computation(
             comp_id=message.comp_id,
-            name=message.name,
+            # Escaped and cut: the node logs it (a scheduler's users are not to
+            # forge lines in its log, nor fill it with one name of megabytes).
+            name=peer_text(message.name),
             workers=workers,
             path=os.path.join(home, comp_dir),
             budget=self.server.budget,
@@ -305,7 +308,7 @@ class ClientSession(_SessionFiles, _SessionRecovery):
         )
         computation.on_start = self.outbox.starter(message.comp_id)
         computation.on_shutdown_request = lambda: self.server.client_shutdown(
-            f"computation {message.name!r} of client {self.client_name!r}"
+            f"computation {computation.name!r} of client {self.client_name!r}"
         )
         return computation
 

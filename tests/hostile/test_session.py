@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from dispynb import JobCluster
 from dispynb.defaults import MAX_MESSAGE_SIZE, PULSE_RANGE
 from dispynb.protocol import serialize
 from dispynb.protocol.handshake import ClientHandshake
@@ -332,3 +333,39 @@ def test_a_vanished_client_costs_the_node_log_two_lines(measure, tmp_path):
     )
     assert lines <= 2
     assert told >= 0.9 * jobs  # a message per result (or two: the running jobs')
+
+
+def _named(name: str) -> Any:
+    """A job function whose name (its computation's) is ``name``."""
+
+    def job(x: int) -> int:
+        return x * x
+
+    job.__name__ = job.__qualname__ = name
+    return job
+
+
+@pytest.mark.attack(
+    id="node-computation-name",
+    title="A computation named with a line break, a forged log line, a terminal "
+    "escape and 100,000 more characters (as a shared scheduler's user names hers, "
+    "and the scheduler passes it on to its nodes)",
+    goal="no forged line in the node's log, no escape, no line of 100 kB; the name "
+    "logged escaped and cut (was: all three, in every line naming it)",
+)
+def test_a_computation_name_cannot_forge_node_log_lines(measure, tmp_path):
+    name = f"x\n{FORGED}\x1b[2J" + "y" * 100_000
+    with (
+        limited_node(tmp_path / "node") as node,
+        JobCluster(_named(name), nodes=[node.spec], secret=node.secret) as cluster,
+    ):
+        assert cluster.submit(3)() == 9
+    log = node.log_text()
+    forged = [line for line in log.splitlines() if line.startswith(FORGED)]
+    longest = max(len(line) for line in log.splitlines())
+    measure(
+        f"{len(forged)} forged lines, {log.count(chr(27))} escapes, longest line "
+        f"{longest} characters; {log.count('x' + chr(92) + 'n' + FORGED)} lines "
+        "naming it escaped"
+    )
+    assert forged == [] and "\x1b" not in log and longest < 1000
