@@ -159,6 +159,11 @@ class LocalCluster:
         self.secret = secret or random_secret()
         self.cpus = cpus
         self.tls = False
+        #: What `exit_reason` says to do about a node that exited (a notebook's
+        #: ``%dispy local`` says its own way).
+        self.restart_hint = (
+            "start a new LocalCluster (an Executor without nodes starts its own)"
+        )
         self._dir = tempfile.mkdtemp(prefix="dispynb-local-")
         self._procs: list[subprocess.Popen[bytes]] = []
         self._pipes: list[int] = []  # write ends: the nodes stop when they close
@@ -287,8 +292,7 @@ class LocalCluster:
             )
             return (
                 f"local node {node_name(index)} ({host}:{port}) has exited ({how}): "
-                "its jobs cannot run there any more; start a new LocalCluster (an "
-                "Executor without nodes starts its own)"
+                f"its jobs cannot run there any more; {self.restart_hint}"
             )
         return None
 

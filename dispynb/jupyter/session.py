@@ -137,8 +137,6 @@ class Session(_SessionProbes, _SessionNodes):
         nodes) starts a Dask ``LocalCluster`` instead, ``count`` worker processes
         of ``cpus`` threads each, and runs on it through the Dask engine.
         """
-        from dispynb.local import LocalCluster
-
         engine = engine or os.environ.get(LOCAL_ENGINE_ENV) or "nodes"
         if engine == "dask":
             self.start_local_dask(count, cpus)
@@ -149,7 +147,7 @@ class Session(_SessionProbes, _SessionNodes):
                 "or 'dask'"
             )
         self._start_then_replace(
-            lambda: LocalCluster(nodes=count, cpus=cpus),
+            lambda: _local_nodes(count, cpus),
             dict(options or {}),
             "%dispy local could not start the nodes",
             hint="",
@@ -431,3 +429,12 @@ def _close_engine(engine: Engine | None) -> None:
     close = getattr(engine, "close", None)
     if callable(close):
         close()
+
+
+def _local_nodes(count: int, cpus: int | None) -> Any:
+    """`LocalCluster` nodes whose exit says to run ``%dispy local`` again."""
+    from dispynb.local import LocalCluster
+
+    local = LocalCluster(nodes=count, cpus=cpus)
+    local.restart_hint = "run %dispy local again for new nodes"
+    return local

@@ -581,6 +581,29 @@ def test_a_bad_secret_file_is_said_in_one_line_without_the_nodes_hint(ip, tmp_pa
     assert "local nodes" in repr(ip.run_line_magic("dispy", "status"))  # kept
 
 
+def test_a_local_node_that_died_says_to_run_dispy_local_again():
+    """The news of a %dispy local node that exited (a warning in the cell) said
+    'start a new LocalCluster (an Executor without nodes starts its own)', a
+    program's fix, not the notebook's."""
+    import os
+    import signal
+
+    from dispynb.jupyter import session
+
+    local = session._local_nodes(2, 1)  # as %dispy local --nodes 2 --cpus 1
+    try:
+        os.kill(local.pids[1], signal.SIGKILL)
+        host, port = local.addresses[1]
+        jobs.wait_until(lambda: local.exit_reason(host, port) is not None)
+        reason = local.exit_reason(host, port)
+        assert reason.endswith(
+            "has exited (killed by SIGKILL): its jobs cannot run there any more; "
+            "run %dispy local again for new nodes"
+        ), reason
+    finally:
+        local.close()
+
+
 def test_magic_line_status_lists_nodes_and_runs(ip):
     cell(ip, '--over "[1, 2]" --into counted', "def one(x):\n    return 1\n")
 
