@@ -268,6 +268,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         The arguments after the program name; ``sys.argv[1:]`` by default.
     """
     args = build_parser().parse_args(argv)
+    if argv is None and getattr(args, "secret", None):
+        from dispynb.secret import hide_secret_argv
+
+        hide_secret_argv(("--secret",))  # out of the process list (dispynb run)
     return int(args.handler(args))
 
 

@@ -83,7 +83,8 @@ def add_parser(commands: Any) -> None:
     run.add_argument(
         "--secret",
         default=None,
-        help="the nodes' secret (seen in the process list: prefer --secret-file or "
+        help="the nodes' secret (in the process list until the command starts, "
+        "then masked: prefer --secret-file or "
         "DISPYNB_SECRET)",
     )
     run.add_argument(

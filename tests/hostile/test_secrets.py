@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -12,7 +16,7 @@ from dispynb import DispyJob, JobCluster
 from dispynb.errors import DispynbError
 from tests import jobs
 from tests.hostile.tools import AS_NOBODY, limited_node, strong_secret
-from tests.nodeproc import start_node
+from tests.nodeproc import node_env, start_node
 
 pytestmark = pytest.mark.slow
 
@@ -227,3 +231,38 @@ def test_a_secret_on_the_command_line_is_masked(measure, tmp_path, form):
             f"the job found it in {found or 'nothing'}")  # fmt: skip
     assert job.status == DispyJob.Finished, job.exception
     assert listed + found == []
+
+
+def test_a_secret_on_dispynb_runs_command_line_is_masked(tmp_path):
+    """``dispynb run --secret VALUE`` (dispy_cmd.py's way): another user read the
+    secret in the process list while the runs went on."""
+    secret = strong_secret()
+    node = start_node(tmp_path / "node", secret=secret)
+    program = tmp_path / "wait.sh"
+    program.write_text("#!/bin/sh\nsleep 3\n")
+    program.chmod(0o755)
+    command = [sys.executable, "-m", "dispynb.cli", "run", "-n", node.spec]
+    run = subprocess.Popen(
+        [*command, "--secret", secret, "wait.sh"],
+        cwd=tmp_path,
+        env=node_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        shown = b""  # what it shows last, as its job runs (3 s)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with (
+                contextlib.suppress(OSError),
+                open(f"/proc/{run.pid}/cmdline", "rb") as f,
+            ):
+                shown = f.read() or shown  # (empty once it exited)
+            if run.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert run.wait(60) == 0
+    finally:
+        run.kill()
+        node.stop()
+    assert b"--secret\0" + b"*" * len(secret) in shown, shown
