@@ -13,9 +13,15 @@ node answers with one `NodeHealth` and closes, creating no session and logging t
 probe at debug level only. Anybody who knows the secret may claim the name: it gets
 that one answer and a closed connection, nothing a client could not get.
 
+``dispynb-scheduler --check`` asks a scheduler the same way, proving the node secret
+(no user credential: a user name never has the probe's characters); its answer counts
+the CPUs of its nodes up, the jobs running on them, its user sessions and
+computations.
+
 The command prints one line in the monitoring-plugin format (``OK - ... | perfdata``)
-and exits 0 (it answered), 2 (CRITICAL: not reachable, refused, no answer) or 3
-(UNKNOWN: the check itself is misconfigured). A node that does not listen (outside
+and exits 0 (it answered), 1 (WARNING: a scheduler with no node up), 2 (CRITICAL:
+not reachable, refused, no answer) or 3 (UNKNOWN: the check itself is
+misconfigured). A node that does not listen (outside
 its service window, draining after SIGTERM, after ``--serve``'s last client) refuses
 the probe's connection as it refuses clients': CRITICAL, naming the refusal.
 """
@@ -40,9 +46,9 @@ if TYPE_CHECKING:
 #: The client name a health probe gives in its hello.
 HEALTH_PROBE = "<dispynb-node --check>"
 
-#: Exit statuses, as monitoring plugins give them (1, WARNING, is not used).
-OK, CRITICAL, UNKNOWN = 0, 2, 3
-_STATUS = {OK: "OK", CRITICAL: "CRITICAL", UNKNOWN: "UNKNOWN"}
+#: Exit statuses, as monitoring plugins give them.
+OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
+_STATUS = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL", UNKNOWN: "UNKNOWN"}
 
 #: Seconds the whole probe may take (connect, handshake, answer) by default.
 CHECK_TIMEOUT = 10.0
@@ -70,15 +76,16 @@ async def probe(
     secret: bytes | None,
     ssl_context: ssl.SSLContext | None = None,
     timeout: float = CHECK_TIMEOUT,
+    default_port: int = NODE_PORT,
 ) -> NodeHealth:
-    """Ask the node at ``address`` (``HOST[:PORT]``) how it is.
+    """Ask the node (or scheduler) at ``address`` (``HOST[:PORT]``) how it is.
 
     Raises `DispynbError` (`ConnectTimeoutError`, `AuthenticationError`...) if it
     cannot be asked, `TimeoutError` if it does not answer within ``timeout`` s.
     """
     from dispynb.transport.connector import connect  # not a serving node's import
 
-    host, port = parse_address(address, NODE_PORT)
+    host, port = parse_address(address, default_port)
     async with asyncio.timeout(timeout):
         conn, _welcome = await connect(
             host,
@@ -103,13 +110,15 @@ async def probe(
     return answer
 
 
-def report(address: str, health: NodeHealth) -> tuple[int, str]:
-    """The exit status and the line `check` prints for ``health``."""
+def report(address: str, health: NodeHealth, kind: str = "node") -> tuple[int, str]:
+    """The exit status and the line `check` prints for ``health`` of a ``kind``."""
     # A node that does not listen (outside its service window, draining, after
     # --serve's last client) cannot be asked: only the moment it stops is seen.
     status, state = OK, "draining" if health.draining else "serving"
+    if not health.cpus:  # a scheduler none of whose nodes is up
+        status, state = WARNING, "up with no node up (no CPUs)"
     line = (
-        f"{_STATUS[status]} - node {health.name!r} at {address} {state}: "
+        f"{_STATUS[status]} - {kind} {health.name!r} at {address} {state}: "
         f"{health.busy} of {health.cpus} CPUs busy, {health.clients} client(s), "
         f"{health.computations} computation(s), up {_duration(health.uptime)}, "
         f"dispynb {health.version}, pid {health.pid}"
@@ -125,19 +134,28 @@ def check(
     secret: bytes | None,
     ssl_context: ssl.SSLContext | None = None,
     timeout: float = CHECK_TIMEOUT,
+    kind: str = "node",
+    default_port: int = NODE_PORT,
 ) -> tuple[int, str]:
-    """Probe the node at ``address``; return the exit status and the line to print."""
+    """Probe the ``kind`` (a node, a scheduler) at ``address``; return the exit
+    status and the line to print."""
     try:
         health = asyncio.run(
-            probe(address, secret=secret, ssl_context=ssl_context, timeout=timeout)
+            probe(
+                address,
+                secret=secret,
+                ssl_context=ssl_context,
+                timeout=timeout,
+                default_port=default_port,
+            )
         )
     except TimeoutError:
         return CRITICAL, (
-            f"CRITICAL - node at {address} did not answer within {timeout:g} s"
+            f"CRITICAL - {kind} at {address} did not answer within {timeout:g} s"
         )
     except (DispynbError, OSError) as exc:
-        return CRITICAL, f"CRITICAL - node at {address}: {exc}"
-    return report(address, health)
+        return CRITICAL, f"CRITICAL - {kind} at {address}: {exc}"
+    return report(address, health, kind)
 
 
 def _duration(seconds: float) -> str:

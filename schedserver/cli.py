@@ -20,10 +20,10 @@ import sys
 
 from dispynb.daemon import run_daemon, set_dumpable, setup_logging, stop_signals
 from dispynb.defaults import NODE_PORT, SCHEDULER_PORT, SCHEDULER_REGISTER_PORT
-from dispynb.errors import ConfigurationError
+from dispynb.errors import ConfigurationError, DispynbError
 from dispynb.node import is_wildcard, parse_node_specs
 from dispynb.secret import resolve_secret
-from dispynb.transport.addressing import parse_address
+from dispynb.transport.addressing import format_address, parse_address
 from dispynb.transport.tls import client_context, server_context
 from nodeserver.cliconfig import (
     CommandParser,
@@ -112,6 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=NODE_PORT,
         help=f"port of the nodes named without one (default {NODE_PORT})",
+    )
+    parser.add_argument(
+        "--check",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="HOST[:PORT]",
+        help="do not serve: ask the scheduler running at HOST[:PORT] (default: "
+        "127.0.0.1 on --port) how it is, as a monitoring check, proving the node "
+        "secret (--node_secret_file or DISPYNB_SECRET); prints one line and exits "
+        "0, 1 (no node up), 2 (not reachable, refused) or 3",
     )
     parser.add_argument(
         "-i",
@@ -581,6 +592,32 @@ async def serve(config: SchedulerConfig) -> None:
         await server.stop(signalled[0] if signalled else "")
 
 
+def _check(args: argparse.Namespace) -> int:
+    """``--check``: probe a running scheduler (`nodeserver.health`)."""
+    from nodeserver.health import UNKNOWN, check
+
+    hosts = [h for h in args.host if h not in ("0.0.0.0", "::", "")]
+    address = args.check or format_address(
+        hosts[0] if hosts else "127.0.0.1", args.port
+    )
+    try:
+        secret = resolve_secret(args.node_secret, args.node_secret_file)
+        # Encrypted when the scheduler uses TLS; the secret proves who answers.
+        ssl_context = client_context() if args.cluster_certfile else None
+    except (DispynbError, OSError) as exc:
+        print(f"UNKNOWN - cannot check {address}: {exc}")
+        return UNKNOWN
+    status, line = check(
+        address,
+        secret=secret,
+        ssl_context=ssl_context,
+        kind="scheduler",
+        default_port=SCHEDULER_PORT,
+    )
+    print(line, flush=True)
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``dispynb-scheduler`` and ``python -m schedserver``."""
     argv = sys.argv[1:] if argv is None else argv
@@ -589,6 +626,8 @@ def main(argv: list[str] | None = None) -> int:
         if argv[:1] == ["user"]:
             return _user_command(argv[1:])
         args = parse_args(argv)
+        if args.check is not None:
+            return _check(args)
         # It holds the node secret and its users' credentials: other processes
         # of its user (a node's jobs, on this machine) are not to read them.
         set_dumpable(False)

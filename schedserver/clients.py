@@ -17,6 +17,7 @@ from dispynb.protocol.messages import (
     Recovered,
 )
 from dispynb.transport.connection import Connection
+from nodeserver.health import HEALTH_PROBE
 from schedserver.computation import SharedComputation
 from schedserver.session import SchedulerSession
 from schedserver.state import _ServerState, logger
@@ -33,6 +34,10 @@ class _Clients(_ServerState):
     """Clients' sessions and their computations' recovery."""
 
     async def _serve(self, conn: Connection, user: str) -> None:
+        if user == HEALTH_PROBE:  # no user (`SchedulerServer._secret_of`)
+            logger.debug("health probe from %s", conn.peer)
+            await conn.send(cast("SchedulerServer", self).health())
+            return
         refusal = self._over_sessions(user)
         if refusal:  # each session holds a descriptor: one user cannot take all
             self._session_refusals.event("refused sessions", user, refusal)

@@ -13,16 +13,24 @@ from __future__ import annotations
 import asyncio
 import os
 import platform
+import time
 
+from dispynb._version import __version__
 from dispynb.backends.finder import NodeFinder
 from dispynb.daemon import replace_file
 from dispynb.deploy.registry import RegisteredNode, Registrar
 from dispynb.errors import ConfigurationError
 from dispynb.httpd.security import is_loopback
 from dispynb.node import NodeAllocate, parse_node_specs
-from dispynb.protocol.messages import ComputationClose, NodeStatus, Welcome
+from dispynb.protocol.messages import (
+    ComputationClose,
+    NodeHealth,
+    NodeStatus,
+    Welcome,
+)
 from dispynb.transport.addressing import format_address
 from dispynb.transport.listener import Listener
+from nodeserver.health import HEALTH_PROBE
 from nodeserver.privatedir import private_dir
 from schedserver.clients import _Clients
 from schedserver.dispatch import _Dispatch
@@ -54,7 +62,7 @@ class SchedulerServer(
             self.spill.clean()
         listener = Listener(
             self._serve,
-            secret=self.users.lookup,
+            secret=self._secret_of,
             make_welcome=self._welcome,
             max_message_size=config.max_message_size,
             ssl_context=config.client_ssl,
@@ -228,6 +236,29 @@ class SchedulerServer(
         self.spill.close()
         self._session_refusals.close()
         self.message_refusals.close()
+
+    def _secret_of(self, name: str) -> bytes | None:
+        """The secret a client named ``name`` proves: its user's credential; the
+        node secret for a health probe (``dispynb-scheduler --check``: its name is
+        no user's, `check_name`), which gets one `NodeHealth` and nothing else."""
+        if name == HEALTH_PROBE:
+            return self.config.node_secret
+        return self.users.lookup(name)
+
+    def health(self) -> NodeHealth:
+        """How the scheduler is now, for a health probe."""
+        return NodeHealth(
+            name=self.config.name,
+            version=__version__,
+            pid=os.getpid(),
+            uptime=round(time.monotonic() - self.started, 3),
+            cpus=self.total_cpus(),
+            busy=sum(node.in_flight for node in self.nodes if node.alive),
+            clients=len(self.sessions),
+            computations=len(self.computations),
+            serving=self._listener is not None,
+            draining=bool(self.stopping),
+        )
 
     def _welcome(self) -> Welcome:
         return Welcome(

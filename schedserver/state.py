@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,6 +117,8 @@ class _ServerState:
         self.message_refusals = Tally(logger)
         self.port = 0
         self.stopping = False
+        #: `time.monotonic` when it was made (its health probes' uptime).
+        self.started = time.monotonic()
         #: A dispatch is due at the loop's next turn (`_Dispatch.schedule_soon`).
         self._dispatch_due = False
         #: Set to run the pulse now (`_Pulse.pulse_changed`).

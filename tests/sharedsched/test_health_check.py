@@ -1,0 +1,69 @@
+"""``dispynb-scheduler --check``: an admin's monitoring asks a running scheduler how
+it is, proving the node secret, as no user (no session logged)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dispynb import LocalCluster, SharedJobCluster
+from tests.sharedsched.harness import WAIT, SchedulerProcess, env_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+
+
+def check(address: str, secret: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "schedserver", "--check", address],
+        env=env_for(DISPYNB_SECRET=secret),
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+    )
+
+
+def _square(n: int) -> int:
+    return n * n
+
+
+def test_a_probe_says_how_the_scheduler_is_and_is_no_user(
+    scheduler: SchedulerProcess,
+    nodes: LocalCluster,
+    users: dict[str, Path],
+) -> None:
+    """Its nodes' CPUs and its user sessions; no session logged for the probe; a
+    wrong secret is CRITICAL."""
+    with SharedJobCluster(
+        _square, scheduler_host=scheduler.address, secret_file=str(users["alice"])
+    ) as cluster:
+        assert cluster.submit(3)() == 9
+        done = check(scheduler.address, nodes.secret)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert done.stdout.startswith(
+            f"OK - scheduler 'dispynb-scheduler' at {scheduler.address} serving: "
+            "0 of 4 CPUs busy, 1 client(s), 1 computation(s), up "
+        ), done.stdout
+    wrong = check(scheduler.address, "not-the-node-secret-0123456789abcdef")
+    assert wrong.returncode == 2, wrong.stdout + wrong.stderr
+    assert wrong.stdout.startswith(f"CRITICAL - scheduler at {scheduler.address}: ")
+    log = scheduler.log_text()
+    assert log.count("connected from") == 1, log  # alice's only
+    assert "health probe" not in log
+
+
+def test_a_scheduler_with_no_node_up_is_a_warning(tmp_path: Path) -> None:
+    secret = "node-secret-for-the-health-check-0123456789"
+    sched = SchedulerProcess(tmp_path, [], secret, ("--register_port", "0"))
+    sched.start()
+    try:
+        done = check(sched.address, secret)
+    finally:
+        sched.stop()
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stdout.startswith(
+        f"WARNING - scheduler 'dispynb-scheduler' at {sched.address} up with no "
+        "node up (no CPUs): 0 of 0 CPUs busy"
+    ), done.stdout
