@@ -69,6 +69,10 @@ IPV6_MULTICAST_GROUP = "ff02::b409:3171:9705:5134:6159"
 #: Nodes remembered at most (announcements from more addresses are ignored).
 MAX_FOUND = 4096
 
+#: Addresses whose announcements of another protocol version are each logged; past
+#: them one line says more come (anyone can send one, from any source address).
+VERSION_WARNINGS = 16
+
 #: ``on_found(ip, tcp_port, name, cpus)``
 FoundCallback = Callable[[str, int, str, int], None]
 #: ``on_lost(ip, tcp_port)``: the node said it is leaving.
@@ -180,6 +184,7 @@ class Discovery:
         self._opening6: asyncio.Task[None] | None = None
         self._full_warned = False
         self._version_warned: set[str] = set()
+        self._versions_full_warned = False
 
     @property
     def listen_address(self) -> tuple[str, int] | None:
@@ -384,15 +389,25 @@ class Discovery:
                 self._call(self._on_lost, ip, message.port)
             return
         if message.version != PROTOCOL_VERSION:
-            if ip not in self._version_warned:
-                self._version_warned.add(ip)
-                logger.warning(
-                    "node %r at %s speaks protocol %d, this client %d: not used",
-                    message.name,
-                    ip,
-                    message.version,
-                    PROTOCOL_VERSION,
-                )
+            if ip in self._version_warned:
+                return
+            if len(self._version_warned) >= VERSION_WARNINGS:
+                if not self._versions_full_warned:
+                    self._versions_full_warned = True
+                    logger.warning(
+                        "more than %d addresses announce nodes of another protocol "
+                        "version: not used, no longer logged",
+                        VERSION_WARNINGS,
+                    )
+                return
+            self._version_warned.add(ip)
+            logger.warning(
+                "node %r at %s speaks protocol %d, this client %d: not used",
+                message.name,
+                ip,
+                message.version,
+                PROTOCOL_VERSION,
+            )
             return
         if self._found.get(key) == message.boot:
             return

@@ -326,6 +326,38 @@ def test_version_mismatch_is_logged_once(
     assert len([r for r in caplog.records if "speaks protocol 99" in r.message]) == 1
 
 
+def test_announcements_of_other_versions_from_many_addresses_log_a_few_lines(
+    caplog: pytest.LogCaptureFixture, found: Found, no_broadcast: None
+) -> None:
+    """Anyone can send an announcement, from any source address (spoofed on a
+    network; here 500 addresses of 127/8): each address of another protocol version
+    was a warning line, without end and kept in a set without bound."""
+
+    async def main() -> None:
+        discovery = Discovery(host=HOST, listen_port=0)
+        await discovery.start([], found.on_found)
+        assert discovery.listen_address is not None
+        try:
+            for n in range(500):
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                    sock.bind((f"127.0.{2 + n // 250}.{2 + n % 250}", 0))
+                    sock.sendto(announce(version=99), discovery.listen_address)
+                await asyncio.sleep(0.001)  # read: the socket's buffer drops none
+            node = await Peer.open()
+            try:  # after the others in the listener's queue
+                node.send(announce(), discovery.listen_address[1])
+                await wait_until(lambda: bool(found.found))
+            finally:
+                node.close()
+        finally:
+            discovery.close()
+
+    with caplog.at_level(logging.WARNING, "dispynb.transport.discovery"):
+        run(main())
+    lines = [r for r in caplog.records if "protocol" in r.message]
+    assert len(lines) == discovery_module.VERSION_WARNINGS + 1, len(lines)
+
+
 # -- the node's announcer ----------------------------------------------------------
 
 
