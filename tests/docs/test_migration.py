@@ -76,3 +76,12 @@ def test_what_dispynb_adds_is_computed() -> None:
     options = migration.added_node_options()
     assert "--orphan-timeout" in options
     assert not set(migration.all_names()["dispynode"]) & set(options)
+
+
+def test_submit_keywords_are_found_in_the_parts_of_jobcluster() -> None:
+    """``dispy_job_depends`` is read by ``submit`` in ``_clusterjobs``, a part of
+    ``JobCluster``: the guide says dispynb has it."""
+    (row,) = [
+        r for r in migration.submit_keyword_rows() if r.name == "dispy_job_depends"
+    ]
+    assert row.status != migration.NOT_SUPPORTED, row

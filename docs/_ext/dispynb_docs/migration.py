@@ -132,8 +132,12 @@ def _defined(cls: Any, name: str) -> bool:
 
 
 def submit_keyword_rows() -> list[Row]:
-    source = inspect.getsource(
-        importlib.import_module(_dispynb().JobCluster.__module__)
+    """A reserved keyword is supported where ``submit`` reads it: in the module of
+    ``JobCluster`` or of one of its parts (``_Jobs`` in ``_clusterjobs``...)."""
+    source = "".join(
+        inspect.getsource(importlib.import_module(klass.__module__))
+        for klass in _dispynb().JobCluster.__mro__
+        if klass.__module__.startswith("dispynb")
     )
     return [_row(e, f'"{e.name}"' in source) for e in names.SUBMIT_KEYWORDS]
 
