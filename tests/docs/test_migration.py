@@ -85,3 +85,12 @@ def test_submit_keywords_are_found_in_the_parts_of_jobcluster() -> None:
         r for r in migration.submit_keyword_rows() if r.name == "dispy_job_depends"
     ]
     assert row.status != migration.NOT_SUPPORTED, row
+
+
+def test_shared_job_cluster_row_names_the_scheduler_program() -> None:
+    """While ``dispyscheduler.py`` has a dispynb program, the guide's
+    ``SharedJobCluster`` row says to use it, not that there is none."""
+    (program,) = [r for r in migration.program_rows() if r.name == "dispyscheduler.py"]
+    (shared,) = [r for r in migration.module_rows() if r.name == "SharedJobCluster"]
+    assert program.status != migration.NOT_SUPPORTED
+    assert "dispynb-scheduler" in shared.note, shared.note

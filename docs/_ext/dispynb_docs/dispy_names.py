@@ -50,9 +50,10 @@ MODULE = [
     ),
     Name(
         "SharedJobCluster",
-        differs="No scheduler program: dispynb's node servers "
-        "are shared by several clients at once, so this is a ``JobCluster`` that "
-        "accepts dispy's extra keywords; name the nodes with ``nodes=``.",
+        differs="``scheduler_host=`` names a ``dispynb-scheduler``, which shares its "
+        "nodes between users, each proving a credential of their own "
+        "(``secret_file=``); without it, a ``JobCluster`` on the nodes given "
+        "(``nodes=``): dispynb's node servers serve several clients at once.",
     ),
     Name("DispyJob", differs="Also awaitable (``await job``) in asyncio code."),
     Name("DispyNode"),
