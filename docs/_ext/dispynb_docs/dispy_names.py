@@ -288,8 +288,10 @@ JOB = [
     Name("finish"),
     Name(
         "__call__",
-        differs="``job()`` blocks for the result; ``job(clear=True)`` "
-        "waits for the next provisional result.",
+        differs="``job()`` blocks until the job ends (provisional results do not "
+        "end the wait, as in dispy) and returns ``result``. ``clear=True`` is "
+        "accepted and leaves ``finish`` set: dispy cleared it, so a second "
+        "``job()`` blocked for ever; here it returns the result again.",
     ),
     Name("__lt__", missing="Jobs are not ordered; sort by ``job.id``."),
 ]
