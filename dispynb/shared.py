@@ -33,7 +33,9 @@ class SharedJobCluster(JobCluster):
     node-management methods (``set_node_cpus``, ``close_node``...) raise
     `NotSupportedError`. ``status()``, ``print_status()``, the web monitor and the
     notebook panels list the real nodes behind the scheduler, with this cluster's
-    own jobs on each (never other users'); ``job.ip_addr`` is the scheduler's.
+    own jobs on each (never other users'); as in dispy, ``job.ip_addr`` and the
+    ``cluster_status`` node of a job that ran name the node behind the scheduler,
+    whose ``rx`` counts the results it sent.
 
     ``scheduler_node`` (dispy's older name) is taken for ``scheduler_host``.
     Without ``scheduler_host`` it is a `JobCluster` on the nodes given: dispynb's
