@@ -109,6 +109,8 @@ class _Events(_ClusterState):
         # As dispy's, a job names its node from dispatch on, before its start is
         # reported: `close` names where an unanswered job was left.
         jobs, host = self._jobs, info.host
+        if not host:  # sent where they wait to be placed (a shared scheduler)
+            return
         for key in keys:
             job = jobs.get(key)
             if job is not None and job.status is JobStatus.Created:

@@ -18,6 +18,7 @@ the operator's, not a client's.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -189,6 +190,11 @@ class SchedulerBackend(NodesBackend):
         with self._reported:
             self._reported_at = time.monotonic()
             self._reported.notify_all()
+
+    def jobs_sent(self, keys: list[int], link: NodeLink) -> None:
+        """Jobs sent to the scheduler wait in its queue: as in dispy, they name no
+        node until one runs them (the journal notes the scheduler)."""
+        self._events.jobs_sent(keys, dataclasses.replace(self._view(link), host=""))
 
     def jobs_placed(self, link: NodeLink, placed: JobsPlaced) -> None:
         """The scheduler sent jobs to a node behind it: they name that node."""

@@ -206,6 +206,31 @@ def test_a_job_names_the_node_behind_the_scheduler_that_ran_it(
     assert rows and all(row[6].strip() != "0 B" for row in rows if int(row[2])), rows
 
 
+def test_a_job_queued_at_the_scheduler_names_no_node_until_it_runs(
+    scheduler: SchedulerProcess, users: dict[str, Path]
+) -> None:
+    """dispy's SharedJobCluster job has no ip_addr until the scheduler reports it
+    Running; a job waiting in the scheduler's queue named the scheduler."""
+    with SharedJobCluster(
+        nap, scheduler_host=scheduler.address, secret_file=str(users["alice"])
+    ) as cluster:
+        running = [cluster.submit(30.0) for _ in range(4)]  # the 4 CPUs
+        wait_for(
+            lambda: all(job.status == JobStatus.Running for job in running),
+            "4 jobs running",
+        )
+        queued = cluster.submit(0.0)
+        assert cluster.status().jobs_pending == 5
+        assert queued.status == JobStatus.Created
+        assert queued.ip_addr is None
+        assert all(job.ip_addr is not None for job in running)
+        for job in running:
+            cluster.cancel(job)
+        assert queued.finish.wait(WAIT) and queued.result == 0.0
+        assert queued.ip_addr is not None
+        assert cluster.wait(timeout=WAIT)
+
+
 def test_a_killed_node_leaves_the_list(
     scheduler: SchedulerProcess, nodes: LocalCluster, users: dict[str, Path]
 ) -> None:
