@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import inspect
 import logging
 import os
 import shutil
@@ -31,7 +32,7 @@ import tempfile
 import time
 import weakref
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from dispynb.defaults import LOCAL_ENGINE_ENV, SECRET_ENV, SECRET_FILE_ENV
 from dispynb.errors import ClusterError, ConfigurationError
@@ -136,6 +137,9 @@ class LocalCluster:
 
     #: The engine ``JobCluster(nodes=this)`` runs on (None: dispynb's node servers).
     engine: Engine | None = None
+    #: What `inspect.signature`, ``help()``, IPython's ``LocalCluster?`` and the
+    #: API reference show: ``__init__``'s parameters, not ``__new__``'s catch-all.
+    __signature__: ClassVar[inspect.Signature]
 
     def __new__(cls, *args: Any, engine: str | None = None, **kwargs: Any) -> Any:
         if cls is LocalCluster and local_engine(engine) == "dask":
@@ -362,6 +366,13 @@ class LocalCluster:
 
     def __repr__(self) -> str:
         return f"<LocalCluster nodes={self.node_specs()} cpus={self.cpus}>"
+
+
+_INIT = inspect.signature(LocalCluster.__init__)
+LocalCluster.__signature__ = _INIT.replace(
+    parameters=list(_INIT.parameters.values())[1:],
+    return_annotation=inspect.Signature.empty,
+)
 
 
 def _signal_name(number: int) -> str:
