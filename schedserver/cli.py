@@ -22,7 +22,7 @@ from dispynb.daemon import run_daemon, set_dumpable, setup_logging, stop_signals
 from dispynb.defaults import NODE_PORT, SCHEDULER_PORT, SCHEDULER_REGISTER_PORT
 from dispynb.errors import ConfigurationError, DispynbError
 from dispynb.node import is_wildcard, parse_node_specs
-from dispynb.secret import resolve_secret
+from dispynb.secret import hide_secret_argv, resolve_secret
 from dispynb.transport.addressing import format_address, parse_address
 from dispynb.transport.tls import client_context, server_context
 from nodeserver.cliconfig import (
@@ -170,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         *_both("node_secret"),
         default=None,
-        help="the nodes' secret (seen in the process list: prefer --node_secret_file)",
+        help="the nodes' secret (in the process list until the scheduler masks it, "
+        "as it starts: prefer --node_secret_file)",
     )
     parser.add_argument(
         *_both("node_cafile"),
@@ -498,8 +499,8 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         refuse_readable_secret(args.config, "node_secret")
     elif args.node_secret:
         logger.warning(
-            "--node_secret is visible in the process list; prefer "
-            "--node_secret_file or DISPYNB_SECRET"
+            "--node_secret was visible in the process list while the scheduler "
+            "started (it shows *** now); prefer --node_secret_file or DISPYNB_SECRET"
         )
     secret = resolve_secret(args.node_secret, args.node_secret_file)
     nodes: list[tuple[str, int]] = []
@@ -620,12 +621,16 @@ def _check(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``dispynb-scheduler`` and ``python -m schedserver``."""
+    command_line = argv is None
     argv = sys.argv[1:] if argv is None else argv
 
     def run() -> int:
         if argv[:1] == ["user"]:
             return _user_command(argv[1:])
         args = parse_args(argv)
+        if command_line and args.node_secret:
+            # Out of the process list: its users are not to know the node secret.
+            hide_secret_argv(tuple(_both("node_secret")))
         if args.check is not None:
             return _check(args)
         # It holds the node secret and its users' credentials: other processes

@@ -17,6 +17,7 @@ from dispynb.errors import DispynbError
 from tests import jobs
 from tests.hostile.tools import AS_NOBODY, limited_node, strong_secret
 from tests.nodeproc import node_env, start_node
+from tests.sharedsched.harness import SchedulerProcess, add_user
 
 pytestmark = pytest.mark.slow
 
@@ -266,3 +267,22 @@ def test_a_secret_on_dispynb_runs_command_line_is_masked(tmp_path):
         run.kill()
         node.stop()
     assert b"--secret\0" + b"*" * len(secret) in shown, shown
+
+
+def test_a_node_secret_on_the_schedulers_command_line_is_masked(tmp_path):
+    """``dispynb-scheduler --node_secret VALUE``: every user of the machine, the
+    scheduler's own users among them (who are not to know the node secret: with it
+    they reach the nodes past their quotas), read it in the process list."""
+    secret = strong_secret()
+    add_user(tmp_path, "alice")
+    scheduler = SchedulerProcess(
+        tmp_path, [], secret, args=("--node_secret", secret)
+    ).start()
+    try:
+        assert scheduler.proc is not None
+        with open(f"/proc/{scheduler.proc.pid}/cmdline", "rb") as handle:
+            shown = handle.read()
+    finally:
+        scheduler.stop()
+    assert secret.encode() not in shown
+    assert b"--node_secret\0" + b"*" * len(secret) in shown, shown
