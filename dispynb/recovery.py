@@ -140,7 +140,10 @@ def recover_jobs(
         default) takes the newest ``_dispy_*`` file of the current directory, the
         one a cluster given no ``recover_file`` writes; it is removed once every
         result was collected. Its jobs were not journaled: each is returned as the
-        nodes kept it, with ``id`` None and no arguments (as dispy's are).
+        nodes kept it, with ``id`` None and no arguments (as dispy's are). A file
+        that does not exist (or no ``_dispy_*`` file) logs a warning and returns
+        ``[]``, as dispy's does; one that is not a journal raises
+        `ConfigurationError`.
     timeout:
         Seconds to wait for jobs still running on the nodes; None waits until they
         end. Jobs still running then are returned with status ``Running``. A node
@@ -187,7 +190,14 @@ def recover_jobs(
             )
             return []
     elif not os.path.exists(recover_file):
-        raise ConfigurationError(f"recover_file {recover_file!r} does not exist")
+        # dispy says so and returns no job: a script recovering once more (its file
+        # removed by the last recovery) goes on.
+        logger.warning(
+            "recover_file %r does not exist: nothing to recover; give the "
+            "recover_file the crashed client used",
+            recover_file,
+        )
+        return []
     limits = _limits(max_message_size, max_result_size, files_dir)
     key = resolve_secret(secret, secret_file)
     tls = client_context(certfile, keyfile, cafile) if (certfile or cafile) else None

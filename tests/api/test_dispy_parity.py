@@ -13,7 +13,7 @@ import pytest
 
 import dispynb
 from dispynb import DispyJob, DispyNode, DispyNodeAvailInfo, JobCluster, NodeAllocate
-from dispynb.errors import ConfigurationError, SetupError
+from dispynb.errors import SetupError
 from tests.jobs import WAIT, wait_until
 
 pytestmark = pytest.mark.slow
@@ -119,11 +119,6 @@ def test_logger_has_dispy_level_attributes():
     assert dispynb.logger.DEBUG == 10
     assert dispynb.logger.INFO == 20
     assert dispynb.logger.name == "dispynb"
-
-
-def test_recover_jobs_without_a_journal_is_a_clear_error(tmp_path):
-    with pytest.raises(ConfigurationError, match="does not exist"):
-        dispynb.recover_jobs(str(tmp_path / "missing.db"))
 
 
 class Scaler:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import signal
@@ -432,9 +433,14 @@ def test_recover_file_removed_after_clean_close(local, tmp_path):
     assert not journal.exists()
 
 
-def test_recover_jobs_missing_file_is_a_clear_error(tmp_path):
-    with pytest.raises(ConfigurationError, match="does not exist"):
-        dispynb.recover_jobs(str(tmp_path / "none.db"))
+def test_recover_jobs_missing_file_says_so_and_returns_no_job(tmp_path, caplog):
+    """As dispy's: a recovery script run again (its file removed by the recovery that
+    found every job) goes on with no job; the log names the file."""
+    missing = str(tmp_path / "none.db")
+    with caplog.at_level(logging.WARNING, logger="dispynb"):
+        assert dispynb.recover_jobs(missing) == []
+    assert f"{missing!r} does not exist" in caplog.text
+    assert not os.path.exists(missing)  # nothing created in its place
 
 
 # -- dispy's default recovery file (_dispy_<timestamp>) and recover_jobs() ------------
