@@ -136,11 +136,12 @@ class _Nodes(_ClusterState):
         backend, node_id = managed
         return 0 if backend.resetup_node(node_id, terminate_pending) else -1
 
-    def node_jobs(self, node: Any, from_node: bool = False) -> list[DispyJob]:
-        """The jobs of this cluster running on ``node`` now."""
+    def node_jobs(self, node: Any, from_node: bool = False) -> list[DispyJob] | int:
+        """The jobs of this cluster running on ``node`` now; -1 (as dispy's) for a
+        node that is not one of this cluster's, or a closed cluster."""
         self._require(base.NODE_JOBS, "node_jobs")
         node_id = self._node_id(node)
         if node_id is None or self._backend is None:
-            return []
+            return -1
         keys = self._backend.running_jobs(node_id)
         return [job for key in keys if (job := self._jobs.get(key)) is not None]

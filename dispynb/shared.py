@@ -112,3 +112,10 @@ class SharedJobCluster(JobCluster):
             engine=SchedulerEngine(address, exclusive=exclusive),
             **options,
         )
+
+    def node_jobs(self, node: Any, from_node: bool = False) -> list[DispyJob] | int:
+        """The jobs of this cluster running on ``node`` now; ``[]`` for a node the
+        scheduler does not use for it (dispy's SharedJobCluster, where `JobCluster`
+        returns -1)."""
+        jobs = super().node_jobs(node, from_node)
+        return [] if jobs == -1 else jobs

@@ -155,6 +155,7 @@ def test_node_jobs_lists_running_job(local1, tmp_path):
         cluster.cancel(job)
         assert job.wait(timeout=WAIT)
         assert cluster.node_jobs(node) == []
+        assert cluster.node_jobs("no-such-node") == -1  # as dispy's JobCluster
 
 
 def test_node_jobs_lists_the_running_jobs_not_those_queued_at_the_node(

@@ -110,6 +110,7 @@ def test_status_print_status_and_monitor_list_the_nodes_behind_the_scheduler(
             job._key for node in alice.status().nodes for job in alice.node_jobs(node)
         )
         assert running == keys
+        assert alice.node_jobs("no-such-node") == []  # dispy's SharedJobCluster
         # Bob sees the same nodes, and none of alice's jobs on them.
         wait_for(lambda: sorted(by_address(bob)) == addresses, "bob's nodes")
         assert all(n.busy == 0 and n.jobs_done == 0 for n in bob.status().nodes)
