@@ -61,3 +61,19 @@ def test_readme_script_example_runs(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip(), "the example prints its results"
+
+
+def test_readme_lists_every_guide_and_explanation() -> None:
+    """Its "Documentation" paragraph says "Its pages:": each how-to and explanation
+    page is there, so a newcomer reading only the README finds them all."""
+    text = README.read_text(encoding="utf-8")
+    linked = {ROOT / link.split("#", 1)[0] for link in _links(text)}
+    pages = [
+        ROOT / "docs" / "getting-started.md",
+        ROOT / "docs" / "security.md",
+        ROOT / "docs" / "benchmarks.md",
+        *sorted((ROOT / "docs" / "howto").glob("*.md")),
+        *sorted((ROOT / "docs" / "explanation").glob("*.md")),
+    ]
+    missing = [str(page.relative_to(ROOT)) for page in pages if page not in linked]
+    assert not missing, f"README.md does not link {missing}"
