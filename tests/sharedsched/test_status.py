@@ -148,8 +148,19 @@ def test_status_print_status_and_monitor_list_the_nodes_behind_the_scheduler(
             assert "set_node_cpus" in refused.json()["reason"]
         finally:
             monitor.shutdown(wait=False)
+        node = alice.status().nodes[0]
         with pytest.raises(NotSupportedError, match="submit_node"):
-            alice.submit_node(alice.status().nodes[0], 1.0)
+            alice.submit_node(node, 1.0)
+        # As the migration guide says: the scheduler alone chooses the nodes.
+        for refused_call in (
+            lambda: alice.submit_job_id_node("id", node, 1.0),
+            lambda: alice.set_node_cpus(node, 1),
+            lambda: alice.allocate_node(node),
+            lambda: alice.deallocate_node(node),
+            lambda: alice.close_node(node),
+        ):
+            with pytest.raises(NotSupportedError):
+                refused_call()
         for job in long:
             alice.cancel(job)
         assert alice.wait(timeout=WAIT)

@@ -221,20 +221,31 @@ SHARED = [
     ),
 ]
 
+#: What the methods a dispy client used to steer its scheduler do on a dispynb one.
+_SCHEDULER_CHOOSES = (
+    "On a ``SharedJobCluster`` through a ``dispynb-scheduler`` it raises "
+    "``NotSupportedError``: the scheduler alone chooses the nodes and only its "
+    "operator manages them (dispy's scheduler took this from its clients)."
+)
+
 #: Methods and properties of ``JobCluster`` (and ``SharedJobCluster``).
 METHODS = [
     Name("submit"),
     Name("submit_job_id"),
-    Name("submit_node"),
-    Name("submit_job_id_node"),
+    Name("submit_node", differs=_SCHEDULER_CHOOSES),
+    Name("submit_job_id_node", differs=_SCHEDULER_CHOOSES),
     Name("cancel"),
     Name("discover_nodes"),
-    Name("allocate_node"),
-    Name("deallocate_node"),
-    Name("close_node"),
+    Name("allocate_node", differs=_SCHEDULER_CHOOSES),
+    Name("deallocate_node", differs=_SCHEDULER_CHOOSES),
+    Name("close_node", differs=_SCHEDULER_CHOOSES),
     Name("resetup_node"),
-    Name("node_jobs"),
-    Name("set_node_cpus"),
+    Name(
+        "node_jobs",
+        note="A node not of the cluster: -1, as dispy's ``JobCluster`` (``[]`` on "
+        "a ``SharedJobCluster``, as dispy's).",
+    ),
+    Name("set_node_cpus", differs=_SCHEDULER_CHOOSES),
     Name("send_file"),
     Name("name", extra={"instance": "1"}),
     Name("status"),
