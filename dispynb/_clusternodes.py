@@ -87,20 +87,29 @@ class _Nodes(_ClusterState):
         backend, node_id = managed
         return 0 if backend.set_cpus(node_id, 0) >= 0 else -1
 
-    def set_node_cpus(self, node: Any, cpus: int) -> int:
+    def set_node_cpus(self, node: Any, cpus: int | str) -> int:
         """Use ``cpus`` CPUs of ``node`` (negative: all but that many).
 
-        Returns the CPUs now used, or -1 for an unknown node. A node never gets more
-        jobs at once than it set up workers for.
+        Returns the CPUs now used, or -1 for an unknown node or a ``cpus`` that is
+        not a number. As in dispy, ``cpus`` may be a string (``"2"``), and a
+        negative one larger than the node's CPUs changes nothing. A node never gets
+        more jobs at once than it set up workers for.
         """
         managed = self._managed(node, "set_node_cpus")
         if managed is None:
             return -1
         backend, node_id = managed
+        known = self._nodes.get(node_id)
+        try:
+            cpus = int(cpus)
+        except (TypeError, ValueError):
+            logger.warning("set_node_cpus: cpus=%r is not a number of CPUs", cpus)
+            return -1
         if cpus < 0:
+            if self._node_cpus.get(node_id, 0) + cpus < 0:  # dispy leaves it so
+                return known.cpus if known is not None else -1
             cpus = self._node_cpus.get(node_id, 0) + cpus
         used = backend.set_cpus(node_id, cpus)
-        known = self._nodes.get(node_id)
         if known is not None and used >= 0:
             known.cpus = used  # avail_cpus stays what it offers, as dispy's
             self._emit(DispyNode.AvailInfo, known, None)

@@ -59,6 +59,12 @@ def test_set_node_cpus_zero_then_back(two):
         assert cluster.set_node_cpus(node, 5) == 1  # never more than it set up
         assert cluster.set_node_cpus(node, -1) == 0  # all but one
         assert cluster.set_node_cpus("no-such-node", 1) == -1
+        # As dispy's: a string is taken as its number, a negative count beyond the
+        # node's CPUs changes nothing, and what is not a number is -1.
+        assert cluster.set_node_cpus(node, "1") == 1
+        assert cluster.set_node_cpus(node, -5) == 1
+        assert cluster.set_node_cpus(node, "all") == -1
+        assert node.cpus == 1
 
 
 def test_set_node_cpus_leaves_avail_cpus_so_that_it_restores_them(local):
