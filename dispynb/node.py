@@ -319,7 +319,9 @@ class NodeAllocate:
 
         Called by the cluster for each node it finds, with ``avail_info`` and
         ``platform`` passed by keyword. Overrides may set ``self.depends`` and
-        ``self.setup_args`` for this node before returning.
+        ``self.setup_args`` for this node before returning. As in dispy, a node
+        one allocation declines is asked of the cluster's next that fits it (those
+        naming a host before patterns, each in the order of ``nodes``).
 
         Parameters
         ----------

@@ -213,7 +213,9 @@ class NodesBackend:
         explicit = [spec for spec in self._specs if not is_wildcard(spec)]
         for spec in explicit:
             self.driver.add_node(
-                spec.host, spec.port or self._node_port, self._allocator(spec)
+                spec.host,
+                spec.port or self._node_port,
+                self._allocator(spec, spec.port or self._node_port),
             )
         wildcards = [spec for spec in self._specs if is_wildcard(spec)]
         wait = STARTUP_WAIT
@@ -271,9 +273,28 @@ class NodesBackend:
             and node_id not in self._released
             and not self._closed
         ):
-            self.driver.add_node(ip, port, self._allocator(spec))
+            self.driver.add_node(ip, port, self._allocator(spec, port))
 
-    def _allocator(self, spec: NodeAllocate) -> Allocator:
+    def _allocations(
+        self, spec: NodeAllocate, port: int, ip: str, name: str
+    ) -> list[NodeAllocate]:
+        """The node allocations asked, in turn, how many CPUs of the node at
+        ``ip:port`` to use, as dispy asks its cluster's: those naming a host before
+        patterns (``spec``, which found the node, first among its kind), each in
+        the order of ``nodes``; the first that gives CPUs is the node's."""
+        fits = [
+            other
+            for other in self._specs
+            if other is not spec
+            and other.port in (None, port)
+            and other.matches(ip, name)
+        ]
+        asked = [spec, *fits]
+        return [a for a in asked if not is_wildcard(a)] + [
+            a for a in asked if is_wildcard(a)
+        ]
+
+    def _allocator(self, spec: NodeAllocate, port: int) -> Allocator:
         opts = self._options
         deps = self._config.depends
         compiled = _compiled_code(opts, deps.names)
@@ -282,17 +303,24 @@ class NodesBackend:
             welcome: Welcome, peer_ip: str
         ) -> tuple[int, list[Buffer], list[FileRef]]:
             _check_python(welcome, peer_ip, compiled)
+            chosen = spec
             try:
-                cpus = spec.allocate(
-                    self._config.cluster,
-                    peer_ip,
-                    welcome.name,
-                    welcome.cpus,
-                    avail_info=self._reported_avail(peer_ip, welcome.avail),
-                    platform=welcome.platform,
-                )
+                avail_info = self._reported_avail(peer_ip, welcome.avail)
+                cpus = 0
+                for asked in self._allocations(spec, port, peer_ip, welcome.name):
+                    cpus = asked.allocate(
+                        self._config.cluster,
+                        peer_ip,
+                        welcome.name,
+                        welcome.cpus,
+                        avail_info=avail_info,
+                        platform=welcome.platform,
+                    )
+                    if cpus and cpus > 0:  # else dispy asks the next one
+                        chosen = asked  # its depends and setup_args apply
+                        break
                 # allocate() may set per-node depends and setup_args (dispy examples do)
-                node_deps = collect(spec.depends, "NodeAllocate.depends")
+                node_deps = collect(chosen.depends, "NodeAllocate.depends")
                 if node_deps.names:  # compiled code of this node's own
                     _check_python(
                         welcome, peer_ip, _compiled_code(opts, node_deps.names)
@@ -309,7 +337,7 @@ class NodesBackend:
                 "program": self._program,
                 "setup": opts.setup,
                 "cleanup": opts.cleanup if callable(opts.cleanup) else None,
-                "setup_args": tuple(spec.setup_args),
+                "setup_args": tuple(chosen.setup_args),
                 "names": {**deps.names, **node_deps.names},
             }
             files = deps.files + node_deps.files
@@ -604,7 +632,7 @@ class NodesBackend:
         elif link is not None:  # known: all its CPUs again (after deallocate_node)
             self.driver.set_cpus(node_id, link.cpus)
         else:
-            self.driver.add_node(spec.host, port, self._allocator(spec))
+            self.driver.add_node(spec.host, port, self._allocator(spec, port))
 
     def set_cpus(self, node_id: str, cpus: int) -> int:
         return int(self._on_loop(self.driver.set_cpus, node_id, cpus))

@@ -82,6 +82,40 @@ def test_node_allocate_gets_avail_info_and_platform(local):
     assert "Linux" in platform
 
 
+class Refuses(NodeAllocate):
+    """Declines every node (its allocate returns 0)."""
+
+    def allocate(self, cluster, ip_addr, name, cpus, avail_info=None, platform=""):
+        return 0
+
+
+def setup_tag(tag: str) -> int:
+    global TAG
+    TAG = tag
+    return 0
+
+
+def tagged() -> str:
+    return TAG  # type: ignore[name-defined]
+
+
+def test_a_node_one_allocation_declines_is_asked_of_the_next(local):
+    """dispy asks a cluster's node allocations in turn, those naming a host before
+    patterns: a node that one declines (allocate returns 0) goes to the next that
+    fits it, with that one's CPUs and setup_args. Before, the node was refused."""
+    host, port = local.addresses[0]
+    nodes = [
+        NodeAllocate("127.0.0.*", port=port, cpus=1, setup_args=("pattern",)),
+        Refuses(host, port=port, setup_args=("declined",)),
+    ]
+    with JobCluster(
+        tagged, nodes=nodes, setup=setup_tag, secret=local.secret
+    ) as cluster:
+        (node,) = cluster.status().nodes
+        assert (node.cpus, node.avail_cpus) == (1, 2)
+        assert cluster.submit()() == "pattern"
+
+
 def node_ip() -> str:
     return dispy_node_ip_addr  # type: ignore[name-defined]  # noqa: F821
 
