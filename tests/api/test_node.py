@@ -487,3 +487,11 @@ def test_dispy_node_takes_dispys_argument_order() -> None:
         8,
     )
     assert node.port == 9711  # dispynb's default node port
+
+
+def test_allocate_negative_cpus_gives_all_but_that_many_or_declines():
+    """cpus=-N leaves N of the node's CPUs unused; one that cannot declines the
+    node (the migration guide: dispy's used all its CPUs then)."""
+    spec = NodeAllocate("127.0.0.1", cpus=-1)
+    assert spec.allocate(None, "127.0.0.1", "n", 3) == 2
+    assert NodeAllocate("127.0.0.1", cpus=-5).allocate(None, "127.0.0.1", "n", 3) == 0

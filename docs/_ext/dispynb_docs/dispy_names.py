@@ -343,7 +343,12 @@ AVAIL_INFO = [Name("cpu"), Name("memory"), Name("disk"), Name("swap")]
 NODE_ALLOCATE = [
     Name("host"),
     Name("port"),
-    Name("cpus"),
+    Name(
+        "cpus",
+        differs="A negative count (all but that many) that leaves a node no CPU "
+        "declines it (the next allocation that fits is asked, as in dispy); "
+        "dispy's used all its CPUs then.",
+    ),
     Name("depends"),
     Name("setup_args"),
 ]
