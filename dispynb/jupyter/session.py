@@ -387,13 +387,15 @@ class Session(_SessionProbes, _SessionNodes):
         A run that had unfinished jobs (a ``--nowait`` one) says so on stderr, in
         the cell that replaced or closed its nodes: its results stop here."""
         stopped = []
-        for run in self.runs:
+        runs = self.runs
+        for run in runs:
             unfinished = [job for job in list(run.jobs) if not job.done()]
             run.cancel()
             run.close(terminate=True)
             if unfinished:
                 stopped.append(run._stop_summary("dispynb", unfinished))
-        self._runs = []
+        # Ended now: still listed (`runs`) while a variable of the notebook holds them.
+        self._runs = [weakref.ref(run) for run in runs]
         if self.local is not None:
             self.local.close()
         self.local = None

@@ -604,6 +604,24 @@ def test_a_local_node_that_died_says_to_run_dispy_local_again():
         local.close()
 
 
+def test_a_finished_run_a_variable_holds_stays_in_status_after_new_nodes():
+    """As the guide says: a finished run stays in %dispy status as long as a
+    variable holds it. New nodes (%dispy local again) dropped every run from it.
+    (A session of its own: this module's shell keeps its nodes.)"""
+    from dispynb.jupyter.session import Session
+
+    session = Session()
+    try:
+        session.start_local(1, 1)
+        kept = Run.map(abs, [-1, -2], nodes=session.nodes, progress="none")
+        session.add_run(kept)
+        session.start_local(1, 1)  # %dispy local again: new nodes
+        assert session.runs == [kept], session.runs
+        assert "<Run 'abs' 2/2 done" in repr(session.status())
+    finally:
+        session.close()
+
+
 def test_magic_line_status_lists_nodes_and_runs(ip):
     cell(ip, '--over "[1, 2]" --into counted', "def one(x):\n    return 1\n")
 
