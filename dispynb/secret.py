@@ -288,7 +288,7 @@ def estimate_bits(secret: bytes) -> float:
       of its characters, which catches a small alphabet used over and over.
 
     A secret from `random_secret` (43 URL-safe characters, 256 random bits) scores
-    about 200; a dictionary word, a common password or any secret shorter than 20
+    about 210; a dictionary word, a common password or any secret shorter than 20
     characters scores under 128. A long passphrase of words can score more than it
     holds: prefer a generated secret.
     """
