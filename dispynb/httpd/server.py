@@ -61,7 +61,8 @@ class DispyHTTPServer:
     Parameters
     ----------
     cluster:
-        The `JobCluster` (or `SharedJobCluster`) to show.
+        The `JobCluster` (or `SharedJobCluster`) to show; None (as dispy allows)
+        shows none until `add_cluster`.
     host:
         Address to bind; default 127.0.0.1 (this machine only). Any other address
         (``'0.0.0.0'``: all interfaces) needs ``certfile`` or
@@ -96,7 +97,7 @@ class DispyHTTPServer:
 
     def __init__(
         self,
-        cluster: JobCluster,
+        cluster: JobCluster | None,
         host: str = "127.0.0.1",
         port: int = 8181,
         poll_sec: float = 10,
@@ -109,7 +110,7 @@ class DispyHTTPServer:
         allow_plain_http: bool = False,
         allowed_hosts: Iterable[str] = (),
     ) -> None:
-        _check_options(cluster, poll_sec, DocumentRoot)
+        _check_options(poll_sec, DocumentRoot)
         self._endpoint = endpoint = open_endpoint(
             host,
             port,
@@ -154,6 +155,8 @@ class DispyHTTPServer:
 
     def _title(self) -> str:
         """What the monitor shows: ``web monitor of 'NAME'``."""
+        if self._cluster is None:
+            return "web monitor (no cluster yet: add_cluster shows one)"
         return f"web monitor of {getattr(self._cluster, 'name', self._cluster)!r}"
 
     def _repr_html_(self) -> str:
@@ -294,7 +297,8 @@ class DispyHTTPServer:
             self._loop.close()
 
     def _setup(self) -> None:
-        self._add_view(self._cluster)
+        if self._cluster is not None:
+            self._add_view(self._cluster)
         self._context = context = ApiContext(
             self._views, self._executor, self.show_job_args, self.poll_sec
         )
@@ -358,9 +362,7 @@ def cluster_key(name: str) -> str:
     return _UNSAFE_IN_KEY.sub("_", name).strip("_")[:64] or "cluster"
 
 
-def _check_options(cluster: object, poll_sec: float, document_root: object) -> None:
-    if cluster is None:
-        raise ConfigurationError("DispyHTTPServer needs the cluster to show")
+def _check_options(poll_sec: float, document_root: object) -> None:
     if document_root is not None:
         raise ConfigurationError(
             "DocumentRoot is not supported: dispynb's monitor serves only its own "

@@ -134,6 +134,25 @@ def test_del_of_every_cluster_then_add(
     assert ok(client.get("/api/cluster"))["name"] == "square"
 
 
+def test_a_monitor_made_with_no_cluster_shows_those_added_later(
+    cluster: JobCluster, second: JobCluster
+) -> None:
+    """dispy's DispyHTTPServer(None), then add_cluster for each cluster of a
+    program: before, the monitor refused to start without a cluster."""
+    server = DispyHTTPServer(None, port=0, poll_sec=1)
+    try:
+        client = MonitorClient(server)
+        empty = client.get("/api/cluster")
+        assert empty.status == 404
+        assert "add_cluster" in empty.json()["reason"]
+        server.add_cluster(cluster)
+        server.add_cluster(second)
+        assert server.clusters == [cluster, second]
+        assert ok(client.get("/api/cluster"))["name"] == cluster.name
+    finally:
+        server.shutdown(wait=False)
+
+
 def test_add_cluster_after_shutdown_is_a_clear_error(cluster: JobCluster) -> None:
     server = DispyHTTPServer(cluster, port=0, poll_sec=1)
     server.shutdown(wait=False)
