@@ -20,9 +20,11 @@ ROOT = Path(__file__).resolve().parents[2]
 #: The pages, in the order a newcomer reads them.
 PAGES = [
     ROOT / "README.md",
+    ROOT / "docs" / "index.md",
     ROOT / "docs" / "getting-started.md",
     *sorted((ROOT / "docs" / "howto").glob("*.md")),
     ROOT / "docs" / "security.md",
+    *sorted((ROOT / "docs" / "explanation").glob("*.md")),
     ROOT / "schedserver" / "README.md",
 ]
 
