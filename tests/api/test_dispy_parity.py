@@ -4,6 +4,7 @@ computations dispy could not ship, several client processes at once."""
 from __future__ import annotations
 
 import functools
+import os
 import subprocess
 import sys
 import threading
@@ -234,3 +235,25 @@ def test_shared_job_cluster_with_scheduler_host_needs_a_user_credential(local):
 
     with pytest.raises(ConfigurationError, match="credential"):
         SharedJobCluster(abs, scheduler_host="127.0.0.1", secret="not-a-credential")
+
+
+def sent_file_mode(name: str) -> tuple[bool, float]:
+    import os
+
+    return os.access(name, os.X_OK), os.stat(name).st_mtime
+
+
+def test_a_file_sent_to_a_node_arrives_not_executable_as_the_guide_says(
+    local, tmp_path, monkeypatch
+):
+    """The migration guide's depends row: dispy kept a sent file's mode and times;
+    dispynb's node store gives it neither (run it with its interpreter)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tool.sh").write_text("#!/bin/sh\necho hi\n")
+    os.chmod(tmp_path / "tool.sh", 0o755)
+    with JobCluster(
+        sent_file_mode, nodes=local, depends=["tool.sh"], secret=local.secret
+    ) as cluster:
+        executable, mtime = cluster.submit("tool.sh")()
+    assert not executable
+    assert mtime == 946684800.0  # 2000-01-01, as the guide says

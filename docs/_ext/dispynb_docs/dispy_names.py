@@ -115,7 +115,10 @@ JOBCLUSTER = [
     Name(
         "depends",
         differs="Never mutated (dispy's default list was shared); "
-        "files are content-addressed and cached on nodes.",
+        "files are content-addressed and cached on nodes. A file arrives readable, "
+        "not executable, dated 2000-01-01 (dispy kept its mode and times): run a "
+        "script sent so with its interpreter (``sh tool.sh``, "
+        "``[sys.executable, 'tool.py']``).",
     ),
     Name("job_status"),
     Name("cluster_status"),
@@ -246,7 +249,11 @@ METHODS = [
         "a ``SharedJobCluster``, as dispy's).",
     ),
     Name("set_node_cpus", differs=_SCHEDULER_CHOOSES),
-    Name("send_file"),
+    Name(
+        "send_file",
+        differs="The file arrives as ``depends``' files do: readable, not "
+        "executable, dated 2000-01-01 (dispy kept its mode and times).",
+    ),
     Name("name", extra={"instance": "1"}),
     Name("status"),
     Name("print_status"),
@@ -382,7 +389,9 @@ JOB_GLOBALS = [
         "(None, the default, waits). From a process the job started "
         "(``multiprocessing``) it returns 0 once the file is sent, unconfirmed; "
         "from a thread the job started, -1 once the job has returned (the file "
-        "may still arrive; on Ray the thread still gets its answer).",
+        "may still arrive; on Ray the thread still gets its answer). The "
+        "client's copy is private (mode 600) and dated when written (dispy's took "
+        "the node file's mode and times).",
     ),
     Name(
         "dispynode_logger",
