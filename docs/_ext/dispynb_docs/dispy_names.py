@@ -233,7 +233,13 @@ _SCHEDULER_CHOOSES = (
 
 #: Methods and properties of ``JobCluster`` (and ``SharedJobCluster``).
 METHODS = [
-    Name("submit"),
+    Name(
+        "submit",
+        differs="Arguments that cannot be pickled raise ``SerializationError`` at "
+        "once, naming the argument (dispy returned the job and ended it "
+        "``Cancelled`` when it failed to send it); after ``close()`` it raises "
+        "``ClusterError`` (dispy's raised ``AttributeError``).",
+    ),
     Name("submit_job_id"),
     Name("submit_node", differs=_SCHEDULER_CHOOSES),
     Name("submit_job_id_node", differs=_SCHEDULER_CHOOSES),
