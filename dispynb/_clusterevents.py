@@ -50,6 +50,8 @@ class _Events(_ClusterState):
         node = self._nodes.pop(info.node_id, None)
         if node is None:
             return
+        if departure is not Departure.RESETUP:
+            self._deallocated.discard(info.node_id)  # if it comes back: set up anew
         if departure is Departure.RESETUP:
             self._resetting[info.node_id] = node
         elif self._closed:

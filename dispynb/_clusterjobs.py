@@ -90,13 +90,12 @@ class _Jobs(_ClusterState):
     def submit_node(self, node: Any, *args: Any, **kwargs: Any) -> DispyJob | None:
         """Like `submit`, but run on ``node`` (a `DispyNode`, address or name) only.
 
-        Returns None (and logs why) if ``node`` is not a node of this cluster, as
-        dispy does.
+        Returns None (and logs why) if ``node`` is not a node of this cluster, or
+        was taken out with `deallocate_node`, as dispy does.
         """
         self._require(base.SUBMIT_NODE, "submit_node")
-        node_id = self._node_id(node)
+        node_id = self._pinned_node(node)
         if node_id is None:
-            logger.warning("submit_node: %r is not a node of this cluster", node)
             return None
         return self._submit(None, node_id, args, kwargs)
 
@@ -105,11 +104,25 @@ class _Jobs(_ClusterState):
     ) -> DispyJob | None:
         """`submit_node` with ``job.id`` set to ``job_id``."""
         self._require(base.SUBMIT_NODE, "submit_job_id_node")
+        node_id = self._pinned_node(node)
+        if node_id is None:
+            return None
+        return self._submit(job_id, node_id, args, kwargs)
+
+    def _pinned_node(self, node: Any) -> str | None:
+        """The id of ``node`` for `submit_node`, or None (logged) if it cannot
+        take jobs of this cluster."""
         node_id = self._node_id(node)
         if node_id is None:
             logger.warning("submit_node: %r is not a node of this cluster", node)
+        elif node_id in self._deallocated:
+            logger.warning(
+                "submit_node: %r was deallocated (deallocate_node): give it back "
+                "with allocate_node first",
+                node,
+            )
             return None
-        return self._submit(job_id, node_id, args, kwargs)
+        return node_id
 
     def _submit(
         self,

@@ -64,6 +64,14 @@ class _Nodes(_ClusterState):
         except (OSError, DispynbError) as exc:
             logger.warning("allocate_node: cannot discover nodes: %s", exc)
             return -1
+        for node_id in list(self._deallocated):  # back in use: submit_node takes it
+            known = self._nodes.get(node_id)
+            if known is None or any(
+                spec.port in (None, known.port)
+                and spec.matches(known.ip_addr, known.name)
+                for spec in specs
+            ):
+                self._deallocated.discard(node_id)
         return 0
 
     def discover_nodes(self, nodes: Any) -> int:
@@ -85,7 +93,10 @@ class _Nodes(_ClusterState):
         if managed is None:
             return -1
         backend, node_id = managed
-        return 0 if backend.set_cpus(node_id, 0) >= 0 else -1
+        if backend.set_cpus(node_id, 0) < 0:
+            return -1
+        self._deallocated.add(node_id)
+        return 0
 
     def set_node_cpus(self, node: Any, cpus: int | str) -> int:
         """Use ``cpus`` CPUs of ``node`` (negative: all but that many).
@@ -110,6 +121,8 @@ class _Nodes(_ClusterState):
                 return known.cpus if known is not None else -1
             cpus = self._node_cpus.get(node_id, 0) + cpus
         used = backend.set_cpus(node_id, cpus)
+        if used > 0:
+            self._deallocated.discard(node_id)
         if known is not None and used >= 0:
             known.cpus = used  # avail_cpus stays what it offers, as dispy's
             self._emit(DispyNode.AvailInfo, known, None)

@@ -64,6 +64,7 @@ class _ClusterState:
     _all_done: Sleepers
     _nodes: dict[str, DispyNode]
     _node_cpus: dict[str, int]
+    _deallocated: set[str]
     _resetting: dict[str, DispyNode]
     _avail_told: dict[str, float]
     _executing: dict[int, DispyNode]

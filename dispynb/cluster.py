@@ -188,6 +188,9 @@ class JobCluster(_Events, _Jobs, _Nodes, _ClusterState):
         self._nodes: dict[str, DispyNode] = {}
         # CPUs set up on each node (what set_node_cpus counts from), by node id.
         self._node_cpus: dict[str, int] = {}
+        # Nodes deallocate_node took out (until allocate_node or set_node_cpus gives
+        # them CPUs again): submit_node refuses them, as dispy's.
+        self._deallocated: set[str] = set()
         # Nodes being set up again (resetup_node), kept with their counts.
         self._resetting: dict[str, DispyNode] = {}
         # When cluster_status was last told a node's AvailInfo (`_Events.node_status`).

@@ -47,8 +47,14 @@ def test_deallocate_node_gets_no_jobs_until_allocated_again(two):
         assert run_all(cluster) == {"local-0", "local-1"}
         assert cluster.deallocate_node(by_name(cluster, "local-0")) == 0
         assert run_all(cluster) == {"local-1"}
+        # As dispy's: a deallocated node takes no job pinned to it either (before,
+        # the job waited, for ever unless the node was allocated again).
+        assert cluster.submit_node(by_name(cluster, "local-0"), 0) is None
+        assert cluster.submit_job_id_node("x", by_name(cluster, "local-0"), 0) is None
         assert cluster.allocate_node(by_name(cluster, "local-0")) == 0
         assert run_all(cluster, 12) == {"local-0", "local-1"}
+        pinned = cluster.submit_node(by_name(cluster, "local-0"), 0)
+        assert pinned is not None and pinned() == "local-0"
 
 
 def test_set_node_cpus_zero_then_back(two):

@@ -246,7 +246,12 @@ METHODS = [
     Name("cancel"),
     Name("discover_nodes"),
     Name("allocate_node", differs=_SCHEDULER_CHOOSES),
-    Name("deallocate_node", differs=_SCHEDULER_CHOOSES),
+    Name(
+        "deallocate_node",
+        differs="As dispy's, the node gets no job, ``submit_node`` to it returns "
+        "None, until ``allocate_node`` gives it back; ``set_node_cpus`` with a "
+        "positive count gives it back too (dispy's did not). " + _SCHEDULER_CHOOSES,
+    ),
     Name("close_node", differs=_SCHEDULER_CHOOSES),
     Name("resetup_node"),
     Name(
