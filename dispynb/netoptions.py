@@ -3,6 +3,7 @@ port and intervals, and the TLS files."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -51,6 +52,9 @@ def _check_interval(value: Any, name: str) -> float | None:
     if value is None:
         return None
     low, high = _INTERVAL_RANGES[name]
+    if isinstance(value, str):  # dispy float()s it: "10" from a config file works
+        with contextlib.suppress(ValueError):
+            value = float(value)
     if (
         isinstance(value, int | float)
         and not isinstance(value, bool)

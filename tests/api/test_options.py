@@ -285,11 +285,12 @@ def test_options_cleanup_other_value_raises():
         ("pulse_interval", 60),
         ("poll_interval", 5),
         ("poll_interval", 1000.0),
+        ("pulse_interval", "10"),  # dispy float()s it
     ],
 )
 def test_options_interval_within_range_stored_as_float(name, value):
     stored = getattr(build(**{name: value}), name)
-    assert stored == value
+    assert stored == float(value)
     assert isinstance(stored, float)
 
 
@@ -301,7 +302,8 @@ def test_options_interval_within_range_stored_as_float(name, value):
         ("pulse_interval", 0.05),
         ("poll_interval", 4),
         ("poll_interval", True),
-        ("pulse_interval", "10"),
+        ("pulse_interval", "ten"),
+        ("ping_interval", "0.5"),
     ],
 )
 def test_options_interval_out_of_range_raises(name, value):
