@@ -64,7 +64,11 @@ MODULE = [
         "recover_jobs",
         differs="Works (dispy 4.15's raised ``KeyError``); with no argument it opens "
         "the newest default recovery file, as dispy's. The journal holds no secret: "
-        "give it again (or have it in the environment).",
+        "give it again (or have it in the environment). It returns every job of "
+        "the journal, those still running at ``timeout`` ``Running`` (dispy's left "
+        "them out). ``terminate_pending`` is "
+        "accepted and does nothing: running jobs are let finish (dispy's "
+        "terminated them).",
     ),
     Name(
         "httpd",
