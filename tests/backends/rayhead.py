@@ -69,8 +69,13 @@ class RayHead:
             # health_check_failure_threshold): one every 0.5 s instead of every 3 s
             # (kill_node's tests waited ~15 s each). A live but slow node is not
             # declared dead any sooner: a check fails only after its own timeout
-            # (health_check_timeout_ms, 10 s, unchanged).
+            # (health_check_timeout_ms).
             "RAY_health_check_period_ms": "500",
+            # A live raylet starved of CPU on a loaded machine (one took 10.5 s to
+            # handle a reply in a CI run) failed its checks after Ray's 10 s, was
+            # declared dead and exited: each of three nodes added in a row. A
+            # killed node's checks fail at once (connection refused), not on this.
+            "RAY_health_check_timeout_ms": "60000",
         }
         # Short: Ray's Unix socket paths live under it.
         temp_dir = tempfile.mkdtemp(prefix="r", dir="/tmp")
@@ -127,6 +132,15 @@ class RayHead:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
+
+    def raylet_logs(self, lines: int = 15) -> str:
+        """The last ``lines`` of each raylet's log of this cluster: why one ended."""
+        logs = sorted(Path(self.temp_dir).glob("session_*/logs/raylet*.out"))
+        return "\n".join(
+            f"== {log.name}\n"
+            + "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+            for log in logs
+        )
 
     def stop(self) -> None:
         for proc in self.workers:

@@ -59,7 +59,7 @@ def start_node(head: RayHead, alive: int) -> Any:
         if up() == alive:
             return node
         head.kill_node(node)
-    raise AssertionError("the second Ray node did not start")
+    raise AssertionError(f"the second Ray node did not start:\n{head.raylet_logs()}")
 
 
 def stop_node(head: RayHead, node: Any, alive: int) -> None:
