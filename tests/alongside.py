@@ -37,7 +37,9 @@ ALONGSIDE = (
     "tests/backends/test_dask_multihost.py",
     "tests/backends/test_dask_multihost_notebook.py",
     "tests/backends/test_dask_notebooks.py",
-    "tests/deploy/test_orphan_exit.py",
+    "tests/deploy",
+    # Built once per run (Sphinx, six notebooks executed) and read, not timed.
+    "tests/docs",
 )
 
 #: How many of the slowest tests each run lists (pytest's ``--durations``).
