@@ -22,7 +22,8 @@ import pytest
 
 import dispynb
 from dispynb.errors import RemoteError, SerializationError, SetupError
-from dispynb.executor import Executor, _executor_advice
+from dispynb.executor import Executor
+from dispynb.executorfailures import executor_advice
 from dispynb.protocol import serialize
 from tests.api.executorwork import Gate, ended, mul, send_ahead
 from tests.jobs import WAIT, wait_until
@@ -202,7 +203,7 @@ def test_a_result_over_max_result_size_says_how_to_allow_more(local):
         assert "Executor(..., max_result_size=" in text
         assert "give the cluster" not in text
     # Over the default 1 GiB, the message size (the local nodes' too) must grow.
-    over = _executor_advice(
+    over = executor_advice(
         "pickles to 1200000000 bytes, over the limit of 1039138816 bytes "
         "(max_result_size): return less, or give the cluster a larger max_result_size"
     )
