@@ -65,9 +65,11 @@ class Shared:
     """One SQLite connection to a journal file, shared by the process's journals on
     it (``lock`` serializes their use of it)."""
 
-    def __init__(self, key: tuple[int, int], db: sqlite3.Connection) -> None:
+    def __init__(self, key: tuple[int, int], db: sqlite3.Connection, name: str) -> None:
         self.key = key
         self.db = db
+        #: The database file's path, symlinks resolved (`open_journal_names`).
+        self.name = name
         self.lock = threading.Lock()
         self.users = 1
 
@@ -83,6 +85,15 @@ def release(shared: Shared) -> None:
             del _shared[shared.key]
     with shared.lock:
         shared.db.close()
+
+
+def open_journal_names() -> set[str]:
+    """The paths (symlinks resolved) of the journals this process has open, and of
+    the files SQLite keeps beside each (`COMPANIONS`): what nothing from a node may
+    replace (`dispynb.backends.jobfiles`)."""
+    with _shared_lock:
+        names = [shared.name for shared in _shared.values()]
+    return {name + suffix for name in names for suffix in ("", *COMPANIONS)}
 
 
 class Checked:
@@ -118,7 +129,7 @@ class Checked:
         except BaseException:
             db.close()
             raise
-        shared = _shared[key] = Shared(key, db)
+        shared = _shared[key] = Shared(key, db, os.path.realpath(self.path))
         return shared
 
     def _opened_by_sqlite(self, key: tuple[int, int]) -> bool:

@@ -6,13 +6,42 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import posixpath
 
-from dispynb.errors import DispynbError
-from dispynb.protocol.files import write_inside
+from dispynb.clusterjournal import DEFAULT_PREFIX
+from dispynb.errors import DispynbError, ProtocolError
+from dispynb.journalfile import open_journal_names
+from dispynb.protocol.files import safe_relative_path, write_inside
 
 #: Why a write failed, as the job that sent the file is told: what to do about it.
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 _DENIED = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def refuse_recovery_file(base_dir: str, path: str) -> None:
+    """Raise `ProtocolError` if a job's file ``path``, saved under ``base_dir``,
+    would replace a recovery journal of this client (or a file SQLite keeps beside
+    it), or be a default recovery file (``_dispy_*``) in the working directory,
+    where ``recover_jobs()`` looks for the newest one.
+
+    ``recover_jobs`` unpickles what a journal holds, trusting it as the client's
+    own: a file a node planted there would get past ``result_types`` and run its
+    code in the client's process.
+    """
+    folder, name = posixpath.split(safe_relative_path(path))
+    folder = os.path.realpath(os.path.join(base_dir, folder))
+    target = os.path.join(folder, name)
+    if target in open_journal_names():
+        raise ProtocolError(
+            f"it would replace the client's recovery file {target} "
+            "(recover_jobs reads it): send it under another name"
+        )
+    if name.startswith(DEFAULT_PREFIX) and folder == os.path.realpath(os.getcwd()):
+        raise ProtocolError(
+            f"{target} would pass for a recovery file of the client's "
+            f"(recover_jobs() reads the newest {DEFAULT_PREFIX}* there): send it "
+            "under another name"
+        )
 
 
 def unsaved_file(base_dir: str, path: str, exc: Exception) -> str:
@@ -55,6 +84,7 @@ def save_job_file(
     on the engine's ``logger``, never raised: the job goes on."""
     base_dir = files_dir or os.getcwd()
     try:
+        refuse_recovery_file(base_dir, path)
         saved = write_inside(base_dir, path, memoryview(data))
     except (DispynbError, OSError) as exc:
         error = unsaved_file(base_dir, path, exc)

@@ -27,7 +27,7 @@ from dispynb._loop import Coalescer
 from dispynb.backends import base
 from dispynb.backends.base import ClusterConfig, Departure, JobEvents, NodeInfo
 from dispynb.backends.finder import NodeFinder
-from dispynb.backends.jobfiles import unsaved_file
+from dispynb.backends.jobfiles import refuse_recovery_file, unsaved_file
 from dispynb.captures import check_shippable
 from dispynb.defaults import MAX_MESSAGE_SIZE, NODE_PORT
 from dispynb.depends import FileRef, collect
@@ -465,6 +465,7 @@ class NodesBackend:
         try:
             if len(data) != 1:
                 raise ProtocolError("a file from a node comes in one buffer")
+            refuse_recovery_file(base_dir, path)
             saved = write_inside(base_dir, path, data[0])
         except (DispynbError, OSError) as exc:
             error = unsaved_file(base_dir, path, exc)
