@@ -249,6 +249,8 @@ class FdOutput:
         self._own = _OwnStreams(self.stdout.saved, self.stderr.saved)
         #: The running job's captures (`begin` to `end`), for `_Spiller`.
         self.captures: tuple[FdMerged, FdMerged] | None = None
+        #: Jobs begun so far: the `_Spiller` parks after a while with none.
+        self.begun = 0
         self._spiller = _Spiller(self)
 
     @classmethod
@@ -280,6 +282,7 @@ class FdOutput:
         """A job starts, writing into ``out`` and ``err``."""
         out.source, err.source = self.stdout, self.stderr
         self.captures = (out, err)
+        self.begun += 1
         if self._spiller.parked:
             self._spiller.wake()
 
@@ -311,38 +314,37 @@ class _Spiller(threading.Thread):
     so that what a job writes below Python without a Python print in between takes
     `SPILL_AT` bytes of disk at most, not all it writes until it returns.
 
-    With no job running it parks (`parked`) until `FdOutput.begin` wakes it: an idle
-    worker's thread does not wake at all, and a job costs one attribute read unless
-    the thread is parked (at most one wake-up per `SPILL_EVERY`)."""
+    After a whole `SPILL_EVERY` in which no job began it parks (`parked`) until
+    `FdOutput.begin` wakes it: an idle worker's thread does not wake at all, and one
+    running jobs of microseconds wakes 1/`SPILL_EVERY` times a second, not per job
+    (woken at each, it found the job ended and parked again)."""
 
     def __init__(self, output: FdOutput) -> None:
         super().__init__(name="dispynb-output-spill", daemon=True)
         self._output = output
         self._stopped = threading.Event()
         self._wake = threading.Event()
-        #: Waiting for a job to start (read by `FdOutput.begin`).
+        #: Waiting for a job to begin (read by `FdOutput.begin`).
         self.parked = False
         self.start()
 
     def run(self) -> None:
         output = self._output
-        while not self._stopped.is_set():
-            if output.captures is None:
-                # Cleared before parked is set, and captures read again after: a
-                # job that begins in between sees parked, or is seen here.
+        seen = output.begun
+        while not self._stopped.wait(SPILL_EVERY):
+            if output.captures is not None:
+                with contextlib.suppress(OSError):  # closed as the worker ends
+                    output.stdout.spill(output, 0)
+                    output.stderr.spill(output, 1)
+            elif output.begun == seen:
+                # Cleared before parked is set, and begun read again after: a job
+                # that begins in between sees parked, or is seen here.
                 self._wake.clear()
                 self.parked = True
-                if output.captures is None:
+                if output.begun == seen:
                     self._wake.wait()
                 self.parked = False
-                continue
-            if self._stopped.wait(SPILL_EVERY):
-                break
-            if output.captures is None:
-                continue
-            with contextlib.suppress(OSError):  # closed as the worker ends
-                output.stdout.spill(output, 0)
-                output.stderr.spill(output, 1)
+            seen = output.begun
 
     def wake(self) -> None:
         self._wake.set()
