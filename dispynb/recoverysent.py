@@ -18,7 +18,7 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 
-from dispynb.backends.jobfiles import unsaved_file
+from dispynb.backends.jobfiles import refuse_recovery_file, unsaved_file
 from dispynb.errors import DispynbError, SerializationError
 from dispynb.job import DispyJob
 from dispynb.protocol import serialize
@@ -79,6 +79,7 @@ class SentWhileAway:
         try:
             if len(buffers) != 1:
                 raise DispynbError("a file from a node comes in one buffer")
+            refuse_recovery_file(self.files_dir, message.path)
             saved = write_inside(self.files_dir, message.path, buffers[0])
         except (DispynbError, OSError) as exc:
             self.unsaved += 1
