@@ -61,6 +61,10 @@ logger = logging.getLogger(__name__)
 REPLIES_PER_SOURCE = 20
 REPLIES_PER_SECOND = 200
 
+#: Sources whose pings over `REPLIES_PER_SOURCE` are each logged (once); past them
+#: one line says more come (anyone can ping, from any source address, each second).
+PING_WARNINGS = 16
+
 
 class Announcer:
     """Answers discovery pings and announces a node server.
@@ -124,6 +128,8 @@ class Announcer:
         self._window = 0
         self._counts: dict[str, int] = {}
         self._total = 0
+        self._ping_warned: set[str] = set()
+        self._pings_full_warned = False
 
     @property
     def client_port(self) -> int:
@@ -310,9 +316,26 @@ class Announcer:
         count = self._counts.get(ip, 0)
         if count >= REPLIES_PER_SOURCE or self._total >= REPLIES_PER_SECOND:
             if count == REPLIES_PER_SOURCE:
-                logger.info("discovery: too many pings from %s; ignoring some", ip)
                 self._counts[ip] = count + 1
+                self._too_many(ip)
             return False
         self._counts[ip] = count + 1
         self._total += 1
         return True
+
+    def _too_many(self, ip: str) -> None:
+        """Log that ``ip`` pings too often: once per source, for `PING_WARNINGS`
+        sources, then one line (was: a line per source each second, without end)."""
+        if ip in self._ping_warned:
+            return
+        if len(self._ping_warned) >= PING_WARNINGS:
+            if not self._pings_full_warned:
+                self._pings_full_warned = True
+                logger.info(
+                    "discovery: more than %d sources ping too often; ignoring some "
+                    "of their pings, no longer logged",
+                    PING_WARNINGS,
+                )
+            return
+        self._ping_warned.add(ip)
+        logger.info("discovery: too many pings from %s; ignoring some", ip)

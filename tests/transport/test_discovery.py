@@ -428,6 +428,49 @@ def test_announcer_ignores_junk_and_rate_limits(
     assert marker_replies == 1
 
 
+def test_pings_over_the_limit_log_a_few_lines_whatever_the_sources_and_seconds(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    no_broadcast: None,
+) -> None:
+    """Anyone can ping a node, from any source address, every second: 30 addresses
+    of 127/8 each over the limit in a second of its own, then the first one for 10
+    more seconds, were 40 lines (one per source per second)."""
+    clock = [1000.0]
+    monkeypatch.setattr(
+        announce_module, "time", types.SimpleNamespace(monotonic=lambda: clock[0])
+    )
+    sources = [f"127.0.4.{2 + n}" for n in range(30)] + ["127.0.4.2"] * 10
+
+    async def main() -> None:
+        announcer = Announcer(name="n", tcp_port=7777, cpus=2, host=HOST, port=0)
+        port = await announcer.start()
+        ping = d.encode(d.Ping(nonce=d.new_nonce()))
+        marker = await Peer.open("127.0.0.3")
+        try:
+            for second, source in enumerate(sources):
+                clock[0] = 1000.0 + second
+                flooder = await Peer.open(source)
+                try:
+                    for _ in range(REPLIES_PER_SOURCE + 1):
+                        flooder.send(ping, port)
+                    marker.send(ping, port)
+                    # Answered in order: the marker's reply comes after the rest.
+                    await wait_until(lambda n=second + 1: len(marker.received) == n)
+                finally:
+                    flooder.close()
+        finally:
+            marker.close()
+            announcer.close(leaving=False)
+
+    with caplog.at_level(logging.INFO, "nodeserver.announce"):
+        run(main())
+    lines = [r.message for r in caplog.records if "ping too often" in r.message
+             or "too many pings" in r.message]  # fmt: skip
+    assert len(lines) == 16 + 1, lines  # 16 sources (PING_WARNINGS), then one
+    assert "more than 16 sources ping too often" in lines[-1]
+
+
 def test_announced_ext_address_is_recorded_and_forgotten(
     found: Found, no_broadcast: None
 ) -> None:
