@@ -272,11 +272,6 @@ def test_bad_configuration_is_a_clear_error(cluster, kwargs, words):
         DispyHTTPServer(cluster, port=0, **kwargs)
 
 
-def test_no_cluster_is_a_clear_error():
-    with pytest.raises(ConfigurationError, match="needs the cluster"):
-        DispyHTTPServer(None, port=0)  # type: ignore[arg-type]
-
-
 def test_plain_http_on_all_interfaces_needs_the_flag(cluster: JobCluster):
     # Bound to every interface but only ever spoken to over 127.0.0.1.
     server = DispyHTTPServer(cluster, host="0.0.0.0", port=0, allow_plain_http=True)
