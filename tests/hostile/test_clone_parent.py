@@ -68,11 +68,14 @@ def sibling_with_children(marker: str, forks: int, leave: bool) -> tuple[int, in
     deadline = time.monotonic() + 10
     lines: list[str] = []
     while time.monotonic() < deadline:
+        gone = not os.path.exists(f"/proc/{pid}")  # killed, and reaped by its parent
         with contextlib.suppress(FileNotFoundError), open(marker) as handle:
-            lines = handle.read().split("\n")[:-1]  # whole lines
-        if "done" in lines or (lines and not os.path.exists(f"/proc/{pid}")):
-            break  # (gone: killed, and reaped by its parent)
+            lines = handle.read().split("\n")[:-1]  # whole lines (all, once gone)
+        if "done" in lines or gone:
+            break
         time.sleep(0.01)
+    if not lines:  # killed as a stray before its first line (the computation
+        return 0, os.getppid()  # process looks at once after a child ended)
     return int(lines[0].split()[0]), os.getppid()
 
 
