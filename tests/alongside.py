@@ -37,6 +37,7 @@ ALONGSIDE = (
     "tests/backends/test_dask_multihost.py",
     "tests/backends/test_dask_multihost_notebook.py",
     "tests/backends/test_dask_notebooks.py",
+    "tests/compat",
     "tests/deploy",
     # Built once per run (Sphinx, six notebooks executed) and read, not timed.
     "tests/docs",
