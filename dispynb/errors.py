@@ -20,12 +20,14 @@
      |    +-- JournalError        the recover_file could not be written (a full disk)
      +-- JobError
      |    +-- SerializationError  arguments or results that cannot be (un)pickled
+     |                            (also a TypeError and a pickle.PicklingError)
      |    +-- ResultTooLarge      a result over max_result_size
      +-- RemoteError              an exception raised by user code on a node
 """
 
 from __future__ import annotations
 
+import pickle
 import re
 
 
@@ -115,8 +117,13 @@ class JobError(DispynbError):
     """A job-level failure."""
 
 
-class SerializationError(JobError):
-    """Arguments or results that cannot be pickled or unpickled."""
+class SerializationError(JobError, TypeError, pickle.PicklingError):
+    """Arguments or results that cannot be pickled or unpickled.
+
+    Also a `TypeError` and a `pickle.PicklingError`: what ``pickle.dumps`` raises
+    for such a value, and what code written for dispy (or pickle) catches around a
+    ``submit`` that pickles its arguments.
+    """
 
 
 class ResultTooLarge(JobError):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import pickle
 import re
 import signal
 import threading
@@ -272,6 +273,18 @@ def test_jobcluster_submit_unpicklable_argument_says_which_and_what_to_send(
     assert raised.value.__cause__ is None and raised.value.__suppress_context__
     frames = [frame.name for frame in traceback.extract_tb(raised.tb)]
     assert "prepare" not in frames, frames
+
+
+def test_jobcluster_submit_unpicklable_argument_is_caught_as_pickle_errors_are(local):
+    """Code written for dispy or pickle catches TypeError / pickle.PicklingError
+    around a submit that pickles its arguments: dispynb's error is both (and still
+    a DispynbError)."""
+    with JobCluster(jobs.square, nodes=local) as cluster:
+        for caught in (TypeError, pickle.PicklingError, pickle.PickleError):
+            with pytest.raises(caught) as raised:
+                cluster.submit(threading.Lock())
+            assert isinstance(raised.value, SerializationError)
+        assert cluster.submit(4)() == 16
 
 
 def test_jobcluster_submit_unpicklable_argument_raises_and_sends_nothing(local, capsys):

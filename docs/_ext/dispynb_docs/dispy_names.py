@@ -240,7 +240,8 @@ METHODS = [
     Name(
         "submit",
         differs="Arguments that cannot be pickled raise ``SerializationError`` at "
-        "once, naming the argument (dispy returned the job and ended it "
+        "once, naming the argument (a ``TypeError`` and ``pickle.PicklingError`` "
+        "too, as pickle's own errors; dispy returned the job and ended it "
         "``Cancelled`` when it failed to send it); after ``close()`` it raises "
         "``ClusterError`` (dispy's raised ``AttributeError``).",
     ),
