@@ -37,7 +37,11 @@ from nodeserver.session import ClientSession
 from nodeserver.sharedbody import BODIES
 from nodeserver.spool import ResultSpool
 from nodeserver.spoolclaim import claim_spool
-from nodeserver.workerlife import STOP_SIGNAL_GRACE, advise_kill_mode
+from nodeserver.workerlife import (
+    STOP_SIGNAL_GRACE,
+    advise_kill_mode,
+    stop_signal_deaths,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -336,7 +340,7 @@ class NodeServer:
             return_exceptions=True,
         )
         if drain_timeout > 0 and (self.sessions or self.keeper.running):
-            await self._drain(drain_timeout, now)
+            await self._drain(drain_timeout, now, stopping_since)
         advise_kill_mode(stopping_since)
         await self.keeper.close()
         for session in list(self.sessions):
@@ -349,8 +353,12 @@ class NodeServer:
         self.store_claim.release()
         self.spool_claim.release()
 
-    async def _drain(self, timeout: float, now: asyncio.Event | None) -> None:
-        """Wait for running jobs to end, at most ``timeout`` s or until ``now``."""
+    async def _drain(
+        self, timeout: float, now: asyncio.Event | None, since: float
+    ) -> None:
+        """Wait for running jobs to end, at most ``timeout`` s or until ``now``;
+        say how they ended (those the stop signal, sent to the node ``since``
+        then, killed as well did not drain)."""
         logger.info(
             "draining: running jobs may finish for up to %g s (signal again to "
             "terminate them now)",
@@ -373,6 +381,17 @@ class NodeServer:
         if not finished:
             why = "on request" if now is not None and now.is_set() else "drain timeout"
             logger.warning("terminating the jobs still running (%s)", why)
+        elif killed := stop_signal_deaths(since):
+            # Signalled with the node (scancel, a systemd unit's KillMode): lost.
+            logger.warning(
+                "%d running job%s killed by the stop signal, not drained (the "
+                "signal reached %s processes too): left to %s clients as jobs of a "
+                "lost node",
+                killed,
+                " was" if killed == 1 else "s were",
+                "its" if killed == 1 else "their",
+                "its" if killed == 1 else "their",
+            )
         else:
             logger.info("drained: every running job ended")
 

@@ -67,11 +67,19 @@ SETUP_STOP_GRACE = 5.0
 STOP_SIGNAL_GRACE = 1.0
 
 
-#: `time.monotonic` when a running job's worker was last found dead of SIGTERM:
-#: `advise_kill_mode` tells whether the node's own stop signal killed it.
-_stop_signal_deaths: collections.deque[float] = collections.deque(maxlen=1)
+#: `time.monotonic` when running jobs' workers were found dead of SIGTERM (the
+#: last ones): `advise_kill_mode` and `stop_signal_deaths` tell whether the node's
+#: own stop signal killed them.
+_stop_signal_deaths: collections.deque[float] = collections.deque(maxlen=4096)
 #: Whether `advise_kill_mode` has said its piece (once per node process).
 _kill_mode_advised = False
+
+
+def stop_signal_deaths(since: float) -> int:
+    """How many running jobs died of SIGTERM since ``since`` (`time.monotonic`):
+    a stop signal sent to the node's whole unit or job step killed them, they did
+    not drain."""
+    return sum(1 for when in _stop_signal_deaths if when >= since)
 
 
 def advise_kill_mode(since: float) -> None:

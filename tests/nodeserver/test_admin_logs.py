@@ -143,16 +143,12 @@ def secret_file(tmp_path):
     return path
 
 
-def test_jobs_killed_with_a_systemd_unit_say_how_to_let_them_drain(
-    tmp_path, monkeypatch
-):
-    """``systemctl stop`` of a unit without KillMode=mixed signals every process
-    of it: the running jobs die with the node instead of draining, and the log
-    said only that they were left to their clients. A node run by systemd
-    (INVOCATION_ID) now says once how to fix the unit."""
+def _stop_the_whole_unit_with_jobs_running(tmp_path) -> str:
+    """Run two 60 s jobs on a node draining 30 s, then SIGTERM the node and every
+    process under it, as systemd (KillMode=control-group) or slurmstepd does;
+    return the node's log."""
     import psutil
 
-    monkeypatch.setenv("INVOCATION_ID", "0123456789abcdef0123456789abcdef")
     node = start_node(tmp_path / "node", "--drain-timeout", "30", cpus=2)
     try:
         with JobCluster(
@@ -166,11 +162,33 @@ def test_jobs_killed_with_a_systemd_unit_say_how_to_let_them_drain(
             unit = psutil.Process(node.proc.pid)
             for process in [unit, *unit.children(recursive=True)]:
                 with contextlib.suppress(psutil.NoSuchProcess):
-                    process.send_signal(signal.SIGTERM)  # as systemd does
+                    process.send_signal(signal.SIGTERM)
             assert node.proc.wait(NODE_WAIT) == 0
             for job in running:
                 assert job.finish.wait(NODE_WAIT), job.status
     finally:
         node.stop()
-    log = node.log_text()
+    return node.log_text()
+
+
+def test_jobs_killed_with_a_systemd_unit_say_how_to_let_them_drain(
+    tmp_path, monkeypatch
+):
+    """``systemctl stop`` of a unit without KillMode=mixed signals every process
+    of it: the running jobs die with the node instead of draining, and the log
+    said only that they were left to their clients. A node run by systemd
+    (INVOCATION_ID) now says once how to fix the unit."""
+    monkeypatch.setenv("INVOCATION_ID", "0123456789abcdef0123456789abcdef")
+    log = _stop_the_whole_unit_with_jobs_running(tmp_path)
     assert log.count("set KillMode=mixed") == 1, log
+
+
+def test_jobs_killed_by_the_stop_signal_are_not_logged_as_drained(tmp_path):
+    """SLURM's scancel (or walltime) signals a job step whole: the running jobs
+    died of the node's own SIGTERM, yet the node then logged "drained: every
+    running job ended", as if they had finished. It now says they were killed."""
+    log = _stop_the_whole_unit_with_jobs_running(tmp_path)
+    assert "drained: every running job ended" not in log, log
+    assert "draining" in log
+    assert "2 running jobs were killed by the stop signal, not drained" in log, log
+    assert "set KillMode=mixed" not in log  # not a systemd unit
