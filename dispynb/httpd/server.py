@@ -72,6 +72,8 @@ class DispyHTTPServer:
         TCP port; 0 picks a free one (see :attr:`port`).
     poll_sec:
         Longest time a browser's long-poll waits for a change before it asks again.
+        0 or less is taken as 1 with a warning, as dispy does (which also raises
+        values under 1 to 1; dispynb takes fractions of a second).
     DocumentRoot:
         Not supported: the monitor serves only its built-in page. Must be None.
     keyfile, certfile:
@@ -110,7 +112,7 @@ class DispyHTTPServer:
         allow_plain_http: bool = False,
         allowed_hosts: Iterable[str] = (),
     ) -> None:
-        _check_options(poll_sec, DocumentRoot)
+        poll_sec = _check_options(poll_sec, DocumentRoot)
         self._endpoint = endpoint = open_endpoint(
             host,
             port,
@@ -362,16 +364,24 @@ def cluster_key(name: str) -> str:
     return _UNSAFE_IN_KEY.sub("_", name).strip("_")[:64] or "cluster"
 
 
-def _check_options(poll_sec: float, document_root: object) -> None:
+def _check_options(poll_sec: Any, document_root: object) -> float:
+    """Refuse what cannot be served; return the ``poll_sec`` to use."""
     if document_root is not None:
         raise ConfigurationError(
             "DocumentRoot is not supported: dispynb's monitor serves only its own "
             "built-in page (serving a folder would expose its files); remove it"
         )
-    if not poll_sec > 0:
+    if isinstance(poll_sec, bool) or not isinstance(poll_sec, int | float):
         raise ConfigurationError(
-            f"poll_sec must be a positive number of seconds, not {poll_sec!r}"
+            f"poll_sec must be a number of seconds, not {poll_sec!r}"
         )
+    if not poll_sec > 0:  # dispy's: it says so and polls every second
+        logger.warning(
+            "invalid poll_sec value %r; it must be more than 0: 1 s is used",
+            poll_sec,
+        )
+        return 1.0
+    return float(poll_sec)
 
 
 def log_refusals_left(app: tornado.web.Application) -> None:

@@ -264,12 +264,27 @@ def test_random_tokens_differ_and_given_token_is_used(cluster):
         ({"token": "has spaces and more than 16"}, "16 to 256"),
         ({"keyfile": "/nonexistent.key"}, "keyfile needs certfile"),
         ({"certfile": "/nonexistent.pem"}, "cannot load the TLS certificate"),
-        ({"poll_sec": 0}, "poll_sec"),
+        ({"poll_sec": "10"}, "poll_sec must be a number of seconds, not '10'"),
     ],
 )
 def test_bad_configuration_is_a_clear_error(cluster, kwargs, words):
     with pytest.raises(ConfigurationError, match=words):
         DispyHTTPServer(cluster, port=0, **kwargs)
+
+
+@pytest.mark.parametrize("poll_sec", [0, -5, float("nan")])
+def test_poll_sec_not_positive_is_one_second_with_a_warning(cluster, caplog, poll_sec):
+    """dispy's monitor warns and polls every second; it does not refuse."""
+    server = DispyHTTPServer(cluster, port=0, poll_sec=poll_sec)
+    try:
+        assert server.poll_sec == 1.0
+        assert MonitorClient(server).get("/api/cluster").status == 200
+    finally:
+        server.shutdown(wait=False)
+    assert any(
+        record.levelname == "WARNING" and "invalid poll_sec" in record.getMessage()
+        for record in caplog.records
+    ), caplog.text
 
 
 def test_plain_http_on_all_interfaces_needs_the_flag(cluster: JobCluster):

@@ -670,7 +670,11 @@ HTTPD = [
         "unchanged.",
     ),
     Name("port"),
-    Name("poll_sec"),
+    Name(
+        "poll_sec",
+        differs="0 or less is taken as 1 with a warning, as dispy's; fractions of a "
+        "second are kept (dispy raised anything under 1 to 1).",
+    ),
     Name(
         "DocumentRoot",
         differs="Refused with a message: the monitor serves only its own page.",
