@@ -33,6 +33,7 @@ import pickle
 import sys
 import threading
 import time
+import types
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -91,7 +92,8 @@ def dispynb_executor(
     """The computation of every executor (runs on the nodes): make ``count`` calls
     ``fn(*args, **kwargs)`` of the function pickled in ``blob`` (``key`` is its
     digest), ``args`` read across ``columns`` (none: no arguments); a call that
-    raises does not stop the next ones."""
+    raises does not stop the next ones, one that returns a coroutine (an ``async
+    def`` function) has it run to its end."""
     fn = _fn_cache.get(key)
     if fn is None:
         fn = cloudpickle.loads(blob)
@@ -106,8 +108,17 @@ def dispynb_executor(
     calls = zip(*columns, strict=True) if columns else itertools.repeat((), count)
     named = kwargs or {}
     for index, args in enumerate(calls):
+        code = None  # an async function's: its traceback starts there
         try:
-            values.append(fn(*args, **named))
+            value = fn(*args, **named)
+            if type(value) is types.CoroutineType:
+                # An async def function: run it here, as Dask's workers do (a
+                # coroutine could only fail to pickle, as in ProcessPoolExecutor).
+                import asyncio  # only then: node workers need not load it
+
+                code = value.cr_code
+                value = asyncio.run(value)
+            values.append(value)
         except BaseException as exc:  # the caller's to see (SystemExit too)
             if stopped_by_node(exc):  # a cancel, job_timeout: the job ends here
                 raise
@@ -116,6 +127,8 @@ def dispynb_executor(
             # Without this frame when there is another: from the user's function.
             tb = exc.__traceback__
             tb = tb.tb_next or tb if tb is not None else None
+            if code is not None:  # without asyncio's frames
+                tb = _frames_from(tb, code)
             text = format_exception(exc, tb)
             exc.__traceback__ = None
             carried, why = _pickled_exception(exc)  # None: RemoteError alone
@@ -123,6 +136,17 @@ def dispynb_executor(
             message = _message(exc)
             failures[index] = (carried, text + why, type(exc).__name__, message)
     return values, failures
+
+
+def _frames_from(
+    tb: types.TracebackType | None, code: types.CodeType
+) -> types.TracebackType | None:
+    """``tb`` from the first frame running ``code`` (a coroutine's, below the
+    event loop's frames); all of ``tb`` if none does (asyncio's own error)."""
+    at = tb
+    while at is not None and at.tb_frame.f_code is not code:
+        at = at.tb_next
+    return at or tb
 
 
 def _message(exc: BaseException) -> str:
@@ -376,7 +400,8 @@ class Executor(concurrent.futures.Executor):
         self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
     ) -> concurrent.futures.Future[Any]:
         """Run ``fn(*args, **kwargs)`` on a node; return its future (a `JobFuture`:
-        ``future.job`` is the `DispyJob`, with the job's output and node)."""
+        ``future.job`` is the `DispyJob`, with the job's output and node). An
+        ``async def`` function's coroutine runs there to its end (``asyncio.run``)."""
         return self._submit_call(fn, args, kwargs, (fn,))
 
     def _submit_call(

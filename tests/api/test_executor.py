@@ -144,21 +144,41 @@ def make_generator() -> object:
 
 
 async def fetch(x: int) -> int:
-    return x
+    await asyncio.sleep(0)
+    return x * 2
 
 
-def test_an_async_functions_call_says_to_run_its_coroutine(executor):
-    """ProcessPoolExecutor fails the same ('cannot pickle 'coroutine''): the
-    advice was to return a list, not a generator."""
-    with pytest.raises(RemoteError) as info:
-        executor.submit(fetch, 1).result(WAIT)
-    assert (
-        "the value returned by the call is a 'coroutine' that cannot be pickled"
-    ) in str(info.value)
-    assert (
-        "; it comes from calling an async function: submit a function that runs it "
-        "where it is made (return asyncio.run(...))\n"
-    ) in str(info.value)
+async def fail_async(x: int) -> int:
+    await asyncio.sleep(0)
+    raise LookupError(f"async {x}")
+
+
+def test_an_async_function_runs_to_completion_on_the_node(executor):
+    """As Dask's ``client.submit`` does (ProcessPoolExecutor's worker fails to
+    pickle the coroutine): its value comes back, its exception is itself with
+    the coroutine's traceback, not the event loop's frames."""
+    assert executor.submit(fetch, 1).result(WAIT) == 2
+    assert list(executor.map(fetch, [2, 3], chunksize=2)) == [4, 6]
+    with pytest.raises(LookupError, match="async 4") as info:
+        executor.submit(fail_async, 4).result(WAIT)
+    text = info.value.__cause__.traceback
+    line = fail_async.__code__.co_firstlineno + 2
+    assert f'File "{__file__}", line {line}, in fail_async\n' in text, text
+    assert "asyncio" not in text.replace("await asyncio.sleep", ""), text
+
+
+async def sleep_async(seconds: float) -> None:
+    await asyncio.sleep(seconds)
+
+
+def test_job_timeout_stops_an_async_call(local):
+    """The node's interrupt ends the event loop's run: the call is terminated
+    as a plain function's is."""
+    with Executor(nodes=local, job_timeout=0.5) as ex:
+        future = ex.submit(sleep_async, 30)
+        with pytest.raises(RemoteError, match=r"limit of 0\.5 s"):
+            future.result(WAIT)
+    assert future.job.status == dispynb.DispyJob.Terminated
 
 
 def lock_on_2(x: int) -> object:
