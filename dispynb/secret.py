@@ -361,6 +361,9 @@ def write_new_secret(path: str | os.PathLike[str]) -> str:
 #: Options whose value is a secret, on the command lines of dispynb's programs.
 SECRET_OPTIONS = ("-s", "--secret")
 
+#: The values `hide_secret_argv` masked, for `forget_masked_secrets`.
+_masked: list[str] = []
+
 
 def hide_secret_argv(options: tuple[str, ...] = SECRET_OPTIONS) -> bool:
     """Mask the value of a secret option given on this program's command line
@@ -386,6 +389,8 @@ def hide_secret_argv(options: tuple[str, ...] = SECRET_OPTIONS) -> bool:
     spans = _secret_spans(words[len(words) - program :] if program > 0 else [], options)
     if not spans or not arg_start:
         return False
+    own_words = words[len(words) - program :]
+    _masked.extend(os.fsdecode(own_words[i][s : s + n]) for i, s, n in spans)
     first = sum(len(word) + 1 for word in words[: len(words) - program])
     offsets = [first]
     for word in words[len(words) - program :]:
@@ -403,6 +408,22 @@ def hide_secret_argv(options: tuple[str, ...] = SECRET_OPTIONS) -> bool:
                     word = values[tail + index]
                     values[tail + index] = word[:start] + "*" * (len(word) - start)
     return True
+
+
+def forget_masked_secrets() -> int:
+    """Overwrite every copy of the values `hide_secret_argv` masked in this
+    process's memory (`dispynb.memscrub.scrub_memory`); return how many.
+
+    For a process forked from a node after it parsed ``--secret VALUE`` (the
+    zygote): the processes it forks run jobs, which read their own memory, and
+    found there the parsed value, the strings the parser made and dropped and the
+    interpreter's wide-character copy of its arguments."""
+    from dispynb.memscrub import scrub_memory
+
+    count = 0
+    while _masked:
+        count += scrub_memory(_masked.pop())
+    return count
 
 
 def _secret_spans(

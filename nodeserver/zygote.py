@@ -62,7 +62,7 @@ from typing import NoReturn
 
 from dispynb.daemon import load_prctl, set_dumpable
 from dispynb.errors import SetupError
-from dispynb.secret import forget_secret_env
+from dispynb.secret import forget_masked_secrets, forget_secret_env
 from nodeserver.containment import become_subreaper
 from nodeserver.jobreasons import signal_name
 from nodeserver.launcher import (
@@ -444,8 +444,10 @@ def _serve(sock: socket.socket, node_pid: int, options: list[str]) -> NoReturn:
     ``options`` are added to each one's command line (its logging)."""
     code = 1
     try:
-        # Forked before the node withdrew DISPYNB_SECRET: what it forks runs jobs.
+        # Forked before the node withdrew DISPYNB_SECRET, after it parsed
+        # --secret: what it forks runs jobs.
         forget_secret_env()
+        forget_masked_secrets()
         prctl = load_prctl()
         if prctl is not None:
             prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)

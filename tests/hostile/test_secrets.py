@@ -109,6 +109,8 @@ def _read_memory_of(reversed_secret: str) -> dict[str, str]:
     import os
     import sys
 
+    from tests.hostile.tools import memory_regions
+
     secret = reversed_secret[::-1].encode()
     found: dict[str, str] = {}
     frame = sys._getframe(1)  # the worker's frames, down to how it was forked
@@ -122,22 +124,7 @@ def _read_memory_of(reversed_secret: str) -> dict[str, str]:
             return secret in environ.read()
 
     def memory_holds(pid: int) -> bool:
-        with (
-            open(f"/proc/{pid}/maps") as maps,
-            open(f"/proc/{pid}/mem", "rb", buffering=0) as mem,
-        ):
-            for line in maps:
-                fields = line.split()
-                if "r" not in fields[1] or fields[-1] in ("[vvar]", "[vsyscall]"):
-                    continue
-                low, high = (int(x, 16) for x in fields[0].split("-"))
-                try:
-                    mem.seek(low)
-                    if secret in mem.read(high - low):
-                        return True
-                except OSError:  # a region that cannot be read (a guard page)
-                    continue
-        return False
+        return any(secret in region for region in memory_regions(pid))
 
     pid, me = os.getppid(), os.getuid()
     for role in ("computation process", "zygote", "node"):

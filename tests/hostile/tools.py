@@ -44,6 +44,27 @@ AS_NOBODY = [
 ]  # fmt: skip
 
 
+def memory_regions(pid: int | str = "self") -> Iterator[bytes]:
+    """The readable memory of process ``pid`` (or this one), region by region;
+    a region that cannot be read is skipped. `OSError` if its memory cannot be
+    opened (another user's, or not dumpable). For jobs that look for a secret."""
+    with (
+        open(f"/proc/{pid}/maps") as maps,
+        open(f"/proc/{pid}/mem", "rb", buffering=0) as mem,
+    ):
+        for line in maps:
+            fields = line.split()
+            if "r" not in fields[1] or fields[-1] in ("[vvar]", "[vsyscall]"):
+                continue
+            low, high = (int(x, 16) for x in fields[0].split("-"))
+            try:
+                mem.seek(low)
+                data = mem.read(high - low)
+            except OSError:  # a region that cannot be read (a guard page)
+                continue
+            yield data
+
+
 def lowest_free_descriptor(pid: int) -> int:
     """The number the next descriptor process ``pid`` opens would get (a soft
     ``RLIMIT_NOFILE`` of it leaves the process none to open)."""
