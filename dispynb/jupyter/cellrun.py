@@ -42,17 +42,13 @@ from dispynb.jupyter.progress import (
     make_progress,
     resolve_kind,
 )
-from dispynb.jupyter.run import Run
+from dispynb.jupyter.run import LAST_RUN, Run
 from dispynb.jupyter.runoutput import _print_writer, exception_kind
 from dispynb.jupyter.session import Session
 from dispynb.jupyter.tracebacks import SourceMap
 from dispynb.jupyter.widgets import NodePanel
 
 __all__ = ["LAST_RUN", "NODES_HINT", "CellRunner"]
-
-#: Name that always holds the last run of ``%%dispy`` (like ``_`` for results).
-LAST_RUN = "_dispy"
-
 
 #: What to do when no node can be used, the end of every such error.
 NODES_HINT = (

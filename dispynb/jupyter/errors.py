@@ -9,6 +9,8 @@ Outside IPython these are ordinary exceptions with the same message.
 
 from __future__ import annotations
 
+from typing import Any
+
 from dispynb.errors import DispynbError
 
 __all__ = ["MagicError", "MagicInterrupted", "RunInterrupted"]
@@ -32,7 +34,15 @@ class MagicError(DispynbError):
 
 class RunInterrupted(KeyboardInterrupt):
     """A waiting run was interrupted (Stop button, Ctrl-C) after cancelling its
-    unfinished jobs; the message counts what was cancelled. The nodes stay up."""
+    unfinished jobs; the message counts what was cancelled. The nodes stay up.
+
+    ``run`` is the stopped `dispynb.Run` (None if none began): what finished keeps
+    its results there, since the interrupted call never returned it.
+    """
+
+    def __init__(self, message: str = "", run: Any = None) -> None:
+        super().__init__(message)
+        self.run = run
 
     def _render_traceback_(self) -> list[str]:
         return _render("KeyboardInterrupt", str(self))

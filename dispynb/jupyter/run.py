@@ -30,6 +30,7 @@ import collections
 import logging
 import operator
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -54,7 +55,11 @@ if TYPE_CHECKING:
     from dispynb.cluster import ClusterFactory, JobCluster
     from dispynb.node import DispyNode
 
-__all__ = ["Run"]
+__all__ = ["LAST_RUN", "Run"]
+
+#: The notebook's name that always holds the last run of ``%%dispy`` (like ``_`` for
+#: results), and the `Run.map` stopped before it could return its run.
+LAST_RUN = "_dispy"
 
 logger = logging.getLogger(__name__)
 
@@ -221,7 +226,9 @@ class Run(_RunEvents):
         RunInterrupted
             A `KeyboardInterrupt`, when interrupted (after cancelling the unfinished
             jobs, or closing the cluster that was starting); its message says what
-            was stopped.
+            was stopped. Its ``run`` is the stopped run, with what finished (None
+            if no job was sent); in a notebook, ``_dispy`` holds it too, unless
+            ``started`` was given (the message says so).
         """
         from dispynb.cluster import new_cluster
 
@@ -284,15 +291,33 @@ class Run(_RunEvents):
             run._follow(cluster)  # interrupted before attach: still closed below
             summary = run.stop("Interrupted while submitting", echo=False, quiet=True)
             run.cut_short = "Interrupted"
-            raise RunInterrupted(summary) from None
+            raise run._stopped_error(summary, kept=started is not None) from None
         except BaseException as exc:
             run._follow(cluster)
             run.cut_short = f"{type(exc).__name__}: {exc}"
             run.close(terminate=True)
             raise
         if wait:
-            run.wait()
+            try:
+                run.wait()
+            except RunInterrupted as exc:
+                raise run._stopped_error(str(exc), kept=started is not None) from None
         return run
+
+    def _stopped_error(self, summary: str, kept: bool) -> RunInterrupted:
+        """The `RunInterrupted` that `map` raises with ``summary``, holding this run.
+
+        ``run = Run.map(...)`` stopped never assigns ``run``: unless the caller
+        keeps the run (``kept``: its ``started``), a notebook's `LAST_RUN` variable
+        holds it, and the message says so, so that what finished is not lost.
+        """
+        if not kept and _keep_in_notebook(self):
+            self.ref = LAST_RUN
+            summary += (
+                f"; {LAST_RUN} holds the run (what finished: {LAST_RUN}.results, "
+                f"{LAST_RUN}.df)"
+            )
+        return RunInterrupted(summary, run=self)
 
     @classmethod
     def failed(cls, name: str, error: str) -> Run:
@@ -421,6 +446,17 @@ class Run(_RunEvents):
                 f"({why}): {counts}>"
             )
         return f"<Run {self.name!r} {counts}>"
+
+
+def _keep_in_notebook(run: Run) -> bool:
+    """Put ``run`` in the notebook's `LAST_RUN` variable; False outside IPython."""
+    ipython = sys.modules.get("IPython")  # not loaded: not in a notebook
+    shell = ipython.get_ipython() if ipython is not None else None
+    user_ns = getattr(shell, "user_ns", None)
+    if not isinstance(user_ns, dict):
+        return False
+    user_ns[LAST_RUN] = run
+    return True
 
 
 def _planned(inputs: Iterable[Any]) -> int | None:

@@ -173,8 +173,9 @@ class _RunEvents(_RunStop):
 
         Raises
         ------
-        KeyboardInterrupt
-            After cancelling the run's unfinished jobs on the nodes (see `cancel`).
+        RunInterrupted
+            A `KeyboardInterrupt`, after cancelling the run's unfinished jobs on the
+            nodes (see `cancel`); its ``run`` is this run.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         # Output goes where the run sends it: its output widget when live, else here.
@@ -206,7 +207,7 @@ class _RunEvents(_RunStop):
         except KeyboardInterrupt:
             self._waiting = False
             summary = self.stop("Interrupted", echo=echo, quiet=True)
-            raise RunInterrupted(summary) from None
+            raise RunInterrupted(summary, run=self) from None
         finally:
             self._waiting = False
         return True

@@ -231,3 +231,46 @@ def test_stop_while_the_run_submits_is_one_line_too(tmp_path):
             '%%dispy --over "[3]" --into later\ndef g(x):\n    return -x\n'
         )
         assert k.value("later.results") == [-3], again.text
+
+
+def test_stopped_run_map_keeps_what_finished_and_its_local_cluster(tmp_path):
+    """``run = Run.map(...)`` stopped in a notebook: ``run`` is never assigned, so
+    the results of the jobs that finished were lost (NameError, or an earlier
+    cell's run). Now ``_dispy`` holds the run and the Stop line says so; the
+    stopped jobs' processes are gone, and the notebook's own LocalCluster (not
+    in the kernel's group) runs the next cell."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    with kernel(tmp_path) as k:
+        k.run_ok("from dispynb import LocalCluster, Run\nlocal = LocalCluster(cpus=2)")
+        k.run_ok(work(tmp_path))
+        k.run_ok(
+            "def quick_then_nap(mark, gate):\n"
+            "    import os, time\n"
+            "    if mark.endswith(('job0', 'job1')):\n"
+            "        return mark[-4:]\n"
+            "    with open(mark + '.tmp', 'w') as file:\n"
+            "        file.write(str(os.getpid()))\n"
+            "    os.replace(mark + '.tmp', mark)\n"
+            f"    time.sleep({JOB_SECONDS})\n"
+        )
+        msg_id = k.submit(
+            "run = Run.map(quick_then_nap, WORK, nodes=local, unpack=True)"
+        )
+        wait_for(lambda: len(list(marks.glob("job?"))) == 2)  # jobs 2 and 3 run
+        workers = [int(mark.read_text()) for mark in marks.glob("job?")]
+        k.stop_button()
+        out = k.collect(msg_id, timeout=STOPPED_WITHIN)
+
+        assert out.ename == "RunInterrupted", out.text
+        assert "2 cancelled, 2 of them while running (2 of 4 jobs done)" in out.evalue
+        assert out.evalue.endswith(
+            "; _dispy holds the run (what finished: _dispy.results, _dispy.df)"
+        ), out.evalue
+        assert k.value("_dispy.results") == ["job0", "job1", None, None]
+        assert k.value("list(_dispy.df.status)") == [
+            "Finished", "Finished", "Terminated", "Terminated",
+        ]  # fmt: skip
+        assert k.value("'run' in globals()") is False
+        assert wait_gone(workers, ORPHAN_WAIT) == []  # stopped, not left running
+        assert k.value("Run.map(abs, [-1, -2], nodes=local).results") == [1, 2]

@@ -253,6 +253,7 @@ def test_run_interrupted_wait_cancels_remote_jobs(local1, tmp_path, capsys):
     )
     assert message.endswith("(0 of 3 jobs done)")
     assert not run.failures and run.counts().cancelled == 3
+    assert stopped.value.run is run  # what finished stays reachable
 
 
 @slow
