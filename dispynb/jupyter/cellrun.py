@@ -10,7 +10,9 @@ namespace.
 
 from __future__ import annotations
 
+import builtins
 import inspect
+import keyword
 import linecache
 import os
 import reprlib
@@ -90,8 +92,10 @@ class CellRunner:
         # IPython hides the frames that say so: an error in the person's code (the
         # cell, --over and what it iterates) shows their lines, not dispynb's.
         __tracebackhide__ = True
-        if args.into is not None and not args.into.isidentifier():
-            raise UsageError(f"--into needs a variable name, not {args.into!r}")
+        if args.into is not None:
+            problem = _into_problem(args.into, self.shell)
+            if problem is not None:  # before the cell's code runs: nothing is done
+                raise UsageError(problem)
         if args.function is not None and not args.function.isidentifier():
             raise UsageError(f"the function must be a name, not {args.function!r}")
         if args.timeout is not None and not args.timeout > 0:
@@ -356,6 +360,25 @@ class CellRunner:
         else:  # a terminal: nothing written under the prompt later
             display(run)
             run.live(make_progress("none", title=run.name))
+
+
+def _into_problem(name: str, shell: Any) -> str | None:
+    """Why ``--into NAME`` cannot name the run (not a name, or one Python or
+    IPython gives a meaning the notebook relies on); None if it can."""
+    if not name.isidentifier() or keyword.iskeyword(name):
+        return f"--into needs a variable name, not {name!r}"
+    if hasattr(builtins, name):
+        what = "built-in function" if callable(getattr(builtins, name)) else "name"
+        return (
+            f"--into {name} would hide Python's {what} {name} in this notebook: "
+            "choose another name for the run"
+        )
+    if name in getattr(shell, "user_ns_hidden", {}):
+        return (
+            f"--into {name} would replace IPython's {name} in this notebook: "
+            "choose another name for the run"
+        )
+    return None
 
 
 def _unfinished(runs: list[Run], label: str, why: str, cut: str = "") -> Run:

@@ -374,7 +374,8 @@ class DispyMagics(Magics):
         "--into",
         metavar="NAME",
         help="variable to store the run in (a dispynb.jupyter.Run: .results, .df, "
-        ".jobs, .failures, .wait(), .cancel()); the last run is also in _dispy",
+        ".jobs, .failures, .wait(), .cancel()); the last run is also in _dispy. "
+        "Not a name Python or IPython gives (print, len, Out...): that is refused",
     )
     @argument(
         "--nowait",

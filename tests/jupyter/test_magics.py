@@ -485,6 +485,36 @@ def test_magic_cell_usage_errors(ip, line, body, message):
 
 
 @pytest.mark.parametrize(
+    ("into", "message"),
+    [
+        ("print", "--into print would hide Python's built-in function print in"),
+        ("len", "--into len would hide Python's built-in function len in"),
+        ("class", "--into needs a variable name, not 'class'"),
+        ("Out", "--into Out would replace IPython's Out in this notebook"),
+    ],
+)
+def test_into_a_name_python_or_ipython_gives_is_refused(ip, into, message):
+    """``--into print`` made ``print`` the run: ``print(1)`` in the next cells
+    waited for the run and returned True, printing nothing. Refused before the
+    cell's code runs, with nothing sent and nothing assigned."""
+    before = ip.user_ns.get(into, "absent")
+    ip.user_ns.pop("ran_the_body", None)
+    with pytest.raises(UsageError) as raised:
+        ip.run_cell_magic(
+            "dispy",
+            f'--over "[1]" --into {into}',
+            "ran_the_body = 1\ndef f(x):\n    return x\n",
+        )
+    assert str(raised.value).startswith(message), raised.value
+    assert "choose another name" in str(raised.value) or into == "class"
+    assert ip.user_ns.get(into, "absent") is before
+    assert "ran_the_body" not in ip.user_ns
+    with capture_output() as captured:
+        ip.run_cell("print('still printing')")
+    assert captured.stdout == "still printing\n"
+
+
+@pytest.mark.parametrize(
     ("depends", "message"),
     [
         ("['missing.csv']", "--depends[0]: 'missing.csv' is not a file (a relative "),
