@@ -257,9 +257,12 @@ class JobCluster(_Events, _Jobs, _Nodes, _ClusterState):
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until every submitted job is done; False if ``timeout`` passed first."""
-        done = self._all_done.wait_for(lambda: self._outstanding == 0, timeout)
-        if done and not self._callbacks.in_dispatcher_thread():
-            self._callbacks.flush(timeout)
+        try:
+            done = self._all_done.wait_for(lambda: self._outstanding == 0, timeout)
+            if done and not self._callbacks.in_dispatcher_thread():
+                self._callbacks.flush(timeout)
+        except KeyboardInterrupt as interrupted:  # Ctrl-C: shown at the user's call
+            raise interrupted.with_traceback(None) from None
         return done
 
     __call__ = wait
@@ -365,15 +368,18 @@ class JobCluster(_Events, _Jobs, _Nodes, _ClusterState):
         """
         if self._closed:
             return True
-        if not terminate:
-            if not self.wait(timeout):
-                return False
-            self._shutdown(terminate=False)
-            return True
-        if timeout is not None and self.wait(timeout):
-            self._shutdown(terminate=False)
-            return True
-        self._terminate(TERMINATE_WAIT)
+        try:
+            if not terminate:
+                if not self.wait(timeout):
+                    return False
+                self._shutdown(terminate=False)
+                return True
+            if timeout is not None and self.wait(timeout):
+                self._shutdown(terminate=False)
+                return True
+            self._terminate(TERMINATE_WAIT)
+        except KeyboardInterrupt as interrupted:  # Ctrl-C: shown at the user's call
+            raise interrupted.with_traceback(None) from None
         return True
 
     def _terminate(self, wait: float) -> None:

@@ -261,7 +261,10 @@ class DispyJob:
         if self._done:
             with _lock:  # `_complete` holds it while it sets the fields
                 return self.result
-        self.wait()
+        try:
+            self.wait()
+        except KeyboardInterrupt as interrupted:  # Ctrl-C: shown at the user's call
+            raise interrupted.with_traceback(None) from None
         return self.result
 
     @property
@@ -362,6 +365,12 @@ class DispyJob:
         bool
             ``True`` if the job is done, ``False`` if the timeout expired first.
         """
+        try:
+            return self._wait(timeout)
+        except KeyboardInterrupt as interrupted:  # Ctrl-C: shown at the user's call
+            raise interrupted.with_traceback(None) from None
+
+    def _wait(self, timeout: float | None) -> bool:
         original = self._original
         if original is not None:  # a snapshot: its job's end ends the wait
             return original.wait(timeout)

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import threading
+import traceback
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -238,6 +239,39 @@ def test_job_call_and_cluster_wait_end_on_an_interrupt(
             pytest.raises(KeyboardInterrupt),
         ):
             cluster.wait()
+        assert not job.done()  # interrupted waits, not the job
+    finally:
+        cluster.close(terminate=True)
+
+
+@pytest.mark.slow
+def test_an_interrupted_wait_shows_the_users_call_not_dispynbs_frames(
+    local1: Any, tmp_path: Path
+) -> None:
+    """A Ctrl-C in ``job()``, ``job.wait()``, ``cluster.wait()``, ``cluster()`` or
+    ``cluster.close()``: the traceback ends at the user's call (the method itself is
+    the one frame Python keeps), not in dispynb's locks."""
+    started = tmp_path / "started"
+    cluster = JobCluster(jobs.mark_and_sleep, nodes=local1)
+    try:
+        job = cluster.submit(str(started), NEVER)
+        waits: list[tuple[str, Callable[[], object]]] = [
+            ("__call__", job),
+            ("wait", job.wait),
+            ("wait", cluster.wait),
+            ("wait", cluster),
+            ("close", cluster.close),
+        ]
+        for name, wait in waits:
+            with (
+                sigint_when(lambda: started.exists() and main_waits_in("acquire")()),
+                pytest.raises(KeyboardInterrupt) as raised,
+            ):
+                wait()
+            frames = traceback.extract_tb(raised.tb)
+            ours = [f"{f.filename}:{f.name}" for f in frames if "dispynb" in f.filename]
+            assert len(ours) == 1 and ours[0].endswith(f":{name}"), ours
+            assert raised.value.__context__ is None or raised.value.__suppress_context__
         assert not job.done()  # interrupted waits, not the job
     finally:
         cluster.close(terminate=True)
