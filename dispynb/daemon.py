@@ -15,12 +15,12 @@ import contextlib
 import ctypes
 import logging
 import os
-import signal
 import sys
 import tempfile
 from collections.abc import Callable
 
 from dispynb.errors import ConfigurationError, DispynbError
+from dispynb.startup import stop_signals
 
 #: Log line layout of the daemons.
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
@@ -114,15 +114,6 @@ def run_daemon(prog: str, run: Callable[[], int]) -> int:
     except OSError as exc:
         print(f"{err}{prog}: cannot start: {exc}", file=sys.stderr)
         return 1
-
-
-def stop_signals() -> tuple[signal.Signals, ...]:
-    """The signals that stop a daemon cleanly (a node drains): SIGTERM, SIGINT
-    (Ctrl-C) and SIGHUP (the terminal or ``ssh`` session it was started from
-    closed; by default it would die at once, saying nothing), unless SIGHUP is
-    ignored, as ``nohup`` leaves it: it stays ignored."""
-    hangup = signal.getsignal(signal.SIGHUP) != signal.SIG_IGN
-    return (signal.SIGTERM, signal.SIGINT, *([signal.SIGHUP] if hangup else []))
 
 
 def set_dumpable(dumpable: bool) -> bool:

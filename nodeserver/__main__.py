@@ -1,7 +1,23 @@
-"""``python -m nodeserver``: run a node server."""
+"""``python -m nodeserver`` and ``dispynb-node``: run a node server.
+
+Stop signals are held (`dispynb.startup`) before the node's modules are imported,
+which takes a second on a loaded machine: a SIGTERM meanwhile ends it cleanly."""
 
 import sys
 
-from nodeserver.cli import main
+from dispynb.startup import StartupSignals, run_held
 
-sys.exit(main())
+
+def _run(held: StartupSignals) -> int:
+    from nodeserver.cli import main as node_main
+
+    return node_main()
+
+
+def main() -> int:
+    """The ``dispynb-node`` program."""
+    return run_held("dispynb-node", _run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -32,6 +32,7 @@ from dispynb.secret import (
     withdraw_secret_env,
     write_new_secret,
 )
+from dispynb.startup import StartupSignals, run_held
 from dispynb.transport.addressing import format_address, is_loopback
 from nodeserver.cliconfig import refuse_readable_secret
 from nodeserver.config import NodeConfig
@@ -589,7 +590,12 @@ async def _announce_every(server: NodeServer, config: NodeConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``dispynb-node`` and ``python -m nodeserver``."""
+    """Entry point of ``dispynb-node`` and ``python -m nodeserver``: a stop signal
+    before the node serves ends it cleanly too (`dispynb.startup`)."""
+    return run_held("dispynb-node", lambda held: _main(argv, held))
+
+
+def _main(argv: list[str] | None, held: StartupSignals) -> int:
     args = parse_args(argv)
     if argv is None and args.secret:
         # Out of the process list and of what the zygote and jobs inherit.
@@ -651,6 +657,7 @@ def main(argv: list[str] | None = None) -> int:
                 None if args.scheduler_host else REGISTER_PATIENCE,
             )
         )
+        held.rearm()  # the loop's handlers are gone: one more signal waits
         if orphaned and args.remove_when_orphaned:
             left.append(config)
         return 0

@@ -259,3 +259,47 @@ def test_node_log_says_a_browser_speaks_another_protocol(tmp_path):
         said = "it sent HTTP (GET), and this port speaks dispynb's protocol"
         wait_until(lambda: said in node.log_text())
     assert "rejected connections from 127.0.0.1: peer announced a" in node.log_text()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+@pytest.mark.parametrize("program", ["-m nodeserver", "dispynb-node"])
+def test_node_cli_stop_signal_while_starting_exits_zero_and_says_so(
+    tmp_path, signum, program
+):
+    """A stop signal before the node's event loop ran (systemd stopping a unit it
+    just started; here the node waits for its --secret-stdin) took the signal's
+    default action: the node died of SIGTERM or SIGHUP saying nothing, of SIGINT
+    with a KeyboardInterrupt traceback, its zygote left to die by itself."""
+    command = node_command(
+        "--secret-stdin", "--port", "0", "--dest-path", str(tmp_path / "dest")
+    )
+    if program == "dispynb-node":  # the console script's entry point, as installed
+        command[1:3] = [
+            "-c",
+            "import sys, nodeserver.__main__ as m; sys.exit(m.main())",
+        ]
+    proc = subprocess.Popen(
+        command,
+        env=node_env(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        node = psutil.Process(proc.pid)
+        # Its zygote is forked before it reads the secret: it is well into start-up.
+        wait_until(lambda: node.children(), timeout=NODE_WAIT)
+        zygote = node.children()[0]
+        proc.send_signal(signum)
+        _out, err = proc.communicate(timeout=NODE_WAIT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert f"dispynb-node: stopped by {signal.Signals(signum).name} while starting" in (
+        err
+    )
+    assert "Traceback" not in err
+    zygote.wait(timeout=NODE_WAIT)  # reaped by the node, or gone with it

@@ -1,0 +1,132 @@
+"""Stop signals that come while a daemon starts.
+
+``dispynb-node`` and ``dispynb-scheduler`` install their asyncio signal handlers
+once their event loop runs, after imports, option parsing and (a node) its zygote,
+which take a second or more on a loaded machine. A SIGTERM in that window (systemd
+stopping a unit that just started, a launcher or LocalCluster closing at once) took
+the default action: the process died of the signal, saying nothing, and SIGINT
+printed a ``KeyboardInterrupt`` traceback. `run_held` holds them from the first
+line of ``main``: the first stop signal raises `StopSignal` wherever start-up is
+(waiting on ``--secret-stdin`` too), which ends the daemon with one line and exit
+status 0, as a stop once serving does.
+
+This module imports nothing heavy: it is imported before everything else.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["StartupSignals", "StopSignal", "run_held", "stop_signals"]
+
+
+def stop_signals() -> tuple[signal.Signals, ...]:
+    """The signals that stop a daemon cleanly (a node drains): SIGTERM, SIGINT
+    (Ctrl-C) and SIGHUP (the terminal or ``ssh`` session it was started from
+    closed; by default it would die at once, saying nothing), unless SIGHUP is
+    ignored, as ``nohup`` leaves it: it stays ignored."""
+    hangup = signal.getsignal(signal.SIGHUP) != signal.SIG_IGN
+    return (signal.SIGTERM, signal.SIGINT, *([signal.SIGHUP] if hangup else []))
+
+
+class StopSignal(BaseException):
+    """A stop signal came while the daemon was starting.
+
+    Raised from the signal handler, as `KeyboardInterrupt` is for SIGINT, so that
+    start-up ends wherever it is, blocked reading or not; a `BaseException`, so that
+    no ``except Exception`` on the way takes it for an error."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signal.Signals(signum)
+        super().__init__(f"stopped by {self.signum.name} while starting")
+
+
+class StartupSignals:
+    """The stop signals held while a daemon starts (`hold`) and once it served
+    (`rearm`), with the dispositions they had before (`release`)."""
+
+    def __init__(self) -> None:
+        self.received: signal.Signals | None = None
+        self._pid = os.getpid()
+        self._previous: dict[signal.Signals, Any] = {}
+        self._raise = True
+
+    def hold(self) -> None:
+        """From now on the first stop signal raises `StopSignal`."""
+        self._raise = self.received is None
+        for signum in stop_signals():
+            previous = signal.signal(signum, self._handle)
+            self._previous.setdefault(signum, previous)
+        _reset_in_children(self)
+
+    def rearm(self) -> None:
+        """After the event loop closed (which set them back to their defaults):
+        record stop signals, raising nothing (the daemon is stopping already), so
+        that one more does not kill it while it cleans up."""
+        self._raise = False
+        for signum in self._previous:
+            signal.signal(signum, self._handle)
+
+    def release(self) -> None:
+        """Give the signals back the dispositions they had before `hold`."""
+        for signum, previous in self._previous.items():
+            if previous is not None:
+                signal.signal(signum, previous)
+        self._previous.clear()
+
+    @property
+    def holding(self) -> bool:
+        """Whether it holds the signals (`hold`, and not `release` yet)."""
+        return bool(self._previous)
+
+    def ours(self, signum: signal.Signals) -> bool:
+        """Whether ``signum`` is handled here now."""
+        return signal.getsignal(signum) == self._handle
+
+    def restore_in_child(self) -> None:
+        """In a forked child (the node's zygote): the dispositions from before."""
+        for signum, previous in self._previous.items():
+            if previous is not None and self.ours(signum):
+                signal.signal(signum, previous)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.received is None:
+            self.received = signal.Signals(signum)
+            if self._raise:
+                raise StopSignal(signum)
+
+
+#: The `StartupSignals` a forked child gives their dispositions back (one per
+#: process: `os.register_at_fork` cannot be undone).
+_held: list[StartupSignals] = []
+
+
+def _reset_in_children(held: StartupSignals) -> None:
+    if not _held:
+        os.register_at_fork(after_in_child=lambda: _held[-1].restore_in_child())
+    _held[:] = [held]
+
+
+def run_held(prog: str, body: Callable[[StartupSignals], int]) -> int:
+    """``body(held)``'s exit status, stop signals held from now on (`StartupSignals`):
+    one that comes before ``body`` has its event loop's handlers ends it with a line
+    on stderr naming ``prog`` and status 0; on return the signals are as before."""
+    outer = _held[-1] if _held and _held[-1].holding else None
+    held = outer or StartupSignals()  # ``python -m``'s, held before the imports
+    if outer is None:
+        held.hold()
+    try:
+        return body(held)
+    except StopSignal as exc:
+        from dispynb.daemon import to_journal  # not before a signal needs it
+
+        held.rearm()
+        print(f"{'<5>' if to_journal() else ''}{prog}: {exc}", file=sys.stderr)
+        return 0
+    finally:
+        if outer is None:
+            held.release()
