@@ -19,14 +19,22 @@ A spool no running node holds is read only by the next node of its port: one who
 node never returns (its port retired, its machine's address changed) kept its
 results on the disk for ever. So a node that starts removes, from the spools no
 node holds, the results whose time to be kept is over (as their node would have).
+
+The nodes sharing a destination directory claim and sweep one at a time, under the
+``flock`` of ``.kept.lock`` there: a sweep holds each spool it looks at, and a node
+of a fixed port starting meanwhile found its own spool held, made another, and lost
+its results to ``recover_jobs``; a spool just made could be taken by another node
+before its maker locked it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 
 from dispynb.daemon import replace_file
 from nodeserver.filestore import lock_dir
@@ -38,6 +46,8 @@ logger = logging.getLogger(__name__)
 SHARED = ".kept"
 #: File in a spool naming the port of the node that used it last (none: no port).
 _OWNER = ".port"
+#: File in the destination directory whose ``flock`` its nodes claim and sweep under.
+_CLAIMS = ".kept.lock"
 
 
 class SpoolClaim:
@@ -61,16 +71,30 @@ def claim_spool(dest_path: str, port: int) -> SpoolClaim:
     the node cannot write to), ``.kept``, unlocked: logged, and the spool says
     what it cannot do there (its results are kept in memory)."""
     try:
-        claim = _claim(dest_path, port)
+        os.makedirs(os.path.join(dest_path, SHARED), mode=0o700, exist_ok=True)
+        with _one_at_a_time(dest_path):
+            claim = _claim(dest_path, port)
+            _remove_expired_unheld(dest_path, claim.root)
     except OSError as exc:
         logger.warning("cannot claim a kept-results spool in %s: %s", dest_path, exc)
         return SpoolClaim(os.path.join(dest_path, SHARED), None)
-    _remove_expired_unheld(dest_path, claim.root)
     return claim
 
 
+@contextlib.contextmanager
+def _one_at_a_time(dest_path: str) -> Iterator[None]:
+    """Hold the ``flock`` of `_CLAIMS` in ``dest_path`` (waiting for the node that
+    holds it: a claim and a sweep take a moment)."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(os.path.join(dest_path, _CLAIMS), flags, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def _claim(dest_path: str, port: int) -> SpoolClaim:
-    os.makedirs(os.path.join(dest_path, SHARED), mode=0o700, exist_ok=True)
     spools = [(path, _owner(path)) for path in _spools(dest_path)]
     mine = [path for path, owner in spools if port and owner == port]
     for path in mine + [path for path, owner in spools if not owner]:
@@ -123,8 +147,8 @@ def _own(path: str, fd: int, port: int) -> SpoolClaim:
 
 
 def _remove_expired_unheld(dest_path: str, mine: str) -> None:
-    """Remove the expired results of the spools no node holds (held meanwhile:
-    a node starting at once waits for nothing, it takes another spool)."""
+    """Remove the expired results of the spools no node holds (under the lock of
+    the claims: a node starting meanwhile waits, and then finds its spool free)."""
     removed = freed = 0
     with contextlib.suppress(OSError):
         for path in _spools(dest_path):
