@@ -27,6 +27,7 @@ import contextlib
 import functools
 import hashlib
 import inspect
+import io
 import itertools
 import os
 import pickle
@@ -80,6 +81,9 @@ Outcomes = tuple[list[Any], dict[int, Failure]]
 _CACHE_ENTRIES = 32
 _CACHE_MAX_BYTES = 1 << 20
 _fn_cache: collections.OrderedDict[str, Callable[..., Any]] = collections.OrderedDict()
+#: What the executor's initializer printed on the node (stdout, stderr): written
+#: into the output of the first job of each process that ran it or forked after.
+_init_output: list[tuple[str, str]] = []
 
 
 def dispynb_executor(
@@ -103,6 +107,8 @@ def dispynb_executor(
                 _fn_cache.popitem(last=False)
     else:
         _fn_cache.move_to_end(key)
+    if _init_output:
+        _write_init_output()
     values: list[Any] = []
     failures: dict[int, Failure] = {}
     calls = zip(*columns, strict=True) if columns else itertools.repeat((), count)
@@ -179,9 +185,30 @@ def _pickled_exception(exc: BaseException) -> tuple[bytes | None, str]:
 
 
 def _initialize(initializer: Callable[..., Any], initargs: tuple[Any, ...]) -> int:
-    """``setup`` of an executor given ``initializer`` (runs on each node)."""
-    initializer(*initargs)
+    """``setup`` of an executor given ``initializer`` (runs on each node). What it
+    prints or warns goes to the client with the first job of each worker
+    process, as a `ProcessPoolExecutor` worker's initializer prints to the
+    script's terminal, where its warnings name their file and line (the node
+    has only ``<dynamic-code>``); if it raises, to the node's own streams."""
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            initializer(*initargs)
+    except BaseException:
+        sys.stdout.write(out.getvalue())
+        sys.stderr.write(err.getvalue())
+        raise
+    if out.tell() or err.tell():
+        _init_output[:] = [(out.getvalue(), err.getvalue())]
     return 0
+
+
+def _write_init_output() -> None:
+    """Write what the initializer printed into this job's output (once per
+    process: a worker forked after it has its own copy to write)."""
+    out, err = _init_output.pop()
+    sys.stdout.write(out)
+    sys.stderr.write(err)
 
 
 def _error(
@@ -294,8 +321,10 @@ class Executor(concurrent.futures.Executor):
         As `concurrent.futures.ProcessPoolExecutor`'s: ``initializer(*initargs)``
         runs once per node before any call (as `JobCluster`'s ``setup``; the
         worker processes fork after it, so what it sets in the process, such as
-        environment variables or a seed, they inherit). If it raises, creating
-        the executor raises `SetupError` with the node's traceback.
+        environment variables or a seed, they inherit). What it prints or
+        warns is written here with the output of each worker's first call. If
+        it raises, creating the executor raises `SetupError` with the node's
+        traceback.
     max_tasks_per_child:
         Any value (``N >= 1``) runs each job in a fresh process
         (``fresh_process=True``: at most N calls per process, as asked; a
@@ -362,6 +391,7 @@ class Executor(concurrent.futures.Executor):
         self._background = False  # shutdown(wait=False) started a closing thread
         self._closing = threading.Lock()  # held by the thread closing
         self._local: LocalCluster | None = None
+        self._initializer = initializer  # its output's lines are mapped back too
         # Nothing after the nodes start but in this try: a Ctrl-C landing there
         # must not leave them running, out of the user's reach.
         try:
@@ -417,6 +447,7 @@ class Executor(concurrent.futures.Executor):
         when it runs others and returns their values in a list (``"joblib
         batch"``): a value that cannot be sent back is named by its place there."""
         key, blob = _pickle(fn)
+        sources = (*sources, self._initializer)  # the lines of its warnings too
         with self._lock:
             job = self._new_job(key, blob, [args], kwargs)
         future = job._attach(
@@ -507,6 +538,7 @@ class Executor(concurrent.futures.Executor):
         blob: bytes,
         end: float | None,
     ) -> Iterator[Any]:
+        sources = (fn, self._initializer)
         try:
             while jobs:
                 # As Python 3.14's: the next input goes before the wait, so that
@@ -514,7 +546,7 @@ class Executor(concurrent.futures.Executor):
                 for chunk in itertools.islice(more, 1):
                     jobs.append(self._submit_chunk(key, blob, chunk))
                 wait = None if end is None else max(end - time.monotonic(), 0.0)
-                values, failures = _chunk_outcomes(jobs[0], wait, fn)
+                values, failures = _chunk_outcomes(jobs[0], wait, sources)
                 jobs.popleft()
                 if not failures:
                     yield from values
@@ -522,7 +554,7 @@ class Executor(concurrent.futures.Executor):
                 for index, value in enumerate(values):
                     failure = failures.get(index)
                     if failure is not None:
-                        raise _error(failure, (fn,), self._mem_limit, self._allowed)
+                        raise _error(failure, sources, self._mem_limit, self._allowed)
                     yield value
         finally:
             self._cancel_chunks(jobs)
@@ -680,7 +712,7 @@ def _pickle(fn: Callable[..., Any]) -> tuple[str, bytes]:
 
 
 def _chunk_outcomes(
-    job: DispyJob, timeout: float | None, fn: Callable[..., Any]
+    job: DispyJob, timeout: float | None, sources: tuple[Any, ...]
 ) -> Outcomes:
     """The outcomes of a ``map`` job's calls, or raise what its future's
     ``result(timeout)`` would (`JobFuture`). Waiting on the job itself, the
@@ -688,13 +720,13 @@ def _chunk_outcomes(
     one is idle (`dispynb._inplace`): no thread is woken per job."""
     if not job.wait(timeout):
         raise concurrent.futures.TimeoutError()
-    _echo(job, (fn,))
+    _echo(job, sources)
     if job.status == job.Finished:
         outcomes: Outcomes = job.result
         return outcomes
     if job.status == job.Cancelled:
         raise concurrent.futures.CancelledError()
-    explain_failure(job, (fn,))
+    explain_failure(job, sources)
     error = outcome_error(job)
     assert error is not None
     raise error

@@ -626,6 +626,30 @@ def test_initializer_runs_on_each_node_before_the_calls(local):
         assert list(ex.map(env, ["DISPYNB_T"] * 4)) == ["on"] * 4
 
 
+def say_in_init(word: str) -> None:
+    print(f"init {word}")
+    warnings.warn(f"init {word}", stacklevel=1)
+
+
+def test_what_the_initializer_prints_is_written_here_naming_its_file(local1, capsys):
+    """As a ProcessPoolExecutor worker's initializer prints to the script's
+    terminal: with the first call's output, its warning naming its file and line
+    with the source line (on the node: ``<dynamic-code>:N``), once per worker."""
+    line = say_in_init.__code__.co_firstlineno + 2
+    warned = (
+        f"{__file__}:{line}: UserWarning: init on\n"
+        '  warnings.warn(f"init {word}", stacklevel=1)\n'
+    )
+    with Executor(nodes=local1, initializer=say_in_init, initargs=("on",)) as ex:
+        future = ex.submit(chatty, 1)
+        assert future.result(WAIT) == 1
+        assert future.job.stderr == warned + "err 1\n"
+        first = capsys.readouterr()
+        assert (first.out, first.err) == ("init on\nout 1\n", warned + "err 1\n")
+        assert list(ex.map(chatty, [2])) == [2]
+        assert capsys.readouterr() == ("out 2\n", "err 2\n")
+
+
 def test_failing_initializer_is_a_setup_error_with_the_node_traceback(local):
     with pytest.raises(SetupError) as info:
         Executor(nodes=local, initializer=fail_setup)

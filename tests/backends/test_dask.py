@@ -9,6 +9,7 @@ as JSON; process checks (is the stopped job's process gone?) are made from here.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -625,24 +626,58 @@ def test_large_arguments_and_results_arrive_intact(
 
 
 EXECUTOR_PROGRAM = """
+import asyncio
+import contextlib
+import io
+import warnings
+
+
 def square(x):
     return x * x
 
 
+async def twice(x):
+    await asyncio.sleep(0)
+    return 2 * x
+
+
+def init(word):
+    warnings.warn("init " + word)
+
+
 def main(args):
-    with local_cluster() as dask_cluster:
+    shown = io.StringIO()  # what the jobs printed is written to sys.stderr
+    with local_cluster() as dask_cluster, contextlib.redirect_stderr(shown):
         engine = DaskEngine(dask_cluster)
-        with dispynb.Executor(engine=engine) as executor:
+        with dispynb.Executor(
+            engine=engine, initializer=init, initargs=("dask",)
+        ) as executor:
             mapped = list(executor.map(square, range(8)))
             future = executor.submit(square, 12)
-            return {"map": mapped, "submit": future.result(timeout=30)}
+            futures = [executor.submit(twice, x) for x in range(4)]
+            return {
+                "map": mapped,
+                "submit": future.result(timeout=30),
+                "async": [f.result(timeout=30) for f in futures],
+                "stderr": shown.getvalue(),
+            }
 """
 
 
 def test_the_executor_runs_on_dask(net: Network, tmp_path: Path) -> None:
-    """``dispynb.Executor(engine=DaskEngine(...))``: map and submit (issue 18)."""
+    """``dispynb.Executor(engine=DaskEngine(...))``: map and submit (issue 18),
+    async def functions run to their end, and the initializer's warnings name
+    their file, as on dispynb's nodes."""
     out = run(net, tmp_path, EXECUTOR_PROGRAM)
-    assert out == {"map": [x * x for x in range(8)], "submit": 144}
+    stderr = out.pop("stderr")
+    assert out == {
+        "map": [x * x for x in range(8)],
+        "submit": 144,
+        "async": [0, 2, 4, 6],
+    }
+    assert "<dynamic-code>" not in stderr, stderr
+    warned = r'client-\w+\.py:\d+: UserWarning: init dask\n  warnings.warn\("init '
+    assert re.search(warned, stderr), stderr
 
 
 WRONG_PORT_PROGRAM = """
