@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
 
+from dispynb.defaults import MAX_DEST_PATH_PARTS
 from dispynb.errors import ConfigurationError
 
 
@@ -149,6 +150,12 @@ def _check_dest_path(value: Any) -> str | None:
         raise ConfigurationError(
             f"dest_path {value!r} leads out of the node's directory: give a relative "
             "path without '..'"
+        )
+    parts = path.count("/") + 1
+    if parts > MAX_DEST_PATH_PARTS:  # as nodes count them (a scheduler adds one)
+        raise ConfigurationError(
+            f"dest_path {path[:40]!r}... names {parts} directories: at most "
+            f"{MAX_DEST_PATH_PARTS} are taken"
         )
     return path
 

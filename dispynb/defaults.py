@@ -25,6 +25,11 @@ DISCOVERY_CLIENT_PORT = DISCOVERY_PORT + 1
 #: IPv4 multicast group of discovery with ``ipv4_udp_multicast=True`` (dispy's group).
 IPV4_MULTICAST_GROUP = "239.255.61.59"
 
+#: Most directories a computation's ``dest_path`` may name (each cut to 64
+#: characters on the node). A node takes one more: the directory a shared
+#: scheduler puts each user's ``dest_path`` in.
+MAX_DEST_PATH_PARTS = 32
+
 #: Largest frame accepted before authentication: handshake messages are tiny.
 PRE_AUTH_MAX_FRAME = 64 * 1024
 

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from dispynb.defaults import PULSE_RANGE
+from dispynb.defaults import MAX_DEST_PATH_PARTS, PULSE_RANGE
 from dispynb.errors import (
     DispynbError,
     FramingError,
@@ -29,6 +29,7 @@ from dispynb.errors import (
     SetupError,
 )
 from dispynb.protocol import shm
+from dispynb.protocol.files import bad_dest_path, dest_path_parts
 from dispynb.protocol.handshake import peer_text
 from dispynb.protocol.messages import (
     RETURNED,
@@ -190,7 +191,7 @@ class ClientSession(_SessionFiles, _SessionRecovery):
             return
         bad = (
             message.bad_seconds()
-            or _bad_dest_path(message.dest_path)
+            or bad_dest_path(message.dest_path, MAX_DEST_PATH_PARTS + 1)
             or _other_python(message, self.server.config.name)
         )
         if bad is not None:
@@ -262,7 +263,7 @@ class ClientSession(_SessionFiles, _SessionRecovery):
             f"{safe_name(self.client_name or 'client')}-{os.getpid()}-{self.session_id}"
         )
         if message.dest_path:
-            parts = [safe_name(p) for p in _dest_path_parts(message.dest_path)]
+            parts = [safe_name(p) for p in dest_path_parts(message.dest_path)]
             comp_dir = os.path.join(*parts) if parts else "default"
             # As dispy's <prefix>/<client address>/<dest_path>: the same directory
             # for every cluster of that client giving it, so that the files one
@@ -574,32 +575,6 @@ def _apply_limits(jobs: list[NodeJob], limits: list[Any]) -> None:
             ):
                 raise MessageError("malformed job mem_limit in job-submit")
             job.mem_limit = mem_limit
-
-
-#: Most directories a client's ``dest_path`` may name under the node's
-#: ``--dest-path`` (each cut to 64 characters).
-MAX_DEST_PATH_PARTS = 32
-
-
-def _dest_path_parts(dest_path: str) -> list[str]:
-    return [part for part in dest_path.split("/") if part not in ("", ".")]
-
-
-def _bad_dest_path(dest_path: object) -> str | None:
-    """Why a computation's ``dest_path`` is refused; None if it is not: one of
-    thousands of directories made the node's ``os.makedirs`` recurse too deep,
-    its start died unseen and its client waited for ever."""
-    if dest_path is None or dest_path == "":
-        return None
-    if not isinstance(dest_path, str):
-        return "computation-setup field 'dest_path' must be a string"
-    parts = len(_dest_path_parts(dest_path))
-    if parts <= MAX_DEST_PATH_PARTS:
-        return None
-    return (
-        f"dest_path {dest_path[:40]!r}... names {parts} directories: at most "
-        f"{MAX_DEST_PATH_PARTS} (a directory under the node's own) are taken"
-    )
 
 
 def _other_python(message: ComputationSetup, name: str) -> str | None:

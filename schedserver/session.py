@@ -15,8 +15,9 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from dispynb.defaults import PULSE_RANGE
+from dispynb.defaults import MAX_DEST_PATH_PARTS, PULSE_RANGE
 from dispynb.errors import DispynbError
+from dispynb.protocol.files import bad_dest_path
 from dispynb.protocol.framing import Frame
 from dispynb.protocol.handshake import peer_text
 from dispynb.protocol.messages import (
@@ -439,7 +440,11 @@ class SchedulerSession:
                 )
                 self._computations_refused = True
                 self.send(ComputationFailed(comp_id=message.comp_id, message=refused))
-            elif refused := (message.bad_seconds() or self._files_too_large(message)):
+            elif refused := (
+                message.bad_seconds()
+                or bad_dest_path(message.dest_path, MAX_DEST_PATH_PARTS)
+                or self._files_too_large(message)
+            ):
                 self._log_refusal(refused)
                 self.send(ComputationFailed(comp_id=message.comp_id, message=refused))
             else:

@@ -183,3 +183,31 @@ def _refused(parent: int, part: str, relative: str, exc: OSError) -> ProtocolErr
             f"file name {relative!r} refused: {part!r} on its way is not a directory"
         )
     return ProtocolError(f"cannot create {relative!r}: {exc.strerror or exc}")
+
+
+def dest_path_parts(dest_path: str) -> list[str]:
+    """The directories a computation's ``dest_path`` names, in order."""
+    return [part for part in dest_path.split("/") if part not in ("", ".")]
+
+
+def bad_dest_path(dest_path: object, most: int) -> str | None:
+    """Why a computation's ``dest_path`` is refused; None if it is not.
+
+    It names at most ``most`` directories: one of thousands made a node's
+    ``os.makedirs`` recurse too deep (its start died unseen, its client waited for
+    ever). A node takes one more than a client may name
+    (`dispynb.defaults.MAX_DEST_PATH_PARTS`):
+    the directory a shared scheduler puts each user's in, after checking the
+    user's own against the clients' limit.
+    """
+    if dest_path is None or dest_path == "":
+        return None
+    if not isinstance(dest_path, str):
+        return "computation-setup field 'dest_path' must be a string"
+    parts = len(dest_path_parts(dest_path))
+    if parts <= most:
+        return None
+    return (
+        f"dest_path {dest_path[:40]!r}... names {parts} directories: at most "
+        f"{most} (a directory under the node's own) are taken"
+    )

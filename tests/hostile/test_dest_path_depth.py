@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dispynb import JobCluster
+from dispynb import JobCluster, options
 from dispynb.errors import SetupError
 from tests import jobs
 from tests.hostile.tools import limited_node
@@ -19,7 +19,9 @@ pytestmark = pytest.mark.slow
     "(was: the node's start of it died in a RecursionError, logged as a task "
     "exception never retrieved, and its client waited for ever)",
 )
-def test_a_dest_path_too_deep_is_refused_saying_so(measure, tmp_path):
+def test_a_dest_path_too_deep_is_refused_saying_so(measure, tmp_path, monkeypatch):
+    # A hostile client skips the check JobCluster makes: the node must refuse it.
+    monkeypatch.setattr(options, "_check_dest_path", lambda value: value)
     with limited_node(tmp_path / "node") as node:
         with (
             pytest.raises(SetupError) as refused,

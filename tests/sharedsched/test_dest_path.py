@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from dispynb import LocalCluster, SharedJobCluster
+from dispynb import JobCluster, LocalCluster, SharedJobCluster
+from dispynb.errors import ConfigurationError
 from tests.jobs import WAIT
 from tests.sharedsched.harness import SchedulerProcess
 
@@ -57,5 +58,40 @@ def test_a_users_dest_path_files_are_found_by_that_user_only(
         with cluster(look, "alice") as again:
             job = again.submit(0)
             assert job.finish.wait(WAIT) and job.result == ["alice.txt"], job.exception
+    finally:
+        sched.stop()
+
+
+def where(_: int) -> str:
+    import os
+
+    return os.getcwd()
+
+
+def test_a_dest_path_of_32_directories_works_as_with_jobcluster(
+    tmp_path: Path, nodes: LocalCluster, users: dict[str, Path]
+) -> None:
+    """The scheduler puts a user's dest_path under a directory of that user's: 32
+    directories, the most a JobCluster may name, work through it too (the node saw
+    33 and refused them), and 33 are refused by the client, as by JobCluster."""
+    deep = "/".join(f"d{i}" for i in range(32))
+    with JobCluster(where, nodes=nodes, dest_path=deep) as direct:
+        assert direct.submit(0)().endswith(deep)
+    sched = SchedulerProcess(tmp_path, nodes.node_specs()[:1], nodes.secret)
+    sched.start()
+    try:
+        with SharedJobCluster(
+            where,
+            scheduler_host=sched.address,
+            secret_file=str(users["alice"]),
+            dest_path=deep,
+        ) as shared:
+            job = shared.submit(0)
+            assert job.finish.wait(WAIT) and job.result.endswith(f"alice/{deep}"), (
+                job.exception
+            )
+        for cluster in (JobCluster, SharedJobCluster):
+            with pytest.raises(ConfigurationError, match="names 33 directories"):
+                cluster(where, nodes=nodes, dest_path=f"{deep}/d32")
     finally:
         sched.stop()

@@ -162,7 +162,8 @@ JOBCLUSTER = [
         "with ``cleanup=False`` (its files, what its jobs or setup wrote) the next "
         "one finds, and ``cleanup=True`` removes it once no computation uses it "
         "(through a shared scheduler: each user's own). ``..`` and absolute paths "
-        "are refused (dispy stripped a leading ``/``).",
+        "are refused (dispy stripped a leading ``/``), and so is a path of more "
+        "than 32 directories, when the cluster is made.",
     ),
     Name("loglevel", differs="A `logging` level; None leaves logging alone."),
     Name("callback", note="Deprecated alias of ``job_status``, as in dispy."),
