@@ -22,7 +22,7 @@ import cloudpickle
 
 from dispynb.errors import ConfigurationError
 from dispynb.job import DispyJob, JobStatus
-from dispynb.journalfile import Beside, Shared, checked, release
+from dispynb.journalfile import Beside, Shared, checked, refuse_writable, release
 from dispynb.secret import foreign_owner
 
 _SCHEMA = """
@@ -45,13 +45,15 @@ class Journal:
     def __init__(self, path: str) -> None:
         """The journal at ``path``, created readable by its owner only (0600) from
         the start: it holds the jobs' arguments and results. A journal of another
-        user's (made first where the client writes its own: a shared directory), or
-        a symlink, is refused; one an older version left looser is tightened."""
+        user's (made first where the client writes its own: a shared directory),
+        one other users can write to, or a symlink, is refused; one an older
+        version left readable by others is tightened."""
         self.path = path
         beside = None
         try:
             with checked(path, create=True) as file:
                 _refuse_foreign(path, file.info)
+                refuse_writable(path, file.info)
                 if file.info.st_mode & 0o077:
                     file.chmod(0o600)
                 beside = Beside(os.path.realpath(path), file.info, tighten=True)
@@ -89,8 +91,9 @@ class Journal:
 
         Never creates nor changes a file that is not a journal: any other file (a
         directory, another database, a damaged or truncated one) raises a
-        `ConfigurationError` naming it. So does a file replaced as it is opened, or
-        another user's `-wal`, `-shm` or `-journal` beside it (`Beside`).
+        `ConfigurationError` naming it. So does a file replaced as it is opened, one
+        other users can write to, or another user's `-wal`, `-shm` or `-journal`
+        beside it, or one others can write to (`Beside`).
         """
         if os.path.isdir(path):
             raise ConfigurationError(
@@ -103,6 +106,7 @@ class Journal:
         try:
             with checked(path, create=False) as file:
                 _refuse_foreign(path, file.info)
+                refuse_writable(path, file.info)
                 if file.info.st_size == 0:
                     return None
                 beside = Beside(os.path.realpath(path), file.info, tighten=False)

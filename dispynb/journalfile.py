@@ -186,7 +186,8 @@ COMPANIONS = ("-wal", "-shm", "-journal")
 
 def refuse_planted(db_path: str, *, tighten: bool) -> None:
     """Raise `ConfigurationError` if a file SQLite uses beside the database
-    ``db_path`` (`COMPANIONS`) is another user's, a symlink or not a regular file.
+    ``db_path`` (`COMPANIONS`) is another user's or writable by others
+    (`others_can_write`), a symlink or not a regular file.
 
     Put there first (where others can write: ``/tmp``, a shared directory), SQLite
     used it with the journal: its owner read the jobs' arguments and results, and
@@ -217,6 +218,8 @@ def refuse_planted(db_path: str, *, tighten: bool) -> None:
                     if not stat.S_ISREG(info.st_mode)
                     else f"of {owner}"
                     if (owner := foreign_owner(info))
+                    else f"writable by {writers}"
+                    if (writers := others_can_write(info))
                     else ""
                 )
                 if not what and tighten and info.st_mode & 0o077:
@@ -280,6 +283,58 @@ class Beside:
             info = os.lstat(name)
             if _identity(info) == identity and info.st_size == 0:
                 os.unlink(name)
+
+
+def others_can_write(info: os.stat_result) -> str:
+    """Who besides its owner can write to a file (``info``: its stat), said for an
+    error; "" if nobody: neither everyone (``o+w``) nor a group of other users
+    (``g+w``; a group of the user's own, of no other member, is not others).
+
+    Mode 0600 set on a journal once others could write to it is too late: what
+    they wrote stays, and a descriptor they opened then still writes."""
+    mode = stat.S_IMODE(info.st_mode)
+    if os.name != "posix" or not mode & 0o022:
+        return ""
+    if mode & 0o002:
+        return f"every user (mode {mode:04o})"
+    group = _group_of_others(info.st_gid)
+    return f"the users of group {group} (mode {mode:04o})" if group else ""
+
+
+def _group_of_others(gid: int) -> str:
+    """Group ``gid``'s name if users other than this one are in it; "" if not."""
+    try:
+        import grp
+        import pwd
+    except ImportError:
+        return ""
+    me = os.geteuid()
+    try:
+        group = grp.getgrgid(gid)
+    except KeyError:
+        return f"{gid} (unknown, so maybe anyone)"
+    try:
+        name = pwd.getpwuid(me).pw_name
+    except KeyError:
+        name = ""
+    if any(member != name for member in group.gr_mem) or any(
+        user.pw_gid == gid and user.pw_uid != me for user in pwd.getpwall()
+    ):
+        return repr(group.gr_name)
+    return ""
+
+
+def refuse_writable(path: str, info: os.stat_result, what: str = "") -> None:
+    """Raise `ConfigurationError` if others can write to the journal ``path`` (or
+    to ``what`` beside it; ``info``: its stat, `others_can_write`): they could
+    have changed what ``recover_jobs`` unpickles."""
+    writers = others_can_write(info)
+    if writers:
+        raise ConfigurationError(
+            f"recover_file {path!r}{what} can be written by {writers}: they could "
+            "have changed what recover_jobs unpickles (code it runs); remove it, or "
+            "if nobody else ever could write to it, chmod go-w it"
+        )
 
 
 def _chmod(fd: int, mode: int) -> None:

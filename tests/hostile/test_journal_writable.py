@@ -1,0 +1,123 @@
+"""A recovery journal other users can write to (left 0666 by an older version, a
+copy under umask 0, a group-writable share): what ``recover_jobs`` unpickles from
+it is theirs. The attacker here is ``nobody``, with no capability, writing through
+the file's mode only."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import dispynb
+from dispynb.errors import ConfigurationError
+from dispynb.job import DispyJob, JobStatus
+from dispynb.journal import Journal
+
+#: Run as nobody on the journal (argv[1]): every job's result becomes a pickle
+#: that makes the directory argv[2] as it is loaded. The journal is left in DELETE
+#: mode, nothing of theirs beside it.
+_REWRITE = r"""
+import os, pickle, sqlite3, sys
+
+class Planted:
+    def __reduce__(self):
+        return (os.mkdir, (sys.argv[2],))
+
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("PRAGMA journal_mode=DELETE")
+db.execute("UPDATE jobs SET result = ?", (pickle.dumps(Planted()),))
+db.close()
+"""
+
+AS_NOBODY_ONLY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+RID = "r" * 32
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory such as ``/tmp`` (sticky, anyone may make files), that nobody
+    can reach (pytest's own are root's, 0700)."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("writing as another user needs root and setpriv")
+    directory = Path(tempfile.mkdtemp(prefix="dispynb-journal-", dir="/tmp"))
+    os.chmod(directory, 0o1777)
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory)
+
+
+def _finished_journal(path: Path) -> None:
+    """A crashed client's journal of one finished job (its result: 42)."""
+    journal = Journal(str(path))
+    journal.computation(RID, "compute")
+    journal.node(RID, "127.0.0.1:1")
+    job = DispyJob("job", (1,), {})
+    journal.submitted(RID, 1, job)
+    job._complete(JobStatus.Finished, result=42)
+    journal.done(RID, 1, job)
+    journal.close(remove=False)
+
+
+def _rewritten_as_nobody(path: Path, marker: Path) -> None:
+    subprocess.run(
+        [*AS_NOBODY_ONLY, "/usr/bin/python3", "-c", _REWRITE, str(path), str(marker)],
+        check=True,
+        timeout=30,
+        capture_output=True,
+    )
+
+
+@pytest.mark.attack(
+    id="writable-journal",
+    title="Another user rewrites a recovery journal left writable by others (0666, "
+    "or 0660 of their group) as a pickle that runs code, then its owner recovers",
+    goal="recover_jobs and a cluster reusing it refuse it, naming who can write "
+    "it; nothing of theirs is unpickled (was: their code ran in recover_jobs)",
+)
+@pytest.mark.parametrize(
+    ("mode", "group"), [(0o666, None), (0o660, "nogroup")], ids=["world", "group"]
+)
+@pytest.mark.timeout(60)
+def test_a_journal_others_can_write_is_refused(measure, shared_dir, mode, group):
+    path, marker = shared_dir / "recover.db", shared_dir / "ran"
+    _finished_journal(path)
+    os.chmod(path, mode)
+    if group:
+        shutil.chown(path, group=group)
+    _rewritten_as_nobody(path, marker)
+    errors = []
+    try:
+        jobs = dispynb.recover_jobs(str(path), timeout=5)
+        errors.append(f"recovered {[job.result for job in jobs]}")
+    except ConfigurationError as exc:
+        errors.append(str(exc))
+    with pytest.raises(ConfigurationError, match="can be written by") as reused:
+        Journal(str(path))
+    measure(
+        f"{mode:04o}{' ' + group if group else ''}: their code ran: {marker.exists()}; "
+        f"recover_jobs: {errors[0].replace(str(path), 'FILE')[:100]}; reused: refused"
+    )
+    assert not marker.exists()
+    assert "can be written by" in errors[0] and str(path) in errors[0]
+    assert f"mode {mode:04o}" in str(reused.value)
+
+
+def test_a_journal_writable_by_the_users_own_group_only_is_recovered(shared_dir):
+    """umask 002 with user-private groups makes files 0664: a group of the user's
+    own, of no other member, is not others."""
+    path = shared_dir / "recover.db"
+    _finished_journal(path)
+    os.chmod(path, 0o660)  # root's group: root is its only user
+    journal = Journal.open_existing(str(path))
+    assert journal is not None
+    try:
+        assert [job.result for _key, job, _node in journal.jobs(RID)] == [42]
+    finally:
+        journal.close()
