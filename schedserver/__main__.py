@@ -1,7 +1,23 @@
-"""``python -m schedserver``: the ``dispynb-scheduler`` program."""
+"""``python -m schedserver`` and ``dispynb-scheduler``: the scheduler program.
+
+Stop signals are held (`dispynb.startup`) before its modules are imported: a
+SIGTERM meanwhile ends it cleanly."""
 
 import sys
 
-from schedserver.cli import main
+from dispynb.startup import StartupSignals, run_held
 
-sys.exit(main())
+
+def _run(held: StartupSignals) -> int:
+    from schedserver.cli import main as scheduler_main
+
+    return scheduler_main()
+
+
+def main() -> int:
+    """The ``dispynb-scheduler`` program."""
+    return run_held("dispynb-scheduler", _run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

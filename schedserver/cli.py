@@ -12,29 +12,26 @@ no meaning here are refused with one line that says why.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
-import os
 import signal
 import sys
+from typing import TYPE_CHECKING
 
+from dispynb._version import __version__
 from dispynb.daemon import run_daemon, set_dumpable, setup_logging, stop_signals
 from dispynb.defaults import NODE_PORT, SCHEDULER_PORT, SCHEDULER_REGISTER_PORT
 from dispynb.errors import ConfigurationError, DispynbError
-from dispynb.node import is_wildcard, parse_node_specs
-from dispynb.secret import hide_secret_argv, resolve_secret
-from dispynb.transport.addressing import format_address, parse_address
-from dispynb.transport.tls import client_context, server_context
+from dispynb.startup import StartupSignals, run_held
 from nodeserver.cliconfig import (
     CommandParser,
     refuse_readable_secret,
     save_config_and_exit,
 )
-from nodeserver.parser import parse_size
-from schedserver.cliconfig import config_argv
-from schedserver.config import SchedulerConfig
-from schedserver.server import SchedulerServer
-from schedserver.users import UsersFile, write_credential
+
+# The server, its configuration and TLS are imported where they are used: an
+# administrator's 'user add', '--help' or '--version' loads none of them.
+if TYPE_CHECKING:
+    from schedserver.config import SchedulerConfig
 
 logger = logging.getLogger("schedserver")
 
@@ -61,6 +58,9 @@ def _both(name: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``dispynb-scheduler``."""
+    from nodeserver.parser import parse_size
+    from schedserver.config import SchedulerConfig
+
     parser = CommandParser(
         prog="dispynb-scheduler",
         description="Share dispynb nodes between many clients (SharedJobCluster): "
@@ -406,63 +406,17 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="VALUE",
             help=f"dispyscheduler's; refused: {REFUSED[name]}",
         )
+    parser.add_argument(
+        "--version", action="version", version=f"dispynb-scheduler {__version__}"
+    )
     return parser
-
-
-def _user_command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="dispynb-scheduler user",
-        description="Issue, revoke and list the users of a dispynb-scheduler; a "
-        "running scheduler reads the users file as it changes.",
-    )
-    parser.add_argument(
-        "action",
-        choices=["add", "revoke", "list"],
-        help="add NAME: issue a credential (the users file is made if it does not "
-        "exist); revoke NAME: refuse it, ending its sessions and jobs; list: the "
-        "users' names",
-    )
-    parser.add_argument("name", nargs="?", help="the user (add, revoke)")
-    parser.add_argument(
-        "--users", required=True, metavar="FILE", help="the scheduler's users file"
-    )
-    parser.add_argument(
-        "--credential-file",
-        "-o",
-        default=None,
-        metavar="FILE",
-        help="where 'add' writes the credential (mode 0600; default NAME.credential)",
-    )
-    args = parser.parse_args(argv)
-    users = UsersFile(args.users)
-    if args.action == "list":
-        if not os.path.lexists(args.users):  # a typo: not "no users"
-            raise ConfigurationError(
-                f"no users file {args.users}: 'user add NAME --users "
-                f"{args.users}' makes it"
-            )
-        for name in sorted(users.load()):
-            print(name)
-        return 0
-    if not args.name:
-        parser.error(f"'user {args.action}' needs a NAME")
-    if args.action == "revoke":
-        users.revoke(args.name)
-        print(f"revoked {args.name}: a running scheduler ends its sessions")
-        return 0
-    credential = users.add(args.name)
-    path = args.credential_file or f"{args.name}.credential"
-    write_credential(path, credential)
-    print(
-        f"user {args.name} added; credential in {path} (give it to the user: "
-        f"SharedJobCluster(..., secret_file={path!r}))"
-    )
-    return 0
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Parse ``argv`` after the options of its ``--config`` file (``argv`` wins);
     with ``--save_config``, write them and exit."""
+    from schedserver.cliconfig import config_argv
+
     parser = build_parser()
     first, _ = parser.parse_known_args(argv)
     given = list(argv)
@@ -492,6 +446,12 @@ _NOT_SAVED = frozenset({"node_secret"})
 
 def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
     """Turn parsed options into a validated `SchedulerConfig`."""
+    from dispynb.node import is_wildcard, parse_node_specs
+    from dispynb.secret import resolve_secret
+    from dispynb.transport.addressing import parse_address
+    from dispynb.transport.tls import client_context, server_context
+    from schedserver.config import SchedulerConfig
+
     for name, why in REFUSED.items():
         if getattr(args, name) is not None:
             raise ConfigurationError(f"--{name} is not supported: {why}")
@@ -572,6 +532,10 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
 
 async def serve(config: SchedulerConfig) -> None:
     """Run the scheduler until SIGTERM, SIGINT or SIGHUP (`stop_signals`)."""
+    import asyncio
+
+    from schedserver.server import SchedulerServer
+
     server = SchedulerServer(config)
     stop = asyncio.Event()
     signalled: list[str] = []
@@ -595,6 +559,9 @@ async def serve(config: SchedulerConfig) -> None:
 
 def _check(args: argparse.Namespace) -> int:
     """``--check``: probe a running scheduler (`nodeserver.health`)."""
+    from dispynb.secret import resolve_secret
+    from dispynb.transport.addressing import format_address
+    from dispynb.transport.tls import client_context
     from nodeserver.health import UNKNOWN, check
 
     hosts = [h for h in args.host if h not in ("0.0.0.0", "::", "")]
@@ -620,15 +587,24 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``dispynb-scheduler`` and ``python -m schedserver``."""
-    command_line = argv is None
-    argv = sys.argv[1:] if argv is None else argv
+    """Entry point of ``dispynb-scheduler`` and ``python -m schedserver``: a stop
+    signal before the scheduler serves ends it cleanly too (`dispynb.startup`)."""
+    return run_held("dispynb-scheduler", lambda held: _main(argv, held))
+
+
+def _main(given: list[str] | None, held: StartupSignals) -> int:
+    command_line = given is None
+    argv = sys.argv[1:] if given is None else given
 
     def run() -> int:
         if argv[:1] == ["user"]:
-            return _user_command(argv[1:])
+            from schedserver.usercmd import user_command
+
+            return user_command(argv[1:])
         args = parse_args(argv)
         if command_line and args.node_secret:
+            from dispynb.secret import hide_secret_argv
+
             # Out of the process list: its users are not to know the node secret.
             hide_secret_argv(tuple(_both("node_secret")))
         if args.check is not None:
@@ -637,7 +613,10 @@ def main(argv: list[str] | None = None) -> int:
         # of its user (a node's jobs, on this machine) are not to read them.
         set_dumpable(False)
         setup_logging(args.debug, args.loglevel)
+        import asyncio
+
         asyncio.run(serve(config_from_args(args)))
+        held.rearm()  # the loop's handlers are gone: one more signal waits
         return 0
 
     return run_daemon("dispynb-scheduler", run)

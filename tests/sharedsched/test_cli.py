@@ -308,3 +308,93 @@ def test_user_list_of_a_missing_users_file_says_so(tmp_path: Path) -> None:
     listed = scheduler_cli("user", "list", "--users", str(tmp_path / "users"))
     assert listed.returncode == 0 and listed.stdout.split() == ["alice"]
     assert "issue a credential" in scheduler_cli("user", "--help").stdout
+
+
+def test_version_is_printed_as_the_nodes_is(tmp_path: Path) -> None:
+    """``dispynb-scheduler --version`` was an unrecognized argument (exit 2), while
+    ``dispynb-node --version`` answered."""
+    from dispynb._version import __version__
+
+    done = scheduler_cli("--version")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"dispynb-scheduler {__version__}"
+    assert "--version" in scheduler_cli("--help").stdout
+
+
+#: Modules of the running scheduler that an administrator's command has no use for.
+_SERVER_MODULES = ("asyncio", "schedserver.server", "ssl", "tornado", "cloudpickle")
+
+
+def test_user_commands_import_nothing_of_the_server(tmp_path: Path) -> None:
+    """``user add`` imported the whole server stack (asyncio, TLS, the web monitor,
+    the scheduler): a second or more on a busy login node for writing one line,
+    and it failed wherever one of them would not load. ``--version`` too."""
+    import subprocess
+    import sys
+
+    from tests.sharedsched.harness import env_for
+
+    users = str(tmp_path / "users")
+    program = (
+        "import sys; from schedserver.cli import main; code = main(sys.argv[1:]); "
+        f"print(*sorted(m for m in {_SERVER_MODULES!r} if m in sys.modules)); "
+        "sys.exit(code)"
+    )
+    for argv in (
+        ["user", "add", "alice", "--users", users, "-o", str(tmp_path / "a.cred")],
+        ["user", "list", "--users", users],
+        ["user", "revoke", "alice", "--users", users],
+    ):
+        done = subprocess.run(
+            [sys.executable, "-c", program, *argv],
+            env=env_for(),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines()[-1] == "", (argv, done.stdout)
+
+
+def test_a_stop_signal_while_starting_ends_the_scheduler_cleanly(
+    tmp_path: Path,
+) -> None:
+    """A SIGTERM before the scheduler's event loop ran (here it waits for its
+    --config, given as a pipe) killed it by the signal's default action."""
+    import subprocess
+    import sys
+
+    from tests.jobs import wait_until
+    from tests.sharedsched.harness import env_for
+
+    fifo = tmp_path / "config.ini"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "schedserver", "--config", str(fifo)],
+        env=env_for(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    writer = -1
+    try:
+
+        def reading() -> bool:  # the scheduler opened the pipe: it parses options
+            nonlocal writer
+            try:
+                writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                return False
+            return True
+
+        wait_until(reading, timeout=30)
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=30)
+    finally:
+        if writer >= 0:
+            os.close(writer)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert err.strip() == "dispynb-scheduler: stopped by SIGTERM while starting"

@@ -1,0 +1,67 @@
+"""``dispynb-scheduler user add|revoke|list``: manage a scheduler's users file.
+
+An administrator's command: it imports the users file's code only, none of the
+server's (it answers at once, and works where the server's dependencies would
+not load)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from dispynb.errors import ConfigurationError
+from schedserver.users import UsersFile, write_credential
+
+__all__ = ["user_command"]
+
+
+def user_command(argv: list[str]) -> int:
+    """``dispynb-scheduler user add|revoke|list ...``: its exit status."""
+    parser = argparse.ArgumentParser(
+        prog="dispynb-scheduler user",
+        description="Issue, revoke and list the users of a dispynb-scheduler; a "
+        "running scheduler reads the users file as it changes.",
+    )
+    parser.add_argument(
+        "action",
+        choices=["add", "revoke", "list"],
+        help="add NAME: issue a credential (the users file is made if it does not "
+        "exist); revoke NAME: refuse it, ending its sessions and jobs; list: the "
+        "users' names",
+    )
+    parser.add_argument("name", nargs="?", help="the user (add, revoke)")
+    parser.add_argument(
+        "--users", required=True, metavar="FILE", help="the scheduler's users file"
+    )
+    parser.add_argument(
+        "--credential-file",
+        "-o",
+        default=None,
+        metavar="FILE",
+        help="where 'add' writes the credential (mode 0600; default NAME.credential)",
+    )
+    args = parser.parse_args(argv)
+    users = UsersFile(args.users)
+    if args.action == "list":
+        if not os.path.lexists(args.users):  # a typo: not "no users"
+            raise ConfigurationError(
+                f"no users file {args.users}: 'user add NAME --users "
+                f"{args.users}' makes it"
+            )
+        for name in sorted(users.load()):
+            print(name)
+        return 0
+    if not args.name:
+        parser.error(f"'user {args.action}' needs a NAME")
+    if args.action == "revoke":
+        users.revoke(args.name)
+        print(f"revoked {args.name}: a running scheduler ends its sessions")
+        return 0
+    credential = users.add(args.name)
+    path = args.credential_file or f"{args.name}.credential"
+    write_credential(path, credential)
+    print(
+        f"user {args.name} added; credential in {path} (give it to the user: "
+        f"SharedJobCluster(..., secret_file={path!r}))"
+    )
+    return 0
