@@ -79,7 +79,9 @@ class _Jobs(_DaskState):
             seen = self.started.get(key)
             if seen is not None:
                 self.received[seen[0].node_id] += len(data)
-            error = save_job_file(self.files_dir, key, path, data, logger=logger)
+            error = save_job_file(
+                self.files_dir, key, path, data, logger=logger, node=address
+            )
         if request and self.client is not None:
             from dispynb.backends._daskworker import answer_file
 

@@ -74,21 +74,24 @@ def save_job_file(
     files_dir: str | None,
     key: int,
     path: str,
-    data: bytes,
+    data: bytes | memoryview,
     *,
     logger: logging.Logger,
+    node: str = "",
 ) -> str:
     """Save the file job ``key`` sent as ``path`` under ``files_dir`` (the working
     directory if None); return why it was not saved ("" once it was), for the job.
     A file that cannot be saved (a path leaving the folder, a full disk) is logged
-    on the engine's ``logger``, never raised: the job goes on."""
+    on the engine's ``logger``, never raised: the job goes on. The log records
+    name the job, and ``node`` (the worker that sent it) when given."""
     base_dir = files_dir or os.getcwd()
+    sender = f"job {key} on node {node}" if node else f"job {key}"
     try:
         refuse_recovery_file(base_dir, path)
         saved = write_inside(base_dir, path, memoryview(data))
     except (DispynbError, OSError) as exc:
         error = unsaved_file(base_dir, path, exc)
-        logger.warning("file from job %d not saved: %s", key, error)
+        logger.warning("file from %s not saved: %s", sender, error)
         return error
-    logger.info("saved %s from job %d", saved, key)
+    logger.info("saved %s from %s", saved, sender)
     return ""

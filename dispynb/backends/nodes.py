@@ -27,7 +27,7 @@ from dispynb._loop import Coalescer
 from dispynb.backends import base
 from dispynb.backends.base import ClusterConfig, Departure, JobEvents, NodeInfo
 from dispynb.backends.finder import NodeFinder
-from dispynb.backends.jobfiles import refuse_recovery_file, unsaved_file
+from dispynb.backends.jobfiles import save_job_file, unsaved_file
 from dispynb.captures import check_shippable
 from dispynb.defaults import MAX_MESSAGE_SIZE, NODE_PORT
 from dispynb.depends import FileRef, collect
@@ -46,7 +46,6 @@ from dispynb.node import DispyNodeAvailInfo, NodeAllocate, is_wildcard, parse_no
 from dispynb.options import ClusterOptions
 from dispynb.programs import read_program
 from dispynb.protocol import serialize
-from dispynb.protocol.files import write_inside
 from dispynb.protocol.framing import Buffer, buffers_size
 from dispynb.protocol.messages import ABANDONED, JobsPlaced, SchedulerNodes, Welcome
 from dispynb.protocol.records import ComputationBundle, ProgramFile, avail_figures
@@ -461,18 +460,19 @@ class NodesBackend:
     ) -> str:
         """A job sent a file (``dispy_send_file``): save it under ``files_dir``;
         return why it was not saved ("" once it was), for the job."""
-        base_dir = self._options.files_dir or os.getcwd()
-        try:
-            if len(data) != 1:
-                raise ProtocolError("a file from a node comes in one buffer")
-            refuse_recovery_file(base_dir, path)
-            saved = write_inside(base_dir, path, data[0])
-        except (DispynbError, OSError) as exc:
-            error = unsaved_file(base_dir, path, exc)
-            logger.warning("file from job %d not saved: %s", key, error)
+        files_dir = self._options.files_dir
+        node = self._job_view(key, link).node_id  # behind a scheduler: that node
+        if len(data) != 1:
+            error = unsaved_file(
+                files_dir or os.getcwd(),
+                path,
+                ProtocolError("a file from a node comes in one buffer"),
+            )
+            logger.warning(
+                "file from job %d on node %s not saved: %s", key, node, error
+            )
             return error
-        logger.info("saved %s from node %s", saved, link.node_id)
-        return ""
+        return save_job_file(files_dir, key, path, data[0], logger=logger, node=node)
 
     def job_done(
         self, key: int, link: NodeLink | None, outcome: driver.Outcome
