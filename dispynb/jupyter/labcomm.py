@@ -90,9 +90,9 @@ class ClusterTracker:
     two refreshes (a few quick jobs) is shown too; otherwise it sees the closes at
     its refreshes. A cluster that closed without a job is not kept, and dispynb's
     own (`INTERNAL`) are never followed. A node that leaves a live cluster (it died,
-    was cut off or stopped) stays on its card for `GONE_SHOWN` seconds, its name
-    saying "(lost)", ``released`` (faded, no load), its figures frozen, as
-    ``%dispy panel`` shows it. Call `close` when done.
+    was cut off or stopped) stays on its card for `GONE_SHOWN` seconds, marked
+    ``lost`` (and ``released``: no load, its figures frozen), as ``%dispy panel``
+    shows it. Call `close` when done.
     """
 
     def __init__(self, clusters: Callable[[], list[Any]] = live_clusters) -> None:
@@ -291,14 +291,9 @@ def _brief(snapshot: dict[str, Any], cluster: Any) -> dict[str, Any]:
 
 
 def _as_lost(node: dict[str, Any]) -> dict[str, Any]:
-    """A node a cluster lost, as its card shows it: greyed as released, its name
-    saying so (the panel has no word of its own for it)."""
-    return {
-        **node,
-        "name": f"{node['name'] or '?'} (lost)",
-        "busy": 0,
-        "released": True,
-    }
+    """A node a cluster lost, as its card shows it: its last figures (released),
+    marked ``lost`` (the panel says so in words, not as a released node)."""
+    return {**node, "busy": 0, "released": True, "lost": True}
 
 
 def _brief_node(record: dict[str, Any]) -> dict[str, Any]:

@@ -68,11 +68,25 @@ function cpus(node: INode): string {
   return `${node.cpus} CPU${node.cpus === 1 ? '' : 's'}`;
 }
 
-/** A node in two lines: name and address; CPUs, busy and load. */
+/** Why a lost node is shown (its badge's tooltip). */
+const LOST_TITLE =
+  'This node left while its cluster ran: it died, was stopped or was cut off. ' +
+  'Its jobs run again on another node (reentrant) or end as the cell says. ' +
+  'Shown with its last figures for 30 s.';
+
+/** A node in two lines: name and address (and a "lost" badge); CPUs, busy and load. */
 function nodeView(node: INode): HTMLElement {
-  const view = el('div', node.released ? 'dispynb-node dispynb-node-released' : 'dispynb-node');
+  let className = 'dispynb-node';
+  if (node.released) {
+    className += ' dispynb-node-released';
+  }
+  if (node.lost) {
+    className += ' dispynb-node-lost';
+  }
+  const view = el('div', className);
   view.dataset.name = node.name;
   view.dataset.released = String(!!node.released);
+  view.dataset.lost = String(!!node.lost);
   view.dataset.address = node.id;
   view.dataset.cpus = String(node.cpus);
   view.dataset.busy = String(node.busy);
@@ -81,18 +95,22 @@ function nodeView(node: INode): HTMLElement {
     el('span', 'dispynb-node-name', node.name || '?'),
     el('span', 'dispynb-node-address', node.id)
   );
+  if (node.lost) {
+    const badge = el('span', 'dispynb-node-badge', 'lost');
+    badge.title = LOST_TITLE;
+    head.append(badge);
+  }
   // jobs_done is dispy's: every job that ended on the node (cancelled and failed
   // too), not what the card and the cell call done (finished).
   view.dataset.ended = String(node.jobs_done);
   const ended = `${node.jobs_done} ended`;
-  const info = el(
-    'div',
-    'dispynb-node-info',
-    node.released
-      ? `${cpus(node)} · ${ended} · released`
-      : `${cpus(node)} · ${node.busy} busy · ${ended} · ${load(node)}`
-  );
-  view.append(head, info);
+  let text = `${cpus(node)} · ${node.busy} busy · ${ended} · ${load(node)}`;
+  if (node.lost) {
+    text = `${cpus(node)} · ${ended} · lost: died, stopped or cut off`;
+  } else if (node.released) {
+    text = `${cpus(node)} · ${ended} · released`;
+  }
+  view.append(head, el('div', 'dispynb-node-info', text));
   return view;
 }
 

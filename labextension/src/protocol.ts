@@ -45,8 +45,11 @@ export interface INode {
   /** Null when the node does not report its load (a figure it cannot read now, an
    * engine whose workers report none). */
   avail: INodeAvail | null;
-  /** The node's cluster closed: the figures are its last ones. */
+  /** The node's cluster closed, or the node was lost: the figures are its last ones. */
   released?: boolean;
+  /** The node left while its cluster ran (it died, was stopped or cut off); shown
+   * for a while with its last figures, then dropped. */
+  lost?: boolean;
 }
 
 export interface ICluster {

@@ -207,7 +207,9 @@ def test_the_state_carries_what_the_panel_reads_and_nothing_more(
         assert set(snap) == _panel_fields("ICluster")
         assert set(snap["counts"]) == _panel_fields("ICounts")
         (node,) = snap["nodes"]
-        fields = _panel_fields("INode") - ({"released"} if shown is state else set())
+        # (No node was lost: `lost` is only on those that were.)
+        fields = _panel_fields("INode") - {"lost"}
+        fields -= {"released"} if shown is state else set()
         assert set(node) == fields
         assert set(node["avail"]) == _panel_fields("INodeAvail")
 
@@ -668,16 +670,18 @@ def test_a_node_lost_while_its_cluster_runs_stays_shown_as_lost(
         assert [job() for job in [cluster.submit(2, i) for i in range(4)]]
         comm.wait_for(state_of(cluster, lambda c: len(c["nodes"]) == 2))
         os.kill(nodes.pids[1], signal.SIGKILL)
-        lost_name = f"{nodes.names[1]} (lost)"
         state = comm.wait_for(
             state_of(cluster, lambda c: any(n.get("released") for n in c["nodes"]))
         )
         snap = next(c for c in state["clusters"] if c["id"] == cluster.uid)
         by_name = {node["name"]: node for node in snap["nodes"]}
-        assert set(by_name) == {nodes.names[0], lost_name}, snap["nodes"]
-        gone = by_name[lost_name]
-        assert gone["released"] and gone["busy"] == 0, gone
+        assert set(by_name) == set(nodes.names), snap["nodes"]
+        gone = by_name[nodes.names[1]]
+        # Said as lost, for the panel to say in words (before: only a name
+        # suffix, beside 'released').
+        assert gone["lost"] and gone["released"] and gone["busy"] == 0, gone
         assert not by_name[nodes.names[0]].get("released"), snap["nodes"]
+        assert not by_name[nodes.names[0]].get("lost"), snap["nodes"]
         # ... for GONE_SHOWN seconds, then it is dropped.
         comm.wait_for(
             state_of(
@@ -707,8 +711,8 @@ def test_a_closed_card_keeps_the_node_its_cluster_lost(link_of: Any) -> None:
             cluster.close()
         final = comm.wait_for(state_of(cluster, lambda c: c["closed"]))
     snap = next(c for c in final["clusters"] if c["id"] == cluster.uid)
-    names = sorted(node["name"] for node in snap["nodes"])
-    assert names == [nodes.names[0], f"{nodes.names[1]} (lost)"], snap["nodes"]
+    lost = sorted((node["name"], node.get("lost", False)) for node in snap["nodes"])
+    assert lost == [(nodes.names[0], False), (nodes.names[1], True)], snap["nodes"]
     assert all(node["released"] for node in snap["nodes"]), snap["nodes"]
 
 
@@ -725,7 +729,7 @@ def test_the_nodes_a_closing_cluster_releases_are_not_lost(local: LocalCluster) 
         cluster.close()
         tracker.refresh()  # still listed: the close not seen yet
         (snap,) = tracker.snapshots()
-        assert not any("(lost)" in node["name"] for node in snap["nodes"]), snap
+        assert not any(node.get("lost") for node in snap["nodes"]), snap
     finally:
         cluster.close()
         tracker.close()

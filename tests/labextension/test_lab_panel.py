@@ -268,3 +268,55 @@ def test_lab_page_reloaded_during_a_nowait_run(lab: Lab) -> None:  # in the name
             assert time.monotonic() < deadline, text
             page.wait_for_timeout(100)
         assert "hello from 5" in text, text
+
+
+#: A --nowait run on two local nodes, then one of them dies (SIGKILL).
+LOST_CELLS = [
+    "%load_ext dispynb\n%dispy local --nodes 2 --cpus 1",
+    '%%dispy --over "range(40)" --into steady --nowait\n'
+    "def steady(i):\n"
+    "    import time\n"
+    "    time.sleep(1)\n"
+    "    return i",
+    "import os, signal\n"
+    "local = get_ipython().magics_manager.registry['DispyMagics'].session.local\n"
+    "os.kill(local.pids[1], signal.SIGKILL)",
+    "steady.cancel()",
+]
+
+
+@pytest.mark.timeout(180)
+def test_lab_node_lost_under_a_run(lab: Lab) -> None:  # in the namespace
+    """A node that dies while its run goes on: its card says it in words, a red
+    LOST badge and 'lost: died, stopped or cut off', its name struck through.
+    Before, the panel showed it as a released node ('1 CPU · 3 ended ·
+    released'), with '(lost)' stuck to its name by the kernel."""
+    with notebook_page(lab, "lost.ipynb", LOST_CELLS) as page:
+        start_run(page)
+        nodes = page.locator(f"{PANEL} .dispynb-cluster .dispynb-node")
+        page.wait_for_function(
+            f"() => document.querySelectorAll('{PANEL} .dispynb-node').length === 2"
+        )
+        wait_counts(page, "c.ended >= 2")
+        run_and_wait(page, 2)  # prompt [3]: the run's cell returned at once
+
+        lost = page.locator(f'{PANEL} .dispynb-node[data-lost="true"]')
+        lost.wait_for()
+        assert nodes.count() == 2
+        assert lost.get_attribute("data-name") == "local-1"  # no suffix: a badge
+        badge = lost.locator(".dispynb-node-badge")
+        assert badge.inner_text() == "LOST", badge.inner_text()
+        assert "died" in (badge.get_attribute("title") or "")
+        info = lost.locator(".dispynb-node-info").inner_text()
+        assert re.fullmatch(r"1 CPU · \d+ ended · lost: died, stopped or cut off", info)
+        name = lost.locator(".dispynb-node-name")
+        assert name.inner_text() == "local-1"
+        assert "line-through" in name.evaluate(
+            "e => getComputedStyle(e).textDecorationLine"
+        )
+        alive = page.locator(f'{PANEL} .dispynb-node[data-lost="false"]')
+        assert alive.get_attribute("data-name") == "local-0"
+        assert "busy" in alive.locator(".dispynb-node-info").inner_text()
+
+        run_and_wait(page, 3)
+        wait_counts(page, "!c.running && !c.queued")
