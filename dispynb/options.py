@@ -147,8 +147,9 @@ class ClusterOptions:
         (``exception``) kept per job (bytes for a program computation's output), or
         a size such as ``"4M"``; what a job writes beyond is dropped and a last
         line says how much. Default 4M (4 MiB); None keeps
-        everything (a job printing in a loop can then fill the node's and the
-        client's memory).
+        everything (a job printing in a loop can then fill the client's memory)
+        up to what the node keeps: a quarter of its ``--max-message-size`` (32 M
+        characters with its default 1 GiB).
     max_result_size:
         Bytes a job's pickled result may have (int, or a size such as ``"256M"``).
         A larger result is not sent: the job ends ``Terminated`` with

@@ -186,7 +186,7 @@ class _WorkerLife(_ComputationState):
                     node_address=self._node_address,
                     job_path=self.path,
                     max_file_size=self._file_cap(),
-                    max_output=self.limits.max_output,
+                    max_output=self._max_output(),
                     max_result=self._result_cap(),
                     node_result_room=self._node_result_room(),
                     node_max_message=self._max_size,
@@ -262,8 +262,22 @@ class _WorkerLife(_ComputationState):
         """Bytes of a pickled result the worker's channel to this node takes,
         with room for the message's header and the job's output."""
         # Output is kept in characters: up to 4 bytes each in UTF-8, two streams.
-        headroom = RESULT_HEADROOM + 8 * (self.limits.max_output or 0)
+        headroom = RESULT_HEADROOM + 8 * self._max_output()
         return max(self._max_size - headroom, 0)
+
+    def _max_output(self) -> int:
+        """Characters of each output stream a job keeps: the client's
+        ``max_output_size`` (None: all), within a quarter of what this node's
+        messages take (as UTF-8, two streams): the rest is the result's.
+
+        A job's output goes through the node whole (as the message it came in,
+        the text it decodes to, then the UTF-8 it sends on: some three times its
+        size): with None, or over what its messages take, a job printing 300 MiB
+        made the node grow 900 MiB, or its worker was dropped with its output;
+        and 200 M characters left no room for any result."""
+        cap = max(self._max_size // 32, 1)
+        wanted = self.limits.max_output
+        return cap if wanted is None else min(wanted, cap)
 
     @property
     def closing(self) -> bool:

@@ -10,6 +10,7 @@ import pytest
 
 from dispynb import DispyJob, JobCluster, LocalCluster
 from dispynb.errors import SetupError
+from tests.hostile.tools import limited_node
 
 pytestmark = pytest.mark.slow
 
@@ -287,3 +288,58 @@ def test_unpicklable_result_names_its_path(local):
         job()
     assert job.status == DispyJob.Terminated
     assert "result[1]['a'] is a 'generator'" in job.exception
+
+
+def _peak_rss(pid: int) -> int:
+    """The most memory process ``pid`` has held (VmHWM), in bytes."""
+    with open(f"/proc/{pid}/status") as status:
+        line = next(ln for ln in status if ln.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
+#: One attack, with no limit of the client's and with one over the node's room.
+UNBOUNDED_OUTPUT = pytest.mark.attack(
+    id="unbounded-output",
+    title="A client keeps all output (max_output_size=None) and its job prints 200 MiB "
+    "to a node of --max-message-size 64M; another sets max_output_size='200M'",
+    goal="output kept to a quarter of the node's message size with a marker, the "
+    "result delivered, the node's peak growth under 32 MiB (was: the worker dropped "
+    "as 'exited with status 0', all output lost; with 200 M, every result refused "
+    "as too large, and 900 MiB of node growth for 300 MiB printed)",
+)
+
+
+@UNBOUNDED_OUTPUT
+@pytest.mark.timeout(120)
+def test_output_kept_whole_is_bounded_by_the_nodes_message_size(measure, tmp_path):
+    with (
+        limited_node(tmp_path / "node", "--max-message-size", "64M") as node,
+        JobCluster(
+            flood, nodes=[node.spec], secret=node.secret, max_output_size=None
+        ) as cluster,
+    ):
+        assert cluster.submit(1)() == 1  # the worker exists: its start not counted
+        before = _peak_rss(node.proc.pid)
+        job = cluster.submit(200)
+        job()
+        grown = _peak_rss(node.proc.pid) - before
+    measure(
+        f"None: {job.exception or job.result} (status {job.status}); delivered "
+        f"{len(job.stdout or '') / MiB:.1f} MiB of stdout; node peak +{grown / MiB:.0f}"
+        " MiB"
+    )
+    assert job.status == DispyJob.Finished and job.result == 200, job.exception
+    kept, marker = job.stdout.rsplit("\n[dispynb: ", 1)
+    assert len(kept) + 1 == 2 * MiB  # 64 MiB / 32 characters
+    assert marker.startswith(f"{198 * MiB} more characters of stdout dropped")
+    assert grown < 32 * MiB
+
+
+@UNBOUNDED_OUTPUT
+def test_a_max_output_size_over_the_nodes_room_leaves_results_room(local, measure):
+    with JobCluster(flood, nodes=local, max_output_size="200M") as cluster:
+        job = cluster.submit(2)
+        job()
+    measure(f"200M: {(job.exception or '').strip()[:80] or job.result}")
+    assert job.status == DispyJob.Finished and job.result == 2, job.exception
+    assert job.stdout == ("x" * (MiB - 1) + "\n") * 2
