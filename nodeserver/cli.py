@@ -672,7 +672,7 @@ def _main(argv: list[str] | None, held: StartupSignals) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     """``--check``: probe a running node (`nodeserver.health`), print one line."""
-    from dispynb.transport.tls import client_context  # the check only
+    from dispynb.transport.tls import TlsOptions, client_context  # the check only
     from nodeserver.health import UNKNOWN, check
 
     address = args.check
@@ -694,10 +694,18 @@ def _check(args: argparse.Namespace) -> int:
         print(f"UNKNOWN - cannot check {address}: {exc}")
         return UNKNOWN
     timeout = args.msg_timeout or None
+    # A TLS error names this command's options, not a Python client's keywords.
+    options = TlsOptions("--cafile", "--certfile", "--keyfile", who="")
     status, line = (
-        check(address, secret=secret, ssl_context=ssl_context, timeout=timeout)
+        check(
+            address,
+            secret=secret,
+            ssl_context=ssl_context,
+            timeout=timeout,
+            tls_options=options,
+        )
         if timeout
-        else check(address, secret=secret, ssl_context=ssl_context)
+        else check(address, secret=secret, ssl_context=ssl_context, tls_options=options)
     )
     print(line, flush=True)
     return status

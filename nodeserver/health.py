@@ -29,6 +29,7 @@ the probe's connection as it refuses clients': CRITICAL, naming the refusal.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import ssl
 import time
@@ -41,6 +42,7 @@ from dispynb.protocol.messages import NodeHealth
 from dispynb.transport.addressing import format_address, parse_address
 
 if TYPE_CHECKING:
+    from dispynb.transport.tls import TlsOptions
     from nodeserver.server import NodeServer
 
 #: The client name a health probe gives in its hello.
@@ -77,13 +79,16 @@ async def probe(
     ssl_context: ssl.SSLContext | None = None,
     timeout: float = CHECK_TIMEOUT,
     default_port: int = NODE_PORT,
+    tls_options: TlsOptions | None = None,
 ) -> NodeHealth:
-    """Ask the node (or scheduler) at ``address`` (``HOST[:PORT]``) how it is.
+    """Ask the node (or scheduler) at ``address`` (``HOST[:PORT]``) how it is;
+    a TLS error names the fix in ``tls_options`` (default: a client's keywords).
 
     Raises `DispynbError` (`ConnectTimeoutError`, `AuthenticationError`...) if it
     cannot be asked, `TimeoutError` if it does not answer within ``timeout`` s.
     """
     from dispynb.transport.connector import connect  # not a serving node's import
+    from dispynb.transport.tls import CLIENT_TLS
 
     host, port = parse_address(address, default_port)
     async with asyncio.timeout(timeout):
@@ -97,6 +102,7 @@ async def probe(
             timeout=timeout,
             handshake_timeout=timeout,
             retry_for=0.0,
+            tls_options=tls_options or CLIENT_TLS,
         )
         try:
             answer, _ = await conn.recv()
@@ -136,9 +142,10 @@ def check(
     timeout: float = CHECK_TIMEOUT,
     kind: str = "node",
     default_port: int = NODE_PORT,
+    tls_options: TlsOptions | None = None,
 ) -> tuple[int, str]:
     """Probe the ``kind`` (a node, a scheduler) at ``address``; return the exit
-    status and the line to print."""
+    status and the line to print (a TLS error naming ``tls_options``)."""
     try:
         health = asyncio.run(
             probe(
@@ -147,6 +154,7 @@ def check(
                 ssl_context=ssl_context,
                 timeout=timeout,
                 default_port=default_port,
+                tls_options=tls_options,
             )
         )
     except TimeoutError:
@@ -154,7 +162,13 @@ def check(
             f"CRITICAL - {kind} at {address} did not answer within {timeout:g} s"
         )
     except (DispynbError, OSError) as exc:
-        return CRITICAL, f"CRITICAL - {kind} at {address}: {exc}"
+        text = str(exc)
+        # The error names the address already, as a client's does: not twice.
+        with contextlib.suppress(DispynbError):
+            text = text.removeprefix(
+                f"{format_address(*parse_address(address, default_port))}: "
+            )
+        return CRITICAL, f"CRITICAL - {kind} at {address}: {text}"
     return report(address, health, kind)
 
 

@@ -10,6 +10,11 @@ from dataclasses import dataclass, field
 from dispynb.defaults import CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT, MAX_MESSAGE_SIZE
 from dispynb.errors import ConfigurationError
 from dispynb.httpd.security import is_loopback
+from dispynb.transport.tls import TlsOptions
+
+#: How the scheduler is given TLS towards its nodes: the fix a node's TLS error
+#: names (not a Python client's ``cafile=``).
+NODE_TLS_OPTIONS = TlsOptions("--node_cafile", "--node_certfile", "--node_keyfile", "")
 
 
 @dataclass(kw_only=True)

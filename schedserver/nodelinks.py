@@ -33,6 +33,7 @@ from dispynb.protocol.records import avail_figures
 from dispynb.transport.connection import Connection, describe_error
 from dispynb.transport.connector import connect
 from schedserver.computation import SharedComputation, Upstream
+from schedserver.config import NODE_TLS_OPTIONS
 from schedserver.state import NodeState, _ServerState, logger
 
 #: Seconds between attempts to reach a node that is down (doubling up to the max).
@@ -204,6 +205,7 @@ class _NodeLinks(_ServerState):
                 ssl_context=self.config.node_ssl,
                 name=name,
                 retry_for=CONNECT_RETRY,
+                tls_options=NODE_TLS_OPTIONS,
             )
 
     def _attach(self, comp: SharedComputation, node: NodeState) -> None:

@@ -35,7 +35,7 @@ from dispynb.transport.addressing import format_address
 from dispynb.transport.connection import Connection
 from dispynb.transport.handshake import client_handshake
 from dispynb.transport.peeruser import peer_uid
-from dispynb.transport.tls import handshake_refusal
+from dispynb.transport.tls import CLIENT_TLS, TlsOptions, handshake_refusal
 from dispynb.transport.tlsaccept import BUSY_ALERT
 
 logger = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ async def connect(
     timeout: float = CONNECT_TIMEOUT,
     handshake_timeout: float = HANDSHAKE_TIMEOUT,
     retry_for: float = CONNECT_RETRY,
+    tls_options: TlsOptions = CLIENT_TLS,
 ) -> tuple[Connection, Welcome]:
     """Connect and authenticate to the node at ``host:port``.
 
@@ -64,6 +65,8 @@ async def connect(
     1 s) for up to ``retry_for`` seconds. A secret is proved to a node on another
     host only if it is strong (`dispynb.secret.check_strength`): whoever listens
     there gets the proof, and could test guesses of a weak secret against it.
+    ``tls_options``: how the caller's user gives TLS settings, named in the fixes
+    TLS errors suggest (a Python client's keywords by default).
 
     Raises
     ------
@@ -95,6 +98,7 @@ async def connect(
                 user=user,
                 timeout=timeout,
                 handshake_timeout=handshake_timeout,
+                tls=tls_options,
             )
         except NodeBusyError as exc:
             wait = delay * random.uniform(0.5, 1.0)
@@ -154,6 +158,7 @@ async def _connect_once(
     user: str,
     timeout: float,
     handshake_timeout: float,
+    tls: TlsOptions,
 ) -> tuple[Connection, Welcome]:
     peer = format_address(host, port)
     # Only a shared scheduler is proved a user's credential.
@@ -187,16 +192,16 @@ async def _connect_once(
         if _PLAIN_ANSWER in str(exc):  # bytes that are no TLS: a plain server's
             who = "node" if server == "dispynb-node" else server
             raise TransportError(
-                f"{who} {peer} answered without TLS: it does not use TLS; connect "
-                f"without cafile=, certfile= and keyfile=, or start {_TLS[server]} "
-                f"[{exc}]"
+                f"{who} {peer} answered without TLS: it does not use TLS; "
+                f"{tls.turn_off()}, or start {_TLS[server]} [{exc}]"
             ) from exc
         # A failed TLS handshake is a TLS failure, not "nothing there".
         uses = "the node use TLS"
         if server == "dispynb-scheduler":
             uses = "dispynb-scheduler use TLS (--cluster_certfile)"
         raise TransportError(
-            f"{exc}; does {uses}, with a certificate that this client trusts (cafile)?"
+            f"{exc}; does {uses}, with a certificate that this client trusts "
+            f"({tls.cafile.rstrip('=')})?"
         ) from exc
     except OSError as exc:
         if out_of_descriptors(exc):
@@ -237,12 +242,16 @@ async def _connect_once(
                 # The listener's words are a node's; a scheduler's TLS is its own.
                 raise TransportError(
                     f"{peer}: dispynb-scheduler uses TLS (--cluster_certfile), this "
-                    "client does not: give the client cafile= (the CA that signed "
-                    "the scheduler's certificate)"
+                    f"client does not: give {tls.who}{tls.cafile} (the CA that "
+                    "signed the scheduler's certificate)"
                 ) from exc
-            raise TransportError(f"{peer}: {exc}") from exc  # a TLS node said so
+            if str(exc).startswith(TLS_REFUSED):  # the node's words are a client's
+                raise TransportError(
+                    f"{peer}: {TLS_REFUSED}: {tls.turn_on('node')}"
+                ) from exc
+            raise TransportError(f"{peer}: {exc}") from exc
         # A TLS node refusing our certificate (or its absence) hangs up here.
-        raise handshake_refusal(peer, ssl_context, exc) from exc
+        raise handshake_refusal(peer, ssl_context, exc, tls) from exc
     except BaseException:
         conn.abort()
         raise

@@ -6,6 +6,7 @@ import os
 import ssl
 import stat
 import weakref
+from dataclasses import dataclass
 
 from dispynb.errors import ConfigurationError, DispynbError, TransportError
 from dispynb.secret import foreign_owner
@@ -20,6 +21,41 @@ _CLIENT_CERTS: weakref.WeakKeyDictionary[ssl.SSLContext, str] = (
 #: certificate, and those when the client gave none.
 _REFUSED_CERT_ALERTS = ("UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_UNKNOWN")
 _MISSING_CERT_ALERTS = ("CERTIFICATE_REQUIRED", "HANDSHAKE_FAILURE")
+
+
+@dataclass(frozen=True)
+class TlsOptions:
+    """How a program that connects names its TLS settings, so that the fix its TLS
+    errors suggest is one its user can give: a Python client's keywords
+    (`CLIENT_TLS`), ``dispynb-scheduler``'s ``--node_*`` options towards its nodes,
+    ``dispynb-node --check``'s own options."""
+
+    cafile: str = "cafile="
+    certfile: str = "certfile="
+    keyfile: str = "keyfile="
+    #: Whom the fix is for, before an option (``give the client cafile=``); empty
+    #: for a program's own command-line options.
+    who: str = "the client "
+
+    def turn_on(self, role: str) -> str:
+        """How to connect to a ``role`` (node) that uses TLS."""
+        return (
+            f"give {self.who}{self.cafile} (the CA that signed the {role}'s "
+            f"certificate), and {self.certfile} and {self.keyfile} if the {role} "
+            "checks clients' certificates (--cafile)"
+        )
+
+    def turn_off(self) -> str:
+        """How to connect to a server that does not use TLS."""
+        return f"connect without {self.cafile}, {self.certfile} and {self.keyfile}"
+
+    def client_certificate(self) -> str:
+        """Which options give this client a certificate."""
+        return f"{self.who}{self.certfile} and {self.keyfile}"
+
+
+#: A Python client's (`JobCluster`'s keyword arguments).
+CLIENT_TLS = TlsOptions()
 
 
 def _check_file(path: str, what: str, guard: str = "") -> None:
@@ -117,7 +153,10 @@ def client_context(
 
 
 def handshake_refusal(
-    peer: str, context: ssl.SSLContext, exc: DispynbError
+    peer: str,
+    context: ssl.SSLContext,
+    exc: DispynbError,
+    options: TlsOptions = CLIENT_TLS,
 ) -> TransportError:
     """What a client tells its user when a TLS node hangs up before the dispynb
     handshake is done, as a node refusing the client's certificate does.
@@ -138,7 +177,7 @@ def handshake_refusal(
         reason += f" this client's certificate: {fix}"
     else:
         fix = (
-            "give the client certfile= and keyfile=, a certificate signed by a CA "
+            f"give {options.client_certificate()}, a certificate signed by a CA "
             "in the node's --cafile"
         )
         known = any(alert in text for alert in _MISSING_CERT_ALERTS)

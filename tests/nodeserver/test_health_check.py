@@ -97,3 +97,23 @@ def test_probes_do_not_keep_an_idle_node_alive(tmp_path: Path) -> None:
         assert node.proc.returncode == 0
     finally:
         node.stop()
+
+
+def test_a_tls_mismatch_names_the_checks_own_options(tmp_path: Path) -> None:
+    """``--check`` of a TLS node without --cafile said ``give the client cafile=``,
+    a Python client's keyword, and named the address twice."""
+    from tests.transport.certs import make_cert
+
+    cert, key = make_cert(tmp_path, "node")
+    with running_node(tmp_path / "node", "--certfile", cert, "--keyfile", key) as node:
+        plain = check(node.spec, "--secret-file", str(node.secret_file))
+        verified = check(
+            node.spec, "--secret-file", str(node.secret_file), "--cafile", cert
+        )
+    assert plain.returncode == 2, plain.stdout + plain.stderr
+    assert plain.stdout.startswith(
+        f"CRITICAL - node at {node.spec}: the node uses TLS, this client does not: "
+        "give --cafile (the CA that signed the node's certificate), and --certfile "
+        "and --keyfile if the node checks clients' certificates"
+    ), plain.stdout
+    assert verified.returncode == 0, verified.stdout + verified.stderr

@@ -12,7 +12,7 @@ import pytest
 from dispynb import LocalCluster, SharedJobCluster
 from dispynb.errors import DispynbError
 from tests.nodeproc import running_node
-from tests.sharedsched.harness import SchedulerProcess, start_tls_scheduler
+from tests.sharedsched.harness import SchedulerProcess, add_user, start_tls_scheduler
 from tests.transport.certs import make_cert
 
 pytestmark = pytest.mark.slow
@@ -118,3 +118,42 @@ def test_a_tls_mismatch_names_the_schedulers_options_not_a_nodes(
         "TLS; connect without cafile=, certfile= and keyfile=, or start "
         "dispynb-scheduler with --cluster_certfile and --cluster_keyfile"
     ) in tls_client, tls_client
+
+
+def test_a_tls_mismatch_with_a_node_names_the_schedulers_node_options(
+    tmp_path: Path,
+) -> None:
+    """A scheduler without --node_cafile for a TLS node (or with it for a plain
+    one) logged the Python client's fix, ``give the client cafile=``: its admin
+    has options, not keywords."""
+    cert, key = make_cert(tmp_path, "node")
+    with (
+        running_node(tmp_path / "tls", "--certfile", cert, "--keyfile", key) as tls,
+        running_node(tmp_path / "plain") as plain,
+    ):
+        told = {}
+        for name, node, args in (
+            ("plain scheduler", tls, ()),
+            ("tls scheduler", plain, ("--node_cafile", cert)),
+        ):
+            directory = tmp_path / name.replace(" ", "-")
+            directory.mkdir()
+            add_user(directory, "alice")
+            sched = SchedulerProcess(
+                directory, [], node.secret, args=("-n", node.spec, *args)
+            ).start()
+            try:
+                sched.wait_for_log(f"node {node.spec}:")
+            finally:
+                sched.stop()
+            told[name] = sched.log_text()
+    assert (
+        "the node uses TLS, this client does not: give --node_cafile (the CA that "
+        "signed the node's certificate), and --node_certfile and --node_keyfile if "
+        "the node checks clients' certificates" in told["plain scheduler"]
+    ), told["plain scheduler"]
+    assert (
+        "connect without --node_cafile, --node_certfile and --node_keyfile"
+        in told["tls scheduler"]
+    ), told["tls scheduler"]
+    assert "cafile=" not in told["plain scheduler"] + told["tls scheduler"]
