@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dispynb.defaults import SCHEDULER_REGISTER_PORT
 from dispynb.jobenv import DISPY_MODULES
 
 
@@ -76,8 +77,6 @@ MODULE = [
     ),
     Name(
         "ClusterStatus",
-        missing="Returned by ``cluster.status()``; import it "
-        "from ``dispynb.status`` if you need the type.",
     ),
     Name(
         "config",
@@ -85,10 +84,6 @@ MODULE = [
         "``DispyPort`` set by the program is the port of nodes named without one, "
         "as ``dispy_port=`` (whose only effect in dispy was to set it); the other "
         "values are dispynb's ports, for programs that print them.",
-        missing="dispy's port and timeout constants "
-        "(``dispy.config.DispyPort``, ``MsgTimeout``...) have no equivalent: ports "
-        "are per node (``dispynb-node --port``, default 9711) and timeouts are "
-        "options.",
     ),
     Name(
         "host_addrinfo",
@@ -276,7 +271,7 @@ METHODS = [
     Name("print_status"),
     Name("stats"),
     Name("wait"),
-    Name("__call__", missing="Call ``cluster.wait()``."),
+    Name("__call__"),
     Name(
         "close",
         differs="``close(terminate=True)`` without a timeout cancels the jobs at once, "
@@ -328,7 +323,7 @@ JOB = [
         "accepted and leaves ``finish`` set: dispy cleared it, so a second "
         "``job()`` blocked for ever; here it returns the result again.",
     ),
-    Name("__lt__", missing="Jobs are not ordered; sort by ``job.id``."),
+    Name("__lt__"),
 ]
 
 #: dispy's status numbers (``DispyJob.X`` and ``DispyNode.X``).
@@ -414,16 +409,12 @@ JOB_GLOBALS = [
         "dispynode_logger",
         note="Records go to the node's console or log, not to the job's stderr; "
         "debug ones too when the node runs with ``-d``.",
-        missing="Use `logging` or ``print``: a job's output "
-        "comes back in ``job.stdout``/``job.stderr``.",
     ),
     Name(
         "dispynode_shutdown",
         differs="Callable from a job too, not only from cleanup; the node stops (as "
         "on SIGTERM) only if started with ``--client_shutdown``, otherwise it logs "
         "that it refused.",
-        missing="Clients cannot stop a node; stop it with "
-        "a signal (SIGTERM drains it).",
     ),
 ]
 
@@ -443,7 +434,6 @@ NODE_OPTIONS = [
         meaning="options from an INI file; its host lists were evaluated as Python",
         note="Same format (``[DEFAULT]``, dispy's keys); lists are read as literals, "
         "never evaluated; the command line wins.",
-        missing="Give the options on the command line (or a wrapper script).",
     ),
     Name(
         "--save_config",
@@ -452,7 +442,6 @@ NODE_OPTIONS = [
         note="Writes the options given (mode 600), never the secret, and exits; "
         "without a file, to standard output. Paths are written absolute, so that a "
         "service started elsewhere finds the same files.",
-        missing="No config files (see ``--config``).",
     ),
     Name("-c", sample=("-c", "1"), meaning="CPUs to serve; negative: all but N"),
     Name(
@@ -464,13 +453,11 @@ NODE_OPTIONS = [
         meaning="debug logging",
         note="``--loglevel debug`` too. dispynb-node's own ``-d`` used to be the "
         "destination directory: that is ``--dest-path`` now.",
-        missing="Use ``--loglevel debug``.",
     ),
     Name(
         "--debug",
         sample=("--debug",),
         meaning="debug logging",
-        missing="Use ``--loglevel debug``.",
     ),
     Name(
         "-i",
@@ -479,7 +466,6 @@ NODE_OPTIONS = [
         note="Listens on each (one port); discovery on the non-loopback ones; a "
         "non-loopback address needs a secret or TLS. dispy's older ``--ip_addr`` "
         "works too.",
-        missing="Use ``--host``.",
     ),
     Name(
         "--host",
@@ -513,7 +499,6 @@ NODE_OPTIONS = [
         sample=("--ipv4_udp_multicast",),
         meaning="multicast instead of broadcast discovery",
         note="Also answers on dispy's group 239.255.61.59.",
-        missing="Use ``--ipv4-multicast``.",
     ),
     Name("--name", sample=("--name", "node1"), meaning="``dispy_node_name``"),
     Name(
@@ -521,7 +506,6 @@ NODE_OPTIONS = [
         sample=("--dest_path_prefix", "{dir}/dest"),
         meaning="root of the clients' files",
         note="Default ``<tmp>/dispynb``.",
-        missing="Use ``--dest-path``.",
     ),
     Name(
         "--init",
@@ -534,8 +518,12 @@ NODE_OPTIONS = [
         "--scheduler_host",
         sample=("--scheduler_host", "127.0.0.1"),
         meaning="announce the node to a dispyscheduler",
-        missing="``dispynb-scheduler`` connects to the nodes it is given with "
-        "``-n``; nodes announce themselves to no scheduler.",
+        differs="Registers the node with a ``dispynb-scheduler`` started with "
+        f"``--register_port`` (port {SCHEDULER_REGISTER_PORT} unless ``HOST:PORT`` "
+        "says another), over "
+        "TCP and proving the node secret (so the node needs one), waiting for a "
+        "scheduler not up yet; the scheduler then uses it as one named with "
+        "``-n``.",
     ),
     Name(
         "--scheduler_port",
@@ -543,7 +531,6 @@ NODE_OPTIONS = [
         meaning="the port of ``--scheduler_node`` (dispynode up to 4.10)",
         note="The port the scheduler takes registrations on (its "
         "``--register_port``); the same as ``--scheduler_host HOST:PORT``.",
-        missing="Give ``--scheduler_host HOST:PORT``.",
     ),
     Name(
         "--max_file_size",
@@ -557,14 +544,11 @@ NODE_OPTIONS = [
         sample=("--zombie_interval", "60"),
         meaning="minutes before a silent client's computations are freed",
         note="``--orphan-timeout`` is the same in seconds.",
-        missing="Use ``--orphan-timeout`` (seconds, not minutes).",
     ),
     Name(
         "--ping_interval",
         sample=("--ping_interval", "10"),
         meaning="announce the node every SEC seconds",
-        missing="Nodes announce themselves when they start; clients re-ping with "
-        "``ping_interval``.",
     ),
     Name(
         "--service_start",
@@ -573,20 +557,16 @@ NODE_OPTIONS = [
         note="From start it serves; from stop it takes no new clients (connected "
         "ones go on); from end it has none (their running jobs are terminated) "
         "until the next start. Start needs stop or end.",
-        missing="Start and stop node servers on a schedule with cron or systemd "
-        "timers; stopping drains (see ``--drain-timeout``).",
     ),
     Name(
         "--service_stop",
         sample=("--service_stop", "18:00"),
         meaning="daily service window: take no new clients from HH:MM",
-        missing="See ``--service_start``.",
     ),
     Name(
         "--service_end",
         sample=("--service_end", "19:00"),
         meaning="daily service window: end the clients' jobs at HH:MM",
-        missing="See ``--service_start``.",
     ),
     Name(
         "--serve",
@@ -594,7 +574,6 @@ NODE_OPTIONS = [
         meaning="exit after N clients; 0: at once",
         note="N client connections (one per cluster); 0 exits at once, after "
         "``--clean``.",
-        missing="A node serves any number of clients, several at once.",
     ),
     Name(
         "--client_shutdown",
@@ -602,14 +581,11 @@ NODE_OPTIONS = [
         meaning="cleanup functions may call ``dispynode_shutdown()``",
         note="From a job or cleanup; without the option the call is refused and "
         "logged.",
-        missing="Clients cannot stop a node (see ``dispynode_shutdown``).",
     ),
     Name(
         "--force_cleanup",
         sample=("--force_cleanup",),
         meaning="remove client files even with ``cleanup=False``",
-        missing="Kept files are freed when a client closes or goes silent "
-        "(``--orphan-timeout``).",
     ),
     Name(
         "--msg_timeout",
@@ -617,8 +593,6 @@ NODE_OPTIONS = [
         meaning="timeout of every socket operation",
         differs="Seconds a connecting client gets to authenticate (default 5); "
         "connected clients are watched by pulses.",
-        missing="Connections are persistent: liveness comes from pulses, not "
-        "per-message timeouts.",
     ),
     Name("-s", sample=("-s", "{secret}"), meaning="shared secret"),
     Name("--secret", sample=("--secret", "{secret}"), meaning="shared secret"),
@@ -728,8 +702,6 @@ PROGRAMS = [
         "``--scheduler_node``) and ``--secret-file``; without ``-a`` the program "
         "runs once (dispy_cmd.py ran nothing); it prints each run's exit code and "
         "output as text, and exits 1 if a run could not run.",
-        missing="Run a program with ``JobCluster('program')`` or "
-        "``Run.map('program', ...)``.",
     ),
     Name("dispyadmin.py", missing="There is no admin program; see ``--admin_secret``."),
 ]
