@@ -13,8 +13,9 @@ the client removes its file when the cluster closes; the files of a client kille
 first (SIGKILL, the out-of-memory killer) go at the next client's first put
 (`make_directory`), told by the ``flock`` a live client holds on its directory.
 
-Only for the node backend (``JobCluster(nodes=...)``): other engines have their own
-object stores (``ray.put``, Dask's ``scatter``).
+Only for the node backend (``JobCluster(nodes=...)``): on Ray, ``ray.put``'s
+handles are given to jobs as arguments; Dask's ``scatter`` cannot reach the jobs
+(`dispynb.backends.dask.DaskEngine.instead` says what to do instead).
 """
 
 from __future__ import annotations

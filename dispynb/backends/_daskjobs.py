@@ -110,6 +110,18 @@ class _Jobs(_DaskState):
                     job.args, job.kwargs, exc, "a Dask worker"
                 )
             ) from exc
+        # Only what names Dask's Future class is looked through (one memchr).
+        if b"distributed.client" in job.payload[0] and _holds_future(
+            (job.args, job.kwargs)
+        ):
+            job.payload = None
+            raise NotSupportedError(
+                "a Dask Future (of client.scatter or client.submit) cannot be a "
+                "dispynb job's argument: the job would get the Future, not its "
+                "value; pass the value itself (it travels with the job), or have "
+                "setup load a large object once per worker into a global the jobs "
+                "read"
+            )
 
     def submit(self, job: JobRequest) -> None:
         """Queue a prepared job on Dask; never blocks.
@@ -397,3 +409,21 @@ def _unanswered(task: asyncio.Future[Any]) -> None:
 def _log_failure(task: asyncio.Future[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
         logger.error("Dask engine: %s", task.exception(), exc_info=task.exception())
+
+
+def _holds_future(value: Any, depth: int = 4) -> bool:
+    """Whether ``value`` holds a Dask ``Future`` within ``depth`` levels of
+    tuples, lists and dicts: ``(args, kwargs)`` of a job, or of an executor's job
+    (its calls' arguments are the columns in its own arguments)."""
+    from distributed import Future
+
+    pending = [(value, depth)]
+    while pending:
+        item, left = pending.pop()
+        if isinstance(item, Future):
+            return True
+        if left and type(item) is dict:
+            pending.extend((each, left - 1) for each in item.values())
+        elif left and type(item) in (tuple, list):
+            pending.extend((each, left - 1) for each in item)
+    return False

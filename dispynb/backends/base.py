@@ -469,13 +469,21 @@ class Engine(Protocol):
 def require(engine: Engine, feature: str, what: str) -> None:
     """Raise `NotSupportedError` unless ``engine`` declares ``feature``.
 
-    ``what`` names what the user asked for (``'submit_node'``, ``'setup='``...).
+    ``what`` names what the user asked for (``'submit_node'``, ``'setup='``...);
+    the error says what to do instead: the engine's own words for ``what`` (its
+    ``instead``, a dict, names the engine's own way: Dask's ``scatter``...), else
+    to use dispynb's own node servers.
     """
     if feature not in engine.features:
+        instead = getattr(engine, "instead", None)
+        advice = instead.get(what) if isinstance(instead, dict) else None
         raise NotSupportedError(
             f"{what} is not supported on the {engine.name!r} engine (it lacks the "
-            f"{feature!r} feature): use dispynb's own node servers (engine=None) "
-            "for it, or do without"
+            f"{feature!r} feature): "
+            + (
+                advice
+                or "use dispynb's own node servers (engine=None) for it, or do without"
+            )
         )
 
 

@@ -118,6 +118,18 @@ class DaskEngine:
             RESULT_TYPES,
         }
     )
+    #: What to do instead of what Dask cannot give (`base.require`).
+    instead = {
+        "put": (
+            "Dask's own client.scatter(obj, broadcast=True) does not reach "
+            "dispynb's jobs either (a job given its Future gets the Future, not the "
+            "object). To send a large object to each worker once, have setup load "
+            "it (from a file in depends=[...], or from storage the workers share) "
+            "into a global the jobs read; or pass it as a job's argument (it "
+            "travels with every job); or use dispynb's own node servers "
+            "(engine=None), where put sends it once per node"
+        )
+    }
 
     def __init__(self, cluster: Any, *, security: Any = None) -> None:
         self._owned: Any = None  # a LocalCluster that close() stops

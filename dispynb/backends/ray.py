@@ -168,6 +168,15 @@ class RayEngine:
     features: frozenset[str] = frozenset(
         {base.SETUP, base.JOB_LIMITS, base.SUBMIT_NODE, base.NODE_JOBS}
     )
+    #: What to do instead of what Ray cannot give (`base.require`).
+    instead = {
+        "put": (
+            "use Ray's own ref = ray.put(obj) and submit the job with ref as an "
+            "argument (submit(ref, ...)): Ray gives the job the object, stored "
+            "once in its object store; or use dispynb's own node servers "
+            "(engine=None), where put sends it once per node"
+        )
+    }
 
     def __init__(
         self,

@@ -35,6 +35,25 @@ def test_require_names_engine_feature_and_way_out() -> None:
     assert isinstance(raised.value, ConfigurationError)
 
 
+def test_put_on_dask_or_ray_says_what_their_users_do_instead() -> None:
+    """``put`` on Dask and Ray names the engine's own way (scatter, ray.put) and
+    what works with dispynb's jobs there; before, only "use engine=None"."""
+    from dispynb.backends.dask import DaskEngine
+    from dispynb.backends.ray import RayEngine
+
+    said = {}
+    for engine in (DaskEngine("127.0.0.1:1"), RayEngine("127.0.0.1:1")):
+        with pytest.raises(NotSupportedError) as raised:
+            base.require(engine, base.JOB_DEPENDS, "put")
+        said[engine.name] = str(raised.value)
+    assert said["dask"].startswith(
+        "put is not supported on the 'dask' engine (it lacks the 'job_depends' "
+        "feature): Dask's own client.scatter(obj, broadcast=True) does not reach "
+    ), said
+    assert "have setup load it" in said["dask"], said
+    assert "ray.put(obj) and submit the job with ref as an argument" in said["ray"]
+
+
 def test_max_result_size_on_an_engine_without_it_is_one_clear_error() -> None:
     """``max_result_size=`` on Dask or Ray, which do not enforce it: refused before
     anything connects, naming the option and what to do (before, it was ignored:

@@ -504,13 +504,23 @@ def main(args):
                 notes = "".join(getattr(exc, "__notes__", []))
                 remote = exc.remote_traceback
                 errors[name] = [type(exc).__name__, str(exc), remote, notes]
-        with dispynb.JobCluster(compute, engine=engine) as cluster:
+        from distributed import Client
+
+        with (
+            dispynb.JobCluster(compute, engine=engine) as cluster,
+            dispynb.Executor(engine=engine) as executor,
+            Client(dask_cluster) as client,
+        ):
+            scattered = client.scatter(b"large", broadcast=True)
             for name, call in {
                 "allocate_node": lambda: cluster.allocate_node("10.0.0.1"),
                 "job_depends": lambda: cluster.submit(0, dispy_job_depends=[fails]),
+                "put": lambda: cluster.put(b"large"),
+                "scattered": lambda: cluster.submit(scattered),
+                "scattered_call": lambda: executor.submit(len, scattered),
             }.items():
                 try:
-                    errors[name] = ["returned", call()]
+                    errors[name] = ["returned", repr(call())]
                 except dispynb.errors.DispynbError as exc:
                     errors[name] = [type(exc).__name__, str(exc)]
         return {
@@ -549,10 +559,19 @@ def test_timeouts_setup_failures_and_what_dask_cannot_do(
     assert "in fails" in remote, remote
     assert remote.endswith("RuntimeError: no data here\ncheck the path\n"), remote
     assert "The node's traceback:" in notes and "in fails" in notes, notes
-    for name in ("allocate_node", "job_depends"):
+    for name in ("allocate_node", "job_depends", "put"):
         kind, text = errors[name]
         assert kind == "NotSupportedError", (name, errors[name])
         assert "'dask' engine" in text or "dask" in text
+    # put: what Dask users know (scatter) and what to do instead.
+    assert "client.scatter(obj, broadcast=True) does not reach" in errors["put"][1]
+    assert "have setup load it" in errors["put"][1]
+    # A scattered Future given to a job (or a call) is refused at submit, not
+    # handed to the job as a Future it cannot use.
+    for name in ("scattered", "scattered_call"):
+        kind, text = errors[name]
+        assert kind == "NotSupportedError", (name, errors[name])
+        assert "a Dask Future (of client.scatter or client.submit) cannot" in text
 
 
 LARGE_PROGRAM = """
