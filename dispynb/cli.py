@@ -8,7 +8,7 @@ imports this module without pulling in the client.
 Contents
 --------
 main
-    Entry point of the ``dispynb`` console script and of ``python -m dispynb.cli``.
+    Entry point of the ``dispynb`` console script and of ``python -m dispynb``.
 estimate_pi
     The demo's computation: one Monte Carlo estimate of pi.
 ProgressLine

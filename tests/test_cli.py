@@ -155,3 +155,29 @@ def test_demo_runs_on_local_nodes() -> None:
     assert "8/8 jobs" in proc.stderr
     # print_status()'s table, with dispy's column names.
     assert re.search(r"Node.*CPUs.*Jobs", proc.stdout), proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_python_m_dispynb_is_the_dispynb_command(tmp_path: Path) -> None:
+    """Users type ``python -m dispynb ...`` where the venv's scripts are not on
+    PATH: it was 'No module named dispynb.__main__'. It is the ``dispynb``
+    command, its demo included (estimate_pi unpickled on the nodes)."""
+
+    def dispynb(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "dispynb", *args],
+            cwd=tmp_path,  # the installed dispynb, not a checkout's directory
+            env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    version = dispynb("version")
+    assert (version.returncode, version.stdout) == (0, f"dispynb {__version__}\n")
+    usage = dispynb()
+    assert usage.returncode == 2 and usage.stderr.startswith("usage: dispynb ")
+    demo = dispynb("demo", "--nodes", "1", "--jobs", "4", "--samples", "1000")
+    assert demo.returncode == 0, demo.stderr
+    assert "4/4 jobs" in demo.stderr and "pi ~= " in demo.stdout
