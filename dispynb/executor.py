@@ -81,6 +81,8 @@ Outcomes = tuple[list[Any], dict[int, Failure]]
 _CACHE_ENTRIES = 32
 _CACHE_MAX_BYTES = 1 << 20
 _fn_cache: collections.OrderedDict[str, Callable[..., Any]] = collections.OrderedDict()
+#: What an ``async def`` function returns (a global: checked after every call).
+_COROUTINE = types.CoroutineType
 #: What the executor's initializer printed on the node (stdout, stderr): written
 #: into the output of the first job of each process that ran it or forked after.
 _init_output: list[tuple[str, str]] = []
@@ -114,15 +116,13 @@ def dispynb_executor(
     calls = zip(*columns, strict=True) if columns else itertools.repeat((), count)
     named = kwargs or {}
     for index, args in enumerate(calls):
-        code = None  # an async function's: its traceback starts there
         try:
             value = fn(*args, **named)
-            if type(value) is types.CoroutineType:
+            if type(value) is _COROUTINE:
                 # An async def function: run it here, as Dask's workers do (a
                 # coroutine could only fail to pickle, as in ProcessPoolExecutor).
                 import asyncio  # only then: node workers need not load it
 
-                code = value.cr_code
                 value = asyncio.run(value)
             values.append(value)
         except BaseException as exc:  # the caller's to see (SystemExit too)
@@ -133,8 +133,8 @@ def dispynb_executor(
             # Without this frame when there is another: from the user's function.
             tb = exc.__traceback__
             tb = tb.tb_next or tb if tb is not None else None
-            if code is not None:  # without asyncio's frames
-                tb = _frames_from(tb, code)
+            if tb is not None and _in_asyncio_run(tb):  # an async function's
+                tb = _coroutine_frames(tb)
             text = format_exception(exc, tb)
             exc.__traceback__ = None
             carried, why = _pickled_exception(exc)  # None: RemoteError alone
@@ -144,13 +144,18 @@ def dispynb_executor(
     return values, failures
 
 
-def _frames_from(
-    tb: types.TracebackType | None, code: types.CodeType
-) -> types.TracebackType | None:
-    """``tb`` from the first frame running ``code`` (a coroutine's, below the
-    event loop's frames); all of ``tb`` if none does (asyncio's own error)."""
-    at = tb
-    while at is not None and at.tb_frame.f_code is not code:
+def _in_asyncio_run(tb: types.TracebackType) -> bool:
+    """Whether ``tb``'s frame is ``asyncio.run`` (running a call's coroutine)."""
+    asyncio = sys.modules.get("asyncio")
+    return asyncio is not None and tb.tb_frame.f_code is asyncio.run.__code__
+
+
+def _coroutine_frames(tb: types.TracebackType) -> types.TracebackType:
+    """``tb`` (from ``asyncio.run`` of a call's coroutine) from its first
+    coroutine's frame, without the event loop's; all of it if there is none
+    (asyncio's own error)."""
+    at: types.TracebackType | None = tb
+    while at is not None and not at.tb_frame.f_code.co_flags & inspect.CO_COROUTINE:
         at = at.tb_next
     return at or tb
 
