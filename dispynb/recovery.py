@@ -17,7 +17,8 @@ import os
 import sqlite3
 import ssl
 import sys
-from collections.abc import AsyncIterator, Iterable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 from dispynb._loop import LoopRunner
@@ -44,6 +45,7 @@ from dispynb.protocol.chunks import (
 from dispynb.protocol.framing import Buffer
 from dispynb.protocol.messages import (
     FINISHED,
+    ComputationClose,
     ComputationClosed,
     JobResults,
     Ping,
@@ -69,6 +71,10 @@ logger = logging.getLogger(__name__)
 #: hung, cut off) is given up by this call, its jobs left for the next one.
 RECOVERY_PULSE = 1.0
 RECOVERY_SILENCE = 10.0
+
+#: Seconds ``recover_jobs(terminate_pending=True)`` waits, once its ``timeout``
+#: passed, for the ends of the jobs it had the nodes terminate.
+TERMINATE_WAIT = 10.0
 
 
 class _SilenceWatch:
@@ -151,7 +157,12 @@ def recover_jobs(
         given up: its jobs are returned ``Abandoned``, saying so, and the next
         call asks it again.
     terminate_pending:
-        Accepted for dispy compatibility; running jobs are always let finish.
+        As in dispy: the jobs still running on the nodes when ``timeout`` passes
+        are terminated there (the nodes are free for other work at once) and
+        returned ``Terminated`` (queued ones ``Cancelled``), once their nodes say
+        so, within ``TERMINATE_WAIT`` s; False (the default) lets them run on,
+        their results kept for a later call. No effect without a ``timeout``
+        (every job is waited for).
     secret, secret_file, certfile, keyfile, cafile:
         As for `JobCluster` (the journal never holds the secret; by default it comes
         from ``DISPYNB_SECRET`` or ``DISPYNB_SECRET_FILE``).
@@ -206,7 +217,9 @@ def recover_jobs(
         logger.warning("recover_file %r is empty: nothing to recover", recover_file)
         return []
     try:
-        jobs, complete = _recover(journal, key, tls, timeout, limits)
+        jobs, complete = _recover(
+            journal, key, tls, _Deadline(timeout, terminate_pending), limits
+        )
     except sqlite3.Error as exc:
         journal.close()
         raise unreadable(recover_file, exc) from None
@@ -221,7 +234,7 @@ def _recover(
     journal: Journal,
     key: bytes | None,
     tls: ssl.SSLContext | None,
-    timeout: float | None,
+    timeout: _Deadline,
     limits: _Limits,
 ) -> tuple[list[DispyJob], bool]:
     """Every job of ``journal``, and whether none is left to recover later.
@@ -319,7 +332,7 @@ async def _recover_from(
     pending: dict[int, DispyJob],
     secret: bytes | None,
     tls: ssl.SSLContext | None,
-    timeout: float | None,
+    timeout: _Deadline,
     limits: _Limits,
 ) -> set[int]:
     """Ask ``node`` for the ``pending`` jobs; the keys of those whose end is known
@@ -357,7 +370,8 @@ async def _recover_from(
         logger.debug("asked %s for the jobs of %s", node, recovery_id)
         streams: dict[tuple[int, int], Parts | None] = {}
         sent = SentWhileAway(limits.files_dir, conn.write)
-        async with _watching(watch), asyncio.timeout(timeout):
+
+        async def read() -> None:
             while any(not job.done() for job in pending.values()):
                 message, buffers = await conn.recv()
                 if sent.take(message, buffers, pending, node):
@@ -374,8 +388,11 @@ async def _recover_from(
                     _abandon(
                         pending, f"the job never reached node {node}: it did not run"
                     )
+
+        async with _watching(watch):
+            await timeout.read(read, conn, node)
     except TimeoutError:
-        logger.info("jobs still running on %s after %s s", node, timeout)
+        logger.info("jobs still running on %s after %s s", node, timeout.timeout)
     except DispynbError as exc:
         settled = {k for k, job in pending.items() if job.done()}
         _abandon(
@@ -393,7 +410,7 @@ async def _collect_from(
     recovery_id: str,
     secret: bytes | None,
     tls: ssl.SSLContext | None,
-    timeout: float | None,
+    timeout: _Deadline,
     out: list[DispyJob],
     limits: _Limits,
 ) -> bool:
@@ -425,7 +442,8 @@ async def _collect_from(
         )
         streams: dict[tuple[int, int], Parts | None] = {}
         sent = SentWhileAway(limits.files_dir, conn.write)
-        async with _watching(watch), asyncio.timeout(timeout):
+
+        async def read() -> None:
             while True:
                 message, buffers = await conn.recv()
                 if sent.take(message, buffers, {}, node):
@@ -444,9 +462,13 @@ async def _collect_from(
                     isinstance(message, Recovered)
                     and (not message.found or not message.running)
                 ) or isinstance(message, ComputationClosed):
-                    return True
+                    return
+
+        async with _watching(watch):
+            await timeout.read(read, conn, node)
+        return True
     except TimeoutError:
-        logger.info("jobs still running on %s after %s s", node, timeout)
+        logger.info("jobs still running on %s after %s s", node, timeout.timeout)
     except DispynbError as exc:
         logger.warning("lost node %s while recovering: %s", node, watch.reason(exc))
     finally:
@@ -519,6 +541,39 @@ def _apply(
             end_time=end or None,
             ip_addr=ip,
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Deadline:
+    """`recover_jobs`' ``timeout``, over all its nodes (as dispy's), and what is
+    done with the jobs still running when it passes (``terminate_pending``)."""
+
+    timeout: float | None
+    terminate: bool
+    #: `time.monotonic` when the timeout passes (None: never).
+    at: float | None = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        at = None if self.timeout is None else time.monotonic() + self.timeout
+        object.__setattr__(self, "at", at)
+
+    async def read(
+        self, read: Callable[[], Awaitable[None]], conn: Connection, node: str
+    ) -> None:
+        """``read()`` until the timeout passes; then, with ``terminate``, have the
+        node terminate the jobs still running and read on for their ends (at most
+        `TERMINATE_WAIT` s). Raises TimeoutError if ``read`` did not return."""
+        left = None if self.at is None else max(self.at - time.monotonic(), 0.0)
+        try:
+            async with asyncio.timeout(left):
+                return await read()
+        except TimeoutError:
+            if not self.terminate:
+                raise
+        logger.info("terminating the jobs still running on %s", node)
+        conn.write(ComputationClose(comp_id=1, terminate=True))
+        async with asyncio.timeout(TERMINATE_WAIT):
+            await read()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -141,6 +141,15 @@ class _JobStops(_ComputationState):
                             worker.conn.write(Skip(key=key))
                     return
 
+    def terminate_all(self) -> None:
+        """Terminate every job: drop the queued ones, kill the running ones (a
+        recovering client's ``recover_jobs(terminate_pending=True)``)."""
+        jobs = [(job.key, job.attempt) for job in self._queue]
+        for worker in self._workers.values():
+            jobs += [(job.key, job.attempt) for job in worker.assigned]
+        for key, attempt in jobs:
+            self.cancel(key, attempt)
+
     def hand_back(self) -> None:
         """The node shuts down: give back every job that has not started.
 

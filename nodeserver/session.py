@@ -512,7 +512,8 @@ class ClientSession(_SessionFiles, _SessionRecovery):
         computation = self._computations.pop(message.comp_id, None)
         self._forget_results(message.comp_id)
         if computation is None:
-            self.outbox.write(ComputationClosed(comp_id=message.comp_id))
+            if not self._close_recovered(message.comp_id, message.terminate):
+                self.outbox.write(ComputationClosed(comp_id=message.comp_id))
             return
         if message.cancel_waiting and not message.terminate:
             computation.cancel_waiting()

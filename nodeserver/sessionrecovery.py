@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from dispynb.defaults import MAX_MESSAGE_SIZE, PRE_AUTH_MAX_FRAME
 from dispynb.errors import DispynbError, MessageError
 from dispynb.protocol.messages import (
+    ComputationClosed,
     ComputationSetup,
     Recover,
     Recovered,
@@ -143,7 +144,26 @@ class _SessionRecovery(_SessionState):
             return
         kept, recorded = claimed
         self._claims.append(kept)
+        self._recovering[comp_id] = kept
         self._spawn(self._send_kept(sender, kept, recorded, message.recovery_id))
+
+    def _close_recovered(self, comp_id: int, terminate: bool) -> bool:
+        """The client closes a computation it recovers (``recover_jobs`` with
+        ``terminate_pending``): with ``terminate``, its jobs still running are
+        terminated; their ends reach the client as they come, then
+        `ComputationClosed`. False if the client recovers no ``comp_id``."""
+        kept = self._recovering.get(comp_id)
+        if kept is None:
+            return False
+        computation = kept.computation
+        if computation is None or kept.finished.is_set():
+            self.outbox.write(ComputationClosed(comp_id=comp_id))  # none runs
+        elif terminate:
+            logger.info(
+                "%s: the recovering client terminates its jobs", computation.name
+            )
+            computation.terminate_all()
+        return True
 
     async def _send_kept(
         self,

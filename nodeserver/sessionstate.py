@@ -70,6 +70,8 @@ class _SessionState:
         self._crash_only: set[int] = set()
         self._orphaned = False  # this node closed the connection of a silent client
         self._claims: list[Kept] = []
+        #: The kept computations its client recovers, by the comp_id it gave.
+        self._recovering: dict[int, Kept] = {}
 
     @property
     def computation_count(self) -> int:

@@ -352,6 +352,21 @@ class SharedComputation(_JobFiles, _SentFiles):
                 dataclasses.replace(message, comp_id=self.comp_id),
             )
 
+    def terminate_jobs(self) -> None:
+        """Its recovering client's ``recover_jobs(terminate_pending=True)``: the
+        queued jobs are cancelled, the running ones terminated on their nodes (their
+        ends reach the client); it closes once they ended (`finish_if_done`)."""
+        for job in list(self.queue):
+            self.cancel(JobCancel(comp_id=self.comp_id, key=job.key, attempt=0))
+        for key, running in list(self.running.items()):
+            upstream = self.upstream.get(running.node)
+            if upstream is not None and upstream.conn is not None:
+                cancel = JobCancel(
+                    comp_id=self.comp_id, key=key, attempt=running.attempt
+                )
+                self.server.write(upstream, cancel)
+        self.finish_if_done()
+
     def close(self, message: ComputationClose) -> None:
         """Close the computation on every node; queued jobs are cancelled."""
         self.closing = True

@@ -461,7 +461,10 @@ class SchedulerSession:
         elif isinstance(message, ComputationClose):
             comp = self._comp(message.comp_id)
             if comp is not None and not comp.closing:
-                comp.close(message)
+                if comp.recovering and message.terminate:  # recover_jobs' terminate
+                    comp.terminate_jobs()
+                else:
+                    comp.close(message)
         elif isinstance(message, FileRelease):
             digests = message.digests
             if not isinstance(digests, list) or not all(

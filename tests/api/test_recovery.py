@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 import dispynb
@@ -151,6 +152,34 @@ def test_recover_jobs_after_client_sigkill_returns_every_job_once(tmp_path):
     assert [job[1] for job in jobs] == list(range(20))
     assert all(job[2] == 11 for job in jobs), jobs
     assert [job[3] for job in jobs] == [n * n for n in range(20)]
+
+
+#: CLIENT whose jobs run two minutes, each leaving its process id in its mark.
+ENDLESS_CLIENT = CLIENT.replace(
+    'open(os.path.join(marks, str(n)), "w").close()',
+    'open(os.path.join(marks, str(n)), "w").write(str(os.getpid()))',
+).replace("time.sleep(1.0 if n % 2 or all_slow else 0.0)", "time.sleep(120)")
+
+
+def test_recover_jobs_terminate_pending_terminates_the_jobs_still_running(tmp_path):
+    """As dispy's: with terminate_pending, the jobs still running when the timeout
+    passes are terminated on their node (its CPUs free at once) and returned
+    Terminated; those it had not started, Cancelled; those never sent, Abandoned.
+    Before, terminate_pending did nothing: they came back Running and ran on."""
+    assert "time.sleep(120)" in ENDLESS_CLIENT and "getpid" in ENDLESS_CLIENT
+    recover = RECOVER.replace("timeout=30", "timeout=1, terminate_pending=True")
+    with running_node(tmp_path / "node", cpus=2) as node:
+        journal = kill_client_mid_run(
+            tmp_path, node, started=2, client_script=ENDLESS_CLIENT
+        )
+        pids = [int(mark.read_text()) for mark in (tmp_path / "marks").iterdir()]
+        done = recover_in_new_process(tmp_path, journal, node.secret, recover)
+        assert done.returncode == 0, done.stderr
+        jobs = json.loads(done.stdout)
+        wait_until(lambda: not any(psutil.pid_exists(pid) for pid in pids))
+    statuses = [job[2] for job in jobs]
+    assert statuses.count(9) == 2, jobs  # the two running
+    assert set(statuses) <= {8, 9, 10}, jobs  # none left Running
 
 
 def test_recover_jobs_from_a_running_loop_as_in_a_notebook_cell(tmp_path):

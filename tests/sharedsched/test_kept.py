@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from dispynb import LocalCluster, recover_jobs
@@ -96,10 +97,15 @@ def quota(
 
 
 def _kill_client_after_submit(
-    sched: SchedulerProcess, credential: Path, journal: Path, tmp_path: Path
+    sched: SchedulerProcess,
+    credential: Path,
+    journal: Path,
+    tmp_path: Path,
+    script: str = BIG_RESULTS_CLIENT,
+    *args: str,
 ) -> None:
     proc = start_client(
-        BIG_RESULTS_CLIENT, sched.address, str(credential), str(journal),
+        script, sched.address, str(credential), str(journal), *args,
         cwd=tmp_path, name="big",
     )  # fmt: skip
     try:
@@ -444,3 +450,52 @@ def test_recover_jobs_waits_for_a_long_job_through_a_scheduler_with_a_slow_pulse
     assert [(job.status, job.result, job.exception) for job in jobs] == [
         (JobStatus.Finished, "done", None)
     ]
+
+
+#: A client with a recover_file whose two jobs run two minutes, each leaving its
+#: process id in a file; says once both run, then waits to be killed.
+ENDLESS_CLIENT = """
+import os, sys, time
+from dispynb import SharedJobCluster
+
+def endless(n, marks):
+    import os, time
+    with open(os.path.join(marks, str(n)), "w") as mark:
+        mark.write(str(os.getpid()))
+    time.sleep(120)
+
+address, credential, journal, marks = sys.argv[1:5]
+cluster = SharedJobCluster(
+    endless, scheduler_host=address, secret_file=credential, recover_file=journal
+)
+jobs = [cluster.submit(i, marks) for i in range(2)]
+while len(os.listdir(marks)) < 2:
+    time.sleep(0.02)
+print("submitted", flush=True)
+time.sleep(300)
+"""
+
+
+def test_recover_jobs_terminate_pending_terminates_them_through_the_scheduler(
+    scheduler: SchedulerProcess, users: dict[str, Path], tmp_path: Path
+) -> None:
+    """recover_jobs(timeout, terminate_pending=True) through a shared scheduler:
+    the jobs still running then are terminated on the nodes and come back
+    Terminated, as from nodes a JobCluster used."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    journal = tmp_path / "endless.journal"
+    _kill_client_after_submit(
+        scheduler, users["alice"], journal, tmp_path, ENDLESS_CLIENT, str(marks)
+    )
+    pids = [int(mark.read_text()) for mark in marks.iterdir()]
+    jobs = recover_jobs(
+        str(journal),
+        secret_file=str(users["alice"]),
+        timeout=1,
+        terminate_pending=True,
+    )
+    assert [job.status for job in jobs] == [JobStatus.Terminated] * 2, [
+        (job.status, job.exception) for job in jobs
+    ]
+    wait_until(lambda: not any(psutil.pid_exists(pid) for pid in pids))

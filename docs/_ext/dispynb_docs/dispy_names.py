@@ -67,9 +67,9 @@ MODULE = [
         "the newest default recovery file, as dispy's. The journal holds no secret: "
         "give it again (or have it in the environment). It returns every job of "
         "the journal, those still running at ``timeout`` ``Running`` (dispy's left "
-        "them out). ``terminate_pending`` is "
-        "accepted and does nothing: running jobs are let finish (dispy's "
-        "terminated them).",
+        "them out; ``timeout`` bounds the whole call, over all nodes, as dispy's). "
+        "With ``terminate_pending`` the jobs still running at ``timeout`` are "
+        "terminated on their nodes, as dispy's, and returned ``Terminated``.",
     ),
     Name(
         "httpd",
