@@ -80,9 +80,10 @@ async def probe(
     timeout: float = CHECK_TIMEOUT,
     default_port: int = NODE_PORT,
     tls_options: TlsOptions | None = None,
+    kind: str = "node",
 ) -> NodeHealth:
-    """Ask the node (or scheduler) at ``address`` (``HOST[:PORT]``) how it is;
-    a TLS error names the fix in ``tls_options`` (default: a client's keywords).
+    """Ask the ``kind`` (node, or scheduler) at ``address`` (``HOST[:PORT]``) how it
+    is; a TLS error names the fix in ``tls_options`` (default: a client's keywords).
 
     Raises `DispynbError` (`ConnectTimeoutError`, `AuthenticationError`...) if it
     cannot be asked, `TimeoutError` if it does not answer within ``timeout`` s.
@@ -103,6 +104,7 @@ async def probe(
             handshake_timeout=timeout,
             retry_for=0.0,
             tls_options=tls_options or CLIENT_TLS,
+            server=f"dispynb-{kind}",
         )
         try:
             answer, _ = await conn.recv()
@@ -155,6 +157,7 @@ def check(
                 timeout=timeout,
                 default_port=default_port,
                 tls_options=tls_options,
+                kind=kind,
             )
         )
     except TimeoutError:

@@ -561,8 +561,18 @@ def _check(args: argparse.Namespace) -> int:
     """``--check``: probe a running scheduler (`nodeserver.health`)."""
     from dispynb.secret import resolve_secret
     from dispynb.transport.addressing import format_address
-    from dispynb.transport.tls import client_context
+    from dispynb.transport.tls import TlsOptions, client_context
     from nodeserver.health import UNKNOWN, check
+
+    # TLS is on with the scheduler's own option (its --config gives it).
+    check_tls = TlsOptions(
+        "--cluster_certfile",
+        "",
+        "",
+        who="",
+        scheduler_fix="give the check the scheduler's --cluster_certfile (or its "
+        "--config)",
+    )
 
     hosts = [h for h in args.host if h not in ("0.0.0.0", "::", "")]
     address = args.check or format_address(
@@ -581,6 +591,7 @@ def _check(args: argparse.Namespace) -> int:
         ssl_context=ssl_context,
         kind="scheduler",
         default_port=SCHEDULER_PORT,
+        tls_options=check_tls,
     )
     print(line, flush=True)
     return status

@@ -57,6 +57,7 @@ async def connect(
     handshake_timeout: float = HANDSHAKE_TIMEOUT,
     retry_for: float = CONNECT_RETRY,
     tls_options: TlsOptions = CLIENT_TLS,
+    server: str = "",
 ) -> tuple[Connection, Welcome]:
     """Connect and authenticate to the node at ``host:port``.
 
@@ -66,7 +67,9 @@ async def connect(
     host only if it is strong (`dispynb.secret.check_strength`): whoever listens
     there gets the proof, and could test guesses of a weak secret against it.
     ``tls_options``: how the caller's user gives TLS settings, named in the fixes
-    TLS errors suggest (a Python client's keywords by default).
+    TLS errors suggest (a Python client's keywords by default); ``server``: the
+    program expected there, for messages (default: ``dispynb-scheduler`` when the
+    secret is a user's credential, else ``dispynb-node``).
 
     Raises
     ------
@@ -99,6 +102,7 @@ async def connect(
                 timeout=timeout,
                 handshake_timeout=handshake_timeout,
                 tls=tls_options,
+                server=server,
             )
         except NodeBusyError as exc:
             wait = delay * random.uniform(0.5, 1.0)
@@ -159,10 +163,11 @@ async def _connect_once(
     timeout: float,
     handshake_timeout: float,
     tls: TlsOptions,
+    server: str,
 ) -> tuple[Connection, Welcome]:
     peer = format_address(host, port)
     # Only a shared scheduler is proved a user's credential.
-    server = "dispynb-scheduler" if user else "dispynb-node"
+    server = server or ("dispynb-scheduler" if user else "dispynb-node")
     try:
         async with asyncio.timeout(timeout):
             sock = await _open_local(host, port) if ssl_context is None else None
@@ -242,8 +247,7 @@ async def _connect_once(
                 # The listener's words are a node's; a scheduler's TLS is its own.
                 raise TransportError(
                     f"{peer}: dispynb-scheduler uses TLS (--cluster_certfile), this "
-                    f"client does not: give {tls.who}{tls.cafile} (the CA that "
-                    "signed the scheduler's certificate)"
+                    f"client does not: {tls.turn_on_scheduler()}"
                 ) from exc
             if str(exc).startswith(TLS_REFUSED):  # the node's words are a client's
                 raise TransportError(

@@ -36,6 +36,9 @@ class TlsOptions:
     #: Whom the fix is for, before an option (``give the client cafile=``); empty
     #: for a program's own command-line options.
     who: str = "the client "
+    #: How to connect to a ``dispynb-scheduler`` that uses TLS, if not with
+    #: ``cafile`` (its ``--check`` turns TLS on with the scheduler's own option).
+    scheduler_fix: str = ""
 
     def turn_on(self, role: str) -> str:
         """How to connect to a ``role`` (node) that uses TLS."""
@@ -45,9 +48,18 @@ class TlsOptions:
             "checks clients' certificates (--cafile)"
         )
 
+    def turn_on_scheduler(self) -> str:
+        """How to connect to a ``dispynb-scheduler`` that uses TLS."""
+        return self.scheduler_fix or (
+            f"give {self.who}{self.cafile} (the CA that signed the scheduler's "
+            "certificate)"
+        )
+
     def turn_off(self) -> str:
         """How to connect to a server that does not use TLS."""
-        return f"connect without {self.cafile}, {self.certfile} and {self.keyfile}"
+        names = [name for name in (self.cafile, self.certfile, self.keyfile) if name]
+        listed = ", ".join(names[:-1]) + " and " if len(names) > 1 else ""
+        return f"connect without {listed}{names[-1]}"
 
     def client_certificate(self) -> str:
         """Which options give this client a certificate."""

@@ -67,3 +67,30 @@ def test_a_scheduler_with_no_node_up_is_a_warning(tmp_path: Path) -> None:
         f"WARNING - scheduler 'dispynb-scheduler' at {sched.address} up with no "
         "node up (no CPUs): 0 of 0 CPUs busy"
     ), done.stdout
+
+
+def test_a_tls_or_absent_scheduler_is_named_with_the_checks_fix(
+    tmp_path: Path, nodes: LocalCluster
+) -> None:
+    """``--check`` of a TLS scheduler without --cluster_certfile said 'the node
+    uses TLS ... give the client cafile=', and of an address where nothing listens
+    'is dispynb-node running there?': a scheduler's admin was sent to a node's
+    options and program."""
+    from tests.ports import held_ports
+    from tests.sharedsched.harness import start_tls_scheduler
+
+    sched, _cert = start_tls_scheduler(tmp_path, nodes.node_specs(), nodes.secret)
+    try:
+        tls = check(sched.address, nodes.secret)
+    finally:
+        sched.stop()
+    assert tls.returncode == 2, tls.stdout + tls.stderr
+    assert tls.stdout.startswith(
+        f"CRITICAL - scheduler at {sched.address}: dispynb-scheduler uses TLS "
+        "(--cluster_certfile), this client does not: give the check the "
+        "scheduler's --cluster_certfile"
+    ), tls.stdout
+    with held_ports() as port:  # nothing listens there
+        nobody = check(f"127.0.0.1:{port()}", nodes.secret)
+    assert nobody.returncode == 2, nobody.stdout + nobody.stderr
+    assert "is dispynb-scheduler running there?" in nobody.stdout, nobody.stdout
