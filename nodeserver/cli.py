@@ -463,7 +463,6 @@ async def serve(
         logger.info("served %d clients (--serve): shutting down", config.serve)
         why = f"it served its {config.serve} clients (--serve)"
     else:
-        logger.info("shutting down")
         why = (
             f"{signalled[0]}"
             if signalled
@@ -473,6 +472,8 @@ async def serve(
             if server.shutdown_requested.is_set()
             else ""
         )
+        # Which signal, as the scheduler says: systemd's stop, SLURM's, a Ctrl-C.
+        logger.info("shutting down%s", f" ({why})" if why else "")
     await server.stop(0.0 if orphaned.is_set() else config.drain_timeout, now, why)
     return orphaned.is_set()
 

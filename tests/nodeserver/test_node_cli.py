@@ -176,10 +176,13 @@ def test_node_cli_signal_with_job_running_stops_cleanly(tmp_path, signum, drain)
     assert "Traceback" not in node.log_text()
 
 
-def test_node_cli_signal_when_idle_exits_zero_and_logs_shutdown(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_node_cli_signal_when_idle_exits_zero_and_logs_shutdown(tmp_path, signum):
+    """The log names the signal (it said 'shutting down' only; the scheduler's
+    said 'stopping (SIGTERM)'): the admin reads who stopped the node."""
     node = start_node(tmp_path / "node")
-    assert node.stop(signal.SIGTERM) == 0
-    assert "shutting down" in node.log_text()
+    assert node.stop(signum) == 0
+    assert f"shutting down ({signal.Signals(signum).name})" in node.log_text()
 
 
 def test_node_cli_new_secret_writes_a_strong_0600_file_and_serves_with_it(tmp_path):
