@@ -361,8 +361,15 @@ def write_new_secret(path: str | os.PathLike[str]) -> str:
 #: Options whose value is a secret, on the command lines of dispynb's programs.
 SECRET_OPTIONS = ("-s", "--secret")
 
-#: The values `hide_secret_argv` masked, for `forget_masked_secrets`.
-_masked: list[str] = []
+#: Secrets this process holds that what it forks is to forget (`forget_noted_secrets`).
+_noted: list[str] = []
+
+
+def note_secret(value: str) -> None:
+    """Note ``value``, a secret this process has in its memory, for
+    `forget_noted_secrets` in a process it forks (a node's zygote)."""
+    if value and value not in _noted:
+        _noted.append(value)
 
 
 def hide_secret_argv(options: tuple[str, ...] = SECRET_OPTIONS) -> bool:
@@ -390,7 +397,8 @@ def hide_secret_argv(options: tuple[str, ...] = SECRET_OPTIONS) -> bool:
     if not spans or not arg_start:
         return False
     own_words = words[len(words) - program :]
-    _masked.extend(os.fsdecode(own_words[i][s : s + n]) for i, s, n in spans)
+    for i, start, length in spans:
+        note_secret(os.fsdecode(own_words[i][start : start + length]))
     first = sum(len(word) + 1 for word in words[: len(words) - program])
     offsets = [first]
     for word in words[len(words) - program :]:
@@ -410,19 +418,21 @@ def hide_secret_argv(options: tuple[str, ...] = SECRET_OPTIONS) -> bool:
     return True
 
 
-def forget_masked_secrets() -> int:
-    """Overwrite every copy of the values `hide_secret_argv` masked in this
-    process's memory (`dispynb.memscrub.scrub_memory`); return how many.
+def forget_noted_secrets() -> int:
+    """Overwrite every copy of the secrets noted (`note_secret`; those
+    `hide_secret_argv` masked) in this process's memory
+    (`dispynb.memscrub.scrub_memory`); return how many.
 
-    For a process forked from a node after it parsed ``--secret VALUE`` (the
-    zygote): the processes it forks run jobs, which read their own memory, and
-    found there the parsed value, the strings the parser made and dropped and the
-    interpreter's wide-character copy of its arguments."""
+    For a process forked from a node after it parsed ``--secret VALUE`` or a
+    ``--config`` file holding it (the zygote): the processes it forks run jobs,
+    which read their own memory, and found there the parsed value, the strings
+    the parser made and dropped, the file's text and the interpreter's
+    wide-character copy of its arguments."""
     from dispynb.memscrub import scrub_memory
 
     count = 0
-    while _masked:
-        count += scrub_memory(_masked.pop())
+    while _noted:
+        count += scrub_memory(_noted.pop())
     return count
 
 

@@ -17,6 +17,7 @@ from dispynb.defaults import (
     SCHEDULER_REGISTER_PORT,
 )
 from dispynb.errors import ConfigurationError
+from dispynb.secret import note_secret
 from dispynb.transport.addressing import format_address, parse_address
 from nodeserver.cliconfig import (
     CommandParser,
@@ -450,6 +451,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.exit(2, f"dispynb-node: {exc}\n")
         given = from_file + given
     args = parser.parse_args(given)
+    if args.secret:  # the zygote, forked after this, overwrites its copies
+        note_secret(args.secret)
     # A secret read from the config file (dispynode saves its --secret there) is
     # not in the process list: say where it is instead.
     args.secret_in_config = bool(

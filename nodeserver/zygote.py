@@ -62,7 +62,7 @@ from typing import NoReturn
 
 from dispynb.daemon import load_prctl, set_dumpable
 from dispynb.errors import SetupError
-from dispynb.secret import forget_masked_secrets, forget_secret_env
+from dispynb.secret import forget_noted_secrets, forget_secret_env
 from nodeserver.containment import become_subreaper
 from nodeserver.jobreasons import signal_name
 from nodeserver.launcher import (
@@ -445,9 +445,9 @@ def _serve(sock: socket.socket, node_pid: int, options: list[str]) -> NoReturn:
     code = 1
     try:
         # Forked before the node withdrew DISPYNB_SECRET, after it parsed
-        # --secret: what it forks runs jobs.
+        # --secret or --config: what it forks runs jobs.
         forget_secret_env()
-        forget_masked_secrets()
+        forget_noted_secrets()
         prctl = load_prctl()
         if prctl is not None:
             prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)

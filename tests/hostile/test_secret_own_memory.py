@@ -1,10 +1,11 @@
-"""A job reads its own memory for the secret its node was given on the command line.
+"""A job reads its own memory for the secret its node was given on the command line
+(or in its ``--config`` file).
 
-The node parses ``--secret VALUE`` before it forks the zygote that forks computation
-processes and their workers: every copy of the value the node held by then (the
-parsed option, the strings argparse made and dropped, the interpreter's own copy
-of its arguments) was inherited by the processes that run jobs, which may read
-their own memory.
+The node parses ``--secret VALUE`` (and its config file) before it forks the zygote
+that forks computation processes and their workers: every copy of the value the
+node held by then (the parsed option, the strings argparse made and dropped, the
+config file's text, the interpreter's own copy of its arguments) was inherited by
+the processes that run jobs, which may read their own memory.
 """
 
 from __future__ import annotations
@@ -39,18 +40,26 @@ def _find_in_own_memory(reversed_secret: str) -> list[str]:
 
 @pytest.mark.attack(
     id="secret-in-job-memory",
-    title="A job of a node given -s/--secret on its command line reads its own "
-    "memory (inherited from the zygote the node forked) for the secret, in UTF-8, "
-    "UTF-16 and UTF-32",
-    goal="found nowhere (was: in the worker's memory in UTF-8 and UTF-32)",
+    title="A job of a node given -s/--secret on its command line, or the secret in "
+    "its --config file, reads its own memory (inherited from the zygote the node "
+    "forked) for the secret, in UTF-8, UTF-16 and UTF-32",
+    goal="found nowhere (was: in the worker's memory in UTF-8 and UTF-32; from "
+    "the config file, in UTF-8)",
 )
-@pytest.mark.parametrize("form", ["--secret", "--secret=", "-s"])
+@pytest.mark.parametrize("form", ["--secret", "--secret=", "-s", "--config"])
 @pytest.mark.timeout(120)
-def test_a_job_does_not_find_the_command_line_secret_in_its_memory(
+def test_a_job_does_not_find_the_nodes_parsed_secret_in_its_memory(
     measure, tmp_path, form
 ):
     secret = strong_secret()
-    given = [form + secret] if form != "--secret" else [form, secret]
+    if form == "--config":
+        config = tmp_path / "node.conf"
+        config.write_text(f"[DEFAULT]\nsecret = {secret}\n")
+        config.chmod(0o600)
+        given = [form, str(config)]
+    else:
+        given = [form + secret] if form != "--secret" else [form, secret]
+    # DISPYNB_SECRET holds another (start_node's): the node's is given here.
     node = start_node(tmp_path / "node", *given, secret_in_env=True)
     try:
         with JobCluster(_find_in_own_memory, nodes=[node.spec], secret=secret) as c:
