@@ -34,6 +34,7 @@ import fcntl
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 
 from dispynb.daemon import replace_file
@@ -48,6 +49,8 @@ SHARED = ".kept"
 _OWNER = ".port"
 #: File in the destination directory whose ``flock`` its nodes claim and sweep under.
 _CLAIMS = ".kept.lock"
+#: Seconds a node waits for another's claim or sweep (`_one_at_a_time`).
+CLAIM_WAIT = 10.0
 
 
 class SpoolClaim:
@@ -83,12 +86,28 @@ def claim_spool(dest_path: str, port: int) -> SpoolClaim:
 
 @contextlib.contextmanager
 def _one_at_a_time(dest_path: str) -> Iterator[None]:
-    """Hold the ``flock`` of `_CLAIMS` in ``dest_path`` (waiting for the node that
-    holds it: a claim and a sweep take a moment)."""
-    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(os.path.join(dest_path, _CLAIMS), flags, 0o600)
+    """Hold the ``flock`` of `_CLAIMS` in ``dest_path``, waiting for the node that
+    holds it (a claim and a sweep take a moment) for `CLAIM_WAIT` seconds at most:
+    a node stopped (SIGSTOP) or stuck on its disk as it held it is not to keep
+    every other node from starting. Then the claim goes on without it (logged)."""
+    path = os.path.join(dest_path, _CLAIMS)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        deadline = time.monotonic() + CLAIM_WAIT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    logger.warning(
+                        "another node has held %s for %.0f s (stopped, or stuck on "
+                        "its disk?): this node claims a kept-results spool without it",
+                        path,
+                        CLAIM_WAIT,
+                    )
+                    break
+                time.sleep(0.02)
         yield
     finally:
         os.close(fd)

@@ -4,13 +4,16 @@ of a fixed port the one it used last (its kept results, for ``recover_jobs``).""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
 
-from nodeserver.spoolclaim import claim_spool
+from nodeserver import spoolclaim
+from nodeserver.spoolclaim import SpoolClaim, claim_spool
 
 #: Three nodes of fixed ports and three of none, as they start at once.
 PORTS = [9711, 9712, 9713, 0, 0, 0]
@@ -72,3 +75,30 @@ def test_nodes_starting_together_each_get_their_own_spool_back(tmp_path: Path):
     spools = [name for name in os.listdir(tmp_path) if name.startswith(".kept")]
     assert (moved, shared, unlocked) == (0, 0, 0)
     assert len(spools) == len(PORTS) + 1  # and the lock file
+
+
+@pytest.mark.timeout(60)
+def test_a_node_stopped_as_it_claims_does_not_keep_others_from_starting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    """A node stopped (SIGSTOP) or stuck on its disk while it holds the claims'
+    lock: another node starting there waits `CLAIM_WAIT`, then claims a spool."""
+    monkeypatch.setattr(spoolclaim, "CLAIM_WAIT", 0.5, raising=False)
+    os.makedirs(tmp_path / ".kept")
+    held = os.open(tmp_path / ".kept.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    claims: list[SpoolClaim] = []
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)  # the stopped node's
+        starting = threading.Thread(
+            target=lambda: claims.append(claim_spool(str(tmp_path), 9711))
+        )
+        starting.start()
+        starting.join(timeout=10)
+        assert not starting.is_alive(), "the node waits for the stopped one"
+    finally:
+        os.close(held)
+        starting.join()
+    assert [claim.root for claim in claims] == [str(tmp_path / ".kept")]
+    assert claims[0].fd is not None
+    claims[0].release()
+    assert "claims a kept-results spool without it" in caplog.text
