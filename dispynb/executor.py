@@ -62,6 +62,7 @@ from dispynb.tracebacks import DYNAMIC_CODE, LazySourceMap, explain_missing_modu
 
 if TYPE_CHECKING:
     from dispynb.backends.base import Engine
+    from dispynb.celloutput import MapOutput
     from dispynb.cluster import ClusterFactory
     from dispynb.local import LocalCluster
 
@@ -529,10 +530,11 @@ class Executor(concurrent.futures.Executor):
             self._cancel_chunks(jobs)  # no orphan calls left running
             raise
         more = chunks if buffersize else iter(())
+        output = _cell_output(jobs, (fn, self._initializer))
         # A generator not started runs no ``finally`` when it is closed or
         # dropped: the calls of a map never iterated all run (as the standard
         # library's), those of a map left after its first value are cancelled.
-        return self._results(jobs, more, fn, key, blob, end)
+        return self._results(jobs, more, fn, key, blob, end, output)
 
     def _results(
         self,
@@ -542,6 +544,7 @@ class Executor(concurrent.futures.Executor):
         key: str,
         blob: bytes,
         end: float | None,
+        output: MapOutput | None = None,
     ) -> Iterator[Any]:
         sources = (fn, self._initializer)
         try:
@@ -551,7 +554,7 @@ class Executor(concurrent.futures.Executor):
                 for chunk in itertools.islice(more, 1):
                     jobs.append(self._submit_chunk(key, blob, chunk))
                 wait = None if end is None else max(end - time.monotonic(), 0.0)
-                values, failures = _chunk_outcomes(jobs[0], wait, sources)
+                values, failures = _chunk_outcomes(jobs[0], wait, sources, output)
                 jobs.popleft()
                 if not failures:
                     yield from values
@@ -717,7 +720,10 @@ def _pickle(fn: Callable[..., Any]) -> tuple[str, bytes]:
 
 
 def _chunk_outcomes(
-    job: DispyJob, timeout: float | None, sources: tuple[Any, ...]
+    job: DispyJob,
+    timeout: float | None,
+    sources: tuple[Any, ...],
+    output: MapOutput | None = None,
 ) -> Outcomes:
     """The outcomes of a ``map`` job's calls, or raise what its future's
     ``result(timeout)`` would (`JobFuture`). Waiting on the job itself, the
@@ -725,7 +731,10 @@ def _chunk_outcomes(
     one is idle (`dispynb._inplace`): no thread is woken per job."""
     if not job.wait(timeout):
         raise concurrent.futures.TimeoutError()
-    _echo(job, sources)
+    if output is None:
+        _echo(job, sources)
+    else:  # written once, maybe already as the job ended (`_cell_output`)
+        output.echo(job)
     if job.status == job.Finished:
         outcomes: Outcomes = job.result
         return outcomes
@@ -735,6 +744,21 @@ def _chunk_outcomes(
     error = outcome_error(job)
     assert error is not None
     raise error
+
+
+def _cell_output(
+    jobs: Iterable[DispyJob], sources: tuple[Any, ...]
+) -> MapOutput | None:
+    """In a notebook, a map's output is written as each job ends, in the cell that
+    called ``map`` (even if it is never iterated: `dispynb.celloutput`);
+    elsewhere (None) as the iteration reaches each job."""
+    if "ipykernel" not in sys.modules:
+        return None
+    from dispynb.celloutput import MapOutput, in_kernel
+
+    if not in_kernel():
+        return None
+    return MapOutput.follow(jobs, functools.partial(_echo, sources=sources))
 
 
 def _echo(job: DispyJob, sources: tuple[Any, ...]) -> None:

@@ -87,3 +87,72 @@ def test_the_web_monitor_shows_a_link_to_its_page_in_the_notebook(tmp_path):
             assert url not in started.stderr, started.stderr
         finally:
             k.run_ok("monitor.shutdown(); cluster.close(); local.close()")
+
+
+def _streams_until(k, msg_id: str, done, timeout: float = 60.0) -> dict[str, str]:
+    """What cells printed, by their message id, gathered from the kernel's output
+    until cell ``msg_id`` is idle and ``done(printed)`` holds."""
+    import queue
+    import time
+
+    printed: dict[str, str] = {}
+    idle = False
+    deadline = time.monotonic() + timeout
+    while not (idle and done(printed)):
+        assert time.monotonic() < deadline, printed
+        try:
+            msg = k.client.get_iopub_msg(timeout=1)
+        except queue.Empty:
+            continue
+        parent = msg["parent_header"].get("msg_id", "")
+        content = msg["content"]
+        if msg["msg_type"] == "stream":
+            printed[parent] = printed.get(parent, "") + content["text"]
+        elif msg["msg_type"] == "status" and parent == msg_id:
+            idle = idle or content["execution_state"] == "idle"
+    return printed
+
+
+def test_a_map_never_iterated_prints_in_the_cell_that_called_it(tmp_path):
+    """``executor.map(report, items)`` for its effects: what its calls printed was
+    written only as an iteration reached them, so never, or in the cell that
+    iterated. It is now written as each job ends, in the cell that called map
+    (not in the cell running then); an iteration later writes it no second time."""
+    with kernel(tmp_path) as k:
+        k.run_ok(
+            "import glob, os, time\n"
+            "from dispynb import Executor, LocalCluster\n"
+            "local = LocalCluster(cpus=2)\n"
+            "executor = Executor(nodes=local)\n"
+            "def report(x, mark):\n"
+            "    print('reported', x)\n"
+            "    open(mark, 'w').close()\n"
+            "    return x"
+        )
+        marks = [str(tmp_path / f"mark{i}") for i in range(3)]
+        try:
+            mapped = k.submit(f"them = executor.map(report, range(3), {marks!r})")
+            printed = k.collect(mapped).stdout
+            # The next cell runs as the jobs end: their output is not its own.
+            waiting = k.submit(
+                "deadline = time.monotonic() + 60\n"
+                "while len(glob.glob('mark*')) < 3 and time.monotonic() < deadline:\n"
+                "    time.sleep(0.05)"
+            )
+            streams = _streams_until(
+                k,
+                waiting,
+                lambda p: (printed + p.get(mapped, "")).count("reported") == 3,
+            )
+            printed += streams.pop(mapped, "")
+            lines = sorted(printed.splitlines())
+            assert lines == ["reported 0", "reported 1", "reported 2"], printed
+            assert not any("reported" in text for text in streams.values()), streams
+            out = k.run_ok("list(them)")
+            assert out.data[-1]["text/plain"] == "[0, 1, 2]"
+            assert "reported" not in out.stdout, out.stdout  # not twice
+            # Iterated in its own cell: written there, once, before its values.
+            out = k.run_ok("list(executor.map(report, [7, 8], ['m7', 'm8']))")
+            assert out.stdout == "reported 7\nreported 8\n", out.stdout
+        finally:
+            k.run_ok("executor.shutdown(); local.close()")
