@@ -53,7 +53,7 @@ class Journal:
         try:
             with checked(path, create=True) as file:
                 _refuse_foreign(path, file.info)
-                refuse_writable(path, file.info)
+                refuse_writable(path, file.info, file.fd)
                 if file.info.st_mode & 0o077:
                     file.chmod(0o600)
                 beside = Beside(os.path.realpath(path), file.info, tighten=True)
@@ -106,7 +106,7 @@ class Journal:
         try:
             with checked(path, create=False) as file:
                 _refuse_foreign(path, file.info)
-                refuse_writable(path, file.info)
+                refuse_writable(path, file.info, file.fd)
                 if file.info.st_size == 0:
                     return None
                 beside = Beside(os.path.realpath(path), file.info, tighten=False)

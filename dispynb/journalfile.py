@@ -219,7 +219,7 @@ def refuse_planted(db_path: str, *, tighten: bool) -> None:
                     else f"of {owner}"
                     if (owner := foreign_owner(info))
                     else f"writable by {writers}"
-                    if (writers := others_can_write(info))
+                    if (writers := others_can_write(info, fd))
                     else ""
                 )
                 if not what and tighten and info.st_mode & 0o077:
@@ -285,10 +285,12 @@ class Beside:
                 os.unlink(name)
 
 
-def others_can_write(info: os.stat_result) -> str:
-    """Who besides its owner can write to a file (``info``: its stat), said for an
-    error; "" if nobody: neither everyone (``o+w``) nor a group of other users
-    (``g+w``; a group of the user's own, of no other member, is not others).
+def others_can_write(info: os.stat_result, fd: int) -> str:
+    """Who besides its owner can write to a file (``info``: its stat, ``fd``: a
+    descriptor of it, as `checked` opens), said for an error; "" if nobody:
+    neither everyone (``o+w``) nor a group of other users (``g+w``; a group of the
+    user's own, of no other member, is not others) nor users or groups its access
+    ACL names (its group bits are then their mask: ``g+w`` if any may write).
 
     Mode 0600 set on a journal once others could write to it is too late: what
     they wrote stays, and a descriptor they opened then still writes."""
@@ -297,8 +299,21 @@ def others_can_write(info: os.stat_result) -> str:
         return ""
     if mode & 0o002:
         return f"every user (mode {mode:04o})"
+    if _has_access_acl(fd):
+        return f"the users its ACL names (mode {mode:04o} and an access ACL)"
     group = _group_of_others(info.st_gid)
     return f"the users of group {group} (mode {mode:04o})" if group else ""
+
+
+def _has_access_acl(fd: int) -> bool:
+    """Whether the file of ``fd`` has a POSIX access ACL beyond its mode (only
+    such ones are stored)."""
+    target: int | str = fd if _O_PATH == os.O_RDONLY else f"/proc/self/fd/{fd}"
+    try:
+        os.getxattr(target, "system.posix_acl_access")
+    except (OSError, AttributeError):  # none (ENODATA), or no xattrs here
+        return False
+    return True
 
 
 def _group_of_others(gid: int) -> str:
@@ -324,14 +339,14 @@ def _group_of_others(gid: int) -> str:
     return ""
 
 
-def refuse_writable(path: str, info: os.stat_result, what: str = "") -> None:
-    """Raise `ConfigurationError` if others can write to the journal ``path`` (or
-    to ``what`` beside it; ``info``: its stat, `others_can_write`): they could
-    have changed what ``recover_jobs`` unpickles."""
-    writers = others_can_write(info)
+def refuse_writable(path: str, info: os.stat_result, fd: int) -> None:
+    """Raise `ConfigurationError` if others can write to the journal ``path``
+    (``info``, ``fd``: as `others_can_write` takes them): they could have changed
+    what ``recover_jobs`` unpickles."""
+    writers = others_can_write(info, fd)
     if writers:
         raise ConfigurationError(
-            f"recover_file {path!r}{what} can be written by {writers}: they could "
+            f"recover_file {path!r} can be written by {writers}: they could "
             "have changed what recover_jobs unpickles (code it runs); remove it, or "
             "if nobody else ever could write to it, chmod go-w it"
         )

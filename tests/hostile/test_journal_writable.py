@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -37,6 +38,23 @@ db.close()
 
 AS_NOBODY_ONLY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
 RID = "r" * 32
+NOBODY = 65534
+
+
+def _let_nobody_write(path: Path) -> None:
+    """Give user nobody read and write by a POSIX access ACL (``setfacl -m
+    u:nobody:rw``, in the kernel's format: version 2, then tag, permissions and id
+    of each entry); the mode then shows the ACL's mask as its group bits."""
+    undefined = 0xFFFFFFFF
+    entries = [  # user::rw- user:nobody:rw- group::--- mask::rw- other::---
+        (0x01, 6, undefined), (0x02, 6, NOBODY), (0x04, 0, undefined),
+        (0x10, 6, undefined), (0x20, 0, undefined),
+    ]  # fmt: skip
+    acl = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+    try:
+        os.setxattr(path, "system.posix_acl_access", acl)
+    except OSError as exc:
+        pytest.skip(f"no POSIX ACLs on {path.parent}: {exc}")
 
 
 @pytest.fixture
@@ -77,19 +95,24 @@ def _rewritten_as_nobody(path: Path, marker: Path) -> None:
 @pytest.mark.attack(
     id="writable-journal",
     title="Another user rewrites a recovery journal left writable by others (0666, "
-    "or 0660 of their group) as a pickle that runs code, then its owner recovers",
+    "0660 of their group, or an ACL naming them) as a pickle that runs code, then "
+    "its owner recovers",
     goal="recover_jobs and a cluster reusing it refuse it, naming who can write "
     "it; nothing of theirs is unpickled (was: their code ran in recover_jobs)",
 )
 @pytest.mark.parametrize(
-    ("mode", "group"), [(0o666, None), (0o660, "nogroup")], ids=["world", "group"]
+    ("mode", "group"),
+    [(0o666, None), (0o660, "nogroup"), (0o600, "acl")],
+    ids=["world", "group", "acl"],
 )
 @pytest.mark.timeout(60)
 def test_a_journal_others_can_write_is_refused(measure, shared_dir, mode, group):
     path, marker = shared_dir / "recover.db", shared_dir / "ran"
     _finished_journal(path)
     os.chmod(path, mode)
-    if group:
+    if group == "acl":
+        _let_nobody_write(path)
+    elif group:
         shutil.chown(path, group=group)
     _rewritten_as_nobody(path, marker)
     errors = []
@@ -106,7 +129,7 @@ def test_a_journal_others_can_write_is_refused(measure, shared_dir, mode, group)
     )
     assert not marker.exists()
     assert "can be written by" in errors[0] and str(path) in errors[0]
-    assert f"mode {mode:04o}" in str(reused.value)
+    assert f"mode {os.stat(path).st_mode & 0o777:04o}" in str(reused.value)
 
 
 def test_a_journal_writable_by_the_users_own_group_only_is_recovered(shared_dir):
