@@ -210,6 +210,11 @@ class DispyMagics(Magics):
             %dispy status                            # nodes and runs (returns a repr)
             %dispy panel                             # live table of the nodes
             %dispy close                             # cancel runs, stop local nodes
+            %dispy simulate --over "range(100)" --into run   # as %%dispy simulate
+
+        ``%dispy NAME ...`` with a function of the notebook (defined in an earlier
+        cell) runs it as a ``%%dispy NAME ...`` cell with nothing else in it would
+        (IPython refuses a cell magic with an empty body); see ``%%dispy?``.
 
         Starting or attaching replaces the current nodes (and cancels their runs),
         once the new ones answer (slurm: before submitting them).
@@ -224,6 +229,14 @@ class DispyMagics(Magics):
                 f"%dispy needs what to do: {', '.join(ACTIONS[:-1])} or "
                 f"{ACTIONS[-1]} (see %dispy?)"
             )
+        first = line.split(None, 1)[0]
+        if first not in ACTIONS and callable(self._ip.user_ns.get(first)):
+            # %dispy f --over ...: f is a function of an earlier cell (IPython
+            # refuses a %%dispy cell with nothing under its line, and says to use
+            # %dispy: here it is what that cell would have done).
+            return self.cell_dispy(line, "")
+        if first not in ACTIONS and first.isidentifier():
+            raise UsageError(_not_an_action(first, self._ip.user_ns))
         args = parse_line(self.dispy, line)
         try:
             return self._act(args)
@@ -473,6 +486,10 @@ class DispyMagics(Magics):
         Remote tracebacks point at the cell lines the failing code came from when
         that is unambiguous (``Cell In[3], line 4, in f`` and the line itself).
 
+        A function defined in an earlier cell runs from a line of its own, with the
+        same options: ``%dispy simulate --over "range(100)" --into run`` (IPython
+        refuses a ``%%dispy`` cell with nothing under its line).
+
         Examples::
 
             %%dispy --over "range(100)" --into run
@@ -490,3 +507,22 @@ class DispyMagics(Magics):
         __tracebackhide__ = True  # an error in the cell shows the cell's lines
         args = parse_line(self.cell_dispy, line)
         CellRunner(self._ip, self.session).run(args, cell)
+
+
+def _not_an_action(word: str, namespace: dict[str, Any]) -> str:
+    """What to say of ``%dispy WORD`` when WORD is neither an action nor a function
+    of the notebook: a misspelt action, or a function not defined yet."""
+    import difflib
+
+    functions = [
+        name
+        for name, value in namespace.items()
+        if callable(value) and not name.startswith("_")
+    ]
+    close = difflib.get_close_matches(word, [*ACTIONS, *functions], n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return (
+        f"%dispy {word}: {word!r} is neither one of {', '.join(ACTIONS)} nor a "
+        f"function of the notebook (run the cell that defines it first){hint} "
+        "(see %dispy?)"
+    )

@@ -484,6 +484,24 @@ def test_magic_cell_usage_errors(ip, line, body, message):
         ip.run_cell_magic("dispy", line, body)
 
 
+def test_a_function_of_an_earlier_cell_runs_from_a_dispy_line(ip):
+    """``%%dispy outer --over ...`` with nothing under it: IPython refused it ('the
+    cell body is empty. Did you mean the line magic %dispy?') and %dispy then
+    said "invalid choice: 'outer'". The line now runs it as that cell would."""
+    ip.run_cell("def twice(x):\n    return 2 * x\n")
+    with capture_output() as captured:
+        ip.run_line_magic("dispy", "twice --over 'range(3)' --into doubled")
+    assert ip.user_ns["doubled"].results == [0, 2, 4], captured.stderr
+    assert ip.user_ns["_dispy"] is ip.user_ns["doubled"]
+    # A typo said "unknown option --over; did you mean --nodes?".
+    with pytest.raises(UsageError) as raised:
+        ip.run_line_magic("dispy", "twise --over 'range(3)'")
+    assert str(raised.value).startswith(
+        "%dispy twise: 'twise' is neither one of local, nodes, "
+    ), raised.value
+    assert str(raised.value).endswith("; did you mean twice? (see %dispy?)")
+
+
 @pytest.mark.parametrize(
     ("into", "message"),
     [
@@ -557,7 +575,7 @@ def test_a_misspelt_progress_in_the_environment_is_one_line(ip, monkeypatch):
 @pytest.mark.parametrize(
     ("line", "message"),
     [
-        ("bogus", "invalid choice"),
+        ("bogus", "'bogus' is neither one of local, nodes"),
         # Was: "the following arguments are required: action, HOST[:PORT]".
         ("", "^%dispy needs what to do: local, nodes, .* panel or close"),
         ("  # a comment", "^%dispy needs what to do"),
