@@ -172,7 +172,14 @@ class RemoteError(DispynbError):
         return type(self), (self.ename, self.evalue, self.traceback)
 
     def __str__(self) -> str:
-        return f"{self.ename}: {self.evalue}\n\nRemote traceback:\n{self.traceback}"
+        head = f"{self.ename}: {self.evalue}"
+        text = self.traceback.strip()
+        if "Traceback (most recent call last)" not in text and text.startswith(
+            self.evalue.strip()
+        ):  # a node's reason (a crash, a limit): said once, not again as a traceback
+            rest = text[len(self.evalue.strip()) :].lstrip("\n")
+            return f"{head}\n{rest}" if rest else head
+        return f"{head}\n\nRemote traceback:\n{self.traceback}"
 
     def _render_traceback_(self) -> list[str]:
         """Show the remote traceback in IPython instead of the local one."""

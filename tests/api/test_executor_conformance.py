@@ -1,0 +1,208 @@
+"""One matrix, two executors: each test runs on `concurrent.futures.ProcessPoolExecutor`
+and on `dispynb.Executor` (a real local node), and asserts what a user of the
+standard one sees. Where dispynb differs on purpose (docs/howto/futures.md, "Where it
+differs"), the test says so and asserts both sides.
+
+Functions here are module-level: the pool's forked workers import them, dispynb
+ships them by value.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures.process import BrokenProcessPool
+
+import pytest
+
+from dispynb import LocalCluster
+from dispynb.errors import RemoteError
+from dispynb.executor import Executor
+from tests.jobs import WAIT
+
+pytestmark = pytest.mark.slow
+
+
+def ident(x: object) -> object:
+    return x
+
+
+def nap(x: object, seconds: float) -> object:
+    time.sleep(seconds)
+    return x
+
+
+def boom(x: int) -> int:
+    raise ValueError(f"boom {x}")
+
+
+def boom_on_2(x: int) -> int:
+    if x == 2:
+        raise ValueError("two")
+    return x
+
+
+def interrupt() -> None:
+    raise KeyboardInterrupt("in the call")
+
+
+def leave(code: int) -> None:
+    raise SystemExit(code)
+
+
+def die(code: int) -> None:
+    os._exit(code)
+
+
+@pytest.fixture(params=["ProcessPoolExecutor", "dispynb"])
+def make(request: pytest.FixtureRequest, local: LocalCluster) -> Iterator[object]:
+    """A factory of executors of either kind (2 workers); each made is shut down."""
+    made: list[cf.Executor] = []
+
+    def new() -> cf.Executor:
+        executor: cf.Executor = (
+            cf.ProcessPoolExecutor(2)
+            if request.param == "ProcessPoolExecutor"
+            else Executor(nodes=local)
+        )
+        made.append(executor)
+        return executor
+
+    new.kind = request.param  # type: ignore[attr-defined]
+    yield new
+    for executor in made:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture
+def executor(make) -> cf.Executor:
+    return make()
+
+
+def test_results_exceptions_and_timeouts(executor) -> None:
+    assert executor.submit(ident, 5).result(WAIT) == 5
+    assert executor.submit(dict, fn=1).result(WAIT) == {"fn": 1}  # fn: positional
+    future = executor.submit(boom, 1)
+    with pytest.raises(ValueError, match=r"^boom 1$"):
+        future.result(WAIT)
+    assert repr(future.exception(WAIT)) == "ValueError('boom 1')"
+    assert future.exception(WAIT).__cause__ is not None  # the remote traceback
+    slow = executor.submit(nap, 1, 1.0)
+    with pytest.raises(TimeoutError):
+        slow.result(timeout=0)
+    assert slow.result(WAIT) == 1
+
+
+def test_map_order_shortest_input_timeout_and_error_at_its_place(executor) -> None:
+    assert list(executor.map(ident, range(5), chunksize=2)) == [0, 1, 2, 3, 4]
+    assert list(executor.map(pow, [1, 2, 3], [2, 2])) == [1, 4]
+    assert list(executor.map(ident, [])) == []
+    results = executor.map(boom_on_2, [1, 2, 3])
+    assert next(results) == 1
+    with pytest.raises(ValueError, match="two"):
+        next(results)
+    with pytest.raises(TimeoutError):
+        list(executor.map(nap, [1, 2], [2, 2], timeout=0.05))
+
+
+def test_as_completed_and_wait(executor) -> None:
+    one = executor.submit(ident, 1)
+    assert [f.result() for f in cf.as_completed([one, one], timeout=WAIT)] == [1]
+    failing = executor.submit(boom, 2)
+    longer = executor.submit(nap, 3, 2.0)
+    done, pending = cf.wait(
+        [failing, longer], timeout=WAIT, return_when=cf.FIRST_EXCEPTION
+    )
+    assert done == {failing} and pending == {longer}
+    slow = [executor.submit(nap, i, 2.0) for i in range(2)]
+    with pytest.raises(TimeoutError, match=r"^2 \(of 2\) futures unfinished$"):
+        list(cf.as_completed(slow, timeout=0.1))
+    done, pending = cf.wait(slow, timeout=0)
+    assert (done, pending) == (set(), set(slow))
+    done, pending = cf.wait([*slow, longer], timeout=WAIT)
+    assert done == {*slow, longer} and pending == set()
+
+
+def test_done_callbacks(executor) -> None:
+    """Added to a done future: called at once, in the caller's thread."""
+    future = executor.submit(ident, 1)
+    assert future.result(WAIT) == 1
+    threads: list[threading.Thread] = []
+    future.add_done_callback(lambda f: threads.append(threading.current_thread()))
+    assert threads == [threading.current_thread()]
+    called = threading.Event()
+    executor.submit(ident, 2).add_done_callback(lambda f: called.set())
+    assert called.wait(WAIT)
+
+
+def test_a_calls_keyboard_interrupt_and_system_exit_come_back_as_themselves(
+    executor,
+) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        executor.submit(interrupt).result(WAIT)
+    with pytest.raises(SystemExit) as info:
+        executor.submit(leave, 5).result(WAIT)
+    assert info.value.code == 5
+    assert executor.submit(ident, 3).result(WAIT) == 3  # the workers live on
+
+
+def test_running_then_done(executor) -> None:
+    future = executor.submit(nap, 1, 1.0)
+    deadline = time.monotonic() + WAIT
+    while not future.running() and not future.done():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert future.result(WAIT) == 1
+    assert future.done() and not future.running() and not future.cancelled()
+
+
+def test_shutdown_then_submit_and_shutdown_again(make) -> None:
+    executor = make()
+    assert executor.submit(ident, 1).result(WAIT) == 1
+    executor.shutdown()
+    with pytest.raises(
+        RuntimeError, match=r"^cannot schedule new futures after shutdown$"
+    ):
+        executor.submit(ident, 1)
+    executor.shutdown()  # again: nothing to do
+    with make() as other:
+        pass
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        other.submit(ident, 1)
+
+
+def test_cancel_futures_cancels_what_has_not_started(make) -> None:
+    executor = make()
+    futures = [executor.submit(nap, i, 0.5) for i in range(12)]
+    executor.shutdown(wait=True, cancel_futures=True)
+    cancelled = [f for f in futures if f.cancelled()]
+    assert cancelled, "some calls waited behind the 2 workers"
+    for future in futures:
+        assert future.done()
+        if future not in cancelled:
+            assert future.result(0) in range(12)
+
+
+def test_a_call_ending_its_process(make) -> None:
+    """Differs on purpose: ProcessPoolExecutor breaks (BrokenProcessPool, every
+    later submit too); dispynb's node replaces the worker, the call raises
+    `RemoteError` saying what happened (once), and the executor goes on."""
+    executor = make()
+    future = executor.submit(die, 3)
+    if make.kind == "ProcessPoolExecutor":
+        with pytest.raises(BrokenProcessPool):
+            future.result(WAIT)
+        with pytest.raises(BrokenProcessPool):
+            executor.submit(ident, 2)
+        return
+    with pytest.raises(RemoteError) as info:
+        future.result(WAIT)
+    said = str(info.value)
+    assert said.startswith(
+        "Terminated: the job's worker process exited with status 3 (os._exit() "
+    ), said
+    assert said.count("exited with status 3") == 1, said  # not again as a traceback
+    assert executor.submit(ident, 2).result(WAIT) == 2
