@@ -27,6 +27,8 @@ class FileRef:
     relative: str
     digest: str
     size: int
+    #: It is a program (any execute bit set): the nodes keep it executable.
+    executable: bool = False
 
     def read(self) -> bytes:
         """The file's content (checked against the digest it was announced with)."""
@@ -111,7 +113,9 @@ def file_ref(path: str, where: str = "file") -> FileRef:
         relative = os.path.basename(full)
     with open(full, "rb") as handle:
         digest = hashlib.file_digest(handle, "sha256").hexdigest()
-    return FileRef(full, relative, digest, os.path.getsize(full))
+        info = os.fstat(handle.fileno())
+    executable = bool(info.st_mode & 0o111)
+    return FileRef(full, relative, digest, info.st_size, executable)
 
 
 def _module_path(module: types.ModuleType, where: str) -> str:

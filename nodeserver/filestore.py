@@ -50,6 +50,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -280,8 +281,12 @@ class FileStore:
             )
         return freed > 0
 
-    def place(self, digest: str, directory: str, relative: str) -> str:
-        """Link the stored file to ``directory/relative``; return the path."""
+    def place(
+        self, digest: str, directory: str, relative: str, executable: bool = False
+    ) -> str:
+        """Link the stored file to ``directory/relative``; return the path. An
+        ``executable`` one (a program the client sent) is made executable, as
+        dispy kept a sent file's mode: the stored copy, which the link shares."""
         path = self.path(digest)
         state = self._state(path)
         if state == "missing":
@@ -292,6 +297,9 @@ class FileStore:
                 "wrote to it (computations using one file share it on a node: a job "
                 "should write to a copy of it)"
             )
+        if executable:  # read bits become execute bits (0o644: 0o755)
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+            os.chmod(path, mode | (mode & 0o444) >> 2)
         return link_inside(directory, relative, path)
 
     def hold(self, digest: str) -> None:

@@ -213,8 +213,10 @@ class ClientSession(_SessionFiles, _SessionRecovery):
         except ProtocolError as exc:
             self._setup_refused(message, str(exc))
             return
-        missing = {digest for _, digest in files if not self.server.store.has(digest)}
-        for _, digest in files:
+        missing = {
+            digest for _, digest, _ in files if not self.server.store.has(digest)
+        }
+        for _, digest, _ in files:
             if digest not in missing:  # from the store's cache: held before use
                 self._hold_file(digest)
         try:
@@ -371,7 +373,7 @@ class ClientSession(_SessionFiles, _SessionRecovery):
         self,
         computation: Computation,
         bundle: list[memoryview],
-        files: list[tuple[str, str]],
+        files: list[tuple[str, str, bool]],
         setup_timeout: float | None,
     ) -> None:
         try:

@@ -30,15 +30,20 @@ HASH_OFF_LOOP_BYTES = 1 << 20
 class _SessionFiles(_SessionState):
     """The session's part that takes files (see the module docstring)."""
 
-    def _check_files(self, entries: list[list[Any]]) -> list[tuple[str, str]]:
+    def _check_files(self, entries: list[list[Any]]) -> list[tuple[str, str, bool]]:
+        """``(path, digest, executable)`` of each file a computation depends on."""
         files = []
         for entry in entries:
-            if len(entry) != 3 or not isinstance(entry[2], int):
+            if (
+                len(entry) not in (3, 4)
+                or not isinstance(entry[2], int)
+                or entry[3:] not in ([], [True])
+            ):
                 raise ProtocolError("malformed file entry in computation-setup")
-            path, digest, size = entry
+            path, digest, size = entry[:3]
             self.server.store.check_size(size, f"file {path!r}")
             self.server.store.path(digest)  # validates the digest
-            files.append((safe_relative_path(path), digest))
+            files.append((safe_relative_path(path), digest, len(entry) == 4))
         return files
 
     def _job_files(self, entries: Any) -> list[tuple[str, str]]:

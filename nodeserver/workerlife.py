@@ -117,7 +117,7 @@ class _WorkerLife(_ComputationState):
     async def start(
         self,
         bundle: list[memoryview],
-        files: Sequence[tuple[str, str]] = (),
+        files: Sequence[tuple[str, str, bool]] = (),
         setup_timeout: float | None = None,
     ) -> int:
         """Start the process, load the computation, run setup; return worker count.
@@ -132,8 +132,8 @@ class _WorkerLife(_ComputationState):
             self._path_counted = True
         os.makedirs(self.path, mode=0o700, exist_ok=True)
         try:
-            for relative, digest in files:
-                self._store.place(digest, self.path, relative)
+            for relative, digest, executable in files:
+                self._store.place(digest, self.path, relative, executable)
                 self._own_files[relative] = digest
         except (DispynbError, OSError) as exc:
             raise SetupError(f"cannot place the computation's files: {exc}") from exc

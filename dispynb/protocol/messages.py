@@ -308,7 +308,8 @@ class ComputationSetup(WireMessage):
     workers: int
     dest_path: str | None = None
     cleanup: bool = True
-    #: ``[relative_path, digest, size]`` of each file the computation depends on.
+    #: ``[relative_path, digest, size]`` of each file the computation depends on,
+    #: with a fourth item ``True`` for a program (kept executable on the node).
     files: list[list[Any]] = dataclasses.field(default_factory=list)
     #: Seconds between the node's status reports (dispy's ``pulse_interval``).
     pulse_interval: float | None = None

@@ -37,6 +37,32 @@ def test_depends_file_lands_in_computation_directory(local, workdir):
     assert job.result == "42\n"
 
 
+def run_tool(name: str) -> str:
+    import subprocess
+
+    return subprocess.run(
+        [f"./{name}"], capture_output=True, text=True, check=True
+    ).stdout
+
+
+def test_an_executable_in_depends_stays_executable_and_a_file_does_not(local, workdir):
+    """As dispy's nodes keep a sent file's mode: a helper program given in
+    ``depends`` runs as ``./tool.sh`` (it was not executable: PermissionError), and
+    a file that was not executable is not made so."""
+    tool = workdir / "tool.sh"
+    tool.write_text("#!/bin/sh\necho tool ran\n")
+    tool.chmod(0o755)
+    (workdir / "plain.txt").write_text("data\n")
+    with JobCluster(run_tool, nodes=local, depends=["tool.sh", "plain.txt"]) as cluster:
+        ran = cluster.submit("tool.sh")
+        modes = cluster.submit("plain.txt")  # a program that is not one
+        assert ran.wait(timeout=WAIT) and modes.wait(timeout=WAIT)
+    assert ran.status == DispyJob.Finished, ran.exception
+    assert ran.result == "tool ran\n"
+    assert modes.status == DispyJob.Terminated
+    assert "PermissionError" in modes.exception, modes.exception
+
+
 def test_depends_module_is_importable_on_node(local, workdir, monkeypatch):
     (workdir / "shapes_dep.py").write_text("def area(w, h):\n    return w * h\n")
     monkeypatch.syspath_prepend(str(workdir))

@@ -436,3 +436,39 @@ def test_a_file_that_cannot_be_written_drops_no_other(tmp_path: Path) -> None:
     finally:
         files.close()
         store.close()
+
+
+def run_tool(name: str) -> str:
+    import subprocess
+
+    return subprocess.run(
+        [f"./{name}"], capture_output=True, text=True, check=True
+    ).stdout
+
+
+def test_an_executable_in_depends_stays_executable_through_the_scheduler(
+    tmp_path: Path,
+    first_node: LocalCluster,
+    users: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A helper program in ``depends`` runs as ``./tool.sh`` on the scheduler's
+    nodes, as on a JobCluster's (dispy keeps a sent file's mode)."""
+    monkeypatch.chdir(tmp_path)
+    tool = tmp_path / "tool.sh"
+    tool.write_text("#!/bin/sh\necho shared tool ran\n")
+    tool.chmod(0o755)
+    sched = SchedulerProcess(tmp_path, first_node.node_specs(), first_node.secret)
+    sched.start()
+    try:
+        with SharedJobCluster(
+            run_tool,
+            scheduler_host=sched.address,
+            secret_file=str(users["alice"]),
+            depends=["tool.sh"],
+        ) as cluster:
+            job = cluster.submit("tool.sh")
+            assert job.finish.wait(WAIT), "no result"
+        assert job.result == "shared tool ran\n", job.exception
+    finally:
+        sched.stop()

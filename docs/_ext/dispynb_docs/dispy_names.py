@@ -114,10 +114,12 @@ JOBCLUSTER = [
     Name(
         "depends",
         differs="Never mutated (dispy's default list was shared); "
-        "files are content-addressed and cached on nodes. A file arrives readable, "
-        "not executable, dated 2000-01-01 (dispy kept its mode and times): run a "
-        "script sent so with its interpreter (``sh tool.sh``, "
-        "``[sys.executable, 'tool.py']``).",
+        "files are content-addressed and cached on nodes. A program (a file with "
+        "an execute bit) stays executable, as in dispy, so ``./tool.sh`` runs; "
+        "the others arrive readable, not executable, and every file is dated "
+        "2000-01-01 (dispy kept its times). A job's own files "
+        "(``dispy_job_depends``) arrive not executable: run such a script with its "
+        "interpreter (``sh tool.sh``, ``[sys.executable, 'tool.py']``).",
     ),
     Name("job_status"),
     Name("cluster_status"),
