@@ -119,9 +119,17 @@ class _SessionNodes:
         if not gone:
             return None
         kind = launcher_kind(self.local)
+        total = len(self.local.addresses)
+        # One of several: not 'the nodes have exited' beside one still listed.
+        verb = "has" if len(gone) == 1 else "have"
+        which = (
+            f"{len(gone)} of the {total} {kind} nodes {verb}"
+            if len(gone) < total
+            else f"the {kind} nodes have"
+        )
         return MagicError(
-            f"the {kind} nodes have exited: {', '.join(gone)}; "
-            f"start new ones with %dispy {kind}"
+            f"{which} exited: {', '.join(gone)}; no job was sent: start new ones "
+            f"with %dispy {kind}"
         )
 
 

@@ -652,6 +652,31 @@ def test_a_local_node_that_died_says_to_run_dispy_local_again():
         local.close()
 
 
+def test_one_of_two_local_nodes_exited_is_said_as_one():
+    """One of two %dispy local nodes killed: the next cell said 'the local nodes
+    have exited', while %dispy status listed the other one as idle."""
+    import os
+    import signal
+
+    from dispynb.jupyter.session import Session
+
+    session = Session()
+    try:
+        session.start_local(2, 1)
+        local = session.local
+        os.kill(local.pids[1], signal.SIGKILL)
+        jobs.wait_until(lambda: local.exited() != [])
+        with pytest.raises(MagicError) as raised:
+            session.ensure_nodes()
+        host, port = local.addresses[1]
+        assert str(raised.value) == (
+            f"1 of the 2 local nodes has exited: {host}:{port} (status -9); no job "
+            "was sent: start new ones with %dispy local"
+        )
+    finally:
+        session.close()
+
+
 def test_a_finished_run_a_variable_holds_stays_in_status_after_new_nodes():
     """As the guide says: a finished run stays in %dispy status as long as a
     variable holds it. New nodes (%dispy local again) dropped every run from it.
