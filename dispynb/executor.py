@@ -430,6 +430,13 @@ class Executor(concurrent.futures.Executor):
         """CPUs of the nodes in use now (what ``n_jobs=-1`` means to joblib)."""
         return sum(node.cpus for node in self.cluster.status().nodes)
 
+    @property
+    def _max_workers(self) -> int:
+        """The nodes' CPUs now (at least 1), where `ProcessPoolExecutor` keeps its
+        ``max_workers``: Dask's ``compute(scheduler=executor)`` reads it for the
+        tasks it keeps in flight (else this machine's CPU count)."""
+        return max(self.cpus, 1)
+
     # -- submitting ------------------------------------------------------------------
 
     def submit(

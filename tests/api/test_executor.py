@@ -650,6 +650,19 @@ def test_what_the_initializer_prints_is_written_here_naming_its_file(local1, cap
         assert capsys.readouterr() == ("out 2\n", "err 2\n")
 
 
+def test_dask_compute_with_the_executor_keeps_the_nodes_cpus_busy(local1):
+    """``dask.compute(..., scheduler=executor)`` takes any concurrent.futures
+    executor and reads ``_max_workers`` (ProcessPoolExecutor's) for how many tasks
+    to keep in flight: the nodes' CPUs, not this machine's CPU count."""
+    dask = pytest.importorskip("dask")
+    from dask.base import get_scheduler
+
+    with Executor(nodes=local1) as ex:
+        assert get_scheduler(scheduler=ex).args == (ex.submit, 1)
+        total = dask.delayed(sum)([dask.delayed(mul)(i, 2) for i in range(5)])
+        assert dask.compute(total, scheduler=ex) == (20,)
+
+
 def test_failing_initializer_is_a_setup_error_with_the_node_traceback(local):
     with pytest.raises(SetupError) as info:
         Executor(nodes=local, initializer=fail_setup)
