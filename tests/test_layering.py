@@ -139,14 +139,25 @@ def test_the_core_and_its_displays_load_no_jupyter_code(code):
 #: browsers never slow the I/O loop), as `dispynb._loop` says.
 LOOP_OWNERS = {ROOT / "dispynb" / "_loop.py", ROOT / "dispynb" / "httpd" / "server.py"}
 LOOP_MAKERS = {"run", "new_event_loop", "Runner", "run_until_complete"}
+#: Functions of dispynb that run only in a node's job process, never in the client:
+#: the executor's runner runs an async function's coroutine there (asyncio.run).
+NODE_SIDE = {ROOT / "dispynb" / "executor.py": {"dispynb_executor"}}
 
 
 def loop_makers(path: Path) -> list[str]:
-    """Calls in ``path`` that start an event loop (``asyncio.run`` and kin)."""
+    """Calls in ``path`` that start an event loop (``asyncio.run`` and kin),
+    outside its `NODE_SIDE` functions."""
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    skipped = {
+        id(inner)
+        for function in ast.walk(tree)
+        if isinstance(function, ast.FunctionDef)
+        and function.name in NODE_SIDE.get(path, ())
+        for inner in ast.walk(function)
+    }
     found = []
     for node in ast.walk(tree):
-        if not isinstance(node, ast.Call):
+        if not isinstance(node, ast.Call) or id(node) in skipped:
             continue
         func = node.func
         if isinstance(func, ast.Attribute) and func.attr in LOOP_MAKERS:
