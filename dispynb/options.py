@@ -173,7 +173,8 @@ class ClusterOptions:
         process after setup (as dispy does): nothing a job leaves in its globals
         or modules reaches the next job. False (the default) reuses workers, which
         is several times faster for short jobs; setup's globals are visible to
-        jobs either way. See the README for the figures.
+        jobs either way. See the README for the figures. Not on Ray (its jobs
+        run in long-lived actors): there True is a `NotSupportedError`.
     result_types:
         None (the default): results are unpickled as they come, like anything from a
         node that holds the secret. A list of ``"module.name"`` or ``"module.*"``

@@ -100,6 +100,7 @@ class _Nodes(_DaskState):
             opts.dest_path,
             max_output if isinstance(max_output, int) else None,
             MAX_SENT_FILE,
+            fresh=opts.fresh_process,
         )
         try:
             responses = await self.client.register_plugin(plugin, name=self.plugin_name)

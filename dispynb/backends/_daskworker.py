@@ -92,8 +92,10 @@ class ComputationPlugin(WorkerPlugin):
         dest_path: str | None,
         max_output: int | None,
         max_file: int | None = None,
+        fresh: bool = False,
     ) -> None:
         self.uid = uid
+        self.fresh = fresh  # fresh_process: a runner runs one job, then ends
         self.max_file = max_file
         self.topic = topic
         self.bundle = bundle
@@ -226,6 +228,8 @@ class ComputationPlugin(WorkerPlugin):
             return self._exchange(runner, dask_key, buffers, limits)
         finally:
             del self.running[dask_key]
+            if self.fresh and not runner.killed:
+                runner.kill()  # with what the job left running, as on nodes
             if runner.killed or runner.conn.closed:
                 runner.close()
                 if self.host is not None:  # else: the computation is closing

@@ -113,6 +113,9 @@ PIDS_LIMIT: Final = "pids_limit"
 #: ``result_types=``: results are unpickled on the client by a restricted unpickler,
 #: out of the job's reach (the process that sends them back is not the job's).
 RESULT_TYPES: Final = "result_types"
+#: ``fresh_process=True`` (the Executor's ``max_tasks_per_child``): each job runs
+#: in a new process forked after setup.
+FRESH_PROCESS: Final = "fresh_process"
 #: The bytes sent to and received from each node are counted (``DispyNode.tx`` and
 #: ``rx``, `Backend.traffic`); without it ``print_status`` shows "-" for them.
 TRAFFIC: Final = "traffic"
@@ -134,6 +137,7 @@ ALL_FEATURES: Final[frozenset[str]] = frozenset(
         PIDS_LIMIT,
         RESULT_TYPES,
         TRAFFIC,
+        FRESH_PROCESS,
     }
 )
 
@@ -549,10 +553,15 @@ def check_options(engine: Engine, opts: ClusterOptions) -> None:
         require(engine, PIDS_LIMIT, "max_pids=")
     if opts.result_types is not None:
         require(engine, RESULT_TYPES, "result_types=")
+    if opts.fresh_process:
+        require(
+            engine, FRESH_PROCESS, "fresh_process= (Executor's max_tasks_per_child)"
+        )
 
 
 __all__ = [
     "ALL_FEATURES",
+    "FRESH_PROCESS",
     "JOB_DEPENDS",
     "JOB_LIMITS",
     "NODE_JOBS",

@@ -42,6 +42,8 @@ on Dask's scheduler and workers. How each dispy feature maps onto Dask:
   same loop turn, so they never run twice.
 * **job_timeout** is enforced by the task thread (it kills the runner) and
   **mem_limit** by ``RLIMIT_AS`` in the runner.
+* **fresh_process** (the Executor's ``max_tasks_per_child``): a runner runs one
+  job, then it is killed and another forked after setup.
 
 dispy features Dask cannot give (node management, recovery, per-job depends) raise
 `NotSupportedError` when asked for.
@@ -62,6 +64,7 @@ from dispynb.backends._daskstate import CONNECT_TIMEOUT as CONNECT_TIMEOUT
 from dispynb.backends._daskstate import MAX_SENT_FILE as MAX_SENT_FILE
 from dispynb.backends._daskstate import SETUP_WAIT as SETUP_WAIT
 from dispynb.backends.base import (
+    FRESH_PROCESS,
     JOB_LIMITS,
     NODE_JOBS,
     PROGRAM,
@@ -116,6 +119,7 @@ class DaskEngine:
             SEND_FILE,
             TRAFFIC,
             RESULT_TYPES,
+            FRESH_PROCESS,
         }
     )
     #: What to do instead of what Dask cannot give (`base.require`).

@@ -54,6 +54,20 @@ def test_put_on_dask_or_ray_says_what_their_users_do_instead() -> None:
     assert "ray.put(obj) and submit the job with ref as an argument" in said["ray"]
 
 
+def test_fresh_process_on_ray_is_one_clear_error() -> None:
+    """Ray runs jobs in long-lived actors: ``fresh_process=True`` (the Executor's
+    ``max_tasks_per_child``) is refused before anything connects (it was
+    ignored: jobs shared their processes)."""
+    from dispynb import Executor, JobCluster
+    from dispynb.backends.ray import RayEngine
+
+    engine = RayEngine("127.0.0.1:1")  # nothing listens: it must not be reached
+    with pytest.raises(NotSupportedError, match=r"^fresh_process= .*'ray' engine"):
+        JobCluster(abs, engine=engine, fresh_process=True)
+    with pytest.raises(NotSupportedError, match="max_tasks_per_child"):
+        Executor(engine=engine, max_tasks_per_child=1)
+
+
 def test_max_result_size_on_an_engine_without_it_is_one_clear_error() -> None:
     """``max_result_size=`` on Dask or Ray, which do not enforce it: refused before
     anything connects, naming the option and what to do (before, it was ignored:

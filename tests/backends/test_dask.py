@@ -679,16 +679,27 @@ def main(args):
                 "submit": future.result(timeout=30),
                 "async": [f.result(timeout=30) for f in futures],
                 "stderr": shown.getvalue(),
+                "fresh_pids": fresh_pids(engine),
             }
+
+
+def fresh_pids(engine):
+    with dispynb.Executor(engine=engine, max_tasks_per_child=1) as executor:
+        futures = [executor.submit(os.getpid) for _ in range(4)]
+        return len({f.result(timeout=30) for f in futures})
 """
 
 
 def test_the_executor_runs_on_dask(net: Network, tmp_path: Path) -> None:
     """``dispynb.Executor(engine=DaskEngine(...))``: map and submit (issue 18),
-    async def functions run to their end, and the initializer's warnings name
-    their file, as on dispynb's nodes."""
+    async def functions run to their end, the initializer's warnings name their
+    file, and max_tasks_per_child gives each job a new process, as on dispynb's
+    nodes."""
     out = run(net, tmp_path, EXECUTOR_PROGRAM)
     stderr = out.pop("stderr")
+    # max_tasks_per_child (fresh_process): a new process per job, as on nodes
+    # (it was ignored: the 2 runners ran the 4 calls).
+    assert out.pop("fresh_pids") == 4
     assert out == {
         "map": [x * x for x in range(8)],
         "submit": 144,
