@@ -100,8 +100,10 @@ class Run(_RunEvents):
         cluster_status: ClusterStatusCallback | None = None,
     ) -> None:
         self.name = name
-        #: How the person reaches this run, in the messages that point at it.
-        self.ref = "run"
+        #: How the person reaches this run (a variable's name), in the messages
+        #: that point at it; "" if unknown (``x = Run.map(...)`` is not assigned
+        #: yet as its jobs end): they then say "the run's".
+        self.ref = ""
         self._follow(cluster)
         self.jobs: list[DispyJob] = []
         self.inputs: list[tuple[tuple[Any, ...], dict[str, Any]]] = []

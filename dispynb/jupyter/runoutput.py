@@ -63,11 +63,11 @@ class _RunOutput(_RunState):
                     writer(
                         stream,
                         f"[dispynb] the output of further jobs is not shown here "
-                        f"({self._shown:,} characters shown); {self.ref}.df.stdout "
-                        "and .stderr have all of it\n",
+                        f"({self._shown:,} characters shown); "
+                        f"{self._reach('df.stdout')} and .stderr have all of it\n",
                     )
                 continue
-            where = f"{self.ref}.jobs[{index}].{stream}"
+            where = self._reach(f"jobs[{index}].{stream}")
             shown = _clip(text, label, where)
             self._shown += len(shown)
             writer(stream, shown)
@@ -88,6 +88,12 @@ class _RunOutput(_RunState):
                     f"{shown}\n{_missing_file_hint(job)}{own}"
                     f"{self._reentrant_hint(job)}",
                 )
+
+    def _reach(self, path: str) -> str:
+        """How the person reaches ``path`` of this run: ``r.failures``, or ``the
+        run's .failures`` when no variable of theirs is known to hold it (before,
+        ``run.failures``, which in a notebook could be another run)."""
+        return f"{self.ref}.{path}" if self.ref else f"the run's .{path}"
 
     def _reentrant_hint(self, job: DispyJob) -> str:
         """Once a run: a line saying that jobs lost with their node could run
@@ -123,7 +129,7 @@ class _RunOutput(_RunState):
                 writer(
                     "stderr",
                     f"{len(jobs)} jobs failed ({kind}), job {jobs[0].id} shown above; "
-                    f"see {self.ref}.failures or {self.ref}.df.exception\n",
+                    f"see {self._reach('failures')} or {self._reach('df.exception')}\n",
                 )
 
 

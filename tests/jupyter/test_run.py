@@ -168,6 +168,9 @@ def test_run_wait_prints_remote_output_and_first_traceback_of_each_kind(local, c
     assert err.count("Traceback (most recent call last)") == 1
     assert "ValueError: bad" in err
     assert "2 jobs failed (ValueError)" in err  # the second is counted, not repeated
+    # Not 'see run.failures': no variable is known to hold it (a notebook's
+    # run may be another run).
+    assert "see the run's .failures or the run's .df.exception" in err, err
     assert [run.jobs.index(job) for job in run.failures] == [1, 2]
     assert list(run.df["stdout"]) == ["out 0\n", "out 1\n", "out 2\n"]
 
