@@ -131,6 +131,8 @@ def friendly_errors(
                 message += "\n" + shown
         own = own_module_hint(message)
         if own:  # the nodes are fine: they lack a module of the person's
+            # (in %%dispy's words only: not also the node's "send it with depends")
+            message = message.replace(_NODE_MODULE_ADVICE, "")
             message, hint = f"{message}\n{own.rstrip()}", ""
         raise MagicError(f"{message}\n{hint}" if hint else message) from None
     finally:
@@ -139,6 +141,13 @@ def friendly_errors(
         for record in held.records:
             logging.getLogger(record.name).handle(record)
 
+
+#: A node's advice on a module it could not import (nodeserver/compute.py), which
+#: a cell gives in its own words when the module is the person's.
+_NODE_MODULE_ADVICE = (
+    " (is a module it needs missing on the node? install it there, or send it "
+    "with depends)"
+)
 
 #: Loggers that report unusable nodes, and how those messages start.
 _HELD_LOGGERS = ("dispynb.scheduler.driver", "dispynb.backends.nodes")

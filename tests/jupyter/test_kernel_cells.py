@@ -257,6 +257,9 @@ def test_a_module_beside_the_notebook_says_how_to_send_it(k):
         in out.text
     ), out.text
     assert "%dispy local" not in out.text, out.text  # the nodes are fine
+    # Said once, in %%dispy's words (before, the node's too: '(is a module it
+    # needs missing on the node? install it there, or send it with depends)').
+    assert "send it with depends" not in out.text, out.text
     k.run_ok(cell.format(" --depends \"['tools.py']\""))
     assert k.value("scaled.results") == [0, 10, 20]
     inside = "def g(x):\n    import jobtools\n    return jobtools.TEN * x"
