@@ -136,6 +136,9 @@ class SharedComputation(_JobFiles, _SentFiles):
         self.queue: collections.deque[QueuedJob] = collections.deque()
         self.running: dict[int, QueuedJob] = {}
         self.upstream: dict[str, Upstream] = {}
+        #: The wait before it is set up again on a node whose link to it ended while
+        #: the node stayed up (`_NodeLinks._relink_later`), doubling each time.
+        self.relink_delay: dict[str, float] = {}
         #: Nodes said to send messages about jobs they do not run (said once each).
         self.foreign_senders: set[str] = set()
         self.ready_sent = False

@@ -253,6 +253,7 @@ class _NodeLinks(_ServerState):
             reason = "internal error"
         finally:
             conn.close()
+            was_set_up = upstream.ready
             if upstream.closed:
                 reason = "closed"
             elif node.dead_reason:
@@ -261,7 +262,53 @@ class _NodeLinks(_ServerState):
                 reason = node.stopping
             comp.node_lost(upstream, reason)
             self._check_failed(comp)
+            if was_set_up:
+                self._relink_later(comp, upstream, reason)
             self.schedule()
+
+    def _relink_later(
+        self, comp: SharedComputation, ended: Upstream, reason: str
+    ) -> None:
+        """``comp``'s link to a node ended (``ended``, set up there) while the node
+        is up: its handler of it failed, a message on it was refused, something
+        between cut it. Set ``comp`` up there again after a backoff, as a
+        `JobCluster` reconnects to a node it lost: without, it would never use the
+        node again until the node's control connection went down and up."""
+        node = ended.node
+        if (
+            ended.closed
+            or comp.closing
+            or comp.released
+            or self.stopping
+            or not node.alive
+            or node.stopping
+            or node.dead_reason
+        ):
+            return
+        delay = comp.relink_delay.get(node.name, RECONNECT_FIRST)
+        comp.relink_delay[node.name] = min(delay * 2, RECONNECT_MAX)
+        logger.warning(
+            "%s: its link to node %s ended (%s); set up there again in %.1f s",
+            comp.name,
+            node.name,
+            reason,
+            delay,
+        )
+        self._spawn(self._relink(comp, ended, delay))
+
+    async def _relink(
+        self, comp: SharedComputation, ended: Upstream, delay: float
+    ) -> None:
+        await asyncio.sleep(delay)
+        node = ended.node
+        if (
+            comp.upstream.get(node.name) is ended  # not set up there since
+            and comp in self.computations
+            and not (comp.closing or comp.released or self.stopping)
+            and node.alive
+            and not (node.stopping or node.dead_reason)
+        ):
+            self._attach(comp, node)
 
     def _from_node(
         self,

@@ -3,6 +3,7 @@ threads or open file descriptors (sockets, pipes, files) after a test."""
 
 from __future__ import annotations
 
+import faulthandler
 import gc
 import glob
 import logging
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
+from dispynb._live import EXIT_WAIT, live_clusters
 from tests.ports import PortHolder, held_ports
 
 #: Seconds a test's threads and descriptors get to go away after it (a thread that
@@ -30,6 +32,18 @@ LEAK_GRACE = 5.0
 #: cluster left open; a module's shared cluster is made before the test and is not
 #: counted.
 ALLOWED_THREADS: tuple[str, ...] = ()
+
+
+#: Seconds pytest's process may take to exit once its session is over (exit hooks:
+#: a cluster still open waits for its jobs, as dispy's do). Past it, every thread's
+#: stack is printed (under "Timeout") and the process ends with status 1: a hang at
+#: exit is a failure shown, not a CI run that times out with nothing said.
+EXIT_WATCHDOG = float(os.environ.get("DISPYNB_TEST_EXIT_WATCHDOG", "120"))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    faulthandler.dump_traceback_later(EXIT_WATCHDOG, exit=True, file=sys.__stderr__)
 
 
 class _ErrorRecords(logging.Handler):
@@ -160,7 +174,20 @@ def _no_leaked_threads_or_fds(request: pytest.FixtureRequest) -> Iterator[None]:
     """
     threads_before = set(threading.enumerate())
     fds_before = _open_fds()
+    clusters_before = set(map(id, live_clusters()))
     yield
+    problems = []
+    # A cluster left open (a test that failed or timed out in its close) is
+    # terminated here: it would wait for its jobs at pytest's exit, for ever if no
+    # node is left, and its threads would count as the next tests' leaks.
+    clusters = [c for c in live_clusters() if id(c) not in clusters_before]
+    if clusters:
+        problems.append(
+            "clusters left open (terminated now): "
+            + ", ".join(repr(c.name) for c in clusters)
+        )
+    for cluster in clusters:
+        cluster._terminate(EXIT_WAIT)
     deadline = time.monotonic() + LEAK_GRACE
 
     def new_threads() -> list[threading.Thread]:
@@ -178,7 +205,6 @@ def _no_leaked_threads_or_fds(request: pytest.FixtureRequest) -> Iterator[None]:
     threads = new_threads()
     allow_engine = "allow_engine_sockets" in request.fixturenames
     fds = fds_left_open(fds_before, allow_engine, deadline)
-    problems = []
     if threads:
         problems.append(
             "threads left running: " + ", ".join(repr(t.name) for t in threads)
