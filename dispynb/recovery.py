@@ -281,6 +281,11 @@ def _recover(
                     )
                     journal.done(recovery_id, job_key, job)
                 else:
+                    # Sent to that node: Running, as dispy's job once sent (the
+                    # journal keeps no more; it stays so if still running at the
+                    # timeout).
+                    job.status = JobStatus.Running
+                    job.ip_addr = parse_address(node)[0]
                     waiting.setdefault(node, {})[job_key] = job
             for node, pending in waiting.items():
                 settled = runner.run_sync(

@@ -182,6 +182,29 @@ def test_recover_jobs_terminate_pending_terminates_the_jobs_still_running(tmp_pa
     assert set(statuses) <= {8, 9, 10}, jobs  # none left Running
 
 
+def test_recover_jobs_returns_the_jobs_still_running_at_timeout_running(tmp_path):
+    """A job sent to its node and not ended at the timeout comes back Running, on
+    that node, as the docstring says (and as dispy's status of a job sent): it
+    came back Created, no node named, as if it had never left the client."""
+    recover = RECOVER.replace("timeout=30", "timeout=1").replace(
+        "j.exception]", "j.exception, j.ip_addr]"
+    )
+    with running_node(tmp_path / "node", cpus=2) as node:
+        journal = kill_client_mid_run(
+            tmp_path, node, started=2, client_script=ENDLESS_CLIENT
+        )
+        done = recover_in_new_process(tmp_path, journal, node.secret, recover)
+        assert done.returncode == 0, done.stderr
+        # Done with them: the node's CPUs free for the next test.
+        ended = recover.replace("timeout=1", "timeout=0, terminate_pending=True")
+        recover_in_new_process(tmp_path, journal, node.secret, ended)
+    jobs = json.loads(done.stdout)
+    running = [job for job in jobs if job[2] == dispynb.DispyJob.Running]
+    assert len(running) >= 2, jobs  # at least the two that run
+    assert all(job[5] == "127.0.0.1" for job in running), running
+    assert {job[2] for job in jobs} <= {6, 10}, jobs  # or never sent: Abandoned
+
+
 def test_recover_jobs_from_a_running_loop_as_in_a_notebook_cell(tmp_path):
     """recover_jobs runs on dispynb's one I/O loop, so a caller's running loop (a
     notebook cell's) does not stop it (asyncio.run would refuse to start)."""
