@@ -545,6 +545,8 @@ class ResultKeeper:
         for entry in kept:
             self._write_pending(entry)  # its client may be connected still
             spool, owner = entry.spool, entry.owner
+            if spool is not None:
+                ResultSpool.report_failures(spool, "the node stops")
             if spool is not None and owner is not None and spool.expires is None:
                 spool.expires = now + spool.keep
                 owner.write_meta(spool)

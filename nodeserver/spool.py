@@ -61,6 +61,10 @@ class SpoolDir:
     files: list[tuple[str, int]] = dataclasses.field(default_factory=list)
     full_warned: bool = False
     dropped: int = 0
+    #: Results that failed to be written since the last that was (`write`).
+    failed: int = 0
+    #: Why the first of them failed.
+    failure: str = ""
 
     @property
     def size(self) -> int:
@@ -167,8 +171,24 @@ class ResultSpool:
             parts = [MAGIC, _HEADER_SIZE.pack(len(header)), header, *buffers]
             self._write_file(path, parts)
         except OSError as exc:
-            logger.warning("cannot spool a kept result to %s: %s", spool.path, exc)
+            spool.failed += 1
+            if spool.failed == 1:  # then counted: a full disk fails every result
+                spool.failure = str(exc)
+                logger.warning(
+                    "cannot spool a kept result of computation %s to %s: %s (results "
+                    "of it that fail so are counted, not logged each)",
+                    spool.name,
+                    spool.path,
+                    exc,
+                )
+            else:
+                logger.debug(
+                    "cannot spool a kept result of computation %s (counted): %s",
+                    spool.name,
+                    exc,
+                )
             return False
+        self.report_failures(spool, "spooling works again")
         spool.files.append((path, size))
         self.used += size
         self._schedule_sync()
@@ -245,8 +265,23 @@ class ResultSpool:
                 kept.append((path, size))
         spool.files = kept
 
+    @staticmethod
+    def report_failures(spool: SpoolDir, now: str) -> None:
+        """Log how many results of ``spool`` failed to be written since the last
+        that was, if any (``now``: what ends the count), and start again."""
+        if spool.failed:
+            logger.info(
+                "%d results of computation %s could not be spooled (the first: %s); %s",
+                spool.failed,
+                spool.name,
+                spool.failure,
+                now,
+            )
+            spool.failed = 0
+
     def remove(self, spool: SpoolDir) -> None:
         """Delete a spool directory and its results."""
+        self.report_failures(spool, "its results are gone")
         self.used -= spool.size
         spool.files.clear()
         shutil.rmtree(spool.path, ignore_errors=True)

@@ -69,8 +69,9 @@ def _removed(path: Path) -> bool:
     return not path.exists()
 
 
-def tmpfs_node(directory: Path, size: str, cpus: int = 1) -> CliNode:
-    """A node whose --dest-path is a tmpfs of ``size`` of its own."""
+def tmpfs_node(directory: Path, size: str, *args: str, cpus: int = 1) -> CliNode:
+    """A node whose --dest-path is a tmpfs of ``size`` of its own (``args``: more
+    options)."""
     if os.geteuid() != 0 or shutil.which("unshare") is None:
         pytest.skip("a tmpfs in a mount namespace needs root and unshare")
     dest = directory / "dest"
@@ -79,7 +80,7 @@ def tmpfs_node(directory: Path, size: str, cpus: int = 1) -> CliNode:
         "unshare", "-m", "--propagation", "private", "sh", "-c",
         f'mount -t tmpfs -o size={size},mode=0700 tmpfs "{dest}" && exec "$@"', "sh",
     ]  # fmt: skip
-    return start_node(directory, cpus=cpus, launcher=launcher)
+    return start_node(directory, *args, cpus=cpus, launcher=launcher)
 
 
 def fill(node: CliNode, directory: Path) -> None:
@@ -152,7 +153,8 @@ def test_results_a_full_disk_cannot_keep_are_recovered_as_lost_saying_why(tmp_pa
     (tmp_path / "client.py").write_text(CLIENT)
     (tmp_path / "recover.py").write_text(RECOVER)
     journal, go = tmp_path / "journal.db", tmp_path / "go"
-    node = tmpfs_node(tmp_path / "node", "1M", cpus=2)
+    # At debug level: a result not spooled after the first is a line there.
+    node = tmpfs_node(tmp_path / "node", "1M", "--loglevel", "debug", cpus=2)
     try:
         client = subprocess.Popen(
             [sys.executable, "client.py", node.spec, node.secret, str(journal),
