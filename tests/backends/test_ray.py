@@ -9,11 +9,13 @@ as a user would.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import subprocess
 import sys
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -598,6 +600,48 @@ def test_executor_on_ray(engine: RayEngine) -> None:
         future = executor.submit(fails, 3)
         with pytest.raises(Exception, match="bad input 3"):
             future.result(timeout=WAIT)
+
+
+async def twice(x: int) -> int:
+    await asyncio.sleep(0)
+    return 2 * x
+
+
+def say_in_init(word: str) -> None:
+    warnings.warn(f"init {word}", stacklevel=1)
+
+
+def test_executor_on_ray_runs_async_functions_and_shows_its_initializers_warnings(
+    engine: RayEngine, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As on dispynb's nodes: an async def function's coroutine runs to its end,
+    and the initializer's warning is written here with the first call of each
+    actor, naming this file and line."""
+    line = say_in_init.__code__.co_firstlineno + 1
+    with dispynb.Executor(
+        engine=engine, initializer=say_in_init, initargs=("ray",)
+    ) as executor:
+        assert executor.submit(twice, 4).result(timeout=WAIT) == 8
+        assert list(executor.map(twice, range(4))) == [0, 2, 4, 6]
+    err = capsys.readouterr().err
+    assert f"{__file__}:{line}: UserWarning: init ray\n" in err, err
+    assert "<dynamic-code>" not in err, err
+
+
+def total(values: Any) -> int:
+    return sum(values)
+
+
+def test_ray_put_handles_are_jobs_arguments_as_put_says(engine: RayEngine) -> None:
+    """``put`` is refused on Ray saying to pass ``ray.put``'s handle as an
+    argument instead: doing so gives the job the object."""
+    import ray
+
+    with JobCluster(total, engine=engine) as cluster:
+        with pytest.raises(NotSupportedError, match=r"ray\.put\(obj\)"):
+            cluster.put([1, 2, 3])
+        job = cluster.submit(ray.put(list(range(100))))
+        assert job() == 4950, job.exception
 
 
 def test_what_ray_cannot_do_is_one_clear_error(engine: RayEngine) -> None:
