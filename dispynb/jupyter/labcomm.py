@@ -639,7 +639,15 @@ def _magics_session() -> dict[str, Any]:
         if session is None or session.nodes is None:
             return {"kind": "", "nodes": []}
         kind = "local" if session.local is not None else "nodes"
-        return {"kind": kind, "nodes": [a for _, a, _ in session.known_nodes()]}
+        # A local node that exited is said so: the next cell will not run on it.
+        exited = session.exited_nodes()
+        return {
+            "kind": kind,
+            "nodes": [
+                f"{a} (exited)" if a in exited else a
+                for _, a, _ in session.known_nodes()
+            ],
+        }
     except Exception as exc:  # a half-closed session: show nothing rather than fail
         logger.debug("dispynb panel: no %%dispy session (%s)", exc)
         return {"kind": "", "nodes": []}

@@ -32,10 +32,14 @@ class _SessionNodes:
 
     def rows(self) -> list[Any]:
         """The panel's rows, local nodes whose process exited marked gone."""
-        if self.local is not None and self.nodes is self.local:
-            exited = [item.split(" ", 1)[0] for item in self.local.exited()]
-            self.panel.table.mark_gone(exited)
+        self.panel.table.mark_gone(sorted(self.exited_nodes()))
         return self.panel.rows()
+
+    def exited_nodes(self) -> set[str]:
+        """``"host:port"`` of the nodes this session started whose process exited."""
+        if self.local is None or self.nodes is not self.local:
+            return set()
+        return {item.split(" ", 1)[0] for item in self.local.exited()}
 
     def known_nodes(self) -> list[tuple[str, str, str]]:
         """``(host, "host:port", name)`` of each node in use (name "" if unknown)."""

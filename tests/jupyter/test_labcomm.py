@@ -25,6 +25,7 @@ from dispynb.job import JobStatus
 from dispynb.jupyter import labcomm
 from dispynb.jupyter.labcomm import ClusterTracker, Discovered, LabLink, discover
 from dispynb.protocol.discovery import Announce, Ping, decode, encode, new_boot_id
+from tests import jobs
 from tests.jupyter.helpers import wait_then_return
 
 INTERVAL = 0.05
@@ -733,3 +734,36 @@ def test_the_nodes_a_closing_cluster_releases_are_not_lost(local: LocalCluster) 
     finally:
         cluster.close()
         tracker.close()
+
+
+def test_the_panel_says_which_local_node_of_dispy_local_exited() -> None:
+    """One of two ``%dispy local`` nodes killed: the panel's header still said
+    '%dispy uses local nodes A, B' while the next cell refused to run ('1 of the
+    2 local nodes has exited'). It now marks the node that exited."""
+    import os
+    import signal
+
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.utils.capture import capture_output
+    from traitlets.config import Config
+
+    config = Config()
+    config.HistoryManager.hist_file = ":memory:"
+    shell = InteractiveShell.instance(config=config)
+    shell.run_line_magic("load_ext", "dispynb")
+    try:
+        with capture_output():
+            shell.run_line_magic("dispy", "local --nodes 2 --cpus 1")
+        local = shell.magics_manager.registry["DispyMagics"].session.local
+        first, second = (f"{host}:{port}" for host, port in local.addresses)
+        assert labcomm._magics_session() == {"kind": "local", "nodes": [first, second]}
+        os.kill(local.pids[1], signal.SIGKILL)
+        jobs.wait_until(lambda: local.exited() != [])
+        assert labcomm._magics_session() == {
+            "kind": "local",
+            "nodes": [first, f"{second} (exited)"],
+        }
+    finally:
+        with capture_output():
+            shell.run_line_magic("dispy", "close")
+        shell.run_line_magic("unload_ext", "dispynb")
