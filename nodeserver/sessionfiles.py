@@ -178,7 +178,9 @@ class _SessionFiles(_SessionState):
                 refused = self._refused_files.get(message.digest)
                 if refused is not None:
                     raise ProtocolError(refused)
-                self.server.store.place(message.digest, computation.path, path)
+                self.server.store.place(
+                    message.digest, computation.path, path, message.executable
+                )
             except (ProtocolError, OSError) as exc:
                 error = str(exc)
         self.outbox.write(

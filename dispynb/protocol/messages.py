@@ -590,6 +590,8 @@ class FilePlace(WireMessage):
     request: int
     path: str
     digest: str
+    #: A program: kept executable (a node that predates it ignores it).
+    executable: bool = False
 
 
 @message("file-placed")

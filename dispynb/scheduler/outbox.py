@@ -196,6 +196,7 @@ class DriverOutbox:
                     request=request,
                     path=ref.relative,
                     digest=ref.digest,
+                    executable=ref.executable,
                 ),
             )
             async with asyncio.timeout(CLOSE_TIMEOUT):

@@ -63,6 +63,18 @@ def test_an_executable_in_depends_stays_executable_and_a_file_does_not(local, wo
     assert "PermissionError" in modes.exception, modes.exception
 
 
+def test_an_executable_sent_with_send_file_stays_executable(local, workdir):
+    """``cluster.send_file`` keeps a program executable on the node too."""
+    tool = workdir / "later.sh"
+    tool.write_text("#!/bin/sh\necho sent later\n")
+    tool.chmod(0o700)
+    with JobCluster(run_tool, nodes=local) as cluster:
+        assert cluster.send_file("later.sh", cluster.status().nodes[0]) == 0
+        job = cluster.submit("later.sh")
+        assert job.wait(timeout=WAIT)
+    assert job.result == "sent later\n", job.exception
+
+
 def test_depends_module_is_importable_on_node(local, workdir, monkeypatch):
     (workdir / "shapes_dep.py").write_text("def area(w, h):\n    return w * h\n")
     monkeypatch.syspath_prepend(str(workdir))

@@ -265,8 +265,9 @@ METHODS = [
     Name("set_node_cpus", differs=_SCHEDULER_CHOOSES),
     Name(
         "send_file",
-        differs="The file arrives as ``depends``' files do: readable, not "
-        "executable, dated 2000-01-01 (dispy kept its mode and times).",
+        differs="The file arrives as ``depends``' files do: a program stays "
+        "executable, the others readable, not executable, dated 2000-01-01 (dispy "
+        "kept the times too).",
     ),
     Name("name", extra={"instance": "1"}),
     Name("status"),
