@@ -6,7 +6,9 @@ JupyterLab shows a finished cell's late output in that cell. An ``Executor.map``
 in a notebook follows its jobs with `MapOutput`: each job's output is written as
 the job ends, in the context of the cell that called ``map``, even if the map is
 never iterated (before, it was written only as the iteration reached the job, in
-the cell that iterated, and never for ``executor.map(save, items)``).
+the cell that iterated, and never for ``executor.map(save, items)``). A
+``submit``'s future writes its job's output in the context of the cell that
+called ``submit`` (`cell_context`): it went to the cell that made the executor.
 
 Imports no IPython (the core may not import `dispynb.jupyter`): the executor uses
 it whenever ipykernel is loaded.
@@ -25,12 +27,19 @@ from dispynb._interruptible import start_thread
 if TYPE_CHECKING:
     from dispynb.job import DispyJob
 
-__all__ = ["MapOutput", "in_kernel"]
+__all__ = ["MapOutput", "cell_context", "in_kernel"]
 
 
 def in_kernel() -> bool:
     """Whether this process is a Jupyter kernel (ipykernel's streams are in use)."""
     return "ipykernel" in sys.modules and hasattr(sys.stdout, "parent_header")
+
+
+def cell_context() -> contextvars.Context | None:
+    """In a kernel, the calling cell's context, to write a job's output in later
+    (``context.run(echo, job)``) from whichever thread sees the job end: there
+    it went to the cell that had started that thread. None outside a kernel."""
+    return contextvars.copy_context() if in_kernel() else None
 
 
 class MapOutput:

@@ -43,6 +43,7 @@ import cloudpickle
 
 from dispynb._interruptible import Flag, start_thread
 from dispynb.captures import check_shippable
+from dispynb.celloutput import MapOutput, cell_context, in_kernel
 from dispynb.errors import DispynbError, RemoteError, SerializationError
 from dispynb.executorfailures import (
     Args,
@@ -62,7 +63,6 @@ from dispynb.tracebacks import DYNAMIC_CODE, LazySourceMap, explain_missing_modu
 
 if TYPE_CHECKING:
     from dispynb.backends.base import Engine
-    from dispynb.celloutput import MapOutput
     from dispynb.cluster import ClusterFactory
     from dispynb.local import LocalCluster
 
@@ -278,10 +278,16 @@ class _CallsFuture(JobFuture):
         self._mem_limit = mem_limit
         self._allowed = allowed
         self._batch = batch  # what the call returns the values of (`_submit_call`)
+        # In a notebook, the output goes to the cell that called submit.
+        self._cell = cell_context()
 
     def _settle(self) -> None:
         job = self.job
-        _echo(job, self._sources)  # before the result: a waiting caller reads it first
+        # Before the result: a waiting caller reads it first.
+        if self._cell is None:
+            _echo(job, self._sources)
+        else:
+            self._cell.run(_echo, job, self._sources)
         if job.status == job.Finished:
             values, failures = job.result
             if failures:
@@ -759,10 +765,6 @@ def _cell_output(
     """In a notebook, a map's output is written as each job ends, in the cell that
     called ``map`` (even if it is never iterated: `dispynb.celloutput`);
     elsewhere (None) as the iteration reaches each job."""
-    if "ipykernel" not in sys.modules:
-        return None
-    from dispynb.celloutput import MapOutput, in_kernel
-
     if not in_kernel():
         return None
     return MapOutput.follow(jobs, functools.partial(_echo, sources=sources))

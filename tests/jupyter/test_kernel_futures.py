@@ -156,3 +156,36 @@ def test_a_map_never_iterated_prints_in_the_cell_that_called_it(tmp_path):
             assert out.stdout == "reported 7\nreported 8\n", out.stdout
         finally:
             k.run_ok("executor.shutdown(); local.close()")
+
+
+def test_a_submits_output_shows_in_the_cell_that_called_submit(tmp_path):
+    """``future = executor.submit(report, 1)`` in one cell, its job ending as the
+    next cell runs: what the call printed went to the cell that had made the
+    executor (its I/O thread's); it now goes to the cell that called submit."""
+    with kernel(tmp_path) as k:
+        k.run_ok(
+            "import os, time\n"
+            "from dispynb import Executor, LocalCluster\n"
+            "local = LocalCluster(cpus=1)\n"
+            "executor = Executor(nodes=local)\n"
+            "def report(x, gate):\n"
+            "    deadline = time.monotonic() + 60\n"
+            "    while not os.path.exists(gate) and time.monotonic() < deadline:\n"
+            "        time.sleep(0.02)\n"
+            "    print('reported', x)\n"
+            "    return x"
+        )
+        gate = str(tmp_path / "gate")
+        try:
+            submitted = k.submit(f"future = executor.submit(report, 1, {gate!r})")
+            printed = k.collect(submitted).stdout
+            # The job ends while this cell runs: its output is not this cell's.
+            waiting = k.submit(f"open({gate!r}, 'w').close()\nfuture.result(60)")
+            streams = _streams_until(
+                k, waiting, lambda p: "reported" in printed + p.get(submitted, "")
+            )
+            printed += streams.pop(submitted, "")
+            assert printed == "reported 1\n", (printed, streams)
+            assert not any("reported" in text for text in streams.values()), streams
+        finally:
+            k.run_ok("executor.shutdown(); local.close()")
