@@ -9,6 +9,7 @@ import logging
 import os
 import secrets
 import sqlite3
+import stat
 import sys
 import threading
 import time
@@ -250,12 +251,29 @@ def _where(exc: BaseException) -> str:
 
 def latest_recover_file(directory: str = ".") -> str | None:
     """The newest default recovery file in ``directory`` (what dispy's
-    ``recover_jobs()`` opens), or None."""
-    names = [
-        name
-        for name in glob.glob(
-            os.path.join(glob.escape(directory), DEFAULT_PREFIX + "*")
+    ``recover_jobs()`` opens), or None.
+
+    Only the user's own regular files count: in a directory others can write to,
+    one of theirs named as a newer one (``_dispy_99999999999999_1``) was taken,
+    and refused, instead of the user's; a symlink of theirs made ``recover_jobs``
+    recover another of the user's journals. Those skipped are logged."""
+    names, skipped = [], []
+    for name in glob.glob(os.path.join(glob.escape(directory), DEFAULT_PREFIX + "*")):
+        if name.endswith(("-wal", "-shm", "-journal")):
+            continue
+        try:
+            info = os.lstat(name)
+        except OSError:
+            continue  # removed meanwhile
+        if stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid():
+            names.append(name)
+        else:
+            skipped.append(os.path.basename(name))
+    if skipped:
+        logger.warning(
+            "recover_jobs: skipped %s in %s, not regular files of yours (another "
+            "user's, or symlinks: someone who can write there may have put them)",
+            ", ".join(sorted(skipped)[:5]) + (" ..." if len(skipped) > 5 else ""),
+            os.path.abspath(directory),
         )
-        if not name.endswith(("-wal", "-shm", "-journal"))
-    ]
     return max(names, key=os.path.basename) if names else None

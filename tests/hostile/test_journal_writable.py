@@ -71,14 +71,14 @@ def shared_dir() -> Iterator[Path]:
         shutil.rmtree(directory)
 
 
-def _finished_journal(path: Path) -> None:
-    """A crashed client's journal of one finished job (its result: 42)."""
+def _finished_journal(path: Path, result: int = 42) -> None:
+    """A crashed client's journal of one finished job (its ``result``)."""
     journal = Journal(str(path))
     journal.computation(RID, "compute")
     journal.node(RID, "127.0.0.1:1")
     job = DispyJob("job", (1,), {})
     journal.submitted(RID, 1, job)
-    job._complete(JobStatus.Finished, result=42)
+    job._complete(JobStatus.Finished, result=result)
     journal.done(RID, 1, job)
     journal.close(remove=False)
 
@@ -144,3 +144,40 @@ def test_a_journal_writable_by_the_users_own_group_only_is_recovered(shared_dir)
         assert [job.result for _key, job, _node in journal.jobs(RID)] == [42]
     finally:
         journal.close()
+
+
+@pytest.mark.attack(
+    id="planted-default-journal",
+    title="In a directory others can write to, another user plants a newer "
+    "_dispy_* file of theirs, and a symlink named as a newer one to an older "
+    "journal of the victim's, before the victim calls recover_jobs()",
+    goal="recover_jobs() recovers the victim's newest own journal, naming the files "
+    "it skipped (was: it took the newest name: the symlink, recovering the older "
+    "journal; or their file, refused)",
+)
+@pytest.mark.timeout(60)
+def test_recover_jobs_skips_default_files_others_planted(
+    measure, shared_dir, monkeypatch, caplog
+):
+    old = shared_dir / "elsewhere" / "_dispy_20200101000000_1"
+    old.parent.mkdir()
+    _finished_journal(old, result=41)  # the victim's, of another computation
+    own = shared_dir / "_dispy_20261207000000_1"
+    _finished_journal(own)
+    planted = [shared_dir / "_dispy_99999999999999_1", shared_dir / "_dispy_9999_2"]
+    subprocess.run(
+        [*AS_NOBODY_ONLY, "/usr/bin/python3", "-c",
+         "import sys; open(sys.argv[1], 'wb').write(b'theirs')", str(planted[0])],
+        check=True, timeout=30,
+    )  # fmt: skip
+    planted[1].symlink_to(old)
+    monkeypatch.chdir(shared_dir)
+    try:
+        jobs = dispynb.recover_jobs(timeout=5)
+        outcome = f"recovered {[job.result for job in jobs]}"
+    except ConfigurationError as exc:
+        jobs, outcome = [], f"refused: {str(exc)[:80]}"
+    skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    measure(f"{outcome}; {len(skipped)} warning naming the planted files")
+    assert [job.result for job in jobs] == [42]
+    assert len(skipped) == 1 and all(path.name in skipped[0] for path in planted)
