@@ -93,3 +93,38 @@ def test_stopping_the_pages_unit_lets_a_running_job_finish(tmp_path: Path) -> No
         assert job.result == 7, job.exception
         assert job.status == DispyJob.Finished
         assert node.proc.wait(float(service["TimeoutStopSec"])) == 0
+
+
+def test_the_pages_unit_restarts_what_may_pass_not_a_setting_that_cannot_work(
+    tmp_path: Path,
+) -> None:
+    """With ``Restart=on-failure`` alone, a node whose secret file is missing (exit
+    2) was restarted every 5 s for ever, its one error line buried in the journal;
+    an address not up yet at boot (exit 1) is what the restarts are for."""
+    from tests.nodeproc import NODE_WAIT, node_command, node_env
+
+    service = _service()
+    assert service["Restart"] == "on-failure"
+    prevented = service.get("RestartPreventExitStatus", "").split()
+
+    def exit_status(*args: str) -> int:
+        return subprocess.run(
+            node_command(*args, "--dest-path", str(tmp_path / "dest")),
+            env=node_env(),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=NODE_WAIT,
+        ).returncode
+
+    setting = exit_status("--secret-file", str(tmp_path / "missing"))
+    secret = tmp_path / "secret"
+    secret.write_text("a-secret-long-enough-for-a-network-address-0123456789\n")
+    secret.chmod(0o600)
+    # TEST-NET-1: on no interface here (bind sends nothing), as before the network
+    # is up at boot.
+    transient = exit_status(
+        "-i", "192.0.2.1", "--no-discovery", "--secret-file", str(secret)
+    )  # fmt: skip
+    assert (setting, transient) == (2, 1)
+    assert str(setting) in prevented, service.get("RestartPreventExitStatus")
+    assert str(transient) not in prevented
