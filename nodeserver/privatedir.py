@@ -14,6 +14,7 @@ is made private (mode 0700), once nothing in it belongs to another user.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import pwd
@@ -25,12 +26,28 @@ __all__ = ["private_dir"]
 
 logger = logging.getLogger(__name__)
 
+#: Why a directory cannot be made where a setting says: none of them passes.
+_NOT_MADE_HERE = frozenset(
+    {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST, errno.EROFS, errno.ENOENT}
+)
+
 
 def private_dir(path: str, option: str = "--dest-path") -> None:
     """Make directory ``path`` (mode 0700) if it is missing; raise
     `ConfigurationError` saying why and what to do if another user could change it
-    (``option`` names the setting that chose it)."""
-    os.makedirs(path, mode=0o700, exist_ok=True)
+    (``option`` names the setting that chose it), or if it cannot be made there."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        if exc.errno not in _NOT_MADE_HERE:
+            raise  # a full disk, say: may pass
+        # A setting that cannot work (exit 2: a service is not restarted for it),
+        # said with its option, not as the OS's words alone.
+        raise ConfigurationError(
+            f"{option} {path}: cannot make this directory ({exc.strerror}"
+            f"{'' if exc.filename in (None, path) else f': {exc.filename}'}): give "
+            f"{option} a directory this user may create and write"
+        ) from None
     path = os.path.abspath(path)
     # The directory checked is the one changed: by its descriptor, not its name
     # (which may be made to lead elsewhere meanwhile).

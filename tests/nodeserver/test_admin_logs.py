@@ -192,3 +192,24 @@ def test_jobs_killed_by_the_stop_signal_are_not_logged_as_drained(tmp_path):
     assert "draining" in log
     assert "2 running jobs were killed by the stop signal, not drained" in log, log
     assert "set KillMode=mixed" not in log  # not a systemd unit
+
+
+def test_a_dest_path_that_cannot_be_made_is_named_as_a_setting(tmp_path):
+    """``--dest-path`` where no directory can be made (under a file, here; a
+    read-only or another user's place alike) stopped the node with the OS's words
+    alone and exit 1, which a service restarts for ever: 'cannot start: [Errno 20]
+    Not a directory: ...'. It names the option, and exits 2."""
+    (tmp_path / "file").write_text("")
+    dest = tmp_path / "file" / "dest"
+    done = subprocess.run(
+        node_command("--dest-path", str(dest), "--port", "0"),
+        env=node_env(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=NODE_WAIT,
+    )
+    assert done.returncode == 2, done.stderr
+    assert f"dispynb-node: --dest-path {dest}: cannot make this directory (Not a " in (
+        done.stderr
+    ), done.stderr
