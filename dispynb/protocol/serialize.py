@@ -167,10 +167,16 @@ def unpicklable_result(result: Any, exc: Exception) -> str:
         "return what it is made from instead (a list, not a generator; a file's "
         "path, not the open file)"
     )
-    if isinstance(culprit, types.CoroutineType | types.AsyncGeneratorType):
+    if isinstance(culprit, types.CoroutineType):
         instead = (
             "it comes from calling an async function: submit a function that runs "
             "it where it is made (return asyncio.run(...))"
+        )
+    elif isinstance(culprit, types.AsyncGeneratorType):  # asyncio.run refuses it
+        instead = (
+            "it comes from calling an async generator function: return a list of "
+            "what it yields instead (in an async def: return [x async for x in "
+            "...], run with asyncio.run)"
         )
     return (
         f"result of type {kind!r} cannot be pickled{where}: "

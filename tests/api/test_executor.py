@@ -171,6 +171,22 @@ async def sleep_async(seconds: float) -> None:
     await asyncio.sleep(seconds)
 
 
+async def count_async(n: int):
+    for i in range(n):
+        yield i
+
+
+def test_an_async_generator_says_to_return_a_list_of_what_it_yields(executor):
+    """As a generator's: it cannot be sent back, and the advice fits it (it said
+    to return asyncio.run(...) of it, which refuses an async generator)."""
+    with pytest.raises(RemoteError) as info:
+        executor.submit(count_async, 2).result(WAIT)
+    said = str(info.value)
+    assert "'async_generator' that cannot be pickled" in said, said
+    assert "return [x async for x in ...], run with asyncio.run)" in said, said
+    assert "return asyncio.run(...))" not in said, said
+
+
 def test_job_timeout_stops_an_async_call(local):
     """The node's interrupt ends the event loop's run: the call is terminated
     as a plain function's is."""
