@@ -96,14 +96,15 @@ class UsersFile:
             )
         if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
             raise ConfigurationError(
-                f"{self.path} is readable or writable by others: it holds every "
-                f"user's credential; run chmod 600 {self.path}"
+                f"users file {self.path} is readable or writable by others (mode "
+                f"{stat.S_IMODE(info.st_mode):04o}): it holds every user's "
+                f"credential; run chmod 600 {self.path}"
             )
         foreign = foreign_owner(info)
         if foreign:
             raise ConfigurationError(
-                f"{self.path} belongs to {foreign}, not to the scheduler's user or "
-                "root: its owner can add users to it; chown it"
+                f"users file {self.path} belongs to {foreign}, not to the "
+                "scheduler's user or root: its owner can add users to it; chown it"
             )
         users: dict[str, bytes] = {}
         for number, line in enumerate(handle.read().splitlines(), 1):

@@ -140,11 +140,18 @@ def test_a_node_secret_beginning_with_a_dash_is_refused_saying_how_to_give_it(
 
 @pytest.mark.usefixtures("users")
 def test_users_file_readable_by_others_is_refused(tmp_path: Path) -> None:
+    """The line names the file as the users file, and its mode: the file is
+    often called ``users``, and 'users is readable' read as a sentence about
+    users."""
     (tmp_path / "users").chmod(0o644)
     done = scheduler_cli(
         "-n", "127.0.0.1:1", "-p", "0", "--users", str(tmp_path / "users")
     )
     assert done.returncode == 2 and "chmod 600" in done.stderr
+    assert (
+        f"dispynb-scheduler: users file {tmp_path / 'users'} is readable or writable "
+        "by others (mode 0644)" in done.stderr
+    ), done.stderr
 
 
 def test_zombie_interval_is_in_minutes_with_fractions_and_must_be_positive(
