@@ -222,3 +222,36 @@ def test_a_self_contained_sample_runs(sample: str, tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_nodes_of_a_scheduler_are_started_to_wait_for_it() -> None:
+    """schedserver/README.md started each node of a scheduler with ``--register
+    HOST:9714``, a launcher's option: such a node stops if it cannot register within
+    30 s, so lab machines booted before the scheduler lost their nodes for good.
+    Every node command the pages give for a scheduler's registration port waits
+    (``--scheduler_host``, as the node's main gives no patience limit)."""
+    import shlex
+
+    from dispynb.defaults import SCHEDULER_REGISTER_PORT
+    from nodeserver.parser import parse_args
+
+    found = []
+    for page in PAGES:
+        for block in _blocks(page.read_text(encoding="utf-8"), "sh"):
+            for line in block.replace("\\\n", " ").splitlines():
+                words = shlex.split(line, comments=True)
+                if "dispynb-node" not in words:
+                    continue
+                argv = [  # a shell variable ($SLURM_CPUS_PER_TASK): a number
+                    "1" if word.startswith("$") else word
+                    for word in words[words.index("dispynb-node") + 1 :]
+                ]
+                args = parse_args(argv)
+                if args.register and args.register.endswith(
+                    f":{SCHEDULER_REGISTER_PORT}"
+                ):
+                    found.append((page.name, line.strip(), bool(args.scheduler_host)))
+    assert found, "no node of a scheduler in the pages"
+    assert all(waits for _page, _line, waits in found), [
+        (page, line) for page, line, waits in found if not waits
+    ]
