@@ -99,11 +99,16 @@ def link_inside(base: str, relative: str, source: str) -> str:
 
 def _copy_to(source: str, tmp: str, parent: int) -> None:
     """Copy ``source`` to a new file ``tmp`` in directory ``parent``, a piece at a
-    time (a file of any size costs no memory)."""
+    time (a file of any size costs no memory), with its mode and times, as a link
+    would share them (a program stays executable)."""
     fd = os.open(tmp, _CREATE_FLAGS, 0o600, dir_fd=parent)
     try:
         with open(source, "rb") as src, os.fdopen(fd, "wb") as dst:
             shutil.copyfileobj(src, dst, _COPY_CHUNK)
+            dst.flush()
+            info = os.fstat(src.fileno())
+            os.fchmod(dst.fileno(), stat.S_IMODE(info.st_mode) & 0o777)
+            os.utime(dst.fileno(), ns=(info.st_atime_ns, info.st_mtime_ns))
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp, dir_fd=parent)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import tempfile
 import tracemalloc
 
@@ -234,3 +235,23 @@ def test_a_file_that_cannot_be_linked_is_copied_a_piece_at_a_time(tmp_path):
     assert peak < 4 << 20, peak
     assert os.stat(path).st_mode & 0o777 == 0o600
     assert os.listdir(tmp_path / "data") == ["big.bin"]
+
+
+def test_a_copy_made_for_want_of_a_link_keeps_the_files_mode_and_times(tmp_path):
+    """A program placed where it cannot be linked (another file system, EMLINK)
+    stays executable, as its link would: the copy was made 0600, so a depends
+    program sent executable failed with PermissionError there."""
+    if os.stat("/dev/shm").st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm on a file system of its own")
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as store:
+        source = os.path.join(store, "tool.sh")
+        with open(source, "w") as handle:
+            handle.write("#!/bin/sh\necho ran\n")
+        os.chmod(source, 0o755)
+        os.utime(source, (946684800, 946684800))  # the store's 2000-01-01
+        path = link_inside(str(tmp_path), "bin/tool.sh", source)
+        assert os.stat(path).st_ino != os.stat(source).st_ino  # a copy
+        assert os.stat(path).st_mode & 0o777 == 0o755
+        assert os.stat(path).st_mtime == 946684800
+        ran = subprocess.run([path], capture_output=True, text=True, timeout=30)
+    assert ran.stdout == "ran\n", ran.stderr
