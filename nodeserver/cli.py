@@ -23,7 +23,7 @@ from dispynb.daemon import (
     setup_logging,
     stop_signals,
 )
-from dispynb.errors import ConfigurationError, DispynbError
+from dispynb.errors import AuthenticationError, ConfigurationError, DispynbError
 from dispynb.protocol.discovery import new_boot_id
 from dispynb.protocol.framing import large_frames_taken, release_spares
 from dispynb.secret import (
@@ -367,6 +367,7 @@ async def serve(
     register_to: str | None = None,
     launcher: Launcher = PROCESS_LAUNCHER,
     register_patience: float | None = REGISTER_PATIENCE,
+    failed: list[DispynbError] | None = None,
 ) -> bool:
     """Run a node until SIGTERM or SIGINT (or its parent exits), then stop cleanly;
     return whether it stopped because its parent exited.
@@ -380,7 +381,8 @@ async def serve(
     for ``--scheduler_host``); once registered it keeps itself known to the client
     (`keep_registered`: a restarted scheduler finds it again). With
     ``config.exit_without_client`` it drains and stops once no client has been
-    connected for that many seconds (its launcher's client died).
+    connected for that many seconds (its launcher's client died). A registration
+    that failed (rejected, or no answer in time) is appended to ``failed``.
     """
     server = NodeServer(config, launcher)
     stop = asyncio.Event()
@@ -435,7 +437,14 @@ async def serve(
         tasks.append(
             asyncio.create_task(
                 _register(
-                    server, config, register_to, stop, ready, boot, register_patience
+                    server,
+                    config,
+                    register_to,
+                    stop,
+                    ready,
+                    boot,
+                    register_patience,
+                    [] if failed is None else failed,
                 )
             )
         )
@@ -470,6 +479,8 @@ async def serve(
             if orphaned.is_set()
             else "a job called dispynode_shutdown()"
             if server.shutdown_requested.is_set()
+            else "it could not register"
+            if failed
             else ""
         )
         # Which signal, as the scheduler says: systemd's stop, SLURM's, a Ctrl-C.
@@ -525,9 +536,11 @@ async def _register(
     registered: asyncio.Event,
     boot: bytes,
     patience: float | None,
+    failed: list[DispynbError],
 ) -> None:
     """Register with the client at ``address`` (stop if it rejects the node, or
-    does not answer within ``patience`` seconds), then keep registered for ever."""
+    does not answer within ``patience`` seconds: the error goes to ``failed``),
+    then keep registered for ever."""
     assert config.secret is not None
     try:
         ip = await register(
@@ -541,6 +554,7 @@ async def _register(
         )
     except DispynbError as exc:
         logger.error("%s; stopping", exc)
+        failed.append(exc)
         stop.set()
         return
     registered.set()
@@ -646,6 +660,7 @@ def _main(argv: list[str] | None, held: StartupSignals) -> int:
                 "--register needs a secret (--secret-stdin, --secret-file or "
                 "DISPYNB_SECRET): the registration proves it"
             )
+        failed: list[DispynbError] = []
         orphaned = asyncio.run(
             serve(
                 config,
@@ -656,11 +671,16 @@ def _main(argv: list[str] | None, held: StartupSignals) -> int:
                 # A scheduler's node waits for it (started later, or restarting);
                 # a launcher's client is there first: 30 s, then the node stops.
                 None if args.scheduler_host else REGISTER_PATIENCE,
+                failed,
             )
         )
         held.rearm()  # the loop's handlers are gone: one more signal waits
         if orphaned and args.remove_when_orphaned:
             left.append(config)
+        # Not a success for a service manager: a rejected secret is a setting
+        # that cannot work (2, not restarted), no client in time may pass (1).
+        if failed:
+            return 2 if isinstance(failed[0], AuthenticationError) else 1
         return 0
 
     try:

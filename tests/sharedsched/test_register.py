@@ -82,7 +82,10 @@ def test_a_node_without_the_secret_is_refused_and_logged_once(
                 tmp_path / f"wrong{n}", "--register", address, secret="not-it"
             )
             try:
-                assert wrong.proc.wait(NODE_WAIT) == 0  # it stops, saying why
+                # It stops, saying why, and fails: exit 2, a setting that cannot
+                # work (it exited 0, a success to systemd, which did not list it
+                # as failed).
+                assert wrong.proc.wait(NODE_WAIT) == 2
             finally:
                 wrong.stop()
             assert "rejected this node's registration" in wrong.log_text()
