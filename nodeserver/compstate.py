@@ -71,7 +71,8 @@ class NodeJob:
     #: Its start was not reported when it became its worker's head (it might be
     #: skipped: cancelled, skipping, moving): reported with its end if it ran.
     start_held: bool = False
-    files: list[tuple[str, str]] = field(default_factory=list)  # (path, digest)
+    #: ``(path, digest, executable)`` of each of its own files.
+    files: list[tuple[str, str, bool]] = field(default_factory=list)
     placed: bool = False  # its files are in the computation's directory
     timeout: float | None = None  # seconds it may run (job_timeout)
     mem_limit: int | None = None  # bytes of address space (mem_limit)

@@ -77,7 +77,7 @@ class _JobFiles(_ComputationState):
                 worker.conn.write(FileAnswer(request=request, error=error))
 
     def _place_job_files(self, job: NodeJob) -> None:
-        for relative, digest in job.files:
+        for relative, digest, executable in job.files:
             if (
                 self._job_files[relative] == 0
                 and self._own_files.get(relative) != digest
@@ -85,7 +85,7 @@ class _JobFiles(_ComputationState):
                 refused = self._refused_files.get(digest)
                 if refused is not None:
                     raise ProtocolError(f"file {relative!r} was refused: {refused}")
-                self._store.place(digest, self.path, relative)
+                self._store.place(digest, self.path, relative, executable)
                 if is_object_file(relative) and digest not in self._objects:
                     self._objects.add(digest)
                     self._store.hold(digest)
@@ -98,7 +98,7 @@ class _JobFiles(_ComputationState):
         if not job.placed:
             return
         job.placed = False
-        for relative, digest in job.files:
+        for relative, digest, _executable in job.files:
             self._job_files[relative] -= 1
             if self._job_files[relative] <= 0:
                 del self._job_files[relative]

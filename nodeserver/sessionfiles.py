@@ -46,15 +46,20 @@ class _SessionFiles(_SessionState):
             files.append((safe_relative_path(path), digest, len(entry) == 4))
         return files
 
-    def _job_files(self, entries: Any) -> list[tuple[str, str]]:
+    def _job_files(self, entries: Any) -> list[tuple[str, str, bool]]:
+        """``(path, digest, executable)`` of each file a job was given."""
         if not isinstance(entries, list):
             raise MessageError("malformed job files in job-submit")
         files = []
         for entry in entries:
-            if not isinstance(entry, list) or len(entry) != 2:
+            if (
+                not isinstance(entry, list)
+                or len(entry) not in (2, 3)
+                or entry[2:] not in ([], [True])
+            ):
                 raise MessageError("malformed job file entry in job-submit")
             self.server.store.path(entry[1])  # validates the digest
-            files.append((safe_relative_path(entry[0]), entry[1]))
+            files.append((safe_relative_path(entry[0]), entry[1], len(entry) == 3))
         return files
 
     def _check_quota(self, size: int, what: str) -> None:

@@ -38,7 +38,7 @@ class _JobFiles:
             if len(item) < 4 or not item[3]:
                 continue
             upstream.file_uses.need(own_files(item))
-            for _relative, digest in item[3]:
+            for digest in _digests(item):
                 if digest in sent:
                     continue
                 data = self.server.files.get(digest)
@@ -64,16 +64,23 @@ def own_files(item: list[Any]) -> list[str]:
     """The digests of a job's own files (a job-submit item's fourth part) that a
     node lets go when the job ends: not the objects put in the cluster (they stay
     for the cluster's life, sent once)."""
+    return _digests(item, objects=False)
+
+
+def _digests(item: list[Any], objects: bool = True) -> list[str]:
+    """The digests of a job's files: each entry ``[relative_path, digest]``, with
+    ``True`` after them for a program (`dispynb.scheduler.outbox.file_entry`); an
+    entry of another shape is the node's to refuse."""
     if len(item) < 4 or not isinstance(item[3], list):
         return []
     return [
         entry[1]
         for entry in item[3]
         if isinstance(entry, list)
-        and len(entry) == 2
+        and len(entry) in (2, 3)
         and isinstance(entry[0], str)
         and isinstance(entry[1], str)
-        and not is_object_file(entry[0])
+        and (objects or not is_object_file(entry[0]))
     ]
 
 

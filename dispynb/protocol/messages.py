@@ -414,7 +414,8 @@ class JobSubmit(WireMessage):
     """Client -> node: a batch of jobs.
 
     ``jobs`` holds ``[key, attempt, buffer_count]`` per job, plus a fourth item
-    ``[[relative_path, digest], ...]`` for a job with its own files; the job's pickled
+    ``[[relative_path, digest], ...]`` for a job with its own files (with a third
+    item ``True`` for a program, kept executable on the node); the job's pickled
     arguments are the next ``buffer_count`` message buffers, in order.
 
     ``limits`` holds ``[key, timeout, mem_limit]`` for each job that has a limit:

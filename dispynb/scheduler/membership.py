@@ -6,11 +6,9 @@ import asyncio
 import contextlib
 import logging
 import math
-from typing import Any
 
 from dispynb import config as dispy_config
 from dispynb.defaults import CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT
-from dispynb.depends import FileRef
 from dispynb.errors import ClusterError, DispynbError, NodeLostError, SetupError
 from dispynb.protocol import shm
 from dispynb.protocol.messages import (
@@ -33,6 +31,7 @@ from dispynb.scheduler.link import (
     Allocator,
     NodeLink,
 )
+from dispynb.scheduler.outbox import file_entry
 from dispynb.scheduler.results import DriverResults
 from dispynb.secret import CREDENTIAL_PREFIX
 from dispynb.transport.addressing import format_address
@@ -151,7 +150,7 @@ class DriverNodes(DriverResults):
                 workers=cpus,
                 dest_path=config.dest_path,
                 cleanup=config.cleanup,
-                files=[_file_entry(ref) for ref in files],
+                files=[file_entry(ref, ref.size) for ref in files],
                 pulse_interval=self.pulse,
                 setup_timeout=config.setup_timeout,
                 recovery_id=config.recovery_id,
@@ -508,12 +507,3 @@ class DriverNodes(DriverResults):
     def reconnecting(self) -> bool:
         """True while some node that is away is being tried again."""
         return self._reconnecting > 0
-
-
-def _file_entry(ref: FileRef) -> list[Any]:
-    """A `ComputationSetup` files entry: a program's says so (a fourth item), the
-    others are as before (a node that predates it takes them)."""
-    entry: list[Any] = [ref.relative, ref.digest, ref.size]
-    if ref.executable:
-        entry.append(True)
-    return entry

@@ -282,7 +282,7 @@ class DriverOutbox:
                 payload = self._to_shared_memory(link, key, attempt, payload)
             if pending.files:
                 self._send_files(link, pending.files)
-                files = [[ref.relative, ref.digest] for ref in pending.files]
+                files = [file_entry(ref) for ref in pending.files]
                 entries.append([key, attempt, len(payload), files])
                 self._job_files_sent(link, key, attempt, pending.files)
             else:
@@ -386,3 +386,14 @@ class DriverOutbox:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+
+def file_entry(ref: FileRef, *more: Any) -> list[Any]:
+    """A file's entry in a node's file lists: ``[relative_path, digest, *more]``,
+    then ``True`` for a program (kept executable on the node, as dispy kept a sent
+    file's mode). A file that is no program has no such item, so that a node that
+    predates it takes the entry."""
+    entry: list[Any] = [ref.relative, ref.digest, *more]
+    if ref.executable:
+        entry.append(True)
+    return entry

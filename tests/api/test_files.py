@@ -75,6 +75,24 @@ def test_an_executable_sent_with_send_file_stays_executable(local, workdir):
     assert job.result == "sent later\n", job.exception
 
 
+def test_a_jobs_own_program_stays_executable_and_its_own_file_does_not(local, workdir):
+    """As ``depends``: a program given in ``dispy_job_depends`` runs as
+    ``./job_tool.sh`` on the node (it arrived not executable: PermissionError),
+    and a job's file that was not executable is not made so."""
+    tool = workdir / "job_tool.sh"
+    tool.write_text("#!/bin/sh\necho job tool ran\n")
+    tool.chmod(0o755)
+    (workdir / "job_plain.txt").write_text("data\n")
+    with JobCluster(run_tool, nodes=local) as cluster:
+        ran = cluster.submit("job_tool.sh", dispy_job_depends=["job_tool.sh"])
+        plain = cluster.submit("job_plain.txt", dispy_job_depends=["job_plain.txt"])
+        assert ran.wait(timeout=WAIT) and plain.wait(timeout=WAIT)
+    assert ran.status == DispyJob.Finished, ran.exception
+    assert ran.result == "job tool ran\n"
+    assert plain.status == DispyJob.Terminated
+    assert "PermissionError" in plain.exception, plain.exception
+
+
 def test_depends_module_is_importable_on_node(local, workdir, monkeypatch):
     (workdir / "shapes_dep.py").write_text("def area(w, h):\n    return w * h\n")
     monkeypatch.syspath_prepend(str(workdir))

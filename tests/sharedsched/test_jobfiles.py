@@ -24,6 +24,14 @@ def read_job_file(name: str) -> str:
         return handle.read()
 
 
+def run_tool(name: str) -> str:
+    import subprocess
+
+    return subprocess.run(
+        [f"./{name}"], capture_output=True, text=True, check=True
+    ).stdout
+
+
 def test_put_objects_reach_every_node_through_the_scheduler(
     scheduler: SchedulerProcess, users: dict[str, Path]
 ) -> None:
@@ -91,3 +99,29 @@ def test_a_long_computation_sends_jobs_own_files_past_the_files_quota(
     finally:
         sched.stop()
     assert results == [f"content {n}" for n in [*range(6), 0]]
+
+
+def test_a_jobs_own_program_stays_executable_through_the_scheduler(
+    scheduler: SchedulerProcess,
+    users: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A program in a job's ``dispy_job_depends`` runs as ``./tool.sh`` on the
+    scheduler's nodes (the scheduler relays the entry that says it is one; one
+    such entry was unpacked as two items there)."""
+    monkeypatch.chdir(tmp_path)
+    tool = tmp_path / "job_tool.sh"
+    tool.write_text("#!/bin/sh\necho shared job tool ran\n")
+    tool.chmod(0o755)
+    with SharedJobCluster(
+        run_tool, scheduler_host=scheduler.address, secret_file=str(users["alice"])
+    ) as cluster:
+        jobs = [
+            cluster.submit("job_tool.sh", dispy_job_depends=["job_tool.sh"])
+            for _ in range(4)  # on both nodes
+        ]
+        assert all(job.finish.wait(60) for job in jobs), "no result"
+    assert [job.result for job in jobs] == ["shared job tool ran\n"] * 4, [
+        job.exception for job in jobs
+    ]

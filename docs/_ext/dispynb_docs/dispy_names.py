@@ -115,11 +115,10 @@ JOBCLUSTER = [
         "depends",
         differs="Never mutated (dispy's default list was shared); "
         "files are content-addressed and cached on nodes. A program (a file with "
-        "an execute bit) stays executable, as in dispy, so ``./tool.sh`` runs; "
-        "the others arrive readable, not executable, and every file is dated "
-        "2000-01-01 (dispy kept its times). A job's own files "
-        "(``dispy_job_depends``) arrive not executable: run such a script with its "
-        "interpreter (``sh tool.sh``, ``[sys.executable, 'tool.py']``).",
+        "an execute bit) stays executable, as in dispy, so ``./tool.sh`` runs, "
+        "also one of a job's own files (``dispy_job_depends``); the others arrive "
+        "readable, not executable, and every file is dated 2000-01-01 (dispy kept "
+        "its times).",
     ),
     Name("job_status"),
     Name("cluster_status"),
