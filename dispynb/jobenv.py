@@ -246,17 +246,39 @@ def mem_limit_note(mem_limit: int | None) -> str:
     )
 
 
-def with_dropped_note(text: str, dropped: int, name: str, limit: int) -> str:
+def node_output_cap(max_message: int) -> int:
+    """Characters of each output stream a node of ``max_message`` bytes a message
+    keeps of a job, whatever its client asks: a quarter of its messages, as UTF-8
+    (up to 4 bytes a character) for two streams; the rest is the result's."""
+    return max(max_message // 32, 1)
+
+
+def output_limit(limit: int, node_max_message: int = 0) -> str:
+    """Which limit kept a job's output to ``limit`` characters, and how to raise it:
+    the client's ``max_output_size``, or the node's own cap (`node_output_cap` of
+    its ``node_max_message``; 0: not known), which a larger max_output_size does
+    not raise."""
+    if node_max_message and limit >= node_output_cap(node_max_message):
+        return (
+            "the node's own cap, a quarter of its --max-message-size of "
+            f"{node_max_message} bytes: start the node with a larger one"
+        )
+    return "max_output_size"
+
+
+def with_dropped_note(
+    text: str, dropped: int, name: str, limit: int, why: str = "max_output_size"
+) -> str:
     """A job's ``text`` of ``name`` (``stdout``, ``stderr``) kept to ``limit``
-    characters (``max_output_size``), with the line that says how many were dropped
-    if any (the same words on dispynb's nodes and the engines)."""
+    characters (by ``why``: `output_limit`), with the line that says how many were
+    dropped if any (the same words on dispynb's nodes and the engines)."""
     if not dropped:
         return text
     if text and not text.endswith("\n"):
         text += "\n"
     return text + (
         f"[dispynb: {dropped} more characters of {name} dropped: a job keeps "
-        f"{limit} (max_output_size)]\n"
+        f"{limit} ({why})]\n"
     )
 
 

@@ -29,6 +29,7 @@ from dispynb.jobenv import (
     JobThreads,
     file_sent,
     node_interrupt,
+    output_limit,
     send_file_timeout,
     unconfirmed,
 )
@@ -89,7 +90,8 @@ class JobContext:
             return text
         return (
             f"{text[:limit]}\n[dispynb: {len(text) - limit} more characters of the "
-            f"{what} dropped: a job keeps {limit} (max_output_size)]\n"
+            f"{what} dropped: a job keeps {limit} "
+            f"({output_limit(limit, self.node_max_message)})]\n"
         )
 
     def over_node_room(self, size: int) -> bool:

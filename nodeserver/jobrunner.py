@@ -25,6 +25,7 @@ from dispynb.jobenv import (
     describe_failure,
     limit_memory,
     node_interrupt,
+    output_limit,
     with_dropped_note,
 )
 from dispynb.protocol import serialize, shm
@@ -538,7 +539,9 @@ class _MergedStderr(FdMerged, _Stderr):
 def _text(capture: io.StringIO) -> str:
     text = capture.getvalue()
     if isinstance(capture, BoundedOutput) and capture.dropped:
-        return with_dropped_note(text, capture.dropped, capture.name, capture.limit)
+        limit = capture.limit
+        why = output_limit(limit, CONTEXT.node_max_message)
+        return with_dropped_note(text, capture.dropped, capture.name, limit, why)
     return text
 
 

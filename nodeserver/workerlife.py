@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 
 from dispynb.errors import ConnectionClosedError, DispynbError, SetupError
+from dispynb.jobenv import node_output_cap
 from dispynb.protocol.messages import CRASHED
 from dispynb.transport.connection import Connection
 from nodeserver.compstate import NodeJob, Worker, _ComputationState
@@ -275,7 +276,7 @@ class _WorkerLife(_ComputationState):
         size): with None, or over what its messages take, a job printing 300 MiB
         made the node grow 900 MiB, or its worker was dropped with its output;
         and 200 M characters left no room for any result."""
-        cap = max(self._max_size // 32, 1)
+        cap = node_output_cap(self._max_size)
         wanted = self.limits.max_output
         return cap if wanted is None else min(wanted, cap)
 

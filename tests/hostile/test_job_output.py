@@ -343,3 +343,27 @@ def test_a_max_output_size_over_the_nodes_room_leaves_results_room(local, measur
     measure(f"200M: {(job.exception or '').strip()[:80] or job.result}")
     assert job.status == DispyJob.Finished and job.result == 2, job.exception
     assert job.stdout == ("x" * (MiB - 1) + "\n") * 2
+
+
+@pytest.mark.timeout(120)
+def test_the_marker_names_the_nodes_cap_when_it_applied(tmp_path):
+    """The node's own cap (a quarter of its --max-message-size) kept the output:
+    the marker says so, and how to raise it (was: "(max_output_size)", which a
+    larger max_output_size does not raise); the client's own limit keeps its name."""
+    stdouts = []
+    with limited_node(tmp_path / "node", "--max-message-size", "4M") as node:
+        for limit in (None, 1000):
+            with JobCluster(
+                flood, nodes=[node.spec], secret=node.secret, max_output_size=limit
+            ) as cluster:
+                job = cluster.submit(1)
+                job()
+            assert job.status == DispyJob.Finished, job.exception
+            stdouts.append(job.stdout)
+    cap = 4 * MiB // 32
+    assert stdouts[0].rsplit("\n[dispynb: ", 1)[1] == (
+        f"{MiB - cap} more characters of stdout dropped: a job keeps {cap} (the "
+        f"node's own cap, a quarter of its --max-message-size of {4 * MiB} bytes: "
+        "start the node with a larger one)]\n"
+    )
+    assert stdouts[1].endswith("a job keeps 1000 (max_output_size)]\n")
