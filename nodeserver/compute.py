@@ -387,6 +387,8 @@ class ComputationProcess:
             except ChildProcessError:
                 status = 0
             self.workers.discard(pid)
+            if self._strays is not None:
+                self._strays.worker_ended(pid)
             cgroup = self._cgroups.pop(pid, None)
             if cgroup is not None and not remove_cgroup(cgroup):
                 logger.warning("cgroup %s of a dead worker stays busy", cgroup)

@@ -21,6 +21,7 @@ comes to it as another stray, not to the node.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -42,8 +43,8 @@ logger = logging.getLogger("nodeserver.compute")
 _STOP_ROUNDS = 50
 
 
-def start_time(pid: int) -> int | None:
-    """When process ``pid`` started (clock ticks after boot); None if it is gone."""
+def _stat_field(pid: int, index: int) -> int | None:
+    """Field ``index`` + 3 of proc(5)'s ``/proc/pid/stat``; None if it is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as handle:
             stat = handle.read()
@@ -52,9 +53,19 @@ def start_time(pid: int) -> int | None:
     # Fields after the command name, which may hold spaces and parentheses.
     fields = stat[stat.rindex(b")") + 2 :].split()
     try:
-        return int(fields[19])  # field 22 of proc(5)
+        return int(fields[index])
     except (IndexError, ValueError):
         return None
+
+
+def start_time(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks after boot); None if it is gone."""
+    return _stat_field(pid, 19)  # field 22 of proc(5)
+
+
+def _group(pid: int) -> int | None:
+    """The process group of ``pid`` (a zombie's too); None if it is gone."""
+    return _stat_field(pid, 2)  # field 5 of proc(5)
 
 
 def end_tree(pid: int) -> int:
@@ -94,8 +105,15 @@ class Strays:
         # went to the node, which kills its orphans only at its next SIGCHLD).
         become_subreaper()
         self._known = {pid: start_time(pid) for pid in children(parent)}
+        #: Workers that ended lately (each is its own process group): what their
+        #: jobs started in their group and outlived them comes here, as strays.
+        self._ended_workers: collections.deque[int] = collections.deque(maxlen=256)
         #: Processes ended so far (strays and their descendants).
         self.ended = 0
+
+    def worker_ended(self, pid: int) -> None:
+        """Worker ``pid`` ended: a process its job started may outlive it."""
+        self._ended_workers.append(pid)
 
     def end(self, workers: Collection[int]) -> int:
         """End every stray (with its descendants) and reap it; how many strays."""
@@ -106,17 +124,33 @@ class Strays:
             and (pid not in self._known or start_time(pid) != self._known[pid])
         ]
         for pid in strays:
+            how = self._how(pid, workers)
             ended = end_tree(pid)
             (logger.debug if self.ended else logger.warning)(
-                "computation %r: a job started process %d outside its worker "
-                "(clone with CLONE_PARENT): killed with %d process(es) it started "
-                "(later ones are logged at debug level)",
+                "computation %r: a job started process %d %s: killed with %d "
+                "process(es) it started (later ones are logged at debug level)",
                 self._name,
                 pid,
+                how,
                 ended - 1,
             )
             self.ended += ended
         return len(strays)
+
+    def _how(self, pid: int, workers: Collection[int]) -> str:
+        """How stray ``pid`` came here, as far as its process group tells: a
+        running worker's (the job made it that worker's sibling), an ended
+        worker's (it outlived its worker: orphaned to this subreaper), or its own
+        or another (it left its worker's group, then either)."""
+        group = _group(pid)
+        if group in workers:
+            return "outside its worker (clone with CLONE_PARENT)"
+        if group in self._ended_workers:
+            return f"that outlived its worker (process {group}, which ended first)"
+        return (
+            "outside its worker's process group (setsid), which either outlived "
+            "its worker or was made with clone(CLONE_PARENT)"
+        )
 
 
 __all__ = ["Strays", "end_tree", "start_time"]
