@@ -255,3 +255,45 @@ def test_nodes_of_a_scheduler_are_started_to_wait_for_it() -> None:
     assert all(waits for _page, _line, waits in found), [
         (page, line) for page, line, waits in found if not waits
     ]
+
+
+def _shell_lines(block: str) -> list[str]:
+    """A ``sh`` block's commands, continuation lines joined, comments dropped."""
+    joined = block.replace("\\\n", " ")
+    return [line.split("  #")[0].strip() for line in joined.splitlines() if line]
+
+
+@pytest.mark.timeout(SAMPLE_TIMEOUT)
+def test_the_pages_certificate_recipe_makes_a_node_clients_verify(
+    tmp_path: Path,
+) -> None:
+    """secure-nodes.md shows how to make the node.pem and node.key it then gives the
+    node (and sched.pem for the scheduler): that command, for 127.0.0.1, makes a
+    certificate a node serves TLS with and a client verifies with ``cafile=``."""
+    import shutil
+
+    from dispynb import JobCluster
+    from tests.nodeproc import running_node
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    page = (ROOT / "docs" / "howto" / "secure-nodes.md").read_text(encoding="utf-8")
+    recipe = [
+        line
+        for block in _blocks(page, "sh")
+        for line in _shell_lines(block)
+        if line.startswith(("openssl req", "chmod"))
+    ]
+    assert recipe, "securing nodes shows how to make a certificate"
+    assert "-out node.pem" in recipe[0] and "-keyout node.key" in recipe[0]
+    script = " && ".join(recipe).replace("IP:10.0.0.5", "IP:127.0.0.1")
+    subprocess.run(["bash", "-c", script], cwd=tmp_path, check=True, timeout=30)
+    pem, key = tmp_path / "node.pem", tmp_path / "node.key"
+    with running_node(
+        tmp_path / "node", "--certfile", str(pem), "--keyfile", str(key)
+    ) as node:
+        with JobCluster(
+            abs, nodes=[node.spec], secret=node.secret, cafile=str(pem)
+        ) as cluster:
+            assert cluster.submit(-3)() == 3
+        assert "with TLS" in node.log_text()
