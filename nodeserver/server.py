@@ -71,8 +71,9 @@ class NodeServer:
         #: Which kept-results spool is this node's: nodes may share a dest_path,
         #: not a spool (`nodeserver.spoolclaim`).
         self.spool_claim = claim_spool(config.dest_path, config.port)
+        root = self.spool_claim.root
         self.keeper = ResultKeeper(
-            ResultSpool(self.spool_claim.root, config.kept_results_size)
+            None if root is None else ResultSpool(root, config.kept_results_size)
         )
         #: Which store is this node's: nodes may share a dest_path, not a store.
         self.store_claim = claim_store(config.dest_path)

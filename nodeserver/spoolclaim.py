@@ -55,9 +55,9 @@ CLAIM_WAIT = 10.0
 
 class SpoolClaim:
     """A node's spool directory ``root``, held by the ``flock`` of ``fd`` while the
-    node runs."""
+    node runs; None: none (the node keeps its results in memory)."""
 
-    def __init__(self, root: str, fd: int | None) -> None:
+    def __init__(self, root: str | None, fd: int | None) -> None:
         self.root = root
         self.fd = fd
 
@@ -70,18 +70,46 @@ class SpoolClaim:
 
 def claim_spool(dest_path: str, port: int) -> SpoolClaim:
     """The spool of a node whose configured port is ``port`` (0: none) in
-    ``dest_path`` (see the module's docstring). If none can be had (a directory
-    the node cannot write to), ``.kept``, unlocked: logged, and the spool says
-    what it cannot do there (its results are kept in memory)."""
+    ``dest_path`` (see the module's docstring). If none can be had (a full disk, a
+    directory the node cannot write to), ``.kept`` if no other node holds it (the
+    spool says what it cannot do there), else none (see `_fallback`)."""
     try:
         os.makedirs(os.path.join(dest_path, SHARED), mode=0o700, exist_ok=True)
         with _one_at_a_time(dest_path):
             claim = _claim(dest_path, port)
-            _remove_expired_unheld(dest_path, claim.root)
+            _remove_expired_unheld(dest_path, str(claim.root))
     except OSError as exc:
-        logger.warning("cannot claim a kept-results spool in %s: %s", dest_path, exc)
-        return SpoolClaim(os.path.join(dest_path, SHARED), None)
+        return _fallback(dest_path, exc)
     return claim
+
+
+def _fallback(dest_path: str, exc: OSError) -> SpoolClaim:
+    """``.kept``, locked, when no spool could be claimed for ``exc``; none (results
+    kept in memory) if another node holds it: a node that used another's spool
+    removed its results as it set a computation up, and offered them as its own
+    when started again."""
+    shared = os.path.join(dest_path, SHARED)
+    try:
+        fd = lock_dir(shared)
+    except OSError:
+        fd = None
+    if fd is not None:
+        logger.warning(
+            "cannot claim a kept-results spool in %s (%s): this node uses %s",
+            dest_path,
+            exc,
+            shared,
+        )
+        return SpoolClaim(shared, fd)
+    logger.warning(
+        "cannot claim a kept-results spool in %s (%s), and another node holds %s: "
+        "this node keeps results for clients that may come back in memory only "
+        "(lost if it stops); free space there, or give it a --dest-path of its own",
+        dest_path,
+        exc,
+        shared,
+    )
+    return SpoolClaim(None, None)
 
 
 @contextlib.contextmanager
