@@ -53,7 +53,7 @@ from dispynb.protocol.messages import (
     Recovered,
     ResultChunk,
 )
-from dispynb.protocol.records import ResultEntry
+from dispynb.protocol.records import ResultEntry, is_start
 from dispynb.recoverysent import SentWhileAway
 from dispynb.secret import resolve_secret
 from dispynb.status import status_of
@@ -510,6 +510,11 @@ def _apply(
     ip: str,
     streams: dict[tuple[int, int], Parts | None],
 ) -> None:
+    for began in message.started:  # a job running: when it started, as before
+        if is_start(began):
+            running = pending.get(began[0])
+            if running is not None and not running.done():
+                running.start_time = float(began[2])
     offset = 0
     for entry in message.results:
         record, streamed = ResultEntry.from_wire(entry)

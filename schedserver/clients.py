@@ -13,6 +13,7 @@ from dispynb.protocol.messages import (
     ComputationClose,
     ComputationSetup,
     Error,
+    JobResults,
     Recover,
     Recovered,
 )
@@ -197,6 +198,9 @@ class _Clients(_ServerState):
         finally:
             comp.replaying = False
         if comp.session is session and not comp.closed:
+            starts = comp.starts()
+            if starts:
+                session.send(JobResults(comp_id=comp_id, results=[], started=starts))
             running = bool(comp.queue or comp.running)
             session.send(Recovered(comp_id=comp_id, found=True, running=running))
             comp.report_nodes(force=True)

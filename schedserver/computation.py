@@ -81,6 +81,7 @@ class QueuedJob:
     limits: list[Any] | None = None
     node: str = ""  # where it runs ("" while queued here)
     started: bool = False  # the node reported it executing
+    start_time: float = 0.0  # when, as the node said (with ``started``)
 
 
 @dataclass(eq=False)
@@ -498,6 +499,7 @@ class SharedComputation(_JobFiles, _SentFiles):
             job = self.running.get(start[0])
             if job is not None and job.attempt == start[1]:
                 job.started = True
+                job.start_time = float(start[2])
         node = upstream.node
         done = self.node_done.setdefault(node.name, [0, 0.0])
         ended_files: list[str] = []  # the own files of the jobs that ended here
@@ -599,6 +601,16 @@ class SharedComputation(_JobFiles, _SentFiles):
         """A recovered computation closes once its last job ended."""
         if self.recovering and not self.closing and not self.queue and not self.running:
             self.close(ComputationClose(comp_id=self.comp_id))
+
+    def starts(self) -> list[list[Any]]:
+        """``JobResults.started`` entries of its jobs running now: a recovering
+        client (`recover_jobs`) heard no start of those that started while it was
+        here, and shows them Running from then, as it did."""
+        return [
+            [job.key, job.attempt, job.start_time, 0]
+            for job in self.running.values()
+            if job.started
+        ]
 
     def placed(self, message: FilePlaced) -> None:
         """A node answered a ``send_file``: the client hears once all have."""

@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -499,3 +500,33 @@ def test_recover_jobs_terminate_pending_terminates_them_through_the_scheduler(
         (job.status, job.exception) for job in jobs
     ]
     wait_until(lambda: not any(psutil.pid_exists(pid) for pid in pids))
+
+
+def test_jobs_running_at_recover_jobs_timeout_keep_their_start_through_the_scheduler(
+    scheduler: SchedulerProcess, users: dict[str, Path], tmp_path: Path
+) -> None:
+    """recover_jobs(timeout) through a shared scheduler: the jobs still running come
+    back Running with the time they started on their nodes, as the client that
+    crashed showed them (they came back with no start time: the scheduler had told
+    that client, and kept nothing of it)."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    journal = tmp_path / "endless.journal"
+    before = time.time()
+    _kill_client_after_submit(
+        scheduler, users["alice"], journal, tmp_path, ENDLESS_CLIENT, str(marks)
+    )
+    began = [mark.stat().st_mtime for mark in marks.iterdir()]
+    try:
+        jobs = recover_jobs(str(journal), secret_file=str(users["alice"]), timeout=1)
+    finally:  # the nodes' CPUs free for the next test
+        recover_jobs(
+            str(journal),
+            secret_file=str(users["alice"]),
+            timeout=0,
+            terminate_pending=True,
+        )
+    assert [job.status for job in jobs] == [JobStatus.Running] * 2, jobs
+    for job in jobs:
+        assert job.start_time is not None, job
+        assert before - 1 <= job.start_time <= max(began) + 1, (job.start_time, began)
