@@ -39,7 +39,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from dispynb.errors import ConfigurationError
-from dispynb.secret import foreign_owner
+from dispynb.secret import foreign_owner, has_access_acl
 
 #: A descriptor that names a file without opening it for I/O (Linux): closing it
 #: leaves the process's fcntl locks on the file alone.
@@ -299,21 +299,10 @@ def others_can_write(info: os.stat_result, fd: int) -> str:
         return ""
     if mode & 0o002:
         return f"every user (mode {mode:04o})"
-    if _has_access_acl(fd):
+    if has_access_acl(fd):
         return f"the users its ACL names (mode {mode:04o} and an access ACL)"
     group = _group_of_others(info.st_gid)
     return f"the users of group {group} (mode {mode:04o})" if group else ""
-
-
-def _has_access_acl(fd: int) -> bool:
-    """Whether the file of ``fd`` has a POSIX access ACL beyond its mode (only
-    such ones are stored)."""
-    target: int | str = fd if _O_PATH == os.O_RDONLY else f"/proc/self/fd/{fd}"
-    try:
-        os.getxattr(target, "system.posix_acl_access")
-    except (OSError, AttributeError):  # none (ENODATA), or no xattrs here
-        return False
-    return True
 
 
 def _group_of_others(gid: int) -> str:

@@ -251,6 +251,19 @@ def foreign_owner(info: os.stat_result) -> str:
         return f"uid {info.st_uid}"
 
 
+def has_access_acl(fd: int) -> bool:
+    """Whether the file of ``fd`` (``O_PATH`` or open) has a POSIX access ACL
+    beyond its mode (only such ones are stored): its mode's group bits are then the
+    mask of what the users and groups it names may do."""
+    proc = f"/proc/self/fd/{fd}"
+    target: int | str = proc if os.path.exists(proc) else fd
+    try:
+        os.getxattr(target, "system.posix_acl_access")
+    except (OSError, AttributeError):  # none (ENODATA), or no xattrs here
+        return False
+    return True
+
+
 def _read_all(fd: int) -> bytes:
     """Read an open file to its end."""
     chunks = []

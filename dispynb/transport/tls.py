@@ -9,7 +9,7 @@ import weakref
 from dataclasses import dataclass
 
 from dispynb.errors import ConfigurationError, DispynbError, TransportError
-from dispynb.secret import foreign_owner
+from dispynb.secret import foreign_owner, has_access_acl
 
 #: The certificate file of each client context that has one, for error messages
 #: (an SSLContext does not say which certificate it holds).
@@ -79,11 +79,25 @@ def _check_file(path: str, what: str, guard: str = "") -> None:
         raise ConfigurationError(f"{what} {path!r} does not exist or is not a file")
     if not guard or os.name != "posix":
         return
-    info = os.stat(path)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        # A group's read (ssl-cert's) is deliberate; an access ACL's users are not
+        # that group (the group bits are then their mask).
+        acl = bool(info.st_mode & 0o060) and has_access_acl(fd)
+    finally:
+        os.close(fd)
+    mode = stat.S_IMODE(info.st_mode)
     if guard == "key" and info.st_mode & 0o006:
         raise ConfigurationError(
             f"{what} {path!r} holds a private key other users may read or write "
-            f"(mode {stat.S_IMODE(info.st_mode):04o}): run chmod o-rwx {path}"
+            f"(mode {mode:04o}): run chmod o-rwx {path}"
+        )
+    if guard == "key" and acl:
+        raise ConfigurationError(
+            f"{what} {path!r} holds a private key the users its ACL names may read "
+            f"(mode {mode:04o} and an access ACL): run setfacl -b {path} (a group "
+            "that is to read it, such as ssl-cert, can own it: chgrp)"
         )
     if guard == "trust" and info.st_mode & 0o022:
         raise ConfigurationError(

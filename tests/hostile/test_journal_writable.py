@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import struct
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ import dispynb
 from dispynb.errors import ConfigurationError
 from dispynb.job import DispyJob, JobStatus
 from dispynb.journal import Journal
+from tests.hostile.tools import give_by_acl
 
 #: Run as nobody on the journal (argv[1]): every job's result becomes a pickle
 #: that makes the directory argv[2] as it is loaded. The journal is left in DELETE
@@ -42,19 +42,8 @@ NOBODY = 65534
 
 
 def _let_nobody_write(path: Path) -> None:
-    """Give user nobody read and write by a POSIX access ACL (``setfacl -m
-    u:nobody:rw``, in the kernel's format: version 2, then tag, permissions and id
-    of each entry); the mode then shows the ACL's mask as its group bits."""
-    undefined = 0xFFFFFFFF
-    entries = [  # user::rw- user:nobody:rw- group::--- mask::rw- other::---
-        (0x01, 6, undefined), (0x02, 6, NOBODY), (0x04, 0, undefined),
-        (0x10, 6, undefined), (0x20, 0, undefined),
-    ]  # fmt: skip
-    acl = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
-    try:
-        os.setxattr(path, "system.posix_acl_access", acl)
-    except OSError as exc:
-        pytest.skip(f"no POSIX ACLs on {path.parent}: {exc}")
+    """Give user nobody read and write by a POSIX access ACL."""
+    give_by_acl(path, NOBODY, 6)
 
 
 @pytest.fixture

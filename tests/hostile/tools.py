@@ -11,11 +11,13 @@ import os
 import re
 import secrets
 import socket
+import struct
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
+import pytest
 
 from dispynb.defaults import PRE_AUTH_MAX_FRAME
 from dispynb.protocol.auth import MAC_SIZE, MessageSigner, MessageVerifier
@@ -233,3 +235,20 @@ def recv_unsigned(sock: socket.socket) -> WireMessage:
     size, count = parse_prefix(prefix, PRE_AUTH_MAX_FRAME)
     buffers, _signed, _mac = split_body(_recv_exactly(sock, size), count)
     return WireMessage.from_header(unpack_header(buffers[0], trusted=False))
+
+
+def give_by_acl(path: Path, uid: int, perms: int) -> None:
+    """Give user ``uid`` the permissions ``perms`` (4 read, 2 write) on ``path`` by a
+    POSIX access ACL (``setfacl -m u:<uid>:<perms>``, in the kernel's format:
+    version 2, then tag, permissions and id of each entry); the mode then shows the
+    ACL's mask as its group bits. Skips the test where the file system has none."""
+    undefined = 0xFFFFFFFF
+    entries = [  # user::rw- user:<uid>:<perms> group::--- mask::<perms> other::---
+        (0x01, 6, undefined), (0x02, perms, uid), (0x04, 0, undefined),
+        (0x10, perms, undefined), (0x20, 0, undefined),
+    ]  # fmt: skip
+    acl = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+    try:
+        os.setxattr(path, "system.posix_acl_access", acl)
+    except OSError as exc:
+        pytest.skip(f"no POSIX ACLs on {path.parent}: {exc}")
