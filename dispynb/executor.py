@@ -200,9 +200,13 @@ def _initialize(initializer: Callable[..., Any], initargs: tuple[Any, ...]) -> i
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             initializer(*initargs)
-    except BaseException:
+    except BaseException as exc:
         sys.stdout.write(out.getvalue())
         sys.stderr.write(err.getvalue())
+        # From the initializer's frame on, as the pool shows it: not this one's
+        # (a bare raise adds no frame).
+        if exc.__traceback__ is not None and exc.__traceback__.tb_next is not None:
+            exc.__traceback__ = exc.__traceback__.tb_next
         raise
     if out.tell() or err.tell():
         _init_output[:] = [(out.getvalue(), err.getvalue())]

@@ -680,9 +680,17 @@ def test_dask_compute_with_the_executor_keeps_the_nodes_cpus_busy(local1):
 
 
 def test_failing_initializer_is_a_setup_error_with_the_node_traceback(local):
+    """Its traceback starts at the initializer (no frame of dispynb's), its
+    frames naming this file."""
     with pytest.raises(SetupError) as info:
         Executor(nodes=local, initializer=fail_setup)
     assert "no such device" in str(info.value) + info.value.remote_traceback
+    remote = info.value.remote_traceback
+    assert remote.startswith("Traceback (most recent call last):\n"), remote
+    assert "_initialize" not in remote, remote
+    assert "in fail_setup\n" in remote, remote
+    notes = "".join(info.value.__notes__)
+    assert f'File "{__file__}", line ' in notes and "_initialize" not in notes, notes
 
 
 @pytest.mark.parametrize("tasks", [1, 5])
