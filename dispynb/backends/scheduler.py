@@ -106,9 +106,11 @@ class SchedulerBackend(NodesBackend):
         self._behind: dict[str, NodeInfo] = {}
         self._running: dict[str, list[int]] = {}
         self._scheduler = ""
-        #: The node behind the scheduler each job went to (`JobsPlaced`), and the
-        #: bytes of the results each node sent (dispy's ``rx``), by node id.
+        #: The node behind the scheduler each job went to (`JobsPlaced`), the
+        #: bytes of the jobs and files the scheduler sent on to each (dispy's
+        #: ``tx``) and of the results each node sent (``rx``), by node id.
         self._placed: dict[int, str] = {}
+        self._sent: dict[str, int] = {}
         self._received: dict[str, int] = {}
         #: When a job that ran last ended, and when the last report came
         #: (``time.monotonic``), under `_reported`: `settle_counts` waits for a
@@ -204,6 +206,10 @@ class SchedulerBackend(NodesBackend):
         for key in placed.keys:
             if type(key) is int:
                 self._placed[key] = placed.node
+                self._count_sent(placed.node, self.driver.job_bytes(key))
+
+    def _count_sent(self, node_id: str, size: int) -> None:
+        self._sent[node_id] = self._sent.get(node_id, 0) + size
 
     def _job_view(self, key: int, link: NodeLink) -> NodeInfo:
         """The node behind the scheduler that runs job ``key``, as dispy's
@@ -239,10 +245,11 @@ class SchedulerBackend(NodesBackend):
         super().job_requeued(key)
 
     def traffic(self, node_id: str) -> tuple[int, int]:
-        """A node behind the scheduler: the results it sent this client (as
-        dispy's SharedJobCluster counts them); its jobs went to the scheduler."""
+        """A node behind the scheduler: the jobs and files the scheduler sent on
+        to it for this client, and the results it sent this client, as dispy's
+        scheduler counts them for a SharedJobCluster."""
         if node_id in self._behind or node_id in self._received:
-            return 0, self._received.get(node_id, 0)
+            return self._sent.get(node_id, 0), self._received.get(node_id, 0)
         return super().traffic(node_id)
 
     def settle_counts(self, timeout: float) -> bool:
@@ -273,7 +280,14 @@ class SchedulerBackend(NodesBackend):
         computation up on (dispy's ``relay``)."""
         if node_id in self._behind:
             node_id = self._scheduler
-        return super().send_file(node_id, ref)
+        error = super().send_file(node_id, ref)
+        if not error:  # placed on each of the computation's nodes
+            self._on_loop(self._count_file, ref.size)
+        return error
+
+    def _count_file(self, size: int) -> None:
+        for node_id in self._behind:
+            self._count_sent(node_id, size)
 
 
 def _figures(avail: DispyNodeAvailInfo | None) -> tuple[float, ...] | None:

@@ -264,6 +264,15 @@ class DriverOutbox:
         for node_id, jobs in batches.items():
             self._send_jobs(node_id, jobs)
 
+    def job_bytes(self, key: int) -> int:
+        """Bytes of job ``key``'s arguments and own files as they are sent (0 once
+        it ended): what a shared scheduler sends on to the node it picks."""
+        pending = self._jobs.get(key)
+        if pending is None:
+            return 0
+        files = sum(ref.size for ref in pending.files or ())
+        return buffers_size(pending.buffers) + files
+
     def _send_jobs(self, node_id: str, jobs: list[tuple[int, int]]) -> None:
         link = self.nodes[node_id]
         assert link.conn is not None

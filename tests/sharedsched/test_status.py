@@ -218,6 +218,36 @@ def test_a_job_names_the_node_behind_the_scheduler_that_ran_it(
     assert rows and all(row[6].strip() != "0 B" for row in rows if int(row[2])), rows
 
 
+def length(data: bytes) -> int:
+    return len(data)
+
+
+def test_print_status_counts_the_bytes_sent_to_each_node_behind_the_scheduler(
+    scheduler: SchedulerProcess,
+    users: dict[str, Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """dispy's scheduler counts what it sends each node for a SharedJobCluster
+    (its jobs, the files sent) and the client shows it: print_status's Sent
+    column showed 0 B for every node, and ``DispyNode.tx`` was 0."""
+    with SharedJobCluster(
+        length, scheduler_host=scheduler.address, secret_file=str(users["alice"])
+    ) as cluster:
+        jobs = [cluster.submit(bytes(100_000)) for _ in range(6)]
+        assert cluster.wait(timeout=WAIT)
+        assert [job.result for job in jobs] == [100_000] * 6
+        cluster.print_status()
+        nodes_seen = cluster.status().nodes
+    sent = {f"{n.ip_addr}:{n.port}": n.tx for n in nodes_seen}
+    ran = {f"{n.ip_addr}:{n.port}": n.jobs_done for n in nodes_seen}
+    assert sum(ran.values()) == 6, ran
+    for address, count in sent.items():  # 100 kB and more per job
+        assert count >= 100_000 * ran[address], (address, sent, ran)
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines()]
+    rows = [row for row in rows[2:] if len(row) == 7]  # print_status's node rows
+    assert rows and all(row[5].strip() != "0 B" for row in rows if int(row[2])), rows
+
+
 def test_a_job_queued_at_the_scheduler_names_no_node_until_it_runs(
     scheduler: SchedulerProcess, users: dict[str, Path]
 ) -> None:
