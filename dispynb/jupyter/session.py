@@ -363,12 +363,16 @@ class Session(_SessionProbes, _SessionNodes):
     def ensure_nodes(self) -> bool:
         """Start local nodes if none were chosen; return whether it did.
 
-        Raises `MagicError` if the local nodes this session started have exited.
+        Raises `MagicError` if the local nodes this session started have exited;
+        if some have, says so on stderr (the cell runs on the others).
         """
         if self.attached:
             exited = self.exited_error()
             if exited is not None:
                 raise exited
+            news = self.exited_news()
+            if news:
+                print(f"dispynb: {news}", file=sys.stderr)
             return False
         self.start_local(1, None)
         return True

@@ -37,9 +37,14 @@ class _SessionNodes:
 
     def exited_nodes(self) -> set[str]:
         """``"host:port"`` of the nodes this session started whose process exited."""
+        return {item.split(" ", 1)[0] for item in self._exited_items()}
+
+    def _exited_items(self) -> list[str]:
+        """``"host:port (status N)"`` of each node this session started that has
+        exited."""
         if self.local is None or self.nodes is not self.local:
-            return set()
-        return {item.split(" ", 1)[0] for item in self.local.exited()}
+            return []
+        return list(self.local.exited())
 
     def known_nodes(self) -> list[tuple[str, str, str]]:
         """``(host, "host:port", name)`` of each node in use (name "" if unknown)."""
@@ -107,6 +112,13 @@ class _SessionNodes:
                     f"--on {item} matches {len(matches)} nodes ({', '.join(matches)}):"
                     f" give HOST:PORT or the node's name; the nodes are: {listing}"
                 )
+            exited = [e for e in self._exited_items() if e.startswith(matches[0] + " ")]
+            if exited:
+                raise UsageError(
+                    f"--on {item}: node {exited[0]} has exited; the nodes are: "
+                    f"{listing} (run %dispy {launcher_kind(self.local)} again for "
+                    "new nodes)"
+                )
             if specs[matches[0]] not in chosen:
                 chosen.append(specs[matches[0]])
         options = dict(self.options)
@@ -115,25 +127,36 @@ class _SessionNodes:
         return chosen, options
 
     def exited_error(self) -> MagicError | None:
-        """The error saying which of the nodes this session started have exited
-        (None while they all run, or if it started none)."""
+        """The error saying that every node this session started has exited
+        (None while one runs, or if it started none): a cell has none to run on."""
         if self.local is None or self.nodes is not self.local:
             return None
         gone = self.local.exited()
-        if not gone:
+        if not gone or len(gone) < len(self.local.addresses):
             return None
         kind = launcher_kind(self.local)
-        total = len(self.local.addresses)
-        # One of several: not 'the nodes have exited' beside one still listed.
-        verb = "has" if len(gone) == 1 else "have"
-        which = (
-            f"{len(gone)} of the {total} {kind} nodes {verb}"
-            if len(gone) < total
-            else f"the {kind} nodes have"
-        )
         return MagicError(
-            f"{which} exited: {', '.join(gone)}; no job was sent: start new ones "
-            f"with %dispy {kind}"
+            f"the {kind} nodes have exited: {', '.join(gone)}; no job was sent: "
+            f"start new ones with %dispy {kind}"
+        )
+
+    def exited_news(self) -> str:
+        """Which of the nodes this session started have exited while others run
+        ("" if none has): a cell runs on the others, as a dispy cluster goes on
+        with the nodes it has, and says so."""
+        if self.local is None or self.nodes is not self.local:
+            return ""
+        gone = self.local.exited()
+        total = len(self.local.addresses)
+        if not gone or len(gone) >= total:
+            return ""
+        kind = launcher_kind(self.local)
+        verb = "has" if len(gone) == 1 else "have"
+        left = total - len(gone)
+        return (
+            f"{len(gone)} of the {total} {kind} nodes {verb} exited: "
+            f"{', '.join(gone)}; running on the other {left}: run %dispy {kind} "
+            "again for new nodes"
         )
 
 

@@ -652,29 +652,41 @@ def test_a_local_node_that_died_says_to_run_dispy_local_again():
         local.close()
 
 
-def test_one_of_two_local_nodes_exited_is_said_as_one():
-    """One of two %dispy local nodes killed: the next cell said 'the local nodes
-    have exited', while %dispy status listed the other one as idle."""
+def test_a_cell_runs_on_the_local_nodes_left_when_one_exited(ip):
+    """One of two %dispy local nodes killed (the out-of-memory killer): the next
+    cell runs on the other, saying which exited and how to get it back, as a dispy
+    cluster goes on with the nodes it has. It stopped, saying 'no job was sent',
+    while %dispy status listed the other node as idle. ``--on`` the exited node
+    says so."""
     import os
     import signal
 
     from dispynb.jupyter.session import Session
 
-    session = Session()
+    magics = ip.magics_manager.registry[DispyMagics.__name__]
+    kept, magics.session = magics.session, Session()
     try:
-        session.start_local(2, 1)
-        local = session.local
+        with capture_output():
+            ip.run_line_magic("dispy", "local --nodes 2 --cpus 1")
+        local = magics.session.local
         os.kill(local.pids[1], signal.SIGKILL)
         jobs.wait_until(lambda: local.exited() != [])
-        with pytest.raises(MagicError) as raised:
-            session.ensure_nodes()
-        host, port = local.addresses[1]
-        assert str(raised.value) == (
-            f"1 of the 2 local nodes has exited: {host}:{port} (status -9); no job "
-            "was sent: start new ones with %dispy local"
+        _, _, err = cell(
+            ip, '--over "range(4)" --into survived', "def where(x):\n    return x\n"
         )
+        host, port = local.addresses[1]
+        assert (
+            f"dispynb: 1 of the 2 local nodes has exited: {host}:{port} (status -9); "
+            "running on the other 1: run %dispy local again for new nodes"
+        ) in err, err
+        run = ip.user_ns["survived"]
+        assert run.results == [0, 1, 2, 3], run.df
+        assert list(run.df["status"]) == ["Finished"] * 4
+        with pytest.raises(UsageError, match=f"node {host}:{port} .*has exited"):
+            cell(ip, f'--over "[1]" --on {host}:{port}', "def f(x):\n    return x\n")
     finally:
-        session.close()
+        magics.session.close()
+        magics.session = kept
 
 
 def test_a_finished_run_a_variable_holds_stays_in_status_after_new_nodes():
