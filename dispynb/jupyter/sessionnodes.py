@@ -31,8 +31,12 @@ class _SessionNodes:
         self.panel.in_use([address for _, address, _ in self.known_nodes()])
 
     def rows(self) -> list[Any]:
-        """The panel's rows, local nodes whose process exited marked gone."""
-        self.panel.table.mark_gone(sorted(self.exited_nodes()))
+        """The panel's rows, local nodes whose process exited marked gone (also
+        one that exited before the session's probe met it)."""
+        exited = sorted(self.exited_nodes())
+        if exited:
+            names = {address: name for _, address, name in self.known_nodes()}
+            self.panel.table.mark_gone(exited, names)
         return self.panel.rows()
 
     def exited_nodes(self) -> set[str]:

@@ -128,6 +128,8 @@ class NodeTable:
         self._order: list[str] = []
         self._gone: dict[str, float] = {}  # address -> when it went (time.time())
         self._in_use: set[str] | None = None  # None: every node seen is in use
+        #: Rows dropped after `GONE_SHOWN` (`mark_gone` adds none of them again).
+        self._dropped: set[str] = set()
 
     def event(
         self,
@@ -152,6 +154,7 @@ class NodeTable:
                 self._gone.setdefault(address, time.time())
             if address not in self._info:
                 self._order.append(address)
+            self._dropped.discard(address)
             self._info[address] = (node.name, node.cpus)
             info = node.avail_info
             if info is not None:
@@ -180,13 +183,21 @@ class NodeTable:
                 if self._in_use is not None and address not in self._in_use:
                     self._gone.setdefault(address, now)
 
-    def mark_gone(self, addresses: list[str]) -> None:
-        """These nodes left (e.g. their process exited)."""
+    def mark_gone(
+        self, addresses: list[str], names: dict[str, str] | None = None
+    ) -> None:
+        """These nodes left (e.g. their process exited). One never seen (it exited
+        before anything reached it) gets a row, gone, named from ``names``, once:
+        shown as long as one seen is."""
         with self._lock:
             now = time.time()
             for address in addresses:
-                if address in self._info:
-                    self._gone.setdefault(address, now)
+                if address not in self._info:
+                    if address in self._dropped:
+                        continue
+                    self._order.append(address)
+                    self._info[address] = ((names or {}).get(address, ""), 0)
+                self._gone.setdefault(address, now)
 
     def rows(self) -> list[NodeRow]:
         """A snapshot of every node seen, in the order they appeared, without those
@@ -226,6 +237,7 @@ class NodeTable:
     def _forget(self, address: str) -> None:
         """Drop a node's row (with the lock held)."""
         self._order.remove(address)
+        self._dropped.add(address)
         for table in (self._info, self._live, self._closed_done, self._load):
             table.pop(address, None)
 

@@ -689,6 +689,33 @@ def test_a_cell_runs_on_the_local_nodes_left_when_one_exited(ip):
         magics.session = kept
 
 
+def test_dispy_status_lists_a_local_node_that_exited_before_the_probe_met_it():
+    """A %dispy local node killed as the nodes start, before the session's probe
+    reached it, is listed gone in %dispy status (the where-line names it): it was
+    left out, as if there were one node fewer."""
+    import os
+    import signal
+
+    from dispynb.jupyter import session as sessions
+    from dispynb.jupyter.session import Session
+
+    def start() -> object:  # as %dispy local --nodes 2, one killed at once
+        local = sessions._local_nodes(2, 1)
+        os.kill(local.pids[1], signal.SIGKILL)
+        jobs.wait_until(lambda: local.exited() != [])
+        return local
+
+    session = Session()
+    try:
+        session._start_then_replace(start, {}, "%dispy local", hint="")
+        host, port = session.local.addresses[1]
+        text = repr(session.status())
+    finally:
+        session.close()
+    assert f"  local-1 {host}:{port} gone cpus=0" in text, text
+    assert "local-0 " in text and " idle " in text, text
+
+
 def test_a_finished_run_a_variable_holds_stays_in_status_after_new_nodes():
     """As the guide says: a finished run stays in %dispy status as long as a
     variable holds it. New nodes (%dispy local again) dropped every run from it.
