@@ -71,6 +71,8 @@ class NodeJob:
     #: Its start was not reported when it became its worker's head (it might be
     #: skipped: cancelled, skipping, moving): reported with its end if it ran.
     start_held: bool = False
+    #: When it started, as its client was told (0.0: not told yet).
+    start_time: float = 0.0
     #: ``(path, digest, executable)`` of each of its own files.
     files: list[tuple[str, str, bool]] = field(default_factory=list)
     placed: bool = False  # its files are in the computation's directory

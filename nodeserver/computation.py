@@ -18,6 +18,7 @@ import logging
 import operator
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from dispynb.errors import DispynbError
 from dispynb.protocol.messages import CANCELLED, CRASHED, FINISHED, Message
@@ -565,8 +566,21 @@ class Computation(_JobStops, _WorkerLife, _JobFiles, _WorkStealing, _Computation
         a client never sees a provisional result of a job not started."""
         job.start_held = False
         job.moving = False  # it runs here: it cannot move any more (a cancel stops it)
+        job.start_time = start_time
         if self.on_start is not None:
             self.on_start(job.key, job.attempt, start_time)
+
+    def starts(self) -> list[list[Any]]:
+        """`JobResults.started` entries of its jobs running now whose start its
+        client was told: a client recovering them (`recover_jobs`) shows them
+        Running from then, as the client that went did."""
+        return [
+            [job.key, job.attempt, job.start_time, 0]
+            for worker in self._workers.values()
+            if worker.assigned
+            and (job := worker.assigned[0]).start_time
+            and not job.reported
+        ]
 
     def _pump_soon(self) -> None:
         asyncio.get_running_loop().call_soon(self._pump)

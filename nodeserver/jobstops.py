@@ -235,8 +235,10 @@ class _JobStops(_ComputationState):
         # A job the worker may skip is not reported started: its end says.
         unsure = job.cancelled or job.skipping or job.moving or job.dropped is not None
         job.start_held = unsure
-        if self.on_start is not None and not unsure:
-            self.on_start(job.key, job.attempt, time.time())
+        if not unsure:
+            job.start_time = time.time()
+            if self.on_start is not None:
+                self.on_start(job.key, job.attempt, job.start_time)
         if job.timeout is not None and job.timer is None and not job.cancelled:
             loop = asyncio.get_running_loop()
             job.timer = loop.call_later(job.timeout, self._time_out, worker, job)

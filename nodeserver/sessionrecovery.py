@@ -12,6 +12,7 @@ from dispynb.errors import DispynbError, MessageError
 from dispynb.protocol.messages import (
     ComputationClosed,
     ComputationSetup,
+    JobResults,
     Recover,
     Recovered,
     ResultsJournaled,
@@ -143,6 +144,12 @@ class _SessionRecovery(_SessionState):
             self.outbox.write(Recovered(comp_id=comp_id, found=False, running=False))
             return
         kept, recorded = claimed
+        if kept.computation is not None:
+            starts = kept.computation.starts()
+            if starts:  # before its results: a job that ended since is not Running
+                self.outbox.write(
+                    JobResults(comp_id=comp_id, results=[], started=starts)
+                )
         self._claims.append(kept)
         self._recovering[comp_id] = kept
         self._spawn(self._send_kept(sender, kept, recorded, message.recovery_id))

@@ -12,6 +12,7 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +204,32 @@ def test_recover_jobs_returns_the_jobs_still_running_at_timeout_running(tmp_path
     assert len(running) >= 2, jobs  # at least the two that run
     assert all(job[5] == "127.0.0.1" for job in running), running
     assert {job[2] for job in jobs} <= {6, 10}, jobs  # or never sent: Abandoned
+
+
+def test_recover_jobs_returns_the_jobs_running_at_timeout_with_their_start(tmp_path):
+    """A job that started on its node and still runs at the timeout comes back
+    Running with the time it started, as the crashed client showed it (it came
+    back with no start time: the node had told that client only)."""
+    recover = RECOVER.replace("timeout=30", "timeout=1").replace(
+        "j.exception]", "j.exception, j.start_time]"
+    )
+    before = time.time()
+    with running_node(tmp_path / "node", cpus=2) as node:
+        journal = kill_client_mid_run(
+            tmp_path, node, started=2, client_script=ENDLESS_CLIENT
+        )
+        marks = list((tmp_path / "marks").iterdir())  # the jobs that started
+        began = [mark.stat().st_mtime for mark in marks]
+        done = recover_in_new_process(tmp_path, journal, node.secret, recover)
+        assert done.returncode == 0, done.stderr
+        ended = recover.replace("timeout=1", "timeout=0, terminate_pending=True")
+        recover_in_new_process(tmp_path, journal, node.secret, ended)
+    jobs = json.loads(done.stdout)
+    started = [job for job in jobs if job[0] in {f"job-{m.name}" for m in marks}]
+    assert [job[2] for job in started] == [dispynb.DispyJob.Running] * 2, jobs
+    for job in started:
+        assert job[5] is not None, job
+        assert before - 1 <= job[5] <= max(began) + 1, (job, began)
 
 
 def test_recover_jobs_from_a_running_loop_as_in_a_notebook_cell(tmp_path):
