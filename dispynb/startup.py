@@ -8,20 +8,30 @@ the default action: the process died of the signal, saying nothing, and SIGINT
 printed a ``KeyboardInterrupt`` traceback. `run_held` holds them from the first
 line of ``main``: the first stop signal raises `StopSignal` wherever start-up is
 (waiting on ``--secret-stdin`` too), which ends the daemon with one line and exit
-status 0, as a stop once serving does.
+status 0, as a stop once serving does. Where Python drops that exception (raised in
+an at-fork callback, a ``__del__``: "Exception ignored"), start-up raises it again
+at its checkpoints (`StartupSignals.check`); the zygote is forked with the signals
+blocked (`blocked_while_forking`), so they never land in the at-fork callbacks.
 
 This module imports nothing heavy: it is imported before everything else.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
-__all__ = ["StartupSignals", "StopSignal", "run_held", "stop_signals"]
+__all__ = [
+    "StartupSignals",
+    "StopSignal",
+    "blocked_while_forking",
+    "run_held",
+    "stop_signals",
+]
 
 
 def stop_signals() -> tuple[signal.Signals, ...]:
@@ -54,6 +64,7 @@ class StartupSignals:
         self._pid = os.getpid()
         self._previous: dict[signal.Signals, Any] = {}
         self._raise = True
+        self._unraisablehook: Callable[[Any], object] | None = None
 
     def hold(self) -> None:
         """From now on the first stop signal raises `StopSignal`."""
@@ -61,6 +72,9 @@ class StartupSignals:
         for signum in stop_signals():
             previous = signal.signal(signum, self._handle)
             self._previous.setdefault(signum, previous)
+        if self._unraisablehook is None:
+            self._unraisablehook = sys.unraisablehook
+            sys.unraisablehook = self._unraisable
         _reset_in_children(self)
 
     def rearm(self) -> None:
@@ -77,6 +91,9 @@ class StartupSignals:
             if previous is not None:
                 signal.signal(signum, previous)
         self._previous.clear()
+        if self._unraisablehook is not None:
+            sys.unraisablehook = self._unraisablehook
+            self._unraisablehook = None
 
     @property
     def holding(self) -> bool:
@@ -92,6 +109,20 @@ class StartupSignals:
         for signum, previous in self._previous.items():
             if previous is not None and self.ours(signum):
                 signal.signal(signum, previous)
+
+    def check(self) -> None:
+        """A start-up checkpoint: raise the `StopSignal` the handler raised where
+        Python dropped it (an ``os.register_at_fork`` callback, a ``__del__``, a
+        weakref callback: "Exception ignored"), so that it is never lost."""
+        if self.received is not None and self._raise:
+            raise StopSignal(self.received)
+
+    def _unraisable(self, unraisable: Any) -> None:
+        """A `StopSignal` Python dropped is not printed as "Exception ignored":
+        `check` raises it again."""
+        if not isinstance(unraisable.exc_value, StopSignal):
+            assert self._unraisablehook is not None
+            self._unraisablehook(unraisable)
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.received is None:
@@ -109,6 +140,21 @@ def _reset_in_children(held: StartupSignals) -> None:
     if not _held:
         os.register_at_fork(after_in_child=lambda: _held[-1].restore_in_child())
     _held[:] = [held]
+
+
+@contextlib.contextmanager
+def blocked_while_forking() -> Iterator[None]:
+    """Stop signals blocked around an ``os.fork()`` in its body: one that comes
+    meanwhile is delivered as the body ends, in parent and child alike, not while
+    the at-fork callbacks run (logging's among them), where the `StopSignal` its
+    handler raises would be printed as "Exception ignored" and dropped. A child
+    does not inherit the signals pending in its parent."""
+    signals = stop_signals()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def run_held(prog: str, body: Callable[[StartupSignals], int]) -> int:

@@ -631,6 +631,7 @@ def _main(argv: list[str] | None, held: StartupSignals) -> int:
     # the node configures its logging).
     level = log_level(args.debug, args.loglevel)
     zygote = start_zygote(level) if args.serve != 0 else None
+    held.check()  # a stop signal whose `StopSignal` got lost: before blocking
     # Before anything else is started: they must not inherit it either.
     args.secret_env = withdraw_secret_env()
     # Without a zygote, the node adopts orphans all the same (what a dead worker
@@ -661,6 +662,7 @@ def _main(argv: list[str] | None, held: StartupSignals) -> int:
                 "DISPYNB_SECRET): the registration proves it"
             )
         failed: list[DispynbError] = []
+        held.check()  # the last checkpoint before the loop handles them
         orphaned = asyncio.run(
             serve(
                 config,

@@ -63,6 +63,7 @@ from typing import NoReturn
 from dispynb.daemon import load_prctl, set_dumpable
 from dispynb.errors import SetupError
 from dispynb.secret import forget_noted_secrets, forget_secret_env
+from dispynb.startup import blocked_while_forking
 from nodeserver.containment import become_subreaper
 from nodeserver.jobreasons import signal_name
 from nodeserver.launcher import (
@@ -421,7 +422,10 @@ def start_zygote(log_level: str | None = None) -> ZygoteLauncher | None:
     gc.freeze()  # collections never write to the imported objects' pages
     _flush_std()
     try:
-        pid = os.fork()
+        # A stop signal meanwhile raises its `StopSignal` once forked, in the
+        # node, not lost in the at-fork callbacks (`dispynb.startup`).
+        with blocked_while_forking():
+            pid = os.fork()
     except OSError as exc:
         logger.warning(
             "cannot fork a zygote (%s): computations start as processes", exc

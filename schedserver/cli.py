@@ -626,7 +626,9 @@ def _main(given: list[str] | None, held: StartupSignals) -> int:
         setup_logging(args.debug, args.loglevel)
         import asyncio
 
-        asyncio.run(serve(config_from_args(args)))
+        config = config_from_args(args)
+        held.check()  # a stop signal whose `StopSignal` got lost (`dispynb.startup`)
+        asyncio.run(serve(config))
         held.rearm()  # the loop's handlers are gone: one more signal waits
         return 0
 

@@ -273,21 +273,12 @@ def test_node_cli_stop_signal_while_starting_exits_zero_and_says_so(
     just started; here the node waits for its --secret-stdin) took the signal's
     default action: the node died of SIGTERM or SIGHUP saying nothing, of SIGINT
     with a KeyboardInterrupt traceback, its zygote left to die by itself."""
-    command = node_command(
-        "--secret-stdin", "--port", "0", "--dest-path", str(tmp_path / "dest")
-    )
-    if program == "dispynb-node":  # the console script's entry point, as installed
-        command[1:3] = [
-            "-c",
-            "import sys, nodeserver.__main__ as m; sys.exit(m.main())",
-        ]
-    proc = subprocess.Popen(
-        command,
-        env=node_env(),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    proc = _starting_node(
+        tmp_path,
+        # The console script's entry point, as installed.
+        "import sys, nodeserver.__main__ as m; sys.exit(m.main())"
+        if program == "dispynb-node"
+        else None,
     )
     try:
         node = psutil.Process(proc.pid)
@@ -306,3 +297,48 @@ def test_node_cli_stop_signal_while_starting_exits_zero_and_says_so(
     )
     assert "Traceback" not in err
     zygote.wait(timeout=NODE_WAIT)  # reaped by the node, or gone with it
+
+
+def test_node_cli_stop_signal_during_at_fork_callbacks_is_not_lost(tmp_path):
+    """A SIGTERM that came while the node forked its zygote was handled inside an
+    at-fork callback (logging's, here one of the test's own, to hit that moment
+    every time): Python printed "Exception ignored" and dropped the `StopSignal`,
+    and the node went on to wait for its --secret-stdin, then exited 2."""
+    proc = _starting_node(
+        tmp_path,
+        "import os, signal, sys\n"
+        "def stop():\n"
+        "    if signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "os.register_at_fork(after_in_parent=stop)\n"
+        "import nodeserver.__main__ as m\n"
+        "sys.exit(m.main())",
+    )
+    try:
+        # No secret on stdin: a node that lost the signal reads none, and exits 2.
+        _out, err = proc.communicate(timeout=NODE_WAIT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert "dispynb-node: stopped by SIGTERM while starting" in err
+    assert "Exception ignored" not in err
+    assert "Traceback" not in err
+
+
+def _starting_node(tmp_path, program: str | None = None) -> subprocess.Popen[str]:
+    """A node waiting for its --secret-stdin; ``python -c program`` if given."""
+    command = node_command(
+        "--secret-stdin", "--port", "0", "--dest-path", str(tmp_path / "dest")
+    )
+    if program is not None:
+        command[1:3] = ["-c", program]
+    return subprocess.Popen(
+        command,
+        env=node_env(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )

@@ -405,3 +405,52 @@ def test_a_stop_signal_while_starting_ends_the_scheduler_cleanly(
             proc.wait()
     assert proc.returncode == 0, err
     assert err.strip() == "dispynb-scheduler: stopped by SIGTERM while starting"
+
+
+def test_scheduler_stop_signal_whose_stop_python_dropped_still_stops_it(
+    tmp_path: Path,
+) -> None:
+    """A SIGTERM handled inside a ``__del__`` (or a weakref or at-fork callback)
+    while the scheduler started: Python printed "Exception ignored" and dropped the
+    `StopSignal` its handler raised, and the scheduler went on to serve. Here the
+    ``__del__`` runs while it imports its modules, every time."""
+    import subprocess
+    import sys
+
+    from tests.sharedsched.harness import env_for
+
+    add_user(tmp_path, "alice")
+    users = tmp_path / "users"
+    program = (
+        "import os, signal, sys\n"
+        "class Stop:\n"
+        "    def __del__(self):\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "class Finder:\n"
+        "    stop = Stop()\n"
+        "    @classmethod\n"
+        "    def find_spec(cls, name, path=None, target=None):\n"
+        "        if name == 'schedserver.cli':\n"
+        "            del cls.stop\n"
+        "        return None\n"
+        "sys.meta_path.insert(0, Finder)\n"
+        "import schedserver.__main__ as m\n"
+        "sys.exit(m.main())"
+    )
+    options = ["-i", "127.0.0.1", "--port", "0", "--users", str(users)]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", program, *options],
+        env=env_for(),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert err.strip() == "dispynb-scheduler: stopped by SIGTERM while starting"
