@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
-from dispynb._interruptible import Flag, start_thread
+from dispynb._interruptible import Flag, HeldInterrupts, start_thread
 from dispynb.captures import check_shippable
 from dispynb.celloutput import MapOutput, cell_context, in_kernel
 from dispynb.errors import DispynbError, RemoteError, SerializationError
@@ -543,11 +543,14 @@ class Executor(concurrent.futures.Executor):
         try:
             for chunk in in_flight:
                 jobs.append(self._submit_chunk(key, blob, chunk))
+            output = _cell_output(jobs, (fn, self._initializer))
+        except KeyboardInterrupt as interrupted:
+            self._stop_chunks(jobs)
+            raise interrupted.with_traceback(None) from None  # at the user's line
         except BaseException:  # an argument that cannot be pickled, say
             self._cancel_chunks(jobs)  # no orphan calls left running
             raise
         more = chunks if buffersize else iter(())
-        output = _cell_output(jobs, (fn, self._initializer))
         # A generator not started runs no ``finally`` when it is closed or
         # dropped: the calls of a map never iterated all run (as the standard
         # library's), those of a map left after its first value are cancelled.
@@ -581,8 +584,23 @@ class Executor(concurrent.futures.Executor):
                     if failure is not None:
                         raise _error(failure, sources, self._mem_limit, self._allowed)
                     yield value
+        except KeyboardInterrupt as interrupted:
+            if isinstance(interrupted.__cause__, RemoteError):  # a call's own
+                raise
+            self._stop_chunks(jobs)
+            raise interrupted.with_traceback(None) from None  # at the user's line
         finally:
             self._cancel_chunks(jobs)
+
+    def _stop_chunks(self, jobs: collections.deque[DispyJob]) -> None:
+        """Stop the jobs of a ``map`` interrupted (Ctrl-C, the notebook's Stop)
+        as it submits or waits: the queued ones are cancelled and the running
+        ones terminated, as %%dispy and `Run.map` stop theirs (a terminal's
+        Ctrl-C reaches a ProcessPoolExecutor's processes too, in its process
+        group; never the nodes). The caller then raises the interrupt, its
+        traceback ending at the user's line."""
+        with HeldInterrupts():  # a second press must not cut this short
+            self.cluster._cancel_all(list(jobs))
 
     def _cancel_chunks(self, jobs: collections.deque[DispyJob]) -> None:
         """Cancel the jobs of a ``map`` left early (a timeout, a ``break``, an

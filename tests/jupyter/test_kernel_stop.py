@@ -274,3 +274,45 @@ def test_stopped_run_map_keeps_what_finished_and_its_local_cluster(tmp_path):
         assert k.value("'run' in globals()") is False
         assert wait_gone(workers, ORPHAN_WAIT) == []  # stopped, not left running
         assert k.value("Run.map(abs, [-1, -2], nodes=local).results") == [1, 2]
+
+
+def test_stop_in_an_executor_map_stops_its_calls_and_ends_at_the_users_line(
+    tmp_path,
+):
+    """Stop while ``list(executor.map(...))`` waits, as %%dispy and Run.map: the
+    map's queued calls are cancelled and its running ones terminated (before,
+    they ran on, out of reach, as the standard library leaves a pool's calls
+    handed to its processes), and the traceback ends at the user's line with
+    one frame of dispynb's (before: the map's, its wait's, the job's wait's).
+    The executor runs the next cell's calls."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    with kernel(tmp_path) as k:
+        k.run_ok(
+            "from dispynb import Executor, LocalCluster\n"
+            "local = LocalCluster(cpus=2)\n"
+            "executor = Executor(nodes=local)"
+        )
+        k.run_ok(work(tmp_path))
+        k.run_ok(
+            "def nap(mark, gate):\n"
+            "    import os, time\n"
+            "    with open(mark + '.tmp', 'w') as file:\n"
+            "        file.write(str(os.getpid()))\n"
+            "    os.replace(mark + '.tmp', mark)\n"
+            f"    time.sleep({JOB_SECONDS})\n"
+        )
+        msg_id = k.submit("values = list(executor.map(nap, *zip(*WORK)))")
+        wait_for(lambda: len(list(marks.glob("job?"))) == 2)  # 2 run, 2 queued
+        workers = [int(mark.read_text()) for mark in marks.glob("job?")]
+        k.stop_button()
+        out = k.collect(msg_id, timeout=STOPPED_WITHIN)
+
+        assert out.ename == "KeyboardInterrupt", out.text
+        shown = out.error_text
+        assert "values = list(executor.map(" in shown, shown
+        assert shown.count("dispynb/") <= 1 and "job.py" not in shown, shown
+        assert wait_gone(workers, ORPHAN_WAIT) == []  # terminated, not left running
+        assert k.value("executor.submit(abs, -3).result(30)") == 3
+        assert len(list(marks.glob("job?"))) == 2  # the queued ones never ran
+        k.run_ok("executor.shutdown(); local.close()")
