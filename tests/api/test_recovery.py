@@ -785,8 +785,12 @@ import dispynb as dispy
 
 def compute(n, release):
     import os, time
-    open("%s.started" % release, "w").close()
     deadline = time.monotonic() + 60
+    # Started once the script waits in job(): a Ctrl-C before (in submit(), the
+    # job already on its node) would end it before it named the job 0.
+    while not os.path.exists(release + ".waiting") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    open("%s.started" % release, "w").close()
     while not os.path.exists(release) and time.monotonic() < deadline:
         time.sleep(0.01)
     return n * n
@@ -799,6 +803,7 @@ cluster = dispy.JobCluster(
 )
 job = cluster.submit(0, sys.argv[3])
 job.id = 0
+open(sys.argv[3] + ".waiting", "w").close()
 job()  # Ctrl-C here ends the script
 """
 
