@@ -44,16 +44,21 @@ from dispynb.transport import localsockets
 #: ``nodeserver`` package or module in the notebook's directory instead, that
 #: directory leading sys.path; ``-P`` would drop the directory, which ``-m`` keeps
 #: (as the full path) and this keeps too, once dispynb's packages are imported.
+#: Stop signals are held (`dispynb.startup`) before the node's modules are
+#: imported, as ``dispynb-node`` does: a cluster closed as it starts stops cleanly.
 _NODE_MAIN = """\
 import os, sys
 root = sys.argv.pop(1)
 sys.path.insert(0, root)
-import dispynb, nodeserver, nodeserver.cli
-sys.path.remove(root)
-if sys.path[0] == "":
-    sys.path[0] = os.getcwd()
-sys.argv[0] = "dispynb-node"
-sys.exit(nodeserver.cli.main())
+from dispynb.startup import run_held
+def node(held):
+    import nodeserver, nodeserver.cli
+    sys.path.remove(root)
+    if sys.path[0] == "":
+        sys.path[0] = os.getcwd()
+    sys.argv[0] = "dispynb-node"
+    return nodeserver.cli.main()
+sys.exit(run_held("dispynb-node", node))
 """
 
 #: Seconds a node gets to start listening.

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 
 import psutil
 import pytest
 
+import dispynb.local
 from dispynb import DispyJob, JobCluster, LocalCluster
 from dispynb.errors import ClusterError, ConfigurationError
+from dispynb.local import _NODE_MAIN
 from dispynb.transport import localsockets
 from tests import jobs
 from tests.jobs import WAIT, wait_until
@@ -32,7 +36,8 @@ def test_local_cluster_start_and_close_leaves_no_processes():
         nodes = [psutil.Process(pid) for pid in local.pids]
         assert len(nodes) == 1
         assert all(node.is_running() for node in nodes)
-        assert "nodeserver.cli.main()" in " ".join(nodes[0].cmdline())
+        # Dispynb's own node, its stop signals held from the start (`_NODE_MAIN`).
+        assert nodes[0].cmdline()[1:3] == ["-c", _NODE_MAIN]
         with JobCluster(jobs.mark_and_sleep, nodes=local) as cluster:
             # While a computation is set up: its process and 2 workers run.
             wait_until(lambda: len(jobs.computation_processes(nodes[0])) >= 3)
@@ -44,6 +49,33 @@ def test_local_cluster_start_and_close_leaves_no_processes():
     assert alive == []
     assert not any(psutil.pid_exists(pid) for pid in local.pids)
     assert local.pids == []
+
+
+def test_local_cluster_node_stopped_while_it_imports_stops_cleanly(tmp_path):
+    """A `LocalCluster` closed as it starts sends SIGTERM to nodes still importing
+    their modules: they died of the signal's default action, saying nothing. Here
+    the node's program signals itself as it imports ``nodeserver.cli``."""
+    stop_on_import = (
+        "import os, signal, sys\n"
+        "class Stop:\n"
+        "    @staticmethod\n"
+        "    def find_spec(name, path=None, target=None):\n"
+        "        if name == 'nodeserver.cli':\n"
+        "            os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        return None\n"
+        "sys.meta_path.insert(0, Stop)\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(dispynb.local.__file__)))
+    options = ["--host", "127.0.0.1", "--port", "0", "--dest-path", str(tmp_path)]
+    done = subprocess.run(
+        [sys.executable, "-c", stop_on_import + _NODE_MAIN, root, *options],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip() == "dispynb-node: stopped by SIGTERM while starting"
 
 
 def test_local_cluster_node_specs_name_listening_nodes_with_secret():
