@@ -151,8 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
         *_both("ping_interval"),
         type=float,
         default=None,
-        help="seconds between discovery pings (1-1000; default: once, at start: "
-        "nodes announce themselves when they start)",
+        help="seconds between discovery pings (1-1000; default, or 0 as for "
+        "dispyscheduler: once, at start: nodes announce themselves when they start)",
     )
     parser.add_argument(
         "--users",
@@ -270,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
         *_both("pulse_interval"),
         type=float,
         default=1.0,
-        help="seconds between pings to nodes and reports to clients (default 1)",
+        help="seconds between pings to nodes and reports to clients (default 1; "
+        "0, dispyscheduler's default, is 1 too)",
     )
     parser.add_argument(
         *_both("zombie_interval"),
@@ -476,8 +477,14 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
             discover.append(spec)
             continue
         nodes.append(parse_address(spec, args.node_port))
-    if args.ping_interval is not None and not 1 <= args.ping_interval <= 1000:
-        raise ConfigurationError("--ping_interval must be within 1-1000 s")
+    # 0 is dispyscheduler's default for both ("not given", as its config files
+    # say): pings once at start, pulses at the default pace.
+    ping_interval = args.ping_interval or None
+    pulse_interval = args.pulse_interval or SchedulerConfig.pulse_interval
+    if ping_interval is not None and not 1 <= ping_interval <= 1000:
+        raise ConfigurationError(
+            "--ping_interval must be within 1-1000 s (0: once, at start)"
+        )
     if args.node_keyfile and not args.node_certfile:
         raise ConfigurationError("--node_keyfile needs --node_certfile")
     if args.cluster_keyfile and not args.cluster_certfile:
@@ -490,7 +497,7 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         discover=discover,
         multicast=args.ipv4_udp_multicast,
         register_port=args.register_port,
-        ping_interval=args.ping_interval,
+        ping_interval=ping_interval,
         node_secret=secret,
         node_ssl=client_context(args.node_certfile, args.node_keyfile, args.node_cafile)
         if node_tls
@@ -509,7 +516,7 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         jobs_per_cpu=args.jobs_per_cpu,
         max_cpus=args.max_cpus,
         max_queued=args.max_queued,
-        pulse_interval=args.pulse_interval,
+        pulse_interval=pulse_interval,
         zombie_interval=args.zombie_interval * 60.0,
         forget_registered=args.forget_registered,
         keep_results=args.keep_results,

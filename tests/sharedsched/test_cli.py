@@ -45,6 +45,16 @@ def test_dispyscheduler_options_that_apply_are_taken(tmp_path: Path) -> None:
     assert (config.max_cpus, config.max_queued) == (4, 100)
 
 
+def test_dispyschedulers_default_zero_intervals_are_taken(tmp_path: Path) -> None:
+    """``--pulse_interval 0`` and ``--ping_interval 0`` are dispyscheduler's
+    defaults (its config files write them, and were taken): on the command line
+    they were refused ("must be within 0.1-1000 s")."""
+    config = config_from_args(
+        parse_args(["--users", "u", "--pulse_interval", "0", "--ping_interval", "0"])
+    )
+    assert (config.pulse_interval, config.ping_interval) == (1.0, None)
+
+
 def test_dispyschedulers_older_poll_interval_is_taken(tmp_path: Path) -> None:
     """dispyscheduler up to 4.10 polled nodes behind NAT for results
     (``--poll_interval``); the scheduler here keeps a connection to each node, so
