@@ -250,11 +250,17 @@ class ResultKeeper:
             if spool.expires is None:  # its node stopped while jobs ran
                 spool.expires = expires
                 self._spool.write_meta(spool)
-            self._spawn(self._expire(key, kept, max(expires - time.time(), 0.0)))
+            left = max(expires - time.time(), 0.0)
+            self._spawn(self._expire(key, kept, left))
+            count = len(spool.files)
             logger.info(
-                "kept results of computation %s (%d) offered until they expire",
+                "computation %s: %d kept result%s offered to its client until %s "
+                "(%.0f s from now), then removed",
                 spool.name,
-                len(spool.files),
+                count,
+                "" if count == 1 else "s",
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(expires)),
+                left,
             )
         return len(self._kept)
 

@@ -566,7 +566,7 @@ def test_kept_results_survive_a_node_restart_and_are_removed_when_collected(tmp_
         node = start_node(
             tmp_path / "node", "--port", str(node.port), cpus=20, secret=node.secret
         )
-        assert "kept results of computation" in node.log_text()
+        assert "offered to its client until" in node.log_text()
         done = subprocess.run(
             [sys.executable, "recover.py", str(journal), node.secret],
             cwd=tmp_path, capture_output=True, text=True, timeout=60,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import stat
 import struct
 import time
@@ -148,6 +149,37 @@ class FakeComputation:
 
     async def close(self, terminate: bool) -> None:
         self.closed.append(terminate)
+
+
+def test_restarted_node_logs_how_many_kept_results_it_offers_and_until_when(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """It logged "kept results of computation comp (2) offered until they expire":
+    an unexplained count, and no expiry time."""
+
+    async def main() -> None:
+        keeper = ResultKeeper(ResultSpool(str(tmp_path), 1 << 20))
+        kept = keeper.register(RID, FakeComputation())  # type: ignore[arg-type]
+        for key in range(2):
+            ResultKeeper.record(kept, *result(key))
+        keeper.adopt(RID, 600)
+        await asyncio.wait_for(kept.finished.wait(), 5)
+        await keeper.close()
+        restarted = ResultKeeper(ResultSpool(str(tmp_path), 1 << 20))
+        with caplog.at_level(logging.INFO, logger="nodeserver.keeper"):
+            assert restarted.load() == 1
+        await restarted.close()
+
+    asyncio.run(main())
+    lines = [r.getMessage() for r in caplog.records if "kept result" in r.message]
+    until = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"
+    assert len(lines) == 1
+    match = re.fullmatch(
+        rf"computation comp: 2 kept results offered to its client until {until} "
+        r"\((\d+) s from now\), then removed",
+        lines[0],
+    )
+    assert match and 500 < int(match[1]) <= 600, lines
 
 
 def test_keeper_spools_delivers_and_survives_a_restart(tmp_path: Path):
