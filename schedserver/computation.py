@@ -213,7 +213,10 @@ class SharedComputation(_JobFiles, _SentFiles):
         session = self.session
         if self.setup.recovery_id is not None and isinstance(message, _KEPT_KINDS):
             if session is None or self.replaying or self.setup.keep_sent:
-                self.kept.add(message, buffers or [], job)
+                # Replaying, its client is back and takes it after what the replay
+                # sends before it: no --max_kept for what waits for a client away.
+                back = session is not None and self.replaying
+                self.kept.add(message, buffers or [], job, within_quota=not back)
             if self.replaying:
                 return  # the replay sends it after what was kept before it
         if session is None or sent:

@@ -38,6 +38,7 @@ import dataclasses
 import errno
 import itertools
 import logging
+import math
 import os
 import secrets
 import shutil
@@ -250,20 +251,25 @@ class KeptMessages:
         message: Message,
         buffers: list[memoryview],
         job: tuple[int, int] | None = None,
+        within_quota: bool = True,
     ) -> None:
         """Keep ``message`` (its payload in memory, or on disk) within the quota;
         ``job``: the job ``(key, attempt)`` it concerns, for a message that does not
-        name it (a file a job sent), to drop it with that job's acknowledgement."""
+        name it (a file a job sent), to drop it with that job's acknowledgement.
+        ``within_quota`` False: kept whatever the quota (its client is back and
+        takes it next, after what the replay sends before it)."""
         size = sum(b.nbytes for b in buffers) + _header_size(message)
         if (
-            self.size + size > self.quota
+            (within_quota and self.size + size > self.quota)
             or (isinstance(message, JobResults) and self._dropped_streams)
             or (
                 isinstance(message, ResultChunk)
                 and (message.key, message.attempt) in self._dropped_streams
             )
         ):
-            message, buffers = self._over_quota(message, buffers)
+            message, buffers = self._over_quota(
+                message, buffers, room=None if within_quota else math.inf
+            )
             if message is None:
                 return
             size = sum(b.nbytes for b in buffers) + _header_size(message)
@@ -394,10 +400,12 @@ class KeptMessages:
         message: Message,
         buffers: list[memoryview],
         disk: OSError | None = None,
+        room: float | None = None,
     ) -> tuple[Any, list[memoryview]]:
         """What is kept of a message that does not fit (``disk``: the disk is full,
-        nothing with a payload fits): results become an error entry each, other
-        payloads are dropped (None)."""
+        nothing with a payload fits; ``room``: what may be kept, if not what the
+        quota leaves): results become an error entry each, other payloads are
+        dropped (None)."""
         if disk is None:
             reason = (
                 "its result was not kept: the scheduler keeps at most "
@@ -428,7 +436,10 @@ class KeptMessages:
         results: list[Any] = []
         kept: list[memoryview] = []
         offset = 0
-        room = self.quota - self.size if disk is None else 0
+        if disk is not None:
+            room = 0
+        elif room is None:
+            room = self.quota - self.size
         for item in message.results:
             entry, streamed = ResultEntry.from_wire(item)
             count = 0 if streamed else entry.buffer_count

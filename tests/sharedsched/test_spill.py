@@ -35,3 +35,22 @@ def test_a_backlog_over_the_quota_names_a_client_that_does_not_read(
     reason = over_quota_reason(tmp_path, whose="a client that does not read")
     assert "for a client that does not read (--max_kept)" in reason
     assert "went away" not in reason
+
+
+def test_a_result_for_a_client_back_is_kept_whatever_the_quota(tmp_path: Path) -> None:
+    """While a client that came back is sent what was kept (the replay), what
+    ends meanwhile is kept behind it for that client: past the quota too. Was: a
+    result that ended during the replay became the --max_kept error, though its
+    client was there to take it (CI under load: a recovered job Terminated)."""
+    kept = KeptMessages(SpillStore(str(tmp_path), memory=1 << 20), "c", 16)
+    entry = ResultEntry(1, 0, FINISHED, 1.0, 2.0, "", "", None, 1)
+    kept.add(
+        JobResults(comp_id=1, results=[entry.to_wire()], started=[]),
+        [memoryview(b"x" * 64)],
+        within_quota=False,
+    )
+    message, buffers = kept.pop()
+    assert isinstance(message, JobResults)
+    result, _ = ResultEntry.from_wire(message.results[0])
+    assert result.outcome == FINISHED and bytes(buffers[0]) == b"x" * 64
+    assert not kept.full
