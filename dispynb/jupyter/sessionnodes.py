@@ -44,9 +44,16 @@ class _SessionNodes:
         return {item.split(" ", 1)[0] for item in self._exited_items()}
 
     def _exited_items(self) -> list[str]:
-        """``"host:port (status N)"`` of each node this session started that has
-        exited."""
-        if self.local is None or self.nodes is not self.local:
+        """``"host:port (status N)"`` of each local node this session started that
+        has exited (a launcher's say ``"name: why"``: its nodes leave the panel as
+        its clusters lose them)."""
+        from dispynb.deploy.base import NodeLauncher
+
+        if (
+            self.local is None
+            or self.nodes is not self.local
+            or isinstance(self.local, NodeLauncher)
+        ):
             return []
         return list(self.local.exited())
 
@@ -133,10 +140,8 @@ class _SessionNodes:
     def exited_error(self) -> MagicError | None:
         """The error saying that every node this session started has exited
         (None while one runs, or if it started none): a cell has none to run on."""
-        if self.local is None or self.nodes is not self.local:
-            return None
-        gone = self.local.exited()
-        if not gone or len(gone) < len(self.local.addresses):
+        gone, running = self._exited_and_running()
+        if not gone or running:
             return None
         kind = launcher_kind(self.local)
         return MagicError(
@@ -148,20 +153,29 @@ class _SessionNodes:
         """Which of the nodes this session started have exited while others run
         ("" if none has): a cell runs on the others, as a dispy cluster goes on
         with the nodes it has, and says so."""
-        if self.local is None or self.nodes is not self.local:
-            return ""
-        gone = self.local.exited()
-        total = len(self.local.addresses)
-        if not gone or len(gone) >= total:
+        gone, running = self._exited_and_running()
+        if not gone or not running:
             return ""
         kind = launcher_kind(self.local)
         verb = "has" if len(gone) == 1 else "have"
-        left = total - len(gone)
         return (
-            f"{len(gone)} of the {total} {kind} nodes {verb} exited: "
-            f"{', '.join(gone)}; running on the other {left}: run %dispy {kind} "
+            f"{len(gone)} of the {len(gone) + running} {kind} nodes {verb} exited: "
+            f"{', '.join(gone)}; running on the other {running}: run %dispy {kind} "
             "again for new nodes"
         )
+
+    def _exited_and_running(self) -> tuple[list[str], int]:
+        """The nodes this session started that exited (as ``exited()`` says them),
+        and how many still run. A `LocalCluster`'s ``addresses`` name all it
+        started; a launcher's (SSH, SLURM) only those still running."""
+        if self.local is None or self.nodes is not self.local:
+            return [], 0
+        gone = list(self.local.exited())
+        from dispynb.deploy.base import NodeLauncher
+
+        if isinstance(self.local, NodeLauncher):
+            return gone, len(self.local.nodes)
+        return gone, len(self.local.addresses) - len(gone)
 
 
 def _spec(host: str, address: str) -> str:

@@ -689,6 +689,36 @@ def test_a_cell_runs_on_the_local_nodes_left_when_one_exited(ip):
         magics.session = kept
 
 
+def test_a_launched_node_that_exited_leaves_the_cell_the_others():
+    """One of two launched nodes (%dispy ssh, %dispy slurm) ended: a launcher's
+    addresses are those still running, so the cell said 'the nodes have exited',
+    with one running. It runs on the other, saying so."""
+    import os
+    import signal
+
+    from dispynb.jupyter.session import Session
+    from tests.deploy.test_launcher import LocalProcesses
+
+    session = Session()
+    launcher = LocalProcesses()
+    session.local = session.nodes = launcher
+    try:
+        launcher.start(2)
+        launcher.wait_for(2, timeout=30)
+        handle = launcher._launched[0].handle
+        assert handle is not None
+        os.kill(handle.pid, signal.SIGKILL)
+        jobs.wait_until(lambda: launcher.exited() != [])
+        assert session.exited_error() is None
+        news = session.exited_news()
+        assert news.startswith(f"1 of the 2 {launcher.kind} nodes has exited: "), news
+        assert "; running on the other 1: " in news, news
+        run = Run.map(abs, [-1, -2, -3], nodes=session.nodes, progress="none")
+        assert run.results == [1, 2, 3], run.df
+    finally:
+        session.close()
+
+
 def test_dispy_status_lists_a_local_node_that_exited_before_the_probe_met_it():
     """A %dispy local node killed as the nodes start, before the session's probe
     reached it, is listed gone in %dispy status (the where-line names it): it was
