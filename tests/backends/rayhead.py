@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -30,6 +31,9 @@ RAY = str(Path(sys.executable).with_name("ray"))
 #: Seconds ``ray start`` may take (it gives up after 30 s waiting for its raylet
 #: on a loaded machine: then it is tried once more).
 START_TIMEOUT = 150.0
+
+#: A raylet log's line saying why it aborted (glog's fatal lines, a failed check).
+_FATAL = re.compile(r"Check failed|FATAL|\*\*\* SIG|,\d{3} F \d|^F\d{4} ")
 
 
 #: ``nice`` adjustment of the Ray processes (a higher priority when run as root).
@@ -134,13 +138,15 @@ class RayHead:
         proc.wait(timeout=30)
 
     def raylet_logs(self, lines: int = 15) -> str:
-        """The last ``lines`` of each raylet's log of this cluster: why one ended."""
+        """Each raylet's log of this cluster: why one ended (its fatal lines: an
+        abort's stack trace fills the last ones), then its last ``lines``."""
         logs = sorted(Path(self.temp_dir).glob("session_*/logs/raylet*.out"))
-        return "\n".join(
-            f"== {log.name}\n"
-            + "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
-            for log in logs
-        )
+        parts = []
+        for log in logs:
+            text = log.read_text(errors="replace").splitlines()
+            fatal = [line for line in text if _FATAL.search(line)][:5]
+            parts.append("\n".join([f"== {log.name}", *fatal, *text[-lines:]]))
+        return "\n".join(parts)
 
     def stop(self) -> None:
         for proc in self.workers:
