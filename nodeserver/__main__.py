@@ -5,6 +5,7 @@ which takes a second on a loaded machine: a SIGTERM meanwhile ends it cleanly.""
 
 import sys
 
+from dispynb._version import answered_version
 from dispynb.startup import StartupSignals, run_held
 
 
@@ -16,6 +17,8 @@ def _run(held: StartupSignals) -> int:
 
 def main() -> int:
     """The ``dispynb-node`` program."""
+    if answered_version("dispynb-node", sys.argv[1:]):
+        return 0
     return run_held("dispynb-node", _run)
 
 

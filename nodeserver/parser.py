@@ -8,7 +8,7 @@ import argparse
 import datetime
 import sys
 
-from dispynb._version import __version__
+from dispynb._version import version_line
 from dispynb.defaults import (
     DISCOVERY_PORT,
     IPV4_MULTICAST_GROUP,
@@ -435,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="log level (default info)",
     )
     add_refused(parser)
-    add("--version", action="version", version=f"dispynb-node {__version__}")
+    add("--version", action="version", version=version_line("dispynb-node"))
     return parser
 
 

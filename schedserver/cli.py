@@ -17,7 +17,7 @@ import signal
 import sys
 from typing import TYPE_CHECKING
 
-from dispynb._version import __version__
+from dispynb._version import version_line
 from dispynb.daemon import run_daemon, set_dumpable, setup_logging, stop_signals
 from dispynb.defaults import NODE_PORT, SCHEDULER_PORT, SCHEDULER_REGISTER_PORT
 from dispynb.errors import ConfigurationError, DispynbError
@@ -408,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"dispyscheduler's; refused: {REFUSED[name]}",
         )
     parser.add_argument(
-        "--version", action="version", version=f"dispynb-scheduler {__version__}"
+        "--version", action="version", version=version_line("dispynb-scheduler")
     )
     return parser
 

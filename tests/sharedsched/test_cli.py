@@ -464,3 +464,34 @@ def test_scheduler_stop_signal_whose_stop_python_dropped_still_stops_it(
             proc.communicate()
     assert proc.returncode == 0, err
     assert err.strip() == "dispynb-scheduler: stopped by SIGTERM while starting"
+
+
+@pytest.mark.parametrize(
+    ("program", "modules"),
+    [("nodeserver", "nodeserver.cli"), ("schedserver", "schedserver.cli")],
+)
+def test_version_loads_no_option_parser(program: str, modules: str) -> None:
+    """``dispynb-node --version`` and ``dispynb-scheduler --version`` imported the
+    option parsers and what they need (some 0.2 s, a second on a loaded machine)
+    to print one line."""
+    import subprocess
+    import sys
+
+    from dispynb._version import __version__
+    from tests.sharedsched.harness import env_for
+
+    code = (  # at exit: argparse's --version exits from the parser
+        f"import atexit, sys, {program}.__main__ as m\n"
+        f"atexit.register(lambda: print({modules!r} in sys.modules))\n"
+        "sys.exit(m.main())"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, "--version"],
+        env=env_for(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    name = "dispynb-node" if program == "nodeserver" else "dispynb-scheduler"
+    assert done.stdout.splitlines() == [f"{name} {__version__}", "False"]
