@@ -361,7 +361,7 @@ class DispyMagics(Magics):
             display(session.panel)
             return None
         started = session.local
-        session.close()
+        session.close(ended=True)
         kind = launcher_kind(started)
         stopped = f", {kind} nodes stopped" if started is not None else ""
         print(f"dispynb: runs cancelled and closed{stopped}")

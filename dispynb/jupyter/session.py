@@ -385,11 +385,13 @@ class Session(_SessionProbes, _SessionNodes):
             if run.name == name and not run.done():
                 print(run.stop("dispynb", echo=False, quiet=True), file=sys.stderr)
 
-    def close(self) -> None:
+    def close(self, ended: bool = False) -> None:
         """Cancel and close every run, and stop local nodes this session started.
 
         A run that had unfinished jobs (a ``--nowait`` one) says so on stderr, in
-        the cell that replaced or closed its nodes: its results stop here."""
+        the cell that replaced or closed its nodes: its results stop here.
+        ``ended`` (``%dispy close``): the panel keeps the nodes as they last
+        stood, saying that it stopped them (else they show as gone, replaced)."""
         stopped = []
         runs = self.runs
         for run in runs:
@@ -400,6 +402,9 @@ class Session(_SessionProbes, _SessionNodes):
                 stopped.append(run._stop_summary("dispynb", unfinished))
         # Ended now: still listed (`runs`) while a variable of the notebook holds them.
         self._runs = [weakref.ref(run) for run in runs]
+        if ended:  # as they stood after the runs, not greyed as gone
+            let_go = "stopped them" if self.local is not None else "let them go"
+            self.panel.stopped(f"%dispy close {let_go}")
         if self.local is not None:
             self.local.close()
         self.local = None

@@ -17,6 +17,7 @@ Feed a panel from your own cluster by chaining its callback::
 from __future__ import annotations
 
 import dataclasses
+import html
 import threading
 import time
 import uuid
@@ -283,6 +284,8 @@ class NodePanel:
         self._load_shown = float("-inf")  # when load figures last changed on it
         self._shown: tuple[Any, Any] | None = None  # what it shows: (rest, load)
         self._timer: threading.Timer | None = None
+        #: Set by `stopped`: the rows drawn as they last stood, and why they stay.
+        self._kept: tuple[list[NodeRow], str] | None = None
 
     @property
     def widget(self) -> Any:
@@ -321,7 +324,23 @@ class NodePanel:
     def in_use(self, addresses: list[str] | None) -> None:
         """Only these nodes are in use now (see `NodeTable.in_use`); redraw."""
         self.table.in_use(addresses)
+        with self._lock:
+            if addresses != []:
+                self._kept = None  # nodes again: the panel follows them
         self.redraw()
+
+    def stopped(self, why: str) -> None:
+        """Every node shown was stopped on purpose (``why``: ``"%dispy close
+        stopped them"``): the panel keeps its rows as they last stood, stamped
+        with the time and ``why``, rather than greying each as gone (what a
+        saved notebook showed above its runs); it follows nodes again when
+        some are in use (`in_use`)."""
+        rows = self.rows()
+        self.table.in_use([])
+        with self._lock:
+            at = time.strftime("%H:%M:%S")
+            self._kept = (rows, f"nodes as of {at}, when {why}")
+            self._draw(force=True)
 
     def chain(
         self, callback: Callable[[int, DispyNode | None, DispyJob | None], Any] | None
@@ -357,7 +376,7 @@ class NodePanel:
         self._cancel_timer()
         if not self._drawn():
             return
-        rows = self.rows()
+        rows = self.rows() if self._kept is None else self._kept[0]
         shown = _shown(rows)
         now = time.monotonic()
         last = self._shown
@@ -419,8 +438,9 @@ class NodePanel:
         with self._lock:
             if self._display_id is None:
                 self._display_id = uuid.uuid4().hex
+            rows = self.rows() if self._kept is None else self._kept[0]
             display(
-                self._bundle(self.rows(), live=True),
+                self._bundle(rows, live=True),
                 raw=True,
                 display_id=self._display_id,
             )
@@ -429,13 +449,17 @@ class NodePanel:
         """``rows`` as HTML (``live``: stamped with the time, its cells styled
         once) and as text."""
         table = templates.nodes_html(rows, live=live)
+        text = _text(rows)
         if live:
-            at = time.strftime("%H:%M:%S")
+            stamp = f"nodes as of {time.strftime('%H:%M:%S')}"
+            if self._kept is not None:
+                stamp = self._kept[1]
+                text += f"\n{stamp}"
             table += (
                 "<div class='dispynb-nodes-time' style='font-size:80%;"
-                f"color:#757575'>nodes as of {at}</div>"
+                f"color:#757575'>{html.escape(stamp)}</div>"
             )
-        return {"text/html": table, "text/plain": _text(rows)}
+        return {"text/html": table, "text/plain": text}
 
     def _repr_html_(self) -> str:
         return templates.nodes_html(self.rows())

@@ -229,3 +229,27 @@ def test_a_run_going_on_as_the_kernel_shuts_down_ends_cancelled_not_failed(tmp_p
     assert WIDGET not in bar, bar
     assert "0/4 done, 4 cancelled" in bar["text/plain"], bar
     assert "failed" not in bar["text/plain"] + output.get("text/plain", ""), shown
+
+
+def test_dispy_close_leaves_the_panel_as_it_last_stood_saying_so(tmp_path):
+    """``%dispy close`` at a notebook's end redrew its ``%dispy panel`` (saved
+    above the runs, as on the docs site) with every node greyed as gone. The
+    panel keeps the nodes with their jobs, stamped with the close."""
+    with kernel(tmp_path) as started:
+        started.run_ok("%load_ext dispynb\n%dispy local --nodes 2 --cpus 1")
+        ((display_id, _shown),) = displays(started, "%dispy panel").items()
+        started.run_ok(
+            '%%dispy --over "range(6)" --into six\ndef six(i):\n    return i'
+        )
+        texts = panel_updates(started, display_id, "%dispy close", "%dispy close")
+        last = texts[-1]
+        assert "gone" not in last, last
+        assert last.count(" idle") == 2, last
+        done = re.findall(r"jobs_done=(\d+)", last)
+        assert sum(map(int, done)) == 6, last
+        assert last.endswith("when %dispy close stopped them"), last
+        # New nodes: the panel follows them again, the old ones gone.
+        ((_, again),) = displays(started, "%dispy local --cpus 1\n%dispy panel").items()
+        assert again["text/plain"].count(" gone") == 2, again
+        assert "%dispy close" not in again["text/plain"], again
+        started.run_ok("%dispy close")
