@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import sys
 from typing import TYPE_CHECKING
@@ -280,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="minutes (fractions too: 0.5 is 30 s) a client may stay silent (it "
         "pings every pulse) before it counts as a zombie: its computations are "
         "closed, its jobs terminated; also the longest the results of a client that "
-        "went away (with a recover_file) are kept (default 60)",
+        "went away (with a recover_file) are kept (default 60; 0: never, as for "
+        "dispyscheduler)",
     )
     parser.add_argument(
         *_both("forget_registered"),
@@ -517,7 +519,10 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         max_cpus=args.max_cpus,
         max_queued=args.max_queued,
         pulse_interval=pulse_interval,
-        zombie_interval=args.zombie_interval * 60.0,
+        # 0: never, as for dispyscheduler (and dispynb-node).
+        zombie_interval=args.zombie_interval * 60.0
+        if args.zombie_interval
+        else math.inf,
         forget_registered=args.forget_registered,
         keep_results=args.keep_results,
         port_file=args.port_file,

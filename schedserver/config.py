@@ -142,7 +142,7 @@ class SchedulerConfig:
         if not self.zombie_interval > 0:
             raise ConfigurationError(
                 "--zombie_interval must be more than 0 minutes (fractions are taken: "
-                "0.5 is 30 s)"
+                "0.5 is 30 s), or 0: never"
             )
         if not 1 <= self.forget_registered <= 86400:
             raise ConfigurationError("--forget_registered must be within 1-86400 s")

@@ -4,6 +4,7 @@ refused with one line; an unsafe users file is refused."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import socket
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from dispynb.errors import ConfigurationError
 from schedserver.cli import REFUSED, build_parser, config_from_args, parse_args
 from tests.sharedsched.harness import SchedulerProcess, add_user, scheduler_cli
 
@@ -53,6 +55,16 @@ def test_dispyschedulers_default_zero_intervals_are_taken(tmp_path: Path) -> Non
         parse_args(["--users", "u", "--pulse_interval", "0", "--ping_interval", "0"])
     )
     assert (config.pulse_interval, config.ping_interval) == (1.0, None)
+
+
+def test_dispyschedulers_zombie_interval_zero_is_never(tmp_path: Path) -> None:
+    """dispyscheduler takes ``--zombie_interval 0`` as "never presume a silent
+    client a zombie" (as dispynb-node does); it was refused ("must be more than 0
+    minutes"), from the command line and from config files alike."""
+    config = config_from_args(parse_args(["--users", "u", "--zombie_interval", "0"]))
+    assert config.zombie_interval == math.inf
+    with pytest.raises(ConfigurationError, match="or 0: never"):
+        config_from_args(parse_args(["--users", "u", "--zombie_interval", "-1"]))
 
 
 def test_dispyschedulers_older_poll_interval_is_taken(tmp_path: Path) -> None:
@@ -171,12 +183,9 @@ def test_zombie_interval_is_in_minutes_with_fractions_and_must_be_positive(
         ["-n", "127.0.0.1", "--users", "u", "--zombie_interval", "0.05"]
     )
     assert config_from_args(args).zombie_interval == pytest.approx(3.0)
-    for value in ("0", "-1"):
-        done = scheduler_cli(
-            "-n", "127.0.0.1:1", "--users", "u", "--zombie_interval", value
-        )
-        assert done.returncode == 2
-        assert "--zombie_interval must be more than 0 minutes" in done.stderr
+    done = scheduler_cli("-n", "127.0.0.1:1", "--users", "u", "--zombie_interval", "-1")
+    assert done.returncode == 2
+    assert "--zombie_interval must be more than 0 minutes" in done.stderr
 
 
 @pytest.mark.usefixtures("users")
