@@ -55,7 +55,7 @@ from dispynb.protocol.messages import (
 )
 from dispynb.protocol.records import ResultEntry, is_start
 from dispynb.recoverysent import SentWhileAway
-from dispynb.secret import resolve_secret
+from dispynb.secret import resolve_secret, split_credential
 from dispynb.status import status_of
 from dispynb.tracebacks import SourceMap
 from dispynb.transport.addressing import parse_address
@@ -377,6 +377,7 @@ async def _recover_from(
         sent = SentWhileAway(limits.files_dir, conn.write)
 
         async def read() -> None:
+            nonlocal settled
             while any(not job.done() for job in pending.values()):
                 message, buffers = await conn.recv()
                 if sent.take(message, buffers, pending, node):
@@ -385,6 +386,15 @@ async def _recover_from(
                     _add_chunk(streams, message, buffers, node, limits.result)
                 elif isinstance(message, JobResults):
                     _apply(message, buffers, pending, host, streams)
+                elif isinstance(message, Recovered) and message.other_user:
+                    settled = set()  # the right user's recovery gets them
+                    _abandon(
+                        pending,
+                        f"scheduler {node} keeps this computation for another user, "
+                        f"not for user {split_credential(secret)[0]!r}: call "
+                        "recover_jobs again with "
+                        "the credential of the user who ran it (secret_file=)",
+                    )
                 elif isinstance(message, Recovered) and not message.found:
                     _abandon(pending, f"node {node} no longer has the computation")
                 elif (
@@ -447,6 +457,7 @@ async def _collect_from(
         )
         streams: dict[tuple[int, int], Parts | None] = {}
         sent = SentWhileAway(limits.files_dir, conn.write)
+        other_user: list[bool] = []  # a scheduler keeps it for another user
 
         async def read() -> None:
             while True:
@@ -463,6 +474,9 @@ async def _collect_from(
                         found[ResultEntry.from_wire(entry)[0].key] = job
                         out.append(job)
                     _apply(message, buffers, found, host, streams)
+                elif isinstance(message, Recovered) and message.other_user:
+                    other_user.append(True)
+                    return
                 elif (
                     isinstance(message, Recovered)
                     and (not message.found or not message.running)
@@ -471,7 +485,16 @@ async def _collect_from(
 
         async with _watching(watch):
             await timeout.read(read, conn, node)
-        return True
+        if not other_user:
+            return True
+        # The file stays, for the right user's recovery.
+        logger.warning(
+            "scheduler %s keeps computation %s for another user, not for user %r: "
+            "call recover_jobs again with the credential of the user who ran it",
+            node,
+            recovery_id,
+            split_credential(secret)[0],
+        )
     except TimeoutError:
         logger.info("jobs still running on %s after %s s", node, timeout.timeout)
     except DispynbError as exc:

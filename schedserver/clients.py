@@ -157,7 +157,18 @@ class _Clients(_ServerState):
             None,
         )
         if comp is None:
-            session.send(Recovered(comp_id=message.comp_id, found=False, running=False))
+            other = any(
+                c.setup.recovery_id == message.recovery_id and not c.closing
+                for c in self.computations
+            )
+            session.send(
+                Recovered(
+                    comp_id=message.comp_id,
+                    found=False,
+                    running=False,
+                    other_user=other,
+                )
+            )
             return
         if comp.expiry is not None:
             comp.expiry.cancel()

@@ -485,6 +485,9 @@ class Recovered(WireMessage):
     comp_id: int
     found: bool
     running: bool
+    #: Not found for this user, but a shared scheduler keeps it for another: the
+    #: client recovers with the wrong credential, and its jobs are not lost.
+    other_user: bool = False
 
 
 @message("node-status")

@@ -477,28 +477,40 @@ time.sleep(300)
 """
 
 
+def _endless_jobs_left(
+    sched: SchedulerProcess, credential: Path, tmp_path: Path
+) -> tuple[Path, Path]:
+    """Run ENDLESS_CLIENT until both its jobs run, kill it; its journal and the
+    folder where each job left its process id."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    journal = tmp_path / "endless.journal"
+    _kill_client_after_submit(
+        sched, credential, journal, tmp_path, ENDLESS_CLIENT, str(marks)
+    )
+    return journal, marks
+
+
+def _recovered_terminated(journal: Path, credential: Path) -> None:
+    """recover_jobs(timeout=1, terminate_pending=True): both jobs come back
+    Terminated."""
+    jobs = recover_jobs(
+        str(journal), secret_file=str(credential), timeout=1, terminate_pending=True
+    )
+    assert [job.status for job in jobs] == [JobStatus.Terminated] * 2, [
+        (job.status, job.exception) for job in jobs
+    ]
+
+
 def test_recover_jobs_terminate_pending_terminates_them_through_the_scheduler(
     scheduler: SchedulerProcess, users: dict[str, Path], tmp_path: Path
 ) -> None:
     """recover_jobs(timeout, terminate_pending=True) through a shared scheduler:
     the jobs still running then are terminated on the nodes and come back
     Terminated, as from nodes a JobCluster used."""
-    marks = tmp_path / "marks"
-    marks.mkdir()
-    journal = tmp_path / "endless.journal"
-    _kill_client_after_submit(
-        scheduler, users["alice"], journal, tmp_path, ENDLESS_CLIENT, str(marks)
-    )
+    journal, marks = _endless_jobs_left(scheduler, users["alice"], tmp_path)
     pids = [int(mark.read_text()) for mark in marks.iterdir()]
-    jobs = recover_jobs(
-        str(journal),
-        secret_file=str(users["alice"]),
-        timeout=1,
-        terminate_pending=True,
-    )
-    assert [job.status for job in jobs] == [JobStatus.Terminated] * 2, [
-        (job.status, job.exception) for job in jobs
-    ]
+    _recovered_terminated(journal, users["alice"])
     wait_until(lambda: not any(psutil.pid_exists(pid) for pid in pids))
 
 
@@ -509,13 +521,8 @@ def test_jobs_running_at_recover_jobs_timeout_keep_their_start_through_the_sched
     back Running with the time they started on their nodes, as the client that
     crashed showed them (they came back with no start time: the scheduler had told
     that client, and kept nothing of it)."""
-    marks = tmp_path / "marks"
-    marks.mkdir()
-    journal = tmp_path / "endless.journal"
     before = time.time()
-    _kill_client_after_submit(
-        scheduler, users["alice"], journal, tmp_path, ENDLESS_CLIENT, str(marks)
-    )
+    journal, marks = _endless_jobs_left(scheduler, users["alice"], tmp_path)
     began = [mark.stat().st_mtime for mark in marks.iterdir()]
     try:
         jobs = recover_jobs(str(journal), secret_file=str(users["alice"]), timeout=1)
@@ -530,3 +537,20 @@ def test_jobs_running_at_recover_jobs_timeout_keep_their_start_through_the_sched
     for job in jobs:
         assert job.start_time is not None, job
         assert before - 1 <= job.start_time <= max(began) + 1, (job.start_time, began)
+
+
+def test_recover_jobs_with_another_users_credential_loses_no_job(
+    scheduler: SchedulerProcess, users: dict[str, Path], tmp_path: Path
+) -> None:
+    """recover_jobs given bob's credential for alice's journal says the scheduler
+    keeps the computation for another user, and alice's recovery then gets her
+    jobs. Before, bob's call was told the computation was gone, and the journal
+    recorded alice's jobs Abandoned for good: her own recovery got nothing."""
+    journal, _ = _endless_jobs_left(scheduler, users["alice"], tmp_path)
+    wrong = recover_jobs(str(journal), secret_file=str(users["bob"]), timeout=1)
+    assert [job.status for job in wrong] == [JobStatus.Abandoned] * 2
+    assert all(
+        "keeps this computation for another user, not for user 'bob'" in job.exception
+        for job in wrong
+    ), [job.exception for job in wrong]
+    _recovered_terminated(journal, users["alice"])
