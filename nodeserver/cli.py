@@ -486,6 +486,8 @@ async def serve(
         # Which signal, as the scheduler says: systemd's stop, SLURM's, a Ctrl-C.
         logger.info("shutting down%s", f" ({why})" if why else "")
     await server.stop(0.0 if orphaned.is_set() else config.drain_timeout, now, why)
+    # The log's last line: it stopped, not killed or hung while stopping.
+    logger.info("stopped")
     return orphaned.is_set()
 
 

@@ -567,6 +567,8 @@ async def serve(config: SchedulerConfig) -> None:
     finally:
         logger.info("stopping%s", f" ({signalled[0]})" if signalled else "")
         await server.stop(signalled[0] if signalled else "")
+        # The log's last line: it stopped, not killed or hung while stopping.
+        logger.info("stopped")
 
 
 def _check(args: argparse.Namespace) -> int:

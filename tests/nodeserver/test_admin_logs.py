@@ -213,3 +213,13 @@ def test_a_dest_path_that_cannot_be_made_is_named_as_a_setting(tmp_path):
     assert f"dispynb-node: --dest-path {dest}: cannot make this directory (Not a " in (
         done.stderr
     ), done.stderr
+
+
+def test_a_stopped_node_says_so_last(tmp_path):
+    """Its log ended with "shutting down (SIGTERM)" (then the clients' goodbyes):
+    whether it then stopped, or was killed or hung while draining, the log did
+    not say."""
+    node = start_node(tmp_path)
+    assert node.stop() == 0
+    lines = node.log_text().strip().splitlines()
+    assert lines[-1].endswith("nodeserver INFO stopped"), lines

@@ -504,3 +504,18 @@ def test_version_loads_no_option_parser(program: str, modules: str) -> None:
     assert done.returncode == 0, done.stderr
     name = "dispynb-node" if program == "nodeserver" else "dispynb-scheduler"
     assert done.stdout.splitlines() == [f"{name} {__version__}", "False"]
+
+
+def test_a_stopped_scheduler_says_so_last(tmp_path: Path) -> None:
+    """Its log ended with "stopping (SIGTERM)": whether it then stopped, or was
+    killed or hung while stopping, the log did not say."""
+    add_user(tmp_path, "alice")
+    # Nodes register with it (none here): it looks for none.
+    sched = SchedulerProcess(tmp_path, [], "node-secret", args=("--register_port", "0"))
+    try:
+        sched.start()
+    finally:
+        sched.stop()
+    assert sched.proc is not None and sched.proc.returncode == 0
+    lines = sched.log_text().strip().splitlines()
+    assert lines[-1].endswith("schedserver INFO stopped"), lines
