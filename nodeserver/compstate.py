@@ -107,6 +107,8 @@ class Worker:
     assigned: collections.deque[NodeJob] = field(default_factory=collections.deque)
     returncode: int | None = None
     exit_reason: str = ""  # why the computation process killed it, if it did
+    #: Why the node killed it for what it wrote to its channel (`channel_reason`).
+    channel_error: str = ""
     stream_closed: bool = False
     holds_cpu: bool = False
     #: Its CPU lent to other computations while its client is not reading

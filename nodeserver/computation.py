@@ -16,11 +16,12 @@ import contextlib
 import itertools
 import logging
 import operator
+import signal
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from dispynb.errors import DispynbError
+from dispynb.errors import ConnectionClosedError, DispynbError
 from dispynb.protocol.messages import CANCELLED, CRASHED, FINISHED, Message
 from dispynb.protocol.records import ResultEntry
 from nodeserver.budget import CpuBudget
@@ -45,6 +46,7 @@ from nodeserver.ipc import (
     SendFile,
 )
 from nodeserver.jobfiles import _JobFiles
+from nodeserver.jobreasons import channel_reason
 from nodeserver.jobreasons import crash_reason as crash_reason
 from nodeserver.jobreasons import mem_limit_note as mem_limit_note
 from nodeserver.jobreasons import timeout_reason as timeout_reason
@@ -441,8 +443,13 @@ class Computation(_JobStops, _WorkerLife, _JobFiles, _WorkStealing, _Computation
         try:
             # Messages are handled in the socket's read callback: no task switch.
             await worker.conn.dispatch(handle)
-        except DispynbError:
+        except ConnectionClosedError:
             pass
+        except DispynbError as exc:
+            # Not a message (a job wrote to the channel): the worker cannot go on
+            # with this stream, nor its job; said so, not as an exit of its own.
+            worker.channel_error = channel_reason(str(exc))
+            worker.process.signal(signal.SIGKILL)
         finally:
             worker.stream_closed = True
             worker.conn.close()

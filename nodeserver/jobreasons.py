@@ -10,6 +10,16 @@ from dispynb.jobenv import signal_name as signal_name
 from dispynb.jobenv import timeout_reason as timeout_reason
 
 
+def channel_reason(error: str) -> str:
+    """Why a job failed whose worker sent the node something it cannot read
+    (``error``: what was wrong): the worker was killed for it."""
+    return (
+        f"the job's worker process sent its node what is not a message ({error}): "
+        "the job (or a library it uses) wrote to the worker's own channel to the "
+        "node, a descriptor it inherited; the worker was killed"
+    )
+
+
 def oom_kills() -> int | None:
     """How many processes the kernel's out-of-memory killer has killed since boot
     (``oom_kill`` of /proc/vmstat, Linux 4.13+; a memory cgroup's kills count

@@ -470,7 +470,7 @@ class _WorkerLife(_ComputationState):
                     output,
                 )
             elif position == 0 and not worker.retiring:
-                reason = (
+                reason = worker.channel_error or (
                     worker.exit_reason or crash_reason(returncode)
                     if returncode is not None
                     else "the computation's process on the node died"

@@ -308,7 +308,13 @@ class FrameDecoder:
         if self.error is not None:
             return []
         if self.big is not None:
-            self._big_got += nbytes
+            before, self._big_got = self._big_got, self._big_got + nbytes
+            lengths = 4 * self._big_count
+            if before < lengths <= self._big_got and not self._lengths_fit(
+                self.big[:lengths], self._big_count, len(self.big)
+            ):
+                self.drop_partial()
+                return []
             if self._big_got < len(self.big):
                 return []
             frame = (self._big_prefix, self._big_count, self.big)
@@ -341,6 +347,19 @@ class FrameDecoder:
             if PREFIX_SIZE + size > len(chunk):
                 # Too big for the chunk: it gets its own buffer, filled in place.
                 have = self._end - start - PREFIX_SIZE
+                if have < 4 * count and PREFIX_SIZE + 4 * count <= len(chunk):
+                    # Its lengths first, where the chunk holds them: a frame only
+                    # announced (a job wrote to its worker's channel) takes no
+                    # memory, nor one whose lengths do not add up (`_lengths_fit`).
+                    if start + PREFIX_SIZE + 4 * count > len(chunk):
+                        self._compact()
+                    break
+                if have >= 4 * count and not self._lengths_fit(
+                    view[start + PREFIX_SIZE : start + PREFIX_SIZE + 4 * count],
+                    count,
+                    size,
+                ):
+                    break
                 try:
                     self.big = big = self.take_body(size)
                 except (MemoryError, OSError) as exc:
@@ -358,6 +377,22 @@ class FrameDecoder:
         if self._start == self._end:
             self._start = self._end = 0
         return frames
+
+    def _lengths_fit(self, table: Buffer, count: int, size: int) -> bool:
+        """Whether the lengths ``table`` of a large frame (its first bytes) add up
+        to its body of ``size`` bytes; if not, `error`: a peer that announced a
+        large frame and then sent something else (a job writing to its worker's
+        channel) is refused as soon as that shows, with nothing taken for the body
+        it announced (which may never come), or no more than what came of it."""
+        lengths = struct.unpack_from(f"!{count}I", table)
+        end = size - self.mac_size
+        if 4 * count + sum(lengths) == end:
+            return True
+        self.error = FramingError(
+            f"a frame of {end} bytes announced, whose lengths add up to "
+            f"{4 * count + sum(lengths)}: not a dispynb message"
+        )
+        return False
 
     @property
     def holding(self) -> bool:

@@ -284,6 +284,7 @@ class Connection:
         self._signer = MessageSigner(send_key)
         self._verifier = MessageVerifier(receive_key)
         self.decoder.max_size = max_size
+        self.decoder.mac_size = MAC_SIZE  # a large frame's lengths are checked early
 
     # -- sending -----------------------------------------------------------------------
 

@@ -296,7 +296,7 @@ def test_an_announced_body_takes_memory_only_as_it_arrives():
         space = decoder.buffer()
         space[:PREFIX_SIZE] = PREFIX.pack((32 << 20) - 64, 1)
         assert decoder.filled(PREFIX_SIZE) == []
-        assert decoder.partial() is not None  # its body taken, waiting for bytes
+        assert decoder.partial() is None  # no body taken before its lengths come
     grown = process.memory_info().rss - before
     assert grown < 16 << 20  # was 30 x 32 MiB, zero-filled at once
     # What arrives lands in that memory, and comes out whole.
@@ -441,3 +441,20 @@ def test_encode_frames_head_is_the_same_with_and_without_precompiled_structs(cou
     )
     assert [bytes(b) for b in decoded] == buffers
     assert bytes(mac) == bytes(MAC)
+
+
+def test_a_large_frame_whose_lengths_do_not_add_up_is_refused_before_its_body():
+    """A large frame's lengths come first: if they do not add up to the size it
+    announced (something else was written to the stream), it is refused then, with
+    nothing taken for its body, not once the body it announced (which may never
+    come) is in."""
+    decoder = FrameDecoder(64 << 20, chunk=4096)
+    space = decoder.buffer()
+    space[:PREFIX_SIZE] = PREFIX.pack(32 << 20, 2)
+    assert decoder.filled(PREFIX_SIZE) == []
+    assert decoder.partial() is None and decoder.error is None
+    space = decoder.buffer()
+    space[:8] = struct.pack("!2I", 1, 2)
+    assert decoder.filled(8) == []
+    assert decoder.partial() is None
+    assert decoder.error is not None and "add up to 11" in str(decoder.error)

@@ -1,0 +1,75 @@
+"""A job writes to its worker's own channel to the node (a descriptor it
+inherited): garbage, or the prefix of a 1000 MiB frame. The job was told its
+worker "exited with status 0"; the announced frame took 1000 MiB of the node's
+address space, and the job hung until the frame, which never came, was in."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from dispynb import DispyJob, JobCluster
+from tests.nodeproc import running_node
+
+pytestmark = pytest.mark.slow
+
+MiB = 1 << 20
+ANNOUNCED = 1000 * MiB
+
+
+def write_to_channel(what: str) -> str:
+    """Write ``what`` ("garbage", or "announce" a large frame) to this worker's
+    channel, and go on for two seconds."""
+    import time
+
+    from dispynb.protocol.framing import PREFIX
+    from nodeserver.jobapi import CONTEXT
+
+    assert CONTEXT.sock is not None
+    data = b"\xff" * 64 if what == "garbage" else PREFIX.pack(ANNOUNCED, 1)
+    CONTEXT.sock.sock.sendall(data)
+    time.sleep(2)
+    return what
+
+
+def _vm_peak(pid: int) -> int:
+    """The peak of process ``pid``'s address space, bytes (VmPeak)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmPeak:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmPeak")
+
+
+@pytest.mark.attack(
+    id="worker-channel-garbage",
+    title="A job writes garbage to its worker's channel to the node, or announces "
+    f"a frame of {ANNOUNCED // MiB} MiB there and goes on",
+    goal="the job fails at once with its worker killed, saying that it wrote to "
+    "the channel; nothing allocated for the announced frame (was: 'exited with "
+    "status 0'; +1000 MiB of the node's address space, and the job hung)",
+)
+@pytest.mark.timeout(90)
+def test_a_job_writing_to_its_workers_channel_is_told_so(tmp_path: Path, measure):
+    figures = []
+    with (
+        running_node(tmp_path / "node") as node,
+        JobCluster(write_to_channel, nodes=[node.spec], secret=node.secret) as cluster,
+    ):
+        for what in ("garbage", "announce"):
+            before = _vm_peak(node.proc.pid)
+            started = time.monotonic()
+            job = cluster.submit(what)
+            assert job.wait(30), "the job hangs"
+            took = time.monotonic() - started
+            grown = _vm_peak(node.proc.pid) - before
+            assert job.status == DispyJob.Terminated, (job.status, job.result)
+            assert "wrote to the worker's own channel" in job.exception
+            assert "exited with status" not in job.exception
+            assert grown < ANNOUNCED // 4, f"node +{grown / MiB:.0f} MiB"
+            figures.append(
+                f"{what}: failed in {took:.1f} s, node +{grown / MiB:.0f} MiB "
+                "of address space"
+            )
+    measure("; ".join(figures) + f" ({job.exception.splitlines()[-1][:110]}...)")
