@@ -486,8 +486,9 @@ async def serve(
         # Which signal, as the scheduler says: systemd's stop, SLURM's, a Ctrl-C.
         logger.info("shutting down%s", f" ({why})" if why else "")
     await server.stop(0.0 if orphaned.is_set() else config.drain_timeout, now, why)
-    # The log's last line: it stopped, not killed or hung while stopping.
-    logger.info("stopped")
+    # The log's last line (what a SLURM job's output ends with): it stopped, and
+    # why, not killed or hung while stopping.
+    logger.info("stopped%s", f" ({why})" if why else "")
     return orphaned.is_set()
 
 

@@ -568,7 +568,7 @@ async def serve(config: SchedulerConfig) -> None:
         logger.info("stopping%s", f" ({signalled[0]})" if signalled else "")
         await server.stop(signalled[0] if signalled else "")
         # The log's last line: it stopped, not killed or hung while stopping.
-        logger.info("stopped")
+        logger.info("stopped%s", f" ({signalled[0]})" if signalled else "")
 
 
 def _check(args: argparse.Namespace) -> int:

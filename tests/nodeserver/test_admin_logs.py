@@ -222,4 +222,4 @@ def test_a_stopped_node_says_so_last(tmp_path):
     node = start_node(tmp_path)
     assert node.stop() == 0
     lines = node.log_text().strip().splitlines()
-    assert lines[-1].endswith("nodeserver INFO stopped"), lines
+    assert lines[-1].endswith("nodeserver INFO stopped (SIGTERM)"), lines

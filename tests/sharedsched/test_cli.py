@@ -518,4 +518,4 @@ def test_a_stopped_scheduler_says_so_last(tmp_path: Path) -> None:
         sched.stop()
     assert sched.proc is not None and sched.proc.returncode == 0
     lines = sched.log_text().strip().splitlines()
-    assert lines[-1].endswith("schedserver INFO stopped"), lines
+    assert lines[-1].endswith("schedserver INFO stopped (SIGTERM)"), lines
