@@ -79,7 +79,8 @@ def _check_file(path: str, what: str, guard: str = "") -> None:
         raise ConfigurationError(f"{what} {path!r} does not exist or is not a file")
     if not guard or os.name != "posix":
         return
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    # O_PATH: a file this user may not read is left to its loader to report.
+    fd = os.open(path, getattr(os, "O_PATH", os.O_RDONLY) | os.O_CLOEXEC)
     try:
         info = os.fstat(fd)
         # A group's read (ssl-cert's) is deliberate; an access ACL's users are not

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,17 @@ from tests.transport.certs import make_cert
 NOBODY = 65534
 
 
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A directory in /tmp that nobody reaches (pytest's are root's, 0700)."""
+    directory = Path(tempfile.mkdtemp(prefix="dispynb-key-", dir="/tmp"))
+    try:
+        directory.chmod(0o755)
+        yield directory
+    finally:
+        shutil.rmtree(directory)
+
+
 @pytest.mark.attack(
     id="tls-key-acl",
     title="A node's or client's TLS private key is mode 0600 plus an access ACL "
@@ -28,18 +40,8 @@ NOBODY = 65534
     goal="refused, naming the ACL and setfacl -b; a key its own group reads "
     "(ssl-cert, 0640 without ACL) still accepted (was: accepted, nobody read it)",
 )
-def test_a_private_key_an_acl_lets_others_read_is_refused(measure):
-    # In /tmp (pytest's directories are root's, 0700): nobody reaches the key.
-    directory = Path(tempfile.mkdtemp(prefix="dispynb-key-", dir="/tmp"))
-    try:
-        directory.chmod(0o755)
-        _check_key_with_acl(directory, measure)
-    finally:
-        shutil.rmtree(directory)
-
-
-def _check_key_with_acl(directory: Path, measure) -> None:
-    certfile, keyfile = make_cert(directory, "node")
+def test_a_private_key_an_acl_lets_others_read_is_refused(open_dir: Path, measure):
+    certfile, keyfile = make_cert(open_dir, "node")
     os.chmod(keyfile, 0o600)
     give_by_acl(Path(keyfile), NOBODY, 4)
     mode = os.stat(keyfile).st_mode & 0o777
@@ -60,3 +62,33 @@ def _check_key_with_acl(directory: Path, measure) -> None:
     os.removexattr(keyfile, "system.posix_acl_access")
     os.chmod(keyfile, 0o640)  # a group's (ssl-cert) may read it: deliberate
     server_context(certfile, keyfile)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become nobody")
+def test_a_key_its_user_cannot_read_is_a_configuration_error(open_dir: Path):
+    """The ACL check looks at a key it may not read (O_PATH): the loader says what
+    is wrong, as a ConfigurationError (was, with the check: a bare
+    PermissionError)."""
+    certfile, keyfile = make_cert(open_dir, "node")
+    os.chown(certfile, NOBODY, -1)
+    os.chown(keyfile, NOBODY, -1)
+    os.chmod(keyfile, 0o000)  # its owner, nobody, cannot read it
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child)
+        try:
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            try:
+                server_context(certfile, keyfile)
+                said = "accepted"
+            except Exception as exc:
+                said = f"{type(exc).__name__}: {exc}"
+            os.write(write, said.encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        said = pipe.read().decode()
+    os.waitpid(pid, 0)
+    assert said.startswith("ConfigurationError: cannot load certificate"), said
