@@ -94,10 +94,14 @@ class SchedulerServer(
         self._spawn(self._pulse())
         if config.port_file:
             replace_file(config.port_file, f"{self.port}\n")
+        # Where clients connect first: "serving 10.0.0.5:9711 on ..." read as a
+        # node listening there.
         logger.info(
-            "dispynb-scheduler serving %s on %s for the users in %s",
+            "dispynb-scheduler serving the users in %s on %s, with %s",
+            config.users_file,
+            ", ".join(format_address(h, self.port) for h in config.hosts),
             ", ".join(
-                [node.name for node in self.nodes]
+                [f"node {node.name}" for node in self.nodes]
                 + [f"nodes found at {spec}" for spec in config.discover]
                 + (
                     [f"nodes registering on port {self._registrars[0].port}"]
@@ -105,8 +109,6 @@ class SchedulerServer(
                     else []
                 )
             ),
-            ", ".join(format_address(h, self.port) for h in config.hosts),
-            config.users_file,
         )
         if not os.path.lexists(config.users_file):
             # A typo, or the scheduler started before its first user: say it once

@@ -506,16 +506,23 @@ def test_version_loads_no_option_parser(program: str, modules: str) -> None:
     assert done.stdout.splitlines() == [f"{name} {__version__}", "False"]
 
 
-def test_a_stopped_scheduler_says_so_last(tmp_path: Path) -> None:
+def test_a_scheduler_says_where_it_serves_and_stopped_so_last(tmp_path: Path) -> None:
     """Its log ended with "stopping (SIGTERM)": whether it then stopped, or was
     killed or hung while stopping, the log did not say."""
     add_user(tmp_path, "alice")
-    # Nodes register with it (none here): it looks for none.
-    sched = SchedulerProcess(tmp_path, [], "node-secret", args=("--register_port", "0"))
+    # Nodes register with it, and one named (not up: not waited for).
+    args = ("--register_port", "0", "-n", "127.0.0.1:1")
+    sched = SchedulerProcess(tmp_path, [], "node-secret", args=args)
     try:
         sched.start()
     finally:
         sched.stop()
     assert sched.proc is not None and sched.proc.returncode == 0
     lines = sched.log_text().strip().splitlines()
+    # "serving 127.0.0.1:1 on ...": read as a node listening on the scheduler's port.
+    serving = (
+        f"dispynb-scheduler serving the users in {tmp_path / 'users'} on "
+        f"{sched.address}, with node 127.0.0.1:1, nodes registering on port "
+    )
+    assert any(serving in line for line in lines), lines
     assert lines[-1].endswith("schedserver INFO stopped (SIGTERM)"), lines
