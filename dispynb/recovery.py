@@ -29,6 +29,7 @@ from dispynb.errors import (
     AuthenticationError,
     ConfigurationError,
     DispynbError,
+    MessageError,
     SerializationError,
 )
 from dispynb.job import DispyJob, JobStatus
@@ -52,8 +53,9 @@ from dispynb.protocol.messages import (
     Recover,
     Recovered,
     ResultChunk,
+    SchedulerNodes,
 )
-from dispynb.protocol.records import ResultEntry, is_start
+from dispynb.protocol.records import ResultEntry, SharedNodeEntry, is_start
 from dispynb.recoverysent import SentWhileAway
 from dispynb.secret import resolve_secret, split_credential
 from dispynb.status import status_of
@@ -386,6 +388,8 @@ async def _recover_from(
                     _add_chunk(streams, message, buffers, node, limits.result)
                 elif isinstance(message, JobResults):
                     _apply(message, buffers, pending, host, streams)
+                elif isinstance(message, SchedulerNodes):
+                    _running_behind(message, pending)
                 elif isinstance(message, Recovered) and message.other_user:
                     settled = set()  # the right user's recovery gets them
                     _abandon(
@@ -524,6 +528,20 @@ def _add_chunk(
         )
     elif problem is not None:
         logger.warning("%s sent a malformed result chunk", node)
+
+
+def _running_behind(message: SchedulerNodes, pending: dict[int, DispyJob]) -> None:
+    """A shared scheduler's report: each job still running names the node behind
+    the scheduler that runs it (dispy's ``ip_addr``), not the scheduler."""
+    for item in message.nodes:
+        try:
+            entry = SharedNodeEntry.from_wire(item)
+        except MessageError:
+            continue
+        for key in entry.running:
+            job = pending.get(key)
+            if job is not None and not job.done():
+                job.ip_addr = entry.host
 
 
 def _apply(

@@ -26,6 +26,7 @@ from dispynb.protocol.messages import Recover, Recovered
 from dispynb.secret import read_secret_file
 from dispynb.transport.connector import connect
 from tests.jobs import wait_until
+from tests.nodeproc import running_node
 from tests.sharedsched.harness import SchedulerProcess, start_client
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
@@ -554,3 +555,27 @@ def test_recover_jobs_with_another_users_credential_loses_no_job(
         for job in wrong
     ), [job.exception for job in wrong]
     _recovered_terminated(journal, users["alice"])
+
+
+def test_jobs_running_at_recover_jobs_timeout_name_the_node_behind_the_scheduler(
+    users: dict[str, Path], tmp_path: Path
+) -> None:
+    """A job still running at recover_jobs' timeout names the node that runs it
+    (127.0.0.2 here), as the crashed SharedJobCluster's job did, not the
+    scheduler (127.0.0.1) its journal names."""
+    with running_node(
+        tmp_path / "node", "--host", "127.0.0.2", cpus=2, name="behind"
+    ) as node:
+        sched = SchedulerProcess(tmp_path, [f"127.0.0.2:{node.port}"], node.secret)
+        sched.start()
+        try:
+            journal, _ = _endless_jobs_left(sched, users["alice"], tmp_path)
+            jobs = recover_jobs(
+                str(journal), secret_file=str(users["alice"]), timeout=1
+            )
+            _recovered_terminated(journal, users["alice"])
+        finally:
+            sched.stop()
+    assert [(job.status, job.ip_addr) for job in jobs] == [
+        (JobStatus.Running, "127.0.0.2")
+    ] * 2, [(job.status, job.ip_addr, job.exception) for job in jobs]
