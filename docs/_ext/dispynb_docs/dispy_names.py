@@ -66,8 +66,11 @@ MODULE = [
         differs="Works (dispy 4.15's raised ``KeyError``); with no argument it opens "
         "the newest default recovery file, as dispy's. The journal holds no secret: "
         "give it again (or have it in the environment). It returns every job of "
-        "the journal, those still running at ``timeout`` ``Running`` (dispy's left "
-        "them out; ``timeout`` bounds the whole call, over all nodes, as dispy's). "
+        "the journal, those still running at ``timeout`` ``Running``, with their "
+        "``start_time`` and node (dispy's left them out; ``timeout`` bounds the "
+        "whole call, over all nodes, as dispy's). Given another user's credential, "
+        "a shared scheduler's jobs come back ``Abandoned`` saying so, and stay in "
+        "the journal for that user's recovery. "
         "With ``terminate_pending`` the jobs still running at ``timeout`` are "
         "terminated on their nodes, as dispy's, and returned ``Terminated``.",
     ),
