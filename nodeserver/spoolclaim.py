@@ -91,8 +91,11 @@ def _fallback(dest_path: str, exc: OSError) -> SpoolClaim:
     shared = os.path.join(dest_path, SHARED)
     try:
         fd = lock_dir(shared)
-    except OSError:
-        fd = None
+    except OSError as error:  # not a directory it can open: no node's spool either
+        logger.warning(
+            "cannot claim a kept-results spool in %s: %s (%s)", dest_path, exc, error
+        )
+        return SpoolClaim(shared, None)  # the spool says what it cannot do there
     if fd is not None:
         logger.warning(
             "cannot claim a kept-results spool in %s (%s): this node uses %s",
