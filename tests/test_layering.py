@@ -141,7 +141,7 @@ LOOP_OWNERS = {ROOT / "dispynb" / "_loop.py", ROOT / "dispynb" / "httpd" / "serv
 LOOP_MAKERS = {"run", "new_event_loop", "Runner", "run_until_complete"}
 #: Functions of dispynb that run only in a node's job process, never in the client:
 #: the executor's runner runs an async function's coroutine there (asyncio.run).
-NODE_SIDE = {ROOT / "dispynb" / "executor.py": {"dispynb_executor"}}
+NODE_SIDE = {ROOT / "dispynb" / "executorrunner.py": {"dispynb_executor"}}
 
 
 def loop_makers(path: Path) -> list[str]:
