@@ -9,6 +9,7 @@ import glob
 import logging
 import os
 import re
+import signal
 import sys
 import threading
 import time
@@ -39,6 +40,21 @@ ALLOWED_THREADS: tuple[str, ...] = ()
 #: stack is printed (under "Timeout") and the process ends with status 1: a hang at
 #: exit is a failure shown, not a CI run that times out with nothing said.
 EXIT_WATCHDOG = float(os.environ.get("DISPYNB_TEST_EXIT_WATCHDOG", "120"))
+
+
+def _ignore_hangups_but_not_in_children(signum: int, frame: object) -> None:
+    """pytest itself goes on after a hangup, as ``nohup`` asked."""
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Under ``nohup ./dev test`` SIGHUP is ignored, and an ignored signal stays
+    # ignored across exec: every node and scheduler the tests start would ignore
+    # it too, as ``nohup dispynb-node`` rightly does, and the tests of a hangup
+    # stopping them (started as a user types them, at a terminal) would fail. A
+    # Python handler is reset to the default by exec: pytest still ignores hangups,
+    # its children get the default disposition a terminal gives them.
+    if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, _ignore_hangups_but_not_in_children)
 
 
 @pytest.hookimpl(trylast=True)
