@@ -29,6 +29,12 @@ splice
     (``splice(2)``), and the worker reads the pipe straight into a new ``bytes``
     object's storage and checks the GMAC there (which needs the MAC key in the
     process that runs jobs).
+handoff
+    The node passes the connection itself to the worker (``SCM_RIGHTS``) and never
+    touches the bytes: the worker receives each body straight into a new ``bytes``
+    object's storage and checks its GMAC (the MAC key in the process that runs
+    jobs, and two processes sharing one connection's stream). The bound of any
+    path with authentication and a separate worker process.
 
 Each line gives MB/s and the user + system CPU of the sender, the node and the
 worker (``getrusage``), in ms per MB.
@@ -50,7 +56,7 @@ from collections.abc import Sequence
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-PATHS = ("raw", "rawmac", "shm", "shmview", "splice")
+PATHS = ("raw", "rawmac", "shm", "shmview", "splice", "handoff")
 #: Bytes per body: W4's argument.
 BODY = 10_000_000
 #: The receive buffer of raw and rawmac (as `crosshost.py`'s raw receiver).
@@ -105,7 +111,15 @@ def _recv_exactly(sock: socket.socket, view: memoryview) -> None:
 def _worker(path: str, fd: int, control: socket.socket, bodies: int) -> None:
     """A worker process: take each body the node hands over, answer, then report
     its CPU seconds."""
-    if path == "splice":
+    if path == "handoff":
+        _, fds, _, _ = socket.recv_fds(control, 1, 1)
+        conn = socket.socket(fileno=fds[0])
+        for _ in range(bodies):
+            value, storage = _new_bytes(BODY)
+            _recv_exactly(conn, storage)
+            _gmac(value)
+            conn.send(b"k")
+    elif path == "splice":
         for _ in range(bodies):
             value, storage = _new_bytes(BODY)
             got = 0
@@ -142,7 +156,12 @@ def _receive(path: str, conn: socket.socket, bodies: int) -> float:
             conn.send(b"k")
         return 0.0
     node_end, worker_end = socket.socketpair()
-    if path == "splice":
+    if path == "handoff":
+        pid = os.fork()
+        if pid == 0:
+            _worker(path, -1, worker_end, bodies)
+        socket.send_fds(node_end, [b"c"], [conn.fileno()])
+    elif path == "splice":
         read_fd, write_fd = os.pipe()
         fcntl.fcntl(write_fd, _F_SETPIPE_SZ, CHUNK)
         pid = os.fork()
