@@ -585,9 +585,8 @@ def _check_options(options: dict[str, Any], factory: Any) -> None:
 def _pickle(fn: Callable[..., Any]) -> tuple[str, bytes]:
     """``fn`` pickled by value, and the digest nodes cache it by; a function
     that cannot be is a `SerializationError` naming what it captures that cannot
-    (pickle's own message names only a type)."""
-    if not callable(fn):
-        raise TypeError(f"{fn!r} is not callable")
+    (pickle's own message names only a type). One not callable is sent too:
+    as in ProcessPoolExecutor, calling it raises, from ``result()``."""
     serialize.ship_by_value(fn)
     try:
         blob = serialize.dumps_in_band(fn)

@@ -67,8 +67,8 @@ def test_submit_positional_keyword_closure_and_lambda(executor):
     assert executor.submit(add_base, 5).result(WAIT) == 15
     assert executor.submit(lambda: "λ").result(WAIT) == "λ"
     assert executor.submit(divmod, 7, 2).result(WAIT) == (3, 1)  # a builtin
-    with pytest.raises(TypeError):
-        executor.submit(42)
+    with pytest.raises(TypeError):  # from result(), as ProcessPoolExecutor's
+        executor.submit(42).result(WAIT)
 
 
 def test_a_global_read_at_submit_time(executor):

@@ -208,3 +208,16 @@ def test_a_call_ending_its_process(make) -> None:
     ), said
     assert said.count("exited with status 3") == 1, said  # not again as a traceback
     assert executor.submit(ident, 2).result(WAIT) == 2
+
+
+def test_a_non_callable_raises_from_result_not_at_submit(executor) -> None:
+    """As the pool's worker calls it: ``submit(42)`` returns a future, and the
+    ``TypeError`` is raised by ``result()``; ``map`` raises it as it is iterated."""
+    future = executor.submit(42)
+    with pytest.raises(TypeError, match=r"^'int' object is not callable$"):
+        future.result(WAIT)
+    assert future.exception(WAIT).__cause__ is not None  # the remote traceback
+    results = executor.map(42, [1, 2])
+    with pytest.raises(TypeError, match=r"^'int' object is not callable$"):
+        next(results)
+    assert executor.submit(ident, 4).result(WAIT) == 4
