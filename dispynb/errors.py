@@ -149,27 +149,39 @@ class RemoteError(DispynbError):
         ``str()`` of the remote exception.
     traceback:
         The formatted remote traceback text.
+    where:
+        For a job that failed as a whole (no exception of the user's code: its
+        process died, a limit, a terminate): which job, on which node
+        (``"job 5 on node 10.0.0.7"``). Its message then says so in plain words,
+        with what to do, and ``ename`` is the job's status (``"Terminated"``),
+        ``evalue`` the node's reason.
     """
 
-    def __init__(self, ename: str, evalue: str, traceback: str) -> None:
+    def __init__(
+        self, ename: str, evalue: str, traceback: str, where: str = ""
+    ) -> None:
         super().__init__(f"{ename}: {evalue}")
         self.ename = ename
         self.evalue = evalue
         self.traceback = traceback
+        self.where = where
 
     @classmethod
-    def from_text(cls, text: str, status: str = "Terminated") -> RemoteError:
+    def from_text(
+        cls, text: str, status: str = "Terminated", where: str = ""
+    ) -> RemoteError:
         """Build one from a job's ``exception`` text: a formatted traceback (its last
-        line names the exception) or a node's reason (``status`` is then the name)."""
+        line names the exception) or a node's reason (``status`` is then the name,
+        and ``where`` names the job and its node)."""
         lines = [line for line in text.strip().splitlines() if line.strip()]
         if lines and text.lstrip().startswith("Traceback"):
             match = _EXCEPTION_LINE.match(lines[-1])
             if match:
                 return cls(match["name"], match["value"] or "", text)
-        return cls(status, lines[0] if lines else "", text)
+        return cls(status, lines[0] if lines else "", text, where)
 
-    def __reduce__(self) -> tuple[type[RemoteError], tuple[str, str, str]]:
-        return type(self), (self.ename, self.evalue, self.traceback)
+    def __reduce__(self) -> tuple[type[RemoteError], tuple[str, str, str, str]]:
+        return type(self), (self.ename, self.evalue, self.traceback, self.where)
 
     def __str__(self) -> str:
         head = f"{self.ename}: {self.evalue}"
@@ -178,12 +190,54 @@ class RemoteError(DispynbError):
             self.evalue.strip()
         ):  # a node's reason (a crash, a limit): said once, not again as a traceback
             rest = text[len(self.evalue.strip()) :].lstrip("\n")
+            if self.where:  # which job failed where, why, then what to do
+                head = f"{self.where} failed ({self.ename}): {self.evalue}"
+                advice = failure_advice(self.evalue)
+                rest = "\n".join(part for part in (rest, advice) if part)
             return f"{head}\n{rest}" if rest else head
         return f"{head}\n\nRemote traceback:\n{self.traceback}"
 
     def _render_traceback_(self) -> list[str]:
-        """Show the remote traceback in IPython instead of the local one."""
+        """Show the remote traceback in IPython instead of the local one (for a job
+        that failed as a whole, what happened and what to do)."""
+        if self.where and "Traceback (most recent call last)" not in self.traceback:
+            return f"{type(self).__name__}: {self}".splitlines()
         return self.traceback.splitlines()
+
+
+def failure_advice(reason: str) -> str:
+    """What to do about a job whose worker process died for ``reason`` (a node's
+    words, `dispynb.jobenv.crash_reason`); "" for a reason that says it already
+    (a limit names the option to raise)."""
+    killed = _KILLED_BY.search(reason)
+    if killed is not None:
+        signal = killed["signal"]
+        if signal == "SIGKILL":
+            return (
+                "SIGKILL is most often the kernel's out-of-memory killer (see dmesg "
+                "on the node) or a kill from outside the job: give the job less "
+                "data, or a mem_limit, so that the call raises MemoryError instead."
+            )
+        if signal in _CRASH_SIGNALS:
+            return (
+                f"{signal} is a crash in compiled code (an extension module): run "
+                "the call here under python -X faulthandler to see where."
+            )
+        return f"{signal} came from outside the job: something on the node sent it."
+    if "worker process exited with status" in reason:
+        return (
+            "The call ended its own process (os._exit(), or compiled code that "
+            "exits): run it here to see why, and read what it wrote in the job's "
+            "stderr (job.stderr; an executor's future.job.stderr). The node started "
+            "a new worker: other jobs run on."
+        )
+    return ""
+
+
+#: A node's reason for a worker killed by a signal (`dispynb.jobenv.crash_reason`).
+_KILLED_BY = re.compile(r"worker process was killed by (?P<signal>SIG\w+|signal \d+)")
+#: Signals of a process crashing by itself (not sent from outside).
+_CRASH_SIGNALS = frozenset({"SIGSEGV", "SIGBUS", "SIGABRT", "SIGFPE", "SIGILL"})
 
 
 #: The last line of a formatted traceback: ``module.Name: message`` or ``Name``.

@@ -148,6 +148,11 @@ class _CallsFuture(JobFuture):
             explain_failure(job, self._sources, self._batch)
             super()._settle()
 
+    def _what(self) -> str:
+        """The call, named by its function (the job is the executor's own)."""
+        what = self._batch or f"call {_name(self._sources[0])}(...)"
+        return f"the {what} (job {self.job.id!r})"
+
     def _set(self, value: Any, error: bool) -> None:
         try:
             if error:
@@ -618,7 +623,10 @@ def _chunk_outcomes(
     if job.status == job.Cancelled:
         raise concurrent.futures.CancelledError()
     explain_failure(job, sources)
-    error = outcome_error(job)
+    count = job._args[2]
+    name = _name(sources[0])
+    calls = f"the call {name}(...)" if count == 1 else f"the {count} calls of {name}"
+    error = outcome_error(job, f"{calls} (job {job.id!r})")
     assert error is not None
     raise error
 
@@ -648,6 +656,12 @@ def _echo(job: DispyJob, sources: tuple[Any, ...]) -> None:
                 text = text.decode(errors="replace")
             stream.write(text)
             stream.flush()
+
+
+def _name(fn: Any) -> str:
+    """How a call's function is named in an error (its qualified name)."""
+    fn = getattr(fn, "func", fn)  # a functools.partial: its function
+    return str(getattr(fn, "__qualname__", None) or type(fn).__qualname__)
 
 
 def _chunks(items: Iterator[Args], size: int) -> Iterator[list[Args]]:

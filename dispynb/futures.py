@@ -120,6 +120,11 @@ class JobFuture(concurrent.futures.Future[Any]):
         """
         return cancel_futures([self], wait=not _in_event_loop())[0]
 
+    def _what(self) -> str:
+        """What the job is, to the user, for the error of one failed as a whole
+        ("": ``job <id>``)."""
+        return ""
+
     def _notify_cancelled(self) -> bool:
         """Tell `concurrent.futures.wait` and ``as_completed`` (as an executor does
         when it skips a cancelled item); True the first time only."""
@@ -245,7 +250,7 @@ class JobFuture(concurrent.futures.Future[Any]):
             if super().cancel():
                 self._notify_cancelled()
             return
-        error = outcome_error(job)
+        error = outcome_error(job, self._what())
         try:
             if error is None:
                 self.set_result(job.result)
@@ -338,13 +343,20 @@ def _in_event_loop() -> bool:
     return True
 
 
-def outcome_error(job: DispyJob) -> BaseException | None:
-    """The exception a future of ``job`` (done) raises; None for ``Finished``."""
+def outcome_error(job: DispyJob, what: str = "") -> BaseException | None:
+    """The exception a future of ``job`` (done) raises; None for ``Finished``.
+    One that failed as a whole is named by ``what`` (default ``job <id>``) and
+    its node."""
     if job.status == job.Finished:
         return None
     if job.status == job.Abandoned:
         return NodeLostError(job.exception or "the job's node was lost")
-    return RemoteError.from_text(job.exception or "", status=job.status.name)
+    where = what or f"job {job.id!r}"
+    if job.ip_addr:
+        where += f" on node {job.ip_addr}"
+    return RemoteError.from_text(
+        job.exception or "", status=job.status.name, where=where
+    )
 
 
 def _call_logged(

@@ -203,9 +203,13 @@ def test_a_call_ending_its_process(make) -> None:
     with pytest.raises(RemoteError) as info:
         future.result(WAIT)
     said = str(info.value)
-    assert said.startswith(
-        "Terminated: the job's worker process exited with status 3 (os._exit() "
-    ), said
+    # Which call and job, on which node, why, and what to do, in plain words.
+    assert said.startswith("the call die(...) (job "), said
+    assert (
+        " on node 127.0.0.1 failed (Terminated): the job's worker process exited "
+        "with status 3 (os._exit() "
+    ) in said, said
+    assert "run it here to see why" in said, said
     assert said.count("exited with status 3") == 1, said  # not again as a traceback
     assert executor.submit(ident, 2).result(WAIT) == 2
 

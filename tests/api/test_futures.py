@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import logging
+import pickle
 import sys
 import threading
 import warnings
@@ -86,6 +87,24 @@ def test_terminated_job_without_traceback_names_the_reason():
     error = future.exception(0)
     assert isinstance(error, RemoteError)
     assert (error.ename, error.evalue) == ("Terminated", "the job ran longer than 2 s")
+
+
+def test_a_job_failed_as_a_whole_says_which_job_where_why_and_what_to_do():
+    """It read "Terminated: the job's worker process was killed by SIGKILL (9)":
+    a status for a head, neither the job nor its node, and no advice."""
+    reason = "the job's worker process was killed by SIGKILL (9)"
+    job = DispyJob("fit-3", (), {})
+    future = job.future
+    job._complete(JobStatus.Terminated, exception=reason, ip_addr="10.0.0.7")
+    error = future.exception(0)
+    assert isinstance(error, RemoteError)
+    said = str(error)
+    assert said.startswith(
+        f"job 'fit-3' on node 10.0.0.7 failed (Terminated): {reason}\n"
+    ), said
+    assert "out-of-memory killer" in said and "mem_limit" in said, said
+    assert (error.ename, error.evalue) == ("Terminated", reason)  # as before
+    assert str(pickle.loads(pickle.dumps(error))) == said
 
 
 def test_abandoned_job_raises_node_lost_error_with_the_reason():
