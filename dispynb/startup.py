@@ -12,6 +12,10 @@ status 0, as a stop once serving does. Where Python drops that exception (raised
 an at-fork callback, a ``__del__``: "Exception ignored"), start-up raises it again
 at its checkpoints (`StartupSignals.check`); the zygote is forked with the signals
 blocked (`blocked_while_forking`), so they never land in the at-fork callbacks.
+After the last checkpoint (`StartupSignals.hand_over`) they are only recorded: the
+event loop starting then would drop or log what a handler raised in its machinery,
+so the daemon's ``serve`` acts on the recorded one once its own handlers are in
+place (`loop_handles_stop_signals`).
 
 This module imports nothing heavy: it is imported before everything else.
 """
@@ -23,12 +27,16 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import asyncio
 
 __all__ = [
     "StartupSignals",
     "StopSignal",
     "blocked_while_forking",
+    "loop_handles_stop_signals",
     "run_held",
     "stop_signals",
 ]
@@ -76,6 +84,12 @@ class StartupSignals:
             self._unraisablehook = sys.unraisablehook
             sys.unraisablehook = self._unraisable
         _reset_in_children(self)
+
+    def hand_over(self) -> None:
+        """After start-up's last `check`, as its event loop starts: stop signals are
+        recorded, raising nothing (the loop's machinery would drop or log what a
+        handler raised there); `loop_handles_stop_signals` acts on the one recorded."""
+        self._raise = False
 
     def rearm(self) -> None:
         """After the event loop closed (which set them back to their defaults):
@@ -149,12 +163,46 @@ def blocked_while_forking() -> Iterator[None]:
     the at-fork callbacks run (logging's among them), where the `StopSignal` its
     handler raises would be printed as "Exception ignored" and dropped. A child
     does not inherit the signals pending in its parent."""
-    signals = stop_signals()
+    with _blocked(stop_signals()):
+        yield
+
+
+@contextlib.contextmanager
+def _blocked(signals: tuple[signal.Signals, ...]) -> Iterator[None]:
+    """``signals`` blocked in its body, delivered (if they came) as it ends."""
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     try:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def loop_handles_stop_signals(
+    loop: asyncio.AbstractEventLoop,
+    on_signal: Callable[[signal.Signals], object],
+    held: StartupSignals | None,
+) -> Callable[[], None]:
+    """Have ``loop`` call ``on_signal(signum)`` for each stop signal, first for the
+    one ``held`` recorded since `StartupSignals.hand_over` (a systemd stop or a
+    batch system's SIGTERM as the loop started: never lost). Returns the function
+    that gives the signals back to ``held`` (`StartupSignals.rearm`) as the daemon
+    stops: closing the loop would set their default actions, and one more signal
+    would kill it while it cleans up."""
+    signals = stop_signals()
+    for signum in signals:
+        loop.add_signal_handler(signum, on_signal, signum)
+    if held is not None and held.received is not None:
+        on_signal(held.received)
+
+    def give_back() -> None:
+        if held is None:
+            return
+        with _blocked(signals):  # one coming meanwhile is recorded, not fatal
+            for signum in signals:
+                loop.remove_signal_handler(signum)
+            held.rearm()
+
+    return give_back
 
 
 def run_held(prog: str, body: Callable[[StartupSignals], int]) -> int:

@@ -21,7 +21,6 @@ from dispynb.daemon import (
     run_daemon,
     set_dumpable,
     setup_logging,
-    stop_signals,
 )
 from dispynb.errors import AuthenticationError, ConfigurationError, DispynbError
 from dispynb.protocol.discovery import new_boot_id
@@ -32,7 +31,7 @@ from dispynb.secret import (
     withdraw_secret_env,
     write_new_secret,
 )
-from dispynb.startup import StartupSignals, run_held
+from dispynb.startup import StartupSignals, loop_handles_stop_signals, run_held
 from dispynb.transport.addressing import format_address, is_loopback
 from nodeserver.cliconfig import refuse_readable_secret
 from nodeserver.config import NodeConfig
@@ -368,6 +367,7 @@ async def serve(
     launcher: Launcher = PROCESS_LAUNCHER,
     register_patience: float | None = REGISTER_PATIENCE,
     failed: list[DispynbError] | None = None,
+    held: StartupSignals | None = None,
 ) -> bool:
     """Run a node until SIGTERM or SIGINT (or its parent exits), then stop cleanly;
     return whether it stopped because its parent exited.
@@ -382,7 +382,8 @@ async def serve(
     (`keep_registered`: a restarted scheduler finds it again). With
     ``config.exit_without_client`` it drains and stops once no client has been
     connected for that many seconds (its launcher's client died). A registration
-    that failed (rejected, or no answer in time) is appended to ``failed``.
+    that failed (rejected, or no answer in time) is appended to ``failed``. A stop
+    signal ``held`` recorded as the loop started stops the node as one now does.
     """
     server = NodeServer(config, launcher)
     stop = asyncio.Event()
@@ -398,8 +399,7 @@ async def serve(
             signalled.append(signum.name)
         stop.set()
 
-    for signum in stop_signals():
-        loop.add_signal_handler(signum, on_signal, signum)
+    give_back_signals = loop_handles_stop_signals(loop, on_signal, held)
     if isinstance(launcher, AdoptingLauncher):
         # Orphans are reaped as they exit; a killed zygote at once (and logged).
         launcher.watch()
@@ -489,6 +489,7 @@ async def serve(
     # The log's last line (what a SLURM job's output ends with): it stopped, and
     # why, not killed or hung while stopping.
     logger.info("stopped%s", f" ({why})" if why else "")
+    give_back_signals()  # one more signal waits while the loop closes
     return orphaned.is_set()
 
 
@@ -666,6 +667,7 @@ def _main(argv: list[str] | None, held: StartupSignals) -> int:
             )
         failed: list[DispynbError] = []
         held.check()  # the last checkpoint before the loop handles them
+        held.hand_over()  # from now on recorded, for serve() to act on
         orphaned = asyncio.run(
             serve(
                 config,
@@ -677,9 +679,9 @@ def _main(argv: list[str] | None, held: StartupSignals) -> int:
                 # a launcher's client is there first: 30 s, then the node stops.
                 None if args.scheduler_host else REGISTER_PATIENCE,
                 failed,
+                held,
             )
         )
-        held.rearm()  # the loop's handlers are gone: one more signal waits
         if orphaned and args.remove_when_orphaned:
             left.append(config)
         # Not a success for a service manager: a rejected secret is a setting

@@ -19,10 +19,10 @@ import sys
 from typing import TYPE_CHECKING
 
 from dispynb._version import version_line
-from dispynb.daemon import run_daemon, set_dumpable, setup_logging, stop_signals
+from dispynb.daemon import run_daemon, set_dumpable, setup_logging
 from dispynb.defaults import NODE_PORT, SCHEDULER_PORT, SCHEDULER_REGISTER_PORT
 from dispynb.errors import ConfigurationError, DispynbError
-from dispynb.startup import StartupSignals, run_held
+from dispynb.startup import StartupSignals, loop_handles_stop_signals, run_held
 from nodeserver.cliconfig import (
     CommandParser,
     refuse_readable_secret,
@@ -542,8 +542,9 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
     return config
 
 
-async def serve(config: SchedulerConfig) -> None:
-    """Run the scheduler until SIGTERM, SIGINT or SIGHUP (`stop_signals`)."""
+async def serve(config: SchedulerConfig, held: StartupSignals | None = None) -> None:
+    """Run the scheduler until SIGTERM, SIGINT or SIGHUP (`stop_signals`); one
+    ``held`` recorded as the loop started stops it as one now does."""
     import asyncio
 
     from schedserver.server import SchedulerServer
@@ -559,8 +560,7 @@ async def serve(config: SchedulerConfig) -> None:
 
     # Before it starts: a signal as soon as its port file is written (systemd's
     # stop, a test) stops it cleanly, not by the signal's default action.
-    for sig in stop_signals():
-        loop.add_signal_handler(sig, on_signal, sig)
+    give_back_signals = loop_handles_stop_signals(loop, on_signal, held)
     await server.start()
     try:
         await stop.wait()
@@ -569,6 +569,7 @@ async def serve(config: SchedulerConfig) -> None:
         await server.stop(signalled[0] if signalled else "")
         # The log's last line: it stopped, not killed or hung while stopping.
         logger.info("stopped%s", f" ({signalled[0]})" if signalled else "")
+        give_back_signals()  # one more signal waits while the loop closes
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -642,8 +643,8 @@ def _main(given: list[str] | None, held: StartupSignals) -> int:
 
         config = config_from_args(args)
         held.check()  # a stop signal whose `StopSignal` got lost (`dispynb.startup`)
-        asyncio.run(serve(config))
-        held.rearm()  # the loop's handlers are gone: one more signal waits
+        held.hand_over()  # from now on recorded, for serve() to act on
+        asyncio.run(serve(config, held))
         return 0
 
     return run_daemon("dispynb-scheduler", run)

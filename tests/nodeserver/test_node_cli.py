@@ -13,6 +13,11 @@ import pytest
 from dispynb import DispyJob, JobCluster
 from dispynb.secret import MIN_SECRET_BITS, estimate_bits
 from tests import jobs
+from tests.daemonhooks import (
+    run_in_own_group,
+    signalled_as_loop_closes,
+    stopped_as_loop_starts,
+)
 from tests.jobs import WAIT, wait_for_path, wait_until
 from tests.nodeproc import (
     NODE_WAIT,
@@ -325,6 +330,40 @@ def test_node_cli_stop_signal_during_at_fork_callbacks_is_not_lost(tmp_path):
     assert "dispynb-node: stopped by SIGTERM while starting" in err
     assert "Exception ignored" not in err
     assert "Traceback" not in err
+
+
+def test_node_cli_group_sigterm_as_its_event_loop_starts_stops_it(tmp_path):
+    """A SIGTERM to the node's process group (a batch system ending the job,
+    systemd stopping the unit's cgroup) between start-up's last checkpoint and the
+    event loop's handlers, handled where Python drops the `StopSignal` (here a
+    ``__del__``): the node served on, deaf to it, until it was SIGKILLed."""
+    secret = write_secret_file(tmp_path / "secret", "cli-node-secret")
+    command = node_command(
+        "--host", "127.0.0.1", "--port", "0", "--secret-file", str(secret),
+        "--dest-path", str(tmp_path / "dest"), "--loglevel", "info",
+    )  # fmt: skip
+    command[1:3] = ["-c", stopped_as_loop_starts("nodeserver")]
+    done = run_in_own_group(command, node_env(), NODE_WAIT)
+    err = done.stderr
+    assert done.returncode == 0, err
+    assert "shutting down (SIGTERM)" in err
+    assert "stopped (SIGTERM)" in err
+    assert "Traceback" not in err
+    assert " ERROR " not in err
+
+
+def test_node_cli_signal_as_its_event_loop_closes_is_no_death_by_signal(tmp_path):
+    """Closing the event loop gave the stop signals their default actions back: a
+    SIGTERM then (systemd's, or a second one) killed the stopping node, which
+    exited by the signal, not with status 0."""
+    command = node_command(
+        "--host", "127.0.0.1", "--port", "0", "--exit-without-client", "0.2",
+        "--dest-path", str(tmp_path / "dest"), "--loglevel", "info",
+    )  # fmt: skip
+    command[1:3] = ["-c", signalled_as_loop_closes("nodeserver")]
+    done = run_in_own_group(command, node_env(), NODE_WAIT)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.rstrip().endswith("stopped"), done.stderr
 
 
 def _starting_node(tmp_path, program: str | None = None) -> subprocess.Popen[str]:

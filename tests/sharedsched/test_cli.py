@@ -475,6 +475,31 @@ def test_scheduler_stop_signal_whose_stop_python_dropped_still_stops_it(
     assert err.strip() == "dispynb-scheduler: stopped by SIGTERM while starting"
 
 
+def test_scheduler_group_sigterm_as_its_event_loop_starts_stops_it(
+    tmp_path: Path,
+) -> None:
+    """A SIGTERM to the scheduler's process group (systemd stopping the unit's
+    cgroup, a batch system its job) between start-up's last checkpoint and the
+    event loop's handlers, handled where Python drops the `StopSignal` (here a
+    ``__del__``): the scheduler served on, deaf to it, until SIGKILL."""
+    import sys
+
+    from tests.daemonhooks import run_in_own_group, stopped_as_loop_starts
+    from tests.sharedsched.harness import env_for
+
+    add_user(tmp_path, "alice")
+    options = ["-i", "127.0.0.1", "--port", "0", "--users", str(tmp_path / "users")]
+    program = stopped_as_loop_starts("schedserver")
+    done = run_in_own_group(
+        [sys.executable, "-c", program, *options], env_for(), 30, cwd=tmp_path
+    )
+    err = done.stderr
+    assert done.returncode == 0, err
+    assert "stopping (SIGTERM)" in err
+    assert "stopped (SIGTERM)" in err
+    assert "Traceback" not in err
+
+
 @pytest.mark.parametrize(
     ("program", "modules"),
     [("nodeserver", "nodeserver.cli"), ("schedserver", "schedserver.cli")],
