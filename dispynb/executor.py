@@ -393,10 +393,10 @@ class Executor(concurrent.futures.Executor):
                 jobs.append(self._submit_chunk(key, blob, chunk))
             output = _cell_output(jobs, (fn, self._initializer))
         except KeyboardInterrupt as interrupted:
-            self._stop_chunks(jobs)
+            self._stop_chunks(jobs, blob)
             raise interrupted.with_traceback(None) from None  # at the user's line
         except BaseException:  # an argument that cannot be pickled, say
-            self._cancel_chunks(jobs)  # no orphan calls left running
+            self._cancel_chunks(self._unfinished(jobs, blob))  # no orphans left
             raise
         more = chunks if buffersize else iter(())
         # A generator not started runs no ``finally`` when it is closed or
@@ -435,22 +435,37 @@ class Executor(concurrent.futures.Executor):
         except KeyboardInterrupt as interrupted:
             if isinstance(interrupted.__cause__, RemoteError):  # a call's own
                 raise
-            self._stop_chunks(jobs)
+            self._stop_chunks(jobs, blob)
             raise interrupted.with_traceback(None) from None  # at the user's line
         finally:
             self._cancel_chunks(jobs)
 
-    def _stop_chunks(self, jobs: collections.deque[DispyJob]) -> None:
+    def _stop_chunks(self, jobs: collections.deque[DispyJob], blob: bytes) -> None:
         """Stop the jobs of a ``map`` interrupted (Ctrl-C, the notebook's Stop)
-        as it submits or waits: the queued ones are cancelled and the running
-        ones terminated, as %%dispy and `Run.map` stop theirs (a terminal's
-        Ctrl-C reaches a ProcessPoolExecutor's processes too, in its process
-        group; never the nodes). The caller then raises the interrupt, its
-        traceback ending at the user's line."""
+        as it submits or waits (``jobs``, and the one whose submit it cut short:
+        `_unfinished`): the queued ones are cancelled and the running ones
+        terminated, as %%dispy and `Run.map` stop theirs (a terminal's Ctrl-C
+        reaches a ProcessPoolExecutor's processes too, in its process group;
+        never the nodes). The caller then raises the interrupt, its traceback
+        ending at the user's line."""
         with HeldInterrupts():  # a second press must not cut this short
-            self.cluster._cancel_all(list(jobs))
+            self.cluster._cancel_all(self._unfinished(jobs, blob))
 
-    def _cancel_chunks(self, jobs: collections.deque[DispyJob]) -> None:
+    def _unfinished(self, jobs: Iterable[DispyJob], blob: bytes) -> list[DispyJob]:
+        """The jobs of a ``map`` not done: ``jobs``, and any other job of its
+        function's ``blob`` (its own bytes: each map pickles anew). An interrupt
+        landing as the cluster's submit returned leaves the cluster with a job
+        the map never got: found that way, it is stopped too."""
+        own = [job for job in jobs if not job.done()]
+        ids = {id(job) for job in own}
+        stray = [
+            job
+            for job in self._live_jobs()
+            if id(job) not in ids and len(job._args) > 1 and job._args[1] is blob
+        ]
+        return own + stray
+
+    def _cancel_chunks(self, jobs: Iterable[DispyJob]) -> None:
         """Cancel the jobs of a ``map`` left early (a timeout, a ``break``, an
         error), without waiting for the nodes' answers (a job sent ahead to a
         worker whose job has just ended is answered for only by that worker):

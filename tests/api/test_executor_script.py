@@ -5,6 +5,7 @@ executor left open ends quietly with the script."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import psutil
 import pytest
 
 from tests.jobs import WAIT, wait_for_path
-from tests.sigint import python_handles_sigint
+from tests.sigint import python_handles_sigint, run_in_session
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -107,3 +108,56 @@ def test_an_executor_left_open_ends_quietly_with_the_script(tmp_path: Path) -> N
         timeout=PROMPTLY,
     )
     assert (done.returncode, done.stdout, done.stderr) == (0, "3\n", "")
+
+
+#: A notebook's cell running ``executor.map``; Stop (JupyterLab's SIGINT to the
+#: kernel's process group) lands as ``cluster.submit`` has returned the third job,
+#: before ``map`` has it. Then: how every job the map submitted ended.
+STOP_AFTER_SUBMIT = textwrap.dedent(
+    """
+    import json, os, signal, time
+    from dispynb import Executor, LocalCluster
+
+    def nap(x):
+        time.sleep(300)
+        return x
+
+    submitted = []
+    with LocalCluster(cpus=1) as local:
+        executor = Executor(nodes=local)
+        submit = executor.cluster.submit
+
+        def submit_then_stop(*args, **kwargs):
+            job = submit(*args, **kwargs)
+            submitted.append(job)
+            if len(submitted) == 3:
+                os.killpg(os.getpgrp(), signal.SIGINT)
+                time.sleep(60)  # the handler raises here, the job not returned
+            return job
+
+        executor.cluster.submit = submit_then_stop
+        interrupted = False
+        try:
+            list(executor.map(nap, range(6)))
+        except KeyboardInterrupt:
+            interrupted = True
+        end = time.monotonic() + 20
+        for job in submitted:
+            job.wait(max(end - time.monotonic(), 0))
+        statuses = [job.status.name for job in submitted]
+        executor.cluster._cancel_all(submitted)  # what the map left running
+        executor.shutdown()
+    print(json.dumps({"interrupted": interrupted, "statuses": statuses}))
+    """
+)
+
+
+def test_stop_as_a_maps_submit_returns_leaves_none_of_its_jobs_running() -> None:
+    """The job whose submit had just returned was not yet the map's: the map
+    stopped the others, and that one ran on (for 300 s here)."""
+    proc = run_in_session(STOP_AFTER_SUBMIT, timeout=90)
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["interrupted"], proc.stderr[-2000:]
+    statuses = report["statuses"]
+    assert len(statuses) == 3, report
+    assert set(statuses) <= {"Cancelled", "Terminated"}, report
