@@ -21,15 +21,17 @@ computations.
 The command prints one line in the monitoring-plugin format (``OK - ... | perfdata``)
 and exits 0 (it answered), 1 (WARNING: a scheduler with no node up), 2 (CRITICAL:
 not reachable, refused, no answer) or 3 (UNKNOWN: the check itself is
-misconfigured). A node that does not listen (outside
-its service window, draining after SIGTERM, after ``--serve``'s last client) refuses
-the probe's connection as it refuses clients': CRITICAL, naming the refusal.
+misconfigured: an address that is no ``HOST[:PORT]``, a secret it cannot read). A
+node that does not listen (outside its service window, draining after SIGTERM,
+after ``--serve``'s last client) refuses the probe's connection as it refuses
+clients': CRITICAL, naming the refusal.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import os
 import ssl
 import time
@@ -37,7 +39,7 @@ from typing import TYPE_CHECKING
 
 from dispynb._version import __version__
 from dispynb.defaults import MAX_MESSAGE_SIZE, NODE_PORT
-from dispynb.errors import DispynbError, MessageError
+from dispynb.errors import ConfigurationError, DispynbError, MessageError
 from dispynb.protocol.messages import NodeHealth
 from dispynb.transport.addressing import format_address, parse_address
 
@@ -147,7 +149,11 @@ def check(
     tls_options: TlsOptions | None = None,
 ) -> tuple[int, str]:
     """Probe the ``kind`` (a node, a scheduler) at ``address``; return the exit
-    status and the line to print (a TLS error naming ``tls_options``)."""
+    status and the line to print (a TLS error naming ``tls_options``). An address
+    that is no ``HOST[:PORT]`` is UNKNOWN, as plugins say of a bad argument."""
+    problem = address_problem(address, default_port)
+    if problem is not None:
+        return UNKNOWN, f"UNKNOWN - cannot check {address}: {problem}"
     try:
         health = asyncio.run(
             probe(
@@ -173,6 +179,26 @@ def check(
             )
         return CRITICAL, f"CRITICAL - {kind} at {address}: {text}"
     return report(address, health, kind)
+
+
+def address_problem(address: str, default_port: int = NODE_PORT) -> str | None:
+    """What makes ``address`` no ``HOST[:PORT]`` (None: nothing). A host with
+    colons is an IPv6 address or a typo (``node7:9711:x``), never a name to look up."""
+    try:
+        host, _port = parse_address(address, default_port)
+    except ConfigurationError as exc:
+        problem = str(exc)
+    else:
+        if ":" not in host:
+            return None
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            problem = f"bad address {address!r}: {host!r} is no IPv6 address"
+        else:
+            return None
+    fix = "give host:port, or [IPv6 address]:port"
+    return problem if "host:port" in problem else f"{problem}; {fix}"
 
 
 def _duration(seconds: float) -> str:

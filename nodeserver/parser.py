@@ -423,8 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
         "machine, on --port) how it is, as a monitoring check; it authenticates "
         "with the same secret options (TLS: --cafile verifies the node, "
         "--certfile/--keyfile are presented to it), prints one line and exits 0 "
-        "(it answered) or 2 (not reachable, refused, no answer). The node counts "
-        "it as no client",
+        "(it answered), 2 (not reachable, refused, no answer) or 3 (the check "
+        "cannot run: an address that is no HOST[:PORT], an unreadable secret). "
+        "The node counts it as no client",
     )
     add("-d", "--debug", action="store_true", help="log level debug")
     add(

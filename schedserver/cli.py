@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not serve: ask the scheduler running at HOST[:PORT] (default: "
         "127.0.0.1 on --port) how it is, as a monitoring check, proving the node "
         "secret (--node_secret_file or DISPYNB_SECRET); prints one line and exits "
-        "0, 1 (no node up), 2 (not reachable, refused) or 3",
+        "0, 1 (no node up), 2 (not reachable, refused) or 3 (the check cannot "
+        "run: an address that is no HOST[:PORT], an unreadable secret)",
     )
     parser.add_argument(
         "-i",

@@ -84,6 +84,19 @@ def test_an_unreachable_or_refusing_node_is_critical(tmp_path: Path) -> None:
     assert gone.stdout.startswith(f"CRITICAL - node at 127.0.0.1:{closed_port}: ")
 
 
+@pytest.mark.parametrize(
+    "address", ["bad:host:x", "127.0.0.1:notaport", "127.0.0.1:70000", "[::1"]
+)
+def test_a_malformed_address_is_unknown_not_critical(address: str) -> None:
+    """A typo in the check's own argument said CRITICAL (exit 2), paging whoever is
+    on call for a node that may be fine: monitoring plugins say UNKNOWN (exit 3)
+    for an argument they cannot use, naming it and the form expected."""
+    done = check(address)
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert done.stdout.startswith(f"UNKNOWN - cannot check {address}: ")
+    assert "host:port" in done.stdout
+
+
 def test_probes_do_not_keep_an_idle_node_alive(tmp_path: Path) -> None:
     """``--exit-without-client 2`` (a launcher's batch node) probed every half
     second still exits once no client came for 2 s: a probe is no client."""
