@@ -288,6 +288,13 @@ class FrameDecoder:
         self._big_got = 0
         self._big_prefix = b""
         self._big_count = 0
+        #: The lengths table of a large frame too long for the chunk (over 16K
+        #: buffers), gathered apart and checked before its body is taken (None
+        #: between such frames), and how much of it came.
+        self._table: bytearray | None = None
+        self._table_got = 0
+        self._table_summed = 0  # its lengths added up so far, and their sum
+        self._table_sum = 0
         #: Set once a bad prefix arrived; nothing after it is decoded.
         self.error: FramingError | None = None
 
@@ -295,6 +302,8 @@ class FrameDecoder:
         """Writable space for the next bytes (never empty); then call `filled`."""
         if self.big is not None:
             return self._big_view[self._big_got :]
+        if self._table is not None:
+            return memoryview(self._table)[self._table_got :]
         if self._end == len(self._chunk):
             self._compact()
         return self._view[self._end :]
@@ -315,12 +324,11 @@ class FrameDecoder:
             ):
                 self.drop_partial()
                 return []
-            if self._big_got < len(self.big):
-                return []
-            frame = (self._big_prefix, self._big_count, self.big)
-            self.big = None
-            self._big_view = memoryview(b"")
-            return [frame]
+            return self._big_frame()
+        if self._table is not None:
+            self._table_got += nbytes
+            self._table_filled()
+            return [] if self.big is None else self._big_frame()
         self._end += nbytes
         frames: list[Frame] = []
         chunk, view = self._chunk, self._view
@@ -354,22 +362,28 @@ class FrameDecoder:
                     if start + PREFIX_SIZE + 4 * count > len(chunk):
                         self._compact()
                     break
+                if have < 4 * count:
+                    # Lengths longer than the chunk (over 16K buffers): gathered
+                    # apart, 256 KiB at most, and checked before the body is
+                    # taken (it was taken at once: 1000 MiB announced, 1000 MiB
+                    # of address space taken, waiting for bytes that never came).
+                    self._table = bytearray(4 * count)
+                    self._table[:have] = view[start + PREFIX_SIZE : self._end]
+                    self._table_got = have
+                    self._table_summed = self._table_sum = 0
+                    self._big_prefix, self._big_count = prefix, count
+                    self._start = self._end = 0
+                    self._table_filled()
+                    break
                 if have >= 4 * count and not self._lengths_fit(
                     view[start + PREFIX_SIZE : start + PREFIX_SIZE + 4 * count],
                     count,
                     size,
                 ):
                     break
-                try:
-                    self.big = big = self.take_body(size)
-                except (MemoryError, OSError) as exc:
-                    # An address space limit, strict overcommit: this frame has
-                    # nowhere to go, and the stream is unusable after it.
-                    self.error = FramingError(out_of_memory(size, exc))
+                self._big_prefix, self._big_count = prefix, count
+                if not self._take_big(size, view[start + PREFIX_SIZE : self._end]):
                     break
-                big[:have] = view[start + PREFIX_SIZE : self._end]
-                self._big_view = memoryview(big)
-                self._big_got, self._big_prefix, self._big_count = have, prefix, count
                 self._start = self._end = 0
             elif end > len(chunk):
                 self._compact()  # it fits once the chunk starts with it
@@ -377,6 +391,58 @@ class FrameDecoder:
         if self._start == self._end:
             self._start = self._end = 0
         return frames
+
+    def _big_frame(self) -> list[Frame]:
+        """The large frame being filled, once whole (then forgotten here)."""
+        big = self.big
+        if big is None or self._big_got < len(big):
+            return []
+        frame = (self._big_prefix, self._big_count, big)
+        self.big = None
+        self._big_view = memoryview(b"")
+        return [frame]
+
+    def _table_filled(self) -> None:
+        """More of a long lengths table (`_table`) came: refused (`error`) as soon
+        as the lengths so far pass the size announced; once whole and adding up,
+        the body is taken and the table is its start."""
+        table, got, count = self._table, self._table_got, self._big_count
+        assert table is not None
+        size = int(PREFIX.unpack(self._big_prefix)[0])
+        if got < len(table):
+            # Summed as they come (each once: a peer sending a byte at a time
+            # costs no rescan of the table).
+            whole, summed = got // 4, self._table_summed
+            if whole > summed:
+                new = struct.unpack_from(f"!{whole - summed}I", table, 4 * summed)
+                self._table_sum += sum(new)
+                self._table_summed = whole
+            if 4 * count + self._table_sum > size - self.mac_size:
+                self._table = None
+                self.error = FramingError(
+                    f"a frame of {size - self.mac_size} bytes announced, whose "
+                    f"lengths add up to more: not a dispynb message"
+                )
+            return
+        self._table = None
+        if self._lengths_fit(table, count, size):
+            self._take_big(size, table)
+
+    def _take_big(self, size: int, start: Buffer) -> bool:
+        """Take the body of a large frame (``size`` bytes), which starts with
+        ``start`` (what came of it); False (`error`) if there is no memory for it."""
+        try:
+            self.big = big = self.take_body(size)
+        except (MemoryError, OSError) as exc:
+            # An address space limit, strict overcommit: this frame has nowhere
+            # to go, and the stream is unusable after it.
+            self.error = FramingError(out_of_memory(size, exc))
+            return False
+        have = len(start)
+        big[:have] = start
+        self._big_view = memoryview(big)
+        self._big_got = have
+        return True
 
     def _lengths_fit(self, table: Buffer, count: int, size: int) -> bool:
         """Whether the lengths ``table`` of a large frame (its first bytes) add up
@@ -397,7 +463,9 @@ class FrameDecoder:
     @property
     def holding(self) -> bool:
         """Whether bytes of a frame not complete yet are held here."""
-        return self.big is not None or self._end > self._start
+        return (
+            self.big is not None or self._table is not None or self._end > self._start
+        )
 
     def partial(self) -> tuple[bytes, Body, int] | None:
         """The large frame being filled: ``(prefix, body, bytes_filled)``, or None.
@@ -416,6 +484,7 @@ class FrameDecoder:
         self.big = None
         self._big_view = memoryview(b"")
         self._big_got = 0
+        self._table = None
 
     def _compact(self) -> None:
         pending = self._end - self._start
@@ -449,6 +518,8 @@ class FrameDecoder:
         itself is incomplete)."""
         if self.big is not None:
             return PREFIX_SIZE + len(self.big)
+        if self._table is not None:
+            return PREFIX_SIZE + int(PREFIX.unpack(self._big_prefix)[0])
         if self._end - self._start < PREFIX_SIZE:
             return PREFIX_SIZE
         body, _count = PREFIX.unpack_from(self._chunk, self._start)
@@ -459,4 +530,6 @@ class FrameDecoder:
         """Bytes received that do not yet form a whole message."""
         if self.big is not None:
             return PREFIX_SIZE + self._big_got
+        if self._table is not None:
+            return PREFIX_SIZE + self._table_got
         return self._end - self._start

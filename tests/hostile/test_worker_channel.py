@@ -17,18 +17,26 @@ pytestmark = pytest.mark.slow
 
 MiB = 1 << 20
 ANNOUNCED = 1000 * MiB
+#: Buffers of a frame whose lengths table (256 KiB) is larger than a read's chunk
+#: (64 KiB): its body was taken before the table came.
+MANY_BUFFERS = 1 << 16
 
 
 def write_to_channel(what: str) -> str:
-    """Write ``what`` ("garbage", or "announce" a large frame) to this worker's
-    channel, and go on for two seconds."""
+    """Write ``what`` ("garbage", or "announce" a large frame, of one buffer or
+    "announce-many") to this worker's channel, and go on for two seconds."""
     import time
 
     from dispynb.protocol.framing import PREFIX
     from nodeserver.jobapi import CONTEXT
 
+    MANY_BUFFERS = 1 << 16
+
     assert CONTEXT.sock is not None
-    data = b"\xff" * 64 if what == "garbage" else PREFIX.pack(ANNOUNCED, 1)
+    if what == "garbage":
+        data = b"\xff" * 64
+    else:  # many buffers: a lengths table larger than the node's read chunk
+        data = PREFIX.pack(ANNOUNCED, 1 if what == "announce" else MANY_BUFFERS)
     CONTEXT.sock.sock.sendall(data)
     time.sleep(2)
     return what
@@ -57,7 +65,7 @@ def test_a_job_writing_to_its_workers_channel_is_told_so(tmp_path: Path, measure
         running_node(tmp_path / "node") as node,
         JobCluster(write_to_channel, nodes=[node.spec], secret=node.secret) as cluster,
     ):
-        for what in ("garbage", "announce"):
+        for what in ("garbage", "announce", "announce-many"):
             before = _vm_peak(node.proc.pid)
             started = time.monotonic()
             job = cluster.submit(what)

@@ -458,3 +458,59 @@ def test_a_large_frame_whose_lengths_do_not_add_up_is_refused_before_its_body():
     assert decoder.filled(8) == []
     assert decoder.partial() is None
     assert decoder.error is not None and "add up to 11" in str(decoder.error)
+
+
+def test_a_frame_of_many_buffers_takes_no_body_before_its_lengths_add_up():
+    """A lengths table longer than the decoder's chunk (over 16K buffers, 256 KiB
+    at most) is gathered and checked apart: the body (1 GiB announced) is taken
+    only once the whole table adds up to it. It was taken at the prefix."""
+    taken: list[int] = []
+    decoder = FrameDecoder(2 << 30)
+
+    def take_body(size: int) -> bytearray:
+        taken.append(size)
+        return bytearray(size)
+
+    decoder.take_body = take_body
+    count = MAX_BUFFERS
+    announced = 1 << 30
+    table = [0] * count
+    table[-1] = announced - 4 * count  # adds up: one buffer holds the rest
+    data = PREFIX.pack(announced, count) + struct.pack(f"!{count}I", *table)
+    for piece in chunks(data[: PREFIX_SIZE + 4 * count - 1], 4093):
+        space = decoder.buffer()
+        space[: len(piece)] = piece
+        assert decoder.filled(len(piece)) == []
+    assert taken == [] and decoder.error is None and decoder.holding
+    assert decoder.pending == PREFIX_SIZE + 4 * count - 1
+    assert decoder.expected == PREFIX_SIZE + announced
+    space = decoder.buffer()
+    space[:1] = data[-1:]
+    assert decoder.filled(1) == []
+    assert taken == [announced] and decoder.partial() is not None
+
+    # Lengths that pass the announced size are refused as soon as they do.
+    decoder = FrameDecoder(2 << 30)
+    decoder.take_body = take_body
+    bad = PREFIX.pack(announced, count) + struct.pack("!2I", announced, 0)
+    decoder.feed(bad[:PREFIX_SIZE])
+    with pytest.raises(FramingError, match="add up to more"):
+        decoder.feed(bad[PREFIX_SIZE:])
+    assert taken == [announced]  # (the first decoder's)
+
+
+def test_a_whole_frame_of_many_buffers_decodes():
+    """Many buffers, fed in any pieces, with and without a MAC (its buffers all
+    empty: the frame is whole with its table)."""
+    buffers = [b"head"] + [b""] * (MAX_BUFFERS - 2) + [b"tail"]
+    for mac in (b"", MAC * b"m"):
+        data = frame(buffers, mac)
+        for size in (1000, 70_000, len(data)):
+            decoder = FrameDecoder(1 << 20, mac_size=len(mac))
+            out = [m for piece in chunks(data, size) for m in decoder.feed(piece)]
+            assert len(out) == 1 and not decoder.holding
+            _prefix, got, _signed, tag = out[0]
+            assert [bytes(b) for b in got] == buffers and bytes(tag) == mac
+    empty = frame([b""] * MAX_BUFFERS)  # the table is the whole body
+    decoder = FrameDecoder(1 << 20)
+    assert len(decoder.feed(empty)) == 1 and not decoder.holding
