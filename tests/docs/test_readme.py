@@ -13,8 +13,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 
-#: "What a newcomer needs on one screen", give or take a scroll.
-MAX_LINES = 80
+#: "What a newcomer needs on one screen", give or take a scroll (with how to run the
+#: example and the programs once ``./dev`` has set ``.venv`` up).
+MAX_LINES = 85
 
 
 def _links(text: str) -> list[str]:
@@ -46,11 +47,21 @@ def readme_script() -> str:
     return next(b for b in blocks if "__main__" in b)
 
 
+def _script_run() -> tuple[str, str]:
+    """The README after its script: ``Saved as `F`, `python F` prints `OUT```."""
+    text = README.read_text(encoding="utf-8")
+    found = re.search(r"Saved as `([\w.]+)`, `python \1` prints `([^`]+)`", text)
+    assert found, "the README says how to run its script example, and what it prints"
+    return found[1], found[2]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_readme_script_example_runs(tmp_path: Path) -> None:
-    """The first Python block (the script example) runs and prints its results."""
-    path = tmp_path / "example.py"
+    """The script example, saved and run as the README says, prints what it says
+    (``...`` standing for the numbers left out)."""
+    name, printed = _script_run()
+    path = tmp_path / name
     path.write_text(readme_script(), encoding="utf-8")
     done = subprocess.run(
         [sys.executable, str(path)],
@@ -60,7 +71,23 @@ def test_readme_script_example_runs(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip(), "the example prints its results"
+    expected = ".*".join(map(re.escape, printed.split("...")))
+    assert re.fullmatch(expected, done.stdout.strip()), (printed, done.stdout)
+
+
+def test_readme_programs_on_path_are_in_the_venv() -> None:
+    """``source .venv/bin/activate`` puts the programs the README names on ``PATH``:
+    each is in the venv ``./dev`` sets up (the one running the tests), so a newcomer
+    who types them after the two commands finds them."""
+    text = " ".join(README.read_text(encoding="utf-8").split())
+    found = re.search(r"source \.venv/bin/activate` puts (.*?) on your `PATH`", text)
+    assert found, "the README says how to reach the programs ./dev installs"
+    names = re.findall(r"`([^`]+)`", found[1])
+    assert "dispynb-node" in names
+    bindir = Path(sys.executable).parent
+    # `jupyter lab` runs the program jupyter-lab, as git's subcommands do
+    missing = [n for n in names if not (bindir / n.replace(" ", "-")).exists()]
+    assert not missing, f"not in {bindir}: {missing}"
 
 
 def test_readme_lists_every_guide_and_explanation() -> None:
