@@ -321,8 +321,10 @@ def estimate_bits(secret: bytes) -> float:
         if i >= 3:
             seen.add(secret[i - 3 : i + 1])
     length = len(secret)
-    by_distribution = -sum(
-        count * math.log2(count / length) for count in Counter(secret).values()
+    # log2(length / count), not -log2(count / length): one character repeated scores
+    # 0 bits, not -0 (which a refusal printed as "about -0 bits")
+    by_distribution = sum(
+        count * math.log2(length / count) for count in Counter(secret).values()
     )
     return min(by_classes, by_distribution)
 

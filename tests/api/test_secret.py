@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import string
 
 import pytest
@@ -213,6 +214,17 @@ def test_check_strength_names_the_fix_never_the_secret():
     assert SECRET not in str(info.value)
     assert "0.0.0.0" in str(info.value)
     check_strength(random_secret().encode(), "anywhere")
+
+
+@pytest.mark.parametrize("weak", [b"...", b"x", b"a" * 30])
+def test_check_strength_of_one_repeated_character_says_0_bits(weak):
+    """The migration guide's ``export DISPYNB_SECRET=...`` typed as printed: the node's
+    refusal said the secret "holds at most about -0 bits"."""
+    assert estimate_bits(weak) >= 0
+    with pytest.raises(ConfigurationError) as info:
+        check_strength(weak, "for a node listening on '0.0.0.0'")
+    assert "about -" not in str(info.value)
+    assert re.search(r"holds at most about \d+ bits", str(info.value))
 
 
 def test_write_new_secret_creates_a_strong_0600_file_and_never_overwrites(tmp_path):
