@@ -31,9 +31,13 @@ PAGES = [
 #: Each program named in the pages, and the module whose ``build_parser`` it runs.
 PROGRAMS = {
     "dispynb-node": "nodeserver.cli",
+    "python -m nodeserver": "nodeserver.cli",
     "dispynb-scheduler": "schedserver.cli",
+    "python -m schedserver": "schedserver.cli",
     "dispynb demo": "dispynb.cli",
+    "./dev demo": "dispynb.cli",
     "dispynb secret": "dispynb.cli",
+    "dispynb run": "dispynb.cli",
 }
 
 #: Seconds for one page's cells or one sample (each starts its own local nodes).
@@ -297,3 +301,57 @@ def test_the_pages_certificate_recipe_makes_a_node_clients_verify(
         ) as cluster:
             assert cluster.submit(-3)() == 3
         assert "with TLS" in node.log_text()
+
+
+def _commands(text: str) -> list[str]:
+    """The commands of a page: each line of its ``sh`` blocks (continuations joined,
+    comments dropped) and each inline code span (one line, even when the page wraps
+    it over two)."""
+    commands = [line for block in _blocks(text, "sh") for line in _shell_lines(block)]
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    commands += [" ".join(span.split()) for span in re.findall(r"`([^`]+)`", prose)]
+    return commands
+
+
+#: The benchmark's pages: how to run it, and its report (which gives the command of
+#: each run it cites).
+BENCH_PAGES = [
+    ROOT / "docs" / "howto" / "benchmark.md",
+    ROOT / "docs" / "benchmarks.md",
+]
+
+
+def test_pages_run_the_benchmark_with_arguments_it_takes() -> None:
+    """Every ``./dev bench ...`` and ``bench/run.py ...`` the pages give parses with
+    the benchmark's own parser, backends and workloads included, as typed."""
+    import contextlib
+    import importlib.util
+    import io
+    import shlex
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_run", ROOT / "bench" / "run.py"
+    )
+    assert spec and spec.loader
+    run = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(ROOT / "bench"))  # run.py imports its neighbours
+    try:
+        spec.loader.exec_module(run)
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    wrong, seen = [], 0
+    for page in [*PAGES, *BENCH_PAGES]:
+        for command in _commands(page.read_text(encoding="utf-8")):
+            found = re.search(r"(?:\./dev bench|bench/run\.py)(?![\w-])(.*)", command)
+            if not found:
+                continue
+            seen += 1
+            error = io.StringIO()
+            try:
+                with contextlib.redirect_stderr(error):
+                    run.parse_args(shlex.split(found[1], comments=True))
+            except SystemExit:
+                why = error.getvalue().strip().splitlines()[-1:]
+                wrong.append(f"{page.relative_to(ROOT)}: {command!r}: {why}")
+    assert seen > 10, "the pages give the benchmark's commands"
+    assert not wrong, "\n".join(wrong)
