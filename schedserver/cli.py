@@ -41,7 +41,9 @@ REFUSED = {
     "early_cluster_scheduler": "scheduling is always fair share between users "
     "(--fair_cluster_scheduler), never the earliest cluster first",
     "cooperative": "clients cannot change nodes' CPUs; use --cpus or --max_cpus",
-    "cleanup_nodes": "each computation's own cleanup applies on the nodes",
+    "cleanup_nodes": "each computation's own cleanup applies on the nodes; to "
+    "remove every computation's files whatever its cleanup=, start the nodes with "
+    "--force_cleanup",
     "ext_host": "clients connect to the addresses given with -i, and the scheduler "
     "connects to its nodes: it has no address to advertise",
     "ext_ip_addr": "clients connect to the addresses given with -i, and the scheduler "

@@ -68,6 +68,29 @@ def test_node_options_are_asked_of_dispynb_node(
     assert "99999" in port.detail
 
 
+def test_dispyscheduler_options_are_asked_of_dispynb_scheduler() -> None:
+    """A service unit that ran ``dispyscheduler.py`` with its options: the guide
+    listed dispynode's options only, so nobody knew which of the scheduler's
+    dispynb-scheduler takes. Each is given to its parser, with a users file."""
+    rows = {row.name: row for row in migration.scheduler_option_rows()}
+    # dispyscheduler 4.15's options, short and long forms.
+    assert {"-n", "--node", "-p", "--port", "--node_secret", "--cluster_secret",
+            "--pulse_interval", "--httpd", "--cleanup_nodes", "--daemon",
+            "--ipv4_udp_multicast", "--max_file_size"} <= set(rows)  # fmt: skip
+    assert rows["--node_secret"].program == "dispynb-scheduler"
+    assert rows["--pulse_interval"].status == migration.SAME
+    assert "seconds between pings to nodes" in rows["--pulse_interval"].detail
+    # Certificate options are taken (the samples' certificate is a real one).
+    assert rows["--cluster_certfile"].status == migration.SAME, rows
+    assert rows["--node_keyfile"].status == migration.SAME, rows
+    refused = rows["--cleanup_nodes"]
+    assert refused.status == migration.NOT_SUPPORTED and refused.refused
+    # The refusal says what to do instead: the nodes' own option.
+    assert "--force_cleanup" in refused.detail, refused.detail
+    assert "--users" in migration.added_scheduler_options()
+    assert not set(rows) & set(migration.added_scheduler_options())
+
+
 def test_what_dispynb_adds_is_computed() -> None:
     dispy = set(migration.all_names()["jobcluster"] + migration.all_names()["shared"])
     added = migration.added_keywords()
@@ -106,6 +129,7 @@ _TABLES = {
     "NODE": migration.node_rows,
     "JOB_GLOBALS": migration.job_global_rows,
     "NODE_OPTIONS": migration.node_option_rows,
+    "SCHEDULER_OPTIONS": migration.scheduler_option_rows,
     "PROGRAMS": migration.program_rows,
 }
 

@@ -215,16 +215,17 @@ class MigrationDirective(_GeneratedRst):
             if row.detail:
                 # The code's own words, as a second paragraph of the cell.
                 said = "refuses it" if row.refused else "says"
-                who = "``dispynb-node``"
+                who = f"``{row.program}``"
                 if row.option:
-                    who = f":option:`dispynb-node {row.option}`"
+                    who = f":option:`{row.program} {row.option}`"
                 detail = argparse_rst.escape(row.detail)
                 lines += ["", f"       {who} {said}: {detail}"]
         return self.parse_lines([*lines, ""])
 
 
 class AddedDirective(_GeneratedRst):
-    """``.. dispynb-added:: jobcluster`` (or ``dispynode``): what dispynb adds."""
+    """``.. dispynb-added:: jobcluster`` (or ``dispynode``, ``dispyscheduler``):
+    what dispynb adds."""
 
     required_arguments = 1
 
@@ -239,8 +240,15 @@ class AddedDirective(_GeneratedRst):
                 f":option:`{o} <dispynb-node {o}>`"
                 for o in migration.added_node_options()
             ]
+        elif self.arguments[0] == "dispyscheduler":
+            items = [
+                f":option:`{o} <dispynb-scheduler {o}>`"
+                for o in migration.added_scheduler_options()
+            ]
         else:
-            raise self.error("dispynb-added takes jobcluster or dispynode")
+            raise self.error(
+                "dispynb-added takes jobcluster, dispynode or dispyscheduler"
+            )
         return self.parse_lines([", ".join(items) + ".", ""])
 
 

@@ -3,9 +3,10 @@
 Taken from dispy 4.15 (its ``py3`` sources and documentation, summarised in the
 team's dispy reference): module names, ``JobCluster`` and ``SharedJobCluster``
 parameters, cluster methods, ``DispyJob``/``DispyNode`` attributes, status numbers,
-names a computation finds in its globals, ``dispynode.py`` options, the web monitor
-and the programs. Only the names (and dispy's numbers) are data here; whether
-dispynb has each one is computed from the code by `dispynb_docs.migration`.
+names a computation finds in its globals, ``dispynode.py`` and ``dispyscheduler.py``
+options, the web monitor and the programs. Only the names (and dispy's numbers) are
+data here; whether dispynb has each one is computed from the code by
+`dispynb_docs.migration`.
 
 ``differs`` says how dispynb's version differs when dispynb has the name; ``missing``
 says why dispynb does not have it (and what to do instead) when it does not. A name
@@ -636,6 +637,203 @@ NODE_OPTIONS = [
         meaning="do not read commands from standard input",
         differs="Accepted and not needed: dispynb-node never reads standard input "
         "(stop it with SIGTERM or Ctrl-C).",
+    ),
+]
+
+#: ``dispyscheduler.py`` options (dispy 4.15), with arguments that exercise each one
+#: (``{dir}`` also holds a throwaway ``cert.pem`` and ``key.pem``).
+SCHEDULER_OPTIONS = [
+    Name(
+        "--config",
+        sample=("--config", "{dir}/sched.ini"),
+        meaning="options from an INI file",
+        note="Reads dispyscheduler's files: its keys at dispy's defaults count as "
+        "not given; lists are read as literals; the command line wins.",
+    ),
+    Name(
+        "--save_config",
+        sample=("--save_config", "{dir}/saved.ini"),
+        meaning="write the options to a file and exit",
+        note="Writes the options given (mode 600), never ``--node_secret``; "
+        "without a file, to standard output.",
+    ),
+    Name("-d", sample=("-d",), meaning="debug logging"),
+    Name("--debug", sample=("--debug",), meaning="debug logging"),
+    Name(
+        "-n",
+        sample=("-n", "127.0.0.1"),
+        meaning="a node used for all computations (repeatable); default ``'*'``",
+        note="A node, or a pattern discovered by broadcast (``'*'``, "
+        "``'10.0.0.*'``); nodes may also register themselves (``--register_port``).",
+    ),
+    Name(
+        "--node",
+        sample=("--node", "127.0.0.1"),
+        meaning="a node used for all computations (repeatable); default ``'*'``",
+    ),
+    Name(
+        "-i",
+        sample=("-i", "127.0.0.1"),
+        meaning="interface to use (repeatable)",
+        differs="The interfaces clients connect to; default 127.0.0.1 (dispy: "
+        "every interface).",
+    ),
+    Name(
+        "--host",
+        sample=("--host", "127.0.0.1"),
+        meaning="interface to use (repeatable)",
+        differs="The interfaces clients connect to; default 127.0.0.1 (dispy: "
+        "every interface).",
+    ),
+    Name(
+        "--ext_host",
+        sample=("--ext_host", "127.0.0.1"),
+        meaning="address announced for clients behind NAT",
+        missing="Clients connect to the scheduler (give them an address that "
+        "reaches it), and it connects to its nodes: nothing to announce.",
+    ),
+    Name(
+        "-p",
+        sample=("-p", "9700"),
+        meaning="base port: clients reach the scheduler on P+2",
+        differs="The scheduler's own port for clients (default 9712).",
+    ),
+    Name(
+        "--port",
+        sample=("--port", "9700"),
+        meaning="base port: clients reach the scheduler on P+2",
+        differs="The scheduler's own port for clients (default 9712).",
+    ),
+    Name(
+        "--ipv4_udp_multicast",
+        sample=("--ipv4_udp_multicast",),
+        meaning="multicast instead of broadcast discovery",
+    ),
+    Name(
+        "--node_secret",
+        sample=("--node_secret", "{secret}"),
+        meaning="the nodes' shared secret",
+        note="``--node_secret_file`` or ``DISPYNB_SECRET`` keep it out of the "
+        "process list.",
+    ),
+    Name(
+        "--node_keyfile",
+        sample=("--node_keyfile", "{dir}/key.pem", "--node_certfile", "{dir}/cert.pem"),
+        meaning="TLS towards the nodes",
+    ),
+    Name(
+        "--node_certfile",
+        sample=("--node_certfile", "{dir}/cert.pem"),
+        meaning="TLS towards the nodes",
+        note="``--node_cafile`` checks the nodes' certificates.",
+    ),
+    Name(
+        "--cluster_secret",
+        sample=("--cluster_secret", "{secret}"),
+        meaning="the secret all clients share",
+        missing="Each user proves a credential of its own: issue them with "
+        "``dispynb-scheduler user add NAME``.",
+    ),
+    Name(
+        "--cluster_certfile",
+        sample=("--cluster_certfile", "{dir}/cert.pem"),
+        meaning="TLS towards the clients",
+    ),
+    Name(
+        "--cluster_keyfile",
+        sample=(
+            "--cluster_keyfile",
+            "{dir}/key.pem",
+            "--cluster_certfile",
+            "{dir}/cert.pem",
+        ),
+        meaning="TLS towards the clients",
+    ),
+    Name(
+        "--pulse_interval",
+        sample=("--pulse_interval", "5"),
+        meaning="seconds between checks that nodes are alive",
+        note="0 (dispyscheduler's default) is the default pace, 1 s.",
+    ),
+    Name(
+        "--ping_interval",
+        sample=("--ping_interval", "10"),
+        meaning="seconds between discovery pings",
+        note="0 (dispyscheduler's default): once, at start.",
+    ),
+    Name(
+        "--zombie_interval",
+        sample=("--zombie_interval", "60"),
+        meaning="minutes before a silent client counts as a zombie",
+        note="Fractions are taken; 0: never. Also how long the results of a "
+        "client that went away are kept.",
+    ),
+    Name(
+        "--msg_timeout",
+        sample=("--msg_timeout", "10"),
+        meaning="timeout of every socket operation",
+        differs="How long connecting to a node may take; a handshake gets half "
+        "of it. Connected nodes and clients are watched by pulses.",
+    ),
+    Name(
+        "--dest_path_prefix",
+        sample=("--dest_path_prefix", "{dir}/dest"),
+        meaning="where the clients' files are stored",
+        differs="Where results kept for clients that went away spill to disk; "
+        "the clients' files go to the nodes.",
+    ),
+    Name(
+        "--max_file_size",
+        sample=("--max_file_size", "10M"),
+        meaning="largest file, with k/m/g/t suffixes",
+        note="Default 512M (dispy: unlimited); 0: no limit.",
+    ),
+    Name(
+        "--clean",
+        sample=("--clean",),
+        meaning="remove the clients' files before starting",
+        note="Removes what a killed scheduler left under ``--dest_path_prefix``.",
+    ),
+    Name(
+        "--httpd",
+        sample=("--httpd",),
+        meaning="web monitor of all clients' clusters (port 8181)",
+        differs="On 127.0.0.1 unless ``--httpd_host`` (then with "
+        "``--httpd_certfile``); it needs its access token, printed on the terminal "
+        "or kept in ``--httpd_token_file``.",
+    ),
+    Name(
+        "--fair_cluster_scheduler",
+        sample=("--fair_cluster_scheduler",),
+        meaning="give the next job to the least recently served cluster",
+        differs="Accepted: CPUs are always shared fairly between users.",
+    ),
+    Name(
+        "--early_cluster_scheduler",
+        sample=("--early_cluster_scheduler",),
+        meaning="give the next job to the earliest cluster",
+        missing="Scheduling is always fair share between users.",
+    ),
+    Name(
+        "--cooperative",
+        sample=("--cooperative",),
+        meaning="clients may change the nodes' CPUs",
+        missing="Bound what users take with ``--cpus`` (per node) or "
+        "``--max_cpus`` (per user).",
+    ),
+    Name(
+        "--cleanup_nodes",
+        sample=("--cleanup_nodes",),
+        meaning="nodes remove files even for ``cleanup=False``",
+        missing="Start the nodes with ``dispynb-node --force_cleanup``, which does "
+        "that for every client, through a scheduler or not.",
+    ),
+    Name(
+        "--daemon",
+        sample=("--daemon",),
+        meaning="do not read commands from standard input",
+        differs="Accepted and not needed: dispynb-scheduler never reads standard "
+        "input (stop it with SIGTERM or Ctrl-C).",
     ),
 ]
 

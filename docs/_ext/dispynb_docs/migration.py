@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import importlib
 import inspect
 import io
@@ -40,9 +41,10 @@ class Row:
     status: str
     note: str  # reStructuredText, written in dispy_names
     detail: str = ""  # plain text from the code: a help text, or a refusal
-    refused: bool = False  # the detail is dispynb-node's refusal
-    option: str = ""  # the dispynb-node option it is (as the CLI reference names it)
+    refused: bool = False  # the detail is the program's refusal
+    option: str = ""  # the program's option it is (as the CLI reference names it)
     meaning: str = ""  # what it does in dispy (reStructuredText)
+    program: str = "dispynb-node"  # whose option (and help, or refusal) it is
 
 
 def _row(entry: Name, present: bool, detail: str = "") -> Row:
@@ -245,7 +247,7 @@ def _dispynb_commands() -> set[str]:
     return set(commands.choices)
 
 
-# -- dispynode options: asked of dispynb-node's own parser ---------------------------
+# -- dispynode's and dispyscheduler's options: asked of dispynb's own parsers ----------
 
 
 #: A strong secret (256 random bits) for the options that need one.
@@ -255,21 +257,38 @@ _SECRET = secrets.token_urlsafe(32)
 def node_option_rows() -> list[Row]:
     """For each dispynode option: does ``dispynb-node`` accept it, and with what
     effect? The option is given to the real parser (and `config_from_args`)."""
-    cli = importlib.import_module("nodeserver.cli")
+    return _option_rows("nodeserver.cli", names.NODE_OPTIONS)
+
+
+def scheduler_option_rows() -> list[Row]:
+    """For each dispyscheduler option: does ``dispynb-scheduler`` accept it, and
+    with what effect? Given with a users file, as a scheduler needs one."""
+    return _option_rows(
+        "schedserver.cli", names.SCHEDULER_OPTIONS, ("--users", "{dir}/users")
+    )
+
+
+def _option_rows(
+    module: str, entries: list[Name], needed: tuple[str, ...] = ()
+) -> list[Row]:
+    """Each of ``entries`` given (its sample, after ``needed``) to the parser and
+    `config_from_args` of the program ``module`` makes."""
+    cli = importlib.import_module(module)
     parser: argparse.ArgumentParser = cli.build_parser()
     known = parser._option_string_actions
     with tempfile.TemporaryDirectory(prefix="dispynb-docs-") as tmp:
-        for filename in ("node.ini", "init.py"):
+        for filename in ("node.ini", "sched.ini", "init.py"):
             open(os.path.join(tmp, filename), "w").close()
+        _self_signed(tmp)
         rows = []
-        for entry in names.NODE_OPTIONS:
+        for entry in entries:
             action = known.get(entry.name)
             if action is None:
                 rows.append(_row(entry, False))
                 continue
             args = [
                 arg.replace("{dir}", tmp).replace("{secret}", _SECRET)
-                for arg in entry.sample
+                for arg in (*needed, *entry.sample)
             ]
             problem, warnings = _try_options(cli, parser, args)
             option = next(
@@ -286,6 +305,7 @@ def node_option_rows() -> list[Row]:
                         refused=True,
                         option=option,
                         meaning=entry.meaning,
+                        program=parser.prog,
                     )
                 )
                 continue
@@ -294,8 +314,40 @@ def node_option_rows() -> list[Row]:
                 row = dataclasses.replace(
                     row, status=DIFFERENT, detail=f"{row.detail} Warns: {warnings}"
                 )
-            rows.append(dataclasses.replace(row, option=option))
+            rows.append(dataclasses.replace(row, option=option, program=parser.prog))
     return rows
+
+
+def _self_signed(directory: str) -> None:
+    """A throwaway certificate (``cert.pem``) and key (``key.pem``) in
+    ``directory``, for the samples of options that load them."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "sample")])
+    now = datetime.datetime.now(datetime.UTC)
+    builder = x509.CertificateBuilder(
+        issuer_name=name,
+        subject_name=name,
+        public_key=key.public_key(),
+        serial_number=x509.random_serial_number(),
+        not_valid_before=now,
+        not_valid_after=now + datetime.timedelta(days=1),
+    )
+    cert = builder.sign(key, hashes.SHA256())
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    # The certificate file holds its key too, as dispy's could: given alone, it works.
+    both = cert.public_bytes(serialization.Encoding.PEM) + pem
+    for filename, data in (("cert.pem", both), ("key.pem", pem)):
+        fd = os.open(os.path.join(directory, filename), os.O_WRONLY | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
 
 
 def _help(parser: argparse.ArgumentParser, action: argparse.Action) -> str:
@@ -408,6 +460,7 @@ TABLES: dict[str, tuple[str, Callable[[], list[Row]]]] = {
         implicit_module_rows,
     ),
     "dispynode": ("``dispynode.py`` options", node_option_rows),
+    "dispyscheduler": ("``dispyscheduler.py`` options", scheduler_option_rows),
     "httpd": ("``DispyHTTPServer``", httpd_rows),
 }
 
@@ -429,6 +482,7 @@ def all_names() -> dict[str, list[str]]:
         "globals": [e.name for e in names.JOB_GLOBALS],
         "modules": [e.name for e in names.IMPLICIT_MODULES],
         "dispynode": [e.name for e in names.NODE_OPTIONS],
+        "dispyscheduler": [e.name for e in names.SCHEDULER_OPTIONS],
         "httpd": [e.name for e in names.HTTPD + names.HTTPD_METHODS],
     }
 
@@ -448,12 +502,23 @@ def added_keywords() -> list[str]:
 
 def added_node_options() -> list[str]:
     """``dispynb-node`` options that ``dispynode.py`` did not have (long forms)."""
-    parser = importlib.import_module("nodeserver.cli").build_parser()
-    dispy = {e.name for e in names.NODE_OPTIONS}
+    return _added_options("nodeserver.cli", names.NODE_OPTIONS)
+
+
+def added_scheduler_options() -> list[str]:
+    """``dispynb-scheduler`` options that ``dispyscheduler.py`` did not have."""
+    return _added_options("schedserver.cli", names.SCHEDULER_OPTIONS)
+
+
+def _added_options(module: str, entries: list[Name]) -> list[str]:
+    parser = importlib.import_module(module).build_parser()
+    dispy = {e.name for e in entries}
     added = []
     for action in parser._actions:
         strings = action.option_strings
         if not strings or set(strings) & dispy or "--help" in strings:
             continue
+        if "; refused:" in (action.help or ""):
+            continue  # an older dispy version's option, refused: not dispynb's own
         added.append(max(strings, key=len))
     return added
