@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import pickle
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 from dispynb.backends._daskstate import _as_bytes, _DaskState, logger
@@ -205,16 +207,17 @@ class _Jobs(_DaskState):
         workers: list[str] | None = [node_id] if node_id else self.wanted
         if not node_id and self.failed:
             workers = list(self.workers) or workers  # not where setup failed
-        return client.submit(
-            run_job,
-            self.plugin_name,
-            limits,
-            *buffers,
-            key=dask_key,
-            pure=False,
-            workers=workers,
-            allow_other_workers=False,
-        )
+        with _no_large_graph_warning(sum(len(b) for b in buffers)):
+            return client.submit(
+                run_job,
+                self.plugin_name,
+                limits,
+                *buffers,
+                key=dask_key,
+                pure=False,
+                workers=workers,
+                allow_other_workers=False,
+            )
 
     def _track(self, key: int, future: Any) -> None:
         """Watch a submitted job's future (on the loop)."""
@@ -392,6 +395,33 @@ class _Jobs(_DaskState):
         if futures and self.client is not None:
             cancel = self.client.cancel(futures, reason="dispynb: cancelled")
             asyncio.ensure_future(cancel).add_done_callback(_log_failure)
+
+
+@contextlib.contextmanager
+def _no_large_graph_warning(size: int) -> Iterator[None]:
+    """Dask's "Sending large graph" warning ignored (and no other) while a job of
+    ``size`` bytes of arguments is submitted, if that many may raise it.
+
+    Its advice does not apply to a job: load the data with Dask (the job's
+    arguments are the user's values, sent once), or pass futures / scatter it
+    (dispynb refuses a Future as an argument, and a scattered value would be lost
+    with its worker: Dask could not run the job again elsewhere, as it does when
+    the arguments travel in the task). ``catch_warnings`` changes the process's
+    filters (before Python 3.14), so it is entered only for a job that large.
+    """
+    if size <= SMALL_PAYLOAD:  # no config read per small job (the hot path)
+        yield
+        return
+    import dask.config
+    from dask.utils import parse_bytes
+
+    threshold = dask.config.get("distributed.admin.large-graph-warning-threshold")
+    if size < parse_bytes(threshold) // 2:  # the task's other bytes are far fewer
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Sending large graph", UserWarning)
+        yield
 
 
 async def _settled(future: Any) -> None:

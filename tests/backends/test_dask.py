@@ -823,3 +823,47 @@ def test_node_settings_dask_cannot_honour_are_one_clear_error() -> None:
             JobCluster(abs, nodes=[spec], engine=engine)
     assert _wanted_workers([NodeAllocate("10.0.0.2", port=40123)]) == ["10.0.0.2:40123"]
     assert _wanted_workers(NodeAllocate("10.0.0.2")) == ["10.0.0.2"]
+
+
+LARGE_GRAPH_PROGRAM = """
+import warnings
+
+
+def compute(data):
+    return len(data)
+
+
+def main(args):
+    big = os.urandom(12 << 20)  # over Dask's large-graph warning threshold (10 MB)
+    from distributed import Client
+
+    with local_cluster(workers=1) as dask_cluster:
+        engine = DaskEngine(dask_cluster)
+        with warnings.catch_warnings(record=True) as ours:
+            warnings.simplefilter("always")
+            with dispynb.JobCluster(compute, engine=engine) as cluster:
+                sizes = [cluster.submit(big)()]
+            with dispynb.Executor(engine=engine) as executor:
+                sizes.append(executor.submit(len, big).result(timeout=60))
+        with warnings.catch_warnings(record=True) as theirs:
+            warnings.simplefilter("always")
+            with Client(dask_cluster) as client:
+                sizes.append(client.submit(len, big).result())
+    return {
+        "sizes": sizes,
+        "ours": [str(w.message) for w in ours],
+        "theirs": [str(w.message) for w in theirs],
+    }
+"""
+
+
+def test_a_large_argument_raises_no_dask_advice_that_dispynb_refuses(
+    net: Network, tmp_path: Path
+) -> None:
+    """A job's (or a call's) argument over 10 MB raised Dask's "Sending large
+    graph" warning, whose advice (futures, scatter) dispynb refuses: not any
+    more, while a user's own client.submit still warns."""
+    out = run(net, tmp_path, LARGE_GRAPH_PROGRAM)
+    assert out["sizes"] == [12 << 20] * 3
+    assert not [w for w in out["ours"] if "large graph" in w], out["ours"]
+    assert [w for w in out["theirs"] if "Sending large graph" in w], out["theirs"]
