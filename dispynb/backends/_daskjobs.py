@@ -441,19 +441,34 @@ def _log_failure(task: asyncio.Future[Any]) -> None:
         logger.error("Dask engine: %s", task.exception(), exc_info=task.exception())
 
 
-def _holds_future(value: Any, depth: int = 4) -> bool:
-    """Whether ``value`` holds a Dask ``Future`` within ``depth`` levels of
-    tuples, lists and dicts: ``(args, kwargs)`` of a job, or of an executor's job
-    (its calls' arguments are the columns in its own arguments)."""
+def _holds_future(value: Any) -> bool:
+    """Whether ``value`` holds a Dask ``Future`` anywhere: in containers at any
+    depth, or an object's attributes (``(args, kwargs)`` of a job, or of an
+    executor's job, whose calls' arguments are columns in its own). Pickled again,
+    to nowhere, watching each object; only for arguments whose pickle names
+    Dask's client module."""
+    import cloudpickle
     from distributed import Future
 
-    pending = [(value, depth)]
-    while pending:
-        item, left = pending.pop()
-        if isinstance(item, Future):
-            return True
-        if left and type(item) is dict:
-            pending.extend((each, left - 1) for each in item.values())
-        elif left and type(item) in (tuple, list):
-            pending.extend((each, left - 1) for each in item)
+    class Watch(cloudpickle.CloudPickler):  # type: ignore[misc]  # untyped
+        def persistent_id(self, obj: Any) -> None:
+            if isinstance(obj, Future):
+                raise _FutureFound
+            return None
+
+    try:
+        Watch(_Nowhere(), protocol=pickle.HIGHEST_PROTOCOL).dump(value)
+    except _FutureFound:
+        return True
     return False
+
+
+class _FutureFound(Exception):
+    """`_holds_future` met one: its pickling stops there."""
+
+
+class _Nowhere:
+    """A file that keeps nothing written to it."""
+
+    def write(self, data: Any) -> int:
+        return len(data)

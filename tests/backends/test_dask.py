@@ -867,3 +867,52 @@ def test_a_large_argument_raises_no_dask_advice_that_dispynb_refuses(
     assert out["sizes"] == [12 << 20] * 3
     assert not [w for w in out["ours"] if "large graph" in w], out["ours"]
     assert [w for w in out["theirs"] if "Sending large graph" in w], out["theirs"]
+
+
+NESTED_FUTURE_PROGRAM = """
+from distributed import Client
+
+
+def compute(data):
+    return data
+
+
+def main(args):
+    refused = []
+    with local_cluster(workers=1) as dask_cluster, Client(dask_cluster) as client:
+        scattered = client.scatter(b"x")
+
+        class Holder:
+            def __init__(self, value):
+                self.value = value
+
+        engine = DaskEngine(dask_cluster)
+        with (
+            dispynb.JobCluster(compute, engine=engine) as cluster,
+            dispynb.Executor(engine=engine) as executor,
+        ):
+            for call in (
+                lambda: cluster.submit([[[[[[scattered]]]]]]),
+                lambda: cluster.submit({"a": {"b": {"c": {"d": [scattered]}}}}),
+                lambda: cluster.submit(Holder(scattered)),
+                lambda: executor.submit(len, [[[[[scattered]]]]]),
+            ):
+                try:
+                    call()
+                    refused.append("accepted")
+                except dispynb.errors.NotSupportedError as exc:
+                    refused.append(str(exc))
+            fine = cluster.submit([[[[[["distributed.client"]]]]]])()
+    return {"refused": refused, "fine": fine}
+"""
+
+
+def test_a_dask_future_at_any_depth_of_the_arguments_is_refused(
+    net: Network, tmp_path: Path
+) -> None:
+    """Futures were looked for 4 levels deep in tuples, lists and dicts: one deeper,
+    or in an object's attributes, went to the job, which got the Future."""
+    out = run(net, tmp_path, NESTED_FUTURE_PROGRAM)
+    for said in out["refused"]:
+        assert said.startswith("a Dask Future (of client.scatter"), out
+    assert out["fine"] == [[[[[["distributed.client"]]]]]]
