@@ -232,6 +232,7 @@ class JobCluster(_Events, _Jobs, _Nodes, _ClusterState):
             cluster=self,
             recovery_id=self._journal.recovery_id or None,
             journal_jobs=self._journal.jobs,
+            sources=self._sources,
         )
         try:
             self._backend = self.engine.open(self, config)

@@ -192,6 +192,9 @@ class _Nodes(_DaskState):
             return
         if error:
             self.failed[address] = (error, remote_traceback)
+            sources = self.config.sources  # the user's file and lines, as locally
+            if sources is not None:
+                remote_traceback = sources.rerender(remote_traceback) or ""
             shown = "\n".join(filter(None, (error, remote_traceback)))
             logger.warning("setup failed on Dask worker %s: %s", address, shown)
         else:

@@ -77,6 +77,7 @@ if TYPE_CHECKING:
     from dispynb.depends import Dependencies, FileRef
     from dispynb.node import NodeAllocate
     from dispynb.options import ClusterOptions
+    from dispynb.tracebacks import LazySourceMap
 
 # -- features ----------------------------------------------------------------------
 
@@ -253,6 +254,9 @@ class ClusterConfig:
     recovery_id: str | None = None
     #: Whether every job is journaled (``recover_file=...``), not only the nodes.
     journal_jobs: bool = False
+    #: Puts the user's files and lines back in place of the ``<dynamic-code>``
+    #: frames of a remote traceback the engine logs (setup failed on a worker).
+    sources: LazySourceMap | None = None
 
 
 # -- the protocols -----------------------------------------------------------------

@@ -916,3 +916,45 @@ def test_a_dask_future_at_any_depth_of_the_arguments_is_refused(
     for said in out["refused"]:
         assert said.startswith("a Dask Future (of client.scatter"), out
     assert out["fine"] == [[[[[["distributed.client"]]]]]]
+
+
+SETUP_LOG_PROGRAM = """
+def compute(x):
+    return x
+
+
+def fails():
+    raise RuntimeError("no data here")
+
+
+class Logged(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def main(args):
+    logged = Logged()
+    logging.getLogger("dispynb").addHandler(logged)
+    with local_cluster(workers=1) as dask_cluster:
+        engine = DaskEngine(dask_cluster)
+        try:
+            dispynb.JobCluster(compute, engine=engine, setup=fails).close()
+        except dispynb.errors.SetupError:
+            pass
+    return {"logged": logged.lines}
+"""
+
+
+def test_a_setup_failing_on_a_worker_is_logged_with_the_users_file_and_line(
+    net: Network, tmp_path: Path
+) -> None:
+    """It was logged with the node's ``<dynamic-code>`` frames."""
+    out = run(net, tmp_path, SETUP_LOG_PROGRAM)
+    setup = [line for line in out["logged"] if "setup failed on Dask worker" in line]
+    assert setup, out["logged"]
+    assert "<dynamic-code>" not in setup[0], setup[0]
+    assert re.search(r'File ".*client-\w+\.py", line \d+, in fails', setup[0]), setup
