@@ -279,15 +279,21 @@ class _Jobs(_RayState):
         # Ray hands a bytearray argument over as bytes (ray-project/ray#12648):
         # the actor makes it a bytearray again.
         bytearrays = [i for i, arg in enumerate(job.args) if type(arg) is bytearray]
+        args = job.args
+        # An executor's calls: their ObjectRef arguments go as the Ray call's own.
+        places, refs = _lift_refs(args, self._ray) if self._calls else ((), ())
         head: int | tuple[Any, ...]
-        if bytearrays:
+        if places:
+            args = (*_without(args, places), *refs)
+            head = (key, attempt, job.mem_limit, job.kwargs, bytearrays, places)
+        elif bytearrays:
             head = (key, attempt, job.mem_limit, job.kwargs, bytearrays)
         elif attempt == 1 and job.mem_limit is None and not job.kwargs:
             head = key
         else:
             head = (key, attempt, job.mem_limit, job.kwargs)
         try:
-            ref = slot.handle.run.remote(head, *job.args)
+            ref = slot.handle.run.remote(head, *args)
         except Exception as exc:  # Ray could not serialize the arguments
             self._jobs.pop(key, None)
             self._events.job_done(
@@ -537,6 +543,48 @@ def _failed(exc: BaseException) -> str:
         "Ray could not send the job's result back or load its arguments on the "
         f"worker: {_reason(exc)}\n"
     )
+
+
+#: Where a call of an executor's job has an ObjectRef argument: ``(argument
+#: position, call)`` in its columns, or the keyword's name.
+Place = tuple[int, int] | str
+
+
+def _lift_refs(args: tuple[Any, ...], ray: Any) -> tuple[list[Place], list[Any]]:
+    """The ObjectRef arguments of an executor's job's calls (``args``: the
+    runner's ``key, blob, count, columns, kwargs``), at the top level of a call
+    as Ray resolves a task's (one in a list stays a handle), and their places.
+    Given as the Ray call's own arguments, Ray hands the actor their objects
+    (`_rayworker.put_back` puts them in their places): ``executor.submit(f,
+    ref)`` runs ``f(obj)``, as ``f.remote(ref)`` does."""
+    object_ref = ray.ObjectRef
+    places: list[Place] = []
+    refs: list[Any] = []
+    columns, kwargs = args[3], args[4] if len(args) > 4 else None
+    for position, column in enumerate(columns):
+        for call, value in enumerate(column):
+            if type(value) is object_ref:
+                places.append((position, call))
+                refs.append(value)
+    for name, value in (kwargs or {}).items():
+        if type(value) is object_ref:
+            places.append(name)
+            refs.append(value)
+    return places, refs
+
+
+def _without(args: tuple[Any, ...], places: list[Place]) -> tuple[Any, ...]:
+    """``args`` of an executor's job with None at ``places`` (the handles travel
+    apart, as the Ray call's own arguments)."""
+    key, blob, count, columns, kwargs = args
+    columns = [list(column) for column in columns]
+    kwargs = dict(kwargs or {})
+    for place in places:
+        if isinstance(place, str):
+            kwargs[place] = None
+        else:
+            columns[place[0]][place[1]] = None
+    return key, blob, count, tuple(columns), kwargs or None
 
 
 def _batchable(job: JobRequest) -> bool:

@@ -27,6 +27,7 @@ from dispynb.backends.base import (
     Outcome,
 )
 from dispynb.errors import SerializationError
+from dispynb.executorrunner import dispynb_executor
 from dispynb.job import JobStatus
 from dispynb.protocol import serialize
 
@@ -85,6 +86,8 @@ class _RayState:
         self._runner = config.runner
         opts = config.options
         self._reentrant = opts.reentrant
+        #: Whether the jobs are an executor's (their arguments hold its calls').
+        self._calls = opts.computation is dispynb_executor
         self._files_dir = opts.files_dir
         self._queue: collections.deque[JobRequest] = collections.deque()
         #: Jobs of ``submit_node`` waiting for their node, by Ray node id.

@@ -400,16 +400,20 @@ class JobActor:
         values) if it was skipped (`skip`).
 
         ``head`` is the job's key (its first attempt, no keyword arguments, no
-        memory limit), or ``(key, attempt, mem_limit, kwargs[, bytearrays])``:
-        ``mem_limit`` is the bytes of address space the job may use (the soft
-        ``RLIMIT_AS``, for this job only); ``bytearrays`` the positions of the
-        arguments that were ``bytearray`` (Ray hands an argument of that type
-        over as ``bytes``)."""
+        memory limit), or ``(key, attempt, mem_limit, kwargs[, bytearrays[,
+        places]])``: ``mem_limit`` is the bytes of address space the job may use
+        (the soft ``RLIMIT_AS``, for this job only); ``bytearrays`` the positions
+        of the arguments that were ``bytearray`` (Ray hands an argument of that
+        type over as ``bytes``); ``places`` those of an executor's calls'
+        ObjectRef arguments, whose objects Ray gave as the last ``args``
+        (`put_back`)."""
         kwargs: dict[str, Any]
         if isinstance(head, int):
             key, attempt, mem_limit, kwargs = head, 1, None, {}
         else:
             key, attempt, mem_limit, kwargs = head[:4]
+            if len(head) > 5:
+                args = put_back(args, head[5])
             if len(head) > 4:
                 args = tuple(
                     bytearray(arg) if index in head[4] else arg
@@ -483,6 +487,22 @@ class JobActor:
         os.chdir(tempfile.gettempdir())
         shutil.rmtree(self.path, ignore_errors=True)
         return error
+
+
+def put_back(args: tuple[Any, ...], places: list[Any]) -> tuple[Any, ...]:
+    """An executor's job's arguments (``key, blob, count, columns, kwargs``) from
+    ``args``, whose last ones are the objects of its calls' ObjectRef arguments,
+    put back in their ``places`` (`_rayjobs._lift_refs`)."""
+    objects = args[len(args) - len(places) :]
+    key, blob, count, columns, kwargs = args[: len(args) - len(places)]
+    columns = [list(column) for column in columns]
+    kwargs = dict(kwargs or {})
+    for place, value in zip(places, objects, strict=True):
+        if isinstance(place, str):
+            kwargs[place] = value
+        else:
+            columns[place[0]][place[1]] = value
+    return key, blob, count, tuple(columns), kwargs or None
 
 
 def load_result(reply: tuple[Any, ...]) -> tuple[Any, ...]:

@@ -644,6 +644,31 @@ def test_ray_put_handles_are_jobs_arguments_as_put_says(engine: RayEngine) -> No
         assert job() == 4950, job.exception
 
 
+def first_kind(values: Any) -> str:
+    return type(values[0]).__name__
+
+
+def test_an_executor_calls_ray_put_handles_are_objects_as_in_a_ray_task(
+    engine: RayEngine,
+) -> None:
+    """As ``f.remote(ref)`` and ``f.remote(values=ref)``: a call's ObjectRef
+    argument reaches it as the object; one inside a list stays a handle (as
+    Ray's). The call got the handle itself, not as a Ray user expects."""
+    import ray
+
+    ref = ray.put(list(range(100)))
+    with dispynb.Executor(engine=engine) as executor:
+        assert executor.submit(total, ref).result(timeout=WAIT) == 4950
+        assert executor.submit(total, values=ref).result(timeout=WAIT) == 4950
+        assert list(executor.map(total, [[1, 2], ref, [3]], chunksize=3)) == [
+            3,
+            4950,
+            3,
+        ]
+        kind = executor.submit(first_kind, [ref]).result(timeout=WAIT)
+        assert kind == "ObjectRef"
+
+
 def test_what_ray_cannot_do_is_one_clear_error(engine: RayEngine) -> None:
     with pytest.raises(NotSupportedError, match="'ray'"):
         JobCluster("/bin/echo", engine=engine)
