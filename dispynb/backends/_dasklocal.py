@@ -30,7 +30,8 @@ from dispynb.errors import ClusterError, ConfigurationError
 from dispynb.local import START_TIMEOUT, LocalCluster, cpus_per_node
 
 _MISSING_DASK = (
-    "LocalCluster(engine='dask') needs dask.distributed: pip install 'dispynb[dask]'"
+    "LocalCluster(engine='dask') needs dask.distributed: pip install "
+    "'dask[distributed]' (or '.[dask]' in dispynb's checkout)"
 )
 
 

@@ -81,8 +81,8 @@ from dispynb.backends.base import (
 from dispynb.errors import ConfigurationError
 
 _MISSING_DASK = (
-    "the Dask engine needs dask.distributed: pip install 'dispynb[dask]' "
-    "(and install dispynb on the Dask workers too)"
+    "the Dask engine needs dask.distributed: pip install 'dask[distributed]' (or "
+    "'.[dask]' in dispynb's checkout), and dispynb on the Dask workers too"
 )
 
 

@@ -72,7 +72,7 @@ How dispy's features map onto Ray's own mechanisms
 Not available on Ray (`NotSupportedError` from ``JobCluster``): program files,
 ``nodes=`` (Ray's own nodes run the jobs), node management, ``send_file``,
 ``dispy_job_depends``, ``recover_file``. ``ray`` is imported only when a cluster opens
-(the ``dispynb[ray]`` extra); the Ray workers need dispynb installed too.
+(dispynb's ``ray`` extra); the Ray workers need dispynb installed too.
 """
 
 from __future__ import annotations
@@ -103,7 +103,8 @@ def _ray() -> Any:
         return importlib.import_module("ray")
     except ImportError as exc:
         raise ConfigurationError(
-            f"the Ray engine needs the ray package ({exc}): pip install 'dispynb[ray]'"
+            f"the Ray engine needs the ray package ({exc}): pip install ray, the Ray "
+            "cluster's version (or '.[ray]' in dispynb's checkout)"
         ) from exc
 
 

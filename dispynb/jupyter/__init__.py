@@ -1,8 +1,8 @@
 """dispynb's Jupyter layer: magics, progress, node panel, DataFrames, HTML reprs.
 
 The only part of dispynb that imports IPython, ipywidgets or pandas (install them with
-``pip install 'dispynb[jupyter]'``), and each module imports them only when used:
-`Run` and the progress bars work in plain Python.
+``pip install '.[jupyter]'`` in dispynb's checkout), and each module imports them only
+when used: `Run` and the progress bars work in plain Python.
 
 Contents
 --------

@@ -162,7 +162,7 @@ class Session(_SessionProbes, _SessionNodes):
         self.close()
         with friendly_errors(
             "%dispy local --engine dask could not start a Dask LocalCluster",
-            hint="install Dask: pip install 'dispynb[dask]'",
+            hint="install Dask: pip install 'dask[distributed]'",
         ):
             local = DaskLocalCluster(nodes=count, cpus=cpus)
         try:
@@ -183,7 +183,7 @@ class Session(_SessionProbes, _SessionNodes):
             DaskEngine(address),
             address,
             hint="check the scheduler's address, and that dispynb is installed on "
-            "its workers (pip install 'dispynb[dask]')",
+            "its workers (pip install . in dispynb's checkout)",
         )
 
     def use_scheduler(
@@ -220,8 +220,8 @@ class Session(_SessionProbes, _SessionNodes):
             address,
             hint="check the head's address (ray status there prints it), that the "
             "Ray versions match, and that dispynb is installed on its nodes (pip "
-            "install 'dispynb[ray]'); with token authentication set RAY_AUTH_MODE "
-            "and RAY_AUTH_TOKEN here too",
+            "install . in dispynb's checkout); with token authentication set "
+            "RAY_AUTH_MODE and RAY_AUTH_TOKEN here too",
         )
 
     def start_ssh(
