@@ -42,11 +42,16 @@ class _Registrations(_Scaling[Handle]):
         return [(node.host, node.port) for node in self.nodes]
 
     def exited(self) -> list[str]:
-        """``'name: why'`` of each launched node that ended (empty while all run)."""
+        """How each launched node that ended did (empty while all run):
+        ``'host:port (name: why)'``, its address first (unbracketed) as a
+        `LocalCluster`'s ``exited()`` says it (a notebook's node panel marks that
+        row gone), or ``'name: why'`` for one that ended before it registered."""
         with self._changed:
             launched = list(self._launched)
         return [
-            f"{x.name}: {why}"
+            f"{x.node.host}:{x.node.port} ({x.name}: {why})"
+            if x.node
+            else f"{x.name}: {why}"
             for x in launched
             if not x.stopped and (why := self._reason(x))
         ]

@@ -40,20 +40,15 @@ class _SessionNodes:
         return self.panel.rows()
 
     def exited_nodes(self) -> set[str]:
-        """``"host:port"`` of the nodes this session started whose process exited."""
-        return {item.split(" ", 1)[0] for item in self._exited_items()}
+        """``"host:port"`` of the nodes this session started whose process exited
+        (a launched node that ended before it registered has none)."""
+        firsts = (item.split(" ", 1)[0] for item in self._exited_items())
+        return {first for first in firsts if _is_address(first)}
 
     def _exited_items(self) -> list[str]:
         """``"host:port (status N)"`` of each local node this session started that
-        has exited (a launcher's say ``"name: why"``: its nodes leave the panel as
-        its clusters lose them)."""
-        from dispynb.deploy.base import NodeLauncher
-
-        if (
-            self.local is None
-            or self.nodes is not self.local
-            or isinstance(self.local, NodeLauncher)
-        ):
+        has exited; a launcher's (SSH, SLURM) say ``"host:port (name: why)"``."""
+        if self.local is None or self.nodes is not self.local:
             return []
         return list(self.local.exited())
 
@@ -181,6 +176,12 @@ class _SessionNodes:
 def _spec(host: str, address: str) -> str:
     """The node spec for ``address`` (``host:port``), bracketing IPv6 hosts."""
     return f"[{host}]{address[len(host) :]}" if ":" in host else address
+
+
+def _is_address(text: str) -> bool:
+    """Whether ``text`` is a ``host:port`` (not a launched node's bare name)."""
+    host, _, port = text.rpartition(":")
+    return bool(host) and port.isdigit()
 
 
 def _bracketless(address: str) -> str:

@@ -261,7 +261,9 @@ def test_a_node_that_died_leaves_the_launchers_nodes(fake_ssh: Path) -> None:
             time.sleep(0.01)
         assert nodes.nodes == [alive.node]
         (why,) = nodes.exited()
-        assert why.startswith(f"{dead.name}: ssh to node1 exited with status")
+        # The node's address first, as a LocalCluster's nodes (and panel rows) say.
+        address = f"{dead.node.host}:{dead.node.port}"
+        assert why.startswith(f"{address} ({dead.name}: ssh to node1 exited with")
 
 
 def _mark_and_sleep(path: str, seconds: float) -> int:

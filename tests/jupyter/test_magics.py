@@ -692,7 +692,9 @@ def test_a_cell_runs_on_the_local_nodes_left_when_one_exited(ip):
 def test_a_launched_node_that_exited_leaves_the_cell_the_others():
     """One of two launched nodes (%dispy ssh, %dispy slurm) ended: a launcher's
     addresses are those still running, so the cell said 'the nodes have exited',
-    with one running. It runs on the other, saying so."""
+    with one running. It runs on the other, saying so. The panel marks the one
+    that ended gone, as it does a local node (its ``exited()`` item said ``name:
+    why``, no address: no row of its own)."""
     import os
     import signal
 
@@ -705,10 +707,14 @@ def test_a_launched_node_that_exited_leaves_the_cell_the_others():
     try:
         launcher.start(2)
         launcher.wait_for(2, timeout=30)
-        handle = launcher._launched[0].handle
-        assert handle is not None
-        os.kill(handle.pid, signal.SIGKILL)
+        dead = launcher._launched[0]
+        assert dead.handle is not None and dead.node is not None
+        os.kill(dead.handle.pid, signal.SIGKILL)
         jobs.wait_until(lambda: launcher.exited() != [])
+        address = f"{dead.node.host}:{dead.node.port}"
+        assert session.exited_nodes() == {address}
+        gone = [row for row in session.rows() if row.address == address]
+        assert [row.gone for row in gone] == [True], session.rows()
         assert session.exited_error() is None
         news = session.exited_news()
         assert news.startswith(f"1 of the 2 {launcher.kind} nodes has exited: "), news

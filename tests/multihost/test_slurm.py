@@ -318,7 +318,7 @@ def test_a_node_killed_at_its_walltime_loses_its_jobs_to_the_others(
     assert all(name != doomed for _, name in result["results"])
     assert result["statuses"] == [result["finished"]]
     assert any(
-        line.startswith(f"{doomed}: SLURM job {info['job']} TIMEOUT")
+        f"({doomed}: SLURM job {info['job']} TIMEOUT" in line
         for line in result["exited"]
     ), result["exited"]
     assert f"node {doomed} ended: SLURM job {info['job']} TIMEOUT" in client.stderr
