@@ -33,6 +33,7 @@ from dispynb.secret import (
 )
 from dispynb.startup import StartupSignals, loop_handles_stop_signals, run_held
 from dispynb.transport.addressing import format_address, is_loopback
+from dispynb.wording import counted
 from nodeserver.cliconfig import refuse_readable_secret
 from nodeserver.config import NodeConfig
 from nodeserver.containment import become_subreaper, probe_in_background
@@ -189,11 +190,11 @@ def _warn_beyond_the_machine(asked: int, cpus: int) -> None:
     available = os.cpu_count() or 1
     if asked > available or asked <= -available:
         logger.info(
-            "--cpus %d: this machine has %d CPUs; this node runs up to %d jobs at "
+            "--cpus %d: this machine has %s; this node runs up to %s at "
             "once (dispynode refuses it)",
             asked,
-            available,
-            cpus,
+            counted(available, "CPU"),
+            counted(cpus, "job"),
         )
 
 
@@ -469,8 +470,9 @@ async def serve(
         unwatch()
     await _cancel_all(tasks)
     if server.served_all.is_set():
-        logger.info("served %d clients (--serve): shutting down", config.serve)
-        why = f"it served its {config.serve} clients (--serve)"
+        served = counted(config.serve, "client")
+        logger.info("served %s (--serve): shutting down", served)
+        why = f"it served its {served} (--serve)"
     else:
         why = (
             f"{signalled[0]}"

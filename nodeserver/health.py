@@ -42,6 +42,7 @@ from dispynb.defaults import MAX_MESSAGE_SIZE, NODE_PORT
 from dispynb.errors import ConfigurationError, DispynbError, MessageError
 from dispynb.protocol.messages import NodeHealth
 from dispynb.transport.addressing import format_address, parse_address
+from dispynb.wording import counted
 
 if TYPE_CHECKING:
     from dispynb.transport.tls import TlsOptions
@@ -129,8 +130,10 @@ def report(address: str, health: NodeHealth, kind: str = "node") -> tuple[int, s
         status, state = WARNING, "up with no node up (no CPUs)"
     line = (
         f"{_STATUS[status]} - {kind} {health.name!r} at {address} {state}: "
-        f"{health.busy} of {health.cpus} CPUs busy, {health.clients} client(s), "
-        f"{health.computations} computation(s), up {_duration(health.uptime)}, "
+        f"{health.busy} of {counted(health.cpus, 'CPU')} busy, "
+        f"{counted(health.clients, 'client')}, "
+        f"{counted(health.computations, 'computation')}, "
+        f"up {_duration(health.uptime)}, "
         f"dispynb {health.version}, pid {health.pid}"
         f" | busy={health.busy};;;0;{health.cpus} clients={health.clients}"
         f" computations={health.computations} uptime={health.uptime:.0f}s"

@@ -21,6 +21,7 @@ from dispynb.transport.connection import Connection
 from dispynb.transport.listener import Listener
 from dispynb.transport.tls import server_context
 from dispynb.transport.udp import is_wildcard_host
+from dispynb.wording import counted
 from nodeserver.announce import Announcer
 from nodeserver.budget import CpuBudget
 from nodeserver.config import NodeConfig
@@ -165,9 +166,9 @@ class NodeServer:
         if config.port_file:
             replace_file(config.port_file, f"{self.port}\n")
         logger.info(
-            "dispynb node %r serving %d CPUs on %s%s%s",
+            "dispynb node %r serving %s on %s%s%s",
             config.name,
-            config.cpus,
+            counted(config.cpus, "CPU"),
             ", ".join(format_address(host, self.port) for host in config.hosts),
             " with TLS" if ssl_context else "",
             ""
@@ -299,7 +300,10 @@ class NodeServer:
         self.clients_accepted += 1
         limit = self.config.serve
         if limit > 0 and self.clients_accepted >= limit and self.listening:
-            logger.info("serving the last of %d clients (--serve): no new ones", limit)
+            logger.info(
+                "serving the last of its %s (--serve): no new ones",
+                counted(limit, "client"),
+            )
             self.pause()
         try:
             await session.serve()

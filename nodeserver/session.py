@@ -54,6 +54,7 @@ from dispynb.protocol.messages import (
 )
 from dispynb.protocol.records import ResultEntry
 from dispynb.transport.connection import BadMessageError, Connection
+from dispynb.wording import counted
 from nodeserver import descriptors
 from nodeserver.computation import Computation, JobLimits, NodeJob
 from nodeserver.monitor import avail_info
@@ -414,10 +415,10 @@ class ClientSession(_SessionFiles, _SessionRecovery):
             )
             return
         logger.info(
-            "computation %s of %s ready with %d workers",
+            "computation %s of %s ready with %s",
             computation.name,
             self.conn.peer,
-            workers,
+            counted(workers, "worker"),
         )
         self.outbox.write(
             ComputationReady(

@@ -32,6 +32,7 @@ from dispynb.protocol.messages import (
 from dispynb.protocol.records import avail_figures
 from dispynb.transport.connection import Connection, describe_error
 from dispynb.transport.connector import connect
+from dispynb.wording import counted
 from schedserver.computation import SharedComputation, Upstream
 from schedserver.config import NODE_TLS_OPTIONS
 from schedserver.state import NodeState, _ServerState, logger
@@ -103,7 +104,7 @@ class _NodeLinks(_ServerState):
             node.avail = reported_avail(node, welcome.avail)
             node.hostname = welcome.name
             node.alive = True
-            logger.info("node %s is up with %d CPUs", node.name, node.cpus)
+            logger.info("node %s is up with %s", node.name, counted(node.cpus, "CPU"))
             for comp in self.computations:
                 upstream = comp.upstream.get(node.name)
                 if (

@@ -38,6 +38,7 @@ from dispynb.protocol.registration import (
     verify,
 )
 from dispynb.transport.addressing import format_address
+from dispynb.wording import counted
 
 logger = logging.getLogger(__name__)
 
@@ -266,7 +267,8 @@ class Registrar:
             return
         self._boots[(ip, reg.port)] = reg.boot
         node = RegisteredNode(ip, reg.port, reg.name, reg.cpus, reg.boot)
-        logger.info("node %s registered at %s (%d CPUs)", reg.name, node.spec, reg.cpus)
+        cpus = counted(reg.cpus, "CPU")
+        logger.info("node %s registered at %s (%s)", reg.name, node.spec, cpus)
         try:
             self._on_registered(node)
         except Exception:

@@ -487,7 +487,7 @@ class DispynodeCommandLines:
 
 
 #: The node's log line once it listens: "... serving 2 CPUs on 127.0.0.1:PORT ...".
-SERVING = re.compile(r"serving \d+ CPUs on 127\.0\.0\.1:(\d+)")
+SERVING = re.compile(r"serving \d+ CPUs? on 127\.0\.0\.1:(\d+)")
 
 
 @pytest.fixture(scope="module")

@@ -293,7 +293,7 @@ def node_program() -> list[str]:
 
 
 #: The node's "serving" log line: its CPUs and the addresses it listens on.
-SERVING = re.compile(r"serving (\d+) CPUs on (\S+?)(?:,| |$)", re.MULTILINE)
+SERVING = re.compile(r"serving (\d+) CPUs? on (\S+?)(?:,| |$)", re.MULTILINE)
 
 
 def start_node(

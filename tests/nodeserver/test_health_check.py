@@ -38,7 +38,7 @@ def test_a_probe_is_no_client_and_says_how_busy_the_node_is(tmp_path: Path) -> N
             assert idle.returncode == 0, idle.stdout + idle.stderr
         assert idle.stdout.startswith(
             f"OK - node 'cli-node' at {node.spec} serving: 0 of 2 CPUs busy, "
-            "0 client(s), 0 computation(s), up "
+            "0 clients, 0 computations, up "
         ), idle.stdout
         assert "| busy=0;;;0;2 clients=0 computations=0 uptime=" in idle.stdout
         here = check("--port", str(node.port), *secret)  # this machine, on --port
@@ -51,7 +51,7 @@ def test_a_probe_is_no_client_and_says_how_busy_the_node_is(tmp_path: Path) -> N
             jobs.wait_for_path(started)
             busy = check(node.spec, *secret)
             assert busy.returncode == 0, busy.stdout + busy.stderr
-            assert "1 of 2 CPUs busy, 1 client(s), 1 computation(s)" in busy.stdout
+            assert "1 of 2 CPUs busy, 1 client, 1 computation," in busy.stdout
             cluster.cancel(job)
             assert job.finish.wait(NODE_WAIT)
         again = check(node.spec, *secret)

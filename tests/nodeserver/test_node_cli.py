@@ -54,6 +54,12 @@ def test_node_cli_public_host_without_secret_or_tls_exits_2_with_fix(tmp_path):
     assert not port_file.exists()  # it never listened
 
 
+def test_node_cli_log_says_one_cpu_not_one_cpus(tmp_path):
+    """A one-CPU node (a SLURM task's, a LocalCluster's) logged "serving 1 CPUs"."""
+    with running_node(tmp_path / "node", cpus=1) as node:
+        assert f"serving 1 CPU on 127.0.0.1:{node.port}" in node.log_text()
+
+
 def test_node_cli_port_in_use_exits_1_naming_the_address_and_the_fix(tmp_path):
     """A second node on the port of a running one (the first-hour mistake of
     starting a node twice) says which address is taken and what to do."""

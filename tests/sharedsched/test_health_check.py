@@ -44,7 +44,7 @@ def test_a_probe_says_how_the_scheduler_is_and_is_no_user(
         assert done.returncode == 0, done.stdout + done.stderr
         assert done.stdout.startswith(
             f"OK - scheduler 'dispynb-scheduler' at {scheduler.address} serving: "
-            "0 of 4 CPUs busy, 1 client(s), 1 computation(s), up "
+            "0 of 4 CPUs busy, 1 client, 1 computation, up "
         ), done.stdout
     wrong = check(scheduler.address, "not-the-node-secret-0123456789abcdef")
     assert wrong.returncode == 2, wrong.stdout + wrong.stderr
