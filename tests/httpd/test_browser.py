@@ -248,3 +248,24 @@ def test_names_from_the_cluster_and_its_nodes_are_text(tmp_path):
             assert page.evaluate("window.pwned") is None
         finally:
             server.shutdown(wait=False)
+
+
+def test_node_figures_sit_under_headers_that_say_what_they_are(monitored):
+    """The node reports the swap it has available (dispy's ``avail_info.swap``: 100
+    on a machine without swap); the page showed it as "Swap used" (100 % used on a
+    node without any swap)."""
+    from playwright.sync_api import expect
+
+    cluster, server = monitored
+    node = cluster.status().nodes[0]
+    with chromium_page() as page:
+        page.goto(server.url)
+        row = page.locator(f'#nodes tbody tr[data-key="127.0.0.1:{node.port}"]')
+        expect(row.locator(".c-swap")).not_to_have_text("")
+        headers = page.locator("#nodes thead th").all_inner_texts()
+        cells = row.locator("td").evaluate_all("tds => tds.map(td => td.className)")
+        shown = dict(zip(cells, headers, strict=False))
+        assert shown["num c-swap"] == "Swap avail", shown
+        assert shown["num c-cpu"] == "CPU avail", shown
+        swap = cluster.status().nodes[0].avail_info.swap
+        assert row.locator(".c-swap").inner_text() == f"{swap:.0f} %"
