@@ -29,13 +29,14 @@ class SharedJobCluster(JobCluster):
     ``DISPYNB_SECRET_FILE``). ``exclusive=True`` asks for the nodes alone: the
     computation's jobs run once other users' running jobs ended, and no other
     user's job starts while it is open. Everything else is as for `JobCluster`,
-    except that the scheduler chooses the nodes: ``submit_node`` and the
-    node-management methods (``set_node_cpus``, ``close_node``...) raise
-    `NotSupportedError`. ``status()``, ``print_status()``, the web monitor and the
-    notebook panels list the real nodes behind the scheduler, with this cluster's
-    own jobs on each (never other users'); as in dispy, ``job.ip_addr`` and the
-    ``cluster_status`` node of a job that ran name the node behind the scheduler,
-    whose ``rx`` counts the results it sent.
+    except that the scheduler manages the nodes: the node-management methods
+    (``set_node_cpus``, ``close_node``...) raise `NotSupportedError`;
+    ``submit_node`` runs a job on the node given only, as dispy's (``Abandoned``
+    if that node leaves first). ``status()``, ``print_status()``, the web monitor
+    and the notebook panels list the real nodes behind the scheduler, with this
+    cluster's own jobs on each (never other users'); as in dispy, ``job.ip_addr``
+    and the ``cluster_status`` node of a job that ran name the node behind the
+    scheduler, whose ``rx`` counts the results it sent.
 
     ``scheduler_node`` (dispy's older name) is taken for ``scheduler_host``.
     Without ``scheduler_host`` it is a `JobCluster` on the nodes given: dispynb's

@@ -82,6 +82,7 @@ class QueuedJob:
     node: str = ""  # where it runs ("" while queued here)
     started: bool = False  # the node reported it executing
     start_time: float = 0.0  # when, as the node said (with ``started``)
+    pin: str = ""  # the only node it may run on (``submit_node``; "": any)
 
 
 @dataclass(eq=False)
@@ -295,6 +296,7 @@ class SharedComputation(_JobFiles, _SentFiles):
         limits = (
             {item[0]: item for item in message.limits if item} if message.limits else {}
         )
+        pins: dict[int, str] = {key: node for key, node in message.pins}
         was_empty = not self.queue
         with_limits = 0
         refused: list[ResultEntry] = []
@@ -316,24 +318,76 @@ class SharedComputation(_JobFiles, _SentFiles):
                     )
                 )
                 continue
+            pin = pins.get(key, "")
+            if pin and not self.serves(pin):
+                refused.append(
+                    ResultEntry.unrun(
+                        key,
+                        attempt,
+                        ABANDONED,
+                        f"node {peer_text(pin, 200)} does not run this computation "
+                        "now (it left, or never was one of its nodes): the job was "
+                        "pinned to it (submit_node)",
+                    )
+                )
+                continue
             queued += 1
             job_limits = limits.get(key)
             if job_limits is not None:
                 with_limits += 1
-            self.queue.append(QueuedJob(key, attempt, item, job_buffers, job_limits))
+            job = QueuedJob(key, attempt, item, job_buffers, job_limits, pin=pin)
+            self.queue.append(job)
             self.account.queued += 1
+            if pin:
+                self.account.pinned[pin] = self.account.pinned.get(pin, 0) + 1
         if refused:
             self.end_jobs(refused)
         if (
             frame is not None
             and was_empty
             and not refused
+            and not pins  # (they may go to other nodes than the first ones)
             and self.queue
             and self.client_comp_id == self.comp_id
             # every limit is one of its jobs' (else the node gets those only)
             and with_limits == len(message.limits)
         ):
             self._as_sent = (frame, self.queue[0], self.queue[-1], len(self.queue))
+
+    def serves(self, node: str) -> bool:
+        """Whether the computation is set up on ``node`` and the node takes jobs:
+        a job pinned to it may wait for it there."""
+        upstream = self.upstream.get(node)
+        return (
+            upstream is not None
+            and upstream.ready
+            and upstream.conn is not None
+            and upstream.node.alive
+            and not upstream.node.leaving
+        )
+
+    def take(self, node: str) -> QueuedJob:
+        """The next queued job that may run on ``node`` (one `Account.takes` says
+        there is): the first one pinned to it or to no node."""
+        queue = self.queue
+        if not self.account.pinned:
+            return queue.popleft()
+        for index, job in enumerate(queue):
+            if not job.pin or job.pin == node:
+                del queue[index]
+                self._unpin(job)
+                return job
+        raise LookupError(f"{self.name}: no queued job for node {node}")
+
+    def _unpin(self, job: QueuedJob) -> None:
+        """``job`` left the queue: no more a pinned one waiting for its node."""
+        if job.pin:
+            pinned = self.account.pinned
+            left = pinned.get(job.pin, 0) - 1
+            if left > 0:
+                pinned[job.pin] = left
+            else:
+                pinned.pop(job.pin, None)
 
     def submitted(self) -> None:
         """The client's message that `submit` took was handled: its frame goes."""
@@ -345,6 +399,7 @@ class SharedComputation(_JobFiles, _SentFiles):
             if job.key == message.key:
                 self.queue.remove(job)
                 self.account.queued -= 1
+                self._unpin(job)
                 self.end_jobs(
                     [ResultEntry.unrun(job.key, job.attempt, CANCELLED, "cancelled")]
                 )
@@ -382,6 +437,7 @@ class SharedComputation(_JobFiles, _SentFiles):
             for j in self.queue
         ]
         self.account.queued -= len(self.queue)
+        self.account.pinned.clear()
         self.queue.clear()
         self.end_jobs(cancelled)
         close = dataclasses.replace(message, comp_id=self.comp_id)
@@ -496,6 +552,7 @@ class SharedComputation(_JobFiles, _SentFiles):
                 )
                 forward = False
         returned: list[int] = []
+        stranded: list[ResultEntry] = []  # pinned jobs handed back: run nowhere
         for start in message.started:  # [key, attempt, start_time, before]
             if not is_start(start):
                 continue  # a node's garbage (the schema checks only for a list)
@@ -521,11 +578,14 @@ class SharedComputation(_JobFiles, _SentFiles):
                 if not node.leaving:  # it would hand back each job sent to it
                     node.leaving = True
                     logger.info("node %s shuts down: no more jobs for it", node.name)
+                returned.append(index)
+                if job.pin:  # it may run nowhere else (as a JobCluster's)
+                    stranded.append(_stranded(job, f"node {node.name} shuts down,"))
+                    continue
                 job.node = ""  # the node shuts down: it runs elsewhere
                 job.started = False
                 self.queue.appendleft(job)
                 self.account.queued += 1
-                returned.append(index)
             else:
                 done[0] += 1
                 done[1] += max(run_time, 0.0) if entry.start_time > 0.0 else 0.0
@@ -536,6 +596,7 @@ class SharedComputation(_JobFiles, _SentFiles):
             message = dataclasses.replace(message, results=results)
         if forward and (message.results or message.started):
             self.to_client(message, buffers, gather=more, size=size)  # fewer results
+        self.end_jobs(stranded)
         session = self.session
         if more:
             if session is not None:
@@ -642,12 +703,21 @@ class SharedComputation(_JobFiles, _SentFiles):
         self._left[upstream.node.name] = (
             f"it stopped: {stopping}" if stopping else f"it was lost ({reason})"
         )
-        lost = [job for job in self.running.values() if job.node == upstream.node.name]
+        name = upstream.node.name
+        lost = [job for job in self.running.values() if job.node == name]
         ended: list[ResultEntry] = []
+        node = upstream.node
+        why = (
+            f"node {name} stopped: {node.stopping},"
+            if node.stopping
+            else f"node {name} was lost ({reason})"
+        )
         for job in lost:
             del self.running[job.key]
             self.server.job_left(self, upstream.node)
-            if self.setup.reentrant and not self.closing:
+            if job.pin:  # it may run nowhere else (as a JobCluster's)
+                ended.append(_stranded(job, why))
+            elif self.setup.reentrant and not self.closing:
                 if job.started:  # the client heard it Running: it hears it again
                     self._requeued.append(job.key)
                 job.node = ""
@@ -655,12 +725,6 @@ class SharedComputation(_JobFiles, _SentFiles):
                 self.queue.appendleft(job)
                 self.account.queued += 1
             else:
-                node = upstream.node
-                why = (
-                    f"node {node.name} stopped: {node.stopping},"
-                    if node.stopping
-                    else f"node {node.name} was lost ({reason})"
-                )
                 ended.append(
                     ResultEntry.unrun(
                         job.key,
@@ -669,6 +733,12 @@ class SharedComputation(_JobFiles, _SentFiles):
                         f"{why} and the computation is not reentrant",
                     )
                 )
+        if self.account.pinned.get(name):  # queued for it alone: lost with it
+            for job in [job for job in self.queue if job.pin == name]:
+                self.queue.remove(job)
+                self.account.queued -= 1
+                self._unpin(job)
+                ended.append(_stranded(job, why))
         self.end_jobs(ended)
         if lost:
             # A stopping node's reentrant jobs run elsewhere: nothing is lost.
@@ -731,6 +801,17 @@ class SharedComputation(_JobFiles, _SentFiles):
                 )
         except DispynbError as exc:
             logger.debug("%s: cannot send jobs: %s", self.name, exc)
+
+
+def _stranded(job: QueuedJob, why: str) -> ResultEntry:
+    """The end of ``job``, pinned to a node (``submit_node``) that cannot run it
+    (``why``): ``Abandoned``, since no other node may, reentrant or not."""
+    return ResultEntry.unrun(
+        job.key,
+        job.attempt,
+        ABANDONED,
+        f"{why} and the job was pinned to it (submit_node)",
+    )
 
 
 __all__ = ["QueuedJob", "SharedComputation", "Upstream"]

@@ -114,7 +114,7 @@ class _Dispatch(_ServerState):
                     continue
                 comp = by_account[id(account)]
                 upstream = comp.upstream[node.name]
-                job = comp.queue.popleft()
+                job = comp.take(node.name)
                 self.fair.started(account)
                 node.in_flight += 1
                 batch = batches.setdefault((id(comp), node.name), (comp, upstream, []))

@@ -32,6 +32,18 @@ class Account:
     nodes: set[str] = field(default_factory=set)
     #: Its jobs wait (its client is away and it may keep no more results).
     held: bool = False
+    #: Of ``queued``, those pinned to one node (``submit_node``), per node name:
+    #: only that node takes them.
+    pinned: dict[str, int] = field(default_factory=dict)
+
+    def takes(self, node: str) -> bool:
+        """Whether one of its queued jobs may run on ``node``."""
+        if self.queued <= 0:
+            return False
+        pinned = self.pinned
+        if not pinned:
+            return True
+        return self.queued > sum(pinned.values()) or pinned.get(node, 0) > 0
 
 
 class FairShare:
@@ -78,7 +90,7 @@ class FairShare:
         best: Account | None = None
         best_rank: tuple[int, int, int, int] | None = None
         for account in accounts:
-            if account.queued <= 0 or account.held or node not in account.nodes:
+            if account.held or node not in account.nodes or not account.takes(node):
                 continue
             user_flight = self._in_flight.get(account.user, 0)
             if self.max_cpus is not None and user_flight >= self.max_cpus:

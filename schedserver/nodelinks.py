@@ -356,6 +356,7 @@ class _NodeLinks(_ServerState):
                         comp_id=comp.comp_id,
                         workers=max(1, self.total_cpus()),
                         acks_journaled=comp.kept.tracking,
+                        pins=True,  # submit_node: `SharedComputation.take`
                     )
                 )
             comp.report_nodes()

@@ -510,6 +510,14 @@ def _malformed_submit(message: JobSubmit, buffers: int) -> str:
     for limit in message.limits:
         if not isinstance(limit, list) or len(limit) != 3 or type(limit[0]) is not int:
             return "a malformed job limit"
+    for pin in message.pins:
+        if (
+            not isinstance(pin, list)
+            or len(pin) != 2
+            or type(pin[0]) is not int
+            or not isinstance(pin[1], str)
+        ):
+            return "a malformed job pin"
     return ""
 
 

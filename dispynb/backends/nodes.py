@@ -553,7 +553,8 @@ class NodesBackend:
         # Not dead: depends of Python objects only (a function, a module) have no
         # files ([]), and such a job may still be sent in the loop's place.
         files = deps.files if deps is not None and deps.files else None
-        self.driver.enqueue(job.key, job.payload, job.node_id, files, limits)
+        node, pin = self._destination(job)
+        self.driver.enqueue(job.key, job.payload, node, files, limits, pin)
         # With the loop idle, this thread sends the job itself: the loop thread is
         # then woken once per job (by its result), not also to send it.
         if files is None and self._runner.enter():
@@ -568,6 +569,11 @@ class NodesBackend:
                 self._runner.leave()
             return
         self._drain.trigger()
+
+    def _destination(self, job: base.JobRequest) -> tuple[str | None, str | None]:
+        """The node ``job`` goes to (None: any) and the node behind it that must
+        run it (a shared scheduler's, `SchedulerBackend`; None here)."""
+        return job.node_id, None
 
     def cancel(
         self, keys: list[int], unstarted: bool = False, held: bool = False

@@ -11,9 +11,10 @@ The cluster shows the nodes behind the scheduler, not the scheduler: it reports 
 to each computation (`SchedulerNodes`, with that computation's own counts on each),
 and `SchedulerBackend` turns the reports into node events for the façade, so that
 ``status()``, ``print_status()``, the web monitor and the notebook panels list the
-real nodes. Jobs go to the scheduler, which alone chooses their nodes: pinning a
-job (``submit_node``) and managing nodes (``set_node_cpus``, ``close_node``...) are
-the operator's, not a client's.
+real nodes. Jobs go to the scheduler, which chooses their nodes, except for a job
+pinned to one (``submit_node``): the scheduler runs it there and nowhere else (it
+ends ``Abandoned`` if that node leaves first). Managing nodes (``set_node_cpus``,
+``close_node``...) is the operator's, not a client's.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from dispynb.backends import base
 from dispynb.backends.base import ClusterConfig, Departure, JobEvents, NodeInfo
 from dispynb.backends.nodes import NodeEngine, NodesBackend, _avail_info
 from dispynb.depends import FileRef
-from dispynb.errors import ConfigurationError, MessageError
+from dispynb.errors import ConfigurationError, MessageError, NotSupportedError
 from dispynb.node import DispyNodeAvailInfo, parse_node_specs
 from dispynb.protocol.handshake import peer_text
 from dispynb.protocol.messages import JobsPlaced, SchedulerNodes
@@ -50,10 +51,9 @@ class SchedulerEngine(NodeEngine):
 
     name = "scheduler"
     #: The scheduler chooses the nodes: ``nodes=`` (``%%dispy --on``) selects none,
-    #: a job cannot be pinned to one, and only its operator manages them.
+    #: and only its operator manages them; a job may be pinned to one of them.
     features: frozenset[str] = base.ALL_FEATURES - {
         base.SELECT_NODES,
-        base.SUBMIT_NODE,
         base.NODE_MANAGEMENT,
     }
 
@@ -192,6 +192,23 @@ class SchedulerBackend(NodesBackend):
         with self._reported:
             self._reported_at = time.monotonic()
             self._reported.notify_all()
+
+    def prepare(self, job: base.JobRequest) -> None:
+        """As a node's; a job pinned to a node (``submit_node``) needs a scheduler
+        that honours it: one that predates it would run it anywhere."""
+        if job.node_id is not None:
+            link = self.driver.nodes.get(self._scheduler)
+            if link is not None and link.ready and not link.takes_pins:
+                raise NotSupportedError(
+                    f"submit_node: the scheduler at {self._scheduler} predates it "
+                    "(it would run the job on any node): upgrade dispynb-scheduler "
+                    "to this client's version, or use submit"
+                )
+        super().prepare(job)
+
+    def _destination(self, job: base.JobRequest) -> tuple[str | None, str | None]:
+        """Every job goes to the scheduler; a pinned one names its node to it."""
+        return None, job.node_id
 
     def jobs_sent(self, keys: list[int], link: NodeLink) -> None:
         """Jobs sent to the scheduler wait in its queue: as in dispy, they name no

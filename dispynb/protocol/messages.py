@@ -373,11 +373,15 @@ class ComputationReady(WireMessage):
     ``acks_journaled``: the node keeps this computation's results for recovery and
     takes `ResultsJournaled` for it (asked for with ``ack_journaled``; never from a
     node that predates it, which a client must then send none).
+
+    ``pins``: a shared scheduler that runs a job on the node its `JobSubmit` pins
+    it to (``submit_node``); never a node server, nor a scheduler that predates it.
     """
 
     comp_id: int
     workers: int
     acks_journaled: bool = False
+    pins: bool = False
 
 
 @message("computation-failed")
@@ -421,11 +425,17 @@ class JobSubmit(WireMessage):
     ``limits`` holds ``[key, timeout, mem_limit]`` for each job that has a limit:
     seconds it may run and bytes of address space its worker may use (each None for
     no limit). A node that predates it ignores it and runs the jobs unlimited.
+
+    ``pins`` holds ``[key, node]`` for each job that must run on that node (its
+    `dispynb.protocol.records.SharedNodeEntry` ``node_id``) and on no other: sent
+    only to a shared scheduler whose `ComputationReady` said ``pins``
+    (``submit_node``); a node server gets none.
     """
 
     comp_id: int
     jobs: list[list[Any]]
     limits: list[list[Any]] = dataclasses.field(default_factory=list)
+    pins: list[list[Any]] = dataclasses.field(default_factory=list)
 
 
 @message("job-cancel")

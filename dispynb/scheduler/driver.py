@@ -98,6 +98,7 @@ class Driver(DriverNodes):
                 str | None,
                 list[FileRef] | None,
                 tuple[float | None, int | None] | None,
+                str | None,
             ]
         ] = collections.deque()
         self._files: dict[str, FileRef] = {}  # by digest: what nodes may ask for
@@ -258,6 +259,7 @@ class Driver(DriverNodes):
         link.last_seen = asyncio.get_running_loop().time()
         link.cpus = message.workers
         link.acks_journaled = message.acks_journaled
+        link.takes_pins = message.pins is True
         self.events.node_ready(link)
         if self._large and link.shared_memory:
             cap = SHM_JOBS_PER_CPU * max(1, link.cpus)
@@ -273,14 +275,16 @@ class Driver(DriverNodes):
         node: str | None = None,
         files: list[FileRef] | None = None,
         limits: tuple[float | None, int | None] | None = None,
+        pin: str | None = None,
     ) -> None:
         """Thread-safe: record a job; `drain` (on the loop) submits it.
 
         ``files`` are the job's own files, placed in the computation's directory on
         its node for the time it runs. ``limits``: ``(timeout, mem_limit)`` the node
-        enforces (see `JobSubmit`), or None.
+        enforces (see `JobSubmit`), or None. ``pin``: the node behind a shared
+        scheduler that must run it (`JobSubmit.pins`), or None.
         """
-        self._incoming.append((key, buffers, node, files, limits))
+        self._incoming.append((key, buffers, node, files, limits, pin))
 
     def drain_direct(self) -> bool:
         """`drain` from the submitting thread, with the loop entered
@@ -296,7 +300,7 @@ class Driver(DriverNodes):
         """
         if self._closing or not self.nodes:
             return False
-        for _key, buffers, _node, files, _limits in self._incoming:
+        for _key, buffers, _node, files, _limits, _pin in self._incoming:
             if files or len(buffers) != 1 or len(buffers[0]) >= shm.MIN_SIZE:
                 return False
         for link in self.nodes.values():
@@ -336,14 +340,14 @@ class Driver(DriverNodes):
                 self.events.job_abandoned(key, None, self._no_node_reason())
             return
         while incoming:
-            key, buffers, node, files, limits = incoming.popleft()
+            key, buffers, node, files, limits, pin = incoming.popleft()
             # Cheap test first: small arguments are one small pickle.
             large = (len(buffers) > 1 or len(buffers[0]) >= shm.MIN_SIZE) and sum(
                 memoryview(b).nbytes for b in buffers
             ) >= shm.MIN_SIZE
             if large is not self._large:
                 self._limit_shared_memory(large)
-            jobs[key] = _Pending(buffers, node, files, limits)
+            jobs[key] = _Pending(buffers, node, files, limits, pin)
             instructions.extend(handle(JobSubmitted(key, node), dispatch=False))
         instructions.extend(self.state.dispatch(submitted=True))  # once for all
         self._apply(instructions)

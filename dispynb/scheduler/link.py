@@ -65,6 +65,9 @@ class NodeLink:
     #: The node takes `ResultsJournaled` for the computation (its
     #: `ComputationReady` said so): the results journaled are acknowledged.
     acks_journaled: bool = False
+    #: A shared scheduler that runs a job on the node it is pinned to
+    #: (`ComputationReady.pins`): ``submit_node`` goes through it.
+    takes_pins: bool = False
     setting_up: bool = False
     jobs_done: int = 0
     cpu_time: float = 0.0
@@ -196,6 +199,8 @@ class _Pending:
     node: str | None = None
     files: list[FileRef] | None = None
     limits: tuple[float | None, int | None] | None = None  # (timeout s, mem bytes)
+    #: The node behind a shared scheduler it must run on (`JobSubmit.pins`).
+    pin: str | None = None
 
 
 @dataclass(kw_only=True)

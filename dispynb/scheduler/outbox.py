@@ -278,6 +278,7 @@ class DriverOutbox:
         assert link.conn is not None
         entries: list[list[Any]] = []
         limits: list[list[Any]] = []
+        pins: list[list[Any]] = []
         buffers: list[Buffer] = []
         size = 0
         self.events.jobs_sent([key for key, _attempt in jobs], link)
@@ -285,6 +286,8 @@ class DriverOutbox:
             pending = self._jobs[key]
             if pending.limits is not None:
                 limits.append([key, *pending.limits])
+            if pending.pin is not None:
+                pins.append([key, pending.pin])
             payload = pending.buffers
             nbytes = buffers_size(payload)
             if link.shared_memory and nbytes >= shm.MIN_SIZE:
@@ -301,10 +304,10 @@ class DriverOutbox:
             # then gets each large job as soon as it is written, not all at the end.
             size += nbytes
             if size >= BATCH_BYTES:
-                self._write_batch(link, entries, buffers, limits)
-                entries, limits, buffers, size = [], [], [], 0
+                self._write_batch(link, entries, buffers, limits, pins)
+                entries, limits, pins, buffers, size = [], [], [], [], 0
         if entries:
-            self._write_batch(link, entries, buffers, limits)
+            self._write_batch(link, entries, buffers, limits, pins)
 
     def _to_shared_memory(
         self, link: NodeLink, key: int, attempt: int, payload: list[Buffer]
@@ -377,6 +380,7 @@ class DriverOutbox:
         entries: list[list[Any]],
         buffers: list[Buffer],
         limits: list[list[Any]],
+        pins: list[list[Any]],
     ) -> None:
         assert link.conn is not None
         # If the connection is going, its reader sees it end and the state requeues
@@ -384,7 +388,9 @@ class DriverOutbox:
         try:  # noqa: SIM105 - no context manager per job
             self._post(
                 link,
-                JobSubmit(comp_id=self.config.comp_id, jobs=entries, limits=limits),
+                JobSubmit(
+                    comp_id=self.config.comp_id, jobs=entries, limits=limits, pins=pins
+                ),
                 buffers,
             )
         except DispynbError:

@@ -50,6 +50,20 @@ def test_computation_not_set_up_on_the_node_gets_no_slot_there() -> None:
     assert fair.pick([alice], "n2") is alice
 
 
+def test_jobs_pinned_to_a_node_go_to_that_node_only() -> None:
+    """submit_node: a computation whose queued jobs are all pinned to n2 gets no
+    slot of n1 (another user's job takes it) but one of n2; with a job for any
+    node too, it gets n1's."""
+    fair = FairShare()
+    pinned = account("alice", 1, queued=2)
+    pinned.pinned = {"n2": 2}
+    bob = account("bob", 2)
+    assert fair.pick([pinned, bob], "n1") is bob
+    assert fair.pick([pinned, bob], "n2") is pinned
+    pinned.queued, pinned.pinned = 3, {"n2": 2}  # and one for any node
+    assert fair.pick([pinned], "n1") is pinned
+
+
 def test_exclusive_waits_for_others_to_drain_then_runs_alone() -> None:
     fair = FairShare()
     alice, bob = account("alice", 1), account("bob", 2, exclusive=True)

@@ -149,11 +149,9 @@ def test_status_print_status_and_monitor_list_the_nodes_behind_the_scheduler(
         finally:
             monitor.shutdown(wait=False)
         node = alice.status().nodes[0]
-        with pytest.raises(NotSupportedError, match="submit_node"):
-            alice.submit_node(node, 1.0)
-        # As the migration guide says: the scheduler alone chooses the nodes.
+        # As the migration guide says: only the scheduler's operator manages the
+        # nodes (submit_node goes through: tests/sharedsched/test_submit_node.py).
         for refused_call in (
-            lambda: alice.submit_job_id_node("id", node, 1.0),
             lambda: alice.set_node_cpus(node, 1),
             lambda: alice.allocate_node(node),
             lambda: alice.deallocate_node(node),

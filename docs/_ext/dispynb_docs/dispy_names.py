@@ -232,8 +232,8 @@ SHARED = [
 #: What the methods a dispy client used to steer its scheduler do on a dispynb one.
 _SCHEDULER_CHOOSES = (
     "On a ``SharedJobCluster`` through a ``dispynb-scheduler`` it raises "
-    "``NotSupportedError``: the scheduler alone chooses the nodes and only its "
-    "operator manages them (dispy's scheduler took this from its clients)."
+    "``NotSupportedError``: only the scheduler's operator manages its nodes, "
+    "which other users share (dispy's scheduler took this from its clients)."
 )
 
 #: Methods and properties of ``JobCluster`` (and ``SharedJobCluster``).
@@ -247,8 +247,12 @@ METHODS = [
         "``ClusterError`` (dispy's raised ``AttributeError``).",
     ),
     Name("submit_job_id"),
-    Name("submit_node", differs=_SCHEDULER_CHOOSES),
-    Name("submit_job_id_node", differs=_SCHEDULER_CHOOSES),
+    Name(
+        "submit_node",
+        note="Also through a ``dispynb-scheduler``, as dispy's: only that node runs "
+        "the job; if it leaves first, the job ends ``Abandoned``.",
+    ),
+    Name("submit_job_id_node"),
     Name("cancel"),
     Name("discover_nodes"),
     Name("allocate_node", differs=_SCHEDULER_CHOOSES),
