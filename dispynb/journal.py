@@ -205,7 +205,9 @@ class Journal:
 
     def done_many(self, recovery_id: str, jobs: list[tuple[int, DispyJob]]) -> None:
         """Jobs ended (``(key, job)`` each): recorded in one transaction, all or
-        none, not one commit each (the results of one message from a node)."""
+        none, not one commit each (the results of one message from a node). A job
+        that ran records the host that ran it (``job.ip_addr``) as its node: one
+        behind a shared scheduler was sent to the scheduler."""
         rows = [
             (
                 _dump(job.id),
@@ -216,6 +218,7 @@ class Journal:
                 job.exception,
                 job.start_time,
                 job.end_time,
+                job.ip_addr,
                 recovery_id,
                 key,
             )
@@ -223,8 +226,8 @@ class Journal:
         ]
         self._run_many(
             "UPDATE jobs SET job_id = ?, status = ?, result = ?, stdout = ?,"
-            " stderr = ?, exception = ?, start_time = ?, end_time = ?"
-            " WHERE recovery_id = ? AND key = ?",
+            " stderr = ?, exception = ?, start_time = ?, end_time = ?,"
+            " node = COALESCE(?, node) WHERE recovery_id = ? AND key = ?",
             rows,
         )
 

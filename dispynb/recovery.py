@@ -49,6 +49,7 @@ from dispynb.protocol.messages import (
     ComputationClose,
     ComputationClosed,
     JobResults,
+    JobsPlaced,
     Ping,
     Recover,
     Recovered,
@@ -377,6 +378,7 @@ async def _recover_from(
         logger.debug("asked %s for the jobs of %s", node, recovery_id)
         streams: dict[tuple[int, int], Parts | None] = {}
         sent = SentWhileAway(limits.files_dir, conn.write)
+        placed: dict[int, str] = {}  # behind a shared scheduler: where jobs ran
 
         async def read() -> None:
             nonlocal settled
@@ -386,8 +388,10 @@ async def _recover_from(
                     continue
                 if isinstance(message, ResultChunk):
                     _add_chunk(streams, message, buffers, node, limits.result)
+                elif isinstance(message, JobsPlaced):
+                    _note_placed(message, placed)
                 elif isinstance(message, JobResults):
-                    _apply(message, buffers, pending, host, streams)
+                    _apply(message, buffers, pending, host, streams, placed)
                 elif isinstance(message, SchedulerNodes):
                     _running_behind(message, pending)
                 elif isinstance(message, Recovered) and message.other_user:
@@ -462,6 +466,7 @@ async def _collect_from(
         streams: dict[tuple[int, int], Parts | None] = {}
         sent = SentWhileAway(limits.files_dir, conn.write)
         other_user: list[bool] = []  # a scheduler keeps it for another user
+        placed: dict[int, str] = {}  # behind a shared scheduler: where jobs ran
 
         async def read() -> None:
             while True:
@@ -470,6 +475,8 @@ async def _collect_from(
                     continue  # files are saved; no job here is still running
                 if isinstance(message, ResultChunk):
                     _add_chunk(streams, message, buffers, node, limits.result)
+                elif isinstance(message, JobsPlaced):
+                    _note_placed(message, placed)
                 elif isinstance(message, JobResults):
                     found = {}
                     for entry in message.results:
@@ -477,7 +484,7 @@ async def _collect_from(
                         job.id = None  # nodes do not know ids (nor did dispy's)
                         found[ResultEntry.from_wire(entry)[0].key] = job
                         out.append(job)
-                    _apply(message, buffers, found, host, streams)
+                    _apply(message, buffers, found, host, streams, placed)
                 elif isinstance(message, Recovered) and message.other_user:
                     other_user.append(True)
                     return
@@ -544,13 +551,30 @@ def _running_behind(message: SchedulerNodes, pending: dict[int, DispyJob]) -> No
                 job.ip_addr = entry.host
 
 
+def _note_placed(message: JobsPlaced, placed: dict[int, str]) -> None:
+    """A shared scheduler kept where it sent jobs: each names that node's host
+    (dispy's ``ip_addr``) when its result comes, not the scheduler."""
+    if not isinstance(message.node, str) or not isinstance(message.keys, list):
+        return
+    try:
+        host = parse_address(message.node)[0]
+    except ConfigurationError:
+        return
+    for key in message.keys:
+        if type(key) is int:
+            placed[key] = host
+
+
 def _apply(
     message: JobResults,
     buffers: list[memoryview],
     pending: dict[int, DispyJob],
     ip: str,
     streams: dict[tuple[int, int], Parts | None],
+    placed: dict[int, str],
 ) -> None:
+    """Complete the jobs of ``pending`` whose results ``message`` has; each names
+    ``ip`` as where it ran, or the node ``placed`` says it went to."""
     for began in message.started:  # a job running: when it started, as before
         if is_start(began):
             running = pending.get(began[0])
@@ -590,7 +614,7 @@ def _apply(
             exception=exception,
             start_time=start or None,
             end_time=end or None,
-            ip_addr=ip,
+            ip_addr=placed.get(key, ip),
         )
 
 

@@ -59,8 +59,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: Messages kept for a client that went away: what recovery resends.
-_KEPT_KINDS = (JobResults, ResultChunk, JobProvisional, FileFromNode)
+#: Messages kept for a client that went away: what recovery resends (where jobs
+#: went too: a recovered job names the node that ran it).
+_KEPT_KINDS = (JobResults, ResultChunk, JobProvisional, FileFromNode, JobsPlaced)
 
 #: Room for a message's header (a file's path at most a few KiB), lengths and MAC.
 _HEADER_ROOM = 64 * 1024
@@ -770,7 +771,12 @@ class SharedComputation(_JobFiles, _SentFiles):
         # The client hears where they go before any of their results can come
         # (one connection, in order): dispy's jobs name their node.
         self.to_client(
-            JobsPlaced(comp_id=self.comp_id, node=name, keys=[j.key for j in jobs])
+            JobsPlaced(
+                comp_id=self.comp_id,
+                node=name,
+                keys=[job.key for job in jobs],
+                attempts=[job.attempt for job in jobs],
+            )
         )
         try:
             self._send_job_files(upstream, jobs)

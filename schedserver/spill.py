@@ -50,6 +50,7 @@ from dispynb.protocol.messages import (
     FileFromNode,
     JobProvisional,
     JobResults,
+    JobsPlaced,
     Message,
     ResultChunk,
     WireMessage,
@@ -118,6 +119,8 @@ def _jobs_of(message: Message) -> set[tuple[int, int]]:
         return jobs
     if isinstance(message, ResultChunk | JobProvisional):
         return {(message.key, message.attempt)}
+    if isinstance(message, JobsPlaced):
+        return set(zip(message.keys, message.attempts, strict=False))
     return set()
 
 

@@ -564,11 +564,15 @@ class JobsPlaced(WireMessage):
     `dispynb.protocol.records.SharedNodeEntry` ``node_id``), sent before they do,
     so that the client names the node a job runs on (dispy's ``DispyJob.ip_addr``
     and the ``cluster_status`` node) from its start; a node server never sends it.
+    Kept, with the results, for a client that recovers them (`Recover`), which
+    names that node too; ``attempts``: each job's attempt (in the order of
+    ``keys``), whose results' acknowledgement (`ResultsJournaled`) lets it go.
     """
 
     comp_id: int
     node: str
     keys: list[int]
+    attempts: list[int] = dataclasses.field(default_factory=list)
 
 
 @message("files-missing")

@@ -153,7 +153,9 @@ def test_a_recovered_computation_gets_its_messages_with_the_clients_id() -> None
         assert node.calls[0][1].comp_id == 5
         assert client.calls[0][1].comp_id == 8
         # Where the job went, told before it went, with the client's id too.
-        assert client.placed == [JobsPlaced(comp_id=8, node="127.0.0.1:9000", keys=[1])]
+        assert client.placed == [
+            JobsPlaced(comp_id=8, node="127.0.0.1:9000", keys=[1], attempts=[0])
+        ]
 
     asyncio.run(run())
 
