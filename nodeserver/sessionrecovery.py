@@ -150,6 +150,9 @@ class _SessionRecovery(_SessionState):
                 self.outbox.write(
                     JobResults(comp_id=comp_id, results=[], started=starts)
                 )
+            # Jobs that start from now on are told to this client (they were to
+            # the session of the client that went, which nobody reads).
+            kept.computation.on_start = self.outbox.starter(comp_id)
         self._claims.append(kept)
         self._recovering[comp_id] = kept
         self._spawn(self._send_kept(sender, kept, recorded, message.recovery_id))

@@ -232,6 +232,65 @@ def test_recover_jobs_returns_the_jobs_running_at_timeout_with_their_start(tmp_p
         assert before - 1 <= job[5] <= max(began) + 1, (job, began)
 
 
+#: CLIENT on a node of one CPU: job 0 runs until ``marks/go`` exists, job 1 (two
+#: minutes) waits for its CPU behind it on the node.
+QUEUED_CLIENT = CLIENT.replace(
+    "time.sleep(1.0 if n % 2 or all_slow else 0.0)",
+    """while not n and not os.path.exists(os.path.join(marks, "go")):
+        time.sleep(0.02)
+    time.sleep(120 if n else 0)""",
+).replace("for n in range(20)", "for n in range(2)")
+
+#: RECOVER with a timeout of 3 s, job 0 let go once the node was asked for the
+#: jobs, and each job's start printed.
+RECOVER_THEN_GO = """
+import json, logging, os, sys
+import dispynb as dispy
+
+class Go(logging.Handler):
+    def emit(self, record):
+        if record.getMessage().startswith("asked "):
+            open(os.path.join(sys.argv[3], "go"), "w").close()
+
+log = logging.getLogger("dispynb.recovery")
+log.setLevel(logging.DEBUG)
+log.addHandler(Go())
+jobs = dispy.recover_jobs(sys.argv[1], timeout=3, secret=sys.argv[2])
+print(json.dumps([[j.id, int(j.status), j.start_time] for j in jobs]))
+"""
+
+
+def test_a_job_that_starts_while_recover_jobs_waits_comes_back_with_its_start(
+    tmp_path,
+):
+    """A job that waited on its node (behind another) when the client died, and
+    starts while recover_jobs waits for it, comes back Running with its start
+    time: the node tells the recovering client the starts, as it told the client
+    that died (it told that gone client's session, never the recovering one)."""
+    with running_node(tmp_path / "node", cpus=1) as node:
+        journal = kill_client_mid_run(
+            tmp_path, node, started=1, client_script=QUEUED_CLIENT
+        )
+        marks = tmp_path / "marks"
+        (tmp_path / "recover.py").write_text(RECOVER_THEN_GO)
+        done = subprocess.run(
+            [sys.executable, "recover.py", str(journal), node.secret, str(marks)],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        ended = RECOVER.replace("timeout=30", "timeout=0, terminate_pending=True")
+        recover_in_new_process(tmp_path, journal, node.secret, ended)
+    jobs = json.loads(done.stdout)
+    assert jobs[0][:2] == ["job-0", dispynb.DispyJob.Finished], jobs
+    assert jobs[1][:2] == ["job-1", dispynb.DispyJob.Running], jobs
+    began = (marks / "1").stat().st_mtime
+    assert jobs[1][2] is not None, jobs
+    assert abs(jobs[1][2] - began) <= 1, (jobs, began)
+
+
 def test_recover_jobs_from_a_running_loop_as_in_a_notebook_cell(tmp_path):
     """recover_jobs runs on dispynb's one I/O loop, so a caller's running loop (a
     notebook cell's) does not stop it (asyncio.run would refuse to start)."""
