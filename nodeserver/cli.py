@@ -726,6 +726,7 @@ def _check(args: argparse.Namespace) -> int:
     timeout = args.msg_timeout or None
     # A TLS error names this command's options, not a Python client's keywords.
     options = TlsOptions("--cafile", "--certfile", "--keyfile", who="")
+    secret_options = "--secret-file, --secret-stdin or DISPYNB_SECRET"
     status, line = (
         check(
             address,
@@ -733,9 +734,16 @@ def _check(args: argparse.Namespace) -> int:
             ssl_context=ssl_context,
             timeout=timeout,
             tls_options=options,
+            secret_options=secret_options,
         )
         if timeout
-        else check(address, secret=secret, ssl_context=ssl_context, tls_options=options)
+        else check(
+            address,
+            secret=secret,
+            ssl_context=ssl_context,
+            tls_options=options,
+            secret_options=secret_options,
+        )
     )
     print(line, flush=True)
     return status

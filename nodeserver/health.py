@@ -39,7 +39,13 @@ from typing import TYPE_CHECKING
 
 from dispynb._version import __version__
 from dispynb.defaults import MAX_MESSAGE_SIZE, NODE_PORT
-from dispynb.errors import ConfigurationError, DispynbError, MessageError
+from dispynb.errors import (
+    AuthenticationError,
+    ConfigurationError,
+    DispynbError,
+    MessageError,
+)
+from dispynb.protocol.handshake import NODE_WITHOUT_SECRET
 from dispynb.protocol.messages import NodeHealth
 from dispynb.transport.addressing import format_address, parse_address
 from dispynb.wording import counted
@@ -150,10 +156,12 @@ def check(
     kind: str = "node",
     default_port: int = NODE_PORT,
     tls_options: TlsOptions | None = None,
+    secret_options: str = "",
 ) -> tuple[int, str]:
     """Probe the ``kind`` (a node, a scheduler) at ``address``; return the exit
-    status and the line to print (a TLS error naming ``tls_options``). An address
-    that is no ``HOST[:PORT]`` is UNKNOWN, as plugins say of a bad argument."""
+    status and the line to print (a TLS error naming ``tls_options``, a refused
+    secret the check's ``secret_options``). An address that is no ``HOST[:PORT]``
+    is UNKNOWN, as plugins say of a bad argument."""
     problem = address_problem(address, default_port)
     if problem is not None:
         return UNKNOWN, f"UNKNOWN - cannot check {address}: {problem}"
@@ -180,8 +188,22 @@ def check(
             text = text.removeprefix(
                 f"{format_address(*parse_address(address, default_port))}: "
             )
+        if isinstance(exc, AuthenticationError):
+            text = _secret_refused(text, kind, secret, secret_options)
         return CRITICAL, f"CRITICAL - {kind} at {address}: {text}"
     return report(address, health, kind)
+
+
+def _secret_refused(text: str, kind: str, secret: bytes | None, options: str) -> str:
+    """The line for a refused handshake: the peer's reason, and the fix naming the
+    check's own ``options`` rather than a client's keywords (``secret=``)."""
+    reason = text.partition("; ")[0]
+    if not options or reason.endswith(NODE_WITHOUT_SECRET):
+        return text  # a node without a secret: the fix is to give none
+    if HEALTH_PROBE in reason:  # a scheduler's words for an unknown user
+        reason = f"the {kind} refused the check's proof of its secret"
+    has = "" if secret else "the check has no secret: "
+    return f"{reason}; {has}give it the secret the {kind} uses ({options})"
 
 
 def address_problem(address: str, default_port: int = NODE_PORT) -> str | None:

@@ -610,6 +610,7 @@ def _check(args: argparse.Namespace) -> int:
         kind="scheduler",
         default_port=SCHEDULER_PORT,
         tls_options=check_tls,
+        secret_options="its node secret: --node_secret_file or DISPYNB_SECRET",
     )
     print(line, flush=True)
     return status

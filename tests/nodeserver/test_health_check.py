@@ -79,6 +79,8 @@ def test_an_unreachable_or_refusing_node_is_critical(tmp_path: Path) -> None:
     assert refused.returncode == 2, refused.stdout + refused.stderr
     assert refused.stdout.startswith(f"CRITICAL - node at {node.spec}: ")
     assert "secret" in refused.stdout and "not-the-secret" not in refused.stdout
+    # The fix names the check's own options, not a client's keywords (secret=).
+    assert "--secret-file" in refused.stdout and "secret=" not in refused.stdout
     gone = check(f"127.0.0.1:{closed_port}", "--secret-file", str(wrong))
     assert gone.returncode == 2, gone.stdout + gone.stderr
     assert gone.stdout.startswith(f"CRITICAL - node at 127.0.0.1:{closed_port}: ")

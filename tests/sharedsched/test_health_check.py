@@ -49,6 +49,11 @@ def test_a_probe_says_how_the_scheduler_is_and_is_no_user(
     wrong = check(scheduler.address, "not-the-node-secret-0123456789abcdef")
     assert wrong.returncode == 2, wrong.stdout + wrong.stderr
     assert wrong.stdout.startswith(f"CRITICAL - scheduler at {scheduler.address}: ")
+    # The fix names the check's own options, not a client's keywords nor the
+    # probe's name as a user: it said "credential this server has for user
+    # '<dispynb-node --check>' ... (secret=, DISPYNB_SECRET ...)".
+    assert "--node_secret_file" in wrong.stdout, wrong.stdout
+    assert "secret=" not in wrong.stdout and "<dispynb" not in wrong.stdout
     log = scheduler.log_text()
     assert log.count("connected from") == 1, log  # alice's only
     assert "health probe" not in log
