@@ -41,7 +41,7 @@ from dispynb._interruptible import start_thread
 from dispynb._loop import LoopRunner
 from dispynb._version import __version__
 from dispynb.errors import ConfigurationError
-from dispynb.jupyter.runstop import run_of
+from dispynb.jupyter.runstop import run_of, starting_run
 from dispynb.jupyter.widgets import GONE_SHOWN, LOAD_INTERVAL, SendBudget
 from dispynb.monitoring import ClusterMonitor, live_clusters
 
@@ -141,7 +141,11 @@ class ClusterTracker:
             return (
                 self._closed_version,
                 self._lost_version,
-                *((key, m.version) for key, m in self._monitors.items()),
+                # (Started: no event may follow the last one it had while starting.)
+                *(
+                    (key, m.version, _starting(m.cluster))
+                    for key, m in self._monitors.items()
+                ),
             )
 
     def _follow_lost(self, key: int, nodes: list[dict[str, Any]]) -> None:
@@ -266,7 +270,7 @@ class ClusterTracker:
 #: What the panel reads of a cluster's snapshot, of a node's record and of its load
 #: figures (``ICluster``, ``INode``, ``INodeAvail`` in labextension/src/protocol.ts):
 #: all it is sent, for a page closed without closing its comm has each push kept.
-CLUSTER_FIELDS = ("id", "name", "closed", "counts", "nodes")
+CLUSTER_FIELDS = ("id", "name", "closed", "starting", "counts", "nodes")
 NODE_FIELDS = ("id", "name", "cpus", "busy", "jobs_done", "avail")
 AVAIL_FIELDS = ("cpu", "memory")
 
@@ -276,8 +280,12 @@ def _brief(snapshot: dict[str, Any], cluster: Any) -> dict[str, Any]:
     named as the notebook names its run (``%%dispy --into NAME``), not after the
     function, which two cells may share, and a run's jobs counted as its cell counts
     them (`run_of`)."""
-    brief = {key: snapshot[key] for key in CLUSTER_FIELDS}
-    run = run_of(cluster)
+    brief = {key: snapshot[key] for key in CLUSTER_FIELDS if key != "starting"}
+    # Its constructor still runs (connecting, the nodes running setup): its card
+    # says so, under its run's name, not "no nodes connected yet" under the
+    # function's for as long as a setup loads a model.
+    brief["starting"] = starting = _starting(cluster)
+    run = run_of(cluster) or (starting_run(cluster) if starting else None)
     if run is not None:
         brief["name"] = run.name
         # The jobs the run cancelled while they ran end Terminated: the cell counts
@@ -288,6 +296,12 @@ def _brief(snapshot: dict[str, Any], cluster: Any) -> dict[str, Any]:
         counts["cancelled"] += stopped
     brief["nodes"] = [_brief_node(node) for node in snapshot["nodes"]]
     return brief
+
+
+def _starting(cluster: Any) -> bool:
+    """Whether ``cluster``'s constructor still runs: it has no engine backend yet
+    (it gets one once its nodes are connected and set up)."""
+    return not cluster._closed and getattr(cluster, "_backend", True) is None
 
 
 def _as_lost(node: dict[str, Any]) -> dict[str, Any]:

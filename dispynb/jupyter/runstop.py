@@ -28,6 +28,14 @@ def run_of(cluster: Any) -> _RunStop | None:
     return run if run is not None and run.cluster is cluster else None
 
 
+def starting_run(cluster: Any) -> _RunStop | None:
+    """The run a starting ``cluster`` is made for (None if none): `Run.map` attaches
+    it once the cluster's constructor returns, after its nodes ran ``setup``, but
+    the cluster's ``cluster_status`` callback is the run's from the start."""
+    owner = getattr(getattr(cluster, "cluster_status", None), "__self__", None)
+    return owner if isinstance(owner, _RunStop) else None
+
+
 class _RunStop(_RunOutput):
     """Cancelling, stopping and closing."""
 

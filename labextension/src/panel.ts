@@ -177,7 +177,12 @@ class ClusterView {
     this._cancel.title = this._cancel.disabled
       ? 'Nothing to cancel: no job is queued or running'
       : "Cancel this cluster's queued and running jobs";
-    const empty = cluster.closed ? 'closed before any node connected' : 'no nodes connected yet';
+    this.node.dataset.starting = String(!!cluster.starting);
+    const empty = cluster.closed
+      ? 'closed before any node connected'
+      : cluster.starting
+        ? 'starting: connecting to its nodes, which run its setup'
+        : 'no nodes connected yet';
     this._nodes.replaceChildren(
       ...(cluster.nodes.length
         ? cluster.nodes.map(nodeView)

@@ -56,6 +56,9 @@ export interface ICluster {
   id: string;
   name: string;
   closed: boolean;
+  /** Still being made: connecting to its nodes, which run its setup (no node is
+   * listed until they are set up). */
+  starting: boolean;
   counts: ICounts;
   nodes: INode[];
 }

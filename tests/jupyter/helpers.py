@@ -96,3 +96,18 @@ def provisional_then_wait(gate: str, count: int) -> str:
             raise TimeoutError(gate)
         time.sleep(0.01)
     return "done"
+
+
+def hold_setup(marker: str, release: str) -> int:
+    """A setup that writes ``marker`` and waits (60 s at most) for ``release``: a
+    model loading on the nodes."""
+    import os
+    import time
+
+    with open(f"{marker}.tmp", "w"):
+        pass
+    os.replace(f"{marker}.tmp", marker)
+    deadline = time.monotonic() + 60
+    while not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return 0

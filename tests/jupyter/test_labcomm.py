@@ -7,6 +7,7 @@ Real clusters on a local node; discovery only by unicast to a fake node on 127.0
 from __future__ import annotations
 
 import contextvars
+import functools
 import itertools
 import logging
 import re
@@ -26,7 +27,7 @@ from dispynb.jupyter import labcomm
 from dispynb.jupyter.labcomm import ClusterTracker, Discovered, LabLink, discover
 from dispynb.protocol.discovery import Announce, Ping, decode, encode, new_boot_id
 from tests import jobs
-from tests.jupyter.helpers import wait_then_return
+from tests.jupyter.helpers import hold_setup, wait_then_return
 
 INTERVAL = 0.05
 ROOT = Path(__file__).resolve().parents[2]
@@ -192,6 +193,52 @@ def _one_job_then_closed(
         cluster.close()
         live.clear()
     return cluster, alive, comm.wait_for(state_of(cluster, lambda c: c["closed"]))
+
+
+def test_a_run_whose_nodes_run_its_setup_is_shown_starting_under_its_name(
+    local: LocalCluster, tmp_path: Path, link_of: Any
+) -> None:
+    """While the nodes run a run's setup (a model loading), its card bears the
+    run's name (``--into``) and says it is starting; it bore the function's name
+    and "no nodes connected yet" until the setup ended."""
+    from dispynb.jupyter.run import Run
+    from dispynb.monitoring import live_clusters
+
+    marker, release = tmp_path / "setup-began", tmp_path / "release"
+    _, comm, _ = link_of(live_clusters)
+    runs: list[Run] = []
+
+    def run_it() -> None:
+        setup = functools.partial(hold_setup, str(marker), str(release))
+        runs.append(
+            Run.map(jobs.square, range(3), nodes=local, setup=setup, name="preds")
+        )
+
+    thread = threading.Thread(target=run_it, daemon=True)
+    thread.start()
+    try:
+        jobs.wait_for_path(marker)
+        state = comm.wait_for(
+            lambda d: (
+                d["type"] == "state" and any(c.get("starting") for c in d["clusters"])
+            ),
+            timeout=10,
+        )
+    finally:
+        release.touch()
+        thread.join(jobs.WAIT)
+    (card,) = [c for c in state["clusters"] if c["starting"]]
+    assert card["name"] == "preds" and card["nodes"] == [], card
+    assert card["counts"]["total"] == 0
+    (run,) = runs
+    # Started, ran and closed: no longer said to be starting.
+    comm.wait_for(
+        state_of(
+            run.cluster,
+            lambda c: c["name"] == "preds" and not c["starting"] and c["closed"],
+        )
+    )
+    assert run.results == [0, 1, 4]
 
 
 def test_the_state_carries_what_the_panel_reads_and_nothing_more(

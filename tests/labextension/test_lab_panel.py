@@ -320,3 +320,50 @@ def test_lab_node_lost_under_a_run(lab: Lab) -> None:  # in the namespace
 
         run_and_wait(page, 3)
         wait_counts(page, "!c.running && !c.queued")
+
+
+def setup_cells(release: str) -> list[str]:
+    """A %%dispy cell whose setup holds the nodes until ``release`` exists (a model
+    loading), named otherwise than its function (``--into preds``)."""
+    return [
+        "%load_ext dispynb\n%dispy local --cpus 2",
+        "def load_model():\n"
+        "    import os, time\n"
+        "    deadline = time.monotonic() + 120\n"
+        f"    while not os.path.exists({release!r}) and time.monotonic() < deadline:\n"
+        "        time.sleep(0.05)\n"
+        "    return 0",
+        '%%dispy --over "range(4)" --setup load_model --into preds\n'
+        "def predict(x):\n"
+        "    return x * 2",
+    ]
+
+
+@pytest.mark.timeout(180)
+def test_lab_run_starting_on_its_nodes(lab: Lab) -> None:  # in the namespace
+    """While the nodes run a cell's setup, its card bears the run's name and says
+    it is starting. Before, it read 'predict' (the function) and 'no nodes
+    connected yet' for as long as the setup ran, then became 'preds'."""
+    release = lab.root / "release"
+    with notebook_page(lab, "starting.ipynb", setup_cells(str(release))) as page:
+        run_and_wait(page, 0)
+        run_and_wait(page, 1)
+        run_cell(page, 2)
+        card = page.locator(f'{PANEL} .dispynb-cluster[data-starting="true"]')
+        try:
+            card.wait_for()
+            assert card.locator(".dispynb-cluster-name").inner_text() == "preds"
+            text = card.locator(".dispynb-empty").inner_text()
+            assert text.startswith("starting: connecting to its nodes"), text
+            assert not card.locator(".dispynb-cancel").is_enabled()
+        finally:
+            release.touch()
+        page.wait_for_function(
+            """() => [...document.querySelectorAll(
+                '#dispynb-sidebar .dispynb-cluster-name')]
+                .some(e => e.textContent === 'preds (closed)')"""
+        )
+        closed = page.locator(f'{PANEL} .dispynb-cluster[data-closed="true"]')
+        assert closed.get_attribute("data-starting") == "false"
+        assert closed.get_attribute("data-ended") == "4"
+        assert page.locator(f"{PANEL} .dispynb-cluster").count() == 1
