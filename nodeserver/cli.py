@@ -472,7 +472,7 @@ async def serve(
     if server.served_all.is_set():
         served = counted(config.serve, "client")
         logger.info("served %s (--serve): shutting down", served)
-        why = f"it served its {served} (--serve)"
+        why = f"--serve {config.serve}: it served its {served}"
     else:
         why = (
             f"{signalled[0]}"

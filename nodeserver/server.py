@@ -300,10 +300,7 @@ class NodeServer:
         self.clients_accepted += 1
         limit = self.config.serve
         if limit > 0 and self.clients_accepted >= limit and self.listening:
-            logger.info(
-                "serving the last of its %s (--serve): no new ones",
-                counted(limit, "client"),
-            )
+            logger.info("serving its last client (--serve %d): no new ones", limit)
             self.pause()
         try:
             await session.serve()

@@ -149,7 +149,10 @@ def test_serve_n_exits_after_n_clients(tmp_path: Path) -> None:
     finally:
         cluster.close()
     assert node.proc.wait(NODE_WAIT) == 0  # it exited by itself
-    assert "served 1 client (--serve)" in node.log_text()
+    log = node.log_text()
+    assert "served 1 client (--serve)" in log
+    # Its last line says why, without parentheses in parentheses.
+    assert log.rstrip().endswith("stopped (--serve 1: it served its 1 client)"), log
 
 
 @pytest.mark.parametrize("extra", [8, -8], ids=["more", "all-but-more"])
