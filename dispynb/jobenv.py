@@ -253,6 +253,17 @@ def node_output_cap(max_message: int) -> int:
     return max(max_message // 32, 1)
 
 
+#: Bytes the note of a kept output (`with_dropped_note`) or traceback takes at most.
+NOTE_BYTES = 1024
+
+
+def output_bytes(limit: int) -> int:
+    """Bytes in UTF-8 of a job's output kept to ``limit`` characters, its note
+    included: 4 a character, 6 for a lone surrogate (a file name decoded with
+    ``os.fsdecode``), which goes as its escape (``\\udcff``)."""
+    return 6 * limit + NOTE_BYTES
+
+
 def output_limit(limit: int, node_max_message: int = 0) -> str:
     """Which limit kept a job's output to ``limit`` characters, and how to raise it:
     the client's ``max_output_size``, or the node's own cap (`node_output_cap` of

@@ -23,7 +23,7 @@ from typing import Any
 
 from dispynb.errors import ConnectionClosedError, DispynbError
 from dispynb.protocol.messages import CANCELLED, CRASHED, FINISHED, Message
-from dispynb.protocol.records import ResultEntry
+from dispynb.protocol.records import ResultEntry, Utf8Text
 from nodeserver.budget import CpuBudget
 from nodeserver.compstate import JobLimits as JobLimits
 from nodeserver.compstate import (
@@ -115,7 +115,19 @@ def _mark_retrieved(future: asyncio.Future[None]) -> None:
 
 
 def _was_interrupted(done: Done) -> bool:
-    return done.outcome != FINISHED and "KeyboardInterrupt" in (done.exception or "")
+    exception = done.exception or ""
+    word = "KeyboardInterrupt" if isinstance(exception, str) else b"KeyboardInterrupt"
+    return done.outcome != FINISHED and word in exception  # type: ignore[operator]
+
+
+def _texts(done: Done) -> tuple[Any, Any, Any]:
+    """A job's stdout, stderr and traceback for its result entry: those its worker
+    sent as UTF-8 bytes (`Done.utf8`) kept so (`Utf8Text`), never decoded here."""
+    texts: list[Any] = [done.stdout, done.stderr, done.exception]
+    for index, letter in enumerate("oex"):
+        if letter in done.utf8 and isinstance(texts[index], bytes):
+            texts[index] = Utf8Text(texts[index])
+    return texts[0], texts[1], texts[2]
 
 
 class Computation(_JobStops, _WorkerLife, _JobFiles, _WorkStealing, _ComputationState):
@@ -535,15 +547,20 @@ class Computation(_JobStops, _WorkerLife, _JobFiles, _WorkStealing, _Computation
             # A cancelled job that caught its KeyboardInterrupt and returned ends
             # Finished with its value, as in dispy.
             finished = done.outcome == FINISHED
+            exception: Any
+            if done.utf8:
+                stdout, stderr, exception = _texts(done)
+            else:
+                stdout, stderr, exception = done.stdout, done.stderr, done.exception
             entry = ResultEntry(
                 key=job.key,
                 attempt=job.attempt,
                 outcome=done.outcome,
                 start_time=done.start_time,
                 end_time=done.end_time,
-                stdout=done.stdout,
-                stderr=done.stderr,
-                exception=done.exception,
+                stdout=stdout,
+                stderr=stderr,
+                exception=exception,
                 buffer_count=len(buffers) if finished else 0,
             )
             self._report(entry.to_wire(), buffers if finished else [])

@@ -193,10 +193,15 @@ class Done(IpcMessage):
     end_time: float
     stdout: str | bytes  # bytes for program computations, as in dispy
     stderr: str | bytes
-    exception: str | None = None
+    exception: str | bytes | None = None
     #: One letter per out-of-band result buffer (see `serialize.dumps`), or "";
     #: also when a shared-memory reference is sent in the buffers' place.
     kinds: str = ""
     #: The job's arguments came in a shared body that the worker still maps (an
     #: object made from it without a copy lives on): the node must not reuse it.
     kept: bool = False
+    #: Which of stdout, stderr and exception are text sent as its UTF-8 bytes
+    #: (large ones, `jobrunner.ENCODE_FROM`): "o", "e", "x" for each. The node
+    #: keeps and forwards them so (`dispynb.protocol.records.Utf8Text`), never
+    #: decoded; other bytes are a program's output.
+    utf8: str = ""

@@ -52,6 +52,12 @@ logger = logging.getLogger(__name__)
 
 _NO_BUFFERS: list[Buffer] = []
 
+#: Characters of a job's stdout, stderr or traceback from which it goes to the node
+#: as its UTF-8 bytes (`Done.utf8`), which the node keeps and forwards without
+#: decoding: as a str there, text of 4 M emoji took 16 MiB, and as much again
+#: encoded to be sent (a node grew 6 times the size of its jobs' output).
+ENCODE_FROM = 1 << 14
+
 #: Seconds a job must have run for the worker to look for processes it left: no
 #: process can be started (fork, vfork and exec, posix_spawn) in less.
 LEFTOVER_CHECK_AFTER = 50e-6
@@ -204,6 +210,16 @@ def run_job(
         stdout, stderr = _text(out), _text(err)
     else:
         stdout, stderr = out.getvalue(), err.getvalue()
+    traceback: str | bytes | None = None
+    if exception is not None:
+        traceback = CONTEXT.bounded(exception)
+    utf8 = ""
+    if (
+        len(stdout) >= ENCODE_FROM
+        or len(stderr) >= ENCODE_FROM
+        or (traceback is not None and len(traceback) >= ENCODE_FROM)
+    ):
+        stdout, stderr, traceback, utf8 = _large_as_utf8(stdout, stderr, traceback)
     done = Done(
         key=run.key,
         attempt=run.attempt,
@@ -212,10 +228,28 @@ def run_job(
         end_time=end_time,
         stdout=stdout,
         stderr=stderr,
-        exception=None if exception is None else CONTEXT.bounded(exception),
+        exception=traceback,
         kinds="".join(kinds) if outcome == FINISHED else "",
+        utf8=utf8,
     )
     return done, result_buffers
+
+
+def _large_as_utf8(
+    stdout: str | bytes, stderr: str | bytes, exception: str | bytes | None
+) -> tuple[str | bytes, str | bytes, str | bytes | None, str]:
+    """A job's output and traceback, those of `ENCODE_FROM` characters or more as
+    their UTF-8 bytes (a program's output is bytes already), and which those are
+    (`Done.utf8`). A lone surrogate (a file name decoded with ``os.fsdecode``) is
+    written as its escape, ``\\udcff``."""
+    texts: list[str | bytes | None] = [stdout, stderr, exception]
+    utf8 = ""
+    for index, letter in enumerate("oex"):
+        text = texts[index]
+        if isinstance(text, str) and len(text) >= ENCODE_FROM:
+            texts[index] = text.encode("utf-8", "backslashreplace")
+            utf8 += letter
+    return texts[0], texts[1], texts[2], utf8  # type: ignore[return-value]
 
 
 def _unpack_payload(

@@ -15,7 +15,12 @@ from typing import Any
 
 from dispynb.defaults import PRE_AUTH_MAX_FRAME
 from dispynb.errors import DispynbError
-from dispynb.protocol.chunks import chunk_bytes_for, fit_message, split_entry
+from dispynb.protocol.chunks import (
+    chunk_bytes_for,
+    fit_message,
+    holds_utf8,
+    split_entry,
+)
 from dispynb.protocol.messages import (
     Error,
     FileFromNode,
@@ -185,8 +190,13 @@ class ResultOutbox:
                 # built in place by the client, not copied from a bytearray).
                 self._stream_result(comp_id, entry, buffers)
                 return
-        if (entry[5] or entry[6]) and len(entry[5]) + len(entry[6]) >= STREAM_OUTPUT:
-            self._stream_result(comp_id, entry, buffers)  # its output in chunks
+        out, err = entry[5], entry[6]
+        if (out or err or entry[7]) and (
+            len(out) + len(err) >= STREAM_OUTPUT or holds_utf8(entry)
+        ):
+            # Its output in chunks; output kept as UTF-8 (`Utf8Text`, large) goes
+            # as it is, not decoded into the entry's header.
+            self._stream_result(comp_id, entry, buffers)
             return
         batch = self._out.get(comp_id)
         if batch is None:

@@ -37,6 +37,8 @@ from typing import Any
 
 import msgpack
 
+from dispynb.protocol.records import Utf8Text
+
 logger = logging.getLogger(__name__)
 
 #: First bytes of a spooled result file (format version 1).
@@ -146,6 +148,7 @@ class ResultSpool:
         header = msgpack.packb(
             {"entry": entry, "sizes": [b.nbytes for b in buffers], "kinds": kinds},
             use_bin_type=True,
+            default=_pack_text,
         )
         size = len(MAGIC) + _HEADER_SIZE.size + len(header)
         size = self._on_disk(size + sum(b.nbytes for b in buffers))
@@ -449,6 +452,24 @@ def _block_size(path: str) -> int:
         return 4096
 
 
+#: msgpack extension type of a job's output kept as UTF-8 (`Utf8Text`).
+_UTF8_EXT = 1
+
+
+def _pack_text(value: object) -> msgpack.ExtType:
+    """A result's output kept as its UTF-8 bytes (`Utf8Text`), spooled so: never
+    decoded to be written, nor read back as a program's bytes."""
+    if type(value) is Utf8Text:
+        return msgpack.ExtType(_UTF8_EXT, value.data)
+    raise TypeError(f"cannot spool a {type(value).__name__}")
+
+
+def _unpack_text(code: int, data: bytes) -> Utf8Text:
+    if code != _UTF8_EXT:
+        raise ValueError(f"unknown extension type {code} in a spooled result")
+    return Utf8Text(data)
+
+
 def _parse_header(
     data: mmap.mmap,
 ) -> tuple[list[Any], list[int], str, int]:
@@ -463,7 +484,9 @@ def _parse_header(
     # lot), and it is this node's own file, read from a map, not from a peer.
     if offset + length > len(data):
         raise ValueError("bad header length")
-    header = msgpack.unpackb(data[offset : offset + length], raw=False)
+    header = msgpack.unpackb(
+        data[offset : offset + length], raw=False, ext_hook=_unpack_text
+    )
     entry, sizes = header["entry"], header["sizes"]
     kinds = header.get("kinds", "")  # none in files of older nodes
     if not isinstance(entry, list) or not isinstance(kinds, str):

@@ -21,7 +21,7 @@ from collections.abc import Hashable, Iterator
 from typing import Any, TypeVar
 
 from dispynb.protocol.messages import JobResults, Message, ResultChunk
-from dispynb.protocol.records import ResultEntry, is_start
+from dispynb.protocol.records import ResultEntry, Utf8Text, is_start
 
 #: A stream id, as the caller names its streams.
 K = TypeVar("K", bound=Hashable)
@@ -103,13 +103,18 @@ def split_entry(
     chunks = list(split_result(comp_id, key, attempt, buffers, kinds, chunk_bytes))
     for position, index in _OUTPUTS:
         text = entry[position]
-        if not isinstance(text, str | bytes) or len(text) <= chunk_bytes // 16:
+        if (
+            not isinstance(text, str | bytes | Utf8Text)
+            or len(text) <= chunk_bytes // 16
+        ):
             continue
-        kind = TEXT if isinstance(text, str) else ""
-        data = memoryview(
-            text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
-        )
-        entry[position] = text[:0]
+        if isinstance(text, Utf8Text):  # sent as it came from the worker
+            kind, data, entry[position] = TEXT, memoryview(text.data), ""
+        elif isinstance(text, str):
+            kind, entry[position] = TEXT, ""
+            data = memoryview(text.encode("utf-8", "surrogatepass"))
+        else:
+            kind, data, entry[position] = "", memoryview(text), b""
         chunks += _split_buffer(comp_id, key, attempt, index, data, kind, chunk_bytes)
     entry.append(True)
     return entry, chunks
@@ -127,8 +132,14 @@ def entry_text_bytes(entry: list[Any]) -> int:
     return 256 + sum(
         4 * len(item) if isinstance(item, str) else len(item)
         for item in entry
-        if isinstance(item, str | bytes)
+        if isinstance(item, str | bytes | Utf8Text)
     )
+
+
+def holds_utf8(entry: list[Any]) -> bool:
+    """Whether a result's entry holds output or a traceback as `Utf8Text` (large:
+    streamed as it is, not decoded to be packed in the entry)."""
+    return any(type(text) is Utf8Text for text in entry[5:8])
 
 
 def fit_message(
@@ -264,7 +275,9 @@ def take_output(
             continue
         place, filled, size, kind = target
         data = place.getvalue() if filled == size else b""
-        outputs[which] = data.decode("utf-8", "surrogatepass") if kind == TEXT else data
+        # (Bytes that are no UTF-8, which only a job forging its worker's
+        # messages sends, replaced: not an error in the client's loop.)
+        outputs[which] = data.decode("utf-8", "replace") if kind == TEXT else data
     return outputs[0], outputs[1], outputs[2]
 
 

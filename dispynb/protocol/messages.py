@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Self
 import msgpack
 
 from dispynb.errors import MessageError
+from dispynb.protocol.records import Utf8Text
 
 PROTOCOL_VERSION = 4
 
@@ -42,12 +43,20 @@ _PRE_AUTH_LIMITS = {
 _packers = threading.local()
 
 
+def _packable(value: object) -> object:
+    """What msgpack packs in place of ``value``, of a type it does not know: a
+    `Utf8Text` (a node's result entry) goes as the str it stands for."""
+    if type(value) is Utf8Text:
+        return value.decode()
+    raise TypeError(f"cannot pack {type(value).__name__} in a message header")
+
+
 def pack_header(header: dict[str, Any]) -> bytes:
     """Encode a header map."""
     try:
         packer = _packers.packer
     except AttributeError:
-        packer = _packers.packer = msgpack.Packer(use_bin_type=True)
+        packer = _packers.packer = msgpack.Packer(use_bin_type=True, default=_packable)
     packed: bytes = packer.pack(header)
     return packed
 

@@ -8,6 +8,7 @@ buffers. Code on both sides builds and reads them by name.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple, TypedDict
 
@@ -38,6 +39,40 @@ def avail_figures(avail: Any) -> list[float | None]:
     return figures
 
 
+class Utf8Text:
+    """Text held as its UTF-8 bytes: a job's large output or traceback on a node,
+    which forwards and keeps it without decoding (a str of it took up to 4 bytes a
+    character, and was encoded again to be sent: a node grew 6 times the size of a
+    job's emoji output). In a `ResultEntry` it stands for a str: streamed, its
+    bytes are a `ResultChunk` of kind text as they are (`chunks.split_entry`);
+    packed in a message header, it is decoded (`messages.pack_header`)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        """Its bytes (not characters)."""
+        return len(self.data)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Utf8Text) and other.data == self.data
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __sizeof__(self) -> int:
+        return object.__sizeof__(self) + sys.getsizeof(self.data)
+
+    def __repr__(self) -> str:
+        return f"Utf8Text({self.data[:40]!r}, {len(self.data)} bytes)"
+
+    def decode(self) -> str:
+        """The text (bytes that are no UTF-8, which only a job forging its
+        worker's messages sends, replaced)."""
+        return self.data.decode("utf-8", "replace")
+
+
 class ResultEntry(NamedTuple):
     """One job's end in `JobResults.results` (packed as a 9-item array).
 
@@ -52,7 +87,8 @@ class ResultEntry(NamedTuple):
     #: Epoch seconds (the node's clock); 0.0 for a job that never started.
     start_time: float
     end_time: float
-    #: What it printed (bytes for a program computation).
+    #: What it printed (bytes for a program computation). On a node, these three
+    #: may also be `Utf8Text` (large), which the wire carries as str.
     stdout: str | bytes
     stderr: str | bytes
     #: The traceback or the reason; None when it finished.

@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from dispynb.errors import JournalError, MessageError, SerializationError
+from dispynb.jobenv import output_bytes
 from dispynb.protocol import serialize, shm
 from dispynb.protocol.chunks import TOO_LARGE, add_chunk, take_output, take_stream
 from dispynb.protocol.framing import Buffer
@@ -218,9 +219,9 @@ class DriverResults(DriverOutbox):
             return  # not this node's job (or an attempt we gave up on): dropped
         stream_id = (link.node_id, message.key, message.attempt)
         cap = self.config.max_result or self.config.max_message_size
-        # Output is kept in characters: 4 bytes each at most in UTF-8.
+        # Output is kept in characters, and counted here in bytes (with its note).
         most = self.config.max_output
-        output_cap = sys.maxsize if most is None else 4 * most
+        output_cap = sys.maxsize if most is None else output_bytes(most)
         problem = add_chunk(self._streams, stream_id, message, buffers, cap, output_cap)
         if problem == TOO_LARGE:
             logger.warning(

@@ -88,6 +88,42 @@ def test_200_mib_of_stdout_is_cut_to_max_output_size(local, measure):
     assert grown < 40 * MiB, f"node grew by {grown / MiB:.0f} MiB"
 
 
+def flood_text(char: str, mib: int) -> int:
+    """Write ``mib`` MiB (in UTF-8) of ``char`` to stdout, in lines of 1 MiB."""
+    line = char * (MiB // len(char.encode()) - 1) + "\n"
+    for _ in range(mib):
+        sys.stdout.write(line)
+    return mib
+
+
+@pytest.mark.attack(
+    id="emoji-output",
+    title="4 jobs at once each print 40 MiB of emoji (4 bytes a character in UTF-8) "
+    "on a node of 4 CPUs",
+    goal="each keeps max_output_size (4 M characters) with a marker; the node's "
+    "peak growth under twice the 4 outputs (128 MiB; was 252 MiB: each decoded "
+    "to a str of 4 bytes a character and encoded again to be sent)",
+)
+@pytest.mark.timeout(120)
+def test_jobs_printing_emoji_cost_the_node_their_utf8_size(measure):
+    with LocalCluster(cpus=4) as cluster_nodes:
+        node = cluster_nodes.pids[0]
+        with JobCluster(flood_text, nodes=cluster_nodes) as cluster:
+            for job in [cluster.submit("x", 1) for _ in range(4)]:
+                job()  # the workers exist: their start is not counted
+            before = _peak_rss(node)
+            jobs = [cluster.submit("\U0001f600", 40) for _ in range(4)]
+            for job in jobs:
+                assert job() == 40, job.exception
+            grown = _peak_rss(node) - before
+    measure(f"node peak +{grown / MiB:.0f} MiB for 4 outputs of 16 MiB in UTF-8")
+    for job in jobs:
+        kept, marker = job.stdout.rsplit("\n[dispynb: ", 1)
+        assert len(kept) + 1 == 4 * MiB and kept.startswith("\U0001f600" * 100)
+        assert "more characters of stdout dropped" in marker
+    assert grown < 128 * MiB, f"node peak +{grown / MiB:.0f} MiB"
+
+
 def raise_huge(mib: int) -> None:
     raise ValueError("x" * (mib * MiB))
 

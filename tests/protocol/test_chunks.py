@@ -8,18 +8,27 @@ from typing import Any
 from dispynb.protocol.auth import MAC_SIZE
 from dispynb.protocol.chunks import (
     MALFORMED,
+    STDOUT_INDEX,
+    TEXT,
     TOO_LARGE,
     Parts,
     _fit_results,
     add_chunk,
     fit_message,
+    split_entry,
     split_result,
     take_output,
     take_stream,
 )
 from dispynb.protocol.framing import encode_frames
-from dispynb.protocol.messages import JobResults, Message, ResultChunk, pack_header
-from dispynb.protocol.records import ResultEntry
+from dispynb.protocol.messages import (
+    JobResults,
+    Message,
+    ResultChunk,
+    pack_header,
+    unpack_header,
+)
+from dispynb.protocol.records import ResultEntry, Utf8Text
 
 
 def chunk(index: int, offset: int, size: int, kind: str = "") -> ResultChunk:
@@ -224,3 +233,32 @@ def test_fit_message_leaves_out_starts_that_are_not_starts() -> None:
     assert [part.started for part, _ in _fit_results(only_starts, [], 1024)] == [
         [[9, 1, 1.5, 0]]
     ]
+
+
+def test_output_kept_as_utf8_is_sent_as_it_is_and_read_as_text() -> None:
+    """A node's large output kept as its UTF-8 bytes (`Utf8Text`) is streamed as
+    those bytes (views of them: no copy, no decoding on the node); one small enough
+    to stay in its entry is packed there as the str it stands for."""
+    stdout = "\U0001f600 \u00e9\n" * 20_000
+    traceback = "Traceback...\nValueError: " + "\u00e9" * 70_000
+    texts = [Utf8Text(t.encode()) for t in (stdout, "small \u00e9", traceback)]
+    item = ResultEntry(4, 2, "raised", 1.0, 2.0, *texts, 0).to_wire()
+    streamed, chunks = split_entry(3, item, [], "", 64 * 1024)
+    assert {(m.index, m.kind) for m, _ in chunks} == {(-1, TEXT), (-3, TEXT)}
+    assert all(p.obj in (texts[0].data, texts[2].data) for _, p in chunks)
+    header = pack_header(JobResults(comp_id=3, results=[streamed]).to_header())
+    (entry,) = unpack_header(header, trusted=True)["results"]
+    assert entry[5:8] == ["", "small \u00e9", ""] and entry[9] is True
+    streams: dict[Any, Parts | None] = {}
+    for message, part in chunks:
+        assert add_chunk(streams, "s", message, [part], 1 << 30) is None
+    assert take_output(streams, "s", *entry[5:8]) == (stdout, "small \u00e9", traceback)
+
+
+def test_text_chunks_that_are_no_utf8_are_replaced_not_an_error() -> None:
+    """Only a job forging its worker's messages sends such bytes: the client's
+    loop must not fail on them (they were decoded strictly)."""
+    streams: dict[Any, Parts | None] = {}
+    data = memoryview(b"ok \xff\xfe")
+    assert add_chunk(streams, "s", chunk(STDOUT_INDEX, 0, 5, TEXT), [data], 99) is None
+    assert take_output(streams, "s", "", "", None) == ("ok \ufffd\ufffd", "", None)
