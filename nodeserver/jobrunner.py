@@ -252,6 +252,25 @@ def _large_as_utf8(
     return texts[0], texts[1], texts[2], utf8  # type: ignore[return-value]
 
 
+def _encodable(done: Done) -> Done:
+    """``done`` whose texts hold a lone surrogate (a file name decoded with
+    ``os.fsdecode``, printed), which UTF-8 cannot encode: the surrogate written as
+    its escape, as Python's own stderr writes it. Such a job killed its worker,
+    its output lost."""
+
+    def escaped(text: str | bytes | None) -> str | bytes | None:
+        if not isinstance(text, str):
+            return text
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+    return dataclasses.replace(
+        done,
+        stdout=escaped(done.stdout),  # type: ignore[arg-type]
+        stderr=escaped(done.stderr),  # type: ignore[arg-type]
+        exception=escaped(done.exception),
+    )
+
+
 def _unpack_payload(
     payload: Any,
 ) -> tuple[tuple[Any, ...], dict[str, Any], dict[str, Any] | None]:
@@ -404,7 +423,10 @@ def worker_loop(
                 and CONTEXT.below is not None
             ):
                 CONTEXT.below.pass_on()  # what they wrote once the job returned
-            send(done, result_buffers)
+            try:
+                send(done, result_buffers)
+            except UnicodeEncodeError:  # raised packing it: nothing was sent
+                send(_encodable(done), result_buffers)
             del result_buffers  # do not keep a large result alive until the next job
             # A thread the job left waiting for a file's answer reads the socket
             # until it sees the job returned: this loop reads it only after.

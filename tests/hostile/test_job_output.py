@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 
@@ -122,6 +123,26 @@ def test_jobs_printing_emoji_cost_the_node_their_utf8_size(measure):
         assert len(kept) + 1 == 4 * MiB and kept.startswith("\U0001f600" * 100)
         assert "more characters of stdout dropped" in marker
     assert grown < 128 * MiB, f"node peak +{grown / MiB:.0f} MiB"
+
+
+def print_surrogates(count: int) -> int:
+    """Print ``count`` lone surrogates (a file name decoded with os.fsdecode) on
+    stdout, and as many on stderr."""
+    name = os.fsdecode(b"caf\xe9 ")
+    print(name * count, end="")
+    print(name * count, end="", file=sys.stderr)
+    return count
+
+
+def test_a_job_printing_a_lone_surrogate_keeps_its_output(local):
+    """A file name decoded with os.fsdecode and printed: its lone surrogate goes as
+    its escape, as Python's stderr writes it; the worker died packing it before
+    (the job lost as 'exited with status 1', its output with it)."""
+    with JobCluster(print_surrogates, nodes=local) as cluster:
+        for count in (1, 10_000):  # small, and large (sent as UTF-8)
+            job = cluster.submit(count)
+            assert job() == count, job.exception
+            assert job.stdout == job.stderr == "caf\\udce9 " * count
 
 
 def raise_huge(mib: int) -> None:
