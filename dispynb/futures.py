@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Generator, Iterable
@@ -306,7 +307,10 @@ def cancel_futures(
         if cluster._cancel_unstarted(jobs):
             sent = True
     if sent and wait:
+        end = time.monotonic() + CANCEL_WAIT
         _wait_answers(waiting, CANCEL_WAIT)
+        clusters = [cluster for cluster, _jobs in by_cluster.values()]
+        _run_cancelled_callbacks(waiting, clusters, end)
     return [
         future._state in (CANCELLED, CANCELLED_AND_NOTIFIED)
         if isinstance(future, JobFuture)
@@ -327,6 +331,26 @@ _answers = Sleepers()
 def _answered() -> None:
     """A job started or ended: wake the ``cancel()`` calls waiting (if any)."""
     _answers.wake_all()
+
+
+def _run_cancelled_callbacks(
+    futures: list[JobFuture], clusters: list[Any], end: float
+) -> None:
+    """As ``Future.cancel()``, which runs a future's callbacks before it returns:
+    if the nodes' answers cancelled any of the ``futures`` that has callbacks,
+    wait (until ``end``) for the callbacks the I/O thread posted to the
+    ``clusters``' callback threads. Not from such a thread (a callback
+    cancelling): it would wait for itself."""
+    if not any(
+        future._state in (CANCELLED, CANCELLED_AND_NOTIFIED) and future._done_callbacks  # type: ignore[attr-defined]
+        for future in futures
+    ):
+        return
+    for cluster in clusters:
+        callbacks = cluster._callbacks
+        if not callbacks.in_dispatcher_thread():
+            with contextlib.suppress(RuntimeError):  # closed: they ran already
+                callbacks.flush(max(end - time.monotonic(), 0.0))
 
 
 def _wait_answers(futures: list[JobFuture], timeout: float) -> None:

@@ -225,3 +225,49 @@ def test_a_non_callable_raises_from_result_not_at_submit(executor) -> None:
     with pytest.raises(TypeError, match=r"^'int' object is not callable$"):
         next(results)
     assert executor.submit(ident, 4).result(WAIT) == 4
+
+
+def test_a_queued_call_cancelled_its_callback_result_and_wait(make) -> None:
+    """``cancel()`` of a call waiting behind busy workers: True, its callbacks
+    have run when it returns (seeing it cancelled: they ran later, on the
+    callback thread, for a call the node had to answer for), ``result()`` and
+    ``exception()`` raise ``CancelledError``; a running call is not cancelled."""
+    executor = make()
+    # Another call's slow callback: dispynb's callback thread is busy meanwhile.
+    executor.submit(ident, 0).add_done_callback(lambda f: time.sleep(0.5))
+    running = [executor.submit(nap, i, 1.0) for i in range(2)]
+    executor.submit(nap, 2, 1.0)  # the pool hands one more to its queue at once
+    queued = executor.submit(nap, 9, 1.0)
+    deadline = time.monotonic() + WAIT
+    while not all(f.running() for f in running):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    seen: list[bool] = []
+    queued.add_done_callback(lambda f: seen.append(f.cancelled()))
+    assert queued.cancel() and queued.cancelled() and queued.done()
+    assert seen == [True]
+    with pytest.raises(cf.CancelledError):
+        queued.result(0)
+    with pytest.raises(cf.CancelledError):
+        queued.exception(0)
+    assert not running[0].cancel()
+    done, pending = cf.wait([*running, queued], timeout=WAIT)
+    assert queued in done
+    assert pending == set() and [f.result() for f in running] == [0, 1]
+
+
+def test_a_done_callback_may_submit_the_next_call(executor) -> None:
+    """Chained from callbacks (which run on another thread): no deadlock."""
+    chain: list[int] = []
+    finished = threading.Event()
+
+    def step(future: cf.Future) -> None:
+        chain.append(future.result())
+        if len(chain) < 5:
+            executor.submit(ident, len(chain)).add_done_callback(step)
+        else:
+            finished.set()
+
+    executor.submit(ident, 0).add_done_callback(step)
+    assert finished.wait(WAIT)
+    assert chain == [0, 1, 2, 3, 4]
