@@ -9,7 +9,9 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -93,3 +95,46 @@ def test_jobs_pinned_to_a_lost_node_end_abandoned_even_reentrant(
             assert lost.ip_addr in str(job.exception)
         # The reentrant computation's other jobs still run, on the node left.
         assert cluster.submit(0.0)() == second
+
+
+def sized(name: str) -> tuple[str, int]:
+    """Say which node ran the job, and the size of its file ``name`` there."""
+    import os
+
+    return dispy_node_name, os.path.getsize(name)  # type: ignore[name-defined]  # noqa: F821
+
+
+def test_cluster_status_submits_to_each_node_as_it_is_initialized(
+    scheduler: SchedulerProcess,
+    nodes: LocalCluster,
+    users: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """dispy's job_scheduler example through a scheduler: the cluster_status
+    callback submits a job to each node as it is Initialized (submit_node with the
+    DispyNode it is given, and the job's own file), and each runs there."""
+    monkeypatch.chdir(tmp_path)
+    Path("data000").write_bytes(b"x" * 1000)
+    jobs: dict[str, Any] = {}
+    lock = threading.Lock()
+
+    def cluster_status(status: int, node: DispyNode | None, job: object) -> None:
+        if status == DispyNode.Initialized and node is not None:
+            submitted = cluster.submit_node(
+                node, "data000", dispy_job_depends=["data000"]
+            )
+            with lock:
+                jobs[node.name] = submitted
+
+    cluster = SharedJobCluster(
+        sized,
+        scheduler_host=scheduler.address,
+        secret_file=str(users["alice"]),
+        cluster_status=cluster_status,
+    )
+    with cluster:
+        wait_until(lambda: len(jobs) == 2)
+        with lock:
+            ran = {name: job() for name, job in jobs.items()}
+    assert ran == {name: (name, 1000) for name in nodes.names}
