@@ -108,6 +108,9 @@ class Strays:
         #: Workers that ended lately (each is its own process group): what their
         #: jobs started in their group and outlived them comes here, as strays.
         self._ended_workers: collections.deque[int] = collections.deque(maxlen=256)
+        #: Strays ended lately: a group one of them led (after ``setsid``) is
+        #: theirs, and what it left orphaned comes here as strays of that group.
+        self._ended_strays: collections.deque[int] = collections.deque(maxlen=256)
         #: Processes ended so far (strays and their descendants).
         self.ended = 0
 
@@ -124,8 +127,9 @@ class Strays:
             and (pid not in self._known or start_time(pid) != self._known[pid])
         ]
         for pid in strays:
-            how = self._how(pid, workers)
+            how = self._how(pid, workers, strays)
             ended = end_tree(pid)
+            self._ended_strays.append(pid)
             (logger.debug if self.ended else logger.warning)(
                 "computation %r: a job started process %d %s: killed with %d "
                 "process(es) it started (later ones are logged at debug level)",
@@ -137,16 +141,24 @@ class Strays:
             self.ended += ended
         return len(strays)
 
-    def _how(self, pid: int, workers: Collection[int]) -> str:
+    def _how(self, pid: int, workers: Collection[int], strays: list[int]) -> str:
         """How stray ``pid`` came here, as far as its process group tells: a
         running worker's (the job made it that worker's sibling), an ended
-        worker's (it outlived its worker: orphaned to this subreaper), or its own
-        or another (it left its worker's group, then either)."""
+        worker's (it outlived its worker: orphaned to this subreaper), another
+        stray's (ended now or before: orphaned by it; a group's number is not
+        given to a new process while the group has members, so it is that
+        stray's), or its own or another (it left its worker's group, then
+        either)."""
         group = _group(pid)
         if group in workers:
             return "outside its worker (clone with CLONE_PARENT)"
         if group in self._ended_workers:
             return f"that outlived its worker (process {group}, which ended first)"
+        if group != pid and (group in strays or group in self._ended_strays):
+            return (
+                f"that outlived process {group}, which the job started outside "
+                "its worker and which led its process group"
+            )
         return (
             "outside its worker's process group (setsid), which either outlived "
             "its worker or was made with clone(CLONE_PARENT)"

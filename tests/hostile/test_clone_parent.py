@@ -146,3 +146,45 @@ def test_a_process_made_outside_the_worker_is_ended(
             figure = _escape([node.spec], tmp_path, leave, node.secret)
     how = "the sibling exits, orphaning them" if leave else "the sibling stays"
     measure(f"{'cgroups' if cgroups else 'no cgroup'}, {how}: {figure}")
+
+
+@pytest.mark.skipif(
+    os.uname().machine not in CLONE_SYSCALL, reason="clone's number not known here"
+)
+@pytest.mark.timeout(60)
+def test_what_a_sibling_leaves_is_logged_as_its_not_as_setsid(tmp_path: Path) -> None:
+    """The sibling (clone with CLONE_PARENT, then setsid) forks sleepers and exits:
+    they come to the computation process in the sibling's process group, and its
+    log says they outlived that process (was: "outside its worker's process group
+    (setsid)", which they never called)."""
+    from tests.nodeproc import running_node
+
+    marker = str(tmp_path / "sibling")
+    with running_node(tmp_path / "node", "--debug") as node:
+        with JobCluster(
+            sibling_with_children, nodes=[node.spec], secret=node.secret
+        ) as cluster:
+            job = cluster.submit(marker, 3, True)
+            job()
+            assert job.status == DispyJob.Finished, job.exception
+            with open(marker) as handle:
+                pids = [int(p) for p in handle.read().split()[1:] if p.isdigit()]
+            sibling, sleepers = pids[0], pids[1:]
+            try:
+                wait_for(
+                    lambda: all(f"process {p} " in node.log_text() for p in sleepers),
+                    "the sleepers killed and logged",
+                )
+            finally:
+                for pid in sleepers:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+        lines = [
+            line
+            for line in node.log_text().splitlines()
+            if any(f"process {p} " in line for p in sleepers)
+        ]
+    assert len(sleepers) == 3 and len(lines) == 3, lines
+    for line in lines:
+        assert "setsid" not in line, line
+        assert f"that outlived process {sibling}, which the job started" in line, line
