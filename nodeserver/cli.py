@@ -451,6 +451,7 @@ async def serve(
         )
     else:
         ready.set()
+    lonely: asyncio.Task[None] | None = None  # ends once no client came for long
     if config.exit_without_client:
 
         async def client_lives() -> bool:
@@ -464,7 +465,8 @@ async def serve(
             stop,
             client_lives if register_to is not None else None,
         )
-        tasks.append(asyncio.create_task(watch))
+        lonely = asyncio.create_task(watch)
+        tasks.append(lonely)
     await stop.wait()
     if parent_pipe is not None:
         unwatch()
@@ -483,6 +485,9 @@ async def serve(
             if server.shutdown_requested.is_set()
             else "it could not register"
             if failed
+            else f"no client for {config.exit_without_client:g} s, "
+            "--exit-without-client"
+            if lonely is not None and lonely.done() and not lonely.cancelled()
             else ""
         )
         # Which signal, as the scheduler says: systemd's stop, SLURM's, a Ctrl-C.

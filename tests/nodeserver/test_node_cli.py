@@ -60,6 +60,21 @@ def test_node_cli_log_says_one_cpu_not_one_cpus(tmp_path):
         assert f"serving 1 CPU on 127.0.0.1:{node.port}" in node.log_text()
 
 
+def test_node_cli_exit_without_client_says_why_in_its_last_line(tmp_path):
+    """A batch node that ended by --exit-without-client (its client died) ended its
+    log with a bare 'stopped', which the guide says marks a node that stopped
+    cleanly, and why."""
+    done = run_node(
+        "--host", "127.0.0.1", "--port", "0", "--exit-without-client", "0.2",
+        "--dest-path", str(tmp_path / "dest"),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    last = done.stderr.rstrip().splitlines()[-1]
+    assert last.endswith("stopped (no client for 0.2 s, --exit-without-client)"), (
+        done.stderr
+    )
+
+
 def test_node_cli_port_in_use_exits_1_naming_the_address_and_the_fix(tmp_path):
     """A second node on the port of a running one (the first-hour mistake of
     starting a node twice) says which address is taken and what to do."""
@@ -369,7 +384,7 @@ def test_node_cli_signal_as_its_event_loop_closes_is_no_death_by_signal(tmp_path
     command[1:3] = ["-c", signalled_as_loop_closes("nodeserver")]
     done = run_in_own_group(command, node_env(), NODE_WAIT)
     assert done.returncode == 0, done.stderr
-    assert done.stderr.rstrip().endswith("stopped"), done.stderr
+    assert done.stderr.rstrip().endswith("--exit-without-client)"), done.stderr
 
 
 def _starting_node(tmp_path, program: str | None = None) -> subprocess.Popen[str]:
