@@ -10,12 +10,15 @@ import concurrent.futures
 import importlib
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dispynb.backends._raystate import _Node, _RayState, _reason, _Slot, _terminated
 from dispynb.backends.base import Departure, NodeInfo
 from dispynb.errors import SetupError
 from dispynb.protocol import serialize
+
+if TYPE_CHECKING:
+    from dispynb.tracebacks import LazySourceMap
 
 logger = logging.getLogger("dispynb.backends.ray")
 
@@ -152,7 +155,8 @@ class _Actors(_RayState):
         if failure is not None:  # its setup failed: it holds a CPU for nothing
             self._end_actor(slot)
             if self._startup.done():  # (at the start, `JobCluster` raises it)
-                _warn_setup_failed(slot, *failure)
+                reason, remote_traceback = failure
+                _warn_setup_failed(slot, reason, remote_traceback, self._config.sources)
             self._slot_dead(slot, *failure)
             return
         slot.ready, slot.pid = True, pid
@@ -354,10 +358,15 @@ class _Actors(_RayState):
         return idle
 
 
-def _warn_setup_failed(slot: _Slot, reason: str, remote_traceback: str) -> None:
+def _warn_setup_failed(
+    slot: _Slot, reason: str, remote_traceback: str, sources: LazySourceMap | None
+) -> None:
     """Say that setup failed in an actor Ray restarted (after a stopped job, or a
     job that ended its process): it runs no more jobs, and the cluster has one CPU
-    less, which nothing else would tell."""
+    less, which nothing else would tell. Setup's frames name the user's file and
+    line (``sources``), as in a local traceback."""
+    if sources is not None:
+        remote_traceback = sources.rerender(remote_traceback) or ""
     shown = "\n".join(filter(None, (reason, remote_traceback)))
     logger.warning(
         "setup failed on a Ray worker of node %s, restarted after its job was "

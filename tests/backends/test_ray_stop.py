@@ -501,7 +501,7 @@ def test_a_setup_that_fails_in_a_restarted_actor_says_so(
     """A job is stopped (its actor killed: Ray restarts it and setup runs again)
     and setup now fails there: a warning says so, with setup's traceback, as a
     Dask worker's or a node's failed setup does. Before, nothing: the cluster went
-    on with one worker less."""
+    on with one worker less. Its frames name this file, not <dynamic-code>."""
     folder = str(tmp_path)
 
     def setup() -> int:
@@ -525,6 +525,9 @@ def test_a_setup_that_fails_in_a_restarted_actor_says_so(
         )
         assert "Traceback (most recent call last)" in caplog.text
         assert "in setup\n" in caplog.text
+        # This file's name and line, as a local traceback (was <dynamic-code>).
+        assert f'File "{__file__}", line ' in caplog.text, caplog.text
+        assert "<dynamic-code>" not in caplog.text, caplog.text
         assert other() is not None, other.exception
         assert cluster.submit(folder, 0)() is not None  # the other worker runs on
 
