@@ -289,15 +289,23 @@ async def _stop_when_orphaned(
     stop.set()
 
 
+#: What a launcher writes on a node's ``--parent-pipe`` before it closes it on
+#: purpose (`SSHNodes.close`): the end of file that follows is no dead parent.
+CLOSING = b"stop\n"
+
+
 def _stop_at_eof(
-    fd: int, orphaned: asyncio.Event, stop: asyncio.Event
+    fd: int, orphaned: asyncio.Event, stop: asyncio.Event, closed: list[bool]
 ) -> Callable[[], None]:
-    """Watch ``fd`` (a pipe whose write end the parent holds); stop at its EOF.
+    """Watch ``fd`` (a pipe whose write end the parent holds); stop at its EOF,
+    saying its launcher closed it (``closed`` gets True) if `CLOSING` came first.
 
     Returns the function that stops watching."""
     loop = asyncio.get_running_loop()
+    seen = b""
 
     def readable() -> None:
+        nonlocal seen
         try:
             data = os.read(fd, 4096)
         except BlockingIOError:
@@ -305,9 +313,14 @@ def _stop_at_eof(
         except OSError:
             data = b""
         if data:
-            return  # nothing is ever written; only the end of file matters
+            seen = (seen + data)[-len(CLOSING) :]
+            return  # only the end of file stops the node
         loop.remove_reader(fd)
-        logger.warning("the process that started this node exited; stopping")
+        if seen == CLOSING:
+            closed.append(True)
+            logger.info("its launcher closed it; stopping")
+        else:
+            logger.warning("the process that started this node exited; stopping")
         orphaned.set()
         stop.set()
 
@@ -425,8 +438,9 @@ async def serve(
         tasks.append(
             asyncio.create_task(_stop_when_orphaned(os.getppid(), orphaned, stop))
         )
+    closed: list[bool] = []  # its launcher closed it (not a dead parent)
     if parent_pipe is not None:
-        unwatch = _stop_at_eof(parent_pipe, orphaned, stop)
+        unwatch = _stop_at_eof(parent_pipe, orphaned, stop, closed)
     if window is not None:
         tasks.append(asyncio.create_task(keep_window(server, window)))
     if config.announce_interval:
@@ -479,6 +493,8 @@ async def serve(
         why = (
             f"{signalled[0]}"
             if signalled
+            else "its launcher closed it"
+            if closed
             else "its parent process exited"
             if orphaned.is_set()
             else "a job called dispynode_shutdown()"

@@ -302,7 +302,10 @@ class SSHNodes(NodeLauncher[SSHNode]):
     async def _stop(self, handle: SSHNode) -> None:
         proc = handle.proc
         if proc.stdin is not None and not proc.stdin.is_closing():
-            proc.stdin.close()  # the node's --parent-pipe 0 ends: it stops
+            # The node's --parent-pipe 0 ends: it stops, saying its launcher closed
+            # it (nodeserver.cli.CLOSING first), not that its parent died.
+            proc.stdin.write(b"stop\n")
+            proc.stdin.close()
         # A node that never registered has no job to drain, and its ssh may still
         # be connecting to a host that does not answer (2 min without
         # ConnectTimeout): end ssh now; a node it started sees its stdin close.

@@ -155,6 +155,21 @@ def test_events_hold_the_launches_of_start_and_the_stops_of_close(
     assert len({e.node for e in nodes.events}) == 1
 
 
+def test_a_node_that_close_stops_says_so_and_warns_not(
+    fake_ssh: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``close()`` ended each node's standard input, and the node logged at WARNING
+    'the process that started this node exited' and 'stopped (its parent process
+    exited)': every routine close read as a crashed client in the node's log."""
+    caplog.set_level("INFO", logger="dispynb.deploy.ssh")
+    with SSHNodes(["node1"], python=sys.executable, node_args=["--cpus", "1"]) as nodes:
+        nodes.wait_for(1)
+    said = [r.getMessage() for r in caplog.records if r.name == "dispynb.deploy.ssh"]
+    lines = "\n".join(said)
+    assert "stopped (its launcher closed it)" in lines, lines
+    assert " WARNING " not in lines and "parent process exited" not in lines, lines
+
+
 def blocked_signals(pid: int) -> int:
     """The signal mask of process ``pid`` (its main thread)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
