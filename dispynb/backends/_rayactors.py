@@ -297,6 +297,9 @@ class _Actors(_RayState):
                 except Exception as exc:
                     error = _reason(exc)
                 if error:
+                    sources = self._config.sources  # the user's files and lines
+                    if sources is not None:
+                        error = sources.rerender(error) or error
                     logger.warning("cleanup failed on a Ray worker: %s", error)
             if pending:
                 logger.warning(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import subprocess
 import sys
@@ -306,6 +307,29 @@ def test_setup_and_cleanup_run_once_per_worker(
     assert len(setups) == 2 and setups == cleanups
     assert [n for n, _ in results] == list(range(20))
     assert {state for _, state in results} <= {f"set up in {pid}" for pid in setups}
+
+
+def test_a_failing_cleanup_is_logged_with_this_files_lines(
+    engine: RayEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The warning showed the actor's <dynamic-code> frames (a cleanup defined
+    in a notebook or a function travels by value)."""
+
+    def cleanup_fails() -> None:
+        raise OSError("the scratch disk is gone")
+
+    with (
+        caplog.at_level(logging.WARNING, logger="dispynb.backends.ray"),
+        JobCluster(compute, cleanup=cleanup_fails, engine=engine) as cluster,
+    ):
+        assert cluster.submit(3)() == 9
+    failed = [
+        r.getMessage() for r in caplog.records if "cleanup failed" in r.getMessage()
+    ]
+    assert failed, caplog.text
+    line = cleanup_fails.__code__.co_firstlineno + 1
+    assert f'File "{__file__}", line {line}, in cleanup_fails' in failed[0], failed
+    assert "<dynamic-code>" not in failed[0], failed
 
 
 def test_setup_failure_is_one_clear_error(engine: RayEngine) -> None:
