@@ -19,6 +19,8 @@ import logging
 import os
 import resource
 
+from dispynb.wording import counted
+
 logger = logging.getLogger("nodeserver.descriptors")
 
 #: Descriptors kept free for everything else: accepting and authenticating clients,
@@ -68,8 +70,8 @@ def shortage(workers: int) -> str | None:
         return None
     return (
         f"the node is short of file descriptors: {used} of its limit of {soft} are "
-        f"open, and a computation of {workers} workers needs {need} more (besides "
-        f"{RESERVE} it keeps free): {_FIX}"
+        f"open, and a computation of {counted(workers, 'worker')} needs {need} more "
+        f"(besides {RESERVE} it keeps free): {_FIX}"
     )
 
 

@@ -18,6 +18,7 @@ from dispynb.protocol.messages import (
     Recovered,
 )
 from dispynb.transport.connection import Connection
+from dispynb.wording import counted
 from nodeserver.health import HEALTH_PROBE
 from schedserver.computation import SharedComputation
 from schedserver.session import SchedulerSession
@@ -63,8 +64,9 @@ class _Clients(_ServerState):
         if not quota or have < quota:
             return ""
         return (
-            f"refused: user {user!r} has {have} sessions open at the scheduler, its "
-            f"quota (dispynb-scheduler --max_sessions {quota}); close a cluster first"
+            f"refused: user {user!r} has {counted(have, 'session')} open at the "
+            f"scheduler, its quota (dispynb-scheduler --max_sessions {quota}); close "
+            "a cluster first"
         )
 
     def new_computation(

@@ -47,6 +47,7 @@ from dispynb.protocol.messages import (
 from dispynb.protocol.records import ResultEntry, SharedNodeEntry, is_start
 from dispynb.scheduler.policy import update_mean
 from dispynb.transport.connection import Connection
+from dispynb.wording import counted
 from schedserver.fairshare import Account
 from schedserver.jobfiles import _JobFiles, own_files
 from schedserver.nodeclaims import all_own, only_own
@@ -314,8 +315,9 @@ class SharedComputation(_JobFiles, _SentFiles):
                         key,
                         attempt,
                         CANCELLED,
-                        f"refused: user {self.user!r} may have at most {quota} jobs "
-                        "queued at the scheduler (its --max_queued quota)",
+                        f"refused: user {self.user!r} may have at most "
+                        f"{counted(quota, 'job')} queued at the scheduler (its "
+                        "--max_queued quota)",
                     )
                 )
                 continue

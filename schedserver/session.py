@@ -39,6 +39,7 @@ from dispynb.protocol.messages import (
     ResultsJournaled,
 )
 from dispynb.transport.connection import BadMessageError, Connection
+from dispynb.wording import counted
 from schedserver.spill import KeptMessages
 
 if TYPE_CHECKING:
@@ -349,7 +350,8 @@ class SchedulerSession:
         if have < quota:
             return ""
         return (
-            f"refused: user {self.user!r} has {have} computations at the scheduler, "
+            f"refused: user {self.user!r} has {counted(have, 'computation')} at the "
+            "scheduler, "
             f"its quota (dispynb-scheduler --max_computations {quota}); close one "
             "first"
         )
