@@ -47,6 +47,7 @@ from dispynb.jupyter.progress import (
 from dispynb.jupyter.run import LAST_RUN, Run
 from dispynb.jupyter.runoutput import _print_writer, exception_kind
 from dispynb.jupyter.session import Session
+from dispynb.jupyter.startnotice import StartNotice
 from dispynb.jupyter.tracebacks import SourceMap
 from dispynb.jupyter.widgets import NodePanel
 
@@ -174,25 +175,37 @@ class CellRunner:
                 options["depends"] = list(depends)
             if args.reentrant:
                 options["reentrant"] = True
-            with friendly_errors(
-                f"%%dispy could not start run {label!r}",
-                hint=NODES_HINT,
-                sources=SourceMap.of(setup),
-            ):
-                run = Run.map(
-                    func,
-                    inputs,
-                    nodes=nodes,
-                    engine=session.engine,
-                    cluster_factory=session.cluster_factory,
-                    unpack=args.unpack,
-                    wait=False,
-                    progress="none" if args.nowait else args.progress,
-                    name=label,
-                    listeners=[_panel_listener(session.panel, runs)],
-                    started=runs.append,
-                    **options,
-                )
+            # Said if the setup takes a while (a model loading): no bar shows yet.
+            notice = StartNotice(label, setup) if setup is not None else None
+
+            def started(run: Run) -> None:
+                if notice is not None:
+                    notice.done()
+                runs.append(run)
+
+            try:
+                with friendly_errors(
+                    f"%%dispy could not start run {label!r}",
+                    hint=NODES_HINT,
+                    sources=SourceMap.of(setup),
+                ):
+                    run = Run.map(
+                        func,
+                        inputs,
+                        nodes=nodes,
+                        engine=session.engine,
+                        cluster_factory=session.cluster_factory,
+                        unpack=args.unpack,
+                        wait=False,
+                        progress="none" if args.nowait else args.progress,
+                        name=label,
+                        listeners=[_panel_listener(session.panel, runs)],
+                        started=started,
+                        **options,
+                    )
+            finally:
+                if notice is not None:
+                    notice.done()
             run.ref = args.into or LAST_RUN
             if not run.jobs:  # else 'f: 0/0 done' reads like a run that worked
                 used = iter(inputs.items) is inputs.items  # (an iterator: no error)

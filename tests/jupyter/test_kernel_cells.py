@@ -15,7 +15,7 @@ import pytest
 
 from dispynb import LocalCluster
 from tests.jobs import wait_until
-from tests.jupyter.kernel import Kernel, kernel, node_pids, wait_gone
+from tests.jupyter.kernel import CellOutput, Kernel, kernel, node_pids, wait_gone
 from tests.ports import PortHolder
 
 pytestmark = pytest.mark.slow
@@ -665,3 +665,38 @@ def test_running_and_busy_count_jobs_executing_not_jobs_sent(tmp_path: Path):
         busy = [b for _, b, _ in samples]
         assert max(running) == 2 and max(busy) <= 2, samples
         assert k.value("naps.wait(30) and naps.results") == [0.4] * 6
+
+
+def test_a_run_whose_setup_takes_a_while_says_it_is_starting(k, tmp_path):
+    """A cell whose nodes run its --setup for a while (a model loading) says that
+    its run is starting, naming the setup; it showed nothing at all until the setup
+    ended. A run that starts at once says nothing of it."""
+    release = tmp_path / "release"
+    k.run_ok(
+        "def load_model():\n"
+        "    import os, time\n"
+        "    deadline = time.monotonic() + 60\n"
+        f"    while not os.path.exists({str(release)!r}):\n"
+        "        assert time.monotonic() < deadline\n"
+        "        time.sleep(0.02)\n"
+        "    return 0"
+    )
+    msg_id = k.submit(
+        '%%dispy --over "range(3)" --setup load_model --into preds\n'
+        "def predict(x):\n"
+        "    return x * 2"
+    )
+    out = CellOutput()
+    try:
+        k.follow(msg_id, out, lambda o: "is starting" in o.stderr, timeout=30)
+    finally:
+        release.touch()
+    out = k.collect(msg_id, out=out)
+    assert out.status == "ok", out.text
+    said = "dispynb: run 'preds' is starting: its nodes are running its setup, "
+    assert out.stderr.count(said + "load_model, first\n") == 1, out.stderr
+    assert k.value("preds.results") == [0, 2, 4]
+    quick = k.run_ok(
+        '%%dispy --over "range(3)" --into quick\ndef double(x):\n    return x * 2'
+    )
+    assert "is starting" not in quick.text, quick.text
