@@ -75,7 +75,8 @@ class SSHNode:
         while line := await self.proc.stdout.readline():
             text = line.decode(errors="replace").rstrip()
             self.last_lines.append(text)
-            logger.info("[%s@%s] %s", self.name, self.host, text)
+            # Not name@host: the host may be user@host already.
+            logger.info("[%s on %s] %s", self.name, self.host, text)
 
 
 class SSHNodes(NodeLauncher[SSHNode]):

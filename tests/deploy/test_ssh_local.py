@@ -162,11 +162,15 @@ def test_a_node_that_close_stops_says_so_and_warns_not(
     'the process that started this node exited' and 'stopped (its parent process
     exited)': every routine close read as a crashed client in the node's log."""
     caplog.set_level("INFO", logger="dispynb.deploy.ssh")
-    with SSHNodes(["node1"], python=sys.executable, node_args=["--cpus", "1"]) as nodes:
+    hosts = ["alice@node1"]
+    with SSHNodes(hosts, python=sys.executable, node_args=["--cpus", "1"]) as nodes:
         nodes.wait_for(1)
+        (name,) = [node.name for node in nodes.nodes]
     said = [r.getMessage() for r in caplog.records if r.name == "dispynb.deploy.ssh"]
     lines = "\n".join(said)
     assert "stopped (its launcher closed it)" in lines, lines
+    # Its lines name it and its host, not "name@alice@node1".
+    assert f"[{name} on alice@node1] " in lines, lines
     assert " WARNING " not in lines and "parent process exited" not in lines, lines
 
 
