@@ -370,12 +370,13 @@ def _in_event_loop() -> bool:
 def outcome_error(job: DispyJob, what: str = "") -> BaseException | None:
     """The exception a future of ``job`` (done) raises; None for ``Finished``.
     One that failed as a whole is named by ``what`` (default ``job <id>``) and
-    its node."""
+    its node; one abandoned (`NodeLostError`) by ``what``, then the reason."""
     if job.status == job.Finished:
         return None
-    if job.status == job.Abandoned:
-        return NodeLostError(job.exception or "the job's node was lost")
     where = what or f"job {job.id!r}"
+    if job.status == job.Abandoned:  # the reason names the node
+        reason = job.exception or "the job's node was lost"
+        return NodeLostError(f"{where} did not finish: {reason}")
     if job.ip_addr:
         where += f" on node {job.ip_addr}"
     return RemoteError.from_text(

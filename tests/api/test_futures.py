@@ -111,8 +111,12 @@ def test_abandoned_job_raises_node_lost_error_with_the_reason():
     job = make_job()
     future = job.future
     job._complete(JobStatus.Abandoned, exception="node 10.0.0.5:9711 was lost")
-    with pytest.raises(NodeLostError, match=r"10\.0\.0\.5:9711 was lost"):
+    with pytest.raises(NodeLostError, match=r"10\.0\.0\.5:9711 was lost") as info:
         future.result(0)
+    # Which job did not finish, as a Terminated one's error says (it named none).
+    assert str(info.value) == (
+        f"job {job.id!r} did not finish: node 10.0.0.5:9711 was lost"
+    ), info.value
 
 
 def test_cancelled_job_cancels_its_future_for_wait_and_as_completed():
