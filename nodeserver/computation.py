@@ -122,10 +122,12 @@ def _was_interrupted(done: Done) -> bool:
 
 def _texts(done: Done) -> tuple[Any, Any, Any]:
     """A job's stdout, stderr and traceback for its result entry: those its worker
-    sent as UTF-8 bytes (`Done.utf8`) kept so (`Utf8Text`), never decoded here."""
+    sent as UTF-8 bytes (`Done.utf8`) kept so (`Utf8Text`), never decoded here. A
+    traceback is text whatever the flags say (a job forging its worker's `Done`
+    with one in bytes made its client drop the node, failing on it)."""
     texts: list[Any] = [done.stdout, done.stderr, done.exception]
     for index, letter in enumerate("oex"):
-        if letter in done.utf8 and isinstance(texts[index], bytes):
+        if (letter in done.utf8 or letter == "x") and isinstance(texts[index], bytes):
             texts[index] = Utf8Text(texts[index])
     return texts[0], texts[1], texts[2]
 
@@ -548,7 +550,7 @@ class Computation(_JobStops, _WorkerLife, _JobFiles, _WorkStealing, _Computation
             # Finished with its value, as in dispy.
             finished = done.outcome == FINISHED
             exception: Any
-            if done.utf8:
+            if done.utf8 or type(done.exception) is bytes:
                 stdout, stderr, exception = _texts(done)
             else:
                 stdout, stderr, exception = done.stdout, done.stderr, done.exception

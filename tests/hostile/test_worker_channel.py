@@ -81,3 +81,49 @@ def test_a_job_writing_to_its_workers_channel_is_told_so(tmp_path: Path, measure
                 "of address space"
             )
     measure("; ".join(figures) + f" ({job.exception.splitlines()[-1][:110]}...)")
+
+
+def forge_done(key: str, count: int, traceback: bytes) -> int:
+    """Send the node ``count`` `Done` messages of this job ("own") or of a job
+    this worker does not run ("other"), whose traceback is ``traceback`` (bytes,
+    no flag saying it is text), and ``count`` files with a bad name; then return."""
+    import time
+
+    from nodeserver.ipc import Done, SendFile
+    from nodeserver.jobapi import CONTEXT
+
+    now = time.time()
+    done = Done(
+        key=CONTEXT.key if key == "own" else 10**9,
+        attempt=CONTEXT.attempt,
+        outcome="raised",
+        start_time=now,
+        end_time=now,
+        stdout="",
+        stderr="",
+        exception=traceback,
+    )
+    bad = SendFile(key=CONTEXT.key, attempt=CONTEXT.attempt, path="../../etc/x")
+    for _ in range(count):
+        CONTEXT.send(done, [])
+        CONTEXT.send(bad, [b"x"])
+    return count
+
+
+@pytest.mark.timeout(90)
+def test_a_job_forging_its_done_with_a_traceback_in_bytes_keeps_its_node(
+    tmp_path: Path,
+):
+    """A traceback is text whatever the worker's flags say: it reaches the client
+    as a str (bytes that are no UTF-8 replaced), and the client keeps its node
+    (it failed on bytes there, and dropped the node: 'error handling its
+    job-results message')."""
+    with (
+        running_node(tmp_path / "node") as node,
+        JobCluster(forge_done, nodes=[node.spec], secret=node.secret) as cluster,
+    ):
+        job = cluster.submit("own", 1, b"\xffforged")
+        job()
+        assert job.status == DispyJob.Terminated, (job.status, job.result)
+        assert job.exception == "\ufffdforged"
+        assert cluster.submit("other", 0, b"")() == 0  # the node is still there
