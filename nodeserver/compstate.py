@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import socket
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -19,6 +20,9 @@ from nodeserver.filestore import FileStore
 from nodeserver.launcher import ComputationProcess, Launcher
 from nodeserver.leftovers import Removals
 from nodeserver.sharedbody import SharedBody
+
+#: Logs as the computation it serves.
+logger = logging.getLogger("nodeserver.computation")
 
 #: ``report(entry, buffers)``: one job-results entry (see `JobResults`) and its buffers.
 Report = Callable[[list[object], list[memoryview]], None]
@@ -126,6 +130,20 @@ class Worker:
     #: once its Runs are all written (`Computation._look_again`).
     look_on_read: bool = False
     drain_watched: bool = False
+    #: Lines logged about messages on its channel that no job of its sends (a
+    #: job forging them): the first at its level, the others at debug level.
+    odd_messages: int = 0
+
+    def log_odd(self, level: int, text: str, *args: object) -> None:
+        """Log a line about a message from the worker that no job of its sends: the
+        first at ``level``, the others at debug level (a job forging them made a
+        line each: 100,000 lines, 10 MB of the node's log, in 6 s)."""
+        self.odd_messages += 1
+        if self.odd_messages == 1:
+            text += " (more such from this worker are logged at debug level)"
+        else:
+            level = logging.DEBUG
+        logger.log(level, text, *args)
 
 
 class _ComputationState:

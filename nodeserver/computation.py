@@ -483,8 +483,11 @@ class Computation(_JobStops, _WorkerLife, _JobFiles, _WorkStealing, _Computation
         if worker.taken_back and self._skipped_taken_back(worker, done):
             return
         if not worker.assigned or worker.assigned[0].key != done.key:
-            logger.error(
-                "worker %d reported an unexpected job %d", worker.pid, done.key
+            worker.log_odd(
+                logging.ERROR,
+                "worker %d reported an unexpected job %d",
+                worker.pid,
+                done.key,
             )
             return
         job = worker.assigned.popleft()

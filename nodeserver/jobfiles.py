@@ -33,8 +33,11 @@ class _JobFiles(_ComputationState):
             try:
                 path = safe_relative_path(message.path)
             except DispynbError as exc:
-                logger.warning(
-                    "job %d sent a file with a bad name: %s", message.key, exc
+                worker.log_odd(
+                    logging.WARNING,
+                    "job %d sent a file with a bad name: %s",
+                    message.key,
+                    exc,
                 )
                 error = str(exc)
             else:

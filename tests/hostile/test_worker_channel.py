@@ -127,3 +127,29 @@ def test_a_job_forging_its_done_with_a_traceback_in_bytes_keeps_its_node(
         assert job.status == DispyJob.Terminated, (job.status, job.result)
         assert job.exception == "\ufffdforged"
         assert cluster.submit("other", 0, b"")() == 0  # the node is still there
+
+
+@pytest.mark.attack(
+    id="worker-channel-forgery",
+    title="A job sends its node 100,000 results of a job its worker does not run, "
+    "and 100,000 files with a bad name, on its worker's channel",
+    goal="at most 2 lines in the node's log (was: a line each, 200,000 lines, "
+    "20 MB); the job's own result delivered",
+)
+@pytest.mark.timeout(120)
+def test_a_job_forging_messages_on_its_channel_floods_no_log(tmp_path: Path, measure):
+    count = 100_000
+    with (
+        running_node(tmp_path / "node") as node,
+        JobCluster(forge_done, nodes=[node.spec], secret=node.secret) as cluster,
+    ):
+        started = time.monotonic()
+        result = cluster.submit("other", count, b"")()
+        took = time.monotonic() - started
+    log = node.log_text()
+    lines = log.count("unexpected job") + log.count("sent a file with a bad name")
+    measure(
+        f"{lines} log lines ({len(log)} bytes of log); the job's result in {took:.1f} s"
+    )
+    assert result == count
+    assert lines <= 2, log[-2000:]
