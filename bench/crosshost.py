@@ -653,6 +653,9 @@ def main(argv: Sequence[str]) -> int:
     if argv[:1] == ["receive"]:
         receive(argv[1], RAW_PORT)
         return 0
+    if argv[:1] in (["-h"], ["--help"]) or (not argv and sys.stdin.isatty()):
+        print(__doc__)
+        return 0
     if argv[:1] == ["w4"]:
         summary = _w4_summary(run_w4(int(argv[1]) if len(argv) > 1 else 10))
         print(json.dumps(summary), flush=True)

@@ -156,3 +156,19 @@ def test_crosshost_target_table_and_splice() -> None:
     assert "![cross-host scale curve](crosshost.png)" in once
     again = markdown.splice(once, document, "crosshost.png")
     assert again == once
+
+
+@pytest.mark.parametrize("option", ["--help", "-h"])
+def test_crosshost_help_says_how_to_run_it(option: str) -> None:
+    """``crosshost.py --help`` printed a JSON traceback: it read its parameters
+    from stdin."""
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "crosshost.py"), option],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "python bench/crosshost.py w4 [REPEAT]" in done.stdout
+    assert "Traceback" not in done.stderr

@@ -26,7 +26,9 @@ def _cannot_unshare() -> str | None:
     try:
         import ray  # noqa: F401
     except ImportError:
-        return "ray is not installed: pip install 'dispynb[ray]' (or .[test])"
+        return (
+            "ray is not installed: pip install ray (or '.[test]' in dispynb's checkout)"
+        )
     return None
 
 

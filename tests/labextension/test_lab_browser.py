@@ -109,7 +109,9 @@ def test_lab_ray_in_private_network() -> None:
     if reason is not None:
         pytest.skip(reason)
     if importlib.util.find_spec("ray") is None:
-        pytest.skip("ray is not installed: pip install 'dispynb[ray]' (or .[test])")
+        pytest.skip(
+            "ray is not installed: pip install ray (or '.[test]' in dispynb's checkout)"
+        )
     here = Path(__file__).parent.relative_to(ROOT)
     inner = inner_pytest(f"{here / 'test_lab_engines.py'}::test_lab_ray")
     # sh stays PID 1 of the namespace (no exec): Ray's daemons are its orphans.
