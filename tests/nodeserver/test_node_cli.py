@@ -57,6 +57,8 @@ def test_node_cli_public_host_without_secret_or_tls_exits_2_with_fix(tmp_path):
 def test_node_cli_log_says_one_cpu_not_one_cpus(tmp_path):
     """A one-CPU node (a SLURM task's, a LocalCluster's) logged "serving 1 CPUs"."""
     with running_node(tmp_path / "node", cpus=1) as node:
+        # Its port file is written just before the line: wait for the line.
+        wait_until(lambda: "serving 1 C" in node.log_text())
         assert f"serving 1 CPU on 127.0.0.1:{node.port}" in node.log_text()
 
 
