@@ -279,13 +279,20 @@ class _Jobs(_RayState):
         # Ray hands a bytearray argument over as bytes (ray-project/ray#12648):
         # the actor makes it a bytearray again.
         bytearrays = [i for i, arg in enumerate(job.args) if type(arg) is bytearray]
-        args = job.args
-        # An executor's calls: their ObjectRef arguments go as the Ray call's own.
-        places, refs = _lift_refs(args, self._ray) if self._calls else ((), ())
+        args, kwargs = job.args, job.kwargs
+        # ObjectRefs Ray would resolve as a task's arguments (keyword arguments,
+        # an executor's calls') go as the Ray call's own: Ray gives their objects.
+        places, refs = _lift_refs(args, self._ray) if self._calls else ([], [])
+        named = _named_refs(kwargs, self._ray) if kwargs else []
         head: int | tuple[Any, ...]
-        if places:
-            args = (*_without(args, places), *refs)
-            head = (key, attempt, job.mem_limit, job.kwargs, bytearrays, places)
+        if places or named:
+            if places:
+                args = _without(args, places)
+            if named:
+                refs += [kwargs[name] for name in named]
+                kwargs = {k: None if k in named else v for k, v in kwargs.items()}
+            args = (*args, *refs)
+            head = (key, attempt, job.mem_limit, kwargs, bytearrays, places, named)
         elif bytearrays:
             head = (key, attempt, job.mem_limit, job.kwargs, bytearrays)
         elif attempt == 1 and job.mem_limit is None and not job.kwargs:
@@ -571,6 +578,13 @@ def _lift_refs(args: tuple[Any, ...], ray: Any) -> tuple[list[Place], list[Any]]
             places.append(name)
             refs.append(value)
     return places, refs
+
+
+def _named_refs(kwargs: dict[str, Any], ray: Any) -> list[str]:
+    """The keyword arguments of a job that are ObjectRefs (Ray resolves those of
+    ``f.remote(x=ref)``)."""
+    object_ref = ray.ObjectRef
+    return [name for name, value in kwargs.items() if type(value) is object_ref]
 
 
 def _without(args: tuple[Any, ...], places: list[Place]) -> tuple[Any, ...]:

@@ -401,19 +401,20 @@ class JobActor:
 
         ``head`` is the job's key (its first attempt, no keyword arguments, no
         memory limit), or ``(key, attempt, mem_limit, kwargs[, bytearrays[,
-        places]])``: ``mem_limit`` is the bytes of address space the job may use
-        (the soft ``RLIMIT_AS``, for this job only); ``bytearrays`` the positions
+        places, named]])``: ``mem_limit`` is the bytes of address space the job
+        may use (the soft ``RLIMIT_AS``, for this job only); ``bytearrays`` the
+        positions
         of the arguments that were ``bytearray`` (Ray hands an argument of that
         type over as ``bytes``); ``places`` those of an executor's calls'
-        ObjectRef arguments, whose objects Ray gave as the last ``args``
-        (`put_back`)."""
+        ObjectRef arguments and ``named`` the keyword arguments that were
+        ObjectRefs, whose objects Ray gave as the last ``args`` (`put_back`)."""
         kwargs: dict[str, Any]
         if isinstance(head, int):
             key, attempt, mem_limit, kwargs = head, 1, None, {}
         else:
             key, attempt, mem_limit, kwargs = head[:4]
             if len(head) > 5:
-                args = put_back(args, head[5])
+                args, kwargs = put_back(args, kwargs, head[5], head[6])
             if len(head) > 4:
                 args = tuple(
                     bytearray(arg) if index in head[4] else arg
@@ -489,20 +490,29 @@ class JobActor:
         return error
 
 
-def put_back(args: tuple[Any, ...], places: list[Any]) -> tuple[Any, ...]:
-    """An executor's job's arguments (``key, blob, count, columns, kwargs``) from
-    ``args``, whose last ones are the objects of its calls' ObjectRef arguments,
-    put back in their ``places`` (`_rayjobs._lift_refs`)."""
-    objects = args[len(args) - len(places) :]
-    key, blob, count, columns, kwargs = args[: len(args) - len(places)]
+def put_back(
+    args: tuple[Any, ...], kwargs: dict[str, Any], places: list[Any], named: list[str]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A job's arguments from ``args``, whose last ones are the objects of its
+    ObjectRef arguments Ray resolved (`_rayjobs._lift_refs`): those of an
+    executor's calls put back in their ``places`` in the runner's ``key, blob,
+    count, columns, kwargs``, then those of the job's keyword arguments
+    ``named``."""
+    objects = args[len(args) - len(places) - len(named) :]
+    args = args[: len(args) - len(objects)]
+    if named:
+        kwargs = {**kwargs, **dict(zip(named, objects[len(places) :], strict=True))}
+    if not places:
+        return args, kwargs
+    key, blob, count, columns, calls_kwargs = args
     columns = [list(column) for column in columns]
-    kwargs = dict(kwargs or {})
-    for place, value in zip(places, objects, strict=True):
+    calls_kwargs = dict(calls_kwargs or {})
+    for place, value in zip(places, objects, strict=False):
         if isinstance(place, str):
-            kwargs[place] = value
+            calls_kwargs[place] = value
         else:
             columns[place[0]][place[1]] = value
-    return key, blob, count, tuple(columns), kwargs or None
+    return (key, blob, count, tuple(columns), calls_kwargs or None), kwargs
 
 
 def load_result(reply: tuple[Any, ...]) -> tuple[Any, ...]:

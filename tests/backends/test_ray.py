@@ -666,6 +666,9 @@ def test_ray_put_handles_are_jobs_arguments_as_put_says(engine: RayEngine) -> No
             cluster.put([1, 2, 3])
         job = cluster.submit(ray.put(list(range(100))))
         assert job() == 4950, job.exception
+        # A keyword too, as f.remote(values=ref) (the job got the handle).
+        job = cluster.submit(values=ray.put(list(range(10))))
+        assert job() == 45, job.exception
 
 
 def first_kind(values: Any) -> str:
