@@ -958,3 +958,72 @@ def test_a_setup_failing_on_a_worker_is_logged_with_the_users_file_and_line(
     assert setup, out["logged"]
     assert "<dynamic-code>" not in setup[0], setup[0]
     assert re.search(r'File ".*client-\w+\.py", line \d+, in fails', setup[0]), setup
+
+
+FUTURES_PROGRAM = """
+import concurrent.futures as cf
+
+
+def nap(x, s):
+    time.sleep(s)
+    return x
+
+
+def boom(x):
+    raise ValueError(x)
+
+
+def main(args):
+    out = {}
+    with local_cluster(workers=2) as dask_cluster:
+        executor = dispynb.Executor(engine=DaskEngine(dask_cluster))
+        futures = [executor.submit(nap, i, 1.0) for i in range(6)]
+        deadline = time.monotonic() + 30
+        while not futures[0].running() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        out["cancel_queued"] = futures[-1].cancel()
+        out["cancel_running"] = futures[0].cancel()
+        done = cf.as_completed(futures, timeout=30)
+        out["as_completed"] = sorted(
+            "C" if f.cancelled() else str(f.result()) for f in done
+        )
+        failing, slow = executor.submit(boom, 1), executor.submit(nap, 2, 2.0)
+        done, pending = cf.wait(
+            [failing, slow], timeout=30, return_when=cf.FIRST_EXCEPTION
+        )
+        out["first_exception"] = [done == {failing}, pending == {slow}]
+        values = []
+        try:
+            for value in executor.map(nap, [1, 2, 3], [0.1, 3, 3], timeout=0.5):
+                values.append(value)
+        except cf.TimeoutError:
+            values.append("timeout")
+        out["map_timeout"] = values
+        out["chunks"] = list(executor.map(abs, range(-5, 0), chunksize=2))
+        try:
+            executor.submit(42).result(30)
+        except TypeError as exc:
+            out["not_callable"] = str(exc)
+        futures = [executor.submit(nap, i, 0.5) for i in range(8)]
+        executor.shutdown(wait=True, cancel_futures=True)
+        out["cancelled_at_shutdown"] = sum(f.cancelled() for f in futures)
+        out["all_done"] = all(f.done() for f in futures)
+    return out
+"""
+
+
+def test_the_executor_on_dask_keeps_the_concurrent_futures_semantics(
+    net: Network, tmp_path: Path
+) -> None:
+    """What tests/api/test_executor_conformance.py checks against
+    ProcessPoolExecutor, on the Dask engine: cancel a queued call (not a running
+    one), as_completed, wait(FIRST_EXCEPTION), map's timeout and chunksize, a
+    non-callable raising from result(), shutdown(cancel_futures=True)."""
+    out = run(net, tmp_path, FUTURES_PROGRAM)
+    assert out["cancel_queued"] is True and out["cancel_running"] is False
+    assert out["as_completed"] == ["0", "1", "2", "3", "4", "C"]
+    assert out["first_exception"] == [True, True]
+    assert out["map_timeout"] == [1, "timeout"]
+    assert out["chunks"] == [5, 4, 3, 2, 1]
+    assert out["not_callable"] == "'int' object is not callable"
+    assert out["cancelled_at_shutdown"] >= 1 and out["all_done"]
