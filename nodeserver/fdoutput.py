@@ -167,9 +167,11 @@ class _Descriptor:
         os.dup2(self.file, fd)
 
     def close(self) -> None:
-        os.dup2(self.saved, self.fd)
-        os.close(self.file)
-        os.close(self.saved)
+        with contextlib.suppress(OSError):  # a job closed them (`FdOutput.lost`)
+            os.dup2(self.saved, self.fd)
+        for fd in (self.file, self.saved):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def size(self) -> int:
         """Bytes in the file (one system call)."""
@@ -251,6 +253,9 @@ class FdOutput:
         self.captures: tuple[FdMerged, FdMerged] | None = None
         #: Jobs begun so far: the `_Spiller` parks after a while with none.
         self.begun = 0
+        #: Why the files are lost, if a job closed them (or the descriptors the
+        #: worker kept of its own): the worker then captures no more (`end`).
+        self.lost = ""
         self._spiller = _Spiller(self)
 
     @classmethod
@@ -292,14 +297,25 @@ class FdOutput:
         self.captures = None
         if self._fflush is not None:
             self._fflush(None)  # C's stdout into a file is fully buffered
-        for descriptor, capture in ((self.stdout, out), (self.stderr, err)):
-            if descriptor.size() > descriptor.taken:
-                descriptor.take(capture)
-            if descriptor.taken:
-                rest = descriptor.decoder.decode(b"", final=True)  # a cut character
-                if rest:
-                    capture.write_below(rest)
-                descriptor.empty()
+        try:
+            for descriptor, capture in ((self.stdout, out), (self.stderr, err)):
+                if descriptor.size() > descriptor.taken:
+                    descriptor.take(capture)
+                if descriptor.taken:
+                    rest = descriptor.decoder.decode(b"", final=True)  # a cut one
+                    if rest:
+                        capture.write_below(rest)
+                    descriptor.empty()
+        except OSError as exc:
+            # The job closed the files (``os.closerange``, a daemon's habits): it
+            # killed its worker here, its output lost, said to be "exited with
+            # status 1". Said in its stderr; the worker captures no more there.
+            self.lost = exc.strerror or str(exc)
+            err.write_below(
+                f"\n[dispynb: the job closed its worker's files for output below "
+                f"Python ({self.lost}): what it wrote there is lost, and its "
+                "worker's next jobs write there to the node's own output]\n"
+            )
         out.source = err.source = None
 
     def pass_on(self) -> None:
@@ -442,8 +458,12 @@ class FdMerged:
 
     def write(self, text: str) -> int:
         source = self.source
-        if source is not None and self._at_line_start and source.size() > source.taken:
-            source.take(self)
+        if source is not None and self._at_line_start:
+            try:
+                if source.size() > source.taken:
+                    source.take(self)
+            except OSError:  # the job closed the file: `FdOutput.end` says so
+                self.source = None
         if text:
             self._at_line_start = text[-1] == "\n"
         return super().write(text)  # type: ignore[misc, no-any-return]

@@ -202,6 +202,11 @@ def run_job(
         # Every job, however short: one of microseconds can os.write or printf, and
         # what it left in the files would be the next job's (a few us per job).
         below.end(out, err)  # type: ignore[arg-type]
+        if below.lost:
+            # The job closed the files: what later jobs write below Python goes
+            # to the node's descriptors, as where none could be made.
+            CONTEXT.below = None
+            below.close()
     stdout: str | bytes
     stderr: str | bytes
     if program_output is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -143,6 +144,37 @@ def test_a_job_printing_a_lone_surrogate_keeps_its_output(local):
             job = cluster.submit(count)
             assert job() == count, job.exception
             assert job.stdout == job.stderr == "caf\\udce9 " * count
+
+
+def close_output_files(close: bool) -> int:
+    """Close (with ``close``) the files this worker's descriptors 1 and 2 write
+    to (nameless: "(deleted)" in /proc), as a job closing descriptors it did not
+    open would; then print, and write below Python."""
+    closed = 0
+    for fd in map(int, os.listdir("/proc/self/fd")):
+        with contextlib.suppress(OSError):
+            if close and fd > 2 and "/#" in os.readlink(f"/proc/self/fd/{fd}"):
+                os.close(fd)
+                closed += 1
+    print("printed")
+    os.system("echo below")
+    return closed
+
+
+def test_a_job_closing_its_workers_output_files_keeps_its_result(local):
+    """Its result and what it printed arrive, with a line in its stderr saying what
+    it wrote below Python is lost; the worker's next jobs run (was: the job lost
+    as 'worker exited with status 1', its output with it)."""
+    with JobCluster(close_output_files, nodes=local) as cluster:
+        job = cluster.submit(True)
+        assert job() >= 2, job.exception
+        assert job.stdout == "printed\n"
+        assert "the job closed its worker's files for output below Python" in (
+            job.stderr
+        )
+        after = cluster.submit(False)
+        assert after() == 0, after.exception
+        assert after.stdout.startswith("printed\n")
 
 
 def raise_huge(mib: int) -> None:
