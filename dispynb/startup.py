@@ -92,9 +92,10 @@ class StartupSignals:
         self._raise = False
 
     def rearm(self) -> None:
-        """After the event loop closed (which set them back to their defaults):
-        record stop signals, raising nothing (the daemon is stopping already), so
-        that one more does not kill it while it cleans up."""
+        """As the daemon's event loop stops (`loop_handles_stop_signals` gives them
+        back before closing the loop would set their defaults): record stop
+        signals, raising nothing (the daemon is stopping already), so that one
+        more does not kill it while it cleans up."""
         self._raise = False
         for signum in self._previous:
             signal.signal(signum, self._handle)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from dispynb.defaults import NODE_PORT
+from dispynb.wording import counted
 from tests.multihost.conftest import StartNode
 from tests.multihost.netns import (
     Host,
@@ -233,7 +234,8 @@ def test_node_without_secret_serves_loopback_only_and_says_why(
     node = start_node(network, node_hosts[0], tmp_path, None)
     try:
         text = node.log_text()
-        assert f"serving {node.cpus} CPUs on 127.0.0.1:{NODE_PORT} WITHOUT" in text
+        cpus = counted(node.cpus, "CPU")
+        assert f"serving {cpus} on 127.0.0.1:{NODE_PORT} WITHOUT" in text
         warnings = [line for line in text.splitlines() if " WARNING " in line]
         assert len(warnings) == 1
         assert "serving this machine only (127.0.0.1)" in warnings[0]

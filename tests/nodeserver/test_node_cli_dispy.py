@@ -22,6 +22,7 @@ import pytest
 
 from dispynb import DispyJob, JobCluster
 from dispynb.errors import DispynbError
+from dispynb.wording import counted
 from nodeserver.cliconfig import REFUSED
 from tests.jobs import WAIT, computation_processes, wait_until
 from tests.nodeproc import (
@@ -166,10 +167,9 @@ def test_cpus_beyond_the_machine_are_named_in_the_log(extra: int) -> None:
     done = run_node("-c", str(cpus), "--serve", "0")
     assert done.returncode == 0, done.stderr
     serves = cpus if extra > 0 else 1
-    assert f"--cpus {cpus}: this machine has {available} CPUs" in done.stderr, (
-        done.stderr
-    )
-    assert f"up to {serves} jobs at once" in done.stderr
+    machine = counted(available, "CPU")
+    assert f"--cpus {cpus}: this machine has {machine}" in done.stderr, done.stderr
+    assert f"up to {counted(serves, 'job')} at once" in done.stderr
 
 
 def test_serve_0_with_clean_empties_the_prefix_and_exits(tmp_path: Path) -> None:
