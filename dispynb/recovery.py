@@ -58,7 +58,7 @@ from dispynb.protocol.messages import (
 )
 from dispynb.protocol.records import ResultEntry, SharedNodeEntry, is_start
 from dispynb.recoverysent import SentWhileAway
-from dispynb.secret import resolve_secret, split_credential
+from dispynb.secret import is_credential, resolve_secret, split_credential
 from dispynb.status import status_of
 from dispynb.tracebacks import SourceMap
 from dispynb.transport.addressing import parse_address
@@ -404,7 +404,7 @@ async def _recover_from(
                         "the credential of the user who ran it (secret_file=)",
                     )
                 elif isinstance(message, Recovered) and not message.found:
-                    _abandon(pending, f"node {node} no longer has the computation")
+                    _abandon(pending, _gone_from(node, secret))
                 elif (
                     isinstance(message, Recovered) and not message.running
                 ) or isinstance(message, ComputationClosed):
@@ -693,6 +693,18 @@ def _refused(
     return AuthenticationError(
         f"recover_jobs: {exc}; the recovery file is unchanged: call it again with "
         "the secret the crashed cluster used"
+    )
+
+
+def _gone_from(node: str, secret: bytes | None) -> str:
+    """Why jobs are abandoned whose node (or scheduler) no longer has their
+    computation. A scheduler keeps none across its restart (kill -9, a reboot)."""
+    if not is_credential(secret):
+        return f"node {node} no longer has the computation"
+    return (
+        f"scheduler {node} no longer has the computation: it closed it (the client "
+        "was away longer than its --zombie_interval) or it was restarted since (a "
+        "scheduler keeps no job across a restart)"
     )
 
 

@@ -154,6 +154,12 @@ def _zero_bytes(raw: bytes) -> None:
 CREDENTIAL_PREFIX = b"dispynb-user:"
 
 
+def is_credential(secret: bytes | None) -> bool:
+    """Whether ``secret`` is a shared scheduler's user credential: the cluster's
+    only "node" is then that scheduler, and messages name it so."""
+    return secret is not None and secret.startswith(CREDENTIAL_PREFIX)
+
+
 def split_credential(secret: bytes | None) -> tuple[str, bytes | None]:
     """``(user, key)`` of a scheduler credential; ``("", secret)`` for any other.
 

@@ -33,7 +33,7 @@ from dispynb.scheduler.link import (
 )
 from dispynb.scheduler.outbox import file_entry
 from dispynb.scheduler.results import DriverResults
-from dispynb.secret import CREDENTIAL_PREFIX
+from dispynb.secret import is_credential
 from dispynb.transport.addressing import format_address
 from dispynb.transport.connection import Connection, describe_error
 from dispynb.transport.connector import connect, not_listening, out_of_descriptors
@@ -183,7 +183,7 @@ class DriverNodes(DriverResults):
         # A user's credential is proved to a shared scheduler, the cluster's only
         # "node" then. Each message is its own literal: the notebook holds those
         # about nodes back by their format (`dispynb.jupyter.magicsupport`).
-        if (self.config.secret or b"").startswith(CREDENTIAL_PREFIX):
+        if is_credential(self.config.secret):
             message = "scheduler %s cannot be used: %s"
         else:
             message = "node %s cannot be used: %s"

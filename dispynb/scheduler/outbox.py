@@ -41,6 +41,7 @@ from dispynb.scheduler.link import (
     _Pending,
 )
 from dispynb.scheduler.state import SchedulerState, attempts_spent
+from dispynb.secret import is_credential
 from dispynb.transport.connection import describe_error
 
 #: The driver's logger (one name for all its parts, as users configure it).
@@ -240,13 +241,15 @@ class DriverOutbox:
                 self._jobs.pop(instruction.key, None)
                 self._release_segments(instruction.key)
                 link = self.nodes.get(instruction.node)
+                # Behind a shared scheduler, the "node" lost is the scheduler.
+                peer = "scheduler" if is_credential(self.config.secret) else "node"
                 if self.revoked:  # the scheduler's words: no node was lost
                     reason = self.revoked
                 elif stopped:
-                    reason = f"node {instruction.node} stopped: {lost_reason}"
+                    reason = f"{peer} {instruction.node} stopped: {lost_reason}"
                 else:
                     reason = (
-                        f"node {instruction.node} was lost ({lost_reason or 'left'})"
+                        f"{peer} {instruction.node} was lost ({lost_reason or 'left'})"
                     )
                 if instruction.lost_on:
                     reason = attempts_spent(instruction.lost_on, reason)
