@@ -135,6 +135,16 @@ EXPECTED: dict[str, Expect] = {
             "avail_info: cpu % True, memory True, disk True, swap % True",
         ]
     ),
+    "mapreduce": Expect(
+        [
+            "blue 100",
+            "green 100",
+            "red 100",
+            "gold 40",
+            "reduce jobs: 15",
+            *status_table(2),
+        ]
+    ),
     "node_shvars": Expect(["jobs counted: 12", "each node's counter is 1..n: True"]),
     "provisional_results": Expect(
         [
