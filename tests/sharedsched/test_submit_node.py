@@ -6,6 +6,7 @@ as with a `JobCluster`."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -17,8 +18,17 @@ import pytest
 
 from dispynb import DispyNode, LocalCluster, SharedJobCluster
 from dispynb.job import JobStatus
+from dispynb.protocol import serialize
+from dispynb.protocol.messages import (
+    ABANDONED,
+    ComputationSetup,
+    Error,
+    JobResults,
+    JobSubmit,
+)
+from dispynb.protocol.records import ResultEntry
 from tests.jobs import wait_until
-from tests.sharedsched.harness import SchedulerProcess
+from tests.sharedsched.harness import SchedulerProcess, raw_scheduler_session
 
 pytestmark = pytest.mark.slow
 
@@ -138,3 +148,47 @@ def test_cluster_status_submits_to_each_node_as_it_is_initialized(
         with lock:
             ran = {name: job() for name, job in jobs.items()}
     assert ran == {name: (name, 1000) for name in nodes.names}
+
+
+async def _pinned_raw(port: int, credential: Path, pins: list[Any]) -> list[Any]:
+    """As a user's own raw client: set a computation up, wait for it to be ready,
+    send one job pinned by ``pins``; what comes back (an Error, or its results)."""
+    conn = await raw_scheduler_session(port, credential)
+    try:
+        bundle = serialize.dumps({"func": abs, "setup": None, "setup_args": ()})
+        conn.write(ComputationSetup(comp_id=1, name="pinned", workers=1), bundle)
+        async with asyncio.timeout(WAIT):
+            while (await conn.recv())[0].op != "computation-ready":
+                pass
+            conn.write(
+                JobSubmit(comp_id=1, jobs=[[1, 0, 1]], pins=pins),
+                serialize.dumps(((-3,), {})),
+            )
+            while True:
+                answer, _ = await conn.recv()
+                if isinstance(answer, Error | JobResults) and (
+                    not isinstance(answer, JobResults) or answer.results
+                ):
+                    return [answer]
+    finally:
+        conn.close()
+
+
+def test_the_scheduler_refuses_a_malformed_pin_and_ends_one_to_no_node(
+    scheduler: SchedulerProcess, users: dict[str, Path]
+) -> None:
+    """What a client may send no scheduler takes on trust: a pin that is no
+    ``[key, node]`` is refused, saying so; a job pinned to a node the computation
+    does not run on (gone since, or never one) ends Abandoned at once, saying why,
+    instead of waiting for ever."""
+    credential = users["alice"]
+    [refused] = asyncio.run(_pinned_raw(scheduler.port, credential, [[1, 5]]))
+    assert isinstance(refused, Error) and "malformed job pin" in refused.message
+    [ended] = asyncio.run(
+        _pinned_raw(scheduler.port, credential, [[1, "no-such-node:9711"]])
+    )
+    assert isinstance(ended, JobResults)
+    entry, _ = ResultEntry.from_wire(ended.results[0])
+    assert entry.key == 1 and entry.outcome == ABANDONED
+    assert "does not run this computation" in entry.exception
+    assert "Traceback" not in scheduler.log_text()
