@@ -483,6 +483,12 @@ class ResultKeeper:
         try:
             await asyncio.wait_for(kept.computation.close(terminate=False), keep)
         except TimeoutError:
+            logger.info(
+                "computation %s: its client did not come back in %.0f s: the jobs "
+                "still running are terminated (their results could not be kept)",
+                kept.computation.name,
+                keep,
+            )
             await kept.computation.close(terminate=True)
         kept.finished.set()
         # Its jobs are over: what is kept is its results. The computation holds its

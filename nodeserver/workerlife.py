@@ -302,8 +302,15 @@ class _WorkerLife(_ComputationState):
                 self._finish_unrun(job, "the computation was closed before the job ran")
             self._queue.clear()
         else:
-            while self._queue or any(w.assigned for w in self._workers.values()):
-                await self._idle_or_dead()
+            try:
+                while self._queue or any(w.assigned for w in self._workers.values()):
+                    await self._idle_or_dead()
+            except asyncio.CancelledError:
+                # Given up waiting (the keeper's time for a gone client's jobs
+                # ran out): nothing is closed yet, so close(terminate=True) may
+                # still end the jobs and the process.
+                self._closing = False
+                raise
         self._budget.forget(id(self))  # only now: a backlog still needs CPUs
         if self._control is not None and self._process is not None:
             with contextlib.suppress(DispynbError):
