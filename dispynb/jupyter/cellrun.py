@@ -226,7 +226,7 @@ class CellRunner:
             if exited is None or str(exited) == str(exc):
                 exited = None
             # The names still say what happened: no stale run from an earlier cell.
-            self._keep(_unfinished(runs, label, str(exited or exc)), args.into)
+            self._keep_unfinished(runs, label, str(exited or exc), args.into)
             if exited is None:
                 raise
             raise exited from None
@@ -234,7 +234,7 @@ class CellRunner:
             # --over's iterator raised: Run.map cancelled what it sent.
             error = failed.error
             message = f"--over raised {type(error).__name__}: {error}"
-            self._keep(_unfinished(runs, label, message), args.into)
+            self._keep_unfinished(runs, label, message, args.into)
             frames = _own_frames(error.__traceback__)
             if frames is None:  # not iterable: no line of the person's to show
                 raise UsageError(
@@ -252,7 +252,7 @@ class CellRunner:
                 message = runs[0].stop("Interrupted", quiet=True)
             else:
                 message = f"Interrupted: run {label!r} stopped before it started"
-            self._keep(_unfinished(runs, label, message, "Interrupted"), args.into)
+            self._keep_unfinished(runs, label, message, args.into, "Interrupted")
             raise RunInterrupted(message) from None
         try:
             session.add_run(run)
@@ -302,6 +302,17 @@ class CellRunner:
         self.shell.user_ns[LAST_RUN] = run
         if into:
             self.shell.user_ns[into] = run
+
+    def _keep_unfinished(
+        self, runs: list[Run], label: str, why: str, into: str | None, cut: str = ""
+    ) -> None:
+        """Keep what `_unfinished` says of a run that did not start or was cut
+        short; one that sent jobs is listed by ``%dispy status`` too, as a run
+        stopped while waiting is."""
+        run = _unfinished(runs, label, why, cut)
+        if run.jobs:
+            self.session.add_run(run)
+        self._keep(run, into)
 
     def _run_body(self, cell: str) -> Any:
         """Execute the cell's body in the notebook's namespace, compiled as the

@@ -700,3 +700,31 @@ def test_a_run_whose_setup_takes_a_while_says_it_is_starting(k, tmp_path):
         '%%dispy --over "range(3)" --into quick\ndef double(x):\n    return x * 2'
     )
     assert "is starting" not in quick.text, quick.text
+
+
+def test_a_run_stopped_while_submitting_stays_in_status(k, tmp_path):
+    """Stop while a cell still submits (its --over slow to give inputs, or a
+    hundred thousand of them): the cell's name holds the run with what it sent,
+    and %dispy status lists it as it lists a run stopped while waiting (it said
+    '0 runs')."""
+    fed = tmp_path / "fed"
+    k.run_ok(
+        "def feed():\n"
+        "    import os, time\n"
+        "    yield from range(3)\n"
+        f"    open({str(fed)!r}, 'w').close()\n"
+        "    deadline = time.monotonic() + 60\n"
+        "    while time.monotonic() < deadline:\n"
+        "        time.sleep(0.02)\n"
+    )
+    msg_id = k.submit(
+        '%%dispy --over "feed()" --into cut --nowait\ndef f(i):\n    return i'
+    )
+    wait_until(fed.exists)
+    k.stop_button()
+    out = k.collect(msg_id)
+    assert out.ename == "RunInterrupted", out.text
+    assert "Interrupted while submitting: run 'cut' stopped" in out.text, out.text
+    assert k.value("len(cut.jobs)") == 3
+    status = k.run_ok("%dispy status").text
+    assert "<Run 'cut' " in status, status
