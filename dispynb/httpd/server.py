@@ -52,6 +52,23 @@ _START_TIMEOUT = 30.0
 _UNSAFE_IN_KEY = re.compile(r"[^A-Za-z0-9._~-]+")
 
 
+def _cluster_of(shown: Any) -> Any:
+    """The cluster to show for ``shown``: itself (or None), or the cluster of a
+    notebook's run (`dispynb.Run`: what ``%%dispy --into NAME`` leaves in NAME,
+    the object a notebook holds); anything else is refused, saying so."""
+    from dispynb.cluster import JobCluster
+
+    if shown is None or isinstance(shown, JobCluster):
+        return shown
+    inner = getattr(shown, "cluster", None)
+    if isinstance(inner, JobCluster):
+        return inner
+    raise ConfigurationError(
+        f"the web monitor shows a JobCluster (or a %%dispy run's), not "
+        f"{type(shown).__name__}: give it the cluster whose jobs to show"
+    )
+
+
 class DispyHTTPServer:
     """A web page that shows a cluster's nodes and jobs live and lets you manage them.
 
@@ -61,7 +78,8 @@ class DispyHTTPServer:
     Parameters
     ----------
     cluster:
-        The `JobCluster` (or `SharedJobCluster`) to show; None (as dispy allows)
+        The `JobCluster` (or `SharedJobCluster`) to show, or a notebook's `Run`
+        (``%%dispy --into NAME``: NAME) for its cluster; None (as dispy allows)
         shows none until `add_cluster`.
     host:
         Address to bind; default 127.0.0.1 (this machine only). Any other address
@@ -112,6 +130,7 @@ class DispyHTTPServer:
         allow_plain_http: bool = False,
         allowed_hosts: Iterable[str] = (),
     ) -> None:
+        cluster = _cluster_of(cluster)
         poll_sec = _check_options(poll_sec, DocumentRoot)
         self._endpoint = endpoint = open_endpoint(
             host,
@@ -194,7 +213,7 @@ class DispyHTTPServer:
         """
         if cluster is None:
             raise ConfigurationError("add_cluster needs the cluster to show")
-        self._call_on_loop(self._add_view, cluster)
+        self._call_on_loop(self._add_view, _cluster_of(cluster))
 
     def del_cluster(self, cluster: JobCluster) -> None:
         """Stop showing ``cluster`` (dispy's ``del_cluster``); unknown ones are ignored.

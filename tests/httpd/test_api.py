@@ -291,3 +291,26 @@ def test_reachable_as_dispy_httpd() -> None:
     from dispynb.httpd import DispyHTTPServer
 
     assert dispy.httpd.DispyHTTPServer is DispyHTTPServer
+
+
+def test_a_notebook_run_is_shown_by_its_cluster(local):
+    """What a notebook holds after ``%%dispy --into NAME`` is a run: given it, the
+    monitor failed in its thread with "AttributeError: 'Run' object has no
+    attribute '_jobs'". It shows the run's cluster; anything else but a cluster
+    (a LocalCluster) is refused, saying what it takes."""
+    from dispynb.errors import ConfigurationError
+    from dispynb.jupyter.run import Run
+
+    run = Run.map(jobs.echo, [1, 2], nodes=local, progress="none", wait=False)
+    try:
+        server = DispyHTTPServer(run, port=0)
+        try:
+            assert server.clusters == [run.cluster]
+            snap = ok(MonitorClient(server).get("/api/cluster"))
+            assert snap["id"] == run.cluster.uid
+        finally:
+            server.shutdown(wait=False)
+    finally:
+        assert run.wait(timeout=WAIT, echo=False)
+    with pytest.raises(ConfigurationError, match=r"JobCluster .*not LocalCluster"):
+        DispyHTTPServer(local, port=0)
