@@ -459,13 +459,25 @@ class ResultKeeper:
         kept.provisional, kept.provisional_bytes = {}, 0
         kept.memory_bytes = 0
 
-    def adopt(self, recovery_id: str, keep: float) -> None:
+    def adopt(
+        self, recovery_id: str, keep: float, computation: Computation | None = None
+    ) -> bool:
         """Its client's connection is lost: let the jobs finish, keep the results
-        (those it had not acknowledged as journaled too)."""
+        (those it had not acknowledged as journaled too).
+
+        False if ``recovery_id`` is kept for another computation than
+        ``computation``: its client came back on a new connection before the node
+        saw this one end, and set it up again there; this one is for nobody."""
         key = self._key(recovery_id)
         kept = self._kept.get(key)
+        if (
+            computation is not None
+            and kept is not None
+            and kept.computation is not computation
+        ):
+            return False
         if kept is None or kept.computation is None:
-            return
+            return True
         self._write_pending(kept)
         logger.info(
             "client of computation %s gone: its jobs go on, results kept %.0f s",
@@ -477,6 +489,7 @@ class ResultKeeper:
             kept.owner.write_meta(kept.spool)
         kept.adopted = True
         self._spawn(self._finish(key, kept, keep))
+        return True
 
     async def _finish(self, key: str, kept: Kept, keep: float) -> None:
         assert kept.computation is not None

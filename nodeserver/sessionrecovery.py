@@ -103,7 +103,9 @@ class _SessionRecovery(_SessionState):
     def _keeper_adopts(self, comp_id: int, computation: Computation) -> bool:
         """The session ended: the keeper adopts ``computation`` if its client may
         come back for the results (True); else it is to be closed (False)."""
-        if comp_id not in self._recovery or not self._keeper_takes(comp_id):
+        if comp_id not in self._recovery or not self._keeper_takes(
+            comp_id, computation
+        ):
             return False
         computation.hold_workers(False)  # the keeper takes its results
         return True
@@ -115,15 +117,17 @@ class _SessionRecovery(_SessionState):
         for comp_id in list(self._recovery):
             self._keeper_takes(comp_id)
 
-    def _keeper_takes(self, comp_id: int) -> bool:
+    def _keeper_takes(
+        self, comp_id: int, computation: Computation | None = None
+    ) -> bool:
         """The keeper adopts the kept results of ``comp_id``, or, if it was kept
-        only for a crash and its client went silent, drops them: False then."""
+        only for a crash and its client went silent, drops them: False then, and
+        False if its client set it up again on another connection meanwhile."""
         recovery = self._recovery.pop(comp_id)
         if self._orphaned and comp_id in self._crash_only:
             self.server.keeper.release(recovery[0])
             return False
-        self.server.keeper.adopt(*recovery)
-        return True
+        return self.server.keeper.adopt(*recovery, computation)
 
     def _end_claims(self) -> None:
         for claimed in self._claims:
