@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from dispynb import _joblibhook
 from dispynb._version import __version__
 
 if TYPE_CHECKING:
@@ -59,6 +60,10 @@ __all__ = [
     "recover_jobs",
     "unload_ipython_extension",
 ]
+
+
+# joblib's backend="dispynb" without importing joblib (nor dispynb.joblib_backend).
+_joblibhook.install()
 
 
 def load_ipython_extension(ipython: Any) -> None:

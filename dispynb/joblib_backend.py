@@ -1,9 +1,11 @@
 """A joblib backend: ``Parallel(n_jobs=-1)`` (and scikit-learn's ``n_jobs``) on dispynb.
 
-Importing this module registers the backend under the name ``"dispynb"``::
+joblib knows the backend under the name ``"dispynb"`` once `dispynb` is imported
+(it loads this module at the backend's first use; importing this module registers
+it at once)::
 
+    import dispynb
     import joblib
-    import dispynb.joblib_backend  # registers "dispynb"
 
     with joblib.parallel_config(backend="dispynb"):
         squares = joblib.Parallel(n_jobs=-1)(joblib.delayed(f)(x) for x in range(100))
@@ -21,7 +23,8 @@ CPUs are not oversubscribed. Nodes need joblib, and the libraries the calls use,
 installed (`threadpoolctl`, which scikit-learn brings, for the libraries loaded
 already).
 
-`import dispynb` never imports joblib; this module does.
+`import dispynb` never imports joblib (it registers the name when joblib is
+loaded); this module does.
 """
 
 from __future__ import annotations

@@ -40,20 +40,70 @@ def fail_once_running(marker: str) -> None:
     raise KeyError(marker)
 
 
+def _run_script(code: str) -> list[str]:
+    """Run ``code`` in a fresh interpreter (nothing of this test's imports);
+    return its output lines."""
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout.splitlines()
+
+
 def test_import_dispynb_never_imports_joblib():
     code = (
         "import sys, dispynb, dispynb.executor, dispynb.futures\n"
         "dispynb.Executor\n"
         "print('joblib' in sys.modules, 'sklearn' in sys.modules)"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
+    assert _run_script(code) == ["False False"]
+
+
+def test_backend_dispynb_works_after_a_plain_import_dispynb():
+    """``import dispynb`` then joblib, as users type it: ``backend="dispynb"`` runs
+    on dispynb nodes; until then neither joblib nor the backend is loaded."""
+    code = (
+        "import sys, dispynb\n"
+        "print(sorted({'joblib', 'dispynb.joblib_backend'} & set(sys.modules)))\n"
+        "import joblib\n"
+        "print('dispynb.joblib_backend' in sys.modules)\n"
+        "with joblib.parallel_config(backend='dispynb'):\n"
+        "    calls = (joblib.delayed(abs)(-x) for x in range(4))\n"
+        "    print(joblib.Parallel(n_jobs=2)(calls))\n"
+        "    import dispynb.joblib_backend as b\n"
+        "    print(b.default_executor().cluster.job_counts['submitted'] > 0)\n"
+        "b.shutdown()\n"
     )
-    assert out.stdout.split() == ["False", "False"]
+    assert _run_script(code) == ["[]", "False", "[0, 1, 2, 3]", "True"]
+
+
+def test_backend_dispynb_is_known_when_joblib_was_imported_first():
+    code = (
+        "import sys, joblib, dispynb\n"
+        "print('dispynb.joblib_backend' in sys.modules)\n"
+        "with joblib.parallel_backend('dispynb'):\n"
+        "    print(type(joblib.parallel.get_active_backend()[0]).__name__)\n"
+        "p = joblib.Parallel(n_jobs=2, backend='dispynb')\n"
+        "print(type(p._backend).__name__)\n"
+    )
+    assert _run_script(code) == ["False", "DispynbBackend", "DispynbBackend"]
+
+
+def test_a_backend_that_cannot_load_says_what_to_do():
+    code = (
+        "import sys, dispynb, joblib\n"
+        "sys.modules['dispynb.joblib_backend'] = None  # as if it failed to import\n"
+        "try:\n"
+        "    joblib.parallel_config(backend='dispynb')\n"
+        "except ImportError as exc:\n"
+        "    print(exc)\n"
+    )
+    (message,) = _run_script(code)
+    assert message.startswith("joblib's backend 'dispynb' cannot load (")
+    assert "pip install 'dispynb[joblib]'" in message
 
 
 def test_parallel_and_cross_val_score_on_the_default_backend():
