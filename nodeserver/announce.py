@@ -42,6 +42,7 @@ from dispynb.transport.addressing import parse_address
 from dispynb.transport.discovery import IPV6_MULTICAST_GROUP
 from dispynb.transport.udp import (
     Interface6,
+    broadcast_addresses,
     ipv4_interfaces,
     ipv6_interfaces,
     is_wildcard_host,
@@ -84,8 +85,8 @@ class Announcer:
         Also hear pings sent to the IPv4 multicast group, and announce there.
     announce_to:
         ``addr[:port]`` targets of the start and stop announcements; default: the
-        broadcast address of the node's network(s) (and the group with
-        ``multicast``), none for a loopback host.
+        broadcast address of the node's network(s) (loopback's if only loopback
+        is up; and the group with ``multicast``), none for a loopback host.
     ext:
         An IP address announced for clients to connect to instead of the sender's
         (``--ext-host``), or ``''``.
@@ -255,13 +256,7 @@ class Announcer:
             return
         if self.host and ipaddress.IPv4Address(self.host).is_loopback:
             return
-        for address in sorted(
-            {
-                i.broadcast
-                for i in ipv4_interfaces()
-                if i.broadcast and (not self.host or i.address == self.host)
-            }
-        ):
+        for address in broadcast_addresses(self.host or None):
             self._main.sendto(data, (address, self.client_port))
         if self.multicast:
             if self.host:

@@ -37,6 +37,7 @@ from dispynb.protocol.discovery import (
 from dispynb.protocol.messages import PROTOCOL_VERSION
 from dispynb.transport.addressing import parse_address
 from dispynb.transport.udp import (
+    broadcast_addresses,
     ipv4_interfaces,
     ipv6_interfaces,
     is_wildcard_host,
@@ -127,7 +128,8 @@ class Discovery:
     ----------
     host:
         Local address to send from (the client's interface); None: any, and
-        broadcasts and multicasts go out of every non-loopback interface. An IPv4
+        broadcasts and multicasts go out of every non-loopback interface (when
+        only loopback is up, broadcasts go to loopback's: this machine's nodes). An IPv4
         address applies to IPv4 pings, an IPv6 one to IPv6 pings.
     port:
         Nodes' discovery port (UDP); pings go there.
@@ -357,12 +359,7 @@ class Discovery:
                 self._pingers6[0][0].sendto(data, (host, port))
             return
         if host == BROADCAST:
-            addresses = {
-                i.broadcast
-                for i in ipv4_interfaces()
-                if i.broadcast and (self.host is None or i.address == self.host)
-            }
-            for address in sorted(addresses) or ["255.255.255.255"]:
+            for address in broadcast_addresses(self.host) or ["255.255.255.255"]:
                 self._pinger.sendto(data, (address, port))
         elif ipaddress.IPv4Address(host).is_multicast:
             send_to_group(self._pinger, data, host, port, self._interfaces())

@@ -19,12 +19,18 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class Interface:
-    """An IPv4 address of this host, with its network's broadcast address if any."""
+    """An IPv4 address of this host, with its network's broadcast address if any.
+
+    A loopback address has none (a datagram there stays on this machine), but
+    ``local_broadcast``: its network's (127.255.255.255), which the kernel delivers
+    to every socket of this network namespace listening on the port.
+    """
 
     name: str
     address: str
     broadcast: str | None
     loopback: bool
+    local_broadcast: str | None = None
 
 
 def ipv4_interfaces() -> list[Interface]:
@@ -36,10 +42,31 @@ def ipv4_interfaces() -> list[Interface]:
         for addr in addrs:
             if addr.family != socket.AF_INET:
                 continue
-            loopback = ipaddress.ip_address(addr.address).is_loopback
-            broadcast = None if loopback else addr.broadcast
-            out.append(Interface(name, addr.address, broadcast, loopback))
+            if not ipaddress.ip_address(addr.address).is_loopback:
+                out.append(Interface(name, addr.address, addr.broadcast, False))
+                continue
+            network = ipaddress.IPv4Network(
+                f"{addr.address}/{addr.netmask or 8}", strict=False
+            )
+            local = str(network.broadcast_address) if network.prefixlen < 31 else None
+            out.append(Interface(name, addr.address, None, True, local))
     return out
+
+
+def broadcast_addresses(host: str | None = None) -> list[str]:
+    """Where a broadcast from ``host`` (None: from any address) goes: the broadcast
+    address of each network ``host`` is on.
+
+    When only loopback is up (an offline laptop, a container without a network),
+    loopback's broadcast address instead: the nodes and clients on this machine are
+    all there is to reach. Empty if the networks have no broadcast address
+    (point-to-point links only).
+    """
+    interfaces = [i for i in ipv4_interfaces() if host is None or i.address == host]
+    found = sorted({i.broadcast for i in interfaces if i.broadcast})
+    if found or any(not i.loopback for i in interfaces):
+        return found
+    return sorted({i.local_broadcast for i in interfaces if i.local_broadcast})
 
 
 @dataclasses.dataclass(frozen=True)
