@@ -85,7 +85,7 @@ class _RunOutput(_RunState):
                 writer(
                     "stderr",
                     f"job {job.id} (input {index}){where} failed:\n"
-                    f"{shown}\n{_missing_file_hint(job)}{own}"
+                    f"{shown}\n{_missing_file_hint(job)}{_missing_name_hint(job)}{own}"
                     f"{self._reentrant_hint(job)}",
                 )
 
@@ -150,6 +150,32 @@ def _missing_file_hint(job: DispyJob) -> str:
         f"not in the notebook's: send the file with the run (%%dispy --depends "
         f'"[{path!r}]"), or open it by its absolute path on nodes that share this '
         "machine's files\n"
+    )
+
+
+#: A traceback's last line for a global the job's function did not find.
+_NAME_ERROR = re.compile(r"^NameError: name '(\w+)' is not defined")
+
+
+def _missing_name_hint(job: DispyJob) -> str:
+    """A line saying that the notebook lacks the name a job did not find either
+    (cells run out of order: the function takes the notebook's names as they are
+    when the run starts); ``""`` for any other failure, or out of a notebook."""
+    lines = (job.exception or "").strip().splitlines()
+    found = _NAME_ERROR.match(lines[-1].strip()) if lines else None
+    if found is None or "IPython" not in sys.modules:  # a script: no notebook
+        return ""
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    name = found.group(1)
+    if shell is None or name in shell.user_ns:
+        return ""
+    return (
+        f"dispynb: {name!r} is not defined in the notebook either: run the cell "
+        "that defines it, then this one again (a job takes the notebook's names "
+        "its function uses as they are when the run starts), or make it in the "
+        "run's --setup\n"
     )
 
 

@@ -728,3 +728,29 @@ def test_a_run_stopped_while_submitting_stays_in_status(k, tmp_path):
     assert k.value("len(cut.jobs)") == 3
     status = k.run_ok("%dispy status").text
     assert "<Run 'cut' " in status, status
+
+
+def test_a_name_the_notebook_lacks_too_says_to_run_its_cell_first(k):
+    """Cells run out of order: a function using a global no cell has defined yet
+    fails on the nodes with NameError; the cell says that the notebook lacks it
+    too, and how to fix it (it showed the NameError alone)."""
+    out = k.execute(
+        '%%dispy --over "range(2)" --into scaled\n'
+        "def scaled(p):\n"
+        "    return later_scale * p"
+    )
+    assert out.ename == "MagicError", out.text
+    assert "NameError: name 'later_scale' is not defined" in out.text, out.text
+    said = (
+        "dispynb: 'later_scale' is not defined in the notebook either: run the "
+        "cell that defines it, then this one again"
+    )
+    assert out.text.count(said) == 1, out.text
+    k.run_ok("later_scale = 10")
+    again = k.run_ok(
+        '%%dispy --over "range(2)" --into scaled\n'
+        "def scaled(p):\n"
+        "    return later_scale * p"
+    )
+    assert "is not defined" not in again.text, again.text
+    assert k.value("scaled.results") == [0, 10]
