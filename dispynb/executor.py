@@ -319,14 +319,20 @@ class Executor(concurrent.futures.Executor):
         batch"``): a value that cannot be sent back is named by its place there."""
         key, blob = _pickle(fn)
         sources = (*sources, self._initializer)  # the lines of its warnings too
-        with self._lock:
-            job = self._new_job(key, blob, [args], kwargs)
-        future = job._attach(
-            lambda job: _CallsFuture(
-                job, sources, self._mem_limit, self._allowed, batch
+        try:
+            with self._lock:
+                job = self._new_job(key, blob, [args], kwargs)
+            future = job._attach(
+                lambda job: _CallsFuture(
+                    job, sources, self._mem_limit, self._allowed, batch
+                )
             )
-        )
-        assert isinstance(future, _CallsFuture)
+            assert isinstance(future, _CallsFuture)
+        except KeyboardInterrupt as interrupted:
+            # Landing as the cluster's submit returned or the future was made,
+            # the caller never gets the future to cancel: the call must not run.
+            self._stop_chunks((), blob)
+            raise interrupted.with_traceback(None) from None  # at the user's line
         return future
 
     def _new_job(
@@ -440,22 +446,22 @@ class Executor(concurrent.futures.Executor):
         finally:
             self._cancel_chunks(jobs)
 
-    def _stop_chunks(self, jobs: collections.deque[DispyJob], blob: bytes) -> None:
-        """Stop the jobs of a ``map`` interrupted (Ctrl-C, the notebook's Stop)
-        as it submits or waits (``jobs``, and the one whose submit it cut short:
-        `_unfinished`): the queued ones are cancelled and the running ones
-        terminated, as %%dispy and `Run.map` stop theirs (a terminal's Ctrl-C
-        reaches a ProcessPoolExecutor's processes too, in its process group;
-        never the nodes). The caller then raises the interrupt, its traceback
-        ending at the user's line."""
+    def _stop_chunks(self, jobs: Iterable[DispyJob], blob: bytes) -> None:
+        """Stop the jobs of a ``map`` (or `submit`) interrupted (Ctrl-C, the
+        notebook's Stop) as it submits or waits (``jobs``, and the one whose
+        submit it cut short: `_unfinished`): the queued ones are cancelled and
+        the running ones terminated, as %%dispy and `Run.map` stop theirs (a
+        terminal's Ctrl-C reaches a ProcessPoolExecutor's processes too, in its
+        process group; never the nodes). The caller then raises the interrupt,
+        its traceback ending at the user's line."""
         with HeldInterrupts():  # a second press must not cut this short
             self.cluster._cancel_all(self._unfinished(jobs, blob))
 
     def _unfinished(self, jobs: Iterable[DispyJob], blob: bytes) -> list[DispyJob]:
         """The jobs of a ``map`` not done: ``jobs``, and any other job of its
-        function's ``blob`` (its own bytes: each map pickles anew). An interrupt
-        landing as the cluster's submit returned leaves the cluster with a job
-        the map never got: found that way, it is stopped too."""
+        function's ``blob`` (its own bytes: each map and `submit` pickles anew).
+        An interrupt landing as the cluster's submit returned leaves the cluster
+        with a job the map never got: found that way, it is stopped too."""
         own = [job for job in jobs if not job.done()]
         ids = {id(job) for job in own}
         stray = [

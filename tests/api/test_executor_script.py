@@ -161,3 +161,73 @@ def test_stop_as_a_maps_submit_returns_leaves_none_of_its_jobs_running() -> None
     statuses = report["statuses"]
     assert len(statuses) == 3, report
     assert set(statuses) <= {"Cancelled", "Terminated"}, report
+
+
+#: A notebook's cell calling ``executor.submit`` twice; Stop (SIGINT to the
+#: kernel's process group) lands in the second ``submit`` as the cluster's submit
+#: has returned its job, or as its future has been made: either way before the
+#: cell has the future. Then: how the two jobs are.
+STOP_IN_SUBMIT = textwrap.dedent(
+    """
+    import json, os, signal, time
+    from dispynb import Executor, LocalCluster
+    from dispynb.job import DispyJob
+
+    def nap(x):
+        time.sleep(300)
+        return x
+
+    jobs = []
+
+    def stop():
+        os.killpg(os.getpgrp(), signal.SIGINT)
+        time.sleep(60)  # the handler raises here
+
+    with LocalCluster(cpus=2) as local:
+        executor = Executor(nodes=local)
+        first = executor.submit(nap, 1)  # the cell's: it runs on
+        end = time.monotonic() + 30
+        while not first.running() and time.monotonic() < end:
+            time.sleep(0.05)  # then the second call gets the other CPU
+        submit, attach = executor.cluster.submit, DispyJob._attach
+
+        def submit_then_stop(*args, **kwargs):
+            jobs.append(submit(*args, **kwargs))
+            stop()
+
+        def attach_then_stop(job, make):
+            jobs.append(job)
+            attach(job, make)
+            stop()
+
+        if WHERE == "cluster.submit":
+            executor.cluster.submit = submit_then_stop
+        else:
+            DispyJob._attach = attach_then_stop
+        interrupted = False
+        try:
+            executor.submit(nap, 2)
+        except KeyboardInterrupt:
+            interrupted = True
+        (second,) = jobs
+        second.wait(20)
+        statuses = [first.job.status.name, second.status.name]
+        executor.cluster._cancel_all([first.job, second])
+        executor.shutdown()
+    print(json.dumps({"interrupted": interrupted, "statuses": statuses}))
+    """
+)
+
+
+@pytest.mark.parametrize("where", ["cluster.submit", "future made"])
+def test_stop_in_submit_before_the_future_is_returned_stops_that_call(
+    where: str,
+) -> None:
+    """The call was submitted but the cell never got its future (nothing to
+    cancel it with): it ran on (300 s here). The cell's other call runs on."""
+    proc = run_in_session(f"WHERE = {where!r}\n" + STOP_IN_SUBMIT, timeout=90)
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["interrupted"], proc.stderr[-2000:]
+    first, second = report["statuses"]
+    assert first == "Running", report
+    assert second in {"Cancelled", "Terminated"}, report
