@@ -1,6 +1,7 @@
-"""The systemd unit that docs/howto/deploy-nodes.md gives for a node service is one
-systemd takes, and stopping it does what the page says: SIGTERM drains, so a running
-job finishes.
+"""The systemd units that docs/howto/deploy-nodes.md gives, for a node service and for
+a scheduler service, are ones systemd takes, and stopping them does what the page
+says: the node drains, so a running job finishes; the scheduler stops within its
+``TimeoutStopSec=``, telling its users why their running jobs end.
 
 systemd does not run in the tests' machines, so its stop is done here as
 systemd.kill(5) describes it for the unit's ``KillMode=``: ``control-group`` (the
@@ -29,19 +30,39 @@ ROOT = Path(__file__).resolve().parents[2]
 PAGE = ROOT / "docs" / "howto" / "deploy-nodes.md"
 
 
-def _unit_text() -> str:
-    """The page's unit file (its ```ini block with a [Service] section)."""
+#: The programs the page gives a unit for, and how the tests run them.
+PROGRAMS = {
+    "dispynb-node": [sys.executable, "-m", "nodeserver"],
+    "dispynb-scheduler": [sys.executable, "-m", "schedserver"],
+}
+
+
+def _units() -> dict[str, str]:
+    """The page's unit files (its ```ini blocks with a [Service] section), by the
+    name of the program each starts."""
     blocks = re.findall(r"```ini\n(.*?)```", PAGE.read_text(), re.S)
-    units = [block for block in blocks if "[Service]" in block]
-    assert len(units) == 1, f"{PAGE.name} should give one systemd unit"
-    return units[0]
+    units = {}
+    for block in blocks:
+        if "[Service]" in block:
+            start = re.search(r"^ExecStart=(\S+)", block, re.M)
+            assert start, f"a unit on {PAGE.name} has no ExecStart=:\n{block}"
+            units[Path(start[1]).name] = block
+    return units
 
 
-def _service() -> configparser.SectionProxy:
+def _unit_text(program: str) -> str:
+    return _units()[program]
+
+
+def _service(program: str) -> configparser.SectionProxy:
     parser = configparser.ConfigParser(interpolation=None, strict=False)
     parser.optionxform = str  # type: ignore[assignment,method-assign]  # Keys as written
-    parser.read_string(_unit_text())
+    parser.read_string(_unit_text(program))
     return parser["Service"]
+
+
+def test_the_page_gives_a_unit_for_the_node_and_one_for_the_scheduler() -> None:
+    assert sorted(_units()) == sorted(PROGRAMS), f"{PAGE.name}: {sorted(_units())}"
 
 
 def _slow(n: int) -> int:
@@ -54,12 +75,13 @@ def _slow(n: int) -> int:
 @pytest.mark.skipif(
     shutil.which("systemd-analyze") is None, reason="needs systemd-analyze"
 )
-def test_the_pages_unit_is_one_systemd_takes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("program", sorted(PROGRAMS))
+def test_the_pages_unit_is_one_systemd_takes(tmp_path: Path, program: str) -> None:
     """``systemd-analyze verify`` finds nothing wrong in it (its program replaced
     by this checkout's, which must exist for the check)."""
-    program = Path(sys.executable).parent / "dispynb-node"
-    text = re.sub(r"ExecStart=\S+", f"ExecStart={program}", _unit_text())
-    unit = tmp_path / "dispynb-node.service"
+    path = Path(sys.executable).parent / program
+    text = re.sub(r"ExecStart=\S+", f"ExecStart={path}", _unit_text(program))
+    unit = tmp_path / f"{program}.service"
     unit.write_text(text)
     done = subprocess.run(
         ["systemd-analyze", "verify", str(unit)],
@@ -68,14 +90,14 @@ def test_the_pages_unit_is_one_systemd_takes(tmp_path: Path) -> None:
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
-    assert "dispynb-node.service" not in done.stderr, done.stderr
+    assert unit.name not in done.stderr, done.stderr
 
 
 def test_stopping_the_pages_unit_lets_a_running_job_finish(tmp_path: Path) -> None:
     """``systemctl stop`` with the page's unit: the running job finishes (the
     node drains), as the unit's comment promises, instead of being killed with
     its worker."""
-    service = _service()
+    service = _service("dispynb-node")
     kill_mode = service.get("KillMode", "control-group")
     with (
         running_node(tmp_path / "node") as node,
@@ -95,36 +117,85 @@ def test_stopping_the_pages_unit_lets_a_running_job_finish(tmp_path: Path) -> No
         assert node.proc.wait(float(service["TimeoutStopSec"])) == 0
 
 
+@pytest.mark.parametrize("program", sorted(PROGRAMS))
 def test_the_pages_unit_restarts_what_may_pass_not_a_setting_that_cannot_work(
-    tmp_path: Path,
+    tmp_path: Path, program: str
 ) -> None:
     """With ``Restart=on-failure`` alone, a node whose secret file is missing (exit
     2) was restarted every 5 s for ever, its one error line buried in the journal;
-    an address not up yet at boot (exit 1) is what the restarts are for."""
-    from tests.nodeproc import NODE_WAIT, node_command, node_env
+    an address not up yet at boot (exit 1) is what the restarts are for. The
+    scheduler's unit likewise."""
+    from tests.nodeproc import NODE_WAIT, node_env
 
-    service = _service()
+    service = _service(program)
     assert service["Restart"] == "on-failure"
     prevented = service.get("RestartPreventExitStatus", "").split()
+    if program == "dispynb-node":
+        secret_option = "--secret-file"
+        # No discovery, nothing sent: only whether it can listen.
+        rest = ["--no-discovery", "--dest-path", str(tmp_path / "dest")]
+    else:
+        secret_option = "--node_secret_file"
+        # Nodes only by registration: no discovery, nothing sent.
+        rest = ["--register_port", "0", "--users", str(tmp_path / "users")]
+        rest += ["--dest_path_prefix", str(tmp_path / "spill")]
 
     def exit_status(*args: str) -> int:
         return subprocess.run(
-            node_command(*args, "--dest-path", str(tmp_path / "dest")),
+            [*PROGRAMS[program], *args, *rest],
             env=node_env(),
             stdin=subprocess.DEVNULL,
             capture_output=True,
             timeout=NODE_WAIT,
         ).returncode
 
-    setting = exit_status("--secret-file", str(tmp_path / "missing"))
+    setting = exit_status(secret_option, str(tmp_path / "missing"))
     secret = tmp_path / "secret"
     secret.write_text("a-secret-long-enough-for-a-network-address-0123456789\n")
     secret.chmod(0o600)
     # TEST-NET-1: on no interface here (bind sends nothing), as before the network
     # is up at boot.
-    transient = exit_status(
-        "-i", "192.0.2.1", "--no-discovery", "--secret-file", str(secret)
-    )  # fmt: skip
+    transient = exit_status("-i", "192.0.2.1", secret_option, str(secret))
     assert (setting, transient) == (2, 1)
     assert str(setting) in prevented, service.get("RestartPreventExitStatus")
     assert str(transient) not in prevented
+
+
+def test_stopping_the_pages_scheduler_unit_ends_it_in_time_telling_its_users(
+    tmp_path: Path,
+) -> None:
+    """``systemctl stop`` with the page's scheduler unit while a user's job runs:
+    the scheduler exits 0 within ``TimeoutStopSec=`` (systemd would kill it
+    after), and the job ends saying that the scheduler stopped, as the unit's
+    comment says."""
+    from dispynb import LocalCluster, SharedJobCluster
+    from tests.sharedsched.harness import SchedulerProcess, add_user
+
+    service = _service("dispynb-scheduler")
+    kill_mode = service.get("KillMode", "control-group")
+    credential = add_user(tmp_path, "alice")
+    with LocalCluster(nodes=1, cpus=1) as nodes:
+        scheduler = SchedulerProcess(tmp_path, nodes.node_specs(), nodes.secret)
+        scheduler.start()
+        try:
+            with SharedJobCluster(
+                _slow,
+                scheduler_host=scheduler.address,
+                secret_file=str(credential),
+            ) as cluster:
+                job = cluster.submit(7)
+                wait_until(lambda: job.status == DispyJob.Running)
+                assert scheduler.proc is not None
+                main = psutil.Process(scheduler.proc.pid)
+                unit = [main]
+                if kill_mode == "control-group":
+                    unit += main.children(recursive=True)
+                for proc in unit:
+                    proc.send_signal(signal.SIGTERM)
+                status = scheduler.proc.wait(float(service["TimeoutStopSec"]))
+                assert status == 0, scheduler.log_text()
+                assert cluster.wait(timeout=30)
+                assert job.status == DispyJob.Abandoned
+                assert "the scheduler is shutting down (SIGTERM)" in str(job.exception)
+        finally:
+            scheduler.stop()
