@@ -65,6 +65,16 @@ def test_the_page_gives_a_unit_for_the_node_and_one_for_the_scheduler() -> None:
     assert sorted(_units()) == sorted(PROGRAMS), f"{PAGE.name}: {sorted(_units())}"
 
 
+def _stop_as_systemd(pid: int, service: configparser.SectionProxy) -> None:
+    """SIGTERM as ``systemctl stop`` sends it for the unit's ``KillMode=``."""
+    main = psutil.Process(pid)
+    unit = [main]
+    if service.get("KillMode", "control-group") == "control-group":
+        unit += main.children(recursive=True)
+    for proc in unit:
+        proc.send_signal(signal.SIGTERM)
+
+
 def _slow(n: int) -> int:
     import time
 
@@ -98,19 +108,13 @@ def test_stopping_the_pages_unit_lets_a_running_job_finish(tmp_path: Path) -> No
     node drains), as the unit's comment promises, instead of being killed with
     its worker."""
     service = _service("dispynb-node")
-    kill_mode = service.get("KillMode", "control-group")
     with (
         running_node(tmp_path / "node") as node,
         JobCluster(_slow, nodes=[node.spec], secret=node.secret) as cluster,
     ):
         job = cluster.submit(7)
         wait_until(lambda: job.status == DispyJob.Running)
-        main = psutil.Process(node.proc.pid)
-        unit = [main]
-        if kill_mode == "control-group":
-            unit += main.children(recursive=True)
-        for proc in unit:
-            proc.send_signal(signal.SIGTERM)
+        _stop_as_systemd(node.proc.pid, service)
         assert cluster.wait(timeout=30)
         assert job.result == 7, job.exception
         assert job.status == DispyJob.Finished
@@ -172,30 +176,22 @@ def test_stopping_the_pages_scheduler_unit_ends_it_in_time_telling_its_users(
     from tests.sharedsched.harness import SchedulerProcess, add_user
 
     service = _service("dispynb-scheduler")
-    kill_mode = service.get("KillMode", "control-group")
     credential = add_user(tmp_path, "alice")
     with LocalCluster(nodes=1, cpus=1) as nodes:
         scheduler = SchedulerProcess(tmp_path, nodes.node_specs(), nodes.secret)
-        scheduler.start()
+        cluster = SharedJobCluster(
+            _slow, scheduler_host=scheduler.start().address, secret_file=str(credential)
+        )
         try:
-            with SharedJobCluster(
-                _slow,
-                scheduler_host=scheduler.address,
-                secret_file=str(credential),
-            ) as cluster:
-                job = cluster.submit(7)
-                wait_until(lambda: job.status == DispyJob.Running)
-                assert scheduler.proc is not None
-                main = psutil.Process(scheduler.proc.pid)
-                unit = [main]
-                if kill_mode == "control-group":
-                    unit += main.children(recursive=True)
-                for proc in unit:
-                    proc.send_signal(signal.SIGTERM)
-                status = scheduler.proc.wait(float(service["TimeoutStopSec"]))
-                assert status == 0, scheduler.log_text()
-                assert cluster.wait(timeout=30)
-                assert job.status == DispyJob.Abandoned
-                assert "the scheduler is shutting down (SIGTERM)" in str(job.exception)
+            job = cluster.submit(7)
+            wait_until(lambda: job.status == DispyJob.Running)
+            assert scheduler.proc is not None
+            _stop_as_systemd(scheduler.proc.pid, service)
+            status = scheduler.proc.wait(float(service["TimeoutStopSec"]))
+            assert status == 0, scheduler.log_text()
+            assert cluster.wait(timeout=30)
+            assert job.status == DispyJob.Abandoned
+            assert "the scheduler is shutting down (SIGTERM)" in str(job.exception)
         finally:
+            cluster.close(timeout=10, terminate=True)
             scheduler.stop()
