@@ -189,6 +189,8 @@ class Kept:
     pending_bytes: int = 0
     #: The node's (shared by its computations), set by `ResultKeeper.register`.
     budget: PendingBudget = field(default_factory=PendingBudget)
+    #: Once adopted: the task that waits for its jobs, then keeps the results.
+    finisher: asyncio.Task[None] | None = field(default=None, repr=False)
     #: With ``acked``: the spool file of each result written there, to remove
     #: once it is acknowledged.
     spooled: dict[tuple[Any, Any], str] = field(default_factory=dict)
@@ -273,6 +275,7 @@ class ResultKeeper:
         replaced = self._kept.get(self._key(recovery_id))
         if replaced is not None:  # the same id again: the first is not recoverable
             self._forget(replaced)
+            self._end_replaced(replaced)
         kept = Kept(computation, budget=self._budget)
         if self._spool is not None:
             kept.memory_cap = memory_cap(self._spool.max_bytes)
@@ -488,8 +491,33 @@ class ResultKeeper:
             kept.spool.keep = keep
             kept.owner.write_meta(kept.spool)
         kept.adopted = True
-        self._spawn(self._finish(key, kept, keep))
+        kept.finisher = self._spawn(self._finish(key, kept, keep))
         return True
+
+    def _end_replaced(self, kept: Kept) -> None:
+        """Its client set the computation up again on a new connection: it gave up
+        on the jobs it left here when it lost this node (they ended Abandoned, or
+        run elsewhere). If adopted, those would run on for nobody (queued ones
+        would even start): they are terminated. (Not adopted yet, its session
+        closes it when it ends: see `adopt`.)"""
+        computation, finisher = kept.computation, kept.finisher
+        if not kept.adopted or computation is None:
+            return
+        kept.computation = None
+        logger.info(
+            "computation %s: its client set it up again: the jobs it left are "
+            "terminated",
+            computation.name,
+        )
+        if finisher is not None:
+            finisher.cancel()  # it stops waiting for them
+
+        async def terminate() -> None:
+            if finisher is not None:
+                await asyncio.wait({finisher})
+            await computation.close(terminate=True)
+
+        self._spawn(terminate())
 
     async def _finish(self, key: str, kept: Kept, keep: float) -> None:
         assert kept.computation is not None
@@ -582,10 +610,11 @@ class ResultKeeper:
         if self._spool is not None:  # what was written since the last flush
             await asyncio.to_thread(self._spool.sync)
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
 
 def _from_shared_memory(
