@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from dispynb import DispyJob, SharedJobCluster, recover_jobs
+from tests.chaos.outcomes import assert_abandoned
 from tests.jobs import wait_until
 from tests.nodeproc import CliNode, node_env, start_node
 from tests.sharedsched.harness import SchedulerProcess, add_user
@@ -108,11 +109,7 @@ def test_jobs_of_a_killed_scheduler_end_naming_it_or_run_again(
         site.crash_scheduler()
         if not reentrant:
             assert cluster.wait(timeout=30)
-            for job in jobs:
-                assert job.status == DispyJob.Abandoned, job
-                assert str(job.exception).startswith(
-                    f"scheduler {site.scheduler.address} was lost ("
-                ), job.exception
+            assert_abandoned(jobs, f"scheduler {site.scheduler.address} was lost (")
         site.scheduler.start()  # same command, same port
         site.release.touch()
         if reentrant:  # they waited for the scheduler, and ran again there

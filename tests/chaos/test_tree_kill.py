@@ -20,7 +20,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from dispynb import DispyJob, JobCluster
+from dispynb import JobCluster
+from tests.chaos.outcomes import assert_abandoned
 from tests.jobs import wait_until
 from tests.nodeproc import CliNode, start_node
 
@@ -117,11 +118,7 @@ def test_a_node_killed_whole_ends_its_jobs_abandoned_and_serves_again_restarted(
                 pids |= {p.pid for p in psutil.Process(victim.proc.pid).children(True)}
                 kill_tree(victim, group)
                 assert cluster.wait(timeout=30)
-                for job in jobs:
-                    assert job.status == DispyJob.Abandoned, job
-                    assert str(job.exception).startswith(
-                        f"node {victim.spec} was lost ("
-                    ), job.exception
+                assert_abandoned(jobs, f"node {victim.spec} was lost (")
                 wait_until(lambda: not [pid for pid in pids if alive(pid)])
                 # Started again as an operator would: same port, same directory.
                 back = start_node(
