@@ -428,8 +428,9 @@ class DriverNodes(DriverResults):
             self._watchdog = self._spawn(self._watch_pulses())
 
     async def _watch_pulses(self) -> None:
-        """Ping the nodes every half pulse, and look at them as often: a node silent
-        for DEAD_AFTER pulses is dead (found within half a pulse of it)."""
+        """Ping the nodes every half pulse (also while they set the computation
+        up), and look at those set up as often: a node silent for DEAD_AFTER
+        pulses is dead (found within half a pulse of it)."""
         loop = asyncio.get_running_loop()
         pulse = self.pulse
         while not self._closing:
@@ -438,7 +439,16 @@ class DriverNodes(DriverResults):
             now = loop.time()
             late = now - expected > pulse
             for link in list(self.nodes.values()):
-                if not link.ready or link.conn is None:
+                if link.conn is None:
+                    continue
+                if not link.ready:
+                    # Setting the computation up there (as long as its setup
+                    # takes): not judged, but pinged all the same, or the node
+                    # (or a shared scheduler) takes a client waiting for a setup
+                    # longer than its --zombie_interval for a silent one.
+                    if not link.conn.unsent:
+                        with contextlib.suppress(DispynbError):
+                            link.conn.write(Ping())
                     continue
                 if late:
                     # This loop was held up (a huge result?): the nodes' pulses may be

@@ -320,7 +320,11 @@ cluster = SharedJobCluster(
     size, scheduler_host=address, secret_file=credential, depends=[path],
     recover_file=journal,
 )
-print(cluster.submit("dep.bin")(), flush=True)
+job = cluster.submit("dep.bin")
+result = job()
+if result is None:
+    print("JOB", job.status, job.exception, job.stderr, file=sys.stderr, flush=True)
+print(result, flush=True)
 time.sleep(300)
 """
 
@@ -353,7 +357,12 @@ def test_zombie_clients_depends_file_is_released(
             name="waiting",
         )
         assert client.stdout is not None
-        assert client.stdout.readline().strip() == str(MiB)
+        line = client.stdout.readline().strip()
+        if line != str(MiB):  # how its job ended, and the scheduler's log
+            os.killpg(client.pid, signal.SIGKILL)
+            err = client.communicate(timeout=20)[1]
+            client = None
+            raise AssertionError(f"{line!r}: {err}\n{sched.log_text()}")
         assert spill_files(pid, spill) == [MiB]
         os.killpg(client.pid, signal.SIGSTOP)  # connected, but silent: a zombie
         sched.wait_for_log("a zombie", timeout=30)

@@ -147,3 +147,27 @@ def test_client_gone_with_a_recover_file_gets_the_interval_at_most(
         nap, scheduler_host=zombie_scheduler.address, secret_file=str(users["bob"])
     ) as cluster:
         assert [cluster.submit(i, 0.0)() for i in range(4)] == list(range(4))
+
+
+def slow_setup() -> int:
+    import time
+
+    time.sleep(9.0)  # 1.5 times the interval
+    return 0
+
+
+def test_client_waiting_for_a_long_setup_is_no_zombie(
+    zombie_scheduler: SchedulerProcess, users: dict[str, Path]
+) -> None:
+    """A client has nothing to say while its computation sets up on the nodes (it
+    pings the scheduler only once the computation is ready): a setup longer than
+    --zombie_interval (a large data set loaded, or a machine under load) does not
+    make it a zombie; its jobs run once the setup is done."""
+    with SharedJobCluster(
+        nap,
+        scheduler_host=zombie_scheduler.address,
+        secret_file=str(users["alice"]),
+        setup=slow_setup,
+    ) as cluster:
+        assert cluster.submit(7, 0.0)() == 7
+    assert "a zombie" not in zombie_scheduler.log_text()
