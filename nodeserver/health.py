@@ -45,7 +45,7 @@ from dispynb.errors import (
     DispynbError,
     MessageError,
 )
-from dispynb.protocol.handshake import NODE_WITHOUT_SECRET
+from dispynb.protocol.handshake import NODE_WITHOUT_SECRET, PROOF_REFUSED
 from dispynb.protocol.messages import NodeHealth
 from dispynb.transport.addressing import format_address, parse_address
 from dispynb.wording import counted
@@ -195,15 +195,24 @@ def check(
 
 
 def _secret_refused(text: str, kind: str, secret: bytes | None, options: str) -> str:
-    """The line for a refused handshake: the peer's reason, and the fix naming the
-    check's own ``options`` rather than a client's keywords (``secret=``)."""
+    """The line for a refused handshake, in the words of the admin running the
+    check: what was wrong with the check's secret, and the check's own ``options``
+    to fix it (the peer's words are a client's: "the client's proof is wrong",
+    ``secret=``)."""
     reason = text.partition("; ")[0]
-    if not options or reason.endswith(NODE_WITHOUT_SECRET):
-        return text  # a node without a secret: the fix is to give none
-    if HEALTH_PROBE in reason:  # a scheduler's words for an unknown user
-        reason = f"the {kind} refused the check's proof of its secret"
-    has = "" if secret else "the check has no secret: "
-    return f"{reason}; {has}give it the secret the {kind} uses ({options})"
+    if not options or not reason.startswith(PROOF_REFUSED):
+        return text
+    if reason.endswith(NODE_WITHOUT_SECRET):
+        return (
+            f"the {kind} has no secret and refused the check's; run the check "
+            f"without {options}, as the {kind}'s user"
+        )
+    refused = (
+        f"the {kind} refused the check's secret, which is not the one it uses"
+        if secret
+        else f"the {kind} refused the check, which has no secret"
+    )
+    return f"{refused}; give the check the {kind}'s secret ({options})"
 
 
 def address_problem(address: str, default_port: int = NODE_PORT) -> str | None:

@@ -148,3 +148,31 @@ def running_node(directory: Path, *args: str, **kwargs: object) -> Iterator[CliN
         yield node
     finally:
         node.stop()
+
+
+@contextlib.contextmanager
+def running_node_without_secret(directory: Path) -> Iterator[str]:
+    """A node started without a secret (127.0.0.1, its own user only); yields its
+    ``HOST:PORT``; terminated at the end."""
+    directory.mkdir(parents=True, exist_ok=True)
+    port_file = directory / "port"
+    proc = subprocess.Popen(
+        node_command(
+            "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
+            "--cpus", "1", "--dest-path", str(directory / "dest"),
+        ),
+        env=node_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + NODE_WAIT
+        while not port_file.exists():
+            assert proc.poll() is None, "the node without a secret did not start"
+            assert time.monotonic() < deadline, "the node without a secret hangs"
+            time.sleep(0.01)
+        yield f"127.0.0.1:{port_file.read_text().strip()}"
+    finally:
+        proc.terminate()
+        proc.wait(NODE_WAIT)

@@ -44,6 +44,9 @@ from dispynb.protocol.messages import (
 CLIENT = "client"
 NODE = "node"
 
+#: How a node (or scheduler) begins its refusal of a client's proof.
+PROOF_REFUSED = "the client's proof is wrong"
+
 #: How a node without a secret refuses a client's proof made with one.
 NODE_WITHOUT_SECRET = "it uses a secret and this node has none"
 
@@ -250,15 +253,13 @@ class NodeHandshake:
         if not auth.check_proof(expected, received.proof):
             if self._lookup is not None:  # the same words for unknown names
                 raise AuthenticationError(
-                    "the client's proof is wrong: it does not hold the credential "
-                    f"this server has for user {self.client_name!r}"
+                    f"{PROOF_REFUSED}: it does not hold the credential this server "
+                    f"has for user {self.client_name!r}"
                 )
             if not self._secret:  # a node for its own user on loopback
-                raise AuthenticationError(
-                    f"the client's proof is wrong: {NODE_WITHOUT_SECRET}"
-                )
+                raise AuthenticationError(f"{PROOF_REFUSED}: {NODE_WITHOUT_SECRET}")
             raise AuthenticationError(
-                "the client's proof is wrong: it uses another secret than this node"
+                f"{PROOF_REFUSED}: it uses another secret than this node"
             )
         self._client_verified = True
         return Auth(

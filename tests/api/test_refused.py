@@ -14,8 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.jobs import wait_until
-from tests.nodeproc import NODE_WAIT, node_command, node_env, running_node
+from tests.nodeproc import (
+    node_env,
+    running_node,
+    running_node_without_secret,
+)
 from tests.ports import PortHolder
 
 pytestmark = pytest.mark.slow
@@ -262,25 +265,8 @@ def test_a_client_without_a_secret_is_told_it_has_none(tmp_path: Path) -> None:
 def test_a_client_with_a_secret_is_told_the_node_has_none(tmp_path: Path) -> None:
     """A node started without a secret (loopback, its own user only) and a client
     given one: the message says the node has none and the two ways to fix it."""
-    port_file = tmp_path / "port"
-    node = subprocess.Popen(
-        node_command(
-            "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
-            "--dest-path", str(tmp_path / "dest"),
-        ),
-        env=node_env(),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        wait_until(lambda: port_file.exists() or node.poll() is not None)
-        assert node.poll() is None, "the node without a secret did not start"
-        spec = f"127.0.0.1:{port_file.read_text().strip()}"
+    with running_node_without_secret(tmp_path) as spec:
         done = run_script(tmp_path, spec, "the-clients-secret-4f9c2a7e1b")
-    finally:
-        node.terminate()
-        node.wait(NODE_WAIT)
     assert done.returncode == 1, done.stdout + done.stderr
     traceback = traceback_of(done.stderr)
     assert traceback[-1] == (

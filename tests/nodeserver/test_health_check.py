@@ -12,7 +12,14 @@ import pytest
 
 from dispynb import JobCluster
 from tests import jobs
-from tests.nodeproc import NODE_WAIT, node_command, node_env, running_node, start_node
+from tests.nodeproc import (
+    NODE_WAIT,
+    node_command,
+    node_env,
+    running_node,
+    running_node_without_secret,
+    start_node,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
 
@@ -84,6 +91,35 @@ def test_an_unreachable_or_refusing_node_is_critical(tmp_path: Path) -> None:
     gone = check(f"127.0.0.1:{closed_port}", "--secret-file", str(wrong))
     assert gone.returncode == 2, gone.stdout + gone.stderr
     assert gone.stdout.startswith(f"CRITICAL - node at 127.0.0.1:{closed_port}: ")
+
+
+#: The check's own secret options, as its refusals name them.
+CHECK_SECRET_OPTIONS = "--secret-file, --secret-stdin or DISPYNB_SECRET"
+
+
+def test_a_refused_check_speaks_to_the_admin_running_it(tmp_path: Path) -> None:
+    """A node refusing the check's secret (a wrong one, none, one for a node that
+    has none) said what it says of a client ("the client's proof is wrong"); the
+    line is for the admin running the check: the check's secret, its options."""
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not-the-secret\n")
+    wrong.chmod(0o600)
+    with running_node(tmp_path / "node") as node:
+        lines = [
+            check(node.spec, "--secret-file", str(wrong)).stdout,
+            check(node.spec).stdout,
+        ]
+    with running_node_without_secret(tmp_path / "open") as spec:
+        lines.append(check(spec, "--secret-file", str(wrong)).stdout)
+    assert lines == [
+        f"CRITICAL - node at {node.spec}: the node refused the check's secret, which "
+        "is not the one it uses; give the check the node's secret "
+        f"({CHECK_SECRET_OPTIONS})\n",
+        f"CRITICAL - node at {node.spec}: the node refused the check, which has no "
+        f"secret; give the check the node's secret ({CHECK_SECRET_OPTIONS})\n",
+        f"CRITICAL - node at {spec}: the node has no secret and refused the check's; "
+        f"run the check without {CHECK_SECRET_OPTIONS}, as the node's user\n",
+    ]
 
 
 @pytest.mark.parametrize(
