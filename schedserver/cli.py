@@ -381,8 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         metavar="SECONDS",
-        help="accepted for dispyscheduler up to 4.10, which polled nodes behind NAT "
-        "for results: this scheduler keeps a connection to each node, nothing to poll",
+        help="accepted for dispyscheduler 3.15 to 4.2, which polled nodes for job "
+        "results: this scheduler keeps a connection to each node, nothing to poll",
     )
     parser.add_argument(
         *_both("fair_cluster_scheduler"),

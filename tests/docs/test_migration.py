@@ -91,6 +91,19 @@ def test_dispyscheduler_options_are_asked_of_dispynb_scheduler() -> None:
     assert not set(rows) & set(migration.added_scheduler_options())
 
 
+def test_older_dispyscheduler_options_are_dispys_not_dispynbs_additions() -> None:
+    """dispyscheduler took ``--node_port`` up to 4.10 and ``--poll_interval`` from
+    3.15 to 4.2; dispynb-scheduler accepts both, and the guide listed them among
+    dispynb's own additions instead of as dispy's options."""
+    rows = {row.name: row for row in migration.scheduler_option_rows()}
+    added = migration.added_scheduler_options()
+    for name in ("--node_port", "--poll_interval"):
+        assert name not in added, added
+        assert rows[name].status != migration.NOT_SUPPORTED, rows[name]
+    assert "4.10" in rows["--node_port"].meaning
+    assert "4.2" in rows["--poll_interval"].meaning
+
+
 def test_what_dispynb_adds_is_computed() -> None:
     dispy = set(migration.all_names()["jobcluster"] + migration.all_names()["shared"])
     added = migration.added_keywords()

@@ -68,7 +68,7 @@ def test_dispyschedulers_zombie_interval_zero_is_never(tmp_path: Path) -> None:
 
 
 def test_dispyschedulers_older_poll_interval_is_taken(tmp_path: Path) -> None:
-    """dispyscheduler up to 4.10 polled nodes behind NAT for results
+    """dispyscheduler 3.15 to 4.2 polled nodes for job results
     (``--poll_interval``); the scheduler here keeps a connection to each node, so
     there is nothing to poll: it is accepted and unused, as JobCluster's (before:
     "unrecognized arguments: --poll_interval")."""

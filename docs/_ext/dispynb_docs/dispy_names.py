@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dispynb.defaults import SCHEDULER_REGISTER_PORT
+from dispynb.defaults import NODE_PORT, SCHEDULER_REGISTER_PORT
 from dispynb.jobenv import DISPY_MODULES
 
 
@@ -712,6 +712,21 @@ SCHEDULER_OPTIONS = [
         "--ipv4_udp_multicast",
         sample=("--ipv4_udp_multicast",),
         meaning="multicast instead of broadcast discovery",
+    ),
+    Name(
+        "--node_port",
+        sample=("--node_port", "9800"),
+        meaning="the port the nodes listen on (dispyscheduler up to 4.10)",
+        note="The port of the nodes named with ``-n`` without one (default "
+        f"{NODE_PORT}); discovered and registering nodes say their own.",
+    ),
+    Name(
+        "--poll_interval",
+        sample=("--poll_interval", "10"),
+        meaning="seconds between polls of the nodes for job results "
+        "(dispyscheduler 3.15 to 4.2)",
+        differs="Accepted and not needed: the scheduler keeps a connection to "
+        "each node, which sends results as they come.",
     ),
     Name(
         "--node_secret",
