@@ -46,7 +46,8 @@ def test_run_map_makes_its_cluster_with_the_factory_given() -> None:
     assert run.results == [3]
     (kwargs,) = made
     assert kwargs["engine"] is engine and kwargs["nodes"] is None
-    assert kwargs["job_status"] == run._on_job_status  # the run's callbacks
+    assert kwargs["cluster_status"] == run._on_cluster_status  # the run's
+    assert "job_status" not in kwargs  # none given: no call per job for nothing
 
 
 def test_run_map_refuses_what_the_engine_lacks_before_any_job() -> None:
