@@ -77,6 +77,7 @@ class _Clients(_ServerState):
     ) -> SharedComputation:
         """A client set a computation up: set it up on every node alive."""
         server = cast("SchedulerServer", self)  # a part of it, as above
+        self._end_left_behind(session, setup)
         comp = SharedComputation(server, session, setup, bundle, next(self._orders))
         self.computations.append(comp)
         self.files.claim(comp, [str(entry[1]) for entry in setup.files])
@@ -86,6 +87,31 @@ class _Clients(_ServerState):
         if not any(node.alive for node in self.nodes):
             logger.info("%s waits for a node to come up", comp.name)
         return comp
+
+    def _end_left_behind(
+        self, session: SchedulerSession, setup: ComputationSetup
+    ) -> None:
+        """A client back on a new session (it had lost the scheduler: a link cut,
+        the scheduler frozen) sets its computation up again: it gave up on the jobs
+        it left here (they ended Abandoned, or were submitted again). Kept for it,
+        they would run on for nobody, queued ones would even start: terminated."""
+        if setup.recovery_id is None:
+            return
+        for old in list(self.computations):
+            if (
+                old.user == session.user
+                and old.setup.recovery_id == setup.recovery_id
+                and old.session is None
+                and not old.closing
+            ):
+                logger.info(
+                    "%s: its client set it up again: the jobs it left are terminated",
+                    old.name,
+                )
+                if old.expiry is not None:
+                    old.expiry.cancel()
+                    old.expiry = None
+                old.close(ComputationClose(comp_id=old.comp_id, terminate=True))
 
     def _session_ended(self, session: SchedulerSession) -> None:
         """A client went away: keep its computations that asked for recovery."""

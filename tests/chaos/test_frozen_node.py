@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from dispynb import DispyJob, JobCluster
-from tests.jobs import wait_until
+from tests.chaos.outcomes import hold_two, wait_stopped
 from tests.nodeproc import CliNode, running_node
 
 pytestmark = pytest.mark.slow
@@ -65,10 +65,7 @@ def test_a_thawed_nodes_abandoned_jobs_are_stopped_once_its_client_is_back(
                 pulse_interval=0.3,
                 recover_file=str(tmp_path / "journal"),
             ) as cluster:
-                args = (str(marks), str(release))
-                jobs = [cluster.submit(n, *args) for n in range(2)]
-                wait_until(lambda: (marks / "0").exists(), timeout=30)
-                worker = psutil.Process(int((marks / "0").read_text()))
+                jobs, worker = hold_two(cluster, marks, release)
                 signal_tree(node, signal.SIGSTOP)
                 try:
                     assert cluster.wait(timeout=30)
@@ -77,12 +74,9 @@ def test_a_thawed_nodes_abandoned_jobs_are_stopped_once_its_client_is_back(
                 assert [job.status for job in jobs] == [DispyJob.Abandoned] * 2
                 # Back: the client sets its computation up there again, and the
                 # node stops what the old one held.
-                wait_until(
-                    lambda: not worker.is_running() or worker.status() == "zombie",
-                    timeout=30,
-                )
+                wait_stopped(worker)
                 release.touch()
-                assert cluster.submit(2, *args)() == 4
+                assert cluster.submit(2, str(marks), str(release))() == 4
         finally:
             release.touch()
     assert not (marks / "1").exists(), "a job reported Abandoned ran afterwards"

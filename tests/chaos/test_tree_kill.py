@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 from dispynb import JobCluster
-from tests.chaos.outcomes import assert_abandoned
+from tests.chaos.outcomes import alive, assert_abandoned
 from tests.jobs import wait_until
 from tests.nodeproc import CliNode, start_node
 
@@ -39,14 +39,6 @@ def mark_and_hold(n: int, marks: str, seconds: float) -> int:
     open(os.path.join(marks, str(n)), "w").close()
     time.sleep(seconds)
     return n * n
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie waiting to be reaped does not)."""
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def make_cgroup() -> Path | None:
