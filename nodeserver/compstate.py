@@ -191,6 +191,8 @@ class _ComputationState:
     _progress: asyncio.Future[None] | None
     _ready: bool
     _closing: bool
+    #: Times its process was found stopped and continued (`_watch_stopped`).
+    _continued: int
     _handed_back: bool
     _tasks: set[asyncio.Task[None]]
     _held: bool

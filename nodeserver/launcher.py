@@ -282,11 +282,17 @@ class AdoptingLauncher(ProcessLauncher):
             self.reap_adopted()
 
 
-def zombie(pid: int) -> bool:
-    """Whether process ``pid`` is a zombie (exited, not reaped)."""
+def process_state(pid: int) -> bytes:
+    """Process ``pid``'s state letter in proc(5) (b"Z": a zombie, exited and not
+    reaped; b"T": stopped by a signal), or b"" if it is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as handle:
             stat = handle.read()
     except OSError:
-        return False
-    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] == b"Z"
+        return b""
+    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]
+
+
+def zombie(pid: int) -> bool:
+    """Whether process ``pid`` is a zombie (exited, not reaped)."""
+    return process_state(pid) == b"Z"

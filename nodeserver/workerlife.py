@@ -36,6 +36,7 @@ from nodeserver.ipc import (
 )
 from nodeserver.jobreasons import crash_reason, mem_limit_note
 from nodeserver.jobstops import drop_interrupt_page, give_interrupt_page
+from nodeserver.launcher import process_state
 from nodeserver.leftovers import remove_empty_parents
 
 logger = logging.getLogger("nodeserver.computation")
@@ -107,6 +108,10 @@ def advise_kill_mode(since: float) -> None:
 
 def _discard(entry: list[object], buffers: list[memoryview]) -> None:
     """A `Report` that sends nothing."""
+
+
+#: Seconds between looks at whether a computation's process is stopped.
+STOPPED_CHECK = 1.0
 
 
 class _WorkerLife(_ComputationState):
@@ -395,10 +400,32 @@ class _WorkerLife(_ComputationState):
         elif isinstance(message, Loaded):
             if not self._loaded.done():
                 self._loaded.set_result(None)
+                self._watch_stopped()
         elif isinstance(message, LoadFailed) and not self._loaded.done():
             self._loaded.set_exception(SetupError(message.message, message.traceback))
         elif isinstance(message, NodeShutdown):  # from the cleanup function
             self._shutdown_requested()
+
+    def _watch_stopped(self) -> None:
+        """Every `STOPPED_CHECK` s while the computation runs: continue its process
+        if it is stopped. A job that sent it SIGSTOP (``os.getppid()`` is it) left
+        it unable to report a dead worker or start another: the job of a worker
+        that died waited for ever, the jobs after it never ran, and the process
+        outlived the node (stopped, it never saw the node go)."""
+        process = self._process
+        if self._closing or process is None or self._control_closed.is_set():
+            return
+        if process_state(process.pid) == b"T":
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGCONT)
+            (logger.warning if not self._continued else logger.debug)(
+                "computation %s: its process was stopped (SIGSTOP, from a job?): "
+                "continued (each time it is, within %g s)",
+                self.name,
+                STOPPED_CHECK,
+            )
+            self._continued += 1
+        asyncio.get_running_loop().call_later(STOPPED_CHECK, self._watch_stopped)
 
     def _shutdown_requested(self) -> None:
         if self.on_shutdown_request is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import shutil
 import signal
 import subprocess
@@ -535,3 +536,52 @@ def test_what_a_computation_killed_during_a_launch_leaves_is_killed_as_it_ends(
     assert child in [process.pid for process in below]
     assert [job.status for job in jobs] == [DispyJob.Abandoned] * 2
     assert left == []
+
+
+def stop_parent_or_die(what: str) -> int:
+    """ "stop": SIGSTOP this worker's parent, the computation process (its pid
+    returned); "die": end this worker (status 3); else return 1."""
+    import os
+    import signal
+
+    if what == "stop":
+        os.kill(os.getppid(), signal.SIGSTOP)
+        return os.getppid()
+    if what == "die":
+        os._exit(3)
+    return 1
+
+
+@pytest.mark.attack(
+    id="stopped-computation",
+    title="A job sends SIGSTOP to its computation process (its worker's parent); the "
+    "next job's worker dies",
+    goal="the dead worker's job reported within 2 s, the jobs after it run, the "
+    "process continued (was: that job waited for ever, none after it ran, and the "
+    "stopped process outlived its node)",
+)
+@pytest.mark.timeout(60)
+def test_a_computation_process_a_job_stopped_is_continued(tmp_path: Path, measure):
+    stopped = 0
+    with running_node(tmp_path / "node") as node:
+        try:
+            with JobCluster(
+                stop_parent_or_die, nodes=[node.spec], secret=node.secret
+            ) as cluster:
+                stopped = cluster.submit("stop")()
+                assert stopped, "the job did not run"
+                started = time.monotonic()
+                died = cluster.submit("die")
+                assert died.wait(10), "the dead worker's job is not reported"
+                took = time.monotonic() - started
+                assert cluster.submit("ok")() == 1
+                state = psutil.Process(stopped).status()
+        finally:
+            if stopped:  # (before the fix: left stopped after its node)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(stopped, signal.SIGCONT)
+        log = node.log_text()
+    measure(f"the dead worker's job reported in {took:.1f} s; the process {state}")
+    assert died.status == DispyJob.Terminated and "status 3" in died.exception
+    assert took < 2 and state != psutil.STATUS_STOPPED
+    assert log.count("its process was stopped (SIGSTOP, from a job?)") == 1
