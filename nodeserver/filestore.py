@@ -59,6 +59,7 @@ from dispynb.daemon import replace_file
 from dispynb.errors import ProtocolError
 from dispynb.protocol.files import digest_of, link_inside
 from dispynb.protocol.shm import boot_id
+from dispynb.wording import counted
 from nodeserver.spool import syncfs
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
@@ -174,12 +175,12 @@ class FileStore:
                 with contextlib.suppress(OSError):
                     os.unlink(self.path(digest))
         logger.info(
-            "the machine stopped since this node's files were stored: checked %d "
-            "(%d bytes) in %.2f s; %d lost data and were removed (sent again)",
-            checked,
-            total,
+            "the machine stopped since this node's files were stored: checked %s "
+            "(%s) in %.2f s; removed %s that lost data (sent again)",
+            counted(checked, "file"),
+            counted(total, "byte"),
             time.monotonic() - start,
-            len(lost),
+            counted(len(lost), "file"),
         )
 
     def _mark(self, state: str) -> None:
@@ -273,11 +274,10 @@ class FileStore:
                 removed += 1
         if removed:
             logger.info(
-                "disk full: removed %d cached files nobody uses (%d bytes) to store "
-                "one of %d bytes",
-                removed,
-                freed,
-                size,
+                "disk full: removed %s nobody uses (%s) to store one of %s",
+                counted(removed, "cached file"),
+                counted(freed, "byte"),
+                counted(size, "byte"),
             )
         return freed > 0
 

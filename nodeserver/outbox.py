@@ -29,6 +29,7 @@ from dispynb.protocol.messages import (
     Message,
 )
 from dispynb.transport.connection import Connection
+from dispynb.wording import counted
 from nodeserver.computation import STREAM_BYTES, Computation
 
 #: Logs as the session it serves.
@@ -293,8 +294,8 @@ class ResultOutbox:
         logged one could not be sent, if any."""
         if self.lost > 1:
             logger.info(
-                "%d more messages to %s not sent: the connection had ended",
-                self.lost - 1,
+                "%s to %s not sent: the connection had ended",
+                counted(self.lost - 1, "more message"),
                 self.conn.peer,
             )
 

@@ -38,6 +38,7 @@ from typing import Any
 import msgpack
 
 from dispynb.protocol.records import Utf8Text
+from dispynb.wording import counted
 
 logger = logging.getLogger(__name__)
 
@@ -274,8 +275,8 @@ class ResultSpool:
         that was, if any (``now``: what ends the count), and start again."""
         if spool.failed:
             logger.info(
-                "%d results of computation %s could not be spooled (the first: %s); %s",
-                spool.failed,
+                "%s of computation %s could not be spooled (the first: %s); %s",
+                counted(spool.failed, "result"),
                 spool.name,
                 spool.failure,
                 now,
@@ -371,10 +372,10 @@ class ResultSpool:
             spool = SpoolDir(path, os.path.basename(path))
             logger.warning(
                 "spool directory %s: its meta file is damaged (%s; the node stopped "
-                "while writing it?): its %d kept results are offered %.0f s",
+                "while writing it?): offering its %s for %.0f s",
                 path,
                 exc,
-                len(files),
+                counted(len(files), "kept result"),
                 spool.keep,
             )
         spool.files = files

@@ -38,6 +38,7 @@ import time
 from collections.abc import Iterator
 
 from dispynb.daemon import replace_file
+from dispynb.wording import counted
 from nodeserver.filestore import lock_dir
 from nodeserver.spool import ResultSpool
 
@@ -216,9 +217,9 @@ def _remove_expired_unheld(dest_path: str, mine: str) -> None:
                 freed += size
     if removed:
         logger.info(
-            "removed the expired results of %d computations (%.1f MiB) kept by "
+            "removed the expired results of %s (%.1f MiB) kept by "
             "nodes no longer running in %s",
-            removed,
+            counted(removed, "computation"),
             freed / 2**20,
             dest_path,
         )

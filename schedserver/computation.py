@@ -274,6 +274,19 @@ class SharedComputation(_JobFiles, _SentFiles):
             return session.backlog.full  # its client does not read (`check_backlog`)
         return session is None and self.kept.full
 
+    def _say_what_waits(self) -> None:
+        """Log, as its client is away and none of its jobs runs, what waits."""
+        kept = self.kept
+        logger.info(
+            "%s: no job of it runs, %d waiting; %s (%.1f MiB, %.1f MiB of it on "
+            "disk) kept for its client",
+            self.name,
+            len(self.queue),
+            counted(len(kept), "message"),
+            kept.size / 2**20,
+            kept.on_disk / 2**20,
+        )
+
     def end_jobs(self, entries: list[ResultEntry]) -> None:
         """Tell the client that these jobs ended without running (no buffers)."""
         if entries:
@@ -607,16 +620,7 @@ class SharedComputation(_JobFiles, _SentFiles):
         elif session is not None:
             session.send_gathered()
         if self.session is None and not self.running and (not self.queue or self.held):
-            kept = self.kept
-            logger.info(
-                "%s: no job of it runs, %d wait; %d messages (%.1f MiB, %.1f MiB of "
-                "it on disk) wait for its client",
-                self.name,
-                len(self.queue),
-                len(kept),
-                kept.size / 2**20,
-                kept.on_disk / 2**20,
-            )
+            self._say_what_waits()
             self.server.leave_the_nodes(self)
         if self.recovering:
             self.finish_if_done()

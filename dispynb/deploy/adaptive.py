@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from dispynb._interruptible import start_thread
 from dispynb.errors import ConfigurationError, DispynbError
+from dispynb.wording import counted
 
 if TYPE_CHECKING:
     from dispynb.deploy.scaling import _Scaling
@@ -192,9 +193,9 @@ class Adaptive:
         """Start looking (called by `NodeLauncher.adapt`)."""
         if not self._only_drain:
             logger.info(
-                "adapt: %d to %d nodes, idle timeout %g s",
+                "adapt: %d to %s, idle timeout %g s",
                 self.options.minimum,
-                self.options.maximum,
+                counted(self.options.maximum, "node"),
                 self.options.idle_timeout,
             )
         start_thread(self._thread)

@@ -75,7 +75,7 @@ def test_results_a_full_spool_disk_refuses_are_logged_once(tmp_path: Path, measu
         )
     log = node.log_text()
     warnings = [ln for ln in log.splitlines() if "cannot spool a kept result" in ln]
-    counted = re.findall(r"(\d+) results of computation result could not be", log)
+    counted = re.findall(r"(\d+) results? of computation result could not be", log)
     measure(
         f"{len(warnings)} warning(s) about results not spooled; counted at the "
         f"node's stop: {counted}"

@@ -184,4 +184,4 @@ def test_results_kept_by_a_node_that_never_returns_go_once_expired(
         os.utime(spool, (an_hour_ago, an_hour_ago))
     log = start_other()
     assert _kept_results(dest / ".kept") == []
-    assert "removed the expired results of 1 computations" in log
+    assert "removed the expired results of 1 computation (" in log
