@@ -28,15 +28,17 @@ and the job ends ``Abandoned``). `cancel_futures` cancels many with one wait.
 
 Callbacks given to ``add_done_callback`` never run on the I/O thread: when the
 job ends there, they run on the cluster's callback thread, in order, after the
-``job_status`` callbacks posted before them.
+``job_status`` callbacks posted before them. Those of a future that ``cancel()``
+cancels run in the thread calling it, before it returns (as ``Future.cancel()``
+runs them), not behind other jobs' callbacks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Generator, Iterable
 from concurrent.futures._base import (
@@ -94,6 +96,9 @@ class JobFuture(concurrent.futures.Future[Any]):
         self._io_thread: Callable[[], bool] | None = (
             cluster._runner.in_loop_thread if cluster is not None else None
         )
+        #: Set while a ``cancel()`` waits for the node's answer: it runs the
+        #: callbacks if the answer cancels the future.
+        self._handoff: _Handoff | None = None
 
     def __repr__(self) -> str:
         """As `concurrent.futures.Future`'s, naming the job. (The state is read
@@ -199,6 +204,13 @@ class JobFuture(concurrent.futures.Future[Any]):
 
     def _dispatch(self, fn: Callable[[concurrent.futures.Future[Any]], object]) -> None:
         if self._post is not None and self._io_thread is not None and self._io_thread():
+            handoff = self._handoff
+            if (
+                handoff is not None
+                and self._state in (CANCELLED, CANCELLED_AND_NOTIFIED)
+                and handoff.take(fn, self)
+            ):
+                return  # the cancel() waiting for the answer runs it
             try:
                 # There even sys.exit() is logged: it would end the callback thread.
                 self._post(_call_logged, fn, self, BaseException)
@@ -221,6 +233,9 @@ class JobFuture(concurrent.futures.Future[Any]):
             if self._usable():
                 self._settle()
         finally:
+            handoff = self._handoff
+            if handoff is not None:
+                handoff.settled.add(id(self))
             _answered()
 
     def _usable(self) -> bool:
@@ -285,6 +300,7 @@ def cancel_futures(
     """
     futures = list(futures)
     waiting: list[JobFuture] = []
+    handoff = _Handoff() if wait else None
     by_cluster: dict[int, tuple[Any, list[DispyJob]]] = {}
     for future in futures:
         if not isinstance(future, JobFuture):
@@ -302,15 +318,20 @@ def cancel_futures(
             continue
         by_cluster.setdefault(id(cluster), (cluster, []))[1].append(job)
         waiting.append(future)
-    sent = False
-    for cluster, jobs in by_cluster.values():
-        if cluster._cancel_unstarted(jobs):
-            sent = True
-    if sent and wait:
-        end = time.monotonic() + CANCEL_WAIT
-        _wait_answers(waiting, CANCEL_WAIT)
-        clusters = [cluster for cluster, _jobs in by_cluster.values()]
-        _run_cancelled_callbacks(waiting, clusters, end)
+        future._handoff = handoff
+    try:
+        sent = False
+        for cluster, jobs in by_cluster.values():
+            if cluster._cancel_unstarted(jobs):
+                sent = True
+        if sent and handoff is not None:
+            _wait_answers(waiting, handoff, CANCEL_WAIT)
+    except BaseException:  # Ctrl-C: the callbacks handed over run on their thread
+        if handoff is not None:
+            handoff.finish(waiting, run=False)
+        raise
+    if handoff is not None:
+        handoff.finish(waiting, run=True)
     return [
         future._state in (CANCELLED, CANCELLED_AND_NOTIFIED)
         if isinstance(future, JobFuture)
@@ -333,29 +354,59 @@ def _answered() -> None:
     _answers.wake_all()
 
 
-def _run_cancelled_callbacks(
-    futures: list[JobFuture], clusters: list[Any], end: float
-) -> None:
-    """As ``Future.cancel()``, which runs a future's callbacks before it returns:
-    if the nodes' answers cancelled any of the ``futures`` that has callbacks,
-    wait (until ``end``) for the callbacks the I/O thread posted to the
-    ``clusters``' callback threads. Not from such a thread (a callback
-    cancelling): it would wait for itself."""
-    if not any(
-        future._state in (CANCELLED, CANCELLED_AND_NOTIFIED) and future._done_callbacks  # type: ignore[attr-defined]
-        for future in futures
-    ):
-        return
-    for cluster in clusters:
-        callbacks = cluster._callbacks
-        if not callbacks.in_dispatcher_thread():
-            with contextlib.suppress(RuntimeError):  # closed: they ran already
-                callbacks.flush(max(end - time.monotonic(), 0.0))
+class _Handoff:
+    """The callbacks of the futures one waiting ``cancel()`` cancels: the I/O
+    thread, settling them, hands them here instead of to the callback thread,
+    and the cancelling thread runs them before it returns, as
+    ``Future.cancel()`` runs a future's callbacks in its caller's thread. So
+    ``cancel()`` waits for no other job's callback (one may be waiting for a
+    lock the cancelling thread holds), nor for itself when a callback cancels.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open = True
+        self._calls: list[tuple[Callable[[Any], object], JobFuture]] = []
+        #: ids of the futures settled meanwhile (their callbacks handed over).
+        self.settled: set[int] = set()
+
+    def take(self, fn: Callable[[Any], object], future: JobFuture) -> bool:
+        """Keep ``fn(future)`` for the cancelling thread; False if it is gone."""
+        with self._lock:
+            if self._open:
+                self._calls.append((fn, future))
+            return self._open
+
+    def finish(self, futures: list[JobFuture], run: bool) -> None:
+        """The wait is over: run the callbacks handed over (``run``), or, the
+        cancel interrupted, post them to their callback thread."""
+        with self._lock:
+            self._open = False
+            calls, self._calls = self._calls, []
+        for future in futures:
+            if future._handoff is self:
+                future._handoff = None
+        for fn, future in calls:
+            if run or future._post is None:
+                _call_logged(fn, future)
+            else:
+                try:
+                    future._post(_call_logged, fn, future, BaseException)
+                except RuntimeError:  # the cluster closed its callback thread
+                    _call_logged(fn, future)
 
 
-def _wait_answers(futures: list[JobFuture], timeout: float) -> None:
-    """Wait until no future of ``futures`` is pending (or ``timeout`` passes)."""
-    _answers.wait_for(lambda: all(f._state != PENDING for f in futures), timeout)
+def _wait_answers(futures: list[JobFuture], handoff: _Handoff, timeout: float) -> None:
+    """Wait until each future of ``futures`` has started, ended, or been
+    cancelled and settled (its callbacks handed over), or ``timeout`` passes."""
+
+    def answered(future: JobFuture) -> bool:
+        state = future._state
+        if state in (CANCELLED, CANCELLED_AND_NOTIFIED):
+            return id(future) in handoff.settled
+        return state != PENDING
+
+    _answers.wait_for(lambda: all(answered(f) for f in futures), timeout)
 
 
 def _in_event_loop() -> bool:

@@ -21,7 +21,7 @@ import pytest
 from dispynb import LocalCluster
 from dispynb.errors import RemoteError
 from dispynb.executor import Executor
-from tests.jobs import WAIT
+from tests.jobs import WAIT, wait_for_path
 
 pytestmark = pytest.mark.slow
 
@@ -32,6 +32,16 @@ def ident(x: object) -> object:
 
 def nap(x: object, seconds: float) -> object:
     time.sleep(seconds)
+    return x
+
+
+def gated(x: object, gate: str, started: str = "") -> object:
+    """``x``, once the file ``gate`` exists (the test opens it); first the file
+    ``started``, if named, is made (the call is in a worker)."""
+    if started:
+        open(started, "w").close()
+    while not os.path.exists(gate):
+        time.sleep(0.01)
     return x
 
 
@@ -271,3 +281,77 @@ def test_a_done_callback_may_submit_the_next_call(executor) -> None:
     executor.submit(ident, 0).add_done_callback(step)
     assert finished.wait(WAIT)
     assert chain == [0, 1, 2, 3, 4]
+
+
+@pytest.fixture
+def gate(tmp_path) -> Iterator[str]:
+    """A prefix of gate files (`gated`); all open when the test ends, whatever
+    happened (the executors are shut down waiting for their calls)."""
+    prefix = str(tmp_path / "gate")
+    try:
+        yield prefix
+    finally:
+        for i in range(2):
+            open(f"{prefix}{i}", "w").close()
+
+
+def _submit_behind_two(executor, gate: str) -> tuple[cf.Future, cf.Future]:
+    """Two calls running in the workers, one until the file ``gate0`` exists,
+    the other until ``gate1`` does; three waiting for a worker (the pool's queue
+    is then full); a last one behind them (its ``cancel()`` returns True): the
+    first call, and the last."""
+    first = executor.submit(gated, 0, f"{gate}0", f"{gate}0.started")
+    executor.submit(gated, 1, f"{gate}1", f"{gate}1.started")
+    for i in range(2):
+        wait_for_path(f"{gate}{i}.started")
+    for i in range(3):
+        executor.submit(gated, 2 + i, f"{gate}1")
+    return first, executor.submit(gated, 9, f"{gate}1")
+
+
+def test_cancel_waits_for_no_other_calls_callback(make, gate) -> None:
+    """Another call's callback waits for a lock this thread holds: ``cancel()``
+    of a queued call still returns at once, its own callback run (dispynb waited
+    for every callback queued before, up to 30 s, and returned without it)."""
+    executor = make()
+    ends, queued = _submit_behind_two(executor, gate)
+    lock = threading.Lock()
+    blocked = threading.Event()
+
+    def waits_for_lock(future: cf.Future) -> None:
+        blocked.set()
+        with lock:
+            pass
+
+    seen: list[bool] = []
+    with lock:
+        ends.add_done_callback(waits_for_lock)
+        open(f"{gate}0", "w").close()
+        assert blocked.wait(WAIT)  # the callbacks' thread waits for our lock
+        queued.add_done_callback(lambda f: seen.append(f.cancelled()))
+        assert queued.cancel()
+        assert seen == [True]
+    open(f"{gate}1", "w").close()
+    assert not cf.wait([ends, queued], timeout=WAIT).not_done
+
+
+def test_cancel_from_a_callback_runs_the_cancelled_ones_callbacks(make, gate) -> None:
+    """A callback cancelling a queued call: True, that call's callbacks run by
+    then (dispynb's ran later, behind the cancelling one), no deadlock."""
+    executor = make()
+    ends, queued = _submit_behind_two(executor, gate)
+    seen: list[bool] = []
+    queued.add_done_callback(lambda f: seen.append(f.cancelled()))
+    answers: list[tuple[bool, list[bool]]] = []
+    answered = threading.Event()
+
+    def cancel_queued(future: cf.Future) -> None:
+        answers.append((queued.cancel(), list(seen)))
+        answered.set()
+
+    ends.add_done_callback(cancel_queued)
+    open(f"{gate}0", "w").close()
+    assert answered.wait(WAIT)
+    assert answers == [(True, [True])]
+    open(f"{gate}1", "w").close()
+    assert not cf.wait([ends, queued], timeout=WAIT).not_done
