@@ -747,7 +747,16 @@ class SharedComputation(_JobFiles, _SentFiles):
                 self._unpin(job)
                 ended.append(_stranded(job, why))
         self.end_jobs(ended)
-        if lost:
+        if lost and self.closing:
+            # Closed by its client or by this scheduler (a zombie, its results'
+            # keep time over): its node is not lost, its jobs ended with it.
+            logger.info(
+                "%s: closed on node %s, %d of its jobs ended with it",
+                self.name,
+                upstream.node.name,
+                len(lost),
+            )
+        elif lost:
             # A stopping node's reentrant jobs run elsewhere: nothing is lost.
             moved = stopping and self.setup.reentrant
             (logger.info if moved else logger.warning)(
