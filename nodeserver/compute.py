@@ -352,10 +352,9 @@ class ComputationProcess:
                     os.path.basename(self._cgroup_path(os.getpid())),
                     self._max_pids,
                 )
-            worker_loop(
+            code = worker_loop(
                 MessageSocket(worker_end, fds=True), self.func, once=self._fresh
             )
-            code = 0
         except Exception:
             traceback.print_exc()
         finally:

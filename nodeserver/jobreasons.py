@@ -20,6 +20,21 @@ def channel_reason(error: str) -> str:
     )
 
 
+#: Exit status of a worker whose channel to the node was closed under it: its job
+#: closed (or replaced) that descriptor, which it did not open.
+CHANNEL_LOST_STATUS = 117
+
+
+def channel_lost_reason() -> str:
+    """Why a job failed whose worker lost its channel to the node (it exited with
+    `CHANNEL_LOST_STATUS`)."""
+    return (
+        "the job closed its worker's channel to the node, a descriptor it did not "
+        "open (os.closerange(3, ...), a daemon's habits? close only what the job "
+        "opened): its worker could not send the result, and exited"
+    )
+
+
 def oom_kills() -> int | None:
     """How many processes the kernel's out-of-memory killer has killed since boot
     (``oom_kill`` of /proc/vmstat, Linux 4.13+; a memory cgroup's kills count

@@ -44,6 +44,7 @@ from nodeserver.ipc import (
     Skip,
 )
 from nodeserver.jobapi import CONTEXT, install_interrupt_handler, map_interrupt_page
+from nodeserver.jobreasons import CHANNEL_LOST_STATUS
 from nodeserver.memory import release_freed_memory
 from nodeserver.program import ProgramOutput
 from nodeserver.sharedbody import MAPPINGS, map_segments, seal, unmap
@@ -342,7 +343,7 @@ _Inbound = tuple[Run, list[memoryview], mmap.mmap | str | None, int]
 
 def worker_loop(
     sock: MessageSocket, func: Callable[..., Any], once: bool = False
-) -> None:
+) -> int:
     """Run jobs received on ``sock``, one at a time, until the node server closes it.
 
     Before starting a job sent ahead (`Run.ahead`), the worker reads what else has
@@ -355,6 +356,9 @@ def worker_loop(
     job with ``once`` (``fresh_process``); unexpected messages are logged and ignored.
     Arguments sent as a shared body (``Run.shared``) are unpickled from its mapping,
     which is let go when the job ends (`Done.kept` says if an object still uses it).
+
+    Returns the worker's exit status: 0, or `CHANNEL_LOST_STATUS` if a job closed
+    (or replaced) the channel's descriptor.
     """
     send = CONTEXT.send
     begin = CONTEXT.begin
@@ -371,6 +375,7 @@ def worker_loop(
     CONTEXT.stash = functools.partial(
         _take, sock, inbox=inbox, skipped=skipped, runs=runs
     )
+    channel = _identity(sock.fileno())  # a job may close it (see `_identity`)
     release = False  # a job may have left much freed memory behind
     large = large_frames_taken()  # or a large message (whose body is kept for reuse)
     try:
@@ -438,17 +443,30 @@ def worker_loop(
             answer_lock.acquire()
             answer_lock.release()
             if once:
-                return
+                return 0
             # Workers are reused: a job that changed directory must not move the next
             # (checked once its result is on its way: the next job starts after it).
             _go_home(home)
     except ConnectionClosedError:
-        return
+        if _identity(sock.fileno()) != channel:
+            return CHANNEL_LOST_STATUS  # the node says so (was: "status 0")
+        return 0
     finally:
         MAPPINGS.release()  # the bodies kept for the next jobs: there are none
         below, CONTEXT.below = CONTEXT.below, None
         if below is not None:
             below.close()
+
+
+def _identity(fd: int) -> tuple[int, int] | None:
+    """Which file descriptor ``fd`` is (device and inode), or None if it is
+    closed: a job closing descriptors it did not open closes the worker's channel,
+    and may open another file under its number."""
+    try:
+        status = os.fstat(fd)
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino
 
 
 def _go_home(home: str) -> None:

@@ -34,7 +34,12 @@ from nodeserver.ipc import (
     WorkerExited,
     WorkerStarted,
 )
-from nodeserver.jobreasons import crash_reason, mem_limit_note
+from nodeserver.jobreasons import (
+    CHANNEL_LOST_STATUS,
+    channel_lost_reason,
+    crash_reason,
+    mem_limit_note,
+)
 from nodeserver.jobstops import drop_interrupt_page, give_interrupt_page
 from nodeserver.launcher import process_state
 from nodeserver.leftovers import remove_empty_parents
@@ -463,6 +468,8 @@ class _WorkerLife(_ComputationState):
         worker.process.close()
         drop_interrupt_page(worker)
         returncode = worker.returncode
+        if returncode == CHANNEL_LOST_STATUS and not worker.channel_error:
+            worker.channel_error = channel_lost_reason()
         # What it wrote below Python for the job it ran, if it died running one.
         output = take_output_files(worker)
         requeue: list[NodeJob] = []

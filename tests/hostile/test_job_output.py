@@ -177,6 +177,28 @@ def test_a_job_closing_its_workers_output_files_keeps_its_result(local):
         assert after.stdout.startswith("printed\n")
 
 
+def close_all_descriptors() -> int:
+    """Close every descriptor over 2, as a daemonizing library does."""
+    os.closerange(3, 1 << 16)
+    return 1
+
+
+def test_a_job_closing_its_workers_channel_is_told_so(local):
+    """The worker's channel to the node closed with the rest: the job fails saying
+    so and what to do (was: 'exited with status 0 (os._exit() or a fatal error in
+    an extension)'); the next job runs."""
+    with JobCluster(close_all_descriptors, nodes=local) as cluster:
+        job = cluster.submit()
+        job()
+        assert job.status == DispyJob.Terminated, (job.status, job.result)
+        assert "the job closed its worker's channel to the node" in job.exception
+        assert "status 0" not in job.exception
+        again = cluster.submit()
+        again()
+        assert again.status == DispyJob.Terminated  # ran: its worker a new one
+        assert "the job closed its worker's channel" in again.exception
+
+
 def raise_huge(mib: int) -> None:
     raise ValueError("x" * (mib * MiB))
 
