@@ -316,6 +316,9 @@ class _Jobs(_DaskState):
         self.running[address].discard(key)
         self.lost.pop(key, None)
         if outcome == "setup":
+            sources = self.config.sources  # the user's files and lines, as locally
+            if sources is not None:
+                exception = sources.rerender(exception) or exception
             self.events.job_abandoned(
                 key, node, f"setup failed on Dask worker {address}: {exception}"
             )

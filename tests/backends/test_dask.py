@@ -1027,3 +1027,57 @@ def test_the_executor_on_dask_keeps_the_concurrent_futures_semantics(
     assert out["chunks"] == [5, 4, 3, 2, 1]
     assert out["not_callable"] == "'int' object is not callable"
     assert out["cancelled_at_shutdown"] >= 1 and out["all_done"]
+
+
+SETUP_ON_A_NEW_WORKER_PROGRAM = """
+from distributed import Client
+
+MARKER = None
+
+
+def setup():
+    if os.path.exists(MARKER):
+        raise RuntimeError("no data here")
+    return 0
+
+
+def compute(x):
+    return x
+
+
+def main(args):
+    global MARKER
+    MARKER = args["marker"]
+    logged = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())
+    logging.getLogger("dispynb").addHandler(handler)
+    with local_cluster(workers=1) as dask_cluster, Client(dask_cluster) as client:
+        engine = DaskEngine(dask_cluster)
+        with dispynb.JobCluster(compute, engine=engine, setup=setup) as cluster:
+            assert cluster.submit(1)() == 1
+            open(MARKER, "w").close()
+            client.restart()  # the worker comes back: setup fails there now
+            deadline = time.monotonic() + 30
+            while not any("setup failed on Dask worker" in m for m in logged):
+                assert time.monotonic() < deadline, logged
+                time.sleep(0.05)
+            job = cluster.submit(2)
+            job()
+            return {"status": int(job.status), "reason": job.exception}
+"""
+
+
+def test_a_job_on_a_worker_whose_setup_failed_names_the_users_file_and_line(
+    net: Network, tmp_path: Path
+) -> None:
+    """The only worker came back and its setup failed: the job sent there ends
+    Abandoned, its reason giving setup's traceback with the user's file and
+    line, not the worker's ``<dynamic-code>``."""
+    out = run(net, tmp_path, SETUP_ON_A_NEW_WORKER_PROGRAM, marker=str(tmp_path / "m"))
+    reason = out["reason"]
+    assert out["status"] == int(JobStatus.Abandoned), out
+    assert reason.startswith("setup failed on Dask worker "), reason
+    assert "<dynamic-code>" not in reason, reason
+    assert re.search(r'File ".*client-\w+\.py", line \d+, in setup', reason), reason
+    assert reason.rstrip().endswith("RuntimeError: no data here"), reason
