@@ -237,21 +237,43 @@ def test_a_non_callable_raises_from_result_not_at_submit(executor) -> None:
     assert executor.submit(ident, 4).result(WAIT) == 4
 
 
-def test_a_queued_call_cancelled_its_callback_result_and_wait(make) -> None:
+@pytest.fixture
+def gate(tmp_path) -> Iterator[str]:
+    """A prefix of gate files (`gated`); all open when the test ends, whatever
+    happened (the executors are shut down waiting for their calls)."""
+    prefix = str(tmp_path / "gate")
+    try:
+        yield prefix
+    finally:
+        for i in range(2):
+            open(f"{prefix}{i}", "w").close()
+
+
+def _submit_behind_two(executor, gate: str) -> tuple[list[cf.Future], cf.Future]:
+    """Two calls running in the workers, one until the file ``gate0`` exists,
+    the other until ``gate1`` does; three waiting for a worker (the pool's queue
+    is then full, so the next call stays pending there); a last one behind them
+    (its ``cancel()`` returns True): the first two calls, and the last."""
+    first = [
+        executor.submit(gated, i, f"{gate}{i}", f"{gate}{i}.started") for i in range(2)
+    ]
+    for i in range(2):
+        wait_for_path(f"{gate}{i}.started")
+    for i in range(3):
+        executor.submit(gated, 2 + i, f"{gate}1")
+    return first, executor.submit(gated, 9, f"{gate}1")
+
+
+def test_a_queued_call_cancelled_its_callback_result_and_wait(make, gate) -> None:
     """``cancel()`` of a call waiting behind busy workers: True, its callbacks
     have run when it returns (seeing it cancelled: they ran later, on the
     callback thread, for a call the node had to answer for), ``result()`` and
     ``exception()`` raise ``CancelledError``; a running call is not cancelled."""
     executor = make()
+    running, queued = _submit_behind_two(executor, gate)
     # Another call's slow callback: dispynb's callback thread is busy meanwhile.
-    executor.submit(ident, 0).add_done_callback(lambda f: time.sleep(0.5))
-    running = [executor.submit(nap, i, 1.0) for i in range(2)]
-    executor.submit(nap, 2, 1.0)  # the pool hands one more to its queue at once
-    queued = executor.submit(nap, 9, 1.0)
-    deadline = time.monotonic() + WAIT
-    while not all(f.running() for f in running):
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    running[0].add_done_callback(lambda f: time.sleep(0.5))
+    open(f"{gate}0", "w").close()
     seen: list[bool] = []
     queued.add_done_callback(lambda f: seen.append(f.cancelled()))
     assert queued.cancel() and queued.cancelled() and queued.done()
@@ -260,7 +282,8 @@ def test_a_queued_call_cancelled_its_callback_result_and_wait(make) -> None:
         queued.result(0)
     with pytest.raises(cf.CancelledError):
         queued.exception(0)
-    assert not running[0].cancel()
+    assert not running[1].cancel()
+    open(f"{gate}1", "w").close()
     done, pending = cf.wait([*running, queued], timeout=WAIT)
     assert queued in done
     assert pending == set() and [f.result() for f in running] == [0, 1]
@@ -283,38 +306,12 @@ def test_a_done_callback_may_submit_the_next_call(executor) -> None:
     assert chain == [0, 1, 2, 3, 4]
 
 
-@pytest.fixture
-def gate(tmp_path) -> Iterator[str]:
-    """A prefix of gate files (`gated`); all open when the test ends, whatever
-    happened (the executors are shut down waiting for their calls)."""
-    prefix = str(tmp_path / "gate")
-    try:
-        yield prefix
-    finally:
-        for i in range(2):
-            open(f"{prefix}{i}", "w").close()
-
-
-def _submit_behind_two(executor, gate: str) -> tuple[cf.Future, cf.Future]:
-    """Two calls running in the workers, one until the file ``gate0`` exists,
-    the other until ``gate1`` does; three waiting for a worker (the pool's queue
-    is then full); a last one behind them (its ``cancel()`` returns True): the
-    first call, and the last."""
-    first = executor.submit(gated, 0, f"{gate}0", f"{gate}0.started")
-    executor.submit(gated, 1, f"{gate}1", f"{gate}1.started")
-    for i in range(2):
-        wait_for_path(f"{gate}{i}.started")
-    for i in range(3):
-        executor.submit(gated, 2 + i, f"{gate}1")
-    return first, executor.submit(gated, 9, f"{gate}1")
-
-
 def test_cancel_waits_for_no_other_calls_callback(make, gate) -> None:
     """Another call's callback waits for a lock this thread holds: ``cancel()``
     of a queued call still returns at once, its own callback run (dispynb waited
     for every callback queued before, up to 30 s, and returned without it)."""
     executor = make()
-    ends, queued = _submit_behind_two(executor, gate)
+    (ends, _), queued = _submit_behind_two(executor, gate)
     lock = threading.Lock()
     blocked = threading.Event()
 
@@ -339,7 +336,7 @@ def test_cancel_from_a_callback_runs_the_cancelled_ones_callbacks(make, gate) ->
     """A callback cancelling a queued call: True, that call's callbacks run by
     then (dispynb's ran later, behind the cancelling one), no deadlock."""
     executor = make()
-    ends, queued = _submit_behind_two(executor, gate)
+    (ends, _), queued = _submit_behind_two(executor, gate)
     seen: list[bool] = []
     queued.add_done_callback(lambda f: seen.append(f.cancelled()))
     answers: list[tuple[bool, list[bool]]] = []
