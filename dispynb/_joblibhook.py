@@ -54,7 +54,7 @@ def _make_backend(**kwargs: Any) -> Any:
     except ImportError as exc:
         raise ImportError(
             f"joblib's backend 'dispynb' cannot load ({exc}): it needs joblib>=1.3 "
-            "(pip install 'dispynb[joblib]')"
+            "(pip install 'joblib>=1.3', or '.[joblib]' in dispynb's checkout)"
         ) from exc
     return DispynbBackend(**kwargs)
 

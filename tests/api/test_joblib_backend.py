@@ -103,7 +103,7 @@ def test_a_backend_that_cannot_load_says_what_to_do():
     )
     (message,) = _run_script(code)
     assert message.startswith("joblib's backend 'dispynb' cannot load (")
-    assert "pip install 'dispynb[joblib]'" in message
+    assert "pip install 'joblib>=1.3'" in message
 
 
 def test_parallel_and_cross_val_score_on_the_default_backend():
