@@ -6,7 +6,7 @@ import copy
 import logging
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from dispynb import config as dispy_config
 from dispynb.cluster import JobCluster
@@ -14,6 +14,9 @@ from dispynb.errors import ConfigurationError
 from dispynb.job import DispyJob
 from dispynb.node import DispyNode, NodeAllocate
 from dispynb.transport.addressing import format_address, parse_address
+
+if TYPE_CHECKING:
+    from dispynb.backends.scheduler import SchedulerBackend
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +32,10 @@ class SharedJobCluster(JobCluster):
     ``DISPYNB_SECRET_FILE``). ``exclusive=True`` asks for the nodes alone: the
     computation's jobs run once other users' running jobs ended, and no other
     user's job starts while it is open. Everything else is as for `JobCluster`,
-    except that the scheduler manages the nodes: the node-management methods
-    (``set_node_cpus``, ``close_node``...) raise `NotSupportedError`;
+    except that the scheduler manages the nodes: ``deallocate_node`` and
+    ``allocate_node`` take a node out of this cluster's use and give it back (as
+    dispy's), ``set_node_cpus``, ``close_node`` and ``resetup_node`` raise
+    `NotSupportedError`;
     ``submit_node`` runs a job on the node given only, as dispy's (``Abandoned``
     if that node leaves first). ``status()``, ``print_status()``, the web monitor
     and the notebook panels list the real nodes behind the scheduler, with this
@@ -113,6 +118,67 @@ class SharedJobCluster(JobCluster):
             engine=SchedulerEngine(address, exclusive=exclusive),
             **options,
         )
+
+    def deallocate_node(self, node: Any) -> int:
+        """Send ``node`` no more of this cluster's jobs; 0, or -1 (logged why).
+
+        Through a scheduler, as dispy's: the scheduler sends this computation's
+        jobs elsewhere (its jobs there finish; other users' jobs still go there),
+        and ``submit_node`` to it returns None, until `allocate_node` gives it
+        back (or the node leaves: when it comes back it is used again)."""
+        shared, node_id = self._through_scheduler("deallocate_node", node)
+        if not shared:
+            return super().deallocate_node(node)
+        if not node_id or self._manage(node_id, "deallocate", "deallocate_node"):
+            return -1
+        self._deallocated.add(node_id)
+        return 0
+
+    def allocate_node(self, node: Any) -> int:
+        """Use ``node`` for this cluster's jobs again; 0, or -1 (logged why).
+
+        Through a scheduler, as dispy's: a node `deallocate_node` took out gets
+        this computation's jobs again. Only the scheduler's operator adds nodes
+        (it sets the computation up on each of them): a node that is not one of
+        this cluster's cannot be allocated (-1)."""
+        shared, node_id = self._through_scheduler("allocate_node", node)
+        if not shared:
+            return super().allocate_node(node)
+        if not node_id or self._manage(node_id, "allocate", "allocate_node"):
+            return -1
+        self._deallocated.discard(node_id)
+        return 0
+
+    def _through_scheduler(self, what: str, node: Any) -> tuple[bool, str]:
+        """Whether the cluster runs through a scheduler, and then the id of
+        ``node`` among its nodes ("" if it is none of them, or the cluster is
+        closed: logged, with ``what``, the user's method)."""
+        from dispynb.backends.scheduler import SchedulerEngine
+
+        if not isinstance(self.engine, SchedulerEngine):
+            return False, ""
+        node_id = None if self._closed else self._node_id(node)
+        if node_id is None:
+            logger.warning(
+                "%s: %r is none of the nodes the scheduler runs this cluster on%s",
+                what,
+                node,
+                " (the cluster is closed)" if self._closed else "",
+            )
+        return True, node_id or ""
+
+    def _manage(self, node_id: str, action: str, what: str) -> int:
+        """Have the scheduler apply ``action`` to the node; 0, or -1 (logged)."""
+        backend = cast("SchedulerBackend | None", self._backend)
+        error = (
+            "the cluster is closed"
+            if backend is None
+            else backend.manage_node(node_id, action, what)
+        )
+        if error:
+            logger.warning("%s: %s", what, error)
+            return -1
+        return 0
 
     def node_jobs(self, node: Any, from_node: bool = False) -> list[DispyJob] | int:
         """The jobs of this cluster running on ``node`` now; ``[]`` for a node the

@@ -67,6 +67,9 @@ _KEPT_KINDS = (JobResults, ResultChunk, JobProvisional, FileFromNode, JobsPlaced
 #: Room for a message's header (a file's path at most a few KiB), lengths and MAC.
 _HEADER_ROOM = 64 * 1024
 
+#: The `NodeManage` actions the scheduler takes (`SharedComputation.manage`).
+NODE_ACTIONS = ("allocate", "deallocate")
+
 #: How a results message's header ends, and a job handed back in one.
 _RESULTS_OP = pack_header({"op": JobResults.op})[1:]
 _RETURNED = pack_header({"": RETURNED})[2:]
@@ -381,6 +384,25 @@ class SharedComputation(_JobFiles, _SentFiles):
             and upstream.node.alive
             and not upstream.node.leaving
         )
+
+    def manage(self, node: str, action: str) -> str:
+        """Its client's ``deallocate_node`` (``action`` ``"deallocate"``: none of
+        its jobs go to ``node`` from now on; those there finish, those pinned to
+        it wait) or ``allocate_node`` (``"allocate"``: they go there again) of
+        one of its nodes; '' once done, else why not (for the client)."""
+        if action not in NODE_ACTIONS:
+            return f"the scheduler knows no node action {peer_text(action, 50)}"
+        if action == "allocate":
+            self.account.taken_out.discard(node)  # (also of a node gone since)
+        if not self.serves(node):
+            return (
+                f"node {peer_text(node, 200)} does not run this computation now (it "
+                "left, or never was one of its nodes)"
+            )
+        if action == "deallocate":
+            self.account.taken_out.add(node)
+        logger.info("%s: its client %sd node %s", self.name, action, node)
+        return ""
 
     def take(self, node: str) -> QueuedJob:
         """The next queued job that may run on ``node`` (one `Account.takes` says
@@ -706,6 +728,9 @@ class SharedComputation(_JobFiles, _SentFiles):
         upstream.ready = False
         upstream.ended = True
         self.account.nodes.discard(upstream.node.name)
+        # Its client forgets it took the node out (the node left): back in use
+        # when it is set up again, for both.
+        self.account.taken_out.discard(upstream.node.name)
         stopping = upstream.node.stopping
         self._left[upstream.node.name] = (
             f"it stopped: {stopping}" if stopping else f"it was lost ({reason})"
@@ -835,4 +860,4 @@ def _stranded(job: QueuedJob, why: str) -> ResultEntry:
     )
 
 
-__all__ = ["QueuedJob", "SharedComputation", "Upstream"]
+__all__ = ["NODE_ACTIONS", "QueuedJob", "SharedComputation", "Upstream"]

@@ -35,6 +35,9 @@ class Account:
     #: Of ``queued``, those pinned to one node (``submit_node``), per node name:
     #: only that node takes them.
     pinned: dict[str, int] = field(default_factory=dict)
+    #: Nodes its client took out (``deallocate_node``): none of its jobs go there
+    #: until it gives them back (``allocate_node``) or they leave.
+    taken_out: set[str] = field(default_factory=set)
 
     def takes(self, node: str) -> bool:
         """Whether one of its queued jobs may run on ``node``."""
@@ -90,7 +93,12 @@ class FairShare:
         best: Account | None = None
         best_rank: tuple[int, int, int, int] | None = None
         for account in accounts:
-            if account.held or node not in account.nodes or not account.takes(node):
+            if (
+                account.held
+                or node not in account.nodes
+                or node in account.taken_out
+                or not account.takes(node)
+            ):
                 continue
             user_flight = self._in_flight.get(account.user, 0)
             if self.max_cpus is not None and user_flight >= self.max_cpus:

@@ -33,7 +33,7 @@ from dispynb.protocol.records import avail_figures
 from dispynb.transport.connection import Connection, describe_error
 from dispynb.transport.connector import connect
 from dispynb.wording import counted
-from schedserver.computation import SharedComputation, Upstream
+from schedserver.computation import NODE_ACTIONS, SharedComputation, Upstream
 from schedserver.config import NODE_TLS_OPTIONS
 from schedserver.state import NodeState, _ServerState, logger
 
@@ -357,6 +357,7 @@ class _NodeLinks(_ServerState):
                         workers=max(1, self.total_cpus()),
                         acks_journaled=comp.kept.tracking,
                         pins=True,  # submit_node: `SharedComputation.take`
+                        manages=list(NODE_ACTIONS),  # `SharedComputation.manage`
                     )
                 )
             comp.report_nodes()

@@ -33,6 +33,8 @@ from dispynb.protocol.messages import (
     JobResults,
     JobSubmit,
     Message,
+    NodeManage,
+    NodeManaged,
     NodeStatus,
     Ping,
     Recover,
@@ -488,6 +490,20 @@ class SchedulerSession:
             server.recover(self, message)
         elif isinstance(message, ResultsJournaled):
             self._on_journaled(message)
+        elif isinstance(message, NodeManage):
+            comp = self._comp(message.comp_id)
+            error = (
+                comp.manage(message.node, message.action)
+                if comp is not None and not comp.closing
+                else f"no computation {message.comp_id} open here"
+            )
+            self.send(
+                NodeManaged(
+                    comp_id=message.comp_id, request=message.request, error=error
+                )
+            )
+            if not error:
+                server.schedule()  # (allocated: its jobs may go there now)
         else:
             self._refuse(f"unexpected {message.op!r} from a client")
         return False

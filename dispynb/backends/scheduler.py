@@ -13,8 +13,10 @@ and `SchedulerBackend` turns the reports into node events for the façade, so th
 ``status()``, ``print_status()``, the web monitor and the notebook panels list the
 real nodes. Jobs go to the scheduler, which chooses their nodes, except for a job
 pinned to one (``submit_node``): the scheduler runs it there and nowhere else (it
-ends ``Abandoned`` if that node leaves first). Managing nodes (``set_node_cpus``,
-``close_node``...) is the operator's, not a client's.
+ends ``Abandoned`` if that node leaves first). A node may be taken out of this
+computation's use and given back (``deallocate_node``, ``allocate_node``:
+`SchedulerBackend.manage_node`, which `SharedJobCluster` calls); managing nodes
+otherwise (``set_node_cpus``, ``close_node``...) is the operator's, not a client's.
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ class SchedulerEngine(NodeEngine):
 
     name = "scheduler"
     #: The scheduler chooses the nodes: ``nodes=`` (``%%dispy --on``) selects none,
-    #: and only its operator manages them; a job may be pinned to one of them.
+    #: and only its operator manages them (`SharedJobCluster` takes one out of
+    #: its use and gives it back itself); a job may be pinned to one of them.
     features: frozenset[str] = base.ALL_FEATURES - {
         base.SELECT_NODES,
         base.NODE_MANAGEMENT,
@@ -291,6 +294,24 @@ class SchedulerBackend(NodesBackend):
             for key, placed in self._placed.items()
             if placed == node_id and (key in started or key in reported)
         ]
+
+    def manage_node(self, node_id: str, action: str, what: str) -> str:
+        """Have the scheduler apply ``action`` (``"deallocate"``, ``"allocate"``:
+        a `NodeManage` one) to the node ``node_id`` behind it, for this computation
+        alone; '' once done, else why not. ``what``: the user's method, named in
+        the `NotSupportedError` raised if the scheduler predates it."""
+        return str(self._runner.run_sync(self._manage, node_id, action, what))
+
+    async def _manage(self, node_id: str, action: str, what: str) -> str:
+        link = self.driver.nodes.get(self._scheduler)
+        if link is None or link.conn is None or not link.ready:
+            return "the scheduler is not connected"
+        if action not in link.manages:
+            raise NotSupportedError(
+                f"{what}: the scheduler at {self._scheduler} predates it: upgrade "
+                "dispynb-scheduler to this client's version"
+            )
+        return await self.driver.manage_node(link, node_id, action)
 
     def send_file(self, node_id: str, ref: FileRef) -> str:
         """Through the scheduler, which places the file on each node it set the

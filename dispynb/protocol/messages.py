@@ -385,12 +385,16 @@ class ComputationReady(WireMessage):
 
     ``pins``: a shared scheduler that runs a job on the node its `JobSubmit` pins
     it to (``submit_node``); never a node server, nor a scheduler that predates it.
+
+    ``manages``: the `NodeManage` actions a shared scheduler takes for this
+    computation (``deallocate_node``...); never from a node server.
     """
 
     comp_id: int
     workers: int
     acks_journaled: bool = False
     pins: bool = False
+    manages: list[str] = dataclasses.field(default_factory=list)
 
 
 @message("computation-failed")
@@ -582,6 +586,34 @@ class JobsPlaced(WireMessage):
     node: str
     keys: list[int]
     attempts: list[int] = dataclasses.field(default_factory=list)
+
+
+@message("node-manage")
+class NodeManage(WireMessage):
+    """Client -> shared scheduler: how the computation uses ``node`` (the
+    `dispynb.protocol.records.SharedNodeEntry` ``node_id`` of one of its nodes).
+
+    ``action`` ``"deallocate"`` (``deallocate_node``): no more of its jobs go there
+    (those there finish; its jobs pinned to it wait); ``"allocate"``
+    (``allocate_node``): they go there again. Sent only for an action the
+    scheduler's `ComputationReady` listed in ``manages``; answered with
+    `NodeManaged`.
+    """
+
+    comp_id: int
+    request: int
+    node: str
+    action: str
+
+
+@message("node-managed")
+class NodeManaged(WireMessage):
+    """Shared scheduler -> client: answer to `NodeManage`; ``error`` is empty once
+    done, else why it was not."""
+
+    comp_id: int
+    request: int
+    error: str = ""
 
 
 @message("files-missing")

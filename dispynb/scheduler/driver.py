@@ -40,6 +40,7 @@ from dispynb.protocol.messages import (
     JobResults,
     JobsPlaced,
     Message,
+    NodeManaged,
     NodeStatus,
     ResultChunk,
     SchedulerNodes,
@@ -102,6 +103,8 @@ class Driver(DriverNodes):
             ]
         ] = collections.deque()
         self._files: dict[str, FileRef] = {}  # by digest: what nodes may ask for
+        # Requests waiting for their answer's error ("": done) by number: files
+        # placed (`send_file`), a shared scheduler's nodes managed (`manage_node`).
         self._placements: dict[int, asyncio.Future[str]] = {}
         # Large results arriving in chunks: (node, key, attempt) -> index ->
         # [bytearray or BytesIO, bytes received, size]; None once refused.
@@ -141,6 +144,7 @@ class Driver(DriverNodes):
             ResultChunk: self._on_chunk,
             FileFromNode: self._on_file,
             FilePlaced: self._on_placed,
+            NodeManaged: self._on_placed,  # (the same request and error)
             ComputationReady: self._on_ready,
             ComputationFailed: self._on_failed,
             ComputationClosed: self._on_closed,
@@ -206,7 +210,10 @@ class Driver(DriverNodes):
                 self._post(link, answer)
 
     def _on_placed(
-        self, link: NodeLink, message: FilePlaced, buffers: list[memoryview]
+        self,
+        link: NodeLink,
+        message: FilePlaced | NodeManaged,
+        buffers: list[memoryview],
     ) -> None:
         placed = self._placements.pop(message.request, None)
         if placed is not None and not placed.done():
@@ -260,6 +267,7 @@ class Driver(DriverNodes):
         link.cpus = message.workers
         link.acks_journaled = message.acks_journaled
         link.takes_pins = message.pins is True
+        link.manages = frozenset(a for a in message.manages if type(a) is str)
         self.events.node_ready(link)
         if self._large and link.shared_memory:
             cap = SHM_JOBS_PER_CPU * max(1, link.cpus)

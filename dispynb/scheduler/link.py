@@ -68,6 +68,8 @@ class NodeLink:
     #: A shared scheduler that runs a job on the node it is pinned to
     #: (`ComputationReady.pins`): ``submit_node`` goes through it.
     takes_pins: bool = False
+    #: The `NodeManage` actions a shared scheduler takes (`ComputationReady.manages`).
+    manages: frozenset[str] = frozenset()
     setting_up: bool = False
     jobs_done: int = 0
     cpu_time: float = 0.0

@@ -21,6 +21,7 @@ from dispynb.protocol.messages import (
     JobCancel,
     JobSubmit,
     Message,
+    NodeManage,
 )
 from dispynb.protocol.shmpool import SegmentPool
 from dispynb.scheduler.events import (
@@ -204,6 +205,29 @@ class DriverOutbox:
                 return await placed
         except (DispynbError, OSError, TimeoutError) as exc:
             return f"cannot send {ref.relative} to {node_id}: {describe_error(exc)}"
+        finally:
+            self._placements.pop(request, None)
+
+    async def manage_node(self, link: NodeLink, node: str, action: str) -> str:
+        """Ask the shared scheduler of ``link`` to apply ``action`` (a `NodeManage`
+        one it takes) to ``node`` for this computation; '' or why it did not."""
+        request = next(self._requests)
+        answer: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._placements[request] = answer
+        try:
+            self._post(
+                link,
+                NodeManage(
+                    comp_id=self.config.comp_id,
+                    request=request,
+                    node=node,
+                    action=action,
+                ),
+            )
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                return await answer
+        except (DispynbError, OSError, TimeoutError) as exc:
+            return f"no answer from the scheduler {link.node_id}: {describe_error(exc)}"
         finally:
             self._placements.pop(request, None)
 

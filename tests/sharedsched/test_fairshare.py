@@ -50,6 +50,19 @@ def test_computation_not_set_up_on_the_node_gets_no_slot_there() -> None:
     assert fair.pick([alice], "n2") is alice
 
 
+def test_a_node_taken_out_gets_none_of_that_computations_jobs() -> None:
+    """deallocate_node: alice's computation gets no slot of n1 (bob's does, alone
+    there), until she gives it back."""
+    fair = FairShare()
+    alice, bob = account("alice", 1), account("bob", 2)
+    alice.taken_out.add("n1")
+    assert fair.pick([alice, bob], "n1") is bob
+    assert fair.pick([alice], "n1") is None
+    assert fair.pick([alice], "n2") is alice
+    alice.taken_out.discard("n1")
+    assert fair.pick([alice], "n1") is alice
+
+
 def test_jobs_pinned_to_a_node_go_to_that_node_only() -> None:
     """submit_node: a computation whose queued jobs are all pinned to n2 gets no
     slot of n1 (another user's job takes it) but one of n2; with a job for any

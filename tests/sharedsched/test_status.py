@@ -150,12 +150,12 @@ def test_status_print_status_and_monitor_list_the_nodes_behind_the_scheduler(
             monitor.shutdown(wait=False)
         node = alice.status().nodes[0]
         # As the migration guide says: only the scheduler's operator manages the
-        # nodes (submit_node goes through: tests/sharedsched/test_submit_node.py).
+        # nodes (submit_node goes through: tests/sharedsched/test_submit_node.py;
+        # so do deallocate_node and allocate_node: test_node_use.py).
         for refused_call in (
             lambda: alice.set_node_cpus(node, 1),
-            lambda: alice.allocate_node(node),
-            lambda: alice.deallocate_node(node),
             lambda: alice.close_node(node),
+            lambda: alice.resetup_node(node),
         ):
             with pytest.raises(NotSupportedError):
                 refused_call()

@@ -255,12 +255,20 @@ METHODS = [
     Name("submit_job_id_node"),
     Name("cancel"),
     Name("discover_nodes"),
-    Name("allocate_node", differs=_SCHEDULER_CHOOSES),
+    Name(
+        "allocate_node",
+        note="Also through a ``dispynb-scheduler``, as dispy's: it gives back a "
+        "node ``deallocate_node`` took out; a node that is not one of the "
+        "cluster's returns -1 (only the scheduler's operator adds nodes).",
+    ),
     Name(
         "deallocate_node",
         differs="As dispy's, the node gets no job, ``submit_node`` to it returns "
         "None, until ``allocate_node`` gives it back; ``set_node_cpus`` with a "
-        "positive count gives it back too (dispy's did not). " + _SCHEDULER_CHOOSES,
+        "positive count gives it back too (dispy's did not). Also through a "
+        "``dispynb-scheduler``, as dispy's: the scheduler sends that cluster's "
+        "jobs elsewhere (those there finish, those pinned to it wait), other "
+        "users' still go there.",
     ),
     Name("close_node", differs=_SCHEDULER_CHOOSES),
     Name("resetup_node"),

@@ -1,0 +1,85 @@
+"""``deallocate_node`` and ``allocate_node`` through a shared scheduler, as dispy's
+SharedJobCluster has them: a node taken out gets none of that cluster's jobs (its
+jobs there finish, those pinned to it wait; other users' jobs still go there) until
+``allocate_node`` gives it back."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from dispynb import DispyNode, LocalCluster, SharedJobCluster
+from dispynb.job import JobStatus
+from tests.jobs import wait_until
+from tests.sharedsched.harness import SchedulerProcess
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+
+WAIT = 30.0
+
+
+def where(seconds: float) -> str:
+    """Sleep, then say which node ran the job."""
+    import time
+
+    time.sleep(seconds)
+    return dispy_node_name  # type: ignore[name-defined]  # noqa: F821
+
+
+def by_name(cluster: SharedJobCluster) -> dict[str, DispyNode]:
+    return {node.name: node for node in cluster.status().nodes}
+
+
+def test_a_deallocated_node_gets_none_of_the_clusters_jobs_until_allocated(
+    scheduler: SchedulerProcess,
+    nodes: LocalCluster,
+    users: dict[str, Path],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    first, second = nodes.names
+    with (
+        SharedJobCluster(
+            where, scheduler_host=scheduler.address, secret_file=str(users["alice"])
+        ) as alice,
+        SharedJobCluster(
+            where, scheduler_host=scheduler.address, secret_file=str(users["bob"])
+        ) as bob,
+    ):
+        wait_until(lambda: sorted(by_name(alice)) == [first, second])
+        wait_until(lambda: sorted(by_name(bob)) == [first, second])
+        node = by_name(alice)[first]
+        # Two of alice's jobs run there, two more pinned to it wait at the scheduler.
+        pinned = [alice.submit_node(node, 1.0) for _ in range(4)]
+        assert all(job is not None for job in pinned)
+        wait_until(lambda: sum(job.status == JobStatus.Running for job in pinned) == 2)
+        running = [job for job in pinned if job.status == JobStatus.Running]
+        waiting = [job for job in pinned if job not in running]
+
+        assert alice.deallocate_node(node) == 0
+        for job in running:  # those there finish
+            assert job() == first, (job.status, job.exception)
+        # None of her jobs go there now, with its 2 CPUs idle: all run on the other.
+        assert {job() for job in [alice.submit(0.2) for _ in range(6)]} == {second}
+        assert all(job.status == JobStatus.Created for job in waiting)
+        assert alice.submit_node(node, 0.0) is None  # as dispy's
+        # Only alice took it out: bob's jobs still go there.
+        assert bob.submit_node(first, 0.0)() == first
+
+        assert alice.allocate_node(first) == 0
+        for job in waiting:  # given back: the jobs pinned to it run there
+            assert job() == first, (job.status, job.exception)
+        spread = [alice.submit(0.5) for _ in range(8)]  # for her 4 CPUs
+        assert {job() for job in spread} == {first, second}
+        submitted = alice.submit_node(node, 0.0)
+        assert submitted is not None and submitted() == first
+
+        # A node the scheduler does not run the cluster on: -1, said why.
+        with caplog.at_level(logging.WARNING, logger="dispynb.shared"):
+            assert alice.deallocate_node("no-such-node") == -1
+            assert alice.allocate_node("127.0.0.1:1") == -1
+        assert "none of the nodes the scheduler runs this cluster on" in caplog.text
+    log = scheduler.log_text()
+    assert f"alice/where: its client deallocated node {node.ip_addr}:" in log
+    assert f"alice/where: its client allocated node {node.ip_addr}:" in log
