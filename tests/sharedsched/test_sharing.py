@@ -281,6 +281,6 @@ def test_a_stopped_scheduler_says_so_to_its_users(
     for job in jobs:
         assert job.status == JobStatus.Abandoned
         assert job.exception == (
-            f"node {scheduler.address} stopped: the scheduler is shutting down "
+            f"scheduler {scheduler.address} stopped: the scheduler is shutting down "
             "(SIGTERM)"
         ), job.exception
