@@ -142,6 +142,11 @@ def test_reentrant_runs_a_lost_nodes_jobs_on_the_other_node(tmp_path: Path) -> N
         while not k.value("moved.counts().running"):  # the run saw a job start
             assert time.monotonic() < deadline, "no job started"
             time.sleep(0.05)
+        # The node says a job started as it hands it to a worker: its mark comes
+        # a moment later (a CI run under load looked before it).
+        while not any(marks.iterdir()):
+            assert time.monotonic() < deadline, "no job wrote its mark"
+            time.sleep(0.05)
         lost = int(next(marks.iterdir()).name.split("-")[1])  # local-N runs it
         doomed = _below(nodes[lost : lost + 1])
         os.kill(nodes[lost], signal.SIGKILL)  # under its job
