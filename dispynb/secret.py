@@ -288,8 +288,14 @@ def fingerprint(secret: bytes) -> str:
 
 
 def random_secret() -> str:
-    """Return a new random secret (256 bits, URL-safe text)."""
-    return secrets.token_urlsafe(32)
+    """Return a new random secret (256 bits, URL-safe text).
+
+    It never begins with ``-``: dispy's node command line takes it as ``-s SECRET``,
+    where a value beginning with ``-`` reads as an option (1 draw in 64 would).
+    """
+    while (secret := secrets.token_urlsafe(32)).startswith("-"):
+        pass
+    return secret
 
 
 def estimate_bits(secret: bytes) -> float:

@@ -36,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import secrets
 import socket
 import threading
 from types import TracebackType
@@ -54,7 +53,7 @@ from dispynb.deploy.launcherstate import Subscriber as Subscriber
 from dispynb.deploy.registrations import _Registrations
 from dispynb.deploy.registry import Registrar
 from dispynb.errors import ConfigurationError
-from dispynb.secret import resolve_secret
+from dispynb.secret import random_secret, resolve_secret
 
 if TYPE_CHECKING:
     from dispynb.deploy.adaptive import ScalableCluster
@@ -118,7 +117,7 @@ class NodeLauncher(_Registrations[Handle]):
     ) -> None:
         resolved = resolve_secret(secret)
         if resolved is None:
-            resolved = secrets.token_urlsafe(32).encode()
+            resolved = random_secret().encode()
         if b"\n" in resolved or b"\r" in resolved:
             raise ConfigurationError(
                 "a launcher hands the secret over as one line: it cannot hold a newline"

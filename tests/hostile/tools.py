@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import secrets
 import socket
 import struct
 import time
@@ -29,6 +28,7 @@ from dispynb.protocol.framing import (
 )
 from dispynb.protocol.handshake import ClientHandshake
 from dispynb.protocol.messages import Welcome, WireMessage, pack_header, unpack_header
+from dispynb.secret import random_secret
 from tests.nodeproc import CliNode, start_node
 
 #: Source address of attackers' sockets (the victim client uses 127.0.0.1).
@@ -76,7 +76,7 @@ def lowest_free_descriptor(pid: int) -> int:
 
 def strong_secret() -> str:
     """A secret as `dispynb secret` makes one (256 random bits)."""
-    return secrets.token_urlsafe(32)
+    return random_secret()
 
 
 def wait_for(

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dispynb.secret import random_secret
 from tests.nodeproc import node_env, write_secret_file
 
 #: Addresses of the hosts: ``10.77.0.1`` ... (the broadcast address is ``.255``).
@@ -363,7 +364,7 @@ def wait_node(node: NetNode, start: float) -> None:
 
 def new_secret_file(directory: Path) -> tuple[str, Path]:
     """A fresh random secret (256 bits) and its 0600 file."""
-    secret = secrets.token_urlsafe(32)
+    secret = random_secret()
     return secret, write_secret_file(directory / "secret", secret)
 
 
