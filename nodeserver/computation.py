@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from dispynb.errors import ConnectionClosedError, DispynbError
+from dispynb.jobenv import NOTE_BYTES, output_bytes, output_limit, with_dropped_note
 from dispynb.protocol.messages import CANCELLED, CRASHED, FINISHED, Message
 from dispynb.protocol.records import ResultEntry, Utf8Text
 from nodeserver.budget import CpuBudget
@@ -120,16 +121,55 @@ def _was_interrupted(done: Done) -> bool:
     return done.outcome != FINISHED and word in exception  # type: ignore[operator]
 
 
-def _texts(done: Done) -> tuple[Any, Any, Any]:
+def _texts(done: Done, limit: int, why: str) -> tuple[Any, Any, Any]:
     """A job's stdout, stderr and traceback for its result entry: those its worker
     sent as UTF-8 bytes (`Done.utf8`) kept so (`Utf8Text`), never decoded here. A
     traceback is text whatever the flags say (a job forging its worker's `Done`
-    with one in bytes made its client drop the node, failing on it)."""
+    with one in bytes made its client drop the node, failing on it).
+
+    Each is kept to ``limit`` characters (``why``: `output_limit`) here too: the
+    worker cuts them, but the job runs in it and may send its own `Done` (its
+    client got 8 MiB of output with max_output_size=1000)."""
     texts: list[Any] = [done.stdout, done.stderr, done.exception]
     for index, letter in enumerate("oex"):
-        if (letter in done.utf8 or letter == "x") and isinstance(texts[index], bytes):
-            texts[index] = Utf8Text(texts[index])
+        text, name = texts[index], _TEXT_NAMES[index]
+        if isinstance(text, str):
+            if len(text) > limit + NOTE_BYTES:
+                texts[index] = with_dropped_note(
+                    text[:limit], len(text) - limit, name, limit, why
+                )
+        elif not isinstance(text, bytes):
+            pass  # no traceback
+        elif letter in done.utf8 or letter == "x":
+            if len(text) > output_bytes(limit):
+                texts[index] = _cut_utf8(text, name, limit, why)
+            else:
+                texts[index] = Utf8Text(text)
+        elif len(text) > limit + NOTE_BYTES:  # a program's output, bytes as in dispy
+            texts[index] = (
+                text[:limit]
+                + (
+                    f"\n[dispynb: {len(text) - limit} more bytes of {name} dropped: a "
+                    f"job keeps {limit} ({why})]\n"
+                ).encode()
+            )
     return texts[0], texts[1], texts[2]
+
+
+#: What `_texts` calls a job's stdout, stderr and traceback in the note of a cut.
+_TEXT_NAMES = ("stdout", "stderr", "the traceback")
+
+#: UTF-8's continuation bytes, which begin no character.
+_CONTINUATION = bytes(range(0x80, 0xC0))
+
+
+def _cut_utf8(data: bytes, name: str, limit: int, why: str) -> str:
+    """The first ``limit`` characters of ``data`` (UTF-8, over what a job keeps:
+    only a job forging its worker's `Done` sends it), with the note saying how
+    many more there were; only the part kept is decoded."""
+    kept = data[: 4 * limit].decode("utf-8", "replace")[:limit]
+    total = len(data.translate(None, _CONTINUATION))
+    return with_dropped_note(kept, max(total - len(kept), 1), name, limit, why)
 
 
 class Computation(_JobStops, _WorkerLife, _JobFiles, _WorkStealing, _ComputationState):
@@ -554,10 +594,17 @@ class Computation(_JobStops, _WorkerLife, _JobFiles, _WorkStealing, _Computation
             # Finished with its value, as in dispy.
             finished = done.outcome == FINISHED
             exception: Any
-            if done.utf8 or type(done.exception) is bytes:
-                stdout, stderr, exception = _texts(done)
-            else:
-                stdout, stderr, exception = done.stdout, done.stderr, done.exception
+            stdout, stderr, exception = done.stdout, done.stderr, done.exception
+            if (
+                done.utf8
+                or type(exception) is bytes
+                or len(stdout) > NOTE_BYTES
+                or len(stderr) > NOTE_BYTES
+                or (exception is not None and len(exception) > NOTE_BYTES)
+            ):
+                limit = self._max_output()
+                why = output_limit(limit, self._max_size)
+                stdout, stderr, exception = _texts(done, limit, why)
             entry = ResultEntry(
                 key=job.key,
                 attempt=job.attempt,

@@ -153,3 +153,73 @@ def test_a_job_forging_messages_on_its_channel_floods_no_log(tmp_path: Path, mea
     )
     assert result == count
     assert lines <= 2, log[-2000:]
+
+
+def forge_large_output(kind: str, size: int) -> str:
+    """Send the node this job's `Done` with ``size`` characters of stdout, of
+    stderr and of traceback: as str ("text") or as its UTF-8 bytes flagged so
+    ("utf8"), whatever the job's max_output_size; then return."""
+    import time
+
+    from nodeserver.ipc import Done
+    from nodeserver.jobapi import CONTEXT
+
+    now = time.time()
+    text: str | bytes = "o" * size
+    if kind == "utf8":
+        text = text.encode()
+    done = Done(
+        key=CONTEXT.key,
+        attempt=CONTEXT.attempt,
+        outcome="raised",
+        start_time=now,
+        end_time=now,
+        stdout=text,
+        stderr=text,
+        exception=text,
+        utf8="oex" if kind == "utf8" else "",
+    )
+    CONTEXT.send(done, [])
+    return kind
+
+
+@pytest.mark.attack(
+    id="forged-done-output",
+    title="A job with max_output_size=1000 sends its node its own result with 8 M "
+    "(or 20,000) characters of stdout, stderr and traceback (as text, and as "
+    "UTF-8 bytes)",
+    goal="each kept to 1,000 characters with the marker saying how much was "
+    "dropped (was: 20,000 delivered whole; 8 M refused by the client, all output "
+    "lost)",
+)
+@pytest.mark.timeout(120)
+def test_a_job_forging_its_done_keeps_max_output_size(tmp_path: Path, measure):
+    limit = 1000
+    figures = []
+    with (
+        running_node(tmp_path / "node") as node,
+        JobCluster(
+            forge_large_output,
+            nodes=[node.spec],
+            secret=node.secret,
+            max_output_size=limit,
+        ) as cluster,
+    ):
+        # Over what the node streams (was: all of it; refused by the client, with
+        # the job's output lost), and under it (was: all of it delivered).
+        for kind, size in (("text", 8 * MiB), ("utf8", 8 * MiB), ("text", 20_000)):
+            job = cluster.submit(kind, size)
+            assert job.wait(60), "the job hangs"
+            texts = (job.stdout, job.stderr, job.exception)
+            lengths = ", ".join(str(len(t or "")) for t in texts)
+            figures.append(f"{kind} of {size}: {lengths} chars")
+            for text in texts:
+                assert isinstance(text, str), type(text)
+                kept, marker = text.rsplit("\n[dispynb: ", 1)
+                assert kept == "o" * limit
+                assert marker.startswith(f"{size - limit} more characters"), marker
+                assert "max_output_size" in marker
+        job = cluster.submit("text", 10)  # the node serves on; short output whole
+        job()
+        assert (job.stdout, job.exception) == ("o" * 10, "o" * 10)
+    measure("; ".join(figures) + " delivered (stdout, stderr, traceback)")
