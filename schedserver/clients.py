@@ -94,14 +94,16 @@ class _Clients(_ServerState):
         """A client back on a new session (it had lost the scheduler: a link cut,
         the scheduler frozen) sets its computation up again: it gave up on the jobs
         it left here (they ended Abandoned, or were submitted again). Kept for it,
-        they would run on for nobody, queued ones would even start: terminated."""
+        they would run on for nobody, queued ones would even start: terminated.
+        Also while its old session seems open (a cut link is noticed later): once
+        that ended, the computation would be kept for a recovery nobody makes."""
         if setup.recovery_id is None:
             return
         for old in list(self.computations):
             if (
                 old.user == session.user
                 and old.setup.recovery_id == setup.recovery_id
-                and old.session is None
+                and old.session is not session
                 and not old.closing
             ):
                 logger.info(
