@@ -121,6 +121,14 @@ def test_stopping_the_pages_unit_lets_a_running_job_finish(tmp_path: Path) -> No
         assert node.proc.wait(float(service["TimeoutStopSec"])) == 0
 
 
+#: Run by ``sh -c`` in a new network namespace: loopback up, then the command.
+_LO_UP = 'ip link set lo up && exec "$@"'
+
+
+@pytest.mark.skipif(
+    shutil.which("unshare") is None or shutil.which("ip") is None,
+    reason="needs unshare and ip (util-linux, iproute2) for a network namespace",
+)
 @pytest.mark.parametrize("program", sorted(PROGRAMS))
 def test_the_pages_unit_restarts_what_may_pass_not_a_setting_that_cannot_work(
     tmp_path: Path, program: str
@@ -144,9 +152,12 @@ def test_the_pages_unit_restarts_what_may_pass_not_a_setting_that_cannot_work(
         rest = ["--register_port", "0", "--users", str(tmp_path / "users")]
         rest += ["--dest_path_prefix", str(tmp_path / "spill")]
 
-    def exit_status(*args: str) -> int:
+    def exit_status(*args: str, isolated: bool = False) -> int:
+        # In a network namespace of its own (lo only) no address but loopback's
+        # is up, whatever this machine's interfaces have.
+        isolation = ["unshare", "-rn", "sh", "-c", _LO_UP, "sh"] if isolated else []
         return subprocess.run(
-            [*PROGRAMS[program], *args, *rest],
+            [*isolation, *PROGRAMS[program], *args, *rest],
             env=node_env(),
             stdin=subprocess.DEVNULL,
             capture_output=True,
@@ -157,9 +168,11 @@ def test_the_pages_unit_restarts_what_may_pass_not_a_setting_that_cannot_work(
     secret = tmp_path / "secret"
     secret.write_text("a-secret-long-enough-for-a-network-address-0123456789\n")
     secret.chmod(0o600)
-    # TEST-NET-1: on no interface here (bind sends nothing), as before the network
-    # is up at boot.
-    transient = exit_status("-i", "192.0.2.1", secret_option, str(secret))
+    # An address on no interface, as before the network is up at boot: TEST-NET-1
+    # may well be on one of this machine's (bind sends nothing).
+    transient = exit_status(
+        "-i", "192.0.2.1", secret_option, str(secret), isolated=True
+    )
     assert (setting, transient) == (2, 1)
     assert str(setting) in prevented, service.get("RestartPreventExitStatus")
     assert str(transient) not in prevented
