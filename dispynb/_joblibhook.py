@@ -79,11 +79,12 @@ class _JoblibFinder:
             spec = find_spec(fullname, path, target) if find_spec else None
             if spec is not None:
                 break
-        if spec is None:
-            return None
-        if spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return spec  # an unusual loader: left as is (import dispynb.joblib_backend)
-        spec.loader = cast("Loader", _RegisteringLoader(spec.loader))
+        if spec is None or spec.loader is None:
+            return spec  # not a module joblib could be: left to fail as it would
+        if hasattr(spec.loader, "exec_module"):
+            spec.loader = cast("Loader", _RegisteringLoader(spec.loader))
+        else:  # an import hook's loader of the old protocol: load_module only
+            spec.loader = cast("Loader", _RegisteringLegacyLoader(spec))
         return spec
 
 
@@ -104,3 +105,21 @@ class _RegisteringLoader:
             module.__spec__.loader = self._loader
         self._loader.exec_module(module)
         _register(module)
+
+
+class _RegisteringLegacyLoader:
+    """``joblib.parallel``'s own loader of the pre-3.4 protocol (``load_module``
+    only, as some import hooks still have), then the registration."""
+
+    def __init__(self, spec: ModuleSpec) -> None:
+        self._spec = spec
+        self._loader = spec.loader
+
+    def load_module(self, fullname: str) -> ModuleType:
+        # The spec keeps its own loader, as if this one had never been there.
+        self._spec.loader = self._loader
+        module: ModuleType = self._loader.load_module(fullname)  # type: ignore[union-attr]
+        if getattr(module, "__loader__", None) is None:
+            module.__loader__ = self._loader
+        _register(module)
+        return module

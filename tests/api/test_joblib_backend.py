@@ -92,6 +92,49 @@ def test_backend_dispynb_is_known_when_joblib_was_imported_first():
     assert _run_script(code) == ["False", "DispynbBackend", "DispynbBackend"]
 
 
+LEGACY_LOADER = """
+import importlib.util, sys, types
+
+
+class OldLoader:
+    # An import hook's loader of the old protocol: load_module, no exec_module.
+    def __init__(self, spec):
+        self.path = spec.origin
+
+    def load_module(self, name):
+        module = types.ModuleType(name)
+        module.__file__, module.__package__ = self.path, "joblib"
+        sys.modules[name] = module
+        with open(self.path) as file:
+            exec(compile(file.read(), self.path, "exec"), module.__dict__)
+        return module
+
+
+class Hook:
+    def find_spec(self, name, path=None, target=None):
+        if name != "joblib.parallel":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        return importlib.util.spec_from_loader(name, OldLoader(spec))
+
+
+sys.meta_path.insert(0, Hook())
+import dispynb, joblib
+with joblib.parallel_config(backend="dispynb"):
+    print(type(joblib.parallel.get_active_backend()[0]).__name__)
+module = sys.modules["joblib.parallel"]
+print(type(module.__loader__).__name__, type(module.__spec__.loader).__name__)
+"""
+
+
+def test_backend_dispynb_is_known_when_an_import_hook_loads_joblib():
+    """An import hook whose loader has only ``load_module`` (the protocol before
+    ``exec_module``) loading ``joblib.parallel``: the backend name is known all
+    the same, and the module keeps the hook's loader."""
+    assert _run_script(LEGACY_LOADER) == ["DispynbBackend", "OldLoader OldLoader"]
+
+
 def test_a_backend_that_cannot_load_says_what_to_do():
     code = (
         "import sys, dispynb, joblib\n"
