@@ -331,7 +331,7 @@ class Executor(concurrent.futures.Executor):
         except KeyboardInterrupt as interrupted:
             # Landing as the cluster's submit returned or the future was made,
             # the caller never gets the future to cancel: the call must not run.
-            self._stop_chunks((), blob)
+            self._stop_interrupted((), blob)
             raise interrupted.with_traceback(None) from None  # at the user's line
         return future
 
@@ -399,7 +399,7 @@ class Executor(concurrent.futures.Executor):
                 jobs.append(self._submit_chunk(key, blob, chunk))
             output = _cell_output(jobs, (fn, self._initializer))
         except KeyboardInterrupt as interrupted:
-            self._stop_chunks(jobs, blob)
+            self._stop_interrupted(jobs, blob)
             raise interrupted.with_traceback(None) from None  # at the user's line
         except BaseException:  # an argument that cannot be pickled, say
             self._cancel_chunks(self._unfinished(jobs, blob))  # no orphans left
@@ -441,13 +441,13 @@ class Executor(concurrent.futures.Executor):
         except KeyboardInterrupt as interrupted:
             if isinstance(interrupted.__cause__, RemoteError):  # a call's own
                 raise
-            self._stop_chunks(jobs, blob)
+            self._stop_interrupted(jobs, blob)
             raise interrupted.with_traceback(None) from None  # at the user's line
         finally:
             self._cancel_chunks(jobs)
 
-    def _stop_chunks(self, jobs: Iterable[DispyJob], blob: bytes) -> None:
-        """Stop the jobs of a ``map`` (or `submit`) interrupted (Ctrl-C, the
+    def _stop_interrupted(self, jobs: Iterable[DispyJob], blob: bytes) -> None:
+        """Stop the jobs of a ``map`` or `submit` interrupted (Ctrl-C, the
         notebook's Stop) as it submits or waits (``jobs``, and the one whose
         submit it cut short: `_unfinished`): the queued ones are cancelled and
         the running ones terminated, as %%dispy and `Run.map` stop theirs (a
@@ -458,10 +458,11 @@ class Executor(concurrent.futures.Executor):
             self.cluster._cancel_all(self._unfinished(jobs, blob))
 
     def _unfinished(self, jobs: Iterable[DispyJob], blob: bytes) -> list[DispyJob]:
-        """The jobs of a ``map`` not done: ``jobs``, and any other job of its
-        function's ``blob`` (its own bytes: each map and `submit` pickles anew).
-        An interrupt landing as the cluster's submit returned leaves the cluster
-        with a job the map never got: found that way, it is stopped too."""
+        """The jobs of a ``map`` or `submit` not done: ``jobs``, and any other job
+        of its function's ``blob`` (its own bytes: each map and `submit` pickles
+        anew). An interrupt landing as the cluster's submit returned leaves the
+        cluster with a job the caller never got: found that way, it is stopped
+        too."""
         own = [job for job in jobs if not job.done()]
         ids = {id(job) for job in own}
         stray = [
