@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import pickle
+import re
+import threading
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -402,15 +404,18 @@ class _Jobs(_DaskState):
 
 @contextlib.contextmanager
 def _no_large_graph_warning(size: int) -> Iterator[None]:
-    """Dask's "Sending large graph" warning ignored (and no other) while a job of
-    ``size`` bytes of arguments is submitted, if that many may raise it.
+    """Dask's "Sending large graph" warning ignored, in this thread only, while a
+    job of ``size`` bytes of arguments is submitted, if that many may raise it.
 
     Its advice does not apply to a job: load the data with Dask (the job's
     arguments are the user's values, sent once), or pass futures / scatter it
     (dispynb refuses a Future as an argument, and a scattered value would be lost
     with its worker: Dask could not run the job again elsewhere, as it does when
-    the arguments travel in the task). ``catch_warnings`` changes the process's
-    filters (before Python 3.14), so it is entered only for a job that large.
+    the arguments travel in the task). Not ``catch_warnings``: before Python
+    3.14 it swaps the process's filters, so another thread's own large-graph
+    warning would be ignored too, and a filter it added meanwhile dropped. One
+    filter of ours is added instead (it matches only this thread's warning) and
+    removed after; only for a job that large, the config read too.
     """
     if size <= SMALL_PAYLOAD:  # no config read per small job (the hot path)
         yield
@@ -422,9 +427,27 @@ def _no_large_graph_warning(size: int) -> Iterator[None]:
     if size < parse_bytes(threshold) // 2:  # the task's other bytes are far fewer
         yield
         return
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "Sending large graph", UserWarning)
+    # An "ignore" filter leaves nothing in the modules' warning registries, so it
+    # may come and go without invalidating them.
+    ours = ("ignore", _InThisThread("Sending large graph"), UserWarning, None, 0)
+    warnings.filters.insert(0, ours)  # type: ignore[attr-defined]
+    try:
         yield
+    finally:
+        with contextlib.suppress(ValueError):  # another thread's catch_warnings
+            warnings.filters.remove(ours)  # type: ignore[attr-defined]
+
+
+class _InThisThread:
+    """A warnings filter's message pattern: ``pattern`` at the start of a warning
+    raised by the thread that made it (filters call their pattern's ``match``)."""
+
+    def __init__(self, pattern: str) -> None:
+        self._pattern = re.compile(pattern)
+        self._thread = threading.get_ident()
+
+    def match(self, text: str) -> bool:
+        return threading.get_ident() == self._thread and bool(self._pattern.match(text))
 
 
 async def _settled(future: Any) -> None:
