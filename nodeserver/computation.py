@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import itertools
 import logging
 import operator
@@ -116,9 +117,11 @@ def _mark_retrieved(future: asyncio.Future[None]) -> None:
 
 
 def _was_interrupted(done: Done) -> bool:
-    exception = done.exception or ""
+    exception: Any = done.exception or ""
+    if type(exception) is memoryview:  # a large one (`_texts_after`): seldom here
+        exception = bytes(exception)
     word = "KeyboardInterrupt" if isinstance(exception, str) else b"KeyboardInterrupt"
-    return done.outcome != FINISHED and word in exception  # type: ignore[operator]
+    return done.outcome != FINISHED and word in exception
 
 
 def _texts(done: Done, limit: int, why: str) -> tuple[Any, Any, Any]:
@@ -138,7 +141,7 @@ def _texts(done: Done, limit: int, why: str) -> tuple[Any, Any, Any]:
                 texts[index] = with_dropped_note(
                     text[:limit], len(text) - limit, name, limit, why
                 )
-        elif not isinstance(text, bytes):
+        elif not isinstance(text, bytes | memoryview):
             pass  # no traceback
         elif letter in done.utf8 or letter == "x":
             if len(text) > output_bytes(limit):
@@ -147,7 +150,7 @@ def _texts(done: Done, limit: int, why: str) -> tuple[Any, Any, Any]:
                 texts[index] = Utf8Text(text)
         elif len(text) > limit + NOTE_BYTES:  # a program's output, bytes as in dispy
             texts[index] = (
-                text[:limit]
+                bytes(text[:limit])
                 + (
                     f"\n[dispynb: {len(text) - limit} more bytes of {name} dropped: a "
                     f"job keeps {limit} ({why})]\n"
@@ -163,12 +166,41 @@ _TEXT_NAMES = ("stdout", "stderr", "the traceback")
 _CONTINUATION = bytes(range(0x80, 0xC0))
 
 
-def _cut_utf8(data: bytes, name: str, limit: int, why: str) -> str:
+def _texts_after(
+    done: Done, buffers: list[memoryview]
+) -> tuple[Done, list[memoryview]]:
+    """``done`` with its texts that came after the result's ``buffers``
+    (`Done.after`) in their fields, as views of the message read (no copy), and
+    the result's buffers. Letters that do not match (only a job forging its
+    worker's `Done` sends them) are ignored: the texts stay as the header has them."""
+    letters = done.after
+    count = len(letters)
+    if (
+        letters not in _AFTER
+        or count > len(buffers)
+        or not set(letters) <= set(done.utf8)
+    ):
+        return done, buffers
+    texts: list[Any] = [done.stdout, done.stderr, done.exception]
+    for letter, text in zip(letters, buffers[-count:], strict=True):
+        texts[_LETTERS[letter]] = text
+    done = dataclasses.replace(
+        done, stdout=texts[0], stderr=texts[1], exception=texts[2], after=""
+    )
+    return done, buffers[:-count]
+
+
+#: `Done.after` as a worker sends it: letters of `Done.utf8`, in its order.
+_AFTER = frozenset(("o", "e", "x", "oe", "ox", "ex", "oex"))
+_LETTERS = {"o": 0, "e": 1, "x": 2}
+
+
+def _cut_utf8(data: bytes | memoryview, name: str, limit: int, why: str) -> str:
     """The first ``limit`` characters of ``data`` (UTF-8, over what a job keeps:
     only a job forging its worker's `Done` sends it), with the note saying how
     many more there were; only the part kept is decoded."""
-    kept = data[: 4 * limit].decode("utf-8", "replace")[:limit]
-    total = len(data.translate(None, _CONTINUATION))
+    kept = str(data[: 4 * limit], "utf-8", "replace")[:limit]
+    total = len(bytes(data).translate(None, _CONTINUATION))
     return with_dropped_note(kept, max(total - len(kept), 1), name, limit, why)
 
 
@@ -521,6 +553,8 @@ class Computation(_JobStops, _WorkerLife, _JobFiles, _WorkStealing, _Computation
         self._report_provisional(message.key, message.attempt, buffers)
 
     def _on_done(self, worker: Worker, done: Done, buffers: list[memoryview]) -> None:
+        if done.after:
+            done, buffers = _texts_after(done, buffers)
         if worker.taken_back and self._skipped_taken_back(worker, done):
             return
         if not worker.assigned or worker.assigned[0].key != done.key:

@@ -205,3 +205,8 @@ class Done(IpcMessage):
     #: keeps and forwards them so (`dispynb.protocol.records.Utf8Text`), never
     #: decoded; other bytes are a program's output.
     utf8: str = ""
+    #: Which of those (letters of ``utf8``, in its order) came as the last payload
+    #: buffers, after the result's, their fields here empty: the node keeps them
+    #: as views of the message it read. Unpacked from the header, each was a copy:
+    #: the node held a job's large output twice.
+    after: str = ""

@@ -258,6 +258,21 @@ def _large_as_utf8(
     return texts[0], texts[1], texts[2], utf8  # type: ignore[return-value]
 
 
+def _texts_after(done: Done, buffers: list[Buffer]) -> tuple[Done, list[Buffer]]:
+    """``done`` with its texts sent as UTF-8 bytes (`Done.utf8`) moved after the
+    result's ``buffers`` (`Done.after`), where the node reads them without a copy."""
+    texts: list[Any] = [done.stdout, done.stderr, done.exception]
+    after = []
+    for index, letter in enumerate("oex"):
+        if letter in done.utf8:
+            after.append(texts[index])
+            texts[index] = b""
+    done = dataclasses.replace(
+        done, stdout=texts[0], stderr=texts[1], exception=texts[2], after=done.utf8
+    )
+    return done, [*buffers, *after]
+
+
 def _encodable(done: Done) -> Done:
     """``done`` whose texts hold a lone surrogate (a file name decoded with
     ``os.fsdecode``, printed), which UTF-8 cannot encode: the surrogate written as
@@ -433,6 +448,8 @@ def worker_loop(
                 and CONTEXT.below is not None
             ):
                 CONTEXT.below.pass_on()  # what they wrote once the job returned
+            if done.utf8:
+                done, result_buffers = _texts_after(done, result_buffers)
             try:
                 send(done, result_buffers)
             except UnicodeEncodeError:  # raised packing it: nothing was sent

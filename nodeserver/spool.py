@@ -461,7 +461,8 @@ def _pack_text(value: object) -> msgpack.ExtType:
     """A result's output kept as its UTF-8 bytes (`Utf8Text`), spooled so: never
     decoded to be written, nor read back as a program's bytes."""
     if type(value) is Utf8Text:
-        return msgpack.ExtType(_UTF8_EXT, value.data)
+        data = value.data  # bytes, or a view of the message it came in
+        return msgpack.ExtType(_UTF8_EXT, data if type(data) is bytes else bytes(data))
     raise TypeError(f"cannot spool a {type(value).__name__}")
 
 

@@ -49,7 +49,8 @@ class Utf8Text:
 
     __slots__ = ("data",)
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes | memoryview) -> None:
+        #: Bytes, or a view of the message a node read them in (not copied out).
         self.data = data
 
     def __len__(self) -> int:
@@ -62,15 +63,19 @@ class Utf8Text:
     __hash__ = None  # type: ignore[assignment]
 
     def __sizeof__(self) -> int:
-        return object.__sizeof__(self) + sys.getsizeof(self.data)
+        data = self.data
+        size = object.__sizeof__(self) + sys.getsizeof(data)
+        if type(data) is memoryview:
+            size += data.nbytes  # of the message it views, kept alive by it
+        return size
 
     def __repr__(self) -> str:
-        return f"Utf8Text({self.data[:40]!r}, {len(self.data)} bytes)"
+        return f"Utf8Text({bytes(self.data[:40])!r}, {len(self.data)} bytes)"
 
     def decode(self) -> str:
         """The text (bytes that are no UTF-8, which only a job forging its
         worker's messages sends, replaced)."""
-        return self.data.decode("utf-8", "replace")
+        return str(self.data, "utf-8", "replace")
 
 
 class ResultEntry(NamedTuple):

@@ -13,6 +13,7 @@ import pytest
 from dispynb import DispyJob, JobCluster, LocalCluster
 from dispynb.errors import SetupError
 from tests.hostile.tools import limited_node
+from tests.nodeproc import running_node
 
 pytestmark = pytest.mark.slow
 
@@ -478,3 +479,32 @@ def test_the_marker_names_the_nodes_cap_when_it_applied(tmp_path):
         "start the node with a larger one)]\n"
     )
     assert stdouts[1].endswith("a job keeps 1000 (max_output_size)]\n")
+
+
+@pytest.mark.attack(
+    id="large-output-copies",
+    title="A job prints 30 MiB to stdout (kept whole: max_output_size of 32 M) and "
+    "returns 1 MB",
+    goal="the node's peak growth under 1.3 times the output (was 2.2 times: the "
+    "output copied out of the worker's message as its header was unpacked)",
+)
+@pytest.mark.timeout(120)
+def test_a_large_output_is_held_once_by_the_node(measure, tmp_path):
+    size = 30 * MiB
+    with (
+        running_node(tmp_path / "node") as node,
+        JobCluster(
+            flood_text,
+            nodes=[node.spec],
+            secret=node.secret,
+            max_output_size=32 * MiB,
+        ) as cluster,
+    ):
+        assert cluster.submit("x", 1)() == 1  # the worker exists: not counted
+        before = _peak_rss(node.proc.pid)
+        job = cluster.submit("x", size // MiB)
+        assert job() == size // MiB, job.exception
+        grown = _peak_rss(node.proc.pid) - before
+    measure(f"node peak +{grown / MiB:.0f} MiB for an output of {size / MiB:.0f} MiB")
+    assert len(job.stdout) == size
+    assert grown < 1.3 * size, f"node peak +{grown / MiB:.0f} MiB"

@@ -82,12 +82,14 @@ def test_a_result_is_read_back_mapped_with_its_buffer_kinds(tmp_path: Path):
     assert spool.open(str(older)) == (entry(2), [memoryview(b"x")], "")
 
 
-def test_output_kept_as_utf8_is_spooled_and_read_back_so(tmp_path: Path):
-    """A result whose output the node keeps as UTF-8 (`Utf8Text`) is spooled as
-    those bytes and read back so: not decoded, nor taken for a program's bytes."""
+@pytest.mark.parametrize("held", [bytes, memoryview])
+def test_output_kept_as_utf8_is_spooled_and_read_back_so(tmp_path: Path, held):
+    """A result whose output the node keeps as UTF-8 (`Utf8Text`: bytes, or a view
+    of the worker's message it came in) is spooled as those bytes and read back
+    so: not decoded, nor taken for a program's bytes."""
     spool = ResultSpool(str(tmp_path), 1 << 20)
     directory = spool.create(RID, "comp")
-    text = Utf8Text("\U0001f600\n".encode() * 1000)
+    text = Utf8Text(held("\U0001f600\n".encode() * 1000))
     kept = [1, 1, "finished", 0.5, 1.5, text, b"program", None, 0]
     assert spool.write(directory, kept, [])
     ((path, _size),) = directory.files
