@@ -25,6 +25,7 @@ from typing import Any
 from dispynb.errors import SerializationError
 from dispynb.protocol import shm
 from dispynb.protocol.messages import ABANDONED
+from dispynb.protocol.records import Utf8Text
 from nodeserver.computation import Computation
 from nodeserver.spool import ResultSpool, SpoolDir
 
@@ -107,6 +108,22 @@ def _held_size(entry: list[Any], buffers: list[memoryview]) -> int:
     stderr, traceback: all of it, without ``max_output``) count."""
     size = _HELD_OVERHEAD + sum(b.nbytes for b in buffers)
     return size + sum(sys.getsizeof(text) for text in entry[5:8] if text)
+
+
+def _own_texts(entry: list[Any]) -> list[Any]:
+    """``entry`` whose output held as views of the worker's message (`Utf8Text`)
+    is copied, as its buffers are: a result held for long must not keep that
+    whole message alive."""
+    if not any(
+        type(text) is Utf8Text and type(text.data) is memoryview for text in entry[5:8]
+    ):
+        return entry
+    return [
+        Utf8Text(bytes(item.data))
+        if type(item) is Utf8Text and type(item.data) is memoryview
+        else item
+        for item in entry
+    ]
 
 
 def memory_cap(spool_bytes: int) -> int:
@@ -313,7 +330,7 @@ class ResultKeeper:
             ):
                 # Copied: the buffers are the worker's message's, reused after.
                 copies = [memoryview(bytes(b)) for b in buffers]
-                kept.pending[job] = KeptResult(None, entry, copies, kinds)
+                kept.pending[job] = KeptResult(None, _own_texts(entry), copies, kinds)
                 kept.pending_bytes += size
                 kept.budget.used += size
                 return
@@ -331,7 +348,7 @@ class ResultKeeper:
             if kept.budget.used + size <= kept.memory_cap:
                 # Copied: the buffers are the worker's message's, reused after.
                 copies = [memoryview(bytes(b)) for b in buffers]
-                result = KeptResult(None, entry, copies, kinds)
+                result = KeptResult(None, _own_texts(entry), copies, kinds)
                 kept.results.append(result)
                 kept.memory_bytes += size
                 kept.budget.used += size

@@ -424,3 +424,29 @@ def test_a_node_of_a_fixed_port_takes_the_kept_results_spool_it_used_last(
     finally:
         for each in claims:
             each.release()
+
+
+def test_a_result_held_in_memory_does_not_keep_its_workers_message(tmp_path: Path):
+    """Output the node holds as a view of its worker's message (`Utf8Text` over
+    a memoryview) is copied, as the result's buffers are, when the result waits
+    in memory for its client's acknowledgement: the message is not kept alive."""
+
+    async def main() -> None:
+        keeper = ResultKeeper(ResultSpool(str(tmp_path), 1 << 20))
+        kept = keeper.register(RID, FakeComputation())  # type: ignore[arg-type]
+        kept.acked = True
+        message = bytearray(b"out" * 100 + b"result")
+        view = memoryview(message)
+        text = Utf8Text(view[:300])
+        entry = [0, 1, "finished", 0.5, 1.5, text, "", None, 1]
+        ResultKeeper.record(kept, entry, [view[300:]])
+        del text, entry
+        view.release()
+        message.extend(b"!")  # raises BufferError while a view of it is alive
+        held = kept.pending[(0, 1)]
+        assert type(held.entry[5].data) is bytes and held.entry[5].decode() == (
+            "out" * 100
+        )
+        await keeper.close()
+
+    asyncio.run(main())
