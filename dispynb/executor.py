@@ -185,7 +185,8 @@ class Executor(concurrent.futures.Executor):
         As `concurrent.futures.ProcessPoolExecutor`'s: ``initializer(*initargs)``
         runs once per node before any call (as `JobCluster`'s ``setup``; the
         worker processes fork after it, so what it sets in the process, such as
-        environment variables or a seed, they inherit). What it prints or
+        environment variables or a seed, they inherit; the calls see the
+        globals it sets, as a pool's worker's calls do). What it prints or
         warns is written here with the output of each worker's first call. If
         it raises, creating the executor raises `SetupError` with the node's
         traceback.

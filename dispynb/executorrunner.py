@@ -47,6 +47,13 @@ _COROUTINE = types.CoroutineType
 #: What the executor's initializer printed on the node (stdout, stderr): written
 #: into the output of the first job of each process that ran it or forked after.
 _init_output: list[tuple[str, str]] = []
+#: The globals the initializer bound (``global model; model = ...``), and the name
+#: of the module whose globals they are. A function sent by value comes with a
+#: globals dict of its own, so a call's function would not see them, where a
+#: `ProcessPoolExecutor` worker's calls do: each call's function of that module
+#: gets them in its globals (`_with_init_globals`).
+_init_globals: tuple[str | None, dict[str, Any]] = (None, {})
+_UNSET = object()
 
 
 def dispynb_executor(
@@ -63,7 +70,7 @@ def dispynb_executor(
     def`` function) has it run to its end."""
     fn = _fn_cache.get(key)
     if fn is None:
-        fn = cloudpickle.loads(blob)
+        fn = _with_init_globals(cloudpickle.loads(blob))
         if len(blob) <= _CACHE_MAX_BYTES:
             _fn_cache[key] = fn
             if len(_fn_cache) > _CACHE_ENTRIES:
@@ -157,6 +164,8 @@ def _initialize(initializer: Callable[..., Any], initargs: tuple[Any, ...]) -> i
     script's terminal, where its warnings name their file and line (the node
     has only ``<dynamic-code>``); if it raises, to the node's own streams."""
     out, err = io.StringIO(), io.StringIO()
+    namespace = _globals_of(initializer)
+    before = dict(namespace or {})
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             initializer(*initargs)
@@ -170,7 +179,29 @@ def _initialize(initializer: Callable[..., Any], initargs: tuple[Any, ...]) -> i
         raise
     if out.tell() or err.tell():
         _init_output[:] = [(out.getvalue(), err.getvalue())]
+    if namespace:
+        global _init_globals
+        bound = {k: v for k, v in namespace.items() if before.get(k, _UNSET) is not v}
+        _init_globals = (namespace.get("__name__"), bound)
     return 0
+
+
+def _globals_of(fn: Any) -> dict[str, Any] | None:
+    """The globals of a function (or of a `functools.partial`'s), else None."""
+    fn = getattr(fn, "func", fn)
+    namespace = getattr(fn, "__globals__", None)
+    return namespace if isinstance(namespace, dict) else None
+
+
+def _with_init_globals(fn: Any) -> Any:
+    """``fn``, with what the initializer bound in its module's globals (see
+    `_init_globals`); the initializer's values win over those ``fn`` was sent
+    with, as the pool's worker's module keeps what its initializer set."""
+    module, bound = _init_globals
+    namespace = _globals_of(fn)
+    if bound and namespace is not None and namespace.get("__name__") == module:
+        namespace.update(bound)
+    return fn
 
 
 def _write_init_output() -> None:

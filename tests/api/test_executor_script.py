@@ -231,3 +231,54 @@ def test_stop_in_submit_before_the_future_is_returned_stops_that_call(
     first, second = report["statuses"]
     assert first == "Running", report
     assert second in {"Cancelled", "Terminated"}, report
+
+
+#: ``ProcessPoolExecutor``'s idiom for per-worker state: the initializer sets a
+#: global of the script, the calls read it (here also one the script never
+#: defines, read by a helper the call goes through).
+INITIALIZER_GLOBALS = textwrap.dedent(
+    """
+    import json
+    from dispynb import Executor
+
+    factor = 1
+
+
+    def init(value):
+        global factor, table
+        factor = value
+        table = {"offset": 100}
+
+
+    def offset():
+        return table["offset"]
+
+
+    def scaled(x):
+        return factor * x + offset()
+
+
+    if __name__ == "__main__":
+        with Executor(max_workers=2, initializer=init, initargs=(10,)) as executor:
+            print(json.dumps([list(executor.map(scaled, range(4))), factor]))
+    """
+)
+
+
+def test_calls_see_the_globals_the_initializer_set(tmp_path: Path) -> None:
+    """The calls read what the initializer set in the script's globals, as a
+    ``ProcessPoolExecutor`` worker's calls do; before, a call's function came
+    with globals of its own: ``factor`` was the script's 1, ``table`` undefined."""
+    script = tmp_path / "script.py"
+    script.write_text(INITIALIZER_GLOBALS)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=PROMPTLY,
+    )
+    assert done.returncode == 0, done.stderr
+    # The script's own globals are its own, as with the pool's worker processes.
+    assert json.loads(done.stdout) == [[100, 110, 120, 130], 1]
