@@ -403,6 +403,37 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+_TEXT = (str, bytes, Utf8Text)
+
+
+def _is_entry(entry: object, buffers: int) -> bool:
+    """Whether ``entry`` of a spooled file with ``buffers`` buffers is one a node
+    writes: a job's result (`ResultEntry`'s 9 items, its buffers all there), or
+    ``[what, key, detail]`` of a file a job sent or a provisional result
+    (`keeper.FILE`, `keeper.PROVISIONAL`). Another (a file damaged, or written by
+    something else of the node's user) ended the recovery of every result after
+    it."""
+    if not isinstance(entry, list):
+        return False
+    if len(entry) == 3:
+        return (
+            isinstance(entry[0], str)
+            and _is_int(entry[1])
+            and isinstance(entry[2], str | int)
+        )
+    return (
+        len(entry) == 9
+        and _is_int(entry[0])
+        and _is_int(entry[1])
+        and isinstance(entry[2], str)
+        and all(isinstance(time, int | float) for time in entry[3:5])
+        and all(isinstance(text, _TEXT) for text in entry[5:7])
+        and (entry[7] is None or isinstance(entry[7], str | Utf8Text))
+        and entry[8] == buffers
+        and _is_int(entry[8])
+    )
+
+
 def job_of(path: str) -> tuple[int, int] | None:
     """The job (key, attempt) whose result spool file ``path`` holds, told by its
     name (so that a file a crash tore still says whose it was); None if it does
@@ -491,12 +522,12 @@ def _parse_header(
     )
     entry, sizes = header["entry"], header["sizes"]
     kinds = header.get("kinds", "")  # none in files of older nodes
-    if not isinstance(entry, list) or not isinstance(kinds, str):
-        raise ValueError("bad entry")
     if not isinstance(sizes, list) or not all(
         isinstance(size, int) and size >= 0 for size in sizes
     ):
         raise ValueError("bad buffer sizes")
+    if not isinstance(kinds, str) or not _is_entry(entry, len(sizes)):
+        raise ValueError("not a result's entry as a node writes it")
     if offset + length + sum(sizes) != len(data):
         raise ValueError("sizes do not match the file")
     return entry, sizes, kinds, offset + length

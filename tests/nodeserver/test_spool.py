@@ -68,12 +68,13 @@ def test_a_result_is_read_back_mapped_with_its_buffer_kinds(tmp_path: Path):
     has none."""
     spool = ResultSpool(str(tmp_path), 1 << 20)
     directory = spool.create(RID, "comp")
-    assert spool.write(directory, entry(1), [memoryview(b"p"), memoryview(b"bb")], "b")
+    two = [*entry(1)[:8], 2]  # its result in two buffers
+    assert spool.write(directory, two, [memoryview(b"p"), memoryview(b"bb")], "b")
     ((path, _size),) = directory.files
     opened = spool.open(path)
     assert opened is not None
     got_entry, buffers, kinds = opened
-    assert got_entry == entry(1) and kinds == "b"
+    assert got_entry == two and kinds == "b"
     assert [bytes(b) for b in buffers] == [b"p", b"bb"]
     assert all(b.readonly and type(b.obj).__name__ == "mmap" for b in buffers)
     header = msgpack.packb({"entry": entry(2), "sizes": [1]}, use_bin_type=True)
