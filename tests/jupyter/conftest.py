@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from IPython.core.interactiveshell import InteractiveShell
 
 from dispynb import LocalCluster
+from tests.jupyter.shell import magic_shell
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +23,14 @@ def local1() -> Iterator[LocalCluster]:
     """One local node with 1 CPU: its jobs run one after the other."""
     with LocalCluster(cpus=1) as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="module")
+def ip() -> Iterator[InteractiveShell]:
+    """A shell with ``%load_ext dispynb`` and one local node with 2 CPUs (the
+    magics' tests; a module that needs other nodes has its own)."""
+    with magic_shell("--cpus 2") as shell:
+        yield shell
 
 
 @pytest.fixture(scope="session", autouse=True)

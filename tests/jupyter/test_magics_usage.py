@@ -1,0 +1,220 @@
+"""What ``%dispy`` and ``%%dispy`` refuse, each with one line saying how to fix it,
+before anything is sent; and their help."""
+
+from __future__ import annotations
+
+import pytest
+from IPython.core.error import UsageError
+from IPython.utils.capture import capture_output
+
+from tests.jupyter.shell import cell
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize(
+    ("line", "body", "message"),
+    [
+        ('--over "[1]"', "x = 1\n", "defines no function"),
+        ('--over "[1]" --into 1x', "def f(x):\n    return x\n", "variable name"),
+        ('nothing --over "[1]"', "def f(x):\n    return x\n", "'nothing' is not"),
+        ("", "def f(x):\n    return x\n", "--over"),
+        ('--over "[1]" --progress fancy', "def f(x):\n    return x\n", "invalid"),
+        # Each job failed: 'result of type 'coroutine' cannot be pickled ... (a
+        # list, not a generator ...)' and "coroutine 'f' was never awaited".
+        (
+            '--over "[1]"',
+            "async def f(x):\n    return x\n",
+            r"^f is an async def function: .* \(return asyncio.run\(main\(x\)\)\)$",
+        ),
+        ('--over "[1]"', "def f(x):\n    yield x\n", "^f yields: each job would"),
+        # Ran the cell, sent the job and cancelled it: "no job finished within
+        # --timeout -5 s (1 cancelled): give it more seconds".
+        ('--over "[1]" --timeout -5', "def f(x):\n    return x\n", "above 0, not -5"),
+        ('--over "[1]" --timeout 0', "def f(x):\n    return x\n", "above 0, not 0 "),
+    ],
+)
+def test_magic_cell_usage_errors(ip, line, body, message):
+    with pytest.raises(UsageError, match=message):
+        ip.run_cell_magic("dispy", line, body)
+
+
+def test_a_function_of_an_earlier_cell_runs_from_a_dispy_line(ip):
+    """``%%dispy outer --over ...`` with nothing under it: IPython refused it ('the
+    cell body is empty. Did you mean the line magic %dispy?') and %dispy then
+    said "invalid choice: 'outer'". The line now runs it as that cell would."""
+    ip.run_cell("def twice(x):\n    return 2 * x\n")
+    with capture_output() as captured:
+        ip.run_line_magic("dispy", "twice --over 'range(3)' --into doubled")
+    assert ip.user_ns["doubled"].results == [0, 2, 4], captured.stderr
+    assert ip.user_ns["_dispy"] is ip.user_ns["doubled"]
+    # A typo said "unknown option --over; did you mean --nodes?".
+    with pytest.raises(UsageError) as raised:
+        ip.run_line_magic("dispy", "twise --over 'range(3)'")
+    assert str(raised.value).startswith(
+        "%dispy twise: 'twise' is neither one of local, nodes, "
+    ), raised.value
+    assert str(raised.value).endswith("; did you mean twice? (see %dispy?)")
+
+
+@pytest.mark.parametrize(
+    ("into", "message"),
+    [
+        ("print", "--into print would hide Python's built-in function print in"),
+        ("len", "--into len would hide Python's built-in function len in"),
+        ("class", "--into needs a variable name, not 'class'"),
+        ("Out", "--into Out would replace IPython's Out in this notebook"),
+    ],
+)
+def test_into_a_name_python_or_ipython_gives_is_refused(ip, into, message):
+    """``--into print`` made ``print`` the run: ``print(1)`` in the next cells
+    waited for the run and returned True, printing nothing. Refused before the
+    cell's code runs, with nothing sent and nothing assigned."""
+    before = ip.user_ns.get(into, "absent")
+    ip.user_ns.pop("ran_the_body", None)
+    with pytest.raises(UsageError) as raised:
+        ip.run_cell_magic(
+            "dispy",
+            f'--over "[1]" --into {into}',
+            "ran_the_body = 1\ndef f(x):\n    return x\n",
+        )
+    assert str(raised.value).startswith(message), raised.value
+    assert "choose another name" in str(raised.value) or into == "class"
+    assert ip.user_ns.get(into, "absent") is before
+    assert "ran_the_body" not in ip.user_ns
+    with capture_output() as captured:
+        ip.run_cell("print('still printing')")
+    assert captured.stdout == "still printing\n"
+
+
+@pytest.mark.parametrize(
+    ("depends", "message"),
+    [
+        ("['missing.csv']", "--depends[0]: 'missing.csv' is not a file (a relative "),
+        ("[__file__, 5]", "--depends[1]: 5 is not a dependency; give files"),
+    ],
+)
+def test_a_depends_mistake_is_said_before_the_run_starts(ip, depends, message):
+    """It failed as the run's cluster started, with how to start nodes ("start
+    nodes on this machine with %dispy local, ...") though the nodes were fine."""
+    ip.user_ns["__file__"] = __file__
+    cell(ip, '--over "[1]" --into typo', "def f(x):\n    return x\n")
+    earlier = ip.user_ns["typo"]
+    with pytest.raises(UsageError) as raised:
+        ip.run_cell_magic(
+            "dispy",
+            f'--over "[1]" --into typo --depends "{depends}"',
+            "def f(x):\n    return x\n",
+        )
+    said = str(raised.value)
+    assert said.startswith(message), said
+    assert "%dispy" not in said, said
+    assert ip.user_ns["typo"] is not earlier  # the name says what happened
+    assert earlier.results == [1]
+
+
+def test_a_misspelt_progress_in_the_environment_is_one_line(ip, monkeypatch):
+    """``DISPYNB_PROGRESS=htm``: was ignored; now a usage error, not a traceback
+    through Run.map and make_progress, and nothing is sent."""
+    monkeypatch.setenv("DISPYNB_PROGRESS", "htm")
+    with pytest.raises(UsageError) as raised:
+        ip.run_cell_magic(
+            "dispy", '--over "[1]" --into typo', "def f(x):\n    return x"
+        )
+    assert str(raised.value) == (
+        "DISPYNB_PROGRESS='htm': use one of auto, widget, html, text or none "
+        "(or unset it)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("bogus", "'bogus' is neither one of local, nodes"),
+        # Was: "the following arguments are required: action, HOST[:PORT]".
+        ("", "^%dispy needs what to do: local, nodes, .* panel or close"),
+        ("  # a comment", "^%dispy needs what to do"),
+        ("nodes", "at least one"),
+        ("status extra", "takes no hosts"),
+        ("local --cpus 0", "at least 1"),
+        ("local --adapt 0:2", "--adapt is for %dispy ssh and slurm"),
+        ("ssh h1 --adapt 2", "--adapt takes MIN:MAX"),
+        ("ssh h1 --adapt 3:2", "0 <= MIN <= MAX"),
+        ("slurm --adapt 0:0", "MAX >= 1"),
+        ("ssh h1 --adapt a:b", "not 'a:b'"),
+        ("ssh h1 --adapt 0:2 --idle-timeout -1", "--idle-timeout must be"),
+    ],
+)
+def test_magic_line_usage_errors(ip, line, message):
+    with pytest.raises(UsageError, match=message):
+        ip.run_line_magic("dispy", line)
+
+
+@pytest.mark.parametrize("given", ["--secret s3cr3t-xyz", "--secret=s3cr3t-xyz"])
+def test_a_secret_on_the_magic_line_is_refused_never_echoed(ip, given):
+    """dispy users pass ``secret=``: ``%dispy nodes HOST --secret VALUE`` was taken
+    as ``--secret-file`` (an abbreviation) and the error quoted the secret, saved
+    with the notebook ("secret file 's3cr3t-xyz' does not exist")."""
+    with pytest.raises(UsageError) as raised:
+        ip.run_line_magic("dispy", f"nodes 127.0.0.1:9 {given}")
+    message = str(raised.value)
+    assert "s3cr3t" not in message, message
+    assert message.startswith(
+        "--secret: a secret on the magic line would be saved with the notebook"
+    ), message
+    assert "--secret-file" in message and "DISPYNB_SECRET" in message, message
+
+
+def test_a_bad_secret_file_is_said_in_one_line_without_the_nodes_hint(ip, tmp_path):
+    """The file is the notebook's problem, not the nodes': before, the error went on
+    'check that dispynb-node runs there with the same secret (and TLS options), or
+    start nodes here with %dispy local'."""
+    missing = tmp_path / "nope"
+    with pytest.raises(UsageError) as raised:
+        ip.run_line_magic("dispy", f"nodes 127.0.0.1:9 --secret-file {missing}")
+    assert str(raised.value) == (
+        f"--secret-file: secret file '{missing}' does not exist: create it (mode "
+        "600) or fix the path"
+    )
+    loose = tmp_path / "loose"
+    loose.write_text("a-secret-of-the-lab-0123456789\n")
+    loose.chmod(0o644)
+    with pytest.raises(UsageError, match=f"restrict it with: chmod 600 {loose}$"):
+        ip.run_line_magic("dispy", f"nodes 127.0.0.1:9 --secret-file {loose}")
+    assert "local nodes" in repr(ip.run_line_magic("dispy", "status"))  # kept
+
+
+def test_magic_help_documents_every_option(ip):
+    cell_doc = ip.find_cell_magic("dispy").__doc__
+    line_doc = ip.find_line_magic("dispy").__doc__
+
+    for option in (
+        "--over",
+        "--into",
+        "--nowait",
+        "--unpack",
+        "--setup",
+        "--progress",
+        "--quiet",
+        "--timeout",
+        "--depends",
+        "--on",
+        "--reentrant",
+        "function",
+    ):
+        assert option in cell_doc, option
+    for option in (
+        "local",
+        "nodes",
+        "status",
+        "panel",
+        "close",
+        "--nodes",
+        "--cpus",
+        "--secret-file",
+        "--cafile",
+        "--certfile",
+        "--keyfile",
+        "--pulse",
+    ):
+        assert option in line_doc, option
