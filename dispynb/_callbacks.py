@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 from dispynb import _interruptible
@@ -71,6 +71,14 @@ class CallbackDispatcher:
                 )
                 _interruptible.start_thread(self._thread)
             self._queue.put((fn, args))
+
+    def post_each(
+        self, fn: Callable[..., Any], calls: Iterable[tuple[Any, ...]]
+    ) -> None:
+        """`post` ``fn(*args)`` for each ``args`` of ``calls``, in order, as one
+        item (a Stop's 200,000 cancelled jobs: one post, not 200,000). ``calls``
+        is read on the callback thread: made there, not held meanwhile."""
+        self.post(_call_each, fn, calls)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every callback posted before this call has run.
@@ -159,6 +167,16 @@ class CallbackDispatcher:
                 logger.exception("Callback %s raised an exception", _name(fn))
             # Drop references now: callbacks may hold large jobs or results.
             del item, fn, args
+
+
+def _call_each(fn: Callable[..., Any], calls: Iterable[tuple[Any, ...]]) -> None:
+    """`CallbackDispatcher.post_each`'s item: each call logged apart if it raises,
+    as posted apart."""
+    for args in calls:
+        try:
+            fn(*args)
+        except BaseException:  # sys.exit() too: it would end the rest
+            logger.exception("Callback %s raised an exception", _name(fn))
 
 
 def _name(fn: Callable[..., Any]) -> str:

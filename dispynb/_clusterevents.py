@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from dispynb._clusterstate import _ClusterState
@@ -232,6 +233,61 @@ class _Events(_ClusterState):
             job._complete(JobStatus.Cancelled, exception="cancelled before it ran")
             self._finished(job, None)
 
+    def jobs_cancelled(self, keys: list[int]) -> None:
+        """`job_cancelled` of each of ``keys`` (a Stop of a whole run), in one go:
+        journaled in one transaction, told to the callbacks in one post."""
+        if self._batch_depth:  # journaled with the batch's other ends
+            for key in keys:
+                self.job_cancelled(key)
+            return
+        pop, ended, done = self._jobs.pop, [], []
+        for key in keys:
+            job = pop(key, None)
+            if job is not None:
+                job._complete(JobStatus.Cancelled, exception="cancelled before it ran")
+                ended.append(key)
+                done.append(job)
+        if not done:
+            return
+        if self._journal.jobs:  # a failure is logged by the journal, as `done`'s
+            self._journal.done_many(list(zip(ended, done, strict=True)))
+        self._announce_cancelled(ended, done)
+
+    def _announce_cancelled(self, keys: list[int], jobs: list[DispyJob]) -> None:
+        """`_announce` of jobs cancelled before they ran (``keys``), all at once."""
+        opts = self._options
+        job_status, cluster_status = opts.job_status, opts.cluster_status
+        cancelled = JobStatus.Cancelled
+        callbacks = self._callbacks
+        # Each callback gets its own copy of each job, as dispy's, made on the
+        # callback thread as it calls it (the job's status is final: the same
+        # copy); a notebook run that passes no job on gets the jobs themselves.
+        if job_status is not None:
+            callbacks.post_each(job_status, ((copy.copy(job),) for job in jobs))
+        if cluster_status is not None:
+            if forwards_events(cluster_status):
+                calls = ((cancelled, None, copy.copy(job)) for job in jobs)
+            else:
+                calls = ((cancelled, None, job) for job in jobs)
+            callbacks.post_each(cluster_status, calls)
+        self.job_counts[cancelled._name_] += len(jobs)
+        if self._listeners:
+            for job in jobs:
+                self._emit(cancelled, None, job)
+        asked = self._cancel_asked
+        if asked:  # forgotten once the callbacks have heard (`_forget_cancel`)
+            if job_status is None and cluster_status is None:
+                asked.difference_update(keys)
+            else:
+                callbacks.post(asked.difference_update, keys)
+        with self._outstanding_lock:
+            self._outstanding -= len(jobs)
+            all_done = self._outstanding == 0
+            if all_done:
+                self.end_time = time.time()
+        if all_done:
+            self._all_done.wake_all()
+
     def batch(self) -> _Batch:
         """The events reported inside ``with events.batch():`` came together (the
         results of one message from a node): the jobs that end there are journaled
@@ -294,6 +350,17 @@ class _Events(_ClusterState):
             self._cancel_asked.discard(key)
         else:
             self._callbacks.post(self._cancel_asked.discard, key)
+
+
+def forwards_events(cluster_status: Callable[..., Any]) -> bool:
+    """Whether ``cluster_status`` may pass the jobs it gets on, or look at events it
+    does not count: False only for a notebook run's (`dispynb.jupyter.run.Run`)
+    that has no callback nor listener of its own to pass them to (its
+    ``forwards_events()`` says so). The cluster then need not copy the jobs of
+    final events for it, nor tell it of ``Created``, which it ignores."""
+    owner = getattr(cluster_status, "__self__", None)
+    forwards = getattr(owner, "forwards_events", None)
+    return forwards is None or bool(forwards())
 
 
 class _Batch:

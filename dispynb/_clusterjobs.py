@@ -8,6 +8,7 @@ import logging
 from typing import Any
 
 from dispynb import objects
+from dispynb._clusterevents import forwards_events
 from dispynb._clusterstate import _ClusterState
 from dispynb._inplace import IN_PLACE_WAIT, wait_in_place
 from dispynb._interruptible import HeldInterrupts
@@ -181,7 +182,9 @@ class _Jobs(_ClusterState):
         with self._outstanding_lock:
             self._outstanding += 1
             self.end_time = None
-        if self._options.cluster_status is not None:
+        status = self._options.cluster_status
+        # Not for a notebook run's that ignores it: ~5 us a job.
+        if status is not None and forwards_events(status):
             self._notify_cluster(JobStatus.Created, None, copy.copy(job))
         self.job_counts["submitted"] += 1
         if self._listeners:  # tested here: no call per job without monitors

@@ -44,8 +44,9 @@ The façade owns a background asyncio loop (``config.runner``, a `LoopRunner`).
 Job life cycle (what the façade expects)
 ----------------------------------------
 Each submitted key ends with exactly one of ``job_done``, ``job_abandoned`` or
-``job_cancelled``; after that the backend forgets the key (a late report for it is
-ignored by the façade, but should not be sent). Before that it may get
+``job_cancelled`` (or ``jobs_cancelled``, many at once); after that the backend
+forgets the key (a late report for it is ignored by the façade, but should not be
+sent). Before that it may get
 ``jobs_sent`` (journal only), ``job_running`` (at most once per attempt),
 ``job_provisional`` (any number) and ``job_requeued`` (its node was lost and it
 waits to run again elsewhere; ``job_running`` may then follow again).
@@ -345,6 +346,10 @@ class JobEvents(Protocol):
 
     def job_cancelled(self, key: int) -> None:
         """A job was cancelled before it started; final for ``key``."""
+
+    def jobs_cancelled(self, keys: list[int]) -> None:
+        """Jobs were cancelled together before they started (a bulk cancel):
+        ``job_cancelled`` of each, in order, in one call."""
 
     def job_requeued(self, key: int) -> None:
         """A job's node was lost; the job waits to run elsewhere (``reentrant``)."""

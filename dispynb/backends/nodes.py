@@ -511,6 +511,13 @@ class NodesBackend:
         self._started.pop(key, None)
         self._events.job_cancelled(key)
 
+    def jobs_cancelled(self, keys: list[int]) -> None:
+        started = self._started
+        if started:
+            for key in keys:
+                started.pop(key, None)
+        self._events.jobs_cancelled(keys)
+
     def job_requeued(self, key: int) -> None:
         self._started.pop(key, None)
         self._events.job_requeued(key)
@@ -589,9 +596,9 @@ class NodesBackend:
         # Latest submitted first: those still wait on their nodes while the earlier
         # ones run. A node may read each cancel apart; a CPU freed by a job it stops
         # would start a waiting job that was to be cancelled next (it then ended
-        # terminated, not cancelled).
-        for key in sorted(keys, reverse=True):
-            self.driver.cancel(key, unstarted, held)
+        # terminated, not cancelled). The queued ones are dropped in one go: a Stop
+        # of 200,000 jobs is one pass, not 200,000.
+        self.driver.cancel_many(sorted(keys, reverse=True), unstarted, held)
 
     def node_load(self) -> dict[str, tuple[int, int]]:
         return dict(self._on_loop(self._node_load))

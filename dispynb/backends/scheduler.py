@@ -260,6 +260,11 @@ class SchedulerBackend(NodesBackend):
         super().job_cancelled(key)
         self._placed.pop(key, None)
 
+    def jobs_cancelled(self, keys: list[int]) -> None:
+        super().jobs_cancelled(keys)
+        for key in keys:
+            self._placed.pop(key, None)
+
     def job_requeued(self, key: int) -> None:
         self._placed.pop(key, None)  # it goes elsewhere: placed again then
         super().job_requeued(key)

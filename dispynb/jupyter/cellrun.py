@@ -199,7 +199,7 @@ class CellRunner:
                         wait=False,
                         progress="none" if args.nowait else args.progress,
                         name=label,
-                        listeners=[_panel_listener(session.panel, runs)],
+                        listeners=[_PanelListener(session.panel, runs)],
                         started=started,
                         **options,
                     )
@@ -416,22 +416,29 @@ def _unfinished(runs: list[Run], label: str, why: str, cut: str = "") -> Run:
     return Run.failed(label, why)
 
 
-def _panel_listener(panel: NodePanel, runs: list[Run]) -> Callable[..., None]:
-    """Feed ``panel`` a run's events, telling a node that left while the run's
+class _PanelListener:
+    """Feeds a panel a run's events, telling a node that left while the run's
     cluster was open (it died or shut down) from one released at its close."""
 
-    def listener(status: int, node: Any, job: Any) -> None:
+    #: The panel follows nodes, not jobs: a run's `Run.forwards_events` need not
+    #: copy jobs for it (nor tell it of ``Created``, which names no node).
+    reads_jobs = False
+
+    def __init__(self, panel: NodePanel, runs: list[Run]) -> None:
+        self._panel = panel
+        self._runs = runs
+
+    def __call__(self, status: int, node: Any, job: Any) -> None:
         from dispynb.node import NodeStatus
 
+        runs = self._runs
         cluster = runs[0].cluster if runs else None
         lost = (
             status == NodeStatus.Closed
             and cluster is not None
             and not getattr(cluster, "_closed", True)
         )
-        panel.cluster_status(status, node, job, lost=lost)
-
-    return listener
+        self._panel.cluster_status(status, node, job, lost=lost)
 
 
 class _InputFailed(Exception):

@@ -343,6 +343,15 @@ class Run(_RunEvents):
             callbacks["job_status"] = self._on_job_status
         return callbacks
 
+    def forwards_events(self) -> bool:
+        """Whether the run passes its cluster's jobs on (to its own
+        ``cluster_status``, or a listener without a false ``reads_jobs``
+        attribute): if not, the cluster skips the ``Created`` events, which the run
+        ignores, and need not copy the jobs it cancels together for it (a Stop)."""
+        return self._user_cluster_status is not None or any(
+            getattr(listener, "reads_jobs", True) for listener in self._listeners
+        )
+
     def attach(self, cluster: JobCluster) -> None:
         """Submit to ``cluster``, which was created with this run's `callbacks`."""
         self._follow(cluster)

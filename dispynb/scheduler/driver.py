@@ -367,6 +367,16 @@ class Driver(DriverNodes):
             return
         self._apply(self.state.handle(CancelRequested(key, unstarted)))
 
+    def cancel_many(
+        self, keys: list[int], unstarted: bool = False, held: bool = False
+    ) -> None:
+        """`cancel` for many jobs, in order, in one pass (on the loop): the queued
+        ones end together (`JobEvents.jobs_cancelled`), however many."""
+        if held:
+            is_queued = self.state.is_queued
+            keys = [key for key in keys if is_queued(key)]
+        self._apply(self.state.cancel_many(keys, unstarted))
+
     # -- shutdown ------------------------------------------------------------------
 
     async def close(self, terminate: bool) -> None:

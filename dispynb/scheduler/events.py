@@ -5,7 +5,7 @@ Contents:
 - events, fed to :meth:`dispynb.scheduler.state.SchedulerState.handle`:
   `JobSubmitted`, `NodeJoined`, `NodeLeft`, `JobFinished`, `CancelRequested`;
 - instructions, returned by it: `SendJobs`, `AcceptResult`, `CancelQueued`,
-  `CancelRunning`, `AbandonJob`, `ResubmitJob`;
+  `DropQueued`, `CancelRunning`, `AbandonJob`, `ResubmitJob`;
 - `Event` and `Instruction`, the unions of the two families.
 
 A job is identified by an int ``key`` that the client assigns and never reuses; a node
@@ -25,6 +25,7 @@ __all__ = [
     "CancelQueued",
     "CancelRequested",
     "CancelRunning",
+    "DropQueued",
     "Event",
     "Instruction",
     "JobFinished",
@@ -151,6 +152,14 @@ class CancelQueued:
 
 
 @dataclass(frozen=True, slots=True)
+class DropQueued:
+    """Jobs still queued have been dropped together (`SchedulerState.cancel_many`:
+    a Stop of a whole run): mark them cancelled, in this order."""
+
+    keys: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class CancelRunning:
     """Ask ``node`` to terminate attempt ``attempt`` of job ``key`` (with
     ``unstarted``: to drop it only if it has not started there).
@@ -194,5 +203,11 @@ class ResubmitJob:
 
 
 Instruction: TypeAlias = (
-    SendJobs | AcceptResult | CancelQueued | CancelRunning | AbandonJob | ResubmitJob
+    SendJobs
+    | AcceptResult
+    | CancelQueued
+    | DropQueued
+    | CancelRunning
+    | AbandonJob
+    | ResubmitJob
 )

@@ -164,6 +164,10 @@ class JobEvents(Protocol):
     def job_cancelled(self, key: int) -> None:
         """A queued job was cancelled before it ran."""
 
+    def jobs_cancelled(self, keys: list[int]) -> None:
+        """Queued jobs were cancelled together before they ran (`job_cancelled`
+        of each, in order)."""
+
     def job_requeued(self, key: int) -> None:
         """A job's node was lost; the job waits to run elsewhere (reentrant)."""
 

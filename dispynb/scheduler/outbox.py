@@ -28,6 +28,7 @@ from dispynb.scheduler.events import (
     AbandonJob,
     CancelQueued,
     CancelRunning,
+    DropQueued,
     Instruction,
     ResubmitJob,
     SendJobs,
@@ -249,6 +250,11 @@ class DriverOutbox:
                 self._jobs.pop(instruction.key, None)
                 self._release_segments(instruction.key)
                 self.events.job_cancelled(instruction.key)
+            elif isinstance(instruction, DropQueued):
+                for key in instruction.keys:
+                    self._jobs.pop(key, None)
+                    self._release_segments(key)
+                self.events.jobs_cancelled(list(instruction.keys))
             elif isinstance(instruction, CancelRunning):
                 link = self.nodes.get(instruction.node)
                 if link is not None and link.conn is not None:

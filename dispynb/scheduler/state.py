@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
@@ -26,6 +27,7 @@ from dispynb.scheduler.events import (
     CancelQueued,
     CancelRequested,
     CancelRunning,
+    DropQueued,
     Event,
     Instruction,
     JobFinished,
@@ -425,6 +427,31 @@ class SchedulerState:
         self._refresh(node)
         out.append(AcceptResult(key, event.attempt))
 
+    def cancel_many(
+        self, keys: Iterable[int], unstarted: bool = False
+    ) -> list[Instruction]:
+        """Cancel jobs together (a Stop of a whole run): as a `CancelRequested` per
+        key, in order, but in one pass. The cancels of jobs on nodes come first,
+        then one `DropQueued` of the queued jobs, then the jobs left in the queue
+        are dispatched once, not after each cancel."""
+        out: list[Instruction] = []
+        dropped: list[int] = []
+        jobs = self._jobs
+        for key in keys:
+            job = jobs.get(key)
+            if job is None:
+                continue
+            if job.node is None:
+                self._unqueue(job)
+                del jobs[key]
+                dropped.append(key)
+            else:
+                self._cancel_sent(job, unstarted, out)
+        if dropped:
+            out.append(DropQueued(tuple(dropped)))
+        self._dispatch(out, self._open)
+        return out
+
     def _cancel(self, event: CancelRequested, out: list[Instruction]) -> None:
         job = self._jobs.get(event.key)
         if job is None:
@@ -433,9 +460,16 @@ class SchedulerState:
             self._unqueue(job)
             del self._jobs[job.key]
             out.append(CancelQueued(job.key))
-        elif job.cancel_requested:
+        else:
+            self._cancel_sent(job, event.unstarted, out)
+
+    @staticmethod
+    def _cancel_sent(job: _Job, unstarted: bool, out: list[Instruction]) -> None:
+        """Ask the node that has ``job`` to cancel it (once)."""
+        assert job.node is not None
+        if job.cancel_requested:
             return  # asking twice sends nothing more
-        elif not event.unstarted:
+        if not unstarted:
             job.cancel_requested = True
             out.append(CancelRunning(job.node, job.key, job.attempt))
         elif not job.unstarted_cancel:

@@ -367,14 +367,17 @@ def test_stopping_a_run_cancels_its_jobs_in_one_request(local1, tmp_path):
 
 
 @slow
-def test_a_stopped_runs_jobs_cost_one_callback_each(local1, tmp_path):
-    """Stop of a run with many queued jobs: each job that ends costs the cluster one
-    callback (the run's ``cluster_status``, with its copy of the job), not two: the
-    run also gave its cluster a ``job_status`` callback that did nothing but was
-    called, with a copy of each job, as each ended (a third of what a 200,000-job
-    run's Stop spent on the client)."""
+def test_a_stopped_runs_queued_jobs_end_in_one_post(local1, tmp_path):
+    """Stop of a run with many queued jobs: the cluster drops them in one go and
+    tells its callback thread of all their ends in one post (it made two per job,
+    the run's ``cluster_status`` with a copy of the job, then forgetting the
+    cancel: a 200,000-job run's Stop spent seconds on them); each still reaches
+    the run, and a listener of the run (with its own copy), once. Nor are the
+    jobs' ``Created`` events posted: the run ignores them, and its listener gets
+    them only if it reads jobs."""
     started = tmp_path / "started"
     queued = 40
+    seen: list[tuple[int, DispyJob]] = []
     run = Run.map(
         mark_sleep_mark,
         [(str(started), 30, None)] + [(None, 30, None)] * queued,
@@ -386,6 +389,8 @@ def test_a_stopped_runs_jobs_cost_one_callback_each(local1, tmp_path):
     )
     assert run.cluster is not None
     dispatcher = run.cluster._callbacks
+    assert dispatcher.flush(WAIT)
+    run.add_listener(lambda status, node, job: seen.append((status, job)))
     posted: list[tuple[object, tuple[object, ...]]] = []
     post = dispatcher.post
 
@@ -401,14 +406,40 @@ def test_a_stopped_runs_jobs_cost_one_callback_each(local1, tmp_path):
         run.wait()
 
     assert run.counts().cancelled == queued + 1
-    # The calls about a job's end (a node's events have no job).
-    ended = [
-        fn
-        for fn, args in posted
-        if args and isinstance(args[-1], DispyJob) and args[-1].done()
-    ]
-    assert len(ended) == queued + 1  # one per job...
-    assert set(ended) == {run._on_cluster_status}  # ... the run's cluster_status
+    assert len(posted) < 10, posted
+    ends = [job for status, job in seen if status == JobStatus.Cancelled]
+    assert sorted(job.id for job in ends) == sorted(job.id for job in run.jobs[1:])
+    assert not {id(job) for job in ends} & {id(job) for job in run.jobs}  # copies
+
+
+@slow
+def test_a_runs_created_events_go_only_where_they_are_read(local):
+    """A run ignores its jobs' ``Created`` events: the cluster no longer copies
+    and posts one per submit for it (~5 us a job), unless the run passes events
+    on to a ``cluster_status`` of the user's, which still gets each."""
+    created: list[object] = []
+
+    def mine(status: int, node: object, job: DispyJob | None) -> None:
+        if status == JobStatus.Created and job is not None:
+            created.append(job.id)
+
+    for own in (None, mine):
+        run = Run(name="r", cluster_status=own)
+        statuses: list[object] = []
+        with JobCluster(jobs.square, nodes=local, **run.callbacks()) as cluster:
+            run.attach(cluster)
+            post = cluster._callbacks.post
+
+            def counted(fn, *args, post=post, statuses=statuses):
+                statuses.append(args[0] if args else None)
+                post(fn, *args)
+
+            cluster._callbacks.post = counted
+            run.submit_all(range(3))
+            assert run.wait(timeout=WAIT, echo=False)
+        assert run.results == [0, 1, 4]
+        assert statuses.count(JobStatus.Created) == (0 if own is None else 3)
+    assert len(created) == 3
 
 
 @slow

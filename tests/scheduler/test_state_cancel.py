@@ -8,6 +8,7 @@ from dispynb.scheduler import (
     CancelQueued,
     CancelRequested,
     CancelRunning,
+    DropQueued,
     JobFinished,
     JobReturned,
     NodeInfo,
@@ -84,3 +85,24 @@ def test_unstarted_cancel_of_a_job_handed_back_or_on_a_lost_node_cancels_it():
 def test_cancel_unknown_key_is_ignored():
     state = make_state(("a", 1))
     assert state.handle(CancelRequested(42)) == []
+
+
+def test_cancel_many_asks_the_nodes_then_drops_the_queued_jobs_together():
+    """A Stop's bulk cancel: the jobs on nodes are asked to stop, in the order
+    given, the queued ones (pinned or not) dropped in one `DropQueued`, and
+    unknown keys ignored; the queue left is dispatched once."""
+    state = make_state(("a", 1))
+    submit(state, 1, 2, 3, 4)
+    submit(state, 5, node="b")
+    assert state.node_running("a") == 2  # 1 runs, 2 was sent ahead
+    assert state.cancel_many([5, 4, 2, 1, 99]) == [
+        CancelRunning("a", 2, 1),
+        CancelRunning("a", 1, 1),
+        DropQueued((5, 4)),
+    ]
+    assert state.queued_count == 1  # 3, not cancelled, still waits
+    assert state.cancel_many([1]) == []  # asked once only
+    assert state.handle(JobFinished("a", 1, 1, LONG)) == [
+        AcceptResult(1, 1),
+        SendJobs("a", ((3, 1),)),
+    ]
