@@ -175,8 +175,18 @@ def test_recover_jobs_without_arguments_and_no_file_returns_nothing(
 
 
 EXITING = """
-import atexit, os, sys
+import atexit, logging, os, sys
 import dispynb as dispy
+
+# dispynb's debug log for a failure's message; warnings still on stderr.
+_debug = logging.FileHandler("debug.log")
+_debug.setFormatter(
+    logging.Formatter("%(asctime)s %(threadName)s %(name)s %(levelname)s %(message)s")
+)
+_shown = logging.StreamHandler()
+_shown.setLevel(logging.WARNING)
+logging.getLogger("dispynb").handlers[:] = [_debug, _shown]
+logging.getLogger("dispynb").setLevel(logging.DEBUG)
 
 def compute(n, release):
     import os, time
@@ -202,7 +212,12 @@ atexit.register(print, "exiting without close()", flush=True)
 
 
 def _exiting_client(tmp_path: Path, node: Any) -> subprocess.Popen[str]:
-    """The script above, its first line ("exiting ...") read: it is in its exit."""
+    """The script above, its first line ("exiting ...") read: it is in its exit.
+
+    Read from the pipe itself, byte by byte: ``readline()`` reads ahead into the
+    file object's buffer, which ``communicate()`` never looks at (it reads the
+    pipe), so a callback's line printed before this read began was lost (a loaded
+    CI machine)."""
     # With SIGINT handled here: a terminal's foreground job has Python's handler,
     # where a background job of a shell (CI's run, `cmd &`) inherits SIGINT
     # ignored, and a Ctrl-C would then never reach the script.
@@ -216,8 +231,26 @@ def _exiting_client(tmp_path: Path, node: Any) -> subprocess.Popen[str]:
             start_new_session=True,  # its own group, as a terminal's foreground job
         )
     assert proc.stdout is not None
-    assert proc.stdout.readline() == "exiting without close()\n"
+    first = b""
+    while not first.endswith(b"\n"):
+        byte = os.read(proc.stdout.fileno(), 1)  # b"" at the end: the script died
+        if not byte:
+            proc.kill()
+            _, err = proc.communicate()
+            raise AssertionError(f"the script ended before its exit: {err}")
+        first += byte
+    assert first == b"exiting without close()\n"
     return proc
+
+
+def _logs(tmp_path: Path, node: CliNode, err: str) -> str:
+    """A failure's message: the script's stderr, the node's log, dispynb's debug
+    log in the script."""
+    debug = tmp_path / "debug.log"
+    return (
+        f"{err}\n--- node log:\n{node.log_text()}\n--- the script's debug log:\n"
+        f"{debug.read_text() if debug.exists() else '(none)'}"
+    )
 
 
 def test_a_script_left_open_waits_at_exit_for_its_jobs_as_dispy(tmp_path):
@@ -234,8 +267,9 @@ def test_a_script_left_open_waits_at_exit_for_its_jobs_as_dispy(tmp_path):
         finally:
             proc.kill()
             proc.communicate()
-        assert proc.returncode == 0, err
-        assert out.splitlines() == [f"job {n}: 11 {n * n}" for n in range(3)], err
+        assert proc.returncode == 0, _logs(tmp_path, node, err)
+        expected = [f"job {n}: 11 {n * n}" for n in range(3)]
+        assert out.splitlines() == expected, _logs(tmp_path, node, err)
         wait_until(lambda: "disconnected" in node.log_text())
         assert "results kept" not in node.log_text()  # closed, not kept
     assert default_files(tmp_path, sidecars=True) == []
@@ -256,11 +290,13 @@ def test_ctrl_c_while_a_script_waits_at_exit_terminates_its_jobs(tmp_path):
             proc.kill()
             proc.communicate()
             raise
-        _assert_exit_terminated(proc, node)
+        _assert_exit_terminated(proc, node, tmp_path)
     assert default_files(tmp_path, sidecars=True) == []
 
 
-def _assert_exit_terminated(proc: subprocess.Popen[str], node: CliNode) -> None:
+def _assert_exit_terminated(
+    proc: subprocess.Popen[str], node: CliNode, tmp_path: Path
+) -> None:
     """EXITING's exit, interrupted, ends well: job 0 Terminated and its callback
     told, the interruption said, the cluster closed (the node released, no results
     kept for a client that is gone)."""
@@ -270,9 +306,10 @@ def _assert_exit_terminated(proc: subprocess.Popen[str], node: CliNode) -> None:
     finally:
         proc.kill()
         proc.communicate()
-    assert proc.returncode == 0, err
-    assert out.splitlines() == ["job 0: 9 None"], err  # Terminated
-    assert "interrupted at exit: the jobs not done are terminated" in err
+    logs = _logs(tmp_path, node, err)
+    assert proc.returncode == 0, logs
+    assert out.splitlines() == ["job 0: 9 None"], logs  # Terminated
+    assert "interrupted at exit: the jobs not done are terminated" in err, logs
     wait_until(lambda: "disconnected" in node.log_text())
     assert "results kept" not in node.log_text()
 
@@ -300,7 +337,7 @@ def test_ctrl_c_as_the_exit_begins_to_wait_terminates_the_jobs(tmp_path):
     (tmp_path / "client.py").write_text(EXIT_BEGINS_INTERRUPTED)
     with running_node(tmp_path / "node") as node:
         proc = _exiting_client(tmp_path, node)
-        _assert_exit_terminated(proc, node)
+        _assert_exit_terminated(proc, node, tmp_path)
     assert default_files(tmp_path, sidecars=True) == []
 
 
