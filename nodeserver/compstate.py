@@ -191,6 +191,8 @@ class _ComputationState:
     _progress: asyncio.Future[None] | None
     _ready: bool
     _closing: bool
+    #: Once its jobs are over, `close`'s end of the process (a task: see `close`).
+    _ending: asyncio.Task[None] | None
     #: Times its process was found stopped and continued (`_watch_stopped`).
     _continued: int
     _handed_back: bool

@@ -287,6 +287,7 @@ class Computation(_JobStops, _WorkerLife, _JobFiles, _WorkStealing, _Computation
         self._ready = False
         self._mean: float | None = None  # mean job time; None until a job ends
         self._closing = False
+        self._ending: asyncio.Task[None] | None = None
         self._continued = 0
         # The node shuts down (hand_back): no new jobs; close() still ends it all.
         self._handed_back = False

@@ -527,7 +527,9 @@ class ResultKeeper:
             computation.name,
         )
         if finisher is not None:
-            finisher.cancel()  # it stops waiting for them
+            # It stops waiting for them (a shutdown of the process already under
+            # way runs to its end, and the close below waits for it).
+            finisher.cancel()
 
         async def terminate() -> None:
             if finisher is not None:

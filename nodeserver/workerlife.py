@@ -296,8 +296,16 @@ class _WorkerLife(_ComputationState):
         return self._closing
 
     async def close(self, terminate: bool) -> None:
-        """Let jobs finish (or kill them), run cleanup, end the process."""
+        """Let jobs finish (or kill them), run cleanup, end the process.
+
+        Once no job is left, the end of the process (cleanup, then SIGKILL after
+        `SHUTDOWN_GRACE` s) runs to its end even if this call is cancelled (the
+        keeper gives up on an adopted computation as its client sets it up again),
+        and a later call waits for it: cancelled half way, the process ran on for
+        ever, its cleanup hung, closed by nobody."""
         if self._closing:
+            if self._ending is not None:
+                await asyncio.shield(self._ending)
             return
         self._closing = True
         # Its client takes no more of its files: the jobs waiting are told.
@@ -321,6 +329,11 @@ class _WorkerLife(_ComputationState):
                 # still end the jobs and the process.
                 self._closing = False
                 raise
+        self._ending = asyncio.get_running_loop().create_task(self._end())
+        await asyncio.shield(self._ending)
+
+    async def _end(self) -> None:
+        """`close`'s end, its jobs over: stop the process, free what it held."""
         self._budget.forget(id(self))  # only now: a backlog still needs CPUs
         if self._control is not None and self._process is not None:
             with contextlib.suppress(DispynbError):

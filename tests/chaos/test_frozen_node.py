@@ -10,6 +10,7 @@ A real node from the command line; the client in this process.
 
 from __future__ import annotations
 
+import functools
 import signal
 from pathlib import Path
 
@@ -17,7 +18,9 @@ import psutil
 import pytest
 
 from dispynb import DispyJob, JobCluster
+from nodeserver.workerlife import SHUTDOWN_GRACE
 from tests.chaos.outcomes import hold_two, wait_stopped
+from tests.jobs import wait_until
 from tests.nodeproc import CliNode, running_node
 
 pytestmark = pytest.mark.slow
@@ -81,3 +84,65 @@ def test_a_thawed_nodes_abandoned_jobs_are_stopped_once_its_client_is_back(
             release.touch()
     assert not (marks / "1").exists(), "a job reported Abandoned ran afterwards"
     assert "the jobs it left are terminated" in node.log_text()
+
+
+def _write_pid(path: str) -> int:
+    """Setup: write the computation process's pid to ``path``."""
+    import os
+
+    with open(path + ".tmp", "w") as handle:
+        handle.write(str(os.getpid()))
+    os.replace(path + ".tmp", path)
+    return 0
+
+
+def _hang() -> None:
+    """Cleanup that never ends by itself (a stuck network share, a lock)."""
+    import time
+
+    time.sleep(120)
+
+
+@pytest.mark.timeout(90)
+def test_an_adopted_computation_shutting_down_as_its_client_is_back_is_ended(
+    tmp_path: Path,
+) -> None:
+    """A thawed node adopts its idle computation (its client gave it up) and shuts
+    it down: its cleanup runs. The client, back, sets the computation up again
+    meanwhile: the shutdown was cancelled half way and the close that followed
+    did nothing (closing already), so the old process (its cleanup hung) ran on
+    for ever, never killed nor reaped; now it is killed `SHUTDOWN_GRACE` s after
+    its shutdown began, as any computation's."""
+    pid_file = tmp_path / "setup-pid"
+    with (
+        running_node(tmp_path / "node", cpus=1) as node,
+        JobCluster(
+            abs,
+            nodes=[node.spec],
+            secret=node.secret,
+            pulse_interval=0.3,
+            recover_file=str(tmp_path / "journal"),
+            setup=functools.partial(_write_pid, str(pid_file)),
+            cleanup=_hang,
+        ) as cluster,
+    ):
+        assert cluster.submit(-2)() == 2
+        old = int(pid_file.read_text())
+        pid_file.unlink()
+        signal_tree(node, signal.SIGSTOP)
+        try:
+            wait_until(lambda: not cluster.status().nodes, timeout=30)
+        finally:
+            signal_tree(node, signal.SIGCONT)
+        # Back: set up again (a new process), while the old one shuts down.
+        assert cluster.submit(-3)() == 3
+        assert int(pid_file.read_text()) != old
+        try:
+            wait_stopped(old, timeout=SHUTDOWN_GRACE + 15)
+        except AssertionError:
+            raise AssertionError(
+                f"the old computation process runs on:\n{node.log_text()}"
+            ) from None
+        cluster.close(terminate=True)  # its own cleanup hangs too: killed
+    log = node.log_text()
+    assert "did not stop; killing it" in log, log
