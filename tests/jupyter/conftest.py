@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
 
 from dispynb import LocalCluster
+from dispynb.jupyter.labcomm import ClusterTracker, Discovered, LabLink
+from tests.jupyter.fakecomm import INTERVAL, FakeComm
 from tests.jupyter.shell import magic_shell
 
 
@@ -31,6 +34,33 @@ def ip() -> Iterator[InteractiveShell]:
     magics' tests; a module that needs other nodes has its own)."""
     with magic_shell("--cpus 2") as shell:
         yield shell
+
+
+@pytest.fixture
+def link_of() -> Iterator[Callable[..., tuple[LabLink, FakeComm, ClusterTracker]]]:
+    """Makes panel links (`LabLink`) over a fake comm, closed after the test."""
+    made: list[tuple[LabLink, ClusterTracker]] = []
+
+    def make(
+        clusters: Callable[[], list[Any]], **kwargs: Any
+    ) -> tuple[LabLink, FakeComm, ClusterTracker]:
+        comm = FakeComm()
+        tracker = ClusterTracker(clusters)
+        kwargs.setdefault("session", lambda: {"kind": "", "nodes": []})
+        link = LabLink(
+            comm.send,
+            tracker=tracker,
+            discovered=kwargs.pop("discovered", Discovered()),
+            interval=INTERVAL,
+            **kwargs,
+        )
+        made.append((link, tracker))
+        return link, comm, tracker
+
+    yield make
+    for link, tracker in made:
+        link.close()
+        tracker.close()
 
 
 @pytest.fixture(scope="session", autouse=True)
