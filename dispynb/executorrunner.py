@@ -181,7 +181,13 @@ def _initialize(initializer: Callable[..., Any], initargs: tuple[Any, ...]) -> i
         _init_output[:] = [(out.getvalue(), err.getvalue())]
     if namespace:
         global _init_globals
-        bound = {k: v for k, v in namespace.items() if before.get(k, _UNSET) is not v}
+        bound = {
+            k: v
+            for k, v in namespace.items()
+            # The user's, not Python's (__warningregistry__ if it warned).
+            if before.get(k, _UNSET) is not v
+            and not (k.startswith("__") and k.endswith("__"))
+        }
         _init_globals = (namespace.get("__name__"), bound)
     return 0
 

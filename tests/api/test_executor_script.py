@@ -282,3 +282,48 @@ def test_calls_see_the_globals_the_initializer_set(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     # The script's own globals are its own, as with the pool's worker processes.
     assert json.loads(done.stdout) == [[100, 110, 120, 130], 1]
+
+
+#: An initializer and a call that both reach the same ``warnings.warn`` line.
+WARNING_IN_BOTH = textwrap.dedent(
+    """
+    import warnings
+    from dispynb import Executor
+
+
+    def check(value):
+        if value < 0:
+            warnings.warn("negative value")
+        return value
+
+
+    def init():
+        check(-1)
+
+
+    if __name__ == "__main__":
+        with Executor(max_workers=1, initializer=init) as executor:
+            print(executor.submit(check, -2).result())
+    """
+)
+
+
+def test_a_calls_warning_shows_where_the_initializer_warned_alike(
+    tmp_path: Path,
+) -> None:
+    """The initializer's globals the calls get are the user's, not Python's: with
+    its ``__warningregistry__`` too, the call's warning at the line where the
+    initializer had warned was dropped as already shown."""
+    script = tmp_path / "script.py"
+    script.write_text(WARNING_IN_BOTH)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=PROMPTLY,
+    )
+    assert (done.returncode, done.stdout) == (0, "-2\n"), done.stderr
+    # The initializer's, then the call's.
+    assert done.stderr.count("UserWarning: negative value") == 2, done.stderr
