@@ -652,16 +652,7 @@ def _magics_session() -> dict[str, Any]:
         session = getattr(magics, "session", None)
         if session is None or session.nodes is None:
             return {"kind": "", "nodes": []}
-        kind = "local" if session.local is not None else "nodes"
-        # A local node that exited is said so: the next cell will not run on it.
-        exited = session.exited_nodes()
-        return {
-            "kind": kind,
-            "nodes": [
-                f"{a} (exited)" if a in exited else a
-                for _, a, _ in session.known_nodes()
-            ],
-        }
+        return dict(session.header())
     except Exception as exc:  # a half-closed session: show nothing rather than fail
         logger.debug("dispynb panel: no %%dispy session (%s)", exc)
         return {"kind": "", "nodes": []}

@@ -52,6 +52,22 @@ class _SessionNodes:
             return []
         return list(self.local.exited())
 
+    def header(self) -> dict[str, Any]:
+        """What the lab panel's header says ``%dispy`` uses: ``{"kind": "local" |
+        "nodes", "nodes": ["host:port", ...]}``, each node this session started
+        that exited marked ``(exited)``: the next cell will not run on it. A
+        launcher's (SSH, SLURM), which `known_nodes` no longer lists, come last
+        (they vanished from the header, as if never started); its nodes are not
+        local ones."""
+        local = self.local is not None and launcher_kind(self.local) == "local"
+        exited = self.exited_nodes()
+        listed = [address for _, address, _ in self.known_nodes()]
+        listed += sorted(exited.difference(listed))
+        return {
+            "kind": "local" if local else "nodes",
+            "nodes": [f"{a} (exited)" if a in exited else a for a in listed],
+        }
+
     def known_nodes(self) -> list[tuple[str, str, str]]:
         """``(host, "host:port", name)`` of each node in use (name "" if unknown)."""
         from dispynb.defaults import NODE_PORT

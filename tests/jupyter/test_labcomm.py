@@ -408,3 +408,49 @@ def test_the_panel_says_which_local_node_of_dispy_local_exited() -> None:
         with capture_output():
             shell.run_line_magic("dispy", "close")
         shell.run_line_magic("unload_ext", "dispynb")
+
+
+def test_the_panel_header_keeps_a_launched_node_that_exited(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One of two launched nodes (%dispy ssh, %dispy slurm) died: the panel's
+    header dropped it (a launcher lists only the nodes still running), as if it
+    had never been started, and called them 'local nodes'. It now lists it
+    '(exited)', after the others, and calls them nodes."""
+    import os
+    import signal
+    import types
+
+    import IPython
+
+    from dispynb.jupyter.session import Session
+    from tests.deploy.test_launcher import LocalProcesses
+
+    session = Session()
+    launcher = LocalProcesses()
+    session.local = session.nodes = launcher
+    magics = types.SimpleNamespace(session=session)
+    shell = types.SimpleNamespace(
+        magics_manager=types.SimpleNamespace(registry={"DispyMagics": magics})
+    )
+    monkeypatch.setattr(IPython, "get_ipython", lambda: shell)
+    try:
+        launcher.start(2)
+        launcher.wait_for(2, timeout=30)
+        dead, alive = (x.node for x in launcher._launched)
+        assert dead is not None and alive is not None
+        first, second = (f"{n.host}:{n.port}" for n in (dead, alive))
+        assert labcomm._magics_session() == {
+            "kind": "nodes",
+            "nodes": [first, second],
+        }
+        handle = launcher._launched[0].handle
+        assert handle is not None
+        os.kill(handle.pid, signal.SIGKILL)
+        jobs.wait_until(lambda: launcher.exited() != [])
+        assert labcomm._magics_session() == {
+            "kind": "nodes",
+            "nodes": [second, f"{first} (exited)"],
+        }
+    finally:
+        session.close()
