@@ -259,3 +259,6 @@ class _ComputationState:
 
     def _runs_after_all(self, job: NodeJob, start_time: float) -> None:
         raise NotImplementedError
+
+    def _file_cap(self) -> int:
+        raise NotImplementedError

@@ -551,6 +551,19 @@ class Computation(_JobStops, _WorkerLife, _JobFiles, _WorkStealing, _Computation
             return  # from a job already settled (cancelled): drop it
         if head.start_held:
             self._runs_after_all(head, time.time())
+        size, cap = sum(b.nbytes for b in buffers), self._provisional_cap()
+        if size > cap:
+            # The job checks it, but may forge the message: one over its client's
+            # messages made the client drop this node, with all its jobs.
+            worker.log_odd(
+                logging.WARNING,
+                "job %d sent a provisional result of %d bytes, over the %d bytes "
+                "its client takes: not sent",
+                message.key,
+                size,
+                cap,
+            )
+            return
         self._report_provisional(message.key, message.attempt, buffers)
 
     def _on_done(self, worker: Worker, done: Done, buffers: list[memoryview]) -> None:

@@ -30,6 +30,7 @@ class _JobFiles(_ComputationState):
         else:
             if head.start_held:
                 self._runs_after_all(head, time.time())
+            size, cap = sum(b.nbytes for b in buffers), self._file_cap()
             try:
                 path = safe_relative_path(message.path)
             except DispynbError as exc:
@@ -41,6 +42,20 @@ class _JobFiles(_ComputationState):
                 )
                 error = str(exc)
             else:
+                error = ""
+                if cap and size > cap:
+                    # The job checks it, but may forge the message: one over its
+                    # client's messages made the client drop this node.
+                    error = f"the file is {size} bytes, over the limit of {cap}"
+                    worker.log_odd(
+                        logging.WARNING,
+                        "job %d sent a file of %d bytes, over the %d bytes its "
+                        "client takes: not sent",
+                        message.key,
+                        size,
+                        cap,
+                    )
+            if not error:
                 request = 0
                 if message.request:
                     request = next(self._file_request_ids)

@@ -256,11 +256,22 @@ class _WorkerLife(_ComputationState):
         ``--max-file-size``, within one message of the client (less a header's
         room): a file travels whole."""
         cap = self._store.max_file_size
-        client = self.limits.max_message
-        if client:
-            room = max(client - RESULT_HEADROOM, client // 2)
+        room = self._client_room()
+        if room:
             cap = room if not cap else min(cap, room)
         return cap
+
+    def _client_room(self) -> int:
+        """Bytes of payload one message to the client takes (0: not known): its
+        ``max_message_size``, less a header's room."""
+        client = self.limits.max_message
+        return max(client - RESULT_HEADROOM, client // 2) if client else 0
+
+    def _provisional_cap(self) -> int:
+        """Bytes a provisional result may have: as a result (`_result_cap`), and
+        within one message to the client (it is not sent in chunks)."""
+        cap, room = self._result_cap(), self._client_room()
+        return min(cap, room) if room else cap
 
     def _result_cap(self) -> int:
         """Bytes a pickled result may have: the client's cap, within what the

@@ -223,3 +223,66 @@ def test_a_job_forging_its_done_keeps_max_output_size(tmp_path: Path, measure):
         job()
         assert (job.stdout, job.exception) == ("o" * 10, "o" * 10)
     measure("; ".join(figures) + " delivered (stdout, stderr, traceback)")
+
+
+def forge_over_limits(what: str, size: int) -> str:
+    """Send the node, for this job, a provisional result ("provisional") or a file
+    ("file") of ``size`` bytes, past the job's own check of its limits; then
+    return."""
+    import pickle
+
+    from nodeserver.ipc import Provisional, SendFile
+    from nodeserver.jobapi import CONTEXT
+
+    if what == "provisional":
+        message = Provisional(key=CONTEXT.key, attempt=CONTEXT.attempt)
+        CONTEXT.send(message, [pickle.dumps(b"p" * size)])
+    else:
+        message = SendFile(key=CONTEXT.key, attempt=CONTEXT.attempt, path="big.bin")
+        CONTEXT.send(message, [b"f" * size])
+    return what
+
+
+@pytest.mark.attack(
+    id="forged-over-client-limits",
+    title="A job whose client takes messages of 2 MB at most sends its node a "
+    "provisional result, and a file, of 4 MB on its worker's channel",
+    goal="neither sent to the client, the node's log says so; the client keeps the "
+    "node and every job's result (was: the client dropped the node, 'peer "
+    "announced a 4000092-byte message, over the 2000000-byte cap')",
+)
+@pytest.mark.timeout(120)
+def test_a_job_forging_messages_over_its_clients_limits_keeps_its_node(
+    tmp_path: Path, measure, monkeypatch: pytest.MonkeyPatch
+):
+    limit, size = 2_000_000, 4_000_000
+    monkeypatch.chdir(tmp_path)  # where the client writes the files jobs send
+    with (
+        running_node(tmp_path / "node") as node,
+        JobCluster(
+            forge_over_limits,
+            nodes=[node.spec],
+            secret=node.secret,
+            max_message_size=limit,
+        ) as cluster,
+    ):
+        jobs = [cluster.submit(what, size) for what in ("provisional", "file")]
+        for job in jobs:
+            job()
+        results = [(job.status, job.result, job.exception) for job in jobs]
+        after = cluster.submit("file", 10)  # the node is still this client's
+        after()
+    log = node.log_text()
+    lines = [
+        line.split(" WARNING ", 1)[-1]
+        for line in log.splitlines()
+        if "over the" in line and "its client takes" in line
+    ]
+    measure(f"results {[r[1] for r in results]}; node log: {lines[:2]}")
+    assert results == [
+        (DispyJob.Finished, "provisional", None),
+        (DispyJob.Finished, "file", None),
+    ]
+    assert (after.status, after.result) == (DispyJob.Finished, "file")
+    assert (tmp_path / "big.bin").stat().st_size == 10  # the small one only
+    assert 1 <= len(lines) <= 2, log[-2000:]  # then at debug level (`log_odd`)
