@@ -4,6 +4,8 @@
 `IN_NETNS` under ``unshare -n -p -f --mount-proc`` (loopback only, its own PIDs).
 Outside, their tests are deselected (not reported as skipped: they run in the inner
 pytest); inside, the outer test is. Inside, they share one Ray cluster (``head``).
+
+The Dask tests run their client programs in a namespace host: ``net``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import pytest
 
 from dispynb.backends.ray import RayEngine
 from tests.backends.rayhead import RayHead
+from tests.multihost.netns import Network, unavailable_reason
 
 #: Modules whose tests run only inside the private namespace, in the order the inner
 #: pytest runs them (test_ray_nodes.py adds nodes to the shared Ray cluster: last).
@@ -74,3 +77,14 @@ def head() -> Iterator[RayHead]:
 @pytest.fixture
 def engine(head: RayHead) -> RayEngine:
     return RayEngine(head.address)
+
+
+@pytest.fixture(scope="module")
+def net() -> Iterator[Network]:
+    """One namespace host: a module's client programs and their LocalCluster run
+    there (a module that needs more hosts has its own)."""
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    with Network(1).running() as network:
+        yield network
