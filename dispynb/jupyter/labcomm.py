@@ -356,7 +356,8 @@ class Discovered:
 def discover(
     addresses: list[str], timeout: float = DISCOVERY_TIMEOUT
 ) -> list[dict[str, Any]]:
-    """Ping for node servers (they answer discovery by default); block ``timeout`` s
+    """Ping for node servers (those on a network address answer by default; one on
+    loopback only with ``--discovery`` if it has a secret); block ``timeout`` s
     (the pings run on dispynb's I/O loop; any thread may call this).
 
     ``addresses``: IPv4 addresses of nodes or broadcast addresses, each optionally

@@ -1,157 +1,88 @@
-"""The panel's discovery of nodes (`dispynb.jupyter.labcomm.discover`): by unicast
-to a fake node on 127.0.0.1 only (a broadcast would leave this machine's
-namespace), from a request of the panel, a bounded number at once."""
+"""The lab panel's **Discover** (`dispynb.jupyter.labcomm.discover`) as
+`docs/howto/labextension.md` says it: which nodes on this machine answer pings sent
+to 127.0.0.1. In a private network namespace with only ``lo`` up, and a PID
+namespace so that its nodes end with it; nothing leaves the namespace."""
 
 from __future__ import annotations
 
-import socket
-import threading
-from collections.abc import Iterator
-from typing import Any
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from dispynb.errors import ConfigurationError
-from dispynb.jupyter import labcomm
+from tests.nodeproc import node_env
+from tests.transport.test_discovery_loopback_only import _unshare_reason
+
+#: Starts one node at a time (argv[2:]: JSON lists of dispynb-node options), types
+#: 127.0.0.1 into Discover for each, then does the same for a `LocalCluster` (what
+#: %dispy local starts); prints the names found each time.
+PROGRAM = """
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from dispynb import LocalCluster
 from dispynb.jupyter.labcomm import discover
-from dispynb.protocol.discovery import Announce, Ping, decode, encode, new_boot_id
+from tests.nodeproc import node_command, write_secret_file
+
+directory = Path(sys.argv[1])
+secret = write_secret_file(directory / "secret", "discover-test-secret-0123456789ab")
+found = []
+for index, options in enumerate(json.loads(arg) for arg in sys.argv[2:]):
+    port_file = directory / f"port-{index}"
+    node = subprocess.Popen(node_command(
+        "--port", "0", "--port-file", str(port_file), "--cpus", "1",
+        "--secret-file", str(secret), "--name", f"node-{index}",
+        "--dest-path", str(directory / f"dest-{index}"), *options,
+    ))
+    deadline = time.monotonic() + 20
+    while not (port_file.exists() and port_file.read_text().strip()):
+        assert node.poll() is None and time.monotonic() < deadline, "no node"
+        time.sleep(0.02)
+    found.append(sorted(n["name"] for n in discover(["127.0.0.1"], timeout=1.0)))
+    node.terminate()
+    node.wait(20)
+with LocalCluster(nodes=1, cpus=1):
+    found.append(sorted(n["name"] for n in discover(["127.0.0.1"], timeout=1.0)))
+print(json.dumps(found))
+"""
 
 
-def test_discoveries_at_once_are_bounded(link_of: Any) -> None:
-    """Each running discovery holds a thread and a socket: a flood of Discover
-    requests gets errors past MAX_DISCOVERIES, not a thread each."""
-    release = threading.Event()
-
-    def slow(addresses: list[str]) -> list[dict[str, Any]]:
-        release.wait(20)
-        return []
-
-    link, comm, _ = link_of(list, discoverer=slow)
-    request = {"type": "request", "action": "discover", "addresses": []}
-    count = labcomm.MAX_DISCOVERIES + 3
-    try:
-        for n in range(count):
-            link.on_message({**request, "id": n})
-        refused = [comm.reply(n) for n in range(labcomm.MAX_DISCOVERIES, count)]
-        assert all("running already" in r["error"] for r in refused), refused
-    finally:
-        release.set()
-    assert all(comm.reply(n)["ok"] for n in range(labcomm.MAX_DISCOVERIES))
-    comm.wait_for(lambda d: d["type"] == "state" and not d["discovering"])
-    link.on_message({**request, "id": count})
-    assert comm.reply(count)["ok"]
-
-
-class FakeNodeAnnouncer:
-    """Answers discovery pings on 127.0.0.1 as a node server would."""
-
-    def __init__(self, name: str = "fake-node", tcp_port: int = 51234) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.settimeout(0.1)
-        self.port = self.sock.getsockname()[1]
-        self.name, self.tcp_port = name, tcp_port
-        self.pings = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        boot = new_boot_id()
-        while not self._stop.is_set():
-            try:
-                data, addr = self.sock.recvfrom(2048)
-            except TimeoutError:
-                continue
-            message = decode(data)
-            if isinstance(message, Ping):
-                self.pings += 1
-                reply = Announce(
-                    name=self.name,
-                    port=self.tcp_port,
-                    cpus=3,
-                    boot=boot,
-                    nonce=message.nonce,
-                )
-                self.sock.sendto(encode(reply), addr)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.sock.close()
-
-
-@pytest.fixture
-def announcer() -> Iterator[FakeNodeAnnouncer]:
-    node = FakeNodeAnnouncer()
-    yield node
-    node.close()
-
-
-def test_discover_explicit_address(announcer: FakeNodeAnnouncer) -> None:
-    found = discover([f"127.0.0.1:{announcer.port}"], timeout=0.5)
-    assert found == [
-        {"ip_addr": "127.0.0.1", "port": 51234, "name": "fake-node", "cpus": 3}
-    ]
-    assert announcer.pings == 1
-
-
-def test_discover_runs_on_the_one_io_loop_also_from_a_running_loop(
-    announcer: FakeNodeAnnouncer, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_discover_finds_the_nodes_on_this_machine_the_guide_says(
+    tmp_path: Path,
 ) -> None:
-    """The panel's discovery pings from dispynb's I/O loop thread, never from a
-    loop of its own, so it also works when called under a running loop (a
-    notebook cell), where asyncio.run refuses to start."""
-    import asyncio
-
-    from dispynb.transport.discovery import Discovery
-
-    threads: list[str] = []
-    start = Discovery.start
-
-    async def recording_start(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        threads.append(threading.current_thread().name)
-        return await start(self, *args, **kwargs)
-
-    monkeypatch.setattr(Discovery, "start", recording_start)
-
-    async def cell() -> list[dict[str, object]]:
-        return discover([f"127.0.0.1:{announcer.port}"], timeout=0.3)
-
-    found = asyncio.run(cell())
-    assert [node["name"] for node in found] == ["fake-node"]
-    assert threads == ["dispynb-io"]
-
-
-def test_discover_rejects_bad_addresses_before_sending() -> None:
-    with pytest.raises(ConfigurationError, match="is not an IP"):
-        discover(["127.0.0.1:1", "no-such-host"], timeout=0.1)
-    with pytest.raises(ConfigurationError, match="at most 256"):
-        discover(["127.0.0.1"] * 300, timeout=0.1)
-
-
-def test_discover_request_replies_and_updates_state(
-    announcer: FakeNodeAnnouncer, link_of: Any
-) -> None:
-    link, comm, _ = link_of(
-        list, discoverer=lambda addresses: discover(addresses, timeout=0.3)
+    """A node with a secret answers Discover by default on every address; one
+    bound to 127.0.0.1 with a secret only with --discovery (the guide said every
+    node answers by default); %dispy local's nodes never (the panel shows them
+    already, and another user's kernel would list them too)."""
+    reason = _unshare_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    script = tmp_path / "discover.py"
+    script.write_text(PROGRAM)
+    configs = [[], ["--host", "127.0.0.1"], ["--host", "127.0.0.1", "--discovery"]]
+    # sh stays PID 1 (no exec): a node left by a failed run ends with the namespace.
+    command = [
+        "unshare", "-n", "-p", "-f", "--kill-child", "--mount-proc",
+        "sh", "-c", 'ip link set lo up && "$@"; exit $?', "sh",
+        sys.executable, str(script), str(tmp_path),
+        *(json.dumps(options) for options in configs),
+    ]  # fmt: skip
+    done = subprocess.run(
+        command,
+        cwd=tmp_path,
+        env=node_env(),
+        capture_output=True,
+        text=True,
+        timeout=80,
+        check=False,
     )
-    link.on_message(
-        {
-            "type": "request",
-            "id": 9,
-            "action": "discover",
-            "addresses": [f"127.0.0.1:{announcer.port}"],
-        }
-    )
-    comm.wait_for(lambda d: d["type"] == "state" and d["discovering"])
-    reply = comm.reply(9)
-    assert reply["ok"] and reply["result"][0]["name"] == "fake-node"
-    state = comm.wait_for(
-        lambda d: d["type"] == "state" and d["discovered"] and not d["discovering"]
-    )
-    assert state["discovered"] == reply["result"]
-    link.on_message(
-        {"type": "request", "id": 10, "action": "discover", "addresses": ["nohost"]}
-    )
-    assert "discovery failed" in comm.reply(10)["error"]
+    assert done.returncode == 0, done.stdout + done.stderr
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found == [["node-0"], [], ["node-2"], []], done.stderr
