@@ -116,7 +116,7 @@ class ComputationPlugin(WorkerPlugin):
         self.host: subprocess.Popen[bytes] | None = None
         await asyncio.to_thread(self._start, worker)
         nthreads = worker.state.nthreads
-        ready = ["ready", self.uid, worker.address, nthreads, str(worker.name)]
+        ready = ["ready", self.uid, worker.address, nthreads, _node_name(worker)]
         worker.log_event(self.topic, [*ready, self.error, self.error_traceback])
 
     def transition(
@@ -156,7 +156,7 @@ class ComputationPlugin(WorkerPlugin):
         self.ctrl = ours
         self.conn = Connection(os.dup(ours.fileno()))
         host_ip = worker.address.rsplit("//", 1)[-1].rsplit(":", 1)[0]
-        node = (str(worker.name), host_ip)
+        node = (_node_name(worker), host_ip)
         self.conn.send_bytes(
             pickle.dumps(
                 (
@@ -375,3 +375,12 @@ def run_job(
         data = pickle.dumps(value, protocol=5)
         worker.log_event(plugin.topic, ["done", key, data])
     return value
+
+
+def _node_name(worker: Any) -> str:
+    """The worker's name as a node's (``dispy_node_name``, the status table's
+    rows): a worker given none (``dask worker`` without ``--name``) is named by
+    its address, ``tcp://10.0.0.2:40123``; ``10.0.0.2:40123`` then, which the
+    table's 15 characters still tell from the other workers'."""
+    name = str(worker.name)
+    return name.rsplit("://", 1)[-1] if name == worker.address else name
