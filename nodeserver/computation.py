@@ -24,7 +24,7 @@ from typing import Any
 
 from dispynb.errors import ConnectionClosedError, DispynbError
 from dispynb.jobenv import NOTE_BYTES, output_bytes, output_limit, with_dropped_note
-from dispynb.protocol.messages import CANCELLED, CRASHED, FINISHED, Message
+from dispynb.protocol.messages import CANCELLED, CRASHED, FINISHED, RAISED, Message
 from dispynb.protocol.records import ResultEntry, Utf8Text
 from nodeserver.budget import CpuBudget
 from nodeserver.compstate import JobLimits as JobLimits
@@ -653,10 +653,13 @@ class Computation(_JobStops, _WorkerLife, _JobFiles, _WorkStealing, _Computation
                 limit = self._max_output()
                 why = output_limit(limit, self._max_size)
                 stdout, stderr, exception = _texts(done, limit, why)
+            outcome = done.outcome
+            if finished and (refused := self._refused_result(worker, job, buffers)):
+                finished, outcome, exception = False, RAISED, refused
             entry = ResultEntry(
                 key=job.key,
                 attempt=job.attempt,
-                outcome=done.outcome,
+                outcome=outcome,
                 start_time=done.start_time,
                 end_time=done.end_time,
                 stdout=stdout,
@@ -682,6 +685,29 @@ class Computation(_JobStops, _WorkerLife, _JobFiles, _WorkStealing, _Computation
         if not worker.assigned and not self._queue and self._steal_timer is None:
             self._steal_later()
         self._note_progress()
+
+    def _refused_result(
+        self, worker: Worker, job: NodeJob, buffers: list[memoryview]
+    ) -> str:
+        """Why a job's result is not sent ("" if it is): over its cap. The worker
+        checks it, but the job may send its own `Done`: its client got a result
+        over its max_result_size, or, streamed, "the result arrived incomplete"."""
+        size, cap = sum(b.nbytes for b in buffers), self._result_cap()
+        if size <= cap:
+            return ""
+        worker.log_odd(
+            logging.WARNING,
+            "job %d sent a result of %d bytes, over the %d bytes its client takes: "
+            "not sent",
+            job.key,
+            size,
+            cap,
+        )
+        return (
+            f"dispynb.errors.ResultTooLarge: the job's result came as {size} bytes, "
+            f"over the limit of {cap} bytes (max_result_size), past the job's own "
+            "check: not sent\n"
+        )
 
     def _runs_after_all(self, job: NodeJob, start_time: float) -> None:
         """A head job whose start was held (`_start_clock`: it might be skipped)

@@ -286,3 +286,64 @@ def test_a_job_forging_messages_over_its_clients_limits_keeps_its_node(
     assert (after.status, after.result) == (DispyJob.Finished, "file")
     assert (tmp_path / "big.bin").stat().st_size == 10  # the small one only
     assert 1 <= len(lines) <= 2, log[-2000:]  # then at debug level (`log_odd`)
+
+
+def forge_result(size: int) -> int:
+    """Send the node this job's `Done`, finished, with a result of ``size`` bytes
+    (past the job's own check of max_result_size); then return."""
+    import pickle
+    import time
+
+    from nodeserver.ipc import Done
+    from nodeserver.jobapi import CONTEXT
+
+    now = time.time()
+    done = Done(
+        key=CONTEXT.key,
+        attempt=CONTEXT.attempt,
+        outcome="finished",
+        start_time=now,
+        end_time=now,
+        stdout="",
+        stderr="",
+    )
+    CONTEXT.send(done, [pickle.dumps(b"r" * size)])
+    return size
+
+
+@pytest.mark.attack(
+    id="forged-result-over-cap",
+    title="A job with max_result_size=1 MB sends its node its own result of 1.5 MB "
+    "(sent whole) and of 70 MiB (streamed in chunks)",
+    goal="neither delivered: each job fails with ResultTooLarge naming the limit "
+    "(was: 1.5 MB delivered; 70 MiB ended 'the result arrived incomplete')",
+)
+@pytest.mark.timeout(120)
+def test_a_job_forging_a_result_over_max_result_size_is_refused(
+    tmp_path: Path, measure
+):
+    with (
+        running_node(tmp_path / "node") as node,
+        JobCluster(
+            forge_result,
+            nodes=[node.spec],
+            secret=node.secret,
+            max_result_size=1_000_000,
+        ) as cluster,
+    ):
+        jobs = [cluster.submit(size) for size in (1_500_000, 70 * MiB)]
+        for job in jobs:
+            job()
+        small = cluster.submit(10)  # a result within the limit, as ever
+        assert small() == b"r" * 10
+    measure(
+        "; ".join(
+            f"{job.status.name}: {str(job.exception).strip()} "
+            f"({len(job.result or b'')} bytes of result delivered)"
+            for job in jobs
+        )
+    )
+    for job in jobs:
+        assert job.status == DispyJob.Terminated and job.result is None
+        assert job.exception.startswith("dispynb.errors.ResultTooLarge: ")
+        assert "over the limit of 1000000 bytes (max_result_size)" in job.exception
