@@ -207,7 +207,10 @@ class Journal:
         """Jobs ended (``(key, job)`` each): recorded in one transaction, all or
         none, not one commit each (the results of one message from a node). A job
         that ran records the host that ran it (``job.ip_addr``) as its node: one
-        behind a shared scheduler was sent to the scheduler."""
+        behind a shared scheduler was sent to the scheduler. An ``Abandoned`` one
+        keeps the address it was sent to: the node (or scheduler) that was lost
+        may have run it on, its result kept for `recover_jobs` to ask for."""
+        abandoned = JobStatus.Abandoned
         rows = [
             (
                 _dump(job.id),
@@ -218,7 +221,7 @@ class Journal:
                 job.exception,
                 job.start_time,
                 job.end_time,
-                job.ip_addr,
+                None if job.status is abandoned else job.ip_addr,
                 recovery_id,
                 key,
             )

@@ -271,11 +271,19 @@ def _recover(
                     _map_tracebacks(jobs[first:], sources)
                 continue
             waiting: dict[str, dict[int, DispyJob]] = {}
+            # Jobs the client gave up with their node (Abandoned): by key, their
+            # place in ``jobs``; asked for again (`_given_up_on`).
+            given_up: dict[int, int] = {}
             for job_key, job, node in recorded:
                 jobs.append(job)
                 if job.done():
                     if node is not None:  # as when its result came from the node
                         job.ip_addr = parse_address(node)[0]
+                    lost_with = _given_up_on(job, node, nodes)
+                    if lost_with is not None:
+                        given_up[job_key] = len(jobs) - 1
+                        asked = waiting.setdefault(lost_with, {})
+                        asked[job_key] = _asked_again(job)
                     continue
                 if node is None:
                     job._complete(
@@ -303,13 +311,45 @@ def _recover(
                 )
                 _map_tracebacks(pending.values(), sources)
                 for job_key, job in pending.items():
-                    if job.done() and job_key in settled:
+                    if job_key in given_up:
+                        if job.status is not JobStatus.Abandoned:  # the node had it
+                            jobs[given_up[job_key]] = job
+                        if job.done() and job.status is not JobStatus.Abandoned:
+                            journal.done(recovery_id, job_key, job)
+                    elif job.done() and job_key in settled:
                         journal.done(recovery_id, job_key, job)
                     else:
                         complete = False
         return jobs, complete
     finally:
         runner.release()
+
+
+def _given_up_on(job: DispyJob, node: str | None, nodes: list[str]) -> str | None:
+    """The node (``host:port``) a job the client recorded ``Abandoned`` was lost
+    with, to ask for its result again, or None (never sent, or ended otherwise).
+
+    A node lost for the client (cut off, frozen) may have run the job on and kept
+    its result for an hour: the result exists, and the user wants it. A journal
+    written before the address was kept for such jobs holds only the host: the
+    computation's node on that host, if one only."""
+    if job.status is not JobStatus.Abandoned or node is None:
+        return None
+    if node in nodes:
+        return node
+    on_host = [address for address in nodes if parse_address(address)[0] == node]
+    return on_host[0] if len(on_host) == 1 else None
+
+
+def _asked_again(job: DispyJob) -> DispyJob:
+    """A copy of ``job`` (recorded ``Abandoned``) waiting for its node's answer:
+    ``Running`` there, as a job sent to a node is once recovered."""
+    asked = DispyJob(job.id, job._args, job._kwargs)
+    asked._key = job._key
+    asked.submit_time = job.submit_time
+    asked.status = JobStatus.Running
+    asked.ip_addr = job.ip_addr
+    return asked
 
 
 def _source_map(journal: Journal, recovery_id: str) -> SourceMap | None:

@@ -5,22 +5,25 @@ Its client ends the jobs it held ``Abandoned`` (not reentrant) and, the node bac
 sets its computation up there again. The jobs the frozen node still held are for
 nobody then: the one running must be stopped and the one queued behind it must
 never start (a job reported Abandoned, then run, could run twice if resubmitted).
-A real node from the command line; the client in this process.
+A real node from the command line; the client in this process, or a script
+(killed, when its recovery file is tested).
 """
 
 from __future__ import annotations
 
 import functools
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import psutil
 import pytest
 
-from dispynb import DispyJob, JobCluster
+from dispynb import DispyJob, JobCluster, recover_jobs
 from nodeserver.workerlife import SHUTDOWN_GRACE
 from tests.chaos.outcomes import hold_two, wait_stopped
-from tests.jobs import wait_until
+from tests.jobs import WAIT, wait_until
 from tests.nodeproc import CliNode, running_node
 
 pytestmark = pytest.mark.slow
@@ -146,3 +149,76 @@ def test_an_adopted_computation_shutting_down_as_its_client_is_back_is_ended(
         cluster.close(terminate=True)  # its own cleanup hangs too: killed
     log = node.log_text()
     assert "did not stop; killing it" in log, log
+
+
+ABANDONING_CLIENT = """
+import sys, time
+import dispynb as dispy
+
+def compute(n, marks, release):
+    import os, time
+    open(os.path.join(marks, str(n)), "w").close()
+    deadline = time.monotonic() + 60
+    while not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return n * n
+
+cluster = dispy.JobCluster(
+    compute, nodes=[sys.argv[1]], secret=sys.argv[2], recover_file=sys.argv[3],
+    pulse_interval=0.3,
+)
+job = cluster.submit(3, sys.argv[4], sys.argv[5])
+job.id = "three"
+job()
+print(int(job.status), flush=True)
+time.sleep(60)  # killed before it gets further
+"""
+
+
+@pytest.mark.timeout(90)
+def test_recover_jobs_returns_the_result_of_a_job_abandoned_with_a_frozen_node(
+    tmp_path: Path,
+) -> None:
+    """The client gives the job up with its frozen node (Abandoned, journaled so)
+    and is killed before the node is back; the node, thawed, runs the job on and
+    keeps its result for an hour. `recover_jobs` returns that result (and journals
+    it): before, it returned the job Abandoned without asking the node."""
+    journal, marks, release = tmp_path / "journal", tmp_path / "marks", tmp_path / "go"
+    marks.mkdir()
+    (tmp_path / "client.py").write_text(ABANDONING_CLIENT)
+    with running_node(tmp_path / "node", cpus=1) as node:
+        client = subprocess.Popen(
+            [
+                sys.executable,
+                "client.py",
+                node.spec,
+                node.secret,
+                str(journal),
+                str(marks),
+                str(release),
+            ],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert client.stdout is not None
+            wait_until(lambda: (marks / "3").exists(), timeout=30)
+            signal_tree(node, signal.SIGSTOP)
+            try:
+                assert client.stdout.readline() == f"{int(DispyJob.Abandoned)}\n"
+                client.kill()
+                client.wait(WAIT)
+            finally:
+                signal_tree(node, signal.SIGCONT)
+            release.touch()
+            [job] = recover_jobs(str(journal), timeout=30, secret=node.secret)
+            assert (job.id, job.status, job.result) == ("three", DispyJob.Finished, 9)
+            assert job.ip_addr == "127.0.0.1"
+            # Journaled: the node gave its kept result away, the file has it.
+            [again] = recover_jobs(str(journal), timeout=30, secret=node.secret)
+            assert (again.id, again.status, again.result) == (job.id, job.status, 9)
+        finally:
+            release.touch()
+            client.kill()
+            client.communicate()
