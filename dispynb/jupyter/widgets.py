@@ -473,7 +473,7 @@ class NodePanel:
 
 def _text(rows: list[NodeRow]) -> str:
     """The panel's text: a line per node."""
-    lines = [f"<NodePanel {len(rows)} nodes>"]
+    lines = [f"<NodePanel {len(rows)} node{'' if len(rows) == 1 else 's'}>"]
     lines += [
         f"  {r.name or '?'} {r.address} cpus={r.cpus} busy={r.busy} "
         f"jobs_done={r.jobs_done} cpu_used={templates.format_load(r.cpu_free)} "

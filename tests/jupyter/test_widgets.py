@@ -117,6 +117,15 @@ def test_nodes_html_names_jobs_done_as_the_lab_panel_does():
     assert ">3<" in table
 
 
+def test_panel_text_counts_its_nodes_in_words():
+    """A notebook's panel of one node read '<NodePanel 1 nodes>'."""
+    panel = NodePanel(interval=0, widget=False)
+    panel.cluster_status(NodeStatus.Initialized, node(), None)
+    assert repr(panel).startswith("<NodePanel 1 node>\n"), repr(panel)
+    panel.cluster_status(NodeStatus.Initialized, node(port=9712), None)
+    assert repr(panel).startswith("<NodePanel 2 nodes>\n"), repr(panel)
+
+
 def test_panel_load_from_avail_info_events():
     panel = NodePanel(interval=0)
     seen = node()
