@@ -166,6 +166,26 @@ _TEXT_NAMES = ("stdout", "stderr", "the traceback")
 _CONTINUATION = bytes(range(0x80, 0xC0))
 
 
+#: Seconds past the node's clock a job's times may be (its worker's clock is the
+#: node's: this is for a clock stepped back while it ran).
+CLOCK_SLACK = 60.0
+
+
+def _own_times(done: Done, now: float) -> Done:
+    """``done`` with a start or end time that is no time of this machine (NaN,
+    infinite, negative, far ahead) replaced by ``now``: a job sets them (it may
+    replace ``time.time``, or send its own `Done`). A NaN made the node's mean
+    job time NaN, and every later submit of the computation failed on it."""
+
+    def own(when: float) -> float:
+        return when if 0.0 <= when <= now + CLOCK_SLACK else now
+
+    start = own(done.start_time)
+    return dataclasses.replace(
+        done, start_time=start, end_time=max(own(done.end_time), start)
+    )
+
+
 def _texts_after(
     done: Done, buffers: list[memoryview]
 ) -> tuple[Done, list[memoryview]]:
@@ -569,6 +589,9 @@ class Computation(_JobStops, _WorkerLife, _JobFiles, _WorkStealing, _Computation
     def _on_done(self, worker: Worker, done: Done, buffers: list[memoryview]) -> None:
         if done.after:
             done, buffers = _texts_after(done, buffers)
+        latest = time.time() + CLOCK_SLACK
+        if not (0.0 <= done.start_time <= latest and 0.0 <= done.end_time <= latest):
+            done = _own_times(done, latest - CLOCK_SLACK)  # (NaN fails every test)
         if worker.taken_back and self._skipped_taken_back(worker, done):
             return
         if not worker.assigned or worker.assigned[0].key != done.key:

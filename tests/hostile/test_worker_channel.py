@@ -347,3 +347,61 @@ def test_a_job_forging_a_result_over_max_result_size_is_refused(
         assert job.status == DispyJob.Terminated and job.result is None
         assert job.exception.startswith("dispynb.errors.ResultTooLarge: ")
         assert "over the limit of 1000000 bytes (max_result_size)" in job.exception
+
+
+def forge_times(what: str) -> str:
+    """End this job with a `Done` of its own whose start and end times are
+    ``what`` (as a job that replaced ``time.time`` makes its worker send too);
+    then return."""
+    import time
+
+    from nodeserver.ipc import Done
+    from nodeserver.jobapi import CONTEXT
+
+    when = float(what)
+    done = Done(
+        key=CONTEXT.key,
+        attempt=CONTEXT.attempt,
+        outcome="raised",
+        start_time=when,
+        end_time=when,
+        stdout="",
+        stderr="",
+        exception="forged",
+    )
+    CONTEXT.send(done, [])
+    time.sleep(0.2)  # the node reads it before this job's own end
+    return what
+
+
+@pytest.mark.attack(
+    id="forged-job-times",
+    title="Jobs end with start and end times of NaN, infinity, -infinity and 1e300 "
+    "(a Done of their own, or time.time replaced in their worker)",
+    goal="each reported with times of the node's clock; the client keeps the "
+    "node, whose next jobs run (was: NaN in the node's mean job time, and every "
+    "later submit failed on it: the node dropped its client)",
+)
+@pytest.mark.timeout(120)
+def test_a_job_forging_its_times_keeps_its_node(tmp_path: Path, measure):
+    whats = ("nan", "inf", "-inf", "1e300")
+    with (
+        running_node(tmp_path / "node") as node,
+        JobCluster(forge_times, nodes=[node.spec], secret=node.secret) as cluster,
+    ):
+        started = time.time()
+        jobs = [cluster.submit(what) for what in whats]
+        for job in jobs:
+            job()
+        after = cluster.submit("0")
+        assert after.wait(30), "the next job hangs"
+        ended = time.time()
+    lost = sum("was lost" in str(job.exception) for job in [*jobs, after])
+    measure(
+        f"{lost} jobs saw their node lost; times reported: "
+        + ", ".join(f"{job.start_time}..{job.end_time}" for job in jobs)
+    )
+    assert lost == 0, [job.exception for job in jobs]
+    for job in [*jobs, after]:
+        assert job.status == DispyJob.Terminated and job.exception == "forged"
+        assert started - 1 <= job.start_time <= job.end_time <= ended + 1
