@@ -17,6 +17,7 @@ from dispynb.errors import ConfigurationError
 from dispynb.protocol import shm
 from dispynb.protocol.messages import Welcome
 from dispynb.transport.addressing import format_address, is_loopback
+from dispynb.transport.admission import Tally
 from dispynb.transport.connection import Connection
 from dispynb.transport.listener import Listener
 from dispynb.transport.tls import server_context
@@ -68,6 +69,9 @@ class NodeServer:
         self.budget = CpuBudget(config.cpus)
         #: Computations refused for want of file descriptors (`nodeserver.descriptors`).
         self.descriptors = Admission()
+        #: Clients' messages the node cannot use, logged as counts past the first:
+        #: a line each let any client grow the node's log at will.
+        self.message_refusals = Tally(logging.getLogger("nodeserver.session"))
         private_dir(config.dest_path)  # before anything is kept there
         #: Which kept-results spool is this node's: nodes may share a dest_path,
         #: not a spool (`nodeserver.spoolclaim`).
@@ -354,6 +358,7 @@ class NodeServer:
         await asyncio.to_thread(self.store.close)
         self.store_claim.release()
         self.spool_claim.release()
+        self.message_refusals.close()
 
     async def _drain(
         self, timeout: float, now: asyncio.Event | None, since: float

@@ -166,9 +166,7 @@ class ClientSession(_SessionFiles, _SessionRecovery):
     def _on_bad_message(self, error: BadMessageError) -> None:
         """A message this node does not understand: say so; the session goes on."""
         text = peer_text(error)
-        logger.warning(
-            "%s sent a message this node cannot use: %s", self.conn.peer, text
-        )
+        self._log_refusal(text)
         self.outbox.send_error(
             "protocol",
             f"{text}: ignored (are client and node the same dispynb version?)",
@@ -180,11 +178,18 @@ class ClientSession(_SessionFiles, _SessionRecovery):
         self._last_heard = time.monotonic()
         handler = self._handlers.get(type(message))
         if handler is None:
-            logger.warning("%s sent unexpected %r", self.conn.peer, message.op)
+            self._log_refusal(f"unexpected message {message.op!r}")
             self.outbox.send_error("protocol", f"unexpected message {message.op!r}")
             return False
         handler(message, buffers)
         return self._deferred_file is not None
+
+    def _log_refusal(self, text: str) -> None:
+        """Log a message of the client the node cannot use: the first, then a
+        count (`Tally`): a line each let a client grow the node's log at will."""
+        self.server.message_refusals.event(
+            "messages this node cannot use", str(self.conn.peer), text
+        )
 
     def _on_setup(self, message: ComputationSetup, buffers: list[memoryview]) -> None:
         if message.comp_id in self._computations:

@@ -1,0 +1,73 @@
+"""An authenticated client sends its node thousands of messages the node cannot
+use, reading the answers: each was answered, and logged with a WARNING line each
+(10,000 lines, 1 MB of the node's log, in a few seconds)."""
+
+from __future__ import annotations
+
+import re
+import threading
+from pathlib import Path
+
+import pytest
+
+from dispynb.protocol.messages import Error
+from tests.hostile.tools import RawSession, limited_node
+
+pytestmark = pytest.mark.slow
+
+#: Messages of each kind sent: an op the node does not know, and one it knows
+#: but never takes from a client.
+EACH = 5000
+
+_ABOUT_THEM = re.compile(r"cannot use|sent unexpected")
+_COUNTED = re.compile(r"(\d+) more (?:messages? (?:this node cannot use|refused))")
+
+
+def _lines_about_them(log: str) -> int:
+    """Lines of ``log`` about one refused message (not a count of them)."""
+    return sum(
+        1
+        for line in log.splitlines()
+        if _ABOUT_THEM.search(line) and not _COUNTED.search(line)
+    )
+
+
+def _answers(session: RawSession, count: int, errors: list[Error]) -> None:
+    """Read ``count`` messages from the node into ``errors`` (those that are)."""
+    for _ in range(count):
+        message = session.recv()
+        if isinstance(message, Error):
+            errors.append(message)
+
+
+@pytest.mark.attack(
+    id="node-refused-messages-log",
+    title=f"An authenticated client sends its node {2 * EACH} messages it cannot "
+    "use (an unknown op, a message a node never takes), reading the answers",
+    goal="each answered with an error; at most 2 log lines about them while the "
+    "node runs, the rest counted in one line (was: a WARNING line each)",
+)
+@pytest.mark.timeout(120)
+def test_refused_messages_cannot_flood_the_nodes_log(tmp_path: Path, measure):
+    with limited_node(tmp_path / "node") as node:
+        session = RawSession.open(node.port, node.secret, timeout=60)
+        errors: list[Error] = []
+        reader = threading.Thread(target=_answers, args=(session, 2 * EACH, errors))
+        reader.start()
+        try:
+            for _ in range(EACH):
+                session.send_header({"op": "no-such-op"})
+                session.send_header({"op": "job-results", "comp_id": 1, "results": []})
+            reader.join(60)
+        finally:
+            session.close()
+        during = _lines_about_them(node.log_text())
+    log = node.log_text()
+    counted = sum(map(int, _COUNTED.findall(log)))
+    measure(
+        f"{len(errors)} errors answered; {during} log lines about them while the "
+        f"node ran, {counted} more counted"
+    )
+    assert len(errors) == 2 * EACH
+    assert during <= 2, log[-2000:]
+    assert during + counted == 2 * EACH, log[-2000:]
