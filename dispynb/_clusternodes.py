@@ -10,7 +10,7 @@ from dispynb._clusterstate import _ClusterState
 from dispynb.backends import base
 from dispynb.backends.base import Backend
 from dispynb.depends import file_ref
-from dispynb.errors import ConfigurationError, DispynbError
+from dispynb.errors import ClusterError, ConfigurationError, DispynbError
 from dispynb.job import DispyJob
 from dispynb.node import DispyNode, parse_node_specs
 
@@ -101,32 +101,49 @@ class _Nodes(_ClusterState):
     def set_node_cpus(self, node: Any, cpus: int | str) -> int:
         """Use ``cpus`` CPUs of ``node`` (negative: all but that many).
 
-        Returns the CPUs now used, or -1 for an unknown node or a ``cpus`` that is
-        not a number. As in dispy, ``cpus`` may be a string (``"2"``), and a
-        negative one larger than the node's CPUs changes nothing. A node never gets
-        more jobs at once than it set up workers for.
+        Returns the CPUs now used, or -1 (logged why) for an unknown node or a
+        ``cpus`` that is not a number. As in dispy, ``cpus`` may be a string
+        (``"2"``), and a negative one larger than the node's CPUs changes nothing.
+        A node never gets more jobs at once than it set up workers for.
         """
+        try:
+            return self._resize_node(node, cpus)
+        except ClusterError as exc:
+            logger.warning("set_node_cpus: %s", exc)
+            return -1
+
+    def _resize_node(self, node: Any, cpus: int | str) -> int:
+        """`set_node_cpus`, raising `ClusterError` saying why it cannot (what the
+        web monitor tells its user)."""
         managed = self._managed(node, "set_node_cpus")
         if managed is None:
-            return -1
+            raise ClusterError(f"{node!r} is not a node of this cluster")
         backend, node_id = managed
         known = self._nodes.get(node_id)
         try:
             cpus = int(cpus)
         except (TypeError, ValueError):
-            logger.warning("set_node_cpus: cpus=%r is not a number of CPUs", cpus)
-            return -1
+            raise ClusterError(f"cpus={cpus!r} is not a number of CPUs") from None
         if cpus < 0:
             if self._node_cpus.get(node_id, 0) + cpus < 0:  # dispy leaves it so
                 return known.cpus if known is not None else -1
             cpus = self._node_cpus.get(node_id, 0) + cpus
         used = backend.set_cpus(node_id, cpus)
+        if used < 0:
+            raise ClusterError(f"node {node_id} is not set up for this cluster now")
+        self._used_cpus(node_id, used)
+        return used
+
+    def _used_cpus(self, node_id: str, used: int) -> None:
+        """``node_id`` uses ``used`` CPUs now: its `DispyNode` says so (listeners
+        hear `DispyNode.AvailInfo`), and a positive count gives it back
+        (`deallocate_node`)."""
         if used > 0:
             self._deallocated.discard(node_id)
-        if known is not None and used >= 0:
+        known = self._nodes.get(node_id)
+        if known is not None:
             known.cpus = used  # avail_cpus stays what it offers, as dispy's
             self._emit(DispyNode.AvailInfo, known, None)
-        return used
 
     def close_node(self, node: Any, terminate_pending: bool = False) -> int:
         """Close the computation on ``node`` (running its cleanup) and release it.

@@ -87,10 +87,13 @@ class _ClusterState:
         if feature not in self._features:
             base.require(self.engine, feature, what)
 
-    def _node_id(self, node: Any) -> str | None:
+    def _node_id(
+        self, node: Any, among: dict[str, DispyNode] | None = None
+    ) -> str | None:
         """The id of ``node`` (a `DispyNode`, or a node's address, ``'host:port'``,
-        name, or the host it was named by), or None if it is not one of ours."""
-        for node_id, known in list(self._nodes.items()):
+        name, or the host it was named by), or None if it is not one of ours (of
+        ``among``, nodes by id, if given)."""
+        for node_id, known in list((self._nodes if among is None else among).items()):
             if node is known or node in (node_id, known.ip_addr, known.name):
                 return node_id
             if isinstance(node, str) and _names(node, node_id, known):

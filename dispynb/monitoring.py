@@ -174,10 +174,12 @@ class ClusterMonitor:
         return len(self.cluster._cancel_all(jobs))
 
     def set_node_cpus(self, node_id: str, cpus: int) -> int:
-        """Use ``cpus`` CPUs of the node ``"ip:port"``; the CPUs now used, or -1."""
+        """Use ``cpus`` CPUs of the node ``"ip:port"``; the CPUs now used, or -1
+        for a node not of the cluster. Raises `ClusterError` saying why when
+        the cluster cannot (`NotSupportedError` when its engine never can)."""
         if node_id not in self.cluster._nodes:
             return -1
-        return self.cluster.set_node_cpus(node_id, cpus)
+        return self.cluster._resize_node(node_id, cpus)
 
     def _record(self, job: DispyJob, show_args: bool) -> dict[str, Any]:
         return {

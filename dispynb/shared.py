@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from dispynb import config as dispy_config
 from dispynb.cluster import JobCluster
-from dispynb.errors import ConfigurationError
+from dispynb.errors import ClusterError, ConfigurationError
 from dispynb.job import DispyJob
 from dispynb.node import DispyNode, NodeAllocate
 from dispynb.transport.addressing import format_address, parse_address
@@ -32,16 +32,16 @@ class SharedJobCluster(JobCluster):
     ``DISPYNB_SECRET_FILE``). ``exclusive=True`` asks for the nodes alone: the
     computation's jobs run once other users' running jobs ended, and no other
     user's job starts while it is open. Everything else is as for `JobCluster`,
-    except that the scheduler manages the nodes: ``deallocate_node`` and
-    ``allocate_node`` take a node out of this cluster's use and give it back (as
-    dispy's), ``set_node_cpus``, ``close_node`` and ``resetup_node`` raise
-    `NotSupportedError`;
-    ``submit_node`` runs a job on the node given only, as dispy's (``Abandoned``
-    if that node leaves first). ``status()``, ``print_status()``, the web monitor
-    and the notebook panels list the real nodes behind the scheduler, with this
-    cluster's own jobs on each (never other users'); as in dispy, ``job.ip_addr``
-    and the ``cluster_status`` node of a job that ran name the node behind the
-    scheduler, whose ``rx`` counts the results it sent.
+    except that the scheduler manages the nodes: ``deallocate_node``,
+    ``allocate_node``, ``set_node_cpus`` and ``close_node`` change this cluster's
+    own use of a node (as dispy's; never other users'), ``resetup_node`` raises
+    `NotSupportedError`; ``submit_node`` runs a job on the node given only, as
+    dispy's (``Abandoned`` if that node leaves first). ``status()``,
+    ``print_status()``, the web monitor and the notebook panels list the real
+    nodes behind the scheduler, with this cluster's own jobs on each (never other
+    users'); as in dispy, ``job.ip_addr`` and the ``cluster_status`` node of a job
+    that ran name the node behind the scheduler, whose ``rx`` counts the results
+    it sent.
 
     ``scheduler_node`` (dispy's older name) is taken for ``scheduler_host``.
     Without ``scheduler_host`` it is a `JobCluster` on the nodes given: dispynb's
@@ -64,6 +64,9 @@ class SharedJobCluster(JobCluster):
         scheduler_node: str | None = None,
         **options: Any,
     ) -> None:
+        #: Nodes behind the scheduler this cluster closed (`close_node`), by id,
+        #: until `allocate_node` names them.
+        self._closed_behind: dict[str, DispyNode] = {}
         if scheduler_node is not None:
             # dispy's name for it up to 4.10 (and in its documentation since).
             if scheduler_host is not None and scheduler_host != scheduler_node:
@@ -126,10 +129,13 @@ class SharedJobCluster(JobCluster):
         jobs elsewhere (its jobs there finish; other users' jobs still go there),
         and ``submit_node`` to it returns None, until `allocate_node` gives it
         back (or the node leaves: when it comes back it is used again)."""
-        shared, node_id = self._through_scheduler("deallocate_node", node)
-        if not shared:
+        if not self._shared():
             return super().deallocate_node(node)
-        if not node_id or self._manage(node_id, "deallocate", "deallocate_node"):
+        try:
+            node_id = self._behind(node, "deallocate_node")
+            self._manage(node_id, "deallocate_node", "deallocate")
+        except ClusterError as exc:
+            logger.warning("deallocate_node: %s", exc)
             return -1
         self._deallocated.add(node_id)
         return 0
@@ -137,48 +143,107 @@ class SharedJobCluster(JobCluster):
     def allocate_node(self, node: Any) -> int:
         """Use ``node`` for this cluster's jobs again; 0, or -1 (logged why).
 
-        Through a scheduler, as dispy's: a node `deallocate_node` took out gets
-        this computation's jobs again. Only the scheduler's operator adds nodes
-        (it sets the computation up on each of them): a node that is not one of
-        this cluster's cannot be allocated (-1)."""
-        shared, node_id = self._through_scheduler("allocate_node", node)
-        if not shared:
+        Through a scheduler, as dispy's: a node `deallocate_node` took out (or
+        `set_node_cpus` limited) gets this computation's jobs again, on all its
+        CPUs; one `close_node` closed is set up again. Only the scheduler's
+        operator adds nodes (it sets the computation up on each of them): a node
+        that is none of these cannot be allocated (-1)."""
+        if not self._shared():
             return super().allocate_node(node)
-        if not node_id or self._manage(node_id, "allocate", "allocate_node"):
+        try:
+            node_id = self._node_id(node, among=self._closed_behind)
+            if node_id is None:
+                node_id = self._behind(node, "allocate_node")
+            used = self._manage(node_id, "allocate_node", "allocate")
+        except ClusterError as exc:
+            logger.warning("allocate_node: %s", exc)
             return -1
+        self._closed_behind.pop(node_id, None)
         self._deallocated.discard(node_id)
+        if used > 0:  # all its CPUs again (a closed one comes back set up anew)
+            self._used_cpus(node_id, used)
         return 0
 
-    def _through_scheduler(self, what: str, node: Any) -> tuple[bool, str]:
-        """Whether the cluster runs through a scheduler, and then the id of
-        ``node`` among its nodes ("" if it is none of them, or the cluster is
-        closed: logged, with ``what``, the user's method)."""
+    def _resize_node(self, node: Any, cpus: int | str) -> int:
+        """`set_node_cpus`. Through a scheduler (dispy's allowed it only to an
+        ``exclusive`` cluster, for every user's jobs): a limit of this cluster's
+        own, at most ``cpus`` of its jobs at once on ``node`` (negative: all of
+        the node's CPUs but that many; 0 is `deallocate_node`), never another
+        user's use of the node. Returns the CPUs it may use there now."""
+        if not self._shared():
+            return super()._resize_node(node, cpus)
+        node_id = self._behind(node, "set_node_cpus")
+        try:
+            count = int(cpus)
+        except (TypeError, ValueError):
+            raise ClusterError(f"cpus={cpus!r} is not a number of CPUs") from None
+        used = self._manage(node_id, "set_node_cpus", "cpus", cpus=count)
+        if used == 0:
+            self._deallocated.add(node_id)
+        self._used_cpus(node_id, used)
+        return used
+
+    def close_node(self, node: Any, terminate_pending: bool = False) -> int:
+        """Close this cluster's computation on ``node``; 0, or -1 (logged why).
+
+        Through a scheduler, as dispy's: only this cluster's computation closes
+        there (its cleanup runs; other users' jobs go on). Its running jobs there
+        finish first (``terminate_pending`` terminates them); those submitted to
+        it with ``submit_node`` that have not started are cancelled, and the
+        others it held that had not started run on another node. The node leaves
+        the cluster's nodes (``DispyNode.Closed``) and the scheduler does not set
+        it up for this cluster again, not even when it comes back, until
+        `allocate_node` names it."""
+        if not self._shared():
+            return super().close_node(node, terminate_pending)
+        try:
+            node_id = self._behind(node, "close_node")
+            known = self._nodes.get(node_id)
+            self._manage(
+                node_id, "close_node", "close", terminate=bool(terminate_pending)
+            )
+        except ClusterError as exc:
+            logger.warning("close_node: %s", exc)
+            return -1
+        if known is not None:  # allocate_node finds it by any of its names
+            self._closed_behind[node_id] = known
+        return 0
+
+    def _shared(self) -> bool:
+        """Whether the cluster runs through a scheduler."""
         from dispynb.backends.scheduler import SchedulerEngine
 
-        if not isinstance(self.engine, SchedulerEngine):
-            return False, ""
+        return isinstance(self.engine, SchedulerEngine)
+
+    def _behind(self, node: Any, what: str) -> str:
+        """The id of ``node`` among the nodes the scheduler runs this cluster on;
+        `ClusterError` if it is none of them (or the cluster is closed)."""
         node_id = None if self._closed else self._node_id(node)
         if node_id is None:
-            logger.warning(
-                "%s: %r is none of the nodes the scheduler runs this cluster on%s",
-                what,
-                node,
-                " (the cluster is closed)" if self._closed else "",
+            closed = " (the cluster is closed)" if self._closed else ""
+            raise ClusterError(
+                f"{node!r} is none of the nodes the scheduler runs this cluster "
+                f"on{closed}"
             )
-        return True, node_id or ""
+        return node_id
 
-    def _manage(self, node_id: str, action: str, what: str) -> int:
-        """Have the scheduler apply ``action`` to the node; 0, or -1 (logged)."""
+    def _manage(
+        self,
+        node_id: str,
+        what: str,
+        action: str,
+        cpus: int = 0,
+        terminate: bool = False,
+    ) -> int:
+        """Have the scheduler apply ``action`` to the node for ``what``, the
+        user's method; the CPUs it answered, or `ClusterError` saying why not."""
         backend = cast("SchedulerBackend | None", self._backend)
-        error = (
-            "the cluster is closed"
-            if backend is None
-            else backend.manage_node(node_id, action, what)
-        )
+        if backend is None:
+            raise ClusterError("the cluster is closed")
+        error, used = backend.manage_node(node_id, action, what, cpus, terminate)
         if error:
-            logger.warning("%s: %s", what, error)
-            return -1
-        return 0
+            raise ClusterError(error)
+        return used
 
     def node_jobs(self, node: Any, from_node: bool = False) -> list[DispyJob] | int:
         """The jobs of this cluster running on ``node`` now; ``[]`` for a node the

@@ -37,6 +37,7 @@ from dispynb.protocol.messages import (
     JobsPlaced,
     JobSubmit,
     Message,
+    NodeManage,
     ResultChunk,
 )
 from dispynb.protocol.records import ResultEntry
@@ -61,7 +62,7 @@ _KEPT_KINDS = (JobResults, ResultChunk, JobProvisional, FileFromNode, JobsPlaced
 _HEADER_ROOM = 64 * 1024
 
 #: The `NodeManage` actions the scheduler takes (`SharedComputation.manage`).
-NODE_ACTIONS = ("allocate", "deallocate")
+NODE_ACTIONS = ("allocate", "deallocate", "cpus", "close")
 
 
 @dataclass(slots=True, eq=False)
@@ -77,6 +78,7 @@ class QueuedJob:
     started: bool = False  # the node reported it executing
     start_time: float = 0.0  # when, as the node said (with ``started``)
     pin: str = ""  # the only node it may run on (``submit_node``; "": any)
+    cancelled: bool = False  # its client cancelled it where it was sent
 
 
 @dataclass(eq=False)
@@ -135,6 +137,10 @@ class SharedComputation(_NodeSide, _SentFiles):
         #: The wait before it is set up again on a node whose link to it ended while
         #: the node stayed up (`_NodeLinks._relink_later`), doubling each time.
         self.relink_delay: dict[str, float] = {}
+        #: Nodes its client closed it on (``close_node``): it is not set up there
+        #: again, not even when they come back, until its client names them
+        #: (``allocate_node``).
+        self.nodes_closed: set[str] = set()
         #: Nodes said to send messages about jobs they do not run (said once each).
         self.foreign_senders: set[str] = set()
         self.ready_sent = False
@@ -374,24 +380,98 @@ class SharedComputation(_NodeSide, _SentFiles):
             and not upstream.node.leaving
         )
 
-    def manage(self, node: str, action: str) -> str:
-        """Its client's ``deallocate_node`` (``action`` ``"deallocate"``: none of
-        its jobs go to ``node`` from now on; those there finish, those pinned to
-        it wait) or ``allocate_node`` (``"allocate"``: they go there again) of
-        one of its nodes; '' once done, else why not (for the client)."""
+    def manage(self, message: NodeManage) -> tuple[str, int]:
+        """Its client's ``deallocate_node``, ``allocate_node``, ``set_node_cpus`` or
+        ``close_node`` of one of its nodes (``message``), for this computation
+        alone, never another's use of the node: '' once done, else why not (for
+        the client); and the CPUs of the node it may use now."""
+        node, action = message.node, message.action
         if action not in NODE_ACTIONS:
-            return f"the scheduler knows no node action {peer_text(action, 50)}"
+            return f"the scheduler knows no node action {peer_text(action, 50)}", 0
+        limits = self.account.limits
         if action == "allocate":
-            self.account.taken_out.discard(node)  # (also of a node gone since)
+            limits.pop(node, None)  # (also of a node gone since)
+            if node in self.nodes_closed:  # closed, now named again
+                self.nodes_closed.discard(node)
+                logger.info("%s: its client allocated node %s again", self.name, node)
+                self.server.set_up_again(self, node)
+                return "", 0
+        why = self._unmanaged(node)
+        if why:
+            return why, 0
+        upstream = self.upstream[node]
+        cpus = upstream.node.cpus
+        if action == "cpus":
+            asked = message.cpus
+            if asked < 0 and cpus + asked < 0:  # dispy leaves it so
+                return "", limits.get(node, cpus)
+            used = max(0, min(cpus, asked if asked >= 0 else cpus + asked))
+            if used < cpus:
+                limits[node] = used  # (0: deallocated)
+            else:
+                limits.pop(node, None)
+            logger.info(
+                "%s: its client limited node %s to %s",
+                self.name,
+                node,
+                counted(used, "CPU"),
+            )
+            return "", used
+        if action == "deallocate":
+            limits[node] = 0
+        elif action == "close":
+            self._close_on(upstream, message.terminate)
+        logger.info("%s: its client %sd node %s", self.name, action, node)
+        return "", 0 if action != "allocate" else cpus
+
+    def _unmanaged(self, node: str) -> str:
+        """Why its client cannot manage its use of ``node`` now ('' if it can)."""
+        upstream = self.upstream.get(node)
+        shown = peer_text(node, 200)
+        if node in self.nodes_closed:
+            return (
+                f"node {shown} is closed for this computation (close_node): "
+                "allocate_node gives it back"
+            )
+        if upstream is not None and upstream.node.alive and upstream.node.leaving:
+            return f"node {shown} shuts down: it takes no more jobs"
         if not self.serves(node):
             return (
-                f"node {peer_text(node, 200)} does not run this computation now (it "
-                "left, or never was one of its nodes)"
+                f"node {shown} does not run this computation now (it left, or never "
+                "was one of its nodes)"
             )
-        if action == "deallocate":
-            self.account.taken_out.add(node)
-        logger.info("%s: its client %sd node %s", self.name, action, node)
         return ""
+
+    def _close_on(self, upstream: Upstream, terminate: bool) -> None:
+        """Its client's ``close_node``: close it on ``upstream``'s node (its cleanup
+        runs there), not to be set up there again until ``allocate_node``. Its
+        jobs running there finish (or are terminated); those pinned there that have
+        not started are cancelled, the others it held there run elsewhere
+        (`on_results`), as a `JobCluster`'s."""
+        name = upstream.node.name
+        self.nodes_closed.add(name)
+        self.account.limits[name] = 0  # none of its jobs go there meanwhile
+        if self.account.pinned.get(name):
+            cancelled = []
+            for job in [job for job in self.queue if job.pin == name]:
+                self.queue.remove(job)
+                self.account.queued -= 1
+                self._unpin(job)
+                cancelled.append(
+                    ResultEntry.unrun(
+                        job.key,
+                        job.attempt,
+                        CANCELLED,
+                        f"its node {name} was closed (close_node)",
+                    )
+                )
+            self.end_jobs(cancelled)
+        self.server.write(
+            upstream,
+            ComputationClose(
+                comp_id=self.comp_id, terminate=terminate, cancel_waiting=True
+            ),
+        )
 
     def take(self, node: str) -> QueuedJob:
         """The next queued job that may run on ``node`` (one `Account.takes` says
@@ -434,6 +514,7 @@ class SharedComputation(_NodeSide, _SentFiles):
         running = self.running.get(message.key)
         if running is None:
             return
+        running.cancelled = True  # (not handed back if its node is closed)
         upstream = self.upstream.get(running.node)
         if upstream is not None and upstream.conn is not None:
             self.server.write(

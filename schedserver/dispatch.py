@@ -39,7 +39,7 @@ class _Dispatch(_ServerState):
 
     def job_left(self, comp: SharedComputation, node: NodeState) -> None:
         """A job of ``comp`` no longer holds a slot of ``node``."""
-        self.fair.ended(comp.account)
+        self.fair.ended(comp.account, node=node.name)
         node.in_flight = max(0, node.in_flight - 1)
 
     def schedule(self) -> None:
@@ -115,7 +115,7 @@ class _Dispatch(_ServerState):
                 comp = by_account[id(account)]
                 upstream = comp.upstream[node.name]
                 job = comp.take(node.name)
-                self.fair.started(account)
+                self.fair.started(account, node=node.name)
                 node.in_flight += 1
                 batch = batches.setdefault((id(comp), node.name), (comp, upstream, []))
                 batch[2].append(job)

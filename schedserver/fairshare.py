@@ -35,13 +35,19 @@ class Account:
     #: Of ``queued``, those pinned to one node (``submit_node``), per node name:
     #: only that node takes them.
     pinned: dict[str, int] = field(default_factory=dict)
-    #: Nodes its client took out (``deallocate_node``): none of its jobs go there
-    #: until it gives them back (``allocate_node``) or they leave.
-    taken_out: set[str] = field(default_factory=set)
+    #: Per node name, the most of its jobs in flight there at once, as its client
+    #: limited them (``set_node_cpus``; 0: ``deallocate_node`` took it out), until
+    #: it gives the node back (``allocate_node``) or the node leaves.
+    limits: dict[str, int] = field(default_factory=dict)
+    #: Its jobs in flight per node name (what ``limits`` bound).
+    busy: dict[str, int] = field(default_factory=dict)
 
     def takes(self, node: str) -> bool:
         """Whether one of its queued jobs may run on ``node``."""
         if self.queued <= 0:
+            return False
+        limit = self.limits.get(node)
+        if limit is not None and self.busy.get(node, 0) >= limit:
             return False
         pinned = self.pinned
         if not pinned:
@@ -65,16 +71,26 @@ class FairShare:
         """Jobs of ``user`` sent to nodes and not ended."""
         return self._in_flight.get(user, 0)
 
-    def started(self, account: Account, count: int = 1) -> None:
-        """``count`` jobs of ``account`` went to a node."""
+    def started(self, account: Account, count: int = 1, node: str = "") -> None:
+        """``count`` jobs of ``account`` went to ``node``."""
         account.in_flight += count
         account.queued -= count
+        if node:
+            account.busy[node] = account.busy.get(node, 0) + count
         self._in_flight[account.user] = self._in_flight.get(account.user, 0) + count
         self._served[account.user] = next(self._stamps)
 
-    def ended(self, account: Account, count: int = 1) -> None:
-        """``count`` jobs of ``account`` ended (or their node was lost)."""
+    def ended(self, account: Account, count: int = 1, node: str = "") -> None:
+        """``count`` jobs of ``account`` ended on ``node`` (or it was lost; "":
+        all its jobs, wherever they were)."""
         account.in_flight -= count
+        busy = account.busy
+        if not node:
+            busy.clear()
+        elif busy.get(node, 0) > count:
+            busy[node] -= count
+        else:
+            busy.pop(node, None)
         left = self._in_flight.get(account.user, 0) - count
         if left > 0:
             self._in_flight[account.user] = left
@@ -93,12 +109,7 @@ class FairShare:
         best: Account | None = None
         best_rank: tuple[int, int, int, int] | None = None
         for account in accounts:
-            if (
-                account.held
-                or node not in account.nodes
-                or node in account.taken_out
-                or not account.takes(node)
-            ):
+            if account.held or node not in account.nodes or not account.takes(node):
                 continue
             user_flight = self._in_flight.get(account.user, 0)
             if self.max_cpus is not None and user_flight >= self.max_cpus:

@@ -106,17 +106,8 @@ class _NodeLinks(_ServerState):
             node.alive = True
             logger.info("node %s is up with %s", node.name, counted(node.cpus, "CPU"))
             for comp in self.computations:
-                upstream = comp.upstream.get(node.name)
-                if (
-                    not comp.closing
-                    and not comp.released
-                    and (
-                        upstream is None
-                        or upstream.task is None
-                        or upstream.task.done()
-                    )
-                ):
-                    self._attach(comp, node)
+                if node.name not in comp.nodes_closed:  # (close_node: not again)
+                    self._attach_again(comp, node)
 
             def on_control(message: Message, buffers: list[memoryview]) -> bool:
                 if isinstance(message, NodeStatus):
@@ -209,6 +200,25 @@ class _NodeLinks(_ServerState):
                 tls_options=NODE_TLS_OPTIONS,
             )
 
+    def _attach_again(self, comp: SharedComputation, node: NodeState) -> None:
+        """Set ``comp`` up on ``node``, which is up, unless it is there or on its
+        way (or closing, or closed on the nodes)."""
+        upstream = comp.upstream.get(node.name)
+        if (
+            not comp.closing
+            and not comp.released
+            and (upstream is None or upstream.task is None or upstream.task.done())
+        ):
+            self._attach(comp, node)
+
+    def set_up_again(self, comp: SharedComputation, name: str) -> None:
+        """``comp``'s client gave back the node ``name`` it closed (`close_node`,
+        then `allocate_node`): set it up there again now if the node is up and
+        the close is over (else once it is: `_run_upstream`, `_keep_node`)."""
+        for node in self.nodes:
+            if node.name == name and node.alive and not node.leaving:
+                self._attach_again(comp, node)
+
     def _attach(self, comp: SharedComputation, node: NodeState) -> None:
         """Set ``comp`` up on ``node`` over a connection of its own."""
         upstream = Upstream(node)
@@ -263,7 +273,11 @@ class _NodeLinks(_ServerState):
                 reason = node.stopping
             comp.node_lost(upstream, reason)
             self._check_failed(comp)
-            if was_set_up:
+            if upstream.closed and node.name not in comp.nodes_closed:
+                # allocate_node came while its close_node was under way
+                if node.alive and not node.leaving:
+                    self._attach_again(comp, node)
+            elif was_set_up:
                 self._relink_later(comp, upstream, reason)
             self.schedule()
 
@@ -280,6 +294,7 @@ class _NodeLinks(_ServerState):
             ended.closed
             or comp.closing
             or comp.released
+            or node.name in comp.nodes_closed
             or self.stopping
             or not node.alive
             or node.stopping
@@ -305,6 +320,7 @@ class _NodeLinks(_ServerState):
         if (
             comp.upstream.get(node.name) is ended  # not set up there since
             and comp in self.computations
+            and node.name not in comp.nodes_closed
             and not (comp.closing or comp.released or self.stopping)
             and node.alive
             and not (node.stopping or node.dead_reason)

@@ -19,6 +19,7 @@ from dispynb.errors import DispynbError, FramingError
 from dispynb.protocol.framing import Frame, split_body
 from dispynb.protocol.messages import (
     ABANDONED,
+    CANCELLED,
     RETURNED,
     ComputationSetup,
     FilePlaced,
@@ -62,6 +63,7 @@ class _NodeSide(_JobFiles):
     running: dict[int, QueuedJob]
     upstream: dict[str, Upstream]
     foreign_senders: set[str]
+    nodes_closed: set[str]
     ready_sent: bool
     closing: bool
     failures: list[str]
@@ -175,6 +177,8 @@ class _NodeSide(_JobFiles):
         # (the last of two equal keys wins).
         if not header.endswith(_RESULTS_OP) or _RETURNED in header:
             return
+        if upstream.node.name in self.nodes_closed:
+            return  # the jobs it cancels unstarted may be handed back (on_results)
         if not all_own(header, functools.partial(self.runs_on, upstream)):
             return  # what is not its node's is taken out first (on_results)
         upstream.passed = True
@@ -203,9 +207,12 @@ class _NodeSide(_JobFiles):
         # unless a job came back unrun (it runs elsewhere: not for the client); a
         # message not gathered goes as the node sent it (not encoded again).
         forward = bool(message.results or message.started)
+        # close_node: the jobs it held that had not started come back cancelled
+        closed_here = upstream.node.name in self.nodes_closed
         if forward:
             for item in message.results:
-                if isinstance(item, list) and item[2:3] == [RETURNED]:
+                outcome = item[2:3] if isinstance(item, list) else None
+                if outcome == [RETURNED] or (closed_here and outcome == [CANCELLED]):
                     break  # it goes after the bookkeeping, without that job
             else:
                 frame = None if more or conn is None or foreign else conn.last_frame
@@ -236,7 +243,14 @@ class _NodeSide(_JobFiles):
             run_time = entry.end_time - entry.start_time
             if entry.start_time > 0.0:
                 node.mean = update_mean(node.mean, run_time)
-            if entry.outcome == RETURNED and not self.closing:
+            handed_back = closed_here and entry.outcome == CANCELLED
+            if handed_back and not (job.pin or job.cancelled or self.closing):
+                returned.append(index)  # as a JobCluster's: it runs elsewhere
+                job.node = ""
+                job.started = False
+                self.queue.appendleft(job)
+                self.account.queued += 1
+            elif entry.outcome == RETURNED and not self.closing:
                 if not node.leaving:  # it would hand back each job sent to it
                     node.leaving = True
                     logger.info("node %s shuts down: no more jobs for it", node.name)
@@ -337,19 +351,25 @@ class _NodeSide(_JobFiles):
         upstream.ready = False
         upstream.ended = True
         self.account.nodes.discard(upstream.node.name)
-        # Its client forgets it took the node out (the node left): back in use
-        # when it is set up again, for both.
-        self.account.taken_out.discard(upstream.node.name)
+        # Its client forgets it took the node out or limited it (the node left):
+        # all of it in use when it is set up again, for both.
+        self.account.limits.pop(upstream.node.name, None)
         stopping = upstream.node.stopping
         self._left[upstream.node.name] = (
-            f"it stopped: {stopping}" if stopping else f"it was lost ({reason})"
+            "its client closed it (close_node)"
+            if upstream.node.name in self.nodes_closed
+            else f"it stopped: {stopping}"
+            if stopping
+            else f"it was lost ({reason})"
         )
         name = upstream.node.name
         lost = [job for job in self.running.values() if job.node == name]
         ended: list[ResultEntry] = []
         node = upstream.node
         why = (
-            f"node {name} stopped: {node.stopping},"
+            f"its client closed node {name} (close_node, terminate_pending)"
+            if name in self.nodes_closed
+            else f"node {name} stopped: {node.stopping},"
             if node.stopping
             else f"node {name} was lost ({reason})"
         )

@@ -492,14 +492,17 @@ class SchedulerSession:
             self._on_journaled(message)
         elif isinstance(message, NodeManage):
             comp = self._comp(message.comp_id)
-            error = (
-                comp.manage(message.node, message.action)
+            error, cpus = (
+                comp.manage(message)
                 if comp is not None and not comp.closing
-                else f"no computation {message.comp_id} open here"
+                else (f"no computation {message.comp_id} open here", 0)
             )
             self.send(
                 NodeManaged(
-                    comp_id=message.comp_id, request=message.request, error=error
+                    comp_id=message.comp_id,
+                    request=message.request,
+                    error=error,
+                    cpus=cpus,
                 )
             )
             if not error:

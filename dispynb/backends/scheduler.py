@@ -13,10 +13,11 @@ and `SchedulerBackend` turns the reports into node events for the façade, so th
 ``status()``, ``print_status()``, the web monitor and the notebook panels list the
 real nodes. Jobs go to the scheduler, which chooses their nodes, except for a job
 pinned to one (``submit_node``): the scheduler runs it there and nowhere else (it
-ends ``Abandoned`` if that node leaves first). A node may be taken out of this
-computation's use and given back (``deallocate_node``, ``allocate_node``:
-`SchedulerBackend.manage_node`, which `SharedJobCluster` calls); managing nodes
-otherwise (``set_node_cpus``, ``close_node``...) is the operator's, not a client's.
+ends ``Abandoned`` if that node leaves first). This computation's use of a node
+is its own to manage (``deallocate_node``, ``allocate_node``, ``set_node_cpus``,
+``close_node``: `SchedulerBackend.manage_node`, which `SharedJobCluster` calls),
+never another user's; adding nodes or setting them up again (``resetup_node``) is
+the operator's.
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ class SchedulerEngine(NodeEngine):
 
     name = "scheduler"
     #: The scheduler chooses the nodes: ``nodes=`` (``%%dispy --on``) selects none,
-    #: and only its operator manages them (`SharedJobCluster` takes one out of
-    #: its use and gives it back itself); a job may be pinned to one of them.
+    #: and only its operator manages them (`SharedJobCluster` manages its own use
+    #: of one itself); a job may be pinned to one of them.
     features: frozenset[str] = base.ALL_FEATURES - {
         base.SELECT_NODES,
         base.NODE_MANAGEMENT,
@@ -121,6 +122,9 @@ class SchedulerBackend(NodesBackend):
         self._ended_at = 0.0
         self._reported_at = 0.0
         self._reported = threading.Condition()
+        #: Nodes this cluster closed (``close_node``): leaving the reports, they
+        #: are released, not lost.
+        self._released_behind: set[str] = set()
 
     def node_ready(self, link: NodeLink) -> None:
         """The computation is set up at the scheduler; its nodes come in a report."""
@@ -168,7 +172,12 @@ class SchedulerBackend(NodesBackend):
             why = left.get(node_id)
             if not isinstance(why, str):  # an older scheduler's, or garbage
                 why = "it left the scheduler"
-            events.node_closed(info, peer_text(why, 500), Departure.LOST)
+            released = node_id in self._released_behind
+            events.node_closed(
+                info,
+                peer_text(why, 500),
+                Departure.RELEASED if released else Departure.LOST,
+            )
         for entry in nodes:
             avail = _avail_info(entry.avail)
             known = self._behind.get(entry.node_id)
@@ -300,23 +309,45 @@ class SchedulerBackend(NodesBackend):
             if placed == node_id and (key in started or key in reported)
         ]
 
-    def manage_node(self, node_id: str, action: str, what: str) -> str:
-        """Have the scheduler apply ``action`` (``"deallocate"``, ``"allocate"``:
-        a `NodeManage` one) to the node ``node_id`` behind it, for this computation
-        alone; '' once done, else why not. ``what``: the user's method, named in
-        the `NotSupportedError` raised if the scheduler predates it."""
-        return str(self._runner.run_sync(self._manage, node_id, action, what))
+    def manage_node(
+        self,
+        node_id: str,
+        action: str,
+        what: str,
+        cpus: int = 0,
+        terminate: bool = False,
+    ) -> tuple[str, int]:
+        """Have the scheduler apply ``action`` (a `NodeManage` one, with its
+        ``cpus`` and ``terminate``) to the node ``node_id`` behind it, for this
+        computation alone: '' once done, else why not; and the CPUs it answered
+        (of ``"cpus"``). ``what``: the user's method, named in the
+        `NotSupportedError` raised if the scheduler predates it."""
+        error, used = self._runner.run_sync(
+            self._manage, node_id, action, what, cpus, terminate
+        )
+        return str(error), int(used)
 
-    async def _manage(self, node_id: str, action: str, what: str) -> str:
+    async def _manage(
+        self, node_id: str, action: str, what: str, cpus: int, terminate: bool
+    ) -> tuple[str, int]:
         link = self.driver.nodes.get(self._scheduler)
         if link is None or link.conn is None or not link.ready:
-            return "the scheduler is not connected"
+            return f"the scheduler {self._scheduler} is not connected", -1
         if action not in link.manages:
             raise NotSupportedError(
                 f"{what}: the scheduler at {self._scheduler} predates it: upgrade "
                 "dispynb-scheduler to this client's version"
             )
-        return await self.driver.manage_node(link, node_id, action)
+        if action == "close":  # it leaves the reports: released, not lost
+            self._released_behind.add(node_id)
+        elif action == "allocate":
+            self._released_behind.discard(node_id)
+        error, used = await self.driver.manage_node(
+            link, node_id, action, cpus, terminate
+        )
+        if error and action == "close":
+            self._released_behind.discard(node_id)
+        return error, used
 
     def send_file(self, node_id: str, ref: FileRef) -> str:
         """Through the scheduler, which places the file on each node it set the

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import tornado.escape
 import tornado.iostream
 
-from dispynb.errors import NotSupportedError
+from dispynb.errors import ClusterError, NotSupportedError
 from dispynb.httpd.feed import ChangeFeed
 from dispynb.httpd.security import CSRF_HEADER, SecureHandler
 
@@ -203,8 +203,11 @@ class NodeCpusHandler(ApiHandler):
             return
         try:
             used = await self.run_blocking(view.monitor.set_node_cpus, node_id, cpus)
-        except NotSupportedError as exc:  # e.g. a shared scheduler's nodes
+        except NotSupportedError as exc:  # e.g. an older shared scheduler
             self.refuse(400, str(exc))
+            return
+        except ClusterError as exc:  # e.g. the node left the shared scheduler
+            self.refuse(409, f"node {node_id!r}: {exc}")
             return
         if used < 0:
             self.refuse(404, f"no node {node_id!r} in this cluster (ids are 'ip:port')")

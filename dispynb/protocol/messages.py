@@ -595,25 +595,33 @@ class NodeManage(WireMessage):
 
     ``action`` ``"deallocate"`` (``deallocate_node``): no more of its jobs go there
     (those there finish; its jobs pinned to it wait); ``"allocate"``
-    (``allocate_node``): they go there again. Sent only for an action the
-    scheduler's `ComputationReady` listed in ``manages``; answered with
-    `NodeManaged`.
+    (``allocate_node``): they go there again (a node it closed is set up again);
+    ``"cpus"`` (``set_node_cpus``): at most ``cpus`` of its jobs run there at once
+    (negative: all of the node's CPUs but that many; 0 is ``"deallocate"``);
+    ``"close"`` (``close_node``): it is closed there (its running jobs finish, or
+    are terminated with ``terminate``) and not set up there again until
+    ``"allocate"``. Sent only for an action the scheduler's `ComputationReady`
+    listed in ``manages``; answered with `NodeManaged`.
     """
 
     comp_id: int
     request: int
     node: str
     action: str
+    cpus: int = 0
+    terminate: bool = False
 
 
 @message("node-managed")
 class NodeManaged(WireMessage):
     """Shared scheduler -> client: answer to `NodeManage`; ``error`` is empty once
-    done, else why it was not."""
+    done, else why it was not. ``cpus``: of a ``"cpus"`` action, the CPUs of the
+    node the computation uses now."""
 
     comp_id: int
     request: int
     error: str = ""
+    cpus: int = 0
 
 
 @message("files-missing")

@@ -103,9 +103,11 @@ class Driver(DriverNodes):
             ]
         ] = collections.deque()
         self._files: dict[str, FileRef] = {}  # by digest: what nodes may ask for
-        # Requests waiting for their answer's error ("": done) by number: files
-        # placed (`send_file`), a shared scheduler's nodes managed (`manage_node`).
+        # Requests waiting for their answer by number: files placed (`send_file`:
+        # its error, "" once done), a shared scheduler's nodes managed
+        # (`manage_node`: its `NodeManaged`).
         self._placements: dict[int, asyncio.Future[str]] = {}
+        self._managing: dict[int, asyncio.Future[NodeManaged]] = {}
         # Large results arriving in chunks: (node, key, attempt) -> index ->
         # [bytearray or BytesIO, bytes received, size]; None once refused.
         self._streams: dict[tuple[str, int, int], dict[int, list[Any]] | None] = {}
@@ -144,7 +146,7 @@ class Driver(DriverNodes):
             ResultChunk: self._on_chunk,
             FileFromNode: self._on_file,
             FilePlaced: self._on_placed,
-            NodeManaged: self._on_placed,  # (the same request and error)
+            NodeManaged: self._on_managed,
             ComputationReady: self._on_ready,
             ComputationFailed: self._on_failed,
             ComputationClosed: self._on_closed,
@@ -210,14 +212,18 @@ class Driver(DriverNodes):
                 self._post(link, answer)
 
     def _on_placed(
-        self,
-        link: NodeLink,
-        message: FilePlaced | NodeManaged,
-        buffers: list[memoryview],
+        self, link: NodeLink, message: FilePlaced, buffers: list[memoryview]
     ) -> None:
         placed = self._placements.pop(message.request, None)
         if placed is not None and not placed.done():
             placed.set_result(message.error)
+
+    def _on_managed(
+        self, link: NodeLink, message: NodeManaged, buffers: list[memoryview]
+    ) -> None:
+        managed = self._managing.pop(message.request, None)
+        if managed is not None and not managed.done():
+            managed.set_result(message)
 
     def _on_failed(
         self, link: NodeLink, message: ComputationFailed, buffers: list[memoryview]

@@ -22,6 +22,7 @@ from dispynb.protocol.messages import (
     JobSubmit,
     Message,
     NodeManage,
+    NodeManaged,
 )
 from dispynb.protocol.shmpool import SegmentPool
 from dispynb.scheduler.events import (
@@ -71,6 +72,7 @@ class DriverOutbox:
     _jobs: dict[int, _Pending]
     _files: dict[str, FileRef]
     _placements: dict[int, asyncio.Future[str]]
+    _managing: dict[int, asyncio.Future[NodeManaged]]
     _streams: dict[tuple[str, int, int], dict[int, list[Any]] | None]
     _requests: itertools.count[int]
     _segments: dict[int, dict[int, str]]
@@ -209,12 +211,20 @@ class DriverOutbox:
         finally:
             self._placements.pop(request, None)
 
-    async def manage_node(self, link: NodeLink, node: str, action: str) -> str:
+    async def manage_node(
+        self,
+        link: NodeLink,
+        node: str,
+        action: str,
+        cpus: int = 0,
+        terminate: bool = False,
+    ) -> tuple[str, int]:
         """Ask the shared scheduler of ``link`` to apply ``action`` (a `NodeManage`
-        one it takes) to ``node`` for this computation; '' or why it did not."""
+        one it takes, with its ``cpus`` and ``terminate``) to ``node`` for this
+        computation; '' or why it did not, and the CPUs it answered."""
         request = next(self._requests)
-        answer: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._placements[request] = answer
+        answer: asyncio.Future[NodeManaged] = asyncio.get_running_loop().create_future()
+        self._managing[request] = answer
         try:
             self._post(
                 link,
@@ -223,14 +233,18 @@ class DriverOutbox:
                     request=request,
                     node=node,
                     action=action,
+                    cpus=cpus,
+                    terminate=terminate,
                 ),
             )
             async with asyncio.timeout(CLOSE_TIMEOUT):
-                return await answer
+                managed = await answer
         except (DispynbError, OSError, TimeoutError) as exc:
-            return f"no answer from the scheduler {link.node_id}: {describe_error(exc)}"
+            why = f"no answer from the scheduler {link.node_id}: {describe_error(exc)}"
+            return why, -1
         finally:
-            self._placements.pop(request, None)
+            self._managing.pop(request, None)
+        return managed.error, managed.cpus
 
     def _apply(
         self,

@@ -38,6 +38,11 @@ SAMPLES: list[WireMessage] = [
     m.ComputationReady(comp_id=1, workers=4, pins=True, manages=["deallocate"]),
     m.NodeManage(comp_id=1, request=5, node="10.0.0.2:9711", action="deallocate"),
     m.NodeManaged(comp_id=1, request=5, error="node 10.0.0.2:9711 left"),
+    m.NodeManage(comp_id=1, request=6, node="10.0.0.2:9711", action="cpus", cpus=-1),
+    m.NodeManage(
+        comp_id=1, request=7, node="10.0.0.2:9711", action="close", terminate=True
+    ),
+    m.NodeManaged(comp_id=1, request=6, cpus=3),
     m.ComputationFailed(comp_id=1, message="boom", traceback="Traceback ..."),
     m.ComputationClose(comp_id=1, terminate=True),
     m.ComputationClosed(comp_id=1),

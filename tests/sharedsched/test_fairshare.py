@@ -55,12 +55,35 @@ def test_a_node_taken_out_gets_none_of_that_computations_jobs() -> None:
     there), until she gives it back."""
     fair = FairShare()
     alice, bob = account("alice", 1), account("bob", 2)
-    alice.taken_out.add("n1")
+    alice.limits["n1"] = 0
     assert fair.pick([alice, bob], "n1") is bob
     assert fair.pick([alice], "n1") is None
     assert fair.pick([alice], "n2") is alice
-    alice.taken_out.discard("n1")
+    del alice.limits["n1"]
     assert fair.pick([alice], "n1") is alice
+
+
+def test_a_computations_cpu_limit_on_a_node_bounds_only_its_own_jobs_there() -> None:
+    """set_node_cpus(n1, 1): one of alice's jobs at a time on n1 (the next slot
+    there is bob's, as many as he gets), any number on n2; one ending frees it."""
+    fair = FairShare()
+    alice, bob = account("alice", 1), account("bob", 2)
+    alice.limits["n1"] = 1
+    assert fair.pick([alice], "n1") is alice
+    fair.started(alice, node="n1")
+    assert fair.pick([alice], "n1") is None
+    assert fair.pick([alice, bob], "n1") is bob
+    fair.started(bob, node="n1")
+    fair.started(bob, node="n1")
+    assert fair.pick([alice, bob], "n1") is bob
+    for _ in range(3):
+        assert fair.pick([alice], "n2") is alice
+        fair.started(alice, node="n2")
+    assert alice.busy == {"n1": 1, "n2": 3}
+    fair.ended(alice, node="n1")
+    assert fair.pick([alice], "n1") is alice
+    fair.ended(alice, alice.in_flight)  # its computation closed
+    assert alice.busy == {}
 
 
 def test_jobs_pinned_to_a_node_go_to_that_node_only() -> None:

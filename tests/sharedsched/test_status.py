@@ -136,29 +136,23 @@ def test_status_print_status_and_monitor_list_the_nodes_behind_the_scheduler(
                 client.request("GET", "/api/cluster", headers=wrong, auth=False).status
                 == 403
             )
-            # A node's CPUs are the operator's: refused with the reason, no 500.
+            # A limit of alice's own use of the node (test_node_limits.py).
             csrf = reply.headers["x-csrf-token"]
-            refused = client.request(
+            limited = client.request(
                 "POST",
                 f"/api/nodes/{addresses[0]}/cpus",
                 headers={"X-CSRF-Token": csrf},
                 body='{"cpus": 1}',
             )
-            assert refused.status == 400
-            assert "set_node_cpus" in refused.json()["reason"]
+            assert limited.status == 200
+            assert limited.json() == {"node": addresses[0], "cpus": 1}
         finally:
             monitor.shutdown(wait=False)
-        node = alice.status().nodes[0]
-        # As the migration guide says: only the scheduler's operator manages the
-        # nodes (submit_node goes through: tests/sharedsched/test_submit_node.py;
-        # so do deallocate_node and allocate_node: test_node_use.py).
-        for refused_call in (
-            lambda: alice.set_node_cpus(node, 1),
-            lambda: alice.close_node(node),
-            lambda: alice.resetup_node(node),
-        ):
-            with pytest.raises(NotSupportedError):
-                refused_call()
+        # As the migration guide says: only the scheduler sets a computation up on
+        # its nodes (submit_node goes through: tests/sharedsched/test_submit_node.py;
+        # so do the others: test_node_use.py, test_node_limits.py).
+        with pytest.raises(NotSupportedError):
+            alice.resetup_node(alice.status().nodes[0])
         for job in long:
             alice.cancel(job)
         assert alice.wait(timeout=WAIT)

@@ -229,13 +229,6 @@ SHARED = [
     ),
 ]
 
-#: What the methods a dispy client used to steer its scheduler do on a dispynb one.
-_SCHEDULER_CHOOSES = (
-    "On a ``SharedJobCluster`` through a ``dispynb-scheduler`` it raises "
-    "``NotSupportedError``: only the scheduler's operator manages its nodes, "
-    "which other users share (dispy's scheduler took this from its clients)."
-)
-
 #: Methods and properties of ``JobCluster`` (and ``SharedJobCluster``).
 METHODS = [
     Name(
@@ -258,8 +251,9 @@ METHODS = [
     Name(
         "allocate_node",
         note="Also through a ``dispynb-scheduler``, as dispy's: it gives back a "
-        "node ``deallocate_node`` took out; a node that is not one of the "
-        "cluster's returns -1 (only the scheduler's operator adds nodes).",
+        "node ``deallocate_node`` took out (on all its CPUs) or ``close_node`` "
+        "closed; a node that is none of the cluster's returns -1 (only the "
+        "scheduler's operator adds nodes).",
     ),
     Name(
         "deallocate_node",
@@ -270,14 +264,33 @@ METHODS = [
         "jobs elsewhere (those there finish, those pinned to it wait), other "
         "users' still go there.",
     ),
-    Name("close_node", differs=_SCHEDULER_CHOOSES),
-    Name("resetup_node"),
+    Name(
+        "close_node",
+        note="Also through a ``dispynb-scheduler``, as dispy's: only the cluster's "
+        "own computation closes there (other users' jobs go on), and the "
+        "scheduler does not set it up there again until ``allocate_node`` names "
+        "the node.",
+    ),
+    Name(
+        "resetup_node",
+        differs="On a ``SharedJobCluster`` through a ``dispynb-scheduler`` it raises "
+        "``NotSupportedError`` (dispy's did nothing there: its scheduler sets the "
+        "computation up on the nodes); ``close_node`` then ``allocate_node`` sets "
+        "it up there again.",
+    ),
     Name(
         "node_jobs",
         note="A node not of the cluster: -1, as dispy's ``JobCluster`` (``[]`` on "
         "a ``SharedJobCluster``, as dispy's).",
     ),
-    Name("set_node_cpus", differs=_SCHEDULER_CHOOSES),
+    Name(
+        "set_node_cpus",
+        differs="Through a ``dispynb-scheduler`` it limits the cluster's own jobs "
+        "on the node, never other users' (dispy's scheduler allowed it to an "
+        "``exclusive`` cluster only, and then for every cluster); it returns the "
+        "CPUs the cluster may use there, as ``JobCluster``'s (dispy's "
+        "``SharedJobCluster`` returned 0).",
+    ),
     Name(
         "send_file",
         differs="The file arrives as ``depends``' files do: a program stays "
