@@ -340,18 +340,14 @@ class ResultKeeper:
     def _keep(
         kept: Kept, entry: list[Any], buffers: list[memoryview], kinds: str
     ) -> None:
-        """Keep a result for good: in the spool (or in memory without one, within
-        `Kept.memory_cap`)."""
+        """Keep a result for good: in the spool (or in memory without one, or when
+        the spool's disk fails, within `Kept.memory_cap`)."""
         result = KeptResult(None, entry, buffers, kinds)
+        failed = kept.spool.failed if kept.spool is not None else 0
         if kept.spool is None or kept.owner is None:
-            size = _held_size(entry, buffers)
-            if kept.budget.used + size <= kept.memory_cap:
-                # Copied: the buffers are the worker's message's, reused after.
-                copies = [memoryview(bytes(b)) for b in buffers]
-                result = KeptResult(None, _own_texts(entry), copies, kinds)
-                kept.results.append(result)
-                kept.memory_bytes += size
-                kept.budget.used += size
+            held = ResultKeeper._hold(kept, entry, buffers, kinds)
+            if held is not None:
+                result = held
             elif kept.deliver is None:
                 logger.warning(
                     "result of job %d not kept: the node has no spool for it and "
@@ -367,12 +363,35 @@ class ResultKeeper:
             result = KeptResult(kept.spool.files[-1][0])
             if kept.acked:
                 kept.spooled[(entry[0], entry[1])] = kept.spool.files[-1][0]
+        elif kept.spool.failed > failed and (
+            held := ResultKeeper._hold(kept, entry, buffers, kinds)
+        ):
+            # The disk failed it (full: a job filled the node's --dest-path), not
+            # the spool's size: held in memory, as without a spool (before, it was
+            # lost, its job reported to the recovering client as not kept).
+            result = held
         elif kept.deliver is None:
             # Not on disk (the spool is full, or the disk): the job's end is kept
             # without its result, so recovery says so, not that it never ran.
             kept.not_kept.add(entry)
         if kept.deliver is not None:
             kept.deliver(result)
+
+    @staticmethod
+    def _hold(
+        kept: Kept, entry: list[Any], buffers: list[memoryview], kinds: str
+    ) -> KeptResult | None:
+        """Keep a result in memory, if it fits in `Kept.memory_cap` (None if not)."""
+        size = _held_size(entry, buffers)
+        if kept.budget.used + size > kept.memory_cap:
+            return None
+        # Copied: the buffers are the worker's message's, reused after.
+        copies = [memoryview(bytes(b)) for b in buffers]
+        result = KeptResult(None, _own_texts(entry), copies, kinds)
+        kept.results.append(result)
+        kept.memory_bytes += size
+        kept.budget.used += size
+        return result
 
     @staticmethod
     def keep_provisional(

@@ -128,7 +128,7 @@ def compute(n, go):
     deadline = time.monotonic() + 30
     while not os.path.exists(go) and time.monotonic() < deadline:
         time.sleep(0.01)
-    return n * n
+    return bytes([n]) * 600_000  # one fits in the node's 1 MiB in memory, not two
 
 cluster = dispy.JobCluster(compute, nodes=[sys.argv[1]], secret=sys.argv[2],
                            recover_file=sys.argv[3])
@@ -141,20 +141,28 @@ RECOVER = """
 import json, sys
 import dispynb as dispy
 jobs = dispy.recover_jobs(sys.argv[1], timeout=30, secret=sys.argv[2])
-print(json.dumps([[int(j.status), j.exception] for j in jobs]))
+print(json.dumps([[int(j.status), j.exception, j.result and len(set(j.result))]
+                  for j in jobs]))
 """
 
 
-def test_results_a_full_disk_cannot_keep_are_recovered_as_lost_saying_why(tmp_path):
-    """The client is killed, its jobs end on a node whose disk is full: recovery
-    says the node could not keep the results (before: 'the job never reached node
-    ...: it did not run', and the node's log had a traceback from the session's
-    end, whose computation was then never closed)."""
+def test_results_a_full_disk_refuses_are_kept_in_memory_the_rest_lost_saying_why(
+    tmp_path,
+):
+    """The client is killed, its jobs end on a node whose disk is full: the node
+    keeps their results in memory, within its --kept-results-size (before, it
+    dropped them all); recovery says the node could not keep the one over that
+    (before: 'the job never reached node ...: it did not run', and the node's log
+    had a traceback from the session's end, whose computation was then never
+    closed)."""
     (tmp_path / "client.py").write_text(CLIENT)
     (tmp_path / "recover.py").write_text(RECOVER)
     journal, go = tmp_path / "journal.db", tmp_path / "go"
     # At debug level: a result not spooled after the first is a line there.
-    node = tmpfs_node(tmp_path / "node", "1M", "--loglevel", "debug", cpus=2)
+    node = tmpfs_node(
+        tmp_path / "node", "1M", "--loglevel", "debug", "--kept-results-size", "1M",
+        cpus=2,
+    )  # fmt: skip
     try:
         client = subprocess.Popen(
             [sys.executable, "client.py", node.spec, node.secret, str(journal),
@@ -181,9 +189,10 @@ def test_results_a_full_disk_cannot_keep_are_recovered_as_lost_saying_why(tmp_pa
     finally:
         node.stop()
     assert done.returncode == 0, done.stderr
-    jobs = json.loads(done.stdout)
-    assert [job[0] for job in jobs] == [DispyJob.Abandoned] * 2, jobs
-    assert all("could not keep its result" in job[1] for job in jobs), jobs
+    kept, lost = sorted(json.loads(done.stdout), key=lambda job: job[0], reverse=True)
+    assert kept[0] == DispyJob.Finished and kept[2] == 1, kept  # its 600 kB whole
+    assert lost[0] == DispyJob.Abandoned, lost
+    assert "could not keep its result" in lost[1], lost
     assert "Traceback" not in node.log_text()
 
 
