@@ -18,7 +18,7 @@ from dispynb.protocol.messages import (
     FileRelease,
 )
 from nodeserver.filestore import CannotStore, DiskFull
-from nodeserver.sessionstate import _SessionState, logger
+from nodeserver.sessionstate import _SessionState
 
 #: Files of at least this many bytes are checked against their digest and written in
 #: a thread, not on the loop: hashing 100 MB takes long enough for the node's pulses
@@ -121,7 +121,10 @@ class _SessionFiles(_SessionState):
         """Refuse this file only; whatever needs it is told why. A setup waiting for
         a file this node cannot store fails now: its client will not send it again
         (as it may a file whose bytes did not match), so both would wait for ever."""
-        logger.warning("refused a file from %s: %s", self.conn.peer, exc)
+        # A count past the first (`Tally`): a line each let a client flood the log.
+        self.server.message_refusals.event(
+            "files refused", str(self.conn.peer), str(exc)
+        )
         self._refused_files[digest] = str(exc)
         if not isinstance(exc, CannotStore):
             return

@@ -20,15 +20,15 @@ pytestmark = pytest.mark.slow
 EACH = 5000
 
 _ABOUT_THEM = re.compile(r"cannot use|sent unexpected")
-_COUNTED = re.compile(r"(\d+) more (?:messages? (?:this node cannot use|refused))")
+_COUNTED = re.compile(r"(\d+) more messages this node cannot use")
+_FILES = re.compile(r"refused a file|files refused")
+_FILES_COUNTED = re.compile(r"(\d+) more files refused")
 
 
-def _lines_about_them(log: str) -> int:
+def _lines_about_them(log: str, about: re.Pattern[str] = _ABOUT_THEM) -> int:
     """Lines of ``log`` about one refused message (not a count of them)."""
     return sum(
-        1
-        for line in log.splitlines()
-        if _ABOUT_THEM.search(line) and not _COUNTED.search(line)
+        1 for line in log.splitlines() if about.search(line) and " more " not in line
     )
 
 
@@ -71,3 +71,30 @@ def test_refused_messages_cannot_flood_the_nodes_log(tmp_path: Path, measure):
     assert len(errors) == 2 * EACH
     assert during <= 2, log[-2000:]
     assert during + counted == 2 * EACH, log[-2000:]
+
+
+@pytest.mark.attack(
+    id="node-refused-files-log",
+    title=f"An authenticated client sends its node {EACH} files whose content does "
+    "not match their digest",
+    goal="each refused; at most 2 log lines about them while the node runs, the "
+    "rest counted in one line (was: a WARNING line each)",
+)
+@pytest.mark.timeout(120)
+def test_refused_files_cannot_flood_the_nodes_log(tmp_path: Path, measure):
+    with limited_node(tmp_path / "node") as node:
+        session = RawSession.open(node.port, node.secret, timeout=60)
+        try:
+            for _ in range(EACH):
+                header = {"op": "file-put", "digest": "ab" * 32, "size": 1}
+                session.send_header(header, (b"x",))
+            session.send_header({"op": "no-such-op"})  # answered after them all
+            while not isinstance(session.recv(), Error):
+                pass
+        finally:
+            session.close()
+        during = _lines_about_them(node.log_text(), _FILES)
+    counted = sum(map(int, _FILES_COUNTED.findall(node.log_text())))
+    measure(f"{during} log lines about them while the node ran, {counted} counted")
+    assert during <= 2, node.log_text()[-2000:]
+    assert during + counted == EACH, node.log_text()[-2000:]
