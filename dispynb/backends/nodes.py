@@ -208,6 +208,18 @@ class NodesBackend:
             self._launcher = nodes
 
     async def _start(self) -> None:
+        # What makes JobCluster() fail is said once, by its exception; the nodes
+        # that failed while others are used are warned about (`node_failed`).
+        self.driver.hold_failure_warnings()
+        try:
+            await self._connect_nodes()
+        except BaseException as exc:
+            said = self._node_errors if exc in self._node_errors else ()
+            self.driver.release_failure_warnings(said)
+            raise
+        self.driver.release_failure_warnings()
+
+    async def _connect_nodes(self) -> None:
         self._startup = asyncio.get_running_loop().create_future()
         explicit = [spec for spec in self._specs if not is_wildcard(spec)]
         for spec in explicit:
@@ -397,6 +409,9 @@ class NodesBackend:
                     "; ".join(str(e) for e in self._node_errors),
                 )
             startup.set_exception(first)
+        elif startup is not None and not startup.done() and self.driver.reconnecting:
+            # JobCluster() waits for the named nodes (ping_interval): say why now.
+            self.driver.release_failure_warnings()
 
     def node_closed(self, link: NodeLink, reason: str) -> None:
         if self._finder is not None and not link.resetting:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import math
+from collections.abc import Collection
 
 from dispynb import config as dispy_config
 from dispynb.defaults import CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT
@@ -44,6 +45,9 @@ logger = logging.getLogger("dispynb.scheduler.driver")
 
 class DriverNodes(DriverResults):
     """Connecting, setting up, reading and losing nodes (dispy's node management)."""
+
+    #: "node ... cannot be used" warnings held back (`hold_failure_warnings`).
+    _held_warnings: list[tuple[str, str, str, DispynbError]] | None = None
 
     # -- nodes ---------------------------------------------------------------------
 
@@ -187,7 +191,12 @@ class DriverNodes(DriverResults):
             message = "scheduler %s cannot be used: %s"
         else:
             message = "node %s cannot be used: %s"
-        logger.warning(message, link.node_id, describe_error(exc))
+        # Most errors name the node already ("HOST:PORT: ..."): name it once.
+        text = describe_error(exc).removeprefix(f"{link.node_id}: ")
+        if self._held_warnings is not None:
+            self._held_warnings.append((message, link.node_id, text, exc))
+        else:
+            logger.warning(message, link.node_id, text)
         self.last_error = exc
         self.nodes.pop(link.node_id, None)
         self.events.node_failed(link, exc)
@@ -486,6 +495,20 @@ class DriverNodes(DriverResults):
         some): queued jobs wait for them."""
         expected = self.config.nodes_expected
         return self.discovering or (expected is not None and expected())
+
+    def hold_failure_warnings(self) -> None:
+        """Keep the "node ... cannot be used" warnings aside until
+        `release_failure_warnings` (while ``JobCluster()`` starts: when it fails,
+        its exception says the same, and a script would show it twice)."""
+        self._held_warnings = []
+
+    def release_failure_warnings(self, said: Collection[DispynbError] = ()) -> None:
+        """Log the warnings held back, but those of the errors in ``said`` (which
+        the caller reports otherwise); warn at once again from now on."""
+        held, self._held_warnings = self._held_warnings or [], None
+        for message, node_id, text, exc in held:
+            if not any(exc is error for error in said):
+                logger.warning(message, node_id, text)
 
     def _abandon_if_no_nodes(self) -> None:
         """With no node left (and none coming), queued jobs can never run."""

@@ -78,6 +78,37 @@ def test_a_wrong_secret_stops_the_script_with_the_fix_on_its_last_line(
     )
     assert_short(traceback)
     assert "a-stale-secret" not in done.stderr
+    # Said once: before, a "node ... cannot be used" warning said it too.
+    assert done.stderr.count("another secret than this node") == 1, done.stderr
+
+
+@pytest.mark.timeout(90)
+def test_a_node_refusing_the_secret_beside_a_usable_one_is_warned_about_once(
+    tmp_path: Path,
+) -> None:
+    """The script goes on with the node that takes its secret; the other is named
+    in one warning (before: "node HOST:PORT cannot be used: HOST:PORT: ...")."""
+    secret = "the-nodes-secret-4f9c2a7e1b"
+    script = tmp_path / "two.py"
+    script.write_text(SCRIPT.replace("nodes=[sys.argv[1]]", "nodes=sys.argv[3:]"))
+    with (
+        running_node(tmp_path / "good", secret=secret) as good,
+        running_node(tmp_path / "other", secret="another-secret-9b2d71c4e8") as other,
+    ):
+        done = subprocess.run(
+            [sys.executable, str(script), "", secret, good.spec, other.spec],
+            env=node_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "6"
+    assert done.stderr.strip() == (
+        f"node {other.spec} cannot be used: the client's proof is wrong: it uses "
+        "another secret than this node; give this client the secret the node was "
+        "started with (secret=, DISPYNB_SECRET or DISPYNB_SECRET_FILE)"
+    )
 
 
 @pytest.mark.timeout(90)
