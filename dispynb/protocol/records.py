@@ -126,7 +126,28 @@ class ResultEntry(NamedTuple):
             and entry.buffer_count >= 0
         ):
             raise MessageError("malformed result entry in job-results")
+        start, end = entry.start_time, entry.end_time
+        if not (_is_time(start) and _is_time(end)):
+            start, end = _times(start, end)
+            entry = entry._replace(start_time=start, end_time=end)
         return entry, len(item) == 10 and item[9] is True
+
+
+def _is_time(value: object) -> bool:
+    """Whether ``value`` is a time a node may report: a finite number."""
+    return (type(value) is float and math.isfinite(value)) or type(value) is int
+
+
+def _times(start: Any, end: Any) -> tuple[float, float]:
+    """A job's start and end times from a node that sent one that is no time (NaN,
+    infinite, not a number): the other for both, or 0.0 (never started). A NaN
+    reached the web monitor's JSON, which a browser cannot parse."""
+    good = [float(t) for t in (start, end) if _is_time(t)]
+    other = good[0] if good else 0.0
+    return (
+        float(start) if _is_time(start) else other,
+        float(end) if _is_time(end) else other,
+    )
 
 
 def is_start(item: object) -> bool:
@@ -138,7 +159,7 @@ def is_start(item: object) -> bool:
         and len(item) == 4
         and isinstance(item[0], int)
         and isinstance(item[1], int)
-        and isinstance(item[2], int | float)
+        and _is_time(item[2])
         and isinstance(item[3], int)
     )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from typing import Any
 
@@ -208,6 +209,8 @@ class DriverResults(DriverOutbox):
         """A job began executing on the node (``[key, attempt, time, before]``):
         noted in ``notices`` as ``(key, attempt, time)`` unless stale."""
         key, attempt, when = start[0], start[1], start[2]
+        if not math.isfinite(when):  # no time (NaN reached the web monitor's JSON)
+            return
         if self.state.is_running(key, attempt, link.node_id):  # else: stale, or done
             notices.append((key, attempt, when))
 
