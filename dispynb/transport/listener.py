@@ -312,8 +312,8 @@ class Listener:
                     conn = Connection.over_socket(sock, peer)
                 else:
                     await _expect_tls(sock, self._server)
-                    conn = await Connection.over_tls(
-                        sock, peer, self._ssl_context, server_side=True
+                    conn = await _accept_tls(
+                        sock, peer, self._ssl_context, self._server
                     )
                 if stranger:
                     await _refuse_stranger(conn, stranger)
@@ -431,6 +431,31 @@ async def _expect_tls(sock: socket.socket, server: str) -> None:
     if not tls:
         _refuse(sock, TLS_REQUIRED, code="tls")
         raise TransportError(f"a client without TLS (this {server} uses TLS): told so")
+
+
+#: The option giving each kind of server its certificate (for the fix it logs).
+_CERTFILE_OPTIONS = {"node": "--certfile", "scheduler": "--cluster_certfile"}
+
+
+async def _accept_tls(
+    sock: socket.socket, peer: str, context: ssl.SSLContext, server: str
+) -> Connection:
+    """The TLS handshake of a client that opened one. A client that hangs up in it
+    (no alert: what Python's own TLS does when it does not trust the certificate)
+    is named as such, not as an empty "connection failed: " (`ConnectionResetError`
+    has no text)."""
+    try:
+        return await Connection.over_tls(sock, peer, context, server_side=True)
+    except ConnectionClosedError as exc:
+        cause = exc.__cause__
+        detail = f" ({type(cause).__name__}: {cause})" if cause and str(cause) else ""
+        option = _CERTFILE_OPTIONS.get(server, "certificate")
+        raise ConnectionClosedError(
+            f"the client hung up in the TLS handshake{detail}: it may not trust this "
+            f"{server}'s certificate (its cafile= must hold the CA that signed the "
+            f"{server}'s {option}, and the certificate name the address it "
+            "connects to)"
+        ) from exc
 
 
 #: What a node without TLS tells a TLS client (which reads it as no TLS at all).

@@ -103,6 +103,37 @@ def test_tls_client_trusting_other_cert_raises_transport_error(cert, other_cert)
     run(main())
 
 
+def test_a_client_not_trusting_the_nodes_certificate_is_logged_with_the_fix(
+    cert, other_cert, caplog
+):
+    """The client hangs up in the handshake without an alert: the node's log says
+    what that likely means (before: "connection to HOST:PORT failed: ", nothing)."""
+    certfile, keyfile = cert
+
+    async def main():
+        async with serving(ssl_context=server_context(certfile, keyfile)) as (
+            listener,
+            _,
+        ):
+            with pytest.raises(TransportError, match="CERTIFICATE_VERIFY_FAILED"):
+                async with client(
+                    listener.port,
+                    ssl_context=client_context(cafile=other_cert[0]),
+                    handshake_timeout=5,
+                ):
+                    pass
+            await wait_until(lambda: warnings_from(caplog, "TLS handshake"))
+
+    run(main())
+    [line] = warnings_from(caplog, "rejected")
+    assert line.startswith("rejected connections from 127.0.0.1: the client hung up")
+    assert line.endswith(
+        ": it may not trust this node's certificate (its cafile= must hold the CA "
+        "that signed the node's --certfile, and the certificate name the address "
+        "it connects to)"
+    )
+
+
 def test_tls_plain_client_to_tls_node_fails_cleanly(cert):
     certfile, keyfile = cert
 
