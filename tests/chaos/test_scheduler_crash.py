@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +30,9 @@ pytestmark = pytest.mark.slow
 
 #: Jobs of each test: one per CPU of the two nodes.
 JOBS = 4
+
+#: Jobs a client submits in a loop while its scheduler is killed.
+SUBMITS = 2000
 
 
 def hold(n: int, marks: str, release: str) -> int:
@@ -165,3 +170,63 @@ def test_recover_jobs_after_the_client_and_the_scheduler_crashed_says_why(
         ), reason
         assert "restarted" in reason
     assert os.path.exists(journal)  # kept: nothing was recovered
+
+
+def square(n: int) -> int:
+    return n * n
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("reentrant", [False, True], ids=["plain", "reentrant"])
+def test_a_scheduler_killed_while_its_client_submits(
+    site: Site, reentrant: bool
+) -> None:
+    """SIGKILL of the scheduler from another thread once some results came, while
+    the client goes on submitting (a loop of `SUBMITS`): every submit returns,
+    every job ends once the scheduler is back (a plain one it held Abandoned,
+    naming it; the others Finished, the reentrant ones all), nothing hangs."""
+    finished = threading.Semaphore(0)
+    crashed = threading.Event()
+
+    def crash_after_some_results() -> None:
+        for _ in range(20):
+            if not finished.acquire(timeout=30):
+                break
+        site.crash_scheduler()
+        crashed.set()
+
+    ends: Counter[int] = Counter()  # final callbacks, by job (they run in turn)
+
+    def job_status(job: DispyJob) -> None:
+        if job.status == DispyJob.Finished:
+            finished.release()
+        if job.status in (DispyJob.Finished, DispyJob.Abandoned):
+            ends[job._args[0]] += 1
+
+    killer = threading.Thread(target=crash_after_some_results, daemon=True)
+    with SharedJobCluster(
+        square,
+        scheduler_host=site.scheduler.address,
+        secret_file=str(site.credential),
+        pulse_interval=0.2,
+        reentrant=reentrant,
+        job_status=job_status,
+    ) as cluster:
+        killer.start()
+        jobs = [cluster.submit(n) for n in range(SUBMITS)]
+        assert crashed.wait(30), "the scheduler ran no job"
+        site.scheduler.start()  # same command, same port
+        assert cluster.wait(timeout=60)
+        done = [job for job in jobs if job.status == DispyJob.Finished]
+        assert all(job.result == job._args[0] ** 2 for job in done)
+        if reentrant:
+            assert len(done) == SUBMITS
+        else:  # those it held end so; those still queued here waited for it
+            assert len(done) >= 20
+            assert_abandoned(
+                [job for job in jobs if job not in done],
+                f"scheduler {site.scheduler.address} was lost (",
+            )
+        # And it serves the cluster again.
+        assert cluster.submit(SUBMITS)() == SUBMITS**2
+    assert set(ends.values()) == {1} and len(ends) == SUBMITS + 1  # each told once
