@@ -78,8 +78,9 @@ class _RunStop(_RunOutput):
         self, reason: str = "Stopped", echo: bool = True, quiet: bool = False
     ) -> str:
         """Cancel the unfinished jobs, wait (at most `CANCEL_WAIT` seconds) for the
-        nodes to confirm, close the cluster if owned, and return (and print, unless
-        ``quiet``) a one-line account in the progress line's words: how many jobs
+        nodes to confirm (and as long again for the run to count what they did),
+        close the cluster if owned, and return (and print, unless ``quiet``) a
+        one-line account in the progress line's words: how many jobs
         were cancelled (how many of them while running).
 
         What an interrupted `wait` does before raising `RunInterrupted` (a
@@ -103,6 +104,7 @@ class _RunStop(_RunOutput):
                 if self.done():
                     break
                 self._changed.wait(_TICK)
+            self._count_confirmed(mine)
             self._pump(writer)
             self.bar.finish(self.counts())
             if self.owns_cluster:
@@ -119,6 +121,17 @@ class _RunStop(_RunOutput):
             self.bar.before_output()
             _print_writer("stderr", summary + "\n")
         return summary
+
+    def _count_confirmed(self, stopped: list[DispyJob]) -> None:
+        """The nodes confirmed the end of every ``stopped`` job, but the run has
+        not counted them all yet (its callbacks lag: a 200,000-job Stop on a
+        loaded machine): wait for that count too, at most `CANCEL_WAIT` more, so
+        that the bar does not end saying '45208 queued, ETA 15:23:50'."""
+        if self.done() or not all(job.done() for job in stopped):
+            return
+        callbacks = getattr(self.cluster, "_callbacks", None)
+        if callbacks is not None and not callbacks.in_dispatcher_thread():
+            callbacks.flush(CANCEL_WAIT)
 
     def _stop_summary(self, reason: str, stopped: list[DispyJob]) -> str:
         """The Stop line, in its progress line's words: the jobs the Stop ended are

@@ -4,12 +4,15 @@ interrupts cancelling remote work, and the callbacks of a user's own cluster."""
 from __future__ import annotations
 
 import functools
+import threading
+from typing import Any
 
 import pytest
 
 from dispynb import JobCluster
 from dispynb.errors import ConfigurationError
 from dispynb.job import DispyJob, JobStatus
+from dispynb.jupyter import runstop
 from dispynb.jupyter.progress import TextProgressBar, WidgetProgressBar
 from dispynb.jupyter.run import Run
 from tests import jobs
@@ -410,6 +413,46 @@ def test_a_stopped_runs_queued_jobs_end_in_one_post(local1, tmp_path):
     ends = [job for status, job in seen if status == JobStatus.Cancelled]
     assert sorted(job.id for job in ends) == sorted(job.id for job in run.jobs[1:])
     assert not {id(job) for job in ends} & {id(job) for job in run.jobs}  # copies
+
+
+@slow
+def test_a_stop_whose_count_lags_ends_its_bar_with_the_final_counts(
+    local1, tmp_path, monkeypatch
+):
+    """Stop: the nodes confirmed every cancel, but the run's count of them (its
+    callbacks, behind a slow one of the user's here) was not done when Stop's wait
+    ended: the bar ended with jobs still queued (seen in JupyterLab: '45208
+    queued, ETA 15:23:50' after the Stop of a 200,000-job run on a loaded
+    machine). It now waits for the count too."""
+    # Long enough for the node to confirm the running job's end (the queued ones
+    # end at once), shorter than the user's callback takes.
+    monkeypatch.setattr(runstop, "CANCEL_WAIT", 3.0)
+    gate = threading.Event()
+
+    def slow(status: int, node: object, job: DispyJob | None) -> None:
+        if status == JobStatus.Cancelled:
+            gate.wait(WAIT)
+
+    started = tmp_path / "started"
+    run = Run.map(
+        mark_sleep_mark,
+        [(str(started), 30, None)] + [(None, 30, None)] * 3,
+        nodes=local1,
+        unpack=True,
+        wait=False,
+        progress="none",
+        cluster_status=slow,
+        name="lagging",
+    )
+    finished: list[Any] = []
+    finish = run.bar.finish
+    run.bar.finish = lambda counts: (finished.append(counts), finish(counts))
+    jobs.wait_until(started.exists)
+    threading.Timer(4.5, gate.set).start()
+    run.stop(quiet=True)
+    assert finished, "the bar was not finished"
+    counts = finished[0]
+    assert (counts.cancelled, counts.running, counts.total) == (4, 0, 4), counts
 
 
 @slow
