@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import copy
 import logging
-import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
@@ -12,7 +10,7 @@ from dispynb import config as dispy_config
 from dispynb.cluster import JobCluster
 from dispynb.errors import ClusterError, ConfigurationError
 from dispynb.job import DispyJob
-from dispynb.node import DispyNode, NodeAllocate
+from dispynb.node import DispyNode, NodeAllocate, parse_node_specs
 from dispynb.transport.addressing import format_address, parse_address
 
 if TYPE_CHECKING:
@@ -42,6 +40,12 @@ class SharedJobCluster(JobCluster):
     users'); as in dispy, ``job.ip_addr`` and the ``cluster_status`` node of a job
     that ran name the node behind the scheduler, whose ``rx`` counts the results
     it sent.
+
+    ``nodes`` (`NodeAllocate` objects, subclasses too, host patterns...) is asked
+    about each node behind the scheduler, as dispy asks about each node it finds:
+    a node it declines runs none of this cluster's jobs, one it gives fewer CPUs
+    that many at once; every node is set up with the first one's ``setup_args``
+    and ``depends``.
 
     ``scheduler_node`` (dispy's older name) is taken for ``scheduler_host``.
     Without ``scheduler_host`` it is a `JobCluster` on the nodes given: dispynb's
@@ -94,21 +98,23 @@ class SharedJobCluster(JobCluster):
         if scheduler_port is not None:
             port = scheduler_port
         address = format_address(host, port)
-        given = nodes if isinstance(nodes, list | tuple) else [nodes]
-        allocations = [n for n in given if isinstance(n, NodeAllocate)]
-        spec: NodeAllocate | str = address
-        if allocations:
-            # Its setup_args, depends and allocate() apply, on the scheduler's nodes.
-            spec = copy.copy(allocations[0])
-            spec.host, spec.port = host, port
-            spec.ip_addr = host
-            spec.ip_rex = re.escape(host)
-        if len(allocations) > 1 or any(
-            n not in (None, "*") and not isinstance(n, NodeAllocate) for n in given
+        # Each node behind the scheduler is asked of these, as dispy asks each node
+        # it finds (subclasses' allocate() too): `SchedulerBackend.allot`.
+        allocations = [] if nodes is None else parse_node_specs(nodes)
+        per_node = any(
+            type(a) is not NodeAllocate or a.host != "*" or a.cpus for a in allocations
+        )
+        spec = NodeAllocate(host, port=port)  # the scheduler, the one "node"
+        if allocations:  # the computation is set up alike on every node
+            spec.depends = allocations[0].depends
+            spec.setup_args = allocations[0].setup_args
+        if any(
+            tuple(a.setup_args) != spec.setup_args or list(a.depends) != spec.depends
+            for a in allocations
         ):
             logger.warning(
-                "nodes=%r: the scheduler at %s decides which nodes run the jobs "
-                "(the first NodeAllocate's setup_args and depends apply to all)",
+                "nodes=%r: through the scheduler at %s every node is set up with "
+                "the first NodeAllocate's setup_args and depends",
                 nodes,
                 address,
             )
@@ -118,7 +124,11 @@ class SharedJobCluster(JobCluster):
             depends,
             job_status,
             cluster_status,
-            engine=SchedulerEngine(address, exclusive=exclusive),
+            engine=SchedulerEngine(
+                address,
+                exclusive=exclusive,
+                allocations=allocations if per_node else [],
+            ),
             **options,
         )
 

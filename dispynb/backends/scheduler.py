@@ -22,6 +22,7 @@ the operator's.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import threading
@@ -33,7 +34,7 @@ from dispynb.backends.base import ClusterConfig, Departure, JobEvents, NodeInfo
 from dispynb.backends.nodes import NodeEngine, NodesBackend, _avail_info
 from dispynb.depends import FileRef
 from dispynb.errors import ConfigurationError, MessageError, NotSupportedError
-from dispynb.node import DispyNodeAvailInfo, parse_node_specs
+from dispynb.node import DispyNodeAvailInfo, NodeAllocate, parse_node_specs
 from dispynb.protocol.handshake import peer_text
 from dispynb.protocol.messages import JobsPlaced, SchedulerNodes
 from dispynb.protocol.records import SharedNodeEntry
@@ -61,9 +62,17 @@ class SchedulerEngine(NodeEngine):
         base.NODE_MANAGEMENT,
     }
 
-    def __init__(self, address: str, exclusive: bool = False) -> None:
+    def __init__(
+        self,
+        address: str,
+        exclusive: bool = False,
+        allocations: list[NodeAllocate] | None = None,
+    ) -> None:
         self.address = address
         self.exclusive = exclusive
+        #: The cluster's ``nodes`` (`NodeAllocate`, subclasses too), asked for each
+        #: node behind the scheduler (`SchedulerBackend.allot`); none: all used.
+        self.allocations = list(allocations or [])
 
     def open(self, events: JobEvents, config: ClusterConfig) -> SchedulerBackend:
         """Connect to the scheduler as a user and set the computation up there."""
@@ -85,6 +94,8 @@ class SchedulerEngine(NodeEngine):
             events, config, specs=specs or parse_node_specs(self.address)
         )
         backend.driver.config.exclusive = self.exclusive
+        backend.allocations = self.allocations
+        backend.driver.config.allocates = bool(self.allocations)
         try:
             backend.start()
         except BaseException:
@@ -125,6 +136,13 @@ class SchedulerBackend(NodesBackend):
         #: Nodes this cluster closed (``close_node``): leaving the reports, they
         #: are released, not lost.
         self._released_behind: set[str] = set()
+        #: `SchedulerEngine.allocations`; what they gave each node behind the
+        #: scheduler (its CPUs for this cluster), and the nodes they declined.
+        self.allocations: list[NodeAllocate] = []
+        self._allotted: dict[str, int] = {}
+        self._declined: set[str] = set()
+        self._allot_said: set[str] = set()  # (each warning of `allot` once)
+        self._telling: set[asyncio.Task[None]] = set()
 
     def node_ready(self, link: NodeLink) -> None:
         """The computation is set up at the scheduler; its nodes come in a report."""
@@ -166,6 +184,9 @@ class SchedulerBackend(NodesBackend):
             if type(key) is int:
                 events.job_requeued(key)
         seen = {entry.node_id for entry in nodes}
+        self._declined &= seen  # one that left is asked again if it comes back
+        for node_id in [n for n in self._allotted if n not in seen]:
+            del self._allotted[node_id]
         for node_id in [n for n in self._behind if n not in seen]:
             info = self._behind.pop(node_id)
             self._running.pop(node_id, None)
@@ -179,22 +200,31 @@ class SchedulerBackend(NodesBackend):
                 Departure.RELEASED if released else Departure.LOST,
             )
         for entry in nodes:
+            if entry.node_id in self._declined:
+                continue
             avail = _avail_info(entry.avail)
             known = self._behind.get(entry.node_id)
+            allotted = self._allotted.get(entry.node_id)
+            if allotted is None and self.allocations:
+                allotted = self.allot(link, entry, avail)
+                if not allotted:
+                    continue
+            cpus = min(allotted or entry.cpus, entry.cpus)
             info = NodeInfo(
                 entry.node_id,
                 entry.host,
                 entry.port,
                 entry.name,
-                entry.cpus,
+                cpus,
                 avail=avail,
                 via=link.node_id,
+                offered=entry.cpus,
             )
             self._behind[entry.node_id] = info
             self._running[entry.node_id] = entry.running
             for key in entry.running:  # placed before this client came back
                 self._placed.setdefault(key, entry.node_id)
-            if known is None or known.cpus != entry.cpus:
+            if known is None or known.cpus != cpus:
                 events.node_ready(info)
             elif _figures(known.avail) != _figures(avail):
                 events.node_status(info, avail)
@@ -204,6 +234,83 @@ class SchedulerBackend(NodesBackend):
         with self._reported:
             self._reported_at = time.monotonic()
             self._reported.notify_all()
+
+    def allot(
+        self, link: NodeLink, entry: SharedNodeEntry, avail: DispyNodeAvailInfo | None
+    ) -> int:
+        """Ask the cluster's `NodeAllocate`s (its ``nodes``, subclasses too) about a
+        node behind the scheduler, as dispy asks them about each node it finds: the
+        first that returns CPUs gives them, 0 declines it. The scheduler, which
+        sends none of this computation's jobs there until told
+        (`ComputationSetup.allocates`), gets a limit or closes it there.
+        Returns the CPUs this cluster uses there (0: not used)."""
+        cpus, chosen = 0, None
+        for asked in self.allocations:
+            try:
+                cpus = asked.allocate(
+                    self._config.cluster,
+                    entry.host,
+                    entry.name,
+                    entry.cpus,
+                    avail_info=avail,
+                    platform="",
+                )
+            except Exception as exc:  # the user's code: the node is not used
+                logger.warning(
+                    "NodeAllocate.allocate raised %r for node %s: not used",
+                    exc,
+                    entry.node_id,
+                )
+                cpus, chosen = 0, None
+                break
+            if cpus and cpus > 0:
+                chosen = asked
+                break
+        cpus = min(int(cpus), entry.cpus) if chosen is not None else 0
+        action = "cpus" if cpus > 0 else "close"
+        if action not in link.manages:  # an older scheduler: it uses all of them
+            self._allot_warning(
+                f"the scheduler at {link.node_id} predates per-node NodeAllocate: "
+                "every node of it runs this cluster's jobs; upgrade "
+                "dispynb-scheduler to this client's version"
+            )
+            self._allotted[entry.node_id] = entry.cpus
+            return entry.cpus
+        if (
+            chosen is not None
+            and self.allocations
+            and (
+                tuple(chosen.setup_args) != tuple(self.allocations[0].setup_args)
+                or list(chosen.depends) != list(self.allocations[0].depends)
+            )
+        ):
+            self._allot_warning(
+                f"NodeAllocate for node {entry.node_id} has its own setup_args or "
+                "depends: through a scheduler every node is set up with the first "
+                "NodeAllocate's (a JobCluster on the nodes takes each node's)"
+            )
+        if cpus:
+            self._allotted[entry.node_id] = cpus
+        else:
+            self._declined.add(entry.node_id)
+        task = asyncio.get_running_loop().create_task(
+            self._tell_allotted(link, entry.node_id, action, cpus)
+        )
+        self._telling.add(task)
+        task.add_done_callback(self._telling.discard)
+        return cpus
+
+    async def _tell_allotted(
+        self, link: NodeLink, node_id: str, action: str, cpus: int
+    ) -> None:
+        error, _used = await self.driver.manage_node(link, node_id, action, cpus)
+        if error:
+            logger.warning("NodeAllocate for node %s: %s", node_id, error)
+
+    def _allot_warning(self, text: str) -> None:
+        if text not in self._allot_said:
+            self._allot_said.add(text)
+            logger.warning("%s", text)
 
     def prepare(self, job: base.JobRequest) -> None:
         """As a node's; a job pinned to a node (``submit_node``) needs a scheduler

@@ -346,6 +346,10 @@ class ComputationSetup(WireMessage):
     #: elsewhere; the computation wants the nodes to itself (dispy's ``exclusive``).
     reentrant: bool = False
     exclusive: bool = False
+    #: For a shared scheduler: the client decides each node's use (its
+    #: `NodeAllocate.allocate`, dispy's per node), so none of its jobs go to a node
+    #: until its client's `NodeManage` (``"cpus"``, or ``"close"``) for it.
+    allocates: bool = False
     #: The largest message the client accepts (0: not said, the default's): a node
     #: sends this computation's results, and their output, within it (in chunks).
     max_message_size: int = 0

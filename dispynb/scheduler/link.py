@@ -236,8 +236,10 @@ class DriverConfig:
     max_result: int | None = None
     max_pids: int | None = None
     fresh_process: bool = False
-    #: For a shared scheduler: the computation wants the nodes to itself.
+    #: For a shared scheduler: the computation wants the nodes to itself; its
+    #: client decides each node's use (`ComputationSetup.allocates`).
     exclusive: bool = False
+    allocates: bool = False
     #: `ComputationSetup.python`: this Python (major.minor) if code travels compiled.
     python: str = ""
     #: Restricted unpickling of results (``result_types``); None: plain pickle.

@@ -168,6 +168,7 @@ class DriverNodes(DriverResults):
                 fresh_process=config.fresh_process,
                 reentrant=config.reentrant,
                 exclusive=config.exclusive,
+                allocates=config.allocates,
                 max_message_size=config.max_message_size,
                 python=config.python,
             ),

@@ -34,6 +34,7 @@ SAMPLES: list[WireMessage] = [
     ),
     m.Error(code="auth", message="wrong secret"),
     m.ComputationSetup(comp_id=1, name="compute", workers=4, dest_path="/tmp/x"),
+    m.ComputationSetup(comp_id=1, name="compute", workers=4, allocates=True),
     m.ComputationReady(comp_id=1, workers=4),
     m.ComputationReady(comp_id=1, workers=4, pins=True, manages=["deallocate"]),
     m.NodeManage(comp_id=1, request=5, node="10.0.0.2:9711", action="deallocate"),

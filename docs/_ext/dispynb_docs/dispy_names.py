@@ -59,7 +59,17 @@ MODULE = [
     ),
     Name("DispyJob", differs="Also awaitable (``await job``) in asyncio code."),
     Name("DispyNode"),
-    Name("NodeAllocate"),
+    Name(
+        "NodeAllocate",
+        differs="Given to a ``SharedJobCluster`` through a ``dispynb-scheduler``, "
+        "``allocate()`` (a subclass's too) is asked about each node behind the "
+        "scheduler, in the client's process, and its answer applies to that "
+        "cluster alone: 0 closes it there, fewer CPUs limit its jobs there (dispy "
+        "sent the scheduler only each one's host, port, cpus, depends and "
+        "setup_args: a subclass's ``allocate()`` never ran). Every node is set up "
+        "with the first one's ``setup_args`` and ``depends`` (logged if they "
+        "differ).",
+    ),
     Name("DispyNodeAvailInfo"),
     Name("logger", differs="A standard `logging` logger named ``dispynb``."),
     Name(

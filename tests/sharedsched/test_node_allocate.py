@@ -1,0 +1,80 @@
+"""``NodeAllocate`` (subclasses too) given to a SharedJobCluster: asked about each
+node behind the scheduler, as dispy asks it about each node it finds; a node it
+declines runs none of the cluster's jobs, one it gives fewer CPUs runs that many
+at once. Real node servers and a real scheduler process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dispynb import LocalCluster, NodeAllocate, SharedJobCluster
+from tests.jobs import wait_until
+from tests.sharedsched.harness import SchedulerProcess
+from tests.sharedsched.nodeuse import by_name, overlapped, where
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+
+#: The nodes each `Chooser` was asked about, by name.
+ASKED: list[str] = []
+
+
+class Chooser(NodeAllocate):
+    """All of ``local-0``'s CPUs, one of ``local-1``'s, none of any other's."""
+
+    def allocate(
+        self, cluster: Any, ip_addr: str, name: str, cpus: int, **kw: Any
+    ) -> int:
+        ASKED.append(name)
+        return {"local-0": cpus, "local-1": 1}.get(name, 0)
+
+
+class OnlyFirst(NodeAllocate):
+    def allocate(
+        self, cluster: Any, ip_addr: str, name: str, cpus: int, **kw: Any
+    ) -> int:
+        return cpus if name == "local-0" else 0
+
+
+def test_a_node_allocate_subclass_is_asked_about_each_node_behind_the_scheduler(
+    scheduler: SchedulerProcess, nodes: LocalCluster, users: dict[str, Path]
+) -> None:
+    ASKED.clear()
+    assert nodes.names == ["local-0", "local-1"]
+    with SharedJobCluster(
+        where,
+        nodes=[Chooser("*")],
+        scheduler_host=scheduler.address,
+        secret_file=str(users["alice"]),
+    ) as cluster:
+        # Submitted at once: none waits for the choice, none goes where it may not.
+        jobs = [cluster.submit(0.5) for _ in range(6)]
+        wait_until(lambda: sorted(by_name(cluster)) == ["local-0", "local-1"])
+        assert {n: node.cpus for n, node in by_name(cluster).items()} == {
+            "local-0": 2,
+            "local-1": 1,
+        }
+        assert sorted(ASKED) == ["local-0", "local-1"]  # each node, not the scheduler
+        ran = [job() for job in jobs]
+        assert set(ran) == {"local-0", "local-1"}
+        assert not overlapped(
+            [j for j, n in zip(jobs, ran, strict=True) if n == "local-1"]
+        )
+
+
+def test_a_node_the_allocation_declines_runs_none_of_the_jobs(
+    scheduler: SchedulerProcess, nodes: LocalCluster, users: dict[str, Path]
+) -> None:
+    with SharedJobCluster(
+        where,
+        nodes=[OnlyFirst("*")],
+        scheduler_host=scheduler.address,
+        secret_file=str(users["alice"]),
+    ) as cluster:
+        jobs = [cluster.submit(0.3) for _ in range(8)]  # 4 CPUs if both ran them
+        assert {job() for job in jobs} == {"local-0"}
+        assert sorted(by_name(cluster)) == ["local-0"]
+    log = scheduler.log_text()
+    assert "alice/where: its client closed node" in log
