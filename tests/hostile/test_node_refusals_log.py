@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,6 +24,8 @@ _ABOUT_THEM = re.compile(r"cannot use|sent unexpected")
 _COUNTED = re.compile(r"(\d+) more messages this node cannot use")
 _FILES = re.compile(r"refused a file|files refused")
 _FILES_COUNTED = re.compile(r"(\d+) more files refused")
+_SETUPS = re.compile(r"refused computation")
+_SETUPS_COUNTED = re.compile(r"(\d+) more refused computations")
 
 
 def _lines_about_them(log: str, about: re.Pattern[str] = _ABOUT_THEM) -> int:
@@ -38,6 +41,12 @@ def _answers(session: RawSession, count: int, errors: list[Error]) -> None:
         message = session.recv()
         if isinstance(message, Error):
             errors.append(message)
+
+
+def _all(session: RawSession, count: int, answers: list[Any]) -> None:
+    """Read ``count`` messages from the node into ``answers``."""
+    for _ in range(count):
+        answers.append(session.recv())
 
 
 @pytest.mark.attack(
@@ -96,5 +105,43 @@ def test_refused_files_cannot_flood_the_nodes_log(tmp_path: Path, measure):
         during = _lines_about_them(node.log_text(), _FILES)
     counted = sum(map(int, _FILES_COUNTED.findall(node.log_text())))
     measure(f"{during} log lines about them while the node ran, {counted} counted")
+    assert during <= 2, node.log_text()[-2000:]
+    assert during + counted == EACH, node.log_text()[-2000:]
+
+
+@pytest.mark.attack(
+    id="node-refused-setups-log",
+    title=f"An authenticated client sends its node {EACH} computation setups it "
+    "refuses (a file named out of its directory), reading the answers",
+    goal="each answered; at most 2 log lines about them while the node runs, the "
+    "rest counted in one line (was: a WARNING line each)",
+)
+@pytest.mark.timeout(120)
+def test_refused_setups_cannot_flood_the_nodes_log(tmp_path: Path, measure):
+    with limited_node(tmp_path / "node") as node:
+        session = RawSession.open(node.port, node.secret, timeout=60)
+        answers: list[Any] = []
+        reader = threading.Thread(target=_all, args=(session, EACH, answers))
+        reader.start()
+        try:
+            for comp_id in range(1, EACH + 1):
+                header = {
+                    "op": "computation-setup",
+                    "comp_id": comp_id,
+                    "name": "refused",
+                    "workers": 1,
+                    "files": [["../../x", "ab" * 32, 1]],
+                }
+                session.send_header(header)
+            reader.join(60)
+        finally:
+            session.close()
+        during = _lines_about_them(node.log_text(), _SETUPS)
+    counted = sum(map(int, _SETUPS_COUNTED.findall(node.log_text())))
+    measure(
+        f"{len(answers)} answered; {during} log lines about them while the node "
+        f"ran, {counted} counted"
+    )
+    assert len(answers) == EACH
     assert during <= 2, node.log_text()[-2000:]
     assert during + counted == EACH, node.log_text()[-2000:]
