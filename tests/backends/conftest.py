@@ -23,6 +23,9 @@ from tests.multihost.netns import Network, unavailable_reason
 #: pytest runs them (test_ray_nodes.py adds nodes to the shared Ray cluster: last).
 IN_NETNS = (
     "test_ray.py",
+    "test_ray_messages.py",
+    "test_ray_data.py",
+    "test_ray_output.py",
     "test_ray_stop.py",
     "test_ray_batches.py",
     "test_ray_nodes.py",
