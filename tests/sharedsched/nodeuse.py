@@ -4,10 +4,13 @@ scheduler (``submit_node``, ``deallocate_node``, ``set_node_cpus``,
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 from dispynb import DispyJob, DispyNode, SharedJobCluster
+from tests.jobs import wait_until
 
 
 def where(seconds: float) -> str:
@@ -43,3 +46,22 @@ def overlapped(jobs: Sequence[DispyJob]) -> bool:
     clock."""
     spans = sorted((job.start_time, job.end_time) for job in jobs)
     return any(later[0] < earlier[1] for earlier, later in itertools.pairwise(spans))
+
+
+@contextlib.contextmanager
+def alice_and_bob(
+    address: str, users: dict[str, Path], nodes: list[str]
+) -> Iterator[tuple[SharedJobCluster, SharedJobCluster]]:
+    """Alice's and Bob's clusters of `where` at the scheduler ``address`` (their
+    credentials in ``users``), once each lists the nodes named ``nodes``."""
+    with (
+        SharedJobCluster(
+            where, scheduler_host=address, secret_file=str(users["alice"])
+        ) as alice,
+        SharedJobCluster(
+            where, scheduler_host=address, secret_file=str(users["bob"])
+        ) as bob,
+    ):
+        for cluster in (alice, bob):
+            wait_until(lambda c=cluster: sorted(by_name(c)) == sorted(nodes))
+        yield alice, bob

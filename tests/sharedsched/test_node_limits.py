@@ -21,7 +21,7 @@ from tests.httpd.client import MonitorClient
 from tests.jobs import wait_until
 from tests.nodeproc import start_node
 from tests.sharedsched.harness import SchedulerProcess, add_user, env_for
-from tests.sharedsched.nodeuse import by_name, held, overlapped, where
+from tests.sharedsched.nodeuse import alice_and_bob, by_name, held, overlapped
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -35,16 +35,7 @@ def test_set_node_cpus_limits_the_clusters_own_jobs_on_the_node(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     first, second = nodes.names
-    with (
-        SharedJobCluster(
-            where, scheduler_host=scheduler.address, secret_file=str(users["alice"])
-        ) as alice,
-        SharedJobCluster(
-            where, scheduler_host=scheduler.address, secret_file=str(users["bob"])
-        ) as bob,
-    ):
-        wait_until(lambda: sorted(by_name(alice)) == [first, second])
-        wait_until(lambda: sorted(by_name(bob)) == [first, second])
+    with alice_and_bob(scheduler.address, users, [first, second]) as (alice, bob):
         node = by_name(alice)[first]
         assert alice.set_node_cpus(node, 1) == 1
         assert by_name(alice)[first].cpus == 1
@@ -245,16 +236,9 @@ def test_a_closed_node_that_comes_back_is_not_set_up_again_until_allocated(
     scheduler = SchedulerProcess(tmp_path, [kept.spec, closed.spec], kept.secret)
     try:
         scheduler.start()
-        with (
-            SharedJobCluster(
-                where, scheduler_host=scheduler.address, secret_file=str(alice)
-            ) as hers,
-            SharedJobCluster(
-                where, scheduler_host=scheduler.address, secret_file=str(bob)
-            ) as his,
-        ):
-            wait_until(lambda: sorted(by_name(hers)) == ["closed", "kept"])
-            wait_until(lambda: sorted(by_name(his)) == ["closed", "kept"])
+        with alice_and_bob(
+            scheduler.address, {"alice": alice, "bob": bob}, ["closed", "kept"]
+        ) as (hers, his):
             assert hers.close_node("closed") == 0
             wait_until(lambda: sorted(by_name(hers)) == ["kept"])
             closed.stop()

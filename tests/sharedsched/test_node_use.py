@@ -10,26 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from dispynb import DispyNode, LocalCluster, SharedJobCluster
+from dispynb import LocalCluster
 from dispynb.job import JobStatus
 from tests.jobs import wait_until
 from tests.sharedsched.harness import SchedulerProcess
+from tests.sharedsched.nodeuse import alice_and_bob, by_name
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 WAIT = 30.0
-
-
-def where(seconds: float) -> str:
-    """Sleep, then say which node ran the job."""
-    import time
-
-    time.sleep(seconds)
-    return dispy_node_name  # type: ignore[name-defined]  # noqa: F821
-
-
-def by_name(cluster: SharedJobCluster) -> dict[str, DispyNode]:
-    return {node.name: node for node in cluster.status().nodes}
 
 
 def test_a_deallocated_node_gets_none_of_the_clusters_jobs_until_allocated(
@@ -39,16 +28,7 @@ def test_a_deallocated_node_gets_none_of_the_clusters_jobs_until_allocated(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     first, second = nodes.names
-    with (
-        SharedJobCluster(
-            where, scheduler_host=scheduler.address, secret_file=str(users["alice"])
-        ) as alice,
-        SharedJobCluster(
-            where, scheduler_host=scheduler.address, secret_file=str(users["bob"])
-        ) as bob,
-    ):
-        wait_until(lambda: sorted(by_name(alice)) == [first, second])
-        wait_until(lambda: sorted(by_name(bob)) == [first, second])
+    with alice_and_bob(scheduler.address, users, [first, second]) as (alice, bob):
         node = by_name(alice)[first]
         # Two of alice's jobs run there, two more pinned to it wait at the scheduler.
         pinned = [alice.submit_node(node, 1.0) for _ in range(4)]

@@ -29,22 +29,11 @@ from dispynb.protocol.messages import (
 from dispynb.protocol.records import ResultEntry
 from tests.jobs import wait_until
 from tests.sharedsched.harness import SchedulerProcess, raw_scheduler_session
+from tests.sharedsched.nodeuse import by_name, where
 
 pytestmark = pytest.mark.slow
 
 WAIT = 20.0
-
-
-def where(seconds: float) -> str:
-    """Sleep, then say which node ran the job."""
-    import time
-
-    time.sleep(seconds)
-    return dispy_node_name  # type: ignore[name-defined]  # noqa: F821
-
-
-def by_name(cluster: SharedJobCluster) -> dict[str, DispyNode]:
-    return {node.name: node for node in cluster.status().nodes}
 
 
 def test_submit_node_runs_the_job_on_that_node_only(
