@@ -281,14 +281,7 @@ def test_the_pages_certificate_recipe_makes_a_node_clients_verify(
 
     if shutil.which("openssl") is None:
         pytest.skip("openssl is not installed")
-    page = (ROOT / "docs" / "howto" / "secure-nodes.md").read_text(encoding="utf-8")
-    recipe = [
-        line
-        for block in _blocks(page, "sh")
-        for line in _shell_lines(block)
-        if line.startswith(("openssl req", "chmod"))
-    ]
-    assert recipe, "securing nodes shows how to make a certificate"
+    recipe = _certificate_recipe("-out node.pem")
     assert "-out node.pem" in recipe[0] and "-keyout node.key" in recipe[0]
     script = " && ".join(recipe).replace("IP:10.0.0.5", "IP:127.0.0.1")
     subprocess.run(["bash", "-c", script], cwd=tmp_path, check=True, timeout=30)
@@ -298,6 +291,52 @@ def test_the_pages_certificate_recipe_makes_a_node_clients_verify(
     ) as node:
         with JobCluster(
             abs, nodes=[node.spec], secret=node.secret, cafile=str(pem)
+        ) as cluster:
+            assert cluster.submit(-3)() == 3
+        assert "with TLS" in node.log_text()
+
+
+def _certificate_recipe(made: str) -> list[str]:
+    """The ``openssl`` and ``chmod`` lines of the secure-nodes.md block that ``made``
+    is in (its other commands are the programs it then starts)."""
+    page = (ROOT / "docs" / "howto" / "secure-nodes.md").read_text(encoding="utf-8")
+    recipe = [
+        line
+        for block in _blocks(page, "sh")
+        if made in block
+        for line in _shell_lines(block)
+        if line.startswith(("openssl", "chmod"))
+    ]
+    assert recipe, f"securing nodes shows how to make a certificate ({made})"
+    return recipe
+
+
+@pytest.mark.timeout(SAMPLE_TIMEOUT)
+def test_the_pages_ca_recipe_makes_node_certificates_clients_verify_with_the_ca(
+    tmp_path: Path,
+) -> None:
+    """secure-nodes.md's recipe for a lab's own CA (before: "sign each node's
+    certificate with a CA of your own", and no command): run as written, for
+    127.0.0.1, the node serves TLS with the certificate the CA signed, a client
+    giving ``cafile=ca.pem`` verifies it, and the keys are private."""
+    import shutil
+
+    from dispynb import JobCluster
+    from tests.nodeproc import running_node
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    recipe = _certificate_recipe("-out ca.pem")
+    script = " && ".join(recipe).replace("IP:10.0.0.6", "IP:127.0.0.1")
+    subprocess.run(["bash", "-c", script], cwd=tmp_path, check=True, timeout=30)
+    assert (tmp_path / "ca.key").stat().st_mode & 0o077 == 0
+    pem, key = tmp_path / "node2.pem", tmp_path / "node2.key"
+    assert key.stat().st_mode & 0o077 == 0
+    with running_node(
+        tmp_path / "node", "--certfile", str(pem), "--keyfile", str(key)
+    ) as node:
+        with JobCluster(
+            abs, nodes=[node.spec], secret=node.secret, cafile=str(tmp_path / "ca.pem")
         ) as cluster:
             assert cluster.submit(-3)() == 3
         assert "with TLS" in node.log_text()
