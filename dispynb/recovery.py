@@ -312,9 +312,9 @@ def _recover(
                 _map_tracebacks(pending.values(), sources)
                 for job_key, job in pending.items():
                     if job_key in given_up:
-                        if job.status is not JobStatus.Abandoned:  # the node had it
+                        if _node_had(job):
                             jobs[given_up[job_key]] = job
-                        if job.done() and job.status is not JobStatus.Abandoned:
+                        if job.done() and _node_had(job):
                             journal.done(recovery_id, job_key, job)
                     elif job.done() and job_key in settled:
                         journal.done(recovery_id, job_key, job)
@@ -339,6 +339,15 @@ def _given_up_on(job: DispyJob, node: str | None, nodes: list[str]) -> str | Non
         return node
     on_host = [address for address in nodes if parse_address(address)[0] == node]
     return on_host[0] if len(on_host) == 1 else None
+
+
+def _node_had(asked: DispyJob) -> bool:
+    """Whether the node answered for a job `_asked_again`: its end (not one this
+    call gave it for want of the node), its start or a provisional result (it
+    runs there still). A job it never named keeps what the journal recorded."""
+    if asked.done():
+        return asked.status is not JobStatus.Abandoned
+    return asked.start_time is not None or asked.status is JobStatus.ProvisionalResult
 
 
 def _asked_again(job: DispyJob) -> DispyJob:

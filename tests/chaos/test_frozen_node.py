@@ -21,10 +21,11 @@ import psutil
 import pytest
 
 from dispynb import DispyJob, JobCluster, recover_jobs
+from dispynb.journal import Journal
 from nodeserver.workerlife import SHUTDOWN_GRACE
 from tests.chaos.outcomes import hold_two, wait_stopped
 from tests.jobs import WAIT, wait_until
-from tests.nodeproc import CliNode, running_node
+from tests.nodeproc import CliNode, node_env, running_node
 
 pytestmark = pytest.mark.slow
 
@@ -222,3 +223,55 @@ def test_recover_jobs_returns_the_result_of_a_job_abandoned_with_a_frozen_node(
             release.touch()
             client.kill()
             client.communicate()
+
+
+HOLDING_CLIENT = """
+import sys, time
+import dispynb as dispy
+from tests.chaos.test_frozen_node import mark_and_hold
+
+cluster = dispy.JobCluster(
+    mark_and_hold, nodes=[sys.argv[1]], secret=sys.argv[2], recover_file=sys.argv[3]
+)
+cluster.submit(0, sys.argv[4], sys.argv[5]).id = "held"
+time.sleep(60)  # killed before it gets further
+"""
+
+
+@pytest.mark.timeout(90)
+def test_a_job_given_up_that_its_node_never_had_stays_abandoned(
+    tmp_path: Path,
+) -> None:
+    """The journal records a job Abandoned with a node that never had it (lost on
+    the way as the node froze); the node still runs another job of the crashed
+    client when `recover_jobs`' timeout passes: that one is Running, the other
+    keeps the journal's Abandoned and its reason (it was returned Running too)."""
+    journal, marks, release = tmp_path / "journal", tmp_path / "marks", tmp_path / "go"
+    marks.mkdir()
+    (tmp_path / "client.py").write_text(HOLDING_CLIENT)
+    with running_node(tmp_path / "node", cpus=1) as node:
+        args = [node.spec, node.secret, str(journal), str(marks), str(release)]
+        client = subprocess.Popen(
+            [sys.executable, "client.py", *args], cwd=tmp_path, env=node_env()
+        )
+        try:
+            wait_until(lambda: (marks / "0").exists(), timeout=30)
+            client.kill()
+            client.wait(WAIT)
+            wait_until(lambda: "client of computation" in node.log_text())
+            recorded = Journal(str(journal))
+            [(recovery_id, _name, _nodes)] = recorded.computations()
+            ghost = DispyJob("ghost", (1, str(marks), str(release)), {})
+            recorded.submitted(recovery_id, 999, ghost)
+            recorded.sent(recovery_id, [999], node.spec)
+            ghost._complete(DispyJob.Abandoned, exception="node was lost (no pulse)")
+            recorded.done(recovery_id, 999, ghost)
+            recorded.close()
+            held, lost = recover_jobs(str(journal), timeout=2, secret=node.secret)
+        finally:
+            release.touch()
+            client.kill()
+            client.wait(WAIT)
+    assert (held.id, held.status) == ("held", DispyJob.Running)
+    assert (lost.id, lost.status) == ("ghost", DispyJob.Abandoned)
+    assert lost.exception == "node was lost (no pulse)"
