@@ -17,7 +17,7 @@ import pytest
 
 from dispynb.backends.ray import RayEngine
 from tests.backends.rayhead import RayHead
-from tests.multihost.netns import Network, unavailable_reason
+from tests.multihost.netns import Network, hosts_or_skip
 
 #: Modules whose tests run only inside the private namespace, in the order the inner
 #: pytest runs them (test_ray_nodes.py adds nodes to the shared Ray cluster: last).
@@ -86,8 +86,5 @@ def engine(head: RayHead) -> RayEngine:
 def net() -> Iterator[Network]:
     """One namespace host: a module's client programs and their LocalCluster run
     there (a module that needs more hosts has its own)."""
-    reason = unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    with Network(1).running() as network:
+    with hosts_or_skip(1) as network:
         yield network

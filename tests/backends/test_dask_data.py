@@ -2,11 +2,7 @@
 ``distributed.LocalCluster``: large ones of several types arrive intact, a large
 argument raises no Dask advice that dispynb refuses, a Dask future in the arguments
 is refused.
-
-Each test runs a client program inside a namespace host made by the test (the
-LocalCluster's scheduler and workers live there too, on its loopback): dispy's API
-with ``engine=DaskEngine(...)``, as users write it (`daskclient.py`). What the
-program saw comes back as JSON.
+Runs as test_dask.py does (see its docstring).
 """
 
 from __future__ import annotations

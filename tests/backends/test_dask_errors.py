@@ -1,11 +1,7 @@
 """What goes wrong around the Dask engine's jobs, each said clearly: no scheduler at
 the address given, node settings Dask cannot honour, a setup failing on a worker
 (named with the user's file and line); and ``import dispynb`` loads no Dask.
-
-Each test runs a client program inside a namespace host made by the test (the
-LocalCluster's scheduler and workers live there too, on its loopback): dispy's API
-with ``engine=DaskEngine(...)``, as users write it (`daskclient.py`). What the
-program saw comes back as JSON.
+Runs as test_dask.py does (see its docstring).
 """
 
 from __future__ import annotations

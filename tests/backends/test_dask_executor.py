@@ -1,11 +1,7 @@
 """dispynb's Executor on the Dask engine, on a real ``distributed.LocalCluster``: it
 runs functions (async too) with their initializers, with the semantics of
 ``concurrent.futures``.
-
-Each test runs a client program inside a namespace host made by the test (the
-LocalCluster's scheduler and workers live there too, on its loopback): dispy's API
-with ``engine=DaskEngine(...)``, as users write it (`daskclient.py`). What the
-program saw comes back as JSON.
+Runs as test_dask.py does (see its docstring).
 """
 
 from __future__ import annotations

@@ -12,7 +12,6 @@ compare.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import psutil
 import pytest
 
 from dispynb.job import JobStatus
-from tests.multihost.netns import Network, run_client, unavailable_reason
+from tests.multihost.netns import Network, run_client
 
 pytestmark = [pytest.mark.multihost, pytest.mark.slow, pytest.mark.timeout(150)]
 
@@ -28,15 +27,6 @@ pytest.importorskip("distributed")
 
 FINISHED, CANCELLED = int(JobStatus.Finished), int(JobStatus.Cancelled)
 TERMINATED = int(JobStatus.Terminated)
-
-
-@pytest.fixture(scope="module")
-def net() -> Iterator[Network]:
-    reason = unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    with Network(1).running() as network:
-        yield network
 
 
 def run(net: Network, tmp_path: Path, code: str, **args: Any) -> Any:

@@ -23,10 +23,9 @@ from dispynb.job import JobStatus
 from tests.backends.daskhosts import DaskCluster, dask_cluster, start_worker
 from tests.multihost.netns import (
     Network,
+    hosts_or_skip,
     run_client,
     start_client,
-    sweep_stale,
-    unavailable_reason,
     wait_for,
 )
 from tests.nodeproc import node_env
@@ -39,11 +38,7 @@ pytest.importorskip("distributed")
 @pytest.fixture(scope="module")
 def net() -> Iterator[Network]:
     """h1: scheduler, h2 and h3: workers, h4: the client."""
-    reason = unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    sweep_stale()
-    with Network(4).running() as network:
+    with hosts_or_skip(4) as network:
         yield network
 
 

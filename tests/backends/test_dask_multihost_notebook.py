@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.backends.daskhosts import DaskCluster, dask_cluster
-from tests.multihost.netns import Network, sweep_stale, unavailable_reason
+from tests.multihost.netns import Network, hosts_or_skip
 from tests.nodeproc import ROOT, node_env
 
 pytestmark = [
@@ -36,11 +36,7 @@ pytest.importorskip("nbval")
 @pytest.fixture(scope="module")
 def net() -> Iterator[Network]:
     """h1: scheduler, h2 and h3: workers, h4: the notebook's kernel."""
-    reason = unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    sweep_stale()
-    with Network(4).running() as network:
+    with hosts_or_skip(4) as network:
         yield network
 
 

@@ -25,13 +25,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.multihost.netns import Network, unavailable_reason
+from tests.multihost.netns import Network
 from tests.nodeproc import ROOT, node_env
 
 pytestmark = [
@@ -49,15 +48,6 @@ ON_DASK = sorted(p.name for p in (ROOT / "notebooks").glob("0[1-7]-*.ipynb"))
 
 #: Seconds nbval may take for one notebook.
 NOTEBOOK_TIMEOUT = 280.0
-
-
-@pytest.fixture(scope="module")
-def net() -> Iterator[Network]:
-    reason = unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    with Network(1).running() as network:
-        yield network
 
 
 def descendants(pid: int) -> list[str]:

@@ -18,10 +18,9 @@ from tests.multihost.netns import (
     Host,
     NetNode,
     Network,
+    hosts_or_skip,
     new_secret_file,
     start_node,
-    sweep_stale,
-    unavailable_reason,
 )
 
 #: Hosts made per module: three for nodes, the last one for the client.
@@ -31,12 +30,7 @@ HOSTS = 4
 @pytest.fixture(scope="module")
 def network() -> Iterator[Network]:
     """Four namespace hosts 10.77.0.1-4 on one bridge (h4 is the client's)."""
-    reason = unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    sweep_stale()
-    net = Network(HOSTS)
-    with net.running():
+    with hosts_or_skip(HOSTS) as net:
         yield net
 
 

@@ -97,6 +97,21 @@ def sweep_stale() -> list[str]:
     return removed
 
 
+@contextlib.contextmanager
+def hosts_or_skip(count: int) -> Iterator[Network]:
+    """``count`` hosts on one bridge for a test module, made afresh (after
+    `sweep_stale`) and always destroyed; where namespaces cannot be made, the tests
+    are skipped, saying why."""
+    import pytest  # (bench/crosshost.py uses this module outside pytest)
+
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    sweep_stale()
+    with Network(count).running() as network:
+        yield network
+
+
 def _kill_inside(netns: str) -> None:
     for pid in _ip("netns", "pids", netns, check=False).stdout.split():
         with contextlib.suppress(ProcessLookupError, ValueError):

@@ -19,10 +19,9 @@ from tests.multihost.netns import (
     Host,
     NetNode,
     Network,
+    hosts_or_skip,
     new_secret_file,
     start_node,
-    sweep_stale,
-    unavailable_reason,
 )
 from tests.sharedsched.harness import (
     DOOMED_CLIENT,
@@ -42,12 +41,7 @@ SCHEDULER_PORT = 9712
 
 @pytest.fixture(scope="module")
 def network() -> Iterator[Network]:
-    reason = unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    sweep_stale()
-    net = Network(7)
-    with net.running():
+    with hosts_or_skip(7) as net:
         yield net
 
 
