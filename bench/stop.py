@@ -2,7 +2,8 @@
 one local node with 2 CPUs, each a long sleep, so that all but two wait in the
 client's queue; then `Run.stop` (what the Stop button does) until every job has
 ended: its wall time, and the client's CPU time (all its threads), which other
-load on the machine changes less. Also the submit rate of the same jobs::
+load on the machine changes less. Also the submit rate of the same jobs, and what the
+JupyterLab panel spends on each state it pushes while they wait::
 
     PYTHONPATH=$PWD .venv/bin/python bench/stop.py
     PYTHONPATH=$PWD .venv/bin/python bench/stop.py --jobs 50000 --callback
@@ -29,6 +30,30 @@ def nap(x: int) -> int:
 
     time.sleep(600)
     return x
+
+
+def _panel_state_ms(cluster: object) -> float:
+    """CPU milliseconds the JupyterLab panel spends on one state of ``cluster``
+    (`dispynb.jupyter.labcomm.LabLink.state`, up to 4 a second while it changes)."""
+    from dispynb.jupyter.labcomm import ClusterTracker, Discovered, LabLink
+
+    tracker = ClusterTracker(lambda: [cluster])
+    link = LabLink(
+        lambda *args: None,
+        tracker=tracker,
+        discovered=Discovered(),
+        session=lambda: {"kind": "", "nodes": []},
+        interval=3600,
+    )
+    try:
+        tracker.refresh()
+        start = time.thread_time()
+        for _ in range(5):
+            link.state()
+        return (time.thread_time() - start) / 5 * 1000
+    finally:
+        link.close(wait=False)
+        tracker.close()
 
 
 def main() -> None:
@@ -59,6 +84,7 @@ def main() -> None:
         submit_cpu = time.process_time() - submit_cpu
         while sum(job.status is JobStatus.Running for job in run.jobs) < 2:
             time.sleep(0.05)
+        panel_ms = _panel_state_ms(run.cluster)
         stop, cpu = time.perf_counter(), time.process_time()
         summary = run.stop(echo=False, quiet=True)
         stopped, cpu = time.perf_counter(), time.process_time() - cpu
@@ -69,6 +95,7 @@ def main() -> None:
         )
         print(f"stop: {stopped - stop:.2f} s, client CPU {cpu:.2f} s ({summary})")
         print(f"ends: {dict(ends)}")
+        print(f"lab panel: {panel_ms:.1f} ms of CPU per state pushed, jobs queued")
         if args.callback:
             run.wait()  # the callbacks of the last ends
             print(f"job_status saw: {dict(seen)}")

@@ -119,10 +119,9 @@ class ClusterMonitor:
         """
         cluster = self.cluster
         version = self._version
-        live = sorted(
-            (job for job in list(self._live.values()) if not job.done()),
-            key=lambda job: (job.status not in _RUNNING, job._seq),
-        )
+        live = [job for job in list(self._live.values()) if not job.done()]
+        if max_jobs:  # not sorted for none (the lab panel's: 200,000 jobs queued)
+            live.sort(key=lambda job: (job.status not in _RUNNING, job._seq))
         jobs = [self._record(job, show_args) for job in live[:max_jobs]]
         for record, ref in reversed(list(self._finished)):
             if len(jobs) >= max_jobs:
