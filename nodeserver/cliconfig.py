@@ -192,9 +192,26 @@ def read_config(path: str) -> dict[str, str]:
         with open(path, encoding="utf-8") as handle:
             _refuse_others(path, os.fstat(handle.fileno()))  # the file read
             reader.read_file(handle)
+    except configparser.MissingSectionHeaderError:
+        raise ValueError(
+            f"config file {path!r} has no section header: put a line [DEFAULT] "
+            f"before its options ({_SAVED})"
+        ) from None
     except (OSError, configparser.Error) as exc:
         raise ValueError(f"cannot read config file {path!r}: {exc}") from None
+    if reader.sections():
+        # dispy's programs read [DEFAULT] only, ignoring any other section without a
+        # word: options there would be lost on an admin who meant them.
+        named = ", ".join(f"[{name}]" for name in reader.sections())
+        raise ValueError(
+            f"config file {path!r} has options under {named}, which would be "
+            f"ignored: only [DEFAULT] is read ({_SAVED}): move them under [DEFAULT]"
+        )
     return {key.strip(): text for key, text in reader.defaults().items()}
+
+
+#: How `read_config` says where options go.
+_SAVED = "as in dispy's config files and those --save_config writes"
 
 
 def _refuse_others(path: str, info: os.stat_result) -> None:

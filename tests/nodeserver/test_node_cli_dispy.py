@@ -425,6 +425,29 @@ def test_config_file_naming_an_unsupported_option_is_refused(tmp_path: Path) -> 
     assert "unknown option 'no_such_option'" in done.stderr
 
 
+def test_config_file_with_options_outside_default_is_refused(tmp_path: Path) -> None:
+    """Options under a section of their own (``[node]``) were ignored without a word,
+    the node starting with its defaults; a file without a section header said only
+    configparser's words. Both now stop, saying where options go."""
+    config = tmp_path / "node.ini"
+    config.write_text("[DEFAULT]\nzombie_interval = 7\n[node]\ncpus = 1\n")
+    done = run_node("--config", str(config))
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == (
+        f"dispynb-node: config file {str(config)!r} has options under [node], which "
+        "would be ignored: only [DEFAULT] is read (as in dispy's config files and "
+        "those --save_config writes): move them under [DEFAULT]"
+    )
+    config.write_text("cpus = 1\n")
+    done = run_node("--config", str(config))
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == (
+        f"dispynb-node: config file {str(config)!r} has no section header: put a "
+        "line [DEFAULT] before its options (as in dispy's config files and those "
+        "--save_config writes)"
+    )
+
+
 def test_save_config_then_config_round_trip_without_the_secret(
     tmp_path: Path,
 ) -> None:

@@ -474,7 +474,8 @@ NODE_OPTIONS = [
         sample=("--config", "{dir}/node.ini"),
         meaning="options from an INI file; its host lists were evaluated as Python",
         note="Same format (``[DEFAULT]``, dispy's keys); lists are read as literals, "
-        "never evaluated; the command line wins.",
+        "never evaluated; the command line wins. Options under another section, "
+        "which dispy ignored, are refused.",
     ),
     Name(
         "--save_config",
