@@ -16,7 +16,8 @@ redraws that say nothing new.
   not found" in place of every bar); `WidgetOutput` does the same for a ``--nowait``
   run's output;
 - `HTMLProgressBar`: only the ``text/html`` snapshot, updated in place (``display_id``);
-- `TextProgressBar`: one line rewritten with ``\\r`` on a stream (a terminal);
+- `TextProgressBar`: one line rewritten with ``\\r`` on a stream (stderr in a
+  terminal, stdout in a kernel);
 - `NullProgressBar`: draws nothing.
 
 `make_progress` picks one: ``"auto"`` is a widget in a kernel with ipywidgets, HTML in a
@@ -256,7 +257,9 @@ class TextProgressBar(ProgressBar):
     Parameters
     ----------
     stream:
-        Where to write; default ``sys.stderr`` at draw time.
+        Where to write; default, at draw time, ``sys.stderr`` in a terminal (as
+        tqdm: a script's piped stdout stays clean) and ``sys.stdout`` in a Jupyter
+        kernel, whose front ends style stderr as an error (a pink box).
     width:
         Characters of the bar itself.
     """
@@ -270,6 +273,7 @@ class TextProgressBar(ProgressBar):
     ) -> None:
         super().__init__(title, interval)
         self._stream = stream
+        self._in_kernel = in_kernel()
         self.width = width
         self._drawn = 0  # length of the line on screen, to clear it
 
@@ -281,7 +285,7 @@ class TextProgressBar(ProgressBar):
         return f"{prefix}[{bar}] {templates.format_counts(counts)}"
 
     def _write(self, text: str) -> None:
-        stream = self._stream or sys.stderr
+        stream = self._stream or (sys.stdout if self._in_kernel else sys.stderr)
         stream.write(text)
         stream.flush()
 

@@ -754,3 +754,15 @@ def test_a_name_the_notebook_lacks_too_says_to_run_its_cell_first(k):
     )
     assert "is not defined" not in again.text, again.text
     assert k.value("scaled.results") == [0, 10]
+
+
+def test_a_text_progress_bar_is_cell_output_not_an_error_box(k):
+    """JupyterLab shows a cell's stderr in a pink box, as an error: the ``text`` bar
+    (notebook 04) looked like one. In a kernel it goes to stdout."""
+    out = k.run_ok(
+        '%%dispy --over "range(4)" --into halves --progress text\n'
+        "def halve(x):\n"
+        "    return x / 2\n"
+    )
+    assert "[" + "#" * 30 + "] 4/4 done" in out.stdout, out.text
+    assert "#" not in out.stderr, out.text

@@ -110,6 +110,18 @@ def test_text_bar_rewrites_one_line_and_ends_it():
     )
 
 
+def test_text_bar_outside_a_kernel_draws_on_stderr_as_tqdm(capsys):
+    """A script's stdout (piped to a file) stays clean; the bar shows on the
+    terminal. In a kernel it goes to stdout (tests/jupyter/test_kernel_cells)."""
+    bar = TextProgressBar("sq", interval=0, width=10)
+
+    bar.finish(ProgressCounts(total=1, finished=1, elapsed=1.0))
+
+    drawn = capsys.readouterr()
+    assert drawn.out == ""
+    assert "sq [##########] 1/1 done" in drawn.err
+
+
 def _as_shown(text: str) -> list[str]:
     """``text``'s lines as a terminal (or a notebook's stream) shows them: ``\r``
     moves back to the line's start, and what follows overwrites it."""
