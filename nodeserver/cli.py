@@ -4,17 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import datetime
-import errno
-import fcntl
 import logging
 import os
-import shutil
 import signal
-import stat
-import time
-from collections.abc import Awaitable, Callable
 
 from dispynb.daemon import (
     log_level,
@@ -37,17 +30,18 @@ from dispynb.wording import counted
 from nodeserver.cliconfig import refuse_readable_secret
 from nodeserver.config import NodeConfig
 from nodeserver.containment import become_subreaper, probe_in_background
+from nodeserver.destdir import remove_files, use_dest_path
 from nodeserver.launcher import PROCESS_LAUNCHER, AdoptingLauncher, Launcher
-from nodeserver.leftovers import Removals
+from nodeserver.lifeline import (
+    exit_without_client,
+    register_and_stay,
+    still_registered,
+    stop_at_eof,
+    stop_when_orphaned,
+)
 from nodeserver.memory import keep_freed_memory, release_freed_memory
 from nodeserver.parser import build_parser, parse_args, parse_size
-from nodeserver.privatedir import private_dir
-from nodeserver.register import (
-    REGISTER_PATIENCE,
-    REREGISTER_INTERVAL,
-    keep_registered,
-    register,
-)
+from nodeserver.register import REGISTER_PATIENCE
 from nodeserver.server import NodeServer
 from nodeserver.service import Phase, ServiceWindow, keep_window
 from nodeserver.sharedbody import BODIES
@@ -57,14 +51,9 @@ __all__ = ["build_parser", "config_from_args", "main", "parse_args", "parse_size
 
 logger = logging.getLogger("nodeserver")
 
-#: Seconds between checks that the parent of an ``--exit-with-parent`` node lives.
-PARENT_CHECK_INTERVAL = 1.0
 #: Seconds without a large message after which the node gives back the memory the
 #: last ones left (bodies kept for reuse, freed heap): see `_release_memory_when_idle`.
 MEMORY_RELEASE_INTERVAL = 2.0
-#: Seconds ``--exit-without-client`` retries a client that does not accept the
-#: node's registration again before it counts the client as gone.
-CLIENT_CHECK_PATIENCE = 10.0
 
 
 def _me() -> str:
@@ -198,72 +187,6 @@ def _warn_beyond_the_machine(asked: int, cpus: int) -> None:
         )
 
 
-#: The file in the destination directory that every node using it holds a shared
-#: lock on while it runs (``--clean`` needs it exclusive).
-DEST_LOCK = ".node-lock"
-
-
-def _use_dest_path(path: str, clean: bool, serving: bool) -> None:
-    """Empty ``path`` first with ``clean``; if ``serving``, hold a shared lock on
-    its `DEST_LOCK` until this process exits, after removing what nodes killed
-    there left (`nodeserver.leftovers`) if no other node runs there.
-
-    dispynode's ``--clean`` removes what a node that did not exit cleanly left;
-    a node still running there would lose its computations' files, so ``clean``
-    is refused while another node holds the lock. A directory the node cannot
-    write to is left to the server, which says what it cannot do there.
-    """
-    if clean and os.path.isdir(path):
-        private_dir(path)  # not another user's, to open a lock in and remove
-        fd = _open_lock(path)
-        if fd is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise ConfigurationError(
-                    f"--clean: another dispynb-node is using {path}: stop it first, "
-                    "or give this node a directory of its own (--dest_path_prefix)"
-                ) from None
-            finally:
-                os.close(fd)  # the directory goes, the lock with it
-        shutil.rmtree(path, ignore_errors=True)
-        logger.info("--clean: removed %s", path)
-    if serving:
-        with contextlib.suppress(OSError):
-            private_dir(path)  # before its lock is opened there
-        fd = _open_lock(path)
-        if fd is not None:  # released when this process (the node) exits
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                pass  # another node runs here: what is noted may be its own
-            else:
-                Removals(path).sweep()
-            fcntl.flock(fd, fcntl.LOCK_SH)
-
-
-def _open_lock(path: str) -> int | None:
-    """A descriptor of ``path``'s `DEST_LOCK` (made if missing); None if it cannot be
-    had. Never through a symlink: one planted there (a job runs as the node's user)
-    had the node create, or open and lock, the file it named."""
-    lock = os.path.join(path, DEST_LOCK)
-    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-    for _ in range(2):
-        try:
-            fd = os.open(lock, flags, 0o600)
-        except OSError as exc:
-            if exc.errno != errno.ELOOP:
-                return None
-        else:
-            if stat.S_ISREG(os.fstat(fd).st_mode):
-                return fd
-            os.close(fd)
-        logger.warning("%s is not a file the node made (a symlink?): replaced", lock)
-        with contextlib.suppress(OSError):
-            os.unlink(lock)
-    return None
-
-
 def _read_secret_line(fd: int) -> bytes:
     """The first line of ``fd`` (unbuffered: the rest of the pipe stays unread)."""
     data = b""
@@ -276,101 +199,6 @@ def _read_secret_line(fd: int) -> bytes:
     if not secret:
         raise ConfigurationError("--secret-stdin: standard input gave no secret")
     return secret
-
-
-async def _stop_when_orphaned(
-    parent: int, orphaned: asyncio.Event, stop: asyncio.Event
-) -> None:
-    # A killed parent cannot tell us; its pid changing (re-parenting) can.
-    while os.getppid() == parent:
-        await asyncio.sleep(PARENT_CHECK_INTERVAL)
-    logger.warning("the process that started this node exited; stopping")
-    orphaned.set()
-    stop.set()
-
-
-#: What a launcher writes on a node's ``--parent-pipe`` before it closes it on
-#: purpose (`SSHNodes.close`): the end of file that follows is no dead parent.
-CLOSING = b"stop\n"
-
-
-def _stop_at_eof(
-    fd: int, orphaned: asyncio.Event, stop: asyncio.Event, closed: list[bool]
-) -> Callable[[], None]:
-    """Watch ``fd`` (a pipe whose write end the parent holds); stop at its EOF,
-    saying its launcher closed it (``closed`` gets True) if `CLOSING` came first.
-
-    Returns the function that stops watching."""
-    loop = asyncio.get_running_loop()
-    seen = b""
-
-    def readable() -> None:
-        nonlocal seen
-        try:
-            data = os.read(fd, 4096)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if data:
-            seen = (seen + data)[-len(CLOSING) :]
-            return  # only the end of file stops the node
-        loop.remove_reader(fd)
-        if seen == CLOSING:
-            closed.append(True)
-            logger.info("its launcher closed it; stopping")
-        else:
-            logger.warning("the process that started this node exited; stopping")
-        orphaned.set()
-        stop.set()
-
-    os.set_blocking(fd, False)
-    loop.add_reader(fd, readable)
-
-    def unwatch() -> None:
-        loop.remove_reader(fd)
-
-    return unwatch
-
-
-async def _exit_without_client(
-    server: NodeServer,
-    seconds: float,
-    ready: asyncio.Event,
-    stop: asyncio.Event,
-    client_lives: Callable[[], Awaitable[bool]] | None = None,
-) -> None:
-    """Set ``stop`` once no client session has been up for ``seconds`` (and
-    ``client_lives``, if given, says the launcher's client is gone).
-
-    The clock starts when ``ready`` is set (listening, or registered with the
-    launcher's client) and restarts when the last session ends; a session that came
-    and went between two checks still counts (`NodeServer.last_client_left`).
-    """
-    await ready.wait()
-    tick = min(1.0, seconds / 10)
-    alone_since = time.monotonic()
-    while True:
-        now = time.monotonic()
-        if server.sessions:
-            alone_since = now
-        elif server.last_client_left is not None:
-            alone_since = max(alone_since, server.last_client_left)
-        if now - alone_since >= seconds:
-            if client_lives is None:
-                break
-            # A client may have connected while the check ran: it keeps the node.
-            if not await client_lives() and not server.sessions:
-                break
-            alone_since = time.monotonic()  # its launcher lives: ask again later
-            continue
-        await asyncio.sleep(min(tick, alone_since + seconds - now))
-    logger.warning(
-        "no client connected for %g s (--exit-without-client)%s: stopping",
-        seconds,
-        "" if client_lives is None else " and the client it registered with is gone",
-    )
-    stop.set()
 
 
 async def serve(
@@ -436,11 +264,11 @@ async def serve(
     orphaned = asyncio.Event()
     if watch_parent:
         tasks.append(
-            asyncio.create_task(_stop_when_orphaned(os.getppid(), orphaned, stop))
+            asyncio.create_task(stop_when_orphaned(os.getppid(), orphaned, stop))
         )
     closed: list[bool] = []  # its launcher closed it (not a dead parent)
     if parent_pipe is not None:
-        unwatch = _stop_at_eof(parent_pipe, orphaned, stop, closed)
+        unwatch = stop_at_eof(parent_pipe, orphaned, stop, closed)
     if window is not None:
         tasks.append(asyncio.create_task(keep_window(server, window)))
     if config.announce_interval:
@@ -451,7 +279,7 @@ async def serve(
     if register_to is not None:
         tasks.append(
             asyncio.create_task(
-                _register(
+                register_and_stay(
                     server,
                     config,
                     register_to,
@@ -470,9 +298,9 @@ async def serve(
 
         async def client_lives() -> bool:
             assert register_to is not None
-            return await _still_registered(server, config, register_to, boot)
+            return await still_registered(server, config, register_to, boot)
 
-        watch = _exit_without_client(
+        watch = exit_without_client(
             server,
             config.exit_without_client,
             ready,
@@ -555,76 +383,6 @@ async def _wait_and_set(event: asyncio.Event, stop: asyncio.Event) -> None:
     stop.set()
 
 
-async def _register(
-    server: NodeServer,
-    config: NodeConfig,
-    address: str,
-    stop: asyncio.Event,
-    registered: asyncio.Event,
-    boot: bytes,
-    patience: float | None,
-    failed: list[DispynbError],
-) -> None:
-    """Register with the client at ``address`` (stop if it rejects the node, or
-    does not answer within ``patience`` seconds: the error goes to ``failed``),
-    then keep registered for ever."""
-    assert config.secret is not None
-    try:
-        ip = await register(
-            address,
-            secret=config.secret,
-            name=config.name,
-            port=server.port,
-            cpus=config.cpus,
-            boot=boot,
-            patience=patience,
-        )
-    except DispynbError as exc:
-        logger.error("%s; stopping", exc)
-        failed.append(exc)
-        stop.set()
-        return
-    registered.set()
-    await keep_registered(
-        address,
-        secret=config.secret,
-        name=config.name,
-        port=server.port,
-        cpus=config.cpus,
-        boot=boot,
-        first_ip=ip,
-        # dispynode's --ping_interval: how often a node without its scheduler
-        # announces itself to it.
-        interval=config.announce_interval or REREGISTER_INTERVAL,
-        # Not listening (outside its service window): no client could connect.
-        live_session=lambda ips, within: (
-            not server.listening or server.heard_from(ips, within)
-        ),
-    )
-
-
-async def _still_registered(
-    server: NodeServer, config: NodeConfig, address: str, boot: bytes
-) -> bool:
-    """Whether the client this node registered with still accepts it (registering
-    again with the same boot id: the client does not report the node twice)."""
-    assert config.secret is not None
-    try:
-        await register(
-            address,
-            secret=config.secret,
-            name=config.name,
-            port=server.port,
-            cpus=config.cpus,
-            patience=CLIENT_CHECK_PATIENCE,
-            boot=boot,
-        )
-    except DispynbError as exc:
-        logger.info("the client this node registered with is gone: %s", exc)
-        return False
-    return True
-
-
 async def _announce_every(server: NodeServer, config: NodeConfig) -> None:
     while True:
         await asyncio.sleep(config.announce_interval)
@@ -672,7 +430,7 @@ def _main(argv: list[str] | None, held: StartupSignals) -> int:
 
     def run() -> int:
         config = config_from_args(args)
-        _use_dest_path(config.dest_path, config.clean, serving=config.serve != 0)
+        use_dest_path(config.dest_path, config.clean, serving=config.serve != 0)
         if config.serve == 0:
             logger.info("--serve 0: nothing to serve")
             return 0
@@ -718,7 +476,7 @@ def _main(argv: list[str] | None, held: StartupSignals) -> int:
     finally:
         launcher.stop()  # reaped here: never a zombie left to whoever adopts it
         for config in left:  # once nothing of the node's runs in its directory
-            _remove_files(config)
+            remove_files(config)
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -768,18 +526,3 @@ def _check(args: argparse.Namespace) -> int:
     )
     print(line, flush=True)
     return status
-
-
-def _remove_files(config: NodeConfig) -> None:
-    """Remove the node's directory, port file and Unix socket, then the directory
-    holding them if it is left empty (``--remove-when-orphaned``: its parent made
-    them for it, and is gone). Each node of a `LocalCluster` removes its own, so
-    the last one to go removes their common directory."""
-    shutil.rmtree(config.dest_path, ignore_errors=True)
-    paths = [p for p in (config.port_file, config.unix_socket) if p]
-    for path in paths:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-    for parent in {os.path.dirname(p) for p in [config.dest_path, *paths]}:
-        with contextlib.suppress(OSError):  # not empty: another node's files
-            os.rmdir(parent)

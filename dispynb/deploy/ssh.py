@@ -304,7 +304,7 @@ class SSHNodes(NodeLauncher[SSHNode]):
         proc = handle.proc
         if proc.stdin is not None and not proc.stdin.is_closing():
             # The node's --parent-pipe 0 ends: it stops, saying its launcher closed
-            # it (nodeserver.cli.CLOSING first), not that its parent died.
+            # it (nodeserver.lifeline.CLOSING first), not that its parent died.
             proc.stdin.write(b"stop\n")
             proc.stdin.close()
         # A node that never registered has no job to drain, and its ssh may still
