@@ -11,8 +11,8 @@ import functools
 from typing import Any
 
 from dispynb.defaults import CONNECT_RETRY
-from dispynb.errors import DispynbError, MessageError
-from dispynb.protocol.handshake import peer_text
+from dispynb.errors import AuthenticationError, DispynbError, MessageError
+from dispynb.protocol.handshake import PROOF_REFUSED, peer_text
 from dispynb.protocol.messages import (
     ComputationClose,
     ComputationClosed,
@@ -60,6 +60,20 @@ def reported_avail(node: NodeState, avail: Any) -> list[float | None]:
         return []
 
 
+def _node_refusal(name: str, exc: DispynbError) -> str:
+    """Why ``name`` could not be reached, in the scheduler's operator's words: the
+    node named once, and a refused secret's fix naming the scheduler's options (the
+    handshake's are a Python client's: ``secret=``)."""
+    text = describe_error(exc).removeprefix(f"{name}: ")
+    reason = text.partition("; ")[0]
+    if isinstance(exc, AuthenticationError) and reason.startswith(PROOF_REFUSED):
+        return (
+            f"{reason}; give the scheduler the nodes' secret (--node_secret_file "
+            "or DISPYNB_SECRET)"
+        )
+    return text
+
+
 class _NodeLinks(_ServerState):
     """The connections to the nodes and what comes over them."""
 
@@ -76,9 +90,8 @@ class _NodeLinks(_ServerState):
             except DispynbError as exc:
                 if node.registered and self._forget(node, loop.time() - down_since):
                     return
-                node.down = "; not back: ".join(
-                    filter(None, [node.went_down, describe_error(exc)])
-                )
+                why = _node_refusal(node.name, exc)
+                node.down = "; not back: ".join(filter(None, [node.went_down, why]))
                 # Once per outage at warning level: a mistyped or unreachable
                 # node is visible without -d; each retry only with it. A node
                 # that was stopped (it said so) is no fault: said at info level.
@@ -88,7 +101,7 @@ class _NodeLinks(_ServerState):
                     else logger.info
                     if stopped
                     else logger.warning
-                )("node %s: %s (trying again)", node.name, describe_error(exc))
+                )("node %s: %s (trying again)", node.name, why)
                 failing = True
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RECONNECT_MAX)

@@ -551,3 +551,30 @@ def test_a_scheduler_says_where_it_serves_and_stopped_so_last(tmp_path: Path) ->
     )
     assert any(serving in line for line in lines), lines
     assert lines[-1].endswith("schedserver INFO stopped (SIGTERM)"), lines
+
+
+@pytest.mark.timeout(60)
+def test_a_node_refusing_the_schedulers_secret_is_logged_with_the_schedulers_fix(
+    tmp_path: Path,
+) -> None:
+    """The scheduler's log named the node twice and gave a Python client's fix
+    ("node H:P: H:P: ...; give this client the secret ... (secret=, ...)"), which
+    its operator cannot give: now the scheduler's own options."""
+    from tests.nodeproc import running_node
+
+    with running_node(tmp_path / "node", secret="the-nodes-secret-5e1a9c") as node:
+        sched = SchedulerProcess(
+            tmp_path, [], "another-secret-7b3d20f4", args=("-n", node.spec)
+        )
+        add_user(tmp_path, "alice")
+        sched.start()
+        try:
+            sched.wait_for_log("trying again")
+        finally:
+            sched.stop()
+    [line] = [x for x in sched.log_text().splitlines() if "trying again" in x]
+    assert line.endswith(
+        f" WARNING node {node.spec}: the client's proof is wrong: it uses another "
+        "secret than this node; give the scheduler the nodes' secret "
+        "(--node_secret_file or DISPYNB_SECRET) (trying again)"
+    ), line
