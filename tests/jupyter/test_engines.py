@@ -11,7 +11,6 @@ import pytest
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
-from traitlets.config import Config
 
 from dispynb.cluster import JobCluster, new_cluster
 from dispynb.errors import NotSupportedError
@@ -19,6 +18,7 @@ from dispynb.jupyter.errors import MagicError
 from dispynb.jupyter.magics import DispyMagics, Session
 from dispynb.jupyter.run import Run
 from tests.engines import ThreadEngine
+from tests.jupyter.shell import dispynb_shell
 
 
 def triple(x: int) -> int:
@@ -57,13 +57,8 @@ def test_run_map_refuses_what_the_engine_lacks_before_any_job() -> None:
 
 @pytest.fixture
 def ip() -> Iterator[InteractiveShell]:
-    config = Config()
-    config.HistoryManager.hist_file = ":memory:"
-    shell = InteractiveShell.instance(config=config)
-    shell.run_line_magic("load_ext", "dispynb")
-    yield shell
-    shell.run_line_magic("dispy", "close")
-    shell.run_line_magic("unload_ext", "dispynb")
+    with dispynb_shell() as shell:
+        yield shell
 
 
 def session_of(ip: InteractiveShell) -> Session:

@@ -22,6 +22,7 @@ from dispynb.jupyter.labcomm import ClusterTracker
 from tests import jobs
 from tests.jupyter.fakecomm import INTERVAL, state_of
 from tests.jupyter.helpers import hold_setup, wait_then_return
+from tests.jupyter.shell import magic_shell
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -384,17 +385,7 @@ def test_the_panel_says_which_local_node_of_dispy_local_exited() -> None:
     import os
     import signal
 
-    from IPython.core.interactiveshell import InteractiveShell
-    from IPython.utils.capture import capture_output
-    from traitlets.config import Config
-
-    config = Config()
-    config.HistoryManager.hist_file = ":memory:"
-    shell = InteractiveShell.instance(config=config)
-    shell.run_line_magic("load_ext", "dispynb")
-    try:
-        with capture_output():
-            shell.run_line_magic("dispy", "local --nodes 2 --cpus 1")
+    with magic_shell("--nodes 2 --cpus 1") as shell:
         local = shell.magics_manager.registry["DispyMagics"].session.local
         first, second = (f"{host}:{port}" for host, port in local.addresses)
         assert labcomm._magics_session() == {"kind": "local", "nodes": [first, second]}
@@ -404,10 +395,6 @@ def test_the_panel_says_which_local_node_of_dispy_local_exited() -> None:
             "kind": "local",
             "nodes": [first, f"{second} (exited)"],
         }
-    finally:
-        with capture_output():
-            shell.run_line_magic("dispy", "close")
-        shell.run_line_magic("unload_ext", "dispynb")
 
 
 def test_the_panel_header_keeps_a_launched_node_that_exited(

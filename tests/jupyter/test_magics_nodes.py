@@ -11,11 +11,11 @@ import pytest
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
-from traitlets.config import Config
 
 from dispynb.jupyter.errors import MagicError
 from dispynb.jupyter.magics import DispyMagics
 from tests import jobs
+from tests.jupyter.shell import magic_shell
 
 pytestmark = pytest.mark.slow
 
@@ -25,15 +25,8 @@ WHERE = "def where(x):\n    return dispy_node_name\n"
 @pytest.fixture(scope="module")
 def ip() -> Iterator[InteractiveShell]:
     """A shell with two local nodes of one CPU each, reporting their load often."""
-    config = Config()
-    config.HistoryManager.hist_file = ":memory:"
-    shell = InteractiveShell.instance(config=config)
-    shell.run_line_magic("load_ext", "dispynb")
-    with capture_output():
-        shell.run_line_magic("dispy", "local --nodes 2 --cpus 1 --pulse 0.5")
-    yield shell
-    shell.run_line_magic("dispy", "close")
-    shell.run_line_magic("unload_ext", "dispynb")
+    with magic_shell("--nodes 2 --cpus 1 --pulse 0.5") as shell:
+        yield shell
 
 
 def session(ip: InteractiveShell):  # type: ignore[no-untyped-def]

@@ -9,7 +9,6 @@ from collections.abc import Iterator
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
-from traitlets.config import Config
 
 from dispynb.job import DispyJob, JobStatus
 from dispynb.jupyter.display import format_counts
@@ -17,6 +16,7 @@ from dispynb.jupyter.progress import ProgressCounts, WidgetProgressBar
 from dispynb.jupyter.run import Run
 from tests import jobs
 from tests.jupyter.helpers import provisional_then_wait
+from tests.jupyter.shell import shell_on
 
 WAIT = jobs.WAIT
 
@@ -117,16 +117,8 @@ def test_live_run_shows_three_provisional_results_then_the_final_one(local, tmp_
 
 @pytest.fixture(scope="module")
 def ip(local) -> Iterator[InteractiveShell]:
-    config = Config()
-    config.HistoryManager.hist_file = ":memory:"
-    shell = InteractiveShell.instance(config=config)
-    shell.run_line_magic("load_ext", "dispynb")
-    magics = shell.magics_manager.registry["DispyMagics"]
-    magics.session.nodes = local
-    yield shell
-    magics.session.nodes = None
-    shell.run_line_magic("dispy", "close")
-    shell.run_line_magic("unload_ext", "dispynb")
+    with shell_on(local) as shell:
+        yield shell
 
 
 @pytest.mark.slow

@@ -12,7 +12,6 @@ import pandas as pd
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
-from traitlets.config import Config
 
 from dispynb.jupyter import shipping
 from dispynb.jupyter.run import Run
@@ -22,6 +21,7 @@ from dispynb.jupyter.shipping import (
     reachable,
     warn_large_captures,
 )
+from tests.jupyter.shell import shell_on
 
 MB = 1 << 20
 
@@ -203,16 +203,8 @@ def test_run_map_warns_once_for_a_big_closure_and_still_runs(local):
 
 @pytest.fixture(scope="module")
 def ip(local) -> Iterator[InteractiveShell]:
-    config = Config()
-    config.HistoryManager.hist_file = ":memory:"
-    shell = InteractiveShell.instance(config=config)
-    shell.run_line_magic("load_ext", "dispynb")
-    magics = shell.magics_manager.registry["DispyMagics"]
-    magics.session.nodes = local  # the module's local node, not one of its own
-    yield shell
-    magics.session.nodes = None
-    shell.run_line_magic("dispy", "close")
-    shell.run_line_magic("unload_ext", "dispynb")
+    with shell_on(local) as shell:
+        yield shell
 
 
 @slow

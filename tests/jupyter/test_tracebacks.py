@@ -9,12 +9,12 @@ from typing import Any
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
-from traitlets.config import Config
 
 from dispynb.jupyter.errors import MagicError
 from dispynb.jupyter.run import Run
 from dispynb.jupyter.tracebacks import SourceMap, rerender_traceback
 from tests.jupyter import helpers
+from tests.jupyter.shell import shell_on
 
 CELLS: list[str] = []
 
@@ -152,16 +152,8 @@ def test_run_prints_module_code_failures_with_their_file_and_lines(local, capsys
 
 @pytest.fixture(scope="module")
 def ip(local) -> Iterator[InteractiveShell]:
-    config = Config()
-    config.HistoryManager.hist_file = ":memory:"
-    shell = InteractiveShell.instance(config=config)
-    shell.run_line_magic("load_ext", "dispynb")
-    magics = shell.magics_manager.registry["DispyMagics"]
-    magics.session.nodes = local
-    yield shell
-    magics.session.nodes = None
-    shell.run_line_magic("dispy", "close")
-    shell.run_line_magic("unload_ext", "dispynb")
+    with shell_on(local) as shell:
+        yield shell
 
 
 @pytest.mark.slow
