@@ -131,6 +131,7 @@ class _Events(_ClusterState):
         if node is not None:
             node.busy += 1
             self._executing[key] = node
+        job._node = node
         if not job._set_running(info.host, start_time):
             self._not_executing(key)  # it ended meanwhile (cancelled)
             return
@@ -184,6 +185,7 @@ class _Events(_ClusterState):
                 node.tx, node.rx = self._backend.traffic(info.node_id)
             node.cpu_time += run_time
         self.cpu_time += run_time
+        job._node = node
         exception = outcome.exception
         if exception is not None:  # a failure: no call per successful job
             exception = explain_missing_module(self._sources.rerender(exception) or "")
@@ -210,6 +212,7 @@ class _Events(_ClusterState):
         node = self._nodes.get(info.node_id) if info is not None else None
         # The node it was sent to, started or not (dispy sets ip_addr at dispatch).
         ip_addr = info.host if info is not None else None
+        job._node = node
         job._complete(JobStatus.Abandoned, exception=reason, ip_addr=ip_addr)
         self._finished(job, node)
 

@@ -29,6 +29,7 @@ from dispynb import _interruptible
 
 if TYPE_CHECKING:
     from dispynb.futures import JobFuture
+    from dispynb.node import DispyNode
 
 __all__ = ["FINAL_STATUSES", "DispyJob", "JobStatus"]
 
@@ -140,6 +141,7 @@ class DispyJob:
         "_id",
         "_key",
         "_kwargs",
+        "_node",
         "_original",
         "_seq",
         "_sleepers",
@@ -185,6 +187,9 @@ class DispyJob:
     _sleepers: list[threading.Lock] | None
     # A snapshot's job (`__copy__`), whose end ends the snapshot's waits; None in a job.
     _original: DispyJob | None
+    # The node it ran on (its name and port tell apart nodes of one address, as
+    # %dispy local's): set by the cluster as it starts or ends, unset until then.
+    _node: DispyNode | None
     _cluster: Any
     _future: JobFuture | None
     _waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] | None

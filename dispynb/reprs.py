@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from dispynb.job import JobStatus
+from dispynb.transport.addressing import format_address
 
 if TYPE_CHECKING:
     from dispynb.cluster import JobCluster
@@ -69,7 +70,7 @@ def job_html(job: DispyJob) -> str:
     rows = [
         ("id", html.escape(repr(job.id))),
         ("status", f'<span style="color:{color}">{status.name}</span>'),
-        ("node", html.escape(job.ip_addr or "-")),
+        ("node", html.escape(_node_label(job))),
         ("submitted", _clock(job.submit_time)),
         ("duration", duration),
     ]
@@ -85,6 +86,18 @@ def job_html(job: DispyJob) -> str:
     if job.exception:
         parts.append(details_html("exception", job.exception, open_=True))
     return f'<div class="dispynb-job">{"".join(parts)}</div>'
+
+
+def _node_label(job: DispyJob) -> str:
+    """``'local-1 (127.0.0.1:40331)'``: the node ``job`` ran on, named as
+    ``print_status`` names it, with its port (nodes of one address, as %dispy
+    local's, differ by name and port); its address alone if the cluster did not
+    say which node, ``'-'`` if none."""
+    node = getattr(job, "_node", None)  # unset until the job starts or ends
+    if node is None or node.ip_addr != job.ip_addr:  # not where it is now (requeued)
+        return job.ip_addr or "-"
+    address = format_address(node.ip_addr, node.port)
+    return f"{node.name} ({address})" if node.name else address
 
 
 def cluster_html(cluster: JobCluster) -> str:
