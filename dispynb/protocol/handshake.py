@@ -107,8 +107,8 @@ def error_to_exception(
 def _wrong_node_proof() -> AuthenticationError:
     return AuthenticationError(
         "the node does not know our shared secret (or uses another one): "
-        "give both sides the same secret (secret=, DISPYNB_SECRET or "
-        "DISPYNB_SECRET_FILE)"
+        "give both sides the same secret (secret= or secret_file=, DISPYNB_SECRET "
+        "or DISPYNB_SECRET_FILE)"
     )
 
 
@@ -185,11 +185,11 @@ class ClientHandshake:
         if not self._secret:  # a shell without DISPYNB_SECRET, say
             return (
                 "this client has no secret: give it the secret the node was started "
-                "with (secret=, DISPYNB_SECRET or DISPYNB_SECRET_FILE)"
+                "with (secret= or secret_file=, DISPYNB_SECRET or DISPYNB_SECRET_FILE)"
             )
         return (
-            "give this client the secret the node was started with (secret=, "
-            "DISPYNB_SECRET or DISPYNB_SECRET_FILE)"
+            "give this client the secret the node was started with (secret= or "
+            "secret_file=, DISPYNB_SECRET or DISPYNB_SECRET_FILE)"
         )
 
     def keys(self) -> tuple[bytes, bytes]:

@@ -74,7 +74,8 @@ def test_a_wrong_secret_stops_the_script_with_the_fix_on_its_last_line(
     assert traceback[-1] == (
         f"dispynb.errors.AuthenticationError: {node.spec}: the client's proof is "
         "wrong: it uses another secret than this node; give this client the secret "
-        "the node was started with (secret=, DISPYNB_SECRET or DISPYNB_SECRET_FILE)"
+        "the node was started with (secret= or secret_file=, DISPYNB_SECRET or "
+        "DISPYNB_SECRET_FILE)"
     )
     assert_short(traceback)
     assert "a-stale-secret" not in done.stderr
@@ -107,7 +108,7 @@ def test_a_node_refusing_the_secret_beside_a_usable_one_is_warned_about_once(
     assert done.stderr.strip() == (
         f"node {other.spec} cannot be used: the client's proof is wrong: it uses "
         "another secret than this node; give this client the secret the node was "
-        "started with (secret=, DISPYNB_SECRET or DISPYNB_SECRET_FILE)"
+        "started with (secret= or secret_file=, DISPYNB_SECRET or DISPYNB_SECRET_FILE)"
     )
 
 
@@ -286,8 +287,8 @@ def test_a_client_without_a_secret_is_told_it_has_none(tmp_path: Path) -> None:
     assert traceback[-1] == (
         f"dispynb.errors.AuthenticationError: {node.spec}: the client's proof is "
         "wrong: it uses another secret than this node; this client has no secret: "
-        "give it the secret the node was started with (secret=, DISPYNB_SECRET or "
-        "DISPYNB_SECRET_FILE)"
+        "give it the secret the node was started with (secret= or secret_file=, "
+        "DISPYNB_SECRET or DISPYNB_SECRET_FILE)"
     ), traceback[-1]
     assert_short(traceback)
 
