@@ -19,6 +19,7 @@ import pytest
 import dispynb
 from dispynb.errors import ConfigurationError
 from dispynb.journal import Journal
+from tests.api.crashclient import killed_after, start_client
 from tests.jobs import WAIT, wait_until
 from tests.nodeproc import running_node, start_node
 
@@ -99,30 +100,17 @@ def kill_client_mid_run(
     journal = tmp_path / "journal.db"
     marks = tmp_path / "marks"
     marks.mkdir()
-    (tmp_path / "client.py").write_text(client_script)
-    client = subprocess.Popen(
-        [
-            sys.executable,
-            "client.py",
-            node.spec,
-            node.secret,
-            str(journal),
-            str(marks),
-            "slow" if all_slow else "mixed",
-        ],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        text=True,
+    client = start_client(
+        tmp_path,
+        client_script,
+        node.spec,
+        node.secret,
+        str(journal),
+        str(marks),
+        "slow" if all_slow else "mixed",
     )
-    try:
-        assert client.stdout is not None
-        assert client.stdout.readline().strip() == "submitted"
+    with killed_after(client):
         wait_until(lambda: len(list(marks.iterdir())) >= started)
-        client.send_signal(signal.SIGKILL)
-        client.wait(WAIT)
-    finally:
-        client.kill()
-        client.stdout.close()  # type: ignore[union-attr]
     return journal
 
 

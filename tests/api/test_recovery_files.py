@@ -21,6 +21,7 @@ import pytest
 
 import dispynb
 from dispynb._live import EXIT_WAIT
+from tests.api.crashclient import killed_after, start_client
 from tests.jobs import WAIT, wait_until
 from tests.nodeproc import CliNode, running_node
 from tests.sigint import python_handles_sigint
@@ -92,27 +93,15 @@ def default_files(directory, sidecars: bool = False) -> list:
 def test_recover_jobs_without_arguments_finds_the_default_file(tmp_path):
     marks = tmp_path / "marks"
     marks.mkdir()
-    (tmp_path / "client.py").write_text(DEFAULT_CLIENT)
     (tmp_path / "recover.py").write_text(DEFAULT_RECOVER)
     with running_node(tmp_path / "node", cpus=10) as node:
-        client = subprocess.Popen(
-            [sys.executable, "client.py", node.spec, node.secret, str(marks)],
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            assert client.stdout is not None
-            assert client.stdout.readline().strip() == "even ones done"
+        args = (node.spec, node.secret, str(marks))
+        client = start_client(tmp_path, DEFAULT_CLIENT, *args, said="even ones done")
+        with killed_after(client):
             wait_until(lambda: len(list(marks.iterdir())) == 10)  # all started
             [recover_file] = default_files(tmp_path)  # written as dispy's is
             assert re.fullmatch(r"_dispy_\d{14}_\d+", recover_file.name)
             assert stat.S_IMODE(recover_file.stat().st_mode) == 0o600
-            client.send_signal(signal.SIGKILL)
-            client.wait(WAIT)
-        finally:
-            client.kill()
-            client.stdout.close()  # type: ignore[union-attr]
         # The jobs end once the node knows the client is gone (they would reach its
         # dead connection otherwise: lost with it, as in dispy).
         wait_until(lambda: "client of computation compute gone" in node.log_text())

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import subprocess
 import sys
 from hashlib import sha256 as _sha256
@@ -19,7 +18,8 @@ from dispynb.defaults import MAX_MESSAGE_SIZE
 from dispynb.journal import Journal
 from dispynb.protocol.messages import JobResults, Recover, ResultChunk
 from dispynb.transport.connector import connect
-from tests.jobs import WAIT, wait_until
+from tests.api.crashclient import killed_after, start_client
+from tests.jobs import wait_until
 from tests.nodeproc import running_node
 from tests.procmem import private_memory
 
@@ -99,23 +99,12 @@ def kill_client_with_kept_results(
     result (as RECOVER_KEPT prints it)."""
     journal, marks, go = tmp_path / "journal.db", tmp_path / "marks", tmp_path / "go"
     marks.mkdir()
-    (tmp_path / "client.py").write_text(KEPT_CLIENT)
-    client = subprocess.Popen(
-        [sys.executable, "client.py", node.spec, node.secret, str(journal),
-         str(marks), str(go), *specs],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        text=True,
+    client = start_client(
+        tmp_path, KEPT_CLIENT, node.spec, node.secret, str(journal), str(marks),
+        str(go), *specs,
     )  # fmt: skip
-    try:
-        assert client.stdout is not None
-        assert client.stdout.readline().strip() == "submitted"
+    with killed_after(client):
         wait_until(lambda: len(list(marks.iterdir())) == len(specs))
-        client.send_signal(signal.SIGKILL)
-        client.wait(WAIT)
-    finally:
-        client.kill()
-        client.stdout.close()  # type: ignore[union-attr]
     go.touch()  # the jobs end now, their client gone: the node keeps the results
     expected: dict[int, list[object]] = {}
     for mark in marks.iterdir():

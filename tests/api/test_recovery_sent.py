@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from dispynb.job import JobStatus
-from tests.jobs import WAIT, wait_until
+from tests.api.crashclient import killed_after, start_client
+from tests.jobs import wait_until
 from tests.nodeproc import CliNode, node_env, running_node
 
 pytestmark = pytest.mark.slow
@@ -78,20 +79,11 @@ def _submitted(
 ) -> subprocess.Popen[str]:
     """Start client ``script`` (its node, secret and journal, then ``args``) in
     its own process, once it has submitted its jobs; write `RECOVER` beside it."""
-    (tmp_path / "client.py").write_text(script)
     (tmp_path / "recover.py").write_text(RECOVER)
-    client = subprocess.Popen(
-        [sys.executable, "client.py", node.spec, node.secret,
-         str(tmp_path / "journal.db"), *args],
-        cwd=tmp_path, env=node_env(), stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    assert client.stdout is not None
-    if client.stdout.readline().strip() != "submitted":
-        client.kill()
-        client.wait(WAIT)
-        client.stdout.close()
-        raise AssertionError("the client did not submit its jobs")
-    return client
+    journal = str(tmp_path / "journal.db")
+    return start_client(
+        tmp_path, script, node.spec, node.secret, journal, *args, env=node_env()
+    )
 
 
 def _recover(tmp_path: Path, secret: str, received: Path, timeout: float) -> list:
@@ -113,13 +105,8 @@ def test_files_and_provisional_results_sent_after_a_crash_are_recovered(
     received.mkdir()
     with running_node(tmp_path / "node", cpus=2) as node:
         client = _submitted(tmp_path, CLIENT, node, str(marks), str(go), str(release))
-        try:
+        with killed_after(client):
             wait_until(lambda: len(list(marks.glob("started-*"))) == 2)
-            client.send_signal(signal.SIGKILL)
-            client.wait(WAIT)
-        finally:
-            client.kill()
-            client.stdout.close()  # type: ignore[union-attr]
         wait_until(lambda: "gone: its jobs go on" in node.log_text())
         go.touch()
         try:
@@ -204,17 +191,12 @@ def test_a_file_in_flight_when_the_client_dies_is_kept_for_recovery(
     received.mkdir()
     with running_node(tmp_path / "node", cpus=1) as node:
         client = _submitted(tmp_path, IN_FLIGHT, node, str(marks), str(go), str(size))
-        try:
+        with killed_after(client):
             wait_until(lambda: (marks / "started").exists())
             client.send_signal(signal.SIGSTOP)
             go.touch()
             # The file is on its way: megabytes the client does not read.
             wait_until(lambda: _queued(node.port) > 1 << 20)
-            client.send_signal(signal.SIGKILL)
-            client.wait(WAIT)
-        finally:
-            client.kill()
-            client.stdout.close()  # type: ignore[union-attr]
         wait_until(lambda: (marks / "sent").exists())
         sent, said = (marks / "sent").read_text().split(" ", 1)
         assert sent == "-1", said  # the client did not write it
@@ -272,13 +254,8 @@ def test_files_kept_in_memory_without_a_spool_stay_within_its_size(
     (tmp_path / "node" / "dest" / ".kept").write_text("not a directory")
     with running_node(tmp_path / "node", "--kept-results-size", "1M") as node:
         client = _submitted(tmp_path, THREE_FILES, node, str(marks), str(go))
-        try:
+        with killed_after(client):
             wait_until(lambda: (marks / "started").exists())
-            client.send_signal(signal.SIGKILL)
-            client.wait(WAIT)
-        finally:
-            client.kill()
-            client.stdout.close()  # type: ignore[union-attr]
         wait_until(lambda: "gone: its jobs go on" in node.log_text())
         assert "cannot spool results" in node.log_text()
         go.touch()
@@ -346,13 +323,8 @@ def test_results_kept_in_memory_without_a_spool_stay_within_its_size(
     (tmp_path / "node" / "dest" / ".kept").write_text("not a directory")
     with running_node(tmp_path / "node", "--kept-results-size", "1M", cpus=3) as node:
         client = _submitted(tmp_path, THREE_RESULTS, node, str(marks), str(go))
-        try:
+        with killed_after(client):
             wait_until(lambda: len(list(marks.glob("started-*"))) == 3)
-            client.send_signal(signal.SIGKILL)
-            client.wait(WAIT)
-        finally:
-            client.kill()
-            client.stdout.close()  # type: ignore[union-attr]
         wait_until(lambda: "gone: its jobs go on" in node.log_text())
         assert "cannot spool results" in node.log_text()
         go.touch()

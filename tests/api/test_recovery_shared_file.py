@@ -5,17 +5,15 @@ own computation, and leaves the file to the other, which may still crash."""
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from dispynb import JobCluster
 from dispynb.journal import Journal
+from tests.api.crashclient import killed_after, start_client
 from tests.api.test_recovery import CLIENT, recover_in_new_process
-from tests.jobs import WAIT, wait_until
+from tests.jobs import wait_until
 from tests.nodeproc import running_node
 
 pytestmark = pytest.mark.slow
@@ -33,16 +31,12 @@ def test_a_clean_close_leaves_another_clusters_jobs_in_a_shared_recover_file(
     its crash, recover_jobs found nothing."""
     journal, marks = tmp_path / "journal.db", tmp_path / "marks"
     marks.mkdir()
-    (tmp_path / "client.py").write_text(CLIENT)
     with running_node(tmp_path / "node", cpus=20) as node:
-        client = subprocess.Popen(
-            [sys.executable, "client.py", node.spec, node.secret, str(journal),
-             str(marks), "mixed"],
-            cwd=tmp_path, stdout=subprocess.PIPE, text=True,
+        client = start_client(
+            tmp_path, CLIENT, node.spec, node.secret, str(journal), str(marks),
+            "mixed",
         )  # fmt: skip
-        try:
-            assert client.stdout is not None
-            assert client.stdout.readline().strip() == "submitted"
+        with killed_after(client):
             wait_until(lambda: len(list(marks.iterdir())) == 20)
             # Meanwhile another cluster, with the same file, runs and closes.
             with JobCluster(
@@ -50,11 +44,6 @@ def test_a_clean_close_leaves_another_clusters_jobs_in_a_shared_recover_file(
             ) as cluster:
                 assert [cluster.submit(n)() for n in range(3)] == [0, 1, 8]
             assert journal.exists()
-            client.send_signal(signal.SIGKILL)
-            client.wait(WAIT)
-        finally:
-            client.kill()
-            client.stdout.close()  # type: ignore[union-attr]
         opened = Journal.open_existing(str(journal))
         assert opened is not None and len(opened.computations()) == 1  # not cube's
         opened.close()

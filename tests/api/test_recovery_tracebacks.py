@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,8 @@ import pytest
 
 from dispynb.journal import Journal
 from dispynb.tracebacks import SourceMap
-from tests.jobs import WAIT, wait_until
+from tests.api.crashclient import killed_after, start_client
+from tests.jobs import wait_until
 from tests.nodeproc import running_node
 
 pytestmark = pytest.mark.slow
@@ -60,25 +60,11 @@ def test_a_job_that_failed_while_the_client_was_gone_shows_the_script_lines(
     ``recover_file`` and with dispy's default file of a script."""
     marks = tmp_path / "marks"
     marks.mkdir()
-    (tmp_path / "client.py").write_text(CLIENT)
     (tmp_path / "recover.py").write_text(RECOVER)
     with running_node(tmp_path / "node") as node:
-        argv = ["client.py", node.spec, node.secret, recover_file, str(marks)]
-        client = subprocess.Popen(
-            [sys.executable, *argv],
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            assert client.stdout is not None
-            assert client.stdout.readline().strip() == "submitted"
+        argv = [node.spec, node.secret, recover_file, str(marks)]
+        with killed_after(start_client(tmp_path, CLIENT, *argv)):
             wait_until(lambda: (marks / "started").exists())
-            client.send_signal(signal.SIGKILL)
-            client.wait(WAIT)
-        finally:
-            client.kill()
-            client.stdout.close()  # type: ignore[union-attr]
         # The job ends once the node knows the client is gone (it would reach the
         # dead connection otherwise).
         wait_until(lambda: "client of computation compute gone" in node.log_text())
