@@ -426,32 +426,19 @@ print(json.dumps([[j.id, int(j.status), hashlib.sha256(j.result).hexdigest()]
 def test_a_large_result_kept_for_recovery_holds_its_bytes(tmp_path):
     """A node keeps the results of a killed client for `recover_jobs`: a result its
     worker wrote to shared memory is kept as bytes, not as a reference."""
+    from tests.api.crashclient import killed_after, start_client
     from tests.nodeproc import running_node
 
-    (tmp_path / "client.py").write_text(RECOVERING_CLIENT)
     (tmp_path / "recover.py").write_text(RECOVER_DIGESTS)
     marks = tmp_path / "marks"
     marks.mkdir()
     journal = tmp_path / "journal.db"
     before = results_in_memory()
     with running_node(tmp_path / "node", cpus=2) as node:
-        client = subprocess.Popen(
-            [sys.executable, "client.py", node.spec, node.secret, str(journal), marks],
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "PYTHONPATH": str(Path.cwd())},
-        )
-        try:
-            assert client.stdout is not None
-            assert client.stdout.readline().strip() == "submitted"
+        args = (node.spec, node.secret, str(journal), str(marks))
+        env = {**os.environ, "PYTHONPATH": str(Path.cwd())}
+        with killed_after(start_client(tmp_path, RECOVERING_CLIENT, *args, env=env)):
             wait_until(lambda: len(list(marks.iterdir())) == 2)
-            client.send_signal(signal.SIGKILL)
-            client.wait(WAIT)
-        finally:
-            client.kill()
-            if client.stdout is not None:
-                client.stdout.close()
         done = subprocess.run(
             [sys.executable, "recover.py", str(journal), node.secret],
             cwd=tmp_path,
