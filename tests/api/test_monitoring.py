@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 
 from dispynb import JobCluster, LocalCluster
-from dispynb.job import JobStatus
+from dispynb.job import DispyJob, JobStatus
 from dispynb.monitoring import ClusterMonitor, live_clusters
 from tests.jobs import WAIT, mark_and_sleep, square, wait_for_path, wait_until
 
@@ -143,3 +143,38 @@ def test_a_failing_listener_is_logged_not_fatal(
         and "listener bug" in str(r.exc_info[1])
         for r in allow_error_logs
     )
+
+
+def test_counts_without_a_job_list_look_at_no_job(
+    local1: LocalCluster, tmp_path: Path, monkeypatch
+) -> None:
+    """The lab panel's snapshot (``max_jobs=0``, 4 a second) looked at every
+    unfinished job to count them (200,000 queued: a CPU-heavy push thread); the
+    monitor keeps the counts as the events come."""
+    marker = str(tmp_path / "started")
+    with JobCluster(mark_and_sleep, nodes=local1) as cluster:
+        monitor = ClusterMonitor(cluster)
+        cluster.submit(marker, 30)
+        for _ in range(20):
+            cluster.submit(None, 30)
+        wait_for_path(marker)
+        wait_until(lambda: monitor.snapshot(max_jobs=0)["counts"]["running"] >= 1)
+        looked = []
+        here = threading.get_ident()
+        done = DispyJob.done
+
+        def counted_done(job: DispyJob) -> bool:
+            if threading.get_ident() == here:
+                looked.append(job)
+            return done(job)
+
+        monkeypatch.setattr(DispyJob, "done", counted_done)
+        counts = monitor.snapshot(max_jobs=0)["counts"]
+        monkeypatch.undo()
+        assert looked == []
+        assert counts["running"] + counts["pending"] == 21, counts
+        assert monitor.cancel_all() == 21
+        assert cluster.wait(WAIT)
+        counts = monitor.snapshot(max_jobs=0)["counts"]
+        assert (counts["running"], counts["pending"]) == (0, 0), counts
+        assert counts["cancelled"] + counts["terminated"] == 21, counts
