@@ -142,7 +142,7 @@ class SharedJobCluster(JobCluster):
         if not self._shared():
             return super().deallocate_node(node)
         try:
-            node_id = self._behind(node, "deallocate_node")
+            node_id = self._behind(node)
             self._manage(node_id, "deallocate_node", "deallocate")
         except ClusterError as exc:
             logger.warning("deallocate_node: %s", exc)
@@ -163,7 +163,7 @@ class SharedJobCluster(JobCluster):
         try:
             node_id = self._node_id(node, among=self._closed_behind)
             if node_id is None:
-                node_id = self._behind(node, "allocate_node")
+                node_id = self._behind(node)
             used = self._manage(node_id, "allocate_node", "allocate")
         except ClusterError as exc:
             logger.warning("allocate_node: %s", exc)
@@ -182,7 +182,7 @@ class SharedJobCluster(JobCluster):
         user's use of the node. Returns the CPUs it may use there now."""
         if not self._shared():
             return super()._resize_node(node, cpus)
-        node_id = self._behind(node, "set_node_cpus")
+        node_id = self._behind(node)
         try:
             count = int(cpus)
         except (TypeError, ValueError):
@@ -207,7 +207,7 @@ class SharedJobCluster(JobCluster):
         if not self._shared():
             return super().close_node(node, terminate_pending)
         try:
-            node_id = self._behind(node, "close_node")
+            node_id = self._behind(node)
             known = self._nodes.get(node_id)
             self._manage(
                 node_id, "close_node", "close", terminate=bool(terminate_pending)
@@ -225,7 +225,7 @@ class SharedJobCluster(JobCluster):
 
         return isinstance(self.engine, SchedulerEngine)
 
-    def _behind(self, node: Any, what: str) -> str:
+    def _behind(self, node: Any) -> str:
         """The id of ``node`` among the nodes the scheduler runs this cluster on;
         `ClusterError` if it is none of them (or the cluster is closed)."""
         node_id = None if self._closed else self._node_id(node)
