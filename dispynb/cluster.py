@@ -257,11 +257,17 @@ class JobCluster(_Events, _Jobs, _Nodes, _ClusterState):
             serving(self)
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait until every submitted job is done; False if ``timeout`` passed first."""
+        """Wait until every submitted job is done; False if ``timeout`` passed first.
+
+        Out of a callback, it also waits for the callbacks of the jobs done, within
+        the same ``timeout``.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
             done = self._all_done.wait_for(lambda: self._outstanding == 0, timeout)
             if done and not self._callbacks.in_dispatcher_thread():
-                self._callbacks.flush(timeout)
+                left = None if deadline is None else deadline - time.monotonic()
+                self._callbacks.flush(None if left is None else max(0.0, left))
         except KeyboardInterrupt as interrupted:  # Ctrl-C: shown at the user's call
             raise interrupted.with_traceback(None) from None
         return done

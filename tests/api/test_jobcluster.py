@@ -100,6 +100,28 @@ def test_jobcluster_wait_with_timeout_on_running_job_returns_false(local, tmp_pa
         assert cluster.status().jobs_pending == 0
 
 
+def test_jobcluster_wait_with_timeout_counts_the_callbacks_in_its_timeout(
+    local, tmp_path
+):
+    # wait() also waits for the job_status callbacks of the jobs done; its timeout
+    # bounds both together (it gave each the whole timeout: up to twice as long).
+    marker, release = tmp_path / "started", threading.Event()
+    timeout = 4.0
+    with JobCluster(
+        jobs.mark_and_sleep, nodes=local, job_status=lambda job: release.wait(WAIT)
+    ) as cluster:
+        try:
+            cluster.submit(str(marker), timeout / 2)
+            wait_for_path(marker)
+            start = time.monotonic()
+            cluster.wait(timeout=timeout)
+            took = time.monotonic() - start
+        finally:
+            release.set()
+        assert cluster.wait(timeout=WAIT) is True
+    assert took < timeout + 1, f"wait(timeout={timeout}) took {took:.1f} s"
+
+
 # --- functions travel by value ------------------------------------------------
 
 
