@@ -114,7 +114,7 @@ def cluster_html(cluster: JobCluster) -> str:
     rows = [
         (
             html.escape(n.name),
-            html.escape(f"{n.ip_addr}:{n.port}"),
+            html.escape(format_address(n.ip_addr, n.port)),
             str(n.cpus),
             str(n.busy),
             str(n.jobs_done),

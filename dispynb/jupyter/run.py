@@ -49,6 +49,7 @@ from dispynb.jupyter.runstate import Writer as Writer
 from dispynb.jupyter.runstop import CANCEL_WAIT as CANCEL_WAIT
 from dispynb.jupyter.tracebacks import SourceMap
 from dispynb.protocol import serialize
+from dispynb.transport.addressing import format_address
 
 if TYPE_CHECKING:
     from dispynb.backends.base import Engine
@@ -489,10 +490,10 @@ def _planned(inputs: Iterable[Any]) -> int | None:
 def _require_job(cluster: Any, node: Any, job: DispyJob | None) -> DispyJob:
     if job is not None:
         return job
-    known = ", ".join(
-        f"{n.name} ({n.ip_addr}:{n.port})" if n.name else f"{n.ip_addr}:{n.port}"
-        for n in cluster.status().nodes
-    )
+    addresses = [
+        (n.name, format_address(n.ip_addr, n.port)) for n in cluster.status().nodes
+    ]
+    known = ", ".join(f"{name} ({at})" if name else at for name, at in addresses)
     raise ValueError(
         f"{node!r} is not a node of this cluster; its nodes: {known or 'none'}"
     )

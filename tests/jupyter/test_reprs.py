@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
 from dispynb import JobCluster, LocalCluster
 from tests.jobs import wait_until
+from tests.nodeproc import start_node
 
 
 @pytest.mark.slow
@@ -31,3 +34,29 @@ def test_a_jobs_html_names_its_node_apart_from_the_others_of_its_address():
     for node, html in zip(nodes, shown, strict=True):
         assert f"{node.name} (127.0.0.1:{node.port})" in html, html
     assert nodes[0].port != nodes[1].port
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
+def test_a_node_on_ipv6_shows_its_address_in_brackets(tmp_path):
+    """Before: the cluster's table read "::1:PORT" (the job's already "[::1]:PORT")."""
+    node = start_node(tmp_path / "node", "--host", "::1")
+    try:
+        address = f"[::1]:{node.port}"
+        with JobCluster(abs, nodes=[address], secret=node.secret) as cluster:
+            job = cluster.submit(-3)
+            assert job() == 3
+            shown = cluster._repr_html_(), job._repr_html_()
+    finally:
+        node.stop()
+    assert all(address in html for html in shown), shown
+    assert f"::1:{node.port}" not in shown[0].replace(address, "")
