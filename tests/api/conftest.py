@@ -1,9 +1,5 @@
-"""Fixtures for end-to-end API tests: local nodes shared by the tests of a module.
-
-The nodes are real ``python -m nodeserver`` processes on 127.0.0.1. Tests that use
-these shared nodes must not kill or stop them (crashing or cancelling jobs is fine:
-that only kills workers, which the node replaces).
-"""
+"""Fixtures for end-to-end API tests: local nodes shared by the tests of a module
+(`tests.localnodes`: tests must not kill or stop them), an executor on them."""
 
 from __future__ import annotations
 
@@ -13,20 +9,11 @@ import pytest
 
 from dispynb import LocalCluster
 from dispynb.executor import Executor
+from tests import localnodes
 
-
-@pytest.fixture(scope="module")
-def local() -> Iterator[LocalCluster]:
-    """One local node with 2 CPUs."""
-    with LocalCluster(cpus=2) as cluster:
-        yield cluster
-
-
-@pytest.fixture(scope="module")
-def local1() -> Iterator[LocalCluster]:
-    """One local node with 1 CPU: its jobs run one after the other."""
-    with LocalCluster(cpus=1) as cluster:
-        yield cluster
+#: The module-scoped local nodes, shared with tests/jupyter.
+local = localnodes.local
+local1 = localnodes.local1
 
 
 @pytest.fixture

@@ -8,24 +8,14 @@ from typing import Any
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
 
-from dispynb import LocalCluster
 from dispynb.jupyter.labcomm import ClusterTracker, Discovered, LabLink
+from tests import localnodes
 from tests.jupyter.fakecomm import INTERVAL, FakeComm
 from tests.jupyter.shell import magic_shell
 
-
-@pytest.fixture(scope="module")
-def local() -> Iterator[LocalCluster]:
-    """One local node with 2 CPUs."""
-    with LocalCluster(cpus=2) as cluster:
-        yield cluster
-
-
-@pytest.fixture(scope="module")
-def local1() -> Iterator[LocalCluster]:
-    """One local node with 1 CPU: its jobs run one after the other."""
-    with LocalCluster(cpus=1) as cluster:
-        yield cluster
+#: The module-scoped local nodes, shared with tests/api.
+local = localnodes.local
+local1 = localnodes.local1
 
 
 @pytest.fixture(scope="module")
