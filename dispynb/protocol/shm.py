@@ -49,6 +49,7 @@ import json
 import mmap
 import os
 import re
+import resource
 import secrets
 import stat
 from collections.abc import Callable, Sequence
@@ -244,8 +245,7 @@ def _open_checked(name: str, total: int) -> int:
         fd = os.open(SHM_DIR / name, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError as exc:
         raise SerializationError(
-            f"cannot open the job's shared memory {name}: {exc.strerror}"
-            " (gone, or not created by this node's client)"
+            f"cannot open the job's shared memory {name}: {_why_not_opened(exc)}"
         ) from None
     try:
         info = os.fstat(fd)
@@ -261,6 +261,24 @@ def _open_checked(name: str, total: int) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def _why_not_opened(exc: OSError) -> str:
+    """The cause of a failed open of a shared memory object, for the user: a
+    process out of descriptors is not a missing object."""
+    if exc.errno == errno.EMFILE:
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        return (
+            f"{exc.strerror}: this process has used all of its {soft} file "
+            "descriptors (a job that ran here before and left files or sockets "
+            "open?); close them in the job, or raise the node's limit (ulimit -n)"
+        )
+    if exc.errno == errno.ENFILE:
+        return (
+            f"{exc.strerror}: the system's table of open files is full "
+            "(fs.file-max); close files elsewhere on this machine"
+        )
+    return f"{exc.strerror} (gone, or not created by this node's client)"
 
 
 def open_reference(reference: Buffer) -> tuple[mmap.mmap | None, list[memoryview]]:
