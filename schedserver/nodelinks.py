@@ -116,6 +116,7 @@ class _NodeLinks(_ServerState):
             node.cpus = min(welcome.cpus, cap) if cap else welcome.cpus
             node.avail = reported_avail(node, welcome.avail)
             node.hostname = welcome.name
+            node.platform = welcome.platform
             node.alive = True
             logger.info("node %s is up with %s", node.name, counted(node.cpus, "CPU"))
             for comp in self.computations:

@@ -298,10 +298,13 @@ class _NodeSide(_JobFiles):
         for job in self.running.values():
             running.setdefault(job.node, []).append(job)
         nodes = []
+        platforms = {}
         for name, upstream in sorted(self.upstream.items()):
             node = upstream.node
             if not upstream.ready or upstream.conn is None or not node.alive:
                 continue
+            if node.platform:
+                platforms[name] = node.platform
             done = self.node_done.get(name, [0, 0.0])
             jobs = running.get(name, [])
             nodes.append(
@@ -324,7 +327,11 @@ class _NodeSide(_JobFiles):
             requeued, self._requeued = self._requeued, []
             self.to_client(
                 SchedulerNodes(
-                    comp_id=self.comp_id, nodes=nodes, left=left, requeued=requeued
+                    comp_id=self.comp_id,
+                    nodes=nodes,
+                    left=left,
+                    requeued=requeued,
+                    platforms=platforms,
                 )
             )
 

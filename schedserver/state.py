@@ -51,6 +51,8 @@ class NodeState:
     conn: Connection | None = None
     #: The host name the node reports ("" until it is up).
     hostname: str = ""
+    #: Its ``platform.platform()``, as it said it (`Welcome.platform`; "" until up).
+    platform: str = ""
     #: Mean run time of its recent jobs (None: unknown), for how many to send ahead.
     mean: float | None = None
     #: The pulse watchdog's view (`_Pulse._watch_nodes`): loop time the node was

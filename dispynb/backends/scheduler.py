@@ -173,7 +173,7 @@ class SchedulerBackend(NodesBackend):
     def scheduler_nodes(self, link: NodeLink, report: SchedulerNodes) -> None:
         """The scheduler's report: nodes that joined, left (and why), their counts,
         and the started jobs it requeued (their next start is a Running again)."""
-        left = report.left
+        left, platforms = report.left, report.platforms
         try:
             nodes = [SharedNodeEntry.from_wire(item) for item in report.nodes]
         except MessageError as exc:
@@ -205,8 +205,11 @@ class SchedulerBackend(NodesBackend):
             avail = _avail_info(entry.avail)
             known = self._behind.get(entry.node_id)
             allotted = self._allotted.get(entry.node_id)
+            platform = platforms.get(entry.node_id)
+            if not isinstance(platform, str):  # an older scheduler's, or garbage
+                platform = ""
             if allotted is None and self.allocations:
-                allotted = self.allot(link, entry, avail)
+                allotted = self.allot(link, entry, avail, platform)
                 if not allotted:
                     continue
             cpus = min(allotted or entry.cpus, entry.cpus)
@@ -216,6 +219,7 @@ class SchedulerBackend(NodesBackend):
                 entry.port,
                 entry.name,
                 cpus,
+                platform=platform,
                 avail=avail,
                 via=link.node_id,
                 offered=entry.cpus,
@@ -236,7 +240,11 @@ class SchedulerBackend(NodesBackend):
             self._reported.notify_all()
 
     def allot(
-        self, link: NodeLink, entry: SharedNodeEntry, avail: DispyNodeAvailInfo | None
+        self,
+        link: NodeLink,
+        entry: SharedNodeEntry,
+        avail: DispyNodeAvailInfo | None,
+        platform: str = "",
     ) -> int:
         """Ask the cluster's `NodeAllocate`s (its ``nodes``, subclasses too) about a
         node behind the scheduler, as dispy asks them about each node it finds: the
@@ -253,7 +261,7 @@ class SchedulerBackend(NodesBackend):
                     entry.name,
                     entry.cpus,
                     avail_info=avail,
-                    platform="",
+                    platform=platform,
                 )
             except Exception as exc:  # the user's code: the node is not used
                 logger.warning(

@@ -567,12 +567,16 @@ class SchedulerNodes(WireMessage):
     report did, in the node's words when it said them (its node id to the reason);
     ``requeued`` the keys of the jobs that had started on them and wait to run
     again elsewhere (``reentrant``): their next start is reported again.
+    ``platforms`` gives each node's ``platform.platform()`` as it said it (node id
+    to text; a node not in it, or an older scheduler's report: unknown), for
+    `NodeAllocate.allocate` (a client that predates it ignores it).
     """
 
     comp_id: int
     nodes: list[list[Any]]
     left: dict[str, str] = dataclasses.field(default_factory=dict)
     requeued: list[int] = dataclasses.field(default_factory=list)
+    platforms: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @message("jobs-placed")

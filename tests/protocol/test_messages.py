@@ -68,6 +68,11 @@ SAMPLES: list[WireMessage] = [
         comp_id=3,
         nodes=[["10.0.0.2:9711", "n2", "10.0.0.2", 9711, 4, 7, 1.5, [9, 12], 1, []]],
     ),
+    m.SchedulerNodes(
+        comp_id=3,
+        nodes=[["10.0.0.2:9711", "n2", "10.0.0.2", 9711, 4, 7, 1.5, [9, 12], 1, []]],
+        platforms={"10.0.0.2:9711": "Linux-6.1-x86_64-with-glibc2.36"},
+    ),
     m.JobsPlaced(comp_id=3, node="10.0.0.2:9711", keys=[9, 12]),
     m.Ping(),
     m.ResultsJournaled(comp_id=1, jobs=[[3, 1], [4, 2]]),

@@ -5,6 +5,7 @@ at once. Real node servers and a real scheduler process."""
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 from typing import Any
 
@@ -38,17 +39,38 @@ class OnlyFirst(NodeAllocate):
         return cpus if name == "local-0" else 0
 
 
+#: The platform each `SamePlatform` was told, by node name.
+PLATFORMS: dict[str, str] = {}
+
+
+class SamePlatform(NodeAllocate):
+    """dispy users' filter: only nodes on this client's platform."""
+
+    def allocate(
+        self, cluster: Any, ip_addr: str, name: str, cpus: int, **kw: Any
+    ) -> int:
+        PLATFORMS[name] = kw["platform"]
+        return cpus if kw["platform"] == platform.platform() else 0
+
+
+def alices(
+    allocation: NodeAllocate, scheduler: SchedulerProcess, users: dict[str, Path]
+) -> SharedJobCluster:
+    """Alice's cluster of `where` jobs through ``scheduler``, given ``allocation``."""
+    return SharedJobCluster(
+        where,
+        nodes=[allocation],
+        scheduler_host=scheduler.address,
+        secret_file=str(users["alice"]),
+    )
+
+
 def test_a_node_allocate_subclass_is_asked_about_each_node_behind_the_scheduler(
     scheduler: SchedulerProcess, nodes: LocalCluster, users: dict[str, Path]
 ) -> None:
     ASKED.clear()
     assert nodes.names == ["local-0", "local-1"]
-    with SharedJobCluster(
-        where,
-        nodes=[Chooser("*")],
-        scheduler_host=scheduler.address,
-        secret_file=str(users["alice"]),
-    ) as cluster:
+    with alices(Chooser("*"), scheduler, users) as cluster:
         # Submitted at once: none waits for the choice, none goes where it may not.
         jobs = [cluster.submit(0.5) for _ in range(6)]
         wait_until(lambda: sorted(by_name(cluster)) == ["local-0", "local-1"])
@@ -67,14 +89,24 @@ def test_a_node_allocate_subclass_is_asked_about_each_node_behind_the_scheduler(
 def test_a_node_the_allocation_declines_runs_none_of_the_jobs(
     scheduler: SchedulerProcess, nodes: LocalCluster, users: dict[str, Path]
 ) -> None:
-    with SharedJobCluster(
-        where,
-        nodes=[OnlyFirst("*")],
-        scheduler_host=scheduler.address,
-        secret_file=str(users["alice"]),
-    ) as cluster:
+    with alices(OnlyFirst("*"), scheduler, users) as cluster:
         jobs = [cluster.submit(0.3) for _ in range(8)]  # 4 CPUs if both ran them
         assert {job() for job in jobs} == {"local-0"}
         assert sorted(by_name(cluster)) == ["local-0"]
     log = scheduler.log_text()
     assert "alice/where: its client closed node" in log
+
+
+def test_a_node_allocate_is_told_each_nodes_platform(
+    scheduler: SchedulerProcess, nodes: LocalCluster, users: dict[str, Path]
+) -> None:
+    PLATFORMS.clear()
+    with alices(SamePlatform("*"), scheduler, users) as cluster:
+        wait_until(lambda: len(PLATFORMS) == 2)
+        # The nodes run here: the platform each said, as dispy passes it.
+        this = platform.platform()
+        assert dict(PLATFORMS) == {"local-0": this, "local-1": this}
+        assert {cluster.submit(0.0)() for _ in range(4)} <= {"local-0", "local-1"}
+        assert {node.platform for node in cluster.status().nodes} == {
+            platform.platform()
+        }
