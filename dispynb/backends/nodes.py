@@ -402,14 +402,22 @@ class NodesBackend:
             and not (self._options.ping_interval and self.driver.reconnecting)
             and not any(link.ready for link in self.driver.nodes.values())
         ):
-            first = self._node_errors[0]
-            if len(self._node_errors) > 1:
+            first, *others = self._node_errors
+            if others:
+                # The first's reason is the exception raised (after this line in
+                # a script): said once. A notebook puts them together, by this
+                # record's argument (`dispynb.jupyter.magicsupport`).
                 logger.error(
-                    "no node could be used: %s",
-                    "; ".join(str(e) for e in self._node_errors),
+                    "no node could be used (the error raised is the first's): %s",
+                    "; ".join(str(e) for e in others),
                 )
             startup.set_exception(first)
-        elif startup is not None and not startup.done() and self.driver.reconnecting:
+        elif (
+            startup is not None
+            and not startup.done()
+            and self._options.ping_interval
+            and self.driver.reconnecting
+        ):
             # JobCluster() waits for the named nodes (ping_interval): say why now.
             self.driver.release_failure_warnings()
 

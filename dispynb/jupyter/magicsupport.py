@@ -115,10 +115,13 @@ def friendly_errors(
         raise
     except (DispynbError, OSError) as exc:
         # The error is the first node's: when several nodes could not be reached,
-        # name every one (a failing setup or pickling fails alike on each).
-        every = [r for r in held.records if str(r.msg).startswith(_NO_NODE)]
+        # name every one (a failing setup or pickling fails alike on each), the
+        # others' reasons being the argument of the "no node" record.
+        others = [r.args for r in held.records if str(r.msg).startswith(_NO_NODE)]
         held.records.clear()
-        message = f"{what}: {every[-1].getMessage() if every else exc}"
+        message = f"{what}: {exc}"
+        if others and isinstance(others[-1], tuple) and others[-1]:
+            message = f"{what}: {others[-1][0]}; {exc}"
         if isinstance(exc, SerializationError | SetupError):
             message = f"{what}: {exc}"
             hint = ""  # the code, what it captures or its setup: not the nodes

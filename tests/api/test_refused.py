@@ -152,6 +152,32 @@ def test_no_node_listening_stops_the_script_with_a_short_traceback(
     assert_short(traceback)
 
 
+@pytest.mark.timeout(90)
+def test_nodes_none_listening_say_each_reason_once_ending_with_the_fix(
+    tmp_path: Path, held_port: PortHolder
+) -> None:
+    """Several named nodes, none listening: each one's reason is said once (before:
+    the "no node could be used" line named every node, then the error raised
+    repeated the first's, and a warning each said both again)."""
+    specs = [f"127.0.0.1:{held_port()}", f"127.0.0.1:{held_port()}"]
+    script = tmp_path / "client.py"
+    script.write_text(SCRIPT.replace("[sys.argv[1]]", "sys.argv[1].split(',')"))
+    done = subprocess.run(
+        [sys.executable, str(script), ",".join(specs), "a-secret-9d2c"],
+        env=node_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    for spec in specs:
+        assert done.stderr.count(f"cannot connect to {spec}") == 1, done.stderr
+    assert "no node could be used" in done.stderr, done.stderr
+    traceback = traceback_of(done.stderr)
+    assert traceback[-1].endswith("is dispynb-node running there?"), traceback
+    assert_short(traceback)
+
+
 #: Run before the client script: answers a lookup of a name under ``.invalid`` (RFC
 #: 6761: never resolves) as the resolver does, without asking DNS off the machine.
 NO_DNS = """
