@@ -132,11 +132,7 @@ class ClusterMonitor:
         # live ones as its end is counted, in the same event.
         running = len(self._running)
         pending = max(0, len(self._live) - running)
-        jobs = []
-        if max_jobs:  # none looked at for none (the lab panel's: 200,000 queued)
-            live = [job for job in list(self._live.values()) if not job.done()]
-            live.sort(key=lambda job: (job.status not in _RUNNING, job._seq))
-            jobs = [self._record(job, show_args) for job in live[:max_jobs]]
+        jobs = [self._record(job, show_args) for job in self._shown_live(max_jobs)]
         for record, ref in reversed(list(self._finished)):
             if len(jobs) >= max_jobs:
                 break
@@ -164,6 +160,41 @@ class ClusterMonitor:
             "nodes": self.nodes(),
             "jobs": jobs,
         }
+
+    def _shown_live(self, max_jobs: int) -> list[DispyJob]:
+        """The first ``max_jobs`` unfinished jobs, running first, each group in
+        submit order, looking only at the running ones and the first queued: the
+        web monitor asks for them at each poll, with 200,000 jobs queued."""
+        if not max_jobs:
+            return []
+        live = self._live
+        shown: dict[int, DispyJob] = {}
+        for key in list(self._running):
+            job = live.get(key)
+            if job is not None:
+                shown[key] = job
+        # The live jobs are in submit order (a job is added at its Created event,
+        # on the submitting thread, and stays in place when it starts or is
+        # requeued): the first queued are at the front, after the running ones.
+        for _ in range(3):
+            scanned: dict[int, DispyJob] = {}
+            queued = 0
+            try:
+                for key, job in live.items():
+                    if queued >= max_jobs:
+                        break
+                    if not job.done():
+                        scanned[key] = job
+                        queued += job.status not in _RUNNING
+            except RuntimeError:  # changed by an event meanwhile: look again
+                continue
+            break
+        else:  # events without a pause: copy them (the cost grows with the jobs)
+            scanned = dict(list(live.items()))
+        shown.update(scanned)
+        ordered = [job for job in shown.values() if not job.done()]
+        ordered.sort(key=lambda job: (job.status not in _RUNNING, job._seq))
+        return ordered[:max_jobs]
 
     def nodes(self) -> list[dict[str, Any]]:
         """The cluster's nodes now, as in `snapshot` (cheap: no job is looked at)."""

@@ -178,3 +178,39 @@ def test_counts_without_a_job_list_look_at_no_job(
         counts = monitor.snapshot(max_jobs=0)["counts"]
         assert (counts["running"], counts["pending"]) == (0, 0), counts
         assert counts["cancelled"] + counts["terminated"] == 21, counts
+
+
+def test_a_job_list_looks_at_the_running_and_first_queued_jobs(
+    local1: LocalCluster, tmp_path: Path, monkeypatch
+) -> None:
+    """The web monitor's snapshot (``max_jobs``, at each poll) filtered and sorted
+    every unfinished job (200,000 queued: much CPU per poll); it looks at the
+    running ones and the first queued, and lists the same jobs in the same order."""
+    marker = str(tmp_path / "started")
+    with JobCluster(mark_and_sleep, nodes=local1) as cluster:
+        monitor = ClusterMonitor(cluster)
+        jobs = [cluster.submit(marker, 30)]
+        jobs += [cluster.submit(None, 30) for _ in range(60)]
+        wait_for_path(marker)
+        wait_until(lambda: monitor.snapshot(max_jobs=0)["counts"]["running"] >= 1)
+        unfinished = [job for job in jobs if not job.done()]
+        unfinished.sort(key=lambda job: (job.status != JobStatus.Running, job._seq))
+        looked = set()
+        here = threading.get_ident()
+        done = DispyJob.done
+
+        def counted_done(job: DispyJob) -> bool:
+            if threading.get_ident() == here:
+                looked.add(job._key)
+            return done(job)
+
+        monkeypatch.setattr(DispyJob, "done", counted_done)
+        shown = monitor.snapshot(max_jobs=5)["jobs"]
+        monkeypatch.undo()
+        assert [job["key"] for job in shown] == [job._key for job in unfinished[:5]]
+        assert shown[0]["status"] == "Running"
+        # the running job(s) and the first queued, not the 60 (the node may have
+        # one sent ahead)
+        assert len(looked) <= 8, sorted(looked)
+        assert monitor.cancel_all() == 61
+        assert cluster.wait(WAIT)
