@@ -58,6 +58,10 @@ logger = logging.getLogger(__name__)
 #: went too: a recovered job names the node that ran it).
 _KEPT_KINDS = (JobResults, ResultChunk, JobProvisional, FileFromNode, JobsPlaced)
 
+#: Changes of its nodes' use a computation's client makes (`SharedComputation.manage`)
+#: logged at info level; the rest at debug: a client may make them at will.
+LOGGED_CHANGES = 16
+
 #: Room for a message's header (a file's path at most a few KiB), lengths and MAC.
 _HEADER_ROOM = 64 * 1024
 
@@ -141,6 +145,8 @@ class SharedComputation(_NodeSide, _SentFiles):
         #: again, not even when they come back, until its client names them
         #: (``allocate_node``).
         self.nodes_closed: set[str] = set()
+        #: Changes of its nodes' use logged at info level so far (`LOGGED_CHANGES`).
+        self._changes_logged = 0
         #: Nodes said to send messages about jobs they do not run (said once each).
         self.foreign_senders: set[str] = set()
         self.ready_sent = False
@@ -393,7 +399,7 @@ class SharedComputation(_NodeSide, _SentFiles):
             limits.pop(node, None)  # (also of a node gone since)
             if node in self.nodes_closed:  # closed, now named again
                 self.nodes_closed.discard(node)
-                logger.info("%s: its client allocated node %s again", self.name, node)
+                self._log_change("allocated node %s again", node)
                 self.server.set_up_again(self, node)
                 return "", 0
         why = self._unmanaged(node)
@@ -410,19 +416,30 @@ class SharedComputation(_NodeSide, _SentFiles):
                 limits[node] = used  # (0: deallocated)
             else:
                 limits.pop(node, None)
-            logger.info(
-                "%s: its client limited node %s to %s",
-                self.name,
-                node,
-                counted(used, "CPU"),
-            )
+            self._log_change("limited node %s to %s", node, counted(used, "CPU"))
             return "", used
         if action == "deallocate":
             limits[node] = 0
         elif action == "close":
             self._close_on(upstream, message.terminate)
-        logger.info("%s: its client %sd node %s", self.name, action, node)
+        self._log_change("%sd node %s", action, node)
         return "", 0 if action != "allocate" else cpus
+
+    def _log_change(self, text: str, *args: Any) -> None:
+        """Log its client's change of a node's use (``text`` % ``args``): at info
+        level up to `LOGGED_CHANGES`, then at debug (said once), so that no client
+        grows the scheduler's log at will."""
+        self._changes_logged += 1
+        level = (
+            logging.INFO if self._changes_logged <= LOGGED_CHANGES else logging.DEBUG
+        )
+        logger.log(level, "%s: its client " + text, self.name, *args)
+        if self._changes_logged == LOGGED_CHANGES:
+            logger.info(
+                "%s: its client's further changes of its nodes' use are logged at "
+                "debug level (--loglevel debug)",
+                self.name,
+            )
 
     def _unmanaged(self, node: str) -> str:
         """Why its client cannot manage its use of ``node`` now ('' if it can)."""
