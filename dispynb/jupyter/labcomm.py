@@ -109,6 +109,10 @@ class ClusterTracker:
         self._lost_version = 0
         # Clusters whose final snapshot is taken: never followed or kept again.
         self._ended: weakref.WeakSet[Any] = weakref.WeakSet()
+        # Each card's shown name, (cluster id, name) -> name: a second run of one
+        # function (``Run.map(f, ...)`` twice) reads "f (2)", not "f" again.
+        self._labels: dict[tuple[str, str], str] = {}
+        self._named: dict[str, int] = {}  # name -> cards seen with it
         self._every_cluster = clusters is live_clusters
         if self._every_cluster:
             _live.add_close_observer(self._on_close)
@@ -233,7 +237,27 @@ class ClusterTracker:
             snap["nodes"] = snap["nodes"] + [
                 node for node in lost if node["id"] not in present
             ]
-        return live + closed
+        # Named in the order they came: the closed (oldest first), then the live.
+        self._label([*reversed(closed), *live])
+        return [self._labelled(card) for card in live + closed]
+
+    def _label(self, cards: list[dict[str, Any]]) -> None:
+        """Give each card not yet seen the name it is shown under, for good: its
+        own the first time, with a number after (``"f (2)"``) the next ones."""
+        with self._lock:
+            for card in cards:
+                key = (card["id"], card["name"])
+                if key not in self._labels:
+                    seen = self._named[card["name"]] = (
+                        self._named.get(card["name"], 0) + 1
+                    )
+                    name = card["name"]
+                    self._labels[key] = name if seen == 1 else f"{name} ({seen})"
+
+    def _labelled(self, card: dict[str, Any]) -> dict[str, Any]:
+        """``card`` under its shown name (`_label`)."""
+        label = self._labels[(card["id"], card["name"])]
+        return card if label == card["name"] else {**card, "name": label}
 
     def pulses(self) -> list[float | None]:
         """The ``pulse_interval`` each followed cluster asked of its nodes."""

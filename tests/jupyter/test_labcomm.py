@@ -441,3 +441,22 @@ def test_the_panel_header_keeps_a_launched_node_that_exited(
         }
     finally:
         session.close()
+
+
+def test_two_runs_of_one_function_are_told_apart(local: LocalCluster) -> None:
+    """``Run.map(f, ...)`` twice without ``name=`` showed two cards named "f";
+    the second one is "f (2)", and keeps it."""
+    from dispynb.jupyter.run import Run
+    from dispynb.monitoring import live_clusters
+
+    tracker = ClusterTracker(live_clusters)
+    try:
+        first = Run.map(jobs.square, range(2), nodes=local, progress="none")
+        second = Run.map(jobs.square, range(3), nodes=local, progress="none")
+        for _ in range(2):
+            names = {c["id"]: c["name"] for c in tracker.snapshots()}
+            assert names[first.cluster.uid] == "square", names
+            assert names[second.cluster.uid] == "square (2)", names
+        assert (first.results, second.results) == ([0, 1], [0, 1, 4])
+    finally:
+        tracker.close()
