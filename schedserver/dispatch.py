@@ -77,7 +77,13 @@ class _Dispatch(_ServerState):
         # what runs, not only what is sent.
         per_cpu = self.config.jobs_per_cpu
         if len(computations) > 1:
-            users = {c.user for c in computations if c.queue or c.account.in_flight}
+            # (jobs that may run on no node contend for no CPU: an ``allocates``
+            # computation whose client never decides would slow the others')
+            users = {
+                c.user
+                for c in computations
+                if c.account.in_flight or (c.queue and c.account.may_run())
+            }
             if len(users) > 1:
                 per_cpu = 1
         if len(active) == 1:  # the usual case: one computation has jobs waiting

@@ -42,6 +42,12 @@ class Account:
     #: Its jobs in flight per node name (what ``limits`` bound).
     busy: dict[str, int] = field(default_factory=dict)
 
+    def may_run(self) -> bool:
+        """Whether a node it is set up on takes its jobs at all (its client took
+        none of them out: ``allocates`` undecided, ``deallocate_node``)."""
+        limits = self.limits
+        return any(limits.get(node) != 0 for node in self.nodes)
+
     def takes(self, node: str) -> bool:
         """Whether one of its queued jobs may run on ``node``."""
         if self.queued <= 0:
