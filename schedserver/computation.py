@@ -147,6 +147,9 @@ class SharedComputation(_NodeSide, _SentFiles):
         self.nodes_closed: set[str] = set()
         #: Changes of its nodes' use logged at info level so far (`LOGGED_CHANGES`).
         self._changes_logged = 0
+        #: Nodes none of its jobs go to until its client's allocate() answers
+        #: (`ComputationSetup.allocates`): lifted if that client goes away first.
+        self.awaiting_client: set[str] = set()
         #: Nodes said to send messages about jobs they do not run (said once each).
         self.foreign_senders: set[str] = set()
         self.ready_sent = False
@@ -392,6 +395,7 @@ class SharedComputation(_NodeSide, _SentFiles):
         alone, never another's use of the node: '' once done, else why not (for
         the client); and the CPUs of the node it may use now."""
         node, action = message.node, message.action
+        self.awaiting_client.discard(node)  # its client answered for it
         if action not in NODE_ACTIONS:
             return f"the scheduler knows no node action {peer_text(action, 50)}", 0
         limits = self.account.limits
@@ -440,6 +444,34 @@ class SharedComputation(_NodeSide, _SentFiles):
                 "debug level (--loglevel debug)",
                 self.name,
             )
+
+    def hold_for_client(self, node: str) -> None:
+        """Set up on ``node``: none of its jobs go there until its client's
+        allocate() answers (`ComputationSetup.allocates`), if a client that asks
+        it is there; a recovering one or none cannot (nodes it declined are closed
+        for it: `nodes_closed`)."""
+        if self.setup.allocates and self.session is not None and not self.recovering:
+            self.account.limits[node] = 0
+            self.awaiting_client.add(node)
+
+    def client_gone(self) -> None:
+        """Its client went away (`_SentFiles.client_gone`); the nodes held for its
+        answer take its jobs: none would come, and the jobs that wait for its
+        ``recover_jobs`` would wait for ever."""
+        super().client_gone()
+        self._lift_holds()
+
+    def client_replaced(self) -> None:
+        """`recover_jobs` took it from a client still connected: as `client_gone`."""
+        super().client_replaced()
+        self._lift_holds()
+
+    def _lift_holds(self) -> None:
+        for node in self.awaiting_client:
+            self.account.limits.pop(node, None)
+        if self.awaiting_client:
+            self.awaiting_client.clear()
+            self.server.schedule_soon()
 
     def _unmanaged(self, node: str) -> str:
         """Why its client cannot manage its use of ``node`` now ('' if it can)."""

@@ -379,8 +379,7 @@ class _NodeLinks(_ServerState):
         elif isinstance(message, ComputationReady):
             upstream.ready = True
             comp.account.nodes.add(upstream.node.name)
-            if comp.setup.allocates:  # none of its jobs there until its client says
-                comp.account.limits[upstream.node.name] = 0
+            comp.hold_for_client(upstream.node.name)
             if not comp.ready_sent:
                 comp.ready_sent = True
                 comp.to_client(

@@ -64,6 +64,7 @@ class _NodeSide(_JobFiles):
     upstream: dict[str, Upstream]
     foreign_senders: set[str]
     nodes_closed: set[str]
+    awaiting_client: set[str]
     ready_sent: bool
     closing: bool
     failures: list[str]
@@ -361,6 +362,7 @@ class _NodeSide(_JobFiles):
         # Its client forgets it took the node out or limited it (the node left):
         # all of it in use when it is set up again, for both.
         self.account.limits.pop(upstream.node.name, None)
+        self.awaiting_client.discard(upstream.node.name)
         stopping = upstream.node.stopping
         self._left[upstream.node.name] = (
             "its client closed it (close_node)"

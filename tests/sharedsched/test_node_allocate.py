@@ -5,15 +5,19 @@ at once. Real node servers and a real scheduler process."""
 
 from __future__ import annotations
 
+import os
 import platform
+import signal
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from dispynb import LocalCluster, NodeAllocate, SharedJobCluster
+from dispynb import LocalCluster, NodeAllocate, SharedJobCluster, recover_jobs
+from dispynb.job import JobStatus
 from tests.jobs import wait_until
-from tests.sharedsched.harness import SchedulerProcess
+from tests.nodeproc import start_node
+from tests.sharedsched.harness import SchedulerProcess, start_client
 from tests.sharedsched.nodeuse import by_name, overlapped, where
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
@@ -110,3 +114,81 @@ def test_a_node_allocate_is_told_each_nodes_platform(
         assert {node.platform for node in cluster.status().nodes} == {
             platform.platform()
         }
+
+
+#: Job 0 runs until ``marks/go`` exists (30 s at most), job 1 at once; both say
+#: which node ran them. Says so once job 0 runs (job 1 then waits at the scheduler:
+#: the only node up has 1 CPU).
+AWAY_CLIENT = """
+import sys, time
+from dispynb import NodeAllocate, SharedJobCluster
+from dispynb.job import JobStatus
+
+class All(NodeAllocate):
+    def allocate(self, cluster, ip_addr, name, cpus, **kw):
+        return cpus
+
+def step(n, marks):
+    import os, time
+    deadline = time.monotonic() + 30
+    while n == 0 and not os.path.exists(os.path.join(marks, "go")):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    return dispy_node_name
+
+address, credential, journal, marks = sys.argv[1:5]
+cluster = SharedJobCluster(
+    step, nodes=[All("*")], scheduler_host=address, secret_file=credential,
+    recover_file=journal,
+)
+jobs = [cluster.submit(n, marks) for n in range(2)]
+while jobs[0].status != JobStatus.Running:
+    time.sleep(0.02)
+# A round trip to the scheduler after both jobs (in order on its connection).
+assert cluster.set_node_cpus("first", 1) == 1
+print("submitted", flush=True)
+time.sleep(300)
+"""
+
+
+def test_a_node_set_up_again_while_its_client_is_away_runs_the_jobs_waiting(
+    tmp_path: Path, users: dict[str, Path]
+) -> None:
+    """The scheduler holds a node set up for such a computation until its client's
+    allocate() answers: with the client away (before ``recover_jobs``), none
+    can, and the jobs waiting must not wait for ever."""
+    first = start_node(tmp_path / "first", name="first", cpus=1)
+    later = start_node(tmp_path / "later", name="later", cpus=1)
+    sched = SchedulerProcess(tmp_path, [first.spec, later.spec], first.secret)
+    proc = None
+    try:
+        sched.start()
+        later.stop()
+        sched.wait_for_log(f"node {later.spec} stopped")
+        marks = tmp_path / "marks"
+        marks.mkdir()
+        journal = tmp_path / "step.journal"
+        proc = start_client(
+            AWAY_CLIENT, sched.address, str(users["alice"]), str(journal),
+            str(marks), cwd=tmp_path, name="step",
+        )  # fmt: skip
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "submitted", proc.communicate()
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=20)
+        sched.wait_for_log("client gone; its jobs go on")
+        later = start_node(
+            tmp_path / "later", "--port", str(later.port), name="later", cpus=1
+        )
+        jobs = recover_jobs(str(journal), secret_file=str(users["alice"]), timeout=15)
+        # Job 0 still holds the first node: job 1 ran on the one set up again.
+        assert jobs[1].status == JobStatus.Finished, (jobs[1].status, sched.log_text())
+        assert jobs[1].result == "later"
+    finally:
+        (tmp_path / "marks" / "go").touch()
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        sched.stop()
+        later.stop()
+        first.stop()
