@@ -5,125 +5,47 @@ result) there, and its nodes keep running its jobs and keep their results for an
 if the client goes away. `recover_jobs` reads the journal in a new process, asks each
 node for the results of jobs that had not ended (authenticating with the same secret),
 and returns every job of the journal, each once.
+
+This module reads the journal and merges the nodes' answers into it; the
+conversation with one node is `dispynb.recoverynodes`, applying what it sends
+`dispynb.recoveryresults`, the files and provisional results `dispynb.recoverysent`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import dataclasses
 import logging
 import os
 import sqlite3
 import ssl
 import sys
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from dispynb._loop import LoopRunner
 from dispynb.clusterjournal import DEFAULT_PREFIX, latest_recover_file
 from dispynb.codeoptions import _check_files_dir
 from dispynb.defaults import MAX_MESSAGE_SIZE, PRE_AUTH_MAX_FRAME
-from dispynb.errors import (
-    AuthenticationError,
-    ConfigurationError,
-    DispynbError,
-    MessageError,
-    SerializationError,
-)
+from dispynb.errors import ConfigurationError
 from dispynb.job import DispyJob, JobStatus
 from dispynb.journal import Journal, unreadable
 from dispynb.options import check_size
-from dispynb.protocol import serialize
-from dispynb.protocol.chunks import (
-    TOO_LARGE,
-    Parts,
-    add_chunk,
-    take_output,
-    take_stream,
+from dispynb.recoverynodes import (
+    RECOVERY_PULSE,
+    RECOVERY_SILENCE,
+    TERMINATE_WAIT,
+    _collect_from,
+    _Deadline,
+    _Limits,
+    _recover_from,
 )
-from dispynb.protocol.framing import Buffer
-from dispynb.protocol.messages import (
-    FINISHED,
-    ComputationClose,
-    ComputationClosed,
-    JobResults,
-    JobsPlaced,
-    Ping,
-    Recover,
-    Recovered,
-    ResultChunk,
-    SchedulerNodes,
-)
-from dispynb.protocol.records import ResultEntry, SharedNodeEntry, is_start
-from dispynb.recoverysent import SentWhileAway
-from dispynb.secret import is_credential, resolve_secret, split_credential
-from dispynb.status import status_of
+from dispynb.secret import resolve_secret
 from dispynb.tracebacks import SourceMap
 from dispynb.transport.addressing import parse_address
-from dispynb.transport.connection import Connection
-from dispynb.transport.connector import connect
 from dispynb.transport.tls import client_context
 
+__all__ = ["RECOVERY_PULSE", "RECOVERY_SILENCE", "TERMINATE_WAIT", "recover_jobs"]
+
 logger = logging.getLogger(__name__)
-
-#: While it waits for jobs still running, the client asks the node for a status
-#: report every RECOVERY_PULSE s and pings it as often (a node frees the sessions
-#: of silent clients); a node that sends nothing for RECOVERY_SILENCE s (stopped,
-#: hung, cut off) is given up by this call, its jobs left for the next one.
-RECOVERY_PULSE = 1.0
-RECOVERY_SILENCE = 10.0
-
-#: Seconds ``recover_jobs(terminate_pending=True)`` waits, once its ``timeout``
-#: passed, for the ends of the jobs it had the nodes terminate.
-TERMINATE_WAIT = 10.0
-
-
-class _SilenceWatch:
-    """Pings a node and closes its connection once it fell silent (`run`)."""
-
-    def __init__(self, conn: Connection) -> None:
-        self.conn = conn
-        #: Seconds the node had sent nothing when it was given up (None: it was not).
-        self.silence: float | None = None
-
-    def reason(self, exc: DispynbError) -> str:
-        """Why the connection ended: the silence, or the connection's own error."""
-        if self.silence is None:
-            return str(exc)
-        return (
-            f"it sent nothing for {self.silence:.0f} s while its jobs ran (stopped "
-            "or hung?)"
-        )
-
-    async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        conn = self.conn
-        reads, heard = conn.reads, loop.time()
-        while not conn.closed:
-            expected = loop.time() + RECOVERY_PULSE
-            await asyncio.sleep(RECOVERY_PULSE)
-            now = loop.time()
-            if conn.reads != reads or conn.unread_bytes() or now - expected > 1.0:
-                # Bytes came (or wait unread, or this loop was held up): alive.
-                reads, heard = conn.reads, now
-            elif now - heard > RECOVERY_SILENCE:
-                self.silence = now - heard
-                conn.close()
-                return
-            with contextlib.suppress(DispynbError):
-                conn.write(Ping())
-
-
-@contextlib.asynccontextmanager
-async def _watching(watch: _SilenceWatch) -> AsyncIterator[None]:
-    """``watch`` runs for the block."""
-    task = asyncio.get_running_loop().create_task(watch.run())
-    try:
-        yield
-    finally:
-        task.cancel()
 
 
 def recover_jobs(
@@ -383,333 +305,6 @@ def _map_tracebacks(jobs: Iterable[DispyJob], sources: SourceMap | None) -> None
             job.exception = sources.rerender(job.exception)
 
 
-async def _recover_from(
-    node: str,
-    recovery_id: str,
-    pending: dict[int, DispyJob],
-    secret: bytes | None,
-    tls: ssl.SSLContext | None,
-    timeout: _Deadline,
-    limits: _Limits,
-) -> set[int]:
-    """Ask ``node`` for the ``pending`` jobs; the keys of those whose end is known
-    for sure (to be journaled), not of those abandoned for want of the node."""
-    host, port = parse_address(node)
-    try:
-        conn, _welcome = await connect(
-            host,
-            port,
-            secret=secret,
-            max_message_size=limits.message,
-            ssl_context=tls,
-        )
-    except AuthenticationError as exc:
-        raise _refused(node, exc, secret) from None
-    except DispynbError as exc:
-        logger.warning("cannot recover jobs from %s: %s", node, exc)
-        _abandon(
-            pending,
-            f"node {node} could not be reached to recover the job: {exc}; call "
-            "recover_jobs again once it is back (its results are kept an hour)",
-        )
-        return set()
-    settled = set(pending)
-    watch = _SilenceWatch(conn)
-    try:
-        conn.write(
-            Recover(
-                comp_id=1,
-                recovery_id=recovery_id,
-                max_message_size=limits.message,
-                pulse_interval=RECOVERY_PULSE,
-            )
-        )
-        logger.debug("asked %s for the jobs of %s", node, recovery_id)
-        streams: dict[tuple[int, int], Parts | None] = {}
-        sent = SentWhileAway(limits.files_dir, conn.write)
-        placed: dict[int, str] = {}  # behind a shared scheduler: where jobs ran
-
-        async def read() -> None:
-            nonlocal settled
-            while any(not job.done() for job in pending.values()):
-                message, buffers = await conn.recv()
-                if sent.take(message, buffers, pending, node):
-                    continue
-                if isinstance(message, ResultChunk):
-                    _add_chunk(streams, message, buffers, node, limits.result)
-                elif isinstance(message, JobsPlaced):
-                    _note_placed(message, placed)
-                elif isinstance(message, JobResults):
-                    _apply(message, buffers, pending, host, streams, placed)
-                elif isinstance(message, SchedulerNodes):
-                    _running_behind(message, pending)
-                elif isinstance(message, Recovered) and message.other_user:
-                    settled = set()  # the right user's recovery gets them
-                    _abandon(
-                        pending,
-                        f"scheduler {node} keeps this computation for another user, "
-                        f"not for user {split_credential(secret)[0]!r}: call "
-                        "recover_jobs again with "
-                        "the credential of the user who ran it (secret_file=)",
-                    )
-                elif isinstance(message, Recovered) and not message.found:
-                    _abandon(pending, _gone_from(node, secret))
-                elif (
-                    isinstance(message, Recovered) and not message.running
-                ) or isinstance(message, ComputationClosed):
-                    _abandon(
-                        pending, f"the job never reached node {node}: it did not run"
-                    )
-
-        async with _watching(watch):
-            await timeout.read(read, conn, node)
-    except TimeoutError:
-        logger.info("jobs still running on %s after %s s", node, timeout.timeout)
-    except DispynbError as exc:
-        settled = {k for k, job in pending.items() if job.done()}
-        _abandon(
-            pending,
-            f"lost node {node} while recovering: {watch.reason(exc)}; call "
-            "recover_jobs again once it is back",
-        )
-    finally:
-        conn.close()
-    return settled
-
-
-async def _collect_from(
-    node: str,
-    recovery_id: str,
-    secret: bytes | None,
-    tls: ssl.SSLContext | None,
-    timeout: _Deadline,
-    out: list[DispyJob],
-    limits: _Limits,
-) -> bool:
-    """Append a job for every result ``node`` kept for ``recovery_id``; return True
-    once the node has no job of it left running (False: timeout or lost)."""
-    host, port = parse_address(node)
-    try:
-        conn, _welcome = await connect(
-            host,
-            port,
-            secret=secret,
-            max_message_size=limits.message,
-            ssl_context=tls,
-        )
-    except AuthenticationError as exc:
-        raise _refused(node, exc, secret) from None
-    except DispynbError as exc:
-        logger.warning("cannot recover jobs from %s: %s", node, exc)
-        return False
-    watch = _SilenceWatch(conn)
-    try:
-        conn.write(
-            Recover(
-                comp_id=1,
-                recovery_id=recovery_id,
-                max_message_size=limits.message,
-                pulse_interval=RECOVERY_PULSE,
-            )
-        )
-        streams: dict[tuple[int, int], Parts | None] = {}
-        sent = SentWhileAway(limits.files_dir, conn.write)
-        other_user: list[bool] = []  # a scheduler keeps it for another user
-        placed: dict[int, str] = {}  # behind a shared scheduler: where jobs ran
-
-        async def read() -> None:
-            while True:
-                message, buffers = await conn.recv()
-                if sent.take(message, buffers, {}, node):
-                    continue  # files are saved; no job here is still running
-                if isinstance(message, ResultChunk):
-                    _add_chunk(streams, message, buffers, node, limits.result)
-                elif isinstance(message, JobsPlaced):
-                    _note_placed(message, placed)
-                elif isinstance(message, JobResults):
-                    found = {}
-                    for entry in message.results:
-                        job = DispyJob(0, (), {})
-                        job.id = None  # nodes do not know ids (nor did dispy's)
-                        found[ResultEntry.from_wire(entry)[0].key] = job
-                        out.append(job)
-                    _apply(message, buffers, found, host, streams, placed)
-                elif isinstance(message, Recovered) and message.other_user:
-                    other_user.append(True)
-                    return
-                elif (
-                    isinstance(message, Recovered)
-                    and (not message.found or not message.running)
-                ) or isinstance(message, ComputationClosed):
-                    return
-
-        async with _watching(watch):
-            await timeout.read(read, conn, node)
-        if not other_user:
-            return True
-        # The file stays, for the right user's recovery.
-        logger.warning(
-            "scheduler %s keeps computation %s for another user, not for user %r: "
-            "call recover_jobs again with the credential of the user who ran it",
-            node,
-            recovery_id,
-            split_credential(secret)[0],
-        )
-    except TimeoutError:
-        logger.info("jobs still running on %s after %s s", node, timeout.timeout)
-    except DispynbError as exc:
-        logger.warning("lost node %s while recovering: %s", node, watch.reason(exc))
-    finally:
-        conn.close()
-    return False
-
-
-def _add_chunk(
-    streams: dict[tuple[int, int], Parts | None],
-    message: ResultChunk,
-    buffers: list[memoryview],
-    node: str,
-    cap: int,
-) -> None:
-    """A chunk of a large result (at most ``cap`` bytes in all)."""
-    stream_id = (message.key, message.attempt)
-    problem = add_chunk(streams, stream_id, message, buffers, cap)
-    if problem == TOO_LARGE:
-        logger.warning(
-            "%s streams a result of job %d over %d bytes: refused (raise "
-            "max_result_size)",
-            node,
-            message.key,
-            cap,
-        )
-    elif problem is not None:
-        logger.warning("%s sent a malformed result chunk", node)
-
-
-def _running_behind(message: SchedulerNodes, pending: dict[int, DispyJob]) -> None:
-    """A shared scheduler's report: each job still running names the node behind
-    the scheduler that runs it (dispy's ``ip_addr``), not the scheduler."""
-    for item in message.nodes:
-        try:
-            entry = SharedNodeEntry.from_wire(item)
-        except MessageError:
-            continue
-        for key in entry.running:
-            job = pending.get(key)
-            if job is not None and not job.done():
-                job.ip_addr = entry.host
-
-
-def _note_placed(message: JobsPlaced, placed: dict[int, str]) -> None:
-    """A shared scheduler kept where it sent jobs: each names that node's host
-    (dispy's ``ip_addr``) when its result comes, not the scheduler."""
-    if not isinstance(message.node, str) or not isinstance(message.keys, list):
-        return
-    try:
-        host = parse_address(message.node)[0]
-    except ConfigurationError:
-        return
-    for key in message.keys:
-        if type(key) is int:
-            placed[key] = host
-
-
-def _apply(
-    message: JobResults,
-    buffers: list[memoryview],
-    pending: dict[int, DispyJob],
-    ip: str,
-    streams: dict[tuple[int, int], Parts | None],
-    placed: dict[int, str],
-) -> None:
-    """Complete the jobs of ``pending`` whose results ``message`` has; each names
-    ``ip`` as where it ran, or the node ``placed`` says it went to."""
-    for began in message.started:  # a job running: when it started, as before
-        if is_start(began):
-            running = pending.get(began[0])
-            if running is not None and not running.done():
-                running.start_time = float(began[2])
-    offset = 0
-    for entry in message.results:
-        record, streamed = ResultEntry.from_wire(entry)
-        key, attempt, outcome, start, end, stdout, stderr, exception, count = record
-        result_buffers: list[Buffer] | None
-        if streamed:  # its buffers (and a large output) came before, in chunks
-            stdout, stderr, exception = take_output(
-                streams, (key, attempt), stdout, stderr, exception
-            )
-            chunks = take_stream(streams, (key, attempt), count)
-            result_buffers = None if chunks is None else [*chunks]
-        else:
-            result_buffers = [*buffers[offset : offset + count]]
-            offset += count
-            streams.pop((key, attempt), None)  # chunks sent for it: of no use now
-        job = pending.get(key)
-        if job is None or job.done():
-            continue  # delivered twice (before the crash, and now): once is enough
-        result: Any = None
-        if outcome == FINISHED and result_buffers is None:
-            outcome, exception = "crashed", "the result arrived incomplete"
-        elif outcome == FINISHED and result_buffers is not None:
-            try:
-                result = serialize.loads(result_buffers)
-            except SerializationError as exc:
-                outcome, exception = "crashed", f"the result cannot be unpickled: {exc}"
-        job._complete(
-            status_of(outcome),
-            result=result,
-            stdout=stdout,
-            stderr=stderr,
-            exception=exception,
-            start_time=start or None,
-            end_time=end or None,
-            ip_addr=placed.get(key, ip),
-        )
-
-
-@dataclasses.dataclass(frozen=True)
-class _Deadline:
-    """`recover_jobs`' ``timeout``, over all its nodes (as dispy's), and what is
-    done with the jobs still running when it passes (``terminate_pending``)."""
-
-    timeout: float | None
-    terminate: bool
-    #: `time.monotonic` when the timeout passes (None: never).
-    at: float | None = dataclasses.field(init=False)
-
-    def __post_init__(self) -> None:
-        at = None if self.timeout is None else time.monotonic() + self.timeout
-        object.__setattr__(self, "at", at)
-
-    async def read(
-        self, read: Callable[[], Awaitable[None]], conn: Connection, node: str
-    ) -> None:
-        """``read()`` until the timeout passes; then, with ``terminate``, have the
-        node terminate the jobs still running and read on for their ends (at most
-        `TERMINATE_WAIT` s). Raises TimeoutError if ``read`` did not return."""
-        left = None if self.at is None else max(self.at - time.monotonic(), 0.0)
-        try:
-            async with asyncio.timeout(left):
-                return await read()
-        except TimeoutError:
-            if not self.terminate:
-                raise
-        logger.info("terminating the jobs still running on %s", node)
-        conn.write(ComputationClose(comp_id=1, terminate=True))
-        async with asyncio.timeout(TERMINATE_WAIT):
-            await read()
-
-
-@dataclasses.dataclass(frozen=True)
-class _Limits:
-    """`recover_jobs`'s bounds: the largest message, the largest result."""
-
-    message: int
-    result: int
-    #: Where files jobs sent are saved (`SentWhileAway`).
-    files_dir: str
-
-
 def _limits(max_message_size: Any, max_result_size: Any, files_dir: Any) -> _Limits:
     """Check `recover_jobs`'s size arguments (as `JobCluster` checks its own) and
     its ``files_dir``."""
@@ -726,38 +321,3 @@ def _limits(max_message_size: Any, max_result_size: Any, files_dir: Any) -> _Lim
         except (AttributeError, ValueError, OSError):
             result = sys.maxsize
     return _Limits(message, result, _check_files_dir(files_dir))
-
-
-def _refused(
-    node: str, exc: AuthenticationError, secret: bytes | None
-) -> AuthenticationError:
-    """A node refused the secret: no job of the journal is settled by that, so
-    `recover_jobs` stops, saying which secret to give, and changes nothing."""
-    if secret is None:
-        return AuthenticationError(
-            f"recover_jobs was given no secret, and node {node} needs one: give the "
-            "secret the crashed cluster used (secret=, secret_file=, DISPYNB_SECRET "
-            "or DISPYNB_SECRET_FILE); the recovery file is unchanged"
-        )
-    return AuthenticationError(
-        f"recover_jobs: {exc}; the recovery file is unchanged: call it again with "
-        "the secret the crashed cluster used"
-    )
-
-
-def _gone_from(node: str, secret: bytes | None) -> str:
-    """Why jobs are abandoned whose node (or scheduler) no longer has their
-    computation. A scheduler keeps none across its restart (kill -9, a reboot)."""
-    if not is_credential(secret):
-        return f"node {node} no longer has the computation"
-    return (
-        f"scheduler {node} no longer has the computation: it closed it (the client "
-        "was away longer than its --zombie_interval) or it was restarted since (a "
-        "scheduler keeps no job across a restart)"
-    )
-
-
-def _abandon(pending: dict[int, DispyJob], reason: str) -> None:
-    for job in pending.values():
-        if not job.done():
-            job._complete(JobStatus.Abandoned, exception=reason)
