@@ -1,5 +1,5 @@
-"""Module-scoped local nodes shared by the tests of a module (``tests/api`` and
-``tests/jupyter`` import them into their conftests).
+"""Module-scoped local nodes shared by the tests of a module (the conftests of
+``tests/api``, ``tests/jupyter`` and ``tests/httpd`` take them from here).
 
 The nodes are real ``python -m nodeserver`` processes on 127.0.0.1. Tests that use
 these shared nodes must not kill or stop them (crashing or cancelling jobs is fine:

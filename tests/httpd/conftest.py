@@ -8,15 +8,11 @@ import pytest
 
 from dispynb import JobCluster, LocalCluster
 from dispynb.httpd import DispyHTTPServer
-from tests import jobs
+from tests import jobs, localnodes
 from tests.httpd.client import MonitorClient
 
-
-@pytest.fixture(scope="module")
-def local() -> Iterator[LocalCluster]:
-    """One local node with 2 CPUs."""
-    with LocalCluster(cpus=2) as nodes:
-        yield nodes
+#: The module-scoped local node with 2 CPUs, shared with tests/api and tests/jupyter.
+local = localnodes.local
 
 
 @pytest.fixture(scope="module")
