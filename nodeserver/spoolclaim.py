@@ -10,7 +10,9 @@ other's results as its own. So each running node holds a spool of its own, by th
 ``flock`` of its directory, as each holds a file store (`nodeserver.filestore`).
 
 Results must outlive the node process, so a spool is not removed when its node
-stops: the next node takes it. A client finds a node again by its address, so a
+stops: the next node takes it; but one of its own (``.kept-*``) holding none is
+(and by the next node's sweep, if its node crashed): each fixed ``--port`` ever used
+beside another node left one for ever. A client finds a node again by its address, so a
 node with a fixed ``--port`` takes the spool a node of that port used last; one
 with none (or whose port has none) takes ``.kept`` or another spool left by a node
 of no fixed port, and makes a new one (``.kept-*``) only when none is free.
@@ -63,8 +65,11 @@ class SpoolClaim:
         self.fd = fd
 
     def release(self) -> None:
-        """The node stops: the spool stays (for the next node), unlocked."""
+        """The node stops: the spool stays (for the next node), unlocked; one of
+        its own (``.kept-*``) holding no results is removed (`_remove_if_empty`)."""
         if self.fd is not None:
+            if self.root is not None:
+                _remove_at_exit(self.root)
             os.close(self.fd)
             self.fd = None
 
@@ -211,6 +216,7 @@ def _remove_expired_unheld(dest_path: str, mine: str) -> None:
                     continue  # a running node's
                 try:
                     count, size = ResultSpool(path, 0).remove_expired()
+                    _remove_if_empty(path)  # a node's that ended without (crashed)
                 finally:
                     os.close(fd)
                 removed += count
@@ -223,3 +229,39 @@ def _remove_expired_unheld(dest_path: str, mine: str) -> None:
             freed / 2**20,
             dest_path,
         )
+
+
+def _remove_at_exit(path: str) -> None:
+    """Remove spool ``path`` if empty (`_remove_if_empty`) as its node exits, under
+    the claims' lock if free now; else the next node's sweep removes it (a node
+    stopping waits for no other)."""
+    try:
+        fd = os.open(
+            os.path.join(os.path.dirname(path), _CLAIMS),
+            os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+        )
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _remove_if_empty(path)
+    except OSError:
+        pass  # another node claims: its sweep removes it
+    finally:
+        os.close(fd)
+
+
+def _remove_if_empty(path: str) -> None:
+    """Remove spool ``path``, held by this process, if it is one of its own
+    (``.kept-*``) holding no results: only its `_OWNER`. Each fixed ``--port`` ever
+    used left one for ever; the next node of that port, finding none, takes
+    another (there was nothing to take back). Called under the claims' lock: a node
+    claiming could open the directory just before it is removed."""
+    if not os.path.basename(path).startswith(f"{SHARED}-"):
+        return
+    with contextlib.suppress(OSError):
+        if set(os.listdir(path)) <= {_OWNER}:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(path, _OWNER))
+            os.rmdir(path)  # fails if a result came meanwhile: kept

@@ -25,6 +25,8 @@ from tests.api.test_recovery import (
 )
 from tests.jobs import wait_until
 from tests.nodeproc import start_node
+from tests.nodeserver.test_spool_race import keep_a_computation
+from tests.ports import PortHolder
 
 pytestmark = pytest.mark.slow
 
@@ -185,3 +187,42 @@ def test_results_kept_by_a_node_that_never_returns_go_once_expired(
     log = start_other()
     assert _kept_results(dest / ".kept") == []
     assert "removed the expired results of 1 computation (" in log
+
+
+def _spools(dest: Path) -> list[str]:
+    return sorted(p.name for p in dest.iterdir() if p.name.startswith(".kept-"))
+
+
+def test_a_node_of_a_fixed_port_leaves_no_empty_spool_behind(
+    tmp_path: Path, held_port: PortHolder
+) -> None:
+    """Each fixed --port ever used beside another node left a ``.kept-*`` directory
+    holding only its ``.port`` (9 on one machine, without limit on test machines):
+    one holding no kept results is removed as its node stops; one holding some
+    stays, and the next node of its port takes it back."""
+    dest = tmp_path / "dest"
+    first = start_node(tmp_path / "a", "--dest-path", str(dest))  # holds .kept
+    try:
+        for number in range(2):
+            node = start_node(
+                tmp_path / f"p{number}", "--dest-path", str(dest),
+                "--port", str(held_port()),
+            )  # fmt: skip
+            assert len(_spools(dest)) == 1
+            assert node.stop() == 0
+            assert _spools(dest) == []
+
+        port = str(held_port())
+        node = start_node(tmp_path / "k", "--dest-path", str(dest), "--port", port)
+        (spool,) = _spools(dest)
+        keep_a_computation(str(dest / spool))
+        assert node.stop() == 0
+        assert _spools(dest) == [spool]
+        (tmp_path / "k" / "port").unlink()
+        node = start_node(tmp_path / "k", "--dest-path", str(dest), "--port", port)
+        try:
+            assert _spools(dest) == [spool]  # taken back, not another made
+        finally:
+            node.stop()
+    finally:
+        first.stop()

@@ -21,6 +21,7 @@ from nodeserver import keeper as keeper_module
 from nodeserver.keeper import ResultKeeper
 from nodeserver.spool import MAGIC, ResultSpool
 from nodeserver.spoolclaim import SpoolClaim, claim_spool
+from tests.nodeserver.test_spool_race import keep_a_computation
 
 RID = "5f3c0a9e1b2d4c6e8f00112233445566"
 
@@ -402,11 +403,13 @@ def test_a_node_of_a_fixed_port_takes_the_kept_results_spool_it_used_last(
 ):
     """Nodes sharing a dest_path each hold a spool of their own; started again (in
     any order), a node with a fixed port gets its own back, and one without a port
-    takes a spool no fixed port claims."""
+    takes a spool no fixed port claims (each keeping results: one holding none is
+    removed as its node stops)."""
     claims: list[SpoolClaim] = []
 
     def claim(port: int) -> SpoolClaim:
         claims.append(claim_spool(str(tmp_path), port))
+        keep_a_computation(str(claims[-1].root))
         return claims[-1]
 
     try:

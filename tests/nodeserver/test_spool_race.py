@@ -8,6 +8,7 @@ import fcntl
 import json
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,14 @@ from nodeserver.spoolclaim import SpoolClaim, claim_spool
 
 #: Three nodes of fixed ports and three of none, as they start at once.
 PORTS = [9711, 9712, 9713, 0, 0, 0]
+
+
+def keep_a_computation(spool: str) -> None:
+    """Put a computation's kept results (for an hour) in ``spool``."""
+    os.makedirs(f"{spool}/c0", exist_ok=True)
+    meta = {"name": "c0", "keep": 3600, "expires": time.time() + 3600}
+    with open(f"{spool}/c0/meta", "w") as handle:
+        json.dump(meta, handle)
 
 
 def _start_together(dest: str) -> list[tuple[int, str, bool]]:
@@ -38,6 +47,7 @@ def _start_together(dest: str) -> list[tuple[int, str, bool]]:
                 claim = claim_spool(dest, port)
                 line = json.dumps([port, claim.root, claim.fd is not None]) + "\n"
                 os.write(out_w, line.encode())
+                keep_a_computation(str(claim.root))  # so the spool stays
                 os.read(stop_r, 1)
                 claim.release()
                 code = 0
@@ -102,3 +112,17 @@ def test_a_node_stopped_as_it_claims_does_not_keep_others_from_starting(
     assert claims[0].fd is not None
     claims[0].release()
     assert "claims a kept-results spool without it" in caplog.text
+
+
+def test_a_node_starting_removes_the_spools_left_empty_by_others(tmp_path: Path):
+    """The ``.kept-*`` spools of nodes gone without removing theirs (killed, or
+    older versions) holding no results are removed by the next node's sweep; one
+    holding results is not."""
+    for name, port in ((".kept-empty", 9711), (".kept-full", 9712)):
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / ".port").write_text(f"{port}\n")
+    keep_a_computation(str(tmp_path / ".kept-full"))
+    claim = claim_spool(str(tmp_path), 9713)
+    claim.release()
+    assert claim.root == str(tmp_path / ".kept")
+    assert sorted(os.listdir(tmp_path)) == [".kept", ".kept-full", ".kept.lock"]
