@@ -284,8 +284,15 @@ class ResultSpool:
             spool.failed = 0
 
     def remove(self, spool: SpoolDir) -> None:
-        """Delete a spool directory and its results."""
-        self.report_failures(spool, "its results are gone")
+        """Delete a spool directory and its results (its computation is collected,
+        closed or expired)."""
+        # The results the disk refused were held in memory (`ResultKeeper._keep`),
+        # not lost: they go with their computation, as the spooled ones do.
+        self.report_failures(
+            spool,
+            "they were held in memory instead, as far as --kept-results-size allowed, "
+            "and are let go now with the computation",
+        )
         self.used -= spool.size
         spool.files.clear()
         shutil.rmtree(spool.path, ignore_errors=True)

@@ -454,3 +454,19 @@ def test_a_result_held_in_memory_does_not_keep_its_workers_message(tmp_path: Pat
         await keeper.close()
 
     asyncio.run(main())
+
+
+def test_results_the_disk_refused_are_said_held_in_memory_not_gone(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A computation whose results the disk refused (held in memory since) is
+    removed: the line said "its results are gone", as if they had been lost."""
+    caplog.set_level(logging.INFO, logger="nodeserver.spool")
+    spools = ResultSpool(str(tmp_path / "kept"), 1 << 20)
+    spool = spools.create(RID, "comp")
+    spool.failed, spool.failure = 2, "[Errno 28] No space left on device"
+    spools.remove(spool)
+    (said,) = [r.getMessage() for r in caplog.records if "spooled" in r.message]
+    assert "2 results of computation comp could not be spooled" in said, said
+    assert "held in memory instead" in said and "gone" not in said, said
+    assert not os.path.exists(spool.path)
