@@ -150,6 +150,9 @@ class SharedComputation(_NodeSide, _SentFiles):
         #: Nodes none of its jobs go to until its client's allocate() answers
         #: (`ComputationSetup.allocates`): lifted if that client goes away first.
         self.awaiting_client: set[str] = set()
+        #: Of ``nodes_closed``, those its client's allocate() declined: asked again
+        #: when they come back up (`node_back`), as dispy asks a node it finds again.
+        self.nodes_declined: set[str] = set()
         #: Nodes said to send messages about jobs they do not run (said once each).
         self.foreign_senders: set[str] = set()
         self.ready_sent = False
@@ -395,6 +398,8 @@ class SharedComputation(_NodeSide, _SentFiles):
         alone, never another's use of the node: '' once done, else why not (for
         the client); and the CPUs of the node it may use now."""
         node, action = message.node, message.action
+        if action == "close" and node in self.awaiting_client:
+            self.nodes_declined.add(node)  # its allocate() declined the node
         self.awaiting_client.discard(node)  # its client answered for it
         if action not in NODE_ACTIONS:
             return f"the scheduler knows no node action {peer_text(action, 50)}", 0
@@ -403,6 +408,7 @@ class SharedComputation(_NodeSide, _SentFiles):
             limits.pop(node, None)  # (also of a node gone since)
             if node in self.nodes_closed:  # closed, now named again
                 self.nodes_closed.discard(node)
+                self.nodes_declined.discard(node)
                 self._log_change("allocated node %s again", node)
                 self.server.set_up_again(self, node)
                 return "", 0
@@ -444,6 +450,15 @@ class SharedComputation(_NodeSide, _SentFiles):
                 "debug level (--loglevel debug)",
                 self.name,
             )
+
+    def node_back(self, node: str) -> bool:
+        """Whether to set it up again on ``node``, up again: not if its client
+        closed it there (``close_node``), but one its allocate() declined is asked
+        again (as dispy asks each node it finds)."""
+        if node in self.nodes_declined:
+            self.nodes_declined.discard(node)
+            self.nodes_closed.discard(node)
+        return node not in self.nodes_closed
 
     def hold_for_client(self, node: str) -> None:
         """Set up on ``node``: none of its jobs go there until its client's

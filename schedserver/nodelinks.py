@@ -120,7 +120,7 @@ class _NodeLinks(_ServerState):
             node.alive = True
             logger.info("node %s is up with %s", node.name, counted(node.cpus, "CPU"))
             for comp in self.computations:
-                if node.name not in comp.nodes_closed:  # (close_node: not again)
+                if comp.node_back(node.name):  # (close_node: not again)
                     self._attach_again(comp, node)
 
             def on_control(message: Message, buffers: list[memoryview]) -> bool:

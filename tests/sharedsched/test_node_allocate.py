@@ -40,6 +40,7 @@ class OnlyFirst(NodeAllocate):
     def allocate(
         self, cluster: Any, ip_addr: str, name: str, cpus: int, **kw: Any
     ) -> int:
+        ASKED.append(name)
         return cpus if name == "local-0" else 0
 
 
@@ -191,4 +192,29 @@ def test_a_node_set_up_again_while_its_client_is_away_runs_the_jobs_waiting(
             os.killpg(proc.pid, signal.SIGKILL)
         sched.stop()
         later.stop()
+        first.stop()
+
+
+def test_a_declined_node_that_comes_back_is_asked_again(
+    tmp_path: Path, users: dict[str, Path]
+) -> None:
+    """As dispy asks a node it finds again: the node restarts on its address."""
+    first = start_node(tmp_path / "first", name="local-0", cpus=1)
+    second = start_node(tmp_path / "second", name="local-1", cpus=1)
+    sched = SchedulerProcess(tmp_path, [first.spec, second.spec], first.secret)
+    ASKED.clear()
+    try:
+        sched.start()
+        with alices(OnlyFirst("*"), sched, users) as cluster:
+            sched.wait_for_log(f"its client closed node {second.spec}")
+            assert ASKED.count("local-1") == 1
+            second.stop()
+            second = start_node(
+                tmp_path / "second", "--port", str(second.port), name="local-1"
+            )
+            wait_until(lambda: ASKED.count("local-1") == 2)
+            assert {cluster.submit(0.0)() for _ in range(3)} == {"local-0"}
+    finally:
+        sched.stop()
+        second.stop()
         first.stop()
