@@ -268,11 +268,17 @@ class _Events(_ClusterState):
         if job_status is not None:
             callbacks.post_each(job_status, ((copy.copy(job),) for job in jobs))
         if cluster_status is not None:
+            owner = getattr(cluster_status, "__self__", None)
+            together = getattr(owner, "_jobs_cancelled", None)
             if forwards_events(cluster_status):
                 calls = ((cancelled, None, copy.copy(job)) for job in jobs)
+                callbacks.post_each(cluster_status, calls)
+            elif together is not None:  # a notebook run's: counted together
+                callbacks.post(together, jobs)
             else:
-                calls = ((cancelled, None, job) for job in jobs)
-            callbacks.post_each(cluster_status, calls)
+                callbacks.post_each(
+                    cluster_status, ((cancelled, None, job) for job in jobs)
+                )
         self.job_counts[cancelled._name_] += len(jobs)
         if self._listeners:
             for job in jobs:

@@ -8,6 +8,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from dispynb._callbacks import _call_each
 from dispynb._interruptible import start_thread
 from dispynb.job import FINAL_STATUSES, DispyJob, JobStatus
 from dispynb.jupyter.errors import RunInterrupted
@@ -66,10 +67,7 @@ class _RunEvents(_RunStop):
                 elif key not in self._ended:
                     self._running.add(key)
             elif status in FINAL_STATUSES:
-                if not known:
-                    self._early_final[key] = JobStatus(status)
-                else:
-                    self._end_job(key, JobStatus(status))
+                self._job_final(key, JobStatus(status))
             elif status == JobStatus.ProvisionalResult:
                 if key in self._ended:
                     return
@@ -83,6 +81,35 @@ class _RunEvents(_RunStop):
             else:
                 return
         self._notify()
+
+    def _jobs_cancelled(self, jobs: list[DispyJob]) -> None:
+        """Jobs the cluster cancelled together before they ran (a Stop's 200,000
+        queued), as their ``Cancelled`` events one by one, but counted under one
+        lock and drawn once. The cluster posts this only to a run that passes no
+        job on (`forwards_events`): no callback of the user's to call."""
+        cancelled = JobStatus.Cancelled
+        try:
+            with self._lock:
+                for job in jobs:
+                    self._job_final(job.id, cancelled)
+            listeners = list(self._listeners)
+            if listeners:
+                _call_each(self._tell, ((listeners, job) for job in jobs))
+        finally:
+            self._notify()
+
+    @staticmethod
+    def _tell(listeners: list[Any], job: DispyJob) -> None:
+        for listener in listeners:
+            listener(JobStatus.Cancelled, None, job)
+
+    def _job_final(self, key: Any, status: JobStatus) -> None:
+        """A job's final status, under the lock: counted, or kept until the run
+        knows the job (an event may come before `Run.map` indexed it)."""
+        if key not in self._index:
+            self._early_final[key] = status
+        else:
+            self._end_job(key, status)
 
     def _job_requeued(self, job: DispyJob) -> None:
         """``job``'s node was lost and it waits to run elsewhere (reentrant)."""
