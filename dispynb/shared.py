@@ -155,13 +155,17 @@ class SharedJobCluster(JobCluster):
 
         Through a scheduler, as dispy's: a node `deallocate_node` took out (or
         `set_node_cpus` limited) gets this computation's jobs again, on all its
-        CPUs; one `close_node` closed is set up again. Only the scheduler's
+        CPUs; one `close_node` closed, or its ``nodes``' allocate() declined, is
+        set up again (on all its CPUs, unasked). Only the scheduler's
         operator adds nodes (it sets the computation up on each of them): a node
         that is none of these cannot be allocated (-1)."""
         if not self._shared():
             return super().allocate_node(node)
         try:
             node_id = self._node_id(node, among=self._closed_behind)
+            if node_id is None:  # one its NodeAllocate declined (dispy uses it)
+                declined = getattr(self._backend, "declined_nodes", None)
+                node_id = self._node_id(node, among=dict(declined or {}))
             if node_id is None:
                 node_id = self._behind(node)
             used = self._manage(node_id, "allocate_node", "allocate")

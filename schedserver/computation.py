@@ -93,6 +93,9 @@ class Upstream:
     conn: Connection | None = None
     ready: bool = False
     closed: bool = False
+    #: Its client closed it there (``close_node``, or its allocate() declined):
+    #: no longer in its client's reports, while the node closes it.
+    closing: bool = False
     #: Its connection ended (or never came): the node is lost to the computation.
     ended: bool = False
     #: The results being read went to the client already (`SharedComputation.pass_on`).
@@ -153,6 +156,9 @@ class SharedComputation(_NodeSide, _SentFiles):
         #: Of ``nodes_closed``, those its client's allocate() declined: asked again
         #: when they come back up (`node_back`), as dispy asks a node it finds again.
         self.nodes_declined: set[str] = set()
+        #: Nodes its client named (``allocate_node``) after closing them: not held
+        #: for its allocate() (its client uses all of them, as dispy's).
+        self.nodes_named: set[str] = set()
         #: Nodes said to send messages about jobs they do not run (said once each).
         self.foreign_senders: set[str] = set()
         self.ready_sent = False
@@ -409,6 +415,7 @@ class SharedComputation(_NodeSide, _SentFiles):
             if node in self.nodes_closed:  # closed, now named again
                 self.nodes_closed.discard(node)
                 self.nodes_declined.discard(node)
+                self.nodes_named.add(node)  # (its client uses it all, unasked)
                 self._log_change("allocated node %s again", node)
                 self.server.set_up_again(self, node)
                 return "", 0
@@ -465,7 +472,12 @@ class SharedComputation(_NodeSide, _SentFiles):
         allocate() answers (`ComputationSetup.allocates`), if a client that asks
         it is there; a recovering one or none cannot (nodes it declined are closed
         for it: `nodes_closed`)."""
-        if self.setup.allocates and self.session is not None and not self.recovering:
+        if (
+            self.setup.allocates
+            and self.session is not None
+            and not self.recovering
+            and node not in self.nodes_named
+        ):
             self.account.limits[node] = 0
             self.awaiting_client.add(node)
 
@@ -513,6 +525,7 @@ class SharedComputation(_NodeSide, _SentFiles):
         not started are cancelled, the others it held there run elsewhere
         (`on_results`), as a `JobCluster`'s."""
         name = upstream.node.name
+        upstream.closing = True
         self.nodes_closed.add(name)
         self.account.limits[name] = 0  # none of its jobs go there meanwhile
         if self.account.pinned.get(name):

@@ -288,9 +288,15 @@ class _NodeLinks(_ServerState):
             comp.node_lost(upstream, reason)
             self._check_failed(comp)
             if upstream.closed and node.name not in comp.nodes_closed:
-                # allocate_node came while its close_node was under way
-                if node.alive and not node.leaving:
-                    self._attach_again(comp, node)
+                # allocate_node came while its close_node was under way (this task,
+                # not done yet, is the link `_attach_again` would wait for)
+                if (
+                    node.alive
+                    and not node.leaving
+                    and comp.upstream.get(node.name) is upstream
+                    and not (comp.closing or comp.released)
+                ):
+                    self._attach(comp, node)
             elif was_set_up:
                 self._relink_later(comp, upstream, reason)
             self.schedule()

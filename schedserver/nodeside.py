@@ -302,7 +302,12 @@ class _NodeSide(_JobFiles):
         platforms = {}
         for name, upstream in sorted(self.upstream.items()):
             node = upstream.node
-            if not upstream.ready or upstream.conn is None or not node.alive:
+            if (
+                not upstream.ready
+                or upstream.conn is None
+                or not node.alive
+                or upstream.closing
+            ):
                 continue
             if node.platform:
                 platforms[name] = node.platform

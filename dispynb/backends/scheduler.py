@@ -34,7 +34,7 @@ from dispynb.backends.base import ClusterConfig, Departure, JobEvents, NodeInfo
 from dispynb.backends.nodes import NodeEngine, NodesBackend, _avail_info
 from dispynb.depends import FileRef
 from dispynb.errors import ConfigurationError, MessageError, NotSupportedError
-from dispynb.node import DispyNodeAvailInfo, NodeAllocate, parse_node_specs
+from dispynb.node import DispyNode, DispyNodeAvailInfo, NodeAllocate, parse_node_specs
 from dispynb.protocol.handshake import peer_text
 from dispynb.protocol.messages import JobsPlaced, SchedulerNodes
 from dispynb.protocol.records import SharedNodeEntry
@@ -143,6 +143,12 @@ class SchedulerBackend(NodesBackend):
         self._declined: set[str] = set()
         self._allot_said: set[str] = set()  # (each warning of `allot` once)
         self._telling: set[asyncio.Task[None]] = set()
+        #: The nodes they declined, until asked again (``allocate_node`` finds
+        #: them by any of their names), and those it named since: all their CPUs,
+        #: never asked again, as dispy's ``allocate_node`` puts a NodeAllocate of
+        #: the node first.
+        self.declined_nodes: dict[str, DispyNode] = {}
+        self._named: set[str] = set()
 
     def node_ready(self, link: NodeLink) -> None:
         """The computation is set up at the scheduler; its nodes come in a report."""
@@ -252,8 +258,9 @@ class SchedulerBackend(NodesBackend):
         sends none of this computation's jobs there until told
         (`ComputationSetup.allocates`), gets a limit or closes it there.
         Returns the CPUs this cluster uses there (0: not used)."""
-        cpus, chosen = 0, None
-        for asked in self.allocations:
+        named = entry.node_id in self._named  # (allocate_node: all of it, unasked)
+        cpus, chosen = (entry.cpus, self.allocations[0]) if named else (0, None)
+        for asked in () if named else self.allocations:
             try:
                 cpus = asked.allocate(
                     self._config.cluster,
@@ -299,8 +306,12 @@ class SchedulerBackend(NodesBackend):
             )
         if cpus:
             self._allotted[entry.node_id] = cpus
+            self.declined_nodes.pop(entry.node_id, None)
         else:
             self._declined.add(entry.node_id)
+            self.declined_nodes[entry.node_id] = DispyNode(
+                entry.host, entry.name, entry.cpus, port=entry.port, platform=platform
+            )
         task = asyncio.get_running_loop().create_task(
             self._tell_allotted(link, entry.node_id, action, cpus)
         )
@@ -457,6 +468,8 @@ class SchedulerBackend(NodesBackend):
             self._released_behind.add(node_id)
         elif action == "allocate":
             self._released_behind.discard(node_id)
+            self._named.add(node_id)
+            self._declined.discard(node_id)
         error, used = await self.driver.manage_node(
             link, node_id, action, cpus, terminate
         )

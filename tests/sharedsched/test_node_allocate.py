@@ -218,3 +218,17 @@ def test_a_declined_node_that_comes_back_is_asked_again(
         sched.stop()
         second.stop()
         first.stop()
+
+
+def test_allocate_node_uses_a_node_the_allocation_declined(
+    scheduler: SchedulerProcess, nodes: LocalCluster, users: dict[str, Path]
+) -> None:
+    """As dispy's allocate_node: the node named is used, on all its CPUs."""
+    ASKED.clear()
+    with alices(OnlyFirst("*"), scheduler, users) as cluster:
+        scheduler.wait_for_log("its client closed node")
+        assert cluster.allocate_node("local-1") == 0
+        wait_until(lambda: sorted(by_name(cluster)) == ["local-0", "local-1"])
+        assert by_name(cluster)["local-1"].cpus == 2
+        assert cluster.submit_node("local-1", 0.0)() == "local-1"
+        assert ASKED.count("local-1") == 1  # named: not asked again
