@@ -118,7 +118,9 @@ def test_close_node_closes_the_clusters_computation_there_until_allocated(
             release.touch()  # the running ones finish there
             assert [job() for job in jobs[:2]] == [first, first]
             wait_until(lambda: first not in by_name(alice))
-        assert f"node {node.ip_addr}:{node.port} released (close_node)" in caplog.text
+            # Said on the client's loop thread as it drops the node: maybe just after.
+            released = f"node {node.ip_addr}:{node.port} released (close_node)"
+            wait_until(lambda: released in caplog.text)
         assert f"{node.ip_addr}:{node.port} left" not in caplog.text
         wait_until(lambda: (DispyNode.Closed, first) in events)  # (its thread)
         assert [job.status for job in jobs[2:]] == [JobStatus.Created] * 2
