@@ -327,7 +327,7 @@ class _NodeSide(_JobFiles):
                     list(node.avail),
                 ).to_wire()
             )
-        if force or nodes != self._reported or self._left:
+        if force or nodes != self._reported or self._left or self._requeued:
             self._reported = nodes
             left, self._left = self._left, {}
             requeued, self._requeued = self._requeued, []
