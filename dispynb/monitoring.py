@@ -62,13 +62,23 @@ class ClusterMonitor:
         self._finished: deque[tuple[dict[str, Any], weakref.ref[DispyJob]]] = deque(
             maxlen=history
         )
+        # The events heard while the jobs submitted before are copied, applied after
+        # them: another thread may be submitting (a cell's loop while the panel or
+        # the web monitor attaches), and a job its event put first would precede
+        # the older jobs queued, which `_shown_live` relies on being in submit order.
+        self._attaching = threading.Lock()
+        self._held: list[tuple[int, DispyNode | None, DispyJob | None]] | None = []
         cluster.add_listener(self._on_event)
-        # Jobs submitted before we listened: copy under the listener so none is missed.
-        for key, job in list(cluster._jobs.items()):
-            if not job.done():
-                self._live.setdefault(key, job)
-                if job.status in _RUNNING:
-                    self._running.add(key)
+        with self._attaching:
+            # Copied under the listener so none is missed, in submit (key) order.
+            for key, job in list(cluster._jobs.items()):
+                if not job.done():
+                    self._live.setdefault(key, job)
+                    if job.status in _RUNNING:
+                        self._running.add(key)
+            held, self._held = self._held, None
+            for event in held:
+                self._apply(*event)
 
     @property
     def version(self) -> int:
@@ -91,6 +101,17 @@ class ClusterMonitor:
     def _on_event(
         self, status: int, node: DispyNode | None, job: DispyJob | None
     ) -> None:
+        if self._held is not None:  # still attaching (rare): only then a lock
+            with self._attaching:
+                if self._held is not None:
+                    self._held.append((status, node, job))
+                    return
+        self._apply(status, node, job)
+        self._bump()
+
+    def _apply(self, status: int, node: DispyNode | None, job: DispyJob | None) -> None:
+        """Follow a job's event (by its status now: a later event may be heard
+        first, from another thread)."""
         key = job._key if job is not None else None
         if job is not None and key is not None:
             if node is not None:
@@ -108,7 +129,6 @@ class ClusterMonitor:
                 else:
                     self._running.discard(key)
                     self._where.pop(key, None)  # requeued
-        self._bump()
 
     def _bump(self) -> None:
         with self._changed:

@@ -214,3 +214,43 @@ def test_a_job_list_looks_at_the_running_and_first_queued_jobs(
         assert len(looked) <= 8, sorted(looked)
         assert monitor.cancel_all() == 61
         assert cluster.wait(WAIT)
+
+
+def test_a_monitor_attached_while_a_thread_submits_lists_the_first_queued(
+    local1: LocalCluster, tmp_path: Path, monkeypatch
+) -> None:
+    """The web monitor or the lab panel attaching to a cluster while another
+    thread submits to it (a cell's loop): the jobs that thread submitted as the
+    monitor copied the earlier ones came first among its queued jobs, and its
+    job list showed those later jobs as the next to run. Here the thread submits
+    between the monitor's listening and its copy, as a thread switch there does."""
+    marker = str(tmp_path / "started")
+    with JobCluster(mark_and_sleep, nodes=local1) as cluster:
+        jobs = [cluster.submit(marker, 30)]
+        jobs += [cluster.submit(None, 30) for _ in range(20)]
+        wait_for_path(marker)
+        listen = cluster.add_listener
+
+        def listen_then_submit(listener: object) -> None:
+            listen(listener)  # type: ignore[arg-type]
+            submitter = threading.Thread(
+                target=lambda: jobs.extend(cluster.submit(None, 30) for _ in range(10))
+            )
+            submitter.start()
+            submitter.join(WAIT)
+            assert not submitter.is_alive()
+
+        monkeypatch.setattr(cluster, "add_listener", listen_then_submit)
+        monitor = ClusterMonitor(cluster)
+        monkeypatch.undo()
+        assert len(jobs) == 31
+        wait_until(lambda: monitor.snapshot(max_jobs=0)["counts"]["running"] >= 1)
+        counts = monitor.snapshot(max_jobs=0)["counts"]
+        assert counts["running"] + counts["pending"] == 31, counts
+        unfinished = [job for job in jobs if not job.done()]
+        unfinished.sort(key=lambda job: (job.status != JobStatus.Running, job._seq))
+        shown = monitor.snapshot(max_jobs=5)["jobs"]
+        assert [job["key"] for job in shown] == [job._key for job in unfinished[:5]]
+        assert monitor.cancel_all() == 31
+        assert cluster.wait(WAIT)
+        monitor.close()
