@@ -32,7 +32,7 @@ import logging
 import threading
 import time
 import weakref
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -109,9 +109,10 @@ class ClusterTracker:
         self._lost_version = 0
         # Clusters whose final snapshot is taken: never followed or kept again.
         self._ended: weakref.WeakSet[Any] = weakref.WeakSet()
-        # Each card's shown name, (cluster id, name) -> name: a second run of one
-        # function (``Run.map(f, ...)`` twice) reads "f (2)", not "f" again.
-        self._labels: dict[tuple[str, str], str] = {}
+        # Each card's place among the cards of its name, (cluster id, name) -> n,
+        # in the order they came: said beside the name of the earlier ones while
+        # cards of one name are shown together (`_labelled`).
+        self._places: dict[tuple[str, str], int] = {}
         self._named: dict[str, int] = {}  # name -> cards seen with it
         self._every_cluster = clusters is live_clusters
         if self._every_cluster:
@@ -237,27 +238,37 @@ class ClusterTracker:
             snap["nodes"] = snap["nodes"] + [
                 node for node in lost if node["id"] not in present
             ]
-        # Named in the order they came: the closed (oldest first), then the live.
-        self._label([*reversed(closed), *live])
-        return [self._labelled(card) for card in live + closed]
+        # Placed in the order they came: the closed (oldest first), then the live.
+        self._place([*reversed(closed), *live])
+        return self._labelled(live + closed)
 
-    def _label(self, cards: list[dict[str, Any]]) -> None:
-        """Give each card not yet seen the name it is shown under, for good: its
-        own the first time, with a number after (``"f (2)"``) the next ones."""
+    def _place(self, cards: list[dict[str, Any]]) -> None:
+        """Number each card not yet seen among the cards of its name, for good."""
         with self._lock:
             for card in cards:
                 key = (card["id"], card["name"])
-                if key not in self._labels:
-                    seen = self._named[card["name"]] = (
-                        self._named.get(card["name"], 0) + 1
-                    )
+                if key not in self._places:
                     name = card["name"]
-                    self._labels[key] = name if seen == 1 else f"{name} ({seen})"
+                    self._places[key] = self._named[name] = self._named.get(name, 0) + 1
 
-    def _labelled(self, card: dict[str, Any]) -> dict[str, Any]:
-        """``card`` under its shown name (`_label`)."""
-        label = self._labels[(card["id"], card["name"])]
-        return card if label == card["name"] else {**card, "name": label}
+    def _labelled(self, cards: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``cards`` under the names they are shown with: each the name the notebook
+        gave it (``--into preds``, ``name=``, else its function's), as typed; while
+        cards of one name are shown together, the newest (the one a re-run cell's
+        ``preds`` holds) keeps it and each earlier one has its place after it,
+        ``"preds (1)"``, told apart without renaming the run the notebook names."""
+        with self._lock:
+            places = [self._places[(card["id"], card["name"])] for card in cards]
+        newest: dict[str, int] = {}
+        for card, place in zip(cards, places, strict=True):
+            newest[card["name"]] = max(newest.get(card["name"], 0), place)
+        shared = Counter(card["name"] for card in cards)
+        return [
+            {**card, "name": f"{card['name']} ({place})"}
+            if shared[card["name"]] > 1 and place != newest[card["name"]]
+            else card
+            for card, place in zip(cards, places, strict=True)
+        ]
 
     def pulses(self) -> list[float | None]:
         """The ``pulse_interval`` each followed cluster asked of its nodes."""

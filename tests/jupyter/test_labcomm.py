@@ -445,7 +445,7 @@ def test_the_panel_header_keeps_a_launched_node_that_exited(
 
 def test_two_runs_of_one_function_are_told_apart(local: LocalCluster) -> None:
     """``Run.map(f, ...)`` twice without ``name=`` showed two cards named "f";
-    the second one is "f (2)", and keeps it."""
+    shown together, the earlier reads "f (1)", the newest "f"."""
     from dispynb.jupyter.run import Run
     from dispynb.monitoring import live_clusters
 
@@ -455,8 +455,38 @@ def test_two_runs_of_one_function_are_told_apart(local: LocalCluster) -> None:
         second = Run.map(jobs.square, range(3), nodes=local, progress="none")
         for _ in range(2):
             names = {c["id"]: c["name"] for c in tracker.snapshots()}
-            assert names[first.cluster.uid] == "square", names
-            assert names[second.cluster.uid] == "square (2)", names
+            assert names[first.cluster.uid] == "square (1)", names
+            assert names[second.cluster.uid] == "square", names
         assert (first.results, second.results) == ([0, 1], [0, 1, 4])
+    finally:
+        tracker.close()
+
+
+def test_a_run_named_by_the_notebook_keeps_its_name_when_run_again(
+    local: LocalCluster,
+) -> None:
+    """A cell ``%%dispy --into preds`` run twice: the card of the run ``preds``
+    holds read "preds (2)", a name nobody typed, and the next run "preds (3)". The
+    newest card reads "preds", as typed; the earlier one, shown with it, "preds
+    (1)"."""
+    from dispynb.monitoring import live_clusters
+    from tests.jupyter.shell import cell, shell_on
+
+    tracker = ClusterTracker(live_clusters)
+    body = "def double(x):\n    return 2 * x"
+    try:
+        with shell_on(local) as shell:
+            cell(shell, '--over "range(2)" --into preds', body)
+            first = shell.user_ns["preds"]
+            (card,) = tracker.snapshots()
+            assert card["name"] == "preds", card
+            cell(shell, '--over "range(3)" --into preds', body)
+            second = shell.user_ns["preds"]
+            assert second is not first and second.results == [0, 2, 4]
+            names = {c["id"]: c["name"] for c in tracker.snapshots()}
+            assert names == {
+                second.cluster.uid: "preds",
+                first.cluster.uid: "preds (1)",
+            }, names
     finally:
         tracker.close()
