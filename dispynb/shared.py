@@ -29,7 +29,9 @@ class SharedJobCluster(JobCluster):
     ``dispynb-scheduler user add NAME`` wrote (or ``secret=`` its content, or
     ``DISPYNB_SECRET_FILE``). ``exclusive=True`` asks for the nodes alone: the
     computation's jobs run once other users' running jobs ended, and no other
-    user's job starts while it is open. Everything else is as for `JobCluster`,
+    user's job starts while it is open, if the scheduler's administrator lets
+    its user (``dispynb-scheduler --exclusive_users``); otherwise it runs shared,
+    with a warning saying whom to ask. Everything else is as for `JobCluster`,
     except that the scheduler manages the nodes: ``deallocate_node``,
     ``allocate_node``, ``set_node_cpus`` and ``close_node`` change this cluster's
     own use of a node (as dispy's; never other users'), ``resetup_node`` raises

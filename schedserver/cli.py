@@ -271,6 +271,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="quota: jobs waiting at the scheduler per user",
     )
     parser.add_argument(
+        *_both("exclusive_users"),
+        default="none",
+        metavar="WHO",
+        help="who may run exclusive clusters (SharedJobCluster(exclusive=True): "
+        "every other user's jobs wait until it closes): all (dispyscheduler's "
+        "rule), none, or user names separated by commas (alice,bob); default none: "
+        "another user's exclusive cluster runs shared with the others, its client "
+        "warned and told to ask for this option",
+    )
+    parser.add_argument(
         *_both("pulse_interval"),
         type=float,
         default=1.0,
@@ -456,7 +466,7 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
     from dispynb.secret import resolve_secret
     from dispynb.transport.addressing import parse_address
     from dispynb.transport.tls import client_context, server_context
-    from schedserver.config import SchedulerConfig
+    from schedserver.config import SchedulerConfig, parse_exclusive_users
 
     for name, why in REFUSED.items():
         if getattr(args, name) is not None:
@@ -521,6 +531,7 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         jobs_per_cpu=args.jobs_per_cpu,
         max_cpus=args.max_cpus,
         max_queued=args.max_queued,
+        exclusive_users=parse_exclusive_users(args.exclusive_users),
         pulse_interval=pulse_interval,
         # 0: never, as for dispyscheduler (and dispynb-node).
         zombie_interval=args.zombie_interval * 60.0

@@ -11,6 +11,7 @@ from dispynb.defaults import CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT, MAX_MESSAGE_SIZ
 from dispynb.errors import ConfigurationError
 from dispynb.httpd.security import is_loopback
 from dispynb.transport.tls import TlsOptions
+from schedserver.users import NAME_PATTERN
 
 #: How the scheduler is given TLS towards its nodes: the fix a node's TLS error
 #: names (not a Python client's ``cafile=``).
@@ -52,6 +53,10 @@ class SchedulerConfig:
     #: Per user: jobs in flight (CPUs) and jobs queued at most (None: no limit).
     max_cpus: int | None = None
     max_queued: int | None = None
+    #: Users whose ``exclusive=True`` holds (``--exclusive_users``): None, every
+    #: user (dispy's meaning); empty (the default), none. Another user's exclusive
+    #: computation runs shared, its client told why and whom to ask.
+    exclusive_users: frozenset[str] | None = frozenset()
     #: Seconds between pings to nodes and status reports to clients.
     pulse_interval: float = 1.0
     #: Seconds without a word from a client (it pings every pulse) before its
@@ -174,4 +179,22 @@ class SchedulerConfig:
                 raise ConfigurationError(f"--{name} must be at least 1, not {value}")
 
 
-__all__ = ["SchedulerConfig"]
+def parse_exclusive_users(text: str) -> frozenset[str] | None:
+    """``--exclusive_users``: ``all`` (None), ``none`` (empty), or user names
+    separated by commas or spaces. Raises `ConfigurationError` for a bad name."""
+    words = text.replace(",", " ").split()
+    if [w.lower() for w in words] == ["all"]:
+        return None
+    if [w.lower() for w in words] == ["none"]:
+        return frozenset()
+    bad = [w for w in words if not NAME_PATTERN.fullmatch(w)]
+    if bad or not words or {"all", "none"} & {w.lower() for w in words}:
+        raise ConfigurationError(
+            f"--exclusive_users {text[:200]!r}: give all, none, or user names "
+            "separated by commas (alice,bob), as 'dispynb-scheduler user add' "
+            "named them"
+        )
+    return frozenset(words)
+
+
+__all__ = ["SchedulerConfig", "parse_exclusive_users"]

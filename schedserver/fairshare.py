@@ -7,6 +7,11 @@ user served least recently), within that user's quota, and respecting exclusive
 computations (dispy's ``SharedJobCluster(exclusive=True)``): while one is active it
 alone gets CPUs, and only once the others' jobs in flight have ended.
 
+Since one user's exclusive computation stops every other user's jobs for as long
+as it is open, only the users the administrator names (``--exclusive_users``) get
+one: another user's ``exclusive=True`` is declined (`exclusive_refusal`) and its
+computation runs shared, so a dispy program asking for it still runs.
+
 It never preempts: a slot is given only when one is free, so a user's running jobs
 keep their CPUs whoever else waits (``max_cpus`` is the administrator's cap).
 """
@@ -64,14 +69,38 @@ class Account:
 class FairShare:
     """Fair share of CPU slots between users; see the module docstring.
 
-    ``max_cpus``: jobs in flight per user at most (None: no limit).
+    ``max_cpus``: jobs in flight per user at most (None: no limit);
+    ``exclusive_users``: who may run exclusive computations (None: every user).
     """
 
-    def __init__(self, max_cpus: int | None = None) -> None:
+    def __init__(
+        self,
+        max_cpus: int | None = None,
+        exclusive_users: frozenset[str] | None = None,
+    ) -> None:
         self.max_cpus = max_cpus
+        self.exclusive_users = exclusive_users
         self._in_flight: dict[str, int] = {}
         self._served: dict[str, int] = {}
         self._stamps = itertools.count(1)
+
+    def exclusive_refusal(self, user: str) -> str:
+        """Why ``user``'s exclusive computation runs shared ("": it may be
+        exclusive), in words for its client: what to ask the administrator."""
+        allowed = self.exclusive_users
+        if allowed is None or user in allowed:
+            return ""
+        who = (
+            "lets only the users its administrator names" if allowed else "lets no user"
+        )
+        return (
+            f"exclusive=True declined for user {user!r}: this scheduler {who} "
+            "run exclusive clusters (each stops every other user's jobs while it is "
+            "open), so this cluster runs shared with other users' jobs. To run it "
+            f"alone, ask the scheduler's administrator to add {user!r} to "
+            "dispynb-scheduler --exclusive_users; to run it shared without this "
+            "warning, leave exclusive=True out"
+        )
 
     def in_flight(self, user: str) -> int:
         """Jobs of ``user`` sent to nodes and not ended."""

@@ -121,6 +121,8 @@ class SchedulerSession:
         self._files_refused = False
         #: A computation over its user's quota was refused (logged once).
         self._computations_refused = False
+        #: An exclusive computation of its user was declined (logged once).
+        self._exclusive_declined = False
         self._backlogged_before = False
 
     async def serve(self) -> None:
@@ -358,6 +360,27 @@ class SchedulerSession:
             "first"
         )
 
+    def _exclusive(self, setup: ComputationSetup) -> ComputationSetup:
+        """``setup`` (exclusive) as it runs: exclusive if its user may (logged:
+        every other user's jobs wait), otherwise shared, its client told why and
+        whom to ask (`FairShare.exclusive_refusal`)."""
+        name = f"{self.user}/{peer_text(setup.name, 200)}"
+        refused = self.server.fair.exclusive_refusal(self.user)
+        if not refused:
+            logger.info(
+                "%s runs exclusive: no other user's job starts until it closes", name
+            )
+            return setup
+        (logger.debug if self._exclusive_declined else logger.info)(
+            "%s: exclusive=True declined (user %r is not among --exclusive_users): "
+            "it runs shared",
+            name,
+            self.user,
+        )
+        self._exclusive_declined = True
+        self.send(Error(code="refused", message=refused))
+        return dataclasses.replace(setup, exclusive=False)
+
     def _files_too_large(self, setup: ComputationSetup) -> str:
         """Why the files ``setup`` depends on are refused ("" if they are not)."""
         for entry in setup.files:
@@ -453,6 +476,8 @@ class SchedulerSession:
                 self.send(ComputationFailed(comp_id=message.comp_id, message=refused))
             else:
                 self._pulse_at(message.pulse_interval)
+                if message.exclusive:
+                    message = self._exclusive(message)
                 if isinstance(message.dest_path, str) and message.dest_path.strip("/."):
                     # A node keeps a dest_path under its client's address, shared
                     # by that client's computations (as dispy's): here, under each

@@ -99,7 +99,7 @@ class _ServerState:
         self.nodes = [NodeState(host, port) for host, port in config.nodes]
         self.sessions: set[SchedulerSession] = set()
         self.computations: list[SharedComputation] = []
-        self.fair = FairShare(config.max_cpus)
+        self.fair = FairShare(config.max_cpus, config.exclusive_users)
         self.spill = SpillStore(config.dest_path_prefix, config.kept_memory)
         #: Files clients uploaded, on disk while a computation needs them.
         self.files = ClientFiles(

@@ -1,6 +1,6 @@
-"""Sharing through a real dispynb-scheduler: fair share between users measured,
-exclusive clusters, quotas, a client killed and reattached (nothing lost, nothing
-twice), a node killed (reentrant jobs run again elsewhere)."""
+"""Sharing through a real dispynb-scheduler: fair share between users measured
+(exclusive clusters: test_exclusive.py), quotas, a client killed and reattached
+(nothing lost, nothing twice), a node killed (reentrant jobs run again elsewhere)."""
 
 from __future__ import annotations
 
@@ -84,40 +84,6 @@ def test_equal_load_gets_equal_shares(
     start, end = shared_window(outs)
     shares = [busy_within(out["times"], start, end) for out in outs]
     assert abs(shares[0] - shares[1]) <= 0.1 * (sum(shares) / 2), shares
-
-
-def test_exclusive_cluster_runs_alone(
-    scheduler: SchedulerProcess, users: dict[str, Path]
-) -> None:
-    with SharedJobCluster(
-        nap, scheduler_host=scheduler.address, secret_file=str(users["bob"])
-    ) as bob:
-        first = [bob.submit(i, 1.0) for i in range(4)]
-        # all four in flight (as dispy's, an exclusive cluster waits for running
-        # jobs only: queued ones of others wait for it)
-        deadline = time.monotonic() + 20
-        while not all(
-            job.status in (JobStatus.Running, JobStatus.Finished) for job in first
-        ):
-            assert time.monotonic() < deadline, [job.status for job in first]
-            time.sleep(0.02)
-        with SharedJobCluster(
-            nap,
-            scheduler_host=scheduler.address,
-            secret_file=str(users["alice"]),
-            exclusive=True,
-        ) as alice:
-            later = [bob.submit(i, 0.1) for i in range(4, 8)]
-            mine = [alice.submit(i, 0.3) for i in range(4)]
-            assert [job() for job in mine] == list(range(4))
-            assert [job() for job in first] == list(range(4))
-            alice_start = min(job.start_time for job in mine)
-            alice_end = max(job.end_time for job in mine)
-            # alice started once bob's running jobs had ended ...
-            assert alice_start >= max(job.end_time for job in first) - 0.05
-        # ... and bob's later jobs waited until alice had closed
-        assert [job() for job in later] == list(range(4, 8))
-        assert min(job.start_time for job in later) >= alice_end - 0.05
 
 
 def test_quotas_cap_running_and_queued_jobs(

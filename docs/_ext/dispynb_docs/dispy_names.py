@@ -234,8 +234,12 @@ SHARED = [
     ),
     Name(
         "exclusive",
-        note="With a scheduler: the computation's jobs run once other users' jobs "
-        "ended, and no other user's job starts while it is open.",
+        differs="With a scheduler, for the users its administrator names "
+        "(``dispynb-scheduler --exclusive_users``, none by default): the "
+        "computation's jobs run once other users' jobs ended, and no other user's "
+        "job starts while it is open. Another user's exclusive cluster runs "
+        "shared, with a warning saying whom to ask (dispy's scheduler let every "
+        "user stop everyone else's jobs).",
     ),
 ]
 

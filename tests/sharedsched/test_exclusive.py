@@ -1,0 +1,170 @@
+"""Exclusive clusters through a real dispynb-scheduler, and who may run them.
+
+One user's ``SharedJobCluster(exclusive=True)`` stops every other user's jobs until
+it closes (dispy's meaning), so the administrator names who may
+(``--exclusive_users``). By default nobody: another user's exclusive cluster still
+runs, shared, and its client is warned with what to ask the administrator.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import pytest
+
+from dispynb import LocalCluster, SharedJobCluster
+from dispynb.errors import ConfigurationError
+from dispynb.job import JobStatus
+from schedserver.cli import config_from_args, parse_args
+from tests.jobs import wait_until
+from tests.sharedsched.harness import SchedulerProcess, scheduler_cli
+from tests.sharedsched.nodeuse import held
+
+pytestmark = pytest.mark.timeout(120)
+
+WAIT = 20.0
+
+
+def nap(n: int, seconds: float) -> int:
+    import time
+
+    time.sleep(seconds)
+    return n
+
+
+@pytest.mark.slow
+def test_exclusive_is_declined_by_default_and_the_cluster_runs_shared(
+    scheduler: SchedulerProcess,
+    nodes: LocalCluster,
+    users: dict[str, Path],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A scheduler started without --exclusive_users: alice's exclusive=True
+    cluster runs, but bob's jobs run beside hers (before, they waited until she
+    closed); her client logs a warning naming the option to ask for."""
+    started = tmp_path / "started"
+    started.mkdir()
+    release = tmp_path / "release"
+    with (
+        caplog.at_level(logging.WARNING, logger="dispynb"),
+        SharedJobCluster(
+            held,
+            scheduler_host=scheduler.address,
+            secret_file=str(users["alice"]),
+            exclusive=True,
+        ) as alice,
+    ):
+        hers = alice.submit(0, str(started), str(release))
+        wait_until((started / "0").exists)
+        with SharedJobCluster(
+            nap, scheduler_host=scheduler.address, secret_file=str(users["bob"])
+        ) as bob:
+            his = [bob.submit(i, 0.01) for i in range(6)]
+            assert bob.wait(timeout=WAIT), [job.status for job in his]
+            assert [job.result for job in his] == list(range(6))
+        assert hers.status == JobStatus.Running
+        release.touch()
+        assert hers() in nodes.names  # the node that ran it
+    said = [r.getMessage() for r in caplog.records if "declined" in r.getMessage()]
+    assert len(said) == 1, said
+    assert "user 'alice'" in said[0] and "--exclusive_users" in said[0]
+    assert "administrator" in said[0] and "runs shared" in said[0]
+    assert said[0].count("bob") == 0  # nothing of other users
+    scheduler.wait_for_log("exclusive=True declined (user 'alice'")
+
+
+@pytest.mark.slow
+def test_an_exclusive_cluster_of_a_user_named_runs_alone(
+    tmp_path: Path, nodes: LocalCluster, users: dict[str, Path]
+) -> None:
+    """``--exclusive_users alice``: as dispy's, her exclusive cluster waits for
+    the running jobs of others, then runs alone; others' jobs wait until it
+    closes. The scheduler's log says it runs exclusive."""
+    scheduler = SchedulerProcess(
+        tmp_path, nodes.node_specs(), nodes.secret, ("--exclusive_users", "alice")
+    ).start()
+    try:
+        with SharedJobCluster(
+            nap, scheduler_host=scheduler.address, secret_file=str(users["bob"])
+        ) as bob:
+            first = [bob.submit(i, 1.0) for i in range(4)]
+            # all four in flight (as dispy's, an exclusive cluster waits for running
+            # jobs only: queued ones of others wait for it)
+            deadline = time.monotonic() + WAIT
+            while not all(
+                job.status in (JobStatus.Running, JobStatus.Finished) for job in first
+            ):
+                assert time.monotonic() < deadline, [job.status for job in first]
+                time.sleep(0.02)
+            with SharedJobCluster(
+                nap,
+                scheduler_host=scheduler.address,
+                secret_file=str(users["alice"]),
+                exclusive=True,
+            ) as alice:
+                later = [bob.submit(i, 0.1) for i in range(4, 8)]
+                mine = [alice.submit(i, 0.3) for i in range(4)]
+                assert [job() for job in mine] == list(range(4))
+                assert [job() for job in first] == list(range(4))
+                alice_start = min(job.start_time for job in mine)
+                alice_end = max(job.end_time for job in mine)
+                # alice started once bob's running jobs had ended ...
+                assert alice_start >= max(job.end_time for job in first) - 0.05
+            # ... and bob's later jobs waited until alice had closed
+            assert [job() for job in later] == list(range(4, 8))
+            assert min(job.start_time for job in later) >= alice_end - 0.05
+        assert "runs exclusive: no other user's job starts" in scheduler.log_text()
+    finally:
+        scheduler.stop()
+
+
+@pytest.mark.parametrize(
+    ("given", "allowed"),
+    [
+        ([], frozenset()),  # the default: none
+        (["--exclusive_users", "none"], frozenset()),
+        (["--exclusive_users", "all"], None),  # dispyscheduler's rule
+        (["--exclusive-users", "alice, bob"], frozenset({"alice", "bob"})),
+        (["--exclusive_users", "alice", "--exclusive_users", "carol"], {"carol"}),
+    ],
+)
+def test_exclusive_users_are_taken_from_the_command_line(
+    given: list[str], allowed: frozenset[str] | None
+) -> None:
+    config = config_from_args(parse_args(["--users", "u", *given]))
+    assert config.exclusive_users == allowed
+
+
+def test_exclusive_users_are_taken_from_a_config_file(tmp_path: Path) -> None:
+    """As every option: from ``--config`` (and written by ``--save_config``)."""
+    saved = scheduler_cli(
+        "--users", "u", "--exclusive_users", "alice,bob", "--save_config", "-"
+    )
+    assert saved.returncode == 0, saved.stderr
+    assert "exclusive_users = alice,bob" in saved.stdout
+    path = tmp_path / "sched.ini"
+    path.write_text(saved.stdout)
+    path.chmod(0o600)
+    config = config_from_args(parse_args(["--config", str(path)]))
+    assert config.exclusive_users == {"alice", "bob"}
+
+
+@pytest.mark.parametrize("value", ["al!ce", "alice,all", "none,bob", ""])
+def test_bad_exclusive_users_are_refused_in_one_line(value: str) -> None:
+    with pytest.raises(ConfigurationError, match="give all, none, or user names"):
+        config_from_args(parse_args(["--users", "u", "--exclusive_users", value]))
+
+
+@pytest.mark.usefixtures("users")
+def test_a_bad_exclusive_users_stops_the_scheduler_saying_why(tmp_path: Path) -> None:
+    done = scheduler_cli(
+        "-n", "127.0.0.1:1", "--users", str(tmp_path / "users"),
+        "--exclusive_users", "alice;bob",
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--exclusive_users 'alice;bob'" in lines[0], lines
+    assert "--exclusive_users" in scheduler_cli("--help").stdout
