@@ -6,8 +6,10 @@ its cgroup, a power cut) left those directories, the jobs' files and all, until
 someone ran ``--clean``: a node killed again and again filled its disk. So each such
 directory is noted in `NOTES` under the node's directory while it exists, and the
 next node started there while no other node runs there removes what is noted
-(`Removals.sweep`). Directories a client kept (``cleanup=False``) are never noted:
-they are the user's, as in dispy.
+(`Removals.sweep`), and the results its workers wrote into shared memory that
+nobody read (``/dev/shm/dnr-*``, named after the directory: RAM until a reboot
+otherwise). Directories a client kept (``cleanup=False``) are never noted: they are
+the user's, as in dispy.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ import logging
 import os
 import secrets
 import shutil
+
+from dispynb.protocol import shm
+from dispynb.wording import counted
 
 logger = logging.getLogger(__name__)
 
@@ -66,10 +71,12 @@ class Removals:
             names = os.listdir(self._notes)
         except OSError:
             return 0
-        removed = 0
+        removed = results = 0
         for name in names:
             note = os.path.join(self._notes, name)
             path, home = self._read(note)
+            if path is not None:
+                results += shm.unlink_results(shm.result_prefix(path))
             if path is not None and os.path.isdir(path):
                 shutil.rmtree(path, ignore_errors=True)
                 removed += 1
@@ -82,6 +89,14 @@ class Removals:
                 "removed %d director%s left by a node that did not exit cleanly in %s",
                 removed,
                 "y" if removed == 1 else "ies",
+                self._dest,
+            )
+        if results:
+            logger.info(
+                "removed %s in shared memory (%s) that a node that did not exit "
+                "cleanly in %s left unread",
+                counted(results, "job result"),
+                shm.SHM_DIR,
                 self._dest,
             )
         return removed

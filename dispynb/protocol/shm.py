@@ -25,7 +25,9 @@ memory writes a result of at least `MIN_SIZE` bytes once into
 ``/dev/shm/dnr-<16 hex of its computation's directory><64 random bits>``
 (`write_result`); the node server passes the reference on, and the client reads it
 and unlinks it. The node unlinks every result object of a computation it closes when
-the client's session ends (`unlink_results`: a client killed before it read them).
+the client's session ends (`unlink_results`: a client killed before it read them);
+a node started where a killed one ran unlinks those of its computations
+(`nodeserver.leftovers`).
 
 `same_machine` decides whether a node may be sent references; when it says no, or
 below `MIN_SIZE`, or when ``/dev/shm`` cannot hold them, arguments and results go
@@ -418,19 +420,23 @@ def write_result(buffers: Sequence[Buffer], prefix: str) -> tuple[str, bytes]:
     return name, make_reference(name, views)
 
 
-def unlink_results(prefix: str) -> None:
+def unlink_results(prefix: str) -> int:
     """Unlink the result objects of one computation (names starting with
-    ``prefix``): its workers are gone and its client will read no more."""
+    ``prefix``): its workers are gone and its client will read no more. Returns
+    how many were unlinked."""
     start = f"dnr-{prefix}"
     try:
         entries = list(os.scandir(SHM_DIR))
     except OSError:
-        return
+        return 0
+    removed = 0
     for entry in entries:
         if entry.name.startswith(start) and _RESULT_NAME.fullmatch(entry.name):
             with contextlib.suppress(OSError):
                 if entry.stat(follow_symlinks=False).st_uid == os.geteuid():
                     os.unlink(entry.path)
+                    removed += 1
+    return removed
 
 
 def is_result_reference(reference: Buffer) -> bool:

@@ -71,6 +71,13 @@ def own_cgroup() -> Iterator[Path | None]:
             group.rmdir()
 
 
+def cgroup_launcher(group: Path | None) -> list[str]:
+    """A `start_node` launcher putting the node in ``group`` (none: no launcher)."""
+    if group is None:
+        return []
+    return ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "sh"]
+
+
 def kill_tree(node: CliNode, group: Path | None) -> None:
     """SIGKILL the node and all its processes together."""
     if group is not None:
@@ -90,11 +97,7 @@ def test_a_node_killed_whole_ends_its_jobs_abandoned_and_serves_again_restarted(
     marks = tmp_path / "marks"
     marks.mkdir()
     with own_cgroup() as group:
-        launcher = (
-            ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "sh"]
-            if group is not None
-            else []
-        )
+        launcher = cgroup_launcher(group)
         victim = start_node(tmp_path / "victim", cpus=2, launcher=launcher)
         pids = {victim.proc.pid}
         try:
