@@ -148,7 +148,8 @@ class _Nodes(_ClusterState):
     def close_node(self, node: Any, terminate_pending: bool = False) -> int:
         """Close the computation on ``node`` (running its cleanup) and release it.
 
-        Its running jobs finish first (``terminate_pending`` terminates them); jobs
+        Its running jobs finish first (``terminate_pending`` terminates them: they
+        end ``Terminated``, result None, as dispy's node reports them); jobs
         submitted to it with `submit_node` that have not started are cancelled, and
         other jobs it held that had not started (sent ahead behind a running one) go
         back to the queue, to run on another node, as in dispy. The

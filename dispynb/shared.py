@@ -204,7 +204,8 @@ class SharedJobCluster(JobCluster):
 
         Through a scheduler, as dispy's: only this cluster's computation closes
         there (its cleanup runs; other users' jobs go on). Its running jobs there
-        finish first (``terminate_pending`` terminates them); those submitted to
+        finish first (``terminate_pending`` terminates them: they end
+        ``Terminated``, as dispy's); those submitted to
         it with ``submit_node`` that have not started are cancelled, and the
         others it held that had not started run on another node. The node leaves
         the cluster's nodes (``DispyNode.Closed``) and the scheduler does not set

@@ -167,6 +167,18 @@ class _JobStops(_ComputationState):
             CANCELLED, "cancelled: the node was closed for the computation (close_node)"
         )
 
+    def terminate_running(self) -> None:
+        """Mark the running jobs terminated at the client's request (``close_node``
+        with ``terminate_pending``): as `close` kills their workers, each is
+        reported ``Terminated``, as dispy's node reports them, not lost with the
+        computation."""
+        for worker in self._workers.values():
+            head = worker.assigned[0] if worker.assigned else None
+            if head is not None and not (
+                head.reported or head.cancelled or head.dropped or head.moving
+            ):
+                head.cancelled = True
+
     def _drop_waiting(self, outcome: str, reason: str) -> None:
         """Report every job that has not started as ``outcome`` (never run).
 

@@ -523,8 +523,10 @@ class ClientSession(_SessionFiles, _SessionRecovery):
             if not self._close_recovered(message.comp_id, message.terminate):
                 self.outbox.write(ComputationClosed(comp_id=message.comp_id))
             return
-        if message.cancel_waiting and not message.terminate:
+        if message.cancel_waiting:  # close_node
             computation.cancel_waiting()
+            if message.terminate:  # its running jobs end Terminated, as dispy's
+                computation.terminate_running()
         self._spawn(self._close(computation, message.terminate))
 
     async def _close(self, computation: Computation, terminate: bool) -> None:

@@ -304,6 +304,46 @@ def test_close_node_cancels_jobs_pinned_to_it_that_did_not_start(two, tmp_path):
         assert not any((tmp_path / f"w{i}").exists() for i in range(3))
 
 
+def test_close_node_terminate_pending_ends_running_jobs_terminated(two, tmp_path):
+    """As dispy's node reports the jobs it kills closing a computation: the running
+    job ends ``Terminated`` (result None), told to ``job_status`` and to
+    ``cluster_status`` with its node. It ended ``Abandoned``, "node ... was lost
+    (released)": the node dropped the results of the jobs it terminated."""
+    first, _ = two.node_specs()
+    heard: list[tuple[str, int, str | None]] = []
+
+    def job_status(job: DispyJob) -> None:
+        heard.append(("job", int(job.status), None))
+
+    def cluster_status(status: int, node: DispyNode | None, job: DispyJob | None):
+        if job is not None and status == DispyJob.Terminated:
+            heard.append(("cluster", int(status), node.name if node else None))
+
+    with JobCluster(
+        jobs.mark_and_hold,
+        nodes=[first],
+        secret=two.secret,
+        job_status=job_status,
+        cluster_status=cluster_status,
+    ) as cluster:
+        job = cluster.submit(str(tmp_path / "m"), str(tmp_path / "never"))
+        wait_for_path(tmp_path / "m")
+        node = by_name(cluster, "local-0")
+        assert cluster.close_node(node, terminate_pending=True) == 0
+        assert job.wait(timeout=WAIT)
+        assert (job.status, job(), job.ip_addr) == (
+            DispyJob.Terminated,
+            None,
+            node.ip_addr,
+        )
+        assert "terminated at the client's request" in str(job.exception)
+        wait_until(lambda: len(heard) == 2)
+    assert sorted(heard) == [
+        ("cluster", DispyJob.Terminated, "local-0"),
+        ("job", DispyJob.Terminated, None),
+    ]
+
+
 def test_resetup_node_keeps_the_node_and_its_job_counts(local1):
     def setup() -> int:
         return 0
