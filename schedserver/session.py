@@ -336,11 +336,14 @@ class SchedulerSession:
     def _comp(self, comp_id: int) -> SharedComputation | None:
         comp = self.computations.get(comp_id)
         if comp is None:
-            self._refuse(
-                f"no computation {comp_id} of user {self.user!r} here: a session "
-                "can only address its own computations"
-            )
+            self._refuse(self._not_own(comp_id))
         return comp
+
+    def _not_own(self, comp_id: int) -> str:
+        return (
+            f"no computation {comp_id} of user {self.user!r} here: a session can "
+            "only address its own computations"
+        )
 
     def _over_computations(self) -> str:
         """Why one more computation of this user is refused ("" if it is not):
@@ -516,12 +519,16 @@ class SchedulerSession:
         elif isinstance(message, ResultsJournaled):
             self._on_journaled(message)
         elif isinstance(message, NodeManage):
-            comp = self._comp(message.comp_id)
-            error, cpus = (
-                comp.manage(message)
-                if comp is not None and not comp.closing
-                else (f"no computation {message.comp_id} open here", 0)
-            )
+            # Answered once, with `NodeManaged` (its error says why, as `_comp`'s
+            # refusal would: that refusal as well made two answers to one request).
+            comp = self.computations.get(message.comp_id)
+            if comp is None:
+                error, cpus = self._not_own(message.comp_id), 0
+                self._log_refusal(error)
+            elif comp.closing:
+                error, cpus = f"computation {message.comp_id} is closing", 0
+            else:
+                error, cpus = comp.manage(message)
             self.send(
                 NodeManaged(
                     comp_id=message.comp_id,

@@ -5,6 +5,7 @@ jobs there finish, those pinned to it wait; other users' jobs still go there) un
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
@@ -12,8 +13,9 @@ import pytest
 
 from dispynb import LocalCluster
 from dispynb.job import JobStatus
+from dispynb.protocol.messages import Message, NodeManage, NodeManaged, NodeStatus
 from tests.jobs import wait_until
-from tests.sharedsched.harness import SchedulerProcess
+from tests.sharedsched.harness import SchedulerProcess, raw_scheduler_session
 from tests.sharedsched.nodeuse import alice_and_bob, by_name
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
@@ -63,3 +65,40 @@ def test_a_deallocated_node_gets_none_of_the_clusters_jobs_until_allocated(
     log = scheduler.log_text()
     assert f"alice/where: its client deallocated node {node.ip_addr}:" in log
     assert f"alice/where: its client allocated node {node.ip_addr}:" in log
+
+
+def test_a_request_naming_no_computation_of_the_session_is_answered_once(
+    scheduler: SchedulerProcess, users: dict[str, Path]
+) -> None:
+    """A raw client's `NodeManage` naming a computation its session does not have
+    (none, or another user's) gets one answer: a `NodeManaged` saying so. Before,
+    an `Error` came first, then the `NodeManaged`: two answers to one request (a
+    client logged the first as a warning from its node)."""
+
+    async def exchange() -> list[Message]:
+        conn = await raw_scheduler_session(scheduler.port, users["alice"])
+        try:
+            for request in (1, 2):
+                ask = NodeManage(
+                    comp_id=99, request=request, node="127.0.0.1:1", action="cpus"
+                )
+                conn.write(ask)
+            replies: list[Message] = []
+            async with asyncio.timeout(WAIT):
+                # the answers come in order: all to request 1 before request 2's
+                while True:
+                    reply, _buffers = await conn.recv()
+                    if isinstance(reply, NodeStatus):  # its pulse
+                        continue
+                    replies.append(reply)
+                    if isinstance(reply, NodeManaged) and reply.request == 2:
+                        return replies
+        finally:
+            conn.close()
+
+    replies = asyncio.run(exchange())
+    assert [type(reply) for reply in replies] == [NodeManaged, NodeManaged], replies
+    first = replies[0]
+    assert isinstance(first, NodeManaged) and first.request == 1
+    assert "no computation 99 of user 'alice'" in first.error, first.error
+    assert "own computations" in first.error
