@@ -494,6 +494,9 @@ class ClientSession(_SessionFiles, _SessionRecovery):
         that have not started, and make sure the client got that before the
         connection closes."""
         avail = avail_info(self.server.config.dest_path)
+        # Starts held to ride on results go first: a scheduler closes its connection
+        # to a leaving node at once, and would never hear that those jobs ran here.
+        self.outbox.flush()
         self.outbox.write(NodeStatus(avail=avail, leaving=why))
         for comp_id, computation in self._computations.items():
             if not self._recovers(comp_id):
