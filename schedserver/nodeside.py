@@ -327,7 +327,8 @@ class _NodeSide(_JobFiles):
                     list(node.avail),
                 ).to_wire()
             )
-        if force or nodes != self._reported or self._left or self._requeued:
+        # Requeued keys come only with a node's departure (`node_lost`), in _left.
+        if force or nodes != self._reported or self._left:
             self._reported = nodes
             left, self._left = self._left, {}
             requeued, self._requeued = self._requeued, []
