@@ -54,17 +54,18 @@ class _SessionNodes:
 
     def header(self) -> dict[str, Any]:
         """What the lab panel's header says ``%dispy`` uses: ``{"kind": "local" |
-        "nodes", "nodes": ["host:port", ...]}``, each node this session started
-        that exited marked ``(exited)``: the next cell will not run on it. A
-        launcher's (SSH, SLURM), which `known_nodes` no longer lists, come last
-        (they vanished from the header, as if never started); its nodes are not
-        local ones."""
-        local = self.local is not None and launcher_kind(self.local) == "local"
+        "ssh" | "slurm" | "nodes", "nodes": ["host:port", ...]}``: the nodes named
+        as the cell that started them says them (``dispynb: ssh nodes ...``, as
+        ``%dispy status``), "nodes" those given by ``%dispy nodes``. Each node this
+        session started that exited is marked ``(exited)``: the next cell will not
+        run on it. A launcher's (SSH, SLURM), which `known_nodes` no longer lists,
+        come last (they vanished from the header, as if never started)."""
+        started = self.local is not None and self.nodes is self.local
         exited = self.exited_nodes()
         listed = [address for _, address, _ in self.known_nodes()]
         listed += sorted(exited.difference(listed))
         return {
-            "kind": "local" if local else "nodes",
+            "kind": launcher_kind(self.local) if started else "nodes",
             "nodes": [f"{a} (exited)" if a in exited else a for a in listed],
         }
 

@@ -299,9 +299,10 @@ export class DispynbPanel extends Widget {
     this._insertButton.disabled = !panel;
     this.node.dataset.ready = String(ready);
     const session = ready ? link!.state!.session : null;
+    // Named as the cell that started them says them ('dispynb: ssh nodes ...').
     this._session.textContent =
       session && session.kind
-        ? `%dispy uses ${session.kind === 'local' ? 'local nodes' : 'nodes'} ` +
+        ? `%dispy uses ${session.kind === 'nodes' ? '' : session.kind + ' '}nodes ` +
           session.nodes.join(', ')
         : '';
     this._session.hidden = !this._session.textContent;

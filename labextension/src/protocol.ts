@@ -71,7 +71,8 @@ export interface IDiscovered {
 }
 
 export interface ISession {
-  /** What `%dispy` currently uses: "local", "nodes" or "" (none, or no magics). */
+  /** What started the nodes `%dispy` uses ("local", "ssh", "slurm"), "nodes" for
+   * those `%dispy nodes` named, or "" (none, or no magics). */
   kind: string;
   nodes: string[];
 }

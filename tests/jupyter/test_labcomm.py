@@ -403,7 +403,8 @@ def test_the_panel_header_keeps_a_launched_node_that_exited(
     """One of two launched nodes (%dispy ssh, %dispy slurm) died: the panel's
     header dropped it (a launcher lists only the nodes still running), as if it
     had never been started, and called them 'local nodes'. It now lists it
-    '(exited)', after the others, and calls them nodes."""
+    '(exited)', after the others, and names them as their cell and ``%dispy
+    status`` do, after their launcher ('ssh nodes ...'; 'nodes ...' before)."""
     import os
     import signal
     import types
@@ -427,8 +428,9 @@ def test_the_panel_header_keeps_a_launched_node_that_exited(
         dead, alive = (x.node for x in launcher._launched)
         assert dead is not None and alive is not None
         first, second = (f"{n.host}:{n.port}" for n in (dead, alive))
+        assert launcher.kind == "localprocesses"  # as 'ssh' for SSHNodes
         assert labcomm._magics_session() == {
-            "kind": "nodes",
+            "kind": launcher.kind,
             "nodes": [first, second],
         }
         handle = launcher._launched[0].handle
@@ -436,7 +438,7 @@ def test_the_panel_header_keeps_a_launched_node_that_exited(
         os.kill(handle.pid, signal.SIGKILL)
         jobs.wait_until(lambda: launcher.exited() != [])
         assert labcomm._magics_session() == {
-            "kind": "nodes",
+            "kind": launcher.kind,
             "nodes": [second, f"{first} (exited)"],
         }
     finally:

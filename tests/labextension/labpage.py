@@ -273,3 +273,20 @@ def closed_statuses(page: Page) -> list[str]:
             "es => es.map(e => e.dataset.status)"
         )
     )
+
+
+def placeholder_room(page: Page, selector: str) -> dict[str, float]:
+    """How wide the placeholder of input ``selector`` is drawn in its font
+    (``text``) and how wide the input's content box is (``room``), in pixels: the
+    placeholder is cut when ``text > room``."""
+    return page.eval_on_selector(
+        selector,
+        """e => {
+            const s = getComputedStyle(e);
+            const ctx = document.createElement('canvas').getContext('2d');
+            ctx.font = `${s.fontStyle} ${s.fontWeight} ${s.fontSize} ${s.fontFamily}`;
+            const pad = parseFloat(s.paddingLeft) + parseFloat(s.paddingRight);
+            return {text: ctx.measureText(e.placeholder).width,
+                    room: e.clientWidth - pad, placeholder: e.placeholder};
+        }""",
+    )

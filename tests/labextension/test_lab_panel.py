@@ -26,6 +26,7 @@ from tests.labextension.labpage import (
     notebook_page,
     open_notebook,
     output,
+    placeholder_room,
     reload_page,
     restart_kernel,
     run_and_wait,
@@ -86,6 +87,18 @@ def test_lab_panel(lab: Lab) -> None:  # collected only in the namespace: confte
         # The panel bootstrapped the kernel side silently: no output, no prompt number.
         wait_panel_ready(page)
         assert "No clusters" in page.locator(f"{PANEL} .dispynb-clusters").inner_text()
+        # The address box shows its whole placeholder in the sidebar as it opens
+        # (it read 'IP addresses (op'), its Discover button inside the panel too.
+        room = placeholder_room(page, f"{PANEL} .dispynb-addresses")
+        assert room["placeholder"] == "IP addresses (optional)", room
+        assert room["text"] <= room["room"], room
+        inside = page.eval_on_selector(
+            f"{PANEL} .dispynb-discover",
+            """b => { const r = b.getBoundingClientRect();
+                const p = b.closest('.dispynb-panel').getBoundingClientRect();
+                return r.left >= p.left && r.right <= p.right && r.width > 0; }""",
+        )
+        assert inside
         prompt = page.locator(".jp-Cell .jp-InputPrompt").first
         assert prompt.inner_text().strip() == "[ ]:"
 
