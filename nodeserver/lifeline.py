@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 
 from dispynb.errors import DispynbError
 from nodeserver.register import REREGISTER_INTERVAL, keep_registered, register
@@ -141,17 +141,9 @@ async def register_and_stay(
     """Register with the client at ``address`` (stop if it rejects the node, or
     does not answer within ``patience`` seconds: the error goes to ``failed``),
     then keep registered for ever."""
-    assert config.secret is not None
+    identity = _identity(server, config, boot)
     try:
-        ip = await register(
-            address,
-            secret=config.secret,
-            name=config.name,
-            port=server.port,
-            cpus=config.cpus,
-            boot=boot,
-            patience=patience,
-        )
+        ip = await register(address, patience=patience, **identity)
     except DispynbError as exc:
         logger.error("%s; stopping", exc)
         failed.append(exc)
@@ -160,11 +152,7 @@ async def register_and_stay(
     registered.set()
     await keep_registered(
         address,
-        secret=config.secret,
-        name=config.name,
-        port=server.port,
-        cpus=config.cpus,
-        boot=boot,
+        **identity,
         first_ip=ip,
         # dispynode's --ping_interval: how often a node without its scheduler
         # announces itself to it.
@@ -181,21 +169,34 @@ async def still_registered(
 ) -> bool:
     """Whether the client this node registered with still accepts it (registering
     again with the same boot id: the client does not report the node twice)."""
-    assert config.secret is not None
+    identity = _identity(server, config, boot)
     try:
-        await register(
-            address,
-            secret=config.secret,
-            name=config.name,
-            port=server.port,
-            cpus=config.cpus,
-            patience=CLIENT_CHECK_PATIENCE,
-            boot=boot,
-        )
+        await register(address, patience=CLIENT_CHECK_PATIENCE, **identity)
     except DispynbError as exc:
         logger.info("the client this node registered with is gone: %s", exc)
         return False
     return True
+
+
+class _Identity(TypedDict):
+    """What a node registers as (`register`'s and `keep_registered`'s keywords)."""
+
+    secret: bytes
+    name: str
+    port: int
+    cpus: int
+    boot: bytes
+
+
+def _identity(server: NodeServer, config: NodeConfig, boot: bytes) -> _Identity:
+    assert config.secret is not None
+    return _Identity(
+        secret=config.secret,
+        name=config.name,
+        port=server.port,
+        cpus=config.cpus,
+        boot=boot,
+    )
 
 
 __all__ = [
