@@ -105,36 +105,14 @@ async def _recover_from(
 ) -> set[int]:
     """Ask ``node`` for the ``pending`` jobs; the keys of those whose end is known
     for sure (to be journaled), not of those abandoned for want of the node."""
-    host, port = parse_address(node)
-    try:
-        conn, _welcome = await connect(
-            host,
-            port,
-            secret=secret,
-            max_message_size=limits.message,
-            ssl_context=tls,
-        )
-    except AuthenticationError as exc:
-        raise _refused(node, exc, secret) from None
-    except DispynbError as exc:
-        logger.warning("cannot recover jobs from %s: %s", node, exc)
-        _abandon(
-            pending,
-            f"node {node} could not be reached to recover the job: {exc}; call "
-            "recover_jobs again once it is back (its results are kept an hour)",
-        )
+    host = parse_address(node)[0]
+    conn = await _connect(node, secret, tls, limits, pending)
+    if conn is None:
         return set()
     settled = set(pending)
     watch = _SilenceWatch(conn)
     try:
-        conn.write(
-            Recover(
-                comp_id=1,
-                recovery_id=recovery_id,
-                max_message_size=limits.message,
-                pulse_interval=RECOVERY_PULSE,
-            )
-        )
+        conn.write(_recover(recovery_id, limits))
         logger.debug("asked %s for the jobs of %s", node, recovery_id)
         streams: dict[tuple[int, int], Parts | None] = {}
         sent = SentWhileAway(limits.files_dir, conn.write)
@@ -199,30 +177,13 @@ async def _collect_from(
 ) -> bool:
     """Append a job for every result ``node`` kept for ``recovery_id``; return True
     once the node has no job of it left running (False: timeout or lost)."""
-    host, port = parse_address(node)
-    try:
-        conn, _welcome = await connect(
-            host,
-            port,
-            secret=secret,
-            max_message_size=limits.message,
-            ssl_context=tls,
-        )
-    except AuthenticationError as exc:
-        raise _refused(node, exc, secret) from None
-    except DispynbError as exc:
-        logger.warning("cannot recover jobs from %s: %s", node, exc)
+    host = parse_address(node)[0]
+    conn = await _connect(node, secret, tls, limits, {})
+    if conn is None:
         return False
     watch = _SilenceWatch(conn)
     try:
-        conn.write(
-            Recover(
-                comp_id=1,
-                recovery_id=recovery_id,
-                max_message_size=limits.message,
-                pulse_interval=RECOVERY_PULSE,
-            )
-        )
+        conn.write(_recover(recovery_id, limits))
         streams: dict[tuple[int, int], Parts | None] = {}
         sent = SentWhileAway(limits.files_dir, conn.write)
         other_user: list[bool] = []  # a scheduler keeps it for another user
@@ -273,6 +234,48 @@ async def _collect_from(
     finally:
         conn.close()
     return False
+
+
+async def _connect(
+    node: str,
+    secret: bytes | None,
+    tls: ssl.SSLContext | None,
+    limits: _Limits,
+    pending: dict[int, DispyJob],
+) -> Connection | None:
+    """A connection to ``node``; None if it cannot be reached (``pending`` are
+    abandoned: the next `recover_jobs` may find it back). A node refusing the
+    secret stops `recover_jobs` (`_refused`)."""
+    host, port = parse_address(node)
+    try:
+        conn, _welcome = await connect(
+            host,
+            port,
+            secret=secret,
+            max_message_size=limits.message,
+            ssl_context=tls,
+        )
+    except AuthenticationError as exc:
+        raise _refused(node, exc, secret) from None
+    except DispynbError as exc:
+        logger.warning("cannot recover jobs from %s: %s", node, exc)
+        _abandon(
+            pending,
+            f"node {node} could not be reached to recover the job: {exc}; call "
+            "recover_jobs again once it is back (its results are kept an hour)",
+        )
+        return None
+    return conn
+
+
+def _recover(recovery_id: str, limits: _Limits) -> Recover:
+    """The request for the jobs a node kept for ``recovery_id``."""
+    return Recover(
+        comp_id=1,
+        recovery_id=recovery_id,
+        max_message_size=limits.message,
+        pulse_interval=RECOVERY_PULSE,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
