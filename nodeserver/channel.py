@@ -33,7 +33,7 @@ from dispynb.protocol.framing import (
     parse_prefix,
     split_body,
 )
-from dispynb.protocol.messages import pack_header, unpack_header
+from dispynb.protocol.schema import pack_header, unpack_header
 from nodeserver.ipc import IpcMessage
 
 #: Most iovecs one sendmsg call takes (Linux IOV_MAX).

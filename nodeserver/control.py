@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 from dispynb.errors import ConnectionClosedError, DispynbError
 from dispynb.protocol.framing import Buffer, FrameDecoder, encode_frames
-from dispynb.protocol.messages import pack_header, unpack_header
+from dispynb.protocol.schema import pack_header, unpack_header
 from nodeserver import descriptors
 from nodeserver.ipc import IpcMessage, WorkerStarted
 

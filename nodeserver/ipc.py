@@ -12,7 +12,7 @@ SCM_RIGHTS, attached to the `WorkerStarted` message.
 
 from __future__ import annotations
 
-from dispynb.protocol.messages import Message, message
+from dispynb.protocol.schema import Message, message
 
 
 class IpcMessage(Message, family=True):
