@@ -29,7 +29,6 @@ import hashlib
 import inspect
 import itertools
 import os
-import sys
 import threading
 import time
 import weakref
@@ -38,23 +37,25 @@ from typing import TYPE_CHECKING, Any
 
 from dispynb._interruptible import Flag, HeldInterrupts, start_thread
 from dispynb.captures import check_shippable
-from dispynb.celloutput import MapOutput, cell_context, in_kernel
+from dispynb.celloutput import MapOutput
 from dispynb.errors import DispynbError, RemoteError, SerializationError
 from dispynb.executorfailures import (
     Args,
-    executor_advice,
-    explain_failure,
     unpicklable_call,
 )
-from dispynb.executorrunner import Failure, Outcomes, _initialize, dispynb_executor
-from dispynb.futures import JobFuture, outcome_error
+from dispynb.executoroutcomes import (
+    CallsFuture,
+    call_error,
+    cell_output,
+    chunk_outcomes,
+)
+from dispynb.executorrunner import _initialize, dispynb_executor
 from dispynb.futures import (
     cancel_futures as cancel_all,
 )  # shutdown has an argument so named
 from dispynb.job import DispyJob
 from dispynb.limits import check_mem_limit
 from dispynb.protocol import serialize
-from dispynb.tracebacks import DYNAMIC_CODE, LazySourceMap, explain_missing_module
 
 if TYPE_CHECKING:
     from dispynb.backends.base import Engine
@@ -62,105 +63,6 @@ if TYPE_CHECKING:
     from dispynb.local import LocalCluster
 
 __all__ = ["Executor", "dispynb_executor"]
-
-
-def _error(
-    failure: Failure,
-    sources: tuple[Any, ...],
-    mem_limit: int | None,
-    allowed: serialize.AllowList | None = None,
-) -> BaseException:
-    """The exception of a call that raised (its cause: the remote traceback, its
-    frames in the code of ``sources`` pointing at their file or cell again, with
-    their source lines, as a local traceback and ProcessPoolExecutor's show them);
-    a MemoryError under the executor's ``mem_limit`` says how to allow more.
-    One that cannot be unpickled here (under ``allowed``, the cluster's
-    ``result_types``) is a `RemoteError` saying why.
-    Never raised here, so no frame of this module is in its traceback."""
-    exc, text, name, message = failure
-    if isinstance(exc, bytes):
-        try:
-            exc = serialize.loads([memoryview(exc)], allowed)
-        except Exception as error:
-            exc = None
-            # Refused by result_types, the error says how to allow it.
-            fix = (
-                ""
-                if allowed is not None and "result_types" in str(error)
-                else (": install here what it needs, as on the node")
-            )
-            text += (
-                f"[dispynb: the {name} raised cannot be unpickled here ({error}), "
-                f"so it is raised as this RemoteError{fix}]\n"
-            )
-    text = LazySourceMap(*sources).rerender(text) or text
-    # A module the node lacks (imported in the call): how to send it, as for a job.
-    remote = RemoteError(name, message, executor_advice(explain_missing_module(text)))
-    if not isinstance(exc, BaseException):  # None: it did not unpickle here
-        return remote
-    exc.__cause__ = remote
-    if mem_limit is not None and isinstance(exc, MemoryError):
-        exc.add_note(
-            f"The call ran with a mem_limit of {mem_limit} bytes of address space "
-            "(the executor's mem_limit): give a larger limit, e.g. "
-            f"Executor(..., mem_limit={2 * mem_limit}), or None for none."
-        )
-    return exc
-
-
-class _CallsFuture(JobFuture):
-    """The future of a ``submit``: its job makes one call. (A ``map`` waits for
-    its jobs themselves: `_chunk_outcomes`.)"""
-
-    def __init__(
-        self,
-        job: DispyJob,
-        sources: tuple[Any, ...],
-        mem_limit: int | None,
-        allowed: serialize.AllowList | None,
-        batch: str = "",
-    ) -> None:
-        super().__init__(job)
-        self._sources = sources  # the code its traceback's frames come from
-        self._mem_limit = mem_limit
-        self._allowed = allowed
-        self._batch = batch  # what the call returns the values of (`_submit_call`)
-        # In a notebook, the output goes to the cell that called submit.
-        self._cell = cell_context()
-
-    def _settle(self) -> None:
-        job = self.job
-        # Before the result: a waiting caller reads it first.
-        if self._cell is None:
-            _echo(job, self._sources)
-        else:
-            self._cell.run(_echo, job, self._sources)
-        if job.status == job.Finished:
-            values, failures = job.result
-            if failures:
-                failure = _error(
-                    failures[0], self._sources, self._mem_limit, self._allowed
-                )
-                self._set(failure, error=True)
-            else:
-                self._set(values[0], error=False)
-        else:  # a failure of the whole job
-            explain_failure(job, self._sources, self._batch)
-            super()._settle()
-
-    def _what(self) -> str:
-        """The call, named by its function (the job is the executor's own)."""
-        what = self._batch or f"call {_name(self._sources[0])}(...)"
-        return f"the {what} (job {self.job.id!r})"
-
-    def _set(self, value: Any, error: bool) -> None:
-        try:
-            if error:
-                self.set_exception(value)
-            else:
-                self.set_result(value)
-        except concurrent.futures.InvalidStateError:
-            pass  # cancelled meanwhile
 
 
 class Executor(concurrent.futures.Executor):
@@ -313,7 +215,7 @@ class Executor(concurrent.futures.Executor):
         kwargs: dict[str, Any],
         sources: tuple[Any, ...],
         batch: str = "",
-    ) -> _CallsFuture:
+    ) -> CallsFuture:
         """`submit`; the call's traceback shows the code of ``sources`` (the
         functions it runs) by file and line. ``batch`` names what the call is
         when it runs others and returns their values in a list (``"joblib
@@ -324,11 +226,11 @@ class Executor(concurrent.futures.Executor):
             with self._lock:
                 job = self._new_job(key, blob, [args], kwargs)
             future = job._attach(
-                lambda job: _CallsFuture(
+                lambda job: CallsFuture(
                     job, sources, self._mem_limit, self._allowed, batch
                 )
             )
-            assert isinstance(future, _CallsFuture)
+            assert isinstance(future, CallsFuture)
         except KeyboardInterrupt as interrupted:
             # Landing as the cluster's submit returned or the future was made,
             # the caller never gets the future to cancel: the call must not run.
@@ -398,7 +300,7 @@ class Executor(concurrent.futures.Executor):
         try:
             for chunk in in_flight:
                 jobs.append(self._submit_chunk(key, blob, chunk))
-            output = _cell_output(jobs, (fn, self._initializer))
+            output = cell_output(jobs, (fn, self._initializer))
         except KeyboardInterrupt as interrupted:
             self._stop_interrupted(jobs, blob)
             raise interrupted.with_traceback(None) from None  # at the user's line
@@ -429,7 +331,7 @@ class Executor(concurrent.futures.Executor):
                 for chunk in itertools.islice(more, 1):
                     jobs.append(self._submit_chunk(key, blob, chunk))
                 wait = None if end is None else max(end - time.monotonic(), 0.0)
-                values, failures = _chunk_outcomes(jobs[0], wait, sources, output)
+                values, failures = chunk_outcomes(jobs[0], wait, sources, output)
                 jobs.popleft()
                 if not failures:
                     yield from values
@@ -437,7 +339,9 @@ class Executor(concurrent.futures.Executor):
                 for index, value in enumerate(values):
                     failure = failures.get(index)
                     if failure is not None:
-                        raise _error(failure, sources, self._mem_limit, self._allowed)
+                        raise call_error(
+                            failure, sources, self._mem_limit, self._allowed
+                        )
                     yield value
         except KeyboardInterrupt as interrupted:
             if isinstance(interrupted.__cause__, RemoteError):  # a call's own
@@ -622,69 +526,6 @@ def _pickle(fn: Callable[..., Any]) -> tuple[str, bytes]:
         check_shippable(fn, "function")
         raise
     return hashlib.blake2b(blob, digest_size=16).hexdigest(), blob
-
-
-def _chunk_outcomes(
-    job: DispyJob,
-    timeout: float | None,
-    sources: tuple[Any, ...],
-    output: MapOutput | None = None,
-) -> Outcomes:
-    """The outcomes of a ``map`` job's calls, or raise what its future's
-    ``result(timeout)`` would (`JobFuture`). Waiting on the job itself, the
-    waiting thread reads the nodes' answers in the I/O thread's place when that
-    one is idle (`dispynb._inplace`): no thread is woken per job."""
-    if not job.wait(timeout):
-        raise concurrent.futures.TimeoutError()
-    if output is None:
-        _echo(job, sources)
-    else:  # written once, maybe already as the job ended (`_cell_output`)
-        output.echo(job)
-    if job.status == job.Finished:
-        outcomes: Outcomes = job.result
-        return outcomes
-    if job.status == job.Cancelled:
-        raise concurrent.futures.CancelledError()
-    explain_failure(job, sources)
-    count = job._args[2]
-    name = _name(sources[0])
-    calls = f"the call {name}(...)" if count == 1 else f"the {count} calls of {name}"
-    error = outcome_error(job, f"{calls} (job {job.id!r})")
-    assert error is not None
-    raise error
-
-
-def _cell_output(
-    jobs: Iterable[DispyJob], sources: tuple[Any, ...]
-) -> MapOutput | None:
-    """In a notebook, a map's output is written as each job ends, in the cell that
-    called ``map`` (even if it is never iterated: `dispynb.celloutput`);
-    elsewhere (None) as the iteration reaches each job."""
-    if not in_kernel():
-        return None
-    return MapOutput.follow(jobs, functools.partial(_echo, sources=sources))
-
-
-def _echo(job: DispyJob, sources: tuple[Any, ...]) -> None:
-    """Write here what a job's calls printed (stdout, stderr, warnings), as
-    ProcessPoolExecutor's workers write to the terminal they share with the
-    script: once the job has ended, not as it runs (``future.job.stdout`` keeps
-    it too). Its warnings and tracebacks in the code of ``sources`` (the calls'
-    functions) name their file and line, as there."""
-    if isinstance(job.stderr, str) and DYNAMIC_CODE in job.stderr:
-        job.stderr = LazySourceMap(*sources).rerender(job.stderr)
-    for text, stream in ((job.stdout, sys.stdout), (job.stderr, sys.stderr)):
-        if text and stream is not None:
-            if isinstance(text, bytes):
-                text = text.decode(errors="replace")
-            stream.write(text)
-            stream.flush()
-
-
-def _name(fn: Any) -> str:
-    """How a call's function is named in an error (its qualified name)."""
-    fn = getattr(fn, "func", fn)  # a functools.partial: its function
-    return str(getattr(fn, "__qualname__", None) or type(fn).__qualname__)
 
 
 def _chunks(items: Iterator[Args], size: int) -> Iterator[list[Args]]:
