@@ -44,8 +44,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
-import shlex
 import subprocess
 import sys
 import time
@@ -54,7 +52,6 @@ from collections.abc import Mapping, Sequence
 
 from dispynb.deploy.adaptive import ScaleEvent
 from dispynb.deploy.base import (
-    NODE_MODULE,
     REGISTER_WAIT,
     Launched,
     LaunchError,
@@ -62,12 +59,12 @@ from dispynb.deploy.base import (
     route_address,
 )
 from dispynb.deploy.registry import RegisteredNode
+from dispynb.deploy.slurmscript import SECRET_VARIABLE as SECRET_VARIABLE
+from dispynb.deploy.slurmscript import batch_script, sbatch_directives
 from dispynb.errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
 
-#: The environment variable that carries the secret to the batch script.
-SECRET_VARIABLE = "DISPYNB_LAUNCH_SECRET"
 #: Seconds between two ``squeue`` calls that follow the jobs' states.
 POLL_INTERVAL = 2.0
 #: Seconds `close` waits for SLURM to end the jobs it cancelled.
@@ -106,10 +103,6 @@ ENDED = frozenset(
 QUEUED = frozenset({"PENDING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD"})
 #: The state of a job whose processes SLURM stopped (SIGSTOP) until it resumes it.
 SUSPENDED = "SUSPENDED"
-
-_SIZE = re.compile(r"[0-9]+[KMGT]?", re.IGNORECASE)
-_TIME = re.compile(r"[0-9]+(?:-[0-9]+)?(?::[0-9]+){0,2}|INFINITE|UNLIMITED")
-_WORD = re.compile(r"[^\s'\"\\;&|<>`$]+")
 
 
 class SlurmJob:
@@ -231,7 +224,7 @@ class SlurmNodes(NodeLauncher[SlurmJob]):
             if log_directory
             else None
         )
-        self.directives = self._directives(
+        self.directives = sbatch_directives(
             cpus, memory, walltime, partition, account, log_directory, directives
         )
         self.cpus = cpus
@@ -271,54 +264,6 @@ class SlurmNodes(NodeLauncher[SlurmJob]):
                 self.close()
                 raise
 
-    @staticmethod
-    def _directives(
-        cpus: int | None,
-        memory: str | int | None,
-        walltime: str | int | None,
-        partition: str | None,
-        account: str | None,
-        log_directory: str | None,
-        extra: Sequence[str],
-    ) -> list[str]:
-        out = ["--nodes=1", "--ntasks=1"]
-        if cpus is not None:
-            out.append(f"--cpus-per-task={int(cpus)}")
-        if memory is not None:
-            text = f"{memory}" if isinstance(memory, str) else f"{int(memory)}M"
-            if not _SIZE.fullmatch(text):
-                raise ConfigurationError(
-                    f"memory={memory!r}: give SLURM's --mem size, e.g. '4G' or '500M'"
-                )
-            out.append(f"--mem={text}")
-        if walltime is not None:
-            text = str(walltime)
-            if not _TIME.fullmatch(text):
-                raise ConfigurationError(
-                    f"walltime={walltime!r}: give SLURM's --time, e.g. '30' "
-                    "(minutes), '1:30:00' or '2-0' (days-hours)"
-                )
-            out.append(f"--time={text}")
-        for option, value in (("partition", partition), ("account", account)):
-            if value is not None:
-                if not _WORD.fullmatch(value):
-                    raise ConfigurationError(f"{option}={value!r} is not a SLURM name")
-                out.append(f"--{option}={value}")
-        if log_directory is not None:
-            path = os.path.abspath(os.path.expanduser(log_directory))
-            if any(c in path for c in "\n\r\0"):
-                raise ConfigurationError(f"log_directory={log_directory!r}")
-            out.append(f"--output={path}/dispynb-node-%j.out")
-        for directive in extra:
-            text = directive.removeprefix("#SBATCH").strip()
-            if not text.startswith("-") or any(c in text for c in "\n\r\0"):
-                raise ConfigurationError(
-                    f"not an sbatch option for an #SBATCH line: {directive!r} "
-                    "(give one option per item, such as '--qos=short')"
-                )
-            out.append(text)
-        return out
-
     @property
     def default_count(self) -> int:
         return 1
@@ -339,38 +284,16 @@ class SlurmNodes(NodeLauncher[SlurmJob]):
         self, name: str = "dispynb-node", register_to: str = "HOST:PORT"
     ) -> str:
         """The batch script of a node named ``name`` (it holds no secret)."""
-        cpus = (
-            str(self.cpus)
-            if self.cpus is not None
-            else '"${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-0}}"'
+        return batch_script(
+            name,
+            register_to,
+            python=self.python,
+            directives=self.directives,
+            cpus=self.cpus,
+            exit_without_client=self.exit_without_client,
+            secret_file=self.secret_file,
+            node_args=self.node_args,
         )
-        argv = [
-            self.python, *NODE_MODULE,
-            "--register", register_to, "--name", name,
-            "--port", "0", "--no-discovery",
-        ]  # fmt: skip
-        if self.exit_without_client is not None:
-            argv += ["--exit-without-client", f"{self.exit_without_client:g}"]
-        secret = ["--secret-file", self.secret_file] if self.secret_file else []
-        command = f"{shlex.join([*argv, *secret])} --cpus {cpus}"
-        if self.node_args:
-            command += " " + shlex.join(self.node_args)
-        lines = ["#!/bin/sh", f"#SBATCH --job-name={name}"]
-        lines += [f"#SBATCH {directive}" for directive in self.directives]
-        lines.append("unset DISPYNB_SECRET DISPYNB_SECRET_FILE")
-        if self.secret_file:
-            lines += [f"unset {SECRET_VARIABLE}", f"exec {command}"]
-        else:
-            lines += [
-                "# The secret: from the job's environment to the node's standard",
-                "# input (printf is built in: no command line shows it), and out of",
-                "# the node's environment.",
-                f"printf '%s\\n' \"${SECRET_VARIABLE}\" | {{",
-                f"    unset {SECRET_VARIABLE}",
-                f"    exec {command} --secret-stdin",
-                "}",
-            ]
-        return "\n".join(lines) + "\n"
 
     # -- SLURM commands ----------------------------------------------------------------
 
