@@ -1,6 +1,6 @@
 """The Ray engine's inbox: what running jobs send before they end
 (``dispy_provisional_result``, ``dispy_send_file``) reaches the client through an
-asynchronous actor (`_rayworker.Inbox`, one per engine) that each cluster long-polls
+asynchronous actor (`_rayinboxactor.Inbox`, one per engine) that each cluster long-polls
 for its own messages; they are delivered in the order each job sent them, and a job's
 outcome waits for its messages."""
 

@@ -51,7 +51,7 @@ How dispy's features map onto Ray's own mechanisms
   otherwise it ends ``Abandoned`` as dispy's jobs of a lost node do. A node whose
   actors all died for good (its node is gone) is closed.
 * **Provisional results and files from jobs** go through an asynchronous actor of
-  the engine (`_rayworker.Inbox`, shared by the engine's clusters: a cluster that
+  the engine (`_rayinboxactor.Inbox`, shared by the engine's clusters: a cluster that
   opens needs no worker process for it) that each cluster long-polls for its own;
   each job's outcome says how many it sent, so they all reach the job before its
   final result. The client answers each file there (`Inbox.answer`), where the
@@ -226,12 +226,12 @@ class RayEngine:
         return ray
 
     def inbox(self, ray: Any) -> tuple[Any, str]:
-        """The `_rayworker.Inbox` actor of this engine's clusters (made by the first
+        """The `_rayinboxactor.Inbox` actor of this engine's clusters (made by the first
         cluster of each Ray connection) and its name: a cluster that opens needs no
         worker process of its own for it, and the actor holds no CPU (``num_cpus=0``).
         It lives until `close` or the end of this process's Ray connection. The
         clusters' actors find it by its name."""
-        from dispynb.backends import _rayworker
+        from dispynb.backends import _rayinboxactor
 
         context = ray.get_runtime_context()
         job = context.get_job_id()
@@ -245,8 +245,8 @@ class RayEngine:
                 self._inbox = (
                     # Jobs waiting for their files' answers: as many as CPUs,
                     # without holding the calls that carry messages.
-                    ray.remote(concurrency_groups={_rayworker.ANSWERS: 100_000})(
-                        _rayworker.Inbox
+                    ray.remote(concurrency_groups={_rayinboxactor.ANSWERS: 100_000})(
+                        _rayinboxactor.Inbox
                     )
                     .options(
                         name=self._inbox_name,

@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from dispynb.backends._rayworker import Inbox
+from dispynb.backends._rayinboxactor import Inbox
 
 pytestmark = pytest.mark.timeout(30)
 
