@@ -26,6 +26,7 @@ from dispynb.errors import SerializationError
 from dispynb.protocol import shm
 from dispynb.protocol.messages import ABANDONED
 from dispynb.protocol.records import Utf8Text
+from dispynb.wording import counted
 from nodeserver.computation import Computation
 from nodeserver.spool import ResultSpool, SpoolDir
 
@@ -636,8 +637,6 @@ class ResultKeeper:
         for entry in kept:
             self._write_pending(entry)  # its client may be connected still
             spool, owner = entry.spool, entry.owner
-            if spool is not None:
-                ResultSpool.report_failures(spool, "the node stops")
             if spool is not None and owner is not None and spool.expires is None:
                 spool.expires = now + spool.keep
                 owner.write_meta(spool)
@@ -645,6 +644,10 @@ class ResultKeeper:
             *(k.computation.close(terminate=True) for k in kept if k.computation),
             return_exceptions=True,
         )
+        for entry in kept:  # with the ends of the jobs just terminated
+            if entry.spool is not None:
+                ResultSpool.report_failures(entry.spool, "the node stops")
+            _report_lost_from_memory(entry)
         if self._spool is not None:  # what was written since the last flush
             await asyncio.to_thread(self._spool.sync)
 
@@ -653,6 +656,35 @@ class ResultKeeper:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+
+def _report_lost_from_memory(kept: Kept) -> None:
+    """Log what ``kept`` held in memory for its client's recovery (the disk refused
+    it, or the node has no spool): the node stops, so it is lost. The line about
+    the results the disk refused only counted them, as if they were safe."""
+    if kept.dropped or not kept.results:
+        return
+    files = sum(1 for r in kept.results if r.entry and r.entry[0] == FILE)
+    what = counted(len(kept.results) - files, "result")
+    if files:
+        what += f" and {counted(files, 'file')} its jobs sent"
+    name = kept.spool.name if kept.spool is not None else "?"
+    if kept.computation is not None:
+        name = kept.computation.name
+    why = (
+        "the node has no spool for them"
+        if kept.spool is None or kept.owner is None
+        else f"its disk refused them: {kept.spool.failure or 'see above'}"
+    )
+    logger.warning(
+        "computation %s: %s held in memory for its client's recover_jobs (%s) "
+        "%s lost as the node stops: free space in its --dest-path, or raise "
+        "--kept-results-size",
+        name,
+        what,
+        why,
+        "is" if len(kept.results) == 1 else "are",
+    )
 
 
 def _from_shared_memory(

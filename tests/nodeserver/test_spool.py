@@ -470,3 +470,30 @@ def test_results_the_disk_refused_are_said_held_in_memory_not_gone(
     assert "2 results of computation comp could not be spooled" in said, said
     assert "held in memory instead" in said and "gone" not in said, said
     assert not os.path.exists(spool.path)
+
+
+def test_results_held_in_memory_are_said_lost_when_the_node_stops(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Results the disk refused are held in memory for the client's recovery; the
+    node's stop loses them: its line only counted them as not spooled."""
+    caplog.set_level(logging.INFO, logger="nodeserver")
+
+    async def main() -> None:
+        keeper = ResultKeeper(ResultSpool(str(tmp_path / "kept"), 1 << 20))
+        kept = keeper.register(RID, FakeComputation())  # type: ignore[arg-type]
+        assert kept.spool is not None
+        os.rename(kept.spool.path, tmp_path / "gone")  # its disk fails each write
+        for key in range(3):
+            ResultKeeper.record(kept, *result(key))
+        assert len(kept.results) == 3  # held in memory
+        await keeper.close()
+
+    asyncio.run(main())
+    said = [r.getMessage() for r in caplog.records if "lost" in r.message]
+    assert len(said) == 1, said
+    assert said[0].startswith(
+        "computation comp: 3 results held in memory for its client's recover_jobs "
+        "(its disk refused them: [Errno 2] No such file or directory"
+    ), said
+    assert "are lost as the node stops" in said[0], said
