@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import stat
 import sys
 import tempfile
 from collections.abc import Callable
@@ -200,3 +201,33 @@ def sync_dir(path: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def open_own_file(path: str) -> int:
+    """A read-only descriptor of ``path``, a regular file the daemon wrote in its
+    own directory. Never through a symlink, and never a FIFO or a device: anything
+    of the daemon's user (a node's jobs) can put one under that name, and opening
+    a FIFO waits for a writer (a node reading its kept results, or starting, hung
+    for ever). Raises OSError, saying what else the path is."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+            raise OSError(f"{path} is {kind}, not a file this program wrote")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_own_file(path: str, limit: int) -> bytes:
+    """The bytes of ``path`` (see `open_own_file`), which hold ``limit`` at most: a
+    larger file raises OSError unread (a sparse file of terabytes put there was
+    read whole into memory)."""
+    fd = open_own_file(path)
+    with os.fdopen(fd, "rb") as handle:
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(f"{path} holds over {limit} bytes: not a file this program wrote")
+    return data

@@ -55,7 +55,7 @@ import tempfile
 import threading
 import time
 
-from dispynb.daemon import replace_file
+from dispynb.daemon import read_own_file, replace_file
 from dispynb.errors import ProtocolError
 from dispynb.protocol.files import digest_of, link_inside
 from dispynb.protocol.shm import boot_id
@@ -147,9 +147,9 @@ class FileStore:
     def _machine_stopped(self) -> bool:
         """Whether the machine may have stopped since the files left here were
         written, before the disk had them all (see the module docstring)."""
-        try:
-            with open(os.path.join(self.root, BOOT_MARK), "rb") as handle:
-                boot, _, state = handle.read(200).decode().strip().partition(" ")
+        try:  # never a FIFO a job put there: a node's start hung on it
+            mark = read_own_file(os.path.join(self.root, BOOT_MARK), 200)
+            boot, _, state = mark.decode().strip().partition(" ")
         except (OSError, UnicodeDecodeError):
             return True  # a store of an older node, or unreadable: unknown
         return state != "synced" and (not boot or boot != boot_id())

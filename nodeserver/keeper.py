@@ -40,10 +40,12 @@ _NOT_KEPT_REASON = (
 )
 
 
-#: Why a job's kept result is not sent: its file could not be read.
+#: Why a job's kept result is not sent: its file could not be read, or failed the
+#: node's check (`nodeserver.spoolcheck`).
 LOST_REASON = (
-    "the node ran the job but its kept result was lost: its file could not be read "
-    "(the node's machine stopped while writing it?); see the node's log"
+    "the node ran the job but its kept result was lost: its file could not be read, "
+    "or failed the node's check (torn as the node's machine stopped, or changed "
+    "since the node wrote it: its jobs can write there); see the node's log"
 )
 
 
@@ -228,7 +230,9 @@ class Kept:
         its file (no copy in memory). Raises OSError if it cannot be read."""
         if result.path is None:
             return result.entry, result.buffers, result.kinds
-        opened = self.owner.open(result.path) if self.owner is not None else None
+        opened = None
+        if self.owner is not None and self.spool is not None:
+            opened = self.owner.open(self.spool, result.path)
         if opened is None:
             raise OSError(f"the kept result {result.path} cannot be read")
         return opened
@@ -596,6 +600,9 @@ class ResultKeeper:
         kept = self._kept.get(self._key(recovery_id))
         if kept is None:
             return None
+        if kept.spool is not None and kept.spool.key is None and kept.owner:
+            # Left by an earlier process: its files are checked with the id now.
+            kept.owner.check_names(kept.spool, recovery_id)
         self._write_pending(kept)
         recorded = list(kept.results) + kept.not_kept.results()
         recorded += kept.provisional.values()  # of jobs still running

@@ -21,6 +21,7 @@ import os
 import secrets
 import shutil
 
+from dispynb.daemon import read_own_file
 from dispynb.protocol import shm
 from dispynb.wording import counted
 
@@ -28,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 #: The directory of the notes, under the node's directory (``dest_path``).
 NOTES = ".remove"
+#: Most bytes of a note (two paths).
+_NOTE_LIMIT = 64 * 1024
 
 
 class Removals:
@@ -104,9 +107,8 @@ class Removals:
     def _read(self, note: str) -> tuple[str | None, str | None]:
         """The directory a note names and its home, each None unless it lies
         strictly within ``dest_path`` (a damaged note removes nothing)."""
-        try:
-            with open(note, encoding="utf-8") as handle:
-                entry = json.load(handle)
+        try:  # never a FIFO a job put there: a node's start hung on it
+            entry = json.loads(read_own_file(note, _NOTE_LIMIT))
             path, home = entry["path"], entry["home"]
         except (OSError, ValueError, KeyError, TypeError):
             return None, None

@@ -4,13 +4,15 @@ A recoverable computation's results (see `nodeserver.keeper`) are written to fil
 ``<dest_path>/.kept/<digest of the recovery id>/``: one file per result, mode 0600 in
 0700 directories, written to a temporary name and renamed, so a crash leaves either a
 whole result or none. The recovery id itself is never written: a directory is found
-by hashing the id a client presents. A ``meta`` file says how long the results are
-kept, and when they expire once the computation has ended; one a power loss tore
-costs no result: they are kept for the default time. Neither results nor ``meta``
-are synced one by one on the node's loop (a disk's flush each: about 50 times the
-cost of writing a small one, and on a slow disk a loop stalled for seconds, its
-pulses and every client with it) but flushed together within `SYNC_DELAY` of being
-written, in a thread.
+by hashing the id a client presents, and every file ends with a check under a key
+of the id, without which it is not offered (`nodeserver.spoolcheck`: a job could
+write a result there for another client to unpickle). A ``meta`` file says how long
+the results are kept, and when they expire once the computation has ended; one a
+power loss tore costs no result: they are kept for the default time. Neither
+results nor ``meta`` are synced one by one on the node's loop (a disk's flush each:
+about 50 times the cost of writing a small one, and on a slow disk a loop stalled
+for seconds, its pulses and every client with it) but flushed together within
+`SYNC_DELAY` of being written, in a thread.
 
 The disk space of all spooled results is bounded (``--kept-results-size``): a result
 that does not fit is not kept (the connected client still gets it) and a warning says
@@ -30,6 +32,7 @@ import logging
 import mmap
 import os
 import shutil
+import stat
 import struct
 import time
 from collections.abc import Iterator
@@ -37,19 +40,32 @@ from typing import Any
 
 import msgpack
 
+from dispynb.daemon import open_own_file, read_own_file
 from dispynb.protocol.records import Utf8Text
 from dispynb.wording import counted
+from nodeserver.spoolcheck import (
+    CHECK_SIZE,
+    check_key,
+    checks,
+    file_check,
+    is_signed_name,
+    meta_fields,
+    signed_name,
+)
 
 logger = logging.getLogger(__name__)
 
-#: First bytes of a spooled result file (format version 1).
-MAGIC = b"DNBK0001"
+#: First bytes of a spooled result file (format version 2: it ends with its check;
+#: files of version 1 had none, and are not offered).
+MAGIC = b"DNBK0002"
 _HEADER_SIZE = struct.Struct("<Q")
 #: Seconds results are kept when ``meta`` does not say (the client's default).
 DEFAULT_KEEP = 3600.0
 #: Seconds within which a spooled result is flushed to the disk (with the others
 #: written meanwhile: a flush of each costs ~50 times its write).
 SYNC_DELAY = 1.0
+#: Most bytes of a spool's ``meta`` (it holds a name and two times).
+_META_LIMIT = 64 * 1024
 
 
 @dataclasses.dataclass(eq=False)
@@ -68,6 +84,9 @@ class SpoolDir:
     failed: int = 0
     #: Why the first of them failed.
     failure: str = ""
+    #: The key of its files' checks (`nodeserver.spoolcheck`); None until its
+    #: computation's recovery id is known (a spool an earlier process left).
+    key: bytes | None = dataclasses.field(default=None, repr=False)
 
     @property
     def size(self) -> int:
@@ -110,7 +129,7 @@ class ResultSpool:
         if os.path.isdir(path):
             self.remove(self._read_dir(path) or SpoolDir(path, name))
         os.mkdir(path, mode=0o700)
-        spool = SpoolDir(path, name)
+        spool = SpoolDir(path, name, key=check_key(recovery_id))
         # Raises: the results stay in memory.
         self._write_file(*self._meta(spool))
         self._schedule_sync()  # the directory and its meta, with the results
@@ -151,7 +170,7 @@ class ResultSpool:
             use_bin_type=True,
             default=_pack_text,
         )
-        size = len(MAGIC) + _HEADER_SIZE.size + len(header)
+        size = len(MAGIC) + _HEADER_SIZE.size + len(header) + CHECK_SIZE
         size = self._on_disk(size + sum(b.nbytes for b in buffers))
         if self.used + size > self.max_bytes:
             spool.dropped += 1
@@ -166,13 +185,16 @@ class ResultSpool:
                     spool.name,
                 )
             return False
+        assert spool.key is not None, "a spool written to is its computation's"
         self._seq += 1
         name = f"r{time.time_ns():020d}-{self._seq:08d}"
         if _is_int(entry[0]) and _is_int(entry[1]):  # a job's result (not a file)
             name += f"_{entry[0]}_{entry[1]}"  # its job, should the file be lost
+        name = signed_name(spool.key, name)
         path = os.path.join(spool.path, name)
         try:
             parts = [MAGIC, _HEADER_SIZE.pack(len(header)), header, *buffers]
+            parts.append(file_check(spool.key, name, parts))
             self._write_file(path, parts)
         except OSError as exc:
             spool.failed += 1
@@ -225,28 +247,52 @@ class ResultSpool:
         except OSError as exc:
             logger.warning("cannot flush kept results in %s: %s", self.root, exc)
 
-    def read(self, path: str) -> tuple[list[Any], list[memoryview]] | None:
+    def read(
+        self, spool: SpoolDir, path: str
+    ) -> tuple[list[Any], list[memoryview]] | None:
         """A spooled result as ``(entry, buffers)``; None (logged) if unreadable."""
-        result = self.open(path)
+        result = self.open(spool, path)
         return None if result is None else (result[0], result[1])
 
-    def open(self, path: str) -> tuple[list[Any], list[memoryview], str] | None:
-        """A spooled result as ``(entry, buffers, kinds)``, its buffers views of the
-        file mapped read-only (page cache, not this process's heap: a result of any
-        size costs no memory of its own to send); None (logged) if unreadable."""
+    def open(
+        self, spool: SpoolDir, path: str
+    ) -> tuple[list[Any], list[memoryview], str] | None:
+        """A spooled result of ``spool`` as ``(entry, buffers, kinds)``, its buffers
+        views of the file mapped read-only (page cache, not this process's heap: a
+        result of any size costs no memory of its own to send); None (logged) if
+        unreadable, or if it fails its check (`nodeserver.spoolcheck`)."""
+        name = os.path.basename(path)
         try:
-            with open(path, "rb") as handle:
-                size = os.fstat(handle.fileno()).st_size
-                if size < len(MAGIC) + _HEADER_SIZE.size:
-                    raise ValueError("not a spooled result")
-                mapped = mmap.mmap(handle.fileno(), size, access=mmap.ACCESS_READ)
+            if spool.key is None or not is_signed_name(spool.key, name):
+                raise _Unchecked("its name is not one this node gave a result of it")
+            fd = open_own_file(path)  # never a FIFO a job put there: it hung
             try:
-                entry, sizes, kinds, offset = _parse_header(mapped)
+                size = os.fstat(fd).st_size
+                if size < len(MAGIC) + _HEADER_SIZE.size + CHECK_SIZE:
+                    raise ValueError("not a spooled result")
+                mapped = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+            finally:
+                os.close(fd)
+            try:
+                with memoryview(mapped) as whole:
+                    if not checks(spool.key, name, whole):
+                        raise _Unchecked("it changed since this node wrote it")
+                entry, sizes, kinds, offset = _parse_header(mapped, size - CHECK_SIZE)
             except BaseException:
                 mapped.close()  # nothing refers to it: its descriptor goes now
                 raise
+        except _Unchecked as exc:
+            logger.warning(
+                "spooled result %s of computation %s failed the node's check, not "
+                "sent: %s (torn as the machine stopped, or written by something "
+                "else of the node's user: its jobs can write there)",
+                path,
+                spool.name,
+                str(exc),  # (not the exception: its frames hold the caller's maps)
+            )
+            return None
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            logger.warning("spooled result %s cannot be read: %s", path, exc)
+            logger.warning("spooled result %s cannot be read: %s", path, str(exc))
             return None
         data = memoryview(mapped)  # the map is closed with the last view of it
         buffers = []
@@ -254,6 +300,28 @@ class ResultSpool:
             buffers.append(data[offset : offset + part])
             offset += part
         return entry, buffers, kinds
+
+    def check_names(self, spool: SpoolDir, recovery_id: str) -> None:
+        """``spool``, left by an earlier process, is claimed with ``recovery_id``:
+        its files whose names the node did not sign under it are dropped (logged),
+        never offered: a job wrote them (or a node older than these checks)."""
+        spool.key = check_key(recovery_id)
+        foreign = [
+            path
+            for path, _size in spool.files
+            if not is_signed_name(spool.key, os.path.basename(path))
+        ]
+        if foreign:
+            logger.warning(
+                "%s in the kept results of computation %s %s not written by this "
+                "node for it, and not offered: put there by something of the "
+                "node's user (its jobs can write there), or by a dispynb-node "
+                "older than the checks of kept results (removed)",
+                counted(len(foreign), "file"),
+                spool.name,
+                "is" if len(foreign) == 1 else "are",
+            )
+            self.discard(spool, foreign)
 
     def discard(self, spool: SpoolDir, paths: list[str]) -> None:
         """Delete some of ``spool``'s results (their client journaled them)."""
@@ -355,19 +423,17 @@ class ResultSpool:
             for name in names:
                 if name.startswith("r"):
                     full = os.path.join(path, name)
-                    files.append((full, self._on_disk(os.path.getsize(full))))
+                    info = os.lstat(full)  # its checks come when it is claimed
+                    if stat.S_ISREG(info.st_mode):
+                        files.append((full, self._on_disk(info.st_size)))
         except OSError as exc:
             logger.warning("spool directory %s cannot be read, left: %s", path, exc)
             return None
         try:
-            with open(os.path.join(path, "meta"), "rb") as handle:
-                meta = json.loads(handle.read())
-            spool = SpoolDir(
-                path,
-                str(meta["name"]),
-                float(meta["keep"]),
-                None if meta["expires"] is None else float(meta["expires"]),
-            )
+            # Written by the node, but its jobs can replace it (a FIFO hung the
+            # node's start; a NaN expiry would break its loop's timers).
+            meta = json.loads(read_own_file(os.path.join(path, "meta"), _META_LIMIT))
+            spool = SpoolDir(path, *meta_fields(meta, path))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             if not files:
                 logger.warning(
@@ -393,7 +459,11 @@ class ResultSpool:
         """Write ``parts`` to ``path`` (mode 0600) via a temporary file and a rename
         (on the disk with the next `sync`)."""
         tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.tmp"
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+        # A new file of its own: a FIFO a job made under that name was opened, and
+        # the node waited for ever for a reader.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = os.open(tmp, flags, 0o600)
         try:
             with os.fdopen(fd, "wb") as handle:
@@ -404,6 +474,10 @@ class ResultSpool:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+
+
+class _Unchecked(Exception):
+    """A spooled file fails its check (`nodeserver.spoolcheck`)."""
 
 
 def _is_int(value: object) -> bool:
@@ -445,7 +519,7 @@ def job_of(path: str) -> tuple[int, int] | None:
     """The job (key, attempt) whose result spool file ``path`` holds, told by its
     name (so that a file a crash tore still says whose it was); None if it does
     not say (a file a job sent, or a file of an older node)."""
-    parts = os.path.basename(path).split("_")
+    parts = os.path.basename(path).split(".")[0].split("_")
     if len(parts) != 3:
         return None
     try:
@@ -510,19 +584,17 @@ def _unpack_text(code: int, data: bytes) -> Utf8Text:
     return Utf8Text(data)
 
 
-def _parse_header(
-    data: mmap.mmap,
-) -> tuple[list[Any], list[int], str, int]:
+def _parse_header(data: mmap.mmap, end: int) -> tuple[list[Any], list[int], str, int]:
     """``(entry, buffer sizes, kinds, offset of the first buffer)`` of a spooled
-    result's file, checked against its size; raises ValueError (or KeyError,
-    TypeError) if it is not one."""
+    result's file, checked against ``end``, where its check starts; raises
+    ValueError (or KeyError, TypeError) if it is not one."""
     if data[: len(MAGIC)] != MAGIC:
         raise ValueError("not a spooled result")
     offset = len(MAGIC) + _HEADER_SIZE.size
     (length,) = _HEADER_SIZE.unpack(data[len(MAGIC) : offset])
     # No other bound: the header holds the job's whole output (a job may print a
     # lot), and it is this node's own file, read from a map, not from a peer.
-    if offset + length > len(data):
+    if offset + length > end:
         raise ValueError("bad header length")
     header = msgpack.unpackb(
         data[offset : offset + length], raw=False, ext_hook=_unpack_text
@@ -535,6 +607,6 @@ def _parse_header(
         raise ValueError("bad buffer sizes")
     if not isinstance(kinds, str) or not _is_entry(entry, len(sizes)):
         raise ValueError("not a result's entry as a node writes it")
-    if offset + length + sum(sizes) != len(data):
+    if offset + length + sum(sizes) != end:
         raise ValueError("sizes do not match the file")
     return entry, sizes, kinds, offset + length

@@ -39,7 +39,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 
-from dispynb.daemon import replace_file
+from dispynb.daemon import read_own_file, replace_file
 from dispynb.wording import counted
 from nodeserver.filestore import lock_dir
 from nodeserver.spool import ResultSpool
@@ -184,9 +184,8 @@ def _spools(dest_path: str) -> list[str]:
 
 def _owner(path: str) -> int:
     """The port of the node that used spool ``path`` last; 0 if none (or unknown)."""
-    try:
-        with open(os.path.join(path, _OWNER), "rb") as handle:
-            return int(handle.read(16))
+    try:  # never a FIFO a job put there: a node's start hung on it
+        return int(read_own_file(os.path.join(path, _OWNER), 64))
     except (OSError, ValueError):
         return 0
 

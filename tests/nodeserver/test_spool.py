@@ -54,7 +54,7 @@ def test_results_round_trip_in_private_files_without_the_recovery_id(tmp_path: P
     assert all(mode(p) == 0o600 for p in files)
     assert all(RID.encode() not in p.read_bytes() for p in files)
     assert RID not in directory.path
-    read = [spool.read(path) for path, _ in directory.files]
+    read = [spool.read(directory, path) for path, _ in directory.files]
     assert [(e, [bytes(b) for b in bufs]) for e, bufs in read] == [  # type: ignore[misc]
         (entry(k), [bytes([k]) * 10]) for k in range(3)
     ]
@@ -66,13 +66,13 @@ def test_results_round_trip_in_private_files_without_the_recovery_id(tmp_path: P
 def test_a_result_is_read_back_mapped_with_its_buffer_kinds(tmp_path: Path):
     """A spooled result's buffers are views of its file (nothing read into memory)
     and keep their kinds (a bytes buffer streams as one); a file of an older node
-    has none."""
+    (format 1: no check) is not offered."""
     spool = ResultSpool(str(tmp_path), 1 << 20)
     directory = spool.create(RID, "comp")
     two = [*entry(1)[:8], 2]  # its result in two buffers
     assert spool.write(directory, two, [memoryview(b"p"), memoryview(b"bb")], "b")
     ((path, _size),) = directory.files
-    opened = spool.open(path)
+    opened = spool.open(directory, path)
     assert opened is not None
     got_entry, buffers, kinds = opened
     assert got_entry == two and kinds == "b"
@@ -80,8 +80,8 @@ def test_a_result_is_read_back_mapped_with_its_buffer_kinds(tmp_path: Path):
     assert all(b.readonly and type(b.obj).__name__ == "mmap" for b in buffers)
     header = msgpack.packb({"entry": entry(2), "sizes": [1]}, use_bin_type=True)
     older = Path(directory.path) / "r-older"
-    older.write_bytes(MAGIC + struct.pack("<Q", len(header)) + header + b"x")
-    assert spool.open(str(older)) == (entry(2), [memoryview(b"x")], "")
+    older.write_bytes(b"DNBK0001" + struct.pack("<Q", len(header)) + header + b"x")
+    assert spool.open(directory, str(older)) is None
 
 
 @pytest.mark.parametrize("held", [bytes, memoryview])
@@ -95,7 +95,7 @@ def test_output_kept_as_utf8_is_spooled_and_read_back_so(tmp_path: Path, held):
     kept = [1, 1, "finished", 0.5, 1.5, text, b"program", None, 0]
     assert spool.write(directory, kept, [])
     ((path, _size),) = directory.files
-    assert spool.open(path) == (kept, [], "")
+    assert spool.open(directory, path) == (kept, [], "")
 
 
 def test_total_size_is_bounded_with_one_clear_warning(
@@ -152,10 +152,12 @@ def test_load_keeps_live_spools_and_deletes_expired_and_broken_ones(
     assert again.used == found[ResultSpool.key(RID)].size
     assert not os.path.exists(expired.path) and not (tmp_path / "junk").exists()
     # A damaged result file is reported, not trusted.
-    path = found[ResultSpool.key(RID)].files[0][0]
-    Path(path).write_bytes(b"DNBK0001" + b"\xff" * 8)
-    assert again.read(path) is None
-    assert any("cannot be read" in r.message for r in caplog.records)
+    spool = found[ResultSpool.key(RID)]
+    again.check_names(spool, RID)
+    path = spool.files[0][0]
+    Path(path).write_bytes(MAGIC + b"\xff" * 64)
+    assert again.read(spool, path) is None
+    assert any("failed the node's check" in r.message for r in caplog.records)
 
 
 class FakeComputation:

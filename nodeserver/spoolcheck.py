@@ -1,0 +1,103 @@
+"""The checks of the files of a node's kept-results spool (`nodeserver.spool`).
+
+A node's jobs run as its user, so they can write in its spool: a job of one client
+wrote a result there, in the directory of another client's computation, which that
+client's ``recover_jobs`` unpickled as its own (the job's code then ran on that
+client's machine). So every file a node spools carries a MAC under a key only the
+node's process and the computation's client know: derived from the computation's
+recovery id, which the node never writes down (its spool directory is named by a
+digest of it) and never gives to a computation's processes, and which a client makes
+of 128 random bits. A file is offered to a recovering client only if both checks
+hold:
+
+- its name's: the node signs each name it gives a result (`signed_name`), so that a
+  file that cannot be read (torn as the machine stopped) still tells which job it
+  was, and a planted one, which cannot, is not reported as any job's;
+- its bytes': the last `CHECK_SIZE` bytes are the MAC of the rest under a key of the
+  file's name (`file_check`; HMAC, or GMAC for large files, as
+  `dispynb.protocol.auth` signs messages), so a file changed, or copied from one
+  name to another, or from another computation's spool, fails.
+
+A job can still read and delete what its node keeps (anything of its user): the
+checks keep it from forging, not from seeing (`docs/security.md`).
+"""
+
+from __future__ import annotations
+
+import hmac
+import math
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from dispynb.protocol.auth import MAC_SIZE, MessageSigner
+from dispynb.protocol.framing import Buffer
+from dispynb.protocol.handshake import peer_text
+
+#: Bytes of the check that ends a spooled result's file.
+CHECK_SIZE = MAC_SIZE
+#: Most seconds results are kept (ten years): more is taken as this. A `meta`
+#: asking for more (a client's keep_results of 1e300, or a job's file) made the
+#: node's start fail on a date no clock can show.
+MAX_KEEP = 10 * 365 * 86400.0
+
+_LABEL = b"dispynb kept-result check v1"
+_NAME_TAG = 16  # bytes of a name's check (32 hex digits)
+
+
+def check_key(recovery_id: str) -> bytes:
+    """The key of the checks of one computation's kept files."""
+    return hmac.digest(_LABEL, recovery_id.encode(), "sha256")
+
+
+def signed_name(key: bytes, base: str) -> str:
+    """``base`` with the node's check of it: the name a result's file is given."""
+    tag = hmac.digest(key, b"name:" + base.encode(), "sha256")[:_NAME_TAG]
+    return f"{base}.{tag.hex()}"
+
+
+def is_signed_name(key: bytes, name: str) -> bool:
+    """Whether file ``name`` is one the node gave a result under ``key``."""
+    base, dot, _tag = name.rpartition(".")
+    return bool(dot) and hmac.compare_digest(signed_name(key, base), name)
+
+
+def file_check(key: bytes, name: str, parts: Sequence[Buffer]) -> bytes:
+    """The `CHECK_SIZE` bytes that end file ``name`` holding ``parts``."""
+    file_key = hmac.digest(key, b"file:" + name.encode(), "sha256")
+    return MessageSigner(file_key).sign(parts)
+
+
+def checks(key: bytes, name: str, data: memoryview) -> bool:
+    """Whether ``data``, the bytes of file ``name``, ends with their check."""
+    end = data.nbytes - CHECK_SIZE
+    if end < 0:
+        return False
+    return hmac.compare_digest(file_check(key, name, [data[:end]]), data[end:])
+
+
+def meta_fields(meta: Any, path: str) -> tuple[str, float, float | None]:
+    """``(name, keep, expires)`` a spool's ``meta`` holds; raises ValueError unless
+    they are a text and finite times (anything of the node's user can write it: a
+    NaN expiry is a timer no event loop can order). The name is escaped and cut
+    (it is logged); a time to keep over `MAX_KEEP` is cut to it."""
+    if not isinstance(meta, dict):
+        raise ValueError("not a map")
+    name, keep, expires = meta["name"], meta["keep"], meta["expires"]
+    if not isinstance(name, str):
+        raise ValueError("its name is not a text")
+    for what, value in (("keep", keep), ("expires", expires)):
+        if value is None and what == "expires":
+            continue
+        if (
+            not isinstance(value, int | float)
+            or isinstance(value, bool)
+            or not math.isfinite(value)
+            or value < 0
+        ):
+            raise ValueError(f"its {what} is {value!r}: not a time")
+    keep = min(float(keep), MAX_KEEP)
+    if expires is not None:
+        expires = min(float(expires), time.time() + MAX_KEEP)
+    return peer_text(name) or os.path.basename(path), keep, expires
