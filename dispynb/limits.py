@@ -19,22 +19,17 @@ DEFAULT_MAX_PIDS = 1024
 
 def _check_setup_timeout(value: Any) -> float | None:
     """Seconds the setup function may take on a node; None (default) for no limit."""
-    if value is None:
-        return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not 0 < value < float("inf")
-    ):
-        raise ConfigurationError(
-            f"setup_timeout must be a positive number of seconds, or None for no "
-            f"limit; got {value!r}"
-        )
-    return float(value)
+    return _seconds_or_none(value, "setup_timeout", "no limit")
 
 
 def check_job_timeout(value: Any, name: str) -> float | None:
     """Seconds a job may run (``name``: the option, for the message); None: no limit."""
+    return _seconds_or_none(value, name, "no time limit")
+
+
+def _seconds_or_none(value: Any, name: str, none_means: str) -> float | None:
+    """``value`` as a positive, finite number of seconds, or None; else a
+    `ConfigurationError` naming option ``name`` (whose None means ``none_means``)."""
     if value is None:
         return None
     if (
@@ -43,8 +38,8 @@ def check_job_timeout(value: Any, name: str) -> float | None:
         or not 0 < value < float("inf")
     ):
         raise ConfigurationError(
-            f"{name} must be a positive number of seconds, or None for no time "
-            f"limit; got {value!r}"
+            f"{name} must be a positive number of seconds, or None for "
+            f"{none_means}; got {value!r}"
         )
     return float(value)
 
