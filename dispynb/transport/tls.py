@@ -126,21 +126,27 @@ def _key_guard(certfile: str, keyfile: str | None) -> str:
         return ""  # `_check_file` says what is wrong with it
 
 
-def server_context(
-    certfile: str, keyfile: str | None = None, cafile: str | None = None
-) -> ssl.SSLContext:
-    """Context for a node; client certificates are checked when ``cafile`` is given."""
+def _load_identity(context: ssl.SSLContext, certfile: str, keyfile: str | None) -> None:
+    """Load the certificate (and key) this side shows into ``context``, once
+    `_check_file` found the files safe to use."""
     _check_file(certfile, "certfile", _key_guard(certfile, keyfile))
     if keyfile:
         _check_file(keyfile, "keyfile", "key")
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
         context.load_cert_chain(certfile, keyfile)
     except (ssl.SSLError, OSError) as exc:
         raise ConfigurationError(
             f"cannot load certificate {certfile!r} / key {keyfile!r}: {exc}"
         ) from exc
+
+
+def server_context(
+    certfile: str, keyfile: str | None = None, cafile: str | None = None
+) -> ssl.SSLContext:
+    """Context for a node; client certificates are checked when ``cafile`` is given."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    _load_identity(context, certfile, keyfile)
     if cafile:
         _check_file(cafile, "cafile", "trust")
         context.load_verify_locations(cafile)
@@ -166,15 +172,7 @@ def client_context(
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     if certfile:
-        _check_file(certfile, "certfile", _key_guard(certfile, keyfile))
-        if keyfile:
-            _check_file(keyfile, "keyfile", "key")
-        try:
-            context.load_cert_chain(certfile, keyfile)
-        except (ssl.SSLError, OSError) as exc:
-            raise ConfigurationError(
-                f"cannot load certificate {certfile!r} / key {keyfile!r}: {exc}"
-            ) from exc
+        _load_identity(context, certfile, keyfile)
         _CLIENT_CERTS[context] = certfile
     return context
 
