@@ -138,6 +138,9 @@ class SharedComputation(_NodeSide, _SentFiles):
         self.client_comp_id = setup.comp_id
         self.bundle = bundle
         self.account = Account(session.user, order, exclusive=setup.exclusive)
+        #: Its client asked for it exclusive; its user is not among
+        #: --exclusive_users (`SchedulerSession._exclusive`): it runs shared.
+        self.exclusive_declined = False
         self.queue: collections.deque[QueuedJob] = collections.deque()
         self.running: dict[int, QueuedJob] = {}
         self.upstream: dict[str, Upstream] = {}

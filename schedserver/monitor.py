@@ -126,12 +126,28 @@ def _computation(comp: SharedComputation, max_jobs: int) -> dict[str, Any]:
         "name": comp.setup.name,
         "id": comp.comp_id,
         "client": "connected" if comp.session is not None else "away",
-        "exclusive": comp.setup.exclusive,
+        # granted; declined: its client asked, its user is not --exclusive_users
+        "exclusive": comp.account.exclusive,
+        "exclusive_declined": comp.exclusive_declined,
         "closing": comp.closing,
         "queued": len(comp.queue),
         "running": len(comp.running),
         "done": int(sum(done[0] for done in comp.node_done.values())),
         "nodes": sorted(comp.account.nodes),
+        # Its client's use of the nodes (set_node_cpus, deallocate_node: 0, its
+        # NodeAllocate's cpus): its jobs at once per node at most (a node closed
+        # for it, below, takes none).
+        "limits": {
+            node: cpus
+            for node, cpus in sorted(comp.account.limits.items())
+            if node not in comp.nodes_closed
+        },
+        # Nodes it is closed on: by its client's close_node (until allocate_node),
+        # declined by its NodeAllocate (asked again when they come back), and those
+        # whose NodeAllocate answer it waits for (none of its jobs go there yet).
+        "nodes_closed": sorted(comp.nodes_closed - comp.nodes_declined),
+        "nodes_declined": sorted(comp.nodes_declined),
+        "nodes_undecided": sorted(comp.awaiting_client),
         "jobs": jobs,
     }
 

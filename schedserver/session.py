@@ -479,7 +479,8 @@ class SchedulerSession:
                 self.send(ComputationFailed(comp_id=message.comp_id, message=refused))
             else:
                 self._pulse_at(message.pulse_interval)
-                if message.exclusive:
+                asked = bool(message.exclusive)
+                if asked:
                     message = self._exclusive(message)
                 if isinstance(message.dest_path, str) and message.dest_path.strip("/."):
                     # A node keeps a dest_path under its client's address, shared
@@ -489,6 +490,7 @@ class SchedulerSession:
                         message, dest_path=f"{self.user}/{message.dest_path}"
                     )
                 comp = server.new_computation(self, message, buffers)
+                comp.exclusive_declined = asked and not message.exclusive
                 self.computations[message.comp_id] = comp
         elif isinstance(message, ComputationClose):
             comp = self._comp(message.comp_id)

@@ -45,6 +45,33 @@ function cpuAvail(avail) {
   return avail[0] === null ? "unknown" : avail[0].toFixed(0) + " %";
 }
 
+/** What a computation's client did with its nodes (set_node_cpus,
+ * deallocate_node, close_node, its NodeAllocate) and an exclusive=True declined:
+ * one line each; `label` names a node by its id. */
+function nodeUses(comp, label) {
+  const said = [];
+  for (const [node, cpus] of Object.entries(comp.limits)) {
+    said.push(
+      cpus === 0
+        ? `${label(node)}: taken out (deallocate_node)`
+        : `${label(node)}: at most ${cpus} of its jobs at once (set_node_cpus)`,
+    );
+  }
+  for (const node of comp.nodes_closed) {
+    said.push(`${label(node)}: closed (close_node), until allocate_node`);
+  }
+  for (const node of comp.nodes_declined) {
+    said.push(`${label(node)}: declined by its NodeAllocate`);
+  }
+  for (const node of comp.nodes_undecided) {
+    said.push(`${label(node)}: waits for its NodeAllocate's answer`);
+  }
+  if (comp.exclusive_declined) {
+    said.push("exclusive=True declined (its user is not in --exclusive_users): runs shared");
+  }
+  return said;
+}
+
 function render(snap) {
   document.getElementById("sched-name").textContent = snap.name;
   document.getElementById("cpus").textContent = `${snap.cpus} CPUs up`;
@@ -78,12 +105,25 @@ function render(snap) {
   const box = document.getElementById("computations");
   box.replaceChildren();
   document.getElementById("no-comps").hidden = snap.computations.length > 0;
+  const names = new Map(snap.nodes.map((node) => [node.id, node.name]));
+  const label = (id) => (names.get(id) ? `${names.get(id)} (${id})` : id);
   for (const comp of snap.computations) {
     const title = document.createElement("h3");
     title.textContent =
       `${comp.user} / ${comp.name} (client ${comp.client}${comp.exclusive ? ", exclusive" : ""}): ` +
       `${comp.queued} queued, ${comp.running} running, ${comp.done} done`;
     box.appendChild(title);
+    const uses = nodeUses(comp, label);
+    if (uses.length) {
+      const list = document.createElement("ul");
+      list.className = "node-uses muted";
+      for (const text of uses) {
+        const item = document.createElement("li");
+        item.textContent = text;
+        list.appendChild(item);
+      }
+      box.appendChild(list);
+    }
     const table = document.createElement("table");
     const tbody = document.createElement("tbody");
     table.appendChild(tbody);

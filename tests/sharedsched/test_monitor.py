@@ -20,14 +20,16 @@ from typing import Any
 
 import pytest
 
-from dispynb import LocalCluster, SharedJobCluster
+from dispynb import LocalCluster, NodeAllocate, SharedJobCluster
 from dispynb.job import JobStatus
 from tests.browser import chromium_page, requires_chromium
 from tests.hostile.tools import lowest_free_descriptor
 from tests.httpd.client import MonitorClient
+from tests.jobs import wait_until
 from tests.nodeproc import running_node
 from tests.ports import held_ports
 from tests.sharedsched.harness import SchedulerProcess, scheduler_cli
+from tests.sharedsched.nodeuse import by_name
 
 pytestmark = pytest.mark.slow
 
@@ -424,3 +426,104 @@ def test_the_api_says_why_a_node_is_down(
             assert not snap[absent]["alive"]
             for spec in nodes.node_specs():
                 assert snap[spec]["alive"] and snap[spec]["down"] == "", snap[spec]
+
+
+class FirstOnly(NodeAllocate):
+    """All of ``local-0``'s CPUs, none of any other node's."""
+
+    def allocate(
+        self, cluster: Any, ip_addr: str, name: str, cpus: int, **kw: Any
+    ) -> int:
+        return cpus if name == "local-0" else 0
+
+
+@contextmanager
+def managed_nodes(
+    address: str, users: dict[str, Path], nodes: LocalCluster
+) -> Iterator[dict[str, str]]:
+    """Alice's exclusive=True cluster (declined: no --exclusive_users) with one
+    node limited to 1 CPU and the other closed, and Bob's, whose NodeAllocate
+    declines the second node; yields each node's id by name."""
+    first, second = nodes.names
+    with (
+        SharedJobCluster(
+            nap, scheduler_host=address, secret_file=str(users["alice"]),
+            exclusive=True,
+        ) as alice,
+        SharedJobCluster(
+            nap, scheduler_host=address, secret_file=str(users["bob"]),
+            nodes=[FirstOnly("*")],
+        ) as bob,
+    ):  # fmt: skip
+        wait_until(lambda: sorted(by_name(alice)) == [first, second])
+        wait_until(lambda: sorted(by_name(bob)) == [first])
+        ids = {
+            name: f"{node.ip_addr}:{node.port}" for name, node in by_name(alice).items()
+        }
+        assert alice.set_node_cpus(first, 1) == 1
+        assert alice.close_node(second) == 0
+        yield ids
+
+
+def test_the_api_shows_each_computations_node_limits_and_closed_nodes(
+    monitored: tuple[SchedulerProcess, MonitorClient],
+    nodes: LocalCluster,
+    users: dict[str, Path],
+) -> None:
+    """What a client did with its nodes is the operator's to see too: a node
+    limited (set_node_cpus), one closed (close_node), one its NodeAllocate
+    declined, an exclusive=True declined. Before, the API had none of it."""
+    sched, client = monitored
+    first, second = nodes.names
+
+    def computations() -> dict[str, dict[str, Any]]:
+        snap = client.get("/api/scheduler").json()
+        return {comp["user"]: comp for comp in snap["computations"]}
+
+    with managed_nodes(sched.address, users, nodes) as ids:
+        comps = wait_for(
+            computations,
+            lambda c: c["alice"]["nodes_closed"] and c["bob"]["nodes_declined"],
+        )
+        alice, bob = comps["alice"], comps["bob"]
+        assert alice["limits"] == {ids[first]: 1}, alice
+        assert alice["nodes_closed"] == [ids[second]], alice
+        assert alice["nodes_declined"] == alice["nodes_undecided"] == []
+        assert (alice["exclusive"], alice["exclusive_declined"]) == (False, True)
+        assert bob["nodes_declined"] == [ids[second]], bob
+        assert (bob["limits"], bob["nodes_closed"]) == ({}, []), bob
+        assert (bob["exclusive"], bob["exclusive_declined"]) == (False, False)
+
+
+@pytest.mark.browser
+@requires_chromium
+def test_the_page_shows_each_computations_node_limits_and_closed_nodes(
+    monitored: tuple[SchedulerProcess, MonitorClient],
+    nodes: LocalCluster,
+    users: dict[str, Path],
+) -> None:
+    """The operator's page says, under each computation, which of its nodes its
+    client limited, closed or declined, by node name and address."""
+    from playwright.sync_api import expect
+
+    sched, client = monitored
+    first, second = nodes.names
+    with (
+        managed_nodes(sched.address, users, nodes) as ids,
+        chromium_page() as page,
+    ):
+        problems: list[str] = []
+        page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+        page.goto(f"http://127.0.0.1:{client.server.port}/?token={client.server.token}")
+        expect(page.locator("#connection")).to_have_text("live")
+        expect(page.locator("#computations ul.node-uses li")).to_have_text(
+            [
+                f"{first} ({ids[first]}): at most 1 of its jobs at once "
+                "(set_node_cpus)",
+                f"{second} ({ids[second]}): closed (close_node), until allocate_node",
+                "exclusive=True declined (its user is not in --exclusive_users): "
+                "runs shared",
+                f"{second} ({ids[second]}): declined by its NodeAllocate",
+            ]
+        )
+        assert not problems, problems
