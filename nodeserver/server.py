@@ -225,10 +225,13 @@ class NodeServer:
     def client_shutdown(self, who: str) -> None:
         """``who`` (a job or cleanup) called ``dispynode_shutdown()``."""
         if not self.config.client_shutdown:
-            logger.warning(
-                "%s called dispynode_shutdown(): ignored, as clients may not stop "
-                "this node (start it with --client_shutdown to allow it)",
+            # Counted past the first (a line each: a job calling it in a loop
+            # wrote 20,000 lines).
+            self.message_refusals.event(
+                "dispynode_shutdown() calls ignored",
                 who,
+                "clients may not stop this node (start it with --client_shutdown "
+                "to allow it)",
             )
             return
         if not self.shutdown_requested.is_set():
