@@ -47,6 +47,7 @@ from typing import Any, NoReturn
 
 from dispynb.daemon import load_prctl, setup_package_logging
 from dispynb.errors import ConnectionClosedError
+from dispynb.protocol import shm
 from dispynb.protocol.records import ComputationBundle
 from nodeserver.channel import MessageSocket
 from nodeserver.containment import (
@@ -371,6 +372,10 @@ class ComputationProcess:
             self.workers.discard(pid)
             if self._strays is not None:
                 self._strays.worker_ended(pid)
+            if status and CONTEXT.job_path:
+                # Killed writing a result into shared memory (the OOM killer, as
+                # those pages count against it): nobody else knows of that object.
+                shm.unlink_partial_result(shm.result_prefix(CONTEXT.job_path), pid)
             cgroup = self._cgroups.pop(pid, None)
             if cgroup is not None and not remove_cgroup(cgroup):
                 logger.warning("cgroup %s of a dead worker stays busy", cgroup)

@@ -94,6 +94,8 @@ MAX_REFERENCE = 4096
 #: Names of the client's (pooled) argument objects, and of workers' result objects.
 _NAME = re.compile(r"dnb-[0-9a-f]{32}")
 _RESULT_NAME = re.compile(r"dnr-[0-9a-f]{32}")
+#: A result object its worker is still writing: ``dnr-<prefix>.<the worker's pid>``.
+_PARTIAL_NAME = re.compile(r"dnr-[0-9a-f]{16}\.[0-9]+")
 _ANY_NAME = re.compile(r"dn[br]-[0-9a-f]{32}")
 
 
@@ -402,28 +404,53 @@ def write_result(buffers: Sequence[Buffer], prefix: str) -> tuple[str, bytes]:
     The name is ``prefix`` (`result_prefix`) and 64 random bits. The client unlinks
     it once it has read it; the node server unlinks every object of the prefix when
     the computation closes (a client that died first, a result never reported).
+    It is written under the worker's own name (`partial_result_name`) and renamed
+    once whole, so that what a worker killed meanwhile (the out-of-memory killer:
+    the object's pages count against its memory) leaves is known as its own and
+    unlinked as it is reaped (`unlink_partial_result`).
     """
     views = [memoryview(b).cast("B") for b in buffers]
     check_room(sum(v.nbytes for v in views))
     name = f"dnr-{prefix}{secrets.token_hex(8)}"
-    path = SHM_DIR / name
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    partial = SHM_DIR / partial_result_name(prefix, os.getpid())
+    with contextlib.suppress(FileNotFoundError):  # a dead process's of this pid
+        os.unlink(partial)
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    fd = os.open(partial, flags, 0o600)
     try:
         for view in views:
             while view:
                 view = view[os.write(fd, view) :]
+        os.rename(partial, SHM_DIR / name)
     except BaseException:
-        unlink(name)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial)
         raise
     finally:
         os.close(fd)
     return name, make_reference(name, views)
 
 
+def partial_result_name(prefix: str, pid: int) -> str:
+    """The name of the result object the worker ``pid`` of the computation of
+    ``prefix`` is writing (one at a time: renamed once whole)."""
+    return f"dnr-{prefix}.{pid}"
+
+
+def unlink_partial_result(prefix: str, pid: int) -> bool:
+    """Unlink what the worker ``pid`` (dead now) was writing of a result, if
+    anything; whether there was something."""
+    try:
+        os.unlink(SHM_DIR / partial_result_name(prefix, pid))
+    except OSError:
+        return False
+    return True
+
+
 def unlink_results(prefix: str) -> int:
     """Unlink the result objects of one computation (names starting with
-    ``prefix``): its workers are gone and its client will read no more. Returns
-    how many were unlinked."""
+    ``prefix``), whole or partly written: its workers are gone and its client will
+    read no more. Returns how many were unlinked."""
     start = f"dnr-{prefix}"
     try:
         entries = list(os.scandir(SHM_DIR))
@@ -431,7 +458,9 @@ def unlink_results(prefix: str) -> int:
         return 0
     removed = 0
     for entry in entries:
-        if entry.name.startswith(start) and _RESULT_NAME.fullmatch(entry.name):
+        if entry.name.startswith(start) and (
+            _RESULT_NAME.fullmatch(entry.name) or _PARTIAL_NAME.fullmatch(entry.name)
+        ):
             with contextlib.suppress(OSError):
                 if entry.stat(follow_symlinks=False).st_uid == os.geteuid():
                     os.unlink(entry.path)
